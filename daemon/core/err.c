@@ -1,0 +1,48 @@
+#include "err.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define MT_ERRMSG_MAX 1024
+
+static _Thread_local char errmsg[MT_ERRMSG_MAX];
+
+int mt_vseterr(int code, const char *fmt, va_list ap) {
+  vsnprintf(errmsg, sizeof errmsg, fmt, ap);
+  return code;
+}
+
+int mt_seterr(int code, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  mt_vseterr(code, fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int mt_wraperr(int code, const char *fmt, ...) {
+  char inner[MT_ERRMSG_MAX], outer[MT_ERRMSG_MAX];
+  va_list ap;
+  memcpy(inner, errmsg, sizeof inner);
+  va_start(ap, fmt);
+  vsnprintf(outer, sizeof outer, fmt, ap);
+  va_end(ap);
+  snprintf(errmsg, sizeof errmsg, "%s: %s", outer, inner);
+  return code;
+}
+
+const char *mt_errmsg(void) { return errmsg; }
+
+const char *mt_strerror(int code) {
+  switch (code) {
+  case MT_OK: return "OK";
+  case MT_EINVAL: return "EINVAL";
+  case MT_ENOMEM: return "ENOMEM";
+  case MT_EIO: return "EIO";
+  case MT_ECORRUPT: return "ECORRUPT";
+  case MT_ENOTSUP: return "ENOTSUP";
+  case MT_ETIMEDOUT: return "ETIMEDOUT";
+  case MT_ENOENT: return "ENOENT";
+  default: return "EUNKNOWN";
+  }
+}

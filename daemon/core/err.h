@@ -1,0 +1,38 @@
+/* err.h — error codes and the per-thread error message.
+ *
+ * Every fallible function in mtnlg returns 0 (MT_OK) or a negative MT_E* code
+ * and, on failure, leaves a message for its caller with mt_seterr(). The
+ * message is per thread, so device threads never see each other's errors.
+ * Nothing here may exit or abort: the caller decides what a failure means.
+ */
+#ifndef MT_ERR_H
+#define MT_ERR_H
+
+#include <stdarg.h>
+
+enum {
+  MT_OK = 0,
+  MT_EINVAL = -1,   /* bad argument, config or input */
+  MT_ENOMEM = -2,   /* allocation failed */
+  MT_EIO = -3,      /* file or device I/O failed */
+  MT_ECORRUPT = -4, /* data failed a format or checksum check */
+  MT_ENOTSUP = -5,  /* valid request this build or device cannot do */
+  MT_ETIMEDOUT = -6,
+  MT_ENOENT = -7,
+};
+
+/* Records a printf-style message for the calling thread and returns code,
+ * so error paths read `return mt_seterr(MT_EIO, "ckpt: open %s: %s", ...)`. */
+int mt_seterr(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int mt_vseterr(int code, const char *fmt, va_list ap);
+
+/* Prefixes the current message: "outer: inner". Returns code. */
+int mt_wraperr(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The calling thread's last message ("" if none). Valid until the next mt_seterr. */
+const char *mt_errmsg(void);
+
+/* Short name of a code, e.g. "EINVAL". */
+const char *mt_strerror(int code);
+
+#endif

@@ -1,0 +1,99 @@
+/* job.h — the job spec: what to train, how, on what data.
+ *
+ * JSON (jansson), read by the coordinator (or by `mtnlgd --standalone`),
+ * never by followers. Sections as DESIGN.md: model, parallel, train, data,
+ * checkpoint, eval. A model is a preset from etc/models/<name>.json with any
+ * field overridden in the job. mt_job_load() refuses a job that cannot run
+ * with one line per problem, each naming the key ("train.global_batch: 30 is
+ * not divisible by parallel.micro_batch * dp = 4").
+ */
+#ifndef MT_JOB_H
+#define MT_JOB_H
+
+#include <stdint.h>
+
+#define MT_PATH_MAX 1024
+
+typedef struct mt_model_spec {
+  char preset[64];       /* "" if the model is given field by field */
+  int n_layer;           /* transformer blocks */
+  int n_embd;            /* hidden size */
+  int n_head;
+  int vocab_size;        /* real tokens */
+  int vocab_pad_to;      /* pad vocab to a multiple of this (default 128) */
+  int padded_vocab;      /* derived: roundup(vocab_size, vocab_pad_to * tp) */
+  int seq_len;           /* context length = learned positions */
+  float ln_eps;          /* LayerNorm epsilon (1e-5) */
+  float init_std;        /* normal(0, init_std); output projections / sqrt(2 L) */
+  float hidden_dropout;  /* dropout on embeddings and residual branches */
+  float attention_dropout;
+  char init_from[MT_PATH_MAX]; /* safetensors with HF GPT-2 names, or "" */
+} mt_model_spec;
+
+typedef struct mt_parallel_spec {
+  int tp, pp, dp_min, dp_max; /* standalone, one device: all 1 */
+  int micro_batch;            /* sequences per micro-batch */
+  int recompute;              /* per-layer activation recomputation */
+  char schedule[16];          /* "1f1b" */
+} mt_parallel_spec;
+
+typedef enum { MT_LR_CONSTANT = 0, MT_LR_COSINE = 1, MT_LR_LINEAR = 2 } mt_lr_kind;
+
+typedef struct mt_lr_spec {
+  mt_lr_kind kind;
+  double peak, min;
+  /* Lengths, resolved to steps by mt_job_load when given in tokens
+   * (warmup_tokens / decay_tokens in the JSON). decay_steps 0 = train.steps. */
+  int64_t warmup_steps, decay_steps;
+} mt_lr_spec;
+
+typedef struct mt_train_spec {
+  int global_batch;  /* sequences per step, whatever the split */
+  int64_t steps;     /* optimizer steps to run */
+  uint64_t seed;
+  mt_lr_spec lr;
+  double beta1, beta2, adam_eps, weight_decay;
+  double clip_grad;  /* global norm; 0 = off */
+  char precision[8]; /* "fp32" (bf16/fp16 with the CUDA issue) */
+  int log_interval;  /* steps between log lines (1) */
+} mt_train_spec;
+
+typedef struct mt_data_spec {
+  char path[MT_PATH_MAX]; /* flat little-endian uint16 token file */
+} mt_data_spec;
+
+typedef struct mt_checkpoint_spec {
+  char dir[MT_PATH_MAX];    /* "" = none */
+  int interval;             /* steps; 0 = only on request */
+  int keep;
+  char export_path[MT_PATH_MAX]; /* safetensors written at the end, or "" */
+} mt_checkpoint_spec;
+
+typedef struct mt_job {
+  char name[64];
+  mt_model_spec model;
+  mt_parallel_spec parallel;
+  mt_train_spec train;
+  mt_data_spec data;
+  mt_checkpoint_spec checkpoint;
+  char hash[17]; /* hex of a 64-bit hash of the canonical JSON */
+} mt_job;
+
+/* Reads and validates a job file. preset_dirs: NULL-terminated list searched
+ * for <preset>.json. overrides: NULL-terminated "section.key=value" strings
+ * (the --set flag; value parsed as JSON, else taken as a string), applied to
+ * the JSON before it is checked. Relative paths in the job are resolved
+ * against the job file's directory. On failure returns MT_EINVAL (or MT_EIO)
+ * and mt_errmsg() holds every problem, one per line. */
+int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
+                const char *const *overrides);
+/* Same from a JSON string; base_dir resolves relative paths (may be NULL). */
+int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
+                 const char *const *preset_dirs, const char *const *overrides);
+
+/* Tokens per step: global_batch * seq_len. */
+static inline int64_t mt_job_tokens_per_step(const mt_job *job) {
+  return (int64_t)job->train.global_batch * job->model.seq_len;
+}
+
+#endif

@@ -1,0 +1,103 @@
+/* gpt.h — a GPT-2 style decoder on one device: parameters, forward, backward.
+ *
+ * Pre-LayerNorm blocks (ln_1 -> attention -> residual, ln_2 -> MLP(4C, GeLU)
+ * -> residual), learned positions, final LayerNorm, LM head tied to the token
+ * embedding. Parameters, gradients and activations each live in one large
+ * device buffer laid out from the parameter table and the activation plan.
+ * Parameter names are Hugging Face GPT-2's ("h.3.attn.c_attn.weight"); the
+ * layouts are ours: linear weights are (out, in) and the embedding has the
+ * padded vocabulary (safetensors.c converts on the way in and out).
+ * This module knows nothing of the optimizer, the data or parallelism.
+ */
+#ifndef MT_GPT_H
+#define MT_GPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "device.h"
+#include "ops.h"
+
+typedef struct mt_gpt_config {
+  int n_layer, n_embd, n_head;
+  int vocab_size;   /* V: real tokens */
+  int padded_vocab; /* Vp >= V: rows of wte, columns of the logits */
+  int max_seq;      /* rows of wpe */
+  float ln_eps;
+  float init_std;
+  float hidden_dropout, attention_dropout;
+  int recompute;    /* keep only each block's input; recompute in backward */
+} mt_gpt_config;
+
+typedef struct mt_param {
+  char name[48];    /* "h.3.mlp.c_fc.weight" */
+  int ndim;
+  size_t shape[2];  /* our layout: (out, in) for linear weights */
+  size_t numel;
+  size_t offset;    /* in floats, into params / grads */
+  int decay;        /* weight decay applies (matrices and embeddings) */
+  int layer;        /* block index, -1 outside blocks */
+} mt_param;
+
+/* The 16 tensors of a block, in table order. */
+enum {
+  MT_P_LN1_W, MT_P_LN1_B, MT_P_QKV_W, MT_P_QKV_B, MT_P_ATTPROJ_W, MT_P_ATTPROJ_B,
+  MT_P_LN2_W, MT_P_LN2_B, MT_P_FC_W, MT_P_FC_B, MT_P_FCPROJ_W, MT_P_FCPROJ_B,
+  MT_P_PER_LAYER
+};
+
+typedef struct mt_gpt {
+  mt_gpt_config cfg;
+  mt_device *dev;
+  int B, T;              /* micro-batch shape the activations are planned for */
+
+  mt_param *params_table; /* wte, wpe, then per block MT_P_PER_LAYER, then ln_f w, b */
+  int n_tensors;
+  size_t num_params;     /* floats in params (== grads) */
+  float *params;         /* device */
+  float *grads;          /* device */
+
+  float *acts;           /* device: every activation, one buffer */
+  size_t acts_floats;
+  void *act_plan;        /* internal pointers into acts */
+  int32_t *inputs, *targets; /* device copies of the current micro-batch, (B,T) */
+  float last_loss;       /* mean loss of the last forward */
+} mt_gpt;
+
+/* Builds the parameter table and allocates params, grads and activations for
+ * micro-batches of (B, T), T <= max_seq. Fails on an impossible shape. */
+int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, int T);
+void mt_gpt_destroy(mt_gpt *m);
+
+/* Index of a named tensor in the table, or -1. */
+int mt_gpt_find(const mt_gpt *m, const char *name);
+
+/* DESIGN's initialisation: every element from Philox(key(seed, name), index
+ * in the full tensor); weights N(0, init_std), output projections
+ * (attn.c_proj, mlp.c_proj) N(0, init_std / sqrt(2 n_layer)), biases 0,
+ * LayerNorm weight 1 and bias 0. */
+int mt_gpt_init_weights(mt_gpt *m, uint64_t seed);
+
+/* Forward over one micro-batch; inputs/targets are host (B,T) token ids.
+ * targets may be NULL (logits only). sample0 is the global index of row 0
+ * (dropout masks) and step is unused by the math but kept for logs.
+ * Returns 0; the mean loss over B*T tokens lands in m->last_loss. */
+int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0);
+
+/* Backward of the last forward; ACCUMULATES into m->grads. loss_scale is
+ * d(objective)/d(mean loss of this micro-batch), e.g. 1/micro_batches for an
+ * objective that is the mean over the global batch. */
+int mt_gpt_backward(mt_gpt *m, float loss_scale);
+
+void mt_gpt_zero_grad(mt_gpt *m);
+
+/* FLOPs of one forward+backward over a (B,T) micro-batch, counting matrix
+ * multiplies (2 per multiply-add) including attention scores and the LM head.
+ * Recomputation is not counted (model FLOPs, as MFU is defined). */
+double mt_gpt_flops_per_step(const mt_gpt_config *cfg, int B, int T);
+
+/* Pointer to tensor i's values / gradients. */
+static inline float *mt_gpt_param(const mt_gpt *m, int i) { return m->params + m->params_table[i].offset; }
+static inline float *mt_gpt_grad(const mt_gpt *m, int i) { return m->grads + m->params_table[i].offset; }
+
+#endif

@@ -1,0 +1,63 @@
+/* safetensors.h — reading and writing .safetensors files, and GPT-2 weights.
+ *
+ * Format: u64 little-endian header length, a JSON header
+ * {"name": {"dtype": "F32", "shape": [...], "data_offsets": [a, b]}, ...,
+ *  "__metadata__": {...}}, then the raw tensor bytes. Reads are bounds-checked
+ * (every offset inside the file, no overlap, sizes match shape and dtype);
+ * writes go to a temp file, fsync, rename, fsync the directory.
+ *
+ * GPT-2 mapping (Hugging Face names and layouts): wte.weight (V, C) — our
+ * padded rows beyond V are zero on load and dropped on save; wpe.weight;
+ * h.N.{ln_1,ln_2}.{weight,bias}; h.N.attn.c_attn.weight (C, 3C) Conv1D, i.e.
+ * the transpose of our (3C, C); attn.c_proj, mlp.c_fc, mlp.c_proj likewise;
+ * ln_f.{weight,bias}. On load a "transformer." prefix is accepted and the
+ * attn.bias / attn.masked_bias buffers and a tied lm_head.weight are ignored.
+ */
+#ifndef MT_SAFETENSORS_H
+#define MT_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpt.h"
+
+typedef struct mt_st_tensor {
+  char *name;
+  char dtype[8];     /* "F32", "F16", "BF16", ... */
+  int ndim;
+  int64_t shape[8];
+  size_t offset;     /* into data */
+  size_t bytes;
+} mt_st_tensor;
+
+typedef struct mt_st_file {
+  void *map;         /* the mmapped file */
+  size_t map_bytes;
+  const uint8_t *data; /* start of tensor bytes */
+  mt_st_tensor *tensors;
+  int n;
+} mt_st_file;
+
+int mt_st_open(mt_st_file *f, const char *path);
+void mt_st_close(mt_st_file *f);
+const mt_st_tensor *mt_st_find(const mt_st_file *f, const char *name);
+/* Copies a tensor to fp32 (F32, F16 and BF16 sources). */
+int mt_st_read_f32(const mt_st_file *f, const mt_st_tensor *t, float *out);
+
+/* Writer: add F32 tensors (data copied by reference until commit), then commit. */
+typedef struct mt_st_writer mt_st_writer;
+mt_st_writer *mt_st_writer_new(void);
+int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t *shape,
+                     const float *data);
+int mt_st_writer_meta(mt_st_writer *w, const char *key, const char *value);
+int mt_st_writer_commit(mt_st_writer *w, const char *path); /* durable */
+void mt_st_writer_free(mt_st_writer *w);
+
+/* GPT-2 weights in and out (device <-> file). Loading names every missing,
+ * extra or misshapen tensor. */
+int mt_gpt_load_safetensors(mt_gpt *m, const char *path);
+int mt_gpt_save_safetensors(const mt_gpt *m, const char *path);
+/* Gradients under the same names and layouts (for reference tests). */
+int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
+
+#endif

@@ -1,0 +1,110 @@
+/* ops.h — the forward and backward ops of a GPT, on one device.
+ *
+ * Conventions every backend keeps:
+ * - Tensors are fp32, contiguous, row-major, in the device's memory. N = B*T
+ *   rows of activations; C channels; OC output channels; NH heads; Vp padded
+ *   vocabulary of which the first V entries are real tokens.
+ * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
+ *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
+ * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
+ *   zeroes gradients once per step; residual branches sum for free. The one
+ *   exception is crossentropy, which writes dlogits (see there).
+ * - Any pointer documented "may be NULL" skips that output.
+ * - Ops know nothing of parallelism and cannot fail on valid shapes; shapes
+ *   are the caller's contract (checked once, by the model's plan).
+ */
+#ifndef MT_OPS_H
+#define MT_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "device.h"
+
+/* Dropout mask source. Deterministic per DESIGN: the mask of element e of
+ * global sample s is drawn from Philox(key, s, e), so it depends on neither
+ * the batch split nor the backend. p == 0 (or a NULL pointer) means none. */
+typedef struct mt_dropout {
+  float p;          /* drop probability in [0, 1) */
+  uint64_t key;     /* from (seed, layer, site): mt_philox_key() */
+  uint64_t sample0; /* global sample index of batch row 0 */
+} mt_dropout;
+
+struct mt_ops {
+  const char *name;
+
+  /* out(B,T,C) = wte[tokens[b,t]] + wpe[t] */
+  void (*embedding_fwd)(mt_device *d, float *out, const int32_t *tokens, const float *wte,
+                        const float *wpe, int B, int T, int C);
+  /* dwte(Vp,C) += scatter of dout by token; dwpe(T,C) += sum over b */
+  void (*embedding_bwd)(mt_device *d, float *dwte, float *dwpe, const float *dout,
+                        const int32_t *tokens, int B, int T, int C);
+
+  /* out(N,C) = (inp - mean) * rstd * w + b; mean(N), rstd(N) saved for backward */
+  void (*layernorm_fwd)(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
+                        const float *w, const float *b, int N, int C, float eps);
+  void (*layernorm_bwd)(mt_device *d, float *dinp, float *dw, float *db, const float *dout,
+                        const float *inp, const float *w, const float *mean, const float *rstd,
+                        int N, int C);
+
+  /* out(N,OC) = inp(N,C) · w(OC,C)ᵀ + bias(OC); bias may be NULL */
+  void (*linear_fwd)(mt_device *d, float *out, const float *inp, const float *w, const float *bias,
+                     int N, int C, int OC);
+  /* dinp(N,C) += dout·w; dw(OC,C) += doutᵀ·inp; dbias(OC) += Σ_rows dout.
+   * dinp and dbias may be NULL. */
+  void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
+                     const float *inp, const float *w, int N, int C, int OC);
+
+  /* Causal self-attention. qkv(B,T,3C) holds q, k, v each as (T, NH, HS),
+   * HS = C/NH; out(B,T,C). att(B,NH,T,T) receives the softmax probabilities
+   * (before dropout; row t is zero beyond column t) for the backward pass.
+   * Scale 1/sqrt(HS). drop (may be NULL) applies to the probabilities; the
+   * element index of its mask within a sample is (h*T + t1)*T + t2. */
+  void (*attention_fwd)(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
+                        int C, int NH, const mt_dropout *drop);
+  /* dqkv(B,T,3C) += ...; scratch holds B*NH*T*T floats, contents undefined */
+  void (*attention_bwd)(mt_device *d, float *dqkv, float *scratch, const float *dout,
+                        const float *qkv, const float *att, int B, int T, int C, int NH,
+                        const mt_dropout *drop);
+
+  /* GeLU, tanh approximation (GPT-2's). n elements. */
+  void (*gelu_fwd)(mt_device *d, float *out, const float *inp, size_t n);
+  void (*gelu_bwd)(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n);
+
+  /* out = a + b (residual add); out may alias a or b. Its backward is two
+   * accumulations, which callers express with add_inplace. */
+  void (*residual_fwd)(mt_device *d, float *out, const float *a, const float *b, size_t n);
+  /* dst += src */
+  void (*add_inplace)(mt_device *d, float *dst, const float *src, size_t n);
+
+  /* Dropout on (B, per_sample) rows: out = inp * keep / (1 - p). out may alias inp. */
+  void (*dropout_fwd)(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
+                      const mt_dropout *drop);
+  /* dinp += dout * keep / (1 - p), same mask as the forward */
+  void (*dropout_bwd)(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
+                      const mt_dropout *drop);
+
+  /* Softmax cross-entropy over the first V of Vp logits (padded columns are
+   * not part of the softmax). losses(N) = -log softmax(logits)[target].
+   * If dlogits is non-NULL it is WRITTEN (not accumulated) with
+   * dloss * (softmax - onehot), zero in padded columns; dlogits may alias
+   * logits. dloss is d(total loss)/d(loss of one token). losses may be NULL. */
+  void (*crossentropy)(mt_device *d, float *losses, float *dlogits, const float *logits,
+                       const int32_t *targets, float dloss, int N, int V, int Vp);
+
+  /* AdamW on n contiguous parameters, step t >= 1, bias-corrected moments,
+   * decoupled weight decay: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p).
+   * grad is multiplied by grad_scale first (clipping, loss-scale undo). */
+  void (*adamw)(mt_device *d, float *param, const float *grad, float *m, float *v, size_t n,
+                float lr, float beta1, float beta2, float eps, float wd, float grad_scale, int t);
+
+  /* Σ x², accumulated in double. */
+  double (*sumsq)(mt_device *d, const float *x, size_t n);
+  /* x *= s */
+  void (*scale)(mt_device *d, float *x, float s, size_t n);
+};
+
+/* The CPU backend's table (kernels/cpu). */
+extern const mt_ops mt_cpu_ops;
+
+#endif
