@@ -1,1 +1,126 @@
-/* placeholder: being written */
+/* train.c — one optimizer step on one device. */
+#include "train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "err.h"
+#include "log.h"
+#include "lr.h"
+#include "safetensors.h"
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev) {
+  memset(tr, 0, sizeof *tr);
+  tr->job = job;
+  tr->dev = dev;
+  const mt_model_spec *ms = &job->model;
+  const mt_parallel_spec *ps = &job->parallel;
+  int G = job->train.global_batch, B = ps->micro_batch, T = ms->seq_len;
+  if (ps->tp * ps->pp * ps->dp_min != 1)
+    return mt_seterr(MT_ENOTSUP, "parallel: tp %d x pp %d x dp %d needs %d devices; a standalone "
+                                 "run has one (3D parallelism arrives with the parallel engine)",
+                     ps->tp, ps->pp, ps->dp_min, ps->tp * ps->pp * ps->dp_min);
+  if (B < 1 || G % B)
+    return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d", G, B);
+  tr->micro_batches = G / B;
+
+  mt_gpt_config cfg = {
+      .n_layer = ms->n_layer,
+      .n_embd = ms->n_embd,
+      .n_head = ms->n_head,
+      .vocab_size = ms->vocab_size,
+      .padded_vocab = ms->padded_vocab,
+      .max_seq = ms->seq_len,
+      .ln_eps = ms->ln_eps,
+      .init_std = ms->init_std,
+      .hidden_dropout = ms->hidden_dropout,
+      .attention_dropout = ms->attention_dropout,
+      .recompute = ps->recompute,
+  };
+  int rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
+  if (rc) return rc;
+  rc = mt_gpt_init_weights(&tr->model, job->train.seed);
+  if (!rc && ms->init_from[0]) {
+    rc = mt_gpt_load_safetensors(&tr->model, ms->init_from);
+    if (rc) mt_wraperr(rc, "model.init_from");
+  }
+  if (!rc)
+    rc = mt_adamw_create(&tr->opt, &tr->model, job->train.beta1, job->train.beta2,
+                         job->train.adam_eps, job->train.weight_decay);
+  if (!rc) {
+    rc = mt_tokens_open(&tr->data, job->data.path);
+    if (rc) mt_wraperr(rc, "data.path");
+  }
+  if (!rc && mt_tokens_samples(&tr->data, T) == 0)
+    rc = mt_seterr(MT_EINVAL, "data.path: %s has %zu tokens, fewer than one sample of %d + 1",
+                   job->data.path, tr->data.n_tokens, T);
+  if (!rc) {
+    tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
+    if (!tr->inputs) rc = mt_seterr(MT_ENOMEM, "train: batch buffers");
+    else tr->targets = tr->inputs + (size_t)B * T;
+  }
+  if (rc) {
+    mt_trainer_destroy(tr);
+    return rc;
+  }
+  tr->flops_per_step = mt_gpt_flops_per_step(&cfg, B, T) * tr->micro_batches;
+  return 0;
+}
+
+void mt_trainer_destroy(mt_trainer *tr) {
+  mt_gpt_destroy(&tr->model);
+  mt_adamw_destroy(&tr->opt);
+  mt_tokens_close(&tr->data);
+  free(tr->inputs);
+  memset(tr, 0, sizeof *tr);
+}
+
+int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
+  const mt_job *job = tr->job;
+  mt_gpt *m = &tr->model;
+  int B = m->B, T = m->T, G = job->train.global_batch;
+  double t0 = now_ms();
+  memset(st, 0, sizeof *st);
+
+  mt_gpt_zero_grad(m);
+  double loss_sum = 0.0;
+  float loss_scale = 1.0f / (float)tr->micro_batches; /* objective: mean over the global batch */
+  for (int mb = 0; mb < tr->micro_batches; mb++) {
+    uint64_t sample0 = (uint64_t)tr->step * (uint64_t)G + (uint64_t)mb * (uint64_t)B;
+    int rc = mt_tokens_read(&tr->data, sample0, B, T, m->cfg.vocab_size, tr->inputs, tr->targets);
+    if (!rc) rc = mt_gpt_forward(m, tr->inputs, tr->targets, sample0);
+    if (!rc) rc = mt_gpt_backward(m, loss_scale);
+    if (rc) return mt_wraperr(rc, "step %lld, micro-batch %d", (long long)tr->step + 1, mb);
+    loss_sum += m->last_loss;
+  }
+
+  double norm = mt_grad_norm(m);
+  double lr = mt_lr_at(&job->train.lr, tr->step);
+  if (isfinite(norm)) {
+    double scale = mt_clip_scale(norm, job->train.clip_grad);
+    mt_adamw_step(&tr->opt, m, lr, scale);
+  } else {
+    st->skipped = 1;
+    mt_log_warn("step %lld: gradient norm is %g; update skipped", (long long)tr->step + 1, norm);
+  }
+  mt_device_sync(tr->dev);
+  tr->step++;
+
+  st->step = tr->step;
+  st->consumed_tokens = tr->step * mt_job_tokens_per_step(job);
+  st->loss = loss_sum / tr->micro_batches;
+  st->lr = lr;
+  st->grad_norm = norm;
+  st->step_ms = now_ms() - t0;
+  st->tokens_per_s = (double)mt_job_tokens_per_step(job) / (st->step_ms / 1e3);
+  st->tflops = tr->flops_per_step / (st->step_ms / 1e3) / 1e12;
+  return 0;
+}

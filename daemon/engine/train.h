@@ -21,6 +21,7 @@ typedef struct mt_step_stats {
   double step_ms;
   double tokens_per_s;
   double tflops;            /* model TFLOP/s on this device */
+  int skipped;              /* non-finite gradients: update skipped */
 } mt_step_stats;
 
 typedef struct mt_trainer {

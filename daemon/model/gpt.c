@@ -1,1 +1,471 @@
-/* placeholder: being written */
+/* gpt.c — parameter table, initialisation, activation plan, forward and
+ * backward of the GPT on one device. Each block's forward and backward sit
+ * side by side; shapes in comments use B (batch), T (time), C (channels),
+ * NH (heads), Vp (padded vocab), L (layers). */
+#include "gpt.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "philox.h"
+
+#define ALIGN_FLOATS 16 /* every tensor starts on a 64-byte boundary */
+
+/* Activations of one block. With recomputation only one set exists and is
+ * refilled from the block's input during the backward pass. */
+typedef struct block_acts {
+  float *ln1, *ln1_mean, *ln1_rstd; /* (B,T,C) (B,T) (B,T) */
+  float *qkv;                       /* (B,T,3C) */
+  float *att;                       /* (B,NH,T,T) softmax probabilities */
+  float *atty;                      /* (B,T,C) attention output before c_proj */
+  float *resid2;                    /* (B,T,C) stream after the attention branch */
+  float *ln2, *ln2_mean, *ln2_rstd; /* (B,T,C) (B,T) (B,T) */
+  float *fch;                       /* (B,T,4C) before GeLU */
+  float *fch_gelu;                  /* (B,T,4C) */
+} block_acts;
+
+typedef struct act_plan {
+  float **resid;       /* L+1 of (B,T,C): resid[0] embeddings, resid[l+1] block l out */
+  block_acts *blocks;  /* L, or 1 with recomputation */
+  int n_blocks;
+  float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
+  float *logits;       /* (B,T,Vp); turned into dlogits in place by backward */
+  float *losses;       /* (B,T) */
+  /* backward scratch, one set */
+  float *dres;         /* (B,T,C) gradient of the residual stream */
+  float *dbtc;         /* (B,T,C) */
+  float *dbtc2;        /* (B,T,C) */
+  float *dqkv;         /* (B,T,3C) */
+  float *dfch;         /* (B,T,4C) */
+  float *dfch2;        /* (B,T,4C) */
+  float *datt;         /* (B,NH,T,T) */
+  float *branch;       /* (B,T,C) a branch output before dropout + residual */
+} act_plan;
+
+static size_t align_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
+
+static void add_param(mt_param *t, int *n, size_t *off, const char *name, int layer, size_t d0,
+                      size_t d1) {
+  mt_param *p = &t[(*n)++];
+  snprintf(p->name, sizeof p->name, "%s", name);
+  p->ndim = d1 ? 2 : 1;
+  p->shape[0] = d0;
+  p->shape[1] = d1;
+  p->numel = d1 ? d0 * d1 : d0;
+  p->offset = *off;
+  p->decay = p->ndim == 2;
+  p->layer = layer;
+  *off += align_up(p->numel);
+}
+
+static int build_table(mt_gpt *m) {
+  const mt_gpt_config *c = &m->cfg;
+  size_t C = (size_t)c->n_embd;
+  int n = 0;
+  size_t off = 0;
+  m->n_tensors = 2 + c->n_layer * MT_P_PER_LAYER + 2;
+  m->params_table = calloc((size_t)m->n_tensors, sizeof(mt_param));
+  if (!m->params_table) return mt_seterr(MT_ENOMEM, "gpt: parameter table");
+  mt_param *t = m->params_table;
+  char name[48];
+  add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C);
+  add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C);
+  for (int l = 0; l < c->n_layer; l++) {
+    static const struct {
+      const char *suffix;
+      int d0, d1; /* multiples of C; d1 == 0: vector */
+    } blk[MT_P_PER_LAYER] = {
+        {"ln_1.weight", 1, 0},     {"ln_1.bias", 1, 0},       {"attn.c_attn.weight", 3, 1},
+        {"attn.c_attn.bias", 3, 0}, {"attn.c_proj.weight", 1, 1}, {"attn.c_proj.bias", 1, 0},
+        {"ln_2.weight", 1, 0},     {"ln_2.bias", 1, 0},       {"mlp.c_fc.weight", 4, 1},
+        {"mlp.c_fc.bias", 4, 0},   {"mlp.c_proj.weight", 1, 4}, {"mlp.c_proj.bias", 1, 0},
+    };
+    for (int i = 0; i < MT_P_PER_LAYER; i++) {
+      snprintf(name, sizeof name, "h.%d.%s", l, blk[i].suffix);
+      add_param(t, &n, &off, name, l, blk[i].d0 * C, blk[i].d1 * C);
+    }
+  }
+  add_param(t, &n, &off, "ln_f.weight", -1, C, 0);
+  add_param(t, &n, &off, "ln_f.bias", -1, C, 0);
+  m->num_params = off;
+  return 0;
+}
+
+int mt_gpt_find(const mt_gpt *m, const char *name) {
+  for (int i = 0; i < m->n_tensors; i++)
+    if (!strcmp(m->params_table[i].name, name)) return i;
+  return -1;
+}
+
+static int check_config(const mt_gpt_config *c, int B, int T) {
+  if (c->n_layer < 1 || c->n_embd < 1 || c->n_head < 1 || c->vocab_size < 1 || c->max_seq < 1)
+    return mt_seterr(MT_EINVAL, "gpt: sizes must be positive (layers %d, hidden %d, heads %d, "
+                                "vocab %d, seq %d)",
+                     c->n_layer, c->n_embd, c->n_head, c->vocab_size, c->max_seq);
+  if (c->n_embd % c->n_head)
+    return mt_seterr(MT_EINVAL, "gpt: hidden %d is not divisible by heads %d", c->n_embd,
+                     c->n_head);
+  if (c->padded_vocab < c->vocab_size)
+    return mt_seterr(MT_EINVAL, "gpt: padded vocab %d < vocab %d", c->padded_vocab,
+                     c->vocab_size);
+  if (B < 1 || T < 1 || T > c->max_seq)
+    return mt_seterr(MT_EINVAL, "gpt: micro-batch %dx%d does not fit (seq limit %d)", B, T,
+                     c->max_seq);
+  if (c->hidden_dropout < 0 || c->hidden_dropout >= 1 || c->attention_dropout < 0 ||
+      c->attention_dropout >= 1)
+    return mt_seterr(MT_EINVAL, "gpt: dropout must be in [0, 1)");
+  return 0;
+}
+
+static void carve(float **dst, float *base, size_t *off, size_t n) {
+  if (base) *dst = base + *off;
+  *off += align_up(n);
+}
+
+/* Lays out every activation in one buffer; with base == NULL only counts. */
+static size_t plan_acts(const mt_gpt *m, act_plan *p, float *base) {
+  const mt_gpt_config *c = &m->cfg;
+  size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, NH = (size_t)c->n_head;
+  size_t T = (size_t)m->T, Vp = (size_t)c->padded_vocab, BHTT = (size_t)m->B * NH * T * T;
+  size_t off = 0;
+  for (int l = 0; l <= c->n_layer; l++) carve(&p->resid[l], base, &off, BT * C);
+  for (int b = 0; b < p->n_blocks; b++) {
+    block_acts *a = &p->blocks[b];
+    carve(&a->ln1, base, &off, BT * C);
+    carve(&a->ln1_mean, base, &off, BT);
+    carve(&a->ln1_rstd, base, &off, BT);
+    carve(&a->qkv, base, &off, BT * 3 * C);
+    carve(&a->att, base, &off, BHTT);
+    carve(&a->atty, base, &off, BT * C);
+    carve(&a->resid2, base, &off, BT * C);
+    carve(&a->ln2, base, &off, BT * C);
+    carve(&a->ln2_mean, base, &off, BT);
+    carve(&a->ln2_rstd, base, &off, BT);
+    carve(&a->fch, base, &off, BT * 4 * C);
+    carve(&a->fch_gelu, base, &off, BT * 4 * C);
+  }
+  carve(&p->lnf, base, &off, BT * C);
+  carve(&p->lnf_mean, base, &off, BT);
+  carve(&p->lnf_rstd, base, &off, BT);
+  carve(&p->logits, base, &off, BT * Vp);
+  carve(&p->losses, base, &off, BT);
+  carve(&p->dres, base, &off, BT * C);
+  carve(&p->dbtc, base, &off, BT * C);
+  carve(&p->dbtc2, base, &off, BT * C);
+  carve(&p->dqkv, base, &off, BT * 3 * C);
+  carve(&p->dfch, base, &off, BT * 4 * C);
+  carve(&p->dfch2, base, &off, BT * 4 * C);
+  carve(&p->datt, base, &off, BHTT);
+  carve(&p->branch, base, &off, BT * C);
+  return off;
+}
+
+int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, int T) {
+  memset(m, 0, sizeof *m);
+  int rc = check_config(cfg, B, T);
+  if (rc) return rc;
+  m->cfg = *cfg;
+  m->dev = dev;
+  m->B = B;
+  m->T = T;
+  m->training = 1;
+  if ((rc = build_table(m))) goto fail;
+
+  act_plan *p = calloc(1, sizeof *p);
+  m->act_plan = p;
+  if (!p) {
+    rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
+    goto fail;
+  }
+  p->n_blocks = cfg->recompute ? 1 : cfg->n_layer;
+  p->resid = calloc((size_t)cfg->n_layer + 1, sizeof(float *));
+  p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
+  if (!p->resid || !p->blocks) {
+    rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
+    goto fail;
+  }
+  m->acts_floats = plan_acts(m, p, NULL);
+
+  size_t BT = (size_t)B * T;
+  m->params = mt_device_alloc(dev, m->num_params * sizeof(float));
+  m->grads = m->params ? mt_device_alloc(dev, m->num_params * sizeof(float)) : NULL;
+  m->acts = m->grads ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
+  m->inputs = m->acts ? mt_device_alloc(dev, 2 * BT * sizeof(int32_t)) : NULL;
+  if (!m->inputs) {
+    rc = mt_wraperr(MT_ENOMEM, "gpt: %zu parameters, %zu activation floats", m->num_params,
+                    m->acts_floats);
+    goto fail;
+  }
+  m->targets = m->inputs + BT;
+  plan_acts(m, p, m->acts);
+  return 0;
+fail:
+  mt_gpt_destroy(m);
+  return rc;
+}
+
+void mt_gpt_destroy(mt_gpt *m) {
+  if (m->dev) {
+    mt_device_free(m->dev, m->params);
+    mt_device_free(m->dev, m->grads);
+    mt_device_free(m->dev, m->acts);
+    mt_device_free(m->dev, m->inputs);
+  }
+  act_plan *p = m->act_plan;
+  if (p) {
+    free(p->resid);
+    free(p->blocks);
+    free(p);
+  }
+  free(m->params_table);
+  memset(m, 0, sizeof *m);
+}
+
+int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
+  const mt_gpt_config *c = &m->cfg;
+  double proj_std = c->init_std / sqrt(2.0 * c->n_layer);
+  float *host = NULL;
+  size_t cap = 0;
+  for (int i = 0; i < m->n_tensors; i++) {
+    const mt_param *t = &m->params_table[i];
+    if (t->numel > cap) {
+      free(host);
+      cap = t->numel;
+      host = malloc(cap * sizeof(float));
+      if (!host) return mt_seterr(MT_ENOMEM, "gpt: init buffer of %zu floats", cap);
+    }
+    const char *dot = strrchr(t->name, '.');
+    int is_bias = !strcmp(dot, ".bias");
+    int is_ln = strstr(t->name, "ln_") != NULL;
+    if (is_bias) {
+      memset(host, 0, t->numel * sizeof(float));
+    } else if (is_ln) {
+      for (size_t e = 0; e < t->numel; e++) host[e] = 1.0f;
+    } else {
+      int is_proj = strstr(t->name, "c_proj.weight") != NULL;
+      double std = is_proj ? proj_std : c->init_std;
+      uint64_t key = mt_philox_key(seed, t->name);
+      size_t real = t->numel;
+      if (i == 0) real = (size_t)c->vocab_size * c->n_embd; /* padding rows stay zero */
+      for (size_t e = 0; e < real; e++) host[e] = (float)(std * mt_philox_normal(key, e));
+      for (size_t e = real; e < t->numel; e++) host[e] = 0.0f;
+    }
+    int rc = mt_device_memcpy_htod(m->dev, m->params + t->offset, host, t->numel * sizeof(float));
+    if (rc) {
+      free(host);
+      return rc;
+    }
+  }
+  free(host);
+  m->seed = seed;
+  return 0;
+}
+
+void mt_gpt_zero_grad(mt_gpt *m) { mt_device_memset0(m->dev, m->grads, m->num_params * sizeof(float)); }
+
+/* Dropout stream of (layer, site); NULL when off. */
+static const mt_dropout *dropout_of(const mt_gpt *m, mt_dropout *d, float p, int layer,
+                                    const char *site) {
+  if (!m->training || p <= 0.0f) return NULL;
+  char name[64];
+  snprintf(name, sizeof name, "dropout.%d.%s", layer, site);
+  d->p = p;
+  d->key = mt_philox_key(m->seed, name);
+  d->sample0 = m->sample0;
+  return d;
+}
+
+static const float *P(const mt_gpt *m, int l, int which) {
+  return mt_gpt_param(m, 2 + l * MT_P_PER_LAYER + which);
+}
+static float *G(const mt_gpt *m, int l, int which) {
+  return mt_gpt_grad(m, 2 + l * MT_P_PER_LAYER + which);
+}
+
+/* Block l forward: out(B,T,C) = block(in(B,T,C)), activations into a. */
+static void block_forward(mt_gpt *m, int l, block_acts *a, const float *in, float *out) {
+  mt_device *d = m->dev;
+  const mt_ops *ops = d->ops;
+  const mt_gpt_config *c = &m->cfg;
+  act_plan *p = m->act_plan;
+  int B = m->B, T = m->T, C = c->n_embd, NH = c->n_head, N = B * T;
+  size_t NC = (size_t)N * C;
+  mt_dropout da, dh1, dh2;
+  const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, l, "attn");
+  const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, l, "attn_out");
+  const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, l, "mlp_out");
+
+  /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))) */
+  ops->layernorm_fwd(d, a->ln1, a->ln1_mean, a->ln1_rstd, in, P(m, l, MT_P_LN1_W),
+                     P(m, l, MT_P_LN1_B), N, C, c->ln_eps);
+  ops->linear_fwd(d, a->qkv, a->ln1, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * C);
+  ops->attention_fwd(d, a->atty, a->att, a->qkv, B, T, C, NH, attn_drop);
+  ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W), P(m, l, MT_P_ATTPROJ_B), N, C,
+                  C);
+  if (drop1) ops->dropout_fwd(d, p->branch, p->branch, B, (size_t)T * C, drop1);
+  ops->residual_fwd(d, a->resid2, in, p->branch, NC);
+
+  /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))) */
+  ops->layernorm_fwd(d, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, P(m, l, MT_P_LN2_W),
+                     P(m, l, MT_P_LN2_B), N, C, c->ln_eps);
+  ops->linear_fwd(d, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C, 4 * C);
+  ops->gelu_fwd(d, a->fch_gelu, a->fch, (size_t)N * 4 * C);
+  ops->linear_fwd(d, p->branch, a->fch_gelu, P(m, l, MT_P_FCPROJ_W), P(m, l, MT_P_FCPROJ_B), N,
+                  4 * C, C);
+  if (drop2) ops->dropout_fwd(d, p->branch, p->branch, B, (size_t)T * C, drop2);
+  ops->residual_fwd(d, out, a->resid2, p->branch, NC);
+}
+
+/* Block l backward. p->dres holds d(out) on entry and d(in) on return;
+ * parameter gradients accumulate. */
+static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *in) {
+  mt_device *d = m->dev;
+  const mt_ops *ops = d->ops;
+  const mt_gpt_config *c = &m->cfg;
+  act_plan *p = m->act_plan;
+  int B = m->B, T = m->T, C = c->n_embd, NH = c->n_head, N = B * T;
+  size_t NC = (size_t)N * C, N4C = NC * 4;
+  mt_dropout da, dh1, dh2;
+  const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, l, "attn");
+  const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, l, "attn_out");
+  const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, l, "mlp_out");
+
+  /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below */
+  const float *dbranch = p->dres;
+  if (drop2) {
+    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+    ops->dropout_bwd(d, p->dbtc, p->dres, B, (size_t)T * C, drop2);
+    dbranch = p->dbtc;
+  }
+  mt_device_memset0(d, p->dfch, N4C * sizeof(float));
+  ops->linear_bwd(d, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B), dbranch, a->fch_gelu,
+                  P(m, l, MT_P_FCPROJ_W), N, 4 * C, C);
+  mt_device_memset0(d, p->dfch2, N4C * sizeof(float));
+  ops->gelu_bwd(d, p->dfch2, a->fch, p->dfch, N4C);
+  mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, a->ln2,
+                  P(m, l, MT_P_FC_W), N, C, 4 * C);
+  ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), p->dbtc2, a->resid2,
+                     P(m, l, MT_P_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
+
+  /* attention branch; d(in) = dres + LayerNorm path */
+  dbranch = p->dres;
+  if (drop1) {
+    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+    ops->dropout_bwd(d, p->dbtc, p->dres, B, (size_t)T * C, drop1);
+    dbranch = p->dbtc;
+  }
+  mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
+                  P(m, l, MT_P_ATTPROJ_W), N, C, C);
+  mt_device_memset0(d, p->dqkv, NC * 3 * sizeof(float));
+  ops->attention_bwd(d, p->dqkv, p->datt, p->dbtc2, a->qkv, a->att, B, T, C, NH, attn_drop);
+  mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, a->ln1,
+                  P(m, l, MT_P_QKV_W), N, C, 3 * C);
+  ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
+                     P(m, l, MT_P_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
+}
+
+int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0) {
+  mt_device *d = m->dev;
+  const mt_ops *ops = d->ops;
+  const mt_gpt_config *c = &m->cfg;
+  act_plan *p = m->act_plan;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = c->n_layer;
+  size_t BT = (size_t)N;
+
+  for (size_t i = 0; i < BT; i++) {
+    if (inputs[i] < 0 || inputs[i] >= c->vocab_size)
+      return mt_seterr(MT_EINVAL, "gpt: input token %d at position %zu outside vocab %d",
+                       inputs[i], i, c->vocab_size);
+    if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size))
+      return mt_seterr(MT_EINVAL, "gpt: target token %d at position %zu outside vocab %d",
+                       targets[i], i, c->vocab_size);
+  }
+  int rc = mt_device_memcpy_htod(d, m->inputs, inputs, BT * sizeof(int32_t));
+  if (!rc && targets) rc = mt_device_memcpy_htod(d, m->targets, targets, BT * sizeof(int32_t));
+  if (rc) return rc;
+  m->sample0 = sample0;
+  m->has_targets = targets != NULL;
+
+  ops->embedding_fwd(d, p->resid[0], m->inputs, mt_gpt_param(m, 0), mt_gpt_param(m, 1), B, T, C);
+  mt_dropout de;
+  const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding");
+  if (edrop) ops->dropout_fwd(d, p->resid[0], p->resid[0], B, (size_t)T * C, edrop);
+
+  for (int l = 0; l < L; l++)
+    block_forward(m, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
+
+  int lnf = m->n_tensors - 2;
+  ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], mt_gpt_param(m, lnf),
+                     mt_gpt_param(m, lnf + 1), N, C, c->ln_eps);
+  /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
+  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_param(m, 0), NULL, N, C, c->padded_vocab);
+  m->last_loss = 0.0f;
+  if (targets) {
+    ops->crossentropy(d, p->losses, NULL, p->logits, m->targets, 0.0f, N, c->vocab_size,
+                      c->padded_vocab);
+    float *losses = malloc(BT * sizeof(float));
+    if (!losses) return mt_seterr(MT_ENOMEM, "gpt: loss buffer");
+    rc = mt_device_memcpy_dtoh(d, losses, p->losses, BT * sizeof(float));
+    double sum = 0.0;
+    for (size_t i = 0; i < BT; i++) sum += losses[i];
+    free(losses);
+    if (rc) return rc;
+    m->last_loss = (float)(sum / (double)BT);
+  }
+  return 0;
+}
+
+int mt_gpt_backward(mt_gpt *m, float loss_scale) {
+  mt_device *d = m->dev;
+  const mt_ops *ops = d->ops;
+  const mt_gpt_config *c = &m->cfg;
+  act_plan *p = m->act_plan;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = c->n_layer;
+  size_t NC = (size_t)N * C;
+  if (!m->has_targets)
+    return mt_seterr(MT_EINVAL, "gpt: backward needs a forward with targets first");
+  m->has_targets = 0; /* logits become dlogits below */
+
+  /* loss = mean over the B*T tokens, times loss_scale */
+  float dloss = loss_scale / (float)N;
+  ops->crossentropy(d, NULL, p->logits, p->logits, m->targets, dloss, N, c->vocab_size,
+                    c->padded_vocab);
+  mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+  ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, 0), NULL, p->logits, p->lnf, mt_gpt_param(m, 0), N,
+                  C, c->padded_vocab);
+  int lnf = m->n_tensors - 2;
+  mt_device_memset0(d, p->dres, NC * sizeof(float));
+  ops->layernorm_bwd(d, p->dres, mt_gpt_grad(m, lnf), mt_gpt_grad(m, lnf + 1), p->dbtc,
+                     p->resid[L], mt_gpt_param(m, lnf), p->lnf_mean, p->lnf_rstd, N, C);
+
+  for (int l = L - 1; l >= 0; l--) {
+    block_acts *a = &p->blocks[c->recompute ? 0 : l];
+    if (c->recompute) block_forward(m, l, a, p->resid[l], p->resid[l + 1]);
+    block_backward(m, l, a, p->resid[l]);
+  }
+
+  mt_dropout de;
+  const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding");
+  const float *demb = p->dres;
+  if (edrop) {
+    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+    ops->dropout_bwd(d, p->dbtc, p->dres, B, (size_t)T * C, edrop);
+    demb = p->dbtc;
+  }
+  ops->embedding_bwd(d, mt_gpt_grad(m, 0), mt_gpt_grad(m, 1), demb, m->inputs, B, T, C);
+  return 0;
+}
+
+double mt_gpt_flops_per_step(const mt_gpt_config *c, int B, int T) {
+  /* Narayanan et al. eq. 3 without recomputation: per token and layer
+   * 24 C² (four GEMMs) + 4 T C (scores and values), plus 2 C Vp for the LM
+   * head; backward costs twice the forward. */
+  double C = c->n_embd, L = c->n_layer, Vp = c->padded_vocab, tokens = (double)B * T;
+  return 3.0 * tokens * (L * (24.0 * C * C + 4.0 * T * C) + 2.0 * C * Vp);
+}

@@ -62,6 +62,10 @@ typedef struct mt_gpt {
   void *act_plan;        /* internal pointers into acts */
   int32_t *inputs, *targets; /* device copies of the current micro-batch, (B,T) */
   float last_loss;       /* mean loss of the last forward */
+  uint64_t seed;         /* dropout masks derive from it (set by init_weights) */
+  int training;          /* 1: dropout on (default); 0: evaluation */
+  int has_targets;       /* the last forward computed losses */
+  uint64_t sample0;      /* global sample of row 0 in the last forward */
 } mt_gpt;
 
 /* Builds the parameter table and allocates params, grads and activations for

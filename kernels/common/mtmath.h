@@ -1,4 +1,4 @@
-/* math.h — element-wise math shared by every backend.
+/* mtmath.h — element-wise math shared by every backend.
  *
  * One definition of each formula, static inline and host+device, so the CPU
  * tests cover exactly what the CUDA kernels compute.

@@ -1,0 +1,291 @@
+/* test_train.c — properties of the model, the data reader, the LR schedule
+ * and the training step that DESIGN.md's determinism rule depends on. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "device.h"
+#include "err.h"
+#include "gpt.h"
+#include "job.h"
+#include "lr.h"
+#include "tokens.h"
+#include "train.h"
+
+static int failures;
+static mt_device dev;
+
+#define CHECK(cond, ...)                                                                         \
+  do {                                                                                           \
+    if (!(cond)) {                                                                               \
+      printf("  FAIL %s:%d: ", __FILE__, __LINE__);                                              \
+      printf(__VA_ARGS__);                                                                       \
+      printf("\n");                                                                              \
+      failures++;                                                                                \
+      return;                                                                                    \
+    }                                                                                            \
+  } while (0)
+
+static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
+
+static mt_gpt_config small_config(int layers, int recompute, float dropout) {
+  mt_gpt_config c = {.n_layer = layers,
+                     .n_embd = 24,
+                     .n_head = 3,
+                     .vocab_size = 61,
+                     .padded_vocab = 64,
+                     .max_seq = 16,
+                     .ln_eps = 1e-5f,
+                     .init_std = 0.02f,
+                     .hidden_dropout = dropout,
+                     .attention_dropout = dropout,
+                     .recompute = recompute};
+  return c;
+}
+
+static void fill_tokens(int32_t *x, size_t n, int vocab, uint32_t seed) {
+  for (size_t i = 0; i < n; i++) {
+    seed = seed * 1664525u + 1013904223u;
+    x[i] = (int32_t)((seed >> 8) % (uint32_t)vocab);
+  }
+}
+
+static void test_init_depends_only_on_seed_and_tensor_name(void) {
+  mt_gpt a, b;
+  mt_gpt_config ca = small_config(2, 0, 0), cb = small_config(3, 0, 0);
+  CHECK(!mt_gpt_create(&a, &ca, &dev, 2, 8) && !mt_gpt_create(&b, &cb, &dev, 1, 16), "%s",
+        mt_errmsg());
+  CHECK(!mt_gpt_init_weights(&a, 7) && !mt_gpt_init_weights(&b, 7), "%s", mt_errmsg());
+  /* same name, same values, whatever the depth or micro-batch shape */
+  const char *names[] = {"wte.weight", "h.1.attn.c_attn.weight", "h.0.mlp.c_fc.weight", NULL};
+  for (int i = 0; names[i]; i++) {
+    int ia = mt_gpt_find(&a, names[i]), ib = mt_gpt_find(&b, names[i]);
+    CHECK(ia >= 0 && ib >= 0, "%s missing", names[i]);
+    CHECK(!memcmp(mt_gpt_param(&a, ia), mt_gpt_param(&b, ib),
+                  a.params_table[ia].numel * sizeof(float)),
+          "%s differs between a 2- and a 3-layer model", names[i]);
+  }
+  /* a different seed changes them */
+  mt_gpt_init_weights(&b, 8);
+  int i = mt_gpt_find(&a, "h.0.mlp.c_fc.weight");
+  CHECK(memcmp(mt_gpt_param(&a, i), mt_gpt_param(&b, i), 16) != 0, "seed ignored");
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  printf("  ok test_init_depends_only_on_seed_and_tensor_name\n");
+}
+
+static void test_init_std_and_scaled_output_projections(void) {
+  mt_gpt m;
+  mt_gpt_config c = small_config(4, 0, 0);
+  c.n_embd = 96;
+  c.n_head = 4;
+  c.init_std = 0.05f;
+  CHECK(!mt_gpt_create(&m, &c, &dev, 1, 4) && !mt_gpt_init_weights(&m, 1), "%s", mt_errmsg());
+  struct {
+    const char *name;
+    double std;
+  } want[] = {{"h.2.mlp.c_fc.weight", 0.05}, {"h.2.mlp.c_proj.weight", 0.05 / sqrt(8.0)},
+              {"h.1.attn.c_proj.weight", 0.05 / sqrt(8.0)}, {"wpe.weight", 0.05}};
+  for (int k = 0; k < 4; k++) {
+    int i = mt_gpt_find(&m, want[k].name);
+    const float *p = mt_gpt_param(&m, i);
+    size_t n = m.params_table[i].numel;
+    double s = 0, s2 = 0;
+    for (size_t e = 0; e < n; e++) s += p[e], s2 += (double)p[e] * p[e];
+    double mean = s / n, std = sqrt(s2 / n - mean * mean);
+    CHECK(fabs(std / want[k].std - 1.0) < 0.05 && fabs(mean) < 4 * want[k].std / sqrt((double)n),
+          "%s: mean %g std %g, want std %g", want[k].name, mean, std, want[k].std);
+  }
+  int ln = mt_gpt_find(&m, "h.3.ln_2.weight"), bias = mt_gpt_find(&m, "h.3.mlp.c_fc.bias");
+  CHECK(mt_gpt_param(&m, ln)[5] == 1.0f && mt_gpt_param(&m, bias)[5] == 0.0f,
+        "LayerNorm weight must start at 1 and biases at 0");
+  CHECK(!m.params_table[bias].decay && !m.params_table[ln].decay &&
+            m.params_table[mt_gpt_find(&m, "wte.weight")].decay,
+        "decay flags: matrices and embeddings only");
+  mt_gpt_destroy(&m);
+  printf("  ok test_init_std_and_scaled_output_projections\n");
+}
+
+/* Gradients with per-layer recomputation equal those with stored activations,
+ * bit for bit, dropout included (its masks are recomputed from Philox). */
+static void test_recompute_gives_identical_gradients(void) {
+  for (int drop = 0; drop < 2; drop++) {
+    mt_gpt a, b;
+    mt_gpt_config ca = small_config(3, 0, drop ? 0.1f : 0.0f);
+    mt_gpt_config cb = small_config(3, 1, drop ? 0.1f : 0.0f);
+    int B = 2, T = 9;
+    CHECK(!mt_gpt_create(&a, &ca, &dev, B, T) && !mt_gpt_create(&b, &cb, &dev, B, T), "%s",
+          mt_errmsg());
+    mt_gpt_init_weights(&a, 3);
+    mt_gpt_init_weights(&b, 3);
+    int32_t in[18], tg[18];
+    fill_tokens(in, 18, 61, 1);
+    fill_tokens(tg, 18, 61, 2);
+    mt_gpt_zero_grad(&a);
+    mt_gpt_zero_grad(&b);
+    CHECK(!mt_gpt_forward(&a, in, tg, 100) && !mt_gpt_backward(&a, 1.0f), "%s", mt_errmsg());
+    CHECK(!mt_gpt_forward(&b, in, tg, 100) && !mt_gpt_backward(&b, 1.0f), "%s", mt_errmsg());
+    CHECK(a.last_loss == b.last_loss, "loss %g vs %g", a.last_loss, b.last_loss);
+    CHECK(!memcmp(a.grads, b.grads, a.num_params * sizeof(float)),
+          "gradients differ with recompute (dropout %d)", drop);
+    CHECK(b.acts_floats < a.acts_floats, "recompute should plan fewer activations");
+    mt_gpt_destroy(&a);
+    mt_gpt_destroy(&b);
+  }
+  printf("  ok test_recompute_gives_identical_gradients\n");
+}
+
+static void test_bad_tokens_are_refused_with_position(void) {
+  mt_gpt m;
+  mt_gpt_config c = small_config(1, 0, 0);
+  CHECK(!mt_gpt_create(&m, &c, &dev, 1, 4), "%s", mt_errmsg());
+  int32_t in[4] = {1, 2, 61, 3}, tg[4] = {1, 2, 3, 4};
+  CHECK(mt_gpt_forward(&m, in, tg, 0) == MT_EINVAL && strstr(mt_errmsg(), "position 2"),
+        "got: %s", mt_errmsg());
+  CHECK(mt_gpt_backward(&m, 1.0f) == MT_EINVAL, "backward without a forward must fail");
+  mt_gpt_config bad = small_config(1, 0, 0);
+  bad.n_head = 5;
+  mt_gpt m2;
+  CHECK(mt_gpt_create(&m2, &bad, &dev, 1, 4) == MT_EINVAL && strstr(mt_errmsg(), "heads"),
+        "got: %s", mt_errmsg());
+  mt_gpt_destroy(&m);
+  printf("  ok test_bad_tokens_are_refused_with_position\n");
+}
+
+static void test_lr_warmup_then_cosine_to_min(void) {
+  mt_lr_spec s = {.kind = MT_LR_COSINE, .peak = 1.0, .min = 0.1, .warmup_steps = 10,
+                  .decay_steps = 110};
+  CHECK(fabs(mt_lr_at(&s, 0) - 0.1) < 1e-12, "first warmup step %g", mt_lr_at(&s, 0));
+  CHECK(fabs(mt_lr_at(&s, 9) - 1.0) < 1e-12, "end of warmup %g", mt_lr_at(&s, 9));
+  CHECK(fabs(mt_lr_at(&s, 60) - 0.55) < 1e-12, "cosine midpoint %g", mt_lr_at(&s, 60));
+  CHECK(fabs(mt_lr_at(&s, 110) - 0.1) < 1e-12 && fabs(mt_lr_at(&s, 5000) - 0.1) < 1e-12,
+        "after decay %g", mt_lr_at(&s, 110));
+  s.kind = MT_LR_LINEAR;
+  CHECK(fabs(mt_lr_at(&s, 35) - 0.775) < 1e-12, "linear quarter %g", mt_lr_at(&s, 35));
+  mt_lr_spec k = {.kind = MT_LR_CONSTANT, .peak = 3e-4, .min = 3e-4};
+  CHECK(mt_lr_at(&k, 0) == 3e-4 && mt_lr_at(&k, 1000000) == 3e-4, "constant");
+  printf("  ok test_lr_warmup_then_cosine_to_min\n");
+}
+
+static int write_tokens(char *path, const uint16_t *t, size_t n) {
+  strcpy(path, "/tmp/mtnlg-test-XXXXXX");
+  int fd = mkstemp(path);
+  if (fd < 0) return -1;
+  ssize_t w = write(fd, t, n * sizeof(uint16_t));
+  close(fd);
+  return w == (ssize_t)(n * sizeof(uint16_t)) ? 0 : -1;
+}
+
+static void test_samples_overlap_by_one_token_and_wrap(void) {
+  uint16_t t[11];
+  for (int i = 0; i < 11; i++) t[i] = (uint16_t)i;
+  char path[64];
+  CHECK(!write_tokens(path, t, 11), "temp file");
+  mt_token_file f;
+  CHECK(!mt_tokens_open(&f, path), "%s", mt_errmsg());
+  CHECK(mt_tokens_samples(&f, 4) == 2, "(11-1)/4 = 2 samples");
+  int32_t in[12], tg[12];
+  CHECK(!mt_tokens_read(&f, 1, 3, 4, 100, in, tg), "%s", mt_errmsg());
+  /* sample 1 = tokens 4..8, sample 2 wraps to sample 0, sample 3 = sample 1 */
+  CHECK(in[0] == 4 && tg[0] == 5 && tg[3] == 8, "sample 1: in %d tg %d..%d", in[0], tg[0], tg[3]);
+  CHECK(in[4] == 0 && tg[7] == 4, "wrap to sample 0");
+  CHECK(in[8] == 4, "sample 3 is sample 1 again");
+  CHECK(mt_tokens_read(&f, 0, 1, 4, 4, in, tg) == MT_ECORRUPT && strstr(mt_errmsg(), "offset 4"),
+        "token 4 >= vocab 4 must be refused: %s", mt_errmsg());
+  mt_tokens_close(&f);
+  unlink(path);
+  /* an odd byte count is not a token file */
+  strcpy(path, "/tmp/mtnlg-test-XXXXXX");
+  int fd = mkstemp(path);
+  CHECK(write(fd, "abc", 3) == 3, "write");
+  close(fd);
+  CHECK(mt_tokens_open(&f, path) == MT_ECORRUPT && strstr(mt_errmsg(), "3 bytes"), "%s",
+        mt_errmsg());
+  unlink(path);
+  CHECK(mt_tokens_open(&f, "/nonexistent/x.u16") == MT_EIO &&
+            strstr(mt_errmsg(), "/nonexistent/x.u16"),
+        "%s", mt_errmsg());
+  printf("  ok test_samples_overlap_by_one_token_and_wrap\n");
+}
+
+/* Runs `steps` steps of the tiny model with (global_batch 4, micro_batch mb),
+ * returning the final parameters and the per-step losses. */
+static int run_job(const char *data, int mb, float dropout, int steps, double *losses,
+                   float **params, size_t *n) {
+  char json[1024];
+  snprintf(json, sizeof json,
+           "{\"model\":{\"preset\":\"tiny\",\"seq_len\":16,\"hidden_dropout\":%g,"
+           "\"attention_dropout\":%g},\"parallel\":{\"micro_batch\":%d},"
+           "\"train\":{\"global_batch\":4,\"steps\":%d,\"seed\":5,\"lr\":{\"schedule\":\"cosine\","
+           "\"peak\":2e-3,\"warmup_steps\":1}},\"data\":{\"path\":\"%s\"}}",
+           dropout, dropout, mb, steps, data);
+  mt_job job;
+  mt_trainer tr;
+  if (mt_job_parse(&job, json, NULL, preset_dirs, NULL)) return -1;
+  if (mt_trainer_create(&tr, &job, &dev)) return -1;
+  for (int s = 0; s < steps; s++) {
+    mt_step_stats st;
+    if (mt_trainer_step(&tr, &st)) return -1;
+    losses[s] = st.loss;
+  }
+  *n = tr.model.num_params;
+  *params = malloc(*n * sizeof(float));
+  memcpy(*params, tr.model.params, *n * sizeof(float));
+  mt_trainer_destroy(&tr);
+  return 0;
+}
+
+/* DESIGN: the loss is the mean over the global batch whatever the split, and
+ * dropout masks follow the global sample, so 1x4, 2x2 and 4x1 micro-batching
+ * train the same trajectory up to float reduction order. */
+static void test_microbatch_split_keeps_trajectory(void) {
+  uint16_t t[4000];
+  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
+  char path[64];
+  CHECK(!write_tokens(path, t, 4000), "temp file");
+  for (int drop = 0; drop < 2; drop++) {
+    double loss[3][4];
+    float *p[3];
+    size_t n = 0;
+    int mbs[3] = {4, 2, 1};
+    for (int k = 0; k < 3; k++)
+      CHECK(!run_job(path, mbs[k], drop ? 0.1f : 0.0f, 4, loss[k], &p[k], &n), "%s", mt_errmsg());
+    for (int k = 1; k < 3; k++) {
+      for (int s = 0; s < 4; s++)
+        CHECK(fabs(loss[k][s] - loss[0][s]) < 1e-5 * fabs(loss[0][s]),
+              "dropout %d: micro_batch %d step %d loss %.9g vs %.9g", drop, mbs[k], s + 1,
+              loss[k][s], loss[0][s]);
+      double d2 = 0, r2 = 0;
+      for (size_t i = 0; i < n; i++) {
+        double e = (double)p[k][i] - p[0][i];
+        d2 += e * e;
+        r2 += (double)p[0][i] * p[0][i];
+      }
+      CHECK(sqrt(d2 / r2) < 1e-5, "dropout %d: micro_batch %d parameters differ by %g relative",
+            drop, mbs[k], sqrt(d2 / r2));
+    }
+    CHECK(loss[0][3] < loss[0][0], "loss should fall on a repeating pattern: %g -> %g",
+          loss[0][0], loss[0][3]);
+    for (int k = 0; k < 3; k++) free(p[k]);
+  }
+  unlink(path);
+  printf("  ok test_microbatch_split_keeps_trajectory\n");
+}
+
+int main(void) {
+  if (mt_device_open(&dev, "cpu:0")) {
+    printf("cannot open cpu:0: %s\n", mt_errmsg());
+    return 1;
+  }
+  test_init_depends_only_on_seed_and_tensor_name();
+  test_init_std_and_scaled_output_projections();
+  test_recompute_gives_identical_gradients();
+  test_bad_tokens_are_refused_with_position();
+  test_lr_warmup_then_cosine_to_min();
+  test_samples_overlap_by_one_token_and_wrap();
+  test_microbatch_split_keeps_trajectory();
+  printf("%s\n", failures ? "FAILED" : "all passed");
+  return failures ? 1 : 0;
+}
