@@ -3,7 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define MT_ERRMSG_MAX 1024
+#define MT_ERRMSG_MAX 8192
 
 static _Thread_local char errmsg[MT_ERRMSG_MAX];
 
@@ -21,13 +21,14 @@ int mt_seterr(int code, const char *fmt, ...) {
 }
 
 int mt_wraperr(int code, const char *fmt, ...) {
-  char inner[MT_ERRMSG_MAX], outer[MT_ERRMSG_MAX];
+  char inner[MT_ERRMSG_MAX];
   va_list ap;
   memcpy(inner, errmsg, sizeof inner);
   va_start(ap, fmt);
-  vsnprintf(outer, sizeof outer, fmt, ap);
+  int n = vsnprintf(errmsg, sizeof errmsg, fmt, ap);
   va_end(ap);
-  snprintf(errmsg, sizeof errmsg, "%s: %s", outer, inner);
+  if (n >= 0 && (size_t)n < sizeof errmsg - 2)
+    snprintf(errmsg + n, sizeof errmsg - (size_t)n, ": %s", inner);
   return code;
 }
 

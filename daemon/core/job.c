@@ -1,1 +1,872 @@
-/* placeholder: being written */
+/* job.c — reading, resolving and checking a job spec (see job.h).
+ *
+ * Order of work: parse the JSON, apply the --set overrides to the tree, merge
+ * the model preset under the job's model fields, read every section into the
+ * typed struct (unknown keys and wrong types are problems), derive what is
+ * derived (token lengths to steps, padded vocab), then check that the job can
+ * run. Problems are collected, not returned at the first one, so a user fixes
+ * a job in one pass; each is one line starting with the key it is about.
+ * Nothing here touches the data or checkpoint files: existence is checked by
+ * the modules that open them.
+ */
+#include "job.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+
+/* ---- problem list: one line per problem ---- */
+
+typedef struct problems {
+  char *buf; /* lines joined by '\n', NUL-terminated */
+  size_t len, cap;
+  int n;
+  bool oom;
+  const char *muted[4]; /* keys whose problems are already explained */
+  int n_muted;
+} problems;
+
+static void problem(problems *pb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void problem(problems *pb, const char *fmt, ...) {
+  char line[1536];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(line, sizeof line, fmt, ap);
+  va_end(ap);
+  if (n < 0) return;
+  if ((size_t)n >= sizeof line) n = (int)sizeof line - 1;
+  size_t need = pb->len + (pb->n ? 1 : 0) + (size_t)n + 1;
+  if (need > pb->cap) {
+    size_t cap = pb->cap ? pb->cap : 256;
+    while (cap < need) cap *= 2;
+    char *b = realloc(pb->buf, cap);
+    if (!b) {
+      pb->oom = true;
+      pb->n++;
+      return;
+    }
+    pb->buf = b;
+    pb->cap = cap;
+  }
+  if (pb->n) pb->buf[pb->len++] = '\n';
+  memcpy(pb->buf + pb->len, line, (size_t)n + 1);
+  pb->len += (size_t)n;
+  pb->n++;
+}
+
+/* Whether `key` or a parent of it ("train" for "train.steps") already has a
+ * problem line or was muted. */
+static bool covers(const char *reported, size_t rlen, const char *key) {
+  return !strncmp(key, reported, rlen) && (key[rlen] == '\0' || key[rlen] == '.');
+}
+
+static bool seen(const problems *pb, const char *key) {
+  for (int i = 0; i < pb->n_muted; i++)
+    if (covers(pb->muted[i], strlen(pb->muted[i]), key)) return true;
+  for (const char *l = pb->buf; l && *l;) {
+    const char *colon = strchr(l, ':'), *nl = strchr(l, '\n');
+    if (colon && (!nl || colon < nl) && covers(l, (size_t)(colon - l), key)) return true;
+    l = nl ? nl + 1 : NULL;
+  }
+  return false;
+}
+
+static void mute(problems *pb, const char *key) {
+  if (pb->n_muted < (int)(sizeof pb->muted / sizeof *pb->muted)) pb->muted[pb->n_muted++] = key;
+}
+
+/* A validation problem about `key`, left out when an earlier problem (a
+ * missing or mistyped value, a preset that did not load) already explains it. */
+static void check_fail(problems *pb, const char *key, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void check_fail(problems *pb, const char *key, const char *fmt, ...) {
+  if (seen(pb, key)) return;
+  char line[1536];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(line, sizeof line, fmt, ap);
+  va_end(ap);
+  problem(pb, "%s: %s", key, line);
+}
+
+/* ---- typed reads from the JSON tree ----
+ * Each reads obj[key] into *out, leaving the default when the key is absent;
+ * a value of the wrong type is a problem named "<prefix>.<key>". They return
+ * true when the key was present and well typed. */
+
+static const char *type_name(const json_t *v) {
+  switch (json_typeof(v)) {
+  case JSON_OBJECT: return "an object";
+  case JSON_ARRAY: return "an array";
+  case JSON_STRING: return "a string";
+  case JSON_INTEGER: return "an integer";
+  case JSON_REAL: return "a number";
+  case JSON_TRUE:
+  case JSON_FALSE: return "a boolean";
+  case JSON_NULL: return "null";
+  }
+  return "?";
+}
+
+static void full_key(char *buf, size_t cap, const char *prefix, const char *key) {
+  if (prefix && *prefix)
+    snprintf(buf, cap, "%s.%s", prefix, key);
+  else
+    snprintf(buf, cap, "%s", key);
+}
+
+/* Integers may be written as integral reals (1e9, 340e9): token counts are. */
+static bool read_i64(problems *pb, json_t *obj, const char *prefix, const char *key, int64_t lo,
+                     int64_t hi, int64_t *out) {
+  json_t *v = obj ? json_object_get(obj, key) : NULL;
+  if (!v) return false;
+  char k[256];
+  full_key(k, sizeof k, prefix, key);
+  int64_t x;
+  if (json_is_integer(v)) {
+    x = (int64_t)json_integer_value(v);
+  } else if (json_is_real(v)) {
+    double d = json_real_value(v);
+    if (d != floor(d) || d < -9.2e18 || d > 9.2e18) {
+      problem(pb, "%s: expected an integer, got %g", k, d);
+      return false;
+    }
+    x = (int64_t)d;
+  } else {
+    problem(pb, "%s: expected an integer, got %s", k, type_name(v));
+    return false;
+  }
+  if (x < lo || x > hi) {
+    problem(pb, "%s: %" PRId64 " is out of range [%" PRId64 ", %" PRId64 "]", k, x, lo, hi);
+    return false;
+  }
+  *out = x;
+  return true;
+}
+
+/* Reads any integer an int holds; range rules are validation's job. */
+static bool read_int(problems *pb, json_t *obj, const char *prefix, const char *key, int *out) {
+  int64_t x;
+  if (!read_i64(pb, obj, prefix, key, INT_MIN, INT_MAX, &x)) return false;
+  *out = (int)x;
+  return true;
+}
+
+static bool read_double(problems *pb, json_t *obj, const char *prefix, const char *key,
+                        double *out) {
+  json_t *v = obj ? json_object_get(obj, key) : NULL;
+  if (!v) return false;
+  if (!json_is_number(v)) {
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: expected a number, got %s", k, type_name(v));
+    return false;
+  }
+  *out = json_number_value(v);
+  return true;
+}
+
+static bool read_float(problems *pb, json_t *obj, const char *prefix, const char *key, float *out) {
+  double d;
+  if (!read_double(pb, obj, prefix, key, &d)) return false;
+  *out = (float)d;
+  return true;
+}
+
+static bool read_bool(problems *pb, json_t *obj, const char *prefix, const char *key, int *out) {
+  json_t *v = obj ? json_object_get(obj, key) : NULL;
+  if (!v) return false;
+  if (!json_is_boolean(v)) {
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: expected true or false, got %s", k, type_name(v));
+    return false;
+  }
+  *out = json_is_true(v);
+  return true;
+}
+
+/* Strings never truncate: one that does not fit its buffer is a problem. */
+static bool read_str(problems *pb, json_t *obj, const char *prefix, const char *key, char *out,
+                     size_t cap) {
+  json_t *v = obj ? json_object_get(obj, key) : NULL;
+  if (!v) return false;
+  char k[256];
+  full_key(k, sizeof k, prefix, key);
+  if (!json_is_string(v)) {
+    problem(pb, "%s: expected a string, got %s", k, type_name(v));
+    return false;
+  }
+  size_t n = json_string_length(v);
+  const char *s = json_string_value(v);
+  if (strlen(s) != n) {
+    problem(pb, "%s: contains a NUL character", k);
+    return false;
+  }
+  if (n >= cap) {
+    problem(pb, "%s: %zu bytes long, at most %zu fit", k, n, cap - 1);
+    return false;
+  }
+  memcpy(out, s, n + 1);
+  return true;
+}
+
+/* A section that must be an object when present; NULL when absent or wrong. */
+static json_t *read_object(problems *pb, json_t *obj, const char *prefix, const char *key) {
+  json_t *v = obj ? json_object_get(obj, key) : NULL;
+  if (!v) return NULL;
+  if (!json_is_object(v)) {
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: expected an object, got %s", k, type_name(v));
+    return NULL;
+  }
+  return v;
+}
+
+static bool in_list(const char *key, const char *const *allowed) {
+  for (; *allowed; allowed++)
+    if (!strcmp(key, *allowed)) return true;
+  return false;
+}
+
+static void check_keys(problems *pb, json_t *obj, const char *prefix, const char *const *allowed) {
+  const char *key;
+  json_t *v;
+  if (!obj) return;
+  json_object_foreach(obj, key, v) {
+    if (in_list(key, allowed)) continue;
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: unknown key", k);
+  }
+}
+
+static void require(problems *pb, json_t *obj, const char *prefix, const char *key,
+                    const char *hint) {
+  if (obj && json_object_get(obj, key)) return;
+  char k[256];
+  full_key(k, sizeof k, prefix, key);
+  check_fail(pb, k, "missing%s", hint ? hint : "");
+}
+
+/* ---- keys of each section ---- */
+
+static const char *const top_keys[] = {"name", "description", "model", "parallel", "train",
+                                       "data", "checkpoint",  "eval",  NULL};
+#define MODEL_FIELDS                                                                               \
+  "n_layer", "n_embd", "n_head", "vocab_size", "vocab_pad_to", "seq_len", "ln_eps", "init_std",    \
+      "hidden_dropout", "attention_dropout"
+static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
+/* A preset describes an architecture: no weights to start from, no nesting. */
+static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
+static const char *const parallel_keys[] = {"tp",          "pp",        "dp_min",   "dp_max",
+                                            "micro_batch", "recompute", "schedule", NULL};
+static const char *const train_keys[] = {
+    "global_batch", "steps",     "seed",      "lr",           "adam",
+    "weight_decay", "clip_grad", "precision", "log_interval", NULL};
+static const char *const lr_keys[] = {
+    "schedule",      "peak",        "min",          "warmup_steps",
+    "warmup_tokens", "decay_steps", "decay_tokens", NULL};
+static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
+static const char *const data_keys[] = {"path", NULL};
+static const char *const checkpoint_keys[] = {"dir", "interval", "keep", "export", NULL};
+
+/* ---- overrides: "a.b.c=value" set in the tree before it is read ---- */
+
+static int apply_override(problems *pb, json_t *root, const char *ov) {
+  const char *eq = strchr(ov, '=');
+  if (!eq || eq == ov) {
+    problem(pb, "override \"%s\": expected section.key=value", ov);
+    return -1;
+  }
+  size_t klen = (size_t)(eq - ov);
+  char key[512];
+  if (klen >= sizeof key) {
+    problem(pb, "override \"%.40s...\": key too long", ov);
+    return -1;
+  }
+  memcpy(key, ov, klen);
+  key[klen] = '\0';
+  /* every dotted component must be non-empty: "train..steps", ".x", "x." are malformed */
+  for (const char *p = key; *p; p++)
+    if (*p == '.' && (p == key || p[1] == '.' || p[1] == '\0')) {
+      problem(pb, "override \"%s\": empty key component in \"%s\"", ov, key);
+      return -1;
+    }
+
+  const char *text = eq + 1;
+  json_t *value = json_loads(text, JSON_DECODE_ANY, NULL);
+  if (!value) value = json_string(text);
+  if (!value) {
+    problem(pb, "override \"%s\": value is not valid UTF-8", ov);
+    return -1;
+  }
+
+  json_t *obj = root;
+  char *part = key;
+  for (char *dot; (dot = strchr(part, '.')); part = dot + 1) {
+    *dot = '\0';
+    json_t *next = json_object_get(obj, part);
+    if (!next) {
+      next = json_object();
+      json_object_set_new(obj, part, next);
+    } else if (!json_is_object(next)) {
+      problem(pb, "override \"%s\": %s is %s, not an object", ov, key, type_name(next));
+      json_decref(value);
+      return -1;
+    }
+    *dot = '.';
+    obj = next;
+  }
+  json_object_set_new(obj, part, value);
+  return 0;
+}
+
+/* Whether path key `key` ("data.path") was set by an override, itself or through
+ * a parent ("data={...}"): such paths are relative to the caller's directory. */
+static bool overridden(const char *const *overrides, const char *key) {
+  size_t n = strlen(key);
+  for (; overrides && *overrides; overrides++) {
+    const char *ov = *overrides, *eq = strchr(ov, '=');
+    if (!eq) continue;
+    size_t k = (size_t)(eq - ov);
+    if (k <= n && !strncmp(ov, key, k) && (k == n || key[k] == '.')) return true;
+  }
+  return false;
+}
+
+/* ---- model preset ---- */
+
+static bool safe_name(const char *s) {
+  if (!*s || *s == '.') return false;
+  for (; *s; s++)
+    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+          *s == '.' || *s == '_' || *s == '-'))
+      return false;
+  return true;
+}
+
+/* Replaces the job's model object by preset fields overlaid with the job's own.
+ * Problems are named "model.preset" since that is the key the user can fix. */
+static void merge_preset(problems *pb, json_t *root, const char *const *preset_dirs) {
+  json_t *model = json_object_get(root, "model");
+  if (!json_is_object(model)) return;
+  json_t *pv = json_object_get(model, "preset");
+  if (!pv) return;
+  if (!json_is_string(pv)) return; /* reported when the model is read */
+  const char *name = json_string_value(pv);
+  if (!safe_name(name)) {
+    problem(pb, "model.preset: \"%s\" is not a preset name (letters, digits, '.', '_', '-')", name);
+    return;
+  }
+
+  char looked[1024] = "", path[MT_PATH_MAX];
+  size_t lo = 0;
+  FILE *f = NULL;
+  for (const char *const *d = preset_dirs; d && *d; d++) {
+    int n = snprintf(path, sizeof path, "%s/%s.json", *d, name);
+    if (n < 0 || (size_t)n >= sizeof path) continue;
+    f = fopen(path, "rb");
+    if (f) break;
+    if (lo < sizeof looked) {
+      int w = snprintf(looked + lo, sizeof looked - lo, "%s%s", lo ? ", " : "", path);
+      if (w > 0) lo += (size_t)w;
+    }
+  }
+  if (!f) {
+    problem(pb, "model.preset: \"%s\" not found (looked in: %s)", name,
+            lo ? looked : "no preset directories given");
+    return;
+  }
+
+  json_error_t jerr;
+  json_t *preset = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+  fclose(f);
+  if (!preset) {
+    problem(pb, "model.preset: %s: line %d, column %d: %s", path, jerr.line, jerr.column,
+            jerr.text);
+    return;
+  }
+  if (!json_is_object(preset)) {
+    problem(pb, "model.preset: %s: expected an object, got %s", path, type_name(preset));
+    json_decref(preset);
+    return;
+  }
+  const char *key;
+  json_t *v;
+  int bad = 0;
+  json_object_foreach(preset, key, v) {
+    if (in_list(key, preset_keys)) continue;
+    problem(pb, "model.preset: %s: %s: %s", path, key,
+            in_list(key, model_keys) ? "not allowed in a preset (give it in the job)"
+                                     : "unknown key");
+    bad++;
+  }
+  if (!bad) {
+    json_object_del(preset, "description");
+    json_object_update(preset, model); /* the job's fields win */
+    json_object_set(root, "model", preset);
+  }
+  json_decref(preset);
+}
+
+/* ---- reading the sections ---- */
+
+static int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+/* "<base_dir>/<path>" for a relative path from the job file; others as given. */
+static void resolve_path(problems *pb, const char *key, char *path, const char *base_dir,
+                         const char *const *overrides) {
+  if (!*path || path[0] == '/' || !base_dir || !*base_dir || !strcmp(base_dir, ".")) return;
+  if (overridden(overrides, key)) return;
+  char joined[MT_PATH_MAX];
+  size_t bl = strlen(base_dir);
+  int n =
+      snprintf(joined, sizeof joined, "%s%s%s", base_dir, base_dir[bl - 1] == '/' ? "" : "/", path);
+  if (n < 0 || (size_t)n >= sizeof joined) {
+    problem(pb, "%s: %s resolved against %s is longer than %d bytes", key, path, base_dir,
+            MT_PATH_MAX - 1);
+    return;
+  }
+  memcpy(path, joined, (size_t)n + 1);
+}
+
+static void read_model(problems *pb, json_t *root, mt_model_spec *m) {
+  json_t *o = read_object(pb, root, "", "model");
+  const char *hint = " (give it, or a model.preset)";
+  if (!json_object_get(root, "model")) {
+    problem(pb, "model: missing (give model.preset or the model fields)");
+    return;
+  }
+  if (!o) return;
+  check_keys(pb, o, "model", model_keys);
+  read_str(pb, o, "model", "preset", m->preset, sizeof m->preset);
+  const char *req[] = {"n_layer", "n_embd", "n_head", "vocab_size", "seq_len"};
+  for (size_t i = 0; i < sizeof req / sizeof *req; i++) require(pb, o, "model", req[i], hint);
+  read_int(pb, o, "model", "n_layer", &m->n_layer);
+  read_int(pb, o, "model", "n_embd", &m->n_embd);
+  read_int(pb, o, "model", "n_head", &m->n_head);
+  read_int(pb, o, "model", "vocab_size", &m->vocab_size);
+  read_int(pb, o, "model", "vocab_pad_to", &m->vocab_pad_to);
+  read_int(pb, o, "model", "seq_len", &m->seq_len);
+  read_float(pb, o, "model", "ln_eps", &m->ln_eps);
+  read_float(pb, o, "model", "init_std", &m->init_std);
+  read_float(pb, o, "model", "hidden_dropout", &m->hidden_dropout);
+  read_float(pb, o, "model", "attention_dropout", &m->attention_dropout);
+  read_str(pb, o, "model", "init_from", m->init_from, sizeof m->init_from);
+}
+
+static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
+  json_t *o = read_object(pb, root, "", "parallel");
+  check_keys(pb, o, "parallel", parallel_keys);
+  read_int(pb, o, "parallel", "tp", &p->tp);
+  read_int(pb, o, "parallel", "pp", &p->pp);
+  read_int(pb, o, "parallel", "dp_min", &p->dp_min);
+  if (!read_int(pb, o, "parallel", "dp_max", &p->dp_max)) p->dp_max = p->dp_min;
+  read_int(pb, o, "parallel", "micro_batch", &p->micro_batch);
+  read_bool(pb, o, "parallel", "recompute", &p->recompute);
+  char sched[64] = "1f1b";
+  read_str(pb, o, "parallel", "schedule", sched, sizeof sched);
+  if (strcmp(sched, "1f1b"))
+    problem(pb, "parallel.schedule: \"%s\" is not supported (only \"1f1b\")", sched);
+}
+
+/* What the job said about the LR lengths and floor, for defaults that depend on
+ * other sections. tokens -1 = given in steps or not at all. */
+typedef struct lr_given {
+  int64_t warmup_tokens, decay_tokens;
+  bool decay, min;
+} lr_given;
+
+/* Reads a length given in steps or in tokens; tokens become steps once the
+ * batch and sequence length are known (tokens_out >= 0 marks that). */
+static void read_length(problems *pb, json_t *lr, const char *what, int64_t *steps,
+                        int64_t *tokens_out) {
+  char ks[32], kt[32];
+  snprintf(ks, sizeof ks, "%s_steps", what);
+  snprintf(kt, sizeof kt, "%s_tokens", what);
+  bool has_s = lr && json_object_get(lr, ks), has_t = lr && json_object_get(lr, kt);
+  *tokens_out = -1;
+  if (has_s && has_t) {
+    problem(pb, "train.lr.%s: give it in steps or in tokens, not both", kt);
+    return;
+  }
+  read_i64(pb, lr, "train.lr", ks, 0, INT64_MAX, steps);
+  read_i64(pb, lr, "train.lr", kt, 0, INT64_MAX, tokens_out);
+}
+
+static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g) {
+  json_t *o = read_object(pb, root, "", "train");
+  if (!json_object_get(root, "train")) {
+    problem(pb, "train: missing (needs at least global_batch, steps and lr.peak)");
+    return;
+  }
+  check_keys(pb, o, "train", train_keys);
+  require(pb, o, "train", "global_batch", NULL);
+  require(pb, o, "train", "steps", NULL);
+  read_int(pb, o, "train", "global_batch", &t->global_batch);
+  read_i64(pb, o, "train", "steps", INT64_MIN, INT64_MAX, &t->steps);
+  int64_t seed;
+  if (read_i64(pb, o, "train", "seed", 0, INT64_MAX, &seed)) t->seed = (uint64_t)seed;
+
+  json_t *lr = read_object(pb, o, "train", "lr");
+  if (o && !json_object_get(o, "lr")) problem(pb, "train.lr: missing (needs at least peak)");
+  check_keys(pb, lr, "train.lr", lr_keys);
+  if (lr) require(pb, lr, "train.lr", "peak", NULL);
+  char sched[16] = "cosine";
+  read_str(pb, lr, "train.lr", "schedule", sched, sizeof sched);
+  if (!strcmp(sched, "constant"))
+    t->lr.kind = MT_LR_CONSTANT;
+  else if (!strcmp(sched, "cosine"))
+    t->lr.kind = MT_LR_COSINE;
+  else if (!strcmp(sched, "linear"))
+    t->lr.kind = MT_LR_LINEAR;
+  else
+    problem(pb, "train.lr.schedule: \"%s\" is not one of constant, cosine, linear", sched);
+  read_double(pb, lr, "train.lr", "peak", &t->lr.peak);
+  g->min = read_double(pb, lr, "train.lr", "min", &t->lr.min);
+  read_length(pb, lr, "warmup", &t->lr.warmup_steps, &g->warmup_tokens);
+  read_length(pb, lr, "decay", &t->lr.decay_steps, &g->decay_tokens);
+  g->decay = lr && (json_object_get(lr, "decay_steps") || json_object_get(lr, "decay_tokens"));
+
+  json_t *adam = read_object(pb, o, "train", "adam");
+  check_keys(pb, adam, "train.adam", adam_keys);
+  read_double(pb, adam, "train.adam", "beta1", &t->beta1);
+  read_double(pb, adam, "train.adam", "beta2", &t->beta2);
+  read_double(pb, adam, "train.adam", "eps", &t->adam_eps);
+  read_double(pb, o, "train", "weight_decay", &t->weight_decay);
+  read_double(pb, o, "train", "clip_grad", &t->clip_grad);
+  char prec[64] = "fp32";
+  read_str(pb, o, "train", "precision", prec, sizeof prec);
+  if (!strcmp(prec, "bf16") || !strcmp(prec, "fp16")) {
+    problem(pb,
+            "train.precision: \"%s\" is not supported yet (mixed precision comes with the "
+            "CUDA backend); use \"fp32\"",
+            prec);
+    memcpy(t->precision, prec, 5); /* "bf16" or "fp16" */
+  } else if (strcmp(prec, "fp32")) {
+    problem(pb, "train.precision: \"%s\" is not one of fp32, bf16, fp16", prec);
+  }
+  read_int(pb, o, "train", "log_interval", &t->log_interval);
+}
+
+static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
+  json_t *o = read_object(pb, root, "", "data");
+  if (!json_object_get(root, "data")) {
+    problem(pb, "data.path: missing (the token file to train on)");
+    return;
+  }
+  check_keys(pb, o, "data", data_keys);
+  if (o) require(pb, o, "data", "path", " (the token file to train on)");
+  read_str(pb, o, "data", "path", d->path, sizeof d->path);
+}
+
+static void read_checkpoint(problems *pb, json_t *root, mt_checkpoint_spec *c) {
+  json_t *o = read_object(pb, root, "", "checkpoint");
+  check_keys(pb, o, "checkpoint", checkpoint_keys);
+  read_str(pb, o, "checkpoint", "dir", c->dir, sizeof c->dir);
+  read_int(pb, o, "checkpoint", "interval", &c->interval);
+  read_int(pb, o, "checkpoint", "keep", &c->keep);
+  read_str(pb, o, "checkpoint", "export", c->export_path, sizeof c->export_path);
+}
+
+static void set_defaults(mt_job *job) {
+  memset(job, 0, sizeof *job);
+  snprintf(job->name, sizeof job->name, "job");
+  mt_model_spec *m = &job->model;
+  m->vocab_pad_to = 128;
+  m->ln_eps = 1e-5f;
+  m->init_std = 0.02f;
+  m->hidden_dropout = 0.0f; /* Megatron uses 0.1; 0 keeps small runs exactly reproducible */
+  m->attention_dropout = 0.0f;
+  mt_parallel_spec *p = &job->parallel;
+  p->tp = p->pp = p->dp_min = p->dp_max = 1;
+  p->micro_batch = 1;
+  snprintf(p->schedule, sizeof p->schedule, "1f1b");
+  mt_train_spec *t = &job->train;
+  t->seed = 1234;
+  t->lr.kind = MT_LR_COSINE;
+  t->beta1 = 0.9;
+  t->beta2 = 0.95;
+  t->adam_eps = 1e-8;
+  t->weight_decay = 0.1;
+  t->clip_grad = 1.0;
+  snprintf(t->precision, sizeof t->precision, "fp32");
+  t->log_interval = 1;
+}
+
+/* Values that follow from others: token lengths in steps (ceil: never less
+ * than the tokens asked for), LR defaults, the padded vocabulary. */
+static void derive(problems *pb, mt_job *job, const lr_given *g) {
+  mt_lr_spec *lr = &job->train.lr;
+  int64_t tokens_per_step = mt_job_tokens_per_step(job);
+  if (tokens_per_step > 0) {
+    if (g->warmup_tokens >= 0) lr->warmup_steps = ceil_div(g->warmup_tokens, tokens_per_step);
+    if (g->decay_tokens >= 0) lr->decay_steps = ceil_div(g->decay_tokens, tokens_per_step);
+  }
+  if (!g->decay) lr->decay_steps = job->train.steps;
+  if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
+  if (lr->warmup_steps > lr->decay_steps)
+    check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",
+               "warmup of %" PRId64 " steps is longer than the decay, %" PRId64 " steps%s",
+               lr->warmup_steps, lr->decay_steps, g->decay ? "" : " (train.steps)");
+
+  mt_model_spec *m = &job->model;
+  if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && job->parallel.tp >= 1) {
+    int64_t mult = (int64_t)m->vocab_pad_to * job->parallel.tp;
+    int64_t padded = ceil_div(m->vocab_size, mult) * mult;
+    m->padded_vocab = padded <= INT_MAX ? (int)padded : 0;
+  }
+}
+
+/* ---- validation: can this job run at all ---- */
+
+static void validate(problems *pb, mt_job *job) {
+  const mt_model_spec *m = &job->model;
+  const mt_parallel_spec *p = &job->parallel;
+  const mt_train_spec *t = &job->train;
+  const mt_checkpoint_spec *c = &job->checkpoint;
+
+  if (!safe_name(job->name))
+    check_fail(pb, "name",
+               "\"%s\" must be non-empty letters, digits, '.', '_' or '-' and not start with '.' "
+               "(it names checkpoint directories)",
+               job->name);
+
+  /* positive sizes */
+  struct {
+    const char *key;
+    int64_t v;
+  } pos[] = {
+      {"model.n_layer", m->n_layer},
+      {"model.n_embd", m->n_embd},
+      {"model.n_head", m->n_head},
+      {"model.vocab_size", m->vocab_size},
+      {"model.vocab_pad_to", m->vocab_pad_to},
+      {"model.seq_len", m->seq_len},
+      {"parallel.tp", p->tp},
+      {"parallel.pp", p->pp},
+      {"parallel.dp_min", p->dp_min},
+      {"parallel.dp_max", p->dp_max},
+      {"parallel.micro_batch", p->micro_batch},
+      {"train.global_batch", t->global_batch},
+      {"train.steps", t->steps},
+      {"train.log_interval", t->log_interval},
+  };
+  for (size_t i = 0; i < sizeof pos / sizeof *pos; i++)
+    if (pos[i].v < 1) check_fail(pb, pos[i].key, "%" PRId64 " must be at least 1", pos[i].v);
+
+  /* shapes and their split over the parallel layout, on positive sizes only */
+  if (m->n_embd >= 1 && m->n_head >= 1 && m->n_embd % m->n_head)
+    check_fail(pb, "model.n_embd", "%d is not divisible by model.n_head = %d", m->n_embd,
+               m->n_head);
+  if (m->n_head >= 1 && p->tp >= 1 && m->n_head % p->tp)
+    check_fail(pb, "model.n_head", "%d is not divisible by parallel.tp = %d", m->n_head, p->tp);
+  if (m->n_layer >= 1 && p->pp >= 1 && m->n_layer % p->pp)
+    check_fail(pb, "model.n_layer",
+               "%d is not divisible by parallel.pp = %d (stages hold equal numbers of layers)",
+               m->n_layer, p->pp);
+  if (p->dp_min >= 1 && p->dp_max >= 1 && p->dp_max < p->dp_min)
+    check_fail(pb, "parallel.dp_max", "%d is below parallel.dp_min = %d", p->dp_max, p->dp_min);
+  if (t->global_batch >= 1 && p->micro_batch >= 1 && p->dp_min >= 1 &&
+      t->global_batch % ((int64_t)p->micro_batch * p->dp_min))
+    check_fail(pb, "train.global_batch",
+               "%d is not divisible by parallel.micro_batch * dp_min = %d * %d", t->global_batch,
+               p->micro_batch, p->dp_min);
+  if (m->vocab_size > 65536)
+    check_fail(pb, "model.vocab_size",
+               "%d does not fit the uint16 tokens of data.path (at most 65536)", m->vocab_size);
+  if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && p->tp >= 1 && m->padded_vocab == 0)
+    check_fail(pb, "model.vocab_pad_to", "%d * parallel.tp = %d pads model.vocab_size past 2^31",
+               m->vocab_pad_to, p->tp);
+
+  /* model numerics */
+  if (!(m->ln_eps > 0)) check_fail(pb, "model.ln_eps", "%g must be > 0", (double)m->ln_eps);
+  if (!(m->init_std > 0)) check_fail(pb, "model.init_std", "%g must be > 0", (double)m->init_std);
+  if (!(m->hidden_dropout >= 0 && m->hidden_dropout < 1))
+    check_fail(pb, "model.hidden_dropout", "%g is not in [0, 1)", (double)m->hidden_dropout);
+  if (!(m->attention_dropout >= 0 && m->attention_dropout < 1))
+    check_fail(pb, "model.attention_dropout", "%g is not in [0, 1)", (double)m->attention_dropout);
+
+  /* optimizer */
+  if (!(t->lr.peak > 0)) check_fail(pb, "train.lr.peak", "%g must be > 0", t->lr.peak);
+  if (!(t->lr.min >= 0))
+    check_fail(pb, "train.lr.min", "%g must be >= 0", t->lr.min);
+  else if (t->lr.peak > 0 && t->lr.min > t->lr.peak)
+    check_fail(pb, "train.lr.min", "%g is above train.lr.peak = %g", t->lr.min, t->lr.peak);
+  if (!(t->beta1 >= 0 && t->beta1 < 1))
+    check_fail(pb, "train.adam.beta1", "%g is not in [0, 1)", t->beta1);
+  if (!(t->beta2 >= 0 && t->beta2 < 1))
+    check_fail(pb, "train.adam.beta2", "%g is not in [0, 1)", t->beta2);
+  if (!(t->adam_eps > 0)) check_fail(pb, "train.adam.eps", "%g must be > 0", t->adam_eps);
+  if (!(t->weight_decay >= 0))
+    check_fail(pb, "train.weight_decay", "%g must be >= 0", t->weight_decay);
+  if (!(t->clip_grad >= 0))
+    check_fail(pb, "train.clip_grad", "%g must be >= 0 (0 = no clipping)", t->clip_grad);
+
+  /* files */
+  if (!job->data.path[0]) check_fail(pb, "data.path", "must not be empty");
+  if (c->interval < 0) check_fail(pb, "checkpoint.interval", "%d must be >= 0", c->interval);
+  if (c->keep < 0) check_fail(pb, "checkpoint.keep", "%d must be >= 0 (0 = keep all)", c->keep);
+  if (c->interval > 0 && !c->dir[0])
+    check_fail(pb, "checkpoint.interval", "%d needs checkpoint.dir", c->interval);
+}
+
+/* ---- canonical form and hash ---- */
+
+/* The resolved job as JSON in the input schema, every default filled in and
+ * every length in steps, without the preset name: a self-contained job that
+ * reads back to the same struct. Its compact, key-sorted dump is what the
+ * hash covers. */
+static json_t *job_to_json(const mt_job *job) {
+  const mt_model_spec *m = &job->model;
+  const mt_parallel_spec *p = &job->parallel;
+  const mt_train_spec *t = &job->train;
+  const mt_checkpoint_spec *c = &job->checkpoint;
+  static const char *const kinds[] = {"constant", "cosine", "linear"};
+  return json_pack(
+      "{s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:s},"
+      " s:{s:I, s:I, s:I, s:I, s:I, s:b, s:s},"
+      " s:{s:I, s:I, s:I, s:{s:s, s:f, s:f, s:I, s:I}, s:{s:f, s:f, s:f}, s:f, s:f, s:s, s:I},"
+      " s:{s:s}, s:{s:s, s:I, s:I, s:s}}",
+      "name", job->name, "model", "n_layer", (json_int_t)m->n_layer, "n_embd",
+      (json_int_t)m->n_embd, "n_head", (json_int_t)m->n_head, "vocab_size",
+      (json_int_t)m->vocab_size, "vocab_pad_to", (json_int_t)m->vocab_pad_to, "seq_len",
+      (json_int_t)m->seq_len, "ln_eps", (double)m->ln_eps, "init_std", (double)m->init_std,
+      "hidden_dropout", (double)m->hidden_dropout, "attention_dropout",
+      (double)m->attention_dropout, "init_from", m->init_from, "parallel", "tp", (json_int_t)p->tp,
+      "pp", (json_int_t)p->pp, "dp_min", (json_int_t)p->dp_min, "dp_max", (json_int_t)p->dp_max,
+      "micro_batch", (json_int_t)p->micro_batch, "recompute", p->recompute, "schedule", p->schedule,
+      "train", "global_batch", (json_int_t)t->global_batch, "steps", (json_int_t)t->steps, "seed",
+      (json_int_t)t->seed, "lr", "schedule", kinds[t->lr.kind], "peak", t->lr.peak, "min",
+      t->lr.min, "warmup_steps", (json_int_t)t->lr.warmup_steps, "decay_steps",
+      (json_int_t)t->lr.decay_steps, "adam", "beta1", t->beta1, "beta2", t->beta2, "eps",
+      t->adam_eps, "weight_decay", t->weight_decay, "clip_grad", t->clip_grad, "precision",
+      t->precision, "log_interval", (json_int_t)t->log_interval, "data", "path", job->data.path,
+      "checkpoint", "dir", c->dir, "interval", (json_int_t)c->interval, "keep", (json_int_t)c->keep,
+      "export", c->export_path);
+}
+
+/* FNV-1a, 64 bit: stable across builds and machines, which is all a job
+ * identity needs (it is compared, never trusted against an adversary). */
+static uint64_t fnv1a64(const char *s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (; *s; s++) {
+    h ^= (unsigned char)*s;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+static int compute_hash(mt_job *job) {
+  json_t *j = job_to_json(job);
+  char *s = j ? json_dumps(j, JSON_SORT_KEYS | JSON_COMPACT) : NULL;
+  json_decref(j);
+  if (!s) return mt_seterr(MT_ENOMEM, "job: cannot serialize the resolved job");
+  snprintf(job->hash, sizeof job->hash, "%016" PRIx64, fnv1a64(s));
+  free(s);
+  return MT_OK;
+}
+
+/* ---- entry points ---- */
+
+static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
+                         const char *const *preset_dirs, const char *const *overrides) {
+  problems pb = {0};
+  set_defaults(job);
+  if (!json_is_object(root)) {
+    int rc = mt_seterr(MT_EINVAL, "job: expected a JSON object, got %s", type_name(root));
+    return rc;
+  }
+
+  for (const char *const *ov = overrides; ov && *ov; ov++) apply_override(&pb, root, *ov);
+  int before = pb.n;
+  merge_preset(&pb, root, preset_dirs);
+  if (pb.n > before) mute(&pb, "model"); /* the fields it would give are unknown */
+
+  check_keys(&pb, root, "", top_keys);
+  read_str(&pb, root, "", "name", job->name, sizeof job->name);
+  json_t *desc = json_object_get(root, "description");
+  if (desc && !json_is_string(desc))
+    problem(&pb, "description: expected a string, got %s", type_name(desc));
+  read_object(&pb, root, "", "eval"); /* reserved: must be an object, not read yet */
+
+  lr_given given = {.warmup_tokens = -1, .decay_tokens = -1};
+  read_model(&pb, root, &job->model);
+  read_parallel(&pb, root, &job->parallel);
+  read_train(&pb, root, &job->train, &given);
+  read_data(&pb, root, &job->data);
+  read_checkpoint(&pb, root, &job->checkpoint);
+
+  derive(&pb, job, &given);
+  resolve_path(&pb, "data.path", job->data.path, base_dir, overrides);
+  resolve_path(&pb, "model.init_from", job->model.init_from, base_dir, overrides);
+  resolve_path(&pb, "checkpoint.dir", job->checkpoint.dir, base_dir, overrides);
+  resolve_path(&pb, "checkpoint.export", job->checkpoint.export_path, base_dir, overrides);
+
+  validate(&pb, job);
+
+  int rc = MT_OK;
+  if (pb.oom)
+    rc = mt_seterr(MT_ENOMEM, "job: out of memory while listing %d problems", pb.n);
+  else if (pb.n)
+    rc = mt_seterr(MT_EINVAL, "%s", pb.buf);
+  else
+    rc = compute_hash(job);
+  free(pb.buf);
+  return rc;
+}
+
+int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
+                 const char *const *preset_dirs, const char *const *overrides) {
+  json_error_t jerr;
+  json_t *root = json_loads(json, JSON_REJECT_DUPLICATES, &jerr);
+  if (!root) {
+    set_defaults(job);
+    return mt_seterr(MT_EINVAL, "job: line %d, column %d: %s", jerr.line, jerr.column, jerr.text);
+  }
+  int rc = job_from_tree(job, root, base_dir, preset_dirs, overrides);
+  json_decref(root);
+  return rc;
+}
+
+int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
+                const char *const *overrides) {
+  set_defaults(job);
+  FILE *f = fopen(path, "rb");
+  if (!f) return mt_seterr(MT_EIO, "job: open %s: %s", path, strerror(errno));
+  json_error_t jerr;
+  json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+  fclose(f);
+  if (!root)
+    return mt_seterr(MT_EINVAL, "job %s: line %d, column %d: %s", path, jerr.line, jerr.column,
+                     jerr.text);
+
+  /* relative paths in the file are relative to the file's directory, made
+   * absolute so that nothing depends on the daemon's working directory */
+  char dir[MT_PATH_MAX], *abs = NULL;
+  const char *slash = strrchr(path, '/');
+  if (!slash)
+    snprintf(dir, sizeof dir, ".");
+  else if (slash == path)
+    snprintf(dir, sizeof dir, "/");
+  else
+    snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+  abs = realpath(dir, NULL);
+  int rc = job_from_tree(job, root, abs ? abs : dir, preset_dirs, overrides);
+  free(abs);
+  json_decref(root);
+  return rc;
+}

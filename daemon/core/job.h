@@ -43,7 +43,7 @@ typedef struct mt_lr_spec {
   mt_lr_kind kind;
   double peak, min;
   /* Lengths, resolved to steps by mt_job_load when given in tokens
-   * (warmup_tokens / decay_tokens in the JSON). decay_steps 0 = train.steps. */
+   * (warmup_tokens / decay_tokens in the JSON); decay_steps defaults to train.steps. */
   int64_t warmup_steps, decay_steps;
 } mt_lr_spec;
 
