@@ -1,1 +1,780 @@
-/* placeholder: being written */
+/* safetensors.c — bounds-checked .safetensors reader, durable writer, and the
+ * GPT-2 (Hugging Face) <-> mt_gpt mapping. See safetensors.h for the format. */
+#include "safetensors.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "err.h"
+
+/* A header larger than this is refused before parsing (the reference
+ * implementation's limit is 100 MB). */
+#define ST_MAX_HEADER_BYTES ((uint64_t)100 << 20)
+/* Longest combined error message the GPT mapping assembles. */
+#define ST_PROBLEMS_MAX 4096
+
+/* ---- dtypes --------------------------------------------------------------- */
+
+static const struct {
+  const char *name;
+  size_t bytes;
+} st_dtypes[] = {
+    {"F64", 8}, {"F32", 4}, {"F16", 2},  {"BF16", 2},    {"I64", 8},
+    {"I32", 4}, {"I16", 2}, {"I8", 1},   {"U64", 8},     {"U32", 4},
+    {"U16", 2}, {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1},
+};
+
+/* Bytes per element of a dtype name, 0 if unknown. */
+static size_t st_dtype_bytes(const char *dtype) {
+  for (size_t i = 0; i < sizeof st_dtypes / sizeof st_dtypes[0]; i++)
+    if (!strcmp(st_dtypes[i].name, dtype)) return st_dtypes[i].bytes;
+  return 0;
+}
+
+static float st_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign; /* ±0 */
+    } else {       /* subnormal: normalise */
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) {
+        mant <<= 1;
+        exp--;
+      }
+      mant &= 0x3ff;
+      bits = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13); /* inf / nan (payload kept) */
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static float st_bf16_to_f32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static uint64_t st_le64(const uint8_t *p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+  return v;
+}
+
+static uint16_t st_le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* ---- reader --------------------------------------------------------------- */
+
+static int st_cmp_offset(const void *a, const void *b) {
+  const mt_st_tensor *x = *(const mt_st_tensor *const *)a, *y = *(const mt_st_tensor *const *)b;
+  if (x->offset != y->offset) return x->offset < y->offset ? -1 : 1;
+  if (x->bytes != y->bytes) return x->bytes < y->bytes ? -1 : 1;
+  return 0;
+}
+
+/* Reads a JSON integer that must be >= 0. */
+static int st_json_u64(const json_t *v, uint64_t *out) {
+  if (!json_is_integer(v) || json_integer_value(v) < 0) return -1;
+  *out = (uint64_t)json_integer_value(v);
+  return 0;
+}
+
+/* Validates one tensor entry of the header and fills t (name not set). */
+static int st_parse_entry(const char *path, const char *name, const json_t *v, size_t data_bytes,
+                          mt_st_tensor *t) {
+  if (!json_is_object(v))
+    return mt_seterr(MT_ECORRUPT, "safetensors: %s: tensor \"%s\": entry is not an object", path,
+                     name);
+  const json_t *jd = json_object_get(v, "dtype");
+  const json_t *js = json_object_get(v, "shape");
+  const json_t *jo = json_object_get(v, "data_offsets");
+  if (!json_is_string(jd) || !json_is_array(js) || !json_is_array(jo))
+    return mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: tensor \"%s\": needs string \"dtype\", array \"shape\" "
+                     "and array \"data_offsets\"",
+                     path, name);
+  const char *dtype = json_string_value(jd);
+  size_t esize = st_dtype_bytes(dtype);
+  if (!esize || strlen(dtype) >= sizeof t->dtype)
+    return mt_seterr(MT_ECORRUPT, "safetensors: %s: tensor \"%s\": unknown dtype \"%s\"", path,
+                     name, dtype);
+  snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
+
+  size_t ndim = json_array_size(js);
+  if (ndim > sizeof t->shape / sizeof t->shape[0])
+    return mt_seterr(MT_ECORRUPT, "safetensors: %s: tensor \"%s\": %zu dimensions (at most %zu)",
+                     path, name, ndim, sizeof t->shape / sizeof t->shape[0]);
+  t->ndim = (int)ndim;
+  uint64_t numel = 1;
+  int overflow = 0;
+  for (size_t i = 0; i < ndim; i++) {
+    uint64_t d;
+    if (st_json_u64(json_array_get(js, i), &d) || d > INT64_MAX)
+      return mt_seterr(MT_ECORRUPT,
+                       "safetensors: %s: tensor \"%s\": shape[%zu] is not a non-negative integer",
+                       path, name, i);
+    t->shape[i] = (int64_t)d;
+    if (d && numel > UINT64_MAX / d) overflow = 1;
+    numel *= d;
+  }
+  if (overflow || numel > UINT64_MAX / esize)
+    return mt_seterr(MT_ECORRUPT, "safetensors: %s: tensor \"%s\": shape overflows", path, name);
+
+  uint64_t a, b;
+  if (json_array_size(jo) != 2 || st_json_u64(json_array_get(jo, 0), &a) ||
+      st_json_u64(json_array_get(jo, 1), &b))
+    return mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: tensor \"%s\": data_offsets must be two non-negative "
+                     "integers [begin, end]",
+                     path, name);
+  if (a > b || b > data_bytes)
+    return mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: tensor \"%s\": data_offsets [%llu, %llu] outside the data "
+                     "region of %zu bytes",
+                     path, name, (unsigned long long)a, (unsigned long long)b, data_bytes);
+  if (numel * esize != b - a)
+    return mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: tensor \"%s\": shape and dtype %s need %llu bytes but "
+                     "data_offsets [%llu, %llu] span %llu",
+                     path, name, dtype, (unsigned long long)(numel * esize), (unsigned long long)a,
+                     (unsigned long long)b, (unsigned long long)(b - a));
+  t->offset = (size_t)a;
+  t->bytes = (size_t)(b - a);
+  return 0;
+}
+
+/* Tensors must tile the data region: no overlap, no hole, nothing after the
+ * last (the reference implementation's rule). */
+static int st_check_layout(const char *path, const mt_st_file *f, size_t data_bytes) {
+  if (f->n == 0) {
+    if (data_bytes)
+      return mt_seterr(MT_ECORRUPT, "safetensors: %s: %zu data bytes but no tensors", path,
+                       data_bytes);
+    return 0;
+  }
+  const mt_st_tensor **order = malloc((size_t)f->n * sizeof *order);
+  if (!order) return mt_seterr(MT_ENOMEM, "safetensors: %s: out of memory", path);
+  for (int i = 0; i < f->n; i++) order[i] = &f->tensors[i];
+  qsort(order, (size_t)f->n, sizeof *order, st_cmp_offset);
+  int rc = 0;
+  size_t end = 0;
+  for (int i = 0; i < f->n && !rc; i++) {
+    const mt_st_tensor *t = order[i];
+    if (t->offset < end)
+      rc = mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: tensor \"%s\" (bytes [%zu, %zu]) overlaps tensor \"%s\" "
+                     "(ending at %zu)",
+                     path, t->name, t->offset, t->offset + t->bytes, order[i - 1]->name, end);
+    else if (t->offset > end)
+      rc = mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: hole in the data region: bytes [%zu, %zu] before tensor "
+                     "\"%s\" belong to no tensor",
+                     path, end, t->offset, t->name);
+    end = t->offset + t->bytes;
+  }
+  if (!rc && end != data_bytes)
+    rc = mt_seterr(MT_ECORRUPT,
+                   "safetensors: %s: data region is %zu bytes but the tensors end at %zu", path,
+                   data_bytes, end);
+  free(order);
+  return rc;
+}
+
+static int st_check_metadata(const char *path, const json_t *meta) {
+  if (!json_is_object(meta))
+    return mt_seterr(MT_ECORRUPT, "safetensors: %s: __metadata__ is not an object", path);
+  const char *k;
+  const json_t *v;
+  json_object_foreach((json_t *)meta, k, v) {
+    if (!json_is_string(v))
+      return mt_seterr(MT_ECORRUPT, "safetensors: %s: __metadata__ value \"%s\" is not a string",
+                       path, k);
+  }
+  return 0;
+}
+
+/* Maps the file and validates the whole header; on failure *f is empty. */
+int mt_st_open(mt_st_file *f, const char *path) {
+  memset(f, 0, sizeof *f);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int e = errno;
+    return mt_seterr(e == ENOENT ? MT_ENOENT : MT_EIO, "safetensors: open %s: %s", path,
+                     strerror(e));
+  }
+  struct stat st;
+  if (fstat(fd, &st)) {
+    int e = errno;
+    close(fd);
+    return mt_seterr(MT_EIO, "safetensors: stat %s: %s", path, strerror(e));
+  }
+  size_t size = (size_t)st.st_size;
+  if (size < 8) {
+    close(fd);
+    return mt_seterr(MT_ECORRUPT,
+                     "safetensors: %s: truncated: %zu bytes, shorter than the 8-byte header length",
+                     path, size);
+  }
+  void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  int e = errno;
+  close(fd);
+  if (map == MAP_FAILED) return mt_seterr(MT_EIO, "safetensors: mmap %s: %s", path, strerror(e));
+  f->map = map;
+  f->map_bytes = size;
+
+  int rc = 0;
+  json_t *root = NULL;
+  const uint8_t *bytes = map;
+  uint64_t hlen = st_le64(bytes);
+  if (hlen > size - 8) {
+    rc = mt_seterr(MT_ECORRUPT,
+                   "safetensors: %s: header length %llu runs past the end of the file (%zu bytes); "
+                   "truncated or not a safetensors file",
+                   path, (unsigned long long)hlen, size);
+    goto fail;
+  }
+  if (hlen > ST_MAX_HEADER_BYTES || hlen < 2) {
+    rc = mt_seterr(MT_ECORRUPT, "safetensors: %s: implausible header length %llu", path,
+                   (unsigned long long)hlen);
+    goto fail;
+  }
+  json_error_t jerr;
+  root = json_loadb((const char *)bytes + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &jerr);
+  if (!root) {
+    rc = mt_seterr(MT_ECORRUPT, "safetensors: %s: header is not valid JSON: %s (at byte %d)", path,
+                   jerr.text, jerr.position);
+    goto fail;
+  }
+  if (!json_is_object(root)) {
+    rc = mt_seterr(MT_ECORRUPT, "safetensors: %s: header is not a JSON object", path);
+    goto fail;
+  }
+  f->data = bytes + 8 + hlen;
+  size_t data_bytes = size - 8 - (size_t)hlen;
+
+  size_t cap = json_object_size(root);
+  f->tensors = calloc(cap ? cap : 1, sizeof *f->tensors);
+  if (!f->tensors) {
+    rc = mt_seterr(MT_ENOMEM, "safetensors: %s: out of memory", path);
+    goto fail;
+  }
+  const char *key;
+  json_t *val;
+  json_object_foreach(root, key, val) {
+    if (!strcmp(key, "__metadata__")) {
+      if ((rc = st_check_metadata(path, val))) goto fail;
+      continue;
+    }
+    mt_st_tensor *t = &f->tensors[f->n];
+    if ((rc = st_parse_entry(path, key, val, data_bytes, t))) goto fail;
+    if (!(t->name = strdup(key))) {
+      rc = mt_seterr(MT_ENOMEM, "safetensors: %s: out of memory", path);
+      goto fail;
+    }
+    f->n++;
+  }
+  if ((rc = st_check_layout(path, f, data_bytes))) goto fail;
+  json_decref(root);
+  return 0;
+
+fail:
+  json_decref(root);
+  mt_st_close(f);
+  return rc;
+}
+
+void mt_st_close(mt_st_file *f) {
+  if (f->map) munmap(f->map, f->map_bytes);
+  for (int i = 0; i < f->n; i++) free(f->tensors[i].name);
+  free(f->tensors);
+  memset(f, 0, sizeof *f);
+}
+
+const mt_st_tensor *mt_st_find(const mt_st_file *f, const char *name) {
+  for (int i = 0; i < f->n; i++)
+    if (!strcmp(f->tensors[i].name, name)) return &f->tensors[i];
+  return NULL;
+}
+
+int mt_st_read_f32(const mt_st_file *f, const mt_st_tensor *t, float *out) {
+  const uint8_t *src = f->data + t->offset;
+  if (!strcmp(t->dtype, "F32")) {
+    memcpy(out, src, t->bytes); /* little-endian host; src may be unaligned */
+  } else if (!strcmp(t->dtype, "F16")) {
+    for (size_t i = 0; i < t->bytes / 2; i++) out[i] = st_f16_to_f32(st_le16(src + 2 * i));
+  } else if (!strcmp(t->dtype, "BF16")) {
+    for (size_t i = 0; i < t->bytes / 2; i++) out[i] = st_bf16_to_f32(st_le16(src + 2 * i));
+  } else if (!strcmp(t->dtype, "F64")) {
+    for (size_t i = 0; i < t->bytes / 8; i++) {
+      double d;
+      memcpy(&d, src + 8 * i, sizeof d);
+      out[i] = (float)d;
+    }
+  } else {
+    return mt_seterr(MT_ENOTSUP,
+                     "safetensors: tensor \"%s\": dtype %s cannot be read as floats (F32, F16, "
+                     "BF16, F64)",
+                     t->name, t->dtype);
+  }
+  return 0;
+}
+
+/* ---- writer --------------------------------------------------------------- */
+
+typedef struct st_wtensor {
+  char *name;
+  int ndim;
+  int64_t shape[8];
+  size_t bytes;
+  const float *data; /* borrowed until commit */
+} st_wtensor;
+
+struct mt_st_writer {
+  st_wtensor *t;
+  int n, cap;
+  json_t *meta;
+};
+
+mt_st_writer *mt_st_writer_new(void) {
+  mt_st_writer *w = calloc(1, sizeof *w);
+  if (!w || !(w->meta = json_object())) {
+    free(w);
+    mt_seterr(MT_ENOMEM, "safetensors: writer: out of memory");
+    return NULL;
+  }
+  return w;
+}
+
+void mt_st_writer_free(mt_st_writer *w) {
+  if (!w) return;
+  for (int i = 0; i < w->n; i++) free(w->t[i].name);
+  free(w->t);
+  json_decref(w->meta);
+  free(w);
+}
+
+int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t *shape,
+                     const float *data) {
+  if (!name || !*name || !strcmp(name, "__metadata__"))
+    return mt_seterr(MT_EINVAL, "safetensors: writer: bad tensor name \"%s\"", name ? name : "");
+  if (ndim < 0 || ndim > 8)
+    return mt_seterr(MT_EINVAL, "safetensors: writer: tensor \"%s\": %d dimensions (0..8)", name,
+                     ndim);
+  for (int i = 0; i < w->n; i++)
+    if (!strcmp(w->t[i].name, name))
+      return mt_seterr(MT_EINVAL, "safetensors: writer: tensor \"%s\" added twice", name);
+  size_t numel = 1;
+  for (int i = 0; i < ndim; i++) {
+    if (shape[i] < 0 || (shape[i] && numel > SIZE_MAX / 4 / (size_t)shape[i]))
+      return mt_seterr(MT_EINVAL, "safetensors: writer: tensor \"%s\": bad shape[%d] = %lld", name,
+                       i, (long long)shape[i]);
+    numel *= (size_t)shape[i];
+  }
+  if (numel && !data)
+    return mt_seterr(MT_EINVAL, "safetensors: writer: tensor \"%s\": no data", name);
+  if (w->n == w->cap) {
+    int cap = w->cap ? 2 * w->cap : 64;
+    st_wtensor *nt = realloc(w->t, (size_t)cap * sizeof *nt);
+    if (!nt) return mt_seterr(MT_ENOMEM, "safetensors: writer: out of memory");
+    w->t = nt;
+    w->cap = cap;
+  }
+  st_wtensor *t = &w->t[w->n];
+  memset(t, 0, sizeof *t);
+  if (!(t->name = strdup(name))) return mt_seterr(MT_ENOMEM, "safetensors: writer: out of memory");
+  t->ndim = ndim;
+  for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+  t->bytes = numel * sizeof(float);
+  t->data = data;
+  w->n++;
+  return 0;
+}
+
+int mt_st_writer_meta(mt_st_writer *w, const char *key, const char *value) {
+  json_t *s = json_string(value);
+  if (!s || json_object_set_new(w->meta, key, s))
+    return mt_seterr(MT_EINVAL, "safetensors: writer: metadata \"%s\": not valid UTF-8", key);
+  return 0;
+}
+
+/* Builds the header JSON (tensors in the order added, offsets back to back),
+ * padded with spaces to a multiple of 8 bytes. */
+static char *st_build_header(const mt_st_writer *w, size_t *len_out) {
+  json_t *root = json_object();
+  char *text = NULL, *padded = NULL;
+  if (!root) goto done;
+  if (json_object_size(w->meta) && json_object_set(root, "__metadata__", w->meta)) goto done;
+  size_t off = 0;
+  for (int i = 0; i < w->n; i++) {
+    const st_wtensor *t = &w->t[i];
+    json_t *shape = json_array();
+    json_t *offs = json_pack("[II]", (json_int_t)off, (json_int_t)(off + t->bytes));
+    json_t *e = json_object();
+    if (!shape || !offs || !e) {
+      json_decref(shape), json_decref(offs), json_decref(e);
+      goto done;
+    }
+    for (int d = 0; d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
+    json_object_set_new(e, "dtype", json_string("F32"));
+    json_object_set_new(e, "shape", shape);
+    json_object_set_new(e, "data_offsets", offs);
+    if (json_object_set_new(root, t->name, e)) goto done;
+    off += t->bytes;
+  }
+  text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  if (!text) goto done;
+  size_t len = strlen(text), plen = (len + 7) & ~(size_t)7;
+  if (!(padded = malloc(plen + 1))) goto done;
+  memcpy(padded, text, len);
+  memset(padded + len, ' ', plen - len);
+  padded[plen] = 0;
+  *len_out = plen;
+done:
+  free(text);
+  json_decref(root);
+  return padded;
+}
+
+static int st_write_all(int fd, const void *buf, size_t n, const char *path) {
+  const uint8_t *p = buf;
+  while (n) {
+    ssize_t k = write(fd, p, n > (1u << 30) ? (1u << 30) : n);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return mt_seterr(MT_EIO, "safetensors: write %s: %s", path, strerror(errno));
+    }
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+/* fsyncs the directory holding path, so a rename into it is durable. */
+static int st_fsync_dir(const char *path) {
+  char *copy = strdup(path);
+  if (!copy) return mt_seterr(MT_ENOMEM, "safetensors: out of memory");
+  const char *dir = dirname(copy);
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int rc = 0;
+  if (fd < 0 || fsync(fd))
+    rc = mt_seterr(MT_EIO, "safetensors: fsync directory %s: %s", dir, strerror(errno));
+  if (fd >= 0) close(fd);
+  free(copy);
+  return rc;
+}
+
+/* Durable commit: temp file in the target's directory, fsync, rename, fsync
+ * the directory. Either the old file or the complete new one exists. */
+int mt_st_writer_commit(mt_st_writer *w, const char *path) {
+  size_t hlen = 0;
+  char *header = st_build_header(w, &hlen);
+  if (!header) return mt_seterr(MT_ENOMEM, "safetensors: %s: cannot build the header", path);
+  size_t plen = strlen(path) + 32;
+  char *tmp = malloc(plen);
+  if (!tmp) {
+    free(header);
+    return mt_seterr(MT_ENOMEM, "safetensors: out of memory");
+  }
+  snprintf(tmp, plen, "%s.tmp.%ld", path, (long)getpid());
+
+  int rc = 0;
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    rc = mt_seterr(MT_EIO, "safetensors: create %s: %s", tmp, strerror(errno));
+    goto done;
+  }
+  uint8_t len8[8];
+  for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
+  if ((rc = st_write_all(fd, len8, 8, tmp))) goto done;
+  if ((rc = st_write_all(fd, header, hlen, tmp))) goto done;
+  for (int i = 0; i < w->n; i++)
+    if ((rc = st_write_all(fd, w->t[i].data, w->t[i].bytes, tmp))) goto done;
+  if (fsync(fd)) {
+    rc = mt_seterr(MT_EIO, "safetensors: fsync %s: %s", tmp, strerror(errno));
+    goto done;
+  }
+  if (close(fd)) {
+    fd = -1;
+    rc = mt_seterr(MT_EIO, "safetensors: close %s: %s", tmp, strerror(errno));
+    goto done;
+  }
+  fd = -1;
+  if (rename(tmp, path)) {
+    rc = mt_seterr(MT_EIO, "safetensors: rename %s -> %s: %s", tmp, path, strerror(errno));
+    goto done;
+  }
+  rc = st_fsync_dir(path);
+done:
+  if (fd >= 0) close(fd);
+  if (rc) unlink(tmp);
+  free(tmp);
+  free(header);
+  return rc;
+}
+
+/* ---- GPT-2 mapping -------------------------------------------------------- */
+
+/* Linear weights Hugging Face stores as Conv1D (in, out): ours are (out, in). */
+static int st_is_conv1d(const char *name) {
+  static const char *const suffixes[] = {".attn.c_attn.weight", ".attn.c_proj.weight",
+                                         ".mlp.c_fc.weight", ".mlp.c_proj.weight"};
+  size_t n = strlen(name);
+  for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++) {
+    size_t s = strlen(suffixes[i]);
+    if (n > s && !strcmp(name + n - s, suffixes[i])) return 1;
+  }
+  return 0;
+}
+
+static int st_ends_with(const char *s, const char *suffix) {
+  size_t n = strlen(s), k = strlen(suffix);
+  return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* Buffers HF keeps in its state dicts that carry no parameters of ours. */
+static int st_is_ignored(const char *name) {
+  return st_ends_with(name, ".attn.bias") || st_ends_with(name, ".attn.masked_bias") ||
+         !strcmp(name, "lm_head.weight");
+}
+
+/* The file-side (Hugging Face) shape of table entry p; returns ndim. */
+static int st_hf_shape(const mt_gpt *m, const mt_param *p, int64_t shape[2]) {
+  if (p->ndim == 1) {
+    shape[0] = (int64_t)p->shape[0];
+    return 1;
+  }
+  if (!strcmp(p->name, "wte.weight")) {
+    shape[0] = m->cfg.vocab_size;
+    shape[1] = (int64_t)p->shape[1];
+  } else if (st_is_conv1d(p->name)) {
+    shape[0] = (int64_t)p->shape[1];
+    shape[1] = (int64_t)p->shape[0];
+  } else {
+    shape[0] = (int64_t)p->shape[0];
+    shape[1] = (int64_t)p->shape[1];
+  }
+  return 2;
+}
+
+static void st_fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape) {
+  size_t k = (size_t)snprintf(buf, cap, "(");
+  for (int i = 0; i < ndim && k < cap; i++)
+    k += (size_t)snprintf(buf + k, cap - k, "%s%lld", i ? ", " : "", (long long)shape[i]);
+  if (k < cap) snprintf(buf + k, cap - k, ")");
+}
+
+/* Accumulates "; "-separated problems so one error names all of them. */
+typedef struct st_problems {
+  char text[ST_PROBLEMS_MAX];
+  size_t len;
+  int count;
+} st_problems;
+
+static void st_problem(st_problems *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void st_problem(st_problems *p, const char *fmt, ...) {
+  p->count++;
+  if (p->len >= sizeof p->text - 1) return;
+  if (p->len) p->len += (size_t)snprintf(p->text + p->len, sizeof p->text - p->len, "; ");
+  if (p->len >= sizeof p->text - 1) return;
+  va_list ap;
+  va_start(ap, fmt);
+  p->len += (size_t)vsnprintf(p->text + p->len, sizeof p->text - p->len, fmt, ap);
+  va_end(ap);
+  if (p->len > sizeof p->text - 1) p->len = sizeof p->text - 1;
+}
+
+/* src (rows, cols) -> dst (cols, rows) */
+static void st_transpose(float *dst, const float *src, size_t rows, size_t cols) {
+  for (size_t r = 0; r < rows; r++)
+    for (size_t c = 0; c < cols; c++) dst[c * rows + r] = src[r * cols + c];
+}
+
+/* Validates every name and shape first (collecting all problems), then copies,
+ * so a refused file leaves the model untouched. */
+int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
+  mt_st_file f;
+  int rc = mt_st_open(&f, path);
+  if (rc) return rc;
+  const mt_st_tensor **src = calloc((size_t)m->n_tensors, sizeof *src);
+  float *stage = NULL, *tbuf = NULL;
+  st_problems *pr = calloc(1, sizeof *pr);
+  if (!src || !pr) {
+    rc = mt_seterr(MT_ENOMEM, "safetensors: load %s: out of memory", path);
+    goto done;
+  }
+
+  for (int i = 0; i < f.n; i++) {
+    const mt_st_tensor *t = &f.tensors[i];
+    const char *name = t->name;
+    if (!strncmp(name, "transformer.", 12)) name += 12;
+    if (st_is_ignored(name)) continue;
+    int j = mt_gpt_find(m, name);
+    if (j < 0) {
+      st_problem(pr, "unexpected tensor \"%s\"", t->name);
+      continue;
+    }
+    if (src[j]) {
+      st_problem(pr, "tensor \"%s\" appears twice (\"%s\" and \"%s\")", name, src[j]->name,
+                 t->name);
+      continue;
+    }
+    src[j] = t;
+    const mt_param *p = &m->params_table[j];
+    int64_t want[2];
+    int wnd = st_hf_shape(m, p, want);
+    int same = t->ndim == wnd;
+    for (int d = 0; same && d < wnd; d++) same = t->shape[d] == want[d];
+    if (!same) {
+      char got_s[96], want_s[64];
+      st_fmt_shape(got_s, sizeof got_s, t->ndim, t->shape);
+      st_fmt_shape(want_s, sizeof want_s, wnd, want);
+      st_problem(pr, "tensor \"%s\" has shape %s, want %s", t->name, got_s, want_s);
+    }
+    if (strcmp(t->dtype, "F32") && strcmp(t->dtype, "F16") && strcmp(t->dtype, "BF16") &&
+        strcmp(t->dtype, "F64"))
+      st_problem(pr, "tensor \"%s\" has dtype %s (want F32, F16, BF16 or F64)", t->name, t->dtype);
+  }
+  for (int j = 0; j < m->n_tensors; j++)
+    if (!src[j]) st_problem(pr, "missing tensor \"%s\"", m->params_table[j].name);
+  if (pr->count) {
+    rc = mt_seterr(MT_EINVAL, "safetensors: load %s: %d problem%s: %s", path, pr->count,
+                   pr->count == 1 ? "" : "s", pr->text);
+    goto done;
+  }
+
+  size_t max_numel = 0;
+  for (int j = 0; j < m->n_tensors; j++)
+    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
+  stage = malloc(max_numel * sizeof *stage);
+  tbuf = malloc(max_numel * sizeof *tbuf);
+  if (!stage || !tbuf) {
+    rc = mt_seterr(MT_ENOMEM, "safetensors: load %s: out of memory (%zu floats)", path, max_numel);
+    goto done;
+  }
+  for (int j = 0; j < m->n_tensors; j++) {
+    const mt_param *p = &m->params_table[j];
+    const float *out = stage;
+    if (!strcmp(p->name, "wte.weight")) {
+      /* (V, C) from the file, padded rows (Vp - V) zero */
+      memset(stage, 0, p->numel * sizeof *stage);
+    }
+    if ((rc = mt_st_read_f32(&f, src[j], stage))) {
+      mt_wraperr(rc, "safetensors: load %s", path);
+      goto done;
+    }
+    if (p->ndim == 2 && st_is_conv1d(p->name)) {
+      st_transpose(tbuf, stage, p->shape[1], p->shape[0]); /* (in, out) -> (out, in) */
+      out = tbuf;
+    }
+    if ((rc = mt_device_memcpy_htod(m->dev, mt_gpt_param(m, j), out, p->numel * sizeof(float)))) {
+      mt_wraperr(rc, "safetensors: load %s: tensor %s", path, p->name);
+      goto done;
+    }
+  }
+  rc = mt_device_sync(m->dev);
+
+done:
+  free(stage);
+  free(tbuf);
+  free(pr);
+  free(src);
+  mt_st_close(&f);
+  return rc;
+}
+
+/* Writes one of the model's buffers (params or grads, device) in HF names and
+ * layouts, with the config as metadata. */
+static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *path,
+                          const char *what) {
+  float *host = malloc(m->num_params * sizeof *host);
+  float *tbuf = NULL;
+  mt_st_writer *w = mt_st_writer_new();
+  int rc = 0;
+  if (!host || !w) {
+    rc = mt_seterr(MT_ENOMEM, "safetensors: save %s %s: out of memory", what, path);
+    goto done;
+  }
+  size_t max_numel = 0;
+  for (int j = 0; j < m->n_tensors; j++)
+    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
+  if (!(tbuf = malloc(max_numel * sizeof *tbuf))) {
+    rc = mt_seterr(MT_ENOMEM, "safetensors: save %s %s: out of memory", what, path);
+    goto done;
+  }
+  if ((rc = mt_device_sync(m->dev))) {
+    mt_wraperr(rc, "safetensors: save %s %s", what, path);
+    goto done;
+  }
+
+  char num[32];
+  const struct {
+    const char *key;
+    int value;
+  } meta[] = {{"n_layer", m->cfg.n_layer},
+              {"n_embd", m->cfg.n_embd},
+              {"n_head", m->cfg.n_head},
+              {"vocab_size", m->cfg.vocab_size},
+              {"seq", m->cfg.max_seq}};
+  if ((rc = mt_st_writer_meta(w, "format", "pt"))) goto done;
+  for (size_t k = 0; k < sizeof meta / sizeof meta[0]; k++) {
+    snprintf(num, sizeof num, "%d", meta[k].value);
+    if ((rc = mt_st_writer_meta(w, meta[k].key, num))) goto done;
+  }
+
+  for (int j = 0; j < m->n_tensors; j++) {
+    const mt_param *p = &m->params_table[j];
+    float *dst = host + p->offset;
+    int64_t shape[2];
+    int ndim = st_hf_shape(m, p, shape);
+    size_t bytes = (size_t)shape[0] * (ndim == 2 ? (size_t)shape[1] : 1) * sizeof(float);
+    if (ndim == 2 && st_is_conv1d(p->name)) {
+      if ((rc = mt_device_memcpy_dtoh(m->dev, tbuf, dev_buf + p->offset, bytes))) {
+        mt_wraperr(rc, "safetensors: save %s %s: tensor %s", what, path, p->name);
+        goto done;
+      }
+      st_transpose(dst, tbuf, p->shape[0], p->shape[1]); /* (out, in) -> (in, out) */
+    } else {
+      /* wte: only the first V rows, which come first in the (Vp, C) buffer */
+      if ((rc = mt_device_memcpy_dtoh(m->dev, dst, dev_buf + p->offset, bytes))) {
+        mt_wraperr(rc, "safetensors: save %s %s: tensor %s", what, path, p->name);
+        goto done;
+      }
+    }
+    if ((rc = mt_st_writer_add(w, p->name, ndim, shape, dst))) goto done;
+  }
+  rc = mt_st_writer_commit(w, path);
+
+done:
+  mt_st_writer_free(w);
+  free(tbuf);
+  free(host);
+  return rc;
+}
+
+int mt_gpt_save_safetensors(const mt_gpt *m, const char *path) {
+  return st_save_buffer(m, m->params, path, "weights");
+}
+
+int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path) {
+  return st_save_buffer(m, m->grads, path, "gradients");
+}

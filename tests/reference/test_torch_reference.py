@@ -1,0 +1,193 @@
+#!/usr/bin/python3
+"""test_torch_reference.py — mtnlg's GPT against an independent PyTorch GPT-2.
+
+usage: /usr/bin/python3 test_torch_reference.py PATH/TO/ref_driver
+
+For each config: random fp32 weights (every bias and LayerNorm parameter
+randomised too) and random tokens go to a safetensors file; ref_driver runs
+libmtnlg's forward + backward and AdamW steps on them; torch_gpt.py runs the
+same in float64 (the truth) and float32 (to show the size of fp32 noise).
+Checked, each relative to float64 torch:
+  - the loss, within 1e-4;
+  - every parameter gradient, ||ours - torch|| / ||torch|| within 1e-4 per tensor;
+  - the losses of 10 AdamW steps on the same batch, within 1e-4 at every step.
+Exit 0 when all hold, 1 on any mismatch or failure, 77 (skip) without torch.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+try:
+    import torch
+except ImportError as e:  # tools/test installs python3-torch; elsewhere it is optional
+    print(f"SKIP: PyTorch is not importable by {sys.executable} ({e}); "
+          "install python3-torch to run the reference suite")
+    sys.exit(77)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_gpt  # noqa: E402
+
+TOL = 1e-4
+# wd 0.5 rather than GPT's 0.1: decaying the wrong tensors (biases, LayerNorm)
+# then moves the step-10 loss by ~3e-3, far above the tolerance.
+ADAM = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5)
+STEPS = 10
+
+# name, (n_layer, n_embd, n_head, vocab_size, seq), B, T, recompute variant too
+CONFIGS = [
+    ("tiny", (2, 64, 4, 256, 64), 4, 64, False),
+    ("tiny-vocab250", (2, 64, 4, 250, 64), 4, 64, False),   # padded vocab 256: padding rows
+    ("odd", (3, 48, 3, 101, 40), 3, 37, True),              # Vp 128, T < seq, hs 16
+]
+
+failures = []
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def run_driver(driver, *args):
+    r = subprocess.run([driver, *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(driver)} {' '.join(map(str, args[:1]))} failed "
+                           f"(exit {r.returncode}): {r.stderr.strip()}")
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip().startswith("{")]
+
+
+def torch_grads(weights, cfg, idx, tgt, dtype):
+    p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in weights.items()}
+    _, loss = torch_gpt.forward(p, cfg, idx, tgt)
+    loss.backward()
+    return loss.item(), {k: v.grad.detach().to(torch.float64) for k, v in p.items()}
+
+
+def torch_adamw_losses(weights, cfg, idx, tgt, dtype):
+    p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in weights.items()}
+    groups = [
+        {"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
+         "weight_decay": ADAM["weight_decay"]},
+        {"params": [t for k, t in p.items() if not torch_gpt.decays(k, t.shape)],
+         "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=ADAM["lr"], betas=ADAM["betas"], eps=ADAM["eps"])
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        _, loss = torch_gpt.forward(p, cfg, idx, tgt)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def check_grads(label, driver, wpath, tpath, B, T, weights, cfg, idx, tgt, ref, tmp, recompute):
+    gpath = os.path.join(tmp, f"{label}.grads.safetensors")
+    extra = ["--recompute"] if recompute else []
+    out = run_driver(driver, "grads", wpath, tpath, B, T, gpath, *extra)
+    loss = out[-1]["loss"]
+    loss64, g64, loss32, g32 = ref
+    r = rel(loss, loss64)
+    print(f"  [{label}] loss: mtnlg {loss:.9g}  torch64 {loss64:.9g}  torch32 {loss32:.9g}  "
+          f"rel(mtnlg) {r:.2e}  rel(torch32) {rel(loss32, loss64):.2e}")
+    if not r <= TOL:
+        failures.append(f"{label}: loss {loss:.9g} vs torch {loss64:.9g} (rel {r:.2e} > {TOL})")
+
+    ours, meta = torch_gpt.st_load(gpath)
+    names = set(g64)
+    if set(ours) != names:
+        failures.append(f"{label}: gradient file names differ: missing "
+                        f"{sorted(names - set(ours))}, extra {sorted(set(ours) - names)}")
+    errs, errs32 = [], []
+    for k in sorted(names & set(ours)):
+        a, b = ours[k].to(torch.float64), g64[k]
+        if a.shape != b.shape:
+            failures.append(f"{label}: gradient {k} shape {tuple(a.shape)} vs torch {tuple(b.shape)}")
+            continue
+        nb = b.norm().item()
+        e = (a - b).norm().item() / max(nb, 1e-30)
+        errs.append((e, k, nb))
+        errs32.append((g32[k] - b).norm().item() / max(nb, 1e-30))
+        if not e <= TOL:
+            failures.append(f"{label}: gradient {k}: ||ours - torch|| / ||torch|| = {e:.2e} > {TOL} "
+                            f"(||torch|| = {nb:.3e}, ||ours|| = {a.norm().item():.3e})")
+    errs.sort(reverse=True)
+    if errs:
+        worst = ", ".join(f"{k} {e:.2e}" for e, k, _ in errs[:3])
+        print(f"  [{label}] gradients: {len(errs)} tensors, worst rel {worst}; "
+              f"torch32 worst {max(errs32):.2e}")
+    return errs[0][0] if errs else float("nan")
+
+
+def check_config(driver, tmp, name, dims, B, T, recompute):
+    cfg = torch_gpt.Config(*dims)
+    print(f"config {name}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, n_head {cfg.n_head}, "
+          f"vocab {cfg.vocab_size}, seq {cfg.seq}, B {B}, T {T}")
+    seed = sum(map(ord, name))
+    weights = torch_gpt.random_weights(cfg, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g, dtype=torch.int32)
+    wpath = os.path.join(tmp, f"{name}.safetensors")
+    tpath = os.path.join(tmp, f"{name}.tokens.bin")
+    torch_gpt.st_save(wpath, weights, cfg.metadata())
+    with open(tpath, "wb") as f:
+        f.write(tokens.numpy().astype("<i4").tobytes())
+    idx, tgt = tokens[:, :T].long(), tokens[:, 1:].long()
+
+    loss64, g64 = torch_grads(weights, cfg, idx, tgt, torch.float64)
+    loss32, g32 = torch_grads(weights, cfg, idx, tgt, torch.float32)
+    ref = (loss64, g64, loss32, g32)
+    worst = check_grads(name, driver, wpath, tpath, B, T, weights, cfg, idx, tgt, ref, tmp, False)
+    if recompute:
+        worst = max(worst, check_grads(name + "+recompute", driver, wpath, tpath, B, T, weights,
+                                       cfg, idx, tgt, ref, tmp, True))
+
+    out = run_driver(driver, "adamw", wpath, tpath, B, T, STEPS, ADAM["lr"],
+                     ADAM["weight_decay"], *ADAM["betas"], ADAM["eps"])
+    ours = [o["loss"] for o in out]
+    ref64 = torch_adamw_losses(weights, cfg, idx, tgt, torch.float64)
+    ref32 = torch_adamw_losses(weights, cfg, idx, tgt, torch.float32)
+    if len(ours) != STEPS:
+        failures.append(f"{name}: adamw printed {len(ours)} losses, want {STEPS}")
+    worst_step = 0.0
+    for s, (a, b, c) in enumerate(zip(ours, ref64, ref32)):
+        r = rel(a, b)
+        worst_step = max(worst_step, r)
+        print(f"  [{name}] adamw step {s}: mtnlg {a:.9g}  torch64 {b:.9g}  torch32 {c:.9g}  "
+              f"rel {r:.2e}")
+        if not r <= TOL:
+            failures.append(f"{name}: adamw step {s}: loss {a:.9g} vs torch {b:.9g} "
+                            f"(rel {r:.2e} > {TOL})")
+    return worst, worst_step
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    driver = os.path.abspath(sys.argv[1])
+    torch.manual_seed(0)
+    summary = []
+    with tempfile.TemporaryDirectory(prefix="mt_torch_ref.") as tmp:
+        for name, dims, B, T, recompute in CONFIGS:
+            try:
+                summary.append((name, *check_config(driver, tmp, name, dims, B, T, recompute)))
+            except Exception as e:  # a crash in one config is a failure, not a traceback
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+                print(f"  [{name}] ERROR: {e}")
+    print("summary (relative to float64 torch, tolerance %.0e):" % TOL)
+    for name, g, s in summary:
+        print(f"  {name}: worst gradient {g:.2e}, worst adamw step loss {s:.2e}")
+    if failures:
+        print(f"FAIL: {len(failures)} mismatch(es):")
+        for f in failures:
+            print("  " + f)
+        return 1
+    print("PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

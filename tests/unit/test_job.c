@@ -1,0 +1,468 @@
+/* test_job.c — the job spec: presets, overrides, unknown keys, validation
+ * messages (one line per problem, each naming its key), token lengths, hash. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "job.h"
+
+#ifndef MT_PRESET_DIR
+#error "MT_PRESET_DIR must name etc/models"
+#endif
+#ifndef MT_JOB_DIR
+#error "MT_JOB_DIR must name etc/jobs"
+#endif
+
+static int failures;
+
+#define CHECK(cond)                                                                                \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      fprintf(stderr, "%s:%d: %s: check failed: %s\n  errmsg: %s\n", __FILE__, __LINE__, __func__, \
+              #cond, mt_errmsg());                                                                 \
+      failures++;                                                                                  \
+      return;                                                                                      \
+    }                                                                                              \
+  } while (0)
+
+static const char *const presets[] = {MT_PRESET_DIR, NULL};
+
+/* A small valid job; tests edit it through overrides. */
+static const char *tiny_job = "{\"model\": {\"preset\": \"tiny\"},"
+                              " \"train\": {\"global_batch\": 8, \"steps\": 10,"
+                              "             \"lr\": {\"peak\": 1e-3}},"
+                              " \"data\": {\"path\": \"tokens.u16\"}}";
+
+static int parse_with(mt_job *job, const char *json, const char *ov0, const char *ov1) {
+  const char *ovs[3] = {ov0, ov0 ? ov1 : NULL, NULL};
+  return mt_job_parse(job, json, "/jobs", presets, ovs);
+}
+
+static int count_lines(const char *s) {
+  int n = *s ? 1 : 0;
+  for (; *s; s++) n += *s == '\n';
+  return n;
+}
+
+/* Whether some line of msg starts with prefix. */
+static int has_line(const char *msg, const char *prefix) {
+  size_t n = strlen(prefix);
+  for (const char *l = msg; l; l = strchr(l, '\n')) {
+    if (*l == '\n') l++;
+    if (!strncmp(l, prefix, n)) return 1;
+  }
+  return 0;
+}
+
+static void test_tiny_preset_loads(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK);
+  CHECK(!strcmp(job.model.preset, "tiny"));
+  CHECK(job.model.n_layer == 2 && job.model.n_embd == 64 && job.model.n_head == 4);
+  CHECK(job.model.vocab_size == 256 && job.model.seq_len == 64);
+  CHECK(job.model.vocab_pad_to == 128 && job.model.padded_vocab == 256);
+  CHECK(fabsf(job.model.init_std - 0.02f) < 1e-9f && fabsf(job.model.ln_eps - 1e-5f) < 1e-12f);
+  CHECK(job.model.hidden_dropout == 0.0f && job.model.attention_dropout == 0.0f);
+  CHECK(!strcmp(job.name, "job"));
+  CHECK(job.parallel.tp == 1 && job.parallel.pp == 1 && job.parallel.dp_min == 1);
+  CHECK(job.parallel.dp_max == 1 && job.parallel.micro_batch == 1 && !job.parallel.recompute);
+  CHECK(!strcmp(job.parallel.schedule, "1f1b"));
+  CHECK(job.train.seed == 1234 && job.train.lr.kind == MT_LR_COSINE);
+  CHECK(fabs(job.train.lr.min - 1e-4) < 1e-12);
+  CHECK(job.train.lr.warmup_steps == 0 && job.train.lr.decay_steps == 10);
+  CHECK(job.train.beta1 == 0.9 && job.train.beta2 == 0.95 && job.train.adam_eps == 1e-8);
+  CHECK(job.train.weight_decay == 0.1 && job.train.clip_grad == 1.0);
+  CHECK(!strcmp(job.train.precision, "fp32") && job.train.log_interval == 1);
+  CHECK(!strcmp(job.data.path, "/jobs/tokens.u16"));
+  CHECK(job.checkpoint.dir[0] == '\0' && job.checkpoint.interval == 0);
+  CHECK(strlen(job.hash) == 16);
+}
+
+static void test_job_fields_override_preset_fields(void) {
+  mt_job job;
+  const char *json = "{\"model\": {\"preset\": \"tiny\", \"n_layer\": 4, \"seq_len\": 32},"
+                     " \"train\": {\"global_batch\": 8, \"steps\": 10, \"lr\": {\"peak\": 1e-3}},"
+                     " \"data\": {\"path\": \"t.u16\"}}";
+  CHECK(parse_with(&job, json, NULL, NULL) == MT_OK);
+  CHECK(job.model.n_layer == 4 && job.model.seq_len == 32 && job.model.n_embd == 64);
+}
+
+static void test_model_given_field_by_field_needs_no_preset(void) {
+  mt_job job;
+  const char *json = "{\"model\": {\"n_layer\": 1, \"n_embd\": 8, \"n_head\": 2,"
+                     "            \"vocab_size\": 300, \"seq_len\": 4, \"vocab_pad_to\": 64},"
+                     " \"parallel\": {\"tp\": 2},"
+                     " \"train\": {\"global_batch\": 2, \"steps\": 1, \"lr\": {\"peak\": 1}},"
+                     " \"data\": {\"path\": \"/abs/t.u16\"}}";
+  CHECK(mt_job_parse(&job, json, NULL, NULL, NULL) == MT_OK);
+  CHECK(job.model.preset[0] == '\0');
+  CHECK(job.model.padded_vocab == 384); /* roundup(300, 64 * tp 2) */
+  CHECK(!strcmp(job.data.path, "/abs/t.u16"));
+}
+
+static void test_override_sets_nested_key(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, "train.lr.peak=3e-4", "checkpoint.dir=ck") == MT_OK);
+  CHECK(fabs(job.train.lr.peak - 3e-4) < 1e-15);
+  /* an override path is the caller's, not the job file's: it stays relative */
+  CHECK(!strcmp(job.checkpoint.dir, "ck"));
+  CHECK(parse_with(&job, tiny_job, "model.preset=gpt2-124m", "data.path=x.u16") == MT_OK);
+  CHECK(job.model.n_layer == 12 && job.model.vocab_size == 50257);
+  CHECK(job.model.padded_vocab == 50304);
+  CHECK(!strcmp(job.data.path, "x.u16"));
+  CHECK(parse_with(&job, tiny_job, "parallel.recompute=true", "name=run-7") == MT_OK);
+  CHECK(job.parallel.recompute == 1 && !strcmp(job.name, "run-7"));
+  /* a JSON string value quoted stays a string even when it looks like a number */
+  CHECK(parse_with(&job, tiny_job, "data.path=\"123\"", NULL) == MT_OK);
+  CHECK(!strcmp(job.data.path, "123"));
+}
+
+static void test_malformed_override_is_named(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, "train.steps", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.steps") != NULL);
+  CHECK(parse_with(&job, tiny_job, "=5", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "\"=5\"") != NULL);
+  CHECK(parse_with(&job, tiny_job, "train..steps=5", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train..steps=5") != NULL);
+  CHECK(parse_with(&job, tiny_job, "train.steps.x=5", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.steps.x=5") != NULL);
+}
+
+static void test_unknown_key_is_named(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, "train.stpes=5", NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "train.stpes: unknown key"));
+  CHECK(parse_with(&job, tiny_job, "train.lr.peek=1", NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "train.lr.peek: unknown key"));
+  CHECK(parse_with(&job, tiny_job, "modle.n_layer=1", NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "modle: unknown key"));
+  /* eval is reserved: an object is accepted, anything else is not */
+  CHECK(parse_with(&job, tiny_job, "eval={\"interval\": 100}", NULL) == MT_OK);
+  CHECK(parse_with(&job, tiny_job, "eval=5", NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "eval: expected an object, got an integer"));
+}
+
+static void test_wrong_type_is_named(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, "train.steps=many", NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "train.steps: expected an integer, got a string"));
+  CHECK(parse_with(&job, tiny_job, "train.global_batch=2.5", NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "train.global_batch: expected an integer"));
+  CHECK(parse_with(&job, tiny_job, "train.steps=1e3", NULL) == MT_OK); /* integral real */
+  CHECK(job.train.steps == 1000);
+}
+
+static void test_every_problem_reported_one_per_line(void) {
+  mt_job job;
+  /* three problems: heads not divisible by tp, batch not by micro_batch, dropout out of range */
+  const char *json = "{\"model\": {\"preset\": \"tiny\", \"hidden_dropout\": 1.5},"
+                     " \"parallel\": {\"tp\": 3, \"micro_batch\": 3},"
+                     " \"train\": {\"global_batch\": 8, \"steps\": 10, \"lr\": {\"peak\": 1e-3}},"
+                     " \"data\": {\"path\": \"t.u16\"}}";
+  CHECK(parse_with(&job, json, NULL, NULL) == MT_EINVAL);
+  const char *msg = mt_errmsg();
+  CHECK(count_lines(msg) == 3);
+  CHECK(has_line(msg, "model.n_head: 4 is not divisible by parallel.tp = 3"));
+  CHECK(has_line(msg, "train.global_batch: 8 is not divisible by parallel.micro_batch * dp_min"));
+  CHECK(has_line(msg, "model.hidden_dropout: 1.5 is not in [0, 1)"));
+}
+
+static void test_validation_rules(void) {
+  mt_job job;
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"model.n_head=3", NULL, "model.n_embd: 64 is not divisible by model.n_head = 3"},
+      {"parallel.pp=3", NULL, "model.n_layer: 2 is not divisible by parallel.pp = 3"},
+      {"parallel.dp_min=4", "parallel.dp_max=2", "parallel.dp_max: 2 is below"},
+      {"model.seq_len=0", NULL, "model.seq_len: 0 must be at least 1"},
+      {"train.steps=0", NULL, "train.steps: 0 must be at least 1"},
+      {"model.vocab_size=70000", NULL, "model.vocab_size: 70000 does not fit"},
+      {"train.lr.peak=0", NULL, "train.lr.peak: 0 must be > 0"},
+      {"train.lr.min=1", NULL, "train.lr.min: 1 is above train.lr.peak"},
+      {"train.lr.warmup_steps=11", NULL, "train.lr.warmup_steps: warmup of 11 steps"},
+      {"train.adam.beta2=1", NULL, "train.adam.beta2: 1 is not in [0, 1)"},
+      {"train.adam.eps=0", NULL, "train.adam.eps: 0 must be > 0"},
+      {"train.lr.schedule=step", NULL, "train.lr.schedule: \"step\" is not one of"},
+      {"parallel.schedule=gpipe", NULL, "parallel.schedule: \"gpipe\" is not supported"},
+      {"train.precision=fp8", NULL, "train.precision: \"fp8\" is not one of"},
+      {"data.path=", NULL, "data.path: must not be empty"},
+      {"checkpoint.interval=10", NULL, "checkpoint.interval: 10 needs checkpoint.dir"},
+      {"name=a/b", NULL, "name: \"a/b\" must be"},
+      {"model.preset=../tiny", NULL, "model.preset: \"../tiny\" is not a preset name"},
+      {"train.clip_grad=-1", NULL, "train.clip_grad: -1 must be >= 0"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: %s %s: want one line \"%s...\", got rc %d:\n%s\n", __func__,
+              cases[i].ov0, cases[i].ov1 ? cases[i].ov1 : "", cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
+static void test_long_string_is_an_error_not_truncated(void) {
+  mt_job job;
+  char ov[2100] = "data.path=";
+  memset(ov + strlen(ov), 'a', 1500);
+  CHECK(parse_with(&job, tiny_job, ov, NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "data.path: 1500 bytes long, at most 1023 fit"));
+  CHECK(parse_with(&job, tiny_job,
+                   "name=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                   NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "name: 66 bytes long, at most 63 fit"));
+}
+
+static void test_tokens_lengths_convert_to_steps(void) {
+  mt_job job;
+  /* tiny: 8 sequences * 64 tokens = 512 tokens per step */
+  CHECK(parse_with(&job, tiny_job, "train.lr.warmup_tokens=1000", "train.lr.decay_tokens=5120") ==
+        MT_OK);
+  CHECK(mt_job_tokens_per_step(&job) == 512);
+  CHECK(job.train.lr.warmup_steps == 2); /* ceil(1000 / 512) */
+  CHECK(job.train.lr.decay_steps == 10); /* exactly 5120 / 512 */
+  CHECK(parse_with(&job, tiny_job, "train.lr.warmup_tokens=512", "train.lr.warmup_steps=1") ==
+        MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "train.lr.warmup_tokens: give it in steps or in tokens, not both"));
+  CHECK(parse_with(&job, tiny_job, "train.lr.decay_steps=7", NULL) == MT_OK);
+  CHECK(job.train.lr.decay_steps == 7);
+}
+
+static void test_lr_min_defaults_by_schedule(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, "train.lr.schedule=constant", NULL) == MT_OK);
+  CHECK(job.train.lr.kind == MT_LR_CONSTANT && job.train.lr.min == job.train.lr.peak);
+  CHECK(parse_with(&job, tiny_job, "train.lr.schedule=linear", NULL) == MT_OK);
+  CHECK(job.train.lr.kind == MT_LR_LINEAR && fabs(job.train.lr.min - 1e-4) < 1e-12);
+}
+
+static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
+  mt_job a, b;
+  const char *reordered = "{\"data\": {\"path\": \"tokens.u16\"},"
+                          " \"train\": {\"lr\": {\"peak\": 1e-3}, \"steps\": 10,"
+                          "             \"global_batch\": 8},"
+                          " \"model\": {\"preset\": \"tiny\"}}";
+  CHECK(parse_with(&a, tiny_job, NULL, NULL) == MT_OK);
+  CHECK(parse_with(&b, reordered, NULL, NULL) == MT_OK);
+  CHECK(!strcmp(a.hash, b.hash));
+  /* defaults written out explicitly are the same job */
+  CHECK(parse_with(&b, tiny_job, "train.seed=1234", "parallel.tp=1") == MT_OK);
+  CHECK(!strcmp(a.hash, b.hash));
+  /* so is the preset written out field by field */
+  const char *fields = "{\"model\": {\"n_layer\": 2, \"n_embd\": 64, \"n_head\": 4,"
+                       "            \"vocab_size\": 256, \"seq_len\": 64},"
+                       " \"train\": {\"global_batch\": 8, \"steps\": 10, \"lr\": {\"peak\": 1e-3}},"
+                       " \"data\": {\"path\": \"tokens.u16\"}}";
+  CHECK(mt_job_parse(&b, fields, "/jobs", NULL, NULL) == MT_OK);
+  CHECK(!strcmp(a.hash, b.hash));
+
+  const char *changes[] = {
+      "name=other",
+      "model.n_layer=4",
+      "model.n_embd=128",
+      "model.n_head=8",
+      "model.vocab_size=257",
+      "model.vocab_pad_to=64",
+      "model.seq_len=32",
+      "model.ln_eps=1e-6",
+      "model.init_std=0.01",
+      "model.hidden_dropout=0.1",
+      "model.attention_dropout=0.1",
+      "model.init_from=w.st",
+      "parallel.tp=2",
+      "parallel.pp=2",
+      "parallel.dp_min=2",
+      "parallel.dp_max=4",
+      "parallel.micro_batch=2",
+      "parallel.recompute=true",
+      "train.global_batch=16",
+      "train.steps=11",
+      "train.seed=1",
+      "train.lr.peak=2e-3",
+      "train.lr.min=0",
+      "train.lr.schedule=linear",
+      "train.lr.warmup_steps=1",
+      "train.lr.decay_steps=9",
+      "train.adam.beta1=0.8",
+      "train.adam.beta2=0.99",
+      "train.adam.eps=1e-6",
+      "train.weight_decay=0",
+      "train.clip_grad=0",
+      "train.log_interval=10",
+      "data.path=other.u16",
+      "checkpoint.dir=ck",
+      "checkpoint.interval=5",
+      "checkpoint.keep=2",
+      "checkpoint.export=out.safetensors",
+  };
+  for (size_t i = 0; i < sizeof changes / sizeof *changes; i++) {
+    const char *ov1 = !strncmp(changes[i], "checkpoint.interval", 19) ? "checkpoint.dir=ck" : NULL;
+    int rc = parse_with(&b, tiny_job, changes[i], ov1);
+    if (rc != MT_OK || !strcmp(a.hash, b.hash)) {
+      fprintf(stderr, "%s: %s: rc %d, hash %s vs %s: %s\n", __func__, changes[i], rc, b.hash,
+              a.hash, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
+static void test_bad_json_reports_line_and_column(void) {
+  mt_job job;
+  CHECK(mt_job_parse(&job, "{\n  \"name\": \"x\",\n  \"model\" {}\n}", NULL, presets, NULL) ==
+        MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "line 3") != NULL && strstr(mt_errmsg(), "column") != NULL);
+  CHECK(mt_job_parse(&job, "{\"name\": \"a\", \"name\": \"b\"}", NULL, presets, NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "duplicate") != NULL);
+  CHECK(mt_job_parse(&job, "[1]", NULL, presets, NULL) == MT_EINVAL);
+}
+
+static void test_missing_preset_lists_search_dirs(void) {
+  mt_job job;
+  const char *dirs[] = {"/nonexistent/a", MT_PRESET_DIR, NULL};
+  const char *ovs[] = {"model.preset=nosuch", NULL};
+  CHECK(mt_job_parse(&job, tiny_job, NULL, dirs, ovs) == MT_EINVAL);
+  const char *msg = mt_errmsg();
+  CHECK(!strncmp(msg, "model.preset: \"nosuch\" not found", 32));
+  CHECK(strstr(msg, "/nonexistent/a/nosuch.json") != NULL);
+  CHECK(strstr(msg, MT_PRESET_DIR "/nosuch.json") != NULL);
+  CHECK(mt_job_parse(&job, tiny_job, NULL, NULL, NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "no preset directories") != NULL);
+}
+
+static void test_preset_dirs_searched_in_order(void) {
+  char dir[] = "/tmp/test_job_XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char path[256];
+  snprintf(path, sizeof path, "%s/tiny.json", dir);
+  FILE *f = fopen(path, "w");
+  CHECK(f != NULL);
+  fputs("{\"description\": \"shadow\", \"n_layer\": 6, \"n_embd\": 64, \"n_head\": 4,"
+        " \"vocab_size\": 256, \"seq_len\": 64}",
+        f);
+  fclose(f);
+  mt_job job;
+  const char *dirs[] = {dir, MT_PRESET_DIR, NULL};
+  int rc = mt_job_parse(&job, tiny_job, NULL, dirs, NULL);
+  int n_layer = job.model.n_layer;
+  /* a preset with a key a preset must not have is refused, naming the file */
+  FILE *g = fopen(path, "w");
+  if (g) {
+    fputs("{\"n_layer\": 6, \"n_layres\": 1, \"init_from\": \"x\"}", g);
+    fclose(g);
+  }
+  int rc2 = mt_job_parse(&job, tiny_job, NULL, dirs, NULL);
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", mt_errmsg());
+  unlink(path);
+  rmdir(dir);
+  CHECK(rc == MT_OK && n_layer == 6); /* the first directory wins */
+  CHECK(rc2 == MT_EINVAL);
+  CHECK(count_lines(msg) == 2 && has_line(msg, "model.preset: ") &&
+        strstr(msg, "n_layres: unknown key"));
+  CHECK(strstr(msg, "init_from: not allowed in a preset") != NULL);
+}
+
+static void test_missing_required_fields_are_named(void) {
+  mt_job job;
+  CHECK(mt_job_parse(&job, "{}", NULL, presets, NULL) == MT_EINVAL);
+  const char *msg = mt_errmsg();
+  CHECK(has_line(msg, "model: missing"));
+  CHECK(has_line(msg, "train: missing"));
+  CHECK(has_line(msg, "data.path: missing"));
+  CHECK(mt_job_parse(&job, "{\"model\": {\"n_layer\": 2}, \"train\": {\"lr\": {}}, \"data\": {}}",
+                     NULL, presets, NULL) == MT_EINVAL);
+  msg = mt_errmsg();
+  CHECK(has_line(msg, "model.n_embd: missing"));
+  CHECK(has_line(msg, "train.steps: missing"));
+  CHECK(has_line(msg, "train.lr.peak: missing"));
+  CHECK(has_line(msg, "data.path: missing"));
+}
+
+static void test_tiny_demo_example_loads(void) {
+  mt_job job;
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/tiny-demo.json", presets, NULL) == MT_OK);
+  CHECK(!strcmp(job.name, "tiny-demo") && job.model.n_layer == 2);
+  CHECK(job.parallel.micro_batch == 8 && job.train.global_batch == 16 && job.train.steps == 300);
+  CHECK(job.train.lr.kind == MT_LR_COSINE && job.train.lr.warmup_steps == 20);
+  CHECK(job.train.lr.decay_steps == 300 && fabs(job.train.lr.min - 3e-4) < 1e-15);
+  /* relative to the job file: absolute, ending in etc/jobs/tokens.u16 */
+  size_t n = strlen(job.data.path);
+  CHECK(job.data.path[0] == '/' && n > 16);
+  CHECK(!strcmp(job.data.path + n - 16, "/jobs/tokens.u16"));
+  const char *ovs[] = {"data.path=/tmp/bytes.u16", NULL};
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/tiny-demo.json", presets, ovs) == MT_OK);
+  CHECK(!strcmp(job.data.path, "/tmp/bytes.u16"));
+}
+
+static void test_530b_example_refused_only_for_precision(void) {
+  mt_job job;
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_EINVAL);
+  CHECK(count_lines(mt_errmsg()) == 1);
+  CHECK(has_line(mt_errmsg(), "train.precision: \"bf16\" is not supported yet"));
+  const char *ovs[] = {"train.precision=fp32", NULL};
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, ovs) == MT_OK);
+  CHECK(job.model.n_layer == 105 && job.model.n_embd == 20480 && job.model.n_head == 128);
+  CHECK(job.model.padded_vocab == 51200); /* multiple of 128 * tp 8 = 1024 */
+  CHECK(fabsf(job.model.init_std - 0.004f) < 1e-9f);
+  CHECK(job.parallel.tp == 8 && job.parallel.pp == 35 && job.parallel.dp_min == 16);
+  CHECK(job.parallel.dp_max == 16);
+  CHECK(mt_job_tokens_per_step(&job) == 1920 * 2048);
+  CHECK(job.train.lr.warmup_steps == 255);  /* ceil(1e9 / 3932160) */
+  CHECK(job.train.lr.decay_steps == 86467); /* ceil(340e9 / 3932160) */
+  CHECK(job.train.lr.min == 5e-6 && job.train.lr.peak == 5e-5);
+}
+
+static void test_every_preset_is_valid(void) {
+  const char *names[] = {"tiny", "gpt2-124m", "gpt3-1.3b", "mtnlg-530b"};
+  for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+    char ov[64];
+    snprintf(ov, sizeof ov, "model.preset=%s", names[i]);
+    mt_job job;
+    int rc = parse_with(&job, tiny_job, ov, NULL);
+    if (rc != MT_OK) {
+      fprintf(stderr, "%s: %s: %s\n", __func__, names[i], mt_errmsg());
+      failures++;
+    }
+  }
+}
+
+static void test_load_missing_file_is_eio(void) {
+  mt_job job;
+  CHECK(mt_job_load(&job, "/nonexistent/job.json", presets, NULL) == MT_EIO);
+  CHECK(strstr(mt_errmsg(), "/nonexistent/job.json") != NULL);
+}
+
+int main(void) {
+  test_tiny_preset_loads();
+  test_job_fields_override_preset_fields();
+  test_model_given_field_by_field_needs_no_preset();
+  test_override_sets_nested_key();
+  test_malformed_override_is_named();
+  test_unknown_key_is_named();
+  test_wrong_type_is_named();
+  test_every_problem_reported_one_per_line();
+  test_validation_rules();
+  test_long_string_is_an_error_not_truncated();
+  test_tokens_lengths_convert_to_steps();
+  test_lr_min_defaults_by_schedule();
+  test_hash_changes_with_any_field_and_not_with_key_order();
+  test_bad_json_reports_line_and_column();
+  test_missing_preset_lists_search_dirs();
+  test_preset_dirs_searched_in_order();
+  test_missing_required_fields_are_named();
+  test_tiny_demo_example_loads();
+  test_530b_example_refused_only_for_precision();
+  test_every_preset_is_valid();
+  test_load_missing_file_is_eio();
+  if (failures) {
+    fprintf(stderr, "test_job: %d failure(s)\n", failures);
+    return 1;
+  }
+  printf("test_job: all passed\n");
+  return 0;
+}

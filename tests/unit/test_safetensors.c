@@ -1,0 +1,623 @@
+/* test_safetensors.c — the safetensors reader/writer and the GPT-2 mapping.
+ *
+ * Files for the reader tests are assembled byte by byte here, independently
+ * of the writer, so a bug shared by both cannot hide. */
+#include <jansson.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "device.h"
+#include "err.h"
+#include "gpt.h"
+#include "safetensors.h"
+
+static char tmpdir[64];
+static mt_device dev;
+static int failures;
+
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      fprintf(stderr, "  %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                   \
+      fprintf(stderr, __VA_ARGS__);                                                                \
+      fprintf(stderr, "\n");                                                                       \
+      return 1;                                                                                    \
+    }                                                                                              \
+  } while (0)
+
+static const char *tmp_path(const char *name) {
+  static char buf[4][256];
+  static int k;
+  k = (k + 1) % 4;
+  snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
+  return buf[k];
+}
+
+/* Writes u64le(header_len) + header + data, the format by hand. */
+static void write_raw(const char *path, uint64_t header_len, const char *header, size_t hbytes,
+                      const void *data, size_t dbytes) {
+  FILE *fp = fopen(path, "wb");
+  if (!fp) {
+    perror(path);
+    exit(2);
+  }
+  uint8_t len8[8];
+  for (int i = 0; i < 8; i++) len8[i] = (uint8_t)(header_len >> (8 * i));
+  fwrite(len8, 1, 8, fp);
+  fwrite(header, 1, hbytes, fp);
+  if (dbytes) fwrite(data, 1, dbytes, fp);
+  fclose(fp);
+}
+
+static void write_st(const char *path, const char *header, const void *data, size_t dbytes) {
+  write_raw(path, strlen(header), header, strlen(header), data, dbytes);
+}
+
+/* Expects mt_st_open to refuse path with a message containing both needles. */
+static int expect_open_refused(const char *path, const char *needle1, const char *needle2) {
+  mt_st_file f;
+  int rc = mt_st_open(&f, path);
+  CHECK(rc < 0, "opened a bad file %s", path);
+  CHECK(strstr(mt_errmsg(), path), "message does not name the file: %s", mt_errmsg());
+  CHECK(!needle1 || strstr(mt_errmsg(), needle1), "message lacks \"%s\": %s", needle1, mt_errmsg());
+  CHECK(!needle2 || strstr(mt_errmsg(), needle2), "message lacks \"%s\": %s", needle2, mt_errmsg());
+  CHECK(f.map == NULL && f.n == 0, "refused file left state behind");
+  printf("  refused as expected: %s\n", mt_errmsg());
+  return 0;
+}
+
+/* ---- a tiny model --------------------------------------------------------- */
+
+static mt_gpt_config tiny_config(void) {
+  mt_gpt_config c;
+  memset(&c, 0, sizeof c);
+  c.n_layer = 2;
+  c.n_embd = 32;
+  c.n_head = 4;
+  c.vocab_size = 250;
+  c.padded_vocab = 256;
+  c.max_seq = 16;
+  c.ln_eps = 1e-5f;
+  c.init_std = 0.02f;
+  return c;
+}
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static float rand_float(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (float)((rng_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+/* Fills every parameter (or gradient) with distinct random values; the
+ * padded vocabulary rows stay zero as the format cannot carry them. */
+static int fill_random(mt_gpt *m, float *dev_buf) {
+  float *h = malloc(m->num_params * sizeof *h);
+  if (!h) return -1;
+  for (size_t i = 0; i < m->num_params; i++) h[i] = rand_float();
+  int wte = mt_gpt_find(m, "wte.weight");
+  const mt_param *p = &m->params_table[wte];
+  size_t C = (size_t)m->cfg.n_embd;
+  memset(h + p->offset + (size_t)m->cfg.vocab_size * C, 0,
+         (size_t)(m->cfg.padded_vocab - m->cfg.vocab_size) * C * sizeof *h);
+  int rc = mt_device_memcpy_htod(m->dev, dev_buf, h, m->num_params * sizeof *h);
+  free(h);
+  return rc;
+}
+
+static float *download(const mt_gpt *m, const float *dev_buf) {
+  float *h = malloc(m->num_params * sizeof *h);
+  if (h && mt_device_memcpy_dtoh(m->dev, h, dev_buf, m->num_params * sizeof *h)) {
+    free(h);
+    return NULL;
+  }
+  return h;
+}
+
+static int make_model(mt_gpt *m) {
+  mt_gpt_config c = tiny_config();
+  int rc = mt_gpt_create(m, &c, &dev, 2, 8);
+  if (rc) fprintf(stderr, "  mt_gpt_create: %s\n", mt_errmsg());
+  return rc;
+}
+
+/* Reads the file's __metadata__ straight from the header. */
+static json_t *read_metadata(const char *path) {
+  mt_st_file f;
+  if (mt_st_open(&f, path)) return NULL;
+  uint64_t hlen = 0;
+  for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | ((const uint8_t *)f.map)[i];
+  json_t *root = json_loadb((const char *)f.map + 8, hlen, 0, NULL);
+  mt_st_close(&f);
+  json_t *meta = json_incref(json_object_get(root, "__metadata__"));
+  json_decref(root);
+  return meta;
+}
+
+/* ---- tests ---------------------------------------------------------------- */
+
+static int test_gpt_save_then_load_is_bit_exact(void) {
+  mt_gpt a, b;
+  CHECK(!make_model(&a), "create a");
+  CHECK(!make_model(&b), "create b");
+  CHECK(!fill_random(&a, a.params), "fill");
+  const char *path = tmp_path("roundtrip.safetensors");
+  int rc = mt_gpt_save_safetensors(&a, path);
+  CHECK(!rc, "save: %s", mt_errmsg());
+  rc = mt_gpt_load_safetensors(&b, path);
+  CHECK(!rc, "load: %s", mt_errmsg());
+  float *ha = download(&a, a.params), *hb = download(&b, b.params);
+  CHECK(ha && hb, "download");
+  CHECK(a.num_params == b.num_params, "sizes differ");
+  size_t diff = 0;
+  for (size_t i = 0; i < a.num_params; i++) diff += memcmp(&ha[i], &hb[i], sizeof(float)) != 0;
+  free(ha);
+  free(hb);
+  CHECK(diff == 0, "%zu of %zu parameters differ after the round trip", diff, a.num_params);
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
+static int test_saved_file_has_hf_shapes_layouts_and_metadata(void) {
+  mt_gpt m;
+  CHECK(!make_model(&m), "create");
+  CHECK(!fill_random(&m, m.params), "fill");
+  const char *path = tmp_path("layout.safetensors");
+  CHECK(!mt_gpt_save_safetensors(&m, path), "save: %s", mt_errmsg());
+  float *host = download(&m, m.params);
+  CHECK(host, "download");
+  mt_st_file f;
+  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  CHECK(f.n == m.n_tensors, "%d tensors in the file, %d in the model", f.n, m.n_tensors);
+  const int64_t C = 32, V = 250;
+
+  const mt_st_tensor *wte = mt_st_find(&f, "wte.weight");
+  CHECK(wte && wte->ndim == 2 && wte->shape[0] == V && wte->shape[1] == C,
+        "wte.weight must be (V=250, C) without padding rows");
+  CHECK(!strcmp(wte->dtype, "F32"), "dtype %s", wte->dtype);
+
+  const mt_st_tensor *qkv = mt_st_find(&f, "h.1.attn.c_attn.weight");
+  CHECK(qkv && qkv->ndim == 2 && qkv->shape[0] == C && qkv->shape[1] == 3 * C,
+        "c_attn.weight must be Conv1D (C, 3C)");
+  float *fileq = malloc((size_t)(3 * C * C) * sizeof *fileq);
+  CHECK(fileq && !mt_st_read_f32(&f, qkv, fileq), "read");
+  const float *ours = host + m.params_table[mt_gpt_find(&m, "h.1.attn.c_attn.weight")].offset;
+  for (int64_t o = 0; o < 3 * C; o++)
+    for (int64_t i = 0; i < C; i++)
+      CHECK(fileq[i * 3 * C + o] == ours[o * C + i], "file[%lld][%lld] != ours[%lld][%lld]",
+            (long long)i, (long long)o, (long long)o, (long long)i);
+  free(fileq);
+
+  const mt_st_tensor *fc = mt_st_find(&f, "h.0.mlp.c_fc.weight");
+  CHECK(fc && fc->shape[0] == C && fc->shape[1] == 4 * C, "c_fc.weight must be (C, 4C)");
+  const mt_st_tensor *fcp = mt_st_find(&f, "h.0.mlp.c_proj.weight");
+  CHECK(fcp && fcp->shape[0] == 4 * C && fcp->shape[1] == C, "mlp.c_proj.weight must be (4C, C)");
+  const mt_st_tensor *wpe = mt_st_find(&f, "wpe.weight");
+  CHECK(wpe && wpe->shape[0] == 16 && wpe->shape[1] == C, "wpe.weight must be (max_seq, C)");
+  const mt_st_tensor *lnb = mt_st_find(&f, "ln_f.bias");
+  CHECK(lnb && lnb->ndim == 1 && lnb->shape[0] == C, "ln_f.bias must be (C)");
+  CHECK((uintptr_t)(f.data - (const uint8_t *)f.map) % 8 == 0,
+        "header not padded to 8-byte alignment");
+  mt_st_close(&f);
+  free(host);
+
+  json_t *meta = read_metadata(path);
+  CHECK(meta, "no __metadata__");
+  const char *want[][2] = {{"format", "pt"}, {"n_layer", "2"},      {"n_embd", "32"},
+                           {"n_head", "4"},  {"vocab_size", "250"}, {"seq", "16"}};
+  for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
+    const char *v = json_string_value(json_object_get(meta, want[k][0]));
+    CHECK(v && !strcmp(v, want[k][1]), "metadata %s = %s, want \"%s\"", want[k][0],
+          v ? v : "(missing or not a string)", want[k][1]);
+  }
+  json_decref(meta);
+  mt_gpt_destroy(&m);
+  return 0;
+}
+
+static int test_grads_saved_under_parameter_names_and_layouts(void) {
+  mt_gpt m;
+  CHECK(!make_model(&m), "create");
+  CHECK(!fill_random(&m, m.grads), "fill grads");
+  const char *path = tmp_path("grads.safetensors");
+  CHECK(!mt_gpt_save_grads_safetensors(&m, path), "save grads: %s", mt_errmsg());
+  /* Loading the gradient file as weights must reproduce the gradients. */
+  mt_gpt b;
+  CHECK(!make_model(&b), "create b");
+  CHECK(!mt_gpt_load_safetensors(&b, path), "load: %s", mt_errmsg());
+  float *g = download(&m, m.grads), *p = download(&b, b.params);
+  CHECK(g && p, "download");
+  CHECK(!memcmp(g, p, m.num_params * sizeof *g), "gradients changed on the way through the file");
+  free(g);
+  free(p);
+  mt_gpt_destroy(&m);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
+/* Half-precision bit patterns, written as bytes, read as fp32. */
+static int test_reads_hand_written_f16_bf16_f32_f64(void) {
+  /* F16: 1, -2, 0.5, 65504 (max), 2^-24 (smallest subnormal), 2^-14
+   *      (smallest normal), +inf, -0 */
+  const uint16_t h16[8] = {0x3C00, 0xC000, 0x3800, 0x7BFF, 0x0001, 0x0400, 0x7C00, 0x8000};
+  const float f16_want[8] = {
+      1.0f, -2.0f, 0.5f, 65504.0f, 5.9604644775390625e-08f, 6.103515625e-05f, INFINITY, -0.0f};
+  /* BF16: 1, -3.5, 3.140625, 2^-133 (subnormal) */
+  const uint16_t b16[4] = {0x3F80, 0xC060, 0x4049, 0x0001};
+  const float bf_want[4] = {1.0f, -3.5f, 3.140625f, 9.183549615799121e-41f};
+  const float f32[3] = {1.5f, -0.25f, 1e-30f};
+  const double f64[2] = {0.1, -123.5};
+
+  uint8_t data[64];
+  size_t k = 0;
+  for (int i = 0; i < 8; i++)
+    data[k++] = (uint8_t)(h16[i] & 0xff), data[k++] = (uint8_t)(h16[i] >> 8);
+  for (int i = 0; i < 4; i++)
+    data[k++] = (uint8_t)(b16[i] & 0xff), data[k++] = (uint8_t)(b16[i] >> 8);
+  memcpy(data + k, f32, sizeof f32); /* little-endian host */
+  k += sizeof f32;
+  memcpy(data + k, f64, sizeof f64);
+  k += sizeof f64;
+  CHECK(k == 16 + 8 + 12 + 16, "layout");
+  /* Header length 163 is deliberately not a multiple of 8: reads must cope
+   * with unaligned data. */
+  const char *header = "{\"__metadata__\":{\"format\":\"pt\"},"
+                       "\"half\":{\"dtype\":\"F16\",\"shape\":[2,4],\"data_offsets\":[0,16]},"
+                       "\"brain\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[16,24]},"
+                       "\"single\":{\"dtype\":\"F32\",\"shape\":[3,1],\"data_offsets\":[24,36]},"
+                       "\"double\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[36,52]}}";
+  const char *path = tmp_path("handmade.safetensors");
+  write_st(path, header, data, k);
+
+  mt_st_file f;
+  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  CHECK(f.n == 4, "%d tensors (metadata is not a tensor)", f.n);
+  CHECK(mt_st_find(&f, "__metadata__") == NULL, "metadata listed as a tensor");
+  CHECK(mt_st_find(&f, "nope") == NULL, "found a tensor that is not there");
+  float out[8];
+
+  const mt_st_tensor *t = mt_st_find(&f, "half");
+  CHECK(t && !strcmp(t->dtype, "F16") && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 4 &&
+            t->bytes == 16,
+        "half: metadata");
+  CHECK(!mt_st_read_f32(&f, t, out), "read half: %s", mt_errmsg());
+  for (int i = 0; i < 8; i++)
+    CHECK(!memcmp(&out[i], &f16_want[i], 4), "F16 %#06x -> %g, want %g", h16[i], out[i],
+          f16_want[i]);
+
+  t = mt_st_find(&f, "brain");
+  CHECK(t && !strcmp(t->dtype, "BF16") && t->ndim == 1 && t->shape[0] == 4, "brain: metadata");
+  CHECK(!mt_st_read_f32(&f, t, out), "read brain: %s", mt_errmsg());
+  for (int i = 0; i < 4; i++)
+    CHECK(out[i] == bf_want[i], "BF16 %#06x -> %g, want %g", b16[i], out[i], bf_want[i]);
+
+  t = mt_st_find(&f, "single");
+  CHECK(t && !mt_st_read_f32(&f, t, out), "read single");
+  for (int i = 0; i < 3; i++) CHECK(out[i] == f32[i], "F32[%d] -> %g", i, out[i]);
+
+  t = mt_st_find(&f, "double");
+  CHECK(t && !mt_st_read_f32(&f, t, out), "read double");
+  for (int i = 0; i < 2; i++) CHECK(out[i] == (float)f64[i], "F64[%d] -> %g", i, out[i]);
+  mt_st_close(&f);
+  return 0;
+}
+
+static int test_refuses_integer_dtype_as_floats(void) {
+  const char *path = tmp_path("ints.safetensors");
+  int32_t v[2] = {1, 2};
+  write_st(path, "{\"ids\":{\"dtype\":\"I32\",\"shape\":[2],\"data_offsets\":[0,8]}}", v, 8);
+  mt_st_file f;
+  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  float out[2];
+  int rc = mt_st_read_f32(&f, mt_st_find(&f, "ids"), out);
+  CHECK(rc < 0 && strstr(mt_errmsg(), "ids") && strstr(mt_errmsg(), "I32"),
+        "I32 read as floats: %s", mt_errmsg());
+  mt_st_close(&f);
+  return 0;
+}
+
+static int test_writer_output_is_valid_and_padded(void) {
+  mt_st_writer *w = mt_st_writer_new();
+  CHECK(w, "new");
+  float a[6] = {1, 2, 3, 4, 5, 6}, b[1] = {7};
+  int64_t sa[2] = {2, 3}, sb[1] = {1};
+  CHECK(!mt_st_writer_add(w, "a", 2, sa, a), "add a");
+  CHECK(!mt_st_writer_add(w, "b", 1, sb, b), "add b");
+  CHECK(mt_st_writer_add(w, "a", 1, sb, b) < 0 && strstr(mt_errmsg(), "\"a\""),
+        "a duplicate name must be refused: %s", mt_errmsg());
+  CHECK(!mt_st_writer_meta(w, "note", "x\"y"), "meta");
+  const char *path = tmp_path("writer.safetensors");
+  CHECK(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
+  mt_st_writer_free(w);
+  char tmpname[300];
+  snprintf(tmpname, sizeof tmpname, "%s.tmp.%ld", path, (long)getpid());
+  CHECK(access(tmpname, F_OK) != 0, "temp file %s left behind", tmpname);
+
+  mt_st_file f;
+  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  uint64_t hlen = 0;
+  for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | ((const uint8_t *)f.map)[i];
+  CHECK(hlen % 8 == 0, "header length %llu not a multiple of 8", (unsigned long long)hlen);
+  CHECK(f.map_bytes == 8 + hlen + 28, "file size %zu", f.map_bytes);
+  float out[6];
+  CHECK(!mt_st_read_f32(&f, mt_st_find(&f, "a"), out) && !memcmp(out, a, sizeof a), "a");
+  CHECK(!mt_st_read_f32(&f, mt_st_find(&f, "b"), out) && out[0] == 7, "b");
+  mt_st_close(&f);
+  json_t *meta = read_metadata(path);
+  CHECK(meta && !strcmp(json_string_value(json_object_get(meta, "note")), "x\"y"), "metadata");
+  json_decref(meta);
+  return 0;
+}
+
+static int test_refuses_file_shorter_than_length_prefix(void) {
+  const char *path = tmp_path("short.safetensors");
+  FILE *fp = fopen(path, "wb");
+  fwrite("\x10\0\0", 1, 3, fp);
+  fclose(fp);
+  return expect_open_refused(path, "truncated", NULL);
+}
+
+static int test_refuses_truncated_file(void) {
+  /* A valid file with the last 4 data bytes cut off. */
+  float v[4] = {1, 2, 3, 4};
+  const char *path = tmp_path("truncated.safetensors");
+  const char *h = "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}";
+  write_st(path, h, v, 12);
+  return expect_open_refused(path, "\"w\"", "outside the data region");
+}
+
+static int test_refuses_header_length_beyond_file(void) {
+  const char *path = tmp_path("hlen.safetensors");
+  const char *h = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+  float v = 1;
+  write_raw(path, 1u << 20, h, strlen(h), &v, 4);
+  return expect_open_refused(path, "header length", "past the end");
+}
+
+static int test_refuses_absurd_header_length(void) {
+  const char *path = tmp_path("hlen2.safetensors");
+  const char *h = "{}";
+  write_raw(path, UINT64_MAX, h, 2, NULL, 0);
+  return expect_open_refused(path, "header length", NULL);
+}
+
+static int test_refuses_overlapping_offsets(void) {
+  const char *path = tmp_path("overlap.safetensors");
+  float v[4] = {0};
+  write_st(path,
+           "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,12]},"
+           "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
+           v, 16);
+  return expect_open_refused(path, "\"b\"", "overlaps");
+}
+
+static int test_refuses_offsets_out_of_range(void) {
+  const char *path = tmp_path("range.safetensors");
+  float v[2] = {0};
+  write_st(path,
+           "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+           "\"far\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4096,4104]}}",
+           v, 8);
+  return expect_open_refused(path, "\"far\"", "outside the data region");
+}
+
+static int test_refuses_reversed_offsets(void) {
+  const char *path = tmp_path("reversed.safetensors");
+  float v[2] = {0};
+  write_st(path, "{\"r\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,0]}}", v, 8);
+  return expect_open_refused(path, "\"r\"", NULL);
+}
+
+static int test_refuses_hole_in_data(void) {
+  const char *path = tmp_path("hole.safetensors");
+  float v[3] = {0};
+  write_st(path,
+           "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+           "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+           v, 12);
+  return expect_open_refused(path, "hole", "\"b\"");
+}
+
+static int test_refuses_shape_dtype_size_mismatch(void) {
+  const char *path = tmp_path("mismatch.safetensors");
+  uint16_t v[6] = {0};
+  /* 3 F16 values are 6 bytes, the offsets span 12 */
+  write_st(path, "{\"m\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[0,12]}}", v, 12);
+  return expect_open_refused(path, "\"m\"", "need 6 bytes");
+}
+
+static int test_refuses_unknown_dtype(void) {
+  const char *path = tmp_path("dtype.safetensors");
+  float v = 0;
+  write_st(path, "{\"q\":{\"dtype\":\"F17\",\"shape\":[1],\"data_offsets\":[0,4]}}", &v, 4);
+  return expect_open_refused(path, "\"q\"", "F17");
+}
+
+static int test_refuses_non_json_header(void) {
+  const char *path = tmp_path("notjson.safetensors");
+  float v = 0;
+  write_st(path, "{\"w\": {\"dtype\": \"F32\", shape: [1]", &v, 4);
+  return expect_open_refused(path, "not valid JSON", NULL);
+}
+
+static int test_refuses_non_string_metadata(void) {
+  const char *path = tmp_path("meta.safetensors");
+  write_st(path, "{\"__metadata__\":{\"n_layer\":2}}", NULL, 0);
+  return expect_open_refused(path, "n_layer", "not a string");
+}
+
+static int test_refuses_missing_file_with_enoent(void) {
+  mt_st_file f;
+  const char *path = tmp_path("does-not-exist.safetensors");
+  int rc = mt_st_open(&f, path);
+  CHECK(rc == MT_ENOENT && strstr(mt_errmsg(), path), "rc %d: %s", rc, mt_errmsg());
+  return 0;
+}
+
+/* Writes the tiny model's tensors under HF names with a caller's twist. */
+typedef enum { EDIT_NONE, EDIT_PREFIX_AND_EXTRAS, EDIT_BROKEN } edit_kind;
+
+static int write_edited(mt_gpt *m, const char *path, edit_kind kind) {
+  CHECK(!mt_gpt_save_safetensors(m, tmp_path("base.safetensors")), "save: %s", mt_errmsg());
+  mt_st_file f;
+  CHECK(!mt_st_open(&f, tmp_path("base.safetensors")), "open: %s", mt_errmsg());
+  mt_st_writer *w = mt_st_writer_new();
+  float **bufs = calloc((size_t)f.n, sizeof *bufs);
+  static float mask[16 * 16];
+  int64_t mask_shape[4] = {1, 1, 16, 16};
+  char name[128];
+  for (int i = 0; i < f.n; i++) {
+    const mt_st_tensor *t = &f.tensors[i];
+    bufs[i] = malloc(t->bytes ? t->bytes : 4);
+    CHECK(!mt_st_read_f32(&f, t, bufs[i]), "read");
+    int64_t shape[8];
+    memcpy(shape, t->shape, sizeof shape);
+    snprintf(name, sizeof name, "%s", t->name);
+    if (kind == EDIT_PREFIX_AND_EXTRAS) {
+      snprintf(name, sizeof name, "transformer.%s", t->name);
+    } else if (kind == EDIT_BROKEN) {
+      if (!strcmp(t->name, "h.1.ln_2.bias")) continue; /* missing */
+      if (!strcmp(t->name, "h.0.mlp.c_fc.weight")) {
+        shape[0] = t->shape[1]; /* stored in our (out, in) layout by mistake */
+        shape[1] = t->shape[0];
+      }
+      if (!strcmp(t->name, "ln_f.weight")) continue; /* missing */
+    }
+    CHECK(!mt_st_writer_add(w, name, t->ndim, shape, bufs[i]), "add: %s", mt_errmsg());
+  }
+  if (kind == EDIT_PREFIX_AND_EXTRAS) {
+    CHECK(!mt_st_writer_add(w, "transformer.h.0.attn.bias", 4, mask_shape, mask), "add");
+    CHECK(!mt_st_writer_add(w, "transformer.h.1.attn.masked_bias", 0, NULL, mask), "add");
+    const mt_st_tensor *wte = mt_st_find(&f, "wte.weight");
+    CHECK(!mt_st_writer_add(w, "lm_head.weight", 2, wte->shape, bufs[wte - f.tensors]), "add");
+  } else if (kind == EDIT_BROKEN) {
+    CHECK(!mt_st_writer_add(w, "h.7.attn.c_attn.weight", 1, mask_shape + 2, mask), "add");
+  }
+  CHECK(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
+  mt_st_writer_free(w);
+  for (int i = 0; i < f.n; i++) free(bufs[i]);
+  free(bufs);
+  mt_st_close(&f);
+  return 0;
+}
+
+static int test_load_accepts_transformer_prefix_and_ignores_buffers(void) {
+  mt_gpt a, b;
+  CHECK(!make_model(&a) && !make_model(&b), "create");
+  CHECK(!fill_random(&a, a.params), "fill");
+  const char *path = tmp_path("prefixed.safetensors");
+  if (write_edited(&a, path, EDIT_PREFIX_AND_EXTRAS)) return 1;
+  CHECK(!mt_gpt_load_safetensors(&b, path), "load: %s", mt_errmsg());
+  float *ha = download(&a, a.params), *hb = download(&b, b.params);
+  CHECK(ha && hb && !memcmp(ha, hb, a.num_params * sizeof *ha), "values differ");
+  free(ha);
+  free(hb);
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
+static int test_load_names_every_missing_extra_and_misshapen_tensor(void) {
+  mt_gpt a, b;
+  CHECK(!make_model(&a) && !make_model(&b), "create");
+  CHECK(!fill_random(&a, a.params), "fill");
+  CHECK(!fill_random(&b, b.params), "fill");
+  float *before = download(&b, b.params);
+  const char *path = tmp_path("broken.safetensors");
+  if (write_edited(&a, path, EDIT_BROKEN)) return 1;
+  int rc = mt_gpt_load_safetensors(&b, path);
+  const char *msg = mt_errmsg();
+  printf("  refused as expected: %s\n", msg);
+  CHECK(rc < 0, "a broken file loaded");
+  CHECK(strstr(msg, path), "file not named");
+  CHECK(strstr(msg, "missing tensor \"h.1.ln_2.bias\""), "missing h.1.ln_2.bias not named");
+  CHECK(strstr(msg, "missing tensor \"ln_f.weight\""), "missing ln_f.weight not named");
+  CHECK(strstr(msg, "unexpected tensor \"h.7.attn.c_attn.weight\""), "extra not named");
+  CHECK(strstr(msg, "\"h.0.mlp.c_fc.weight\" has shape (128, 32), want (32, 128)"),
+        "wrong shape not named");
+  float *after = download(&b, b.params);
+  CHECK(before && after && !memcmp(before, after, b.num_params * sizeof *after),
+        "a refused load changed the model");
+  free(before);
+  free(after);
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
+static int test_load_refuses_other_config(void) {
+  mt_gpt a, b;
+  CHECK(!make_model(&a), "create");
+  mt_gpt_config c = tiny_config();
+  c.n_embd = 48;
+  c.n_head = 3;
+  CHECK(!mt_gpt_create(&b, &c, &dev, 2, 8), "create: %s", mt_errmsg());
+  const char *path = tmp_path("other.safetensors");
+  CHECK(!mt_gpt_save_safetensors(&a, path), "save: %s", mt_errmsg());
+  int rc = mt_gpt_load_safetensors(&b, path);
+  CHECK(rc < 0 && strstr(mt_errmsg(), "\"wte.weight\" has shape (250, 32), want (250, 48)"),
+        "load into another width: %s", mt_errmsg());
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
+static const struct {
+  const char *name;
+  int (*fn)(void);
+} tests[] = {
+#define T(f)                                                                                       \
+  { #f, f }
+    T(test_reads_hand_written_f16_bf16_f32_f64),
+    T(test_refuses_integer_dtype_as_floats),
+    T(test_writer_output_is_valid_and_padded),
+    T(test_refuses_file_shorter_than_length_prefix),
+    T(test_refuses_truncated_file),
+    T(test_refuses_header_length_beyond_file),
+    T(test_refuses_absurd_header_length),
+    T(test_refuses_overlapping_offsets),
+    T(test_refuses_offsets_out_of_range),
+    T(test_refuses_reversed_offsets),
+    T(test_refuses_hole_in_data),
+    T(test_refuses_shape_dtype_size_mismatch),
+    T(test_refuses_unknown_dtype),
+    T(test_refuses_non_json_header),
+    T(test_refuses_non_string_metadata),
+    T(test_refuses_missing_file_with_enoent),
+    T(test_gpt_save_then_load_is_bit_exact),
+    T(test_saved_file_has_hf_shapes_layouts_and_metadata),
+    T(test_grads_saved_under_parameter_names_and_layouts),
+    T(test_load_accepts_transformer_prefix_and_ignores_buffers),
+    T(test_load_names_every_missing_extra_and_misshapen_tensor),
+    T(test_load_refuses_other_config),
+#undef T
+};
+
+int main(void) {
+  snprintf(tmpdir, sizeof tmpdir, "/tmp/mt_test_safetensors.XXXXXX");
+  if (!mkdtemp(tmpdir)) {
+    perror("mkdtemp");
+    return 2;
+  }
+  if (mt_device_open(&dev, "cpu:0")) {
+    fprintf(stderr, "cpu:0: %s\n", mt_errmsg());
+    return 2;
+  }
+  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+    int rc = tests[i].fn();
+    printf("%s %s\n", rc ? "FAIL" : "ok  ", tests[i].name);
+    failures += rc != 0;
+  }
+  mt_device_close(&dev);
+  char cmd[128];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+  if (system(cmd)) fprintf(stderr, "could not remove %s\n", tmpdir);
+  printf("%d of %zu failed\n", failures, sizeof tests / sizeof tests[0]);
+  return failures ? 1 : 0;
+}
