@@ -1,0 +1,81 @@
+# Shell helpers shared by tools/test and tools/demo. Source it; do not run it.
+#
+# mt_say / mt_warn            messages on stderr, prefixed with the tool's name
+# mt_install_missing PKG...   apt-get install what dpkg does not report installed
+# mt_meson_setup DIR OPT...   configure DIR: reconfigure when it exists, else set up
+#
+# MTNLG_NO_INSTALL=1 skips the package step (for machines without root or sudo).
+
+# shellcheck shell=bash
+
+# Debian 12 packages the build, the tests and the tools need.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+MT_PACKAGES=(meson ninja-build pkg-config gcc g++ libjansson-dev libopenblas-dev
+  libopenblas0-openmp libinih-dev libxxhash-dev python3-torch libuv1-dev jq)
+
+mt_tool=${mt_tool:-$(basename "$0")}
+
+mt_say() { printf '%s: %s\n' "$mt_tool" "$*" >&2; }
+mt_warn() { printf '%s: warning: %s\n' "$mt_tool" "$*" >&2; }
+
+# Run a command as root: directly when we are root, else through sudo.
+mt_as_root() {
+  if [[ $(id -u) -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    mt_warn "not root and no sudo: cannot run '$*'"
+    return 1
+  fi
+}
+
+# Install the packages that are not installed yet, saying which. apt-get update
+# runs once, and only when something is missing. A failure is a warning: the
+# build or the test that needs the package then says what is wrong.
+mt_install_missing() {
+  local missing=() p
+  for p in "$@"; do
+    if ! dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii'; then
+      missing+=("$p")
+    fi
+  done
+  ((${#missing[@]})) || return 0
+  if [[ ${MTNLG_NO_INSTALL:-0} == 1 ]]; then
+    mt_warn "missing packages (MTNLG_NO_INSTALL=1, not installing): ${missing[*]}"
+    return 0
+  fi
+  if ! command -v apt-get >/dev/null; then
+    mt_warn "no apt-get here; install these yourself: ${missing[*]}"
+    return 0
+  fi
+  mt_say "installing missing packages: ${missing[*]}"
+  if ! mt_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq ||
+    ! mt_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends "${missing[@]}"; then
+    mt_warn "could not install: ${missing[*]}"
+  fi
+  return 0
+}
+
+# Configure a meson build directory. An existing one is reconfigured with the
+# options given (its other options are kept). It is wiped (keeping its
+# command-line options) only when meson says it was made by an incompatible
+# meson version; an error in meson.build leaves it as it is.
+mt_meson_setup() {
+  local dir=$1 out rc=0
+  shift
+  if [[ ! -f $dir/meson-private/coredata.dat ]]; then
+    meson setup "$dir" "$@"
+    return
+  fi
+  out=$(mktemp)
+  meson setup --reconfigure "$dir" "$@" 2>&1 | tee "$out" || rc=$?
+  if ((rc)) && grep -qiE 'incompatible|--wipe' "$out"; then
+    mt_warn "$dir was made by another meson version; wiping it and setting it up again"
+    rc=0
+    meson setup --wipe "$dir" "$@" || rc=$?
+  fi
+  rm -f "$out"
+  return "$rc"
+}
