@@ -15,6 +15,7 @@
 #include "log.h"
 #include "mt_config.h"
 #include "safetensors.h"
+#include "threads.h"
 #include "train.h"
 
 #define MAX_OVERRIDES 64
@@ -142,19 +143,15 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: job %s cannot run:\n%s\n", job_path, mt_errmsg());
     return 2;
   }
-  if (strcmp(job.train.precision, "fp32")) {
-    fprintf(stderr, "mtnlgd: train.precision %s needs the CUDA backend; the CPU backend trains "
-                    "in fp32\n", job.train.precision);
-    return 2;
-  }
   if (mt_device_open(&dev, devices)) {
     mt_log_error("%s", mt_errmsg());
     goto cleanup;
   }
   have_dev = 1;
-  mt_log_info("mtnlgd %s: job %s (%s), device %s, %d threads, OpenBLAS %s (%s) from %s",
-              MT_VERSION, job.name, job.hash, dev.name, dev.threads, mt_blas_corename(),
-              mt_blas_choice(), mt_blas_library());
+  mt_log_info("mtnlgd %s: job %s (%s), device %s, %d threads (OpenMP wait %s), OpenBLAS %s "
+              "(%s) from %s",
+              MT_VERSION, job.name, job.hash, dev.name, dev.threads, mt_omp_wait_policy(),
+              mt_blas_corename(), mt_blas_choice(), mt_blas_library());
   if (mt_trainer_create(&tr, &job, &dev)) {
     mt_log_error("%s", mt_errmsg());
     goto cleanup;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cpu/blas.h"
+#include "cpu/threads.h"
 #include "err.h"
 #include "mt_config.h"
 #include "ops.h"
@@ -44,6 +45,7 @@ int mt_device_open(mt_device *d, const char *spec) {
     d->index = (int)idx;
     d->threads = omp_get_max_threads();
     d->ops = &mt_cpu_ops;
+    (void)mt_omp_wait_policy(); /* links the preinit hook into every program */
   } else if (kind_len == 4 && !strncmp(spec, "cuda", 4)) {
     int n = mt_cuda_device_count();
     if (!MT_HAVE_CUDA)

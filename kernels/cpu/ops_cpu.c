@@ -1,3 +1,565 @@
-/* placeholder: being written */
+/* ops_cpu.c — the CPU backend: every op of ops.h in C11 + OpenMP, GEMMs through OpenBLAS.
+ *
+ * Threading: row-wise and element-wise loops are OpenMP loops on the device's
+ * threads. The large GEMMs of linear layers are called outside any parallel
+ * region so that OpenBLAS (its OpenMP build) uses every thread; attention runs
+ * one (batch, head) pair per thread with small GEMMs, which OpenBLAS then runs
+ * single-threaded inside our region. Ops never allocate: attention with
+ * dropout keeps one small tile on the stack.
+ */
+#include <float.h>
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include "blas.h"
+#include "mtmath.h"
 #include "ops.h"
-const mt_ops mt_cpu_ops = {.name = "cpu"};
+
+/* glibc's libmvec has AVX2 and AVX-512 variants of expf and tanhf (tanhf since
+ * 2.35) and libm's linker script pulls it in as needed. Declaring them lets
+ * GCC vectorise softmax, cross-entropy and GeLU: scalar tanhf made GeLU ten
+ * times slower. A vector variant may differ from the scalar one by an ulp, so
+ * loops that use them cut their work at fixed offsets, never by thread count. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#if __GLIBC_PREREQ(2, 35)
+float expf(float) __attribute__((__simd__("notinbranch")));
+float tanhf(float) __attribute__((__simd__("notinbranch")));
+#endif
+#endif
+
+/* Below this many elements a loop stays on the calling thread: a parallel
+ * region costs a few microseconds. */
+#define PAR_MIN 32768
+
+/* Attention works on blocks of ATT_RB query rows: a block only needs the key
+ * columns up to its last row, which skips most of the masked upper triangle.
+ * With dropout the dropped probabilities go through a stack tile of ATT_RB
+ * rows by at most ATT_CB columns (32 KiB). */
+#define ATT_RB 64
+#define ATT_CB 128
+
+static inline int nthreads(const mt_device *d) {
+  return d && d->threads > 0 ? d->threads : omp_get_max_threads();
+}
+
+/* [lo, hi) of 0..n for the calling thread of a parallel region, cut at
+ * multiples of align so threads never share a cache line of output. */
+static void thread_range(size_t n, size_t align, size_t *lo, size_t *hi) {
+  size_t nth = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+  size_t units = (n + align - 1) / align, per = units / nth, rem = units % nth;
+  size_t u0 = id * per + (id < rem ? id : rem), u1 = u0 + per + (id < rem);
+  *lo = u0 * align < n ? u0 * align : n;
+  *hi = u1 * align < n ? u1 * align : n;
+}
+
+/* ---- embedding ---------------------------------------------------------- */
+
+static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
+                          const float *wpe, int B, int T, int C) {
+  int N = B * T;
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    float *o = out + (size_t)n * C;                   // (C)
+    const float *we = wte + (size_t)tokens[n] * C;    // (C)
+    const float *wp = wpe + (size_t)(n % T) * C;      // (C)
+#pragma omp simd
+    for (int c = 0; c < C; c++) o[c] = we[c] + wp[c];
+  }
+}
+
+/* Each thread owns a slice of the channels and walks every row: a repeated
+ * token never races, and the sum order does not depend on the thread count. */
+static void embedding_bwd(mt_device *d, float *dwte, float *dwpe, const float *dout,
+                          const int32_t *tokens, int B, int T, int C) {
+#pragma omp parallel num_threads(nthreads(d)) if ((size_t)B * T * C >= PAR_MIN)
+  {
+    size_t c0, c1;
+    thread_range((size_t)C, 16, &c0, &c1);
+    for (int b = 0; b < B; b++) {
+      for (int t = 0; t < T; t++) {
+        const float *g = dout + ((size_t)b * T + t) * C;
+        float *dw = dwte + (size_t)tokens[b * T + t] * C;
+        float *dp = dwpe + (size_t)t * C;
+#pragma omp simd
+        for (size_t c = c0; c < c1; c++) {
+          dw[c] += g[c];
+          dp[c] += g[c];
+        }
+      }
+    }
+  }
+}
+
+/* ---- layernorm ---------------------------------------------------------- */
+
+/* One pass over memory per row: the row stays in L1 for the statistics
+ * (mean, then the centred variance) and the normalised write. */
+static void layernorm_fwd(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
+                          const float *w, const float *b, int N, int C, float eps) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const float *x = inp + (size_t)n * C;
+    float *o = out + (size_t)n * C;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int c = 0; c < C; c++) s += x[c];
+    float m = s / (float)C;
+    float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+    for (int c = 0; c < C; c++) {
+      float dx = x[c] - m;
+      v += dx * dx;
+    }
+    float r = 1.0f / sqrtf(v / (float)C + eps);
+#pragma omp simd
+    for (int c = 0; c < C; c++) o[c] = (x[c] - m) * r * w[c] + b[c];
+    mean[n] = m;
+    rstd[n] = r;
+  }
+}
+
+/* dinp by rows (it needs two row reductions), dw and db by channel slices
+ * (they reduce over rows); the two loops are independent. */
+static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w, const float *mean, const float *rstd,
+                          int N, int C) {
+#pragma omp parallel num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN)
+  {
+#pragma omp for schedule(static) nowait
+    for (int n = 0; n < N; n++) {
+      const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+      float *dx = dinp + (size_t)n * C;
+      float m = mean[n], r = rstd[n];
+      float sum_dn = 0.0f, sum_dn_xh = 0.0f;
+#pragma omp simd reduction(+ : sum_dn, sum_dn_xh)
+      for (int c = 0; c < C; c++) {
+        float dn = g[c] * w[c];
+        sum_dn += dn;
+        sum_dn_xh += dn * (x[c] - m) * r;
+      }
+      float a = sum_dn / (float)C, bb = sum_dn_xh / (float)C;
+#pragma omp simd
+      for (int c = 0; c < C; c++) {
+        float xh = (x[c] - m) * r;
+        dx[c] += (g[c] * w[c] - a - xh * bb) * r;
+      }
+    }
+    size_t c0, c1;
+    thread_range((size_t)C, 16, &c0, &c1);
+    for (int n = 0; n < N; n++) {
+      const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+      float m = mean[n], r = rstd[n];
+#pragma omp simd
+      for (size_t c = c0; c < c1; c++) {
+        dw[c] += g[c] * (x[c] - m) * r;
+        db[c] += g[c];
+      }
+    }
+  }
+}
+
+/* ---- linear ------------------------------------------------------------- */
+
+/* The bias is written first and the GEMM accumulates onto it (beta = 1 also
+ * spares OpenBLAS its own pass that zeroes C for beta = 0). */
+static void linear_fwd(mt_device *d, float *out, const float *inp, const float *w,
+                       const float *bias, int N, int C, int OC) {
+  float beta = 0.0f;
+  if (bias) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * OC >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float));
+    beta = 1.0f;
+  }
+  mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, N, OC, C, 1.0f, inp, C, w, C, beta,
+           out, OC);
+}
+
+/* dbias(OC) += column sums of dout(N,OC): channel slices per thread, summed
+ * through a stack tile so dbias is read and written once. */
+static void column_sum_acc(mt_device *d, float *dst, const float *src, int N, int OC) {
+#pragma omp parallel num_threads(nthreads(d)) if ((size_t)N * OC >= PAR_MIN)
+  {
+    size_t c0, c1;
+    thread_range((size_t)OC, 16, &c0, &c1);
+    for (size_t t0 = c0; t0 < c1; t0 += 512) {
+      size_t tw = c1 - t0 < 512 ? c1 - t0 : 512;
+      float acc[512];
+      memset(acc, 0, tw * sizeof(float));
+      for (int n = 0; n < N; n++) {
+        const float *g = src + (size_t)n * OC + t0;
+#pragma omp simd
+        for (size_t j = 0; j < tw; j++) acc[j] += g[j];
+      }
+      for (size_t j = 0; j < tw; j++) dst[t0 + j] += acc[j];
+    }
+  }
+}
+
+static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
+                       const float *inp, const float *w, int N, int C, int OC) {
+  if (dinp)  // (N,C) += (N,OC) · (OC,C)
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, N, C, OC, 1.0f, dout, OC, w,
+             C, 1.0f, dinp, C);
+  // (OC,C) += (N,OC)ᵀ · (N,C)
+  mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, OC, C, N, 1.0f, dout, OC, inp, C,
+           1.0f, dw, C);
+  if (dbias) column_sum_acc(d, dbias, dout, N, OC);
+}
+
+/* ---- dropout mask ------------------------------------------------------- */
+
+/* y[j] (+)= x[j] * keep-scale of element e0 + j, j < n, of one sample. Four
+ * consecutive elements share one Philox block: writing the element index as
+ * (block << 2 | k) lets the compiler see it and compute each block once (3x
+ * faster than element by element). accumulate is a constant at every call. */
+static inline void dropout_apply(float *y, const float *x, size_t n, uint64_t e0, uint64_t sample,
+                                 const mt_dropout *drop, int accumulate) {
+  float p = drop->p;
+  uint64_t key = drop->key;
+  size_t j = 0;
+  for (; j < n && ((e0 + j) & 3); j++) {
+    float v = x[j] * mt_dropout_scale(p, key, sample, e0 + j);
+    y[j] = accumulate ? y[j] + v : v;
+  }
+  for (; j + 4 <= n; j += 4) {
+    uint64_t blk = (e0 + j) >> 2;
+#pragma GCC unroll 4
+    for (unsigned k = 0; k < 4; k++) {
+      float v = x[j + k] * mt_dropout_scale(p, key, sample, blk << 2 | k);
+      y[j + k] = accumulate ? y[j + k] + v : v;
+    }
+  }
+  for (; j < n; j++) {
+    float v = x[j] * mt_dropout_scale(p, key, sample, e0 + j);
+    y[j] = accumulate ? y[j] + v : v;
+  }
+}
+
+/* ---- attention ---------------------------------------------------------- */
+
+/* tile(rb, cw) = p(rb rows, ld T, columns c0..) * dropout mask, zero where the
+ * column is past the row's position (t0 + i). */
+static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int cw, int t0, int h,
+                         uint64_t sample, const mt_dropout *drop) {
+  for (int i = 0; i < rb; i++) {
+    int t = t0 + i;
+    int live = t + 1 - c0 < cw ? t + 1 - c0 : cw; /* columns c0 .. t */
+    if (live < 0) live = 0;
+    const float *pr = p + (size_t)i * T + c0;
+    float *tr = tile + (size_t)i * cw;
+    dropout_apply(tr, pr, (size_t)live, ((uint64_t)h * T + t) * T + (uint64_t)c0, sample, drop, 0);
+    for (int j = live; j < cw; j++) tr[j] = 0.0f;
+  }
+}
+
+/* One (b, h) pair. Q, K, V point at row 0 of the head in qkv (row stride 3C),
+ * o at row 0 of the head in out (row stride C), a at the pair's (T,T) block. */
+static void attention_fwd_head(float *o, float *a, const float *Q, const float *K,
+                               const float *V, int T, int C, int HS, int h, uint64_t sample,
+                               const mt_dropout *drop) {
+  int ld3 = 3 * C;
+  float scale = 1.0f / sqrtf((float)HS);
+  for (int r0 = 0; r0 < T; r0 += ATT_RB) {
+    int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
+    float *ab = a + (size_t)r0 * T;
+    // scores (rb, r1) = scale · Q[r0:r1] · K[0:r1]ᵀ
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, r1, HS, scale,
+             Q + (size_t)r0 * ld3, ld3, K, ld3, 0.0f, ab, T);
+    for (int i = 0; i < rb; i++) {
+      int t = r0 + i;
+      float *row = ab + (size_t)i * T;
+      float mx = -FLT_MAX;
+#pragma omp simd reduction(max : mx)
+      for (int j = 0; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j <= t; j++) {
+        float e = expf(row[j] - mx);
+        row[j] = e;
+        sum += e;
+      }
+      float inv = 1.0f / sum;
+#pragma omp simd
+      for (int j = 0; j <= t; j++) row[j] *= inv;
+      memset(row + t + 1, 0, (size_t)(T - t - 1) * sizeof(float));
+    }
+    float *ob = o + (size_t)r0 * C;
+    if (!drop) {  // out[r0:r1] = P[r0:r1, 0:r1] · V[0:r1]
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, ab, T, V,
+               ld3, 0.0f, ob, C);
+      continue;
+    }
+    float tile[ATT_RB * ATT_CB];
+    for (int c0 = 0; c0 < r1; c0 += ATT_CB) {
+      int cw = r1 - c0 < ATT_CB ? r1 - c0 : ATT_CB;
+      dropout_tile(tile, ab, T, rb, c0, cw, r0, h, sample, drop);
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, cw, 1.0f, tile, cw,
+               V + (size_t)c0 * ld3, ld3, c0 ? 1.0f : 0.0f, ob, C);
+    }
+  }
+}
+
+static void attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
+                          int C, int NH, const mt_dropout *drop) {
+  if (drop && drop->p == 0.0f) drop = NULL;
+  int HS = C / NH;
+#pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
+  for (int b = 0; b < B; b++) {
+    for (int h = 0; h < NH; h++) {
+      const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+      attention_fwd_head(out + (size_t)b * T * C + (size_t)h * HS,
+                         att + ((size_t)b * NH + h) * T * T, q, q + C, q + 2 * C, T, C, HS, h,
+                         drop ? drop->sample0 + (uint64_t)b : 0, drop);
+    }
+  }
+}
+
+/* Backward of one (b, h) pair, by blocks of query rows. With Pd the dropped
+ * probabilities (P itself without dropout) and G = (dout · Vᵀ) ∘ Pd, the
+ * softmax backward is dS = G - P ∘ rowsum(G), scaled by 1/sqrt(HS); the
+ * block's dS lives in its rows of the scratch. dq, dk, dv have row stride 3C,
+ * g (dout) row stride C. */
+static void attention_bwd_head(float *dq, float *dk, float *dv, float *s, const float *g,
+                               const float *Q, const float *K, const float *V, const float *a,
+                               int T, int C, int HS, int h, uint64_t sample,
+                               const mt_dropout *drop) {
+  int ld3 = 3 * C;
+  float scale = 1.0f / sqrtf((float)HS);
+  float tile[ATT_RB * ATT_CB];
+  for (int r0 = 0; r0 < T; r0 += ATT_RB) {
+    int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
+    const float *ab = a + (size_t)r0 * T, *gb = g + (size_t)r0 * C;
+    float *sb = s + (size_t)r0 * T;
+    float rowsum[ATT_RB] = {0};
+    int cmax = drop ? ATT_CB : r1;
+    for (int c0 = 0; c0 < r1; c0 += cmax) {
+      int cw = r1 - c0 < cmax ? r1 - c0 : cmax;
+      const float *pd = ab + c0;
+      int ldp = T;
+      if (drop) {
+        dropout_tile(tile, ab, T, rb, c0, cw, r0, h, sample, drop);
+        pd = tile;
+        ldp = cw;
+      }
+      // dV[c0:c0+cw] += Pdᵀ · dout[r0:r1]
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, cw, HS, rb, 1.0f, pd, ldp, gb,
+               C, 1.0f, dv + (size_t)c0 * ld3, ld3);
+      // S[r0:r1, c0:c0+cw] = dout[r0:r1] · V[c0:c0+cw]ᵀ
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, cw, HS, 1.0f, gb, C,
+               V + (size_t)c0 * ld3, ld3, 0.0f, sb + c0, T);
+      for (int i = 0; i < rb; i++) {
+        int t = r0 + i;
+        int live = t + 1 - c0 < cw ? t + 1 - c0 : cw;
+        if (live < 0) live = 0;
+        float *sr = sb + (size_t)i * T + c0;
+        const float *pr = pd + (size_t)i * ldp;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int j = 0; j < live; j++) {
+          float gg = sr[j] * pr[j];
+          sr[j] = gg;
+          acc += gg;
+        }
+        for (int j = live; j < cw; j++) sr[j] = 0.0f;
+        rowsum[i] += acc;
+      }
+    }
+    for (int i = 0; i < rb; i++) {
+      int t = r0 + i;
+      float *sr = sb + (size_t)i * T;
+      const float *pr = ab + (size_t)i * T;
+      float rs = rowsum[i];
+#pragma omp simd
+      for (int j = 0; j <= t; j++) sr[j] = (sr[j] - pr[j] * rs) * scale;
+    }
+    // dQ[r0:r1] += dS · K[0:r1];  dK[0:r1] += dSᵀ · Q[r0:r1]
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, sb, T, K, ld3,
+             1.0f, dq + (size_t)r0 * ld3, ld3);
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, r1, HS, rb, 1.0f, sb, T,
+             Q + (size_t)r0 * ld3, ld3, 1.0f, dk, ld3);
+  }
+}
+
+static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
+                          const float *qkv, const float *att, int B, int T, int C, int NH,
+                          const mt_dropout *drop) {
+  if (drop && drop->p == 0.0f) drop = NULL;
+  int HS = C / NH;
+#pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
+  for (int b = 0; b < B; b++) {
+    for (int h = 0; h < NH; h++) {
+      size_t qoff = (size_t)b * T * 3 * C + (size_t)h * HS;
+      size_t aoff = ((size_t)b * NH + h) * T * T;
+      float *dq = dqkv + qoff;
+      const float *q = qkv + qoff;
+      attention_bwd_head(dq, dq + C, dq + 2 * C, scratch + aoff,
+                         dout + (size_t)b * T * C + (size_t)h * HS, q, q + C, q + 2 * C,
+                         att + aoff, T, C, HS, h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
+    }
+  }
+}
+
+/* ---- element-wise ------------------------------------------------------- */
+
+/* Fixed chunks: an element's result must not depend on the thread count
+ * (see the libmvec note at the top). */
+#define EW_CHUNK 8192
+
+static void gelu_fwd(mt_device *d, float *out, const float *inp, size_t n) {
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
+  for (size_t i = 0; i < n; i++) out[i] = mt_gelu(inp[i]);
+}
+
+static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n) {
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
+  for (size_t i = 0; i < n; i++) dinp[i] += mt_gelu_grad(inp[i]) * dout[i];
+}
+
+static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+static void add_inplace(mt_device *d, float *dst, const float *src, size_t n) {
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+static void scale(mt_device *d, float *x, float s, size_t n) {
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+/* Partial sums over SUMSQ_PARTS fixed segments, added in order: the result
+ * does not depend on the thread count. */
+#define SUMSQ_PARTS 64
+
+static double sumsq(mt_device *d, const float *x, size_t n) {
+  double part[SUMSQ_PARTS];
+  size_t seg = (n + SUMSQ_PARTS - 1) / SUMSQ_PARTS;
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (int k = 0; k < SUMSQ_PARTS; k++) {
+    size_t i0 = (size_t)k * seg < n ? (size_t)k * seg : n, i1 = i0 + seg < n ? i0 + seg : n;
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (size_t i = i0; i < i1; i++) acc += (double)x[i] * (double)x[i];
+    part[k] = acc;
+  }
+  double acc = 0.0;
+  for (int k = 0; k < SUMSQ_PARTS; k++) acc += part[k];
+  return acc;
+}
+
+/* ---- dropout ------------------------------------------------------------ */
+
+#define DROP_CHUNK 4096 /* elements of one sample per loop iteration, a multiple of 4 */
+
+/* out (+)= inp * mask over (B, per_sample), parallel over fixed chunks */
+static void dropout_rows(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
+                         const mt_dropout *drop, int accumulate) {
+  size_t chunks = (per_sample + DROP_CHUNK - 1) / DROP_CHUNK;
+#pragma omp parallel for collapse(2) num_threads(nthreads(d)) \
+    if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
+  for (int b = 0; b < B; b++) {
+    for (size_t k = 0; k < chunks; k++) {
+      size_t e0 = k * DROP_CHUNK, n = per_sample - e0 < DROP_CHUNK ? per_sample - e0 : DROP_CHUNK;
+      size_t off = (size_t)b * per_sample + e0;
+      uint64_t sample = drop->sample0 + (uint64_t)b;
+      if (accumulate)
+        dropout_apply(out + off, inp + off, n, e0, sample, drop, 1);
+      else
+        dropout_apply(out + off, inp + off, n, e0, sample, drop, 0);
+    }
+  }
+}
+
+static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
+                        const mt_dropout *drop) {
+  if (!drop || drop->p == 0.0f) {
+    if (out != inp) memmove(out, inp, (size_t)B * per_sample * sizeof(float));
+    return;
+  }
+  dropout_rows(d, out, inp, B, per_sample, drop, 0);
+}
+
+static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
+                        const mt_dropout *drop) {
+  if (!drop || drop->p == 0.0f) {
+    add_inplace(d, dinp, dout, (size_t)B * per_sample);
+    return;
+  }
+  dropout_rows(d, dinp, dout, B, per_sample, drop, 1);
+}
+
+/* ---- cross-entropy ------------------------------------------------------ */
+
+/* Forward and backward in one visit of each row (it stays in L2): max, then
+ * exp written into dlogits while summing in double, then one scaling pass. */
+static void crossentropy(mt_device *d, float *losses, float *dlogits, const float *logits,
+                         const int32_t *targets, float dloss, int N, int V, int Vp) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * Vp >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const float *x = logits + (size_t)n * Vp;
+    float *dx = dlogits ? dlogits + (size_t)n * Vp : NULL;
+    int tg = targets[n];
+    float xt = x[tg]; /* before dlogits, which may alias logits, overwrites it */
+    float mx = -FLT_MAX;
+#pragma omp simd reduction(max : mx)
+    for (int j = 0; j < V; j++) mx = x[j] > mx ? x[j] : mx;
+    double sum = 0.0;
+    if (dx) {
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < V; j++) {
+        float e = expf(x[j] - mx);
+        dx[j] = e;
+        sum += e;
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < V; j++) sum += expf(x[j] - mx);
+    }
+    if (losses) losses[n] = (float)((double)mx + log(sum) - (double)xt);
+    if (dx) {
+      float f = (float)((double)dloss / sum);
+#pragma omp simd
+      for (int j = 0; j < V; j++) dx[j] *= f;
+      dx[tg] -= dloss;
+      if (Vp > V) memset(dx + V, 0, (size_t)(Vp - V) * sizeof(float));
+    }
+  }
+}
+
+/* ---- optimizer ---------------------------------------------------------- */
+
+static void adamw(mt_device *d, float *param, const float *grad, float *m, float *v, size_t n,
+                  float lr, float beta1, float beta2, float eps, float wd, float grad_scale, int t) {
+  float bc1 = (float)(1.0 - pow((double)beta1, (double)t));
+  float bc2 = (float)(1.0 - pow((double)beta2, (double)t));
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++)
+    param[i] = mt_adamw_update(param[i], grad[i] * grad_scale, &m[i], &v[i], lr, beta1, beta2,
+                               eps, wd, bc1, bc2);
+}
+
+const mt_ops mt_cpu_ops = {
+    .name = "cpu",
+    .embedding_fwd = embedding_fwd,
+    .embedding_bwd = embedding_bwd,
+    .layernorm_fwd = layernorm_fwd,
+    .layernorm_bwd = layernorm_bwd,
+    .linear_fwd = linear_fwd,
+    .linear_bwd = linear_bwd,
+    .attention_fwd = attention_fwd,
+    .attention_bwd = attention_bwd,
+    .gelu_fwd = gelu_fwd,
+    .gelu_bwd = gelu_bwd,
+    .residual_fwd = residual_fwd,
+    .add_inplace = add_inplace,
+    .dropout_fwd = dropout_fwd,
+    .dropout_bwd = dropout_bwd,
+    .crossentropy = crossentropy,
+    .adamw = adamw,
+    .sumsq = sumsq,
+    .scale = scale,
+};
