@@ -60,9 +60,9 @@ static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const
   int N = B * T;
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
   for (int n = 0; n < N; n++) {
-    float *o = out + (size_t)n * C;                   // (C)
-    const float *we = wte + (size_t)tokens[n] * C;    // (C)
-    const float *wp = wpe + (size_t)(n % T) * C;      // (C)
+    float *o = out + (size_t)n * C;                // (C)
+    const float *we = wte + (size_t)tokens[n] * C; // (C)
+    const float *wp = wpe + (size_t)(n % T) * C;   // (C)
 #pragma omp simd
     for (int c = 0; c < C; c++) o[c] = we[c] + wp[c];
   }
@@ -94,17 +94,17 @@ static void embedding_bwd(mt_device *d, float *dwte, float *dwpe, const float *d
 /* ---- layernorm ---------------------------------------------------------- */
 
 /* One pass over memory per row: the row stays in L1 for the statistics
- * (mean, then the centred variance) and the normalised write. */
+ * (the mean, then the centred variance) and the normalised write. */
 static void layernorm_fwd(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
                           const float *w, const float *b, int N, int C, float eps) {
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
   for (int n = 0; n < N; n++) {
     const float *x = inp + (size_t)n * C;
     float *o = out + (size_t)n * C;
-    float s = 0.0f;
+    double s = 0.0; /* double: the mean of a wide row with a large offset */
 #pragma omp simd reduction(+ : s)
     for (int c = 0; c < C; c++) s += x[c];
-    float m = s / (float)C;
+    float m = (float)(s / C);
     float v = 0.0f;
 #pragma omp simd reduction(+ : v)
     for (int c = 0; c < C; c++) {
@@ -198,9 +198,9 @@ static void column_sum_acc(mt_device *d, float *dst, const float *src, int N, in
 
 static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
                        const float *inp, const float *w, int N, int C, int OC) {
-  if (dinp)  // (N,C) += (N,OC) · (OC,C)
-    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, N, C, OC, 1.0f, dout, OC, w,
-             C, 1.0f, dinp, C);
+  if (dinp) // (N,C) += (N,OC) · (OC,C)
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, N, C, OC, 1.0f, dout, OC, w, C,
+             1.0f, dinp, C);
   // (OC,C) += (N,OC)ᵀ · (N,C)
   mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, OC, C, N, 1.0f, dout, OC, inp, C,
            1.0f, dw, C);
@@ -255,8 +255,8 @@ static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int
 
 /* One (b, h) pair. Q, K, V point at row 0 of the head in qkv (row stride 3C),
  * o at row 0 of the head in out (row stride C), a at the pair's (T,T) block. */
-static void attention_fwd_head(float *o, float *a, const float *Q, const float *K,
-                               const float *V, int T, int C, int HS, int h, uint64_t sample,
+static void attention_fwd_head(float *o, float *a, const float *Q, const float *K, const float *V,
+                               int T, int C, int HS, int h, uint64_t sample,
                                const mt_dropout *drop) {
   int ld3 = 3 * C;
   float scale = 1.0f / sqrtf((float)HS);
@@ -285,7 +285,7 @@ static void attention_fwd_head(float *o, float *a, const float *Q, const float *
       memset(row + t + 1, 0, (size_t)(T - t - 1) * sizeof(float));
     }
     float *ob = o + (size_t)r0 * C;
-    if (!drop) {  // out[r0:r1] = P[r0:r1, 0:r1] · V[0:r1]
+    if (!drop) { // out[r0:r1] = P[r0:r1, 0:r1] · V[0:r1]
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, ab, T, V,
                ld3, 0.0f, ob, C);
       continue;
@@ -343,8 +343,8 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, float *s, const 
         ldp = cw;
       }
       // dV[c0:c0+cw] += Pdᵀ · dout[r0:r1]
-      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, cw, HS, rb, 1.0f, pd, ldp, gb,
-               C, 1.0f, dv + (size_t)c0 * ld3, ld3);
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, cw, HS, rb, 1.0f, pd, ldp, gb, C,
+               1.0f, dv + (size_t)c0 * ld3, ld3);
       // S[r0:r1, c0:c0+cw] = dout[r0:r1] · V[c0:c0+cw]ᵀ
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, cw, HS, 1.0f, gb, C,
                V + (size_t)c0 * ld3, ld3, 0.0f, sb + c0, T);
@@ -394,8 +394,8 @@ static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float
       float *dq = dqkv + qoff;
       const float *q = qkv + qoff;
       attention_bwd_head(dq, dq + C, dq + 2 * C, scratch + aoff,
-                         dout + (size_t)b * T * C + (size_t)h * HS, q, q + C, q + 2 * C,
-                         att + aoff, T, C, HS, h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
+                         dout + (size_t)b * T * C + (size_t)h * HS, q, q + C, q + 2 * C, att + aoff,
+                         T, C, HS, h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
     }
   }
 }
@@ -432,8 +432,24 @@ static void scale(mt_device *d, float *x, float s, size_t n) {
 }
 
 /* Partial sums over SUMSQ_PARTS fixed segments, added in order: the result
- * does not depend on the thread count. */
+ * does not depend on the thread count. Sixteen running sums per segment (four
+ * AVX2 registers) hide the latency of the additions; one sum would make this
+ * latency-bound at half the memory bandwidth. */
 #define SUMSQ_PARTS 64
+#define SUMSQ_LANES 16
+
+static double sumsq_range(const float *x, size_t n) {
+  double lane[SUMSQ_LANES] = {0};
+  size_t i = 0;
+  for (; i + SUMSQ_LANES <= n; i += SUMSQ_LANES) {
+#pragma omp simd
+    for (int j = 0; j < SUMSQ_LANES; j++) lane[j] += (double)x[i + j] * (double)x[i + j];
+  }
+  for (; i < n; i++) lane[0] += (double)x[i] * (double)x[i];
+  double acc = 0.0;
+  for (int j = 0; j < SUMSQ_LANES; j++) acc += lane[j];
+  return acc;
+}
 
 static double sumsq(mt_device *d, const float *x, size_t n) {
   double part[SUMSQ_PARTS];
@@ -441,10 +457,7 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
 #pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (int k = 0; k < SUMSQ_PARTS; k++) {
     size_t i0 = (size_t)k * seg < n ? (size_t)k * seg : n, i1 = i0 + seg < n ? i0 + seg : n;
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-    for (size_t i = i0; i < i1; i++) acc += (double)x[i] * (double)x[i];
-    part[k] = acc;
+    part[k] = sumsq_range(x + i0, i1 - i0);
   }
   double acc = 0.0;
   for (int k = 0; k < SUMSQ_PARTS; k++) acc += part[k];
@@ -459,8 +472,8 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
 static void dropout_rows(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
                          const mt_dropout *drop, int accumulate) {
   size_t chunks = (per_sample + DROP_CHUNK - 1) / DROP_CHUNK;
-#pragma omp parallel for collapse(2) num_threads(nthreads(d)) \
-    if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
+#pragma omp parallel for collapse(2)                                                               \
+    num_threads(nthreads(d)) if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
   for (int b = 0; b < B; b++) {
     for (size_t k = 0; k < chunks; k++) {
       size_t e0 = k * DROP_CHUNK, n = per_sample - e0 < DROP_CHUNK ? per_sample - e0 : DROP_CHUNK;
@@ -533,13 +546,14 @@ static void crossentropy(mt_device *d, float *losses, float *dlogits, const floa
 /* ---- optimizer ---------------------------------------------------------- */
 
 static void adamw(mt_device *d, float *param, const float *grad, float *m, float *v, size_t n,
-                  float lr, float beta1, float beta2, float eps, float wd, float grad_scale, int t) {
+                  float lr, float beta1, float beta2, float eps, float wd, float grad_scale,
+                  int t) {
   float bc1 = (float)(1.0 - pow((double)beta1, (double)t));
   float bc2 = (float)(1.0 - pow((double)beta2, (double)t));
 #pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (size_t i = 0; i < n; i++)
-    param[i] = mt_adamw_update(param[i], grad[i] * grad_scale, &m[i], &v[i], lr, beta1, beta2,
-                               eps, wd, bc1, bc2);
+    param[i] = mt_adamw_update(param[i], grad[i] * grad_scale, &m[i], &v[i], lr, beta1, beta2, eps,
+                               wd, bc1, bc2);
 }
 
 const mt_ops mt_cpu_ops = {

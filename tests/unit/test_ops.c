@@ -1,0 +1,996 @@
+/* test_ops.c — the CPU backend's ops (kernels/cpu/ops_cpu.c) against
+ * references written here in double precision.
+ *
+ * - Every forward is compared with an independent double reference.
+ * - Every backward is compared with central finite differences (h = 1e-6, in
+ *   double) of that reference under a random projection L = Σ r_i·out_i; the
+ *   op is called with dout = r. Big tensors are checked on a random subset of
+ *   FD_SUBSET (>= 200) elements, small ones on every element.
+ * - Tensors are compared norm-wise: rel = ||a − b|| / max(||a||, ||b||).
+ *   Gradients against finite differences pass with rel < 1e-3 (GRAD_TOL);
+ *   forwards against the double reference with rel < 1e-5 (FWD_TOL).
+ * - Backward ops accumulate: gradients pre-filled with a known value must end
+ *   as value + gradient (ACC_TOL on the difference).
+ * One line per check; the exit status is 1 when any check fails.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "device.h"
+#include "mtmath.h"
+#include "ops.h"
+
+#define FWD_TOL 1e-5
+#define GRAD_TOL 1e-3
+#define ACC_TOL 1e-5
+#define FD_H 1e-6
+#define FD_SUBSET 200
+#define PREFILL 0.25f
+
+static mt_device dev;
+static const mt_ops *ops;
+static int n_checks, n_failed;
+
+static void report(int ok, const char *test, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  printf("%s %s: ", ok ? "ok  " : "FAIL", test);
+  vprintf(fmt, ap);
+  printf("\n");
+  va_end(ap);
+  n_checks++;
+  if (!ok) n_failed++;
+}
+
+/* ---- data --------------------------------------------------------------- */
+
+static uint64_t rng_state = 20240601;
+
+static uint64_t rng_u64(void) { /* splitmix64 */
+  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static double urand(double lo, double hi) {
+  return lo + (hi - lo) * (double)(rng_u64() >> 11) * 0x1p-53;
+}
+
+static void *xmalloc(size_t bytes) {
+  void *p = calloc(1, bytes ? bytes : 1);
+  if (!p) {
+    fprintf(stderr, "test_ops: out of memory (%zu bytes)\n", bytes);
+    exit(2);
+  }
+  return p;
+}
+
+static float *fzeros(size_t n) { return xmalloc(n * sizeof(float)); }
+static double *dzeros(size_t n) { return xmalloc(n * sizeof(double)); }
+
+static float *frand(size_t n, double lo, double hi) {
+  float *x = fzeros(n);
+  for (size_t i = 0; i < n; i++) x[i] = (float)urand(lo, hi);
+  return x;
+}
+
+static float *fcopy(const float *x, size_t n) {
+  float *y = fzeros(n);
+  memcpy(y, x, n * sizeof(float));
+  return y;
+}
+
+static double *dcopy(const float *x, size_t n) {
+  double *y = dzeros(n);
+  for (size_t i = 0; i < n; i++) y[i] = x[i];
+  return y;
+}
+
+static void ffill(float *x, size_t n, float v) {
+  for (size_t i = 0; i < n; i++) x[i] = v;
+}
+
+static double dot(const double *a, const double *b, size_t n) {
+  double s = 0.0;
+  for (size_t i = 0; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* ---- comparisons -------------------------------------------------------- */
+
+static double rel_err(const float *a, const double *b, size_t n) {
+  double d = 0.0, na = 0.0, nb = 0.0;
+  for (size_t i = 0; i < n; i++) {
+    d += (a[i] - b[i]) * (a[i] - b[i]);
+    na += (double)a[i] * a[i];
+    nb += b[i] * b[i];
+  }
+  double den = sqrt(na > nb ? na : nb);
+  return den == 0.0 ? sqrt(d) : sqrt(d) / den;
+}
+
+static void check_fwd(const char *test, const char *what, const float *a, const double *ref,
+                      size_t n) {
+  double r = rel_err(a, ref, n);
+  report(r < FWD_TOL, test, "%s rel %.2e over %zu elements", what, r, n);
+}
+
+static int bits_equal(const float *a, const float *b, size_t n) {
+  return memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+/* The reference loss L = Σ r·out of one op, as a function of its double inputs. */
+typedef double (*loss_fn)(void *ctx);
+
+/* Compares grad (the op's float gradient of x) with central differences of
+ * f with respect to the double copy x, on every element or on a random
+ * subset of FD_SUBSET. x is restored. */
+static void check_grad(const char *test, const char *what, loss_fn f, void *ctx, double *x,
+                       size_t n, const float *grad) {
+  size_t k = n <= FD_SUBSET ? n : FD_SUBSET;
+  size_t *idx = xmalloc(k * sizeof(size_t));
+  for (size_t i = 0; i < k; i++) idx[i] = n <= FD_SUBSET ? i : (size_t)(rng_u64() % n);
+  float *a = fzeros(k);
+  double *g = dzeros(k);
+  for (size_t i = 0; i < k; i++) {
+    double x0 = x[idx[i]];
+    x[idx[i]] = x0 + FD_H;
+    double lp = f(ctx);
+    x[idx[i]] = x0 - FD_H;
+    double lm = f(ctx);
+    x[idx[i]] = x0;
+    g[i] = (lp - lm) / (2.0 * FD_H);
+    a[i] = grad[idx[i]];
+  }
+  double r = rel_err(a, g, k);
+  report(r < GRAD_TOL, test, "%s rel %.2e on %zu of %zu elements", what, r, k, n);
+  free(idx);
+  free(a);
+  free(g);
+}
+
+/* after: the op's gradient when it started from PREFILL; fresh: from zero.
+ * Accumulation means after − PREFILL == fresh (up to one rounding of PREFILL). */
+static void check_accumulates(const char *test, const char *what, const float *after,
+                              const float *fresh, size_t n) {
+  double d = 0.0, nf = 0.0;
+  for (size_t i = 0; i < n; i++) {
+    double e = ((double)after[i] - PREFILL) - fresh[i];
+    d += e * e;
+    nf += (double)fresh[i] * fresh[i];
+  }
+  double r = nf == 0.0 ? sqrt(d) : sqrt(d / nf);
+  report(r < ACC_TOL, test, "%s: prefilled %.2f + gradient, rel %.2e", what, PREFILL, r);
+}
+
+/* ---- embedding ---------------------------------------------------------- */
+
+typedef struct {
+  int B, T, C, V, Vp;
+  int32_t *tok;
+  float *wte, *wpe, *r; /* the op's inputs; r is dout */
+  double *dwte, *dwpe;  /* double copies of the parameters (perturbed by FD) */
+  double *dr, *out;
+} emb_case;
+
+static void emb_ref(double *out, const int32_t *tok, const double *wte, const double *wpe, int B,
+                    int T, int C) {
+  for (int b = 0; b < B; b++)
+    for (int t = 0; t < T; t++)
+      for (int c = 0; c < C; c++)
+        out[((size_t)b * T + t) * C + c] =
+            wte[(size_t)tok[b * T + t] * C + c] + wpe[(size_t)t * C + c];
+}
+
+static double emb_loss(void *p) {
+  emb_case *e = p;
+  emb_ref(e->out, e->tok, e->dwte, e->dwpe, e->B, e->T, e->C);
+  return dot(e->out, e->dr, (size_t)e->B * e->T * e->C);
+}
+
+static emb_case emb_make(int B, int T, int C, int V, int Vp) {
+  emb_case e = {B, T, C, V, Vp, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+  size_t N = (size_t)B * T;
+  e.tok = xmalloc(N * sizeof(int32_t));
+  for (size_t i = 0; i < N; i++) e.tok[i] = (int32_t)(rng_u64() % (uint64_t)V);
+  e.tok[N - 1] = e.tok[0]; /* a repeated token: its gradient rows must add */
+  e.tok[1] = V - 1;
+  e.wte = frand((size_t)Vp * C, -1, 1);
+  e.wpe = frand((size_t)T * C, -1, 1);
+  e.r = frand(N * C, -1, 1);
+  e.dwte = dcopy(e.wte, (size_t)Vp * C);
+  e.dwpe = dcopy(e.wpe, (size_t)T * C);
+  e.dr = dcopy(e.r, N * C);
+  e.out = dzeros(N * C);
+  return e;
+}
+
+static void emb_free(emb_case *e) {
+  free(e->tok), free(e->wte), free(e->wpe), free(e->r);
+  free(e->dwte), free(e->dwpe), free(e->dr), free(e->out);
+}
+
+static void test_embedding_fwd_matches_reference(int B, int T, int C, int V, int Vp) {
+  emb_case e = emb_make(B, T, C, V, Vp);
+  size_t n = (size_t)B * T * C;
+  float *out = frand(n, -9, 9);
+  ops->embedding_fwd(&dev, out, e.tok, e.wte, e.wpe, B, T, C);
+  emb_ref(e.out, e.tok, e.dwte, e.dwpe, B, T, C);
+  char what[64];
+  snprintf(what, sizeof what, "B=%d T=%d C=%d out", B, T, C);
+  check_fwd(__func__, what, out, e.out, n);
+  free(out);
+  emb_free(&e);
+}
+
+static void test_embedding_bwd_matches_finite_differences(int B, int T, int C, int V, int Vp) {
+  emb_case e = emb_make(B, T, C, V, Vp);
+  float *gwte = fzeros((size_t)Vp * C), *gwpe = fzeros((size_t)T * C);
+  ops->embedding_bwd(&dev, gwte, gwpe, e.r, e.tok, B, T, C);
+  char what[64];
+  snprintf(what, sizeof what, "B=%d T=%d C=%d Vp=%d dwte", B, T, C, Vp);
+  check_grad(__func__, what, emb_loss, &e, e.dwte, (size_t)Vp * C, gwte);
+  snprintf(what, sizeof what, "B=%d T=%d C=%d dwpe", B, T, C);
+  check_grad(__func__, what, emb_loss, &e, e.dwpe, (size_t)T * C, gwpe);
+  free(gwte), free(gwpe);
+  emb_free(&e);
+}
+
+static void test_embedding_bwd_accumulates(void) {
+  int B = 2, T = 7, C = 12, V = 37, Vp = 40;
+  emb_case e = emb_make(B, T, C, V, Vp);
+  float *gwte = fzeros((size_t)Vp * C), *gwpe = fzeros((size_t)T * C);
+  float *awte = fzeros((size_t)Vp * C), *awpe = fzeros((size_t)T * C);
+  ffill(awte, (size_t)Vp * C, PREFILL);
+  ffill(awpe, (size_t)T * C, PREFILL);
+  ops->embedding_bwd(&dev, gwte, gwpe, e.r, e.tok, B, T, C);
+  ops->embedding_bwd(&dev, awte, awpe, e.r, e.tok, B, T, C);
+  check_accumulates(__func__, "dwte", awte, gwte, (size_t)Vp * C);
+  check_accumulates(__func__, "dwpe", awpe, gwpe, (size_t)T * C);
+  free(gwte), free(gwpe), free(awte), free(awpe);
+  emb_free(&e);
+}
+
+/* ---- layernorm ---------------------------------------------------------- */
+
+#define LN_EPS 1e-5f
+
+typedef struct {
+  int N, C;
+  float *inp, *w, *b, *r;
+  double *dinp, *dw, *db, *dr, *out, *mean, *rstd;
+} ln_case;
+
+static void ln_ref(double *out, double *mean, double *rstd, const double *inp, const double *w,
+                   const double *b, int N, int C, double eps) {
+  for (int n = 0; n < N; n++) {
+    const double *x = inp + (size_t)n * C;
+    double m = 0.0, v = 0.0;
+    for (int c = 0; c < C; c++) m += x[c];
+    m /= C;
+    for (int c = 0; c < C; c++) v += (x[c] - m) * (x[c] - m);
+    v /= C;
+    double rs = 1.0 / sqrt(v + eps);
+    for (int c = 0; c < C; c++) out[(size_t)n * C + c] = (x[c] - m) * rs * w[c] + b[c];
+    mean[n] = m;
+    rstd[n] = rs;
+  }
+}
+
+static double ln_loss(void *p) {
+  ln_case *l = p;
+  ln_ref(l->out, l->mean, l->rstd, l->dinp, l->dw, l->db, l->N, l->C, LN_EPS);
+  return dot(l->out, l->dr, (size_t)l->N * l->C);
+}
+
+static ln_case ln_make(int N, int C) {
+  ln_case l = {N, C, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+  size_t n = (size_t)N * C;
+  /* means away from zero (the variance must be centred) and spreads from 1
+   * down to 0.03, where eps is 3% of the variance */
+  l.inp = frand(n, -1, 1);
+  for (int i = 0; i < N; i++)
+    for (int c = 0; c < C; c++) {
+      float spread = i % 3 == 0 ? 1.0f : i % 3 == 1 ? 0.1f : 0.03f;
+      l.inp[(size_t)i * C + c] = 1.0f + spread * l.inp[(size_t)i * C + c];
+    }
+  l.w = frand((size_t)C, 0.5, 1.5);
+  l.b = frand((size_t)C, -1, 1);
+  l.r = frand(n, -1, 1);
+  l.dinp = dcopy(l.inp, n);
+  l.dw = dcopy(l.w, (size_t)C);
+  l.db = dcopy(l.b, (size_t)C);
+  l.dr = dcopy(l.r, n);
+  l.out = dzeros(n);
+  l.mean = dzeros((size_t)N);
+  l.rstd = dzeros((size_t)N);
+  return l;
+}
+
+static void ln_free(ln_case *l) {
+  free(l->inp), free(l->w), free(l->b), free(l->r), free(l->dinp), free(l->dw);
+  free(l->db), free(l->dr), free(l->out), free(l->mean), free(l->rstd);
+}
+
+static void test_layernorm_fwd_matches_reference(int N, int C) {
+  ln_case l = ln_make(N, C);
+  size_t n = (size_t)N * C;
+  float *out = frand(n, -9, 9), *mean = fzeros((size_t)N), *rstd = fzeros((size_t)N);
+  ops->layernorm_fwd(&dev, out, mean, rstd, l.inp, l.w, l.b, N, C, LN_EPS);
+  ln_ref(l.out, l.mean, l.rstd, l.dinp, l.dw, l.db, N, C, LN_EPS);
+  char what[64];
+  snprintf(what, sizeof what, "N=%d C=%d out", N, C);
+  check_fwd(__func__, what, out, l.out, n);
+  check_fwd(__func__, "mean", mean, l.mean, (size_t)N);
+  check_fwd(__func__, "rstd", rstd, l.rstd, (size_t)N);
+  free(out), free(mean), free(rstd);
+  ln_free(&l);
+}
+
+/* runs fwd then bwd from the given gradient buffers */
+static void ln_run_bwd(ln_case *l, float *gin, float *gw, float *gb) {
+  size_t n = (size_t)l->N * l->C;
+  float *out = fzeros(n), *mean = fzeros((size_t)l->N), *rstd = fzeros((size_t)l->N);
+  ops->layernorm_fwd(&dev, out, mean, rstd, l->inp, l->w, l->b, l->N, l->C, LN_EPS);
+  ops->layernorm_bwd(&dev, gin, gw, gb, l->r, l->inp, l->w, mean, rstd, l->N, l->C);
+  free(out), free(mean), free(rstd);
+}
+
+static void test_layernorm_bwd_matches_finite_differences(int N, int C) {
+  ln_case l = ln_make(N, C);
+  size_t n = (size_t)N * C;
+  float *gin = fzeros(n), *gw = fzeros((size_t)C), *gb = fzeros((size_t)C);
+  ln_run_bwd(&l, gin, gw, gb);
+  char what[64];
+  snprintf(what, sizeof what, "N=%d C=%d dinp", N, C);
+  check_grad(__func__, what, ln_loss, &l, l.dinp, n, gin);
+  check_grad(__func__, "dw", ln_loss, &l, l.dw, (size_t)C, gw);
+  check_grad(__func__, "db", ln_loss, &l, l.db, (size_t)C, gb);
+  free(gin), free(gw), free(gb);
+  ln_free(&l);
+}
+
+static void test_layernorm_bwd_accumulates(void) {
+  int N = 13, C = 12;
+  ln_case l = ln_make(N, C);
+  size_t n = (size_t)N * C;
+  float *gin = fzeros(n), *gw = fzeros((size_t)C), *gb = fzeros((size_t)C);
+  float *ain = fzeros(n), *aw = fzeros((size_t)C), *ab = fzeros((size_t)C);
+  ffill(ain, n, PREFILL), ffill(aw, (size_t)C, PREFILL), ffill(ab, (size_t)C, PREFILL);
+  ln_run_bwd(&l, gin, gw, gb);
+  ln_run_bwd(&l, ain, aw, ab);
+  check_accumulates(__func__, "dinp", ain, gin, n);
+  check_accumulates(__func__, "dw", aw, gw, (size_t)C);
+  check_accumulates(__func__, "db", ab, gb, (size_t)C);
+  free(gin), free(gw), free(gb), free(ain), free(aw), free(ab);
+  ln_free(&l);
+}
+
+/* ---- linear ------------------------------------------------------------- */
+
+typedef struct {
+  int N, C, OC, has_bias;
+  float *inp, *w, *bias, *r;
+  double *dinp, *dw, *dbias, *dr, *out;
+} lin_case;
+
+static void lin_ref(double *out, const double *inp, const double *w, const double *bias, int N,
+                    int C, int OC) {
+  for (int n = 0; n < N; n++)
+    for (int o = 0; o < OC; o++) {
+      double s = bias ? bias[o] : 0.0;
+      for (int c = 0; c < C; c++) s += inp[(size_t)n * C + c] * w[(size_t)o * C + c];
+      out[(size_t)n * OC + o] = s;
+    }
+}
+
+static double lin_loss(void *p) {
+  lin_case *l = p;
+  lin_ref(l->out, l->dinp, l->dw, l->has_bias ? l->dbias : NULL, l->N, l->C, l->OC);
+  return dot(l->out, l->dr, (size_t)l->N * l->OC);
+}
+
+static lin_case lin_make(int N, int C, int OC, int has_bias) {
+  lin_case l = {N, C, OC, has_bias, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+  l.inp = frand((size_t)N * C, -1, 1);
+  l.w = frand((size_t)OC * C, -0.5, 0.5);
+  l.bias = frand((size_t)OC, -1, 1);
+  l.r = frand((size_t)N * OC, -1, 1);
+  l.dinp = dcopy(l.inp, (size_t)N * C);
+  l.dw = dcopy(l.w, (size_t)OC * C);
+  l.dbias = dcopy(l.bias, (size_t)OC);
+  l.dr = dcopy(l.r, (size_t)N * OC);
+  l.out = dzeros((size_t)N * OC);
+  return l;
+}
+
+static void lin_free(lin_case *l) {
+  free(l->inp), free(l->w), free(l->bias), free(l->r), free(l->dinp), free(l->dw);
+  free(l->dbias), free(l->dr), free(l->out);
+}
+
+static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias) {
+  lin_case l = lin_make(N, C, OC, has_bias);
+  float *out = frand((size_t)N * OC, -9, 9);
+  ops->linear_fwd(&dev, out, l.inp, l.w, has_bias ? l.bias : NULL, N, C, OC);
+  lin_ref(l.out, l.dinp, l.dw, has_bias ? l.dbias : NULL, N, C, OC);
+  char what[80];
+  snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s out", N, C, OC, has_bias ? "yes" : "NULL");
+  check_fwd(__func__, what, out, l.out, (size_t)N * OC);
+  free(out);
+  lin_free(&l);
+}
+
+static void test_linear_bwd_matches_finite_differences(int N, int C, int OC, int has_bias) {
+  lin_case l = lin_make(N, C, OC, has_bias);
+  float *gin = fzeros((size_t)N * C), *gw = fzeros((size_t)OC * C), *gb = fzeros((size_t)OC);
+  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, l.inp, l.w, N, C, OC);
+  char what[80];
+  snprintf(what, sizeof what, "N=%d C=%d OC=%d dinp", N, C, OC);
+  check_grad(__func__, what, lin_loss, &l, l.dinp, (size_t)N * C, gin);
+  check_grad(__func__, "dw", lin_loss, &l, l.dw, (size_t)OC * C, gw);
+  if (has_bias) check_grad(__func__, "dbias", lin_loss, &l, l.dbias, (size_t)OC, gb);
+  free(gin), free(gw), free(gb);
+  lin_free(&l);
+}
+
+static void test_linear_bwd_accumulates_and_skips_null(void) {
+  int N = 13, C = 12, OC = 9;
+  lin_case l = lin_make(N, C, OC, 1);
+  float *gin = fzeros((size_t)N * C), *gw = fzeros((size_t)OC * C), *gb = fzeros((size_t)OC);
+  float *ain = fzeros((size_t)N * C), *aw = fzeros((size_t)OC * C), *ab = fzeros((size_t)OC);
+  float *nw = fzeros((size_t)OC * C);
+  ffill(ain, (size_t)N * C, PREFILL), ffill(aw, (size_t)OC * C, PREFILL);
+  ffill(ab, (size_t)OC, PREFILL);
+  ops->linear_bwd(&dev, gin, gw, gb, l.r, l.inp, l.w, N, C, OC);
+  ops->linear_bwd(&dev, ain, aw, ab, l.r, l.inp, l.w, N, C, OC);
+  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, l.inp, l.w, N, C, OC);
+  check_accumulates(__func__, "dinp", ain, gin, (size_t)N * C);
+  check_accumulates(__func__, "dw", aw, gw, (size_t)OC * C);
+  check_accumulates(__func__, "dbias", ab, gb, (size_t)OC);
+  report(bits_equal(nw, gw, (size_t)OC * C), __func__, "dw alone (dinp, dbias NULL) is the same");
+  free(gin), free(gw), free(gb), free(ain), free(aw), free(ab), free(nw);
+  lin_free(&l);
+}
+
+/* ---- attention ---------------------------------------------------------- */
+
+typedef struct {
+  int B, T, C, NH;
+  const mt_dropout *drop;
+  float *qkv, *r;
+  double *dqkv, *dr, *out, *att;
+} att_case;
+
+/* Straight from the definition: per (b, h, t) the scores of keys 0..t, their
+ * softmax (att), the dropped probabilities times the values. */
+static void att_ref(double *out, double *att, const double *qkv, int B, int T, int C, int NH,
+                    const mt_dropout *drop) {
+  int HS = C / NH;
+  double sc = 1.0 / sqrt((double)HS);
+  double *s = dzeros((size_t)T);
+  for (int b = 0; b < B; b++)
+    for (int h = 0; h < NH; h++)
+      for (int t = 0; t < T; t++) {
+        const double *q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * HS;
+        double mx = -INFINITY, sum = 0.0;
+        for (int j = 0; j <= t; j++) {
+          const double *k = qkv + ((size_t)b * T + j) * 3 * C + C + (size_t)h * HS;
+          s[j] = 0.0;
+          for (int i = 0; i < HS; i++) s[j] += q[i] * k[i];
+          s[j] *= sc;
+          if (s[j] > mx) mx = s[j];
+        }
+        for (int j = 0; j <= t; j++) sum += exp(s[j] - mx);
+        double *a = att + (((size_t)b * NH + h) * T + t) * T;
+        for (int j = 0; j < T; j++) a[j] = j <= t ? exp(s[j] - mx) / sum : 0.0;
+        double *o = out + ((size_t)b * T + t) * C + (size_t)h * HS;
+        for (int i = 0; i < HS; i++) o[i] = 0.0;
+        for (int j = 0; j <= t; j++) {
+          double m = 1.0;
+          if (drop && drop->p > 0.0f)
+            m = mt_dropout_scale(drop->p, drop->key, drop->sample0 + (uint64_t)b,
+                                 ((uint64_t)h * T + t) * T + (uint64_t)j);
+          const double *v = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + (size_t)h * HS;
+          for (int i = 0; i < HS; i++) o[i] += a[j] * m * v[i];
+        }
+      }
+  free(s);
+}
+
+static double att_loss(void *p) {
+  att_case *a = p;
+  att_ref(a->out, a->att, a->dqkv, a->B, a->T, a->C, a->NH, a->drop);
+  return dot(a->out, a->dr, (size_t)a->B * a->T * a->C);
+}
+
+static att_case att_make(int B, int T, int C, int NH, const mt_dropout *drop) {
+  att_case a = {B, T, C, NH, drop, NULL, NULL, NULL, NULL, NULL, NULL};
+  size_t N = (size_t)B * T;
+  a.qkv = frand(N * 3 * C, -1.5, 1.5);
+  a.r = frand(N * C, -1, 1);
+  a.dqkv = dcopy(a.qkv, N * 3 * C);
+  a.dr = dcopy(a.r, N * C);
+  a.out = dzeros(N * C);
+  a.att = dzeros((size_t)B * NH * T * T);
+  return a;
+}
+
+static void att_free(att_case *a) {
+  free(a->qkv), free(a->r), free(a->dqkv), free(a->dr), free(a->out), free(a->att);
+}
+
+static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
+                                                 const mt_dropout *drop) {
+  att_case a = att_make(B, T, C, NH, drop);
+  size_t N = (size_t)B * T, na = (size_t)B * NH * T * T;
+  float *out = frand(N * C, -9, 9), *att = frand(na, -9, 9); /* every element must be written */
+  ops->attention_fwd(&dev, out, att, a.qkv, B, T, C, NH, drop);
+  att_ref(a.out, a.att, a.dqkv, B, T, C, NH, drop);
+  char what[96];
+  snprintf(what, sizeof what, "B=%d T=%d C=%d NH=%d dropout %.2f out", B, T, C, NH,
+           drop ? drop->p : 0.0);
+  check_fwd(__func__, what, out, a.out, N * C);
+  check_fwd(__func__, "att (probabilities before dropout)", att, a.att, na);
+  int upper_zero = 1;
+  for (size_t bh = 0; bh < (size_t)B * NH; bh++)
+    for (int t = 0; t < T; t++)
+      for (int j = t + 1; j < T; j++) upper_zero &= att[(bh * T + t) * T + j] == 0.0f;
+  report(upper_zero, __func__, "att rows are exactly zero beyond column t");
+  free(out), free(att);
+  att_free(&a);
+}
+
+/* fwd then bwd; the scratch starts as NaN since its contents are undefined */
+static void att_run_bwd(att_case *a, float *dqkv) {
+  size_t N = (size_t)a->B * a->T, na = (size_t)a->B * a->NH * a->T * a->T;
+  float *out = fzeros(N * a->C), *att = fzeros(na), *scratch = fzeros(na);
+  ffill(scratch, na, NAN);
+  ops->attention_fwd(&dev, out, att, a->qkv, a->B, a->T, a->C, a->NH, a->drop);
+  ops->attention_bwd(&dev, dqkv, scratch, a->r, a->qkv, att, a->B, a->T, a->C, a->NH, a->drop);
+  free(out), free(att), free(scratch);
+}
+
+static void test_attention_bwd_matches_finite_differences(int B, int T, int C, int NH,
+                                                          const mt_dropout *drop) {
+  att_case a = att_make(B, T, C, NH, drop);
+  size_t n = (size_t)B * T * 3 * C;
+  float *g = fzeros(n);
+  att_run_bwd(&a, g);
+  char what[96];
+  snprintf(what, sizeof what, "B=%d T=%d C=%d NH=%d dropout %.2f dqkv", B, T, C, NH,
+           drop ? drop->p : 0.0);
+  check_grad(__func__, what, att_loss, &a, a.dqkv, n, g);
+  free(g);
+  att_free(&a);
+}
+
+static void test_attention_bwd_accumulates(const mt_dropout *drop) {
+  int B = 2, T = 7, C = 12, NH = 3;
+  att_case a = att_make(B, T, C, NH, drop);
+  size_t n = (size_t)B * T * 3 * C;
+  float *g = fzeros(n), *acc = fzeros(n);
+  ffill(acc, n, PREFILL);
+  att_run_bwd(&a, g);
+  att_run_bwd(&a, acc);
+  check_accumulates(__func__, drop ? "dqkv, dropout on" : "dqkv", acc, g, n);
+  free(g), free(acc);
+  att_free(&a);
+}
+
+/* ---- gelu --------------------------------------------------------------- */
+
+typedef struct {
+  size_t n;
+  double *x, *r;
+} gelu_case;
+
+static double gelu_ref(double x) {
+  double u = sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x);
+  return 0.5 * x * (1.0 + tanh(u));
+}
+
+static double gelu_loss(void *p) {
+  gelu_case *g = p;
+  double s = 0.0;
+  for (size_t i = 0; i < g->n; i++) s += gelu_ref(g->x[i]) * g->r[i];
+  return s;
+}
+
+static void test_gelu_fwd_matches_reference(size_t n) {
+  float *x = frand(n, -5, 5), *out = fzeros(n);
+  double *ref = dzeros(n);
+  ops->gelu_fwd(&dev, out, x, n);
+  for (size_t i = 0; i < n; i++) ref[i] = gelu_ref(x[i]);
+  char what[64];
+  snprintf(what, sizeof what, "n=%zu out", n);
+  check_fwd(__func__, what, out, ref, n);
+  free(x), free(out), free(ref);
+}
+
+static void test_gelu_bwd_matches_finite_differences(size_t n) {
+  float *x = frand(n, -5, 5), *r = frand(n, -1, 1), *g = fzeros(n);
+  gelu_case c = {n, dcopy(x, n), dcopy(r, n)};
+  ops->gelu_bwd(&dev, g, x, r, n);
+  char what[64];
+  snprintf(what, sizeof what, "n=%zu dinp", n);
+  check_grad(__func__, what, gelu_loss, &c, c.x, n, g);
+  float *acc = fzeros(n);
+  ffill(acc, n, PREFILL);
+  ops->gelu_bwd(&dev, acc, x, r, n);
+  check_accumulates(__func__, "dinp accumulates", acc, g, n);
+  free(x), free(r), free(g), free(acc), free(c.x), free(c.r);
+}
+
+/* ---- residual, add_inplace, scale, sumsq -------------------------------- */
+
+static void test_residual_fwd_is_sum_and_may_alias(void) {
+  size_t n = 100003;
+  float *a = frand(n, -1, 1), *b = frand(n, -1, 1), *out = fzeros(n);
+  double *ref = dzeros(n);
+  for (size_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
+  ops->residual_fwd(&dev, out, a, b, n);
+  check_fwd(__func__, "out = a + b", out, ref, n);
+  float *a2 = fcopy(a, n);
+  ops->residual_fwd(&dev, a2, a2, b, n);
+  report(bits_equal(a2, out, n), __func__, "out aliasing a gives the same result");
+  float *b2 = fcopy(b, n);
+  ops->residual_fwd(&dev, b2, a, b2, n);
+  report(bits_equal(b2, out, n), __func__, "out aliasing b gives the same result");
+  free(a), free(b), free(out), free(ref), free(a2), free(b2);
+}
+
+static void test_add_inplace_accumulates(void) {
+  size_t n = 77777;
+  float *dst = frand(n, -1, 1), *src = frand(n, -1, 1);
+  double *ref = dzeros(n);
+  for (size_t i = 0; i < n; i++) ref[i] = (double)dst[i] + src[i];
+  ops->add_inplace(&dev, dst, src, n);
+  check_fwd(__func__, "dst += src", dst, ref, n);
+  free(dst), free(src), free(ref);
+}
+
+static void test_scale_multiplies(void) {
+  size_t n = 50001;
+  float *x = frand(n, -1, 1);
+  double *ref = dzeros(n);
+  for (size_t i = 0; i < n; i++) ref[i] = (double)x[i] * 0.37;
+  ops->scale(&dev, x, 0.37f, n);
+  check_fwd(__func__, "x *= 0.37", x, ref, n);
+  free(x), free(ref);
+}
+
+static void test_sumsq_matches_double_sum(void) {
+  size_t sizes[] = {1, 13, 100003};
+  for (int k = 0; k < 3; k++) {
+    size_t n = sizes[k];
+    float *x = frand(n, -3, 3);
+    double ref = 0.0;
+    for (size_t i = 0; i < n; i++) ref += (double)x[i] * x[i];
+    double got = ops->sumsq(&dev, x, n);
+    double r = fabs(got - ref) / ref;
+    report(r < 1e-12, __func__, "n=%zu rel %.2e (accumulated in double)", n, r);
+    free(x);
+  }
+}
+
+/* ---- dropout ------------------------------------------------------------ */
+
+typedef struct {
+  int B;
+  size_t ps;
+  const mt_dropout *drop;
+  double *x, *r;
+} drop_case;
+
+static double drop_loss(void *p) {
+  drop_case *c = p;
+  double s = 0.0;
+  for (int b = 0; b < c->B; b++)
+    for (size_t e = 0; e < c->ps; e++) {
+      size_t i = (size_t)b * c->ps + e;
+      s += c->x[i] * mt_dropout_scale(c->drop->p, c->drop->key, c->drop->sample0 + (uint64_t)b, e) *
+           c->r[i];
+    }
+  return s;
+}
+
+static void test_dropout_p0_and_null_are_identity(void) {
+  int B = 3;
+  size_t ps = 1001, n = (size_t)B * ps;
+  mt_dropout d0 = {0.0f, 77, 5};
+  float *x = frand(n, -1, 1), *out = frand(n, -9, 9);
+  ops->dropout_fwd(&dev, out, x, B, ps, &d0);
+  report(bits_equal(out, x, n), __func__, "fwd with p = 0 copies");
+  ffill(out, n, 3.0f);
+  ops->dropout_fwd(&dev, out, x, B, ps, NULL);
+  report(bits_equal(out, x, n), __func__, "fwd with NULL copies");
+  float *y = fcopy(x, n);
+  ops->dropout_fwd(&dev, y, y, B, ps, &d0);
+  report(bits_equal(y, x, n), __func__, "fwd in place with p = 0 leaves the input");
+  float *g = frand(n, -1, 1), *acc = fzeros(n), *acc0 = fzeros(n);
+  ffill(acc, n, PREFILL), ffill(acc0, n, PREFILL);
+  ops->dropout_bwd(&dev, acc, g, B, ps, NULL);
+  ops->dropout_bwd(&dev, acc0, g, B, ps, &d0);
+  check_accumulates(__func__, "bwd with NULL adds dout", acc, g, n);
+  check_accumulates(__func__, "bwd with p = 0 adds dout", acc0, g, n);
+  free(x), free(out), free(y), free(g), free(acc), free(acc0);
+}
+
+static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
+  int B = 4;
+  size_t ps = 25013, n = (size_t)B * ps;
+  mt_dropout d = {0.5f, mt_philox_key(1, "test.dropout"), 1000};
+  float *x = frand(n, 0.5, 1.5), *out = fzeros(n);
+  ops->dropout_fwd(&dev, out, x, B, ps, &d);
+  size_t kept = 0, wrong = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (out[i] != 0.0f) kept++;
+    if (out[i] != 0.0f && out[i] != 2.0f * x[i]) wrong++;
+  }
+  double frac = (double)kept / (double)n;
+  report(frac > 0.49 && frac < 0.51, __func__, "kept fraction %.4f of %zu", frac, n);
+  report(wrong == 0, __func__, "kept elements are exactly 2x (%zu wrong)", wrong);
+  free(x), free(out);
+}
+
+static void test_dropout_mask_same_in_fwd_bwd_and_any_batch_split(void) {
+  int B = 4;
+  size_t ps = 10007, n = (size_t)B * ps;
+  mt_dropout d = {0.3f, mt_philox_key(7, "h.1.attn.resid"), 100};
+  float *ones = fzeros(n), *fwd = fzeros(n), *bwd = fzeros(n);
+  ffill(ones, n, 1.0f);
+  ops->dropout_fwd(&dev, fwd, ones, B, ps, &d);
+  ops->dropout_bwd(&dev, bwd, ones, B, ps, &d);
+  report(bits_equal(fwd, bwd, n), __func__, "fwd and bwd use the same mask");
+  /* samples 2..3 run as their own batch: sample0 moves by 2, the mask must not */
+  mt_dropout d2 = d;
+  d2.sample0 = d.sample0 + 2;
+  float *half = fzeros(2 * ps);
+  ops->dropout_fwd(&dev, half, ones, 2, ps, &d2);
+  report(bits_equal(half, fwd + 2 * ps, 2 * ps), __func__,
+         "rows 2..3 alone (sample0 + 2) give the same mask as in the full batch");
+  int rows_differ = !bits_equal(fwd, fwd + ps, ps);
+  report(rows_differ, __func__, "different samples get different masks");
+  float *inplace = fcopy(ones, n);
+  ops->dropout_fwd(&dev, inplace, inplace, B, ps, &d);
+  report(bits_equal(inplace, fwd, n), __func__, "fwd in place gives the same result");
+  free(ones), free(fwd), free(bwd), free(half), free(inplace);
+}
+
+static void test_dropout_fwd_matches_reference(void) {
+  int B = 2;
+  size_t ps = 97, n = (size_t)B * ps;
+  mt_dropout d = {0.3f, 99, 4};
+  float *x = frand(n, -1, 1), *out = fzeros(n);
+  double *ref = dzeros(n);
+  for (int b = 0; b < B; b++)
+    for (size_t e = 0; e < ps; e++)
+      ref[(size_t)b * ps + e] =
+          x[(size_t)b * ps + e] * (double)mt_dropout_scale(d.p, d.key, d.sample0 + b, e);
+  ops->dropout_fwd(&dev, out, x, B, ps, &d);
+  check_fwd(__func__, "p=0.3 out", out, ref, n);
+  free(x), free(out), free(ref);
+}
+
+static void test_dropout_bwd_matches_finite_differences(void) {
+  int B = 2;
+  size_t ps = 97, n = (size_t)B * ps;
+  mt_dropout d = {0.3f, 99, 4};
+  float *x = frand(n, -1, 1), *r = frand(n, -1, 1), *g = fzeros(n);
+  drop_case c = {B, ps, &d, dcopy(x, n), dcopy(r, n)};
+  ops->dropout_bwd(&dev, g, r, B, ps, &d);
+  check_grad(__func__, "p=0.3 dinp", drop_loss, &c, c.x, n, g);
+  float *acc = fzeros(n);
+  ffill(acc, n, PREFILL);
+  ops->dropout_bwd(&dev, acc, r, B, ps, &d);
+  check_accumulates(__func__, "dinp", acc, g, n);
+  free(x), free(r), free(g), free(acc), free(c.x), free(c.r);
+}
+
+/* ---- cross-entropy ------------------------------------------------------ */
+
+typedef struct {
+  int N, V, Vp;
+  float dloss;
+  int32_t *tg;
+  double *x;
+} ce_case;
+
+static void ce_ref(double *losses, const double *x, const int32_t *tg, int N, int V, int Vp) {
+  for (int n = 0; n < N; n++) {
+    const double *row = x + (size_t)n * Vp;
+    double mx = -INFINITY, s = 0.0;
+    for (int j = 0; j < V; j++) mx = row[j] > mx ? row[j] : mx;
+    for (int j = 0; j < V; j++) s += exp(row[j] - mx);
+    losses[n] = mx + log(s) - row[tg[n]];
+  }
+}
+
+static double ce_loss(void *p) { /* dloss · Σ losses */
+  ce_case *c = p;
+  double *l = dzeros((size_t)c->N);
+  ce_ref(l, c->x, c->tg, c->N, c->V, c->Vp);
+  double s = 0.0;
+  for (int n = 0; n < c->N; n++) s += l[n];
+  free(l);
+  return c->dloss * s;
+}
+
+/* logits of scale 3, one row shifted by +1000 (max-subtraction must hold),
+ * padded columns set to `pad` */
+static float *ce_logits(int N, int V, int Vp, float pad) {
+  float *x = frand((size_t)N * Vp, -3, 3);
+  for (int j = 0; j < V; j++) x[j] += 1000.0f;
+  for (int n = 0; n < N; n++)
+    for (int j = V; j < Vp; j++) x[(size_t)n * Vp + j] = pad;
+  return x;
+}
+
+static int32_t *ce_targets(int N, int V) {
+  int32_t *tg = xmalloc((size_t)N * sizeof(int32_t));
+  for (int n = 0; n < N; n++) tg[n] = (int32_t)(rng_u64() % (uint64_t)V);
+  tg[N - 1] = V - 1;
+  return tg;
+}
+
+static void test_crossentropy_fwd_matches_reference(int N, int V, int Vp) {
+  float *x = ce_logits(N, V, Vp, 0.5f), *losses = frand((size_t)N, -9, 9);
+  int32_t *tg = ce_targets(N, V);
+  double *dx = dcopy(x, (size_t)N * Vp), *ref = dzeros((size_t)N);
+  ops->crossentropy(&dev, losses, NULL, x, tg, 1.0f, N, V, Vp);
+  ce_ref(ref, dx, tg, N, V, Vp);
+  char what[64];
+  snprintf(what, sizeof what, "N=%d V=%d Vp=%d losses", N, V, Vp);
+  check_fwd(__func__, what, losses, ref, (size_t)N);
+  free(x), free(losses), free(tg), free(dx), free(ref);
+}
+
+static void test_crossentropy_bwd_matches_finite_differences(int N, int V, int Vp) {
+  float *x = ce_logits(N, V, Vp, 0.5f), *dl = frand((size_t)N * Vp, -9, 9);
+  int32_t *tg = ce_targets(N, V);
+  ce_case c = {N, V, Vp, 0.37f, tg, dcopy(x, (size_t)N * Vp)};
+  ops->crossentropy(&dev, NULL, dl, x, tg, c.dloss, N, V, Vp);
+  char what[64];
+  snprintf(what, sizeof what, "N=%d V=%d Vp=%d dlogits (written, not accumulated)", N, V, Vp);
+  check_grad(__func__, what, ce_loss, &c, c.x, (size_t)N * Vp, dl);
+  free(x), free(dl), free(tg), free(c.x);
+}
+
+static void test_crossentropy_ignores_padded_columns(void) {
+  int N = 13, V = 37, Vp = 40;
+  float *x = ce_logits(N, V, Vp, 0.5f), *huge = fcopy(x, (size_t)N * Vp);
+  for (int n = 0; n < N; n++)
+    for (int j = V; j < Vp; j++) huge[(size_t)n * Vp + j] = (j & 1) ? 1e30f : -1e30f;
+  int32_t *tg = ce_targets(N, V);
+  float *l1 = fzeros((size_t)N), *l2 = fzeros((size_t)N);
+  float *d1 = frand((size_t)N * Vp, -9, 9), *d2 = frand((size_t)N * Vp, -9, 9);
+  ops->crossentropy(&dev, l1, d1, x, tg, 0.5f, N, V, Vp);
+  ops->crossentropy(&dev, l2, d2, huge, tg, 0.5f, N, V, Vp);
+  report(bits_equal(l1, l2, (size_t)N) && bits_equal(d1, d2, (size_t)N * Vp), __func__,
+         "padded logits of +-1e30 change neither losses nor dlogits");
+  int pad_zero = 1;
+  for (int n = 0; n < N; n++)
+    for (int j = V; j < Vp; j++) pad_zero &= d1[(size_t)n * Vp + j] == 0.0f;
+  report(pad_zero, __func__, "dlogits are written 0 in padded columns");
+  /* in place: dlogits aliasing logits */
+  float *inplace = fcopy(x, (size_t)N * Vp), *l3 = fzeros((size_t)N);
+  ops->crossentropy(&dev, l3, inplace, inplace, tg, 0.5f, N, V, Vp);
+  report(bits_equal(l3, l1, (size_t)N) && bits_equal(inplace, d1, (size_t)N * Vp), __func__,
+         "dlogits aliasing logits gives the same losses and dlogits");
+  free(x), free(huge), free(tg), free(l1), free(l2), free(d1), free(d2), free(inplace), free(l3);
+}
+
+/* ---- adamw -------------------------------------------------------------- */
+
+static void test_adamw_matches_reference_over_three_steps(size_t n, float wd) {
+  const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, gs = 0.5f;
+  float *p = frand(n, -1, 1), *m = fzeros(n), *v = fzeros(n), *p0 = fcopy(p, n);
+  double *rp = dcopy(p, n), *rm = dzeros(n), *rv = dzeros(n);
+  for (int t = 1; t <= 3; t++) {
+    float *g = frand(n, -2, 2);
+    ops->adamw(&dev, p, g, m, v, n, lr, b1, b2, eps, wd, gs, t);
+    double bc1 = 1.0 - pow(b1, t), bc2 = 1.0 - pow(b2, t);
+    for (size_t i = 0; i < n; i++) {
+      double gg = (double)g[i] * gs;
+      rm[i] = b1 * rm[i] + (1.0 - b1) * gg;
+      rv[i] = b2 * rv[i] + (1.0 - b2) * gg * gg;
+      rp[i] -= lr * ((rm[i] / bc1) / (sqrt(rv[i] / bc2) + eps) + wd * rp[i]);
+    }
+    free(g);
+  }
+  /* compare the updates, not the parameters, so a small error cannot hide */
+  float *dp = fzeros(n);
+  double *rdp = dzeros(n);
+  for (size_t i = 0; i < n; i++) {
+    dp[i] = p[i] - p0[i];
+    rdp[i] = rp[i] - p0[i];
+  }
+  char what[64];
+  snprintf(what, sizeof what, "n=%zu wd=%.1f param update", n, wd);
+  double r = rel_err(dp, rdp, n);
+  report(r < GRAD_TOL, __func__, "%s rel %.2e", what, r);
+  check_fwd(__func__, "m", m, rm, n);
+  check_fwd(__func__, "v", v, rv, n);
+  free(p), free(m), free(v), free(p0), free(rp), free(rm), free(rv), free(dp), free(rdp);
+}
+
+/* ---- main --------------------------------------------------------------- */
+
+int main(void) {
+  if (mt_device_open(&dev, "cpu:0")) {
+    fprintf(stderr, "test_ops: cannot open cpu:0\n");
+    return 1;
+  }
+  ops = dev.ops;
+  printf("test_ops: backend %s, %d threads\n", ops->name, dev.threads);
+
+  /* small odd shapes: B=2 T=7 C=12 NH=3 N=13 V=37 Vp=40 OC=9, then larger ones
+   * that take the parallel paths */
+  test_embedding_fwd_matches_reference(2, 7, 12, 37, 40);
+  test_embedding_fwd_matches_reference(4, 33, 256, 500, 512);
+  test_embedding_bwd_matches_finite_differences(2, 7, 12, 37, 40);
+  test_embedding_bwd_matches_finite_differences(4, 33, 256, 500, 512);
+  test_embedding_bwd_accumulates();
+
+  test_layernorm_fwd_matches_reference(13, 12);
+  test_layernorm_fwd_matches_reference(130, 256);
+  test_layernorm_bwd_matches_finite_differences(13, 12);
+  test_layernorm_bwd_matches_finite_differences(130, 256);
+  test_layernorm_bwd_accumulates();
+
+  test_linear_fwd_matches_reference(13, 12, 9, 1);
+  test_linear_fwd_matches_reference(13, 12, 9, 0);
+  test_linear_fwd_matches_reference(130, 32, 260, 1);
+  test_linear_bwd_matches_finite_differences(13, 12, 9, 1);
+  test_linear_bwd_matches_finite_differences(13, 12, 9, 0);
+  test_linear_bwd_matches_finite_differences(130, 32, 260, 1);
+  test_linear_bwd_accumulates_and_skips_null();
+
+  mt_dropout attn_drop = {0.3f, mt_philox_key(3, "h.0.attn.drop"), 11};
+  test_attention_fwd_matches_reference(2, 7, 12, 3, NULL);
+  test_attention_fwd_matches_reference(2, 70, 32, 2, NULL); /* T past one row block */
+  test_attention_fwd_matches_reference(2, 7, 12, 3, &attn_drop);
+  test_attention_fwd_matches_reference(1, 200, 16, 2, &attn_drop); /* several column tiles */
+  test_attention_bwd_matches_finite_differences(2, 7, 12, 3, NULL);
+  test_attention_bwd_matches_finite_differences(2, 70, 32, 2, NULL);
+  test_attention_bwd_matches_finite_differences(2, 7, 12, 3, &attn_drop);
+  test_attention_bwd_matches_finite_differences(1, 200, 16, 2, &attn_drop);
+  test_attention_bwd_accumulates(NULL);
+  test_attention_bwd_accumulates(&attn_drop);
+
+  test_gelu_fwd_matches_reference(1001);
+  test_gelu_fwd_matches_reference(100003);
+  test_gelu_bwd_matches_finite_differences(1001);
+  test_gelu_bwd_matches_finite_differences(100003);
+
+  test_residual_fwd_is_sum_and_may_alias();
+  test_add_inplace_accumulates();
+  test_scale_multiplies();
+  test_sumsq_matches_double_sum();
+
+  test_dropout_p0_and_null_are_identity();
+  test_dropout_half_keeps_about_half_scaled_by_two();
+  test_dropout_mask_same_in_fwd_bwd_and_any_batch_split();
+  test_dropout_fwd_matches_reference();
+  test_dropout_bwd_matches_finite_differences();
+
+  test_crossentropy_fwd_matches_reference(13, 37, 40);
+  test_crossentropy_fwd_matches_reference(33, 1000, 1024);
+  test_crossentropy_bwd_matches_finite_differences(13, 37, 40);
+  test_crossentropy_bwd_matches_finite_differences(33, 1000, 1024);
+  test_crossentropy_ignores_padded_columns();
+
+  test_adamw_matches_reference_over_three_steps(1000, 0.0f);
+  test_adamw_matches_reference_over_three_steps(1000, 0.1f);
+  test_adamw_matches_reference_over_three_steps(100003, 0.1f);
+
+  printf("test_ops: %d checks, %d failed\n", n_checks, n_failed);
+  mt_device_close(&dev);
+  return n_failed ? 1 : 0;
+}
