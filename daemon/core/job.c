@@ -280,7 +280,10 @@ static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
     "warmup_tokens", "decay_steps", "decay_tokens", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
-static const char *const data_keys[] = {"path", NULL};
+static const char *const data_keys[] = {"path", "prefix", "blend", "split", "shuffle", "cache_dir",
+                                        NULL};
+static const char *const blend_keys[] = {"prefix", "weight", NULL};
+static const char *const eval_keys[] = {"interval", "iters", NULL};
 static const char *const checkpoint_keys[] = {"dir", "interval", "keep", "export", NULL};
 
 /* ---- overrides: "a.b.c=value" set in the tree before it is read ---- */
@@ -565,12 +568,68 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
 static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   json_t *o = read_object(pb, root, "", "data");
   if (!json_object_get(root, "data")) {
-    problem(pb, "data.path: missing (the token file to train on)");
+    problem(pb, "data: missing (data.path, data.prefix or data.blend: what to train on)");
     return;
   }
   check_keys(pb, o, "data", data_keys);
-  if (o) require(pb, o, "data", "path", " (the token file to train on)");
+  if (!o) return;
+  int given = !!json_object_get(o, "path") + !!json_object_get(o, "prefix") +
+              !!json_object_get(o, "blend");
+  if (given != 1)
+    problem(pb, "data: give exactly one of path (token file), prefix (indexed dataset) or "
+                "blend (weighted indexed datasets); %d given", given);
   read_str(pb, o, "data", "path", d->path, sizeof d->path);
+  if (json_object_get(o, "prefix")) {
+    d->n_blend = 1;
+    d->blend[0].weight = 1.0;
+    read_str(pb, o, "data", "prefix", d->blend[0].prefix, sizeof d->blend[0].prefix);
+  }
+  json_t *blend = json_object_get(o, "blend");
+  if (blend && (!json_is_array(blend) || json_array_size(blend) == 0 ||
+                json_array_size(blend) > MT_MAX_BLEND)) {
+    problem(pb, "data.blend: expected an array of 1 to %d {\"prefix\", \"weight\"} objects",
+            MT_MAX_BLEND);
+  } else if (blend) {
+    size_t i;
+    json_t *e;
+    json_array_foreach(blend, i, e) {
+      char prefix[64];
+      snprintf(prefix, sizeof prefix, "data.blend[%zu]", i);
+      if (!json_is_object(e)) {
+        problem(pb, "%s: expected an object, got %s", prefix, type_name(e));
+        continue;
+      }
+      check_keys(pb, e, prefix, blend_keys);
+      require(pb, e, prefix, "prefix", NULL);
+      require(pb, e, prefix, "weight", NULL);
+      read_str(pb, e, prefix, "prefix", d->blend[i].prefix, sizeof d->blend[i].prefix);
+      read_double(pb, e, prefix, "weight", &d->blend[i].weight);
+      if (json_object_get(e, "weight") && !(d->blend[i].weight > 0))
+        problem(pb, "%s.weight: %g must be > 0", prefix, d->blend[i].weight);
+    }
+    d->n_blend = (int)json_array_size(blend);
+  }
+  read_str(pb, o, "data", "split", d->split, sizeof d->split);
+  read_bool(pb, o, "data", "shuffle", &d->shuffle);
+  read_str(pb, o, "data", "cache_dir", d->cache_dir, sizeof d->cache_dir);
+  /* the split string: three non-negative numbers, not all zero */
+  double w[3];
+  char tail;
+  if (sscanf(d->split, "%lf,%lf,%lf%c", &w[0], &w[1], &w[2], &tail) != 3 || w[0] < 0 ||
+      w[1] < 0 || w[2] < 0 || w[0] + w[1] + w[2] <= 0)
+    problem(pb, "data.split: \"%s\" is not three non-negative weights like \"949,50,1\"",
+            d->split);
+  else if (w[0] <= 0)
+    problem(pb, "data.split: \"%s\" gives the train split no documents", d->split);
+}
+
+static void read_eval(problems *pb, json_t *root, mt_eval_spec *e) {
+  json_t *o = read_object(pb, root, "", "eval");
+  check_keys(pb, o, "eval", eval_keys);
+  read_int(pb, o, "eval", "interval", &e->interval);
+  read_int(pb, o, "eval", "iters", &e->iters);
+  if (e->interval < 0) problem(pb, "eval.interval: %d must be >= 0 (0 = never)", e->interval);
+  if (e->iters < 1) problem(pb, "eval.iters: %d must be at least 1", e->iters);
 }
 
 static void read_checkpoint(problems *pb, json_t *root, mt_checkpoint_spec *c) {
@@ -605,6 +664,10 @@ static void set_defaults(mt_job *job) {
   t->clip_grad = 1.0;
   snprintf(t->precision, sizeof t->precision, "fp32");
   t->log_interval = 1;
+  snprintf(job->data.split, sizeof job->data.split, "949,50,1");
+  job->data.shuffle = 1;
+  job->eval.interval = 0;
+  job->eval.iters = 10;
 }
 
 /* Values that follow from others: token lengths in steps (ceil: never less
@@ -685,7 +748,7 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "train.global_batch",
                "%d is not divisible by parallel.micro_batch * dp_min = %d * %d", t->global_batch,
                p->micro_batch, p->dp_min);
-  if (m->vocab_size > 65536)
+  if (m->vocab_size > 65536 && job->data.path[0])
     check_fail(pb, "model.vocab_size",
                "%d does not fit the uint16 tokens of data.path (at most 65536)", m->vocab_size);
   if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && p->tp >= 1 && m->padded_vocab == 0)
@@ -717,7 +780,13 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "train.clip_grad", "%g must be >= 0 (0 = no clipping)", t->clip_grad);
 
   /* files */
-  if (!job->data.path[0]) check_fail(pb, "data.path", "must not be empty");
+  if (!job->data.n_blend && !job->data.path[0])
+    check_fail(pb, "data.path", "must not be empty");
+  for (int i = 0; i < job->data.n_blend; i++)
+    if (!job->data.blend[i].prefix[0]) check_fail(pb, "data.blend", "prefix %d is empty", i);
+  if (job->eval.interval > 0 && job->data.path[0])
+    check_fail(pb, "eval.interval",
+               "validation needs a valid split: use data.prefix or data.blend, not data.path");
   if (c->interval < 0) check_fail(pb, "checkpoint.interval", "%d must be >= 0", c->interval);
   if (c->keep < 0) check_fail(pb, "checkpoint.keep", "%d must be >= 0 (0 = keep all)", c->keep);
   if (c->interval > 0 && !c->dir[0])
@@ -730,7 +799,7 @@ static void validate(problems *pb, mt_job *job) {
  * every length in steps, without the preset name: a self-contained job that
  * reads back to the same struct. Its compact, key-sorted dump is what the
  * hash covers. */
-static json_t *job_to_json(const mt_job *job) {
+static json_t *job_to_json_core(const mt_job *job) {
   const mt_model_spec *m = &job->model;
   const mt_parallel_spec *p = &job->parallel;
   const mt_train_spec *t = &job->train;
@@ -757,6 +826,29 @@ static json_t *job_to_json(const mt_job *job) {
       t->precision, "log_interval", (json_int_t)t->log_interval, "data", "path", job->data.path,
       "checkpoint", "dir", c->dir, "interval", (json_int_t)c->interval, "keep", (json_int_t)c->keep,
       "export", c->export_path);
+}
+
+/* The resolved job as JSON: the core sections, then data (whichever source
+ * kind) and eval. */
+static json_t *job_to_json(const mt_job *job) {
+  json_t *root = job_to_json_core(job);
+  if (!root) return NULL;
+  const mt_data_spec *d = &job->data;
+  json_t *data = json_pack("{s:s, s:b}", "split", d->split, "shuffle", d->shuffle);
+  if (d->path[0]) json_object_set_new(data, "path", json_string(d->path));
+  if (d->cache_dir[0]) json_object_set_new(data, "cache_dir", json_string(d->cache_dir));
+  if (d->n_blend) {
+    json_t *blend = json_array();
+    for (int i = 0; i < d->n_blend; i++)
+      json_array_append_new(blend, json_pack("{s:s, s:f}", "prefix", d->blend[i].prefix, "weight",
+                                             d->blend[i].weight));
+    json_object_set_new(data, "blend", blend);
+  }
+  json_object_set_new(root, "data", data);
+  json_object_set_new(root, "eval", json_pack("{s:I, s:I}", "interval",
+                                              (json_int_t)job->eval.interval, "iters",
+                                              (json_int_t)job->eval.iters));
+  return root;
 }
 
 /* FNV-1a, 64 bit: stable across builds and machines, which is all a job
@@ -801,7 +893,6 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
   json_t *desc = json_object_get(root, "description");
   if (desc && !json_is_string(desc))
     problem(&pb, "description: expected a string, got %s", type_name(desc));
-  read_object(&pb, root, "", "eval"); /* reserved: must be an object, not read yet */
 
   lr_given given = {.warmup_tokens = -1, .decay_tokens = -1};
   read_model(&pb, root, &job->model);
@@ -809,9 +900,19 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
   read_train(&pb, root, &job->train, &given);
   read_data(&pb, root, &job->data);
   read_checkpoint(&pb, root, &job->checkpoint);
+  read_eval(&pb, root, &job->eval);
 
   derive(&pb, job, &given);
   resolve_path(&pb, "data.path", job->data.path, base_dir, overrides);
+  for (int i = 0; i < job->data.n_blend; i++) {
+    char key[64];
+    if (json_object_get(json_object_get(root, "data"), "prefix"))
+      snprintf(key, sizeof key, "data.prefix");
+    else
+      snprintf(key, sizeof key, "data.blend[%d].prefix", i);
+    resolve_path(&pb, key, job->data.blend[i].prefix, base_dir, overrides);
+  }
+  resolve_path(&pb, "data.cache_dir", job->data.cache_dir, base_dir, overrides);
   resolve_path(&pb, "model.init_from", job->model.init_from, base_dir, overrides);
   resolve_path(&pb, "checkpoint.dir", job->checkpoint.dir, base_dir, overrides);
   resolve_path(&pb, "checkpoint.export", job->checkpoint.export_path, base_dir, overrides);

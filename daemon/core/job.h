@@ -58,9 +58,28 @@ typedef struct mt_train_spec {
   int log_interval;  /* steps between log lines (1) */
 } mt_train_spec;
 
+#define MT_MAX_BLEND 32
+
+typedef struct mt_blend_spec {
+  char prefix[MT_PATH_MAX]; /* Megatron indexed dataset: prefix.bin + prefix.idx */
+  double weight;            /* > 0; normalised over the blend */
+} mt_blend_spec;
+
+/* Exactly one of: path (a flat uint16 token file read in order, no splits),
+ * or one or more indexed datasets ("prefix": P is a blend of one). */
 typedef struct mt_data_spec {
-  char path[MT_PATH_MAX]; /* flat little-endian uint16 token file */
+  char path[MT_PATH_MAX];
+  int n_blend;
+  mt_blend_spec blend[MT_MAX_BLEND];
+  char split[64];               /* train,valid,test weights over documents ("949,50,1") */
+  int shuffle;                  /* default 1 */
+  char cache_dir[MT_PATH_MAX];  /* sample indices; "" = beside each dataset */
 } mt_data_spec;
+
+typedef struct mt_eval_spec {
+  int interval; /* steps between validation runs; 0 = never */
+  int iters;    /* global batches of the valid split per run (the same ones each time) */
+} mt_eval_spec;
 
 typedef struct mt_checkpoint_spec {
   char dir[MT_PATH_MAX];    /* "" = none */
@@ -76,6 +95,7 @@ typedef struct mt_job {
   mt_train_spec train;
   mt_data_spec data;
   mt_checkpoint_spec checkpoint;
+  mt_eval_spec eval;
   char hash[17]; /* hex of a 64-bit hash of the canonical JSON */
 } mt_job;
 

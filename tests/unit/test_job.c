@@ -140,10 +140,39 @@ static void test_unknown_key_is_named(void) {
   CHECK(!strcmp(mt_errmsg(), "train.lr.peek: unknown key"));
   CHECK(parse_with(&job, tiny_job, "modle.n_layer=1", NULL) == MT_EINVAL);
   CHECK(!strcmp(mt_errmsg(), "modle: unknown key"));
-  /* eval is reserved: an object is accepted, anything else is not */
-  CHECK(parse_with(&job, tiny_job, "eval={\"interval\": 100}", NULL) == MT_OK);
+  /* eval must be an object; validation needs a split, which a flat token file lacks */
+  CHECK(parse_with(&job, tiny_job, "eval={\"iters\": 3}", NULL) == MT_OK);
+  CHECK(job.eval.iters == 3 && job.eval.interval == 0);
+  CHECK(parse_with(&job, tiny_job, "eval={\"interval\": 100}", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "eval.interval: validation needs a valid split") != NULL);
+  CHECK(parse_with(&job, tiny_job, "eval.itres=5", NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "eval.itres: unknown key"));
   CHECK(parse_with(&job, tiny_job, "eval=5", NULL) == MT_EINVAL);
   CHECK(!strcmp(mt_errmsg(), "eval: expected an object, got an integer"));
+}
+
+/* data: a token file, one indexed dataset or a weighted blend; exactly one */
+static void test_data_sources_blend_and_split(void) {
+  mt_job job;
+  const char *blend =
+      "data={\"blend\": [{\"prefix\": \"/d/books\", \"weight\": 0.7},"
+      " {\"prefix\": \"/d/wiki\", \"weight\": 0.3}], \"split\": \"98,2,0\"}";
+  CHECK(parse_with(&job, tiny_job, blend, "eval={\"interval\": 50, \"iters\": 2}") == MT_OK);
+  CHECK(job.data.n_blend == 2 && !strcmp(job.data.blend[1].prefix, "/d/wiki"));
+  CHECK(job.data.blend[0].weight == 0.7 && !strcmp(job.data.split, "98,2,0") && job.data.shuffle);
+  CHECK(job.eval.interval == 50 && job.eval.iters == 2);
+  CHECK(parse_with(&job, tiny_job, "data={\"prefix\": \"/d/books\"}", NULL) == MT_OK);
+  CHECK(job.data.n_blend == 1 && job.data.blend[0].weight == 1.0 && !job.data.path[0]);
+  CHECK(!strcmp(job.data.split, "949,50,1"));
+  CHECK(parse_with(&job, tiny_job, "data.prefix=/d/books", NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "data: give exactly one of path"));
+  CHECK(parse_with(&job, tiny_job,
+                   "data={\"blend\": [{\"prefix\": \"/d/a\", \"weight\": -1}],"
+                   " \"split\": \"1,2\"}", NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "data.blend[0].weight: -1 must be > 0"));
+  CHECK(has_line(mt_errmsg(), "data.split: \"1,2\" is not three non-negative weights"));
+  CHECK(parse_with(&job, tiny_job, "data={\"blend\": []}", NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "data.blend: expected an array"));
 }
 
 static void test_wrong_type_is_named(void) {
@@ -373,14 +402,14 @@ static void test_missing_required_fields_are_named(void) {
   const char *msg = mt_errmsg();
   CHECK(has_line(msg, "model: missing"));
   CHECK(has_line(msg, "train: missing"));
-  CHECK(has_line(msg, "data.path: missing"));
+  CHECK(has_line(msg, "data: missing"));
   CHECK(mt_job_parse(&job, "{\"model\": {\"n_layer\": 2}, \"train\": {\"lr\": {}}, \"data\": {}}",
                      NULL, presets, NULL) == MT_EINVAL);
   msg = mt_errmsg();
   CHECK(has_line(msg, "model.n_embd: missing"));
   CHECK(has_line(msg, "train.steps: missing"));
   CHECK(has_line(msg, "train.lr.peak: missing"));
-  CHECK(has_line(msg, "data.path: missing"));
+  CHECK(has_line(msg, "data: give exactly one of path"));
 }
 
 static void test_tiny_demo_example_loads(void) {
@@ -444,6 +473,7 @@ int main(void) {
   test_override_sets_nested_key();
   test_malformed_override_is_named();
   test_unknown_key_is_named();
+  test_data_sources_blend_and_split();
   test_wrong_type_is_named();
   test_every_problem_reported_one_per_line();
   test_validation_rules();
