@@ -319,6 +319,17 @@ static void block_forward(mt_gpt *m, int l, block_acts *a, const float *in, floa
   ops->residual_fwd(d, out, a->resid2, p->branch, NC);
 }
 
+/* Gradient of a branch that ends in dropout and joins the residual stream:
+ * the stream's gradient itself, or its dropped-out copy in dbtc. */
+static const float *branch_grad(mt_gpt *m, const mt_dropout *drop) {
+  act_plan *p = m->act_plan;
+  if (!drop) return p->dres;
+  size_t per_sample = (size_t)m->T * m->cfg.n_embd;
+  mt_device_memset0(m->dev, p->dbtc, (size_t)m->B * per_sample * sizeof(float));
+  m->dev->ops->dropout_bwd(m->dev, p->dbtc, p->dres, m->B, per_sample, drop);
+  return p->dbtc;
+}
+
 /* Block l backward. p->dres holds d(out) on entry and d(in) on return;
  * parameter gradients accumulate. */
 static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *in) {
@@ -334,12 +345,7 @@ static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *i
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, l, "mlp_out");
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below */
-  const float *dbranch = p->dres;
-  if (drop2) {
-    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->dropout_bwd(d, p->dbtc, p->dres, B, (size_t)T * C, drop2);
-    dbranch = p->dbtc;
-  }
+  const float *dbranch = branch_grad(m, drop2);
   mt_device_memset0(d, p->dfch, N4C * sizeof(float));
   ops->linear_bwd(d, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B), dbranch, a->fch_gelu,
                   P(m, l, MT_P_FCPROJ_W), N, 4 * C, C);
@@ -352,12 +358,7 @@ static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *i
                      P(m, l, MT_P_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
 
   /* attention branch; d(in) = dres + LayerNorm path */
-  dbranch = p->dres;
-  if (drop1) {
-    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->dropout_bwd(d, p->dbtc, p->dres, B, (size_t)T * C, drop1);
-    dbranch = p->dbtc;
-  }
+  dbranch = branch_grad(m, drop1);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
                   P(m, l, MT_P_ATTPROJ_W), N, C, C);
@@ -452,12 +453,7 @@ int mt_gpt_backward(mt_gpt *m, float loss_scale) {
 
   mt_dropout de;
   const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding");
-  const float *demb = p->dres;
-  if (edrop) {
-    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->dropout_bwd(d, p->dbtc, p->dres, B, (size_t)T * C, edrop);
-    demb = p->dbtc;
-  }
+  const float *demb = branch_grad(m, edrop);
   ops->embedding_bwd(d, mt_gpt_grad(m, 0), mt_gpt_grad(m, 1), demb, m->inputs, B, T, C);
   return 0;
 }
