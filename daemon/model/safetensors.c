@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "err.h"
+#include "fileio.h"
 
 /* A header larger than this is refused before parsing (the reference
  * implementation's limit is 100 MB). */
@@ -455,81 +456,24 @@ done:
   return padded;
 }
 
-static int st_write_all(int fd, const void *buf, size_t n, const char *path) {
-  const uint8_t *p = buf;
-  while (n) {
-    ssize_t k = write(fd, p, n > (1u << 30) ? (1u << 30) : n);
-    if (k < 0) {
-      if (errno == EINTR) continue;
-      return mt_seterr(MT_EIO, "safetensors: write %s: %s", path, strerror(errno));
-    }
-    p += k;
-    n -= (size_t)k;
-  }
-  return 0;
-}
-
-/* fsyncs the directory holding path, so a rename into it is durable. */
-static int st_fsync_dir(const char *path) {
-  char *copy = strdup(path);
-  if (!copy) return mt_seterr(MT_ENOMEM, "safetensors: out of memory");
-  const char *dir = dirname(copy);
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int rc = 0;
-  if (fd < 0 || fsync(fd))
-    rc = mt_seterr(MT_EIO, "safetensors: fsync directory %s: %s", dir, strerror(errno));
-  if (fd >= 0) close(fd);
-  free(copy);
-  return rc;
-}
-
 /* Durable commit: temp file in the target's directory, fsync, rename, fsync
  * the directory. Either the old file or the complete new one exists. */
 int mt_st_writer_commit(mt_st_writer *w, const char *path) {
   size_t hlen = 0;
   char *header = st_build_header(w, &hlen);
   if (!header) return mt_seterr(MT_ENOMEM, "safetensors: %s: cannot build the header", path);
-  size_t plen = strlen(path) + 32;
-  char *tmp = malloc(plen);
-  if (!tmp) {
-    free(header);
-    return mt_seterr(MT_ENOMEM, "safetensors: out of memory");
-  }
-  snprintf(tmp, plen, "%s.tmp.%ld", path, (long)getpid());
-
-  int rc = 0;
-  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    rc = mt_seterr(MT_EIO, "safetensors: create %s: %s", tmp, strerror(errno));
-    goto done;
-  }
   uint8_t len8[8];
   for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
-  if ((rc = st_write_all(fd, len8, 8, tmp))) goto done;
-  if ((rc = st_write_all(fd, header, hlen, tmp))) goto done;
-  for (int i = 0; i < w->n; i++)
-    if ((rc = st_write_all(fd, w->t[i].data, w->t[i].bytes, tmp))) goto done;
-  if (fsync(fd)) {
-    rc = mt_seterr(MT_EIO, "safetensors: fsync %s: %s", tmp, strerror(errno));
-    goto done;
-  }
-  if (close(fd)) {
-    fd = -1;
-    rc = mt_seterr(MT_EIO, "safetensors: close %s: %s", tmp, strerror(errno));
-    goto done;
-  }
-  fd = -1;
-  if (rename(tmp, path)) {
-    rc = mt_seterr(MT_EIO, "safetensors: rename %s -> %s: %s", tmp, path, strerror(errno));
-    goto done;
-  }
-  rc = st_fsync_dir(path);
-done:
-  if (fd >= 0) close(fd);
-  if (rc) unlink(tmp);
-  free(tmp);
+  mt_atomic_file f;
+  int rc = mt_atomic_open(&f, path);
+  if (!rc) rc = mt_atomic_write(&f, len8, 8);
+  if (!rc) rc = mt_atomic_write(&f, header, hlen);
+  for (int i = 0; i < w->n && !rc; i++) rc = mt_atomic_write(&f, w->t[i].data, w->t[i].bytes);
+  if (!rc) rc = mt_atomic_commit(&f);
+  else if (f.path) mt_atomic_abort(&f);
   free(header);
-  return rc;
+  if (rc) return mt_wraperr(rc, "safetensors");
+  return 0;
 }
 
 /* ---- GPT-2 mapping -------------------------------------------------------- */

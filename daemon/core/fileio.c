@@ -1,0 +1,85 @@
+#include "fileio.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "err.h"
+
+int mt_write_all(int fd, const void *buf, size_t n, const char *what) {
+  const uint8_t *p = buf;
+  while (n) {
+    ssize_t k = write(fd, p, n > (1u << 30) ? (1u << 30) : n);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return mt_seterr(MT_EIO, "write %s: %s", what, strerror(errno));
+    }
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+int mt_fsync_parent_dir(const char *path) {
+  char *copy = strdup(path);
+  if (!copy) return mt_seterr(MT_ENOMEM, "fsync directory of %s: out of memory", path);
+  const char *dir = dirname(copy);
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int rc = 0;
+  if (fd < 0 || fsync(fd))
+    rc = mt_seterr(MT_EIO, "fsync directory %s: %s", dir, strerror(errno));
+  if (fd >= 0) close(fd);
+  free(copy);
+  return rc;
+}
+
+int mt_atomic_open(mt_atomic_file *f, const char *path) {
+  f->fd = -1;
+  f->path = strdup(path);
+  size_t n = strlen(path) + 32;
+  f->tmp = malloc(n);
+  if (!f->path || !f->tmp) {
+    mt_atomic_abort(f);
+    return mt_seterr(MT_ENOMEM, "%s: out of memory", path);
+  }
+  snprintf(f->tmp, n, "%s.tmp.%ld", path, (long)getpid());
+  f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (f->fd < 0) {
+    int rc = mt_seterr(MT_EIO, "create %s: %s", f->tmp, strerror(errno));
+    free(f->tmp), free(f->path);
+    f->tmp = f->path = NULL;
+    return rc;
+  }
+  return 0;
+}
+
+int mt_atomic_write(mt_atomic_file *f, const void *buf, size_t n) {
+  return mt_write_all(f->fd, buf, n, f->tmp);
+}
+
+int mt_atomic_commit(mt_atomic_file *f) {
+  int rc = 0;
+  if (fsync(f->fd)) rc = mt_seterr(MT_EIO, "fsync %s: %s", f->tmp, strerror(errno));
+  if (close(f->fd) && !rc) rc = mt_seterr(MT_EIO, "close %s: %s", f->tmp, strerror(errno));
+  f->fd = -1;
+  if (!rc && rename(f->tmp, f->path))
+    rc = mt_seterr(MT_EIO, "rename %s -> %s: %s", f->tmp, f->path, strerror(errno));
+  if (!rc) rc = mt_fsync_parent_dir(f->path);
+  if (rc) unlink(f->tmp);
+  free(f->tmp), free(f->path);
+  f->tmp = f->path = NULL;
+  return rc;
+}
+
+void mt_atomic_abort(mt_atomic_file *f) {
+  if (f->fd >= 0) close(f->fd);
+  if (f->tmp) unlink(f->tmp);
+  free(f->tmp), free(f->path);
+  f->fd = -1;
+  f->tmp = f->path = NULL;
+}
