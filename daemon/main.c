@@ -50,15 +50,20 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
   if (json) {
     printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%.9g,\"lr\":%.9g,"
            "\"grad_norm\":%.9g,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
-           "\"skipped\":%s}\n",
+           "\"skipped\":%s",
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
            st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops,
            st->skipped ? "true" : "false");
+    if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
+    printf("}\n");
   } else {
     printf("step %6lld/%lld | loss %.6f | lr %.3e | grad norm %.3f | %8.1f ms | %9.1f tok/s | "
            "%.3f TFLOP/s%s\n",
            (long long)st->step, (long long)steps, st->loss, st->lr, st->grad_norm, st->step_ms,
            st->tokens_per_s, st->tflops, st->skipped ? " | skipped" : "");
+    if (st->has_val)
+      printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
+             (long long)steps, st->val_loss, exp(st->val_loss));
   }
   fflush(stdout);
 }
@@ -173,13 +178,25 @@ int main(int argc, char **argv) {
       mt_log_error("%s", mt_errmsg());
       goto cleanup;
     }
-    if (st.step % log_every == 0 || st.step == job.train.steps || st.step == 1)
+    if (job.eval.interval > 0 &&
+        (st.step % job.eval.interval == 0 || st.step == job.train.steps)) {
+      if (mt_trainer_eval(&tr, &st.val_loss)) {
+        mt_log_error("%s", mt_errmsg());
+        goto cleanup;
+      }
+      st.has_val = 1;
+    }
+    if (st.step % log_every == 0 || st.step == job.train.steps || st.step == 1 || st.has_val)
       print_step(&st, job.train.steps, json);
     if (!isfinite(st.loss)) {
       mt_log_error("step %lld: loss is %g; stopping", (long long)st.step, st.loss);
       goto cleanup;
     }
   }
+  char consumed[1024];
+  mt_data_source_describe(tr.data, (uint64_t)tr.step * (uint64_t)job.train.global_batch, consumed,
+                          sizeof consumed);
+  mt_log_info("data consumed: %s", consumed);
   if (stop_requested)
     mt_log_info("stopped at step %lld of %lld on request", (long long)tr.step,
                 (long long)job.train.steps);

@@ -44,6 +44,7 @@ const char *mt_strerror(int code) {
   case MT_ENOTSUP: return "ENOTSUP";
   case MT_ETIMEDOUT: return "ETIMEDOUT";
   case MT_ENOENT: return "ENOENT";
+  case MT_ECANCELED: return "ECANCELED";
   default: return "EUNKNOWN";
   }
 }

@@ -19,6 +19,7 @@ enum {
   MT_ENOTSUP = -5,  /* valid request this build or device cannot do */
   MT_ETIMEDOUT = -6,
   MT_ENOENT = -7,
+  MT_ECANCELED = -8, /* the operation was aborted (mt_comm_abort) */
 };
 
 /* Records a printf-style message for the calling thread and returns code,

@@ -971,3 +971,45 @@ int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
   json_decref(root);
   return rc;
 }
+
+/* ---- planning a job this build cannot run yet ---- */
+
+/* The precision the job asks for once the overrides are applied, or "" when
+ * it does not parse (mt_job_load reports that). */
+static void requested_precision(const char *path, const char *const *overrides, char *out,
+                                size_t cap) {
+  out[0] = '\0';
+  json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, NULL);
+  if (!json_is_object(root)) {
+    json_decref(root);
+    return;
+  }
+  problems pb = {0};
+  for (const char *const *ov = overrides; ov && *ov; ov++) apply_override(&pb, root, *ov);
+  free(pb.buf);
+  const char *prec =
+      json_string_value(json_object_get(json_object_get(root, "train"), "precision"));
+  if (prec) snprintf(out, cap, "%s", prec);
+  json_decref(root);
+}
+
+int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *preset_dirs,
+                         const char *const *overrides) {
+  char prec[8];
+  requested_precision(path, overrides, prec, sizeof prec);
+  if (strcmp(prec, "bf16") && strcmp(prec, "fp16"))
+    return mt_job_load(job, path, preset_dirs, overrides);
+
+  /* load as fp32 (the last override wins), then put the precision back */
+  size_t n = 0;
+  while (overrides && overrides[n]) n++;
+  const char **ovs = calloc(n + 2, sizeof *ovs);
+  if (!ovs) return mt_seterr(MT_ENOMEM, "job: override list");
+  for (size_t i = 0; i < n; i++) ovs[i] = overrides[i];
+  ovs[n] = "train.precision=fp32";
+  int rc = mt_job_load(job, path, preset_dirs, ovs);
+  free(ovs);
+  if (rc) return rc;
+  snprintf(job->train.precision, sizeof job->train.precision, "%s", prec);
+  return compute_hash(job);
+}

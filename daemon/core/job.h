@@ -107,6 +107,12 @@ typedef struct mt_job {
  * and mt_errmsg() holds every problem, one per line. */
 int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
                 const char *const *overrides);
+/* mt_job_load for planning (`mtnlgctl plan`): also accepts what this build
+ * cannot run yet but a plan can count, today train.precision "bf16"/"fp16"
+ * (mixed precision arrives with the CUDA backend). Every other check applies.
+ * The job keeps the precision asked for, and its hash covers it. */
+int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *preset_dirs,
+                         const char *const *overrides);
 /* Same from a JSON string; base_dir resolves relative paths (may be NULL). */
 int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
                  const char *const *preset_dirs, const char *const *overrides);

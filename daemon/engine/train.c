@@ -56,12 +56,11 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev) {
     rc = mt_adamw_create(&tr->opt, &tr->model, job->train.beta1, job->train.beta2,
                          job->train.adam_eps, job->train.weight_decay);
   if (!rc) {
-    rc = mt_tokens_open(&tr->data, job->data.path);
-    if (rc) mt_wraperr(rc, "data.path");
+    uint64_t n_train = (uint64_t)job->train.steps * (uint64_t)G;
+    uint64_t n_valid = job->eval.interval > 0 ? (uint64_t)job->eval.iters * (uint64_t)G : 0;
+    rc = mt_data_source_open(&tr->data, &job->data, T, ms->vocab_size, job->train.seed, n_train,
+                             n_valid);
   }
-  if (!rc && mt_tokens_samples(&tr->data, T) == 0)
-    rc = mt_seterr(MT_EINVAL, "data.path: %s has %zu tokens, fewer than one sample of %d + 1",
-                   job->data.path, tr->data.n_tokens, T);
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs) rc = mt_seterr(MT_ENOMEM, "train: batch buffers");
@@ -78,7 +77,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev) {
 void mt_trainer_destroy(mt_trainer *tr) {
   mt_gpt_destroy(&tr->model);
   mt_adamw_destroy(&tr->opt);
-  mt_tokens_close(&tr->data);
+  mt_data_source_free(tr->data);
   free(tr->inputs);
   memset(tr, 0, sizeof *tr);
 }
@@ -86,7 +85,7 @@ void mt_trainer_destroy(mt_trainer *tr) {
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
-  int B = m->B, T = m->T, G = job->train.global_batch;
+  int B = m->B, G = job->train.global_batch;
   double t0 = now_ms();
   memset(st, 0, sizeof *st);
 
@@ -95,7 +94,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   float loss_scale = 1.0f / (float)tr->micro_batches; /* objective: mean over the global batch */
   for (int mb = 0; mb < tr->micro_batches; mb++) {
     uint64_t sample0 = (uint64_t)tr->step * (uint64_t)G + (uint64_t)mb * (uint64_t)B;
-    int rc = mt_tokens_read(&tr->data, sample0, B, T, m->cfg.vocab_size, tr->inputs, tr->targets);
+    int rc = mt_data_source_read(tr->data, MT_SPLIT_TRAIN, sample0, B, tr->inputs, tr->targets);
     if (!rc) rc = mt_gpt_forward(m, tr->inputs, tr->targets, sample0);
     if (!rc) rc = mt_gpt_backward(m, loss_scale);
     if (rc) return mt_wraperr(rc, "step %lld, micro-batch %d", (long long)tr->step + 1, mb);
@@ -122,5 +121,25 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->step_ms = now_ms() - t0;
   st->tokens_per_s = (double)mt_job_tokens_per_step(job) / (st->step_ms / 1e3);
   st->tflops = tr->flops_per_step / (st->step_ms / 1e3) / 1e12;
+  return 0;
+}
+
+int mt_trainer_eval(mt_trainer *tr, double *loss) {
+  const mt_job *job = tr->job;
+  mt_gpt *m = &tr->model;
+  int B = m->B;
+  uint64_t n = (uint64_t)job->eval.iters * (uint64_t)job->train.global_batch;
+  double sum = 0.0;
+  int batches = 0;
+  m->training = 0;
+  int rc = 0;
+  for (uint64_t first = 0; first < n && !rc; first += (uint64_t)B, batches++) {
+    rc = mt_data_source_read(tr->data, MT_SPLIT_VALID, first, B, tr->inputs, tr->targets);
+    if (!rc) rc = mt_gpt_forward(m, tr->inputs, tr->targets, first);
+    sum += m->last_loss;
+  }
+  m->training = 1;
+  if (rc) return mt_wraperr(rc, "validation");
+  *loss = sum / batches;
   return 0;
 }

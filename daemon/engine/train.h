@@ -10,7 +10,7 @@
 #include "gpt.h"
 #include "job.h"
 #include "optim.h"
-#include "tokens.h"
+#include "source.h"
 
 typedef struct mt_step_stats {
   int64_t step;             /* 1-based number of the step just taken */
@@ -22,6 +22,8 @@ typedef struct mt_step_stats {
   double tokens_per_s;
   double tflops;            /* model TFLOP/s on this device */
   int skipped;              /* non-finite gradients: update skipped */
+  int has_val;              /* validation ran after this step */
+  double val_loss;          /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
 
 typedef struct mt_trainer {
@@ -29,7 +31,7 @@ typedef struct mt_trainer {
   mt_device *dev;
   mt_gpt model;
   mt_adamw opt;
-  mt_token_file data;
+  mt_data_source *data;
   int64_t step;             /* steps taken */
   int micro_batches;        /* per step on this device */
   int32_t *inputs, *targets; /* host, (micro_batch, seq) */
@@ -43,5 +45,9 @@ void mt_trainer_destroy(mt_trainer *tr);
 
 /* One optimizer step. */
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st);
+
+/* Mean loss over the first eval.iters global batches of the valid split,
+ * without dropout; the same batches every time, so runs compare. */
+int mt_trainer_eval(mt_trainer *tr, double *loss);
 
 #endif

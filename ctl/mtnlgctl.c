@@ -1,0 +1,152 @@
+/* mtnlgctl.c — the control CLI: a table of verbs and their dispatch.
+ *
+ * `mtnlgctl [GLOBAL OPTIONS] VERB [ARGS]`. Each verb is one row of the table
+ * below (name, positional-argument bounds, handler, one-line help) and one
+ * file (plan.c, ...). `mtnlgctl --help` lists the verbs, `mtnlgctl help VERB`
+ * and `mtnlgctl VERB --help` show one. Exit codes: 0 done, 1 the operation
+ * failed, 2 usage.
+ */
+#include <getopt.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "mt_config.h"
+
+ctl_globals ctl;
+
+static int verb_help(const ctl_verb *verb, int argc, char **argv);
+
+static const ctl_verb verbs[] = {
+    {"plan", 1, 1, ctl_verb_plan, "JOB.json [OPTIONS]",
+     "per-device memory, FLOPs and step time of a job, without running it", ctl_plan_help},
+    {"help", 0, 1, verb_help, "[VERB]", "show the verbs, or one verb's options",
+     "Without VERB, the verbs and global options; with VERB, its usage and options.\n"},
+};
+#define N_VERBS (sizeof verbs / sizeof *verbs)
+
+static const ctl_verb *find_verb(const char *name) {
+  for (size_t i = 0; i < N_VERBS; i++)
+    if (!strcmp(verbs[i].name, name)) return &verbs[i];
+  return NULL;
+}
+
+static void list_verbs(FILE *f) {
+  for (size_t i = 0; i < N_VERBS; i++) fprintf(f, "  %-10s %s\n", verbs[i].name, verbs[i].summary);
+}
+
+static void usage(FILE *f) {
+  fprintf(f, "Usage: mtnlgctl [OPTIONS] VERB [ARGS]\n"
+             "\n"
+             "Inspect and steer mtnlg training jobs.\n"
+             "\n"
+             "Verbs:\n");
+  list_verbs(f);
+  fprintf(f, "\n"
+             "Options:\n"
+             "  -o, --output FORMAT   table (default) or json\n"
+             "  -h, --help            show this help; `mtnlgctl help VERB` for a verb\n"
+             "      --version         print the version\n"
+             "\n"
+             "Exit status: 0 done, 1 the operation failed, 2 usage error.\n");
+}
+
+void ctl_verb_help(const ctl_verb *verb, FILE *f) {
+  fprintf(f, "Usage: mtnlgctl %s %s\n\n%s", verb->name, verb->synopsis, verb->help);
+}
+
+int ctl_usage_error(const ctl_verb *verb, const char *fmt, ...) {
+  va_list ap;
+  fprintf(stderr, "mtnlgctl%s%s: ", verb ? " " : "", verb ? verb->name : "");
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "\nSee 'mtnlgctl %s%s--help'.\n", verb ? verb->name : "", verb ? " " : "");
+  return CTL_EXIT_USAGE;
+}
+
+int ctl_parse_output(const char *arg, ctl_output *out) {
+  if (!strcmp(arg, "table"))
+    *out = CTL_OUTPUT_TABLE;
+  else if (!strcmp(arg, "json"))
+    *out = CTL_OUTPUT_JSON;
+  else
+    return ctl_usage_error(NULL, "-o/--output: \"%s\" is not one of table, json", arg);
+  return 0;
+}
+
+int ctl_check_args(const ctl_verb *verb, int nargs) {
+  if (nargs < verb->min_args)
+    return ctl_usage_error(verb, "missing argument (usage: mtnlgctl %s %s)", verb->name,
+                           verb->synopsis);
+  if (nargs > verb->max_args)
+    return ctl_usage_error(verb, "%d arguments given, at most %d (usage: mtnlgctl %s %s)", nargs,
+                           verb->max_args, verb->name, verb->synopsis);
+  return 0;
+}
+
+static int verb_help(const ctl_verb *verb, int argc, char **argv) {
+  int rc = ctl_check_args(verb, argc - 1);
+  if (rc) return rc;
+  if (argc == 1) {
+    usage(stdout);
+    return CTL_EXIT_OK;
+  }
+  const ctl_verb *v = find_verb(argv[1]);
+  if (!v) {
+    fprintf(stderr, "mtnlgctl help: unknown verb \"%s\"; the verbs are:\n", argv[1]);
+    list_verbs(stderr);
+    return CTL_EXIT_USAGE;
+  }
+  ctl_verb_help(v, stdout);
+  return CTL_EXIT_OK;
+}
+
+/* Whether the verb's arguments ask for its help (before any "--"). */
+static int wants_help(int argc, char **argv) {
+  for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
+    if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return 1;
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  enum { OPT_VERSION = 256 };
+  static const struct option opts[] = {
+      {"output", required_argument, NULL, 'o'},
+      {"help", no_argument, NULL, 'h'},
+      {"version", no_argument, NULL, OPT_VERSION},
+      {0},
+  };
+  int c;
+  /* '+': stop at the verb; what follows is the verb's to parse */
+  while ((c = getopt_long(argc, argv, "+o:h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'o':
+      if (ctl_parse_output(optarg, &ctl.output)) return CTL_EXIT_USAGE;
+      break;
+    case 'h': usage(stdout); return CTL_EXIT_OK;
+    case OPT_VERSION: printf("mtnlgctl %s\n", MT_VERSION); return CTL_EXIT_OK;
+    default: fprintf(stderr, "See 'mtnlgctl --help'.\n"); return CTL_EXIT_USAGE;
+    }
+  }
+  if (optind >= argc) {
+    fprintf(stderr, "mtnlgctl: no verb given\n\n");
+    usage(stderr);
+    return CTL_EXIT_USAGE;
+  }
+  const ctl_verb *verb = find_verb(argv[optind]);
+  if (!verb) {
+    fprintf(stderr, "mtnlgctl: unknown verb \"%s\"; the verbs are:\n", argv[optind]);
+    list_verbs(stderr);
+    return CTL_EXIT_USAGE;
+  }
+  int vargc = argc - optind;
+  char **vargv = argv + optind;
+  if (wants_help(vargc, vargv)) {
+    ctl_verb_help(verb, stdout);
+    return CTL_EXIT_OK;
+  }
+  optind = 0; /* the verb runs getopt_long afresh on its own argv */
+  return verb->run(verb, vargc, vargv);
+}

@@ -1,0 +1,586 @@
+// gloo_shim.cc — the Gloo backend of the comm layer, and the only C++ in the
+// daemon: an extern "C" table (mt__comm_gloo) over gloo's TCP transport.
+//
+// Bootstrap goes through our mt_store (StoreAdapter); all-reduce, all-gather,
+// broadcast and barrier are gloo's options-style collectives with a timeout;
+// reduce-scatter (which this gloo has only in the old bound-buffer style) and
+// send/recv are rings of unbound buffers with timeouts. No C++ exception leaves
+// this file: every entry point catches, and turns what went wrong into an
+// MT_E* code and a message naming the peer when one is known.
+//
+// Failure handling: any failure (and mt_comm_abort) shuts every connection of
+// the group down, so that nothing writes into the caller's buffers afterwards
+// and every peer's operation fails at once instead of at its deadline. We do
+// that through dups of the connections' sockets, found by their addresses
+// (find_sockets): Debian's libgloo-dev lacks gloo/common/memory.h, so the TCP
+// pair's header, and with it any private handle on a connection, is out of
+// reach. A shut-down socket makes gloo's loop fail every operation waiting on
+// it; our own waits (send/recv, reduce-scatter) are also woken directly.
+//
+// Deadlines: gloo's collectives apply the timeout to each wait inside the
+// algorithm, so a stuck or dead peer fails them within the timeout of the
+// moment progress stopped; our own waits share one deadline per operation.
+// An abort that lands while a gloo collective waits for a segment already
+// half transferred takes effect at that wait's timeout at the latest.
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/common/error.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/pair.h>
+#include <gloo/transport/tcp/address.h>
+#include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+
+extern "C" {
+#include "comm_impl.h"
+#include "err.h"
+}
+
+namespace {
+
+namespace tcp = gloo::transport::tcp;
+using ms = std::chrono::milliseconds;
+using clk = std::chrono::steady_clock;
+
+// Slots of our own operations; gloo's collectives use prefixes 0x01-0x08 in
+// the top byte (gloo/types.h).
+constexpr uint64_t kSlotP2P = 0xA1ull << 56;
+constexpr uint64_t kSlotReduceScatter = 0xA2ull << 56;
+
+// An error that already carries an MT_E* code and our message.
+struct ShimError : std::runtime_error {
+  int code;
+  ShimError(int code, const std::string &msg) : std::runtime_error(msg), code(code) {}
+};
+
+// gloo prefixes its messages with "[file:line] "; drop that.
+std::string strip_location(const std::string &msg) {
+  std::string s = msg;
+  while (!s.empty() && s[0] == '[') {
+    size_t end = s.find("] ");
+    if (end == std::string::npos) break;
+    s = s.substr(end + 2);
+  }
+  return s;
+}
+
+std::string sockaddr_str(const sockaddr_storage &ss) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (ss.ss_family == AF_INET) {
+    auto *in = reinterpret_cast<const sockaddr_in *>(&ss);
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    port = ntohs(in->sin_port);
+    return std::string(host) + ":" + std::to_string(port);
+  }
+  if (ss.ss_family == AF_INET6) {
+    auto *in6 = reinterpret_cast<const sockaddr_in6 *>(&ss);
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    port = ntohs(in6->sin6_port);
+    return "[" + std::string(host) + "]:" + std::to_string(port);
+  }
+  return "?";
+}
+
+// ------------------------------------------------------------------ store
+
+// gloo's rendezvous over our mt_store, under "<prefix>/gloo/". Every wait
+// ends at the deadline of the group's creation.
+class StoreAdapter : public gloo::rendezvous::Store {
+public:
+  StoreAdapter(mt_store *store, const std::string &prefix, clk::time_point deadline)
+      : store_(store), prefix_(prefix + "/gloo/"), deadline_(deadline) {}
+
+  void set(const std::string &key, const std::vector<char> &data) override {
+    std::string k = prefix_ + key;
+    int rc = mt_store_set(store_, k.c_str(), data.data(), data.size());
+    if (rc) throw ShimError(rc, mt_errmsg());
+  }
+
+  std::vector<char> get(const std::string &key) override {
+    std::string k = prefix_ + key;
+    void *value = nullptr;
+    size_t bytes = 0;
+    int rc = mt_store_get(store_, k.c_str(), &value, &bytes, left_ms());
+    if (rc) throw ShimError(rc, mt_errmsg());
+    std::vector<char> out(static_cast<char *>(value), static_cast<char *>(value) + bytes);
+    free(value);
+    return out;
+  }
+
+  void wait(const std::vector<std::string> &keys) override { wait(keys, ms(0)); }
+
+  void wait(const std::vector<std::string> &keys, const ms &) override {
+    for (const auto &key : keys) get(key);
+  }
+
+private:
+  int left_ms() const {
+    auto left = std::chrono::duration_cast<ms>(deadline_ - clk::now()).count();
+    return left > 0 ? static_cast<int>(left) : 0;
+  }
+
+  mt_store *store_;
+  std::string prefix_;
+  clk::time_point deadline_;
+};
+
+// ------------------------------------------------------------------ group
+
+struct Group {
+  int rank = 0, size = 1;
+  std::shared_ptr<gloo::transport::Device> device;
+  std::shared_ptr<gloo::rendezvous::Context> context; // null when size == 1
+  // Per peer rank (-1 for this rank): a dup of the connection's socket and the
+  // peer's address. Through the dup we shut a connection down (gloo's loop
+  // then wakes every wait on it; the peer sees the connection go) and see
+  // whether the peer closed it, without gloo's private members.
+  std::vector<int> sock;
+  std::vector<std::string> peer;
+  uint32_t seq = 0; // tag of the next collective; every rank counts alike
+  std::atomic<bool> aborted{false};
+  std::atomic<bool> closed{false};
+  std::mutex live_mu; // guards live: the unbound buffers our own waits block on
+  std::vector<gloo::transport::UnboundBuffer *> live;
+
+  ~Group() {
+    context.reset(); // gloo closes its sockets first: ours are the last references
+    for (int fd : sock)
+      if (fd >= 0) ::close(fd);
+  }
+
+  // Shuts every connection down. Idempotent; any thread.
+  void close_all() {
+    closed = true;
+    for (int fd : sock)
+      if (fd >= 0) shutdown(fd, SHUT_RDWR);
+  }
+
+  void abort() {
+    aborted = true;
+    {
+      std::lock_guard<std::mutex> lock(live_mu);
+      for (auto *b : live) {
+        b->abortWaitRecv();
+        b->abortWaitSend();
+      }
+    }
+    close_all();
+  }
+
+  // "rank 2 (peer 127.0.0.1:4711) closed the connection; ..." for every peer
+  // whose end of its connection is gone (before we close ours).
+  std::string broken_peers() const {
+    std::string out;
+    for (int r = 0; r < size; r++) {
+      if (sock[r] < 0) continue;
+      struct pollfd p = {sock[r], POLLRDHUP, 0};
+      if (poll(&p, 1, 0) <= 0 || !(p.revents & (POLLRDHUP | POLLHUP | POLLERR))) continue;
+      int err = 0;
+      socklen_t len = sizeof err;
+      getsockopt(sock[r], SOL_SOCKET, SO_ERROR, &err, &len);
+      if (!out.empty()) out += "; ";
+      out += "rank " + std::to_string(r) + " (peer " + peer[r] + ") " +
+             (err == ECONNRESET ? "reset the connection" : "closed the connection");
+    }
+    return out;
+  }
+};
+
+bool same_sockaddr(const sockaddr_storage &a, const sockaddr_storage &b) {
+  if (a.ss_family != b.ss_family) return false;
+  if (a.ss_family == AF_INET) {
+    auto *x = reinterpret_cast<const sockaddr_in *>(&a),
+         *y = reinterpret_cast<const sockaddr_in *>(&b);
+    return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+  }
+  if (a.ss_family == AF_INET6) {
+    auto *x = reinterpret_cast<const sockaddr_in6 *>(&a);
+    auto *y = reinterpret_cast<const sockaddr_in6 *>(&b);
+    return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, 16);
+  }
+  return false;
+}
+
+// Finds each connection's socket among this process's descriptors by its local
+// address (a pair's address() once connected) and keeps a dup of it.
+void find_sockets(Group *g) {
+  std::vector<sockaddr_storage> self(g->size);
+  for (int r = 0; r < g->size; r++) {
+    if (r == g->rank) continue;
+    auto *a = dynamic_cast<const tcp::Address *>(&g->context->getPair(r)->address());
+    if (!a) throw ShimError(MT_EIO, "gloo: pair to rank " + std::to_string(r) + " is not TCP");
+    self[r] = a->getSockaddr();
+  }
+  DIR *dir = opendir("/proc/self/fd");
+  if (!dir) throw ShimError(MT_EIO, std::string("gloo: opendir /proc/self/fd: ") + strerror(errno));
+  int found = 0;
+  while (struct dirent *e = readdir(dir)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    int fd = atoi(e->d_name);
+    sockaddr_storage local, remote;
+    socklen_t llen = sizeof local, rlen = sizeof remote;
+    if (getsockname(fd, reinterpret_cast<sockaddr *>(&local), &llen) < 0) continue;
+    if (getpeername(fd, reinterpret_cast<sockaddr *>(&remote), &rlen) < 0) continue;
+    for (int r = 0; r < g->size; r++) {
+      if (r == g->rank || g->sock[r] >= 0 || !same_sockaddr(local, self[r])) continue;
+      g->sock[r] = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+      g->peer[r] = sockaddr_str(remote);
+      found++;
+      break;
+    }
+  }
+  closedir(dir);
+  for (int r = 0; r < g->size; r++)
+    if (r != g->rank && g->sock[r] < 0)
+      throw ShimError(MT_EIO,
+                      "gloo: no socket found for the connection to rank " + std::to_string(r));
+  (void)found;
+}
+
+// Registers an unbound buffer so abort can wake its waits; throws when the
+// group was already aborted (abort sets the flag before it walks the list).
+class Live {
+public:
+  Live(Group *g, gloo::transport::UnboundBuffer *b) : g_(g), b_(b) {
+    std::lock_guard<std::mutex> lock(g_->live_mu);
+    g_->live.push_back(b_);
+    if (g_->aborted) {
+      g_->live.pop_back();
+      throw ShimError(MT_ECANCELED, "aborted");
+    }
+  }
+  ~Live() {
+    std::lock_guard<std::mutex> lock(g_->live_mu);
+    g_->live.erase(std::find(g_->live.begin(), g_->live.end(), b_));
+  }
+  Live(const Live &) = delete;
+  Live &operator=(const Live &) = delete;
+
+private:
+  Group *g_;
+  gloo::transport::UnboundBuffer *b_;
+};
+
+ms left_until(clk::time_point deadline) {
+  return ms(std::max<ms::rep>(1, std::chrono::duration_cast<ms>(deadline - clk::now()).count()));
+}
+
+// Waits for a posted recv/send until deadline; false from gloo means aborted.
+void wait_recv(gloo::transport::UnboundBuffer *b, clk::time_point deadline) {
+  if (!b->waitRecv(nullptr, left_until(deadline))) throw ShimError(MT_ECANCELED, "aborted");
+}
+
+void wait_send(gloo::transport::UnboundBuffer *b, clk::time_point deadline) {
+  if (!b->waitSend(nullptr, left_until(deadline))) throw ShimError(MT_ECANCELED, "aborted");
+}
+
+// Turns the exception of a failed operation into a code and a message naming
+// the peers whose connections broke, then closes the group.
+int fail(Group *g, int timeout_ms) {
+  int code = MT_EIO;
+  std::string msg;
+  try {
+    throw;
+  } catch (const ShimError &e) {
+    code = e.code;
+    msg = e.what();
+  } catch (const std::bad_alloc &) {
+    code = MT_ENOMEM;
+    msg = "out of memory";
+  } catch (const std::exception &e) {
+    msg = strip_location(e.what());
+    if (msg.find("Timed out") != std::string::npos || msg.find("timeout") != std::string::npos) {
+      code = MT_ETIMEDOUT;
+      msg = "timed out after " + std::to_string(timeout_ms) + " ms";
+    }
+  } catch (...) {
+    msg = "unknown C++ exception";
+  }
+  std::string peers = g->broken_peers();
+  g->close_all();
+  if (g->aborted) return mt_seterr(MT_ECANCELED, "aborted");
+  if (!peers.empty()) msg = code == MT_ETIMEDOUT ? msg + "; " + peers : peers;
+  return mt_seterr(code, "%s", msg.c_str());
+}
+
+// An element type of the right size for gloo's templated setters.
+template <size_t N> struct Bytes;
+template <> struct Bytes<1> { using T = uint8_t; };
+template <> struct Bytes<2> { using T = uint16_t; };
+template <> struct Bytes<4> { using T = uint32_t; };
+template <> struct Bytes<8> { using T = uint64_t; };
+
+template <typename T>
+void run_allreduce(Group *g, const void *send, void *recv, size_t count, mt__reduce_fn fn,
+                   int timeout_ms) {
+  gloo::AllreduceOptions opts(g->context);
+  if (send != recv) opts.setInput(static_cast<T *>(const_cast<void *>(send)), count);
+  opts.setOutput(static_cast<T *>(recv), count);
+  opts.setReduceFunction([fn](void *o, const void *a, const void *b, size_t n) { fn(o, a, b, n); });
+  opts.setTag(g->seq++);
+  opts.setTimeout(ms(timeout_ms));
+  gloo::allreduce(opts);
+}
+
+// Ring reduce-scatter: at step s rank r sends its partial sum of chunk
+// r-s-1 to r+1 and adds chunk r-s-2 from r-1 into its own; after size-1
+// steps chunk r is complete. Two scratch chunks alternate, so a chunk is
+// received while the previous one is still being sent.
+void run_reduce_scatter(Group *g, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                        mt_comm_op op, int timeout_ms) {
+  const int n = g->size, r = g->rank;
+  const size_t esz = mt_comm_dtype_size(dt), chunk = count * esz;
+  const int left = (r + n - 1) % n, right = (r + 1) % n;
+  const uint64_t slot = kSlotReduceScatter | g->seq++;
+  mt__reduce_fn fn = mt__comm_reduce_fn(dt, op);
+  const char *in = static_cast<const char *>(send);
+  auto deadline = clk::now() + ms(timeout_ms);
+
+  std::unique_ptr<char[]> scratch(new char[2 * chunk]);
+  auto in_buf = g->context->createUnboundBuffer(const_cast<char *>(in), chunk * n);
+  std::unique_ptr<gloo::transport::UnboundBuffer> tmp[2] = {
+      g->context->createUnboundBuffer(scratch.get(), chunk),
+      g->context->createUnboundBuffer(scratch.get() + chunk, chunk)};
+  Live l0(g, in_buf.get()), l1(g, tmp[0].get()), l2(g, tmp[1].get());
+
+  for (int s = 0; s < n - 1; s++) {
+    const int send_idx = (r - s - 1 + 2 * n) % n, recv_idx = (r - s - 2 + 2 * n) % n;
+    gloo::transport::UnboundBuffer *rb = tmp[s & 1].get();
+    gloo::transport::UnboundBuffer *sb = s == 0 ? in_buf.get() : tmp[(s - 1) & 1].get();
+    rb->recv(left, slot, 0, chunk);
+    sb->send(right, slot, s == 0 ? send_idx * chunk : 0, chunk);
+    wait_recv(rb, deadline);
+    const char *mine = in + recv_idx * chunk;
+    if (s == n - 2)
+      fn(recv, rb->ptr, mine, count); // recv_idx == r
+    else
+      fn(rb->ptr, rb->ptr, mine, count);
+    wait_send(sb, deadline);
+  }
+}
+
+Group *create_group(const mt_comm_opts *o, int timeout_ms) {
+  auto g = std::make_unique<Group>();
+  g->rank = o->rank;
+  g->size = o->size;
+  g->sock.assign(o->size, -1);
+  g->peer.assign(o->size, "");
+  if (o->size == 1) return g.release();
+  auto deadline = clk::now() + ms(timeout_ms);
+  tcp::attr attr(o->addr && *o->addr ? o->addr : "127.0.0.1");
+  g->device = tcp::CreateDevice(attr);
+  g->context = std::make_shared<gloo::rendezvous::Context>(o->rank, o->size);
+  // A pair waits 5 x the context timeout for its connection; keep that
+  // within our deadline. Operations pass their own timeouts.
+  g->context->setTimeout(ms(std::max(1, timeout_ms / 5)));
+  StoreAdapter store(o->store, o->prefix, deadline);
+  g->context->connectFullMesh(store, g->device);
+  g->context->setTimeout(ms(timeout_ms));
+  find_sockets(g.get());
+  return g.release();
+}
+
+// gloo writes with writev(2): a peer that died would kill this process with
+// SIGPIPE. Ignore it, unless the program installed a handler of its own.
+void ignore_sigpipe() {
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, nullptr, &sa) == 0 && sa.sa_handler == SIG_DFL &&
+      !(sa.sa_flags & SA_SIGINFO)) {
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, nullptr);
+  }
+}
+
+// ------------------------------------------------------------------ C face
+
+int gloo_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
+  ignore_sigpipe();
+  try {
+    *impl = create_group(o, timeout_ms);
+    return 0;
+  } catch (const ShimError &e) {
+    return mt_seterr(e.code, "%s", e.what());
+  } catch (const std::bad_alloc &) {
+    return mt_seterr(MT_ENOMEM, "gloo: out of memory");
+  } catch (const std::exception &e) {
+    std::string msg = strip_location(e.what());
+    int code = msg.find("imeout") != std::string::npos ? MT_ETIMEDOUT : MT_EIO;
+    return mt_seterr(code, "gloo: %s", msg.c_str());
+  } catch (...) {
+    return mt_seterr(MT_EIO, "gloo: unknown C++ exception");
+  }
+}
+
+void gloo_destroy(void *impl) {
+  try {
+    delete static_cast<Group *>(impl);
+  } catch (...) {
+  }
+}
+
+void gloo_abort(void *impl) {
+  try {
+    static_cast<Group *>(impl)->abort();
+  } catch (...) {
+  }
+}
+
+// Runs body for a group of size > 1: aborted or closed groups fail at once,
+// exceptions become codes.
+template <typename F> int guarded(void *impl, int timeout_ms, F body) {
+  Group *g = static_cast<Group *>(impl);
+  if (g->aborted) return mt_seterr(MT_ECANCELED, "aborted");
+  try {
+    if (g->closed) throw ShimError(MT_EIO, "the group's connections are closed");
+    body(g);
+    return 0;
+  } catch (...) {
+    return fail(g, timeout_ms);
+  }
+}
+
+int gloo_allreduce(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                   mt_comm_op op, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  const size_t esz = mt_comm_dtype_size(dt);
+  if (g->size == 1) {
+    if (send != recv) memmove(recv, send, count * esz);
+    return 0;
+  }
+  mt__reduce_fn fn = mt__comm_reduce_fn(dt, op);
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    switch (esz) {
+    case 1: run_allreduce<Bytes<1>::T>(g, send, recv, count, fn, timeout_ms); break;
+    case 2: run_allreduce<Bytes<2>::T>(g, send, recv, count, fn, timeout_ms); break;
+    case 4: run_allreduce<Bytes<4>::T>(g, send, recv, count, fn, timeout_ms); break;
+    default: run_allreduce<Bytes<8>::T>(g, send, recv, count, fn, timeout_ms); break;
+    }
+  });
+}
+
+int gloo_reduce_scatter(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                        mt_comm_op op, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  if (g->size == 1) {
+    if (send != recv) memmove(recv, send, count * mt_comm_dtype_size(dt));
+    return 0;
+  }
+  return guarded(impl, timeout_ms,
+                 [&](Group *g) { run_reduce_scatter(g, send, recv, count, dt, op, timeout_ms); });
+}
+
+int gloo_allgather(void *impl, const void *send, void *recv, size_t bytes, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  char *out = static_cast<char *>(recv);
+  if (g->size == 1) {
+    if (send != recv) memmove(recv, send, bytes);
+    return 0;
+  }
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    gloo::AllgatherOptions opts(g->context);
+    if (send != out + g->rank * bytes)
+      opts.setInput(static_cast<uint8_t *>(const_cast<void *>(send)), bytes);
+    opts.setOutput(reinterpret_cast<uint8_t *>(out), bytes * g->size);
+    opts.setTag(g->seq++);
+    opts.setTimeout(ms(timeout_ms));
+    gloo::allgather(opts);
+  });
+}
+
+int gloo_broadcast(void *impl, void *buf, size_t bytes, int root, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  if (g->size == 1) return 0;
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    gloo::BroadcastOptions opts(g->context);
+    opts.setOutput(static_cast<uint8_t *>(buf), bytes);
+    opts.setRoot(root);
+    opts.setTag(g->seq++);
+    opts.setTimeout(ms(timeout_ms));
+    gloo::broadcast(opts);
+  });
+}
+
+int gloo_send(void *impl, const void *buf, size_t bytes, int peer, int timeout_ms) {
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    auto deadline = clk::now() + ms(timeout_ms);
+    auto b = g->context->createUnboundBuffer(const_cast<void *>(buf), bytes);
+    Live live(g, b.get());
+    b->send(peer, kSlotP2P);
+    wait_send(b.get(), deadline);
+  });
+}
+
+int gloo_recv(void *impl, void *buf, size_t bytes, int peer, int timeout_ms) {
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    auto deadline = clk::now() + ms(timeout_ms);
+    auto b = g->context->createUnboundBuffer(buf, bytes);
+    Live live(g, b.get());
+    b->recv(peer, kSlotP2P);
+    wait_recv(b.get(), deadline);
+  });
+}
+
+int gloo_sendrecv(void *impl, const void *send, size_t send_bytes, int dst, void *recv,
+                  size_t recv_bytes, int src, int timeout_ms) {
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    auto deadline = clk::now() + ms(timeout_ms);
+    std::unique_ptr<gloo::transport::UnboundBuffer> sb, rb;
+    std::unique_ptr<Live> sl, rl;
+    if (recv_bytes) {
+      rb = g->context->createUnboundBuffer(recv, recv_bytes);
+      rl = std::make_unique<Live>(g, rb.get());
+      rb->recv(src, kSlotP2P);
+    }
+    if (send_bytes) {
+      sb = g->context->createUnboundBuffer(const_cast<void *>(send), send_bytes);
+      sl = std::make_unique<Live>(g, sb.get());
+      sb->send(dst, kSlotP2P);
+    }
+    if (rb) wait_recv(rb.get(), deadline);
+    if (sb) wait_send(sb.get(), deadline);
+  });
+}
+
+int gloo_barrier(void *impl, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  if (g->size == 1) return 0;
+  return guarded(impl, timeout_ms, [&](Group *g) {
+    gloo::BarrierOptions opts(g->context);
+    opts.setTag(g->seq++);
+    opts.setTimeout(ms(timeout_ms));
+    gloo::barrier(opts);
+  });
+}
+
+} // namespace
+
+extern "C" const mt__comm_backend mt__comm_gloo = {
+    "gloo",         gloo_create,    gloo_destroy, gloo_abort, gloo_allreduce, gloo_reduce_scatter,
+    gloo_allgather, gloo_broadcast, gloo_send,    gloo_recv,  gloo_sendrecv,  gloo_barrier,
+};

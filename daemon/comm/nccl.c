@@ -1,0 +1,346 @@
+/* nccl.c — the NCCL backend of the comm layer (CUDA devices; built when
+ * have_cuda).
+ *
+ * Rank 0 makes the ncclUniqueId and publishes it under <prefix>/nccl/id; all
+ * ranks then init a non-blocking communicator (config.blocking = 0). Every
+ * call is enqueued on the group's own stream and then watched: the thread
+ * polls ncclCommGetAsyncError and the stream until the work is done, the
+ * deadline passes or the group is aborted, and in the last two cases calls
+ * ncclCommAbort, so a dead peer never hangs the rank. The stream is a blocking
+ * one: it waits for work on the device's legacy default stream.
+ *
+ * Buffers are device memory of opts->device. Never links libcuda directly:
+ * only the runtime (cudart) and NCCL.
+ */
+#include "comm_impl.h"
+#include "err.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct nccl_group {
+  int rank, size, device;
+  ncclComm_t comm;
+  cudaStream_t stream;
+  float *scratch; /* one float on the device, for barrier */
+  atomic_int aborted;
+  pthread_mutex_t mu; /* guards in_op and comm_aborted against mt_comm_abort */
+  int in_op;          /* the owner thread is inside an operation */
+  int comm_aborted;   /* ncclCommAbort has been called */
+} nccl_group;
+
+static int64_t now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static ncclDataType_t nccl_type(mt_comm_dtype dt) {
+  switch (dt) {
+  case MT_COMM_F32: return ncclFloat32;
+  case MT_COMM_F64: return ncclFloat64;
+  case MT_COMM_BF16: return ncclBfloat16;
+  case MT_COMM_F16: return ncclFloat16;
+  case MT_COMM_I32: return ncclInt32;
+  case MT_COMM_I64: return ncclInt64;
+  default: return ncclUint8;
+  }
+}
+
+/* Aborts the communicator once; caller holds g->mu. */
+static void abort_locked(nccl_group *g) {
+  if (g->comm && !g->comm_aborted) {
+    ncclCommAbort(g->comm);
+    g->comm_aborted = 1;
+  }
+}
+
+/* Aborts the communicator and reports what (with NCCL's last error, when it
+ * has one); MT_ECANCELED when the group was aborted. */
+static int nccl_fail(nccl_group *g, int code, const char *what) {
+  pthread_mutex_lock(&g->mu);
+  const char *last = g->comm && !g->comm_aborted ? ncclGetLastError(g->comm) : NULL;
+  char extra[512] = "";
+  if (last && *last) snprintf(extra, sizeof extra, " (%s)", last);
+  abort_locked(g);
+  pthread_mutex_unlock(&g->mu);
+  if (atomic_load(&g->aborted)) return mt_seterr(MT_ECANCELED, "aborted");
+  return mt_seterr(code, "%s%s", what, extra);
+}
+
+/* Watches what was just enqueued (enq: the call's result) until the stream
+ * has run it, the communicator reports an error, the deadline passes or the
+ * group is aborted. Polls hard for 2 ms, then every 100 us. */
+static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
+  if (enq != ncclSuccess && enq != ncclInProgress)
+    return nccl_fail(g, MT_EIO, ncclGetErrorString(enq));
+  int64_t start = now_us(), deadline = start + (int64_t)timeout_ms * 1000;
+  for (;;) {
+    if (atomic_load(&g->aborted)) return nccl_fail(g, MT_ECANCELED, "aborted");
+    ncclResult_t st = ncclSuccess;
+    ncclResult_t rc = ncclCommGetAsyncError(g->comm, &st);
+    if (rc != ncclSuccess) st = rc;
+    if (st != ncclSuccess && st != ncclInProgress)
+      return nccl_fail(g, MT_EIO, ncclGetErrorString(st));
+    if (st == ncclSuccess) {
+      cudaError_t q = cudaStreamQuery(g->stream);
+      if (q == cudaSuccess) return 0;
+      if (q != cudaErrorNotReady) return nccl_fail(g, MT_EIO, cudaGetErrorString(q));
+    }
+    int64_t t = now_us();
+    if (t > deadline) {
+      char what[64];
+      snprintf(what, sizeof what, "timed out after %d ms", timeout_ms);
+      return nccl_fail(g, MT_ETIMEDOUT, what);
+    }
+    if (t - start < 2000)
+      sched_yield();
+    else
+      usleep(100);
+  }
+}
+
+/* Enters an operation: makes the device current and refuses an aborted group.
+ * leave() must follow. */
+static int enter(nccl_group *g) {
+  pthread_mutex_lock(&g->mu);
+  int refused = atomic_load(&g->aborted) || g->comm_aborted;
+  if (!refused) g->in_op = 1;
+  pthread_mutex_unlock(&g->mu);
+  if (refused) return mt_seterr(MT_ECANCELED, "aborted");
+  cudaError_t e = cudaSetDevice(g->device);
+  if (e != cudaSuccess) {
+    pthread_mutex_lock(&g->mu);
+    g->in_op = 0;
+    pthread_mutex_unlock(&g->mu);
+    return mt_seterr(MT_EIO, "cuda: set device %d: %s", g->device, cudaGetErrorString(e));
+  }
+  return 0;
+}
+
+static int leave(nccl_group *g, int rc) {
+  pthread_mutex_lock(&g->mu);
+  g->in_op = 0;
+  pthread_mutex_unlock(&g->mu);
+  return rc;
+}
+
+static void nccl_destroy(void *impl) {
+  nccl_group *g = impl;
+  if (!g) return;
+  cudaSetDevice(g->device);
+  pthread_mutex_lock(&g->mu);
+  if (g->comm && !g->comm_aborted) {
+    /* A clean finalize flushes outstanding work; bounded, then abort. */
+    int64_t deadline = now_us() + 10 * 1000000;
+    ncclResult_t st = ncclCommFinalize(g->comm);
+    while (st == ncclInProgress && now_us() < deadline) {
+      usleep(100);
+      if (ncclCommGetAsyncError(g->comm, &st) != ncclSuccess) break;
+    }
+    if (st == ncclSuccess)
+      ncclCommDestroy(g->comm);
+    else
+      ncclCommAbort(g->comm);
+  }
+  pthread_mutex_unlock(&g->mu);
+  if (g->stream) cudaStreamDestroy(g->stream);
+  if (g->scratch) cudaFree(g->scratch);
+  pthread_mutex_destroy(&g->mu);
+  free(g);
+}
+
+static void nccl_abort(void *impl) {
+  nccl_group *g = impl;
+  atomic_store(&g->aborted, 1);
+  pthread_mutex_lock(&g->mu);
+  if (!g->in_op) abort_locked(g); /* else the owner thread aborts while it watches */
+  pthread_mutex_unlock(&g->mu);
+}
+
+static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
+  if (!o->device || o->device->kind != MT_DEVICE_CUDA)
+    return mt_seterr(MT_EINVAL, "nccl: the group needs a CUDA device (got %s)",
+                     o->device ? o->device->name : "none");
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0; /* no driver: no devices */
+  if (o->device->index < 0 || o->device->index >= count)
+    return mt_seterr(MT_ENOTSUP, "nccl: %s: %d CUDA device(s) usable here", o->device->name, count);
+
+  int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+  nccl_group *g = calloc(1, sizeof *g);
+  if (!g) return mt_seterr(MT_ENOMEM, "nccl: out of memory");
+  g->rank = o->rank;
+  g->size = o->size;
+  g->device = o->device->index;
+  atomic_init(&g->aborted, 0);
+  pthread_mutex_init(&g->mu, NULL);
+
+  int rc = 0;
+  cudaError_t ce = cudaSetDevice(g->device);
+  if (ce == cudaSuccess) ce = cudaStreamCreate(&g->stream);
+  if (ce == cudaSuccess) ce = cudaMalloc((void **)&g->scratch, sizeof(float));
+  if (ce != cudaSuccess) {
+    rc = mt_seterr(MT_EIO, "cuda: %s: %s", o->device->name, cudaGetErrorString(ce));
+    goto fail;
+  }
+
+  /* The unique id: made by rank 0, read by the others through the store. */
+  char key[512];
+  ncclUniqueId id;
+  if ((rc = mt__comm_key(key, sizeof key, o->prefix, "nccl/id"))) goto fail;
+  if (o->rank == 0) {
+    ncclResult_t r = ncclGetUniqueId(&id);
+    if (r != ncclSuccess) {
+      rc = mt_seterr(MT_EIO, "nccl: get unique id: %s", ncclGetErrorString(r));
+      goto fail;
+    }
+    if ((rc = mt_store_set(o->store, key, &id, sizeof id))) goto fail;
+  } else {
+    void *value = NULL;
+    size_t bytes = 0;
+    int64_t left_ms = (deadline - now_us()) / 1000;
+    rc = mt_store_get(o->store, key, &value, &bytes, left_ms > 0 ? (int)left_ms : 0);
+    if (!rc && bytes != sizeof id)
+      rc = mt_seterr(MT_ECORRUPT, "nccl: key %s holds %zu bytes, not an ncclUniqueId (%zu)", key,
+                     bytes, sizeof id);
+    if (!rc) memcpy(&id, value, sizeof id);
+    free(value);
+    if (rc) goto fail;
+  }
+
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclResult_t r = ncclCommInitRankConfig(&g->comm, o->size, id, o->rank, &config);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    rc = mt_seterr(MT_EIO, "nccl: init rank %d of %d: %s", o->rank, o->size, ncclGetErrorString(r));
+    g->comm = NULL;
+    goto fail;
+  }
+  for (;;) {
+    ncclResult_t st = ncclSuccess;
+    if (ncclCommGetAsyncError(g->comm, &st) != ncclSuccess) st = ncclInternalError;
+    if (st == ncclSuccess) break;
+    if (st != ncclInProgress) {
+      rc = mt_seterr(MT_EIO, "nccl: init rank %d of %d: %s (%s)", o->rank, o->size,
+                     ncclGetErrorString(st), ncclGetLastError(g->comm));
+      goto fail;
+    }
+    if (now_us() > deadline) {
+      rc = mt_seterr(MT_ETIMEDOUT, "nccl: init rank %d of %d: timed out after %d ms", o->rank,
+                     o->size, timeout_ms);
+      goto fail;
+    }
+    usleep(200);
+  }
+  *impl = g;
+  return 0;
+
+fail:
+  if (g->comm) {
+    ncclCommAbort(g->comm);
+    g->comm_aborted = 1;
+  }
+  nccl_destroy(g);
+  return rc;
+}
+
+static int nccl_allreduce(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                          mt_comm_op op, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclAllReduce(send, recv, count, nccl_type(dt),
+                                 op == MT_COMM_MAX ? ncclMax : ncclSum, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_reduce_scatter(void *impl, const void *send, void *recv, size_t count,
+                               mt_comm_dtype dt, mt_comm_op op, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclReduceScatter(send, recv, count, nccl_type(dt),
+                                     op == MT_COMM_MAX ? ncclMax : ncclSum, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_allgather(void *impl, const void *send, void *recv, size_t bytes, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclAllGather(send, recv, bytes, ncclUint8, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_broadcast(void *impl, void *buf, size_t bytes, int root, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclBroadcast(buf, buf, bytes, ncclUint8, root, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_send(void *impl, const void *buf, size_t bytes, int peer, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclSend(buf, bytes, ncclUint8, peer, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_recv(void *impl, void *buf, size_t bytes, int peer, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclRecv(buf, bytes, ncclUint8, peer, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_sendrecv(void *impl, const void *send, size_t send_bytes, int dst, void *recv,
+                         size_t recv_bytes, int src, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclGroupStart();
+  if (r == ncclSuccess && send_bytes)
+    r = ncclSend(send, send_bytes, ncclUint8, dst, g->comm, g->stream);
+  if ((r == ncclSuccess || r == ncclInProgress) && recv_bytes)
+    r = ncclRecv(recv, recv_bytes, ncclUint8, src, g->comm, g->stream);
+  ncclResult_t end = ncclGroupEnd();
+  if (r == ncclSuccess || r == ncclInProgress) r = end;
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_barrier(void *impl, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r =
+      ncclAllReduce(g->scratch, g->scratch, 1, ncclFloat32, ncclSum, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+const mt__comm_backend mt__comm_nccl = {
+    .name = "nccl",
+    .create = nccl_create,
+    .destroy = nccl_destroy,
+    .abort = nccl_abort,
+    .allreduce = nccl_allreduce,
+    .reduce_scatter = nccl_reduce_scatter,
+    .allgather = nccl_allgather,
+    .broadcast = nccl_broadcast,
+    .send = nccl_send,
+    .recv = nccl_recv,
+    .sendrecv = nccl_sendrecv,
+    .barrier = nccl_barrier,
+};

@@ -1,0 +1,69 @@
+/* store.h — the key-value store that bootstraps communicators.
+ *
+ * Ranks of a group find each other through a store: each publishes what its
+ * peers need (Gloo addresses, the ncclUniqueId) under keys such as
+ * "gen/0/comm/tp0/gloo/3" and waits for theirs. mt_store is a table of
+ * functions so the comm layer never knows which store it talks to; two live
+ * here: an in-process one (ranks that are threads) and a file-backed one (ranks
+ * that are processes on one machine). The cluster's TCP store implements the
+ * same table.
+ *
+ * Every implementation is safe to call from several threads at once. Values are
+ * opaque bytes; a key written by add holds its count as decimal text. Nothing
+ * here exits: failures return a negative MT_E* code with mt_errmsg() naming the
+ * key (and the timeout, for a wait that ran out).
+ */
+#ifndef MT_STORE_H
+#define MT_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct mt_store mt_store;
+
+struct mt_store {
+  /* Sets key to the bytes of value, replacing any value; readers never see a
+   * partial value. */
+  int (*set)(mt_store *s, const char *key, const void *value, size_t bytes);
+  /* Waits until key exists, at most timeout_ms (0: do not wait, < 0: no
+   * limit), then returns a malloc'd copy of its value (free() it) with a NUL
+   * after the last byte. MT_ETIMEDOUT when the key did not appear in time. */
+  int (*get)(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms);
+  /* Atomically adds delta to the integer at key (0 when absent) and returns
+   * the new value in *result (may be NULL). */
+  int (*add)(mt_store *s, const char *key, int64_t delta, int64_t *result);
+  /* 1 when key exists, 0 when not, < 0 on failure. */
+  int (*check)(mt_store *s, const char *key);
+  /* Removes key: 0, or MT_ENOENT when it did not exist. */
+  int (*del)(mt_store *s, const char *key);
+  /* Releases the handle (not the data of a shared store: a file store's
+   * directory stays). */
+  void (*free)(mt_store *s);
+  const char *kind; /* "mem", "file", "tcp": for messages */
+};
+
+/* An in-process store: a mutex, a condition variable and a list. */
+int mt_store_mem_new(mt_store **out);
+
+/* A store in directory dir (created when missing) that processes on this
+ * machine share: one file per key, written to a temp file and renamed into
+ * place; add serialises through flock on dir/.lock; get polls with backoff. */
+int mt_store_file_new(const char *dir, mt_store **out);
+
+static inline int mt_store_set(mt_store *s, const char *key, const void *value, size_t bytes) {
+  return s->set(s, key, value, bytes);
+}
+static inline int mt_store_get(mt_store *s, const char *key, void **value, size_t *bytes,
+                               int timeout_ms) {
+  return s->get(s, key, value, bytes, timeout_ms);
+}
+static inline int mt_store_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {
+  return s->add(s, key, delta, result);
+}
+static inline int mt_store_check(mt_store *s, const char *key) { return s->check(s, key); }
+static inline int mt_store_del(mt_store *s, const char *key) { return s->del(s, key); }
+static inline void mt_store_free(mt_store *s) {
+  if (s) s->free(s);
+}
+
+#endif

@@ -1,0 +1,140 @@
+/* source.c — the trainer's view of its data: token file or indexed blend. */
+#include "source.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "tokens.h"
+
+struct mt_data_source {
+  int seq, vocab;
+  mt_token_file flat; /* when spec->path is set */
+  int is_flat;
+  int n;              /* datasets in the blend */
+  mt_gpt_dataset *sets[2][MT_MAX_BLEND]; /* [train|valid][k] */
+  mt_blend *blend[2];
+  char names[MT_MAX_BLEND][MT_PATH_MAX];
+  int32_t *sample;    /* seq + 1 */
+};
+
+void mt_data_source_free(mt_data_source *s) {
+  if (!s) return;
+  if (s->is_flat) mt_tokens_close(&s->flat);
+  for (int w = 0; w < 2; w++) {
+    mt_blend_free(s->blend[w]);
+    for (int k = 0; k < s->n; k++) mt_gpt_dataset_free(s->sets[w][k]);
+  }
+  free(s->sample);
+  free(s);
+}
+
+/* The blend of one split: each dataset sized for its share of n samples. */
+static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split which, uint64_t seed,
+                      uint64_t n) {
+  static const char *split_names[] = {"train", "valid", "test"};
+  double weights[MT_MAX_BLEND];
+  uint64_t counts[MT_MAX_BLEND];
+  for (int k = 0; k < s->n; k++) weights[k] = spec->blend[k].weight;
+  int rc = mt_blend_counts(weights, s->n, n, counts);
+  if (rc) return rc;
+  for (int k = 0; k < s->n; k++) {
+    mt_gpt_dataset_spec ds = {
+        .prefix = spec->blend[k].prefix,
+        .split = spec->split,
+        .which = which,
+        .seq = s->seq,
+        .n_samples = counts[k] ? counts[k] : 1,
+        .seed = seed,
+        .shuffle = spec->shuffle,
+        .cache_dir = spec->cache_dir[0] ? spec->cache_dir : NULL,
+    };
+    rc = mt_gpt_dataset_open(&s->sets[which][k], &ds);
+    if (rc) return mt_wraperr(rc, "data: %s split of %s", split_names[which], spec->blend[k].prefix);
+  }
+  rc = mt_blend_open(&s->blend[which], s->sets[which], weights, s->n, n);
+  if (rc) return mt_wraperr(rc, "data: %s blend", split_names[which]);
+  return 0;
+}
+
+int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq, int vocab,
+                        uint64_t seed, uint64_t n_train, uint64_t n_valid) {
+  *out = NULL;
+  mt_data_source *s = calloc(1, sizeof *s);
+  if (!s) return mt_seterr(MT_ENOMEM, "data: source");
+  s->seq = seq;
+  s->vocab = vocab;
+  s->sample = malloc(((size_t)seq + 1) * sizeof(int32_t));
+  int rc = s->sample ? 0 : mt_seterr(MT_ENOMEM, "data: sample buffer");
+  if (!rc && spec->path[0]) {
+    s->is_flat = 1;
+    s->n = 1;
+    snprintf(s->names[0], sizeof s->names[0], "%s", spec->path);
+    rc = mt_tokens_open(&s->flat, spec->path);
+    if (!rc && mt_tokens_samples(&s->flat, seq) == 0)
+      rc = mt_seterr(MT_EINVAL, "data: %s has %zu tokens, fewer than one sample of %d + 1",
+                     spec->path, s->flat.n_tokens, seq);
+    if (!rc && n_valid)
+      rc = mt_seterr(MT_EINVAL, "data: %s is a flat token file without a valid split",
+                     spec->path);
+  } else if (!rc) {
+    s->n = spec->n_blend;
+    for (int k = 0; k < s->n; k++) {
+      const char *base = strrchr(spec->blend[k].prefix, '/');
+      snprintf(s->names[k], sizeof s->names[k], "%s", base ? base + 1 : spec->blend[k].prefix);
+    }
+    rc = open_split(s, spec, MT_SPLIT_TRAIN, seed, n_train);
+    if (!rc && n_valid) rc = open_split(s, spec, MT_SPLIT_VALID, seed, n_valid);
+  }
+  if (rc) {
+    mt_data_source_free(s);
+    return rc;
+  }
+  *out = s;
+  return 0;
+}
+
+int mt_data_source_read(mt_data_source *s, mt_split which, uint64_t first, int count,
+                        int32_t *inputs, int32_t *targets) {
+  int seq = s->seq;
+  if (s->is_flat) {
+    if (which != MT_SPLIT_TRAIN)
+      return mt_seterr(MT_EINVAL, "data: a flat token file has only a train split");
+    return mt_tokens_read(&s->flat, first, count, seq, s->vocab, inputs, targets);
+  }
+  if (!s->blend[which]) return mt_seterr(MT_EINVAL, "data: split %d was not opened", which);
+  for (int i = 0; i < count; i++) {
+    int k;
+    int rc = mt_blend_sample(s->blend[which], first + (uint64_t)i, s->sample, &k);
+    if (rc) return rc;
+    for (int t = 0; t <= seq; t++) {
+      if (s->sample[t] < 0 || s->sample[t] >= s->vocab)
+        return mt_seterr(MT_ECORRUPT, "data: %s: token %d in sample %llu is outside vocab %d",
+                         s->names[k], s->sample[t], (unsigned long long)(first + (uint64_t)i),
+                         s->vocab);
+    }
+    memcpy(inputs + (size_t)i * seq, s->sample, (size_t)seq * sizeof(int32_t));
+    memcpy(targets + (size_t)i * seq, s->sample + 1, (size_t)seq * sizeof(int32_t));
+  }
+  return 0;
+}
+
+int mt_data_source_count(const mt_data_source *s) { return s->n; }
+const char *mt_data_source_name(const mt_data_source *s, int k) { return s->names[k]; }
+
+uint64_t mt_data_source_consumed(const mt_data_source *s, int k, uint64_t n) {
+  if (s->is_flat) return n;
+  return mt_blend_consumed(s->blend[MT_SPLIT_TRAIN], k, n);
+}
+
+void mt_data_source_describe(const mt_data_source *s, uint64_t n, char *buf, size_t cap) {
+  size_t off = 0;
+  buf[0] = 0;
+  for (int k = 0; k < s->n && off < cap; k++) {
+    uint64_t c = mt_data_source_consumed(s, k, n);
+    off += (size_t)snprintf(buf + off, cap - off, "%s%s %.1f%%", k ? ", " : "", s->names[k],
+                            n ? 100.0 * (double)c / (double)n : 0.0);
+  }
+  if (off < cap) snprintf(buf + off, cap - off, " of %llu samples", (unsigned long long)n);
+}

@@ -1,0 +1,247 @@
+/* plan.c — per-device memory and per-step FLOPs of a job (see plan.h).
+ *
+ * Notation as in the papers: h hidden, a heads, l layers, s sequence length,
+ * b micro-batch, B global batch, V vocabulary (Vp padded), t = tp, p = pp,
+ * m micro-batches per dp rank per step. Every count is per device.
+ *
+ * Choices, each with its reason:
+ * - Gradients are fp32 (4 bytes per parameter) whatever the precision:
+ *   Megatron accumulates into fp32 "main grads" under bf16/fp16, since a step
+ *   sums up to m micro-batches and a 16-bit sum loses them. The upper figure.
+ * - Mixed precision keeps a 16-bit model copy (2 bytes); its fp32 master is
+ *   part of the ZeRO-1 slice: (4 master + 4 m + 4 v) / dp bytes per parameter.
+ *   fp32 runs the optimizer on the weights themselves: (4 + 4) / dp.
+ * - Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation
+ *   in Large Transformer Models", tensor parallel without sequence
+ *   parallelism, per layer and micro-batch: s b h (10 + 24/t + 5 a s/(h t))
+ *   bytes with 16-bit activations. Its terms: replicated over tp the QKV input
+ *   (2 sbh), the MLP input (2), both LayerNorm inputs (4) and two dropout masks
+ *   (1 + 1 byte); split over tp Q, K, V, the attention-projection input (8),
+ *   the GeLU input and output (16); per head the softmax output (2 a s² b),
+ *   its dropout mask (1) and the dropout output (2). In fp32 every 2-byte
+ *   term doubles and the 1-byte masks stay: s b h (18 + 48/t + 9 a s/(h t)).
+ *   The masks are counted even when dropout is 0 (the upper figure).
+ * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
+ *   (4 in fp32; replicated over tp), plus one layer's whole working set for
+ *   one micro-batch while it is recomputed and run backward.
+ * - 1F1B: stage s holds min(p - s, m) micro-batches in flight at its peak
+ *   (p - s - 1 warm-up forwards and the one in steady state).
+ * - Logits: the last stage holds s b Vp/t fp32 values for the vocab-parallel
+ *   cross-entropy (one micro-batch: it runs backward right after forward).
+ * - Comm buffers: a pipeline stage sends and receives s b h activations and
+ *   their gradients (2 buffers at an end stage, 4 in the middle); with dp > 1
+ *   one gradient bucket of MT_PLAN_DP_BUCKET_ELEMS fp32 elements is being
+ *   reduce-scattered and one of model weights all-gathered after the update.
+ *   tp all-reduces and the tied-embedding all-reduce work in place.
+ */
+#include "plan.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "err.h"
+
+#define GB 1e9
+
+static int64_t ceil_div64(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+static int64_t padded_vocab_of(const mt_model_spec *m, int tp) {
+  int64_t mult = (int64_t)(m->vocab_pad_to > 0 ? m->vocab_pad_to : 128) * tp;
+  return ceil_div64(m->vocab_size, mult) * mult;
+}
+
+double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, int recompute) {
+  double B = (double)batch, s = m->seq_len, l = m->n_layer, h = m->n_embd, V = padded_vocab;
+  if (recompute) return 96.0 * B * s * l * h * h * (1.0 + s / (6.0 * h) + V / (16.0 * l * h));
+  return 72.0 * B * s * l * h * h * (1.0 + s / (6.0 * h) + V / (12.0 * l * h));
+}
+
+/* Parameters of one transformer layer on one tp rank: 12 h²/t matrix
+ * elements, the column-parallel biases (3h + 4h)/t, and replicated the two
+ * row-parallel biases (2h) and the two LayerNorms (4h). */
+static int64_t layer_params(int64_t h, int64_t t) { return 12 * h * h / t + 7 * h / t + 6 * h; }
+
+/* Activation bytes of one layer for one micro-batch, nothing recomputed. */
+static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed) {
+  int64_t s = m->seq_len, h = m->n_embd, a = m->n_head, sbh = s * b * h;
+  if (mixed) return sbh * 10 + sbh * 24 / t + 5 * a * s * s * b / t;
+  return sbh * 18 + sbh * 48 / t + 9 * a * s * s * b / t;
+}
+
+int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stage *out) {
+  memset(out, 0, sizeof *out);
+  if (!plan->computed) return mt_seterr(MT_EINVAL, "plan: not computed");
+  if (s < 0 || s >= plan->pp)
+    return mt_seterr(MT_EINVAL, "plan: stage %d is not in [0, %d)", s, plan->pp);
+  const mt_model_spec *m = &job->model;
+  int64_t h = m->n_embd, t = plan->tp, p = plan->pp, L = m->n_layer, Vp = plan->padded_vocab;
+  int64_t sbh = (int64_t)m->seq_len * plan->micro_batch * h;
+  int mixed = plan->mixed;
+
+  /* layers: the first L mod p stages hold one more */
+  int64_t base = L / p, extra = L % p;
+  out->stage = s;
+  out->n_layers = (int)(base + (s < extra));
+  out->first_layer = (int)(s * base + (s < extra ? s : extra));
+  out->has_embedding = s == 0;
+  out->has_head = s == p - 1;
+
+  int64_t params = out->n_layers * layer_params(h, t);
+  if (out->has_embedding) params += Vp * h / t + (int64_t)m->seq_len * h;
+  if (out->has_head) params += 2 * h + (p > 1 ? Vp * h / t : 0);
+  out->params = params;
+  out->optimizer_params = ceil_div64(params, plan->dp);
+
+  out->weight_bytes = params * (mixed ? 2 : 4);
+  out->grad_bytes = params * 4;
+  out->optimizer_bytes = out->optimizer_params * (mixed ? 12 : 8);
+
+  int64_t inflight = p - s < plan->micro_batches ? p - s : plan->micro_batches;
+  int64_t full = layer_act_bytes(m, plan->micro_batch, plan->tp, mixed);
+  out->inflight = (int)inflight;
+  if (plan->recompute)
+    out->activation_bytes = inflight * out->n_layers * sbh * (mixed ? 2 : 4) + full;
+  else
+    out->activation_bytes = inflight * out->n_layers * full;
+  if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
+
+  if (p > 1) out->comm_bytes += (s == 0 || s == p - 1 ? 2 : 4) * sbh * (mixed ? 2 : 4);
+  if (plan->dp > 1) out->comm_bytes += MT_PLAN_DP_BUCKET_ELEMS * (4 + (mixed ? 2 : 4));
+
+  out->total_bytes = out->weight_bytes + out->grad_bytes + out->optimizer_bytes +
+                     out->activation_bytes + out->logits_bytes + out->comm_bytes;
+  return MT_OK;
+}
+
+/* Appends one problem line to buf. */
+static void add_problem(char *buf, size_t cap, int *n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void add_problem(char *buf, size_t cap, int *n, const char *fmt, ...) {
+  size_t len = strlen(buf);
+  if (len + 2 >= cap) return;
+  if (*n) buf[len++] = '\n';
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf + len, cap - len, fmt, ap);
+  va_end(ap);
+  (*n)++;
+}
+
+/* Everything that makes a layout impossible to plan, one line each. */
+static int check_layout(const mt_job *job, const mt_plan_device *dev, int devices) {
+  const mt_model_spec *m = &job->model;
+  const mt_parallel_spec *p = &job->parallel;
+  char msg[2048] = "";
+  int n = 0;
+  const struct {
+    const char *key;
+    int v;
+  } pos[] = {
+      {"model.n_layer", m->n_layer},
+      {"model.n_embd", m->n_embd},
+      {"model.n_head", m->n_head},
+      {"model.vocab_size", m->vocab_size},
+      {"model.seq_len", m->seq_len},
+      {"parallel.tp", p->tp},
+      {"parallel.pp", p->pp},
+      {"parallel.micro_batch", p->micro_batch},
+      {"train.global_batch", job->train.global_batch},
+  };
+  for (size_t i = 0; i < sizeof pos / sizeof *pos; i++)
+    if (pos[i].v < 1)
+      add_problem(msg, sizeof msg, &n, "plan: %s: %d must be at least 1", pos[i].key, pos[i].v);
+  if (n) return mt_seterr(MT_EINVAL, "%s", msg);
+
+  if (m->n_embd % m->n_head)
+    add_problem(msg, sizeof msg, &n, "plan: model.n_embd: %d is not divisible by n_head = %d",
+                m->n_embd, m->n_head);
+  if (m->n_head % p->tp)
+    add_problem(msg, sizeof msg, &n, "plan: model.n_head: %d is not divisible by tp = %d",
+                m->n_head, p->tp);
+  if (m->n_layer < p->pp)
+    add_problem(msg, sizeof msg, &n, "plan: model.n_layer: %d layers cannot fill pp = %d stages",
+                m->n_layer, p->pp);
+  if (!(dev->memory_bytes > 0))
+    add_problem(msg, sizeof msg, &n, "plan: device memory %g bytes must be > 0", dev->memory_bytes);
+  if (!(dev->tflops > 0))
+    add_problem(msg, sizeof msg, &n, "plan: device TFLOP/s %g must be > 0", dev->tflops);
+  if (!(dev->efficiency > 0 && dev->efficiency <= 1))
+    add_problem(msg, sizeof msg, &n, "plan: efficiency %g is not in (0, 1]", dev->efficiency);
+  if (!(dev->usable_fraction > 0 && dev->usable_fraction <= 1))
+    add_problem(msg, sizeof msg, &n, "plan: usable memory fraction %g is not in (0, 1]",
+                dev->usable_fraction);
+  int64_t slots = (int64_t)p->tp * p->pp;
+  if (devices < 1 || devices % slots)
+    add_problem(msg, sizeof msg, &n,
+                "plan: %d devices are not a positive multiple of tp * pp = %d * %d = %lld", devices,
+                p->tp, p->pp, (long long)slots);
+  else if (job->train.global_batch % ((int64_t)p->micro_batch * (devices / slots)))
+    add_problem(msg, sizeof msg, &n,
+                "plan: train.global_batch: %d is not divisible by micro_batch * dp = %d * %lld",
+                job->train.global_batch, p->micro_batch, (long long)(devices / slots));
+  return n ? mt_seterr(MT_EINVAL, "%s", msg) : MT_OK;
+}
+
+int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *out) {
+  memset(out, 0, sizeof *out);
+  const mt_model_spec *m = &job->model;
+  const mt_parallel_spec *ps = &job->parallel;
+  mt_plan_device dev = *dev_in;
+  if (dev.efficiency == 0) dev.efficiency = 1.0;
+  if (dev.usable_fraction == 0) dev.usable_fraction = MT_PLAN_USABLE_FRACTION;
+  int64_t devices = dev.devices ? dev.devices : (int64_t)ps->tp * ps->pp * ps->dp_min;
+  if (devices > 0x7fffffff) return mt_seterr(MT_EINVAL, "plan: %lld devices", (long long)devices);
+  dev.devices = (int)devices;
+  int rc = check_layout(job, &dev, dev.devices);
+  if (rc) return rc;
+
+  out->dev = dev;
+  out->tp = ps->tp;
+  out->pp = ps->pp;
+  out->devices = dev.devices;
+  out->dp = dev.devices / (ps->tp * ps->pp);
+  out->micro_batch = ps->micro_batch;
+  out->micro_batches = job->train.global_batch / (ps->micro_batch * out->dp);
+  out->recompute = ps->recompute;
+  out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
+  out->padded_vocab = (int)padded_vocab_of(m, ps->tp);
+  int64_t h = m->n_embd, Vp = out->padded_vocab;
+  out->model_params = Vp * h + (int64_t)m->seq_len * h + m->n_layer * layer_params(h, 1) + 2 * h;
+  out->usable_bytes = dev.memory_bytes * dev.usable_fraction;
+  out->computed = 1;
+
+  for (int s = 0; s < out->pp; s++) {
+    mt_plan_stage st;
+    mt_plan_stage_of(job, out, s, &st);
+    if (s == 0) out->first = st;
+    if (s == out->pp - 1) out->last = st;
+    if (s == 0 || st.total_bytes > out->worst.total_bytes) out->worst = st;
+  }
+
+  out->tokens_per_step = mt_job_tokens_per_step(job);
+  out->model_flops = mt_plan_flops(m, out->padded_vocab, job->train.global_batch, 0);
+  out->executed_flops = mt_plan_flops(m, out->padded_vocab, job->train.global_batch, ps->recompute);
+  out->bubble_fraction = (double)(out->pp - 1) / (out->micro_batches + out->pp - 1);
+  double rate = (double)out->devices * dev.tflops * 1e12 * dev.efficiency; /* FLOP/s */
+  out->step_s = out->executed_flops / rate;
+  out->step_with_bubble_s = out->step_s / (1.0 - out->bubble_fraction);
+  out->tokens_per_s = (double)out->tokens_per_step / out->step_s;
+  out->model_tflops_per_device = out->model_flops / out->step_s / out->devices / 1e12;
+
+  const mt_plan_stage *w = &out->worst;
+  out->fits = (double)w->total_bytes <= out->usable_bytes;
+  if (out->fits) return MT_OK;
+  return mt_seterr(MT_EINVAL,
+                   "plan: stage %d needs %.1f GB per device (weights %.1f, grads %.1f, optimizer "
+                   "%.1f, activations %.1f, logits %.1f, comm %.1f) but the devices have %.1f GB, "
+                   "%.1f GB usable (%.0f%%)%s",
+                   w->stage, w->total_bytes / GB, w->weight_bytes / GB, w->grad_bytes / GB,
+                   w->optimizer_bytes / GB, w->activation_bytes / GB, w->logits_bytes / GB,
+                   w->comm_bytes / GB, dev.memory_bytes / GB, out->usable_bytes / GB,
+                   100 * dev.usable_fraction,
+                   out->recompute ? "; try a larger tp or pp, or a smaller micro_batch"
+                                  : "; try parallel.recompute=true, a larger tp or pp, or a "
+                                    "smaller micro_batch");
+}

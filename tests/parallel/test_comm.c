@@ -1,0 +1,293 @@
+/* test_comm — the comm layer with ranks as threads of this process, through
+ * the in-process store and Gloo over loopback: every collective against a
+ * serial reference for 1..8 ranks, 16 MB buffers, send/recv rings, abort from
+ * another thread, a missing and a stuck peer. */
+#include "comm.h"
+#include "comm_check.h"
+#include "err.h"
+#include "store.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static int failures;
+static mt_store *store;
+
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);                                        \
+      fprintf(stderr, __VA_ARGS__);                                                                \
+      fprintf(stderr, "\n");                                                                       \
+      failures++;                                                                                  \
+    }                                                                                              \
+  } while (0)
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------ rank threads */
+
+typedef struct rank_ctx {
+  int rank, size;
+  const char *prefix;
+  int timeout_ms;
+  int (*body)(struct rank_ctx *ctx, mt_comm *c);
+  void *arg;
+  int rc;           /* what the rank ended with: 0 or the failing MT_E* code */
+  char err[2048];   /* its message */
+  double elapsed_s; /* from start to the end of body (or of a failed create) */
+  mt_comm *comm;    /* while body runs, for threads that abort it */
+} rank_ctx;
+
+static void *rank_main(void *p) {
+  rank_ctx *x = p;
+  double t0 = now_s();
+  mt_comm_opts o = {.store = store,
+                    .name = "dp.pp1.tp0",
+                    .prefix = x->prefix,
+                    .rank = x->rank,
+                    .size = x->size,
+                    .timeout_ms = x->timeout_ms,
+                    .backend = MT_COMM_GLOO};
+  mt_comm *c;
+  x->rc = mt_comm_create(&c, &o);
+  if (x->rc) {
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  } else {
+    x->comm = c;
+    x->rc = x->body(x, c);
+    if (x->rc && !x->err[0]) snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  }
+  x->elapsed_s = now_s() - t0;
+  mt_comm_destroy(x->comm);
+  return NULL;
+}
+
+/* Runs body on ranks [0, started) of a group of size; fills ctx[]. */
+static void run_ranks(rank_ctx *ctx, int size, int started, const char *prefix, int timeout_ms,
+                      int (*body)(rank_ctx *, mt_comm *), void *arg) {
+  pthread_t th[16];
+  for (int r = 0; r < started; r++) {
+    ctx[r] = (rank_ctx){.rank = r,
+                        .size = size,
+                        .prefix = prefix,
+                        .timeout_ms = timeout_ms,
+                        .body = body,
+                        .arg = arg};
+    pthread_create(&th[r], NULL, rank_main, &ctx[r]);
+  }
+  for (int r = 0; r < started; r++) pthread_join(th[r], NULL);
+}
+
+/* ------------------------------------------------------------ bodies */
+
+static int body_collectives(rank_ctx *x, mt_comm *c) {
+  if (check_collectives(c, x->err, sizeof x->err)) return -1;
+  if (check_ring(c, x->err, sizeof x->err)) return -1;
+  return 0;
+}
+
+static int body_large(rank_ctx *x, mt_comm *c) {
+  return check_large(c, 16u << 20, x->err, sizeof x->err);
+}
+
+static void test_collectives_match_serial_reference_1_to_8_ranks(void) {
+  for (int n = 1; n <= 8; n++) {
+    rank_ctx ctx[8];
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "test/collectives/%d", n);
+    double t0 = now_s();
+    run_ranks(ctx, n, n, prefix, 20000, body_collectives, NULL);
+    for (int r = 0; r < n; r++) CHECK(ctx[r].rc == 0, "%d ranks, rank %d: %s", n, r, ctx[r].err);
+    printf("collectives, %d ranks: %.2f s\n", n, now_s() - t0);
+  }
+}
+
+static void test_allreduce_and_reduce_scatter_of_16mb_match_reference(void) {
+  for (int n = 2; n <= 8; n += 2) {
+    rank_ctx ctx[8];
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "test/large/%d", n);
+    double t0 = now_s();
+    run_ranks(ctx, n, n, prefix, 20000, body_large, NULL);
+    for (int r = 0; r < n; r++) CHECK(ctx[r].rc == 0, "%d ranks, rank %d: %s", n, r, ctx[r].err);
+    printf("16 MB allreduce + reduce-scatter, %d ranks: %.2f s\n", n, now_s() - t0);
+  }
+}
+
+/* Rank 0 blocks in a recv (or an all-reduce) that rank 1 never serves; a
+ * third thread aborts rank 0's group after 200 ms. */
+typedef struct abort_arg {
+  int collective; /* 0: recv, 1: allreduce */
+  atomic_int blocked;
+  double aborted_at, failed_at;
+  int later_rc; /* an operation after the abort */
+  pthread_t aborter;
+} abort_arg;
+
+static void *aborter_main(void *p) {
+  rank_ctx *x = p;
+  abort_arg *a = x->arg;
+  while (!atomic_load(&a->blocked)) usleep(1000);
+  usleep(200000);
+  a->aborted_at = now_s();
+  mt_comm_abort(x->comm);
+  return NULL;
+}
+
+static int body_abort(rank_ctx *x, mt_comm *c) {
+  abort_arg *a = x->arg;
+  static float buf[1 << 16];
+  if (x->rank == 0) {
+    pthread_create(&a->aborter, NULL, aborter_main, x);
+    atomic_store(&a->blocked, 1);
+    int rc = a->collective ? mt_comm_allreduce(c, buf, buf, 1 << 16, MT_COMM_F32, MT_COMM_SUM)
+                           : mt_comm_recv(c, buf, 1 << 16, MT_COMM_F32, 1);
+    a->failed_at = now_s();
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+    pthread_join(a->aborter, NULL);
+    a->later_rc = mt_comm_barrier(c);
+    return rc;
+  }
+  /* Rank 1 waits on rank 0 in a recv: rank 0's abort must end it too. */
+  static float other[16];
+  return mt_comm_recv(c, other, 16, MT_COMM_F32, 0);
+}
+
+static void test_abort_from_another_thread_fails_blocked_op_promptly(void) {
+  for (int collective = 0; collective < 2; collective++) {
+    rank_ctx ctx[2];
+    abort_arg a = {.collective = collective};
+    const char *what = collective ? "allreduce" : "recv";
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "test/abort/%d", collective);
+    run_ranks(ctx, 2, 2, prefix, 20000, body_abort, &a);
+    double late = a.failed_at - a.aborted_at;
+    CHECK(ctx[0].rc == MT_ECANCELED, "aborted %s: rc %s (%s)", what, mt_strerror(ctx[0].rc),
+          ctx[0].err);
+    CHECK(strstr(ctx[0].err, "comm dp.pp1.tp0") && strstr(ctx[0].err, what),
+          "aborted %s: message names no group or operation: %s", what, ctx[0].err);
+    CHECK(late >= 0 && late < 1.0, "aborted %s failed %.3f s after the abort", what, late);
+    CHECK(a.later_rc == MT_ECANCELED, "an operation after the abort: rc %s",
+          mt_strerror(a.later_rc));
+    /* the peer learns at once, not at its 20 s deadline */
+    CHECK(ctx[1].rc != 0 && ctx[1].elapsed_s < 5.0, "peer of an aborted rank: rc %s after %.2f s",
+          mt_strerror(ctx[1].rc), ctx[1].elapsed_s);
+    CHECK(strstr(ctx[1].err, "rank 0"), "peer's message does not name rank 0: %s", ctx[1].err);
+    printf("abort in %s: failed %.3f s after abort; peer: %s\n", what, late, ctx[1].err);
+  }
+}
+
+static int body_never(rank_ctx *x, mt_comm *c) {
+  (void)x, (void)c;
+  return 0;
+}
+
+static void test_missing_peer_fails_create_within_deadline_naming_rank(void) {
+  rank_ctx ctx[3];
+  double t0 = now_s();
+  run_ranks(ctx, 3, 2, "test/missing", 1000, body_never, NULL);
+  double took = now_s() - t0;
+  for (int r = 0; r < 2; r++) {
+    CHECK(ctx[r].rc == MT_ETIMEDOUT, "rank %d: rc %s (%s)", r, mt_strerror(ctx[r].rc), ctx[r].err);
+    CHECK(strstr(ctx[r].err, "rank 2 did not join") && strstr(ctx[r].err, "comm dp.pp1.tp0"),
+          "rank %d's message does not name the group and rank 2: %s", r, ctx[r].err);
+  }
+  CHECK(took >= 0.9 && took < 3.0, "create with a missing peer took %.2f s (deadline 1 s)", took);
+  printf("missing peer: %.2f s: %s\n", took, ctx[0].err);
+}
+
+/* Rank 2 joins but never enters the all-reduce; ranks 0 and 1 must fail by
+ * their deadline (1 s), naming the group and the operation. */
+static atomic_int stuck_done;
+
+static int body_stuck(rank_ctx *x, mt_comm *c) {
+  static float buf[1000];
+  if (x->rank == 2) {
+    while (atomic_load(&stuck_done) < 2) usleep(1000);
+    return 0;
+  }
+  int rc = mt_comm_allreduce(c, buf, buf, 1000, MT_COMM_F32, MT_COMM_SUM);
+  snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  atomic_fetch_add(&stuck_done, 1);
+  int again = mt_comm_allreduce(c, buf, buf, 1000, MT_COMM_F32, MT_COMM_SUM);
+  if (rc && again != rc) {
+    snprintf(x->err, sizeof x->err, "second op after a failure: %s", mt_errmsg());
+    return -1;
+  }
+  return rc;
+}
+
+static void test_stuck_peer_fails_allreduce_within_deadline(void) {
+  rank_ctx ctx[3];
+  atomic_store(&stuck_done, 0);
+  double t0 = now_s();
+  run_ranks(ctx, 3, 3, "test/stuck", 1000, body_stuck, NULL);
+  double took = now_s() - t0;
+  int timed_out = 0;
+  for (int r = 0; r < 2; r++) {
+    CHECK(ctx[r].rc == MT_ETIMEDOUT || ctx[r].rc == MT_EIO, "rank %d: rc %s (%s)", r,
+          mt_strerror(ctx[r].rc), ctx[r].err);
+    CHECK(strstr(ctx[r].err, "comm dp.pp1.tp0: allreduce of 4000 bytes"),
+          "rank %d's message names no group or operation: %s", r, ctx[r].err);
+    timed_out += strstr(ctx[r].err, "timed out after 1000 ms") != NULL;
+    printf("stuck peer, rank %d: %s\n", r, ctx[r].err);
+  }
+  CHECK(timed_out >= 1, "no rank says it timed out");
+  CHECK(took < 4.0, "a stuck peer took %.2f s to fail the group (deadline 1 s)", took);
+}
+
+/* Max over ranks must carry a NaN (the overflow check of mixed precision
+ * depends on it) whichever rank has it; sum carries an inf. */
+static int body_nan(rank_ctx *x, mt_comm *c) {
+  float f[4] = {1, 2, 3, 4};
+  uint16_t b[2] = {0x3f80, 0x4000}; /* bf16 1, 2 */
+  if (x->rank == 1) f[0] = NAN, f[2] = INFINITY, b[0] = 0x7fc0;
+  if (x->rank == 0) f[1] = NAN;
+  if (mt_comm_allreduce(c, f, f, 2, MT_COMM_F32, MT_COMM_MAX) ||
+      mt_comm_allreduce(c, f + 2, f + 2, 2, MT_COMM_F32, MT_COMM_SUM) ||
+      mt_comm_allreduce(c, b, b, 2, MT_COMM_BF16, MT_COMM_MAX))
+    return -1;
+  if (!isnan(f[0]) || !isnan(f[1]) || !isinf(f[2]) || f[3] != 8 || (b[0] & 0x7fc0) != 0x7fc0 ||
+      b[1] != 0x4000) {
+    snprintf(x->err, sizeof x->err, "got %g %g %g %g, bf16 %#x %#x", f[0], f[1], f[2], f[3], b[0],
+             b[1]);
+    return -1;
+  }
+  return 0;
+}
+
+static void test_max_propagates_nan_from_any_rank(void) {
+  rank_ctx ctx[2];
+  run_ranks(ctx, 2, 2, "test/nan", 20000, body_nan, NULL);
+  for (int r = 0; r < 2; r++) CHECK(ctx[r].rc == 0, "rank %d: %s", r, ctx[r].err);
+}
+
+int main(void) {
+  signal(SIGPIPE, SIG_IGN);
+  if (mt_store_mem_new(&store)) {
+    fprintf(stderr, "%s\n", mt_errmsg());
+    return 1;
+  }
+  test_collectives_match_serial_reference_1_to_8_ranks();
+  test_allreduce_and_reduce_scatter_of_16mb_match_reference();
+  test_max_propagates_nan_from_any_rank();
+  test_abort_from_another_thread_fails_blocked_op_promptly();
+  test_missing_peer_fails_create_within_deadline_naming_rank();
+  test_stuck_peer_fails_allreduce_within_deadline();
+  mt_store_free(store);
+  if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,341 @@
+/* test_plan.c — the plan: parameter counts under tp/pp sharding, ZeRO-1
+ * optimizer bytes, activation memory with and without recomputation, FLOPs
+ * against Narayanan et al. eq. 3 and the MT-NLG paper's 60 s step, and the
+ * refusal of a job that does not fit. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "device.h"
+#include "err.h"
+#include "gpt.h"
+#include "job.h"
+#include "plan.h"
+
+#ifndef MT_PRESET_DIR
+#error "MT_PRESET_DIR must name etc/models"
+#endif
+#ifndef MT_JOB_DIR
+#error "MT_JOB_DIR must name etc/jobs"
+#endif
+
+static int failures;
+
+#define CHECK(cond)                                                                                \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      fprintf(stderr, "%s:%d: %s: check failed: %s\n  errmsg: %s\n", __FILE__, __LINE__, __func__, \
+              #cond, mt_errmsg());                                                                 \
+      failures++;                                                                                  \
+      return;                                                                                      \
+    }                                                                                              \
+  } while (0)
+
+static const char *const presets[] = {MT_PRESET_DIR, NULL};
+
+/* MT-NLG's A100s: 80 GB, 126 TFLOP/s achieved. */
+static const mt_plan_device a100 = {.memory_bytes = 80e9, .tflops = 126};
+
+static int load_530b(mt_job *job, const char *ov0, const char *ov1) {
+  const char *ovs[3] = {ov0, ov0 ? ov1 : NULL, NULL};
+  return mt_job_load_for_plan(job, MT_JOB_DIR "/mtnlg-530b.json", presets, ovs);
+}
+
+/* The tiny preset (h 64, 4 heads, 2 layers, seq 64, vocab 256) with overrides. */
+static int load_tiny(mt_job *job, const char *ov0, const char *ov1) {
+  static const char *json =
+      "{\"model\": {\"preset\": \"tiny\"}, \"parallel\": {\"micro_batch\": 2},"
+      " \"train\": {\"global_batch\": 16, \"steps\": 1,"
+      "             \"lr\": {\"peak\": 1e-3}},"
+      " \"data\": {\"path\": \"tokens.u16\"}}";
+  const char *ovs[3] = {ov0, ov0 ? ov1 : NULL, NULL};
+  return mt_job_parse(job, json, "/jobs", presets, ovs);
+}
+
+static double rel(double a, double b) { return fabs(a - b) / fabs(b); }
+
+static void test_flops_match_narayanan_eq3(void) {
+  mt_job job;
+  mt_plan plan;
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+  /* by hand: B 1920, s 2048, l 105, h 20480, Vp 51200 (50257 padded to 128 * 8):
+   * 96 B s l h^2 = 1.6624615812e19; (1 + s/6h + Vp/16lh) = 1 + 1/60 + 0.00148810 */
+  CHECK(plan.padded_vocab == 51200);
+  CHECK(rel(plan.executed_flops, 1.6624615812e19 * 1.0181547619) < 1e-9);
+  CHECK(rel(plan.executed_flops, 1.69e19) < 0.002);
+  /* model FLOPs (MFU) leave the recomputed forward out: 72 instead of 96 on
+   * the layers, the LM head's 6 B s h Vp the same */
+  double layers96 = 1.6624615812e19 * (1 + 1 / 60.0), head = 6.0 * 1920 * 2048 * 20480 * 51200;
+  CHECK(rel(plan.model_flops, layers96 * 0.75 + head) < 1e-9);
+  CHECK(rel(plan.executed_flops, layers96 + head) < 1e-9);
+
+  /* on one device the model FLOPs are the GPT module's own count, per micro-batch */
+  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+  const mt_model_spec *m = &job.model;
+  mt_gpt_config cfg = {.n_layer = m->n_layer,
+                       .n_embd = m->n_embd,
+                       .n_head = m->n_head,
+                       .vocab_size = m->vocab_size,
+                       .padded_vocab = m->padded_vocab,
+                       .max_seq = m->seq_len};
+  double per_micro = mt_gpt_flops_per_step(&cfg, plan.micro_batch, m->seq_len);
+  CHECK(plan.micro_batches == 8);
+  CHECK(rel(plan.model_flops, plan.micro_batches * per_micro) < 1e-12);
+  CHECK(plan.executed_flops == plan.model_flops); /* recompute is off */
+  printf("  ok test_flops_match_narayanan_eq3\n");
+}
+
+static void test_530b_prediction_near_paper_60s_on_2240_gpus(void) {
+  /* Smith et al. 2022: 60.1 s per iteration on 280 DGX nodes (2240 A100s,
+   * tp 8 x pp 35 x dp 8) at 126 TFLOP/s per GPU */
+  mt_job job;
+  mt_plan plan;
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  mt_plan_device dev = a100;
+  dev.devices = 2240;
+  CHECK(mt_plan_compute(&job, &dev, &plan) == MT_OK);
+  CHECK(plan.tp == 8 && plan.pp == 35 && plan.dp == 8 && plan.micro_batches == 240);
+  CHECK(rel(plan.step_s, 60.1) < 0.05);
+  CHECK(fabs(plan.bubble_fraction - 34.0 / 274) < 1e-12);
+  CHECK(rel(plan.step_with_bubble_s, plan.step_s * 274 / 240) < 1e-12);
+  CHECK(rel(plan.tokens_per_s, 1920.0 * 2048 / plan.step_s) < 1e-12);
+
+  /* the job's own 4480 GPUs (dp 16) halve the time at the same rate */
+  mt_plan plan16;
+  CHECK(mt_plan_compute(&job, &a100, &plan16) == MT_OK);
+  CHECK(plan16.devices == 4480 && plan16.dp == 16);
+  CHECK(rel(plan16.step_s, plan.step_s / 2) < 1e-12);
+  /* efficiency scales the rate */
+  dev.efficiency = 0.5;
+  CHECK(mt_plan_compute(&job, &dev, &plan16) == MT_OK);
+  CHECK(rel(plan16.step_s, 2 * plan.step_s) < 1e-12);
+  printf("  ok test_530b_prediction_near_paper_60s_on_2240_gpus (%.2f s)\n", plan.step_s);
+}
+
+static void test_zero1_optimizer_bytes_scale_as_one_over_dp(void) {
+  mt_job job;
+  mt_plan p1, pd;
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  mt_plan_device dev = a100;
+  dev.devices = 280;
+  CHECK(mt_plan_compute(&job, &dev, &p1) == MT_OK);
+  /* mixed precision, dp 1: fp32 master + Adam m + v = 12 bytes per parameter */
+  CHECK(p1.dp == 1 && p1.first.optimizer_bytes == 12 * p1.first.params);
+  for (int dp = 2; dp <= 32; dp *= 2) {
+    dev.devices = 280 * dp;
+    CHECK(mt_plan_compute(&job, &dev, &pd) == MT_OK);
+    CHECK(pd.dp == dp);
+    const mt_plan_stage *a = &p1.first, *b = &pd.first;
+    /* 1/dp up to the one element a ZeRO slice rounds up */
+    CHECK(b->optimizer_params == (a->params + dp - 1) / dp);
+    CHECK(llabs(b->optimizer_bytes * dp - a->optimizer_bytes) <= 12 * dp);
+    /* weights and gradients are not sharded by ZeRO stage 1 */
+    CHECK(b->weight_bytes == a->weight_bytes && b->grad_bytes == a->grad_bytes);
+  }
+  /* fp32: the weights are the masters; Adam m + v only */
+  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p1) == MT_OK);
+  CHECK(p1.first.optimizer_bytes == 8 * p1.first.params);
+  CHECK(p1.first.weight_bytes == 4 * p1.first.params && p1.first.grad_bytes == 4 * p1.first.params);
+  printf("  ok test_zero1_optimizer_bytes_scale_as_one_over_dp\n");
+}
+
+static void test_tp_shards_matrices_and_replicates_layernorm(void) {
+  mt_job job;
+  mt_plan p1, p2, p4;
+  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p1) == MT_OK);
+  CHECK(load_tiny(&job, "parallel.tp=2", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p2) == MT_OK);
+  CHECK(load_tiny(&job, "parallel.tp=4", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p4) == MT_OK);
+  int64_t h = 64, L = 2, s = 64;
+  /* replicated on every tp rank: positions, per layer 2 LayerNorms (4h) and
+   * the row-parallel biases of attn.c_proj and mlp.c_proj (2h), final LayerNorm */
+  int64_t replicated = s * h + L * 6 * h + 2 * h;
+  /* split: wte over the padded vocab, the four matrices, QKV and MLP-in biases */
+  int64_t split1 = 256 * h + L * (12 * h * h + 7 * h);
+  CHECK(p1.padded_vocab == 256 && p1.first.params == split1 + replicated);
+  CHECK(p2.padded_vocab == 256 && p2.first.params == split1 / 2 + replicated);
+  /* tp 4 pads the vocabulary to a multiple of 128 * 4 = 512 */
+  CHECK(p4.padded_vocab == 512);
+  CHECK(p4.first.params == 512 * h / 4 + L * (12 * h * h + 7 * h) / 4 + replicated);
+  /* two ranks together hold every split element once, the replicated twice */
+  CHECK(2 * p2.first.params - p1.first.params == replicated);
+  /* the model itself does not change with tp (up to the vocabulary padding) */
+  CHECK(p2.model_params == p1.model_params);
+  printf("  ok test_tp_shards_matrices_and_replicates_layernorm\n");
+}
+
+static void test_pp_splits_layers_and_last_stage_holds_tied_head(void) {
+  mt_job job;
+  mt_plan p1, p2;
+  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p1) == MT_OK);
+  CHECK(load_tiny(&job, "parallel.pp=2", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p2) == MT_OK);
+  int64_t h = 64;
+  CHECK(p2.first.has_embedding && !p2.first.has_head && p2.last.has_head && !p2.last.has_embedding);
+  CHECK(p2.first.n_layers == 1 && p2.last.first_layer == 1 && p2.last.n_layers == 1);
+  /* the last stage keeps its own copy of the tied word embedding */
+  CHECK(p2.first.params + p2.last.params == p1.first.params + 256 * h);
+  CHECK(p2.last.logits_bytes == 2 * 64 * 256 * 4 && p2.first.logits_bytes == 0);
+
+  /* uneven: 5 layers over 2 stages, the first stage takes the extra one
+   * (the job validator refuses this today; the plan already counts it) */
+  job.model.n_layer = 5;
+  CHECK(mt_plan_compute(&job, &a100, &p2) == MT_OK);
+  CHECK(p2.first.n_layers == 3 && p2.last.first_layer == 3 && p2.last.n_layers == 2);
+  job.model.n_layer = 1;
+  CHECK(mt_plan_compute(&job, &a100, &p2) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "1 layers cannot fill pp = 2 stages") && !p2.computed);
+
+  /* 1F1B: stage s holds min(pp - s, m) micro-batches */
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &p1) == MT_OK);
+  CHECK(p1.first.inflight == 35 && p1.last.inflight == 1);
+  mt_plan_stage st;
+  CHECK(mt_plan_stage_of(&job, &p1, 10, &st) == MT_OK && st.inflight == 25);
+  CHECK(load_530b(&job, "train.global_batch=320", NULL) == MT_OK); /* m = 20 */
+  CHECK(mt_plan_compute(&job, &a100, &p1) == MT_OK);
+  CHECK(p1.micro_batches == 20 && p1.first.inflight == 20);
+  printf("  ok test_pp_splits_layers_and_last_stage_holds_tied_head\n");
+}
+
+static void test_recompute_cuts_activation_memory(void) {
+  mt_job job;
+  mt_plan on, off;
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  CHECK(job.parallel.recompute);
+  CHECK(mt_plan_compute(&job, &a100, &on) == MT_OK);
+  CHECK(load_530b(&job, "parallel.recompute=false", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &off) == MT_EINVAL);
+  /* Korthikanti et al. per layer and micro-batch, 16-bit, t = 8:
+   * s b h (10 + 24/8 + 5 a s / (h 8)) = sbh (13 + 8) */
+  int64_t sbh = 2048LL * 20480, full = 21 * sbh;
+  CHECK(off.first.activation_bytes == 35 * 3 * full);
+  /* recomputation: each layer's input (2 sbh) and one layer's working set */
+  CHECK(on.first.activation_bytes == 35 * 3 * 2 * sbh + full);
+  CHECK(on.first.activation_bytes * 9 < off.first.activation_bytes);
+  /* the price is the recomputed forward: 96 against 72 on the layers */
+  CHECK(on.executed_flops > off.executed_flops && on.model_flops == off.model_flops);
+
+  /* fp32 doubles the 2-byte terms and keeps the 1-byte dropout masks */
+  CHECK(load_530b(&job, "train.precision=fp32", "parallel.recompute=false") == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &off) == MT_EINVAL);
+  CHECK(off.first.activation_bytes == 35 * 3 * (sbh * (18 + 6) + 9 * 128 * 2048LL * 2048 / 8));
+  printf("  ok test_recompute_cuts_activation_memory\n");
+}
+
+static void test_job_that_does_not_fit_is_refused_with_numbers(void) {
+  mt_job job;
+  mt_plan plan;
+  CHECK(load_530b(&job, "parallel.recompute=false", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_EINVAL);
+  CHECK(plan.computed && !plan.fits && plan.worst.stage == 0);
+  const char *msg = mt_errmsg();
+  CHECK(!strncmp(msg,
+                 "plan: stage 0 needs 106.7 GB per device (weights 4.1, grads 8.2, "
+                 "optimizer 1.5, activations 92.5, logits 0.0, comm 0.3)",
+                 110));
+  CHECK(strstr(msg, "but the devices have 80.0 GB, 72.0 GB usable (90%)"));
+  CHECK(strstr(msg, "parallel.recompute=true"));
+  CHECK(!strchr(msg, '\n'));
+  /* 141 GB devices (an H200) take it */
+  mt_plan_device big = a100;
+  big.memory_bytes = 141e9;
+  CHECK(mt_plan_compute(&job, &big, &plan) == MT_OK && plan.fits);
+
+  /* a layout that cannot be planned says why and computes nothing */
+  mt_plan_device dev = a100;
+  dev.devices = 1000;
+  CHECK(mt_plan_compute(&job, &dev, &plan) == MT_EINVAL && !plan.computed);
+  CHECK(strstr(mt_errmsg(), "1000 devices are not a positive multiple of tp * pp = 8 * 35 = 280"));
+  dev.devices = 280 * 7;
+  CHECK(mt_plan_compute(&job, &dev, &plan) == MT_EINVAL && !plan.computed);
+  CHECK(strstr(mt_errmsg(), "train.global_batch: 1920 is not divisible by micro_batch * dp"));
+  printf("  ok test_job_that_does_not_fit_is_refused_with_numbers\n");
+}
+
+static void test_parameter_count_matches_model_table(void) {
+  mt_job job;
+  mt_plan plan;
+  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+  const mt_model_spec *ms = &job.model;
+  mt_gpt_config cfg = {.n_layer = ms->n_layer,
+                       .n_embd = ms->n_embd,
+                       .n_head = ms->n_head,
+                       .vocab_size = ms->vocab_size,
+                       .padded_vocab = ms->padded_vocab,
+                       .max_seq = ms->seq_len,
+                       .ln_eps = ms->ln_eps,
+                       .init_std = ms->init_std};
+  mt_device dev;
+  CHECK(mt_device_open(&dev, "cpu:0") == MT_OK);
+  mt_gpt m;
+  int rc = mt_gpt_create(&m, &cfg, &dev, 1, ms->seq_len);
+  if (rc) mt_device_close(&dev);
+  CHECK(rc == MT_OK);
+  int64_t numel = 0;
+  for (int i = 0; i < m.n_tensors; i++) numel += (int64_t)m.params_table[i].numel;
+  mt_gpt_destroy(&m);
+  mt_device_close(&dev);
+  CHECK(plan.model_params == numel);
+  CHECK(plan.first.params == numel); /* tp = pp = 1: one device holds all of it */
+
+  /* GPT-2 small: 124,439,808 with its 50257 tokens, 36,096 more padded to 50304 */
+  CHECK(mt_job_parse(&job,
+                     "{\"model\": {\"preset\": \"gpt2-124m\"}, \"train\": {\"global_batch\": 8,"
+                     " \"steps\": 1, \"lr\": {\"peak\": 1e-3}}, \"data\": {\"path\": \"t.u16\"}}",
+                     "/jobs", presets, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+  CHECK(plan.padded_vocab == 50304 && plan.model_params == 124439808 + 47 * 768);
+  /* MT-NLG: 530 B */
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+  CHECK(rel((double)plan.model_params, 530e9) < 0.002);
+  printf("  ok test_parameter_count_matches_model_table\n");
+}
+
+static void test_plan_loader_accepts_mixed_precision_only(void) {
+  mt_job job;
+  /* the runtime loader still refuses bf16; the plan's takes it and keeps it */
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_EINVAL);
+  CHECK(load_530b(&job, NULL, NULL) == MT_OK);
+  CHECK(!strcmp(job.train.precision, "bf16"));
+  char h_bf16[17];
+  memcpy(h_bf16, job.hash, sizeof h_bf16);
+  CHECK(load_530b(&job, "train.precision=fp16", NULL) == MT_OK);
+  CHECK(!strcmp(job.train.precision, "fp16") && strcmp(job.hash, h_bf16));
+  CHECK(load_530b(&job, "train.precision=fp32", NULL) == MT_OK);
+  CHECK(!strcmp(job.train.precision, "fp32") && strcmp(job.hash, h_bf16));
+  /* every other check still applies */
+  CHECK(load_530b(&job, "parallel.tp=3", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "model.n_head: 128 is not divisible by parallel.tp = 3"));
+  CHECK(!strstr(mt_errmsg(), "precision"));
+  CHECK(load_530b(&job, "train.precision=fp8", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.precision: \"fp8\" is not one of"));
+  printf("  ok test_plan_loader_accepts_mixed_precision_only\n");
+}
+
+int main(void) {
+  test_flops_match_narayanan_eq3();
+  test_530b_prediction_near_paper_60s_on_2240_gpus();
+  test_zero1_optimizer_bytes_scale_as_one_over_dp();
+  test_tp_shards_matrices_and_replicates_layernorm();
+  test_pp_splits_layers_and_last_stage_holds_tied_head();
+  test_recompute_cuts_activation_memory();
+  test_job_that_does_not_fit_is_refused_with_numbers();
+  test_parameter_count_matches_model_table();
+  test_plan_loader_accepts_mixed_precision_only();
+  if (failures) {
+    fprintf(stderr, "test_plan: %d failure(s)\n", failures);
+    return 1;
+  }
+  printf("test_plan: all passed\n");
+  return 0;
+}
