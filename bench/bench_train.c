@@ -121,7 +121,7 @@ int main(int argc, char **argv) {
   const char *preset_dirs[] = {MT_SOURCE_DIR "/etc/models", MT_DATA_DIR "/models", NULL};
   mt_job job;
   mt_trainer tr;
-  if (mt_job_parse(&job, json, NULL, preset_dirs, NULL) || mt_trainer_create(&tr, &job, &dev)) {
+  if (mt_job_parse(&job, json, NULL, preset_dirs, NULL) || mt_trainer_create(&tr, &job, &dev, NULL)) {
     fprintf(stderr, "bench_train: %s\n", mt_errmsg());
     unlink(data_path);
     return 1;

@@ -16,6 +16,7 @@
 #include "mt_config.h"
 #include "safetensors.h"
 #include "threads.h"
+#include "local.h"
 #include "train.h"
 
 #define MAX_OVERRIDES 64
@@ -38,7 +39,8 @@ static void usage(FILE *out) {
           "\n"
           "  --standalone JOB.json     job spec (model, parallel, train, data, checkpoint)\n"
           "  --set SECTION.KEY=VALUE   override a job field (repeatable), e.g. train.steps=20\n"
-          "  --devices SPEC            device to train on (default cpu:0)\n"
+          "  --devices KIND            cpu (default): parallel.dp_min CPU devices cpu:0..dp-1,\n"
+          "                            one thread each, sharing this machine's cores\n"
           "  --export PATH             write the trained weights as GPT-2 safetensors\n"
           "  --presets DIR             extra directory of model presets (<name>.json)\n"
           "  --log-format text|json    per-step lines for people or for programs (stdout)\n"
@@ -66,6 +68,20 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
              (long long)steps, st->val_loss, exp(st->val_loss));
   }
   fflush(stdout);
+}
+
+typedef struct step_printer {
+  int json;
+  int64_t steps;
+  int log_every;
+} step_printer;
+
+static void on_step(const mt_step_stats *st, void *arg) {
+  const step_printer *p = arg;
+  if (st->step % p->log_every == 0 || st->step == p->steps || st->step == 1 || st->has_val ||
+      st->stop)
+    print_step(st, p->steps, p->json);
+  if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
 int main(int argc, char **argv) {
@@ -139,79 +155,43 @@ int main(int argc, char **argv) {
   preset_dirs[np++] = MT_SOURCE_DIR "/etc/models";
   preset_dirs[np++] = MT_DATA_DIR "/models";
 
-  int ret = 1;
   mt_job job;
-  mt_device dev = {0};
-  mt_trainer tr = {0};
-  int have_dev = 0, have_tr = 0;
   if (mt_job_load(&job, job_path, preset_dirs, overrides)) {
     fprintf(stderr, "mtnlgd: job %s cannot run:\n%s\n", job_path, mt_errmsg());
     return 2;
   }
-  if (mt_device_open(&dev, devices)) {
-    mt_log_error("%s", mt_errmsg());
-    goto cleanup;
+  if (strcmp(devices, "cpu") && strncmp(devices, "cpu:", 4)) {
+    fprintf(stderr, "mtnlgd: --devices %s: only CPU devices exist in this build of the engine "
+                    "(the CUDA backend is its own issue)\n", devices);
+    return 2;
   }
-  have_dev = 1;
-  mt_log_info("mtnlgd %s: job %s (%s), device %s, %d threads (OpenMP wait %s), OpenBLAS %s "
-              "(%s) from %s",
-              MT_VERSION, job.name, job.hash, dev.name, dev.threads, mt_omp_wait_policy(),
-              mt_blas_corename(), mt_blas_choice(), mt_blas_library());
-  if (mt_trainer_create(&tr, &job, &dev)) {
+  /* load OpenBLAS now, so the kernel can be reported before the ranks start */
+  mt_device probe;
+  if (mt_device_open(&probe, "cpu:0")) {
     mt_log_error("%s", mt_errmsg());
-    goto cleanup;
+    return 1;
   }
-  have_tr = 1;
-  mt_log_info("model: %d layers, hidden %d, %d heads, vocab %d (padded %d), seq %d: %.2fM "
-              "parameters; batch %d = %d micro-batches of %d; %.3f GFLOP per step",
-              job.model.n_layer, job.model.n_embd, job.model.n_head, job.model.vocab_size,
-              job.model.padded_vocab, job.model.seq_len, tr.model.num_params / 1e6,
-              job.train.global_batch, tr.micro_batches, job.parallel.micro_batch,
-              tr.flops_per_step / 1e9);
+  mt_log_info("mtnlgd %s: job %s (%s), %d x cpu device, %d threads (OpenMP wait %s), OpenBLAS "
+              "%s (%s) from %s",
+              MT_VERSION, job.name, job.hash, job.parallel.dp_min, probe.threads,
+              mt_omp_wait_policy(), mt_blas_corename(), mt_blas_choice(), mt_blas_library());
+  mt_device_close(&probe);
 
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
-  int log_every = job.train.log_interval > 0 ? job.train.log_interval : 1;
-  while (tr.step < job.train.steps && !stop_requested) {
-    mt_step_stats st;
-    if (mt_trainer_step(&tr, &st)) {
-      mt_log_error("%s", mt_errmsg());
-      goto cleanup;
-    }
-    if (job.eval.interval > 0 &&
-        (st.step % job.eval.interval == 0 || st.step == job.train.steps)) {
-      if (mt_trainer_eval(&tr, &st.val_loss)) {
-        mt_log_error("%s", mt_errmsg());
-        goto cleanup;
-      }
-      st.has_val = 1;
-    }
-    if (st.step % log_every == 0 || st.step == job.train.steps || st.step == 1 || st.has_val)
-      print_step(&st, job.train.steps, json);
-    if (!isfinite(st.loss)) {
-      mt_log_error("step %lld: loss is %g; stopping", (long long)st.step, st.loss);
-      goto cleanup;
-    }
-  }
-  char consumed[1024];
-  mt_data_source_describe(tr.data, (uint64_t)tr.step * (uint64_t)job.train.global_batch, consumed,
-                          sizeof consumed);
-  mt_log_info("data consumed: %s", consumed);
-  if (stop_requested)
-    mt_log_info("stopped at step %lld of %lld on request", (long long)tr.step,
-                (long long)job.train.steps);
-
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
-  if (export_path) {
-    if (mt_gpt_save_safetensors(&tr.model, export_path)) {
-      mt_log_error("export: %s", mt_errmsg());
-      goto cleanup;
-    }
-    mt_log_info("exported weights to %s", export_path);
+  step_printer printer = {.json = json,
+                          .steps = job.train.steps,
+                          .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1};
+  mt_local_opts lo = {.job = &job,
+                      .device_kind = "cpu",
+                      .export_path = export_path,
+                      .stop = &stop_requested,
+                      .on_step = on_step,
+                      .arg = &printer};
+  if (mt_local_run(&lo)) {
+    mt_log_error("%s", mt_errmsg());
+    return 1;
   }
-  ret = 0;
-cleanup:
-  if (have_tr) mt_trainer_destroy(&tr);
-  if (have_dev) mt_device_close(&dev);
-  return ret;
+  return 0;
 }

@@ -6,20 +6,21 @@
 
 #include "err.h"
 
-int mt_adamw_create(mt_adamw *o, const mt_gpt *model, double beta1, double beta2, double eps,
-                    double weight_decay) {
+int mt_adamw_create(mt_adamw *o, const mt_gpt *model, size_t lo, size_t n, double beta1,
+                    double beta2, double eps, double weight_decay) {
   memset(o, 0, sizeof *o);
   o->beta1 = beta1;
   o->beta2 = beta2;
   o->eps = eps;
   o->weight_decay = weight_decay;
   o->dev = model->dev;
-  o->n = model->num_params;
+  o->lo = lo;
+  o->n = n;
   o->m = mt_device_alloc(o->dev, o->n * sizeof(float));
   o->v = o->m ? mt_device_alloc(o->dev, o->n * sizeof(float)) : NULL;
   if (!o->v) {
     mt_adamw_destroy(o);
-    return mt_wraperr(MT_ENOMEM, "adamw: moments for %zu parameters", model->num_params);
+    return mt_wraperr(MT_ENOMEM, "adamw: moments for %zu parameters", n);
   }
   return 0;
 }
@@ -32,25 +33,24 @@ void mt_adamw_destroy(mt_adamw *o) {
   memset(o, 0, sizeof *o);
 }
 
-double mt_grad_norm(const mt_gpt *model) {
-  /* alignment gaps between tensors are zero and add nothing */
-  return sqrt(model->dev->ops->sumsq(model->dev, model->grads, model->num_params));
-}
-
 double mt_clip_scale(double norm, double max_norm) {
   if (max_norm <= 0.0 || !(norm > max_norm)) return 1.0;
   return max_norm / (norm + 1e-6);
 }
 
-int mt_adamw_step(mt_adamw *o, mt_gpt *model, double lr, double grad_scale) {
+int mt_adamw_step(mt_adamw *o, mt_gpt *model, const float *grad, double lr, double grad_scale) {
   mt_device *d = o->dev;
+  size_t lo = o->lo, hi = o->lo + o->n;
   o->t++;
   for (int i = 0; i < model->n_tensors; i++) {
     const mt_param *t = &model->params_table[i];
+    size_t a = t->offset > lo ? t->offset : lo;
+    size_t b = t->offset + t->numel < hi ? t->offset + t->numel : hi;
+    if (a >= b) continue; /* tensor outside this slice */
     double wd = t->decay ? o->weight_decay : 0.0;
-    d->ops->adamw(d, model->params + t->offset, model->grads + t->offset, o->m + t->offset,
-                  o->v + t->offset, t->numel, (float)lr, (float)o->beta1, (float)o->beta2,
-                  (float)o->eps, (float)wd, (float)grad_scale, (int)o->t);
+    d->ops->adamw(d, model->params + a, grad + (a - lo), o->m + (a - lo), o->v + (a - lo), b - a,
+                  (float)lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)wd,
+                  (float)grad_scale, (int)o->t);
   }
   return 0;
 }

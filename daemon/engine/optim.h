@@ -12,21 +12,23 @@
 typedef struct mt_adamw {
   double beta1, beta2, eps, weight_decay;
   int64_t t;          /* steps taken */
-  float *m, *v;       /* device, num_params floats each */
-  size_t n;
+  size_t lo, n;       /* the slice [lo, lo + n) of the flat parameters it updates */
+  float *m, *v;       /* device, n floats each: 1/dp of the model under ZeRO-1 */
   mt_device *dev;
 } mt_adamw;
 
-int mt_adamw_create(mt_adamw *o, const mt_gpt *model, double beta1, double beta2, double eps,
-                    double weight_decay);
+/* Moments for parameters [lo, lo + n) of model's flat buffer (0 and
+ * model->num_params for the whole model). */
+int mt_adamw_create(mt_adamw *o, const mt_gpt *model, size_t lo, size_t n, double beta1,
+                    double beta2, double eps, double weight_decay);
 void mt_adamw_destroy(mt_adamw *o);
 
-/* Global L2 norm of the model's gradients (double accumulation). */
-double mt_grad_norm(const mt_gpt *model);
-
-/* One update at learning rate lr; gradients are multiplied by grad_scale
- * first (1 for none, clip/norm when clipping). Increments t. */
-int mt_adamw_step(mt_adamw *o, mt_gpt *model, double lr, double grad_scale);
+/* One update of the slice at learning rate lr. grad holds the n gradients of
+ * the slice (model->grads + lo when not sharded); they are multiplied by
+ * grad_scale first (1 for none, clip/norm when clipping). Weight decay
+ * follows each tensor's `decay` flag, also where a slice cuts a tensor.
+ * Increments t. */
+int mt_adamw_step(mt_adamw *o, mt_gpt *model, const float *grad, double lr, double grad_scale);
 
 /* Scale that clips a gradient of norm `norm` to `max_norm` (1 if within or
  * max_norm <= 0), as torch.nn.utils.clip_grad_norm_ does: max/(norm+1e-6). */

@@ -190,8 +190,11 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->acts_floats = plan_acts(m, p, NULL);
 
   size_t BT = (size_t)B * T;
-  m->params = mt_device_alloc(dev, m->num_params * sizeof(float));
-  m->grads = m->params ? mt_device_alloc(dev, m->num_params * sizeof(float)) : NULL;
+  size_t shards = cfg->zero_shards > 1 ? (size_t)cfg->zero_shards : 1;
+  size_t slice = (m->num_params + shards * ALIGN_FLOATS - 1) / (shards * ALIGN_FLOATS) * ALIGN_FLOATS;
+  m->alloc_params = slice * shards;
+  m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
+  m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
   m->acts = m->grads ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
   m->inputs = m->acts ? mt_device_alloc(dev, 2 * BT * sizeof(int32_t)) : NULL;
   if (!m->inputs) {
@@ -264,7 +267,9 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
   return 0;
 }
 
-void mt_gpt_zero_grad(mt_gpt *m) { mt_device_memset0(m->dev, m->grads, m->num_params * sizeof(float)); }
+void mt_gpt_zero_grad(mt_gpt *m) {
+  mt_device_memset0(m->dev, m->grads, m->alloc_params * sizeof(float));
+}
 
 /* Dropout stream of (layer, site); NULL when off. */
 static const mt_dropout *dropout_of(const mt_gpt *m, mt_dropout *d, float p, int layer,

@@ -27,6 +27,8 @@ typedef struct mt_gpt_config {
   float init_std;
   float hidden_dropout, attention_dropout;
   int recompute;    /* keep only each block's input; recompute in backward */
+  int zero_shards;  /* params and grads padded to split into this many equal
+                       slices (ZeRO-1 over dp); 0 or 1: no padding */
 } mt_gpt_config;
 
 typedef struct mt_param {
@@ -53,7 +55,8 @@ typedef struct mt_gpt {
 
   mt_param *params_table; /* wte, wpe, then per block MT_P_PER_LAYER, then ln_f w, b */
   int n_tensors;
-  size_t num_params;     /* floats in params (== grads) */
+  size_t num_params;     /* floats in params (== grads), table layout */
+  size_t alloc_params;   /* num_params padded to zero_shards equal slices */
   float *params;         /* device */
   float *grads;          /* device */
 

@@ -34,8 +34,10 @@ static int loop(mt_comm *c, mt_store *s, const char *dir) {
   for (size_t i = 0; i < count; i++) x[i] = 1.0f;
   time_t start = time(NULL);
   for (long it = 0; time(NULL) - start < 60; it++) {
-    if (mt_comm_allreduce(c, x, x, count, MT_COMM_F32, MT_COMM_MAX))
+    if (mt_comm_allreduce(c, x, x, count, MT_COMM_F32, MT_COMM_MAX)) {
+      free(x);
       return fail_to_file(dir, mt_comm_rank(c), mt_errmsg());
+    }
     if (it == 0) {
       char key[64];
       snprintf(key, sizeof key, "ready/%d", mt_comm_rank(c));

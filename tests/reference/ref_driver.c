@@ -150,11 +150,11 @@ static int run(int argc, char **argv) {
                        (rc = parse_double(argv[11], "EPS", &eps))))
       return rc;
     mt_adamw opt;
-    if ((rc = mt_adamw_create(&opt, &m, beta1, beta2, eps, wd))) return rc;
+    if ((rc = mt_adamw_create(&opt, &m, 0, m.num_params, beta1, beta2, eps, wd))) return rc;
     for (int s = 0; s < steps; s++) {
       mt_gpt_zero_grad(&m);
       if ((rc = mt_gpt_forward(&m, inputs, targets, 0)) || (rc = mt_gpt_backward(&m, 1.0f)) ||
-          (rc = mt_adamw_step(&opt, &m, lr, 1.0)))
+          (rc = mt_adamw_step(&opt, &m, m.grads, lr, 1.0)))
         return rc;
       printf("{\"step\": %d, \"loss\": %.9g}\n", s, m.last_loss);
     }

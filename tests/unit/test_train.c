@@ -224,7 +224,7 @@ static int run_job(const char *data, int mb, float dropout, int steps, double *l
   mt_job job;
   mt_trainer tr;
   if (mt_job_parse(&job, json, NULL, preset_dirs, NULL)) return -1;
-  if (mt_trainer_create(&tr, &job, &dev)) return -1;
+  if (mt_trainer_create(&tr, &job, &dev, NULL)) return -1;
   for (int s = 0; s < steps; s++) {
     mt_step_stats st;
     if (mt_trainer_step(&tr, &st)) return -1;

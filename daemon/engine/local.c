@@ -1,0 +1,146 @@
+/* local.c — device threads of one process, each a data-parallel rank. */
+#include "local.h"
+
+#include <omp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "log.h"
+#include "safetensors.h"
+#include "store.h"
+
+typedef struct rank_ctx {
+  const mt_local_opts *o;
+  int rank, size, omp_threads;
+  mt_store *store;
+  mt_comm *comm;
+  int rc;
+  char err[1024];
+  struct rank_ctx *all;
+  int *first_failed; /* rank whose failure came first, -1 while none */
+} rank_ctx;
+
+/* Rank 0's report: the model once, then steps, validation and the end. */
+static void report_start(const mt_trainer *tr, int size) {
+  const mt_job *job = tr->job;
+  mt_log_info("model: %d layers, hidden %d, %d heads, vocab %d (padded %d), seq %d: %.2fM "
+              "parameters; batch %d = dp %d x %d micro-batches of %d; %.3f GFLOP per step per "
+              "device; Adam moments %zu bytes per rank (1/%d of the model's)",
+              job->model.n_layer, job->model.n_embd, job->model.n_head, job->model.vocab_size,
+              job->model.padded_vocab, job->model.seq_len, tr->model.num_params / 1e6,
+              job->train.global_batch, size, tr->micro_batches, job->parallel.micro_batch,
+              tr->flops_per_step / 1e9, 2 * tr->shard_n * sizeof(float), size);
+}
+
+static int rank_loop(rank_ctx *c, mt_trainer *tr) {
+  const mt_local_opts *o = c->o;
+  const mt_job *job = o->job;
+  if (c->rank == 0) report_start(tr, c->size);
+  while (tr->step < job->train.steps) {
+    tr->stop_request = c->rank == 0 && o->stop && *o->stop;
+    mt_step_stats st;
+    int rc = mt_trainer_step(tr, &st);
+    if (rc) return rc;
+    if (c->rank == 0) {
+      if (job->eval.interval > 0 &&
+          (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
+        if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
+        st.has_val = 1;
+      }
+      if (o->on_step) o->on_step(&st, o->arg);
+    }
+    if (st.stop) {
+      if (c->rank == 0)
+        mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
+                    (long long)job->train.steps);
+      break;
+    }
+  }
+  if (c->rank != 0) return 0;
+  char consumed[1024];
+  mt_data_source_describe(tr->data, (uint64_t)tr->step * (uint64_t)job->train.global_batch,
+                          consumed, sizeof consumed);
+  mt_log_info("data consumed: %s", consumed);
+  if (o->export_path) {
+    int rc = mt_gpt_save_safetensors(&tr->model, o->export_path);
+    if (rc) return mt_wraperr(rc, "export");
+    mt_log_info("exported weights to %s", o->export_path);
+  }
+  return 0;
+}
+
+static void *rank_main(void *arg) {
+  rank_ctx *c = arg;
+  const mt_local_opts *o = c->o;
+  omp_set_num_threads(c->omp_threads);
+  char spec[32];
+  snprintf(spec, sizeof spec, "%s:%d", o->device_kind ? o->device_kind : "cpu", c->rank);
+  mt_device dev;
+  mt_trainer tr;
+  int have_dev = 0, have_tr = 0;
+  int rc = mt_device_open(&dev, spec);
+  have_dev = !rc;
+  if (!rc && c->size > 1) {
+    mt_comm_opts co = {.store = c->store,
+                       .name = "dp",
+                       .prefix = "standalone/dp",
+                       .rank = c->rank,
+                       .size = c->size,
+                       .timeout_ms = o->comm_timeout_ms ? o->comm_timeout_ms : 300000,
+                       .backend = MT_COMM_GLOO};
+    mt_comm *comm = NULL;
+    rc = mt_comm_create(&comm, &co);
+    __atomic_store_n(&c->comm, comm, __ATOMIC_RELEASE);
+  }
+  if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, c->comm);
+  have_tr = !rc;
+  if (!rc) rc = rank_loop(c, &tr);
+  if (rc) {
+    snprintf(c->err, sizeof c->err, "rank %d (%s): %s", c->rank, spec, mt_errmsg());
+    c->rc = rc;
+    int none = -1;
+    __atomic_compare_exchange_n(c->first_failed, &none, c->rank, 0, __ATOMIC_ACQ_REL,
+                                __ATOMIC_ACQUIRE);
+    /* the others would wait for this rank until their deadline */
+    for (int r = 0; r < c->size; r++) {
+      mt_comm *peer = __atomic_load_n(&c->all[r].comm, __ATOMIC_ACQUIRE);
+      if (peer) mt_comm_abort(peer);
+    }
+  }
+  if (have_tr) mt_trainer_destroy(&tr);
+  if (have_dev) mt_device_close(&dev);
+  return NULL;
+}
+
+int mt_local_run(const mt_local_opts *o) {
+  int size = o->job->parallel.dp_min;
+  if (size < 1) return mt_seterr(MT_EINVAL, "local: parallel.dp_min %d", size);
+  rank_ctx *ranks = calloc((size_t)size, sizeof *ranks);
+  pthread_t *threads = calloc((size_t)size, sizeof *threads);
+  mt_store *store = NULL;
+  int rc = ranks && threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", size);
+  if (!rc && size > 1) rc = mt_store_mem_new(&store);
+  int cores = omp_get_max_threads(), started = 0, first_failed = -1;
+  for (int r = 0; !rc && r < size; r++) {
+    ranks[r] = (rank_ctx){.o = o, .rank = r, .size = size, .store = store, .all = ranks,
+                          .omp_threads = cores / size > 0 ? cores / size : 1,
+                          .first_failed = &first_failed};
+    if (pthread_create(&threads[r], NULL, rank_main, &ranks[r]))
+      rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r);
+    else
+      started++;
+  }
+  for (int r = 0; r < started; r++) pthread_join(threads[r], NULL);
+  /* the rank that failed first; the others failed because it aborted them */
+  if (!rc && first_failed >= 0)
+    rc = mt_seterr(ranks[first_failed].rc, "%s", ranks[first_failed].err);
+  for (int r = 0; r < size && ranks; r++)
+    if (ranks[r].comm) mt_comm_destroy(ranks[r].comm);
+  mt_store_free(store);
+  free(ranks);
+  free(threads);
+  return rc;
+}

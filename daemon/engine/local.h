@@ -1,0 +1,34 @@
+/* local.h — a job on this machine's devices, one thread per device.
+ *
+ * `mtnlgd --standalone` runs here: parallel.dp_min ranks, each a thread with
+ * its own device ("cpu:0", "cpu:1", …), its own trainer and a data-parallel
+ * group over Gloo bootstrapped through an in-process store — the same comm
+ * and engine code as ranks spread over nodes. The OpenMP threads of the
+ * machine are divided among the device threads. Rank 0 reports steps, runs
+ * validation and exports; a failure on any rank aborts the group so every
+ * rank ends the step with an error instead of waiting out its deadline.
+ */
+#ifndef MT_LOCAL_H
+#define MT_LOCAL_H
+
+#include <signal.h>
+
+#include "job.h"
+#include "train.h"
+
+typedef struct mt_local_opts {
+  const mt_job *job;
+  const char *device_kind;     /* "cpu" */
+  int comm_timeout_ms;         /* 0: 300000 */
+  const char *export_path;     /* safetensors at the end, or NULL */
+  volatile sig_atomic_t *stop; /* polled before each step; all ranks stop at one boundary */
+  /* rank 0, after each step (validation filled in when it ran) */
+  void (*on_step)(const mt_step_stats *st, void *arg);
+  void *arg;
+} mt_local_opts;
+
+/* Runs the job to its last step or an agreed stop. 0, or the first failing
+ * rank's error with mt_errmsg() naming the rank. */
+int mt_local_run(const mt_local_opts *o);
+
+#endif
