@@ -208,7 +208,7 @@ static int read_input(shared *s, int f, char **carry, size_t *carry_cap) {
     b->len = 0;
     size_t target = BATCH_BYTES;
     if ((rc = grow((void **)&b->buf, &b->cap, carry_len > target ? carry_len : target, 1))) break;
-    memcpy(b->buf, *carry, carry_len);
+    if (carry_len) memcpy(b->buf, *carry, carry_len); /* *carry is NULL before the first */
     b->len = carry_len;
     size_t split = 0;
     for (;;) {
@@ -234,7 +234,7 @@ static int read_input(shared *s, int f, char **carry, size_t *carry_cap) {
     if (rc) break;
     carry_len = b->len - split;
     if ((rc = grow((void **)carry, carry_cap, carry_len, 1))) break;
-    memcpy(*carry, b->buf + split, carry_len);
+    if (carry_len) memcpy(*carry, b->buf + split, carry_len);
     b->len = split;
     reader_publish(s, b);
   }
