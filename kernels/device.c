@@ -93,6 +93,12 @@ int mt_device_memcpy_dtoh(mt_device *d, void *dst, const void *src, size_t bytes
   return 0;
 }
 
+int mt_device_memcpy_dtod(mt_device *d, void *dst, const void *src, size_t bytes) {
+  (void)d;
+  memcpy(dst, src, bytes);
+  return 0;
+}
+
 int mt_device_memset0(mt_device *d, void *p, size_t bytes) {
   (void)d;
   memset(p, 0, bytes);

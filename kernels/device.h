@@ -35,6 +35,7 @@ void *mt_device_alloc(mt_device *d, size_t bytes);
 void mt_device_free(mt_device *d, void *p);
 int mt_device_memcpy_htod(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memcpy_dtoh(mt_device *d, void *dst, const void *src, size_t bytes);
+int mt_device_memcpy_dtod(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memset0(mt_device *d, void *p, size_t bytes);
 int mt_device_sync(mt_device *d);
 

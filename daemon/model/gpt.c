@@ -27,8 +27,13 @@ typedef struct block_acts {
   float *fch_gelu;                  /* (B,T,4C) */
 } block_acts;
 
+/* Activations of one micro-batch in flight (a slot), plus pointers to the
+ * backward scratch, which all slots share: one backward runs at a time. */
 typedef struct act_plan {
-  float **resid;       /* L+1 of (B,T,C): resid[0] embeddings, resid[l+1] block l out */
+  int32_t *inputs, *targets; /* (B,T) device copies of the micro-batch */
+  uint64_t sample0;          /* global sample of row 0: dropout masks */
+  int has_targets;           /* forward computed losses; backward may run */
+  float **resid;       /* L+1 of (B,T,C): resid[0] stage input, resid[l+1] block l out */
   block_acts *blocks;  /* L, or 1 with recomputation */
   int n_blocks;
   float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
@@ -61,19 +66,26 @@ static void add_param(mt_param *t, int *n, size_t *off, const char *name, int la
   *off += align_up(p->numel);
 }
 
-static int build_table(mt_gpt *m) {
-  const mt_gpt_config *c = &m->cfg;
+/* Blocks [*lb, *le) of cfg's stage. */
+static void stage_range(const mt_gpt_config *c, int *lb, int *le) {
+  *lb = c->layer_begin;
+  *le = c->layer_end > 0 ? c->layer_end : c->n_layer;
+}
+
+int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *num_params) {
   size_t C = (size_t)c->n_embd;
-  int n = 0;
+  int lb, le, n = 0;
+  stage_range(c, &lb, &le);
+  int first = lb == 0, last = le == c->n_layer;
   size_t off = 0;
-  m->n_tensors = 2 + c->n_layer * MT_P_PER_LAYER + 2;
-  m->params_table = calloc((size_t)m->n_tensors, sizeof(mt_param));
-  if (!m->params_table) return mt_seterr(MT_ENOMEM, "gpt: parameter table");
-  mt_param *t = m->params_table;
+  int max = 2 + (le - lb) * MT_P_PER_LAYER + 2;
+  mt_param *t = calloc((size_t)max, sizeof(mt_param));
+  if (!t) return mt_seterr(MT_ENOMEM, "gpt: parameter table");
   char name[48];
-  add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C);
-  add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C);
-  for (int l = 0; l < c->n_layer; l++) {
+  /* the last stage holds its own copy of the tied embedding for the head */
+  if (first || last) add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C);
+  if (first) add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C);
+  for (int l = lb; l < le; l++) {
     static const struct {
       const char *suffix;
       int d0, d1; /* multiples of C; d1 == 0: vector */
@@ -88,9 +100,28 @@ static int build_table(mt_gpt *m) {
       add_param(t, &n, &off, name, l, blk[i].d0 * C, blk[i].d1 * C);
     }
   }
-  add_param(t, &n, &off, "ln_f.weight", -1, C, 0);
-  add_param(t, &n, &off, "ln_f.bias", -1, C, 0);
-  m->num_params = off;
+  if (last) {
+    add_param(t, &n, &off, "ln_f.weight", -1, C, 0);
+    add_param(t, &n, &off, "ln_f.bias", -1, C, 0);
+  }
+  *table = t;
+  *count = n;
+  *num_params = off;
+  return 0;
+}
+
+static int build_table(mt_gpt *m) {
+  int lb, le;
+  stage_range(&m->cfg, &lb, &le);
+  int rc = mt_gpt_table(&m->cfg, &m->params_table, &m->n_tensors, &m->num_params);
+  if (rc) return rc;
+  m->first = lb == 0;
+  m->last = le == m->cfg.n_layer;
+  m->n_layers = le - lb;
+  m->i_wte = m->first || m->last ? 0 : -1;
+  m->i_wpe = m->first ? 1 : -1;
+  m->i_block0 = (m->first ? 2 : m->last ? 1 : 0);
+  m->i_lnf = m->last ? m->i_block0 + m->n_layers * MT_P_PER_LAYER : -1;
   return 0;
 }
 
@@ -114,6 +145,10 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
   if (B < 1 || T < 1 || T > c->max_seq)
     return mt_seterr(MT_EINVAL, "gpt: micro-batch %dx%d does not fit (seq limit %d)", B, T,
                      c->max_seq);
+  if (c->layer_begin < 0 || c->layer_end < 0 || c->layer_end > c->n_layer ||
+      (c->layer_end > 0 && c->layer_begin >= c->layer_end))
+    return mt_seterr(MT_EINVAL, "gpt: stage layers [%d, %d) outside [0, %d) or empty",
+                     c->layer_begin, c->layer_end, c->n_layer);
   if (c->hidden_dropout < 0 || c->hidden_dropout >= 1 || c->attention_dropout < 0 ||
       c->attention_dropout >= 1)
     return mt_seterr(MT_EINVAL, "gpt: dropout must be in [0, 1)");
@@ -125,33 +160,46 @@ static void carve(float **dst, float *base, size_t *off, size_t n) {
   *off += align_up(n);
 }
 
-/* Lays out every activation in one buffer; with base == NULL only counts. */
-static size_t plan_acts(const mt_gpt *m, act_plan *p, float *base) {
+/* Lays out every activation of n slots in one buffer, the backward scratch
+ * once after them; with base == NULL only counts. */
+static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   const mt_gpt_config *c = &m->cfg;
   size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, NH = (size_t)c->n_head;
   size_t T = (size_t)m->T, Vp = (size_t)c->padded_vocab, BHTT = (size_t)m->B * NH * T * T;
   size_t off = 0;
-  for (int l = 0; l <= c->n_layer; l++) carve(&p->resid[l], base, &off, BT * C);
-  for (int b = 0; b < p->n_blocks; b++) {
-    block_acts *a = &p->blocks[b];
-    carve(&a->ln1, base, &off, BT * C);
-    carve(&a->ln1_mean, base, &off, BT);
-    carve(&a->ln1_rstd, base, &off, BT);
-    carve(&a->qkv, base, &off, BT * 3 * C);
-    carve(&a->att, base, &off, BHTT);
-    carve(&a->atty, base, &off, BT * C);
-    carve(&a->resid2, base, &off, BT * C);
-    carve(&a->ln2, base, &off, BT * C);
-    carve(&a->ln2_mean, base, &off, BT);
-    carve(&a->ln2_rstd, base, &off, BT);
-    carve(&a->fch, base, &off, BT * 4 * C);
-    carve(&a->fch_gelu, base, &off, BT * 4 * C);
+  for (int k = 0; k < n; k++) {
+    act_plan *p = &slots[k];
+    float *ids = NULL;
+    carve(&ids, base, &off, 2 * BT); /* int32 tokens, same size as floats */
+    if (base) {
+      p->inputs = (int32_t *)ids;
+      p->targets = p->inputs + BT;
+    }
+    for (int l = 0; l <= m->n_layers; l++) carve(&p->resid[l], base, &off, BT * C);
+    for (int b = 0; b < p->n_blocks; b++) {
+      block_acts *a = &p->blocks[b];
+      carve(&a->ln1, base, &off, BT * C);
+      carve(&a->ln1_mean, base, &off, BT);
+      carve(&a->ln1_rstd, base, &off, BT);
+      carve(&a->qkv, base, &off, BT * 3 * C);
+      carve(&a->att, base, &off, BHTT);
+      carve(&a->atty, base, &off, BT * C);
+      carve(&a->resid2, base, &off, BT * C);
+      carve(&a->ln2, base, &off, BT * C);
+      carve(&a->ln2_mean, base, &off, BT);
+      carve(&a->ln2_rstd, base, &off, BT);
+      carve(&a->fch, base, &off, BT * 4 * C);
+      carve(&a->fch_gelu, base, &off, BT * 4 * C);
+    }
+    if (m->last) {
+      carve(&p->lnf, base, &off, BT * C);
+      carve(&p->lnf_mean, base, &off, BT);
+      carve(&p->lnf_rstd, base, &off, BT);
+      carve(&p->logits, base, &off, BT * Vp);
+      carve(&p->losses, base, &off, BT);
+    }
   }
-  carve(&p->lnf, base, &off, BT * C);
-  carve(&p->lnf_mean, base, &off, BT);
-  carve(&p->lnf_rstd, base, &off, BT);
-  carve(&p->logits, base, &off, BT * Vp);
-  carve(&p->losses, base, &off, BT);
+  act_plan *p = &slots[0];
   carve(&p->dres, base, &off, BT * C);
   carve(&p->dbtc, base, &off, BT * C);
   carve(&p->dbtc2, base, &off, BT * C);
@@ -160,6 +208,11 @@ static size_t plan_acts(const mt_gpt *m, act_plan *p, float *base) {
   carve(&p->dfch2, base, &off, BT * 4 * C);
   carve(&p->datt, base, &off, BHTT);
   carve(&p->branch, base, &off, BT * C);
+  for (int k = 1; k < n && base; k++) {
+    slots[k].dres = p->dres, slots[k].dbtc = p->dbtc, slots[k].dbtc2 = p->dbtc2;
+    slots[k].dqkv = p->dqkv, slots[k].dfch = p->dfch, slots[k].dfch2 = p->dfch2;
+    slots[k].datt = p->datt, slots[k].branch = p->branch;
+  }
   return off;
 }
 
@@ -174,36 +227,37 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->training = 1;
   if ((rc = build_table(m))) goto fail;
 
-  act_plan *p = calloc(1, sizeof *p);
-  m->act_plan = p;
-  if (!p) {
+  m->n_slots = cfg->micro_slots > 1 ? cfg->micro_slots : 1;
+  act_plan *slots = calloc((size_t)m->n_slots, sizeof *slots);
+  m->act_plan = slots;
+  if (!slots) {
     rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
     goto fail;
   }
-  p->n_blocks = cfg->recompute ? 1 : cfg->n_layer;
-  p->resid = calloc((size_t)cfg->n_layer + 1, sizeof(float *));
-  p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
-  if (!p->resid || !p->blocks) {
-    rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
-    goto fail;
+  for (int k = 0; k < m->n_slots; k++) {
+    act_plan *p = &slots[k];
+    p->n_blocks = cfg->recompute ? 1 : m->n_layers;
+    p->resid = calloc((size_t)m->n_layers + 1, sizeof(float *));
+    p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
+    if (!p->resid || !p->blocks) {
+      rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
+      goto fail;
+    }
   }
-  m->acts_floats = plan_acts(m, p, NULL);
+  m->acts_floats = plan_acts(m, slots, m->n_slots, NULL);
 
-  size_t BT = (size_t)B * T;
   size_t shards = cfg->zero_shards > 1 ? (size_t)cfg->zero_shards : 1;
   size_t slice = (m->num_params + shards * ALIGN_FLOATS - 1) / (shards * ALIGN_FLOATS) * ALIGN_FLOATS;
   m->alloc_params = slice * shards;
   m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
   m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
   m->acts = m->grads ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
-  m->inputs = m->acts ? mt_device_alloc(dev, 2 * BT * sizeof(int32_t)) : NULL;
-  if (!m->inputs) {
+  if (!m->acts) {
     rc = mt_wraperr(MT_ENOMEM, "gpt: %zu parameters, %zu activation floats", m->num_params,
                     m->acts_floats);
     goto fail;
   }
-  m->targets = m->inputs + BT;
-  plan_acts(m, p, m->acts);
+  plan_acts(m, slots, m->n_slots, m->acts);
   return 0;
 fail:
   mt_gpt_destroy(m);
@@ -215,14 +269,13 @@ void mt_gpt_destroy(mt_gpt *m) {
     mt_device_free(m->dev, m->params);
     mt_device_free(m->dev, m->grads);
     mt_device_free(m->dev, m->acts);
-    mt_device_free(m->dev, m->inputs);
   }
-  act_plan *p = m->act_plan;
-  if (p) {
-    free(p->resid);
-    free(p->blocks);
-    free(p);
+  act_plan *slots = m->act_plan;
+  for (int k = 0; slots && k < m->n_slots; k++) {
+    free(slots[k].resid);
+    free(slots[k].blocks);
   }
+  free(slots);
   free(m->params_table);
   memset(m, 0, sizeof *m);
 }
@@ -252,7 +305,7 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
       double std = is_proj ? proj_std : c->init_std;
       uint64_t key = mt_philox_key(seed, t->name);
       size_t real = t->numel;
-      if (i == 0) real = (size_t)c->vocab_size * c->n_embd; /* padding rows stay zero */
+      if (i == m->i_wte) real = (size_t)c->vocab_size * c->n_embd; /* padding rows stay zero */
       for (size_t e = 0; e < real; e++) host[e] = (float)(std * mt_philox_normal(key, e));
       for (size_t e = real; e < t->numel; e++) host[e] = 0.0f;
     }
@@ -273,35 +326,38 @@ void mt_gpt_zero_grad(mt_gpt *m) {
 
 /* Dropout stream of (layer, site); NULL when off. */
 static const mt_dropout *dropout_of(const mt_gpt *m, mt_dropout *d, float p, int layer,
-                                    const char *site) {
+                                    const char *site, uint64_t sample0) {
   if (!m->training || p <= 0.0f) return NULL;
   char name[64];
   snprintf(name, sizeof name, "dropout.%d.%s", layer, site);
   d->p = p;
   d->key = mt_philox_key(m->seed, name);
-  d->sample0 = m->sample0;
+  d->sample0 = sample0;
   return d;
 }
 
+/* Tensor `which` of this stage's block l (0-based on the stage). */
 static const float *P(const mt_gpt *m, int l, int which) {
-  return mt_gpt_param(m, 2 + l * MT_P_PER_LAYER + which);
+  return mt_gpt_param(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
 static float *G(const mt_gpt *m, int l, int which) {
-  return mt_gpt_grad(m, 2 + l * MT_P_PER_LAYER + which);
+  return mt_gpt_grad(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
 
-/* Block l forward: out(B,T,C) = block(in(B,T,C)), activations into a. */
-static void block_forward(mt_gpt *m, int l, block_acts *a, const float *in, float *out) {
+/* Block l of the stage forward: out(B,T,C) = block(in(B,T,C)), activations
+ * into a; dropout masks by the global layer index. */
+static void block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in,
+                          float *out) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
-  act_plan *p = m->act_plan;
+  int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, NH = c->n_head, N = B * T;
   size_t NC = (size_t)N * C;
   mt_dropout da, dh1, dh2;
-  const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, l, "attn");
-  const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, l, "attn_out");
-  const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, l, "mlp_out");
+  const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
+  const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
+  const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
 
   /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))) */
   ops->layernorm_fwd(d, a->ln1, a->ln1_mean, a->ln1_rstd, in, P(m, l, MT_P_LN1_W),
@@ -326,8 +382,7 @@ static void block_forward(mt_gpt *m, int l, block_acts *a, const float *in, floa
 
 /* Gradient of a branch that ends in dropout and joins the residual stream:
  * the stream's gradient itself, or its dropped-out copy in dbtc. */
-static const float *branch_grad(mt_gpt *m, const mt_dropout *drop) {
-  act_plan *p = m->act_plan;
+static const float *branch_grad(mt_gpt *m, act_plan *p, const mt_dropout *drop) {
   if (!drop) return p->dres;
   size_t per_sample = (size_t)m->T * m->cfg.n_embd;
   mt_device_memset0(m->dev, p->dbtc, (size_t)m->B * per_sample * sizeof(float));
@@ -335,22 +390,22 @@ static const float *branch_grad(mt_gpt *m, const mt_dropout *drop) {
   return p->dbtc;
 }
 
-/* Block l backward. p->dres holds d(out) on entry and d(in) on return;
- * parameter gradients accumulate. */
-static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *in) {
+/* Block l of the stage backward. p->dres holds d(out) on entry and d(in) on
+ * return; parameter gradients accumulate. */
+static void block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, const float *in) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
-  act_plan *p = m->act_plan;
+  int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, NH = c->n_head, N = B * T;
   size_t NC = (size_t)N * C, N4C = NC * 4;
   mt_dropout da, dh1, dh2;
-  const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, l, "attn");
-  const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, l, "attn_out");
-  const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, l, "mlp_out");
+  const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
+  const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
+  const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below */
-  const float *dbranch = branch_grad(m, drop2);
+  const float *dbranch = branch_grad(m, p, drop2);
   mt_device_memset0(d, p->dfch, N4C * sizeof(float));
   ops->linear_bwd(d, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B), dbranch, a->fch_gelu,
                   P(m, l, MT_P_FCPROJ_W), N, 4 * C, C);
@@ -363,7 +418,7 @@ static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *i
                      P(m, l, MT_P_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
 
   /* attention branch; d(in) = dres + LayerNorm path */
-  dbranch = branch_grad(m, drop1);
+  dbranch = branch_grad(m, p, drop1);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
                   P(m, l, MT_P_ATTPROJ_W), N, C, C);
@@ -376,44 +431,56 @@ static void block_backward(mt_gpt *m, int l, const block_acts *a, const float *i
                      P(m, l, MT_P_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
 }
 
-int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0) {
+int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
+                         const int32_t *targets, uint64_t sample0) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
-  act_plan *p = m->act_plan;
-  int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = c->n_layer;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = m->n_layers;
   size_t BT = (size_t)N;
-
+  if (slot < 0 || slot >= m->n_slots)
+    return mt_seterr(MT_EINVAL, "gpt: activation slot %d of %d", slot, m->n_slots);
+  if (m->first ? !inputs : !x_in)
+    return mt_seterr(MT_EINVAL, "gpt: the %s stage needs %s", m->first ? "first" : "middle",
+                     m->first ? "input tokens" : "the previous stage's activations");
+  act_plan *p = &((act_plan *)m->act_plan)[slot];
   for (size_t i = 0; i < BT; i++) {
-    if (inputs[i] < 0 || inputs[i] >= c->vocab_size)
+    if (inputs && (inputs[i] < 0 || inputs[i] >= c->vocab_size))
       return mt_seterr(MT_EINVAL, "gpt: input token %d at position %zu outside vocab %d",
                        inputs[i], i, c->vocab_size);
     if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size))
       return mt_seterr(MT_EINVAL, "gpt: target token %d at position %zu outside vocab %d",
                        targets[i], i, c->vocab_size);
   }
-  int rc = mt_device_memcpy_htod(d, m->inputs, inputs, BT * sizeof(int32_t));
-  if (!rc && targets) rc = mt_device_memcpy_htod(d, m->targets, targets, BT * sizeof(int32_t));
+  int rc = 0;
+  if (inputs) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
+  if (!rc && targets) rc = mt_device_memcpy_htod(d, p->targets, targets, BT * sizeof(int32_t));
   if (rc) return rc;
-  m->sample0 = sample0;
-  m->has_targets = targets != NULL;
+  p->sample0 = sample0;
+  p->has_targets = m->last && targets;
 
-  ops->embedding_fwd(d, p->resid[0], m->inputs, mt_gpt_param(m, 0), mt_gpt_param(m, 1), B, T, C);
-  mt_dropout de;
-  const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding");
-  if (edrop) ops->dropout_fwd(d, p->resid[0], p->resid[0], B, (size_t)T * C, edrop);
+  if (m->first) {
+    ops->embedding_fwd(d, p->resid[0], p->inputs, mt_gpt_param(m, m->i_wte),
+                       mt_gpt_param(m, m->i_wpe), B, T, C);
+    mt_dropout de;
+    const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", sample0);
+    if (edrop) ops->dropout_fwd(d, p->resid[0], p->resid[0], B, (size_t)T * C, edrop);
+  } else {
+    rc = mt_device_memcpy_dtod(d, p->resid[0], x_in, BT * C * sizeof(float));
+    if (rc) return rc;
+  }
 
   for (int l = 0; l < L; l++)
-    block_forward(m, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
+    block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
+  if (!m->last) return 0;
 
-  int lnf = m->n_tensors - 2;
-  ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], mt_gpt_param(m, lnf),
-                     mt_gpt_param(m, lnf + 1), N, C, c->ln_eps);
+  ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], mt_gpt_param(m, m->i_lnf),
+                     mt_gpt_param(m, m->i_lnf + 1), N, C, c->ln_eps);
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_param(m, 0), NULL, N, C, c->padded_vocab);
+  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_param(m, m->i_wte), NULL, N, C, c->padded_vocab);
   m->last_loss = 0.0f;
   if (targets) {
-    ops->crossentropy(d, p->losses, NULL, p->logits, m->targets, 0.0f, N, c->vocab_size,
+    ops->crossentropy(d, p->losses, NULL, p->logits, p->targets, 0.0f, N, c->vocab_size,
                       c->padded_vocab);
     float *losses = malloc(BT * sizeof(float));
     if (!losses) return mt_seterr(MT_ENOMEM, "gpt: loss buffer");
@@ -427,40 +494,65 @@ int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uin
   return 0;
 }
 
-int mt_gpt_backward(mt_gpt *m, float loss_scale) {
+int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_scale) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
-  act_plan *p = m->act_plan;
-  int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = c->n_layer;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = m->n_layers;
   size_t NC = (size_t)N * C;
-  if (!m->has_targets)
-    return mt_seterr(MT_EINVAL, "gpt: backward needs a forward with targets first");
-  m->has_targets = 0; /* logits become dlogits below */
-
-  /* loss = mean over the B*T tokens, times loss_scale */
-  float dloss = loss_scale / (float)N;
-  ops->crossentropy(d, NULL, p->logits, p->logits, m->targets, dloss, N, c->vocab_size,
-                    c->padded_vocab);
-  mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-  ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, 0), NULL, p->logits, p->lnf, mt_gpt_param(m, 0), N,
-                  C, c->padded_vocab);
-  int lnf = m->n_tensors - 2;
-  mt_device_memset0(d, p->dres, NC * sizeof(float));
-  ops->layernorm_bwd(d, p->dres, mt_gpt_grad(m, lnf), mt_gpt_grad(m, lnf + 1), p->dbtc,
-                     p->resid[L], mt_gpt_param(m, lnf), p->lnf_mean, p->lnf_rstd, N, C);
+  if (slot < 0 || slot >= m->n_slots)
+    return mt_seterr(MT_EINVAL, "gpt: activation slot %d of %d", slot, m->n_slots);
+  act_plan *p = &((act_plan *)m->act_plan)[slot];
+  if (m->last) {
+    if (!p->has_targets)
+      return mt_seterr(MT_EINVAL, "gpt: backward needs a forward with targets first");
+    p->has_targets = 0; /* logits become dlogits below */
+    /* loss = mean over the B*T tokens, times loss_scale */
+    float dloss = loss_scale / (float)N;
+    ops->crossentropy(d, NULL, p->logits, p->logits, p->targets, dloss, N, c->vocab_size,
+                      c->padded_vocab);
+    mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf,
+                    mt_gpt_param(m, m->i_wte), N, C, c->padded_vocab);
+    mt_device_memset0(d, p->dres, NC * sizeof(float));
+    ops->layernorm_bwd(d, p->dres, mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1), p->dbtc,
+                       p->resid[L], mt_gpt_param(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, N, C);
+  } else {
+    if (!dout) return mt_seterr(MT_EINVAL, "gpt: a non-last stage needs the next stage's gradient");
+    int rc = mt_device_memcpy_dtod(d, p->dres, dout, NC * sizeof(float));
+    if (rc) return rc;
+  }
 
   for (int l = L - 1; l >= 0; l--) {
     block_acts *a = &p->blocks[c->recompute ? 0 : l];
-    if (c->recompute) block_forward(m, l, a, p->resid[l], p->resid[l + 1]);
-    block_backward(m, l, a, p->resid[l]);
+    if (c->recompute) block_forward(m, p, l, a, p->resid[l], p->resid[l + 1]);
+    block_backward(m, p, l, a, p->resid[l]);
   }
+  if (!m->first) return 0; /* p->dres is d(stage input): mt_gpt_stage_input_grad */
 
   mt_dropout de;
-  const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding");
-  const float *demb = branch_grad(m, edrop);
-  ops->embedding_bwd(d, mt_gpt_grad(m, 0), mt_gpt_grad(m, 1), demb, m->inputs, B, T, C);
+  const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", p->sample0);
+  const float *demb = branch_grad(m, p, edrop);
+  ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
+                     C);
   return 0;
+}
+
+const float *mt_gpt_stage_output(const mt_gpt *m, int slot) {
+  const act_plan *p = &((const act_plan *)m->act_plan)[slot];
+  return p->resid[m->n_layers];
+}
+
+const float *mt_gpt_stage_input_grad(const mt_gpt *m) {
+  return ((const act_plan *)m->act_plan)[0].dres;
+}
+
+int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0) {
+  return mt_gpt_forward_stage(m, 0, inputs, NULL, targets, sample0);
+}
+
+int mt_gpt_backward(mt_gpt *m, float loss_scale) {
+  return mt_gpt_backward_stage(m, 0, NULL, loss_scale);
 }
 
 double mt_gpt_flops_per_step(const mt_gpt_config *c, int B, int T) {

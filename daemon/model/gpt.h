@@ -29,6 +29,11 @@ typedef struct mt_gpt_config {
   int recompute;    /* keep only each block's input; recompute in backward */
   int zero_shards;  /* params and grads padded to split into this many equal
                        slices (ZeRO-1 over dp); 0 or 1: no padding */
+  /* Pipeline stage: blocks [layer_begin, layer_end) (0, 0: the whole model).
+   * The stage holding layer 0 has the embeddings, the one holding the last
+   * layer the final LayerNorm and the LM head tied to its own copy of wte. */
+  int layer_begin, layer_end;
+  int micro_slots;  /* micro-batches whose activations are kept at once (1F1B in-flight); 0: 1 */
 } mt_gpt_config;
 
 typedef struct mt_param {
@@ -62,13 +67,14 @@ typedef struct mt_gpt {
 
   float *acts;           /* device: every activation, one buffer */
   size_t acts_floats;
-  void *act_plan;        /* internal pointers into acts */
-  int32_t *inputs, *targets; /* device copies of the current micro-batch, (B,T) */
-  float last_loss;       /* mean loss of the last forward */
+  void *act_plan;        /* internal: n_slots plans of pointers into acts */
+  int n_slots;
+  float last_loss;       /* mean loss of the last forward (last stage) */
   uint64_t seed;         /* dropout masks derive from it (set by init_weights) */
   int training;          /* 1: dropout on (default); 0: evaluation */
-  int has_targets;       /* the last forward computed losses */
-  uint64_t sample0;      /* global sample of row 0 in the last forward */
+  int first, last;       /* this stage holds the embeddings / the head */
+  int n_layers;          /* blocks on this stage */
+  int i_wte, i_wpe, i_block0, i_lnf; /* table indices, -1 when absent here */
 } mt_gpt;
 
 /* Builds the parameter table and allocates params, grads and activations for
@@ -95,6 +101,23 @@ int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uin
  * d(objective)/d(mean loss of this micro-batch), e.g. 1/micro_batches for an
  * objective that is the mean over the global batch. */
 int mt_gpt_backward(mt_gpt *m, float loss_scale);
+
+/* Pipeline stages. Forward of the micro-batch in activation slot `slot`:
+ * the first stage embeds inputs (host tokens), any other stage starts from
+ * x_in (B,T,C) received from the previous stage; the last stage needs targets
+ * (host) and sets last_loss. mt_gpt_stage_output() is what a non-last stage
+ * sends on. Backward: the last stage starts from its loss (loss_scale), any
+ * other from dout (B,T,C) received from the next stage; afterwards
+ * mt_gpt_stage_input_grad() is what a non-first stage sends back. */
+int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
+                         const int32_t *targets, uint64_t sample0);
+int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_scale);
+const float *mt_gpt_stage_output(const mt_gpt *m, int slot);
+const float *mt_gpt_stage_input_grad(const mt_gpt *m);
+
+/* The parameter table a config gives (its stage only), without allocating
+ * anything else; free *table. */
+int mt_gpt_table(const mt_gpt_config *cfg, mt_param **table, int *n, size_t *num_params);
 
 void mt_gpt_zero_grad(mt_gpt *m);
 
