@@ -16,7 +16,7 @@ typedef struct rank_ctx {
   const mt_local_opts *o;
   int rank, size, omp_threads;
   mt_store *store;
-  mt_comm *comm;
+  mt_comm *comms[4]; /* world, dp, pipe, embed: aborted together on a failure */
   int rc;
   char err[1024];
   struct rank_ctx *all;
@@ -24,34 +24,35 @@ typedef struct rank_ctx {
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
-static void report_start(const mt_trainer *tr, int size) {
+static void report_start(const mt_trainer *tr) {
   const mt_job *job = tr->job;
   mt_log_info("model: %d layers, hidden %d, %d heads, vocab %d (padded %d), seq %d: %.2fM "
-              "parameters; batch %d = dp %d x %d micro-batches of %d; %.3f GFLOP per step per "
-              "device; Adam moments %zu bytes per rank (1/%d of the model's)",
+              "parameters on stage 0 of %d; batch %d = dp %d x %d micro-batches of %d; %.3f "
+              "GFLOP per step on this device; Adam moments %zu bytes per rank (1/%d of the "
+              "stage's)",
               job->model.n_layer, job->model.n_embd, job->model.n_head, job->model.vocab_size,
               job->model.padded_vocab, job->model.seq_len, tr->model.num_params / 1e6,
-              job->train.global_batch, size, tr->micro_batches, job->parallel.micro_batch,
-              tr->flops_per_step / 1e9, 2 * tr->shard_n * sizeof(float), size);
+              tr->g.pp_size, job->train.global_batch, tr->g.dp_size, tr->micro_batches,
+              job->parallel.micro_batch, tr->flops_per_step / 1e9, 2 * tr->shard_n * sizeof(float),
+              tr->g.dp_size);
 }
 
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
-  if (c->rank == 0) report_start(tr, c->size);
+  if (c->rank == 0) report_start(tr);
   while (tr->step < job->train.steps) {
     tr->stop_request = c->rank == 0 && o->stop && *o->stop;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;
-    if (c->rank == 0) {
-      if (job->eval.interval > 0 &&
-          (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
-        if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
-        st.has_val = 1;
-      }
-      if (o->on_step) o->on_step(&st, o->arg);
+    if (job->eval.interval > 0 &&
+        (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
+      if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
+      st.has_val = 1;
     }
+    /* world rank 0 sits on the first stage: the loss came to it in the step's all-reduce */
+    if (c->rank == 0 && o->on_step) o->on_step(&st, o->arg);
     if (st.stop) {
       if (c->rank == 0)
         mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
@@ -59,17 +60,58 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       break;
     }
   }
+  if (o->export_path) {
+    int rc = mt_trainer_export(tr, o->export_path);
+    if (rc) return mt_wraperr(rc, "export");
+    if (c->rank == 0) mt_log_info("exported weights to %s", o->export_path);
+  }
   if (c->rank != 0) return 0;
   char consumed[1024];
   mt_data_source_describe(tr->data, (uint64_t)tr->step * (uint64_t)job->train.global_batch,
                           consumed, sizeof consumed);
   mt_log_info("data consumed: %s", consumed);
-  if (o->export_path) {
-    int rc = mt_gpt_save_safetensors(&tr->model, o->export_path);
-    if (rc) return mt_wraperr(rc, "export");
-    mt_log_info("exported weights to %s", o->export_path);
-  }
   return 0;
+}
+
+/* Joins group `name` (key prefix "standalone/<name>") as rank `rank` of `size`. */
+static int join(rank_ctx *c, int slot, const char *name, int rank, int size) {
+  char prefix[96];
+  snprintf(prefix, sizeof prefix, "standalone/%s", name);
+  mt_comm_opts co = {.store = c->store,
+                     .name = name,
+                     .prefix = prefix,
+                     .rank = rank,
+                     .size = size,
+                     .timeout_ms = c->o->comm_timeout_ms ? c->o->comm_timeout_ms : 300000,
+                     .backend = MT_COMM_GLOO};
+  mt_comm *comm = NULL;
+  int rc = mt_comm_create(&comm, &co);
+  __atomic_store_n(&c->comms[slot], comm, __ATOMIC_RELEASE);
+  return rc;
+}
+
+/* Megatron's rank order with tp = 1: world rank = dp_rank + dp * pp_rank. */
+static int make_groups(rank_ctx *c, mt_groups *g) {
+  const mt_parallel_spec *ps = &c->o->job->parallel;
+  int dp = ps->dp_min, pp = ps->pp;
+  *g = (mt_groups){.dp_rank = c->rank % dp, .dp_size = dp, .pp_rank = c->rank / dp, .pp_size = pp};
+  char name[64];
+  int rc = 0;
+  if (c->size > 1) rc = join(c, 0, "world", c->rank, c->size);
+  if (!rc && dp > 1) {
+    snprintf(name, sizeof name, "dp.pp%d", g->pp_rank);
+    rc = join(c, 1, name, g->dp_rank, dp);
+  }
+  if (!rc && pp > 1) {
+    snprintf(name, sizeof name, "pp.dp%d", g->dp_rank);
+    rc = join(c, 2, name, g->pp_rank, pp);
+  }
+  if (!rc && pp > 1 && (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
+    snprintf(name, sizeof name, "embed.dp%d", g->dp_rank);
+    rc = join(c, 3, name, g->pp_rank == 0 ? 0 : 1, 2);
+  }
+  g->world = c->comms[0], g->dp = c->comms[1], g->pipe = c->comms[2], g->embed = c->comms[3];
+  return rc;
 }
 
 static void *rank_main(void *arg) {
@@ -80,22 +122,12 @@ static void *rank_main(void *arg) {
   snprintf(spec, sizeof spec, "%s:%d", o->device_kind ? o->device_kind : "cpu", c->rank);
   mt_device dev;
   mt_trainer tr;
+  mt_groups g;
   int have_dev = 0, have_tr = 0;
   int rc = mt_device_open(&dev, spec);
   have_dev = !rc;
-  if (!rc && c->size > 1) {
-    mt_comm_opts co = {.store = c->store,
-                       .name = "dp",
-                       .prefix = "standalone/dp",
-                       .rank = c->rank,
-                       .size = c->size,
-                       .timeout_ms = o->comm_timeout_ms ? o->comm_timeout_ms : 300000,
-                       .backend = MT_COMM_GLOO};
-    mt_comm *comm = NULL;
-    rc = mt_comm_create(&comm, &co);
-    __atomic_store_n(&c->comm, comm, __ATOMIC_RELEASE);
-  }
-  if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, c->comm);
+  if (!rc) rc = make_groups(c, &g);
+  if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, &g);
   have_tr = !rc;
   if (!rc) rc = rank_loop(c, &tr);
   if (rc) {
@@ -105,10 +137,11 @@ static void *rank_main(void *arg) {
     __atomic_compare_exchange_n(c->first_failed, &none, c->rank, 0, __ATOMIC_ACQ_REL,
                                 __ATOMIC_ACQUIRE);
     /* the others would wait for this rank until their deadline */
-    for (int r = 0; r < c->size; r++) {
-      mt_comm *peer = __atomic_load_n(&c->all[r].comm, __ATOMIC_ACQUIRE);
-      if (peer) mt_comm_abort(peer);
-    }
+    for (int r = 0; r < c->size; r++)
+      for (int k = 0; k < 4; k++) {
+        mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_ACQUIRE);
+        if (peer) mt_comm_abort(peer);
+      }
   }
   if (have_tr) mt_trainer_destroy(&tr);
   if (have_dev) mt_device_close(&dev);
@@ -116,8 +149,9 @@ static void *rank_main(void *arg) {
 }
 
 int mt_local_run(const mt_local_opts *o) {
-  int size = o->job->parallel.dp_min;
-  if (size < 1) return mt_seterr(MT_EINVAL, "local: parallel.dp_min %d", size);
+  const mt_parallel_spec *ps = &o->job->parallel;
+  int size = ps->dp_min * ps->pp * ps->tp;
+  if (size < 1) return mt_seterr(MT_EINVAL, "local: %d ranks", size);
   rank_ctx *ranks = calloc((size_t)size, sizeof *ranks);
   pthread_t *threads = calloc((size_t)size, sizeof *threads);
   mt_store *store = NULL;
@@ -138,7 +172,8 @@ int mt_local_run(const mt_local_opts *o) {
   if (!rc && first_failed >= 0)
     rc = mt_seterr(ranks[first_failed].rc, "%s", ranks[first_failed].err);
   for (int r = 0; r < size && ranks; r++)
-    if (ranks[r].comm) mt_comm_destroy(ranks[r].comm);
+    for (int k = 0; k < 4; k++)
+      if (ranks[r].comms[k]) mt_comm_destroy(ranks[r].comms[k]);
   mt_store_free(store);
   free(ranks);
   free(threads);

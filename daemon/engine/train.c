@@ -1,4 +1,5 @@
-/* train.c — one optimizer step on one device. */
+/* train.c — one optimizer step of one rank: 1F1B over the micro-batches of
+ * its replica on its pipeline stage, then ZeRO-1 over the replicas. */
 #include "train.h"
 
 #include <math.h>
@@ -17,28 +18,14 @@ static double now_ms(void) {
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, mt_comm *dp) {
-  memset(tr, 0, sizeof *tr);
-  tr->job = job;
-  tr->dev = dev;
-  const mt_model_spec *ms = &job->model;
-  const mt_parallel_spec *ps = &job->parallel;
-  int G = job->train.global_batch, B = ps->micro_batch, T = ms->seq_len;
-  tr->dp = dp;
-  tr->dp_rank = dp ? mt_comm_rank(dp) : 0;
-  tr->dp_size = dp ? mt_comm_size(dp) : 1;
-  if (ps->tp != 1 || ps->pp != 1)
-    return mt_seterr(MT_ENOTSUP, "parallel: tp %d x pp %d: tensor and pipeline parallelism "
-                                 "arrive with the 3D engine; data parallelism (dp_min) works",
-                     ps->tp, ps->pp);
-  if (tr->dp_size != ps->dp_min)
-    return mt_seterr(MT_EINVAL, "parallel.dp_min: %d, but the data-parallel group has %d ranks",
-                     ps->dp_min, tr->dp_size);
-  if (B < 1 || G % (B * tr->dp_size))
-    return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
-                     G, B, tr->dp_size);
-  tr->micro_batches = G / (B * tr->dp_size);
+void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
+  int base = n_layer / pp, extra = n_layer % pp;
+  *begin = s * base + (s < extra ? s : extra);
+  *end = *begin + base + (s < extra ? 1 : 0);
+}
 
+static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slots) {
+  const mt_model_spec *ms = &job->model;
   mt_gpt_config cfg = {
       .n_layer = ms->n_layer,
       .n_embd = ms->n_embd,
@@ -50,9 +37,42 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, mt_comm
       .init_std = ms->init_std,
       .hidden_dropout = ms->hidden_dropout,
       .attention_dropout = ms->attention_dropout,
-      .recompute = ps->recompute,
-      .zero_shards = tr->dp_size,
+      .recompute = job->parallel.recompute,
+      .zero_shards = g->dp_size,
+      .micro_slots = slots,
   };
+  if (g->pp_size > 1) mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin,
+                                      &cfg.layer_end);
+  return cfg;
+}
+
+int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g) {
+  memset(tr, 0, sizeof *tr);
+  tr->job = job;
+  tr->dev = dev;
+  const mt_model_spec *ms = &job->model;
+  const mt_parallel_spec *ps = &job->parallel;
+  int G = job->train.global_batch, B = ps->micro_batch, T = ms->seq_len;
+  if (g) tr->g = *g;
+  else tr->g = (mt_groups){.dp_size = 1, .pp_size = 1};
+  if (ps->tp != 1)
+    return mt_seterr(MT_ENOTSUP, "parallel.tp: %d: tensor parallelism is not built yet; pipeline "
+                                 "(pp) and data (dp_min) parallelism are", ps->tp);
+  if (tr->g.dp_size != ps->dp_min || tr->g.pp_size != ps->pp)
+    return mt_seterr(MT_EINVAL, "parallel: the job wants pp %d x dp %d, the groups are %d x %d",
+                     ps->pp, ps->dp_min, tr->g.pp_size, tr->g.dp_size);
+  if (B < 1 || G % (B * tr->g.dp_size))
+    return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
+                     G, B, tr->g.dp_size);
+  if (ms->n_layer < tr->g.pp_size)
+    return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", tr->g.pp_size,
+                     ms->n_layer);
+  tr->micro_batches = G / (B * tr->g.dp_size);
+  /* 1F1B keeps at most pp - stage micro-batches in flight */
+  int slots = tr->g.pp_size - tr->g.pp_rank;
+  if (slots > tr->micro_batches) slots = tr->micro_batches;
+
+  mt_gpt_config cfg = model_config(job, &tr->g, slots);
   int rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
   if (rc) return rc;
   rc = mt_gpt_init_weights(&tr->model, job->train.seed);
@@ -60,11 +80,17 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, mt_comm
     rc = mt_gpt_load_safetensors(&tr->model, ms->init_from);
     if (rc) mt_wraperr(rc, "model.init_from");
   }
-  tr->shard_n = tr->model.alloc_params / (size_t)tr->dp_size;
-  tr->shard_lo = (size_t)tr->dp_rank * tr->shard_n;
-  if (!rc && dp) {
+  tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
+  tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;
+  size_t act = (size_t)B * T * ms->n_embd;
+  if (!rc && tr->g.dp) {
     tr->shard_grad = mt_device_alloc(dev, tr->shard_n * sizeof(float));
     if (!tr->shard_grad) rc = mt_wraperr(MT_ENOMEM, "train: ZeRO-1 gradient slice");
+  }
+  if (!rc && tr->g.pipe) {
+    tr->recv_x = mt_device_alloc(dev, 2 * act * sizeof(float));
+    if (!tr->recv_x) rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
+    else tr->recv_dy = tr->recv_x + act;
   }
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
@@ -84,12 +110,19 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, mt_comm
     mt_trainer_destroy(tr);
     return rc;
   }
-  tr->flops_per_step = mt_gpt_flops_per_step(&cfg, B, T) * tr->micro_batches;
+  /* model FLOPs of this stage: blocks pro rata, the LM head on the last */
+  mt_gpt_config whole = cfg;
+  whole.layer_begin = whole.layer_end = 0;
+  double per_mb = mt_gpt_flops_per_step(&whole, B, T);
+  double head = 3.0 * 2.0 * B * T * (double)ms->n_embd * ms->padded_vocab;
+  per_mb = (per_mb - head) * tr->model.n_layers / ms->n_layer + (tr->model.last ? head : 0.0);
+  tr->flops_per_step = per_mb * tr->micro_batches;
   return 0;
 }
 
 void mt_trainer_destroy(mt_trainer *tr) {
   if (tr->shard_grad) mt_device_free(tr->dev, tr->shard_grad);
+  if (tr->recv_x) mt_device_free(tr->dev, tr->recv_x);
   mt_gpt_destroy(&tr->model);
   mt_adamw_destroy(&tr->opt);
   mt_data_source_free(tr->data);
@@ -97,41 +130,185 @@ void mt_trainer_destroy(mt_trainer *tr) {
   memset(tr, 0, sizeof *tr);
 }
 
+/* ---- the pipeline ---- */
+
+typedef struct pipe_run {
+  mt_trainer *tr;
+  mt_split split;
+  uint64_t first;   /* global sample of this replica's micro-batch 0 */
+  float loss_scale; /* 0: forward only */
+  double loss_sum;  /* last stage: Σ micro-batch mean losses */
+  int fwd, bwd;     /* micro-batches done each way */
+} pipe_run;
+
+static size_t act_count(const mt_trainer *tr) {
+  return (size_t)tr->model.B * tr->model.T * tr->job->model.n_embd;
+}
+
+/* Forward of the next micro-batch on this stage, from tokens or recv_x. */
+static int stage_forward(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  mt_gpt *m = &tr->model;
+  int j = r->fwd++;
+  uint64_t sample0 = r->first + (uint64_t)j * (uint64_t)m->B;
+  int rc = 0;
+  if (m->first || m->last)
+    rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
+  if (!rc)
+    rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL,
+                              m->first ? NULL : tr->recv_x, m->last ? tr->targets : NULL,
+                              sample0);
+  if (!rc && m->last) r->loss_sum += m->last_loss;
+  if (rc) return mt_wraperr(rc, "micro-batch %d forward", j);
+  return 0;
+}
+
+static int stage_backward(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  mt_gpt *m = &tr->model;
+  int j = r->bwd++;
+  int rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy, r->loss_scale);
+  if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
+  return 0;
+}
+
+/* Point-to-point with the neighbours; no-ops at the ends of the pipeline. */
+static int recv_forward(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  if (tr->model.first) return 0;
+  return mt_comm_recv(tr->g.pipe, tr->recv_x, act_count(tr), MT_COMM_F32, tr->g.pp_rank - 1);
+}
+static int send_forward(pipe_run *r, int j) {
+  mt_trainer *tr = r->tr;
+  if (tr->model.last) return 0;
+  return mt_comm_send(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
+                      act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1);
+}
+static int send_forward_recv_backward(pipe_run *r, int j) {
+  mt_trainer *tr = r->tr;
+  if (tr->model.last) return 0;
+  int next = tr->g.pp_rank + 1;
+  return mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
+                          act_count(tr), next, tr->recv_dy, act_count(tr), next, MT_COMM_F32);
+}
+static int recv_backward(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  if (tr->model.last) return 0;
+  return mt_comm_recv(tr->g.pipe, tr->recv_dy, act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1);
+}
+static int send_backward(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  if (tr->model.first) return 0;
+  return mt_comm_send(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr),
+                      MT_COMM_F32, tr->g.pp_rank - 1);
+}
+static int send_backward_recv_forward(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  if (tr->model.first) return 0;
+  int prev = tr->g.pp_rank - 1;
+  return mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr), prev,
+                          tr->recv_x, act_count(tr), prev, MT_COMM_F32);
+}
+
+/* PipeDream-Flush (1F1B): pp - stage - 1 warm-up forwards, then one forward
+ * and one backward alternately, then the remaining backwards. Activations
+ * of micro-batch j live in slot j % slots until its backward. */
+static int run_1f1b(pipe_run *r) {
+  mt_trainer *tr = r->tr;
+  int m = tr->micro_batches, s = tr->g.pp_rank;
+  int warm = tr->g.pp_size - s - 1;
+  if (warm > m) warm = m;
+  int rest = m - warm, rc = 0;
+  for (int i = 0; i < warm && !rc; i++) {
+    rc = recv_forward(r);
+    if (!rc) rc = stage_forward(r);
+    if (!rc) rc = send_forward(r, r->fwd - 1);
+  }
+  if (!rc && rest > 0) rc = recv_forward(r);
+  for (int i = 0; i < rest && !rc; i++) {
+    rc = stage_forward(r);
+    if (!rc) rc = send_forward_recv_backward(r, r->fwd - 1);
+    if (!rc) rc = stage_backward(r);
+    if (!rc) rc = i == rest - 1 ? send_backward(r) : send_backward_recv_forward(r);
+  }
+  for (int i = 0; i < warm && !rc; i++) {
+    rc = recv_backward(r);
+    if (!rc) rc = stage_backward(r);
+    if (!rc) rc = send_backward(r);
+  }
+  return rc;
+}
+
+/* Forward only (validation): each micro-batch passes down the stages. */
+static int run_forward_only(pipe_run *r) {
+  int rc = 0;
+  for (int i = 0; i < r->tr->micro_batches && !rc; i++) {
+    rc = recv_forward(r);
+    if (!rc) rc = stage_forward(r);
+    if (!rc) rc = send_forward(r, r->fwd - 1);
+  }
+  return rc;
+}
+
+/* Σ g² over this rank's slice, leaving out the last stage's copy of the
+ * tied embedding (the first stage counts it), so every parameter counts once. */
+static double slice_sumsq(mt_trainer *tr, const float *grad) {
+  mt_gpt *m = &tr->model;
+  mt_device *d = tr->dev;
+  size_t lo = tr->shard_lo, hi = lo + tr->shard_n;
+  int skip = m->last && !m->first ? m->i_wte : -1;
+  if (skip < 0) return d->ops->sumsq(d, grad, tr->shard_n);
+  double sum = 0.0;
+  for (int i = 0; i < m->n_tensors; i++) {
+    if (i == skip) continue;
+    const mt_param *t = &m->params_table[i];
+    size_t a = t->offset > lo ? t->offset : lo;
+    size_t b = t->offset + t->numel < hi ? t->offset + t->numel : hi;
+    if (a < b) sum += d->ops->sumsq(d, grad + (a - lo), b - a);
+  }
+  return sum;
+}
+
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
   mt_device *d = tr->dev;
-  int B = m->B, G = job->train.global_batch;
-  int total_micro = G / B; /* over every dp rank */
+  int G = job->train.global_batch;
+  int total_micro = G / m->B; /* over every replica */
+  long long sn = (long long)tr->step + 1;
   double t0 = now_ms();
   memset(st, 0, sizeof *st);
 
   mt_gpt_zero_grad(m);
-  double loss_sum = 0.0;
-  float loss_scale = 1.0f / (float)total_micro; /* objective: mean over the global batch */
-  uint64_t first = (uint64_t)tr->step * (uint64_t)G + (uint64_t)tr->dp_rank * (uint64_t)(G / tr->dp_size);
-  for (int mb = 0; mb < tr->micro_batches; mb++) {
-    uint64_t sample0 = first + (uint64_t)mb * (uint64_t)B;
-    int rc = mt_data_source_read(tr->data, MT_SPLIT_TRAIN, sample0, B, tr->inputs, tr->targets);
-    if (!rc) rc = mt_gpt_forward(m, tr->inputs, tr->targets, sample0);
-    if (!rc) rc = mt_gpt_backward(m, loss_scale);
-    if (rc) return mt_wraperr(rc, "step %lld, micro-batch %d", (long long)tr->step + 1, mb);
-    loss_sum += m->last_loss;
-  }
+  /* objective: the mean loss over the global batch */
+  pipe_run r = {.tr = tr,
+                .split = MT_SPLIT_TRAIN,
+                .first = (uint64_t)tr->step * (uint64_t)G +
+                         (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
+                .loss_scale = 1.0f / (float)total_micro};
+  int rc = run_1f1b(&r);
+  if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
-  /* ZeRO-1: each rank keeps the sum over ranks of its slice of the gradients */
+  /* the two copies of the tied embedding get the sum of both gradients */
+  if (tr->g.embed && (m->first || m->last)) {
+    const mt_param *wte = &m->params_table[m->i_wte];
+    rc = mt_comm_allreduce(tr->g.embed, m->grads + wte->offset, m->grads + wte->offset,
+                           wte->numel, MT_COMM_F32, MT_COMM_SUM);
+    if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
+  }
+  /* ZeRO-1: each rank keeps the sum over replicas of its slice of the gradients */
   const float *grad = m->grads + tr->shard_lo;
-  if (tr->dp) {
-    int rc = mt_comm_reduce_scatter(tr->dp, m->grads, tr->shard_grad, tr->shard_n, MT_COMM_F32,
-                                    MT_COMM_SUM);
-    if (rc) return mt_wraperr(rc, "step %lld: gradient reduce-scatter", (long long)tr->step + 1);
+  if (tr->g.dp) {
+    rc = mt_comm_reduce_scatter(tr->g.dp, m->grads, tr->shard_grad, tr->shard_n, MT_COMM_F32,
+                                MT_COMM_SUM);
+    if (rc) return mt_wraperr(rc, "step %lld: gradient reduce-scatter", sn);
     grad = tr->shard_grad;
   }
   /* one all-reduce carries the loss, the squared norm and the stop order */
-  double agreed[3] = {loss_sum, d->ops->sumsq(d, grad, tr->shard_n), tr->stop_request ? 1.0 : 0.0};
-  if (tr->dp) {
-    int rc = mt_comm_allreduce(tr->dp, agreed, agreed, 3, MT_COMM_F64, MT_COMM_SUM);
-    if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", (long long)tr->step + 1);
+  double agreed[3] = {r.loss_sum, slice_sumsq(tr, grad), tr->stop_request ? 1.0 : 0.0};
+  if (tr->g.world) {
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 3, MT_COMM_F64, MT_COMM_SUM);
+    if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
   }
   double norm = sqrt(agreed[1]);
   double lr = mt_lr_at(&job->train.lr, tr->step);
@@ -139,12 +316,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     mt_adamw_step(&tr->opt, m, grad, lr, mt_clip_scale(norm, job->train.clip_grad));
   } else {
     st->skipped = 1;
-    mt_log_warn("step %lld: gradient norm is %g; update skipped", (long long)tr->step + 1, norm);
+    mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
-  if (tr->dp) {
-    int rc = mt_comm_allgather(tr->dp, m->params + tr->shard_lo, m->params, tr->shard_n,
-                               MT_COMM_F32);
-    if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", (long long)tr->step + 1);
+  if (tr->g.dp) {
+    rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n,
+                           MT_COMM_F32);
+    if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
   }
   mt_device_sync(d);
   tr->step++;
@@ -164,19 +341,64 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
 int mt_trainer_eval(mt_trainer *tr, double *loss) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
-  int B = m->B;
-  uint64_t n = (uint64_t)job->eval.iters * (uint64_t)job->train.global_batch;
+  int G = job->train.global_batch;
   double sum = 0.0;
-  int batches = 0;
-  m->training = 0;
   int rc = 0;
-  for (uint64_t first = 0; first < n && !rc; first += (uint64_t)B, batches++) {
-    rc = mt_data_source_read(tr->data, MT_SPLIT_VALID, first, B, tr->inputs, tr->targets);
-    if (!rc) rc = mt_gpt_forward(m, tr->inputs, tr->targets, first);
-    sum += m->last_loss;
+  m->training = 0;
+  for (int e = 0; e < job->eval.iters && !rc; e++) {
+    pipe_run r = {.tr = tr,
+                  .split = MT_SPLIT_VALID,
+                  .first = (uint64_t)e * (uint64_t)G +
+                           (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size)};
+    rc = run_forward_only(&r);
+    sum += r.loss_sum;
   }
   m->training = 1;
+  if (!rc && tr->g.world) rc = mt_comm_allreduce(tr->g.world, &sum, &sum, 1, MT_COMM_F64, MT_COMM_SUM);
   if (rc) return mt_wraperr(rc, "validation");
-  *loss = sum / batches;
+  *loss = sum / ((double)job->eval.iters * (G / m->B));
   return 0;
+}
+
+int mt_trainer_export(mt_trainer *tr, const char *path) {
+  mt_gpt *m = &tr->model;
+  int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
+  if (tr->g.pp_size == 1)
+    return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
+  /* stage s of replica 0 (world rank dp * s) sends its weights to world rank 0 */
+  if (tr->g.dp_rank != 0) return 0;
+  if (world_rank != 0)
+    return mt_comm_send(tr->g.world, m->params, m->num_params, MT_COMM_F32, 0);
+  mt_gpt full;
+  mt_gpt_config cfg = m->cfg;
+  cfg.layer_begin = cfg.layer_end = 0;
+  cfg.zero_shards = cfg.micro_slots = 0;
+  cfg.recompute = 1;
+  int rc = mt_gpt_create(&full, &cfg, m->dev, 1, 1);
+  if (rc) return rc;
+  for (int s = 0; s < tr->g.pp_size && !rc; s++) {
+    mt_gpt_config sc = m->cfg;
+    mt_stage_layers(cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin, &sc.layer_end);
+    mt_param *table = NULL;
+    int n = 0;
+    size_t count = 0;
+    float *buf = NULL;
+    rc = mt_gpt_table(&sc, &table, &n, &count);
+    if (!rc && s > 0) {
+      buf = malloc(count * sizeof(float));
+      rc = buf ? mt_comm_recv(tr->g.world, buf, count, MT_COMM_F32, tr->g.dp_size * s)
+               : mt_seterr(MT_ENOMEM, "export: stage %d buffer", s);
+    }
+    const float *src = s == 0 ? m->params : buf;
+    for (int i = 0; i < n && !rc; i++) {
+      int j = mt_gpt_find(&full, table[i].name);
+      if (j < 0) rc = mt_seterr(MT_EINVAL, "export: stage %d tensor %s", s, table[i].name);
+      else memcpy(mt_gpt_param(&full, j), src + table[i].offset, table[i].numel * sizeof(float));
+    }
+    free(buf);
+    free(table);
+  }
+  if (!rc) rc = mt_gpt_save_safetensors(&full, path);
+  mt_gpt_destroy(&full);
+  return rc;
 }

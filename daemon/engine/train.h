@@ -34,34 +34,55 @@ typedef struct mt_step_stats {
   double val_loss;          /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
 
+/* The groups one rank belongs to (tp = 1 for now). Rank order is
+ * Megatron's: world rank = dp_rank + dp * pp_rank. Any of them is NULL when
+ * its size is 1. */
+typedef struct mt_groups {
+  mt_comm *world; /* every rank: loss, norm and stop order */
+  mt_comm *dp;    /* same stage, every replica: ZeRO-1 */
+  mt_comm *pipe;  /* same replica, every stage: activations and their gradients */
+  mt_comm *embed; /* first and last stage of a replica: the tied embedding's gradient */
+  int dp_rank, dp_size, pp_rank, pp_size;
+} mt_groups;
+
 typedef struct mt_trainer {
   const mt_job *job;
   mt_device *dev;
   mt_gpt model;
   mt_adamw opt;
   mt_data_source *data;
+  mt_groups g;
   int64_t step;             /* steps taken */
-  int micro_batches;        /* per step on this rank */
-  mt_comm *dp;              /* data-parallel group, NULL when dp = 1 */
-  int dp_rank, dp_size;
+  int micro_batches;        /* per step on this replica */
   size_t shard_lo, shard_n; /* this rank's ZeRO-1 slice of the flat parameters */
   float *shard_grad;        /* reduced gradients of the slice (dp > 1) */
+  float *recv_x, *recv_dy;  /* (B,T,C) from the previous / next stage */
   volatile int stop_request; /* set by the owner thread; agreed on in the step */
   int32_t *inputs, *targets; /* host, (micro_batch, seq) */
-  double flops_per_step;
+  double flops_per_step;    /* model FLOPs of this rank per step */
 } mt_trainer;
 
-/* Builds model (initialised from seed or model.init_from), optimizer slice
- * and data reader for one rank. dp: the data-parallel group (its size must be
- * parallel.dp_min), or NULL for a single device. */
-int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, mt_comm *dp);
+/* Builds this rank's stage of the model (initialised from seed or
+ * model.init_from), its optimizer slice and data reader. g: its groups
+ * (sizes must match parallel.pp and dp_min), or NULL for a single device. */
+int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g);
 void mt_trainer_destroy(mt_trainer *tr);
 
-/* One optimizer step. */
+/* One optimizer step: 1F1B over the micro-batches, then ZeRO-1. Collective
+ * over every rank. */
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st);
 
 /* Mean loss over the first eval.iters global batches of the valid split,
- * without dropout; the same batches every time, so runs compare. */
+ * without dropout; the same batches every time, so runs compare. Collective
+ * over every rank. */
 int mt_trainer_eval(mt_trainer *tr, double *loss);
+
+/* Writes the whole model as GPT-2 safetensors from world rank 0, gathering
+ * the stages' weights. Collective over every rank. */
+int mt_trainer_export(mt_trainer *tr, const char *path);
+
+/* Layers [*begin, *end) of stage s of pp: the first n_layer % pp stages hold
+ * one layer more. */
+void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end);
 
 #endif

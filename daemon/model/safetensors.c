@@ -555,6 +555,19 @@ static void st_transpose(float *dst, const float *src, size_t rows, size_t cols)
 
 /* Validates every name and shape first (collecting all problems), then copies,
  * so a refused file leaves the model untouched. */
+/* Whether name is a tensor of the whole model that m is a pipeline stage of. */
+static int st_in_full_model(const mt_gpt *m, const char *name) {
+  mt_gpt_config full = m->cfg;
+  full.layer_begin = full.layer_end = 0;
+  mt_param *table;
+  int n, found = 0;
+  size_t count;
+  if (mt_gpt_table(&full, &table, &n, &count)) return 0;
+  for (int i = 0; i < n && !found; i++) found = !strcmp(table[i].name, name);
+  free(table);
+  return found;
+}
+
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   mt_st_file f;
   int rc = mt_st_open(&f, path);
@@ -573,6 +586,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     if (!strncmp(name, "transformer.", 12)) name += 12;
     if (st_is_ignored(name)) continue;
     int j = mt_gpt_find(m, name);
+    if (j < 0 && !(m->first && m->last) && st_in_full_model(m, name)) continue; /* another stage's */
     if (j < 0) {
       st_problem(pr, "unexpected tensor \"%s\"", t->name);
       continue;

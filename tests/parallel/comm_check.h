@@ -13,8 +13,8 @@
 
 #include "comm.h"
 
-/* Every collective x every dtype x sum/max x counts 1, 7, 1031, in and out
- * of place, then a random f32 all-reduce and a barrier. */
+/* Every collective x every dtype x sum/max x counts 1, 7, 1031, out of
+ * place (and in place for f32), then a random f32 all-reduce and a barrier. */
 int check_collectives(mt_comm *c, char *err, size_t cap);
 
 /* All-reduce and reduce-scatter over bytes of f32, every element checked. */

@@ -1,0 +1,728 @@
+#include "store_server.h"
+
+#include "err.h"
+#include "store_wire.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define READ_CHUNK (64u << 10)
+/* A client that stops reading its replies loses its connection once this much
+ * is queued for it, rather than growing the daemon without bound. */
+#define MAX_QUEUED_BYTES ((size_t)256 << 20)
+
+typedef struct entry {
+  struct entry *next;
+  uint64_t hash;
+  char *key; /* NUL-terminated, key_bytes long */
+  uint32_t key_bytes;
+  char *value; /* bytes + 1, NUL after the last byte */
+  uint32_t bytes;
+} entry;
+
+typedef struct conn conn;
+
+/* A parked GET or WAIT: answered when keys[missing..nkeys) all exist, or when
+ * its timer fires. */
+typedef struct waiter {
+  struct waiter *prev, *next;
+  mt_store_server *srv;
+  conn *c;
+  uint8_t op;
+  uint32_t id;
+  uint32_t nkeys, missing;
+  mt_store_str *keys; /* copies, NUL-terminated, in the same allocation */
+  int timed;
+  uv_timer_t timer;
+} waiter;
+
+enum { CONN_OPEN, CONN_DRAINING, CONN_CLOSED };
+
+struct conn {
+  uv_tcp_t tcp;
+  mt_store_server *srv;
+  conn *prev, *next;
+  int state;
+  uint8_t *buf; /* bytes received and not yet handled: buf[0..len), room for cap */
+  size_t len, cap, need;
+};
+
+struct mt_store_server {
+  uv_loop_t *loop;
+  uv_tcp_t listener;
+  char addr[300]; /* "host:port", for messages */
+  int port;
+  int stopping;
+  unsigned handles; /* open handles: the listener, connections, waiter timers */
+  conn *conns;
+  unsigned nconns;
+  waiter *waiters;
+  unsigned nwaiters;
+  entry **table;
+  size_t nbuckets, nkeys;
+  void (*closed)(void *);
+  void *closed_arg;
+  mt_store_str scratch[MT_STORE_MAX_WAIT_KEYS]; /* a WAIT's keys while it is decoded */
+};
+
+static void conn_close(conn *c);
+
+/* ------------------------------------------------------------------ teardown */
+
+static void maybe_finish(mt_store_server *s) {
+  if (!s->stopping || s->handles) return;
+  for (size_t b = 0; b < s->nbuckets; b++)
+    for (entry *e = s->table[b], *next; e; e = next) {
+      next = e->next;
+      free(e->key), free(e->value), free(e);
+    }
+  free(s->table);
+  void (*closed)(void *) = s->closed;
+  void *arg = s->closed_arg;
+  free(s);
+  if (closed) closed(arg);
+}
+
+static void handle_closed(mt_store_server *s) {
+  s->handles--;
+  maybe_finish(s);
+}
+
+static void listener_closed(uv_handle_t *h) { handle_closed(h->data); }
+
+static void waiter_free(waiter *w);
+
+/* The connection's parked requests go with it, here rather than in
+ * conn_close, so that code walking the waiter list may close connections. */
+static void conn_closed(uv_handle_t *h) {
+  conn *c = h->data;
+  mt_store_server *s = c->srv;
+  for (waiter *w = s->waiters, *next; w; w = next) {
+    next = w->next;
+    if (w->c == c) waiter_free(w);
+  }
+  free(c->buf);
+  free(c);
+  handle_closed(s);
+}
+
+static void waiter_closed(uv_handle_t *h) {
+  waiter *w = h->data;
+  mt_store_server *s = w->srv;
+  free(w);
+  handle_closed(s);
+}
+
+static void waiter_free(waiter *w) {
+  mt_store_server *s = w->srv;
+  if (w->prev)
+    w->prev->next = w->next;
+  else
+    s->waiters = w->next;
+  if (w->next) w->next->prev = w->prev;
+  s->nwaiters--;
+  if (w->timed)
+    uv_close((uv_handle_t *)&w->timer, waiter_closed);
+  else
+    free(w);
+}
+
+/* ------------------------------------------------------------------ the table */
+
+static uint64_t hash_key(const char *p, uint32_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (uint32_t i = 0; i < n; i++) h = (h ^ (uint8_t)p[i]) * 1099511628211ull;
+  return h;
+}
+
+static entry *lookup(mt_store_server *s, mt_store_str k) {
+  uint64_t h = hash_key(k.p, k.bytes);
+  for (entry *e = s->table[h & (s->nbuckets - 1)]; e; e = e->next)
+    if (e->hash == h && e->key_bytes == k.bytes && !memcmp(e->key, k.p, k.bytes)) return e;
+  return NULL;
+}
+
+static void grow(mt_store_server *s) {
+  size_t n = s->nbuckets * 2;
+  entry **t = calloc(n, sizeof *t);
+  if (!t) return; /* longer chains, still correct */
+  for (size_t b = 0; b < s->nbuckets; b++)
+    for (entry *e = s->table[b], *next; e; e = next) {
+      next = e->next;
+      e->next = t[e->hash & (n - 1)];
+      t[e->hash & (n - 1)] = e;
+    }
+  free(s->table);
+  s->table = t;
+  s->nbuckets = n;
+}
+
+/* Stores a copy of value under k, creating the entry when needed; on failure
+ * the old value stays. */
+static int put(mt_store_server *s, mt_store_str k, const char *value, uint32_t bytes) {
+  char *copy = malloc((size_t)bytes + 1);
+  int shown = (int)(k.bytes > 200 ? 200 : k.bytes); /* k is not NUL-terminated */
+  if (!copy)
+    return mt_seterr(MT_ENOMEM, "set %.*s: out of memory (%" PRIu32 " bytes)", shown, k.p, bytes);
+  if (bytes) memcpy(copy, value, bytes);
+  copy[bytes] = 0;
+  entry *e = lookup(s, k);
+  if (!e) {
+    e = calloc(1, sizeof *e);
+    char *key = e ? malloc((size_t)k.bytes + 1) : NULL;
+    if (!key) {
+      free(e), free(copy);
+      return mt_seterr(MT_ENOMEM, "set %.*s: out of memory", shown, k.p);
+    }
+    memcpy(key, k.p, k.bytes);
+    key[k.bytes] = 0;
+    e->key = key;
+    e->key_bytes = k.bytes;
+    e->hash = hash_key(k.p, k.bytes);
+    entry **b = &s->table[e->hash & (s->nbuckets - 1)];
+    e->next = *b;
+    *b = e;
+    if (++s->nkeys > s->nbuckets) grow(s);
+  }
+  free(e->value);
+  e->value = copy;
+  e->bytes = bytes;
+  return 0;
+}
+
+static int del(mt_store_server *s, mt_store_str k) {
+  uint64_t h = hash_key(k.p, k.bytes);
+  for (entry **p = &s->table[h & (s->nbuckets - 1)]; *p; p = &(*p)->next) {
+    entry *e = *p;
+    if (e->hash == h && e->key_bytes == k.bytes && !memcmp(e->key, k.p, k.bytes)) {
+      *p = e->next;
+      free(e->key), free(e->value), free(e);
+      s->nkeys--;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------ replies */
+
+typedef struct wreq {
+  uv_write_t req;
+  int close_after;
+  uint8_t data[];
+} wreq;
+
+static void on_written(uv_write_t *req, int status) {
+  wreq *w = (wreq *)req;
+  conn *c = req->handle->data;
+  int close_after = w->close_after;
+  free(w);
+  if (status == UV_ECANCELED) return; /* the connection is closing */
+  if (status < 0 || close_after) conn_close(c);
+}
+
+/* Queues m on c; close_after: close the connection once it is written. A reply
+ * that cannot be queued costs the client its connection. */
+static void send_msg(conn *c, const mt_store_msg *m, int close_after) {
+  if (c->state == CONN_CLOSED) return;
+  size_t bytes;
+  wreq *w = NULL;
+  if (mt_store_encode(m, NULL, 0, &bytes) || !(w = malloc(sizeof *w + bytes)) ||
+      mt_store_encode(m, w->data, bytes, &bytes)) {
+    free(w);
+    conn_close(c);
+    return;
+  }
+  w->close_after = close_after;
+  uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)bytes);
+  if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_written) < 0) {
+    free(w);
+    conn_close(c);
+    return;
+  }
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > MAX_QUEUED_BYTES) conn_close(c);
+}
+
+static void reply(conn *c, uint8_t op, uint32_t id, uint8_t status) {
+  mt_store_msg m = {.op = op | MT_STORE_REPLY, .status = status, .id = id};
+  send_msg(c, &m, 0);
+}
+
+/* An error reply with the calling thread's message as its text. */
+static void reply_error(conn *c, uint8_t op, uint32_t id, uint8_t status, int close_after) {
+  mt_store_msg m = {.op = op | MT_STORE_REPLY, .status = status, .id = id};
+  m.value = mt_store_cstr(mt_errmsg());
+  send_msg(c, &m, close_after);
+  if (close_after && c->state == CONN_OPEN) {
+    c->state = CONN_DRAINING;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+  }
+}
+
+/* ------------------------------------------------------------------ waiters */
+
+/* Finds w's first missing key again (one seen before may have been deleted
+ * since); 1 when none is missing. */
+static int waiter_ready(mt_store_server *s, waiter *w) {
+  w->missing = 0;
+  while (w->missing < w->nkeys && lookup(s, w->keys[w->missing])) w->missing++;
+  return w->missing == w->nkeys;
+}
+
+static void waiter_answer(waiter *w) {
+  mt_store_msg m = {.op = w->op | MT_STORE_REPLY, .id = w->id};
+  if (w->op == MT_STORE_OP_GET) {
+    entry *e = lookup(w->srv, w->keys[0]);
+    m.value = (mt_store_str){e->value, e->bytes};
+  }
+  send_msg(w->c, &m, 0);
+  waiter_free(w);
+}
+
+/* Answers every waiter whose next missing key is k and whose keys now all exist. */
+static void wake(mt_store_server *s, mt_store_str k) {
+  for (waiter *w = s->waiters, *next; w; w = next) {
+    next = w->next;
+    mt_store_str want = w->keys[w->missing];
+    if (want.bytes == k.bytes && !memcmp(want.p, k.p, k.bytes) && waiter_ready(s, w))
+      waiter_answer(w);
+  }
+}
+
+static void on_wait_timeout(uv_timer_t *t) {
+  waiter *w = t->data;
+  mt_store_msg m = {.op = w->op | MT_STORE_REPLY, .status = MT_STORE_TIMEOUT, .id = w->id};
+  if (w->op == MT_STORE_OP_WAIT) m.key = w->keys[w->missing];
+  send_msg(w->c, &m, 0);
+  waiter_free(w);
+}
+
+/* Parks a GET (one key) or WAIT until its keys exist or timeout_ms (> 0, or
+ * < 0: no limit) passes. */
+static void park(conn *c, const mt_store_msg *m, const mt_store_str *keys, uint32_t nkeys,
+                 uint32_t missing) {
+  mt_store_server *s = c->srv;
+  size_t bytes = sizeof(waiter) + nkeys * sizeof(mt_store_str);
+  for (uint32_t i = 0; i < nkeys; i++) bytes += keys[i].bytes + 1;
+  waiter *w = calloc(1, bytes);
+  if (!w) {
+    mt_seterr(MT_ENOMEM, "%s: out of memory to wait", mt_store_op_name(m->op));
+    reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
+    return;
+  }
+  w->srv = s;
+  w->c = c;
+  w->op = m->op;
+  w->id = m->id;
+  w->nkeys = nkeys;
+  w->missing = missing;
+  w->keys = (mt_store_str *)(w + 1);
+  char *p = (char *)(w->keys + nkeys);
+  for (uint32_t i = 0; i < nkeys; i++) {
+    memcpy(p, keys[i].p, keys[i].bytes);
+    p[keys[i].bytes] = 0;
+    w->keys[i] = (mt_store_str){p, keys[i].bytes};
+    p += keys[i].bytes + 1;
+  }
+  if (m->timeout_ms > 0) {
+    uv_timer_init(s->loop, &w->timer);
+    w->timer.data = w;
+    w->timed = 1;
+    s->handles++;
+    uv_timer_start(&w->timer, on_wait_timeout, (uint64_t)m->timeout_ms, 0);
+  }
+  w->next = s->waiters;
+  if (s->waiters) s->waiters->prev = w;
+  s->waiters = w;
+  s->nwaiters++;
+}
+
+/* ------------------------------------------------------------------ ops */
+
+static int parse_int(const entry *e, int64_t *v) {
+  char *end;
+  errno = 0;
+  long long x = strtoll(e->value, &end, 10);
+  if (errno || end == e->value || *end || (size_t)(end - e->value) != e->bytes) return -1;
+  *v = x;
+  return 0;
+}
+
+static void op_add(conn *c, const mt_store_msg *m) {
+  mt_store_server *s = c->srv;
+  entry *e = lookup(s, m->key);
+  int64_t v = 0;
+  if (e && parse_int(e, &v)) {
+    mt_seterr(MT_EINVAL, "add to key %.*s: its value \"%.40s\" is not an integer",
+              (int)(m->key.bytes > 200 ? 200 : m->key.bytes), m->key.p, e->value);
+    reply_error(c, m->op, m->id, MT_STORE_BAD_VALUE, 0);
+    return;
+  }
+  if (__builtin_add_overflow(v, m->num, &v)) {
+    mt_seterr(MT_EINVAL, "add %" PRId64 " to key %.*s: overflows a 64-bit integer", m->num,
+              (int)(m->key.bytes > 200 ? 200 : m->key.bytes), m->key.p);
+    reply_error(c, m->op, m->id, MT_STORE_BAD_VALUE, 0);
+    return;
+  }
+  char text[32];
+  int n = snprintf(text, sizeof text, "%" PRId64, v);
+  if (put(s, m->key, text, (uint32_t)n)) {
+    reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
+    return;
+  }
+  mt_store_msg r = {.op = m->op | MT_STORE_REPLY, .id = m->id, .num = v};
+  send_msg(c, &r, 0);
+  if (!e) wake(s, m->key);
+}
+
+static void op_cas(conn *c, const mt_store_msg *m) {
+  mt_store_server *s = c->srv;
+  entry *e = lookup(s, m->key);
+  int swap = m->flag ? !e
+                     : e && e->bytes == m->expected.bytes &&
+                           !memcmp(e->value, m->expected.p, m->expected.bytes);
+  if (swap && put(s, m->key, m->value.p, m->value.bytes)) {
+    reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
+    return;
+  }
+  if (swap) e = lookup(s, m->key);
+  mt_store_msg r = {
+      .op = m->op | MT_STORE_REPLY, .id = m->id, .flag = (uint8_t)swap, .present = e != NULL};
+  if (e) r.value = (mt_store_str){e->value, e->bytes};
+  send_msg(c, &r, 0);
+  if (swap) wake(s, m->key);
+}
+
+static void dispatch(conn *c, const mt_store_msg *m) {
+  mt_store_server *s = c->srv;
+  entry *e;
+  mt_store_msg r = {.op = m->op | MT_STORE_REPLY, .id = m->id};
+  switch (m->op) {
+  case MT_STORE_OP_SET:
+    if (put(s, m->key, m->value.p, m->value.bytes)) {
+      reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
+      return;
+    }
+    reply(c, m->op, m->id, MT_STORE_OK);
+    wake(s, m->key);
+    return;
+  case MT_STORE_OP_GET:
+    if ((e = lookup(s, m->key))) {
+      r.value = (mt_store_str){e->value, e->bytes};
+      send_msg(c, &r, 0);
+    } else if (m->timeout_ms == 0) {
+      reply(c, m->op, m->id, MT_STORE_TIMEOUT);
+    } else {
+      park(c, m, &m->key, 1, 0);
+    }
+    return;
+  case MT_STORE_OP_ADD: op_add(c, m); return;
+  case MT_STORE_OP_CAS: op_cas(c, m); return;
+  case MT_STORE_OP_WAIT: {
+    uint32_t missing = 0;
+    while (missing < m->nkeys && lookup(s, m->keys[missing])) missing++;
+    if (missing == m->nkeys) {
+      reply(c, m->op, m->id, MT_STORE_OK);
+    } else if (m->timeout_ms == 0) {
+      r.status = MT_STORE_TIMEOUT;
+      r.key = m->keys[missing];
+      send_msg(c, &r, 0);
+    } else {
+      park(c, m, m->keys, m->nkeys, missing);
+    }
+    return;
+  }
+  case MT_STORE_OP_CHECK:
+    r.flag = lookup(s, m->key) != NULL;
+    send_msg(c, &r, 0);
+    return;
+  case MT_STORE_OP_DELETE:
+    reply(c, m->op, m->id, del(s, m->key) ? MT_STORE_OK : MT_STORE_NOT_FOUND);
+    return;
+  case MT_STORE_OP_PING: reply(c, m->op, m->id, MT_STORE_OK); return;
+  default:
+    mt_seterr(MT_ENOTSUP, "op %u is not a request", m->op);
+    reply_error(c, MT_STORE_OP_ERROR, m->id, MT_STORE_UNSUPPORTED, 1);
+  }
+}
+
+/* ------------------------------------------------------------------ connections */
+
+static void conn_close(conn *c) {
+  if (c->state == CONN_CLOSED) return;
+  mt_store_server *s = c->srv;
+  c->state = CONN_CLOSED; /* its waiters stay, answered to no one, until conn_closed */
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  s->nconns--;
+  uv_close((uv_handle_t *)&c->tcp, conn_closed);
+}
+
+/* Room for the rest of the frame being read, or for the next chunk. */
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  conn *c = h->data;
+  (void)suggested;
+  size_t want = c->len + READ_CHUNK;
+  if (c->need > want) want = c->need;
+  if (c->cap < want) {
+    uint8_t *p = realloc(c->buf, want);
+    if (!p) {
+      *buf = uv_buf_init(NULL, 0); /* the read callback gets UV_ENOBUFS */
+      return;
+    }
+    c->buf = p;
+    c->cap = want;
+  }
+  *buf = uv_buf_init((char *)c->buf + c->len, (unsigned)(c->cap - c->len));
+}
+
+/* Handles every whole frame in c->buf; a frame that breaks the protocol is
+ * answered with an error and ends the connection. */
+static void handle_frames(conn *c) {
+  mt_store_server *s = c->srv;
+  size_t off = 0;
+  c->need = MT_STORE_HDR_BYTES;
+  while (c->state == CONN_OPEN) {
+    size_t avail = c->len - off;
+    if (avail < MT_STORE_HDR_BYTES) break;
+    mt_store_hdr h;
+    uint8_t why = MT_STORE_MALFORMED;
+    if (mt_store_peek(c->buf + off, avail, &h, &why)) {
+      reply_error(c, MT_STORE_OP_ERROR, h.id, why, 1);
+      break;
+    }
+    if (h.op & MT_STORE_REPLY) {
+      mt_seterr(MT_ENOTSUP, "store frame: a reply (op %u) sent to the server", h.op);
+      reply_error(c, MT_STORE_OP_ERROR, h.id, MT_STORE_UNSUPPORTED, 1);
+      break;
+    }
+    if (avail < h.frame_bytes) {
+      c->need = h.frame_bytes;
+      break;
+    }
+    mt_store_msg m;
+    if (mt_store_decode(c->buf + off, h.frame_bytes, &m, s->scratch, MT_STORE_MAX_WAIT_KEYS,
+                        &why)) {
+      reply_error(c, h.op, h.id, why, 1);
+      break;
+    }
+    dispatch(c, &m);
+    off += h.frame_bytes;
+  }
+  if (c->state == CONN_CLOSED) return;
+  memmove(c->buf, c->buf + off, c->len - off);
+  c->len -= off;
+  if (c->cap > 4 * READ_CHUNK && c->len < READ_CHUNK && c->need <= MT_STORE_HDR_BYTES) {
+    uint8_t *p = realloc(c->buf, READ_CHUNK);
+    if (p) c->buf = p, c->cap = READ_CHUNK;
+  }
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  conn *c = stream->data;
+  (void)buf;
+  if (nread < 0) {
+    conn_close(c);
+    return;
+  }
+  if (c->state != CONN_OPEN) return;
+  c->len += (size_t)nread;
+  handle_frames(c);
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+  mt_store_server *s = listener->data;
+  if (status < 0 || s->stopping) return;
+  conn *c = calloc(1, sizeof *c);
+  if (!c) return; /* out of memory: libuv pauses the listener until an accept; no way out */
+  uv_tcp_init(s->loop, &c->tcp);
+  s->handles++;
+  c->tcp.data = c;
+  c->srv = s;
+  c->need = MT_STORE_HDR_BYTES;
+  c->next = s->conns;
+  if (s->conns) s->conns->prev = c;
+  s->conns = c;
+  s->nconns++;
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) < 0) {
+    conn_close(c);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) conn_close(c);
+}
+
+/* ------------------------------------------------------------------ start and stop */
+
+/* A listening socket on host:port: 0 and *fd, or an error naming the address. */
+static int listen_socket(const char *host, int port, int *fd_out) {
+  char service[16];
+  snprintf(service, sizeof service, "%d", port);
+  struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                           .ai_socktype = SOCK_STREAM,
+                           .ai_flags = AI_PASSIVE | AI_NUMERICSERV},
+                  *res = NULL;
+  int g = getaddrinfo(host && *host ? host : NULL, service, &hints, &res);
+  if (g)
+    return mt_seterr(MT_EINVAL, "store server: address %s:%d: %s", host ? host : "*", port,
+                     gai_strerror(g));
+  int err = 0, fd = -1;
+  const char *what = "socket";
+  for (struct addrinfo *a = res; a; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+    if (fd < 0) {
+      err = errno, what = "socket";
+      continue;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, a->ai_addr, a->ai_addrlen) == 0 && listen(fd, 511) == 0) break;
+    err = errno, what = "bind";
+    close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(res);
+  if (fd < 0)
+    return mt_seterr(MT_EIO, "store server: %s %s:%d: %s", what, host ? host : "*", port,
+                     strerror(err));
+  *fd_out = fd;
+  return 0;
+}
+
+int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
+                          mt_store_server **out) {
+  *out = NULL;
+  if (port < 0 || port > 65535)
+    return mt_seterr(MT_EINVAL, "store server: port %d is not in 0..65535", port);
+  int fd = -1, rc = listen_socket(host, port, &fd);
+  if (rc) return rc;
+  mt_store_server *s = calloc(1, sizeof *s);
+  entry **table = calloc(64, sizeof *table);
+  if (!s || !table) {
+    free(s), free(table), close(fd);
+    return mt_seterr(MT_ENOMEM, "store server: out of memory");
+  }
+  s->loop = loop;
+  s->table = table;
+  s->nbuckets = 64;
+  struct sockaddr_storage sa;
+  socklen_t len = sizeof sa;
+  if (getsockname(fd, (struct sockaddr *)&sa, &len) == 0)
+    s->port = ntohs(sa.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
+                                             : ((struct sockaddr_in *)&sa)->sin_port);
+  snprintf(s->addr, sizeof s->addr, "%s:%d", host && *host ? host : "*", s->port);
+  uv_tcp_init(loop, &s->listener);
+  s->listener.data = s;
+  s->handles = 1;
+  rc = uv_tcp_open(&s->listener, fd);
+  if (rc < 0)
+    close(fd); /* not the handle's yet */
+  else
+    rc = uv_listen((uv_stream_t *)&s->listener, 511, on_connection);
+  if (rc < 0) {
+    mt_seterr(MT_EIO, "store server: listen on %s: %s", s->addr, uv_strerror(rc));
+    s->stopping = 1; /* frees s once the loop has closed the handle */
+    uv_close((uv_handle_t *)&s->listener, listener_closed);
+    return MT_EIO;
+  }
+  *out = s;
+  return 0;
+}
+
+int mt_store_server_port(const mt_store_server *s) { return s->port; }
+
+void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *st) {
+  st->clients = s->nconns;
+  st->waiters = s->nwaiters;
+  st->keys = s->nkeys;
+}
+
+void mt_store_server_stop(mt_store_server *s, void (*closed)(void *arg), void *arg) {
+  if (s->stopping) return;
+  s->stopping = 1;
+  s->closed = closed;
+  s->closed_arg = arg;
+  while (s->conns) conn_close(s->conns);
+  uv_close((uv_handle_t *)&s->listener, listener_closed);
+}
+
+/* ------------------------------------------------------------------ own thread */
+
+struct mt_store_server_thread {
+  uv_loop_t loop;
+  uv_async_t stop;
+  mt_store_server *srv;
+  pthread_t thread;
+  int port;
+};
+
+static void *server_thread(void *arg) {
+  mt_store_server_thread *t = arg;
+  uv_run(&t->loop, UV_RUN_DEFAULT);
+  return NULL;
+}
+
+static void on_stop(uv_async_t *a) {
+  mt_store_server_thread *t = a->data;
+  mt_store_server_stop(t->srv, NULL, NULL);
+  uv_close((uv_handle_t *)a, NULL);
+}
+
+int mt_store_server_run_thread(const char *host, int port, mt_store_server_thread **out) {
+  *out = NULL;
+  mt_store_server_thread *t = calloc(1, sizeof *t);
+  if (!t) return mt_seterr(MT_ENOMEM, "store server: out of memory");
+  int rc = uv_loop_init(&t->loop);
+  if (rc < 0) {
+    free(t);
+    return mt_seterr(MT_EIO, "store server: event loop: %s", uv_strerror(rc));
+  }
+  if ((rc = mt_store_server_start(&t->loop, host, port, &t->srv))) {
+    uv_run(&t->loop, UV_RUN_DEFAULT); /* lets a half-started server close */
+    uv_loop_close(&t->loop);
+    free(t);
+    return rc;
+  }
+  t->port = mt_store_server_port(t->srv);
+  uv_async_init(&t->loop, &t->stop, on_stop);
+  t->stop.data = t;
+  /* The thread writes to sockets whose peer may be gone: EPIPE, not SIGPIPE. */
+  sigset_t pipe, old;
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe, &old);
+  int e = pthread_create(&t->thread, NULL, server_thread, t);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (e) {
+    mt_store_server_stop(t->srv, NULL, NULL);
+    uv_close((uv_handle_t *)&t->stop, NULL);
+    uv_run(&t->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&t->loop);
+    free(t);
+    return mt_seterr(MT_EIO, "store server: thread: %s", strerror(e));
+  }
+  *out = t;
+  return 0;
+}
+
+int mt_store_server_thread_port(const mt_store_server_thread *t) { return t->port; }
+
+void mt_store_server_thread_stop(mt_store_server_thread *t) {
+  if (!t) return;
+  uv_async_send(&t->stop);
+  pthread_join(t->thread, NULL);
+  uv_loop_close(&t->loop);
+  free(t);
+}
