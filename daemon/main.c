@@ -43,6 +43,12 @@ static void usage(FILE *out) {
           "                            one thread each, sharing this machine's cores\n"
           "  --export PATH             write the trained weights as GPT-2 safetensors\n"
           "  --presets DIR             extra directory of model presets (<name>.json)\n"
+          "  --procs N --proc-rank I --store DIR\n"
+          "                            spread the ranks over N processes on this machine, this\n"
+          "                            one running the I-th share, bootstrapping through a file\n"
+          "                            store in DIR (development and tests; clusters use the\n"
+          "                            rendezvous of the node daemon)\n"
+          "  --comm-timeout-ms MS      deadline of every collective (default 300000)\n"
           "  --log-format text|json    per-step lines for people or for programs (stdout)\n"
           "  --log-level LEVEL         error, warn, info (default) or debug (stderr)\n"
           "  --version, --help\n");
@@ -89,7 +95,9 @@ int main(int argc, char **argv) {
   const char *overrides[MAX_OVERRIDES + 1] = {0};
   int n_overrides = 0, json = 0;
   enum { OPT_SET = 256, OPT_DEVICES, OPT_EXPORT, OPT_PRESETS, OPT_LOG_FORMAT, OPT_LOG_LEVEL,
-         OPT_VERSION };
+         OPT_VERSION, OPT_PROCS, OPT_PROC_RANK, OPT_STORE, OPT_COMM_TIMEOUT };
+  int procs = 1, proc_rank = 0, comm_timeout_ms = 0;
+  const char *store_dir = NULL;
   static const struct option opts[] = {
       {"standalone", required_argument, NULL, 's'},
       {"set", required_argument, NULL, OPT_SET},
@@ -99,6 +107,10 @@ int main(int argc, char **argv) {
       {"log-format", required_argument, NULL, OPT_LOG_FORMAT},
       {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
       {"version", no_argument, NULL, OPT_VERSION},
+      {"procs", required_argument, NULL, OPT_PROCS},
+      {"proc-rank", required_argument, NULL, OPT_PROC_RANK},
+      {"store", required_argument, NULL, OPT_STORE},
+      {"comm-timeout-ms", required_argument, NULL, OPT_COMM_TIMEOUT},
       {"help", no_argument, NULL, 'h'},
       {0},
   };
@@ -133,6 +145,21 @@ int main(int argc, char **argv) {
       break;
     }
     case OPT_VERSION: printf("mtnlgd %s\n", MT_VERSION); return 0;
+    case OPT_PROCS:
+    case OPT_PROC_RANK:
+    case OPT_COMM_TIMEOUT: {
+      char *end;
+      long v = strtol(optarg, &end, 10);
+      if (*end || end == optarg || v < (c == OPT_PROCS ? 1 : 0) || v > 1000000000) {
+        fprintf(stderr, "mtnlgd: bad number \"%s\"\n", optarg);
+        return 2;
+      }
+      if (c == OPT_PROCS) procs = (int)v;
+      else if (c == OPT_PROC_RANK) proc_rank = (int)v;
+      else comm_timeout_ms = (int)v;
+      break;
+    }
+    case OPT_STORE: store_dir = optarg; break;
     case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
@@ -171,27 +198,46 @@ int main(int argc, char **argv) {
     mt_log_error("%s", mt_errmsg());
     return 1;
   }
-  mt_log_info("mtnlgd %s: job %s (%s), %d x cpu device, %d threads (OpenMP wait %s), OpenBLAS "
-              "%s (%s) from %s",
-              MT_VERSION, job.name, job.hash, job.parallel.dp_min, probe.threads,
+  int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
+  mt_log_info("mtnlgd %s: job %s (%s), %d ranks (tp %d x pp %d x dp %d), %d of them on cpu "
+              "devices in this process, %d threads (OpenMP wait %s), OpenBLAS %s (%s) from %s",
+              MT_VERSION, job.name, job.hash, world, job.parallel.tp, job.parallel.pp,
+              job.parallel.dp_min, procs > 0 ? world / procs : world, probe.threads,
               mt_omp_wait_policy(), mt_blas_corename(), mt_blas_choice(), mt_blas_library());
   mt_device_close(&probe);
 
+  if (procs > 1 && !store_dir) {
+    fprintf(stderr, "mtnlgd: --procs %d needs --store DIR shared by the processes\n", procs);
+    return 2;
+  }
+  if (proc_rank >= procs) {
+    fprintf(stderr, "mtnlgd: --proc-rank %d is not below --procs %d\n", proc_rank, procs);
+    return 2;
+  }
+  mt_store *store = NULL;
+  if (store_dir && mt_store_file_new(store_dir, &store)) {
+    mt_log_error("%s", mt_errmsg());
+    return 1;
+  }
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
+  signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
   step_printer printer = {.json = json,
                           .steps = job.train.steps,
                           .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1};
   mt_local_opts lo = {.job = &job,
+                      .procs = procs,
+                      .proc_rank = proc_rank,
+                      .store = store,
+                      .comm_timeout_ms = comm_timeout_ms,
                       .device_kind = "cpu",
                       .export_path = export_path,
                       .stop = &stop_requested,
-                      .on_step = on_step,
+                      .on_step = proc_rank == 0 ? on_step : NULL,
                       .arg = &printer};
-  if (mt_local_run(&lo)) {
-    mt_log_error("%s", mt_errmsg());
-    return 1;
-  }
-  return 0;
+  int rc = mt_local_run(&lo);
+  if (rc) mt_log_error("%s", mt_errmsg());
+  mt_store_free(store);
+  return rc ? 1 : 0;
 }

@@ -20,7 +20,8 @@ typedef struct rank_ctx {
   int rc;
   char err[1024];
   struct rank_ctx *all;
-  int *first_failed; /* rank whose failure came first, -1 while none */
+  int *first_failed; /* local index of the rank whose failure came first, -1 while none */
+  int n_local;       /* ranks of this process: all[0 .. n_local) */
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -134,10 +135,10 @@ static void *rank_main(void *arg) {
     snprintf(c->err, sizeof c->err, "rank %d (%s): %s", c->rank, spec, mt_errmsg());
     c->rc = rc;
     int none = -1;
-    __atomic_compare_exchange_n(c->first_failed, &none, c->rank, 0, __ATOMIC_ACQ_REL,
+    __atomic_compare_exchange_n(c->first_failed, &none, (int)(c - c->all), 0, __ATOMIC_ACQ_REL,
                                 __ATOMIC_ACQUIRE);
     /* the others would wait for this rank until their deadline */
-    for (int r = 0; r < c->size; r++)
+    for (int r = 0; r < c->n_local; r++)
       for (int k = 0; k < 4; k++) {
         mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_ACQUIRE);
         if (peer) mt_comm_abort(peer);
@@ -151,19 +152,26 @@ static void *rank_main(void *arg) {
 int mt_local_run(const mt_local_opts *o) {
   const mt_parallel_spec *ps = &o->job->parallel;
   int size = ps->dp_min * ps->pp * ps->tp;
+  int procs = o->procs > 1 ? o->procs : 1;
   if (size < 1) return mt_seterr(MT_EINVAL, "local: %d ranks", size);
-  rank_ctx *ranks = calloc((size_t)size, sizeof *ranks);
-  pthread_t *threads = calloc((size_t)size, sizeof *threads);
-  mt_store *store = NULL;
-  int rc = ranks && threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", size);
-  if (!rc && size > 1) rc = mt_store_mem_new(&store);
+  if (size % procs || o->proc_rank < 0 || o->proc_rank >= procs)
+    return mt_seterr(MT_EINVAL, "local: %d ranks cannot be split evenly over %d processes "
+                                "(this is process %d)", size, procs, o->proc_rank);
+  if (procs > 1 && !o->store)
+    return mt_seterr(MT_EINVAL, "local: %d processes need a shared store", procs);
+  int n = size / procs, r0 = o->proc_rank * n;
+  rank_ctx *ranks = calloc((size_t)n, sizeof *ranks);
+  pthread_t *threads = calloc((size_t)n, sizeof *threads);
+  mt_store *store = o->store, *own = NULL;
+  int rc = ranks && threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", n);
+  if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&own))) store = own;
   int cores = omp_get_max_threads(), started = 0, first_failed = -1;
-  for (int r = 0; !rc && r < size; r++) {
-    ranks[r] = (rank_ctx){.o = o, .rank = r, .size = size, .store = store, .all = ranks,
-                          .omp_threads = cores / size > 0 ? cores / size : 1,
+  for (int k = 0; !rc && k < n; k++) {
+    ranks[k] = (rank_ctx){.o = o, .rank = r0 + k, .size = size, .store = store, .all = ranks,
+                          .n_local = n, .omp_threads = cores / n > 0 ? cores / n : 1,
                           .first_failed = &first_failed};
-    if (pthread_create(&threads[r], NULL, rank_main, &ranks[r]))
-      rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r);
+    if (pthread_create(&threads[k], NULL, rank_main, &ranks[k]))
+      rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k);
     else
       started++;
   }
@@ -171,10 +179,10 @@ int mt_local_run(const mt_local_opts *o) {
   /* the rank that failed first; the others failed because it aborted them */
   if (!rc && first_failed >= 0)
     rc = mt_seterr(ranks[first_failed].rc, "%s", ranks[first_failed].err);
-  for (int r = 0; r < size && ranks; r++)
+  for (int r = 0; r < n && ranks; r++)
     for (int k = 0; k < 4; k++)
       if (ranks[r].comms[k]) mt_comm_destroy(ranks[r].comms[k]);
-  mt_store_free(store);
+  mt_store_free(own);
   free(ranks);
   free(threads);
   return rc;

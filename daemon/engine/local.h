@@ -14,10 +14,18 @@
 #include <signal.h>
 
 #include "job.h"
+#include "store.h"
 #include "train.h"
 
 typedef struct mt_local_opts {
   const mt_job *job;
+  /* The ranks may be spread over procs processes on this machine (tests,
+   * development): process proc_rank runs world ranks [proc_rank * W / procs,
+   * (proc_rank + 1) * W / procs), and all of them bootstrap through store
+   * (a file or TCP store they share). procs 0 or 1: every rank here, store
+   * NULL: an in-process store. */
+  int procs, proc_rank;
+  mt_store *store;
   const char *device_kind;     /* "cpu" */
   int comm_timeout_ms;         /* 0: 300000 */
   const char *export_path;     /* safetensors at the end, or NULL */

@@ -1,0 +1,98 @@
+"""Ranks spread over processes train as they do in one process, and a dead
+process fails the others instead of hanging them.
+
+usage: test_processes.py MTNLGD JOB.json
+- test_two_processes_equal_one_process: the (pp 2, dp 2) job as 2 processes
+  x 2 device threads (file store in a temp dir) gives the same loss at every
+  step as the same job in one process;
+- test_killed_process_fails_the_others_within_deadline: with (pp 2, dp 1) as
+  2 processes and a 10 s comm deadline, SIGKILL of process 1 mid-training
+  makes process 0 exit non-zero within the deadline (plus start-up slack) with
+  an error naming a group. Processes are started and stopped by pid.
+"""
+import array
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def args(mtnlgd, job, tokens, steps, pp, dp, json_log=True):
+    a = [mtnlgd, "--standalone", job, "--set", f"data.path={tokens}",
+         "--set", f"train.steps={steps}", "--set", "train.lr.warmup_steps=2",
+         "--set", "model.n_layer=4", "--set", "parallel.micro_batch=2",
+         "--set", f"parallel.pp={pp}", "--set", f"parallel.dp_min={dp}"]
+    return a + (["--log-format", "json"] if json_log else [])
+
+
+def losses(text):
+    return [json.loads(l)["loss"] for l in text.splitlines() if l.startswith("{")]
+
+
+def main():
+    mtnlgd, job = sys.argv[1], sys.argv[2]
+    data = b""
+    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
+        if os.path.isfile(f) and not os.path.islink(f):
+            data += open(f, "rb").read()
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = os.path.join(tmp, "tokens.u16")
+        with open(tokens, "wb") as fh:
+            fh.write(array.array("H", list(data[:200000])).tobytes())
+
+        one = subprocess.run(args(mtnlgd, job, tokens, 6, 2, 2), capture_output=True, text=True,
+                             timeout=300)
+        store = os.path.join(tmp, "store1")
+        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 6, 2, 2) +
+                                  ["--procs", "2", "--proc-rank", str(i), "--store", store],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        a, b = losses(one.stdout), losses(outs[0][0])
+        ok = (one.returncode == 0 and all(p.returncode == 0 for p in procs) and len(a) == 6
+              and len(b) == 6 and all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a, b)))
+        print(f"{'ok' if ok else 'FAIL'} test_two_processes_equal_one_process: {a} vs {b}")
+        if not ok:
+            print(one.stderr, outs[0][1], outs[1][1])
+        failures += not ok
+
+        store = os.path.join(tmp, "store2")
+        deadline_s = 10
+        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 100000, 2, 1, json_log=False) +
+                                  ["--procs", "2", "--proc-rank", str(i), "--store", store,
+                                   "--comm-timeout-ms", str(deadline_s * 1000)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        # wait until training runs (process 0 prints step lines), then kill process 1
+        started = time.time()
+        line = procs[0].stdout.readline()
+        while line and not line.startswith("step") and time.time() - started < 120:
+            line = procs[0].stdout.readline()
+        time.sleep(0.5)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.time()
+        procs[1].wait()
+        try:
+            _, err = procs[0].communicate(timeout=deadline_s + 30)
+            took = time.time() - killed
+            named = "rank" in err and ("pp.dp0" in err or "world" in err or "embed" in err)
+            ok = procs[0].returncode not in (0, None) and took < deadline_s + 5 and named
+            print(f"{'ok' if ok else 'FAIL'} test_killed_process_fails_the_others_within_deadline:"
+                  f" exit {procs[0].returncode} after {took:.1f} s: "
+                  f"{[l for l in err.splitlines() if 'error' in l][-1:]}")
+        except subprocess.TimeoutExpired:
+            procs[0].kill()
+            procs[0].wait()
+            ok = False
+            print("FAIL test_killed_process_fails_the_others_within_deadline: still running")
+        failures += not ok
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
