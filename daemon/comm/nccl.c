@@ -127,9 +127,12 @@ static int enter(nccl_group *g) {
   return 0;
 }
 
+/* An abort that came while the operation was finishing is carried out here,
+ * so peers learn of it now, not at destroy. */
 static int leave(nccl_group *g, int rc) {
   pthread_mutex_lock(&g->mu);
   g->in_op = 0;
+  if (atomic_load(&g->aborted)) abort_locked(g);
   pthread_mutex_unlock(&g->mu);
   return rc;
 }

@@ -139,6 +139,7 @@ typedef struct pipe_run {
   float loss_scale; /* 0: forward only */
   double loss_sum;  /* last stage: Σ micro-batch mean losses */
   int fwd, bwd;     /* micro-batches done each way */
+  double wait_ms;   /* blocked in point-to-point with the neighbours */
 } pipe_run;
 
 static size_t act_count(const mt_trainer *tr) {
@@ -172,42 +173,50 @@ static int stage_backward(pipe_run *r) {
   return 0;
 }
 
-/* Point-to-point with the neighbours; no-ops at the ends of the pipeline. */
+/* Point-to-point with the neighbours; no-ops at the ends of the pipeline.
+ * Time spent in them is the pipeline's wait: the bubble plus transfers. */
+#define TIMED(r, call)                                                                           \
+  do {                                                                                           \
+    double t0_ = now_ms();                                                                       \
+    int rc_ = (call);                                                                            \
+    (r)->wait_ms += now_ms() - t0_;                                                              \
+    return rc_;                                                                                  \
+  } while (0)
 static int recv_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
-  return mt_comm_recv(tr->g.pipe, tr->recv_x, act_count(tr), MT_COMM_F32, tr->g.pp_rank - 1);
+  TIMED(r, mt_comm_recv(tr->g.pipe, tr->recv_x, act_count(tr), MT_COMM_F32, tr->g.pp_rank - 1));
 }
 static int send_forward(pipe_run *r, int j) {
   mt_trainer *tr = r->tr;
   if (tr->model.last) return 0;
-  return mt_comm_send(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
-                      act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1);
+  TIMED(r, mt_comm_send(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
+                        act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1));
 }
 static int send_forward_recv_backward(pipe_run *r, int j) {
   mt_trainer *tr = r->tr;
   if (tr->model.last) return 0;
   int next = tr->g.pp_rank + 1;
-  return mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
-                          act_count(tr), next, tr->recv_dy, act_count(tr), next, MT_COMM_F32);
+  TIMED(r, mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
+                            act_count(tr), next, tr->recv_dy, act_count(tr), next, MT_COMM_F32));
 }
 static int recv_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.last) return 0;
-  return mt_comm_recv(tr->g.pipe, tr->recv_dy, act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1);
+  TIMED(r, mt_comm_recv(tr->g.pipe, tr->recv_dy, act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1));
 }
 static int send_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
-  return mt_comm_send(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr),
-                      MT_COMM_F32, tr->g.pp_rank - 1);
+  TIMED(r, mt_comm_send(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr),
+                        MT_COMM_F32, tr->g.pp_rank - 1));
 }
 static int send_backward_recv_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
   int prev = tr->g.pp_rank - 1;
-  return mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr), prev,
-                          tr->recv_x, act_count(tr), prev, MT_COMM_F32);
+  TIMED(r, mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr),
+                            prev, tr->recv_x, act_count(tr), prev, MT_COMM_F32));
 }
 
 /* PipeDream-Flush (1F1B): pp - stage - 1 warm-up forwards, then one forward
@@ -304,10 +313,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (rc) return mt_wraperr(rc, "step %lld: gradient reduce-scatter", sn);
     grad = tr->shard_grad;
   }
-  /* one all-reduce carries the loss, the squared norm and the stop order */
-  double agreed[3] = {r.loss_sum, slice_sumsq(tr, grad), tr->stop_request ? 1.0 : 0.0};
+  /* one all-reduce carries the loss, the squared norm, the stop order and
+   * the pipeline's wait (for the bubble) */
+  double pipe_ms = now_ms() - t0;
+  double agreed[5] = {r.loss_sum, slice_sumsq(tr, grad), tr->stop_request ? 1.0 : 0.0, r.wait_ms,
+                      pipe_ms};
   if (tr->g.world) {
-    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 3, MT_COMM_F64, MT_COMM_SUM);
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 5, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
   }
   double norm = sqrt(agreed[1]);
@@ -332,6 +344,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->lr = lr;
   st->grad_norm = norm;
   st->stop = agreed[2] > 0;
+  st->bubble = tr->g.pipe && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;
   st->tokens_per_s = (double)mt_job_tokens_per_step(job) / (st->step_ms / 1e3);
   st->tflops = tr->flops_per_step / (st->step_ms / 1e3) / 1e12;

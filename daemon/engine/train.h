@@ -30,6 +30,8 @@ typedef struct mt_step_stats {
   double tflops;            /* model TFLOP/s on this device */
   int skipped;              /* non-finite gradients: update skipped */
   int stop;                 /* some rank asked to stop: all stop after this step */
+  double bubble;            /* share of the step the ranks spent waiting on pipeline
+                               neighbours (mean over ranks; 0 without pp) */
   int has_val;              /* validation ran after this step */
   double val_loss;          /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
