@@ -28,6 +28,7 @@ typedef struct mt_dropout {
   float p;          /* drop probability in [0, 1) */
   uint64_t key;     /* from (seed, layer, site): mt_philox_key() */
   uint64_t sample0; /* global sample index of batch row 0 */
+  uint32_t head0;   /* attention: global index of local head 0 (tensor parallelism) */
 } mt_dropout;
 
 struct mt_ops {
@@ -59,7 +60,8 @@ struct mt_ops {
    * HS = C/NH; out(B,T,C). att(B,NH,T,T) receives the softmax probabilities
    * (before dropout; row t is zero beyond column t) for the backward pass.
    * Scale 1/sqrt(HS). drop (may be NULL) applies to the probabilities; the
-   * element index of its mask within a sample is (h*T + t1)*T + t2. */
+   * element index of its mask within a sample is ((head0 + h)*T + t1)*T + t2,
+   * so a tensor-parallel shard of the heads draws the same masks. */
   void (*attention_fwd)(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
                         int C, int NH, const mt_dropout *drop);
   /* dqkv(B,T,3C) += ...; scratch holds B*NH*T*T floats, contents undefined */
@@ -91,6 +93,29 @@ struct mt_ops {
    * logits. dloss is d(total loss)/d(loss of one token). losses may be NULL. */
   void (*crossentropy)(mt_device *d, float *losses, float *dlogits, const float *logits,
                        const int32_t *targets, float dloss, int N, int V, int Vp);
+
+  /* Vocabulary-parallel pieces (tensor parallelism; the shard holds columns
+   * / rows [v0, v0 + Vl) of the padded vocabulary, the first `real` of them
+   * real tokens, real = clamp(V - v0, 0, Vl)).
+   * out(B,T,C) = wte_shard[tok - v0] for tokens in the shard, else 0. */
+  void (*embedding_shard_fwd)(mt_device *d, float *out, const int32_t *tokens, const float *wte,
+                              int v0, int Vl, int N, int C);
+  /* dwte_shard += scatter of dout by the tokens in the shard */
+  void (*embedding_shard_bwd)(mt_device *d, float *dwte, const float *dout, const int32_t *tokens,
+                              int v0, int Vl, int N, int C);
+  /* rowmax(N) = max over the shard's real columns (-FLT_MAX when none) */
+  void (*crossentropy_shard_max)(mt_device *d, float *rowmax, const float *logits, int N, int real,
+                                 int Vl);
+  /* rowsum(N) = Σ exp(x - gmax) over the shard's real columns; xt(N) = the
+   * target's logit when the target is in the shard, else 0 */
+  void (*crossentropy_shard_sum)(mt_device *d, float *rowsum, float *xt, const float *logits,
+                                 const int32_t *targets, const float *gmax, int N, int real,
+                                 int Vl, int v0);
+  /* dlogits (may alias logits) = dloss * (exp(x - gmax) / gsum - onehot), 0 in
+   * padded columns; WRITTEN, not accumulated */
+  void (*crossentropy_shard_grad)(mt_device *d, float *dlogits, const float *logits,
+                                  const int32_t *targets, const float *gmax, const float *gsum,
+                                  float dloss, int N, int real, int Vl, int v0);
 
   /* AdamW on n contiguous parameters, step t >= 1, bias-corrected moments,
    * decoupled weight decay: p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p).

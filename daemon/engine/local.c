@@ -16,7 +16,7 @@ typedef struct rank_ctx {
   const mt_local_opts *o;
   int rank, size, omp_threads;
   mt_store *store;
-  mt_comm *comms[4]; /* world, dp, pipe, embed: aborted together on a failure */
+  mt_comm *comms[5]; /* world, dp, pipe, embed, tp: aborted together on a failure */
   int rc;
   char err[1024];
   struct rank_ctx *all;
@@ -91,27 +91,37 @@ static int join(rank_ctx *c, int slot, const char *name, int rank, int size) {
   return rc;
 }
 
-/* Megatron's rank order with tp = 1: world rank = dp_rank + dp * pp_rank. */
+/* Megatron's rank order: world rank = tp_rank + tp * (dp_rank + dp * pp_rank). */
 static int make_groups(rank_ctx *c, mt_groups *g) {
   const mt_parallel_spec *ps = &c->o->job->parallel;
-  int dp = ps->dp_min, pp = ps->pp;
-  *g = (mt_groups){.dp_rank = c->rank % dp, .dp_size = dp, .pp_rank = c->rank / dp, .pp_size = pp};
+  int tp = ps->tp, dp = ps->dp_min, pp = ps->pp;
+  *g = (mt_groups){.tp_rank = c->rank % tp,
+                   .tp_size = tp,
+                   .dp_rank = c->rank / tp % dp,
+                   .dp_size = dp,
+                   .pp_rank = c->rank / (tp * dp),
+                   .pp_size = pp};
   char name[64];
   int rc = 0;
   if (c->size > 1) rc = join(c, 0, "world", c->rank, c->size);
+  if (!rc && tp > 1) {
+    snprintf(name, sizeof name, "tp.pp%d.dp%d", g->pp_rank, g->dp_rank);
+    rc = join(c, 4, name, g->tp_rank, tp);
+  }
   if (!rc && dp > 1) {
-    snprintf(name, sizeof name, "dp.pp%d", g->pp_rank);
+    snprintf(name, sizeof name, "dp.pp%d.tp%d", g->pp_rank, g->tp_rank);
     rc = join(c, 1, name, g->dp_rank, dp);
   }
   if (!rc && pp > 1) {
-    snprintf(name, sizeof name, "pp.dp%d", g->dp_rank);
+    snprintf(name, sizeof name, "pp.dp%d.tp%d", g->dp_rank, g->tp_rank);
     rc = join(c, 2, name, g->pp_rank, pp);
   }
   if (!rc && pp > 1 && (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
-    snprintf(name, sizeof name, "embed.dp%d", g->dp_rank);
+    snprintf(name, sizeof name, "embed.dp%d.tp%d", g->dp_rank, g->tp_rank);
     rc = join(c, 3, name, g->pp_rank == 0 ? 0 : 1, 2);
   }
   g->world = c->comms[0], g->dp = c->comms[1], g->pipe = c->comms[2], g->embed = c->comms[3];
+  g->tp = c->comms[4];
   return rc;
 }
 
@@ -139,7 +149,7 @@ static void *rank_main(void *arg) {
                                 __ATOMIC_ACQUIRE);
     /* the others would wait for this rank until their deadline */
     for (int r = 0; r < c->n_local; r++)
-      for (int k = 0; k < 4; k++) {
+      for (int k = 0; k < 5; k++) {
         mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_ACQUIRE);
         if (peer) mt_comm_abort(peer);
       }
@@ -180,7 +190,7 @@ int mt_local_run(const mt_local_opts *o) {
   if (!rc && first_failed >= 0)
     rc = mt_seterr(ranks[first_failed].rc, "%s", ranks[first_failed].err);
   for (int r = 0; r < n && ranks; r++)
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 5; k++)
       if (ranks[r].comms[k]) mt_comm_destroy(ranks[r].comms[k]);
   mt_store_free(own);
   free(ranks);

@@ -24,6 +24,11 @@ void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
   *end = *begin + base + (s < extra ? 1 : 0);
 }
 
+/* The model's hook for Megatron's f and g operators. */
+static int tp_allreduce(void *ctx, float *buf, size_t n, int max) {
+  return mt_comm_allreduce(ctx, buf, buf, n, MT_COMM_F32, max ? MT_COMM_MAX : MT_COMM_SUM);
+}
+
 static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slots) {
   const mt_model_spec *ms = &job->model;
   mt_gpt_config cfg = {
@@ -40,6 +45,8 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .recompute = job->parallel.recompute,
       .zero_shards = g->dp_size,
       .micro_slots = slots,
+      .tp_size = g->tp_size,
+      .tp_rank = g->tp_rank,
   };
   if (g->pp_size > 1) mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin,
                                       &cfg.layer_end);
@@ -54,13 +61,14 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   const mt_parallel_spec *ps = &job->parallel;
   int G = job->train.global_batch, B = ps->micro_batch, T = ms->seq_len;
   if (g) tr->g = *g;
-  else tr->g = (mt_groups){.dp_size = 1, .pp_size = 1};
-  if (ps->tp != 1)
-    return mt_seterr(MT_ENOTSUP, "parallel.tp: %d: tensor parallelism is not built yet; pipeline "
-                                 "(pp) and data (dp_min) parallelism are", ps->tp);
-  if (tr->g.dp_size != ps->dp_min || tr->g.pp_size != ps->pp)
-    return mt_seterr(MT_EINVAL, "parallel: the job wants pp %d x dp %d, the groups are %d x %d",
-                     ps->pp, ps->dp_min, tr->g.pp_size, tr->g.dp_size);
+  else tr->g = (mt_groups){.dp_size = 1, .pp_size = 1, .tp_size = 1};
+  if (tr->g.dp_size != ps->dp_min || tr->g.pp_size != ps->pp || tr->g.tp_size != ps->tp)
+    return mt_seterr(MT_EINVAL,
+                     "parallel: the job wants tp %d x pp %d x dp %d, the groups are %d x %d x %d",
+                     ps->tp, ps->pp, ps->dp_min, tr->g.tp_size, tr->g.pp_size, tr->g.dp_size);
+  if (ps->tp > 1 && ms->init_from[0])
+    return mt_seterr(MT_ENOTSUP, "model.init_from with parallel.tp %d: loading a checkpoint into "
+                                 "tensor-parallel shards is not built yet (tp 1 loads it)", ps->tp);
   if (B < 1 || G % (B * tr->g.dp_size))
     return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
                      G, B, tr->g.dp_size);
@@ -75,6 +83,10 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   mt_gpt_config cfg = model_config(job, &tr->g, slots);
   int rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
   if (rc) return rc;
+  if (tr->g.tp) {
+    tr->model.tp_allreduce = tp_allreduce;
+    tr->model.tp_ctx = tr->g.tp;
+  }
   rc = mt_gpt_init_weights(&tr->model, job->train.seed);
   if (!rc && ms->init_from[0]) {
     rc = mt_gpt_load_safetensors(&tr->model, ms->init_from);
@@ -116,7 +128,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   double per_mb = mt_gpt_flops_per_step(&whole, B, T);
   double head = 3.0 * 2.0 * B * T * (double)ms->n_embd * ms->padded_vocab;
   per_mb = (per_mb - head) * tr->model.n_layers / ms->n_layer + (tr->model.last ? head : 0.0);
-  tr->flops_per_step = per_mb * tr->micro_batches;
+  tr->flops_per_step = per_mb * tr->micro_batches / tr->g.tp_size;
   return 0;
 }
 
@@ -260,16 +272,18 @@ static int run_forward_only(pipe_run *r) {
 }
 
 /* Σ g² over this rank's slice, leaving out the last stage's copy of the
- * tied embedding (the first stage counts it), so every parameter counts once. */
+ * tied embedding (the first stage counts it) and, on tp ranks but the first,
+ * the replicated tensors, so every parameter counts once. */
 static double slice_sumsq(mt_trainer *tr, const float *grad) {
   mt_gpt *m = &tr->model;
   mt_device *d = tr->dev;
   size_t lo = tr->shard_lo, hi = lo + tr->shard_n;
   int skip = m->last && !m->first ? m->i_wte : -1;
-  if (skip < 0) return d->ops->sumsq(d, grad, tr->shard_n);
+  int skip_replicated = tr->g.tp_rank > 0;
+  if (skip < 0 && !skip_replicated) return d->ops->sumsq(d, grad, tr->shard_n);
   double sum = 0.0;
   for (int i = 0; i < m->n_tensors; i++) {
-    if (i == skip) continue;
+    if (i == skip || (skip_replicated && m->params_table[i].shard == MT_SHARD_NONE)) continue;
     const mt_param *t = &m->params_table[i];
     size_t a = t->offset > lo ? t->offset : lo;
     size_t b = t->offset + t->numel < hi ? t->offset + t->numel : hi;
@@ -316,8 +330,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   /* one all-reduce carries the loss, the squared norm, the stop order and
    * the pipeline's wait (for the bubble) */
   double pipe_ms = now_ms() - t0;
-  double agreed[5] = {r.loss_sum, slice_sumsq(tr, grad), tr->stop_request ? 1.0 : 0.0, r.wait_ms,
-                      pipe_ms};
+  double agreed[5] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0, slice_sumsq(tr, grad),
+                      tr->stop_request ? 1.0 : 0.0, r.wait_ms, pipe_ms};
   if (tr->g.world) {
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 5, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
@@ -364,7 +378,7 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
                   .first = (uint64_t)e * (uint64_t)G +
                            (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size)};
     rc = run_forward_only(&r);
-    sum += r.loss_sum;
+    if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }
   m->training = 1;
   if (!rc && tr->g.world) rc = mt_comm_allreduce(tr->g.world, &sum, &sum, 1, MT_COMM_F64, MT_COMM_SUM);
@@ -376,9 +390,9 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
 int mt_trainer_export(mt_trainer *tr, const char *path) {
   mt_gpt *m = &tr->model;
   int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
-  if (tr->g.pp_size == 1)
+  if (tr->g.pp_size == 1 && tr->g.tp_size == 1)
     return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
-  /* stage s of replica 0 (world rank dp * s) sends its weights to world rank 0 */
+  /* every (stage, tp shard) of replica 0 sends its weights to world rank 0 */
   if (tr->g.dp_rank != 0) return 0;
   if (world_rank != 0)
     return mt_comm_send(tr->g.world, m->params, m->num_params, MT_COMM_F32, 0);
@@ -386,30 +400,43 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   mt_gpt_config cfg = m->cfg;
   cfg.layer_begin = cfg.layer_end = 0;
   cfg.zero_shards = cfg.micro_slots = 0;
+  cfg.tp_size = 1, cfg.tp_rank = 0;
   cfg.recompute = 1;
   int rc = mt_gpt_create(&full, &cfg, m->dev, 1, 1);
   if (rc) return rc;
   for (int s = 0; s < tr->g.pp_size && !rc; s++) {
-    mt_gpt_config sc = m->cfg;
-    mt_stage_layers(cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin, &sc.layer_end);
-    mt_param *table = NULL;
-    int n = 0;
-    size_t count = 0;
-    float *buf = NULL;
-    rc = mt_gpt_table(&sc, &table, &n, &count);
-    if (!rc && s > 0) {
-      buf = malloc(count * sizeof(float));
-      rc = buf ? mt_comm_recv(tr->g.world, buf, count, MT_COMM_F32, tr->g.dp_size * s)
-               : mt_seterr(MT_ENOMEM, "export: stage %d buffer", s);
+    for (int q = 0; q < tr->g.tp_size && !rc; q++) {
+      mt_gpt_config sc = m->cfg;
+      sc.tp_rank = q;
+      if (tr->g.pp_size > 1) mt_stage_layers(cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin,
+                                             &sc.layer_end);
+      mt_param *table = NULL;
+      int n = 0;
+      size_t count = 0;
+      float *buf = NULL;
+      rc = mt_gpt_table(&sc, &table, &n, &count);
+      int from = q + tr->g.tp_size * tr->g.dp_size * s; /* world rank of (s, dp 0, q) */
+      if (!rc && from != 0) {
+        buf = malloc(count * sizeof(float));
+        rc = buf ? mt_comm_recv(tr->g.world, buf, count, MT_COMM_F32, from)
+                 : mt_seterr(MT_ENOMEM, "export: stage %d shard %d buffer", s, q);
+      }
+      const float *src = from == 0 ? m->params : buf;
+      for (int i = 0; i < n && !rc; i++) {
+        const mt_param *t = &table[i];
+        if (q > 0 && t->shard == MT_SHARD_NONE) continue; /* replicated: shard 0 has it */
+        int j = mt_gpt_find(&full, t->name);
+        if (j < 0) {
+          rc = mt_seterr(MT_EINVAL, "export: stage %d tensor %s", s, t->name);
+          break;
+        }
+        float *dst = mt_gpt_param(&full, j);
+        for (size_t e = 0; e < t->numel; e++)
+          dst[mt_param_global_index(t, e)] = src[t->offset + e];
+      }
+      free(buf);
+      free(table);
     }
-    const float *src = s == 0 ? m->params : buf;
-    for (int i = 0; i < n && !rc; i++) {
-      int j = mt_gpt_find(&full, table[i].name);
-      if (j < 0) rc = mt_seterr(MT_EINVAL, "export: stage %d tensor %s", s, table[i].name);
-      else memcpy(mt_gpt_param(&full, j), src + table[i].offset, table[i].numel * sizeof(float));
-    }
-    free(buf);
-    free(table);
   }
   if (!rc) rc = mt_gpt_save_safetensors(&full, path);
   mt_gpt_destroy(&full);

@@ -36,15 +36,16 @@ typedef struct mt_step_stats {
   double val_loss;          /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
 
-/* The groups one rank belongs to (tp = 1 for now). Rank order is
- * Megatron's: world rank = dp_rank + dp * pp_rank. Any of them is NULL when
- * its size is 1. */
+/* The groups one rank belongs to. Rank order is Megatron's: world rank =
+ * tp_rank + tp * (dp_rank + dp * pp_rank), so a tp group never spans nodes.
+ * Any of them is NULL when its size is 1. */
 typedef struct mt_groups {
   mt_comm *world; /* every rank: loss, norm and stop order */
+  mt_comm *tp;    /* same stage and replica: the shards of every layer */
   mt_comm *dp;    /* same stage, every replica: ZeRO-1 */
   mt_comm *pipe;  /* same replica, every stage: activations and their gradients */
   mt_comm *embed; /* first and last stage of a replica: the tied embedding's gradient */
-  int dp_rank, dp_size, pp_rank, pp_size;
+  int dp_rank, dp_size, pp_rank, pp_size, tp_rank, tp_size;
 } mt_groups;
 
 typedef struct mt_trainer {

@@ -37,8 +37,10 @@ typedef struct act_plan {
   block_acts *blocks;  /* L, or 1 with recomputation */
   int n_blocks;
   float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
-  float *logits;       /* (B,T,Vp); turned into dlogits in place by backward */
+  float *logits;       /* (B,T,Vp/tp); turned into dlogits in place by backward */
   float *losses;       /* (B,T) */
+  float *rowmax;       /* (B,T) tp: max logit over the whole vocabulary */
+  float *rowsum;       /* (2,B,T) tp: Σ exp(x - max) over the vocabulary, then the target's logit */
   /* backward scratch, one set */
   float *dres;         /* (B,T,C) gradient of the residual stream */
   float *dbtc;         /* (B,T,C) */
@@ -52,18 +54,43 @@ typedef struct act_plan {
 
 static size_t align_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
 
+/* Adds a tensor whose full shape is (d0, d1) (d1 == 0: a vector) and of
+ * which this rank holds the shard `shard` of t parts, part r. */
 static void add_param(mt_param *t, int *n, size_t *off, const char *name, int layer, size_t d0,
-                      size_t d1) {
+                      size_t d1, mt_shard shard, int tp, int r) {
   mt_param *p = &t[(*n)++];
   snprintf(p->name, sizeof p->name, "%s", name);
   p->ndim = d1 ? 2 : 1;
+  p->full[0] = d0;
+  p->full[1] = d1;
   p->shape[0] = d0;
   p->shape[1] = d1;
-  p->numel = d1 ? d0 * d1 : d0;
+  p->shard = tp > 1 ? shard : MT_SHARD_NONE;
+  if (p->shard == MT_SHARD_ROWS || p->shard == MT_SHARD_QKV) {
+    p->shape[0] = d0 / (size_t)tp;
+    p->shard_off = (p->shard == MT_SHARD_QKV ? d0 / 3 : d0) / (size_t)tp * (size_t)r;
+  } else if (p->shard == MT_SHARD_COLS) {
+    p->shape[1] = d1 / (size_t)tp;
+    p->shard_off = p->shape[1] * (size_t)r;
+  }
+  p->numel = p->ndim == 2 ? p->shape[0] * p->shape[1] : p->shape[0];
   p->offset = *off;
   p->decay = p->ndim == 2;
   p->layer = layer;
   *off += align_up(p->numel);
+}
+
+size_t mt_param_global_index(const mt_param *p, size_t e) {
+  size_t cols = p->ndim == 2 ? p->shape[1] : 1, row = e / cols, col = e % cols;
+  switch (p->shard) {
+  case MT_SHARD_ROWS: return (p->shard_off + row) * cols + col;
+  case MT_SHARD_QKV: {
+    size_t part_rows = p->shape[0] / 3, part = row / part_rows;
+    return (part * (p->full[0] / 3) + p->shard_off + row % part_rows) * cols + col;
+  }
+  case MT_SHARD_COLS: return row * p->full[1] + p->shard_off + col;
+  default: return e;
+  }
 }
 
 /* Blocks [*lb, *le) of cfg's stage. */
@@ -77,32 +104,39 @@ int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *n
   int lb, le, n = 0;
   stage_range(c, &lb, &le);
   int first = lb == 0, last = le == c->n_layer;
+  int tp = c->tp_size > 1 ? c->tp_size : 1, r = c->tp_rank;
   size_t off = 0;
   int max = 2 + (le - lb) * MT_P_PER_LAYER + 2;
   mt_param *t = calloc((size_t)max, sizeof(mt_param));
   if (!t) return mt_seterr(MT_ENOMEM, "gpt: parameter table");
   char name[48];
   /* the last stage holds its own copy of the tied embedding for the head */
-  if (first || last) add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C);
-  if (first) add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C);
+  if (first || last)
+    add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C, MT_SHARD_ROWS, tp, r);
+  if (first) add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C, MT_SHARD_NONE, tp, r);
   for (int l = lb; l < le; l++) {
+    /* Megatron: QKV and c_fc column-parallel (output rows split), the two
+     * projections row-parallel (input columns split, bias replicated) */
     static const struct {
       const char *suffix;
       int d0, d1; /* multiples of C; d1 == 0: vector */
+      mt_shard shard;
     } blk[MT_P_PER_LAYER] = {
-        {"ln_1.weight", 1, 0},     {"ln_1.bias", 1, 0},       {"attn.c_attn.weight", 3, 1},
-        {"attn.c_attn.bias", 3, 0}, {"attn.c_proj.weight", 1, 1}, {"attn.c_proj.bias", 1, 0},
-        {"ln_2.weight", 1, 0},     {"ln_2.bias", 1, 0},       {"mlp.c_fc.weight", 4, 1},
-        {"mlp.c_fc.bias", 4, 0},   {"mlp.c_proj.weight", 1, 4}, {"mlp.c_proj.bias", 1, 0},
+        {"ln_1.weight", 1, 0, MT_SHARD_NONE},        {"ln_1.bias", 1, 0, MT_SHARD_NONE},
+        {"attn.c_attn.weight", 3, 1, MT_SHARD_QKV},  {"attn.c_attn.bias", 3, 0, MT_SHARD_QKV},
+        {"attn.c_proj.weight", 1, 1, MT_SHARD_COLS}, {"attn.c_proj.bias", 1, 0, MT_SHARD_NONE},
+        {"ln_2.weight", 1, 0, MT_SHARD_NONE},        {"ln_2.bias", 1, 0, MT_SHARD_NONE},
+        {"mlp.c_fc.weight", 4, 1, MT_SHARD_ROWS},    {"mlp.c_fc.bias", 4, 0, MT_SHARD_ROWS},
+        {"mlp.c_proj.weight", 1, 4, MT_SHARD_COLS},  {"mlp.c_proj.bias", 1, 0, MT_SHARD_NONE},
     };
     for (int i = 0; i < MT_P_PER_LAYER; i++) {
       snprintf(name, sizeof name, "h.%d.%s", l, blk[i].suffix);
-      add_param(t, &n, &off, name, l, blk[i].d0 * C, blk[i].d1 * C);
+      add_param(t, &n, &off, name, l, blk[i].d0 * C, blk[i].d1 * C, blk[i].shard, tp, r);
     }
   }
   if (last) {
-    add_param(t, &n, &off, "ln_f.weight", -1, C, 0);
-    add_param(t, &n, &off, "ln_f.bias", -1, C, 0);
+    add_param(t, &n, &off, "ln_f.weight", -1, C, 0, MT_SHARD_NONE, tp, r);
+    add_param(t, &n, &off, "ln_f.bias", -1, C, 0, MT_SHARD_NONE, tp, r);
   }
   *table = t;
   *count = n;
@@ -145,6 +179,10 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
   if (B < 1 || T < 1 || T > c->max_seq)
     return mt_seterr(MT_EINVAL, "gpt: micro-batch %dx%d does not fit (seq limit %d)", B, T,
                      c->max_seq);
+  int tp = c->tp_size > 1 ? c->tp_size : 1;
+  if (c->tp_rank < 0 || c->tp_rank >= tp || c->n_head % tp || c->padded_vocab % tp)
+    return mt_seterr(MT_EINVAL, "gpt: tp rank %d of %d: heads %d and padded vocab %d must divide",
+                     c->tp_rank, tp, c->n_head, c->padded_vocab);
   if (c->layer_begin < 0 || c->layer_end < 0 || c->layer_end > c->n_layer ||
       (c->layer_end > 0 && c->layer_begin >= c->layer_end))
     return mt_seterr(MT_EINVAL, "gpt: stage layers [%d, %d) outside [0, %d) or empty",
@@ -164,8 +202,10 @@ static void carve(float **dst, float *base, size_t *off, size_t n) {
  * once after them; with base == NULL only counts. */
 static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   const mt_gpt_config *c = &m->cfg;
-  size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, NH = (size_t)c->n_head;
-  size_t T = (size_t)m->T, Vp = (size_t)c->padded_vocab, BHTT = (size_t)m->B * NH * T * T;
+  size_t tp = c->tp_size > 1 ? (size_t)c->tp_size : 1;
+  size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, Cl = C / tp;
+  size_t T = (size_t)m->T, Vl = (size_t)c->padded_vocab / tp;
+  size_t BHTT = (size_t)m->B * ((size_t)c->n_head / tp) * T * T;
   size_t off = 0;
   for (int k = 0; k < n; k++) {
     act_plan *p = &slots[k];
@@ -181,31 +221,35 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
       carve(&a->ln1, base, &off, BT * C);
       carve(&a->ln1_mean, base, &off, BT);
       carve(&a->ln1_rstd, base, &off, BT);
-      carve(&a->qkv, base, &off, BT * 3 * C);
+      carve(&a->qkv, base, &off, BT * 3 * Cl);
       carve(&a->att, base, &off, BHTT);
-      carve(&a->atty, base, &off, BT * C);
+      carve(&a->atty, base, &off, BT * Cl);
       carve(&a->resid2, base, &off, BT * C);
       carve(&a->ln2, base, &off, BT * C);
       carve(&a->ln2_mean, base, &off, BT);
       carve(&a->ln2_rstd, base, &off, BT);
-      carve(&a->fch, base, &off, BT * 4 * C);
-      carve(&a->fch_gelu, base, &off, BT * 4 * C);
+      carve(&a->fch, base, &off, BT * 4 * Cl);
+      carve(&a->fch_gelu, base, &off, BT * 4 * Cl);
     }
     if (m->last) {
       carve(&p->lnf, base, &off, BT * C);
       carve(&p->lnf_mean, base, &off, BT);
       carve(&p->lnf_rstd, base, &off, BT);
-      carve(&p->logits, base, &off, BT * Vp);
+      carve(&p->logits, base, &off, BT * Vl);
       carve(&p->losses, base, &off, BT);
+      if (tp > 1) {
+        carve(&p->rowmax, base, &off, BT);
+        carve(&p->rowsum, base, &off, 2 * BT);
+      }
     }
   }
   act_plan *p = &slots[0];
   carve(&p->dres, base, &off, BT * C);
   carve(&p->dbtc, base, &off, BT * C);
   carve(&p->dbtc2, base, &off, BT * C);
-  carve(&p->dqkv, base, &off, BT * 3 * C);
-  carve(&p->dfch, base, &off, BT * 4 * C);
-  carve(&p->dfch2, base, &off, BT * 4 * C);
+  carve(&p->dqkv, base, &off, BT * 3 * Cl);
+  carve(&p->dfch, base, &off, BT * 4 * Cl);
+  carve(&p->dfch2, base, &off, BT * 4 * Cl);
   carve(&p->datt, base, &off, BHTT);
   carve(&p->branch, base, &off, BT * C);
   for (int k = 1; k < n && base; k++) {
@@ -304,10 +348,13 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
       int is_proj = strstr(t->name, "c_proj.weight") != NULL;
       double std = is_proj ? proj_std : c->init_std;
       uint64_t key = mt_philox_key(seed, t->name);
-      size_t real = t->numel;
-      if (i == m->i_wte) real = (size_t)c->vocab_size * c->n_embd; /* padding rows stay zero */
-      for (size_t e = 0; e < real; e++) host[e] = (float)(std * mt_philox_normal(key, e));
-      for (size_t e = real; e < t->numel; e++) host[e] = 0.0f;
+      /* each shard draws its own elements of the full tensor; the padding
+       * rows of the vocabulary stay zero */
+      size_t real = i == m->i_wte ? (size_t)c->vocab_size * c->n_embd : SIZE_MAX;
+      for (size_t e = 0; e < t->numel; e++) {
+        size_t g = mt_param_global_index(t, e);
+        host[e] = g < real ? (float)(std * mt_philox_normal(key, g)) : 0.0f;
+      }
     }
     int rc = mt_device_memcpy_htod(m->dev, m->params + t->offset, host, t->numel * sizeof(float));
     if (rc) {
@@ -344,40 +391,68 @@ static float *G(const mt_gpt *m, int l, int which) {
   return mt_gpt_grad(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
 
+/* The g and f operators of Megatron: a sum over the tp group (identity
+ * without tensor parallelism). */
+static int tp_sum(mt_gpt *m, float *buf, size_t n) {
+  if (m->cfg.tp_size <= 1) return 0;
+  if (!m->tp_allreduce) return mt_seterr(MT_EINVAL, "gpt: tensor parallel without a tp group");
+  return m->tp_allreduce(m->tp_ctx, buf, n, 0);
+}
+
+/* Tensor-parallel sizes of this rank: local channels of the attention and
+ * MLP (C/tp), local heads, and whether it adds the replicated biases of the
+ * row-parallel projections (only one rank may, before the sum). */
+typedef struct tp_dims {
+  int Cl, NHl, owns_bias;
+} tp_dims;
+
+static tp_dims dims_of(const mt_gpt *m) {
+  int tp = m->cfg.tp_size > 1 ? m->cfg.tp_size : 1;
+  tp_dims t = {m->cfg.n_embd / tp, m->cfg.n_head / tp, m->cfg.tp_rank == 0};
+  return t;
+}
+
 /* Block l of the stage forward: out(B,T,C) = block(in(B,T,C)), activations
- * into a; dropout masks by the global layer index. */
-static void block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in,
-                          float *out) {
+ * into a; dropout masks by the global layer and head index. */
+static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in,
+                         float *out) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
   int lg = c->layer_begin + l;
-  int B = m->B, T = m->T, C = c->n_embd, NH = c->n_head, N = B * T;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T;
+  tp_dims t = dims_of(m);
   size_t NC = (size_t)N * C;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
+  da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
-  /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))) */
+  /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))); this
+   * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
   ops->layernorm_fwd(d, a->ln1, a->ln1_mean, a->ln1_rstd, in, P(m, l, MT_P_LN1_W),
                      P(m, l, MT_P_LN1_B), N, C, c->ln_eps);
-  ops->linear_fwd(d, a->qkv, a->ln1, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * C);
-  ops->attention_fwd(d, a->atty, a->att, a->qkv, B, T, C, NH, attn_drop);
-  ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W), P(m, l, MT_P_ATTPROJ_B), N, C,
-                  C);
+  ops->linear_fwd(d, a->qkv, a->ln1, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * t.Cl);
+  ops->attention_fwd(d, a->atty, a->att, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
+  ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W),
+                  t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, N, t.Cl, C);
+  int rc = tp_sum(m, p->branch, NC);
+  if (rc) return rc;
   if (drop1) ops->dropout_fwd(d, p->branch, p->branch, B, (size_t)T * C, drop1);
   ops->residual_fwd(d, a->resid2, in, p->branch, NC);
 
-  /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))) */
+  /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp) */
   ops->layernorm_fwd(d, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, P(m, l, MT_P_LN2_W),
                      P(m, l, MT_P_LN2_B), N, C, c->ln_eps);
-  ops->linear_fwd(d, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C, 4 * C);
-  ops->gelu_fwd(d, a->fch_gelu, a->fch, (size_t)N * 4 * C);
-  ops->linear_fwd(d, p->branch, a->fch_gelu, P(m, l, MT_P_FCPROJ_W), P(m, l, MT_P_FCPROJ_B), N,
-                  4 * C, C);
+  ops->linear_fwd(d, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C, 4 * t.Cl);
+  ops->gelu_fwd(d, a->fch_gelu, a->fch, (size_t)N * 4 * t.Cl);
+  ops->linear_fwd(d, p->branch, a->fch_gelu, P(m, l, MT_P_FCPROJ_W),
+                  t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, N, 4 * t.Cl, C);
+  if ((rc = tp_sum(m, p->branch, NC))) return rc;
   if (drop2) ops->dropout_fwd(d, p->branch, p->branch, B, (size_t)T * C, drop2);
   ops->residual_fwd(d, out, a->resid2, p->branch, NC);
+  return 0;
 }
 
 /* Gradient of a branch that ends in dropout and joins the residual stream:
@@ -391,44 +466,51 @@ static const float *branch_grad(mt_gpt *m, act_plan *p, const mt_dropout *drop) 
 }
 
 /* Block l of the stage backward. p->dres holds d(out) on entry and d(in) on
- * return; parameter gradients accumulate. */
-static void block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, const float *in) {
+ * return; parameter gradients accumulate. The inputs of the column-parallel
+ * layers get their gradient summed over tp before LayerNorm's backward. */
+static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, const float *in) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
   int lg = c->layer_begin + l;
-  int B = m->B, T = m->T, C = c->n_embd, NH = c->n_head, N = B * T;
-  size_t NC = (size_t)N * C, N4C = NC * 4;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T;
+  tp_dims t = dims_of(m);
+  size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
+  da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below */
   const float *dbranch = branch_grad(m, p, drop2);
-  mt_device_memset0(d, p->dfch, N4C * sizeof(float));
+  mt_device_memset0(d, p->dfch, 4 * NCl * sizeof(float));
   ops->linear_bwd(d, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B), dbranch, a->fch_gelu,
-                  P(m, l, MT_P_FCPROJ_W), N, 4 * C, C);
-  mt_device_memset0(d, p->dfch2, N4C * sizeof(float));
-  ops->gelu_bwd(d, p->dfch2, a->fch, p->dfch, N4C);
+                  P(m, l, MT_P_FCPROJ_W), N, 4 * t.Cl, C);
+  mt_device_memset0(d, p->dfch2, 4 * NCl * sizeof(float));
+  ops->gelu_bwd(d, p->dfch2, a->fch, p->dfch, 4 * NCl);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, a->ln2,
-                  P(m, l, MT_P_FC_W), N, C, 4 * C);
+                  P(m, l, MT_P_FC_W), N, C, 4 * t.Cl);
+  int rc = tp_sum(m, p->dbtc2, NC);
+  if (rc) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), p->dbtc2, a->resid2,
                      P(m, l, MT_P_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
 
   /* attention branch; d(in) = dres + LayerNorm path */
   dbranch = branch_grad(m, p, drop1);
-  mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
+  mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
-                  P(m, l, MT_P_ATTPROJ_W), N, C, C);
-  mt_device_memset0(d, p->dqkv, NC * 3 * sizeof(float));
-  ops->attention_bwd(d, p->dqkv, p->datt, p->dbtc2, a->qkv, a->att, B, T, C, NH, attn_drop);
+                  P(m, l, MT_P_ATTPROJ_W), N, t.Cl, C);
+  mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
+  ops->attention_bwd(d, p->dqkv, p->datt, p->dbtc2, a->qkv, a->att, B, T, t.Cl, t.NHl, attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, a->ln1,
-                  P(m, l, MT_P_QKV_W), N, C, 3 * C);
+                  P(m, l, MT_P_QKV_W), N, C, 3 * t.Cl);
+  if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
                      P(m, l, MT_P_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
+  return 0;
 }
 
 int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
@@ -459,9 +541,20 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   p->sample0 = sample0;
   p->has_targets = m->last && targets;
 
-  if (m->first) {
+  int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
+  if (m->first && tp == 1) {
     ops->embedding_fwd(d, p->resid[0], p->inputs, mt_gpt_param(m, m->i_wte),
                        mt_gpt_param(m, m->i_wpe), B, T, C);
+  } else if (m->first) {
+    /* vocabulary-parallel: each rank looks up the tokens in its rows, the sum
+     * over tp is the embedding; positions are replicated and added after */
+    ops->embedding_shard_fwd(d, p->resid[0], p->inputs, mt_gpt_param(m, m->i_wte), v0, Vl, N, C);
+    if ((rc = tp_sum(m, p->resid[0], BT * C))) return rc;
+    for (int b = 0; b < B; b++)
+      ops->residual_fwd(d, p->resid[0] + (size_t)b * T * C, p->resid[0] + (size_t)b * T * C,
+                        mt_gpt_param(m, m->i_wpe), (size_t)T * C);
+  }
+  if (m->first) {
     mt_dropout de;
     const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", sample0);
     if (edrop) ops->dropout_fwd(d, p->resid[0], p->resid[0], B, (size_t)T * C, edrop);
@@ -470,16 +563,36 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     if (rc) return rc;
   }
 
-  for (int l = 0; l < L; l++)
-    block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
-  if (!m->last) return 0;
+  for (int l = 0; l < L && !rc; l++)
+    rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
+  if (rc || !m->last) return rc;
 
   ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], mt_gpt_param(m, m->i_lnf),
                      mt_gpt_param(m, m->i_lnf + 1), N, C, c->ln_eps);
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_param(m, m->i_wte), NULL, N, C, c->padded_vocab);
+  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_param(m, m->i_wte), NULL, N, C, Vl);
   m->last_loss = 0.0f;
-  if (targets) {
+  if (targets && tp > 1) {
+    /* vocabulary-parallel cross-entropy: the max, the sum of exponentials
+     * and the target's logit reduced over tp; the logits never gathered */
+    int real = c->vocab_size - v0 < 0 ? 0 : c->vocab_size - v0 > Vl ? Vl : c->vocab_size - v0;
+    ops->crossentropy_shard_max(d, p->rowmax, p->logits, N, real, Vl);
+    if (!m->tp_allreduce) return mt_seterr(MT_EINVAL, "gpt: tensor parallel without a tp group");
+    if ((rc = m->tp_allreduce(m->tp_ctx, p->rowmax, BT, 1))) return rc;
+    ops->crossentropy_shard_sum(d, p->rowsum, p->rowsum + BT, p->logits, p->targets, p->rowmax, N,
+                                real, Vl, v0);
+    if ((rc = tp_sum(m, p->rowsum, 2 * BT))) return rc;
+    float *host = malloc(3 * BT * sizeof(float));
+    if (!host) return mt_seterr(MT_ENOMEM, "gpt: loss buffer");
+    rc = mt_device_memcpy_dtoh(d, host, p->rowmax, BT * sizeof(float));
+    if (!rc) rc = mt_device_memcpy_dtoh(d, host + BT, p->rowsum, 2 * BT * sizeof(float));
+    double sum = 0.0;
+    for (size_t i = 0; i < BT; i++)
+      sum += (double)host[i] + log((double)host[BT + i]) - (double)host[2 * BT + i];
+    free(host);
+    if (rc) return rc;
+    m->last_loss = (float)(sum / (double)BT);
+  } else if (targets) {
     ops->crossentropy(d, p->losses, NULL, p->logits, p->targets, 0.0f, N, c->vocab_size,
                       c->padded_vocab);
     float *losses = malloc(BT * sizeof(float));
@@ -503,17 +616,26 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   if (slot < 0 || slot >= m->n_slots)
     return mt_seterr(MT_EINVAL, "gpt: activation slot %d of %d", slot, m->n_slots);
   act_plan *p = &((act_plan *)m->act_plan)[slot];
+  int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
   if (m->last) {
     if (!p->has_targets)
       return mt_seterr(MT_EINVAL, "gpt: backward needs a forward with targets first");
     p->has_targets = 0; /* logits become dlogits below */
     /* loss = mean over the B*T tokens, times loss_scale */
     float dloss = loss_scale / (float)N;
-    ops->crossentropy(d, NULL, p->logits, p->logits, p->targets, dloss, N, c->vocab_size,
-                      c->padded_vocab);
+    if (tp > 1) {
+      int real = c->vocab_size - v0 < 0 ? 0 : c->vocab_size - v0 > Vl ? Vl : c->vocab_size - v0;
+      ops->crossentropy_shard_grad(d, p->logits, p->logits, p->targets, p->rowmax, p->rowsum,
+                                   dloss, N, real, Vl, v0);
+    } else {
+      ops->crossentropy(d, NULL, p->logits, p->logits, p->targets, dloss, N, c->vocab_size,
+                        c->padded_vocab);
+    }
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
     ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf,
-                    mt_gpt_param(m, m->i_wte), N, C, c->padded_vocab);
+                    mt_gpt_param(m, m->i_wte), N, C, Vl);
+    int rc = tp_sum(m, p->dbtc, NC);
+    if (rc) return rc;
     mt_device_memset0(d, p->dres, NC * sizeof(float));
     ops->layernorm_bwd(d, p->dres, mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1), p->dbtc,
                        p->resid[L], mt_gpt_param(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, N, C);
@@ -525,16 +647,23 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
 
   for (int l = L - 1; l >= 0; l--) {
     block_acts *a = &p->blocks[c->recompute ? 0 : l];
-    if (c->recompute) block_forward(m, p, l, a, p->resid[l], p->resid[l + 1]);
-    block_backward(m, p, l, a, p->resid[l]);
+    int rc = c->recompute ? block_forward(m, p, l, a, p->resid[l], p->resid[l + 1]) : 0;
+    if (!rc) rc = block_backward(m, p, l, a, p->resid[l]);
+    if (rc) return rc;
   }
   if (!m->first) return 0; /* p->dres is d(stage input): mt_gpt_stage_input_grad */
 
   mt_dropout de;
   const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", p->sample0);
   const float *demb = branch_grad(m, p, edrop);
-  ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
-                     C);
+  if (tp == 1) {
+    ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B,
+                       T, C);
+    return 0;
+  }
+  ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wte), demb, p->inputs, v0, Vl, N, C);
+  for (int b = 0; b < B; b++)
+    ops->add_inplace(d, mt_gpt_grad(m, m->i_wpe), demb + (size_t)b * T * C, (size_t)T * C);
   return 0;
 }
 

@@ -34,17 +34,37 @@ typedef struct mt_gpt_config {
    * layer the final LayerNorm and the LM head tied to its own copy of wte. */
   int layer_begin, layer_end;
   int micro_slots;  /* micro-batches whose activations are kept at once (1F1B in-flight); 0: 1 */
+  /* Tensor parallelism (Megatron): this rank holds shard tp_rank of tp_size
+   * of every matrix: heads and the MLP's inner dimension split (QKV and c_fc
+   * by output rows, the projections by input columns), the vocabulary split
+   * over the embedding rows; LayerNorms, positions and the projections'
+   * biases are replicated. 0: 1. */
+  int tp_size, tp_rank;
 } mt_gpt_config;
+
+/* How a tensor-parallel shard maps onto the full tensor. */
+typedef enum {
+  MT_SHARD_NONE = 0, /* replicated: the full tensor on every tp rank */
+  MT_SHARD_ROWS,     /* rows [shard_off, shard_off + shape[0]) of the full tensor */
+  MT_SHARD_QKV,      /* in each of q, k, v: rows [shard_off, shard_off + shape[0] / 3) */
+  MT_SHARD_COLS,     /* columns [shard_off, shard_off + shape[1]) */
+} mt_shard;
 
 typedef struct mt_param {
   char name[48];    /* "h.3.mlp.c_fc.weight" */
   int ndim;
-  size_t shape[2];  /* our layout: (out, in) for linear weights */
+  size_t shape[2];  /* this shard, our layout: (out, in) for linear weights */
+  size_t full[2];   /* the whole tensor */
+  mt_shard shard;
+  size_t shard_off;
   size_t numel;
   size_t offset;    /* in floats, into params / grads */
   int decay;        /* weight decay applies (matrices and embeddings) */
   int layer;        /* block index, -1 outside blocks */
 } mt_param;
+
+/* Index in the full tensor (row-major) of element e of p's shard. */
+size_t mt_param_global_index(const mt_param *p, size_t e);
 
 /* The 16 tensors of a block, in table order. */
 enum {
@@ -75,6 +95,10 @@ typedef struct mt_gpt {
   int first, last;       /* this stage holds the embeddings / the head */
   int n_layers;          /* blocks on this stage */
   int i_wte, i_wpe, i_block0, i_lnf; /* table indices, -1 when absent here */
+  /* tensor parallelism: sum (or max) of buf over the tp group, set by the
+   * engine when cfg.tp_size > 1; the model never knows the comm layer */
+  int (*tp_allreduce)(void *ctx, float *buf, size_t n, int max);
+  void *tp_ctx;
 } mt_gpt;
 
 /* Builds the parameter table and allocates params, grads and activations for

@@ -248,7 +248,8 @@ static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int
     if (live < 0) live = 0;
     const float *pr = p + (size_t)i * T + c0;
     float *tr = tile + (size_t)i * cw;
-    dropout_apply(tr, pr, (size_t)live, ((uint64_t)h * T + t) * T + (uint64_t)c0, sample, drop, 0);
+    dropout_apply(tr, pr, (size_t)live, ((uint64_t)(drop->head0 + h) * T + t) * T + (uint64_t)c0,
+                  sample, drop, 0);
     for (int j = live; j < cw; j++) tr[j] = 0.0f;
   }
 }
@@ -556,6 +557,83 @@ static void adamw(mt_device *d, float *param, const float *grad, float *m, float
                                wd, bc1, bc2);
 }
 
+/* ---- vocabulary-parallel pieces (tensor parallelism) ---- */
+
+static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
+                                int v0, int Vl, int N, int C) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    float *o = out + (size_t)n * C; // (C)
+    int k = tokens[n] - v0;
+    if (k < 0 || k >= Vl) {
+      memset(o, 0, (size_t)C * sizeof(float));
+      continue;
+    }
+    memcpy(o, wte + (size_t)k * C, (size_t)C * sizeof(float));
+  }
+}
+
+static void embedding_shard_bwd(mt_device *d, float *dwte, const float *dout, const int32_t *tokens,
+                                int v0, int Vl, int N, int C) {
+#pragma omp parallel num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN)
+  {
+    size_t c0, c1;
+    thread_range((size_t)C, 16, &c0, &c1);
+    for (int n = 0; n < N; n++) {
+      int k = tokens[n] - v0;
+      if (k < 0 || k >= Vl) continue;
+      const float *g = dout + (size_t)n * C;
+      float *dw = dwte + (size_t)k * C;
+#pragma omp simd
+      for (size_t c = c0; c < c1; c++) dw[c] += g[c];
+    }
+  }
+}
+
+static void crossentropy_shard_max(mt_device *d, float *rowmax, const float *logits, int N, int real,
+                                   int Vl) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * Vl >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const float *x = logits + (size_t)n * Vl;
+    float mx = -FLT_MAX;
+#pragma omp simd reduction(max : mx)
+    for (int j = 0; j < real; j++) mx = x[j] > mx ? x[j] : mx;
+    rowmax[n] = mx;
+  }
+}
+
+static void crossentropy_shard_sum(mt_device *d, float *rowsum, float *xt, const float *logits,
+                                   const int32_t *targets, const float *gmax, int N, int real,
+                                   int Vl, int v0) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * Vl >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const float *x = logits + (size_t)n * Vl;
+    float mx = gmax[n];
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < real; j++) sum += expf(x[j] - mx);
+    rowsum[n] = (float)sum;
+    int k = targets[n] - v0;
+    xt[n] = k >= 0 && k < real ? x[k] : 0.0f;
+  }
+}
+
+static void crossentropy_shard_grad(mt_device *d, float *dlogits, const float *logits,
+                                    const int32_t *targets, const float *gmax, const float *gsum,
+                                    float dloss, int N, int real, int Vl, int v0) {
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * Vl >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++) {
+    const float *x = logits + (size_t)n * Vl;
+    float *dx = dlogits + (size_t)n * Vl;
+    float mx = gmax[n], f = (float)((double)dloss / (double)gsum[n]);
+#pragma omp simd
+    for (int j = 0; j < real; j++) dx[j] = expf(x[j] - mx) * f;
+    if (Vl > real) memset(dx + real, 0, (size_t)(Vl - real) * sizeof(float));
+    int k = targets[n] - v0;
+    if (k >= 0 && k < real) dx[k] -= dloss;
+  }
+}
+
 const mt_ops mt_cpu_ops = {
     .name = "cpu",
     .embedding_fwd = embedding_fwd,
@@ -573,6 +651,11 @@ const mt_ops mt_cpu_ops = {
     .dropout_fwd = dropout_fwd,
     .dropout_bwd = dropout_bwd,
     .crossentropy = crossentropy,
+    .embedding_shard_fwd = embedding_shard_fwd,
+    .embedding_shard_bwd = embedding_shard_bwd,
+    .crossentropy_shard_max = crossentropy_shard_max,
+    .crossentropy_shard_sum = crossentropy_shard_sum,
+    .crossentropy_shard_grad = crossentropy_shard_grad,
     .adamw = adamw,
     .sumsq = sumsq,
     .scale = scale,

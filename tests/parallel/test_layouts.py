@@ -1,16 +1,19 @@
-"""Every (pp, dp) layout trains the trajectory of one device (DESIGN's
+"""Every (tp, pp, dp) layout trains the trajectory of one device (DESIGN's
 determinism).
 
 usage: test_layouts.py MTNLGD JOB.json
-A 4-layer tiny model trains 10 steps on real text, global batch 16 in
-micro-batches of 2, under (pp, dp) = (1,1), (1,2), (1,4), (2,1), (4,1), (2,2):
-ranks are device threads of one mtnlgd; pipeline stages run 1F1B and pass
-activations over Gloo; replicas reduce-scatter gradients, update their 1/dp
-slice (ZeRO-1) and all-gather it; the tied embedding's two copies (first and
-last stage) sum their gradients. At every step the loss must equal (1,1)'s
-within 1e-5 relative and the exported (gathered) weights within 1e-4, also with
-dropout on and with recomputation on; the Adam moments per rank must be 1/dp of
-the stage's.
+A 4-layer tiny model trains 10 steps on real text, global batch 8 in
+micro-batches of 2 (4 micro-batches per replica at dp 1), under (tp, pp, dp) =
+(1,1,1), (2,1,1), (4,1,1), (1,2,1), (1,4,1), (1,1,2), (1,1,4), (2,2,2), (2,2,1):
+ranks are device threads of one mtnlgd; tensor-parallel ranks hold shards of
+every matrix (Megatron's column/row split, vocabulary-parallel embedding and
+cross-entropy); pipeline stages run 1F1B and pass activations over Gloo;
+replicas reduce-scatter gradients, update their 1/dp slice (ZeRO-1) and
+all-gather it; the tied embedding's two copies (first and last stage) sum
+their gradients. At every step the loss must equal (1,1,1)'s within 1e-5
+relative and the exported (gathered) weights within 1e-4, also with dropout on
+and with recomputation on; the Adam moments per rank must be 1/dp of the
+whole model's at tp = pp = 1.
 """
 import array
 import glob
@@ -37,16 +40,17 @@ def st_load(path):
     return out
 
 
-def run(mtnlgd, job, tokens, export, pp, dp, extra):
+def run(mtnlgd, job, tokens, export, tp, pp, dp, extra):
     cmd = [mtnlgd, "--standalone", job, "--log-format", "json", "--set", f"data.path={tokens}",
            "--set", "train.steps=10", "--set", "train.lr.warmup_steps=2",
            "--set", "model.n_layer=4", "--set", "parallel.micro_batch=2",
+           "--set", "train.global_batch=8", "--set", f"parallel.tp={tp}",
            "--set", f"parallel.pp={pp}", "--set", f"parallel.dp_min={dp}",
            "--export", export] + extra
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         print(out.stderr)
-        raise SystemExit(f"pp {pp} dp {dp}: mtnlgd exited {out.returncode}")
+        raise SystemExit(f"tp {tp} pp {pp} dp {dp}: mtnlgd exited {out.returncode}")
     losses = [json.loads(l)["loss"] for l in out.stdout.splitlines() if l.startswith("{")]
     m = re.search(r"Adam moments (\d+) bytes per rank", out.stderr)
     return losses, int(m.group(1)) if m else None
@@ -69,11 +73,12 @@ def main():
             fh.write(array.array("H", list(data[:200000])).tobytes())
         for name, extra in variants:
             ref_loss, ref_w, ref_mb = None, None, None
-            for pp, dp in ((1, 1), (1, 2), (1, 4), (2, 1), (4, 1), (2, 2)):
-                export = os.path.join(tmp, f"{name}-{pp}-{dp}.safetensors")
-                losses, moments_mb = run(mtnlgd, job, tokens, export, pp, dp, extra)
+            for tp, pp, dp in ((1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (1, 4, 1), (1, 1, 2),
+                               (1, 1, 4), (2, 2, 2), (2, 2, 1)):
+                export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}.safetensors")
+                losses, moments_mb = run(mtnlgd, job, tokens, export, tp, pp, dp, extra)
                 w = st_load(export)
-                if (pp, dp) == (1, 1):
+                if (tp, pp, dp) == (1, 1, 1):
                     ref_loss, ref_w, ref_mb = losses, w, moments_mb
                     continue
                 worst = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_loss))
@@ -81,10 +86,11 @@ def main():
                 den = sum(y ** 2 for k in ref_w for y in ref_w[k])
                 wrel = math.sqrt(num / den)
                 ok = len(losses) == 10 and worst < 1e-5 and wrel < 1e-4 and set(w) == set(ref_w)
-                print(f"{'ok' if ok else 'FAIL'} test_pp{pp}_dp{dp}_matches_single_device_{name}: "
+                print(f"{'ok' if ok else 'FAIL'} test_tp{tp}_pp{pp}_dp{dp}_matches_single_device_"
+                      f"{name}: "
                       f"worst step loss {worst:.2e}, weights {wrel:.2e}")
                 failures += not ok
-                if pp == 1:  # stage 0 is the whole model: its moments are 1/dp of (1,1)'s
+                if pp == 1 and tp == 1:  # the whole model: its moments are 1/dp of (1,1,1)'s
                     # (the flat buffer is padded to dp equal slices of 16-float blocks)
                     ok_mem = moments_mb is not None and abs(moments_mb * dp - ref_mb) <= 128 * dp
                     print(f"{'ok' if ok_mem else 'FAIL'} test_zero1_moments_are_1/{dp}_{name}: "

@@ -2,9 +2,9 @@
 process fails the others instead of hanging them.
 
 usage: test_processes.py MTNLGD JOB.json
-- test_two_processes_equal_one_process: the (pp 2, dp 2) job as 2 processes
-  x 2 device threads (file store in a temp dir) gives the same loss at every
-  step as the same job in one process;
+- test_four_processes_equal_one_process: the (tp 2, pp 2, dp 2) job as 4
+  processes x 2 device threads (file store in a temp dir) gives the same loss
+  at every step as the same job in one process;
 - test_killed_process_fails_the_others_within_deadline: with (pp 2, dp 1) as
   2 processes and a 10 s comm deadline, SIGKILL of process 1 mid-training
   makes process 0 exit non-zero within the deadline (plus start-up slack) with
@@ -21,11 +21,12 @@ import tempfile
 import time
 
 
-def args(mtnlgd, job, tokens, steps, pp, dp, json_log=True):
+def args(mtnlgd, job, tokens, steps, tp, pp, dp, json_log=True):
     a = [mtnlgd, "--standalone", job, "--set", f"data.path={tokens}",
          "--set", f"train.steps={steps}", "--set", "train.lr.warmup_steps=2",
          "--set", "model.n_layer=4", "--set", "parallel.micro_batch=2",
-         "--set", f"parallel.pp={pp}", "--set", f"parallel.dp_min={dp}"]
+         "--set", f"parallel.tp={tp}", "--set", f"parallel.pp={pp}",
+         "--set", f"parallel.dp_min={dp}"]
     return a + (["--log-format", "json"] if json_log else [])
 
 
@@ -45,25 +46,25 @@ def main():
         with open(tokens, "wb") as fh:
             fh.write(array.array("H", list(data[:200000])).tobytes())
 
-        one = subprocess.run(args(mtnlgd, job, tokens, 6, 2, 2), capture_output=True, text=True,
-                             timeout=300)
+        one = subprocess.run(args(mtnlgd, job, tokens, 6, 2, 2, 2), capture_output=True,
+                             text=True, timeout=300)
         store = os.path.join(tmp, "store1")
-        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 6, 2, 2) +
-                                  ["--procs", "2", "--proc-rank", str(i), "--store", store],
+        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 6, 2, 2, 2) +
+                                  ["--procs", "4", "--proc-rank", str(i), "--store", store],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
+                 for i in range(4)]
         outs = [p.communicate(timeout=300) for p in procs]
         a, b = losses(one.stdout), losses(outs[0][0])
         ok = (one.returncode == 0 and all(p.returncode == 0 for p in procs) and len(a) == 6
               and len(b) == 6 and all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a, b)))
-        print(f"{'ok' if ok else 'FAIL'} test_two_processes_equal_one_process: {a} vs {b}")
+        print(f"{'ok' if ok else 'FAIL'} test_four_processes_equal_one_process: {a} vs {b}")
         if not ok:
-            print(one.stderr, outs[0][1], outs[1][1])
+            print(one.stderr, *(o[1] for o in outs))
         failures += not ok
 
         store = os.path.join(tmp, "store2")
         deadline_s = 10
-        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 100000, 2, 1, json_log=False) +
+        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 100000, 1, 2, 1, json_log=False) +
                                   ["--procs", "2", "--proc-rank", str(i), "--store", store,
                                    "--comm-timeout-ms", str(deadline_s * 1000)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -703,7 +703,7 @@ static double drop_loss(void *p) {
 static void test_dropout_p0_and_null_are_identity(void) {
   int B = 3;
   size_t ps = 1001, n = (size_t)B * ps;
-  mt_dropout d0 = {0.0f, 77, 5};
+  mt_dropout d0 = {0.0f, 77, 5, 0};
   float *x = frand(n, -1, 1), *out = frand(n, -9, 9);
   ops->dropout_fwd(&dev, out, x, B, ps, &d0);
   report(bits_equal(out, x, n), __func__, "fwd with p = 0 copies");
@@ -725,7 +725,7 @@ static void test_dropout_p0_and_null_are_identity(void) {
 static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
   int B = 4;
   size_t ps = 25013, n = (size_t)B * ps;
-  mt_dropout d = {0.5f, mt_philox_key(1, "test.dropout"), 1000};
+  mt_dropout d = {0.5f, mt_philox_key(1, "test.dropout"), 1000, 0};
   float *x = frand(n, 0.5, 1.5), *out = fzeros(n);
   ops->dropout_fwd(&dev, out, x, B, ps, &d);
   size_t kept = 0, wrong = 0;
@@ -742,7 +742,7 @@ static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
 static void test_dropout_mask_same_in_fwd_bwd_and_any_batch_split(void) {
   int B = 4;
   size_t ps = 10007, n = (size_t)B * ps;
-  mt_dropout d = {0.3f, mt_philox_key(7, "h.1.attn.resid"), 100};
+  mt_dropout d = {0.3f, mt_philox_key(7, "h.1.attn.resid"), 100, 0};
   float *ones = fzeros(n), *fwd = fzeros(n), *bwd = fzeros(n);
   ffill(ones, n, 1.0f);
   ops->dropout_fwd(&dev, fwd, ones, B, ps, &d);
@@ -766,7 +766,7 @@ static void test_dropout_mask_same_in_fwd_bwd_and_any_batch_split(void) {
 static void test_dropout_fwd_matches_reference(void) {
   int B = 2;
   size_t ps = 97, n = (size_t)B * ps;
-  mt_dropout d = {0.3f, 99, 4};
+  mt_dropout d = {0.3f, 99, 4, 0};
   float *x = frand(n, -1, 1), *out = fzeros(n);
   double *ref = dzeros(n);
   for (int b = 0; b < B; b++)
@@ -781,7 +781,7 @@ static void test_dropout_fwd_matches_reference(void) {
 static void test_dropout_bwd_matches_finite_differences(void) {
   int B = 2;
   size_t ps = 97, n = (size_t)B * ps;
-  mt_dropout d = {0.3f, 99, 4};
+  mt_dropout d = {0.3f, 99, 4, 0};
   float *x = frand(n, -1, 1), *r = frand(n, -1, 1), *g = fzeros(n);
   drop_case c = {B, ps, &d, dcopy(x, n), dcopy(r, n)};
   ops->dropout_bwd(&dev, g, r, B, ps, &d);
@@ -952,7 +952,7 @@ int main(void) {
   test_linear_bwd_matches_finite_differences(130, 32, 260, 1);
   test_linear_bwd_accumulates_and_skips_null();
 
-  mt_dropout attn_drop = {0.3f, mt_philox_key(3, "h.0.attn.drop"), 11};
+  mt_dropout attn_drop = {0.3f, mt_philox_key(3, "h.0.attn.drop"), 11, 0};
   test_attention_fwd_matches_reference(2, 7, 12, 3, NULL);
   test_attention_fwd_matches_reference(2, 70, 32, 2, NULL); /* T past one row block */
   test_attention_fwd_matches_reference(2, 7, 12, 3, &attn_drop);
