@@ -27,8 +27,14 @@ int mt_wraperr(int code, const char *fmt, ...) {
   va_start(ap, fmt);
   int n = vsnprintf(errmsg, sizeof errmsg, fmt, ap);
   va_end(ap);
-  if (n >= 0 && (size_t)n < sizeof errmsg - 2)
-    snprintf(errmsg + n, sizeof errmsg - (size_t)n, ": %s", inner);
+  /* append ": inner", cut to fit (the message is for people; truncation is fine) */
+  if (n >= 0 && (size_t)n < sizeof errmsg - 2) {
+    size_t off = (size_t)n, room = sizeof errmsg - off - 1;
+    errmsg[off++] = ':', errmsg[off++] = ' ', room -= 2;
+    size_t len = strnlen(inner, room);
+    memcpy(errmsg + off, inner, len);
+    errmsg[off + len] = 0;
+  }
   return code;
 }
 
