@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "blas.h"
 #include "device.h"
@@ -17,6 +18,7 @@
 #include "safetensors.h"
 #include "threads.h"
 #include "local.h"
+#include "plan.h"
 #include "train.h"
 
 #define MAX_OVERRIDES 64
@@ -192,6 +194,24 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: --devices %s: only CPU devices exist in this build of the engine "
                     "(the CUDA backend is its own issue)\n", devices);
     return 2;
+  }
+  /* the memory plan: CPU devices of this process share its RAM; a job that
+   * cannot fit is refused with the numbers before anything is allocated */
+  {
+    int here = job.parallel.tp * job.parallel.pp * job.parallel.dp_min / (procs > 0 ? procs : 1);
+    double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    mt_plan_device pd = {.memory_bytes = ram / (here > 0 ? here : 1), .tflops = 1.0};
+    mt_plan plan;
+    if (mt_plan_compute(&job, &pd, &plan)) {
+      fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", job_path, mt_errmsg());
+      return 2;
+    }
+    mt_log_info("plan: %.2f GB per device at most (stage %d: weights %.2f, grads %.2f, "
+                "optimizer %.2f, activations %.2f GB) of %.1f GB RAM per device",
+                (double)plan.worst.total_bytes / 1e9, plan.worst.stage,
+                (double)plan.worst.weight_bytes / 1e9,
+                (double)plan.worst.grad_bytes / 1e9, (double)plan.worst.optimizer_bytes / 1e9,
+                (double)plan.worst.activation_bytes / 1e9, pd.memory_bytes / 1e9);
   }
   /* load OpenBLAS now, so the kernel can be reported before the ranks start */
   mt_device probe;
