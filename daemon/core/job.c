@@ -737,10 +737,10 @@ static void validate(problems *pb, mt_job *job) {
                m->n_head);
   if (m->n_head >= 1 && p->tp >= 1 && m->n_head % p->tp)
     check_fail(pb, "model.n_head", "%d is not divisible by parallel.tp = %d", m->n_head, p->tp);
-  if (m->n_layer >= 1 && p->pp >= 1 && m->n_layer % p->pp)
-    check_fail(pb, "model.n_layer",
-               "%d is not divisible by parallel.pp = %d (stages hold equal numbers of layers)",
-               m->n_layer, p->pp);
+  /* uneven splits are allowed: the first n_layer % pp stages hold one layer more */
+  if (m->n_layer >= 1 && p->pp >= 1 && m->n_layer < p->pp)
+    check_fail(pb, "model.n_layer", "%d layers cannot fill parallel.pp = %d stages", m->n_layer,
+               p->pp);
   if (p->dp_min >= 1 && p->dp_max >= 1 && p->dp_max < p->dp_min)
     check_fail(pb, "parallel.dp_max", "%d is below parallel.dp_min = %d", p->dp_max, p->dp_min);
   if (t->global_batch >= 1 && p->micro_batch >= 1 && p->dp_min >= 1 &&

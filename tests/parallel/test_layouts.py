@@ -1,7 +1,7 @@
 """Every (tp, pp, dp) layout trains the trajectory of one device (DESIGN's
 determinism).
 
-usage: test_layouts.py MTNLGD JOB.json
+usage: test_layouts.py MTNLGD JOB.json MTNLGCTL
 A 4-layer tiny model trains 10 steps on real text, global batch 8 in
 micro-batches of 2 (4 micro-batches per replica at dp 1), under (tp, pp, dp) =
 (1,1,1), (2,1,1), (4,1,1), (1,2,1), (1,4,1), (1,1,2), (1,1,4), (2,2,2), (2,2,1):
@@ -13,7 +13,8 @@ all-gather it; the tied embedding's two copies (first and last stage) sum
 their gradients. At every step the loss must equal (1,1,1)'s within 1e-5
 relative and the exported (gathered) weights within 1e-4, also with dropout on
 and with recomputation on; the Adam moments per rank must be 1/dp of the
-whole model's at tp = pp = 1.
+whole model's at tp = pp = 1 and agree with `mtnlgctl plan`'s optimizer
+bytes. (1,3,1) splits the 4 layers unevenly (2, 1, 1).
 """
 import array
 import glob
@@ -57,7 +58,7 @@ def run(mtnlgd, job, tokens, export, tp, pp, dp, extra):
 
 
 def main():
-    mtnlgd, job = sys.argv[1], sys.argv[2]
+    mtnlgd, job, mtnlgctl = sys.argv[1], sys.argv[2], sys.argv[3]
     data = b""
     for f in sorted(glob.glob("/usr/share/common-licenses/*")):
         if os.path.isfile(f) and not os.path.islink(f):
@@ -74,7 +75,7 @@ def main():
         for name, extra in variants:
             ref_loss, ref_w, ref_mb = None, None, None
             for tp, pp, dp in ((1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (1, 4, 1), (1, 1, 2),
-                               (1, 1, 4), (2, 2, 2), (2, 2, 1)):
+                               (1, 1, 4), (2, 2, 2), (2, 2, 1), (1, 3, 1)):
                 export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}.safetensors")
                 losses, moments_mb = run(mtnlgd, job, tokens, export, tp, pp, dp, extra)
                 w = st_load(export)
@@ -96,6 +97,17 @@ def main():
                     print(f"{'ok' if ok_mem else 'FAIL'} test_zero1_moments_are_1/{dp}_{name}: "
                           f"{moments_mb} bytes vs {ref_mb} bytes at dp 1")
                     failures += not ok_mem
+                    plan = json.loads(subprocess.run(
+                        [mtnlgctl, "plan", job, "-o", "json", "--devices", str(dp),
+                         "--set", "model.n_layer=4", "--set", "parallel.micro_batch=2",
+                         "--set", "train.global_batch=8", "--set", f"parallel.dp_min={dp}",
+                         "--set", f"data.path={tokens}"],
+                        capture_output=True, text=True, check=True).stdout)
+                    planned = plan["memory"]["stages"][0]["optimizer_bytes"]
+                    ok_plan = abs(planned - moments_mb) <= 128 * dp
+                    print(f"{'ok' if ok_plan else 'FAIL'} test_zero1_plan_agrees_with_allocation_"
+                          f"dp{dp}_{name}: plan {planned} bytes, allocated {moments_mb}")
+                    failures += not ok_plan
     return 1 if failures else 0
 
 

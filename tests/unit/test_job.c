@@ -206,7 +206,7 @@ static void test_validation_rules(void) {
     const char *ov0, *ov1, *line;
   } cases[] = {
       {"model.n_head=3", NULL, "model.n_embd: 64 is not divisible by model.n_head = 3"},
-      {"parallel.pp=3", NULL, "model.n_layer: 2 is not divisible by parallel.pp = 3"},
+      {"parallel.pp=3", NULL, "model.n_layer: 2 layers cannot fill parallel.pp = 3 stages"},
       {"parallel.dp_min=4", "parallel.dp_max=2", "parallel.dp_max: 2 is below"},
       {"model.seq_len=0", NULL, "model.seq_len: 0 must be at least 1"},
       {"train.steps=0", NULL, "train.steps: 0 must be at least 1"},
