@@ -20,28 +20,11 @@
 #include "gpt_dataset.h"
 #include "indexed.h"
 
-static char tmpdir[64];
-static int failures;
 
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (!(cond)) {                                                                                 \
-      fprintf(stderr, "  %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                   \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fprintf(stderr, "\n");                                                                       \
-      return 1;                                                                                    \
-    }                                                                                              \
-  } while (0)
+#include "mt_check.h"
 
-#define OK(expr) CHECK((expr) == 0, "%s", mt_errmsg())
+#define OK(expr) REQUIRE((expr) == 0, "%s", mt_errmsg())
 
-static const char *tmp_path(const char *name) {
-  static char buf[8][256];
-  static int k;
-  k = (k + 1) % 8;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-  return buf[k];
-}
 
 /* ---- corpora ----------------------------------------------------------- */
 
@@ -120,14 +103,14 @@ static int check_contiguous(const corpus *c, const int32_t *s, int seq, int d0, 
   for (int t = 0; t <= seq; t++) {
     int64_t v = s[t] - c->base;
     int64_t doc = v / TOKENS_PER_DOC_ID, off = v % TOKENS_PER_DOC_ID;
-    CHECK(doc >= d0 && doc < d1 && off < c->len[doc], "token %d = %d is not in documents [%d, %d)",
+    REQUIRE(doc >= d0 && doc < d1 && off < c->len[doc], "token %d = %d is not in documents [%d, %d)",
           t, s[t], d0, d1);
     if (t == 0) continue;
     int64_t pv = s[t - 1] - c->base;
     int64_t pdoc = pv / TOKENS_PER_DOC_ID, poff = pv % TOKENS_PER_DOC_ID;
     int follows =
         (doc == pdoc && off == poff + 1) || (off == 0 && poff == (int64_t)c->len[pdoc] - 1);
-    CHECK(follows,
+    REQUIRE(follows,
           "token %d (doc %" PRId64 " offset %" PRId64 ") does not follow doc %" PRId64
           " offset %" PRId64,
           t, doc, off, pdoc, poff);
@@ -181,7 +164,7 @@ static int count_inputs(const corpus *c, const int32_t *all, int seq, uint64_t i
   for (uint64_t i = i0; i < i1; i++)
     for (int t = 0; t < seq; t++) {
       int32_t v = all[i * (uint64_t)(seq + 1) + (uint64_t)t] - c->base;
-      CHECK(v >= 0 && v < c->n_docs * TOKENS_PER_DOC_ID, "token %d out of range", v);
+      REQUIRE(v >= 0 && v < c->n_docs * TOKENS_PER_DOC_ID, "token %d out of range", v);
       if (count[v] < 255) count[v]++;
     }
   return 0;
@@ -191,28 +174,28 @@ static int test_every_train_token_seen_once_per_epoch(void) {
   static corpus c;
   if (make_corpus(&c, "once", 200, 0, len_pad_for_16, 40)) return 1;
   uint64_t T = corpus_tokens(&c, 0, 180);
-  CHECK(T % 16 == 0, "T %" PRIu64, T);
+  REQUIRE(T % 16 == 0, "T %" PRIu64, T);
   const int seq = 16;
   mt_gpt_dataset_spec s = spec_of(&c, "9,1", MT_SPLIT_TRAIN, seq, 3 * T / seq, 77, 1);
   mt_gpt_dataset *d;
   OK(mt_gpt_dataset_open(&d, &s));
-  CHECK(mt_gpt_dataset_tokens_per_epoch(d) == T, "%" PRIu64 " tokens, want %" PRIu64,
+  REQUIRE(mt_gpt_dataset_tokens_per_epoch(d) == T, "%" PRIu64 " tokens, want %" PRIu64,
         mt_gpt_dataset_tokens_per_epoch(d), T);
   int E = mt_gpt_dataset_epochs(d);
-  CHECK(E == 4, "%d epochs for 3 epochs' worth + 1 token", E);
+  REQUIRE(E == 4, "%d epochs for 3 epochs' worth + 1 token", E);
   int32_t *all = read_all(d, seq);
-  CHECK(all, "read");
+  REQUIRE(all, "read");
   uint8_t *count = malloc((size_t)c.n_docs * TOKENS_PER_DOC_ID);
   for (int e = 0; e < E - 1; e++) {
     uint64_t i0 = e * T / seq, i1 = (e + 1) * T / seq;
     if (count_inputs(&c, all, seq, i0, i1, count)) return 1;
     for (int doc = 0; doc < c.n_docs; doc++)
       for (uint32_t off = 0; off < (doc < 180 ? c.len[doc] : 0); off++)
-        CHECK(count[doc * TOKENS_PER_DOC_ID + off] == 1, "epoch %d: doc %d offset %u seen %d times",
+        REQUIRE(count[doc * TOKENS_PER_DOC_ID + off] == 1, "epoch %d: doc %d offset %u seen %d times",
               e, doc, off, count[doc * TOKENS_PER_DOC_ID + off]);
     uint64_t total = 0;
     for (size_t v = 0; v < (size_t)c.n_docs * TOKENS_PER_DOC_ID; v++) total += count[v];
-    CHECK(total == T, "epoch %d: %" PRIu64 " tokens seen, want %" PRIu64, e, total, T);
+    REQUIRE(total == T, "epoch %d: %" PRIu64 " tokens seen, want %" PRIu64, e, total, T);
   }
   for (uint64_t i = 0; i < mt_gpt_dataset_len(d); i++)
     if (check_contiguous(&c, all + i * (seq + 1), seq, 0, 180)) return 1;
@@ -226,7 +209,7 @@ static int test_every_train_token_seen_once_per_epoch(void) {
   E = mt_gpt_dataset_epochs(d);
   free(all);
   all = read_all(d, seq2);
-  CHECK(all, "read");
+  REQUIRE(all, "read");
   for (int e = 0; e < E - 1; e++) {
     uint64_t i0 = ceil_div(e * T, seq2), i1 = ceil_div((e + 1) * T, seq2);
     if (count_inputs(&c, all, seq2, i0, i1, count)) return 1;
@@ -234,10 +217,10 @@ static int test_every_train_token_seen_once_per_epoch(void) {
     for (int doc = 0; doc < 180; doc++)
       for (uint32_t off = 0; off < c.len[doc]; off++) {
         int n = count[doc * TOKENS_PER_DOC_ID + off];
-        CHECK(n <= 2, "epoch %d: doc %d offset %u seen %d times", e, doc, off, n);
+        REQUIRE(n <= 2, "epoch %d: doc %d offset %u seen %d times", e, doc, off, n);
         off_one += n != 1;
       }
-    CHECK(off_one <= 2 * (uint64_t)seq2, "epoch %d: %" PRIu64 " tokens not seen exactly once", e,
+    REQUIRE(off_one <= 2 * (uint64_t)seq2, "epoch %d: %" PRIu64 " tokens not seen exactly once", e,
           off_one);
   }
   free(count);
@@ -263,16 +246,16 @@ static int test_samples_overlap_by_one_token(void) {
     mt_gpt_dataset *d;
     OK(mt_gpt_dataset_open(&d, &s));
     uint64_t n = mt_gpt_dataset_len(d);
-    CHECK(n >= 1000, "len %" PRIu64, n);
+    REQUIRE(n >= 1000, "len %" PRIu64, n);
     int32_t *all = read_all(d, seq);
-    CHECK(all, "read");
+    REQUIRE(all, "read");
     int32_t *firsts = malloc(n * sizeof *firsts), *lasts = malloc(n * sizeof *lasts);
     for (uint64_t i = 0; i < n; i++) {
       firsts[i] = all[i * (seq + 1)];
       lasts[i] = all[i * (seq + 1) + seq];
       if (check_contiguous(&c, all + i * (seq + 1), seq, 0, 285)) return 1;
       if (!shuffle && i + 1 < n)
-        CHECK(lasts[i] == all[(i + 1) * (seq + 1)],
+        REQUIRE(lasts[i] == all[(i + 1) * (seq + 1)],
               "sample %" PRIu64 " ends with %d, next starts "
               "with %d",
               i, lasts[i], all[(i + 1) * (seq + 1)]);
@@ -288,7 +271,7 @@ static int test_samples_overlap_by_one_token(void) {
       else
         i++, j++;
     }
-    CHECK(only_first <= 1 && only_last == only_first,
+    REQUIRE(only_first <= 1 && only_last == only_first,
           "%" PRIu64 " first tokens and %" PRIu64 " last tokens unmatched", only_first, only_last);
     free(firsts);
     free(lasts);
@@ -307,26 +290,26 @@ static int test_same_seed_same_order_and_other_seed_differs(void) {
   OK(mt_gpt_dataset_open(&a, &s));
   s.cache_dir = tmp_path("seed_cache_elsewhere"); /* built afresh, not loaded */
   OK(mt_gpt_dataset_open(&b, &s));
-  CHECK(mt_gpt_dataset_cache_status(b) == MT_GPT_CACHE_BUILT, "status %d",
+  REQUIRE(mt_gpt_dataset_cache_status(b) == MT_GPT_CACHE_BUILT, "status %d",
         mt_gpt_dataset_cache_status(b));
   s.seed = 1235;
   OK(mt_gpt_dataset_open(&x, &s));
   uint64_t n = mt_gpt_dataset_len(a);
-  CHECK(n == mt_gpt_dataset_len(b) && n == mt_gpt_dataset_len(x), "lengths differ");
+  REQUIRE(n == mt_gpt_dataset_len(b) && n == mt_gpt_dataset_len(x), "lengths differ");
   int32_t *ta = read_all(a, seq), *tb = read_all(b, seq), *tx = read_all(x, seq);
-  CHECK(ta && tb && tx, "read");
+  REQUIRE(ta && tb && tx, "read");
   size_t bytes = n * (seq + 1) * sizeof(int32_t);
-  CHECK(!memcmp(ta, tb, bytes), "same seed, different samples");
+  REQUIRE(!memcmp(ta, tb, bytes), "same seed, different samples");
   uint64_t same = 0;
   for (uint64_t i = 0; i < n; i++)
     same += !memcmp(ta + i * (seq + 1), tx + i * (seq + 1), (seq + 1) * sizeof(int32_t));
-  CHECK(same < n / 20, "%" PRIu64 " of %" PRIu64 " samples equal under another seed", same, n);
+  REQUIRE(same < n / 20, "%" PRIu64 " of %" PRIu64 " samples equal under another seed", same, n);
   /* and the shuffle is not the identity */
   mt_gpt_dataset *f;
   s.shuffle = 0;
   OK(mt_gpt_dataset_open(&f, &s));
   int32_t *tf = read_all(f, seq);
-  CHECK(tf && memcmp(ta, tf, bytes), "shuffled equals file order");
+  REQUIRE(tf && memcmp(ta, tf, bytes), "shuffled equals file order");
   free(ta), free(tb), free(tx), free(tf);
   mt_gpt_dataset_free(a), mt_gpt_dataset_free(b), mt_gpt_dataset_free(x), mt_gpt_dataset_free(f);
   return 0;
@@ -346,16 +329,16 @@ static int test_shuffle_false_reads_in_file_order(void) {
   OK(mt_gpt_dataset_open(&d, &s));
   int E = mt_gpt_dataset_epochs(d);
   uint64_t n = mt_gpt_dataset_len(d);
-  CHECK(E == 4 && n == (E * T - 1) / seq, "E %d n %" PRIu64 " T %" PRIu64, E, n, T);
+  REQUIRE(E == 4 && n == (E * T - 1) / seq, "E %d n %" PRIu64 " T %" PRIu64, E, n, T);
   int32_t *stream = malloc(E * T * sizeof *stream);
   uint64_t k = 0;
   for (int e = 0; e < E; e++)
     for (int doc = 40; doc < 80; doc++)
       for (uint32_t off = 0; off < c.len[doc]; off++) stream[k++] = token_of(&c, doc, off);
   int32_t *all = read_all(d, seq);
-  CHECK(all, "read");
+  REQUIRE(all, "read");
   for (uint64_t i = 0; i < n; i++)
-    CHECK(!memcmp(all + i * (seq + 1), stream + i * seq, (seq + 1) * sizeof *all),
+    REQUIRE(!memcmp(all + i * (seq + 1), stream + i * seq, (seq + 1) * sizeof *all),
           "sample %" PRIu64 " is not stream tokens [%" PRIu64 ", +%d]", i, i * seq, seq + 1);
   free(stream);
   free(all);
@@ -388,7 +371,7 @@ static int test_split_ratios_partition_documents(void) {
     for (int w = 0; w < 3; w++) {
       uint64_t f, e;
       OK(mt_gpt_split_docs(cases[i].split, cases[i].n, (mt_split)w, &f, &e));
-      CHECK(f == cases[i].b[w] && e == cases[i].b[w + 1],
+      REQUIRE(f == cases[i].b[w] && e == cases[i].b[w + 1],
             "\"%s\" over %" PRIu64 ", split %d: [%" PRIu64 ", %" PRIu64 "), want [%" PRIu64
             ", %" PRIu64 ")",
             cases[i].split ? cases[i].split : "(null)", cases[i].n, w, f, e, cases[i].b[w],
@@ -405,17 +388,17 @@ static int test_split_ratios_partition_documents(void) {
           uint64_t prev = 0, f, e;
           for (int w = 0; w < 3; w++) {
             OK(mt_gpt_split_docs(sp, n, (mt_split)w, &f, &e));
-            CHECK(f == prev && e >= f,
+            REQUIRE(f == prev && e >= f,
                   "\"%s\" over %" PRIu64 ": split %d is [%" PRIu64 ", %" PRIu64 ") after %" PRIu64,
                   sp, n, w, f, e, prev);
             prev = e;
           }
-          CHECK(prev == n, "\"%s\" over %" PRIu64 " ends at %" PRIu64, sp, n, prev);
+          REQUIRE(prev == n, "\"%s\" over %" PRIu64 " ends at %" PRIu64, sp, n, prev);
         }
   static const char *bad[] = {"a,b", "1,2,3,4", "-1,2", "1,,2", "0,0,0", "1;2", "inf,1"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     uint64_t f, e;
-    CHECK(mt_gpt_split_docs(bad[i], 10, MT_SPLIT_TRAIN, &f, &e) == MT_EINVAL &&
+    REQUIRE(mt_gpt_split_docs(bad[i], 10, MT_SPLIT_TRAIN, &f, &e) == MT_EINVAL &&
               strstr(mt_errmsg(), bad[i]),
           "\"%s\" accepted or unnamed: %s", bad[i], mt_errmsg());
   }
@@ -429,10 +412,10 @@ static int test_split_ratios_partition_documents(void) {
     mt_gpt_dataset_spec s = spec_of(&c, "80,15,5", (mt_split)w, seq, 50, 3, 1);
     mt_gpt_dataset *d;
     OK(mt_gpt_dataset_open(&d, &s));
-    CHECK(mt_gpt_dataset_tokens_per_epoch(d) == corpus_tokens(&c, (int)lo[w], (int)hi[w]),
+    REQUIRE(mt_gpt_dataset_tokens_per_epoch(d) == corpus_tokens(&c, (int)lo[w], (int)hi[w]),
           "split %d tokens", w);
     int32_t *all = read_all(d, seq);
-    CHECK(all, "read");
+    REQUIRE(all, "read");
     for (uint64_t i = 0; i < mt_gpt_dataset_len(d); i++)
       if (check_contiguous(&c, all + i * (seq + 1), seq, (int)lo[w], (int)hi[w])) return 1;
     free(all);
@@ -440,7 +423,7 @@ static int test_split_ratios_partition_documents(void) {
   }
   mt_gpt_dataset_spec s = spec_of(&c, "100,0,0", MT_SPLIT_VALID, seq, 10, 3, 1);
   mt_gpt_dataset *d;
-  CHECK(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "no documents") &&
+  REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "no documents") &&
             strstr(mt_errmsg(), "valid"),
         "empty split: %s", mt_errmsg());
   return 0;
@@ -457,25 +440,25 @@ static int test_epochs_added_when_data_run_out(void) {
     mt_gpt_dataset *d;
     OK(mt_gpt_dataset_open(&d, &s));
     uint64_t E = (uint64_t)mt_gpt_dataset_epochs(d), n = mt_gpt_dataset_len(d);
-    CHECK(n == (E * T - 1) / seq && n >= ns[i], "n_samples %" PRIu64 ": len %" PRIu64 " E %" PRIu64,
+    REQUIRE(n == (E * T - 1) / seq && n >= ns[i], "n_samples %" PRIu64 ": len %" PRIu64 " E %" PRIu64,
           ns[i], n, E);
-    CHECK(E == 1 || ((E - 1) * T - 1) / seq < ns[i],
+    REQUIRE(E == 1 || ((E - 1) * T - 1) / seq < ns[i],
           "n_samples %" PRIu64 ": %" PRIu64 " epochs, one fewer suffices", ns[i], E);
     /* every epoch holds every document: each token's count over the whole
      * stream's inputs is E or E-1 (the last < seq tokens are no input) */
     int32_t *all = read_all(d, seq);
-    CHECK(all, "read");
+    REQUIRE(all, "read");
     static uint8_t count[60 * TOKENS_PER_DOC_ID];
     if (count_inputs(&c, all, seq, 0, n, count)) return 1;
     uint64_t short_by_one = 0;
     for (int doc = 0; doc < 60; doc++)
       for (uint32_t off = 0; off < c.len[doc]; off++) {
         uint64_t k = count[doc * TOKENS_PER_DOC_ID + off];
-        CHECK(k == E || k + 1 == E, "doc %d offset %u seen %" PRIu64 " times in %" PRIu64 " epochs",
+        REQUIRE(k == E || k + 1 == E, "doc %d offset %u seen %" PRIu64 " times in %" PRIu64 " epochs",
               doc, off, k, E);
         short_by_one += k + 1 == E;
       }
-    CHECK(short_by_one == E * T - n * seq, "%" PRIu64 " tokens short, want %" PRIu64, short_by_one,
+    REQUIRE(short_by_one == E * T - n * seq, "%" PRIu64 " tokens short, want %" PRIu64, short_by_one,
           E * T - n * seq);
     free(all);
     mt_gpt_dataset_free(d);
@@ -486,7 +469,7 @@ static int test_epochs_added_when_data_run_out(void) {
 /* ---- cache --------------------------------------------------------------- */
 
 static int file_stat(const char *path, struct stat *st) {
-  CHECK(stat(path, st) == 0, "stat %s: %s", path, strerror(errno));
+  REQUIRE(stat(path, st) == 0, "stat %s: %s", path, strerror(errno));
   return 0;
 }
 
@@ -496,7 +479,7 @@ static int open_status(mt_gpt_dataset_spec *s, int want, char *path_out) {
   int st = mt_gpt_dataset_cache_status(d);
   if (path_out) snprintf(path_out, 512, "%s", mt_gpt_dataset_cache_path(d));
   mt_gpt_dataset_free(d);
-  CHECK(st == want, "cache status %d, want %d", st, want);
+  REQUIRE(st == want, "cache status %d, want %d", st, want);
   return 0;
 }
 
@@ -509,24 +492,24 @@ static int test_cache_reused_and_rebuilt_when_description_changes(void) {
   mt_gpt_dataset_spec s = spec_of(&c, "949,50,1", MT_SPLIT_TRAIN, seq, n2, 1, 1);
   char p1[512], p2[512];
   if (open_status(&s, MT_GPT_CACHE_BUILT, p1)) return 1;
-  CHECK(strstr(p1, tmpdir) == p1 && strstr(p1, "/cache.") && strstr(p1, ".gptidx"),
+  REQUIRE(strstr(p1, tmpdir) == p1 && strstr(p1, "/cache.") && strstr(p1, ".gptidx"),
         "cache path %s is not beside the data", p1);
   struct stat a, b;
   if (file_stat(p1, &a)) return 1;
   usleep(20000);
   if (open_status(&s, MT_GPT_CACHE_LOADED, p2)) return 1;
   if (file_stat(p2, &b)) return 1;
-  CHECK(!strcmp(p1, p2) && a.st_ino == b.st_ino && a.st_mtim.tv_nsec == b.st_mtim.tv_nsec &&
+  REQUIRE(!strcmp(p1, p2) && a.st_ino == b.st_ino && a.st_mtim.tv_nsec == b.st_mtim.tv_nsec &&
             a.st_mtim.tv_sec == b.st_mtim.tv_sec,
         "cache rewritten on a second open");
   /* more samples within the same epochs: the same indices, the same file */
   s.n_samples = n2 + 1;
   if (open_status(&s, MT_GPT_CACHE_LOADED, p2)) return 1;
-  CHECK(!strcmp(p1, p2), "%s vs %s", p1, p2);
+  REQUIRE(!strcmp(p1, p2), "%s vs %s", p1, p2);
   /* each part of the description makes another file */
   s.n_samples = 5 * T / seq; /* more epochs */
   if (open_status(&s, MT_GPT_CACHE_BUILT, p2)) return 1;
-  CHECK(strcmp(p1, p2), "same path for more epochs");
+  REQUIRE(strcmp(p1, p2), "same path for more epochs");
   s.n_samples = n2;
   char seen[8][512];
   int n_seen = 0;
@@ -539,28 +522,28 @@ static int test_cache_reused_and_rebuilt_when_description_changes(void) {
     if (change == 3) t.split = "90,10,0";
     if (change == 4) t.which = MT_SPLIT_VALID;
     if (open_status(&t, MT_GPT_CACHE_BUILT, p2)) return 1;
-    for (int k = 0; k < n_seen; k++) CHECK(strcmp(seen[k], p2), "change %d reuses %s", change, p2);
+    for (int k = 0; k < n_seen; k++) REQUIRE(strcmp(seen[k], p2), "change %d reuses %s", change, p2);
     snprintf(seen[n_seen++], 512, "%s", p2);
   }
   /* the data changing (its mtime) is a new description */
   char idx[300];
   snprintf(idx, sizeof idx, "%s.idx", c.prefix);
   struct timespec ts[2] = {{1000000000, 0}, {1000000000, 0}};
-  CHECK(utimensat(AT_FDCWD, idx, ts, 0) == 0, "utimensat: %s", strerror(errno));
+  REQUIRE(utimensat(AT_FDCWD, idx, ts, 0) == 0, "utimensat: %s", strerror(errno));
   if (open_status(&s, MT_GPT_CACHE_BUILT, p2)) return 1;
-  CHECK(strcmp(p1, p2), "same path after the data changed");
+  REQUIRE(strcmp(p1, p2), "same path after the data changed");
   if (open_status(&s, MT_GPT_CACHE_LOADED, NULL)) return 1;
   /* cache_dir puts it there, created if missing */
   s.cache_dir = tmp_path("cachedir");
   if (open_status(&s, MT_GPT_CACHE_BUILT, p2)) return 1;
-  CHECK(strstr(p2, s.cache_dir) == p2, "%s not under %s", p2, s.cache_dir);
+  REQUIRE(strstr(p2, s.cache_dir) == p2, "%s not under %s", p2, s.cache_dir);
   if (open_status(&s, MT_GPT_CACHE_LOADED, NULL)) return 1;
   return 0;
 }
 
 static int write_at(const char *path, long off, const void *buf, size_t n) {
   int fd = open(path, O_WRONLY);
-  CHECK(fd >= 0 && pwrite(fd, buf, n, off) == (ssize_t)n, "pwrite %s", path);
+  REQUIRE(fd >= 0 && pwrite(fd, buf, n, off) == (ssize_t)n, "pwrite %s", path);
   close(fd);
   return 0;
 }
@@ -575,7 +558,7 @@ static int test_corrupt_cache_is_rebuilt_with_warning(void) {
   char path[512];
   snprintf(path, sizeof path, "%s", mt_gpt_dataset_cache_path(d));
   int32_t *want = read_all(d, seq);
-  CHECK(want, "read");
+  REQUIRE(want, "read");
   uint64_t n = mt_gpt_dataset_len(d);
   mt_gpt_dataset_free(d);
   struct stat st;
@@ -594,7 +577,7 @@ static int test_corrupt_cache_is_rebuilt_with_warning(void) {
       uint8_t x = 0x5a;
       if (write_at(path, (long)st.st_size / 2, &x, 1)) return 1;
     } else if (!strcmp(what, "truncate")) {
-      CHECK(truncate(path, st.st_size - 100) == 0, "truncate");
+      REQUIRE(truncate(path, st.st_size - 100) == 0, "truncate");
     } else if (!strcmp(what, "describe")) {
       if (write_at(path, 128 + 2, "X", 1)) return 1; /* inside the description JSON */
     } else if (!strcmp(what, "garbage")) {
@@ -602,19 +585,19 @@ static int test_corrupt_cache_is_rebuilt_with_warning(void) {
       memset(junk, 'j', sizeof junk);
       if (write_at(path, 0, junk, sizeof junk)) return 1;
     } else {
-      CHECK(truncate(path, 0) == 0, "truncate");
+      REQUIRE(truncate(path, 0) == 0, "truncate");
     }
     capture_begin();
     int rc = mt_gpt_dataset_open(&d, &s);
     const char *err = capture_end();
     OK(rc);
-    CHECK(mt_gpt_dataset_cache_status(d) == MT_GPT_CACHE_REBUILT, "%s: status %d", what,
+    REQUIRE(mt_gpt_dataset_cache_status(d) == MT_GPT_CACHE_REBUILT, "%s: status %d", what,
           mt_gpt_dataset_cache_status(d));
-    CHECK(strstr(err, "warn") && strstr(err, path) && strstr(err, damage[k].needle) &&
+    REQUIRE(strstr(err, "warn") && strstr(err, path) && strstr(err, damage[k].needle) &&
               strstr(err, "rebuild"),
           "%s: warning \"%s\" lacks the path or \"%s\"", what, err, damage[k].needle);
     int32_t *got = read_all(d, seq);
-    CHECK(got && mt_gpt_dataset_len(d) == n && !memcmp(got, want, n * (seq + 1) * sizeof *got),
+    REQUIRE(got && mt_gpt_dataset_len(d) == n && !memcmp(got, want, n * (seq + 1) * sizeof *got),
           "%s: other samples", what);
     free(got);
     mt_gpt_dataset_free(d);
@@ -628,7 +611,7 @@ static int test_unwritable_cache_keeps_index_in_memory(void) {
   static corpus c;
   if (make_corpus(&c, "nocache", 40, 0, len_mixed, 1000)) return 1;
   FILE *fp = fopen(tmp_path("a_file"), "w");
-  CHECK(fp, "create");
+  REQUIRE(fp, "create");
   fclose(fp);
   mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, 9, 300, 4, 1);
   mt_gpt_dataset *d, *e;
@@ -638,11 +621,11 @@ static int test_unwritable_cache_keeps_index_in_memory(void) {
   int rc = mt_gpt_dataset_open(&e, &s);
   const char *err = capture_end();
   OK(rc);
-  CHECK(mt_gpt_dataset_cache_status(e) == MT_GPT_CACHE_MEMORY, "status %d",
+  REQUIRE(mt_gpt_dataset_cache_status(e) == MT_GPT_CACHE_MEMORY, "status %d",
         mt_gpt_dataset_cache_status(e));
-  CHECK(strstr(err, "in memory"), "no warning: %s", err);
+  REQUIRE(strstr(err, "in memory"), "no warning: %s", err);
   int32_t *a = read_all(d, 9), *b = read_all(e, 9);
-  CHECK(a && b && !memcmp(a, b, mt_gpt_dataset_len(d) * 10 * sizeof *a), "samples differ");
+  REQUIRE(a && b && !memcmp(a, b, mt_gpt_dataset_len(d) * 10 * sizeof *a), "samples differ");
   free(a), free(b);
   mt_gpt_dataset_free(d);
   mt_gpt_dataset_free(e);
@@ -674,7 +657,7 @@ static int test_concurrent_reads_match_serial(void) {
   mt_gpt_dataset *d;
   OK(mt_gpt_dataset_open(&d, &s));
   int32_t *want = read_all(d, seq);
-  CHECK(want, "read");
+  REQUIRE(want, "read");
   pthread_t th[4];
   reader r[4];
   for (int t = 0; t < 4; t++) {
@@ -683,7 +666,7 @@ static int test_concurrent_reads_match_serial(void) {
   }
   int bad = 0;
   for (int t = 0; t < 4; t++) pthread_join(th[t], NULL), bad += r[t].bad;
-  CHECK(bad == 0, "%d samples differ when read from 4 threads", bad);
+  REQUIRE(bad == 0, "%d samples differ when read from 4 threads", bad);
   free(want);
   mt_gpt_dataset_free(d);
   return 0;
@@ -694,23 +677,23 @@ static int test_open_refuses_bad_specs(void) {
   if (make_corpus(&c, "bad", 10, 0, len_mixed, 1000)) return 1;
   mt_gpt_dataset *d;
   mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, 0, 10, 1, 1);
-  CHECK(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "seq"), "seq 0: %s",
+  REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "seq"), "seq 0: %s",
         mt_errmsg());
   s = spec_of(&c, "1,x", MT_SPLIT_TRAIN, 8, 10, 1, 1);
-  CHECK(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "1,x"), "split: %s",
+  REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "1,x"), "split: %s",
         mt_errmsg());
   s.prefix = tmp_path("no_such_dataset");
   s.split = "1";
   int rc = mt_gpt_dataset_open(&d, &s);
-  CHECK(rc == MT_ENOENT && strstr(mt_errmsg(), "no_such_dataset"), "missing: %d %s", rc,
+  REQUIRE(rc == MT_ENOENT && strstr(mt_errmsg(), "no_such_dataset"), "missing: %d %s", rc,
         mt_errmsg());
   s = spec_of(&c, "1", MT_SPLIT_TRAIN, 8, UINT64_MAX / 4, 1, 1);
-  CHECK(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "epochs"), "huge: %s",
+  REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "epochs"), "huge: %s",
         mt_errmsg());
   s = spec_of(&c, "1", MT_SPLIT_TRAIN, 8, 10, 1, 1);
   OK(mt_gpt_dataset_open(&d, &s));
   int32_t buf[9];
-  CHECK(mt_gpt_dataset_sample(d, mt_gpt_dataset_len(d), buf) == MT_EINVAL, "past the end read");
+  REQUIRE(mt_gpt_dataset_sample(d, mt_gpt_dataset_len(d), buf) == MT_EINVAL, "past the end read");
   mt_gpt_dataset_free(d);
   return 0;
 }
@@ -756,7 +739,7 @@ static int test_blend_shares_within_half_percent_over_10000_samples(void) {
       for (int k = 0; k < n; k++) {
         double dev = fabs((double)mt_blend_consumed(b, k, i) - w[k] * (double)i);
         if (dev > worst) worst = dev;
-        CHECK(dev < 1.0,
+        REQUIRE(dev < 1.0,
               "case %zu: dataset %d after %" PRIu64 " samples: %" PRIu64 ", weight says %.3f", ci,
               k, i, mt_blend_consumed(b, k, i), w[k] * (double)i);
       }
@@ -766,17 +749,17 @@ static int test_blend_shares_within_half_percent_over_10000_samples(void) {
       /* within 0.5% of the weight where a sample is under 0.5% of its
        * share (w >= 2%), and never a whole sample off */
       double share = (double)counts[k] / BLEND_N;
-      CHECK(fabs(share - w[k]) <= 0.005 * w[k] || w[k] < 0.02,
+      REQUIRE(fabs(share - w[k]) <= 0.005 * w[k] || w[k] < 0.02,
             "case %zu: dataset %d share %.5f, "
             "weight %.5f",
             ci, k, share, w[k]);
-      CHECK(fabs((double)counts[k] - w[k] * BLEND_N) < 1,
+      REQUIRE(fabs((double)counts[k] - w[k] * BLEND_N) < 1,
             "case %zu: dataset %d: %" PRIu64 " samples, weight says %.2f", ci, k, counts[k],
             w[k] * BLEND_N);
-      CHECK(counts[k] == mt_blend_consumed(b, k, BLEND_N), "counts disagree with the blend");
+      REQUIRE(counts[k] == mt_blend_consumed(b, k, BLEND_N), "counts disagree with the blend");
       total += counts[k];
     }
-    CHECK(total == BLEND_N, "total %" PRIu64, total);
+    REQUIRE(total == BLEND_N, "total %" PRIu64, total);
     printf("  weights case %zu: worst prefix deviation %.3f samples\n", ci, worst);
 
     /* global sample i is dataset k's sample consumed(k, i), token for token */
@@ -784,10 +767,10 @@ static int test_blend_shares_within_half_percent_over_10000_samples(void) {
     for (uint64_t i = 0; i < BLEND_N; i += 7) {
       int k;
       OK(mt_blend_sample(b, i, got, &k));
-      CHECK(k >= 0 && k < n && w[k] > 0, "sample %" PRIu64 " from dataset %d", i, k);
+      REQUIRE(k >= 0 && k < n && w[k] > 0, "sample %" PRIu64 " from dataset %d", i, k);
       OK(mt_gpt_dataset_sample(sets[k], mt_blend_consumed(b, k, i), want));
-      CHECK(!memcmp(got, want, sizeof got), "sample %" PRIu64 " differs", i);
-      CHECK(got[0] / 10000000 == k, "token %d is not from dataset %d", got[0], k);
+      REQUIRE(!memcmp(got, want, sizeof got), "sample %" PRIu64 " differs", i);
+      REQUIRE(got[0] / 10000000 == k, "token %d is not from dataset %d", got[0], k);
     }
     mt_blend_free(b);
     for (int k = 0; k < n; k++) mt_gpt_dataset_free(sets[k]);
@@ -808,14 +791,14 @@ static int test_blend_is_deterministic(void) {
     int ka, kb;
     OK(mt_blend_sample(a, i, ta, &ka));
     OK(mt_blend_sample(b, i, tb, &kb));
-    CHECK(ka == kb && !memcmp(ta, tb, sizeof ta), "sample %" PRIu64 " differs", i);
+    REQUIRE(ka == kb && !memcmp(ta, tb, sizeof ta), "sample %" PRIu64 " differs", i);
   }
   /* a longer blend starts with the shorter one */
   mt_blend *c;
   OK(mt_blend_open(&c, sets, w, 3, 3000));
   for (uint64_t i = 0; i <= 3000; i++)
     for (int k = 0; k < 3; k++)
-      CHECK(mt_blend_consumed(a, k, i) == mt_blend_consumed(c, k, i), "prefix %" PRIu64, i);
+      REQUIRE(mt_blend_consumed(a, k, i) == mt_blend_consumed(c, k, i), "prefix %" PRIu64, i);
   /* ties go to the lowest index; a weight-0 dataset may be absent */
   mt_blend *t;
   const double even[2] = {1, 1};
@@ -823,21 +806,21 @@ static int test_blend_is_deterministic(void) {
   for (uint64_t i = 0; i < 10; i++) {
     int k;
     OK(mt_blend_sample(t, i, ta, &k));
-    CHECK(k == (int)(i % 2), "even blend sample %" PRIu64 " from %d", i, k);
+    REQUIRE(k == (int)(i % 2), "even blend sample %" PRIu64 " from %d", i, k);
   }
   mt_blend_free(t);
   mt_gpt_dataset *some[3] = {NULL, sets[1], NULL};
   const double one[3] = {0, 1, 0};
   OK(mt_blend_open(&t, some, one, 3, 100));
-  CHECK(mt_blend_consumed(t, 1, 100) == 100, "weight-1 dataset got %" PRIu64,
+  REQUIRE(mt_blend_consumed(t, 1, 100) == 100, "weight-1 dataset got %" PRIu64,
         mt_blend_consumed(t, 1, 100));
   mt_blend_free(t);
   /* a dataset smaller than its share is refused, naming it */
   const double heavy[3] = {0.1, 0.1, 5};
-  CHECK(mt_blend_open(&t, sets, heavy, 3, 5000) == MT_EINVAL && strstr(mt_errmsg(), "blend2"),
+  REQUIRE(mt_blend_open(&t, sets, heavy, 3, 5000) == MT_EINVAL && strstr(mt_errmsg(), "blend2"),
         "undersized: %s", mt_errmsg());
   const double neg[2] = {1, -1};
-  CHECK(mt_blend_open(&t, sets, neg, 2, 10) == MT_EINVAL, "negative weight accepted");
+  REQUIRE(mt_blend_open(&t, sets, neg, 2, 10) == MT_EINVAL, "negative weight accepted");
   mt_blend_free(a), mt_blend_free(b), mt_blend_free(c);
   for (int k = 0; k < 3; k++) mt_gpt_dataset_free(sets[k]);
   return 0;

@@ -13,26 +13,9 @@
 #include "err.h"
 #include "indexed.h"
 
-static char tmpdir[64];
-static int failures;
 
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (!(cond)) {                                                                                 \
-      fprintf(stderr, "  %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                   \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fprintf(stderr, "\n");                                                                       \
-      return 1;                                                                                    \
-    }                                                                                              \
-  } while (0)
+#include "mt_check.h"
 
-static const char *tmp_path(const char *name) {
-  static char buf[4][256];
-  static int k;
-  k = (k + 1) % 4;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-  return buf[k];
-}
 
 /* Number of entries in tmpdir whose name contains needle. */
 static int count_files(const char *needle) {
@@ -128,12 +111,12 @@ static int expect_refused(const char *prefix, int code, const char *n1, const ch
                           const char *n3) {
   mt_indexed d;
   int rc = mt_indexed_open(&d, prefix);
-  CHECK(rc == code, "open %s gave %d (%s), want %d", prefix, rc, mt_errmsg(), code);
+  REQUIRE(rc == code, "open %s gave %d (%s), want %d", prefix, rc, mt_errmsg(), code);
   const char *needles[3] = {n1, n2, n3};
   for (int i = 0; i < 3; i++)
-    CHECK(!needles[i] || strstr(mt_errmsg(), needles[i]), "message \"%s\" lacks \"%s\"",
+    REQUIRE(!needles[i] || strstr(mt_errmsg(), needles[i]), "message \"%s\" lacks \"%s\"",
           mt_errmsg(), needles[i]);
-  CHECK(d.idx_map == NULL && d.bin_map == NULL, "a refused dataset is left closed");
+  REQUIRE(d.idx_map == NULL && d.bin_map == NULL, "a refused dataset is left closed");
   return 0;
 }
 
@@ -143,27 +126,27 @@ static int test_hand_built_file_reads_as_written(void) {
   layout l = good_layout();
   const char *prefix = write_layout("good", &l);
   mt_indexed d;
-  CHECK(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
-  CHECK(d.dtype == MT_IDX_U16 && d.elem_bytes == 2, "dtype %d", d.dtype);
-  CHECK(d.n_seqs == GOOD_N && d.n_docs == GOOD_D, "N %llu D %llu", (unsigned long long)d.n_seqs,
+  REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
+  REQUIRE(d.dtype == MT_IDX_U16 && d.elem_bytes == 2, "dtype %d", d.dtype);
+  REQUIRE(d.n_seqs == GOOD_N && d.n_docs == GOOD_D, "N %llu D %llu", (unsigned long long)d.n_seqs,
         (unsigned long long)d.n_docs);
-  CHECK(d.n_tokens == 10, "n_tokens %llu", (unsigned long long)d.n_tokens);
+  REQUIRE(d.n_tokens == 10, "n_tokens %llu", (unsigned long long)d.n_tokens);
   for (int i = 0; i <= GOOD_D; i++)
-    CHECK(mt_indexed_doc_start(&d, (uint64_t)i) == (uint64_t)good_docs[i], "doc %d", i);
+    REQUIRE(mt_indexed_doc_start(&d, (uint64_t)i) == (uint64_t)good_docs[i], "doc %d", i);
   int t = 0;
   for (int i = 0; i < GOOD_N; i++) {
-    CHECK(mt_indexed_seq_len(&d, (uint64_t)i) == (uint32_t)good_sizes[i], "len %d", i);
-    CHECK(mt_indexed_seq_offset(&d, (uint64_t)i) == (uint64_t)l.pointers[i], "offset %d", i);
+    REQUIRE(mt_indexed_seq_len(&d, (uint64_t)i) == (uint32_t)good_sizes[i], "len %d", i);
+    REQUIRE(mt_indexed_seq_offset(&d, (uint64_t)i) == (uint64_t)l.pointers[i], "offset %d", i);
     int32_t got[8];
-    CHECK(mt_indexed_read(&d, (uint64_t)i, 0, (uint64_t)good_sizes[i], got) == 0, "%s",
+    REQUIRE(mt_indexed_read(&d, (uint64_t)i, 0, (uint64_t)good_sizes[i], got) == 0, "%s",
           mt_errmsg());
-    for (int j = 0; j < good_sizes[i]; j++, t++) CHECK(got[j] == 1000 + t, "seq %d tok %d", i, j);
+    for (int j = 0; j < good_sizes[i]; j++, t++) REQUIRE(got[j] == 1000 + t, "seq %d tok %d", i, j);
   }
   int32_t two[2];
-  CHECK(mt_indexed_read(&d, 3, 2, 2, two) == 0 && two[0] == 1007 && two[1] == 1008,
+  REQUIRE(mt_indexed_read(&d, 3, 2, 2, two) == 0 && two[0] == 1007 && two[1] == 1008,
         "a slice inside a sequence");
-  CHECK(mt_indexed_read(&d, 3, 4, 2, two) == MT_EINVAL, "a slice past the sequence is refused");
-  CHECK(mt_indexed_read(&d, 4, 0, 1, two) == MT_EINVAL, "sequence N is refused");
+  REQUIRE(mt_indexed_read(&d, 3, 4, 2, two) == MT_EINVAL, "a slice past the sequence is refused");
+  REQUIRE(mt_indexed_read(&d, 4, 0, 1, two) == MT_EINVAL, "sequence N is refused");
   mt_indexed_close(&d);
   return 0;
 }
@@ -173,7 +156,7 @@ static int roundtrip(int dtype, int32_t lo, int32_t hi) {
   snprintf(name, sizeof name, "rt%d", dtype);
   const char *prefix = tmp_path(name);
   mt_indexed_writer *w;
-  CHECK(mt_indexed_writer_open(&w, prefix, dtype) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_open(&w, prefix, dtype) == 0, "%s", mt_errmsg());
   /* 50 documents of 0..3 sequences of 0..999 tokens; ids cycle through [lo, hi] */
   uint32_t rng = 12345;
   int32_t *ids = malloc(1000 * sizeof *ids);
@@ -184,19 +167,19 @@ static int roundtrip(int dtype, int32_t lo, int32_t hi) {
     for (int s = 0; s < k; s++) {
       size_t n = ((rng = rng * 1103515245u + 12345u) >> 16) % 1000;
       for (size_t i = 0; i < n; i++) ids[i] = (int32_t)(lo + (next++ - lo) % span);
-      CHECK(mt_indexed_writer_add_seq(w, ids, n) == 0, "%s", mt_errmsg());
+      REQUIRE(mt_indexed_writer_add_seq(w, ids, n) == 0, "%s", mt_errmsg());
       n_seqs++;
       n_tokens += n;
     }
-    CHECK(mt_indexed_writer_end_doc(w) == 0, "%s", mt_errmsg());
+    REQUIRE(mt_indexed_writer_end_doc(w) == 0, "%s", mt_errmsg());
   }
-  CHECK(count_files(name) == 1 && count_files(".bin.tmp.") == 1, "only a temp .bin while writing");
-  CHECK(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
-  CHECK(count_files(".tmp.") == 0, "no temp files left after finish");
+  REQUIRE(count_files(name) == 1 && count_files(".bin.tmp.") == 1, "only a temp .bin while writing");
+  REQUIRE(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
+  REQUIRE(count_files(".tmp.") == 0, "no temp files left after finish");
 
   mt_indexed d;
-  CHECK(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
-  CHECK(d.dtype == dtype && d.n_seqs == n_seqs && d.n_docs == 50 && d.n_tokens == n_tokens,
+  REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
+  REQUIRE(d.dtype == dtype && d.n_seqs == n_seqs && d.n_docs == 50 && d.n_tokens == n_tokens,
         "dtype %d N %llu D %llu tokens %llu", d.dtype, (unsigned long long)d.n_seqs,
         (unsigned long long)d.n_docs, (unsigned long long)d.n_tokens);
   rng = 12345;
@@ -204,19 +187,19 @@ static int roundtrip(int dtype, int32_t lo, int32_t hi) {
   uint64_t seq = 0;
   for (uint64_t doc = 0; doc < 50; doc++) {
     int k = (int)((rng = rng * 1103515245u + 12345u) >> 16) % 4;
-    CHECK(mt_indexed_doc_start(&d, doc) == seq, "doc %llu", (unsigned long long)doc);
+    REQUIRE(mt_indexed_doc_start(&d, doc) == seq, "doc %llu", (unsigned long long)doc);
     for (int s = 0; s < k; s++, seq++) {
       size_t n = ((rng = rng * 1103515245u + 12345u) >> 16) % 1000;
-      CHECK(mt_indexed_seq_len(&d, seq) == n, "seq %llu", (unsigned long long)seq);
-      CHECK(mt_indexed_read(&d, seq, 0, n, ids) == 0, "%s", mt_errmsg());
+      REQUIRE(mt_indexed_seq_len(&d, seq) == n, "seq %llu", (unsigned long long)seq);
+      REQUIRE(mt_indexed_read(&d, seq, 0, n, ids) == 0, "%s", mt_errmsg());
       for (size_t i = 0; i < n; i++) {
         int32_t want = (int32_t)(lo + (next++ - lo) % span);
-        CHECK(ids[i] == want, "seq %llu token %zu: %d, want %d", (unsigned long long)seq, i, ids[i],
+        REQUIRE(ids[i] == want, "seq %llu token %zu: %d, want %d", (unsigned long long)seq, i, ids[i],
               want);
       }
     }
   }
-  CHECK(mt_indexed_doc_start(&d, 50) == n_seqs, "doc_idx ends at N");
+  REQUIRE(mt_indexed_doc_start(&d, 50) == n_seqs, "doc_idx ends at N");
   mt_indexed_close(&d);
   free(ids);
   return 0;
@@ -229,24 +212,24 @@ static int test_i32_roundtrip_through_writer(void) {
 
 static int test_writer_refuses_ids_outside_dtype(void) {
   mt_indexed_writer *w;
-  CHECK(mt_indexed_writer_open(&w, tmp_path("range"), MT_IDX_U16) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_open(&w, tmp_path("range"), MT_IDX_U16) == 0, "%s", mt_errmsg());
   int32_t ids[3] = {1, 65536, 2};
-  CHECK(mt_indexed_writer_add_seq(w, ids, 3) == MT_EINVAL, "65536 in u16 accepted");
-  CHECK(strstr(mt_errmsg(), "token 1 of sequence 0 is 65536"), "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_add_seq(w, ids, 3) == MT_EINVAL, "65536 in u16 accepted");
+  REQUIRE(strstr(mt_errmsg(), "token 1 of sequence 0 is 65536"), "%s", mt_errmsg());
   mt_indexed_writer_abort(w);
-  CHECK(mt_indexed_writer_open(&w, tmp_path("float"), MT_IDX_F32) == MT_ENOTSUP, "f32 writer");
-  CHECK(mt_indexed_writer_open(&w, tmp_path("nine"), 9) == MT_EINVAL, "dtype 9 writer");
+  REQUIRE(mt_indexed_writer_open(&w, tmp_path("float"), MT_IDX_F32) == MT_ENOTSUP, "f32 writer");
+  REQUIRE(mt_indexed_writer_open(&w, tmp_path("nine"), 9) == MT_EINVAL, "dtype 9 writer");
   return 0;
 }
 
 static int test_writer_abort_removes_temp_files(void) {
   mt_indexed_writer *w;
-  CHECK(mt_indexed_writer_open(&w, tmp_path("aborted"), MT_IDX_I32) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_open(&w, tmp_path("aborted"), MT_IDX_I32) == 0, "%s", mt_errmsg());
   int32_t ids[2] = {7, 8};
-  CHECK(mt_indexed_writer_add_seq(w, ids, 2) == 0, "%s", mt_errmsg());
-  CHECK(count_files("aborted") == 1, "the temp .bin exists while writing");
+  REQUIRE(mt_indexed_writer_add_seq(w, ids, 2) == 0, "%s", mt_errmsg());
+  REQUIRE(count_files("aborted") == 1, "the temp .bin exists while writing");
   mt_indexed_writer_abort(w);
-  CHECK(count_files("aborted") == 0, "abort leaves nothing behind");
+  REQUIRE(count_files("aborted") == 0, "abort leaves nothing behind");
   return 0;
 }
 
@@ -254,15 +237,15 @@ static int test_writer_abort_removes_temp_files(void) {
 static int test_writer_finish_closes_open_document(void) {
   const char *prefix = tmp_path("open_doc");
   mt_indexed_writer *w;
-  CHECK(mt_indexed_writer_open(&w, prefix, MT_IDX_U16) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_open(&w, prefix, MT_IDX_U16) == 0, "%s", mt_errmsg());
   int32_t ids[2] = {7, 8};
-  CHECK(mt_indexed_writer_add_seq(w, ids, 2) == 0, "%s", mt_errmsg());
-  CHECK(mt_indexed_writer_end_doc(w) == 0, "%s", mt_errmsg());
-  CHECK(mt_indexed_writer_add_seq(w, ids, 1) == 0, "%s", mt_errmsg());
-  CHECK(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_add_seq(w, ids, 2) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_end_doc(w) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_add_seq(w, ids, 1) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
   mt_indexed d;
-  CHECK(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
-  CHECK(d.n_docs == 2 && d.n_seqs == 2 && mt_indexed_doc_start(&d, 1) == 1, "D %llu",
+  REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
+  REQUIRE(d.n_docs == 2 && d.n_seqs == 2 && mt_indexed_doc_start(&d, 1) == 1, "D %llu",
         (unsigned long long)d.n_docs);
   mt_indexed_close(&d);
   return 0;
@@ -271,11 +254,11 @@ static int test_writer_finish_closes_open_document(void) {
 static int test_empty_dataset_reads(void) {
   const char *prefix = tmp_path("empty");
   mt_indexed_writer *w;
-  CHECK(mt_indexed_writer_open(&w, prefix, MT_IDX_U16) == 0, "%s", mt_errmsg());
-  CHECK(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_open(&w, prefix, MT_IDX_U16) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
   mt_indexed d;
-  CHECK(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
-  CHECK(d.n_seqs == 0 && d.n_docs == 0 && d.n_tokens == 0, "empty");
+  REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
+  REQUIRE(d.n_seqs == 0 && d.n_docs == 0 && d.n_tokens == 0, "empty");
   mt_indexed_close(&d);
   return 0;
 }
@@ -401,7 +384,7 @@ static int test_multimodal_index_named(void) {
   char path[300];
   snprintf(path, sizeof path, "%s.idx", prefix);
   FILE *fp = fopen(path, "ab");
-  CHECK(fp && fwrite("\0\0\0\0", 1, GOOD_N, fp) == GOOD_N && !fclose(fp), "append");
+  REQUIRE(fp && fwrite("\0\0\0\0", 1, GOOD_N, fp) == GOOD_N && !fclose(fp), "append");
   return expect_refused(prefix, MT_ENOTSUP, "multimodal.idx", "sequence modes", NULL);
 }
 
@@ -419,9 +402,9 @@ static int test_float_dtype_opens_but_read_refused(void) {
   uint8_t zeros[40] = {0};
   write_file(path, zeros, sizeof zeros);
   mt_indexed d;
-  CHECK(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
   int32_t out[4];
-  CHECK(mt_indexed_read(&d, 0, 0, 3, out) == MT_ENOTSUP, "floats read as ids");
+  REQUIRE(mt_indexed_read(&d, 0, 0, 3, out) == MT_ENOTSUP, "floats read as ids");
   mt_indexed_close(&d);
   return 0;
 }

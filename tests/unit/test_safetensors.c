@@ -15,27 +15,10 @@
 #include "gpt.h"
 #include "safetensors.h"
 
-static char tmpdir[64];
 static mt_device dev;
-static int failures;
 
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (!(cond)) {                                                                                 \
-      fprintf(stderr, "  %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                   \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fprintf(stderr, "\n");                                                                       \
-      return 1;                                                                                    \
-    }                                                                                              \
-  } while (0)
+#include "mt_check.h"
 
-static const char *tmp_path(const char *name) {
-  static char buf[4][256];
-  static int k;
-  k = (k + 1) % 4;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-  return buf[k];
-}
 
 /* Writes u64le(header_len) + header + data, the format by hand. */
 static void write_raw(const char *path, uint64_t header_len, const char *header, size_t hbytes,
@@ -61,11 +44,11 @@ static void write_st(const char *path, const char *header, const void *data, siz
 static int expect_open_refused(const char *path, const char *needle1, const char *needle2) {
   mt_st_file f;
   int rc = mt_st_open(&f, path);
-  CHECK(rc < 0, "opened a bad file %s", path);
-  CHECK(strstr(mt_errmsg(), path), "message does not name the file: %s", mt_errmsg());
-  CHECK(!needle1 || strstr(mt_errmsg(), needle1), "message lacks \"%s\": %s", needle1, mt_errmsg());
-  CHECK(!needle2 || strstr(mt_errmsg(), needle2), "message lacks \"%s\": %s", needle2, mt_errmsg());
-  CHECK(f.map == NULL && f.n == 0, "refused file left state behind");
+  REQUIRE(rc < 0, "opened a bad file %s", path);
+  REQUIRE(strstr(mt_errmsg(), path), "message does not name the file: %s", mt_errmsg());
+  REQUIRE(!needle1 || strstr(mt_errmsg(), needle1), "message lacks \"%s\": %s", needle1, mt_errmsg());
+  REQUIRE(!needle2 || strstr(mt_errmsg(), needle2), "message lacks \"%s\": %s", needle2, mt_errmsg());
+  REQUIRE(f.map == NULL && f.n == 0, "refused file left state behind");
   printf("  refused as expected: %s\n", mt_errmsg());
   return 0;
 }
@@ -143,22 +126,22 @@ static json_t *read_metadata(const char *path) {
 
 static int test_gpt_save_then_load_is_bit_exact(void) {
   mt_gpt a, b;
-  CHECK(!make_model(&a), "create a");
-  CHECK(!make_model(&b), "create b");
-  CHECK(!fill_random(&a, a.params), "fill");
+  REQUIRE(!make_model(&a), "create a");
+  REQUIRE(!make_model(&b), "create b");
+  REQUIRE(!fill_random(&a, a.params), "fill");
   const char *path = tmp_path("roundtrip.safetensors");
   int rc = mt_gpt_save_safetensors(&a, path);
-  CHECK(!rc, "save: %s", mt_errmsg());
+  REQUIRE(!rc, "save: %s", mt_errmsg());
   rc = mt_gpt_load_safetensors(&b, path);
-  CHECK(!rc, "load: %s", mt_errmsg());
+  REQUIRE(!rc, "load: %s", mt_errmsg());
   float *ha = download(&a, a.params), *hb = download(&b, b.params);
-  CHECK(ha && hb, "download");
-  CHECK(a.num_params == b.num_params, "sizes differ");
+  REQUIRE(ha && hb, "download");
+  REQUIRE(a.num_params == b.num_params, "sizes differ");
   size_t diff = 0;
   for (size_t i = 0; i < a.num_params; i++) diff += memcmp(&ha[i], &hb[i], sizeof(float)) != 0;
   free(ha);
   free(hb);
-  CHECK(diff == 0, "%zu of %zu parameters differ after the round trip", diff, a.num_params);
+  REQUIRE(diff == 0, "%zu of %zu parameters differ after the round trip", diff, a.num_params);
   mt_gpt_destroy(&a);
   mt_gpt_destroy(&b);
   return 0;
@@ -166,54 +149,54 @@ static int test_gpt_save_then_load_is_bit_exact(void) {
 
 static int test_saved_file_has_hf_shapes_layouts_and_metadata(void) {
   mt_gpt m;
-  CHECK(!make_model(&m), "create");
-  CHECK(!fill_random(&m, m.params), "fill");
+  REQUIRE(!make_model(&m), "create");
+  REQUIRE(!fill_random(&m, m.params), "fill");
   const char *path = tmp_path("layout.safetensors");
-  CHECK(!mt_gpt_save_safetensors(&m, path), "save: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_save_safetensors(&m, path), "save: %s", mt_errmsg());
   float *host = download(&m, m.params);
-  CHECK(host, "download");
+  REQUIRE(host, "download");
   mt_st_file f;
-  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
-  CHECK(f.n == m.n_tensors, "%d tensors in the file, %d in the model", f.n, m.n_tensors);
+  REQUIRE(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  REQUIRE(f.n == m.n_tensors, "%d tensors in the file, %d in the model", f.n, m.n_tensors);
   const int64_t C = 32, V = 250;
 
   const mt_st_tensor *wte = mt_st_find(&f, "wte.weight");
-  CHECK(wte && wte->ndim == 2 && wte->shape[0] == V && wte->shape[1] == C,
+  REQUIRE(wte && wte->ndim == 2 && wte->shape[0] == V && wte->shape[1] == C,
         "wte.weight must be (V=250, C) without padding rows");
-  CHECK(!strcmp(wte->dtype, "F32"), "dtype %s", wte->dtype);
+  REQUIRE(!strcmp(wte->dtype, "F32"), "dtype %s", wte->dtype);
 
   const mt_st_tensor *qkv = mt_st_find(&f, "h.1.attn.c_attn.weight");
-  CHECK(qkv && qkv->ndim == 2 && qkv->shape[0] == C && qkv->shape[1] == 3 * C,
+  REQUIRE(qkv && qkv->ndim == 2 && qkv->shape[0] == C && qkv->shape[1] == 3 * C,
         "c_attn.weight must be Conv1D (C, 3C)");
   float *fileq = malloc((size_t)(3 * C * C) * sizeof *fileq);
-  CHECK(fileq && !mt_st_read_f32(&f, qkv, fileq), "read");
+  REQUIRE(fileq && !mt_st_read_f32(&f, qkv, fileq), "read");
   const float *ours = host + m.params_table[mt_gpt_find(&m, "h.1.attn.c_attn.weight")].offset;
   for (int64_t o = 0; o < 3 * C; o++)
     for (int64_t i = 0; i < C; i++)
-      CHECK(fileq[i * 3 * C + o] == ours[o * C + i], "file[%lld][%lld] != ours[%lld][%lld]",
+      REQUIRE(fileq[i * 3 * C + o] == ours[o * C + i], "file[%lld][%lld] != ours[%lld][%lld]",
             (long long)i, (long long)o, (long long)o, (long long)i);
   free(fileq);
 
   const mt_st_tensor *fc = mt_st_find(&f, "h.0.mlp.c_fc.weight");
-  CHECK(fc && fc->shape[0] == C && fc->shape[1] == 4 * C, "c_fc.weight must be (C, 4C)");
+  REQUIRE(fc && fc->shape[0] == C && fc->shape[1] == 4 * C, "c_fc.weight must be (C, 4C)");
   const mt_st_tensor *fcp = mt_st_find(&f, "h.0.mlp.c_proj.weight");
-  CHECK(fcp && fcp->shape[0] == 4 * C && fcp->shape[1] == C, "mlp.c_proj.weight must be (4C, C)");
+  REQUIRE(fcp && fcp->shape[0] == 4 * C && fcp->shape[1] == C, "mlp.c_proj.weight must be (4C, C)");
   const mt_st_tensor *wpe = mt_st_find(&f, "wpe.weight");
-  CHECK(wpe && wpe->shape[0] == 16 && wpe->shape[1] == C, "wpe.weight must be (max_seq, C)");
+  REQUIRE(wpe && wpe->shape[0] == 16 && wpe->shape[1] == C, "wpe.weight must be (max_seq, C)");
   const mt_st_tensor *lnb = mt_st_find(&f, "ln_f.bias");
-  CHECK(lnb && lnb->ndim == 1 && lnb->shape[0] == C, "ln_f.bias must be (C)");
-  CHECK((uintptr_t)(f.data - (const uint8_t *)f.map) % 8 == 0,
+  REQUIRE(lnb && lnb->ndim == 1 && lnb->shape[0] == C, "ln_f.bias must be (C)");
+  REQUIRE((uintptr_t)(f.data - (const uint8_t *)f.map) % 8 == 0,
         "header not padded to 8-byte alignment");
   mt_st_close(&f);
   free(host);
 
   json_t *meta = read_metadata(path);
-  CHECK(meta, "no __metadata__");
+  REQUIRE(meta, "no __metadata__");
   const char *want[][2] = {{"format", "pt"}, {"n_layer", "2"},      {"n_embd", "32"},
                            {"n_head", "4"},  {"vocab_size", "250"}, {"seq", "16"}};
   for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
     const char *v = json_string_value(json_object_get(meta, want[k][0]));
-    CHECK(v && !strcmp(v, want[k][1]), "metadata %s = %s, want \"%s\"", want[k][0],
+    REQUIRE(v && !strcmp(v, want[k][1]), "metadata %s = %s, want \"%s\"", want[k][0],
           v ? v : "(missing or not a string)", want[k][1]);
   }
   json_decref(meta);
@@ -223,17 +206,17 @@ static int test_saved_file_has_hf_shapes_layouts_and_metadata(void) {
 
 static int test_grads_saved_under_parameter_names_and_layouts(void) {
   mt_gpt m;
-  CHECK(!make_model(&m), "create");
-  CHECK(!fill_random(&m, m.grads), "fill grads");
+  REQUIRE(!make_model(&m), "create");
+  REQUIRE(!fill_random(&m, m.grads), "fill grads");
   const char *path = tmp_path("grads.safetensors");
-  CHECK(!mt_gpt_save_grads_safetensors(&m, path), "save grads: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_save_grads_safetensors(&m, path), "save grads: %s", mt_errmsg());
   /* Loading the gradient file as weights must reproduce the gradients. */
   mt_gpt b;
-  CHECK(!make_model(&b), "create b");
-  CHECK(!mt_gpt_load_safetensors(&b, path), "load: %s", mt_errmsg());
+  REQUIRE(!make_model(&b), "create b");
+  REQUIRE(!mt_gpt_load_safetensors(&b, path), "load: %s", mt_errmsg());
   float *g = download(&m, m.grads), *p = download(&b, b.params);
-  CHECK(g && p, "download");
-  CHECK(!memcmp(g, p, m.num_params * sizeof *g), "gradients changed on the way through the file");
+  REQUIRE(g && p, "download");
+  REQUIRE(!memcmp(g, p, m.num_params * sizeof *g), "gradients changed on the way through the file");
   free(g);
   free(p);
   mt_gpt_destroy(&m);
@@ -264,7 +247,7 @@ static int test_reads_hand_written_f16_bf16_f32_f64(void) {
   k += sizeof f32;
   memcpy(data + k, f64, sizeof f64);
   k += sizeof f64;
-  CHECK(k == 16 + 8 + 12 + 16, "layout");
+  REQUIRE(k == 16 + 8 + 12 + 16, "layout");
   /* Header length 163 is deliberately not a multiple of 8: reads must cope
    * with unaligned data. */
   const char *header = "{\"__metadata__\":{\"format\":\"pt\"},"
@@ -276,34 +259,34 @@ static int test_reads_hand_written_f16_bf16_f32_f64(void) {
   write_st(path, header, data, k);
 
   mt_st_file f;
-  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
-  CHECK(f.n == 4, "%d tensors (metadata is not a tensor)", f.n);
-  CHECK(mt_st_find(&f, "__metadata__") == NULL, "metadata listed as a tensor");
-  CHECK(mt_st_find(&f, "nope") == NULL, "found a tensor that is not there");
+  REQUIRE(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  REQUIRE(f.n == 4, "%d tensors (metadata is not a tensor)", f.n);
+  REQUIRE(mt_st_find(&f, "__metadata__") == NULL, "metadata listed as a tensor");
+  REQUIRE(mt_st_find(&f, "nope") == NULL, "found a tensor that is not there");
   float out[8];
 
   const mt_st_tensor *t = mt_st_find(&f, "half");
-  CHECK(t && !strcmp(t->dtype, "F16") && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 4 &&
+  REQUIRE(t && !strcmp(t->dtype, "F16") && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 4 &&
             t->bytes == 16,
         "half: metadata");
-  CHECK(!mt_st_read_f32(&f, t, out), "read half: %s", mt_errmsg());
+  REQUIRE(!mt_st_read_f32(&f, t, out), "read half: %s", mt_errmsg());
   for (int i = 0; i < 8; i++)
-    CHECK(!memcmp(&out[i], &f16_want[i], 4), "F16 %#06x -> %g, want %g", h16[i], out[i],
+    REQUIRE(!memcmp(&out[i], &f16_want[i], 4), "F16 %#06x -> %g, want %g", h16[i], out[i],
           f16_want[i]);
 
   t = mt_st_find(&f, "brain");
-  CHECK(t && !strcmp(t->dtype, "BF16") && t->ndim == 1 && t->shape[0] == 4, "brain: metadata");
-  CHECK(!mt_st_read_f32(&f, t, out), "read brain: %s", mt_errmsg());
+  REQUIRE(t && !strcmp(t->dtype, "BF16") && t->ndim == 1 && t->shape[0] == 4, "brain: metadata");
+  REQUIRE(!mt_st_read_f32(&f, t, out), "read brain: %s", mt_errmsg());
   for (int i = 0; i < 4; i++)
-    CHECK(out[i] == bf_want[i], "BF16 %#06x -> %g, want %g", b16[i], out[i], bf_want[i]);
+    REQUIRE(out[i] == bf_want[i], "BF16 %#06x -> %g, want %g", b16[i], out[i], bf_want[i]);
 
   t = mt_st_find(&f, "single");
-  CHECK(t && !mt_st_read_f32(&f, t, out), "read single");
-  for (int i = 0; i < 3; i++) CHECK(out[i] == f32[i], "F32[%d] -> %g", i, out[i]);
+  REQUIRE(t && !mt_st_read_f32(&f, t, out), "read single");
+  for (int i = 0; i < 3; i++) REQUIRE(out[i] == f32[i], "F32[%d] -> %g", i, out[i]);
 
   t = mt_st_find(&f, "double");
-  CHECK(t && !mt_st_read_f32(&f, t, out), "read double");
-  for (int i = 0; i < 2; i++) CHECK(out[i] == (float)f64[i], "F64[%d] -> %g", i, out[i]);
+  REQUIRE(t && !mt_st_read_f32(&f, t, out), "read double");
+  for (int i = 0; i < 2; i++) REQUIRE(out[i] == (float)f64[i], "F64[%d] -> %g", i, out[i]);
   mt_st_close(&f);
   return 0;
 }
@@ -313,10 +296,10 @@ static int test_refuses_integer_dtype_as_floats(void) {
   int32_t v[2] = {1, 2};
   write_st(path, "{\"ids\":{\"dtype\":\"I32\",\"shape\":[2],\"data_offsets\":[0,8]}}", v, 8);
   mt_st_file f;
-  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  REQUIRE(!mt_st_open(&f, path), "open: %s", mt_errmsg());
   float out[2];
   int rc = mt_st_read_f32(&f, mt_st_find(&f, "ids"), out);
-  CHECK(rc < 0 && strstr(mt_errmsg(), "ids") && strstr(mt_errmsg(), "I32"),
+  REQUIRE(rc < 0 && strstr(mt_errmsg(), "ids") && strstr(mt_errmsg(), "I32"),
         "I32 read as floats: %s", mt_errmsg());
   mt_st_close(&f);
   return 0;
@@ -324,33 +307,33 @@ static int test_refuses_integer_dtype_as_floats(void) {
 
 static int test_writer_output_is_valid_and_padded(void) {
   mt_st_writer *w = mt_st_writer_new();
-  CHECK(w, "new");
+  REQUIRE(w, "new");
   float a[6] = {1, 2, 3, 4, 5, 6}, b[1] = {7};
   int64_t sa[2] = {2, 3}, sb[1] = {1};
-  CHECK(!mt_st_writer_add(w, "a", 2, sa, a), "add a");
-  CHECK(!mt_st_writer_add(w, "b", 1, sb, b), "add b");
-  CHECK(mt_st_writer_add(w, "a", 1, sb, b) < 0 && strstr(mt_errmsg(), "\"a\""),
+  REQUIRE(!mt_st_writer_add(w, "a", 2, sa, a), "add a");
+  REQUIRE(!mt_st_writer_add(w, "b", 1, sb, b), "add b");
+  REQUIRE(mt_st_writer_add(w, "a", 1, sb, b) < 0 && strstr(mt_errmsg(), "\"a\""),
         "a duplicate name must be refused: %s", mt_errmsg());
-  CHECK(!mt_st_writer_meta(w, "note", "x\"y"), "meta");
+  REQUIRE(!mt_st_writer_meta(w, "note", "x\"y"), "meta");
   const char *path = tmp_path("writer.safetensors");
-  CHECK(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
+  REQUIRE(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
   mt_st_writer_free(w);
   char tmpname[300];
   snprintf(tmpname, sizeof tmpname, "%s.tmp.%ld", path, (long)getpid());
-  CHECK(access(tmpname, F_OK) != 0, "temp file %s left behind", tmpname);
+  REQUIRE(access(tmpname, F_OK) != 0, "temp file %s left behind", tmpname);
 
   mt_st_file f;
-  CHECK(!mt_st_open(&f, path), "open: %s", mt_errmsg());
+  REQUIRE(!mt_st_open(&f, path), "open: %s", mt_errmsg());
   uint64_t hlen = 0;
   for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | ((const uint8_t *)f.map)[i];
-  CHECK(hlen % 8 == 0, "header length %llu not a multiple of 8", (unsigned long long)hlen);
-  CHECK(f.map_bytes == 8 + hlen + 28, "file size %zu", f.map_bytes);
+  REQUIRE(hlen % 8 == 0, "header length %llu not a multiple of 8", (unsigned long long)hlen);
+  REQUIRE(f.map_bytes == 8 + hlen + 28, "file size %zu", f.map_bytes);
   float out[6];
-  CHECK(!mt_st_read_f32(&f, mt_st_find(&f, "a"), out) && !memcmp(out, a, sizeof a), "a");
-  CHECK(!mt_st_read_f32(&f, mt_st_find(&f, "b"), out) && out[0] == 7, "b");
+  REQUIRE(!mt_st_read_f32(&f, mt_st_find(&f, "a"), out) && !memcmp(out, a, sizeof a), "a");
+  REQUIRE(!mt_st_read_f32(&f, mt_st_find(&f, "b"), out) && out[0] == 7, "b");
   mt_st_close(&f);
   json_t *meta = read_metadata(path);
-  CHECK(meta && !strcmp(json_string_value(json_object_get(meta, "note")), "x\"y"), "metadata");
+  REQUIRE(meta && !strcmp(json_string_value(json_object_get(meta, "note")), "x\"y"), "metadata");
   json_decref(meta);
   return 0;
 }
@@ -456,7 +439,7 @@ static int test_refuses_missing_file_with_enoent(void) {
   mt_st_file f;
   const char *path = tmp_path("does-not-exist.safetensors");
   int rc = mt_st_open(&f, path);
-  CHECK(rc == MT_ENOENT && strstr(mt_errmsg(), path), "rc %d: %s", rc, mt_errmsg());
+  REQUIRE(rc == MT_ENOENT && strstr(mt_errmsg(), path), "rc %d: %s", rc, mt_errmsg());
   return 0;
 }
 
@@ -464,9 +447,9 @@ static int test_refuses_missing_file_with_enoent(void) {
 typedef enum { EDIT_NONE, EDIT_PREFIX_AND_EXTRAS, EDIT_BROKEN } edit_kind;
 
 static int write_edited(mt_gpt *m, const char *path, edit_kind kind) {
-  CHECK(!mt_gpt_save_safetensors(m, tmp_path("base.safetensors")), "save: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_save_safetensors(m, tmp_path("base.safetensors")), "save: %s", mt_errmsg());
   mt_st_file f;
-  CHECK(!mt_st_open(&f, tmp_path("base.safetensors")), "open: %s", mt_errmsg());
+  REQUIRE(!mt_st_open(&f, tmp_path("base.safetensors")), "open: %s", mt_errmsg());
   mt_st_writer *w = mt_st_writer_new();
   float **bufs = calloc((size_t)f.n, sizeof *bufs);
   static float mask[16 * 16];
@@ -475,7 +458,7 @@ static int write_edited(mt_gpt *m, const char *path, edit_kind kind) {
   for (int i = 0; i < f.n; i++) {
     const mt_st_tensor *t = &f.tensors[i];
     bufs[i] = malloc(t->bytes ? t->bytes : 4);
-    CHECK(!mt_st_read_f32(&f, t, bufs[i]), "read");
+    REQUIRE(!mt_st_read_f32(&f, t, bufs[i]), "read");
     int64_t shape[8];
     memcpy(shape, t->shape, sizeof shape);
     snprintf(name, sizeof name, "%s", t->name);
@@ -489,17 +472,17 @@ static int write_edited(mt_gpt *m, const char *path, edit_kind kind) {
       }
       if (!strcmp(t->name, "ln_f.weight")) continue; /* missing */
     }
-    CHECK(!mt_st_writer_add(w, name, t->ndim, shape, bufs[i]), "add: %s", mt_errmsg());
+    REQUIRE(!mt_st_writer_add(w, name, t->ndim, shape, bufs[i]), "add: %s", mt_errmsg());
   }
   if (kind == EDIT_PREFIX_AND_EXTRAS) {
-    CHECK(!mt_st_writer_add(w, "transformer.h.0.attn.bias", 4, mask_shape, mask), "add");
-    CHECK(!mt_st_writer_add(w, "transformer.h.1.attn.masked_bias", 0, NULL, mask), "add");
+    REQUIRE(!mt_st_writer_add(w, "transformer.h.0.attn.bias", 4, mask_shape, mask), "add");
+    REQUIRE(!mt_st_writer_add(w, "transformer.h.1.attn.masked_bias", 0, NULL, mask), "add");
     const mt_st_tensor *wte = mt_st_find(&f, "wte.weight");
-    CHECK(!mt_st_writer_add(w, "lm_head.weight", 2, wte->shape, bufs[wte - f.tensors]), "add");
+    REQUIRE(!mt_st_writer_add(w, "lm_head.weight", 2, wte->shape, bufs[wte - f.tensors]), "add");
   } else if (kind == EDIT_BROKEN) {
-    CHECK(!mt_st_writer_add(w, "h.7.attn.c_attn.weight", 1, mask_shape + 2, mask), "add");
+    REQUIRE(!mt_st_writer_add(w, "h.7.attn.c_attn.weight", 1, mask_shape + 2, mask), "add");
   }
-  CHECK(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
+  REQUIRE(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
   mt_st_writer_free(w);
   for (int i = 0; i < f.n; i++) free(bufs[i]);
   free(bufs);
@@ -509,13 +492,13 @@ static int write_edited(mt_gpt *m, const char *path, edit_kind kind) {
 
 static int test_load_accepts_transformer_prefix_and_ignores_buffers(void) {
   mt_gpt a, b;
-  CHECK(!make_model(&a) && !make_model(&b), "create");
-  CHECK(!fill_random(&a, a.params), "fill");
+  REQUIRE(!make_model(&a) && !make_model(&b), "create");
+  REQUIRE(!fill_random(&a, a.params), "fill");
   const char *path = tmp_path("prefixed.safetensors");
   if (write_edited(&a, path, EDIT_PREFIX_AND_EXTRAS)) return 1;
-  CHECK(!mt_gpt_load_safetensors(&b, path), "load: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_load_safetensors(&b, path), "load: %s", mt_errmsg());
   float *ha = download(&a, a.params), *hb = download(&b, b.params);
-  CHECK(ha && hb && !memcmp(ha, hb, a.num_params * sizeof *ha), "values differ");
+  REQUIRE(ha && hb && !memcmp(ha, hb, a.num_params * sizeof *ha), "values differ");
   free(ha);
   free(hb);
   mt_gpt_destroy(&a);
@@ -525,24 +508,24 @@ static int test_load_accepts_transformer_prefix_and_ignores_buffers(void) {
 
 static int test_load_names_every_missing_extra_and_misshapen_tensor(void) {
   mt_gpt a, b;
-  CHECK(!make_model(&a) && !make_model(&b), "create");
-  CHECK(!fill_random(&a, a.params), "fill");
-  CHECK(!fill_random(&b, b.params), "fill");
+  REQUIRE(!make_model(&a) && !make_model(&b), "create");
+  REQUIRE(!fill_random(&a, a.params), "fill");
+  REQUIRE(!fill_random(&b, b.params), "fill");
   float *before = download(&b, b.params);
   const char *path = tmp_path("broken.safetensors");
   if (write_edited(&a, path, EDIT_BROKEN)) return 1;
   int rc = mt_gpt_load_safetensors(&b, path);
   const char *msg = mt_errmsg();
   printf("  refused as expected: %s\n", msg);
-  CHECK(rc < 0, "a broken file loaded");
-  CHECK(strstr(msg, path), "file not named");
-  CHECK(strstr(msg, "missing tensor \"h.1.ln_2.bias\""), "missing h.1.ln_2.bias not named");
-  CHECK(strstr(msg, "missing tensor \"ln_f.weight\""), "missing ln_f.weight not named");
-  CHECK(strstr(msg, "unexpected tensor \"h.7.attn.c_attn.weight\""), "extra not named");
-  CHECK(strstr(msg, "\"h.0.mlp.c_fc.weight\" has shape (128, 32), want (32, 128)"),
+  REQUIRE(rc < 0, "a broken file loaded");
+  REQUIRE(strstr(msg, path), "file not named");
+  REQUIRE(strstr(msg, "missing tensor \"h.1.ln_2.bias\""), "missing h.1.ln_2.bias not named");
+  REQUIRE(strstr(msg, "missing tensor \"ln_f.weight\""), "missing ln_f.weight not named");
+  REQUIRE(strstr(msg, "unexpected tensor \"h.7.attn.c_attn.weight\""), "extra not named");
+  REQUIRE(strstr(msg, "\"h.0.mlp.c_fc.weight\" has shape (128, 32), want (32, 128)"),
         "wrong shape not named");
   float *after = download(&b, b.params);
-  CHECK(before && after && !memcmp(before, after, b.num_params * sizeof *after),
+  REQUIRE(before && after && !memcmp(before, after, b.num_params * sizeof *after),
         "a refused load changed the model");
   free(before);
   free(after);
@@ -553,15 +536,15 @@ static int test_load_names_every_missing_extra_and_misshapen_tensor(void) {
 
 static int test_load_refuses_other_config(void) {
   mt_gpt a, b;
-  CHECK(!make_model(&a), "create");
+  REQUIRE(!make_model(&a), "create");
   mt_gpt_config c = tiny_config();
   c.n_embd = 48;
   c.n_head = 3;
-  CHECK(!mt_gpt_create(&b, &c, &dev, 2, 8), "create: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_create(&b, &c, &dev, 2, 8), "create: %s", mt_errmsg());
   const char *path = tmp_path("other.safetensors");
-  CHECK(!mt_gpt_save_safetensors(&a, path), "save: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_save_safetensors(&a, path), "save: %s", mt_errmsg());
   int rc = mt_gpt_load_safetensors(&b, path);
-  CHECK(rc < 0 && strstr(mt_errmsg(), "\"wte.weight\" has shape (250, 32), want (250, 48)"),
+  REQUIRE(rc < 0 && strstr(mt_errmsg(), "\"wte.weight\" has shape (250, 32), want (250, 48)"),
         "load into another width: %s", mt_errmsg());
   mt_gpt_destroy(&a);
   mt_gpt_destroy(&b);

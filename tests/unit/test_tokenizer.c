@@ -15,25 +15,9 @@
 #include "err.h"
 #include "tokenizer.h"
 
-static char tmpdir[64];
 
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (!(cond)) {                                                                                 \
-      fprintf(stderr, "  %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                   \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fprintf(stderr, "\n");                                                                       \
-      return 1;                                                                                    \
-    }                                                                                              \
-  } while (0)
+#include "mt_check.h"
 
-static const char *tmp_path(const char *name) {
-  static char buf[4][256];
-  static int k;
-  k = (k + 1) % 4;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-  return buf[k];
-}
 
 static void write_file(const char *path, const char *text) {
   FILE *f = fopen(path, "wb");
@@ -141,27 +125,27 @@ static int expect_ids(const mt_tokenizer *t, const char *text, const int32_t *wa
 
 static int test_bytes_roundtrip_is_identity_on_valid_utf8(void) {
   mt_tokenizer *t;
-  CHECK(mt_tokenizer_open_bytes(&t) == 0, "%s", mt_errmsg());
-  CHECK(mt_tokenizer_vocab_size(t) == 257 && mt_tokenizer_eod(t) == 256, "vocab/eod");
-  CHECK(!strcmp(mt_tokenizer_name(t), "bytes"), "%s", mt_tokenizer_name(t));
+  REQUIRE(mt_tokenizer_open_bytes(&t) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_tokenizer_vocab_size(t) == 257 && mt_tokenizer_eod(t) == 256, "vocab/eod");
+  REQUIRE(!strcmp(mt_tokenizer_name(t), "bytes"), "%s", mt_tokenizer_name(t));
   const char text[] = "plain ASCII\n\tcafé 中文 😀 \x7f and a NUL:\0 after it";
   size_t len = sizeof text - 1;
   mt_tok_buf b = {0};
-  CHECK(mt_tokenizer_encode(t, text, len, &b) == 0, "%s", mt_errmsg());
-  CHECK(b.n == len && b.invalid_utf8 == 0, "n %zu len %zu invalid %llu", b.n, len,
+  REQUIRE(mt_tokenizer_encode(t, text, len, &b) == 0, "%s", mt_errmsg());
+  REQUIRE(b.n == len && b.invalid_utf8 == 0, "n %zu len %zu invalid %llu", b.n, len,
         (unsigned long long)b.invalid_utf8);
-  for (size_t i = 0; i < len; i++) CHECK(b.ids[i] == (uint8_t)text[i], "id %d at %zu", b.ids[i], i);
+  for (size_t i = 0; i < len; i++) REQUIRE(b.ids[i] == (uint8_t)text[i], "id %d at %zu", b.ids[i], i);
   char *out;
   size_t out_len;
-  CHECK(mt_tokenizer_decode(t, b.ids, b.n, &out, &out_len) == 0, "%s", mt_errmsg());
-  CHECK(out_len == len && !memcmp(out, text, len) && out[len] == 0, "decode differs");
+  REQUIRE(mt_tokenizer_decode(t, b.ids, b.n, &out, &out_len) == 0, "%s", mt_errmsg());
+  REQUIRE(out_len == len && !memcmp(out, text, len) && out[len] == 0, "decode differs");
   free(out);
   int32_t eod[] = {'x', 256};
-  CHECK(mt_tokenizer_decode(t, eod, 2, &out, &out_len) == 0, "%s", mt_errmsg());
-  CHECK(!strcmp(out, "x<|endoftext|>"), "%s", out);
+  REQUIRE(mt_tokenizer_decode(t, eod, 2, &out, &out_len) == 0, "%s", mt_errmsg());
+  REQUIRE(!strcmp(out, "x<|endoftext|>"), "%s", out);
   free(out);
   int32_t bad[] = {'x', 257};
-  CHECK(mt_tokenizer_decode(t, bad, 2, &out, &out_len) == MT_EINVAL, "257 decoded");
+  REQUIRE(mt_tokenizer_decode(t, bad, 2, &out, &out_len) == MT_EINVAL, "257 decoded");
   mt_tok_buf_free(&b);
   mt_tokenizer_free(t);
   return 0;
@@ -170,7 +154,7 @@ static int test_bytes_roundtrip_is_identity_on_valid_utf8(void) {
 /* WHATWG: one U+FFFD per maximal invalid subpart; the count accumulates. */
 static int test_invalid_utf8_is_replaced_and_counted(void) {
   mt_tokenizer *t;
-  CHECK(mt_tokenizer_open_bytes(&t) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_tokenizer_open_bytes(&t) == 0, "%s", mt_errmsg());
   static const struct {
     const char *in, *out;
     int bad;
@@ -188,14 +172,14 @@ static int test_invalid_utf8_is_replaced_and_counted(void) {
   uint64_t total = 0;
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
     size_t n0 = b.n;
-    CHECK(mt_tokenizer_encode(t, cases[c].in, strlen(cases[c].in), &b) == 0, "%s", mt_errmsg());
+    REQUIRE(mt_tokenizer_encode(t, cases[c].in, strlen(cases[c].in), &b) == 0, "%s", mt_errmsg());
     total += (uint64_t)cases[c].bad;
-    CHECK(b.invalid_utf8 == total, "case %zu: invalid %llu, want %llu", c,
+    REQUIRE(b.invalid_utf8 == total, "case %zu: invalid %llu, want %llu", c,
           (unsigned long long)b.invalid_utf8, (unsigned long long)total);
     size_t want = strlen(cases[c].out);
-    CHECK(b.n - n0 == want, "case %zu: %zu ids, want %zu", c, b.n - n0, want);
+    REQUIRE(b.n - n0 == want, "case %zu: %zu ids, want %zu", c, b.n - n0, want);
     for (size_t i = 0; i < want; i++)
-      CHECK(b.ids[n0 + i] == (uint8_t)cases[c].out[i], "case %zu byte %zu", c, i);
+      REQUIRE(b.ids[n0 + i] == (uint8_t)cases[c].out[i], "case %zu byte %zu", c, i);
   }
   mt_tok_buf_free(&b);
   mt_tokenizer_free(t);
@@ -204,10 +188,10 @@ static int test_invalid_utf8_is_replaced_and_counted(void) {
 
 static int test_gpt2_tiny_vocab_ids(void) {
   mt_tokenizer *t;
-  CHECK(open_tiny(&t) == 0, "%s", mt_errmsg());
-  CHECK(mt_tokenizer_vocab_size(t) == TINY_EOD + 1, "vocab %d", mt_tokenizer_vocab_size(t));
-  CHECK(mt_tokenizer_eod(t) == TINY_EOD, "eod %d", mt_tokenizer_eod(t));
-  CHECK(!strcmp(mt_tokenizer_name(t), "gpt2-bpe"), "%s", mt_tokenizer_name(t));
+  REQUIRE(open_tiny(&t) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_tokenizer_vocab_size(t) == TINY_EOD + 1, "vocab %d", mt_tokenizer_vocab_size(t));
+  REQUIRE(mt_tokenizer_eod(t) == TINY_EOD, "eod %d", mt_tokenizer_eod(t));
+  REQUIRE(!strcmp(mt_tokenizer_name(t), "gpt2-bpe"), "%s", mt_tokenizer_name(t));
   EXPECT(t, "the the", 't', 257, 258);
   EXPECT(t, "it's IT'S", 'i', 't', 259, ' ', 'I', 'T', '\'', 'S');
   EXPECT(t, "a   b", 'a', 261, ' ', 'b'); /* the last space goes with the word */
@@ -228,7 +212,7 @@ static int test_gpt2_tiny_vocab_ids(void) {
 /* Random valid UTF-8 (every kind of code point) comes back from decode(encode()). */
 static int test_gpt2_decode_encode_roundtrip(void) {
   mt_tokenizer *t;
-  CHECK(open_tiny(&t) == 0, "%s", mt_errmsg());
+  REQUIRE(open_tiny(&t) == 0, "%s", mt_errmsg());
   static const uint32_t pool[] = {' ',    ' ',    ' ',     'a',     'e',    'h',      't',
                                   '\'',   's',    '1',     ',',     '"',    '\n',     '\t',
                                   0xa0,   0xe9,   0x301,   0x915,   0x93f,  0x3000,   0x4e2d,
@@ -261,14 +245,14 @@ static int test_gpt2_decode_encode_roundtrip(void) {
       }
     }
     b.n = 0;
-    CHECK(mt_tokenizer_encode(t, text, len, &b) == 0, "%s", mt_errmsg());
-    CHECK(b.invalid_utf8 == 0, "round %d: valid text counted invalid", round);
+    REQUIRE(mt_tokenizer_encode(t, text, len, &b) == 0, "%s", mt_errmsg());
+    REQUIRE(b.invalid_utf8 == 0, "round %d: valid text counted invalid", round);
     char *out;
     size_t out_len;
-    CHECK(mt_tokenizer_decode(t, b.ids, b.n, &out, &out_len) == 0, "%s", mt_errmsg());
+    REQUIRE(mt_tokenizer_decode(t, b.ids, b.n, &out, &out_len) == 0, "%s", mt_errmsg());
     int same = out_len == len && !memcmp(out, text, len);
     free(out);
-    CHECK(same, "round %d: decode(encode(x)) != x", round);
+    REQUIRE(same, "round %d: decode(encode(x)) != x", round);
   }
   mt_tok_buf_free(&b);
   mt_tokenizer_free(t);
@@ -295,10 +279,10 @@ static void *encode_thread(void *arg) {
 /* One tokenizer, four threads with their own buffers: the same ids as one thread. */
 static int test_gpt2_encode_is_thread_safe(void) {
   mt_tokenizer *t;
-  CHECK(open_tiny(&t) == 0, "%s", mt_errmsg());
+  REQUIRE(open_tiny(&t) == 0, "%s", mt_errmsg());
   size_t len = 0;
   char *text = malloc(200000);
-  CHECK(text, "malloc");
+  REQUIRE(text, "malloc");
   static const char *words[] = {"the ", "aaaa", "'s ", "café ", "\",\"", "  \n", "IT'S ", "a1"};
   for (unsigned i = 0; len + 16 < 200000; i++) {
     const char *w = words[(i * 2654435761u >> 7) % 8];
@@ -309,11 +293,11 @@ static int test_gpt2_encode_is_thread_safe(void) {
   pthread_t th[4];
   for (int k = 0; k < 4; k++) {
     jobs[k] = (encode_job){t, text, len, {0}, 0};
-    CHECK(pthread_create(&th[k], NULL, encode_thread, &jobs[k]) == 0, "pthread_create");
+    REQUIRE(pthread_create(&th[k], NULL, encode_thread, &jobs[k]) == 0, "pthread_create");
   }
   for (int k = 0; k < 4; k++) pthread_join(th[k], NULL);
   mt_tok_buf one = {0};
-  CHECK(mt_tokenizer_encode(t, text, len, &one) == 0, "%s", mt_errmsg());
+  REQUIRE(mt_tokenizer_encode(t, text, len, &one) == 0, "%s", mt_errmsg());
   int ok = 1;
   for (int k = 0; k < 4; k++) {
     ok &= jobs[k].rc == 0 && jobs[k].b.n == one.n &&
@@ -323,7 +307,7 @@ static int test_gpt2_encode_is_thread_safe(void) {
   mt_tok_buf_free(&one);
   free(text);
   mt_tokenizer_free(t);
-  CHECK(ok, "threads disagree");
+  REQUIRE(ok, "threads disagree");
   return 0;
 }
 
@@ -331,13 +315,13 @@ static int test_gpt2_encode_is_thread_safe(void) {
 static int test_gpt2_loads_encoder_json_and_vocab_bpe(void) {
   write_tiny("encoder.json", "vocab.bpe", 1, NULL);
   mt_tokenizer *t;
-  CHECK(mt_tokenizer_open_gpt2(&t, tmp_path("encoder.json"), tmp_path("vocab.bpe")) == 0, "%s",
+  REQUIRE(mt_tokenizer_open_gpt2(&t, tmp_path("encoder.json"), tmp_path("vocab.bpe")) == 0, "%s",
         mt_errmsg());
   EXPECT(t, "the the", 't', 257, 258);
   mt_tokenizer_free(t);
   /* without the version line, with CRLF line ends */
   write_file(tmp_path("crlf.bpe"), "Ġ t\r\nh e\r\nĠt he\r\n");
-  CHECK(mt_tokenizer_open_gpt2(&t, tmp_path("encoder.json"), tmp_path("crlf.bpe")) == 0, "%s",
+  REQUIRE(mt_tokenizer_open_gpt2(&t, tmp_path("encoder.json"), tmp_path("crlf.bpe")) == 0, "%s",
         mt_errmsg());
   EXPECT(t, "the the", 't', 257, 258);
   mt_tokenizer_free(t);
@@ -348,9 +332,9 @@ static int test_gpt2_loads_encoder_json_and_vocab_bpe(void) {
 static int expect_refused(const char *vocab, const char *merges, int code, const char *needle) {
   mt_tokenizer *t = NULL;
   int rc = mt_tokenizer_open_gpt2(&t, vocab, merges);
-  CHECK(rc == code, "rc %d (%s), want %d", rc, mt_errmsg(), code);
-  CHECK(strstr(mt_errmsg(), needle), "message \"%s\" lacks \"%s\"", mt_errmsg(), needle);
-  CHECK(t == NULL, "tokenizer set on failure");
+  REQUIRE(rc == code, "rc %d (%s), want %d", rc, mt_errmsg(), code);
+  REQUIRE(strstr(mt_errmsg(), needle), "message \"%s\" lacks \"%s\"", mt_errmsg(), needle);
+  REQUIRE(t == NULL, "tokenizer set on failure");
   return 0;
 }
 
