@@ -262,7 +262,7 @@ void mt_comm_destroy(mt_comm *c) {
 void mt_comm_abort(mt_comm *c) {
   if (!c) return;
   atomic_store(&c->aborted, 1);
-  c->be->abort(c->impl);
+  c->be->abort(c->impl); /* exit-ok: the group's abort, not abort(3) */
 }
 
 void mt_comm_set_timeout(mt_comm *c, int timeout_ms) {
