@@ -43,7 +43,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_job *job = o->job;
   if (c->rank == 0) report_start(tr);
   while (tr->step < job->train.steps) {
-    tr->stop_request = c->rank == 0 && o->stop && *o->stop;
+    tr->stop_request = o->stop && *o->stop; /* any process signalled: all stop together */
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;

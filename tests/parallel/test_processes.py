@@ -8,7 +8,11 @@ usage: test_processes.py MTNLGD JOB.json
 - test_killed_process_fails_the_others_within_deadline: with (pp 2, dp 1) as
   2 processes and a 10 s comm deadline, SIGKILL of process 1 mid-training
   makes process 0 exit non-zero within the deadline (plus start-up slack) with
-  an error naming a group. Processes are started and stopped by pid.
+  an error naming a group;
+- test_sigterm_to_any_process_stops_all_at_one_step: SIGTERM to process 1
+  of a (dp 2) job as 2 processes stops both at the same step boundary (the
+  stop order rides in the step's all-reduce), both exiting 0.
+Processes are started and stopped by pid.
 """
 import array
 import glob
@@ -91,6 +95,30 @@ def main():
             procs[0].wait()
             ok = False
             print("FAIL test_killed_process_fails_the_others_within_deadline: still running")
+        failures += not ok
+
+        store = os.path.join(tmp, "store3")
+        procs = [subprocess.Popen(args(mtnlgd, job, tokens, 100000, 1, 1, 2, json_log=False) +
+                                  ["--procs", "2", "--proc-rank", str(i), "--store", store],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        line = procs[0].stdout.readline()
+        while line and not line.startswith("step"):
+            line = procs[0].stdout.readline()
+        time.sleep(0.5)
+        os.kill(procs[1].pid, signal.SIGTERM)
+        try:
+            outs = [p.communicate(timeout=60) for p in procs]
+            stopped = [l for l in outs[0][1].splitlines() if "stopped at step" in l]
+            ok = all(p.returncode == 0 for p in procs) and len(stopped) == 1
+            print(f"{'ok' if ok else 'FAIL'} test_sigterm_to_any_process_stops_all_at_one_step: "
+                  f"exits {[p.returncode for p in procs]}, {stopped}")
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+                p.wait()
+            ok = False
+            print("FAIL test_sigterm_to_any_process_stops_all_at_one_step: still running")
         failures += not ok
     return 1 if failures else 0
 
