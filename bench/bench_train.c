@@ -40,8 +40,8 @@ static double sgemm_ceiling(int n, int reps) {
   double best = 0.0;
   for (int r = 0; r < reps + 1; r++) {
     double t0 = now_s();
-    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f,
-             c, n);
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c,
+             n);
     double dt = now_s() - t0;
     if (r > 0 && 2.0 * n * nn / dt > best) best = 2.0 * n * nn / dt; /* first run warms up */
   }
@@ -59,12 +59,10 @@ static int cmp_double(const void *x, const void *y) {
 int main(int argc, char **argv) {
   const char *preset = "gpt2-124m";
   int B = 4, T = 64, steps = 5, warmup = 2, recompute = 0, ceiling_n = 2048;
-  static const struct option opts[] = {{"preset", required_argument, NULL, 'p'},
-                                       {"steps", required_argument, NULL, 's'},
-                                       {"warmup", required_argument, NULL, 'w'},
-                                       {"recompute", no_argument, NULL, 'r'},
-                                       {"ceiling-n", required_argument, NULL, 'n'},
-                                       {0}};
+  static const struct option opts[] = {
+      {"preset", required_argument, NULL, 'p'},    {"steps", required_argument, NULL, 's'},
+      {"warmup", required_argument, NULL, 'w'},    {"recompute", no_argument, NULL, 'r'},
+      {"ceiling-n", required_argument, NULL, 'n'}, {0}};
   int c;
   while ((c = getopt_long(argc, argv, "B:T:", opts, NULL)) != -1) {
     switch (c) {
@@ -75,7 +73,9 @@ int main(int argc, char **argv) {
     case 'w': warmup = atoi(optarg); break;
     case 'r': recompute = 1; break;
     case 'n': ceiling_n = atoi(optarg); break;
-    default: fprintf(stderr, "usage: bench_train [--preset P] [-B N] [-T N] [--steps N]\n"); return 2;
+    default:
+      fprintf(stderr, "usage: bench_train [--preset P] [-B N] [-T N] [--steps N]\n");
+      return 2;
     }
   }
   if (B < 1 || T < 1 || steps < 1 || warmup < 0) {
@@ -121,7 +121,8 @@ int main(int argc, char **argv) {
   const char *preset_dirs[] = {MT_SOURCE_DIR "/etc/models", MT_DATA_DIR "/models", NULL};
   mt_job job;
   mt_trainer tr;
-  if (mt_job_parse(&job, json, NULL, preset_dirs, NULL) || mt_trainer_create(&tr, &job, &dev, NULL)) {
+  if (mt_job_parse(&job, json, NULL, preset_dirs, NULL) ||
+      mt_trainer_create(&tr, &job, &dev, NULL)) {
     fprintf(stderr, "bench_train: %s\n", mt_errmsg());
     unlink(data_path);
     return 1;

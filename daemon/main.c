@@ -13,12 +13,12 @@
 #include "device.h"
 #include "err.h"
 #include "job.h"
+#include "local.h"
 #include "log.h"
 #include "mt_config.h"
+#include "plan.h"
 #include "safetensors.h"
 #include "threads.h"
-#include "local.h"
-#include "plan.h"
 #include "train.h"
 
 #define MAX_OVERRIDES 64
@@ -97,8 +97,19 @@ int main(int argc, char **argv) {
   const char *job_path = NULL, *devices = "cpu:0", *export_path = NULL, *extra_presets = NULL;
   const char *overrides[MAX_OVERRIDES + 1] = {0};
   int n_overrides = 0, json = 0;
-  enum { OPT_SET = 256, OPT_DEVICES, OPT_EXPORT, OPT_PRESETS, OPT_LOG_FORMAT, OPT_LOG_LEVEL,
-         OPT_VERSION, OPT_PROCS, OPT_PROC_RANK, OPT_STORE, OPT_COMM_TIMEOUT };
+  enum {
+    OPT_SET = 256,
+    OPT_DEVICES,
+    OPT_EXPORT,
+    OPT_PRESETS,
+    OPT_LOG_FORMAT,
+    OPT_LOG_LEVEL,
+    OPT_VERSION,
+    OPT_PROCS,
+    OPT_PROC_RANK,
+    OPT_STORE,
+    OPT_COMM_TIMEOUT
+  };
   int procs = 1, proc_rank = 0, comm_timeout_ms = 0;
   const char *store_dir = NULL;
   static const struct option opts[] = {
@@ -157,9 +168,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "mtnlgd: bad number \"%s\"\n", optarg);
         return 2;
       }
-      if (c == OPT_PROCS) procs = (int)v;
-      else if (c == OPT_PROC_RANK) proc_rank = (int)v;
-      else comm_timeout_ms = (int)v;
+      if (c == OPT_PROCS)
+        procs = (int)v;
+      else if (c == OPT_PROC_RANK)
+        proc_rank = (int)v;
+      else
+        comm_timeout_ms = (int)v;
       break;
     }
     case OPT_STORE: store_dir = optarg; break;
@@ -191,8 +205,10 @@ int main(int argc, char **argv) {
     return 2;
   }
   if (strcmp(devices, "cpu") && strncmp(devices, "cpu:", 4)) {
-    fprintf(stderr, "mtnlgd: --devices %s: only CPU devices exist in this build of the engine "
-                    "(the CUDA backend is its own issue)\n", devices);
+    fprintf(stderr,
+            "mtnlgd: --devices %s: only CPU devices exist in this build of the engine "
+            "(the CUDA backend is its own issue)\n",
+            devices);
     return 2;
   }
   /* the memory plan: CPU devices of this process share its RAM; a job that
@@ -209,9 +225,9 @@ int main(int argc, char **argv) {
     mt_log_info("plan: %.2f GB per device at most (stage %d: weights %.2f, grads %.2f, "
                 "optimizer %.2f, activations %.2f GB) of %.1f GB RAM per device",
                 (double)plan.worst.total_bytes / 1e9, plan.worst.stage,
-                (double)plan.worst.weight_bytes / 1e9,
-                (double)plan.worst.grad_bytes / 1e9, (double)plan.worst.optimizer_bytes / 1e9,
-                (double)plan.worst.activation_bytes / 1e9, pd.memory_bytes / 1e9);
+                (double)plan.worst.weight_bytes / 1e9, (double)plan.worst.grad_bytes / 1e9,
+                (double)plan.worst.optimizer_bytes / 1e9, (double)plan.worst.activation_bytes / 1e9,
+                pd.memory_bytes / 1e9);
   }
   /* load OpenBLAS now, so the kernel can be reported before the ranks start */
   mt_device probe;

@@ -49,8 +49,10 @@ int mt_device_open(mt_device *d, const char *spec) {
   } else if (kind_len == 4 && !strncmp(spec, "cuda", 4)) {
     int n = mt_cuda_device_count();
     if (!MT_HAVE_CUDA)
-      return mt_seterr(MT_ENOTSUP, "device: %s requested but this build has no CUDA backend "
-                                   "(rebuild with -Dcuda=enabled)", spec);
+      return mt_seterr(MT_ENOTSUP,
+                       "device: %s requested but this build has no CUDA backend "
+                       "(rebuild with -Dcuda=enabled)",
+                       spec);
     if (idx >= n)
       return mt_seterr(MT_ENOTSUP, "device: %s requested but %d CUDA device(s) are usable here",
                        spec, n);

@@ -31,8 +31,7 @@ int mt_fsync_parent_dir(const char *path) {
   const char *dir = dirname(copy);
   int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   int rc = 0;
-  if (fd < 0 || fsync(fd))
-    rc = mt_seterr(MT_EIO, "fsync directory %s: %s", dir, strerror(errno));
+  if (fd < 0 || fsync(fd)) rc = mt_seterr(MT_EIO, "fsync directory %s: %s", dir, strerror(errno));
   if (fd >= 0) close(fd);
   free(copy);
   return rc;

@@ -12,11 +12,11 @@ struct mt_data_source {
   int seq, vocab;
   mt_token_file flat; /* when spec->path is set */
   int is_flat;
-  int n;              /* datasets in the blend */
+  int n;                                 /* datasets in the blend */
   mt_gpt_dataset *sets[2][MT_MAX_BLEND]; /* [train|valid][k] */
   mt_blend *blend[2];
   char names[MT_MAX_BLEND][MT_PATH_MAX];
-  int32_t *sample;    /* seq + 1 */
+  int32_t *sample; /* seq + 1 */
 };
 
 void mt_data_source_free(mt_data_source *s) {
@@ -51,7 +51,8 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
         .cache_dir = spec->cache_dir[0] ? spec->cache_dir : NULL,
     };
     rc = mt_gpt_dataset_open(&s->sets[which][k], &ds);
-    if (rc) return mt_wraperr(rc, "data: %s split of %s", split_names[which], spec->blend[k].prefix);
+    if (rc)
+      return mt_wraperr(rc, "data: %s split of %s", split_names[which], spec->blend[k].prefix);
   }
   rc = mt_blend_open(&s->blend[which], s->sets[which], weights, s->n, n);
   if (rc) return mt_wraperr(rc, "data: %s blend", split_names[which]);
@@ -76,8 +77,7 @@ int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq,
       rc = mt_seterr(MT_EINVAL, "data: %s has %zu tokens, fewer than one sample of %d + 1",
                      spec->path, s->flat.n_tokens, seq);
     if (!rc && n_valid)
-      rc = mt_seterr(MT_EINVAL, "data: %s is a flat token file without a valid split",
-                     spec->path);
+      rc = mt_seterr(MT_EINVAL, "data: %s is a flat token file without a valid split", spec->path);
   } else if (!rc) {
     s->n = spec->n_blend;
     for (int k = 0; k < s->n; k++) {

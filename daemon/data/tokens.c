@@ -55,8 +55,8 @@ int mt_tokens_read(const mt_token_file *f, uint64_t first, int count, int seq, i
                    int32_t *inputs, int32_t *targets) {
   uint64_t n = mt_tokens_samples(f, seq);
   if (n == 0)
-    return mt_seterr(MT_EINVAL, "data: %s has %zu tokens, fewer than one sample of %d + 1",
-                     f->path, f->n_tokens, seq);
+    return mt_seterr(MT_EINVAL, "data: %s has %zu tokens, fewer than one sample of %d + 1", f->path,
+                     f->n_tokens, seq);
   for (int i = 0; i < count; i++) {
     uint64_t k = (first + (uint64_t)i) % n;
     const uint16_t *src = f->tokens + k * (uint64_t)seq;

@@ -165,8 +165,10 @@ int mt_local_run(const mt_local_opts *o) {
   int procs = o->procs > 1 ? o->procs : 1;
   if (size < 1) return mt_seterr(MT_EINVAL, "local: %d ranks", size);
   if (size % procs || o->proc_rank < 0 || o->proc_rank >= procs)
-    return mt_seterr(MT_EINVAL, "local: %d ranks cannot be split evenly over %d processes "
-                                "(this is process %d)", size, procs, o->proc_rank);
+    return mt_seterr(MT_EINVAL,
+                     "local: %d ranks cannot be split evenly over %d processes "
+                     "(this is process %d)",
+                     size, procs, o->proc_rank);
   if (procs > 1 && !o->store)
     return mt_seterr(MT_EINVAL, "local: %d processes need a shared store", procs);
   int n = size / procs, r0 = o->proc_rank * n;
@@ -177,8 +179,13 @@ int mt_local_run(const mt_local_opts *o) {
   if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&own))) store = own;
   int cores = omp_get_max_threads(), started = 0, first_failed = -1;
   for (int k = 0; !rc && k < n; k++) {
-    ranks[k] = (rank_ctx){.o = o, .rank = r0 + k, .size = size, .store = store, .all = ranks,
-                          .n_local = n, .omp_threads = cores / n > 0 ? cores / n : 1,
+    ranks[k] = (rank_ctx){.o = o,
+                          .rank = r0 + k,
+                          .size = size,
+                          .store = store,
+                          .all = ranks,
+                          .n_local = n,
+                          .omp_threads = cores / n > 0 ? cores / n : 1,
                           .first_failed = &first_failed};
     if (pthread_create(&threads[k], NULL, rank_main, &ranks[k]))
       rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k);

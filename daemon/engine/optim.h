@@ -11,9 +11,9 @@
 
 typedef struct mt_adamw {
   double beta1, beta2, eps, weight_decay;
-  int64_t t;          /* steps taken */
-  size_t lo, n;       /* the slice [lo, lo + n) of the flat parameters it updates */
-  float *m, *v;       /* device, n floats each: 1/dp of the model under ZeRO-1 */
+  int64_t t;    /* steps taken */
+  size_t lo, n; /* the slice [lo, lo + n) of the flat parameters it updates */
+  float *m, *v; /* device, n floats each: 1/dp of the model under ZeRO-1 */
   mt_device *dev;
 } mt_adamw;
 

@@ -48,8 +48,8 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .tp_size = g->tp_size,
       .tp_rank = g->tp_rank,
   };
-  if (g->pp_size > 1) mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin,
-                                      &cfg.layer_end);
+  if (g->pp_size > 1)
+    mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin, &cfg.layer_end);
   return cfg;
 }
 
@@ -60,21 +60,24 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   const mt_model_spec *ms = &job->model;
   const mt_parallel_spec *ps = &job->parallel;
   int G = job->train.global_batch, B = ps->micro_batch, T = ms->seq_len;
-  if (g) tr->g = *g;
-  else tr->g = (mt_groups){.dp_size = 1, .pp_size = 1, .tp_size = 1};
+  if (g)
+    tr->g = *g;
+  else
+    tr->g = (mt_groups){.dp_size = 1, .pp_size = 1, .tp_size = 1};
   if (tr->g.dp_size != ps->dp_min || tr->g.pp_size != ps->pp || tr->g.tp_size != ps->tp)
     return mt_seterr(MT_EINVAL,
                      "parallel: the job wants tp %d x pp %d x dp %d, the groups are %d x %d x %d",
                      ps->tp, ps->pp, ps->dp_min, tr->g.tp_size, tr->g.pp_size, tr->g.dp_size);
   if (ps->tp > 1 && ms->init_from[0])
-    return mt_seterr(MT_ENOTSUP, "model.init_from with parallel.tp %d: loading a checkpoint into "
-                                 "tensor-parallel shards is not built yet (tp 1 loads it)", ps->tp);
+    return mt_seterr(MT_ENOTSUP,
+                     "model.init_from with parallel.tp %d: loading a checkpoint into "
+                     "tensor-parallel shards is not built yet (tp 1 loads it)",
+                     ps->tp);
   if (B < 1 || G % (B * tr->g.dp_size))
     return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
                      G, B, tr->g.dp_size);
   if (ms->n_layer < tr->g.pp_size)
-    return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", tr->g.pp_size,
-                     ms->n_layer);
+    return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", tr->g.pp_size, ms->n_layer);
   tr->micro_batches = G / (B * tr->g.dp_size);
   /* 1F1B keeps at most pp - stage micro-batches in flight */
   int slots = tr->g.pp_size - tr->g.pp_rank;
@@ -101,8 +104,10 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   if (!rc && tr->g.pipe) {
     tr->recv_x = mt_device_alloc(dev, 2 * act * sizeof(float));
-    if (!tr->recv_x) rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
-    else tr->recv_dy = tr->recv_x + act;
+    if (!tr->recv_x)
+      rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
+    else
+      tr->recv_dy = tr->recv_x + act;
   }
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
@@ -115,8 +120,10 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
-    if (!tr->inputs) rc = mt_seterr(MT_ENOMEM, "train: batch buffers");
-    else tr->targets = tr->inputs + (size_t)B * T;
+    if (!tr->inputs)
+      rc = mt_seterr(MT_ENOMEM, "train: batch buffers");
+    else
+      tr->targets = tr->inputs + (size_t)B * T;
   }
   if (rc) {
     mt_trainer_destroy(tr);
@@ -169,8 +176,7 @@ static int stage_forward(pipe_run *r) {
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
   if (!rc)
     rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL,
-                              m->first ? NULL : tr->recv_x, m->last ? tr->targets : NULL,
-                              sample0);
+                              m->first ? NULL : tr->recv_x, m->last ? tr->targets : NULL, sample0);
   if (!rc && m->last) r->loss_sum += m->last_loss;
   if (rc) return mt_wraperr(rc, "micro-batch %d forward", j);
   return 0;
@@ -187,12 +193,12 @@ static int stage_backward(pipe_run *r) {
 
 /* Point-to-point with the neighbours; no-ops at the ends of the pipeline.
  * Time spent in them is the pipeline's wait: the bubble plus transfers. */
-#define TIMED(r, call)                                                                           \
-  do {                                                                                           \
-    double t0_ = now_ms();                                                                       \
-    int rc_ = (call);                                                                            \
-    (r)->wait_ms += now_ms() - t0_;                                                              \
-    return rc_;                                                                                  \
+#define TIMED(r, call)                                                                             \
+  do {                                                                                             \
+    double t0_ = now_ms();                                                                         \
+    int rc_ = (call);                                                                              \
+    (r)->wait_ms += now_ms() - t0_;                                                                \
+    return rc_;                                                                                    \
   } while (0)
 static int recv_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
@@ -220,15 +226,15 @@ static int recv_backward(pipe_run *r) {
 static int send_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
-  TIMED(r, mt_comm_send(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr),
-                        MT_COMM_F32, tr->g.pp_rank - 1));
+  TIMED(r, mt_comm_send(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr), MT_COMM_F32,
+                        tr->g.pp_rank - 1));
 }
 static int send_backward_recv_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
   int prev = tr->g.pp_rank - 1;
-  TIMED(r, mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr),
-                            prev, tr->recv_x, act_count(tr), prev, MT_COMM_F32));
+  TIMED(r, mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr), prev,
+                            tr->recv_x, act_count(tr), prev, MT_COMM_F32));
 }
 
 /* PipeDream-Flush (1F1B): pp - stage - 1 warm-up forwards, then one forward
@@ -315,8 +321,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   /* the two copies of the tied embedding get the sum of both gradients */
   if (tr->g.embed && (m->first || m->last)) {
     const mt_param *wte = &m->params_table[m->i_wte];
-    rc = mt_comm_allreduce(tr->g.embed, m->grads + wte->offset, m->grads + wte->offset,
-                           wte->numel, MT_COMM_F32, MT_COMM_SUM);
+    rc = mt_comm_allreduce(tr->g.embed, m->grads + wte->offset, m->grads + wte->offset, wte->numel,
+                           MT_COMM_F32, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
   }
   /* ZeRO-1: each rank keeps the sum over replicas of its slice of the gradients */
@@ -345,8 +351,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
   if (tr->g.dp) {
-    rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n,
-                           MT_COMM_F32);
+    rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
   }
   mt_device_sync(d);
@@ -381,7 +386,8 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }
   m->training = 1;
-  if (!rc && tr->g.world) rc = mt_comm_allreduce(tr->g.world, &sum, &sum, 1, MT_COMM_F64, MT_COMM_SUM);
+  if (!rc && tr->g.world)
+    rc = mt_comm_allreduce(tr->g.world, &sum, &sum, 1, MT_COMM_F64, MT_COMM_SUM);
   if (rc) return mt_wraperr(rc, "validation");
   *loss = sum / ((double)job->eval.iters * (G / m->B));
   return 0;
@@ -394,8 +400,7 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
     return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
   /* every (stage, tp shard) of replica 0 sends its weights to world rank 0 */
   if (tr->g.dp_rank != 0) return 0;
-  if (world_rank != 0)
-    return mt_comm_send(tr->g.world, m->params, m->num_params, MT_COMM_F32, 0);
+  if (world_rank != 0) return mt_comm_send(tr->g.world, m->params, m->num_params, MT_COMM_F32, 0);
   mt_gpt full;
   mt_gpt_config cfg = m->cfg;
   cfg.layer_begin = cfg.layer_end = 0;
@@ -408,8 +413,8 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
     for (int q = 0; q < tr->g.tp_size && !rc; q++) {
       mt_gpt_config sc = m->cfg;
       sc.tp_rank = q;
-      if (tr->g.pp_size > 1) mt_stage_layers(cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin,
-                                             &sc.layer_end);
+      if (tr->g.pp_size > 1)
+        mt_stage_layers(cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin, &sc.layer_end);
       mt_param *table = NULL;
       int n = 0;
       size_t count = 0;
@@ -431,8 +436,7 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
           break;
         }
         float *dst = mt_gpt_param(&full, j);
-        for (size_t e = 0; e < t->numel; e++)
-          dst[mt_param_global_index(t, e)] = src[t->offset + e];
+        for (size_t e = 0; e < t->numel; e++) dst[mt_param_global_index(t, e)] = src[t->offset + e];
       }
       free(buf);
       free(table);

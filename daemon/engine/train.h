@@ -20,20 +20,20 @@
 #include "source.h"
 
 typedef struct mt_step_stats {
-  int64_t step;             /* 1-based number of the step just taken */
-  int64_t consumed_tokens;  /* after this step */
-  double loss;              /* mean over the global batch */
+  int64_t step;            /* 1-based number of the step just taken */
+  int64_t consumed_tokens; /* after this step */
+  double loss;             /* mean over the global batch */
   double lr;
-  double grad_norm;         /* before clipping */
+  double grad_norm; /* before clipping */
   double step_ms;
   double tokens_per_s;
-  double tflops;            /* model TFLOP/s on this device */
-  int skipped;              /* non-finite gradients: update skipped */
-  int stop;                 /* some rank asked to stop: all stop after this step */
-  double bubble;            /* share of the step the ranks spent waiting on pipeline
-                               neighbours (mean over ranks; 0 without pp) */
-  int has_val;              /* validation ran after this step */
-  double val_loss;          /* mean over eval.iters global batches of the valid split */
+  double tflops;   /* model TFLOP/s on this device */
+  int skipped;     /* non-finite gradients: update skipped */
+  int stop;        /* some rank asked to stop: all stop after this step */
+  double bubble;   /* share of the step the ranks spent waiting on pipeline
+                      neighbours (mean over ranks; 0 without pp) */
+  int has_val;     /* validation ran after this step */
+  double val_loss; /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =
@@ -55,14 +55,14 @@ typedef struct mt_trainer {
   mt_adamw opt;
   mt_data_source *data;
   mt_groups g;
-  int64_t step;             /* steps taken */
-  int micro_batches;        /* per step on this replica */
-  size_t shard_lo, shard_n; /* this rank's ZeRO-1 slice of the flat parameters */
-  float *shard_grad;        /* reduced gradients of the slice (dp > 1) */
-  float *recv_x, *recv_dy;  /* (B,T,C) from the previous / next stage */
+  int64_t step;              /* steps taken */
+  int micro_batches;         /* per step on this replica */
+  size_t shard_lo, shard_n;  /* this rank's ZeRO-1 slice of the flat parameters */
+  float *shard_grad;         /* reduced gradients of the slice (dp > 1) */
+  float *recv_x, *recv_dy;   /* (B,T,C) from the previous / next stage */
   volatile int stop_request; /* set by the owner thread; agreed on in the step */
   int32_t *inputs, *targets; /* host, (micro_batch, seq) */
-  double flops_per_step;    /* model FLOPs of this rank per step */
+  double flops_per_step;     /* model FLOPs of this rank per step */
 } mt_trainer;
 
 /* Builds this rank's stage of the model (initialised from seed or

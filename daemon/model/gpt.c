@@ -33,23 +33,23 @@ typedef struct act_plan {
   int32_t *inputs, *targets; /* (B,T) device copies of the micro-batch */
   uint64_t sample0;          /* global sample of row 0: dropout masks */
   int has_targets;           /* forward computed losses; backward may run */
-  float **resid;       /* L+1 of (B,T,C): resid[0] stage input, resid[l+1] block l out */
-  block_acts *blocks;  /* L, or 1 with recomputation */
+  float **resid;             /* L+1 of (B,T,C): resid[0] stage input, resid[l+1] block l out */
+  block_acts *blocks;        /* L, or 1 with recomputation */
   int n_blocks;
   float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
-  float *logits;       /* (B,T,Vp/tp); turned into dlogits in place by backward */
-  float *losses;       /* (B,T) */
-  float *rowmax;       /* (B,T) tp: max logit over the whole vocabulary */
-  float *rowsum;       /* (2,B,T) tp: Σ exp(x - max) over the vocabulary, then the target's logit */
+  float *logits;                    /* (B,T,Vp/tp); turned into dlogits in place by backward */
+  float *losses;                    /* (B,T) */
+  float *rowmax;                    /* (B,T) tp: max logit over the whole vocabulary */
+  float *rowsum; /* (2,B,T) tp: Σ exp(x - max) over the vocabulary, then the target's logit */
   /* backward scratch, one set */
-  float *dres;         /* (B,T,C) gradient of the residual stream */
-  float *dbtc;         /* (B,T,C) */
-  float *dbtc2;        /* (B,T,C) */
-  float *dqkv;         /* (B,T,3C) */
-  float *dfch;         /* (B,T,4C) */
-  float *dfch2;        /* (B,T,4C) */
-  float *datt;         /* (B,NH,T,T) */
-  float *branch;       /* (B,T,C) a branch output before dropout + residual */
+  float *dres;   /* (B,T,C) gradient of the residual stream */
+  float *dbtc;   /* (B,T,C) */
+  float *dbtc2;  /* (B,T,C) */
+  float *dqkv;   /* (B,T,3C) */
+  float *dfch;   /* (B,T,4C) */
+  float *dfch2;  /* (B,T,4C) */
+  float *datt;   /* (B,NH,T,T) */
+  float *branch; /* (B,T,C) a branch output before dropout + residual */
 } act_plan;
 
 static size_t align_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
@@ -167,15 +167,15 @@ int mt_gpt_find(const mt_gpt *m, const char *name) {
 
 static int check_config(const mt_gpt_config *c, int B, int T) {
   if (c->n_layer < 1 || c->n_embd < 1 || c->n_head < 1 || c->vocab_size < 1 || c->max_seq < 1)
-    return mt_seterr(MT_EINVAL, "gpt: sizes must be positive (layers %d, hidden %d, heads %d, "
-                                "vocab %d, seq %d)",
+    return mt_seterr(MT_EINVAL,
+                     "gpt: sizes must be positive (layers %d, hidden %d, heads %d, "
+                     "vocab %d, seq %d)",
                      c->n_layer, c->n_embd, c->n_head, c->vocab_size, c->max_seq);
   if (c->n_embd % c->n_head)
     return mt_seterr(MT_EINVAL, "gpt: hidden %d is not divisible by heads %d", c->n_embd,
                      c->n_head);
   if (c->padded_vocab < c->vocab_size)
-    return mt_seterr(MT_EINVAL, "gpt: padded vocab %d < vocab %d", c->padded_vocab,
-                     c->vocab_size);
+    return mt_seterr(MT_EINVAL, "gpt: padded vocab %d < vocab %d", c->padded_vocab, c->vocab_size);
   if (B < 1 || T < 1 || T > c->max_seq)
     return mt_seterr(MT_EINVAL, "gpt: micro-batch %dx%d does not fit (seq limit %d)", B, T,
                      c->max_seq);
@@ -291,7 +291,8 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->acts_floats = plan_acts(m, slots, m->n_slots, NULL);
 
   size_t shards = cfg->zero_shards > 1 ? (size_t)cfg->zero_shards : 1;
-  size_t slice = (m->num_params + shards * ALIGN_FLOATS - 1) / (shards * ALIGN_FLOATS) * ALIGN_FLOATS;
+  size_t slice =
+      (m->num_params + shards * ALIGN_FLOATS - 1) / (shards * ALIGN_FLOATS) * ALIGN_FLOATS;
   m->alloc_params = slice * shards;
   m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
   m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
@@ -528,8 +529,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   act_plan *p = &((act_plan *)m->act_plan)[slot];
   for (size_t i = 0; i < BT; i++) {
     if (inputs && (inputs[i] < 0 || inputs[i] >= c->vocab_size))
-      return mt_seterr(MT_EINVAL, "gpt: input token %d at position %zu outside vocab %d",
-                       inputs[i], i, c->vocab_size);
+      return mt_seterr(MT_EINVAL, "gpt: input token %d at position %zu outside vocab %d", inputs[i],
+                       i, c->vocab_size);
     if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size))
       return mt_seterr(MT_EINVAL, "gpt: target token %d at position %zu outside vocab %d",
                        targets[i], i, c->vocab_size);
@@ -625,8 +626,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     float dloss = loss_scale / (float)N;
     if (tp > 1) {
       int real = c->vocab_size - v0 < 0 ? 0 : c->vocab_size - v0 > Vl ? Vl : c->vocab_size - v0;
-      ops->crossentropy_shard_grad(d, p->logits, p->logits, p->targets, p->rowmax, p->rowsum,
-                                   dloss, N, real, Vl, v0);
+      ops->crossentropy_shard_grad(d, p->logits, p->logits, p->targets, p->rowmax, p->rowsum, dloss,
+                                   N, real, Vl, v0);
     } else {
       ops->crossentropy(d, NULL, p->logits, p->logits, p->targets, dloss, N, c->vocab_size,
                         c->padded_vocab);
@@ -657,8 +658,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", p->sample0);
   const float *demb = branch_grad(m, p, edrop);
   if (tp == 1) {
-    ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B,
-                       T, C);
+    ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
+                       C);
     return 0;
   }
   ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wte), demb, p->inputs, v0, Vl, N, C);

@@ -26,14 +26,14 @@ typedef struct mt_gpt_config {
   float ln_eps;
   float init_std;
   float hidden_dropout, attention_dropout;
-  int recompute;    /* keep only each block's input; recompute in backward */
-  int zero_shards;  /* params and grads padded to split into this many equal
-                       slices (ZeRO-1 over dp); 0 or 1: no padding */
+  int recompute;   /* keep only each block's input; recompute in backward */
+  int zero_shards; /* params and grads padded to split into this many equal
+                      slices (ZeRO-1 over dp); 0 or 1: no padding */
   /* Pipeline stage: blocks [layer_begin, layer_end) (0, 0: the whole model).
    * The stage holding layer 0 has the embeddings, the one holding the last
    * layer the final LayerNorm and the LM head tied to its own copy of wte. */
   int layer_begin, layer_end;
-  int micro_slots;  /* micro-batches whose activations are kept at once (1F1B in-flight); 0: 1 */
+  int micro_slots; /* micro-batches whose activations are kept at once (1F1B in-flight); 0: 1 */
   /* Tensor parallelism (Megatron): this rank holds shard tp_rank of tp_size
    * of every matrix: heads and the MLP's inner dimension split (QKV and c_fc
    * by output rows, the projections by input columns), the vocabulary split
@@ -51,16 +51,16 @@ typedef enum {
 } mt_shard;
 
 typedef struct mt_param {
-  char name[48];    /* "h.3.mlp.c_fc.weight" */
+  char name[48]; /* "h.3.mlp.c_fc.weight" */
   int ndim;
-  size_t shape[2];  /* this shard, our layout: (out, in) for linear weights */
-  size_t full[2];   /* the whole tensor */
+  size_t shape[2]; /* this shard, our layout: (out, in) for linear weights */
+  size_t full[2];  /* the whole tensor */
   mt_shard shard;
   size_t shard_off;
   size_t numel;
-  size_t offset;    /* in floats, into params / grads */
-  int decay;        /* weight decay applies (matrices and embeddings) */
-  int layer;        /* block index, -1 outside blocks */
+  size_t offset; /* in floats, into params / grads */
+  int decay;     /* weight decay applies (matrices and embeddings) */
+  int layer;     /* block index, -1 outside blocks */
 } mt_param;
 
 /* Index in the full tensor (row-major) of element e of p's shard. */
@@ -68,32 +68,42 @@ size_t mt_param_global_index(const mt_param *p, size_t e);
 
 /* The 16 tensors of a block, in table order. */
 enum {
-  MT_P_LN1_W, MT_P_LN1_B, MT_P_QKV_W, MT_P_QKV_B, MT_P_ATTPROJ_W, MT_P_ATTPROJ_B,
-  MT_P_LN2_W, MT_P_LN2_B, MT_P_FC_W, MT_P_FC_B, MT_P_FCPROJ_W, MT_P_FCPROJ_B,
+  MT_P_LN1_W,
+  MT_P_LN1_B,
+  MT_P_QKV_W,
+  MT_P_QKV_B,
+  MT_P_ATTPROJ_W,
+  MT_P_ATTPROJ_B,
+  MT_P_LN2_W,
+  MT_P_LN2_B,
+  MT_P_FC_W,
+  MT_P_FC_B,
+  MT_P_FCPROJ_W,
+  MT_P_FCPROJ_B,
   MT_P_PER_LAYER
 };
 
 typedef struct mt_gpt {
   mt_gpt_config cfg;
   mt_device *dev;
-  int B, T;              /* micro-batch shape the activations are planned for */
+  int B, T; /* micro-batch shape the activations are planned for */
 
   mt_param *params_table; /* wte, wpe, then per block MT_P_PER_LAYER, then ln_f w, b */
   int n_tensors;
-  size_t num_params;     /* floats in params (== grads), table layout */
-  size_t alloc_params;   /* num_params padded to zero_shards equal slices */
-  float *params;         /* device */
-  float *grads;          /* device */
+  size_t num_params;   /* floats in params (== grads), table layout */
+  size_t alloc_params; /* num_params padded to zero_shards equal slices */
+  float *params;       /* device */
+  float *grads;        /* device */
 
-  float *acts;           /* device: every activation, one buffer */
+  float *acts; /* device: every activation, one buffer */
   size_t acts_floats;
-  void *act_plan;        /* internal: n_slots plans of pointers into acts */
+  void *act_plan; /* internal: n_slots plans of pointers into acts */
   int n_slots;
-  float last_loss;       /* mean loss of the last forward (last stage) */
-  uint64_t seed;         /* dropout masks derive from it (set by init_weights) */
-  int training;          /* 1: dropout on (default); 0: evaluation */
-  int first, last;       /* this stage holds the embeddings / the head */
-  int n_layers;          /* blocks on this stage */
+  float last_loss;                   /* mean loss of the last forward (last stage) */
+  uint64_t seed;                     /* dropout masks derive from it (set by init_weights) */
+  int training;                      /* 1: dropout on (default); 0: evaluation */
+  int first, last;                   /* this stage holds the embeddings / the head */
+  int n_layers;                      /* blocks on this stage */
   int i_wte, i_wpe, i_block0, i_lnf; /* table indices, -1 when absent here */
   /* tensor parallelism: sum (or max) of buf over the tp group, set by the
    * engine when cfg.tp_size > 1; the model never knows the comm layer */
@@ -151,7 +161,11 @@ void mt_gpt_zero_grad(mt_gpt *m);
 double mt_gpt_flops_per_step(const mt_gpt_config *cfg, int B, int T);
 
 /* Pointer to tensor i's values / gradients. */
-static inline float *mt_gpt_param(const mt_gpt *m, int i) { return m->params + m->params_table[i].offset; }
-static inline float *mt_gpt_grad(const mt_gpt *m, int i) { return m->grads + m->params_table[i].offset; }
+static inline float *mt_gpt_param(const mt_gpt *m, int i) {
+  return m->params + m->params_table[i].offset;
+}
+static inline float *mt_gpt_grad(const mt_gpt *m, int i) {
+  return m->grads + m->params_table[i].offset;
+}
 
 #endif

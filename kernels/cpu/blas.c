@@ -40,9 +40,9 @@ static int cpu_has_avx2(void) {
 
 /* OpenBLAS kernels that predate AVX2: on an AVX2 CPU they mean it guessed. */
 static int is_legacy_core(const char *name) {
-  static const char *legacy[] = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem",
-                                 "Atom", "Katmai", "Coppermine", "Northwood", "Banias",
-                                 "Unknown", "Barcelona", "Opteron", "Bobcat", NULL};
+  static const char *legacy[] = {"Prescott", "Core2",     "Penryn",     "Dunnington", "Nehalem",
+                                 "Atom",     "Katmai",    "Coppermine", "Northwood",  "Banias",
+                                 "Unknown",  "Barcelona", "Opteron",    "Bobcat",     NULL};
   for (int i = 0; legacy[i]; i++)
     if (!strcasecmp(name, legacy[i])) return 1;
   return 0;
@@ -59,12 +59,9 @@ static void blas_load_once(void) {
     snprintf(choice, sizeof choice, "detected by OpenBLAS");
   }
 
-  static const char *candidates[] = {
-      "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so.0",
-      "/usr/lib/aarch64-linux-gnu/openblas-openmp/libopenblas.so.0",
-      "libopenblas.so.0",
-      "libopenblas.so",
-      NULL};
+  static const char *candidates[] = {"/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so.0",
+                                     "/usr/lib/aarch64-linux-gnu/openblas-openmp/libopenblas.so.0",
+                                     "libopenblas.so.0", "libopenblas.so", NULL};
   void *h = NULL;
   for (int i = 0; candidates[i] && !h; i++) {
     h = dlopen(candidates[i], RTLD_NOW | RTLD_LOCAL);

@@ -25,9 +25,8 @@ static void set_wait_policy(int argc, char **argv, char **envp) {
  * executable may carry a preinit array; this object is linked into
  * executables through the static kernels library, pulled in by
  * mt_omp_wait_policy() which device.c references. */
-__attribute__((section(".preinit_array"), used)) static void (*const preinit)(int, char **,
-                                                                               char **) =
-    set_wait_policy;
+__attribute__((section(".preinit_array"),
+               used)) static void (*const preinit)(int, char **, char **) = set_wait_policy;
 
 const char *mt_omp_wait_policy(void) {
   return policy[0] ? policy : "unknown (preinit did not run)";

@@ -17,15 +17,15 @@
 static int failures;
 static mt_device dev;
 
-#define CHECK(cond, ...)                                                                         \
-  do {                                                                                           \
-    if (!(cond)) {                                                                               \
-      printf("  FAIL %s:%d: ", __FILE__, __LINE__);                                              \
-      printf(__VA_ARGS__);                                                                       \
-      printf("\n");                                                                              \
-      failures++;                                                                                \
-      return;                                                                                    \
-    }                                                                                            \
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      printf("  FAIL %s:%d: ", __FILE__, __LINE__);                                                \
+      printf(__VA_ARGS__);                                                                         \
+      printf("\n");                                                                                \
+      failures++;                                                                                  \
+      return;                                                                                      \
+    }                                                                                              \
   } while (0)
 
 static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
@@ -86,8 +86,10 @@ static void test_init_std_and_scaled_output_projections(void) {
   struct {
     const char *name;
     double std;
-  } want[] = {{"h.2.mlp.c_fc.weight", 0.05}, {"h.2.mlp.c_proj.weight", 0.05 / sqrt(8.0)},
-              {"h.1.attn.c_proj.weight", 0.05 / sqrt(8.0)}, {"wpe.weight", 0.05}};
+  } want[] = {{"h.2.mlp.c_fc.weight", 0.05},
+              {"h.2.mlp.c_proj.weight", 0.05 / sqrt(8.0)},
+              {"h.1.attn.c_proj.weight", 0.05 / sqrt(8.0)},
+              {"wpe.weight", 0.05}};
   for (int k = 0; k < 4; k++) {
     int i = mt_gpt_find(&m, want[k].name);
     const float *p = mt_gpt_param(&m, i);
@@ -142,8 +144,8 @@ static void test_bad_tokens_are_refused_with_position(void) {
   mt_gpt_config c = small_config(1, 0, 0);
   CHECK(!mt_gpt_create(&m, &c, &dev, 1, 4), "%s", mt_errmsg());
   int32_t in[4] = {1, 2, 61, 3}, tg[4] = {1, 2, 3, 4};
-  CHECK(mt_gpt_forward(&m, in, tg, 0) == MT_EINVAL && strstr(mt_errmsg(), "position 2"),
-        "got: %s", mt_errmsg());
+  CHECK(mt_gpt_forward(&m, in, tg, 0) == MT_EINVAL && strstr(mt_errmsg(), "position 2"), "got: %s",
+        mt_errmsg());
   CHECK(mt_gpt_backward(&m, 1.0f) == MT_EINVAL, "backward without a forward must fail");
   mt_gpt_config bad = small_config(1, 0, 0);
   bad.n_head = 5;
@@ -155,8 +157,8 @@ static void test_bad_tokens_are_refused_with_position(void) {
 }
 
 static void test_lr_warmup_then_cosine_to_min(void) {
-  mt_lr_spec s = {.kind = MT_LR_COSINE, .peak = 1.0, .min = 0.1, .warmup_steps = 10,
-                  .decay_steps = 110};
+  mt_lr_spec s = {
+      .kind = MT_LR_COSINE, .peak = 1.0, .min = 0.1, .warmup_steps = 10, .decay_steps = 110};
   CHECK(fabs(mt_lr_at(&s, 0) - 0.1) < 1e-12, "first warmup step %g", mt_lr_at(&s, 0));
   CHECK(fabs(mt_lr_at(&s, 9) - 1.0) < 1e-12, "end of warmup %g", mt_lr_at(&s, 9));
   CHECK(fabs(mt_lr_at(&s, 60) - 0.55) < 1e-12, "cosine midpoint %g", mt_lr_at(&s, 60));
@@ -266,8 +268,8 @@ static void test_microbatch_split_keeps_trajectory(void) {
       CHECK(sqrt(d2 / r2) < 1e-5, "dropout %d: micro_batch %d parameters differ by %g relative",
             drop, mbs[k], sqrt(d2 / r2));
     }
-    CHECK(loss[0][3] < loss[0][0], "loss should fall on a repeating pattern: %g -> %g",
-          loss[0][0], loss[0][3]);
+    CHECK(loss[0][3] < loss[0][0], "loss should fall on a repeating pattern: %g -> %g", loss[0][0],
+          loss[0][3]);
     for (int k = 0; k < 3; k++) free(p[k]);
   }
   unlink(path);
