@@ -53,6 +53,33 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
   return cfg;
 }
 
+/* Weights from a GPT-2 safetensors file. A tensor-parallel shard loads its
+ * stage whole into a scratch model, then takes its slice of every tensor. */
+static int load_weights(mt_gpt *m, const char *path) {
+  if (m->cfg.tp_size <= 1) return mt_gpt_load_safetensors(m, path);
+  mt_gpt full;
+  mt_gpt_config cfg = m->cfg;
+  cfg.tp_size = 1, cfg.tp_rank = 0;
+  cfg.zero_shards = cfg.micro_slots = 0;
+  cfg.recompute = 1;
+  int rc = mt_gpt_create(&full, &cfg, m->dev, 1, 1);
+  if (rc) return rc;
+  rc = mt_gpt_load_safetensors(&full, path);
+  for (int i = 0; i < m->n_tensors && !rc; i++) {
+    const mt_param *t = &m->params_table[i];
+    int j = mt_gpt_find(&full, t->name);
+    if (j < 0) {
+      rc = mt_seterr(MT_EINVAL, "load: tensor %s of the shard is not in the model", t->name);
+      break;
+    }
+    const float *src = mt_gpt_param(&full, j);
+    float *dst = mt_gpt_param(m, i);
+    for (size_t e = 0; e < t->numel; e++) dst[e] = src[mt_param_global_index(t, e)];
+  }
+  mt_gpt_destroy(&full);
+  return rc;
+}
+
 int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g) {
   memset(tr, 0, sizeof *tr);
   tr->job = job;
@@ -68,11 +95,6 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     return mt_seterr(MT_EINVAL,
                      "parallel: the job wants tp %d x pp %d x dp %d, the groups are %d x %d x %d",
                      ps->tp, ps->pp, ps->dp_min, tr->g.tp_size, tr->g.pp_size, tr->g.dp_size);
-  if (ps->tp > 1 && ms->init_from[0])
-    return mt_seterr(MT_ENOTSUP,
-                     "model.init_from with parallel.tp %d: loading a checkpoint into "
-                     "tensor-parallel shards is not built yet (tp 1 loads it)",
-                     ps->tp);
   if (B < 1 || G % (B * tr->g.dp_size))
     return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
                      G, B, tr->g.dp_size);
@@ -92,7 +114,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   rc = mt_gpt_init_weights(&tr->model, job->train.seed);
   if (!rc && ms->init_from[0]) {
-    rc = mt_gpt_load_safetensors(&tr->model, ms->init_from);
+    rc = load_weights(&tr->model, ms->init_from);
     if (rc) mt_wraperr(rc, "model.init_from");
   }
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
