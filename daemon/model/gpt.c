@@ -352,6 +352,8 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
       /* each shard draws its own elements of the full tensor; the padding
        * rows of the vocabulary stay zero */
       size_t real = i == m->i_wte ? (size_t)c->vocab_size * c->n_embd : SIZE_MAX;
+      /* every element is a pure function of (key, index): any split is fine */
+#pragma omp parallel for schedule(static) if (t->numel >= 65536)
       for (size_t e = 0; e < t->numel; e++) {
         size_t g = mt_param_global_index(t, e);
         host[e] = g < real ? (float)(std * mt_philox_normal(key, g)) : 0.0f;
