@@ -14,10 +14,10 @@
  */
 #include "comm.h"
 #include "err.h"
+#include "fileio.h"
 #include "store.h"
 
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -201,19 +201,6 @@ static int run_threads(const config *cfg) {
   return rc;
 }
 
-static void remove_dir(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
-  struct dirent *e;
-  char path[4096];
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-    unlink(path);
-  }
-  closedir(d);
-  rmdir(dir);
-}
 
 /* Starts one worker process per rank (this executable with --worker), waits
  * for all of them by pid, and kills the rest if one fails. */
@@ -248,7 +235,7 @@ static int run_processes(const config *cfg, const char *self, const char *sizes_
         if (pid[r] != p) kill(pid[r], SIGKILL);
     }
   }
-  remove_dir(dir);
+  mt_remove_dir(dir);
   return rc;
 }
 

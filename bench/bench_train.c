@@ -118,7 +118,8 @@ int main(int argc, char **argv) {
            "\"peak\":1e-4},\"clip_grad\":1.0,\"weight_decay\":0.1},"
            "\"data\":{\"path\":\"%s\"}}",
            preset, T, B, recompute ? "true" : "false", B, warmup + steps, data_path);
-  const char *preset_dirs[] = {MT_SOURCE_DIR "/etc/models", MT_DATA_DIR "/models", NULL};
+  const char *preset_dirs[MT_PRESET_DIRS_MAX];
+  mt_job_preset_dirs(NULL, preset_dirs);
   mt_job job;
   mt_trainer tr;
   if (mt_job_parse(&job, json, NULL, preset_dirs, NULL) ||

@@ -275,11 +275,8 @@ int ctl_verb_plan(const ctl_verb *verb, int argc, char **argv) {
 
   ret = CTL_EXIT_FAILURE;
   const char *job_path = argv[optind];
-  const char *preset_dirs[4] = {0};
-  int np = 0;
-  if (extra_presets) preset_dirs[np++] = extra_presets;
-  preset_dirs[np++] = MT_SOURCE_DIR "/etc/models";
-  preset_dirs[np++] = MT_DATA_DIR "/models";
+  const char *preset_dirs[MT_PRESET_DIRS_MAX];
+  mt_job_preset_dirs(extra_presets, preset_dirs);
   mt_job job;
   if (mt_job_load_for_plan(&job, job_path, preset_dirs, overrides)) {
     fprintf(stderr, "mtnlgctl plan: cannot plan %s:\n%s\n", job_path, mt_errmsg());

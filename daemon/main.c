@@ -193,11 +193,8 @@ int main(int argc, char **argv) {
     return 2;
   }
 
-  const char *preset_dirs[4] = {0};
-  int np = 0;
-  if (extra_presets) preset_dirs[np++] = extra_presets;
-  preset_dirs[np++] = MT_SOURCE_DIR "/etc/models";
-  preset_dirs[np++] = MT_DATA_DIR "/models";
+  const char *preset_dirs[MT_PRESET_DIRS_MAX];
+  mt_job_preset_dirs(extra_presets, preset_dirs);
 
   mt_job job;
   if (mt_job_load(&job, job_path, preset_dirs, overrides)) {

@@ -27,6 +27,9 @@ void mt_atomic_abort(mt_atomic_file *f);
 
 /* write(2) until done, retrying EINTR; `what` names the file in errors. */
 int mt_write_all(int fd, const void *buf, size_t n, const char *what);
+/* Removes dir and the files directly in it (a flat directory such as a file
+ * store's); best effort, for cleaning up temporary directories. */
+void mt_remove_dir(const char *dir);
 /* fsync of the directory that holds path (path names a file). */
 int mt_fsync_parent_dir(const char *path);
 

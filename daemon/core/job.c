@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "err.h"
+#include "mt_config.h"
 
 /* ---- problem list: one line per problem ---- */
 
@@ -1012,4 +1013,12 @@ int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *prese
   if (rc) return rc;
   snprintf(job->train.precision, sizeof job->train.precision, "%s", prec);
   return compute_hash(job);
+}
+
+void mt_job_preset_dirs(const char *extra, const char *dirs[MT_PRESET_DIRS_MAX]) {
+  int n = 0;
+  if (extra) dirs[n++] = extra;
+  dirs[n++] = MT_SOURCE_DIR "/etc/models";
+  dirs[n++] = MT_DATA_DIR "/models";
+  while (n < MT_PRESET_DIRS_MAX) dirs[n++] = NULL;
 }

@@ -117,6 +117,11 @@ int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *prese
 int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
                  const char *const *preset_dirs, const char *const *overrides);
 
+/* The preset directories every program searches, in order: extra (may be
+ * NULL), the source tree's etc/models, the installed share/mtnlg/models. */
+#define MT_PRESET_DIRS_MAX 4
+void mt_job_preset_dirs(const char *extra, const char *dirs[MT_PRESET_DIRS_MAX]);
+
 /* Tokens per step: global_batch * seq_len. */
 static inline int64_t mt_job_tokens_per_step(const mt_job *job) {
   return (int64_t)job->train.global_batch * job->model.seq_len;

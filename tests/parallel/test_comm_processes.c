@@ -5,9 +5,9 @@
  * with an error naming the group. Workers are started and stopped by pid and
  * always reaped; they also die with this process (PR_SET_PDEATHSIG). */
 #include "err.h"
+#include "fileio.h"
 #include "store.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -94,19 +94,6 @@ static void read_text(const char *dir, const char *name, char *buf, size_t cap) 
   fclose(f);
 }
 
-static void remove_dir(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
-  struct dirent *e;
-  char path[4096];
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-    unlink(path);
-  }
-  closedir(d);
-  rmdir(dir);
-}
 
 static void test_collectives_match_reference_across_4_processes(void) {
   char dir[] = "/tmp/mtnlg-comm-XXXXXX";
@@ -119,7 +106,7 @@ static void test_collectives_match_reference_across_4_processes(void) {
   for (int r = 0; r < RANKS; r++)
     CHECK(exit_code(&w[r]) == 0, "rank %d exited with %d", r, exit_code(&w[r]));
   printf("collectives, %d processes: %.2f s\n", RANKS, now_s() - t0);
-  remove_dir(dir);
+  mt_remove_dir(dir);
 }
 
 static void test_killed_process_fails_others_within_deadline(void) {
@@ -166,7 +153,7 @@ static void test_killed_process_fails_others_within_deadline(void) {
           r, took, timeout_ms);
     printf("rank %d failed %.2f s after rank %d was killed: %s", r, took, victim, err);
   }
-  remove_dir(dir);
+  mt_remove_dir(dir);
 }
 
 int main(void) {

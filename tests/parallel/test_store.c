@@ -3,9 +3,9 @@
  * atomic across threads (and processes, for the file store), readers never see
  * a partial value. */
 #include "err.h"
+#include "fileio.h"
 #include "store.h"
 
-#include <dirent.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -171,19 +171,6 @@ static void run_all(mt_store *s) {
   test_readers_never_see_partial_values(s);
 }
 
-static void remove_dir(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
-  struct dirent *e;
-  char path[4096];
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-    unlink(path);
-  }
-  closedir(d);
-  rmdir(dir);
-}
 
 int main(void) {
   mt_store *s;
@@ -197,7 +184,7 @@ int main(void) {
   run_all(s);
   mt_store_free(s);
   test_file_add_is_atomic_across_processes(dir);
-  remove_dir(dir);
+  mt_remove_dir(dir);
 
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
