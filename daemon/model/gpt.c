@@ -297,7 +297,9 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
   m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
   m->acts = m->grads ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
-  if (!m->acts) {
+  /* host copies of the losses (or of the tp max, sum and target logit) */
+  m->host_losses = m->acts ? malloc(3 * (size_t)B * T * sizeof(float)) : NULL;
+  if (!m->host_losses) {
     rc = mt_wraperr(MT_ENOMEM, "gpt: %zu parameters, %zu activation floats", m->num_params,
                     m->acts_floats);
     goto fail;
@@ -315,6 +317,7 @@ void mt_gpt_destroy(mt_gpt *m) {
     mt_device_free(m->dev, m->grads);
     mt_device_free(m->dev, m->acts);
   }
+  free(m->host_losses);
   act_plan *slots = m->act_plan;
   for (int k = 0; slots && k < m->n_slots; k++) {
     free(slots[k].resid);
@@ -585,26 +588,21 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     ops->crossentropy_shard_sum(d, p->rowsum, p->rowsum + BT, p->logits, p->targets, p->rowmax, N,
                                 real, Vl, v0);
     if ((rc = tp_sum(m, p->rowsum, 2 * BT))) return rc;
-    float *host = malloc(3 * BT * sizeof(float));
-    if (!host) return mt_seterr(MT_ENOMEM, "gpt: loss buffer");
+    float *host = m->host_losses;
     rc = mt_device_memcpy_dtoh(d, host, p->rowmax, BT * sizeof(float));
     if (!rc) rc = mt_device_memcpy_dtoh(d, host + BT, p->rowsum, 2 * BT * sizeof(float));
+    if (rc) return rc;
     double sum = 0.0;
     for (size_t i = 0; i < BT; i++)
       sum += (double)host[i] + log((double)host[BT + i]) - (double)host[2 * BT + i];
-    free(host);
-    if (rc) return rc;
     m->last_loss = (float)(sum / (double)BT);
   } else if (targets) {
     ops->crossentropy(d, p->losses, NULL, p->logits, p->targets, 0.0f, N, c->vocab_size,
                       c->padded_vocab);
-    float *losses = malloc(BT * sizeof(float));
-    if (!losses) return mt_seterr(MT_ENOMEM, "gpt: loss buffer");
-    rc = mt_device_memcpy_dtoh(d, losses, p->losses, BT * sizeof(float));
-    double sum = 0.0;
-    for (size_t i = 0; i < BT; i++) sum += losses[i];
-    free(losses);
+    rc = mt_device_memcpy_dtoh(d, m->host_losses, p->losses, BT * sizeof(float));
     if (rc) return rc;
+    double sum = 0.0;
+    for (size_t i = 0; i < BT; i++) sum += m->host_losses[i];
     m->last_loss = (float)(sum / (double)BT);
   }
   return 0;

@@ -63,6 +63,14 @@ typedef struct mt_param {
   int layer;     /* block index, -1 outside blocks */
 } mt_param;
 
+/* The part [*a, *b) of tensor p inside the flat slice [lo, hi) of the
+ * parameter buffer (a ZeRO-1 slice); 0 when they do not meet. */
+static inline int mt_param_overlap(const mt_param *p, size_t lo, size_t hi, size_t *a, size_t *b) {
+  *a = p->offset > lo ? p->offset : lo;
+  *b = p->offset + p->numel < hi ? p->offset + p->numel : hi;
+  return *a < *b;
+}
+
 /* Index in the full tensor (row-major) of element e of p's shard. */
 size_t mt_param_global_index(const mt_param *p, size_t e);
 
@@ -100,6 +108,7 @@ typedef struct mt_gpt {
   void *act_plan; /* internal: n_slots plans of pointers into acts */
   int n_slots;
   float last_loss;                   /* mean loss of the last forward (last stage) */
+  float *host_losses;                /* host, 3 * B * T: the losses read back each forward */
   uint64_t seed;                     /* dropout masks derive from it (set by init_weights) */
   int training;                      /* 1: dropout on (default); 0: evaluation */
   int first, last;                   /* this stage holds the embeddings / the head */

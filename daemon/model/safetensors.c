@@ -555,17 +555,11 @@ static void st_transpose(float *dst, const float *src, size_t rows, size_t cols)
 
 /* Validates every name and shape first (collecting all problems), then copies,
  * so a refused file leaves the model untouched. */
-/* Whether name is a tensor of the whole model that m is a pipeline stage of. */
-static int st_in_full_model(const mt_gpt *m, const char *name) {
-  mt_gpt_config full = m->cfg;
-  full.layer_begin = full.layer_end = 0;
-  mt_param *table;
-  int n, found = 0;
-  size_t count;
-  if (mt_gpt_table(&full, &table, &n, &count)) return 0;
-  for (int i = 0; i < n && !found; i++) found = !strcmp(table[i].name, name);
-  free(table);
-  return found;
+/* Whether name is a tensor of the whole model (table: its n tensors). */
+static int st_in_table(const mt_param *table, int n, const char *name) {
+  for (int i = 0; i < n; i++)
+    if (!strcmp(table[i].name, name)) return 1;
+  return 0;
 }
 
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
@@ -575,9 +569,17 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   const mt_st_tensor **src = calloc((size_t)m->n_tensors, sizeof *src);
   float *stage = NULL, *tbuf = NULL;
   st_problems *pr = calloc(1, sizeof *pr);
+  mt_param *whole = NULL; /* a pipeline stage skips the other stages' tensors */
+  int n_whole = 0;
   if (!src || !pr) {
     rc = mt_seterr(MT_ENOMEM, "safetensors: load %s: out of memory", path);
     goto done;
+  }
+  if (!(m->first && m->last)) {
+    mt_gpt_config full = m->cfg;
+    full.layer_begin = full.layer_end = 0;
+    size_t count;
+    if ((rc = mt_gpt_table(&full, &whole, &n_whole, &count))) goto done;
   }
 
   for (int i = 0; i < f.n; i++) {
@@ -586,7 +588,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     if (!strncmp(name, "transformer.", 12)) name += 12;
     if (st_is_ignored(name)) continue;
     int j = mt_gpt_find(m, name);
-    if (j < 0 && !(m->first && m->last) && st_in_full_model(m, name)) continue; /* another stage's */
+    if (j < 0 && st_in_table(whole, n_whole, name)) continue; /* another stage's */
     if (j < 0) {
       st_problem(pr, "unexpected tensor \"%s\"", t->name);
       continue;
@@ -652,6 +654,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   rc = mt_device_sync(m->dev);
 
 done:
+  free(whole);
   free(stage);
   free(tbuf);
   free(pr);
