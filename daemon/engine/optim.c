@@ -44,9 +44,8 @@ int mt_adamw_step(mt_adamw *o, mt_gpt *model, const float *grad, double lr, doub
   o->t++;
   for (int i = 0; i < model->n_tensors; i++) {
     const mt_param *t = &model->params_table[i];
-    size_t a = t->offset > lo ? t->offset : lo;
-    size_t b = t->offset + t->numel < hi ? t->offset + t->numel : hi;
-    if (a >= b) continue; /* tensor outside this slice */
+    size_t a, b;
+    if (!mt_param_overlap(t, lo, hi, &a, &b)) continue; /* tensor outside this slice */
     double wd = t->decay ? o->weight_decay : 0.0;
     d->ops->adamw(d, model->params + a, grad + (a - lo), o->m + (a - lo), o->v + (a - lo), b - a,
                   (float)lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)wd,

@@ -53,16 +53,24 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
   return cfg;
 }
 
+/* A scratch copy of m's stage (or of the whole model) on m's device, unsharded:
+ * no tp shards, no ZeRO padding, no micro-batch slots, the least activations.
+ * Loading slices weights out of it; exporting gathers them into it. */
+static int create_unsharded(mt_gpt *out, const mt_gpt *m, int whole_model) {
+  mt_gpt_config cfg = m->cfg;
+  if (whole_model) cfg.layer_begin = cfg.layer_end = 0;
+  cfg.zero_shards = cfg.micro_slots = 0;
+  cfg.tp_size = 1, cfg.tp_rank = 0;
+  cfg.recompute = 1;
+  return mt_gpt_create(out, &cfg, m->dev, 1, 1);
+}
+
 /* Weights from a GPT-2 safetensors file. A tensor-parallel shard loads its
  * stage whole into a scratch model, then takes its slice of every tensor. */
 static int load_weights(mt_gpt *m, const char *path) {
   if (m->cfg.tp_size <= 1) return mt_gpt_load_safetensors(m, path);
   mt_gpt full;
-  mt_gpt_config cfg = m->cfg;
-  cfg.tp_size = 1, cfg.tp_rank = 0;
-  cfg.zero_shards = cfg.micro_slots = 0;
-  cfg.recompute = 1;
-  int rc = mt_gpt_create(&full, &cfg, m->dev, 1, 1);
+  int rc = create_unsharded(&full, m, 0);
   if (rc) return rc;
   rc = mt_gpt_load_safetensors(&full, path);
   for (int i = 0; i < m->n_tensors && !rc; i++) {
@@ -312,10 +320,9 @@ static double slice_sumsq(mt_trainer *tr, const float *grad) {
   double sum = 0.0;
   for (int i = 0; i < m->n_tensors; i++) {
     if (i == skip || (skip_replicated && m->params_table[i].shard == MT_SHARD_NONE)) continue;
-    const mt_param *t = &m->params_table[i];
-    size_t a = t->offset > lo ? t->offset : lo;
-    size_t b = t->offset + t->numel < hi ? t->offset + t->numel : hi;
-    if (a < b) sum += d->ops->sumsq(d, grad + (a - lo), b - a);
+    size_t a, b;
+    if (mt_param_overlap(&m->params_table[i], lo, hi, &a, &b))
+      sum += d->ops->sumsq(d, grad + (a - lo), b - a);
   }
   return sum;
 }
@@ -424,19 +431,14 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   if (tr->g.dp_rank != 0) return 0;
   if (world_rank != 0) return mt_comm_send(tr->g.world, m->params, m->num_params, MT_COMM_F32, 0);
   mt_gpt full;
-  mt_gpt_config cfg = m->cfg;
-  cfg.layer_begin = cfg.layer_end = 0;
-  cfg.zero_shards = cfg.micro_slots = 0;
-  cfg.tp_size = 1, cfg.tp_rank = 0;
-  cfg.recompute = 1;
-  int rc = mt_gpt_create(&full, &cfg, m->dev, 1, 1);
+  int rc = create_unsharded(&full, m, 1);
   if (rc) return rc;
   for (int s = 0; s < tr->g.pp_size && !rc; s++) {
     for (int q = 0; q < tr->g.tp_size && !rc; q++) {
       mt_gpt_config sc = m->cfg;
       sc.tp_rank = q;
       if (tr->g.pp_size > 1)
-        mt_stage_layers(cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin, &sc.layer_end);
+        mt_stage_layers(m->cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin, &sc.layer_end);
       mt_param *table = NULL;
       int n = 0;
       size_t count = 0;
