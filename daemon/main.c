@@ -10,14 +10,17 @@
 #include <unistd.h>
 
 #include "blas.h"
+#include "config.h"
 #include "device.h"
 #include "err.h"
 #include "job.h"
 #include "local.h"
 #include "log.h"
 #include "mt_config.h"
+#include "node.h"
 #include "plan.h"
 #include "safetensors.h"
+#include "steplog.h"
 #include "threads.h"
 #include "train.h"
 
@@ -35,7 +38,17 @@ static void on_signal(int sig) {
 
 static void usage(FILE *out) {
   fprintf(out,
-          "usage: mtnlgd --standalone JOB.json [options]\n"
+          "usage: mtnlgd --config FILE [--set SECTION.KEY=VALUE]... [--job-set KEY=VALUE]...\n"
+          "       mtnlgd --standalone JOB.json [options]\n"
+          "\n"
+          "The node daemon: joins the rendezvous named in the node config (hosting it when\n"
+          "the endpoint is this node), takes its share of the job's ranks, trains.\n"
+          "\n"
+          "  --config FILE             node config (INI), e.g. /etc/mtnlg/mtnlgd.conf\n"
+          "  --set SECTION.KEY=VALUE   override a node config key (repeatable), e.g.\n"
+          "                            node.devices=cpu:2\n"
+          "  --job-set KEY=VALUE       override a field of the job file (coordinator), e.g.\n"
+          "                            train.steps=20\n"
           "\n"
           "Trains the job on this machine alone, without a rendezvous.\n"
           "\n"
@@ -56,29 +69,6 @@ static void usage(FILE *out) {
           "  --version, --help\n");
 }
 
-static void print_step(const mt_step_stats *st, int64_t steps, int json) {
-  if (json) {
-    printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%.9g,\"lr\":%.9g,"
-           "\"grad_norm\":%.9g,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
-           "\"bubble\":%.4f,\"skipped\":%s",
-           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
-           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, st->bubble,
-           st->skipped ? "true" : "false");
-    if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
-    printf("}\n");
-  } else {
-    printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | %8.1f ms | "
-           "%9.1f tok/s | %.3f TFLOP/s/device | bubble %.1f%%%s\n",
-           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
-           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble,
-           st->skipped ? " | skipped" : "");
-    if (st->has_val)
-      printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
-             (long long)steps, st->val_loss, exp(st->val_loss));
-  }
-  fflush(stdout);
-}
-
 typedef struct step_printer {
   int json;
   int64_t steps;
@@ -87,10 +77,21 @@ typedef struct step_printer {
 
 static void on_step(const mt_step_stats *st, void *arg) {
   const step_printer *p = arg;
-  if (st->step % p->log_every == 0 || st->step == p->steps || st->step == 1 || st->has_val ||
-      st->stop)
-    print_step(st, p->steps, p->json);
-  if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
+  mt_steplog(st, p->steps, p->log_every, p->json);
+}
+
+/* The node daemon: the config, then node.c's loop. */
+static int run_node(const char *config_path, const char *const *overrides,
+                    const char *const *job_sets) {
+  mt_node_config cfg;
+  if (mt_node_config_load(&cfg, config_path, overrides)) {
+    fprintf(stderr, "mtnlgd: config %s cannot run:\n%s\n", config_path, mt_errmsg());
+    return 2;
+  }
+  mt_log_set_level(mt_log_parse_level(cfg.log_level));
+  signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
+  mt_node_opts no = {.config = &cfg, .job_overrides = job_sets, .config_path = config_path};
+  return mt_node_main(&no);
 }
 
 int main(int argc, char **argv) {
@@ -111,8 +112,12 @@ int main(int argc, char **argv) {
     OPT_COMM_TIMEOUT
   };
   int procs = 1, proc_rank = 0, comm_timeout_ms = 0;
-  const char *store_dir = NULL;
+  const char *store_dir = NULL, *config_path = NULL;
+  const char *job_sets[MAX_OVERRIDES + 1] = {0};
+  int n_job_sets = 0;
   static const struct option opts[] = {
+      {"config", required_argument, NULL, 'c'},
+      {"job-set", required_argument, NULL, 'j'},
       {"standalone", required_argument, NULL, 's'},
       {"set", required_argument, NULL, OPT_SET},
       {"devices", required_argument, NULL, OPT_DEVICES},
@@ -129,9 +134,17 @@ int main(int argc, char **argv) {
       {0},
   };
   int c;
-  while ((c = getopt_long(argc, argv, "s:h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "s:c:h", opts, NULL)) != -1) {
     switch (c) {
     case 's': job_path = optarg; break;
+    case 'c': config_path = optarg; break;
+    case 'j':
+      if (n_job_sets == MAX_OVERRIDES) {
+        fprintf(stderr, "mtnlgd: more than %d --job-set options\n", MAX_OVERRIDES);
+        return 2;
+      }
+      job_sets[n_job_sets++] = optarg;
+      break;
     case OPT_SET:
       if (n_overrides == MAX_OVERRIDES) {
         fprintf(stderr, "mtnlgd: more than %d --set options\n", MAX_OVERRIDES);
@@ -186,11 +199,17 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
-  if (!job_path) {
-    fprintf(stderr, "mtnlgd: only --standalone JOB.json is available in this version; the node "
-                    "daemon (--config, rendezvous) comes with the cluster issue\n");
-    usage(stderr);
+  if (config_path && job_path) {
+    fprintf(stderr, "mtnlgd: --config and --standalone exclude each other\n");
     return 2;
+  }
+  if (!job_path) {
+    if (!config_path) {
+      fprintf(stderr, "mtnlgd: give --config FILE (the node daemon) or --standalone JOB.json\n");
+      usage(stderr);
+      return 2;
+    }
+    return run_node(config_path, overrides, job_sets);
   }
 
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
@@ -210,21 +229,10 @@ int main(int argc, char **argv) {
   }
   /* the memory plan: CPU devices of this process share its RAM; a job that
    * cannot fit is refused with the numbers before anything is allocated */
-  {
-    int here = job.parallel.tp * job.parallel.pp * job.parallel.dp_min / (procs > 0 ? procs : 1);
-    double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    mt_plan_device pd = {.memory_bytes = ram / (here > 0 ? here : 1), .tflops = 1.0};
-    mt_plan plan;
-    if (mt_plan_compute(&job, &pd, &plan)) {
-      fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", job_path, mt_errmsg());
-      return 2;
-    }
-    mt_log_info("plan: %.2f GB per device at most (stage %d: weights %.2f, grads %.2f, "
-                "optimizer %.2f, activations %.2f GB) of %.1f GB RAM per device",
-                (double)plan.worst.total_bytes / 1e9, plan.worst.stage,
-                (double)plan.worst.weight_bytes / 1e9, (double)plan.worst.grad_bytes / 1e9,
-                (double)plan.worst.optimizer_bytes / 1e9, (double)plan.worst.activation_bytes / 1e9,
-                pd.memory_bytes / 1e9);
+  if (mt_check_memory_plan(&job, job.parallel.tp * job.parallel.pp * job.parallel.dp_min /
+                                     (procs > 0 ? procs : 1))) {
+    fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", job_path, mt_errmsg());
+    return 2;
   }
   /* load OpenBLAS now, so the kernel can be reported before the ranks start */
   mt_device probe;

@@ -11,7 +11,8 @@
 # Debian 12 packages the build, the tests and the tools need.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 MT_PACKAGES=(meson ninja-build pkg-config gcc g++ libjansson-dev libopenblas-dev
-  libopenblas0-openmp libinih-dev libxxhash-dev python3-torch libuv1-dev jq nodejs libgloo-dev)
+  libopenblas0-openmp libinih-dev libxxhash-dev python3-torch libuv1-dev jq nodejs libgloo-dev
+  libmicrohttpd-dev libcurl4-openssl-dev libsystemd-dev systemd chromium prometheus)
 
 mt_tool=${mt_tool:-$(basename "$0")}
 

@@ -873,6 +873,14 @@ static int compute_hash(mt_job *job) {
   return MT_OK;
 }
 
+char *mt_job_to_json(const mt_job *job) {
+  json_t *j = job_to_json(job);
+  char *s = j ? json_dumps(j, JSON_SORT_KEYS | JSON_COMPACT) : NULL;
+  json_decref(j);
+  if (!s) mt_seterr(MT_ENOMEM, "job: cannot serialize the resolved job");
+  return s;
+}
+
 /* ---- entry points ---- */
 
 static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,

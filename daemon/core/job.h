@@ -117,6 +117,11 @@ int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *prese
 int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
                  const char *const *preset_dirs, const char *const *overrides);
 
+/* The resolved job as compact JSON, every default filled in: what the
+ * coordinator publishes; mt_job_parse() of it gives the same job and hash.
+ * malloc'd (free() it), or NULL with mt_errmsg(). */
+char *mt_job_to_json(const mt_job *job);
+
 /* The preset directories every program searches, in order: extra (may be
  * NULL), the source tree's etc/models, the installed share/mtnlg/models. */
 #define MT_PRESET_DIRS_MAX 4

@@ -52,8 +52,8 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
       st.has_val = 1;
     }
-    /* world rank 0 sits on the first stage: the loss came to it in the step's all-reduce */
-    if (c->rank == 0 && o->on_step) o->on_step(&st, o->arg);
+    /* every rank learned the loss in the step's all-reduce */
+    if (c == c->all && o->on_step) o->on_step(&st, o->arg);
     if (st.stop) {
       if (c->rank == 0)
         mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
@@ -74,10 +74,11 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   return 0;
 }
 
-/* Joins group `name` (key prefix "standalone/<name>") as rank `rank` of `size`. */
+/* Joins group `name` (key prefix "<comm_prefix>/<name>") as rank `rank` of `size`. */
 static int join(rank_ctx *c, int slot, const char *name, int rank, int size) {
-  char prefix[96];
-  snprintf(prefix, sizeof prefix, "standalone/%s", name);
+  char prefix[192];
+  snprintf(prefix, sizeof prefix, "%s/%s", c->o->comm_prefix ? c->o->comm_prefix : "standalone",
+           name);
   mt_comm_opts co = {.store = c->store,
                      .name = name,
                      .prefix = prefix,
@@ -130,7 +131,10 @@ static void *rank_main(void *arg) {
   const mt_local_opts *o = c->o;
   omp_set_num_threads(c->omp_threads);
   char spec[32];
-  snprintf(spec, sizeof spec, "%s:%d", o->device_kind ? o->device_kind : "cpu", c->rank);
+  if (o->devices)
+    snprintf(spec, sizeof spec, "%s", o->devices[c - c->all]);
+  else
+    snprintf(spec, sizeof spec, "%s:%d", o->device_kind ? o->device_kind : "cpu", c->rank);
   mt_device dev;
   mt_trainer tr;
   mt_groups g;
@@ -159,48 +163,102 @@ static void *rank_main(void *arg) {
   return NULL;
 }
 
-int mt_local_run(const mt_local_opts *o) {
+struct mt_local {
+  rank_ctx *ranks;
+  pthread_t *threads;
+  int n, started, first_failed, rc;
+  char err[1024]; /* the start failure's message: mt_local_wait may run on another thread */
+  mt_store *own;  /* the in-process store, when no other was given */
+};
+
+int mt_local_start(const mt_local_opts *o, mt_local **out) {
   const mt_parallel_spec *ps = &o->job->parallel;
   int size = ps->dp_min * ps->pp * ps->tp;
   int procs = o->procs > 1 ? o->procs : 1;
+  *out = NULL;
   if (size < 1) return mt_seterr(MT_EINVAL, "local: %d ranks", size);
-  if (size % procs || o->proc_rank < 0 || o->proc_rank >= procs)
-    return mt_seterr(MT_EINVAL,
-                     "local: %d ranks cannot be split evenly over %d processes "
-                     "(this is process %d)",
-                     size, procs, o->proc_rank);
-  if (procs > 1 && !o->store)
-    return mt_seterr(MT_EINVAL, "local: %d processes need a shared store", procs);
-  int n = size / procs, r0 = o->proc_rank * n;
-  rank_ctx *ranks = calloc((size_t)n, sizeof *ranks);
-  pthread_t *threads = calloc((size_t)n, sizeof *threads);
-  mt_store *store = o->store, *own = NULL;
-  int rc = ranks && threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", n);
-  if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&own))) store = own;
-  int cores = omp_get_max_threads(), started = 0, first_failed = -1;
+  int n, r0;
+  if (o->rank_count > 0) {
+    if (o->rank_begin < 0 || o->rank_begin + o->rank_count > size)
+      return mt_seterr(MT_EINVAL, "local: ranks [%d, %d) outside the world of %d", o->rank_begin,
+                       o->rank_begin + o->rank_count, size);
+    n = o->rank_count, r0 = o->rank_begin;
+  } else {
+    if (size % procs || o->proc_rank < 0 || o->proc_rank >= procs)
+      return mt_seterr(MT_EINVAL,
+                       "local: %d ranks cannot be split evenly over %d processes "
+                       "(this is process %d)",
+                       size, procs, o->proc_rank);
+    n = size / procs, r0 = o->proc_rank * n;
+  }
+  if (n < size && !o->store)
+    return mt_seterr(MT_EINVAL, "local: ranks spread over processes need a shared store");
+  mt_local *l = calloc(1, sizeof *l);
+  if (!l) return mt_seterr(MT_ENOMEM, "local: %d ranks", n);
+  l->ranks = calloc((size_t)n, sizeof *l->ranks);
+  l->threads = calloc((size_t)n, sizeof *l->threads);
+  l->n = n, l->first_failed = -1;
+  mt_store *store = o->store;
+  int rc = l->ranks && l->threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", n);
+  if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&l->own))) store = l->own;
+  int cores = o->omp_threads > 0 ? o->omp_threads : omp_get_max_threads();
   for (int k = 0; !rc && k < n; k++) {
-    ranks[k] = (rank_ctx){.o = o,
-                          .rank = r0 + k,
-                          .size = size,
-                          .store = store,
-                          .all = ranks,
-                          .n_local = n,
-                          .omp_threads = cores / n > 0 ? cores / n : 1,
-                          .first_failed = &first_failed};
-    if (pthread_create(&threads[k], NULL, rank_main, &ranks[k]))
+    l->ranks[k] = (rank_ctx){.o = o,
+                             .rank = r0 + k,
+                             .size = size,
+                             .store = store,
+                             .all = l->ranks,
+                             .n_local = n,
+                             .omp_threads = cores / n > 0 ? cores / n : 1,
+                             .first_failed = &l->first_failed};
+    if (pthread_create(&l->threads[k], NULL, rank_main, &l->ranks[k]))
       rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k);
     else
-      started++;
+      l->started++;
   }
-  for (int r = 0; r < started; r++) pthread_join(threads[r], NULL);
+  l->rc = rc;
+  if (rc) snprintf(l->err, sizeof l->err, "%s", mt_errmsg());
+  *out = l;
+  return 0; /* a start failure is reported by mt_local_wait, after the started ranks end */
+}
+
+void mt_local_abort(mt_local *l) {
+  if (!l) return;
+  for (int r = 0; r < l->started; r++)
+    for (int k = 0; k < 5; k++) {
+      mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_ACQUIRE);
+      if (c) mt_comm_abort(c);
+    }
+}
+
+int mt_local_wait(mt_local *l) {
+  if (!l) return 0;
+  int rc = l->rc;
+  if (rc) mt_local_abort(l); /* the started ranks would wait for the missing ones */
+  for (int r = 0; r < l->started; r++) pthread_join(l->threads[r], NULL);
   /* the rank that failed first; the others failed because it aborted them */
-  if (!rc && first_failed >= 0)
-    rc = mt_seterr(ranks[first_failed].rc, "%s", ranks[first_failed].err);
-  for (int r = 0; r < n && ranks; r++)
+  if (rc) return mt_seterr(rc, "%s", l->err);
+  if (l->first_failed >= 0)
+    rc = mt_seterr(l->ranks[l->first_failed].rc, "%s", l->ranks[l->first_failed].err);
+  return rc;
+}
+
+void mt_local_free(mt_local *l) {
+  if (!l) return;
+  for (int r = 0; r < l->n && l->ranks; r++)
     for (int k = 0; k < 5; k++)
-      if (ranks[r].comms[k]) mt_comm_destroy(ranks[r].comms[k]);
-  mt_store_free(own);
-  free(ranks);
-  free(threads);
+      if (l->ranks[r].comms[k]) mt_comm_destroy(l->ranks[r].comms[k]);
+  mt_store_free(l->own);
+  free(l->ranks);
+  free(l->threads);
+  free(l);
+}
+
+int mt_local_run(const mt_local_opts *o) {
+  mt_local *l;
+  int rc = mt_local_start(o, &l);
+  if (rc) return rc;
+  rc = mt_local_wait(l);
+  mt_local_free(l);
   return rc;
 }

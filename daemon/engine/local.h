@@ -26,17 +26,39 @@ typedef struct mt_local_opts {
    * NULL: an in-process store. */
   int procs, proc_rank;
   mt_store *store;
+  /* Or, for a node of a cluster: this process runs world ranks
+   * [rank_begin, rank_begin + rank_count) (rank_count > 0 overrides procs),
+   * rank k of them on device devices[k] ("cpu:1", "cuda:3"; NULL: kind:rank),
+   * and the groups' store keys start with comm_prefix ("gen/3/comm"; NULL:
+   * "standalone"). The job's parallel.dp_min is the data-parallel width. */
+  int rank_begin, rank_count;
+  const char *const *devices;
+  const char *comm_prefix;
+  int omp_threads;             /* shared by this process's ranks; 0: every core */
   const char *device_kind;     /* "cpu" */
   int comm_timeout_ms;         /* 0: 300000 */
   const char *export_path;     /* safetensors at the end, or NULL */
   volatile sig_atomic_t *stop; /* polled before each step; all ranks stop at one boundary */
-  /* rank 0, after each step (validation filled in when it ran) */
+  /* the first rank of this process, after each step (validation filled in
+   * when it ran): every rank learns the loss in the step's all-reduce */
   void (*on_step)(const mt_step_stats *st, void *arg);
   void *arg;
 } mt_local_opts;
 
-/* Runs the job to its last step or an agreed stop. 0, or the first failing
- * rank's error with mt_errmsg() naming the rank. */
+typedef struct mt_local mt_local;
+
+/* Starts this process's ranks and returns; o must outlive mt_local_wait. */
+int mt_local_start(const mt_local_opts *o, mt_local **out);
+/* Aborts every communicator of this process's ranks, so a rank blocked on a
+ * lost peer fails now instead of at its deadline. Any thread, any time. */
+void mt_local_abort(mt_local *l);
+/* Waits for the ranks to end. 0, or the first failing rank's error with
+ * mt_errmsg() naming the rank. l stays valid (mt_local_abort is harmless)
+ * until mt_local_free. */
+int mt_local_wait(mt_local *l);
+void mt_local_free(mt_local *l);
+
+/* Runs the job to its last step or an agreed stop: start, wait, free. */
 int mt_local_run(const mt_local_opts *o);
 
 #endif

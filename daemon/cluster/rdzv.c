@@ -1,0 +1,620 @@
+/* rdzv.c — joins, verdicts, generations, heartbeats and the end of a job. */
+#include "rdzv.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "err.h"
+#include "log.h"
+
+/* ---- small store helpers ---- */
+
+/* The value of key when it exists: 1 (*out malloc'd, NUL-terminated), 0 when
+ * absent, < 0 when the store failed. Never waits for the key. */
+static int get_now(mt_store *s, const char *key, char **out) {
+  *out = NULL;
+  int rc = mt_store_check(s, key);
+  if (rc <= 0) return rc;
+  void *v;
+  size_t n;
+  rc = mt_store_get(s, key, &v, &n, 1000);
+  if (rc == MT_ENOENT) return 0;
+  if (rc) return rc;
+  *out = v;
+  return 1;
+}
+
+static int set_json(mt_store *s, const char *key, json_t *j) {
+  char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+  json_decref(j);
+  if (!text) return mt_seterr(MT_ENOMEM, "rdzv: cannot encode %s", key);
+  int rc = mt_store_set(s, key, text, strlen(text));
+  free(text);
+  return rc;
+}
+
+static json_t *get_json_now(mt_store *s, const char *key, int *rc) {
+  char *text;
+  *rc = get_now(s, key, &text);
+  if (*rc <= 0) return NULL;
+  json_error_t e;
+  json_t *j = json_loads(text, 0, &e);
+  free(text);
+  if (!j) *rc = mt_seterr(MT_ECORRUPT, "rdzv: %s: bad JSON: %s", key, e.text);
+  return j;
+}
+
+static void copy_str(char *dst, size_t size, json_t *obj, const char *key) {
+  const char *v = json_string_value(json_object_get(obj, key));
+  snprintf(dst, size, "%s", v ? v : "");
+}
+
+/* ---- descriptors and assignments ---- */
+
+static json_t *desc_to_json(const mt_node_desc *d) {
+  json_t *devs = json_array();
+  for (int i = 0; i < d->n_devices; i++) json_array_append_new(devs, json_string(d->devices[i]));
+  return json_pack("{s:s, s:s, s:o, s:s, s:s, s:s, s:i}", "name", d->name, "host", d->host,
+                   "devices", devs, "version", d->version, "job_hash", d->job_hash, "control_url",
+                   d->control_url, "pid", d->pid);
+}
+
+static int desc_from_json(json_t *j, mt_node_desc *d) {
+  memset(d, 0, sizeof *d);
+  copy_str(d->name, sizeof d->name, j, "name");
+  copy_str(d->host, sizeof d->host, j, "host");
+  copy_str(d->version, sizeof d->version, j, "version");
+  copy_str(d->job_hash, sizeof d->job_hash, j, "job_hash");
+  copy_str(d->control_url, sizeof d->control_url, j, "control_url");
+  d->pid = (int)json_integer_value(json_object_get(j, "pid"));
+  json_t *devs = json_object_get(j, "devices");
+  size_t i;
+  json_t *v;
+  json_array_foreach(devs, i, v) {
+    if (d->n_devices == MT_RDZV_MAX_DEVICES) break;
+    snprintf(d->devices[d->n_devices++], 16, "%s",
+             json_string_value(v) ? json_string_value(v) : "");
+  }
+  return d->name[0] ? 0 : MT_EINVAL;
+}
+
+void mt_assignment_free(mt_assignment *a) {
+  if (!a) return;
+  free(a->members);
+  free(a->spares);
+  memset(a, 0, sizeof *a);
+}
+
+const mt_member *mt_assignment_find(const mt_assignment *a, const char *name) {
+  for (int i = 0; i < a->n_members; i++)
+    if (!strcmp(a->members[i].name, name)) return &a->members[i];
+  return NULL;
+}
+
+static json_t *assignment_to_json(const mt_assignment *a) {
+  json_t *members = json_array(), *spares = json_array();
+  for (int i = 0; i < a->n_members; i++)
+    json_array_append_new(members,
+                          json_pack("{s:s, s:i, s:i}", "name", a->members[i].name, "rank_begin",
+                                    a->members[i].rank_begin, "rank_end", a->members[i].rank_end));
+  for (int i = 0; i < a->n_spares; i++) json_array_append_new(spares, json_string(a->spares[i]));
+  return json_pack("{s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:o, s:o}", "gen", a->gen, "tp", a->tp,
+                   "pp", a->pp, "dp", a->dp, "world", a->world, "job_hash", a->job_hash,
+                   "coordinator", a->coordinator, "members", members, "spares", spares);
+}
+
+static int assignment_from_json(json_t *j, mt_assignment *a) {
+  memset(a, 0, sizeof *a);
+  a->gen = (int)json_integer_value(json_object_get(j, "gen"));
+  a->tp = (int)json_integer_value(json_object_get(j, "tp"));
+  a->pp = (int)json_integer_value(json_object_get(j, "pp"));
+  a->dp = (int)json_integer_value(json_object_get(j, "dp"));
+  a->world = (int)json_integer_value(json_object_get(j, "world"));
+  copy_str(a->job_hash, sizeof a->job_hash, j, "job_hash");
+  copy_str(a->coordinator, sizeof a->coordinator, j, "coordinator");
+  json_t *members = json_object_get(j, "members"), *spares = json_object_get(j, "spares");
+  size_t nm = json_array_size(members), ns = json_array_size(spares);
+  a->members = calloc(nm ? nm : 1, sizeof *a->members);
+  a->spares = calloc(ns ? ns : 1, sizeof *a->spares);
+  if (!a->members || !a->spares) {
+    mt_assignment_free(a);
+    return mt_seterr(MT_ENOMEM, "rdzv: assignment of %zu nodes", nm + ns);
+  }
+  size_t i;
+  json_t *v;
+  json_array_foreach(members, i, v) {
+    copy_str(a->members[i].name, sizeof a->members[i].name, v, "name");
+    a->members[i].rank_begin = (int)json_integer_value(json_object_get(v, "rank_begin"));
+    a->members[i].rank_end = (int)json_integer_value(json_object_get(v, "rank_end"));
+  }
+  json_array_foreach(spares, i, v) snprintf(a->spares[i], MT_RDZV_NAME_MAX, "%s",
+                                            json_string_value(v) ? json_string_value(v) : "");
+  a->n_members = (int)nm, a->n_spares = (int)ns;
+  if (a->gen < 1 || a->tp < 1 || a->pp < 1 || a->dp < 1 || a->world != a->tp * a->pp * a->dp) {
+    mt_assignment_free(a);
+    return mt_seterr(MT_ECORRUPT, "rdzv: assignment with an impossible layout");
+  }
+  return 0;
+}
+
+/* ---- every node ---- */
+
+int mt_rdzv_join(mt_store *s, const mt_node_desc *d, int64_t *seq) {
+  int rc = mt_store_add(s, "nodes/seq", 1, seq);
+  if (rc) return mt_wraperr(rc, "rdzv: join");
+  char key[64];
+  snprintf(key, sizeof key, "nodes/%lld", (long long)*seq);
+  rc = set_json(s, key, desc_to_json(d));
+  return rc ? mt_wraperr(rc, "rdzv: join") : 0;
+}
+
+int mt_rdzv_verdict(mt_store *s, int64_t seq, int *watch_gen) {
+  char key[64];
+  snprintf(key, sizeof key, "nodes/%lld/verdict", (long long)seq);
+  int rc;
+  json_t *j = get_json_now(s, key, &rc);
+  if (rc <= 0) return rc;
+  const char *status = json_string_value(json_object_get(j, "status"));
+  if (status && !strcmp(status, "accepted")) {
+    *watch_gen = (int)json_integer_value(json_object_get(j, "watch_gen"));
+    json_decref(j);
+    return 1;
+  }
+  const char *reason = json_string_value(json_object_get(j, "reason"));
+  rc = mt_seterr(MT_EINVAL, "%s", reason ? reason : "refused without a reason");
+  json_decref(j);
+  return rc;
+}
+
+int mt_rdzv_assignment(mt_store *s, int gen, mt_assignment *a, char **job_json) {
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/assignment", gen);
+  int rc;
+  json_t *j = get_json_now(s, key, &rc);
+  if (rc <= 0) return rc;
+  rc = assignment_from_json(j, a);
+  json_decref(j);
+  if (rc) return rc;
+  snprintf(key, sizeof key, "gen/%d/job", gen);
+  rc = get_now(s, key, job_json); /* written before the assignment */
+  if (rc <= 0) {
+    mt_assignment_free(a);
+    return rc ? rc : mt_seterr(MT_ECORRUPT, "rdzv: %s missing beside its assignment", key);
+  }
+  return 1;
+}
+
+int mt_rdzv_heartbeat(mt_store *s, const char *name) {
+  char key[96];
+  snprintf(key, sizeof key, "hb/%s", name);
+  return mt_store_add(s, key, 1, NULL);
+}
+
+int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int reason_size) {
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/end", gen);
+  int rc;
+  json_t *j = get_json_now(s, key, &rc);
+  if (rc <= 0) return rc;
+  *final = json_is_true(json_object_get(j, "final"));
+  *ok = json_is_true(json_object_get(j, "ok"));
+  copy_str(reason, (size_t)reason_size, j, "reason");
+  json_decref(j);
+  return 1;
+}
+
+int mt_rdzv_report(mt_store *s, int gen, const char *name, int failed, const char *reason) {
+  char key[160];
+  snprintf(key, sizeof key, "gen/%d/%s/%s", gen, failed ? "failed" : "done", name);
+  return mt_store_set(s, key, reason, strlen(reason));
+}
+
+int mt_rdzv_order(mt_store *s, int gen, int64_t *seq, char *kind, int kind_size) {
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/order", gen);
+  int rc;
+  json_t *j = get_json_now(s, key, &rc);
+  if (rc <= 0) return rc;
+  *seq = json_integer_value(json_object_get(j, "seq"));
+  copy_str(kind, (size_t)kind_size, j, "kind");
+  json_decref(j);
+  return 1;
+}
+
+int mt_rdzv_leave(mt_store *s, const char *name) {
+  char key[160];
+  snprintf(key, sizeof key, "nodes/%s/left", name);
+  return mt_store_set(s, key, "1", 1);
+}
+
+/* ---- the coordinator ---- */
+
+enum { ROLE_NONE, ROLE_MEMBER, ROLE_SPARE, ROLE_LOST, ROLE_LEFT };
+static const char *const role_names[] = {"joined", "member", "spare", "lost", "left"};
+
+typedef struct coord_node {
+  mt_node_desc d;
+  int role;
+  int slots;
+  int rank_begin, rank_end;
+  int64_t hb_value, hb_changed_ms;
+  int reported; /* 1 done, 2 failed, for the running generation */
+  char report[512];
+} coord_node;
+
+typedef enum { G_FORMING, G_RUNNING, G_ENDED } gen_state;
+
+struct mt_coord {
+  mt_coord_opts o;
+  char *job_json;
+  int64_t next_seq; /* the next join number to read */
+  coord_node *nodes;
+  int n_nodes, cap;
+  int gen; /* the generation forming or running (1-based) */
+  gen_state state;
+  int64_t formable_since_ms;
+  int64_t first_failure_ms;
+  int64_t order_seq;
+  int final_written;
+  int64_t ended_ms;
+};
+
+int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
+  mt_coord *c = calloc(1, sizeof *c);
+  if (!c || !(c->job_json = strdup(o->job_json))) {
+    free(c);
+    return mt_seterr(MT_ENOMEM, "coordinator");
+  }
+  c->o = *o;
+  c->o.job_json = c->job_json;
+  c->next_seq = 1;
+  c->gen = 1;
+  c->state = G_FORMING;
+  *out = c;
+  return 0;
+}
+
+void mt_coord_free(mt_coord *c) {
+  if (!c) return;
+  free(c->nodes);
+  free(c->job_json);
+  free(c);
+}
+
+static coord_node *find_node(mt_coord *c, const char *name) {
+  for (int i = 0; i < c->n_nodes; i++)
+    if (!strcmp(c->nodes[i].d.name, name)) return &c->nodes[i];
+  return NULL;
+}
+
+static int write_verdict(mt_coord *c, int64_t seq, const char *refusal) {
+  char key[64];
+  snprintf(key, sizeof key, "nodes/%lld/verdict", (long long)seq);
+  json_t *v = refusal ? json_pack("{s:s, s:s}", "status", "refused", "reason", refusal)
+                      : json_pack("{s:s, s:i}", "status", "accepted", "watch_gen", c->gen);
+  return set_json(c->o.store, key, v);
+}
+
+/* Why a node cannot take part, or NULL. */
+static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t size) {
+  coord_node *same = find_node(c, d->name);
+  if (strcmp(d->version, c->o.version))
+    snprintf(why, size,
+             "node %s runs mtnlgd %s, the coordinator %s: every node must run the same version",
+             d->name, d->version, c->o.version);
+  else if (d->job_hash[0] && strcmp(d->job_hash, c->o.job_hash))
+    snprintf(why, size,
+             "node %s was configured with job %s, the coordinator runs job %s: give every node the "
+             "same job file, or none",
+             d->name, d->job_hash, c->o.job_hash);
+  else if (same && same->role != ROLE_LOST && same->role != ROLE_LEFT)
+    snprintf(why, size,
+             "a node named %s already joined (from %s, pid %d): node names must be unique", d->name,
+             same->d.host, same->d.pid);
+  else if (d->n_devices < c->o.tp)
+    snprintf(why, size,
+             "node %s has %d device(s); one model slot of this job needs parallel.tp = %d devices",
+             d->name, d->n_devices, c->o.tp);
+  else
+    return NULL;
+  return why;
+}
+
+static int read_joins(mt_coord *c, int64_t now_ms) {
+  int64_t last;
+  int rc = mt_store_add(c->o.store, "nodes/seq", 0, &last);
+  if (rc) return rc;
+  while (c->next_seq <= last) {
+    char key[64];
+    snprintf(key, sizeof key, "nodes/%lld", (long long)c->next_seq);
+    json_t *j = get_json_now(c->o.store, key, &rc);
+    if (rc < 0) return rc;
+    if (rc == 0) break; /* counted but not written yet: next tick */
+    mt_node_desc d;
+    int bad = desc_from_json(j, &d);
+    json_decref(j);
+    char why[512];
+    const char *no = bad ? "the join descriptor has no node name" : refusal(c, &d, why, sizeof why);
+    if (no) {
+      mt_log_warn("coordinator: refused join %lld: %s", (long long)c->next_seq, no);
+    } else {
+      coord_node *n = find_node(c, d.name);
+      if (!n) {
+        if (c->n_nodes == c->cap) {
+          int cap = c->cap ? 2 * c->cap : 16;
+          coord_node *m = realloc(c->nodes, (size_t)cap * sizeof *m);
+          if (!m) return mt_seterr(MT_ENOMEM, "coordinator: %d nodes", cap);
+          c->nodes = m, c->cap = cap;
+        }
+        n = &c->nodes[c->n_nodes++];
+      }
+      memset(n, 0, sizeof *n);
+      n->d = d;
+      n->slots = d.n_devices / c->o.tp;
+      n->hb_changed_ms = now_ms;
+      n->hb_value = -1;
+      /* a node joining a running generation waits as a spare */
+      n->role = c->state == G_RUNNING ? ROLE_SPARE : ROLE_NONE;
+      mt_log_info("coordinator: node %s joined from %s with %d device(s) (%d slot(s)) as join %lld",
+                  d.name, d.host, d.n_devices, n->slots, (long long)c->next_seq);
+    }
+    if ((rc = write_verdict(c, c->next_seq, no))) return rc;
+    c->next_seq++;
+  }
+  return 0;
+}
+
+/* Heartbeats and departures: marks nodes lost or left; returns the first
+ * member lost in this round, or NULL. */
+static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc) {
+  coord_node *lost_member = NULL;
+  *rc = 0;
+  for (int i = 0; i < c->n_nodes; i++) {
+    coord_node *n = &c->nodes[i];
+    if (n->role == ROLE_LOST || n->role == ROLE_LEFT) continue;
+    char key[128];
+    snprintf(key, sizeof key, "nodes/%s/left", n->d.name);
+    int left = mt_store_check(c->o.store, key);
+    if (left < 0) return *rc = left, NULL;
+    if (left && n->role != ROLE_MEMBER) {
+      n->role = ROLE_LEFT;
+      mt_log_info("coordinator: node %s left", n->d.name);
+      continue;
+    }
+    int64_t v;
+    snprintf(key, sizeof key, "hb/%s", n->d.name);
+    if ((*rc = mt_store_add(c->o.store, key, 0, &v))) return NULL;
+    if (v != n->hb_value) n->hb_value = v, n->hb_changed_ms = now_ms;
+    if (now_ms - n->hb_changed_ms > c->o.heartbeat_timeout_ms && !left) {
+      int was_member = n->role == ROLE_MEMBER;
+      n->role = ROLE_LOST;
+      mt_log_warn("coordinator: node %s lost: no heartbeat for %.1f s", n->d.name,
+                  (now_ms - n->hb_changed_ms) / 1000.0);
+      if (was_member && !lost_member) lost_member = n;
+    }
+  }
+  return lost_member;
+}
+
+static int cmp_nodes(const void *a, const void *b) {
+  return strcmp(((const coord_node *)a)->d.name, ((const coord_node *)b)->d.name);
+}
+
+/* The widest dp in [dp_min, dp_max] the slots allow with the global batch
+ * divisible by micro_batch * dp; 0 when none. */
+static int pick_dp(const mt_coord *c, int slots) {
+  int most = slots / c->o.pp;
+  if (most > c->o.dp_max) most = c->o.dp_max;
+  for (int dp = most; dp >= c->o.dp_min; dp--)
+    if (c->o.global_batch % (c->o.micro_batch * dp) == 0) return dp;
+  return 0;
+}
+
+/* Forms generation c->gen from the nodes present: members in name order,
+ * whole nodes, until pp * dp slots; the rest spares. Publishes job, hash and
+ * assignment (the assignment last: members wait for it). */
+static int form(mt_coord *c, int dp) {
+  qsort(c->nodes, (size_t)c->n_nodes, sizeof *c->nodes, cmp_nodes);
+  int need = c->o.pp * dp, have = 0;
+  mt_assignment a = {
+      .gen = c->gen, .tp = c->o.tp, .pp = c->o.pp, .dp = dp, .world = c->o.tp * c->o.pp * dp};
+  snprintf(a.job_hash, sizeof a.job_hash, "%s", c->o.job_hash);
+  a.members = calloc((size_t)c->n_nodes + 1, sizeof *a.members);
+  a.spares = calloc((size_t)c->n_nodes + 1, sizeof *a.spares);
+  if (!a.members || !a.spares) {
+    mt_assignment_free(&a);
+    return mt_seterr(MT_ENOMEM, "coordinator: assignment");
+  }
+  for (int i = 0; i < c->n_nodes; i++) {
+    coord_node *n = &c->nodes[i];
+    if (n->role == ROLE_LOST || n->role == ROLE_LEFT) continue;
+    n->reported = 0;
+    if (have + n->slots <= need) {
+      n->role = ROLE_MEMBER;
+      n->rank_begin = have * c->o.tp;
+      have += n->slots;
+      n->rank_end = have * c->o.tp;
+      mt_member *m = &a.members[a.n_members++];
+      snprintf(m->name, sizeof m->name, "%s", n->d.name);
+      m->rank_begin = n->rank_begin, m->rank_end = n->rank_end;
+    } else {
+      n->role = ROLE_SPARE;
+      snprintf(a.spares[a.n_spares++], MT_RDZV_NAME_MAX, "%s", n->d.name);
+    }
+  }
+  if (have != need) { /* whole nodes could not fill the slots exactly */
+    mt_assignment_free(&a);
+    for (int i = 0; i < c->n_nodes; i++)
+      if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
+        c->nodes[i].role = ROLE_NONE;
+    return 0;
+  }
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/job", c->gen);
+  int rc = mt_store_set(c->o.store, key, c->job_json, strlen(c->job_json));
+  snprintf(key, sizeof key, "gen/%d/job_hash", c->gen);
+  if (!rc) rc = mt_store_set(c->o.store, key, c->o.job_hash, strlen(c->o.job_hash));
+  snprintf(key, sizeof key, "gen/%d/assignment", c->gen);
+  if (!rc) rc = set_json(c->o.store, key, assignment_to_json(&a));
+  if (!rc) {
+    char members[1024] = "";
+    size_t len = 0;
+    for (int i = 0; i < a.n_members && len < sizeof members - 80; i++)
+      len += (size_t)snprintf(members + len, sizeof members - len, "%s%s [%d,%d)", i ? ", " : "",
+                              a.members[i].name, a.members[i].rank_begin, a.members[i].rank_end);
+    mt_log_info("coordinator: generation %d formed: tp %d x pp %d x dp %d = %d ranks on %d "
+                "node(s): %s; %d spare(s)",
+                c->gen, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
+    c->state = G_RUNNING;
+    c->first_failure_ms = 0;
+  }
+  mt_assignment_free(&a);
+  return rc ? mt_wraperr(rc, "coordinator: publish generation %d", c->gen) : 0;
+}
+
+static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const char *reason) {
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/end", c->gen);
+  int rc = set_json(c->o.store, key,
+                    json_pack("{s:s, s:b, s:b}", "reason", reason, "final", final, "ok", ok));
+  if (rc) return rc;
+  mt_log(ok ? MT_LOG_INFO : MT_LOG_WARN, "coordinator: generation %d ended: %s", c->gen, reason);
+  c->state = G_ENDED;
+  c->ended_ms = now_ms;
+  c->final_written = final;
+  return 0;
+}
+
+/* Members' reports: all done ends the job well; a failure not explained by a
+ * lost node within the heartbeat timeout ends it with the failure. */
+static int read_reports(mt_coord *c, int64_t now_ms) {
+  int members = 0, done = 0;
+  coord_node *failed = NULL;
+  for (int i = 0; i < c->n_nodes; i++) {
+    coord_node *n = &c->nodes[i];
+    if (n->role != ROLE_MEMBER) continue;
+    members++;
+    if (!n->reported) {
+      for (int f = 0; f < 2 && !n->reported; f++) {
+        char key[160], *text;
+        snprintf(key, sizeof key, "gen/%d/%s/%s", c->gen, f ? "failed" : "done", n->d.name);
+        int rc = get_now(c->o.store, key, &text);
+        if (rc < 0) return rc;
+        if (rc) {
+          n->reported = f ? 2 : 1;
+          snprintf(n->report, sizeof n->report, "%s", text);
+          free(text);
+        }
+      }
+    }
+    if (n->reported == 1) done++;
+    if (n->reported == 2 && !failed) failed = n;
+  }
+  if (members && done == members) {
+    char why[600] = "";
+    for (int i = 0; i < c->n_nodes; i++)
+      if (c->nodes[i].role == ROLE_MEMBER) {
+        snprintf(why, sizeof why, "%s", c->nodes[i].report);
+        break;
+      }
+    return end_generation(c, now_ms, 1, 1, why);
+  }
+  if (failed) {
+    if (!c->first_failure_ms) c->first_failure_ms = now_ms;
+    if (now_ms - c->first_failure_ms > c->o.heartbeat_timeout_ms) {
+      char why[700];
+      snprintf(why, sizeof why, "node %s failed: %s", failed->d.name, failed->report);
+      return end_generation(c, now_ms, 1, 0, why);
+    }
+  }
+  return 0;
+}
+
+int mt_coord_tick(mt_coord *c, int64_t now_ms) {
+  int rc = read_joins(c, now_ms);
+  if (rc || c->state == G_ENDED) return rc; /* late joiners get a verdict, and see the end */
+  coord_node *lost = read_heartbeats(c, now_ms, &rc);
+  if (rc) return rc;
+  if (c->state == G_RUNNING) {
+    if (lost) {
+      char why[512];
+      snprintf(why, sizeof why, "node %s lost: no heartbeat for %.1f s (ranks [%d, %d))",
+               lost->d.name, (now_ms - lost->hb_changed_ms) / 1000.0, lost->rank_begin,
+               lost->rank_end);
+      /* recovering onto spares comes with checkpoints and resize */
+      return end_generation(c, now_ms, 1, 0, why);
+    }
+    return read_reports(c, now_ms);
+  }
+  /* forming */
+  int slots = 0;
+  for (int i = 0; i < c->n_nodes; i++)
+    if (c->nodes[i].role == ROLE_NONE) slots += c->nodes[i].slots;
+  int dp = pick_dp(c, slots);
+  if (!dp) {
+    c->formable_since_ms = 0;
+    return 0;
+  }
+  if (!c->formable_since_ms) {
+    c->formable_since_ms = now_ms;
+    mt_log_info("coordinator: %d slot(s) joined, enough for dp %d; last call for more (up to dp "
+                "%d) for %d ms",
+                slots, dp, c->o.dp_max, c->o.last_call_ms);
+  }
+  if (dp < c->o.dp_max && now_ms - c->formable_since_ms < c->o.last_call_ms) return 0;
+  return form(c, dp);
+}
+
+int mt_coord_order(mt_coord *c, const char *kind) {
+  if (c->state != G_RUNNING)
+    return mt_seterr(MT_EINVAL, "coordinator: no generation is running to %s", kind);
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/order", c->gen);
+  return set_json(c->o.store, key,
+                  json_pack("{s:I, s:s}", "seq", (json_int_t)++c->order_seq, "kind", kind));
+}
+
+int mt_coord_finish(mt_coord *c, int ok, const char *reason) {
+  if (c->final_written) return 0;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return end_generation(c, (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, 1, ok, reason);
+}
+
+int mt_coord_drained(mt_coord *c, int64_t now_ms, int timeout_ms) {
+  if (!c->final_written) return 0;
+  if (now_ms - c->ended_ms > timeout_ms) return 1;
+  for (int i = 0; i < c->n_nodes; i++) {
+    coord_node *n = &c->nodes[i];
+    if (n->role == ROLE_LOST || n->role == ROLE_LEFT) continue;
+    char key[128];
+    snprintf(key, sizeof key, "nodes/%s/left", n->d.name);
+    int left = mt_store_check(c->o.store, key);
+    if (left == 0) return 0;
+    if (left > 0) n->role = ROLE_LEFT;
+  }
+  return 1;
+}
+
+int mt_coord_snapshot(mt_coord *c, int64_t now_ms, int *gen, const char **state,
+                      mt_coord_node_info *nodes, int max) {
+  static const char *const states[] = {"forming", "running", "ended"};
+  *gen = c->gen;
+  *state = states[c->state];
+  for (int i = 0; i < c->n_nodes && i < max; i++) {
+    const coord_node *n = &c->nodes[i];
+    mt_coord_node_info *o = &nodes[i];
+    memset(o, 0, sizeof *o);
+    snprintf(o->name, sizeof o->name, "%s", n->d.name);
+    snprintf(o->host, sizeof o->host, "%s", n->d.host);
+    snprintf(o->control_url, sizeof o->control_url, "%s", n->d.control_url);
+    o->role = role_names[n->role];
+    o->rank_begin = n->rank_begin, o->rank_end = n->rank_end;
+    o->n_devices = n->d.n_devices;
+    o->heartbeat_age_s = (now_ms - n->hb_changed_ms) / 1000.0;
+  }
+  return c->n_nodes;
+}

@@ -1,0 +1,129 @@
+/* rdzv.h — membership and generations over the rendezvous store.
+ *
+ * Nodes join with a descriptor; the coordinator (the node hosting the store)
+ * accepts or refuses each (another version, another job, too few devices, a
+ * name taken), forms generation g once pp * dp_min model slots have joined and
+ * a last call for more (up to dp_max) has passed, assigns world ranks in a
+ * stable order (node name), and publishes under gen/<g>/: the job, its hash and
+ * the assignment. Nodes beyond dp_max wait as spares. Every node heartbeats;
+ * the coordinator declares a node silent past the timeout lost and ends the
+ * generation with the reason. Every key a generation uses carries its number,
+ * so nothing of an old generation is read by a new one. The keys are listed
+ * in proto/store-v1.md, "Rendezvous keys".
+ *
+ * Nothing here blocks for long: the node's event loop polls with these
+ * functions (store calls with no wait), so a dead coordinator costs one
+ * request timeout, never a hang. Nothing here exits.
+ */
+#ifndef MT_RDZV_H
+#define MT_RDZV_H
+
+#include <stdint.h>
+
+#include "store.h"
+
+#define MT_RDZV_NAME_MAX 64
+#define MT_RDZV_MAX_DEVICES 64
+
+/* What a node tells the coordinator when it joins. */
+typedef struct mt_node_desc {
+  char name[MT_RDZV_NAME_MAX];
+  char host[256];
+  int n_devices;
+  char devices[MT_RDZV_MAX_DEVICES][16]; /* "cpu:0", "cuda:3" */
+  char version[32];
+  char job_hash[17];     /* "" when this node has no job file of its own */
+  char control_url[300]; /* where its control plane listens, or "" */
+  int pid;
+} mt_node_desc;
+
+typedef struct mt_member {
+  char name[MT_RDZV_NAME_MAX];
+  int rank_begin, rank_end; /* world ranks [begin, end), tp * slots of them */
+} mt_member;
+
+/* gen/<g>/assignment. */
+typedef struct mt_assignment {
+  int gen;
+  int tp, pp, dp, world;
+  char job_hash[17];
+  char coordinator[MT_RDZV_NAME_MAX];
+  int n_members, n_spares;
+  mt_member *members; /* in rank order */
+  char (*spares)[MT_RDZV_NAME_MAX];
+} mt_assignment;
+
+void mt_assignment_free(mt_assignment *a);
+/* The member entry of name, or NULL (a spare). */
+const mt_member *mt_assignment_find(const mt_assignment *a, const char *name);
+
+/* ---- every node ---- */
+
+/* Registers d: *seq is its join number (nodes/<seq>). */
+int mt_rdzv_join(mt_store *s, const mt_node_desc *d, int64_t *seq);
+/* The coordinator's verdict on join seq: 1 accepted (*watch_gen: the
+ * generation to wait for or watch), 0 not yet, MT_EINVAL refused (mt_errmsg()
+ * is the coordinator's reason), < 0 store failure. */
+int mt_rdzv_verdict(mt_store *s, int64_t seq, int *watch_gen);
+/* gen/<g>/assignment and gen/<g>/job when published: 1 and filled in (*job_json
+ * malloc'd), 0 not yet, < 0 failure. */
+int mt_rdzv_assignment(mt_store *s, int gen, mt_assignment *a, char **job_json);
+/* Bumps hb/<name>. */
+int mt_rdzv_heartbeat(mt_store *s, const char *name);
+/* gen/<g>/end: 1 when the generation ended (*final: no generation follows, *ok:
+ * the job ended well; reason filled in), 0 while it runs, < 0 failure. */
+int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int reason_size);
+/* A member reports how its part ended: done (reason "completed 20 steps") or failed. */
+int mt_rdzv_report(mt_store *s, int gen, const char *name, int failed, const char *reason);
+/* The coordinator's latest order for generation g (gen/<g>/order): 1 and
+ * *seq, kind ("stop", "pause", …) when there is one, 0 when none. */
+int mt_rdzv_order(mt_store *s, int gen, int64_t *seq, char *kind, int kind_size);
+/* This node leaves (a spare, or any node once the job ended): nodes/<name>/left. */
+int mt_rdzv_leave(mt_store *s, const char *name);
+
+/* ---- the coordinator ---- */
+
+typedef struct mt_coord mt_coord;
+
+typedef struct mt_coord_opts {
+  mt_store *store;
+  const char *job_json; /* the resolved job (mt_job_to_json) */
+  const char *job_hash;
+  const char *version;
+  int tp, pp, dp_min, dp_max, micro_batch, global_batch;
+  int last_call_ms;
+  int heartbeat_timeout_ms;
+} mt_coord_opts;
+
+int mt_coord_new(const mt_coord_opts *o, mt_coord **out);
+void mt_coord_free(mt_coord *c);
+/* One round of the coordinator's work at time now_ms (monotonic): new joins,
+ * heartbeats, forming, reports, the end. Call every ~100 ms from the loop.
+ * < 0 only when the store failed. */
+int mt_coord_tick(mt_coord *c, int64_t now_ms);
+/* Publishes an order for the running generation (stop, pause, resume, …).
+ * MT_EINVAL when no generation runs. */
+int mt_coord_order(mt_coord *c, const char *kind);
+/* Ends the job without a generation (the coordinator stops before one formed,
+ * or gives up): a final gen/<g>/end every waiting node sees. */
+int mt_coord_finish(mt_coord *c, int ok, const char *reason);
+/* 1 once the job ended and every node still alive has left (or timeout_ms
+ * passed since the end): the store may go. */
+int mt_coord_drained(mt_coord *c, int64_t now_ms, int timeout_ms);
+
+/* A snapshot for status: the generation, its state and the nodes. */
+typedef struct mt_coord_node_info {
+  char name[MT_RDZV_NAME_MAX];
+  char host[256];
+  char control_url[300];
+  const char *role; /* "member", "spare", "lost", "left" */
+  int rank_begin, rank_end, n_devices;
+  double heartbeat_age_s;
+} mt_coord_node_info;
+
+/* Copies up to max nodes; returns how many there are. *gen, *state ("forming",
+ * "running", "ended"). */
+int mt_coord_snapshot(mt_coord *c, int64_t now_ms, int *gen, const char **state,
+                      mt_coord_node_info *nodes, int max);
+
+#endif

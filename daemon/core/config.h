@@ -1,0 +1,59 @@
+/* config.h — the node config: /etc/mtnlg/mtnlgd.conf (INI, read with inih).
+ *
+ * What one node is and where it finds the others: its name and devices, the
+ * rendezvous endpoint, the control plane's address and token, heartbeat
+ * timing, local paths. Every key can be overridden on the command line with
+ * `--set section.key=value`. Loading refuses a config that cannot run with one
+ * line per problem naming the key (and the file line); it never exits. The job
+ * (what to train) is a separate JSON file named here, read by the coordinator.
+ */
+#ifndef MT_CONFIG_H
+#define MT_CONFIG_H
+
+#define MT_CONF_PATH_MAX 1024
+
+typedef struct mt_node_config {
+  /* [node] */
+  char name[64];    /* default: the host name */
+  char devices[64]; /* "cpu:N", "cuda:0-7", "cuda:0,2", "auto" */
+  int cpu_threads;  /* OpenMP threads shared by the device threads; 0 = every core */
+  /* [rendezvous] */
+  char endpoint[256]; /* HOST:PORT of the store, hosted by the coordinator */
+  int host;           /* 1 this node hosts the store and coordinates, 0 it follows,
+                         -1 (auto): it hosts when the endpoint's address is its own */
+  int last_call_ms;   /* after pp * dp_min slots joined, wait this long for more */
+  int join_timeout_s; /* give up when no generation takes this node; 0 = never */
+  /* [cluster] */
+  int heartbeat_interval_ms;
+  int heartbeat_timeout_ms; /* a node silent this long is lost */
+  int comm_timeout_ms;      /* deadline of every collective */
+  /* [job] */
+  char job_path[MT_CONF_PATH_MAX];    /* the job spec; the coordinator needs it, a follower
+                                         that has it checks the coordinator runs the same */
+  char presets_dir[MT_CONF_PATH_MAX]; /* extra model presets, or "" */
+  /* [control] */
+  char control_listen[256]; /* HOST:PORT; default 127.0.0.1:8470 */
+  char token_file[MT_CONF_PATH_MAX];
+  int reads_need_token;
+  /* [paths] */
+  char state_dir[MT_CONF_PATH_MAX];
+  char checkpoint_dir[MT_CONF_PATH_MAX]; /* overrides the job's checkpoint.dir when set */
+  /* [log] */
+  char log_level[16];
+  char log_format[8]; /* "text" or "json" step lines on stdout */
+} mt_node_config;
+
+/* Defaults, then the file (path may be NULL: defaults only), then the
+ * overrides ("section.key=value", NULL-terminated). MT_EINVAL with every
+ * problem in mt_errmsg(), one per line; MT_EIO when the file cannot be read. */
+int mt_node_config_load(mt_node_config *c, const char *path, const char *const *overrides);
+
+/* Splits "host:port" ("[v6]:port" too). MT_EINVAL naming what. */
+int mt_parse_host_port(const char *s, char *host, int host_size, int *port);
+
+/* Parses a device list: "cpu:N" -> cpu:0..N-1, "cuda:0-7", "cuda:0,2,5".
+ * Writes up to max specs ("cpu:0", …) of 16 bytes each; returns the count or
+ * MT_EINVAL. "auto" is resolved by the caller first. */
+int mt_parse_devices(const char *s, char specs[][16], int max);
+
+#endif

@@ -1,0 +1,599 @@
+/* node.c — the node daemon's life: host or dial the store, join, wait for a
+ * generation, run this node's ranks, report, end. One libuv loop drives it. */
+#include "node.h"
+
+#include <errno.h>
+#include <ifaddrs.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "err.h"
+#include "job.h"
+#include "local.h"
+#include "log.h"
+#include "mt_config.h"
+#include "rdzv.h"
+#include "steplog.h"
+#include "store_client.h"
+#include "store_server.h"
+
+typedef enum {
+  N_JOINING,  /* registered, waiting for the verdict */
+  N_WAITING,  /* accepted, waiting for generation watch_gen to form */
+  N_SPARE,    /* not a member of the running generation */
+  N_RUNNING,  /* this node's ranks train */
+  N_ENDING,   /* the ranks ended; waiting for the coordinator's word on the job */
+  N_DRAINING, /* the job ended; the coordinator waits for every node to leave */
+  N_EXITING,
+} node_state;
+
+static const char *const state_names[] = {"joining", "waiting",  "spare",  "running",
+                                          "ending",  "draining", "exiting"};
+
+typedef struct node {
+  const mt_node_opts *o;
+  const mt_node_config *cfg;
+  char specs[MT_RDZV_MAX_DEVICES][16];
+  int n_devices;
+  char store_host[256];
+  int store_port;
+  int is_host;
+  const char *version;
+
+  uv_loop_t loop;
+  uv_signal_t sigint, sigterm;
+  uv_timer_t tick, heartbeat, watchdog;
+  uv_async_t engine_done;
+
+  mt_store_server_thread *server;
+  mt_store *store; /* the loop's client: short timeouts */
+  mt_coord *coord;
+  mt_job job; /* the coordinator's, or this node's own copy when it has the file */
+  int have_job;
+  char *job_json;
+
+  node_state state;
+  int64_t seq;
+  int gen; /* watched or running */
+  int64_t store_failing_since_ms;
+  int64_t order_seq;
+  int signals;
+  int exit_code;
+  char end_reason[512];
+  int end_seen, end_final, end_ok;
+
+  /* the running generation */
+  mt_assignment asg;
+  mt_job run_job;
+  mt_store *engine_store;
+  mt_local *local;
+  mt_local_opts lo;
+  const char *dev_ptrs[MT_RDZV_MAX_DEVICES];
+  char comm_prefix[64];
+  pthread_t waiter;
+  int engine_running;
+  int engine_rc;
+  char engine_err[1024];
+  volatile sig_atomic_t stop_flag;
+
+  pthread_mutex_t mu; /* guards last */
+  mt_step_stats last;
+  int have_last;
+} node;
+
+static int64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void set_state(node *n, node_state s) {
+  if (n->state == s) return;
+  n->state = s;
+  mt_log_debug("node %s: %s", n->cfg->name, state_names[s]);
+  sd_notifyf(0, "STATUS=%s, generation %d", state_names[s], n->gen);
+}
+
+static void finish(node *n, int code) {
+  n->exit_code = code;
+  set_state(n, N_EXITING);
+  uv_stop(&n->loop);
+}
+
+/* ---- the store: failures count against the heartbeat timeout ---- */
+
+/* Called after each round of store calls: rc < 0 means the coordinator could
+ * not be reached; silent past the heartbeat timeout, it is lost. */
+static void store_result(node *n, int rc) {
+  if (rc >= 0) {
+    n->store_failing_since_ms = 0;
+    return;
+  }
+  int64_t t = now_ms();
+  if (!n->store_failing_since_ms) {
+    n->store_failing_since_ms = t;
+    mt_log_warn("store at %s:%d: %s", n->store_host, n->store_port, mt_errmsg());
+  }
+  if (t - n->store_failing_since_ms > n->cfg->heartbeat_timeout_ms) {
+    snprintf(n->end_reason, sizeof n->end_reason,
+             "coordinator lost: the store at %s:%d did not answer for %.1f s", n->store_host,
+             n->store_port, (t - n->store_failing_since_ms) / 1000.0);
+    mt_log_error("%s", n->end_reason);
+    if (n->engine_running) mt_local_abort(n->local);
+    n->end_seen = n->end_final = 1, n->end_ok = 0;
+    if (!n->engine_running) finish(n, 1);
+  }
+}
+
+/* ---- the engine ---- */
+
+static void on_step(const mt_step_stats *st, void *arg) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  n->last = *st;
+  n->have_last = 1;
+  pthread_mutex_unlock(&n->mu);
+  mt_steplog(st, n->run_job.train.steps, n->run_job.train.log_interval,
+             !strcmp(n->cfg->log_format, "json"));
+  sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
+             (long long)st->step, (long long)n->run_job.train.steps, st->loss);
+}
+
+static void *engine_wait(void *arg) {
+  node *n = arg;
+  n->engine_rc = mt_local_wait(n->local);
+  if (n->engine_rc) snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
+  uv_async_send(&n->engine_done);
+  return NULL;
+}
+
+static int start_engine(node *n, const mt_member *me, const char *job_json) {
+  const char *preset_dirs[MT_PRESET_DIRS_MAX];
+  mt_job_preset_dirs(n->cfg->presets_dir[0] ? n->cfg->presets_dir : NULL, preset_dirs);
+  int rc = mt_job_parse(&n->run_job, job_json, NULL, preset_dirs, NULL);
+  if (rc) return mt_wraperr(rc, "the published job of generation %d", n->gen);
+  if (strcmp(n->run_job.hash, n->asg.job_hash))
+    return mt_seterr(MT_ECORRUPT, "the published job reads back as %s, published as %s",
+                     n->run_job.hash, n->asg.job_hash);
+  n->run_job.parallel.dp_min = n->asg.dp; /* this generation's width */
+  int here = me->rank_end - me->rank_begin;
+  if (here > n->n_devices)
+    return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
+  if ((rc = mt_check_memory_plan(&n->run_job, here))) return rc;
+  for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
+  rc = mt_store_tcp_new(n->store_host, n->store_port, NULL, &n->engine_store);
+  if (rc) return rc;
+  snprintf(n->comm_prefix, sizeof n->comm_prefix, "gen/%d/comm", n->gen);
+  n->stop_flag = 0;
+  n->lo = (mt_local_opts){
+      .job = &n->run_job,
+      .store = n->engine_store,
+      .rank_begin = me->rank_begin,
+      .rank_count = here,
+      .devices = n->dev_ptrs,
+      .comm_prefix = n->comm_prefix,
+      .omp_threads = n->cfg->cpu_threads,
+      .device_kind = "cpu",
+      .comm_timeout_ms = n->cfg->comm_timeout_ms,
+      .export_path =
+          n->run_job.checkpoint.export_path[0] ? n->run_job.checkpoint.export_path : NULL,
+      .stop = &n->stop_flag,
+      .on_step = on_step,
+      .arg = n,
+  };
+  mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
+              n->gen, me->rank_begin, me->rank_end, n->asg.world, n->specs[0], n->specs[here - 1],
+              n->asg.tp, n->asg.pp, n->asg.dp, n->run_job.name, n->run_job.hash);
+  if ((rc = mt_local_start(&n->lo, &n->local))) return rc;
+  n->engine_running = 1;
+  if (pthread_create(&n->waiter, NULL, engine_wait, n)) {
+    mt_local_abort(n->local);
+    mt_local_wait(n->local);
+    mt_local_free(n->local);
+    n->local = NULL;
+    n->engine_running = 0;
+    return mt_seterr(MT_ENOMEM, "cannot start the engine's waiter thread");
+  }
+  return 0;
+}
+
+/* The ranks ended: report to the coordinator, then wait for its word. */
+static void on_engine_done(uv_async_t *h) {
+  node *n = h->data;
+  pthread_join(n->waiter, NULL);
+  mt_local_free(n->local);
+  n->local = NULL;
+  n->engine_running = 0;
+  mt_store_free(n->engine_store);
+  n->engine_store = NULL;
+  char reason[1200];
+  int failed = n->engine_rc != 0;
+  if (failed) {
+    snprintf(reason, sizeof reason, "%s", n->engine_err);
+    mt_log_error("generation %d: this node's ranks failed: %s", n->gen, reason);
+  } else {
+    pthread_mutex_lock(&n->mu);
+    mt_step_stats st = n->last;
+    pthread_mutex_unlock(&n->mu);
+    if (st.stop && st.step < n->run_job.train.steps)
+      snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)st.step,
+               (long long)n->run_job.train.steps);
+    else
+      snprintf(reason, sizeof reason, "completed %lld steps", (long long)n->run_job.train.steps);
+    mt_log_info("generation %d: this node's ranks ended: %s", n->gen, reason);
+  }
+  if (n->end_seen && n->store_failing_since_ms) { /* the coordinator is gone: nobody to tell */
+    finish(n, 1);
+    return;
+  }
+  store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name, failed, reason));
+  set_state(n, N_ENDING);
+}
+
+/* ---- the loop's rounds ---- */
+
+static void leave_and_exit(node *n, int code) {
+  mt_rdzv_leave(n->store, n->cfg->name); /* best effort: the coordinator times out otherwise */
+  if (n->coord) {
+    n->exit_code = code;
+    set_state(n, N_DRAINING);
+  } else {
+    finish(n, code);
+  }
+}
+
+/* The coordinator's word on the generation: ended, and why. */
+static int poll_end(node *n) {
+  int final = 0, ok = 0;
+  char reason[512];
+  int rc = mt_rdzv_ended(n->store, n->gen, &final, &ok, reason, sizeof reason);
+  if (rc <= 0) return rc;
+  if (!n->end_seen) {
+    snprintf(n->end_reason, sizeof n->end_reason, "%s", reason);
+    n->end_seen = 1, n->end_final = final, n->end_ok = ok;
+    mt_log(ok ? MT_LOG_INFO : MT_LOG_ERROR, "generation %d ended: %s", n->gen, reason);
+    sd_notifyf(0, "STATUS=generation %d ended: %s", n->gen, reason);
+  }
+  return 1;
+}
+
+static void node_round(node *n) {
+  int rc = 0;
+  switch (n->state) {
+  case N_JOINING: {
+    int watch = 0;
+    rc = mt_rdzv_verdict(n->store, n->seq, &watch);
+    if (rc == MT_EINVAL) {
+      mt_log_error("the coordinator at %s:%d refused this node: %s", n->store_host, n->store_port,
+                   mt_errmsg());
+      sd_notifyf(0, "STATUS=refused: %s", mt_errmsg());
+      finish(n, 2);
+      return;
+    }
+    if (rc == 1) {
+      n->gen = watch;
+      mt_log_info("joined the rendezvous at %s:%d as %s; waiting for generation %d", n->store_host,
+                  n->store_port, n->cfg->name, watch);
+      sd_notify(0, "READY=1");
+      set_state(n, N_WAITING);
+    }
+    break;
+  }
+  case N_WAITING:
+  case N_SPARE: {
+    if ((rc = poll_end(n)) == 1) {
+      leave_and_exit(n, 0); /* a job that ended without this node is not its failure */
+      return;
+    }
+    if (rc < 0 || n->state == N_SPARE) break;
+    char *job_json = NULL;
+    mt_assignment_free(&n->asg);
+    rc = mt_rdzv_assignment(n->store, n->gen, &n->asg, &job_json);
+    if (rc != 1) break;
+    const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
+    if (!me) {
+      mt_log_info("generation %d formed without this node: waiting as a spare", n->gen);
+      set_state(n, N_SPARE);
+    } else if (start_engine(n, me, job_json)) {
+      snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
+      mt_log_error("generation %d: cannot start this node's ranks: %s", n->gen, n->engine_err);
+      store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name, 1, n->engine_err));
+      set_state(n, N_ENDING);
+    } else {
+      set_state(n, N_RUNNING);
+    }
+    free(job_json);
+    rc = 0;
+    break;
+  }
+  case N_RUNNING: {
+    if ((rc = poll_end(n)) == 1) {
+      mt_local_abort(n->local); /* peers may be gone: do not wait out the deadline */
+      break;
+    }
+    if (rc < 0) break;
+    int64_t seq;
+    char kind[32];
+    if ((rc = mt_rdzv_order(n->store, n->gen, &seq, kind, sizeof kind)) == 1 &&
+        seq > n->order_seq) {
+      n->order_seq = seq;
+      if (!strcmp(kind, "stop")) {
+        mt_log_info("the coordinator ordered a stop: stopping at the next step boundary");
+        n->stop_flag = 1;
+      }
+    }
+    break;
+  }
+  case N_ENDING:
+    if ((rc = poll_end(n)) == 1 && n->end_final)
+      leave_and_exit(n, n->end_ok && !n->engine_rc ? 0 : 1);
+    break;
+  case N_DRAINING:
+  case N_EXITING: break;
+  }
+  store_result(n, rc < 0 ? rc : 0);
+}
+
+static void on_tick(uv_timer_t *t) {
+  node *n = t->data;
+  if (n->coord) {
+    int rc = mt_coord_tick(n->coord, now_ms());
+    if (rc < 0) mt_log_warn("coordinator: %s", mt_errmsg());
+  }
+  if (n->state != N_EXITING) node_round(n);
+  if (n->state == N_DRAINING && mt_coord_drained(n->coord, now_ms(), 10000))
+    finish(n, n->exit_code);
+}
+
+static void on_heartbeat(uv_timer_t *t) {
+  node *n = t->data;
+  if (n->state == N_EXITING || n->state == N_DRAINING) return;
+  store_result(n, mt_rdzv_heartbeat(n->store, n->cfg->name));
+}
+
+static void on_watchdog(uv_timer_t *t) {
+  (void)t;
+  sd_notify(0, "WATCHDOG=1");
+}
+
+static void on_signal(uv_signal_t *h, int sig) {
+  node *n = h->data;
+  if (++n->signals > 1) {
+    mt_log_warn("second %s: stopping now", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    signal(sig, SIG_DFL);
+    raise(sig);
+    return;
+  }
+  mt_log_info("%s: stopping at the next step boundary (again to stop now)",
+              sig == SIGINT ? "SIGINT" : "SIGTERM");
+  sd_notify(0, "STOPPING=1");
+  switch (n->state) {
+  case N_RUNNING: n->stop_flag = 1; break; /* rides the step's all-reduce to every rank */
+  case N_JOINING:
+  case N_WAITING:
+  case N_SPARE:
+    if (n->coord) {
+      /* the coordinator ends the job for everyone: as a spare by ordering a stop */
+      if (n->state == N_SPARE && !mt_coord_order(n->coord, "stop")) {
+        set_state(n, N_ENDING);
+        break;
+      }
+      mt_coord_finish(n->coord, 1, "the coordinator was stopped before a generation ran");
+      leave_and_exit(n, 0);
+    } else {
+      leave_and_exit(n, 0);
+    }
+    break;
+  default: break;
+  }
+}
+
+/* ---- start-up ---- */
+
+/* Whether host names an address of this machine (so auto hosting applies). */
+static int is_local_address(const char *host) {
+  struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+  if (getaddrinfo(host, NULL, &hints, &res)) return 0;
+  int local = 0;
+  struct ifaddrs *ifs = NULL;
+  getifaddrs(&ifs);
+  for (struct addrinfo *a = res; a && !local; a = a->ai_next) {
+    if (a->ai_family == AF_INET &&
+        (ntohl(((struct sockaddr_in *)a->ai_addr)->sin_addr.s_addr) >> 24) == 127)
+      local = 1;
+    for (struct ifaddrs *i = ifs; i && !local; i = i->ifa_next) {
+      if (!i->ifa_addr || i->ifa_addr->sa_family != a->ai_family) continue;
+      if (a->ai_family == AF_INET)
+        local = ((struct sockaddr_in *)a->ai_addr)->sin_addr.s_addr ==
+                ((struct sockaddr_in *)i->ifa_addr)->sin_addr.s_addr;
+      else if (a->ai_family == AF_INET6)
+        local = !memcmp(&((struct sockaddr_in6 *)a->ai_addr)->sin6_addr,
+                        &((struct sockaddr_in6 *)i->ifa_addr)->sin6_addr, 16);
+    }
+  }
+  if (ifs) freeifaddrs(ifs);
+  freeaddrinfo(res);
+  return local;
+}
+
+static int load_job(node *n) {
+  const mt_node_config *c = n->cfg;
+  if (!c->job_path[0]) return 0;
+  char real[PATH_MAX];
+  if (!realpath(c->job_path, real))
+    return mt_seterr(MT_EINVAL, "job.path %s: %s", c->job_path, strerror(errno));
+  const char *preset_dirs[MT_PRESET_DIRS_MAX];
+  mt_job_preset_dirs(c->presets_dir[0] ? c->presets_dir : NULL, preset_dirs);
+  int rc = mt_job_load(&n->job, real, preset_dirs, n->o->job_overrides);
+  if (rc) return mt_wraperr(rc, "job %s cannot run", real);
+  if (!(n->job_json = mt_job_to_json(&n->job))) return MT_ENOMEM;
+  n->have_job = 1;
+  return 0;
+}
+
+static int resolve_devices(node *n) {
+  const char *d = n->cfg->devices;
+  if (!strcmp(d, "auto")) {
+    /* the CUDA backend is its own issue: until then auto is one CPU device */
+    mt_log_info("devices = auto: no CUDA backend in this build, using cpu:1");
+    d = "cpu:1";
+  } else if (!strncmp(d, "cuda", 4)) {
+    return mt_seterr(MT_ENOTSUP,
+                     "node.devices = %s: this build has no CUDA backend; use cpu:N (or auto)", d);
+  }
+  int count = mt_parse_devices(d, n->specs, MT_RDZV_MAX_DEVICES);
+  if (count < 0) return count;
+  n->n_devices = count;
+  return 0;
+}
+
+/* Hosts the store when this node should (explicitly, or auto and the
+ * endpoint is ours and free), then dials it. */
+static int connect_store(node *n) {
+  const mt_node_config *c = n->cfg;
+  int rc = mt_parse_host_port(c->endpoint, n->store_host, sizeof n->store_host, &n->store_port);
+  if (rc) return rc;
+  n->is_host = c->host == 1;
+  if (c->host != 0) {
+    rc = mt_store_server_run_thread(n->store_host, n->store_port, &n->server);
+    if (!rc) {
+      n->is_host = 1;
+    } else if (c->host == 1 || is_local_address(n->store_host) == 0) {
+      if (c->host == 1) return mt_wraperr(rc, "rendezvous.host = yes, but");
+    } else {
+      mt_log_info("rendezvous endpoint %s is taken here (%s): following it", c->endpoint,
+                  mt_errmsg());
+    }
+  }
+  if (n->is_host) {
+    if (!n->have_job)
+      return mt_seterr(MT_EINVAL,
+                       "this node hosts the rendezvous (%s) and so coordinates, but "
+                       "has no job: set job.path",
+                       c->endpoint);
+    mt_log_info("hosting the rendezvous store on %s and coordinating job %s (%s)", c->endpoint,
+                n->job.name, n->job.hash);
+  }
+  mt_store_tcp_opts so = {.connect_timeout_ms = c->heartbeat_interval_ms,
+                          .request_timeout_ms = c->heartbeat_interval_ms * 2};
+  int64_t deadline = now_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
+  for (;;) {
+    rc = mt_store_tcp_new(n->store_host, n->store_port, &so, &n->store);
+    if (!rc) return 0;
+    if (now_ms() > deadline)
+      return mt_wraperr(rc, "cannot reach the rendezvous at %s", c->endpoint);
+    mt_log_info("waiting for the rendezvous at %s: %s", c->endpoint, mt_errmsg());
+    sleep(1);
+  }
+}
+
+int mt_node_main(const mt_node_opts *o) {
+  node *n = calloc(1, sizeof *n);
+  if (!n) return 1;
+  n->o = o;
+  n->cfg = o->config;
+  pthread_mutex_init(&n->mu, NULL);
+  n->version =
+      getenv("MTNLG_TEST_ADVERTISE_VERSION") ? getenv("MTNLG_TEST_ADVERTISE_VERSION") : MT_VERSION;
+  int code = 2;
+  if (resolve_devices(n) || load_job(n)) {
+    mt_log_error("%s", mt_errmsg());
+    goto out;
+  }
+  code = 1;
+  if (connect_store(n)) {
+    mt_log_error("%s", mt_errmsg());
+    code = 2;
+    goto out;
+  }
+  if (n->is_host) {
+    mt_coord_opts co = {.store = n->store,
+                        .job_json = n->job_json,
+                        .job_hash = n->job.hash,
+                        .version = MT_VERSION,
+                        .tp = n->job.parallel.tp,
+                        .pp = n->job.parallel.pp,
+                        .dp_min = n->job.parallel.dp_min,
+                        .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min
+                                      ? n->job.parallel.dp_max
+                                      : n->job.parallel.dp_min,
+                        .micro_batch = n->job.parallel.micro_batch,
+                        .global_batch = n->job.train.global_batch,
+                        .last_call_ms = n->cfg->last_call_ms,
+                        .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms};
+    if (mt_coord_new(&co, &n->coord)) {
+      mt_log_error("%s", mt_errmsg());
+      goto out;
+    }
+  }
+  mt_node_desc d = {.n_devices = n->n_devices, .pid = (int)getpid()};
+  snprintf(d.name, sizeof d.name, "%s", n->cfg->name);
+  if (gethostname(d.host, sizeof d.host - 1)) snprintf(d.host, sizeof d.host, "unknown");
+  snprintf(d.version, sizeof d.version, "%s", n->version);
+  if (n->have_job) snprintf(d.job_hash, sizeof d.job_hash, "%s", n->job.hash);
+  for (int i = 0; i < n->n_devices; i++) snprintf(d.devices[i], 16, "%s", n->specs[i]);
+  if (mt_rdzv_join(n->store, &d, &n->seq)) {
+    mt_log_error("%s", mt_errmsg());
+    goto out;
+  }
+  mt_log_info("mtnlgd %s: node %s with %d device(s) (%s..%s) joined %s as join %lld%s", n->version,
+              n->cfg->name, n->n_devices, n->specs[0], n->specs[n->n_devices - 1], n->cfg->endpoint,
+              (long long)n->seq, n->is_host ? ", coordinating" : "");
+
+  uv_loop_init(&n->loop);
+  uv_signal_init(&n->loop, &n->sigint);
+  uv_signal_init(&n->loop, &n->sigterm);
+  n->sigint.data = n->sigterm.data = n;
+  uv_signal_start(&n->sigint, on_signal, SIGINT);
+  uv_signal_start(&n->sigterm, on_signal, SIGTERM);
+  uv_timer_init(&n->loop, &n->tick);
+  uv_timer_init(&n->loop, &n->heartbeat);
+  uv_timer_init(&n->loop, &n->watchdog);
+  n->tick.data = n->heartbeat.data = n->watchdog.data = n;
+  int tick_ms = n->cfg->heartbeat_interval_ms < 100 ? n->cfg->heartbeat_interval_ms : 100;
+  uv_timer_start(&n->tick, on_tick, 0, (uint64_t)tick_ms);
+  uv_timer_start(&n->heartbeat, on_heartbeat, 0, (uint64_t)n->cfg->heartbeat_interval_ms);
+  uint64_t wd_usec = 0;
+  if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec >= 2000)
+    uv_timer_start(&n->watchdog, on_watchdog, 0, wd_usec / 2000);
+  uv_async_init(&n->loop, &n->engine_done, on_engine_done);
+  n->engine_done.data = n;
+  uv_run(&n->loop, UV_RUN_DEFAULT);
+  code = n->exit_code;
+
+  if (n->engine_running) { /* a stop that skipped the engine's end: do not leave it behind */
+    mt_local_abort(n->local);
+    pthread_join(n->waiter, NULL);
+    mt_local_free(n->local);
+    mt_store_free(n->engine_store);
+  }
+  uv_close((uv_handle_t *)&n->sigint, NULL);
+  uv_close((uv_handle_t *)&n->sigterm, NULL);
+  uv_close((uv_handle_t *)&n->tick, NULL);
+  uv_close((uv_handle_t *)&n->heartbeat, NULL);
+  uv_close((uv_handle_t *)&n->watchdog, NULL);
+  uv_close((uv_handle_t *)&n->engine_done, NULL);
+  uv_run(&n->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&n->loop);
+  mt_log_info("node %s exits (%d)%s%s", n->cfg->name, code, n->end_reason[0] ? ": " : "",
+              n->end_reason);
+out:
+  mt_assignment_free(&n->asg);
+  mt_coord_free(n->coord);
+  mt_store_free(n->store);
+  if (n->server) mt_store_server_thread_stop(n->server);
+  free(n->job_json);
+  pthread_mutex_destroy(&n->mu);
+  free(n);
+  return code;
+}

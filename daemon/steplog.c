@@ -1,0 +1,55 @@
+/* steplog.c — step lines and the memory check before a job starts. */
+#include "steplog.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "log.h"
+#include "plan.h"
+
+static void print_step(const mt_step_stats *st, int64_t steps, int json) {
+  if (json) {
+    printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%.9g,\"lr\":%.9g,"
+           "\"grad_norm\":%.9g,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
+           "\"bubble\":%.4f,\"skipped\":%s",
+           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
+           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, st->bubble,
+           st->skipped ? "true" : "false");
+    if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
+    printf("}\n");
+  } else {
+    printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | %8.1f ms | "
+           "%9.1f tok/s | %.3f TFLOP/s/device | bubble %.1f%%%s\n",
+           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
+           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble,
+           st->skipped ? " | skipped" : "");
+    if (st->has_val)
+      printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
+             (long long)steps, st->val_loss, exp(st->val_loss));
+  }
+  fflush(stdout);
+}
+
+void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json) {
+  if (log_every < 1) log_every = 1;
+  if (st->step % log_every == 0 || st->step == steps || st->step == 1 || st->has_val || st->stop)
+    print_step(st, steps, json);
+  if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
+}
+
+int mt_check_memory_plan(const mt_job *job, int ranks_here) {
+  double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+  mt_plan_device pd = {.memory_bytes = ram / (ranks_here > 0 ? ranks_here : 1), .tflops = 1.0};
+  mt_plan plan;
+  int rc = mt_plan_compute(job, &pd, &plan);
+  if (rc) return rc;
+  mt_log_info("plan: %.2f GB per device at most (stage %d: weights %.2f, grads %.2f, "
+              "optimizer %.2f, activations %.2f GB) of %.1f GB RAM per device",
+              (double)plan.worst.total_bytes / 1e9, plan.worst.stage,
+              (double)plan.worst.weight_bytes / 1e9, (double)plan.worst.grad_bytes / 1e9,
+              (double)plan.worst.optimizer_bytes / 1e9, (double)plan.worst.activation_bytes / 1e9,
+              pd.memory_bytes / 1e9);
+  return 0;
+}

@@ -1,0 +1,20 @@
+/* steplog.h — the per-step line on stdout, for people (text) or programs (json),
+ * shared by `mtnlgd --standalone` and the node daemon. */
+#ifndef MT_STEPLOG_H
+#define MT_STEPLOG_H
+
+#include <stdint.h>
+
+#include "job.h"
+#include "train.h"
+
+/* Prints st when it is due: every log_every steps, the first and last, with
+ * validation, and the step a stop took effect. */
+void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json);
+
+/* Checks the job's memory plan for ranks_here devices sharing this machine's
+ * RAM (CPU devices): MT_EINVAL with the numbers when it cannot fit; logs the
+ * plan otherwise. */
+int mt_check_memory_plan(const mt_job *job, int ranks_here);
+
+#endif

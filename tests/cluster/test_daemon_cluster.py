@@ -1,0 +1,187 @@
+"""Node daemons on loopback form generations, train, and end together.
+
+usage: test_daemon_cluster.py MTNLGD JOB_DIR
+
+Each test starts real mtnlgd processes (tools/local_cluster.py) with node
+configs in a temp dir and stops them by pid:
+- test_four_daemons_train_like_one_process_and_fifth_is_spare
+- test_sigkill_of_a_member_ends_the_generation_naming_it
+- test_other_job_and_other_version_are_refused
+- test_sigterm_to_a_member_stops_every_node_at_one_step
+- test_ready_and_status_reach_notify_socket
+"""
+import array
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from local_cluster import LocalCluster, step_losses, last_step, grep  # noqa: E402
+
+HB_MS, TIMEOUT_MS = 200, 2000
+
+
+def write_job(path, tokens, steps, name="cluster-test", dp_max=2):
+    job = {
+        "name": name,
+        "model": {"preset": "tiny", "n_layer": 4},
+        "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": dp_max, "micro_batch": 2},
+        "train": {"global_batch": 8, "steps": steps, "seed": 7,
+                  "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
+        "data": {"path": tokens},
+    }
+    with open(path, "w") as f:
+        json.dump(job, f)
+    return path
+
+
+def check(name, ok, detail=""):
+    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""))
+    return 0 if ok else 1
+
+
+def test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tokens):
+    job = write_job(os.path.join(tmp, "job20.json"), tokens, 20)
+    one = subprocess.run([mtnlgd, "--standalone", job, "--log-format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    ref = [json.loads(l)["loss"] for l in one.stdout.splitlines() if l.startswith("{")]
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c1"), job, nodes=5,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    try:
+        c.start()
+        codes = c.wait_all(300)
+        members = c.nodes[:4]
+        got = [[l for _, l in step_losses(n)] for n in members]
+        ok = (one.returncode == 0 and codes == [0] * 5 and len(ref) == 20
+              and all(g == ref for g in got))
+        spare = c.nodes[4]
+        ok_spare = grep(spare, r"formed without this node: waiting as a spare") and not spare.steps()
+        return (check("test_four_daemons_train_like_one_process",
+                      ok, "exit codes %s, standalone %s..., cluster %s..." % (
+                          codes, ref[:3], got[0][:3] if got and got[0] else None))
+                + check("test_fifth_daemon_is_a_spare_and_exits_with_the_job", ok_spare,
+                        "" if ok_spare else c.logs()))
+    finally:
+        c.kill_all()
+
+
+def test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens):
+    job = write_job(os.path.join(tmp, "joblong.json"), tokens, 100000)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c2"), job, nodes=4,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(c.nodes[0]) >= 3, 120, "step 3")
+        victim = c.nodes[2]
+        t0 = time.time()
+        victim.signal(signal.SIGKILL)
+        others = [n for n in c.nodes if n is not victim]
+        codes = c.wait_all(30, others)
+        took = time.time() - t0
+        named = all(grep(n, r"node n2 lost") for n in others)
+        ok = codes == [1, 1, 1] and named and took <= TIMEOUT_MS / 1000 + 2.0
+        return check("test_sigkill_of_a_member_ends_the_generation_naming_it", ok,
+                     "exit codes %s after %.1f s (timeout %.1f s), named: %s%s" % (
+                         codes, took, TIMEOUT_MS / 1000, named, "" if ok else "\n" + c.logs()))
+    finally:
+        c.kill_all()
+
+
+def test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens):
+    job = write_job(os.path.join(tmp, "jobA.json"), tokens, 20)
+    other = write_job(os.path.join(tmp, "jobB.json"), tokens, 21)  # another job: other hash
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c3"), job, nodes=1,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    try:
+        c.start()
+        a = c.add_node("other-job", job=other)
+        c.node_start(a)
+        b = c.add_node("other-version")
+        c.node_start(b, env={"MTNLG_TEST_ADVERTISE_VERSION": "0.0.0-other"})
+        codes = c.wait_all(60, [a, b])
+        ok_job = codes[0] == 2 and grep(a, r"refused this node: node other-job was configured with job")
+        ok_ver = codes[1] == 2 and grep(b, r"refused this node: node other-version runs mtnlgd 0\.0\.0-other")
+        coord_alive = c.nodes[0].running()
+        c.nodes[0].signal(signal.SIGTERM)  # stopped before any generation: exits 0
+        code0 = c.wait_all(30, [c.nodes[0]])[0]
+        return (check("test_node_with_another_job_is_refused", ok_job, "" if ok_job else c.logs() + a.stderr())
+                + check("test_node_with_another_version_is_refused", ok_ver, "" if ok_ver else b.stderr())
+                + check("test_coordinator_survives_refusals_and_stops_cleanly",
+                        coord_alive and code0 == 0, "exit %s" % code0))
+    finally:
+        c.kill_all()
+        for n in ("other-job", "other-version"):
+            pass
+
+
+def test_sigterm_and_notify(mtnlgd, tmp, tokens):
+    job = write_job(os.path.join(tmp, "joblong2.json"), tokens, 100000)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c4"), job, nodes=4,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    sock_path = os.path.join(tmp, "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    messages = []
+    done = threading.Event()
+
+    def listen():
+        while not done.is_set():
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+    t = threading.Thread(target=listen)
+    t.start()
+    try:
+        for i, n in enumerate(c.nodes):
+            c.node_start(n, env={"NOTIFY_SOCKET": sock_path} if i == 1 else None)
+        c.wait_for(lambda: last_step(c.nodes[0]) >= 3, 120, "step 3")
+        c.nodes[3].signal(signal.SIGTERM)
+        codes = c.wait_all(60)
+        lasts = [last_step(n) for n in c.nodes]
+        ok = codes == [0] * 4 and len(set(lasts)) == 1 and grep(c.nodes[0], r"stopped at step")
+        fails = check("test_sigterm_to_a_member_stops_every_node_at_one_step", ok,
+                      "exit codes %s, last steps %s%s" % (codes, lasts, "" if ok else "\n" + c.logs()))
+        done.set()
+        t.join()
+        ready = any("READY=1" in m for m in messages)
+        status = any("STATUS=running generation 1: step" in m for m in messages)
+        fails += check("test_ready_and_status_reach_notify_socket", ready and status,
+                       "%d messages, e.g. %s" % (len(messages), messages[:3]))
+        return fails
+    finally:
+        done.set()
+        c.kill_all()
+        sock.close()
+
+
+def main():
+    mtnlgd = sys.argv[1]
+    data = b""
+    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
+        if os.path.isfile(f) and not os.path.islink(f):
+            data += open(f, "rb").read()
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = os.path.join(tmp, "tokens.u16")
+        with open(tokens, "wb") as fh:
+            fh.write(array.array("H", list(data[:200000])).tobytes())
+        failures += test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tokens)
+        failures += test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens)
+        failures += test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens)
+        failures += test_sigterm_and_notify(mtnlgd, tmp, tokens)
+    print("%d failure(s)" % failures)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+/* test_config.c — the node config: defaults, INI, --set overrides, refusals. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "err.h"
+#include "mt_check.h"
+
+static char *write_tmp(const char *text) {
+  static char path[64];
+  snprintf(path, sizeof path, "/tmp/mt_test_config_XXXXXX");
+  int fd = mkstemp(path);
+  if (fd < 0) return NULL;
+  if (write(fd, text, strlen(text)) != (ssize_t)strlen(text)) return NULL;
+  close(fd);
+  return path;
+}
+
+static void test_defaults_without_a_file(void) {
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, NULL, NULL) == 0, "mt_node_config_load(&c, NULL, NULL) == 0");
+  CHECK(!strcmp(c.devices, "auto"), "!strcmp(c.devices, \"auto\")");
+  CHECK(c.host == -1 && c.heartbeat_interval_ms == 1000 && c.heartbeat_timeout_ms == 6000,
+        "c.host == -1 && c.heartbeat_interval_ms == 1000 && c.heartbeat_timeout_ms == 6000");
+  CHECK(!strcmp(c.control_listen, "127.0.0.1:8470"),
+        "!strcmp(c.control_listen, \"127.0.0.1:8470\")");
+  CHECK(c.name[0] != 0, "c.name[0] != 0");
+}
+
+static void test_file_then_overrides_win(void) {
+  char *p = write_tmp("# comment\n[node]\nname = a1\ndevices = cpu:4\n"
+                      "[rendezvous]\nendpoint = 10.0.0.1:29500\nhost = no\n"
+                      "[cluster]\nheartbeat_interval_ms = 500\n");
+  const char *ov[] = {"node.devices=cuda:0-7", "rendezvous.host=yes", NULL};
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, p, ov) == 0, "mt_node_config_load(&c, p, ov) == 0");
+  CHECK(!strcmp(c.name, "a1") && !strcmp(c.devices, "cuda:0-7") && c.host == 1,
+        "!strcmp(c.name, \"a1\") && !strcmp(c.devices, \"cuda:0-7\") && c.host == 1");
+  CHECK(!strcmp(c.endpoint, "10.0.0.1:29500") && c.heartbeat_interval_ms == 500,
+        "!strcmp(c.endpoint, \"10.0.0.1:29500\") && c.heartbeat_interval_ms == 500");
+  unlink(p);
+}
+
+static void test_every_problem_named_with_its_line(void) {
+  char *p = write_tmp("[node]\nname = ok\ncolour = blue\n[nosuch]\nx = 1\n"
+                      "[cluster]\nheartbeat_interval_ms = fast\n");
+  const char *ov[] = {"rendezvous.endpoint=nohostport", "bad-override", NULL};
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, p, ov) == MT_EINVAL, "mt_node_config_load(&c, p, ov) == MT_EINVAL");
+  const char *m = mt_errmsg();
+  CHECK(strstr(m, ":3: node.colour: unknown key") != NULL,
+        "strstr(m, \":3: node.colour: unknown key\") != NULL");
+  CHECK(strstr(m, ":5: unknown section [nosuch]") != NULL,
+        "strstr(m, \":5: unknown section [nosuch]\") != NULL");
+  CHECK(strstr(m, ":7: cluster.heartbeat_interval_ms: \"fast\" is not an integer") != NULL,
+        "strstr(m, \":7: cluster.heartbeat_interval_ms: \\\"fast\\\" is not an integer\") != NULL");
+  CHECK(strstr(m, "--set bad-override: expected SECTION.KEY=VALUE") != NULL,
+        "strstr(m, \"--set bad-override: expected SECTION.KEY=VALUE\") != NULL");
+  unlink(p);
+}
+
+static void test_cross_key_checks(void) {
+  const char *ov[] = {"rendezvous.endpoint=127.0.0.1:0", "node.devices=gpu:3",
+                      "cluster.heartbeat_timeout_ms=1500", "log.format=xml", NULL};
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, NULL, ov) == MT_EINVAL,
+        "mt_node_config_load(&c, NULL, ov) == MT_EINVAL");
+  const char *m = mt_errmsg();
+  CHECK(strstr(m, "rendezvous.endpoint") && strstr(m, "port must be set"),
+        "strstr(m, \"rendezvous.endpoint\") && strstr(m, \"port must be set\")");
+  CHECK(strstr(m, "node.devices") && strstr(m, "kind must be cpu or cuda"),
+        "strstr(m, \"node.devices\") && strstr(m, \"kind must be cpu or cuda\")");
+  CHECK(strstr(m, "cluster.heartbeat_timeout_ms: 1500 is under twice"),
+        "strstr(m, \"cluster.heartbeat_timeout_ms: 1500 is under twice\")");
+  CHECK(strstr(m, "log.format"), "strstr(m, \"log.format\")");
+}
+
+static void test_device_lists(void) {
+  char s[64][16];
+  CHECK(mt_parse_devices("cpu:3", s, 64) == 3 && !strcmp(s[2], "cpu:2"),
+        "mt_parse_devices(\"cpu:3\", s, 64) == 3 && !strcmp(s[2], \"cpu:2\")");
+  CHECK(mt_parse_devices("cuda:0-7", s, 64) == 8 && !strcmp(s[7], "cuda:7"),
+        "mt_parse_devices(\"cuda:0-7\", s, 64) == 8 && !strcmp(s[7], \"cuda:7\")");
+  CHECK(mt_parse_devices("cuda:0,2,5-6", s, 64) == 4 && !strcmp(s[3], "cuda:6"),
+        "mt_parse_devices(\"cuda:0,2,5-6\", s, 64) == 4 && !strcmp(s[3], \"cuda:6\")");
+  CHECK(mt_parse_devices("cuda:3-1", s, 64) == MT_EINVAL,
+        "mt_parse_devices(\"cuda:3-1\", s, 64) == MT_EINVAL");
+  CHECK(mt_parse_devices("cpu:0", s, 64) == MT_EINVAL,
+        "mt_parse_devices(\"cpu:0\", s, 64) == MT_EINVAL");
+  CHECK(mt_parse_devices("cpu", s, 64) == MT_EINVAL,
+        "mt_parse_devices(\"cpu\", s, 64) == MT_EINVAL");
+}
+
+static void test_host_port(void) {
+  char h[64];
+  int port;
+  CHECK(mt_parse_host_port("127.0.0.1:29400", h, sizeof h, &port) == 0 && port == 29400 &&
+            !strcmp(h, "127.0.0.1"),
+        "127.0.0.1:29400 parses");
+  CHECK(mt_parse_host_port("[::1]:80", h, sizeof h, &port) == 0 && !strcmp(h, "::1"),
+        "mt_parse_host_port(\"[::1]:80\", h, sizeof h, &port) == 0 && !strcmp(h, \"::1\")");
+  CHECK(mt_parse_host_port("host:99999", h, sizeof h, &port) == MT_EINVAL,
+        "mt_parse_host_port(\"host:99999\", h, sizeof h, &port) == MT_EINVAL");
+  CHECK(mt_parse_host_port(":80", h, sizeof h, &port) == MT_EINVAL,
+        "mt_parse_host_port(\":80\", h, sizeof h, &port) == MT_EINVAL");
+}
+
+static void test_shipped_config_loads(void) {
+  mt_node_config c;
+  int rc = mt_node_config_load(&c, MT_ETC_DIR "/mtnlgd.conf", NULL);
+  if (rc) fprintf(stderr, "%s\n", mt_errmsg());
+  CHECK(rc == 0, "rc == 0");
+}
+
+int main(void) {
+  test_defaults_without_a_file();
+  test_file_then_overrides_win();
+  test_every_problem_named_with_its_line();
+  test_cross_key_checks();
+  test_device_lists();
+  test_host_port();
+  test_shipped_config_loads();
+  if (failures) fprintf(stderr, "test_config: %d failure(s)\n", failures);
+  return failures != 0;
+}

@@ -1,0 +1,201 @@
+"""A cluster of mtnlgd node daemons on this machine, on loopback.
+
+tools/local-cluster (the command) and the cluster tests use this: it writes one
+node config per daemon into a run directory, starts the daemons as processes
+(each with its own log files), and stops them by pid. Ports are probed free,
+never fixed. Standard library only.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+
+def free_port():
+    """A TCP port nobody listens on right now (bind to port 0, read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, cluster, name, conf, out, err):
+        self.cluster, self.name, self.conf = cluster, name, conf
+        self.out_path, self.err_path = out, err
+        self.proc = None
+        self.control_port = None
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def stdout(self):
+        with open(self.out_path, errors="replace") as f:
+            return f.read()
+
+    def stderr(self):
+        with open(self.err_path, errors="replace") as f:
+            return f.read()
+
+    def steps(self):
+        """The step records this node printed (JSON step lines)."""
+        out = []
+        for line in self.stdout().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def signal(self, sig):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout):
+        return self.proc.wait(timeout=timeout)
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def url(self):
+        return "http://127.0.0.1:%d" % self.control_port
+
+
+class LocalCluster:
+    """n daemons named n0..n{n-1}; n0 hosts the rendezvous and coordinates."""
+
+    def __init__(self, mtnlgd, run_dir, job, nodes=4, devices="cpu:2", job_sets=(),
+                 heartbeat_ms=200, timeout_ms=2000, last_call_ms=500, cpu_threads=1,
+                 log_format="json", extra=None, token=None):
+        self.mtnlgd, self.dir, self.job = mtnlgd, run_dir, job
+        self.job_sets = list(job_sets)
+        self.port = free_port()
+        self.endpoint = "127.0.0.1:%d" % self.port
+        self.heartbeat_ms, self.timeout_ms = heartbeat_ms, timeout_ms
+        self.last_call_ms, self.cpu_threads = last_call_ms, cpu_threads
+        self.devices, self.log_format = devices, log_format
+        self.extra = extra or {}
+        self.token_file = None
+        os.makedirs(run_dir, exist_ok=True)
+        if token:
+            self.token_file = os.path.join(run_dir, "token")
+            with open(self.token_file, "w") as f:
+                f.write(token + "\n")
+            os.chmod(self.token_file, 0o600)
+        self.nodes = [self.add_node("n%d" % i, host=(i == 0)) for i in range(nodes)]
+
+    def add_node(self, name, host=False, devices=None, job=None, job_in_config=True, extra=None):
+        """Writes the node's config; start() or node_start() runs it."""
+        conf = os.path.join(self.dir, name + ".conf")
+        sections = {
+            "node": {"name": name, "devices": devices or self.devices,
+                     "cpu_threads": self.cpu_threads},
+            "rendezvous": {"endpoint": self.endpoint, "host": "yes" if host else "no",
+                           "last_call_ms": self.last_call_ms, "join_timeout_s": 60},
+            "cluster": {"heartbeat_interval_ms": self.heartbeat_ms,
+                        "heartbeat_timeout_ms": self.timeout_ms,
+                        "comm_timeout_ms": 60000},
+            "control": {"listen": "127.0.0.1:%d" % free_port()},
+            "paths": {"state_dir": os.path.join(self.dir, name + ".state")},
+            "log": {"level": "info", "format": self.log_format},
+        }
+        if self.token_file:
+            sections["control"]["token_file"] = self.token_file
+        if job_in_config and (job or self.job):
+            sections["job"] = {"path": job or self.job}
+        for sec, kv in list(self.extra.items()) + list((extra or {}).items()):
+            sections.setdefault(sec, {}).update(kv)
+        with open(conf, "w") as f:
+            f.write("# written by tools/local_cluster.py\n")
+            for sec, kv in sections.items():
+                f.write("[%s]\n" % sec)
+                for k, v in kv.items():
+                    f.write("%s = %s\n" % (k, v))
+        node = Node(self, name, conf, os.path.join(self.dir, name + ".out"),
+                    os.path.join(self.dir, name + ".err"))
+        node.control_port = int(sections["control"]["listen"].rsplit(":", 1)[1])
+        return node
+
+    def node_start(self, node, env=None):
+        args = [self.mtnlgd, "--config", node.conf]
+        for s in self.job_sets:
+            args += ["--job-set", s]
+        e = dict(os.environ)
+        e.update(env or {})
+        with open(node.out_path, "w") as out, open(node.err_path, "w") as err:
+            node.proc = subprocess.Popen(args, stdout=out, stderr=err, env=e,
+                                         stdin=subprocess.DEVNULL)
+        return node
+
+    def start(self, env=None):
+        for n in self.nodes:
+            self.node_start(n, env)
+        return self
+
+    def wait_all(self, timeout, nodes=None):
+        """Exit codes of the nodes (None for those still running at the deadline)."""
+        nodes = nodes or self.nodes
+        deadline = time.time() + timeout
+        codes = []
+        for n in nodes:
+            try:
+                codes.append(n.proc.wait(timeout=max(0.1, deadline - time.time())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+
+    def wait_for(self, predicate, timeout, what):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError("timed out after %.0f s waiting for %s\n%s" % (timeout, what, self.logs()))
+
+    def stop(self, timeout=30):
+        """SIGTERM every daemon still running, then SIGKILL what outlives timeout."""
+        for n in self.nodes:
+            n.signal(signal.SIGTERM)
+        deadline = time.time() + timeout
+        for n in self.nodes:
+            if not n.proc:
+                continue
+            try:
+                n.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                n.signal(signal.SIGKILL)
+                n.proc.wait()
+
+    def kill_all(self):
+        for n in self.nodes:
+            n.signal(signal.SIGKILL)
+            if n.proc:
+                n.proc.wait()
+
+    def logs(self, tail=25):
+        parts = []
+        for n in self.nodes:
+            if not os.path.exists(n.err_path):
+                continue
+            lines = n.stderr().splitlines()[-tail:]
+            parts.append("--- %s (pid %s, exit %s) ---\n%s" % (
+                n.name, n.pid, n.proc.poll() if n.proc else None, "\n".join(lines)))
+        return "\n".join(parts)
+
+
+def step_losses(node):
+    return [(s["step"], s["loss"]) for s in node.steps() if "loss" in s]
+
+
+def last_step(node):
+    st = node.steps()
+    return st[-1]["step"] if st else 0
+
+
+def grep(node, pattern):
+    return re.search(pattern, node.stderr()) is not None
