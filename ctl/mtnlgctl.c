@@ -2,16 +2,23 @@
  *
  * `mtnlgctl [GLOBAL OPTIONS] VERB [ARGS]`. Each verb is one row of the table
  * below (name, positional-argument bounds, handler, one-line help) and one
- * file (plan.c, ...). `mtnlgctl --help` lists the verbs, `mtnlgctl help VERB`
- * and `mtnlgctl VERB --help` show one. Exit codes: 0 done, 1 the operation
- * failed, 2 usage.
+ * file (plan.c, status.c, ...). `mtnlgctl --help` lists the verbs, `mtnlgctl
+ * help VERB` and `mtnlgctl VERB --help` show one. The global options name the
+ * daemon (-e, MTNLG_ENDPOINT), its control token (--token-file,
+ * MTNLG_TOKEN_FILE) and the output format; they are only checked when a verb
+ * talks to the daemon (http.c). Exit codes: 0 done, 1 the operation failed,
+ * 2 usage, 3 the daemon cannot be reached.
  */
+#include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ctl.h"
+#include "http.h"
 #include "mt_config.h"
 
 ctl_globals ctl;
@@ -19,6 +26,24 @@ ctl_globals ctl;
 static int verb_help(const ctl_verb *verb, int argc, char **argv);
 
 static const ctl_verb verbs[] = {
+    {"status", 0, 0, ctl_verb_status, "[OPTIONS]",
+     "the job: state, step, loss, throughput, ETA, last checkpoint", ctl_status_help},
+    {"nodes", 0, 0, ctl_verb_nodes, "[OPTIONS]",
+     "the nodes: role, state, ranks, devices, heartbeat, memory", ctl_nodes_help},
+    {"watch", 0, 0, ctl_verb_watch, "[--interval S] [--count N] [OPTIONS]",
+     "follow the job and its nodes, refreshed in place", ctl_watch_help},
+    {"pause", 0, 0, ctl_verb_mutate, "[--wait] [OPTIONS]",
+     "pause training at the next step boundary", ctl_pause_help},
+    {"resume", 0, 0, ctl_verb_mutate, "[--wait] [OPTIONS]", "resume a paused job", ctl_resume_help},
+    {"stop", 0, 0, ctl_verb_mutate, "[--wait] [OPTIONS]", "stop the job at the next step boundary",
+     ctl_stop_help},
+    {"checkpoint", 0, 0, ctl_verb_mutate, "[--wait] [OPTIONS]",
+     "write a checkpoint at the next step boundary", ctl_checkpoint_help},
+    {"resize", 0, 0, ctl_verb_mutate, "--dp N [--wait] [OPTIONS]",
+     "change the number of data-parallel replicas", ctl_resize_help},
+    {"ops", 0, 1, ctl_verb_ops, "[ID] [OPTIONS]", "the operations and how they went", ctl_ops_help},
+    {"checkpoints", 0, 0, ctl_verb_checkpoints, "[OPTIONS]", "the committed checkpoints",
+     ctl_checkpoints_help},
     {"plan", 1, 1, ctl_verb_plan, "JOB.json [OPTIONS]",
      "per-device memory, FLOPs and step time of a job, without running it", ctl_plan_help},
     {"help", 0, 1, verb_help, "[VERB]", "show the verbs, or one verb's options",
@@ -33,7 +58,7 @@ static const ctl_verb *find_verb(const char *name) {
 }
 
 static void list_verbs(FILE *f) {
-  for (size_t i = 0; i < N_VERBS; i++) fprintf(f, "  %-10s %s\n", verbs[i].name, verbs[i].summary);
+  for (size_t i = 0; i < N_VERBS; i++) fprintf(f, "  %-12s %s\n", verbs[i].name, verbs[i].summary);
 }
 
 static void usage(FILE *f) {
@@ -45,11 +70,17 @@ static void usage(FILE *f) {
   list_verbs(f);
   fprintf(f, "\n"
              "Options:\n"
-             "  -o, --output FORMAT   table (default) or json\n"
+             "  -e, --endpoint URL    the daemon's control address (default $MTNLG_ENDPOINT,\n"
+             "                        else " CTL_DEFAULT_ENDPOINT ")\n"
+             "      --token-file PATH file holding the control token, needed for pause,\n"
+             "                        resume, stop, checkpoint, resize (default\n"
+             "                        $MTNLG_TOKEN_FILE)\n"
+             "  -o, --output FORMAT   table (default) or json: the daemon's JSON as it came\n"
              "  -h, --help            show this help; `mtnlgctl help VERB` for a verb\n"
              "      --version         print the version\n"
              "\n"
-             "Exit status: 0 done, 1 the operation failed, 2 usage error.\n");
+             "Exit status: 0 done, 1 the operation failed, 2 usage error,\n"
+             "3 the daemon cannot be reached.\n");
 }
 
 void ctl_verb_help(const ctl_verb *verb, FILE *f) {
@@ -73,6 +104,19 @@ int ctl_parse_output(const char *arg, ctl_output *out) {
     *out = CTL_OUTPUT_JSON;
   else
     return ctl_usage_error(NULL, "-o/--output: \"%s\" is not one of table, json", arg);
+  return 0;
+}
+
+int ctl_parse_positive(const ctl_verb *verb, const char *opt, const char *arg, int integer,
+                       double *out) {
+  char *end;
+  errno = 0;
+  double v = strtod(arg, &end);
+  if (errno || end == arg || *end || !isfinite(v) || v <= 0 || (integer && v != floor(v)) ||
+      (integer && v > 2147483647.0))
+    return ctl_usage_error(verb, "%s: \"%s\" is not a positive %s", opt, arg,
+                           integer ? "integer" : "number");
+  *out = v;
   return 0;
 }
 
@@ -111,17 +155,33 @@ static int wants_help(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-  enum { OPT_VERSION = 256 };
+  enum { OPT_VERSION = 256, OPT_TOKEN_FILE };
   static const struct option opts[] = {
+      {"endpoint", required_argument, NULL, 'e'},
+      {"token-file", required_argument, NULL, OPT_TOKEN_FILE},
       {"output", required_argument, NULL, 'o'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, OPT_VERSION},
       {0},
   };
   int c;
+  const char *env = getenv("MTNLG_ENDPOINT");
+  ctl.endpoint = env && *env ? env : CTL_DEFAULT_ENDPOINT;
+  ctl.endpoint_source = env && *env ? "MTNLG_ENDPOINT" : "the default endpoint";
+  env = getenv("MTNLG_TOKEN_FILE");
+  ctl.token_file = env && *env ? env : NULL;
+  ctl.token_source = "MTNLG_TOKEN_FILE";
   /* '+': stop at the verb; what follows is the verb's to parse */
-  while ((c = getopt_long(argc, argv, "+o:h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, "+e:o:h", opts, NULL)) != -1) {
     switch (c) {
+    case 'e':
+      ctl.endpoint = optarg;
+      ctl.endpoint_source = "-e/--endpoint";
+      break;
+    case OPT_TOKEN_FILE:
+      ctl.token_file = optarg;
+      ctl.token_source = "--token-file";
+      break;
     case 'o':
       if (ctl_parse_output(optarg, &ctl.output)) return CTL_EXIT_USAGE;
       break;
@@ -148,5 +208,7 @@ int main(int argc, char **argv) {
     return CTL_EXIT_OK;
   }
   optind = 0; /* the verb runs getopt_long afresh on its own argv */
-  return verb->run(verb, vargc, vargv);
+  int rc = verb->run(verb, vargc, vargv);
+  ctl_http_close();
+  return rc;
 }

@@ -90,8 +90,16 @@ static int run_node(const char *config_path, const char *const *overrides,
   }
   mt_log_set_level(mt_log_parse_level(cfg.log_level));
   signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
-  mt_node_opts no = {.config = &cfg, .job_overrides = job_sets, .config_path = config_path};
-  return mt_node_main(&no);
+  int abandoned = 0;
+  mt_node_opts no = {
+      .config = &cfg, .job_overrides = job_sets, .config_path = config_path, .abandoned = &abandoned};
+  int code = mt_node_main(&no);
+  if (abandoned) { /* device threads are still blocked in a collective: do not unwind under them */
+    fflush(stdout);
+    fflush(stderr);
+    _exit(code);
+  }
+  return code;
 }
 
 int main(int argc, char **argv) {

@@ -1,6 +1,7 @@
 /* node.c — the node daemon's life: host or dial the store, join, wait for a
  * generation, run this node's ranks, report, end. One libuv loop drives it. */
 #include "node.h"
+#include "node_int.h"
 
 #include <errno.h>
 #include <ifaddrs.h>
@@ -27,71 +28,10 @@
 #include "store_client.h"
 #include "store_server.h"
 
-typedef enum {
-  N_JOINING,  /* registered, waiting for the verdict */
-  N_WAITING,  /* accepted, waiting for generation watch_gen to form */
-  N_SPARE,    /* not a member of the running generation */
-  N_RUNNING,  /* this node's ranks train */
-  N_ENDING,   /* the ranks ended; waiting for the coordinator's word on the job */
-  N_DRAINING, /* the job ended; the coordinator waits for every node to leave */
-  N_EXITING,
-} node_state;
+const char *const mt_node_state_names[] = {"joining", "waiting",  "spare",  "running",
+                                           "ending",  "draining", "exiting"};
 
-static const char *const state_names[] = {"joining", "waiting",  "spare",  "running",
-                                          "ending",  "draining", "exiting"};
-
-typedef struct node {
-  const mt_node_opts *o;
-  const mt_node_config *cfg;
-  char specs[MT_RDZV_MAX_DEVICES][16];
-  int n_devices;
-  char store_host[256];
-  int store_port;
-  int is_host;
-  const char *version;
-
-  uv_loop_t loop;
-  uv_signal_t sigint, sigterm;
-  uv_timer_t tick, heartbeat, watchdog;
-  uv_async_t engine_done;
-
-  mt_store_server_thread *server;
-  mt_store *store; /* the loop's client: short timeouts */
-  mt_coord *coord;
-  mt_job job; /* the coordinator's, or this node's own copy when it has the file */
-  int have_job;
-  char *job_json;
-
-  node_state state;
-  int64_t seq;
-  int gen; /* watched or running */
-  int64_t store_failing_since_ms;
-  int64_t order_seq;
-  int signals;
-  int exit_code;
-  char end_reason[512];
-  int end_seen, end_final, end_ok;
-
-  /* the running generation */
-  mt_assignment asg;
-  mt_job run_job;
-  mt_store *engine_store;
-  mt_local *local;
-  mt_local_opts lo;
-  const char *dev_ptrs[MT_RDZV_MAX_DEVICES];
-  char comm_prefix[64];
-  pthread_t waiter;
-  int engine_running;
-  int engine_rc;
-  char engine_err[1024];
-  volatile sig_atomic_t stop_flag;
-
-  pthread_mutex_t mu; /* guards last */
-  mt_step_stats last;
-  int have_last;
-} node;
-
-static int64_t now_ms(void) {
+int64_t mt_node_now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
@@ -100,8 +40,8 @@ static int64_t now_ms(void) {
 static void set_state(node *n, node_state s) {
   if (n->state == s) return;
   n->state = s;
-  mt_log_debug("node %s: %s", n->cfg->name, state_names[s]);
-  sd_notifyf(0, "STATUS=%s, generation %d", state_names[s], n->gen);
+  mt_log_debug("node %s: %s", n->cfg->name, mt_node_state_names[s]);
+  sd_notifyf(0, "STATUS=%s, generation %d", mt_node_state_names[s], n->gen);
 }
 
 static void finish(node *n, int code) {
@@ -119,7 +59,7 @@ static void store_result(node *n, int rc) {
     n->store_failing_since_ms = 0;
     return;
   }
-  int64_t t = now_ms();
+  int64_t t = mt_node_now_ms();
   if (!n->store_failing_since_ms) {
     n->store_failing_since_ms = t;
     mt_log_warn("store at %s:%d: %s", n->store_host, n->store_port, mt_errmsg());
@@ -129,7 +69,10 @@ static void store_result(node *n, int rc) {
              "coordinator lost: the store at %s:%d did not answer for %.1f s", n->store_host,
              n->store_port, (t - n->store_failing_since_ms) / 1000.0);
     mt_log_error("%s", n->end_reason);
-    if (n->engine_running) mt_local_abort(n->local);
+    if (n->engine_running && !n->aborted_ms) {
+      mt_local_abort(n->local);
+      n->aborted_ms = t;
+    }
     n->end_seen = n->end_final = 1, n->end_ok = 0;
     if (!n->engine_running) finish(n, 1);
   }
@@ -139,14 +82,44 @@ static void store_result(node *n, int rc) {
 
 static void on_step(const mt_step_stats *st, void *arg) {
   node *n = arg;
-  pthread_mutex_lock(&n->mu);
-  n->last = *st;
-  n->have_last = 1;
-  pthread_mutex_unlock(&n->mu);
+  if (st->skipped) n->skipped_steps++;
+  node_history_add(n, st);
+  if (n->holds_rank0) { /* nodes without ranks follow the steps from here */
+    char key[64];
+    snprintf(key, sizeof key, "gen/%d/step", n->gen);
+    json_t *j = json_pack("{s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f}", "step",
+                          (json_int_t)st->step, "consumed_tokens", (json_int_t)st->consumed_tokens,
+                          "loss", st->loss, "lr", st->lr, "grad_norm", st->grad_norm, "step_ms",
+                          st->step_ms, "tokens_per_s", st->tokens_per_s, "tflops", st->tflops,
+                          "bubble", st->bubble, "comm_ms", st->comm_ms);
+    if (st->has_val) json_object_set_new(j, "val_loss", json_real(st->val_loss));
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (text) mt_store_set(n->store, key, text, strlen(text));
+    free(text);
+    json_decref(j);
+  }
   mt_steplog(st, n->run_job.train.steps, n->run_job.train.log_interval,
              !strcmp(n->cfg->log_format, "json"));
   sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
              (long long)st->step, (long long)n->run_job.train.steps, st->loss);
+}
+
+/* An order took effect after step: pause and resume change what this node
+ * reports; world rank 0's node tells the coordinator where it acted. */
+static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
+  node *n = arg;
+  static const char *const kinds[] = {"none", "pause", "resume", "stop", "checkpoint", "resize"};
+  mt_log_info("generation %d: order %lld (%s) took effect after step %lld", n->gen, (long long)seq,
+              kind >= 0 && kind <= 5 ? kinds[kind] : "?", (long long)step);
+  if (kind == MT_ORDER_PAUSE) n->paused = 1;
+  if (kind == MT_ORDER_RESUME) n->paused = 0;
+  sd_notifyf(0, "STATUS=%s after step %lld, generation %d",
+             kind == MT_ORDER_PAUSE  ? "paused"
+             : kind == MT_ORDER_STOP ? "stopping"
+                                     : "running",
+             (long long)step, n->gen);
+  if (n->holds_rank0 && mt_rdzv_acted(n->store, n->gen, seq, step))
+    mt_log_warn("cannot tell the coordinator order %lld acted: %s", (long long)seq, mt_errmsg());
 }
 
 static void *engine_wait(void *arg) {
@@ -165,7 +138,12 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   if (strcmp(n->run_job.hash, n->asg.job_hash))
     return mt_seterr(MT_ECORRUPT, "the published job reads back as %s, published as %s",
                      n->run_job.hash, n->asg.job_hash);
+  pthread_mutex_lock(&n->mu);
+  n->job_dp_min = n->run_job.parallel.dp_min;
   n->run_job.parallel.dp_min = n->asg.dp; /* this generation's width */
+  n->have_run_job = 1;
+  pthread_mutex_unlock(&n->mu);
+  n->holds_rank0 = me->rank_begin == 0;
   int here = me->rank_end - me->rank_begin;
   if (here > n->n_devices)
     return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
@@ -188,6 +166,8 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .export_path =
           n->run_job.checkpoint.export_path[0] ? n->run_job.checkpoint.export_path : NULL,
       .stop = &n->stop_flag,
+      .order = &n->order_word,
+      .on_order = on_order,
       .on_step = on_step,
       .arg = n,
   };
@@ -303,6 +283,15 @@ static void node_round(node *n) {
     const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
     if (!me) {
       mt_log_info("generation %d formed without this node: waiting as a spare", n->gen);
+      const char *preset_dirs[MT_PRESET_DIRS_MAX];
+      mt_job_preset_dirs(n->cfg->presets_dir[0] ? n->cfg->presets_dir : NULL, preset_dirs);
+      pthread_mutex_lock(&n->mu);
+      if (!mt_job_parse(&n->run_job, job_json, NULL, preset_dirs, NULL)) { /* for its status */
+        n->job_dp_min = n->run_job.parallel.dp_min;
+        n->run_job.parallel.dp_min = n->asg.dp;
+        n->have_run_job = 1;
+      }
+      pthread_mutex_unlock(&n->mu);
       set_state(n, N_SPARE);
     } else if (start_engine(n, me, job_json)) {
       snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
@@ -317,8 +306,21 @@ static void node_round(node *n) {
     break;
   }
   case N_RUNNING: {
+    if (n->aborted_ms) {
+      /* gloo wakes a collective blocked mid-transfer only at its deadline:
+       * the generation is over, so do not let a stuck rank hold the node */
+      if (mt_node_now_ms() - n->aborted_ms > 2 * n->cfg->heartbeat_interval_ms + 1000) {
+        mt_log_error("this node's ranks did not stop within %d ms of the abort; exiting without "
+                     "them",
+                     2 * n->cfg->heartbeat_interval_ms + 1000);
+        n->abandoned = 1;
+        finish(n, 1);
+      }
+      break;
+    }
     if ((rc = poll_end(n)) == 1) {
       mt_local_abort(n->local); /* peers may be gone: do not wait out the deadline */
+      n->aborted_ms = mt_node_now_ms();
       break;
     }
     if (rc < 0) break;
@@ -327,10 +329,14 @@ static void node_round(node *n) {
     if ((rc = mt_rdzv_order(n->store, n->gen, &seq, kind, sizeof kind)) == 1 &&
         seq > n->order_seq) {
       n->order_seq = seq;
-      if (!strcmp(kind, "stop")) {
-        mt_log_info("the coordinator ordered a stop: stopping at the next step boundary");
-        n->stop_flag = 1;
-      }
+      int code = !strcmp(kind, "pause")    ? MT_ORDER_PAUSE
+                 : !strcmp(kind, "resume") ? MT_ORDER_RESUME
+                 : !strcmp(kind, "stop")   ? MT_ORDER_STOP
+                                           : 0;
+      /* world rank 0 carries it into the step's all-reduce: every rank acts
+       * on the same step boundary */
+      if (code && n->holds_rank0) n->order_word = mt_order_word(seq, code);
+      if (!code) mt_log_warn("the coordinator ordered \"%s\", unknown to this version", kind);
     }
     break;
   }
@@ -347,11 +353,12 @@ static void node_round(node *n) {
 static void on_tick(uv_timer_t *t) {
   node *n = t->data;
   if (n->coord) {
-    int rc = mt_coord_tick(n->coord, now_ms());
+    int rc = mt_coord_tick(n->coord, mt_node_now_ms());
     if (rc < 0) mt_log_warn("coordinator: %s", mt_errmsg());
   }
   if (n->state != N_EXITING) node_round(n);
-  if (n->state == N_DRAINING && mt_coord_drained(n->coord, now_ms(), 10000))
+  if (n->state != N_EXITING) node_control_round(n, 0);
+  if (n->state == N_DRAINING && mt_coord_drained(n->coord, mt_node_now_ms(), 10000))
     finish(n, n->exit_code);
 }
 
@@ -359,6 +366,7 @@ static void on_heartbeat(uv_timer_t *t) {
   node *n = t->data;
   if (n->state == N_EXITING || n->state == N_DRAINING) return;
   store_result(n, mt_rdzv_heartbeat(n->store, n->cfg->name));
+  node_control_round(n, 1);
 }
 
 static void on_watchdog(uv_timer_t *t) {
@@ -486,11 +494,11 @@ static int connect_store(node *n) {
   }
   mt_store_tcp_opts so = {.connect_timeout_ms = c->heartbeat_interval_ms,
                           .request_timeout_ms = c->heartbeat_interval_ms * 2};
-  int64_t deadline = now_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
+  int64_t deadline = mt_node_now_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
   for (;;) {
     rc = mt_store_tcp_new(n->store_host, n->store_port, &so, &n->store);
     if (!rc) return 0;
-    if (now_ms() > deadline)
+    if (mt_node_now_ms() > deadline)
       return mt_wraperr(rc, "cannot reach the rendezvous at %s", c->endpoint);
     mt_log_info("waiting for the rendezvous at %s: %s", c->endpoint, mt_errmsg());
     sleep(1);
@@ -516,8 +524,14 @@ int mt_node_main(const mt_node_opts *o) {
     code = 2;
     goto out;
   }
+  if (node_control_start(n)) {
+    mt_log_error("%s", mt_errmsg());
+    code = 2;
+    goto out;
+  }
   if (n->is_host) {
     mt_coord_opts co = {.store = n->store,
+                        .coordinator_name = n->cfg->name,
                         .job_json = n->job_json,
                         .job_hash = n->job.hash,
                         .version = MT_VERSION,
@@ -541,6 +555,7 @@ int mt_node_main(const mt_node_opts *o) {
   if (gethostname(d.host, sizeof d.host - 1)) snprintf(d.host, sizeof d.host, "unknown");
   snprintf(d.version, sizeof d.version, "%s", n->version);
   if (n->have_job) snprintf(d.job_hash, sizeof d.job_hash, "%s", n->job.hash);
+  snprintf(d.control_url, sizeof d.control_url, "%s", n->control_url);
   for (int i = 0; i < n->n_devices; i++) snprintf(d.devices[i], 16, "%s", n->specs[i]);
   if (mt_rdzv_join(n->store, &d, &n->seq)) {
     mt_log_error("%s", mt_errmsg());
@@ -571,11 +586,17 @@ int mt_node_main(const mt_node_opts *o) {
   uv_run(&n->loop, UV_RUN_DEFAULT);
   code = n->exit_code;
 
-  if (n->engine_running) { /* a stop that skipped the engine's end: do not leave it behind */
+  if (n->engine_running && !n->abandoned) { /* a stop that skipped the engine's end */
     mt_local_abort(n->local);
     pthread_join(n->waiter, NULL);
     mt_local_free(n->local);
     mt_store_free(n->engine_store);
+  }
+  if (n->abandoned) { /* ranks still blocked: the process ends without joining them */
+    mt_log_info("node %s exits (%d)%s%s", n->cfg->name, code, n->end_reason[0] ? ": " : "",
+                n->end_reason);
+    if (o->abandoned) *o->abandoned = 1;
+    return code; /* n stays allocated: the blocked ranks still point into it */
   }
   uv_close((uv_handle_t *)&n->sigint, NULL);
   uv_close((uv_handle_t *)&n->sigterm, NULL);
@@ -588,6 +609,7 @@ int mt_node_main(const mt_node_opts *o) {
   mt_log_info("node %s exits (%d)%s%s", n->cfg->name, code, n->end_reason[0] ? ": " : "",
               n->end_reason);
 out:
+  node_control_stop(n);
   mt_assignment_free(&n->asg);
   mt_coord_free(n->coord);
   mt_store_free(n->store);

@@ -18,6 +18,7 @@ typedef struct mt_node_opts {
   const mt_node_config *config;
   const char *const *job_overrides; /* --job-set: applied to the job file */
   const char *config_path;          /* for messages */
+  int *abandoned; /* set when ranks were left blocked: the caller must _exit, not return */
 } mt_node_opts;
 
 /* Runs the daemon until the job ends or a signal stops it; returns the exit code. */

@@ -230,6 +230,53 @@ int mt_rdzv_leave(mt_store *s, const char *name) {
   return mt_store_set(s, key, "1", 1);
 }
 
+/* ---- operations and status ---- */
+
+int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
+                      json_t **op, char *detail, int detail_size) {
+  *op = NULL;
+  int64_t n;
+  int rc = mt_store_add(s, "ops/seq", 1, &n);
+  if (rc) return mt_wraperr(rc, "cannot reach the coordinator");
+  char key[64];
+  snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
+  rc = set_json(s, key, json_pack("{s:s, s:O}", "kind", kind, "args", args ? args : json_object()));
+  if (rc) return mt_wraperr(rc, "cannot reach the coordinator");
+  snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
+  void *v;
+  size_t bytes;
+  rc = mt_store_get(s, key, &v, &bytes, timeout_ms);
+  if (rc) return mt_wraperr(rc, "the coordinator did not answer within %d ms", timeout_ms);
+  json_error_t e;
+  json_t *j = json_loads(v, 0, &e);
+  free(v);
+  if (!j) return mt_seterr(MT_ECORRUPT, "the coordinator's answer is not JSON: %s", e.text);
+  *http_status = (int)json_integer_value(json_object_get(j, "status"));
+  const char *d = json_string_value(json_object_get(j, "detail"));
+  snprintf(detail, (size_t)detail_size, "%s", d ? d : "");
+  json_t *o = json_object_get(j, "op");
+  if (o) *op = json_incref(o);
+  json_decref(j);
+  return 0;
+}
+
+int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step) {
+  char key[64], val[32];
+  snprintf(key, sizeof key, "gen/%d/acted/%lld", gen, (long long)seq);
+  snprintf(val, sizeof val, "%lld", (long long)step);
+  return mt_store_set(s, key, val, strlen(val));
+}
+
+int mt_rdzv_publish_node_status(mt_store *s, const char *name, json_t *status) {
+  char key[128];
+  snprintf(key, sizeof key, "node/%s/status", name);
+  return set_json(s, key, status);
+}
+
+json_t *mt_rdzv_cluster_status(mt_store *s, int *rc) {
+  return get_json_now(s, "cluster/status", rc);
+}
+
 /* ---- the coordinator ---- */
 
 enum { ROLE_NONE, ROLE_MEMBER, ROLE_SPARE, ROLE_LOST, ROLE_LEFT };
@@ -247,6 +294,17 @@ typedef struct coord_node {
 
 typedef enum { G_FORMING, G_RUNNING, G_ENDED } gen_state;
 
+typedef struct coord_op {
+  int64_t id;
+  char kind[16];
+  const char *state; /* "queued", "running", "succeeded", "failed" */
+  char reason[800];
+  double created, updated; /* unix s */
+  int64_t step;            /* where it acted, -1 before */
+  int64_t order_seq;       /* its order (0: none) */
+  int dp;                  /* resize */
+} coord_op;
+
 struct mt_coord {
   mt_coord_opts o;
   char *job_json;
@@ -260,6 +318,15 @@ struct mt_coord {
   int64_t order_seq;
   int final_written;
   int64_t ended_ms;
+  int end_ok;
+  char end_reason[800];
+  int paused;
+  int dp;              /* of the running generation */
+  int64_t next_op_req; /* the next ops/req/<n> to read */
+  coord_op *ops;
+  int n_ops, cap_ops;
+  json_t *node_status; /* name -> the node's own status, refreshed each heartbeat */
+  int64_t node_status_ms;
 };
 
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
@@ -273,6 +340,8 @@ int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
   c->next_seq = 1;
   c->gen = 1;
   c->state = G_FORMING;
+  c->next_op_req = 1;
+  c->node_status = json_object();
   *out = c;
   return 0;
 }
@@ -280,6 +349,8 @@ int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
 void mt_coord_free(mt_coord *c) {
   if (!c) return;
   free(c->nodes);
+  free(c->ops);
+  json_decref(c->node_status);
   free(c->job_json);
   free(c);
 }
@@ -469,6 +540,7 @@ static int form(mt_coord *c, int dp) {
                 "node(s): %s; %d spare(s)",
                 c->gen, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
     c->state = G_RUNNING;
+    c->dp = dp;
     c->first_failure_ms = 0;
   }
   mt_assignment_free(&a);
@@ -483,6 +555,8 @@ static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const 
   if (rc) return rc;
   mt_log(ok ? MT_LOG_INFO : MT_LOG_WARN, "coordinator: generation %d ended: %s", c->gen, reason);
   c->state = G_ENDED;
+  c->end_ok = ok;
+  snprintf(c->end_reason, sizeof c->end_reason, "%s", reason);
   c->ended_ms = now_ms;
   c->final_written = final;
   return 0;
@@ -525,15 +599,265 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
   if (failed) {
     if (!c->first_failure_ms) c->first_failure_ms = now_ms;
     if (now_ms - c->first_failure_ms > c->o.heartbeat_timeout_ms) {
-      char why[700];
-      snprintf(why, sizeof why, "node %s failed: %s", failed->d.name, failed->report);
+      char why[800];
+      snprintf(why, sizeof why, "node %s failed: %.600s", failed->d.name, failed->report);
       return end_generation(c, now_ms, 1, 0, why);
     }
   }
   return 0;
 }
 
+static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms);
+
+static double wall_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static const char *cluster_state(const mt_coord *c) {
+  if (c->state == G_FORMING) return "forming";
+  if (c->state == G_ENDED) return c->end_ok ? "stopped" : "failed";
+  int pausing = 0;
+  for (int i = 0; i < c->n_ops; i++) {
+    const coord_op *o = &c->ops[i];
+    if (strcmp(o->state, "running") && strcmp(o->state, "queued")) continue;
+    if (!strcmp(o->kind, "stop")) return "stopping";
+    if (!strcmp(o->kind, "pause")) pausing = 1;
+  }
+  for (int i = 0; i < c->n_nodes; i++)
+    if (c->nodes[i].role == ROLE_MEMBER && c->nodes[i].reported) return "stopping";
+  if (c->paused) return "paused";
+  return pausing ? "pausing" : "running";
+}
+
+static json_t *op_to_json(const coord_op *o) {
+  char id[32];
+  snprintf(id, sizeof id, "op-%lld", (long long)o->id);
+  json_t *args = json_object();
+  if (!strcmp(o->kind, "resize")) json_object_set_new(args, "dp", json_integer(o->dp));
+  return json_pack("{s:s, s:s, s:s, s:o, s:f, s:f, s:o, s:o, s:n}", "id", id, "kind", o->kind,
+                   "state", o->state, "reason", o->reason[0] ? json_string(o->reason) : json_null(),
+                   "created", o->created, "updated", o->updated, "step",
+                   o->step >= 0 ? json_integer(o->step) : json_null(), "args", args, "progress");
+}
+
+static coord_op *new_op(mt_coord *c, const char *kind) {
+  if (c->n_ops == c->cap_ops) {
+    int cap = c->cap_ops ? 2 * c->cap_ops : 16;
+    coord_op *m = realloc(c->ops, (size_t)cap * sizeof *m);
+    if (!m) return NULL;
+    c->ops = m, c->cap_ops = cap;
+  }
+  coord_op *o = &c->ops[c->n_ops++];
+  memset(o, 0, sizeof *o);
+  o->id = c->n_ops;
+  snprintf(o->kind, sizeof o->kind, "%s", kind);
+  o->state = "queued";
+  o->created = o->updated = wall_s();
+  o->step = -1;
+  return o;
+}
+
+static void op_done(coord_op *o, int ok, const char *reason) {
+  o->state = ok ? "succeeded" : "failed";
+  snprintf(o->reason, sizeof o->reason, "%.799s", reason ? reason : "");
+  o->updated = wall_s();
+}
+
+/* Decides one request: why it cannot be done now (409), or NULL and the
+ * order is issued. */
+static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op **op, char *why,
+                          size_t size) {
+  const char *st = cluster_state(c);
+  int kind_code = !strcmp(kind, "pause")    ? MT_ORDER_KIND_PAUSE
+                  : !strcmp(kind, "resume") ? MT_ORDER_KIND_RESUME
+                  : !strcmp(kind, "stop")   ? MT_ORDER_KIND_STOP
+                                            : 0;
+  (void)args;
+  if (!kind_code) {
+    snprintf(why, size,
+             "%s is not available in this version: checkpoints and resize arrive with "
+             "the checkpoint issue",
+             kind);
+    return why;
+  }
+  if (c->state == G_ENDED) {
+    snprintf(why, size, "cannot %s: the job has ended (%.500s)", kind, c->end_reason);
+    return why;
+  }
+  if (kind_code == MT_ORDER_KIND_STOP) {
+    if (!strcmp(st, "stopping")) {
+      snprintf(why, size, "cannot stop: the job is already stopping");
+      return why;
+    }
+    if (c->state == G_FORMING) { /* nothing runs: the job ends here */
+      if (!(*op = new_op(c, kind))) return "out of memory";
+      op_done(*op, 1, NULL);
+      mt_coord_finish(c, 1, "stopped by an operator before a generation formed");
+      return NULL;
+    }
+  } else if (c->state == G_FORMING) {
+    snprintf(why, size, "cannot %s: no generation is running yet (the cluster is forming)", kind);
+    return why;
+  } else if (kind_code == MT_ORDER_KIND_PAUSE && strcmp(st, "running")) {
+    snprintf(why, size, "cannot pause: the job is %s, not running", st);
+    return why;
+  } else if (kind_code == MT_ORDER_KIND_RESUME && strcmp(st, "paused")) {
+    snprintf(why, size, "cannot resume: the job is %s, not paused", st);
+    return why;
+  }
+  if (!(*op = new_op(c, kind))) return "out of memory";
+  if (mt_coord_order(c, kind)) {
+    op_done(*op, 0, mt_errmsg());
+    return NULL;
+  }
+  (*op)->order_seq = c->order_seq;
+  (*op)->state = "running";
+  return NULL;
+}
+
+/* New requests from any node's control plane, answered through the store. */
+static int read_op_requests(mt_coord *c) {
+  int64_t last;
+  int rc = mt_store_add(c->o.store, "ops/seq", 0, &last);
+  if (rc) return rc;
+  while (c->next_op_req <= last) {
+    char key[64];
+    snprintf(key, sizeof key, "ops/req/%lld", (long long)c->next_op_req);
+    json_t *req = get_json_now(c->o.store, key, &rc);
+    if (rc < 0) return rc;
+    if (rc == 0) break;
+    const char *kind = json_string_value(json_object_get(req, "kind"));
+    coord_op *op = NULL;
+    char why[600];
+    const char *no = kind ? decide(c, kind, json_object_get(req, "args"), &op, why, sizeof why)
+                          : "the request names no operation";
+    json_t *resp =
+        no ? json_pack("{s:i, s:s}", "status", !strncmp(no, "cannot", 6) ? 409 : 501, "detail", no)
+           : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
+    if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
+    json_decref(req);
+    snprintf(key, sizeof key, "ops/resp/%lld", (long long)c->next_op_req);
+    if ((rc = set_json(c->o.store, key, resp))) return rc;
+    c->next_op_req++;
+  }
+  return 0;
+}
+
+/* Running orders: succeeded once world rank 0's node says where they acted. */
+static int read_acted(mt_coord *c) {
+  for (int i = 0; i < c->n_ops; i++) {
+    coord_op *o = &c->ops[i];
+    if (strcmp(o->state, "running") || !o->order_seq) continue;
+    if (c->state == G_ENDED) {
+      if (!strcmp(o->kind, "stop") && c->end_ok) {
+        op_done(o, 1, NULL);
+      } else {
+        char why[900];
+        snprintf(why, sizeof why, "the generation ended first: %s", c->end_reason);
+        op_done(o, 0, why);
+      }
+      continue;
+    }
+    char key[64], *text;
+    snprintf(key, sizeof key, "gen/%d/acted/%lld", c->gen, (long long)o->order_seq);
+    int rc = get_now(c->o.store, key, &text);
+    if (rc < 0) return rc;
+    if (!rc) continue;
+    o->step = strtoll(text, NULL, 10);
+    free(text);
+    if (!strcmp(o->kind, "pause")) c->paused = 1;
+    if (!strcmp(o->kind, "resume")) c->paused = 0;
+    if (!strcmp(o->kind, "stop")) { /* done when the members report */
+      o->updated = wall_s();
+      o->order_seq = 0;
+      o->state = "running";
+      continue;
+    }
+    op_done(o, 1, NULL);
+    mt_log_info("coordinator: operation op-%lld (%s) took effect after step %lld", (long long)o->id,
+                o->kind, (long long)o->step);
+  }
+  /* a stop that acted succeeds when the job ends */
+  if (c->state == G_ENDED)
+    for (int i = 0; i < c->n_ops; i++)
+      if (!strcmp(c->ops[i].state, "running") && !strcmp(c->ops[i].kind, "stop"))
+        op_done(&c->ops[i], c->end_ok, c->end_ok ? NULL : c->end_reason);
+  return 0;
+}
+
+/* cluster/status: what every node's control plane shows of the cluster. */
+static int publish_status(mt_coord *c, int64_t now_ms) {
+  if (now_ms - c->node_status_ms >= c->o.heartbeat_timeout_ms / 6 || !c->node_status_ms) {
+    c->node_status_ms = now_ms;
+    for (int i = 0; i < c->n_nodes; i++) {
+      coord_node *n = &c->nodes[i];
+      if (n->role == ROLE_LOST || n->role == ROLE_LEFT) continue;
+      char key[128];
+      int rc;
+      snprintf(key, sizeof key, "node/%s/status", n->d.name);
+      json_t *j = get_json_now(c->o.store, key, &rc);
+      if (rc < 0) return rc;
+      if (j) json_object_set_new(c->node_status, n->d.name, j);
+    }
+  }
+  int tp = c->o.tp, dp = c->dp ? c->dp : c->o.dp_min;
+  json_t *nodes = json_array();
+  for (int i = 0; i < c->n_nodes; i++) {
+    const coord_node *n = &c->nodes[i];
+    json_t *devs = json_array(), *stages = json_array(), *replicas = json_array();
+    for (int k = 0; k < n->d.n_devices; k++)
+      json_array_append_new(devs, json_string(n->d.devices[k]));
+    json_t *ranks = json_null();
+    if (n->role == ROLE_MEMBER) {
+      ranks = json_pack("[i, i]", n->rank_begin, n->rank_end);
+      int last_stage = -1, seen[4096] = {0};
+      for (int r = n->rank_begin; r < n->rank_end; r += tp) {
+        int stage = r / (tp * dp), replica = r / tp % dp;
+        if (stage != last_stage)
+          json_array_append_new(stages, json_integer(stage)), last_stage = stage;
+        if (replica < 4096 && !seen[replica]++)
+          json_array_append_new(replicas, json_integer(replica));
+      }
+    }
+    json_t *own = json_object_get(c->node_status, n->d.name);
+    json_t *node = json_pack(
+        "{s:s, s:s, s:s, s:o, s:o, s:o, s:o, s:f, s:s}", "name", n->d.name, "host", n->d.host,
+        "role",
+        !strcmp(n->d.name, c->o.coordinator_name) && n->role != ROLE_LOST ? "coordinator"
+        : n->role == ROLE_NONE                                            ? "spare"
+                                                                          : role_names[n->role],
+        "devices", devs, "ranks", ranks, "stages", stages, "replicas", replicas, "heartbeat_age_s",
+        (now_ms - n->hb_changed_ms) / 1000.0, "control_url", n->d.control_url);
+    json_object_set_new(node, "member", json_boolean(n->role == ROLE_MEMBER));
+    json_object_set(node, "state",
+                    own && json_object_get(own, "state") ? json_object_get(own, "state")
+                                                         : json_string(role_names[n->role]));
+    json_object_set(node, "memory_bytes",
+                    own && json_object_get(own, "memory_bytes")
+                        ? json_object_get(own, "memory_bytes")
+                        : json_null());
+    json_array_append_new(nodes, node);
+  }
+  json_t *ops = json_array();
+  for (int i = 0; i < c->n_ops; i++) json_array_append_new(ops, op_to_json(&c->ops[i]));
+  json_t *st = json_pack(
+      "{s:i, s:s, s:o, s:s, s:o, s:o, s:i}", "generation", c->gen, "state", cluster_state(c),
+      "reason", c->end_reason[0] && c->state == G_ENDED ? json_string(c->end_reason) : json_null(),
+      "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops, "dp", dp);
+  return set_json(c->o.store, "cluster/status", st);
+}
+
 int mt_coord_tick(mt_coord *c, int64_t now_ms) {
+  int rc = mt_coord_tick_membership(c, now_ms);
+  if (!rc) rc = read_op_requests(c);
+  if (!rc) rc = read_acted(c);
+  if (!rc) rc = publish_status(c, now_ms);
+  return rc;
+}
+
+static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   int rc = read_joins(c, now_ms);
   if (rc || c->state == G_ENDED) return rc; /* late joiners get a verdict, and see the end */
   coord_node *lost = read_heartbeats(c, now_ms, &rc);

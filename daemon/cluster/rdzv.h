@@ -18,6 +18,7 @@
 #ifndef MT_RDZV_H
 #define MT_RDZV_H
 
+#include <jansson.h>
 #include <stdint.h>
 
 #include "store.h"
@@ -81,15 +82,36 @@ int mt_rdzv_order(mt_store *s, int gen, int64_t *seq, char *kind, int kind_size)
 /* This node leaves (a spare, or any node once the job ended): nodes/<name>/left. */
 int mt_rdzv_leave(mt_store *s, const char *name);
 
+/* ---- operations and status (the control plane's cluster side) ---- */
+
+/* Hands a mutation (kind "pause", "resume", "stop", "checkpoint", "resize";
+ * args {} or {"dp": N}) to the coordinator through the store and waits up to
+ * timeout_ms for its answer: *http_status 202 with *op (new reference), or
+ * an error status with detail. < 0 when the store failed or no answer came. */
+int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
+                      json_t **op, char *detail, int detail_size);
+/* World rank 0's node: order seq took effect after step. */
+int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step);
+/* What a node tells about itself (state, memory, step), under node/<name>/status. */
+int mt_rdzv_publish_node_status(mt_store *s, const char *name, json_t *status);
+/* The coordinator's view (cluster/status): generation, state, reason, nodes,
+ * operations. A new reference, or NULL with *rc 0 (not yet) or < 0. */
+json_t *mt_rdzv_cluster_status(mt_store *s, int *rc);
+
 /* ---- the coordinator ---- */
 
 typedef struct mt_coord mt_coord;
+
+/* Order kinds as the coordinator names them in gen/<g>/order (the engine's
+ * order word uses the same numbers, train.h). */
+enum { MT_ORDER_KIND_PAUSE = 1, MT_ORDER_KIND_RESUME = 2, MT_ORDER_KIND_STOP = 3 };
 
 typedef struct mt_coord_opts {
   mt_store *store;
   const char *job_json; /* the resolved job (mt_job_to_json) */
   const char *job_hash;
   const char *version;
+  const char *coordinator_name; /* this node's name */
   int tp, pp, dp_min, dp_max, micro_batch, global_batch;
   int last_call_ms;
   int heartbeat_timeout_ms;

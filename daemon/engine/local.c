@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "err.h"
 #include "log.h"
@@ -38,12 +39,40 @@ static void report_start(const mt_trainer *tr) {
               tr->g.dp_size);
 }
 
+/* Paused after a step: every rank all-reduces the stop request and rank 0's
+ * order word every 50 ms (so heartbeats, deadlines and peers stay alive)
+ * until an order newer than the pause resumes or stops the run. Nothing of
+ * the training state changes, so a resumed run continues its trajectory. */
+static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop) {
+  const mt_local_opts *o = c->o;
+  for (;;) {
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    double v[2] = {o->stop && *o->stop ? 1.0 : 0.0,
+                   c->rank == 0 && o->order ? (double)*o->order : 0.0};
+    if (tr->g.world) {
+      int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
+      if (rc) return mt_wraperr(rc, "paused after step %lld", (long long)tr->step);
+    }
+    if (v[0] > 0) return *stop = 1, 0;
+    int64_t w = (int64_t)v[1];
+    if (mt_order_seq(w) <= *seq) continue;
+    *seq = mt_order_seq(w);
+    int kind = mt_order_kind(w);
+    if (c == c->all && o->on_order) o->on_order(kind, *seq, tr->step, o->arg);
+    if (kind == MT_ORDER_STOP) return *stop = 1, 0;
+    if (kind == MT_ORDER_RESUME) return 0;
+  }
+}
+
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
+  int64_t order_seq = 0;
   if (c->rank == 0) report_start(tr);
   while (tr->step < job->train.steps) {
     tr->stop_request = o->stop && *o->stop; /* any process signalled: all stop together */
+    tr->order_word = c->rank == 0 && o->order ? *o->order : 0;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;
@@ -54,8 +83,15 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
     /* every rank learned the loss in the step's all-reduce */
     if (c == c->all && o->on_step) o->on_step(&st, o->arg);
+    if (st.order && mt_order_seq(st.order) > order_seq) {
+      order_seq = mt_order_seq(st.order);
+      int kind = mt_order_kind(st.order);
+      if (c == c->all && o->on_order) o->on_order(kind, order_seq, st.step, o->arg);
+      if (kind == MT_ORDER_STOP) st.stop = 1;
+      if (kind == MT_ORDER_PAUSE && (rc = pause_loop(c, tr, &order_seq, &st.stop))) return rc;
+    }
     if (st.stop) {
-      if (c->rank == 0)
+      if (c == c->all)
         mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
                     (long long)job->train.steps);
       break;

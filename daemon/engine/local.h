@@ -39,6 +39,13 @@ typedef struct mt_local_opts {
   int comm_timeout_ms;         /* 0: 300000 */
   const char *export_path;     /* safetensors at the end, or NULL */
   volatile sig_atomic_t *stop; /* polled before each step; all ranks stop at one boundary */
+  /* The coordinator's latest order word (train.h, mt_order_word), read by
+   * world rank 0 before each step and agreed on by all: pause holds every
+   * rank after that step (a small all-reduce every 50 ms) until resume or
+   * stop; stop ends the run there. NULL: no orders. */
+  volatile int64_t *order;
+  /* the first rank of this process, when an order takes effect after step */
+  void (*on_order)(int kind, int64_t seq, int64_t step, void *arg);
   /* the first rank of this process, after each step (validation filled in
    * when it ran): every rank learns the loss in the step's all-reduce */
   void (*on_step)(const mt_step_stats *st, void *arg);

@@ -347,6 +347,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   int rc = run_1f1b(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
+  double comm_t0 = now_ms();
   /* the two copies of the tied embedding get the sum of both gradients */
   if (tr->g.embed && (m->first || m->last)) {
     const mt_param *wte = &m->params_table[m->i_wte];
@@ -362,14 +363,22 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (rc) return mt_wraperr(rc, "step %lld: gradient reduce-scatter", sn);
     grad = tr->shard_grad;
   }
-  /* one all-reduce carries the loss, the squared norm, the stop order and
-   * the pipeline's wait (for the bubble) */
+  /* one all-reduce carries the loss, the squared norm, the stop request,
+   * the pipeline's wait (for the bubble) and the coordinator's order word,
+   * which only world rank 0 contributes (so the sum is its value, exactly) */
   double pipe_ms = now_ms() - t0;
-  double agreed[5] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0, slice_sumsq(tr, grad),
-                      tr->stop_request ? 1.0 : 0.0, r.wait_ms, pipe_ms};
+  double comm_ms = pipe_ms - (comm_t0 - t0);
+  double agreed[6] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
+                      slice_sumsq(tr, grad),
+                      tr->stop_request ? 1.0 : 0.0,
+                      r.wait_ms,
+                      pipe_ms,
+                      (double)tr->order_word};
   if (tr->g.world) {
-    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 5, MT_COMM_F64, MT_COMM_SUM);
+    double c0 = now_ms();
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 6, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
+    comm_ms += now_ms() - c0;
   }
   double norm = sqrt(agreed[1]);
   double lr = mt_lr_at(&job->train.lr, tr->step);
@@ -380,8 +389,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
   if (tr->g.dp) {
+    double c0 = now_ms();
     rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
+    comm_ms += now_ms() - c0;
   }
   mt_device_sync(d);
   tr->step++;
@@ -392,8 +403,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->lr = lr;
   st->grad_norm = norm;
   st->stop = agreed[2] > 0;
+  st->order = (int64_t)agreed[5];
   st->bubble = tr->g.pipe && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;
+  st->comm_ms = comm_ms;
   st->tokens_per_s = (double)mt_job_tokens_per_step(job) / (st->step_ms / 1e3);
   st->tflops = tr->flops_per_step / (st->step_ms / 1e3) / 1e12;
   return 0;

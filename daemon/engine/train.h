@@ -26,12 +26,15 @@ typedef struct mt_step_stats {
   double lr;
   double grad_norm; /* before clipping */
   double step_ms;
+  double comm_ms; /* this rank's time in the step's data-parallel and world collectives */
   double tokens_per_s;
   double tflops;   /* model TFLOP/s on this device */
   int skipped;     /* non-finite gradients: update skipped */
   int stop;        /* some rank asked to stop: all stop after this step */
   double bubble;   /* share of the step the ranks spent waiting on pipeline
                       neighbours (mean over ranks; 0 without pp) */
+  int64_t order;   /* the coordinator's order word as every rank agreed on it
+                      (mt_order_word: seq << 4 | kind), 0 when none */
   int has_val;     /* validation ran after this step */
   double val_loss; /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
@@ -55,15 +58,30 @@ typedef struct mt_trainer {
   mt_adamw opt;
   mt_data_source *data;
   mt_groups g;
-  int64_t step;              /* steps taken */
-  int micro_batches;         /* per step on this replica */
-  size_t shard_lo, shard_n;  /* this rank's ZeRO-1 slice of the flat parameters */
-  float *shard_grad;         /* reduced gradients of the slice (dp > 1) */
-  float *recv_x, *recv_dy;   /* (B,T,C) from the previous / next stage */
-  volatile int stop_request; /* set by the owner thread; agreed on in the step */
-  int32_t *inputs, *targets; /* host, (micro_batch, seq) */
-  double flops_per_step;     /* model FLOPs of this rank per step */
+  int64_t step;                /* steps taken */
+  int micro_batches;           /* per step on this replica */
+  size_t shard_lo, shard_n;    /* this rank's ZeRO-1 slice of the flat parameters */
+  float *shard_grad;           /* reduced gradients of the slice (dp > 1) */
+  float *recv_x, *recv_dy;     /* (B,T,C) from the previous / next stage */
+  volatile int stop_request;   /* set by the owner thread; agreed on in the step */
+  volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
+  int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
+  double flops_per_step;       /* model FLOPs of this rank per step */
 } mt_trainer;
+
+/* Orders from the coordinator, numbered by seq, agreed on by every rank in
+ * the step's all-reduce: all act on the same step boundary. */
+enum {
+  MT_ORDER_NONE = 0,
+  MT_ORDER_PAUSE = 1,
+  MT_ORDER_RESUME = 2,
+  MT_ORDER_STOP = 3,
+  MT_ORDER_CHECKPOINT = 4,
+  MT_ORDER_RESIZE = 5
+};
+static inline int64_t mt_order_word(int64_t seq, int kind) { return seq << 4 | kind; }
+static inline int mt_order_kind(int64_t word) { return (int)(word & 15); }
+static inline int64_t mt_order_seq(int64_t word) { return word >> 4; }
 
 /* Builds this rank's stage of the model (initialised from seed or
  * model.init_from), its optimizer slice and data reader. g: its groups

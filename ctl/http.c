@@ -1,0 +1,434 @@
+/* http.c — the control API client: one libcurl easy handle, JSON in and out,
+ * problem+json errors and transport failures turned into one line each.
+ *
+ * The endpoint is checked and the token file read on the first request, not
+ * at start-up, so that offline verbs (plan) never trip over a bad
+ * MTNLG_ENDPOINT or token file.
+ */
+#include <ctype.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "http.h"
+#include "mt_config.h"
+
+enum {
+  MAX_ANSWER_BYTES = 64 << 20, /* no control answer comes near this */
+  MAX_TOKEN_BYTES = 4096,
+};
+
+typedef struct buf {
+  char *data;
+  size_t len, cap;
+  int too_large;
+} buf;
+
+/* What the header callback keeps of the answer's head. */
+typedef struct head {
+  char reason[64];        /* "Conflict" from "HTTP/1.1 409 Conflict" (empty on HTTP/2) */
+  char content_type[128]; /* "application/problem+json" */
+} head;
+
+static struct {
+  int tried, init_rc;  /* set up once; init_rc is what every later call returns */
+  char init_err[1024]; /* why setting up failed */
+  int curl_global;     /* curl_global_init succeeded */
+  CURL *curl;          /* reused: keeps the connection between requests */
+  char *base;          /* endpoint without a trailing '/' */
+  char *token;         /* NULL: none given */
+  struct curl_slist *get_headers, *post_headers;
+  char errbuf[CURL_ERROR_SIZE];
+} http;
+
+static void set_err(char *err, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t cap, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, cap, fmt, ap);
+  va_end(ap);
+}
+
+/* Reads the token: the whole file, trailing whitespace (the newline an editor
+ * or `echo` leaves) stripped. Returns 0 or CTL_EXIT_USAGE with err set. */
+static int read_token(const char *path, const char *source, char **out, char *err, size_t cap) {
+  int ret = CTL_EXIT_USAGE;
+  char *tok = NULL;
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    set_err(err, cap,
+            "%s: cannot read the token file %s: %s; it must hold the daemon's control token",
+            source, path, strerror(errno));
+    goto cleanup;
+  }
+  tok = malloc(MAX_TOKEN_BYTES + 1);
+  if (!tok) {
+    set_err(err, cap, "out of memory");
+    goto cleanup;
+  }
+  size_t n = fread(tok, 1, MAX_TOKEN_BYTES + 1, f);
+  if (ferror(f)) {
+    set_err(err, cap, "%s: cannot read the token file %s: %s", source, path, strerror(errno));
+    goto cleanup;
+  }
+  if (n > MAX_TOKEN_BYTES) {
+    set_err(err, cap, "%s: the token file %s is over %d bytes; is it the right file?", source, path,
+            MAX_TOKEN_BYTES);
+    goto cleanup;
+  }
+  while (n > 0 && isspace((unsigned char)tok[n - 1])) n--;
+  tok[n] = '\0';
+  if (n == 0) {
+    set_err(err, cap, "%s: the token file %s is empty", source, path);
+    goto cleanup;
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (tok[i] < 0x21 || tok[i] > 0x7e) {
+      set_err(err, cap,
+              "%s: the token file %s holds more than one printable word (a space, a line break "
+              "or a control character at byte %zu)",
+              source, path, i);
+      goto cleanup;
+    }
+  }
+  *out = tok;
+  tok = NULL;
+  ret = 0;
+cleanup:
+  if (tok) {
+    memset(tok, 0, MAX_TOKEN_BYTES + 1);
+    free(tok);
+  }
+  if (f) fclose(f);
+  return ret;
+}
+
+static int has_http_scheme(const char *url) {
+  const char *host = NULL;
+  if (!strncasecmp(url, "http://", 7))
+    host = url + 7;
+  else if (!strncasecmp(url, "https://", 8))
+    host = url + 8;
+  return host && *host && *host != '/';
+}
+
+/* Checks the endpoint, reads the token, makes the handle; once. */
+static int setup(void) {
+  if (http.tried) return http.init_rc;
+  http.tried = 1;
+  http.init_rc = CTL_EXIT_USAGE;
+  const char *ep = ctl.endpoint ? ctl.endpoint : CTL_DEFAULT_ENDPOINT;
+  if (!has_http_scheme(ep)) {
+    set_err(http.init_err, sizeof http.init_err,
+            "%s: \"%s\" is not an http:// or https:// URL (for example %s)",
+            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ep, CTL_DEFAULT_ENDPOINT);
+    return http.init_rc;
+  }
+  if (ctl.token_file &&
+      read_token(ctl.token_file, ctl.token_source ? ctl.token_source : "--token-file", &http.token,
+                 http.init_err, sizeof http.init_err))
+    return http.init_rc;
+
+  http.init_rc = CTL_EXIT_FAILURE;
+  http.base = strdup(ep);
+  if (!http.base) goto oom;
+  size_t n = strlen(http.base);
+  while (n > 0 && http.base[n - 1] == '/') http.base[--n] = '\0';
+
+  if (curl_global_init(CURL_GLOBAL_DEFAULT)) {
+    set_err(http.init_err, sizeof http.init_err, "cannot initialise libcurl");
+    return http.init_rc;
+  }
+  http.curl_global = 1;
+  http.curl = curl_easy_init();
+  if (!http.curl) goto oom;
+
+  struct curl_slist *h = NULL, *t;
+  const char *common[] = {"Accept: application/json, application/problem+json", "Expect:"};
+  for (int list = 0; list < 2; list++) {
+    h = NULL;
+    for (size_t i = 0; i < sizeof common / sizeof *common; i++) {
+      if (!(t = curl_slist_append(h, common[i]))) goto oom_list;
+      h = t;
+    }
+    if (list == 1) {
+      if (!(t = curl_slist_append(h, "Content-Type: application/json"))) goto oom_list;
+      h = t;
+    }
+    if (http.token) {
+      size_t len = strlen(http.token) + 32;
+      char *auth = malloc(len);
+      if (!auth) goto oom_list;
+      snprintf(auth, len, "Authorization: Bearer %s", http.token);
+      t = curl_slist_append(h, auth);
+      memset(auth, 0, len);
+      free(auth);
+      if (!t) goto oom_list;
+      h = t;
+    }
+    *(list ? &http.post_headers : &http.get_headers) = h;
+  }
+  http.init_rc = 0;
+  return 0;
+oom_list:
+  curl_slist_free_all(h);
+oom:
+  set_err(http.init_err, sizeof http.init_err, "out of memory");
+  return http.init_rc;
+}
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
+  buf *b = arg;
+  size_t n = size * nmemb;
+  if (b->len + n + 1 > MAX_ANSWER_BYTES) {
+    b->too_large = 1;
+    return 0; /* curl stops with CURLE_WRITE_ERROR */
+  }
+  if (b->len + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 16384;
+    while (cap < b->len + n + 1) cap *= 2;
+    char *d = realloc(b->data, cap);
+    if (!d) return 0;
+    b->data = d;
+    b->cap = cap;
+  }
+  memcpy(b->data + b->len, data, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+  return n;
+}
+
+/* Copies s[0..n) into dst without the trailing CR/LF and spaces. */
+static void copy_trimmed(char *dst, size_t cap, const char *s, size_t n) {
+  while (n > 0 && isspace((unsigned char)s[n - 1])) n--;
+  if (n >= cap) n = cap - 1;
+  memcpy(dst, s, n);
+  dst[n] = '\0';
+}
+
+static size_t on_header(char *data, size_t size, size_t nmemb, void *arg) {
+  head *h = arg;
+  size_t n = size * nmemb;
+  if (n > 5 && !strncmp(data, "HTTP/", 5)) {
+    /* a new status line (after a 100 Continue, say): forget the earlier head */
+    memset(h, 0, sizeof *h);
+    const char *sp = memchr(data, ' ', n);
+    if (sp) sp = memchr(sp + 1, ' ', n - (size_t)(sp + 1 - data));
+    if (sp) copy_trimmed(h->reason, sizeof h->reason, sp + 1, n - (size_t)(sp + 1 - data));
+  } else if (n > 13 && !strncasecmp(data, "Content-Type:", 13)) {
+    const char *v = data + 13;
+    while (v < data + n && (*v == ' ' || *v == '\t')) v++;
+    copy_trimmed(h->content_type, sizeof h->content_type, v, n - (size_t)(v - data));
+  }
+  return n;
+}
+
+static const char *standard_reason(long status) {
+  switch (status) {
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 409: return "Conflict";
+  case 413: return "Content Too Large";
+  case 500: return "Internal Server Error";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return "";
+  }
+}
+
+/* Why curl got no answer, in a few words for "cannot reach ... (WHY)". */
+static void transport_reason(CURLcode cc, char *why, size_t cap) {
+  long os_errno = 0;
+  curl_off_t connect_us = 0;
+  curl_easy_getinfo(http.curl, CURLINFO_OS_ERRNO, &os_errno);
+  curl_easy_getinfo(http.curl, CURLINFO_CONNECT_TIME_T, &connect_us);
+  switch (cc) {
+  case CURLE_COULDNT_RESOLVE_HOST: snprintf(why, cap, "unknown host name"); break;
+  case CURLE_COULDNT_RESOLVE_PROXY: snprintf(why, cap, "unknown proxy host name"); break;
+  case CURLE_COULDNT_CONNECT:
+    snprintf(why, cap, "%s", os_errno ? strerror((int)os_errno) : "connection failed");
+    break;
+  case CURLE_OPERATION_TIMEDOUT:
+    if (connect_us == 0)
+      snprintf(why, cap, "no connection within %d s", CTL_HTTP_CONNECT_TIMEOUT_S);
+    else
+      snprintf(why, cap, "no answer within %d s", CTL_HTTP_TIMEOUT_S);
+    break;
+  case CURLE_GOT_NOTHING: snprintf(why, cap, "it closed the connection without answering"); break;
+  default: snprintf(why, cap, "%s", http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc)); break;
+  }
+  /* "Connection refused" -> "connection refused": it continues a sentence */
+  if (why[0] && isupper((unsigned char)why[0]) && !isupper((unsigned char)why[1]))
+    why[0] = (char)tolower((unsigned char)why[0]);
+}
+
+/* One line for an error answer: "the daemon refused: 409 Conflict: DETAIL". */
+static void answer_error(const char *method, const char *path, long status, const head *h,
+                         const buf *b, char *err, size_t cap) {
+  json_t *problem = b->len ? json_loadb(b->data, b->len, 0, NULL) : NULL;
+  const char *title = NULL, *detail = NULL;
+  if (json_is_object(problem)) {
+    title = json_string_value(json_object_get(problem, "title"));
+    detail = json_string_value(json_object_get(problem, "detail"));
+  }
+  if (!title || !*title) title = h->reason[0] ? h->reason : standard_reason(status);
+  char d[512] = "";
+  if (detail) {
+    /* one line: the daemon's text may carry line breaks */
+    snprintf(d, sizeof d, ": %s", detail);
+    for (char *p = d; *p; p++)
+      if (*p == '\n' || *p == '\r' || *p == '\t') *p = ' ';
+  }
+  char hint[384] = "";
+  if (status == 401 && !http.token)
+    snprintf(hint, sizeof hint,
+             "; give the daemon's control token with --token-file PATH or MTNLG_TOKEN_FILE");
+  else if (status == 401)
+    snprintf(hint, sizeof hint, "; the token in %s was not accepted", ctl.token_file);
+  else if (status == 404 && !json_is_object(problem))
+    snprintf(hint, sizeof hint, " (%s %s); is %s an mtnlgd control endpoint?", method, path,
+             http.base);
+  else if (status >= 300 && status < 400)
+    snprintf(hint, sizeof hint,
+             " (%s %s; redirects are not followed: set -e/--endpoint to the "
+             "address that answers)",
+             method, path);
+  set_err(err, cap, "the daemon %s: %ld%s%s%s%s", status >= 500 ? "failed" : "refused", status,
+          *title ? " " : "", title, d, hint);
+  json_decref(problem);
+}
+
+int ctl_http_request(const char *method, const char *path, const json_t *body, json_t **out,
+                     long *http_status, char *err, size_t err_cap) {
+  int ret, post = !strcmp(method, "POST");
+  char *url = NULL, *payload = NULL;
+  buf b = {0};
+  head h = {0};
+  long status = 0;
+  *out = NULL;
+  err[0] = '\0';
+  if (http_status) *http_status = 0;
+  if ((ret = setup())) {
+    set_err(err, err_cap, "%s", http.init_err);
+    goto cleanup;
+  }
+  ret = CTL_EXIT_FAILURE;
+  size_t url_len = strlen(http.base) + strlen(path) + 1;
+  if (!(url = malloc(url_len))) {
+    set_err(err, err_cap, "out of memory");
+    goto cleanup;
+  }
+  snprintf(url, url_len, "%s%s", http.base, path);
+
+  CURL *c = http.curl;
+  http.errbuf[0] = '\0';
+  curl_easy_setopt(c, CURLOPT_URL, url);
+  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, http.errbuf);
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, (long)CTL_HTTP_CONNECT_TIMEOUT_S);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT, (long)CTL_HTTP_TIMEOUT_S);
+  curl_easy_setopt(c, CURLOPT_USERAGENT, "mtnlgctl/" MT_VERSION);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+  curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &h);
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, post ? http.post_headers : http.get_headers);
+  if (post) {
+    payload = body ? json_dumps(body, JSON_COMPACT) : strdup("{}");
+    if (!payload) {
+      set_err(err, err_cap, "out of memory");
+      goto cleanup;
+    }
+    curl_easy_setopt(c, CURLOPT_POST, 1L);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long)strlen(payload));
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, payload);
+  } else {
+    curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+  }
+
+  CURLcode cc = curl_easy_perform(c);
+  if (cc == CURLE_WRITE_ERROR && b.too_large) {
+    set_err(err, err_cap, "the answer to %s %s from %s is over %d MiB; is it an mtnlgd?", method,
+            path, ctl.endpoint, MAX_ANSWER_BYTES >> 20);
+    goto cleanup;
+  }
+  if (cc == CURLE_OUT_OF_MEMORY || cc == CURLE_WRITE_ERROR) {
+    set_err(err, err_cap, "out of memory reading the answer to %s %s", method, path);
+    goto cleanup;
+  }
+  if (cc == CURLE_URL_MALFORMAT || cc == CURLE_UNSUPPORTED_PROTOCOL) {
+    set_err(err, err_cap, "%s: \"%s\" is not a URL libcurl can use: %s",
+            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ctl.endpoint,
+            http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+    ret = CTL_EXIT_USAGE;
+    goto cleanup;
+  }
+  if (cc != CURLE_OK) {
+    char why[CURL_ERROR_SIZE + 64];
+    transport_reason(cc, why, sizeof why);
+    set_err(err, err_cap,
+            "cannot reach the daemon at %s (%s); is mtnlgd running? set -e/--endpoint or "
+            "MTNLG_ENDPOINT",
+            ctl.endpoint, why);
+    ret = CTL_EXIT_UNREACHABLE;
+    goto cleanup;
+  }
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+  if (http_status) *http_status = status;
+  if (status < 200 || status >= 300) {
+    answer_error(method, path, status, &h, &b, err, err_cap);
+    goto cleanup;
+  }
+  json_error_t jerr;
+  json_t *root = json_loadb(b.data ? b.data : "", b.len, 0, &jerr);
+  if (!root) {
+    set_err(err, err_cap,
+            "the answer to %s %s from %s is not JSON (%s, line %d); is it an mtnlgd control "
+            "endpoint?",
+            method, path, ctl.endpoint, jerr.text, jerr.line);
+    goto cleanup;
+  }
+  *out = root;
+  ret = CTL_EXIT_OK;
+cleanup:
+  free(payload);
+  free(url);
+  free(b.data);
+  return ret;
+}
+
+int ctl_http_get(const char *path, json_t **out) {
+  char err[1024];
+  int rc = ctl_http_request("GET", path, NULL, out, NULL, err, sizeof err);
+  if (rc) fprintf(stderr, "mtnlgctl: %s\n", err);
+  return rc;
+}
+
+int ctl_http_post(const char *path, const json_t *body, json_t **out) {
+  char err[1024];
+  int rc = ctl_http_request("POST", path, body, out, NULL, err, sizeof err);
+  if (rc) fprintf(stderr, "mtnlgctl: %s\n", err);
+  return rc;
+}
+
+void ctl_http_close(void) {
+  if (http.curl) curl_easy_cleanup(http.curl);
+  curl_slist_free_all(http.get_headers);
+  curl_slist_free_all(http.post_headers);
+  if (http.curl_global) curl_global_cleanup();
+  if (http.token) {
+    memset(http.token, 0, strlen(http.token));
+    free(http.token);
+  }
+  free(http.base);
+  memset(&http, 0, sizeof http);
+}

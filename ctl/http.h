@@ -1,0 +1,39 @@
+/* http.h — mtnlgctl's client of the daemon's control API (HTTP/JSON, /v1;
+ * notes in proto/, the server in daemon/control/).
+ *
+ * One libcurl handle, reused across requests (watch and --wait poll over one
+ * connection), on the endpoint and token file of the global options (ctl.h).
+ * Connect timeout 3 s, whole request 10 s. Bodies are JSON both ways; an
+ * error answer (4xx/5xx, application/problem+json) becomes one line naming
+ * the status and the daemon's detail. The token is sent as a bearer header on
+ * every request and never printed. Nothing here exits the process.
+ */
+#ifndef MT_CTL_HTTP_H
+#define MT_CTL_HTTP_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10 };
+
+/* One request: method "GET" or "POST", path from the endpoint's root
+ * ("/v1/status"), body for POST (NULL: "{}"). On a 2xx answer *out gets the
+ * parsed JSON (a new reference) and CTL_EXIT_OK is returned. Otherwise *out
+ * is NULL, err holds one line saying what happened (without a "mtnlgctl: "
+ * prefix) and the return is:
+ *   CTL_EXIT_USAGE        the endpoint is not an http(s) URL, the token file
+ *                         cannot be read or is empty
+ *   CTL_EXIT_UNREACHABLE  no answer: connection refused, timeout, bad host
+ *   CTL_EXIT_FAILURE      the daemon answered with an error, or not with JSON
+ * *http_status (when not NULL) gets the HTTP status, 0 when none came. */
+int ctl_http_request(const char *method, const char *path, const json_t *body, json_t **out,
+                     long *http_status, char *err, size_t err_cap);
+
+/* ctl_http_request that prints err as "mtnlgctl: <err>" on stderr. */
+int ctl_http_get(const char *path, json_t **out);
+int ctl_http_post(const char *path, const json_t *body, json_t **out);
+
+/* Frees the handle and libcurl's global state; safe to call when unused. */
+void ctl_http_close(void);
+
+#endif

@@ -1,0 +1,222 @@
+/* mutate.c — `mtnlgctl pause|resume|stop|checkpoint|resize`: the cluster-wide
+ * orders, POST /v1/<verb>, each answered 202 with an operation; with --wait,
+ * the operation is polled (GET /v1/operations/{id}) until it succeeds or
+ * fails, printing each change of state or progress.
+ *
+ * The verb's name is the operation's kind and the last segment of the path.
+ * While waiting, a daemon that stops answering (or that cannot reach its
+ * coordinator, 503) is retried for UNREACHABLE_GRACE_S before giving up
+ * with exit 3: a resize or a coordinator restart may take a moment.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "ctl.h"
+#include "http.h"
+#include "output.h"
+
+#define POLL_INTERVAL_S 0.5
+#define UNREACHABLE_GRACE_S 30.0
+
+#define MUTATION_OPTIONS                                                                           \
+  "  --wait                 follow the operation until it ends: exit 0 when it\n"                  \
+  "                         succeeded, 1 when it failed (with the reason)\n"                       \
+  "  -o, --output FORMAT    table (default) or json (the operation object; with\n"                 \
+  "                         --wait, its final state)\n"                                            \
+  "  -h, --help             show this help\n"                                                      \
+  "\n"                                                                                             \
+  "Needs the daemon's control token: --token-file PATH or MTNLG_TOKEN_FILE.\n"                     \
+  "Without --wait, prints the operation id and state and returns; `mtnlgctl ops ID`\n"             \
+  "shows it later. Interrupting --wait does not cancel the operation.\n"
+
+const char ctl_pause_help[] =
+    "Pauses training at the next step boundary, the same one on every rank; model and\n"
+    "optimizer state stay in memory, and resume continues the same trajectory. The\n"
+    "operation succeeds once every rank has paused.\n"
+    "\n"
+    "Options:\n" MUTATION_OPTIONS;
+
+const char ctl_resume_help[] =
+    "Resumes a paused (or pausing) job at the step where it paused. The daemon\n"
+    "refuses (409 Conflict) when the job is not paused.\n"
+    "\n"
+    "Options:\n" MUTATION_OPTIONS;
+
+const char ctl_stop_help[] =
+    "Stops the job at the next step boundary on every rank; the daemons stay up.\n"
+    "Take a checkpoint first (mtnlgctl checkpoint --wait) to continue it later.\n"
+    "\n"
+    "Options:\n" MUTATION_OPTIONS;
+
+const char ctl_checkpoint_help[] =
+    "Writes a checkpoint at the next step boundary: every shard, then the manifest\n"
+    "and the latest pointer (a checkpoint exists once its manifest is committed).\n"
+    "With --wait, its progress shows as it goes.\n"
+    "\n"
+    "Options:\n" MUTATION_OPTIONS;
+
+const char ctl_resize_help[] =
+    "Changes the number of data-parallel replicas to N: the current generation ends\n"
+    "at a step boundary and the next one forms with N replicas (tp and pp unchanged),\n"
+    "continuing the same job. The daemon refuses (409 Conflict) when N replicas\n"
+    "cannot be formed: too few nodes, outside [dp_min, dp_max], or a global batch\n"
+    "that micro-batch x N does not divide.\n"
+    "\n"
+    "Options:\n"
+    "  --dp N                 the new number of replicas, N >= 1 (required)\n" MUTATION_OPTIONS;
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void sleep_s(double s) {
+  struct timespec t = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+  while (nanosleep(&t, &t) && errno == EINTR) {
+  }
+}
+
+static int is_done(const json_t *op) {
+  const char *s = ctl_jstr(op, "state");
+  return s && (!strcmp(s, "succeeded") || !strcmp(s, "failed"));
+}
+
+static int is_failed(const json_t *op) {
+  const char *s = ctl_jstr(op, "state");
+  return s && !strcmp(s, "failed");
+}
+
+/* Polls the operation until it ends. On success *op is its final state. */
+static int wait_op(const char *id, json_t **op, int human) {
+  char path[192], line[1024], last[1024], err[1024];
+  if (ctl_op_path(path, sizeof path, id)) {
+    fprintf(stderr, "mtnlgctl: the daemon named the operation \"%s\", which is not an id\n", id);
+    return CTL_EXIT_FAILURE;
+  }
+  ctl_op_summary(last, sizeof last, *op);
+  double last_ok = now_s();
+  int retrying = 0;
+  while (!is_done(*op)) {
+    sleep_s(POLL_INTERVAL_S);
+    json_t *next = NULL;
+    long status = 0;
+    int rc = ctl_http_request("GET", path, NULL, &next, &status, err, sizeof err);
+    if (rc == CTL_EXIT_UNREACHABLE || (rc == CTL_EXIT_FAILURE && status == 503)) {
+      if (now_s() - last_ok > UNREACHABLE_GRACE_S) {
+        fprintf(stderr, "mtnlgctl: %s\n", err);
+        fprintf(stderr,
+                "mtnlgctl: gave up waiting for %s after %.0f s; `mtnlgctl ops %s` shows "
+                "it once the daemon answers\n",
+                id, UNREACHABLE_GRACE_S, id);
+        return rc == CTL_EXIT_UNREACHABLE ? rc : CTL_EXIT_FAILURE;
+      }
+      if (!retrying)
+        fprintf(stderr, "mtnlgctl: %s; retrying for %.0f s\n", err, UNREACHABLE_GRACE_S);
+      retrying = 1;
+      continue;
+    }
+    if (rc && status == 404) {
+      fprintf(stderr,
+              "mtnlgctl: operation %s is no longer known to the daemon at %s (did it restart?); "
+              "`mtnlgctl ops` lists what it knows\n",
+              id, ctl.endpoint);
+      return CTL_EXIT_FAILURE;
+    }
+    if (rc) {
+      fprintf(stderr, "mtnlgctl: %s\n", err);
+      return rc;
+    }
+    if (retrying) fprintf(stderr, "mtnlgctl: the daemon answers again\n");
+    retrying = 0;
+    last_ok = now_s();
+    json_decref(*op);
+    *op = next;
+    ctl_op_summary(line, sizeof line, *op);
+    if (human && strcmp(line, last)) {
+      printf("%s\n", line);
+      fflush(stdout);
+    }
+    snprintf(last, sizeof last, "%s", line);
+  }
+  return CTL_EXIT_OK;
+}
+
+int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv) {
+  enum { OPT_WAIT = 256, OPT_DP };
+  static const struct option opts[] = {
+      {"wait", no_argument, NULL, OPT_WAIT},
+      {"dp", required_argument, NULL, OPT_DP},
+      {"output", required_argument, NULL, 'o'},
+      {0},
+  };
+  int ret = CTL_EXIT_USAGE, wait = 0, c, resize = !strcmp(verb->name, "resize");
+  double dp = 0;
+  json_t *body = NULL, *op = NULL;
+  while ((c = getopt_long(argc, argv, "o:", opts, NULL)) != -1) {
+    switch (c) {
+    case OPT_WAIT: wait = 1; break;
+    case OPT_DP:
+      if (!resize) {
+        ctl_usage_error(verb, "--dp is an option of resize, not of %s", verb->name);
+        goto cleanup;
+      }
+      if (ctl_parse_positive(verb, "--dp", optarg, 1, &dp)) goto cleanup;
+      break;
+    case 'o':
+      if (ctl_parse_output(optarg, &ctl.output)) goto cleanup;
+      break;
+    default: fprintf(stderr, "See 'mtnlgctl %s --help'.\n", verb->name); goto cleanup;
+    }
+  }
+  if (ctl_check_args(verb, argc - optind)) goto cleanup;
+  if (resize && dp == 0) {
+    ctl_usage_error(verb, "--dp N is required: the number of data-parallel replicas to run");
+    goto cleanup;
+  }
+  if (resize && !(body = json_pack("{s:I}", "dp", (json_int_t)dp))) {
+    ret = CTL_EXIT_FAILURE;
+    goto cleanup;
+  }
+
+  char path[64];
+  snprintf(path, sizeof path, "/v1/%s", verb->name);
+  if ((ret = ctl_http_post(path, body, &op))) goto cleanup;
+  ret = CTL_EXIT_FAILURE;
+  const char *id = ctl_jstr(op, "id");
+  if (!id) {
+    fprintf(stderr, "mtnlgctl: the daemon accepted the %s but named no operation id\n", verb->name);
+    goto cleanup;
+  }
+  char line[1024];
+  int human = ctl.output == CTL_OUTPUT_TABLE;
+  if (human) {
+    printf("%s\n", ctl_op_summary(line, sizeof line, op));
+    fflush(stdout);
+  }
+  if (wait) {
+    /* id points into op, which wait_op replaces: keep a copy */
+    char id_copy[160];
+    snprintf(id_copy, sizeof id_copy, "%s", id);
+    if ((ret = wait_op(id_copy, &op, human))) goto cleanup;
+    ret = CTL_EXIT_FAILURE;
+  }
+  if (!human && ctl_print_json(op)) goto cleanup;
+  if (is_failed(op)) {
+    const char *reason = ctl_jstr(op, "reason");
+    fprintf(stderr, "mtnlgctl: operation %s (%s) failed: %s\n", ctl_jstr(op, "id"), verb->name,
+            reason ? reason : "the daemon gave no reason");
+    goto cleanup;
+  }
+  if (human && !wait && !is_done(op))
+    printf("follow it with `mtnlgctl ops %s`, or pass --wait\n", ctl_jstr(op, "id"));
+  ret = CTL_EXIT_OK;
+cleanup:
+  json_decref(op);
+  json_decref(body);
+  return ret;
+}

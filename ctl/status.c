@@ -1,0 +1,235 @@
+/* status.c — `mtnlgctl status`: where the job stands, from GET /v1/status.
+ *
+ * The human form is one line per aspect (job, generation, state, progress,
+ * the step's numbers, throughput per device, checkpoint); -o json prints the
+ * daemon's STATUS object as it came.
+ */
+#include <getopt.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "http.h"
+#include "output.h"
+
+const char ctl_status_help[] =
+    "The job and where it stands, as the daemon at the endpoint sees it: job and\n"
+    "layout, generation and coordinator, state (and why, when failed), step of steps,\n"
+    "loss, learning rate, gradient norm, tokens/s, model TFLOP/s per device (mean,\n"
+    "min, max; MFU when the daemon knows the peak), the step time split into compute,\n"
+    "pipeline bubble and communication, the ETA, and the last checkpoint.\n"
+    "\n"
+    "Options:\n"
+    "  --devices              also list every device: node, rank, stage, replica,\n"
+    "                         TFLOP/s, MFU\n"
+    "  -o, --output FORMAT    table (default) or json (the daemon's /v1/status object)\n"
+    "  -h, --help             show this help\n";
+
+#define LABEL "  %-11s "
+
+static void print_job(const json_t *st) {
+  const json_t *job = json_object_get(st, "job");
+  if (!json_is_object(job)) {
+    printf("job (none yet: the cluster is %s)\n",
+           ctl_jstr(st, "state") ? ctl_jstr(st, "state") : "forming");
+    return;
+  }
+  char layout[128] = "", params[32] = "";
+  double tp, pp, dp, p, dmin, dmax;
+  if (ctl_jnum(job, "tp", &tp) && ctl_jnum(job, "pp", &pp) && ctl_jnum(job, "dp", &dp))
+    snprintf(layout, sizeof layout, ": tp %.0f x pp %.0f x dp %.0f", tp, pp, dp);
+  if (ctl_jnum(job, "dp_min", &dmin) && ctl_jnum(job, "dp_max", &dmax) && *layout)
+    snprintf(layout + strlen(layout), sizeof layout - strlen(layout), " (dp %.0f..%.0f)", dmin,
+             dmax);
+  if (ctl_jnum(job, "params", &p))
+    snprintf(params, sizeof params, ", %.3g%s params",
+             p >= 1e9   ? p / 1e9
+             : p >= 1e6 ? p / 1e6
+                        : p,
+             p >= 1e9   ? " B"
+             : p >= 1e6 ? " M"
+                        : "");
+  const char *name = ctl_jstr(job, "name"), *hash = ctl_jstr(job, "hash");
+  printf("job %s%s%s%s%s%s\n", name ? name : "-", hash ? " (hash " : "", hash ? hash : "",
+         hash ? ")" : "", layout, params);
+  double gb, seq, mb;
+  if (ctl_jnum(job, "global_batch", &gb) && ctl_jnum(job, "seq_len", &seq)) {
+    printf(LABEL "%.0f sequences of %.0f tokens", "batch", gb, seq);
+    if (ctl_jnum(job, "micro_batch", &mb)) printf(", micro-batch %.0f", mb);
+    printf("\n");
+  }
+}
+
+static void print_throughput(const json_t *st) {
+  const json_t *devs = json_object_get(st, "devices");
+  size_t n = 0, n_mfu = 0;
+  double sum = 0, lo = INFINITY, hi = -INFINITY, mfu_sum = 0;
+  for (size_t i = 0; i < json_array_size(devs); i++) {
+    double t, m;
+    if (!ctl_jnum(json_array_get(devs, i), "tflops", &t)) continue;
+    n++, sum += t;
+    lo = t < lo ? t : lo;
+    hi = t > hi ? t : hi;
+    if (ctl_jnum(json_array_get(devs, i), "mfu", &m)) n_mfu++, mfu_sum += m;
+  }
+  if (!n) {
+    printf(LABEL "-\n", "TFLOP/s");
+    return;
+  }
+  printf(LABEL "%.2f per device", "TFLOP/s", sum / (double)n);
+  if (n > 1) printf(" (mean of %zu; min %.2f, max %.2f)", n, lo, hi);
+  if (n_mfu) printf(", MFU %.1f%%", 100 * mfu_sum / (double)n_mfu);
+  printf("\n");
+}
+
+static void print_step_time(const json_t *st) {
+  const json_t *t = json_object_get(st, "step_time");
+  double total, compute, bubble, comm;
+  if (!ctl_jnum(t, "total_ms", &total)) {
+    printf(LABEL "-\n", "step time");
+    return;
+  }
+  printf(LABEL "%.1f ms", "step time", total);
+  int c = ctl_jnum(t, "compute_ms", &compute), b = ctl_jnum(t, "bubble_ms", &bubble),
+      m = ctl_jnum(t, "comm_ms", &comm);
+  if (c || b || m) {
+    printf(":");
+    if (c) printf(" compute %.1f%s", compute, b || m ? "," : "");
+    if (b) printf(" bubble %.1f%s", bubble, m ? "," : "");
+    if (m) printf(" comm %.1f", comm);
+    printf(" ms");
+  }
+  printf("\n");
+}
+
+static void print_checkpoint(const json_t *st) {
+  const json_t *ck = json_object_get(st, "last_checkpoint");
+  char size[32], age[32];
+  double bytes, time;
+  if (!json_is_object(ck)) {
+    printf(LABEL "none yet\n", "checkpoint");
+  } else {
+    printf(LABEL "step %s", "checkpoint", ctl_fmt_field(size, sizeof size, ck, "step", "%.0f"));
+    if (ctl_jnum(ck, "bytes", &bytes)) printf(", %s", ctl_fmt_bytes(size, sizeof size, bytes));
+    if (ctl_jnum(ck, "time", &time)) printf(", %s ago", ctl_fmt_age(age, sizeof age, time));
+    if (ctl_jstr(ck, "path")) printf(": %s", ctl_jstr(ck, "path"));
+    printf("\n");
+  }
+  const json_t *pr = json_object_get(st, "checkpoint_progress");
+  const char *state = ctl_jstr(pr, "state");
+  if (state && !strcmp(state, "writing")) {
+    double done, total, rate;
+    char a[32], b[32];
+    printf(LABEL "step %s", "writing", ctl_fmt_field(a, sizeof a, pr, "step", "%.0f"));
+    if (ctl_jnum(pr, "bytes_done", &done) && ctl_jnum(pr, "bytes_total", &total))
+      printf(": %s of %s", ctl_fmt_bytes(a, sizeof a, done), ctl_fmt_bytes(b, sizeof b, total));
+    if (ctl_jnum(pr, "bytes_per_s", &rate)) printf(", %s/s", ctl_fmt_bytes(a, sizeof a, rate));
+    printf("\n");
+  }
+}
+
+static int print_devices(const json_t *st) {
+  static const char *const headers[] = {"NODE",     "DEVICE",   ">RANK", ">STAGE",
+                                        ">REPLICA", ">TFLOP/S", ">MFU"};
+  ctl_table *t = ctl_table_new(7, headers);
+  const json_t *devs = json_object_get(st, "devices");
+  if (!t) goto oom;
+  for (size_t i = 0; i < json_array_size(devs); i++) {
+    const json_t *d = json_array_get(devs, i);
+    char rank[24], stage[24], replica[24], tflops[24], mfu[24] = "-";
+    double m;
+    if (ctl_jnum(d, "mfu", &m)) snprintf(mfu, sizeof mfu, "%.1f%%", 100 * m);
+    const char *row[] = {ctl_jstr(d, "node"),
+                         ctl_jstr(d, "device"),
+                         ctl_fmt_field(rank, sizeof rank, d, "rank", "%.0f"),
+                         ctl_fmt_field(stage, sizeof stage, d, "stage", "%.0f"),
+                         ctl_fmt_field(replica, sizeof replica, d, "replica", "%.0f"),
+                         ctl_fmt_field(tflops, sizeof tflops, d, "tflops", "%.2f"),
+                         mfu};
+    if (ctl_table_add(t, row)) goto oom;
+  }
+  printf("\ndevices\n");
+  ctl_table_print(t, stdout, 2);
+  ctl_table_free(t);
+  return CTL_EXIT_OK;
+oom:
+  ctl_table_free(t);
+  fprintf(stderr, "mtnlgctl status: out of memory\n");
+  return CTL_EXIT_FAILURE;
+}
+
+static void print_status(const json_t *st) {
+  char a[64], b[64];
+  double v, steps = 0;
+  print_job(st);
+
+  const char *coord = ctl_jstr(st, "coordinator"), *node = ctl_jstr(st, "node"),
+             *version = ctl_jstr(st, "version");
+  printf(LABEL "%s", "generation", ctl_fmt_field(a, sizeof a, st, "generation", "%.0f"));
+  if (coord) printf(", coordinator %s", coord);
+  if (node || version) {
+    printf(" (answered by %s", node ? node : "-");
+    if (version) printf(", mtnlgd %s", version);
+    printf(")");
+  }
+  printf("\n");
+
+  const char *state = ctl_jstr(st, "state"), *reason = ctl_jstr(st, "reason");
+  printf(LABEL "%s%s%s\n", "state", state ? state : "-", reason ? ": " : "", reason ? reason : "");
+
+  printf(LABEL "%s", "step", ctl_fmt_field(a, sizeof a, st, "step", "%.0f"));
+  if (ctl_jnum(json_object_get(st, "job"), "steps", &steps) && steps > 0) {
+    printf(" / %.0f", steps);
+    if (ctl_jnum(st, "step", &v)) printf(" (%.1f%%)", 100 * v / steps);
+  }
+  if (ctl_jnum(st, "consumed_tokens", &v)) printf(", %.0f tokens consumed", v);
+  if (ctl_jnum(st, "skipped_steps", &v) && v > 0) printf(", %.0f skipped (non-finite grads)", v);
+  printf("\n");
+
+  printf(LABEL "%s", "loss", ctl_fmt_field(a, sizeof a, st, "loss", "%.4f"));
+  if (ctl_jnum(st, "val_loss", &v)) printf(" (validation %.4f)", v);
+  printf("\n");
+  printf(LABEL "%s\n", "lr", ctl_fmt_field(a, sizeof a, st, "lr", "%.3e"));
+  printf(LABEL "%s\n", "grad norm", ctl_fmt_field(a, sizeof a, st, "grad_norm", "%.3f"));
+  printf(LABEL "%s\n", "tokens/s", ctl_fmt_field(a, sizeof a, st, "tokens_per_s", "%.0f"));
+  print_throughput(st);
+  print_step_time(st);
+  printf(LABEL "%s\n", "ETA", ctl_jnum(st, "eta_s", &v) ? ctl_fmt_duration(b, sizeof b, v) : "-");
+  print_checkpoint(st);
+  if (ctl_jnum(st, "operations_pending", &v) && v > 0)
+    printf(LABEL "%.0f pending (mtnlgctl ops)\n", "operations", v);
+}
+
+int ctl_verb_status(const ctl_verb *verb, int argc, char **argv) {
+  enum { OPT_DEVICES = 256 };
+  static const struct option opts[] = {
+      {"devices", no_argument, NULL, OPT_DEVICES},
+      {"output", required_argument, NULL, 'o'},
+      {0},
+  };
+  int ret = CTL_EXIT_USAGE, devices = 0, c;
+  json_t *st = NULL;
+  while ((c = getopt_long(argc, argv, "o:", opts, NULL)) != -1) {
+    switch (c) {
+    case OPT_DEVICES: devices = 1; break;
+    case 'o':
+      if (ctl_parse_output(optarg, &ctl.output)) goto cleanup;
+      break;
+    default: fprintf(stderr, "See 'mtnlgctl status --help'.\n"); goto cleanup;
+    }
+  }
+  if (ctl_check_args(verb, argc - optind)) goto cleanup;
+
+  if ((ret = ctl_http_get("/v1/status", &st))) goto cleanup;
+  if (ctl.output == CTL_OUTPUT_JSON) {
+    ret = ctl_print_json(st);
+    goto cleanup;
+  }
+  print_status(st);
+  ret = devices ? print_devices(st) : CTL_EXIT_OK;
+cleanup:
+  json_decref(st);
+  return ret;
+}

@@ -1,0 +1,191 @@
+/* ckpt.h — checkpoint files: the shard format, the commit protocol, loading,
+ * retention (proto/ckpt-v1.md is the contract).
+ *
+ * Pure file-level code: shard files of fp32 arrays and a manifest. It knows
+ * nothing of the model, devices or communicators; the engine calls it from its
+ * device threads and the coordinator. Every function is thread-safe and
+ * leaves its message in the calling thread's mt_errmsg().
+ * It must never exit or abort, never modify or delete a committed checkpoint
+ * while writing a new one (a failed save leaves the old ones as they were),
+ * and never let a reader see a checkpoint whose manifest.json is not committed.
+ *
+ * Writing, many writers (one per dp rank, any process):
+ *   coordinator  mt_ckpt_begin(&txn, job_dir, step)   share txn with the writers
+ *   one writer   mt_ckpt_shard_create(&txn, &desc, &chunks)   per shard file
+ *   every writer mt_ckpt_shard_write(&txn, &desc, lo, n, arrays, 0, &chunks)
+ *   one writer   mt_ckpt_shard_commit(&txn, &desc)      after all writes of it
+ *   coordinator  mt_ckpt_commit(&txn, &meta, descs, n, &all_chunks)
+ *                (on any failure: mt_ckpt_abort(&txn))
+ * One writer in one process: mt_ckpt_save. Reading: mt_ckpt_find, mt_ckpt_read.
+ */
+#ifndef MT_CKPT_H
+#define MT_CKPT_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MT_CKPT_VERSION 1
+#define MT_CKPT_CHUNK_BYTES (16u << 20) /* default checksum piece: 16 MiB */
+#define MT_CKPT_MAX_ARRAYS 8
+#define MT_CKPT_NAME_MAX 32   /* array names: 1..31 of [A-Za-z0-9_.-] */
+#define MT_CKPT_PATH_MAX 1280 /* job_dir and the paths under it */
+
+/* What one shard file holds: n floats of each array, arrays in this order.
+ * tp 0..99, pp 0..999; names borrowed (e.g. {"master", "adam_m", "adam_v"}). */
+typedef struct mt_ckpt_shard_desc {
+  int tp, pp;
+  uint64_t n; /* floats per array, >= 1 */
+  int n_arrays;
+  const char *const *arrays;
+} mt_ckpt_shard_desc;
+
+/* One checksummed byte range [offset, offset+bytes) of shard (tp, pp). */
+typedef struct mt_ckpt_chunk {
+  int tp, pp;
+  uint64_t offset, bytes;
+  uint64_t xxh3; /* XXH3_64bits of the range */
+} mt_ckpt_chunk;
+
+/* A growable list of chunk records; zero-initialise, free with mt_ckpt_chunks_free. */
+typedef struct mt_ckpt_chunks {
+  mt_ckpt_chunk *v;
+  size_t n, cap;
+} mt_ckpt_chunks;
+
+/* One checkpoint being written. A plain value: the coordinator fills it with
+ * mt_ckpt_begin, a writer elsewhere with mt_ckpt_txn_set from the same fields. */
+typedef struct mt_ckpt_txn {
+  char job_dir[MT_CKPT_PATH_MAX]; /* <root>/<job> */
+  int64_t step;
+  char tag[48]; /* temp-file suffix shared by the writers: <file>.tmp.<tag> */
+} mt_ckpt_txn;
+
+/* What the manifest records besides the files. JSON values are borrowed and
+ * copied; NULL means {}. */
+typedef struct mt_ckpt_meta {
+  const char *job;      /* job name */
+  const char *job_hash; /* the job spec's hash (mt_job.hash) */
+  int64_t step, consumed_samples, consumed_tokens;
+  int64_t seed;                /* >= 0 */
+  const json_t *rng;           /* generator state beyond the seed, opaque */
+  const json_t *data_position; /* the data loader's position, opaque */
+  int tp, pp, dp;              /* layout at save */
+  const json_t *extra;         /* anything else the caller wants back */
+} mt_ckpt_meta;
+
+/* ---- writing ---- */
+
+/* Claims <job_dir>/step_<08d>/ for a new checkpoint (making directories as
+ * needed) and picks a fresh tag. An uncommitted directory of that step is
+ * emptied; a committed one is un-committed and emptied, unless `latest` names
+ * it or cannot be read: that is refused (MT_EINVAL). */
+int mt_ckpt_begin(mt_ckpt_txn *t, const char *job_dir, int64_t step);
+/* Fills t for a writer that was told (job_dir, step, tag); touches no file. */
+int mt_ckpt_txn_set(mt_ckpt_txn *t, const char *job_dir, int64_t step, const char *tag);
+
+/* Creates the shard's temp file at its full size with its header; appends the
+ * header's chunk record to out. Exactly one writer per shard, before the others. */
+int mt_ckpt_shard_create(const mt_ckpt_txn *t, const mt_ckpt_shard_desc *d, mt_ckpt_chunks *out);
+/* Writes floats [lo, lo+n) of every array into the temp file and fsyncs it.
+ * src[a] points at n floats of array a (the caller's slice, borrowed).
+ * Appends one record per piece of at most chunk_bytes (0: MT_CKPT_CHUNK_BYTES).
+ * On failure removes the temp file (the shard cannot be completed). */
+int mt_ckpt_shard_write(const mt_ckpt_txn *t, const mt_ckpt_shard_desc *d, uint64_t lo, uint64_t n,
+                        const float *const *src, size_t chunk_bytes, mt_ckpt_chunks *out);
+/* After every writer of the shard returned: fsync, rename to the final name,
+ * fsync the directory. */
+int mt_ckpt_shard_commit(const mt_ckpt_txn *t, const mt_ckpt_shard_desc *d);
+
+/* The commit point: checks every shard file is in place at its size and that
+ * chunks (every writer's records, in any order) cover each file exactly once,
+ * then writes manifest.json and `latest` durably. m->step must be t->step. */
+int mt_ckpt_commit(const mt_ckpt_txn *t, const mt_ckpt_meta *m, const mt_ckpt_shard_desc *d,
+                   int n_shards, const mt_ckpt_chunks *chunks);
+/* After a failure: removes the step directory unless its manifest is committed. */
+void mt_ckpt_abort(const mt_ckpt_txn *t);
+
+/* All of the above for one writer holding every shard: data[i][a] points at
+ * d[i].n floats of array a of shard i (borrowed). Aborts on failure. */
+int mt_ckpt_save(const char *job_dir, const mt_ckpt_meta *m, const mt_ckpt_shard_desc *d,
+                 const float *const *const *data, int n_shards, size_t chunk_bytes);
+
+int mt_ckpt_chunks_add(mt_ckpt_chunks *c, const mt_ckpt_chunk *v, size_t n);
+void mt_ckpt_chunks_free(mt_ckpt_chunks *c);
+/* Chunk records as JSON ([{tp, pp, offset, bytes, xxh3: "<16 hex>"}]) for
+ * sending through the store; _parse appends to c. */
+json_t *mt_ckpt_chunks_json(const mt_ckpt_chunks *c);
+int mt_ckpt_chunks_parse(const json_t *j, mt_ckpt_chunks *c);
+
+/* ---- reading ---- */
+
+/* One shard file of a committed checkpoint, as its manifest lists it. */
+typedef struct mt_ckpt_file {
+  char name[32]; /* shard_tpTT_ppPPP.bin */
+  int tp, pp;
+  uint64_t n, bytes;
+  int n_arrays;
+  char arrays[MT_CKPT_MAX_ARRAYS][MT_CKPT_NAME_MAX];
+  size_t n_chunks;
+  mt_ckpt_chunk *chunks; /* owned, by offset */
+} mt_ckpt_file;
+
+/* A committed checkpoint that passed its checks. Owns everything in it;
+ * read-only after mt_ckpt_find, so threads may share it. */
+typedef struct mt_ckpt {
+  char dir[MT_CKPT_PATH_MAX]; /* the step directory */
+  int64_t step, consumed_samples, consumed_tokens, seed;
+  const char *job, *job_hash;          /* inside manifest */
+  json_t *rng, *data_position, *extra; /* borrowed from manifest */
+  int tp, pp, dp;                      /* layout at save */
+  json_t *manifest;                    /* owned: the whole manifest */
+  int n_files;
+  mt_ckpt_file *files; /* owned */
+  char *skipped;       /* owned: why newer checkpoints were passed over, or NULL */
+} mt_ckpt;
+
+enum {
+  MT_CKPT_VERIFY_SIZES = 0,     /* files present, sizes and headers right */
+  MT_CKPT_VERIFY_CHECKSUMS = 1, /* and every chunk's XXH3 (reads everything) */
+};
+
+/* Opens a checkpoint of job_dir. step < 0: the one `latest` names, else the
+ * newest committed step directory; one that fails its checks is skipped with
+ * a warning (logged and kept in out->skipped) for the previous committed one.
+ * step >= 0: exactly that step, or the error. MT_ENOENT when there is none. */
+int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out);
+void mt_ckpt_close(mt_ckpt *c);
+/* The file of shard (tp, pp), or NULL. */
+const mt_ckpt_file *mt_ckpt_file_of(const mt_ckpt *c, int tp, int pp);
+/* Reads floats [lo, lo+n) of one array of shard (tp, pp) into out (n floats). */
+int mt_ckpt_read(const mt_ckpt *c, int tp, int pp, const char *array, uint64_t lo, uint64_t n,
+                 float *out);
+
+/* Checks every checksum of one checkpoint, calling report once per problem
+ * (from the calling thread, in file order). 0 when clean, else MT_ECORRUPT or
+ * MT_ENOENT with the first problem in mt_errmsg(). report may be NULL. */
+typedef void (*mt_ckpt_report_fn)(void *arg, const char *problem);
+int mt_ckpt_verify(const char *step_dir, mt_ckpt_report_fn report, void *arg);
+
+/* ---- the job directory ---- */
+
+typedef struct mt_ckpt_entry {
+  int64_t step;
+  char path[MT_CKPT_PATH_MAX];
+  uint64_t bytes;  /* shard files and manifest on disk */
+  int64_t created; /* unix seconds: when the manifest was committed */
+  int latest;      /* 1 for the checkpoint `latest` names */
+} mt_ckpt_entry;
+
+/* Committed checkpoints of job_dir by ascending step; *out is owned (free()).
+ * Cheap: nothing is read but directory entries and `latest`. */
+int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n);
+
+/* Deletes old checkpoints: keeps the newest `keep` committed ones (0: all),
+ * every step that is a multiple of keep_every (0: none), latest's target, and
+ * every directory from the newest committed step on (one may be being
+ * written). Uncommitted leftovers older than the newest committed go too.
+ * *removed (may be NULL) counts the directories deleted. */
+int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *removed);
+
+#endif

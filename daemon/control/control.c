@@ -1,0 +1,646 @@
+/* control.c — the control plane's HTTP server: routing, auth, body limits,
+ * field checks and problem+json errors on libmicrohttpd's own thread. */
+#include "control.h"
+
+#include "control_priv.h"
+#include "err.h"
+#include "log.h"
+#include "mt_config.h"
+
+#include <errno.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+
+#define MAX_BODY_BYTES 65536
+#define DEFAULT_TIMEOUT_S 10
+#define DEFAULT_MAX_CONNS 128
+#define NCODES 600
+
+/* The dashboard page, generated from dashboard.html by embed.py. */
+extern const unsigned char mt_control_dashboard_html[];
+extern const size_t mt_control_dashboard_html_len;
+
+struct mt_control {
+  struct MHD_Daemon *mhd;
+  mt_control_provider p;
+  char *token; /* NULL: mutations refused */
+  int reads_need_token;
+  int port;
+  char listen[300];
+  char last_log[256];           /* MHD's last complaint, for start errors */
+  unsigned long counts[NCODES]; /* answers by status code, atomics */
+};
+
+enum { M_GET = 1, M_POST = 2 };
+
+enum {
+  R_ROOT,
+  R_HEALTH,
+  R_STATUS,
+  R_METRICS,
+  R_HISTORY,
+  R_CHECKPOINTS,
+  R_OPERATIONS,
+  R_OPERATION, /* /v1/operations/{id} */
+  R_MUTATION,  /* /v1/{pause,resume,stop,checkpoint,resize} */
+};
+
+typedef struct route {
+  const char *path;
+  int id;
+  int methods;
+} route;
+
+static const route routes[] = {
+    {"/", R_ROOT, M_GET},
+    {"/v1/health", R_HEALTH, M_GET},
+    {"/v1/status", R_STATUS, M_GET},
+    {"/v1/metrics", R_METRICS, M_GET},
+    {"/v1/history", R_HISTORY, M_GET},
+    {"/v1/checkpoints", R_CHECKPOINTS, M_GET},
+    {"/v1/operations", R_OPERATIONS, M_GET},
+    {"/v1/pause", R_MUTATION, M_POST},
+    {"/v1/resume", R_MUTATION, M_POST},
+    {"/v1/stop", R_MUTATION, M_POST},
+    {"/v1/checkpoint", R_MUTATION, M_POST},
+    {"/v1/resize", R_MUTATION, M_POST},
+};
+
+/* One request's state across the access handler's calls. */
+typedef struct req {
+  const route *r;
+  const char *kind; /* the mutation's last path segment */
+  int checked;      /* check() ran: route, method and token are fine */
+  int answered;     /* a response is queued: swallow what follows */
+  int too_large;    /* the body passed MAX_BODY_BYTES: dropped, 413 at the end */
+  char *body;
+  size_t len, cap;
+} req;
+
+/* ------------------------------------------------------------------ answers */
+
+static const char *reason_phrase(int status) {
+  switch (status) {
+  case 200: return "OK";
+  case 202: return "Accepted";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 409: return "Conflict";
+  case 413: return "Content Too Large";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 503: return "Service Unavailable";
+  default: return "Error";
+  }
+}
+
+/* problem "type": a stable slug a client can switch on, about:blank else. */
+static const char *problem_type(int status) {
+  switch (status) {
+  case 400: return "https://mtnlg.dev/problems/bad-request";
+  case 401: return "https://mtnlg.dev/problems/unauthorized";
+  case 404: return "https://mtnlg.dev/problems/not-found";
+  case 405: return "https://mtnlg.dev/problems/method-not-allowed";
+  case 409: return "https://mtnlg.dev/problems/conflict";
+  case 413: return "https://mtnlg.dev/problems/body-too-large";
+  case 503: return "https://mtnlg.dev/problems/unavailable";
+  default: return "about:blank";
+  }
+}
+
+static void count_status(mt_control *c, int status) {
+  if (status >= 100 && status < NCODES) __atomic_fetch_add(&c->counts[status], 1, __ATOMIC_RELAXED);
+}
+
+unsigned long mt__control_count(const mt_control *c, int status) {
+  if (!c || status < 100 || status >= NCODES) return 0;
+  return __atomic_load_n(&c->counts[status], __ATOMIC_RELAXED);
+}
+
+/* Queues one response with the headers every API answer carries; frees body
+ * (malloc'd) unless it is the static dashboard. extra: "Name: value" pairs,
+ * NULL-terminated. Counts the status for /v1/metrics. */
+static enum MHD_Result answer(struct MHD_Connection *conn, mt_control *c, req *q, int status,
+                              const char *type, char *body, size_t len, int is_static,
+                              const char *const *extra) {
+  struct MHD_Response *resp =
+      is_static ? MHD_create_response_from_buffer(len, body, MHD_RESPMEM_PERSISTENT)
+                : MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_COPY);
+  if (!is_static) free(body);
+  if (!resp) return MHD_NO;
+  MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+  MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+  if (is_static) {
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    MHD_add_response_header(resp, "Content-Security-Policy",
+                            "default-src 'none'; script-src 'unsafe-inline'; "
+                            "style-src 'unsafe-inline'; connect-src 'self'; img-src data:");
+  } else {
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+  }
+  for (; extra && extra[0]; extra += 2) MHD_add_response_header(resp, extra[0], extra[1]);
+  enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, resp);
+  MHD_destroy_response(resp);
+  if (ret == MHD_YES) {
+    count_status(c, status);
+    if (q) q->answered = 1;
+  }
+  return ret;
+}
+
+/* Answers a JSON value (stolen reference). */
+static enum MHD_Result answer_json(struct MHD_Connection *conn, mt_control *c, req *q, int status,
+                                   json_t *v, const char *const *extra) {
+  char *text = json_dumps(v, JSON_COMPACT);
+  json_decref(v);
+  if (!text) return MHD_NO;
+  size_t len = strlen(text);
+  /* json_dumps allocates with jansson's allocator: hand MHD our own copy. */
+  char *body = malloc(len + 1);
+  if (body) memcpy(body, text, len + 1);
+  free(text);
+  if (!body) return MHD_NO;
+  return answer(conn, c, q, status, "application/json", body, len, 0, extra);
+}
+
+/* Answers application/problem+json; detail is printf-style. */
+static enum MHD_Result problem(struct MHD_Connection *conn, mt_control *c, req *q, int status,
+                               const char *const *extra, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static enum MHD_Result problem(struct MHD_Connection *conn, mt_control *c, req *q, int status,
+                               const char *const *extra, const char *fmt, ...) {
+  char detail[768];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(detail, sizeof detail, fmt, ap);
+  va_end(ap);
+  /* A detail may echo a client's bytes (a path, a field name) or be cut
+   * mid-character: JSON wants UTF-8, so anything else becomes '?'. */
+  json_t *d = json_string(detail);
+  if (!d) {
+    for (char *s = detail; *s; s++)
+      if ((unsigned char)*s >= 0x80) *s = '?';
+    d = json_string(detail);
+  }
+  json_t *p = json_pack("{s:s,s:s,s:i,s:o}", "type", problem_type(status), "title",
+                        reason_phrase(status), "status", status, "detail", d);
+  if (!p) return MHD_NO;
+  char *text = json_dumps(p, JSON_COMPACT);
+  json_decref(p);
+  if (!text) return MHD_NO;
+  size_t len = strlen(text);
+  char *body = malloc(len + 1);
+  if (body) memcpy(body, text, len + 1);
+  free(text);
+  if (!body) return MHD_NO;
+  return answer(conn, c, q, status, "application/problem+json", body, len, 0, extra);
+}
+
+/* -------------------------------------------------------------------- auth */
+
+/* Equal without an early exit: the time depends on the presented length
+ * only, never on how much of the secret matched. */
+static int token_equal(const char *want, const char *got) {
+  size_t n = strlen(want), m = strlen(got);
+  volatile unsigned char d = (unsigned char)(n != m);
+  for (size_t i = 0; i < m; i++) d |= (unsigned char)(got[i] ^ want[i % n]);
+  return d == 0;
+}
+
+/* 1 when the request carries "Authorization: Bearer <our token>". */
+static int authorized(mt_control *c, struct MHD_Connection *conn) {
+  if (!c->token) return 0;
+  const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+  if (!h) return 0;
+  while (*h == ' ') h++;
+  if (strncasecmp(h, "Bearer ", 7) != 0) return 0;
+  h += 7;
+  while (*h == ' ') h++;
+  char got[512];
+  size_t n = strlen(h);
+  while (n > 0 && (h[n - 1] == ' ' || h[n - 1] == '\t')) n--;
+  if (n == 0 || n >= sizeof got) return 0;
+  memcpy(got, h, n);
+  got[n] = '\0';
+  return token_equal(c->token, got);
+}
+
+static const char *const unauthorized_hdr[] = {"WWW-Authenticate", "Bearer realm=\"mtnlg\"", NULL};
+
+/* ------------------------------------------------------------------- reads */
+
+/* Parses a non-negative decimal integer that fits int64; -1 if it is not one. */
+static int64_t parse_since(const char *s) {
+  if (!*s) return -1;
+  int64_t v = 0;
+  for (; *s; s++) {
+    if (*s < '0' || *s > '9') return -1;
+    if (v > (INT64_MAX - (*s - '0')) / 10) return -1;
+    v = v * 10 + (*s - '0');
+  }
+  return v;
+}
+
+/* GET /v1/health: liveness plus who and where, from the status snapshot. */
+static enum MHD_Result get_health(struct MHD_Connection *conn, mt_control *c, req *q) {
+  json_t *st = c->p.status ? c->p.status(c->p.arg) : NULL;
+  if (!st) return problem(conn, c, q, 503, NULL, "the daemon has no status to report yet");
+  json_t *h = json_object(), *v;
+  json_object_set_new(h, "status", json_string("ok"));
+  v = json_object_get(st, "node");
+  json_object_set(h, "node", v ? v : json_null());
+  v = json_object_get(st, "state");
+  json_object_set(h, "state", v ? v : json_null());
+  v = json_object_get(st, "version");
+  json_object_set_new(h, "version",
+                      json_string(json_is_string(v) ? json_string_value(v) : MT_VERSION));
+  json_decref(st);
+  return answer_json(conn, c, q, 200, h, NULL);
+}
+
+static enum MHD_Result get_metrics(struct MHD_Connection *conn, mt_control *c, req *q) {
+  json_t *st = c->p.status ? c->p.status(c->p.arg) : NULL;
+  char *text = mt_control_metrics_text(c, st);
+  json_decref(st);
+  if (!text) return problem(conn, c, q, 500, NULL, "out of memory rendering metrics");
+  return answer(conn, c, q, 200, "text/plain; version=0.0.4; charset=utf-8", text, strlen(text), 0,
+                NULL);
+}
+
+/* Answers a read whose value comes from a provider callback. */
+static enum MHD_Result get_read(struct MHD_Connection *conn, mt_control *c, req *q,
+                                const char *url) {
+  json_t *v = NULL;
+  int missing_status = 404;
+  switch (q->r->id) {
+  case R_STATUS:
+    if (!c->p.status) return problem(conn, c, q, 503, NULL, "status is not available");
+    v = c->p.status(c->p.arg);
+    missing_status = 500;
+    break;
+  case R_HISTORY: {
+    int64_t since = -1;
+    const char *s = NULL;
+    size_t sl = 0;
+    if (MHD_lookup_connection_value_n(conn, MHD_GET_ARGUMENT_KIND, "since", 5, &s, &sl) ==
+            MHD_YES &&
+        (since = parse_since(s ? s : "")) < 0)
+      return problem(conn, c, q, 400, NULL, "query since: \"%.64s\" is not a non-negative integer",
+                     s ? s : "");
+    if (!c->p.history) return problem(conn, c, q, 503, NULL, "history is not available");
+    v = c->p.history(c->p.arg, since);
+    missing_status = 500;
+    break;
+  }
+  case R_CHECKPOINTS:
+    if (!c->p.checkpoints) return problem(conn, c, q, 503, NULL, "checkpoints are not available");
+    v = c->p.checkpoints(c->p.arg);
+    break;
+  case R_OPERATIONS:
+    if (!c->p.operations) return problem(conn, c, q, 503, NULL, "operations are not available");
+    v = c->p.operations(c->p.arg);
+    break;
+  case R_OPERATION: {
+    const char *id = url + strlen("/v1/operations/");
+    if (!c->p.operation) return problem(conn, c, q, 503, NULL, "operations are not available");
+    v = c->p.operation(c->p.arg, id);
+    if (!v) return problem(conn, c, q, 404, NULL, "no operation %.128s", id);
+    break;
+  }
+  }
+  if (!v) {
+    if (missing_status == 500)
+      return problem(conn, c, q, 500, NULL, "the daemon could not produce %s", url);
+    return problem(conn, c, q, 404, NULL, "nothing at %s", url);
+  }
+  return answer_json(conn, c, q, 200, v, NULL);
+}
+
+/* --------------------------------------------------------------- mutations */
+
+/* Checks a mutation's body: empty or an object, and for resize exactly
+ * {"dp": integer >= 1}. Returns the args ({} when empty) or NULL with why. */
+static json_t *check_body(const req *q, char *why, size_t why_bytes) {
+  json_t *args;
+  if (q->len == 0) {
+    args = json_object();
+  } else {
+    json_error_t e;
+    args = json_loadb(q->body, q->len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &e);
+    if (!args) {
+      snprintf(why, why_bytes, "malformed JSON at line %d column %d: %s", e.line, e.column, e.text);
+      return NULL;
+    }
+    if (!json_is_object(args)) {
+      snprintf(why, why_bytes, "the body must be a JSON object");
+      json_decref(args);
+      return NULL;
+    }
+  }
+  int resize = strcmp(q->kind, "resize") == 0;
+  const char *key;
+  json_t *v;
+  json_object_foreach(args, key, v) {
+    if (!resize || strcmp(key, "dp") != 0) {
+      snprintf(why, why_bytes, "unknown field \"%.64s\" for %s", key, q->kind);
+      json_decref(args);
+      return NULL;
+    }
+  }
+  if (resize) {
+    json_t *dp = json_object_get(args, "dp");
+    if (!dp) {
+      snprintf(why, why_bytes, "field \"dp\" is required: {\"dp\": N}, N an integer >= 1");
+      json_decref(args);
+      return NULL;
+    }
+    if (!json_is_integer(dp) || json_integer_value(dp) < 1) {
+      snprintf(why, why_bytes, "field \"dp\" must be an integer >= 1");
+      json_decref(args);
+      return NULL;
+    }
+  }
+  return args;
+}
+
+/* POST /v1/<kind> once the whole body is in: check it, hand it to the
+ * provider, answer 202 + Location or the provider's error. */
+static enum MHD_Result post_mutation(struct MHD_Connection *conn, mt_control *c, req *q) {
+  if (q->too_large)
+    return problem(conn, c, q, 413, NULL, "the body is over %d bytes", MAX_BODY_BYTES);
+  char why[256];
+  json_t *args = check_body(q, why, sizeof why);
+  if (!args) return problem(conn, c, q, 400, NULL, "%s", why);
+  if (!c->p.submit) {
+    json_decref(args);
+    return problem(conn, c, q, 503, NULL, "this daemon does not take orders yet");
+  }
+  mt_control_reply reply;
+  memset(&reply, 0, sizeof reply);
+  c->p.submit(c->p.arg, q->kind, args, &reply);
+  json_decref(args);
+  reply.detail[sizeof reply.detail - 1] = '\0';
+  if (reply.status == 202) {
+    const char *id = json_string_value(json_object_get(reply.op, "id"));
+    if (!id) {
+      json_decref(reply.op);
+      return problem(conn, c, q, 500, NULL, "%s: the operation has no id", q->kind);
+    }
+    char location[300];
+    snprintf(location, sizeof location, "/v1/operations/%s", id);
+    const char *const hdr[] = {MHD_HTTP_HEADER_LOCATION, location, NULL};
+    return answer_json(conn, c, q, 202, reply.op, hdr);
+  }
+  json_decref(reply.op);
+  int status = reply.status >= 400 && reply.status < 600 ? reply.status : 500;
+  return problem(conn, c, q, status, NULL, "%s", reply.detail[0] ? reply.detail : q->kind);
+}
+
+/* ----------------------------------------------------------------- routing */
+
+static const route *find_route(const char *url) {
+  for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
+    if (strcmp(url, routes[i].path) == 0) return &routes[i];
+  return NULL;
+}
+
+/* /v1/operations/{id}: one non-empty segment of sane characters. */
+static int is_operation_url(const char *url) {
+  const char *pre = "/v1/operations/";
+  if (strncmp(url, pre, strlen(pre)) != 0) return 0;
+  const char *id = url + strlen(pre);
+  if (!*id || strlen(id) > 128) return 0;
+  for (; *id; id++)
+    if (*id == '/' || (unsigned char)*id < 0x21 || (unsigned char)*id > 0x7e) return 0;
+  return 1;
+}
+
+/* Route, method and token: everything known from the headers alone. Answers
+ * a refusal (404, 405, 401, 413) and leaves q->r, q->kind for dispatch. */
+static enum MHD_Result check(struct MHD_Connection *conn, mt_control *c, req *q, const char *url,
+                             const char *method) {
+  static const route operation_route = {"/v1/operations/{id}", R_OPERATION, M_GET};
+  q->checked = 1;
+  q->r = find_route(url);
+  if (!q->r && is_operation_url(url)) q->r = &operation_route;
+  if (!q->r) return problem(conn, c, q, 404, NULL, "no such path: %.200s", url);
+  int m = !strcmp(method, "GET") || !strcmp(method, "HEAD") ? M_GET
+          : !strcmp(method, "POST")                         ? M_POST
+                                                            : 0;
+  if (!(m & q->r->methods)) {
+    const char *const hdr[] = {"Allow", q->r->methods == M_POST ? "POST" : "GET, HEAD", NULL};
+    return problem(conn, c, q, 405, hdr, "%s takes %s, not %.16s", q->r->path,
+                   q->r->methods == M_POST ? "POST" : "GET", method);
+  }
+  if (q->r->id == R_ROOT) return MHD_YES; /* the page is static: open even with read tokens */
+  int needs_token = m == M_POST || (c->reads_need_token && q->r->id != R_HEALTH);
+  if (needs_token && !authorized(c, conn))
+    return problem(conn, c, q, 401, unauthorized_hdr,
+                   c->token ? "this needs Authorization: Bearer <token>"
+                            : "this daemon has no control token: mutations are off");
+  if (m == M_POST) q->kind = strrchr(q->r->path, '/') + 1;
+  const char *cl =
+      MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+  if (cl && strtoull(cl, NULL, 10) > MAX_BODY_BYTES)
+    return problem(conn, c, q, 413, NULL, "the body is over %d bytes", MAX_BODY_BYTES);
+  return MHD_YES;
+}
+
+/* The request is complete and passed check(): answer it. */
+static enum MHD_Result dispatch(struct MHD_Connection *conn, mt_control *c, req *q,
+                                const char *url) {
+  switch (q->r->id) {
+  case R_ROOT:
+    return answer(conn, c, q, 200, "text/html; charset=utf-8", (char *)mt_control_dashboard_html,
+                  mt_control_dashboard_html_len, 1, NULL);
+  case R_HEALTH: return get_health(conn, c, q);
+  case R_METRICS: return get_metrics(conn, c, q);
+  case R_MUTATION: return post_mutation(conn, c, q);
+  default: return get_read(conn, c, q, url);
+  }
+}
+
+/* 1 when the request announces a body (a length above 0, or chunks). */
+static int has_body(struct MHD_Connection *conn) {
+  const char *cl =
+      MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+  return (cl && strtoull(cl, NULL, 10) > 0) ||
+         MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+}
+
+/* Keeps at most MAX_BODY_BYTES; past that, drops what arrives and remembers. */
+static int take_body(req *q, const char *data, size_t n) {
+  if (q->too_large) return 0;
+  if (q->len + n > MAX_BODY_BYTES) {
+    q->too_large = 1;
+    free(q->body);
+    q->body = NULL;
+    q->len = q->cap = 0;
+    return 0;
+  }
+  if (q->len + n > q->cap) {
+    size_t cap = q->cap ? q->cap : 1024;
+    while (cap < q->len + n) cap *= 2;
+    char *b = realloc(q->body, cap);
+    if (!b) return MT_ENOMEM;
+    q->body = b;
+    q->cap = cap;
+  }
+  memcpy(q->body + q->len, data, n);
+  q->len += n;
+  return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls) {
+  (void)version;
+  mt_control *c = cls;
+  req *q = *con_cls;
+  if (!q) {
+    q = calloc(1, sizeof *q);
+    if (!q) return MHD_NO;
+    *con_cls = q;
+    /* An answer queued now makes libmicrohttpd close the connection after
+     * it: right for refusing a body unread, wrong for keep-alive. So only
+     * requests with a body are checked this early. */
+    return has_body(conn) ? check(conn, c, q, url, method) : MHD_YES;
+  }
+  if (q->answered) {
+    *upload_data_size = 0;
+    return MHD_YES;
+  }
+  if (*upload_data_size) {
+    if (take_body(q, upload_data, *upload_data_size) < 0) return MHD_NO;
+    *upload_data_size = 0;
+    return MHD_YES;
+  }
+  if (!q->checked) {
+    enum MHD_Result rc = check(conn, c, q, url, method);
+    if (rc != MHD_YES || q->answered) return rc;
+  }
+  return dispatch(conn, c, q, url);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+  (void)cls, (void)conn, (void)toe;
+  req *q = *con_cls;
+  if (!q) return;
+  free(q->body);
+  free(q);
+  *con_cls = NULL;
+}
+
+/* MHD's complaints go to our log; the last one also explains a failed start. */
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
+  mt_control *c = cls;
+  char line[256];
+  vsnprintf(line, sizeof line, fmt, ap);
+  size_t n = strlen(line);
+  while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
+  snprintf(c->last_log, sizeof c->last_log, "%s", line);
+  mt_log_warn("control: %s", line);
+}
+
+/* ---------------------------------------------------------------- lifetime */
+
+/* Splits "HOST:PORT" ("[v6]:PORT" too) and resolves it to one address. */
+static int resolve(const char *listen, struct sockaddr_storage *ss, int *port_out) {
+  char host[256];
+  const char *colon = strrchr(listen, ':');
+  if (!colon || colon == listen || !colon[1])
+    return mt_seterr(MT_EINVAL, "control: listen \"%s\": expected HOST:PORT", listen);
+  size_t hn = (size_t)(colon - listen);
+  const char *h = listen;
+  if (h[0] == '[' && hn >= 2 && h[hn - 1] == ']') h++, hn -= 2;
+  if (hn >= sizeof host)
+    return mt_seterr(MT_EINVAL, "control: listen \"%s\": host too long", listen);
+  memcpy(host, h, hn);
+  host[hn] = '\0';
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end || port < 0 || port > 65535)
+    return mt_seterr(MT_EINVAL, "control: listen \"%s\": bad port", listen);
+  struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+  struct addrinfo *res = NULL;
+  int rc = getaddrinfo(host, colon + 1, &hints, &res);
+  if (rc != 0 || !res)
+    return mt_seterr(MT_EINVAL, "control: listen \"%s\": %s", listen, gai_strerror(rc));
+  memcpy(ss, res->ai_addr, res->ai_addrlen);
+  *port_out = (int)port;
+  freeaddrinfo(res);
+  return 0;
+}
+
+int mt_control_start(const mt_control_opts *opts, mt_control **out) {
+  if (!opts || !out) return mt_seterr(MT_EINVAL, "control: start needs opts and out");
+  *out = NULL;
+  mt_control *c = calloc(1, sizeof *c);
+  if (!c) return mt_seterr(MT_ENOMEM, "control: out of memory");
+  snprintf(c->listen, sizeof c->listen, "%s",
+           opts->listen && opts->listen[0] ? opts->listen : "127.0.0.1:0");
+  c->p = opts->provider;
+  c->reads_need_token = opts->reads_need_token;
+  if (opts->token && opts->token[0] && !(c->token = strdup(opts->token))) {
+    free(c);
+    return mt_seterr(MT_ENOMEM, "control: out of memory");
+  }
+  struct sockaddr_storage ss;
+  int port = 0;
+  int rc = resolve(c->listen, &ss, &port);
+  if (rc < 0) {
+    mt_control_stop(c);
+    return rc;
+  }
+  unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG;
+  if (ss.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
+  unsigned timeout_s = opts->timeout_s ? opts->timeout_s : DEFAULT_TIMEOUT_S;
+  unsigned max_conns = opts->max_connections ? opts->max_connections : DEFAULT_MAX_CONNS;
+  errno = 0;
+  c->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, c,
+                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, c, MHD_OPTION_SOCK_ADDR,
+                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, timeout_s,
+                            MHD_OPTION_CONNECTION_LIMIT, max_conns, MHD_OPTION_LISTEN_BACKLOG_SIZE,
+                            64u, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c, MHD_OPTION_END);
+  if (!c->mhd) {
+    int e = errno;
+    rc = mt_seterr(MT_EIO, "control: cannot listen on %s: %s", c->listen,
+                   c->last_log[0] ? c->last_log
+                   : e            ? strerror(e)
+                                  : "libmicrohttpd refused");
+    mt_control_stop(c);
+    return rc;
+  }
+  const union MHD_DaemonInfo *info = MHD_get_daemon_info(c->mhd, MHD_DAEMON_INFO_BIND_PORT);
+  c->port = info ? info->port : 0;
+  if (c->port == 0) {
+    rc = mt_seterr(MT_EIO, "control: %s: libmicrohttpd did not report the bound port", c->listen);
+    mt_control_stop(c);
+    return rc;
+  }
+  mt_log_info("control: listening on %s (port %d)", c->listen, c->port);
+  *out = c;
+  return 0;
+}
+
+int mt_control_port(const mt_control *c) { return c ? c->port : 0; }
+
+void mt_control_stop(mt_control *c) {
+  if (!c) return;
+  if (c->mhd) MHD_stop_daemon(c->mhd);
+  if (c->token) {
+    memset(c->token, 0, strlen(c->token));
+    free(c->token);
+  }
+  free(c);
+}

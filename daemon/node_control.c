@@ -1,0 +1,409 @@
+/* node_control.c — what this node's control plane answers, and the store
+ * traffic behind it: its own status out, the coordinator's cluster view in,
+ * mutations handed to the coordinator. The HTTP thread only reads snapshots
+ * under n->mu (and, for a mutation, waits on the store: never the loop). */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "blas.h"
+#include "err.h"
+#include "log.h"
+#include "mt_config.h"
+#include "node_int.h"
+#include "plan.h"
+
+static double wall_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Resident memory of this process, in bytes (0 when unknown). */
+static int64_t rss_bytes(void) {
+  FILE *f = fopen("/proc/self/statm", "r");
+  long pages = 0, rss = 0;
+  if (!f) return 0;
+  if (fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = 0;
+  fclose(f);
+  return (int64_t)rss * sysconf(_SC_PAGESIZE);
+}
+
+static json_t *num_or_null(double v) { return isfinite(v) ? json_real(v) : json_null(); }
+
+void node_history_add(node *n, const mt_step_stats *st) {
+  pthread_mutex_lock(&n->mu);
+  if (n->history) {
+    node_point *p = &n->history[n->history_n % NODE_HISTORY];
+    *p = (node_point){.step = st->step,
+                      .consumed_tokens = st->consumed_tokens,
+                      .time = wall_s(),
+                      .loss = st->loss,
+                      .lr = st->lr,
+                      .grad_norm = st->grad_norm,
+                      .step_ms = st->step_ms,
+                      .tokens_per_s = st->tokens_per_s,
+                      .tflops = st->tflops,
+                      .bubble = st->bubble,
+                      .comm_ms = st->comm_ms,
+                      .val_loss = st->has_val ? st->val_loss : NAN};
+    n->history_n++;
+  }
+  n->last = *st;
+  n->have_last = 1;
+  pthread_mutex_unlock(&n->mu);
+}
+
+static json_t *point_json(const node_point *p) {
+  json_t *j = json_pack("{s:I, s:f, s:o, s:o, s:o, s:f, s:f, s:f, s:f, s:I}", "step",
+                        (json_int_t)p->step, "time", p->time, "loss", num_or_null(p->loss), "lr",
+                        num_or_null(p->lr), "grad_norm", num_or_null(p->grad_norm), "step_ms",
+                        p->step_ms, "tokens_per_s", p->tokens_per_s, "tflops", p->tflops, "bubble",
+                        p->bubble, "consumed_tokens", (json_int_t)p->consumed_tokens);
+  if (isfinite(p->val_loss)) json_object_set_new(j, "val_loss", json_real(p->val_loss));
+  return j;
+}
+
+/* ---- the provider (HTTP thread) ---- */
+
+/* The job block of the status: the job this node runs or watches. */
+static json_t *job_json(node *n) {
+  const mt_job *j = n->have_run_job ? &n->run_job : n->have_job ? &n->job : NULL;
+  if (!j) return json_null();
+  int dp = n->have_run_job ? n->asg.dp : j->parallel.dp_min;
+  int dp_min = n->have_run_job ? n->job_dp_min : j->parallel.dp_min;
+  mt_plan_device pd = {.memory_bytes = 1e18, .tflops = 1.0};
+  mt_plan plan;
+  json_int_t params = 0;
+  if (!mt_plan_compute(j, &pd, &plan)) params = (json_int_t)plan.model_params;
+  return json_pack("{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i}", "name", j->name,
+                   "hash", j->hash, "steps", (json_int_t)j->train.steps, "global_batch",
+                   j->train.global_batch, "seq_len", j->model.seq_len, "micro_batch",
+                   j->parallel.micro_batch, "params", params, "tp", j->parallel.tp, "pp",
+                   j->parallel.pp, "dp", dp, "dp_min", dp_min, "dp_max",
+                   j->parallel.dp_max > dp_min ? j->parallel.dp_max : dp_min);
+}
+
+static json_t *p_status(void *arg) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  json_t *cl = n->cluster;
+  const char *state = cl ? json_string_value(json_object_get(cl, "state")) : NULL;
+  const char *reason = cl ? json_string_value(json_object_get(cl, "reason")) : NULL;
+  if (n->end_seen && !n->end_ok && n->end_reason[0]) state = "failed", reason = n->end_reason;
+  if (!state) state = "forming";
+  json_t *s = json_object();
+  json_object_set_new(s, "node", json_string(n->cfg->name));
+  json_t *coord = cl ? json_object_get(cl, "coordinator") : NULL;
+  json_object_set(s, "coordinator", coord ? coord : json_null());
+  json_object_set_new(s, "version", json_string(MT_VERSION));
+  json_object_set_new(s, "job", job_json(n));
+  json_object_set_new(s, "generation", json_integer(n->gen));
+  json_object_set_new(s, "state", json_string(state));
+  json_object_set_new(s, "reason", reason ? json_string(reason) : json_null());
+  const mt_step_stats *st = &n->last;
+  int have = n->have_last;
+  json_object_set_new(s, "step", json_integer(have ? st->step : 0));
+  json_object_set_new(s, "consumed_tokens", json_integer(have ? st->consumed_tokens : 0));
+  json_object_set_new(s, "loss", have ? num_or_null(st->loss) : json_null());
+  json_object_set_new(s, "lr", have ? num_or_null(st->lr) : json_null());
+  json_object_set_new(s, "grad_norm", have ? num_or_null(st->grad_norm) : json_null());
+  /* the newest validation loss in the ring */
+  json_t *val = json_null();
+  for (int64_t i = n->history_n - 1; i >= 0 && i >= n->history_n - NODE_HISTORY; i--)
+    if (isfinite(n->history[i % NODE_HISTORY].val_loss)) {
+      val = json_real(n->history[i % NODE_HISTORY].val_loss);
+      break;
+    }
+  json_object_set_new(s, "val_loss", val);
+  json_object_set_new(s, "tokens_per_s", json_real(have ? st->tokens_per_s : 0.0));
+  json_object_set_new(s, "skipped_steps", json_integer(n->skipped_steps));
+  double total = have ? st->step_ms : 0, bubble = have ? st->bubble * st->step_ms : 0,
+         comm = have ? st->comm_ms : 0;
+  double compute = total - bubble - comm;
+  json_object_set_new(s, "step_time",
+                      json_pack("{s:f, s:f, s:f, s:f}", "total_ms", total, "compute_ms",
+                                compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms", comm));
+  /* ETA from the mean step time of the last 20 points */
+  json_t *eta = json_null();
+  const mt_job *j = n->have_run_job ? &n->run_job : NULL;
+  if (j && have && n->history_n > 0 && !strcmp(state, "running")) {
+    double sum = 0;
+    int k = 0;
+    for (int64_t i = n->history_n - 1; i >= 0 && k < 20; i--, k++)
+      sum += n->history[i % NODE_HISTORY].step_ms;
+    eta = json_real((double)(j->train.steps - st->step) * sum / k / 1e3);
+  }
+  json_object_set_new(s, "eta_s", eta);
+  /* devices: this node's, with the first local rank's rate for each */
+  json_t *devs = json_array();
+  if (n->have_run_job) {
+    const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
+    for (int r = me ? me->rank_begin : 0; me && r < me->rank_end; r++) {
+      int tp = n->asg.tp, dp = n->asg.dp;
+      double tf = have ? st->tflops : 0.0;
+      json_array_append_new(
+          devs, json_pack("{s:s, s:s, s:i, s:i, s:i, s:f, s:o}", "node", n->cfg->name, "device",
+                          n->specs[r - me->rank_begin], "rank", r, "stage", r / (tp * dp),
+                          "replica", r / tp % dp, "tflops", tf, "mfu",
+                          n->peak_flops > 0 && have ? json_real(tf * 1e12 / n->peak_flops)
+                                                    : json_null()));
+    }
+  }
+  json_object_set_new(s, "devices", devs);
+  json_t *nodes = cl ? json_object_get(cl, "nodes") : NULL;
+  json_object_set_new(s, "nodes", nodes ? json_deep_copy(nodes) : json_array());
+  json_object_set_new(s, "last_checkpoint", json_null());
+  json_object_set_new(s, "checkpoint_progress",
+                      json_pack("{s:s, s:n, s:i, s:i, s:f}", "state", "idle", "step", "bytes_done",
+                                0, "bytes_total", 0, "bytes_per_s", 0.0));
+  int pending = 0;
+  json_t *ops = cl ? json_object_get(cl, "operations") : NULL;
+  size_t i;
+  json_t *op;
+  json_array_foreach(ops, i, op) {
+    const char *os = json_string_value(json_object_get(op, "state"));
+    pending += os && (!strcmp(os, "queued") || !strcmp(os, "running"));
+  }
+  json_object_set_new(s, "operations_pending", json_integer(pending));
+  pthread_mutex_unlock(&n->mu);
+  return s;
+}
+
+static json_t *p_history(void *arg, int64_t since) {
+  node *n = arg;
+  json_t *pts = json_array();
+  pthread_mutex_lock(&n->mu);
+  int64_t first = n->history_n > NODE_HISTORY ? n->history_n - NODE_HISTORY : 0;
+  int64_t last_step = 0;
+  for (int64_t i = first; i < n->history_n; i++) {
+    const node_point *p = &n->history[i % NODE_HISTORY];
+    last_step = p->step;
+    if (p->step > since) json_array_append_new(pts, point_json(p));
+  }
+  pthread_mutex_unlock(&n->mu);
+  return json_pack("{s:o, s:I}", "steps", pts, "last_step", (json_int_t)last_step);
+}
+
+static json_t *p_checkpoints(void *arg) {
+  (void)arg;
+  return json_pack("{s:[]}", "checkpoints");
+}
+
+/* The coordinator's list, plus what this node submitted that it does not list yet. */
+static json_t *all_ops(node *n) {
+  json_t *out = json_array();
+  json_t *ops = n->cluster ? json_object_get(n->cluster, "operations") : NULL;
+  size_t i, k;
+  json_t *op, *mine;
+  json_array_foreach(ops, i, op) json_array_append(out, op);
+  json_array_foreach(n->extra_ops, k, mine) {
+    const char *id = json_string_value(json_object_get(mine, "id"));
+    int listed = 0;
+    json_array_foreach(ops, i, op) listed |=
+        id && !strcmp(id, json_string_value(json_object_get(op, "id")));
+    if (!listed) json_array_append(out, mine);
+  }
+  return out;
+}
+
+static json_t *p_operations(void *arg) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  json_t *ops = all_ops(n);
+  pthread_mutex_unlock(&n->mu);
+  return json_pack("{s:o}", "operations", ops);
+}
+
+static json_t *p_operation(void *arg, const char *id) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  json_t *ops = all_ops(n), *found = NULL, *op;
+  size_t i;
+  json_array_foreach(ops, i, op) {
+    const char *oid = json_string_value(json_object_get(op, "id"));
+    if (oid && !strcmp(oid, id)) found = json_incref(op);
+  }
+  json_decref(ops);
+  pthread_mutex_unlock(&n->mu);
+  return found;
+}
+
+static void p_submit(void *arg, const char *kind, json_t *args, mt_control_reply *reply) {
+  node *n = arg;
+  json_t *op = NULL;
+  int status = 0;
+  if (mt_rdzv_submit_op(n->store, kind, args, 5000, &status, &op, reply->detail,
+                        sizeof reply->detail)) {
+    reply->status = 503;
+    snprintf(reply->detail, sizeof reply->detail, "cannot reach the coordinator: %.400s",
+             mt_errmsg());
+    return;
+  }
+  reply->status = status;
+  reply->op = op;
+  if (status == 202 && op) {
+    pthread_mutex_lock(&n->mu);
+    json_array_append(n->extra_ops, op);
+    pthread_mutex_unlock(&n->mu);
+    mt_log_info("control: %s accepted as %s", kind, json_string_value(json_object_get(op, "id")));
+  }
+}
+
+/* ---- the loop's side ---- */
+
+void node_control_round(node *n, int heartbeat) {
+  int rc = 0;
+  json_t *cl = mt_rdzv_cluster_status(n->store, &rc);
+  if (cl) {
+    pthread_mutex_lock(&n->mu);
+    json_decref(n->cluster);
+    n->cluster = cl;
+    /* drop what the coordinator now lists */
+    json_t *ops = json_object_get(cl, "operations"), *mine, *op;
+    size_t i, k;
+    for (k = 0; k < json_array_size(n->extra_ops);) {
+      mine = json_array_get(n->extra_ops, k);
+      int listed = 0;
+      json_array_foreach(ops, i, op) listed |=
+          json_equal(json_object_get(op, "id"), json_object_get(mine, "id"));
+      if (listed)
+        json_array_remove(n->extra_ops, k);
+      else
+        k++;
+    }
+    pthread_mutex_unlock(&n->mu);
+  }
+  /* a node without ranks follows the steps world rank 0's node publishes */
+  if (!n->engine_running && n->gen > 0 && n->state != N_EXITING) {
+    char key[64];
+    snprintf(key, sizeof key, "gen/%d/step", n->gen);
+    if (mt_store_check(n->store, key) == 1) {
+      void *v;
+      size_t bytes;
+      if (!mt_store_get(n->store, key, &v, &bytes, 500)) {
+        json_t *j = json_loads(v, 0, NULL);
+        free(v);
+        int64_t step = j ? json_integer_value(json_object_get(j, "step")) : 0;
+        pthread_mutex_lock(&n->mu);
+        int newer = step > (n->have_last ? n->last.step : 0);
+        pthread_mutex_unlock(&n->mu);
+        if (j && newer) {
+          mt_step_stats st = {.step = step};
+          st.consumed_tokens = json_integer_value(json_object_get(j, "consumed_tokens"));
+          st.loss = json_number_value(json_object_get(j, "loss"));
+          st.lr = json_number_value(json_object_get(j, "lr"));
+          st.grad_norm = json_number_value(json_object_get(j, "grad_norm"));
+          st.step_ms = json_number_value(json_object_get(j, "step_ms"));
+          st.tokens_per_s = json_number_value(json_object_get(j, "tokens_per_s"));
+          st.tflops = json_number_value(json_object_get(j, "tflops"));
+          st.bubble = json_number_value(json_object_get(j, "bubble"));
+          st.comm_ms = json_number_value(json_object_get(j, "comm_ms"));
+          json_t *vl = json_object_get(j, "val_loss");
+          if (vl) st.has_val = 1, st.val_loss = json_number_value(vl);
+          node_history_add(n, &st);
+        }
+        json_decref(j);
+      }
+    }
+  }
+  if (heartbeat) {
+    pthread_mutex_lock(&n->mu);
+    int64_t step = n->have_last ? n->last.step : 0;
+    pthread_mutex_unlock(&n->mu);
+    const char *state = mt_node_state_names[n->state];
+    if (n->state == N_RUNNING && n->paused) state = "paused";
+    json_t *me = json_pack("{s:s, s:I, s:I, s:i, s:s}", "state", state, "memory_bytes",
+                           (json_int_t)rss_bytes(), "step", (json_int_t)step, "pid", (int)getpid(),
+                           "control_url", n->control_url);
+    mt_rdzv_publish_node_status(n->store, n->cfg->name, me);
+  }
+}
+
+/* The sgemm rate of one device's share of the cores, for MFU: a 1024^3
+ * product a few times, best of them, once at start-up (~0.1 s). */
+static double measure_peak_flops(int devices) {
+  if (mt_blas_load()) return 0;
+  int N = 1024;
+  float *a = calloc((size_t)N * N, sizeof *a), *b = calloc((size_t)N * N, sizeof *b),
+        *c = calloc((size_t)N * N, sizeof *c);
+  double best = 0;
+  for (int r = 0; a && b && c && r < 3; r++) {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, N, N, N, 1.0f, a, N, b, N, 0.0f, c,
+             N);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    if (s > 0 && 2.0 * N * N * N / s > best) best = 2.0 * N * N * N / s;
+  }
+  free(a), free(b), free(c);
+  return devices > 0 ? best / devices : best;
+}
+
+static int read_token(node *n) {
+  const char *path = n->cfg->token_file;
+  if (!path[0]) return 0;
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    if (errno == ENOENT) {
+      mt_log_warn("control.token_file %s does not exist: mutations are refused (401) until it "
+                  "does and the daemon restarts",
+                  path);
+      return 0;
+    }
+    return mt_seterr(MT_EIO, "control.token_file %s: %s", path, strerror(errno));
+  }
+  size_t len = fread(n->token, 1, sizeof n->token - 1, f);
+  fclose(f);
+  n->token[len] = 0;
+  while (len &&
+         (n->token[len - 1] == '\n' || n->token[len - 1] == '\r' || n->token[len - 1] == ' '))
+    n->token[--len] = 0;
+  if (!len) mt_log_warn("control.token_file %s is empty: mutations are refused (401)", path);
+  return 0;
+}
+
+int node_control_start(node *n) {
+  n->history = calloc(NODE_HISTORY, sizeof *n->history);
+  n->extra_ops = json_array();
+  if (!n->history || !n->extra_ops) return mt_seterr(MT_ENOMEM, "control: history");
+  n->peak_flops = measure_peak_flops(n->n_devices);
+  int rc = read_token(n);
+  if (rc) return rc;
+  mt_control_opts co = {.listen = n->cfg->control_listen,
+                        .token = n->token,
+                        .reads_need_token = n->cfg->reads_need_token,
+                        .provider = {.status = p_status,
+                                     .history = p_history,
+                                     .checkpoints = p_checkpoints,
+                                     .operations = p_operations,
+                                     .operation = p_operation,
+                                     .submit = p_submit,
+                                     .arg = n}};
+  rc = mt_control_start(&co, &n->control);
+  if (rc) return mt_wraperr(rc, "control plane on %s", n->cfg->control_listen);
+  char host[256];
+  int port;
+  mt_parse_host_port(n->cfg->control_listen, host, sizeof host, &port);
+  int bound = mt_control_port(n->control);
+  snprintf(n->control_url, sizeof n->control_url, "http://%s%s%s:%d", strchr(host, ':') ? "[" : "",
+           !strcmp(host, "0.0.0.0") ? "127.0.0.1" : host, strchr(host, ':') ? "]" : "", bound);
+  mt_log_info("control plane and dashboard on %s/ (mutations %s)", n->control_url,
+              n->token[0] ? "need the bearer token" : "refused: no token configured");
+  return 0;
+}
+
+void node_control_stop(node *n) {
+  mt_control_stop(n->control);
+  n->control = NULL;
+  json_decref(n->cluster);
+  json_decref(n->extra_ops);
+  free(n->history);
+  n->cluster = n->extra_ops = NULL;
+  n->history = NULL;
+}

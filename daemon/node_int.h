@@ -1,0 +1,127 @@
+/* node_int.h — the node daemon's state, shared by its lifecycle (node.c) and
+ * its control-plane provider (node_control.c). Private to mtnlgd. */
+#ifndef MT_NODE_INT_H
+#define MT_NODE_INT_H
+
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config.h"
+#include "control.h"
+#include "job.h"
+#include "local.h"
+#include "node.h"
+#include "rdzv.h"
+#include "store.h"
+#include "store_server.h"
+#include "train.h"
+
+extern const char *const mt_node_state_names[];
+
+/* One point of /v1/history. */
+typedef struct node_point {
+  int64_t step, consumed_tokens;
+  double time, loss, lr, grad_norm, step_ms, tokens_per_s, tflops, bubble, comm_ms;
+  double val_loss; /* NAN when none */
+} node_point;
+
+#define NODE_HISTORY 10000
+
+typedef enum {
+  N_JOINING,  /* registered, waiting for the verdict */
+  N_WAITING,  /* accepted, waiting for generation watch_gen to form */
+  N_SPARE,    /* not a member of the running generation */
+  N_RUNNING,  /* this node's ranks train */
+  N_ENDING,   /* the ranks ended; waiting for the coordinator's word on the job */
+  N_DRAINING, /* the job ended; the coordinator waits for every node to leave */
+  N_EXITING,
+} node_state;
+
+static const char *const state_names[] = {"joining", "waiting",  "spare",  "running",
+                                          "ending",  "draining", "exiting"};
+
+typedef struct node {
+  const mt_node_opts *o;
+  const mt_node_config *cfg;
+  char specs[MT_RDZV_MAX_DEVICES][16];
+  int n_devices;
+  char store_host[256];
+  int store_port;
+  int is_host;
+  const char *version;
+
+  uv_loop_t loop;
+  uv_signal_t sigint, sigterm;
+  uv_timer_t tick, heartbeat, watchdog;
+  uv_async_t engine_done;
+
+  mt_store_server_thread *server;
+  mt_store *store; /* the loop's client: short timeouts */
+  mt_coord *coord;
+  mt_job job; /* the coordinator's, or this node's own copy when it has the file */
+  int have_job;
+  char *job_json;
+
+  node_state state;
+  int64_t seq;
+  int gen; /* watched or running */
+  int64_t store_failing_since_ms;
+  int64_t order_seq;
+  int signals;
+  int exit_code;
+  char end_reason[512];
+  int end_seen, end_final, end_ok;
+
+  /* the running generation */
+  mt_assignment asg;
+  mt_job run_job;
+  mt_store *engine_store;
+  mt_local *local;
+  mt_local_opts lo;
+  const char *dev_ptrs[MT_RDZV_MAX_DEVICES];
+  char comm_prefix[64];
+  pthread_t waiter;
+  int engine_running;
+  int engine_rc;
+  char engine_err[1024];
+  volatile sig_atomic_t stop_flag;
+
+  volatile int64_t order_word; /* world rank 0's node: the latest order, for the engine */
+  int holds_rank0;
+  int64_t aborted_ms; /* when the generation's end aborted the ranks */
+  int abandoned;      /* the ranks did not stop: exit without them */
+  int have_run_job; /* run_job and asg describe the generation (member or spare) */
+  int job_dp_min;   /* the job's own, before the generation's dp replaced it */
+  int64_t skipped_steps;
+  int paused; /* orders as they took effect here */
+
+  pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
+  mt_step_stats last;
+  int have_last;
+  node_point *history; /* ring of NODE_HISTORY */
+  int64_t history_n;   /* points ever added */
+  json_t *cluster;     /* the coordinator's cluster/status, refreshed every round */
+  json_t *extra_ops;   /* ops this node submitted, until cluster/status lists them */
+  double peak_flops;   /* sgemm rate measured at start-up per device (MFU), 0 unknown */
+  int64_t last_hb_status_ms;
+
+  mt_control *control;
+  char control_url[300];
+  char token[256];
+} node;
+
+int64_t mt_node_now_ms(void);
+
+/* node_control.c: the control plane of this node. */
+int node_control_start(node *n);
+void node_control_stop(node *n);
+/* Appends a step (from on_step, or polled for a non-member). */
+void node_history_add(node *n, const mt_step_stats *st);
+/* The loop's round of status work: publish this node's status, fetch the
+ * coordinator's cluster view, follow the steps when not a member. */
+void node_control_round(node *n, int heartbeat);
+
+#endif
