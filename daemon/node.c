@@ -118,8 +118,28 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
              : kind == MT_ORDER_STOP ? "stopping"
                                      : "running",
              (long long)step, n->gen);
-  if (n->holds_rank0 && mt_rdzv_acted(n->store, n->gen, seq, step))
+  /* a checkpoint is reported when it is committed (on_checkpoint) */
+  if (kind != MT_ORDER_CHECKPOINT && kind != MT_ORDER_RESIZE && n->holds_rank0 &&
+      mt_rdzv_acted(n->store, n->gen, seq, step, 1, NULL))
     mt_log_warn("cannot tell the coordinator order %lld acted: %s", (long long)seq, mt_errmsg());
+}
+
+/* A checkpoint starts (phase 0) or ends (phase 1) on this node's ranks. */
+static void on_checkpoint(int phase, int64_t step, int rc, const char *msg,
+                          const mt_checkpoint_result *res, int64_t order_seq, void *arg) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  n->ckpt_writing = phase == 0;
+  n->ckpt_step = step;
+  if (phase == 1 && !rc && res) {
+    n->ckpt_bytes = res->bytes;
+    n->ckpt_seconds = res->seconds;
+  }
+  pthread_mutex_unlock(&n->mu);
+  if (phase == 1 && order_seq && n->holds_rank0 &&
+      mt_rdzv_acted(n->store, n->gen, order_seq, step, rc == 0, msg))
+    mt_log_warn("cannot tell the coordinator order %lld acted: %s", (long long)order_seq,
+                mt_errmsg());
 }
 
 static void *engine_wait(void *arg) {
@@ -144,6 +164,11 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   n->have_run_job = 1;
   pthread_mutex_unlock(&n->mu);
   n->holds_rank0 = me->rank_begin == 0;
+  if (n->cfg->checkpoint_dir[0]) /* the node's storage wins over the job's */
+    snprintf(n->run_job.checkpoint.dir, sizeof n->run_job.checkpoint.dir, "%s",
+             n->cfg->checkpoint_dir);
+  if (n->run_job.checkpoint.dir[0])
+    mt_checkpoint_job_dir(&n->run_job, n->ckpt_job_dir, sizeof n->ckpt_job_dir);
   int here = me->rank_end - me->rank_begin;
   if (here > n->n_devices)
     return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
@@ -168,6 +193,8 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .stop = &n->stop_flag,
       .order = &n->order_word,
       .on_order = on_order,
+      .checkpoint_dir = n->ckpt_job_dir[0] ? n->ckpt_job_dir : NULL,
+      .on_checkpoint = on_checkpoint,
       .on_step = on_step,
       .arg = n,
   };
@@ -205,7 +232,7 @@ static void on_engine_done(uv_async_t *h) {
     pthread_mutex_lock(&n->mu);
     mt_step_stats st = n->last;
     pthread_mutex_unlock(&n->mu);
-    if (st.stop && st.step < n->run_job.train.steps)
+    if (st.step < n->run_job.train.steps)
       snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)st.step,
                (long long)n->run_job.train.steps);
     else
@@ -247,6 +274,21 @@ static int poll_end(node *n) {
   return 1;
 }
 
+/* A generation ended without ending the job (a resize): wait for the next. */
+static void next_generation(node *n) {
+  mt_log_info("waiting for generation %d", n->gen + 1);
+  n->gen++;
+  n->end_seen = n->end_final = n->end_ok = 0;
+  n->end_reason[0] = 0;
+  n->order_seq = 0;
+  n->order_word = 0;
+  n->paused = 0;
+  n->holds_rank0 = 0;
+  n->aborted_ms = 0;
+  n->engine_rc = 0;
+  set_state(n, N_WAITING);
+}
+
 static void node_round(node *n) {
   int rc = 0;
   switch (n->state) {
@@ -272,6 +314,10 @@ static void node_round(node *n) {
   case N_WAITING:
   case N_SPARE: {
     if ((rc = poll_end(n)) == 1) {
+      if (!n->end_final) {
+        next_generation(n);
+        return;
+      }
       leave_and_exit(n, 0); /* a job that ended without this node is not its failure */
       return;
     }
@@ -329,10 +375,12 @@ static void node_round(node *n) {
     if ((rc = mt_rdzv_order(n->store, n->gen, &seq, kind, sizeof kind)) == 1 &&
         seq > n->order_seq) {
       n->order_seq = seq;
-      int code = !strcmp(kind, "pause")    ? MT_ORDER_PAUSE
-                 : !strcmp(kind, "resume") ? MT_ORDER_RESUME
-                 : !strcmp(kind, "stop")   ? MT_ORDER_STOP
-                                           : 0;
+      int code = !strcmp(kind, "pause")        ? MT_ORDER_PAUSE
+                 : !strcmp(kind, "resume")     ? MT_ORDER_RESUME
+                 : !strcmp(kind, "stop")       ? MT_ORDER_STOP
+                 : !strcmp(kind, "checkpoint") ? MT_ORDER_CHECKPOINT
+                 : !strcmp(kind, "resize")     ? MT_ORDER_RESIZE
+                                               : 0;
       /* world rank 0 carries it into the step's all-reduce: every rank acts
        * on the same step boundary */
       if (code && n->holds_rank0) n->order_word = mt_order_word(seq, code);
@@ -341,8 +389,11 @@ static void node_round(node *n) {
     break;
   }
   case N_ENDING:
-    if ((rc = poll_end(n)) == 1 && n->end_final)
+    if ((rc = poll_end(n)) == 1 && n->end_final) {
       leave_and_exit(n, n->end_ok && !n->engine_rc ? 0 : 1);
+    } else if (rc == 1) {
+      next_generation(n);
+    }
     break;
   case N_DRAINING:
   case N_EXITING: break;
@@ -530,21 +581,22 @@ int mt_node_main(const mt_node_opts *o) {
     goto out;
   }
   if (n->is_host) {
-    mt_coord_opts co = {.store = n->store,
-                        .coordinator_name = n->cfg->name,
-                        .job_json = n->job_json,
-                        .job_hash = n->job.hash,
-                        .version = MT_VERSION,
-                        .tp = n->job.parallel.tp,
-                        .pp = n->job.parallel.pp,
-                        .dp_min = n->job.parallel.dp_min,
-                        .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min
-                                      ? n->job.parallel.dp_max
-                                      : n->job.parallel.dp_min,
-                        .micro_batch = n->job.parallel.micro_batch,
-                        .global_batch = n->job.train.global_batch,
-                        .last_call_ms = n->cfg->last_call_ms,
-                        .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms};
+    mt_coord_opts co = {
+        .store = n->store,
+        .coordinator_name = n->cfg->name,
+        .job_json = n->job_json,
+        .job_hash = n->job.hash,
+        .version = MT_VERSION,
+        .tp = n->job.parallel.tp,
+        .pp = n->job.parallel.pp,
+        .dp_min = n->job.parallel.dp_min,
+        .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min ? n->job.parallel.dp_max
+                                                                  : n->job.parallel.dp_min,
+        .micro_batch = n->job.parallel.micro_batch,
+        .global_batch = n->job.train.global_batch,
+        .last_call_ms = n->cfg->last_call_ms,
+        .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
+        .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0]};
     if (mt_coord_new(&co, &n->coord)) {
       mt_log_error("%s", mt_errmsg());
       goto out;

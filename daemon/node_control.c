@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "blas.h"
+#include "ckpt.h"
 #include "err.h"
 #include "log.h"
 #include "mt_config.h"
@@ -69,6 +70,8 @@ static json_t *point_json(const node_point *p) {
 }
 
 /* ---- the provider (HTTP thread) ---- */
+
+static json_t *list_checkpoints(node *n);
 
 /* The job block of the status: the job this node runs or watches. */
 static json_t *job_json(node *n) {
@@ -157,10 +160,22 @@ static json_t *p_status(void *arg) {
   json_object_set_new(s, "devices", devs);
   json_t *nodes = cl ? json_object_get(cl, "nodes") : NULL;
   json_object_set_new(s, "nodes", nodes ? json_deep_copy(nodes) : json_array());
-  json_object_set_new(s, "last_checkpoint", json_null());
+  json_t *cks = list_checkpoints(n), *last = json_null();
+  for (size_t k = json_array_size(cks); k-- > 0;)
+    if (json_is_true(json_object_get(json_array_get(cks, k), "latest"))) {
+      last = json_incref(json_array_get(cks, k));
+      json_object_del(last, "latest");
+      break;
+    }
+  json_decref(cks);
+  json_object_set_new(s, "last_checkpoint", last);
   json_object_set_new(s, "checkpoint_progress",
-                      json_pack("{s:s, s:n, s:i, s:i, s:f}", "state", "idle", "step", "bytes_done",
-                                0, "bytes_total", 0, "bytes_per_s", 0.0));
+                      json_pack("{s:s, s:o, s:I, s:I, s:f}", "state",
+                                n->ckpt_writing ? "writing" : "idle", "step",
+                                n->ckpt_step ? json_integer(n->ckpt_step) : json_null(),
+                                "bytes_done", (json_int_t)(n->ckpt_writing ? 0 : n->ckpt_bytes),
+                                "bytes_total", (json_int_t)n->ckpt_bytes, "bytes_per_s",
+                                n->ckpt_seconds > 0 ? n->ckpt_bytes / n->ckpt_seconds : 0.0));
   int pending = 0;
   json_t *ops = cl ? json_object_get(cl, "operations") : NULL;
   size_t i;
@@ -189,9 +204,40 @@ static json_t *p_history(void *arg, int64_t since) {
   return json_pack("{s:o, s:I}", "steps", pts, "last_step", (json_int_t)last_step);
 }
 
+/* This job's checkpoint directory as this node knows it, or "" (no job yet,
+ * or no checkpoint.dir). */
+static void ckpt_dir_of(node *n, char *out, size_t size) {
+  out[0] = 0;
+  if (n->ckpt_job_dir[0]) {
+    snprintf(out, size, "%s", n->ckpt_job_dir);
+    return;
+  }
+  const mt_job *j = n->have_run_job ? &n->run_job : n->have_job ? &n->job : NULL;
+  if (!j) return;
+  const char *root = n->cfg->checkpoint_dir[0] ? n->cfg->checkpoint_dir : j->checkpoint.dir;
+  if (root[0]) snprintf(out, size, "%s/%s", root, j->name);
+}
+
+/* Committed checkpoints from the directory itself (cheap: no file is read
+ * but `latest`), newest last; NULL when none or no directory. */
+static json_t *list_checkpoints(node *n) {
+  char dir[1300];
+  ckpt_dir_of(n, dir, sizeof dir);
+  json_t *out = json_array();
+  mt_ckpt_entry *e = NULL;
+  size_t count = 0;
+  if (dir[0] && !mt_ckpt_list(dir, &e, &count))
+    for (size_t i = 0; i < count; i++)
+      json_array_append_new(out,
+                            json_pack("{s:I, s:s, s:I, s:f, s:b}", "step", (json_int_t)e[i].step,
+                                      "path", e[i].path, "bytes", (json_int_t)e[i].bytes, "time",
+                                      (double)e[i].created, "latest", e[i].latest));
+  free(e);
+  return out;
+}
+
 static json_t *p_checkpoints(void *arg) {
-  (void)arg;
-  return json_pack("{s:[]}", "checkpoints");
+  return json_pack("{s:o}", "checkpoints", list_checkpoints(arg));
 }
 
 /* The coordinator's list, plus what this node submitted that it does not list yet. */

@@ -96,6 +96,11 @@ typedef struct node {
   int have_run_job; /* run_job and asg describe the generation (member or spare) */
   int job_dp_min;   /* the job's own, before the generation's dp replaced it */
   int64_t skipped_steps;
+  char ckpt_job_dir[1200]; /* where this job's checkpoints live, or "" */
+  int ckpt_writing;
+  int64_t ckpt_step;
+  uint64_t ckpt_bytes;
+  double ckpt_seconds;
   int paused; /* orders as they took effect here */
 
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */

@@ -260,11 +260,12 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
   return 0;
 }
 
-int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step) {
-  char key[64], val[32];
+int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step, int ok, const char *reason) {
+  char key[64];
   snprintf(key, sizeof key, "gen/%d/acted/%lld", gen, (long long)seq);
-  snprintf(val, sizeof val, "%lld", (long long)step);
-  return mt_store_set(s, key, val, strlen(val));
+  return set_json(s, key,
+                  json_pack("{s:I, s:b, s:s}", "step", (json_int_t)step, "ok", ok, "reason",
+                            reason ? reason : ""));
 }
 
 int mt_rdzv_publish_node_status(mt_store *s, const char *name, json_t *status) {
@@ -294,6 +295,10 @@ typedef struct coord_node {
 
 typedef enum { G_FORMING, G_RUNNING, G_ENDED } gen_state;
 
+/* How long the coordinator stays up after a stop operation ended the job: a
+ * few polls of its operation (mtnlgctl polls every 0.5 s). */
+#define STOP_LINGER_MS 2000
+
 typedef struct coord_op {
   int64_t id;
   char kind[16];
@@ -322,6 +327,9 @@ struct mt_coord {
   char end_reason[800];
   int paused;
   int dp;              /* of the running generation */
+  int resize_to;       /* a resize under way: the next generation's dp (0: none) */
+  int64_t resize_op;   /* its operation's id */
+  int resize_saved;    /* its checkpoint is committed: the generation may end */
   int64_t next_op_req; /* the next ops/req/<n> to read */
   coord_op *ops;
   int n_ops, cap_ops;
@@ -477,12 +485,15 @@ static int cmp_nodes(const void *a, const void *b) {
 /* The widest dp in [dp_min, dp_max] the slots allow with the global batch
  * divisible by micro_batch * dp; 0 when none. */
 static int pick_dp(const mt_coord *c, int slots) {
+  if (c->resize_to) return slots / c->o.pp >= c->resize_to ? c->resize_to : 0;
   int most = slots / c->o.pp;
   if (most > c->o.dp_max) most = c->o.dp_max;
   for (int dp = most; dp >= c->o.dp_min; dp--)
     if (c->o.global_batch % (c->o.micro_batch * dp) == 0) return dp;
   return 0;
 }
+
+static void op_done(coord_op *o, int ok, const char *reason);
 
 /* Forms generation c->gen from the nodes present: members in name order,
  * whole nodes, until pp * dp slots; the rest spares. Publishes job, hash and
@@ -540,6 +551,12 @@ static int form(mt_coord *c, int dp) {
                 "node(s): %s; %d spare(s)",
                 c->gen, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
     c->state = G_RUNNING;
+    if (c->resize_to) {
+      for (int i = 0; i < c->n_ops; i++)
+        if (c->ops[i].id == c->resize_op) op_done(&c->ops[i], 1, NULL);
+      c->resize_to = 0;
+      c->resize_saved = 0;
+    }
     c->dp = dp;
     c->first_failure_ms = 0;
   }
@@ -587,6 +604,29 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
     if (n->reported == 1) done++;
     if (n->reported == 2 && !failed) failed = n;
   }
+  if (members && done == members && c->resize_to && !c->resize_saved) {
+    /* stopped for the resize: its checkpoint's word comes next (read_acted) */
+    if (!c->first_failure_ms) c->first_failure_ms = now_ms;
+    if (now_ms - c->first_failure_ms <= c->o.heartbeat_timeout_ms) return 0;
+    return end_generation(c, now_ms, 1, 0,
+                          "the members stopped for a resize, but its checkpoint "
+                          "was never reported committed");
+  }
+  if (members && done == members && c->resize_to && c->resize_saved) {
+    /* the members saved and stopped: the next generation resumes with the new width */
+    char why[200];
+    snprintf(why, sizeof why, "resize from dp %d to dp %d", c->dp, c->resize_to);
+    int rc = end_generation(c, now_ms, 0, 1, why);
+    if (rc) return rc;
+    c->gen++;
+    c->state = G_FORMING;
+    c->formable_since_ms = 0;
+    c->paused = 0;
+    for (int i = 0; i < c->n_nodes; i++)
+      if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
+        c->nodes[i].role = ROLE_NONE;
+    return 0;
+  }
   if (members && done == members) {
     char why[600] = "";
     for (int i = 0; i < c->n_nodes; i++)
@@ -616,13 +656,14 @@ static double wall_s(void) {
 }
 
 static const char *cluster_state(const mt_coord *c) {
-  if (c->state == G_FORMING) return "forming";
+  if (c->state == G_FORMING) return c->resize_to ? "resizing" : "forming";
   if (c->state == G_ENDED) return c->end_ok ? "stopped" : "failed";
   int pausing = 0;
   for (int i = 0; i < c->n_ops; i++) {
     const coord_op *o = &c->ops[i];
     if (strcmp(o->state, "running") && strcmp(o->state, "queued")) continue;
     if (!strcmp(o->kind, "stop")) return "stopping";
+    if (!strcmp(o->kind, "resize")) return "resizing";
     if (!strcmp(o->kind, "pause")) pausing = 1;
   }
   for (int i = 0; i < c->n_nodes; i++)
@@ -670,11 +711,13 @@ static void op_done(coord_op *o, int ok, const char *reason) {
 static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op **op, char *why,
                           size_t size) {
   const char *st = cluster_state(c);
-  int kind_code = !strcmp(kind, "pause")    ? MT_ORDER_KIND_PAUSE
-                  : !strcmp(kind, "resume") ? MT_ORDER_KIND_RESUME
-                  : !strcmp(kind, "stop")   ? MT_ORDER_KIND_STOP
-                                            : 0;
-  (void)args;
+  int kind_code = !strcmp(kind, "pause")        ? MT_ORDER_KIND_PAUSE
+                  : !strcmp(kind, "resume")     ? MT_ORDER_KIND_RESUME
+                  : !strcmp(kind, "stop")       ? MT_ORDER_KIND_STOP
+                  : !strcmp(kind, "checkpoint") ? MT_ORDER_KIND_CHECKPOINT
+                  : !strcmp(kind, "resize")     ? MT_ORDER_KIND_RESIZE
+                                                : 0;
+  int want = (int)json_integer_value(json_object_get(args, "dp"));
   if (!kind_code) {
     snprintf(why, size,
              "%s is not available in this version: checkpoints and resize arrive with "
@@ -706,6 +749,43 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
   } else if (kind_code == MT_ORDER_KIND_RESUME && strcmp(st, "paused")) {
     snprintf(why, size, "cannot resume: the job is %s, not paused", st);
     return why;
+  } else if (kind_code == MT_ORDER_KIND_RESIZE) {
+    int slots = 0;
+    for (int i = 0; i < c->n_nodes; i++)
+      if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE ||
+          c->nodes[i].role == ROLE_NONE)
+        slots += c->nodes[i].slots;
+    if (strcmp(st, "running"))
+      snprintf(why, size, "cannot resize: the job is %s, not running", st);
+    else if (want < 1)
+      snprintf(why, size, "cannot resize: dp must be at least 1");
+    else if (want == c->dp)
+      snprintf(why, size, "cannot resize: the job already runs with dp %d", want);
+    else if (c->o.global_batch % (c->o.micro_batch * want))
+      snprintf(why, size,
+               "cannot resize to dp %d: the global batch %d does not divide into micro-batches "
+               "of %d over %d replicas",
+               want, c->o.global_batch, c->o.micro_batch, want);
+    else if (slots / c->o.pp < want)
+      snprintf(why, size,
+               "cannot resize to dp %d: the %d model slot(s) present (members and spares) make "
+               "at most %d replica(s) of %d stage(s)",
+               want, slots, slots / c->o.pp, c->o.pp);
+    else if (!c->o.has_checkpoint_dir)
+      snprintf(why, size, "cannot resize: the job has no checkpoint.dir to carry its state over");
+    else
+      goto ok;
+    return why;
+  ok:;
+  } else if (kind_code == MT_ORDER_KIND_CHECKPOINT && !c->o.has_checkpoint_dir) {
+    snprintf(why, size,
+             "cannot checkpoint: the job has no checkpoint.dir (and no node sets "
+             "paths.checkpoint_dir)");
+    return why;
+  } else if (kind_code == MT_ORDER_KIND_CHECKPOINT && strcmp(st, "running") &&
+             strcmp(st, "paused")) {
+    snprintf(why, size, "cannot checkpoint: the job is %s", st);
+    return why;
   }
   if (!(*op = new_op(c, kind))) return "out of memory";
   if (mt_coord_order(c, kind)) {
@@ -714,6 +794,12 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
   }
   (*op)->order_seq = c->order_seq;
   (*op)->state = "running";
+  if (kind_code == MT_ORDER_KIND_RESIZE) {
+    (*op)->dp = want;
+    c->resize_to = want;
+    c->resize_op = (*op)->id;
+    c->resize_saved = 0;
+  }
   return NULL;
 }
 
@@ -760,15 +846,35 @@ static int read_acted(mt_coord *c) {
       }
       continue;
     }
-    char key[64], *text;
+    char key[64];
     snprintf(key, sizeof key, "gen/%d/acted/%lld", c->gen, (long long)o->order_seq);
-    int rc = get_now(c->o.store, key, &text);
+    int rc;
+    json_t *acted = get_json_now(c->o.store, key, &rc);
     if (rc < 0) return rc;
-    if (!rc) continue;
-    o->step = strtoll(text, NULL, 10);
-    free(text);
+    if (!acted) continue;
+    o->step = json_integer_value(json_object_get(acted, "step"));
+    int ok = json_is_true(json_object_get(acted, "ok"));
+    char why[800];
+    snprintf(why, sizeof why, "%s", json_string_value(json_object_get(acted, "reason")) ?: "");
+    json_decref(acted);
+    if (!ok) {
+      if (!strcmp(o->kind, "resize")) c->resize_to = 0;
+      op_done(o, 0, why);
+      mt_log_warn("coordinator: operation op-%lld (%s) failed after step %lld: %s",
+                  (long long)o->id, o->kind, (long long)o->step, why);
+      continue;
+    }
     if (!strcmp(o->kind, "pause")) c->paused = 1;
     if (!strcmp(o->kind, "resume")) c->paused = 0;
+    if (!strcmp(o->kind, "resize")) { /* done when the next generation forms */
+      c->resize_saved = 1;
+      o->order_seq = 0;
+      o->updated = wall_s();
+      mt_log_info("coordinator: resize op-%lld: checkpoint of step %lld committed; re-forming "
+                  "with dp %d",
+                  (long long)o->id, (long long)o->step, c->resize_to);
+      continue;
+    }
     if (!strcmp(o->kind, "stop")) { /* done when the members report */
       o->updated = wall_s();
       o->order_seq = 0;
@@ -809,9 +915,10 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
     json_t *devs = json_array(), *stages = json_array(), *replicas = json_array();
     for (int k = 0; k < n->d.n_devices; k++)
       json_array_append_new(devs, json_string(n->d.devices[k]));
-    json_t *ranks = json_null();
+    json_t *ranks = json_array(); /* every rank the node holds; [] when it holds none */
     if (n->role == ROLE_MEMBER) {
-      ranks = json_pack("[i, i]", n->rank_begin, n->rank_end);
+      for (int r = n->rank_begin; r < n->rank_end; r++)
+        json_array_append_new(ranks, json_integer(r));
       int last_stage = -1, seen[4096] = {0};
       for (int r = n->rank_begin; r < n->rank_end; r += tp) {
         int stage = r / (tp * dp), replica = r / tp % dp;
@@ -911,6 +1018,10 @@ int mt_coord_finish(mt_coord *c, int ok, const char *reason) {
 int mt_coord_drained(mt_coord *c, int64_t now_ms, int timeout_ms) {
   if (!c->final_written) return 0;
   if (now_ms - c->ended_ms > timeout_ms) return 1;
+  /* a job stopped through the control plane: its stop operation ends with the
+   * job, so keep answering a while for whoever polls it (mtnlgctl stop --wait) */
+  for (int i = 0; i < c->n_ops; i++)
+    if (!strcmp(c->ops[i].kind, "stop") && now_ms - c->ended_ms < STOP_LINGER_MS) return 0;
   for (int i = 0; i < c->n_nodes; i++) {
     coord_node *n = &c->nodes[i];
     if (n->role == ROLE_LOST || n->role == ROLE_LEFT) continue;

@@ -90,8 +90,9 @@ int mt_rdzv_leave(mt_store *s, const char *name);
  * an error status with detail. < 0 when the store failed or no answer came. */
 int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
                       json_t **op, char *detail, int detail_size);
-/* World rank 0's node: order seq took effect after step. */
-int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step);
+/* World rank 0's node: order seq took effect after step (ok), or failed there
+ * (a checkpoint that could not be written: reason). */
+int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step, int ok, const char *reason);
 /* What a node tells about itself (state, memory, step), under node/<name>/status. */
 int mt_rdzv_publish_node_status(mt_store *s, const char *name, json_t *status);
 /* The coordinator's view (cluster/status): generation, state, reason, nodes,
@@ -104,7 +105,13 @@ typedef struct mt_coord mt_coord;
 
 /* Order kinds as the coordinator names them in gen/<g>/order (the engine's
  * order word uses the same numbers, train.h). */
-enum { MT_ORDER_KIND_PAUSE = 1, MT_ORDER_KIND_RESUME = 2, MT_ORDER_KIND_STOP = 3 };
+enum {
+  MT_ORDER_KIND_PAUSE = 1,
+  MT_ORDER_KIND_RESUME = 2,
+  MT_ORDER_KIND_STOP = 3,
+  MT_ORDER_KIND_CHECKPOINT = 4,
+  MT_ORDER_KIND_RESIZE = 5
+};
 
 typedef struct mt_coord_opts {
   mt_store *store;
@@ -115,6 +122,7 @@ typedef struct mt_coord_opts {
   int tp, pp, dp_min, dp_max, micro_batch, global_batch;
   int last_call_ms;
   int heartbeat_timeout_ms;
+  int has_checkpoint_dir; /* checkpoint and resize orders need somewhere to save */
 } mt_coord_opts;
 
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out);
@@ -130,7 +138,8 @@ int mt_coord_order(mt_coord *c, const char *kind);
  * or gives up): a final gen/<g>/end every waiting node sees. */
 int mt_coord_finish(mt_coord *c, int ok, const char *reason);
 /* 1 once the job ended and every node still alive has left (or timeout_ms
- * passed since the end): the store may go. */
+ * passed since the end), and, after a stop operation, 2 s have passed for
+ * its pollers: the store may go. */
 int mt_coord_drained(mt_coord *c, int64_t now_ms, int timeout_ms);
 
 /* A snapshot for status: the generation, its state and the nodes. */

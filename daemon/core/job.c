@@ -281,11 +281,12 @@ static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
     "warmup_tokens", "decay_steps", "decay_tokens", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
-static const char *const data_keys[] = {"path", "prefix", "blend", "split", "shuffle", "cache_dir",
-                                        NULL};
+static const char *const data_keys[] = {"path",    "prefix",    "blend", "split",
+                                        "shuffle", "cache_dir", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", NULL};
-static const char *const checkpoint_keys[] = {"dir", "interval", "keep", "export", NULL};
+static const char *const checkpoint_keys[] = {"dir",   "interval",    "keep",   "keep_every",
+                                              "async", "resume_step", "export", NULL};
 
 /* ---- overrides: "a.b.c=value" set in the tree before it is read ---- */
 
@@ -574,11 +575,13 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   }
   check_keys(pb, o, "data", data_keys);
   if (!o) return;
-  int given = !!json_object_get(o, "path") + !!json_object_get(o, "prefix") +
-              !!json_object_get(o, "blend");
+  int given =
+      !!json_object_get(o, "path") + !!json_object_get(o, "prefix") + !!json_object_get(o, "blend");
   if (given != 1)
-    problem(pb, "data: give exactly one of path (token file), prefix (indexed dataset) or "
-                "blend (weighted indexed datasets); %d given", given);
+    problem(pb,
+            "data: give exactly one of path (token file), prefix (indexed dataset) or "
+            "blend (weighted indexed datasets); %d given",
+            given);
   read_str(pb, o, "data", "path", d->path, sizeof d->path);
   if (json_object_get(o, "prefix")) {
     d->n_blend = 1;
@@ -616,10 +619,9 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   /* the split string: three non-negative numbers, not all zero */
   double w[3];
   char tail;
-  if (sscanf(d->split, "%lf,%lf,%lf%c", &w[0], &w[1], &w[2], &tail) != 3 || w[0] < 0 ||
-      w[1] < 0 || w[2] < 0 || w[0] + w[1] + w[2] <= 0)
-    problem(pb, "data.split: \"%s\" is not three non-negative weights like \"949,50,1\"",
-            d->split);
+  if (sscanf(d->split, "%lf,%lf,%lf%c", &w[0], &w[1], &w[2], &tail) != 3 || w[0] < 0 || w[1] < 0 ||
+      w[2] < 0 || w[0] + w[1] + w[2] <= 0)
+    problem(pb, "data.split: \"%s\" is not three non-negative weights like \"949,50,1\"", d->split);
   else if (w[0] <= 0)
     problem(pb, "data.split: \"%s\" gives the train split no documents", d->split);
 }
@@ -639,6 +641,9 @@ static void read_checkpoint(problems *pb, json_t *root, mt_checkpoint_spec *c) {
   read_str(pb, o, "checkpoint", "dir", c->dir, sizeof c->dir);
   read_int(pb, o, "checkpoint", "interval", &c->interval);
   read_int(pb, o, "checkpoint", "keep", &c->keep);
+  read_int(pb, o, "checkpoint", "keep_every", &c->keep_every);
+  read_bool(pb, o, "checkpoint", "async", &c->async_save);
+  read_i64(pb, o, "checkpoint", "resume_step", -1, INT64_MAX, &c->resume_step);
   read_str(pb, o, "checkpoint", "export", c->export_path, sizeof c->export_path);
 }
 
@@ -668,6 +673,7 @@ static void set_defaults(mt_job *job) {
   snprintf(job->data.split, sizeof job->data.split, "949,50,1");
   job->data.shuffle = 1;
   job->eval.interval = 0;
+  job->checkpoint.resume_step = -1;
   job->eval.iters = 10;
 }
 
@@ -781,8 +787,7 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "train.clip_grad", "%g must be >= 0 (0 = no clipping)", t->clip_grad);
 
   /* files */
-  if (!job->data.n_blend && !job->data.path[0])
-    check_fail(pb, "data.path", "must not be empty");
+  if (!job->data.n_blend && !job->data.path[0]) check_fail(pb, "data.path", "must not be empty");
   for (int i = 0; i < job->data.n_blend; i++)
     if (!job->data.blend[i].prefix[0]) check_fail(pb, "data.blend", "prefix %d is empty", i);
   if (job->eval.interval > 0 && job->data.path[0])
@@ -790,6 +795,11 @@ static void validate(problems *pb, mt_job *job) {
                "validation needs a valid split: use data.prefix or data.blend, not data.path");
   if (c->interval < 0) check_fail(pb, "checkpoint.interval", "%d must be >= 0", c->interval);
   if (c->keep < 0) check_fail(pb, "checkpoint.keep", "%d must be >= 0 (0 = keep all)", c->keep);
+  if (c->keep_every < 0)
+    check_fail(pb, "checkpoint.keep_every", "%d must be >= 0 (0 = none)", c->keep_every);
+  if (c->resume_step >= 0 && !c->dir[0])
+    check_fail(pb, "checkpoint.resume_step", "%lld needs checkpoint.dir",
+               (long long)c->resume_step);
   if (c->interval > 0 && !c->dir[0])
     check_fail(pb, "checkpoint.interval", "%d needs checkpoint.dir", c->interval);
 }
@@ -846,9 +856,13 @@ static json_t *job_to_json(const mt_job *job) {
     json_object_set_new(data, "blend", blend);
   }
   json_object_set_new(root, "data", data);
-  json_object_set_new(root, "eval", json_pack("{s:I, s:I}", "interval",
-                                              (json_int_t)job->eval.interval, "iters",
-                                              (json_int_t)job->eval.iters));
+  json_t *ck = json_object_get(root, "checkpoint");
+  json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
+  json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));
+  json_object_set_new(ck, "resume_step", json_integer(job->checkpoint.resume_step));
+  json_object_set_new(root, "eval",
+                      json_pack("{s:I, s:I}", "interval", (json_int_t)job->eval.interval, "iters",
+                                (json_int_t)job->eval.iters));
   return root;
 }
 

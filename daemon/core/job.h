@@ -15,17 +15,17 @@
 #define MT_PATH_MAX 1024
 
 typedef struct mt_model_spec {
-  char preset[64];       /* "" if the model is given field by field */
-  int n_layer;           /* transformer blocks */
-  int n_embd;            /* hidden size */
+  char preset[64]; /* "" if the model is given field by field */
+  int n_layer;     /* transformer blocks */
+  int n_embd;      /* hidden size */
   int n_head;
-  int vocab_size;        /* real tokens */
-  int vocab_pad_to;      /* pad vocab to a multiple of this (default 128) */
-  int padded_vocab;      /* derived: roundup(vocab_size, vocab_pad_to * tp) */
-  int seq_len;           /* context length = learned positions */
-  float ln_eps;          /* LayerNorm epsilon (1e-5) */
-  float init_std;        /* normal(0, init_std); output projections / sqrt(2 L) */
-  float hidden_dropout;  /* dropout on embeddings and residual branches */
+  int vocab_size;       /* real tokens */
+  int vocab_pad_to;     /* pad vocab to a multiple of this (default 128) */
+  int padded_vocab;     /* derived: roundup(vocab_size, vocab_pad_to * tp) */
+  int seq_len;          /* context length = learned positions */
+  float ln_eps;         /* LayerNorm epsilon (1e-5) */
+  float init_std;       /* normal(0, init_std); output projections / sqrt(2 L) */
+  float hidden_dropout; /* dropout on embeddings and residual branches */
   float attention_dropout;
   char init_from[MT_PATH_MAX]; /* safetensors with HF GPT-2 names, or "" */
 } mt_model_spec;
@@ -48,8 +48,8 @@ typedef struct mt_lr_spec {
 } mt_lr_spec;
 
 typedef struct mt_train_spec {
-  int global_batch;  /* sequences per step, whatever the split */
-  int64_t steps;     /* optimizer steps to run */
+  int global_batch; /* sequences per step, whatever the split */
+  int64_t steps;    /* optimizer steps to run */
   uint64_t seed;
   mt_lr_spec lr;
   double beta1, beta2, adam_eps, weight_decay;
@@ -71,9 +71,9 @@ typedef struct mt_data_spec {
   char path[MT_PATH_MAX];
   int n_blend;
   mt_blend_spec blend[MT_MAX_BLEND];
-  char split[64];               /* train,valid,test weights over documents ("949,50,1") */
-  int shuffle;                  /* default 1 */
-  char cache_dir[MT_PATH_MAX];  /* sample indices; "" = beside each dataset */
+  char split[64];              /* train,valid,test weights over documents ("949,50,1") */
+  int shuffle;                 /* default 1 */
+  char cache_dir[MT_PATH_MAX]; /* sample indices; "" = beside each dataset */
 } mt_data_spec;
 
 typedef struct mt_eval_spec {
@@ -82,9 +82,12 @@ typedef struct mt_eval_spec {
 } mt_eval_spec;
 
 typedef struct mt_checkpoint_spec {
-  char dir[MT_PATH_MAX];    /* "" = none */
-  int interval;             /* steps; 0 = only on request */
-  int keep;
+  char dir[MT_PATH_MAX];         /* "" = none */
+  int interval;                  /* steps; 0 = only on request */
+  int keep;                      /* keep the newest N committed checkpoints (0: all) */
+  int keep_every;                /* and every step that is a multiple of this (0: none) */
+  int async_save;                /* copy to host at the boundary, write in the background */
+  int64_t resume_step;           /* -1: the newest committed checkpoint; else exactly this step */
   char export_path[MT_PATH_MAX]; /* safetensors written at the end, or "" */
 } mt_checkpoint_spec;
 

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "checkpoint.h"
 #include "err.h"
 #include "log.h"
 #include "safetensors.h"
@@ -21,8 +22,9 @@ typedef struct rank_ctx {
   int rc;
   char err[1024];
   struct rank_ctx *all;
-  int *first_failed; /* local index of the rank whose failure came first, -1 while none */
-  int n_local;       /* ranks of this process: all[0 .. n_local) */
+  int *first_failed;   /* local index of the rank whose failure came first, -1 while none */
+  int n_local;         /* ranks of this process: all[0 .. n_local) */
+  char ckpt_dir[1200]; /* this job's checkpoints, or "" */
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -39,11 +41,44 @@ static void report_start(const mt_trainer *tr) {
               tr->g.dp_size);
 }
 
+/* Saves the trainer's state at its step (collective). A failed checkpoint is
+ * reported and training goes on: the previous checkpoints are intact. Only
+ * a failing collective (a lost peer) is returned as an error. */
+static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64_t *last_saved,
+                           int *saved) {
+  const mt_local_opts *o = c->o;
+  if (saved) *saved = *last_saved == tr->step;
+  if (!c->ckpt_dir[0] || *last_saved == tr->step) {
+    if (c == c->all && o->on_checkpoint && order_seq)
+      o->on_checkpoint(1, tr->step, *last_saved == tr->step ? 0 : MT_EINVAL,
+                       *last_saved == tr->step ? NULL : "the job has no checkpoint.dir", NULL,
+                       order_seq, o->arg);
+    return 0;
+  }
+  if (c == c->all && o->on_checkpoint)
+    o->on_checkpoint(0, tr->step, 0, NULL, NULL, order_seq, o->arg);
+  mt_checkpoint_result res;
+  int rc = mt_trainer_save(tr, c->ckpt_dir, &res);
+  if (!rc) *last_saved = tr->step;
+  if (saved) *saved = !rc;
+  if (c == c->all) {
+    if (rc)
+      mt_log_error("checkpoint of step %lld failed: %s", (long long)tr->step, mt_errmsg());
+    else if (c->rank == 0)
+      mt_log_info("checkpoint of step %lld committed in %s (%.1f MB from this rank in %.2f s)",
+                  (long long)tr->step, res.path, res.bytes / 1e6, res.seconds);
+    if (o->on_checkpoint)
+      o->on_checkpoint(1, tr->step, rc, rc ? mt_errmsg() : NULL, &res, order_seq, o->arg);
+  }
+  /* a failed collective inside the save means a lost peer: the generation is over */
+  return rc == MT_ECANCELED || rc == MT_ETIMEDOUT ? rc : 0;
+}
+
 /* Paused after a step: every rank all-reduces the stop request and rank 0's
  * order word every 50 ms (so heartbeats, deadlines and peers stay alive)
  * until an order newer than the pause resumes or stops the run. Nothing of
  * the training state changes, so a resumed run continues its trajectory. */
-static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop) {
+static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int64_t *last_saved) {
   const mt_local_opts *o = c->o;
   for (;;) {
     struct timespec ts = {0, 50 * 1000 * 1000};
@@ -62,14 +97,24 @@ static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop) {
     if (c == c->all && o->on_order) o->on_order(kind, *seq, tr->step, o->arg);
     if (kind == MT_ORDER_STOP) return *stop = 1, 0;
     if (kind == MT_ORDER_RESUME) return 0;
+    if (kind == MT_ORDER_CHECKPOINT) { /* a paused job can be saved as it stands */
+      int rc = save_checkpoint(c, tr, *seq, last_saved, NULL);
+      if (rc) return rc;
+    }
   }
 }
 
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
-  int64_t order_seq = 0;
+  int64_t order_seq = 0, last_saved = -1;
   if (c->rank == 0) report_start(tr);
+  if (c->ckpt_dir[0]) {
+    int64_t resumed;
+    int rc = mt_trainer_resume(tr, c->ckpt_dir, job->checkpoint.resume_step, &resumed);
+    if (rc) return rc;
+    if (resumed) last_saved = resumed;
+  }
   while (tr->step < job->train.steps) {
     tr->stop_request = o->stop && *o->stop; /* any process signalled: all stop together */
     tr->order_word = c->rank == 0 && o->order ? *o->order : 0;
@@ -83,12 +128,28 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
     /* every rank learned the loss in the step's all-reduce */
     if (c == c->all && o->on_step) o->on_step(&st, o->arg);
+    int ordered_save = 0;
     if (st.order && mt_order_seq(st.order) > order_seq) {
       order_seq = mt_order_seq(st.order);
       int kind = mt_order_kind(st.order);
       if (c == c->all && o->on_order) o->on_order(kind, order_seq, st.step, o->arg);
       if (kind == MT_ORDER_STOP) st.stop = 1;
-      if (kind == MT_ORDER_PAUSE && (rc = pause_loop(c, tr, &order_seq, &st.stop))) return rc;
+      if (kind == MT_ORDER_CHECKPOINT || kind == MT_ORDER_RESIZE) ordered_save = kind;
+      if (kind == MT_ORDER_PAUSE && (rc = pause_loop(c, tr, &order_seq, &st.stop, &last_saved)))
+        return rc;
+    }
+    /* every rank decides alike: the interval, an order, a stop, the end */
+    int interval = job->checkpoint.interval;
+    if (ordered_save || (interval > 0 && st.step % interval == 0) || st.stop ||
+        st.step == job->train.steps) {
+      int saved = 0;
+      if ((rc = save_checkpoint(c, tr, ordered_save ? order_seq : 0, &last_saved, &saved)))
+        return rc;
+      /* a resize stops this generation once its state is saved; unsaved, it trains on */
+      if (ordered_save == MT_ORDER_RESIZE && saved) {
+        st.stop = 1;
+        if (c == c->all) mt_log_info("stopping after step %lld for a resize", (long long)tr->step);
+      }
     }
     if (st.stop) {
       if (c == c->all)
@@ -247,6 +308,10 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
                              .n_local = n,
                              .omp_threads = cores / n > 0 ? cores / n : 1,
                              .first_failed = &l->first_failed};
+    if (o->checkpoint_dir)
+      snprintf(l->ranks[k].ckpt_dir, sizeof l->ranks[k].ckpt_dir, "%s", o->checkpoint_dir);
+    else if (o->job->checkpoint.dir[0])
+      mt_checkpoint_job_dir(o->job, l->ranks[k].ckpt_dir, sizeof l->ranks[k].ckpt_dir);
     if (pthread_create(&l->threads[k], NULL, rank_main, &l->ranks[k]))
       rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k);
     else

@@ -13,6 +13,7 @@
 
 #include <signal.h>
 
+#include "checkpoint.h"
 #include "job.h"
 #include "store.h"
 #include "train.h"
@@ -46,6 +47,15 @@ typedef struct mt_local_opts {
   volatile int64_t *order;
   /* the first rank of this process, when an order takes effect after step */
   void (*on_order)(int kind, int64_t seq, int64_t step, void *arg);
+  /* Checkpoints go to job_dir (NULL: checkpoint.dir/<job name>, or none
+   * without checkpoint.dir): after every checkpoint.interval steps, on a
+   * checkpoint order, before stopping, and at the end of the run; a job
+   * resumes from the newest committed one. The first rank of this process
+   * reports each: phase 0 starting, 1 done (rc, msg why it failed, res);
+   * order_seq is the order that asked for it (0: none). */
+  const char *checkpoint_dir;
+  void (*on_checkpoint)(int phase, int64_t step, int rc, const char *msg,
+                        const mt_checkpoint_result *res, int64_t order_seq, void *arg);
   /* the first rank of this process, after each step (validation filled in
    * when it ran): every rank learns the loss in the step's all-reduce */
   void (*on_step)(const mt_step_stats *st, void *arg);

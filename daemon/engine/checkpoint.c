@@ -1,0 +1,318 @@
+/* checkpoint.c — the collective save and resume of a trainer's state. */
+#include "checkpoint.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ckpt.h"
+#include "err.h"
+#include "log.h"
+
+static const char *const arrays[] = {"master", "adam_m", "adam_v"};
+
+static double wall_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size) {
+  snprintf(out, size, "%s/%s", job->checkpoint.dir, job->name);
+}
+
+/* Every rank learns whether any rank failed (a sum of failure flags). */
+static int agree(mt_comm *c, int failed, int *any) {
+  int32_t v = failed ? 1 : 0;
+  *any = failed;
+  if (!c) return 0;
+  int rc = mt_comm_allreduce(c, &v, &v, 1, MT_COMM_I32, MT_COMM_SUM);
+  if (rc) return rc;
+  *any = v > 0;
+  return 0;
+}
+
+/* This rank's part of its shard's arrays: [lo, lo + n) of the unpadded flat
+ * parameters (n may be 0 for the last ranks when padding fills their slice). */
+static void my_slice(const mt_trainer *tr, uint64_t *lo, uint64_t *n) {
+  uint64_t total = tr->model.num_params;
+  *lo = tr->shard_lo < total ? tr->shard_lo : total;
+  uint64_t hi = tr->shard_lo + tr->shard_n < total ? tr->shard_lo + tr->shard_n : total;
+  *n = hi - *lo;
+}
+
+int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res) {
+  const mt_groups *g = &tr->g;
+  int is0 = !g->world || mt_comm_rank(g->world) == 0;
+  double t0 = wall_s();
+  memset(res, 0, sizeof *res);
+  res->step = tr->step;
+  mt_ckpt_txn txn;
+  char err[1024] = "";
+  int rc = 0, any = 0;
+
+  /* rank 0 claims the directory; the others learn its tag */
+  struct {
+    int32_t rc;
+    char tag[sizeof txn.tag];
+  } begin = {0};
+  if (is0) {
+    begin.rc = mt_ckpt_begin(&txn, job_dir, tr->step);
+    if (begin.rc) snprintf(err, sizeof err, "%s", mt_errmsg());
+    memcpy(begin.tag, txn.tag, sizeof begin.tag);
+  }
+  if (g->world && (rc = mt_comm_broadcast(g->world, &begin, sizeof begin, MT_COMM_U8, 0)))
+    return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
+  if (begin.rc)
+    return is0 ? mt_seterr(begin.rc, "%s", err)
+               : mt_seterr(begin.rc, "checkpoint of step %lld: rank 0 could not claim %s",
+                           (long long)tr->step, job_dir);
+  if (!is0 && (rc = mt_ckpt_txn_set(&txn, job_dir, tr->step, begin.tag))) return rc;
+  snprintf(res->path, sizeof res->path, "%s/step_%08lld", job_dir, (long long)tr->step);
+
+  mt_ckpt_shard_desc d = {.tp = g->tp_rank,
+                          .pp = g->pp_rank,
+                          .n = tr->model.num_params,
+                          .n_arrays = 3,
+                          .arrays = arrays};
+  mt_ckpt_chunks chunks = {0};
+  uint64_t lo, n;
+  my_slice(tr, &lo, &n);
+  float *host = NULL;
+  int failed = 0;
+  /* one dp rank creates the shard file; then every dp rank writes its slice */
+  if (g->dp_rank == 0 && (rc = mt_ckpt_shard_create(&txn, &d, &chunks))) {
+    failed = 1;
+    snprintf(err, sizeof err, "%s", mt_errmsg());
+  }
+  if ((rc = agree(g->dp, failed, &any))) goto comm_failed;
+  if (!any && n) {
+    /* host copies of the slice: the device buffers may not be host memory */
+    host = malloc(3 * n * sizeof(float));
+    if (!host) {
+      failed = 1;
+      snprintf(err, sizeof err, "checkpoint: %llu floats of host staging", 3ull * n);
+    } else if (mt_device_memcpy_dtoh(tr->dev, host, tr->model.params + lo, n * sizeof(float)) ||
+               mt_device_memcpy_dtoh(tr->dev, host + n, tr->opt.m + (lo - tr->shard_lo),
+                                     n * sizeof(float)) ||
+               mt_device_memcpy_dtoh(tr->dev, host + 2 * n, tr->opt.v + (lo - tr->shard_lo),
+                                     n * sizeof(float))) {
+      failed = 1;
+      snprintf(err, sizeof err, "%s", mt_errmsg());
+    } else {
+      const float *src[3] = {host, host + n, host + 2 * n};
+      if (mt_ckpt_shard_write(&txn, &d, lo, n, src, 0, &chunks)) {
+        failed = 1;
+        snprintf(err, sizeof err, "%s", mt_errmsg());
+      }
+      res->bytes = 3 * n * sizeof(float);
+    }
+  }
+  free(host);
+  if ((rc = agree(g->dp, failed || any, &any))) goto comm_failed;
+  if (!any && g->dp_rank == 0 && mt_ckpt_shard_commit(&txn, &d)) {
+    failed = 1;
+    snprintf(err, sizeof err, "%s", mt_errmsg());
+  }
+  /* every shard written: world rank 0 gathers the chunk records and commits */
+  if ((rc = agree(g->world, failed || any, &any))) goto comm_failed;
+  if (any) {
+    if (is0) mt_ckpt_abort(&txn);
+    mt_ckpt_chunks_free(&chunks);
+    if (failed) return mt_seterr(MT_EIO, "%s", err);
+    return mt_seterr(MT_EIO, "checkpoint of step %lld failed on another rank (its log says why)",
+                     (long long)tr->step);
+  }
+  mt_ckpt_chunks all = {0};
+  int n_shards = g->tp_size * g->pp_size;
+  uint64_t *shard_n = calloc((size_t)n_shards, sizeof *shard_n); /* rank 0: n of every shard */
+  if (!shard_n) {
+    mt_ckpt_chunks_free(&chunks);
+    return mt_seterr(MT_ENOMEM, "checkpoint: shard list");
+  }
+  shard_n[g->pp_rank * g->tp_size + g->tp_rank] = tr->model.num_params;
+  if (g->world) {
+    int64_t info[3] = {g->tp_rank, g->pp_rank, (int64_t)tr->model.num_params};
+    int64_t *infos = calloc((size_t)mt_comm_size(g->world) * 3, sizeof *infos);
+    if (!infos) rc = mt_seterr(MT_ENOMEM, "checkpoint: shard list");
+    if (!rc) rc = mt_comm_allgather(g->world, info, infos, 3, MT_COMM_I64);
+    for (int r = 0; !rc && r < mt_comm_size(g->world); r++)
+      shard_n[infos[3 * r + 1] * g->tp_size + infos[3 * r]] = (uint64_t)infos[3 * r + 2];
+    free(infos);
+    if (rc) {
+      free(shard_n);
+      goto comm_failed;
+    }
+  }
+  if (g->world) {
+    int64_t most = (int64_t)chunks.n;
+    int size = mt_comm_size(g->world);
+    if ((rc = mt_comm_allreduce(g->world, &most, &most, 1, MT_COMM_I64, MT_COMM_MAX)))
+      goto comm_failed;
+    size_t rec = sizeof(mt_ckpt_chunk);
+    uint8_t *mine = calloc((size_t)most ? (size_t)most : 1, rec);
+    uint8_t *every = calloc((size_t)size * ((size_t)most ? (size_t)most : 1), rec);
+    int64_t *counts = calloc((size_t)size, sizeof *counts);
+    int64_t my_count = (int64_t)chunks.n;
+    if (!mine || !every || !counts) {
+      free(mine), free(every), free(counts), free(shard_n);
+      mt_ckpt_chunks_free(&chunks);
+      return mt_seterr(MT_ENOMEM, "checkpoint: chunk records");
+    }
+    if (chunks.n) memcpy(mine, chunks.v, chunks.n * rec);
+    rc = mt_comm_allgather(g->world, &my_count, counts, 1, MT_COMM_I64);
+    if (!rc) rc = mt_comm_allgather(g->world, mine, every, (size_t)most * rec, MT_COMM_U8);
+    if (!rc && is0)
+      for (int r = 0; r < size; r++)
+        mt_ckpt_chunks_add(&all, (const mt_ckpt_chunk *)(every + (size_t)r * (size_t)most * rec),
+                           (size_t)counts[r]);
+    free(mine), free(every), free(counts);
+    if (rc) {
+      mt_ckpt_chunks_free(&all);
+      free(shard_n);
+      goto comm_failed;
+    }
+  } else {
+    mt_ckpt_chunks_add(&all, chunks.v, chunks.n);
+  }
+  mt_ckpt_chunks_free(&chunks);
+
+  int32_t commit_rc = 0;
+  if (is0) {
+    const mt_job *job = tr->job;
+    int64_t G = job->train.global_batch;
+    json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)(tr->step * G));
+    mt_ckpt_meta meta = {.job = job->name,
+                         .job_hash = job->hash,
+                         .step = tr->step,
+                         .consumed_samples = tr->step * G,
+                         .consumed_tokens = tr->step * G * job->model.seq_len,
+                         .seed = (int64_t)job->train.seed,
+                         .data_position = pos,
+                         .tp = g->tp_size,
+                         .pp = g->pp_size,
+                         .dp = g->dp_size};
+    mt_ckpt_shard_desc *ds = calloc((size_t)n_shards, sizeof *ds);
+    if (!ds) {
+      commit_rc = mt_seterr(MT_ENOMEM, "checkpoint: shard list");
+    } else {
+      for (int p = 0; p < g->pp_size; p++)
+        for (int t = 0; t < g->tp_size; t++)
+          ds[p * g->tp_size + t] = (mt_ckpt_shard_desc){
+              .tp = t, .pp = p, .n = shard_n[p * g->tp_size + t], .n_arrays = 3, .arrays = arrays};
+      commit_rc = mt_ckpt_commit(&txn, &meta, ds, n_shards, &all);
+      if (commit_rc) {
+        snprintf(err, sizeof err, "%s", mt_errmsg());
+        mt_ckpt_abort(&txn);
+      } else if (job->checkpoint.keep > 0) {
+        int removed = 0;
+        if (mt_ckpt_prune(job_dir, job->checkpoint.keep, job->checkpoint.keep_every, &removed))
+          mt_log_warn("checkpoint retention in %s: %s", job_dir, mt_errmsg());
+      }
+      free(ds);
+    }
+    json_decref(pos);
+  }
+  mt_ckpt_chunks_free(&all);
+  free(shard_n);
+  if (g->world && (rc = mt_comm_broadcast(g->world, &commit_rc, 1, MT_COMM_I32, 0)))
+    goto comm_failed;
+  res->seconds = wall_s() - t0;
+  if (commit_rc)
+    return is0 ? mt_seterr(commit_rc, "%s", err)
+               : mt_seterr(commit_rc, "checkpoint of step %lld: rank 0 could not commit it",
+                           (long long)tr->step);
+  return 0;
+
+comm_failed:
+  mt_ckpt_chunks_free(&chunks);
+  return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
+}
+
+int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
+  const mt_groups *g = &tr->g;
+  int is0 = !g->world || mt_comm_rank(g->world) == 0;
+  *resumed_step = 0;
+  /* rank 0 picks the checkpoint, checking every checksum; the others open it */
+  mt_ckpt c;
+  int64_t pick[2] = {0, 0}; /* rc, step */
+  char err[2600] = "";
+  int rc;
+  if (is0) {
+    rc = mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, &c);
+    pick[0] = rc, pick[1] = rc ? 0 : c.step;
+    if (rc && rc != MT_ENOENT) snprintf(err, sizeof err, "%s", mt_errmsg());
+  }
+  if (g->world && (rc = mt_comm_broadcast(g->world, pick, 2, MT_COMM_I64, 0))) {
+    if (is0 && !pick[0]) mt_ckpt_close(&c);
+    return mt_wraperr(rc, "resume");
+  }
+  if (pick[0] == MT_ENOENT && step < 0) return 0; /* nothing to resume: a fresh start */
+  if (pick[0])
+    return is0 ? mt_seterr((int)pick[0], "resume from %s: %s", job_dir, err)
+               : mt_seterr((int)pick[0], "resume from %s: rank 0 found no usable checkpoint",
+                           job_dir);
+  if (!is0 && (rc = mt_ckpt_find(job_dir, pick[1], MT_CKPT_VERIFY_SIZES, &c)))
+    return mt_wraperr(rc, "resume");
+  int failed = 0;
+  const mt_ckpt_file *f = mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank);
+  if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {
+    failed = 1;
+    snprintf(err, sizeof err,
+             "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (resharding "
+             "to another tp or pp is not supported yet)",
+             c.dir, c.tp, c.pp, g->tp_size, g->pp_size);
+  } else if (f->n != tr->model.num_params) {
+    failed = 1;
+    snprintf(err, sizeof err,
+             "resume: %s/%s holds %llu parameters, this shard of the model has %zu: another model",
+             c.dir, f->name, (unsigned long long)f->n, tr->model.num_params);
+  }
+  uint64_t lo, n;
+  my_slice(tr, &lo, &n);
+  float *host = NULL;
+  if (!failed) {
+    size_t total = tr->model.num_params;
+    host = malloc((total + 2 * (n ? n : 1)) * sizeof(float));
+    if (!host) {
+      failed = 1;
+      snprintf(err, sizeof err, "resume: host buffer of %zu floats", total);
+    } else if (mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "master", 0, total, host) ||
+               (n && mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_m", lo, n, host + total)) ||
+               (n && mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_v", lo, n, host + total + n))) {
+      failed = 1;
+      snprintf(err, sizeof err, "%s", mt_errmsg());
+    } else if (mt_device_memcpy_htod(tr->dev, tr->model.params, host, total * sizeof(float)) ||
+               mt_device_memset0(tr->dev, tr->opt.m, tr->shard_n * sizeof(float)) ||
+               mt_device_memset0(tr->dev, tr->opt.v, tr->shard_n * sizeof(float)) ||
+               (n && mt_device_memcpy_htod(tr->dev, tr->opt.m + (lo - tr->shard_lo), host + total,
+                                           n * sizeof(float))) ||
+               (n && mt_device_memcpy_htod(tr->dev, tr->opt.v + (lo - tr->shard_lo),
+                                           host + total + n, n * sizeof(float)))) {
+      failed = 1;
+      snprintf(err, sizeof err, "%s", mt_errmsg());
+    }
+  }
+  free(host);
+  int64_t saved_step = c.step;
+  int saved_dp = c.dp;
+  char dir[MT_CKPT_PATH_MAX];
+  snprintf(dir, sizeof dir, "%s", c.dir);
+  if (is0 && c.job_hash && strcmp(c.job_hash, tr->job->hash))
+    mt_log_warn("resume: %s was saved by job %s, this is job %s (a changed job spec)", c.dir,
+                c.job_hash, tr->job->hash);
+  mt_ckpt_close(&c);
+  int any;
+  if ((rc = agree(g->world, failed, &any))) return mt_wraperr(rc, "resume");
+  if (any)
+    return failed ? mt_seterr(MT_EINVAL, "%s", err)
+                  : mt_seterr(MT_EINVAL, "resume from %s failed on another rank", dir);
+  tr->step = saved_step;
+  tr->opt.t = saved_step;
+  *resumed_step = saved_step;
+  if (is0)
+    mt_log_info("resumed from %s: step %lld, saved with dp %d, running with dp %d", dir,
+                (long long)saved_step, saved_dp, g->dp_size);
+  return 0;
+}

@@ -1,0 +1,42 @@
+/* checkpoint.h — a trainer's state into and out of checkpoints (daemon/ckpt).
+ *
+ * Collective over every rank of the job, at a step boundary. Each (tp, pp)
+ * shard is one file holding the fp32 master weights and both Adam moments of
+ * that shard's flat parameters, unpadded, so its layout does not depend on dp:
+ * every dp rank writes its ZeRO-1 slice at its offset, and a checkpoint loads
+ * under any dp width. World rank 0 claims the step directory, collects every
+ * writer's chunk checksums and commits the manifest and `latest` (DESIGN has
+ * the coordinator commit; rank 0 does it because it is the process that can
+ * see the checkpoint filesystem — the coordinator may be a node without it).
+ * A failure anywhere fails the checkpoint on every rank alike, removes its
+ * directory and leaves every committed checkpoint as it was; training goes on.
+ */
+#ifndef MT_CHECKPOINT_H
+#define MT_CHECKPOINT_H
+
+#include <stdint.h>
+
+#include "train.h"
+
+/* <checkpoint.dir>/<job name>: where this job's checkpoints live. */
+void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size);
+
+typedef struct mt_checkpoint_result {
+  int64_t step;
+  uint64_t bytes;  /* written by this rank */
+  double seconds;  /* wall time on this rank */
+  char path[1300]; /* the step directory */
+} mt_checkpoint_result;
+
+/* Saves step tr->step under job_dir. The same return code on every rank;
+ * the message names what failed where this rank knows it. */
+int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res);
+
+/* Loads the newest committed checkpoint of job_dir (step < 0), or exactly
+ * that step: weights, moments, step count. A newer checkpoint that fails its
+ * checks is skipped with a warning naming the file and chunk; a named step
+ * that fails is an error. *resumed_step: the step loaded, or 0 when there was
+ * none (a fresh start). The checkpoint's tp and pp must be the job's. */
+int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step);
+
+#endif
