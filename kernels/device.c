@@ -9,21 +9,57 @@
 #include "cpu/blas.h"
 #include "cpu/threads.h"
 #include "err.h"
+#include "log.h"
 #include "mt_config.h"
 #include "ops.h"
 
-#if MT_HAVE_CUDA
-#include <cuda_runtime_api.h>
+/* MT_CUDA_EMU: the test build that runs kernels/cuda on the CPU emulator
+ * (tests/gpu/emu) compiles this file with the CUDA paths on. */
+#if MT_HAVE_CUDA || defined(MT_CUDA_EMU)
+#define WITH_CUDA 1
+#include "cuda/cuda_backend.h"
+#else
+#define WITH_CUDA 0
 #endif
 
-int mt_cuda_device_count(void) {
-#if MT_HAVE_CUDA
-  int n = 0; /* stays 0 when there is no driver (cudaErrorInsufficientDriver) */
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
+/* GPUs here, and why there are none (the runtime's error) in why. */
+static int cuda_count(char *why, size_t len) {
+#if WITH_CUDA
+  return mt__cuda_count(why, len);
 #else
+  snprintf(why, len, "this build has no CUDA backend (rebuild with -Dcuda=enabled)");
   return 0;
 #endif
+}
+
+int mt_device_count(const char *kind) {
+  char why[256];
+  if (!strcmp(kind, "cuda")) return cuda_count(why, sizeof why);
+  if (!strcmp(kind, "cpu")) return 1;
+  return mt_seterr(MT_EINVAL, "device: unknown kind \"%s\" (want cpu or cuda)", kind);
+}
+
+int mt_cuda_device_count(void) { return mt_device_count("cuda"); }
+
+int mt_device_resolve_auto(char *out, size_t len, int want) {
+  char why[256] = "";
+  int n = cuda_count(why, sizeof why), w;
+  if (n > 0) {
+    w = want > 0 && want < n ? want : n;
+    if (w == 1)
+      w = snprintf(out, len, "cuda:0") < (int)len ? 1 : -1;
+    else
+      w = snprintf(out, len, "cuda:0-%d", w - 1) < (int)len ? w : -1;
+  } else {
+    w = want > 0 ? want : 1;
+    if (snprintf(out, len, "cpu:%d", w) >= (int)len)
+      w = -1;
+    else
+      mt_log_warn("devices auto: no CUDA device (%s); using %s", why[0] ? why : "none found", out);
+  }
+  if (w < 0)
+    return mt_seterr(MT_EINVAL, "devices auto: %zu bytes are too few for the device list", len);
+  return w;
 }
 
 int mt_device_open(mt_device *d, const char *spec) {
@@ -47,16 +83,26 @@ int mt_device_open(mt_device *d, const char *spec) {
     d->ops = &mt_cpu_ops;
     (void)mt_omp_wait_policy(); /* links the preinit hook into every program */
   } else if (kind_len == 4 && !strncmp(spec, "cuda", 4)) {
-    int n = mt_cuda_device_count();
-    if (!MT_HAVE_CUDA)
-      return mt_seterr(MT_ENOTSUP,
-                       "device: %s requested but this build has no CUDA backend "
-                       "(rebuild with -Dcuda=enabled)",
-                       spec);
+    char why[256] = "";
+    int n = cuda_count(why, sizeof why);
+    if (!WITH_CUDA) return mt_seterr(MT_ENOTSUP, "device: %s requested but %s", spec, why);
+    if (n == 0)
+      return mt_seterr(MT_ENOTSUP, "device: %s: no CUDA device: cudaGetDeviceCount: %s", spec,
+                       why[0] ? why : "0 devices");
     if (idx >= n)
-      return mt_seterr(MT_ENOTSUP, "device: %s requested but %d CUDA device(s) are usable here",
-                       spec, n);
-    return mt_seterr(MT_ENOTSUP, "device: %s: the CUDA backend is not built yet", spec);
+      return mt_seterr(MT_ENOTSUP, "device: %s requested but %d CUDA device%s usable here", spec, n,
+                       n == 1 ? " is" : "s are");
+#if WITH_CUDA
+    d->kind = MT_DEVICE_CUDA;
+    d->index = (int)idx;
+    d->threads = 1;
+    snprintf(d->name, sizeof d->name, "cuda:%d", d->index);
+    int rc = mt__cuda_open(d, (int)idx);
+    if (rc) {
+      memset(d, 0, sizeof *d);
+      return rc;
+    }
+#endif
   } else {
     return mt_seterr(MT_EINVAL, "device: unknown kind in \"%s\" (want cpu:N or cuda:N)", spec);
   }
@@ -64,10 +110,22 @@ int mt_device_open(mt_device *d, const char *spec) {
   return 0;
 }
 
-void mt_device_close(mt_device *d) { memset(d, 0, sizeof *d); }
+void mt_device_close(mt_device *d) {
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA && d->impl) mt__cuda_close(d);
+#endif
+  memset(d, 0, sizeof *d);
+}
+
+#if WITH_CUDA
+#define IF_CUDA(d, call)                                                                           \
+  if ((d)->kind == MT_DEVICE_CUDA) return call
+#else
+#define IF_CUDA(d, call) (void)(d)
+#endif
 
 void *mt_device_alloc(mt_device *d, size_t bytes) {
-  (void)d;
+  IF_CUDA(d, mt__cuda_alloc(d, bytes));
   size_t rounded = (bytes + 63) & ~(size_t)63;
   void *p = aligned_alloc(64, rounded ? rounded : 64);
   if (!p) {
@@ -79,35 +137,40 @@ void *mt_device_alloc(mt_device *d, size_t bytes) {
 }
 
 void mt_device_free(mt_device *d, void *p) {
-  (void)d;
+  if (d->kind == MT_DEVICE_CUDA) {
+#if WITH_CUDA
+    mt__cuda_free(d, p);
+#endif
+    return;
+  }
   free(p);
 }
 
 int mt_device_memcpy_htod(mt_device *d, void *dst, const void *src, size_t bytes) {
-  (void)d;
+  IF_CUDA(d, mt__cuda_memcpy(d, dst, src, bytes, MT__CUDA_HTOD));
   memcpy(dst, src, bytes);
   return 0;
 }
 
 int mt_device_memcpy_dtoh(mt_device *d, void *dst, const void *src, size_t bytes) {
-  (void)d;
+  IF_CUDA(d, mt__cuda_memcpy(d, dst, src, bytes, MT__CUDA_DTOH));
   memcpy(dst, src, bytes);
   return 0;
 }
 
 int mt_device_memcpy_dtod(mt_device *d, void *dst, const void *src, size_t bytes) {
-  (void)d;
+  IF_CUDA(d, mt__cuda_memcpy(d, dst, src, bytes, MT__CUDA_DTOD));
   memcpy(dst, src, bytes);
   return 0;
 }
 
 int mt_device_memset0(mt_device *d, void *p, size_t bytes) {
-  (void)d;
+  IF_CUDA(d, mt__cuda_memset0(d, p, bytes));
   memset(p, 0, bytes);
   return 0;
 }
 
 int mt_device_sync(mt_device *d) {
-  (void)d;
+  IF_CUDA(d, mt__cuda_sync(d));
   return 0;
 }

@@ -12,34 +12,73 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct mt_ops mt_ops;
+struct CUstream_st; /* cudaStream_t, without the CUDA headers */
 
 typedef enum { MT_DEVICE_CPU = 0, MT_DEVICE_CUDA = 1 } mt_device_kind;
 
+/* What GEMMs (linear layers, attention) compute in; tensors stay fp32 either
+ * way. TF32 and BF16 round the GEMM inputs to 10- and 7-bit mantissas inside
+ * the GEMM (tensor cores) and accumulate in fp32. A request: the CPU backend
+ * always computes in fp32. */
+typedef enum { MT_MATMUL_FP32 = 0, MT_MATMUL_TF32 = 1, MT_MATMUL_BF16 = 2 } mt_matmul_precision;
+
 typedef struct mt_device {
   mt_device_kind kind;
-  int index;          /* N of cpu:N / cuda:N */
-  int threads;        /* CPU: threads its ops use */
-  const mt_ops *ops;  /* the backend's op table */
-  char name[32];      /* "cpu:0" */
-  void *impl;         /* backend state (streams, handles) */
+  int index;                  /* N of cpu:N / cuda:N */
+  int threads;                /* CPU: threads its ops use */
+  const mt_ops *ops;          /* the backend's op table */
+  char name[32];              /* "cpu:0" */
+  void *impl;                 /* backend state (streams, handles) */
+  mt_matmul_precision matmul; /* MT_MATMUL_FP32 after open */
+  /* CUDA (NULL on CPU): every op, copy and memset of this device runs in
+   * order on `stream`; `comm_stream` is for collectives (NCCL), so they can
+   * overlap compute. Work across the two is ordered by the caller (events). */
+  struct CUstream_st *stream, *comm_stream;
 } mt_device;
 
 /* Opens "cpu:N" or "cuda:N". cuda is refused with a clear message when this
- * build or machine has no GPU. */
+ * build has no CUDA backend or the machine no usable GPU ("no CUDA device:
+ * cudaGetDeviceCount: ..."). */
 int mt_device_open(mt_device *d, const char *spec);
 void mt_device_close(mt_device *d);
 
-/* Device memory: 64-byte aligned and zeroed. NULL with mt_errmsg() on failure. */
+/* Devices of a kind usable here: "cuda" counts GPUs (0 without a GPU, a
+ * driver or a CUDA build: never an error); "cpu" is 1 (cpu:N are virtual
+ * names over the host). MT_EINVAL for another kind. */
+int mt_device_count(const char *kind);
+
+/* Resolves node.devices = "auto": writes "cuda:0-K" for the first `want`
+ * GPUs (all of them when want <= 0), or, with no GPU, "cpu:W" (W = want, at
+ * least 1) and logs the fallback with the reason. Returns the number of
+ * devices, or MT_EINVAL when out (len bytes) is too small. */
+int mt_device_resolve_auto(char *out, size_t len, int want);
+
+/* Device memory: 64-byte aligned (CUDA: 256) and zeroed. NULL with
+ * mt_errmsg() on failure. Copies from and to the host are complete when they
+ * return (the host buffer may be reused); device-to-device copies and memsets
+ * are ordered with the ops on the device's stream. */
 void *mt_device_alloc(mt_device *d, size_t bytes);
 void mt_device_free(mt_device *d, void *p);
 int mt_device_memcpy_htod(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memcpy_dtoh(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memcpy_dtod(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memset0(mt_device *d, void *p, size_t bytes);
+/* Waits for everything queued on the device. Ops cannot return errors (see
+ * ops.h), so the first error one met on a CUDA device (a failed launch or
+ * GEMM, a fault) is reported here, once, with MT_EIO. */
 int mt_device_sync(mt_device *d);
 
-/* Number of CUDA devices usable here (0 without a GPU or driver). */
+/* Number of CUDA devices usable here (0 without a GPU or driver);
+ * mt_device_count("cuda"). */
 int mt_cuda_device_count(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

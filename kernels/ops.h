@@ -21,6 +21,10 @@
 
 #include "device.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Dropout mask source. Deterministic per DESIGN: the mask of element e of
  * global sample s is drawn from Philox(key, s, e), so it depends on neither
  * the batch split nor the backend. p == 0 (or a NULL pointer) means none. */
@@ -30,6 +34,15 @@ typedef struct mt_dropout {
   uint64_t sample0; /* global sample index of batch row 0 */
   uint32_t head0;   /* attention: global index of local head 0 (tensor parallelism) */
 } mt_dropout;
+
+/* One tensor, or slice of one, for a multi-tensor AdamW step. */
+typedef struct mt_adamw_slice {
+  float *param;
+  const float *grad;
+  float *m, *v; /* Adam moments, laid out like param */
+  size_t n;
+  float wd; /* weight decay of this tensor (0 for biases and LayerNorm) */
+} mt_adamw_slice;
 
 struct mt_ops {
   const char *name;
@@ -123,6 +136,11 @@ struct mt_ops {
   void (*adamw)(mt_device *d, float *param, const float *grad, float *m, float *v, size_t n,
                 float lr, float beta1, float beta2, float eps, float wd, float grad_scale, int t);
 
+  /* adamw on each of count slices, in few launches on a GPU (one per few
+   * dozen slices); the same result as calling adamw slice by slice. */
+  void (*adamw_multi)(mt_device *d, const mt_adamw_slice *s, int count, float lr, float beta1,
+                      float beta2, float eps, float grad_scale, int t);
+
   /* Σ x², accumulated in double. */
   double (*sumsq)(mt_device *d, const float *x, size_t n);
   /* x *= s */
@@ -131,5 +149,11 @@ struct mt_ops {
 
 /* The CPU backend's table (kernels/cpu). */
 extern const mt_ops mt_cpu_ops;
+/* The CUDA backend's table (kernels/cuda; only in builds with CUDA). */
+extern const mt_ops mt_cuda_ops;
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

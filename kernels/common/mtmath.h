@@ -32,6 +32,20 @@ static inline MT_HD float mt_dropout_scale(float p, uint64_t key, uint64_t sampl
   return mt_philox_uniform(key, sample, e) >= p ? 1.0f / (1.0f - p) : 0.0f;
 }
 
+/* Keep-scale of an element whose Philox output (one lane of its block) is r:
+ * mt_dropout_scale(p, key, s, e) == mt_dropout_keep(p, mt_philox_block(key, s,
+ * e >> 2).v[e & 3]). Kernels that walk four consecutive elements draw the
+ * block once. */
+static inline MT_HD float mt_dropout_keep(float p, uint32_t r) {
+  return mt_philox_u01(r) >= p ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+/* AdamW's bias correction 1 - beta^t, computed on the host in double and
+ * rounded once, so every backend passes the kernels the same float. */
+static inline float mt_adamw_bias_correction(float beta, int t) {
+  return (float)(1.0 - pow((double)beta, (double)t));
+}
+
 /* One AdamW update of one element; returns the new parameter value. */
 static inline MT_HD float mt_adamw_update(float p, float g, float *m, float *v, float lr,
                                           float beta1, float beta2, float eps, float wd,

@@ -10,11 +10,7 @@
 
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define MT_HD __host__ __device__
-#else
-#define MT_HD
-#endif
+#include "hostdev.h"
 
 typedef struct { uint32_t v[4]; } mt_philox_out;
 
@@ -56,13 +52,22 @@ static inline uint64_t mt_philox_key(uint64_t seed, const char *name) {
   return mt_mix64(h ^ mt_mix64(seed));
 }
 
+/* One 32-bit Philox output as a uniform in [0, 1) with 24 random bits. */
+static inline MT_HD float mt_philox_u01(uint32_t r) {
+  return (float)(r >> 8) * (1.0f / 16777216.0f);
+}
+
+/* The Philox block of elements 4·blk .. 4·blk+3 of sample s. */
+static inline MT_HD mt_philox_out mt_philox_block(uint64_t key, uint64_t sample, uint64_t blk) {
+  return mt_philox4x32((uint32_t)blk, (uint32_t)(blk >> 32), (uint32_t)sample,
+                       (uint32_t)(sample >> 32), key);
+}
+
 /* Uniform in [0, 1) with 24 random bits, for element e of sample s. Four
  * consecutive elements share one Philox block. */
 static inline MT_HD float mt_philox_uniform(uint64_t key, uint64_t sample, uint64_t e) {
-  uint64_t blk = e >> 2;
-  mt_philox_out o = mt_philox4x32((uint32_t)blk, (uint32_t)(blk >> 32), (uint32_t)sample,
-                                  (uint32_t)(sample >> 32), key);
-  return (float)(o.v[e & 3] >> 8) * (1.0f / 16777216.0f);
+  mt_philox_out o = mt_philox_block(key, sample, e >> 2);
+  return mt_philox_u01(o.v[e & 3]);
 }
 
 /* Standard normal for element e of a tensor (Box-Muller over one Philox

@@ -549,12 +549,18 @@ static void crossentropy(mt_device *d, float *losses, float *dlogits, const floa
 static void adamw(mt_device *d, float *param, const float *grad, float *m, float *v, size_t n,
                   float lr, float beta1, float beta2, float eps, float wd, float grad_scale,
                   int t) {
-  float bc1 = (float)(1.0 - pow((double)beta1, (double)t));
-  float bc2 = (float)(1.0 - pow((double)beta2, (double)t));
+  float bc1 = mt_adamw_bias_correction(beta1, t), bc2 = mt_adamw_bias_correction(beta2, t);
 #pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (size_t i = 0; i < n; i++)
     param[i] = mt_adamw_update(param[i], grad[i] * grad_scale, &m[i], &v[i], lr, beta1, beta2, eps,
                                wd, bc1, bc2);
+}
+
+static void adamw_multi(mt_device *d, const mt_adamw_slice *s, int count, float lr, float beta1,
+                        float beta2, float eps, float grad_scale, int t) {
+  for (int i = 0; i < count; i++)
+    adamw(d, s[i].param, s[i].grad, s[i].m, s[i].v, s[i].n, lr, beta1, beta2, eps, s[i].wd,
+          grad_scale, t);
 }
 
 /* ---- vocabulary-parallel pieces (tensor parallelism) ---- */
@@ -657,6 +663,7 @@ const mt_ops mt_cpu_ops = {
     .crossentropy_shard_sum = crossentropy_shard_sum,
     .crossentropy_shard_grad = crossentropy_shard_grad,
     .adamw = adamw,
+    .adamw_multi = adamw_multi,
     .sumsq = sumsq,
     .scale = scale,
 };

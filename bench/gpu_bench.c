@@ -1,0 +1,304 @@
+/* gpu_bench.c — what the CUDA backend achieves on one GPU. Figures, never
+ * pass or fail on time (tests/gpu/run tabulates them).
+ *
+ * 1. The GEMM ceiling it measures itself: cuBLASLt on large squares
+ *    (M = N = K = 8192), bf16 in and out with fp32 accumulation (the MFU
+ *    denominator), and fp32 in and out computed in bf16 (what the ops table's
+ *    fp32 tensors get with MT_MATMUL_BF16).
+ * 2. One GPT-3 1.3B transformer layer (hidden 2048, 16 heads, sequence 2048)
+ *    forward and backward through d->ops, as model/gpt.c calls them, at
+ *    micro-batch 4 and 8: milliseconds, TFLOP/s by the layer's model FLOPs
+ *    72·B·s·h²·(1 + s/6h) (Narayanan et al. without recomputation; causal
+ *    attention counted in full, as everyone does), and MFU against the
+ *    measured bf16 ceiling.
+ * Each figure is also printed as "RESULT key value" for the script.
+ *
+ * Usage: gpu_bench [--quick]   (--quick: fewer iterations)
+ */
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "device.h"
+#include "err.h"
+#include "ops.h"
+
+static mt_device dev;
+static int iters = 10;
+
+#define CK(call)                                                                                   \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess) {                                                                       \
+      fprintf(stderr, "gpu_bench: %s: %s\n", #call, cudaGetErrorString(e_));                       \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+
+#define LT(call)                                                                                   \
+  do {                                                                                             \
+    cublasStatus_t s_ = (call);                                                                    \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                             \
+      fprintf(stderr, "gpu_bench: %s: %s\n", #call, cublasGetStatusString(s_));                    \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+
+static void *dmalloc(size_t bytes) {
+  void *p = mt_device_alloc(&dev, bytes);
+  if (!p) {
+    fprintf(stderr, "gpu_bench: %s\n", mt_errmsg());
+    exit(1);
+  }
+  return p;
+}
+
+static void sync_or_die(const char *what) {
+  if (mt_device_sync(&dev)) {
+    fprintf(stderr, "gpu_bench: %s: %s\n", what, mt_errmsg());
+    exit(1);
+  }
+}
+
+/* ---- the GEMM ceiling ----------------------------------------------------- */
+
+/* TFLOP/s of D = Aᵀ·B on n×n matrices of `type` (the TN layout cuBLAS is
+ * fastest in), fp32 accumulation in `compute`. */
+static double gemm_rate(int n, cudaDataType_t type, cublasComputeType_t compute) {
+  size_t el = type == CUDA_R_16BF ? 2 : 4, bytes = (size_t)n * n * el;
+  void *A = dmalloc(bytes), *B = dmalloc(bytes), *D = dmalloc(bytes);
+  size_t ws_bytes = (size_t)32 << 20;
+  void *ws = dmalloc(ws_bytes);
+  /* small values: 0x3C3C as bf16 is about 0.0115, as fp32 about 0.0115 too */
+  CK(cudaMemset(A, 0x3C, bytes));
+  CK(cudaMemset(B, 0x3C, bytes));
+  cublasLtHandle_t lt;
+  LT(cublasLtCreate(&lt));
+  cublasLtMatmulDesc_t op;
+  LT(cublasLtMatmulDescCreate(&op, compute, CUDA_R_32F));
+  cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
+  LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
+  LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn));
+  cublasLtMatrixLayout_t l;
+  LT(cublasLtMatrixLayoutCreate(&l, type, n, n, n));
+  cublasLtMatmulPreference_t pref;
+  LT(cublasLtMatmulPreferenceCreate(&pref));
+  uint64_t wsb = ws_bytes;
+  LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+                                          sizeof wsb));
+  cublasLtMatmulHeuristicResult_t res;
+  int found = 0;
+  LT(cublasLtMatmulAlgoGetHeuristic(lt, op, l, l, l, l, pref, 1, &res, &found));
+  if (!found) {
+    fprintf(stderr, "gpu_bench: no cuBLASLt algorithm for the %d³ GEMM\n", n);
+    exit(1);
+  }
+  float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t s = dev.stream;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; i++)
+    LT(cublasLtMatmul(lt, op, &alpha, A, l, B, l, &beta, D, l, D, l, &res.algo, ws, ws_bytes, s));
+  int reps = 4 * iters;
+  CK(cudaEventRecord(e0, s));
+  for (int i = 0; i < reps; i++)
+    LT(cublasLtMatmul(lt, op, &alpha, A, l, B, l, &beta, D, l, D, l, &res.algo, ws, ws_bytes, s));
+  CK(cudaEventRecord(e1, s));
+  CK(cudaEventSynchronize(e1));
+  float ms = 0.0f;
+  CK(cudaEventElapsedTime(&ms, e0, e1));
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(l);
+  cublasLtMatmulDescDestroy(op);
+  cublasLtDestroy(lt);
+  mt_device_free(&dev, A), mt_device_free(&dev, B), mt_device_free(&dev, D),
+      mt_device_free(&dev, ws);
+  return 2.0 * n * (double)n * n * reps / (ms * 1e-3) / 1e12;
+}
+
+/* ---- one transformer layer ------------------------------------------------ */
+
+typedef struct {
+  int B, T, C, NH;
+  /* parameters and their gradients */
+  float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b, *fcw, *fcb, *fcpw, *fcpb;
+  float *g[12];
+  /* activations */
+  float *inp, *ln1, *m1, *r1, *qkv, *atty, *att, *branch, *resid2, *ln2, *m2, *r2, *fch, *fchg,
+      *out;
+  /* backward */
+  float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *datt;
+} layer;
+
+static float *rnd(size_t n, float scale, uint64_t *state) {
+  float *h = malloc(n * sizeof(float));
+  if (!h) exit(1);
+  for (size_t i = 0; i < n; i++) {
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    h[i] = scale * ((float)(*state >> 40) * (1.0f / 16777216.0f) - 0.5f);
+  }
+  float *d = dmalloc(n * sizeof(float));
+  if (mt_device_memcpy_htod(&dev, d, h, n * sizeof(float))) exit(1);
+  free(h);
+  return d;
+}
+
+static void layer_make(layer *L, int B, int T, int C, int NH) {
+  memset(L, 0, sizeof *L);
+  L->B = B, L->T = T, L->C = C, L->NH = NH;
+  size_t N = (size_t)B * T, NC = N * C, CC = (size_t)C * C;
+  uint64_t st = 42;
+  L->ln1w = rnd(C, 0.2f, &st), L->ln1b = rnd(C, 0.2f, &st);
+  L->qkvw = rnd(3 * CC, 0.04f, &st), L->qkvb = rnd(3 * (size_t)C, 0.02f, &st);
+  L->projw = rnd(CC, 0.04f, &st), L->projb = rnd(C, 0.02f, &st);
+  L->ln2w = rnd(C, 0.2f, &st), L->ln2b = rnd(C, 0.2f, &st);
+  L->fcw = rnd(4 * CC, 0.04f, &st), L->fcb = rnd(4 * (size_t)C, 0.02f, &st);
+  L->fcpw = rnd(4 * CC, 0.02f, &st), L->fcpb = rnd(C, 0.02f, &st);
+  size_t sizes[12] = {C, C, 3 * CC, 3 * (size_t)C, CC, C, C, C, 4 * CC, 4 * (size_t)C, 4 * CC, C};
+  for (int i = 0; i < 12; i++) L->g[i] = dmalloc(sizes[i] * sizeof(float));
+  L->inp = rnd(NC, 2.0f, &st);
+  L->ln1 = dmalloc(NC * 4), L->m1 = dmalloc(N * 4), L->r1 = dmalloc(N * 4);
+  L->qkv = dmalloc(3 * NC * 4), L->atty = dmalloc(NC * 4);
+  L->att = dmalloc((size_t)B * NH * T * T * 4);
+  L->branch = dmalloc(NC * 4), L->resid2 = dmalloc(NC * 4), L->ln2 = dmalloc(NC * 4);
+  L->m2 = dmalloc(N * 4), L->r2 = dmalloc(N * 4);
+  L->fch = dmalloc(4 * NC * 4), L->fchg = dmalloc(4 * NC * 4), L->out = dmalloc(NC * 4);
+  L->dres = dmalloc(NC * 4), L->dfch = dmalloc(4 * NC * 4), L->dfch2 = dmalloc(4 * NC * 4);
+  L->dbtc = dmalloc(NC * 4), L->dbtc2 = dmalloc(NC * 4), L->dqkv = dmalloc(3 * NC * 4);
+  L->datt = dmalloc((size_t)B * NH * T * T * 4);
+}
+
+static void layer_free(layer *L) {
+  float **p[] = {&L->ln1w, &L->ln1b,  &L->qkvw, &L->qkvb,  &L->projw, &L->projb,  &L->ln2w,
+                 &L->ln2b, &L->fcw,   &L->fcb,  &L->fcpw,  &L->fcpb,  &L->inp,    &L->ln1,
+                 &L->m1,   &L->r1,    &L->qkv,  &L->atty,  &L->att,   &L->branch, &L->resid2,
+                 &L->ln2,  &L->m2,    &L->r2,   &L->fch,   &L->fchg,  &L->out,    &L->dres,
+                 &L->dfch, &L->dfch2, &L->dbtc, &L->dbtc2, &L->dqkv,  &L->datt};
+  for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) mt_device_free(&dev, *p[i]);
+  for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
+}
+
+/* model/gpt.c's layer: pre-LN attention block, then the MLP block */
+static void layer_fwd(layer *L) {
+  const mt_ops *o = dev.ops;
+  int B = L->B, T = L->T, C = L->C, N = B * T;
+  size_t NC = (size_t)N * C;
+  o->layernorm_fwd(&dev, L->ln1, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
+  o->linear_fwd(&dev, L->qkv, L->ln1, L->qkvw, L->qkvb, N, C, 3 * C);
+  o->attention_fwd(&dev, L->atty, L->att, L->qkv, B, T, C, L->NH, NULL);
+  o->linear_fwd(&dev, L->branch, L->atty, L->projw, L->projb, N, C, C);
+  o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
+  o->layernorm_fwd(&dev, L->ln2, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
+  o->linear_fwd(&dev, L->fch, L->ln2, L->fcw, L->fcb, N, C, 4 * C);
+  o->gelu_fwd(&dev, L->fchg, L->fch, 4 * NC);
+  o->linear_fwd(&dev, L->branch, L->fchg, L->fcpw, L->fcpb, N, 4 * C, C);
+  o->residual_fwd(&dev, L->out, L->resid2, L->branch, NC);
+}
+
+/* dres holds d(out) on entry and d(inp) on return, as in model/gpt.c */
+static void layer_bwd(layer *L) {
+  const mt_ops *o = dev.ops;
+  int B = L->B, T = L->T, C = L->C, N = B * T;
+  size_t NC = (size_t)N * C;
+  float **g = L->g;
+  mt_device_memset0(&dev, L->dfch, 4 * NC * 4);
+  o->linear_bwd(&dev, L->dfch, g[10], g[11], L->dres, L->fchg, L->fcpw, N, 4 * C, C);
+  mt_device_memset0(&dev, L->dfch2, 4 * NC * 4);
+  o->gelu_bwd(&dev, L->dfch2, L->fch, L->dfch, 4 * NC);
+  mt_device_memset0(&dev, L->dbtc2, NC * 4);
+  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, L->fcw, N, C, 4 * C);
+  o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);
+  mt_device_memset0(&dev, L->dbtc2, NC * 4);
+  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, L->projw, N, C, C);
+  mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
+  o->attention_bwd(&dev, L->dqkv, L->datt, L->dbtc2, L->qkv, L->att, B, T, C, L->NH, NULL);
+  mt_device_memset0(&dev, L->dbtc, NC * 4);
+  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, L->qkvw, N, C, 3 * C);
+  o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
+}
+
+static float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
+  float ms = 0.0f;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  return ms;
+}
+
+/* Times `iters` forward+backward steps after two warm-up ones; prints and
+ * returns TFLOP/s. */
+static double bench_layer(int B, mt_matmul_precision prec, const char *tag, double ceiling) {
+  int T = 2048, C = 2048, NH = 16;
+  layer L;
+  layer_make(&L, B, T, C, NH);
+  dev.matmul = prec;
+  cudaStream_t s = dev.stream;
+  cudaEvent_t e0, e1, e2;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  CK(cudaEventCreate(&e2));
+  size_t NC = (size_t)B * T * C;
+  for (int i = 0; i < 2; i++) {
+    mt_device_memcpy_dtod(&dev, L.dres, L.inp, NC * 4); /* some d(out) */
+    layer_fwd(&L);
+    layer_bwd(&L);
+  }
+  sync_or_die("warm-up");
+  float fwd = 0.0f, bwd = 0.0f;
+  for (int i = 0; i < iters; i++) {
+    mt_device_memcpy_dtod(&dev, L.dres, L.inp, NC * 4);
+    CK(cudaEventRecord(e0, s));
+    layer_fwd(&L);
+    CK(cudaEventRecord(e1, s));
+    layer_bwd(&L);
+    CK(cudaEventRecord(e2, s));
+    CK(cudaEventSynchronize(e2));
+    fwd += elapsed_ms(e0, e1);
+    bwd += elapsed_ms(e1, e2);
+  }
+  sync_or_die("layer");
+  fwd /= iters, bwd /= iters;
+  double flops = 72.0 * B * T * (double)C * C * (1.0 + T / (6.0 * C));
+  double tflops = flops / ((fwd + bwd) * 1e-3) / 1e12;
+  printf("layer %-5s B=%d: fwd %.2f ms, bwd %.2f ms, %.1f TFLOP/s, MFU %.1f%% of the measured "
+         "bf16 GEMM\n",
+         tag, B, fwd, bwd, tflops, 100.0 * tflops / ceiling);
+  printf("RESULT layer_%s_b%d_ms %.3f\n", tag, B, fwd + bwd);
+  printf("RESULT layer_%s_b%d_tflops %.2f\n", tag, B, tflops);
+  printf("RESULT layer_%s_b%d_mfu %.4f\n", tag, B, tflops / ceiling);
+  fflush(stdout);
+  cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
+  layer_free(&L);
+  dev.matmul = MT_MATMUL_FP32;
+  return tflops;
+}
+
+int main(int argc, char **argv) {
+  if (argc > 1 && !strcmp(argv[1], "--quick")) iters = 3;
+  if (mt_device_open(&dev, "cuda:0")) {
+    fprintf(stderr, "gpu_bench: %s\n", mt_errmsg());
+    return 1;
+  }
+  struct cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  printf("gpu_bench: %s, %d SMs, %.0f GiB\n", prop.name, prop.multiProcessorCount,
+         prop.totalGlobalMem / 1073741824.0);
+  printf("RESULT gpu \"%s\"\n", prop.name);
+
+  double bf16 = gemm_rate(8192, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
+  printf("GEMM 8192³ bf16 in/out, fp32 accumulation: %.1f TFLOP/s (the MFU denominator)\n", bf16);
+  printf("RESULT gemm_bf16_tflops %.2f\n", bf16);
+  double f32 = gemm_rate(8192, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF);
+  printf("GEMM 8192³ fp32 in/out, bf16 compute: %.1f TFLOP/s (the ops' GEMMs in bf16 mode)\n", f32);
+  printf("RESULT gemm_f32io_bf16_tflops %.2f\n", f32);
+  fflush(stdout);
+
+  bench_layer(4, MT_MATMUL_BF16, "bf16", bf16);
+  bench_layer(8, MT_MATMUL_BF16, "bf16", bf16);
+  bench_layer(4, MT_MATMUL_TF32, "tf32", bf16);
+  mt_device_close(&dev);
+  return 0;
+}

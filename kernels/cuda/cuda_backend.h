@@ -1,0 +1,38 @@
+/* cuda_backend.h — what device.c calls for "cuda:N" devices (kernels/cuda).
+ *
+ * Internal to kernels/: the engine reaches a GPU only through device.h and
+ * d->ops. Defined in device_cuda.cu (C linkage); built only when the build
+ * has CUDA (or runs the kernels on the CPU emulator, tests/gpu/emu).
+ */
+#ifndef MT_CUDA_BACKEND_H
+#define MT_CUDA_BACKEND_H
+
+#include <stddef.h>
+
+#include "device.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* GPUs usable here; 0 with the CUDA runtime's reason in why ("" when it
+ * simply found none). Never fails: no driver is 0 devices. */
+int mt__cuda_count(char *why, size_t why_len);
+
+/* Fills d's CUDA state (streams, cuBLASLt, workspaces) for GPU `index`. */
+int mt__cuda_open(mt_device *d, int index);
+void mt__cuda_close(mt_device *d);
+
+void *mt__cuda_alloc(mt_device *d, size_t bytes);
+void mt__cuda_free(mt_device *d, void *p);
+
+typedef enum { MT__CUDA_HTOD, MT__CUDA_DTOH, MT__CUDA_DTOD } mt__cuda_copy;
+int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__cuda_copy kind);
+int mt__cuda_memset0(mt_device *d, void *p, size_t bytes);
+int mt__cuda_sync(mt_device *d);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

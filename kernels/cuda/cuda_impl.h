@@ -1,0 +1,92 @@
+/* cuda_impl.h — what the CUDA backend's files share (CUDA C++, kernels/cuda only).
+ *
+ * Ops cannot return errors (ops.h), so a failed launch or GEMM is recorded in
+ * the device's state, first error wins, and mt_device_sync() reports it.
+ * The same sources also build as plain C++ against tests/gpu/emu, which runs
+ * the kernels on the CPU (MT_CUDA_EMU): launches go through MT_LAUNCH, and
+ * kernels use only what the emulator provides (no atomics, no dynamic shared
+ * memory, whole warps in every block).
+ */
+#ifndef MT_CUDA_IMPL_H
+#define MT_CUDA_IMPL_H
+
+#ifdef MT_CUDA_EMU
+#include "cuda_emu.h"
+#define MT_LAUNCH(k, grid, block, stream) mt_emu::launch(#k, k, (grid), (block), (stream))
+#else
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#define MT_LAUNCH(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "device.h"
+#include "ops.h"
+
+/* Workspace sizes, allocated once at open so ops never allocate. */
+#define MT_CUDA_GEMM_WS_BYTES                                                                      \
+  ((size_t)32 << 20)           /* cuBLASLt/cuBLAS: 32 MiB is what Hopper kernels ask */
+#ifndef MT_CUDA_SCRATCH_FLOATS /* the emulator test shrinks it to reach every chunking path */
+#define MT_CUDA_SCRATCH_FLOATS ((size_t)16 << 20) /* 64 MiB: dropped attention probabilities */
+#endif
+#define MT_CUDA_RED_BLOCKS 1024 /* sumsq partials: a fixed count, a fixed order */
+
+typedef struct mt__cuda {
+  int index;
+  cudaStream_t stream, comm_stream;
+  cublasLtHandle_t lt;
+  cublasHandle_t blas; /* fallback when cuBLASLt has no algorithm for a shape */
+  void *ws;            /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */
+  float *scratch;      /* MT_CUDA_SCRATCH_FLOATS */
+  double *red;         /* MT_CUDA_RED_BLOCKS + 1 */
+  int err;             /* first error an op met: MT_EIO, 0 when none */
+  char errmsg[384];
+} mt__cuda;
+
+static inline mt__cuda *mt__cuda_of(mt_device *d) { return (mt__cuda *)d->impl; }
+
+/* Makes d's GPU current on the calling thread and returns its state. */
+mt__cuda *mt__cuda_enter(mt_device *d);
+/* Records the first failure of an op: "what: detail". */
+void mt__cuda_fail(mt_device *d, const char *what, const char *detail);
+/* After a launch: records a launch failure (bad configuration, no kernel image). */
+void mt__cuda_check(mt_device *d, const char *what);
+
+/* D = alpha · op(A) · op(B) + beta · D (+ bias broadcast along columns), in
+ * cuBLAS's column-major terms: op(A) is m×k, op(B) k×n, D m×n; transposes
+ * when trans*. batch > 1 repeats it at the given element strides. fp32
+ * tensors, compute in d->matmul. */
+typedef struct mt__gemm {
+  int transa, transb, m, n, k, batch;
+  const float *A;
+  int lda;
+  long long sA;
+  const float *B;
+  int ldb;
+  long long sB;
+  float *D;
+  int ldd;
+  long long sD;
+  float alpha, beta;
+  const float *bias; /* (m) or NULL */
+} mt__gemm;
+void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g);
+
+/* attention_cuda.cu: the ops.h attention pair */
+void mt__cuda_attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
+                            int C, int NH, const mt_dropout *drop);
+void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
+                            const float *qkv, const float *att, int B, int T, int C, int NH,
+                            const mt_dropout *drop);
+
+/* Launch helpers: blocks for n items at `threads` per block; grid-stride
+ * loops take care of the rest past the cap. */
+static inline unsigned mt__cuda_blocks(size_t n, unsigned threads) {
+  size_t b = (n + threads - 1) / threads;
+  return b > (1u << 20) ? (1u << 20) : (b ? (unsigned)b : 1u);
+}
+
+#endif

@@ -1,0 +1,369 @@
+/* device_cuda.cu — "cuda:N" devices: streams, memory, errors, and the GEMM
+ * every op uses (cuBLASLt, with cuBLAS as the fallback).
+ *
+ * Never links libcuda: the runtime (cudart) loads the driver itself, so a
+ * machine without one gets 0 devices, not a program that fails to start.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_backend.h"
+#include "cuda_impl.h"
+
+extern "C" {
+#include "err.h"
+#include "log.h"
+}
+
+int mt__cuda_count(char *why, size_t why_len) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (why && why_len) why[0] = 0;
+  if (e != cudaSuccess) { /* no driver (35), no device (100), ...: 0 devices, with the reason */
+    if (why && why_len)
+      snprintf(why, why_len, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+mt__cuda *mt__cuda_enter(mt_device *d) {
+  mt__cuda *c = mt__cuda_of(d);
+  cudaSetDevice(c->index); /* per host thread; a failure shows in the call that follows */
+  return c;
+}
+
+void mt__cuda_fail(mt_device *d, const char *what, const char *detail) {
+  mt__cuda *c = mt__cuda_of(d);
+  if (c->err) return;
+  c->err = MT_EIO;
+  snprintf(c->errmsg, sizeof c->errmsg, "device %s: %s: %s", d->name, what, detail);
+}
+
+void mt__cuda_check(mt_device *d, const char *what) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) mt__cuda_fail(d, what, cudaGetErrorString(e));
+}
+
+void mt__cuda_close(mt_device *d) {
+  mt__cuda *c = mt__cuda_of(d);
+  if (!c) return;
+  cudaSetDevice(c->index);
+  if (c->stream) cudaStreamSynchronize(c->stream);
+  if (c->lt) cublasLtDestroy(c->lt);
+  if (c->blas) cublasDestroy(c->blas);
+  cudaFree(c->ws);
+  cudaFree(c->scratch);
+  cudaFree(c->red);
+  if (c->stream) cudaStreamDestroy(c->stream);
+  if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
+  cudaGetLastError();
+  free(c);
+  d->impl = NULL;
+  d->stream = d->comm_stream = NULL;
+}
+
+/* Blocking streams (not cudaStreamNonBlocking): work that other code queues
+ * on the legacy default stream (cudaMemcpy, a library's memset) stays
+ * ordered with ours. */
+int mt__cuda_open(mt_device *d, int index) {
+  mt__cuda *c = (mt__cuda *)calloc(1, sizeof *c);
+  if (!c) return mt_seterr(MT_ENOMEM, "device %s: out of memory", d->name);
+  c->index = index;
+  d->impl = c;
+  const char *step = NULL, *detail = NULL;
+  cudaError_t e;
+  cublasStatus_t st;
+#define TRY_CUDA(call, what)                                                                       \
+  if ((e = (call)) != cudaSuccess) {                                                               \
+    step = what, detail = cudaGetErrorString(e);                                                   \
+    goto fail;                                                                                     \
+  }
+#define TRY_BLAS(call, what)                                                                       \
+  if ((st = (call)) != CUBLAS_STATUS_SUCCESS) {                                                    \
+    step = what, detail = cublasGetStatusString(st);                                               \
+    goto fail;                                                                                     \
+  }
+  TRY_CUDA(cudaSetDevice(index), "cudaSetDevice");
+  TRY_CUDA(cudaStreamCreate(&c->stream), "create the compute stream");
+  TRY_CUDA(cudaStreamCreate(&c->comm_stream), "create the communication stream");
+  TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
+  TRY_CUDA(cudaMalloc((void **)&c->scratch, MT_CUDA_SCRATCH_FLOATS * sizeof(float)),
+           "allocate the scratch buffer");
+  TRY_CUDA(cudaMalloc((void **)&c->red, (MT_CUDA_RED_BLOCKS + 1) * sizeof(double)),
+           "allocate the reduction buffer");
+  TRY_BLAS(cublasLtCreate(&c->lt), "cublasLtCreate");
+  TRY_BLAS(cublasCreate(&c->blas), "cublasCreate");
+  TRY_BLAS(cublasSetStream(c->blas, c->stream), "cublasSetStream");
+  TRY_BLAS(cublasSetWorkspace(c->blas, c->ws, MT_CUDA_GEMM_WS_BYTES), "cublasSetWorkspace");
+  d->stream = c->stream;
+  d->comm_stream = c->comm_stream;
+  d->matmul = MT_MATMUL_FP32;
+  d->ops = &mt_cuda_ops;
+  {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index);
+    mt_log_debug("device %s: %d SMs, streams %p (compute) and %p (comm)", d->name, sms,
+                 (void *)c->stream, (void *)c->comm_stream);
+  }
+  return 0;
+fail:
+  mt__cuda_close(d);
+  return mt_seterr(MT_EIO, "device %s: %s: %s", d->name, step, detail);
+#undef TRY_CUDA
+#undef TRY_BLAS
+}
+
+void *mt__cuda_alloc(mt_device *d, size_t bytes) {
+  mt__cuda *c = mt__cuda_enter(d);
+  void *p = NULL;
+  cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    mt_seterr(MT_ENOMEM, "device %s: cannot allocate %zu bytes: %s", d->name, bytes,
+              cudaGetErrorString(e));
+    return NULL;
+  }
+  if (bytes && (e = cudaMemsetAsync(p, 0, bytes, c->stream)) != cudaSuccess) {
+    cudaFree(p);
+    mt_seterr(MT_EIO, "device %s: zero %zu new bytes: %s", d->name, bytes, cudaGetErrorString(e));
+    return NULL;
+  }
+  return p;
+}
+
+void mt__cuda_free(mt_device *d, void *p) {
+  if (!p) return;
+  mt__cuda_enter(d);
+  cudaFree(p); /* waits for work in flight on the device */
+}
+
+/* Copies from and to the host wait for the stream (the host buffer is free
+ * when they return, as on the CPU backend); device-to-device copies queue. */
+int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__cuda_copy kind) {
+  mt__cuda *c = mt__cuda_enter(d);
+  if (!bytes) return 0;
+  static const char *names[] = {"host to device", "device to host", "device to device"};
+  cudaMemcpyKind k = kind == MT__CUDA_HTOD   ? cudaMemcpyHostToDevice
+                     : kind == MT__CUDA_DTOH ? cudaMemcpyDeviceToHost
+                                             : cudaMemcpyDeviceToDevice;
+  cudaError_t e = cudaMemcpyAsync(dst, src, bytes, k, c->stream);
+  if (e == cudaSuccess && kind != MT__CUDA_DTOD) e = cudaStreamSynchronize(c->stream);
+  if (e != cudaSuccess)
+    return mt_seterr(MT_EIO, "device %s: copy %zu bytes %s: %s", d->name, bytes, names[kind],
+                     cudaGetErrorString(e));
+  return 0;
+}
+
+int mt__cuda_memset0(mt_device *d, void *p, size_t bytes) {
+  mt__cuda *c = mt__cuda_enter(d);
+  if (!bytes) return 0;
+  cudaError_t e = cudaMemsetAsync(p, 0, bytes, c->stream);
+  if (e != cudaSuccess)
+    return mt_seterr(MT_EIO, "device %s: zero %zu bytes: %s", d->name, bytes,
+                     cudaGetErrorString(e));
+  return 0;
+}
+
+int mt__cuda_sync(mt_device *d) {
+  mt__cuda *c = mt__cuda_enter(d);
+  cudaError_t e = cudaStreamSynchronize(c->stream);
+  if (e != cudaSuccess) mt__cuda_fail(d, "synchronize", cudaGetErrorString(e));
+  if (!c->err) return 0;
+  c->err = 0; /* reported once; a fault of the context itself keeps failing every call */
+  return mt_seterr(MT_EIO, "%s", c->errmsg);
+}
+
+/* ---- GEMM --------------------------------------------------------------- */
+
+static cublasComputeType_t compute_type(mt_matmul_precision p) {
+  switch (p) {
+  case MT_MATMUL_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+  case MT_MATMUL_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+  default: return CUBLAS_COMPUTE_32F;
+  }
+}
+
+/* The alignment in bytes (a power of two, 4..256) that every matrix of a
+ * batch keeps, rows included. cuBLASLt's heuristic assumes 256 unless told,
+ * and a kernel picked for that would fault on a less aligned view, such as an
+ * attention head's slice of qkv when the head size is odd. */
+static uint32_t alignment(const void *p, int ld, long long stride, int batch) {
+  uint64_t bits = (uint64_t)(uintptr_t)p | ((uint64_t)ld * sizeof(float));
+  if (batch > 1) bits |= (uint64_t)stride * sizeof(float);
+  uint32_t a = 256;
+  while (a > 4 && (bits & (a - 1))) a >>= 1;
+  return a;
+}
+
+/* The last few shapes' algorithms: a layer repeats the same dozen GEMMs, and
+ * the heuristic query costs more than creating the descriptors. */
+#define ALGO_CACHE 32
+typedef struct {
+  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, ct;
+  long long sA, sB, sD;
+  uint32_t align[4];
+} gemm_key;
+
+typedef struct {
+  gemm_key key;
+  cublasLtMatmulAlgo_t algo;
+  int used;
+} algo_entry;
+
+static thread_local algo_entry algo_cache[ALGO_CACHE]; /* per host thread: one device thread each */
+static thread_local int algo_clock;
+
+static int key_equal(const gemm_key *a, const gemm_key *b) { return !memcmp(a, b, sizeof *a); }
+
+/* cuBLASLt; 0 when it has no algorithm for this shape or fails. */
+static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, const char **why) {
+  cublasLtMatmulDesc_t op = NULL;
+  cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+  cublasLtMatmulPreference_t pref = NULL;
+  cublasOperation_t ta = g->transa ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasOperation_t tb = g->transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+  int ok = 0;
+  gemm_key key;
+  memset(&key, 0, sizeof key); /* padding too: keys are compared with memcmp */
+  key.dev = c->index;
+  key.transa = g->transa, key.transb = g->transb, key.m = g->m, key.n = g->n, key.k = g->k;
+  key.batch = g->batch, key.lda = g->lda, key.ldb = g->ldb, key.ldd = g->ldd;
+  key.bias = g->bias != NULL, key.ct = (int)ct;
+  key.sA = g->batch > 1 ? g->sA : 0, key.sB = g->batch > 1 ? g->sB : 0;
+  key.sD = g->batch > 1 ? g->sD : 0;
+  key.align[0] = alignment(g->A, g->lda, g->sA, g->batch);
+  key.align[1] = alignment(g->B, g->ldb, g->sB, g->batch);
+  key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch);
+  key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1) : 0;
+  algo_entry *hit = NULL;
+  for (int i = 0; i < ALGO_CACHE; i++)
+    if (algo_cache[i].used && key_equal(&algo_cache[i].key, &key)) hit = &algo_cache[i];
+
+#define LT(call, what)                                                                             \
+  if ((st = (call)) != CUBLAS_STATUS_SUCCESS) {                                                    \
+    *why = what;                                                                                   \
+    goto done;                                                                                     \
+  }
+  LT(cublasLtMatmulDescCreate(&op, ct, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA");
+  LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB");
+  if (g->bias) {
+    cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+    LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep),
+       "EPILOGUE");
+    LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias,
+                                      sizeof g->bias),
+       "BIAS_POINTER");
+  }
+  /* layouts describe the matrices as stored, before op() */
+  LT(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, g->transa ? g->k : g->m, g->transa ? g->m : g->k,
+                                g->lda),
+     "layout A");
+  LT(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, g->transb ? g->n : g->k, g->transb ? g->k : g->n,
+                                g->ldb),
+     "layout B");
+  LT(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, g->m, g->n, g->ldd), "layout D");
+  if (g->batch > 1) {
+    int32_t bc = g->batch;
+    int64_t s[3] = {g->sA, g->sB, g->sD};
+    cublasLtMatrixLayout_t l[3] = {la, lb, ld};
+    for (int i = 0; i < 3; i++) {
+      LT(cublasLtMatrixLayoutSetAttribute(l[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &bc, sizeof bc),
+         "BATCH_COUNT");
+      LT(cublasLtMatrixLayoutSetAttribute(l[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &s[i],
+                                          sizeof s[i]),
+         "STRIDED_BATCH_OFFSET");
+    }
+  }
+  if (!hit) {
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    uint64_t wsb = MT_CUDA_GEMM_WS_BYTES;
+    LT(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+    LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+                                            sizeof wsb),
+       "MAX_WORKSPACE_BYTES");
+    static const cublasLtMatmulPreferenceAttributes_t attr[3] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 3; i++)
+      LT(cublasLtMatmulPreferenceSetAttribute(pref, attr[i], &key.align[i], sizeof key.align[i]),
+         "MIN_ALIGNMENT");
+    LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                            &key.align[2], sizeof key.align[2]),
+       "MIN_ALIGNMENT_C");
+    LT(cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &res, &found),
+       "cublasLtMatmulAlgoGetHeuristic");
+    if (!found) {
+      *why = "no cuBLASLt algorithm";
+      goto done;
+    }
+    int victim = 0; /* least recently used */
+    for (int i = 1; i < ALGO_CACHE; i++)
+      if (algo_cache[i].used < algo_cache[victim].used) victim = i;
+    hit = &algo_cache[victim];
+    hit->key = key;
+    hit->algo = res.algo;
+  }
+  hit->used = ++algo_clock;
+  LT(cublasLtMatmul(c->lt, op, &g->alpha, g->A, la, g->B, lb, &g->beta, g->D, ld, g->D, ld,
+                    &hit->algo, c->ws, MT_CUDA_GEMM_WS_BYTES, c->stream),
+     "cublasLtMatmul");
+  ok = 1;
+done:
+  if (!ok && *why && st != CUBLAS_STATUS_SUCCESS) {
+    static thread_local char buf[160];
+    snprintf(buf, sizeof buf, "%s: %s", *why, cublasGetStatusString(st));
+    *why = buf;
+  }
+  if (!ok && hit) hit->used = 0; /* do not keep an algorithm that failed */
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  if (la) cublasLtMatrixLayoutDestroy(la);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (ld) cublasLtMatrixLayoutDestroy(ld);
+  if (op) cublasLtMatmulDescDestroy(op);
+  return ok;
+#undef LT
+}
+
+/* D(m,n) column-major = beta·D + bias broadcast along columns: the bias that
+ * cuBLAS's fallback cannot fuse, written before a GEMM with beta = 1. */
+static __global__ void k_bias_fill(float *D, const float *bias, int m, int n, int ldd, float beta) {
+  size_t total = (size_t)m * n;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+       i += (size_t)gridDim.x * blockDim.x) {
+    size_t col = i / (size_t)m, row = i % (size_t)m;
+    float *p = D + col * (size_t)ldd + row;
+    *p = (beta == 0.0f ? 0.0f : beta * *p) + bias[row];
+  }
+}
+
+void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
+  if (g->m <= 0 || g->n <= 0 || g->k <= 0 || g->batch <= 0) return; /* no op has k = 0 */
+  mt__cuda *c = mt__cuda_enter(d);
+  cublasComputeType_t ct = compute_type(d->matmul);
+  const char *why = NULL;
+  if (gemm_lt(c, ct, g, &why)) return;
+  /* cuBLAS takes any shape cuBLASLt refuses */
+  float beta = g->beta;
+  if (g->bias) {
+    MT_LAUNCH(k_bias_fill, mt__cuda_blocks((size_t)g->m * g->n, 256), 256, c->stream)
+    (g->D, g->bias, g->m, g->n, g->ldd, beta);
+    mt__cuda_check(d, what);
+    beta = 1.0f;
+  }
+  cublasStatus_t st = cublasGemmStridedBatchedEx(
+      c->blas, g->transa ? CUBLAS_OP_T : CUBLAS_OP_N, g->transb ? CUBLAS_OP_T : CUBLAS_OP_N, g->m,
+      g->n, g->k, &g->alpha, g->A, CUDA_R_32F, g->lda, g->sA, g->B, CUDA_R_32F, g->ldb, g->sB,
+      &beta, g->D, CUDA_R_32F, g->ldd, g->sD, g->batch, ct, CUBLAS_GEMM_DEFAULT);
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    char detail[320];
+    snprintf(detail, sizeof detail, "m=%d n=%d k=%d batch=%d: cuBLASLt: %s; cuBLAS: %s", g->m, g->n,
+             g->k, g->batch, why ? why : "-", cublasGetStatusString(st));
+    mt__cuda_fail(d, what, detail);
+  }
+}

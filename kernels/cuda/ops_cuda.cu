@@ -1,0 +1,614 @@
+/* ops_cuda.cu — the CUDA backend: every op of ops.h but attention
+ * (attention_cuda.cu), fp32 tensors, fp32 accumulation (double where the CPU
+ * backend uses double).
+ *
+ * The element-wise formulas (GeLU, dropout masks, AdamW) come from
+ * kernels/common, so both backends compute the same expressions. Row-wise
+ * ops run one block per row; reductions over rows (LayerNorm weights, bias
+ * gradients, embedding scatter) walk rows in order in a fixed tree, never with
+ * atomics, so every result is the same from run to run. Each op queues its
+ * work on the device's stream and returns; failures surface in
+ * mt_device_sync().
+ */
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#include "cuda_impl.h"
+#include "mtmath.h"
+#include "ops.h"
+#include "reduce.cuh"
+
+#define EW 256          /* threads per block, element-wise kernels */
+#define ROW 256         /* per-row kernels: LayerNorm, embedding scatter */
+#define CE 512          /* cross-entropy rows (tens of thousands of columns) */
+#define COLS_Y 16       /* column reductions: blocks of 32 columns x COLS_Y row lanes */
+#define ADAM_MAX 32     /* slices per multi-tensor AdamW launch (kernel parameters < 4 KiB) */
+#define ADAM_CHUNK 4096 /* elements per AdamW block */
+
+#define GRID_STRIDE(i, n)                                                                          \
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)(n);                  \
+       i += (size_t)gridDim.x * blockDim.x)
+
+/* Queues kernel k for n items (grid-stride) and records a launch failure. */
+#define LAUNCH_EW(d, name, k, n, ...)                                                              \
+  do {                                                                                             \
+    mt__cuda *c_ = mt__cuda_enter(d);                                                              \
+    MT_LAUNCH(k, mt__cuda_blocks((n), EW), EW, c_->stream)(__VA_ARGS__);                           \
+    mt__cuda_check(d, name);                                                                       \
+  } while (0)
+
+/* ---- embedding ---------------------------------------------------------- */
+
+static __global__ void k_embedding_fwd(float *out, const int32_t *tokens, const float *wte,
+                                       const float *wpe, int T, int C, size_t n) {
+  GRID_STRIDE(i, n) {
+    size_t row = i / (size_t)C, col = i % (size_t)C;
+    out[i] = wte[(size_t)tokens[row] * C + col] + wpe[(row % (size_t)T) * C + col];
+  }
+}
+
+/* dwpe(T,C) += Σ_b dout[b] in order of b, as the CPU backend adds them */
+static __global__ void k_embedding_dwpe(float *dwpe, const float *dout, int B, size_t TC) {
+  GRID_STRIDE(i, TC) {
+    float a = dwpe[i];
+    for (int b = 0; b < B; b++) a += dout[(size_t)b * TC + i];
+    dwpe[i] = a;
+  }
+}
+
+/* dwte row of token (tok - v0) += the dout rows of every position holding
+ * tok, in order of position. One block per position n (256 threads); only
+ * the block of a token's first position does the work, so a repeated token
+ * never races and the sum order is the CPU backend's. */
+static __global__ void k_embedding_scatter(float *dwte, const float *dout, const int32_t *tokens,
+                                           int v0, int Vl, int N, int C) {
+  __shared__ int list[ROW];
+  __shared__ int wcount[ROW / 32];
+  int n = blockIdx.x, tok = tokens[n], k = tok - v0;
+  if (k < 0 || k >= Vl) return; /* not in this shard: the whole block leaves */
+  for (int s = 0; s < n; s += blockDim.x) {
+    int j = s + (int)threadIdx.x;
+    if (__syncthreads_or(j < n && tokens[j] == tok)) return; /* an earlier position owns it */
+  }
+  float *dw = dwte + (size_t)k * C;
+  unsigned lane = threadIdx.x & 31u, w = threadIdx.x >> 5;
+  for (int s = n; s < N; s += blockDim.x) {
+    int j = s + (int)threadIdx.x;
+    int hit = j < N && tokens[j] == tok;
+    unsigned ballot = __ballot_sync(0xffffffffu, hit);
+    if (lane == 0) wcount[w] = __popc(ballot);
+    __syncthreads();
+    int off = 0, total = 0;
+    for (unsigned q = 0; q < blockDim.x / 32u; q++) {
+      off += q < w ? wcount[q] : 0;
+      total += wcount[q];
+    }
+    if (hit) list[off + __popc(ballot & ((1u << lane) - 1u))] = j; /* positions, in order */
+    __syncthreads();
+    if (total) {
+      for (int col = threadIdx.x; col < C; col += blockDim.x) {
+        float a = dw[col];
+        for (int q = 0; q < total; q++) a += dout[(size_t)list[q] * C + col];
+        dw[col] = a;
+      }
+    }
+    __syncthreads(); /* list and wcount are rewritten next round */
+  }
+}
+
+static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
+                          const float *wpe, int B, int T, int C) {
+  size_t n = (size_t)B * T * C;
+  if (n) LAUNCH_EW(d, "embedding_fwd", k_embedding_fwd, n, out, tokens, wte, wpe, T, C, n);
+}
+
+static void embedding_bwd(mt_device *d, float *dwte, float *dwpe, const float *dout,
+                          const int32_t *tokens, int B, int T, int C) {
+  if (!B || !T || !C) return;
+  size_t TC = (size_t)T * C;
+  LAUNCH_EW(d, "embedding_bwd", k_embedding_dwpe, TC, dwpe, dout, B, TC);
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_embedding_scatter, B * T, ROW, c->stream)(dwte, dout, tokens, 0, INT_MAX, B * T, C);
+  mt__cuda_check(d, "embedding_bwd");
+}
+
+static __global__ void k_embedding_shard_fwd(float *out, const int32_t *tokens, const float *wte,
+                                             int v0, int Vl, int C, size_t n) {
+  GRID_STRIDE(i, n) {
+    size_t row = i / (size_t)C, col = i % (size_t)C;
+    int k = tokens[row] - v0;
+    out[i] = k >= 0 && k < Vl ? wte[(size_t)k * C + col] : 0.0f;
+  }
+}
+
+static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
+                                int v0, int Vl, int N, int C) {
+  size_t n = (size_t)N * C;
+  if (n)
+    LAUNCH_EW(d, "embedding_shard_fwd", k_embedding_shard_fwd, n, out, tokens, wte, v0, Vl, C, n);
+}
+
+static void embedding_shard_bwd(mt_device *d, float *dwte, const float *dout, const int32_t *tokens,
+                                int v0, int Vl, int N, int C) {
+  if (!N || !C) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_embedding_scatter, N, ROW, c->stream)(dwte, dout, tokens, v0, Vl, N, C);
+  mt__cuda_check(d, "embedding_shard_bwd");
+}
+
+/* ---- layernorm ---------------------------------------------------------- */
+
+/* One block per row: the mean, then the centred variance (two passes, as the
+ * CPU backend), then the normalised write. */
+static __global__ void k_layernorm_fwd(float *out, float *mean, float *rstd, const float *inp,
+                                       const float *w, const float *b, int C, float eps) {
+  size_t n = blockIdx.x;
+  const float *x = inp + n * C;
+  float *o = out + n * C;
+  float s = 0.0f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s += x[c];
+  float m = mt__block_sum(s) / (float)C;
+  float v = 0.0f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float dx = x[c] - m;
+    v += dx * dx;
+  }
+  float r = 1.0f / sqrtf(mt__block_sum(v) / (float)C + eps);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) o[c] = (x[c] - m) * r * w[c] + b[c];
+  if (threadIdx.x == 0) {
+    mean[n] = m;
+    rstd[n] = r;
+  }
+}
+
+static __global__ void k_layernorm_bwd_dx(float *dinp, const float *dout, const float *inp,
+                                          const float *w, const float *mean, const float *rstd,
+                                          int C) {
+  size_t n = blockIdx.x;
+  const float *x = inp + n * C, *g = dout + n * C;
+  float *dx = dinp + n * C;
+  float m = mean[n], r = rstd[n];
+  float s1 = 0.0f, s2 = 0.0f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float dn = g[c] * w[c];
+    s1 += dn;
+    s2 += dn * (x[c] - m) * r;
+  }
+  float a = mt__block_sum(s1) / (float)C, bb = mt__block_sum(s2) / (float)C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float xh = (x[c] - m) * r;
+    dx[c] += (g[c] * w[c] - a - xh * bb) * r;
+  }
+}
+
+/* dw(C) += Σ_n dout·x̂, db(C) += Σ_n dout: blocks of 32 columns (coalesced
+ * rows), COLS_Y lanes over the rows, then the lanes summed in order. */
+static __global__ void k_layernorm_dwdb(float *dw, float *db, const float *dout, const float *inp,
+                                        const float *mean, const float *rstd, int N, int C) {
+  __shared__ float sw[COLS_Y][33], sb[COLS_Y][33];
+  int c = blockIdx.x * 32 + threadIdx.x;
+  float aw = 0.0f, ab = 0.0f;
+  if (c < C) {
+    for (int n = threadIdx.y; n < N; n += blockDim.y) {
+      size_t i = (size_t)n * C + c;
+      float g = dout[i];
+      aw += g * (inp[i] - mean[n]) * rstd[n];
+      ab += g;
+    }
+  }
+  sw[threadIdx.y][threadIdx.x] = aw;
+  sb[threadIdx.y][threadIdx.x] = ab;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float tw = 0.0f, tb = 0.0f;
+    for (unsigned y = 0; y < blockDim.y; y++) {
+      tw += sw[y][threadIdx.x];
+      tb += sb[y][threadIdx.x];
+    }
+    dw[c] += tw;
+    db[c] += tb;
+  }
+}
+
+static void layernorm_fwd(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
+                          const float *w, const float *b, int N, int C, float eps) {
+  if (!N || !C) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_layernorm_fwd, N, ROW, c->stream)(out, mean, rstd, inp, w, b, C, eps);
+  mt__cuda_check(d, "layernorm_fwd");
+}
+
+static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w, const float *mean, const float *rstd,
+                          int N, int C) {
+  if (!N || !C) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_layernorm_bwd_dx, N, ROW, c->stream)(dinp, dout, inp, w, mean, rstd, C);
+  MT_LAUNCH(k_layernorm_dwdb, (C + 31) / 32, dim3(32, COLS_Y), c->stream)
+  (dw, db, dout, inp, mean, rstd, N, C);
+  mt__cuda_check(d, "layernorm_bwd");
+}
+
+/* ---- linear ------------------------------------------------------------- */
+
+/* dst(OC) += column sums of src(N,OC), rows in a fixed tree */
+static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC) {
+  __shared__ float sh[COLS_Y][33];
+  int c = blockIdx.x * 32 + threadIdx.x;
+  float a = 0.0f;
+  if (c < OC)
+    for (int n = threadIdx.y; n < N; n += blockDim.y) a += src[(size_t)n * OC + c];
+  sh[threadIdx.y][threadIdx.x] = a;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < OC) {
+    float t = 0.0f;
+    for (unsigned y = 0; y < blockDim.y; y++) t += sh[y][threadIdx.x];
+    dst[c] += t;
+  }
+}
+
+/* Row-major (N,C)·(OC,C)ᵀ is column-major outᵀ(OC,N) = w(C,OC)ᵀ · inpᵀ(C,N):
+ * cuBLASLt with A = w transposed, B = inp, the bias as its epilogue. */
+static void linear_fwd(mt_device *d, float *out, const float *inp, const float *w,
+                       const float *bias, int N, int C, int OC) {
+  mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
+  mt__cuda_gemm(d, "linear_fwd", &g);
+}
+
+static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
+                       const float *inp, const float *w, int N, int C, int OC) {
+  if (dinp) { // dinpᵀ(C,N) += w(C,OC) · doutᵀ(OC,N)
+    mt__gemm g = {0, 0, C, N, OC, 1, w, C, 0, dout, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
+    mt__cuda_gemm(d, "linear_bwd dinp", &g);
+  }
+  // dwᵀ(C,OC) += inpᵀ(C,N) · dout(N,OC)
+  mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+  mt__cuda_gemm(d, "linear_bwd dw", &g);
+  if (dbias && N && OC) {
+    mt__cuda *c = mt__cuda_enter(d);
+    MT_LAUNCH(k_colsum_acc, (OC + 31) / 32, dim3(32, COLS_Y), c->stream)(dbias, dout, N, OC);
+    mt__cuda_check(d, "linear_bwd dbias");
+  }
+}
+
+/* ---- element-wise ------------------------------------------------------- */
+
+static __global__ void k_gelu_fwd(float *out, const float *inp, size_t n) {
+  GRID_STRIDE(i, n) out[i] = mt_gelu(inp[i]);
+}
+
+static __global__ void k_gelu_bwd(float *dinp, const float *inp, const float *dout, size_t n) {
+  GRID_STRIDE(i, n) dinp[i] += mt_gelu_grad(inp[i]) * dout[i];
+}
+
+static __global__ void k_residual(float *out, const float *a, const float *b, size_t n) {
+  GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+}
+
+static __global__ void k_add(float *dst, const float *src, size_t n) {
+  GRID_STRIDE(i, n) dst[i] += src[i];
+}
+
+static __global__ void k_scale(float *x, float s, size_t n) { GRID_STRIDE(i, n) x[i] *= s; }
+
+static void gelu_fwd(mt_device *d, float *out, const float *inp, size_t n) {
+  if (n) LAUNCH_EW(d, "gelu_fwd", k_gelu_fwd, n, out, inp, n);
+}
+
+static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n) {
+  if (n) LAUNCH_EW(d, "gelu_bwd", k_gelu_bwd, n, dinp, inp, dout, n);
+}
+
+static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
+  if (n) LAUNCH_EW(d, "residual_fwd", k_residual, n, out, a, b, n);
+}
+
+static void add_inplace(mt_device *d, float *dst, const float *src, size_t n) {
+  if (n) LAUNCH_EW(d, "add_inplace", k_add, n, dst, src, n);
+}
+
+static void scale(mt_device *d, float *x, float s, size_t n) {
+  if (n) LAUNCH_EW(d, "scale", k_scale, n, x, s, n);
+}
+
+/* ---- dropout ------------------------------------------------------------ */
+
+/* One thread per Philox block: elements 4·blk .. 4·blk+3 of sample
+ * blockIdx.y, the four lanes of one draw (mt_dropout_keep). */
+static __global__ void k_dropout(float *out, const float *inp, size_t per_sample, float p,
+                                 uint64_t key, uint64_t sample0, int accumulate) {
+  size_t blk = blockIdx.x * (size_t)blockDim.x + threadIdx.x, e0 = blk * 4;
+  if (e0 >= per_sample) return;
+  mt_philox_out o = mt_philox_block(key, sample0 + blockIdx.y, blk);
+  size_t base = (size_t)blockIdx.y * per_sample + e0;
+  for (int k = 0; k < 4 && e0 + k < per_sample; k++) {
+    float v = inp[base + k] * mt_dropout_keep(p, o.v[k]);
+    out[base + k] = accumulate ? out[base + k] + v : v;
+  }
+}
+
+static void dropout_rows(mt_device *d, const char *name, float *out, const float *inp, int B,
+                         size_t per_sample, const mt_dropout *drop, int accumulate) {
+  if (!B || !per_sample) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  size_t blocks = (per_sample + 4 * EW - 1) / (4 * EW);
+  if (B > 65535 || blocks > 0x7FFFFFFF) {
+    mt__cuda_fail(d, name, "more than 65535 samples or 2^31 blocks of a sample");
+    return;
+  }
+  MT_LAUNCH(k_dropout, dim3((unsigned)blocks, (unsigned)B), EW, c->stream)
+  (out, inp, per_sample, drop->p, drop->key, drop->sample0, accumulate);
+  mt__cuda_check(d, name);
+}
+
+static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
+                        const mt_dropout *drop) {
+  if (!drop || drop->p == 0.0f) {
+    if (out != inp && B && per_sample) {
+      mt__cuda *c = mt__cuda_enter(d);
+      cudaError_t e = cudaMemcpyAsync(out, inp, (size_t)B * per_sample * sizeof(float),
+                                      cudaMemcpyDeviceToDevice, c->stream);
+      if (e != cudaSuccess) mt__cuda_fail(d, "dropout_fwd copy", cudaGetErrorString(e));
+    }
+    return;
+  }
+  dropout_rows(d, "dropout_fwd", out, inp, B, per_sample, drop, 0);
+}
+
+static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
+                        const mt_dropout *drop) {
+  if (!drop || drop->p == 0.0f) {
+    add_inplace(d, dinp, dout, (size_t)B * per_sample);
+    return;
+  }
+  dropout_rows(d, "dropout_bwd", dinp, dout, B, per_sample, drop, 1);
+}
+
+/* ---- cross-entropy ------------------------------------------------------ */
+
+/* One block per row: max, then exp (written into dlogits) summed in double,
+ * then one scaling pass, as the CPU backend. The target's logit is read
+ * before any write, since dlogits may alias logits; each element is read and
+ * written by the same thread. */
+static __global__ void k_crossentropy(float *losses, float *dlogits, const float *logits,
+                                      const int32_t *targets, float dloss, int V, int Vp) {
+  size_t n = blockIdx.x;
+  const float *x = logits + n * Vp;
+  float *dx = dlogits ? dlogits + n * Vp : NULL;
+  int tg = targets[n];
+  float xt = x[tg];
+  float mx = -FLT_MAX;
+  for (int j = threadIdx.x; j < V; j += blockDim.x) mx = x[j] > mx ? x[j] : mx;
+  mx = mt__block_max(mx); /* its barriers also end every read of xt before a write */
+  double sum = 0.0;
+  for (int j = threadIdx.x; j < V; j += blockDim.x) {
+    float e = expf(x[j] - mx);
+    if (dx) dx[j] = e;
+    sum += e;
+  }
+  sum = mt__block_sum_d(sum);
+  if (losses && threadIdx.x == 0) losses[n] = (float)((double)mx + log(sum) - (double)xt);
+  if (!dx) return;
+  float f = (float)((double)dloss / sum);
+  for (int j = threadIdx.x; j < V; j += blockDim.x) {
+    float v = dx[j] * f;
+    dx[j] = j == tg ? v - dloss : v;
+  }
+  for (int j = V + threadIdx.x; j < Vp; j += blockDim.x) dx[j] = 0.0f;
+}
+
+static void crossentropy(mt_device *d, float *losses, float *dlogits, const float *logits,
+                         const int32_t *targets, float dloss, int N, int V, int Vp) {
+  if (!N) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_crossentropy, N, CE, c->stream)(losses, dlogits, logits, targets, dloss, V, Vp);
+  mt__cuda_check(d, "crossentropy");
+}
+
+static __global__ void k_ce_shard_max(float *rowmax, const float *logits, int real, int Vl) {
+  const float *x = logits + (size_t)blockIdx.x * Vl;
+  float mx = -FLT_MAX;
+  for (int j = threadIdx.x; j < real; j += blockDim.x) mx = x[j] > mx ? x[j] : mx;
+  mx = mt__block_max(mx);
+  if (threadIdx.x == 0) rowmax[blockIdx.x] = mx;
+}
+
+static __global__ void k_ce_shard_sum(float *rowsum, float *xt, const float *logits,
+                                      const int32_t *targets, const float *gmax, int real, int Vl,
+                                      int v0) {
+  size_t n = blockIdx.x;
+  const float *x = logits + n * Vl;
+  float mx = gmax[n];
+  double sum = 0.0;
+  for (int j = threadIdx.x; j < real; j += blockDim.x) sum += expf(x[j] - mx);
+  sum = mt__block_sum_d(sum);
+  if (threadIdx.x == 0) {
+    rowsum[n] = (float)sum;
+    int k = targets[n] - v0;
+    xt[n] = k >= 0 && k < real ? x[k] : 0.0f;
+  }
+}
+
+static __global__ void k_ce_shard_grad(float *dlogits, const float *logits, const int32_t *targets,
+                                       const float *gmax, const float *gsum, float dloss, int real,
+                                       int Vl, int v0) {
+  size_t n = blockIdx.x;
+  const float *x = logits + n * Vl;
+  float *dx = dlogits + n * Vl;
+  float mx = gmax[n], f = (float)((double)dloss / (double)gsum[n]);
+  int k = targets[n] - v0;
+  for (int j = threadIdx.x; j < real; j += blockDim.x) {
+    float v = expf(x[j] - mx) * f;
+    dx[j] = j == k ? v - dloss : v;
+  }
+  for (int j = real + threadIdx.x; j < Vl; j += blockDim.x) dx[j] = 0.0f;
+}
+
+static void crossentropy_shard_max(mt_device *d, float *rowmax, const float *logits, int N,
+                                   int real, int Vl) {
+  if (!N) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_ce_shard_max, N, CE, c->stream)(rowmax, logits, real, Vl);
+  mt__cuda_check(d, "crossentropy_shard_max");
+}
+
+static void crossentropy_shard_sum(mt_device *d, float *rowsum, float *xt, const float *logits,
+                                   const int32_t *targets, const float *gmax, int N, int real,
+                                   int Vl, int v0) {
+  if (!N) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_ce_shard_sum, N, CE, c->stream)(rowsum, xt, logits, targets, gmax, real, Vl, v0);
+  mt__cuda_check(d, "crossentropy_shard_sum");
+}
+
+static void crossentropy_shard_grad(mt_device *d, float *dlogits, const float *logits,
+                                    const int32_t *targets, const float *gmax, const float *gsum,
+                                    float dloss, int N, int real, int Vl, int v0) {
+  if (!N) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_ce_shard_grad, N, CE, c->stream)
+  (dlogits, logits, targets, gmax, gsum, dloss, real, Vl, v0);
+  mt__cuda_check(d, "crossentropy_shard_grad");
+}
+
+/* ---- optimizer ---------------------------------------------------------- */
+
+static __global__ void k_adamw(float *param, const float *grad, float *m, float *v, size_t n,
+                               float lr, float beta1, float beta2, float eps, float wd,
+                               float grad_scale, float bc1, float bc2) {
+  GRID_STRIDE(i, n)
+  param[i] = mt_adamw_update(param[i], grad[i] * grad_scale, &m[i], &v[i], lr, beta1, beta2, eps,
+                             wd, bc1, bc2);
+}
+
+static void adamw(mt_device *d, float *param, const float *grad, float *m, float *v, size_t n,
+                  float lr, float beta1, float beta2, float eps, float wd, float grad_scale,
+                  int t) {
+  float bc1 = mt_adamw_bias_correction(beta1, t), bc2 = mt_adamw_bias_correction(beta2, t);
+  if (n)
+    LAUNCH_EW(d, "adamw", k_adamw, n, param, grad, m, v, n, lr, beta1, beta2, eps, wd, grad_scale,
+              bc1, bc2);
+}
+
+/* Up to ADAM_MAX slices, passed by value as the kernel's parameters; block b
+ * works on chunk b - first[i] of the slice i with first[i] <= b < first[i+1]. */
+typedef struct {
+  int count;
+  unsigned first[ADAM_MAX + 1];
+  mt_adamw_slice s[ADAM_MAX];
+} adam_pack;
+
+static __global__ void k_adamw_multi(adam_pack pk, float lr, float beta1, float beta2, float eps,
+                                     float grad_scale, float bc1, float bc2) {
+  int i = 0;
+  while (i + 1 < pk.count && blockIdx.x >= pk.first[i + 1]) i++;
+  const mt_adamw_slice *s = &pk.s[i];
+  size_t lo = (size_t)(blockIdx.x - pk.first[i]) * ADAM_CHUNK;
+  size_t hi = lo + ADAM_CHUNK < s->n ? lo + ADAM_CHUNK : s->n;
+  for (size_t j = lo + threadIdx.x; j < hi; j += blockDim.x)
+    s->param[j] = mt_adamw_update(s->param[j], s->grad[j] * grad_scale, &s->m[j], &s->v[j], lr,
+                                  beta1, beta2, eps, s->wd, bc1, bc2);
+}
+
+static void adamw_multi(mt_device *d, const mt_adamw_slice *s, int count, float lr, float beta1,
+                        float beta2, float eps, float grad_scale, int t) {
+  mt__cuda *c = mt__cuda_enter(d);
+  float bc1 = mt_adamw_bias_correction(beta1, t), bc2 = mt_adamw_bias_correction(beta2, t);
+  adam_pack pk;
+  memset(&pk, 0, sizeof pk);
+  for (int i = 0; i <= count; i++) {
+    /* flush a full pack, or the last one */
+    if (i == count || pk.count == ADAM_MAX) {
+      unsigned blocks = pk.first[pk.count];
+      if (blocks) {
+        MT_LAUNCH(k_adamw_multi, blocks, EW, c->stream)
+        (pk, lr, beta1, beta2, eps, grad_scale, bc1, bc2);
+        mt__cuda_check(d, "adamw_multi");
+      }
+      memset(&pk, 0, sizeof pk);
+      if (i == count) break;
+    }
+    if (!s[i].n) continue;
+    size_t chunks = (s[i].n + ADAM_CHUNK - 1) / ADAM_CHUNK;
+    if (chunks > 0x7FFFFFFFu - pk.first[pk.count]) { /* a slice of 2^43 elements: on its own */
+      adamw(d, s[i].param, s[i].grad, s[i].m, s[i].v, s[i].n, lr, beta1, beta2, eps, s[i].wd,
+            grad_scale, t);
+      continue;
+    }
+    pk.s[pk.count] = s[i];
+    pk.first[pk.count + 1] = pk.first[pk.count] + (unsigned)chunks;
+    pk.count++;
+  }
+}
+
+/* ---- reductions --------------------------------------------------------- */
+
+/* Σ x² in double: MT_CUDA_RED_BLOCKS fixed partials (each a fixed stride
+ * pattern and tree), then one block adds them in order. */
+static __global__ void k_sumsq_part(double *part, const float *x, size_t n) {
+  double a = 0.0;
+  GRID_STRIDE(i, n) a += (double)x[i] * (double)x[i];
+  a = mt__block_sum_d(a);
+  if (threadIdx.x == 0) part[blockIdx.x] = a;
+}
+
+static __global__ void k_sumsq_total(double *out, const double *part, int parts) {
+  double a = 0.0;
+  for (int i = threadIdx.x; i < parts; i += blockDim.x) a += part[i];
+  a = mt__block_sum_d(a);
+  if (threadIdx.x == 0) *out = a;
+}
+
+static double sumsq(mt_device *d, const float *x, size_t n) {
+  if (!n) return 0.0;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_sumsq_part, MT_CUDA_RED_BLOCKS, EW, c->stream)(c->red, x, n);
+  MT_LAUNCH(k_sumsq_total, 1, EW, c->stream)
+  (c->red + MT_CUDA_RED_BLOCKS, c->red, MT_CUDA_RED_BLOCKS);
+  mt__cuda_check(d, "sumsq");
+  double r = NAN; /* what a failure leaves: no clipping scale can hide it */
+  cudaError_t e =
+      cudaMemcpyAsync(&r, c->red + MT_CUDA_RED_BLOCKS, sizeof r, cudaMemcpyDeviceToHost, c->stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
+  if (e != cudaSuccess) {
+    mt__cuda_fail(d, "sumsq", cudaGetErrorString(e));
+    return NAN;
+  }
+  return r;
+}
+
+static mt_ops make_ops(void) {
+  mt_ops o;
+  memset(&o, 0, sizeof o);
+  o.name = "cuda";
+  o.embedding_fwd = embedding_fwd;
+  o.embedding_bwd = embedding_bwd;
+  o.layernorm_fwd = layernorm_fwd;
+  o.layernorm_bwd = layernorm_bwd;
+  o.linear_fwd = linear_fwd;
+  o.linear_bwd = linear_bwd;
+  o.attention_fwd = mt__cuda_attention_fwd;
+  o.attention_bwd = mt__cuda_attention_bwd;
+  o.gelu_fwd = gelu_fwd;
+  o.gelu_bwd = gelu_bwd;
+  o.residual_fwd = residual_fwd;
+  o.add_inplace = add_inplace;
+  o.dropout_fwd = dropout_fwd;
+  o.dropout_bwd = dropout_bwd;
+  o.crossentropy = crossentropy;
+  o.embedding_shard_fwd = embedding_shard_fwd;
+  o.embedding_shard_bwd = embedding_shard_bwd;
+  o.crossentropy_shard_max = crossentropy_shard_max;
+  o.crossentropy_shard_sum = crossentropy_shard_sum;
+  o.crossentropy_shard_grad = crossentropy_shard_grad;
+  o.adamw = adamw;
+  o.adamw_multi = adamw_multi;
+  o.sumsq = sumsq;
+  o.scale = scale;
+  return o;
+}
+
+/* C++ has no designated initialisers before C++20: filled once at load. */
+const mt_ops mt_cuda_ops = make_ops();

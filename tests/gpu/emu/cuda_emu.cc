@@ -1,0 +1,629 @@
+/* cuda_emu.cc — see cuda_emu.h. */
+#include "cuda_emu.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <map>
+#include <vector>
+
+#include "half.h"
+
+#define EMU_DIE(...)                                                                               \
+  do {                                                                                             \
+    fprintf(stderr, "cuda_emu: " __VA_ARGS__);                                                     \
+    fprintf(stderr, "\n");                                                                         \
+    abort();                                                                                       \
+  } while (0)
+
+/* ---- memory ------------------------------------------------------------- */
+
+static std::map<uintptr_t, size_t> allocations; /* base -> bytes */
+static cudaError_t last_error = cudaSuccess;
+static int current_device = 0;
+
+/* The allocation holding [p, p + bytes), or 0 when p is host memory; dies
+ * when a range starts in an allocation and runs past its end. */
+static int is_device(const void *p, size_t bytes) {
+  uintptr_t a = (uintptr_t)p;
+  auto it = allocations.upper_bound(a);
+  if (it == allocations.begin()) return 0;
+  --it;
+  if (a >= it->first + it->second) return 0;
+  if (a + bytes > it->first + it->second)
+    EMU_DIE("%zu bytes at %p run past the end of a %zu-byte allocation", bytes, p, it->second);
+  return 1;
+}
+
+static int emu_devices(void) {
+  const char *s = getenv("MT_CUDA_EMU_DEVICES");
+  return s ? atoi(s) : 1;
+}
+
+cudaError_t cudaGetDeviceCount(int *n) {
+  *n = emu_devices();
+  return *n ? cudaSuccess : cudaErrorNoDevice;
+}
+
+cudaError_t cudaSetDevice(int dev) {
+  if (dev < 0 || dev >= emu_devices()) return last_error = cudaErrorInvalidDevice;
+  current_device = dev;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev) {
+  (void)attr, (void)dev;
+  *v = 4;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *s) {
+  static int dummy[64];
+  static int next;
+  *s = (cudaStream_t)&dummy[next++ % 64];
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+/* Each allocation ends at an inaccessible page, so a kernel that writes or
+ * reads past the end of a buffer (by more than the rounding to 256 bytes)
+ * faults at once instead of corrupting a neighbour. */
+cudaError_t cudaMalloc(void **p, size_t bytes) {
+  size_t rounded = (bytes + 255) & ~(size_t)255, page = 4096;
+  if (!rounded) rounded = 256;
+  size_t map = (rounded + page - 1) / page * page + page;
+  char *m = (char *)mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return last_error = cudaErrorMemoryAllocation;
+  mprotect(m + map - page, page, PROT_NONE);
+  *p = m + map - page - rounded;
+  memset(*p, 0xFF, rounded); /* NaN in every float: reading unwritten memory shows */
+  allocations[(uintptr_t)*p] = rounded;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void *p) {
+  if (!p) return cudaSuccess;
+  auto it = allocations.find((uintptr_t)p);
+  if (it == allocations.end()) EMU_DIE("cudaFree(%p): not an allocation", p);
+  size_t rounded = it->second, page = 4096, map = (rounded + page - 1) / page * page + page;
+  allocations.erase(it);
+  munmap((char *)p + rounded + page - map, map);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) {
+  if (!is_device(p, bytes)) EMU_DIE("cudaMemsetAsync(%p, %zu bytes): not device memory", p, bytes);
+  memset(p, v, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t) {
+  int want_dst = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  int want_src = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if (is_device(dst, bytes) != want_dst || is_device(src, bytes) != want_src)
+    EMU_DIE("cudaMemcpyAsync kind %d: dst %p is %s, src %p is %s", (int)kind, dst,
+            is_device(dst, bytes) ? "device" : "host", src,
+            is_device(src, bytes) ? "device" : "host");
+  memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError(void) {
+  cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+const char *cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+  case cudaSuccess: return "cudaSuccess";
+  case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+  case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+  case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+  case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+  case cudaErrorNoDevice: return "cudaErrorNoDevice";
+  case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+  }
+  return "cudaErrorUnknown";
+}
+
+const char *cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+
+/* ---- kernels: blocks in turn, threads as fibers -------------------------- */
+
+namespace mt_emu {
+
+uint3 *cur_tid;
+uint3 block_idx;
+dim3 block_dim, grid_dim;
+
+namespace {
+
+struct barrier {
+  int arrived, live;
+  unsigned gen;
+  int acc, result[2]; /* __syncthreads_count: the sum, kept per generation parity */
+};
+
+/* Switching fibers: on x86-64 a few instructions that save the callee-saved
+ * registers on the old stack and load them from the new one; glibc's
+ * swapcontext also saves the signal mask, a system call per switch that
+ * made the emulator ten times slower. Elsewhere, swapcontext. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FAST_SWITCH 1
+extern "C" void mt_emu_swap(void **save_sp, void *load_sp);
+__asm__(".text\n"
+        ".globl mt_emu_swap\n"
+        ".type mt_emu_swap,@function\n"
+        "mt_emu_swap:\n"
+        "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+        "  movq %rsp, (%rdi)\n"
+        "  movq %rsi, %rsp\n"
+        "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+        "  ret\n"
+        ".size mt_emu_swap, .-mt_emu_swap\n");
+#else
+#define FAST_SWITCH 0
+#endif
+
+struct fiber {
+#if FAST_SWITCH
+  void *sp;
+#else
+  ucontext_t ctx;
+#endif
+  uint3 tid;
+  unsigned linear, warp, lane;
+  int done;
+};
+
+const size_t STACK_BYTES = 128 << 10;
+#if FAST_SWITCH
+void *sched_sp;
+#else
+ucontext_t sched;
+#endif
+std::vector<fiber> fibers;
+char *stacks; /* 1024 stacks, mapped once, pages committed as touched */
+fiber *cur;
+barrier blk;
+std::vector<barrier> warps;
+std::vector<uint64_t> slots; /* one per thread: shuffle and ballot exchange */
+unsigned long epoch;         /* counts releases and exits: progress */
+const std::function<void()> *body;
+
+#if FAST_SWITCH
+void yield() { mt_emu_swap(&cur->sp, sched_sp); }
+#else
+void yield() { swapcontext(&cur->ctx, &sched); }
+#endif
+
+void release(barrier &b) {
+  b.result[b.gen & 1] = b.acc;
+  b.acc = 0;
+  b.arrived = 0;
+  b.gen++;
+  epoch++;
+}
+
+/* The calling fiber arrives; returns the generation it waited for. */
+unsigned arrive(barrier &b) {
+  unsigned g = b.gen;
+  if (++b.arrived == b.live) release(b);
+  while (b.gen == g) yield();
+  return g;
+}
+
+/* An exited thread no longer counts: __syncthreads completes without it. */
+void leave(barrier &b) {
+  b.live--;
+  if (b.arrived && b.arrived == b.live) release(b);
+}
+
+void entry() {
+  (*body)();
+  cur->done = 1;
+  leave(blk);
+  leave(warps[cur->warp]);
+  epoch++;
+#if FAST_SWITCH
+  yield(); /* for good: a finished fiber is never resumed */
+  abort();
+#endif
+} /* with swapcontext: returns to sched through uc_link */
+
+/* A new fiber on stack [lo, lo + bytes), starting in entry(). */
+void start(fiber &f, char *lo, size_t bytes) {
+#if FAST_SWITCH
+  /* what mt_emu_swap pops: six registers, then entry() as the return
+   * address; entry() then starts with rsp = 8 mod 16, as after a call */
+  uintptr_t top = ((uintptr_t)(lo + bytes) & ~(uintptr_t)15) - 64;
+  void **sp = (void **)top;
+  for (int i = 0; i < 6; i++) sp[i] = NULL;
+  sp[6] = (void *)entry;
+  sp[7] = NULL;
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = lo;
+  f.ctx.uc_stack.ss_size = bytes;
+  f.ctx.uc_link = &sched;
+  makecontext(&f.ctx, entry, 0);
+#endif
+}
+
+void resume(fiber &f) {
+#if FAST_SWITCH
+  mt_emu_swap(&sched_sp, f.sp);
+#else
+  swapcontext(&sched, &f.ctx);
+#endif
+}
+
+void warp_sync() { arrive(warps[cur->warp]); }
+
+} // namespace
+
+void syncthreads() { arrive(blk); }
+
+int syncthreads_count(int pred) {
+  blk.acc += pred;
+  unsigned g = arrive(blk);
+  return blk.result[g & 1];
+}
+
+void check_mask(unsigned mask) {
+  if (mask != 0xffffffffu) EMU_DIE("warp mask 0x%08x: only full warps are emulated", mask);
+}
+
+uint64_t shfl_xor(uint64_t bits, int lane_mask) {
+  unsigned base = cur->warp * 32, src = cur->lane ^ (unsigned)lane_mask;
+  if (lane_mask < 0 || lane_mask > 31) EMU_DIE("shuffle lane mask %d", lane_mask);
+  slots[cur->linear] = bits;
+  warp_sync();
+  uint64_t r = slots[base + src];
+  warp_sync(); /* nobody overwrites a slot before every lane has read */
+  return r;
+}
+
+unsigned ballot(int pred) {
+  unsigned base = cur->warp * 32;
+  slots[cur->linear] = (uint64_t)(pred != 0);
+  warp_sync();
+  unsigned r = 0;
+  for (unsigned l = 0; l < 32 && base + l < fibers.size(); l++)
+    if (!fibers[base + l].done && slots[base + l]) r |= 1u << l;
+  warp_sync();
+  return r;
+}
+
+void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::function<void()> &b) {
+  (void)s;
+  size_t nthreads = (size_t)block.x * block.y * block.z;
+  if (!grid.x || !grid.y || !grid.z || !nthreads || nthreads > 1024 || block.z > 64 ||
+      grid.y > 65535 || grid.z > 65535) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (nthreads % 32) EMU_DIE("kernel %s: %zu threads per block, not whole warps", name, nthreads);
+  if (!stacks) {
+    stacks = (char *)mmap(NULL, 1024 * STACK_BYTES, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (stacks == MAP_FAILED) EMU_DIE("cannot map fiber stacks");
+  }
+  body = &b;
+  grid_dim = grid;
+  block_dim = block;
+  fibers.assign(nthreads, fiber());
+  slots.assign(nthreads, 0);
+  warps.assign((nthreads + 31) / 32, barrier());
+  for (unsigned z = 0; z < grid.z; z++)
+    for (unsigned y = 0; y < grid.y; y++)
+      for (unsigned x = 0; x < grid.x; x++) {
+        block_idx = {x, y, z};
+        blk = barrier();
+        blk.live = (int)nthreads;
+        for (size_t w = 0; w < warps.size(); w++) {
+          warps[w] = barrier();
+          warps[w].live = 32;
+        }
+        for (size_t i = 0; i < nthreads; i++) {
+          fiber &f = fibers[i];
+          f.tid = {(unsigned)(i % block.x), (unsigned)(i / block.x % block.y),
+                   (unsigned)(i / ((size_t)block.x * block.y))};
+          f.linear = (unsigned)i, f.warp = (unsigned)(i / 32), f.lane = (unsigned)(i % 32);
+          f.done = 0;
+          start(f, stacks + i * STACK_BYTES, STACK_BYTES);
+        }
+        size_t live = nthreads;
+        while (live) {
+          unsigned long before = epoch;
+          for (size_t i = 0; i < nthreads; i++) {
+            if (fibers[i].done) continue;
+            cur = &fibers[i];
+            cur_tid = &cur->tid;
+            resume(*cur);
+            if (cur->done) live--;
+          }
+          if (live && epoch == before)
+            EMU_DIE("kernel %s block (%u,%u,%u): deadlock: threads wait at barriers that never "
+                    "complete",
+                    name, x, y, z);
+        }
+      }
+}
+
+long gemms_lt, gemms_blas;
+int lt_disabled;
+
+} // namespace mt_emu
+
+/* ---- GEMM --------------------------------------------------------------- */
+
+struct emu_blas {
+  int dummy;
+};
+struct emu_lt {
+  int dummy;
+};
+struct emu_desc {
+  cublasComputeType_t compute;
+  cublasOperation_t ta, tb;
+  cublasLtEpilogue_t epilogue;
+  const float *bias;
+};
+struct emu_layout {
+  cudaDataType_t type;
+  uint64_t rows, cols;
+  int64_t ld;
+  int32_t batch;
+  int64_t stride;
+};
+struct emu_pref {
+  uint32_t align[4]; /* A, B, C, D */
+  uint64_t ws;
+};
+
+/* x rounded to what a tensor core multiplies: tf32 (10-bit mantissa) or bf16. */
+static double round_input(float x, cublasComputeType_t compute) {
+  if (compute == CUBLAS_COMPUTE_32F_FAST_16BF) return mt_bf16_to_f32(mt_f32_to_bf16(x));
+  if (compute == CUBLAS_COMPUTE_32F_FAST_TF32 && isfinite(x)) {
+    uint32_t u = mt_f32_bits(x);
+    u += 0xFFFu + ((u >> 13) & 1u);
+    return mt_f32_from_bits(u & ~0x1FFFu);
+  }
+  return x;
+}
+
+static uint32_t actual_alignment(const void *p) {
+  uint32_t a = 256;
+  while (a > 1 && ((uintptr_t)p & (a - 1))) a >>= 1;
+  return a;
+}
+
+/* Column-major D = alpha·op(A)·op(B) + beta·C (+ bias); C is not read when
+ * beta is 0, as cuBLAS does (so NaN in an output buffer does not leak). */
+static void gemm(cublasComputeType_t compute, int ta, int tb, int m, int n, int k, float alpha,
+                 const float *A, long lda, long long sA, const float *B, long ldb, long long sB,
+                 float beta, const float *C, long ldc, long long sC, float *D, long ldd,
+                 long long sD, int batch, const float *bias) {
+  for (int bi = 0; bi < batch; bi++) {
+    const float *a = A + bi * sA, *b = B + bi * sB, *c = C + bi * sC;
+    float *d = D + bi * sD;
+    if (!is_device(a, 4) || !is_device(b, 4) || !is_device(d, 4))
+      EMU_DIE("gemm batch %d: an operand is not device memory", bi);
+    std::vector<float> out((size_t)m * n);
+    for (int j = 0; j < n; j++)
+      for (int i = 0; i < m; i++) {
+        double acc = 0.0;
+        for (int l = 0; l < k; l++) {
+          float x = ta ? a[i * lda + l] : a[l * lda + i];
+          float y = tb ? b[l * ldb + j] : b[j * ldb + l];
+          acc += round_input(x, compute) * round_input(y, compute);
+        }
+        double v = alpha * acc;
+        if (beta != 0.0f) v += (double)beta * c[j * ldc + i];
+        if (bias) v += bias[i];
+        out[(size_t)j * m + i] = (float)v;
+      }
+    for (int j = 0; j < n; j++)
+      for (int i = 0; i < m; i++) d[j * ldd + i] = out[(size_t)j * m + i];
+  }
+}
+
+const char *cublasGetStatusString(cublasStatus_t st) {
+  switch (st) {
+  case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+  case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+  case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+  case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+  case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+  }
+  return "CUBLAS_STATUS_UNKNOWN";
+}
+
+cublasStatus_t cublasCreate(cublasHandle_t *h) {
+  *h = new emu_blas();
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasDestroy(cublasHandle_t h) {
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetWorkspace(cublasHandle_t, void *ws, size_t bytes) {
+  if (!is_device(ws, bytes)) EMU_DIE("cublasSetWorkspace: not device memory");
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+static void check_dims(const char *what, int m, int n, int k, int ta, int tb, long lda, long ldb,
+                       long ldc) {
+  long arows = ta ? k : m, brows = tb ? n : k;
+  if (m < 1 || n < 1 || k < 1 || lda < arows || ldb < brows || ldc < m)
+    EMU_DIE("%s: m=%d n=%d k=%d ta=%d tb=%d lda=%ld ldb=%ld ldc=%ld", what, m, n, k, ta, tb, lda,
+            ldb, ldc);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta,
+                                          cublasOperation_t tb, int m, int n, int k,
+                                          const void *alpha, const void *A, cudaDataType_t at,
+                                          int lda, long long sA, const void *B, cudaDataType_t bt,
+                                          int ldb, long long sB, const void *beta, void *C,
+                                          cudaDataType_t ct, int ldc, long long sC, int batch,
+                                          cublasComputeType_t compute, cublasGemmAlgo_t) {
+  if (at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  check_dims("cublasGemmStridedBatchedEx", m, n, k, ta, tb, lda, ldb, ldc);
+  gemm(compute, ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *(const float *)alpha,
+       (const float *)A, lda, sA, (const float *)B, ldb, sB, *(const float *)beta, (const float *)C,
+       ldc, sC, (float *)C, ldc, sC, batch, NULL);
+  mt_emu::gemms_blas++;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+  *h = new emu_lt();
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+  delete h;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
+                                        cudaDataType_t scale) {
+  if (scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  *d = new emu_desc{compute, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+  delete d;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+template <class T> static void get(T *dst, const void *buf, size_t bytes, const char *what) {
+  if (bytes != sizeof *dst) EMU_DIE("%s: %zu bytes, want %zu", what, bytes, sizeof *dst);
+  memcpy(dst, buf, sizeof *dst);
+}
+
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
+                                              cublasLtMatmulDescAttributes_t a, const void *buf,
+                                              size_t bytes) {
+  switch (a) {
+  case CUBLASLT_MATMUL_DESC_TRANSA: get(&d->ta, buf, bytes, "TRANSA"); break;
+  case CUBLASLT_MATMUL_DESC_TRANSB: get(&d->tb, buf, bytes, "TRANSB"); break;
+  case CUBLASLT_MATMUL_DESC_EPILOGUE: get(&d->epilogue, buf, bytes, "EPILOGUE"); break;
+  case CUBLASLT_MATMUL_DESC_BIAS_POINTER: get(&d->bias, buf, bytes, "BIAS_POINTER"); break;
+  default: EMU_DIE("matmul desc attribute %d not emulated", (int)a);
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType_t type,
+                                          uint64_t rows, uint64_t cols, int64_t ld) {
+  *l = new emu_layout{type, rows, cols, ld, 1, 0};
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+  delete l;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l,
+                                                cublasLtMatrixLayoutAttribute_t a, const void *buf,
+                                                size_t bytes) {
+  switch (a) {
+  case CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT: get(&l->batch, buf, bytes, "BATCH_COUNT"); break;
+  case CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET:
+    get(&l->stride, buf, bytes, "STRIDED_BATCH_OFFSET");
+    break;
+  default: EMU_DIE("layout attribute %d not emulated", (int)a);
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+  *p = new emu_pref{{256, 256, 256, 256}, 0};
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+  delete p;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                    cublasLtMatmulPreferenceAttributes_t a,
+                                                    const void *buf, size_t bytes) {
+  switch (a) {
+  case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES: get(&p->ws, buf, bytes, "MAX_WORKSPACE"); break;
+  case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES: get(&p->align[0], buf, bytes, "ALIGN_A"); break;
+  case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES: get(&p->align[1], buf, bytes, "ALIGN_B"); break;
+  case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES: get(&p->align[2], buf, bytes, "ALIGN_C"); break;
+  case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES: get(&p->align[3], buf, bytes, "ALIGN_D"); break;
+  default: EMU_DIE("preference attribute %d not emulated", (int)a);
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+/* The "algorithm" remembers the alignments it was chosen for; cublasLtMatmul
+ * checks the pointers it gets against them. */
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t op,
+                                              cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                              cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
+                                              cublasLtMatmulPreference_t pref, int requested,
+                                              cublasLtMatmulHeuristicResult_t *res, int *returned) {
+  (void)op, (void)a, (void)b, (void)c, (void)d;
+  *returned = 0;
+  if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
+  if (mt_emu::lt_disabled || getenv("MT_CUDA_EMU_NO_LT")) return CUBLAS_STATUS_NOT_SUPPORTED;
+  memset(res, 0, sizeof *res);
+  for (int i = 0; i < 4; i++) res->algo.data[i] = pref->align[i];
+  res->algo.data[4] = 0x656d75; /* "emu": marks an algorithm from here */
+  *returned = 1;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const void *alpha,
+                              const void *A, cublasLtMatrixLayout_t a, const void *B,
+                              cublasLtMatrixLayout_t b, const void *beta, const void *C,
+                              cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t d,
+                              const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_bytes,
+                              cudaStream_t) {
+  if (!algo || algo->data[4] != 0x656d75)
+    EMU_DIE("cublasLtMatmul: no algorithm from the heuristic");
+  if (ws_bytes && !is_device(ws, ws_bytes)) EMU_DIE("cublasLtMatmul: workspace not device memory");
+  const void *ptr[4] = {A, B, C, D};
+  for (int i = 0; i < 4; i++)
+    if (actual_alignment(ptr[i]) < algo->data[i])
+      EMU_DIE("cublasLtMatmul: operand %c at %p is %u-byte aligned, the heuristic was told %u",
+              "ABCD"[i], ptr[i], actual_alignment(ptr[i]), (unsigned)algo -> data[i]);
+  if (a->type != CUDA_R_32F || b->type != CUDA_R_32F || c->type != CUDA_R_32F ||
+      d->type != CUDA_R_32F)
+    EMU_DIE("cublasLtMatmul: only fp32 matrices are emulated");
+  int ta = op->ta == CUBLAS_OP_T, tb = op->tb == CUBLAS_OP_T;
+  long m = (long)d->rows, n = (long)d->cols, k = (long)(ta ? a->rows : a->cols);
+  /* cuBLASLt's own consistency rules: op(A) is m×k, op(B) k×n */
+  if ((long)(ta ? a->cols : a->rows) != m || (long)(tb ? b->rows : b->cols) != n ||
+      (long)(tb ? b->cols : b->rows) != k || c->rows != d->rows || c->cols != d->cols ||
+      a->ld < (int64_t)a->rows || b->ld < (int64_t)b->rows || d->ld < (int64_t)d->rows)
+    EMU_DIE("cublasLtMatmul: layouts A %lux%lu ld %ld%s, B %lux%lu ld %ld%s, D %lux%lu ld %ld do "
+            "not fit together",
+            (unsigned long)a->rows, (unsigned long)a->cols, (long)a->ld, ta ? " (T)" : "",
+            (unsigned long)b->rows, (unsigned long)b->cols, (long)b->ld, tb ? " (T)" : "",
+            (unsigned long)d->rows, (unsigned long)d->cols, (long)d->ld);
+  if (a->batch != d->batch || b->batch != d->batch || c->batch != d->batch)
+    EMU_DIE("cublasLtMatmul: batch counts differ");
+  const float *bias = NULL;
+  if (op->epilogue == CUBLASLT_EPILOGUE_BIAS) {
+    if (!op->bias || !is_device(op->bias, m * sizeof(float))) EMU_DIE("bias epilogue without bias");
+    bias = op->bias;
+  } else if (op->epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
+    EMU_DIE("epilogue %d not emulated", (int)op->epilogue);
+  }
+  gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, (const float *)A, a->ld,
+       a->stride, (const float *)B, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
+       c->stride, (float *)D, d->ld, d->stride, d->batch, bias);
+  mt_emu::gemms_lt++;
+  return CUBLAS_STATUS_SUCCESS;
+}

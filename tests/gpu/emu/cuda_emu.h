@@ -1,0 +1,246 @@
+/* cuda_emu.h — the CUDA runtime, cuBLAS and cuBLASLt, as far as kernels/cuda
+ * uses them, on the CPU: no GPU in CI, yet its kernels get run.
+ *
+ * The sources of kernels/cuda build as plain C++ with this header (MT_CUDA_EMU, see
+ * kernels/cuda/cuda_impl.h). A launch runs its blocks one after another;
+ * the threads of a block are fibers (ucontext) that switch at __syncthreads
+ * and at warp exchanges (shuffles, ballots), so barriers, shared memory
+ * (static storage: one block at a time), shuffles and ballots behave as on a
+ * GPU for code that keeps CUDA's rules, and a deadlock is reported. Memory is
+ * host memory, tracked, so copies in the wrong direction are caught; fresh
+ * allocations are filled with NaN bytes. Streams are synchronous. GEMMs run
+ * in double from inputs rounded to the compute type (tf32, bf16), after the
+ * layouts are checked against m, n, k as cuBLASLt checks them, and the
+ * alignment a heuristic was promised is checked against the pointers.
+ *
+ * What this cannot find: races between blocks or within a warp, timing,
+ * tensor-core rounding details, limits beyond block and grid sizes.
+ * Test code: it aborts on a misuse of the API, with a message.
+ */
+#ifndef MT_CUDA_EMU_H
+#define MT_CUDA_EMU_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <functional>
+
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define __forceinline__ inline
+#define __restrict__ __restrict
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+
+/* ---- runtime ------------------------------------------------------------ */
+
+struct CUstream_st;
+typedef CUstream_st *cudaStream_t;
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInsufficientDriver = 35,
+  cudaErrorNoDevice = 100,
+  cudaErrorInvalidDevice = 101,
+};
+
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+};
+
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaSetDevice(int dev);
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev);
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaMalloc(void **p, size_t bytes);
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s);
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t s);
+cudaError_t cudaGetLastError(void);
+const char *cudaGetErrorString(cudaError_t e);
+const char *cudaGetErrorName(cudaError_t e);
+
+/* ---- kernels ------------------------------------------------------------ */
+
+namespace mt_emu {
+extern uint3 *cur_tid;
+extern uint3 block_idx;
+extern dim3 block_dim, grid_dim;
+void run(const char *name, dim3 grid, dim3 block, cudaStream_t s,
+         const std::function<void()> &body);
+void syncthreads();
+int syncthreads_count(int pred);
+unsigned ballot(int pred);
+uint64_t shfl_xor(uint64_t bits, int lane_mask);
+void check_mask(unsigned mask);
+
+template <class... P> struct launcher {
+  const char *name;
+  void (*k)(P...);
+  dim3 grid, block;
+  cudaStream_t stream;
+  /* arguments by value, as a kernel launch takes them */
+  template <class... A> void operator()(A... a) {
+    void (*kf)(P...) = k;
+    std::function<void()> body = [=]() { kf(a...); };
+    run(name, grid, block, stream, body);
+  }
+};
+
+template <class... P>
+launcher<P...> launch(const char *name, void (*k)(P...), dim3 grid, dim3 block, cudaStream_t s) {
+  return launcher<P...>{name, k, grid, block, s};
+}
+} // namespace mt_emu
+
+#define threadIdx (*mt_emu::cur_tid)
+#define blockIdx (mt_emu::block_idx)
+#define blockDim (mt_emu::block_dim)
+#define gridDim (mt_emu::grid_dim)
+
+inline void __syncthreads() { mt_emu::syncthreads(); }
+inline int __syncthreads_count(int p) { return mt_emu::syncthreads_count(p != 0); }
+inline int __syncthreads_or(int p) { return mt_emu::syncthreads_count(p != 0) != 0; }
+inline unsigned __ballot_sync(unsigned mask, int p) {
+  mt_emu::check_mask(mask);
+  return mt_emu::ballot(p != 0);
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+  mt_emu::check_mask(mask);
+  uint64_t bits = 0;
+  memcpy(&bits, &v, sizeof v);
+  bits = mt_emu::shfl_xor(bits, lane_mask);
+  T r;
+  memcpy(&r, &bits, sizeof r);
+  return r;
+}
+
+/* ---- cuBLAS and cuBLASLt ------------------------------------------------ */
+
+enum cublasStatus_t {
+  CUBLAS_STATUS_SUCCESS = 0,
+  CUBLAS_STATUS_NOT_INITIALIZED = 1,
+  CUBLAS_STATUS_ALLOC_FAILED = 3,
+  CUBLAS_STATUS_INVALID_VALUE = 7,
+  CUBLAS_STATUS_NOT_SUPPORTED = 15,
+};
+enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+enum cublasComputeType_t {
+  CUBLAS_COMPUTE_32F = 68,
+  CUBLAS_COMPUTE_32F_FAST_16BF = 75,
+  CUBLAS_COMPUTE_32F_FAST_TF32 = 77,
+};
+enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
+enum cublasLtEpilogue_t { CUBLASLT_EPILOGUE_DEFAULT = 1, CUBLASLT_EPILOGUE_BIAS = 4 };
+enum cublasLtMatmulDescAttributes_t {
+  CUBLASLT_MATMUL_DESC_TRANSA = 3,
+  CUBLASLT_MATMUL_DESC_TRANSB = 4,
+  CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
+  CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+};
+enum cublasLtMatrixLayoutAttribute_t {
+  CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT = 5,
+  CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET = 6,
+};
+enum cublasLtMatmulPreferenceAttributes_t {
+  CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES = 5,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES = 6,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES = 7,
+  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES = 8,
+};
+
+typedef struct emu_blas *cublasHandle_t;
+typedef struct emu_lt *cublasLtHandle_t;
+typedef struct emu_desc *cublasLtMatmulDesc_t;
+typedef struct emu_layout *cublasLtMatrixLayout_t;
+typedef struct emu_pref *cublasLtMatmulPreference_t;
+typedef struct {
+  uint64_t data[8];
+} cublasLtMatmulAlgo_t;
+typedef struct {
+  cublasLtMatmulAlgo_t algo;
+  size_t workspaceSize;
+  cublasStatus_t state;
+  float wavesCount;
+  int reserved[4];
+} cublasLtMatmulHeuristicResult_t;
+
+const char *cublasGetStatusString(cublasStatus_t st);
+cublasStatus_t cublasCreate(cublasHandle_t *h);
+cublasStatus_t cublasDestroy(cublasHandle_t h);
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s);
+cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void *ws, size_t bytes);
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta,
+                                          cublasOperation_t tb, int m, int n, int k,
+                                          const void *alpha, const void *A, cudaDataType_t at,
+                                          int lda, long long sA, const void *B, cudaDataType_t bt,
+                                          int ldb, long long sB, const void *beta, void *C,
+                                          cudaDataType_t ct, int ldc, long long sC, int batch,
+                                          cublasComputeType_t compute, cublasGemmAlgo_t algo);
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h);
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h);
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
+                                        cudaDataType_t scale);
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d);
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
+                                              cublasLtMatmulDescAttributes_t a, const void *buf,
+                                              size_t bytes);
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType_t type,
+                                          uint64_t rows, uint64_t cols, int64_t ld);
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l);
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l,
+                                                cublasLtMatrixLayoutAttribute_t a, const void *buf,
+                                                size_t bytes);
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p);
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p);
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                    cublasLtMatmulPreferenceAttributes_t a,
+                                                    const void *buf, size_t bytes);
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t op,
+                                              cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                              cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
+                                              cublasLtMatmulPreference_t pref, int requested,
+                                              cublasLtMatmulHeuristicResult_t *res, int *returned);
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const void *alpha,
+                              const void *A, cublasLtMatrixLayout_t a, const void *B,
+                              cublasLtMatrixLayout_t b, const void *beta, const void *C,
+                              cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t d,
+                              const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_bytes,
+                              cudaStream_t s);
+
+/* Test hooks: the number of GEMMs each path ran, and a switch that makes the
+ * cuBLASLt heuristic find nothing (so the cuBLAS fallback runs). */
+namespace mt_emu {
+extern long gemms_lt, gemms_blas;
+extern int lt_disabled;
+} // namespace mt_emu
+
+#endif

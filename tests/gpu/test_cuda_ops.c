@@ -1,0 +1,512 @@
+/* test_cuda_ops.c — every op of the CUDA backend against the CPU backend.
+ *
+ * Each check draws fresh random inputs, runs the op on cpu:0 and on cuda:0
+ * and compares what the GPU wrote with what the CPU wrote:
+ * - outputs an op WRITES are poisoned with NaN on the GPU first, so an
+ *   element it forgets shows; outputs it ACCUMULATES into start from the same
+ *   random values on both, so accumulation is checked too; scratch buffers
+ *   start as NaN (their contents are undefined, so must never be read first);
+ * - a NaN in the result never passes;
+ * - norm-wise relative error, rel = ||gpu - cpu|| / max(||gpu||, ||cpu||),
+ *   within the precision's tolerance: fp32 1e-4, tf32 5e-3, bf16 1e-2 for
+ *   GEMM ops in those modes; 0 (the same bits) where both backends add the
+ *   same floats in the same order (embeddings, residual, add); dropout's
+ *   mask must keep and drop exactly the same elements.
+ * One line per check, PASS or FAIL; the exit status is 1 on any failure.
+ *
+ * Usage: test_cuda_ops [--small]. --small uses tiny shapes, for the CPU
+ * emulator (tests/gpu/emu) that runs this file's checks in CI.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "device.h"
+#include "err.h"
+#include "ops.h"
+
+static mt_device cpu, gpu;
+static int n_checks, n_failed;
+
+/* ---- memory: host arrays and device copies, freed after each check ------ */
+
+#define ARENA_MAX 256
+static void *host_blocks[ARENA_MAX], *dev_blocks[ARENA_MAX];
+static int n_host, n_dev;
+
+static void die(const char *what) {
+  fprintf(stderr, "test_cuda_ops: %s: %s\n", what, mt_errmsg());
+  exit(2);
+}
+
+static void *halloc(size_t bytes) {
+  void *p = calloc(1, bytes ? bytes : 1);
+  if (!p || n_host == ARENA_MAX) die("host memory");
+  return host_blocks[n_host++] = p;
+}
+
+static void *dalloc(size_t bytes) {
+  void *p = mt_device_alloc(&gpu, bytes ? bytes : 4);
+  if (!p || n_dev == ARENA_MAX) die("device memory");
+  return dev_blocks[n_dev++] = p;
+}
+
+static void arena_reset(void) {
+  for (int i = 0; i < n_host; i++) free(host_blocks[i]);
+  for (int i = 0; i < n_dev; i++) mt_device_free(&gpu, dev_blocks[i]);
+  n_host = n_dev = 0;
+}
+
+static uint64_t rng_state = 0x5eed2024ull;
+static uint64_t rng_u64(void) { /* splitmix64 */
+  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+static float urand(float lo, float hi) {
+  return lo + (hi - lo) * (float)((double)(rng_u64() >> 11) * 0x1p-53);
+}
+
+/* host array of n uniform values in [lo, hi) */
+static float *H(size_t n, float lo, float hi) {
+  float *x = halloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) x[i] = urand(lo, hi);
+  return x;
+}
+
+static float *hcopy(const float *x, size_t n) {
+  float *y = halloc(n * sizeof(float));
+  memcpy(y, x, n * sizeof(float));
+  return y;
+}
+
+static int32_t *tokens(size_t n, int V) {
+  int32_t *t = halloc(n * sizeof(int32_t));
+  for (size_t i = 0; i < n; i++) t[i] = (int32_t)(rng_u64() % (uint64_t)V);
+  if (n > 3) t[n - 1] = t[0], t[2] = t[0]; /* repeats: their gradient rows must add */
+  return t;
+}
+
+/* device copy of a host array */
+static void *D(const void *h, size_t bytes) {
+  void *d = dalloc(bytes);
+  if (mt_device_memcpy_htod(&gpu, d, h, bytes)) die("copy to the device");
+  return d;
+}
+static float *Df(const float *h, size_t n) { return D(h, n * sizeof(float)); }
+
+/* device array of n NaNs: an output the op must write in full */
+static float *DN(size_t n) {
+  float *h = halloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) h[i] = NAN;
+  return Df(h, n);
+}
+
+/* the device array back on the host (after the device's queued work) */
+static float *back(const float *d, size_t n) {
+  if (mt_device_sync(&gpu)) die("device sync");
+  float *h = halloc(n * sizeof(float));
+  if (mt_device_memcpy_dtoh(&gpu, h, d, n * sizeof(float))) die("copy from the device");
+  return h;
+}
+
+/* ---- comparison --------------------------------------------------------- */
+
+static const char *prec_name(mt_matmul_precision p) {
+  return p == MT_MATMUL_TF32 ? "tf32" : p == MT_MATMUL_BF16 ? "bf16" : "fp32";
+}
+
+static double prec_tol(mt_matmul_precision p) {
+  return p == MT_MATMUL_TF32 ? 5e-3 : p == MT_MATMUL_BF16 ? 1e-2 : 1e-4;
+}
+
+/* got: the GPU's result; want: the CPU's. tol 0 means the same bits. */
+static void check(const char *op, const char *what, const float *got, const float *want, size_t n,
+                  double tol) {
+  double d = 0.0, ng = 0.0, nw = 0.0, maxd = 0.0;
+  size_t nans = 0, diff_bits = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (isnan(got[i]) || isnan(want[i])) {
+      nans++;
+      continue;
+    }
+    double e = (double)got[i] - (double)want[i];
+    d += e * e;
+    ng += (double)got[i] * got[i];
+    nw += (double)want[i] * want[i];
+    if (fabs(e) > maxd) maxd = fabs(e);
+    if (memcmp(&got[i], &want[i], sizeof(float))) diff_bits++;
+  }
+  double den = sqrt(ng > nw ? ng : nw), rel = den > 0.0 ? sqrt(d) / den : sqrt(d);
+  int ok = !nans && (tol == 0.0 ? diff_bits == 0 : rel <= tol);
+  n_checks++;
+  if (!ok) n_failed++;
+  printf("%s %-24s %-34s rel %.2e max|d| %.2e", ok ? "PASS" : "FAIL", op, what, rel, maxd);
+  if (tol == 0.0) printf(" (%zu of %zu differ in bits)", diff_bits, n);
+  if (nans) printf(" (%zu NaN)", nans);
+  printf("\n");
+  fflush(stdout);
+}
+
+/* Dropout keeps and drops the same elements on both backends. */
+static void check_mask(const char *op, const char *what, const float *got, const float *want,
+                       size_t n) {
+  size_t bad = 0, dropped = 0;
+  for (size_t i = 0; i < n; i++) {
+    bad += (got[i] == 0.0f) != (want[i] == 0.0f);
+    dropped += want[i] == 0.0f;
+  }
+  n_checks++;
+  if (bad) n_failed++;
+  printf("%s %-24s %-34s %zu of %zu dropped, %zu differ\n", bad ? "FAIL" : "PASS", op, what,
+         dropped, n, bad);
+}
+
+/* ---- shapes ------------------------------------------------------------- */
+
+typedef struct {
+  int B, T, C, NH, V, Vp;
+} shape;
+
+static char label_buf[8][96];
+static int label_k;
+static const char *label(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static const char *label(const char *fmt, ...) {
+  char *b = label_buf[label_k++ % 8];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(b, sizeof label_buf[0], fmt, ap);
+  va_end(ap);
+  return b;
+}
+
+/* ---- checks ------------------------------------------------------------- */
+
+static void test_embedding(shape s) {
+  int N = s.B * s.T, C = s.C;
+  int32_t *tok = tokens((size_t)N, s.V);
+  float *wte = H((size_t)s.Vp * C, -1, 1), *wpe = H((size_t)s.T * C, -1, 1);
+  float *co = halloc((size_t)N * C * sizeof(float));
+  cpu.ops->embedding_fwd(&cpu, co, tok, wte, wpe, s.B, s.T, C);
+  float *go = DN((size_t)N * C);
+  int32_t *dtok = D(tok, (size_t)N * sizeof(int32_t));
+  gpu.ops->embedding_fwd(&gpu, go, dtok, Df(wte, (size_t)s.Vp * C), Df(wpe, (size_t)s.T * C), s.B,
+                         s.T, C);
+  check("embedding_fwd", label("B=%d T=%d C=%d out", s.B, s.T, C), back(go, (size_t)N * C), co,
+        (size_t)N * C, 0.0);
+
+  float *dout = H((size_t)N * C, -1, 1);
+  float *cdwte = H((size_t)s.Vp * C, -1, 1), *cdwpe = H((size_t)s.T * C, -1, 1);
+  float *gdwte = Df(cdwte, (size_t)s.Vp * C), *gdwpe = Df(cdwpe, (size_t)s.T * C);
+  cpu.ops->embedding_bwd(&cpu, cdwte, cdwpe, dout, tok, s.B, s.T, C);
+  gpu.ops->embedding_bwd(&gpu, gdwte, gdwpe, Df(dout, (size_t)N * C), dtok, s.B, s.T, C);
+  check("embedding_bwd", label("Vp=%d dwte (+=)", s.Vp), back(gdwte, (size_t)s.Vp * C), cdwte,
+        (size_t)s.Vp * C, 0.0);
+  check("embedding_bwd", "dwpe (+=)", back(gdwpe, (size_t)s.T * C), cdwpe, (size_t)s.T * C, 0.0);
+
+  /* a shard of the vocabulary: rows [v0, v0 + Vl) */
+  int v0 = s.Vp / 3, Vl = s.Vp / 2;
+  cpu.ops->embedding_shard_fwd(&cpu, co, tok, wte + (size_t)v0 * C, v0, Vl, N, C);
+  go = DN((size_t)N * C);
+  gpu.ops->embedding_shard_fwd(&gpu, go, dtok, Df(wte + (size_t)v0 * C, (size_t)Vl * C), v0, Vl, N,
+                               C);
+  check("embedding_shard_fwd", label("v0=%d Vl=%d out", v0, Vl), back(go, (size_t)N * C), co,
+        (size_t)N * C, 0.0);
+  float *cds = H((size_t)Vl * C, -1, 1), *gds = Df(cds, (size_t)Vl * C);
+  cpu.ops->embedding_shard_bwd(&cpu, cds, dout, tok, v0, Vl, N, C);
+  gpu.ops->embedding_shard_bwd(&gpu, gds, Df(dout, (size_t)N * C), dtok, v0, Vl, N, C);
+  check("embedding_shard_bwd", "dwte shard (+=)", back(gds, (size_t)Vl * C), cds, (size_t)Vl * C,
+        0.0);
+  arena_reset();
+}
+
+static void test_layernorm(int N, int C) {
+  size_t n = (size_t)N * C;
+  float *x = H(n, -2, 3), *w = H((size_t)C, 0.5f, 1.5f), *b = H((size_t)C, -0.5f, 0.5f);
+  for (size_t i = 0; i < n; i++) x[i] += 10.0f * (float)(i / C % 3); /* rows with an offset */
+  float *co = halloc(n * sizeof(float)), *cm = halloc(N * sizeof(float)),
+        *cr = halloc(N * sizeof(float));
+  cpu.ops->layernorm_fwd(&cpu, co, cm, cr, x, w, b, N, C, 1e-5f);
+  float *go = DN(n), *gm = DN((size_t)N), *gr = DN((size_t)N);
+  float *dx = Df(x, n), *dw = Df(w, (size_t)C), *db = Df(b, (size_t)C);
+  gpu.ops->layernorm_fwd(&gpu, go, gm, gr, dx, dw, db, N, C, 1e-5f);
+  check("layernorm_fwd", label("N=%d C=%d out", N, C), back(go, n), co, n, 1e-4);
+  check("layernorm_fwd", "mean", back(gm, (size_t)N), cm, (size_t)N, 1e-4);
+  check("layernorm_fwd", "rstd", back(gr, (size_t)N), cr, (size_t)N, 1e-4);
+
+  float *dout = H(n, -1, 1);
+  float *cdx = H(n, -1, 1), *cdw = H((size_t)C, -1, 1), *cdb = H((size_t)C, -1, 1);
+  float *gdx = Df(cdx, n), *gdw = Df(cdw, (size_t)C), *gdb = Df(cdb, (size_t)C);
+  cpu.ops->layernorm_bwd(&cpu, cdx, cdw, cdb, dout, x, w, cm, cr, N, C);
+  gpu.ops->layernorm_bwd(&gpu, gdx, gdw, gdb, Df(dout, n), dx, dw, Df(cm, (size_t)N),
+                         Df(cr, (size_t)N), N, C);
+  check("layernorm_bwd", label("N=%d C=%d dinp (+=)", N, C), back(gdx, n), cdx, n, 1e-4);
+  check("layernorm_bwd", "dw (+=)", back(gdw, (size_t)C), cdw, (size_t)C, 1e-4);
+  check("layernorm_bwd", "db (+=)", back(gdb, (size_t)C), cdb, (size_t)C, 1e-4);
+  arena_reset();
+}
+
+static void test_linear(int N, int C, int OC, mt_matmul_precision p) {
+  gpu.matmul = p;
+  double tol = prec_tol(p);
+  const char *pn = prec_name(p);
+  float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
+        *b = H((size_t)OC, -1, 1);
+  float *dx = Df(x, (size_t)N * C), *dw = Df(w, (size_t)OC * C), *db = Df(b, (size_t)OC);
+  for (int with_bias = 1; with_bias >= 0; with_bias--) {
+    float *co = halloc((size_t)N * OC * sizeof(float)), *go = DN((size_t)N * OC);
+    cpu.ops->linear_fwd(&cpu, co, x, w, with_bias ? b : NULL, N, C, OC);
+    gpu.ops->linear_fwd(&gpu, go, dx, dw, with_bias ? db : NULL, N, C, OC);
+    check("linear_fwd",
+          label("%s N=%d C=%d OC=%d %s", pn, N, C, OC, with_bias ? "bias" : "no bias"),
+          back(go, (size_t)N * OC), co, (size_t)N * OC, tol);
+  }
+  float *dout = H((size_t)N * OC, -1, 1), *gdout = Df(dout, (size_t)N * OC);
+  float *cdx = H((size_t)N * C, -1, 1), *cdw = H((size_t)OC * C, -1, 1),
+        *cdb = H((size_t)OC, -1, 1);
+  float *gdx = Df(cdx, (size_t)N * C), *gdw = Df(cdw, (size_t)OC * C), *gdb = Df(cdb, (size_t)OC);
+  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, x, w, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, dx, dw, N, C, OC);
+  check("linear_bwd", label("%s N=%d C=%d OC=%d dinp (+=)", pn, N, C, OC), back(gdx, (size_t)N * C),
+        cdx, (size_t)N * C, tol);
+  check("linear_bwd", label("%s dw (+=)", pn), back(gdw, (size_t)OC * C), cdw, (size_t)OC * C, tol);
+  check("linear_bwd", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
+  /* dinp and dbias NULL: only dw */
+  float *cdw2 = H((size_t)OC * C, -1, 1), *gdw2 = Df(cdw2, (size_t)OC * C);
+  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, x, w, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, dx, dw, N, C, OC);
+  check("linear_bwd", label("%s dw alone (dinp, dbias NULL)", pn), back(gdw2, (size_t)OC * C), cdw2,
+        (size_t)OC * C, tol);
+  gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
+static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
+  gpu.matmul = p;
+  double tol = prec_tol(p);
+  int B = s.B, T = s.T, C = s.C, NH = s.NH;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, na = (size_t)B * NH * T * T;
+  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
+  const mt_dropout *dp = with_dropout ? &drop : NULL;
+  const char *tag =
+      label("%s B=%d T=%d C=%d NH=%d%s", prec_name(p), B, T, C, NH, with_dropout ? " drop" : "");
+  float *qkv = H(nq, -1.5f, 1.5f), *gqkv = Df(qkv, nq);
+  float *co = halloc(no * sizeof(float)), *ca = halloc(na * sizeof(float));
+  cpu.ops->attention_fwd(&cpu, co, ca, qkv, B, T, C, NH, dp);
+  float *go = DN(no), *ga = DN(na);
+  gpu.ops->attention_fwd(&gpu, go, ga, gqkv, B, T, C, NH, dp);
+  check("attention_fwd", label("%s out", tag), back(go, no), co, no, tol);
+  check("attention_fwd", label("%s att", tag), back(ga, na), ca, na, tol);
+
+  float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
+  float *cs = halloc(na * sizeof(float)), *gs = DN(na);
+  /* both backward passes take the CPU's probabilities, so only the backward differs */
+  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, qkv, ca, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), gqkv, Df(ca, na), B, T, C, NH, dp);
+  check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, tol);
+  gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
+static void test_elementwise(size_t n) {
+  float *x = H(n, -4, 4), *y = H(n, -1, 1), *gx = Df(x, n), *gy = Df(y, n);
+  float *c = halloc(n * sizeof(float)), *g = DN(n);
+  cpu.ops->gelu_fwd(&cpu, c, x, n);
+  gpu.ops->gelu_fwd(&gpu, g, gx, n);
+  check("gelu_fwd", label("n=%zu", n), back(g, n), c, n, 1e-5);
+  float *cd = H(n, -1, 1), *gd = Df(cd, n);
+  cpu.ops->gelu_bwd(&cpu, cd, x, y, n);
+  gpu.ops->gelu_bwd(&gpu, gd, gx, gy, n);
+  check("gelu_bwd", "dinp (+=)", back(gd, n), cd, n, 1e-5);
+
+  g = DN(n);
+  cpu.ops->residual_fwd(&cpu, c, x, y, n);
+  gpu.ops->residual_fwd(&gpu, g, gx, gy, n);
+  check("residual_fwd", label("n=%zu", n), back(g, n), c, n, 0.0);
+  float *ca = hcopy(x, n), *ga = Df(x, n); /* out aliasing a */
+  cpu.ops->residual_fwd(&cpu, ca, ca, y, n);
+  gpu.ops->residual_fwd(&gpu, ga, ga, gy, n);
+  check("residual_fwd", "out aliases a", back(ga, n), ca, n, 0.0);
+
+  ca = hcopy(x, n), ga = Df(x, n);
+  cpu.ops->add_inplace(&cpu, ca, y, n);
+  gpu.ops->add_inplace(&gpu, ga, gy, n);
+  check("add_inplace", label("n=%zu", n), back(ga, n), ca, n, 0.0);
+
+  ca = hcopy(x, n), ga = Df(x, n);
+  cpu.ops->scale(&cpu, ca, 0.37f, n);
+  gpu.ops->scale(&gpu, ga, 0.37f, n);
+  check("scale", label("n=%zu", n), back(ga, n), ca, n, 0.0);
+
+  double cs = cpu.ops->sumsq(&cpu, x, n), gsq = gpu.ops->sumsq(&gpu, gx, n);
+  float fc = (float)cs, fg = (float)gsq;
+  check("sumsq", label("n=%zu (in double)", n), &fg, &fc, 1, 1e-7);
+  arena_reset();
+}
+
+static void test_dropout(int B, size_t per) {
+  size_t n = (size_t)B * per;
+  mt_dropout drop = {0.3f, 0xfeedface12345678ull, 1000, 0};
+  float *x = H(n, -1, 1), *gx = Df(x, n);
+  float *c = halloc(n * sizeof(float)), *g = DN(n);
+  cpu.ops->dropout_fwd(&cpu, c, x, B, per, &drop);
+  gpu.ops->dropout_fwd(&gpu, g, gx, B, per, &drop);
+  float *gb = back(g, n);
+  check("dropout_fwd", label("B=%d per_sample=%zu", B, per), gb, c, n, 1e-6);
+  check_mask("dropout_fwd", "mask", gb, c, n);
+  float *ci = hcopy(x, n), *gi = Df(x, n); /* in place */
+  cpu.ops->dropout_fwd(&cpu, ci, ci, B, per, &drop);
+  gpu.ops->dropout_fwd(&gpu, gi, gi, B, per, &drop);
+  check("dropout_fwd", "in place", back(gi, n), ci, n, 1e-6);
+  float *cd = H(n, -1, 1), *gd = Df(cd, n);
+  cpu.ops->dropout_bwd(&cpu, cd, x, B, per, &drop);
+  gpu.ops->dropout_bwd(&gpu, gd, gx, B, per, &drop);
+  check("dropout_bwd", "dinp (+=)", back(gd, n), cd, n, 1e-6);
+  g = DN(n);
+  cpu.ops->dropout_fwd(&cpu, c, x, B, per, NULL);
+  gpu.ops->dropout_fwd(&gpu, g, gx, B, per, NULL);
+  check("dropout_fwd", "p = 0 (a copy)", back(g, n), c, n, 0.0);
+  arena_reset();
+}
+
+static void test_crossentropy(int N, int V, int Vp) {
+  size_t n = (size_t)N * Vp;
+  float *x = H(n, -4, 4), *gx = Df(x, n);
+  int32_t *t = tokens((size_t)N, V), *gt = D(t, (size_t)N * sizeof(int32_t));
+  float dloss = 1.0f / (float)N;
+  float *cl = halloc(N * sizeof(float)), *cd = halloc(n * sizeof(float));
+  float *gl = DN((size_t)N), *gd = DN(n);
+  cpu.ops->crossentropy(&cpu, cl, cd, x, t, dloss, N, V, Vp);
+  gpu.ops->crossentropy(&gpu, gl, gd, gx, gt, dloss, N, V, Vp);
+  check("crossentropy", label("N=%d V=%d Vp=%d losses", N, V, Vp), back(gl, (size_t)N), cl,
+        (size_t)N, 1e-5);
+  check("crossentropy", "dlogits", back(gd, n), cd, n, 1e-5);
+  float *ca = hcopy(x, n), *ga = Df(x, n); /* dlogits aliasing logits, no losses */
+  cpu.ops->crossentropy(&cpu, NULL, ca, ca, t, dloss, N, V, Vp);
+  gpu.ops->crossentropy(&gpu, NULL, ga, ga, gt, dloss, N, V, Vp);
+  check("crossentropy", "dlogits aliasing logits", back(ga, n), ca, n, 1e-5);
+  gl = DN((size_t)N);
+  cpu.ops->crossentropy(&cpu, cl, NULL, x, t, 0.0f, N, V, Vp);
+  gpu.ops->crossentropy(&gpu, gl, NULL, gx, gt, 0.0f, N, V, Vp);
+  check("crossentropy", "losses alone", back(gl, (size_t)N), cl, (size_t)N, 1e-5);
+
+  /* the vocabulary-parallel pieces on a shard [v0, v0 + Vl) with `real` real columns */
+  int v0 = Vp / 2, Vl = Vp - v0, real = V - v0 < Vl ? V - v0 : Vl;
+  float *sx = hcopy(x, (size_t)N * Vl), *gsx = Df(sx, (size_t)N * Vl);
+  float *cmax = halloc(N * sizeof(float)), *gmax = DN((size_t)N);
+  cpu.ops->crossentropy_shard_max(&cpu, cmax, sx, N, real, Vl);
+  gpu.ops->crossentropy_shard_max(&gpu, gmax, gsx, N, real, Vl);
+  check("crossentropy_shard_max", label("v0=%d Vl=%d real=%d", v0, Vl, real), back(gmax, (size_t)N),
+        cmax, (size_t)N, 0.0);
+  float *csum = halloc(2 * N * sizeof(float)), *gsum = DN(2 * (size_t)N);
+  float *dmax = Df(cmax, (size_t)N);
+  cpu.ops->crossentropy_shard_sum(&cpu, csum, csum + N, sx, t, cmax, N, real, Vl, v0);
+  gpu.ops->crossentropy_shard_sum(&gpu, gsum, gsum + N, gsx, gt, dmax, N, real, Vl, v0);
+  float *gsb = back(gsum, 2 * (size_t)N);
+  check("crossentropy_shard_sum", "rowsum", gsb, csum, (size_t)N, 1e-5);
+  check("crossentropy_shard_sum", "target logit", gsb + N, csum + N, (size_t)N, 0.0);
+  float *cg = halloc((size_t)N * Vl * sizeof(float)), *gg = DN((size_t)N * Vl);
+  cpu.ops->crossentropy_shard_grad(&cpu, cg, sx, t, cmax, csum, dloss, N, real, Vl, v0);
+  gpu.ops->crossentropy_shard_grad(&gpu, gg, gsx, gt, dmax, Df(csum, (size_t)N), dloss, N, real, Vl,
+                                   v0);
+  check("crossentropy_shard_grad", "dlogits", back(gg, (size_t)N * Vl), cg, (size_t)N * Vl, 1e-5);
+  arena_reset();
+}
+
+static void test_adamw(size_t n) {
+  float *p = H(n, -1, 1), *g = H(n, -0.1f, 0.1f), *m = H(n, -0.01f, 0.01f), *v = H(n, 0, 1e-4f);
+  float *gp = Df(p, n), *gm = Df(m, n), *gv = Df(v, n);
+  cpu.ops->adamw(&cpu, p, g, m, v, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 7);
+  gpu.ops->adamw(&gpu, gp, Df(g, n), gm, gv, n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 7);
+  check("adamw", label("n=%zu param", n), back(gp, n), p, n, 1e-6);
+  check("adamw", "m", back(gm, n), m, n, 1e-6);
+  check("adamw", "v", back(gv, n), v, n, 1e-6);
+
+  /* several slices, one empty and one across many chunks, in one call */
+  enum { K = 5 };
+  size_t sizes[K] = {n, 0, 3, n / 3 + 1, 2 * n + 5};
+  mt_adamw_slice cs[K], gs[K];
+  for (int i = 0; i < K; i++) {
+    size_t k = sizes[i];
+    cs[i] = (mt_adamw_slice){H(k, -1, 1), H(k, -0.1f, 0.1f),  H(k, -0.01f, 0.01f), H(k, 0, 1e-4f),
+                             k,           i % 2 ? 0.0f : 0.1f};
+    gs[i] = (mt_adamw_slice){
+        Df(cs[i].param, k), Df(cs[i].grad, k), Df(cs[i].m, k), Df(cs[i].v, k), k, cs[i].wd};
+  }
+  cpu.ops->adamw_multi(&cpu, cs, K, 1e-3f, 0.9f, 0.95f, 1e-8f, 2.0f, 3);
+  gpu.ops->adamw_multi(&gpu, gs, K, 1e-3f, 0.9f, 0.95f, 1e-8f, 2.0f, 3);
+  for (int i = 0; i < K; i++) {
+    size_t k = sizes[i];
+    check("adamw_multi", label("slice %d n=%zu param", i, k), back(gs[i].param, k), cs[i].param, k,
+          1e-6);
+    check("adamw_multi", label("slice %d m, v", i), back(gs[i].v, k), cs[i].v, k, 1e-6);
+  }
+  arena_reset();
+}
+
+int main(int argc, char **argv) {
+  int small = argc > 1 && !strcmp(argv[1], "--small");
+  if (mt_device_open(&cpu, "cpu:0")) die("open cpu:0");
+  if (mt_device_open(&gpu, "cuda:0")) die("open cuda:0");
+  printf("test_cuda_ops: %s against %s, %s shapes\n", gpu.name, cpu.name, small ? "small" : "full");
+  static const mt_matmul_precision precs[] = {MT_MATMUL_FP32, MT_MATMUL_TF32, MT_MATMUL_BF16};
+
+  if (small) {
+    shape s = {2, 13, 24, 3, 37, 40};
+    test_embedding(s);
+    test_layernorm(7, 24);
+    test_layernorm(3, 300); /* more columns than threads */
+    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i]);
+    test_linear(5, 7, 3, MT_MATMUL_FP32); /* odd sizes: 4-byte aligned rows */
+    for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
+    test_attention(s, MT_MATMUL_FP32, 1);
+    shape odd = {2, 9, 15, 5, 37, 40}; /* head size 3: every head slice misaligned */
+    test_attention(odd, MT_MATMUL_FP32, 0);
+    test_attention(odd, MT_MATMUL_FP32, 1);
+    shape heads = {1, 13, 20, 5, 37, 40}; /* with a 512-float scratch: chunks of heads */
+    test_attention(heads, MT_MATMUL_FP32, 1);
+    shape rows = {1, 40, 16, 2, 37, 40}; /* with a 512-float scratch: chunks of rows */
+    test_attention(rows, MT_MATMUL_FP32, 1);
+    test_elementwise(1000);
+    test_dropout(3, 101);
+    test_crossentropy(5, 37, 40);
+    test_crossentropy(3, 700, 768);
+    test_adamw(5000);
+  } else {
+    shape s = {4, 256, 256, 4, 1000, 1024};
+    test_embedding(s);
+    test_layernorm(1024, 768);
+    test_layernorm(37, 2050);
+    for (int i = 0; i < 3; i++) {
+      test_linear(1024, 768, 2304, precs[i]);
+      test_linear(67, 129, 65, precs[i]);
+    }
+    for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
+    test_attention(s, MT_MATMUL_FP32, 1);
+    test_attention(s, MT_MATMUL_BF16, 1);
+    shape odd = {2, 67, 15, 5, 37, 40};
+    test_attention(odd, MT_MATMUL_FP32, 0);
+    test_attention(odd, MT_MATMUL_FP32, 1);
+    shape gpt = {2, 1024, 512, 8, 50257, 50304}; /* GPT-2 vocabulary, longer rows */
+    test_attention(gpt, MT_MATMUL_BF16, 1);
+    test_embedding(gpt);
+    test_elementwise((size_t)3 << 20);
+    test_dropout(4, (size_t)1 << 20 | 3);
+    test_crossentropy(256, 50257, 50304);
+    test_adamw((size_t)1 << 22);
+  }
+  int rc = mt_device_sync(&gpu);
+  if (rc) {
+    printf("FAIL device sync: %s\n", mt_errmsg());
+    n_failed++;
+  }
+  mt_device_close(&gpu);
+  mt_device_close(&cpu);
+  printf("test_cuda_ops: %d checks, %d failed\n", n_checks, n_failed);
+  return n_failed ? 1 : 0;
+}
