@@ -68,6 +68,8 @@ int ctl_parse_positive(const ctl_verb *verb, const char *opt, const char *arg, i
                        double *out);
 
 /* The verbs, one file each. */
+int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv); /* ckpt.c */
+extern const char ctl_ckpt_help[];
 int ctl_verb_plan(const ctl_verb *verb, int argc, char **argv);
 extern const char ctl_plan_help[];
 int ctl_verb_status(const ctl_verb *verb, int argc, char **argv); /* status.c */

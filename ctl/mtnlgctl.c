@@ -44,6 +44,8 @@ static const ctl_verb verbs[] = {
     {"ops", 0, 1, ctl_verb_ops, "[ID] [OPTIONS]", "the operations and how they went", ctl_ops_help},
     {"checkpoints", 0, 0, ctl_verb_checkpoints, "[OPTIONS]", "the committed checkpoints",
      ctl_checkpoints_help},
+    {"ckpt", 2, 2, ctl_verb_ckpt, "verify DIR [-o json]",
+     "check every checksum of checkpoints on disk (offline)", ctl_ckpt_help},
     {"plan", 1, 1, ctl_verb_plan, "JOB.json [OPTIONS]",
      "per-device memory, FLOPs and step time of a job, without running it", ctl_plan_help},
     {"help", 0, 1, verb_help, "[VERB]", "show the verbs, or one verb's options",

@@ -90,6 +90,7 @@ static int run_node(const char *config_path, const char *const *overrides,
   }
   mt_log_set_level(mt_log_parse_level(cfg.log_level));
   signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
+  signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails that write (EFBIG), not the daemon */
   int abandoned = 0;
   mt_node_opts no = {
       .config = &cfg, .job_overrides = job_sets, .config_path = config_path, .abandoned = &abandoned};
@@ -272,6 +273,7 @@ int main(int argc, char **argv) {
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
   signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
+  signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails that write (EFBIG), not the daemon */
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
   step_printer printer = {.json = json,
                           .steps = job.train.steps,

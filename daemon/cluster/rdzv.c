@@ -837,6 +837,13 @@ static int read_acted(mt_coord *c) {
     coord_op *o = &c->ops[i];
     if (strcmp(o->state, "running") || !o->order_seq) continue;
     if (c->state == G_ENDED) {
+      /* its word may have come just before the end: say where it acted */
+      char key[64];
+      int rc;
+      snprintf(key, sizeof key, "gen/%d/acted/%lld", c->gen, (long long)o->order_seq);
+      json_t *acted = get_json_now(c->o.store, key, &rc);
+      if (acted) o->step = json_integer_value(json_object_get(acted, "step"));
+      json_decref(acted);
       if (!strcmp(o->kind, "stop") && c->end_ok) {
         op_done(o, 1, NULL);
       } else {
@@ -938,9 +945,10 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
         "devices", devs, "ranks", ranks, "stages", stages, "replicas", replicas, "heartbeat_age_s",
         (now_ms - n->hb_changed_ms) / 1000.0, "control_url", n->d.control_url);
     json_object_set_new(node, "member", json_boolean(n->role == ROLE_MEMBER));
-    json_object_set(node, "state",
-                    own && json_object_get(own, "state") ? json_object_get(own, "state")
-                                                         : json_string(role_names[n->role]));
+    json_object_set_new(node, "state",
+                        own && json_object_get(own, "state")
+                            ? json_incref(json_object_get(own, "state"))
+                            : json_string(role_names[n->role]));
     json_object_set(node, "memory_bytes",
                     own && json_object_get(own, "memory_bytes")
                         ? json_object_get(own, "memory_bytes")

@@ -23,6 +23,8 @@ typedef struct rank_ctx {
   char err[1024];
   struct rank_ctx *all;
   int *first_failed;   /* local index of the rank whose failure came first, -1 while none */
+  volatile int *cancel; /* set on a failure: waits for peers in the store give up */
+  int *running;         /* ranks of this process still running */
   int n_local;         /* ranks of this process: all[0 .. n_local) */
   char ckpt_dir[1200]; /* this job's checkpoints, or "" */
 } rank_ctx;
@@ -248,17 +250,60 @@ static void *rank_main(void *arg) {
     int none = -1;
     __atomic_compare_exchange_n(c->first_failed, &none, (int)(c - c->all), 0, __ATOMIC_ACQ_REL,
                                 __ATOMIC_ACQUIRE);
-    /* the others would wait for this rank until their deadline */
+    /* the others would wait for this rank until their deadline. Many
+     * failures are agreed on by every rank (a checkpoint that cannot load):
+     * let the others leave their last collective on their own first, since
+     * gloo cannot always wake a collective that is mid-transfer. */
+    *c->cancel = 1;
+    for (int waited = 0; waited < 2000 && __atomic_load_n(c->running, __ATOMIC_ACQUIRE) > 1;
+         waited += 10) {
+      struct timespec ts = {0, 10 * 1000 * 1000};
+      nanosleep(&ts, NULL);
+    }
     for (int r = 0; r < c->n_local; r++)
       for (int k = 0; k < 5; k++) {
         mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_ACQUIRE);
         if (peer) mt_comm_abort(peer);
       }
   }
+  __atomic_fetch_sub(c->running, 1, __ATOMIC_ACQ_REL);
   if (have_tr) mt_trainer_destroy(&tr);
   if (have_dev) mt_device_close(&dev);
   return NULL;
 }
+
+/* The store the ranks bootstrap through, made cancellable: a rank still
+ * waiting for a group's peers when another rank of this process failed must
+ * not wait out the deadline for peers that will never come. Waits are cut
+ * into 100 ms slices that check the flag. */
+typedef struct cancel_store {
+  mt_store base;
+  mt_store *inner;
+  volatile int *cancel;
+} cancel_store;
+
+static int cs_set(mt_store *s, const char *key, const void *value, size_t bytes) {
+  return mt_store_set(((cancel_store *)s)->inner, key, value, bytes);
+}
+static int cs_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
+  cancel_store *c = (cancel_store *)s;
+  for (int waited = 0;; waited += 100) {
+    if (*c->cancel) return mt_seterr(MT_ECANCELED, "store: wait for %s cancelled: a rank failed", key);
+    int slice = timeout_ms < 0 ? 100 : timeout_ms - waited < 100 ? timeout_ms - waited : 100;
+    int rc = mt_store_get(c->inner, key, value, bytes, slice > 0 ? slice : 0);
+    if (rc != MT_ETIMEDOUT || (timeout_ms >= 0 && waited + 100 >= timeout_ms)) return rc;
+  }
+}
+static int cs_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {
+  return mt_store_add(((cancel_store *)s)->inner, key, delta, result);
+}
+static int cs_check(mt_store *s, const char *key) {
+  return mt_store_check(((cancel_store *)s)->inner, key);
+}
+static int cs_del(mt_store *s, const char *key) {
+  return mt_store_del(((cancel_store *)s)->inner, key);
+}
+static void cs_free(mt_store *s) { (void)s; /* embedded in mt_local */ }
 
 struct mt_local {
   rank_ctx *ranks;
@@ -266,6 +311,9 @@ struct mt_local {
   int n, started, first_failed, rc;
   char err[1024]; /* the start failure's message: mt_local_wait may run on another thread */
   mt_store *own;  /* the in-process store, when no other was given */
+  cancel_store cs; /* what the ranks use: store, cancelled when a rank fails */
+  volatile int cancel;
+  int running; /* ranks not yet ended */
 };
 
 int mt_local_start(const mt_local_opts *o, mt_local **out) {
@@ -298,6 +346,13 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
   mt_store *store = o->store;
   int rc = l->ranks && l->threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", n);
   if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&l->own))) store = l->own;
+  if (store) {
+    l->cs = (cancel_store){.base = {.set = cs_set, .get = cs_get, .add = cs_add, .check = cs_check,
+                                    .del = cs_del, .free = cs_free, .kind = store->kind},
+                           .inner = store,
+                           .cancel = &l->cancel};
+    store = &l->cs.base;
+  }
   int cores = o->omp_threads > 0 ? o->omp_threads : omp_get_max_threads();
   for (int k = 0; !rc && k < n; k++) {
     l->ranks[k] = (rank_ctx){.o = o,
@@ -307,13 +362,17 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
                              .all = l->ranks,
                              .n_local = n,
                              .omp_threads = cores / n > 0 ? cores / n : 1,
-                             .first_failed = &l->first_failed};
+                             .first_failed = &l->first_failed,
+                             .cancel = &l->cancel,
+                             .running = &l->running};
     if (o->checkpoint_dir)
       snprintf(l->ranks[k].ckpt_dir, sizeof l->ranks[k].ckpt_dir, "%s", o->checkpoint_dir);
     else if (o->job->checkpoint.dir[0])
       mt_checkpoint_job_dir(o->job, l->ranks[k].ckpt_dir, sizeof l->ranks[k].ckpt_dir);
+    __atomic_fetch_add(&l->running, 1, __ATOMIC_ACQ_REL);
     if (pthread_create(&l->threads[k], NULL, rank_main, &l->ranks[k]))
-      rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k);
+      rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k),
+      __atomic_fetch_sub(&l->running, 1, __ATOMIC_ACQ_REL);
     else
       l->started++;
   }
@@ -325,6 +384,7 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
 
 void mt_local_abort(mt_local *l) {
   if (!l) return;
+  l->cancel = 1;
   for (int r = 0; r < l->started; r++)
     for (int k = 0; k < 5; k++) {
       mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_ACQUIRE);

@@ -1,0 +1,117 @@
+/* ckpt.c — `mtnlgctl ckpt verify DIR`: every checksum of checkpoints on
+ * disk, offline, without a daemon (daemon/ckpt does the reading). */
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ckpt.h"
+#include "ctl.h"
+#include "err.h"
+
+const char ctl_ckpt_help[] =
+    "Checks checkpoints offline. DIR is one checkpoint (a step_NNNNNNNN directory with its\n"
+    "manifest.json) or a job's checkpoint directory (every committed step in it). Every\n"
+    "shard file's size, header and per-chunk XXH3 checksum is compared with the manifest;\n"
+    "each problem is printed with its file and chunk.\n"
+    "\n"
+    "  verify DIR   exit 0 when every checksum matches, 1 when anything is wrong\n"
+    "  -o json      one object: {\"checked\": [...], \"problems\": [...]}\n";
+
+typedef struct verify_ctx {
+  json_t *problems;
+  const char *dir;
+} verify_ctx;
+
+static void on_problem(void *arg, const char *problem) {
+  verify_ctx *v = arg;
+  json_array_append_new(v->problems, json_pack("{s:s, s:s}", "checkpoint", v->dir, "problem", problem));
+  if (ctl.output == CTL_OUTPUT_TABLE) printf("  %s\n", problem);
+}
+
+static int is_file(const char *dir, const char *name) {
+  char p[4096];
+  struct stat st;
+  snprintf(p, sizeof p, "%s/%s", dir, name);
+  return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
+  int ret = CTL_EXIT_USAGE;
+  json_t *checked = json_array(), *problems = json_array();
+  const char *dir = NULL;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "-o") && i + 1 < argc) {
+      if (ctl_parse_output(argv[++i], &ctl.output)) goto cleanup;
+    } else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+      ctl_verb_help(verb, stdout);
+      ret = CTL_EXIT_OK;
+      goto cleanup;
+    } else if (argv[i][0] == '-') {
+      ret = ctl_usage_error(verb, "unknown option %s", argv[i]);
+      goto cleanup;
+    } else if (!strcmp(argv[i], "verify") && !dir && i + 1 < argc) {
+      dir = argv[++i];
+    } else {
+      ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR");
+      goto cleanup;
+    }
+  }
+  if (!dir) {
+    ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR");
+    goto cleanup;
+  }
+  ret = CTL_EXIT_FAILURE;
+  /* one checkpoint, or every committed one of a job directory */
+  char **dirs = NULL;
+  size_t n = 0;
+  if (is_file(dir, "manifest.json")) {
+    dirs = calloc(1, sizeof *dirs);
+    if (dirs) dirs[n++] = strdup(dir);
+  } else {
+    mt_ckpt_entry *e = NULL;
+    size_t count = 0;
+    if (mt_ckpt_list(dir, &e, &count)) {
+      fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
+      goto cleanup;
+    }
+    dirs = calloc(count ? count : 1, sizeof *dirs);
+    for (size_t i = 0; dirs && i < count; i++) dirs[n++] = strdup(e[i].path);
+    free(e);
+    if (!n) {
+      fprintf(stderr,
+              "mtnlgctl ckpt: %s holds no committed checkpoint (no step_* directory with a "
+              "manifest.json)\n",
+              dir);
+      free(dirs);
+      goto cleanup;
+    }
+  }
+  int bad = 0;
+  for (size_t i = 0; i < n; i++) {
+    verify_ctx v = {problems, dirs[i]};
+    size_t before = json_array_size(problems);
+    if (ctl.output == CTL_OUTPUT_TABLE) printf("%s\n", dirs[i]);
+    int rc = mt_ckpt_verify(dirs[i], on_problem, &v);
+    if (rc && json_array_size(problems) == before) on_problem(&v, mt_errmsg());
+    int ok = !rc && json_array_size(problems) == before;
+    bad |= !ok;
+    json_array_append_new(checked, json_pack("{s:s, s:b}", "checkpoint", dirs[i], "ok", ok));
+    if (ctl.output == CTL_OUTPUT_TABLE) printf("  %s\n", ok ? "ok: every checksum matches" : "DAMAGED");
+    free(dirs[i]);
+  }
+  free(dirs);
+  if (ctl.output == CTL_OUTPUT_JSON) {
+    json_t *out = json_pack("{s:O, s:O}", "checked", checked, "problems", problems);
+    char *s = json_dumps(out, JSON_INDENT(2));
+    if (s) printf("%s\n", s);
+    free(s);
+    json_decref(out);
+  }
+  ret = bad ? CTL_EXIT_FAILURE : CTL_EXIT_OK;
+cleanup:
+  json_decref(checked);
+  json_decref(problems);
+  return ret;
+}

@@ -1,0 +1,441 @@
+"""The dashboard in a real browser against a live cluster of 4 daemons.
+
+usage: test_dashboard.py MTNLGD [OUT_DIR]
+
+Starts 4 mtnlgd daemons on loopback (tools/local_cluster.py; cpu:2 each,
+tp 2 x pp 2 x dp 2, the tiny model with 4 layers, a control token) and
+headless Chromium, which it drives over the DevTools protocol with the small
+websocket client below (standard library only). Checks, in the page's DOM:
+- test_dashboard_renders_the_clusters_values: #state, #generation,
+  #job-name and one #nodes row per node (data-node n0..n3) while it trains;
+  then, with the cluster paused through the API so the values hold still,
+  #state "paused" and #step equal to what /v1/status says;
+- test_pause_button_pauses_the_cluster: a mouse click on #btn-pause, the
+  token answered in the prompt(), makes /v1/status report paused and
+  #op-status name the pause operation and its success;
+- test_resume_button_resumes_without_asking_again: #btn-resume resumes
+  (the token is kept in sessionStorage: no second prompt) and steps advance;
+- a screenshot of the page (Page.captureScreenshot), written to OUT_DIR
+  (default: the working directory), its path printed.
+Exits 77 (skipped) when no Chromium is installed.
+"""
+import array
+import base64
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from local_cluster import LocalCluster, free_port  # noqa: E402
+
+TOKEN = "dashboard-test-token"
+NODES = ["n0", "n1", "n2", "n3"]
+
+
+# --------------------------------------------------------------- websocket
+
+class WebSocket:
+    """A client websocket (RFC 6455) over one TCP socket: text frames out,
+    masked; frames in, reassembled; pings answered. Enough for DevTools."""
+
+    def __init__(self, url, timeout=10):
+        assert url.startswith("ws://"), url
+        hostport, _, path = url[5:].partition("/")
+        host, _, port = hostport.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n" % (path, hostport, key)).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("websocket %s: closed during the handshake" % url)
+            head += chunk
+        head, _, self.buf = head.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError("websocket %s: %s" % (url, head.split(b"\r\n")[0].decode()))
+
+    def send(self, text):
+        data = text.encode()
+        n = len(data)
+        hdr = bytes([0x81])
+        if n < 126:
+            hdr += bytes([0x80 | n])
+        elif n < 65536:
+            hdr += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            hdr += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)
+        body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        self.sock.sendall(hdr + mask + body)
+
+    def _read(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv(self, timeout):
+        """The next whole text message; socket.timeout when none came in time."""
+        self.sock.settimeout(max(0.01, timeout))
+        parts = []
+        while True:
+            b0, b1 = self._read(2)
+            op, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            mask = self._read(4) if b1 & 0x80 else None
+            payload = self._read(n)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if op == 0x8:
+                raise ConnectionError("websocket closed by the browser")
+            if op == 0x9:  # ping: pong with the same payload
+                self.sock.sendall(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+                continue
+            if op in (0x0, 0x1, 0x2):
+                parts.append(payload)
+                if b0 & 0x80:
+                    return b"".join(parts).decode()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class DevTools:
+    """One page target. call() waits for its answer; events seen meanwhile
+    are kept (self.events) and passed to on_event first."""
+
+    def __init__(self, ws_url, on_event=None):
+        self.ws = WebSocket(ws_url)
+        self.next_id = 0
+        self.events = []
+        self.on_event = on_event
+
+    def _dispatch(self, msg):
+        if self.on_event:
+            self.on_event(self, msg)
+        self.events.append(msg)
+
+    def send(self, method, params=None):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params or {}}))
+        return self.next_id
+
+    def call(self, method, params=None, timeout=15):
+        mid = self.send(method, params)
+        deadline = time.time() + timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError("DevTools %s: no answer in %.0f s" % (method, timeout))
+            try:
+                msg = json.loads(self.ws.recv(left))
+            except socket.timeout:
+                continue
+            if msg.get("id") == mid:
+                if "error" in msg:
+                    raise RuntimeError("DevTools %s: %s" % (method, msg["error"]))
+                return msg.get("result", {})
+            if "method" in msg:
+                self._dispatch(msg)
+
+    def pump(self, seconds):
+        """Reads events for a while (dialogs are answered by on_event)."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            try:
+                msg = json.loads(self.ws.recv(deadline - time.time()))
+            except socket.timeout:
+                return
+            if "method" in msg:
+                self._dispatch(msg)
+
+    def wait_event(self, name, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for m in self.events:
+                if m.get("method") == name:
+                    self.events.remove(m)
+                    return m
+            self.pump(min(0.2, deadline - time.time()))
+        raise TimeoutError("DevTools: no %s in %.0f s" % (name, timeout))
+
+    def eval(self, expr):
+        r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})
+        if "exceptionDetails" in r:
+            raise RuntimeError("page: %s: %s" % (expr, r["exceptionDetails"].get("text")))
+        return r["result"].get("value")
+
+
+# ------------------------------------------------------------------ helpers
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def http(url, method="GET", token=None, body=None, timeout=5):
+    req = urllib.request.Request(url, method=method, data=body)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+def status(node):
+    code, s = http(node.url() + "/v1/status")
+    assert code == 200, "GET /v1/status: %s" % code
+    return s
+
+
+def started_step(c):
+    """n0's step once its control plane answers (-1 before); fails if a daemon died."""
+    dead = [n.name for n in c.nodes if not n.running()]
+    if dead:
+        raise AssertionError("daemon(s) %s exited" % dead)
+    try:
+        return status(c.nodes[0])["step"]
+    except OSError:
+        return -1
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+DOM_SNAPSHOT = """(function () {
+  var t = function (id) { var e = document.getElementById(id); return e ? e.textContent : null; };
+  var rows = Array.prototype.map.call(document.querySelectorAll('#nodes tr[data-node]'),
+    function (r) { return r.getAttribute('data-node'); });
+  return {state: t('state'), generation: t('generation'), step: t('step'), job: t('job-name'),
+          loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
+          rows: rows};
+})()"""
+
+
+def dom(dt):
+    return dt.eval(DOM_SNAPSHOT)
+
+
+def click(dt, element_id):
+    """A real mouse click (press and release) at the middle of the element."""
+    r = dt.eval("(function () { var b = document.getElementById('%s').getBoundingClientRect();"
+                " return [b.left + b.width / 2, b.top + b.height / 2]; })()" % element_id)
+    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+        p = {"type": kind, "x": r[0], "y": r[1]}
+        if kind != "mouseMoved":
+            p.update(button="left", clickCount=1)
+        dt.call("Input.dispatchMouseEvent", p)
+
+
+def check(name, ok, detail=""):
+    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""), flush=True)
+    return 0 if ok else 1
+
+
+def write_job(tmp):
+    data = b""
+    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
+        if os.path.isfile(f) and not os.path.islink(f):
+            data += open(f, "rb").read()
+    tokens = os.path.join(tmp, "tokens.u16")
+    with open(tokens, "wb") as fh:
+        fh.write(array.array("H", list(data[:200000])).tobytes())
+    job = {"name": "dashboard-test", "model": {"preset": "tiny", "n_layer": 4},
+           "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
+           "train": {"global_batch": 8, "steps": 100000, "seed": 7,
+                     "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
+           "data": {"path": tokens}}
+    path = os.path.join(tmp, "job.json")
+    with open(path, "w") as f:
+        json.dump(job, f)
+    return path
+
+
+def start_browser(chromium, tmp):
+    port = free_port()
+    log = open(os.path.join(tmp, "chromium.log"), "w")
+    proc = subprocess.Popen(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+         "--user-data-dir=" + os.path.join(tmp, "profile"), "--window-size=1280,1000",
+         "--remote-debugging-port=%d" % port, "about:blank"],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    page = None
+    deadline = time.time() + 20
+    while time.time() < deadline and page is None:
+        if proc.poll() is not None:
+            raise RuntimeError("chromium exited %s:\n%s" % (
+                proc.returncode, open(os.path.join(tmp, "chromium.log")).read()[-2000:]))
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port, timeout=2) as r:
+                page = next((t for t in json.load(r) if t.get("type") == "page"), None)
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    if page is None:
+        raise RuntimeError("chromium: no page target on DevTools port %d" % port)
+    return proc, page["webSocketDebuggerUrl"]
+
+
+# -------------------------------------------------------------------- tests
+
+def run(mtnlgd, out_dir, chromium, tmp):
+    failures = 0
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "cluster"), write_job(tmp), nodes=4,
+                     heartbeat_ms=200, timeout_ms=5000, token=TOKEN)
+    browser = None
+    dialogs = []
+
+    def on_event(dt, msg):
+        if msg["method"] == "Page.javascriptDialogOpening":
+            p = msg["params"]
+            dialogs.append((p["type"], p["message"]))
+            # never answer a confirm() (that is Stop): only the token prompt
+            dt.send("Page.handleJavaScriptDialog",
+                    {"accept": p["type"] == "prompt", "promptText": TOKEN})
+
+    try:
+        c.start()
+        n0 = c.nodes[0]
+        wait_until(lambda: started_step(c) >= 2, 60, "step 2 on n0")
+        browser, ws_url = start_browser(chromium, tmp)
+        dt = DevTools(ws_url, on_event)
+        dt.call("Page.enable")
+        dt.call("Runtime.enable")
+        dt.call("Page.navigate", {"url": n0.url() + "/"})
+        dt.wait_event("Page.loadEventFired", 15)
+
+        # (a) while it trains: identity, state, nodes
+        want = status(n0)
+        d = wait_until(lambda: (lambda d: d if d["conn"] == "live" and d["rows"] else None)(dom(dt)),
+                       10, "the page's first status poll")
+        ok = (d["state"] == "running" and d["job"] == want["job"]["name"] == "dashboard-test"
+              and d["generation"] == str(want["generation"]) and d["rows"] == NODES
+              and d["step"].isdigit() and int(d["step"]) <= status(n0)["step"])
+        failures += check("test_dashboard_renders_the_clusters_values_while_training", ok,
+                          "page %s, /v1/status state %s generation %s step %s" % (
+                              d, want["state"], want["generation"], want["step"]))
+
+        # (a) paused through the API: #step equals /v1/status's step
+        code, op = http(n0.url() + "/v1/pause", "POST", TOKEN, b"{}")
+        assert code == 202, "POST /v1/pause: %s" % code
+        wait_until(lambda: status(n0)["state"] == "paused", 20, "paused (API)")
+        want = status(n0)
+        d = wait_until(lambda: (lambda d: d if d["state"] == "paused" and d["step"] == str(want["step"])
+                                else None)(dom(dt)), 10, "the page to show the paused step")
+        steps = [status(n)["step"] for n in c.nodes]
+        ok = d["step"] == str(want["step"]) and len(set(steps)) == 1 and d["job"] == want["job"]["name"]
+        failures += check("test_dashboard_shows_the_paused_step_of_v1_status", ok,
+                          "#step %s, /v1/status step %s on n0..n3 %s" % (d["step"], want["step"], steps))
+        code, _ = http(n0.url() + "/v1/resume", "POST", TOKEN, b"{}")
+        assert code == 202, "POST /v1/resume: %s" % code
+        wait_until(lambda: status(n0)["state"] == "running", 20, "running again (API)")
+
+        # (b) the Pause button, token answered in the prompt
+        click(dt, "btn-pause")
+        deadline = time.time() + 20
+        while time.time() < deadline and status(n0)["state"] != "paused":
+            dt.pump(0.2)
+        st = status(n0)
+        d = wait_until(lambda: (lambda d: d if "succeeded" in d["op"] else None)(dom(dt)), 10,
+                       "#op-status to report the pause succeeded")
+        ok = (st["state"] == "paused" and [t for t, _ in dialogs] == ["prompt"]
+              and "pause: succeeded" in d["op"] and d["op"].startswith("op-"))
+        failures += check("test_pause_button_pauses_the_cluster", ok,
+                          "/v1/status %s, #op-status %r, dialogs %s" % (st["state"], d["op"], dialogs))
+        time.sleep(0.6)
+        held = status(n0)["step"] == st["step"]
+
+        # (b) the Resume button: no second prompt, steps advance
+        click(dt, "btn-resume")
+        deadline = time.time() + 20
+        while time.time() < deadline and status(n0)["state"] != "running":
+            dt.pump(0.2)
+        d = wait_until(lambda: (lambda d: d if "resume: succeeded" in d["op"] else None)(dom(dt)), 10,
+                       "#op-status to report the resume succeeded")
+        s1 = status(n0)
+        wait_until(lambda: status(n0)["step"] > s1["step"], 20, "a step after resume")
+        ok = s1["state"] == "running" and len(dialogs) == 1 and held
+        failures += check("test_resume_button_resumes_without_asking_again", ok,
+                          "/v1/status %s, #op-status %r, dialogs %d, step held while paused %s" % (
+                              s1["state"], d["op"], len(dialogs), held))
+
+        # (c) a screenshot of the live page
+        time.sleep(1.6)  # one more poll: the charts and the step move on
+        png = base64.b64decode(dt.call("Page.captureScreenshot", {"format": "png"})["data"])
+        shot = os.path.abspath(os.path.join(out_dir, "dashboard.png"))
+        with open(shot, "wb") as f:
+            f.write(png)
+        failures += check("test_screenshot_written", png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000,
+                          "%s (%d bytes)" % (shot, len(png)))
+        dt.ws.close()
+
+        alive = [n.running() for n in c.nodes]
+        c.stop()
+        codes = [n.proc.returncode for n in c.nodes]
+        failures += check("test_cluster_stops_cleanly_after", all(alive) and codes == [0] * 4,
+                          "alive %s, exit codes %s" % (alive, codes))
+    except (AssertionError, RuntimeError, TimeoutError, ConnectionError, OSError) as e:
+        failures += check("test_dashboard", False, "%s: %s\n%s" % (type(e).__name__, e, c.logs()))
+    finally:
+        if browser:
+            os.killpg(browser.pid, signal.SIGTERM)
+            try:
+                browser.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait()
+        c.kill_all()
+    return failures
+
+
+def main():
+    mtnlgd = sys.argv[1]
+    out_dir = sys.argv[2] if len(sys.argv) > 2 else os.getcwd()
+    chromium = find_chromium()
+    if not chromium:
+        print("skipped: no chromium (or chromium-browser, google-chrome) on PATH")
+        sys.exit(77)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        failures = run(mtnlgd, out_dir, chromium, tmp)
+    print("%d failure(s) in %.1f s" % (failures, time.time() - t0))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
