@@ -1,0 +1,205 @@
+"""Checkpoints of mtnlgd --standalone: resume, other dp widths, damage, full
+disks, and SIGKILL in the middle of writing.
+
+usage: test_checkpoints.py MTNLGD MTNLGCTL
+
+The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
+(the same code path as a cluster), checkpointing into a temp dir.
+- test_resume_continues_bit_for_bit: a run stopped by SIGTERM after step 7
+  (it saves on the way out) and started again prints, for every later step,
+  exactly the loss of an uninterrupted run;
+- test_resume_under_dp_2_1_4: the dp 2 checkpoint resumed with dp 1, that
+  one's resumed with dp 4: losses within 1e-5 of the uninterrupted run;
+- test_flipped_byte_is_named_and_the_previous_checkpoint_used, and
+  test_named_damaged_step_is_refused;
+- test_file_size_limit_fails_the_checkpoint_not_the_run: under RLIMIT_FSIZE
+  the checkpoint fails with the file named, training goes on to the end, and
+  the earlier checkpoint still verifies;
+- test_sigkill_during_checkpoints_never_breaks_latest: 20 runs checkpointing
+  every step, each SIGKILLed at a random moment; after each, `latest` names a
+  checkpoint that verifies (mtnlgctl ckpt verify) and resumes.
+"""
+import array
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def write_job(path, tokens, steps=20, ckpt=None, interval=0, name="ckpt-test"):
+    job = {"name": name, "model": {"preset": "tiny", "n_layer": 4},
+           "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 4, "micro_batch": 2},
+           "train": {"global_batch": 8, "steps": steps, "seed": 11,
+                     "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
+           "data": {"path": tokens}}
+    if ckpt:
+        job["checkpoint"] = {"dir": ckpt, "interval": interval}
+    with open(path, "w") as f:
+        json.dump(job, f)
+    return path
+
+
+def run(mtnlgd, job, *sets, timeout=300, preexec=None):
+    args = [mtnlgd, "--standalone", job, "--log-format", "json"]
+    for s in sets:
+        args += ["--set", s]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+    steps = {}
+    for line in p.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            steps[r["step"]] = r["loss"]
+    return p, steps
+
+
+def run_until(mtnlgd, job, step, *sets):
+    """Starts a run and SIGTERMs it once it printed `step`; returns (proc, steps)."""
+    args = [mtnlgd, "--standalone", job, "--log-format", "json"]
+    for s in sets:
+        args += ["--set", s]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps = {}
+    for line in p.stdout:
+        if line.startswith("{"):
+            r = json.loads(line)
+            steps[r["step"]] = r["loss"]
+            if r["step"] == step:
+                p.send_signal(signal.SIGTERM)
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    return p, steps, err
+
+
+def check(name, ok, detail=""):
+    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""))
+    return 0 if ok else 1
+
+
+def main():
+    mtnlgd, mtnlgctl = sys.argv[1], sys.argv[2]
+    data = b"".join(open(f, "rb").read() for f in sorted(glob.glob("/usr/share/common-licenses/*"))
+                    if os.path.isfile(f) and not os.path.islink(f))
+    fails = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = os.path.join(tmp, "tokens.u16")
+        with open(tokens, "wb") as f:
+            f.write(array.array("H", list(data[:200000])).tobytes())
+        plain = write_job(os.path.join(tmp, "plain.json"), tokens)
+        p, ref = run(mtnlgd, plain)
+        assert p.returncode == 0 and len(ref) == 20, p.stderr
+
+        # 1. bit-exact resume on the same layout
+        ck = os.path.join(tmp, "ck1")
+        job = write_job(os.path.join(tmp, "job1.json"), tokens, ckpt=ck)
+        p1, a, err1 = run_until(mtnlgd, job, 7)
+        p2, b = run(mtnlgd, job)
+        first = min(b) if b else None
+        same = (a and first == max(a) + 1 and all(b[s] == ref[s] for s in b)
+                and max(b) == 20 and all(a[s] == ref[s] for s in a))
+        fails += check("test_resume_continues_bit_for_bit",
+                       p1.returncode == 0 and p2.returncode == 0 and same
+                       and "resumed from" in p2.stderr,
+                       "stopped at %s, resumed at %s, %d later losses equal exactly" % (
+                           max(a) if a else None, first, sum(b[s] == ref[s] for s in b)))
+
+        # 2. dp 2 -> 1 -> 4 (the checkpoint holds whole shards: any dp loads it)
+        ck = os.path.join(tmp, "ck2")
+        job = write_job(os.path.join(tmp, "job2.json"), tokens, ckpt=ck)
+        p1, a, _ = run_until(mtnlgd, job, 6)
+        p2, b, err2 = run_until(mtnlgd, job, 12, "parallel.dp_min=1", "parallel.dp_max=1")
+        p3, c = run(mtnlgd, job, "parallel.dp_min=4", "parallel.dp_max=4")
+        got = {**a, **b, **c}
+        worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref if s in got) if got else 1
+        fails += check("test_resume_under_dp_2_1_4",
+                       len(got) == 20 and worst < 1e-5 and min(b) == max(a) + 1
+                       and min(c) == max(b) + 1
+                       and "saved with dp 2, running with dp 1" in err2
+                       and "saved with dp 1, running with dp 4" in p3.stderr,
+                       "steps %s..%s on dp 2, %s..%s on dp 1, %s..%s on dp 4; worst relative "
+                       "difference %.2e" % (min(a), max(a), min(b), max(b), min(c), max(c), worst))
+
+        # 3. damage: a flipped byte in the newest checkpoint
+        jobdir = os.path.join(ck, "ckpt-test")
+        newest = sorted(glob.glob(os.path.join(jobdir, "step_*")))[-1]
+        shard = os.path.join(newest, "shard_tp01_pp001.bin")
+        with open(shard, "r+b") as f:
+            f.seek(5000)
+            byte = f.read(1)
+            f.seek(5000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        v = subprocess.run([mtnlgctl, "ckpt", "verify", newest], capture_output=True, text=True)
+        p4, d = run(mtnlgd, job, "checkpoint.resume_step=-1", "train.steps=20")
+        named = "shard_tp01_pp001.bin chunk" in p4.stderr and "falling back" in p4.stderr
+        fails += check("test_flipped_byte_is_named_and_the_previous_checkpoint_used",
+                       v.returncode == 1 and "shard_tp01_pp001.bin chunk 1" in v.stdout and named
+                       and p4.returncode == 0 and min(d) == max(b) + 1,
+                       "verify exit %d; resumed at step %s" % (v.returncode, min(d) if d else None))
+        step_n = int(os.path.basename(newest)[5:])
+        p5, e = run(mtnlgd, job, "checkpoint.resume_step=%d" % step_n)
+        fails += check("test_named_damaged_step_is_refused",
+                       p5.returncode != 0 and "checksum" in p5.stderr and not e,
+                       "exit %d: %s" % (p5.returncode, p5.stderr.strip().splitlines()[-1][:200]
+                                        if p5.stderr.strip() else ""))
+
+        # 4. a file-size limit (a full disk, as far as the writer can tell)
+        ck = os.path.join(tmp, "ck4")
+        job = write_job(os.path.join(tmp, "job4.json"), tokens, ckpt=ck, steps=30)
+        p6, s6, _ = run_until(mtnlgd, job, 5)
+        before = subprocess.run([mtnlgctl, "ckpt", "verify", os.path.join(ck, "ckpt-test")],
+                                capture_output=True, text=True)
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        p7, f7 = run(mtnlgd, job, "checkpoint.interval=10", preexec=limit)
+        after = subprocess.run([mtnlgctl, "ckpt", "verify", os.path.join(ck, "ckpt-test")],
+                               capture_output=True, text=True)
+        ok = (p7.returncode == 0 and max(f7) == 30 and "checkpoint of step 10 failed" in p7.stderr
+              and ".bin" in p7.stderr and "File too large" in p7.stderr
+              and before.returncode == 0 and after.returncode == 0
+              and open(os.path.join(ck, "ckpt-test", "latest")).read().strip()
+              == "step_%08d" % max(s6))
+        fails += check("test_file_size_limit_fails_the_checkpoint_not_the_run", ok,
+                       "exit %d, trained to %s; latest %s" % (
+                           p7.returncode, max(f7) if f7 else None,
+                           open(os.path.join(ck, "ckpt-test", "latest")).read().strip()))
+
+        # 5. SIGKILL at random moments while checkpointing every step
+        ck = os.path.join(tmp, "ck5")
+        job = write_job(os.path.join(tmp, "job5.json"), tokens, ckpt=ck, interval=1, steps=100000)
+        rng = random.Random(1234)
+        bad, trials, last_latest = [], 20, None
+        for t in range(trials):
+            p = subprocess.Popen([mtnlgd, "--standalone", job], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+            time.sleep(0.4 + rng.random() * 0.8)
+            p.kill()
+            p.wait()
+            latest = open(os.path.join(ck, "ckpt-test", "latest")).read().strip() \
+                if os.path.exists(os.path.join(ck, "ckpt-test", "latest")) else None
+            if latest is None:
+                continue  # killed before the first checkpoint
+            v = subprocess.run([mtnlgctl, "ckpt", "verify", os.path.join(ck, "ckpt-test", latest)],
+                               capture_output=True, text=True)
+            if v.returncode != 0 or not os.path.exists(os.path.join(ck, "ckpt-test", latest,
+                                                                    "manifest.json")):
+                bad.append((t, latest, v.stdout[-300:]))
+            if last_latest and latest < last_latest:
+                bad.append((t, "latest went back", latest, last_latest))
+            last_latest = latest
+        p8, g = run(mtnlgd, job, "train.steps=%d" % (int(last_latest[5:]) + 1))
+        fails += check("test_sigkill_during_checkpoints_never_breaks_latest",
+                       not bad and p8.returncode == 0 and min(g) == int(last_latest[5:]) + 1,
+                       "%d kills, latest %s, problems %s" % (trials, last_latest, bad[:3]))
+    print("%d failure(s)" % fails)
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()
