@@ -26,7 +26,8 @@ typedef struct verify_ctx {
 
 static void on_problem(void *arg, const char *problem) {
   verify_ctx *v = arg;
-  json_array_append_new(v->problems, json_pack("{s:s, s:s}", "checkpoint", v->dir, "problem", problem));
+  json_array_append_new(v->problems,
+                        json_pack("{s:s, s:s}", "checkpoint", v->dir, "problem", problem));
   if (ctl.output == CTL_OUTPUT_TABLE) printf("  %s\n", problem);
 }
 
@@ -98,7 +99,8 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
     int ok = !rc && json_array_size(problems) == before;
     bad |= !ok;
     json_array_append_new(checked, json_pack("{s:s, s:b}", "checkpoint", dirs[i], "ok", ok));
-    if (ctl.output == CTL_OUTPUT_TABLE) printf("  %s\n", ok ? "ok: every checksum matches" : "DAMAGED");
+    if (ctl.output == CTL_OUTPUT_TABLE)
+      printf("  %s\n", ok ? "ok: every checksum matches" : "DAMAGED");
     free(dirs[i]);
   }
   free(dirs);

@@ -47,8 +47,9 @@ const char ctl_resume_help[] =
     "Options:\n" MUTATION_OPTIONS;
 
 const char ctl_stop_help[] =
-    "Stops the job at the next step boundary on every rank; the daemons stay up.\n"
-    "Take a checkpoint first (mtnlgctl checkpoint --wait) to continue it later.\n"
+    "Stops the job at the next step boundary on every rank; with a checkpoint.dir the\n"
+    "ranks save a checkpoint there first, so the job continues from it when started\n"
+    "again. The daemons then exit 0 (under systemd they stay down: a clean stop).\n"
     "\n"
     "Options:\n" MUTATION_OPTIONS;
 

@@ -11,7 +11,7 @@
 
 const char ctl_nodes_help[] =
     "The nodes (one mtnlgd each) of the cluster as the coordinator sees them: name,\n"
-    "role (coordinator, member, spare, refused), state, host, the ranks, pipeline\n"
+    "role (coordinator, member, spare, joined, lost, left), state, host, the ranks, pipeline\n"
     "stages and data-parallel replicas it holds, its devices, the age of its last\n"
     "heartbeat and its memory in use (1 GB = 10^9 bytes).\n"
     "\n"

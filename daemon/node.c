@@ -251,12 +251,11 @@ static void on_engine_done(uv_async_t *h) {
 
 static void leave_and_exit(node *n, int code) {
   mt_rdzv_leave(n->store, n->cfg->name); /* best effort: the coordinator times out otherwise */
-  if (n->coord) {
-    n->exit_code = code;
-    set_state(n, N_DRAINING);
-  } else {
-    finish(n, code);
-  }
+  /* stay answering the control plane a moment, so a client waiting on an
+   * operation (mtnlgctl stop --wait) sees how it ended */
+  n->exit_code = code;
+  n->drain_until_ms = mt_node_now_ms() + 2000;
+  set_state(n, N_DRAINING);
 }
 
 /* The coordinator's word on the generation: ended, and why. */
@@ -360,6 +359,7 @@ static void node_round(node *n) {
                      "them",
                      2 * n->cfg->heartbeat_interval_ms + 1000);
         n->abandoned = 1;
+        mt_rdzv_leave(n->store, n->cfg->name);
         finish(n, 1);
       }
       break;
@@ -409,7 +409,8 @@ static void on_tick(uv_timer_t *t) {
   }
   if (n->state != N_EXITING) node_round(n);
   if (n->state != N_EXITING) node_control_round(n, 0);
-  if (n->state == N_DRAINING && mt_coord_drained(n->coord, mt_node_now_ms(), 10000))
+  if (n->state == N_DRAINING && (n->coord ? mt_coord_drained(n->coord, mt_node_now_ms(), 10000)
+                                          : mt_node_now_ms() >= n->drain_until_ms))
     finish(n, n->exit_code);
 }
 

@@ -91,10 +91,11 @@ typedef struct node {
 
   volatile int64_t order_word; /* world rank 0's node: the latest order, for the engine */
   int holds_rank0;
-  int64_t aborted_ms; /* when the generation's end aborted the ranks */
-  int abandoned;      /* the ranks did not stop: exit without them */
-  int have_run_job; /* run_job and asg describe the generation (member or spare) */
-  int job_dp_min;   /* the job's own, before the generation's dp replaced it */
+  int64_t aborted_ms;     /* when the generation's end aborted the ranks */
+  int64_t drain_until_ms; /* a follower that is done answers until then */
+  int abandoned;          /* the ranks did not stop: exit without them */
+  int have_run_job;       /* run_job and asg describe the generation (member or spare) */
+  int job_dp_min;         /* the job's own, before the generation's dp replaced it */
   int64_t skipped_steps;
   char ckpt_job_dir[1200]; /* where this job's checkpoints live, or "" */
   int ckpt_writing;

@@ -787,6 +787,13 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
     snprintf(why, size, "cannot checkpoint: the job is %s", st);
     return why;
   }
+  for (int i = 0; i < c->n_ops; i++) { /* one order at a time: each must act before the next */
+    const coord_op *o = &c->ops[i];
+    if (strcmp(o->state, "running") || !o->order_seq || kind_code == MT_ORDER_KIND_STOP) continue;
+    snprintf(why, size, "cannot %s: op-%lld (%s) has not taken effect yet; retry when it has", kind,
+             (long long)o->id, o->kind);
+    return why;
+  }
   if (!(*op = new_op(c, kind))) return "out of memory";
   if (mt_coord_order(c, kind)) {
     op_done(*op, 0, mt_errmsg());
@@ -955,8 +962,11 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
                         : json_null());
     json_array_append_new(nodes, node);
   }
+  /* the newest 200 operations (and any still running) */
   json_t *ops = json_array();
-  for (int i = 0; i < c->n_ops; i++) json_array_append_new(ops, op_to_json(&c->ops[i]));
+  for (int i = 0; i < c->n_ops; i++)
+    if (i >= c->n_ops - 200 || !strcmp(c->ops[i].state, "running"))
+      json_array_append_new(ops, op_to_json(&c->ops[i]));
   json_t *st = json_pack(
       "{s:i, s:s, s:o, s:s, s:o, s:o, s:i}", "generation", c->gen, "state", cluster_state(c),
       "reason", c->end_reason[0] && c->state == G_ENDED ? json_string(c->end_reason) : json_null(),

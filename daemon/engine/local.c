@@ -22,11 +22,11 @@ typedef struct rank_ctx {
   int rc;
   char err[1024];
   struct rank_ctx *all;
-  int *first_failed;   /* local index of the rank whose failure came first, -1 while none */
+  int *first_failed;    /* local index of the rank whose failure came first, -1 while none */
   volatile int *cancel; /* set on a failure: waits for peers in the store give up */
   int *running;         /* ranks of this process still running */
-  int n_local;         /* ranks of this process: all[0 .. n_local) */
-  char ckpt_dir[1200]; /* this job's checkpoints, or "" */
+  int n_local;          /* ranks of this process: all[0 .. n_local) */
+  char ckpt_dir[1200];  /* this job's checkpoints, or "" */
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -255,7 +255,9 @@ static void *rank_main(void *arg) {
      * let the others leave their last collective on their own first, since
      * gloo cannot always wake a collective that is mid-transfer. */
     *c->cancel = 1;
-    for (int waited = 0; waited < 2000 && __atomic_load_n(c->running, __ATOMIC_ACQUIRE) > 1;
+    int agreed = rc != MT_EIO && rc != MT_ETIMEDOUT && rc != MT_ECANCELED; /* not a comm failure */
+    for (int waited = 0;
+         agreed && waited < 2000 && __atomic_load_n(c->running, __ATOMIC_ACQUIRE) > 1;
          waited += 10) {
       struct timespec ts = {0, 10 * 1000 * 1000};
       nanosleep(&ts, NULL);
@@ -288,7 +290,8 @@ static int cs_set(mt_store *s, const char *key, const void *value, size_t bytes)
 static int cs_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
   cancel_store *c = (cancel_store *)s;
   for (int waited = 0;; waited += 100) {
-    if (*c->cancel) return mt_seterr(MT_ECANCELED, "store: wait for %s cancelled: a rank failed", key);
+    if (*c->cancel)
+      return mt_seterr(MT_ECANCELED, "store: wait for %s cancelled: a rank failed", key);
     int slice = timeout_ms < 0 ? 100 : timeout_ms - waited < 100 ? timeout_ms - waited : 100;
     int rc = mt_store_get(c->inner, key, value, bytes, slice > 0 ? slice : 0);
     if (rc != MT_ETIMEDOUT || (timeout_ms >= 0 && waited + 100 >= timeout_ms)) return rc;
@@ -309,8 +312,8 @@ struct mt_local {
   rank_ctx *ranks;
   pthread_t *threads;
   int n, started, first_failed, rc;
-  char err[1024]; /* the start failure's message: mt_local_wait may run on another thread */
-  mt_store *own;  /* the in-process store, when no other was given */
+  char err[1024];  /* the start failure's message: mt_local_wait may run on another thread */
+  mt_store *own;   /* the in-process store, when no other was given */
   cancel_store cs; /* what the ranks use: store, cancelled when a rank fails */
   volatile int cancel;
   int running; /* ranks not yet ended */
@@ -347,8 +350,13 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
   int rc = l->ranks && l->threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", n);
   if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&l->own))) store = l->own;
   if (store) {
-    l->cs = (cancel_store){.base = {.set = cs_set, .get = cs_get, .add = cs_add, .check = cs_check,
-                                    .del = cs_del, .free = cs_free, .kind = store->kind},
+    l->cs = (cancel_store){.base = {.set = cs_set,
+                                    .get = cs_get,
+                                    .add = cs_add,
+                                    .check = cs_check,
+                                    .del = cs_del,
+                                    .free = cs_free,
+                                    .kind = store->kind},
                            .inner = store,
                            .cancel = &l->cancel};
     store = &l->cs.base;

@@ -42,6 +42,18 @@ def write_job(path, tokens, steps, name="cluster-test", dp_max=2):
     return path
 
 
+def log_time(text, pattern):
+    """Unix time of the first log line matching pattern (lines start with an ISO UTC time)."""
+    import calendar
+    import re
+    for line in text.splitlines():
+        if re.search(pattern, line):
+            m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)Z", line)
+            if m:
+                return calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + float(m.group(2))
+    return None
+
+
 def check(name, ok, detail=""):
     print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""))
     return 0 if ok else 1
@@ -57,17 +69,18 @@ def test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tok
     try:
         c.start()
         codes = c.wait_all(300)
-        members = c.nodes[:4]
+        # whichever node joined last (start order races under load) waits as the spare
+        spares = [n for n in c.nodes if grep(n, r"formed without this node: waiting as a spare")]
+        members = [n for n in c.nodes if n not in spares]
         got = [[l for _, l in step_losses(n)] for n in members]
-        ok = (one.returncode == 0 and codes == [0] * 5 and len(ref) == 20
+        ok = (one.returncode == 0 and codes == [0] * 5 and len(ref) == 20 and len(members) == 4
               and all(g == ref for g in got))
-        spare = c.nodes[4]
-        ok_spare = grep(spare, r"formed without this node: waiting as a spare") and not spare.steps()
+        ok_spare = len(spares) == 1 and not spares[0].steps()
         return (check("test_four_daemons_train_like_one_process",
                       ok, "exit codes %s, standalone %s..., cluster %s..." % (
                           codes, ref[:3], got[0][:3] if got and got[0] else None))
                 + check("test_fifth_daemon_is_a_spare_and_exits_with_the_job", ok_spare,
-                        "" if ok_spare else c.logs()))
+                        ("spare %s" % spares[0].name) if ok_spare else c.logs()))
     finally:
         c.kill_all()
 
@@ -84,12 +97,15 @@ def test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens):
         victim.signal(signal.SIGKILL)
         others = [n for n in c.nodes if n is not victim]
         codes = c.wait_all(30, others)
-        took = time.time() - t0
-        named = all(grep(n, r"node n2 lost") for n in others)
-        ok = codes == [1, 1, 1] and named and took <= TIMEOUT_MS / 1000 + 2.0
+        # when each node logged the end of the generation, naming the lost node
+        took = [log_time(n.stderr(), r"generation 1 ended: node n2 lost") for n in others]
+        took = [t - t0 if t else None for t in took]
+        named = all(t is not None for t in took)
+        ok = codes == [1, 1, 1] and named and max(took) <= TIMEOUT_MS / 1000 + 1.5
         return check("test_sigkill_of_a_member_ends_the_generation_naming_it", ok,
-                     "exit codes %s after %.1f s (timeout %.1f s), named: %s%s" % (
-                         codes, took, TIMEOUT_MS / 1000, named, "" if ok else "\n" + c.logs()))
+                     "exit codes %s; the end logged %s s after the kill (timeout %.1f s)%s" % (
+                         codes, ["%.1f" % t if t is not None else None for t in took],
+                         TIMEOUT_MS / 1000, "" if ok else "\n" + c.logs()))
     finally:
         c.kill_all()
 
