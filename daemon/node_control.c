@@ -91,8 +91,7 @@ static json_t *job_json(node *n) {
                    j->parallel.dp_max > dp_min ? j->parallel.dp_max : dp_min);
 }
 
-static json_t *p_status(void *arg) {
-  node *n = arg;
+static json_t *build_status(node *n) {
   pthread_mutex_lock(&n->mu);
   json_t *cl = n->cluster;
   const char *state = cl ? json_string_value(json_object_get(cl, "state")) : NULL;
@@ -186,6 +185,27 @@ static json_t *p_status(void *arg) {
   }
   json_object_set_new(s, "operations_pending", json_integer(pending));
   pthread_mutex_unlock(&n->mu);
+  return s;
+}
+
+/* GET /v1/status (and /v1/metrics, /v1/health): a snapshot rebuilt at most
+ * every 100 ms and shared read-only between requests, so polling at 1000
+ * requests/s costs the training little more than the HTTP work itself. */
+static json_t *p_status(void *arg) {
+  node *n = arg;
+  static pthread_mutex_t cache_mu = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&cache_mu);
+  int64_t now = mt_node_now_ms();
+  if (!n->status_cache || now - n->status_cache_ms >= 100) {
+    json_t *fresh = build_status(n);
+    if (fresh) {
+      json_decref(n->status_cache);
+      n->status_cache = fresh;
+      n->status_cache_ms = now;
+    }
+  }
+  json_t *s = json_incref(n->status_cache);
+  pthread_mutex_unlock(&cache_mu);
   return s;
 }
 
@@ -449,6 +469,8 @@ void node_control_stop(node *n) {
   n->control = NULL;
   json_decref(n->cluster);
   json_decref(n->extra_ops);
+  json_decref(n->status_cache);
+  n->status_cache = NULL;
   free(n->history);
   n->cluster = n->extra_ops = NULL;
   n->history = NULL;

@@ -114,6 +114,8 @@ typedef struct node {
   double peak_flops;   /* sgemm rate measured at start-up per device (MFU), 0 unknown */
   int64_t last_hb_status_ms;
 
+  json_t *status_cache; /* the last /v1/status, shared read-only (node_control.c) */
+  int64_t status_cache_ms;
   mt_control *control;
   char control_url[300];
   char token[256];

@@ -612,9 +612,10 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
                             (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, timeout_s,
                             MHD_OPTION_CONNECTION_LIMIT, max_conns, MHD_OPTION_LISTEN_BACKLOG_SIZE,
                             64u, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c,
-                            /* a mutation waits on the coordinator (up to 5 s): a small pool keeps
-                             * reads answered meanwhile */
-                            MHD_OPTION_THREAD_POOL_SIZE, 4u, MHD_OPTION_END);
+                            /* one thread: a pool of 4 made the training step 8x as sensitive
+                             * to 1000 reads/s on 2 cores (bench/control-load); a mutation
+                             * holds it for one coordinator round (~0.1 s) */
+                            MHD_OPTION_END);
   if (!c->mhd) {
     int e = errno;
     rc = mt_seterr(MT_EIO, "control: cannot listen on %s: %s", c->listen,
