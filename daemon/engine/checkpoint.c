@@ -1,6 +1,7 @@
 /* checkpoint.c — the collective save and resume of a trainer's state. */
 #include "checkpoint.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,84 +43,115 @@ static void my_slice(const mt_trainer *tr, uint64_t *lo, uint64_t *n) {
   *n = hi - *lo;
 }
 
-int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res) {
+/* The slow part of a save, on the background thread in async mode: write
+ * this rank's slices from the host copy, fsync, checksum. No collectives. */
+static void *write_slices(void *arg) {
+  mt_checkpoint_save *sv = arg;
+  if (sv->n && !sv->failed) {
+    const float *src[3] = {sv->host, sv->host + sv->n, sv->host + 2 * sv->n};
+    if (mt_ckpt_shard_write(&sv->txn, &sv->d, sv->lo, sv->n, src, 0, &sv->chunks)) {
+      sv->failed = 1;
+      snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
+    }
+  }
+  __atomic_store_n(&sv->written, 1, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_checkpoint_save *sv) {
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
-  double t0 = wall_s();
-  memset(res, 0, sizeof *res);
-  res->step = tr->step;
-  mt_ckpt_txn txn;
-  char err[1024] = "";
+  memset(sv, 0, sizeof *sv);
+  sv->t0 = wall_s();
+  sv->res.step = tr->step;
+  snprintf(sv->job_dir, sizeof sv->job_dir, "%s", job_dir);
   int rc = 0, any = 0;
 
   /* rank 0 claims the directory; the others learn its tag */
   struct {
     int32_t rc;
-    char tag[sizeof txn.tag];
+    char tag[sizeof sv->txn.tag];
   } begin = {0};
   if (is0) {
-    begin.rc = mt_ckpt_begin(&txn, job_dir, tr->step);
-    if (begin.rc) snprintf(err, sizeof err, "%s", mt_errmsg());
-    memcpy(begin.tag, txn.tag, sizeof begin.tag);
+    begin.rc = mt_ckpt_begin(&sv->txn, job_dir, tr->step);
+    if (begin.rc) snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
+    memcpy(begin.tag, sv->txn.tag, sizeof begin.tag);
   }
   if (g->world && (rc = mt_comm_broadcast(g->world, &begin, sizeof begin, MT_COMM_U8, 0)))
     return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
   if (begin.rc)
-    return is0 ? mt_seterr(begin.rc, "%s", err)
+    return is0 ? mt_seterr(begin.rc, "%s", sv->err)
                : mt_seterr(begin.rc, "checkpoint of step %lld: rank 0 could not claim %s",
                            (long long)tr->step, job_dir);
-  if (!is0 && (rc = mt_ckpt_txn_set(&txn, job_dir, tr->step, begin.tag))) return rc;
-  snprintf(res->path, sizeof res->path, "%s/step_%08lld", job_dir, (long long)tr->step);
+  if (!is0 && (rc = mt_ckpt_txn_set(&sv->txn, job_dir, tr->step, begin.tag))) return rc;
+  snprintf(sv->res.path, sizeof sv->res.path, "%s/step_%08lld", job_dir, (long long)tr->step);
 
-  mt_ckpt_shard_desc d = {.tp = g->tp_rank,
-                          .pp = g->pp_rank,
-                          .n = tr->model.num_params,
-                          .n_arrays = 3,
-                          .arrays = arrays};
-  mt_ckpt_chunks chunks = {0};
-  uint64_t lo, n;
-  my_slice(tr, &lo, &n);
-  float *host = NULL;
-  int failed = 0;
-  /* one dp rank creates the shard file; then every dp rank writes its slice */
-  if (g->dp_rank == 0 && (rc = mt_ckpt_shard_create(&txn, &d, &chunks))) {
-    failed = 1;
-    snprintf(err, sizeof err, "%s", mt_errmsg());
+  sv->d = (mt_ckpt_shard_desc){.tp = g->tp_rank,
+                               .pp = g->pp_rank,
+                               .n = tr->model.num_params,
+                               .n_arrays = 3,
+                               .arrays = arrays};
+  my_slice(tr, &sv->lo, &sv->n);
+  /* one dp rank creates the shard file before any dp rank writes into it */
+  if (g->dp_rank == 0 && mt_ckpt_shard_create(&sv->txn, &sv->d, &sv->chunks)) {
+    sv->failed = 1;
+    snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
   }
-  if ((rc = agree(g->dp, failed, &any))) goto comm_failed;
-  if (!any && n) {
-    /* host copies of the slice: the device buffers may not be host memory */
-    host = malloc(3 * n * sizeof(float));
-    if (!host) {
-      failed = 1;
-      snprintf(err, sizeof err, "checkpoint: %llu floats of host staging", 3ull * n);
-    } else if (mt_device_memcpy_dtoh(tr->dev, host, tr->model.params + lo, n * sizeof(float)) ||
-               mt_device_memcpy_dtoh(tr->dev, host + n, tr->opt.m + (lo - tr->shard_lo),
+  if ((rc = agree(g->dp, sv->failed, &any))) goto comm_failed;
+  if (any && !sv->failed) {
+    sv->failed = 1;
+    snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: the shard file could not be made",
+             (long long)tr->step);
+  }
+  /* the state as of this step boundary, in host memory: training may go on */
+  if (!sv->failed && sv->n) {
+    uint64_t n = sv->n, lo = sv->lo;
+    sv->host = malloc(3 * n * sizeof(float));
+    if (!sv->host) {
+      sv->failed = 1;
+      snprintf(sv->err, sizeof sv->err, "checkpoint: %llu floats of host staging",
+               (unsigned long long)(3 * n));
+    } else if (mt_device_memcpy_dtoh(tr->dev, sv->host, tr->model.params + lo, n * sizeof(float)) ||
+               mt_device_memcpy_dtoh(tr->dev, sv->host + n, tr->opt.m + (lo - tr->shard_lo),
                                      n * sizeof(float)) ||
-               mt_device_memcpy_dtoh(tr->dev, host + 2 * n, tr->opt.v + (lo - tr->shard_lo),
+               mt_device_memcpy_dtoh(tr->dev, sv->host + 2 * n, tr->opt.v + (lo - tr->shard_lo),
                                      n * sizeof(float))) {
-      failed = 1;
-      snprintf(err, sizeof err, "%s", mt_errmsg());
-    } else {
-      const float *src[3] = {host, host + n, host + 2 * n};
-      if (mt_ckpt_shard_write(&txn, &d, lo, n, src, 0, &chunks)) {
-        failed = 1;
-        snprintf(err, sizeof err, "%s", mt_errmsg());
-      }
-      res->bytes = 3 * n * sizeof(float);
+      sv->failed = 1;
+      snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
     }
+    sv->res.bytes = 3 * n * sizeof(float);
   }
-  free(host);
-  if ((rc = agree(g->dp, failed || any, &any))) goto comm_failed;
-  if (!any && g->dp_rank == 0 && mt_ckpt_shard_commit(&txn, &d)) {
+  sv->active = 1;
+  if (async && !pthread_create(&sv->thread, NULL, write_slices, sv)) {
+    sv->has_thread = 1;
+  } else {
+    write_slices(sv);
+  }
+  return 0;
+
+comm_failed:
+  mt_ckpt_chunks_free(&sv->chunks);
+  return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
+}
+
+/* Every rank's slices are on disk: commit the shards, gather the chunk
+ * records, and world rank 0 commits the manifest and `latest`. */
+static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
+  const mt_groups *g = &tr->g;
+  int is0 = !g->world || mt_comm_rank(g->world) == 0;
+  int rc = 0, any = 0;
+  char err[1024] = "";
+  int failed = sv->failed;
+  if (failed) snprintf(err, sizeof err, "%s", sv->err);
+  if ((rc = agree(g->dp, failed, &any))) goto comm_failed;
+  if (!any && g->dp_rank == 0 && mt_ckpt_shard_commit(&sv->txn, &sv->d)) {
     failed = 1;
     snprintf(err, sizeof err, "%s", mt_errmsg());
   }
   /* every shard written: world rank 0 gathers the chunk records and commits */
   if ((rc = agree(g->world, failed || any, &any))) goto comm_failed;
   if (any) {
-    if (is0) mt_ckpt_abort(&txn);
-    mt_ckpt_chunks_free(&chunks);
+    if (is0) mt_ckpt_abort(&sv->txn);
     if (failed) return mt_seterr(MT_EIO, "%s", err);
     return mt_seterr(MT_EIO, "checkpoint of step %lld failed on another rank (its log says why)",
                      (long long)tr->step);
@@ -127,45 +159,34 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
   mt_ckpt_chunks all = {0};
   int n_shards = g->tp_size * g->pp_size;
   uint64_t *shard_n = calloc((size_t)n_shards, sizeof *shard_n); /* rank 0: n of every shard */
-  if (!shard_n) {
-    mt_ckpt_chunks_free(&chunks);
-    return mt_seterr(MT_ENOMEM, "checkpoint: shard list");
-  }
+  if (!shard_n) return mt_seterr(MT_ENOMEM, "checkpoint: shard list");
   shard_n[g->pp_rank * g->tp_size + g->tp_rank] = tr->model.num_params;
   if (g->world) {
+    int size = mt_comm_size(g->world);
     int64_t info[3] = {g->tp_rank, g->pp_rank, (int64_t)tr->model.num_params};
-    int64_t *infos = calloc((size_t)mt_comm_size(g->world) * 3, sizeof *infos);
+    int64_t *infos = calloc((size_t)size * 3, sizeof *infos);
     if (!infos) rc = mt_seterr(MT_ENOMEM, "checkpoint: shard list");
     if (!rc) rc = mt_comm_allgather(g->world, info, infos, 3, MT_COMM_I64);
-    for (int r = 0; !rc && r < mt_comm_size(g->world); r++)
+    for (int r = 0; !rc && r < size; r++)
       shard_n[infos[3 * r + 1] * g->tp_size + infos[3 * r]] = (uint64_t)infos[3 * r + 2];
     free(infos);
-    if (rc) {
-      free(shard_n);
-      goto comm_failed;
+    int64_t most = (int64_t)sv->chunks.n;
+    if (!rc) rc = mt_comm_allreduce(g->world, &most, &most, 1, MT_COMM_I64, MT_COMM_MAX);
+    size_t rec = sizeof(mt_ckpt_chunk), per = most ? (size_t)most : 1;
+    uint8_t *mine = NULL, *every = NULL;
+    int64_t *counts = NULL, my_count = (int64_t)sv->chunks.n;
+    if (!rc) {
+      mine = calloc(per, rec);
+      every = calloc((size_t)size * per, rec);
+      counts = calloc((size_t)size, sizeof *counts);
+      if (!mine || !every || !counts) rc = mt_seterr(MT_ENOMEM, "checkpoint: chunk records");
     }
-  }
-  if (g->world) {
-    int64_t most = (int64_t)chunks.n;
-    int size = mt_comm_size(g->world);
-    if ((rc = mt_comm_allreduce(g->world, &most, &most, 1, MT_COMM_I64, MT_COMM_MAX)))
-      goto comm_failed;
-    size_t rec = sizeof(mt_ckpt_chunk);
-    uint8_t *mine = calloc((size_t)most ? (size_t)most : 1, rec);
-    uint8_t *every = calloc((size_t)size * ((size_t)most ? (size_t)most : 1), rec);
-    int64_t *counts = calloc((size_t)size, sizeof *counts);
-    int64_t my_count = (int64_t)chunks.n;
-    if (!mine || !every || !counts) {
-      free(mine), free(every), free(counts), free(shard_n);
-      mt_ckpt_chunks_free(&chunks);
-      return mt_seterr(MT_ENOMEM, "checkpoint: chunk records");
-    }
-    if (chunks.n) memcpy(mine, chunks.v, chunks.n * rec);
-    rc = mt_comm_allgather(g->world, &my_count, counts, 1, MT_COMM_I64);
-    if (!rc) rc = mt_comm_allgather(g->world, mine, every, (size_t)most * rec, MT_COMM_U8);
+    if (!rc && sv->chunks.n) memcpy(mine, sv->chunks.v, sv->chunks.n * rec);
+    if (!rc) rc = mt_comm_allgather(g->world, &my_count, counts, 1, MT_COMM_I64);
+    if (!rc) rc = mt_comm_allgather(g->world, mine, every, per * rec, MT_COMM_U8);
     if (!rc && is0)
       for (int r = 0; r < size; r++)
-        mt_ckpt_chunks_add(&all, (const mt_ckpt_chunk *)(every + (size_t)r * (size_t)most * rec),
+        mt_ckpt_chunks_add(&all, (const mt_ckpt_chunk *)(every + (size_t)r * per * rec),
                            (size_t)counts[r]);
     free(mine), free(every), free(counts);
     if (rc) {
@@ -174,20 +195,19 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
       goto comm_failed;
     }
   } else {
-    mt_ckpt_chunks_add(&all, chunks.v, chunks.n);
+    mt_ckpt_chunks_add(&all, sv->chunks.v, sv->chunks.n);
   }
-  mt_ckpt_chunks_free(&chunks);
 
   int32_t commit_rc = 0;
   if (is0) {
     const mt_job *job = tr->job;
-    int64_t G = job->train.global_batch;
-    json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)(tr->step * G));
+    int64_t G = job->train.global_batch, step = sv->res.step;
+    json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)(step * G));
     mt_ckpt_meta meta = {.job = job->name,
                          .job_hash = job->hash,
-                         .step = tr->step,
-                         .consumed_samples = tr->step * G,
-                         .consumed_tokens = tr->step * G * job->model.seq_len,
+                         .step = step,
+                         .consumed_samples = step * G,
+                         .consumed_tokens = step * G * job->model.seq_len,
                          .seed = (int64_t)job->train.seed,
                          .data_position = pos,
                          .tp = g->tp_size,
@@ -201,14 +221,14 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
         for (int t = 0; t < g->tp_size; t++)
           ds[p * g->tp_size + t] = (mt_ckpt_shard_desc){
               .tp = t, .pp = p, .n = shard_n[p * g->tp_size + t], .n_arrays = 3, .arrays = arrays};
-      commit_rc = mt_ckpt_commit(&txn, &meta, ds, n_shards, &all);
+      commit_rc = mt_ckpt_commit(&sv->txn, &meta, ds, n_shards, &all);
       if (commit_rc) {
         snprintf(err, sizeof err, "%s", mt_errmsg());
-        mt_ckpt_abort(&txn);
+        mt_ckpt_abort(&sv->txn);
       } else if (job->checkpoint.keep > 0) {
         int removed = 0;
-        if (mt_ckpt_prune(job_dir, job->checkpoint.keep, job->checkpoint.keep_every, &removed))
-          mt_log_warn("checkpoint retention in %s: %s", job_dir, mt_errmsg());
+        if (mt_ckpt_prune(sv->job_dir, job->checkpoint.keep, job->checkpoint.keep_every, &removed))
+          mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
       }
       free(ds);
     }
@@ -218,42 +238,95 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
   free(shard_n);
   if (g->world && (rc = mt_comm_broadcast(g->world, &commit_rc, 1, MT_COMM_I32, 0)))
     goto comm_failed;
-  res->seconds = wall_s() - t0;
   if (commit_rc)
     return is0 ? mt_seterr(commit_rc, "%s", err)
                : mt_seterr(commit_rc, "checkpoint of step %lld: rank 0 could not commit it",
-                           (long long)tr->step);
+                           (long long)sv->res.step);
   return 0;
 
 comm_failed:
-  mt_ckpt_chunks_free(&chunks);
-  return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
+  return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
+}
+
+static void save_release(mt_checkpoint_save *sv) {
+  if (sv->has_thread) pthread_join(sv->thread, NULL);
+  sv->has_thread = 0;
+  free(sv->host);
+  sv->host = NULL;
+  mt_ckpt_chunks_free(&sv->chunks);
+  sv->active = 0;
+}
+
+int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *finished,
+                         mt_checkpoint_result *res) {
+  *finished = 0;
+  if (!sv->active) return 0;
+  if (wait && sv->has_thread) {
+    pthread_join(sv->thread, NULL);
+    sv->has_thread = 0;
+  }
+  /* every rank's writes must be done: one small all-reduce per step while
+   * a save is in flight */
+  int32_t pending = !__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE);
+  if (tr->g.world) {
+    int rc = mt_comm_allreduce(tr->g.world, &pending, &pending, 1, MT_COMM_I32, MT_COMM_SUM);
+    if (rc) {
+      save_release(sv);
+      return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
+    }
+  }
+  if (pending) return 0;
+  int rc = save_finish(tr, sv);
+  save_release(sv);
+  sv->res.seconds = wall_s() - sv->t0;
+  *res = sv->res;
+  *finished = 1;
+  return rc;
+}
+
+void mt_trainer_save_discard(mt_checkpoint_save *sv) {
+  if (sv->active) save_release(sv);
+}
+
+int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res) {
+  mt_checkpoint_save sv;
+  memset(res, 0, sizeof *res);
+  res->step = tr->step;
+  int rc = mt_trainer_save_begin(tr, job_dir, 0, &sv);
+  if (rc) return rc;
+  int finished;
+  return mt_trainer_save_poll(tr, &sv, 1, &finished, res);
 }
 
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
   *resumed_step = 0;
-  /* rank 0 picks the checkpoint, checking every checksum; the others open it */
+  /* rank 0 picks the checkpoint, checking every checksum; the others open it
+   * (and learn why, when there is none they can use) */
   mt_ckpt c;
-  int64_t pick[2] = {0, 0}; /* rc, step */
+  struct {
+    int64_t rc, step;
+    char why[768];
+  } pick = {0, 0, ""};
   char err[2600] = "";
   int rc;
   if (is0) {
     rc = mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, &c);
-    pick[0] = rc, pick[1] = rc ? 0 : c.step;
+    pick.rc = rc, pick.step = rc ? 0 : c.step;
     if (rc && rc != MT_ENOENT) snprintf(err, sizeof err, "%s", mt_errmsg());
+    snprintf(pick.why, sizeof pick.why, "%s", err);
   }
-  if (g->world && (rc = mt_comm_broadcast(g->world, pick, 2, MT_COMM_I64, 0))) {
-    if (is0 && !pick[0]) mt_ckpt_close(&c);
+  if (g->world && (rc = mt_comm_broadcast(g->world, &pick, sizeof pick, MT_COMM_U8, 0))) {
+    if (is0 && !pick.rc) mt_ckpt_close(&c);
     return mt_wraperr(rc, "resume");
   }
-  if (pick[0] == MT_ENOENT && step < 0) return 0; /* nothing to resume: a fresh start */
-  if (pick[0])
-    return is0 ? mt_seterr((int)pick[0], "resume from %s: %s", job_dir, err)
-               : mt_seterr((int)pick[0], "resume from %s: rank 0 found no usable checkpoint",
-                           job_dir);
-  if (!is0 && (rc = mt_ckpt_find(job_dir, pick[1], MT_CKPT_VERIFY_SIZES, &c)))
+  if (pick.rc == MT_ENOENT && step < 0) return 0; /* nothing to resume: a fresh start */
+  if (pick.rc)
+    return is0 ? mt_seterr((int)pick.rc, "resume from %s: %s", job_dir, err)
+               : mt_seterr((int)pick.rc, "resume from %s: %s", job_dir,
+                           pick.why[0] ? pick.why : "rank 0 found no usable checkpoint");
+  if (!is0 && (rc = mt_ckpt_find(job_dir, pick.step, MT_CKPT_VERIFY_SIZES, &c)))
     return mt_wraperr(rc, "resume");
   int failed = 0;
   const mt_ckpt_file *f = mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank);

@@ -14,7 +14,10 @@
 #ifndef MT_CHECKPOINT_H
 #define MT_CHECKPOINT_H
 
+#include <pthread.h>
 #include <stdint.h>
+
+#include "ckpt.h"
 
 #include "train.h"
 
@@ -28,7 +31,41 @@ typedef struct mt_checkpoint_result {
   char path[1300]; /* the step directory */
 } mt_checkpoint_result;
 
-/* Saves step tr->step under job_dir. The same return code on every rank;
+/* A save in flight (async mode): begun at a step boundary, the slow writes on
+ * a background thread, finished at a later boundary. Owned by its rank. */
+typedef struct mt_checkpoint_save {
+  int active; /* begun and not yet finished */
+  int failed; /* this rank's part failed; err says why */
+  char err[1024];
+  char job_dir[1200];
+  mt_ckpt_txn txn;
+  mt_ckpt_shard_desc d;
+  uint64_t lo, n; /* this rank's slice of its shard */
+  float *host;    /* 3 * n floats: master, adam_m, adam_v at the boundary */
+  mt_ckpt_chunks chunks;
+  pthread_t thread;
+  int has_thread;
+  int written; /* the background writes are done */
+  double t0;
+  mt_checkpoint_result res;
+} mt_checkpoint_save;
+
+/* Starts a save of step tr->step (collective): claims the directory, makes
+ * the shard files, copies this rank's state to host memory; the writes then
+ * run on a background thread (async) or right away. Training may go on. */
+int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_checkpoint_save *sv);
+/* At a later step boundary (collective): when every rank's writes are done
+ * (or after waiting for this rank's, when wait), commits the checkpoint and
+ * sets *finished; otherwise returns 0 with *finished 0. A save that failed
+ * returns its error with *finished 1; training may go on. */
+int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *finished,
+                         mt_checkpoint_result *res);
+
+/* After a failure elsewhere: waits for the background writes and frees the
+ * save; its directory stays uncommitted (readers ignore it, pruning removes it). */
+void mt_trainer_save_discard(mt_checkpoint_save *sv);
+
+/* Saves step tr->step under job_dir (begin, then poll waiting). The same return code on every rank;
  * the message names what failed where this rank knows it. */
 int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res);
 

@@ -22,11 +22,13 @@ typedef struct rank_ctx {
   int rc;
   char err[1024];
   struct rank_ctx *all;
-  int *first_failed;    /* local index of the rank whose failure came first, -1 while none */
-  volatile int *cancel; /* set on a failure: waits for peers in the store give up */
-  int *running;         /* ranks of this process still running */
-  int n_local;          /* ranks of this process: all[0 .. n_local) */
-  char ckpt_dir[1200];  /* this job's checkpoints, or "" */
+  int *first_failed;          /* local index of the rank whose failure came first, -1 while none */
+  volatile int *cancel;       /* set on a failure: waits for peers in the store give up */
+  int *running;               /* ranks of this process still running */
+  int n_local;                /* ranks of this process: all[0 .. n_local) */
+  char ckpt_dir[1200];        /* this job's checkpoints, or "" */
+  mt_checkpoint_save pending; /* an async save in flight */
+  int64_t pending_order_seq;
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -46,9 +48,46 @@ static void report_start(const mt_trainer *tr) {
 /* Saves the trainer's state at its step (collective). A failed checkpoint is
  * reported and training goes on: the previous checkpoints are intact. Only
  * a failing collective (a lost peer) is returned as an error. */
-static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64_t *last_saved,
-                           int *saved) {
+/* Logs a finished save and tells the owner (phase 1). */
+static void report_save(rank_ctx *c, int rc, const mt_checkpoint_result *res, int64_t order_seq) {
   const mt_local_opts *o = c->o;
+  if (c != c->all) return;
+  if (rc)
+    mt_log_error("checkpoint of step %lld failed: %s", (long long)res->step, mt_errmsg());
+  else if (c->rank == 0)
+    mt_log_info("checkpoint of step %lld committed in %s (%.1f MB from this rank in %.2f s)",
+                (long long)res->step, res->path, res->bytes / 1e6, res->seconds);
+  if (o->on_checkpoint)
+    o->on_checkpoint(1, res->step, rc, rc ? mt_errmsg() : NULL, res, order_seq, o->arg);
+}
+
+/* A failed collective inside a save means a lost peer: the generation is
+ * over. Any other failure fails the checkpoint only. */
+static int save_rc(int rc) { return rc == MT_ECANCELED || rc == MT_ETIMEDOUT ? rc : 0; }
+
+/* Finishes the save in flight when every rank's writes are done (or waits
+ * for them). Collective. */
+static int finish_pending(rank_ctx *c, mt_trainer *tr, int wait, int64_t *last_saved) {
+  if (!c->pending.active) return 0;
+  int finished = 0;
+  mt_checkpoint_result res;
+  int rc = mt_trainer_save_poll(tr, &c->pending, wait, &finished, &res);
+  if (!finished) return save_rc(rc);
+  if (!rc) *last_saved = res.step;
+  report_save(c, rc, &res, c->pending_order_seq);
+  return save_rc(rc);
+}
+
+/* Saves the trainer's state at its step (collective). A failed checkpoint is
+ * reported and training goes on: the previous checkpoints are intact. With
+ * checkpoint.async (and allow_async) only the copy to host memory happens
+ * here; the writes run in the background and the commit happens at a later
+ * step boundary (finish_pending). A new save first finishes the previous. */
+static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64_t *last_saved,
+                           int *saved, int allow_async) {
+  const mt_local_opts *o = c->o;
+  int rc;
+  if (c->pending.active && (rc = finish_pending(c, tr, 1, last_saved))) return rc;
   if (saved) *saved = *last_saved == tr->step;
   if (!c->ckpt_dir[0] || *last_saved == tr->step) {
     if (c == c->all && o->on_checkpoint && order_seq)
@@ -59,21 +98,18 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
   }
   if (c == c->all && o->on_checkpoint)
     o->on_checkpoint(0, tr->step, 0, NULL, NULL, order_seq, o->arg);
-  mt_checkpoint_result res;
-  int rc = mt_trainer_save(tr, c->ckpt_dir, &res);
+  mt_checkpoint_result res = {.step = tr->step};
+  if (allow_async && o->job->checkpoint.async_save) {
+    rc = mt_trainer_save_begin(tr, c->ckpt_dir, 1, &c->pending);
+    c->pending_order_seq = order_seq;
+    if (rc) report_save(c, rc, &res, order_seq);
+    return save_rc(rc);
+  }
+  rc = mt_trainer_save(tr, c->ckpt_dir, &res);
   if (!rc) *last_saved = tr->step;
   if (saved) *saved = !rc;
-  if (c == c->all) {
-    if (rc)
-      mt_log_error("checkpoint of step %lld failed: %s", (long long)tr->step, mt_errmsg());
-    else if (c->rank == 0)
-      mt_log_info("checkpoint of step %lld committed in %s (%.1f MB from this rank in %.2f s)",
-                  (long long)tr->step, res.path, res.bytes / 1e6, res.seconds);
-    if (o->on_checkpoint)
-      o->on_checkpoint(1, tr->step, rc, rc ? mt_errmsg() : NULL, &res, order_seq, o->arg);
-  }
-  /* a failed collective inside the save means a lost peer: the generation is over */
-  return rc == MT_ECANCELED || rc == MT_ETIMEDOUT ? rc : 0;
+  report_save(c, rc, &res, order_seq);
+  return save_rc(rc);
 }
 
 /* Paused after a step: every rank all-reduces the stop request and rank 0's
@@ -100,7 +136,7 @@ static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int6
     if (kind == MT_ORDER_STOP) return *stop = 1, 0;
     if (kind == MT_ORDER_RESUME) return 0;
     if (kind == MT_ORDER_CHECKPOINT) { /* a paused job can be saved as it stands */
-      int rc = save_checkpoint(c, tr, *seq, last_saved, NULL);
+      int rc = save_checkpoint(c, tr, *seq, last_saved, NULL, 0);
       if (rc) return rc;
     }
   }
@@ -140,12 +176,16 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       if (kind == MT_ORDER_PAUSE && (rc = pause_loop(c, tr, &order_seq, &st.stop, &last_saved)))
         return rc;
     }
+    /* a save in flight commits once every rank's writes are done */
+    if (c->pending.active && (rc = finish_pending(c, tr, 0, &last_saved))) return rc;
     /* every rank decides alike: the interval, an order, a stop, the end */
     int interval = job->checkpoint.interval;
     if (ordered_save || (interval > 0 && st.step % interval == 0) || st.stop ||
         st.step == job->train.steps) {
       int saved = 0;
-      if ((rc = save_checkpoint(c, tr, ordered_save ? order_seq : 0, &last_saved, &saved)))
+      /* in the background only when training goes on after it */
+      int async = ordered_save != MT_ORDER_RESIZE && !st.stop && st.step < job->train.steps;
+      if ((rc = save_checkpoint(c, tr, ordered_save ? order_seq : 0, &last_saved, &saved, async)))
         return rc;
       /* a resize stops this generation once its state is saved; unsaved, it trains on */
       if (ordered_save == MT_ORDER_RESIZE && saved) {
@@ -268,6 +308,7 @@ static void *rank_main(void *arg) {
         if (peer) mt_comm_abort(peer);
       }
   }
+  mt_trainer_save_discard(&c->pending); /* an async save the failure interrupted */
   __atomic_fetch_sub(c->running, 1, __ATOMIC_ACQ_REL);
   if (have_tr) mt_trainer_destroy(&tr);
   if (have_dev) mt_device_close(&dev);

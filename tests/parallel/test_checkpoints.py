@@ -8,6 +8,9 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
 - test_resume_continues_bit_for_bit: a run stopped by SIGTERM after step 7
   (it saves on the way out) and started again prints, for every later step,
   exactly the loss of an uninterrupted run;
+- test_async_checkpoint_resumes_bit_for_bit: checkpoints written in the
+  background (checkpoint.async) while training goes on hold the state of
+  their step: resuming from step 9 gives the uninterrupted losses exactly;
 - test_resume_under_dp_2_1_4: the dp 2 checkpoint resumed with dp 1, that
   one's resumed with dp 4: losses within 1e-5 of the uninterrupted run;
 - test_flipped_byte_is_named_and_the_previous_checkpoint_used, and
@@ -108,6 +111,18 @@ def main():
                        and "resumed from" in p2.stderr,
                        "stopped at %s, resumed at %s, %d later losses equal exactly" % (
                            max(a) if a else None, first, sum(b[s] == ref[s] for s in b)))
+
+        # 1b. asynchronous saves hold the state of their step boundary
+        ck = os.path.join(tmp, "ck1b")
+        job = write_job(os.path.join(tmp, "job1b.json"), tokens, ckpt=ck, interval=3)
+        pa, full = run(mtnlgd, job, "checkpoint.async=true")
+        pb, tail = run(mtnlgd, job, "checkpoint.async=true", "checkpoint.resume_step=9")
+        fails += check("test_async_checkpoint_resumes_bit_for_bit",
+                       pa.returncode == 0 and full == ref and min(tail) == 10 and max(tail) == 20
+                       and all(tail[s] == ref[s] for s in tail)
+                       and "checkpoint of step 9 committed" in pa.stderr,
+                       "resumed at %s from the async checkpoint of step 9; %d later losses equal"
+                       % (min(tail) if tail else None, sum(tail[s] == ref[s] for s in tail)))
 
         # 2. dp 2 -> 1 -> 4 (the checkpoint holds whole shards: any dp loads it)
         ck = os.path.join(tmp, "ck2")
