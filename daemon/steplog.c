@@ -17,14 +17,16 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
            st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, st->bubble,
            st->skipped ? "true" : "false");
+    if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
     printf("}\n");
   } else {
     printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | %8.1f ms | "
-           "%9.1f tok/s | %.3f TFLOP/s/device | bubble %.1f%%%s\n",
+           "%9.1f tok/s | %.3f TFLOP/s/device | bubble %.1f%%",
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
-           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble,
-           st->skipped ? " | skipped" : "");
+           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble);
+    if (st->loss_scaling) printf(" | loss scale %g", st->loss_scale);
+    printf("%s\n", st->skipped ? " | skipped" : "");
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
              (long long)steps, st->val_loss, exp(st->val_loss));

@@ -12,6 +12,7 @@
 #include "job.h"
 
 #include <errno.h>
+#include <float.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
@@ -274,13 +275,15 @@ static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NU
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
 static const char *const parallel_keys[] = {"tp",          "pp",        "dp_min",   "dp_max",
                                             "micro_batch", "recompute", "schedule", NULL};
-static const char *const train_keys[] = {
-    "global_batch", "steps",     "seed",      "lr",           "adam",
-    "weight_decay", "clip_grad", "precision", "log_interval", NULL};
+static const char *const train_keys[] = {"global_batch", "steps",        "seed",      "lr",
+                                         "adam",         "weight_decay", "clip_grad", "precision",
+                                         "loss_scale",   "log_interval", NULL};
 static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
     "warmup_tokens", "decay_steps", "decay_tokens", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
+static const char *const loss_scale_keys[] = {"initial", "min", "growth_interval", "hysteresis",
+                                              NULL};
 static const char *const data_keys[] = {"path",    "prefix",    "blend", "split",
                                         "shuffle", "cache_dir", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
@@ -555,15 +558,16 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_double(pb, o, "train", "clip_grad", &t->clip_grad);
   char prec[64] = "fp32";
   read_str(pb, o, "train", "precision", prec, sizeof prec);
-  if (!strcmp(prec, "bf16") || !strcmp(prec, "fp16")) {
-    problem(pb,
-            "train.precision: \"%s\" is not supported yet (mixed precision comes with the "
-            "CUDA backend); use \"fp32\"",
-            prec);
-    memcpy(t->precision, prec, 5); /* "bf16" or "fp16" */
-  } else if (strcmp(prec, "fp32")) {
+  if (!strcmp(prec, "fp32") || !strcmp(prec, "bf16") || !strcmp(prec, "fp16"))
+    memcpy(t->precision, prec, 5);
+  else
     problem(pb, "train.precision: \"%s\" is not one of fp32, bf16, fp16", prec);
-  }
+  json_t *ls = read_object(pb, o, "train", "loss_scale");
+  check_keys(pb, ls, "train.loss_scale", loss_scale_keys);
+  read_double(pb, ls, "train.loss_scale", "initial", &t->loss_scale.initial);
+  read_double(pb, ls, "train.loss_scale", "min", &t->loss_scale.min);
+  read_int(pb, ls, "train.loss_scale", "growth_interval", &t->loss_scale.growth_interval);
+  read_int(pb, ls, "train.loss_scale", "hysteresis", &t->loss_scale.hysteresis);
   read_int(pb, o, "train", "log_interval", &t->log_interval);
 }
 
@@ -669,6 +673,10 @@ static void set_defaults(mt_job *job) {
   t->weight_decay = 0.1;
   t->clip_grad = 1.0;
   snprintf(t->precision, sizeof t->precision, "fp32");
+  t->loss_scale.initial = 4294967296.0; /* 2^32, Megatron's --initial-loss-scale */
+  t->loss_scale.min = 1.0;
+  t->loss_scale.growth_interval = 1000;
+  t->loss_scale.hysteresis = 2;
   t->log_interval = 1;
   snprintf(job->data.split, sizeof job->data.split, "949,50,1");
   job->data.shuffle = 1;
@@ -786,6 +794,22 @@ static void validate(problems *pb, mt_job *job) {
   if (!(t->clip_grad >= 0))
     check_fail(pb, "train.clip_grad", "%g must be >= 0 (0 = no clipping)", t->clip_grad);
 
+  /* loss scaling: the scaler keeps a float */
+  const mt_loss_scale_spec *ls = &t->loss_scale;
+  if (!(ls->initial > 0 && ls->initial <= FLT_MAX))
+    check_fail(pb, "train.loss_scale.initial", "%g must be > 0 and at most %g (a float)",
+               ls->initial, (double)FLT_MAX);
+  if (!(ls->min > 0))
+    check_fail(pb, "train.loss_scale.min", "%g must be > 0", ls->min);
+  else if (ls->initial > 0 && ls->min > ls->initial)
+    check_fail(pb, "train.loss_scale.min", "%g is above train.loss_scale.initial = %g", ls->min,
+               ls->initial);
+  if (ls->growth_interval < 1)
+    check_fail(pb, "train.loss_scale.growth_interval", "%d must be at least 1",
+               ls->growth_interval);
+  if (ls->hysteresis < 1)
+    check_fail(pb, "train.loss_scale.hysteresis", "%d must be at least 1", ls->hysteresis);
+
   /* files */
   if (!job->data.n_blend && !job->data.path[0]) check_fail(pb, "data.path", "must not be empty");
   for (int i = 0; i < job->data.n_blend; i++)
@@ -856,6 +880,11 @@ static json_t *job_to_json(const mt_job *job) {
     json_object_set_new(data, "blend", blend);
   }
   json_object_set_new(root, "data", data);
+  const mt_loss_scale_spec *ls = &job->train.loss_scale;
+  json_object_set_new(json_object_get(root, "train"), "loss_scale",
+                      json_pack("{s:f, s:f, s:I, s:I}", "initial", ls->initial, "min", ls->min,
+                                "growth_interval", (json_int_t)ls->growth_interval, "hysteresis",
+                                (json_int_t)ls->hysteresis));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));
@@ -995,46 +1024,13 @@ int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
   return rc;
 }
 
-/* ---- planning a job this build cannot run yet ---- */
+/* ---- planning ---- */
 
-/* The precision the job asks for once the overrides are applied, or "" when
- * it does not parse (mt_job_load reports that). */
-static void requested_precision(const char *path, const char *const *overrides, char *out,
-                                size_t cap) {
-  out[0] = '\0';
-  json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, NULL);
-  if (!json_is_object(root)) {
-    json_decref(root);
-    return;
-  }
-  problems pb = {0};
-  for (const char *const *ov = overrides; ov && *ov; ov++) apply_override(&pb, root, *ov);
-  free(pb.buf);
-  const char *prec =
-      json_string_value(json_object_get(json_object_get(root, "train"), "precision"));
-  if (prec) snprintf(out, cap, "%s", prec);
-  json_decref(root);
-}
-
+/* Every precision runs now; the plan's loader stays for what a plan can count
+ * before this build can run it. */
 int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *preset_dirs,
                          const char *const *overrides) {
-  char prec[8];
-  requested_precision(path, overrides, prec, sizeof prec);
-  if (strcmp(prec, "bf16") && strcmp(prec, "fp16"))
-    return mt_job_load(job, path, preset_dirs, overrides);
-
-  /* load as fp32 (the last override wins), then put the precision back */
-  size_t n = 0;
-  while (overrides && overrides[n]) n++;
-  const char **ovs = calloc(n + 2, sizeof *ovs);
-  if (!ovs) return mt_seterr(MT_ENOMEM, "job: override list");
-  for (size_t i = 0; i < n; i++) ovs[i] = overrides[i];
-  ovs[n] = "train.precision=fp32";
-  int rc = mt_job_load(job, path, preset_dirs, ovs);
-  free(ovs);
-  if (rc) return rc;
-  snprintf(job->train.precision, sizeof job->train.precision, "%s", prec);
-  return compute_hash(job);
+  return mt_job_load(job, path, preset_dirs, overrides);
 }
 
 void mt_job_preset_dirs(const char *extra, const char *dirs[MT_PRESET_DIRS_MAX]) {

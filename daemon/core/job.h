@@ -47,15 +47,28 @@ typedef struct mt_lr_spec {
   int64_t warmup_steps, decay_steps;
 } mt_lr_spec;
 
+/* Dynamic loss scaling of fp16 training (Megatron's DynamicGradScaler, its
+ * flags' defaults): the scale starts at initial, halves once hysteresis
+ * overflows have been seen since it last grew (never below min) and doubles
+ * after growth_interval clean steps in a row. bf16 and fp32 do not scale. */
+typedef struct mt_loss_scale_spec {
+  double initial;      /* 2^32 */
+  double min;          /* 1 */
+  int growth_interval; /* 1000 */
+  int hysteresis;      /* 2 */
+} mt_loss_scale_spec;
+
 typedef struct mt_train_spec {
   int global_batch; /* sequences per step, whatever the split */
   int64_t steps;    /* optimizer steps to run */
   uint64_t seed;
   mt_lr_spec lr;
   double beta1, beta2, adam_eps, weight_decay;
-  double clip_grad;  /* global norm; 0 = off */
-  char precision[8]; /* "fp32" (bf16/fp16 with the CUDA issue) */
-  int log_interval;  /* steps between log lines (1) */
+  double clip_grad;              /* global norm; 0 = off */
+  char precision[8];             /* "fp32", "bf16" or "fp16": what the forward and backward read
+                                    the weights in; the master weights stay fp32 */
+  mt_loss_scale_spec loss_scale; /* used by fp16 only */
+  int log_interval;              /* steps between log lines (1) */
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32
@@ -110,10 +123,9 @@ typedef struct mt_job {
  * and mt_errmsg() holds every problem, one per line. */
 int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
                 const char *const *overrides);
-/* mt_job_load for planning (`mtnlgctl plan`): also accepts what this build
- * cannot run yet but a plan can count, today train.precision "bf16"/"fp16"
- * (mixed precision arrives with the CUDA backend). Every other check applies.
- * The job keeps the precision asked for, and its hash covers it. */
+/* mt_job_load for planning (`mtnlgctl plan`): room to accept what this build
+ * cannot run yet but a plan can count. Today that is nothing (bf16 and fp16
+ * run on every backend), so it is mt_job_load. */
 int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *preset_dirs,
                          const char *const *overrides);
 /* Same from a JSON string; base_dir resolves relative paths (may be NULL). */

@@ -25,7 +25,8 @@ void mt_adamw_destroy(mt_adamw *o);
 
 /* One update of the slice at learning rate lr. grad holds the n gradients of
  * the slice (model->grads + lo when not sharded); they are multiplied by
- * grad_scale first (1 for none, clip/norm when clipping). Weight decay
+ * grad_scale first (1 for none, clip/norm when clipping, divided by the loss
+ * scale when the gradients are those of a scaled loss). Weight decay
  * follows each tensor's `decay` flag, also where a slice cuts a tensor.
  * Increments t. */
 int mt_adamw_step(mt_adamw *o, mt_gpt *model, const float *grad, double lr, double grad_scale);

@@ -29,6 +29,11 @@ static int tp_allreduce(void *ctx, float *buf, size_t n, int max) {
   return mt_comm_allreduce(ctx, buf, buf, n, MT_COMM_F32, max ? MT_COMM_MAX : MT_COMM_SUM);
 }
 
+static mt_precision precision_of(const mt_job *job) {
+  const char *p = job->train.precision;
+  return !strcmp(p, "bf16") ? MT_PREC_BF16 : !strcmp(p, "fp16") ? MT_PREC_FP16 : MT_PREC_FP32;
+}
+
 static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slots) {
   const mt_model_spec *ms = &job->model;
   mt_gpt_config cfg = {
@@ -47,6 +52,7 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .micro_slots = slots,
       .tp_size = g->tp_size,
       .tp_rank = g->tp_rank,
+      .precision = precision_of(job),
   };
   if (g->pp_size > 1)
     mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin, &cfg.layer_end);
@@ -62,6 +68,7 @@ static int create_unsharded(mt_gpt *out, const mt_gpt *m, int whole_model) {
   cfg.zero_shards = cfg.micro_slots = 0;
   cfg.tp_size = 1, cfg.tp_rank = 0;
   cfg.recompute = 1;
+  cfg.precision = MT_PREC_FP32; /* only its master weights are used */
   return mt_gpt_create(out, &cfg, m->dev, 1, 1);
 }
 
@@ -114,7 +121,18 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (slots > tr->micro_batches) slots = tr->micro_batches;
 
   mt_gpt_config cfg = model_config(job, &tr->g, slots);
-  int rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
+  tr->precision = cfg.precision;
+  int rc = 0;
+  if (tr->precision == MT_PREC_FP16) {
+    const mt_loss_scale_spec *ls = &job->train.loss_scale;
+    mt_loss_scale_opts o = mt_loss_scale_defaults();
+    o.initial = (float)ls->initial;
+    o.min = (float)ls->min;
+    o.growth_interval = ls->growth_interval;
+    o.hysteresis = ls->hysteresis;
+    if ((rc = mt_loss_scale_init(&tr->scaler, &o))) return mt_wraperr(rc, "train.loss_scale");
+  }
+  rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
   if (rc) return rc;
   if (tr->g.tp) {
     tr->model.tp_allreduce = tp_allreduce;
@@ -327,6 +345,29 @@ static double slice_sumsq(mt_trainer *tr, const float *grad) {
   return sum;
 }
 
+/* fp16: whether every gradient of this rank's slice stays finite in fp16.
+ * The CPU backend's device memory is host memory; another backend's is read
+ * through the host a chunk at a time (a device-side check is the CUDA
+ * backend's to add). */
+static int slice_fits_fp16(mt_trainer *tr, const float *grad, int *fits) {
+  *fits = 1;
+  if (tr->dev->kind == MT_DEVICE_CPU) {
+    *fits = mt_loss_scale_check_fp16_range(grad, tr->shard_n);
+    return 0;
+  }
+  size_t cap = tr->shard_n < ((size_t)1 << 22) ? tr->shard_n : (size_t)1 << 22;
+  float *host = malloc((cap ? cap : 1) * sizeof(float));
+  if (!host) return mt_seterr(MT_ENOMEM, "train: overflow check buffer of %zu floats", cap);
+  int rc = 0;
+  for (size_t off = 0; off < tr->shard_n && !rc && *fits; off += cap) {
+    size_t n = tr->shard_n - off < cap ? tr->shard_n - off : cap;
+    rc = mt_device_memcpy_dtoh(tr->dev, host, grad + off, n * sizeof(float));
+    if (!rc) *fits = mt_loss_scale_check_fp16_range(host, n);
+  }
+  free(host);
+  return rc;
+}
+
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
@@ -337,14 +378,20 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   double t0 = now_ms();
   memset(st, 0, sizeof *st);
 
+  /* the weights this step computes with: the master's, rounded (mixed precision) */
+  int rc = mt_gpt_round_weights(m);
+  if (rc) return mt_wraperr(rc, "step %lld: rounding the weights", sn);
   mt_gpt_zero_grad(m);
-  /* objective: the mean loss over the global batch */
+  /* objective: the mean loss over the global batch, times the loss scale
+   * (fp16; 1 otherwise, which leaves every product exact) */
+  int fp16 = tr->precision == MT_PREC_FP16;
+  float scale = fp16 ? tr->scaler.scale : 1.0f;
   pipe_run r = {.tr = tr,
                 .split = MT_SPLIT_TRAIN,
                 .first = (uint64_t)tr->step * (uint64_t)G +
                          (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
-                .loss_scale = 1.0f / (float)total_micro};
-  int rc = run_1f1b(&r);
+                .loss_scale = scale / (float)total_micro};
+  rc = run_1f1b(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
   double comm_t0 = now_ms();
@@ -368,8 +415,15 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * which only world rank 0 contributes (so the sum is its value, exactly) */
   double pipe_ms = now_ms() - t0;
   double comm_ms = pipe_ms - (comm_t0 - t0);
+  /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
+   * be inf in an fp16 backward; an infinite norm carries it to every rank */
+  double sumsq = slice_sumsq(tr, grad);
+  int fits = 1;
+  if (fp16 && (rc = slice_fits_fp16(tr, grad, &fits)))
+    return mt_wraperr(rc, "step %lld: overflow check", sn);
+  if (!fits) sumsq = INFINITY;
   double agreed[6] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
-                      slice_sumsq(tr, grad),
+                      sumsq,
                       tr->stop_request ? 1.0 : 0.0,
                       r.wait_ms,
                       pipe_ms,
@@ -380,14 +434,21 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += now_ms() - c0;
   }
-  double norm = sqrt(agreed[1]);
+  /* the norm of the unscaled gradients: clipping and the log see it */
+  double norm = sqrt(agreed[1]) / scale;
   double lr = mt_lr_at(&job->train.lr, tr->step);
-  if (isfinite(norm)) {
-    mt_adamw_step(&tr->opt, m, grad, lr, mt_clip_scale(norm, job->train.clip_grad));
-  } else {
+  if (fp16) {
+    /* every rank holds the same scaler and sees the same norm: all skip alike */
+    st->skipped = mt_loss_scale_update(&tr->scaler, !isfinite(norm));
+    if (st->skipped && (!tr->g.world || mt_comm_rank(tr->g.world) == 0))
+      mt_log_debug("step %lld: gradients overflowed at loss scale %g; update skipped, scale now %g",
+                   sn, (double)scale, (double)tr->scaler.scale);
+  } else if (!isfinite(norm)) {
     st->skipped = 1;
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
+  if (!st->skipped)
+    mt_adamw_step(&tr->opt, m, grad, lr, mt_clip_scale(norm, job->train.clip_grad) / scale);
   if (tr->g.dp) {
     double c0 = now_ms();
     rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
@@ -402,6 +463,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->loss = agreed[0] / total_micro;
   st->lr = lr;
   st->grad_norm = norm;
+  st->loss_scaling = fp16;
+  st->loss_scale = fp16 ? tr->scaler.scale : 1.0;
   st->stop = agreed[2] > 0;
   st->order = (int64_t)agreed[5];
   st->bubble = tr->g.pipe && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
@@ -417,7 +480,8 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
   mt_gpt *m = &tr->model;
   int G = job->train.global_batch;
   double sum = 0.0;
-  int rc = 0;
+  int rc = mt_gpt_round_weights(m);
+  if (rc) return mt_wraperr(rc, "validation: rounding the weights");
   m->training = 0;
   for (int e = 0; e < job->eval.iters && !rc; e++) {
     pipe_run r = {.tr = tr,

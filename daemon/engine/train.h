@@ -9,6 +9,16 @@
  * of the flat parameters with its slice of the Adam moments, and the slices
  * are all-gathered. Loss, squared gradient norm and the stop order ride in one
  * all-reduce per step, so every rank acts on the same step boundary.
+ *
+ * Mixed precision (train.precision bf16 / fp16), Megatron's way: the model's
+ * params stay the fp32 master weights (the optimizer's and the checkpoints');
+ * each step first rounds them into the 16-bit working copy the forward and
+ * backward read (mt_gpt_round_weights). fp16 scales the loss dynamically
+ * (loss_scale.h): the backward starts from loss * scale; a non-finite global
+ * norm, agreed on in the step's all-reduce, is an overflow on some rank and
+ * every rank skips the update; otherwise 1/scale is folded into AdamW's
+ * gradient scale with the clipping, computed on the unscaled norm. bf16 does
+ * not scale.
  */
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H
@@ -16,6 +26,7 @@
 #include "comm.h"
 #include "gpt.h"
 #include "job.h"
+#include "loss_scale.h"
 #include "optim.h"
 #include "source.h"
 
@@ -28,15 +39,18 @@ typedef struct mt_step_stats {
   double step_ms;
   double comm_ms; /* this rank's time in the step's data-parallel and world collectives */
   double tokens_per_s;
-  double tflops;   /* model TFLOP/s on this device */
-  int skipped;     /* non-finite gradients: update skipped */
-  int stop;        /* some rank asked to stop: all stop after this step */
-  double bubble;   /* share of the step the ranks spent waiting on pipeline
-                      neighbours (mean over ranks; 0 without pp) */
-  int64_t order;   /* the coordinator's order word as every rank agreed on it
-                      (mt_order_word: seq << 4 | kind), 0 when none */
-  int has_val;     /* validation ran after this step */
-  double val_loss; /* mean over eval.iters global batches of the valid split */
+  double tflops;     /* model TFLOP/s on this device */
+  int skipped;       /* non-finite gradients (fp16: an overflow): update skipped */
+  int loss_scaling;  /* fp16: dynamic loss scaling is on */
+  double loss_scale; /* the scale after this step's update (what the next step uses, as
+                        Megatron logs it); 1 without loss scaling */
+  int stop;          /* some rank asked to stop: all stop after this step */
+  double bubble;     /* share of the step the ranks spent waiting on pipeline
+                        neighbours (mean over ranks; 0 without pp) */
+  int64_t order;     /* the coordinator's order word as every rank agreed on it
+                        (mt_order_word: seq << 4 | kind), 0 when none */
+  int has_val;       /* validation ran after this step */
+  double val_loss;   /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =
@@ -67,6 +81,8 @@ typedef struct mt_trainer {
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
   int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
   double flops_per_step;       /* model FLOPs of this rank per step */
+  mt_precision precision;      /* of the job's train.precision */
+  mt_loss_scale scaler;        /* fp16 only; the same state on every rank */
 } mt_trainer;
 
 /* Orders from the coordinator, numbered by seq, agreed on by every rank in

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "err.h"
+#include "half.h"
 #include "philox.h"
 
 #define ALIGN_FLOATS 16 /* every tensor starts on a 64-byte boundary */
@@ -190,6 +191,8 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
   if (c->hidden_dropout < 0 || c->hidden_dropout >= 1 || c->attention_dropout < 0 ||
       c->attention_dropout >= 1)
     return mt_seterr(MT_EINVAL, "gpt: dropout must be in [0, 1)");
+  if (c->precision < MT_PREC_FP32 || c->precision > MT_PREC_FP16)
+    return mt_seterr(MT_EINVAL, "gpt: precision %d is not fp32, bf16 or fp16", (int)c->precision);
   return 0;
 }
 
@@ -296,7 +299,10 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->alloc_params = slice * shards;
   m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
   m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
-  m->acts = m->grads ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
+  m->weights = m->params;
+  if (m->grads && cfg->precision != MT_PREC_FP32)
+    m->weights = mt_device_alloc(dev, m->alloc_params * sizeof(float));
+  m->acts = m->grads && m->weights ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
   /* host copies of the losses (or of the tp max, sum and target logit) */
   m->host_losses = m->acts ? malloc(3 * (size_t)B * T * sizeof(float)) : NULL;
   if (!m->host_losses) {
@@ -313,6 +319,7 @@ fail:
 
 void mt_gpt_destroy(mt_gpt *m) {
   if (m->dev) {
+    if (m->weights != m->params) mt_device_free(m->dev, m->weights);
     mt_device_free(m->dev, m->params);
     mt_device_free(m->dev, m->grads);
     mt_device_free(m->dev, m->acts);
@@ -370,7 +377,42 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
   }
   free(host);
   m->seed = seed;
-  return 0;
+  return mt_gpt_round_weights(m);
+}
+
+/* dst[i] = src[i] rounded to nearest even into bf16 or fp16, as a float. */
+static void round_floats(float *dst, const float *src, size_t n, mt_precision prec) {
+  if (prec == MT_PREC_BF16) {
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (size_t i = 0; i < n; i++) dst[i] = mt_bf16_to_f32(mt_f32_to_bf16(src[i]));
+  } else {
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (size_t i = 0; i < n; i++) dst[i] = mt_fp16_to_f32(mt_f32_to_fp16(src[i]));
+  }
+}
+
+/* The CPU backend's device memory is host memory: rounded in place. Another
+ * backend's goes through the host a chunk at a time (correct everywhere; a
+ * rounding kernel is the CUDA backend's to add). */
+int mt_gpt_round_weights(mt_gpt *m) {
+  if (m->weights == m->params) return 0;
+  mt_precision prec = m->cfg.precision;
+  if (m->dev->kind == MT_DEVICE_CPU) {
+    round_floats(m->weights, m->params, m->alloc_params, prec);
+    return 0;
+  }
+  size_t chunk = (size_t)1 << 22, cap = m->alloc_params < chunk ? m->alloc_params : chunk;
+  float *host = malloc(cap * sizeof(float));
+  if (!host) return mt_seterr(MT_ENOMEM, "gpt: rounding buffer of %zu floats", cap);
+  int rc = 0;
+  for (size_t off = 0; off < m->alloc_params && !rc; off += cap) {
+    size_t n = m->alloc_params - off < cap ? m->alloc_params - off : cap;
+    rc = mt_device_memcpy_dtoh(m->dev, host, m->params + off, n * sizeof(float));
+    if (!rc) round_floats(host, host, n, prec);
+    if (!rc) rc = mt_device_memcpy_htod(m->dev, m->weights + off, host, n * sizeof(float));
+  }
+  free(host);
+  return rc;
 }
 
 void mt_gpt_zero_grad(mt_gpt *m) {
@@ -389,9 +431,12 @@ static const mt_dropout *dropout_of(const mt_gpt *m, mt_dropout *d, float p, int
   return d;
 }
 
-/* Tensor `which` of this stage's block l (0-based on the stage). */
+/* The forward and backward read weights through W and P: the working copy
+ * (the master itself in fp32). Tensor `which` of this stage's block l
+ * (0-based on the stage). */
+static const float *W(const mt_gpt *m, int i) { return mt_gpt_weight(m, i); }
 static const float *P(const mt_gpt *m, int l, int which) {
-  return mt_gpt_param(m, m->i_block0 + l * MT_P_PER_LAYER + which);
+  return W(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
 static float *G(const mt_gpt *m, int l, int which) {
   return mt_gpt_grad(m, m->i_block0 + l * MT_P_PER_LAYER + which);
@@ -549,16 +594,15 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
 
   int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
   if (m->first && tp == 1) {
-    ops->embedding_fwd(d, p->resid[0], p->inputs, mt_gpt_param(m, m->i_wte),
-                       mt_gpt_param(m, m->i_wpe), B, T, C);
+    ops->embedding_fwd(d, p->resid[0], p->inputs, W(m, m->i_wte), W(m, m->i_wpe), B, T, C);
   } else if (m->first) {
     /* vocabulary-parallel: each rank looks up the tokens in its rows, the sum
      * over tp is the embedding; positions are replicated and added after */
-    ops->embedding_shard_fwd(d, p->resid[0], p->inputs, mt_gpt_param(m, m->i_wte), v0, Vl, N, C);
+    ops->embedding_shard_fwd(d, p->resid[0], p->inputs, W(m, m->i_wte), v0, Vl, N, C);
     if ((rc = tp_sum(m, p->resid[0], BT * C))) return rc;
     for (int b = 0; b < B; b++)
       ops->residual_fwd(d, p->resid[0] + (size_t)b * T * C, p->resid[0] + (size_t)b * T * C,
-                        mt_gpt_param(m, m->i_wpe), (size_t)T * C);
+                        W(m, m->i_wpe), (size_t)T * C);
   }
   if (m->first) {
     mt_dropout de;
@@ -573,10 +617,10 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
   if (rc || !m->last) return rc;
 
-  ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], mt_gpt_param(m, m->i_lnf),
-                     mt_gpt_param(m, m->i_lnf + 1), N, C, c->ln_eps);
+  ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
+                     W(m, m->i_lnf + 1), N, C, c->ln_eps);
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_param(m, m->i_wte), NULL, N, C, Vl);
+  ops->linear_fwd(d, p->logits, p->lnf, W(m, m->i_wte), NULL, N, C, Vl);
   m->last_loss = 0.0f;
   if (targets && tp > 1) {
     /* vocabulary-parallel cross-entropy: the max, the sum of exponentials
@@ -633,13 +677,13 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
                         c->padded_vocab);
     }
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf,
-                    mt_gpt_param(m, m->i_wte), N, C, Vl);
+    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf, W(m, m->i_wte),
+                    N, C, Vl);
     int rc = tp_sum(m, p->dbtc, NC);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, NC * sizeof(float));
     ops->layernorm_bwd(d, p->dres, mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1), p->dbtc,
-                       p->resid[L], mt_gpt_param(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, N, C);
+                       p->resid[L], W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, N, C);
   } else {
     if (!dout) return mt_seterr(MT_EINVAL, "gpt: a non-last stage needs the next stage's gradient");
     int rc = mt_device_memcpy_dtod(d, p->dres, dout, NC * sizeof(float));

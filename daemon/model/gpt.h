@@ -7,6 +7,12 @@
  * Parameter names are Hugging Face GPT-2's ("h.3.attn.c_attn.weight"); the
  * layouts are ours: linear weights are (out, in) and the embedding has the
  * padded vocabulary (safetensors.c converts on the way in and out).
+ * Mixed precision (Megatron's): params are the fp32 master weights, the ones
+ * the optimizer updates and checkpoints save; with a bf16 or fp16 config the
+ * forward and backward read `weights` instead, the master rounded to 16 bits
+ * by mt_gpt_round_weights(). Activations stay fp32 (the CPU kernels
+ * compute in fp32; only the weights are 16-bit values) and gradients are
+ * accumulated in fp32.
  * This module knows nothing of the optimizer, the data or parallelism.
  */
 #ifndef MT_GPT_H
@@ -17,6 +23,9 @@
 
 #include "device.h"
 #include "ops.h"
+
+/* What the forward and backward read the weights in. */
+typedef enum { MT_PREC_FP32 = 0, MT_PREC_BF16 = 1, MT_PREC_FP16 = 2 } mt_precision;
 
 typedef struct mt_gpt_config {
   int n_layer, n_embd, n_head;
@@ -40,6 +49,7 @@ typedef struct mt_gpt_config {
    * over the embedding rows; LayerNorms, positions and the projections'
    * biases are replicated. 0: 1. */
   int tp_size, tp_rank;
+  mt_precision precision; /* 0: fp32 */
 } mt_gpt_config;
 
 /* How a tensor-parallel shard maps onto the full tensor. */
@@ -100,8 +110,15 @@ typedef struct mt_gpt {
   int n_tensors;
   size_t num_params;   /* floats in params (== grads), table layout */
   size_t alloc_params; /* num_params padded to zero_shards equal slices */
-  float *params;       /* device */
-  float *grads;        /* device */
+  float *params;       /* device: fp32 master weights */
+  float *grads;        /* device: fp32, accumulated over micro-batches */
+  /* device: what the forward and backward read. fp32: params itself. bf16 /
+   * fp16: a second buffer of alloc_params floats holding params rounded to
+   * nearest even into the 16-bit format, each value exactly representable
+   * in it. It is fp32 storage of 16-bit values because the kernels compute
+   * in fp32 (the CPU backend has no 16-bit GEMM); a 16-bit buffer converted
+   * on use would halve it and is the CUDA kernels' business. */
+  float *weights;
 
   float *acts; /* device: every activation, one buffer */
   size_t acts_floats;
@@ -125,13 +142,20 @@ typedef struct mt_gpt {
 int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, int T);
 void mt_gpt_destroy(mt_gpt *m);
 
+/* Rounds the master weights into the working copy the forward and backward
+ * read (round to nearest even, elementwise, so every tp shard and pipeline
+ * stage rounds its part of a tensor as the whole tensor would be rounded).
+ * A no-op for fp32. Call it whenever params changed before the next forward:
+ * the engine does at the start of every step and evaluation. */
+int mt_gpt_round_weights(mt_gpt *m);
+
 /* Index of a named tensor in the table, or -1. */
 int mt_gpt_find(const mt_gpt *m, const char *name);
 
 /* DESIGN's initialisation: every element from Philox(key(seed, name), index
  * in the full tensor); weights N(0, init_std), output projections
  * (attn.c_proj, mlp.c_proj) N(0, init_std / sqrt(2 n_layer)), biases 0,
- * LayerNorm weight 1 and bias 0. */
+ * LayerNorm weight 1 and bias 0. Rounds the working copy too. */
 int mt_gpt_init_weights(mt_gpt *m, uint64_t seed);
 
 /* Forward over one micro-batch; inputs/targets are host (B,T) token ids.
@@ -169,9 +193,13 @@ void mt_gpt_zero_grad(mt_gpt *m);
  * Recomputation is not counted (model FLOPs, as MFU is defined). */
 double mt_gpt_flops_per_step(const mt_gpt_config *cfg, int B, int T);
 
-/* Pointer to tensor i's values / gradients. */
+/* Pointer to tensor i's master values / the values the forward reads (the
+ * same unless mixed precision) / gradients. */
 static inline float *mt_gpt_param(const mt_gpt *m, int i) {
   return m->params + m->params_table[i].offset;
+}
+static inline const float *mt_gpt_weight(const mt_gpt *m, int i) {
+  return m->weights + m->params_table[i].offset;
 }
 static inline float *mt_gpt_grad(const mt_gpt *m, int i) {
   return m->grads + m->params_table[i].offset;

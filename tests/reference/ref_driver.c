@@ -12,8 +12,11 @@
  * n_head, vocab_size, seq); the vocabulary is padded to a multiple of 128,
  * LayerNorm eps is 1e-5 and dropout is off. TOKENS.bin holds int32 (B, T+1):
  * inputs are columns [0, T), targets columns [1, T]. The device is cpu:0
- * unless MT_REF_DEVICE names another. Exit status 0 on success, 1 on any error
- * (message on stderr), 2 on bad usage.
+ * unless MT_REF_DEVICE names another. MT_REF_PRECISION=bf16 (or fp16) makes
+ * adamw train mixed precision: fp32 master weights, rounded into the 16-bit
+ * working copy the forward and backward read before every step (no loss
+ * scaling). Exit status 0 on success, 1 on any error (message on stderr), 2
+ * on bad usage.
  */
 #include <jansson.h>
 #include <stdint.h>
@@ -119,6 +122,14 @@ static int run(int argc, char **argv) {
   mt_st_close(&f);
   if (rc) return rc;
   if (!adamw && argc == 8) cfg.recompute = 1;
+  const char *prec = getenv("MT_REF_PRECISION");
+  if (adamw && prec && !strcmp(prec, "bf16"))
+    cfg.precision = MT_PREC_BF16;
+  else if (adamw && prec && !strcmp(prec, "fp16"))
+    cfg.precision = MT_PREC_FP16;
+  else if (prec && strcmp(prec, "fp32"))
+    return mt_seterr(MT_EINVAL,
+                     "ref_driver: MT_REF_PRECISION \"%s\": fp32, or bf16/fp16 with adamw", prec);
 
   size_t BT = (size_t)B * (size_t)T;
   int32_t *inputs = malloc(BT * sizeof *inputs);
@@ -153,8 +164,8 @@ static int run(int argc, char **argv) {
     if ((rc = mt_adamw_create(&opt, &m, 0, m.num_params, beta1, beta2, eps, wd))) return rc;
     for (int s = 0; s < steps; s++) {
       mt_gpt_zero_grad(&m);
-      if ((rc = mt_gpt_forward(&m, inputs, targets, 0)) || (rc = mt_gpt_backward(&m, 1.0f)) ||
-          (rc = mt_adamw_step(&opt, &m, m.grads, lr, 1.0)))
+      if ((rc = mt_gpt_round_weights(&m)) || (rc = mt_gpt_forward(&m, inputs, targets, 0)) ||
+          (rc = mt_gpt_backward(&m, 1.0f)) || (rc = mt_adamw_step(&opt, &m, m.grads, lr, 1.0)))
         return rc;
       printf("{\"step\": %d, \"loss\": %.9g}\n", s, m.last_loss);
     }

@@ -10,7 +10,13 @@ same in float64 (the truth) and float32 (to show the size of fp32 noise).
 Checked, each relative to float64 torch:
   - the loss, within 1e-4;
   - every parameter gradient, ||ours - torch|| / ||torch|| within 1e-4 per tensor;
-  - the losses of 10 AdamW steps on the same batch, within 1e-4 at every step.
+  - the losses of 10 AdamW steps on the same batch, within 1e-4 at every step;
+  - for "tiny", the same 10 steps in bf16 mixed precision (MT_REF_PRECISION):
+    fp32 master weights, each step computing with them rounded to bfloat16
+    (torch: .bfloat16() and back before the forward, the gradient applied to
+    the master), against torch doing the same from float32 masters, within
+    BF16_TOL at every step. The bf16 run must also be at least 3 times
+    further from our fp32 run than from torch's bf16 (the rounding happened).
 Exit 0 when all hold, 1 on any mismatch or failure, 77 (skip) without torch.
 """
 import json
@@ -30,6 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_gpt  # noqa: E402
 
 TOL = 1e-4
+# bf16 steps: ours and torch's masters differ by fp32 reduction order, so the
+# odd weight near a rounding boundary rounds to the other bf16 neighbour
+# (2^-8 relative away); the losses match to ~1e-7 for the first steps, then
+# drift apart by up to ~1e-4 (bf16 vs fp32 differ by ~2e-3 by step 10).
+BF16_TOL = 5e-4
+BF16_CONFIGS = ("tiny",)
 # wd 0.5 rather than GPT's 0.1: decaying the wrong tensors (biases, LayerNorm)
 # then moves the step-10 loss by ~3e-3, far above the tolerance.
 ADAM = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5)
@@ -64,7 +76,10 @@ def torch_grads(weights, cfg, idx, tgt, dtype):
     return loss.item(), {k: v.grad.detach().to(torch.float64) for k, v in p.items()}
 
 
-def torch_adamw_losses(weights, cfg, idx, tgt, dtype):
+def torch_adamw_losses(weights, cfg, idx, tgt, dtype, half=None):
+    """Losses of STEPS AdamW steps; with half (torch.bfloat16) the forward
+    and backward use the master weights rounded to it, in dtype math, and
+    the optimizer updates the masters with those gradients."""
     p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in weights.items()}
     groups = [
         {"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
@@ -76,8 +91,15 @@ def torch_adamw_losses(weights, cfg, idx, tgt, dtype):
     losses = []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        _, loss = torch_gpt.forward(p, cfg, idx, tgt)
-        loss.backward()
+        if half is None:
+            _, loss = torch_gpt.forward(p, cfg, idx, tgt)
+            loss.backward()
+        else:
+            work = {k: v.detach().to(half).to(dtype).requires_grad_(True) for k, v in p.items()}
+            _, loss = torch_gpt.forward(work, cfg, idx, tgt)
+            loss.backward()
+            for k, v in p.items():
+                v.grad = work[k].grad
         opt.step()
         losses.append(loss.item())
     return losses
@@ -160,7 +182,36 @@ def check_config(driver, tmp, name, dims, B, T, recompute):
         if not r <= TOL:
             failures.append(f"{name}: adamw step {s}: loss {a:.9g} vs torch {b:.9g} "
                             f"(rel {r:.2e} > {TOL})")
+    if name in BF16_CONFIGS:
+        check_bf16(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, ours)
     return worst, worst_step
+
+
+def check_bf16(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, ours_fp32):
+    env = dict(os.environ, MT_REF_PRECISION="bf16")
+    r = subprocess.run([driver, "adamw", wpath, tpath, str(B), str(T), str(STEPS), str(ADAM["lr"]),
+                        str(ADAM["weight_decay"]), *map(str, ADAM["betas"]), str(ADAM["eps"])],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"ref_driver adamw (bf16) failed (exit {r.returncode}): "
+                           f"{r.stderr.strip()}")
+    ours = [json.loads(l)["loss"] for l in r.stdout.splitlines() if l.strip().startswith("{")]
+    ref = torch_adamw_losses(weights, cfg, idx, tgt, torch.float32, half=torch.bfloat16)
+    if len(ours) != STEPS:
+        failures.append(f"{name}: bf16 adamw printed {len(ours)} losses, want {STEPS}")
+    worst = vs_fp32 = 0.0
+    for s, (a, b, c) in enumerate(zip(ours, ref, ours_fp32)):
+        r = rel(a, b)
+        worst, vs_fp32 = max(worst, r), max(vs_fp32, rel(a, c))
+        print(f"  [{name}] bf16 adamw step {s}: mtnlg {a:.9g}  torch-bf16 {b:.9g}  "
+              f"mtnlg-fp32 {c:.9g}  rel {r:.2e}")
+        if not r <= BF16_TOL:
+            failures.append(f"{name}: bf16 adamw step {s}: loss {a:.9g} vs torch {b:.9g} "
+                            f"(rel {r:.2e} > {BF16_TOL})")
+    print(f"  [{name}] bf16: worst rel to torch-bf16 {worst:.2e}, to our fp32 run {vs_fp32:.2e}")
+    if not vs_fp32 > 3 * worst:
+        failures.append(f"{name}: bf16 losses are not clearly closer to torch's bf16 "
+                        f"({worst:.2e}) than to fp32 ({vs_fp32:.2e}): was the working copy rounded?")
 
 
 def main():

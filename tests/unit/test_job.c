@@ -322,6 +322,12 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "train.adam.eps=1e-6",
       "train.weight_decay=0",
       "train.clip_grad=0",
+      "train.precision=bf16",
+      "train.precision=fp16",
+      "train.loss_scale.initial=1024",
+      "train.loss_scale.min=2",
+      "train.loss_scale.growth_interval=10",
+      "train.loss_scale.hysteresis=1",
       "train.log_interval=10",
       "data.path=other.u16",
       "checkpoint.dir=ck",
@@ -335,6 +341,52 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
     if (rc != MT_OK || !strcmp(a.hash, b.hash)) {
       fprintf(stderr, "%s: %s: rc %d, hash %s vs %s: %s\n", __func__, changes[i], rc, b.hash,
               a.hash, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
+/* train.loss_scale: Megatron's defaults, every key read, every bad value one
+ * line naming its key, and the canonical JSON carries it back. */
+static void test_loss_scale_defaults_checks_and_round_trip(void) {
+  mt_job job, back;
+  CHECK(parse_with(&job, tiny_job, "train.precision=fp16", NULL) == MT_OK);
+  CHECK(!strcmp(job.train.precision, "fp16"));
+  CHECK(job.train.loss_scale.initial == 4294967296.0 && job.train.loss_scale.min == 1.0);
+  CHECK(job.train.loss_scale.growth_interval == 1000 && job.train.loss_scale.hysteresis == 2);
+  const char *set = "{\"model\": {\"preset\": \"tiny\"}, \"data\": {\"path\": \"tokens.u16\"},"
+                    " \"train\": {\"global_batch\": 8, \"steps\": 10, \"lr\": {\"peak\": 1e-3},"
+                    "  \"precision\": \"fp16\", \"loss_scale\": {\"initial\": 65536, \"min\": 0.5,"
+                    "  \"growth_interval\": 50, \"hysteresis\": 3}}}";
+  CHECK(mt_job_parse(&job, set, "/jobs", presets, NULL) == MT_OK);
+  CHECK(job.train.loss_scale.initial == 65536.0 && job.train.loss_scale.min == 0.5);
+  CHECK(job.train.loss_scale.growth_interval == 50 && job.train.loss_scale.hysteresis == 3);
+  char *json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"loss_scale\":{"));
+  int rc = mt_job_parse(&back, json, "/jobs", presets, NULL);
+  free(json);
+  CHECK(rc == MT_OK && !strcmp(back.hash, job.hash));
+  CHECK(back.train.loss_scale.min == 0.5 && back.train.loss_scale.hysteresis == 3);
+
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"train.loss_scale.initial=0", NULL, "train.loss_scale.initial: 0 must be > 0"},
+      {"train.loss_scale.initial=1e39", NULL, "train.loss_scale.initial: 1e+39 must be > 0"},
+      {"train.loss_scale.min=-1", NULL, "train.loss_scale.min: -1 must be > 0"},
+      {"train.loss_scale.initial=8", "train.loss_scale.min=16",
+       "train.loss_scale.min: 16 is above train.loss_scale.initial = 8"},
+      {"train.loss_scale.growth_interval=0", NULL,
+       "train.loss_scale.growth_interval: 0 must be at least 1"},
+      {"train.loss_scale.hysteresis=0", NULL, "train.loss_scale.hysteresis: 0 must be at least 1"},
+      {"train.loss_scale.window=5", NULL, "train.loss_scale.window: unknown key"},
+      {"train.loss_scale.hysteresis=\"2\"", NULL, "train.loss_scale.hysteresis: expected an"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: %s %s: want one line \"%s...\", got rc %d:\n%s\n", __func__,
+              cases[i].ov0, cases[i].ov1 ? cases[i].ov1 : "", cases[i].line, rc, mt_errmsg());
       failures++;
     }
   }
@@ -428,11 +480,10 @@ static void test_tiny_demo_example_loads(void) {
   CHECK(!strcmp(job.data.path, "/tmp/bytes.u16"));
 }
 
-static void test_530b_example_refused_only_for_precision(void) {
+static void test_530b_example_loads_in_bf16(void) {
   mt_job job;
-  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_EINVAL);
-  CHECK(count_lines(mt_errmsg()) == 1);
-  CHECK(has_line(mt_errmsg(), "train.precision: \"bf16\" is not supported yet"));
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_OK);
+  CHECK(!strcmp(job.train.precision, "bf16"));
   const char *ovs[] = {"train.precision=fp32", NULL};
   CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, ovs) == MT_OK);
   CHECK(job.model.n_layer == 105 && job.model.n_embd == 20480 && job.model.n_head == 128);
@@ -481,12 +532,13 @@ int main(void) {
   test_tokens_lengths_convert_to_steps();
   test_lr_min_defaults_by_schedule();
   test_hash_changes_with_any_field_and_not_with_key_order();
+  test_loss_scale_defaults_checks_and_round_trip();
   test_bad_json_reports_line_and_column();
   test_missing_preset_lists_search_dirs();
   test_preset_dirs_searched_in_order();
   test_missing_required_fields_are_named();
   test_tiny_demo_example_loads();
-  test_530b_example_refused_only_for_precision();
+  test_530b_example_loads_in_bf16();
   test_every_preset_is_valid();
   test_load_missing_file_is_eio();
   if (failures) {

@@ -301,10 +301,10 @@ static void test_parameter_count_matches_model_table(void) {
   printf("  ok test_parameter_count_matches_model_table\n");
 }
 
-static void test_plan_loader_accepts_mixed_precision_only(void) {
+static void test_plan_loader_keeps_mixed_precision(void) {
   mt_job job;
-  /* the runtime loader still refuses bf16; the plan's takes it and keeps it */
-  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_EINVAL);
+  /* both loaders take bf16 and keep it */
+  CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_OK);
   CHECK(load_530b(&job, NULL, NULL) == MT_OK);
   CHECK(!strcmp(job.train.precision, "bf16"));
   char h_bf16[17];
@@ -319,7 +319,7 @@ static void test_plan_loader_accepts_mixed_precision_only(void) {
   CHECK(!strstr(mt_errmsg(), "precision"));
   CHECK(load_530b(&job, "train.precision=fp8", NULL) == MT_EINVAL);
   CHECK(strstr(mt_errmsg(), "train.precision: \"fp8\" is not one of"));
-  printf("  ok test_plan_loader_accepts_mixed_precision_only\n");
+  printf("  ok test_plan_loader_keeps_mixed_precision\n");
 }
 
 int main(void) {
@@ -331,7 +331,7 @@ int main(void) {
   test_recompute_cuts_activation_memory();
   test_job_that_does_not_fit_is_refused_with_numbers();
   test_parameter_count_matches_model_table();
-  test_plan_loader_accepts_mixed_precision_only();
+  test_plan_loader_keeps_mixed_precision();
   if (failures) {
     fprintf(stderr, "test_plan: %d failure(s)\n", failures);
     return 1;

@@ -1,0 +1,293 @@
+/* test_precision.c — mixed precision on one device (daemon/engine/train.c,
+ * daemon/model/gpt.c): fp32 master weights, a bf16/fp16 working copy the
+ * forward and backward read, fp16's dynamic loss scaling with skipped steps.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "device.h"
+#include "err.h"
+#include "gpt.h"
+#include "half.h"
+#include "job.h"
+#include "loss_scale.h"
+#include "mt_check.h"
+#include "train.h"
+
+static mt_device dev;
+static char data_path[64];
+static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
+
+/* A repeating byte pattern: a tiny model learns it within a few steps. */
+static int write_data(void) {
+  uint16_t t[4000];
+  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
+  strcpy(data_path, "/tmp/mtnlg-precision-XXXXXX");
+  int fd = mkstemp(data_path);
+  if (fd < 0) return -1;
+  ssize_t w = write(fd, t, sizeof t);
+  close(fd);
+  return w == (ssize_t)sizeof t ? 0 : -1;
+}
+
+/* The tiny model at seq 16, global batch 4 in micro-batches of 2. */
+static int parse_job(mt_job *job, const char *precision, const char *loss_scale, int steps) {
+  char json[1024];
+  snprintf(json, sizeof json,
+           "{\"model\":{\"preset\":\"tiny\",\"seq_len\":16},\"parallel\":{\"micro_batch\":2},"
+           "\"train\":{\"global_batch\":4,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s,"
+           "\"lr\":{\"schedule\":\"cosine\",\"peak\":2e-3,\"warmup_steps\":1}},"
+           "\"data\":{\"path\":\"%s\"}}",
+           steps, precision, loss_scale ? ",\"loss_scale\":" : "", loss_scale ? loss_scale : "",
+           data_path);
+  return mt_job_parse(job, json, NULL, preset_dirs, NULL);
+}
+
+static int run_losses(const char *precision, int steps, double *losses) {
+  mt_job job;
+  mt_trainer tr;
+  int rc = parse_job(&job, precision, NULL, steps);
+  if (!rc) rc = mt_trainer_create(&tr, &job, &dev, NULL);
+  if (rc) return rc;
+  for (int s = 0; s < steps && !rc; s++) {
+    mt_step_stats st;
+    rc = mt_trainer_step(&tr, &st);
+    losses[s] = st.loss;
+  }
+  mt_trainer_destroy(&tr);
+  return rc;
+}
+
+static float round_to(float x, mt_precision p) {
+  return p == MT_PREC_BF16 ? mt_bf16_to_f32(mt_f32_to_bf16(x)) : mt_fp16_to_f32(mt_f32_to_fp16(x));
+}
+
+/* (1) bf16 trains like fp32: the loss falls, and each step's loss is within
+ * a bf16-sized distance of fp32's (2^-8 relative, bf16's machine epsilon:
+ * weights rounded to 8 significant bits move the loss far less) without
+ * being equal to it. */
+static int test_bf16_trains_within_bf16_tolerance_of_fp32(void) {
+  enum { STEPS = 10 };
+  double f32[STEPS], b16[STEPS];
+  REQUIRE(!run_losses("fp32", STEPS, f32), "fp32: %s", mt_errmsg());
+  REQUIRE(!run_losses("bf16", STEPS, b16), "bf16: %s", mt_errmsg());
+  double worst = 0.0;
+  int differ = 0;
+  for (int s = 0; s < STEPS; s++) {
+    double r = fabs(b16[s] - f32[s]) / f32[s];
+    worst = r > worst ? r : worst;
+    differ += b16[s] != f32[s];
+    CHECK(r < 0x1p-8, "step %d: bf16 loss %.7f vs fp32 %.7f (rel %.2e)", s + 1, b16[s], f32[s], r);
+  }
+  CHECK(differ > 0, "bf16 losses equal fp32's at every step: the weights were not rounded");
+  CHECK(b16[STEPS - 1] < b16[0] - 0.1, "bf16 loss should fall: %.4f -> %.4f", b16[0],
+        b16[STEPS - 1]);
+  printf("  fp32 %.5f -> %.5f, bf16 %.5f -> %.5f, worst step rel %.2e\n", f32[0], f32[STEPS - 1],
+         b16[0], b16[STEPS - 1], worst);
+  return 0;
+}
+
+/* (2) Every weight the forward reads is exactly representable in bf16
+ * (fp16) while the master weights are not: the working copy is the master
+ * rounded to nearest even, and forward + backward of the mixed model equal,
+ * bit for bit, an fp32 model's whose weights are that rounded copy. After
+ * training steps, the same holds of the weights the last step read. */
+static int check_working_copy(const mt_gpt *m, mt_precision p, const char *when) {
+  const char *name = p == MT_PREC_BF16 ? "bf16" : "fp16";
+  REQUIRE(m->weights && m->weights != m->params, "%s: no working copy", name);
+  size_t not_exact = 0, bad = 0;
+  for (size_t e = 0; e < m->alloc_params; e++) {
+    float w = m->weights[e];
+    bad += round_to(w, p) != w;
+    not_exact += round_to(m->params[e], p) != m->params[e];
+  }
+  CHECK(bad == 0, "%s %s: %zu weights the forward reads are not %s values", name, when, bad, name);
+  CHECK(not_exact > m->num_params / 2, "%s %s: only %zu of %zu master weights lie off the %s grid",
+        name, when, not_exact, m->num_params, name);
+  return 0;
+}
+
+static int test_forward_reads_only_16bit_weights(void) {
+  mt_gpt_config c = {.n_layer = 2,
+                     .n_embd = 24,
+                     .n_head = 3,
+                     .vocab_size = 61,
+                     .padded_vocab = 64,
+                     .max_seq = 16,
+                     .ln_eps = 1e-5f,
+                     .init_std = 0.02f};
+  int B = 2, T = 9;
+  int32_t in[18], tg[18];
+  for (int i = 0; i < 18; i++) in[i] = (i * 5 + 3) % 61, tg[i] = (i * 11 + 1) % 61;
+  for (mt_precision p = MT_PREC_BF16; p <= MT_PREC_FP16; p++) {
+    const char *name = p == MT_PREC_BF16 ? "bf16" : "fp16";
+    mt_gpt q, f;
+    mt_gpt_config cq = c;
+    cq.precision = p;
+    REQUIRE(!mt_gpt_create(&q, &cq, &dev, B, T) && !mt_gpt_create(&f, &c, &dev, B, T), "%s",
+            mt_errmsg());
+    REQUIRE(f.weights == f.params, "fp32 must read its master weights");
+    REQUIRE(!mt_gpt_init_weights(&q, 9), "%s", mt_errmsg());
+    /* LayerNorm weights of 1, biases of 0 are exact: nudge every master
+     * weight off the grid so the rounding has something to do */
+    for (size_t e = 0; e < q.num_params; e++) q.params[e] = q.params[e] * 1.0001f + 1e-4f;
+    REQUIRE(!mt_gpt_round_weights(&q), "%s", mt_errmsg());
+    if (check_working_copy(&q, p, "after init")) return 1;
+    for (size_t e = 0; e < q.alloc_params; e++)
+      CHECK(q.weights[e] == round_to(q.params[e], p), "%s: weight %zu is %a, round(master) %a",
+            name, e, q.weights[e], round_to(q.params[e], p));
+    memcpy(f.params, q.weights, q.alloc_params * sizeof(float));
+    mt_gpt_zero_grad(&q);
+    mt_gpt_zero_grad(&f);
+    REQUIRE(!mt_gpt_forward(&q, in, tg, 0) && !mt_gpt_backward(&q, 1.0f), "%s", mt_errmsg());
+    REQUIRE(!mt_gpt_forward(&f, in, tg, 0) && !mt_gpt_backward(&f, 1.0f), "%s", mt_errmsg());
+    CHECK(q.last_loss == f.last_loss, "%s: loss %.9g, fp32 on the rounded weights %.9g", name,
+          q.last_loss, f.last_loss);
+    CHECK(!memcmp(q.grads, f.grads, q.num_params * sizeof(float)),
+          "%s: gradients differ from fp32's on the rounded weights", name);
+    mt_gpt_destroy(&q);
+    mt_gpt_destroy(&f);
+
+    /* the trainer: a few steps, then the copy the last step read */
+    mt_job job;
+    mt_trainer tr;
+    REQUIRE(!parse_job(&job, name, NULL, 3) && !mt_trainer_create(&tr, &job, &dev, NULL), "%s",
+            mt_errmsg());
+    for (int s = 0; s < 3; s++) {
+      mt_step_stats st;
+      REQUIRE(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+    }
+    if (check_working_copy(&tr.model, p, "after 3 steps")) return 1;
+    mt_trainer_destroy(&tr);
+  }
+  return 0;
+}
+
+/* The fp16 range check: 65504 is fp16's largest finite value and everything
+ * below 65520 rounds to it; 65520 and beyond, inf and NaN overflow. */
+static int test_fp16_range_check_boundary(void) {
+  float ok[] = {0.0f, -0.0f, 1e-30f, 65504.0f, -65504.0f, nextafterf(65520.0f, 0.0f), 3.0f};
+  CHECK(mt_loss_scale_check_fp16_range(ok, sizeof ok / sizeof *ok), "in range flagged");
+  float bad[] = {65520.0f, -65520.0f, 1e10f, INFINITY, -INFINITY, NAN};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    float v[3] = {1.0f, bad[i], 2.0f};
+    CHECK(!mt_loss_scale_check_fp16_range(v, 3), "%g not flagged", bad[i]);
+    CHECK(isinf(mt_fp16_to_f32(mt_f32_to_fp16(bad[i]))) || isnan(bad[i]), "%g is finite in fp16",
+          bad[i]);
+  }
+  CHECK(!isinf(mt_fp16_to_f32(mt_f32_to_fp16(nextafterf(65520.0f, 0.0f)))), "65520- rounds to inf");
+  return 0;
+}
+
+/* (3) A run that overflows and recovers: fp16 from a loss scale of 2^40. The
+ * first steps overflow: each is skipped (flag set, weights and Adam step
+ * untouched); the first overflow only uses up hysteresis (2), each after it
+ * halves the scale, until the gradients fit fp16; from there the run trains,
+ * the loss falls, and growth_interval clean steps double the scale. */
+static int test_fp16_run_that_overflows_and_recovers(void) {
+  enum { STEPS = 48 };
+  mt_job job;
+  mt_trainer tr;
+  REQUIRE(!parse_job(&job, "fp16",
+                     "{\"initial\":1099511627776,\"growth_interval\":8,\"hysteresis\":2}", STEPS),
+          "%s", mt_errmsg());
+  REQUIRE(!mt_trainer_create(&tr, &job, &dev, NULL), "%s", mt_errmsg());
+  size_t n = tr.model.alloc_params;
+  float *before = malloc(n * sizeof(float));
+  REQUIRE(before, "memory");
+  int skipped[STEPS], first_clean = -1, clean = 0, grew = 0;
+  double scale[STEPS], loss[STEPS];
+  for (int s = 0; s < STEPS; s++) {
+    memcpy(before, tr.model.params, n * sizeof(float));
+    mt_step_stats st;
+    REQUIRE(!mt_trainer_step(&tr, &st), "step %d: %s", s + 1, mt_errmsg());
+    skipped[s] = st.skipped, scale[s] = st.loss_scale, loss[s] = st.loss;
+    int same = !memcmp(before, tr.model.params, n * sizeof(float));
+    CHECK(st.loss_scaling && isfinite(st.loss), "step %d: scaling %d, loss %g", s + 1,
+          st.loss_scaling, st.loss);
+    CHECK(same == skipped[s], "step %d: skipped %d but the weights %s", s + 1, skipped[s],
+          same ? "stayed" : "changed");
+    if (!skipped[s]) {
+      clean++;
+      if (first_clean < 0) first_clean = s;
+      if (s > 0 && scale[s] == 2.0 * scale[s - 1]) grew++;
+    }
+  }
+  free(before);
+  REQUIRE(first_clean > 1, "the first clean step is %d: 2^40 should overflow fp16 first",
+          first_clean + 1);
+  /* the overflowing start: skipped, scale 2^40 after the first (hysteresis),
+   * then halving once per step */
+  for (int s = 0; s < first_clean; s++) {
+    double want = ldexp(1.0, s == 0 ? 40 : 40 - s);
+    CHECK(skipped[s] && scale[s] == want, "step %d: skipped %d scale %g, want 1 %g", s + 1,
+          skipped[s], scale[s], want);
+  }
+  CHECK(tr.opt.t == clean, "Adam took %lld steps, %d were clean", (long long)tr.opt.t, clean);
+  CHECK(tr.scaler.skipped == STEPS - clean, "scaler counted %lld skips, want %d",
+        (long long)tr.scaler.skipped, STEPS - clean);
+  CHECK(3 * clean >= 2 * (STEPS - first_clean), "only %d clean steps of %d after recovering", clean,
+        STEPS - first_clean);
+  CHECK(grew > 0, "8 clean steps in a row never grew the scale");
+  double tail = 0.0;
+  for (int s = STEPS - 4; s < STEPS; s++) tail += loss[s] / 4;
+  CHECK(tail < loss[first_clean] - 0.2,
+        "loss should fall after recovering: %.4f at step %d, "
+        "%.4f over the last 4",
+        loss[first_clean], first_clean + 1, tail);
+  printf("  %d steps skipped first, scale %g at the first clean step %d; loss %.4f -> %.4f; "
+         "%d clean of %d, final scale %g\n",
+         first_clean, scale[first_clean], first_clean + 1, loss[first_clean], tail, clean, STEPS,
+         scale[STEPS - 1]);
+  mt_trainer_destroy(&tr);
+  return 0;
+}
+
+/* fp32 stays fp32: no working copy, no scale in the step's stats. */
+static int test_fp32_has_no_working_copy_or_scale(void) {
+  mt_job job;
+  mt_trainer tr;
+  REQUIRE(!parse_job(&job, "fp32", NULL, 1) && !mt_trainer_create(&tr, &job, &dev, NULL), "%s",
+          mt_errmsg());
+  mt_step_stats st;
+  REQUIRE(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  CHECK(tr.model.weights == tr.model.params, "fp32 allocated a working copy");
+  CHECK(!st.loss_scaling && st.loss_scale == 1.0, "fp32 stats: scaling %d scale %g",
+        st.loss_scaling, st.loss_scale);
+  mt_trainer_destroy(&tr);
+  return 0;
+}
+
+int main(void) {
+  if (mt_device_open(&dev, "cpu:0")) {
+    fprintf(stderr, "cannot open cpu:0: %s\n", mt_errmsg());
+    return 1;
+  }
+  if (write_data()) {
+    fprintf(stderr, "cannot write %s\n", data_path);
+    return 1;
+  }
+  struct {
+    const char *name;
+    int (*fn)(void);
+  } tests[] = {
+      {"test_bf16_trains_within_bf16_tolerance_of_fp32",
+       test_bf16_trains_within_bf16_tolerance_of_fp32},
+      {"test_forward_reads_only_16bit_weights", test_forward_reads_only_16bit_weights},
+      {"test_fp16_range_check_boundary", test_fp16_range_check_boundary},
+      {"test_fp16_run_that_overflows_and_recovers", test_fp16_run_that_overflows_and_recovers},
+      {"test_fp32_has_no_working_copy_or_scale", test_fp32_has_no_working_copy_or_scale},
+  };
+  for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
+    int before = failures;
+    int rc = tests[i].fn();
+    printf("%s %s\n", rc || failures > before ? "FAIL" : "ok", tests[i].name);
+    failures += rc;
+  }
+  unlink(data_path);
+  mt_device_close(&dev);
+  return failures ? 1 : 0;
+}
