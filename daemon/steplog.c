@@ -9,14 +9,23 @@
 #include "log.h"
 #include "plan.h"
 
+/* A JSON number, or null for inf and NaN (an overflowed fp16 step), which
+ * JSON cannot spell. buf holds 32 bytes. */
+static const char *jnum(char *buf, double v) {
+  if (!isfinite(v)) return "null";
+  snprintf(buf, 32, "%.9g", v);
+  return buf;
+}
+
 static void print_step(const mt_step_stats *st, int64_t steps, int json) {
   if (json) {
-    printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%.9g,\"lr\":%.9g,"
-           "\"grad_norm\":%.9g,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
+    char loss[32], norm[32];
+    printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%s,\"lr\":%.9g,"
+           "\"grad_norm\":%s,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
            "\"bubble\":%.4f,\"skipped\":%s",
-           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
-           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, st->bubble,
-           st->skipped ? "true" : "false");
+           (long long)st->step, (long long)steps, (long long)st->consumed_tokens,
+           jnum(loss, st->loss), st->lr, jnum(norm, st->grad_norm), st->step_ms, st->tokens_per_s,
+           st->tflops, st->bubble, st->skipped ? "true" : "false");
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
     printf("}\n");

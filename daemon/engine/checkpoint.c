@@ -64,6 +64,8 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
   memset(sv, 0, sizeof *sv);
   sv->t0 = wall_s();
   sv->res.step = tr->step;
+  sv->adam_t = tr->opt.t;
+  sv->scaler = tr->scaler;
   snprintf(sv->job_dir, sizeof sv->job_dir, "%s", job_dir);
   int rc = 0, any = 0;
 
@@ -203,6 +205,14 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
     const mt_job *job = tr->job;
     int64_t G = job->train.global_batch, step = sv->res.step;
     json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)(step * G));
+    /* what else the next step depends on: Adam's count (skipped steps do
+     * not advance it) and the fp16 loss scaler; the same on every rank */
+    const mt_loss_scale *ls = &sv->scaler; /* as of the save's step, not of its commit */
+    json_t *extra = json_pack(
+        "{s:I, s:{s:f, s:i, s:i, s:I, s:I, s:I}}", "adam_t", (json_int_t)sv->adam_t, "loss_scale",
+        "scale", (double)ls->scale, "growth_tracker", ls->growth_tracker, "hysteresis_tracker",
+        ls->hysteresis_tracker, "steps", (json_int_t)ls->steps, "skipped", (json_int_t)ls->skipped,
+        "skipped_in_row", (json_int_t)ls->skipped_in_row);
     mt_ckpt_meta meta = {.job = job->name,
                          .job_hash = job->hash,
                          .step = step,
@@ -210,6 +220,7 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
                          .consumed_tokens = step * G * job->model.seq_len,
                          .seed = (int64_t)job->train.seed,
                          .data_position = pos,
+                         .extra = extra,
                          .tp = g->tp_size,
                          .pp = g->pp_size,
                          .dp = g->dp_size};
@@ -233,6 +244,7 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
       free(ds);
     }
     json_decref(pos);
+    json_decref(extra);
   }
   mt_ckpt_chunks_free(&all);
   free(shard_n);
@@ -369,6 +381,15 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
   }
   free(host);
   int64_t saved_step = c.step;
+  json_t *ls = json_object_get(c.extra, "loss_scale");
+  int has_extra = json_is_integer(json_object_get(c.extra, "adam_t")) && json_is_object(ls);
+  int64_t adam_t = json_integer_value(json_object_get(c.extra, "adam_t"));
+  double ls_scale = json_number_value(json_object_get(ls, "scale"));
+  int64_t ls_growth = json_integer_value(json_object_get(ls, "growth_tracker"));
+  int64_t ls_hyst = json_integer_value(json_object_get(ls, "hysteresis_tracker"));
+  int64_t ls_steps = json_integer_value(json_object_get(ls, "steps"));
+  int64_t ls_skipped = json_integer_value(json_object_get(ls, "skipped"));
+  int64_t ls_in_row = json_integer_value(json_object_get(ls, "skipped_in_row"));
   int saved_dp = c.dp;
   char dir[MT_CKPT_PATH_MAX];
   snprintf(dir, sizeof dir, "%s", c.dir);
@@ -383,6 +404,15 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
                   : mt_seterr(MT_EINVAL, "resume from %s failed on another rank", dir);
   tr->step = saved_step;
   tr->opt.t = saved_step;
+  if (has_extra) { /* checkpoints without it predate skipped steps: t = step */
+    tr->opt.t = adam_t;
+    tr->scaler.scale = (float)ls_scale;
+    tr->scaler.growth_tracker = (int)ls_growth;
+    tr->scaler.hysteresis_tracker = (int)ls_hyst;
+    tr->scaler.steps = ls_steps;
+    tr->scaler.skipped = ls_skipped;
+    tr->scaler.skipped_in_row = ls_in_row;
+  }
   *resumed_step = saved_step;
   if (is0)
     mt_log_info("resumed from %s: step %lld, saved with dp %d, running with dp %d", dir,

@@ -11,6 +11,8 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
 - test_async_checkpoint_resumes_bit_for_bit: checkpoints written in the
   background (checkpoint.async) while training goes on hold the state of
   their step: resuming from step 9 gives the uninterrupted losses exactly;
+- test_fp16_resume_keeps_loss_scale_and_adam_count: an fp16 run whose
+  first steps overflow and are skipped resumes to the same losses exactly;
 - test_resume_under_dp_2_1_4: the dp 2 checkpoint resumed with dp 1, that
   one's resumed with dp 4: losses within 1e-5 of the uninterrupted run;
 - test_flipped_byte_is_named_and_the_previous_checkpoint_used, and
@@ -123,6 +125,26 @@ def main():
                        and "checkpoint of step 9 committed" in pa.stderr,
                        "resumed at %s from the async checkpoint of step 9; %d later losses equal"
                        % (min(tail) if tail else None, sum(tail[s] == ref[s] for s in tail)))
+
+        # 1c. fp16: the loss scaler's state and Adam's count survive a resume
+        ck = os.path.join(tmp, "ck1c")
+        job = write_job(os.path.join(tmp, "job1c.json"), tokens, steps=30, ckpt=ck)
+        with open(job) as f:
+            j = json.load(f)
+        j["train"]["precision"] = "fp16"
+        j["train"]["loss_scale"] = {"initial": 2 ** 24, "growth_interval": 4}
+        with open(job, "w") as f:
+            json.dump(j, f)
+        p0, ref16 = run(mtnlgd, job, "checkpoint.dir=" + os.path.join(tmp, "ck1c-ref"))
+        p1, a, _ = run_until(mtnlgd, job, 9)
+        p2, b = run(mtnlgd, job)
+        skipped = p0.stdout.count('"skipped":true')
+        fails += check("test_fp16_resume_keeps_loss_scale_and_adam_count",
+                       p0.returncode == 0 and skipped > 0 and b and min(b) == max(a) + 1
+                       and all(b[s] == ref16[s] for s in b) and max(b) == 30,
+                       "%d overflow steps skipped; stopped at %s, resumed at %s, later losses %s" % (
+                           skipped, max(a) if a else None, min(b) if b else None,
+                           "equal" if b and all(b[s] == ref16[s] for s in b) else "DIFFER"))
 
         # 2. dp 2 -> 1 -> 4 (the checkpoint holds whole shards: any dp loads it)
         ck = os.path.join(tmp, "ck2")
