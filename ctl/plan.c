@@ -1,8 +1,7 @@
 /* plan.c — `mtnlgctl plan JOB.json`: what a job needs per device, offline.
  *
  * Loads the job as the coordinator would (presets, --set overrides, every
- * check) except that a precision this build cannot run yet is accepted, asks
- * the engine's plan (daemon/engine/plan.h) for the given devices and prints
+ * check), asks the engine's plan (daemon/engine/plan.h) for the given devices and prints
  * it as a table or JSON. A job whose worst stage does not fit prints the plan
  * and the refusal, and exits 1.
  */

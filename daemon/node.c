@@ -503,14 +503,18 @@ static int load_job(node *n) {
 
 static int resolve_devices(node *n) {
   const char *d = n->cfg->devices;
+  char resolved[64];
   if (!strcmp(d, "auto")) {
-    /* the CUDA backend is its own issue: until then auto is one CPU device */
-    mt_log_info("devices = auto: no CUDA backend in this build, using cpu:1");
-    d = "cpu:1";
-  } else if (!strncmp(d, "cuda", 4)) {
-    return mt_seterr(MT_ENOTSUP,
-                     "node.devices = %s: this build has no CUDA backend; use cpu:N (or auto)", d);
+    /* every GPU present, else one CPU device (logged with the reason) */
+    if (mt_device_resolve_auto(resolved, sizeof resolved, 0) < 0) return MT_EINVAL;
+    d = resolved;
   }
+  if (!strncmp(d, "cuda", 4))
+    /* the kernels and NCCL are built; the engine's host-pointer paths are not yet */
+    return mt_seterr(MT_ENOTSUP,
+                     "node.devices = %s: the engine does not run on CUDA devices yet (the CUDA "
+                     "kernels are built, the engine integration is pending); use cpu:N",
+                     d);
   int count = mt_parse_devices(d, n->specs, MT_RDZV_MAX_DEVICES);
   if (count < 0) return count;
   n->n_devices = count;
