@@ -199,3 +199,39 @@ def last_step(node):
 
 def grep(node, pattern):
     return re.search(pattern, node.stderr()) is not None
+
+
+# ---- what the tests of a local cluster share ----
+
+def license_tokens(path, count=200000):
+    """Byte-level tokens of the licence texts every Debian has, as the flat
+    uint16 file a job's data.path names; the same file on every machine."""
+    import array
+    import glob
+    data = b"".join(open(f, "rb").read()
+                    for f in sorted(glob.glob("/usr/share/common-licenses/*"))
+                    if os.path.isfile(f) and not os.path.islink(f))
+    with open(path, "wb") as f:
+        f.write(array.array("H", list(data[:count])).tobytes())
+    return path
+
+
+def tiny_job(path, tokens, name, steps, **sections):
+    """The tiny byte-level model as tp 2 x pp 2 x dp 2 (4 layers, global batch
+    8 in micro-batches of 2): the layout the cluster tests run. sections
+    replace or add top-level keys (e.g. checkpoint={...})."""
+    job = {"name": name, "model": {"preset": "tiny", "n_layer": 4},
+           "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
+           "train": {"global_batch": 8, "steps": steps, "seed": 7,
+                     "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
+           "data": {"path": tokens}}
+    job.update(sections)
+    with open(path, "w") as f:
+        json.dump(job, f)
+    return path
+
+
+def check(name, ok, detail=""):
+    """Prints `ok NAME` or `FAIL NAME: detail`; returns the failure count (0 or 1)."""
+    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""), flush=True)
+    return 0 if ok else 1

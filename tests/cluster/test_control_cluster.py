@@ -14,8 +14,6 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 Each check prints `ok NAME` or `FAIL NAME: detail`; the exit status is 1 when
 any failed.
 """
-import array
-import glob
 import http.client
 import importlib.util
 import json
@@ -29,18 +27,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import LocalCluster, last_step  # noqa: E402
+from local_cluster import LocalCluster, last_step, check, license_tokens  # noqa: E402
 
 TOKEN = "live-control-token"
 HB_MS, TIMEOUT_MS = 200, 2000
 failures = 0
 
 
-def check(name, ok, detail=""):
-    global failures
-    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail and not ok else ""))
-    failures += 0 if ok else 1
-    return ok
 
 
 def write_job(path, tokens, steps, name):
@@ -654,14 +647,8 @@ def main():
     mtnlgd, mtnlgctl, source_root = sys.argv[1:4]
     doc = Contract(source_root)
     t0 = time.time()
-    data = b""
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f) and not os.path.islink(f):
-            data += open(f, "rb").read()
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = os.path.join(tmp, "tokens.u16")
-        with open(tokens, "wb") as fh:
-            fh.write(array.array("H", list(data[:200000])).tobytes())
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         try:
             cluster_a(mtnlgd, mtnlgctl, tmp, tokens, doc)
         except AssertionError as e:

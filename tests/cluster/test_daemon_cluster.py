@@ -10,8 +10,6 @@ configs in a temp dir and stops them by pid:
 - test_sigterm_to_a_member_stops_every_node_at_one_step
 - test_ready_and_status_reach_notify_socket
 """
-import array
-import glob
 import json
 import os
 import signal
@@ -23,7 +21,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster, step_losses, last_step, grep  # noqa: E402
+from local_cluster import LocalCluster, step_losses, last_step, grep, check, license_tokens  # noqa: E402
 
 HB_MS, TIMEOUT_MS = 200, 2000
 
@@ -54,9 +52,6 @@ def log_time(text, pattern):
     return None
 
 
-def check(name, ok, detail=""):
-    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""))
-    return 0 if ok else 1
 
 
 def test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tokens):
@@ -182,15 +177,9 @@ def test_sigterm_and_notify(mtnlgd, tmp, tokens):
 
 def main():
     mtnlgd = sys.argv[1]
-    data = b""
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f) and not os.path.islink(f):
-            data += open(f, "rb").read()
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = os.path.join(tmp, "tokens.u16")
-        with open(tokens, "wb") as fh:
-            fh.write(array.array("H", list(data[:200000])).tobytes())
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         failures += test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tokens)
         failures += test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens)
         failures += test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens)

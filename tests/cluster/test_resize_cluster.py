@@ -14,7 +14,6 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
 - test_impossible_resize_is_refused: dp 3 (the global batch does not divide)
   exits 1 with the coordinator's reason.
 """
-import array
 import glob
 import json
 import os
@@ -24,23 +23,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster, last_step  # noqa: E402
+from local_cluster import LocalCluster, last_step, check, license_tokens  # noqa: E402
 
 
-def check(name, ok, detail=""):
-    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""))
-    return 0 if ok else 1
 
 
 def main():
     mtnlgd, mtnlgctl = sys.argv[1], sys.argv[2]
-    data = b"".join(open(f, "rb").read() for f in sorted(glob.glob("/usr/share/common-licenses/*"))
-                    if os.path.isfile(f) and not os.path.islink(f))
     fails = 0
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = os.path.join(tmp, "tokens.u16")
-        with open(tokens, "wb") as f:
-            f.write(array.array("H", list(data[:200000])).tobytes())
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         ck = os.path.join(tmp, "ckpt")
         job = {"name": "resize-test", "model": {"preset": "tiny", "n_layer": 4},
                "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 2, "micro_batch": 2},

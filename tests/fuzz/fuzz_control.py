@@ -30,10 +30,8 @@ Timing varies between runs; the requests a seed makes do not.
 FUZZ_TRACE=FILE appends every request that carries the right token to FILE.
 """
 import argparse
-import array
 import collections
 import errno
-import glob
 import json
 import os
 import random
@@ -47,7 +45,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster  # noqa: E402
+from local_cluster import LocalCluster, check, license_tokens, tiny_job  # noqa: E402
 
 TOKEN = "fuzz-token-0123456789abcdef"
 # What the server may answer: ours (control.c) and libmicrohttpd's own
@@ -622,28 +620,11 @@ def get_json(node, path, method="GET", token=None, timeout=10):
     return status, json.loads(body)
 
 
-def check(name, ok, detail=""):
-    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""), flush=True)
-    return 0 if ok else 1
 
 
 def write_job(tmp):
-    data = b""
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f) and not os.path.islink(f):
-            data += open(f, "rb").read()
-    tokens = os.path.join(tmp, "tokens.u16")
-    with open(tokens, "wb") as fh:
-        fh.write(array.array("H", list(data[:200000])).tobytes())
-    job = {"name": "fuzz-control", "model": {"preset": "tiny", "n_layer": 4},
-           "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
-           "train": {"global_batch": 8, "steps": 1000000, "seed": 7,
-                     "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
-           "data": {"path": tokens}}
-    path = os.path.join(tmp, "job.json")
-    with open(path, "w") as f:
-        json.dump(job, f)
-    return path
+    tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+    return tiny_job(os.path.join(tmp, "job.json"), tokens, "fuzz-control", 1000000)
 
 
 def step_of(node):

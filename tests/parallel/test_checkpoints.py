@@ -24,7 +24,6 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
   every step, each SIGKILLed at a random moment; after each, `latest` names a
   checkpoint that verifies (mtnlgctl ckpt verify) and resumes.
 """
-import array
 import glob
 import json
 import os
@@ -36,6 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from local_cluster import check, license_tokens  # noqa: E402
 
 
 def write_job(path, tokens, steps=20, ckpt=None, interval=0, name="ckpt-test"):
@@ -82,20 +84,13 @@ def run_until(mtnlgd, job, step, *sets):
     return p, steps, err
 
 
-def check(name, ok, detail=""):
-    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""))
-    return 0 if ok else 1
 
 
 def main():
     mtnlgd, mtnlgctl = sys.argv[1], sys.argv[2]
-    data = b"".join(open(f, "rb").read() for f in sorted(glob.glob("/usr/share/common-licenses/*"))
-                    if os.path.isfile(f) and not os.path.islink(f))
     fails = 0
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = os.path.join(tmp, "tokens.u16")
-        with open(tokens, "wb") as f:
-            f.write(array.array("H", list(data[:200000])).tobytes())
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         plain = write_job(os.path.join(tmp, "plain.json"), tokens)
         p, ref = run(mtnlgd, plain)
         assert p.returncode == 0 and len(ref) == 20, p.stderr

@@ -19,9 +19,7 @@ websocket client below (standard library only). Checks, in the page's DOM:
   (default: the working directory), its path printed.
 Exits 77 (skipped) when no Chromium is installed.
 """
-import array
 import base64
-import glob
 import json
 import os
 import shutil
@@ -36,7 +34,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster, free_port  # noqa: E402
+from local_cluster import LocalCluster, free_port, check, license_tokens, tiny_job  # noqa: E402
 
 TOKEN = "dashboard-test-token"
 NODES = ["n0", "n1", "n2", "n3"]
@@ -262,28 +260,11 @@ def click(dt, element_id):
         dt.call("Input.dispatchMouseEvent", p)
 
 
-def check(name, ok, detail=""):
-    print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""), flush=True)
-    return 0 if ok else 1
 
 
 def write_job(tmp):
-    data = b""
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f) and not os.path.islink(f):
-            data += open(f, "rb").read()
-    tokens = os.path.join(tmp, "tokens.u16")
-    with open(tokens, "wb") as fh:
-        fh.write(array.array("H", list(data[:200000])).tobytes())
-    job = {"name": "dashboard-test", "model": {"preset": "tiny", "n_layer": 4},
-           "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
-           "train": {"global_batch": 8, "steps": 100000, "seed": 7,
-                     "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
-           "data": {"path": tokens}}
-    path = os.path.join(tmp, "job.json")
-    with open(path, "w") as f:
-        json.dump(job, f)
-    return path
+    tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+    return tiny_job(os.path.join(tmp, "job.json"), tokens, "dashboard-test", 100000)
 
 
 def start_browser(chromium, tmp):
