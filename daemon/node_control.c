@@ -303,7 +303,9 @@ static void p_submit(void *arg, const char *kind, json_t *args, mt_control_reply
   node *n = arg;
   json_t *op = NULL;
   int status = 0;
-  if (mt_rdzv_submit_op(n->store, kind, args, 5000, &status, &op, reply->detail,
+  /* the coordinator answers within one round (~0.1 s); a dead one must not
+   * hold the HTTP thread long */
+  if (mt_rdzv_submit_op(n->store, kind, args, 2000, &status, &op, reply->detail,
                         sizeof reply->detail)) {
     reply->status = 503;
     snprintf(reply->detail, sizeof reply->detail, "cannot reach the coordinator: %.400s",

@@ -16,6 +16,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define MAX_BODY_BYTES 65536
 #define DEFAULT_TIMEOUT_S 10
@@ -549,7 +550,19 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
   size_t n = strlen(line);
   while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
   snprintf(c->last_log, sizeof c->last_log, "%s", line);
-  mt_log_warn("control: %s", line);
+  /* a client sending garbage must not flood the journal: one line a second */
+  static time_t last_s;
+  static unsigned suppressed;
+  time_t now = time(NULL);
+  if (now == last_s) {
+    suppressed++;
+    return;
+  }
+  if (suppressed)
+    mt_log_warn("control: %s (and %u more such messages in the last second)", line, suppressed);
+  else
+    mt_log_warn("control: %s", line);
+  last_s = now, suppressed = 0;
 }
 
 /* ---------------------------------------------------------------- lifetime */
