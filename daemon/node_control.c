@@ -79,10 +79,14 @@ static json_t *job_json(node *n) {
   if (!j) return json_null();
   int dp = n->have_run_job ? n->asg.dp : j->parallel.dp_min;
   int dp_min = n->have_run_job ? n->job_dp_min : j->parallel.dp_min;
-  mt_plan_device pd = {.memory_bytes = 1e18, .tflops = 1.0};
-  mt_plan plan;
-  json_int_t params = 0;
-  if (!mt_plan_compute(j, &pd, &plan)) params = (json_int_t)plan.model_params;
+  /* the parameter count is the plan's; it changes only with the job */
+  if (strcmp(n->params_job_hash, j->hash)) {
+    mt_plan_device pd = {.memory_bytes = 1e18, .tflops = 1.0};
+    mt_plan plan;
+    n->params = mt_plan_compute(j, &pd, &plan) ? 0 : plan.model_params;
+    snprintf(n->params_job_hash, sizeof n->params_job_hash, "%s", j->hash);
+  }
+  json_int_t params = (json_int_t)n->params;
   return json_pack("{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i}", "name", j->name,
                    "hash", j->hash, "steps", (json_int_t)j->train.steps, "global_batch",
                    j->train.global_batch, "seq_len", j->model.seq_len, "micro_batch",
@@ -193,8 +197,7 @@ static json_t *build_status(node *n) {
  * requests/s costs the training little more than the HTTP work itself. */
 static json_t *p_status(void *arg) {
   node *n = arg;
-  static pthread_mutex_t cache_mu = PTHREAD_MUTEX_INITIALIZER;
-  pthread_mutex_lock(&cache_mu);
+  pthread_mutex_lock(&n->status_cache_mu);
   int64_t now = mt_node_now_ms();
   if (!n->status_cache || now - n->status_cache_ms >= 100) {
     json_t *fresh = build_status(n);
@@ -205,7 +208,7 @@ static json_t *p_status(void *arg) {
     }
   }
   json_t *s = json_incref(n->status_cache);
-  pthread_mutex_unlock(&cache_mu);
+  pthread_mutex_unlock(&n->status_cache_mu);
   return s;
 }
 
@@ -437,6 +440,7 @@ static int read_token(node *n) {
 }
 
 int node_control_start(node *n) {
+  pthread_mutex_init(&n->status_cache_mu, NULL);
   n->history = calloc(NODE_HISTORY, sizeof *n->history);
   n->extra_ops = json_array();
   if (!n->history || !n->extra_ops) return mt_seterr(MT_ENOMEM, "control: history");
@@ -473,6 +477,7 @@ void node_control_stop(node *n) {
   json_decref(n->extra_ops);
   json_decref(n->status_cache);
   n->status_cache = NULL;
+  pthread_mutex_destroy(&n->status_cache_mu);
   free(n->history);
   n->cluster = n->extra_ops = NULL;
   n->history = NULL;

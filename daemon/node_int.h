@@ -116,6 +116,9 @@ typedef struct node {
 
   json_t *status_cache; /* the last /v1/status, shared read-only (node_control.c) */
   int64_t status_cache_ms;
+  pthread_mutex_t status_cache_mu; /* one rebuild at a time (HTTP threads) */
+  int64_t params;                  /* the job's parameter count, for params_job_hash */
+  char params_job_hash[17];
   mt_control *control;
   char control_url[300];
   char token[256];

@@ -52,6 +52,18 @@ class Node:
                     pass
         return out
 
+    def log_time(self, pattern):
+        """Unix time of this node's first log line matching pattern (mtnlgd
+        starts each line with an ISO UTC time), or None."""
+        import calendar
+        for line in self.stderr().splitlines():
+            if re.search(pattern, line):
+                m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)Z", line)
+                if m:
+                    return (calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+                            + float(m.group(2)))
+        return None
+
     def signal(self, sig):
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)

@@ -40,16 +40,6 @@ def write_job(path, tokens, steps, name="cluster-test", dp_max=2):
     return path
 
 
-def log_time(text, pattern):
-    """Unix time of the first log line matching pattern (lines start with an ISO UTC time)."""
-    import calendar
-    import re
-    for line in text.splitlines():
-        if re.search(pattern, line):
-            m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)Z", line)
-            if m:
-                return calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + float(m.group(2))
-    return None
 
 
 
@@ -93,7 +83,7 @@ def test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens):
         others = [n for n in c.nodes if n is not victim]
         codes = c.wait_all(30, others)
         # when each node logged the end of the generation, naming the lost node
-        took = [log_time(n.stderr(), r"generation 1 ended: node n2 lost") for n in others]
+        took = [n.log_time(r"generation 1 ended: node n2 lost") for n in others]
         took = [t - t0 if t else None for t in took]
         named = all(t is not None for t in took)
         ok = codes == [1, 1, 1] and named and max(took) <= TIMEOUT_MS / 1000 + 1.5
