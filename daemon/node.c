@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <ifaddrs.h>
 #include <limits.h>
+#include <math.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -87,11 +88,14 @@ static void on_step(const mt_step_stats *st, void *arg) {
   if (n->holds_rank0) { /* nodes without ranks follow the steps from here */
     char key[64];
     snprintf(key, sizeof key, "gen/%d/step", n->gen);
-    json_t *j = json_pack("{s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f}", "step",
-                          (json_int_t)st->step, "consumed_tokens", (json_int_t)st->consumed_tokens,
-                          "loss", st->loss, "lr", st->lr, "grad_norm", st->grad_norm, "step_ms",
-                          st->step_ms, "tokens_per_s", st->tokens_per_s, "tflops", st->tflops,
-                          "bubble", st->bubble, "comm_ms", st->comm_ms);
+    /* an overflowed fp16 step has an infinite norm, which JSON cannot hold: null */
+    json_t *j =
+        json_pack("{s:I, s:I, s:o, s:f, s:o, s:f, s:f, s:f, s:f, s:f}", "step",
+                  (json_int_t)st->step, "consumed_tokens", (json_int_t)st->consumed_tokens, "loss",
+                  isfinite(st->loss) ? json_real(st->loss) : json_null(), "lr", st->lr, "grad_norm",
+                  isfinite(st->grad_norm) ? json_real(st->grad_norm) : json_null(), "step_ms",
+                  st->step_ms, "tokens_per_s", st->tokens_per_s, "tflops", st->tflops, "bubble",
+                  st->bubble, "comm_ms", st->comm_ms);
     if (st->has_val) json_object_set_new(j, "val_loss", json_real(st->val_loss));
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (text) mt_store_set(n->store, key, text, strlen(text));

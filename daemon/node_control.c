@@ -366,9 +366,11 @@ void node_control_round(node *n, int heartbeat) {
         if (j && newer) {
           mt_step_stats st = {.step = step};
           st.consumed_tokens = json_integer_value(json_object_get(j, "consumed_tokens"));
-          st.loss = json_number_value(json_object_get(j, "loss"));
+          /* null: not finite (an overflowed fp16 step) */
+          json_t *lv = json_object_get(j, "loss"), *gv = json_object_get(j, "grad_norm");
+          st.loss = json_is_number(lv) ? json_number_value(lv) : NAN;
           st.lr = json_number_value(json_object_get(j, "lr"));
-          st.grad_norm = json_number_value(json_object_get(j, "grad_norm"));
+          st.grad_norm = json_is_number(gv) ? json_number_value(gv) : NAN;
           st.step_ms = json_number_value(json_object_get(j, "step_ms"));
           st.tokens_per_s = json_number_value(json_object_get(j, "tokens_per_s"));
           st.tflops = json_number_value(json_object_get(j, "tflops"));
