@@ -26,6 +26,7 @@ struct mt_comm {
   const mt__comm_backend *be;
   void *impl;
   atomic_int aborted;
+  int started;      /* reduces started and not yet waited for */
   int broken;       /* the code of the failure that broke the group, 0 while healthy */
   char *broken_msg; /* its message */
 };
@@ -216,7 +217,7 @@ int mt_comm_create(mt_comm **out, const mt_comm_opts *o) {
   if (o->backend == MT_COMM_GLOO) {
     be = &mt__comm_gloo;
   } else if (o->backend == MT_COMM_NCCL) {
-#if MT_HAVE_CUDA
+#if MT_HAVE_CUDA || defined(MT_CUDA_EMU) /* the emulator test builds nccl.c on the CPU */
     be = &mt__comm_nccl;
 #else
     return mt_seterr(MT_ENOTSUP,
@@ -361,6 +362,54 @@ int mt_comm_broadcast(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int
   if (root < 0 || root >= c->size)
     return mt_seterr(MT_EINVAL, "comm %s: %s: no such rank (size %d)", c->name, what, c->size);
   return finish(c, what, c->be->broadcast(c->impl, buf, bytes, root, c->timeout_ms));
+}
+
+static int reduce_args(mt_comm *c, char *what, size_t cap, const char *verb, const void *send,
+                       void *recv, size_t count, mt_comm_dtype dt, mt_comm_op op, int root) {
+  snprintf(what, cap, "%s of %zu bytes to rank %d", verb, count * mt_comm_dtype_size(dt), root);
+  int rc = refuse(c, what);
+  if (rc || !count) return rc;
+  if ((rc = check_buf(c, what, send, dt)) ||
+      (c->rank == root && (rc = check_buf(c, what, recv, dt))))
+    return rc;
+  if ((unsigned)op > MT_COMM_MAX)
+    return mt_seterr(MT_EINVAL, "comm %s: %s: unknown op %d", c->name, what, (int)op);
+  if (root < 0 || root >= c->size)
+    return mt_seterr(MT_EINVAL, "comm %s: %s: no such rank (size %d)", c->name, what, c->size);
+  return 0;
+}
+
+int mt_comm_reduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                   mt_comm_op op, int root) {
+  char what[96];
+  int rc = reduce_args(c, what, sizeof what, "reduce", send, recv, count, dt, op, root);
+  if (rc || !count) return rc;
+  if (c->started)
+    return mt_seterr(MT_EINVAL, "comm %s: %s: started reduces not waited for", c->name, what);
+  return finish(c, what, c->be->reduce(c->impl, send, recv, count, dt, op, root, c->timeout_ms));
+}
+
+int mt_comm_reduce_start(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                         mt_comm_op op, int root) {
+  char what[96];
+  int rc = reduce_args(c, what, sizeof what, "started reduce", send, recv, count, dt, op, root);
+  if (rc || !count) return rc;
+  if (!c->be->reduce_start)
+    return finish(c, what, c->be->reduce(c->impl, send, recv, count, dt, op, root, c->timeout_ms));
+  rc =
+      finish(c, what, c->be->reduce_start(c->impl, send, recv, count, dt, op, root, c->timeout_ms));
+  if (!rc) c->started++;
+  return rc;
+}
+
+int mt_comm_wait(mt_comm *c) {
+  char what[96];
+  snprintf(what, sizeof what, "wait for %d started reduce%s", c->started,
+           c->started == 1 ? "" : "s");
+  int rc = refuse(c, what);
+  if (rc || !c->started) return rc;
+  c->started = 0;
+  return finish(c, what, c->be->wait(c->impl, c->timeout_ms));
 }
 
 static int check_peer(mt_comm *c, const char *what, int peer) {

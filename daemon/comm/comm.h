@@ -76,7 +76,10 @@ const char *mt_comm_name(const mt_comm *c);
 /* Collectives. Every rank of the group calls the same ones in the same order
  * with the same counts. send may equal recv (in place) where noted. */
 
-/* recv[i] = op over ranks of send[i], i < count. In place allowed. */
+/* recv[i] = op over ranks of send[i], i < count. In place allowed.
+ * MT_COMM_MAX of floats over NCCL is fmax: a NaN meeting a number yields the
+ * number (Gloo carries the NaN); only MT_COMM_SUM carries NaN and inf on every
+ * backend, so overflow and NaN checks go through sums. */
 int mt_comm_allreduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
                       mt_comm_op op);
 
@@ -105,6 +108,23 @@ int mt_comm_recv(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int peer
  * receive backward" without ordering the two. */
 int mt_comm_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
                      size_t recv_count, int src, mt_comm_dtype dt);
+
+/* recv on root gets the reduction over ranks of send (count elements); recv
+ * is only written on root and may equal send there. */
+int mt_comm_reduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                   mt_comm_op op, int root);
+
+/* The same reduce, started: with NCCL it is queued on the group's stream
+ * behind everything already queued on the device's compute stream, and runs
+ * while the caller queues more compute (gradient buckets reduced during the
+ * backward pass); with Gloo (host memory, nothing to overlap) it is carried
+ * out before this returns. Started reduces complete in order; mt_comm_wait
+ * waits for all of them, within the deadline counted from the wait. Between
+ * the first start and the wait nothing else may run on the group, and the
+ * buffers must stay untouched. */
+int mt_comm_reduce_start(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                         mt_comm_op op, int root);
+int mt_comm_wait(mt_comm *c);
 
 /* Returns once every rank has entered the barrier. */
 int mt_comm_barrier(mt_comm *c);

@@ -38,6 +38,13 @@ typedef struct mt__comm_backend {
                         mt_comm_op op, int timeout_ms);
   int (*allgather)(void *impl, const void *send, void *recv, size_t bytes, int timeout_ms);
   int (*broadcast)(void *impl, void *buf, size_t bytes, int root, int timeout_ms);
+  int (*reduce)(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                mt_comm_op op, int root, int timeout_ms);
+  /* Optional (NULL: comm.c runs reduce at once): queues a reduce and
+   * returns; wait completes everything queued. */
+  int (*reduce_start)(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                      mt_comm_op op, int root, int timeout_ms);
+  int (*wait)(void *impl, int timeout_ms);
   int (*send)(void *impl, const void *buf, size_t bytes, int peer, int timeout_ms);
   int (*recv)(void *impl, void *buf, size_t bytes, int peer, int timeout_ms);
   /* Either byte count may be 0 (not both). */
@@ -47,7 +54,7 @@ typedef struct mt__comm_backend {
 } mt__comm_backend;
 
 extern const mt__comm_backend mt__comm_gloo;
-#if MT_HAVE_CUDA
+#if MT_HAVE_CUDA || defined(MT_CUDA_EMU)
 extern const mt__comm_backend mt__comm_nccl;
 #endif
 

@@ -71,6 +71,7 @@ using clk = std::chrono::steady_clock;
 // the top byte (gloo/types.h).
 constexpr uint64_t kSlotP2P = 0xA1ull << 56;
 constexpr uint64_t kSlotReduceScatter = 0xA2ull << 56;
+constexpr uint64_t kSlotReduce = 0xA3ull << 56;
 
 // An error that already carries an MT_E* code and our message.
 struct ShimError : std::runtime_error {
@@ -385,6 +386,61 @@ void run_reduce_scatter(Group *g, const void *send, void *recv, size_t count, mt
   }
 }
 
+// Chain reduce to root, in segments: the rank after root starts, sending
+// its segments to the rank before it, which adds its own and passes them on,
+// until root adds its own into recv. Each rank sends count elements once
+// (as in a reduce-scatter's ring), and a segment is received while the one
+// before it is reduced and sent on.
+void run_reduce(Group *g, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                mt_comm_op op, int root, int timeout_ms) {
+  const int n = g->size, r = g->rank, pos = (r - root + n) % n;
+  const int from = (r + 1) % n, to = (r - 1 + n) % n; // positions pos + 1 and pos - 1
+  const size_t esz = mt_comm_dtype_size(dt), total = count * esz;
+  const size_t seg = std::min<size_t>(total, (size_t(1) << 20) / esz * esz);
+  const size_t nseg = (total + seg - 1) / seg;
+  const uint64_t slot = kSlotReduce | g->seq++;
+  mt__reduce_fn fn = mt__comm_reduce_fn(dt, op);
+  const char *in = static_cast<const char *>(send);
+  auto deadline = clk::now() + ms(timeout_ms);
+  auto len = [&](size_t k) { return std::min(seg, total - k * seg); };
+
+  if (pos == n - 1) { // the chain's head: its own segments, as they are
+    auto b = g->context->createUnboundBuffer(const_cast<char *>(in), total);
+    Live l(g, b.get());
+    for (size_t k = 0; k < nseg; k++) {
+      b->send(to, slot, k * seg, len(k));
+      wait_send(b.get(), deadline);
+    }
+    return;
+  }
+  std::unique_ptr<char[]> scratch(new char[2 * seg]);
+  std::unique_ptr<gloo::transport::UnboundBuffer> tmp[2] = {
+      g->context->createUnboundBuffer(scratch.get(), seg),
+      g->context->createUnboundBuffer(scratch.get() + seg, seg)};
+  Live l0(g, tmp[0].get()), l1(g, tmp[1].get());
+  bool sending[2] = {false, false};
+  tmp[0]->recv(from, slot, 0, len(0));
+  for (size_t k = 0; k < nseg; k++) {
+    gloo::transport::UnboundBuffer *b = tmp[k & 1].get(), *next = tmp[(k + 1) & 1].get();
+    wait_recv(b, deadline);
+    if (k + 1 < nseg) { // receive the next segment while this one is reduced
+      if (sending[(k + 1) & 1]) wait_send(next, deadline), sending[(k + 1) & 1] = false;
+      next->recv(from, slot, 0, len(k + 1));
+    }
+    const char *mine = in + k * seg;
+    size_t elems = len(k) / esz;
+    if (pos == 0) {
+      fn(static_cast<char *>(recv) + k * seg, b->ptr, mine, elems);
+    } else {
+      fn(b->ptr, b->ptr, mine, elems);
+      b->send(to, slot, 0, len(k));
+      sending[k & 1] = true;
+    }
+  }
+  for (int i = 0; i < 2; i++)
+    if (sending[i]) wait_send(tmp[i].get(), deadline);
+}
+
 Group *create_group(const mt_comm_opts *o, int timeout_ms) {
   auto g = std::make_unique<Group>();
   g->rank = o->rank;
@@ -526,6 +582,17 @@ int gloo_broadcast(void *impl, void *buf, size_t bytes, int root, int timeout_ms
   });
 }
 
+int gloo_reduce(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                mt_comm_op op, int root, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  if (g->size == 1) {
+    if (send != recv) memmove(recv, send, count * mt_comm_dtype_size(dt));
+    return 0;
+  }
+  return guarded(impl, timeout_ms,
+                 [&](Group *g) { run_reduce(g, send, recv, count, dt, op, root, timeout_ms); });
+}
+
 int gloo_send(void *impl, const void *buf, size_t bytes, int peer, int timeout_ms) {
   return guarded(impl, timeout_ms, [&](Group *g) {
     auto deadline = clk::now() + ms(timeout_ms);
@@ -580,7 +647,9 @@ int gloo_barrier(void *impl, int timeout_ms) {
 
 } // namespace
 
+// reduce_start and wait: none; comm.c runs reduce at once (host memory).
 extern "C" const mt__comm_backend mt__comm_gloo = {
     "gloo",         gloo_create,    gloo_destroy, gloo_abort, gloo_allreduce, gloo_reduce_scatter,
-    gloo_allgather, gloo_broadcast, gloo_send,    gloo_recv,  gloo_sendrecv,  gloo_barrier,
+    gloo_allgather, gloo_broadcast, gloo_reduce,  nullptr,    nullptr,        gloo_send,
+    gloo_recv,      gloo_sendrecv,  gloo_barrier,
 };

@@ -6,8 +6,12 @@
  * call is enqueued on the group's own stream and then watched: the thread
  * polls ncclCommGetAsyncError and the stream until the work is done, the
  * deadline passes or the group is aborted, and in the last two cases calls
- * ncclCommAbort, so a dead peer never hangs the rank. The stream is a blocking
- * one: it waits for work on the device's legacy default stream.
+ * ncclCommAbort, so a dead peer never hangs the rank. Every operation first
+ * makes the group's stream wait (an event) for what is queued on the
+ * device's compute stream, so it reads what the kernels before it wrote;
+ * kernels queued after a blocking operation run after it, since the host
+ * saw it complete. Started reduces (mt_comm_reduce_start) return once NCCL
+ * has queued them and are watched by wait.
  *
  * Buffers are device memory of opts->device. Never links libcuda directly:
  * only the runtime (cudart) and NCCL.
@@ -15,8 +19,13 @@
 #include "comm_impl.h"
 #include "err.h"
 
+#ifdef MT_CUDA_EMU /* tests: the CUDA runtime and NCCL emulated on the CPU (tests/gpu/emu) */
+#include "cuda_emu.h"
+#include "nccl_emu.h"
+#else
 #include <cuda_runtime_api.h>
 #include <nccl.h>
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -31,7 +40,9 @@ typedef struct nccl_group {
   int rank, size, device;
   ncclComm_t comm;
   cudaStream_t stream;
-  float *scratch; /* one float on the device, for barrier */
+  cudaStream_t compute; /* the device's: what operations wait for */
+  cudaEvent_t ready;    /* recorded on compute before each operation */
+  float *scratch;       /* one float on the device, for barrier */
   atomic_int aborted;
   pthread_mutex_t mu; /* guards in_op and comm_aborted against mt_comm_abort */
   int in_op;          /* the owner thread is inside an operation */
@@ -55,6 +66,8 @@ static ncclDataType_t nccl_type(mt_comm_dtype dt) {
   default: return ncclUint8;
   }
 }
+
+static ncclRedOp_t nccl_op(mt_comm_op op) { return op == MT_COMM_MAX ? ncclMax : ncclSum; }
 
 /* Aborts the communicator once; caller holds g->mu. */
 static void abort_locked(nccl_group *g) {
@@ -118,11 +131,14 @@ static int enter(nccl_group *g) {
   pthread_mutex_unlock(&g->mu);
   if (refused) return mt_seterr(MT_ECANCELED, "aborted");
   cudaError_t e = cudaSetDevice(g->device);
+  if (e == cudaSuccess && g->compute) e = cudaEventRecord(g->ready, g->compute);
+  if (e == cudaSuccess && g->compute) e = cudaStreamWaitEvent(g->stream, g->ready, 0);
   if (e != cudaSuccess) {
     pthread_mutex_lock(&g->mu);
     g->in_op = 0;
     pthread_mutex_unlock(&g->mu);
-    return mt_seterr(MT_EIO, "cuda: set device %d: %s", g->device, cudaGetErrorString(e));
+    return mt_seterr(MT_EIO, "cuda: device %d: ordering after the compute stream: %s", g->device,
+                     cudaGetErrorString(e));
   }
   return 0;
 }
@@ -157,6 +173,7 @@ static void nccl_destroy(void *impl) {
   }
   pthread_mutex_unlock(&g->mu);
   if (g->stream) cudaStreamDestroy(g->stream);
+  if (g->ready) cudaEventDestroy(g->ready);
   if (g->scratch) cudaFree(g->scratch);
   pthread_mutex_destroy(&g->mu);
   free(g);
@@ -191,7 +208,9 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   int rc = 0;
   cudaError_t ce = cudaSetDevice(g->device);
   if (ce == cudaSuccess) ce = cudaStreamCreate(&g->stream);
+  if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&g->ready, cudaEventDisableTiming);
   if (ce == cudaSuccess) ce = cudaMalloc((void **)&g->scratch, sizeof(float));
+  g->compute = o->device->stream;
   if (ce != cudaSuccess) {
     rc = mt_seterr(MT_EIO, "cuda: %s: %s", o->device->name, cudaGetErrorString(ce));
     goto fail;
@@ -262,8 +281,7 @@ static int nccl_allreduce(void *impl, const void *send, void *recv, size_t count
   nccl_group *g = impl;
   int rc = enter(g);
   if (rc) return rc;
-  ncclResult_t r = ncclAllReduce(send, recv, count, nccl_type(dt),
-                                 op == MT_COMM_MAX ? ncclMax : ncclSum, g->comm, g->stream);
+  ncclResult_t r = ncclAllReduce(send, recv, count, nccl_type(dt), nccl_op(op), g->comm, g->stream);
   return leave(g, watch(g, r, timeout_ms));
 }
 
@@ -272,9 +290,61 @@ static int nccl_reduce_scatter(void *impl, const void *send, void *recv, size_t 
   nccl_group *g = impl;
   int rc = enter(g);
   if (rc) return rc;
-  ncclResult_t r = ncclReduceScatter(send, recv, count, nccl_type(dt),
-                                     op == MT_COMM_MAX ? ncclMax : ncclSum, g->comm, g->stream);
+  ncclResult_t r =
+      ncclReduceScatter(send, recv, count, nccl_type(dt), nccl_op(op), g->comm, g->stream);
   return leave(g, watch(g, r, timeout_ms));
+}
+
+static int nccl_reduce(void *impl, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                       mt_comm_op op, int root, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r =
+      ncclReduce(send, recv, count, nccl_type(dt), nccl_op(op), root, g->comm, g->stream);
+  return leave(g, watch(g, r, timeout_ms));
+}
+
+/* Queues the reduce and returns once NCCL has taken it: a non-blocking
+ * communicator may answer ncclInProgress until the call is enqueued, and
+ * takes no other call before. The work itself is watched by nccl_wait. */
+static int nccl_reduce_start(void *impl, const void *send, void *recv, size_t count,
+                             mt_comm_dtype dt, mt_comm_op op, int root, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r =
+      ncclReduce(send, recv, count, nccl_type(dt), nccl_op(op), root, g->comm, g->stream);
+  if (r != ncclSuccess && r != ncclInProgress)
+    return leave(g, nccl_fail(g, MT_EIO, ncclGetErrorString(r)));
+  int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+  while (r == ncclInProgress) {
+    if (atomic_load(&g->aborted)) return leave(g, nccl_fail(g, MT_ECANCELED, "aborted"));
+    ncclResult_t q = ncclCommGetAsyncError(g->comm, &r);
+    if (q != ncclSuccess) r = q;
+    if (r != ncclSuccess && r != ncclInProgress)
+      return leave(g, nccl_fail(g, MT_EIO, ncclGetErrorString(r)));
+    if (r == ncclInProgress && now_us() > deadline) {
+      char what[64];
+      snprintf(what, sizeof what, "queueing timed out after %d ms", timeout_ms);
+      return leave(g, nccl_fail(g, MT_ETIMEDOUT, what));
+    }
+    if (r == ncclInProgress) sched_yield();
+  }
+  return leave(g, 0);
+}
+
+static int nccl_wait(void *impl, int timeout_ms) {
+  nccl_group *g = impl;
+  pthread_mutex_lock(&g->mu);
+  int refused = atomic_load(&g->aborted) || g->comm_aborted;
+  if (!refused) g->in_op = 1;
+  pthread_mutex_unlock(&g->mu);
+  if (refused) return mt_seterr(MT_ECANCELED, "aborted");
+  cudaError_t e = cudaSetDevice(g->device);
+  if (e != cudaSuccess)
+    return leave(g, mt_seterr(MT_EIO, "cuda: set device %d: %s", g->device, cudaGetErrorString(e)));
+  return leave(g, watch(g, ncclSuccess, timeout_ms));
 }
 
 static int nccl_allgather(void *impl, const void *send, void *recv, size_t bytes, int timeout_ms) {
@@ -342,6 +412,9 @@ const mt__comm_backend mt__comm_nccl = {
     .reduce_scatter = nccl_reduce_scatter,
     .allgather = nccl_allgather,
     .broadcast = nccl_broadcast,
+    .reduce = nccl_reduce,
+    .reduce_start = nccl_reduce_start,
+    .wait = nccl_wait,
     .send = nccl_send,
     .recv = nccl_recv,
     .sendrecv = nccl_sendrecv,

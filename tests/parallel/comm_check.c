@@ -189,6 +189,34 @@ static int check_case(mt_comm *c, mt_comm_dtype dt, size_t count, int salt, char
       goto done;
     }
   }
+  /* reduce to that root (in place there, for f32), then the same started
+   * and waited for; other ranks' inputs stay as they were */
+  for (int op = MT_COMM_SUM; op <= MT_COMM_MAX; op++) {
+    for (int started = 0; started < 2; started++) {
+      int inplace = dt == MT_COMM_F32 && started;
+      fill(dt, a, r, count, salt);
+      garbage(b, esz * count);
+      char *out = inplace ? a : b;
+      int e = started ? mt_comm_reduce_start(c, a, out, count, dt, op, root)
+                      : mt_comm_reduce(c, a, out, count, dt, op, root);
+      if (!e && started) e = mt_comm_wait(c);
+      if (e) {
+        failf(err, cap, "%sreduce %s %s n=%zu to %d: %s", started ? "started " : "", dn, OPNAME(op),
+              count, root, mt_errmsg());
+        goto done;
+      }
+      for (size_t i = 0; i < count; i++) {
+        long double want = r == root ? reference(dt, op, n, i, salt) : input(dt, r, i, salt);
+        long double got = r == root ? get(dt, out, i) : get(dt, a, i);
+        if (got != want) {
+          failf(err, cap, "%sreduce %s %s n=%zu to %d%s: element %zu is %Lg, want %Lg",
+                started ? "started " : "", dn, OPNAME(op), count, root,
+                r == root ? "" : " (a sender's input)", i, got, want);
+          goto done;
+        }
+      }
+    }
+  }
   rc = 0;
 done:
   free(a), free(b);
@@ -269,6 +297,21 @@ int check_large(mt_comm *c, size_t bytes, char *err, size_t cap) {
     if (y[i] != want) {
       failf(err, cap, "reduce-scatter of %zu bytes: element %zu is %g, want %g", bytes, i, y[i],
             want);
+      goto done;
+    }
+  }
+  /* a reduce of several segments, to the last rank */
+  for (size_t i = 0; i < count; i++) x[i] = (float)((r * 3 + i * 11) % 23);
+  if (mt_comm_reduce(c, x, x, count, MT_COMM_F32, MT_COMM_SUM, n - 1)) {
+    failf(err, cap, "reduce of %zu bytes: %s", bytes, mt_errmsg());
+    goto done;
+  }
+  for (size_t i = 0; i < count; i++) {
+    float want = 0;
+    for (int k = 0; k < n; k++) want += (float)((k * 3 + i * 11) % 23);
+    if (r != n - 1) want = (float)((r * 3 + i * 11) % 23);
+    if (x[i] != want) {
+      failf(err, cap, "reduce of %zu bytes: element %zu is %g, want %g", bytes, i, x[i], want);
       goto done;
     }
   }

@@ -249,8 +249,9 @@ static void test_stuck_peer_fails_allreduce_within_deadline(void) {
   CHECK(took < 4.0, "a stuck peer took %.2f s to fail the group (deadline 1 s)", took);
 }
 
-/* Max over ranks must carry a NaN (the overflow check of mixed precision
- * depends on it) whichever rank has it; sum carries an inf. */
+/* Gloo's max over ranks carries a NaN whichever rank has it; sum carries an
+ * inf. (NCCL's max is fmax and drops a NaN: comm.h; the overflow check uses
+ * sums, test_nccl_emu notes the difference.) */
 static int body_nan(rank_ctx *x, mt_comm *c) {
   float f[4] = {1, 2, 3, 4};
   uint16_t b[2] = {0x3f80, 0x4000}; /* bf16 1, 2 */
