@@ -6,7 +6,12 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <map>
+#include <set>
 #include <vector>
 
 #include "half.h"
@@ -18,29 +23,47 @@
     abort();                                                                                       \
   } while (0)
 
-/* ---- memory ------------------------------------------------------------- */
-
-static std::map<uintptr_t, size_t> allocations; /* base -> bytes */
-static cudaError_t last_error = cudaSuccess;
-static int current_device = 0;
-
-/* The allocation holding [p, p + bytes), or 0 when p is host memory; dies
- * when a range starts in an allocation and runs past its end. */
-static int is_device(const void *p, size_t bytes) {
-  uintptr_t a = (uintptr_t)p;
-  auto it = allocations.upper_bound(a);
-  if (it == allocations.begin()) return 0;
-  --it;
-  if (a >= it->first + it->second) return 0;
-  if (a + bytes > it->first + it->second)
-    EMU_DIE("%zu bytes at %p run past the end of a %zu-byte allocation", bytes, p, it->second);
-  return 1;
-}
+/* Per host thread, as in CUDA. */
+static thread_local cudaError_t last_error = cudaSuccess;
+static thread_local int current_dev = 0;
 
 static int emu_devices(void) {
   const char *s = getenv("MT_CUDA_EMU_DEVICES");
   return s ? atoi(s) : 1;
 }
+
+static size_t emu_memory_bytes(void) {
+  const char *s = getenv("MT_CUDA_EMU_MEM_BYTES");
+  return s ? (size_t)strtoull(s, NULL, 10) : (size_t)16 << 30;
+}
+
+/* ---- memory ------------------------------------------------------------- */
+
+struct allocation {
+  size_t bytes; /* rounded to 256 */
+  int device;
+};
+
+static std::mutex mem_mu;                           /* never held while taking async_mutex() */
+static std::map<uintptr_t, allocation> allocations; /* by base */
+static std::map<int, size_t> device_bytes;          /* allocated per device */
+
+int mt_emu::device_of(const void *p, size_t bytes) {
+  std::lock_guard<std::mutex> lk(mem_mu);
+  uintptr_t a = (uintptr_t)p;
+  auto it = allocations.upper_bound(a);
+  if (it == allocations.begin()) return -1;
+  --it;
+  if (a >= it->first + it->second.bytes) return -1;
+  if (a + bytes > it->first + it->second.bytes)
+    EMU_DIE("%zu bytes at %p run past the end of a %zu-byte allocation", bytes, p,
+            it->second.bytes);
+  return it->second.device;
+}
+
+static int is_device(const void *p, size_t bytes) { return mt_emu::device_of(p, bytes) >= 0; }
+
+int mt_emu::current_device() { return current_dev; }
 
 cudaError_t cudaGetDeviceCount(int *n) {
   *n = emu_devices();
@@ -49,7 +72,12 @@ cudaError_t cudaGetDeviceCount(int *n) {
 
 cudaError_t cudaSetDevice(int dev) {
   if (dev < 0 || dev >= emu_devices()) return last_error = cudaErrorInvalidDevice;
-  current_device = dev;
+  current_dev = dev;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int *dev) {
+  *dev = current_dev;
   return cudaSuccess;
 }
 
@@ -59,14 +87,335 @@ cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev) {
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreate(cudaStream_t *s) {
-  static int dummy[64];
-  static int next;
-  *s = (cudaStream_t)&dummy[next++ % 64];
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) {
+  std::lock_guard<std::mutex> lk(mem_mu);
+  size_t t = emu_memory_bytes(), used = device_bytes[current_dev];
+  *total = t;
+  *free_bytes = used < t ? t - used : 0;
   return cudaSuccess;
 }
-cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+/* ---- streams, events and queued work ------------------------------------ */
+
+/* A stream's queue holds only work that completes later (async_item); the
+ * rest runs when issued, once the queue is empty. A destroyed stream lives on
+ * until its queue is empty and no event refers to it. */
+struct CUstream_st {
+  int device;
+  unsigned flags;
+  std::deque<mt_emu::async_item *> q;
+  uint64_t next_seq = 1;
+  int event_refs = 0;
+  bool destroyed = false;
+};
+
+/* An event is complete once its stream has run everything queued before the
+ * record (the items with seq < ticket). Its time is when the emulator first
+ * saw it complete. */
+struct CUevent_st {
+  unsigned flags;
+  bool recorded = false;
+  CUstream_st *stream = nullptr; /* while it may be pending; holds a ref */
+  uint64_t ticket = 0;
+  std::chrono::steady_clock::time_point at;
+  bool timed = false; /* `at` is set */
+};
+
+namespace {
+
+std::mutex amu;
+std::condition_variable acv;
+std::set<CUstream_st *> streams; /* destroyed ones too, until their queue empties */
+std::set<CUevent_st *> events;
+std::vector<mt_emu::async_item *> to_start;
+bool draining;
+
+bool passed(const CUstream_st *s, uint64_t ticket) {
+  return s->q.empty() || s->q.front()->seq >= ticket;
+}
+
+void maybe_free(CUstream_st *s) {
+  if (!s->destroyed || !s->q.empty() || s->event_refs) return;
+  streams.erase(s);
+  delete s;
+}
+
+/* Lets go of the stream an event refers to once it has passed; true when
+ * the event is complete. */
+bool event_done(CUevent_st *e) {
+  if (!e->stream) return true;
+  if (!passed(e->stream, e->ticket)) return false;
+  CUstream_st *s = e->stream;
+  e->stream = nullptr;
+  s->event_refs--;
+  maybe_free(s);
+  if (!e->timed) e->at = std::chrono::steady_clock::now(), e->timed = true;
+  return true;
+}
+
+/* cudaStreamWaitEvent on a pending event: holds its stream until the
+ * recorded stream passes the ticket. */
+struct event_wait : mt_emu::async_item {
+  CUstream_st *on;
+  uint64_t ticket;
+  bool started = false;
+  void start() override { started = true; }
+};
+std::vector<event_wait *> waits;
+
+/* Starts items that reached the head of their stream and completes event
+ * waits whose event has passed, until nothing moves; then wakes waiters. */
+void drain() {
+  if (draining) return;
+  draining = true;
+  for (;;) {
+    if (!to_start.empty()) {
+      mt_emu::async_item *it = to_start.front();
+      to_start.erase(to_start.begin());
+      it->start();
+      continue;
+    }
+    event_wait *ready = nullptr;
+    for (event_wait *w : waits)
+      if (w->started && passed(w->on, w->ticket)) {
+        ready = w;
+        break;
+      }
+    if (!ready) break;
+    waits.erase(std::find(waits.begin(), waits.end(), ready));
+    ready->on->event_refs--;
+    maybe_free(ready->on);
+    mt_emu::async_complete(ready);
+    delete ready;
+  }
+  draining = false;
+  acv.notify_all();
+}
+
+CUstream_st *live_stream(cudaStream_t s, const char *what) {
+  if (s && (!streams.count(s) || s->destroyed))
+    EMU_DIE("%s: %p is not a live stream", what, (void *)s);
+  return s;
+}
+
+CUevent_st *live_event(cudaEvent_t e, const char *what) {
+  if (!e || !events.count(e)) EMU_DIE("%s: %p is not a live event", what, (void *)e);
+  return e;
+}
+
+/* s is idle; the legacy default stream (NULL) is idle when every blocking
+ * stream of the current device is. */
+bool idle(CUstream_st *s) {
+  if (s) return s->q.empty();
+  for (CUstream_st *t : streams)
+    if (t->device == current_dev && !(t->flags & cudaStreamNonBlocking) && !t->q.empty())
+      return false;
+  return true;
+}
+
+std::string queued_on(CUstream_st *s) {
+  if (s && !s->q.empty()) return s->q.front()->desc;
+  for (CUstream_st *t : streams)
+    if (t->device == current_dev && !t->q.empty()) return t->q.front()->desc;
+  return "?";
+}
+
+/* Work that runs when issued waits here for what is queued before it. */
+void wait_idle(cudaStream_t s, const char *what) {
+  std::unique_lock<std::mutex> lk(amu);
+  CUstream_st *st = live_stream(s, what);
+  if (idle(st)) return;
+  std::string w = std::string(what) + " waits for " + queued_on(st);
+  mt_emu::async_wait(lk, w.c_str(), [st] { return idle(st); });
+}
+
+/* One kernel at a time: its blocks use the emulator's globals. */
+std::mutex launch_mu;
+
+void before_launch(cudaStream_t s, const char *name) {
+  std::string what = std::string("kernel ") + name;
+  wait_idle(s, what.c_str());
+  std::lock_guard<std::mutex> lk(amu);
+  if (s && s->device != current_dev)
+    EMU_DIE("kernel %s: launched on a stream of device %d while device %d is current", name,
+            s->device, current_dev);
+}
+
+} // namespace
+
+std::mutex &mt_emu::async_mutex() { return amu; }
+
+void mt_emu::async_enqueue(cudaStream_t s, async_item *it) {
+  if (!s || !streams.count(s) || s->destroyed)
+    EMU_DIE("%s: queued on %p, not a live stream", it->desc.c_str(), (void *)s);
+  it->stream = s;
+  it->seq = s->next_seq++;
+  s->q.push_back(it);
+  if (s->q.size() == 1) to_start.push_back(it);
+  drain();
+}
+
+void mt_emu::async_complete(async_item *it) {
+  CUstream_st *s = it->stream;
+  auto pos = std::find(s->q.begin(), s->q.end(), it);
+  if (pos == s->q.end()) EMU_DIE("%s: completed twice", it->desc.c_str());
+  bool head = pos == s->q.begin();
+  s->q.erase(pos);
+  auto ts = std::find(to_start.begin(), to_start.end(), it);
+  if (ts != to_start.end()) to_start.erase(ts);
+  if (head && !s->q.empty()) to_start.push_back(s->q.front());
+  maybe_free(s);
+  drain();
+}
+
+void mt_emu::async_wait(std::unique_lock<std::mutex> &lk, const char *what,
+                        const std::function<bool()> &done) {
+  int waited_s = 0;
+  while (!done()) {
+    if (acv.wait_for(lk, std::chrono::seconds(30)) == std::cv_status::timeout && !done()) {
+      waited_s += 30;
+      fprintf(stderr, "cuda_emu: %s: still waiting after %d s\n", what, waited_s);
+    }
+  }
+}
+
+void mt_emu::async_notify() { acv.notify_all(); }
+
+int mt_emu::stream_device(cudaStream_t s) {
+  if (!s || !streams.count(s) || s->destroyed) EMU_DIE("%p is not a live stream", (void *)s);
+  return s->device;
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
+  std::lock_guard<std::mutex> lk(amu);
+  CUstream_st *st = new CUstream_st();
+  st->device = current_dev;
+  st->flags = flags;
+  streams.insert(st);
+  *s = st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *s) {
+  return cudaStreamCreateWithFlags(s, cudaStreamDefault);
+}
+
+/* As in CUDA, queued work still runs; the stream goes once it has. */
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  std::lock_guard<std::mutex> lk(amu);
+  if (!s) return last_error = cudaErrorInvalidResourceHandle;
+  live_stream(s, "cudaStreamDestroy");
+  s->destroyed = true;
+  maybe_free(s);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  wait_idle(s, "cudaStreamSynchronize");
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t s) {
+  std::lock_guard<std::mutex> lk(amu);
+  return idle(live_stream(s, "cudaStreamQuery")) ? cudaSuccess : cudaErrorNotReady;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
+  if (flags & ~(unsigned)(cudaEventBlockingSync | cudaEventDisableTiming))
+    return last_error = cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(amu);
+  CUevent_st *ev = new CUevent_st();
+  ev->flags = flags;
+  events.insert(ev);
+  *e = ev;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t *e) {
+  return cudaEventCreateWithFlags(e, cudaEventDefault);
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  std::lock_guard<std::mutex> lk(amu);
+  live_event(e, "cudaEventRecord");
+  CUstream_st *st = live_stream(s, "cudaEventRecord");
+  if (!st) EMU_DIE("cudaEventRecord on the legacy default stream: not emulated");
+  if (e->stream) { /* a record replaces the last one */
+    e->stream->event_refs--;
+    maybe_free(e->stream);
+    e->stream = nullptr;
+  }
+  e->recorded = true;
+  e->timed = false;
+  if (st->q.empty()) {
+    e->at = std::chrono::steady_clock::now(), e->timed = true;
+  } else {
+    e->stream = st;
+    e->ticket = st->next_seq;
+    st->event_refs++;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventQuery(cudaEvent_t e) {
+  std::lock_guard<std::mutex> lk(amu);
+  return event_done(live_event(e, "cudaEventQuery")) ? cudaSuccess : cudaErrorNotReady;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  std::unique_lock<std::mutex> lk(amu);
+  live_event(e, "cudaEventSynchronize");
+  mt_emu::async_wait(lk, "cudaEventSynchronize", [e] { return event_done(e); });
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+  std::lock_guard<std::mutex> lk(amu);
+  live_event(start, "cudaEventElapsedTime");
+  live_event(end, "cudaEventElapsedTime");
+  if ((start->flags | end->flags) & cudaEventDisableTiming || !start->recorded || !end->recorded)
+    return last_error = cudaErrorInvalidResourceHandle;
+  if (!event_done(start) || !event_done(end)) return last_error = cudaErrorNotReady;
+  *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
+  return cudaSuccess;
+}
+
+/* A pending event is let go of; CUDA frees it once it completes. */
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  std::lock_guard<std::mutex> lk(amu);
+  live_event(e, "cudaEventDestroy");
+  if (e->stream) {
+    e->stream->event_refs--;
+    maybe_free(e->stream);
+  }
+  events.erase(e);
+  delete e;
+  return cudaSuccess;
+}
+
+/* Work issued on s after this waits for e's last record. On the legacy
+ * default stream (or with e recorded on s itself) nothing is queued: the
+ * host thread waits, or nothing needs to. */
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
+  (void)flags;
+  std::unique_lock<std::mutex> lk(amu);
+  CUstream_st *st = live_stream(s, "cudaStreamWaitEvent");
+  live_event(e, "cudaStreamWaitEvent");
+  if (event_done(e) || e->stream == st) return cudaSuccess;
+  if (!st) {
+    mt_emu::async_wait(lk, "cudaStreamWaitEvent on the legacy stream",
+                       [e] { return event_done(e); });
+    return cudaSuccess;
+  }
+  event_wait *w = new event_wait();
+  w->on = e->stream;
+  w->ticket = e->ticket;
+  w->on->event_refs++;
+  w->desc = "a wait for an event behind " + e->stream->q.back()->desc;
+  waits.push_back(w);
+  mt_emu::async_enqueue(st, w);
+  return cudaSuccess;
+}
 
 /* Each allocation ends at an inaccessible page, so a kernel that writes or
  * reads past the end of a buffer (by more than the rounding to 256 bytes)
@@ -75,39 +424,71 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
   size_t rounded = (bytes + 255) & ~(size_t)255, page = 4096;
   if (!rounded) rounded = 256;
   size_t map = (rounded + page - 1) / page * page + page;
+  {
+    std::lock_guard<std::mutex> lk(mem_mu);
+    if (device_bytes[current_dev] + rounded > emu_memory_bytes())
+      return last_error = cudaErrorMemoryAllocation;
+    device_bytes[current_dev] += rounded;
+  }
   char *m = (char *)mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m == MAP_FAILED) return last_error = cudaErrorMemoryAllocation;
+  if (m == MAP_FAILED) {
+    std::lock_guard<std::mutex> lk(mem_mu);
+    device_bytes[current_dev] -= rounded;
+    return last_error = cudaErrorMemoryAllocation;
+  }
   mprotect(m + map - page, page, PROT_NONE);
   *p = m + map - page - rounded;
   memset(*p, 0xFF, rounded); /* NaN in every float: reading unwritten memory shows */
-  allocations[(uintptr_t)*p] = rounded;
+  std::lock_guard<std::mutex> lk(mem_mu);
+  allocations[(uintptr_t)*p] = allocation{rounded, current_dev};
   return cudaSuccess;
 }
 
+/* As in CUDA, waits for the work queued on the allocation's device. */
 cudaError_t cudaFree(void *p) {
   if (!p) return cudaSuccess;
+  int dev;
+  {
+    std::lock_guard<std::mutex> lk(mem_mu);
+    auto it = allocations.find((uintptr_t)p);
+    if (it == allocations.end()) EMU_DIE("cudaFree(%p): not an allocation", p);
+    dev = it->second.device;
+  }
+  {
+    std::unique_lock<std::mutex> lk(amu);
+    auto device_idle = [dev] {
+      for (CUstream_st *t : streams)
+        if (t->device == dev && !t->q.empty()) return false;
+      return true;
+    };
+    mt_emu::async_wait(lk, "cudaFree", device_idle);
+  }
+  std::lock_guard<std::mutex> lk(mem_mu);
   auto it = allocations.find((uintptr_t)p);
-  if (it == allocations.end()) EMU_DIE("cudaFree(%p): not an allocation", p);
-  size_t rounded = it->second, page = 4096, map = (rounded + page - 1) / page * page + page;
+  if (it == allocations.end()) EMU_DIE("cudaFree(%p): freed twice at once", p);
+  size_t rounded = it->second.bytes, page = 4096, map = (rounded + page - 1) / page * page + page;
+  device_bytes[it->second.device] -= rounded;
   allocations.erase(it);
   munmap((char *)p + rounded + page - map, map);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) {
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s) {
   if (!is_device(p, bytes)) EMU_DIE("cudaMemsetAsync(%p, %zu bytes): not device memory", p, bytes);
+  wait_idle(s, "cudaMemsetAsync");
   memset(p, v, bytes);
   return cudaSuccess;
 }
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
+                            cudaStream_t s) {
   int want_dst = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   int want_src = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
   if (is_device(dst, bytes) != want_dst || is_device(src, bytes) != want_src)
     EMU_DIE("cudaMemcpyAsync kind %d: dst %p is %s, src %p is %s", (int)kind, dst,
             is_device(dst, bytes) ? "device" : "host", src,
             is_device(src, bytes) ? "device" : "host");
+  wait_idle(s, "cudaMemcpyAsync");
   memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -127,6 +508,8 @@ const char *cudaGetErrorName(cudaError_t e) {
   case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
   case cudaErrorNoDevice: return "cudaErrorNoDevice";
   case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+  case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+  case cudaErrorNotReady: return "cudaErrorNotReady";
   }
   return "cudaErrorUnknown";
 }
@@ -302,7 +685,8 @@ unsigned ballot(int pred) {
 }
 
 void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::function<void()> &b) {
-  (void)s;
+  before_launch(s, name);
+  std::lock_guard<std::mutex> one_at_a_time(launch_mu);
   size_t nthreads = (size_t)block.x * block.y * block.z;
   if (!grid.x || !grid.y || !grid.z || !nthreads || nthreads > 1024 || block.z > 64 ||
       grid.y > 65535 || grid.z > 65535) {
@@ -357,7 +741,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
       }
 }
 
-long gemms_lt, gemms_blas;
+std::atomic<long> gemms_lt, gemms_blas;
 int lt_disabled;
 
 } // namespace mt_emu
@@ -365,7 +749,7 @@ int lt_disabled;
 /* ---- GEMM --------------------------------------------------------------- */
 
 struct emu_blas {
-  int dummy;
+  cudaStream_t stream;
 };
 struct emu_lt {
   int dummy;
@@ -447,14 +831,17 @@ const char *cublasGetStatusString(cublasStatus_t st) {
 }
 
 cublasStatus_t cublasCreate(cublasHandle_t *h) {
-  *h = new emu_blas();
+  *h = new emu_blas{nullptr};
   return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasDestroy(cublasHandle_t h) {
   delete h;
   return CUBLAS_STATUS_SUCCESS;
 }
-cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
+  h->stream = s;
+  return CUBLAS_STATUS_SUCCESS;
+}
 cublasStatus_t cublasSetWorkspace(cublasHandle_t, void *ws, size_t bytes) {
   if (!is_device(ws, bytes)) EMU_DIE("cublasSetWorkspace: not device memory");
   return CUBLAS_STATUS_SUCCESS;
@@ -468,7 +855,7 @@ static void check_dims(const char *what, int m, int n, int k, int ta, int tb, lo
             ldb, ldc);
 }
 
-cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta,
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta,
                                           cublasOperation_t tb, int m, int n, int k,
                                           const void *alpha, const void *A, cudaDataType_t at,
                                           int lda, long long sA, const void *B, cudaDataType_t bt,
@@ -477,6 +864,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta,
                                           cublasComputeType_t compute, cublasGemmAlgo_t) {
   if (at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
   check_dims("cublasGemmStridedBatchedEx", m, n, k, ta, tb, lda, ldb, ldc);
+  wait_idle(h->stream, "cublasGemmStridedBatchedEx");
   gemm(compute, ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *(const float *)alpha,
        (const float *)A, lda, sA, (const float *)B, ldb, sB, *(const float *)beta, (const float *)C,
        ldc, sC, (float *)C, ldc, sC, batch, NULL);
@@ -589,7 +977,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
                               cublasLtMatrixLayout_t b, const void *beta, const void *C,
                               cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t d,
                               const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_bytes,
-                              cudaStream_t) {
+                              cudaStream_t s) {
   if (!algo || algo->data[4] != 0x656d75)
     EMU_DIE("cublasLtMatmul: no algorithm from the heuristic");
   if (ws_bytes && !is_device(ws, ws_bytes)) EMU_DIE("cublasLtMatmul: workspace not device memory");
@@ -621,6 +1009,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
   } else if (op->epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
     EMU_DIE("epilogue %d not emulated", (int)op->epilogue);
   }
+  wait_idle(s, "cublasLtMatmul");
   gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, (const float *)A, a->ld,
        a->stride, (const float *)B, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
        c->stride, (float *)D, d->ld, d->stride, d->batch, bias);

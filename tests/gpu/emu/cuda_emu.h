@@ -1,20 +1,40 @@
 /* cuda_emu.h — the CUDA runtime, cuBLAS and cuBLASLt, as far as kernels/cuda
- * uses them, on the CPU: no GPU in CI, yet its kernels get run.
+ * and daemon/comm/nccl.c use them, on the CPU: no GPU in CI, yet its kernels
+ * get run (and, with nccl_emu.h, its collectives).
  *
  * The sources of kernels/cuda build as plain C++ with this header (MT_CUDA_EMU, see
- * kernels/cuda/cuda_impl.h). A launch runs its blocks one after another;
+ * kernels/cuda/cuda_impl.h); the runtime part is C too, for nccl.c. A launch
+ * runs its blocks one after another;
  * the threads of a block are fibers (ucontext) that switch at __syncthreads
  * and at warp exchanges (shuffles, ballots), so barriers, shared memory
  * (static storage: one block at a time), shuffles and ballots behave as on a
  * GPU for code that keeps CUDA's rules, and a deadlock is reported. Memory is
- * host memory, tracked, so copies in the wrong direction are caught; fresh
- * allocations are filled with NaN bytes. Streams are synchronous. GEMMs run
+ * host memory, tracked per device, so copies in the wrong direction are
+ * caught; fresh allocations are filled with NaN bytes. GEMMs run
  * in double from inputs rounded to the compute type (tf32, bf16), after the
  * layouts are checked against m, n, k as cuBLASLt checks them, and the
  * alignment a heuristic was promised is checked against the pointers.
  *
+ * Streams and threads. Several host threads may each drive their own
+ * emulated device (MT_CUDA_EMU_DEVICES of them, default 1): the current
+ * device and the last error are per thread, as in CUDA, and one kernel runs
+ * at a time in the process (its blocks share the emulator's globals).
+ * Kernels, copies, memsets and GEMMs run on the calling thread when issued,
+ * after the work queued on their stream before them has completed. Only two
+ * things queue: NCCL operations (nccl_emu.cc, completing when every rank has
+ * posted them) and cudaStreamWaitEvent on an event that has not completed.
+ * So cudaStreamQuery answers cudaErrorNotReady while a collective waits for
+ * its peers, an event recorded behind it completes with it, and a stream
+ * made to wait for that event holds what is issued on it after the wait.
+ * Where CUDA would return at once and the GPU wait, the emulator blocks the
+ * issuing host thread instead (a kernel issued behind a pending collective,
+ * cudaFree while the device has queued work): a program that needs the host
+ * to run ahead of such work can deadlock here and not on a GPU. A wait that
+ * lasts prints a line every 30 s naming what it waits for.
+ *
  * What this cannot find: races between blocks or within a warp, timing,
- * tensor-core rounding details, limits beyond block and grid sizes.
+ * tensor-core rounding details, limits beyond block and grid sizes, work
+ * on two streams racing (each op runs whole, when issued).
  * Test code: it aborts on a misuse of the API, with a message.
  */
 #ifndef MT_CUDA_EMU_H
@@ -25,7 +45,82 @@
 #include <stdint.h>
 #include <string.h>
 
+/* ---- runtime (C and C++) ------------------------------------------------ */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct CUstream_st;
+typedef struct CUstream_st *cudaStream_t;
+struct CUevent_st;
+typedef struct CUevent_st *cudaEvent_t;
+
+typedef enum cudaError {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInsufficientDriver = 35,
+  cudaErrorNoDevice = 100,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorInvalidResourceHandle = 400,
+  cudaErrorNotReady = 600,
+} cudaError_t;
+
+typedef enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+} cudaMemcpyKind;
+
+typedef enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 } cudaDeviceAttr;
+
+#define cudaStreamDefault 0x00
+#define cudaStreamNonBlocking 0x01 /* does not wait for the legacy default stream */
+#define cudaEventDefault 0x00
+#define cudaEventBlockingSync 0x01
+#define cudaEventDisableTiming 0x02
+
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaSetDevice(int dev);
+cudaError_t cudaGetDevice(int *dev);
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev);
+/* MT_CUDA_EMU_MEM_BYTES per device (default 16 GiB); cudaMalloc beyond it fails. */
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total);
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamQuery(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags);
+cudaError_t cudaEventCreate(cudaEvent_t *e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaMalloc(void **p, size_t bytes);
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s);
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t s);
+cudaError_t cudaGetLastError(void);
+const char *cudaGetErrorString(cudaError_t e);
+const char *cudaGetErrorName(cudaError_t e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#ifdef __cplusplus /* the rest: kernels/cuda (C++) and nccl_emu.cc */
+
+#include <atomic>
 #include <functional>
+#include <mutex>
+#include <string>
 
 #define __global__
 #define __device__
@@ -42,45 +137,6 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
-
-/* ---- runtime ------------------------------------------------------------ */
-
-struct CUstream_st;
-typedef CUstream_st *cudaStream_t;
-
-enum cudaError_t {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorMemoryAllocation = 2,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInsufficientDriver = 35,
-  cudaErrorNoDevice = 100,
-  cudaErrorInvalidDevice = 101,
-};
-
-enum cudaMemcpyKind {
-  cudaMemcpyHostToHost = 0,
-  cudaMemcpyHostToDevice = 1,
-  cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3,
-};
-
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
-
-cudaError_t cudaGetDeviceCount(int *n);
-cudaError_t cudaSetDevice(int dev);
-cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev);
-cudaError_t cudaStreamCreate(cudaStream_t *s);
-cudaError_t cudaStreamDestroy(cudaStream_t s);
-cudaError_t cudaStreamSynchronize(cudaStream_t s);
-cudaError_t cudaMalloc(void **p, size_t bytes);
-cudaError_t cudaFree(void *p);
-cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s);
-cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t s);
-cudaError_t cudaGetLastError(void);
-const char *cudaGetErrorString(cudaError_t e);
-const char *cudaGetErrorName(cudaError_t e);
 
 /* ---- kernels ------------------------------------------------------------ */
 
@@ -239,8 +295,49 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
 /* Test hooks: the number of GEMMs each path ran, and a switch that makes the
  * cuBLASLt heuristic find nothing (so the cuBLAS fallback runs). */
 namespace mt_emu {
-extern long gemms_lt, gemms_blas;
+extern std::atomic<long> gemms_lt, gemms_blas;
 extern int lt_disabled;
 } // namespace mt_emu
+
+/* ---- work that completes later (for nccl_emu.cc) ------------------------ */
+
+namespace mt_emu {
+
+/* An entry of a stream's queue that completes after it was issued: an NCCL
+ * operation, or a wait for an event. Streams run their queue in order: an
+ * item is started once everything before it on its stream has completed.
+ * Everything here is called with async_mutex() held. */
+struct async_item {
+  cudaStream_t stream = nullptr; /* set by async_enqueue */
+  uint64_t seq = 0;              /* its place on the stream */
+  std::string desc;              /* for messages: "ncclAllReduce #3 of rank 1 of 4" */
+  virtual ~async_item() {}
+  /* Called once it heads its stream; may call async_complete on itself or others. */
+  virtual void start() = 0;
+};
+
+std::mutex &async_mutex();
+/* Appends it to s (a stream, not the legacy default one), which must belong
+ * to the device of the work. */
+void async_enqueue(cudaStream_t s, async_item *it);
+/* Takes it off its stream, done or dropped (an abort), wherever it stands;
+ * the caller still owns it. Starts the next item. */
+void async_complete(async_item *it);
+/* Blocks the calling thread (lk holds async_mutex()) until done(), which is
+ * checked whenever queued work moves or async_notify() is called. */
+void async_wait(std::unique_lock<std::mutex> &lk, const char *what,
+                const std::function<bool()> &done);
+void async_notify();
+/* The device s belongs to; dies on a handle that is not a live stream. */
+int stream_device(cudaStream_t s);
+/* The device whose memory holds [p, p + bytes), or -1 for host memory; dies
+ * when the range starts in an allocation and runs past its end. */
+int device_of(const void *p, size_t bytes);
+/* The calling thread's current device. */
+int current_device();
+
+} // namespace mt_emu
+
+#endif /* __cplusplus */
 
 #endif

@@ -1,0 +1,799 @@
+/* nccl_emu.cc — see nccl_emu.h. Every piece of state here lives under
+ * mt_emu::async_mutex(), the lock of the streams it queues on; data moves
+ * under it too, on whichever thread completes an operation. */
+#include "nccl_emu.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <deque>
+#include <map>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "half.h"
+
+#define NCCL_DIE(...)                                                                              \
+  do {                                                                                             \
+    fprintf(stderr, "nccl_emu: " __VA_ARGS__);                                                     \
+    fprintf(stderr, "\n");                                                                         \
+    abort();                                                                                       \
+  } while (0)
+
+namespace nccl_emu {
+
+enum kind { ALLREDUCE, REDUCE_SCATTER, ALLGATHER, BROADCAST, REDUCE, SEND, RECV };
+const char *const kind_names[] = {"ncclAllReduce", "ncclReduceScatter", "ncclAllGather",
+                                  "ncclBroadcast", "ncclReduce",        "ncclSend",
+                                  "ncclRecv"};
+const char *const type_names[] = {"int8",   "uint8",   "int32",   "uint32",  "int64",
+                                  "uint64", "float16", "float32", "float64", "bfloat16"};
+const size_t type_bytes[] = {1, 1, 4, 4, 8, 8, 2, 4, 8, 2};
+const char *const op_names[] = {"sum", "prod", "max", "min", "avg"};
+
+static bool reduces(kind k) { return k == ALLREDUCE || k == REDUCE_SCATTER || k == REDUCE; }
+static bool rooted(kind k) { return k == BROADCAST || k == REDUCE; }
+
+struct op_item;
+struct clique;
+
+/* One call of one rank: a collective, a send or a receive. */
+struct part {
+  kind k;
+  const void *send;
+  void *recv;
+  size_t count;
+  ncclDataType_t type;
+  ncclRedOp_t op;
+  int root, peer;
+  uint64_t seq; /* collectives: the rank's n-th; sends and receives: n-th to/from the peer */
+  bool active;  /* it heads its stream: peers can match it */
+  bool done;
+  op_item *item;
+};
+
+} // namespace nccl_emu
+
+using namespace nccl_emu;
+
+/* One rank's handle. */
+struct ncclComm {
+  clique *cl;
+  int rank, device, blocking;
+  uint64_t colls = 0;
+  std::vector<uint64_t> sent, received; /* per peer */
+  std::set<op_item *> items;            /* queued, not complete */
+  bool finalizing = false;
+  bool dropping = false; /* being aborted: its items no longer start */
+  int enqueue_polls = 0; /* GetAsyncError answers ncclInProgress this many times more */
+  bool awaiting = false; /* a call answered ncclInProgress; GetAsyncError has not said done */
+  std::string last_error;
+};
+
+namespace nccl_emu {
+
+/* The ranks of one unique id. */
+struct clique {
+  std::string id;
+  int nranks;
+  std::vector<ncclComm *> members; /* by rank: NULL before joining and after leaving */
+  std::vector<bool> ever;          /* joined at some time */
+  int joined = 0, live = 0;
+  int aborted_by = -1; /* the first rank that aborted; -2: all had before this handle joined */
+  std::map<uint64_t, std::vector<part *>> colls; /* collective n: each rank's part, once active */
+  std::map<std::pair<int, int>, std::deque<part *>> sends, recvs; /* (src, dst): active, in order */
+};
+
+/* What one rank queues on one stream in one call (or one group). */
+struct op_item : mt_emu::async_item {
+  ncclComm *comm;
+  std::vector<part> parts;
+  size_t left = 0;
+  bool starting = false, finished = false;
+  void start() override;
+};
+
+struct posted {
+  ncclComm *c;
+  cudaStream_t s;
+  part p;
+};
+
+std::map<std::string, clique *> by_id; /* cliques some rank of which has yet to join */
+std::set<std::string> abandoned;       /* ids whose ranks all aborted before the last joined */
+std::set<ncclComm *> comms;            /* live handles */
+std::atomic<unsigned long long> ids_made;
+
+thread_local int group_depth;
+thread_local std::vector<posted> group;
+thread_local ncclResult_t group_error = ncclSuccess;
+thread_local std::string thread_error;
+
+ncclResult_t fail(ncclComm *c, ncclResult_t r, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+ncclResult_t fail(ncclComm *c, ncclResult_t r, const char *fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (c) c->last_error = buf;
+  thread_error = buf;
+  return r;
+}
+
+ncclComm *live(ncclComm_t comm, const char *what) {
+  if (!comm || !comms.count(comm))
+    NCCL_DIE("%s: %p is not a live communicator (destroyed or aborted?)", what, (void *)comm);
+  return comm;
+}
+
+std::string remote_error(const clique *cl) {
+  if (cl->aborted_by == -2)
+    return "the other ranks of this unique id aborted before this rank joined";
+  return "rank " + std::to_string(cl->aborted_by) + " of " + std::to_string(cl->nranks) +
+         " aborted the communicator (emulated remote error)";
+}
+
+/* ---- reductions --------------------------------------------------------- */
+
+template <class T> struct plain {
+  typedef T V;
+  static V load(const void *p, size_t i) {
+    T v;
+    memcpy(&v, (const char *)p + i * sizeof v, sizeof v);
+    return v;
+  }
+  static void store(void *p, size_t i, V v) { memcpy((char *)p + i * sizeof v, &v, sizeof v); }
+};
+
+struct bf16 {
+  typedef float V;
+  static V load(const void *p, size_t i) {
+    mt_bf16 h;
+    memcpy(&h.bits, (const char *)p + 2 * i, 2);
+    return mt_bf16_to_f32(h);
+  }
+  static void store(void *p, size_t i, V v) {
+    mt_bf16 h = mt_f32_to_bf16(v);
+    memcpy((char *)p + 2 * i, &h.bits, 2);
+  }
+};
+
+struct f16 {
+  typedef float V;
+  static V load(const void *p, size_t i) {
+    mt_fp16 h;
+    memcpy(&h.bits, (const char *)p + 2 * i, 2);
+    return mt_fp16_to_f32(h);
+  }
+  static void store(void *p, size_t i, V v) {
+    mt_fp16 h = mt_f32_to_fp16(v);
+    memcpy((char *)p + 2 * i, &h.bits, 2);
+  }
+};
+
+/* Integers wrap; max and min of floats drop a NaN (fmax, as NCCL's kernels). */
+template <class V> V apply(ncclRedOp_t op, V a, V b) {
+  if constexpr (std::is_integral<V>::value) {
+    typedef typename std::make_unsigned<V>::type U;
+    switch (op) {
+    case ncclProd: return (V)(U)((U)a * (U)b);
+    case ncclMax: return a > b ? a : b;
+    case ncclMin: return a < b ? a : b;
+    default: return (V)(U)((U)a + (U)b);
+    }
+  } else {
+    switch (op) {
+    case ncclProd: return a * b;
+    case ncclMax: return fmax(a, b);
+    case ncclMin: return fmin(a, b);
+    default: return a + b;
+    }
+  }
+}
+
+template <class E> void combine_as(void *acc, const void *x, size_t n, ncclRedOp_t op) {
+  for (size_t i = 0; i < n; i++)
+    E::store(acc, i, apply<typename E::V>(op, E::load(acc, i), E::load(x, i)));
+}
+
+template <class E> void divide_as(void *acc, size_t n, int ranks) {
+  typedef typename E::V V;
+  for (size_t i = 0; i < n; i++) E::store(acc, i, (V)(E::load(acc, i) / (V)ranks));
+}
+
+void combine(void *acc, const void *x, size_t n, ncclDataType_t t, ncclRedOp_t op) {
+  switch (t) {
+  case ncclInt8: combine_as<plain<int8_t>>(acc, x, n, op); break;
+  case ncclUint8: combine_as<plain<uint8_t>>(acc, x, n, op); break;
+  case ncclInt32: combine_as<plain<int32_t>>(acc, x, n, op); break;
+  case ncclUint32: combine_as<plain<uint32_t>>(acc, x, n, op); break;
+  case ncclInt64: combine_as<plain<int64_t>>(acc, x, n, op); break;
+  case ncclUint64: combine_as<plain<uint64_t>>(acc, x, n, op); break;
+  case ncclFloat16: combine_as<f16>(acc, x, n, op); break;
+  case ncclFloat32: combine_as<plain<float>>(acc, x, n, op); break;
+  case ncclFloat64: combine_as<plain<double>>(acc, x, n, op); break;
+  case ncclBfloat16: combine_as<bf16>(acc, x, n, op); break;
+  default: NCCL_DIE("datatype %d", (int)t);
+  }
+}
+
+void divide(void *acc, size_t n, ncclDataType_t t, int ranks) {
+  switch (t) {
+  case ncclInt8: divide_as<plain<int8_t>>(acc, n, ranks); break;
+  case ncclUint8: divide_as<plain<uint8_t>>(acc, n, ranks); break;
+  case ncclInt32: divide_as<plain<int32_t>>(acc, n, ranks); break;
+  case ncclUint32: divide_as<plain<uint32_t>>(acc, n, ranks); break;
+  case ncclInt64: divide_as<plain<int64_t>>(acc, n, ranks); break;
+  case ncclUint64: divide_as<plain<uint64_t>>(acc, n, ranks); break;
+  case ncclFloat16: divide_as<f16>(acc, n, ranks); break;
+  case ncclFloat32: divide_as<plain<float>>(acc, n, ranks); break;
+  case ncclFloat64: divide_as<plain<double>>(acc, n, ranks); break;
+  case ncclBfloat16: divide_as<bf16>(acc, n, ranks); break;
+  default: NCCL_DIE("datatype %d", (int)t);
+  }
+}
+
+/* The reduction over ranks, in rank order, of each one's send + offset. */
+std::vector<char> reduce_over(const std::vector<part *> &all, size_t offset) {
+  const part *a = all[0];
+  size_t bytes = a->count * type_bytes[a->type];
+  std::vector<char> acc(bytes);
+  if (!bytes) return acc;
+  memcpy(acc.data(), (const char *)a->send + offset, bytes);
+  for (size_t r = 1; r < all.size(); r++)
+    combine(acc.data(), (const char *)all[r]->send + offset, a->count, a->type, a->op);
+  if (a->op == ncclAvg) divide(acc.data(), a->count, a->type, (int)all.size());
+  return acc;
+}
+
+/* ---- completing work ---------------------------------------------------- */
+
+void finish_item(op_item *it) {
+  if (it->finished) return;
+  it->finished = true;
+  it->comm->items.erase(it);
+  mt_emu::async_complete(it);
+  if (!it->starting) delete it;
+}
+
+void finish_part(part *p) {
+  p->done = true;
+  if (--p->item->left == 0) finish_item(p->item);
+}
+
+std::string describe(const part *p, int rank, int nranks) {
+  char buf[192];
+  int n = snprintf(buf, sizeof buf, "%s #%llu of rank %d of %d: %zu x %s", kind_names[p->k],
+                   (unsigned long long)p->seq, rank, nranks, p->count,
+                   (unsigned)p->type < ncclNumTypes ? type_names[p->type] : "?");
+  if (reduces(p->k) && n < (int)sizeof buf)
+    n += snprintf(buf + n, sizeof buf - n, ", %s",
+                  (unsigned)p->op < ncclNumOps ? op_names[p->op] : "?");
+  if (rooted(p->k) && n < (int)sizeof buf)
+    n += snprintf(buf + n, sizeof buf - n, ", root %d", p->root);
+  if ((p->k == SEND || p->k == RECV) && n < (int)sizeof buf)
+    snprintf(buf + n, sizeof buf - n, ", %s rank %d", p->k == SEND ? "to" : "from", p->peer);
+  return buf;
+}
+
+/* Every rank's part of collective seq is active: move the data for all. */
+void run_collective(const clique *cl, const std::vector<part *> &all) {
+  const part *a = all[0];
+  const int n = cl->nranks;
+  for (int r = 1; r < n; r++) {
+    const part *b = all[r];
+    if (b->k != a->k || b->count != a->count || b->type != a->type ||
+        (reduces(a->k) && b->op != a->op) || (rooted(a->k) && b->root != a->root))
+      NCCL_DIE("ranks disagree on a collective (on a GPU: a hang or garbage): %s, but %s",
+               describe(a, 0, n).c_str(), describe(b, r, n).c_str());
+  }
+  const size_t bytes = a->count * type_bytes[a->type];
+  if (bytes) {
+    switch (a->k) {
+    case ALLREDUCE: {
+      std::vector<char> sum = reduce_over(all, 0);
+      for (int r = 0; r < n; r++) memcpy(all[r]->recv, sum.data(), bytes);
+      break;
+    }
+    case REDUCE: {
+      std::vector<char> sum = reduce_over(all, 0);
+      memcpy(all[a->root]->recv, sum.data(), bytes);
+      break;
+    }
+    case REDUCE_SCATTER: { /* every chunk first: recv may be inside send */
+      std::vector<std::vector<char>> chunk(n);
+      for (int r = 0; r < n; r++) chunk[r] = reduce_over(all, (size_t)r * bytes);
+      for (int r = 0; r < n; r++) memcpy(all[r]->recv, chunk[r].data(), bytes);
+      break;
+    }
+    case ALLGATHER: {
+      std::vector<char> whole((size_t)n * bytes);
+      for (int r = 0; r < n; r++) memcpy(whole.data() + (size_t)r * bytes, all[r]->send, bytes);
+      for (int r = 0; r < n; r++) memcpy(all[r]->recv, whole.data(), whole.size());
+      break;
+    }
+    case BROADCAST: {
+      const char *from = (const char *)all[a->root]->send;
+      std::vector<char> copy(from, from + bytes);
+      for (int r = 0; r < n; r++) memcpy(all[r]->recv, copy.data(), bytes);
+      break;
+    }
+    default: NCCL_DIE("collective kind %d", (int)a->k);
+    }
+  }
+  for (int r = 0; r < n; r++) finish_part(all[r]);
+}
+
+/* Pairs the active sends from src to dst with the active receives, in order. */
+void match(clique *cl, int src, int dst) {
+  auto key = std::make_pair(src, dst);
+  std::deque<part *> &sq = cl->sends[key], &rq = cl->recvs[key];
+  while (!sq.empty() && !rq.empty()) {
+    part *s = sq.front(), *r = rq.front();
+    sq.pop_front();
+    rq.pop_front();
+    if (s->type != r->type || s->count != r->count)
+      NCCL_DIE("message %llu from rank %d to rank %d: sent as %zu x %s, received as %zu x %s "
+               "(NCCL needs the same count and type)",
+               (unsigned long long)s->seq, src, dst, s->count, type_names[s->type], r->count,
+               type_names[r->type]);
+    size_t bytes = s->count * type_bytes[s->type];
+    if (bytes) memmove(r->recv, s->send, bytes);
+    finish_part(s);
+    finish_part(r);
+  }
+  if (sq.empty() && rq.empty()) cl->sends.erase(key), cl->recvs.erase(key);
+}
+
+void activate(clique *cl, int rank, part *p) {
+  p->active = true;
+  if (p->k == SEND) {
+    cl->sends[{rank, p->peer}].push_back(p);
+    match(cl, rank, p->peer);
+    return;
+  }
+  if (p->k == RECV) {
+    cl->recvs[{p->peer, rank}].push_back(p);
+    match(cl, p->peer, rank);
+    return;
+  }
+  std::vector<part *> &slot = cl->colls[p->seq];
+  if (slot.empty()) slot.assign(cl->nranks, nullptr);
+  slot[rank] = p;
+  for (part *q : slot)
+    if (!q) return;
+  std::vector<part *> all = slot;
+  cl->colls.erase(p->seq);
+  run_collective(cl, all);
+}
+
+} // namespace nccl_emu
+
+void nccl_emu::op_item::start() {
+  if (comm->dropping) return;
+  starting = true;
+  for (part &p : parts) activate(comm->cl, comm->rank, &p);
+  starting = false;
+  if (finished) delete this;
+}
+
+namespace nccl_emu {
+
+/* Takes every queued item of c off its stream, as if never posted. */
+void drop_items(ncclComm *c) {
+  clique *cl = c->cl;
+  c->dropping = true;
+  std::vector<op_item *> items(c->items.begin(), c->items.end());
+  for (op_item *it : items)
+    for (part &p : it->parts) {
+      if (!p.active || p.done) continue;
+      if (p.k == SEND || p.k == RECV) {
+        auto key = p.k == SEND ? std::make_pair(c->rank, p.peer) : std::make_pair(p.peer, c->rank);
+        std::deque<part *> &q = p.k == SEND ? cl->sends[key] : cl->recvs[key];
+        for (auto i = q.begin(); i != q.end(); ++i)
+          if (*i == &p) {
+            q.erase(i);
+            break;
+          }
+      } else {
+        auto slot = cl->colls.find(p.seq);
+        if (slot != cl->colls.end()) slot->second[c->rank] = nullptr;
+      }
+    }
+  for (op_item *it : items) {
+    c->items.erase(it);
+    it->finished = true;
+    mt_emu::async_complete(it);
+    delete it;
+  }
+}
+
+/* The handle goes; the clique with its last one. */
+void leave(ncclComm *c) {
+  clique *cl = c->cl;
+  cl->members[c->rank] = nullptr;
+  cl->live--;
+  comms.erase(c);
+  delete c;
+  if (cl->live) return;
+  auto it = by_id.find(cl->id);
+  if (it != by_id.end() && it->second == cl) {
+    by_id.erase(it);
+    if (cl->aborted_by >= 0) abandoned.insert(cl->id);
+  }
+  delete cl;
+}
+
+ncclResult_t check_buffers(ncclComm *c, const part &p, const char *what) {
+  const size_t n = (size_t)c->cl->nranks, b = p.count * type_bytes[p.type];
+  const bool root = c->rank == p.root;
+  auto need = [&](const void *ptr, size_t bytes, const char *name) {
+    if (!bytes) return;
+    int d = mt_emu::device_of(ptr, bytes);
+    if (d < 0)
+      NCCL_DIE("%s (rank %d): %s %p (%zu bytes) is host memory, not device memory", what, c->rank,
+               name, ptr, bytes);
+    if (d != c->device)
+      NCCL_DIE("%s (rank %d): %s %p is memory of device %d; the communicator's device is %d", what,
+               c->rank, name, ptr, d, c->device);
+  };
+  /* buffers may be the same (or, gathering and scattering, at the rank's
+   * chunk) but must not otherwise overlap */
+  auto apart = [&](const void *s, size_t sb, const void *r, size_t rb, const void *in_place) {
+    const char *x = (const char *)s, *y = (const char *)r;
+    if (!sb || !rb || x == in_place || x + sb <= y || y + rb <= x) return;
+    if (p.k == REDUCE_SCATTER && y == in_place) return;
+    NCCL_DIE("%s (rank %d): sendbuff %p and recvbuff %p overlap, not in place", what, c->rank, s,
+             r);
+  };
+  switch (p.k) {
+  case ALLREDUCE:
+    need(p.send, b, "sendbuff"), need(p.recv, b, "recvbuff");
+    apart(p.send, b, p.recv, b, p.recv);
+    break;
+  case REDUCE_SCATTER:
+    need(p.send, b * n, "sendbuff"), need(p.recv, b, "recvbuff");
+    apart(p.send, b * n, p.recv, b, (const char *)p.send + c->rank * b);
+    break;
+  case ALLGATHER:
+    need(p.send, b, "sendbuff"), need(p.recv, b * n, "recvbuff");
+    apart(p.send, b, p.recv, b * n, (const char *)p.recv + c->rank * b);
+    break;
+  case BROADCAST:
+    if (root) need(p.send, b, "sendbuff"), apart(p.send, b, p.recv, b, p.recv);
+    need(p.recv, b, "recvbuff");
+    break;
+  case REDUCE:
+    need(p.send, b, "sendbuff");
+    if (root) need(p.recv, b, "recvbuff"), apart(p.send, b, p.recv, b, p.recv);
+    break;
+  case SEND: need(p.send, b, "sendbuff"); break;
+  case RECV: need(p.recv, b, "recvbuff"); break;
+  }
+  return ncclSuccess;
+}
+
+/* What NCCL checks when a call comes (with the lock held). */
+ncclResult_t check_call(ncclComm *c, cudaStream_t s, const part &p, const char *what) {
+  const clique *cl = c->cl;
+  if ((unsigned)p.type >= ncclNumTypes)
+    return fail(c, ncclInvalidArgument, "%s: datatype %d", what, (int)p.type);
+  if (reduces(p.k) && (unsigned)p.op >= ncclNumOps)
+    return fail(c, ncclInvalidArgument, "%s: reduction op %d", what, (int)p.op);
+  if (rooted(p.k) && (p.root < 0 || p.root >= cl->nranks))
+    return fail(c, ncclInvalidArgument, "%s: root %d of %d ranks", what, p.root, cl->nranks);
+  if ((p.k == SEND || p.k == RECV) && (p.peer < 0 || p.peer >= cl->nranks))
+    return fail(c, ncclInvalidArgument, "%s: peer %d of %d ranks", what, p.peer, cl->nranks);
+  if (cl->aborted_by != -1)
+    return fail(c, ncclRemoteError, "%s: %s", what, remote_error(cl).c_str());
+  if (cl->joined < cl->nranks)
+    return fail(c, ncclInvalidUsage, "%s: the communicator is still being initialized", what);
+  if (c->awaiting)
+    return fail(c, ncclInvalidUsage,
+                "%s: the previous call answered ncclInProgress and ncclCommGetAsyncError has not "
+                "reported ncclSuccess since",
+                what);
+  if (c->finalizing) return fail(c, ncclInvalidUsage, "%s: after ncclCommFinalize", what);
+  if (!s) NCCL_DIE("%s: the legacy default stream is not emulated", what);
+  int sd = mt_emu::stream_device(s);
+  if (sd != c->device)
+    return fail(c, ncclUnhandledCudaError, "%s: a stream of device %d, the communicator's is %d",
+                what, sd, c->device);
+  return check_buffers(c, p, what);
+}
+
+/* Queues the calls: one item per communicator and stream, in call order. */
+ncclResult_t launch(std::vector<posted> &list) {
+  std::vector<std::pair<op_item *, cudaStream_t>> items;
+  for (posted &x : list) {
+    op_item *it = nullptr;
+    for (auto &e : items)
+      if (e.first->comm == x.c && e.second == x.s) it = e.first;
+    if (!it) {
+      it = new op_item();
+      it->comm = x.c;
+      items.push_back({it, x.s});
+    }
+    part p = x.p;
+    p.seq = p.k == SEND   ? x.c->sent[p.peer]++
+            : p.k == RECV ? x.c->received[p.peer]++
+                          : x.c->colls++;
+    it->parts.push_back(p);
+  }
+  bool nonblocking = false;
+  for (auto &e : items) {
+    op_item *it = e.first;
+    ncclComm *c = it->comm;
+    it->left = it->parts.size();
+    for (part &p : it->parts) {
+      p.item = it;
+      if (!it->desc.empty()) it->desc += " + ";
+      it->desc += describe(&p, c->rank, c->cl->nranks);
+    }
+    if (!c->blocking) {
+      c->enqueue_polls = 1, c->awaiting = true;
+      nonblocking = true;
+    }
+    c->items.insert(it);
+    mt_emu::async_enqueue(e.second, it);
+  }
+  return nonblocking ? ncclInProgress : ncclSuccess;
+}
+
+ncclResult_t post(ncclComm_t comm, cudaStream_t s, const part &p, const char *what) {
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  ncclComm *c = live(comm, what);
+  ncclResult_t r = check_call(c, s, p, what);
+  if (r != ncclSuccess) {
+    if (group_depth && group_error == ncclSuccess) group_error = r;
+    return r;
+  }
+  if (group_depth) {
+    group.push_back({c, s, p});
+    return ncclSuccess;
+  }
+  std::vector<posted> one{{c, s, p}};
+  return launch(one);
+}
+
+part make(kind k, const void *send, void *recv, size_t count, ncclDataType_t t, ncclRedOp_t op,
+          int root, int peer) {
+  part p{};
+  p.k = k, p.send = send, p.recv = recv, p.count = count, p.type = t, p.op = op;
+  p.root = root, p.peer = peer;
+  return p;
+}
+
+} // namespace nccl_emu
+
+/* ---- the API ------------------------------------------------------------ */
+
+const char *ncclGetErrorString(ncclResult_t r) {
+  switch (r) {
+  case ncclSuccess: return "no error";
+  case ncclUnhandledCudaError: return "unhandled cuda error";
+  case ncclSystemError: return "unhandled system error";
+  case ncclInternalError: return "internal error";
+  case ncclInvalidArgument: return "invalid argument";
+  case ncclInvalidUsage: return "invalid usage";
+  case ncclRemoteError: return "remote process exited or there was a network error";
+  case ncclInProgress: return "NCCL operation in progress";
+  default: return "unknown result code";
+  }
+}
+
+const char *ncclGetLastError(ncclComm_t comm) {
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  if (comm && comms.count(comm)) return comm->last_error.c_str();
+  return thread_error.c_str();
+}
+
+ncclResult_t ncclGetVersion(int *version) {
+  *version = NCCL_VERSION_CODE;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclGetUniqueId(ncclUniqueId *id) {
+  memset(id, 0, sizeof *id);
+  snprintf(id->internal, sizeof id->internal, "nccl-emu pid %ld id %llu", (long)getpid(),
+           ++ids_made);
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommInitRankConfig(ncclComm_t *out, int nranks, ncclUniqueId id, int rank,
+                                    ncclConfig_t *config) {
+  *out = nullptr;
+  if (config && (config->magic != NCCL_CONFIG_MAGIC || config->size != sizeof *config))
+    return fail(nullptr, ncclInvalidArgument, "init: config not set up by NCCL_CONFIG_INITIALIZER");
+  int blocking = !config || config->blocking == NCCL_CONFIG_UNDEF_INT || config->blocking != 0;
+  if (nranks < 1 || rank < 0 || rank >= nranks)
+    return fail(nullptr, ncclInvalidArgument, "init: rank %d of %d", rank, nranks);
+  const int dev = mt_emu::current_device();
+  std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
+  std::string key(id.internal, sizeof id.internal);
+  clique *cl = nullptr;
+  auto found = by_id.find(key);
+  if (found != by_id.end()) {
+    cl = found->second;
+    if (cl->nranks != nranks)
+      return fail(nullptr, ncclInvalidArgument, "init: a unique id for %d ranks, used for %d",
+                  cl->nranks, nranks);
+    if (cl->ever[rank]) return fail(nullptr, ncclInvalidUsage, "init: rank %d joined twice", rank);
+    for (ncclComm *m : cl->members)
+      if (m && m->device == dev)
+        return fail(nullptr, ncclInvalidUsage, "init: ranks %d and %d both on device %d", m->rank,
+                    rank, dev);
+  } else {
+    cl = new clique();
+    cl->id = key;
+    cl->nranks = nranks;
+    cl->members.assign(nranks, nullptr);
+    cl->ever.assign(nranks, false);
+    if (abandoned.count(key))
+      cl->aborted_by = -2; /* its peers gave up: a remote error, as a failed bootstrap */
+    else
+      by_id[key] = cl;
+  }
+  ncclComm *c = new ncclComm();
+  c->cl = cl;
+  c->rank = rank;
+  c->device = dev;
+  c->blocking = blocking;
+  c->sent.assign(nranks, 0);
+  c->received.assign(nranks, 0);
+  cl->members[rank] = c;
+  cl->ever[rank] = true;
+  cl->joined++;
+  cl->live++;
+  comms.insert(c);
+  if (cl->joined == nranks) {
+    auto it = by_id.find(key);
+    if (it != by_id.end() && it->second == cl) by_id.erase(it);
+  }
+  mt_emu::async_notify();
+  *out = c;
+  if (!blocking) return ncclInProgress;
+  mt_emu::async_wait(lk, "ncclCommInitRank",
+                     [cl] { return cl->joined == cl->nranks || cl->aborted_by != -1; });
+  if (cl->aborted_by != -1) return fail(c, ncclRemoteError, "init: %s", remote_error(cl).c_str());
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank) {
+  return ncclCommInitRankConfig(comm, nranks, id, rank, nullptr);
+}
+
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *st) {
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  ncclComm *c = live(comm, "ncclCommGetAsyncError");
+  clique *cl = c->cl;
+  if (cl->aborted_by != -1) {
+    c->last_error = remote_error(cl);
+    *st = ncclRemoteError;
+  } else if (cl->joined < cl->nranks || (c->finalizing && !c->items.empty())) {
+    *st = ncclInProgress;
+  } else if (c->enqueue_polls) {
+    c->enqueue_polls--;
+    *st = ncclInProgress;
+  } else {
+    c->awaiting = false;
+    *st = ncclSuccess;
+  }
+  return ncclSuccess;
+}
+
+/* Non-blocking: ncclInProgress, then GetAsyncError says when the rank's
+ * queued work is done. */
+ncclResult_t ncclCommFinalize(ncclComm_t comm) {
+  std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
+  ncclComm *c = live(comm, "ncclCommFinalize");
+  c->finalizing = true;
+  if (!c->blocking) return ncclInProgress;
+  clique *cl = c->cl;
+  mt_emu::async_wait(lk, "ncclCommFinalize",
+                     [c, cl] { return c->items.empty() || cl->aborted_by != -1; });
+  if (cl->aborted_by != -1)
+    return fail(c, ncclRemoteError, "finalize: %s", remote_error(cl).c_str());
+  return ncclSuccess;
+}
+
+/* Waits for the rank's queued work, as NCCL does, unless a peer aborted. */
+ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+  std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
+  ncclComm *c = live(comm, "ncclCommDestroy");
+  clique *cl = c->cl;
+  if (!c->items.empty()) {
+    std::string what = "ncclCommDestroy waits for " + (*c->items.begin())->desc;
+    mt_emu::async_wait(lk, what.c_str(),
+                       [c, cl] { return c->items.empty() || cl->aborted_by != -1; });
+  }
+  if (!c->items.empty()) drop_items(c);
+  leave(c);
+  mt_emu::async_notify();
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommAbort(ncclComm_t comm) {
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  ncclComm *c = live(comm, "ncclCommAbort");
+  if (c->cl->aborted_by == -1) c->cl->aborted_by = c->rank;
+  drop_items(c);
+  leave(c);
+  mt_emu::async_notify();
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommCount(ncclComm_t comm, int *count) {
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  *count = live(comm, "ncclCommCount")->cl->nranks;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommUserRank(ncclComm_t comm, int *rank) {
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  *rank = live(comm, "ncclCommUserRank")->rank;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataType_t t,
+                           ncclRedOp_t op, ncclComm_t comm, cudaStream_t s) {
+  return post(comm, s, make(ALLREDUCE, send, recv, count, t, op, -1, -1), "ncclAllReduce");
+}
+
+ncclResult_t ncclReduceScatter(const void *send, void *recv, size_t count, ncclDataType_t t,
+                               ncclRedOp_t op, ncclComm_t comm, cudaStream_t s) {
+  return post(comm, s, make(REDUCE_SCATTER, send, recv, count, t, op, -1, -1), "ncclReduceScatter");
+}
+
+ncclResult_t ncclAllGather(const void *send, void *recv, size_t count, ncclDataType_t t,
+                           ncclComm_t comm, cudaStream_t s) {
+  return post(comm, s, make(ALLGATHER, send, recv, count, t, ncclSum, -1, -1), "ncclAllGather");
+}
+
+ncclResult_t ncclBroadcast(const void *send, void *recv, size_t count, ncclDataType_t t, int root,
+                           ncclComm_t comm, cudaStream_t s) {
+  return post(comm, s, make(BROADCAST, send, recv, count, t, ncclSum, root, -1), "ncclBroadcast");
+}
+
+ncclResult_t ncclReduce(const void *send, void *recv, size_t count, ncclDataType_t t,
+                        ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t s) {
+  return post(comm, s, make(REDUCE, send, recv, count, t, op, root, -1), "ncclReduce");
+}
+
+ncclResult_t ncclSend(const void *send, size_t count, ncclDataType_t t, int peer, ncclComm_t comm,
+                      cudaStream_t s) {
+  return post(comm, s, make(SEND, send, nullptr, count, t, ncclSum, -1, peer), "ncclSend");
+}
+
+ncclResult_t ncclRecv(void *recv, size_t count, ncclDataType_t t, int peer, ncclComm_t comm,
+                      cudaStream_t s) {
+  return post(comm, s, make(RECV, nullptr, recv, count, t, ncclSum, -1, peer), "ncclRecv");
+}
+
+ncclResult_t ncclGroupStart(void) {
+  group_depth++;
+  return ncclSuccess;
+}
+
+/* The group's calls queue together, so a send and a receive in it never
+ * wait for each other. */
+ncclResult_t ncclGroupEnd(void) {
+  if (!group_depth) return fail(nullptr, ncclInvalidUsage, "ncclGroupEnd without ncclGroupStart");
+  if (--group_depth) return ncclSuccess;
+  std::vector<posted> list;
+  list.swap(group);
+  ncclResult_t err = group_error;
+  group_error = ncclSuccess;
+  if (err != ncclSuccess || list.empty()) return err;
+  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  for (posted &x : list) live(x.c, "ncclGroupEnd");
+  return launch(list);
+}

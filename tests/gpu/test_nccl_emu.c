@@ -1,0 +1,863 @@
+/* test_nccl_emu — the NCCL backend of the comm layer (daemon/comm/nccl.c) in
+ * CI, on the emulated CUDA runtime and NCCL (emu/): ranks are threads of this
+ * process, rank r on emulated device cuda:r, groups bootstrapped through the
+ * in-process store.
+ *
+ * Checks: the collective checks of tests/parallel/comm_check.c (compiled for
+ * this test with their collectives renamed to the staged_* functions below,
+ * which carry host buffers through device memory: NCCL takes only that), for
+ * 1 to 4 ranks; kernels and collectives on four devices at once, started
+ * reduces overlapping kernels; a rank missing from create (from the store's
+ * join, and from NCCL's init) and from an all-reduce, each failing by the
+ * deadline with the timeout named; abort from another thread, and a peer's
+ * abort, ending blocked operations promptly; two ranks that both send first
+ * (rendezvous: only the deadline ends it). Then the emulator itself, through
+ * the raw API: a collective keeps its stream and the events behind it
+ * pending until the last rank posts, a stream made to wait for such an event
+ * too; groups of send and receive in either order; ncclReduce. One line per
+ * check; exits 1 if any failed. */
+#include "comm.h"
+#include "comm_check.h"
+#include "device.h"
+#include "err.h"
+#include "ops.h"
+#include "store.h"
+
+#include "cuda_emu.h"
+#include "nccl_emu.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NDEV 4
+
+static int failures;
+static mt_store *store;
+static mt_device devs[NDEV];
+
+static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void check(int ok, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  printf("%s ", ok ? "ok  " : "FAIL");
+  vprintf(fmt, ap);
+  printf("\n");
+  va_end(ap);
+  fflush(stdout);
+  if (!ok) failures++;
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sleep_ms(int ms) { usleep((useconds_t)ms * 1000); }
+
+/* ------------------------------------------------ host buffers on a device */
+
+/* The device this thread's rank runs on: where staged calls put buffers. */
+static __thread mt_device *stage_dev;
+
+/* A device copy of host bytes [host, host + bytes). */
+typedef struct mirror {
+  char *host, *dev;
+  size_t bytes;
+} mirror;
+
+typedef struct staging {
+  mirror m[2];
+  int n;
+} staging;
+
+/* Device buffers for host ranges a and b (either may be NULL or empty),
+ * filled from them; ranges that overlap share one buffer, so a call in place
+ * stays in place. */
+static int stage(staging *st, const void *a, size_t ab, const void *b, size_t bb) {
+  const char *lo[2], *hi[2];
+  int k = 0;
+  if (a && ab) lo[k] = a, hi[k] = (const char *)a + ab, k++;
+  if (b && bb) lo[k] = b, hi[k] = (const char *)b + bb, k++;
+  if (k == 2 && lo[0] < hi[1] && lo[1] < hi[0]) {
+    lo[0] = lo[0] < lo[1] ? lo[0] : lo[1];
+    hi[0] = hi[0] > hi[1] ? hi[0] : hi[1];
+    k = 1;
+  }
+  st->n = 0;
+  for (int i = 0; i < k; i++) {
+    mirror *m = &st->m[st->n];
+    m->host = (char *)lo[i];
+    m->bytes = (size_t)(hi[i] - lo[i]);
+    m->dev = mt_device_alloc(stage_dev, m->bytes);
+    if (!m->dev) return MT_ENOMEM;
+    st->n++;
+    int rc = mt_device_memcpy_htod(stage_dev, m->dev, m->host, m->bytes);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+/* Where host pointer p lives on the device (p itself when not staged: an
+ * empty range, which the comm layer never touches). */
+static void *dptr(const staging *st, const void *p) {
+  for (int i = 0; i < st->n; i++)
+    if ((const char *)p >= st->m[i].host && (const char *)p < st->m[i].host + st->m[i].bytes)
+      return st->m[i].dev + ((const char *)p - st->m[i].host);
+  return (void *)p;
+}
+
+/* Copies the device buffers back to the host and frees them; rc passes
+ * through (the first failure wins). */
+static int unstage(staging *st, int rc) {
+  for (int i = 0; i < st->n; i++) {
+    mirror *m = &st->m[i];
+    if (!rc) rc = mt_device_memcpy_dtoh(stage_dev, m->host, m->dev, m->bytes);
+    mt_device_free(stage_dev, m->dev);
+  }
+  st->n = 0;
+  return rc;
+}
+
+int staged_allreduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                     mt_comm_op op);
+int staged_reduce_scatter(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                          mt_comm_op op);
+int staged_allgather(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt);
+int staged_broadcast(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int root);
+int staged_reduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                  mt_comm_op op, int root);
+int staged_reduce_start(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                        mt_comm_op op, int root);
+int staged_wait(mt_comm *c);
+int staged_send(mt_comm *c, const void *buf, size_t count, mt_comm_dtype dt, int peer);
+int staged_recv(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int peer);
+int staged_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
+                    size_t recv_count, int src, mt_comm_dtype dt);
+
+int staged_allreduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                     mt_comm_op op) {
+  size_t b = count * mt_comm_dtype_size(dt);
+  staging st;
+  int rc = stage(&st, send, b, recv, b);
+  if (!rc) rc = mt_comm_allreduce(c, dptr(&st, send), dptr(&st, recv), count, dt, op);
+  return unstage(&st, rc);
+}
+
+int staged_reduce_scatter(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                          mt_comm_op op) {
+  size_t b = count * mt_comm_dtype_size(dt);
+  staging st;
+  int rc = stage(&st, send, b * (size_t)mt_comm_size(c), recv, b);
+  if (!rc) rc = mt_comm_reduce_scatter(c, dptr(&st, send), dptr(&st, recv), count, dt, op);
+  return unstage(&st, rc);
+}
+
+int staged_allgather(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt) {
+  size_t b = count * mt_comm_dtype_size(dt);
+  staging st;
+  int rc = stage(&st, send, b, recv, b * (size_t)mt_comm_size(c));
+  if (!rc) rc = mt_comm_allgather(c, dptr(&st, send), dptr(&st, recv), count, dt);
+  return unstage(&st, rc);
+}
+
+int staged_broadcast(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int root) {
+  staging st;
+  int rc = stage(&st, buf, count * mt_comm_dtype_size(dt), NULL, 0);
+  if (!rc) rc = mt_comm_broadcast(c, dptr(&st, buf), count, dt, root);
+  return unstage(&st, rc);
+}
+
+int staged_reduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                  mt_comm_op op, int root) {
+  size_t b = count * mt_comm_dtype_size(dt);
+  staging st;
+  int rc = stage(&st, send, b, recv, b);
+  if (!rc) rc = mt_comm_reduce(c, dptr(&st, send), dptr(&st, recv), count, dt, op, root);
+  return unstage(&st, rc);
+}
+
+/* Started reduces keep their device buffers until the wait. */
+static __thread staging started[16];
+static __thread int nstarted;
+
+int staged_reduce_start(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
+                        mt_comm_op op, int root) {
+  if (nstarted == 16) return mt_seterr(MT_EINVAL, "staged_reduce_start: 16 started already");
+  size_t b = count * mt_comm_dtype_size(dt);
+  staging *st = &started[nstarted];
+  int rc = stage(st, send, b, recv, b);
+  if (!rc) rc = mt_comm_reduce_start(c, dptr(st, send), dptr(st, recv), count, dt, op, root);
+  if (rc) return unstage(st, rc);
+  nstarted++;
+  return 0;
+}
+
+int staged_wait(mt_comm *c) {
+  int rc = mt_comm_wait(c);
+  for (int i = 0; i < nstarted; i++) rc = unstage(&started[i], rc);
+  nstarted = 0;
+  return rc;
+}
+
+int staged_send(mt_comm *c, const void *buf, size_t count, mt_comm_dtype dt, int peer) {
+  staging st;
+  int rc = stage(&st, buf, count * mt_comm_dtype_size(dt), NULL, 0);
+  if (!rc) rc = mt_comm_send(c, dptr(&st, buf), count, dt, peer);
+  return unstage(&st, rc);
+}
+
+int staged_recv(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int peer) {
+  staging st;
+  int rc = stage(&st, buf, count * mt_comm_dtype_size(dt), NULL, 0);
+  if (!rc) rc = mt_comm_recv(c, dptr(&st, buf), count, dt, peer);
+  return unstage(&st, rc);
+}
+
+int staged_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
+                    size_t recv_count, int src, mt_comm_dtype dt) {
+  size_t esz = mt_comm_dtype_size(dt);
+  staging st;
+  int rc = stage(&st, send, send_count * esz, recv, recv_count * esz);
+  if (!rc)
+    rc =
+        mt_comm_sendrecv(c, dptr(&st, send), send_count, dst, dptr(&st, recv), recv_count, src, dt);
+  return unstage(&st, rc);
+}
+
+/* ------------------------------------------------------------ rank threads */
+
+typedef struct rank_ctx {
+  int rank, size;
+  const char *prefix;
+  int timeout_ms;
+  int (*body)(struct rank_ctx *x, mt_comm *c);
+  void *arg;
+  int rc;           /* 0 or the failing MT_E* code */
+  char err[2048];   /* its message */
+  double elapsed_s; /* from start to the end of body (or of a failed create) */
+  mt_comm *comm;    /* while body runs, for threads that abort it */
+} rank_ctx;
+
+static void *rank_main(void *p) {
+  rank_ctx *x = p;
+  stage_dev = &devs[x->rank];
+  double t0 = now_s();
+  mt_comm_opts o = {.store = store,
+                    .name = "dp.pp0.tp0",
+                    .prefix = x->prefix,
+                    .rank = x->rank,
+                    .size = x->size,
+                    .timeout_ms = x->timeout_ms,
+                    .backend = MT_COMM_NCCL,
+                    .device = &devs[x->rank]};
+  mt_comm *c = NULL;
+  x->rc = mt_comm_create(&c, &o);
+  if (x->rc) {
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  } else {
+    x->comm = c;
+    x->rc = x->body(x, c);
+    if (x->rc && !x->err[0]) snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+    if (x->rc) mt_comm_abort(c); /* a failed check: the peers fail now, not at their deadline */
+  }
+  x->elapsed_s = now_s() - t0;
+  mt_comm_destroy(c);
+  return NULL;
+}
+
+/* Runs body on ranks [0, started) of a group of size, each on its thread. */
+static void run_ranks(rank_ctx *ctx, int size, int started, const char *prefix, int timeout_ms,
+                      int (*body)(rank_ctx *, mt_comm *), void *arg) {
+  pthread_t th[NDEV];
+  for (int r = 0; r < started; r++) {
+    memset(&ctx[r], 0, sizeof ctx[r]);
+    ctx[r].rank = r, ctx[r].size = size, ctx[r].prefix = prefix;
+    ctx[r].timeout_ms = timeout_ms, ctx[r].body = body, ctx[r].arg = arg;
+    pthread_create(&th[r], NULL, rank_main, &ctx[r]);
+  }
+  for (int r = 0; r < started; r++) pthread_join(th[r], NULL);
+}
+
+/* ------------------------------------------------------------ collectives */
+
+static int body_collectives(rank_ctx *x, mt_comm *c) {
+  if (check_collectives(c, x->err, sizeof x->err)) return -1;
+  return check_ring(c, x->err, sizeof x->err);
+}
+
+static void test_collectives_match_serial_reference_1_to_4_ranks(void) {
+  for (int n = 1; n <= NDEV; n++) {
+    rank_ctx ctx[NDEV];
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "test/collectives/%d", n);
+    double t0 = now_s();
+    run_ranks(ctx, n, n, prefix, 20000, body_collectives, NULL);
+    int ok = 1;
+    for (int r = 0; r < n; r++)
+      if (ctx[r].rc) {
+        ok = 0;
+        printf("     rank %d: %s\n", r, ctx[r].err);
+      }
+    check(ok, "comm_check collectives and rings over NCCL, %d rank%s (%.2f s)", n,
+          n == 1 ? "" : "s", now_s() - t0);
+  }
+}
+
+static int body_large(rank_ctx *x, mt_comm *c) {
+  return check_large(c, 4u << 20, x->err, sizeof x->err);
+}
+
+static void test_large_reductions_match_reference(void) {
+  rank_ctx ctx[NDEV];
+  double t0 = now_s();
+  run_ranks(ctx, NDEV, NDEV, "test/large", 20000, body_large, NULL);
+  int ok = 1;
+  for (int r = 0; r < NDEV; r++)
+    if (ctx[r].rc) ok = 0, printf("     rank %d: %s\n", r, ctx[r].err);
+  check(ok, "4 MB all-reduce, reduce-scatter and reduce, %d ranks (%.2f s)", NDEV, now_s() - t0);
+}
+
+/* Each rank runs kernels on its device, then all-reduces their output in
+ * place: the collective must read what the kernels wrote (nccl.c orders its
+ * stream after the compute stream). Then two buckets are reduced to rank 0
+ * as started reduces while more kernels run, and waited for. */
+static int body_kernels(rank_ctx *x, mt_comm *c) {
+  mt_device *d = &devs[x->rank];
+  const size_t n = 4096;
+  const int r = x->rank, size = x->size;
+  float *h = malloc(n * sizeof *h), *g = mt_device_alloc(d, 3 * n * sizeof *g);
+  int rc = -1;
+  if (!h || !g) goto done;
+  float *b0 = g + n, *b1 = g + 2 * n;
+  for (size_t i = 0; i < n; i++) h[i] = (float)(i % 13);
+  if (mt_device_memcpy_htod(d, g, h, n * sizeof *h)) goto done;
+  d->ops->scale(d, g, (float)(r + 1), n); /* (r+1)·v */
+  d->ops->add_inplace(d, g, g, n);        /* 2(r+1)·v */
+  if ((rc = mt_comm_allreduce(c, g, g, n, MT_COMM_F32, MT_COMM_SUM))) goto done;
+  rc = -1;
+  if (mt_device_memcpy_dtoh(d, h, g, n * sizeof *h)) goto done;
+  const float k = (float)(size * (size + 1)); /* Σ 2(r+1) */
+  for (size_t i = 0; i < n; i++)
+    if (h[i] != k * (float)(i % 13)) {
+      snprintf(x->err, sizeof x->err, "kernels then all-reduce: element %zu is %g, want %g", i,
+               h[i], k * (float)(i % 13));
+      goto done;
+    }
+  double sq = d->ops->sumsq(d, g, n), want = 0;
+  for (size_t i = 0; i < n; i++) want += (double)h[i] * h[i];
+  if (sq != want) {
+    snprintf(x->err, sizeof x->err, "sumsq after the all-reduce: %.17g, want %.17g", sq, want);
+    goto done;
+  }
+  /* buckets: b0 = r+1, b1 = 10(r+1); started, then kernels on g meanwhile */
+  for (size_t i = 0; i < n; i++) h[i] = (float)(r + 1);
+  if (mt_device_memcpy_htod(d, b0, h, n * sizeof *h)) goto done;
+  mt_device_memcpy_dtod(d, b1, b0, n * sizeof *g);
+  d->ops->scale(d, b1, 10.0f, n);
+  if ((rc = mt_comm_reduce_start(c, b0, b0, n, MT_COMM_F32, MT_COMM_SUM, 0)) ||
+      (rc = mt_comm_reduce_start(c, b1, b1, n, MT_COMM_F32, MT_COMM_SUM, 0)))
+    goto done;
+  d->ops->scale(d, g, 0.5f, n); /* compute overlapping the reduces */
+  if ((rc = mt_comm_wait(c))) goto done;
+  rc = -1;
+  float s = (float)(size * (size + 1) / 2);
+  for (int bucket = 0; bucket < 2; bucket++) {
+    float want_b = r == 0 ? s : (float)(r + 1);
+    if (bucket) want_b *= 10.0f;
+    if (mt_device_memcpy_dtoh(d, h, bucket ? b1 : b0, n * sizeof *h)) goto done;
+    for (size_t i = 0; i < n; i++)
+      if (h[i] != want_b) {
+        snprintf(x->err, sizeof x->err, "started reduce, bucket %d: element %zu is %g, want %g",
+                 bucket, i, h[i], want_b);
+        goto done;
+      }
+  }
+  rc = 0;
+done:
+  if (rc && !x->err[0]) snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  free(h);
+  mt_device_free(d, g);
+  return rc;
+}
+
+static void test_kernels_and_collectives_on_four_devices(void) {
+  rank_ctx ctx[NDEV];
+  run_ranks(ctx, NDEV, NDEV, "test/kernels", 20000, body_kernels, NULL);
+  int ok = 1;
+  for (int r = 0; r < NDEV; r++)
+    if (ctx[r].rc) ok = 0, printf("     rank %d: %s\n", r, ctx[r].err);
+  check(ok, "kernels on 4 devices at once, all-reduce of their output, started reduces "
+            "overlapping kernels");
+}
+
+/* ------------------------------------------------------------ failures */
+
+static int body_never(rank_ctx *x, mt_comm *c) {
+  (void)x, (void)c;
+  return 0;
+}
+
+static void test_missing_rank_fails_create_naming_it(void) {
+  rank_ctx ctx[NDEV];
+  double t0 = now_s();
+  run_ranks(ctx, NDEV, NDEV - 1, "test/missing", 300, body_never, NULL);
+  double took = now_s() - t0;
+  for (int r = 0; r < NDEV - 1; r++)
+    check(ctx[r].rc == MT_ETIMEDOUT && strstr(ctx[r].err, "rank 3 did not join"),
+          "create without rank 3, rank %d: %s: %s", r, mt_strerror(ctx[r].rc), ctx[r].err);
+  check(took < 2.0, "create without rank 3 failed after %.2f s (deadline 0.3 s)", took);
+}
+
+/* Rank 3 is in the store's join (the test writes its key) but never inits
+ * NCCL: the others' init must time out, not hang. */
+static void test_rank_missing_from_nccl_init_times_out(void) {
+  const char *prefix = "test/noinit";
+  char key[128];
+  snprintf(key, sizeof key, "%s/join/3", prefix);
+  mt_store_set(store, key, "test", 4);
+  rank_ctx ctx[NDEV];
+  double t0 = now_s();
+  run_ranks(ctx, NDEV, NDEV - 1, prefix, 300, body_never, NULL);
+  double took = now_s() - t0;
+  int timed_out = 0;
+  for (int r = 0; r < NDEV - 1; r++) {
+    check((ctx[r].rc == MT_ETIMEDOUT || ctx[r].rc == MT_EIO) && strstr(ctx[r].err, "nccl: init"),
+          "NCCL init without rank 3, rank %d: %s: %s", r, mt_strerror(ctx[r].rc), ctx[r].err);
+    timed_out += strstr(ctx[r].err, "timed out after") != NULL;
+  }
+  check(timed_out >= 1, "NCCL init without rank 3: %d rank(s) say they timed out", timed_out);
+  check(took < 2.0, "NCCL init without rank 3 failed after %.2f s (deadline 0.3 s)", took);
+}
+
+/* Rank 3 joins but does not enter the all-reduce until the others have
+ * failed; they must fail by their deadline naming it, and rank 3's late
+ * all-reduce must then fail at once (its peers aborted), not at its own. */
+static atomic_int stuck_failed;
+
+static int body_stuck(rank_ctx *x, mt_comm *c) {
+  float *buf = mt_device_alloc(&devs[x->rank], 1000 * sizeof(float));
+  if (!buf) return MT_ENOMEM;
+  int rc;
+  if (x->rank == 3) {
+    while (atomic_load(&stuck_failed) < 3) sleep_ms(1);
+    mt_comm_set_timeout(c, 10000);
+    double t0 = now_s();
+    rc = mt_comm_allreduce(c, buf, buf, 1000, MT_COMM_F32, MT_COMM_SUM);
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+    *(double *)x->arg = now_s() - t0;
+  } else {
+    rc = mt_comm_allreduce(c, buf, buf, 1000, MT_COMM_F32, MT_COMM_SUM);
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+    atomic_fetch_add(&stuck_failed, 1);
+    int again = mt_comm_allreduce(c, buf, buf, 1000, MT_COMM_F32, MT_COMM_SUM);
+    if (rc && again != rc) {
+      snprintf(x->err, sizeof x->err, "an op after a failure: %s", mt_errmsg());
+      rc = -1;
+    }
+  }
+  mt_device_free(&devs[x->rank], buf);
+  return rc;
+}
+
+static void test_stuck_peer_fails_allreduce_by_deadline(void) {
+  rank_ctx ctx[NDEV];
+  double late_s = -1;
+  atomic_store(&stuck_failed, 0);
+  double t0 = now_s();
+  run_ranks(ctx, NDEV, NDEV, "test/stuck", 300, body_stuck, &late_s);
+  double took = now_s() - t0;
+  int timed_out = 0;
+  for (int r = 0; r < NDEV - 1; r++) {
+    check((ctx[r].rc == MT_ETIMEDOUT || ctx[r].rc == MT_EIO) &&
+              strstr(ctx[r].err, "comm dp.pp0.tp0: allreduce of 4000 bytes"),
+          "all-reduce without rank 3, rank %d: %s: %s", r, mt_strerror(ctx[r].rc), ctx[r].err);
+    timed_out += strstr(ctx[r].err, "timed out after 300 ms") != NULL;
+  }
+  check(timed_out >= 1, "all-reduce without rank 3: %d rank(s) say \"timed out after 300 ms\"",
+        timed_out);
+  check(took < 3.0, "all-reduce without rank 3: the group failed within %.2f s (deadline 0.3 s)",
+        took);
+  check(ctx[3].rc == MT_EIO && late_s >= 0 && late_s < 1.0,
+        "rank 3's late all-reduce after its peers aborted: %s after %.3f s (deadline 10 s): %s",
+        mt_strerror(ctx[3].rc), late_s, ctx[3].err);
+}
+
+/* Rank 0 blocks in a recv (or an all-reduce) that rank 1 never serves while
+ * rank 1 waits in a recv from rank 0; a third thread aborts rank 0's group
+ * after 200 ms. */
+typedef struct abort_arg {
+  int collective;
+  atomic_int blocked;
+  double aborted_at, failed_at;
+  int later_rc;
+  pthread_t aborter;
+} abort_arg;
+
+static void *aborter_main(void *p) {
+  rank_ctx *x = p;
+  abort_arg *a = x->arg;
+  while (!atomic_load(&a->blocked)) sleep_ms(1);
+  sleep_ms(200);
+  a->aborted_at = now_s();
+  mt_comm_abort(x->comm);
+  return NULL;
+}
+
+static int body_abort(rank_ctx *x, mt_comm *c) {
+  abort_arg *a = x->arg;
+  const size_t n = 1 << 16;
+  float *buf = mt_device_alloc(&devs[x->rank], n * sizeof(float));
+  if (!buf) return MT_ENOMEM;
+  int rc;
+  if (x->rank == 0) {
+    pthread_create(&a->aborter, NULL, aborter_main, x);
+    atomic_store(&a->blocked, 1);
+    rc = a->collective ? mt_comm_allreduce(c, buf, buf, n, MT_COMM_F32, MT_COMM_SUM)
+                       : mt_comm_recv(c, buf, n, MT_COMM_F32, 1);
+    a->failed_at = now_s();
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+    pthread_join(a->aborter, NULL);
+    a->later_rc = mt_comm_barrier(c);
+  } else {
+    rc = mt_comm_recv(c, buf, 16, MT_COMM_F32, 0);
+  }
+  mt_device_free(&devs[x->rank], buf);
+  return rc;
+}
+
+static void test_abort_from_another_thread_fails_blocked_op_promptly(void) {
+  for (int collective = 0; collective < 2; collective++) {
+    rank_ctx ctx[2];
+    abort_arg a;
+    memset(&a, 0, sizeof a);
+    a.collective = collective;
+    const char *what = collective ? "allreduce" : "recv";
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "test/abort/%d", collective);
+    run_ranks(ctx, 2, 2, prefix, 20000, body_abort, &a);
+    double late = a.failed_at - a.aborted_at;
+    check(ctx[0].rc == MT_ECANCELED && strstr(ctx[0].err, what) && late >= 0 && late < 1.0,
+          "abort of a blocked %s: %s %.3f s after the abort: %s", what, mt_strerror(ctx[0].rc),
+          late, ctx[0].err);
+    check(a.later_rc == MT_ECANCELED, "an operation after the abort: %s", mt_strerror(a.later_rc));
+    check(ctx[1].rc == MT_EIO && ctx[1].elapsed_s < 5.0 && strstr(ctx[1].err, "rank 0"),
+          "the aborted rank's peer (deadline 20 s): %s after %.2f s: %s", mt_strerror(ctx[1].rc),
+          ctx[1].elapsed_s, ctx[1].err);
+  }
+}
+
+/* Rank 2 aborts its own group instead of joining an all-reduce the others
+ * are blocked in: they must fail with NCCL's remote error, promptly. */
+static int body_peer_abort(rank_ctx *x, mt_comm *c) {
+  float *buf = mt_device_alloc(&devs[x->rank], 256 * sizeof(float));
+  if (!buf) return MT_ENOMEM;
+  int rc;
+  if (x->rank == 2) {
+    sleep_ms(100);
+    mt_comm_abort(c);
+    rc = mt_comm_allreduce(c, buf, buf, 256, MT_COMM_F32, MT_COMM_SUM);
+    snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  } else {
+    rc = mt_comm_allreduce(c, buf, buf, 256, MT_COMM_F32, MT_COMM_SUM);
+  }
+  mt_device_free(&devs[x->rank], buf);
+  return rc;
+}
+
+static void test_peer_abort_fails_the_others_instead_of_hanging(void) {
+  rank_ctx ctx[NDEV];
+  run_ranks(ctx, NDEV, NDEV, "test/peer-abort", 20000, body_peer_abort, NULL);
+  for (int r = 0; r < NDEV; r++) {
+    if (r == 2) {
+      check(ctx[r].rc == MT_ECANCELED, "the aborting rank's next all-reduce: %s: %s",
+            mt_strerror(ctx[r].rc), ctx[r].err);
+      continue;
+    }
+    check(ctx[r].rc == MT_EIO && ctx[r].elapsed_s < 5.0 && strstr(ctx[r].err, "rank 2"),
+          "rank %d, blocked while rank 2 aborted (deadline 20 s): %s after %.2f s: %s", r,
+          mt_strerror(ctx[r].rc), ctx[r].elapsed_s, ctx[r].err);
+  }
+}
+
+/* comm.h: a send completes once the peer has posted its recv, so two ranks
+ * that both send first wait for each other until the deadline. */
+static int body_both_send(rank_ctx *x, mt_comm *c) {
+  float *buf = mt_device_alloc(&devs[x->rank], 64 * sizeof(float));
+  if (!buf) return MT_ENOMEM;
+  int rc = mt_comm_send(c, buf, 64, MT_COMM_F32, 1 - x->rank);
+  if (!rc) rc = mt_comm_recv(c, buf, 64, MT_COMM_F32, 1 - x->rank);
+  mt_device_free(&devs[x->rank], buf);
+  return rc;
+}
+
+static void test_two_ranks_sending_first_wait_until_deadline(void) {
+  rank_ctx ctx[2];
+  double t0 = now_s();
+  run_ranks(ctx, 2, 2, "test/both-send", 300, body_both_send, NULL);
+  double took = now_s() - t0;
+  int timed_out = 0;
+  for (int r = 0; r < 2; r++) timed_out += strstr(ctx[r].err, "timed out after 300 ms") != NULL;
+  check(ctx[0].rc && ctx[1].rc && timed_out >= 1 && took < 2.0,
+        "two ranks that both send first: %s / %s after %.2f s: %s", mt_strerror(ctx[0].rc),
+        mt_strerror(ctx[1].rc), took, ctx[0].err);
+}
+
+/* NCCL's max is fmax (a NaN on one rank is dropped); Gloo's carries it, and
+ * tests/parallel/test_comm.c holds the comm layer to that. Reported, not
+ * counted, until nccl.c deals with it. */
+static int body_nan(rank_ctx *x, mt_comm *c) {
+  float f[2] = {1, 2};
+  if (x->rank == 1) f[0] = NAN;
+  int rc = staged_allreduce(c, f, f, 2, MT_COMM_F32, MT_COMM_MAX);
+  if (!rc && !isnan(f[0]))
+    snprintf(x->err, sizeof x->err, "max over ranks of {1, NaN} is %g", (double)f[0]);
+  return rc;
+}
+
+static void test_max_with_a_nan(void) {
+  rank_ctx ctx[2];
+  run_ranks(ctx, 2, 2, "test/nan", 20000, body_nan, NULL);
+  check(ctx[0].rc == 0 && ctx[1].rc == 0, "max all-reduce with a NaN on rank 1 runs");
+  if (ctx[0].err[0])
+    printf("note (not counted): NCCL drops the NaN, unlike Gloo (test_comm's "
+           "test_max_propagates_nan_from_any_rank): %s\n",
+           ctx[0].err);
+  else
+    printf("ok   max over NCCL carries the NaN\n");
+}
+
+/* ------------------------------------------------------------ the emulator */
+
+/* Two ranks through the raw API: rank 0 on device 0 checks what is pending
+ * before rank 1 (device 1) posts, which it does once rank 0 says so. */
+typedef struct raw_arg {
+  ncclUniqueId id;
+  atomic_int phase;
+  int rank;
+} raw_arg;
+
+static raw_arg raw[2];
+
+static void wait_phase(atomic_int *p, int want) {
+  while (atomic_load(p) < want) sleep_ms(1);
+}
+
+/* Polls until the comm reports ncclSuccess (after ncclInProgress), as
+ * NCCL's non-blocking mode asks. */
+static ncclResult_t settle(ncclComm_t comm, ncclResult_t r) {
+  while (r == ncclInProgress) {
+    if (ncclCommGetAsyncError(comm, &r) != ncclSuccess) return ncclInternalError;
+    if (r == ncclInProgress) sched_yield();
+  }
+  return r;
+}
+
+static int stream_done(cudaStream_t s) {
+  for (int i = 0; i < 5000; i++) {
+    if (cudaStreamQuery(s) == cudaSuccess) return 1;
+    sleep_ms(1);
+  }
+  return 0;
+}
+
+static void *raw_main(void *p) {
+  raw_arg *a = p;
+  const int me = a->rank, other = 1 - me;
+  atomic_int *phase = &raw[0].phase;
+  cudaSetDevice(me);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclComm_t comm;
+  cudaStream_t s, waiter;
+  cudaEvent_t done_ev, t0, t1;
+  float *buf, *out, host[8];
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  cudaStreamCreate(&waiter);
+  cudaEventCreateWithFlags(&done_ev, cudaEventDisableTiming);
+  cudaEventCreate(&t0);
+  cudaEventCreate(&t1);
+  size_t free0, free1, total;
+  cudaMemGetInfo(&free0, &total);
+  cudaMalloc((void **)&buf, 8 * sizeof(float));
+  cudaMalloc((void **)&out, 8 * sizeof(float));
+  cudaMemGetInfo(&free1, &total);
+  if (me == 0)
+    check(free0 - free1 >= 64 && free1 < total, "cudaMemGetInfo: %zu bytes free of %zu, %zu after",
+          free0, total, free1);
+  if (me == 1) wait_phase(phase, 1); /* joins once rank 0 has seen init pending */
+  ncclResult_t r = ncclCommInitRankConfig(&comm, 2, raw[0].id, me, &config);
+  if (me == 0) {
+    ncclResult_t st;
+    ncclCommGetAsyncError(comm, &st);
+    check(r == ncclInProgress && st == ncclInProgress,
+          "non-blocking init: %s, then %s until the peer joins", ncclGetErrorString(r),
+          ncclGetErrorString(st));
+    atomic_store(phase, 1);
+  }
+  r = settle(comm, r);
+  if (me == 0) check(r == ncclSuccess, "non-blocking init completes: %s", ncclGetErrorString(r));
+
+  /* phase 2: rank 0 posts an all-reduce; rank 1 waits to post it */
+  for (int i = 0; i < 8; i++) host[i] = (float)(me + 1) * (float)i;
+  cudaMemcpyAsync(buf, host, sizeof host, cudaMemcpyHostToDevice, s);
+  cudaStreamSynchronize(s);
+  if (me == 0) {
+    cudaEventRecord(t0, s);
+    r = ncclAllReduce(buf, out, 8, ncclFloat32, ncclSum, comm, s);
+    ncclResult_t again = ncclAllReduce(buf, out, 8, ncclFloat32, ncclSum, comm, s);
+    check(r == ncclInProgress && again == ncclInvalidUsage,
+          "a call before GetAsyncError reported the last one done is refused: %s",
+          ncclGetLastError(comm));
+    r = settle(comm, r);
+    cudaEventRecord(done_ev, s);
+    cudaEventRecord(t1, s);
+    cudaStreamWaitEvent(waiter, done_ev, 0);
+    sleep_ms(20);
+    check(r == ncclSuccess && cudaStreamQuery(s) == cudaErrorNotReady &&
+              cudaEventQuery(done_ev) == cudaErrorNotReady &&
+              cudaStreamQuery(waiter) == cudaErrorNotReady,
+          "an all-reduce the peer has not posted: its stream, an event behind it and a stream "
+          "waiting for that event are all pending");
+    atomic_store(phase, 2);
+  } else {
+    wait_phase(phase, 2);
+    r = settle(comm, ncclAllReduce(buf, out, 8, ncclFloat32, ncclSum, comm, s));
+  }
+  int drained = stream_done(s);
+  cudaMemcpyAsync(host, out, sizeof host, cudaMemcpyDeviceToHost, s);
+  cudaStreamSynchronize(s);
+  int right = 1;
+  for (int i = 0; i < 8; i++) right &= host[i] == 3.0f * (float)i;
+  if (me == 0) {
+    float ms = -1;
+    cudaError_t te = cudaEventElapsedTime(&ms, t0, t1);
+    check(r == ncclSuccess && drained && right && cudaEventQuery(done_ev) == cudaSuccess &&
+              stream_done(waiter),
+          "once the peer posts: the sum is right, the stream, the event and the waiting stream "
+          "complete");
+    check(te == cudaSuccess && ms >= 0, "cudaEventElapsedTime across the all-reduce: %.3f ms",
+          (double)ms);
+    atomic_store(phase, 3);
+  } else {
+    wait_phase(phase, 3);
+  }
+
+  /* a group of send and receive, in opposite orders on the two ranks */
+  for (int i = 0; i < 8; i++) host[i] = (float)(100 * me + i);
+  cudaMemcpyAsync(buf, host, sizeof host, cudaMemcpyHostToDevice, s);
+  ncclGroupStart();
+  if (me == 0) {
+    ncclSend(buf, 8, ncclFloat32, other, comm, s);
+    ncclRecv(out, 8, ncclFloat32, other, comm, s);
+  } else {
+    ncclRecv(out, 8, ncclFloat32, other, comm, s);
+    ncclSend(buf, 8, ncclFloat32, other, comm, s);
+  }
+  r = settle(comm, ncclGroupEnd());
+  drained = stream_done(s);
+  cudaMemcpyAsync(host, out, sizeof host, cudaMemcpyDeviceToHost, s);
+  cudaStreamSynchronize(s);
+  right = 1;
+  for (int i = 0; i < 8; i++) right &= host[i] == (float)(100 * other + i);
+  check(r == ncclSuccess && drained && right,
+        "rank %d: a group of send and receive (%s first) exchanges the buffers", me,
+        me == 0 ? "send" : "receive");
+
+  /* ncclReduce to rank 1: only the root's recv is written */
+  for (int i = 0; i < 8; i++) host[i] = (float)(me + 1);
+  cudaMemcpyAsync(buf, host, sizeof host, cudaMemcpyHostToDevice, s);
+  for (int i = 0; i < 8; i++) host[i] = -7.0f;
+  cudaMemcpyAsync(out, host, sizeof host, cudaMemcpyHostToDevice, s);
+  r = settle(comm, ncclReduce(buf, out, 8, ncclFloat32, ncclMax, 1, comm, s));
+  drained = stream_done(s);
+  cudaMemcpyAsync(host, out, sizeof host, cudaMemcpyDeviceToHost, s);
+  cudaStreamSynchronize(s);
+  float want = me == 1 ? 2.0f : -7.0f;
+  right = 1;
+  for (int i = 0; i < 8; i++) right &= host[i] == want;
+  check(r == ncclSuccess && drained && right, "rank %d: ncclReduce max to rank 1: recv holds %g",
+        me, (double)host[0]);
+
+  r = ncclCommFinalize(comm);
+  r = settle(comm, r);
+  ncclCommDestroy(comm);
+  check(r == ncclSuccess, "rank %d: finalize and destroy", me);
+  cudaFree(buf);
+  cudaFree(out);
+  cudaEventDestroy(done_ev);
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
+  cudaStreamDestroy(s);
+  cudaStreamDestroy(waiter);
+  return NULL;
+}
+
+static void test_emulated_streams_events_and_groups(void) {
+  ncclGetUniqueId(&raw[0].id);
+  atomic_store(&raw[0].phase, 0);
+  pthread_t th[2];
+  for (int r = 0; r < 2; r++) {
+    raw[r].rank = r;
+    pthread_create(&th[r], NULL, raw_main, &raw[r]);
+  }
+  for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+}
+
+static const struct {
+  const char *name;
+  void (*fn)(void);
+} tests[] = {
+    {"emulated_streams_events_and_groups", test_emulated_streams_events_and_groups},
+    {"collectives_match_serial_reference_1_to_4_ranks",
+     test_collectives_match_serial_reference_1_to_4_ranks},
+    {"large_reductions_match_reference", test_large_reductions_match_reference},
+    {"kernels_and_collectives_on_four_devices", test_kernels_and_collectives_on_four_devices},
+    {"missing_rank_fails_create_naming_it", test_missing_rank_fails_create_naming_it},
+    {"rank_missing_from_nccl_init_times_out", test_rank_missing_from_nccl_init_times_out},
+    {"stuck_peer_fails_allreduce_by_deadline", test_stuck_peer_fails_allreduce_by_deadline},
+    {"abort_from_another_thread_fails_blocked_op_promptly",
+     test_abort_from_another_thread_fails_blocked_op_promptly},
+    {"peer_abort_fails_the_others_instead_of_hanging",
+     test_peer_abort_fails_the_others_instead_of_hanging},
+    {"two_ranks_sending_first_wait_until_deadline",
+     test_two_ranks_sending_first_wait_until_deadline},
+    {"max_with_a_nan", test_max_with_a_nan},
+};
+
+/* Arguments, if any, pick the tests whose names contain one of them. */
+int main(int argc, char **argv) {
+  double t0 = now_s();
+  setenv("MT_CUDA_EMU_DEVICES", "4", 1);
+  if (mt_store_mem_new(&store)) {
+    fprintf(stderr, "store: %s\n", mt_errmsg());
+    return 1;
+  }
+  for (int r = 0; r < NDEV; r++) {
+    char spec[16];
+    snprintf(spec, sizeof spec, "cuda:%d", r);
+    if (mt_device_open(&devs[r], spec)) {
+      fprintf(stderr, "%s: %s\n", spec, mt_errmsg());
+      return 1;
+    }
+  }
+  for (size_t t = 0; t < sizeof tests / sizeof *tests; t++) {
+    int run = argc < 2;
+    for (int a = 1; a < argc; a++) run |= strstr(tests[t].name, argv[a]) != NULL;
+    if (!run) continue;
+    printf("-- %s\n", tests[t].name);
+    tests[t].fn();
+  }
+  for (int r = 0; r < NDEV; r++) mt_device_close(&devs[r]);
+  mt_store_free(store);
+  printf("%s: %d check(s) failed, %.2f s\n", failures ? "FAIL" : "ok", failures, now_s() - t0);
+  return failures ? 1 : 0;
+}
