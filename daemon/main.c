@@ -54,8 +54,11 @@ static void usage(FILE *out) {
           "\n"
           "  --standalone JOB.json     job spec (model, parallel, train, data, checkpoint)\n"
           "  --set SECTION.KEY=VALUE   override a job field (repeatable), e.g. train.steps=20\n"
-          "  --devices KIND            cpu (default): parallel.dp_min CPU devices cpu:0..dp-1,\n"
-          "                            one thread each, sharing this machine's cores\n"
+          "  --devices DEVICES         cpu (default): one CPU device per rank, one thread\n"
+          "                            each, sharing this machine's cores; cuda:0-7 or\n"
+          "                            cuda:0,2: rank k of this process on the k-th GPU\n"
+          "                            listed (GPU groups talk over NCCL); cuda: the first\n"
+          "                            GPUs; auto: GPUs when there are, else one CPU device\n"
           "  --export PATH             write the trained weights as GPT-2 safetensors\n"
           "  --presets DIR             extra directory of model presets (<name>.json)\n"
           "  --procs N --proc-rank I --store DIR\n"
@@ -92,8 +95,10 @@ static int run_node(const char *config_path, const char *const *overrides,
   signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
   signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails that write (EFBIG), not the daemon */
   int abandoned = 0;
-  mt_node_opts no = {
-      .config = &cfg, .job_overrides = job_sets, .config_path = config_path, .abandoned = &abandoned};
+  mt_node_opts no = {.config = &cfg,
+                     .job_overrides = job_sets,
+                     .config_path = config_path,
+                     .abandoned = &abandoned};
   int code = mt_node_main(&no);
   if (abandoned) { /* device threads are still blocked in a collective: do not unwind under them */
     fflush(stdout);
@@ -229,17 +234,50 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: job %s cannot run:\n%s\n", job_path, mt_errmsg());
     return 2;
   }
-  if (strcmp(devices, "cpu") && strncmp(devices, "cpu:", 4)) {
-    fprintf(stderr,
-            "mtnlgd: --devices %s: only CPU devices exist in this build of the engine "
-            "(the CUDA backend is its own issue)\n",
+  int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
+  int here = procs > 0 ? world / procs : world;
+  /* --devices: cpu (cpu:N names the first), cuda:LIST (rank k of this
+   * process on the k-th GPU listed), cuda (the first `here` GPUs), or auto */
+  char resolved[64];
+  if (!strcmp(devices, "auto") && mt_device_resolve_auto(resolved, sizeof resolved, here) > 0)
+    devices = resolved;
+  else if (!strcmp(devices, "cuda")) {
+    snprintf(resolved, sizeof resolved, here > 1 ? "cuda:0-%d" : "cuda:0", here - 1);
+    devices = resolved;
+  }
+  int gpu = !strncmp(devices, "cuda:", 5);
+  static char specs[256][16];
+  static const char *dev_list[256];
+  if (gpu) {
+    int n = mt_parse_devices(devices, specs, 256);
+    if (n < 0) {
+      fprintf(stderr, "mtnlgd: --devices: %s\n", mt_errmsg());
+      return 2;
+    }
+    if (n < here) {
+      fprintf(stderr,
+              "mtnlgd: --devices %s names %d GPU%s; this process runs %d ranks (tp %d x pp %d x "
+              "dp %d%s) and needs one each\n",
+              devices, n, n == 1 ? "" : "s", here, job.parallel.tp, job.parallel.pp,
+              job.parallel.dp_min, procs > 1 ? ", over --procs" : "");
+      return 2;
+    }
+    for (int i = 0; i < n; i++) {
+      size_t total, avail;
+      if (mt_device_memory(specs[i], &total, &avail)) {
+        fprintf(stderr, "mtnlgd: --devices %s: %s\n", devices, mt_errmsg());
+        return 2;
+      }
+      dev_list[i] = specs[i];
+    }
+  } else if (strcmp(devices, "cpu") && strncmp(devices, "cpu:", 4)) {
+    fprintf(stderr, "mtnlgd: --devices %s: want cpu, cpu:N, cuda, cuda:LIST (0-7 or 0,2) or auto\n",
             devices);
     return 2;
   }
-  /* the memory plan: CPU devices of this process share its RAM; a job that
-   * cannot fit is refused with the numbers before anything is allocated */
-  if (mt_check_memory_plan(&job, job.parallel.tp * job.parallel.pp * job.parallel.dp_min /
-                                     (procs > 0 ? procs : 1))) {
+  /* the memory plan: a job that cannot fit is refused with the numbers
+   * before anything is allocated */
+  if (mt_check_memory_plan(&job, here, gpu ? specs[0] : "cpu:0")) {
     fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", job_path, mt_errmsg());
     return 2;
   }
@@ -249,12 +287,11 @@ int main(int argc, char **argv) {
     mt_log_error("%s", mt_errmsg());
     return 1;
   }
-  int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
-  mt_log_info("mtnlgd %s: job %s (%s), %d ranks (tp %d x pp %d x dp %d), %d of them on cpu "
+  mt_log_info("mtnlgd %s: job %s (%s), %d ranks (tp %d x pp %d x dp %d), %d of them on %s "
               "devices in this process, %d threads (OpenMP wait %s), OpenBLAS %s (%s) from %s",
               MT_VERSION, job.name, job.hash, world, job.parallel.tp, job.parallel.pp,
-              job.parallel.dp_min, procs > 0 ? world / procs : world, probe.threads,
-              mt_omp_wait_policy(), mt_blas_corename(), mt_blas_choice(), mt_blas_library());
+              job.parallel.dp_min, here, gpu ? devices : "cpu", probe.threads, mt_omp_wait_policy(),
+              mt_blas_corename(), mt_blas_choice(), mt_blas_library());
   mt_device_close(&probe);
 
   if (procs > 1 && !store_dir) {
@@ -284,6 +321,7 @@ int main(int argc, char **argv) {
                       .store = store,
                       .comm_timeout_ms = comm_timeout_ms,
                       .device_kind = "cpu",
+                      .devices = gpu ? dev_list : NULL,
                       .export_path = export_path,
                       .stop = &stop_requested,
                       .on_step = proc_rank == 0 ? on_step : NULL,

@@ -176,7 +176,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   int here = me->rank_end - me->rank_begin;
   if (here > n->n_devices)
     return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
-  if ((rc = mt_check_memory_plan(&n->run_job, here))) return rc;
+  if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
   rc = mt_store_tcp_new(n->store_host, n->store_port, NULL, &n->engine_store);
   if (rc) return rc;
@@ -513,14 +513,14 @@ static int resolve_devices(node *n) {
     if (mt_device_resolve_auto(resolved, sizeof resolved, 0) < 0) return MT_EINVAL;
     d = resolved;
   }
-  if (!strncmp(d, "cuda", 4))
-    /* the kernels and NCCL are built; the engine's host-pointer paths are not yet */
-    return mt_seterr(MT_ENOTSUP,
-                     "node.devices = %s: the engine does not run on CUDA devices yet (the CUDA "
-                     "kernels are built, the engine integration is pending); use cpu:N",
-                     d);
   int count = mt_parse_devices(d, n->specs, MT_RDZV_MAX_DEVICES);
   if (count < 0) return count;
+  /* GPUs named that are not here are refused now, not at the first step */
+  for (int i = 0; i < count && !strncmp(d, "cuda", 4); i++) {
+    size_t total, avail;
+    int rc = mt_device_memory(n->specs[i], &total, &avail);
+    if (rc) return mt_wraperr(rc, "node.devices = %s", d);
+  }
   n->n_devices = count;
   return 0;
 }

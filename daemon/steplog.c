@@ -3,8 +3,10 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
+#include "device.h"
 #include "err.h"
 #include "log.h"
 #include "plan.h"
@@ -50,17 +52,22 @@ void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json)
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
-int mt_check_memory_plan(const mt_job *job, int ranks_here) {
-  double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-  mt_plan_device pd = {.memory_bytes = ram / (ranks_here > 0 ? ranks_here : 1), .tflops = 1.0};
+int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) {
+  size_t total = 0, avail = 0;
+  int gpu = device && !strncmp(device, "cuda", 4);
+  int rc = mt_device_memory(gpu ? device : "cpu:0", &total, &avail);
+  if (rc) return rc;
+  /* CPU devices of this process share its RAM; a GPU has its own */
+  double per = gpu ? (double)total : (double)total / (ranks_here > 0 ? ranks_here : 1);
+  mt_plan_device pd = {.memory_bytes = per, .tflops = 1.0};
   mt_plan plan;
-  int rc = mt_plan_compute(job, &pd, &plan);
+  rc = mt_plan_compute(job, &pd, &plan);
   if (rc) return rc;
   mt_log_info("plan: %.2f GB per device at most (stage %d: weights %.2f, grads %.2f, "
-              "optimizer %.2f, activations %.2f GB) of %.1f GB RAM per device",
+              "optimizer %.2f, activations %.2f GB) of %.1f GB %s per device",
               (double)plan.worst.total_bytes / 1e9, plan.worst.stage,
               (double)plan.worst.weight_bytes / 1e9, (double)plan.worst.grad_bytes / 1e9,
               (double)plan.worst.optimizer_bytes / 1e9, (double)plan.worst.activation_bytes / 1e9,
-              pd.memory_bytes / 1e9);
+              pd.memory_bytes / 1e9, gpu ? "GPU memory" : "RAM");
   return 0;
 }

@@ -12,9 +12,10 @@
  * validation, and the step a stop took effect. */
 void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json);
 
-/* Checks the job's memory plan for ranks_here devices sharing this machine's
- * RAM (CPU devices): MT_EINVAL with the numbers when it cannot fit; logs the
- * plan otherwise. */
-int mt_check_memory_plan(const mt_job *job, int ranks_here);
+/* Checks the job's memory plan against the devices of this process: a GPU's
+ * own memory when device is "cuda:N" (the first of them), else this
+ * machine's RAM shared by ranks_here CPU devices. MT_EINVAL with the numbers
+ * when it cannot fit; logs the plan otherwise. */
+int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device);
 
 #endif

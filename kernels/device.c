@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cpu/blas.h"
 #include "cpu/threads.h"
@@ -108,6 +109,32 @@ int mt_device_open(mt_device *d, const char *spec) {
   }
   snprintf(d->name, sizeof d->name, "%s:%d", d->kind == MT_DEVICE_CPU ? "cpu" : "cuda", d->index);
   return 0;
+}
+
+int mt_device_memory(const char *spec, size_t *total, size_t *free_bytes) {
+  *total = *free_bytes = 0;
+  if (!strncmp(spec, "cpu", 3)) {
+    long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES),
+         page = sysconf(_SC_PAGESIZE);
+    *total = pages > 0 && page > 0 ? (size_t)pages * (size_t)page : 0;
+    *free_bytes = avail > 0 && page > 0 ? (size_t)avail * (size_t)page : 0;
+    return 0;
+  }
+  const char *colon = strchr(spec, ':');
+  char *end = NULL;
+  long idx = colon ? strtol(colon + 1, &end, 10) : -1;
+  if (strncmp(spec, "cuda:", 5) || !colon || end == colon + 1 || *end || idx < 0)
+    return mt_seterr(MT_EINVAL, "device: bad spec \"%s\" (want cpu:N or cuda:N)", spec);
+  char why[256] = "";
+  int n = cuda_count(why, sizeof why);
+  if (idx >= n)
+    return mt_seterr(MT_ENOTSUP, "device: %s: %d CUDA device%s usable here%s%s", spec, n,
+                     n == 1 ? "" : "s", why[0] ? ": " : "", why);
+#if WITH_CUDA
+  return mt__cuda_memory((int)idx, total, free_bytes);
+#else
+  return mt_seterr(MT_ENOTSUP, "device: %s: no CUDA backend", spec);
+#endif
 }
 
 void mt_device_close(mt_device *d) {

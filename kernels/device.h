@@ -73,6 +73,11 @@ int mt_device_memset0(mt_device *d, void *p, size_t bytes);
  * GEMM, a fault) is reported here, once, with MT_EIO. */
 int mt_device_sync(mt_device *d);
 
+/* Memory of the device `spec` names ("cpu:N": the machine's RAM, shared by
+ * every cpu device; "cuda:N": the GPU's, total and free now), in bytes,
+ * without opening it. MT_ENOTSUP for a GPU this build or machine lacks. */
+int mt_device_memory(const char *spec, size_t *total, size_t *free_bytes);
+
 /* Number of CUDA devices usable here (0 without a GPU or driver);
  * mt_device_count("cuda"). */
 int mt_cuda_device_count(void);

@@ -145,6 +145,14 @@ struct mt_ops {
   double (*sumsq)(mt_device *d, const float *x, size_t n);
   /* x *= s */
   void (*scale)(mt_device *d, float *x, float s, size_t n);
+
+  /* Mixed precision. dst[i] = src[i] rounded to nearest even into bf16
+   * (fp16 != 0: binary16), kept as a float (mt_round_half); dst may alias
+   * src. The working copy of the weights the forward reads. */
+  void (*round_half)(mt_device *d, float *dst, const float *src, size_t n, int fp16);
+  /* 1 when every x[i] stays finite in fp16 (no NaN, inf or |x| >= 65520:
+   * mt_fp16_overflows), else 0: the loss scaler's overflow test. */
+  int (*fits_fp16)(mt_device *d, const float *x, size_t n);
 };
 
 /* The CPU backend's table (kernels/cpu). */

@@ -273,8 +273,8 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
-static const char *const parallel_keys[] = {"tp",          "pp",        "dp_min",   "dp_max",
-                                            "micro_batch", "recompute", "schedule", NULL};
+static const char *const parallel_keys[] = {
+    "tp", "pp", "dp_min", "dp_max", "micro_batch", "recompute", "schedule", "bucket_size", NULL};
 static const char *const train_keys[] = {"global_batch", "steps",        "seed",      "lr",
                                          "adam",         "weight_decay", "clip_grad", "precision",
                                          "loss_scale",   "log_interval", NULL};
@@ -485,6 +485,7 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
   if (!read_int(pb, o, "parallel", "dp_max", &p->dp_max)) p->dp_max = p->dp_min;
   read_int(pb, o, "parallel", "micro_batch", &p->micro_batch);
   read_bool(pb, o, "parallel", "recompute", &p->recompute);
+  read_int(pb, o, "parallel", "bucket_size", &p->bucket_size);
   char sched[64] = "1f1b";
   read_str(pb, o, "parallel", "schedule", sched, sizeof sched);
   if (strcmp(sched, "1f1b"))
@@ -663,6 +664,7 @@ static void set_defaults(mt_job *job) {
   mt_parallel_spec *p = &job->parallel;
   p->tp = p->pp = p->dp_min = p->dp_max = 1;
   p->micro_batch = 1;
+  p->bucket_size = 40000000; /* Megatron's DDP bucket, in elements */
   snprintf(p->schedule, sizeof p->schedule, "1f1b");
   mt_train_spec *t = &job->train;
   t->seed = 1234;
@@ -739,6 +741,7 @@ static void validate(problems *pb, mt_job *job) {
       {"parallel.dp_min", p->dp_min},
       {"parallel.dp_max", p->dp_max},
       {"parallel.micro_batch", p->micro_batch},
+      {"parallel.bucket_size", p->bucket_size},
       {"train.global_batch", t->global_batch},
       {"train.steps", t->steps},
       {"train.log_interval", t->log_interval},
@@ -842,7 +845,7 @@ static json_t *job_to_json_core(const mt_job *job) {
   static const char *const kinds[] = {"constant", "cosine", "linear"};
   return json_pack(
       "{s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:s},"
-      " s:{s:I, s:I, s:I, s:I, s:I, s:b, s:s},"
+      " s:{s:I, s:I, s:I, s:I, s:I, s:b, s:s, s:I},"
       " s:{s:I, s:I, s:I, s:{s:s, s:f, s:f, s:I, s:I}, s:{s:f, s:f, s:f}, s:f, s:f, s:s, s:I},"
       " s:{s:s}, s:{s:s, s:I, s:I, s:s}}",
       "name", job->name, "model", "n_layer", (json_int_t)m->n_layer, "n_embd",
@@ -853,14 +856,14 @@ static json_t *job_to_json_core(const mt_job *job) {
       (double)m->attention_dropout, "init_from", m->init_from, "parallel", "tp", (json_int_t)p->tp,
       "pp", (json_int_t)p->pp, "dp_min", (json_int_t)p->dp_min, "dp_max", (json_int_t)p->dp_max,
       "micro_batch", (json_int_t)p->micro_batch, "recompute", p->recompute, "schedule", p->schedule,
-      "train", "global_batch", (json_int_t)t->global_batch, "steps", (json_int_t)t->steps, "seed",
-      (json_int_t)t->seed, "lr", "schedule", kinds[t->lr.kind], "peak", t->lr.peak, "min",
-      t->lr.min, "warmup_steps", (json_int_t)t->lr.warmup_steps, "decay_steps",
-      (json_int_t)t->lr.decay_steps, "adam", "beta1", t->beta1, "beta2", t->beta2, "eps",
-      t->adam_eps, "weight_decay", t->weight_decay, "clip_grad", t->clip_grad, "precision",
-      t->precision, "log_interval", (json_int_t)t->log_interval, "data", "path", job->data.path,
-      "checkpoint", "dir", c->dir, "interval", (json_int_t)c->interval, "keep", (json_int_t)c->keep,
-      "export", c->export_path);
+      "bucket_size", (json_int_t)p->bucket_size, "train", "global_batch",
+      (json_int_t)t->global_batch, "steps", (json_int_t)t->steps, "seed", (json_int_t)t->seed, "lr",
+      "schedule", kinds[t->lr.kind], "peak", t->lr.peak, "min", t->lr.min, "warmup_steps",
+      (json_int_t)t->lr.warmup_steps, "decay_steps", (json_int_t)t->lr.decay_steps, "adam", "beta1",
+      t->beta1, "beta2", t->beta2, "eps", t->adam_eps, "weight_decay", t->weight_decay, "clip_grad",
+      t->clip_grad, "precision", t->precision, "log_interval", (json_int_t)t->log_interval, "data",
+      "path", job->data.path, "checkpoint", "dir", c->dir, "interval", (json_int_t)c->interval,
+      "keep", (json_int_t)c->keep, "export", c->export_path);
 }
 
 /* The resolved job as JSON: the core sections, then data (whichever source

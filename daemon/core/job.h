@@ -35,6 +35,8 @@ typedef struct mt_parallel_spec {
   int micro_batch;            /* sequences per micro-batch */
   int recompute;              /* per-layer activation recomputation */
   char schedule[16];          /* "1f1b" */
+  int bucket_size;            /* dp > 1: gradient elements per bucket reduced during the
+                                 backward pass (Megatron's --ddp-bucket-size) */
 } mt_parallel_spec;
 
 typedef enum { MT_LR_CONSTANT = 0, MT_LR_COSINE = 1, MT_LR_LINEAR = 2 } mt_lr_kind;

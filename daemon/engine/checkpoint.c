@@ -23,7 +23,9 @@ void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size) {
   snprintf(out, size, "%s/%s", job->checkpoint.dir, job->name);
 }
 
-/* Every rank learns whether any rank failed (a sum of failure flags). */
+/* Every rank learns whether any rank failed (a sum of failure flags). c is
+ * the world group: it moves host memory on every device (the dp group of GPU
+ * ranks is NCCL's, device memory only). */
 static int agree(mt_comm *c, int failed, int *any) {
   int32_t v = failed ? 1 : 0;
   *any = failed;
@@ -99,10 +101,10 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
     sv->failed = 1;
     snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
   }
-  if ((rc = agree(g->dp, sv->failed, &any))) goto comm_failed;
+  if ((rc = agree(g->world, sv->failed, &any))) goto comm_failed;
   if (any && !sv->failed) {
     sv->failed = 1;
-    snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: the shard file could not be made",
+    snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: a shard file could not be made",
              (long long)tr->step);
   }
   /* the state as of this step boundary, in host memory: training may go on */
@@ -145,7 +147,7 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
   char err[1024] = "";
   int failed = sv->failed;
   if (failed) snprintf(err, sizeof err, "%s", sv->err);
-  if ((rc = agree(g->dp, failed, &any))) goto comm_failed;
+  if ((rc = agree(g->world, failed, &any))) goto comm_failed;
   if (!any && g->dp_rank == 0 && mt_ckpt_shard_commit(&sv->txn, &sv->d)) {
     failed = 1;
     snprintf(err, sizeof err, "%s", mt_errmsg());

@@ -213,8 +213,10 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   return 0;
 }
 
-/* Joins group `name` (key prefix "<comm_prefix>/<name>") as rank `rank` of `size`. */
-static int join(rank_ctx *c, int slot, const char *name, int rank, int size) {
+/* Joins group `name` (key prefix "<comm_prefix>/<name>") as rank `rank` of
+ * `size`: over NCCL when dev is a GPU (the group moves device tensors),
+ * else (and dev NULL: host values) over Gloo. */
+static int join(rank_ctx *c, int slot, const char *name, int rank, int size, mt_device *dev) {
   char prefix[192];
   snprintf(prefix, sizeof prefix, "%s/%s", c->o->comm_prefix ? c->o->comm_prefix : "standalone",
            name);
@@ -224,15 +226,19 @@ static int join(rank_ctx *c, int slot, const char *name, int rank, int size) {
                      .rank = rank,
                      .size = size,
                      .timeout_ms = c->o->comm_timeout_ms ? c->o->comm_timeout_ms : 300000,
-                     .backend = MT_COMM_GLOO};
+                     .backend = dev && dev->kind == MT_DEVICE_CUDA ? MT_COMM_NCCL : MT_COMM_GLOO,
+                     .device = dev};
   mt_comm *comm = NULL;
   int rc = mt_comm_create(&comm, &co);
   __atomic_store_n(&c->comms[slot], comm, __ATOMIC_RELEASE);
   return rc;
 }
 
-/* Megatron's rank order: world rank = tp_rank + tp * (dp_rank + dp * pp_rank). */
-static int make_groups(rank_ctx *c, mt_groups *g) {
+/* Megatron's rank order: world rank = tp_rank + tp * (dp_rank + dp * pp_rank).
+ * The world group carries host values (the step's agreed loss, norm and
+ * order word, checkpoint bookkeeping, export): Gloo on every device, as
+ * PyTorch keeps a Gloo group beside NCCL. The others move tensors of dev. */
+static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
   const mt_parallel_spec *ps = &c->o->job->parallel;
   int tp = ps->tp, dp = ps->dp_min, pp = ps->pp;
   *g = (mt_groups){.tp_rank = c->rank % tp,
@@ -243,22 +249,22 @@ static int make_groups(rank_ctx *c, mt_groups *g) {
                    .pp_size = pp};
   char name[64];
   int rc = 0;
-  if (c->size > 1) rc = join(c, 0, "world", c->rank, c->size);
+  if (c->size > 1) rc = join(c, 0, "world", c->rank, c->size, NULL);
   if (!rc && tp > 1) {
     snprintf(name, sizeof name, "tp.pp%d.dp%d", g->pp_rank, g->dp_rank);
-    rc = join(c, 4, name, g->tp_rank, tp);
+    rc = join(c, 4, name, g->tp_rank, tp, dev);
   }
   if (!rc && dp > 1) {
     snprintf(name, sizeof name, "dp.pp%d.tp%d", g->pp_rank, g->tp_rank);
-    rc = join(c, 1, name, g->dp_rank, dp);
+    rc = join(c, 1, name, g->dp_rank, dp, dev);
   }
   if (!rc && pp > 1) {
     snprintf(name, sizeof name, "pp.dp%d.tp%d", g->dp_rank, g->tp_rank);
-    rc = join(c, 2, name, g->pp_rank, pp);
+    rc = join(c, 2, name, g->pp_rank, pp, dev);
   }
   if (!rc && pp > 1 && (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
     snprintf(name, sizeof name, "embed.dp%d.tp%d", g->dp_rank, g->tp_rank);
-    rc = join(c, 3, name, g->pp_rank == 0 ? 0 : 1, 2);
+    rc = join(c, 3, name, g->pp_rank == 0 ? 0 : 1, 2, dev);
   }
   g->world = c->comms[0], g->dp = c->comms[1], g->pipe = c->comms[2], g->embed = c->comms[3];
   g->tp = c->comms[4];
@@ -280,7 +286,7 @@ static void *rank_main(void *arg) {
   int have_dev = 0, have_tr = 0;
   int rc = mt_device_open(&dev, spec);
   have_dev = !rc;
-  if (!rc) rc = make_groups(c, &g);
+  if (!rc) rc = make_groups(c, &g, &dev);
   if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, &g);
   have_tr = !rc;
   if (!rc) rc = rank_loop(c, &tr);

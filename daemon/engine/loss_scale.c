@@ -75,14 +75,3 @@ int mt_loss_scale_check_finite(const float *g, size_t n) {
   return !bad;
 }
 
-/* The same trick: |x| >= 65520 exactly when the magnitude's bits are at
- * least 65520's (0x477FF000); inf and NaN lie above it. */
-int mt_loss_scale_check_fp16_range(const float *g, size_t n) {
-  uint32_t bad = 0;
-  for (size_t i = 0; i < n; i++) {
-    uint32_t u;
-    memcpy(&u, &g[i], sizeof u);
-    bad |= (u & 0x7FFFFFFFu) >= 0x477FF000u;
-  }
-  return !bad;
-}

@@ -49,11 +49,4 @@ int mt_loss_scale_update(mt_loss_scale *s, int found_inf);
  * early exit, so the loop vectorises. */
 int mt_loss_scale_check_finite(const float *g, size_t n);
 
-/* 1 when all n values stay finite once rounded to fp16: no inf, no NaN and
- * no magnitude of 65520 or more (fp16's largest finite value is 65504; from
- * 65520 on, round to nearest even gives inf). A backend that computes the
- * backward in fp32 (the CPU's) checks its scaled gradients with this, so a
- * loss scale that would overflow an fp16 backward overflows there too. */
-int mt_loss_scale_check_fp16_range(const float *g, size_t n);
-
 #endif

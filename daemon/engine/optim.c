@@ -2,6 +2,7 @@
 #include "optim.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "err.h"
@@ -18,7 +19,8 @@ int mt_adamw_create(mt_adamw *o, const mt_gpt *model, size_t lo, size_t n, doubl
   o->n = n;
   o->m = mt_device_alloc(o->dev, o->n * sizeof(float));
   o->v = o->m ? mt_device_alloc(o->dev, o->n * sizeof(float)) : NULL;
-  if (!o->v) {
+  o->slices = calloc((size_t)model->n_tensors + 1, sizeof *o->slices);
+  if (!o->v || !o->slices) {
     mt_adamw_destroy(o);
     return mt_wraperr(MT_ENOMEM, "adamw: moments for %zu parameters", n);
   }
@@ -30,6 +32,7 @@ void mt_adamw_destroy(mt_adamw *o) {
     mt_device_free(o->dev, o->m);
     mt_device_free(o->dev, o->v);
   }
+  free(o->slices);
   memset(o, 0, sizeof *o);
 }
 
@@ -42,14 +45,21 @@ int mt_adamw_step(mt_adamw *o, mt_gpt *model, const float *grad, double lr, doub
   mt_device *d = o->dev;
   size_t lo = o->lo, hi = o->lo + o->n;
   o->t++;
+  int n = 0;
   for (int i = 0; i < model->n_tensors; i++) {
     const mt_param *t = &model->params_table[i];
     size_t a, b;
     if (!mt_param_overlap(t, lo, hi, &a, &b)) continue; /* tensor outside this slice */
-    double wd = t->decay ? o->weight_decay : 0.0;
-    d->ops->adamw(d, model->params + a, grad + (a - lo), o->m + (a - lo), o->v + (a - lo), b - a,
-                  (float)lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)wd,
-                  (float)grad_scale, (int)o->t);
+    o->slices[n++] = (mt_adamw_slice){.param = model->params + a,
+                                      .grad = grad + (a - lo),
+                                      .m = o->m + (a - lo),
+                                      .v = o->v + (a - lo),
+                                      .n = b - a,
+                                      .wd = t->decay ? (float)o->weight_decay : 0.0f};
   }
+  o->n_slices = n;
+  if (n)
+    d->ops->adamw_multi(d, o->slices, n, (float)lr, (float)o->beta1, (float)o->beta2, (float)o->eps,
+                        (float)grad_scale, (int)o->t);
   return 0;
 }

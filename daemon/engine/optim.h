@@ -15,6 +15,8 @@ typedef struct mt_adamw {
   size_t lo, n; /* the slice [lo, lo + n) of the flat parameters it updates */
   float *m, *v; /* device, n floats each: 1/dp of the model under ZeRO-1 */
   mt_device *dev;
+  mt_adamw_slice *slices; /* host: one per tensor the slice meets, for adamw_multi */
+  int n_slices;
 } mt_adamw;
 
 /* Moments for parameters [lo, lo + n) of model's flat buffer (0 and
@@ -23,7 +25,8 @@ int mt_adamw_create(mt_adamw *o, const mt_gpt *model, size_t lo, size_t n, doubl
                     double beta2, double eps, double weight_decay);
 void mt_adamw_destroy(mt_adamw *o);
 
-/* One update of the slice at learning rate lr. grad holds the n gradients of
+/* One update of the slice at learning rate lr, in one multi-tensor op (a few
+ * launches on a GPU). grad holds the n gradients of
  * the slice (model->grads + lo when not sharded); they are multiplied by
  * grad_scale first (1 for none, clip/norm when clipping, divided by the loss
  * scale when the gradients are those of a scaled loss). Weight decay

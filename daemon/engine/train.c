@@ -59,17 +59,45 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
   return cfg;
 }
 
-/* A scratch copy of m's stage (or of the whole model) on m's device, unsharded:
- * no tp shards, no ZeRO padding, no micro-batch slots, the least activations.
- * Loading slices weights out of it; exporting gathers them into it. */
-static int create_unsharded(mt_gpt *out, const mt_gpt *m, int whole_model) {
+/* A scratch copy of m's stage (or of the whole model) in host memory (on
+ * `host`, a CPU device), unsharded: no tp shards, no ZeRO padding, no
+ * micro-batch slots, the least activations. Loading slices weights out of
+ * it; exporting gathers them into it. */
+static int create_unsharded(mt_gpt *out, const mt_gpt *m, int whole_model, mt_device *host) {
   mt_gpt_config cfg = m->cfg;
   if (whole_model) cfg.layer_begin = cfg.layer_end = 0;
   cfg.zero_shards = cfg.micro_slots = 0;
   cfg.tp_size = 1, cfg.tp_rank = 0;
   cfg.recompute = 1;
   cfg.precision = MT_PREC_FP32; /* only its master weights are used */
-  return mt_gpt_create(out, &cfg, m->dev, 1, 1);
+  int rc = mt_device_open(host, "cpu:0");
+  if (rc) return rc;
+  rc = mt_gpt_create(out, &cfg, host, 1, 1);
+  if (rc) mt_device_close(host);
+  return rc;
+}
+
+static void destroy_unsharded(mt_gpt *full, mt_device *host) {
+  mt_gpt_destroy(full);
+  mt_device_close(host);
+}
+
+/* m's master weights (num_params floats) where the host can index them:
+ * m->params itself on a CPU device, else a copy (*copied = 1: free it). */
+static float *host_params(const mt_gpt *m, int *copied) {
+  *copied = 0;
+  if (m->dev->kind == MT_DEVICE_CPU) return m->params;
+  float *h = malloc((m->num_params ? m->num_params : 1) * sizeof(float));
+  if (!h) {
+    mt_seterr(MT_ENOMEM, "a host copy of %zu parameters", m->num_params);
+    return NULL;
+  }
+  if (mt_device_memcpy_dtoh(m->dev, h, m->params, m->num_params * sizeof(float))) {
+    free(h);
+    return NULL;
+  }
+  *copied = 1;
+  return h;
 }
 
 /* Weights from a GPT-2 safetensors file. A tensor-parallel shard loads its
@@ -77,9 +105,13 @@ static int create_unsharded(mt_gpt *out, const mt_gpt *m, int whole_model) {
 static int load_weights(mt_gpt *m, const char *path) {
   if (m->cfg.tp_size <= 1) return mt_gpt_load_safetensors(m, path);
   mt_gpt full;
-  int rc = create_unsharded(&full, m, 0);
+  mt_device host;
+  int rc = create_unsharded(&full, m, 0, &host);
   if (rc) return rc;
+  int copied = 0;
+  float *dst = NULL;
   rc = mt_gpt_load_safetensors(&full, path);
+  if (!rc && !(dst = host_params(m, &copied))) rc = MT_ENOMEM;
   for (int i = 0; i < m->n_tensors && !rc; i++) {
     const mt_param *t = &m->params_table[i];
     int j = mt_gpt_find(&full, t->name);
@@ -88,11 +120,52 @@ static int load_weights(mt_gpt *m, const char *path) {
       break;
     }
     const float *src = mt_gpt_param(&full, j);
-    float *dst = mt_gpt_param(m, i);
-    for (size_t e = 0; e < t->numel; e++) dst[e] = src[mt_param_global_index(t, e)];
+    for (size_t e = 0; e < t->numel; e++) dst[t->offset + e] = src[mt_param_global_index(t, e)];
   }
-  mt_gpt_destroy(&full);
+  if (!rc && copied)
+    rc = mt_device_memcpy_htod(m->dev, m->params, dst, m->num_params * sizeof(float));
+  if (copied) free(dst);
+  destroy_unsharded(&full, &host);
   return rc;
+}
+
+/* The dp buckets: each rank's slice cut into pieces of at most cap
+ * elements, each ready once the block holding its first element is. */
+static int make_buckets(mt_trainer *tr, int cap_elems) {
+  mt_gpt *m = &tr->model;
+  size_t cap = cap_elems > 0 ? (size_t)cap_elems : tr->shard_n;
+  size_t per = (tr->shard_n + cap - 1) / cap;
+  tr->buckets = calloc(per * (size_t)tr->g.dp_size, sizeof *tr->buckets);
+  if (!tr->buckets) return mt_seterr(MT_ENOMEM, "train: %zu gradient buckets", per * tr->g.dp_size);
+  int n = 0;
+  for (int k = 0; k < tr->g.dp_size; k++) {
+    size_t end = (size_t)(k + 1) * tr->shard_n;
+    for (size_t lo = (size_t)k * tr->shard_n; lo < end; lo += cap) {
+      mt_grad_bucket *b = &tr->buckets[n++];
+      b->lo = lo, b->hi = lo + cap < end ? lo + cap : end, b->owner = k, b->ready = -1;
+      for (int l = m->n_layers - 1; l >= 0; l--)
+        if (m->params_table[m->i_block0 + l * MT_P_PER_LAYER].offset <= lo) {
+          b->ready = l;
+          break;
+        }
+    }
+  }
+  tr->n_buckets = n;
+  return 0;
+}
+
+/* Starts the reduce of every bucket whose gradients are final once block l
+ * has its own (the model's on_block_grads; l = -1: all that are left). */
+static int start_buckets(void *ctx, int l) {
+  mt_trainer *tr = ctx;
+  for (; tr->next_bucket >= 0 && tr->buckets[tr->next_bucket].ready >= l; tr->next_bucket--) {
+    const mt_grad_bucket *b = &tr->buckets[tr->next_bucket];
+    float *p = tr->model.grads + b->lo;
+    int rc =
+        mt_comm_reduce_start(tr->g.dp, p, p, b->hi - b->lo, MT_COMM_F32, MT_COMM_SUM, b->owner);
+    if (rc) return rc;
+  }
+  return 0;
 }
 
 int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g) {
@@ -122,6 +195,12 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 
   mt_gpt_config cfg = model_config(job, &tr->g, slots);
   tr->precision = cfg.precision;
+  /* GEMMs on tensor cores as autocast runs them: bf16 jobs round both
+   * inputs to bf16; fp16 jobs compute in TF32, whose 10-bit mantissa holds
+   * fp16 weights exactly; fp32 jobs stay fp32 (the CPU backend always is) */
+  dev->matmul = cfg.precision == MT_PREC_BF16   ? MT_MATMUL_BF16
+                : cfg.precision == MT_PREC_FP16 ? MT_MATMUL_TF32
+                                                : MT_MATMUL_FP32;
   int rc = 0;
   if (tr->precision == MT_PREC_FP16) {
     const mt_loss_scale_spec *ls = &job->train.loss_scale;
@@ -146,10 +225,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
   tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;
   size_t act = (size_t)B * T * ms->n_embd;
-  if (!rc && tr->g.dp) {
-    tr->shard_grad = mt_device_alloc(dev, tr->shard_n * sizeof(float));
-    if (!tr->shard_grad) rc = mt_wraperr(MT_ENOMEM, "train: ZeRO-1 gradient slice");
-  }
+  if (!rc && tr->g.dp) rc = make_buckets(tr, ps->bucket_size);
   if (!rc && tr->g.pipe) {
     tr->recv_x = mt_device_alloc(dev, 2 * act * sizeof(float));
     if (!tr->recv_x)
@@ -188,7 +264,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 }
 
 void mt_trainer_destroy(mt_trainer *tr) {
-  if (tr->shard_grad) mt_device_free(tr->dev, tr->shard_grad);
+  free(tr->buckets);
   if (tr->recv_x) mt_device_free(tr->dev, tr->recv_x);
   mt_gpt_destroy(&tr->model);
   mt_adamw_destroy(&tr->opt);
@@ -234,7 +310,13 @@ static int stage_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   mt_gpt *m = &tr->model;
   int j = r->bwd++;
+  /* the last micro-batch's backward leaves final gradients, block by block */
+  if (tr->g.dp && j == tr->micro_batches - 1) {
+    m->on_block_grads = start_buckets;
+    m->grads_ctx = tr;
+  }
   int rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy, r->loss_scale);
+  m->on_block_grads = NULL;
   if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   return 0;
 }
@@ -345,29 +427,6 @@ static double slice_sumsq(mt_trainer *tr, const float *grad) {
   return sum;
 }
 
-/* fp16: whether every gradient of this rank's slice stays finite in fp16.
- * The CPU backend's device memory is host memory; another backend's is read
- * through the host a chunk at a time (a device-side check is the CUDA
- * backend's to add). */
-static int slice_fits_fp16(mt_trainer *tr, const float *grad, int *fits) {
-  *fits = 1;
-  if (tr->dev->kind == MT_DEVICE_CPU) {
-    *fits = mt_loss_scale_check_fp16_range(grad, tr->shard_n);
-    return 0;
-  }
-  size_t cap = tr->shard_n < ((size_t)1 << 22) ? tr->shard_n : (size_t)1 << 22;
-  float *host = malloc((cap ? cap : 1) * sizeof(float));
-  if (!host) return mt_seterr(MT_ENOMEM, "train: overflow check buffer of %zu floats", cap);
-  int rc = 0;
-  for (size_t off = 0; off < tr->shard_n && !rc && *fits; off += cap) {
-    size_t n = tr->shard_n - off < cap ? tr->shard_n - off : cap;
-    rc = mt_device_memcpy_dtoh(tr->dev, host, grad + off, n * sizeof(float));
-    if (!rc) *fits = mt_loss_scale_check_fp16_range(host, n);
-  }
-  free(host);
-  return rc;
-}
-
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
@@ -386,6 +445,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * (fp16; 1 otherwise, which leaves every product exact) */
   int fp16 = tr->precision == MT_PREC_FP16;
   float scale = fp16 ? tr->scaler.scale : 1.0f;
+  tr->next_bucket = tr->n_buckets - 1;
   pipe_run r = {.tr = tr,
                 .split = MT_SPLIT_TRAIN,
                 .first = (uint64_t)tr->step * (uint64_t)G +
@@ -402,13 +462,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                            MT_COMM_F32, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
   }
-  /* ZeRO-1: each rank keeps the sum over replicas of its slice of the gradients */
+  /* ZeRO-1: each rank's slice holds the sum over replicas of its gradients
+   * once the buckets the backward did not start yet are reduced too */
   const float *grad = m->grads + tr->shard_lo;
   if (tr->g.dp) {
-    rc = mt_comm_reduce_scatter(tr->g.dp, m->grads, tr->shard_grad, tr->shard_n, MT_COMM_F32,
-                                MT_COMM_SUM);
-    if (rc) return mt_wraperr(rc, "step %lld: gradient reduce-scatter", sn);
-    grad = tr->shard_grad;
+    rc = start_buckets(tr, -1);
+    if (!rc) rc = mt_comm_wait(tr->g.dp);
+    if (rc) return mt_wraperr(rc, "step %lld: gradient reduction over dp", sn);
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
    * the pipeline's wait (for the bubble) and the coordinator's order word,
@@ -418,10 +478,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
   double sumsq = slice_sumsq(tr, grad);
-  int fits = 1;
-  if (fp16 && (rc = slice_fits_fp16(tr, grad, &fits)))
-    return mt_wraperr(rc, "step %lld: overflow check", sn);
-  if (!fits) sumsq = INFINITY;
+  if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
   double agreed[6] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       tr->stop_request ? 1.0 : 0.0,
@@ -506,10 +563,18 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
     return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
   /* every (stage, tp shard) of replica 0 sends its weights to world rank 0 */
   if (tr->g.dp_rank != 0) return 0;
-  if (world_rank != 0) return mt_comm_send(tr->g.world, m->params, m->num_params, MT_COMM_F32, 0);
+  /* the world group moves host memory (Gloo) whatever the devices */
+  int copied = 0;
+  float *mine = host_params(m, &copied);
+  if (!mine) return MT_ENOMEM;
   mt_gpt full;
-  int rc = create_unsharded(&full, m, 1);
-  if (rc) return rc;
+  mt_device host;
+  int rc = world_rank != 0 ? mt_comm_send(tr->g.world, mine, m->num_params, MT_COMM_F32, 0)
+                           : create_unsharded(&full, m, 1, &host);
+  if (rc || world_rank != 0) {
+    if (copied) free(mine);
+    return rc;
+  }
   for (int s = 0; s < tr->g.pp_size && !rc; s++) {
     for (int q = 0; q < tr->g.tp_size && !rc; q++) {
       mt_gpt_config sc = m->cfg;
@@ -527,7 +592,7 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
         rc = buf ? mt_comm_recv(tr->g.world, buf, count, MT_COMM_F32, from)
                  : mt_seterr(MT_ENOMEM, "export: stage %d shard %d buffer", s, q);
       }
-      const float *src = from == 0 ? m->params : buf;
+      const float *src = from == 0 ? mine : buf;
       for (int i = 0; i < n && !rc; i++) {
         const mt_param *t = &table[i];
         if (q > 0 && t->shard == MT_SHARD_NONE) continue; /* replicated: shard 0 has it */
@@ -544,6 +609,7 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
     }
   }
   if (!rc) rc = mt_gpt_save_safetensors(&full, path);
-  mt_gpt_destroy(&full);
+  destroy_unsharded(&full, &host);
+  if (copied) free(mine);
   return rc;
 }

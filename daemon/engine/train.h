@@ -5,10 +5,14 @@
  * Step s consumes global samples [s*G, (s+1)*G) (DESIGN's determinism): dp
  * rank r takes [s*G + r*G/dp, s*G + (r+1)*G/dp) in micro-batches. The loss is
  * the mean over the global batch whatever dp and the micro-batch size. With
- * dp > 1 gradients are reduce-scattered, each rank updates only its 1/dp slice
- * of the flat parameters with its slice of the Adam moments, and the slices
- * are all-gathered. Loss, squared gradient norm and the stop order ride in one
- * all-reduce per step, so every rank acts on the same step boundary.
+ * dp > 1 each rank owns a 1/dp slice of the flat parameters: the gradients
+ * are cut into buckets (parallel.bucket_size elements at most, never across
+ * two slices), each reduced onto the rank owning it, started during the last
+ * micro-batch's backward as soon as the blocks above have their final
+ * gradients (on a GPU the reduces run on NCCL's stream beside the backward's
+ * kernels); each rank then updates its slice with its slice of the Adam
+ * moments, and the slices are all-gathered. Loss, squared gradient norm and the stop order ride in
+ * one all-reduce per step, so every rank acts on the same step boundary.
  *
  * Mixed precision (train.precision bf16 / fp16), Megatron's way: the model's
  * params stay the fp32 master weights (the optimizer's and the checkpoints');
@@ -65,6 +69,15 @@ typedef struct mt_groups {
   int dp_rank, dp_size, pp_rank, pp_size, tp_rank, tp_size;
 } mt_groups;
 
+/* [lo, hi) of the flat gradients, reduced onto rank owner of the dp group
+ * once block `ready` of the stage (and all above it) has its gradients;
+ * ready -1: at the end of the backward (embeddings, after the tied copies'
+ * all-reduce). */
+typedef struct mt_grad_bucket {
+  size_t lo, hi;
+  int owner, ready;
+} mt_grad_bucket;
+
 typedef struct mt_trainer {
   const mt_job *job;
   mt_device *dev;
@@ -72,17 +85,18 @@ typedef struct mt_trainer {
   mt_adamw opt;
   mt_data_source *data;
   mt_groups g;
-  int64_t step;                /* steps taken */
-  int micro_batches;           /* per step on this replica */
-  size_t shard_lo, shard_n;    /* this rank's ZeRO-1 slice of the flat parameters */
-  float *shard_grad;           /* reduced gradients of the slice (dp > 1) */
-  float *recv_x, *recv_dy;     /* (B,T,C) from the previous / next stage */
-  volatile int stop_request;   /* set by the owner thread; agreed on in the step */
-  volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
-  int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
-  double flops_per_step;       /* model FLOPs of this rank per step */
-  mt_precision precision;      /* of the job's train.precision */
-  mt_loss_scale scaler;        /* fp16 only; the same state on every rank */
+  int64_t step;                   /* steps taken */
+  int micro_batches;              /* per step on this replica */
+  size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
+  struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
+  int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
+  float *recv_x, *recv_dy;        /* (B,T,C) from the previous / next stage */
+  volatile int stop_request;      /* set by the owner thread; agreed on in the step */
+  volatile int64_t order_word;    /* world rank 0 only: the latest order it knows of */
+  int32_t *inputs, *targets;      /* host, (micro_batch, seq) */
+  double flops_per_step;          /* model FLOPs of this rank per step */
+  mt_precision precision;         /* of the job's train.precision */
+  mt_loss_scale scaler;           /* fp16 only; the same state on every rank */
 } mt_trainer;
 
 /* Orders from the coordinator, numbered by seq, agreed on by every rank in

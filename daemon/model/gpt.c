@@ -380,39 +380,11 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
   return mt_gpt_round_weights(m);
 }
 
-/* dst[i] = src[i] rounded to nearest even into bf16 or fp16, as a float. */
-static void round_floats(float *dst, const float *src, size_t n, mt_precision prec) {
-  if (prec == MT_PREC_BF16) {
-#pragma omp parallel for schedule(static) if (n >= 65536)
-    for (size_t i = 0; i < n; i++) dst[i] = mt_bf16_to_f32(mt_f32_to_bf16(src[i]));
-  } else {
-#pragma omp parallel for schedule(static) if (n >= 65536)
-    for (size_t i = 0; i < n; i++) dst[i] = mt_fp16_to_f32(mt_f32_to_fp16(src[i]));
-  }
-}
-
-/* The CPU backend's device memory is host memory: rounded in place. Another
- * backend's goes through the host a chunk at a time (correct everywhere; a
- * rounding kernel is the CUDA backend's to add). */
 int mt_gpt_round_weights(mt_gpt *m) {
   if (m->weights == m->params) return 0;
-  mt_precision prec = m->cfg.precision;
-  if (m->dev->kind == MT_DEVICE_CPU) {
-    round_floats(m->weights, m->params, m->alloc_params, prec);
-    return 0;
-  }
-  size_t chunk = (size_t)1 << 22, cap = m->alloc_params < chunk ? m->alloc_params : chunk;
-  float *host = malloc(cap * sizeof(float));
-  if (!host) return mt_seterr(MT_ENOMEM, "gpt: rounding buffer of %zu floats", cap);
-  int rc = 0;
-  for (size_t off = 0; off < m->alloc_params && !rc; off += cap) {
-    size_t n = m->alloc_params - off < cap ? m->alloc_params - off : cap;
-    rc = mt_device_memcpy_dtoh(m->dev, host, m->params + off, n * sizeof(float));
-    if (!rc) round_floats(host, host, n, prec);
-    if (!rc) rc = mt_device_memcpy_htod(m->dev, m->weights + off, host, n * sizeof(float));
-  }
-  free(host);
-  return rc;
+  m->dev->ops->round_half(m->dev, m->weights, m->params, m->alloc_params,
+                          m->cfg.precision == MT_PREC_FP16);
+  return 0;
 }
 
 void mt_gpt_zero_grad(mt_gpt *m) {
@@ -694,6 +666,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     block_acts *a = &p->blocks[c->recompute ? 0 : l];
     int rc = c->recompute ? block_forward(m, p, l, a, p->resid[l], p->resid[l + 1]) : 0;
     if (!rc) rc = block_backward(m, p, l, a, p->resid[l]);
+    if (!rc && m->on_block_grads) rc = m->on_block_grads(m->grads_ctx, l);
     if (rc) return rc;
   }
   if (!m->first) return 0; /* p->dres is d(stage input): mt_gpt_stage_input_grad */

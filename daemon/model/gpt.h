@@ -135,6 +135,12 @@ typedef struct mt_gpt {
    * engine when cfg.tp_size > 1; the model never knows the comm layer */
   int (*tp_allreduce)(void *ctx, float *buf, size_t n, int max);
   void *tp_ctx;
+  /* when set, called once the backward has queued block l's gradients (l
+   * 0-based on this stage, from the last block down): the engine starts
+   * reducing what is final while the blocks below compute. Nonzero fails
+   * the backward with that code. */
+  int (*on_block_grads)(void *ctx, int l);
+  void *grads_ctx;
 } mt_gpt;
 
 /* Builds the parameter table and allocates params, grads and activations for

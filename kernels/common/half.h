@@ -108,4 +108,17 @@ static inline MT_HD float mt_fp16_to_f32(mt_fp16 h) {
   return mt_f32_from_bits(u);
 }
 
+/* f rounded to nearest even into bf16 (fp16 != 0: binary16) and back: the
+ * value a 16-bit copy of f holds, as a float. */
+static inline MT_HD float mt_round_half(float f, int fp16) {
+  return fp16 ? mt_fp16_to_f32(mt_f32_to_fp16(f)) : mt_bf16_to_f32(mt_f32_to_bf16(f));
+}
+
+/* 1 when f does not survive fp16: NaN, infinite, or at least 65520 in
+ * magnitude (which rounds to infinity). A scaled gradient like that is an
+ * overflow in the loss scaler's terms. */
+static inline MT_HD int mt_fp16_overflows(float f) {
+  return (mt_f32_bits(f) & 0x7FFFFFFFu) >= 0x477FF000u;
+}
+
 #endif

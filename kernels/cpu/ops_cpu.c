@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "half.h"
 #include "mtmath.h"
 #include "ops.h"
 
@@ -432,6 +433,18 @@ static void scale(mt_device *d, float *x, float s, size_t n) {
   for (size_t i = 0; i < n; i++) x[i] *= s;
 }
 
+static void round_half(mt_device *d, float *dst, const float *src, size_t n, int fp16) {
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) dst[i] = mt_round_half(src[i], fp16);
+}
+
+static int fits_fp16(mt_device *d, const float *x, size_t n) {
+  int bad = 0;
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) reduction(| : bad)
+  for (size_t i = 0; i < n; i++) bad |= mt_fp16_overflows(x[i]);
+  return !bad;
+}
+
 /* Partial sums over SUMSQ_PARTS fixed segments, added in order: the result
  * does not depend on the thread count. Sixteen running sums per segment (four
  * AVX2 registers) hide the latency of the additions; one sum would make this
@@ -596,8 +609,8 @@ static void embedding_shard_bwd(mt_device *d, float *dwte, const float *dout, co
   }
 }
 
-static void crossentropy_shard_max(mt_device *d, float *rowmax, const float *logits, int N, int real,
-                                   int Vl) {
+static void crossentropy_shard_max(mt_device *d, float *rowmax, const float *logits, int N,
+                                   int real, int Vl) {
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * Vl >= PAR_MIN) schedule(static)
   for (int n = 0; n < N; n++) {
     const float *x = logits + (size_t)n * Vl;
@@ -666,4 +679,6 @@ const mt_ops mt_cpu_ops = {
     .adamw_multi = adamw_multi,
     .sumsq = sumsq,
     .scale = scale,
+    .round_half = round_half,
+    .fits_fp16 = fits_fp16,
 };

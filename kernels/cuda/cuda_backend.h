@@ -19,6 +19,9 @@ extern "C" {
  * simply found none). Never fails: no driver is 0 devices. */
 int mt__cuda_count(char *why, size_t why_len);
 
+/* Total and free memory of GPU `index`; MT_EIO with the runtime's reason. */
+int mt__cuda_memory(int index, size_t *total, size_t *free_bytes);
+
 /* Fills d's CUDA state (streams, cuBLASLt, workspaces) for GPU `index`. */
 int mt__cuda_open(mt_device *d, int index);
 void mt__cuda_close(mt_device *d);

@@ -29,6 +29,16 @@ int mt__cuda_count(char *why, size_t why_len) {
   return n;
 }
 
+int mt__cuda_memory(int index, size_t *total, size_t *free_bytes) {
+  cudaError_t e = cudaSetDevice(index);
+  if (e == cudaSuccess) e = cudaMemGetInfo(free_bytes, total);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return mt_seterr(MT_EIO, "device cuda:%d: memory: %s", index, cudaGetErrorString(e));
+  }
+  return 0;
+}
+
 mt__cuda *mt__cuda_enter(mt_device *d) {
   mt__cuda *c = mt__cuda_of(d);
   cudaSetDevice(c->index); /* per host thread; a failure shows in the call that follows */

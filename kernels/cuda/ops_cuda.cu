@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "cuda_impl.h"
+#include "half.h"
 #include "mtmath.h"
 #include "ops.h"
 #include "reduce.cuh"
@@ -579,6 +580,43 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
   return r;
 }
 
+/* ---- mixed precision ---------------------------------------------------- */
+
+static __global__ void k_round_half(float *dst, const float *src, size_t n, int fp16) {
+  GRID_STRIDE(i, n) dst[i] = mt_round_half(src[i], fp16);
+}
+
+static void round_half(mt_device *d, float *dst, const float *src, size_t n, int fp16) {
+  if (n) LAUNCH_EW(d, "round_half", k_round_half, n, dst, src, n, fp16);
+}
+
+/* Elements that overflow fp16, counted per block (in double, so the block
+ * sum and the total reuse the sumsq reduction), then added up. */
+static __global__ void k_fp16_bad_part(double *part, const float *x, size_t n) {
+  double a = 0.0;
+  GRID_STRIDE(i, n) a += mt_fp16_overflows(x[i]) ? 1.0 : 0.0;
+  a = mt__block_sum_d(a);
+  if (threadIdx.x == 0) part[blockIdx.x] = a;
+}
+
+static int fits_fp16(mt_device *d, const float *x, size_t n) {
+  if (!n) return 1;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_fp16_bad_part, MT_CUDA_RED_BLOCKS, EW, c->stream)(c->red, x, n);
+  MT_LAUNCH(k_sumsq_total, 1, EW, c->stream)
+  (c->red + MT_CUDA_RED_BLOCKS, c->red, MT_CUDA_RED_BLOCKS);
+  mt__cuda_check(d, "fits_fp16");
+  double bad = 1.0; /* a failure reads as an overflow: the step is skipped, not corrupted */
+  cudaError_t e = cudaMemcpyAsync(&bad, c->red + MT_CUDA_RED_BLOCKS, sizeof bad,
+                                  cudaMemcpyDeviceToHost, c->stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
+  if (e != cudaSuccess) {
+    mt__cuda_fail(d, "fits_fp16", cudaGetErrorString(e));
+    return 0;
+  }
+  return bad == 0.0;
+}
+
 static mt_ops make_ops(void) {
   mt_ops o;
   memset(&o, 0, sizeof o);
@@ -607,6 +645,8 @@ static mt_ops make_ops(void) {
   o.adamw_multi = adamw_multi;
   o.sumsq = sumsq;
   o.scale = scale;
+  o.round_half = round_half;
+  o.fits_fp16 = fits_fp16;
   return o;
 }
 

@@ -346,6 +346,35 @@ static void test_elementwise(size_t n) {
   double cs = cpu.ops->sumsq(&cpu, x, n), gsq = gpu.ops->sumsq(&gpu, gx, n);
   float fc = (float)cs, fg = (float)gsq;
   check("sumsq", label("n=%zu (in double)", n), &fg, &fc, 1, 1e-7);
+
+  /* mixed precision: the rounded working copy, bit for bit; in place too */
+  float *w = H(n, -70000, 70000), *gw = Df(w, n);
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    g = DN(n);
+    cpu.ops->round_half(&cpu, c, w, n, fp16);
+    gpu.ops->round_half(&gpu, g, gw, n, fp16);
+    check("round_half", label("%s n=%zu", fp16 ? "fp16" : "bf16", n), back(g, n), c, n, 0.0);
+  }
+  ga = Df(w, n);
+  cpu.ops->round_half(&cpu, c, w, n, 0);
+  gpu.ops->round_half(&gpu, ga, ga, n, 0);
+  check("round_half", "bf16 in place", back(ga, n), c, n, 0.0);
+
+  /* the fp16 overflow test: in range, then one bad value at either end */
+  static const float bad[] = {65520.0f, -1e10f, INFINITY, NAN};
+  for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+    for (int at_end = 0; at_end < 2; at_end++) {
+      float *v = H(n, -65504, 65504);
+      int want_before = cpu.ops->fits_fp16(&cpu, v, n);
+      v[at_end ? n - 1 : 0] = bad[k];
+      float *gv = Df(v, n);
+      int want = cpu.ops->fits_fp16(&cpu, v, n), got = gpu.ops->fits_fp16(&gpu, gv, n);
+      int got_before = gpu.ops->fits_fp16(&gpu, Df(v + 1, n - 2), n - 2);
+      float fw = (float)(want * 2 + want_before), fgot = (float)(got * 2 + got_before);
+      check("fits_fp16", label("%g at %s, n=%zu", (double)bad[k], at_end ? "end" : "start", n),
+            &fgot, &fw, 1, 0.0);
+    }
+  }
   arena_reset();
 }
 
