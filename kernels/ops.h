@@ -75,8 +75,8 @@ struct mt_ops {
    * Scale 1/sqrt(HS). drop (may be NULL) applies to the probabilities; the
    * element index of its mask within a sample is ((head0 + h)*T + t1)*T + t2,
    * so a tensor-parallel shard of the heads draws the same masks. */
-  void (*attention_fwd)(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
-                        int C, int NH, const mt_dropout *drop);
+  void (*attention_fwd)(mt_device *d, float *out, float *att, const float *qkv, int B, int T, int C,
+                        int NH, const mt_dropout *drop);
   /* dqkv(B,T,3C) += ...; scratch holds B*NH*T*T floats, contents undefined */
   void (*attention_bwd)(mt_device *d, float *dqkv, float *scratch, const float *dout,
                         const float *qkv, const float *att, int B, int T, int C, int NH,
@@ -95,6 +95,12 @@ struct mt_ops {
   /* Dropout on (B, per_sample) rows: out = inp * keep / (1 - p). out may alias inp. */
   void (*dropout_fwd)(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
                       const mt_dropout *drop);
+  /* out = resid + dropout(branch), same masks as dropout_fwd: a branch
+   * joining the residual stream after its last GEMM, whose bias the GEMM's
+   * epilogue added (Megatron's fused bias-dropout-add), in one pass. drop
+   * NULL: resid + branch. out may alias resid; branch is left as it was. */
+  void (*dropout_residual_fwd)(mt_device *d, float *out, const float *resid, const float *branch,
+                               int B, size_t per_sample, const mt_dropout *drop);
   /* dinp += dout * keep / (1 - p), same mask as the forward */
   void (*dropout_bwd)(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
                       const mt_dropout *drop);
@@ -122,8 +128,8 @@ struct mt_ops {
   /* rowsum(N) = Σ exp(x - gmax) over the shard's real columns; xt(N) = the
    * target's logit when the target is in the shard, else 0 */
   void (*crossentropy_shard_sum)(mt_device *d, float *rowsum, float *xt, const float *logits,
-                                 const int32_t *targets, const float *gmax, int N, int real,
-                                 int Vl, int v0);
+                                 const int32_t *targets, const float *gmax, int N, int real, int Vl,
+                                 int v0);
   /* dlogits (may alias logits) = dloss * (exp(x - gmax) / gsum - onehot), 0 in
    * padded columns; WRITTEN, not accumulated */
   void (*crossentropy_shard_grad)(mt_device *d, float *dlogits, const float *logits,

@@ -462,8 +462,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
   if (rc) return rc;
-  if (drop1) ops->dropout_fwd(d, p->branch, p->branch, B, (size_t)T * C, drop1);
-  ops->residual_fwd(d, a->resid2, in, p->branch, NC);
+  ops->dropout_residual_fwd(d, a->resid2, in, p->branch, B, (size_t)T * C, drop1);
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp) */
   ops->layernorm_fwd(d, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, P(m, l, MT_P_LN2_W),
@@ -473,8 +472,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   ops->linear_fwd(d, p->branch, a->fch_gelu, P(m, l, MT_P_FCPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
-  if (drop2) ops->dropout_fwd(d, p->branch, p->branch, B, (size_t)T * C, drop2);
-  ops->residual_fwd(d, out, a->resid2, p->branch, NC);
+  ops->dropout_residual_fwd(d, out, a->resid2, p->branch, B, (size_t)T * C, drop2);
   return 0;
 }
 

@@ -483,8 +483,11 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
 #define DROP_CHUNK 4096 /* elements of one sample per loop iteration, a multiple of 4 */
 
 /* out (+)= inp * mask over (B, per_sample), parallel over fixed chunks */
+/* out = inp * mask (add NULL) or add + inp * mask (add may be out: accumulate);
+ * with add another array, each chunk of it is copied into out first, while
+ * the chunk is in L1. */
 static void dropout_rows(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
-                         const mt_dropout *drop, int accumulate) {
+                         const mt_dropout *drop, const float *add) {
   size_t chunks = (per_sample + DROP_CHUNK - 1) / DROP_CHUNK;
 #pragma omp parallel for collapse(2)                                                               \
     num_threads(nthreads(d)) if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
@@ -493,7 +496,8 @@ static void dropout_rows(mt_device *d, float *out, const float *inp, int B, size
       size_t e0 = k * DROP_CHUNK, n = per_sample - e0 < DROP_CHUNK ? per_sample - e0 : DROP_CHUNK;
       size_t off = (size_t)b * per_sample + e0;
       uint64_t sample = drop->sample0 + (uint64_t)b;
-      if (accumulate)
+      if (add && add != out) memcpy(out + off, add + off, n * sizeof(float));
+      if (add)
         dropout_apply(out + off, inp + off, n, e0, sample, drop, 1);
       else
         dropout_apply(out + off, inp + off, n, e0, sample, drop, 0);
@@ -507,7 +511,16 @@ static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_
     if (out != inp) memmove(out, inp, (size_t)B * per_sample * sizeof(float));
     return;
   }
-  dropout_rows(d, out, inp, B, per_sample, drop, 0);
+  dropout_rows(d, out, inp, B, per_sample, drop, NULL);
+}
+
+static void dropout_residual_fwd(mt_device *d, float *out, const float *resid, const float *branch,
+                                 int B, size_t per_sample, const mt_dropout *drop) {
+  if (!drop || drop->p == 0.0f) {
+    residual_fwd(d, out, resid, branch, (size_t)B * per_sample);
+    return;
+  }
+  dropout_rows(d, out, branch, B, per_sample, drop, resid);
 }
 
 static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
@@ -516,7 +529,7 @@ static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, siz
     add_inplace(d, dinp, dout, (size_t)B * per_sample);
     return;
   }
-  dropout_rows(d, dinp, dout, B, per_sample, drop, 1);
+  dropout_rows(d, dinp, dout, B, per_sample, drop, dinp);
 }
 
 /* ---- cross-entropy ------------------------------------------------------ */
@@ -669,6 +682,7 @@ const mt_ops mt_cpu_ops = {
     .add_inplace = add_inplace,
     .dropout_fwd = dropout_fwd,
     .dropout_bwd = dropout_bwd,
+    .dropout_residual_fwd = dropout_residual_fwd,
     .crossentropy = crossentropy,
     .embedding_shard_fwd = embedding_shard_fwd,
     .embedding_shard_bwd = embedding_shard_bwd,

@@ -318,20 +318,21 @@ static void scale(mt_device *d, float *x, float s, size_t n) {
 
 /* One thread per Philox block: elements 4·blk .. 4·blk+3 of sample
  * blockIdx.y, the four lanes of one draw (mt_dropout_keep). */
-static __global__ void k_dropout(float *out, const float *inp, size_t per_sample, float p,
-                                 uint64_t key, uint64_t sample0, int accumulate) {
+/* out = inp * mask, or add + inp * mask (add may be out: accumulate). */
+static __global__ void k_dropout(float *out, const float *inp, const float *add, size_t per_sample,
+                                 float p, uint64_t key, uint64_t sample0) {
   size_t blk = blockIdx.x * (size_t)blockDim.x + threadIdx.x, e0 = blk * 4;
   if (e0 >= per_sample) return;
   mt_philox_out o = mt_philox_block(key, sample0 + blockIdx.y, blk);
   size_t base = (size_t)blockIdx.y * per_sample + e0;
   for (int k = 0; k < 4 && e0 + k < per_sample; k++) {
     float v = inp[base + k] * mt_dropout_keep(p, o.v[k]);
-    out[base + k] = accumulate ? out[base + k] + v : v;
+    out[base + k] = add ? add[base + k] + v : v;
   }
 }
 
 static void dropout_rows(mt_device *d, const char *name, float *out, const float *inp, int B,
-                         size_t per_sample, const mt_dropout *drop, int accumulate) {
+                         size_t per_sample, const mt_dropout *drop, const float *add) {
   if (!B || !per_sample) return;
   mt__cuda *c = mt__cuda_enter(d);
   size_t blocks = (per_sample + 4 * EW - 1) / (4 * EW);
@@ -340,7 +341,7 @@ static void dropout_rows(mt_device *d, const char *name, float *out, const float
     return;
   }
   MT_LAUNCH(k_dropout, dim3((unsigned)blocks, (unsigned)B), EW, c->stream)
-  (out, inp, per_sample, drop->p, drop->key, drop->sample0, accumulate);
+  (out, inp, add, per_sample, drop->p, drop->key, drop->sample0);
   mt__cuda_check(d, name);
 }
 
@@ -355,7 +356,16 @@ static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_
     }
     return;
   }
-  dropout_rows(d, "dropout_fwd", out, inp, B, per_sample, drop, 0);
+  dropout_rows(d, "dropout_fwd", out, inp, B, per_sample, drop, NULL);
+}
+
+static void dropout_residual_fwd(mt_device *d, float *out, const float *resid, const float *branch,
+                                 int B, size_t per_sample, const mt_dropout *drop) {
+  if (!drop || drop->p == 0.0f) {
+    residual_fwd(d, out, resid, branch, (size_t)B * per_sample);
+    return;
+  }
+  dropout_rows(d, "dropout_residual_fwd", out, branch, B, per_sample, drop, resid);
 }
 
 static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
@@ -364,7 +374,7 @@ static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, siz
     add_inplace(d, dinp, dout, (size_t)B * per_sample);
     return;
   }
-  dropout_rows(d, "dropout_bwd", dinp, dout, B, per_sample, drop, 1);
+  dropout_rows(d, "dropout_bwd", dinp, dout, B, per_sample, drop, dinp);
 }
 
 /* ---- cross-entropy ------------------------------------------------------ */
@@ -635,6 +645,7 @@ static mt_ops make_ops(void) {
   o.add_inplace = add_inplace;
   o.dropout_fwd = dropout_fwd;
   o.dropout_bwd = dropout_bwd;
+  o.dropout_residual_fwd = dropout_residual_fwd;
   o.crossentropy = crossentropy;
   o.embedding_shard_fwd = embedding_shard_fwd;
   o.embedding_shard_bwd = embedding_shard_bwd;

@@ -400,6 +400,27 @@ static void test_dropout(int B, size_t per) {
   cpu.ops->dropout_fwd(&cpu, c, x, B, per, NULL);
   gpu.ops->dropout_fwd(&gpu, g, gx, B, per, NULL);
   check("dropout_fwd", "p = 0 (a copy)", back(g, n), c, n, 0.0);
+
+  /* fused dropout + residual: against the CPU's, and against dropout_fwd
+   * then residual_fwd on the GPU itself; out aliasing resid; no dropout */
+  float *r = H(n, -2, 2), *gr = Df(r, n);
+  g = DN(n);
+  cpu.ops->dropout_residual_fwd(&cpu, c, r, x, B, per, &drop);
+  gpu.ops->dropout_residual_fwd(&gpu, g, gr, gx, B, per, &drop);
+  float *fused = back(g, n);
+  check("dropout_residual_fwd", label("B=%d per_sample=%zu", B, per), fused, c, n, 1e-6);
+  float *gt = DN(n), *gs = DN(n);
+  gpu.ops->dropout_fwd(&gpu, gt, gx, B, per, &drop);
+  gpu.ops->residual_fwd(&gpu, gs, gr, gt, n);
+  check("dropout_residual_fwd", "= dropout_fwd, residual_fwd", fused, back(gs, n), n, 1e-6);
+  check("dropout_residual_fwd", "branch left as it was", back(gx, n), x, n, 0.0);
+  float *galias = Df(r, n);
+  gpu.ops->dropout_residual_fwd(&gpu, galias, galias, gx, B, per, &drop);
+  check("dropout_residual_fwd", "out aliases resid", back(galias, n), c, n, 1e-6);
+  g = DN(n);
+  cpu.ops->dropout_residual_fwd(&cpu, c, r, x, B, per, NULL);
+  gpu.ops->dropout_residual_fwd(&gpu, g, gr, gx, B, per, NULL);
+  check("dropout_residual_fwd", "no dropout (a residual add)", back(g, n), c, n, 0.0);
   arena_reset();
 }
 

@@ -127,7 +127,7 @@ static double worst_rel(const rank_log *a, const rank_log *b, int from, int step
 /* fp32 on one emulated GPU follows the CPU: the emulator's GEMMs add in
  * double, the CPU's in fp32, so the losses agree to fp32 reduction noise. */
 static int test_fp32_one_gpu_matches_cpu(void) {
-  enum { N = 6 };
+  enum { N = 5 };
   static rank_log cpu[1], gpu[1];
   layout l = {.kind = "cpu", .precision = "fp32", .steps = N, .tp = 1, .pp = 1, .dp = 1};
   REQUIRE(!run(&l, cpu), "cpu: %s", mt_errmsg());
@@ -147,7 +147,7 @@ static int test_fp32_one_gpu_matches_cpu(void) {
  * does; the CPU backend computes in fp32 on bf16 weights. The first step
  * differs by the activations' rounding alone: a few 1e-3 at most. */
 static int test_bf16_one_gpu_follows_cpu(void) {
-  enum { N = 6 };
+  enum { N = 4 };
   static rank_log cpu[1], gpu[1];
   layout l = {.kind = "cpu", .precision = "bf16", .steps = N, .tp = 1, .pp = 1, .dp = 1};
   REQUIRE(!run(&l, cpu), "cpu: %s", mt_errmsg());
@@ -164,7 +164,7 @@ static int test_bf16_one_gpu_follows_cpu(void) {
  * the overflow check on the device skips the same steps as the CPU's, the
  * scale walks down alike, and training resumes once it fits. */
 static int test_fp16_overflow_skips_like_cpu(void) {
-  enum { N = 10 };
+  enum { N = 8 };
   const char *ls = "{\"initial\":16777216,\"growth_interval\":4,\"hysteresis\":1}";
   static rank_log cpu[1], gpu[1];
   layout l = {

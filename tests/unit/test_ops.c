@@ -722,6 +722,31 @@ static void test_dropout_p0_and_null_are_identity(void) {
   free(x), free(out), free(y), free(g), free(acc), free(acc0);
 }
 
+/* The fused branch-join: resid + dropout(branch) with dropout_fwd's masks,
+ * against double; in place on resid; a plain residual add without dropout. */
+static void test_dropout_residual_fwd_is_dropout_then_add(void) {
+  int B = 3;
+  size_t ps = 5003, n = (size_t)B * ps;
+  mt_dropout d = {0.2f, mt_philox_key(3, "h.0.attn_out"), 40, 0};
+  float *x = frand(n, -1, 1), *r = frand(n, -2, 2), *x0 = fcopy(x, n), *out = frand(n, -9, 9);
+  double *want = dzeros(n);
+  for (int bi = 0; bi < B; bi++)
+    for (size_t e = 0; e < ps; e++) {
+      size_t i = (size_t)bi * ps + e;
+      want[i] = r[i] + (double)x[i] * mt_dropout_scale(d.p, d.key, d.sample0 + (uint64_t)bi, e);
+    }
+  ops->dropout_residual_fwd(&dev, out, r, x, B, ps, &d);
+  check_fwd(__func__, "resid + dropout(branch)", out, want, n);
+  report(bits_equal(x, x0, n), __func__, "the branch is left as it was");
+  float *y = fcopy(r, n);
+  ops->dropout_residual_fwd(&dev, y, y, x, B, ps, &d);
+  report(bits_equal(y, out, n), __func__, "out aliasing resid gives the same");
+  for (size_t i = 0; i < n; i++) want[i] = (double)r[i] + x[i];
+  ops->dropout_residual_fwd(&dev, out, r, x, B, ps, NULL);
+  check_fwd(__func__, "no dropout: resid + branch", out, want, n);
+  free(x), free(r), free(x0), free(out), free(y), free(want);
+}
+
 static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
   int B = 4;
   size_t ps = 25013, n = (size_t)B * ps;
@@ -975,6 +1000,7 @@ int main(void) {
   test_sumsq_matches_double_sum();
 
   test_dropout_p0_and_null_are_identity();
+  test_dropout_residual_fwd_is_dropout_then_add();
   test_dropout_half_keeps_about_half_scaled_by_two();
   test_dropout_mask_same_in_fwd_bwd_and_any_batch_split();
   test_dropout_fwd_matches_reference();
