@@ -122,17 +122,18 @@ static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
   }
 }
 
-/* Enters an operation: makes the device current and refuses an aborted group.
- * leave() must follow. */
-static int enter(nccl_group *g) {
+/* Enters an operation: makes the device current and refuses an aborted group;
+ * with order, the group's stream first waits for the work queued so far on
+ * the compute stream. leave() must follow. */
+static int enter_ordered(nccl_group *g, int order) {
   pthread_mutex_lock(&g->mu);
   int refused = atomic_load(&g->aborted) || g->comm_aborted;
   if (!refused) g->in_op = 1;
   pthread_mutex_unlock(&g->mu);
   if (refused) return mt_seterr(MT_ECANCELED, "aborted");
   cudaError_t e = cudaSetDevice(g->device);
-  if (e == cudaSuccess && g->compute) e = cudaEventRecord(g->ready, g->compute);
-  if (e == cudaSuccess && g->compute) e = cudaStreamWaitEvent(g->stream, g->ready, 0);
+  if (e == cudaSuccess && order && g->compute) e = cudaEventRecord(g->ready, g->compute);
+  if (e == cudaSuccess && order && g->compute) e = cudaStreamWaitEvent(g->stream, g->ready, 0);
   if (e != cudaSuccess) {
     pthread_mutex_lock(&g->mu);
     g->in_op = 0;
@@ -142,6 +143,8 @@ static int enter(nccl_group *g) {
   }
   return 0;
 }
+
+static int enter(nccl_group *g) { return enter_ordered(g, 1); }
 
 /* An abort that came while the operation was finishing is carried out here,
  * so peers learn of it now, not at destroy. */
@@ -336,14 +339,8 @@ static int nccl_reduce_start(void *impl, const void *send, void *recv, size_t co
 
 static int nccl_wait(void *impl, int timeout_ms) {
   nccl_group *g = impl;
-  pthread_mutex_lock(&g->mu);
-  int refused = atomic_load(&g->aborted) || g->comm_aborted;
-  if (!refused) g->in_op = 1;
-  pthread_mutex_unlock(&g->mu);
-  if (refused) return mt_seterr(MT_ECANCELED, "aborted");
-  cudaError_t e = cudaSetDevice(g->device);
-  if (e != cudaSuccess)
-    return leave(g, mt_seterr(MT_EIO, "cuda: set device %d: %s", g->device, cudaGetErrorString(e)));
+  int rc = enter_ordered(g, 0);
+  if (rc) return rc;
   return leave(g, watch(g, ncclSuccess, timeout_ms));
 }
 

@@ -572,22 +572,28 @@ static __global__ void k_sumsq_total(double *out, const double *part, int parts)
   if (threadIdx.x == 0) *out = a;
 }
 
-static double sumsq(mt_device *d, const float *x, size_t n) {
-  if (!n) return 0.0;
-  mt__cuda *c = mt__cuda_enter(d);
-  MT_LAUNCH(k_sumsq_part, MT_CUDA_RED_BLOCKS, EW, c->stream)(c->red, x, n);
+/* The total of the MT_CUDA_RED_BLOCKS partials in c->red, read back (the
+ * stream synchronised); on a failure, recorded as op `what`, `failed`. */
+static double red_total(mt_device *d, mt__cuda *c, const char *what, double failed) {
   MT_LAUNCH(k_sumsq_total, 1, EW, c->stream)
   (c->red + MT_CUDA_RED_BLOCKS, c->red, MT_CUDA_RED_BLOCKS);
-  mt__cuda_check(d, "sumsq");
-  double r = NAN; /* what a failure leaves: no clipping scale can hide it */
+  mt__cuda_check(d, what);
+  double r = failed;
   cudaError_t e =
       cudaMemcpyAsync(&r, c->red + MT_CUDA_RED_BLOCKS, sizeof r, cudaMemcpyDeviceToHost, c->stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
   if (e != cudaSuccess) {
-    mt__cuda_fail(d, "sumsq", cudaGetErrorString(e));
-    return NAN;
+    mt__cuda_fail(d, what, cudaGetErrorString(e));
+    return failed;
   }
   return r;
+}
+
+static double sumsq(mt_device *d, const float *x, size_t n) {
+  if (!n) return 0.0;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH(k_sumsq_part, MT_CUDA_RED_BLOCKS, EW, c->stream)(c->red, x, n);
+  return red_total(d, c, "sumsq", NAN); /* NaN: no clipping scale can hide a failure */
 }
 
 /* ---- mixed precision ---------------------------------------------------- */
@@ -613,18 +619,8 @@ static int fits_fp16(mt_device *d, const float *x, size_t n) {
   if (!n) return 1;
   mt__cuda *c = mt__cuda_enter(d);
   MT_LAUNCH(k_fp16_bad_part, MT_CUDA_RED_BLOCKS, EW, c->stream)(c->red, x, n);
-  MT_LAUNCH(k_sumsq_total, 1, EW, c->stream)
-  (c->red + MT_CUDA_RED_BLOCKS, c->red, MT_CUDA_RED_BLOCKS);
-  mt__cuda_check(d, "fits_fp16");
-  double bad = 1.0; /* a failure reads as an overflow: the step is skipped, not corrupted */
-  cudaError_t e = cudaMemcpyAsync(&bad, c->red + MT_CUDA_RED_BLOCKS, sizeof bad,
-                                  cudaMemcpyDeviceToHost, c->stream);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
-  if (e != cudaSuccess) {
-    mt__cuda_fail(d, "fits_fp16", cudaGetErrorString(e));
-    return 0;
-  }
-  return bad == 0.0;
+  /* a failure reads as an overflow: the step is skipped, not corrupted */
+  return red_total(d, c, "fits_fp16", 1.0) == 0.0;
 }
 
 static mt_ops make_ops(void) {

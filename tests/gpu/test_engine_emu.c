@@ -25,29 +25,14 @@
 #include "job.h"
 #include "local.h"
 #include "mt_check.h"
+#include "rank_runs.h"
 #include "safetensors.h"
 #include "store.h"
 
-enum { MAX_STEPS = 12, MAX_RANKS = 8 };
-
-typedef struct rank_log {
-  int n;
-  int skipped[MAX_STEPS];
-  double scale[MAX_STEPS], loss[MAX_STEPS];
-} rank_log;
+enum { MAX_RANKS = RANK_RUNS_MAX_RANKS };
 
 static char data_path[64];
 static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
-
-static void on_step(const mt_step_stats *st, void *arg) {
-  rank_log *r = arg;
-  if (r->n < MAX_STEPS) {
-    r->skipped[r->n] = st->skipped;
-    r->scale[r->n] = st->loss_scale;
-    r->loss[r->n] = st->loss;
-  }
-  r->n++;
-}
 
 typedef struct layout {
   const char *kind; /* "cpu" or "cuda" */
@@ -77,51 +62,11 @@ static int run(const layout *l, rank_log *logs) {
            l->tp, l->pp, l->dp, l->dp, bucket, l->steps, l->precision,
            l->loss_scale ? ",\"loss_scale\":" : "", l->loss_scale ? l->loss_scale : "", data_path,
            ckpt);
-  mt_job job;
-  int rc = mt_job_parse(&job, json, NULL, preset_dirs, NULL);
-  if (rc) return rc;
-  int world = l->tp * l->pp * l->dp;
-  mt_store *store = NULL;
-  if (world > 1 && (rc = mt_store_mem_new(&store))) return rc;
-  static char specs[MAX_RANKS][16];
-  static const char *dev[MAX_RANKS][1];
-  mt_local_opts opts[MAX_RANKS];
-  mt_local *ranks[MAX_RANKS] = {0};
-  memset(logs, 0, (size_t)world * sizeof *logs);
-  for (int w = 0; w < world && !rc; w++) {
-    snprintf(specs[w], sizeof specs[w], "%s:%d", l->kind, w);
-    dev[w][0] = specs[w];
-    opts[w] = (mt_local_opts){.job = &job,
-                              .store = store,
-                              .rank_begin = w,
-                              .rank_count = 1,
-                              .devices = dev[w],
-                              .omp_threads = 1,
-                              .device_kind = l->kind,
-                              .comm_timeout_ms = 120000,
-                              .export_path = l->export_path,
-                              .on_step = on_step,
-                              .arg = &logs[w]};
-    rc = mt_local_start(&opts[w], &ranks[w]);
-  }
-  for (int w = 0; w < world; w++) {
-    if (!ranks[w]) continue;
-    if (rc) mt_local_abort(ranks[w]);
-    int r = mt_local_wait(ranks[w]);
-    if (!rc) rc = r;
-  }
-  for (int w = 0; w < world; w++) mt_local_free(ranks[w]);
-  mt_store_free(store);
-  return rc;
+  return run_ranks(json, preset_dirs, l->kind, l->export_path, logs);
 }
 
 static double worst_rel(const rank_log *a, const rank_log *b, int from, int steps) {
-  double worst = 0.0;
-  for (int s = from; s < steps; s++) {
-    double r = fabs(a->loss[s] - b->loss[s]) / fabs(b->loss[s]);
-    worst = r > worst || isnan(r) ? r : worst;
-  }
-  return worst;
+  return rank_runs_worst_rel(a, b, from, steps);
 }
 
 /* fp32 on one emulated GPU follows the CPU: the emulator's GEMMs add in

@@ -19,28 +19,13 @@
 #include "job.h"
 #include "local.h"
 #include "mt_check.h"
+#include "rank_runs.h"
 #include "store.h"
 
-enum { STEPS = 36, MAX_RANKS = 8 };
-
-typedef struct rank_log {
-  int n;
-  int skipped[STEPS];
-  double scale[STEPS], loss[STEPS];
-} rank_log;
+enum { STEPS = 36, MAX_RANKS = RANK_RUNS_MAX_RANKS };
 
 static char data_path[64];
 static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
-
-static void on_step(const mt_step_stats *st, void *arg) {
-  rank_log *r = arg;
-  if (r->n < STEPS) {
-    r->skipped[r->n] = st->skipped;
-    r->scale[r->n] = st->loss_scale;
-    r->loss[r->n] = st->loss;
-  }
-  r->n++;
-}
 
 /* A 4-layer tiny model, global batch 8 in micro-batches of 2, under
  * (tp, pp, dp); logs[w] receives world rank w's steps. */
@@ -55,45 +40,11 @@ static int run_layout(const char *precision, const char *loss_scale, int steps, 
            "\"data\":{\"path\":\"%s\"}}",
            tp, pp, dp, dp, steps, precision, loss_scale ? ",\"loss_scale\":" : "",
            loss_scale ? loss_scale : "", data_path);
-  mt_job job;
-  int rc = mt_job_parse(&job, json, NULL, preset_dirs, NULL);
-  if (rc) return rc;
-  int world = tp * pp * dp;
-  mt_store *store = NULL;
-  if (world > 1 && (rc = mt_store_mem_new(&store))) return rc;
-  mt_local_opts opts[MAX_RANKS];
-  mt_local *ranks[MAX_RANKS] = {0};
-  memset(logs, 0, (size_t)world * sizeof *logs);
-  for (int w = 0; w < world && !rc; w++) {
-    opts[w] = (mt_local_opts){.job = &job,
-                              .store = store,
-                              .rank_begin = w,
-                              .rank_count = 1,
-                              .omp_threads = 1,
-                              .device_kind = "cpu",
-                              .comm_timeout_ms = 60000,
-                              .on_step = on_step,
-                              .arg = &logs[w]};
-    rc = mt_local_start(&opts[w], &ranks[w]);
-  }
-  for (int w = 0; w < world; w++) {
-    if (!ranks[w]) continue;
-    if (rc) mt_local_abort(ranks[w]);
-    int r = mt_local_wait(ranks[w]);
-    if (!rc) rc = r;
-  }
-  for (int w = 0; w < world; w++) mt_local_free(ranks[w]);
-  mt_store_free(store);
-  return rc;
+  return run_ranks(json, preset_dirs, "cpu", NULL, logs);
 }
 
 static double worst_rel(const rank_log *a, const rank_log *b, int steps) {
-  double worst = 0.0;
-  for (int s = 0; s < steps; s++) {
-    double r = fabs(a->loss[s] - b->loss[s]) / fabs(b->loss[s]);
-    worst = r > worst || isnan(r) ? r : worst;
-  }
-  return worst;
+  return rank_runs_worst_rel(a, b, 0, steps);
 }
 
 /* bf16 under every kind of split follows the single device. The first step,

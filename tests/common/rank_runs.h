@@ -1,0 +1,90 @@
+/* rank_runs.h — a job's ranks as threads of the test, each its own mt_local
+ * of one rank (rank_begin/rank_count) over a shared in-process store, so
+ * every rank reports its own step stats. Shared by the layout tests that
+ * compare per-rank losses, skipped steps and loss scales. Header-only (static). */
+#ifndef MT_RANK_RUNS_H
+#define MT_RANK_RUNS_H
+
+#include <stdio.h>
+#include <string.h>
+
+#include "err.h"
+#include "job.h"
+#include "local.h"
+#include "store.h"
+
+enum { RANK_RUNS_MAX_STEPS = 64, RANK_RUNS_MAX_RANKS = 8 };
+
+typedef struct rank_log {
+  int n; /* steps reported (may exceed RANK_RUNS_MAX_STEPS; the first ones are kept) */
+  int skipped[RANK_RUNS_MAX_STEPS];
+  double scale[RANK_RUNS_MAX_STEPS], loss[RANK_RUNS_MAX_STEPS];
+} rank_log;
+
+static void rank_runs_on_step(const mt_step_stats *st, void *arg) {
+  rank_log *r = arg;
+  if (r->n < RANK_RUNS_MAX_STEPS) {
+    r->skipped[r->n] = st->skipped;
+    r->scale[r->n] = st->loss_scale;
+    r->loss[r->n] = st->loss;
+  }
+  r->n++;
+}
+
+/* Runs the job (JSON text; presets from preset_dirs) with every world rank on
+ * device "<kind>:<rank>"; logs[w] receives world rank w's steps. The first
+ * failure aborts the others. export_path: the weights at the end, or NULL. */
+static int run_ranks(const char *json, const char *const *preset_dirs, const char *kind,
+                     const char *export_path, rank_log *logs) {
+  mt_job job;
+  int rc = mt_job_parse(&job, json, NULL, preset_dirs, NULL);
+  if (rc) return rc;
+  int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
+  if (world > RANK_RUNS_MAX_RANKS)
+    return mt_seterr(MT_EINVAL, "run_ranks: %d ranks, at most %d", world, RANK_RUNS_MAX_RANKS);
+  mt_store *store = NULL;
+  if (world > 1 && (rc = mt_store_mem_new(&store))) return rc;
+  char specs[RANK_RUNS_MAX_RANKS][16];
+  const char *dev[RANK_RUNS_MAX_RANKS][1];
+  mt_local_opts opts[RANK_RUNS_MAX_RANKS];
+  mt_local *ranks[RANK_RUNS_MAX_RANKS] = {0};
+  memset(logs, 0, (size_t)world * sizeof *logs);
+  for (int w = 0; w < world && !rc; w++) {
+    snprintf(specs[w], sizeof specs[w], "%s:%d", kind, w);
+    dev[w][0] = specs[w];
+    opts[w] = (mt_local_opts){.job = &job,
+                              .store = store,
+                              .rank_begin = w,
+                              .rank_count = 1,
+                              .devices = dev[w],
+                              .omp_threads = 1,
+                              .device_kind = kind,
+                              .comm_timeout_ms = 120000,
+                              .export_path = export_path,
+                              .on_step = rank_runs_on_step,
+                              .arg = &logs[w]};
+    rc = mt_local_start(&opts[w], &ranks[w]);
+  }
+  for (int w = 0; w < world; w++) {
+    if (!ranks[w]) continue;
+    if (rc) mt_local_abort(ranks[w]);
+    int r = mt_local_wait(ranks[w]);
+    if (!rc) rc = r;
+  }
+  for (int w = 0; w < world; w++) mt_local_free(ranks[w]);
+  mt_store_free(store);
+  return rc;
+}
+
+/* The worst relative difference of a's losses from b's over steps [from, to). */
+static double rank_runs_worst_rel(const rank_log *a, const rank_log *b, int from, int to) {
+  double worst = 0.0;
+  for (int s = from; s < to; s++) {
+    double r = (a->loss[s] - b->loss[s]) / b->loss[s];
+    r = r < 0 ? -r : r;
+    worst = r > worst || r != r ? r : worst;
+  }
+  return worst;
+}
+
+#endif
