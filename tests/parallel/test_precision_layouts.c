@@ -110,15 +110,7 @@ static int test_fp16_skipped_steps_agree_on_every_rank_tp2_pp2_dp2(void) {
 }
 
 int main(void) {
-  uint16_t t[20000];
-  for (int i = 0; i < 20000; i++) t[i] = (uint16_t)((i * 7 + i / 13 + (i / 101) * 3) % 256);
-  strcpy(data_path, "/tmp/mtnlg-precision-layouts-XXXXXX");
-  int fd = mkstemp(data_path);
-  if (fd < 0 || write(fd, t, sizeof t) != (ssize_t)sizeof t) {
-    fprintf(stderr, "cannot write %s\n", data_path);
-    return 1;
-  }
-  close(fd);
+  if (rank_runs_token_file(data_path, "/tmp/mtnlg-precision-layouts-XXXXXX")) return 1;
   struct {
     const char *name;
     int (*fn)(void);
