@@ -158,9 +158,9 @@ static enum MHD_Result answer(struct MHD_Connection *conn, mt_control *c, req *q
   return ret;
 }
 
-/* Answers a JSON value (stolen reference). */
-static enum MHD_Result answer_json(struct MHD_Connection *conn, mt_control *c, req *q, int status,
-                                   json_t *v, const char *const *extra) {
+/* Answers a JSON value (stolen reference) as content type ctype. */
+static enum MHD_Result answer_value(struct MHD_Connection *conn, mt_control *c, req *q, int status,
+                                    const char *ctype, json_t *v, const char *const *extra) {
   char *text = json_dumps(v, JSON_COMPACT);
   json_decref(v);
   if (!text) return MHD_NO;
@@ -170,7 +170,12 @@ static enum MHD_Result answer_json(struct MHD_Connection *conn, mt_control *c, r
   if (body) memcpy(body, text, len + 1);
   free(text);
   if (!body) return MHD_NO;
-  return answer(conn, c, q, status, "application/json", body, len, 0, extra);
+  return answer(conn, c, q, status, ctype, body, len, 0, extra);
+}
+
+static enum MHD_Result answer_json(struct MHD_Connection *conn, mt_control *c, req *q, int status,
+                                   json_t *v, const char *const *extra) {
+  return answer_value(conn, c, q, status, "application/json", v, extra);
 }
 
 /* Answers application/problem+json; detail is printf-style. */
@@ -195,15 +200,7 @@ static enum MHD_Result problem(struct MHD_Connection *conn, mt_control *c, req *
   json_t *p = json_pack("{s:s,s:s,s:i,s:o}", "type", problem_type(status), "title",
                         reason_phrase(status), "status", status, "detail", d);
   if (!p) return MHD_NO;
-  char *text = json_dumps(p, JSON_COMPACT);
-  json_decref(p);
-  if (!text) return MHD_NO;
-  size_t len = strlen(text);
-  char *body = malloc(len + 1);
-  if (body) memcpy(body, text, len + 1);
-  free(text);
-  if (!body) return MHD_NO;
-  return answer(conn, c, q, status, "application/problem+json", body, len, 0, extra);
+  return answer_value(conn, c, q, status, "application/problem+json", p, extra);
 }
 
 /* -------------------------------------------------------------------- auth */
