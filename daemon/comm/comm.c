@@ -26,7 +26,9 @@ struct mt_comm {
   const mt__comm_backend *be;
   void *impl;
   atomic_int aborted;
-  int started;      /* reduces started and not yet waited for */
+  int started;       /* reduces started and not yet waited for */
+  unsigned p2p_busy; /* bit s: started point-to-point request s not yet waited for */
+  char p2p_what[MT_COMM_P2P_MAX][64]; /* "send of 4096 bytes to rank 1", per request */
   int broken;       /* the code of the failure that broke the group, 0 while healthy */
   char *broken_msg; /* its message */
 };
@@ -453,6 +455,72 @@ int mt_comm_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, v
     return rc;
   return finish(c, what,
                 c->be->sendrecv(c->impl, send, sbytes, dst, recv, rbytes, src, c->timeout_ms));
+}
+
+static int p2p_slot(mt_comm *c) {
+  for (int i = 0; i < MT_COMM_P2P_MAX; i++)
+    if (!(c->p2p_busy & (1u << i))) return i;
+  return -1;
+}
+
+int mt_comm_sendrecv_start(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
+                           size_t recv_count, int src, mt_comm_dtype dt, int *send_req,
+                           int *recv_req) {
+  char what[128];
+  size_t esz = mt_comm_dtype_size(dt), sbytes = send_count * esz, rbytes = recv_count * esz;
+  snprintf(what, sizeof what, "started sendrecv of %zu bytes to rank %d, %zu bytes from rank %d",
+           sbytes, dst, rbytes, src);
+  if (send_req) *send_req = -1;
+  if (recv_req) *recv_req = -1;
+  int rc = refuse(c, what);
+  if (rc || (!send_count && !recv_count)) return rc;
+  if ((send_count && !send_req) || (recv_count && !recv_req))
+    return mt_seterr(MT_EINVAL, "comm %s: %s: no place for the request id", c->name, what);
+  if (send_count && ((rc = check_buf(c, what, send, dt)) || (rc = check_peer(c, what, dst))))
+    return rc;
+  if (recv_count && ((rc = check_buf(c, what, recv, dt)) || (rc = check_peer(c, what, src))))
+    return rc;
+  int ss = -1, rs = -1;
+  if (send_count && (ss = p2p_slot(c)) >= 0) c->p2p_busy |= 1u << ss;
+  if (recv_count && (rs = p2p_slot(c)) >= 0) c->p2p_busy |= 1u << rs;
+  if ((send_count && ss < 0) || (recv_count && rs < 0)) {
+    if (ss >= 0) c->p2p_busy &= ~(1u << ss);
+    if (rs >= 0) c->p2p_busy &= ~(1u << rs);
+    return mt_seterr(MT_EINVAL, "comm %s: %s: %d requests pending already (at most %d)", c->name,
+                     what, __builtin_popcount(c->p2p_busy), MT_COMM_P2P_MAX);
+  }
+  rc = finish(
+      c, what,
+      c->be->sendrecv_start(c->impl, ss, send, sbytes, dst, rs, recv, rbytes, src, c->timeout_ms));
+  if (rc) {
+    /* the backend released both slots; the group is broken */
+    if (ss >= 0) c->p2p_busy &= ~(1u << ss);
+    if (rs >= 0) c->p2p_busy &= ~(1u << rs);
+    return rc;
+  }
+  if (ss >= 0) {
+    snprintf(c->p2p_what[ss], sizeof c->p2p_what[ss], "send of %zu bytes to rank %d", sbytes, dst);
+    *send_req = ss;
+  }
+  if (rs >= 0) {
+    snprintf(c->p2p_what[rs], sizeof c->p2p_what[rs], "recv of %zu bytes from rank %d", rbytes,
+             src);
+    *recv_req = rs;
+  }
+  return 0;
+}
+
+int mt_comm_p2p_wait(mt_comm *c, int req) {
+  if (req == -1) return 0;
+  if (req < 0 || req >= MT_COMM_P2P_MAX || !(c->p2p_busy & (1u << req)))
+    return mt_seterr(MT_EINVAL, "comm %s: wait for request %d: no such request pending", c->name,
+                     req);
+  char what[96];
+  snprintf(what, sizeof what, "wait for started %s", c->p2p_what[req]);
+  c->p2p_busy &= ~(1u << req);
+  int rc = refuse(c, what);
+  if (rc) return rc;
+  return finish(c, what, c->be->p2p_wait(c->impl, req, c->timeout_ms));
 }
 
 int mt_comm_barrier(mt_comm *c) {

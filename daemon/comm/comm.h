@@ -109,6 +109,26 @@ int mt_comm_recv(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int peer
 int mt_comm_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
                      size_t recv_count, int src, mt_comm_dtype dt);
 
+/* Started point to point (torch.distributed's batch_isend_irecv): the
+ * exchange mt_comm_sendrecv makes, posted and not waited for, so the caller
+ * computes while it moves. *send_req and *recv_req (either may be NULL when
+ * its count is 0) receive a request id for mt_comm_p2p_wait, or -1 for a
+ * count of 0. With Gloo the send and the receive move on gloo's own thread
+ * and complete independently; with NCCL both are queued on the group's
+ * stream behind everything already queued on the device's compute stream,
+ * and complete together. Messages match in the order they were posted, as
+ * with the blocking calls, which may be mixed with started ones. Each
+ * request is waited for exactly once; at most MT_COMM_P2P_MAX are pending on
+ * a group; buffers stay untouched until their request's wait. */
+#define MT_COMM_P2P_MAX 16
+int mt_comm_sendrecv_start(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
+                           size_t recv_count, int src, mt_comm_dtype dt, int *send_req,
+                           int *recv_req);
+/* Waits for one started send or receive (req -1: nothing to wait for), within
+ * the deadline counted from the wait. A failure breaks the group as any
+ * operation's does. */
+int mt_comm_p2p_wait(mt_comm *c, int req);
+
 /* recv on root gets the reduction over ranks of send (count elements); recv
  * is only written on root and may equal send there. */
 int mt_comm_reduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,

@@ -50,6 +50,12 @@ typedef struct mt__comm_backend {
   /* Either byte count may be 0 (not both). */
   int (*sendrecv)(void *impl, const void *send, size_t send_bytes, int dst, void *recv,
                   size_t recv_bytes, int src, int timeout_ms);
+  /* Posts a send (send_slot >= 0) and/or a receive (recv_slot >= 0) and
+   * returns; slots (< MT_COMM_P2P_MAX) are free until p2p_wait(slot) returns
+   * or fails. destroy releases slots never waited for. */
+  int (*sendrecv_start)(void *impl, int send_slot, const void *send, size_t send_bytes, int dst,
+                        int recv_slot, void *recv, size_t recv_bytes, int src, int timeout_ms);
+  int (*p2p_wait)(void *impl, int slot, int timeout_ms);
   int (*barrier)(void *impl, int timeout_ms);
 } mt__comm_backend;
 

@@ -168,8 +168,21 @@ struct Group {
   std::atomic<bool> closed{false};
   std::mutex live_mu; // guards live: the unbound buffers our own waits block on
   std::vector<gloo::transport::UnboundBuffer *> live;
+  // Started point-to-point requests by slot (sendrecv_start), null when free;
+  // each is in live while it is pending.
+  std::unique_ptr<gloo::transport::UnboundBuffer> p2p[MT_COMM_P2P_MAX];
+  bool p2p_is_send[MT_COMM_P2P_MAX] = {};
 
   ~Group() {
+    // Requests never waited for: shut the connections first, so gloo does not
+    // move bytes for a buffer being freed, then release them.
+    bool pending = false;
+    for (auto &b : p2p) pending = pending || b;
+    if (pending) close_all();
+    for (auto &b : p2p) {
+      if (b) unlist(b.get());
+      b.reset();
+    }
     context.reset(); // gloo closes its sockets first: ours are the last references
     for (int fd : sock)
       if (fd >= 0) ::close(fd);
@@ -180,6 +193,15 @@ struct Group {
     closed = true;
     for (int fd : sock)
       if (fd >= 0) shutdown(fd, SHUT_RDWR);
+  }
+
+  // Registers a buffer whose waits abort must wake; throws once aborted
+  // (abort sets the flag before it walks the list).
+  void list(gloo::transport::UnboundBuffer *b);
+  void unlist(gloo::transport::UnboundBuffer *b) {
+    std::lock_guard<std::mutex> lock(live_mu);
+    auto it = std::find(live.begin(), live.end(), b);
+    if (it != live.end()) live.erase(it);
   }
 
   void abort() { // exit-ok: closes this group's sockets, not abort(3)
@@ -264,22 +286,20 @@ void find_sockets(Group *g) {
   (void)found;
 }
 
-// Registers an unbound buffer so abort can wake its waits; throws when the
-// group was already aborted (abort sets the flag before it walks the list).
+void Group::list(gloo::transport::UnboundBuffer *b) {
+  std::lock_guard<std::mutex> lock(live_mu);
+  live.push_back(b);
+  if (aborted) {
+    live.pop_back();
+    throw ShimError(MT_ECANCELED, "aborted");
+  }
+}
+
+// A buffer in the group's live list for the scope of one operation.
 class Live {
 public:
-  Live(Group *g, gloo::transport::UnboundBuffer *b) : g_(g), b_(b) {
-    std::lock_guard<std::mutex> lock(g_->live_mu);
-    g_->live.push_back(b_);
-    if (g_->aborted) {
-      g_->live.pop_back();
-      throw ShimError(MT_ECANCELED, "aborted");
-    }
-  }
-  ~Live() {
-    std::lock_guard<std::mutex> lock(g_->live_mu);
-    g_->live.erase(std::find(g_->live.begin(), g_->live.end(), b_));
-  }
+  Live(Group *g, gloo::transport::UnboundBuffer *b) : g_(g), b_(b) { g_->list(b_); }
+  ~Live() { g_->unlist(b_); }
   Live(const Live &) = delete;
   Live &operator=(const Live &) = delete;
 
@@ -634,6 +654,51 @@ int gloo_sendrecv(void *impl, const void *send, size_t send_bytes, int dst, void
   });
 }
 
+// Posts the send and the receive on unbound buffers kept in the request
+// slots; gloo's loop thread moves them while the caller goes on.
+int gloo_sendrecv_start(void *impl, int send_slot, const void *send, size_t send_bytes, int dst,
+                        int recv_slot, void *recv, size_t recv_bytes, int src, int timeout_ms) {
+  Group *group = static_cast<Group *>(impl);
+  int rc = guarded(impl, timeout_ms, [&](Group *g) {
+    auto post = [&](int slot, bool is_send, void *buf, size_t bytes, int peer) {
+      auto b = g->context->createUnboundBuffer(buf, bytes);
+      g->list(b.get());
+      if (is_send)
+        b->send(peer, kSlotP2P);
+      else
+        b->recv(peer, kSlotP2P);
+      g->p2p[slot] = std::move(b);
+      g->p2p_is_send[slot] = is_send;
+    };
+    // receive first, as sendrecv does: the peer's send finds it posted
+    if (recv_slot >= 0) post(recv_slot, false, recv, recv_bytes, src);
+    if (send_slot >= 0) post(send_slot, true, const_cast<void *>(send), send_bytes, dst);
+  });
+  if (rc) // the connections are shut (fail): release what was posted
+    for (int slot : {send_slot, recv_slot})
+      if (slot >= 0 && group->p2p[slot]) {
+        group->unlist(group->p2p[slot].get());
+        group->p2p[slot].reset();
+      }
+  return rc;
+}
+
+int gloo_p2p_wait(void *impl, int slot, int timeout_ms) {
+  Group *g = static_cast<Group *>(impl);
+  std::unique_ptr<gloo::transport::UnboundBuffer> b = std::move(g->p2p[slot]);
+  if (!b) return mt_seterr(MT_EINVAL, "no request in slot %d", slot);
+  int rc = guarded(impl, timeout_ms, [&](Group *g) {
+    auto deadline = clk::now() + ms(timeout_ms);
+    if (g->p2p_is_send[slot])
+      wait_send(b.get(), deadline);
+    else
+      wait_recv(b.get(), deadline);
+  });
+  // a failure shut the connections (fail), so nothing moves into b any more
+  g->unlist(b.get());
+  return rc;
+}
+
 int gloo_barrier(void *impl, int timeout_ms) {
   Group *g = static_cast<Group *>(impl);
   if (g->size == 1) return 0;
@@ -649,7 +714,10 @@ int gloo_barrier(void *impl, int timeout_ms) {
 
 // reduce_start and wait: none; comm.c runs reduce at once (host memory).
 extern "C" const mt__comm_backend mt__comm_gloo = {
-    "gloo",         gloo_create,    gloo_destroy, gloo_abort, gloo_allreduce, gloo_reduce_scatter,
-    gloo_allgather, gloo_broadcast, gloo_reduce,  nullptr,    nullptr,        gloo_send,
-    gloo_recv,      gloo_sendrecv,  gloo_barrier,
+    "gloo",         gloo_create,    gloo_destroy,
+    gloo_abort,     gloo_allreduce, gloo_reduce_scatter,
+    gloo_allgather, gloo_broadcast, gloo_reduce,
+    nullptr,        nullptr,        gloo_send,
+    gloo_recv,      gloo_sendrecv,  gloo_sendrecv_start,
+    gloo_p2p_wait,  gloo_barrier,
 };

@@ -11,7 +11,9 @@
  * device's compute stream, so it reads what the kernels before it wrote;
  * kernels queued after a blocking operation run after it, since the host
  * saw it complete. Started reduces (mt_comm_reduce_start) return once NCCL
- * has queued them and are watched by wait.
+ * has queued them and are watched by wait; started sends and receives
+ * (mt_comm_sendrecv_start) likewise, each request watched through an event
+ * recorded behind it on the group's stream.
  *
  * Buffers are device memory of opts->device. Never links libcuda directly:
  * only the runtime (cudart) and NCCL.
@@ -40,9 +42,11 @@ typedef struct nccl_group {
   int rank, size, device;
   ncclComm_t comm;
   cudaStream_t stream;
-  cudaStream_t compute; /* the device's: what operations wait for */
-  cudaEvent_t ready;    /* recorded on compute before each operation */
-  float *scratch;       /* one float on the device, for barrier */
+  cudaStream_t compute;                  /* the device's: what operations wait for */
+  cudaEvent_t ready;                     /* recorded on compute before each operation */
+  float *scratch;                        /* one float on the device, for barrier */
+  cudaEvent_t p2p_done[MT_COMM_P2P_MAX]; /* per started point-to-point slot: recorded
+                                            on stream behind its send/recv */
   atomic_int aborted;
   pthread_mutex_t mu; /* guards in_op and comm_aborted against mt_comm_abort */
   int in_op;          /* the owner thread is inside an operation */
@@ -91,9 +95,10 @@ static int nccl_fail(nccl_group *g, int code, const char *what) {
 }
 
 /* Watches what was just enqueued (enq: the call's result) until the stream
- * has run it, the communicator reports an error, the deadline passes or the
+ * has run it (with done: until that event, recorded on the stream, has
+ * passed), the communicator reports an error, the deadline passes or the
  * group is aborted. Polls hard for 2 ms, then every 100 us. */
-static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
+static int watch_until(nccl_group *g, ncclResult_t enq, cudaEvent_t done, int timeout_ms) {
   if (enq != ncclSuccess && enq != ncclInProgress)
     return nccl_fail(g, MT_EIO, ncclGetErrorString(enq));
   int64_t start = now_us(), deadline = start + (int64_t)timeout_ms * 1000;
@@ -105,7 +110,7 @@ static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
     if (st != ncclSuccess && st != ncclInProgress)
       return nccl_fail(g, MT_EIO, ncclGetErrorString(st));
     if (st == ncclSuccess) {
-      cudaError_t q = cudaStreamQuery(g->stream);
+      cudaError_t q = done ? cudaEventQuery(done) : cudaStreamQuery(g->stream);
       if (q == cudaSuccess) return 0;
       if (q != cudaErrorNotReady) return nccl_fail(g, MT_EIO, cudaGetErrorString(q));
     }
@@ -120,6 +125,10 @@ static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
     else
       usleep(100);
   }
+}
+
+static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
+  return watch_until(g, enq, NULL, timeout_ms);
 }
 
 /* Enters an operation: makes the device current and refuses an aborted group;
@@ -178,6 +187,8 @@ static void nccl_destroy(void *impl) {
   if (g->stream) cudaStreamDestroy(g->stream);
   if (g->ready) cudaEventDestroy(g->ready);
   if (g->scratch) cudaFree(g->scratch);
+  for (int i = 0; i < MT_COMM_P2P_MAX; i++)
+    if (g->p2p_done[i]) cudaEventDestroy(g->p2p_done[i]);
   pthread_mutex_destroy(&g->mu);
   free(g);
 }
@@ -213,6 +224,8 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   if (ce == cudaSuccess) ce = cudaStreamCreate(&g->stream);
   if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&g->ready, cudaEventDisableTiming);
   if (ce == cudaSuccess) ce = cudaMalloc((void **)&g->scratch, sizeof(float));
+  for (int i = 0; i < MT_COMM_P2P_MAX && ce == cudaSuccess; i++)
+    ce = cudaEventCreateWithFlags(&g->p2p_done[i], cudaEventDisableTiming);
   g->compute = o->device->stream;
   if (ce != cudaSuccess) {
     rc = mt_seterr(MT_EIO, "cuda: %s: %s", o->device->name, cudaGetErrorString(ce));
@@ -308,9 +321,29 @@ static int nccl_reduce(void *impl, const void *send, void *recv, size_t count, m
   return leave(g, watch(g, r, timeout_ms));
 }
 
-/* Queues the reduce and returns once NCCL has taken it: a non-blocking
- * communicator may answer ncclInProgress until the call is enqueued, and
- * takes no other call before. The work itself is watched by nccl_wait. */
+/* Waits until NCCL has taken a call (enq: its result) onto the stream: a
+ * non-blocking communicator may answer ncclInProgress until the call is
+ * enqueued, and takes no other call before. */
+static int queued(nccl_group *g, ncclResult_t r, int timeout_ms) {
+  if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(g, MT_EIO, ncclGetErrorString(r));
+  int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+  while (r == ncclInProgress) {
+    if (atomic_load(&g->aborted)) return nccl_fail(g, MT_ECANCELED, "aborted");
+    ncclResult_t q = ncclCommGetAsyncError(g->comm, &r);
+    if (q != ncclSuccess) r = q;
+    if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(g, MT_EIO, ncclGetErrorString(r));
+    if (r == ncclInProgress && now_us() > deadline) {
+      char what[64];
+      snprintf(what, sizeof what, "queueing timed out after %d ms", timeout_ms);
+      return nccl_fail(g, MT_ETIMEDOUT, what);
+    }
+    if (r == ncclInProgress) sched_yield();
+  }
+  return 0;
+}
+
+/* Queues the reduce and returns once NCCL has taken it; the work itself is
+ * watched by nccl_wait. */
 static int nccl_reduce_start(void *impl, const void *send, void *recv, size_t count,
                              mt_comm_dtype dt, mt_comm_op op, int root, int timeout_ms) {
   nccl_group *g = impl;
@@ -318,23 +351,7 @@ static int nccl_reduce_start(void *impl, const void *send, void *recv, size_t co
   if (rc) return rc;
   ncclResult_t r =
       ncclReduce(send, recv, count, nccl_type(dt), nccl_op(op), root, g->comm, g->stream);
-  if (r != ncclSuccess && r != ncclInProgress)
-    return leave(g, nccl_fail(g, MT_EIO, ncclGetErrorString(r)));
-  int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
-  while (r == ncclInProgress) {
-    if (atomic_load(&g->aborted)) return leave(g, nccl_fail(g, MT_ECANCELED, "aborted"));
-    ncclResult_t q = ncclCommGetAsyncError(g->comm, &r);
-    if (q != ncclSuccess) r = q;
-    if (r != ncclSuccess && r != ncclInProgress)
-      return leave(g, nccl_fail(g, MT_EIO, ncclGetErrorString(r)));
-    if (r == ncclInProgress && now_us() > deadline) {
-      char what[64];
-      snprintf(what, sizeof what, "queueing timed out after %d ms", timeout_ms);
-      return leave(g, nccl_fail(g, MT_ETIMEDOUT, what));
-    }
-    if (r == ncclInProgress) sched_yield();
-  }
-  return leave(g, 0);
+  return leave(g, queued(g, r, timeout_ms));
 }
 
 static int nccl_wait(void *impl, int timeout_ms) {
@@ -391,6 +408,39 @@ static int nccl_sendrecv(void *impl, const void *send, size_t send_bytes, int ds
   return leave(g, watch(g, r, timeout_ms));
 }
 
+/* Queues the send and the receive as one NCCL group behind the compute
+ * stream's work, and records each slot's event behind them; the host goes on
+ * at once. */
+static int nccl_sendrecv_start(void *impl, int send_slot, const void *send, size_t send_bytes,
+                               int dst, int recv_slot, void *recv, size_t recv_bytes, int src,
+                               int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = ncclGroupStart();
+  if (r == ncclSuccess && send_slot >= 0)
+    r = ncclSend(send, send_bytes, ncclUint8, dst, g->comm, g->stream);
+  if ((r == ncclSuccess || r == ncclInProgress) && recv_slot >= 0)
+    r = ncclRecv(recv, recv_bytes, ncclUint8, src, g->comm, g->stream);
+  ncclResult_t end = ncclGroupEnd();
+  if (r == ncclSuccess || r == ncclInProgress) r = end;
+  if ((rc = queued(g, r, timeout_ms))) return leave(g, rc);
+  cudaError_t e = cudaSuccess;
+  if (send_slot >= 0) e = cudaEventRecord(g->p2p_done[send_slot], g->stream);
+  if (e == cudaSuccess && recv_slot >= 0) e = cudaEventRecord(g->p2p_done[recv_slot], g->stream);
+  if (e != cudaSuccess) return leave(g, nccl_fail(g, MT_EIO, cudaGetErrorString(e)));
+  return leave(g, 0);
+}
+
+/* Watches one started request's event; what was queued behind it on the
+ * group's stream may still run. */
+static int nccl_p2p_wait(void *impl, int slot, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter_ordered(g, 0);
+  if (rc) return rc;
+  return leave(g, watch_until(g, ncclSuccess, g->p2p_done[slot], timeout_ms));
+}
+
 static int nccl_barrier(void *impl, int timeout_ms) {
   nccl_group *g = impl;
   int rc = enter(g);
@@ -415,5 +465,7 @@ const mt__comm_backend mt__comm_nccl = {
     .send = nccl_send,
     .recv = nccl_recv,
     .sendrecv = nccl_sendrecv,
+    .sendrecv_start = nccl_sendrecv_start,
+    .p2p_wait = nccl_p2p_wait,
     .barrier = nccl_barrier,
 };

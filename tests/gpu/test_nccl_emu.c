@@ -142,6 +142,10 @@ int staged_send(mt_comm *c, const void *buf, size_t count, mt_comm_dtype dt, int
 int staged_recv(mt_comm *c, void *buf, size_t count, mt_comm_dtype dt, int peer);
 int staged_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
                     size_t recv_count, int src, mt_comm_dtype dt);
+int staged_sendrecv_start(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
+                          size_t recv_count, int src, mt_comm_dtype dt, int *send_req,
+                          int *recv_req);
+int staged_p2p_wait(mt_comm *c, int req);
 
 int staged_allreduce(mt_comm *c, const void *send, void *recv, size_t count, mt_comm_dtype dt,
                      mt_comm_op op) {
@@ -231,6 +235,45 @@ int staged_sendrecv(mt_comm *c, const void *send, size_t send_count, int dst, vo
     rc =
         mt_comm_sendrecv(c, dptr(&st, send), send_count, dst, dptr(&st, recv), recv_count, src, dt);
   return unstage(&st, rc);
+}
+
+/* Started exchanges keep their device buffers until the last of their
+ * requests is waited for (with NCCL both complete together). */
+static __thread struct {
+  staging st;
+  int reqs; /* requests of this exchange not yet waited for */
+} p2p_staged[MT_COMM_P2P_MAX];
+static __thread int p2p_owner[MT_COMM_P2P_MAX]; /* request -> index in p2p_staged, +1 */
+
+int staged_sendrecv_start(mt_comm *c, const void *send, size_t send_count, int dst, void *recv,
+                          size_t recv_count, int src, mt_comm_dtype dt, int *send_req,
+                          int *recv_req) {
+  size_t esz = mt_comm_dtype_size(dt);
+  int k = 0;
+  while (k < MT_COMM_P2P_MAX && p2p_staged[k].reqs) k++;
+  if (k == MT_COMM_P2P_MAX)
+    return mt_seterr(MT_EINVAL, "staged_sendrecv_start: %d started already", k);
+  staging *st = &p2p_staged[k].st;
+  int rc = stage(st, send, send_count * esz, recv, recv_count * esz);
+  if (!rc)
+    rc = mt_comm_sendrecv_start(c, dptr(st, send), send_count, dst, dptr(st, recv), recv_count, src,
+                                dt, send_req, recv_req);
+  if (rc) return unstage(st, rc);
+  int reqs = 0;
+  if (send_req && *send_req >= 0) p2p_owner[*send_req] = k + 1, reqs++;
+  if (recv_req && *recv_req >= 0) p2p_owner[*recv_req] = k + 1, reqs++;
+  if (!reqs) return unstage(st, 0);
+  p2p_staged[k].reqs = reqs;
+  return 0;
+}
+
+int staged_p2p_wait(mt_comm *c, int req) {
+  int rc = mt_comm_p2p_wait(c, req);
+  if (req < 0 || req >= MT_COMM_P2P_MAX || !p2p_owner[req]) return rc;
+  int k = p2p_owner[req] - 1;
+  p2p_owner[req] = 0;
+  if (--p2p_staged[k].reqs == 0) rc = unstage(&p2p_staged[k].st, rc);
+  return rc;
 }
 
 /* ------------------------------------------------------------ rank threads */

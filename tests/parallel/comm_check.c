@@ -328,9 +328,87 @@ static int check_msg(const int32_t *m, size_t count, int from, int k, char *err,
   return 0;
 }
 
+/* Started exchanges around the ring, each message in buffers of its own:
+ * pass 0 posts all three (send right, receive left) before waiting for any,
+ * receives first and in reverse; pass 1 mixes a started send with a blocking
+ * receive, ordered by parity as blocking sends must be. Then the misuses
+ * that must be refused without breaking the group. */
+static int check_ring_started(mt_comm *c, char *err, size_t cap) {
+  const int n = mt_comm_size(c), r = mt_comm_rank(c);
+  const int right = (r + 1) % n, left = (r + n - 1) % n;
+  const size_t max = 3 * 100003 + 64;
+  int32_t *out = malloc(3 * max * sizeof *out), *in = malloc(3 * max * sizeof *in);
+  int rc = -1, sreq[3], rreq[3];
+  if (!out || !in) {
+    failf(err, cap, "out of memory");
+    goto done;
+  }
+  for (int pass = 0; pass < 2; pass++) {
+    for (int k = 0; k < 3; k++) {
+      size_t sc = 1 + (size_t)k * 100003 + (size_t)r;
+      int32_t *o = out + (size_t)k * max;
+      for (size_t i = 0; i < sc; i++) o[i] = (int32_t)(r * 100000 + k * 1000 + (int)(i % 997));
+      memset(in + (size_t)k * max, 0, max * sizeof *in);
+    }
+    int e = 0;
+    const char *what = pass ? "started send, blocking recv" : "started sendrecv";
+    if (pass == 0) {
+      for (int k = 0; k < 3 && !e; k++)
+        e = mt_comm_sendrecv_start(c, out + (size_t)k * max, 1 + (size_t)k * 100003 + (size_t)r,
+                                   right, in + (size_t)k * max,
+                                   1 + (size_t)k * 100003 + (size_t)left, left, MT_COMM_I32,
+                                   &sreq[k], &rreq[k]);
+      for (int k = 2; k >= 0 && !e; k--) e = mt_comm_p2p_wait(c, rreq[k]);
+      for (int k = 0; k < 3 && !e; k++) e = mt_comm_p2p_wait(c, sreq[k]);
+    } else {
+      for (int k = 0; k < 3 && !e; k++) {
+        size_t sc = 1 + (size_t)k * 100003 + (size_t)r, rcount = 1 + (size_t)k * 100003 + left;
+        int32_t *o = out + (size_t)k * max, *i = in + (size_t)k * max;
+        if (r % 2 == 0) {
+          e = mt_comm_sendrecv_start(c, o, sc, right, NULL, 0, left, MT_COMM_I32, &sreq[k], NULL);
+          if (!e) e = mt_comm_recv(c, i, rcount, MT_COMM_I32, left);
+        } else {
+          e = mt_comm_recv(c, i, rcount, MT_COMM_I32, left);
+          if (!e)
+            e = mt_comm_sendrecv_start(c, o, sc, right, NULL, 0, left, MT_COMM_I32, &sreq[k], NULL);
+        }
+      }
+      for (int k = 0; k < 3 && !e; k++) e = mt_comm_p2p_wait(c, sreq[k]);
+    }
+    if (e) {
+      failf(err, cap, "%s ring: %s", what, mt_errmsg());
+      goto done;
+    }
+    for (int k = 0; k < 3; k++)
+      if (check_msg(in + (size_t)k * max, 1 + (size_t)k * 100003 + (size_t)left, left, k, err, cap))
+        goto done;
+  }
+  /* misuse: a request never started, one waited twice, a missing id */
+  int req = -1;
+  if (mt_comm_p2p_wait(c, 3) != MT_EINVAL || !strstr(mt_errmsg(), "no such request")) {
+    failf(err, cap, "wait for a request never started: not refused (%s)", mt_errmsg());
+    goto done;
+  }
+  if (mt_comm_sendrecv_start(c, out, 1, right, NULL, 0, left, MT_COMM_I32, NULL, NULL) !=
+      MT_EINVAL) {
+    failf(err, cap, "started send without a place for its request: not refused");
+    goto done;
+  }
+  if (mt_comm_sendrecv_start(c, out, 0, right, NULL, 0, left, MT_COMM_I32, &req, NULL) ||
+      req != -1 || mt_comm_p2p_wait(c, req)) {
+    failf(err, cap, "an empty started exchange is not a no-op with request -1");
+    goto done;
+  }
+  rc = 0;
+done:
+  free(out), free(in);
+  return rc;
+}
+
 int check_ring(mt_comm *c, char *err, size_t cap) {
   const int n = mt_comm_size(c), r = mt_comm_rank(c);
   if (n == 1) return 0;
+  if (check_ring_started(c, err, cap)) return -1;
   const int right = (r + 1) % n, left = (r + n - 1) % n;
   const size_t max = 300000;
   int32_t *out = malloc(max * sizeof *out), *in = malloc(max * sizeof *in);

@@ -21,7 +21,9 @@ int check_collectives(mt_comm *c, char *err, size_t cap);
 int check_large(mt_comm *c, size_t bytes, char *err, size_t cap);
 
 /* Every rank sends three messages of odd sizes to rank+1 and receives from
- * rank-1: with send/recv ordered by parity, then with sendrecv. */
+ * rank-1: started (mt_comm_sendrecv_start) all at once, a started send
+ * beside a blocking receive, then blocking with send/recv ordered by parity
+ * and with sendrecv. */
 int check_ring(mt_comm *c, char *err, size_t cap);
 
 #endif

@@ -127,10 +127,11 @@ static void test_allreduce_and_reduce_scatter_of_16mb_match_reference(void) {
   }
 }
 
-/* Rank 0 blocks in a recv (or an all-reduce) that rank 1 never serves; a
- * third thread aborts rank 0's group after 200 ms. */
+/* Rank 0 blocks in a recv (an all-reduce, the wait for a started recv)
+ * that rank 1 never serves; a third thread aborts rank 0's group after
+ * 200 ms. */
 typedef struct abort_arg {
-  int collective; /* 0: recv, 1: allreduce */
+  int collective; /* 0: recv, 1: allreduce, 2: started recv */
   atomic_int blocked;
   double aborted_at, failed_at;
   int later_rc; /* an operation after the abort */
@@ -153,8 +154,14 @@ static int body_abort(rank_ctx *x, mt_comm *c) {
   if (x->rank == 0) {
     pthread_create(&a->aborter, NULL, aborter_main, x);
     atomic_store(&a->blocked, 1);
-    int rc = a->collective ? mt_comm_allreduce(c, buf, buf, 1 << 16, MT_COMM_F32, MT_COMM_SUM)
-                           : mt_comm_recv(c, buf, 1 << 16, MT_COMM_F32, 1);
+    int rc, req = -1;
+    if (a->collective == 2) {
+      rc = mt_comm_sendrecv_start(c, NULL, 0, 1, buf, 1 << 16, 1, MT_COMM_F32, NULL, &req);
+      if (!rc) rc = mt_comm_p2p_wait(c, req);
+    } else {
+      rc = a->collective ? mt_comm_allreduce(c, buf, buf, 1 << 16, MT_COMM_F32, MT_COMM_SUM)
+                         : mt_comm_recv(c, buf, 1 << 16, MT_COMM_F32, 1);
+    }
     a->failed_at = now_s();
     snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
     pthread_join(a->aborter, NULL);
@@ -167,10 +174,10 @@ static int body_abort(rank_ctx *x, mt_comm *c) {
 }
 
 static void test_abort_from_another_thread_fails_blocked_op_promptly(void) {
-  for (int collective = 0; collective < 2; collective++) {
+  for (int collective = 0; collective < 3; collective++) {
     rank_ctx ctx[2];
     abort_arg a = {.collective = collective};
-    const char *what = collective ? "allreduce" : "recv";
+    const char *what = collective == 2 ? "started recv" : collective ? "allreduce" : "recv";
     char prefix[64];
     snprintf(prefix, sizeof prefix, "test/abort/%d", collective);
     run_ranks(ctx, 2, 2, prefix, 20000, body_abort, &a);
