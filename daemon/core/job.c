@@ -273,8 +273,9 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
-static const char *const parallel_keys[] = {
-    "tp", "pp", "dp_min", "dp_max", "micro_batch", "recompute", "schedule", "bucket_size", NULL};
+static const char *const parallel_keys[] = {"tp",          "pp",        "dp_min",   "dp_max",
+                                            "micro_batch", "recompute", "schedule", "bucket_size",
+                                            "overlap_p2p", NULL};
 static const char *const train_keys[] = {"global_batch", "steps",        "seed",      "lr",
                                          "adam",         "weight_decay", "clip_grad", "precision",
                                          "loss_scale",   "log_interval", NULL};
@@ -486,6 +487,7 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
   read_int(pb, o, "parallel", "micro_batch", &p->micro_batch);
   read_bool(pb, o, "parallel", "recompute", &p->recompute);
   read_int(pb, o, "parallel", "bucket_size", &p->bucket_size);
+  read_bool(pb, o, "parallel", "overlap_p2p", &p->overlap_p2p);
   char sched[64] = "1f1b";
   read_str(pb, o, "parallel", "schedule", sched, sizeof sched);
   if (strcmp(sched, "1f1b"))
@@ -665,6 +667,7 @@ static void set_defaults(mt_job *job) {
   p->tp = p->pp = p->dp_min = p->dp_max = 1;
   p->micro_batch = 1;
   p->bucket_size = 40000000; /* Megatron's DDP bucket, in elements */
+  p->overlap_p2p = 1;
   snprintf(p->schedule, sizeof p->schedule, "1f1b");
   mt_train_spec *t = &job->train;
   t->seed = 1234;
@@ -888,6 +891,8 @@ static json_t *job_to_json(const mt_job *job) {
                       json_pack("{s:f, s:f, s:I, s:I}", "initial", ls->initial, "min", ls->min,
                                 "growth_interval", (json_int_t)ls->growth_interval, "hysteresis",
                                 (json_int_t)ls->hysteresis));
+  json_object_set_new(json_object_get(root, "parallel"), "overlap_p2p",
+                      json_boolean(job->parallel.overlap_p2p));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

@@ -2,6 +2,7 @@
  * its replica on its pipeline stage, then ZeRO-1 over the replicas. */
 #include "train.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -275,6 +276,10 @@ void mt_trainer_destroy(mt_trainer *tr) {
 
 /* ---- the pipeline ---- */
 
+/* Started sends of stage outputs not yet waited for (overlap_p2p), oldest
+ * first: at most half the group's requests, the rest for the input grad. */
+#define ACT_SENDS (MT_COMM_P2P_MAX / 2)
+
 typedef struct pipe_run {
   mt_trainer *tr;
   mt_split split;
@@ -283,10 +288,44 @@ typedef struct pipe_run {
   double loss_sum;  /* last stage: Σ micro-batch mean losses */
   int fwd, bwd;     /* micro-batches done each way */
   double wait_ms;   /* blocked in point-to-point with the neighbours */
+  /* overlap_p2p: sends in flight while the stage computes */
+  int overlap;
+  struct {
+    int req, micro; /* request, and the micro-batch whose output it sends */
+  } act[ACT_SENDS];
+  int n_act;    /* act[0..n_act) pending, oldest first */
+  int grad_req; /* the input gradient's send, -1 when none is pending */
 } pipe_run;
 
 static size_t act_count(const mt_trainer *tr) {
   return (size_t)tr->model.B * tr->model.T * tr->job->model.n_embd;
+}
+
+/* Time spent here is the pipeline's wait: the bubble plus transfers. */
+static int p2p_wait(pipe_run *r, int req) {
+  double t0 = now_ms();
+  int rc = mt_comm_p2p_wait(r->tr->g.pipe, req);
+  r->wait_ms += now_ms() - t0;
+  return rc;
+}
+
+/* Waits for started sends of outputs of micro-batches <= upto, and for the
+ * oldest ones while more than keep are pending. */
+static int wait_act_sends(pipe_run *r, int upto, int keep) {
+  int rc = 0;
+  while (!rc && r->n_act > 0 && (r->act[0].micro <= upto || r->n_act > keep)) {
+    rc = p2p_wait(r, r->act[0].req);
+    memmove(r->act, r->act + 1, (size_t)--r->n_act * sizeof *r->act);
+  }
+  return rc;
+}
+
+/* Every started send completed: the end of a schedule. */
+static int wait_all_sends(pipe_run *r) {
+  int rc = wait_act_sends(r, INT_MAX, 0);
+  if (!rc && r->grad_req >= 0) rc = p2p_wait(r, r->grad_req);
+  r->grad_req = -1;
+  return rc;
 }
 
 /* Forward of the next micro-batch on this stage, from tokens or recv_x. */
@@ -295,8 +334,9 @@ static int stage_forward(pipe_run *r) {
   mt_gpt *m = &tr->model;
   int j = r->fwd++;
   uint64_t sample0 = r->first + (uint64_t)j * (uint64_t)m->B;
-  int rc = 0;
-  if (m->first || m->last)
+  /* its output slot may still be on its way to the next stage */
+  int rc = wait_act_sends(r, j - m->n_slots, ACT_SENDS);
+  if (!rc && (m->first || m->last))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
   if (!rc)
     rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL,
@@ -310,62 +350,83 @@ static int stage_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   mt_gpt *m = &tr->model;
   int j = r->bwd++;
+  /* the input gradient buffer may still be on its way to the previous stage */
+  int rc = 0;
+  if (r->grad_req >= 0) {
+    rc = p2p_wait(r, r->grad_req);
+    r->grad_req = -1;
+    if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
+  }
   /* the last micro-batch's backward leaves final gradients, block by block */
   if (tr->g.dp && j == tr->micro_batches - 1) {
     m->on_block_grads = start_buckets;
     m->grads_ctx = tr;
   }
-  int rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy, r->loss_scale);
+  rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy, r->loss_scale);
   m->on_block_grads = NULL;
   if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   return 0;
 }
 
-/* Point-to-point with the neighbours; no-ops at the ends of the pipeline.
- * Time spent in them is the pipeline's wait: the bubble plus transfers. */
-#define TIMED(r, call)                                                                             \
-  do {                                                                                             \
-    double t0_ = now_ms();                                                                         \
-    int rc_ = (call);                                                                              \
-    (r)->wait_ms += now_ms() - t0_;                                                                \
-    return rc_;                                                                                    \
-  } while (0)
+/* One exchange with a neighbour: send (count 0: none) and receive (count 0:
+ * none). With overlap the send is started and left in flight (*send_req),
+ * and only the receive, which the next compute needs, is waited for;
+ * without, both complete here. Posted in the same order either way, so NCCL,
+ * whose group stream runs them in that order, never meets a new deadlock. */
+static int exchange(pipe_run *r, const float *send, size_t send_count, int dst, int *send_req,
+                    float *recv, size_t recv_count, int src) {
+  mt_comm *c = r->tr->g.pipe;
+  double t0 = now_ms();
+  int rc, rreq = -1;
+  if (!r->overlap) {
+    rc = !send_count ? mt_comm_recv(c, recv, recv_count, MT_COMM_F32, src)
+         : !recv_count
+             ? mt_comm_send(c, send, send_count, MT_COMM_F32, dst)
+             : mt_comm_sendrecv(c, send, send_count, dst, recv, recv_count, src, MT_COMM_F32);
+  } else {
+    rc = mt_comm_sendrecv_start(c, send, send_count, dst, recv, recv_count, src, MT_COMM_F32,
+                                send_req, &rreq);
+    if (!rc) rc = mt_comm_p2p_wait(c, rreq);
+  }
+  r->wait_ms += now_ms() - t0;
+  return rc;
+}
+
+/* Point-to-point with the neighbours; no-ops at the ends of the pipeline. */
 static int recv_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
-  TIMED(r, mt_comm_recv(tr->g.pipe, tr->recv_x, act_count(tr), MT_COMM_F32, tr->g.pp_rank - 1));
+  return exchange(r, NULL, 0, -1, NULL, tr->recv_x, act_count(tr), tr->g.pp_rank - 1);
 }
-static int send_forward(pipe_run *r, int j) {
+/* Sends micro-batch j's output; recv_dy (with_recv) the gradient coming back. */
+static int send_forward_recv(pipe_run *r, int j, int with_recv) {
   mt_trainer *tr = r->tr;
   if (tr->model.last) return 0;
-  TIMED(r, mt_comm_send(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
-                        act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1));
+  int next = tr->g.pp_rank + 1, req = -1;
+  int rc = wait_act_sends(r, INT_MIN, ACT_SENDS - 1); /* room for one more */
+  if (!rc)
+    rc = exchange(r, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots), act_count(tr), next,
+                  &req, tr->recv_dy, with_recv ? act_count(tr) : 0, next);
+  if (!rc && req >= 0) r->act[r->n_act].req = req, r->act[r->n_act++].micro = j;
+  return rc;
 }
-static int send_forward_recv_backward(pipe_run *r, int j) {
-  mt_trainer *tr = r->tr;
-  if (tr->model.last) return 0;
-  int next = tr->g.pp_rank + 1;
-  TIMED(r, mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots),
-                            act_count(tr), next, tr->recv_dy, act_count(tr), next, MT_COMM_F32));
-}
+static int send_forward(pipe_run *r, int j) { return send_forward_recv(r, j, 0); }
+static int send_forward_recv_backward(pipe_run *r, int j) { return send_forward_recv(r, j, 1); }
 static int recv_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.last) return 0;
-  TIMED(r, mt_comm_recv(tr->g.pipe, tr->recv_dy, act_count(tr), MT_COMM_F32, tr->g.pp_rank + 1));
+  return exchange(r, NULL, 0, -1, NULL, tr->recv_dy, act_count(tr), tr->g.pp_rank + 1);
 }
-static int send_backward(pipe_run *r) {
-  mt_trainer *tr = r->tr;
-  if (tr->model.first) return 0;
-  TIMED(r, mt_comm_send(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr), MT_COMM_F32,
-                        tr->g.pp_rank - 1));
-}
-static int send_backward_recv_forward(pipe_run *r) {
+/* Sends the input gradient; recv_x (with_recv) the next micro-batch's input. */
+static int send_backward_recv(pipe_run *r, int with_recv) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
   int prev = tr->g.pp_rank - 1;
-  TIMED(r, mt_comm_sendrecv(tr->g.pipe, mt_gpt_stage_input_grad(&tr->model), act_count(tr), prev,
-                            tr->recv_x, act_count(tr), prev, MT_COMM_F32));
+  return exchange(r, mt_gpt_stage_input_grad(&tr->model), act_count(tr), prev, &r->grad_req,
+                  tr->recv_x, with_recv ? act_count(tr) : 0, prev);
 }
+static int send_backward(pipe_run *r) { return send_backward_recv(r, 0); }
+static int send_backward_recv_forward(pipe_run *r) { return send_backward_recv(r, 1); }
 
 /* PipeDream-Flush (1F1B): pp - stage - 1 warm-up forwards, then one forward
  * and one backward alternately, then the remaining backwards. Activations
@@ -393,6 +454,7 @@ static int run_1f1b(pipe_run *r) {
     if (!rc) rc = stage_backward(r);
     if (!rc) rc = send_backward(r);
   }
+  if (!rc) rc = wait_all_sends(r);
   return rc;
 }
 
@@ -404,6 +466,7 @@ static int run_forward_only(pipe_run *r) {
     if (!rc) rc = stage_forward(r);
     if (!rc) rc = send_forward(r, r->fwd - 1);
   }
+  if (!rc) rc = wait_all_sends(r);
   return rc;
 }
 
@@ -450,7 +513,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                 .split = MT_SPLIT_TRAIN,
                 .first = (uint64_t)tr->step * (uint64_t)G +
                          (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
-                .loss_scale = scale / (float)total_micro};
+                .loss_scale = scale / (float)total_micro,
+                .overlap = job->parallel.overlap_p2p,
+                .grad_req = -1};
   rc = run_1f1b(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
@@ -544,7 +609,9 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
     pipe_run r = {.tr = tr,
                   .split = MT_SPLIT_VALID,
                   .first = (uint64_t)e * (uint64_t)G +
-                           (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size)};
+                           (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
+                  .overlap = tr->job->parallel.overlap_p2p,
+                  .grad_req = -1};
     rc = run_forward_only(&r);
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }
