@@ -194,8 +194,7 @@ static void layer_fwd(layer *L) {
   o->linear_fwd(&dev, L->branch, L->atty, L->projw, L->projb, N, C, C);
   o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
   o->layernorm_fwd(&dev, L->ln2, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
-  o->linear_fwd(&dev, L->fch, L->ln2, L->fcw, L->fcb, N, C, 4 * C);
-  o->gelu_fwd(&dev, L->fchg, L->fch, 4 * NC);
+  o->linear_gelu_fwd(&dev, L->fchg, L->fch, L->ln2, L->fcw, L->fcb, N, C, 4 * C);
   o->linear_fwd(&dev, L->branch, L->fchg, L->fcpw, L->fcpb, N, 4 * C, C);
   o->residual_fwd(&dev, L->out, L->resid2, L->branch, NC);
 }

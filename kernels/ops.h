@@ -68,6 +68,13 @@ struct mt_ops {
    * dinp and dbias may be NULL. */
   void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
                      const float *inp, const float *w, int N, int C, int OC);
+  /* out(N,OC) = gelu(pre) and pre(N,OC) = inp·wᵀ + bias, the input gelu_bwd
+   * takes: linear_fwd into pre then gelu_fwd into out, on the CPU exactly
+   * that. On GPUs one GEMM with cuBLASLt's GeLU epilogue (GELU_AUX_BIAS, its
+   * own tanh: not gelu_fwd's bits) where cuBLASLt takes the shape, else
+   * those two ops. bias may be NULL. */
+  void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const float *inp, const float *w,
+                          const float *bias, int N, int C, int OC);
 
   /* Causal self-attention. qkv(B,T,3C) holds q, k, v each as (T, NH, HS),
    * HS = C/NH; out(B,T,C). att(B,NH,T,T) receives the softmax probabilities

@@ -464,11 +464,12 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   if (rc) return rc;
   ops->dropout_residual_fwd(d, a->resid2, in, p->branch, B, (size_t)T * C, drop1);
 
-  /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp) */
+  /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
+   * c_fc's output, kept for gelu_bwd; on GPUs the GeLU is c_fc's GEMM epilogue */
   ops->layernorm_fwd(d, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, P(m, l, MT_P_LN2_W),
                      P(m, l, MT_P_LN2_B), N, C, c->ln_eps);
-  ops->linear_fwd(d, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C, 4 * t.Cl);
-  ops->gelu_fwd(d, a->fch_gelu, a->fch, (size_t)N * 4 * t.Cl);
+  ops->linear_gelu_fwd(d, a->fch_gelu, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
+                       4 * t.Cl);
   ops->linear_fwd(d, p->branch, a->fch_gelu, P(m, l, MT_P_FCPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;

@@ -418,6 +418,14 @@ static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *d
   for (size_t i = 0; i < n; i++) dinp[i] += mt_gelu_grad(inp[i]) * dout[i];
 }
 
+/* No epilogue to fuse into here: the two ops, so the values are theirs bit
+ * for bit. */
+static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const float *w,
+                            const float *bias, int N, int C, int OC) {
+  linear_fwd(d, pre, inp, w, bias, N, C, OC);
+  gelu_fwd(d, out, pre, (size_t)N * OC);
+}
+
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
 #pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
@@ -674,6 +682,7 @@ const mt_ops mt_cpu_ops = {
     .layernorm_bwd = layernorm_bwd,
     .linear_fwd = linear_fwd,
     .linear_bwd = linear_bwd,
+    .linear_gelu_fwd = linear_gelu_fwd,
     .attention_fwd = attention_fwd,
     .attention_bwd = attention_bwd,
     .gelu_fwd = gelu_fwd,

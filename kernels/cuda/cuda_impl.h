@@ -74,6 +74,12 @@ typedef struct mt__gemm {
   const float *bias; /* (m) or NULL */
 } mt__gemm;
 void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g);
+/* The same GEMM through cuBLASLt alone, with its GeLU epilogue: D =
+ * gelu(result) and aux = result (bias included), aux laid out as D (m×n, ld
+ * ldd). 1 when queued; 0 when cuBLASLt cannot (ldd not a multiple of 8,
+ * batch > 1, no algorithm, or empty): then nothing was queued or recorded
+ * and the caller runs the GEMM and the GeLU itself. */
+int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux);
 
 /* attention_cuda.cu: the ops.h attention pair */
 void mt__cuda_attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,

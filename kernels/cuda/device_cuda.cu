@@ -212,9 +212,9 @@ static uint32_t alignment(const void *p, int ld, long long stride, int batch) {
  * the heuristic query costs more than creating the descriptors. */
 #define ALGO_CACHE 32
 typedef struct {
-  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, ct;
+  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, gelu, ct;
   long long sA, sB, sD;
-  uint32_t align[4];
+  uint32_t align[5]; /* A, B, D, bias, GeLU aux */
 } gemm_key;
 
 typedef struct {
@@ -228,8 +228,10 @@ static thread_local int algo_clock;
 
 static int key_equal(const gemm_key *a, const gemm_key *b) { return !memcmp(a, b, sizeof *a); }
 
-/* cuBLASLt; 0 when it has no algorithm for this shape or fails. */
-static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, const char **why) {
+/* cuBLASLt; 0 when it has no algorithm for this shape or fails. aux non-NULL:
+ * the GeLU epilogue, D = gelu(result) and aux = result, laid out as D. */
+static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, float *aux,
+                   const char **why) {
   cublasLtMatmulDesc_t op = NULL;
   cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
   cublasLtMatmulPreference_t pref = NULL;
@@ -237,18 +239,25 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, const
   cublasOperation_t tb = g->transb ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
   int ok = 0;
+  /* cuBLASLt's rule for a GeLU input matrix: ld a multiple of 8 (and one
+   * matrix here: its batch stride is not set) */
+  if (aux && (g->batch != 1 || g->ldd % 8)) {
+    *why = g->batch != 1 ? "GeLU epilogue on a batch" : "GeLU epilogue: ld not a multiple of 8";
+    return 0;
+  }
   gemm_key key;
   memset(&key, 0, sizeof key); /* padding too: keys are compared with memcmp */
   key.dev = c->index;
   key.transa = g->transa, key.transb = g->transb, key.m = g->m, key.n = g->n, key.k = g->k;
   key.batch = g->batch, key.lda = g->lda, key.ldb = g->ldb, key.ldd = g->ldd;
-  key.bias = g->bias != NULL, key.ct = (int)ct;
+  key.bias = g->bias != NULL, key.gelu = aux != NULL, key.ct = (int)ct;
   key.sA = g->batch > 1 ? g->sA : 0, key.sB = g->batch > 1 ? g->sB : 0;
   key.sD = g->batch > 1 ? g->sD : 0;
   key.align[0] = alignment(g->A, g->lda, g->sA, g->batch);
   key.align[1] = alignment(g->B, g->ldb, g->sB, g->batch);
   key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch);
   key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1) : 0;
+  key.align[4] = aux ? alignment(aux, 0, 0, 1) : 0; /* ldd is in the key */
   algo_entry *hit = NULL;
   for (int i = 0; i < ALGO_CACHE; i++)
     if (algo_cache[i].used && key_equal(&algo_cache[i].key, &key)) hit = &algo_cache[i];
@@ -261,13 +270,25 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, const
   LT(cublasLtMatmulDescCreate(&op, ct, CUDA_R_32F), "cublasLtMatmulDescCreate");
   LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA");
   LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB");
-  if (g->bias) {
-    cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+  if (g->bias || aux) {
+    cublasLtEpilogue_t ep = !aux      ? CUBLASLT_EPILOGUE_BIAS
+                            : g->bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                      : CUBLASLT_EPILOGUE_GELU_AUX;
     LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep),
        "EPILOGUE");
+  }
+  if (g->bias)
     LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias,
                                       sizeof g->bias),
        "BIAS_POINTER");
+  if (aux) { /* the heuristic reads the pointer too, for its alignment */
+    int64_t ld_aux = g->ldd;
+    LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
+                                      sizeof aux),
+       "EPILOGUE_AUX_POINTER");
+    LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld_aux,
+                                      sizeof ld_aux),
+       "EPILOGUE_AUX_LD");
   }
   /* layouts describe the matrices as stored, before op() */
   LT(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, g->transa ? g->k : g->m, g->transa ? g->m : g->k,
@@ -357,7 +378,7 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   mt__cuda *c = mt__cuda_enter(d);
   cublasComputeType_t ct = compute_type(d->matmul);
   const char *why = NULL;
-  if (gemm_lt(c, ct, g, &why)) return;
+  if (gemm_lt(c, ct, g, NULL, &why)) return;
   /* cuBLAS takes any shape cuBLASLt refuses */
   float beta = g->beta;
   if (g->bias) {
@@ -376,4 +397,19 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
              g->k, g->batch, why ? why : "-", cublasGetStatusString(st));
     mt__cuda_fail(d, what, detail);
   }
+}
+
+int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux) {
+  if (g->m <= 0 || g->n <= 0 || g->k <= 0 || g->batch <= 0) return 0;
+  mt__cuda *c = mt__cuda_enter(d);
+  const char *why = NULL;
+  if (gemm_lt(c, compute_type(d->matmul), g, aux, &why)) return 1;
+  static thread_local int said; /* once per device thread: it is the same every layer */
+  if (!said) {
+    said = 1;
+    mt_log_debug("device %s: %s m=%d n=%d k=%d: no cuBLASLt GeLU epilogue (%s); GeLU runs "
+                 "as its own kernel",
+                 d->name, what, g->m, g->n, g->k, why ? why : "-");
+  }
+  return 0;
 }

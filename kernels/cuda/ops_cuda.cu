@@ -302,6 +302,19 @@ static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *d
   if (n) LAUNCH_EW(d, "gelu_bwd", k_gelu_bwd, n, dinp, inp, dout, n);
 }
 
+/* linear_fwd's GEMM with cuBLASLt's GeLU epilogue: outᵀ(OC,N) = gelu(preᵀ),
+ * preᵀ its aux matrix, both with ld OC, so OC must be a multiple of 8 (the aux
+ * ld rule). Where cuBLASLt cannot, the two ops. cuBLASLt's GeLU is the tanh
+ * form, mt_gelu's formula, evaluated by its own code: close to k_gelu_fwd,
+ * not bit for bit (test_cuda_ops allows for it). */
+static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const float *w,
+                            const float *bias, int N, int C, int OC) {
+  mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
+  if (mt__cuda_gemm_gelu(d, "linear_gelu_fwd", &g, pre)) return;
+  linear_fwd(d, pre, inp, w, bias, N, C, OC);
+  gelu_fwd(d, out, pre, (size_t)N * OC);
+}
+
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
   if (n) LAUNCH_EW(d, "residual_fwd", k_residual, n, out, a, b, n);
 }
@@ -633,6 +646,7 @@ static mt_ops make_ops(void) {
   o.layernorm_bwd = layernorm_bwd;
   o.linear_fwd = linear_fwd;
   o.linear_bwd = linear_bwd;
+  o.linear_gelu_fwd = linear_gelu_fwd;
   o.attention_fwd = mt__cuda_attention_fwd;
   o.attention_bwd = mt__cuda_attention_bwd;
   o.gelu_fwd = gelu_fwd;

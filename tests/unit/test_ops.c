@@ -11,6 +11,7 @@
  *   forwards against the double reference with rel < 1e-5 (FWD_TOL).
  * - Backward ops accumulate: gradients pre-filled with a known value must end
  *   as value + gradient (ACC_TOL on the difference).
+ * - A fused op (linear_gelu_fwd) gives the bits of the ops it fuses.
  * One line per check; the exit status is 1 when any check fails.
  */
 #include <math.h>
@@ -613,6 +614,23 @@ static void test_gelu_fwd_matches_reference(size_t n) {
   free(x), free(out), free(ref);
 }
 
+/* The fused op's values are linear_fwd's and gelu_fwd's, bit for bit: the
+ * model's results must not depend on which it calls. */
+static void test_linear_gelu_fwd_is_linear_then_gelu(int N, int C, int OC, int has_bias) {
+  size_t n = (size_t)N * OC;
+  float *x = frand((size_t)N * C, -1, 1), *w = frand((size_t)OC * C, -0.5, 0.5),
+        *b = frand((size_t)OC, -1, 1);
+  float *out = frand(n, -9, 9), *pre = frand(n, -9, 9), *want_pre = fzeros(n), *want = fzeros(n);
+  ops->linear_gelu_fwd(&dev, out, pre, x, w, has_bias ? b : NULL, N, C, OC);
+  ops->linear_fwd(&dev, want_pre, x, w, has_bias ? b : NULL, N, C, OC);
+  ops->gelu_fwd(&dev, want, want_pre, n);
+  char what[80];
+  snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s", N, C, OC, has_bias ? "yes" : "NULL");
+  report(bits_equal(pre, want_pre, n), __func__, "%s pre = linear_fwd", what);
+  report(bits_equal(out, want, n), __func__, "%s out = gelu_fwd(pre)", what);
+  free(x), free(w), free(b), free(out), free(pre), free(want_pre), free(want);
+}
+
 static void test_gelu_bwd_matches_finite_differences(size_t n) {
   float *x = frand(n, -5, 5), *r = frand(n, -1, 1), *g = fzeros(n);
   gelu_case c = {n, dcopy(x, n), dcopy(r, n)};
@@ -991,6 +1009,9 @@ int main(void) {
 
   test_gelu_fwd_matches_reference(1001);
   test_gelu_fwd_matches_reference(100003);
+  test_linear_gelu_fwd_is_linear_then_gelu(13, 12, 9, 1);
+  test_linear_gelu_fwd_is_linear_then_gelu(13, 12, 9, 0);
+  test_linear_gelu_fwd_is_linear_then_gelu(130, 32, 260, 1); /* the parallel paths */
   test_gelu_bwd_matches_finite_differences(1001);
   test_gelu_bwd_matches_finite_differences(100003);
 

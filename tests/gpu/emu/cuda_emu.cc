@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "half.h"
+#include "mtmath.h"
 
 #define EMU_DIE(...)                                                                               \
   do {                                                                                             \
@@ -741,10 +742,14 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
       }
 }
 
-std::atomic<long> gemms_lt, gemms_blas;
+std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_blas;
 int lt_disabled;
 
 } // namespace mt_emu
+
+void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *blas) {
+  *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *blas = mt_emu::gemms_blas;
+}
 
 /* ---- GEMM --------------------------------------------------------------- */
 
@@ -759,6 +764,8 @@ struct emu_desc {
   cublasOperation_t ta, tb;
   cublasLtEpilogue_t epilogue;
   const float *bias;
+  float *aux;     /* GeLU epilogues: the GeLU input, written */
+  int64_t aux_ld; /* in elements */
 };
 struct emu_layout {
   cudaDataType_t type;
@@ -884,7 +891,7 @@ cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
 cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
                                         cudaDataType_t scale) {
   if (scale != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
-  *d = new emu_desc{compute, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, NULL};
+  *d = new emu_desc{compute, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL, 0};
   return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
@@ -905,6 +912,8 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
   case CUBLASLT_MATMUL_DESC_TRANSB: get(&d->tb, buf, bytes, "TRANSB"); break;
   case CUBLASLT_MATMUL_DESC_EPILOGUE: get(&d->epilogue, buf, bytes, "EPILOGUE"); break;
   case CUBLASLT_MATMUL_DESC_BIAS_POINTER: get(&d->bias, buf, bytes, "BIAS_POINTER"); break;
+  case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER: get(&d->aux, buf, bytes, "AUX_POINTER"); break;
+  case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD: get(&d->aux_ld, buf, bytes, "AUX_LD"); break;
   default: EMU_DIE("matmul desc attribute %d not emulated", (int)a);
   }
   return CUBLAS_STATUS_SUCCESS;
@@ -954,20 +963,52 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
   return CUBLAS_STATUS_SUCCESS;
 }
 
-/* The "algorithm" remembers the alignments it was chosen for; cublasLtMatmul
- * checks the pointers it gets against them. */
+/* An epilogue's operands against what cuBLASLt documents for D of m×n rows
+ * and columns: the bias a vector of m, the GeLU input (aux) a matrix of its
+ * own with ld >= m and a multiple of 8, one matrix (its batch stride is not
+ * emulated). Returns 1 for the GeLU epilogues. */
+static int check_epilogue(const char *what, const emu_desc *op, long m, long n, int batch) {
+  int bias = 0, gelu = 0;
+  switch (op->epilogue) {
+  case CUBLASLT_EPILOGUE_DEFAULT: break;
+  case CUBLASLT_EPILOGUE_BIAS: bias = 1; break;
+  case CUBLASLT_EPILOGUE_GELU_AUX: gelu = 1; break;
+  case CUBLASLT_EPILOGUE_GELU_AUX_BIAS: bias = gelu = 1; break;
+  default: EMU_DIE("%s: epilogue %d not emulated", what, (int)op->epilogue);
+  }
+  if (bias && (!op->bias || !is_device(op->bias, m * sizeof(float))))
+    EMU_DIE("%s: bias epilogue without a bias of %ld floats in device memory", what, m);
+  if (!gelu) return 0;
+  if (op->aux_ld < m || op->aux_ld % 8)
+    EMU_DIE("%s: EPILOGUE_AUX_LD %ld: cuBLASLt wants a multiple of 8, at least the %ld rows of D",
+            what, (long)op->aux_ld, m);
+  if (batch != 1)
+    EMU_DIE("%s: GeLU epilogue on %d matrices: aux batch stride not emulated", what, batch);
+  if (!op->aux || !is_device(op->aux, ((size_t)(n - 1) * op->aux_ld + m) * sizeof(float)))
+    EMU_DIE("%s: GeLU epilogue without an aux matrix (%ld x %ld, ld %ld) in device memory", what, m,
+            n, (long)op->aux_ld);
+  return 1;
+}
+
+/* The "algorithm" remembers the alignments it was chosen for, the bias's and
+ * aux's as their pointers had them (cuBLASLt reads those pointers for it);
+ * cublasLtMatmul checks the pointers it gets against them. */
 cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t op,
                                               cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                                               cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
                                               cublasLtMatmulPreference_t pref, int requested,
                                               cublasLtMatmulHeuristicResult_t *res, int *returned) {
-  (void)op, (void)a, (void)b, (void)c, (void)d;
+  (void)a, (void)b, (void)c;
   *returned = 0;
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
   if (mt_emu::lt_disabled || getenv("MT_CUDA_EMU_NO_LT")) return CUBLAS_STATUS_NOT_SUPPORTED;
+  int gelu =
+      check_epilogue("cublasLtMatmulAlgoGetHeuristic", op, (long)d->rows, (long)d->cols, d->batch);
   memset(res, 0, sizeof *res);
   for (int i = 0; i < 4; i++) res->algo.data[i] = pref->align[i];
   res->algo.data[4] = 0x656d75; /* "emu": marks an algorithm from here */
+  res->algo.data[5] = op->bias ? actual_alignment(op->bias) : 0;
+  res->algo.data[6] = gelu ? actual_alignment(op->aux) : 0;
   *returned = 1;
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -1002,17 +1043,28 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
             (unsigned long)d->rows, (unsigned long)d->cols, (long)d->ld);
   if (a->batch != d->batch || b->batch != d->batch || c->batch != d->batch)
     EMU_DIE("cublasLtMatmul: batch counts differ");
-  const float *bias = NULL;
-  if (op->epilogue == CUBLASLT_EPILOGUE_BIAS) {
-    if (!op->bias || !is_device(op->bias, m * sizeof(float))) EMU_DIE("bias epilogue without bias");
-    bias = op->bias;
-  } else if (op->epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
-    EMU_DIE("epilogue %d not emulated", (int)op->epilogue);
-  }
+  int gelu = check_epilogue("cublasLtMatmul", op, m, n, d->batch);
+  int with_bias =
+      op->epilogue == CUBLASLT_EPILOGUE_BIAS || op->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+  const void *eptr[2] = {with_bias ? op->bias : NULL, gelu ? op->aux : NULL};
+  for (int i = 0; i < 2; i++)
+    if (eptr[i] && actual_alignment(eptr[i]) < algo->data[5 + i])
+      EMU_DIE("cublasLtMatmul: %s at %p is %u-byte aligned, the heuristic saw %u",
+              i ? "aux" : "bias", eptr[i], actual_alignment(eptr[i]), (unsigned)algo->data[5 + i]);
   wait_idle(s, "cublasLtMatmul");
   gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, (const float *)A, a->ld,
        a->stride, (const float *)B, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
-       c->stride, (float *)D, d->ld, d->stride, d->batch, bias);
+       c->stride, (float *)D, d->ld, d->stride, d->batch, with_bias ? op->bias : NULL);
+  if (gelu) { /* aux = the result with its bias; D = GeLU of that fp32 value */
+    float *dd = (float *)D;
+    for (long j = 0; j < n; j++)
+      for (long i = 0; i < m; i++) {
+        float x = dd[j * d->ld + i];
+        op->aux[j * op->aux_ld + i] = x;
+        dd[j * d->ld + i] = mt_gelu(x);
+      }
+    mt_emu::gemms_lt_gelu++;
+  }
   mt_emu::gemms_lt++;
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -14,6 +14,10 @@
  * in double from inputs rounded to the compute type (tf32, bf16), after the
  * layouts are checked against m, n, k as cuBLASLt checks them, and the
  * alignment a heuristic was promised is checked against the pointers.
+ * cuBLASLt's epilogues: bias, and GeLU with its input kept in the aux matrix
+ * (GELU_AUX, GELU_AUX_BIAS; the aux ld rules checked), the GeLU being
+ * kernels/common's mt_gelu on the fp32 result; any other epilogue or
+ * attribute aborts.
  *
  * Streams and threads. Several host threads may each drive their own
  * emulated device (MT_CUDA_EMU_DEVICES of them, default 1): the current
@@ -110,6 +114,10 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
 cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
 const char *cudaGetErrorName(cudaError_t e);
+
+/* Test hook (C too): GEMMs run so far, process-wide: by cuBLASLt (lt), of
+ * those with a GeLU epilogue (lt_gelu), and by cuBLAS (blas). */
+void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *blas);
 
 #ifdef __cplusplus
 }
@@ -213,12 +221,19 @@ enum cublasComputeType_t {
 };
 enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
-enum cublasLtEpilogue_t { CUBLASLT_EPILOGUE_DEFAULT = 1, CUBLASLT_EPILOGUE_BIAS = 4 };
+enum cublasLtEpilogue_t {
+  CUBLASLT_EPILOGUE_DEFAULT = 1,
+  CUBLASLT_EPILOGUE_BIAS = 4,
+  CUBLASLT_EPILOGUE_GELU_AUX = 160,
+  CUBLASLT_EPILOGUE_GELU_AUX_BIAS = 164,
+};
 enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_TRANSA = 3,
   CUBLASLT_MATMUL_DESC_TRANSB = 4,
   CUBLASLT_MATMUL_DESC_EPILOGUE = 7,
   CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
+  CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 11,
+  CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD = 12,
 };
 enum cublasLtMatrixLayoutAttribute_t {
   CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT = 5,
@@ -292,10 +307,11 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
                               const cublasLtMatmulAlgo_t *algo, void *ws, size_t ws_bytes,
                               cudaStream_t s);
 
-/* Test hooks: the number of GEMMs each path ran, and a switch that makes the
- * cuBLASLt heuristic find nothing (so the cuBLAS fallback runs). */
+/* Test hooks: the number of GEMMs each path ran (mt_emu_gemm_counts for
+ * C), and a switch that makes the cuBLASLt heuristic find nothing (so the
+ * cuBLAS fallback runs). */
 namespace mt_emu {
-extern std::atomic<long> gemms_lt, gemms_blas;
+extern std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_blas;
 extern int lt_disabled;
 } // namespace mt_emu
 
