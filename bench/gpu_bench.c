@@ -205,10 +205,8 @@ static void layer_bwd(layer *L) {
   int B = L->B, T = L->T, C = L->C, N = B * T;
   size_t NC = (size_t)N * C;
   float **g = L->g;
-  mt_device_memset0(&dev, L->dfch, 4 * NC * 4);
-  o->linear_bwd(&dev, L->dfch, g[10], g[11], L->dres, L->fchg, L->fcpw, N, 4 * C, C);
-  mt_device_memset0(&dev, L->dfch2, 4 * NC * 4);
-  o->gelu_bwd(&dev, L->dfch2, L->fch, L->dfch, 4 * NC);
+  o->linear_bwd_dgelu(&dev, L->dfch2, L->dfch, g[10], g[11], L->dres, L->fchg, L->fch, L->fcpw, N,
+                      4 * C, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
   o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, L->fcw, N, C, 4 * C);
   o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);

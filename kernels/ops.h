@@ -7,8 +7,9 @@
  * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
  *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
  * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
- *   zeroes gradients once per step; residual branches sum for free. The one
- *   exception is crossentropy, which writes dlogits (see there).
+ *   zeroes gradients once per step; residual branches sum for free. Two
+ *   exceptions WRITE one output: crossentropy's dlogits and
+ *   linear_bwd_dgelu's dpre (see there).
  * - Any pointer documented "may be NULL" skips that output.
  * - Ops know nothing of parallelism and cannot fail on valid shapes; shapes
  *   are the caller's contract (checked once, by the model's plan).
@@ -75,6 +76,19 @@ struct mt_ops {
    * those two ops. bias may be NULL. */
   void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const float *inp, const float *w,
                           const float *bias, int N, int C, int OC);
+  /* linear_bwd of the layer after linear_gelu_fwd, its dinp taken through
+   * GeLU's gradient: dpre(N,C) = gelu'(pre) ⊙ (dout·w) is WRITTEN, not
+   * accumulated (cuBLASLt documents no way to add to it); dw(OC,C) +=
+   * doutᵀ·inp and dbias(OC) += Σ_rows dout as linear_bwd; dbias may be
+   * NULL. pre(N,C) is the GeLU's input that linear_gelu_fwd saved; inp =
+   * gelu(pre). scratch holds N*C floats, contents undefined. On the CPU
+   * exactly linear_bwd into zeroed scratch then gelu_bwd into zeroed dpre
+   * (their bits). On GPUs the dinp GEMM applies gelu' in its cuBLASLt
+   * epilogue (DGELU, aux = pre: its own tanh, not gelu_bwd's bits) where
+   * cuBLASLt takes the shape, else those two ops. */
+  void (*linear_bwd_dgelu)(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
+                           const float *dout, const float *inp, const float *pre, const float *w,
+                           int N, int C, int OC);
 
   /* Causal self-attention. qkv(B,T,3C) holds q, k, v each as (T, NH, HS),
    * HS = C/NH; out(B,T,C). att(B,NH,T,T) receives the softmax probabilities

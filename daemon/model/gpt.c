@@ -47,8 +47,8 @@ typedef struct act_plan {
   float *dbtc;   /* (B,T,C) */
   float *dbtc2;  /* (B,T,C) */
   float *dqkv;   /* (B,T,3C) */
-  float *dfch;   /* (B,T,4C) */
-  float *dfch2;  /* (B,T,4C) */
+  float *dfch;   /* (B,T,4C) linear_bwd_dgelu's scratch */
+  float *dfch2;  /* (B,T,4C) d(fch) */
   float *datt;   /* (B,NH,T,T) */
   float *branch; /* (B,T,C) a branch output before dropout + residual */
 } act_plan;
@@ -465,7 +465,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   ops->dropout_residual_fwd(d, a->resid2, in, p->branch, B, (size_t)T * C, drop1);
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
-   * c_fc's output, kept for gelu_bwd; on GPUs the GeLU is c_fc's GEMM epilogue */
+   * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM epilogue */
   ops->layernorm_fwd(d, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, P(m, l, MT_P_LN2_W),
                      P(m, l, MT_P_LN2_B), N, C, c->ln_eps);
   ops->linear_gelu_fwd(d, a->fch_gelu, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
@@ -504,13 +504,12 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
   da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
-  /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below */
+  /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
+   * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
+   * GPUs the GeLU gradient is c_proj's GEMM epilogue */
   const float *dbranch = branch_grad(m, p, drop2);
-  mt_device_memset0(d, p->dfch, 4 * NCl * sizeof(float));
-  ops->linear_bwd(d, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B), dbranch, a->fch_gelu,
-                  P(m, l, MT_P_FCPROJ_W), N, 4 * t.Cl, C);
-  mt_device_memset0(d, p->dfch2, 4 * NCl * sizeof(float));
-  ops->gelu_bwd(d, p->dfch2, a->fch, p->dfch, 4 * NCl);
+  ops->linear_bwd_dgelu(d, p->dfch2, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
+                        dbranch, a->fch_gelu, a->fch, P(m, l, MT_P_FCPROJ_W), N, 4 * t.Cl, C);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, a->ln2,
                   P(m, l, MT_P_FC_W), N, C, 4 * t.Cl);

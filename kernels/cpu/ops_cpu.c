@@ -426,6 +426,18 @@ static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *i
   gelu_fwd(d, out, pre, (size_t)N * OC);
 }
 
+/* The two ops, each into a zeroed buffer as the model called them before
+ * this op existed, so the values are theirs bit for bit. */
+static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
+                             const float *dout, const float *inp, const float *pre, const float *w,
+                             int N, int C, int OC) {
+  size_t n = (size_t)N * C;
+  memset(scratch, 0, n * sizeof(float));
+  linear_bwd(d, scratch, dw, dbias, dout, inp, w, N, C, OC);
+  memset(dpre, 0, n * sizeof(float));
+  gelu_bwd(d, dpre, pre, scratch, n);
+}
+
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
 #pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
@@ -683,6 +695,7 @@ const mt_ops mt_cpu_ops = {
     .linear_fwd = linear_fwd,
     .linear_bwd = linear_bwd,
     .linear_gelu_fwd = linear_gelu_fwd,
+    .linear_bwd_dgelu = linear_bwd_dgelu,
     .attention_fwd = attention_fwd,
     .attention_bwd = attention_bwd,
     .gelu_fwd = gelu_fwd,

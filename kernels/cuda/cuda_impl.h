@@ -80,6 +80,12 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g);
  * batch > 1, no algorithm, or empty): then nothing was queued or recorded
  * and the caller runs the GEMM and the GeLU itself. */
 int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux);
+/* The same GEMM through cuBLASLt alone, with its GeLU-gradient epilogue
+ * (DGELU): D = gelu'(aux) ⊙ (alpha · op(A) · op(B)), aux the GeLU's input as
+ * mt__cuda_gemm_gelu kept it, laid out as D. beta must be 0 (cuBLASLt does
+ * not document whether beta · D joins before or after gelu') and bias NULL.
+ * 1 when queued; 0 when cuBLASLt cannot, as there. */
+int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const float *aux);
 
 /* attention_cuda.cu: the ops.h attention pair */
 void mt__cuda_attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,

@@ -211,6 +211,12 @@ static uint32_t alignment(const void *p, int ld, long long stride, int batch) {
 /* The last few shapes' algorithms: a layer repeats the same dozen GEMMs, and
  * the heuristic query costs more than creating the descriptors. */
 #define ALGO_CACHE 32
+
+/* The GeLU epilogues gemm_lt runs: the forward's writes aux = the result
+ * (bias included) and D = gelu(aux); the backward's reads aux, the forward's
+ * GeLU input, and writes D = gelu'(aux) ⊙ result. */
+enum { GELU_NONE, GELU_FWD, GELU_BWD };
+
 typedef struct {
   int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, gelu, ct;
   long long sA, sB, sD;
@@ -228,10 +234,10 @@ static thread_local int algo_clock;
 
 static int key_equal(const gemm_key *a, const gemm_key *b) { return !memcmp(a, b, sizeof *a); }
 
-/* cuBLASLt; 0 when it has no algorithm for this shape or fails. aux non-NULL:
- * the GeLU epilogue, D = gelu(result) and aux = result, laid out as D. */
-static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, float *aux,
-                   const char **why) {
+/* cuBLASLt; 0 when it has no algorithm for this shape or fails. gelu: one
+ * of the GeLU epilogues above, aux its matrix, laid out as D. */
+static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, int gelu,
+                   const float *aux, const char **why) {
   cublasLtMatmulDesc_t op = NULL;
   cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
   cublasLtMatmulPreference_t pref = NULL;
@@ -241,8 +247,14 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, float
   int ok = 0;
   /* cuBLASLt's rule for a GeLU input matrix: ld a multiple of 8 (and one
    * matrix here: its batch stride is not set) */
-  if (aux && (g->batch != 1 || g->ldd % 8)) {
+  if (gelu && (g->batch != 1 || g->ldd % 8)) {
     *why = g->batch != 1 ? "GeLU epilogue on a batch" : "GeLU epilogue: ld not a multiple of 8";
+    return 0;
+  }
+  /* DGELU's bias variant (DGELU_BGRAD) writes a bias gradient instead, and
+   * where beta · C joins gelu' is not documented */
+  if (gelu == GELU_BWD && (g->bias || g->beta != 0.0f)) {
+    *why = g->bias ? "DGELU epilogue with a bias" : "DGELU epilogue with beta != 0";
     return 0;
   }
   gemm_key key;
@@ -250,14 +262,14 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, float
   key.dev = c->index;
   key.transa = g->transa, key.transb = g->transb, key.m = g->m, key.n = g->n, key.k = g->k;
   key.batch = g->batch, key.lda = g->lda, key.ldb = g->ldb, key.ldd = g->ldd;
-  key.bias = g->bias != NULL, key.gelu = aux != NULL, key.ct = (int)ct;
+  key.bias = g->bias != NULL, key.gelu = gelu, key.ct = (int)ct;
   key.sA = g->batch > 1 ? g->sA : 0, key.sB = g->batch > 1 ? g->sB : 0;
   key.sD = g->batch > 1 ? g->sD : 0;
   key.align[0] = alignment(g->A, g->lda, g->sA, g->batch);
   key.align[1] = alignment(g->B, g->ldb, g->sB, g->batch);
   key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch);
   key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1) : 0;
-  key.align[4] = aux ? alignment(aux, 0, 0, 1) : 0; /* ldd is in the key */
+  key.align[4] = gelu ? alignment(aux, 0, 0, 1) : 0; /* ldd is in the key */
   algo_entry *hit = NULL;
   for (int i = 0; i < ALGO_CACHE; i++)
     if (algo_cache[i].used && key_equal(&algo_cache[i].key, &key)) hit = &algo_cache[i];
@@ -270,10 +282,11 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, float
   LT(cublasLtMatmulDescCreate(&op, ct, CUDA_R_32F), "cublasLtMatmulDescCreate");
   LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta), "TRANSA");
   LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb), "TRANSB");
-  if (g->bias || aux) {
-    cublasLtEpilogue_t ep = !aux      ? CUBLASLT_EPILOGUE_BIAS
-                            : g->bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
-                                      : CUBLASLT_EPILOGUE_GELU_AUX;
+  if (g->bias || gelu) {
+    cublasLtEpilogue_t ep = gelu == GELU_BWD ? CUBLASLT_EPILOGUE_DGELU
+                            : !gelu          ? CUBLASLT_EPILOGUE_BIAS
+                            : g->bias        ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                             : CUBLASLT_EPILOGUE_GELU_AUX;
     LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep),
        "EPILOGUE");
   }
@@ -281,7 +294,7 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, float
     LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias,
                                       sizeof g->bias),
        "BIAS_POINTER");
-  if (aux) { /* the heuristic reads the pointer too, for its alignment */
+  if (gelu) { /* the heuristic reads the pointer too, for its alignment */
     int64_t ld_aux = g->ldd;
     LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
                                       sizeof aux),
@@ -378,7 +391,7 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   mt__cuda *c = mt__cuda_enter(d);
   cublasComputeType_t ct = compute_type(d->matmul);
   const char *why = NULL;
-  if (gemm_lt(c, ct, g, NULL, &why)) return;
+  if (gemm_lt(c, ct, g, GELU_NONE, NULL, &why)) return;
   /* cuBLAS takes any shape cuBLASLt refuses */
   float beta = g->beta;
   if (g->bias) {
@@ -399,17 +412,29 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   }
 }
 
-int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux) {
+/* Either GeLU epilogue; 0 (and a debug line, once per device thread: it is
+ * the same every layer) when cuBLASLt cannot. */
+static int gemm_gelu_epilogue(mt_device *d, const char *what, const mt__gemm *g, int gelu,
+                              const float *aux) {
   if (g->m <= 0 || g->n <= 0 || g->k <= 0 || g->batch <= 0) return 0;
   mt__cuda *c = mt__cuda_enter(d);
   const char *why = NULL;
-  if (gemm_lt(c, compute_type(d->matmul), g, aux, &why)) return 1;
-  static thread_local int said; /* once per device thread: it is the same every layer */
-  if (!said) {
-    said = 1;
-    mt_log_debug("device %s: %s m=%d n=%d k=%d: no cuBLASLt GeLU epilogue (%s); GeLU runs "
-                 "as its own kernel",
-                 d->name, what, g->m, g->n, g->k, why ? why : "-");
+  if (gemm_lt(c, compute_type(d->matmul), g, gelu, aux, &why)) return 1;
+  static thread_local int said[GELU_BWD + 1];
+  if (!said[gelu]) {
+    said[gelu] = 1;
+    mt_log_debug("device %s: %s m=%d n=%d k=%d: no cuBLASLt %s epilogue (%s); %s runs as its "
+                 "own kernel",
+                 d->name, what, g->m, g->n, g->k, gelu == GELU_BWD ? "DGELU" : "GeLU",
+                 why ? why : "-", gelu == GELU_BWD ? "the GeLU gradient" : "GeLU");
   }
   return 0;
+}
+
+int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux) {
+  return gemm_gelu_epilogue(d, what, g, GELU_FWD, aux);
+}
+
+int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const float *aux) {
+  return gemm_gelu_epilogue(d, what, g, GELU_BWD, aux);
 }

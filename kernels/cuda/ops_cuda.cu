@@ -315,6 +315,34 @@ static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *i
   gelu_fwd(d, out, pre, (size_t)N * OC);
 }
 
+/* n floats of p zeroed on d's stream; a failure becomes the device's error */
+static void zero_floats(mt_device *d, float *p, size_t n, const char *what) {
+  mt__cuda *c = mt__cuda_enter(d);
+  cudaError_t e = n ? cudaMemsetAsync(p, 0, n * sizeof(float), c->stream) : cudaSuccess;
+  if (e != cudaSuccess) mt__cuda_fail(d, what, cudaGetErrorString(e));
+}
+
+/* linear_bwd's dinp GEMM with cuBLASLt's GeLU-gradient epilogue: dpreᵀ(C,N)
+ * = gelu'(preᵀ) ⊙ (w(C,OC) · doutᵀ(OC,N)) with beta 0, preᵀ its aux matrix,
+ * both with ld C, so C must be a multiple of 8 (the aux ld rule); dw and
+ * dbias as linear_bwd. Where cuBLASLt cannot, the two ops through scratch,
+ * as on the CPU. cuBLASLt's gelu' is its own code: close to k_gelu_bwd, not
+ * bit for bit (test_cuda_ops allows for it). */
+static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
+                             const float *dout, const float *inp, const float *pre, const float *w,
+                             int N, int C, int OC) {
+  mt__gemm g = {0, 0, C, N, OC, 1, w, C, 0, dout, OC, 0, dpre, C, 0, 1.0f, 0.0f, NULL};
+  if (mt__cuda_gemm_dgelu(d, "linear_bwd_dgelu", &g, pre)) {
+    linear_bwd(d, NULL, dw, dbias, dout, inp, w, N, C, OC);
+    return;
+  }
+  size_t n = (size_t)N * C;
+  zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
+  linear_bwd(d, scratch, dw, dbias, dout, inp, w, N, C, OC);
+  zero_floats(d, dpre, n, "linear_bwd_dgelu: zero dpre");
+  gelu_bwd(d, dpre, pre, scratch, n);
+}
+
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
   if (n) LAUNCH_EW(d, "residual_fwd", k_residual, n, out, a, b, n);
 }
@@ -647,6 +675,7 @@ static mt_ops make_ops(void) {
   o.linear_fwd = linear_fwd;
   o.linear_bwd = linear_bwd;
   o.linear_gelu_fwd = linear_gelu_fwd;
+  o.linear_bwd_dgelu = linear_bwd_dgelu;
   o.attention_fwd = mt__cuda_attention_fwd;
   o.attention_bwd = mt__cuda_attention_bwd;
   o.gelu_fwd = gelu_fwd;

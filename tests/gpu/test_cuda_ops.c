@@ -12,7 +12,8 @@
  *   GEMM ops in those modes; 0 (the same bits) where both backends add the
  *   same floats in the same order (embeddings, residual, add); dropout's
  *   mask must keep and drop exactly the same elements;
- * - on the emulator, also which path a GEMM with a GeLU epilogue took.
+ * - on the emulator, also which path a GEMM with a GeLU or GeLU-gradient
+ *   epilogue took.
  * One line per check, PASS or FAIL; the exit status is 1 on any failure.
  *
  * Usage: test_cuda_ops [--small]. --small uses tiny shapes, for the CPU
@@ -129,9 +130,10 @@ static double prec_tol(mt_matmul_precision p) {
   return p == MT_MATMUL_TF32 ? 5e-3 : p == MT_MATMUL_BF16 ? 1e-2 : 1e-4;
 }
 
-/* GeLU from cuBLASLt's epilogue uses its own tanh, perhaps the GPU's
- * approximate one rather than tanhf: a GeLU output is held to at least this,
- * its input (the GEMM's result) to prec_tol. Not yet measured on a GPU. */
+/* GeLU and its gradient from cuBLASLt's epilogues use their own tanh,
+ * perhaps the GPU's approximate one rather than tanhf: what passed through
+ * them is held to at least this, the GEMM's plain result to prec_tol. Not yet
+ * measured on a GPU. */
 #define GELU_EPILOGUE_TOL 1e-3
 
 /* got: the GPU's result; want: the CPU's. tol 0 means the same bits. */
@@ -313,22 +315,69 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p) {
     float *go = DN(no), *gp = DN(no);
     cpu.ops->linear_gelu_fwd(&cpu, co, cp, x, w, with_bias ? b : NULL, N, C, OC);
 #ifdef MT_CUDA_EMU
-    long lt0, gelu0, blas0, lt1, gelu1, blas1;
-    mt_emu_gemm_counts(&lt0, &gelu0, &blas0);
+    long lt0, gelu0, dgelu0, blas0, lt1, gelu1, dgelu1, blas1;
+    mt_emu_gemm_counts(&lt0, &gelu0, &dgelu0, &blas0);
 #endif
     gpu.ops->linear_gelu_fwd(&gpu, go, gp, dx, dw, with_bias ? db : NULL, N, C, OC);
     check("linear_gelu_fwd", label("%s out", tag), back(go, no), co, no, tol_out);
     check("linear_gelu_fwd", label("%s pre", tag), back(gp, no), cp, no, tol);
 #ifdef MT_CUDA_EMU
-    mt_emu_gemm_counts(&lt1, &gelu1, &blas1);
+    mt_emu_gemm_counts(&lt1, &gelu1, &dgelu1, &blas1);
     int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
     long gemms = (lt1 - lt0) + (blas1 - blas0), epilogues = gelu1 - gelu0;
-    int ok = gemms == 1 && epilogues == fused;
+    int ok = gemms == 1 && epilogues == fused && dgelu1 == dgelu0;
     n_checks++;
     if (!ok) n_failed++;
     printf("%s %-24s %-34s %ld GEMM(s), %ld with the GeLU epilogue\n", ok ? "PASS" : "FAIL",
            "linear_gelu_fwd", fused ? "path: GeLU epilogue" : "path: GEMM, GeLU kernel", gemms,
            epilogues);
+#endif
+  }
+  gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
+/* linear_bwd_dgelu: dpre poisoned (it is written), dw and dbias accumulating
+ * from the same random values on both, scratch NaN, against the CPU's
+ * (linear_bwd then gelu_bwd there). On the emulator also its path: the dinp
+ * GEMM with the DGELU epilogue when C (the aux ld) is a multiple of 8 and
+ * cuBLASLt is on, else a plain one and the GeLU-gradient kernel; the dw GEMM
+ * either way. */
+static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p) {
+  gpu.matmul = p;
+  double tol = prec_tol(p), tol_dpre = tol > GELU_EPILOGUE_TOL ? tol : GELU_EPILOGUE_TOL;
+  size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
+  /* pre over GeLU's bend, where gelu' goes from 0 through negative to 1 */
+  float *pre = H(ni, -3, 3), *inp = H(ni, -1, 1), *w = H(nw, -0.5f, 0.5f), *dout = H(no, -1, 1);
+  float *gpre = Df(pre, ni), *ginp = Df(inp, ni), *gw = Df(w, nw), *gdout = Df(dout, no);
+  for (int with_bias = 1; with_bias >= 0; with_bias--) {
+    const char *tag =
+        label("%s N=%d C=%d OC=%d %s", prec_name(p), N, C, OC, with_bias ? "dbias" : "no dbias");
+    float *cdpre = halloc(ni * sizeof(float)), *cscratch = halloc(ni * sizeof(float));
+    float *cdw = H(nw, -1, 1), *cdb = H((size_t)OC, -1, 1);
+    float *gdw = Df(cdw, nw), *gdb = Df(cdb, (size_t)OC), *gdpre = DN(ni), *gscratch = DN(ni);
+    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, inp, pre, w,
+                              N, C, OC);
+#ifdef MT_CUDA_EMU
+    long lt0, gelu0, dgelu0, blas0, lt1, gelu1, dgelu1, blas1;
+    mt_emu_gemm_counts(&lt0, &gelu0, &dgelu0, &blas0);
+#endif
+    gpu.ops->linear_bwd_dgelu(&gpu, gdpre, gscratch, gdw, with_bias ? gdb : NULL, gdout, ginp, gpre,
+                              gw, N, C, OC);
+    check("linear_bwd_dgelu", label("%s dpre", tag), back(gdpre, ni), cdpre, ni, tol_dpre);
+    check("linear_bwd_dgelu", label("%s dw (+=)", prec_name(p)), back(gdw, nw), cdw, nw, tol);
+    if (with_bias)
+      check("linear_bwd_dgelu", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
+#ifdef MT_CUDA_EMU
+    mt_emu_gemm_counts(&lt1, &gelu1, &dgelu1, &blas1);
+    int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
+    long gemms = (lt1 - lt0) + (blas1 - blas0), epilogues = dgelu1 - dgelu0;
+    int ok = gemms == 2 && epilogues == fused && gelu1 == gelu0;
+    n_checks++;
+    if (!ok) n_failed++;
+    printf("%s %-24s %-34s %ld GEMM(s), %ld with the DGELU epilogue\n", ok ? "PASS" : "FAIL",
+           "linear_bwd_dgelu", fused ? "path: DGELU epilogue" : "path: GEMM, gradient kernel",
+           gemms, epilogues);
 #endif
   }
   gpu.matmul = MT_MATMUL_FP32;
@@ -565,6 +614,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3; i++) test_linear_gelu(9, 20, 16, precs[i]); /* the GeLU epilogue */
     test_linear_gelu(9, 20, 12, MT_MATMUL_FP32); /* aux ld 12: GEMM, then the GeLU kernel */
     test_linear_gelu(5, 7, 3, MT_MATMUL_FP32);
+    for (int i = 0; i < 3; i++) test_linear_bwd_dgelu(9, 16, 20, precs[i]); /* DGELU epilogue */
+    test_linear_bwd_dgelu(9, 12, 20, MT_MATMUL_FP32); /* aux ld 12: GEMM, then gelu_bwd */
+    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_FP32);
     for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
     test_attention(s, MT_MATMUL_FP32, 1);
     shape odd = {2, 9, 15, 5, 37, 40}; /* head size 3: every head slice misaligned */
@@ -588,8 +640,10 @@ int main(int argc, char **argv) {
       test_linear(1024, 768, 2304, precs[i]);
       test_linear(67, 129, 65, precs[i]);
       test_linear_gelu(1024, 768, 3072, precs[i]);
+      test_linear_bwd_dgelu(1024, 3072, 768, precs[i]); /* the MLP's c_proj */
     }
     test_linear_gelu(67, 129, 260, MT_MATMUL_FP32); /* aux ld 260: not a multiple of 8 */
+    test_linear_bwd_dgelu(67, 260, 129, MT_MATMUL_FP32);
     for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
     test_attention(s, MT_MATMUL_FP32, 1);
     test_attention(s, MT_MATMUL_BF16, 1);

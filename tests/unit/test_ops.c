@@ -11,7 +11,8 @@
  *   forwards against the double reference with rel < 1e-5 (FWD_TOL).
  * - Backward ops accumulate: gradients pre-filled with a known value must end
  *   as value + gradient (ACC_TOL on the difference).
- * - A fused op (linear_gelu_fwd) gives the bits of the ops it fuses.
+ * - A fused op (linear_gelu_fwd, linear_bwd_dgelu) gives the bits of the ops
+ *   it fuses.
  * One line per check; the exit status is 1 when any check fails.
  */
 #include <math.h>
@@ -631,6 +632,34 @@ static void test_linear_gelu_fwd_is_linear_then_gelu(int N, int C, int OC, int h
   free(x), free(w), free(b), free(out), free(pre), free(want_pre), free(want);
 }
 
+/* linear_bwd_dgelu's values are linear_bwd's into a zeroed buffer then
+ * gelu_bwd's into a zeroed dpre, bit for bit, as the model called them
+ * before: its dpre is written (the garbage it held does not show), dw and
+ * dbias accumulate as linear_bwd's, scratch may hold anything. Row 0 of dout
+ * is zero: with pre < -0.75 there gelu' < 0, so gelu' · 0 is -0, which an
+ * accumulation into +0 turns into +0. */
+static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int OC, int has_bias) {
+  size_t n = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
+  float *dout = frand(no, -1, 1), *inp = frand(n, -1, 1), *pre = frand(n, -4, 4),
+        *w = frand(nw, -0.5, 0.5);
+  ffill(dout, (size_t)OC, 0.0f);
+  float *dpre = frand(n, -9, 9), *scratch = frand(n, -9, 9), *dw = frand(nw, -1, 1),
+        *db = frand((size_t)OC, -1, 1);
+  float *want_dfch = fzeros(n), *want = fzeros(n), *want_dw = fcopy(dw, nw),
+        *want_db = fcopy(db, (size_t)OC);
+  ops->linear_bwd_dgelu(&dev, dpre, scratch, dw, has_bias ? db : NULL, dout, inp, pre, w, N, C, OC);
+  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, w, N, C, OC);
+  ops->gelu_bwd(&dev, want, pre, want_dfch, n);
+  char what[80];
+  snprintf(what, sizeof what, "N=%d C=%d OC=%d dbias=%s", N, C, OC, has_bias ? "yes" : "NULL");
+  report(bits_equal(dpre, want, n), __func__, "%s dpre = gelu_bwd(linear_bwd)", what);
+  report(bits_equal(dw, want_dw, nw), __func__, "%s dw += linear_bwd's", what);
+  report(bits_equal(db, want_db, (size_t)OC), __func__, "%s dbias %s", what,
+         has_bias ? "+= linear_bwd's" : "untouched");
+  free(dout), free(inp), free(pre), free(w), free(dpre), free(scratch), free(dw), free(db);
+  free(want_dfch), free(want), free(want_dw), free(want_db);
+}
+
 static void test_gelu_bwd_matches_finite_differences(size_t n) {
   float *x = frand(n, -5, 5), *r = frand(n, -1, 1), *g = fzeros(n);
   gelu_case c = {n, dcopy(x, n), dcopy(r, n)};
@@ -1012,6 +1041,9 @@ int main(void) {
   test_linear_gelu_fwd_is_linear_then_gelu(13, 12, 9, 1);
   test_linear_gelu_fwd_is_linear_then_gelu(13, 12, 9, 0);
   test_linear_gelu_fwd_is_linear_then_gelu(130, 32, 260, 1); /* the parallel paths */
+  test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(13, 12, 9, 1);
+  test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(13, 12, 9, 0);
+  test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(130, 260, 32, 1); /* the parallel paths */
   test_gelu_bwd_matches_finite_differences(1001);
   test_gelu_bwd_matches_finite_differences(100003);
 

@@ -742,13 +742,14 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
       }
 }
 
-std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_blas;
+std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas;
 int lt_disabled;
 
 } // namespace mt_emu
 
-void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *blas) {
-  *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *blas = mt_emu::gemms_blas;
+void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
+  *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *lt_dgelu = mt_emu::gemms_lt_dgelu;
+  *blas = mt_emu::gemms_blas;
 }
 
 /* ---- GEMM --------------------------------------------------------------- */
@@ -764,7 +765,7 @@ struct emu_desc {
   cublasOperation_t ta, tb;
   cublasLtEpilogue_t epilogue;
   const float *bias;
-  float *aux;     /* GeLU epilogues: the GeLU input, written */
+  float *aux;     /* GeLU epilogues: the GeLU input, written (GELU_AUX*) or read (DGELU) */
   int64_t aux_ld; /* in elements */
 };
 struct emu_layout {
@@ -966,14 +967,16 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
 /* An epilogue's operands against what cuBLASLt documents for D of m×n rows
  * and columns: the bias a vector of m, the GeLU input (aux) a matrix of its
  * own with ld >= m and a multiple of 8, one matrix (its batch stride is not
- * emulated). Returns 1 for the GeLU epilogues. */
+ * emulated). Returns GELU_FWD or GELU_BWD for the GeLU epilogues, else 0. */
+enum { GELU_FWD = 1, GELU_BWD = 2 };
 static int check_epilogue(const char *what, const emu_desc *op, long m, long n, int batch) {
   int bias = 0, gelu = 0;
   switch (op->epilogue) {
   case CUBLASLT_EPILOGUE_DEFAULT: break;
   case CUBLASLT_EPILOGUE_BIAS: bias = 1; break;
-  case CUBLASLT_EPILOGUE_GELU_AUX: gelu = 1; break;
-  case CUBLASLT_EPILOGUE_GELU_AUX_BIAS: bias = gelu = 1; break;
+  case CUBLASLT_EPILOGUE_GELU_AUX: gelu = GELU_FWD; break;
+  case CUBLASLT_EPILOGUE_GELU_AUX_BIAS: bias = 1, gelu = GELU_FWD; break;
+  case CUBLASLT_EPILOGUE_DGELU: gelu = GELU_BWD; break;
   default: EMU_DIE("%s: epilogue %d not emulated", what, (int)op->epilogue);
   }
   if (bias && (!op->bias || !is_device(op->bias, m * sizeof(float))))
@@ -987,7 +990,7 @@ static int check_epilogue(const char *what, const emu_desc *op, long m, long n, 
   if (!op->aux || !is_device(op->aux, ((size_t)(n - 1) * op->aux_ld + m) * sizeof(float)))
     EMU_DIE("%s: GeLU epilogue without an aux matrix (%ld x %ld, ld %ld) in device memory", what, m,
             n, (long)op->aux_ld);
-  return 1;
+  return gelu;
 }
 
 /* The "algorithm" remembers the alignments it was chosen for, the bias's and
@@ -1051,12 +1054,25 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
     if (eptr[i] && actual_alignment(eptr[i]) < algo->data[5 + i])
       EMU_DIE("cublasLtMatmul: %s at %p is %u-byte aligned, the heuristic saw %u",
               i ? "aux" : "bias", eptr[i], actual_alignment(eptr[i]), (unsigned)algo->data[5 + i]);
+  if (gelu == GELU_BWD) {
+    /* cuBLASLt documents DGELU as "apply GELU gradient to matmul output",
+     * not where beta · C joins it: only beta 0 has a meaning to emulate */
+    if (*(const float *)beta != 0.0f)
+      EMU_DIE("cublasLtMatmul: DGELU epilogue with beta %g: whether beta * C is added before or "
+              "after the GeLU gradient is undocumented, not emulated",
+              (double)*(const float *)beta);
+    const char *lo = (const char *)D, *hi = lo + ((size_t)(n - 1) * d->ld + m) * sizeof(float);
+    const char *alo = (const char *)op->aux,
+               *ahi = alo + ((size_t)(n - 1) * op->aux_ld + m) * sizeof(float);
+    if (alo < hi && lo < ahi)
+      EMU_DIE("cublasLtMatmul: DGELU epilogue whose aux matrix %p overlaps D %p", op->aux, D);
+  }
   wait_idle(s, "cublasLtMatmul");
   gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, (const float *)A, a->ld,
        a->stride, (const float *)B, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
        c->stride, (float *)D, d->ld, d->stride, d->batch, with_bias ? op->bias : NULL);
-  if (gelu) { /* aux = the result with its bias; D = GeLU of that fp32 value */
-    float *dd = (float *)D;
+  float *dd = (float *)D;
+  if (gelu == GELU_FWD) { /* aux = the result with its bias; D = GeLU of that fp32 value */
     for (long j = 0; j < n; j++)
       for (long i = 0; i < m; i++) {
         float x = dd[j * d->ld + i];
@@ -1064,6 +1080,11 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
         dd[j * d->ld + i] = mt_gelu(x);
       }
     mt_emu::gemms_lt_gelu++;
+  } else if (gelu == GELU_BWD) { /* D = gelu'(aux) times the fp32 result */
+    for (long j = 0; j < n; j++)
+      for (long i = 0; i < m; i++)
+        dd[j * d->ld + i] = mt_gelu_grad(op->aux[j * op->aux_ld + i]) * dd[j * d->ld + i];
+    mt_emu::gemms_lt_dgelu++;
   }
   mt_emu::gemms_lt++;
   return CUBLAS_STATUS_SUCCESS;

@@ -14,10 +14,12 @@
  * in double from inputs rounded to the compute type (tf32, bf16), after the
  * layouts are checked against m, n, k as cuBLASLt checks them, and the
  * alignment a heuristic was promised is checked against the pointers.
- * cuBLASLt's epilogues: bias, and GeLU with its input kept in the aux matrix
- * (GELU_AUX, GELU_AUX_BIAS; the aux ld rules checked), the GeLU being
- * kernels/common's mt_gelu on the fp32 result; any other epilogue or
- * attribute aborts.
+ * cuBLASLt's epilogues: bias, GeLU with its input kept in the aux matrix
+ * (GELU_AUX, GELU_AUX_BIAS) and the GeLU gradient with that input read from
+ * it (DGELU, D = gelu'(aux) ⊙ result; beta must be 0, as its documentation
+ * does not say where beta · C joins), the aux ld rules checked, the math
+ * kernels/common's mt_gelu and mt_gelu_grad on the fp32 result; any other
+ * epilogue or attribute aborts.
  *
  * Streams and threads. Several host threads may each drive their own
  * emulated device (MT_CUDA_EMU_DEVICES of them, default 1): the current
@@ -116,8 +118,9 @@ const char *cudaGetErrorString(cudaError_t e);
 const char *cudaGetErrorName(cudaError_t e);
 
 /* Test hook (C too): GEMMs run so far, process-wide: by cuBLASLt (lt), of
- * those with a GeLU epilogue (lt_gelu), and by cuBLAS (blas). */
-void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *blas);
+ * those with the GeLU epilogue (lt_gelu) and with the DGELU one (lt_dgelu),
+ * and by cuBLAS (blas). */
+void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas);
 
 #ifdef __cplusplus
 }
@@ -226,6 +229,7 @@ enum cublasLtEpilogue_t {
   CUBLASLT_EPILOGUE_BIAS = 4,
   CUBLASLT_EPILOGUE_GELU_AUX = 160,
   CUBLASLT_EPILOGUE_GELU_AUX_BIAS = 164,
+  CUBLASLT_EPILOGUE_DGELU = 192,
 };
 enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_TRANSA = 3,
@@ -311,7 +315,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
  * C), and a switch that makes the cuBLASLt heuristic find nothing (so the
  * cuBLAS fallback runs). */
 namespace mt_emu {
-extern std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_blas;
+extern std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas;
 extern int lt_disabled;
 } // namespace mt_emu
 
