@@ -16,7 +16,9 @@
  *   one writer   mt_ckpt_shard_commit(&txn, &desc)      after all writes of it
  *   coordinator  mt_ckpt_commit(&txn, &meta, descs, n, &all_chunks)
  *                (on any failure: mt_ckpt_abort(&txn))
- * One writer in one process: mt_ckpt_save. Reading: mt_ckpt_find, mt_ckpt_read.
+ * One writer in one process: mt_ckpt_save. Reading: mt_ckpt_find, mt_ckpt_read;
+ * the checksums of a checkpoint opened by sizes, a file at a time:
+ * mt_ckpt_verify_file (and mt_ckpt_find_below for the next older one).
  */
 #ifndef MT_CKPT_H
 #define MT_CKPT_H
@@ -131,7 +133,7 @@ typedef struct mt_ckpt_file {
 } mt_ckpt_file;
 
 /* A committed checkpoint that passed its checks. Owns everything in it;
- * read-only after mt_ckpt_find, so threads may share it. */
+ * read-only after mt_ckpt_find (or _find_below), so threads may share it. */
 typedef struct mt_ckpt {
   char dir[MT_CKPT_PATH_MAX]; /* the step directory */
   int64_t step, consumed_samples, consumed_tokens, seed;
@@ -154,12 +156,25 @@ enum {
  * a warning (logged and kept in out->skipped) for the previous committed one.
  * step >= 0: exactly that step, or the error. MT_ENOENT when there is none. */
 int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out);
+/* As mt_ckpt_find with step < 0 (which is below = INT64_MAX), among the
+ * checkpoints older than step `below`: for a caller whose own checks failed
+ * the one it was given. Never newer than latest's target. MT_ENOENT when no
+ * committed one is below; MT_ECORRUPT, with each one's problem, when none of
+ * them passed. */
+int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *out);
 void mt_ckpt_close(mt_ckpt *c);
 /* The file of shard (tp, pp), or NULL. */
 const mt_ckpt_file *mt_ckpt_file_of(const mt_ckpt *c, int tp, int pp);
 /* Reads floats [lo, lo+n) of one array of shard (tp, pp) into out (n floats). */
 int mt_ckpt_read(const mt_ckpt *c, int tp, int pp, const char *array, uint64_t lo, uint64_t n,
                  float *out);
+
+/* Checks the header, size and every chunk's checksum of one shard file of c
+ * (opened with MT_CKPT_VERIFY_SIZES), as MT_CKPT_VERIFY_CHECKSUMS would, on
+ * the calling thread: many ranks can each take a file. 0 when clean, else the
+ * first problem (file, chunk, checksums) in mt_errmsg(): MT_ECORRUPT, MT_EIO,
+ * MT_ENOMEM, or MT_EINVAL when c has no shard (tp, pp). */
+int mt_ckpt_verify_file(const mt_ckpt *c, int tp, int pp);
 
 /* Checks every checksum of one checkpoint, calling report once per problem
  * (from the calling thread, in file order). 0 when clean, else MT_ECORRUPT or

@@ -375,6 +375,19 @@ static void dir_disp(const char *dir, char out[64]) {
   out[k] = 0;
 }
 
+/* A file's first problem into mt_errmsg() (0 when it had none); frees its text. */
+static int first_problem(file_check *r) {
+  int rc = 0;
+  if (r->n_problems) {
+    char *nl = r->text ? strchr(r->text, '\n') : NULL;
+    if (nl) *nl = 0;
+    rc = mt_seterr(r->rc, "%s", r->text ? r->text : "ckpt: check failed");
+  }
+  free(r->text);
+  r->text = NULL;
+  return rc;
+}
+
 /* Opens one step directory: manifest, then files (first problem fails it). */
 static int open_step(const char *dir, int64_t step, int verify, mt_ckpt *out) {
   char disp[64];
@@ -392,11 +405,7 @@ static int open_step(const char *dir, int64_t step, int verify, mt_ckpt *out) {
   check_job job = {out, disp, verify == MT_CKPT_VERIFY_CHECKSUMS, 0, results, 0, 0};
   check_files(&job);
   for (int i = 0; i < out->n_files; i++) {
-    if (results[i].n_problems && !rc) {
-      char *nl = results[i].text ? strchr(results[i].text, '\n') : NULL;
-      if (nl) *nl = 0;
-      rc = mt_seterr(results[i].rc, "%s", results[i].text ? results[i].text : "ckpt: check failed");
-    }
+    if (!rc) rc = first_problem(&results[i]);
     free(results[i].text);
   }
   free(results);
@@ -418,51 +427,67 @@ static void note(char **s, const char *line) {
 /* A message without its "ckpt: ", for quoting inside another. */
 static const char *unprefixed(const char *msg) { return strncmp(msg, "ckpt: ", 6) ? msg : msg + 6; }
 
-/* Never newer than latest's target: a newer committed directory is a save
- * whose latest write was lost, or a timeline an operator rolled back from. */
 int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out) {
+  memset(out, 0, sizeof *out);
+  if (step < 0) return mt_ckpt_find_below(job_dir, INT64_MAX, verify, out);
+  if (strlen(job_dir) > MT_CKPT_PATH_MAX - 64)
+    return mt_seterr(MT_EINVAL, "ckpt: job directory path too long: %.64s...", job_dir);
+  char dir[MT_CKPT_PATH_MAX], name[32];
+  mt__ckpt_step_name(name, step);
+  snprintf(dir, sizeof dir, "%s/%s", job_dir, name);
+  struct stat st;
+  if (stat(dir, &st))
+    return mt_seterr(MT_ENOENT, "ckpt: %s: no such checkpoint (%s)", dir, strerror(errno));
+  return open_step(dir, step, verify, out);
+}
+
+/* Never newer than latest's target: a newer committed directory is a save
+ * whose latest write was lost, or a timeline an operator rolled back from.
+ * A caller that passed over a checkpoint (below = its step) sees latest's
+ * target only when it is older, and hears of a broken latest only then. */
+int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *out) {
   memset(out, 0, sizeof *out);
   if (strlen(job_dir) > MT_CKPT_PATH_MAX - 64)
     return mt_seterr(MT_EINVAL, "ckpt: job directory path too long: %.64s...", job_dir);
   char dir[MT_CKPT_PATH_MAX], name[32];
-  if (step >= 0) {
-    mt__ckpt_step_name(name, step);
-    snprintf(dir, sizeof dir, "%s/%s", job_dir, name);
-    struct stat st;
-    if (stat(dir, &st))
-      return mt_seterr(MT_ENOENT, "ckpt: %s: no such checkpoint (%s)", dir, strerror(errno));
-    return open_step(dir, step, verify, out);
-  }
-
   mt__ckpt_dirent *dirs;
   size_t nd;
   int rc = mt__ckpt_scan(job_dir, &dirs, &nd);
   if (rc) return rc;
-  size_t nc = 0;
-  for (size_t i = 0; i < nd; i++) nc += dirs[i].committed;
   char *skipped = NULL, msg[2048];
-  int64_t latest = -1, below = INT64_MAX; /* candidates: latest, then committed steps below it */
+  /* candidates: latest's target when below `below`, then committed steps
+   * below both */
+  int64_t latest = -1, cap = below;
+  int use_latest = 0;
   int lrc = mt__ckpt_read_latest(job_dir, &latest);
   if (!lrc) {
     mt__ckpt_step_name(name, latest);
     snprintf(dir, sizeof dir, "%s/%s", job_dir, name);
     if (mt__ckpt_committed(dir)) {
-      below = latest;
+      use_latest = latest < below;
+      if (latest < cap) cap = latest;
     } else {
       lrc = mt_seterr(MT_ECORRUPT, "ckpt: %s/latest names %s, which has no committed manifest",
                       job_dir, name);
     }
   }
-  if (lrc && !nc) {
+  size_t nc = 0;
+  for (size_t i = 0; i < nd; i++) nc += dirs[i].committed && dirs[i].step < cap;
+  if (!use_latest && !nc) {
     free(dirs);
+    if (below != INT64_MAX)
+      return mt_seterr(MT_ENOENT, "ckpt: no committed checkpoint in %s below step %" PRId64,
+                       job_dir, below);
     return mt_seterr(MT_ENOENT, "ckpt: no committed checkpoint in %s", job_dir);
   }
-  if (lrc) {
+  if (lrc && (latest < 0 || latest < below)) {
     snprintf(msg, sizeof msg, "%s", mt_errmsg());
     mt_log_warn("%s; using the newest committed step directory", msg);
     if (lrc != MT_ENOENT) note(&skipped, msg);
   }
-  if (below != INT64_MAX) {
+  if (use_latest) {
+    mt__ckpt_step_name(name, latest);
+    snprintf(dir, sizeof dir, "%s/%s", job_dir, name);
     rc = open_step(dir, latest, verify, out);
     if (!rc) {
       free(dirs);
@@ -474,7 +499,7 @@ int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out) {
     note(&skipped, msg);
   }
   for (size_t i = nd; i-- > 0;) {
-    if (!dirs[i].committed || dirs[i].step >= below) continue;
+    if (!dirs[i].committed || dirs[i].step >= cap) continue;
     mt__ckpt_step_name(name, dirs[i].step);
     snprintf(dir, sizeof dir, "%s/%s", job_dir, name);
     rc = open_step(dir, dirs[i].step, verify, out);
@@ -502,8 +527,8 @@ const mt_ckpt_file *mt_ckpt_file_of(const mt_ckpt *c, int tp, int pp) {
   return NULL;
 }
 
-/* A rank's ZeRO slice by pread; no checksums (find did them), so it is as
- * fast as the disk. */
+/* A rank's ZeRO slice by pread; no checksums (find or mt_ckpt_verify_file did
+ * them), so it is as fast as the disk. */
 int mt_ckpt_read(const mt_ckpt *c, int tp, int pp, const char *array, uint64_t lo, uint64_t n,
                  float *out) {
   char disp[64];
@@ -542,6 +567,22 @@ int mt_ckpt_read(const mt_ckpt *c, int tp, int pp, const char *array, uint64_t l
                    disp, f->name, off, off + 4 * n);
   close(fd);
   return rc;
+}
+
+/* The same check as a find with MT_CKPT_VERIFY_CHECKSUMS makes of each file,
+ * for one file, on the calling thread: resume spreads the files over ranks. */
+int mt_ckpt_verify_file(const mt_ckpt *c, int tp, int pp) {
+  char disp[64];
+  dir_disp(c->dir, disp);
+  const mt_ckpt_file *f = mt_ckpt_file_of(c, tp, pp);
+  if (!f) return mt_seterr(MT_EINVAL, "ckpt: %s has no shard tp %d pp %d", disp, tp, pp);
+  uint8_t *buf = malloc(VERIFY_BUF_BYTES);
+  if (!buf) return mt_seterr(MT_ENOMEM, "ckpt: verify %s/%s: out of memory", disp, f->name);
+  file_check r = {0};
+  check_job job = {c, disp, 1, 0, &r, 0, 0};
+  check_file(&job, f, &r, buf);
+  free(buf);
+  return first_problem(&r);
 }
 
 /* Every problem, not the first: whoever repairs a copy wants the whole list. */

@@ -312,36 +312,113 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
   return mt_trainer_save_poll(tr, &sv, 1, &finished, res);
 }
 
+/* A message carried between ranks: the first problem a verification found. */
+#define RESUME_MSG_BYTES 768
+
+/* A ckpt message without its "ckpt: ", for quoting inside another. */
+static const char *unprefixed(const char *msg) { return strncmp(msg, "ckpt: ", 6) ? msg : msg + 6; }
+
+/* After every rank checked its part of a checkpoint: how many ranks found a
+ * problem, and on every rank in msg (RESUME_MSG_BYTES) the first of them's. */
+static int agree_checked(mt_comm *world, int bad, char *msg, int *n_bad) {
+  *n_bad = bad != 0;
+  if (!world) return 0;
+  int size = mt_comm_size(world), first = -1;
+  int32_t mine = bad != 0, *all = calloc((size_t)size, sizeof *all);
+  if (!all) return mt_seterr(MT_ENOMEM, "resume: %d verification flags", size);
+  int rc = mt_comm_allgather(world, &mine, all, 1, MT_COMM_I32);
+  *n_bad = 0;
+  for (int r = 0; !rc && r < size; r++)
+    if (all[r]) {
+      if (first < 0) first = r;
+      ++*n_bad;
+    }
+  free(all);
+  if (!rc && first >= 0) rc = mt_comm_broadcast(world, msg, RESUME_MSG_BYTES, MT_COMM_U8, first);
+  msg[RESUME_MSG_BYTES - 1] = 0;
+  return rc;
+}
+
+/* Rank 0 picks a checkpoint by the cheap checks (sizes and headers) and every
+ * rank opens it; then each shard file's checksums are checked once, by the
+ * dp rank 0 of its (tp, pp), and every rank learns the outcome before any
+ * loads a byte. A bad file refuses a named step; otherwise every rank falls
+ * back to the next older checkpoint and checks that. */
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
+  int me = g->world ? mt_comm_rank(g->world) : 0;
   *resumed_step = 0;
-  /* rank 0 picks the checkpoint, checking every checksum; the others open it
-   * (and learn why, when there is none they can use) */
   mt_ckpt c;
   struct {
     int64_t rc, step;
     char why[768];
-  } pick = {0, 0, ""};
-  char err[2600] = "";
+  } pick;
+  char err[2600] = "", passed_over[2048] = ""; /* rank 0: checkpoints that failed verification */
   int rc;
-  if (is0) {
-    rc = mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, &c);
-    pick.rc = rc, pick.step = rc ? 0 : c.step;
-    if (rc && rc != MT_ENOENT) snprintf(err, sizeof err, "%s", mt_errmsg());
-    snprintf(pick.why, sizeof pick.why, "%s", err);
+  for (int64_t below = -1;;) { /* below: the step whose verification failed */
+    memset(&pick, 0, sizeof pick);
+    err[0] = 0;
+    if (is0) {
+      rc = below < 0 ? mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_SIZES, &c)
+                     : mt_ckpt_find_below(job_dir, below, MT_CKPT_VERIFY_SIZES, &c);
+      pick.rc = rc, pick.step = rc ? 0 : c.step;
+      if (rc && below >= 0 && (rc == MT_ENOENT || rc == MT_ECORRUPT)) {
+        /* as mt_ckpt_find says it, with the ones passed over here first */
+        const char *older = rc == MT_ECORRUPT ? strchr(mt_errmsg(), '\n') : NULL;
+        pick.rc = MT_ECORRUPT;
+        snprintf(err, sizeof err, "ckpt: no checkpoint in %s passed its checks:\n%s%s", job_dir,
+                 passed_over, older ? older + 1 : "");
+      } else if (rc && rc != MT_ENOENT) {
+        snprintf(err, sizeof err, "%s", mt_errmsg());
+      }
+      snprintf(pick.why, sizeof pick.why, "%.*s", (int)sizeof pick.why - 1, err);
+    }
+    if (g->world && (rc = mt_comm_broadcast(g->world, &pick, sizeof pick, MT_COMM_U8, 0))) {
+      if (is0 && !pick.rc) mt_ckpt_close(&c);
+      return mt_wraperr(rc, "resume");
+    }
+    if (pick.rc == MT_ENOENT && step < 0) return 0; /* nothing to resume: a fresh start */
+    if (pick.rc)
+      return is0 ? mt_seterr((int)pick.rc, "resume from %s: %s", job_dir, err)
+                 : mt_seterr((int)pick.rc, "resume from %s: %s", job_dir,
+                             pick.why[0] ? pick.why : "rank 0 found no usable checkpoint");
+
+    int bad = 0;
+    char msg[RESUME_MSG_BYTES] = "";
+    if (!is0 && mt_ckpt_find(job_dir, pick.step, MT_CKPT_VERIFY_SIZES, &c)) {
+      bad = 1;
+      snprintf(msg, sizeof msg, "%s", mt_errmsg());
+    } else if (c.tp == g->tp_size && c.pp == g->pp_size && g->dp_rank == 0 &&
+               mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank) &&
+               mt_ckpt_verify_file(&c, g->tp_rank, g->pp_rank)) {
+      bad = 1;
+      snprintf(msg, sizeof msg, "%s", mt_errmsg());
+    } /* another layout: no file is this rank's; the checks below refuse it */
+    if (bad)
+      mt_log_warn("resume: rank %d (tp %d, pp %d, dp %d) checked step %lld: %s", me, g->tp_rank,
+                  g->pp_rank, g->dp_rank, (long long)pick.step, unprefixed(msg));
+    int n_bad;
+    if ((rc = agree_checked(g->world, bad, msg, &n_bad))) {
+      mt_ckpt_close(&c);
+      return mt_wraperr(rc, "resume");
+    }
+    if (!n_bad) break;
+    mt_ckpt_close(&c); /* no rank loads a checkpoint with a bad file */
+    if (step >= 0)
+      return mt_seterr(MT_ECORRUPT,
+                       "resume from %s: step %lld failed checksum verification on %d rank(s), "
+                       "first: %s",
+                       job_dir, (long long)pick.step, n_bad, unprefixed(msg));
+    if (is0) {
+      mt_log_warn("resume: skipping step %lld: %d rank(s) found problems, first: %s; falling back "
+                  "to the previous one",
+                  (long long)pick.step, n_bad, unprefixed(msg));
+      size_t had = strlen(passed_over);
+      snprintf(passed_over + had, sizeof passed_over - had, "%s\n", msg);
+    }
+    below = pick.step;
   }
-  if (g->world && (rc = mt_comm_broadcast(g->world, &pick, sizeof pick, MT_COMM_U8, 0))) {
-    if (is0 && !pick.rc) mt_ckpt_close(&c);
-    return mt_wraperr(rc, "resume");
-  }
-  if (pick.rc == MT_ENOENT && step < 0) return 0; /* nothing to resume: a fresh start */
-  if (pick.rc)
-    return is0 ? mt_seterr((int)pick.rc, "resume from %s: %s", job_dir, err)
-               : mt_seterr((int)pick.rc, "resume from %s: %s", job_dir,
-                           pick.why[0] ? pick.why : "rank 0 found no usable checkpoint");
-  if (!is0 && (rc = mt_ckpt_find(job_dir, pick.step, MT_CKPT_VERIFY_SIZES, &c)))
-    return mt_wraperr(rc, "resume");
   int failed = 0;
   const mt_ckpt_file *f = mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank);
   if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {

@@ -697,6 +697,98 @@ static int test_disk_full_fails_cleanly_and_keeps_previous(void) {
   return 0;
 }
 
+/* ---- verification spread over ranks ---- */
+
+static int test_verify_file_names_the_bad_shard_only(void) {
+  const char *job = tmp_path("verify_file");
+  REQUIRE(save_step(job, 10, 3000, 2, 1, 4096) == 0, "%s", mt_errmsg());
+  mt_ckpt c;
+  REQUIRE(mt_ckpt_find(job, 10, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(mt_ckpt_verify_file(&c, 0, 0) == 0, "%s", mt_errmsg());
+  CHECK(mt_ckpt_verify_file(&c, 1, 0) == 0, "%s", mt_errmsg());
+  CHECK(mt_ckpt_verify_file(&c, 2, 0) == MT_EINVAL, "a shard outside the layout verified");
+  /* a flipped byte after the cheap checks passed: that file fails, named with its chunk */
+  uint64_t off = 64 + 12000 + 5000;
+  const mt_ckpt_file *f = mt_ckpt_file_of(&c, 1, 0);
+  size_t ci = 0;
+  while (ci < f->n_chunks && f->chunks[ci].offset + f->chunks[ci].bytes <= off) ci++;
+  char want[256];
+  snprintf(want, sizeof want,
+           "step_00000010/shard_tp01_pp000.bin chunk %zu (offset %" PRIu64 ", %" PRIu64
+           " bytes): checksum ",
+           ci, f->chunks[ci].offset, f->chunks[ci].bytes);
+  flip_byte(step_path(job, 10, "shard_tp01_pp000.bin"), off);
+  CHECK(mt_ckpt_verify_file(&c, 1, 0) == MT_ECORRUPT, "a flipped byte passed");
+  CHECK(strstr(mt_errmsg(), want) && strstr(mt_errmsg(), " expected "), "%s\nwanted: %s",
+        mt_errmsg(), want);
+  printf("  found as expected: %s\n", mt_errmsg());
+  /* the same words as the whole checkpoint's check */
+  char whole[1024];
+  mt_ckpt c2;
+  CHECK(mt_ckpt_find(job, 10, MT_CKPT_VERIFY_CHECKSUMS, &c2) == MT_ECORRUPT, "named step loaded");
+  snprintf(whole, sizeof whole, "%s", mt_errmsg());
+  CHECK(mt_ckpt_verify_file(&c, 1, 0) == MT_ECORRUPT && !strcmp(whole, mt_errmsg()),
+        "whole: %s\nfile: %s", whole, mt_errmsg());
+  /* the other shard of the same checkpoint still passes */
+  CHECK(mt_ckpt_verify_file(&c, 0, 0) == 0, "%s", mt_errmsg());
+  /* damage of the size too (after the open) */
+  REQUIRE(truncate(step_path(job, 10, "shard_tp00_pp000.bin"), 1000) == 0, "truncate");
+  CHECK(mt_ckpt_verify_file(&c, 0, 0) == MT_ECORRUPT &&
+            strstr(mt_errmsg(), "step_00000010/shard_tp00_pp000.bin truncated: 1000 of"),
+        "%s", mt_errmsg());
+  mt_ckpt_close(&c);
+  return 0;
+}
+
+static int test_find_below_skips_to_the_older_step(void) {
+  const char *job = tmp_path("below");
+  for (int64_t s = 10; s <= 30; s += 10)
+    REQUIRE(save_step(job, s, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
+  mt_ckpt c;
+  REQUIRE(mt_ckpt_find_below(job, INT64_MAX, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 30 && !c.skipped, "below everything: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  REQUIRE(mt_ckpt_find_below(job, 30, MT_CKPT_VERIFY_CHECKSUMS, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20 && !c.skipped && data_matches(&c), "below 30: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  REQUIRE(mt_ckpt_find_below(job, 25, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20, "below 25: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  REQUIRE(mt_ckpt_find_below(job, 20, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 10, "below 20: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  CHECK(mt_ckpt_find_below(job, 10, MT_CKPT_VERIFY_SIZES, &c) == MT_ENOENT, "found below 10");
+  CHECK(strstr(mt_errmsg(), "below step 10"), "%s", mt_errmsg());
+  /* never newer than latest's target (rolled back to 20): 30 is no candidate */
+  char latest[512];
+  snprintf(latest, sizeof latest, "%s/latest", job);
+  write_text(latest, "step_00000020\n");
+  REQUIRE(mt_ckpt_find_below(job, INT64_MAX, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20, "rolled back: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  REQUIRE(mt_ckpt_find_below(job, 40, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20, "rolled back, below 40: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  /* one that fails the cheap checks is skipped, as mt_ckpt_find skips it */
+  write_text(latest, "step_00000030\n");
+  REQUIRE(truncate(step_path(job, 20, "shard_tp00_pp000.bin"), 100) == 0, "truncate");
+  REQUIRE(mt_ckpt_find_below(job, 30, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 10, "loaded step %" PRId64, c.step);
+  CHECK(c.skipped && strstr(c.skipped, "step_00000020/shard_tp00_pp000.bin truncated"),
+        "skipped: %s", c.skipped);
+  mt_ckpt_close(&c);
+  REQUIRE(truncate(step_path(job, 10, "shard_tp00_pp000.bin"), 100) == 0, "truncate");
+  CHECK(mt_ckpt_find_below(job, 30, MT_CKPT_VERIFY_SIZES, &c) == MT_ECORRUPT, "a bad one loaded");
+  CHECK(strstr(mt_errmsg(), "passed its checks") && strstr(mt_errmsg(), "step_00000020/") &&
+            strstr(mt_errmsg(), "step_00000010/") && !strstr(mt_errmsg(), "step_00000030/"),
+        "%s", mt_errmsg());
+  /* and mt_ckpt_find still takes the latest */
+  REQUIRE(mt_ckpt_find(job, -1, MT_CKPT_VERIFY_CHECKSUMS, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 30 && !c.skipped, "latest: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  return 0;
+}
+
 /* ---- list and verify ---- */
 
 typedef struct problems {
@@ -807,6 +899,8 @@ static const struct {
     {"temp_files_left_by_a_kill_are_never_read", test_temp_files_left_by_a_kill_are_never_read},
     {"retention_keeps_last_two_and_every_fifth", test_retention_keeps_last_two_and_every_fifth},
     {"disk_full_fails_cleanly_and_keeps_previous", test_disk_full_fails_cleanly_and_keeps_previous},
+    {"verify_file_names_the_bad_shard_only", test_verify_file_names_the_bad_shard_only},
+    {"find_below_skips_to_the_older_step", test_find_below_skips_to_the_older_step},
     {"list_and_verify_report_every_problem", test_list_and_verify_report_every_problem},
     {"bad_arguments_are_refused", test_bad_arguments_are_refused},
 };
