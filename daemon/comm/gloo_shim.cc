@@ -660,15 +660,18 @@ int gloo_sendrecv_start(void *impl, int send_slot, const void *send, size_t send
                         int recv_slot, void *recv, size_t recv_bytes, int src, int timeout_ms) {
   Group *group = static_cast<Group *>(impl);
   int rc = guarded(impl, timeout_ms, [&](Group *g) {
+    // The buffer is in its slot before anything can throw, so the failure
+    // path below finds it and takes it off the live list before freeing it
+    // (a freed buffer left there would be what the next abort touches).
     auto post = [&](int slot, bool is_send, void *buf, size_t bytes, int peer) {
-      auto b = g->context->createUnboundBuffer(buf, bytes);
-      g->list(b.get());
+      g->p2p[slot] = g->context->createUnboundBuffer(buf, bytes);
+      g->p2p_is_send[slot] = is_send;
+      gloo::transport::UnboundBuffer *b = g->p2p[slot].get();
+      g->list(b);
       if (is_send)
         b->send(peer, kSlotP2P);
       else
         b->recv(peer, kSlotP2P);
-      g->p2p[slot] = std::move(b);
-      g->p2p_is_send[slot] = is_send;
     };
     // receive first, as sendrecv does: the peer's send finds it posted
     if (recv_slot >= 0) post(recv_slot, false, recv, recv_bytes, src);

@@ -305,6 +305,30 @@ static void test_group_with_started_requests_destroys_without_waiting(void) {
   CHECK(took < 5.0, "destroying groups with requests pending took %.2f s", took);
 }
 
+/* Rank 1's group is gone (its daemon died) when rank 0 starts a send to it:
+ * the start fails, or the wait does, naming the peer; an abort after it
+ * (the generation ending) must not touch the buffer the failed start
+ * freed. */
+static int body_peer_gone(rank_ctx *x, mt_comm *c) {
+  static float out[1 << 16];
+  if (x->rank == 1) return 0; /* rank_main destroys the group */
+  usleep(300000);
+  int req = -1;
+  int rc = mt_comm_sendrecv_start(c, out, 1 << 16, 1, NULL, 0, 1, MT_COMM_F32, &req, NULL);
+  if (!rc) rc = mt_comm_p2p_wait(c, req);
+  snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  mt_comm_abort(c);
+  return rc;
+}
+
+static void test_started_send_to_a_gone_peer_fails_and_abort_after_is_safe(void) {
+  rank_ctx ctx[2];
+  run_ranks(ctx, 2, 2, "test/gone", 5000, body_peer_gone, NULL);
+  CHECK(ctx[0].rc != 0 && strstr(ctx[0].err, "rank 1"), "a started send to a gone peer: rc %s (%s)",
+        mt_strerror(ctx[0].rc), ctx[0].err);
+  printf("started send to a gone peer: %s\n", ctx[0].err);
+}
+
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   if (mt_store_mem_new(&store)) {
@@ -316,6 +340,7 @@ int main(void) {
   test_max_propagates_nan_from_any_rank();
   test_abort_from_another_thread_fails_blocked_op_promptly();
   test_group_with_started_requests_destroys_without_waiting();
+  test_started_send_to_a_gone_peer_fails_and_abort_after_is_safe();
   test_missing_peer_fails_create_within_deadline_naming_rank();
   test_stuck_peer_fails_allreduce_within_deadline();
   mt_store_free(store);
