@@ -393,18 +393,25 @@ static int nccl_recv(void *impl, void *buf, size_t bytes, int peer, int timeout_
   return leave(g, watch(g, r, timeout_ms));
 }
 
-static int nccl_sendrecv(void *impl, const void *send, size_t send_bytes, int dst, void *recv,
-                         size_t recv_bytes, int src, int timeout_ms) {
-  nccl_group *g = impl;
-  int rc = enter(g);
-  if (rc) return rc;
+/* A send and a receive (either count may be 0) as one NCCL group on the
+ * group's stream; the result of queueing them. */
+static ncclResult_t post_sendrecv(nccl_group *g, const void *send, size_t send_bytes, int dst,
+                                  void *recv, size_t recv_bytes, int src) {
   ncclResult_t r = ncclGroupStart();
   if (r == ncclSuccess && send_bytes)
     r = ncclSend(send, send_bytes, ncclUint8, dst, g->comm, g->stream);
   if ((r == ncclSuccess || r == ncclInProgress) && recv_bytes)
     r = ncclRecv(recv, recv_bytes, ncclUint8, src, g->comm, g->stream);
   ncclResult_t end = ncclGroupEnd();
-  if (r == ncclSuccess || r == ncclInProgress) r = end;
+  return r == ncclSuccess || r == ncclInProgress ? end : r;
+}
+
+static int nccl_sendrecv(void *impl, const void *send, size_t send_bytes, int dst, void *recv,
+                         size_t recv_bytes, int src, int timeout_ms) {
+  nccl_group *g = impl;
+  int rc = enter(g);
+  if (rc) return rc;
+  ncclResult_t r = post_sendrecv(g, send, send_bytes, dst, recv, recv_bytes, src);
   return leave(g, watch(g, r, timeout_ms));
 }
 
@@ -417,13 +424,8 @@ static int nccl_sendrecv_start(void *impl, int send_slot, const void *send, size
   nccl_group *g = impl;
   int rc = enter(g);
   if (rc) return rc;
-  ncclResult_t r = ncclGroupStart();
-  if (r == ncclSuccess && send_slot >= 0)
-    r = ncclSend(send, send_bytes, ncclUint8, dst, g->comm, g->stream);
-  if ((r == ncclSuccess || r == ncclInProgress) && recv_slot >= 0)
-    r = ncclRecv(recv, recv_bytes, ncclUint8, src, g->comm, g->stream);
-  ncclResult_t end = ncclGroupEnd();
-  if (r == ncclSuccess || r == ncclInProgress) r = end;
+  ncclResult_t r = post_sendrecv(g, send, send_slot >= 0 ? send_bytes : 0, dst, recv,
+                                 recv_slot >= 0 ? recv_bytes : 0, src);
   if ((rc = queued(g, r, timeout_ms))) return leave(g, rc);
   cudaError_t e = cudaSuccess;
   if (send_slot >= 0) e = cudaEventRecord(g->p2p_done[send_slot], g->stream);
