@@ -339,10 +339,17 @@ static int agree_checked(mt_comm *world, int bad, char *msg, int *n_bad) {
   return rc;
 }
 
+/* The dp rank that checksums shard (tp, pp) at resume: files taken in turn
+ * by the replicas, so a node (a stage's tp ranks, typically) reads about
+ * tp / dp of its stage's files instead of all of them on replica 0. */
+static int verifier_dp(const mt_groups *g) {
+  return (g->pp_rank * g->tp_size + g->tp_rank) % (g->dp_size > 0 ? g->dp_size : 1);
+}
+
 /* Rank 0 picks a checkpoint by the cheap checks (sizes and headers) and every
- * rank opens it; then each shard file's checksums are checked once, by the
- * dp rank 0 of its (tp, pp), and every rank learns the outcome before any
- * loads a byte. A bad file refuses a named step; otherwise every rank falls
+ * rank opens it; then each shard file's checksums are checked once, by one
+ * dp rank of its (tp, pp) (verifier_dp), and every rank learns the outcome
+ * before any loads a byte. A bad file refuses a named step; otherwise every rank falls
  * back to the next older checkpoint and checks that. */
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
   const mt_groups *g = &tr->g;
@@ -389,7 +396,7 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
     if (!is0 && mt_ckpt_find(job_dir, pick.step, MT_CKPT_VERIFY_SIZES, &c)) {
       bad = 1;
       snprintf(msg, sizeof msg, "%s", mt_errmsg());
-    } else if (c.tp == g->tp_size && c.pp == g->pp_size && g->dp_rank == 0 &&
+    } else if (c.tp == g->tp_size && c.pp == g->pp_size && g->dp_rank == verifier_dp(g) &&
                mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank) &&
                mt_ckpt_verify_file(&c, g->tp_rank, g->pp_rank)) {
       bad = 1;

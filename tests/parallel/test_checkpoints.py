@@ -17,9 +17,10 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
   one's resumed with dp 4: losses within 1e-5 of the uninterrupted run;
 - test_flipped_byte_is_named_and_the_previous_checkpoint_used, and
   test_named_damaged_step_is_refused;
-- test_damaged_shard_is_found_by_its_own_dp_rank_0_only: at resume each
-  shard file's checksums are checked by one rank (dp rank 0 of its tp, pp),
-  so the flipped byte is reported once, by the rank of tp 1, pp 1, dp 0;
+- test_damaged_shard_is_found_by_one_rank_only: at resume each shard file's
+  checksums are checked by one rank (the replicas take the files in turn:
+  file tp + pp * 2 goes to dp rank (tp + pp * 2) % 2), so the flipped byte is
+  reported once, by the rank of tp 1, pp 1, dp 1;
 - test_file_size_limit_fails_the_checkpoint_not_the_run: under RLIMIT_FSIZE
   the checkpoint fails with the file named, training goes on to the end, and
   the earlier checkpoint still verifies;
@@ -186,8 +187,8 @@ def main():
         finders = [[ln for ln in q.stderr.splitlines()
                     if "checked step %d:" % step_n in ln and "shard_tp01_pp001.bin chunk" in ln]
                    for q in (p4, p5)]
-        fails += check("test_damaged_shard_is_found_by_its_own_dp_rank_0_only",
-                       all(len(f) == 1 and "(tp 1, pp 1, dp 0)" in f[0] for f in finders),
+        fails += check("test_damaged_shard_is_found_by_one_rank_only",
+                       all(len(f) == 1 and "(tp 1, pp 1, dp 1)" in f[0] for f in finders),
                        "found by %s" % [[ln[ln.find("resume: rank"):][:40] for ln in f]
                                         for f in finders])
 
