@@ -405,8 +405,19 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
     if (bad)
       mt_log_warn("resume: rank %d (tp %d, pp %d, dp %d) checked step %lld: %s", me, g->tp_rank,
                   g->pp_rank, g->dp_rank, (long long)pick.step, unprefixed(msg));
-    int n_bad;
-    if ((rc = agree_checked(g->world, bad, msg, &n_bad))) {
+    /* the ranks that checked nothing wait here for the slowest that did:
+     * the world's deadline grows by the largest file at 100 MB/s, a floor
+     * any storage a job of this size sits on keeps */
+    int n_bad, base_ms = g->world ? mt_comm_timeout(g->world) : 0;
+    if (g->world && c.n_files) {
+      uint64_t most = 0;
+      for (int i = 0; i < c.n_files; i++) most = c.files[i].bytes > most ? c.files[i].bytes : most;
+      uint64_t ms = (uint64_t)base_ms + most / 100000;
+      mt_comm_set_timeout(g->world, ms > INT32_MAX ? INT32_MAX : (int)ms);
+    }
+    rc = agree_checked(g->world, bad, msg, &n_bad);
+    if (g->world) mt_comm_set_timeout(g->world, base_ms);
+    if (rc) {
       mt_ckpt_close(&c);
       return mt_wraperr(rc, "resume");
     }
