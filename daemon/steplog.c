@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "device.h"
@@ -51,6 +52,10 @@ void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json)
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
+/* The plan counts Megatron's storage (a 16-bit weight copy, 16-bit
+ * activations); this engine keeps every tensor in fp32 and, in a bf16 or
+ * fp16 job, an fp32 working copy of the weights beside the master. So the
+ * check plans the job as an fp32 one and adds the working copy. */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) {
   size_t total = 0, avail = 0;
   int gpu = device && !strncmp(device, "cuda", 4);
@@ -58,15 +63,39 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
   if (rc) return rc;
   /* CPU devices of this process share its RAM; a GPU has its own */
   double per = gpu ? (double)total : (double)total / (ranks_here > 0 ? ranks_here : 1);
+  int mixed = strcmp(job->train.precision, "fp32") != 0;
+  mt_job *stored = malloc(sizeof *stored);
+  if (!stored) return mt_seterr(MT_ENOMEM, "memory check: out of memory");
+  *stored = *job;
+  snprintf(stored->train.precision, sizeof stored->train.precision, "fp32");
   mt_plan_device pd = {.memory_bytes = per, .tflops = 1.0};
   mt_plan plan;
-  rc = mt_plan_compute(job, &pd, &plan);
+  rc = mt_plan_compute(stored, &pd, &plan);
+  free(stored);
+  if (rc && plan.computed && mixed)
+    return mt_wraperr(rc, "a %s job as this engine stores it (every tensor fp32)",
+                      job->train.precision);
   if (rc) return rc;
-  mt_log_info("plan: %.2f GB per device at most (stage %d: weights %.2f, grads %.2f, "
-              "optimizer %.2f, activations %.2f GB) of %.1f GB %s per device",
-              (double)plan.worst.total_bytes / 1e9, plan.worst.stage,
-              (double)plan.worst.weight_bytes / 1e9, (double)plan.worst.grad_bytes / 1e9,
-              (double)plan.worst.optimizer_bytes / 1e9, (double)plan.worst.activation_bytes / 1e9,
-              pd.memory_bytes / 1e9, gpu ? "GPU memory" : "RAM");
+  const mt_plan_stage *w = &plan.worst;
+  double copy = mixed ? 4.0 * (double)w->params : 0.0; /* the rounded working copy */
+  double need = (double)w->total_bytes + copy;
+  const char *where = gpu ? "GPU memory" : "RAM";
+  if (need > plan.usable_bytes)
+    return mt_seterr(MT_EINVAL,
+                     "plan: stage %d needs %.1f GB per device as this engine stores a %s job "
+                     "(fp32 weights %.1f and their working copy %.1f, grads %.1f, optimizer %.1f, "
+                     "activations %.1f, logits %.1f, comm %.1f) but the devices have %.1f GB of "
+                     "%s, %.1f GB usable",
+                     w->stage, need / 1e9, job->train.precision, (double)w->weight_bytes / 1e9,
+                     copy / 1e9, (double)w->grad_bytes / 1e9, (double)w->optimizer_bytes / 1e9,
+                     (double)w->activation_bytes / 1e9, (double)w->logits_bytes / 1e9,
+                     (double)w->comm_bytes / 1e9, per / 1e9, where, plan.usable_bytes / 1e9);
+  mt_log_info("plan: %.2f GB per device at most as stored here, every tensor fp32 (stage %d: "
+              "weights %.2f%s, grads %.2f, optimizer %.2f, activations %.2f GB) of %.1f GB %s "
+              "per device",
+              need / 1e9, w->stage, (double)(w->weight_bytes + copy) / 1e9,
+              mixed ? " with the working copy" : "", (double)w->grad_bytes / 1e9,
+              (double)w->optimizer_bytes / 1e9, (double)w->activation_bytes / 1e9, per / 1e9,
+              where);
   return 0;
 }

@@ -12,10 +12,11 @@
  * validation, and the step a stop took effect. */
 void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json);
 
-/* Checks the job's memory plan against the devices of this process: a GPU's
- * own memory when device is "cuda:N" (the first of them), else this
- * machine's RAM shared by ranks_here CPU devices. MT_EINVAL with the numbers
- * when it cannot fit; logs the plan otherwise. */
+/* Checks the job's memory plan, as this engine stores it (every tensor fp32;
+ * bf16 and fp16 jobs add an fp32 working copy of the weights), against the
+ * devices of this process: a GPU's own memory when device is "cuda:N" (the
+ * first of them), else this machine's RAM shared by ranks_here CPU devices.
+ * MT_EINVAL with the numbers when it cannot fit; logs the plan otherwise. */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device);
 
 #endif

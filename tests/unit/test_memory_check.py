@@ -1,0 +1,56 @@
+"""mtnlgd checks a job's memory as this engine stores it, before it starts.
+
+usage: test_memory_check.py MTNLGD GPT3_1.3B_BENCH_JOB.json
+The engine keeps every tensor in fp32 and, in a bf16 job, an fp32 working
+copy of the weights, while the plan (`mtnlgctl plan`) counts Megatron's
+16-bit storage. test_bf16_job_is_checked_as_stored: GPT-3 XL at seq 2048 in
+micro-batches of 4 (over 100 GB as stored) is refused on this machine, which
+has less RAM than that, with the numbers as stored (fp32, "every tensor
+fp32"), before anything is allocated; test_small_bf16_job_logs_the_working_copy:
+a small bf16 job starts and its plan line counts the working copy.
+"""
+import array
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def check(name, ok, detail):
+    print(f"{'ok' if ok else 'FAIL'} {name}: {detail}")
+    return 0 if ok else 1
+
+
+def main():
+    mtnlgd, job = sys.argv[1], sys.argv[2]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = os.path.join(tmp, "tokens.u16")
+        with open(tokens, "wb") as fh:
+            fh.write(array.array("H", range(256)).tobytes() * 200)
+        if ram > 100e9:
+            print(f"skip test_bf16_job_is_checked_as_stored: {ram / 1e9:.0f} GB RAM holds it")
+        else:
+            p = subprocess.run([mtnlgd, "--standalone", job, "--set", f"data.path={tokens}"],
+                               capture_output=True, text=True, timeout=120)
+            failures += check("test_bf16_job_is_checked_as_stored",
+                              p.returncode == 2 and "as this engine stores it (every tensor fp32)"
+                              in p.stderr and "weights 5.3, grads 5.3, optimizer 10.5" in p.stderr,
+                              f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        p = subprocess.run([mtnlgd, "--standalone", job, "--set", f"data.path={tokens}",
+                            "--set", "model.n_layer=2", "--set", "model.n_embd=128",
+                            "--set", "model.n_head=4", "--set", "model.seq_len=64",
+                            "--set", "parallel.micro_batch=1", "--set", "train.global_batch=2",
+                            "--set", "train.steps=1"],
+                           capture_output=True, text=True, timeout=120)
+        line = [ln for ln in p.stderr.splitlines() if "plan:" in ln]
+        failures += check("test_small_bf16_job_logs_the_working_copy",
+                          p.returncode == 0 and line and "with the working copy" in line[0]
+                          and "every tensor fp32" in line[0],
+                          f"exit {p.returncode}: {line[0] if line else p.stderr[-300:]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
