@@ -416,6 +416,19 @@ static int test_latest_names_the_newest_commit(void) {
 
 /* ---- damage ---- */
 
+/* What a checksum failure says of shard tp01_pp000 of checkpoint c when the
+ * byte at file offset off is flipped: "<step>/shard_tp01_pp000.bin chunk K
+ * (offset O, N bytes): checksum ". */
+static void flipped_chunk_message(char *want, size_t cap, const mt_ckpt *c, uint64_t off) {
+  const mt_ckpt_file *f = mt_ckpt_file_of(c, 1, 0);
+  size_t ci = 0;
+  while (ci < f->n_chunks && f->chunks[ci].offset + f->chunks[ci].bytes <= off) ci++;
+  snprintf(want, cap,
+           "step_%08" PRId64 "/shard_tp01_pp000.bin chunk %zu (offset %" PRIu64 ", %" PRIu64
+           " bytes): checksum ",
+           c->step, ci, f->chunks[ci].offset, f->chunks[ci].bytes);
+}
+
 static int test_flipped_byte_falls_back_to_previous(void) {
   const char *job = tmp_path("flip");
   REQUIRE(save_step(job, 10, 3000, 2, 1, 4096) == 0, "%s", mt_errmsg());
@@ -423,14 +436,8 @@ static int test_flipped_byte_falls_back_to_previous(void) {
   uint64_t off = 64 + 12000 + 5000; /* inside adam_m */
   mt_ckpt c;
   REQUIRE(mt_ckpt_find(job, 20, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
-  const mt_ckpt_file *f = mt_ckpt_file_of(&c, 1, 0);
-  size_t ci = 0;
-  while (ci < f->n_chunks && f->chunks[ci].offset + f->chunks[ci].bytes <= off) ci++;
   char want[256];
-  snprintf(want, sizeof want,
-           "step_00000020/shard_tp01_pp000.bin chunk %zu (offset %" PRIu64 ", %" PRIu64
-           " bytes): checksum ",
-           ci, f->chunks[ci].offset, f->chunks[ci].bytes);
+  flipped_chunk_message(want, sizeof want, &c, off);
   mt_ckpt_close(&c);
   flip_byte(step_path(job, 20, "shard_tp01_pp000.bin"), off);
 
@@ -709,14 +716,8 @@ static int test_verify_file_names_the_bad_shard_only(void) {
   CHECK(mt_ckpt_verify_file(&c, 2, 0) == MT_EINVAL, "a shard outside the layout verified");
   /* a flipped byte after the cheap checks passed: that file fails, named with its chunk */
   uint64_t off = 64 + 12000 + 5000;
-  const mt_ckpt_file *f = mt_ckpt_file_of(&c, 1, 0);
-  size_t ci = 0;
-  while (ci < f->n_chunks && f->chunks[ci].offset + f->chunks[ci].bytes <= off) ci++;
   char want[256];
-  snprintf(want, sizeof want,
-           "step_00000010/shard_tp01_pp000.bin chunk %zu (offset %" PRIu64 ", %" PRIu64
-           " bytes): checksum ",
-           ci, f->chunks[ci].offset, f->chunks[ci].bytes);
+  flipped_chunk_message(want, sizeof want, &c, off);
   flip_byte(step_path(job, 10, "shard_tp01_pp000.bin"), off);
   CHECK(mt_ckpt_verify_file(&c, 1, 0) == MT_ECORRUPT, "a flipped byte passed");
   CHECK(strstr(mt_errmsg(), want) && strstr(mt_errmsg(), " expected "), "%s\nwanted: %s",
