@@ -180,6 +180,9 @@ int mt_ckpt_verify_file(const mt_ckpt *c, int tp, int pp);
  * (from the calling thread, in file order). 0 when clean, else MT_ECORRUPT or
  * MT_ENOENT with the first problem in mt_errmsg(). report may be NULL. */
 typedef void (*mt_ckpt_report_fn)(void *arg, const char *problem);
+
+/* msg without its leading "ckpt: ", for quoting inside another message. */
+const char *mt_ckpt_unprefixed(const char *msg);
 int mt_ckpt_verify(const char *step_dir, mt_ckpt_report_fn report, void *arg);
 
 /* ---- the job directory ---- */

@@ -425,7 +425,9 @@ static void note(char **s, const char *line) {
 }
 
 /* A message without its "ckpt: ", for quoting inside another. */
-static const char *unprefixed(const char *msg) { return strncmp(msg, "ckpt: ", 6) ? msg : msg + 6; }
+const char *mt_ckpt_unprefixed(const char *msg) {
+  return strncmp(msg, "ckpt: ", 6) ? msg : msg + 6;
+}
 
 int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out) {
   memset(out, 0, sizeof *out);
@@ -495,7 +497,7 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
     }
     snprintf(msg, sizeof msg, "%s", mt_errmsg());
     mt_log_warn("ckpt: skipping the latest checkpoint, %s: %s; falling back to the previous one",
-                name, unprefixed(msg));
+                name, mt_ckpt_unprefixed(msg));
     note(&skipped, msg);
   }
   for (size_t i = nd; i-- > 0;) {
@@ -510,7 +512,8 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
       return 0;
     }
     snprintf(msg, sizeof msg, "%s", mt_errmsg());
-    mt_log_warn("ckpt: skipping %s: %s; falling back to the previous one", name, unprefixed(msg));
+    mt_log_warn("ckpt: skipping %s: %s; falling back to the previous one", name,
+                mt_ckpt_unprefixed(msg));
     note(&skipped, msg);
   }
   free(dirs);

@@ -315,9 +315,6 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
 /* A message carried between ranks: the first problem a verification found. */
 #define RESUME_MSG_BYTES 768
 
-/* A ckpt message without its "ckpt: ", for quoting inside another. */
-static const char *unprefixed(const char *msg) { return strncmp(msg, "ckpt: ", 6) ? msg : msg + 6; }
-
 /* After every rank checked its part of a checkpoint: how many ranks found a
  * problem, and on every rank in msg (RESUME_MSG_BYTES) the first of them's. */
 static int agree_checked(mt_comm *world, int bad, char *msg, int *n_bad) {
@@ -359,7 +356,7 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
   mt_ckpt c;
   struct {
     int64_t rc, step;
-    char why[768];
+    char why[RESUME_MSG_BYTES];
   } pick;
   char err[2600] = "", passed_over[2048] = ""; /* rank 0: checkpoints that failed verification */
   int rc;
@@ -404,7 +401,7 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
     } /* another layout: no file is this rank's; the checks below refuse it */
     if (bad)
       mt_log_warn("resume: rank %d (tp %d, pp %d, dp %d) checked step %lld: %s", me, g->tp_rank,
-                  g->pp_rank, g->dp_rank, (long long)pick.step, unprefixed(msg));
+                  g->pp_rank, g->dp_rank, (long long)pick.step, mt_ckpt_unprefixed(msg));
     /* the ranks that checked nothing wait here for the slowest that did:
      * the world's deadline grows by the largest file at 100 MB/s, a floor
      * any storage a job of this size sits on keeps */
@@ -427,11 +424,11 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
       return mt_seterr(MT_ECORRUPT,
                        "resume from %s: step %lld failed checksum verification on %d rank(s), "
                        "first: %s",
-                       job_dir, (long long)pick.step, n_bad, unprefixed(msg));
+                       job_dir, (long long)pick.step, n_bad, mt_ckpt_unprefixed(msg));
     if (is0) {
       mt_log_warn("resume: skipping step %lld: %d rank(s) found problems, first: %s; falling back "
                   "to the previous one",
-                  (long long)pick.step, n_bad, unprefixed(msg));
+                  (long long)pick.step, n_bad, mt_ckpt_unprefixed(msg));
       size_t had = strlen(passed_over);
       snprintf(passed_over + had, sizeof passed_over - had, "%s\n", msg);
     }
