@@ -14,7 +14,8 @@ const char ctl_ckpt_help[] =
     "Checks checkpoints offline. DIR is one checkpoint (a step_NNNNNNNN directory with its\n"
     "manifest.json) or a job's checkpoint directory (every committed step in it). Every\n"
     "shard file's size, header and per-chunk XXH3 checksum is compared with the manifest;\n"
-    "each problem is printed with its file and chunk.\n"
+    "each problem is printed with its file and chunk. A checkpoint a resume set aside as\n"
+    "damaged (step_NNNNNNNN.damaged) is not part of its job's directory: name it as DIR.\n"
     "\n"
     "  verify DIR   exit 0 when every checksum matches, 1 when anything is wrong\n"
     "  -o json      one object: {\"checked\": [...], \"problems\": [...]}\n";

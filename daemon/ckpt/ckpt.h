@@ -19,6 +19,7 @@
  * One writer in one process: mt_ckpt_save. Reading: mt_ckpt_find, mt_ckpt_read;
  * the checksums of a checkpoint opened by sizes, a file at a time:
  * mt_ckpt_verify_file (and mt_ckpt_find_below for the next older one).
+ * After a resume that passed over damaged checkpoints: mt_ckpt_set_aside.
  */
 #ifndef MT_CKPT_H
 #define MT_CKPT_H
@@ -32,6 +33,8 @@
 #define MT_CKPT_MAX_ARRAYS 8
 #define MT_CKPT_NAME_MAX 32   /* array names: 1..31 of [A-Za-z0-9_.-] */
 #define MT_CKPT_PATH_MAX 1280 /* job_dir and the paths under it */
+/* step_<08d> + this (then .2, .3, ...): a damaged checkpoint set aside */
+#define MT_CKPT_DAMAGED_SUFFIX ".damaged"
 
 /* What one shard file holds: n floats of each array, arrays in this order.
  * tp 0..99, pp 0..999; names borrowed (e.g. {"master", "adam_m", "adam_v"}). */
@@ -132,6 +135,14 @@ typedef struct mt_ckpt_file {
   mt_ckpt_chunk *chunks; /* owned, by offset */
 } mt_ckpt_file;
 
+/* A committed checkpoint a find passed over because a check found it
+ * damaged (MT_ECORRUPT: a shard missing, truncated or with a wrong header, a
+ * broken manifest), not merely unreadable or of another format version. */
+typedef struct mt_ckpt_damage {
+  int64_t step;
+  char why[768]; /* its first problem, as logged (may be cut short) */
+} mt_ckpt_damage;
+
 /* A committed checkpoint that passed its checks. Owns everything in it;
  * read-only after mt_ckpt_find (or _find_below), so threads may share it. */
 typedef struct mt_ckpt {
@@ -144,6 +155,8 @@ typedef struct mt_ckpt {
   int n_files;
   mt_ckpt_file *files; /* owned */
   char *skipped;       /* owned: why newer checkpoints were passed over, or NULL */
+  int n_damaged;
+  mt_ckpt_damage *damaged; /* owned: those of them found damaged, newest first */
 } mt_ckpt;
 
 enum {
@@ -153,7 +166,8 @@ enum {
 
 /* Opens a checkpoint of job_dir. step < 0: the one `latest` names, else the
  * newest committed step directory; one that fails its checks is skipped with
- * a warning (logged and kept in out->skipped) for the previous committed one.
+ * a warning (logged and kept in out->skipped, and in out->damaged when the
+ * check found it damaged) for the previous committed one.
  * step >= 0: exactly that step, or the error. MT_ENOENT when there is none. */
 int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out);
 /* As mt_ckpt_find with step < 0 (which is below = INT64_MAX), among the
@@ -198,6 +212,19 @@ typedef struct mt_ckpt_entry {
 /* Committed checkpoints of job_dir by ascending step; *out is owned (free()).
  * Cheap: nothing is read but directory entries and `latest`. */
 int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n);
+
+/* After a resume passed over the checkpoint of `step` as damaged and every
+ * rank loaded the committed, older step `loaded` instead: renames
+ * step_<08d> of `step` to step_<08d>.damaged, or .damaged.2, .3, ... when
+ * that name is taken, then points `latest` at `loaded` (durably, as a commit
+ * does; the job directory is fsynced either way). Nothing is deleted:
+ * readers, listing and retention ignore the new name, and the step can be
+ * saved again. moved_to (cap bytes, may be NULL; MT_CKPT_PATH_MAX is enough)
+ * gets the new path once renamed, also when what follows fails. MT_EINVAL
+ * when loaded is not committed or not older, MT_ENOENT when step has no
+ * directory, MT_EIO when the rename, the fsync or writing latest failed. */
+int mt_ckpt_set_aside(const char *job_dir, int64_t step, int64_t loaded, char *moved_to,
+                      size_t cap);
 
 /* Deletes old checkpoints: keeps the newest `keep` committed ones (0: all),
  * every step that is a multiple of keep_every (0: none), latest's target, and

@@ -13,6 +13,7 @@
 
 #include "ckpt_int.h"
 #include "err.h"
+#include "fileio.h"
 #include "log.h"
 
 static const char shard_magic[8] = {'M', 'T', 'C', 'K', 'P', 'T', '0', '1'};
@@ -344,6 +345,70 @@ int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n) {
   free(dirs);
   *out = v;
   *n = k;
+  return 0;
+}
+
+/* The rename first, so that nothing is ever lost: a crash or a failure
+ * before latest is rewritten leaves latest naming a directory that is gone,
+ * which readers pass over with a warning for the newest committed one (the
+ * next commit rewrites it). The other order would leave the damaged
+ * directory committed beside a latest older than it, and the next begin of
+ * its step would delete it. The suffix makes a name mt__ckpt_parse_step
+ * refuses, so no scan sees the directory again. */
+int mt_ckpt_set_aside(const char *job_dir, int64_t step, int64_t loaded, char *moved_to,
+                      size_t cap) {
+  if (moved_to && cap) moved_to[0] = 0;
+  if (strlen(job_dir) > MT_CKPT_PATH_MAX - 64)
+    return mt_seterr(MT_EINVAL, "ckpt: job directory path too long: %.64s...", job_dir);
+  if (loaded < 0 || loaded >= step)
+    return mt_seterr(MT_EINVAL,
+                     "ckpt: set aside step %" PRId64 " of %s: the loaded step %" PRId64
+                     " must be older",
+                     step, job_dir, loaded);
+  char name[32], lname[32], from[MT_CKPT_PATH_MAX], ldir[MT_CKPT_PATH_MAX];
+  char to[MT_CKPT_PATH_MAX + 32];
+  mt__ckpt_step_name(name, step);
+  mt__ckpt_step_name(lname, loaded);
+  snprintf(from, sizeof from, "%s/%s", job_dir, name);
+  snprintf(ldir, sizeof ldir, "%s/%s", job_dir, lname);
+  struct stat st;
+  if (lstat(from, &st))
+    return mt_seterr(errno == ENOENT ? MT_ENOENT : MT_EIO, "ckpt: set aside %s: %s", from,
+                     strerror(errno));
+  if (!S_ISDIR(st.st_mode))
+    return mt_seterr(MT_ENOENT, "ckpt: set aside %s: not a directory", from);
+  if (!mt__ckpt_committed(ldir))
+    return mt_seterr(MT_EINVAL, "ckpt: set aside %s: %s, for latest to name, is not committed",
+                     from, ldir);
+  /* lstat, then rename: rename(2) would quietly replace an empty directory of
+   * the new name; only world rank 0 ever renames, so nothing races it */
+  int k = 1;
+  for (;; k++) {
+    if (k > 999)
+      return mt_seterr(MT_EIO, "ckpt: set aside %s: %s" MT_CKPT_DAMAGED_SUFFIX " to .999 all exist",
+                       from, name);
+    if (k == 1)
+      snprintf(to, sizeof to, "%s" MT_CKPT_DAMAGED_SUFFIX, from);
+    else
+      snprintf(to, sizeof to, "%s" MT_CKPT_DAMAGED_SUFFIX ".%d", from, k);
+    if (!lstat(to, &st)) continue;
+    if (errno != ENOENT)
+      return mt_seterr(MT_EIO, "ckpt: set aside %s: stat %s: %s", from, to, strerror(errno));
+    break;
+  }
+  if (rename(from, to))
+    return mt_seterr(MT_EIO, "ckpt: rename %s -> %s: %s", from, to, strerror(errno));
+  if (moved_to && cap) snprintf(moved_to, cap, "%s", to);
+  /* writing latest fsyncs job_dir, and with it the rename */
+  int64_t latest;
+  int rc;
+  if (!mt__ckpt_read_latest(job_dir, &latest) && latest == loaded) {
+    if ((rc = mt_fsync_parent_dir(to)))
+      return mt_wraperr(rc, "ckpt: renamed %s -> %s, not yet durable", from, to);
+  } else if ((rc = mt__ckpt_write_latest(job_dir, loaded))) {
+    return mt_wraperr(rc, "ckpt: renamed %s -> %s, but could not point latest at %s", from, to,
+                      lname);
+  }
   return 0;
 }
 

@@ -44,6 +44,9 @@ const char *mt__ckpt_header_decode(const uint8_t h[MT__CKPT_HEADER_BYTES], mt__c
 /* latest's target step: 0; MT_ENOENT when there is no `latest`; MT_ECORRUPT
  * when it does not hold one "step_<digits>\n" line (message says why). */
 int mt__ckpt_read_latest(const char *job_dir, int64_t *step);
+/* Points latest at step_<step> durably (temp, fsync, rename, fsync the job
+ * directory): the commit's last write, and a resume's after a fallback. */
+int mt__ckpt_write_latest(const char *job_dir, int64_t step);
 /* 1 when <step_dir>/manifest.json is a regular file. */
 int mt__ckpt_committed(const char *step_dir);
 

@@ -206,6 +206,7 @@ void mt_ckpt_close(mt_ckpt *c) {
   free(c->files);
   json_decref(c->manifest);
   free(c->skipped);
+  free(c->damaged);
   memset(c, 0, sizeof *c);
 }
 
@@ -424,6 +425,16 @@ static void note(char **s, const char *line) {
   *s = p;
 }
 
+/* Appends a damaged step to the list (best effort, as note). */
+static void note_damage(mt_ckpt_damage **v, int *n, int64_t step, const char *why) {
+  mt_ckpt_damage *p = realloc(*v, (size_t)(*n + 1) * sizeof *p);
+  if (!p) return;
+  p[*n].step = step;
+  snprintf(p[*n].why, sizeof p[*n].why, "%.*s", (int)sizeof p[*n].why - 1, why);
+  *v = p;
+  ++*n;
+}
+
 /* A message without its "ckpt: ", for quoting inside another. */
 const char *mt_ckpt_unprefixed(const char *msg) {
   return strncmp(msg, "ckpt: ", 6) ? msg : msg + 6;
@@ -457,6 +468,8 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
   int rc = mt__ckpt_scan(job_dir, &dirs, &nd);
   if (rc) return rc;
   char *skipped = NULL, msg[2048];
+  mt_ckpt_damage *damaged = NULL;
+  int n_damaged = 0;
   /* candidates: latest's target when below `below`, then committed steps
    * below both */
   int64_t latest = -1, cap = below;
@@ -499,6 +512,7 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
     mt_log_warn("ckpt: skipping the latest checkpoint, %s: %s; falling back to the previous one",
                 name, mt_ckpt_unprefixed(msg));
     note(&skipped, msg);
+    if (rc == MT_ECORRUPT) note_damage(&damaged, &n_damaged, latest, msg);
   }
   for (size_t i = nd; i-- > 0;) {
     if (!dirs[i].committed || dirs[i].step >= cap) continue;
@@ -508,6 +522,8 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
     if (!rc) {
       free(dirs);
       out->skipped = skipped;
+      out->damaged = damaged;
+      out->n_damaged = n_damaged;
       if (skipped) mt_log_warn("ckpt: loading %s instead of a newer checkpoint", dir);
       return 0;
     }
@@ -515,8 +531,10 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
     mt_log_warn("ckpt: skipping %s: %s; falling back to the previous one", name,
                 mt_ckpt_unprefixed(msg));
     note(&skipped, msg);
+    if (rc == MT_ECORRUPT) note_damage(&damaged, &n_damaged, dirs[i].step, msg);
   }
   free(dirs);
+  free(damaged);
   rc = mt_seterr(MT_ECORRUPT, "ckpt: no checkpoint in %s passed its checks:\n%s", job_dir,
                  skipped ? skipped : "");
   free(skipped);

@@ -392,6 +392,15 @@ static int write_durable(const char *path, const char *text) {
   return mt_atomic_commit(&f);
 }
 
+/* One line, "step_<08d>\n", so that readers can be strict about it. */
+int mt__ckpt_write_latest(const char *job_dir, int64_t step) {
+  char name[32], line[40], path[MT_CKPT_PATH_MAX + 16];
+  mt__ckpt_step_name(name, step);
+  snprintf(line, sizeof line, "%s\n", name);
+  snprintf(path, sizeof path, "%s/" MT__CKPT_LATEST, job_dir);
+  return write_durable(path, line);
+}
+
 /* Refused before anything is written: a manifest readers would reject. */
 static int check_meta(const mt_ckpt_txn *t, const mt_ckpt_meta *m) {
   if (!m || !m->job || !m->job_hash)
@@ -474,10 +483,7 @@ int mt_ckpt_commit(const mt_ckpt_txn *t, const mt_ckpt_meta *m, const mt_ckpt_sh
   free(text);
   if (rc) return mt_wraperr(rc, "ckpt: commit %s", step);
 
-  char line[40];
-  snprintf(line, sizeof line, "%s\n", step);
-  snprintf(path, sizeof path, "%s/" MT__CKPT_LATEST, t->job_dir);
-  if ((rc = write_durable(path, line)))
+  if ((rc = mt__ckpt_write_latest(t->job_dir, t->step)))
     return mt_wraperr(rc, "ckpt: %s is committed but latest still names the previous one", step);
   mt_log_info("ckpt: committed %s (%d shard files, manifest %zu bytes)", dir, n_shards,
               manifest_bytes);

@@ -315,22 +315,32 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
 /* A message carried between ranks: the first problem a verification found. */
 #define RESUME_MSG_BYTES 768
 
-/* After every rank checked its part of a checkpoint: how many ranks found a
- * problem, and on every rank in msg (RESUME_MSG_BYTES) the first of them's. */
-static int agree_checked(mt_comm *world, int bad, char *msg, int *n_bad) {
-  *n_bad = bad != 0;
+/* What one rank's check of a checkpoint found. */
+enum { CHECK_OK = 0, CHECK_FAILED = 1, CHECK_DAMAGED = 2 };
+
+/* After every rank checked its part of a checkpoint (CHECK_*): how many ranks
+ * found a problem, whether one found a file damaged (not merely unreadable
+ * from there), and on every rank in msg (RESUME_MSG_BYTES) the first
+ * damaged-finder's message, else the first failed one's. */
+static int agree_checked(mt_comm *world, int check, char *msg, int *n_bad, int *damaged) {
+  *n_bad = check != CHECK_OK;
+  *damaged = check == CHECK_DAMAGED;
   if (!world) return 0;
-  int size = mt_comm_size(world), first = -1;
-  int32_t mine = bad != 0, *all = calloc((size_t)size, sizeof *all);
+  int size = mt_comm_size(world), first = -1, first_damaged = -1;
+  int32_t mine = check, *all = calloc((size_t)size, sizeof *all);
   if (!all) return mt_seterr(MT_ENOMEM, "resume: %d verification flags", size);
   int rc = mt_comm_allgather(world, &mine, all, 1, MT_COMM_I32);
   *n_bad = 0;
-  for (int r = 0; !rc && r < size; r++)
-    if (all[r]) {
+  for (int r = 0; !rc && r < size; r++) {
+    if (all[r] != CHECK_OK) {
       if (first < 0) first = r;
       ++*n_bad;
     }
+    if (all[r] == CHECK_DAMAGED && first_damaged < 0) first_damaged = r;
+  }
   free(all);
+  *damaged = first_damaged >= 0;
+  if (first_damaged >= 0) first = first_damaged;
   if (!rc && first >= 0) rc = mt_comm_broadcast(world, msg, RESUME_MSG_BYTES, MT_COMM_U8, first);
   msg[RESUME_MSG_BYTES - 1] = 0;
   return rc;
@@ -343,12 +353,34 @@ static int verifier_dp(const mt_groups *g) {
   return (g->pp_rank * g->tp_size + g->tp_rank) % (g->dp_size > 0 ? g->dp_size : 1);
 }
 
+/* World rank 0's list of the checkpoints a resume passed over as damaged. */
+typedef struct damage_list {
+  int n;
+  mt_ckpt_damage *v; /* owned, newest first */
+} damage_list;
+
+/* Best effort: one that cannot be noted stays where it is, as before. */
+static void damage_add(damage_list *l, int64_t step, const char *why) {
+  mt_ckpt_damage *v = realloc(l->v, (size_t)(l->n + 1) * sizeof *v);
+  if (!v) {
+    mt_log_warn("resume: out of memory noting step %lld as damaged; it stays where it is",
+                (long long)step);
+    return;
+  }
+  v[l->n].step = step;
+  snprintf(v[l->n].why, sizeof v[l->n].why, "%s", why);
+  l->v = v;
+  l->n++;
+}
+
 /* Rank 0 picks a checkpoint by the cheap checks (sizes and headers) and every
  * rank opens it; then each shard file's checksums are checked once, by one
  * dp rank of its (tp, pp) (verifier_dp), and every rank learns the outcome
  * before any loads a byte. A bad file refuses a named step; otherwise every rank falls
- * back to the next older checkpoint and checks that. */
-int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
+ * back to the next older checkpoint and checks that. World rank 0 notes in
+ * damaged the checkpoints passed over because a check found them damaged. */
+static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step,
+                       damage_list *damaged) {
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
   int me = g->world ? mt_comm_rank(g->world) : 0;
@@ -367,6 +399,8 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
       rc = below < 0 ? mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_SIZES, &c)
                      : mt_ckpt_find_below(job_dir, below, MT_CKPT_VERIFY_SIZES, &c);
       pick.rc = rc, pick.step = rc ? 0 : c.step;
+      for (int i = 0; !rc && i < c.n_damaged; i++)
+        damage_add(damaged, c.damaged[i].step, c.damaged[i].why);
       if (rc && below >= 0 && (rc == MT_ENOENT || rc == MT_ECORRUPT)) {
         /* as mt_ckpt_find says it, with the ones passed over here first */
         const char *older = rc == MT_ECORRUPT ? strchr(mt_errmsg(), '\n') : NULL;
@@ -388,31 +422,31 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
                  : mt_seterr((int)pick.rc, "resume from %s: %s", job_dir,
                              pick.why[0] ? pick.why : "rank 0 found no usable checkpoint");
 
-    int bad = 0;
+    int check = CHECK_OK, vrc = 0;
     char msg[RESUME_MSG_BYTES] = "";
     if (!is0 && mt_ckpt_find(job_dir, pick.step, MT_CKPT_VERIFY_SIZES, &c)) {
-      bad = 1;
+      check = CHECK_FAILED; /* rank 0 passed it: this rank's view of the files differs */
       snprintf(msg, sizeof msg, "%s", mt_errmsg());
     } else if (c.tp == g->tp_size && c.pp == g->pp_size && g->dp_rank == verifier_dp(g) &&
                mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank) &&
-               mt_ckpt_verify_file(&c, g->tp_rank, g->pp_rank)) {
-      bad = 1;
+               (vrc = mt_ckpt_verify_file(&c, g->tp_rank, g->pp_rank))) {
+      check = vrc == MT_ECORRUPT ? CHECK_DAMAGED : CHECK_FAILED;
       snprintf(msg, sizeof msg, "%s", mt_errmsg());
     } /* another layout: no file is this rank's; the checks below refuse it */
-    if (bad)
+    if (check != CHECK_OK)
       mt_log_warn("resume: rank %d (tp %d, pp %d, dp %d) checked step %lld: %s", me, g->tp_rank,
                   g->pp_rank, g->dp_rank, (long long)pick.step, mt_ckpt_unprefixed(msg));
     /* the ranks that checked nothing wait here for the slowest that did:
      * the world's deadline grows by the largest file at 100 MB/s, a floor
      * any storage a job of this size sits on keeps */
-    int n_bad, base_ms = g->world ? mt_comm_timeout(g->world) : 0;
+    int n_bad, found_damaged, base_ms = g->world ? mt_comm_timeout(g->world) : 0;
     if (g->world && c.n_files) {
       uint64_t most = 0;
       for (int i = 0; i < c.n_files; i++) most = c.files[i].bytes > most ? c.files[i].bytes : most;
       uint64_t ms = (uint64_t)base_ms + most / 100000;
       mt_comm_set_timeout(g->world, ms > INT32_MAX ? INT32_MAX : (int)ms);
     }
-    rc = agree_checked(g->world, bad, msg, &n_bad);
+    rc = agree_checked(g->world, check, msg, &n_bad, &found_damaged);
     if (g->world) mt_comm_set_timeout(g->world, base_ms);
     if (rc) {
       mt_ckpt_close(&c);
@@ -431,6 +465,7 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
                   (long long)pick.step, n_bad, mt_ckpt_unprefixed(msg));
       size_t had = strlen(passed_over);
       snprintf(passed_over + had, sizeof passed_over - had, "%s\n", msg);
+      if (found_damaged) damage_add(damaged, pick.step, msg);
     }
     below = pick.step;
   }
@@ -512,4 +547,40 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
     mt_log_info("resumed from %s: step %lld, saved with dp %d, running with dp %d", dir,
                 (long long)saved_step, saved_dp, g->dp_size);
   return 0;
+}
+
+/* Once every rank has loaded `loaded`: moves the damaged checkpoints out of
+ * the way, so that the next resume does not read them again and this run can
+ * save their steps again (mt_ckpt_set_aside keeps them, under another name).
+ * A failure is logged and the run goes on: a directory not moved stays where
+ * it was, as before; a latest not rewritten names a directory that is gone,
+ * which a resume passes over until the next commit rewrites it. */
+static void set_aside_damaged(const char *job_dir, const damage_list *damaged, int64_t loaded) {
+  for (int i = 0; i < damaged->n; i++) {
+    const mt_ckpt_damage *d = &damaged->v[i];
+    char to[MT_CKPT_PATH_MAX];
+    int rc = mt_ckpt_set_aside(job_dir, d->step, loaded, to, sizeof to);
+    if (to[0])
+      mt_log_warn("resume: set aside the damaged checkpoint of step %lld as %s (kept for "
+                  "inspection; this run resumed from step %lld); it failed its check: %s",
+                  (long long)d->step, to, (long long)loaded, mt_ckpt_unprefixed(d->why));
+    if (rc && to[0])
+      mt_log_error("resume: %s; until a checkpoint commits, a resume warns of latest and takes "
+                   "the newest committed checkpoint",
+                   mt_ckpt_unprefixed(mt_errmsg()));
+    else if (rc)
+      mt_log_error("resume: could not set aside the damaged checkpoint of step %lld: %s; it "
+                   "stays, so the next resume checks it again and, while latest names it, "
+                   "step %lld cannot be saved again",
+                   (long long)d->step, mt_ckpt_unprefixed(mt_errmsg()), (long long)d->step);
+  }
+}
+
+int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
+  damage_list damaged = {0};
+  int rc = resume_load(tr, job_dir, step, resumed_step, &damaged);
+  /* only after every rank agreed it loaded: a resume that failed moves nothing */
+  if (!rc && damaged.n) set_aside_damaged(job_dir, &damaged, *resumed_step);
+  free(damaged.v);
+  return rc;
 }

@@ -75,7 +75,10 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
  * that step: weights, moments, step count. A newer checkpoint that fails its
  * checks is skipped with a warning naming the file and chunk; a named step
  * that fails is an error. *resumed_step: the step loaded, or 0 when there was
- * none (a fresh start). The checkpoint's tp and pp must be the job's. */
+ * none (a fresh start). The checkpoint's tp and pp must be the job's. After
+ * every rank loaded, world rank 0 sets aside the newer checkpoints a check
+ * found damaged (mt_ckpt_set_aside: renamed, `latest` moved to the one
+ * loaded), logging each; if that fails, it logs why and the run goes on. */
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step);
 
 #endif

@@ -15,8 +15,15 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
   first steps overflow and are skipped resumes to the same losses exactly;
 - test_resume_under_dp_2_1_4: the dp 2 checkpoint resumed with dp 1, that
   one's resumed with dp 4: losses within 1e-5 of the uninterrupted run;
-- test_flipped_byte_is_named_and_the_previous_checkpoint_used, and
-  test_named_damaged_step_is_refused;
+- test_flipped_byte_is_named_and_the_previous_checkpoint_used: resume falls
+  back from a checkpoint with a flipped byte;
+- test_damaged_checkpoint_is_set_aside_and_its_step_saved_again: that run
+  renamed the damaged one to step_NNNNNNNN.damaged (kept, byte and all),
+  pointed `latest` at what it loaded, and saved the step again, which
+  verifies; test_restart_after_set_aside_does_not_fall_back: the next resume
+  takes the new checkpoint without passing over anything;
+- test_named_damaged_step_is_refused: the new checkpoint damaged in turn and
+  named is refused, and nothing is moved;
 - test_damaged_shard_is_found_by_one_rank_only: at resume each shard file's
   checksums are checked by one rank (the replicas take the files in turn:
   file tp + pp * 2 goes to dp rank (tp + pp * 2) % 2), so the flipped byte is
@@ -177,10 +184,43 @@ def main():
                        v.returncode == 1 and "shard_tp01_pp001.bin chunk 1" in v.stdout and named
                        and p4.returncode == 0 and min(d) == max(b) + 1,
                        "verify exit %d; resumed at step %s" % (v.returncode, min(d) if d else None))
+        # the damaged one was set aside, flipped byte and all, and its step saved anew
         step_n = int(os.path.basename(newest)[5:])
+        aside = newest + ".damaged"
+        kept = None
+        if os.path.exists(os.path.join(aside, "shard_tp01_pp001.bin")):
+            with open(os.path.join(aside, "shard_tp01_pp001.bin"), "rb") as f:
+                f.seek(5000)
+                kept = f.read(1)
+        latest = open(os.path.join(jobdir, "latest")).read()
+        v2 = subprocess.run([mtnlgctl, "ckpt", "verify", jobdir], capture_output=True, text=True)
+        fails += check("test_damaged_checkpoint_is_set_aside_and_its_step_saved_again",
+                       kept == bytes([byte[0] ^ 0xFF]) and latest == os.path.basename(newest) + "\n"
+                       and "set aside the damaged checkpoint of step %d as %s" % (step_n, aside)
+                       in p4.stderr
+                       and "checkpoint of step %d committed" % step_n in p4.stderr
+                       and v2.returncode == 0 and newest + "\n" in v2.stdout
+                       and ".damaged" not in v2.stdout,
+                       "kept byte %s (flipped %s); latest %r; verify of the job exit %d" % (
+                           kept, bytes([byte[0] ^ 0xFF]), latest, v2.returncode))
+        # the next resume reads the new checkpoint and never the one set aside
+        p4b, _ = run(mtnlgd, job, "checkpoint.resume_step=-1", "train.steps=%d" % step_n)
+        fails += check("test_restart_after_set_aside_does_not_fall_back",
+                       p4b.returncode == 0 and "resumed from %s:" % newest in p4b.stderr
+                       and "falling back" not in p4b.stderr and ".damaged" not in p4b.stderr,
+                       "exit %d: %s" % (p4b.returncode, [ln for ln in p4b.stderr.splitlines()
+                                                          if "resum" in ln or "skipping" in ln]))
+        # damaged again and named: refused, and nothing is moved
+        with open(os.path.join(newest, "shard_tp01_pp001.bin"), "r+b") as f:
+            f.seek(5000)
+            byte2 = f.read(1)
+            f.seek(5000)
+            f.write(bytes([byte2[0] ^ 0xFF]))
         p5, e = run(mtnlgd, job, "checkpoint.resume_step=%d" % step_n)
         fails += check("test_named_damaged_step_is_refused",
-                       p5.returncode != 0 and "checksum" in p5.stderr and not e,
+                       p5.returncode != 0 and "checksum" in p5.stderr and not e
+                       and os.path.exists(os.path.join(newest, "manifest.json"))
+                       and not os.path.exists(aside + ".2"),
                        "exit %d: %s" % (p5.returncode, p5.stderr.strip().splitlines()[-1][:200]
                                         if p5.stderr.strip() else ""))
         # each shard file is hashed by one rank, its (tp, pp)'s dp rank 0, not all by rank 0

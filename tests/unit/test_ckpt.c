@@ -844,6 +844,120 @@ static int test_list_and_verify_report_every_problem(void) {
   return 0;
 }
 
+/* ---- setting damaged checkpoints aside ---- */
+
+/* After a resume fell back from a damaged 30 to 20: 30 moves to
+ * step_00000030.damaged with its bytes, latest names 20, and neither finding,
+ * listing nor retention sees the moved directory again; 30 can be saved anew. */
+static int test_set_aside_moves_a_damaged_step_out_of_every_scan(void) {
+  const char *job = tmp_path("aside");
+  for (int64_t s = 10; s <= 30; s += 10)
+    REQUIRE(save_step(job, s, 3000, 2, 1, 4096) == 0, "%s", mt_errmsg());
+  uint64_t off = 64 + 12000 + 5000;
+  flip_byte(step_path(job, 30, "shard_tp01_pp000.bin"), off);
+  mt_ckpt c;
+  REQUIRE(mt_ckpt_find(job, -1, MT_CKPT_VERIFY_CHECKSUMS, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20, "loaded step %" PRId64, c.step);
+  CHECK(c.n_damaged == 1 && c.damaged[0].step == 30 &&
+            strstr(c.damaged[0].why, "step_00000030/shard_tp01_pp000.bin chunk"),
+        "%d damaged: %s", c.n_damaged, c.n_damaged ? c.damaged[0].why : "");
+  mt_ckpt_close(&c);
+
+  char to[MT_CKPT_PATH_MAX], want[512], latest[512];
+  snprintf(latest, sizeof latest, "%s/latest", job);
+  REQUIRE(mt_ckpt_set_aside(job, 30, 20, to, sizeof to) == 0, "%s", mt_errmsg());
+  snprintf(want, sizeof want, "%s.damaged", step_path(job, 30, NULL));
+  CHECK(!strcmp(to, want), "moved to %s", to);
+  CHECK(!exists(step_path(job, 30, NULL)), "step 30 still in place");
+  const char *text = read_text(latest);
+  CHECK(text && !strcmp(text, "step_00000020\n"), "latest holds %s", text ? text : "(none)");
+  /* kept as it was, damage and all, for whoever wants to look at it */
+  problems p = {0};
+  CHECK(mt_ckpt_verify(to, collect, &p) == MT_ECORRUPT && p.n == 1 &&
+            strstr(p.text[0], "step_00000030.damaged/shard_tp01_pp000.bin chunk"),
+        "%d problems: %s", p.n, p.text[0]);
+
+  /* no scan sees it: find, find_below, list (and so ckpt verify) */
+  REQUIRE(mt_ckpt_find(job, -1, MT_CKPT_VERIFY_CHECKSUMS, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20 && !c.skipped && !c.n_damaged, "loaded step %" PRId64 ", skipped %s", c.step,
+        c.skipped ? c.skipped : "nothing");
+  mt_ckpt_close(&c);
+  CHECK(mt_ckpt_find(job, 30, MT_CKPT_VERIFY_SIZES, &c) == MT_ENOENT, "step 30 found");
+  REQUIRE(mt_ckpt_find_below(job, INT64_MAX, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 20, "below everything: step %" PRId64, c.step);
+  mt_ckpt_close(&c);
+  mt_ckpt_entry *e;
+  size_t n;
+  REQUIRE(mt_ckpt_list(job, &e, &n) == 0, "%s", mt_errmsg());
+  CHECK(n == 2 && e[0].step == 10 && e[1].step == 20 && e[1].latest, "listed %zu", n);
+  free(e);
+
+  /* the step saves again; damaged again, it goes to the next free name (an
+   * empty directory of a name is not replaced); latest already names the
+   * loaded step, as for the second of two damaged ones, and stays */
+  REQUIRE(save_step(job, 30, 3000, 2, 1, 4096) == 0, "%s", mt_errmsg());
+  text = read_text(latest);
+  CHECK(text && !strcmp(text, "step_00000030\n"), "latest holds %s", text ? text : "(none)");
+  flip_byte(step_path(job, 30, "shard_tp00_pp000.bin"), 64 + 7);
+  write_text(latest, "step_00000020\n");
+  snprintf(want, sizeof want, "%s.damaged.2", step_path(job, 30, NULL));
+  REQUIRE(mkdir(want, 0755) == 0, "mkdir %s", want);
+  REQUIRE(mt_ckpt_set_aside(job, 30, 20, to, sizeof to) == 0, "%s", mt_errmsg());
+  snprintf(want, sizeof want, "%s.damaged.3", step_path(job, 30, NULL));
+  CHECK(!strcmp(to, want), "moved to %s", to);
+  snprintf(want, sizeof want, "%s.damaged.2/manifest.json", step_path(job, 30, NULL));
+  CHECK(!exists(want), "the empty directory was replaced");
+  snprintf(want, sizeof want, "%s.damaged/manifest.json", step_path(job, 30, NULL));
+  CHECK(exists(want), "the first one set aside is gone");
+  text = read_text(latest);
+  CHECK(text && !strcmp(text, "step_00000020\n"), "latest holds %s", text ? text : "(none)");
+
+  /* retention neither counts nor removes them */
+  REQUIRE(save_step(job, 40, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(save_step(job, 50, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
+  int removed = 0;
+  CHECK(mt_ckpt_prune(job, 1, 0, &removed) == 0 && removed == 3, "%s (removed %d)", mt_errmsg(),
+        removed);
+  CHECK(!exists(step_path(job, 20, NULL)) && exists(step_path(job, 50, NULL)), "pruned wrong");
+  const char *kept[] = {".damaged", ".damaged.2", ".damaged.3"};
+  for (int i = 0; i < 3; i++) {
+    snprintf(want, sizeof want, "%s%s", step_path(job, 30, NULL), kept[i]);
+    CHECK(exists(want), "%s pruned", want);
+  }
+
+  /* refused, and nothing touched: the loaded step must be committed and older */
+  CHECK(mt_ckpt_set_aside(job, 50, 50, to, sizeof to) == MT_EINVAL, "set aside the loaded one");
+  CHECK(mt_ckpt_set_aside(job, 50, 45, to, sizeof to) == MT_EINVAL, "latest to a missing step");
+  CHECK(strstr(mt_errmsg(), "step_00000045") && !to[0], "%s", mt_errmsg());
+  CHECK(mt_ckpt_set_aside(job, 60, 50, to, sizeof to) == MT_ENOENT, "a missing step moved");
+  text = read_text(latest);
+  CHECK(exists(step_path(job, 50, NULL)) && text && !strcmp(text, "step_00000050\n"),
+        "latest holds %s", text ? text : "(none)");
+  return 0;
+}
+
+/* A find notes as damaged what its checks found broken, not what it could
+ * not read or was written by a newer format. */
+static int test_find_notes_damaged_not_unreadable_steps(void) {
+  const char *job = tmp_path("damage_kinds");
+  for (int64_t s = 10; s <= 40; s += 10)
+    REQUIRE(save_step(job, s, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(truncate(step_path(job, 40, "shard_tp00_pp000.bin"), 100) == 0, "truncate");
+  write_text(step_path(job, 30, "manifest.json"), "{\"format\": \"mtnlg-ckpt\", \"version\": 2}");
+  write_text(step_path(job, 20, "manifest.json"), "{\"format\": \"mtnlg-ckpt\",");
+  mt_ckpt c;
+  REQUIRE(mt_ckpt_find(job, -1, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 10, "loaded step %" PRId64, c.step);
+  CHECK(c.skipped && strstr(c.skipped, "step_00000030/manifest.json: format version 2"),
+        "skipped: %s", c.skipped);
+  CHECK(c.n_damaged == 2 && c.damaged[0].step == 40 && c.damaged[1].step == 20 &&
+            strstr(c.damaged[0].why, "step_00000040/shard_tp00_pp000.bin truncated") &&
+            strstr(c.damaged[1].why, "step_00000020/manifest.json: bad JSON"),
+        "%d damaged", c.n_damaged);
+  mt_ckpt_close(&c);
+  return 0;
+}
+
 static int test_bad_arguments_are_refused(void) {
   const char *job = tmp_path("args");
   mt_ckpt_txn t;
@@ -903,6 +1017,9 @@ static const struct {
     {"verify_file_names_the_bad_shard_only", test_verify_file_names_the_bad_shard_only},
     {"find_below_skips_to_the_older_step", test_find_below_skips_to_the_older_step},
     {"list_and_verify_report_every_problem", test_list_and_verify_report_every_problem},
+    {"set_aside_moves_a_damaged_step_out_of_every_scan",
+     test_set_aside_moves_a_damaged_step_out_of_every_scan},
+    {"find_notes_damaged_not_unreadable_steps", test_find_notes_damaged_not_unreadable_steps},
     {"bad_arguments_are_refused", test_bad_arguments_are_refused},
 };
 
