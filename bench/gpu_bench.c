@@ -129,10 +129,10 @@ typedef struct {
   float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b, *fcw, *fcb, *fcpw, *fcpb;
   float *g[12];
   /* activations */
-  float *inp, *ln1, *m1, *r1, *qkv, *atty, *att, *branch, *resid2, *ln2, *m2, *r2, *fch, *fchg,
+  float *inp, *ln1, *m1, *r1, *qkv, *atty, *lse, *branch, *resid2, *ln2, *m2, *r2, *fch, *fchg,
       *out;
   /* backward */
-  float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *datt;
+  float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *att_scratch;
 } layer;
 
 static float *rnd(size_t n, float scale, uint64_t *state) {
@@ -164,21 +164,21 @@ static void layer_make(layer *L, int B, int T, int C, int NH) {
   L->inp = rnd(NC, 2.0f, &st);
   L->ln1 = dmalloc(NC * 4), L->m1 = dmalloc(N * 4), L->r1 = dmalloc(N * 4);
   L->qkv = dmalloc(3 * NC * 4), L->atty = dmalloc(NC * 4);
-  L->att = dmalloc((size_t)B * NH * T * T * 4);
+  L->lse = dmalloc((size_t)B * NH * T * 4);
   L->branch = dmalloc(NC * 4), L->resid2 = dmalloc(NC * 4), L->ln2 = dmalloc(NC * 4);
   L->m2 = dmalloc(N * 4), L->r2 = dmalloc(N * 4);
   L->fch = dmalloc(4 * NC * 4), L->fchg = dmalloc(4 * NC * 4), L->out = dmalloc(NC * 4);
   L->dres = dmalloc(NC * 4), L->dfch = dmalloc(4 * NC * 4), L->dfch2 = dmalloc(4 * NC * 4);
   L->dbtc = dmalloc(NC * 4), L->dbtc2 = dmalloc(NC * 4), L->dqkv = dmalloc(3 * NC * 4);
-  L->datt = dmalloc((size_t)B * NH * T * T * 4);
+  L->att_scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
 }
 
 static void layer_free(layer *L) {
-  float **p[] = {&L->ln1w, &L->ln1b,  &L->qkvw, &L->qkvb,  &L->projw, &L->projb,  &L->ln2w,
-                 &L->ln2b, &L->fcw,   &L->fcb,  &L->fcpw,  &L->fcpb,  &L->inp,    &L->ln1,
-                 &L->m1,   &L->r1,    &L->qkv,  &L->atty,  &L->att,   &L->branch, &L->resid2,
-                 &L->ln2,  &L->m2,    &L->r2,   &L->fch,   &L->fchg,  &L->out,    &L->dres,
-                 &L->dfch, &L->dfch2, &L->dbtc, &L->dbtc2, &L->dqkv,  &L->datt};
+  float **p[] = {&L->ln1w, &L->ln1b,  &L->qkvw, &L->qkvb,  &L->projw, &L->projb,      &L->ln2w,
+                 &L->ln2b, &L->fcw,   &L->fcb,  &L->fcpw,  &L->fcpb,  &L->inp,        &L->ln1,
+                 &L->m1,   &L->r1,    &L->qkv,  &L->atty,  &L->lse,   &L->branch,     &L->resid2,
+                 &L->ln2,  &L->m2,    &L->r2,   &L->fch,   &L->fchg,  &L->out,        &L->dres,
+                 &L->dfch, &L->dfch2, &L->dbtc, &L->dbtc2, &L->dqkv,  &L->att_scratch};
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) mt_device_free(&dev, *p[i]);
   for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
 }
@@ -190,7 +190,7 @@ static void layer_fwd(layer *L) {
   size_t NC = (size_t)N * C;
   o->layernorm_fwd(&dev, L->ln1, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
   o->linear_fwd(&dev, L->qkv, L->ln1, L->qkvw, L->qkvb, N, C, 3 * C);
-  o->attention_fwd(&dev, L->atty, L->att, L->qkv, B, T, C, L->NH, NULL);
+  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, B, T, C, L->NH, NULL);
   o->linear_fwd(&dev, L->branch, L->atty, L->projw, L->projb, N, C, C);
   o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
   o->layernorm_fwd(&dev, L->ln2, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
@@ -213,7 +213,7 @@ static void layer_bwd(layer *L) {
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
   o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, L->projw, N, C, C);
   mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
-  o->attention_bwd(&dev, L->dqkv, L->datt, L->dbtc2, L->qkv, L->att, B, T, C, L->NH, NULL);
+  o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->qkv, L->lse, B, T, C, L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
   o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, L->qkvw, N, C, 3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);

@@ -90,18 +90,27 @@ struct mt_ops {
                            const float *dout, const float *inp, const float *pre, const float *w,
                            int N, int C, int OC);
 
-  /* Causal self-attention. qkv(B,T,3C) holds q, k, v each as (T, NH, HS),
-   * HS = C/NH; out(B,T,C). att(B,NH,T,T) receives the softmax probabilities
-   * (before dropout; row t is zero beyond column t) for the backward pass.
-   * Scale 1/sqrt(HS). drop (may be NULL) applies to the probabilities; the
+  /* Causal self-attention, memory-efficient: the probabilities are not
+   * kept for the backward pass, which recomputes them from qkv and lse (as
+   * flash attention does; the memory Megatron's selective recomputation
+   * saves). qkv(B,T,3C) holds q, k, v each as (T, NH, HS), HS = C/NH;
+   * out(B,T,C); lse(B,NH,T) receives each row's log-sum-exp of its scaled
+   * scores s = q·k/sqrt(HS) over columns 0..t, so that the probabilities are
+   * exp(s - lse). drop (may be NULL) applies to the probabilities; the
    * element index of its mask within a sample is ((head0 + h)*T + t1)*T + t2,
-   * so a tensor-parallel shard of the heads draws the same masks. */
-  void (*attention_fwd)(mt_device *d, float *out, float *att, const float *qkv, int B, int T, int C,
-                        int NH, const mt_dropout *drop);
-  /* dqkv(B,T,3C) += ...; scratch holds B*NH*T*T floats, contents undefined */
+   * so a tensor-parallel shard of the heads draws the same masks. scratch
+   * holds attention_scratch(d, T, C, NH) floats, contents undefined; one
+   * scratch serves every layer. */
+  void (*attention_fwd)(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
+                        int B, int T, int C, int NH, const mt_dropout *drop);
+  /* dqkv(B,T,3C) += ...; lse as attention_fwd left it; scratch as there */
   void (*attention_bwd)(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                        const float *qkv, const float *att, int B, int T, int C, int NH,
+                        const float *qkv, const float *lse, int B, int T, int C, int NH,
                         const mt_dropout *drop);
+  /* Floats of scratch the attention pair needs on d for (T, C, NH), any B:
+   * blocks of query rows (and, on GPUs, of heads) with their scores and
+   * probabilities, far below one sample's NH·T² when T is large. */
+  size_t (*attention_scratch)(mt_device *d, int T, int C, int NH);
 
   /* GeLU, tanh approximation (GPT-2's). n elements. */
   void (*gelu_fwd)(mt_device *d, float *out, const float *inp, size_t n);

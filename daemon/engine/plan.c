@@ -13,14 +13,21 @@
  *   fp32 runs the optimizer on the weights themselves: (4 + 4) / dp.
  * - Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation
  *   in Large Transformer Models", tensor parallel without sequence
- *   parallelism, per layer and micro-batch: s b h (10 + 24/t + 5 a s/(h t))
- *   bytes with 16-bit activations. Its terms: replicated over tp the QKV input
- *   (2 sbh), the MLP input (2), both LayerNorm inputs (4) and two dropout masks
- *   (1 + 1 byte); split over tp Q, K, V, the attention-projection input (8),
- *   the GeLU input and output (16); per head the softmax output (2 a s² b),
- *   its dropout mask (1) and the dropout output (2). In fp32 every 2-byte
- *   term doubles and the 1-byte masks stay: s b h (18 + 48/t + 9 a s/(h t)).
- *   The masks are counted even when dropout is 0 (the upper figure).
+ *   parallelism, with the attention core recomputed (their selective
+ *   recomputation; flash attention keeps the same), per layer and
+ *   micro-batch: s b h (10 + 24/t) bytes with 16-bit activations. Its terms:
+ *   replicated over tp the QKV input (2 sbh), the MLP input (2), both
+ *   LayerNorm inputs (4) and two dropout masks (1 + 1 byte); split over tp
+ *   Q, K, V, the attention-projection input (8), the GeLU input and output
+ *   (16). The softmax output, its dropout mask and output (5 a s² b / t) are
+ *   not kept: attention saves each row's log-sum-exp, 4 a s b / t bytes in
+ *   fp32, and its backward recomputes the probabilities. In fp32 every
+ *   2-byte term doubles and the 1-byte masks stay: s b h (18 + 48/t). The
+ *   masks are counted even when dropout is 0 (the upper figure).
+ * - Attention's working set: one buffer per device, whatever the layers and
+ *   micro-batches, of 2 (a/t) s min(s, 512) fp32 values (the chunk of query
+ *   rows a GPU works on, scores and their gradient; the CPU's is smaller).
+ *   Counted with the activations.
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
  *   one micro-batch while it is recomputed and run backward.
@@ -33,6 +40,9 @@
  *   one gradient bucket of MT_PLAN_DP_BUCKET_ELEMS fp32 elements is being
  *   reduce-scattered and one of model weights all-gathered after the update.
  *   tp all-reduces and the tied-embedding all-reduce work in place.
+ * - FLOPs are Megatron's eq. 3 (Narayanan et al. 2021). The attention
+ *   scores this engine's backward recomputes, 2 b s² h per layer, are not
+ *   counted: s/36h of the whole, 0.3% at 530B's shapes.
  */
 #include "plan.h"
 
@@ -62,11 +72,19 @@ double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, in
  * row-parallel biases (2h) and the two LayerNorms (4h). */
 static int64_t layer_params(int64_t h, int64_t t) { return 12 * h * h / t + 7 * h / t + 6 * h; }
 
-/* Activation bytes of one layer for one micro-batch, nothing recomputed. */
+/* Activation bytes of one layer for one micro-batch, the attention core
+ * recomputed in its backward. */
 static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed) {
   int64_t s = m->seq_len, h = m->n_embd, a = m->n_head, sbh = s * b * h;
-  if (mixed) return sbh * 10 + sbh * 24 / t + 5 * a * s * s * b / t;
-  return sbh * 18 + sbh * 48 / t + 9 * a * s * s * b / t;
+  int64_t lse = 4 * a * s * b / t;
+  if (mixed) return sbh * 10 + sbh * 24 / t + lse;
+  return sbh * 18 + sbh * 48 / t + lse;
+}
+
+/* Attention's scratch, one per device (see the top). */
+static int64_t attention_scratch_bytes(const mt_model_spec *m, int t) {
+  int64_t s = m->seq_len, rows = s < 512 ? s : 512;
+  return 2 * ((int64_t)m->n_head / t) * s * rows * 4;
 }
 
 int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stage *out) {
@@ -104,6 +122,7 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
     out->activation_bytes = inflight * out->n_layers * sbh * (mixed ? 2 : 4) + full;
   else
     out->activation_bytes = inflight * out->n_layers * full;
+  if (out->n_layers) out->activation_bytes += attention_scratch_bytes(m, plan->tp);
   if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
 
   if (p > 1) out->comm_bytes += (s == 0 || s == p - 1 ? 2 : 4) * sbh * (mixed ? 2 : 4);

@@ -20,7 +20,7 @@
 typedef struct block_acts {
   float *ln1, *ln1_mean, *ln1_rstd; /* (B,T,C) (B,T) (B,T) */
   float *qkv;                       /* (B,T,3C) */
-  float *att;                       /* (B,NH,T,T) softmax probabilities */
+  float *lse;                       /* (B,NH,T) attention's log-sum-exp per row */
   float *atty;                      /* (B,T,C) attention output before c_proj */
   float *resid2;                    /* (B,T,C) stream after the attention branch */
   float *ln2, *ln2_mean, *ln2_rstd; /* (B,T,C) (B,T) (B,T) */
@@ -42,15 +42,15 @@ typedef struct act_plan {
   float *losses;                    /* (B,T) */
   float *rowmax;                    /* (B,T) tp: max logit over the whole vocabulary */
   float *rowsum; /* (2,B,T) tp: Σ exp(x - max) over the vocabulary, then the target's logit */
-  /* backward scratch, one set */
-  float *dres;   /* (B,T,C) gradient of the residual stream */
-  float *dbtc;   /* (B,T,C) */
-  float *dbtc2;  /* (B,T,C) */
-  float *dqkv;   /* (B,T,3C) */
-  float *dfch;   /* (B,T,4C) linear_bwd_dgelu's scratch */
-  float *dfch2;  /* (B,T,4C) d(fch) */
-  float *datt;   /* (B,NH,T,T) */
-  float *branch; /* (B,T,C) a branch output before dropout + residual */
+  /* backward scratch, one set; att_scratch serves the forward too */
+  float *dres;        /* (B,T,C) gradient of the residual stream */
+  float *dbtc;        /* (B,T,C) */
+  float *dbtc2;       /* (B,T,C) */
+  float *dqkv;        /* (B,T,3C) */
+  float *dfch;        /* (B,T,4C) linear_bwd_dgelu's scratch */
+  float *dfch2;       /* (B,T,4C) d(fch) */
+  float *att_scratch; /* ops->attention_scratch floats */
+  float *branch;      /* (B,T,C) a branch output before dropout + residual */
 } act_plan;
 
 static size_t align_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
@@ -208,7 +208,8 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   size_t tp = c->tp_size > 1 ? (size_t)c->tp_size : 1;
   size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, Cl = C / tp;
   size_t T = (size_t)m->T, Vl = (size_t)c->padded_vocab / tp;
-  size_t BHTT = (size_t)m->B * ((size_t)c->n_head / tp) * T * T;
+  size_t NHl = (size_t)c->n_head / tp, BHT = (size_t)m->B * NHl * T;
+  size_t att_scratch = m->dev->ops->attention_scratch(m->dev, (int)T, (int)Cl, (int)NHl);
   size_t off = 0;
   for (int k = 0; k < n; k++) {
     act_plan *p = &slots[k];
@@ -225,7 +226,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
       carve(&a->ln1_mean, base, &off, BT);
       carve(&a->ln1_rstd, base, &off, BT);
       carve(&a->qkv, base, &off, BT * 3 * Cl);
-      carve(&a->att, base, &off, BHTT);
+      carve(&a->lse, base, &off, BHT);
       carve(&a->atty, base, &off, BT * Cl);
       carve(&a->resid2, base, &off, BT * C);
       carve(&a->ln2, base, &off, BT * C);
@@ -253,12 +254,12 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve(&p->dqkv, base, &off, BT * 3 * Cl);
   carve(&p->dfch, base, &off, BT * 4 * Cl);
   carve(&p->dfch2, base, &off, BT * 4 * Cl);
-  carve(&p->datt, base, &off, BHTT);
+  carve(&p->att_scratch, base, &off, att_scratch);
   carve(&p->branch, base, &off, BT * C);
   for (int k = 1; k < n && base; k++) {
     slots[k].dres = p->dres, slots[k].dbtc = p->dbtc, slots[k].dbtc2 = p->dbtc2;
     slots[k].dqkv = p->dqkv, slots[k].dfch = p->dfch, slots[k].dfch2 = p->dfch2;
-    slots[k].datt = p->datt, slots[k].branch = p->branch;
+    slots[k].att_scratch = p->att_scratch, slots[k].branch = p->branch;
   }
   return off;
 }
@@ -457,7 +458,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   ops->layernorm_fwd(d, a->ln1, a->ln1_mean, a->ln1_rstd, in, P(m, l, MT_P_LN1_W),
                      P(m, l, MT_P_LN1_B), N, C, c->ln_eps);
   ops->linear_fwd(d, a->qkv, a->ln1, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * t.Cl);
-  ops->attention_fwd(d, a->atty, a->att, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
+  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
   ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
@@ -524,7 +525,8 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
                   P(m, l, MT_P_ATTPROJ_W), N, t.Cl, C);
   mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
-  ops->attention_bwd(d, p->dqkv, p->datt, p->dbtc2, a->qkv, a->att, B, T, t.Cl, t.NHl, attn_drop);
+  ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->qkv, a->lse, B, T, t.Cl, t.NHl,
+                     attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, a->ln1,
                   P(m, l, MT_P_QKV_W), N, C, 3 * t.Cl);

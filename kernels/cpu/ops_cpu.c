@@ -4,8 +4,9 @@
  * threads. The large GEMMs of linear layers are called outside any parallel
  * region so that OpenBLAS (its OpenMP build) uses every thread; attention runs
  * one (batch, head) pair per thread with small GEMMs, which OpenBLAS then runs
- * single-threaded inside our region. Ops never allocate: attention with
- * dropout keeps one small tile on the stack.
+ * single-threaded inside our region. Ops never allocate: attention keeps its
+ * row blocks in the caller's scratch, one pair per thread, and with dropout
+ * one small tile on the stack.
  */
 #include <float.h>
 #include <math.h>
@@ -255,22 +256,38 @@ static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int
   }
 }
 
+/* Per thread, attention keeps two blocks of ATT_RB rows by T columns in the
+ * caller's scratch: the scores and probabilities of a block of query rows,
+ * and in the backward pass their gradient beside them. */
+static size_t att_block_floats(int T) { return (size_t)(T < ATT_RB ? T : ATT_RB) * (size_t)T; }
+
+static size_t attention_scratch(mt_device *d, int T, int C, int NH) {
+  (void)C, (void)NH;
+  return (size_t)nthreads(d) * 2 * att_block_floats(T);
+}
+
+/* The scaled scores of query rows r0..r1-1 against keys 0..r1-1 into p
+ * (rb rows, ld T). */
+static void att_scores(float *p, const float *Q, const float *K, int r0, int rb, int C, int HS,
+                       int T) {
+  int ld3 = 3 * C, r1 = r0 + rb;
+  mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, r1, HS, 1.0f / sqrtf((float)HS),
+           Q + (size_t)r0 * ld3, ld3, K, ld3, 0.0f, p, T);
+}
+
 /* One (b, h) pair. Q, K, V point at row 0 of the head in qkv (row stride 3C),
- * o at row 0 of the head in out (row stride C), a at the pair's (T,T) block. */
-static void attention_fwd_head(float *o, float *a, const float *Q, const float *K, const float *V,
-                               int T, int C, int HS, int h, uint64_t sample,
+ * o at row 0 of the head in out (row stride C), lse at the pair's T entries;
+ * blk holds one block (ATT_RB rows, ld T). */
+static void attention_fwd_head(float *o, float *lse, float *blk, const float *Q, const float *K,
+                               const float *V, int T, int C, int HS, int h, uint64_t sample,
                                const mt_dropout *drop) {
   int ld3 = 3 * C;
-  float scale = 1.0f / sqrtf((float)HS);
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
     int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
-    float *ab = a + (size_t)r0 * T;
-    // scores (rb, r1) = scale · Q[r0:r1] · K[0:r1]ᵀ
-    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, r1, HS, scale,
-             Q + (size_t)r0 * ld3, ld3, K, ld3, 0.0f, ab, T);
+    att_scores(blk, Q, K, r0, rb, C, HS, T);
     for (int i = 0; i < rb; i++) {
       int t = r0 + i;
-      float *row = ab + (size_t)i * T;
+      float *row = blk + (size_t)i * T;
       float mx = -FLT_MAX;
 #pragma omp simd reduction(max : mx)
       for (int j = 0; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
@@ -284,63 +301,74 @@ static void attention_fwd_head(float *o, float *a, const float *Q, const float *
       float inv = 1.0f / sum;
 #pragma omp simd
       for (int j = 0; j <= t; j++) row[j] *= inv;
-      memset(row + t + 1, 0, (size_t)(T - t - 1) * sizeof(float));
+      memset(row + t + 1, 0, (size_t)(r1 - t - 1) * sizeof(float));
+      lse[t] = mx + logf(sum);
     }
     float *ob = o + (size_t)r0 * C;
     if (!drop) { // out[r0:r1] = P[r0:r1, 0:r1] · V[0:r1]
-      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, ab, T, V,
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, blk, T, V,
                ld3, 0.0f, ob, C);
       continue;
     }
     float tile[ATT_RB * ATT_CB];
     for (int c0 = 0; c0 < r1; c0 += ATT_CB) {
       int cw = r1 - c0 < ATT_CB ? r1 - c0 : ATT_CB;
-      dropout_tile(tile, ab, T, rb, c0, cw, r0, h, sample, drop);
+      dropout_tile(tile, blk, T, rb, c0, cw, r0, h, sample, drop);
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, cw, 1.0f, tile, cw,
                V + (size_t)c0 * ld3, ld3, c0 ? 1.0f : 0.0f, ob, C);
     }
   }
 }
 
-static void attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
-                          int C, int NH, const mt_dropout *drop) {
+static void attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
+                          int B, int T, int C, int NH, const mt_dropout *drop) {
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
+  size_t slot = 2 * att_block_floats(T);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
       const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
-      attention_fwd_head(out + (size_t)b * T * C + (size_t)h * HS,
-                         att + ((size_t)b * NH + h) * T * T, q, q + C, q + 2 * C, T, C, HS, h,
+      attention_fwd_head(out + (size_t)b * T * C + (size_t)h * HS, lse + ((size_t)b * NH + h) * T,
+                         scratch + slot * omp_get_thread_num(), q, q + C, q + 2 * C, T, C, HS, h,
                          drop ? drop->sample0 + (uint64_t)b : 0, drop);
     }
   }
 }
 
-/* Backward of one (b, h) pair, by blocks of query rows. With Pd the dropped
+/* Backward of one (b, h) pair, by blocks of query rows. Each block's
+ * probabilities P are recomputed into blk from the scores and lse (the
+ * forward's exp(s - max) / sum, to an ulp or two). With Pd the dropped
  * probabilities (P itself without dropout) and G = (dout · Vᵀ) ∘ Pd, the
  * softmax backward is dS = G - P ∘ rowsum(G), scaled by 1/sqrt(HS); the
- * block's dS lives in its rows of the scratch. dq, dk, dv have row stride 3C,
- * g (dout) row stride C. */
-static void attention_bwd_head(float *dq, float *dk, float *dv, float *s, const float *g,
-                               const float *Q, const float *K, const float *V, const float *a,
-                               int T, int C, int HS, int h, uint64_t sample,
+ * block's dS lives in s (ATT_RB rows, ld T, like blk). dq, dk, dv have row
+ * stride 3C, g (dout) row stride C. */
+static void attention_bwd_head(float *dq, float *dk, float *dv, float *blk, float *s,
+                               const float *g, const float *Q, const float *K, const float *V,
+                               const float *lse, int T, int C, int HS, int h, uint64_t sample,
                                const mt_dropout *drop) {
   int ld3 = 3 * C;
   float scale = 1.0f / sqrtf((float)HS);
   float tile[ATT_RB * ATT_CB];
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
     int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
-    const float *ab = a + (size_t)r0 * T, *gb = g + (size_t)r0 * C;
-    float *sb = s + (size_t)r0 * T;
+    const float *gb = g + (size_t)r0 * C;
+    att_scores(blk, Q, K, r0, rb, C, HS, T);
+    for (int i = 0; i < rb; i++) {
+      int t = r0 + i;
+      float *row = blk + (size_t)i * T, l = lse[t];
+#pragma omp simd
+      for (int j = 0; j <= t; j++) row[j] = expf(row[j] - l);
+      memset(row + t + 1, 0, (size_t)(r1 - t - 1) * sizeof(float));
+    }
     float rowsum[ATT_RB] = {0};
     int cmax = drop ? ATT_CB : r1;
     for (int c0 = 0; c0 < r1; c0 += cmax) {
       int cw = r1 - c0 < cmax ? r1 - c0 : cmax;
-      const float *pd = ab + c0;
+      const float *pd = blk + c0;
       int ldp = T;
       if (drop) {
-        dropout_tile(tile, ab, T, rb, c0, cw, r0, h, sample, drop);
+        dropout_tile(tile, blk, T, rb, c0, cw, r0, h, sample, drop);
         pd = tile;
         ldp = cw;
       }
@@ -349,12 +377,12 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, float *s, const 
                1.0f, dv + (size_t)c0 * ld3, ld3);
       // S[r0:r1, c0:c0+cw] = dout[r0:r1] · V[c0:c0+cw]ᵀ
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, cw, HS, 1.0f, gb, C,
-               V + (size_t)c0 * ld3, ld3, 0.0f, sb + c0, T);
+               V + (size_t)c0 * ld3, ld3, 0.0f, s + c0, T);
       for (int i = 0; i < rb; i++) {
         int t = r0 + i;
         int live = t + 1 - c0 < cw ? t + 1 - c0 : cw;
         if (live < 0) live = 0;
-        float *sr = sb + (size_t)i * T + c0;
+        float *sr = s + (size_t)i * T + c0;
         const float *pr = pd + (size_t)i * ldp;
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -369,35 +397,36 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, float *s, const 
     }
     for (int i = 0; i < rb; i++) {
       int t = r0 + i;
-      float *sr = sb + (size_t)i * T;
-      const float *pr = ab + (size_t)i * T;
+      float *sr = s + (size_t)i * T;
+      const float *pr = blk + (size_t)i * T;
       float rs = rowsum[i];
 #pragma omp simd
       for (int j = 0; j <= t; j++) sr[j] = (sr[j] - pr[j] * rs) * scale;
     }
     // dQ[r0:r1] += dS · K[0:r1];  dK[0:r1] += dSᵀ · Q[r0:r1]
-    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, sb, T, K, ld3,
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, s, T, K, ld3,
              1.0f, dq + (size_t)r0 * ld3, ld3);
-    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, r1, HS, rb, 1.0f, sb, T,
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, r1, HS, rb, 1.0f, s, T,
              Q + (size_t)r0 * ld3, ld3, 1.0f, dk, ld3);
   }
 }
 
 static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                          const float *qkv, const float *att, int B, int T, int C, int NH,
+                          const float *qkv, const float *lse, int B, int T, int C, int NH,
                           const mt_dropout *drop) {
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
+  size_t blk = att_block_floats(T);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
       size_t qoff = (size_t)b * T * 3 * C + (size_t)h * HS;
-      size_t aoff = ((size_t)b * NH + h) * T * T;
-      float *dq = dqkv + qoff;
+      float *dq = dqkv + qoff, *mine = scratch + 2 * blk * omp_get_thread_num();
       const float *q = qkv + qoff;
-      attention_bwd_head(dq, dq + C, dq + 2 * C, scratch + aoff,
-                         dout + (size_t)b * T * C + (size_t)h * HS, q, q + C, q + 2 * C, att + aoff,
-                         T, C, HS, h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
+      attention_bwd_head(dq, dq + C, dq + 2 * C, mine, mine + blk,
+                         dout + (size_t)b * T * C + (size_t)h * HS, q, q + C, q + 2 * C,
+                         lse + ((size_t)b * NH + h) * T, T, C, HS, h,
+                         drop ? drop->sample0 + (uint64_t)b : 0, drop);
     }
   }
 }
@@ -698,6 +727,7 @@ const mt_ops mt_cpu_ops = {
     .linear_bwd_dgelu = linear_bwd_dgelu,
     .attention_fwd = attention_fwd,
     .attention_bwd = attention_bwd,
+    .attention_scratch = attention_scratch,
     .gelu_fwd = gelu_fwd,
     .gelu_bwd = gelu_bwd,
     .residual_fwd = residual_fwd,

@@ -1,14 +1,16 @@
-/* attention_cuda.cu — causal self-attention on the GPU: batched cuBLASLt
- * GEMMs per sample (all heads of a sample in one strided-batch call) around
+/* attention_cuda.cu — causal self-attention on the GPU, memory-efficient:
+ * batched cuBLASLt GEMMs over chunks of (sample, heads, query rows) around
  * fused row kernels for the causal softmax, its backward and the dropout of
- * the probabilities.
+ * the probabilities. Only each row's log-sum-exp is kept (ops.h); the
+ * backward recomputes a chunk's scores and probabilities from it.
  *
- * The op contract (ops.h) keeps the probabilities att(B,NH,T,T) for the
- * backward pass, so this is the materialising algorithm, not flash
- * attention; the GEMMs compute whole T×T blocks and the softmax zeroes the
- * upper triangle. Head h of sample b is, in qkv, the (T, HS) view at column
- * h·HS with row stride 3C — a column-major (HS, T) matrix with ld 3C, which
- * is how the GEMMs below take it (shapes in comments are row-major).
+ * A chunk is heads h0..h0+hn-1 and query rows r0..r1-1 of one sample; its
+ * rows need key columns 0..r1-1 only (causal), so chunking the rows also
+ * skips most of the masked upper triangle. Chunk tensors in the scratch are
+ * (hn, rn, r1) row-major: row (hh, i) is query t = r0 + i of head h0 + hh.
+ * Head h of sample b is, in qkv, the (T, HS) view at column h·HS with row
+ * stride 3C — a column-major (HS, T) matrix with ld 3C, which is how the
+ * GEMMs below take it (shapes in comments are row-major).
  */
 #include <float.h>
 #include <math.h>
@@ -20,12 +22,46 @@
 
 #define ATT_THREADS 256
 
-/* Row (b,h,t) of att (rows = B·NH·T): softmax over columns 0..t, zero
- * beyond, in place on the scaled scores (the CPU backend's three passes). */
-static __global__ void k_att_softmax(float *att, int T) {
-  size_t row = blockIdx.x;
-  int t = (int)(row % (size_t)T);
-  float *r = att + row * T;
+/* Query rows per chunk: a quarter of T = 2048, which skips 3/8 of the score
+ * and value GEMMs' work against whole T×T blocks. The emulator test shrinks
+ * both this and the budget to reach every chunking path. */
+#ifndef MT_CUDA_ATT_ROWS
+#define MT_CUDA_ATT_ROWS 512
+#endif
+/* Scratch floats a chunk aims at (two chunk tensors): 256 MiB. */
+#ifndef MT_CUDA_ATT_FLOATS
+#define MT_CUDA_ATT_FLOATS ((size_t)64 << 20)
+#endif
+
+/* The chunk shape for (T, NH): rows rc, heads hc, as many heads as fit the
+ * budget once rc rows of one head do, and at most 65535 rows in all (a grid
+ * dimension of k_att_dropout). */
+static void att_chunk(int T, int NH, int *rc, int *hc) {
+  size_t budget = MT_CUDA_ATT_FLOATS;
+  int r = T < MT_CUDA_ATT_ROWS ? T : MT_CUDA_ATT_ROWS;
+  if (2 * (size_t)r * T > budget) r = (int)(budget / (2 * (size_t)T));
+  if (r < 1) r = 1;
+  size_t h = budget / (2 * (size_t)r * T);
+  if (h > 65535 / (size_t)r) h = 65535 / (size_t)r;
+  *rc = r;
+  *hc = h < 1 ? 1 : h > (size_t)NH ? NH : (int)h;
+}
+
+size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH) {
+  (void)d, (void)C;
+  int rc, hc;
+  if (T < 1 || NH < 1) return 1;
+  att_chunk(T, NH, &rc, &hc);
+  return 2 * (size_t)hc * rc * T;
+}
+
+/* Row (hh, i) of a chunk: the softmax over columns 0..t of the scaled scores
+ * in place, zero beyond to r1, and lse of (head h0 + hh, row t) — lse_b is
+ * the sample's (NH, T). The CPU backend's three passes. */
+static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int r0, int rn,
+                                     int r1) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
+  float *r = P + (size_t)row * r1;
   float mx = -FLT_MAX;
   for (int j = threadIdx.x; j <= t; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
   mx = mt__block_max(mx);
@@ -35,38 +71,47 @@ static __global__ void k_att_softmax(float *att, int T) {
     r[j] = e;
     s += e;
   }
-  float inv = 1.0f / mt__block_sum(s);
+  float sum = mt__block_sum(s), inv = 1.0f / sum;
   for (int j = threadIdx.x; j <= t; j += blockDim.x) r[j] *= inv;
-  for (int j = t + 1 + threadIdx.x; j < T; j += blockDim.x) r[j] = 0.0f;
+  for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
+  if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx + logf(sum);
 }
 
-/* The dropped probabilities of rows r0 .. r0+rc-1 of heads h0 .. h0+hc-1 of
- * one sample: dst(hc, rc, r1) = att_b[h0+hh, r0+i, j] · keep, zero past the
- * diagonal; keep of element ((head0 + h)·T + t)·T + j of the sample (ops.h).
- * Grid (column blocks, rc, hc). */
-static __global__ void k_att_dropout(float *dst, const float *att_b, int T, int h0, int r0, int rc,
+/* Row (hh, i) of a chunk in the backward pass: the probabilities again,
+ * exp(s - lse) on columns 0..t of the scaled scores, zero beyond to r1. */
+static __global__ void k_att_probs(float *P, const float *lse_b, int T, int h0, int r0, int rn,
+                                   int r1) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
+  float *r = P + (size_t)row * r1;
+  float l = lse_b[(size_t)(h0 + hh) * T + t];
+  for (int j = threadIdx.x; j <= t; j += blockDim.x) r[j] = expf(r[j] - l);
+  for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
+}
+
+/* A chunk's dropped probabilities: dst = P · keep, zero past the diagonal;
+ * keep of element ((head0 + h)·T + t)·T + j of the sample (ops.h). Grid
+ * (column blocks, chunk rows). */
+static __global__ void k_att_dropout(float *dst, const float *P, int T, int h0, int r0, int rn,
                                      int r1, float p, uint64_t key, uint64_t sample,
                                      uint32_t head0) {
-  int hh = blockIdx.z, i = blockIdx.y, t = r0 + i, h = h0 + hh;
-  const float *src = att_b + ((size_t)h * T + t) * T;
-  float *o = dst + ((size_t)hh * rc + i) * r1;
-  uint64_t e0 = ((uint64_t)(head0 + h) * T + t) * T;
+  int row = blockIdx.y, hh = row / rn, t = r0 + row % rn;
+  const float *src = P + (size_t)row * r1;
+  float *o = dst + (size_t)row * r1;
+  uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < r1; j += gridDim.x * blockDim.x)
     o[j] = j <= t ? src[j] * mt_dropout_scale(p, key, sample, e0 + j) : 0.0f;
 }
 
-/* Softmax backward of row (b,h,t), in place in S (rows as att): on entry S =
- * dout·Vᵀ; G = S ∘ Pd (Pd the dropped probabilities, P without dropout);
- * leaves dS = (G - P·ΣG)·scale on columns 0..t and zero beyond. */
-static __global__ void k_att_softmax_bwd(float *S, const float *att, int T, int NH, float scale,
-                                         int drop, float p, uint64_t key, uint64_t sample0,
-                                         uint32_t head0) {
-  size_t row = blockIdx.x, bh = row / (size_t)T;
-  int t = (int)(row % (size_t)T), h = (int)(bh % (size_t)NH);
-  uint64_t sample = sample0 + bh / (size_t)NH;
-  uint64_t e0 = ((uint64_t)(head0 + h) * T + t) * T;
-  float *s = S + row * T;
-  const float *a = att + row * T;
+/* Softmax backward of a chunk row, in place in S: on entry S = dout·Vᵀ;
+ * G = S ∘ Pd (Pd the dropped probabilities, P without dropout); leaves
+ * dS = (G - P·ΣG)·scale on columns 0..t and zero beyond to r1. */
+static __global__ void k_att_softmax_bwd(float *S, const float *P, int T, int h0, int r0, int rn,
+                                         int r1, float scale, int drop, float p, uint64_t key,
+                                         uint64_t sample, uint32_t head0) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
+  uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
+  float *s = S + (size_t)row * r1;
+  const float *a = P + (size_t)row * r1;
   float acc = 0.0f;
   for (int j = threadIdx.x; j <= t; j += blockDim.x) {
     float pd = drop ? a[j] * mt_dropout_scale(p, key, sample, e0 + j) : a[j];
@@ -76,160 +121,132 @@ static __global__ void k_att_softmax_bwd(float *S, const float *att, int T, int 
   }
   float rs = mt__block_sum(acc);
   for (int j = threadIdx.x; j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
-  for (int j = t + 1 + threadIdx.x; j < T; j += blockDim.x) s[j] = 0.0f;
+  for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) s[j] = 0.0f;
 }
 
 static unsigned col_blocks(int cols) { return (unsigned)((cols + ATT_THREADS - 1) / ATT_THREADS); }
 
-/* Writes the dropped probabilities of heads h0.. (hc) and rows r0.. (rc),
- * columns 0..r1-1, of sample b into dst. */
-static void att_dropout(mt_device *d, float *dst, const float *att, int b, int NH, int T, int h0,
-                        int hc, int r0, int rc, int r1, const mt_dropout *drop) {
+/* Chunk i of B samples × ceil(NH / hc) head groups × ceil(T / rc) row
+ * blocks, in that order: where it sits and what its GEMMs read. */
+typedef struct chunk {
+  int b, h0, hn, r0, rn, r1;
+  const float *q, *k, *v; /* sample b, head h0: Q from row r0, K and V from row 0 */
+  long long sP;           /* elements between heads of a chunk tensor: rn·r1 */
+} chunk;
+
+static int chunk_count(int B, int T, int NH, int rc, int hc) {
+  return B * ((NH + hc - 1) / hc) * ((T + rc - 1) / rc);
+}
+
+static chunk chunk_of(int i, const float *qkv, int T, int C, int NH, int rc, int hc) {
+  int nr = (T + rc - 1) / rc, nh = (NH + hc - 1) / hc, HS = C / NH, ld3 = 3 * C;
+  chunk k;
+  k.b = i / (nr * nh);
+  k.h0 = i / nr % nh * hc;
+  k.r0 = i % nr * rc;
+  k.hn = NH - k.h0 < hc ? NH - k.h0 : hc;
+  k.rn = T - k.r0 < rc ? T - k.r0 : rc;
+  k.r1 = k.r0 + k.rn;
+  const float *head = qkv + (size_t)k.b * T * ld3 + (size_t)k.h0 * HS;
+  k.q = head + (size_t)k.r0 * ld3;
+  k.k = head + C;
+  k.v = head + 2 * C;
+  k.sP = (long long)k.rn * k.r1;
+  return k;
+}
+
+/* P(hn, rn, r1) = scale · Q[r0:r1] · K[0:r1]ᵀ per head; column-major Pᵀ =
+ * K·Qᵀ: A = K (HS, r1) transposed, B = Q (HS, rn). */
+static void chunk_scores(mt_device *d, const char *what, float *P, const chunk *k, int C, int HS) {
+  int ld3 = 3 * C;
+  mt__gemm g = {1,    0,    k->r1, k->rn, HS, k->hn, k->k,  ld3,
+                HS,   k->q, ld3,   HS,    P,  k->r1, k->sP, 1.0f / sqrtf((float)HS),
+                0.0f, NULL};
+  mt__cuda_gemm(d, what, &g);
+}
+
+static void chunk_dropout(mt_device *d, float *dst, const float *P, const chunk *k, int T,
+                          const mt_dropout *drop, uint64_t sample) {
   mt__cuda *c = mt__cuda_enter(d);
-  const float *att_b = att + (size_t)b * NH * T * T;
-  MT_LAUNCH(k_att_dropout, dim3(col_blocks(r1), (unsigned)rc, (unsigned)hc), ATT_THREADS, c->stream)
-  (dst, att_b, T, h0, r0, rc, r1, drop->p, drop->key, drop->sample0 + (uint64_t)b, drop->head0);
+  MT_LAUNCH(k_att_dropout, dim3(col_blocks(k->r1), (unsigned)(k->hn * k->rn)), ATT_THREADS,
+            c->stream)
+  (dst, P, T, k->h0, k->r0, k->rn, k->r1, drop->p, drop->key, sample, drop->head0);
   mt__cuda_check(d, "attention dropout");
 }
 
-void mt__cuda_attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
-                            int C, int NH, const mt_dropout *drop) {
+void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
+                            int B, int T, int C, int NH, const mt_dropout *drop) {
   if (drop && drop->p == 0.0f) drop = NULL;
-  if (!B || !T || !C) return;
-  if (T > 65535) {
-    mt__cuda_fail(d, "attention_fwd", "T > 65535 rows (a grid dimension)");
-    return;
-  }
+  if (B < 1 || T < 1 || C < 1 || NH < 1) return;
   mt__cuda *c = mt__cuda_enter(d);
-  int HS = C / NH, ld3 = 3 * C;
-  long long TT = (long long)T * T;
-  float scale = 1.0f / sqrtf((float)HS);
-  for (int b = 0; b < B; b++) {
-    // att[b,h](T,T) = scale · Q Kᵀ; column-major attᵀ = K·Qᵀ: A = K (HS,T) transposed, B = Q (HS,T)
-    const float *q = qkv + (size_t)b * T * ld3;
-    mt__gemm g = {
-        1, 0,  T,     T,    HS,  NH, q + C, ld3, HS, q, ld3, HS, att + (size_t)b * NH * TT,
-        T, TT, scale, 0.0f, NULL};
-    mt__cuda_gemm(d, "attention_fwd scores", &g);
-  }
-  MT_LAUNCH(k_att_softmax, (unsigned)((size_t)B * NH * T), ATT_THREADS, c->stream)(att, T);
-  mt__cuda_check(d, "attention_fwd softmax");
-  for (int b = 0; b < B; b++) {
-    const float *v = qkv + (size_t)b * T * ld3 + 2 * C;
-    float *o = out + (size_t)b * T * C;
-    if (!drop) {
-      // out[b,:,h](T,HS) = P · V; column-major outᵀ(HS,T) = Vᵀ(HS,T) · Pᵀ, with Pᵀ att's own layout
-      mt__gemm g = {0, 0,  HS, T, T,  NH,   v,    ld3, HS, att + (size_t)b * NH * TT,
-                    T, TT, o,  C, HS, 1.0f, 0.0f, NULL};
-      mt__cuda_gemm(d, "attention_fwd out", &g);
-      continue;
+  int HS = C / NH, rc, hc;
+  att_chunk(T, NH, &rc, &hc);
+  float *P = scratch, *Pd = scratch + (size_t)hc * rc * T;
+  for (int i = 0, n = chunk_count(B, T, NH, rc, hc); i < n; i++) {
+    chunk k = chunk_of(i, qkv, T, C, NH, rc, hc);
+    chunk_scores(d, "attention_fwd scores", P, &k, C, HS);
+    MT_LAUNCH(k_att_softmax, (unsigned)(k.hn * k.rn), ATT_THREADS, c->stream)
+    (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1);
+    mt__cuda_check(d, "attention_fwd softmax");
+    const float *pv = P;
+    if (drop) {
+      chunk_dropout(d, Pd, P, &k, T, drop, drop->sample0 + (uint64_t)k.b);
+      pv = Pd;
     }
-    /* With dropout the dropped probabilities go through the device's scratch
-     * in pieces: as many heads as fit, or as many rows of one head. Rows
-     * r0..r1-1 only need columns up to r1 (causal). */
-    size_t cap = MT_CUDA_SCRATCH_FLOATS;
-    int hc = (size_t)TT <= cap ? (int)(cap / (size_t)TT) : 1;
-    int rc = (size_t)TT <= cap ? T : (int)(cap / (size_t)T);
-    if (hc > NH) hc = NH;
-    if (rc < 1) {
-      mt__cuda_fail(d, "attention_fwd", "a row of T floats exceeds the scratch buffer");
-      return;
-    }
-    for (int h0 = 0; h0 < NH; h0 += hc) {
-      int hn = NH - h0 < hc ? NH - h0 : hc;
-      for (int r0 = 0; r0 < T; r0 += rc) {
-        int rn = T - r0 < rc ? T - r0 : rc, r1 = r0 + rn;
-        att_dropout(d, c->scratch, att, b, NH, T, h0, hn, r0, rn, r1, drop);
-        // out rows r0..r1 = Pd(rn, r1) · V[0:r1]; column-major (HS,rn) = V(HS,r1) · Pdᵀ(r1,rn)
-        mt__gemm g = {0,
-                      0,
-                      HS,
-                      rn,
-                      r1,
-                      hn,
-                      v + (size_t)h0 * HS,
-                      ld3,
-                      HS,
-                      c->scratch,
-                      r1,
-                      (long long)rn * r1,
-                      o + (size_t)r0 * C + (size_t)h0 * HS,
-                      C,
-                      HS,
-                      1.0f,
-                      0.0f,
-                      NULL};
-        mt__cuda_gemm(d, "attention_fwd out (dropout)", &g);
-      }
-    }
+    // out rows r0..r1 = Pd(rn, r1) · V[0:r1]; column-major (HS, rn) = V(HS, r1) · Pdᵀ(r1, rn)
+    float *o = out + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS;
+    mt__gemm g = {0,  0,    HS,   k.rn, k.r1, k.hn, k.v,  3 * C, HS,
+                  pv, k.r1, k.sP, o,    C,    HS,   1.0f, 0.0f,  NULL};
+    mt__cuda_gemm(d, "attention_fwd out", &g);
   }
 }
 
-/* With Pd the dropped probabilities (P without dropout): dV += Pdᵀ·dout,
- * S = dout·Vᵀ, dS = softmax backward of S, dQ += dS·K·scale, dK += dSᵀ·Q·scale
- * (the scale is folded into dS). scratch holds Pd, then S/dS, of all samples. */
+/* Per chunk: P recomputed; dV += Pdᵀ·dout; S = dout·Vᵀ; dS = softmax
+ * backward of S; dQ += dS·K, dK += dSᵀ·Q (the scale folded into dS). The
+ * chunk's P and S/dS (Pd before it) fill the scratch. */
 void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                            const float *qkv, const float *att, int B, int T, int C, int NH,
+                            const float *qkv, const float *lse, int B, int T, int C, int NH,
                             const mt_dropout *drop) {
   if (drop && drop->p == 0.0f) drop = NULL;
-  if (!B || !T || !C) return;
-  if (T > 65535) {
-    mt__cuda_fail(d, "attention_bwd", "T > 65535 rows (a grid dimension)");
-    return;
-  }
+  if (B < 1 || T < 1 || C < 1 || NH < 1) return;
   mt__cuda *c = mt__cuda_enter(d);
-  int HS = C / NH, ld3 = 3 * C;
-  long long TT = (long long)T * T;
+  int HS = C / NH, ld3 = 3 * C, rc, hc;
+  att_chunk(T, NH, &rc, &hc);
   float scale = 1.0f / sqrtf((float)HS);
-  for (int b = 0; b < B; b++) {
-    size_t qo = (size_t)b * T * ld3;
-    const float *pd = att + (size_t)b * NH * TT, *g = dout + (size_t)b * T * C;
+  float *P = scratch, *S = scratch + (size_t)hc * rc * T;
+  for (int i = 0, n = chunk_count(B, T, NH, rc, hc); i < n; i++) {
+    chunk k = chunk_of(i, qkv, T, C, NH, rc, hc);
+    int hn = k.hn, rn = k.rn, r1 = k.r1;
+    float *dq = dqkv + (size_t)k.b * T * ld3 + (size_t)k.h0 * HS; /* this head's row 0 */
+    const float *g = dout + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS;
+    uint64_t sample = drop ? drop->sample0 + (uint64_t)k.b : 0;
+    chunk_scores(d, "attention_bwd scores", P, &k, C, HS);
+    MT_LAUNCH(k_att_probs, (unsigned)(hn * rn), ATT_THREADS, c->stream)
+    (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1);
+    mt__cuda_check(d, "attention_bwd probabilities");
+    const float *pd = P;
     if (drop) {
-      float *sb = scratch + (size_t)b * NH * TT;
-      att_dropout(d, sb, att, b, NH, T, 0, NH, 0, T, T, drop);
-      pd = sb;
+      chunk_dropout(d, S, P, &k, T, drop, sample);
+      pd = S;
     }
-    // dV[b,:,h](T,HS) += Pdᵀ · dout; column-major dVᵀ(HS,T) += doutᵀ(HS,T) · Pd, Pd = (att layout)ᵀ
-    mt__gemm gv = {0,   1,  HS,   T,    T,   NH, g, C, HS, pd, T, TT, dqkv + qo + 2 * C,
-                   ld3, HS, 1.0f, 1.0f, NULL};
+    // dV[0:r1] += Pdᵀ · dout[r0:r1]; column-major dVᵀ(HS, r1) += doutᵀ(HS, rn) · Pd(rn, r1)
+    mt__gemm gv = {0,  1,  HS,   r1,         rn,  hn, g,    C,    HS,
+                   pd, r1, k.sP, dq + 2 * C, ld3, HS, 1.0f, 1.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd dv", &gv);
-  }
-  for (int b = 0; b < B; b++) {
-    // S[b,h](T,T) = dout · Vᵀ; column-major Sᵀ = V·doutᵀ: A = V (HS,T) transposed, B = dout (HS,T)
-    mt__gemm gs = {1,
-                   0,
-                   T,
-                   T,
-                   HS,
-                   NH,
-                   qkv + (size_t)b * T * ld3 + 2 * C,
-                   ld3,
-                   HS,
-                   dout + (size_t)b * T * C,
-                   C,
-                   HS,
-                   scratch + (size_t)b * NH * TT,
-                   T,
-                   TT,
-                   1.0f,
-                   0.0f,
-                   NULL};
-    mt__cuda_gemm(d, "attention_bwd scores", &gs);
-  }
-  MT_LAUNCH(k_att_softmax_bwd, (unsigned)((size_t)B * NH * T), ATT_THREADS, c->stream)
-  (scratch, att, T, NH, scale, drop != NULL, drop ? drop->p : 0.0f, drop ? drop->key : 0,
-   drop ? drop->sample0 : 0, drop ? drop->head0 : 0);
-  mt__cuda_check(d, "attention_bwd softmax");
-  for (int b = 0; b < B; b++) {
-    size_t qo = (size_t)b * T * ld3;
-    const float *ds = scratch + (size_t)b * NH * TT;
-    // dQ(T,HS) += dS · K; column-major dQᵀ(HS,T) += Kᵀ(HS,T) · dSᵀ, dSᵀ = dS's own layout
-    mt__gemm gq = {0,  0, HS, T,         T,   NH, qkv + qo + C, ld3,  HS,
-                   ds, T, TT, dqkv + qo, ld3, HS, 1.0f,         1.0f, NULL};
-    mt__cuda_gemm(d, "attention_bwd dq", &gq);
-    // dK(T,HS) += dSᵀ · Q; column-major dKᵀ(HS,T) += Qᵀ(HS,T) · dS
-    mt__gemm gk = {0,   1,  HS,   T,    T,   NH, qkv + qo, ld3, HS, ds, T, TT, dqkv + qo + C,
+    // S(hn, rn, r1) = dout[r0:r1] · V[0:r1]ᵀ; column-major Sᵀ = V·doutᵀ
+    mt__gemm gs = {1, 0, r1, rn, HS, hn, k.v, ld3, HS, g, C, HS, S, r1, k.sP, 1.0f, 0.0f, NULL};
+    mt__cuda_gemm(d, "attention_bwd scores of dout", &gs);
+    MT_LAUNCH(k_att_softmax_bwd, (unsigned)(hn * rn), ATT_THREADS, c->stream)
+    (S, P, T, k.h0, k.r0, rn, r1, scale, drop != NULL, drop ? drop->p : 0.0f, drop ? drop->key : 0,
+     sample, drop ? drop->head0 : 0);
+    mt__cuda_check(d, "attention_bwd softmax");
+    // dQ[r0:r1] += dS · K[0:r1]; column-major dQᵀ(HS, rn) += Kᵀ(HS, r1) · dSᵀ, dSᵀ = S's layout
+    mt__gemm gq = {0,   0,  HS,   rn,   r1,  hn, k.k, ld3, HS, S, r1, k.sP, dq + (size_t)k.r0 * ld3,
                    ld3, HS, 1.0f, 1.0f, NULL};
+    mt__cuda_gemm(d, "attention_bwd dq", &gq);
+    // dK[0:r1] += dSᵀ · Q[r0:r1]; column-major dKᵀ(HS, r1) += Qᵀ(HS, rn) · dS(rn, r1)
+    mt__gemm gk = {0, 1,  HS,   r1,     rn,  hn, k.q,  ld3,  HS,
+                   S, r1, k.sP, dq + C, ld3, HS, 1.0f, 1.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd dk", &gk);
   }
 }

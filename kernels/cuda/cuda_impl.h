@@ -28,10 +28,7 @@
 
 /* Workspace sizes, allocated once at open so ops never allocate. */
 #define MT_CUDA_GEMM_WS_BYTES                                                                      \
-  ((size_t)32 << 20)           /* cuBLASLt/cuBLAS: 32 MiB is what Hopper kernels ask */
-#ifndef MT_CUDA_SCRATCH_FLOATS /* the emulator test shrinks it to reach every chunking path */
-#define MT_CUDA_SCRATCH_FLOATS ((size_t)16 << 20) /* 64 MiB: dropped attention probabilities */
-#endif
+  ((size_t)32 << 20)            /* cuBLASLt/cuBLAS: 32 MiB is what Hopper kernels ask */
 #define MT_CUDA_RED_BLOCKS 1024 /* sumsq partials: a fixed count, a fixed order */
 
 typedef struct mt__cuda {
@@ -40,7 +37,6 @@ typedef struct mt__cuda {
   cublasLtHandle_t lt;
   cublasHandle_t blas; /* fallback when cuBLASLt has no algorithm for a shape */
   void *ws;            /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */
-  float *scratch;      /* MT_CUDA_SCRATCH_FLOATS */
   double *red;         /* MT_CUDA_RED_BLOCKS + 1 */
   int err;             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
@@ -87,12 +83,13 @@ int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float 
  * 1 when queued; 0 when cuBLASLt cannot, as there. */
 int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const float *aux);
 
-/* attention_cuda.cu: the ops.h attention pair */
-void mt__cuda_attention_fwd(mt_device *d, float *out, float *att, const float *qkv, int B, int T,
-                            int C, int NH, const mt_dropout *drop);
+/* attention_cuda.cu: the ops.h attention ops */
+void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
+                            int B, int T, int C, int NH, const mt_dropout *drop);
 void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                            const float *qkv, const float *att, int B, int T, int C, int NH,
+                            const float *qkv, const float *lse, int B, int T, int C, int NH,
                             const mt_dropout *drop);
+size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH);
 
 /* Launch helpers: blocks for n items at `threads` per block; grid-stride
  * loops take care of the rest past the cap. */

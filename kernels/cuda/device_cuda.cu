@@ -65,7 +65,6 @@ void mt__cuda_close(mt_device *d) {
   if (c->lt) cublasLtDestroy(c->lt);
   if (c->blas) cublasDestroy(c->blas);
   cudaFree(c->ws);
-  cudaFree(c->scratch);
   cudaFree(c->red);
   if (c->stream) cudaStreamDestroy(c->stream);
   if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
@@ -100,8 +99,6 @@ int mt__cuda_open(mt_device *d, int index) {
   TRY_CUDA(cudaStreamCreate(&c->stream), "create the compute stream");
   TRY_CUDA(cudaStreamCreate(&c->comm_stream), "create the communication stream");
   TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
-  TRY_CUDA(cudaMalloc((void **)&c->scratch, MT_CUDA_SCRATCH_FLOATS * sizeof(float)),
-           "allocate the scratch buffer");
   TRY_CUDA(cudaMalloc((void **)&c->red, (MT_CUDA_RED_BLOCKS + 1) * sizeof(double)),
            "allocate the reduction buffer");
   TRY_BLAS(cublasLtCreate(&c->lt), "cublasLtCreate");

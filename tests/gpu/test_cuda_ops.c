@@ -388,24 +388,26 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   gpu.matmul = p;
   double tol = prec_tol(p);
   int B = s.B, T = s.T, C = s.C, NH = s.NH;
-  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, na = (size_t)B * NH * T * T;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH);
+  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH);
   mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
   const char *tag =
       label("%s B=%d T=%d C=%d NH=%d%s", prec_name(p), B, T, C, NH, with_dropout ? " drop" : "");
   float *qkv = H(nq, -1.5f, 1.5f), *gqkv = Df(qkv, nq);
-  float *co = halloc(no * sizeof(float)), *ca = halloc(na * sizeof(float));
-  cpu.ops->attention_fwd(&cpu, co, ca, qkv, B, T, C, NH, dp);
-  float *go = DN(no), *ga = DN(na);
-  gpu.ops->attention_fwd(&gpu, go, ga, gqkv, B, T, C, NH, dp);
+  float *co = halloc(no * sizeof(float)), *cl = halloc(nl * sizeof(float));
+  float *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
+  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, B, T, C, NH, dp);
+  float *go = DN(no), *gl = DN(nl);
+  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, B, T, C, NH, dp);
   check("attention_fwd", label("%s out", tag), back(go, no), co, no, tol);
-  check("attention_fwd", label("%s att", tag), back(ga, na), ca, na, tol);
+  check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, tol);
 
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
-  float *cs = halloc(na * sizeof(float)), *gs = DN(na);
-  /* both backward passes take the CPU's probabilities, so only the backward differs */
-  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, qkv, ca, B, T, C, NH, dp);
-  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), gqkv, Df(ca, na), B, T, C, NH, dp);
+  /* both backward passes take the CPU's lse, so only the backward differs */
+  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, qkv, cl, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), gqkv, Df(cl, nl), B, T, C, NH, dp);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, tol);
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
@@ -622,9 +624,10 @@ int main(int argc, char **argv) {
     shape odd = {2, 9, 15, 5, 37, 40}; /* head size 3: every head slice misaligned */
     test_attention(odd, MT_MATMUL_FP32, 0);
     test_attention(odd, MT_MATMUL_FP32, 1);
-    shape heads = {1, 13, 20, 5, 37, 40}; /* with a 512-float scratch: chunks of heads */
+    /* the emulator's chunks (tests/gpu/meson.build): 4 rows, 512 floats */
+    shape heads = {1, 13, 20, 5, 37, 40}; /* groups of 4 heads, then 1 */
     test_attention(heads, MT_MATMUL_FP32, 1);
-    shape rows = {1, 40, 16, 2, 37, 40}; /* with a 512-float scratch: chunks of rows */
+    shape rows = {1, 70, 16, 2, 37, 40}; /* 3 rows and 1 head per chunk: 2·4·70 > 512 */
     test_attention(rows, MT_MATMUL_FP32, 1);
     test_elementwise(1000);
     test_dropout(3, 101);

@@ -466,16 +466,16 @@ typedef struct {
   int B, T, C, NH;
   const mt_dropout *drop;
   float *qkv, *r;
-  double *dqkv, *dr, *out, *att;
+  double *dqkv, *dr, *out, *lse;
 } att_case;
 
 /* Straight from the definition: per (b, h, t) the scores of keys 0..t, their
- * softmax (att), the dropped probabilities times the values. */
-static void att_ref(double *out, double *att, const double *qkv, int B, int T, int C, int NH,
+ * log-sum-exp (lse) and softmax, the dropped probabilities times the values. */
+static void att_ref(double *out, double *lse, const double *qkv, int B, int T, int C, int NH,
                     const mt_dropout *drop) {
   int HS = C / NH;
   double sc = 1.0 / sqrt((double)HS);
-  double *s = dzeros((size_t)T);
+  double *s = dzeros((size_t)T), *a = dzeros((size_t)T);
   for (int b = 0; b < B; b++)
     for (int h = 0; h < NH; h++)
       for (int t = 0; t < T; t++) {
@@ -489,8 +489,8 @@ static void att_ref(double *out, double *att, const double *qkv, int B, int T, i
           if (s[j] > mx) mx = s[j];
         }
         for (int j = 0; j <= t; j++) sum += exp(s[j] - mx);
-        double *a = att + (((size_t)b * NH + h) * T + t) * T;
-        for (int j = 0; j < T; j++) a[j] = j <= t ? exp(s[j] - mx) / sum : 0.0;
+        lse[((size_t)b * NH + h) * T + t] = mx + log(sum);
+        for (int j = 0; j <= t; j++) a[j] = exp(s[j] - mx) / sum;
         double *o = out + ((size_t)b * T + t) * C + (size_t)h * HS;
         for (int i = 0; i < HS; i++) o[i] = 0.0;
         for (int j = 0; j <= t; j++) {
@@ -502,12 +502,12 @@ static void att_ref(double *out, double *att, const double *qkv, int B, int T, i
           for (int i = 0; i < HS; i++) o[i] += a[j] * m * v[i];
         }
       }
-  free(s);
+  free(s), free(a);
 }
 
 static double att_loss(void *p) {
   att_case *a = p;
-  att_ref(a->out, a->att, a->dqkv, a->B, a->T, a->C, a->NH, a->drop);
+  att_ref(a->out, a->lse, a->dqkv, a->B, a->T, a->C, a->NH, a->drop);
   return dot(a->out, a->dr, (size_t)a->B * a->T * a->C);
 }
 
@@ -519,43 +519,43 @@ static att_case att_make(int B, int T, int C, int NH, const mt_dropout *drop) {
   a.dqkv = dcopy(a.qkv, N * 3 * C);
   a.dr = dcopy(a.r, N * C);
   a.out = dzeros(N * C);
-  a.att = dzeros((size_t)B * NH * T * T);
+  a.lse = dzeros((size_t)B * NH * T);
   return a;
 }
 
 static void att_free(att_case *a) {
-  free(a->qkv), free(a->r), free(a->dqkv), free(a->dr), free(a->out), free(a->att);
+  free(a->qkv), free(a->r), free(a->dqkv), free(a->dr), free(a->out), free(a->lse);
 }
 
 static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
                                                  const mt_dropout *drop) {
   att_case a = att_make(B, T, C, NH, drop);
-  size_t N = (size_t)B * T, na = (size_t)B * NH * T * T;
-  float *out = frand(N * C, -9, 9), *att = frand(na, -9, 9); /* every element must be written */
-  ops->attention_fwd(&dev, out, att, a.qkv, B, T, C, NH, drop);
-  att_ref(a.out, a.att, a.dqkv, B, T, C, NH, drop);
+  size_t N = (size_t)B * T, nl = (size_t)B * NH * T, ns = ops->attention_scratch(&dev, T, C, NH);
+  /* every element must be written; the scratch's contents are undefined */
+  float *out = frand(N * C, -9, 9), *lse = frand(nl, -9, 9), *scratch = fzeros(ns);
+  ffill(scratch, ns, NAN);
+  ops->attention_fwd(&dev, out, lse, scratch, a.qkv, B, T, C, NH, drop);
+  att_ref(a.out, a.lse, a.dqkv, B, T, C, NH, drop);
   char what[96];
   snprintf(what, sizeof what, "B=%d T=%d C=%d NH=%d dropout %.2f out", B, T, C, NH,
            drop ? drop->p : 0.0);
   check_fwd(__func__, what, out, a.out, N * C);
-  check_fwd(__func__, "att (probabilities before dropout)", att, a.att, na);
-  int upper_zero = 1;
-  for (size_t bh = 0; bh < (size_t)B * NH; bh++)
-    for (int t = 0; t < T; t++)
-      for (int j = t + 1; j < T; j++) upper_zero &= att[(bh * T + t) * T + j] == 0.0f;
-  report(upper_zero, __func__, "att rows are exactly zero beyond column t");
-  free(out), free(att);
+  check_fwd(__func__, "lse (log-sum-exp of each row's scaled scores)", lse, a.lse, nl);
+  free(out), free(lse), free(scratch);
   att_free(&a);
 }
 
-/* fwd then bwd; the scratch starts as NaN since its contents are undefined */
+/* fwd then bwd; the scratch, exactly as large as the op asks (ASan sees
+ * past it), starts as NaN since its contents are undefined */
 static void att_run_bwd(att_case *a, float *dqkv) {
-  size_t N = (size_t)a->B * a->T, na = (size_t)a->B * a->NH * a->T * a->T;
-  float *out = fzeros(N * a->C), *att = fzeros(na), *scratch = fzeros(na);
-  ffill(scratch, na, NAN);
-  ops->attention_fwd(&dev, out, att, a->qkv, a->B, a->T, a->C, a->NH, a->drop);
-  ops->attention_bwd(&dev, dqkv, scratch, a->r, a->qkv, att, a->B, a->T, a->C, a->NH, a->drop);
-  free(out), free(att), free(scratch);
+  size_t N = (size_t)a->B * a->T, nl = (size_t)a->B * a->NH * a->T;
+  size_t ns = ops->attention_scratch(&dev, a->T, a->C, a->NH);
+  float *out = fzeros(N * a->C), *lse = fzeros(nl), *scratch = fzeros(ns);
+  ffill(scratch, ns, NAN);
+  ops->attention_fwd(&dev, out, lse, scratch, a->qkv, a->B, a->T, a->C, a->NH, a->drop);
+  ffill(scratch, ns, NAN);
+  ops->attention_bwd(&dev, dqkv, scratch, a->r, a->qkv, lse, a->B, a->T, a->C, a->NH, a->drop);
+  free(out), free(lse), free(scratch);
 }
 
 static void test_attention_bwd_matches_finite_differences(int B, int T, int C, int NH,
