@@ -11,23 +11,26 @@
  * - Mixed precision keeps a 16-bit model copy (2 bytes); its fp32 master is
  *   part of the ZeRO-1 slice: (4 master + 4 m + 4 v) / dp bytes per parameter.
  *   fp32 runs the optimizer on the weights themselves: (4 + 4) / dp.
- * - Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation
- *   in Large Transformer Models", tensor parallel without sequence
- *   parallelism, with the attention core recomputed (their selective
- *   recomputation; flash attention keeps the same), per layer and
- *   micro-batch: s b h (10 + 24/t) bytes with 16-bit activations. Its terms:
- *   replicated over tp the QKV input (2 sbh), the MLP input (2), both
- *   LayerNorm inputs (4) and two dropout masks (1 + 1 byte); split over tp
- *   Q, K, V, the attention-projection input (8), the GeLU input and output
- *   (16). The softmax output, its dropout mask and output (5 a s² b / t) are
- *   not kept: attention saves each row's log-sum-exp, 4 a s b / t bytes in
- *   fp32, and its backward recomputes the probabilities. In fp32 every
- *   2-byte term doubles and the 1-byte masks stay: s b h (18 + 48/t). The
- *   masks are counted even when dropout is 0 (the upper figure).
- * - Attention's working set: one buffer per device, whatever the layers and
- *   micro-batches, of 2 (a/t) s min(s, 512) fp32 values (the chunk of query
- *   rows a GPU works on, scores and their gradient; the CPU's is smaller).
- *   Counted with the activations.
+ * - Activations, as this engine keeps them (Korthikanti et al. 2022,
+ *   "Reducing Activation Recomputation in Large Transformer Models", count
+ *   what Megatron keeps, tensor parallel without sequence parallelism:
+ *   s b h (10 + 24/t + 5 a s/(h t)) bytes with 16-bit activations). Per layer
+ *   and micro-batch this engine keeps, replicated over tp, the layer's input
+ *   and the stream after attention (the LayerNorms' inputs, 2 sbh values),
+ *   and split over tp Q, K, V, the attention-projection input and the GeLU
+ *   input (8 sbh/t values): s b h (4 + 16/t) bytes in 16 bits, (8 + 32/t) in
+ *   fp32. What Megatron also keeps is recomputed in the backward pass from
+ *   these: the LayerNorms' outputs (the QKV and MLP inputs), the GeLU output,
+ *   and the softmax with its dropout (5 a s² b / t, from each row's
+ *   log-sum-exp, 4 a s b / t bytes in fp32, which is kept); dropout masks are
+ *   redrawn from Philox, not stored.
+ * - Working set: one set per device, whatever the layers and micro-batches:
+ *   the buffers a block computes in, forward and backward (a LayerNorm
+ *   output, GeLU's output, the backward's gradients of the stream, of QKV and
+ *   of the MLP: s b h (5 + 15/t) values), and attention's scratch of
+ *   2 (a/t) s min(s, 512) fp32 values (the chunk of query rows a GPU works
+ *   on, scores and their gradient; the CPU's is smaller). Counted with the
+ *   activations.
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
  *   one micro-batch while it is recomputed and run backward.
@@ -72,19 +75,18 @@ double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, in
  * row-parallel biases (2h) and the two LayerNorms (4h). */
 static int64_t layer_params(int64_t h, int64_t t) { return 12 * h * h / t + 7 * h / t + 6 * h; }
 
-/* Activation bytes of one layer for one micro-batch, the attention core
- * recomputed in its backward. */
+/* Activation bytes one layer keeps for one micro-batch (see the top). */
 static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed) {
   int64_t s = m->seq_len, h = m->n_embd, a = m->n_head, sbh = s * b * h;
-  int64_t lse = 4 * a * s * b / t;
-  if (mixed) return sbh * 10 + sbh * 24 / t + lse;
-  return sbh * 18 + sbh * 48 / t + lse;
+  return (mixed ? 2 : 4) * (sbh * 2 + sbh * 8 / t) + 4 * a * s * b / t;
 }
 
-/* Attention's scratch, one per device (see the top). */
-static int64_t attention_scratch_bytes(const mt_model_spec *m, int t) {
-  int64_t s = m->seq_len, rows = s < 512 ? s : 512;
-  return 2 * ((int64_t)m->n_head / t) * s * rows * 4;
+/* Once per device: a block's working buffers and attention's scratch (see
+ * the top). */
+static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed) {
+  int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h, rows = s < 512 ? s : 512;
+  int64_t scratch = 2 * ((int64_t)m->n_head / t) * s * rows * 4;
+  return (mixed ? 2 : 4) * (sbh * 5 + sbh * 15 / t) + scratch;
 }
 
 int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stage *out) {
@@ -122,7 +124,8 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
     out->activation_bytes = inflight * out->n_layers * sbh * (mixed ? 2 : 4) + full;
   else
     out->activation_bytes = inflight * out->n_layers * full;
-  if (out->n_layers) out->activation_bytes += attention_scratch_bytes(m, plan->tp);
+  if (out->n_layers)
+    out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed);
   if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
 
   if (p > 1) out->comm_bytes += (s == 0 || s == p - 1 ? 2 : 4) * sbh * (mixed ? 2 : 4);

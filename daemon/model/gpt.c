@@ -15,17 +15,18 @@
 
 #define ALIGN_FLOATS 16 /* every tensor starts on a 64-byte boundary */
 
-/* Activations of one block. With recomputation only one set exists and is
- * refilled from the block's input during the backward pass. */
+/* Activations a block keeps for its backward pass (its input is the
+ * stream's resid[l]). What is cheap to recompute is not kept: both
+ * LayerNorms' outputs (from the block's input and resid2), GeLU's output
+ * (from fch) and attention's probabilities (from qkv and lse); the backward
+ * recomputes them into the shared buffers of act_plan. With full
+ * recomputation only one set exists, refilled from the block's input. */
 typedef struct block_acts {
-  float *ln1, *ln1_mean, *ln1_rstd; /* (B,T,C) (B,T) (B,T) */
-  float *qkv;                       /* (B,T,3C) */
-  float *lse;                       /* (B,NH,T) attention's log-sum-exp per row */
-  float *atty;                      /* (B,T,C) attention output before c_proj */
-  float *resid2;                    /* (B,T,C) stream after the attention branch */
-  float *ln2, *ln2_mean, *ln2_rstd; /* (B,T,C) (B,T) (B,T) */
-  float *fch;                       /* (B,T,4C) before GeLU */
-  float *fch_gelu;                  /* (B,T,4C) */
+  float *qkv;    /* (B,T,3C) */
+  float *lse;    /* (B,NH,T) attention's log-sum-exp per row */
+  float *atty;   /* (B,T,C) attention output before c_proj */
+  float *resid2; /* (B,T,C) stream after the attention branch */
+  float *fch;    /* (B,T,4C) before GeLU */
 } block_acts;
 
 /* Activations of one micro-batch in flight (a slot), plus pointers to the
@@ -42,6 +43,10 @@ typedef struct act_plan {
   float *losses;                    /* (B,T) */
   float *rowmax;                    /* (B,T) tp: max logit over the whole vocabulary */
   float *rowsum; /* (2,B,T) tp: Σ exp(x - max) over the vocabulary, then the target's logit */
+  /* one set for every slot and layer: what a block computes and uses at
+   * once, in the forward and again in the backward */
+  float *ln, *ln_mean, *ln_rstd; /* (B,T,C) (B,T) (B,T) a LayerNorm's output */
+  float *gelu;                   /* (B,T,4C) GeLU's output */
   /* backward scratch, one set; att_scratch serves the forward too */
   float *dres;        /* (B,T,C) gradient of the residual stream */
   float *dbtc;        /* (B,T,C) */
@@ -222,18 +227,11 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     for (int l = 0; l <= m->n_layers; l++) carve(&p->resid[l], base, &off, BT * C);
     for (int b = 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
-      carve(&a->ln1, base, &off, BT * C);
-      carve(&a->ln1_mean, base, &off, BT);
-      carve(&a->ln1_rstd, base, &off, BT);
       carve(&a->qkv, base, &off, BT * 3 * Cl);
       carve(&a->lse, base, &off, BHT);
       carve(&a->atty, base, &off, BT * Cl);
       carve(&a->resid2, base, &off, BT * C);
-      carve(&a->ln2, base, &off, BT * C);
-      carve(&a->ln2_mean, base, &off, BT);
-      carve(&a->ln2_rstd, base, &off, BT);
       carve(&a->fch, base, &off, BT * 4 * Cl);
-      carve(&a->fch_gelu, base, &off, BT * 4 * Cl);
     }
     if (m->last) {
       carve(&p->lnf, base, &off, BT * C);
@@ -248,6 +246,10 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     }
   }
   act_plan *p = &slots[0];
+  carve(&p->ln, base, &off, BT * C);
+  carve(&p->ln_mean, base, &off, BT);
+  carve(&p->ln_rstd, base, &off, BT);
+  carve(&p->gelu, base, &off, BT * 4 * Cl);
   carve(&p->dres, base, &off, BT * C);
   carve(&p->dbtc, base, &off, BT * C);
   carve(&p->dbtc2, base, &off, BT * C);
@@ -257,6 +259,8 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve(&p->att_scratch, base, &off, att_scratch);
   carve(&p->branch, base, &off, BT * C);
   for (int k = 1; k < n && base; k++) {
+    slots[k].ln = p->ln, slots[k].ln_mean = p->ln_mean, slots[k].ln_rstd = p->ln_rstd;
+    slots[k].gelu = p->gelu;
     slots[k].dres = p->dres, slots[k].dbtc = p->dbtc, slots[k].dbtc2 = p->dbtc2;
     slots[k].dqkv = p->dqkv, slots[k].dfch = p->dfch, slots[k].dfch2 = p->dfch2;
     slots[k].att_scratch = p->att_scratch, slots[k].branch = p->branch;
@@ -436,6 +440,15 @@ static tp_dims dims_of(const mt_gpt *m) {
   return t;
 }
 
+/* LayerNorm w_index (MT_P_LN1_W or MT_P_LN2_W, its bias next) of block l
+ * over x into p->ln, p->ln_mean, p->ln_rstd. The backward calls it again
+ * instead of keeping the output: the same op on the same input, the same
+ * bits. */
+static void layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x) {
+  m->dev->ops->layernorm_fwd(m->dev, p->ln, p->ln_mean, p->ln_rstd, x, P(m, l, w_index),
+                             P(m, l, w_index + 1), m->B * m->T, m->cfg.n_embd, m->cfg.ln_eps);
+}
+
 /* Block l of the stage forward: out(B,T,C) = block(in(B,T,C)), activations
  * into a; dropout masks by the global layer and head index. */
 static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in,
@@ -455,9 +468,8 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
 
   /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))); this
    * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
-  ops->layernorm_fwd(d, a->ln1, a->ln1_mean, a->ln1_rstd, in, P(m, l, MT_P_LN1_W),
-                     P(m, l, MT_P_LN1_B), N, C, c->ln_eps);
-  ops->linear_fwd(d, a->qkv, a->ln1, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * t.Cl);
+  layernorm(m, p, l, MT_P_LN1_W, in);
+  ops->linear_fwd(d, a->qkv, p->ln, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * t.Cl);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
   ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, N, t.Cl, C);
@@ -467,11 +479,10 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
    * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM epilogue */
-  ops->layernorm_fwd(d, a->ln2, a->ln2_mean, a->ln2_rstd, a->resid2, P(m, l, MT_P_LN2_W),
-                     P(m, l, MT_P_LN2_B), N, C, c->ln_eps);
-  ops->linear_gelu_fwd(d, a->fch_gelu, a->fch, a->ln2, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
+  layernorm(m, p, l, MT_P_LN2_W, a->resid2);
+  ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
                        4 * t.Cl);
-  ops->linear_fwd(d, p->branch, a->fch_gelu, P(m, l, MT_P_FCPROJ_W),
+  ops->linear_fwd(d, p->branch, p->gelu, P(m, l, MT_P_FCPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
   ops->dropout_residual_fwd(d, out, a->resid2, p->branch, B, (size_t)T * C, drop2);
@@ -509,15 +520,17 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
    * GPUs the GeLU gradient is c_proj's GEMM epilogue */
   const float *dbranch = branch_grad(m, p, drop2);
+  ops->gelu_fwd(d, p->gelu, a->fch, (size_t)N * 4 * t.Cl);
   ops->linear_bwd_dgelu(d, p->dfch2, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
-                        dbranch, a->fch_gelu, a->fch, P(m, l, MT_P_FCPROJ_W), N, 4 * t.Cl, C);
+                        dbranch, p->gelu, a->fch, P(m, l, MT_P_FCPROJ_W), N, 4 * t.Cl, C);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
-  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, a->ln2,
+  layernorm(m, p, l, MT_P_LN2_W, a->resid2);
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, p->ln,
                   P(m, l, MT_P_FC_W), N, C, 4 * t.Cl);
   int rc = tp_sum(m, p->dbtc2, NC);
   if (rc) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), p->dbtc2, a->resid2,
-                     P(m, l, MT_P_LN2_W), a->ln2_mean, a->ln2_rstd, N, C);
+                     P(m, l, MT_P_LN2_W), p->ln_mean, p->ln_rstd, N, C);
 
   /* attention branch; d(in) = dres + LayerNorm path */
   dbranch = branch_grad(m, p, drop1);
@@ -528,11 +541,12 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->qkv, a->lse, B, T, t.Cl, t.NHl,
                      attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, a->ln1,
+  layernorm(m, p, l, MT_P_LN1_W, in);
+  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln,
                   P(m, l, MT_P_QKV_W), N, C, 3 * t.Cl);
   if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
-                     P(m, l, MT_P_LN1_W), a->ln1_mean, a->ln1_rstd, N, C);
+                     P(m, l, MT_P_LN1_W), p->ln_mean, p->ln_rstd, N, C);
   return 0;
 }
 
