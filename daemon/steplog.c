@@ -52,10 +52,12 @@ void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json)
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
-/* The plan counts Megatron's storage (a 16-bit weight copy, 16-bit
- * activations); this engine keeps every tensor in fp32 and, in a bf16 or
- * fp16 job, an fp32 working copy of the weights beside the master. So the
- * check plans the job as an fp32 one and adds the working copy. */
+/* The plan counts Megatron's storage of the weights (a 16-bit copy, the
+ * fp32 master in the ZeRO slice); this engine keeps weights, gradients and
+ * Adam in fp32 and, in a bf16 or fp16 job, an fp32 working copy of the
+ * weights beside the master, and the activations its blocks keep in the
+ * job's precision. So the check plans each stage as an fp32 job, adds the
+ * working copy, and takes the activations from the job's own plan. */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) {
   size_t total = 0, avail = 0;
   int gpu = device && !strncmp(device, "cuda", 4);
@@ -69,33 +71,47 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
   *stored = *job;
   snprintf(stored->train.precision, sizeof stored->train.precision, "fp32");
   mt_plan_device pd = {.memory_bytes = per, .tflops = 1.0};
-  mt_plan plan;
+  mt_plan plan, own;
   rc = mt_plan_compute(stored, &pd, &plan);
+  int own_rc = mixed ? mt_plan_compute(job, &pd, &own) : 0;
+  if (!plan.computed || (mixed && !own.computed) || (!mixed && rc)) {
+    free(stored); /* a layout that cannot run, or an fp32 job: the plan's own word */
+    return rc ? rc : own_rc;
+  }
+  /* the worst stage as stored: fp32 but for the kept activations */
+  mt_plan_stage w = plan.worst;
+  double need = 0.0, copy = 0.0;
+  for (int s = 0; s < plan.pp; s++) {
+    mt_plan_stage f, h;
+    mt_plan_stage_of(stored, &plan, s, &f);
+    if (mixed) {
+      mt_plan_stage_of(job, &own, s, &h);
+      f.total_bytes += h.activation_bytes - f.activation_bytes;
+      f.activation_bytes = h.activation_bytes;
+    }
+    double c = mixed ? 4.0 * (double)f.params : 0.0; /* the rounded working copy */
+    if (s == 0 || (double)f.total_bytes + c > need)
+      w = f, copy = c, need = (double)f.total_bytes + c;
+  }
   free(stored);
-  if (rc && plan.computed && mixed)
-    return mt_wraperr(rc, "a %s job as this engine stores it (every tensor fp32)",
-                      job->train.precision);
-  if (rc) return rc;
-  const mt_plan_stage *w = &plan.worst;
-  double copy = mixed ? 4.0 * (double)w->params : 0.0; /* the rounded working copy */
-  double need = (double)w->total_bytes + copy;
   const char *where = gpu ? "GPU memory" : "RAM";
+  char as[48] = "every tensor fp32";
+  if (mixed) snprintf(as, sizeof as, "fp32 with %s activations", job->train.precision);
   if (need > plan.usable_bytes)
     return mt_seterr(MT_EINVAL,
-                     "plan: stage %d needs %.1f GB per device as this engine stores a %s job "
-                     "(fp32 weights %.1f and their working copy %.1f, grads %.1f, optimizer %.1f, "
+                     "plan: stage %d needs %.1f GB per device as this engine stores a %s job (%s: "
+                     "fp32 weights %.1f and their working copy %.1f, grads %.1f, optimizer %.1f, "
                      "activations %.1f, logits %.1f, comm %.1f) but the devices have %.1f GB of "
-                     "%s, %.1f GB usable",
-                     w->stage, need / 1e9, job->train.precision, (double)w->weight_bytes / 1e9,
-                     copy / 1e9, (double)w->grad_bytes / 1e9, (double)w->optimizer_bytes / 1e9,
-                     (double)w->activation_bytes / 1e9, (double)w->logits_bytes / 1e9,
-                     (double)w->comm_bytes / 1e9, per / 1e9, where, plan.usable_bytes / 1e9);
-  mt_log_info("plan: %.2f GB per device at most as stored here, every tensor fp32 (stage %d: "
-              "weights %.2f%s, grads %.2f, optimizer %.2f, activations %.2f GB) of %.1f GB %s "
-              "per device",
-              need / 1e9, w->stage, (double)(w->weight_bytes + copy) / 1e9,
-              mixed ? " with the working copy" : "", (double)w->grad_bytes / 1e9,
-              (double)w->optimizer_bytes / 1e9, (double)w->activation_bytes / 1e9, per / 1e9,
-              where);
+                     "%s, %.1f GB usable; try parallel.recompute=true, a larger tp or pp, or a "
+                     "smaller micro_batch",
+                     w.stage, need / 1e9, job->train.precision, as, (double)w.weight_bytes / 1e9,
+                     copy / 1e9, (double)w.grad_bytes / 1e9, (double)w.optimizer_bytes / 1e9,
+                     (double)w.activation_bytes / 1e9, (double)w.logits_bytes / 1e9,
+                     (double)w.comm_bytes / 1e9, per / 1e9, where, plan.usable_bytes / 1e9);
+  mt_log_info("plan: %.2f GB per device at most as stored here, %s (stage %d: weights %.2f%s, "
+              "grads %.2f, optimizer %.2f, activations %.2f GB) of %.1f GB %s per device",
+              need / 1e9, as, w.stage, (double)(w.weight_bytes + copy) / 1e9,
+              mixed ? " with the working copy" : "", (double)w.grad_bytes / 1e9,
+              (double)w.optimizer_bytes / 1e9, (double)w.activation_bytes / 1e9, per / 1e9, where);
   return 0;
 }

@@ -12,8 +12,9 @@
  * validation, and the step a stop took effect. */
 void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json);
 
-/* Checks the job's memory plan, as this engine stores it (every tensor fp32;
- * bf16 and fp16 jobs add an fp32 working copy of the weights), against the
+/* Checks the job's memory plan, as this engine stores it (weights, grads and
+ * Adam fp32; bf16 and fp16 jobs add an fp32 working copy of the weights and
+ * keep their blocks' activations in 16 bits), against the
  * devices of this process: a GPU's own memory when device is "cuda:N" (the
  * first of them), else this machine's RAM shared by ranks_here CPU devices.
  * MT_EINVAL with the numbers when it cannot fit; logs the plan otherwise. */

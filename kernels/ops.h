@@ -186,6 +186,13 @@ struct mt_ops {
    * (fp16 != 0: binary16), kept as a float (mt_round_half); dst may alias
    * src. The working copy of the weights the forward reads. */
   void (*round_half)(mt_device *d, float *dst, const float *src, size_t n, int fp16);
+  /* The 16-bit storage of a kept activation: dst[i] = the bits of src[i]
+   * rounded to nearest even into bf16 (fp16 != 0: binary16), and src[i]
+   * replaced by that value as a float, so that the forward computes on with
+   * what the backward will unpack. */
+  void (*pack_half)(mt_device *d, uint16_t *dst, float *src, size_t n, int fp16);
+  /* dst[i] = the float src[i] holds (bf16, or binary16 when fp16 != 0) */
+  void (*unpack_half)(mt_device *d, float *dst, const uint16_t *src, size_t n, int fp16);
   /* 1 when every x[i] stays finite in fp16 (no NaN, inf or |x| >= 65520:
    * mt_fp16_overflows), else 0: the loss scaler's overflow test. */
   int (*fits_fp16)(mt_device *d, const float *x, size_t n);

@@ -20,13 +20,18 @@
  * LayerNorms' outputs (from the block's input and resid2), GeLU's output
  * (from fch) and attention's probabilities (from qkv and lse); the backward
  * recomputes them into the shared buffers of act_plan. With full
- * recomputation only one set exists, refilled from the block's input. */
+ * recomputation only one set exists, refilled from the block's input.
+ * A bf16 or fp16 job keeps them in 16 bits (the *_h tensors, as Megatron's
+ * activations are): each is rounded when made (pack_half), so the forward
+ * goes on with the value the backward unpacks into the fp32 tensors, which
+ * are then one shared set of work buffers. */
 typedef struct block_acts {
   float *qkv;    /* (B,T,3C) */
-  float *lse;    /* (B,NH,T) attention's log-sum-exp per row */
+  float *lse;    /* (B,NH,T) attention's log-sum-exp per row (always fp32) */
   float *atty;   /* (B,T,C) attention output before c_proj */
   float *resid2; /* (B,T,C) stream after the attention branch */
   float *fch;    /* (B,T,4C) before GeLU */
+  uint16_t *qkv_h, *atty_h, *resid2_h, *fch_h; /* 16-bit jobs: what is kept */
 } block_acts;
 
 /* Activations of one micro-batch in flight (a slot), plus pointers to the
@@ -36,7 +41,8 @@ typedef struct act_plan {
   uint64_t sample0;          /* global sample of row 0: dropout masks */
   int has_targets;           /* forward computed losses; backward may run */
   float **resid;             /* L+1 of (B,T,C): resid[0] stage input, resid[l+1] block l out */
-  block_acts *blocks;        /* L, or 1 with recomputation */
+  uint16_t **resid_h; /* 16-bit jobs: resid[1..L-1] kept in 16 bits here instead (resid[l] NULL) */
+  block_acts *blocks; /* L, or 1 with recomputation */
   int n_blocks;
   float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
   float *logits;                    /* (B,T,Vp/tp); turned into dlogits in place by backward */
@@ -47,6 +53,7 @@ typedef struct act_plan {
    * once, in the forward and again in the backward */
   float *ln, *ln_mean, *ln_rstd; /* (B,T,C) (B,T) (B,T) a LayerNorm's output */
   float *gelu;                   /* (B,T,4C) GeLU's output */
+  float *stream[2];              /* 16-bit jobs: (B,T,C) the stream between blocks */
   /* backward scratch, one set; att_scratch serves the forward too */
   float *dres;        /* (B,T,C) gradient of the residual stream */
   float *dbtc;        /* (B,T,C) */
@@ -206,6 +213,15 @@ static void carve(float **dst, float *base, size_t *off, size_t n) {
   *off += align_up(n);
 }
 
+/* n 16-bit values, in the float-aligned layout */
+static void carve_half(uint16_t **dst, float *base, size_t *off, size_t n) {
+  float *f = NULL;
+  carve(&f, base, off, (n + 1) / 2);
+  if (base) *dst = (uint16_t *)f;
+}
+
+static int half_acts(const mt_gpt *m) { return m->cfg.precision != MT_PREC_FP32; }
+
 /* Lays out every activation of n slots in one buffer, the backward scratch
  * once after them; with base == NULL only counts. */
 static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
@@ -215,6 +231,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   size_t T = (size_t)m->T, Vl = (size_t)c->padded_vocab / tp;
   size_t NHl = (size_t)c->n_head / tp, BHT = (size_t)m->B * NHl * T;
   size_t att_scratch = m->dev->ops->attention_scratch(m->dev, (int)T, (int)Cl, (int)NHl);
+  int half = half_acts(m);
   size_t off = 0;
   for (int k = 0; k < n; k++) {
     act_plan *p = &slots[k];
@@ -224,11 +241,23 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
       p->inputs = (int32_t *)ids;
       p->targets = p->inputs + BT;
     }
-    for (int l = 0; l <= m->n_layers; l++) carve(&p->resid[l], base, &off, BT * C);
+    for (int l = 0; l <= m->n_layers; l++) {
+      if (half && l > 0 && l < m->n_layers)
+        carve_half(&p->resid_h[l], base, &off, BT * C);
+      else
+        carve(&p->resid[l], base, &off, BT * C);
+    }
     for (int b = 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
-      carve(&a->qkv, base, &off, BT * 3 * Cl);
       carve(&a->lse, base, &off, BHT);
+      if (half) {
+        carve_half(&a->qkv_h, base, &off, BT * 3 * Cl);
+        carve_half(&a->atty_h, base, &off, BT * Cl);
+        carve_half(&a->resid2_h, base, &off, BT * C);
+        carve_half(&a->fch_h, base, &off, BT * 4 * Cl);
+        continue;
+      }
+      carve(&a->qkv, base, &off, BT * 3 * Cl);
       carve(&a->atty, base, &off, BT * Cl);
       carve(&a->resid2, base, &off, BT * C);
       carve(&a->fch, base, &off, BT * 4 * Cl);
@@ -258,6 +287,22 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve(&p->dfch2, base, &off, BT * 4 * Cl);
   carve(&p->att_scratch, base, &off, att_scratch);
   carve(&p->branch, base, &off, BT * C);
+  if (half) { /* the work buffers the 16-bit tensors unpack into */
+    block_acts w;
+    carve(&p->stream[0], base, &off, BT * C);
+    carve(&p->stream[1], base, &off, BT * C);
+    carve(&w.qkv, base, &off, BT * 3 * Cl);
+    carve(&w.atty, base, &off, BT * Cl);
+    carve(&w.resid2, base, &off, BT * C);
+    carve(&w.fch, base, &off, BT * 4 * Cl);
+    for (int k = 0; k < n && base; k++) {
+      slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
+      for (int b = 0; b < slots[k].n_blocks; b++) {
+        block_acts *a = &slots[k].blocks[b];
+        a->qkv = w.qkv, a->atty = w.atty, a->resid2 = w.resid2, a->fch = w.fch;
+      }
+    }
+  }
   for (int k = 1; k < n && base; k++) {
     slots[k].ln = p->ln, slots[k].ln_mean = p->ln_mean, slots[k].ln_rstd = p->ln_rstd;
     slots[k].gelu = p->gelu;
@@ -290,8 +335,9 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
     act_plan *p = &slots[k];
     p->n_blocks = cfg->recompute ? 1 : m->n_layers;
     p->resid = calloc((size_t)m->n_layers + 1, sizeof(float *));
+    p->resid_h = calloc((size_t)m->n_layers + 1, sizeof(uint16_t *));
     p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
-    if (!p->resid || !p->blocks) {
+    if (!p->resid || !p->resid_h || !p->blocks) {
       rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
       goto fail;
     }
@@ -333,6 +379,7 @@ void mt_gpt_destroy(mt_gpt *m) {
   act_plan *slots = m->act_plan;
   for (int k = 0; slots && k < m->n_slots; k++) {
     free(slots[k].resid);
+    free(slots[k].resid_h);
     free(slots[k].blocks);
   }
   free(slots);
@@ -449,6 +496,17 @@ static void layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x
                              P(m, l, w_index + 1), m->B * m->T, m->cfg.n_embd, m->cfg.ln_eps);
 }
 
+/* In a 16-bit job: x (n floats), an activation the block keeps, rounded in
+ * place and stored in h; nothing in an fp32 job, which keeps x itself. */
+static void keep(mt_gpt *m, uint16_t *h, float *x, size_t n) {
+  if (half_acts(m)) m->dev->ops->pack_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
+}
+
+/* In a 16-bit job: x (n floats) = what keep stored in h. */
+static void unkeep(mt_gpt *m, float *x, const uint16_t *h, size_t n) {
+  if (half_acts(m)) m->dev->ops->unpack_half(m->dev, x, h, n, m->cfg.precision == MT_PREC_FP16);
+}
+
 /* Block l of the stage forward: out(B,T,C) = block(in(B,T,C)), activations
  * into a; dropout masks by the global layer and head index. */
 static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in,
@@ -459,7 +517,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
-  size_t NC = (size_t)N * C;
+  size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
@@ -470,18 +528,29 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
    * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
   layernorm(m, p, l, MT_P_LN1_W, in);
   ops->linear_fwd(d, a->qkv, p->ln, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * t.Cl);
+  keep(m, a->qkv_h, a->qkv, 3 * NCl);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
+  keep(m, a->atty_h, a->atty, NCl);
   ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
   if (rc) return rc;
   ops->dropout_residual_fwd(d, a->resid2, in, p->branch, B, (size_t)T * C, drop1);
+  keep(m, a->resid2_h, a->resid2, NC);
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
-   * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM epilogue */
+   * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM
+   * epilogue, except in a 16-bit job, whose GeLU takes the rounded fch that
+   * the backward will see */
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
-  ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
-                       4 * t.Cl);
+  if (half_acts(m)) {
+    ops->linear_fwd(d, a->fch, p->ln, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C, 4 * t.Cl);
+    keep(m, a->fch_h, a->fch, 4 * NCl);
+    ops->gelu_fwd(d, p->gelu, a->fch, 4 * NCl);
+  } else {
+    ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
+                         4 * t.Cl);
+  }
   ops->linear_fwd(d, p->branch, p->gelu, P(m, l, MT_P_FCPROJ_W),
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
@@ -516,6 +585,11 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
   da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
+  unkeep(m, a->qkv, a->qkv_h, 3 * NCl);
+  unkeep(m, a->atty, a->atty_h, NCl);
+  unkeep(m, a->resid2, a->resid2_h, NC);
+  unkeep(m, a->fch, a->fch_h, 4 * NCl);
+
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
    * GPUs the GeLU gradient is c_proj's GEMM epilogue */
@@ -548,6 +622,18 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
                      P(m, l, MT_P_LN1_W), p->ln_mean, p->ln_rstd, N, C);
   return 0;
+}
+
+/* In a 16-bit job the stream is rounded after every block but the model's
+ * last (a pipeline's stage boundaries included, so every layout rounds the
+ * same values) and kept in 16 bits between the stage's blocks. */
+static void keep_stream(mt_gpt *m, act_plan *p, int l, float *out) {
+  size_t NC = (size_t)m->B * m->T * m->cfg.n_embd;
+  if (!half_acts(m) || (m->last && l == m->n_layers - 1)) return;
+  if (p->resid_h[l + 1])
+    keep(m, p->resid_h[l + 1], out, NC);
+  else
+    m->dev->ops->round_half(m->dev, out, out, NC, m->cfg.precision == MT_PREC_FP16);
 }
 
 int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
@@ -599,8 +685,13 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     if (rc) return rc;
   }
 
-  for (int l = 0; l < L && !rc; l++)
-    rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], p->resid[l], p->resid[l + 1]);
+  const float *in = p->resid[0];
+  for (int l = 0; l < L && !rc; l++) {
+    float *out = p->resid[l + 1] ? p->resid[l + 1] : p->stream[l % 2];
+    rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], in, out);
+    if (!rc) keep_stream(m, p, l, out);
+    in = out;
+  }
   if (rc || !m->last) return rc;
 
   ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
@@ -678,8 +769,15 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
 
   for (int l = L - 1; l >= 0; l--) {
     block_acts *a = &p->blocks[c->recompute ? 0 : l];
-    int rc = c->recompute ? block_forward(m, p, l, a, p->resid[l], p->resid[l + 1]) : 0;
-    if (!rc) rc = block_backward(m, p, l, a, p->resid[l]);
+    const float *in = p->resid[l];
+    if (!in) { /* a 16-bit job's stream */
+      unkeep(m, p->stream[0], p->resid_h[l], NC);
+      in = p->stream[0];
+    }
+    /* the recomputed output is not needed, and in a 16-bit job is not rounded */
+    float *out = half_acts(m) || !p->resid[l + 1] ? p->stream[1] : p->resid[l + 1];
+    int rc = c->recompute ? block_forward(m, p, l, a, in, out) : 0;
+    if (!rc) rc = block_backward(m, p, l, a, in);
     if (!rc && m->on_block_grads) rc = m->on_block_grads(m->grads_ctx, l);
     if (rc) return rc;
   }

@@ -114,6 +114,22 @@ static inline MT_HD float mt_round_half(float f, int fp16) {
   return fp16 ? mt_fp16_to_f32(mt_f32_to_fp16(f)) : mt_bf16_to_f32(mt_f32_to_bf16(f));
 }
 
+/* The 16 bits of f rounded to nearest even into bf16 (fp16 != 0:
+ * binary16): how a kept activation is stored. */
+static inline MT_HD uint16_t mt_half_pack(float f, int fp16) {
+  return fp16 ? mt_f32_to_fp16(f).bits : mt_f32_to_bf16(f).bits;
+}
+
+/* The float 16 stored bits hold (bf16, or binary16 when fp16 != 0). */
+static inline MT_HD float mt_half_unpack(uint16_t bits, int fp16) {
+  if (fp16) {
+    mt_fp16 h = {bits};
+    return mt_fp16_to_f32(h);
+  }
+  mt_bf16 h = {bits};
+  return mt_bf16_to_f32(h);
+}
+
 /* 1 when f does not survive fp16: NaN, infinite, or at least 65520 in
  * magnitude (which rounds to infinity). A scaled gradient like that is an
  * overflow in the loss scaler's terms. */

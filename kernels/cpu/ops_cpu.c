@@ -487,6 +487,20 @@ static void round_half(mt_device *d, float *dst, const float *src, size_t n, int
   for (size_t i = 0; i < n; i++) dst[i] = mt_round_half(src[i], fp16);
 }
 
+static void pack_half(mt_device *d, uint16_t *dst, float *src, size_t n, int fp16) {
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) {
+    uint16_t h = mt_half_pack(src[i], fp16);
+    dst[i] = h;
+    src[i] = mt_half_unpack(h, fp16);
+  }
+}
+
+static void unpack_half(mt_device *d, float *dst, const uint16_t *src, size_t n, int fp16) {
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) dst[i] = mt_half_unpack(src[i], fp16);
+}
+
 static int fits_fp16(mt_device *d, const float *x, size_t n) {
   int bad = 0;
 #pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) reduction(| : bad)
@@ -746,5 +760,7 @@ const mt_ops mt_cpu_ops = {
     .sumsq = sumsq,
     .scale = scale,
     .round_half = round_half,
+    .pack_half = pack_half,
+    .unpack_half = unpack_half,
     .fits_fp16 = fits_fp16,
 };

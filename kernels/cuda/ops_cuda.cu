@@ -647,6 +647,26 @@ static void round_half(mt_device *d, float *dst, const float *src, size_t n, int
   if (n) LAUNCH_EW(d, "round_half", k_round_half, n, dst, src, n, fp16);
 }
 
+static __global__ void k_pack_half(uint16_t *dst, float *src, size_t n, int fp16) {
+  GRID_STRIDE(i, n) {
+    uint16_t h = mt_half_pack(src[i], fp16);
+    dst[i] = h;
+    src[i] = mt_half_unpack(h, fp16);
+  }
+}
+
+static void pack_half(mt_device *d, uint16_t *dst, float *src, size_t n, int fp16) {
+  if (n) LAUNCH_EW(d, "pack_half", k_pack_half, n, dst, src, n, fp16);
+}
+
+static __global__ void k_unpack_half(float *dst, const uint16_t *src, size_t n, int fp16) {
+  GRID_STRIDE(i, n) dst[i] = mt_half_unpack(src[i], fp16);
+}
+
+static void unpack_half(mt_device *d, float *dst, const uint16_t *src, size_t n, int fp16) {
+  if (n) LAUNCH_EW(d, "unpack_half", k_unpack_half, n, dst, src, n, fp16);
+}
+
 /* Elements that overflow fp16, counted per block (in double, so the block
  * sum and the total reuse the sumsq reduction), then added up. */
 static __global__ void k_fp16_bad_part(double *part, const float *x, size_t n) {
@@ -697,6 +717,8 @@ static mt_ops make_ops(void) {
   o.sumsq = sumsq;
   o.scale = scale;
   o.round_half = round_half;
+  o.pack_half = pack_half;
+  o.unpack_half = unpack_half;
   o.fits_fp16 = fits_fp16;
   return o;
 }

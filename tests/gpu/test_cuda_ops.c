@@ -460,6 +460,28 @@ static void test_elementwise(size_t n) {
   gpu.ops->round_half(&gpu, ga, ga, n, 0);
   check("round_half", "bf16 in place", back(ga, n), c, n, 0.0);
 
+  /* the 16-bit storage of kept activations: the bits, the rounded source
+   * left behind, and what unpacking the bits gives, all bit for bit */
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    const char *h16 = fp16 ? "fp16" : "bf16";
+    float *cs = hcopy(w, n), *gs = Df(w, n);
+    uint16_t *ch = halloc(n * sizeof(uint16_t)), *gh = dalloc(n * sizeof(uint16_t));
+    cpu.ops->pack_half(&cpu, ch, cs, n, fp16);
+    gpu.ops->pack_half(&gpu, gh, gs, n, fp16);
+    check("pack_half", label("%s source n=%zu", h16, n), back(gs, n), cs, n, 0.0);
+    float *cb = halloc(n * sizeof(float)), *gb = halloc(n * sizeof(float));
+    if (mt_device_sync(&gpu) || mt_device_memcpy_dtoh(&gpu, gb, gh, n * sizeof(uint16_t)))
+      die("copy from the device");
+    uint16_t *gbits = (uint16_t *)gb;
+    for (size_t i = n; i-- > 0;) gb[i] = (float)gbits[i]; /* the bits as exact floats */
+    for (size_t i = 0; i < n; i++) cb[i] = (float)ch[i];
+    check("pack_half", label("%s bits", h16), gb, cb, n, 0.0);
+    float *cu = halloc(n * sizeof(float)), *gu = DN(n);
+    cpu.ops->unpack_half(&cpu, cu, ch, n, fp16);
+    gpu.ops->unpack_half(&gpu, gu, gh, n, fp16);
+    check("unpack_half", label("%s n=%zu", h16, n), back(gu, n), cu, n, 0.0);
+  }
+
   /* the fp16 overflow test: in range, then one bad value at either end */
   static const float bad[] = {65520.0f, -1e10f, INFINITY, NAN};
   for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {

@@ -49,7 +49,9 @@ static double worst_rel(const rank_log *a, const rank_log *b, int steps) {
 
 /* bf16 under every kind of split follows the single device. The first step,
  * before any update, computes on identically rounded weights: its loss is
- * the single device's up to fp32 reduction order (a few ulps). Later steps
+ * the single device's up to fp32 reduction order, which under tp also moves
+ * the odd activation to the other bf16 neighbour when the block rounds what
+ * it keeps (a few 1e-6; held to 2e-5; pp and dp alone give the same bits). Later steps
  * drift further than fp32's 1e-7: a master weight that reduction order moves
  * across a rounding boundary lands on the other bf16 neighbour (2^-8
  * relative away), so the noise grows to ~1e-5, as it does between micro-batch
@@ -69,7 +71,7 @@ static int test_bf16_layouts_match_single_device(void) {
     CHECK(!rc, "bf16 tp%d pp%d dp%d: %s", tp, pp, dp, mt_errmsg());
     if (rc) continue;
     double w = worst_rel(&logs[0], &ref[0], N), w1 = worst_rel(&logs[0], &ref[0], 1);
-    CHECK(logs[0].n == N && w1 < 2e-7 && w < 1e-4,
+    CHECK(logs[0].n == N && w1 < (tp > 1 ? 2e-5 : 2e-7) && w < 1e-4,
           "bf16 tp%d pp%d dp%d: step 1 loss rel %.2e, worst step %.2e", tp, pp, dp, w1, w);
     printf("  bf16 tp%d pp%d dp%d: worst step loss rel %.2e vs one device\n", tp, pp, dp, w);
   }

@@ -14,7 +14,9 @@ Checked, each relative to float64 torch:
   - for "tiny", the same 10 steps in bf16 mixed precision (MT_REF_PRECISION):
     fp32 master weights, each step computing with them rounded to bfloat16
     (torch: .bfloat16() and back before the forward, the gradient applied to
-    the master), against torch doing the same from float32 masters, within
+    the master) and with the activations a block keeps rounded to bfloat16
+    where it makes them (torch_gpt.rounded_to), against torch doing the same
+    from float32 masters, within
     BF16_TOL at every step. The bf16 run must also be at least 3 times
     further from our fp32 run than from torch's bf16 (the rounding happened).
 Exit 0 when all hold, 1 on any mismatch or failure, 77 (skip) without torch.
@@ -78,8 +80,9 @@ def torch_grads(weights, cfg, idx, tgt, dtype):
 
 def torch_adamw_losses(weights, cfg, idx, tgt, dtype, half=None):
     """Losses of STEPS AdamW steps; with half (torch.bfloat16) the forward
-    and backward use the master weights rounded to it, in dtype math, and
-    the optimizer updates the masters with those gradients."""
+    and backward use the master weights rounded to it, in dtype math, with
+    the activations a block keeps rounded to it as well, and the optimizer
+    updates the masters with those gradients."""
     p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in weights.items()}
     groups = [
         {"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
@@ -96,7 +99,7 @@ def torch_adamw_losses(weights, cfg, idx, tgt, dtype, half=None):
             loss.backward()
         else:
             work = {k: v.detach().to(half).to(dtype).requires_grad_(True) for k, v in p.items()}
-            _, loss = torch_gpt.forward(work, cfg, idx, tgt)
+            _, loss = torch_gpt.forward(work, cfg, idx, tgt, keep=torch_gpt.rounded_to(half))
             loss.backward()
             for k, v in p.items():
                 v.grad = work[k].grad

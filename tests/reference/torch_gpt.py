@@ -113,31 +113,50 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def attention(x, w, b, wp, bp, n_head):
+def same(x):
+    return x
+
+
+def attention(x, w, b, wp, bp, n_head, keep=same):
     B, T, C = x.shape
     hs = C // n_head
-    qkv = x @ w + b  # (B, T, 3C)
+    qkv = keep(x @ w + b)  # (B, T, 3C)
     q, k, v = qkv.split(C, dim=-1)
     q, k, v = (t.reshape(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    y = (att @ v).transpose(1, 2).reshape(B, T, C)
+    y = keep((att @ v).transpose(1, 2).reshape(B, T, C))
     return y @ wp + bp
 
 
-def forward(p, cfg, idx, targets=None):
-    """p: {HF name: tensor}; idx, targets: (B, T) int64. Returns (logits, loss)."""
+def rounded_to(half):
+    """keep= for forward: the value rounded to `half` and back (to nearest
+    even, as mtnlg's pack_half), the gradient passed through unchanged."""
+    def keep(x):
+        return x + (x.to(half).to(x.dtype) - x).detach()
+    return keep
+
+
+def forward(p, cfg, idx, targets=None, keep=same):
+    """p: {HF name: tensor}; idx, targets: (B, T) int64. Returns (logits, loss).
+    keep: applied where mtnlg's blocks keep an activation for the backward
+    pass (in a 16-bit job rounded there, rounded_to): Q/K/V, the attention
+    output, the stream after attention, c_fc's output, and the stream
+    between blocks (not after the last)."""
     B, T = idx.shape
     x = p["wte.weight"][idx] + p["wpe.weight"][:T]  # (B, T, C)
     for l in range(cfg.n_layer):
         h = f"h.{l}."
         a = layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        x = x + attention(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
-                          p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], cfg.n_head)
+        x = keep(x + attention(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
+                               p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"],
+                               cfg.n_head, keep))
         m = layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        m = gelu_tanh(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"])
+        m = gelu_tanh(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"]))
         x = x + (m @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"])
+        if l < cfg.n_layer - 1:
+            x = keep(x)
     x = layer_norm(x, p["ln_f.weight"], p["ln_f.bias"])
     logits = x @ p["wte.weight"].t()  # (B, T, V), tied head
     loss = None

@@ -127,9 +127,8 @@ static int test_forward_reads_only_16bit_weights(void) {
     mt_gpt q, f;
     mt_gpt_config cq = c;
     cq.precision = p;
-    REQUIRE(!mt_gpt_create(&q, &cq, &dev, B, T) && !mt_gpt_create(&f, &c, &dev, B, T), "%s",
+    REQUIRE(!mt_gpt_create(&q, &cq, &dev, B, T) && !mt_gpt_create(&f, &cq, &dev, B, T), "%s",
             mt_errmsg());
-    REQUIRE(f.weights == f.params, "fp32 must read its master weights");
     REQUIRE(!mt_gpt_init_weights(&q, 9), "%s", mt_errmsg());
     /* LayerNorm weights of 1, biases of 0 are exact: nudge every master
      * weight off the grid so the rounding has something to do */
@@ -139,15 +138,19 @@ static int test_forward_reads_only_16bit_weights(void) {
     for (size_t e = 0; e < q.alloc_params; e++)
       CHECK(q.weights[e] == round_to(q.params[e], p), "%s: weight %zu is %a, round(master) %a",
             name, e, q.weights[e], round_to(q.params[e], p));
+    /* f: the same precision with masters already on the grid, so that its
+     * masters and working copy agree; q's differ, and only its working copy
+     * may be read */
     memcpy(f.params, q.weights, q.alloc_params * sizeof(float));
+    REQUIRE(!mt_gpt_round_weights(&f), "%s", mt_errmsg());
     mt_gpt_zero_grad(&q);
     mt_gpt_zero_grad(&f);
     REQUIRE(!mt_gpt_forward(&q, in, tg, 0) && !mt_gpt_backward(&q, 1.0f), "%s", mt_errmsg());
     REQUIRE(!mt_gpt_forward(&f, in, tg, 0) && !mt_gpt_backward(&f, 1.0f), "%s", mt_errmsg());
-    CHECK(q.last_loss == f.last_loss, "%s: loss %.9g, fp32 on the rounded weights %.9g", name,
-          q.last_loss, f.last_loss);
+    CHECK(q.last_loss == f.last_loss, "%s: loss %.9g, masters on the grid %.9g", name, q.last_loss,
+          f.last_loss);
     CHECK(!memcmp(q.grads, f.grads, q.num_params * sizeof(float)),
-          "%s: gradients differ from fp32's on the rounded weights", name);
+          "%s: gradients differ from the run whose masters are its rounded weights", name);
     mt_gpt_destroy(&q);
     mt_gpt_destroy(&f);
 
@@ -163,6 +166,78 @@ static int test_forward_reads_only_16bit_weights(void) {
     if (check_working_copy(&tr.model, p, "after 3 steps")) return 1;
     mt_trainer_destroy(&tr);
   }
+  return 0;
+}
+
+/* pack_half and unpack_half, the storage of kept activations, are half.h's
+ * conversions: ties to even, NaN stays NaN, fp16 overflow to infinity,
+ * subnormals; the source is left holding what unpack returns. */
+static int test_pack_half_stores_what_unpack_returns(void) {
+  float x[] = {0.0f,
+               -0.0f,
+               1.0f,
+               -3.5f,
+               0x1.01p0f /* bf16 tie */,
+               0x1.03p0f,
+               0x1.002p0f /* fp16 tie */,
+               65504.0f,
+               65520.0f,
+               1e-7f,
+               1e-40f,
+               3.1e38f,
+               INFINITY,
+               -INFINITY,
+               NAN};
+  enum { N = sizeof x / sizeof *x };
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    float src[N], back[N];
+    uint16_t h[N];
+    memcpy(src, x, sizeof x);
+    dev.ops->pack_half(&dev, h, src, N, fp16);
+    dev.ops->unpack_half(&dev, back, h, N, fp16);
+    for (int i = 0; i < N; i++) {
+      uint16_t want = mt_half_pack(x[i], fp16);
+      float r = mt_round_half(x[i], fp16);
+      CHECK(h[i] == want, "%s: %a packs to %04x, want %04x", fp16 ? "fp16" : "bf16", x[i], h[i],
+            want);
+      CHECK(isnan(r) ? isnan(src[i]) && isnan(back[i]) : src[i] == r && back[i] == r,
+            "%s: %a left as %a, unpacked %a, want %a", fp16 ? "fp16" : "bf16", x[i], src[i],
+            back[i], r);
+    }
+  }
+  return 0;
+}
+
+/* A bf16 job keeps its blocks' activations in 16 bits: what 4 more layers
+ * add to the activation buffer is about half of what they add in fp32 (the
+ * stream, Q/K/V, attention output, resid2 and c_fc output halve; each row's
+ * log-sum-exp stays fp32), while the shared work buffers stay fp32. */
+static int test_16bit_jobs_keep_activations_in_16_bits(void) {
+  mt_gpt_config c = {.n_layer = 4,
+                     .n_embd = 32,
+                     .n_head = 4,
+                     .vocab_size = 61,
+                     .padded_vocab = 64,
+                     .max_seq = 16,
+                     .ln_eps = 1e-5f,
+                     .init_std = 0.02f};
+  size_t acts[2][2]; /* [bf16][8 layers] */
+  for (int half = 0; half < 2; half++)
+    for (int deep = 0; deep < 2; deep++) {
+      mt_gpt m;
+      mt_gpt_config k = c;
+      k.precision = half ? MT_PREC_BF16 : MT_PREC_FP32;
+      k.n_layer = deep ? 8 : 4;
+      REQUIRE(!mt_gpt_create(&m, &k, &dev, 2, 16), "%s", mt_errmsg());
+      acts[half][deep] = m.acts_floats;
+      mt_gpt_destroy(&m);
+    }
+  double f = (double)(acts[0][1] - acts[0][0]), q = (double)(acts[1][1] - acts[1][0]);
+  /* per token and layer: fp32 10 C + NH floats, 16-bit 5 C + NH */
+  double want = (5.0 * 32 + 4) / (10.0 * 32 + 4);
+  printf("  4 more layers: fp32 %.0f activation floats, bf16 %.0f (%.3f, expected %.3f)\n", f, q,
+         q / f, want);
+  CHECK(fabs(q / f - want) < 0.02, "bf16 layers add %.0f floats, fp32 %.0f", q, f);
   return 0;
 }
 
@@ -280,6 +355,8 @@ int main(void) {
       {"test_bf16_trains_within_bf16_tolerance_of_fp32",
        test_bf16_trains_within_bf16_tolerance_of_fp32},
       {"test_forward_reads_only_16bit_weights", test_forward_reads_only_16bit_weights},
+      {"test_pack_half_stores_what_unpack_returns", test_pack_half_stores_what_unpack_returns},
+      {"test_16bit_jobs_keep_activations_in_16_bits", test_16bit_jobs_keep_activations_in_16_bits},
       {"test_fp16_range_check_boundary", test_fp16_range_check_boundary},
       {"test_fp16_run_that_overflows_and_recovers", test_fp16_run_that_overflows_and_recovers},
       {"test_fp32_has_no_working_copy_or_scale", test_fp32_has_no_working_copy_or_scale},
