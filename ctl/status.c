@@ -16,10 +16,11 @@
 
 const char ctl_status_help[] =
     "The job and where it stands, as the daemon at the endpoint sees it: job and\n"
-    "layout, generation and coordinator, state (and why, when failed), step of steps,\n"
-    "loss, learning rate, gradient norm, tokens/s, model TFLOP/s per device (mean,\n"
-    "min, max; MFU when the daemon knows the peak), the step time split into compute,\n"
-    "pipeline bubble and communication, the ETA, and the last checkpoint.\n"
+    "layout, generation (and restarts after failures) and coordinator, state (and\n"
+    "why, when failed or re-forming), step of steps, loss, learning rate, gradient\n"
+    "norm, tokens/s, model TFLOP/s per device (mean, min, max; MFU when the daemon\n"
+    "knows the peak), the step time split into compute, pipeline bubble and\n"
+    "communication, the ETA, and the last checkpoint.\n"
     "\n"
     "Options:\n"
     "  --devices              also list every device: node, rank, stage, replica,\n"
@@ -168,6 +169,8 @@ static void print_status(const json_t *st) {
   const char *coord = ctl_jstr(st, "coordinator"), *node = ctl_jstr(st, "node"),
              *version = ctl_jstr(st, "version");
   printf(LABEL "%s", "generation", ctl_fmt_field(a, sizeof a, st, "generation", "%.0f"));
+  if (ctl_jnum(st, "restarts", &v) && v > 0)
+    printf(" (%.0f restart%s after failures)", v, v == 1 ? "" : "s");
   if (coord) printf(", coordinator %s", coord);
   if (node || version) {
     printf(" (answered by %s", node ? node : "-");

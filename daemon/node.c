@@ -154,6 +154,27 @@ static void *engine_wait(void *arg) {
   return NULL;
 }
 
+/* A generation formed after a failure: world rank 0's node says where its
+ * ranks will pick up (the engine logs the step it resumed from). */
+static void log_restart_point(node *n) {
+  mt_ckpt_entry *list = NULL;
+  size_t count = 0;
+  if (!n->ckpt_job_dir[0]) {
+    mt_log_warn("generation %d (restart %d): the job has no checkpoint.dir: training restarts from "
+                "step 0",
+                n->gen, n->asg.restart);
+  } else if (mt_ckpt_list(n->ckpt_job_dir, &list, &count) || !count) {
+    mt_log_warn("generation %d (restart %d): no committed checkpoint in %s yet: training restarts "
+                "from step 0",
+                n->gen, n->asg.restart, n->ckpt_job_dir);
+  } else {
+    mt_log_info("generation %d (restart %d): resuming from the newest committed checkpoint in %s "
+                "(step %lld)",
+                n->gen, n->asg.restart, n->ckpt_job_dir, (long long)list[count - 1].step);
+  }
+  free(list);
+}
+
 static int start_engine(node *n, const mt_member *me, const char *job_json) {
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
   mt_job_preset_dirs(n->cfg->presets_dir[0] ? n->cfg->presets_dir : NULL, preset_dirs);
@@ -173,6 +194,9 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
              n->cfg->checkpoint_dir);
   if (n->run_job.checkpoint.dir[0])
     mt_checkpoint_job_dir(&n->run_job, n->ckpt_job_dir, sizeof n->ckpt_job_dir);
+  /* a later generation (after a resize or a failure) goes on from where the
+   * last one saved, not from the step the job names for its first start */
+  if (n->gen > 1) n->run_job.checkpoint.resume_step = -1;
   int here = me->rank_end - me->rank_begin;
   if (here > n->n_devices)
     return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
@@ -205,8 +229,14 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
               n->gen, me->rank_begin, me->rank_end, n->asg.world, n->specs[0], n->specs[here - 1],
               n->asg.tp, n->asg.pp, n->asg.dp, n->run_job.name, n->run_job.hash);
-  if ((rc = mt_local_start(&n->lo, &n->local))) return rc;
+  if (n->asg.restart > 0 && me->rank_begin == 0) log_restart_point(n);
+  if ((rc = mt_local_start(&n->lo, &n->local))) {
+    mt_store_free(n->engine_store);
+    n->engine_store = NULL;
+    return rc;
+  }
   n->engine_running = 1;
+  n->ran = 1;
   if (pthread_create(&n->waiter, NULL, engine_wait, n)) {
     mt_local_abort(n->local);
     mt_local_wait(n->local);
@@ -216,6 +246,15 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
     return mt_seterr(MT_ENOMEM, "cannot start the engine's waiter thread");
   }
   return 0;
+}
+
+/* How a failure of this node's ranks is reported: one on a peer or the
+ * network (a collective that failed, timed out or was aborted, a store that
+ * did not answer) may pass in a new generation; anything else (a job that
+ * cannot run here, a checkpoint of another layout) would fail again. */
+static int report_kind(int rc) {
+  return rc == MT_EIO || rc == MT_ETIMEDOUT || rc == MT_ECANCELED ? MT_REPORT_PEER
+                                                                  : MT_REPORT_FAILED;
 }
 
 /* The ranks ended: report to the coordinator, then wait for its word. */
@@ -229,7 +268,10 @@ static void on_engine_done(uv_async_t *h) {
   n->engine_store = NULL;
   char reason[1200];
   int failed = n->engine_rc != 0;
-  if (failed) {
+  if (failed && n->end_seen) { /* aborted because the generation ended */
+    snprintf(reason, sizeof reason, "%s", n->engine_err);
+    mt_log_warn("generation %d: this node's ranks stopped with the generation: %s", n->gen, reason);
+  } else if (failed) {
     snprintf(reason, sizeof reason, "%s", n->engine_err);
     mt_log_error("generation %d: this node's ranks failed: %s", n->gen, reason);
   } else {
@@ -247,7 +289,8 @@ static void on_engine_done(uv_async_t *h) {
     finish(n, 1);
     return;
   }
-  store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name, failed, reason));
+  store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name,
+                                 failed ? report_kind(n->engine_rc) : MT_REPORT_DONE, reason));
   set_state(n, N_ENDING);
 }
 
@@ -271,13 +314,18 @@ static int poll_end(node *n) {
   if (!n->end_seen) {
     snprintf(n->end_reason, sizeof n->end_reason, "%s", reason);
     n->end_seen = 1, n->end_final = final, n->end_ok = ok;
-    mt_log(ok ? MT_LOG_INFO : MT_LOG_ERROR, "generation %d ended: %s", n->gen, reason);
+    /* a failure the coordinator re-forms from is a warning; the job's end an error */
+    mt_log(ok      ? MT_LOG_INFO
+           : final ? MT_LOG_ERROR
+                   : MT_LOG_WARN,
+           "generation %d ended: %s", n->gen, reason);
     sd_notifyf(0, "STATUS=generation %d ended: %s", n->gen, reason);
   }
   return 1;
 }
 
-/* A generation ended without ending the job (a resize): wait for the next. */
+/* A generation ended without ending the job (a resize, or a failure the
+ * coordinator re-forms from): wait for the next. */
 static void next_generation(node *n) {
   mt_log_info("waiting for generation %d", n->gen + 1);
   n->gen++;
@@ -321,7 +369,9 @@ static void node_round(node *n) {
         next_generation(n);
         return;
       }
-      leave_and_exit(n, 0); /* a job that ended without this node is not its failure */
+      /* a job that ended without this node is not its failure; one this node
+       * ran in earlier generations is */
+      leave_and_exit(n, n->end_ok || !n->ran ? 0 : 1);
       return;
     }
     if (rc < 0 || n->state == N_SPARE) break;
@@ -342,10 +392,12 @@ static void node_round(node *n) {
       }
       pthread_mutex_unlock(&n->mu);
       set_state(n, N_SPARE);
-    } else if (start_engine(n, me, job_json)) {
+    } else if ((rc = start_engine(n, me, job_json))) {
       snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
+      n->engine_rc = rc;
       mt_log_error("generation %d: cannot start this node's ranks: %s", n->gen, n->engine_err);
-      store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name, 1, n->engine_err));
+      store_result(n,
+                   mt_rdzv_report(n->store, n->gen, n->cfg->name, report_kind(rc), n->engine_err));
       set_state(n, N_ENDING);
     } else {
       set_state(n, N_RUNNING);
@@ -395,6 +447,11 @@ static void node_round(node *n) {
   case N_ENDING:
     if ((rc = poll_end(n)) == 1 && n->end_final) {
       leave_and_exit(n, n->end_ok && !n->engine_rc ? 0 : 1);
+    } else if (rc == 1 && n->signals) {
+      /* told to stop while its generation ended: it takes no part in the next */
+      if (n->coord)
+        mt_coord_finish(n->coord, 1, "the coordinator was stopped while the cluster re-formed");
+      leave_and_exit(n, 0);
     } else if (rc == 1) {
       next_generation(n);
     }
@@ -452,7 +509,7 @@ static void on_signal(uv_signal_t *h, int sig) {
         set_state(n, N_ENDING);
         break;
       }
-      mt_coord_finish(n->coord, 1, "the coordinator was stopped before a generation ran");
+      mt_coord_finish(n->coord, 1, "the coordinator was stopped while no generation ran");
       leave_and_exit(n, 0);
     } else {
       leave_and_exit(n, 0);
@@ -590,22 +647,24 @@ int mt_node_main(const mt_node_opts *o) {
     goto out;
   }
   if (n->is_host) {
-    mt_coord_opts co = {
-        .store = n->store,
-        .coordinator_name = n->cfg->name,
-        .job_json = n->job_json,
-        .job_hash = n->job.hash,
-        .version = MT_VERSION,
-        .tp = n->job.parallel.tp,
-        .pp = n->job.parallel.pp,
-        .dp_min = n->job.parallel.dp_min,
-        .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min ? n->job.parallel.dp_max
-                                                                  : n->job.parallel.dp_min,
-        .micro_batch = n->job.parallel.micro_batch,
-        .global_batch = n->job.train.global_batch,
-        .last_call_ms = n->cfg->last_call_ms,
-        .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
-        .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0]};
+    mt_coord_opts co = {.store = n->store,
+                        .coordinator_name = n->cfg->name,
+                        .job_json = n->job_json,
+                        .job_hash = n->job.hash,
+                        .version = MT_VERSION,
+                        .tp = n->job.parallel.tp,
+                        .pp = n->job.parallel.pp,
+                        .dp_min = n->job.parallel.dp_min,
+                        .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min
+                                      ? n->job.parallel.dp_max
+                                      : n->job.parallel.dp_min,
+                        .micro_batch = n->job.parallel.micro_batch,
+                        .global_batch = n->job.train.global_batch,
+                        .last_call_ms = n->cfg->last_call_ms,
+                        .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
+                        .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0],
+                        .max_restarts = n->cfg->max_restarts,
+                        .reform_timeout_ms = n->cfg->reform_timeout_s * 1000};
     if (mt_coord_new(&co, &n->coord)) {
       mt_log_error("%s", mt_errmsg());
       goto out;

@@ -38,6 +38,12 @@ static json_t *num_or_null(double v) { return isfinite(v) ? json_real(v) : json_
 
 void node_history_add(node *n, const mt_step_stats *st) {
   pthread_mutex_lock(&n->mu);
+  /* a generation re-formed after a failure resumes from an earlier step:
+   * the steps after it are history no more (they are trained again) */
+  while (n->history && n->history_n > n->history_first &&
+         n->history[(n->history_n - 1) % NODE_HISTORY].step >= st->step)
+    n->history_n--;
+  n->last_gen = n->gen;
   if (n->history) {
     node_point *p = &n->history[n->history_n % NODE_HISTORY];
     *p = (node_point){.step = st->step,
@@ -53,6 +59,8 @@ void node_history_add(node *n, const mt_step_stats *st) {
                       .comm_ms = st->comm_ms,
                       .val_loss = st->has_val ? st->val_loss : NAN};
     n->history_n++;
+    if (n->history_n - n->history_first > NODE_HISTORY)
+      n->history_first = n->history_n - NODE_HISTORY;
   }
   n->last = *st;
   n->have_last = 1;
@@ -100,7 +108,8 @@ static json_t *build_status(node *n) {
   json_t *cl = n->cluster;
   const char *state = cl ? json_string_value(json_object_get(cl, "state")) : NULL;
   const char *reason = cl ? json_string_value(json_object_get(cl, "reason")) : NULL;
-  if (n->end_seen && !n->end_ok && n->end_reason[0]) state = "failed", reason = n->end_reason;
+  if (n->end_seen && n->end_final && !n->end_ok && n->end_reason[0])
+    state = "failed", reason = n->end_reason;
   if (!state) state = "forming";
   json_t *s = json_object();
   json_object_set_new(s, "node", json_string(n->cfg->name));
@@ -109,6 +118,8 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "version", json_string(MT_VERSION));
   json_object_set_new(s, "job", job_json(n));
   json_object_set_new(s, "generation", json_integer(n->gen));
+  json_t *restarts = cl ? json_object_get(cl, "restarts") : NULL;
+  json_object_set_new(s, "restarts", json_integer(json_integer_value(restarts)));
   json_object_set_new(s, "state", json_string(state));
   json_object_set_new(s, "reason", reason ? json_string(reason) : json_null());
   const mt_step_stats *st = &n->last;
@@ -120,7 +131,7 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "grad_norm", have ? num_or_null(st->grad_norm) : json_null());
   /* the newest validation loss in the ring */
   json_t *val = json_null();
-  for (int64_t i = n->history_n - 1; i >= 0 && i >= n->history_n - NODE_HISTORY; i--)
+  for (int64_t i = n->history_n - 1; i >= n->history_first; i--)
     if (isfinite(n->history[i % NODE_HISTORY].val_loss)) {
       val = json_real(n->history[i % NODE_HISTORY].val_loss);
       break;
@@ -137,10 +148,10 @@ static json_t *build_status(node *n) {
   /* ETA from the mean step time of the last 20 points */
   json_t *eta = json_null();
   const mt_job *j = n->have_run_job ? &n->run_job : NULL;
-  if (j && have && n->history_n > 0 && !strcmp(state, "running")) {
+  if (j && have && n->history_n > n->history_first && !strcmp(state, "running")) {
     double sum = 0;
     int k = 0;
-    for (int64_t i = n->history_n - 1; i >= 0 && k < 20; i--, k++)
+    for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++)
       sum += n->history[i % NODE_HISTORY].step_ms;
     eta = json_real((double)(j->train.steps - st->step) * sum / k / 1e3);
   }
@@ -216,7 +227,7 @@ static json_t *p_history(void *arg, int64_t since) {
   node *n = arg;
   json_t *pts = json_array();
   pthread_mutex_lock(&n->mu);
-  int64_t first = n->history_n > NODE_HISTORY ? n->history_n - NODE_HISTORY : 0;
+  int64_t first = n->history_first;
   int64_t last_step = 0;
   for (int64_t i = first; i < n->history_n; i++) {
     const node_point *p = &n->history[i % NODE_HISTORY];
@@ -361,7 +372,7 @@ void node_control_round(node *n, int heartbeat) {
         free(v);
         int64_t step = j ? json_integer_value(json_object_get(j, "step")) : 0;
         pthread_mutex_lock(&n->mu);
-        int newer = step > (n->have_last ? n->last.step : 0);
+        int newer = step > (n->have_last ? n->last.step : 0) || n->last_gen != n->gen;
         pthread_mutex_unlock(&n->mu);
         if (j && newer) {
           mt_step_stats st = {.step = step};

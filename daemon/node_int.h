@@ -95,6 +95,8 @@ typedef struct node {
   int64_t drain_until_ms; /* a follower that is done answers until then */
   int abandoned;          /* the ranks did not stop: exit without them */
   int have_run_job;       /* run_job and asg describe the generation (member or spare) */
+  int ran;                /* this node's ranks ran in some generation of the job */
+  int last_gen;           /* the generation of the newest step in the history */
   int job_dp_min;         /* the job's own, before the generation's dp replaced it */
   int64_t skipped_steps;
   char ckpt_job_dir[1200]; /* where this job's checkpoints live, or "" */
@@ -107,11 +109,12 @@ typedef struct node {
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
   mt_step_stats last;
   int have_last;
-  node_point *history; /* ring of NODE_HISTORY */
-  int64_t history_n;   /* points ever added */
-  json_t *cluster;     /* the coordinator's cluster/status, refreshed every round */
-  json_t *extra_ops;   /* ops this node submitted, until cluster/status lists them */
-  double peak_flops;   /* sgemm rate measured at start-up per device (MFU), 0 unknown */
+  node_point *history;   /* ring of NODE_HISTORY */
+  int64_t history_n;     /* points ever added, less those a resume took back */
+  int64_t history_first; /* the oldest point still in the ring */
+  json_t *cluster;       /* the coordinator's cluster/status, refreshed every round */
+  json_t *extra_ops;     /* ops this node submitted, until cluster/status lists them */
+  double peak_flops;     /* sgemm rate measured at start-up per device (MFU), 0 unknown */
   int64_t last_hb_status_ms;
 
   json_t *status_cache; /* the last /v1/status, shared read-only (node_control.c) */

@@ -101,9 +101,10 @@ static json_t *assignment_to_json(const mt_assignment *a) {
                           json_pack("{s:s, s:i, s:i}", "name", a->members[i].name, "rank_begin",
                                     a->members[i].rank_begin, "rank_end", a->members[i].rank_end));
   for (int i = 0; i < a->n_spares; i++) json_array_append_new(spares, json_string(a->spares[i]));
-  return json_pack("{s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:o, s:o}", "gen", a->gen, "tp", a->tp,
+  return json_pack("{s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i, s:o, s:o}", "gen", a->gen, "tp", a->tp,
                    "pp", a->pp, "dp", a->dp, "world", a->world, "job_hash", a->job_hash,
-                   "coordinator", a->coordinator, "members", members, "spares", spares);
+                   "coordinator", a->coordinator, "restart", a->restart, "members", members,
+                   "spares", spares);
 }
 
 static int assignment_from_json(json_t *j, mt_assignment *a) {
@@ -113,6 +114,7 @@ static int assignment_from_json(json_t *j, mt_assignment *a) {
   a->pp = (int)json_integer_value(json_object_get(j, "pp"));
   a->dp = (int)json_integer_value(json_object_get(j, "dp"));
   a->world = (int)json_integer_value(json_object_get(j, "world"));
+  a->restart = (int)json_integer_value(json_object_get(j, "restart"));
   copy_str(a->job_hash, sizeof a->job_hash, j, "job_hash");
   copy_str(a->coordinator, sizeof a->coordinator, j, "coordinator");
   json_t *members = json_object_get(j, "members"), *spares = json_object_get(j, "spares");
@@ -206,9 +208,14 @@ int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int r
   return 1;
 }
 
-int mt_rdzv_report(mt_store *s, int gen, const char *name, int failed, const char *reason) {
+/* The report keys under gen/<g>/, by MT_REPORT_*. */
+static const char *const report_kinds[] = {"done", "failed", "peer_failed"};
+
+int mt_rdzv_report(mt_store *s, int gen, const char *name, int how, const char *reason) {
+  if (how < MT_REPORT_DONE || how > MT_REPORT_PEER)
+    return mt_seterr(MT_EINVAL, "rdzv: report of kind %d", how);
   char key[160];
-  snprintf(key, sizeof key, "gen/%d/%s/%s", gen, failed ? "failed" : "done", name);
+  snprintf(key, sizeof key, "gen/%d/%s/%s", gen, report_kinds[how], name);
   return mt_store_set(s, key, reason, strlen(reason));
 }
 
@@ -289,7 +296,7 @@ typedef struct coord_node {
   int slots;
   int rank_begin, rank_end;
   int64_t hb_value, hb_changed_ms;
-  int reported; /* 1 done, 2 failed, for the running generation */
+  int reported; /* for the running generation: 1 + MT_REPORT_* once it reported, else 0 */
   char report[512];
 } coord_node;
 
@@ -324,12 +331,16 @@ struct mt_coord {
   int final_written;
   int64_t ended_ms;
   int end_ok;
-  char end_reason[800];
+  char end_reason[1200];
   int paused;
-  int dp;              /* of the running generation */
-  int resize_to;       /* a resize under way: the next generation's dp (0: none) */
-  int64_t resize_op;   /* its operation's id */
-  int resize_saved;    /* its checkpoint is committed: the generation may end */
+  int dp;            /* of the running generation */
+  int resize_to;     /* a resize under way: the next generation's dp (0: none) */
+  int64_t resize_op; /* its operation's id */
+  int resize_saved;  /* its checkpoint is committed: the generation may end */
+  int restarts;      /* generations ended by a failure and re-formed */
+  int reforming;     /* forming after a failure: bounded by reform_timeout_ms */
+  int64_t reform_since_ms;
+  char failure[600];   /* what ended the last generation that failed */
   int64_t next_op_req; /* the next ops/req/<n> to read */
   coord_op *ops;
   int n_ops, cap_ops;
@@ -447,8 +458,9 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
 }
 
 /* Heartbeats and departures: marks nodes lost or left; returns the first
- * member lost in this round, or NULL. */
-static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc) {
+ * member of the running generation lost (or gone) in this round, with what
+ * happened to it in why, or NULL. */
+static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc, char *why, size_t size) {
   coord_node *lost_member = NULL;
   *rc = 0;
   for (int i = 0; i < c->n_nodes; i++) {
@@ -458,6 +470,17 @@ static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc) {
     snprintf(key, sizeof key, "nodes/%s/left", n->d.name);
     int left = mt_store_check(c->o.store, key);
     if (left < 0) return *rc = left, NULL;
+    if (left && n->role == ROLE_MEMBER && c->state == G_RUNNING) {
+      /* a member leaves only once the job ended, or when it gave up its
+       * ranks: the generation cannot go on without them */
+      n->role = ROLE_LEFT;
+      mt_log_warn("coordinator: node %s left while a member of generation %d", n->d.name, c->gen);
+      if (!lost_member) {
+        lost_member = n;
+        snprintf(why, size, "node %s left (ranks [%d, %d))", n->d.name, n->rank_begin, n->rank_end);
+      }
+      continue;
+    }
     if (left && n->role != ROLE_MEMBER) {
       n->role = ROLE_LEFT;
       mt_log_info("coordinator: node %s left", n->d.name);
@@ -472,7 +495,11 @@ static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc) {
       n->role = ROLE_LOST;
       mt_log_warn("coordinator: node %s lost: no heartbeat for %.1f s", n->d.name,
                   (now_ms - n->hb_changed_ms) / 1000.0);
-      if (was_member && !lost_member) lost_member = n;
+      if (was_member && !lost_member) {
+        lost_member = n;
+        snprintf(why, size, "node %s lost (no heartbeat for %.1f s, ranks [%d, %d))", n->d.name,
+                 (now_ms - n->hb_changed_ms) / 1000.0, n->rank_begin, n->rank_end);
+      }
     }
   }
   return lost_member;
@@ -501,8 +528,12 @@ static void op_done(coord_op *o, int ok, const char *reason);
 static int form(mt_coord *c, int dp) {
   qsort(c->nodes, (size_t)c->n_nodes, sizeof *c->nodes, cmp_nodes);
   int need = c->o.pp * dp, have = 0;
-  mt_assignment a = {
-      .gen = c->gen, .tp = c->o.tp, .pp = c->o.pp, .dp = dp, .world = c->o.tp * c->o.pp * dp};
+  mt_assignment a = {.gen = c->gen,
+                     .tp = c->o.tp,
+                     .pp = c->o.pp,
+                     .dp = dp,
+                     .world = c->o.tp * c->o.pp * dp,
+                     .restart = c->reforming ? c->restarts : 0};
   snprintf(a.job_hash, sizeof a.job_hash, "%s", c->o.job_hash);
   a.members = calloc((size_t)c->n_nodes + 1, sizeof *a.members);
   a.spares = calloc((size_t)c->n_nodes + 1, sizeof *a.spares);
@@ -547,10 +578,14 @@ static int form(mt_coord *c, int dp) {
     for (int i = 0; i < a.n_members && len < sizeof members - 80; i++)
       len += (size_t)snprintf(members + len, sizeof members - len, "%s%s [%d,%d)", i ? ", " : "",
                               a.members[i].name, a.members[i].rank_begin, a.members[i].rank_end);
-    mt_log_info("coordinator: generation %d formed: tp %d x pp %d x dp %d = %d ranks on %d "
+    char restart[64] = "";
+    if (c->reforming)
+      snprintf(restart, sizeof restart, " (restart %d of %d)", c->restarts, c->o.max_restarts);
+    mt_log_info("coordinator: generation %d formed%s: tp %d x pp %d x dp %d = %d ranks on %d "
                 "node(s): %s; %d spare(s)",
-                c->gen, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
+                c->gen, restart, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
     c->state = G_RUNNING;
+    c->reforming = 0;
     if (c->resize_to) {
       for (int i = 0; i < c->n_ops; i++)
         if (c->ops[i].id == c->resize_op) op_done(&c->ops[i], 1, NULL);
@@ -562,6 +597,18 @@ static int form(mt_coord *c, int dp) {
   }
   mt_assignment_free(&a);
   return rc ? mt_wraperr(rc, "coordinator: publish generation %d", c->gen) : 0;
+}
+
+/* After a generation ended without ending the job: the next one forms from
+ * every node present (members, spares and new joiners alike). */
+static void begin_forming(mt_coord *c) {
+  c->gen++;
+  c->state = G_FORMING;
+  c->formable_since_ms = 0;
+  c->paused = 0;
+  for (int i = 0; i < c->n_nodes; i++)
+    if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
+      c->nodes[i].role = ROLE_NONE;
 }
 
 static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const char *reason) {
@@ -579,8 +626,75 @@ static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const 
   return 0;
 }
 
+/* A member was lost, or its ranks failed on a peer (what says which): while
+ * restarts are left, ends the generation without ending the job and forms
+ * the next from the nodes left and the spares, whose ranks resume from the
+ * newest committed checkpoint (torchrun's --max-restarts); otherwise, or when
+ * an operator was stopping the job anyway, the job ends failed. */
+static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
+  char why[900];
+  for (int i = 0; i < c->n_ops; i++)
+    if (!strcmp(c->ops[i].kind, "stop") && !strcmp(c->ops[i].state, "running")) {
+      snprintf(why, sizeof why, "%.600s; the job was stopping, so it ends here", what);
+      return end_generation(c, now_ms, 1, 0, why);
+    }
+  if (c->restarts >= c->o.max_restarts) {
+    snprintf(why, sizeof why,
+             "%.600s; not re-forming: the restart budget is spent (%d of %d restart(s) used, "
+             "rendezvous.max_restarts)",
+             what, c->restarts, c->o.max_restarts);
+    return end_generation(c, now_ms, 1, 0, why);
+  }
+  c->restarts++;
+  snprintf(why, sizeof why, "%.600s; re-forming from %s, restart %d of %d", what,
+           c->o.has_checkpoint_dir ? "the last checkpoint"
+                                   : "step 0 (the job has no checkpoint.dir)",
+           c->restarts, c->o.max_restarts);
+  int rc = end_generation(c, now_ms, 0, 0, why);
+  if (rc) return rc;
+  /* the orders of the ended generation cannot act any more */
+  char failed[1000];
+  snprintf(failed, sizeof failed, "the generation ended first: %s", why);
+  for (int i = 0; i < c->n_ops; i++)
+    if (!strcmp(c->ops[i].state, "running") || !strcmp(c->ops[i].state, "queued"))
+      op_done(&c->ops[i], 0, failed);
+  c->resize_to = 0;
+  c->resize_saved = 0;
+  snprintf(c->failure, sizeof c->failure, "%s", what);
+  begin_forming(c);
+  c->reforming = 1;
+  c->reform_since_ms = now_ms;
+  mt_log_info("coordinator: forming generation %d from the nodes left and the spares", c->gen);
+  return 0;
+}
+
+/* Re-forming after a failure found too few nodes for reform_timeout_ms. */
+static int give_up_reforming(mt_coord *c, int64_t now_ms) {
+  char names[400] = "";
+  size_t len = 0;
+  int n = 0, slots = 0;
+  for (int i = 0; i < c->n_nodes; i++) {
+    if (c->nodes[i].role != ROLE_NONE) continue;
+    slots += c->nodes[i].slots;
+    if (len < sizeof names - 80)
+      len += (size_t)snprintf(names + len, sizeof names - len, "%s%s", n ? ", " : "",
+                              c->nodes[i].d.name);
+    n++;
+  }
+  char why[1200];
+  snprintf(why, sizeof why,
+           "cannot re-form after %.500s: pp %d x dp_min %d needs %d model slot(s) in whole nodes, "
+           "the %d node(s) left (%s) hold %d, and no node joined within "
+           "rendezvous.reform_timeout_s (%d s)",
+           c->failure, c->o.pp, c->o.dp_min, c->o.pp * c->o.dp_min, n, n ? names : "none", slots,
+           c->o.reform_timeout_ms / 1000);
+  c->reforming = 0;
+  return end_generation(c, now_ms, 1, 0, why);
+}
+
 /* Members' reports: all done ends the job well; a failure not explained by a
- * lost node within the heartbeat timeout ends it with the failure. */
+ * lost node within the heartbeat timeout ends the generation: a failure on a
+ * peer re-forms it (restart_or_end), one on the job ends the job. */
 static int read_reports(mt_coord *c, int64_t now_ms) {
   int members = 0, done = 0;
   coord_node *failed = NULL;
@@ -589,20 +703,23 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
     if (n->role != ROLE_MEMBER) continue;
     members++;
     if (!n->reported) {
-      for (int f = 0; f < 2 && !n->reported; f++) {
+      for (int f = MT_REPORT_DONE; f <= MT_REPORT_PEER && !n->reported; f++) {
         char key[160], *text;
-        snprintf(key, sizeof key, "gen/%d/%s/%s", c->gen, f ? "failed" : "done", n->d.name);
+        snprintf(key, sizeof key, "gen/%d/%s/%s", c->gen, report_kinds[f], n->d.name);
         int rc = get_now(c->o.store, key, &text);
         if (rc < 0) return rc;
         if (rc) {
-          n->reported = f ? 2 : 1;
+          n->reported = 1 + f;
           snprintf(n->report, sizeof n->report, "%s", text);
           free(text);
         }
       }
     }
-    if (n->reported == 1) done++;
-    if (n->reported == 2 && !failed) failed = n;
+    if (n->reported == 1 + MT_REPORT_DONE) done++;
+    /* the first failure on the job itself, else the first on a peer */
+    if (n->reported == 1 + MT_REPORT_FAILED && (!failed || failed->reported != n->reported))
+      failed = n;
+    if (n->reported == 1 + MT_REPORT_PEER && !failed) failed = n;
   }
   if (members && done == members && c->resize_to && !c->resize_saved) {
     /* stopped for the resize: its checkpoint's word comes next (read_acted) */
@@ -618,13 +735,7 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
     snprintf(why, sizeof why, "resize from dp %d to dp %d", c->dp, c->resize_to);
     int rc = end_generation(c, now_ms, 0, 1, why);
     if (rc) return rc;
-    c->gen++;
-    c->state = G_FORMING;
-    c->formable_since_ms = 0;
-    c->paused = 0;
-    for (int i = 0; i < c->n_nodes; i++)
-      if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
-        c->nodes[i].role = ROLE_NONE;
+    begin_forming(c);
     return 0;
   }
   if (members && done == members) {
@@ -641,6 +752,7 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
     if (now_ms - c->first_failure_ms > c->o.heartbeat_timeout_ms) {
       char why[800];
       snprintf(why, sizeof why, "node %s failed: %.600s", failed->d.name, failed->report);
+      if (failed->reported == 1 + MT_REPORT_PEER) return restart_or_end(c, now_ms, why);
       return end_generation(c, now_ms, 1, 0, why);
     }
   }
@@ -855,7 +967,7 @@ static int read_acted(mt_coord *c) {
         op_done(o, 1, NULL);
       } else {
         char why[900];
-        snprintf(why, sizeof why, "the generation ended first: %s", c->end_reason);
+        snprintf(why, sizeof why, "the generation ended first: %.800s", c->end_reason);
         op_done(o, 0, why);
       }
       continue;
@@ -967,10 +1079,12 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   for (int i = 0; i < c->n_ops; i++)
     if (i >= c->n_ops - 200 || !strcmp(c->ops[i].state, "running"))
       json_array_append_new(ops, op_to_json(&c->ops[i]));
-  json_t *st = json_pack(
-      "{s:i, s:s, s:o, s:s, s:o, s:o, s:i}", "generation", c->gen, "state", cluster_state(c),
-      "reason", c->end_reason[0] && c->state == G_ENDED ? json_string(c->end_reason) : json_null(),
-      "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops, "dp", dp);
+  /* the reason: why the job ended, or why the cluster re-forms */
+  int why = c->end_reason[0] && (c->state == G_ENDED || c->reforming);
+  json_t *st = json_pack("{s:i, s:s, s:o, s:s, s:o, s:o, s:i, s:i}", "generation", c->gen, "state",
+                         cluster_state(c), "reason", why ? json_string(c->end_reason) : json_null(),
+                         "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops,
+                         "dp", dp, "restarts", c->restarts);
   return set_json(c->o.store, "cluster/status", st);
 }
 
@@ -985,17 +1099,11 @@ int mt_coord_tick(mt_coord *c, int64_t now_ms) {
 static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   int rc = read_joins(c, now_ms);
   if (rc || c->state == G_ENDED) return rc; /* late joiners get a verdict, and see the end */
-  coord_node *lost = read_heartbeats(c, now_ms, &rc);
+  char why[512];
+  coord_node *lost = read_heartbeats(c, now_ms, &rc, why, sizeof why);
   if (rc) return rc;
   if (c->state == G_RUNNING) {
-    if (lost) {
-      char why[512];
-      snprintf(why, sizeof why, "node %s lost: no heartbeat for %.1f s (ranks [%d, %d))",
-               lost->d.name, (now_ms - lost->hb_changed_ms) / 1000.0, lost->rank_begin,
-               lost->rank_end);
-      /* recovering onto spares comes with checkpoints and resize */
-      return end_generation(c, now_ms, 1, 0, why);
-    }
+    if (lost) return restart_or_end(c, now_ms, why);
     return read_reports(c, now_ms);
   }
   /* forming */
@@ -1005,16 +1113,20 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   int dp = pick_dp(c, slots);
   if (!dp) {
     c->formable_since_ms = 0;
-    return 0;
+  } else {
+    if (!c->formable_since_ms) {
+      c->formable_since_ms = now_ms;
+      mt_log_info("coordinator: %d slot(s) joined, enough for dp %d; last call for more (up to "
+                  "dp %d) for %d ms",
+                  slots, dp, c->o.dp_max, c->o.last_call_ms);
+    }
+    if (dp < c->o.dp_max && now_ms - c->formable_since_ms < c->o.last_call_ms) return 0;
+    if ((rc = form(c, dp)) || c->state != G_FORMING) return rc;
   }
-  if (!c->formable_since_ms) {
-    c->formable_since_ms = now_ms;
-    mt_log_info("coordinator: %d slot(s) joined, enough for dp %d; last call for more (up to dp "
-                "%d) for %d ms",
-                slots, dp, c->o.dp_max, c->o.last_call_ms);
-  }
-  if (dp < c->o.dp_max && now_ms - c->formable_since_ms < c->o.last_call_ms) return 0;
-  return form(c, dp);
+  /* too few nodes after a failure: wait a bounded time for more to join */
+  if (c->reforming && now_ms - c->reform_since_ms > c->o.reform_timeout_ms)
+    return give_up_reforming(c, now_ms);
+  return 0;
 }
 
 int mt_coord_order(mt_coord *c, const char *kind) {

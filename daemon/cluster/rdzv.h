@@ -7,7 +7,12 @@
  * stable order (node name), and publishes under gen/<g>/: the job, its hash and
  * the assignment. Nodes beyond dp_max wait as spares. Every node heartbeats;
  * the coordinator declares a node silent past the timeout lost and ends the
- * generation with the reason. Every key a generation uses carries its number,
+ * generation with the reason. A lost member (or a member whose ranks failed
+ * on a peer, not on the job) ends its generation without ending the job: the
+ * next one forms from the nodes left and the spares, and its ranks resume
+ * from the newest committed checkpoint, up to max_restarts times; when too
+ * few nodes are left, the coordinator waits reform_timeout_ms for more to
+ * join, then ends the job. Every key a generation uses carries its number,
  * so nothing of an old generation is read by a new one. The keys are listed
  * in proto/store-v1.md, "Rendezvous keys".
  *
@@ -49,6 +54,7 @@ typedef struct mt_assignment {
   int tp, pp, dp, world;
   char job_hash[17];
   char coordinator[MT_RDZV_NAME_MAX];
+  int restart; /* formed after a failure: which restart of the job (1, 2, …), else 0 */
   int n_members, n_spares;
   mt_member *members; /* in rank order */
   char (*spares)[MT_RDZV_NAME_MAX];
@@ -74,8 +80,16 @@ int mt_rdzv_heartbeat(mt_store *s, const char *name);
 /* gen/<g>/end: 1 when the generation ended (*final: no generation follows, *ok:
  * the job ended well; reason filled in), 0 while it runs, < 0 failure. */
 int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int reason_size);
-/* A member reports how its part ended: done (reason "completed 20 steps") or failed. */
-int mt_rdzv_report(mt_store *s, int gen, const char *name, int failed, const char *reason);
+/* How a member's part of a generation ended. */
+enum {
+  MT_REPORT_DONE = 0,   /* its ranks ran to the end or to an agreed stop */
+  MT_REPORT_FAILED = 1, /* on the job itself (it cannot run): restarting would not help */
+  MT_REPORT_PEER = 2,   /* on a peer or the network (a collective failed, timed out or was
+                           aborted): a new generation may succeed */
+};
+/* A member reports how its part ended (MT_REPORT_*), with the reason
+ * ("completed 20 steps", the error). */
+int mt_rdzv_report(mt_store *s, int gen, const char *name, int how, const char *reason);
 /* The coordinator's latest order for generation g (gen/<g>/order): 1 and
  * *seq, kind ("stop", "pause", …) when there is one, 0 when none. */
 int mt_rdzv_order(mt_store *s, int gen, int64_t *seq, char *kind, int kind_size);
@@ -123,6 +137,8 @@ typedef struct mt_coord_opts {
   int last_call_ms;
   int heartbeat_timeout_ms;
   int has_checkpoint_dir; /* checkpoint and resize orders need somewhere to save */
+  int max_restarts;       /* generations re-formed after failures, at most */
+  int reform_timeout_ms;  /* after a failure, how long to wait for enough nodes */
 } mt_coord_opts;
 
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out);
@@ -134,7 +150,7 @@ int mt_coord_tick(mt_coord *c, int64_t now_ms);
 /* Publishes an order for the running generation (stop, pause, resume, …).
  * MT_EINVAL when no generation runs. */
 int mt_coord_order(mt_coord *c, const char *kind);
-/* Ends the job without a generation (the coordinator stops before one formed,
+/* Ends the job without a generation (the coordinator stops while none runs,
  * or gives up): a final gen/<g>/end every waiting node sees. */
 int mt_coord_finish(mt_coord *c, int ok, const char *reason);
 /* 1 once the job ended and every node still alive has left (or timeout_ms

@@ -59,6 +59,8 @@ static const key_def keys[] = {
     {"rendezvous", "host", K_HOST, offsetof(mt_node_config, host), 0, 0, 0},
     INT("rendezvous", "last_call_ms", last_call_ms, 0, 3600000),
     INT("rendezvous", "join_timeout_s", join_timeout_s, 0, 86400 * 30),
+    INT("rendezvous", "max_restarts", max_restarts, 0, 1000000),
+    INT("rendezvous", "reform_timeout_s", reform_timeout_s, 0, 86400 * 7),
     INT("cluster", "heartbeat_interval_ms", heartbeat_interval_ms, 10, 600000),
     INT("cluster", "heartbeat_timeout_ms", heartbeat_timeout_ms, 50, 3600000),
     INT("cluster", "comm_timeout_ms", comm_timeout_ms, 100, 86400000),
@@ -84,6 +86,8 @@ static void set_defaults(mt_node_config *c) {
   snprintf(c->endpoint, sizeof c->endpoint, "127.0.0.1:29400");
   c->host = -1;
   c->last_call_ms = 3000;
+  c->max_restarts = 3;
+  c->reform_timeout_s = 600;
   c->heartbeat_interval_ms = 1000;
   c->heartbeat_timeout_ms = 6000;
   c->comm_timeout_ms = 300000;

@@ -23,6 +23,11 @@ typedef struct mt_node_config {
                          -1 (auto): it hosts when the endpoint's address is its own */
   int last_call_ms;   /* after pp * dp_min slots joined, wait this long for more */
   int join_timeout_s; /* give up when no generation takes this node; 0 = never */
+  /* the coordinator's: after a lost member (or ranks failed on a peer) the job
+   * re-forms from the last checkpoint at most max_restarts times, waiting up
+   * to reform_timeout_s for enough nodes each time */
+  int max_restarts;
+  int reform_timeout_s;
   /* [cluster] */
   int heartbeat_interval_ms;
   int heartbeat_timeout_ms; /* a node silent this long is lost */

@@ -5,7 +5,9 @@ usage: test_daemon_cluster.py MTNLGD JOB_DIR
 Each test starts real mtnlgd processes (tools/local_cluster.py) with node
 configs in a temp dir and stops them by pid:
 - test_four_daemons_train_like_one_process_and_fifth_is_spare
-- test_sigkill_of_a_member_ends_the_generation_naming_it
+- test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it
+  (rendezvous.max_restarts = 0; re-forming after a loss is
+  test_recovery_cluster.py's)
 - test_other_job_and_other_version_are_refused
 - test_sigterm_to_a_member_stops_every_node_at_one_step
 - test_ready_and_status_reach_notify_socket
@@ -70,10 +72,11 @@ def test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tok
         c.kill_all()
 
 
-def test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens):
+def test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it(mtnlgd, tmp, tokens):
     job = write_job(os.path.join(tmp, "joblong.json"), tokens, 100000)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "c2"), job, nodes=4,
-                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS,
+                     extra={"rendezvous": {"max_restarts": 0}})
     try:
         c.start()
         c.wait_for(lambda: last_step(c.nodes[0]) >= 3, 120, "step 3")
@@ -82,12 +85,15 @@ def test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens):
         victim.signal(signal.SIGKILL)
         others = [n for n in c.nodes if n is not victim]
         codes = c.wait_all(30, others)
-        # when each node logged the end of the generation, naming the lost node
-        took = [n.log_time(r"generation 1 ended: node n2 lost") for n in others]
+        # when each node logged the end of the job, naming the lost node and
+        # the spent restart budget
+        took = [n.log_time(r"generation 1 ended: node n2 lost \(.*\); not re-forming: the "
+                           r"restart budget is spent \(0 of 0 restart\(s\) used, "
+                           r"rendezvous.max_restarts\)") for n in others]
         took = [t - t0 if t else None for t in took]
         named = all(t is not None for t in took)
         ok = codes == [1, 1, 1] and named and max(took) <= TIMEOUT_MS / 1000 + 1.5
-        return check("test_sigkill_of_a_member_ends_the_generation_naming_it", ok,
+        return check("test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it", ok,
                      "exit codes %s; the end logged %s s after the kill (timeout %.1f s)%s" % (
                          codes, ["%.1f" % t if t is not None else None for t in took],
                          TIMEOUT_MS / 1000, "" if ok else "\n" + c.logs()))
@@ -171,7 +177,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         failures += test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tokens)
-        failures += test_sigkill_of_a_member_ends_the_generation_naming_it(mtnlgd, tmp, tokens)
+        failures += test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it(
+            mtnlgd, tmp, tokens)
         failures += test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens)
         failures += test_sigterm_and_notify(mtnlgd, tmp, tokens)
     print("%d failure(s)" % failures)

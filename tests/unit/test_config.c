@@ -27,15 +27,20 @@ static void test_defaults_without_a_file(void) {
   CHECK(!strcmp(c.control_listen, "127.0.0.1:8470"),
         "!strcmp(c.control_listen, \"127.0.0.1:8470\")");
   CHECK(c.name[0] != 0, "c.name[0] != 0");
+  CHECK(c.max_restarts == 3 && c.reform_timeout_s == 600,
+        "c.max_restarts == 3 && c.reform_timeout_s == 600");
 }
 
 static void test_file_then_overrides_win(void) {
   char *p = write_tmp("# comment\n[node]\nname = a1\ndevices = cpu:4\n"
                       "[rendezvous]\nendpoint = 10.0.0.1:29500\nhost = no\n"
                       "[cluster]\nheartbeat_interval_ms = 500\n");
-  const char *ov[] = {"node.devices=cuda:0-7", "rendezvous.host=yes", NULL};
+  const char *ov[] = {"node.devices=cuda:0-7", "rendezvous.host=yes", "rendezvous.max_restarts=0",
+                      "rendezvous.reform_timeout_s=5", NULL};
   mt_node_config c;
   CHECK(mt_node_config_load(&c, p, ov) == 0, "mt_node_config_load(&c, p, ov) == 0");
+  CHECK(c.max_restarts == 0 && c.reform_timeout_s == 5,
+        "c.max_restarts == 0 && c.reform_timeout_s == 5");
   CHECK(!strcmp(c.name, "a1") && !strcmp(c.devices, "cuda:0-7") && c.host == 1,
         "!strcmp(c.name, \"a1\") && !strcmp(c.devices, \"cuda:0-7\") && c.host == 1");
   CHECK(!strcmp(c.endpoint, "10.0.0.1:29500") && c.heartbeat_interval_ms == 500,

@@ -68,6 +68,7 @@ static json_t *fake_status(void *arg) {
       "bytes", (json_int_t)12345, "checkpoint_progress", "state", "writing", "step", 12,
       "bytes_done", (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6,
       "operations_pending", 0);
+  if (s) json_object_set_new(s, "restarts", json_integer(1));
   pthread_mutex_unlock(&f->mu);
   if (!s) fprintf(stderr, "fake_status: json_pack failed\n");
   return s;
@@ -696,6 +697,8 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_state{state=\"running\"} 1\n",
       "mtnlg_state{state=\"paused\"} 0\n",
       "mtnlg_generation 2\n",
+      "# TYPE mtnlg_restarts_total counter\n",
+      "mtnlg_restarts_total 1\n",
       "mtnlg_step 12\n",
       "# TYPE mtnlg_consumed_tokens_total counter\n",
       "mtnlg_consumed_tokens_total 12288\n",
