@@ -3,6 +3,7 @@
  *
  * usage: bench_train [--preset gpt2-124m] [-B 4] [-T 64] [--steps 5]
  *                    [--warmup 2] [--recompute] [--ceiling-n 2048]
+ *                    [--precision fp32|bf16|fp16]
  * Prints human lines on stderr and one JSON object on stdout. Never passes or
  * fails on time: the figures are for people and RESULTS.md.
  */
@@ -57,12 +58,15 @@ static int cmp_double(const void *x, const void *y) {
 }
 
 int main(int argc, char **argv) {
-  const char *preset = "gpt2-124m";
+  const char *preset = "gpt2-124m", *precision = "fp32";
   int B = 4, T = 64, steps = 5, warmup = 2, recompute = 0, ceiling_n = 2048;
-  static const struct option opts[] = {
-      {"preset", required_argument, NULL, 'p'},    {"steps", required_argument, NULL, 's'},
-      {"warmup", required_argument, NULL, 'w'},    {"recompute", no_argument, NULL, 'r'},
-      {"ceiling-n", required_argument, NULL, 'n'}, {0}};
+  static const struct option opts[] = {{"preset", required_argument, NULL, 'p'},
+                                       {"steps", required_argument, NULL, 's'},
+                                       {"warmup", required_argument, NULL, 'w'},
+                                       {"recompute", no_argument, NULL, 'r'},
+                                       {"ceiling-n", required_argument, NULL, 'n'},
+                                       {"precision", required_argument, NULL, 'q'},
+                                       {0}};
   int c;
   while ((c = getopt_long(argc, argv, "B:T:", opts, NULL)) != -1) {
     switch (c) {
@@ -73,8 +77,10 @@ int main(int argc, char **argv) {
     case 'w': warmup = atoi(optarg); break;
     case 'r': recompute = 1; break;
     case 'n': ceiling_n = atoi(optarg); break;
+    case 'q': precision = optarg; break;
     default:
-      fprintf(stderr, "usage: bench_train [--preset P] [-B N] [-T N] [--steps N]\n");
+      fprintf(stderr, "usage: bench_train [--preset P] [-B N] [-T N] [--steps N] [--warmup N] "
+                      "[--recompute] [--ceiling-n N] [--precision fp32|bf16|fp16]\n");
       return 2;
     }
   }
@@ -114,10 +120,10 @@ int main(int argc, char **argv) {
   snprintf(json, sizeof json,
            "{\"name\":\"bench\",\"model\":{\"preset\":\"%s\",\"seq_len\":%d},"
            "\"parallel\":{\"micro_batch\":%d,\"recompute\":%s},"
-           "\"train\":{\"global_batch\":%d,\"steps\":%d,\"lr\":{\"schedule\":\"constant\","
-           "\"peak\":1e-4},\"clip_grad\":1.0,\"weight_decay\":0.1},"
-           "\"data\":{\"path\":\"%s\"}}",
-           preset, T, B, recompute ? "true" : "false", B, warmup + steps, data_path);
+           "\"train\":{\"global_batch\":%d,\"steps\":%d,\"precision\":\"%s\","
+           "\"lr\":{\"schedule\":\"constant\",\"peak\":1e-4},\"clip_grad\":1.0,"
+           "\"weight_decay\":0.1},\"data\":{\"path\":\"%s\"}}",
+           preset, T, B, recompute ? "true" : "false", B, warmup + steps, precision, data_path);
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
   mt_job_preset_dirs(NULL, preset_dirs);
   mt_job job;
@@ -154,11 +160,13 @@ int main(int argc, char **argv) {
   double med_ms = ms[steps / 2];
   double tok_s = (double)B * T / (med_ms / 1e3);
   double flops = tr.flops_per_step / (med_ms / 1e3);
-  printf("{\"preset\":\"%s\",\"B\":%d,\"T\":%d,\"threads\":%d,\"blas_core\":\"%s\","
-         "\"blas_choice\":\"%s\",\"step_ms\":%.3f,\"tokens_per_s\":%.2f,\"gflops\":%.2f,"
-         "\"sgemm_ceiling_gflops\":%.2f,\"mfu\":%.4f,\"params\":%zu,\"flops_per_step\":%.6g}\n",
-         preset, B, T, omp_get_max_threads(), mt_blas_corename(), mt_blas_choice(), med_ms, tok_s,
-         flops / 1e9, ceiling / 1e9, flops / ceiling, tr.model.num_params, tr.flops_per_step);
+  printf("{\"preset\":\"%s\",\"B\":%d,\"T\":%d,\"precision\":\"%s\",\"threads\":%d,"
+         "\"blas_core\":\"%s\",\"blas_choice\":\"%s\",\"step_ms\":%.3f,\"tokens_per_s\":%.2f,"
+         "\"gflops\":%.2f,\"sgemm_ceiling_gflops\":%.2f,\"mfu\":%.4f,\"params\":%zu,"
+         "\"flops_per_step\":%.6g,\"activation_bytes\":%zu}\n",
+         preset, B, T, precision, omp_get_max_threads(), mt_blas_corename(), mt_blas_choice(),
+         med_ms, tok_s, flops / 1e9, ceiling / 1e9, flops / ceiling, tr.model.num_params,
+         tr.flops_per_step, tr.model.acts_floats * sizeof(float));
   free(ms);
   mt_trainer_destroy(&tr);
   mt_device_close(&dev);

@@ -110,15 +110,22 @@ static int check_working_copy(const mt_gpt *m, mt_precision p, const char *when)
   return 0;
 }
 
-static int test_forward_reads_only_16bit_weights(void) {
-  mt_gpt_config c = {.n_layer = 2,
-                     .n_embd = 24,
-                     .n_head = 3,
+/* A model small enough to create by the dozen: vocabulary 61 (padded 64),
+ * sequences up to 16. */
+static mt_gpt_config small_config(int layers, int embd, int heads) {
+  mt_gpt_config c = {.n_layer = layers,
+                     .n_embd = embd,
+                     .n_head = heads,
                      .vocab_size = 61,
                      .padded_vocab = 64,
                      .max_seq = 16,
                      .ln_eps = 1e-5f,
                      .init_std = 0.02f};
+  return c;
+}
+
+static int test_forward_reads_only_16bit_weights(void) {
+  mt_gpt_config c = small_config(2, 24, 3);
   int B = 2, T = 9;
   int32_t in[18], tg[18];
   for (int i = 0; i < 18; i++) in[i] = (i * 5 + 3) % 61, tg[i] = (i * 11 + 1) % 61;
@@ -213,21 +220,12 @@ static int test_pack_half_stores_what_unpack_returns(void) {
  * stream, Q/K/V, attention output, resid2 and c_fc output halve; each row's
  * log-sum-exp stays fp32), while the shared work buffers stay fp32. */
 static int test_16bit_jobs_keep_activations_in_16_bits(void) {
-  mt_gpt_config c = {.n_layer = 4,
-                     .n_embd = 32,
-                     .n_head = 4,
-                     .vocab_size = 61,
-                     .padded_vocab = 64,
-                     .max_seq = 16,
-                     .ln_eps = 1e-5f,
-                     .init_std = 0.02f};
   size_t acts[2][2]; /* [bf16][8 layers] */
   for (int half = 0; half < 2; half++)
     for (int deep = 0; deep < 2; deep++) {
       mt_gpt m;
-      mt_gpt_config k = c;
+      mt_gpt_config k = small_config(deep ? 8 : 4, 32, 4);
       k.precision = half ? MT_PREC_BF16 : MT_PREC_FP32;
-      k.n_layer = deep ? 8 : 4;
       REQUIRE(!mt_gpt_create(&m, &k, &dev, 2, 16), "%s", mt_errmsg());
       acts[half][deep] = m.acts_floats;
       mt_gpt_destroy(&m);
