@@ -228,11 +228,15 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   size_t act = (size_t)B * T * ms->n_embd;
   if (!rc && tr->g.dp) rc = make_buckets(tr, ps->bucket_size);
   if (!rc && tr->g.pipe) {
-    tr->recv_x = mt_device_alloc(dev, 2 * act * sizeof(float));
-    if (!tr->recv_x)
+    /* in a 16-bit job the activations travel in 16 bits, into their own buffer */
+    size_t wire = mt_gpt_wire_bytes(&tr->model), fp32 = 2 * act * sizeof(float);
+    tr->recv_x = mt_device_alloc(dev, fp32 + (wire < act * sizeof(float) ? wire : 0));
+    if (!tr->recv_x) {
       rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
-    else
+    } else {
       tr->recv_dy = tr->recv_x + act;
+      tr->recv_wire = wire < act * sizeof(float) ? (void *)(tr->recv_dy + act) : tr->recv_x;
+    }
   }
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
@@ -297,9 +301,12 @@ typedef struct pipe_run {
   int grad_req; /* the input gradient's send, -1 when none is pending */
 } pipe_run;
 
-static size_t act_count(const mt_trainer *tr) {
-  return (size_t)tr->model.B * tr->model.T * tr->job->model.n_embd;
+/* Bytes of an activation gradient between stages (fp32) and of an
+ * activation (mt_gpt_wire_bytes: 16-bit in a bf16 or fp16 job). */
+static size_t grad_bytes(const mt_trainer *tr) {
+  return (size_t)tr->model.B * tr->model.T * tr->job->model.n_embd * sizeof(float);
 }
+static size_t act_bytes(const mt_trainer *tr) { return mt_gpt_wire_bytes(&tr->model); }
 
 /* Time spent here is the pipeline's wait: the bubble plus transfers. */
 static int p2p_wait(pipe_run *r, int req) {
@@ -338,6 +345,7 @@ static int stage_forward(pipe_run *r) {
   int rc = wait_act_sends(r, j - m->n_slots, ACT_SENDS);
   if (!rc && (m->first || m->last))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
+  if (!rc && !m->first) rc = mt_gpt_stage_input_from_wire(m, tr->recv_x, tr->recv_wire);
   if (!rc)
     rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL,
                               m->first ? NULL : tr->recv_x, m->last ? tr->targets : NULL, sample0);
@@ -369,22 +377,23 @@ static int stage_backward(pipe_run *r) {
 }
 
 /* One exchange with a neighbour: send (count 0: none) and receive (count 0:
- * none). With overlap the send is started and left in flight (*send_req),
- * and only the receive, which the next compute needs, is waited for;
- * without, both complete here. Posted in the same order either way, so NCCL,
- * whose group stream runs them in that order, never meets a new deadlock. */
-static int exchange(pipe_run *r, const float *send, size_t send_count, int dst, int *send_req,
-                    float *recv, size_t recv_count, int src) {
+ * none), counts in bytes (activations and gradients differ in width). With
+ * overlap the send is started and left in flight (*send_req), and only the
+ * receive, which the next compute needs, is waited for; without, both
+ * complete here. Posted in the same order either way, so NCCL, whose group
+ * stream runs them in that order, never meets a new deadlock. */
+static int exchange(pipe_run *r, const void *send, size_t send_count, int dst, int *send_req,
+                    void *recv, size_t recv_count, int src) {
   mt_comm *c = r->tr->g.pipe;
   double t0 = now_ms();
   int rc, rreq = -1;
   if (!r->overlap) {
-    rc = !send_count ? mt_comm_recv(c, recv, recv_count, MT_COMM_F32, src)
+    rc = !send_count ? mt_comm_recv(c, recv, recv_count, MT_COMM_U8, src)
          : !recv_count
-             ? mt_comm_send(c, send, send_count, MT_COMM_F32, dst)
-             : mt_comm_sendrecv(c, send, send_count, dst, recv, recv_count, src, MT_COMM_F32);
+             ? mt_comm_send(c, send, send_count, MT_COMM_U8, dst)
+             : mt_comm_sendrecv(c, send, send_count, dst, recv, recv_count, src, MT_COMM_U8);
   } else {
-    rc = mt_comm_sendrecv_start(c, send, send_count, dst, recv, recv_count, src, MT_COMM_F32,
+    rc = mt_comm_sendrecv_start(c, send, send_count, dst, recv, recv_count, src, MT_COMM_U8,
                                 send_req, &rreq);
     if (!rc) rc = mt_comm_p2p_wait(c, rreq);
   }
@@ -396,7 +405,7 @@ static int exchange(pipe_run *r, const float *send, size_t send_count, int dst, 
 static int recv_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
-  return exchange(r, NULL, 0, -1, NULL, tr->recv_x, act_count(tr), tr->g.pp_rank - 1);
+  return exchange(r, NULL, 0, -1, NULL, tr->recv_wire, act_bytes(tr), tr->g.pp_rank - 1);
 }
 /* Sends micro-batch j's output; recv_dy (with_recv) the gradient coming back. */
 static int send_forward_recv(pipe_run *r, int j, int with_recv) {
@@ -404,9 +413,10 @@ static int send_forward_recv(pipe_run *r, int j, int with_recv) {
   if (tr->model.last) return 0;
   int next = tr->g.pp_rank + 1, req = -1;
   int rc = wait_act_sends(r, INT_MIN, ACT_SENDS - 1); /* room for one more */
+  size_t bytes;
+  const void *out = mt_gpt_stage_output_wire(&tr->model, j % tr->model.n_slots, &bytes);
   if (!rc)
-    rc = exchange(r, mt_gpt_stage_output(&tr->model, j % tr->model.n_slots), act_count(tr), next,
-                  &req, tr->recv_dy, with_recv ? act_count(tr) : 0, next);
+    rc = exchange(r, out, bytes, next, &req, tr->recv_dy, with_recv ? grad_bytes(tr) : 0, next);
   if (!rc && req >= 0) r->act[r->n_act].req = req, r->act[r->n_act++].micro = j;
   return rc;
 }
@@ -415,15 +425,15 @@ static int send_forward_recv_backward(pipe_run *r, int j) { return send_forward_
 static int recv_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   if (tr->model.last) return 0;
-  return exchange(r, NULL, 0, -1, NULL, tr->recv_dy, act_count(tr), tr->g.pp_rank + 1);
+  return exchange(r, NULL, 0, -1, NULL, tr->recv_dy, grad_bytes(tr), tr->g.pp_rank + 1);
 }
 /* Sends the input gradient; recv_x (with_recv) the next micro-batch's input. */
 static int send_backward_recv(pipe_run *r, int with_recv) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;
   int prev = tr->g.pp_rank - 1;
-  return exchange(r, mt_gpt_stage_input_grad(&tr->model), act_count(tr), prev, &r->grad_req,
-                  tr->recv_x, with_recv ? act_count(tr) : 0, prev);
+  return exchange(r, mt_gpt_stage_input_grad(&tr->model), grad_bytes(tr), prev, &r->grad_req,
+                  tr->recv_wire, with_recv ? act_bytes(tr) : 0, prev);
 }
 static int send_backward(pipe_run *r) { return send_backward_recv(r, 0); }
 static int send_backward_recv_forward(pipe_run *r) { return send_backward_recv(r, 1); }

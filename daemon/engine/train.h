@@ -91,6 +91,7 @@ typedef struct mt_trainer {
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
   float *recv_x, *recv_dy;        /* (B,T,C) from the previous / next stage */
+  void *recv_wire;                /* recv_x as it travels (mt_gpt_stage_output_wire) */
   volatile int stop_request;      /* set by the owner thread; agreed on in the step */
   volatile int64_t order_word;    /* world rank 0 only: the latest order it knows of */
   int32_t *inputs, *targets;      /* host, (micro_batch, seq) */

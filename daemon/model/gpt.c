@@ -42,6 +42,7 @@ typedef struct act_plan {
   int has_targets;           /* forward computed losses; backward may run */
   float **resid;             /* L+1 of (B,T,C): resid[0] stage input, resid[l+1] block l out */
   uint16_t **resid_h; /* 16-bit jobs: resid[1..L-1] kept in 16 bits here instead (resid[l] NULL) */
+  uint16_t *out_h;    /* 16-bit jobs, a non-last stage: resid[L] as it travels on */
   block_acts *blocks; /* L, or 1 with recomputation */
   int n_blocks;
   float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
@@ -247,6 +248,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
       else
         carve(&p->resid[l], base, &off, BT * C);
     }
+    if (half && !m->last) carve_half(&p->out_h, base, &off, BT * C);
     for (int b = 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
       carve(&a->lse, base, &off, BHT);
@@ -692,6 +694,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     if (!rc) keep_stream(m, p, l, out);
     in = out;
   }
+  if (!rc && p->out_h) /* rounded already by keep_stream: the bits travel exactly */
+    ops->pack_half(d, p->out_h, p->resid[L], BT * C, c->precision == MT_PREC_FP16);
   if (rc || !m->last) return rc;
 
   ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
@@ -804,6 +808,26 @@ const float *mt_gpt_stage_output(const mt_gpt *m, int slot) {
 
 const float *mt_gpt_stage_input_grad(const mt_gpt *m) {
   return ((const act_plan *)m->act_plan)[0].dres;
+}
+
+size_t mt_gpt_wire_bytes(const mt_gpt *m) {
+  return (size_t)m->B * m->T * m->cfg.n_embd * (half_acts(m) ? sizeof(uint16_t) : sizeof(float));
+}
+
+const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes) {
+  const act_plan *p = &((const act_plan *)m->act_plan)[slot];
+  *bytes = mt_gpt_wire_bytes(m);
+  if (p->out_h) return p->out_h;
+  return p->resid[m->n_layers];
+}
+
+int mt_gpt_stage_input_from_wire(mt_gpt *m, float *x, const void *wire) {
+  size_t n = (size_t)m->B * m->T * m->cfg.n_embd;
+  if (half_acts(m)) {
+    m->dev->ops->unpack_half(m->dev, x, wire, n, m->cfg.precision == MT_PREC_FP16);
+    return 0;
+  }
+  return x == wire ? 0 : mt_device_memcpy_dtod(m->dev, x, wire, n * sizeof(float));
 }
 
 int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0) {

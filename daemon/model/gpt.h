@@ -187,6 +187,16 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
 int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_scale);
 const float *mt_gpt_stage_output(const mt_gpt *m, int slot);
 const float *mt_gpt_stage_input_grad(const mt_gpt *m);
+/* The stage output as it travels to the next stage (*bytes of it, on the
+ * device): in a bf16 or fp16 job its 16 bits, which lose nothing since the
+ * stream is rounded at every block's output but the model's last; fp32
+ * otherwise (mt_gpt_stage_output itself). mt_gpt_wire_bytes: that size. */
+const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes);
+size_t mt_gpt_wire_bytes(const mt_gpt *m);
+/* x (B,T,C), the x_in of mt_gpt_forward_stage, from what the previous
+ * stage's mt_gpt_stage_output_wire sent (wire, on the device; may be x
+ * itself in an fp32 job). */
+int mt_gpt_stage_input_from_wire(mt_gpt *m, float *x, const void *wire);
 
 /* The parameter table a config gives (its stage only), without allocating
  * anything else; free *table. */

@@ -239,6 +239,35 @@ static int test_16bit_jobs_keep_activations_in_16_bits(void) {
   return 0;
 }
 
+/* A bf16 or fp16 stage sends its output on in 16 bits, and nothing is lost:
+ * the stream is rounded at every block's output but the model's last, so
+ * the 16 bits decode to exactly the output the stage computed. */
+static int test_16bit_stage_output_travels_in_16_bits(void) {
+  int B = 2, T = 9;
+  int32_t in[18];
+  for (int i = 0; i < 18; i++) in[i] = (i * 5 + 3) % 61;
+  for (mt_precision p = MT_PREC_BF16; p <= MT_PREC_FP16; p++) {
+    mt_gpt m;
+    mt_gpt_config c = small_config(4, 24, 3);
+    c.precision = p;
+    c.layer_end = 2; /* the first of two stages */
+    REQUIRE(!mt_gpt_create(&m, &c, &dev, B, T) && !mt_gpt_init_weights(&m, 3) &&
+                !mt_gpt_round_weights(&m),
+            "%s", mt_errmsg());
+    REQUIRE(!mt_gpt_forward_stage(&m, 0, in, NULL, NULL, 0), "%s", mt_errmsg());
+    size_t n = (size_t)B * T * 24, bytes = 0;
+    const void *wire = mt_gpt_stage_output_wire(&m, 0, &bytes);
+    float *x = calloc(n, sizeof(float));
+    REQUIRE(x && !mt_gpt_stage_input_from_wire(&m, x, wire), "%s", mt_errmsg());
+    CHECK(bytes == n * sizeof(uint16_t), "%zu bytes on the wire for %zu values", bytes, n);
+    CHECK(!memcmp(x, mt_gpt_stage_output(&m, 0), n * sizeof(float)),
+          "%s: the stage output does not survive its 16 bits", p == MT_PREC_BF16 ? "bf16" : "fp16");
+    free(x);
+    mt_gpt_destroy(&m);
+  }
+  return 0;
+}
+
 /* The fp16 range check: 65504 is fp16's largest finite value and everything
  * below 65520 rounds to it; 65520 and beyond, inf and NaN overflow. */
 static int test_fp16_range_check_boundary(void) {
@@ -355,6 +384,7 @@ int main(void) {
       {"test_forward_reads_only_16bit_weights", test_forward_reads_only_16bit_weights},
       {"test_pack_half_stores_what_unpack_returns", test_pack_half_stores_what_unpack_returns},
       {"test_16bit_jobs_keep_activations_in_16_bits", test_16bit_jobs_keep_activations_in_16_bits},
+      {"test_16bit_stage_output_travels_in_16_bits", test_16bit_stage_output_travels_in_16_bits},
       {"test_fp16_range_check_boundary", test_fp16_range_check_boundary},
       {"test_fp16_run_that_overflows_and_recovers", test_fp16_run_that_overflows_and_recovers},
       {"test_fp32_has_no_working_copy_or_scale", test_fp32_has_no_working_copy_or_scale},
