@@ -124,11 +124,17 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
         c.kill_all()
 
 
-def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
-    job = tiny_job(os.path.join(tmp, "rejoin.json"), tokens, "rejoin", 12,
+def two_nodes(mtnlgd, tmp, tokens, name, steps, extra=None):
+    """The tiny model as one replica over two daemons (pp 2, tp 2), no
+    checkpoints and no spare: losing either leaves too few slots."""
+    job = tiny_job(os.path.join(tmp, name + ".json"), tokens, name, steps,
                    parallel={"tp": 2, "pp": 2, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "c3"), job, nodes=2, heartbeat_ms=HB_MS,
-                     timeout_ms=TIMEOUT_MS)
+    return LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=2, heartbeat_ms=HB_MS,
+                        timeout_ms=TIMEOUT_MS, extra=extra)
+
+
+def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
+    c = two_nodes(mtnlgd, tmp, tokens, "rejoin", 12)
     n0, n1 = c.nodes
     try:
         c.start()
@@ -156,10 +162,8 @@ def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
 
 
 def test_too_few_nodes_left_ends_the_job(mtnlgd, tmp, tokens):
-    job = tiny_job(os.path.join(tmp, "few.json"), tokens, "few", 100000,
-                   parallel={"tp": 2, "pp": 2, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "c2"), job, nodes=2, heartbeat_ms=HB_MS,
-                     timeout_ms=TIMEOUT_MS, extra={"rendezvous": {"reform_timeout_s": 1}})
+    c = two_nodes(mtnlgd, tmp, tokens, "few", 100000,
+                  extra={"rendezvous": {"reform_timeout_s": 1}})
     n0, victim = c.nodes
     try:
         c.start()
