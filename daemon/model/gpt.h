@@ -10,9 +10,10 @@
  * Mixed precision (Megatron's): params are the fp32 master weights, the ones
  * the optimizer updates and checkpoints save; with a bf16 or fp16 config the
  * forward and backward read `weights` instead, the master rounded to 16 bits
- * by mt_gpt_round_weights(). Activations stay fp32 (the CPU kernels
- * compute in fp32; only the weights are 16-bit values) and gradients are
- * accumulated in fp32.
+ * by mt_gpt_round_weights(). The ops compute in fp32; the activations a
+ * block keeps for its backward pass are stored in 16 bits (rounded where
+ * they are made, so forward and backward see the same values), and
+ * gradients are accumulated in fp32.
  * This module knows nothing of the optimizer, the data or parallelism.
  */
 #ifndef MT_GPT_H
