@@ -587,10 +587,12 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
   da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
-  unkeep(m, a->qkv, a->qkv_h, 3 * NCl);
-  unkeep(m, a->atty, a->atty_h, NCl);
-  unkeep(m, a->resid2, a->resid2_h, NC);
-  unkeep(m, a->fch, a->fch_h, 4 * NCl);
+  if (!c->recompute) { /* recomputed, the work buffers hold them already */
+    unkeep(m, a->qkv, a->qkv_h, 3 * NCl);
+    unkeep(m, a->atty, a->atty_h, NCl);
+    unkeep(m, a->resid2, a->resid2_h, NC);
+    unkeep(m, a->fch, a->fch_h, 4 * NCl);
+  }
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
