@@ -116,7 +116,10 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
          plan->mixed ? "16-bit weights and activations; fp32 grads, masters and Adam"
                      : "fp32 weights, activations, grads and Adam");
   printf("  recompute  %s\n", plan->recompute ? "on: each layer keeps only its input"
-                                              : "off: every layer keeps all its activations");
+                                              : "off: every layer keeps its input, Q/K/V, the "
+                                                "attention output, the stream after attention and "
+                                                "the GeLU input; softmax, LayerNorm and GeLU "
+                                                "outputs are recomputed");
   printf("  device     %.1f GB (%.1f GB usable, %.0f%%), %.1f TFLOP/s at efficiency %.2f\n",
          d->memory_bytes / 1e9, plan->usable_bytes / 1e9, 100 * d->usable_fraction, d->tflops,
          d->efficiency);
