@@ -15,11 +15,22 @@ import subprocess
 import time
 
 
+_handed_out = set()
+
+
 def free_port():
-    """A TCP port nobody listens on right now (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now (bind to port 0, read it back)
+    and that this process has not handed out before: a cluster's daemons get
+    their ports before any of them binds, and the kernel may offer a port it
+    just gave back again (two daemons of one cluster were seen with one)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 that was not handed out already")
 
 
 class Node:
