@@ -228,15 +228,14 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   size_t act = (size_t)B * T * ms->n_embd;
   if (!rc && tr->g.dp) rc = make_buckets(tr, ps->bucket_size);
   if (!rc && tr->g.pipe) {
-    /* in a 16-bit job the activations travel in 16 bits, into their own buffer */
-    size_t wire = mt_gpt_wire_bytes(&tr->model), fp32 = 2 * act * sizeof(float);
-    tr->recv_x = mt_device_alloc(dev, fp32 + (wire < act * sizeof(float) ? wire : 0));
-    if (!tr->recv_x) {
+    /* the gradient from the next stage (fp32), then the activation from the
+     * previous one as it travels (16-bit in a bf16 or fp16 job) */
+    size_t grad = act * sizeof(float), wire = mt_gpt_wire_bytes(&tr->model);
+    tr->recv_dy = mt_device_alloc(dev, grad + wire);
+    if (!tr->recv_dy)
       rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
-    } else {
-      tr->recv_dy = tr->recv_x + act;
-      tr->recv_wire = wire < act * sizeof(float) ? (void *)(tr->recv_dy + act) : tr->recv_x;
-    }
+    else
+      tr->recv_wire = (char *)tr->recv_dy + grad;
   }
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
@@ -270,7 +269,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 
 void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->buckets);
-  if (tr->recv_x) mt_device_free(tr->dev, tr->recv_x);
+  if (tr->recv_dy) mt_device_free(tr->dev, tr->recv_dy);
   mt_gpt_destroy(&tr->model);
   mt_adamw_destroy(&tr->opt);
   mt_data_source_free(tr->data);
@@ -335,7 +334,7 @@ static int wait_all_sends(pipe_run *r) {
   return rc;
 }
 
-/* Forward of the next micro-batch on this stage, from tokens or recv_x. */
+/* Forward of the next micro-batch on this stage, from tokens or recv_wire. */
 static int stage_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   mt_gpt *m = &tr->model;
@@ -345,10 +344,12 @@ static int stage_forward(pipe_run *r) {
   int rc = wait_act_sends(r, j - m->n_slots, ACT_SENDS);
   if (!rc && (m->first || m->last))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
-  if (!rc && !m->first) rc = mt_gpt_stage_input_from_wire(m, tr->recv_x, tr->recv_wire);
+  const float *x = NULL;
+  if (!rc && !m->first && !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, tr->recv_wire)))
+    rc = MT_EIO; /* a device copy failed: the message is set */
   if (!rc)
-    rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL,
-                              m->first ? NULL : tr->recv_x, m->last ? tr->targets : NULL, sample0);
+    rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL, x,
+                              m->last ? tr->targets : NULL, sample0);
   if (!rc && m->last) r->loss_sum += m->last_loss;
   if (rc) return mt_wraperr(rc, "micro-batch %d forward", j);
   return 0;
@@ -427,7 +428,7 @@ static int recv_backward(pipe_run *r) {
   if (tr->model.last) return 0;
   return exchange(r, NULL, 0, -1, NULL, tr->recv_dy, grad_bytes(tr), tr->g.pp_rank + 1);
 }
-/* Sends the input gradient; recv_x (with_recv) the next micro-batch's input. */
+/* Sends the input gradient; recv_wire (with_recv) the next micro-batch's input. */
 static int send_backward_recv(pipe_run *r, int with_recv) {
   mt_trainer *tr = r->tr;
   if (tr->model.first) return 0;

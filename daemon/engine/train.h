@@ -90,14 +90,14 @@ typedef struct mt_trainer {
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
-  float *recv_x, *recv_dy;        /* (B,T,C) from the previous / next stage */
-  void *recv_wire;                /* recv_x as it travels (mt_gpt_stage_output_wire) */
-  volatile int stop_request;      /* set by the owner thread; agreed on in the step */
-  volatile int64_t order_word;    /* world rank 0 only: the latest order it knows of */
-  int32_t *inputs, *targets;      /* host, (micro_batch, seq) */
-  double flops_per_step;          /* model FLOPs of this rank per step */
-  mt_precision precision;         /* of the job's train.precision */
-  mt_loss_scale scaler;           /* fp16 only; the same state on every rank */
+  float *recv_dy;                 /* (B,T,C) from the next stage */
+  void *recv_wire; /* the previous stage's output as it travels (mt_gpt_stage_output_wire) */
+  volatile int stop_request;   /* set by the owner thread; agreed on in the step */
+  volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
+  int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
+  double flops_per_step;       /* model FLOPs of this rank per step */
+  mt_precision precision;      /* of the job's train.precision */
+  mt_loss_scale scaler;        /* fp16 only; the same state on every rank */
 } mt_trainer;
 
 /* Orders from the coordinator, numbered by seq, agreed on by every rank in

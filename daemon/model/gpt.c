@@ -685,7 +685,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", sample0);
     if (edrop) ops->dropout_fwd(d, p->resid[0], p->resid[0], B, (size_t)T * C, edrop);
   } else {
-    rc = mt_device_memcpy_dtod(d, p->resid[0], x_in, BT * C * sizeof(float));
+    if (x_in != p->resid[0]) /* mt_gpt_stage_input_from_wire decoded it there */
+      rc = mt_device_memcpy_dtod(d, p->resid[0], x_in, BT * C * sizeof(float));
     if (rc) return rc;
   }
 
@@ -823,13 +824,14 @@ const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes) {
   return p->resid[m->n_layers];
 }
 
-int mt_gpt_stage_input_from_wire(mt_gpt *m, float *x, const void *wire) {
+const float *mt_gpt_stage_input_from_wire(mt_gpt *m, int slot, const void *wire) {
+  float *x = ((act_plan *)m->act_plan)[slot].resid[0];
   size_t n = (size_t)m->B * m->T * m->cfg.n_embd;
-  if (half_acts(m)) {
+  if (half_acts(m))
     m->dev->ops->unpack_half(m->dev, x, wire, n, m->cfg.precision == MT_PREC_FP16);
-    return 0;
-  }
-  return x == wire ? 0 : mt_device_memcpy_dtod(m->dev, x, wire, n * sizeof(float));
+  else if (mt_device_memcpy_dtod(m->dev, x, wire, n * sizeof(float)))
+    return NULL;
+  return x;
 }
 
 int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0) {

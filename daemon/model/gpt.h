@@ -194,10 +194,11 @@ const float *mt_gpt_stage_input_grad(const mt_gpt *m);
  * otherwise (mt_gpt_stage_output itself). mt_gpt_wire_bytes: that size. */
 const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes);
 size_t mt_gpt_wire_bytes(const mt_gpt *m);
-/* x (B,T,C), the x_in of mt_gpt_forward_stage, from what the previous
- * stage's mt_gpt_stage_output_wire sent (wire, on the device; may be x
- * itself in an fp32 job). */
-int mt_gpt_stage_input_from_wire(mt_gpt *m, float *x, const void *wire);
+/* Decodes what the previous stage's mt_gpt_stage_output_wire sent (wire, on
+ * the device) straight into slot's stage input and returns it: the x_in to
+ * give mt_gpt_forward_stage for that slot, which then copies nothing; NULL
+ * on failure. */
+const float *mt_gpt_stage_input_from_wire(mt_gpt *m, int slot, const void *wire);
 
 /* The parameter table a config gives (its stage only), without allocating
  * anything else; free *table. */

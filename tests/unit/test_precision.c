@@ -257,12 +257,11 @@ static int test_16bit_stage_output_travels_in_16_bits(void) {
     REQUIRE(!mt_gpt_forward_stage(&m, 0, in, NULL, NULL, 0), "%s", mt_errmsg());
     size_t n = (size_t)B * T * 24, bytes = 0;
     const void *wire = mt_gpt_stage_output_wire(&m, 0, &bytes);
-    float *x = calloc(n, sizeof(float));
-    REQUIRE(x && !mt_gpt_stage_input_from_wire(&m, x, wire), "%s", mt_errmsg());
+    const float *x = mt_gpt_stage_input_from_wire(&m, 0, wire);
+    REQUIRE(x, "%s", mt_errmsg());
     CHECK(bytes == n * sizeof(uint16_t), "%zu bytes on the wire for %zu values", bytes, n);
     CHECK(!memcmp(x, mt_gpt_stage_output(&m, 0), n * sizeof(float)),
           "%s: the stage output does not survive its 16 bits", p == MT_PREC_BF16 ? "bf16" : "fp16");
-    free(x);
     mt_gpt_destroy(&m);
   }
   return 0;
