@@ -3,11 +3,15 @@
  *
  * 1. The GEMM ceiling it measures itself: cuBLASLt on large squares
  *    (M = N = K = 8192), bf16 in and out with fp32 accumulation (the MFU
- *    denominator), and fp32 in and out computed in bf16 (what the ops table's
- *    fp32 tensors get with MT_MATMUL_BF16).
+ *    denominator), and fp32 in and out computed in bf16 (what fp32 operands
+ *    get with MT_MATMUL_BF16: attention's GEMMs, and linear layers whose
+ *    weights are fp32).
  * 2. One GPT-3 1.3B transformer layer (hidden 2048, 16 heads, sequence 2048)
  *    forward and backward through d->ops, as model/gpt.c calls them, at
- *    micro-batch 4 and 8: milliseconds, TFLOP/s by the layer's model FLOPs
+ *    micro-batch 4 and 8; in bf16 with a bf16 working copy of the weight
+ *    matrices (to_half from the fp32 master, as a bf16 job keeps them), so
+ *    the linear layers run native bf16 GEMMs; in tf32 with fp32 weights.
+ *    Milliseconds, TFLOP/s by the layer's model FLOPs
  *    72·B·s·h²·(1 + s/6h) (Narayanan et al. without recomputation; causal
  *    attention counted in full, as everyone does), and MFU against the
  *    measured bf16 ceiling.
@@ -128,6 +132,10 @@ typedef struct {
   /* parameters and their gradients */
   float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b, *fcw, *fcb, *fcpw, *fcpb;
   float *g[12];
+  /* the weight matrices the linear ops read: the fp32 ones above, or a
+   * 16-bit working copy (wt), and the conversion scratch they need */
+  mt_dtype wt;
+  void *qkvw_h, *projw_h, *fcw_h, *fcpw_h, *cvt;
   /* activations */
   float *inp, *ln1, *m1, *r1, *qkv, *atty, *lse, *branch, *resid2, *ln2, *m2, *r2, *fch, *fchg,
       *out;
@@ -148,7 +156,27 @@ static float *rnd(size_t n, float scale, uint64_t *state) {
   return d;
 }
 
-static void layer_make(layer *L, int B, int T, int C, int NH) {
+/* the working copy of n fp32 weights as stored in wt (the weights themselves for fp32) */
+static void *working_copy(const float *w, size_t n, mt_dtype wt) {
+  if (wt == MT_F32) return (void *)w;
+  uint16_t *h = dmalloc(n * sizeof(uint16_t));
+  dev.ops->to_half(&dev, h, w, n, wt == MT_F16);
+  return h;
+}
+
+/* the largest conversion scratch of the layer's four linear ops */
+static size_t layer_scratch(int N, int C, mt_dtype wt) {
+  const int shapes[4][2] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};
+  size_t most = 0;
+  for (int i = 0; i < 4; i++) {
+    size_t b = dev.ops->linear_scratch(&dev, N, shapes[i][0], shapes[i][1], wt);
+    if (b > most) most = b;
+  }
+  return most;
+}
+
+/* dev.matmul set first: the conversion scratch depends on it */
+static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
   memset(L, 0, sizeof *L);
   L->B = B, L->T = T, L->C = C, L->NH = NH;
   size_t N = (size_t)B * T, NC = N * C, CC = (size_t)C * C;
@@ -171,6 +199,11 @@ static void layer_make(layer *L, int B, int T, int C, int NH) {
   L->dres = dmalloc(NC * 4), L->dfch = dmalloc(4 * NC * 4), L->dfch2 = dmalloc(4 * NC * 4);
   L->dbtc = dmalloc(NC * 4), L->dbtc2 = dmalloc(NC * 4), L->dqkv = dmalloc(3 * NC * 4);
   L->att_scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
+  L->wt = wt;
+  L->qkvw_h = working_copy(L->qkvw, 3 * CC, wt), L->projw_h = working_copy(L->projw, CC, wt);
+  L->fcw_h = working_copy(L->fcw, 4 * CC, wt), L->fcpw_h = working_copy(L->fcpw, 4 * CC, wt);
+  size_t cvt = layer_scratch((int)N, C, wt);
+  L->cvt = cvt ? dmalloc(cvt) : NULL;
 }
 
 static void layer_free(layer *L) {
@@ -179,6 +212,11 @@ static void layer_free(layer *L) {
                  &L->m1,   &L->r1,    &L->qkv,  &L->atty,  &L->lse,   &L->branch,     &L->resid2,
                  &L->ln2,  &L->m2,    &L->r2,   &L->fch,   &L->fchg,  &L->out,        &L->dres,
                  &L->dfch, &L->dfch2, &L->dbtc, &L->dbtc2, &L->dqkv,  &L->att_scratch};
+  if (L->wt != MT_F32) {
+    void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h, L->fcpw_h};
+    for (int i = 0; i < 4; i++) mt_device_free(&dev, h[i]);
+  }
+  mt_device_free(&dev, L->cvt);
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) mt_device_free(&dev, *p[i]);
   for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
 }
@@ -188,14 +226,15 @@ static void layer_fwd(layer *L) {
   const mt_ops *o = dev.ops;
   int B = L->B, T = L->T, C = L->C, N = B * T;
   size_t NC = (size_t)N * C;
+  mt_dtype wt = L->wt;
   o->layernorm_fwd(&dev, L->ln1, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
-  o->linear_fwd(&dev, L->qkv, L->ln1, L->qkvw, L->qkvb, N, C, 3 * C);
+  o->linear_fwd(&dev, L->qkv, L->ln1, L->qkvw_h, wt, L->qkvb, L->cvt, N, C, 3 * C);
   o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, B, T, C, L->NH, NULL);
-  o->linear_fwd(&dev, L->branch, L->atty, L->projw, L->projb, N, C, C);
+  o->linear_fwd(&dev, L->branch, L->atty, L->projw_h, wt, L->projb, L->cvt, N, C, C);
   o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
   o->layernorm_fwd(&dev, L->ln2, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
-  o->linear_gelu_fwd(&dev, L->fchg, L->fch, L->ln2, L->fcw, L->fcb, N, C, 4 * C);
-  o->linear_fwd(&dev, L->branch, L->fchg, L->fcpw, L->fcpb, N, 4 * C, C);
+  o->linear_gelu_fwd(&dev, L->fchg, L->fch, L->ln2, L->fcw_h, wt, L->fcb, L->cvt, N, C, 4 * C);
+  o->linear_fwd(&dev, L->branch, L->fchg, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
   o->residual_fwd(&dev, L->out, L->resid2, L->branch, NC);
 }
 
@@ -205,17 +244,18 @@ static void layer_bwd(layer *L) {
   int B = L->B, T = L->T, C = L->C, N = B * T;
   size_t NC = (size_t)N * C;
   float **g = L->g;
-  o->linear_bwd_dgelu(&dev, L->dfch2, L->dfch, g[10], g[11], L->dres, L->fchg, L->fch, L->fcpw, N,
-                      4 * C, C);
+  mt_dtype wt = L->wt;
+  o->linear_bwd_dgelu(&dev, L->dfch2, L->dfch, g[10], g[11], L->dres, L->fchg, L->fch, L->fcpw_h,
+                      wt, L->cvt, N, 4 * C, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, L->fcw, N, C, 4 * C);
+  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, L->fcw_h, wt, L->cvt, N, C, 4 * C);
   o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, L->projw, N, C, C);
+  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, L->projw_h, wt, L->cvt, N, C, C);
   mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
   o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->qkv, L->lse, B, T, C, L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
-  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, L->qkvw, N, C, 3 * C);
+  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, L->qkvw_h, wt, L->cvt, N, C, 3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
 }
 
@@ -227,11 +267,12 @@ static float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
 
 /* Times `iters` forward+backward steps after two warm-up ones; prints and
  * returns TFLOP/s. */
-static double bench_layer(int B, mt_matmul_precision prec, const char *tag, double ceiling) {
+static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const char *tag,
+                          double ceiling) {
   int T = 2048, C = 2048, NH = 16;
   layer L;
-  layer_make(&L, B, T, C, NH);
   dev.matmul = prec;
+  layer_make(&L, B, T, C, NH, wt);
   cudaStream_t s = dev.stream;
   cudaEvent_t e0, e1, e2;
   CK(cudaEventCreate(&e0));
@@ -293,9 +334,9 @@ int main(int argc, char **argv) {
   printf("RESULT gemm_f32io_bf16_tflops %.2f\n", f32);
   fflush(stdout);
 
-  bench_layer(4, MT_MATMUL_BF16, "bf16", bf16);
-  bench_layer(8, MT_MATMUL_BF16, "bf16", bf16);
-  bench_layer(4, MT_MATMUL_TF32, "tf32", bf16);
+  bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
+  bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
+  bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16);
   mt_device_close(&dev);
   return 0;
 }

@@ -54,10 +54,14 @@ void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json)
 
 /* The plan counts Megatron's storage of the weights (a 16-bit copy, the
  * fp32 master in the ZeRO slice); this engine keeps weights, gradients and
- * Adam in fp32 and, in a bf16 or fp16 job, an fp32 working copy of the
- * weights beside the master, and the activations its blocks keep in the
- * job's precision. So the check plans each stage as an fp32 job, adds the
- * working copy, and takes the activations from the job's own plan. */
+ * Adam in fp32 and, in a bf16 or fp16 job, a 16-bit working copy of the
+ * weights beside the master (2 bytes per parameter: the matrices are nearly
+ * all of them, the few vectors' fp32 copies are not counted), and the
+ * activations its blocks keep in the job's precision. So the check plans
+ * each stage as an fp32 job, adds the working copy and the scratch its
+ * GEMMs convert through (ops.h linear_scratch: the CPU unpacks a whole
+ * matrix to fp32, the largest of the stage; a GPU converts blocks of rows
+ * within 128 MiB), and takes the activations from the job's own plan. */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) {
   size_t total = 0, avail = 0;
   int gpu = device && !strncmp(device, "cuda", 4);
@@ -80,7 +84,8 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
   }
   /* the worst stage as stored: fp32 but for the kept activations */
   mt_plan_stage w = plan.worst;
-  double need = 0.0, copy = 0.0;
+  double need = 0.0, copy = 0.0, cvt = 0.0;
+  double hid = job->model.n_embd, t = plan.tp;
   for (int s = 0; s < plan.pp; s++) {
     mt_plan_stage f, h;
     mt_plan_stage_of(stored, &plan, s, &f);
@@ -89,28 +94,33 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
       f.total_bytes += h.activation_bytes - f.activation_bytes;
       f.activation_bytes = h.activation_bytes;
     }
-    double c = mixed ? 4.0 * (double)f.params : 0.0; /* the rounded working copy */
-    if (s == 0 || (double)f.total_bytes + c > need)
-      w = f, copy = c, need = (double)f.total_bytes + c;
+    double c = mixed ? 2.0 * (double)f.params : 0.0; /* the 16-bit working copy */
+    double largest = f.has_head ? (double)plan.padded_vocab * hid / t : 0.0;
+    if (f.n_layers && 4.0 * hid * hid / t > largest) largest = 4.0 * hid * hid / t;
+    double v = !mixed ? 0.0 : gpu ? (double)(128 << 20) : 4.0 * largest;
+    if (s == 0 || (double)f.total_bytes + c + v > need)
+      w = f, copy = c, cvt = v, need = (double)f.total_bytes + c + v;
   }
   free(stored);
   const char *where = gpu ? "GPU memory" : "RAM";
   char as[48] = "every tensor fp32";
   if (mixed) snprintf(as, sizeof as, "fp32 with %s activations", job->train.precision);
   if (need > plan.usable_bytes)
-    return mt_seterr(MT_EINVAL,
-                     "plan: stage %d needs %.1f GB per device as this engine stores a %s job (%s: "
-                     "fp32 weights %.1f and their working copy %.1f, grads %.1f, optimizer %.1f, "
-                     "activations %.1f, logits %.1f, comm %.1f) but the devices have %.1f GB of "
-                     "%s, %.1f GB usable; try parallel.recompute=true, a larger tp or pp, or a "
-                     "smaller micro_batch",
-                     w.stage, need / 1e9, job->train.precision, as, (double)w.weight_bytes / 1e9,
-                     copy / 1e9, (double)w.grad_bytes / 1e9, (double)w.optimizer_bytes / 1e9,
-                     (double)w.activation_bytes / 1e9, (double)w.logits_bytes / 1e9,
-                     (double)w.comm_bytes / 1e9, per / 1e9, where, plan.usable_bytes / 1e9);
+    return mt_seterr(
+        MT_EINVAL,
+        "plan: stage %d needs %.1f GB per device as this engine stores a %s job (%s: "
+        "fp32 weights %.1f and their 16-bit working copy %.1f, GEMM conversion scratch %.1f, "
+        "grads %.1f, optimizer %.1f, "
+        "activations %.1f, logits %.1f, comm %.1f) but the devices have %.1f GB of "
+        "%s, %.1f GB usable; try parallel.recompute=true, a larger tp or pp, or a "
+        "smaller micro_batch",
+        w.stage, need / 1e9, job->train.precision, as, (double)w.weight_bytes / 1e9, copy / 1e9,
+        cvt / 1e9, (double)w.grad_bytes / 1e9, (double)w.optimizer_bytes / 1e9,
+        (double)w.activation_bytes / 1e9, (double)w.logits_bytes / 1e9, (double)w.comm_bytes / 1e9,
+        per / 1e9, where, plan.usable_bytes / 1e9);
   mt_log_info("plan: %.2f GB per device at most as stored here, %s (stage %d: weights %.2f%s, "
               "grads %.2f, optimizer %.2f, activations %.2f GB) of %.1f GB %s per device",
-              need / 1e9, as, w.stage, (double)(w.weight_bytes + copy) / 1e9,
+              need / 1e9, as, w.stage, (double)(w.weight_bytes + copy + cvt) / 1e9,
               mixed ? " with the working copy" : "", (double)w.grad_bytes / 1e9,
               (double)w.optimizer_bytes / 1e9, (double)w.activation_bytes / 1e9, per / 1e9, where);
   return 0;

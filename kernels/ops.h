@@ -4,6 +4,14 @@
  * - Tensors are fp32, contiguous, row-major, in the device's memory. N = B*T
  *   rows of activations; C channels; OC output channels; NH heads; Vp padded
  *   vocabulary of which the first V entries are real tokens.
+ * - The matrices a GEMM or a lookup reads (linear layers' w, the embedding
+ *   wte: const void *, with an mt_dtype) are fp32 or a 16-bit job's working
+ *   copy in bf16 or binary16; what an op computes with them is the float
+ *   each one holds, so a 16-bit copy gives the bits of an fp32 one holding
+ *   the same rounded values (on the CPU; on GPUs within the GEMMs' own
+ *   rounding). Vectors (biases, LayerNorm's w and b) and wpe are fp32: they
+ *   are a tiny part of a model, and the row kernels that read them stay one
+ *   code path. Gradients and Adam's tensors are always fp32.
  * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
  *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
  * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
@@ -36,6 +44,9 @@ typedef struct mt_dropout {
   uint32_t head0;   /* attention: global index of local head 0 (tensor parallelism) */
 } mt_dropout;
 
+/* How a weight tensor is stored. */
+typedef enum mt_dtype { MT_F32 = 0, MT_BF16 = 1, MT_F16 = 2 } mt_dtype;
+
 /* One tensor, or slice of one, for a multi-tensor AdamW step. */
 typedef struct mt_adamw_slice {
   float *param;
@@ -49,8 +60,8 @@ struct mt_ops {
   const char *name;
 
   /* out(B,T,C) = wte[tokens[b,t]] + wpe[t] */
-  void (*embedding_fwd)(mt_device *d, float *out, const int32_t *tokens, const float *wte,
-                        const float *wpe, int B, int T, int C);
+  void (*embedding_fwd)(mt_device *d, float *out, const int32_t *tokens, const void *wte,
+                        mt_dtype wt, const float *wpe, int B, int T, int C);
   /* dwte(Vp,C) += scatter of dout by token; dwpe(T,C) += sum over b */
   void (*embedding_bwd)(mt_device *d, float *dwte, float *dwpe, const float *dout,
                         const int32_t *tokens, int B, int T, int C);
@@ -62,20 +73,29 @@ struct mt_ops {
                         const float *inp, const float *w, const float *mean, const float *rstd,
                         int N, int C);
 
+  /* Bytes of conversion scratch (`cvt` below) the linear ops need on d for
+   * a GEMM of (N, C, OC) with weights stored as wt; 0 for MT_F32 (cvt may
+   * then be NULL). Bounded: a backend converts in blocks of rows. One
+   * scratch of the largest size serves every linear op; contents undefined.
+   * The CPU unpacks blocks of 16-bit weight rows to fp32 for sgemm; GPUs
+   * convert blocks of activation (and gradient) rows to bf16 for native bf16
+   * GEMMs, or unpack fp16 weights for TF32 ones. */
+  size_t (*linear_scratch)(mt_device *d, int N, int C, int OC, mt_dtype wt);
+
   /* out(N,OC) = inp(N,C) · w(OC,C)ᵀ + bias(OC); bias may be NULL */
-  void (*linear_fwd)(mt_device *d, float *out, const float *inp, const float *w, const float *bias,
-                     int N, int C, int OC);
+  void (*linear_fwd)(mt_device *d, float *out, const float *inp, const void *w, mt_dtype wt,
+                     const float *bias, void *cvt, int N, int C, int OC);
   /* dinp(N,C) += dout·w; dw(OC,C) += doutᵀ·inp; dbias(OC) += Σ_rows dout.
    * dinp and dbias may be NULL. */
   void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                     const float *inp, const float *w, int N, int C, int OC);
+                     const float *inp, const void *w, mt_dtype wt, void *cvt, int N, int C, int OC);
   /* out(N,OC) = gelu(pre) and pre(N,OC) = inp·wᵀ + bias, the input gelu_bwd
    * takes: linear_fwd into pre then gelu_fwd into out, on the CPU exactly
    * that. On GPUs one GEMM with cuBLASLt's GeLU epilogue (GELU_AUX_BIAS, its
    * own tanh: not gelu_fwd's bits) where cuBLASLt takes the shape, else
    * those two ops. bias may be NULL. */
-  void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const float *inp, const float *w,
-                          const float *bias, int N, int C, int OC);
+  void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const float *inp, const void *w,
+                          mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC);
   /* linear_bwd of the layer after linear_gelu_fwd, its dinp taken through
    * GeLU's gradient: dpre(N,C) = gelu'(pre) ⊙ (dout·w) is WRITTEN, not
    * accumulated (cuBLASLt documents no way to add to it); dw(OC,C) +=
@@ -87,8 +107,8 @@ struct mt_ops {
    * epilogue (DGELU, aux = pre: its own tanh, not gelu_bwd's bits) where
    * cuBLASLt takes the shape, else those two ops. */
   void (*linear_bwd_dgelu)(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                           const float *dout, const float *inp, const float *pre, const float *w,
-                           int N, int C, int OC);
+                           const float *dout, const float *inp, const float *pre, const void *w,
+                           mt_dtype wt, void *cvt, int N, int C, int OC);
 
   /* Causal self-attention, memory-efficient: the probabilities are not
    * kept for the backward pass, which recomputes them from qkv and lse (as
@@ -147,8 +167,8 @@ struct mt_ops {
    * / rows [v0, v0 + Vl) of the padded vocabulary, the first `real` of them
    * real tokens, real = clamp(V - v0, 0, Vl)).
    * out(B,T,C) = wte_shard[tok - v0] for tokens in the shard, else 0. */
-  void (*embedding_shard_fwd)(mt_device *d, float *out, const int32_t *tokens, const float *wte,
-                              int v0, int Vl, int N, int C);
+  void (*embedding_shard_fwd)(mt_device *d, float *out, const int32_t *tokens, const void *wte,
+                              mt_dtype wt, int v0, int Vl, int N, int C);
   /* dwte_shard += scatter of dout by the tokens in the shard */
   void (*embedding_shard_bwd)(mt_device *d, float *dwte, const float *dout, const int32_t *tokens,
                               int v0, int Vl, int N, int C);
@@ -186,6 +206,10 @@ struct mt_ops {
    * (fp16 != 0: binary16), kept as a float (mt_round_half); dst may alias
    * src. The working copy of the weights the forward reads. */
   void (*round_half)(mt_device *d, float *dst, const float *src, size_t n, int fp16);
+  /* dst[i] = the bits of src[i] rounded to nearest even into bf16 (fp16 !=
+   * 0: binary16); src is left as it is. A 16-bit working copy of the
+   * weights from the fp32 master. */
+  void (*to_half)(mt_device *d, uint16_t *dst, const float *src, size_t n, int fp16);
   /* The 16-bit storage of a kept activation: dst[i] = the bits of src[i]
    * rounded to nearest even into bf16 (fp16 != 0: binary16), and src[i]
    * replaced by that value as a float, so that the forward computes on with

@@ -315,6 +315,36 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   return off;
 }
 
+/* Tensor-parallel sizes of this rank: local channels of the attention and
+ * MLP (C/tp), local heads, and whether it adds the replicated biases of the
+ * row-parallel projections (only one rank may, before the sum). */
+typedef struct tp_dims {
+  int Cl, NHl, owns_bias;
+} tp_dims;
+
+static tp_dims dims_of(const mt_gpt *m) {
+  int tp = m->cfg.tp_size > 1 ? m->cfg.tp_size : 1;
+  tp_dims t = {m->cfg.n_embd / tp, m->cfg.n_head / tp, m->cfg.tp_rank == 0};
+  return t;
+}
+
+/* The linear ops' conversion scratch: the largest any of this stage's GEMMs
+ * asks (the blocks' four, and the LM head on the last stage). */
+static size_t cvt_bytes(const mt_gpt *m) {
+  const mt_gpt_config *c = &m->cfg;
+  mt_device *d = m->dev;
+  int N = m->B * m->T, C = c->n_embd, Cl = dims_of(m).Cl;
+  int tp = c->tp_size > 1 ? c->tp_size : 1;
+  int shapes[5][2] = {{C, 3 * Cl}, {Cl, C}, {C, 4 * Cl}, {4 * Cl, C}, {C, c->padded_vocab / tp}};
+  size_t most = 0;
+  for (int k = 0; k < (m->last ? 5 : 4); k++) {
+    if (k < 4 && !m->n_layers) continue;
+    size_t b = d->ops->linear_scratch(d, N, shapes[k][0], shapes[k][1], m->wtype);
+    most = b > most ? b : most;
+  }
+  return most;
+}
+
 int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, int T) {
   memset(m, 0, sizeof *m);
   int rc = check_config(cfg, B, T);
@@ -353,9 +383,25 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
   m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
   m->weights = m->params;
-  if (m->grads && cfg->precision != MT_PREC_FP32)
-    m->weights = mt_device_alloc(dev, m->alloc_params * sizeof(float));
-  m->acts = m->grads && m->weights ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
+  m->wtype = MT_F32;
+  if (m->grads && cfg->precision != MT_PREC_FP32) {
+    m->wtype = cfg->precision == MT_PREC_FP16 ? MT_F16 : MT_BF16;
+    m->vec_offset = malloc((size_t)m->n_tensors * sizeof *m->vec_offset);
+    if (!m->vec_offset) {
+      rc = mt_seterr(MT_ENOMEM, "gpt: working copy table");
+      goto fail;
+    }
+    for (int i = 0; i < m->n_tensors; i++) {
+      m->vec_offset[i] = mt_gpt_is_matrix(m, i) ? SIZE_MAX : m->vec_floats;
+      if (!mt_gpt_is_matrix(m, i)) m->vec_floats += m->params_table[i].numel;
+    }
+    m->half = mt_device_alloc(dev, m->alloc_params * sizeof(uint16_t));
+    m->weights = m->half ? mt_device_alloc(dev, m->vec_floats * sizeof(float)) : NULL;
+  }
+  m->cvt_bytes = cvt_bytes(m);
+  m->cvt = m->weights && m->cvt_bytes ? mt_device_alloc(dev, m->cvt_bytes) : NULL;
+  int have_cvt = m->weights && (m->cvt || !m->cvt_bytes);
+  m->acts = have_cvt ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
   /* host copies of the losses (or of the tp max, sum and target logit) */
   m->host_losses = m->acts ? malloc(3 * (size_t)B * T * sizeof(float)) : NULL;
   if (!m->host_losses) {
@@ -373,11 +419,14 @@ fail:
 void mt_gpt_destroy(mt_gpt *m) {
   if (m->dev) {
     if (m->weights != m->params) mt_device_free(m->dev, m->weights);
+    mt_device_free(m->dev, m->half);
+    mt_device_free(m->dev, m->cvt);
     mt_device_free(m->dev, m->params);
     mt_device_free(m->dev, m->grads);
     mt_device_free(m->dev, m->acts);
   }
   free(m->host_losses);
+  free(m->vec_offset);
   act_plan *slots = m->act_plan;
   for (int k = 0; slots && k < m->n_slots; k++) {
     free(slots[k].resid);
@@ -434,11 +483,35 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
   return mt_gpt_round_weights(m);
 }
 
+/* The 16-bit copy is made in one pass over every parameter (the vectors'
+ * places in it go unread), the vectors' fp32 copies one tensor each. */
 int mt_gpt_round_weights(mt_gpt *m) {
-  if (m->weights == m->params) return 0;
-  m->dev->ops->round_half(m->dev, m->weights, m->params, m->alloc_params,
-                          m->cfg.precision == MT_PREC_FP16);
+  if (m->wtype == MT_F32) return 0;
+  int fp16 = m->wtype == MT_F16;
+  m->dev->ops->to_half(m->dev, m->half, m->params, m->alloc_params, fp16);
+  for (int i = 0; i < m->n_tensors; i++)
+    if (m->vec_offset[i] != SIZE_MAX)
+      m->dev->ops->round_half(m->dev, m->weights + m->vec_offset[i], mt_gpt_param(m, i),
+                              m->params_table[i].numel, fp16);
   return 0;
+}
+
+int mt_gpt_is_matrix(const mt_gpt *m, int i) {
+  if (i == m->i_wte) return 1;
+  if (i < m->i_block0 || i >= m->i_block0 + m->n_layers * MT_P_PER_LAYER) return 0;
+  int which = (i - m->i_block0) % MT_P_PER_LAYER;
+  return which == MT_P_QKV_W || which == MT_P_ATTPROJ_W || which == MT_P_FC_W ||
+         which == MT_P_FCPROJ_W;
+}
+
+const void *mt_gpt_matrix(const mt_gpt *m, int i) {
+  size_t off = m->params_table[i].offset;
+  return m->wtype == MT_F32 ? (const void *)(m->params + off) : (const void *)(m->half + off);
+}
+
+const float *mt_gpt_weight(const mt_gpt *m, int i) {
+  if (m->wtype == MT_F32) return m->params + m->params_table[i].offset;
+  return m->weights + m->vec_offset[i];
 }
 
 void mt_gpt_zero_grad(mt_gpt *m) {
@@ -464,6 +537,10 @@ static const float *W(const mt_gpt *m, int i) { return mt_gpt_weight(m, i); }
 static const float *P(const mt_gpt *m, int l, int which) {
   return W(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
+/* A matrix of block l, in m->wtype */
+static const void *M(const mt_gpt *m, int l, int which) {
+  return mt_gpt_matrix(m, m->i_block0 + l * MT_P_PER_LAYER + which);
+}
 static float *G(const mt_gpt *m, int l, int which) {
   return mt_gpt_grad(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
@@ -474,19 +551,6 @@ static int tp_sum(mt_gpt *m, float *buf, size_t n) {
   if (m->cfg.tp_size <= 1) return 0;
   if (!m->tp_allreduce) return mt_seterr(MT_EINVAL, "gpt: tensor parallel without a tp group");
   return m->tp_allreduce(m->tp_ctx, buf, n, 0);
-}
-
-/* Tensor-parallel sizes of this rank: local channels of the attention and
- * MLP (C/tp), local heads, and whether it adds the replicated biases of the
- * row-parallel projections (only one rank may, before the sum). */
-typedef struct tp_dims {
-  int Cl, NHl, owns_bias;
-} tp_dims;
-
-static tp_dims dims_of(const mt_gpt *m) {
-  int tp = m->cfg.tp_size > 1 ? m->cfg.tp_size : 1;
-  tp_dims t = {m->cfg.n_embd / tp, m->cfg.n_head / tp, m->cfg.tp_rank == 0};
-  return t;
 }
 
 /* LayerNorm w_index (MT_P_LN1_W or MT_P_LN2_W, its bias next) of block l
@@ -519,6 +583,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
+  mt_dtype wt = m->wtype;
   size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
@@ -529,12 +594,13 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))); this
    * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
   layernorm(m, p, l, MT_P_LN1_W, in);
-  ops->linear_fwd(d, a->qkv, p->ln, P(m, l, MT_P_QKV_W), P(m, l, MT_P_QKV_B), N, C, 3 * t.Cl);
+  ops->linear_fwd(d, a->qkv, p->ln, M(m, l, MT_P_QKV_W), wt, P(m, l, MT_P_QKV_B), m->cvt, N, C,
+                  3 * t.Cl);
   keep(m, a->qkv_h, a->qkv, 3 * NCl);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
   keep(m, a->atty_h, a->atty, NCl);
-  ops->linear_fwd(d, p->branch, a->atty, P(m, l, MT_P_ATTPROJ_W),
-                  t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, N, t.Cl, C);
+  ops->linear_fwd(d, p->branch, a->atty, M(m, l, MT_P_ATTPROJ_W), wt,
+                  t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
   if (rc) return rc;
   ops->dropout_residual_fwd(d, a->resid2, in, p->branch, B, (size_t)T * C, drop1);
@@ -546,15 +612,16 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
    * the backward will see */
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
   if (half_acts(m)) {
-    ops->linear_fwd(d, a->fch, p->ln, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C, 4 * t.Cl);
+    ops->linear_fwd(d, a->fch, p->ln, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B), m->cvt, N, C,
+                    4 * t.Cl);
     keep(m, a->fch_h, a->fch, 4 * NCl);
     ops->gelu_fwd(d, p->gelu, a->fch, 4 * NCl);
   } else {
-    ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, P(m, l, MT_P_FC_W), P(m, l, MT_P_FC_B), N, C,
-                         4 * t.Cl);
+    ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B),
+                         m->cvt, N, C, 4 * t.Cl);
   }
-  ops->linear_fwd(d, p->branch, p->gelu, P(m, l, MT_P_FCPROJ_W),
-                  t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, N, 4 * t.Cl, C);
+  ops->linear_fwd(d, p->branch, p->gelu, M(m, l, MT_P_FCPROJ_W), wt,
+                  t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, m->cvt, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
   ops->dropout_residual_fwd(d, out, a->resid2, p->branch, B, (size_t)T * C, drop2);
   return 0;
@@ -580,6 +647,7 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
+  mt_dtype wt = m->wtype;
   size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
@@ -600,11 +668,12 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const float *dbranch = branch_grad(m, p, drop2);
   ops->gelu_fwd(d, p->gelu, a->fch, (size_t)N * 4 * t.Cl);
   ops->linear_bwd_dgelu(d, p->dfch2, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
-                        dbranch, p->gelu, a->fch, P(m, l, MT_P_FCPROJ_W), N, 4 * t.Cl, C);
+                        dbranch, p->gelu, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N, 4 * t.Cl,
+                        C);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, p->ln,
-                  P(m, l, MT_P_FC_W), N, C, 4 * t.Cl);
+                  M(m, l, MT_P_FC_W), wt, m->cvt, N, C, 4 * t.Cl);
   int rc = tp_sum(m, p->dbtc2, NC);
   if (rc) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), p->dbtc2, a->resid2,
@@ -614,14 +683,14 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   dbranch = branch_grad(m, p, drop1);
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
-                  P(m, l, MT_P_ATTPROJ_W), N, t.Cl, C);
+                  M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
   mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
   ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->qkv, a->lse, B, T, t.Cl, t.NHl,
                      attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN1_W, in);
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln,
-                  P(m, l, MT_P_QKV_W), N, C, 3 * t.Cl);
+                  M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
   if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
                      P(m, l, MT_P_LN1_W), p->ln_mean, p->ln_rstd, N, C);
@@ -670,11 +739,13 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
 
   int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
   if (m->first && tp == 1) {
-    ops->embedding_fwd(d, p->resid[0], p->inputs, W(m, m->i_wte), W(m, m->i_wpe), B, T, C);
+    ops->embedding_fwd(d, p->resid[0], p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype,
+                       W(m, m->i_wpe), B, T, C);
   } else if (m->first) {
     /* vocabulary-parallel: each rank looks up the tokens in its rows, the sum
      * over tp is the embedding; positions are replicated and added after */
-    ops->embedding_shard_fwd(d, p->resid[0], p->inputs, W(m, m->i_wte), v0, Vl, N, C);
+    ops->embedding_shard_fwd(d, p->resid[0], p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype, v0,
+                             Vl, N, C);
     if ((rc = tp_sum(m, p->resid[0], BT * C))) return rc;
     for (int b = 0; b < B; b++)
       ops->residual_fwd(d, p->resid[0] + (size_t)b * T * C, p->resid[0] + (size_t)b * T * C,
@@ -704,7 +775,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
                      W(m, m->i_lnf + 1), N, C, c->ln_eps);
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, p->lnf, W(m, m->i_wte), NULL, N, C, Vl);
+  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_matrix(m, m->i_wte), m->wtype, NULL, m->cvt, N, C,
+                  Vl);
   m->last_loss = 0.0f;
   if (targets && tp > 1) {
     /* vocabulary-parallel cross-entropy: the max, the sum of exponentials
@@ -761,8 +833,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
                         c->padded_vocab);
     }
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf, W(m, m->i_wte),
-                    N, C, Vl);
+    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf,
+                    mt_gpt_matrix(m, m->i_wte), m->wtype, m->cvt, N, C, Vl);
     int rc = tp_sum(m, p->dbtc, NC);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, NC * sizeof(float));

@@ -113,13 +113,23 @@ typedef struct mt_gpt {
   size_t alloc_params; /* num_params padded to zero_shards equal slices */
   float *params;       /* device: fp32 master weights */
   float *grads;        /* device: fp32, accumulated over micro-batches */
-  /* device: what the forward and backward read. fp32: params itself. bf16 /
-   * fp16: a second buffer of alloc_params floats holding params rounded to
-   * nearest even into the 16-bit format, each value exactly representable
-   * in it. It is fp32 storage of 16-bit values because the kernels compute
-   * in fp32 (the CPU backend has no 16-bit GEMM); a 16-bit buffer converted
-   * on use would halve it and is the CUDA kernels' business. */
+  /* device: the working copy the forward and backward read, params rounded
+   * to nearest even into the job's format (mt_gpt_round_weights). fp32:
+   * params itself, wtype MT_F32. bf16 / fp16: the matrices GEMMs and the
+   * embedding lookup read (wte and the blocks' four weights, nearly every
+   * parameter) in 16 bits, `half`, at their params offsets (alloc_params
+   * uint16s); the vectors (biases, LayerNorms) and wpe, which the row
+   * kernels read as fp32, as floats holding the rounded values, packed in
+   * `weights` at vec_offset[i] (vec_floats of them). */
   float *weights;
+  uint16_t *half;
+  mt_dtype wtype;
+  size_t *vec_offset; /* per tensor; SIZE_MAX for the matrices in `half` */
+  size_t vec_floats;
+  /* device: the conversion scratch the linear ops share (linear_scratch:
+   * the largest of this stage's GEMMs); NULL when none is needed */
+  void *cvt;
+  size_t cvt_bytes;
 
   float *acts; /* device: every activation, one buffer */
   size_t acts_floats;
@@ -211,14 +221,15 @@ void mt_gpt_zero_grad(mt_gpt *m);
  * Recomputation is not counted (model FLOPs, as MFU is defined). */
 double mt_gpt_flops_per_step(const mt_gpt_config *cfg, int B, int T);
 
-/* Pointer to tensor i's master values / the values the forward reads (the
- * same unless mixed precision) / gradients. */
+/* Pointer to tensor i's master values / gradients. */
 static inline float *mt_gpt_param(const mt_gpt *m, int i) {
   return m->params + m->params_table[i].offset;
 }
-static inline const float *mt_gpt_weight(const mt_gpt *m, int i) {
-  return m->weights + m->params_table[i].offset;
-}
+/* The working copy of tensor i the forward reads: a matrix in m->wtype
+ * (mt_gpt_is_matrix), any other tensor as floats. */
+int mt_gpt_is_matrix(const mt_gpt *m, int i);
+const void *mt_gpt_matrix(const mt_gpt *m, int i);
+const float *mt_gpt_weight(const mt_gpt *m, int i);
 static inline float *mt_gpt_grad(const mt_gpt *m, int i) {
   return m->grads + m->params_table[i].offset;
 }

@@ -57,14 +57,33 @@ static void thread_range(size_t n, size_t align, size_t *lo, size_t *hi) {
 
 /* ---- embedding ---------------------------------------------------------- */
 
-static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
-                          const float *wpe, int B, int T, int C) {
+/* o(n) = the floats of a 16-bit row h(n) */
+static inline void unpack_row(float *o, const uint16_t *h, size_t n, mt_dtype t) {
+  if (t == MT_BF16) {
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) o[i] = mt_half_unpack(h[i], 0);
+  } else {
+    for (size_t i = 0; i < n; i++) o[i] = mt_half_unpack(h[i], 1);
+  }
+}
+
+/* Row r (C wide) of a matrix stored as wt, as floats: the row itself when
+ * fp32, else unpacked into tmp. */
+static inline const float *row_of(const void *w, mt_dtype wt, size_t r, int C, float *tmp) {
+  if (wt == MT_F32) return (const float *)w + r * C;
+  unpack_row(tmp, (const uint16_t *)w + r * C, (size_t)C, wt);
+  return tmp;
+}
+
+static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const void *wte,
+                          mt_dtype wt, const float *wpe, int B, int T, int C) {
   int N = B * T;
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
   for (int n = 0; n < N; n++) {
-    float *o = out + (size_t)n * C;                // (C)
-    const float *we = wte + (size_t)tokens[n] * C; // (C)
-    const float *wp = wpe + (size_t)(n % T) * C;   // (C)
+    float *o = out + (size_t)n * C; // (C)
+    /* a 16-bit row is unpacked into o, then the position added in place */
+    const float *we = row_of(wte, wt, (size_t)tokens[n], C, o); // (C)
+    const float *wp = wpe + (size_t)(n % T) * C;                // (C)
 #pragma omp simd
     for (int c = 0; c < C; c++) o[c] = we[c] + wp[c];
   }
@@ -163,10 +182,29 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
 
 /* ---- linear ------------------------------------------------------------- */
 
+/* sgemm takes fp32: a 16-bit weight is unpacked whole into cvt, and the
+ * GEMM is then the one an fp32 copy of the same values gets, bit for bit. */
+static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype wt) {
+  (void)d, (void)N;
+  return wt == MT_F32 ? 0 : (size_t)OC * C * sizeof(float);
+}
+
+static const float *weights_f32(mt_device *d, const void *w, mt_dtype wt, void *cvt, int C,
+                                int OC) {
+  if (wt == MT_F32) return (const float *)w;
+  float *o = (float *)cvt;
+  size_t n = (size_t)OC * C;
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (int r = 0; r < OC; r++)
+    unpack_row(o + (size_t)r * C, (const uint16_t *)w + (size_t)r * C, (size_t)C, wt);
+  return o;
+}
+
 /* The bias is written first and the GEMM accumulates onto it (beta = 1 also
  * spares OpenBLAS its own pass that zeroes C for beta = 0). */
-static void linear_fwd(mt_device *d, float *out, const float *inp, const float *w,
-                       const float *bias, int N, int C, int OC) {
+static void linear_fwd(mt_device *d, float *out, const float *inp, const void *wv, mt_dtype wt,
+                       const float *bias, void *cvt, int N, int C, int OC) {
+  const float *w = weights_f32(d, wv, wt, cvt, C, OC);
   float beta = 0.0f;
   if (bias) {
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * OC >= PAR_MIN) schedule(static)
@@ -199,10 +237,13 @@ static void column_sum_acc(mt_device *d, float *dst, const float *src, int N, in
 }
 
 static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                       const float *inp, const float *w, int N, int C, int OC) {
-  if (dinp) // (N,C) += (N,OC) · (OC,C)
+                       const float *inp, const void *wv, mt_dtype wt, void *cvt, int N, int C,
+                       int OC) {
+  if (dinp) { // (N,C) += (N,OC) · (OC,C)
+    const float *w = weights_f32(d, wv, wt, cvt, C, OC);
     mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, N, C, OC, 1.0f, dout, OC, w, C,
              1.0f, dinp, C);
+  }
   // (OC,C) += (N,OC)ᵀ · (N,C)
   mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, OC, C, N, 1.0f, dout, OC, inp, C,
            1.0f, dw, C);
@@ -449,20 +490,20 @@ static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *d
 
 /* No epilogue to fuse into here: the two ops, so the values are theirs bit
  * for bit. */
-static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const float *w,
-                            const float *bias, int N, int C, int OC) {
-  linear_fwd(d, pre, inp, w, bias, N, C, OC);
+static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const void *w,
+                            mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
+  linear_fwd(d, pre, inp, w, wt, bias, cvt, N, C, OC);
   gelu_fwd(d, out, pre, (size_t)N * OC);
 }
 
 /* The two ops, each into a zeroed buffer as the model called them before
  * this op existed, so the values are theirs bit for bit. */
 static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const float *inp, const float *pre, const float *w,
-                             int N, int C, int OC) {
+                             const float *dout, const float *inp, const float *pre, const void *w,
+                             mt_dtype wt, void *cvt, int N, int C, int OC) {
   size_t n = (size_t)N * C;
   memset(scratch, 0, n * sizeof(float));
-  linear_bwd(d, scratch, dw, dbias, dout, inp, w, N, C, OC);
+  linear_bwd(d, scratch, dw, dbias, dout, inp, w, wt, cvt, N, C, OC);
   memset(dpre, 0, n * sizeof(float));
   gelu_bwd(d, dpre, pre, scratch, n);
 }
@@ -485,6 +526,11 @@ static void scale(mt_device *d, float *x, float s, size_t n) {
 static void round_half(mt_device *d, float *dst, const float *src, size_t n, int fp16) {
 #pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (size_t i = 0; i < n; i++) dst[i] = mt_round_half(src[i], fp16);
+}
+
+static void to_half(mt_device *d, uint16_t *dst, const float *src, size_t n, int fp16) {
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i = 0; i < n; i++) dst[i] = mt_half_pack(src[i], fp16);
 }
 
 static void pack_half(mt_device *d, uint16_t *dst, float *src, size_t n, int fp16) {
@@ -654,8 +700,8 @@ static void adamw_multi(mt_device *d, const mt_adamw_slice *s, int count, float 
 
 /* ---- vocabulary-parallel pieces (tensor parallelism) ---- */
 
-static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
-                                int v0, int Vl, int N, int C) {
+static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens, const void *wte,
+                                mt_dtype wt, int v0, int Vl, int N, int C) {
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
   for (int n = 0; n < N; n++) {
     float *o = out + (size_t)n * C; // (C)
@@ -664,7 +710,10 @@ static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens,
       memset(o, 0, (size_t)C * sizeof(float));
       continue;
     }
-    memcpy(o, wte + (size_t)k * C, (size_t)C * sizeof(float));
+    if (wt == MT_F32)
+      memcpy(o, (const float *)wte + (size_t)k * C, (size_t)C * sizeof(float));
+    else
+      unpack_row(o, (const uint16_t *)wte + (size_t)k * C, (size_t)C, wt);
   }
 }
 
@@ -735,6 +784,7 @@ const mt_ops mt_cpu_ops = {
     .embedding_bwd = embedding_bwd,
     .layernorm_fwd = layernorm_fwd,
     .layernorm_bwd = layernorm_bwd,
+    .linear_scratch = linear_scratch,
     .linear_fwd = linear_fwd,
     .linear_bwd = linear_bwd,
     .linear_gelu_fwd = linear_gelu_fwd,
@@ -760,6 +810,7 @@ const mt_ops mt_cpu_ops = {
     .sumsq = sumsq,
     .scale = scale,
     .round_half = round_half,
+    .to_half = to_half,
     .pack_half = pack_half,
     .unpack_half = unpack_half,
     .fits_fp16 = fits_fp16,

@@ -53,14 +53,19 @@ void mt__cuda_check(mt_device *d, const char *what);
 
 /* D = alpha · op(A) · op(B) + beta · D (+ bias broadcast along columns), in
  * cuBLAS's column-major terms: op(A) is m×k, op(B) k×n, D m×n; transposes
- * when trans*. batch > 1 repeats it at the given element strides. fp32
- * tensors, compute in d->matmul. */
+ * when trans*. batch > 1 repeats it at the given element strides (lds and
+ * strides in elements of each matrix's own type). D and the bias are fp32.
+ * A and B are both fp32, computed in d->matmul; or both 16-bit (at = bt =
+ * MT_BF16 or MT_F16), computed in fp32 from the floats they hold whatever
+ * d->matmul says: cuBLAS(Lt) pairs its FAST_* compute types with fp32
+ * operands only. at and bt default to fp32, so an initialiser may leave
+ * them out. */
 typedef struct mt__gemm {
   int transa, transb, m, n, k, batch;
-  const float *A;
+  const void *A;
   int lda;
   long long sA;
-  const float *B;
+  const void *B;
   int ldb;
   long long sB;
   float *D;
@@ -68,6 +73,7 @@ typedef struct mt__gemm {
   long long sD;
   float alpha, beta;
   const float *bias; /* (m) or NULL */
+  mt_dtype at = MT_F32, bt = MT_F32;
 } mt__gemm;
 void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g);
 /* The same GEMM through cuBLASLt alone, with its GeLU epilogue: D =

@@ -185,7 +185,10 @@ int mt__cuda_sync(mt_device *d) {
 
 /* ---- GEMM --------------------------------------------------------------- */
 
-static cublasComputeType_t compute_type(mt_matmul_precision p) {
+/* 16-bit operands compute in fp32 from the values they hold: cuBLAS(Lt)
+ * pairs the FAST_* compute types with fp32 operands only. */
+static cublasComputeType_t compute_type(mt_matmul_precision p, const mt__gemm *g) {
+  if (g->at != MT_F32) return CUBLAS_COMPUTE_32F;
   switch (p) {
   case MT_MATMUL_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
   case MT_MATMUL_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
@@ -193,15 +196,22 @@ static cublasComputeType_t compute_type(mt_matmul_precision p) {
   }
 }
 
-/* The alignment in bytes (a power of two, 4..256) that every matrix of a
- * batch keeps, rows included. cuBLASLt's heuristic assumes 256 unless told,
- * and a kernel picked for that would fault on a less aligned view, such as an
- * attention head's slice of qkv when the head size is odd. */
-static uint32_t alignment(const void *p, int ld, long long stride, int batch) {
-  uint64_t bits = (uint64_t)(uintptr_t)p | ((uint64_t)ld * sizeof(float));
-  if (batch > 1) bits |= (uint64_t)stride * sizeof(float);
+static cudaDataType_t data_type(mt_dtype t) {
+  return t == MT_BF16 ? CUDA_R_16BF : t == MT_F16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
+static uint32_t type_bytes(mt_dtype t) { return t == MT_F32 ? 4 : 2; }
+
+/* The alignment in bytes (a power of two, from the element size to 256)
+ * that every matrix of a batch keeps, rows included. cuBLASLt's heuristic
+ * assumes 256 unless told, and a kernel picked for that would fault on a
+ * less aligned view, such as an attention head's slice of qkv when the head
+ * size is odd. */
+static uint32_t alignment(const void *p, int ld, long long stride, int batch, uint32_t el) {
+  uint64_t bits = (uint64_t)(uintptr_t)p | ((uint64_t)ld * el);
+  if (batch > 1) bits |= (uint64_t)stride * el;
   uint32_t a = 256;
-  while (a > 4 && (bits & (a - 1))) a >>= 1;
+  while (a > el && (bits & (a - 1))) a >>= 1;
   return a;
 }
 
@@ -215,7 +225,7 @@ static uint32_t alignment(const void *p, int ld, long long stride, int batch) {
 enum { GELU_NONE, GELU_FWD, GELU_BWD };
 
 typedef struct {
-  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, gelu, ct;
+  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, gelu, ct, at, bt;
   long long sA, sB, sD;
   uint32_t align[5]; /* A, B, D, bias, GeLU aux */
 } gemm_key;
@@ -260,13 +270,14 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, int g
   key.transa = g->transa, key.transb = g->transb, key.m = g->m, key.n = g->n, key.k = g->k;
   key.batch = g->batch, key.lda = g->lda, key.ldb = g->ldb, key.ldd = g->ldd;
   key.bias = g->bias != NULL, key.gelu = gelu, key.ct = (int)ct;
+  key.at = (int)g->at, key.bt = (int)g->bt;
   key.sA = g->batch > 1 ? g->sA : 0, key.sB = g->batch > 1 ? g->sB : 0;
   key.sD = g->batch > 1 ? g->sD : 0;
-  key.align[0] = alignment(g->A, g->lda, g->sA, g->batch);
-  key.align[1] = alignment(g->B, g->ldb, g->sB, g->batch);
-  key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch);
-  key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1) : 0;
-  key.align[4] = gelu ? alignment(aux, 0, 0, 1) : 0; /* ldd is in the key */
+  key.align[0] = alignment(g->A, g->lda, g->sA, g->batch, type_bytes(g->at));
+  key.align[1] = alignment(g->B, g->ldb, g->sB, g->batch, type_bytes(g->bt));
+  key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch, 4);
+  key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1, 4) : 0;
+  key.align[4] = gelu ? alignment(aux, 0, 0, 1, 4) : 0; /* ldd is in the key */
   algo_entry *hit = NULL;
   for (int i = 0; i < ALGO_CACHE; i++)
     if (algo_cache[i].used && key_equal(&algo_cache[i].key, &key)) hit = &algo_cache[i];
@@ -301,11 +312,11 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, int g
        "EPILOGUE_AUX_LD");
   }
   /* layouts describe the matrices as stored, before op() */
-  LT(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, g->transa ? g->k : g->m, g->transa ? g->m : g->k,
-                                g->lda),
+  LT(cublasLtMatrixLayoutCreate(&la, data_type(g->at), g->transa ? g->k : g->m,
+                                g->transa ? g->m : g->k, g->lda),
      "layout A");
-  LT(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, g->transb ? g->n : g->k, g->transb ? g->k : g->n,
-                                g->ldb),
+  LT(cublasLtMatrixLayoutCreate(&lb, data_type(g->bt), g->transb ? g->n : g->k,
+                                g->transb ? g->k : g->n, g->ldb),
      "layout B");
   LT(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, g->m, g->n, g->ldd), "layout D");
   if (g->batch > 1) {
@@ -386,7 +397,7 @@ static __global__ void k_bias_fill(float *D, const float *bias, int m, int n, in
 void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   if (g->m <= 0 || g->n <= 0 || g->k <= 0 || g->batch <= 0) return; /* no op has k = 0 */
   mt__cuda *c = mt__cuda_enter(d);
-  cublasComputeType_t ct = compute_type(d->matmul);
+  cublasComputeType_t ct = compute_type(d->matmul, g);
   const char *why = NULL;
   if (gemm_lt(c, ct, g, GELU_NONE, NULL, &why)) return;
   /* cuBLAS takes any shape cuBLASLt refuses */
@@ -399,8 +410,8 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   }
   cublasStatus_t st = cublasGemmStridedBatchedEx(
       c->blas, g->transa ? CUBLAS_OP_T : CUBLAS_OP_N, g->transb ? CUBLAS_OP_T : CUBLAS_OP_N, g->m,
-      g->n, g->k, &g->alpha, g->A, CUDA_R_32F, g->lda, g->sA, g->B, CUDA_R_32F, g->ldb, g->sB,
-      &beta, g->D, CUDA_R_32F, g->ldd, g->sD, g->batch, ct, CUBLAS_GEMM_DEFAULT);
+      g->n, g->k, &g->alpha, g->A, data_type(g->at), g->lda, g->sA, g->B, data_type(g->bt), g->ldb,
+      g->sB, &beta, g->D, CUDA_R_32F, g->ldd, g->sD, g->batch, ct, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS) {
     char detail[320];
     snprintf(detail, sizeof detail, "m=%d n=%d k=%d batch=%d: cuBLASLt: %s; cuBLAS: %s", g->m, g->n,
@@ -416,7 +427,7 @@ static int gemm_gelu_epilogue(mt_device *d, const char *what, const mt__gemm *g,
   if (g->m <= 0 || g->n <= 0 || g->k <= 0 || g->batch <= 0) return 0;
   mt__cuda *c = mt__cuda_enter(d);
   const char *why = NULL;
-  if (gemm_lt(c, compute_type(d->matmul), g, gelu, aux, &why)) return 1;
+  if (gemm_lt(c, compute_type(d->matmul, g), g, gelu, aux, &why)) return 1;
   static thread_local int said[GELU_BWD + 1];
   if (!said[gelu]) {
     said[gelu] = 1;

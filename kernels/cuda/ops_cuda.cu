@@ -1,6 +1,8 @@
 /* ops_cuda.cu — the CUDA backend: every op of ops.h but attention
  * (attention_cuda.cu), fp32 tensors, fp32 accumulation (double where the CPU
- * backend uses double).
+ * backend uses double). Weight matrices may be a 16-bit working copy: lookups
+ * read them through wload.h, and the linear ops either multiply bf16 ones
+ * natively or unpack them to fp32 first (lin_plan).
  *
  * The element-wise formulas (GeLU, dropout masks, AdamW) come from
  * kernels/common, so both backends compute the same expressions. Row-wise
@@ -20,6 +22,7 @@
 #include "mtmath.h"
 #include "ops.h"
 #include "reduce.cuh"
+#include "wload.h"
 
 #define EW 256          /* threads per block, element-wise kernels */
 #define ROW 256         /* per-row kernels: LayerNorm, embedding scatter */
@@ -42,11 +45,11 @@
 
 /* ---- embedding ---------------------------------------------------------- */
 
-static __global__ void k_embedding_fwd(float *out, const int32_t *tokens, const float *wte,
-                                       const float *wpe, int T, int C, size_t n) {
+static __global__ void k_embedding_fwd(float *out, const int32_t *tokens, const void *wte,
+                                       mt_dtype wt, const float *wpe, int T, int C, size_t n) {
   GRID_STRIDE(i, n) {
     size_t row = i / (size_t)C, col = i % (size_t)C;
-    out[i] = wte[(size_t)tokens[row] * C + col] + wpe[(row % (size_t)T) * C + col];
+    out[i] = mt_load_w(wte, wt, (size_t)tokens[row] * C + col) + wpe[(row % (size_t)T) * C + col];
   }
 }
 
@@ -99,10 +102,10 @@ static __global__ void k_embedding_scatter(float *dwte, const float *dout, const
   }
 }
 
-static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
-                          const float *wpe, int B, int T, int C) {
+static void embedding_fwd(mt_device *d, float *out, const int32_t *tokens, const void *wte,
+                          mt_dtype wt, const float *wpe, int B, int T, int C) {
   size_t n = (size_t)B * T * C;
-  if (n) LAUNCH_EW(d, "embedding_fwd", k_embedding_fwd, n, out, tokens, wte, wpe, T, C, n);
+  if (n) LAUNCH_EW(d, "embedding_fwd", k_embedding_fwd, n, out, tokens, wte, wt, wpe, T, C, n);
 }
 
 static void embedding_bwd(mt_device *d, float *dwte, float *dwpe, const float *dout,
@@ -115,20 +118,21 @@ static void embedding_bwd(mt_device *d, float *dwte, float *dwpe, const float *d
   mt__cuda_check(d, "embedding_bwd");
 }
 
-static __global__ void k_embedding_shard_fwd(float *out, const int32_t *tokens, const float *wte,
-                                             int v0, int Vl, int C, size_t n) {
+static __global__ void k_embedding_shard_fwd(float *out, const int32_t *tokens, const void *wte,
+                                             mt_dtype wt, int v0, int Vl, int C, size_t n) {
   GRID_STRIDE(i, n) {
     size_t row = i / (size_t)C, col = i % (size_t)C;
     int k = tokens[row] - v0;
-    out[i] = k >= 0 && k < Vl ? wte[(size_t)k * C + col] : 0.0f;
+    out[i] = k >= 0 && k < Vl ? mt_load_w(wte, wt, (size_t)k * C + col) : 0.0f;
   }
 }
 
-static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens, const float *wte,
-                                int v0, int Vl, int N, int C) {
+static void embedding_shard_fwd(mt_device *d, float *out, const int32_t *tokens, const void *wte,
+                                mt_dtype wt, int v0, int Vl, int N, int C) {
   size_t n = (size_t)N * C;
   if (n)
-    LAUNCH_EW(d, "embedding_shard_fwd", k_embedding_shard_fwd, n, out, tokens, wte, v0, Vl, C, n);
+    LAUNCH_EW(d, "embedding_shard_fwd", k_embedding_shard_fwd, n, out, tokens, wte, wt, v0, Vl, C,
+              n);
 }
 
 static void embedding_shard_bwd(mt_device *d, float *dwte, const float *dout, const int32_t *tokens,
@@ -232,48 +236,6 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
   mt__cuda_check(d, "layernorm_bwd");
 }
 
-/* ---- linear ------------------------------------------------------------- */
-
-/* dst(OC) += column sums of src(N,OC), rows in a fixed tree */
-static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC) {
-  __shared__ float sh[COLS_Y][33];
-  int c = blockIdx.x * 32 + threadIdx.x;
-  float a = 0.0f;
-  if (c < OC)
-    for (int n = threadIdx.y; n < N; n += blockDim.y) a += src[(size_t)n * OC + c];
-  sh[threadIdx.y][threadIdx.x] = a;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < OC) {
-    float t = 0.0f;
-    for (unsigned y = 0; y < blockDim.y; y++) t += sh[y][threadIdx.x];
-    dst[c] += t;
-  }
-}
-
-/* Row-major (N,C)·(OC,C)ᵀ is column-major outᵀ(OC,N) = w(C,OC)ᵀ · inpᵀ(C,N):
- * cuBLASLt with A = w transposed, B = inp, the bias as its epilogue. */
-static void linear_fwd(mt_device *d, float *out, const float *inp, const float *w,
-                       const float *bias, int N, int C, int OC) {
-  mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
-  mt__cuda_gemm(d, "linear_fwd", &g);
-}
-
-static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                       const float *inp, const float *w, int N, int C, int OC) {
-  if (dinp) { // dinpᵀ(C,N) += w(C,OC) · doutᵀ(OC,N)
-    mt__gemm g = {0, 0, C, N, OC, 1, w, C, 0, dout, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
-    mt__cuda_gemm(d, "linear_bwd dinp", &g);
-  }
-  // dwᵀ(C,OC) += inpᵀ(C,N) · dout(N,OC)
-  mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
-  mt__cuda_gemm(d, "linear_bwd dw", &g);
-  if (dbias && N && OC) {
-    mt__cuda *c = mt__cuda_enter(d);
-    MT_LAUNCH(k_colsum_acc, (OC + 31) / 32, dim3(32, COLS_Y), c->stream)(dbias, dout, N, OC);
-    mt__cuda_check(d, "linear_bwd dbias");
-  }
-}
-
 /* ---- element-wise ------------------------------------------------------- */
 
 static __global__ void k_gelu_fwd(float *out, const float *inp, size_t n) {
@@ -302,19 +264,6 @@ static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *d
   if (n) LAUNCH_EW(d, "gelu_bwd", k_gelu_bwd, n, dinp, inp, dout, n);
 }
 
-/* linear_fwd's GEMM with cuBLASLt's GeLU epilogue: outᵀ(OC,N) = gelu(preᵀ),
- * preᵀ its aux matrix, both with ld OC, so OC must be a multiple of 8 (the aux
- * ld rule). Where cuBLASLt cannot, the two ops. cuBLASLt's GeLU is the tanh
- * form, mt_gelu's formula, evaluated by its own code: close to k_gelu_fwd,
- * not bit for bit (test_cuda_ops allows for it). */
-static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const float *w,
-                            const float *bias, int N, int C, int OC) {
-  mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
-  if (mt__cuda_gemm_gelu(d, "linear_gelu_fwd", &g, pre)) return;
-  linear_fwd(d, pre, inp, w, bias, N, C, OC);
-  gelu_fwd(d, out, pre, (size_t)N * OC);
-}
-
 /* n floats of p zeroed on d's stream; a failure becomes the device's error */
 static void zero_floats(mt_device *d, float *p, size_t n, const char *what) {
   mt__cuda *c = mt__cuda_enter(d);
@@ -322,25 +271,266 @@ static void zero_floats(mt_device *d, float *p, size_t n, const char *what) {
   if (e != cudaSuccess) mt__cuda_fail(d, what, cudaGetErrorString(e));
 }
 
-/* linear_bwd's dinp GEMM with cuBLASLt's GeLU-gradient epilogue: dpreᵀ(C,N)
- * = gelu'(preᵀ) ⊙ (w(C,OC) · doutᵀ(OC,N)) with beta 0, preᵀ its aux matrix,
- * both with ld C, so C must be a multiple of 8 (the aux ld rule); dw and
- * dbias as linear_bwd. Where cuBLASLt cannot, the two ops through scratch,
- * as on the CPU. cuBLASLt's gelu' is its own code: close to k_gelu_bwd, not
- * bit for bit (test_cuda_ops allows for it). */
-static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const float *inp, const float *pre, const float *w,
-                             int N, int C, int OC) {
-  mt__gemm g = {0, 0, C, N, OC, 1, w, C, 0, dout, OC, 0, dpre, C, 0, 1.0f, 0.0f, NULL};
-  if (mt__cuda_gemm_dgelu(d, "linear_bwd_dgelu", &g, pre)) {
-    linear_bwd(d, NULL, dw, dbias, dout, inp, w, N, C, OC);
+/* ---- 16-bit conversions (mixed precision, and the linear ops' operands) -- */
+
+static __global__ void k_to_half(uint16_t *dst, const float *src, size_t n, int fp16) {
+  GRID_STRIDE(i, n) dst[i] = mt_half_pack(src[i], fp16);
+}
+
+static void to_half(mt_device *d, uint16_t *dst, const float *src, size_t n, int fp16) {
+  if (n) LAUNCH_EW(d, "to_half", k_to_half, n, dst, src, n, fp16);
+}
+
+static __global__ void k_unpack_half(float *dst, const uint16_t *src, size_t n, int fp16) {
+  GRID_STRIDE(i, n) dst[i] = mt_half_unpack(src[i], fp16);
+}
+
+static void unpack_half(mt_device *d, float *dst, const uint16_t *src, size_t n, int fp16) {
+  if (n) LAUNCH_EW(d, "unpack_half", k_unpack_half, n, dst, src, n, fp16);
+}
+
+/* ---- linear ------------------------------------------------------------- */
+
+/* The most a linear op converts into cvt at once; larger operands go in
+ * blocks, a GEMM each. A -D overrides it: the emulator's test shrinks it to
+ * reach the blocked paths with small shapes. */
+#ifndef MT_CUDA_CVT_BYTES
+#define MT_CUDA_CVT_BYTES ((size_t)128 << 20)
+#endif
+
+/* dst(OC) += column sums of src(N,OC), rows in a fixed tree */
+static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC) {
+  __shared__ float sh[COLS_Y][33];
+  int c = blockIdx.x * 32 + threadIdx.x;
+  float a = 0.0f;
+  if (c < OC)
+    for (int n = threadIdx.y; n < N; n += blockDim.y) a += src[(size_t)n * OC + c];
+  sh[threadIdx.y][threadIdx.x] = a;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < OC) {
+    float t = 0.0f;
+    for (unsigned y = 0; y < blockDim.y; y++) t += sh[y][threadIdx.x];
+    dst[c] += t;
+  }
+}
+
+/* How a linear op runs with weights stored as wt:
+ * - LIN_F32: fp32 GEMMs in d->matmul; cvt unused.
+ * - LIN_BF16 (bf16 weights, d->matmul bf16): bf16 GEMMs with fp32 results.
+ *   Blocks of `rows` rows of inp (at cvt) and of dout (at grad_off) are
+ *   rounded to bf16 first: the operands FAST_16BF makes of fp32 ones holding
+ *   the same values, so the same sums, up to their order (dw over several
+ *   blocks adds block by block).
+ * - LIN_UNPACK (fp16 weights, which fp16 jobs multiply in TF32; bf16 ones
+ *   under another d->matmul): blocks of `w_rows` weight rows unpacked to
+ *   fp32 at cvt, then fp32 GEMMs in d->matmul, as for fp32 weights.
+ * bf16 weights size cvt for both of their paths, so a d->matmul that
+ * changes after linear_scratch never overruns it. */
+enum { LIN_F32, LIN_BF16, LIN_UNPACK };
+
+typedef struct {
+  int path;
+  int rows, fwd_rows; /* LIN_BF16, per block: backward (inp, dout), forward (inp alone) */
+  size_t grad_off;    /* LIN_BF16: bytes into cvt of dout's block */
+  int w_rows;         /* LIN_UNPACK: weight rows per block */
+  size_t bytes;       /* cvt for this shape and wt: linear_scratch */
+} lin_plan;
+
+static size_t up256(size_t b) { return (b + 255) & ~(size_t)255; }
+
+/* Rows of row_bytes that fit in `bytes`: all of them, or a multiple of 8
+ * (at least 1), so that every block of an fp32 matrix a GEMM writes starts
+ * 32-byte aligned, as cuBLASLt's fast kernels want. */
+static int rows_in(size_t bytes, size_t row_bytes, int all) {
+  size_t r = row_bytes ? bytes / row_bytes : (size_t)all;
+  if (r >= (size_t)all) return all;
+  if (r > 8) r &= ~(size_t)7;
+  return r ? (int)r : 1;
+}
+
+static lin_plan lin_plan_of(const mt_device *d, int N, int C, int OC, mt_dtype wt) {
+  lin_plan p;
+  memset(&p, 0, sizeof p);
+  p.path = wt == MT_F32                                   ? LIN_F32
+           : wt == MT_BF16 && d->matmul == MT_MATMUL_BF16 ? LIN_BF16
+                                                          : LIN_UNPACK;
+  if (wt == MT_F32) return p;
+  size_t c2 = (size_t)C * 2, oc2 = (size_t)OC * 2;
+  p.rows = rows_in(MT_CUDA_CVT_BYTES, c2 + oc2, N);
+  p.grad_off = up256((size_t)p.rows * c2);
+  size_t native = p.grad_off + up256((size_t)p.rows * oc2);
+  p.fwd_rows = rows_in(native, c2, N);
+  p.w_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, OC);
+  size_t unpack = up256((size_t)p.w_rows * C * 4);
+  p.bytes = wt == MT_F16 || unpack > native ? unpack : native;
+  return p;
+}
+
+static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype wt) {
+  return lin_plan_of(d, N, C, OC, wt).bytes;
+}
+
+static int min_int(int a, int b) { return a < b ? a : b; }
+
+/* g as it is; or, with gelu_out, through cuBLASLt's GeLU epilogue: gelu_out
+ * = gelu(result) and g->D = the result (its aux matrix, laid out as D). 1
+ * when the epilogue ran, 0 when the caller still owes the GeLU. */
+static int fwd_gemm(mt_device *d, const char *what, const mt__gemm *g, float *gelu_out) {
+  if (gelu_out) {
+    mt__gemm e = *g;
+    e.D = gelu_out;
+    if (mt__cuda_gemm_gelu(d, what, &e, g->D)) return 1;
+  }
+  mt__cuda_gemm(d, what, g);
+  return 0;
+}
+
+/* linear_fwd into out; with gelu_out, linear_gelu_fwd (out is then pre).
+ * Row-major (N,C)·(OC,C)ᵀ is column-major outᵀ(OC,N) = w(C,OC)ᵀ · inpᵀ(C,N):
+ * A = w transposed, B = inp, the bias as the epilogue's. A block of inp's
+ * rows is a block of outᵀ's columns; a block of w's rows, of outᵀ's rows.
+ * The GeLU epilogue's aux ld is OC, which must be a multiple of 8 (its
+ * rule); where cuBLASLt cannot, a plain GEMM and then gelu_fwd over all of
+ * out. cuBLASLt's GeLU is the tanh form, mt_gelu's formula, evaluated by its
+ * own code: close to k_gelu_fwd, not bit for bit (test_cuda_ops allows for
+ * it). */
+static void linear_forward(mt_device *d, const char *what, float *out, float *gelu_out,
+                           const float *inp, const void *w, mt_dtype wt, const float *bias,
+                           void *cvt, int N, int C, int OC) {
+  lin_plan p = lin_plan_of(d, N, C, OC, wt);
+  int fused = 1;
+  if (p.path == LIN_F32) {
+    mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
+    fused = fwd_gemm(d, what, &g, gelu_out);
+  } else if (p.path == LIN_BF16) {
+    uint16_t *x = (uint16_t *)cvt;
+    for (int r0 = 0; r0 < N; r0 += p.fwd_rows) {
+      int rn = min_int(p.fwd_rows, N - r0);
+      to_half(d, x, inp + (size_t)r0 * C, (size_t)rn * C, 0);
+      float *o = out + (size_t)r0 * OC;
+      mt__gemm g = {1, 0, OC, rn, C, 1, w, C, 0, x, C, 0, o, OC, 0, 1.0f, 0.0f, bias};
+      g.at = g.bt = MT_BF16;
+      fused &= fwd_gemm(d, what, &g, gelu_out ? gelu_out + (size_t)r0 * OC : NULL);
+    }
+  } else {
+    float *wf = (float *)cvt;
+    for (int o0 = 0; o0 < OC; o0 += p.w_rows) {
+      int on = min_int(p.w_rows, OC - o0);
+      unpack_half(d, wf, (const uint16_t *)w + (size_t)o0 * C, (size_t)on * C, wt == MT_F16);
+      const float *b = bias ? bias + o0 : NULL;
+      mt__gemm g = {1, 0, on, N, C, 1, wf, C, 0, inp, C, 0, out + o0, OC, 0, 1.0f, 0.0f, b};
+      fused &= fwd_gemm(d, what, &g, gelu_out ? gelu_out + o0 : NULL);
+    }
+  }
+  if (gelu_out && !fused) gelu_fwd(d, gelu_out, out, (size_t)N * OC);
+}
+
+/* The dinp GEMM g, added to g->D (beta 1); or, with pre, linear_bwd_dgelu's:
+ * g->D = dpre = gelu'(pre) ⊙ the result, through cuBLASLt's DGELU epilogue
+ * (beta 0, pre its aux matrix: ld C, which must be a multiple of 8), or where
+ * it cannot, the result into scratch and gelu_bwd from it, as on the CPU.
+ * pre, scratch and g->D: n floats laid out alike. cuBLASLt's gelu' is its
+ * own code: close to k_gelu_bwd, not bit for bit (test_cuda_ops allows for
+ * it). */
+static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const float *pre, float *scratch,
+                      size_t n) {
+  if (!pre) {
+    mt__cuda_gemm(d, what, g);
     return;
   }
-  size_t n = (size_t)N * C;
+  float *dpre = g->D;
+  g->beta = 0.0f;
+  if (mt__cuda_gemm_dgelu(d, what, g, pre)) return;
   zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
-  linear_bwd(d, scratch, dw, dbias, dout, inp, w, N, C, OC);
+  g->D = scratch;
+  g->beta = 1.0f;
+  mt__cuda_gemm(d, what, g);
   zero_floats(d, dpre, n, "linear_bwd_dgelu: zero dpre");
   gelu_bwd(d, dpre, pre, scratch, n);
+}
+
+/* linear_bwd; with pre, linear_bwd_dgelu (dinp is then dpre). Column-major:
+ * dinpᵀ(C,N) += w(C,OC) · doutᵀ(OC,N) and dwᵀ(C,OC) += inpᵀ(C,N) · dout(N,OC).
+ * A block of rows is a block of dinpᵀ's columns and a part of dw's sum; a
+ * block of w's rows is a part of dinp's sum, so GeLU's gradient waits for
+ * the last of them. dbias sums the fp32 dout. */
+static void linear_backward(mt_device *d, const char *what, float *dinp, const float *pre,
+                            float *scratch, float *dw, float *dbias, const float *dout,
+                            const float *inp, const void *w, mt_dtype wt, void *cvt, int N, int C,
+                            int OC) {
+  lin_plan p = lin_plan_of(d, N, C, OC, wt);
+  if (p.path == LIN_BF16) {
+    uint16_t *x = (uint16_t *)cvt, *dy = (uint16_t *)((char *)cvt + p.grad_off);
+    for (int r0 = 0; r0 < N; r0 += p.rows) {
+      int rn = min_int(p.rows, N - r0);
+      size_t off = (size_t)r0 * C, n = (size_t)rn * C;
+      to_half(d, dy, dout + (size_t)r0 * OC, (size_t)rn * OC, 0);
+      to_half(d, x, inp + off, n, 0);
+      if (dinp) {
+        mt__gemm g = {0, 0, C, rn, OC, 1, w, C, 0, dy, OC, 0, dinp + off, C, 0, 1.0f, 1.0f, NULL};
+        g.at = g.bt = MT_BF16;
+        dinp_gemm(d, what, &g, pre ? pre + off : NULL, scratch ? scratch + off : NULL, n);
+      }
+      mt__gemm g = {0, 1, C, OC, rn, 1, x, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+      g.at = g.bt = MT_BF16;
+      mt__cuda_gemm(d, "linear_bwd dw", &g);
+    }
+  } else {
+    size_t n = (size_t)N * C;
+    if (dinp && (p.path == LIN_F32 || p.w_rows >= OC)) {
+      const void *wa = w;
+      if (p.path == LIN_UNPACK) {
+        unpack_half(d, (float *)cvt, (const uint16_t *)w, (size_t)OC * C, wt == MT_F16);
+        wa = cvt;
+      }
+      mt__gemm g = {0, 0, C, N, OC, 1, wa, C, 0, dout, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
+      dinp_gemm(d, what, &g, pre, scratch, n);
+    } else if (dinp) {
+      float *acc = pre ? scratch : dinp, *wf = (float *)cvt;
+      if (pre) zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
+      for (int o0 = 0; o0 < OC; o0 += p.w_rows) {
+        int on = min_int(p.w_rows, OC - o0);
+        unpack_half(d, wf, (const uint16_t *)w + (size_t)o0 * C, (size_t)on * C, wt == MT_F16);
+        mt__gemm g = {0, 0, C, N, on, 1, wf, C, 0, dout + o0, OC, 0, acc, C, 0, 1.0f, 1.0f, NULL};
+        mt__cuda_gemm(d, what, &g);
+      }
+      if (pre) {
+        zero_floats(d, dinp, n, "linear_bwd_dgelu: zero dpre");
+        gelu_bwd(d, dinp, pre, scratch, n);
+      }
+    }
+    mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+    mt__cuda_gemm(d, "linear_bwd dw", &g);
+  }
+  if (dbias && N && OC) {
+    mt__cuda *c = mt__cuda_enter(d);
+    MT_LAUNCH(k_colsum_acc, (OC + 31) / 32, dim3(32, COLS_Y), c->stream)(dbias, dout, N, OC);
+    mt__cuda_check(d, "linear_bwd dbias");
+  }
+}
+
+static void linear_fwd(mt_device *d, float *out, const float *inp, const void *w, mt_dtype wt,
+                       const float *bias, void *cvt, int N, int C, int OC) {
+  linear_forward(d, "linear_fwd", out, NULL, inp, w, wt, bias, cvt, N, C, OC);
+}
+
+static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const void *w,
+                            mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
+  linear_forward(d, "linear_gelu_fwd", pre, out, inp, w, wt, bias, cvt, N, C, OC);
+}
+
+static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
+                       const float *inp, const void *w, mt_dtype wt, void *cvt, int N, int C,
+                       int OC) {
+  linear_backward(d, "linear_bwd dinp", dinp, NULL, NULL, dw, dbias, dout, inp, w, wt, cvt, N, C,
+                  OC);
+}
+
+static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
+                             const float *dout, const float *inp, const float *pre, const void *w,
+                             mt_dtype wt, void *cvt, int N, int C, int OC) {
+  linear_backward(d, "linear_bwd_dgelu", dpre, pre, scratch, dw, dbias, dout, inp, w, wt, cvt, N, C,
+                  OC);
 }
 
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {
@@ -659,14 +849,6 @@ static void pack_half(mt_device *d, uint16_t *dst, float *src, size_t n, int fp1
   if (n) LAUNCH_EW(d, "pack_half", k_pack_half, n, dst, src, n, fp16);
 }
 
-static __global__ void k_unpack_half(float *dst, const uint16_t *src, size_t n, int fp16) {
-  GRID_STRIDE(i, n) dst[i] = mt_half_unpack(src[i], fp16);
-}
-
-static void unpack_half(mt_device *d, float *dst, const uint16_t *src, size_t n, int fp16) {
-  if (n) LAUNCH_EW(d, "unpack_half", k_unpack_half, n, dst, src, n, fp16);
-}
-
 /* Elements that overflow fp16, counted per block (in double, so the block
  * sum and the total reuse the sumsq reduction), then added up. */
 static __global__ void k_fp16_bad_part(double *part, const float *x, size_t n) {
@@ -692,6 +874,7 @@ static mt_ops make_ops(void) {
   o.embedding_bwd = embedding_bwd;
   o.layernorm_fwd = layernorm_fwd;
   o.layernorm_bwd = layernorm_bwd;
+  o.linear_scratch = linear_scratch;
   o.linear_fwd = linear_fwd;
   o.linear_bwd = linear_bwd;
   o.linear_gelu_fwd = linear_gelu_fwd;
@@ -718,6 +901,7 @@ static mt_ops make_ops(void) {
   o.scale = scale;
   o.round_half = round_half;
   o.pack_half = pack_half;
+  o.to_half = to_half;
   o.unpack_half = unpack_half;
   o.fits_fp16 = fits_fp16;
   return o;

@@ -12,8 +12,13 @@
  *   GEMM ops in those modes; 0 (the same bits) where both backends add the
  *   same floats in the same order (embeddings, residual, add); dropout's
  *   mask must keep and drop exactly the same elements;
+ * - every op that reads weights, also with a 16-bit working copy (bf16,
+ *   binary16) against the CPU given the same bits; and bf16 weights in bf16
+ *   GEMMs against fp32 weights holding the same values in FAST_16BF ones:
+ *   the same bits on the emulator, where the sums run in one order;
  * - on the emulator, also which path a GEMM with a GeLU or GeLU-gradient
- *   epilogue took.
+ *   epilogue took, which GEMMs had 16-bit operands, and that shapes past
+ *   the conversion budget (tiny there, tests/gpu/meson.build) ran in blocks.
  * One line per check, PASS or FAIL; the exit status is 1 on any failure.
  *
  * Usage: test_cuda_ops [--small]. --small uses tiny shapes, for the CPU
@@ -29,6 +34,7 @@
 
 #include "device.h"
 #include "err.h"
+#include "half.h"
 #include "ops.h"
 #ifdef MT_CUDA_EMU
 #include "cuda_emu.h" /* mt_emu_gemm_counts */
@@ -196,20 +202,94 @@ static const char *label(const char *fmt, ...) {
   return b;
 }
 
+static const char *wt_name(mt_dtype t) {
+  return t == MT_BF16 ? "bf16 w" : t == MT_F16 ? "fp16 w" : "fp32 w";
+}
+
+/* n fp32 weights as an op takes them stored as wt (16-bit: rounded to
+ * nearest even, half.h): the host copy for the CPU in *host, the device copy
+ * returned */
+static void *weights(const float *w, size_t n, mt_dtype wt, const void **host) {
+  if (wt == MT_F32) {
+    *host = w;
+    return Df(w, n);
+  }
+  uint16_t *h = halloc(n * sizeof(uint16_t));
+  for (size_t i = 0; i < n; i++) h[i] = mt_half_pack(w[i], wt == MT_F16);
+  *host = h;
+  return D(h, n * sizeof(uint16_t));
+}
+
+/* device bytes of NaN (all ones): scratch whose contents are undefined */
+static void *DP(size_t bytes) {
+  void *h = halloc(bytes);
+  memset(h, 0xFF, bytes);
+  return D(h, bytes);
+}
+
+/* Each backend's conversion scratch for linear ops of this shape (for the
+ * GPU's d->matmul now): the CPU's on the host, the GPU's poisoned; NULL
+ * where a backend needs none. */
+static void linear_scratch_pair(int N, int C, int OC, mt_dtype wt, void **ccvt, void **gcvt) {
+  size_t cb = cpu.ops->linear_scratch(&cpu, N, C, OC, wt);
+  size_t gb = gpu.ops->linear_scratch(&gpu, N, C, OC, wt);
+  *ccvt = cb ? halloc(cb) : NULL;
+  *gcvt = gb ? DP(gb) : NULL;
+}
+
+/* ---- GEMM paths (the emulator counts them) ------------------------------ */
+
+#ifdef MT_CUDA_EMU
+/* GEMMs run since the last call: all of them, with the GeLU epilogue, with
+ * the DGELU one, with 16-bit A and B */
+typedef struct {
+  long gemms, gelu, dgelu, half;
+} gemm_tally;
+
+static gemm_tally gemms_since(void) {
+  static long last[4];
+  long lt, gelu, dgelu, blas;
+  mt_emu_gemm_counts(&lt, &gelu, &dgelu, &blas);
+  long now[4] = {lt + blas, gelu, dgelu, mt_emu_gemm16_count()};
+  gemm_tally t = {now[0] - last[0], now[1] - last[1], now[2] - last[2], now[3] - last[3]};
+  memcpy(last, now, sizeof now);
+  return t;
+}
+
+static void check_path(const char *op, const char *what, int ok, gemm_tally t) {
+  n_checks++;
+  if (!ok) n_failed++;
+  printf("%s %-24s %-34s %ld GEMM(s): %ld GeLU, %ld DGELU epilogue, %ld 16-bit\n",
+         ok ? "PASS" : "FAIL", op, what, t.gemms, t.gelu, t.dgelu, t.half);
+}
+
+/* bf16 weights multiply natively (every GEMM of the op with 16-bit A and
+ * B) exactly when d->matmul is bf16; other weights never do */
+static int half_ok(gemm_tally t, mt_dtype wt, mt_matmul_precision p) {
+  return t.half == (wt == MT_BF16 && p == MT_MATMUL_BF16 ? t.gemms : 0);
+}
+#endif
+
 /* ---- checks ------------------------------------------------------------- */
 
 static void test_embedding(shape s) {
   int N = s.B * s.T, C = s.C;
   int32_t *tok = tokens((size_t)N, s.V);
   float *wte = H((size_t)s.Vp * C, -1, 1), *wpe = H((size_t)s.T * C, -1, 1);
-  float *co = halloc((size_t)N * C * sizeof(float));
-  cpu.ops->embedding_fwd(&cpu, co, tok, wte, wpe, s.B, s.T, C);
-  float *go = DN((size_t)N * C);
+  float *co = halloc((size_t)N * C * sizeof(float)), *go;
   int32_t *dtok = D(tok, (size_t)N * sizeof(int32_t));
-  gpu.ops->embedding_fwd(&gpu, go, dtok, Df(wte, (size_t)s.Vp * C), Df(wpe, (size_t)s.T * C), s.B,
-                         s.T, C);
-  check("embedding_fwd", label("B=%d T=%d C=%d out", s.B, s.T, C), back(go, (size_t)N * C), co,
-        (size_t)N * C, 0.0);
+  float *gwpe = Df(wpe, (size_t)s.T * C);
+  /* wte as stored: the float each element holds, so the same bits as the CPU's */
+  static const mt_dtype wts[] = {MT_F32, MT_BF16, MT_F16};
+  for (int k = 0; k < 3; k++) {
+    const void *hwte;
+    void *gwte = weights(wte, (size_t)s.Vp * C, wts[k], &hwte);
+    cpu.ops->embedding_fwd(&cpu, co, tok, hwte, wts[k], wpe, s.B, s.T, C);
+    go = DN((size_t)N * C);
+    gpu.ops->embedding_fwd(&gpu, go, dtok, gwte, wts[k], gwpe, s.B, s.T, C);
+    check("embedding_fwd", label("%s B=%d T=%d C=%d out", wt_name(wts[k]), s.B, s.T, C),
+          back(go, (size_t)N * C), co, (size_t)N * C, 0.0);
+  }
 
   float *dout = H((size_t)N * C, -1, 1);
   float *cdwte = H((size_t)s.Vp * C, -1, 1), *cdwpe = H((size_t)s.T * C, -1, 1);
@@ -222,12 +302,15 @@ static void test_embedding(shape s) {
 
   /* a shard of the vocabulary: rows [v0, v0 + Vl) */
   int v0 = s.Vp / 3, Vl = s.Vp / 2;
-  cpu.ops->embedding_shard_fwd(&cpu, co, tok, wte + (size_t)v0 * C, v0, Vl, N, C);
-  go = DN((size_t)N * C);
-  gpu.ops->embedding_shard_fwd(&gpu, go, dtok, Df(wte + (size_t)v0 * C, (size_t)Vl * C), v0, Vl, N,
-                               C);
-  check("embedding_shard_fwd", label("v0=%d Vl=%d out", v0, Vl), back(go, (size_t)N * C), co,
-        (size_t)N * C, 0.0);
+  for (int k = 0; k < 3; k++) {
+    const void *hwte;
+    void *gwte = weights(wte + (size_t)v0 * C, (size_t)Vl * C, wts[k], &hwte);
+    cpu.ops->embedding_shard_fwd(&cpu, co, tok, hwte, wts[k], v0, Vl, N, C);
+    go = DN((size_t)N * C);
+    gpu.ops->embedding_shard_fwd(&gpu, go, dtok, gwte, wts[k], v0, Vl, N, C);
+    check("embedding_shard_fwd", label("%s v0=%d Vl=%d out", wt_name(wts[k]), v0, Vl),
+          back(go, (size_t)N * C), co, (size_t)N * C, 0.0);
+  }
   float *cds = H((size_t)Vl * C, -1, 1), *gds = Df(cds, (size_t)Vl * C);
   cpu.ops->embedding_shard_bwd(&cpu, cds, dout, tok, v0, Vl, N, C);
   gpu.ops->embedding_shard_bwd(&gpu, gds, Df(dout, (size_t)N * C), dtok, v0, Vl, N, C);
@@ -262,35 +345,55 @@ static void test_layernorm(int N, int C) {
   arena_reset();
 }
 
-static void test_linear(int N, int C, int OC, mt_matmul_precision p) {
+static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
   gpu.matmul = p;
   double tol = prec_tol(p);
-  const char *pn = prec_name(p);
+  char pn[32];
+  snprintf(pn, sizeof pn, "%s %s", prec_name(p), wt_name(wt));
   float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
         *b = H((size_t)OC, -1, 1);
-  float *dx = Df(x, (size_t)N * C), *dw = Df(w, (size_t)OC * C), *db = Df(b, (size_t)OC);
+  const void *hw;
+  void *dw = weights(w, (size_t)OC * C, wt, &hw), *ccvt, *gcvt;
+  float *dx = Df(x, (size_t)N * C), *db = Df(b, (size_t)OC);
+  linear_scratch_pair(N, C, OC, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
     float *co = halloc((size_t)N * OC * sizeof(float)), *go = DN((size_t)N * OC);
-    cpu.ops->linear_fwd(&cpu, co, x, w, with_bias ? b : NULL, N, C, OC);
-    gpu.ops->linear_fwd(&gpu, go, dx, dw, with_bias ? db : NULL, N, C, OC);
+    cpu.ops->linear_fwd(&cpu, co, x, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
+#ifdef MT_CUDA_EMU
+    gemms_since();
+#endif
+    gpu.ops->linear_fwd(&gpu, go, dx, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
     check("linear_fwd",
           label("%s N=%d C=%d OC=%d %s", pn, N, C, OC, with_bias ? "bias" : "no bias"),
           back(go, (size_t)N * OC), co, (size_t)N * OC, tol);
+#ifdef MT_CUDA_EMU
+    gemm_tally t = gemms_since();
+    check_path("linear_fwd", label("%s path", pn),
+               t.gemms >= 1 && (wt != MT_F32 || t.gemms == 1) && half_ok(t, wt, p), t);
+#endif
   }
   float *dout = H((size_t)N * OC, -1, 1), *gdout = Df(dout, (size_t)N * OC);
   float *cdx = H((size_t)N * C, -1, 1), *cdw = H((size_t)OC * C, -1, 1),
         *cdb = H((size_t)OC, -1, 1);
   float *gdx = Df(cdx, (size_t)N * C), *gdw = Df(cdw, (size_t)OC * C), *gdb = Df(cdb, (size_t)OC);
-  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, x, w, N, C, OC);
-  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, dx, dw, N, C, OC);
+  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, x, hw, wt, ccvt, N, C, OC);
+#ifdef MT_CUDA_EMU
+  gemms_since();
+#endif
+  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, dx, dw, wt, gcvt, N, C, OC);
   check("linear_bwd", label("%s N=%d C=%d OC=%d dinp (+=)", pn, N, C, OC), back(gdx, (size_t)N * C),
         cdx, (size_t)N * C, tol);
   check("linear_bwd", label("%s dw (+=)", pn), back(gdw, (size_t)OC * C), cdw, (size_t)OC * C, tol);
   check("linear_bwd", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
+#ifdef MT_CUDA_EMU
+  gemm_tally t = gemms_since();
+  check_path("linear_bwd", label("%s path", pn),
+             t.gemms >= 2 && (wt != MT_F32 || t.gemms == 2) && half_ok(t, wt, p), t);
+#endif
   /* dinp and dbias NULL: only dw */
   float *cdw2 = H((size_t)OC * C, -1, 1), *gdw2 = Df(cdw2, (size_t)OC * C);
-  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, x, w, N, C, OC);
-  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, dx, dw, N, C, OC);
+  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, x, hw, wt, ccvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, dx, dw, wt, gcvt, N, C, OC);
   check("linear_bwd", label("%s dw alone (dinp, dbias NULL)", pn), back(gdw2, (size_t)OC * C), cdw2,
         (size_t)OC * C, tol);
   gpu.matmul = MT_MATMUL_FP32;
@@ -298,39 +401,38 @@ static void test_linear(int N, int C, int OC, mt_matmul_precision p) {
 }
 
 /* linear_gelu_fwd: out and pre, both poisoned, against the CPU's (linear_fwd
- * then gelu_fwd there). On the emulator also its path: one cuBLASLt GEMM with
+ * then gelu_fwd there). On the emulator also its path: cuBLASLt GEMMs with
  * the GeLU epilogue when OC (the aux ld) is a multiple of 8 and cuBLASLt is
- * on, else one GEMM (cuBLASLt's bias epilogue or cuBLAS) and the GeLU kernel. */
-static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p) {
+ * on, else GEMMs (cuBLASLt's bias epilogue or cuBLAS) and the GeLU kernel;
+ * one GEMM for fp32 weights, one per block for 16-bit ones. */
+static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
   gpu.matmul = p;
   double tol = prec_tol(p), tol_out = tol > GELU_EPILOGUE_TOL ? tol : GELU_EPILOGUE_TOL;
   size_t no = (size_t)N * OC;
   float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
         *b = H((size_t)OC, -1, 1);
-  float *dx = Df(x, (size_t)N * C), *dw = Df(w, (size_t)OC * C), *db = Df(b, (size_t)OC);
+  const void *hw;
+  void *dw = weights(w, (size_t)OC * C, wt, &hw), *ccvt, *gcvt;
+  float *dx = Df(x, (size_t)N * C), *db = Df(b, (size_t)OC);
+  linear_scratch_pair(N, C, OC, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
-    const char *tag =
-        label("%s N=%d C=%d OC=%d %s", prec_name(p), N, C, OC, with_bias ? "bias" : "no bias");
+    const char *tag = label("%s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), N, C, OC,
+                            with_bias ? "bias" : "no bias");
     float *co = halloc(no * sizeof(float)), *cp = halloc(no * sizeof(float));
     float *go = DN(no), *gp = DN(no);
-    cpu.ops->linear_gelu_fwd(&cpu, co, cp, x, w, with_bias ? b : NULL, N, C, OC);
+    cpu.ops->linear_gelu_fwd(&cpu, co, cp, x, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
-    long lt0, gelu0, dgelu0, blas0, lt1, gelu1, dgelu1, blas1;
-    mt_emu_gemm_counts(&lt0, &gelu0, &dgelu0, &blas0);
+    gemms_since();
 #endif
-    gpu.ops->linear_gelu_fwd(&gpu, go, gp, dx, dw, with_bias ? db : NULL, N, C, OC);
+    gpu.ops->linear_gelu_fwd(&gpu, go, gp, dx, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
     check("linear_gelu_fwd", label("%s out", tag), back(go, no), co, no, tol_out);
     check("linear_gelu_fwd", label("%s pre", tag), back(gp, no), cp, no, tol);
 #ifdef MT_CUDA_EMU
-    mt_emu_gemm_counts(&lt1, &gelu1, &dgelu1, &blas1);
+    gemm_tally t = gemms_since();
     int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
-    long gemms = (lt1 - lt0) + (blas1 - blas0), epilogues = gelu1 - gelu0;
-    int ok = gemms == 1 && epilogues == fused && dgelu1 == dgelu0;
-    n_checks++;
-    if (!ok) n_failed++;
-    printf("%s %-24s %-34s %ld GEMM(s), %ld with the GeLU epilogue\n", ok ? "PASS" : "FAIL",
-           "linear_gelu_fwd", fused ? "path: GeLU epilogue" : "path: GEMM, GeLU kernel", gemms,
-           epilogues);
+    int ok = t.gemms >= 1 && (wt != MT_F32 || t.gemms == 1) && t.gelu == (fused ? t.gemms : 0) &&
+             t.dgelu == 0 && half_ok(t, wt, p);
+    check_path("linear_gelu_fwd", fused ? "path: GeLU epilogue" : "path: GEMM, GeLU kernel", ok, t);
 #endif
   }
   gpu.matmul = MT_MATMUL_FP32;
@@ -339,48 +441,222 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p) {
 
 /* linear_bwd_dgelu: dpre poisoned (it is written), dw and dbias accumulating
  * from the same random values on both, scratch NaN, against the CPU's
- * (linear_bwd then gelu_bwd there). On the emulator also its path: the dinp
- * GEMM with the DGELU epilogue when C (the aux ld) is a multiple of 8 and
- * cuBLASLt is on, else a plain one and the GeLU-gradient kernel; the dw GEMM
- * either way. */
-static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p) {
+ * (linear_bwd then gelu_bwd there). On the emulator also its path: dinp
+ * GEMMs with the DGELU epilogue when C (the aux ld) is a multiple of 8 and
+ * cuBLASLt is on, else plain ones and the GeLU-gradient kernel; a dw GEMM
+ * either way. fp32 weights: one of each. bf16 GEMMs: one of each per block
+ * of rows. Unpacked 16-bit weights: dw's, and one dinp GEMM per block of
+ * weight rows, the epilogue only when there is one block (with several,
+ * gelu' waits for the whole sum). */
+static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
   gpu.matmul = p;
   double tol = prec_tol(p), tol_dpre = tol > GELU_EPILOGUE_TOL ? tol : GELU_EPILOGUE_TOL;
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
   /* pre over GeLU's bend, where gelu' goes from 0 through negative to 1 */
   float *pre = H(ni, -3, 3), *inp = H(ni, -1, 1), *w = H(nw, -0.5f, 0.5f), *dout = H(no, -1, 1);
-  float *gpre = Df(pre, ni), *ginp = Df(inp, ni), *gw = Df(w, nw), *gdout = Df(dout, no);
+  const void *hw;
+  void *gw = weights(w, nw, wt, &hw), *ccvt, *gcvt;
+  float *gpre = Df(pre, ni), *ginp = Df(inp, ni), *gdout = Df(dout, no);
+  linear_scratch_pair(N, C, OC, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
-    const char *tag =
-        label("%s N=%d C=%d OC=%d %s", prec_name(p), N, C, OC, with_bias ? "dbias" : "no dbias");
+    const char *tag = label("%s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), N, C, OC,
+                            with_bias ? "dbias" : "no dbias");
     float *cdpre = halloc(ni * sizeof(float)), *cscratch = halloc(ni * sizeof(float));
     float *cdw = H(nw, -1, 1), *cdb = H((size_t)OC, -1, 1);
     float *gdw = Df(cdw, nw), *gdb = Df(cdb, (size_t)OC), *gdpre = DN(ni), *gscratch = DN(ni);
-    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, inp, pre, w,
-                              N, C, OC);
+    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, inp, pre,
+                              hw, wt, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
-    long lt0, gelu0, dgelu0, blas0, lt1, gelu1, dgelu1, blas1;
-    mt_emu_gemm_counts(&lt0, &gelu0, &dgelu0, &blas0);
+    gemms_since();
 #endif
     gpu.ops->linear_bwd_dgelu(&gpu, gdpre, gscratch, gdw, with_bias ? gdb : NULL, gdout, ginp, gpre,
-                              gw, N, C, OC);
+                              gw, wt, gcvt, N, C, OC);
     check("linear_bwd_dgelu", label("%s dpre", tag), back(gdpre, ni), cdpre, ni, tol_dpre);
-    check("linear_bwd_dgelu", label("%s dw (+=)", prec_name(p)), back(gdw, nw), cdw, nw, tol);
+    check("linear_bwd_dgelu", label("%s %s dw (+=)", prec_name(p), wt_name(wt)), back(gdw, nw), cdw,
+          nw, tol);
     if (with_bias)
       check("linear_bwd_dgelu", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
 #ifdef MT_CUDA_EMU
-    mt_emu_gemm_counts(&lt1, &gelu1, &dgelu1, &blas1);
+    gemm_tally t = gemms_since();
     int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
-    long gemms = (lt1 - lt0) + (blas1 - blas0), epilogues = dgelu1 - dgelu0;
-    int ok = gemms == 2 && epilogues == fused && gelu1 == gelu0;
-    n_checks++;
-    if (!ok) n_failed++;
-    printf("%s %-24s %-34s %ld GEMM(s), %ld with the DGELU epilogue\n", ok ? "PASS" : "FAIL",
-           "linear_bwd_dgelu", fused ? "path: DGELU epilogue" : "path: GEMM, gradient kernel",
-           gemms, epilogues);
+    int native = wt == MT_BF16 && p == MT_MATMUL_BF16;
+    long dinp_gemms = native ? t.gemms / 2 : t.gemms - 1;
+    long want = fused && (native || dinp_gemms == 1) ? dinp_gemms : 0;
+    int ok = t.gemms >= 2 && (!native || t.gemms % 2 == 0) && (wt != MT_F32 || t.gemms == 2) &&
+             t.dgelu == want && t.gelu == 0 && half_ok(t, wt, p);
+    check_path("linear_bwd_dgelu", want ? "path: DGELU epilogue" : "path: GEMM, gradient kernel",
+               ok, t);
 #endif
   }
   gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
+/* bf16 weights in native bf16 GEMMs against fp32 weights holding the same
+ * values in FAST_16BF GEMMs: both round every operand to bf16 (nearest
+ * even) and accumulate in fp32. On the emulator (sums in one order) the
+ * same bits, but for dw once the rows go in several blocks (`blocked`),
+ * which adds each block's sum to dw in turn; on a GPU, within what the two
+ * kernels' summation orders allow. */
+static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
+  gpu.matmul = MT_MATMUL_BF16;
+#ifdef MT_CUDA_EMU
+  double same = 0.0, dw_tol = blocked ? 1e-6 : 0.0;
+#else
+  double same = 1e-5, dw_tol = 1e-5;
+#endif
+  size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
+  float *w = H(nw, -0.5f, 0.5f);
+  for (size_t i = 0; i < nw; i++) w[i] = mt_round_half(w[i], 0);
+  const void *hw;
+  void *wb = weights(w, nw, MT_BF16, &hw);
+  float *wf = Df(w, nw), *x = Df(H(ni, -1, 1), ni), *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
+  float *dout = Df(H(no, -1, 1), no), *pre = Df(H(ni, -3, 3), ni);
+  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, MT_BF16));
+  char tag[64];
+  snprintf(tag, sizeof tag, "N=%d C=%d OC=%d", N, C, OC);
+#ifdef MT_CUDA_EMU
+  gemm_tally t;
+#define NATIVE_PATH(op)                                                                            \
+  (t = gemms_since(), check_path(op, "path: all GEMMs bf16", t.gemms >= 1 && t.half == t.gemms, t))
+#else
+#define NATIVE_PATH(op) ((void)0)
+#endif
+
+  float *o32 = DN(no), *o16 = DN(no);
+  gpu.ops->linear_fwd(&gpu, o32, x, wf, MT_F32, b, NULL, N, C, OC);
+#ifdef MT_CUDA_EMU
+  gemms_since();
+#endif
+  gpu.ops->linear_fwd(&gpu, o16, x, wb, MT_BF16, b, cvt, N, C, OC);
+  NATIVE_PATH("linear_fwd");
+  check("linear_fwd", label("bf16 native = FAST_16BF %s", tag), back(o16, no), back(o32, no), no,
+        same);
+
+  float *g32 = DN(no), *p32 = DN(no), *g16 = DN(no), *p16 = DN(no);
+  gpu.ops->linear_gelu_fwd(&gpu, g32, p32, x, wf, MT_F32, b, NULL, N, C, OC);
+#ifdef MT_CUDA_EMU
+  gemms_since();
+#endif
+  gpu.ops->linear_gelu_fwd(&gpu, g16, p16, x, wb, MT_BF16, b, cvt, N, C, OC);
+  NATIVE_PATH("linear_gelu_fwd");
+  check("linear_gelu_fwd", "bf16 native = FAST_16BF out", back(g16, no), back(g32, no), no, same);
+  check("linear_gelu_fwd", "bf16 native = FAST_16BF pre", back(p16, no), back(p32, no), no, same);
+
+  float *h0 = H(ni, -1, 1), *hw0 = H(nw, -1, 1), *hb0 = H((size_t)OC, -1, 1);
+  float *dx32 = Df(h0, ni), *dw32 = Df(hw0, nw), *db32 = Df(hb0, (size_t)OC);
+  float *dx16 = Df(h0, ni), *dw16 = Df(hw0, nw), *db16 = Df(hb0, (size_t)OC);
+  gpu.ops->linear_bwd(&gpu, dx32, dw32, db32, dout, x, wf, MT_F32, NULL, N, C, OC);
+#ifdef MT_CUDA_EMU
+  gemms_since();
+#endif
+  gpu.ops->linear_bwd(&gpu, dx16, dw16, db16, dout, x, wb, MT_BF16, cvt, N, C, OC);
+  NATIVE_PATH("linear_bwd");
+  check("linear_bwd", "bf16 native = FAST_16BF dinp", back(dx16, ni), back(dx32, ni), ni, same);
+  check("linear_bwd", label("bf16 native ~ FAST_16BF dw%s", blocked ? " (blocks)" : ""),
+        back(dw16, nw), back(dw32, nw), nw, dw_tol);
+  check("linear_bwd", "bf16 native = FAST_16BF dbias", back(db16, (size_t)OC),
+        back(db32, (size_t)OC), (size_t)OC, 0.0);
+
+  float *e32 = DN(ni), *e16 = DN(ni), *s32 = DN(ni), *s16 = DN(ni);
+  dw32 = Df(hw0, nw), dw16 = Df(hw0, nw);
+  gpu.ops->linear_bwd_dgelu(&gpu, e32, s32, dw32, NULL, dout, x, pre, wf, MT_F32, NULL, N, C, OC);
+#ifdef MT_CUDA_EMU
+  gemms_since();
+#endif
+  gpu.ops->linear_bwd_dgelu(&gpu, e16, s16, dw16, NULL, dout, x, pre, wb, MT_BF16, cvt, N, C, OC);
+  NATIVE_PATH("linear_bwd_dgelu");
+  check("linear_bwd_dgelu", "bf16 native = FAST_16BF dpre", back(e16, ni), back(e32, ni), ni, same);
+  check("linear_bwd_dgelu", label("bf16 native ~ FAST_16BF dw%s", blocked ? " (blocks)" : ""),
+        back(dw16, nw), back(dw32, nw), nw, dw_tol);
+#undef NATIVE_PATH
+  gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
+#ifdef MT_CUDA_EMU
+/* Past the conversion budget (MT_CUDA_CVT_BYTES, tiny on the emulator: see
+ * tests/gpu/meson.build) the linear ops convert in blocks, a GEMM each: the
+ * forward and the backward of a shape chosen past it take more GEMMs than
+ * one block does. Their results are the other tests' business. */
+static void test_linear_blocks(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
+  gpu.matmul = p;
+  size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
+  const void *hw;
+  void *w = weights(H(nw, -0.5f, 0.5f), nw, wt, &hw);
+  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, wt));
+  float *x = Df(H(ni, -1, 1), ni), *dout = Df(H(no, -1, 1), no);
+  char tag[64];
+  snprintf(tag, sizeof tag, "%s %s N=%d C=%d OC=%d blocks", prec_name(p), wt_name(wt), N, C, OC);
+  gemms_since();
+  gpu.ops->linear_fwd(&gpu, DN(no), x, w, wt, NULL, cvt, N, C, OC);
+  gemm_tally t = gemms_since();
+  check_path("linear_fwd", tag, t.gemms > 1 && half_ok(t, wt, p), t);
+  gpu.ops->linear_bwd(&gpu, DN(ni), DN(nw), NULL, dout, x, w, wt, cvt, N, C, OC);
+  t = gemms_since();
+  check_path("linear_bwd", tag, t.gemms > 2 && half_ok(t, wt, p), t);
+  if (mt_device_sync(&gpu)) die("device sync");
+  gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+#endif
+
+static void check_that(const char *op, const char *what, int ok, const char *detail) {
+  n_checks++;
+  if (!ok) n_failed++;
+  printf("%s %-24s %-34s %s\n", ok ? "PASS" : "FAIL", op, what, detail);
+}
+
+/* linear_scratch: none for fp32 weights whatever d->matmul; some for 16-bit
+ * ones; bounded (blocks) where converting a whole operand would take GiBs */
+static void test_linear_scratch(void) {
+  static const mt_matmul_precision precs[] = {MT_MATMUL_FP32, MT_MATMUL_TF32, MT_MATMUL_BF16};
+  char detail[96];
+  for (int i = 0; i < 3; i++) {
+    gpu.matmul = precs[i];
+    size_t f32 = gpu.ops->linear_scratch(&gpu, 9, 20, 12, MT_F32) |
+                 gpu.ops->linear_scratch(&gpu, 1 << 20, 1 << 15, 1 << 15, MT_F32);
+    snprintf(detail, sizeof detail, "%zu bytes", f32);
+    check_that("linear_scratch", label("%s fp32 w: 0", prec_name(precs[i])), f32 == 0, detail);
+    for (int h = 0; h < 2; h++) {
+      mt_dtype wt = h ? MT_F16 : MT_BF16;
+      size_t small = gpu.ops->linear_scratch(&gpu, 9, 20, 12, wt);
+      /* whole: 128 GiB of bf16 activations and gradients, 4 GiB of fp32 weights */
+      size_t big = gpu.ops->linear_scratch(&gpu, 1 << 20, 1 << 15, 1 << 15, wt);
+      snprintf(detail, sizeof detail, "%zu bytes, %zu for N=2^20 C=OC=2^15", small, big);
+      check_that("linear_scratch", label("%s %s: some, bounded", prec_name(precs[i]), wt_name(wt)),
+                 small > 0 && big > 0 && big <= (size_t)1 << 30, detail);
+    }
+  }
+  gpu.matmul = MT_MATMUL_FP32;
+}
+
+/* to_half: the bits of half.h's conversions (nearest even, subnormals,
+ * NaN, overflow), the source left as it was */
+static void test_to_half(size_t n) {
+  float *x = H(n, -70000, 70000);
+  static const float special[] = {NAN,        -INFINITY,      INFINITY,       65520.0f,
+                                  65519.0f,   -0.0f,          0x1p-24f,       0x1p-25f,
+                                  0x1.8p-25f, 1.0f + 0x1p-8f, 1.0f + 0x3p-8f, FLT_MAX,
+                                  1e-40f,     -3.0e38f,       0x1.002p0f,     1e-8f};
+  size_t ns = sizeof special / sizeof *special;
+  for (size_t i = 0; i < ns && i < n; i++) x[i] = special[i];
+  for (size_t i = ns; i < n && i < 64; i++) x[i] = urand(-1, 1) * 0x1p-20f; /* fp16 subnormals */
+  float *gx = Df(x, n);
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    uint16_t *gh = dalloc(n * sizeof(uint16_t));
+    gpu.ops->to_half(&gpu, gh, gx, n, fp16);
+    float *got = halloc(n * sizeof(float)), *want = halloc(n * sizeof(float));
+    if (mt_device_sync(&gpu) || mt_device_memcpy_dtoh(&gpu, got, gh, n * sizeof(uint16_t)))
+      die("copy from the device");
+    uint16_t *bits = (uint16_t *)got;
+    for (size_t i = n; i-- > 0;) got[i] = (float)bits[i]; /* the bits as exact floats */
+    for (size_t i = 0; i < n; i++) want[i] = (float)mt_half_pack(x[i], fp16);
+    check("to_half", label("%s bits n=%zu", fp16 ? "fp16" : "bf16", n), got, want, n, 0.0);
+  }
+  float *left = halloc(n * sizeof(float));
+  if (mt_device_memcpy_dtoh(&gpu, left, gx, n * sizeof(float))) die("copy from the device");
+  check_that("to_half", "source left as it was", !memcmp(left, x, n * sizeof(float)), "");
   arena_reset();
 }
 
@@ -633,14 +909,48 @@ int main(int argc, char **argv) {
     test_embedding(s);
     test_layernorm(7, 24);
     test_layernorm(3, 300); /* more columns than threads */
-    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i]);
-    test_linear(5, 7, 3, MT_MATMUL_FP32); /* odd sizes: 4-byte aligned rows */
-    for (int i = 0; i < 3; i++) test_linear_gelu(9, 20, 16, precs[i]); /* the GeLU epilogue */
-    test_linear_gelu(9, 20, 12, MT_MATMUL_FP32); /* aux ld 12: GEMM, then the GeLU kernel */
-    test_linear_gelu(5, 7, 3, MT_MATMUL_FP32);
-    for (int i = 0; i < 3; i++) test_linear_bwd_dgelu(9, 16, 20, precs[i]); /* DGELU epilogue */
-    test_linear_bwd_dgelu(9, 12, 20, MT_MATMUL_FP32); /* aux ld 12: GEMM, then gelu_bwd */
-    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_FP32);
+    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i], MT_F32);
+    test_linear(5, 7, 3, MT_MATMUL_FP32, MT_F32); /* odd sizes: 4-byte aligned rows */
+    for (int i = 0; i < 3; i++) test_linear_gelu(9, 20, 16, precs[i], MT_F32); /* GeLU epilogue */
+    test_linear_gelu(9, 20, 12, MT_MATMUL_FP32, MT_F32); /* aux ld 12: GEMM, then the GeLU kernel */
+    test_linear_gelu(5, 7, 3, MT_MATMUL_FP32, MT_F32);
+    for (int i = 0; i < 3; i++) test_linear_bwd_dgelu(9, 16, 20, precs[i], MT_F32); /* DGELU */
+    test_linear_bwd_dgelu(9, 12, 20, MT_MATMUL_FP32, MT_F32); /* aux ld 12: GEMM, then gelu_bwd */
+    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_FP32, MT_F32);
+    /* 16-bit weights: bf16 in every precision (bf16: native bf16 GEMMs),
+     * fp16 in tf32 as fp16 jobs run them */
+    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i], MT_BF16);
+    test_linear(9, 20, 12, MT_MATMUL_TF32, MT_F16);
+    test_linear(5, 7, 3, MT_MATMUL_BF16, MT_BF16); /* odd sizes: 2-byte aligned bf16 rows */
+    test_linear(5, 7, 3, MT_MATMUL_TF32, MT_F16);
+    test_linear_gelu(9, 20, 16, MT_MATMUL_BF16, MT_BF16);
+    test_linear_gelu(9, 20, 16, MT_MATMUL_TF32, MT_F16);
+    test_linear_gelu(9, 20, 12, MT_MATMUL_BF16, MT_BF16);
+    test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_BF16, MT_BF16);
+    test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_FP32, MT_BF16);
+    test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_TF32, MT_F16);
+    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_BF16, MT_BF16);
+    test_linear_bf16_native(9, 20, 16, 0);
+    test_linear_bf16_native(5, 7, 3, 0);
+#ifdef MT_CUDA_CVT_BYTES
+    /* past the emulator's conversion budget (meson: 2048 bytes): rows of
+     * inp and dout in blocks of 16 (and 40 for the forward), weight rows
+     * in blocks of 16 */
+    test_linear(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
+    test_linear(64, 24, 40, MT_MATMUL_FP32, MT_BF16);
+    test_linear(64, 24, 40, MT_MATMUL_TF32, MT_F16);
+    test_linear_gelu(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
+    test_linear_gelu(64, 24, 40, MT_MATMUL_TF32, MT_F16);
+    test_linear_bwd_dgelu(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
+    test_linear_bwd_dgelu(64, 24, 40, MT_MATMUL_TF32, MT_F16);
+    test_linear_bwd_dgelu(64, 20, 44, MT_MATMUL_TF32, MT_F16); /* aux ld 20: GEMMs, then gelu_bwd */
+    test_linear_bf16_native(64, 24, 40, 1);
+    test_linear_blocks(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
+    test_linear_blocks(64, 24, 40, MT_MATMUL_FP32, MT_BF16);
+    test_linear_blocks(64, 24, 40, MT_MATMUL_TF32, MT_F16);
+#endif
+    test_linear_scratch();
+    test_to_half(1000);
     for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
     test_attention(s, MT_MATMUL_FP32, 1);
     shape odd = {2, 9, 15, 5, 37, 40}; /* head size 3: every head slice misaligned */
@@ -662,13 +972,26 @@ int main(int argc, char **argv) {
     test_layernorm(1024, 768);
     test_layernorm(37, 2050);
     for (int i = 0; i < 3; i++) {
-      test_linear(1024, 768, 2304, precs[i]);
-      test_linear(67, 129, 65, precs[i]);
-      test_linear_gelu(1024, 768, 3072, precs[i]);
-      test_linear_bwd_dgelu(1024, 3072, 768, precs[i]); /* the MLP's c_proj */
+      test_linear(1024, 768, 2304, precs[i], MT_F32);
+      test_linear(67, 129, 65, precs[i], MT_F32);
+      test_linear_gelu(1024, 768, 3072, precs[i], MT_F32);
+      test_linear_bwd_dgelu(1024, 3072, 768, precs[i], MT_F32); /* the MLP's c_proj */
     }
-    test_linear_gelu(67, 129, 260, MT_MATMUL_FP32); /* aux ld 260: not a multiple of 8 */
-    test_linear_bwd_dgelu(67, 260, 129, MT_MATMUL_FP32);
+    test_linear_gelu(67, 129, 260, MT_MATMUL_FP32, MT_F32); /* aux ld 260: not a multiple of 8 */
+    test_linear_bwd_dgelu(67, 260, 129, MT_MATMUL_FP32, MT_F32);
+    /* 16-bit weights: bf16 jobs' native bf16 GEMMs, fp16 jobs' TF32 ones */
+    test_linear(1024, 768, 2304, MT_MATMUL_BF16, MT_BF16);
+    test_linear(67, 129, 65, MT_MATMUL_BF16, MT_BF16);
+    test_linear(1024, 768, 2304, MT_MATMUL_TF32, MT_F16);
+    test_linear_gelu(1024, 768, 3072, MT_MATMUL_BF16, MT_BF16);
+    test_linear_gelu(1024, 768, 3072, MT_MATMUL_TF32, MT_F16);
+    test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_BF16, MT_BF16);
+    test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_TF32, MT_F16);
+    test_linear_bf16_native(1024, 768, 3072, 0);
+    /* past the default 128 MiB budget: fp16 weights unpacked in blocks of
+     * rows (256 MiB in fp32); bf16 rows of inp and dout in blocks (192 MiB) */
+    test_linear(64, 8192, 8192, MT_MATMUL_TF32, MT_F16);
+    test_linear_bf16_native(16384, 2048, 4096, 1);
     for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
     test_attention(s, MT_MATMUL_FP32, 1);
     test_attention(s, MT_MATMUL_BF16, 1);
@@ -678,6 +1001,8 @@ int main(int argc, char **argv) {
     shape gpt = {2, 1024, 512, 8, 50257, 50304}; /* GPT-2 vocabulary, longer rows */
     test_attention(gpt, MT_MATMUL_BF16, 1);
     test_embedding(gpt);
+    test_linear_scratch();
+    test_to_half((size_t)1 << 20);
     test_elementwise((size_t)3 << 20);
     test_dropout(4, (size_t)1 << 20 | 3);
     test_crossentropy(256, 50257, 50304);

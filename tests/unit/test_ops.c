@@ -13,6 +13,8 @@
  *   as value + gradient (ACC_TOL on the difference).
  * - A fused op (linear_gelu_fwd, linear_bwd_dgelu) gives the bits of the ops
  *   it fuses.
+ * - An op reading a 16-bit matrix (bf16, fp16) gives the bits it gives with
+ *   an fp32 matrix holding the same values.
  * One line per check; the exit status is 1 when any check fails.
  */
 #include <math.h>
@@ -23,6 +25,7 @@
 #include <string.h>
 
 #include "device.h"
+#include "half.h"
 #include "mtmath.h"
 #include "ops.h"
 
@@ -221,7 +224,7 @@ static void test_embedding_fwd_matches_reference(int B, int T, int C, int V, int
   emb_case e = emb_make(B, T, C, V, Vp);
   size_t n = (size_t)B * T * C;
   float *out = frand(n, -9, 9);
-  ops->embedding_fwd(&dev, out, e.tok, e.wte, e.wpe, B, T, C);
+  ops->embedding_fwd(&dev, out, e.tok, e.wte, MT_F32, e.wpe, B, T, C);
   emb_ref(e.out, e.tok, e.dwte, e.dwpe, B, T, C);
   char what[64];
   snprintf(what, sizeof what, "B=%d T=%d C=%d out", B, T, C);
@@ -419,7 +422,7 @@ static void lin_free(lin_case *l) {
 static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias) {
   lin_case l = lin_make(N, C, OC, has_bias);
   float *out = frand((size_t)N * OC, -9, 9);
-  ops->linear_fwd(&dev, out, l.inp, l.w, has_bias ? l.bias : NULL, N, C, OC);
+  ops->linear_fwd(&dev, out, l.inp, l.w, MT_F32, has_bias ? l.bias : NULL, NULL, N, C, OC);
   lin_ref(l.out, l.dinp, l.dw, has_bias ? l.dbias : NULL, N, C, OC);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s out", N, C, OC, has_bias ? "yes" : "NULL");
@@ -431,7 +434,7 @@ static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias
 static void test_linear_bwd_matches_finite_differences(int N, int C, int OC, int has_bias) {
   lin_case l = lin_make(N, C, OC, has_bias);
   float *gin = fzeros((size_t)N * C), *gw = fzeros((size_t)OC * C), *gb = fzeros((size_t)OC);
-  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, l.inp, l.w, N, C, OC);
+  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dinp", N, C, OC);
   check_grad(__func__, what, lin_loss, &l, l.dinp, (size_t)N * C, gin);
@@ -449,9 +452,9 @@ static void test_linear_bwd_accumulates_and_skips_null(void) {
   float *nw = fzeros((size_t)OC * C);
   ffill(ain, (size_t)N * C, PREFILL), ffill(aw, (size_t)OC * C, PREFILL);
   ffill(ab, (size_t)OC, PREFILL);
-  ops->linear_bwd(&dev, gin, gw, gb, l.r, l.inp, l.w, N, C, OC);
-  ops->linear_bwd(&dev, ain, aw, ab, l.r, l.inp, l.w, N, C, OC);
-  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, l.inp, l.w, N, C, OC);
+  ops->linear_bwd(&dev, gin, gw, gb, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, ain, aw, ab, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
   check_accumulates(__func__, "dinp", ain, gin, (size_t)N * C);
   check_accumulates(__func__, "dw", aw, gw, (size_t)OC * C);
   check_accumulates(__func__, "dbias", ab, gb, (size_t)OC);
@@ -622,8 +625,8 @@ static void test_linear_gelu_fwd_is_linear_then_gelu(int N, int C, int OC, int h
   float *x = frand((size_t)N * C, -1, 1), *w = frand((size_t)OC * C, -0.5, 0.5),
         *b = frand((size_t)OC, -1, 1);
   float *out = frand(n, -9, 9), *pre = frand(n, -9, 9), *want_pre = fzeros(n), *want = fzeros(n);
-  ops->linear_gelu_fwd(&dev, out, pre, x, w, has_bias ? b : NULL, N, C, OC);
-  ops->linear_fwd(&dev, want_pre, x, w, has_bias ? b : NULL, N, C, OC);
+  ops->linear_gelu_fwd(&dev, out, pre, x, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
+  ops->linear_fwd(&dev, want_pre, x, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
   ops->gelu_fwd(&dev, want, want_pre, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s", N, C, OC, has_bias ? "yes" : "NULL");
@@ -647,8 +650,10 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
         *db = frand((size_t)OC, -1, 1);
   float *want_dfch = fzeros(n), *want = fzeros(n), *want_dw = fcopy(dw, nw),
         *want_db = fcopy(db, (size_t)OC);
-  ops->linear_bwd_dgelu(&dev, dpre, scratch, dw, has_bias ? db : NULL, dout, inp, pre, w, N, C, OC);
-  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, w, N, C, OC);
+  ops->linear_bwd_dgelu(&dev, dpre, scratch, dw, has_bias ? db : NULL, dout, inp, pre, w, MT_F32,
+                        NULL, N, C, OC);
+  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, w, MT_F32, NULL,
+                  N, C, OC);
   ops->gelu_bwd(&dev, want, pre, want_dfch, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dbias=%s", N, C, OC, has_bias ? "yes" : "NULL");
@@ -658,6 +663,71 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
          has_bias ? "+= linear_bwd's" : "untouched");
   free(dout), free(inp), free(pre), free(w), free(dpre), free(scratch), free(dw), free(db);
   free(want_dfch), free(want), free(want_dw), free(want_db);
+}
+
+/* A 16-bit working copy (bf16, fp16) of a matrix is read as the floats it
+ * holds: every op that takes one gives the bits the fp32 copy of those
+ * values gives, and to_half stores half.h's rounding of each master. */
+static void test_16bit_matrices_read_as_their_floats(int N, int C, int OC) {
+  size_t nw = (size_t)OC * C, ni = (size_t)N * C, no = (size_t)N * OC;
+  for (int fp16 = 0; fp16 <= 1; fp16++) {
+    mt_dtype wt = fp16 ? MT_F16 : MT_BF16;
+    const char *name = fp16 ? "fp16" : "bf16";
+    float *master = frand(nw, -0.5, 0.5), *w = fzeros(nw);
+    uint16_t *h = xmalloc(nw * sizeof(uint16_t));
+    ops->to_half(&dev, h, master, nw, fp16);
+    size_t bad = 0;
+    for (size_t i = 0; i < nw; i++) {
+      bad += h[i] != mt_half_pack(master[i], fp16);
+      w[i] = mt_half_unpack(h[i], fp16);
+    }
+    report(bad == 0, __func__, "%s to_half: %zu of %zu differ from half.h", name, bad, nw);
+    size_t sb = ops->linear_scratch(&dev, N, C, OC, wt);
+    report(sb >= nw * sizeof(float) && ops->linear_scratch(&dev, N, C, OC, MT_F32) == 0, __func__,
+           "%s linear_scratch %zu bytes for %zu weights, 0 for fp32", name, sb, nw);
+    void *cvt = xmalloc(sb);
+    float *x = frand(ni, -1, 1), *b = frand((size_t)OC, -1, 1), *dout = frand(no, -1, 1);
+    float *pre = frand(ni, -4, 4);
+
+    float *o16 = frand(no, -9, 9), *o32 = fzeros(no), *g16 = frand(no, -9, 9), *g32 = fzeros(no);
+    ops->linear_fwd(&dev, o16, x, h, wt, b, cvt, N, C, OC);
+    ops->linear_fwd(&dev, o32, x, w, MT_F32, b, NULL, N, C, OC);
+    report(bits_equal(o16, o32, no), __func__, "%s linear_fwd", name);
+    ops->linear_gelu_fwd(&dev, g16, o16, x, h, wt, b, cvt, N, C, OC);
+    ops->linear_gelu_fwd(&dev, g32, o32, x, w, MT_F32, b, NULL, N, C, OC);
+    report(bits_equal(g16, g32, no) && bits_equal(o16, o32, no), __func__, "%s linear_gelu_fwd",
+           name);
+
+    float *di16 = frand(ni, -1, 1), *di32 = fcopy(di16, ni), *dw16 = frand(nw, -1, 1),
+          *dw32 = fcopy(dw16, nw), *db16 = frand((size_t)OC, -1, 1),
+          *db32 = fcopy(db16, (size_t)OC);
+    ops->linear_bwd(&dev, di16, dw16, db16, dout, x, h, wt, cvt, N, C, OC);
+    ops->linear_bwd(&dev, di32, dw32, db32, dout, x, w, MT_F32, NULL, N, C, OC);
+    report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw) &&
+               bits_equal(db16, db32, (size_t)OC),
+           __func__, "%s linear_bwd dinp, dw, dbias", name);
+    float *sc = frand(ni, -9, 9);
+    ops->linear_bwd_dgelu(&dev, di16, sc, dw16, db16, dout, x, pre, h, wt, cvt, N, C, OC);
+    ops->linear_bwd_dgelu(&dev, di32, sc, dw32, db32, dout, x, pre, w, MT_F32, NULL, N, C, OC);
+    report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw), __func__,
+           "%s linear_bwd_dgelu dpre, dw", name);
+
+    /* the embedding lookups: (OC, C) as a vocabulary of OC rows; T = N */
+    int32_t *tok = xmalloc((size_t)N * sizeof(int32_t));
+    for (int i = 0; i < N; i++) tok[i] = (int32_t)(rng_u64() % (uint64_t)OC);
+    float *wpe = frand(ni, -1, 1), *e16 = frand(ni, -9, 9), *e32 = fzeros(ni);
+    ops->embedding_fwd(&dev, e16, tok, h, wt, wpe, 1, N, C);
+    ops->embedding_fwd(&dev, e32, tok, w, MT_F32, wpe, 1, N, C);
+    report(bits_equal(e16, e32, ni), __func__, "%s embedding_fwd", name);
+    int v0 = OC / 3, Vl = OC / 2;
+    ops->embedding_shard_fwd(&dev, e16, tok, h + (size_t)v0 * C, wt, v0, Vl, N, C);
+    ops->embedding_shard_fwd(&dev, e32, tok, w + (size_t)v0 * C, MT_F32, v0, Vl, N, C);
+    report(bits_equal(e16, e32, ni), __func__, "%s embedding_shard_fwd", name);
+
+    free(master), free(w), free(h), free(cvt), free(x), free(b), free(dout), free(pre);
+    free(o16), free(o32), free(g16), free(g32), free(di16), free(di32), free(dw16), free(dw32);
+    free(db16), free(db32), free(sc), free(tok), free(wpe), free(e16), free(e32);
+  }
 }
 
 static void test_gelu_bwd_matches_finite_differences(size_t n) {
@@ -1044,6 +1114,8 @@ int main(void) {
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(13, 12, 9, 1);
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(13, 12, 9, 0);
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(130, 260, 32, 1); /* the parallel paths */
+  test_16bit_matrices_read_as_their_floats(13, 12, 9);
+  test_16bit_matrices_read_as_their_floats(130, 64, 520); /* the parallel paths */
   test_gelu_bwd_matches_finite_differences(1001);
   test_gelu_bwd_matches_finite_differences(100003);
 

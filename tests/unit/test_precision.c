@@ -95,18 +95,46 @@ static int test_bf16_trains_within_bf16_tolerance_of_fp32(void) {
  * rounded to nearest even, and forward + backward of the mixed model equal,
  * bit for bit, an fp32 model's whose weights are that rounded copy. After
  * training steps, the same holds of the weights the last step read. */
+/* The values the forward reads, laid out as params (alloc_params floats,
+ * padding 0): the matrices from the 16-bit copy, the rest from the floats. */
+static float *working_values(const mt_gpt *m) {
+  float *w = calloc(m->alloc_params, sizeof(float));
+  if (!w) return NULL;
+  for (int i = 0; i < m->n_tensors; i++) {
+    const mt_param *t = &m->params_table[i];
+    for (size_t k = 0; k < t->numel; k++)
+      w[t->offset + k] = mt_gpt_is_matrix(m, i)
+                             ? mt_half_unpack(m->half[t->offset + k], m->wtype == MT_F16)
+                             : m->weights[m->vec_offset[i] + k];
+  }
+  return w;
+}
+
 static int check_working_copy(const mt_gpt *m, mt_precision p, const char *when) {
   const char *name = p == MT_PREC_BF16 ? "bf16" : "fp16";
-  REQUIRE(m->weights && m->weights != m->params, "%s: no working copy", name);
+  REQUIRE(m->half && m->weights && m->weights != m->params, "%s: no working copy", name);
+  CHECK(m->wtype == (p == MT_PREC_BF16 ? MT_BF16 : MT_F16), "%s: working copy type %d", name,
+        (int)m->wtype);
+  /* the matrices, nearly every parameter, in 16 bits; only vectors and wpe
+   * as floats */
+  size_t vec = 0;
+  for (int i = 0; i < m->n_tensors; i++)
+    if (!mt_gpt_is_matrix(m, i)) vec += m->params_table[i].numel;
+  CHECK(m->vec_floats == vec && vec < m->num_params / 5,
+        "%s: %zu fp32 working floats (vectors hold %zu) of %zu parameters", name, m->vec_floats,
+        vec, m->num_params);
+  float *wv = working_values(m);
+  REQUIRE(wv, "out of memory");
   size_t not_exact = 0, bad = 0;
   for (size_t e = 0; e < m->alloc_params; e++) {
-    float w = m->weights[e];
+    float w = wv[e];
     bad += round_to(w, p) != w;
     not_exact += round_to(m->params[e], p) != m->params[e];
   }
   CHECK(bad == 0, "%s %s: %zu weights the forward reads are not %s values", name, when, bad, name);
   CHECK(not_exact > m->num_params / 2, "%s %s: only %zu of %zu master weights lie off the %s grid",
         name, when, not_exact, m->num_params, name);
+  free(wv);
   return 0;
 }
 
@@ -142,13 +170,18 @@ static int test_forward_reads_only_16bit_weights(void) {
     for (size_t e = 0; e < q.num_params; e++) q.params[e] = q.params[e] * 1.0001f + 1e-4f;
     REQUIRE(!mt_gpt_round_weights(&q), "%s", mt_errmsg());
     if (check_working_copy(&q, p, "after init")) return 1;
-    for (size_t e = 0; e < q.alloc_params; e++)
-      CHECK(q.weights[e] == round_to(q.params[e], p), "%s: weight %zu is %a, round(master) %a",
-            name, e, q.weights[e], round_to(q.params[e], p));
+    float *wv = working_values(&q);
+    REQUIRE(wv, "out of memory");
+    for (int i = 0; i < q.n_tensors; i++)
+      for (size_t e = q.params_table[i].offset;
+           e < q.params_table[i].offset + q.params_table[i].numel; e++)
+        CHECK(wv[e] == round_to(q.params[e], p), "%s: weight %zu is %a, round(master) %a", name, e,
+              wv[e], round_to(q.params[e], p));
     /* f: the same precision with masters already on the grid, so that its
      * masters and working copy agree; q's differ, and only its working copy
      * may be read */
-    memcpy(f.params, q.weights, q.alloc_params * sizeof(float));
+    memcpy(f.params, wv, q.alloc_params * sizeof(float));
+    free(wv);
     REQUIRE(!mt_gpt_round_weights(&f), "%s", mt_errmsg());
     mt_gpt_zero_grad(&q);
     mt_gpt_zero_grad(&f);

@@ -742,7 +742,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
       }
 }
 
-std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas;
+std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas, gemms_16bit;
 int lt_disabled;
 
 } // namespace mt_emu
@@ -751,6 +751,8 @@ void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
   *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *lt_dgelu = mt_emu::gemms_lt_dgelu;
   *blas = mt_emu::gemms_blas;
 }
+
+long mt_emu_gemm16_count(void) { return mt_emu::gemms_16bit; }
 
 /* ---- GEMM --------------------------------------------------------------- */
 
@@ -797,26 +799,65 @@ static uint32_t actual_alignment(const void *p) {
   return a;
 }
 
+static size_t type_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
+
+/* Element i of a matrix stored as t, as the exact float it holds. */
+static float load(const void *p, cudaDataType_t t, size_t i) {
+  if (t == CUDA_R_16BF) {
+    mt_bf16 h = {((const uint16_t *)p)[i]};
+    return mt_bf16_to_f32(h);
+  }
+  if (t == CUDA_R_16F) {
+    mt_fp16 h = {((const uint16_t *)p)[i]};
+    return mt_fp16_to_f32(h);
+  }
+  return ((const float *)p)[i];
+}
+
+/* The operand types cuBLAS(Lt) takes with fp32 scaling, as far as they are
+ * emulated: A and B of one type; fp32 ones with fp32 C and D in any of the
+ * compute types here; bf16 or binary16 ones with fp32 C and D in
+ * CUBLAS_COMPUTE_32F (the FAST_* types are for fp32 operands). 16-bit C and
+ * D, which cuBLAS(Lt) also takes with 16-bit A and B, are not emulated. */
+static cublasStatus_t check_types(const char *what, cublasComputeType_t compute, cudaDataType_t at,
+                                  cudaDataType_t bt, cudaDataType_t ct, cudaDataType_t dt) {
+  if (at != bt || ct != dt) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (at != CUDA_R_32F && compute != CUBLAS_COMPUTE_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (at != CUDA_R_32F && ct == at)
+    EMU_DIE("%s: %s C and D: not emulated", what, at == CUDA_R_16BF ? "bf16" : "binary16");
+  return ct == CUDA_R_32F ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
+}
+
 /* Column-major D = alpha·op(A)·op(B) + beta·C (+ bias); C is not read when
- * beta is 0, as cuBLAS does (so NaN in an output buffer does not leak). */
+ * beta is 0, as cuBLAS does (so NaN in an output buffer does not leak). A
+ * and B of types at and bt (strides and lds in their elements), C, D and the
+ * bias fp32. op(A) and op(B) are rounded to the compute type once, into
+ * rows of k, then each dot product runs in double in order of k. */
 static void gemm(cublasComputeType_t compute, int ta, int tb, int m, int n, int k, float alpha,
-                 const float *A, long lda, long long sA, const float *B, long ldb, long long sB,
-                 float beta, const float *C, long ldc, long long sC, float *D, long ldd,
-                 long long sD, int batch, const float *bias) {
+                 const void *A, cudaDataType_t at, long lda, long long sA, const void *B,
+                 cudaDataType_t bt, long ldb, long long sB, float beta, const float *C, long ldc,
+                 long long sC, float *D, long ldd, long long sD, int batch, const float *bias) {
+  size_t ea = type_bytes(at), eb = type_bytes(bt);
+  std::vector<double> ra((size_t)m * k), rb((size_t)n * k);
+  std::vector<float> out((size_t)m * n);
   for (int bi = 0; bi < batch; bi++) {
-    const float *a = A + bi * sA, *b = B + bi * sB, *c = C + bi * sC;
+    const char *a = (const char *)A + bi * sA * (long long)ea;
+    const char *b = (const char *)B + bi * sB * (long long)eb;
+    const float *c = C + bi * sC;
     float *d = D + bi * sD;
-    if (!is_device(a, 4) || !is_device(b, 4) || !is_device(d, 4))
+    if (!is_device(a, ea) || !is_device(b, eb) || !is_device(d, 4))
       EMU_DIE("gemm batch %d: an operand is not device memory", bi);
-    std::vector<float> out((size_t)m * n);
+    for (size_t i = 0; i < (size_t)m; i++)
+      for (size_t l = 0; l < (size_t)k; l++)
+        ra[i * k + l] = round_input(load(a, at, ta ? i * lda + l : l * lda + i), compute);
+    for (size_t j = 0; j < (size_t)n; j++)
+      for (size_t l = 0; l < (size_t)k; l++)
+        rb[j * k + l] = round_input(load(b, bt, tb ? l * ldb + j : j * ldb + l), compute);
     for (int j = 0; j < n; j++)
       for (int i = 0; i < m; i++) {
+        const double *x = &ra[(size_t)i * k], *y = &rb[(size_t)j * k];
         double acc = 0.0;
-        for (int l = 0; l < k; l++) {
-          float x = ta ? a[i * lda + l] : a[l * lda + i];
-          float y = tb ? b[l * ldb + j] : b[j * ldb + l];
-          acc += round_input(x, compute) * round_input(y, compute);
-        }
+        for (int l = 0; l < k; l++) acc += x[l] * y[l];
         double v = alpha * acc;
         if (beta != 0.0f) v += (double)beta * c[j * ldc + i];
         if (bias) v += bias[i];
@@ -870,13 +911,15 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
                                           int ldb, long long sB, const void *beta, void *C,
                                           cudaDataType_t ct, int ldc, long long sC, int batch,
                                           cublasComputeType_t compute, cublasGemmAlgo_t) {
-  if (at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  cublasStatus_t st = check_types("cublasGemmStridedBatchedEx", compute, at, bt, ct, ct);
+  if (st != CUBLAS_STATUS_SUCCESS) return st;
   check_dims("cublasGemmStridedBatchedEx", m, n, k, ta, tb, lda, ldb, ldc);
   wait_idle(h->stream, "cublasGemmStridedBatchedEx");
-  gemm(compute, ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *(const float *)alpha,
-       (const float *)A, lda, sA, (const float *)B, ldb, sB, *(const float *)beta, (const float *)C,
-       ldc, sC, (float *)C, ldc, sC, batch, NULL);
+  gemm(compute, ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *(const float *)alpha, A, at, lda,
+       sA, B, bt, ldb, sB, *(const float *)beta, (const float *)C, ldc, sC, (float *)C, ldc, sC,
+       batch, NULL);
   mt_emu::gemms_blas++;
+  if (at != CUDA_R_32F) mt_emu::gemms_16bit++;
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -922,6 +965,8 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
 
 cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType_t type,
                                           uint64_t rows, uint64_t cols, int64_t ld) {
+  if (type != CUDA_R_32F && type != CUDA_R_16BF && type != CUDA_R_16F)
+    EMU_DIE("cublasLtMatrixLayoutCreate: data type %d not emulated", (int)type);
   *l = new emu_layout{type, rows, cols, ld, 1, 0};
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -1001,10 +1046,12 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
                                               cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
                                               cublasLtMatmulPreference_t pref, int requested,
                                               cublasLtMatmulHeuristicResult_t *res, int *returned) {
-  (void)a, (void)b, (void)c;
   *returned = 0;
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
   if (mt_emu::lt_disabled || getenv("MT_CUDA_EMU_NO_LT")) return CUBLAS_STATUS_NOT_SUPPORTED;
+  cublasStatus_t st = check_types("cublasLtMatmulAlgoGetHeuristic", op->compute, a->type, b->type,
+                                  c->type, d->type);
+  if (st != CUBLAS_STATUS_SUCCESS) return st;
   int gelu =
       check_epilogue("cublasLtMatmulAlgoGetHeuristic", op, (long)d->rows, (long)d->cols, d->batch);
   memset(res, 0, sizeof *res);
@@ -1030,9 +1077,9 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
     if (actual_alignment(ptr[i]) < algo->data[i])
       EMU_DIE("cublasLtMatmul: operand %c at %p is %u-byte aligned, the heuristic was told %u",
               "ABCD"[i], ptr[i], actual_alignment(ptr[i]), (unsigned)algo -> data[i]);
-  if (a->type != CUDA_R_32F || b->type != CUDA_R_32F || c->type != CUDA_R_32F ||
-      d->type != CUDA_R_32F)
-    EMU_DIE("cublasLtMatmul: only fp32 matrices are emulated");
+  cublasStatus_t st =
+      check_types("cublasLtMatmul", op->compute, a->type, b->type, c->type, d->type);
+  if (st != CUBLAS_STATUS_SUCCESS) return st;
   int ta = op->ta == CUBLAS_OP_T, tb = op->tb == CUBLAS_OP_T;
   long m = (long)d->rows, n = (long)d->cols, k = (long)(ta ? a->rows : a->cols);
   /* cuBLASLt's own consistency rules: op(A) is m×k, op(B) k×n */
@@ -1068,8 +1115,8 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
       EMU_DIE("cublasLtMatmul: DGELU epilogue whose aux matrix %p overlaps D %p", op->aux, D);
   }
   wait_idle(s, "cublasLtMatmul");
-  gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, (const float *)A, a->ld,
-       a->stride, (const float *)B, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
+  gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, A, a->type, a->ld,
+       a->stride, B, b->type, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
        c->stride, (float *)D, d->ld, d->stride, d->batch, with_bias ? op->bias : NULL);
   float *dd = (float *)D;
   if (gelu == GELU_FWD) { /* aux = the result with its bias; D = GeLU of that fp32 value */
@@ -1087,5 +1134,6 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
     mt_emu::gemms_lt_dgelu++;
   }
   mt_emu::gemms_lt++;
+  if (a->type != CUDA_R_32F) mt_emu::gemms_16bit++;
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -13,7 +13,12 @@
  * caught; fresh allocations are filled with NaN bytes. GEMMs run
  * in double from inputs rounded to the compute type (tf32, bf16), after the
  * layouts are checked against m, n, k as cuBLASLt checks them, and the
- * alignment a heuristic was promised is checked against the pointers.
+ * alignment a heuristic was promised is checked against the pointers. A and
+ * B are fp32, or both bf16 or both binary16 (read as the exact floats they
+ * hold, computed in CUBLAS_COMPUTE_32F only: cuBLAS(Lt) pairs the FAST_*
+ * types with fp32 operands); C and D fp32. Other type combinations get the
+ * status real cuBLAS(Lt) answers, CUBLAS_STATUS_NOT_SUPPORTED, except
+ * 16-bit C and D, which it takes and this does not emulate (an abort).
  * cuBLASLt's epilogues: bias, GeLU with its input kept in the aux matrix
  * (GELU_AUX, GELU_AUX_BIAS) and the GeLU gradient with that input read from
  * it (DGELU, D = gelu'(aux) ⊙ result; beta must be 0, as its documentation
@@ -117,10 +122,12 @@ cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
 const char *cudaGetErrorName(cudaError_t e);
 
-/* Test hook (C too): GEMMs run so far, process-wide: by cuBLASLt (lt), of
+/* Test hooks (C too): GEMMs run so far, process-wide: by cuBLASLt (lt), of
  * those with the GeLU epilogue (lt_gelu) and with the DGELU one (lt_dgelu),
- * and by cuBLAS (blas). */
+ * and by cuBLAS (blas); and of all of those, the ones whose A and B were
+ * 16-bit (bf16 or binary16). */
 void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas);
+long mt_emu_gemm16_count(void);
 
 #ifdef __cplusplus
 }
@@ -222,7 +229,7 @@ enum cublasComputeType_t {
   CUBLAS_COMPUTE_32F_FAST_16BF = 75,
   CUBLAS_COMPUTE_32F_FAST_TF32 = 77,
 };
-enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
+enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_16F = 2, CUDA_R_16BF = 14 };
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1 };
 enum cublasLtEpilogue_t {
   CUBLASLT_EPILOGUE_DEFAULT = 1,
@@ -315,7 +322,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t op, const
  * C), and a switch that makes the cuBLASLt heuristic find nothing (so the
  * cuBLAS fallback runs). */
 namespace mt_emu {
-extern std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas;
+extern std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas, gemms_16bit;
 extern int lt_disabled;
 } // namespace mt_emu
 
