@@ -9,8 +9,10 @@
  * 2. One GPT-3 1.3B transformer layer (hidden 2048, 16 heads, sequence 2048)
  *    forward and backward through d->ops, as model/gpt.c calls them, at
  *    micro-batch 4 and 8; in bf16 with a bf16 working copy of the weight
- *    matrices (to_half from the fp32 master, as a bf16 job keeps them), so
- *    the linear layers run native bf16 GEMMs; in tf32 with fp32 weights.
+ *    matrices (to_half from the fp32 master, as a bf16 job keeps them) and
+ *    bf16 GEMM inputs (LayerNorm's and GeLU's outputs, the attention output
+ *    kept by pack_half), so the linear layers run native bf16 GEMMs and the
+ *    forward ones convert nothing; in tf32 with fp32 weights and inputs.
  *    Milliseconds, TFLOP/s by the layer's model FLOPs
  *    72·B·s·h²·(1 + s/6h) (Narayanan et al. without recomputation; causal
  *    attention counted in full, as everyone does), and MFU against the
@@ -136,9 +138,10 @@ typedef struct {
    * 16-bit working copy (wt), and the conversion scratch they need */
   mt_dtype wt;
   void *qkvw_h, *projw_h, *fcw_h, *fcpw_h, *cvt;
-  /* activations */
-  float *inp, *ln1, *m1, *r1, *qkv, *atty, *lse, *branch, *resid2, *ln2, *m2, *r2, *fch, *fchg,
-      *out;
+  /* activations; the linear layers' inputs stored as wt (ln1, ln2, fchg,
+   * and atty_h, attention's output packed for c_proj in a 16-bit layer) */
+  float *inp, *m1, *r1, *qkv, *atty, *lse, *branch, *resid2, *m2, *r2, *fch, *out;
+  void *ln1, *ln2, *fchg, *atty_h;
   /* backward */
   float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *att_scratch;
 } layer;
@@ -164,12 +167,13 @@ static void *working_copy(const float *w, size_t n, mt_dtype wt) {
   return h;
 }
 
-/* the largest conversion scratch of the layer's four linear ops */
+/* the largest conversion scratch of the layer's four linear ops, inputs
+ * stored as their weights are */
 static size_t layer_scratch(int N, int C, mt_dtype wt) {
   const int shapes[4][2] = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};
   size_t most = 0;
   for (int i = 0; i < 4; i++) {
-    size_t b = dev.ops->linear_scratch(&dev, N, shapes[i][0], shapes[i][1], wt);
+    size_t b = dev.ops->linear_scratch(&dev, N, shapes[i][0], shapes[i][1], wt, wt);
     if (b > most) most = b;
   }
   return most;
@@ -196,6 +200,7 @@ static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
   L->branch = dmalloc(NC * 4), L->resid2 = dmalloc(NC * 4), L->ln2 = dmalloc(NC * 4);
   L->m2 = dmalloc(N * 4), L->r2 = dmalloc(N * 4);
   L->fch = dmalloc(4 * NC * 4), L->fchg = dmalloc(4 * NC * 4), L->out = dmalloc(NC * 4);
+  L->atty_h = dmalloc(NC * 2);
   L->dres = dmalloc(NC * 4), L->dfch = dmalloc(4 * NC * 4), L->dfch2 = dmalloc(4 * NC * 4);
   L->dbtc = dmalloc(NC * 4), L->dbtc2 = dmalloc(NC * 4), L->dqkv = dmalloc(3 * NC * 4);
   L->att_scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
@@ -207,34 +212,50 @@ static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
 }
 
 static void layer_free(layer *L) {
-  float **p[] = {&L->ln1w, &L->ln1b,  &L->qkvw, &L->qkvb,  &L->projw, &L->projb,      &L->ln2w,
-                 &L->ln2b, &L->fcw,   &L->fcb,  &L->fcpw,  &L->fcpb,  &L->inp,        &L->ln1,
-                 &L->m1,   &L->r1,    &L->qkv,  &L->atty,  &L->lse,   &L->branch,     &L->resid2,
-                 &L->ln2,  &L->m2,    &L->r2,   &L->fch,   &L->fchg,  &L->out,        &L->dres,
-                 &L->dfch, &L->dfch2, &L->dbtc, &L->dbtc2, &L->dqkv,  &L->att_scratch};
+  float **p[] = {&L->ln1w,  &L->ln1b, &L->qkvw,       &L->qkvb, &L->projw,  &L->projb,  &L->ln2w,
+                 &L->ln2b,  &L->fcw,  &L->fcb,        &L->fcpw, &L->fcpb,   &L->inp,    &L->m1,
+                 &L->r1,    &L->qkv,  &L->atty,       &L->lse,  &L->branch, &L->resid2, &L->m2,
+                 &L->r2,    &L->fch,  &L->out,        &L->dres, &L->dfch,   &L->dfch2,  &L->dbtc,
+                 &L->dbtc2, &L->dqkv, &L->att_scratch};
   if (L->wt != MT_F32) {
     void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h, L->fcpw_h};
     for (int i = 0; i < 4; i++) mt_device_free(&dev, h[i]);
   }
+  void *acts[] = {L->ln1, L->ln2, L->fchg, L->atty_h};
+  for (int i = 0; i < 4; i++) mt_device_free(&dev, acts[i]);
   mt_device_free(&dev, L->cvt);
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) mt_device_free(&dev, *p[i]);
   for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
 }
 
-/* model/gpt.c's layer: pre-LN attention block, then the MLP block */
+/* c_proj's input: attention's output, or its 16-bit copy in a 16-bit layer */
+static const void *atty_in(const layer *L) {
+  return L->wt == MT_F32 ? (const void *)L->atty : L->atty_h;
+}
+
+/* model/gpt.c's layer: pre-LN attention block, then the MLP block. In a
+ * 16-bit layer the GEMM inputs are 16-bit (at = wt), and the GeLU, which
+ * writes one, runs as its own op after c_fc, as gpt.c runs it there. */
 static void layer_fwd(layer *L) {
   const mt_ops *o = dev.ops;
   int B = L->B, T = L->T, C = L->C, N = B * T;
   size_t NC = (size_t)N * C;
-  mt_dtype wt = L->wt;
-  o->layernorm_fwd(&dev, L->ln1, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
-  o->linear_fwd(&dev, L->qkv, L->ln1, L->qkvw_h, wt, L->qkvb, L->cvt, N, C, 3 * C);
+  mt_dtype wt = L->wt, at = wt;
+  o->layernorm_fwd(&dev, L->ln1, at, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
+  o->linear_fwd(&dev, L->qkv, L->ln1, at, L->qkvw_h, wt, L->qkvb, L->cvt, N, C, 3 * C);
   o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, B, T, C, L->NH, NULL);
-  o->linear_fwd(&dev, L->branch, L->atty, L->projw_h, wt, L->projb, L->cvt, N, C, C);
+  if (at != MT_F32) o->pack_half(&dev, L->atty_h, L->atty, NC, at == MT_F16);
+  o->linear_fwd(&dev, L->branch, atty_in(L), at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
   o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
-  o->layernorm_fwd(&dev, L->ln2, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
-  o->linear_gelu_fwd(&dev, L->fchg, L->fch, L->ln2, L->fcw_h, wt, L->fcb, L->cvt, N, C, 4 * C);
-  o->linear_fwd(&dev, L->branch, L->fchg, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
+  o->layernorm_fwd(&dev, L->ln2, at, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
+  if (at != MT_F32) {
+    o->linear_fwd(&dev, L->fch, L->ln2, at, L->fcw_h, wt, L->fcb, L->cvt, N, C, 4 * C);
+    o->gelu_fwd(&dev, L->fchg, at, L->fch, 4 * NC);
+  } else {
+    o->linear_gelu_fwd(&dev, L->fchg, L->fch, L->ln2, at, L->fcw_h, wt, L->fcb, L->cvt, N, C,
+                       4 * C);
+  }
+  o->linear_fwd(&dev, L->branch, L->fchg, at, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
   o->residual_fwd(&dev, L->out, L->resid2, L->branch, NC);
 }
 
@@ -244,18 +265,20 @@ static void layer_bwd(layer *L) {
   int B = L->B, T = L->T, C = L->C, N = B * T;
   size_t NC = (size_t)N * C;
   float **g = L->g;
-  mt_dtype wt = L->wt;
-  o->linear_bwd_dgelu(&dev, L->dfch2, L->dfch, g[10], g[11], L->dres, L->fchg, L->fch, L->fcpw_h,
-                      wt, L->cvt, N, 4 * C, C);
+  mt_dtype wt = L->wt, at = wt;
+  o->linear_bwd_dgelu(&dev, L->dfch2, L->dfch, g[10], g[11], L->dres, L->fchg, at, L->fch,
+                      L->fcpw_h, wt, L->cvt, N, 4 * C, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, L->fcw_h, wt, L->cvt, N, C, 4 * C);
+  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, at, L->fcw_h, wt, L->cvt, N, C,
+                4 * C);
   o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, L->projw_h, wt, L->cvt, N, C, C);
+  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, atty_in(L), at, L->projw_h, wt, L->cvt, N, C,
+                C);
   mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
   o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->qkv, L->lse, B, T, C, L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
-  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, L->qkvw_h, wt, L->cvt, N, C, 3 * C);
+  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C, 3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
 }
 

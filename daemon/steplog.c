@@ -59,8 +59,8 @@ void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json)
  * all of them, the few vectors' fp32 copies are not counted), and the
  * activations its blocks keep in the job's precision. So the check plans
  * each stage as an fp32 job, adds the working copy and the scratch its
- * GEMMs convert through (ops.h linear_scratch: the CPU unpacks a whole
- * matrix to fp32, the largest of the stage; a GPU converts blocks of rows
+ * GEMMs convert through (ops.h linear_scratch: the CPU unpacks a GEMM's
+ * whole weight matrix and input to fp32; a GPU converts blocks of rows
  * within 128 MiB), and takes the activations from the job's own plan. */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) {
   size_t total = 0, avail = 0;
@@ -95,8 +95,12 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
       f.activation_bytes = h.activation_bytes;
     }
     double c = mixed ? 2.0 * (double)f.params : 0.0; /* the 16-bit working copy */
-    double largest = f.has_head ? (double)plan.padded_vocab * hid / t : 0.0;
-    if (f.n_layers && 4.0 * hid * hid / t > largest) largest = 4.0 * hid * hid / t;
+    /* the CPU's: a GEMM's weights and input unpacked, the LM head's or the
+     * MLP projection's (4h/t wide input) */
+    double rows = (double)job->model.seq_len * plan.micro_batch, largest = 0.0;
+    if (f.has_head) largest = (double)plan.padded_vocab * hid / t + rows * hid;
+    if (f.n_layers && 4.0 * hid * hid / t + rows * 4.0 * hid / t > largest)
+      largest = 4.0 * hid * hid / t + rows * 4.0 * hid / t;
     double v = !mixed ? 0.0 : gpu ? (double)(128 << 20) : 4.0 * largest;
     if (s == 0 || (double)f.total_bytes + c + v > need)
       w = f, copy = c, cvt = v, need = (double)f.total_bytes + c + v;

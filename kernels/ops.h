@@ -12,6 +12,12 @@
  *   rounding). Vectors (biases, LayerNorm's w and b) and wpe are fp32: they
  *   are a tiny part of a model, and the row kernels that read them stay one
  *   code path. Gradients and Adam's tensors are always fp32.
+ * - A 16-bit job's GEMM inputs are 16-bit tensors too, as autocast makes
+ *   them: layernorm_fwd and gelu_fwd can write their output as bf16 or
+ *   binary16 (`ot`: each value rounded to nearest even from the float the
+ *   fp32 op would write), and the linear ops take their activation input
+ *   `inp` as fp32 or in the weights' 16-bit type (`it`), reading the float
+ *   each element holds. Other activations and every gradient stay fp32.
  * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
  *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
  * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
@@ -66,36 +72,41 @@ struct mt_ops {
   void (*embedding_bwd)(mt_device *d, float *dwte, float *dwpe, const float *dout,
                         const int32_t *tokens, int B, int T, int C);
 
-  /* out(N,C) = (inp - mean) * rstd * w + b; mean(N), rstd(N) saved for backward */
-  void (*layernorm_fwd)(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
-                        const float *w, const float *b, int N, int C, float eps);
+  /* out(N,C) = (inp - mean) * rstd * w + b, stored as ot; mean(N), rstd(N)
+   * saved for backward */
+  void (*layernorm_fwd)(mt_device *d, void *out, mt_dtype ot, float *mean, float *rstd,
+                        const float *inp, const float *w, const float *b, int N, int C, float eps);
   void (*layernorm_bwd)(mt_device *d, float *dinp, float *dw, float *db, const float *dout,
                         const float *inp, const float *w, const float *mean, const float *rstd,
                         int N, int C);
 
   /* Bytes of conversion scratch (`cvt` below) the linear ops need on d for
-   * a GEMM of (N, C, OC) with weights stored as wt; 0 for MT_F32 (cvt may
-   * then be NULL). Bounded: a backend converts in blocks of rows. One
-   * scratch of the largest size serves every linear op; contents undefined.
-   * The CPU unpacks blocks of 16-bit weight rows to fp32 for sgemm; GPUs
-   * convert blocks of activation (and gradient) rows to bf16 for native bf16
-   * GEMMs, or unpack fp16 weights for TF32 ones. */
-  size_t (*linear_scratch)(mt_device *d, int N, int C, int OC, mt_dtype wt);
+   * a GEMM of (N, C, OC) with its input stored as it and its weights as wt;
+   * 0 when both are MT_F32 (cvt may then be NULL). it is MT_F32 or wt.
+   * Bounded on GPUs, which convert in blocks of rows. One scratch of the
+   * largest size serves every linear op; contents undefined. The CPU
+   * unpacks 16-bit weights and inputs to fp32 for sgemm; GPUs multiply
+   * 16-bit operands natively where both are, and convert (the output
+   * gradient to bf16, or fp16 weights to fp32 for TF32) in blocks where
+   * they are not. */
+  size_t (*linear_scratch)(mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt);
 
   /* out(N,OC) = inp(N,C) · w(OC,C)ᵀ + bias(OC); bias may be NULL */
-  void (*linear_fwd)(mt_device *d, float *out, const float *inp, const void *w, mt_dtype wt,
-                     const float *bias, void *cvt, int N, int C, int OC);
+  void (*linear_fwd)(mt_device *d, float *out, const void *inp, mt_dtype it, const void *w,
+                     mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC);
   /* dinp(N,C) += dout·w; dw(OC,C) += doutᵀ·inp; dbias(OC) += Σ_rows dout.
    * dinp and dbias may be NULL. */
   void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                     const float *inp, const void *w, mt_dtype wt, void *cvt, int N, int C, int OC);
+                     const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt, int N,
+                     int C, int OC);
   /* out(N,OC) = gelu(pre) and pre(N,OC) = inp·wᵀ + bias, the input gelu_bwd
    * takes: linear_fwd into pre then gelu_fwd into out, on the CPU exactly
    * that. On GPUs one GEMM with cuBLASLt's GeLU epilogue (GELU_AUX_BIAS, its
    * own tanh: not gelu_fwd's bits) where cuBLASLt takes the shape, else
    * those two ops. bias may be NULL. */
-  void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const float *inp, const void *w,
-                          mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC);
+  void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const void *inp, mt_dtype it,
+                          const void *w, mt_dtype wt, const float *bias, void *cvt, int N, int C,
+                          int OC);
   /* linear_bwd of the layer after linear_gelu_fwd, its dinp taken through
    * GeLU's gradient: dpre(N,C) = gelu'(pre) ⊙ (dout·w) is WRITTEN, not
    * accumulated (cuBLASLt documents no way to add to it); dw(OC,C) +=
@@ -107,8 +118,8 @@ struct mt_ops {
    * epilogue (DGELU, aux = pre: its own tanh, not gelu_bwd's bits) where
    * cuBLASLt takes the shape, else those two ops. */
   void (*linear_bwd_dgelu)(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                           const float *dout, const float *inp, const float *pre, const void *w,
-                           mt_dtype wt, void *cvt, int N, int C, int OC);
+                           const float *dout, const void *inp, mt_dtype it, const float *pre,
+                           const void *w, mt_dtype wt, void *cvt, int N, int C, int OC);
 
   /* Causal self-attention, memory-efficient: the probabilities are not
    * kept for the backward pass, which recomputes them from qkv and lse (as
@@ -133,7 +144,8 @@ struct mt_ops {
   size_t (*attention_scratch)(mt_device *d, int T, int C, int NH);
 
   /* GeLU, tanh approximation (GPT-2's). n elements. */
-  void (*gelu_fwd)(mt_device *d, float *out, const float *inp, size_t n);
+  /* out stored as ot */
+  void (*gelu_fwd)(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n);
   void (*gelu_bwd)(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n);
 
   /* out = a + b (residual add); out may alias a or b. Its backward is two

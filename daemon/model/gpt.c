@@ -45,16 +45,19 @@ typedef struct act_plan {
   uint16_t *out_h;    /* 16-bit jobs, a non-last stage: resid[L] as it travels on */
   block_acts *blocks; /* L, or 1 with recomputation */
   int n_blocks;
-  float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C) (B,T) (B,T) */
-  float *logits;                    /* (B,T,Vp/tp); turned into dlogits in place by backward */
-  float *losses;                    /* (B,T) */
-  float *rowmax;                    /* (B,T) tp: max logit over the whole vocabulary */
+  void *lnf;                  /* (B,T,C) the LM head's input, in act_type */
+  float *lnf_mean, *lnf_rstd; /* (B,T) (B,T) */
+  float *logits;              /* (B,T,Vp/tp); turned into dlogits in place by backward */
+  float *losses;              /* (B,T) */
+  float *rowmax;              /* (B,T) tp: max logit over the whole vocabulary */
   float *rowsum; /* (2,B,T) tp: Σ exp(x - max) over the vocabulary, then the target's logit */
   /* one set for every slot and layer: what a block computes and uses at
    * once, in the forward and again in the backward */
-  float *ln, *ln_mean, *ln_rstd; /* (B,T,C) (B,T) (B,T) a LayerNorm's output */
-  float *gelu;                   /* (B,T,4C) GeLU's output */
-  float *stream[2];              /* 16-bit jobs: (B,T,C) the stream between blocks */
+  /* a LayerNorm's output (B,T,C) and GeLU's (B,T,4C), the inputs of the
+   * GEMMs after them: in act_type */
+  void *ln, *gelu;
+  float *ln_mean, *ln_rstd; /* (B,T) (B,T) */
+  float *stream[2];         /* 16-bit jobs: (B,T,C) the stream between blocks */
   /* backward scratch, one set; att_scratch serves the forward too */
   float *dres;        /* (B,T,C) gradient of the residual stream */
   float *dbtc;        /* (B,T,C) */
@@ -223,6 +226,21 @@ static void carve_half(uint16_t **dst, float *base, size_t *off, size_t n) {
 
 static int half_acts(const mt_gpt *m) { return m->cfg.precision != MT_PREC_FP32; }
 
+/* What the GEMMs' activation inputs are stored as: a 16-bit job's are 16-bit,
+ * as autocast makes them, in the weights' format. */
+static mt_dtype act_type(const mt_gpt *m) {
+  return m->cfg.precision == MT_PREC_FP16   ? MT_F16
+         : m->cfg.precision == MT_PREC_BF16 ? MT_BF16
+                                            : MT_F32;
+}
+
+/* n values stored as act_type */
+static void carve_act(const mt_gpt *m, void **dst, float *base, size_t *off, size_t n) {
+  float *f = NULL;
+  carve(&f, base, off, act_type(m) == MT_F32 ? n : (n + 1) / 2);
+  if (base) *dst = f;
+}
+
 /* Lays out every activation of n slots in one buffer, the backward scratch
  * once after them; with base == NULL only counts. */
 static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
@@ -265,7 +283,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
       carve(&a->fch, base, &off, BT * 4 * Cl);
     }
     if (m->last) {
-      carve(&p->lnf, base, &off, BT * C);
+      carve_act(m, &p->lnf, base, &off, BT * C);
       carve(&p->lnf_mean, base, &off, BT);
       carve(&p->lnf_rstd, base, &off, BT);
       carve(&p->logits, base, &off, BT * Vl);
@@ -277,10 +295,10 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     }
   }
   act_plan *p = &slots[0];
-  carve(&p->ln, base, &off, BT * C);
+  carve_act(m, &p->ln, base, &off, BT * C);
   carve(&p->ln_mean, base, &off, BT);
   carve(&p->ln_rstd, base, &off, BT);
-  carve(&p->gelu, base, &off, BT * 4 * Cl);
+  carve_act(m, &p->gelu, base, &off, BT * 4 * Cl);
   carve(&p->dres, base, &off, BT * C);
   carve(&p->dbtc, base, &off, BT * C);
   carve(&p->dbtc2, base, &off, BT * C);
@@ -339,7 +357,7 @@ static size_t cvt_bytes(const mt_gpt *m) {
   size_t most = 0;
   for (int k = 0; k < (m->last ? 5 : 4); k++) {
     if (k < 4 && !m->n_layers) continue;
-    size_t b = d->ops->linear_scratch(d, N, shapes[k][0], shapes[k][1], m->wtype);
+    size_t b = d->ops->linear_scratch(d, N, shapes[k][0], shapes[k][1], act_type(m), m->wtype);
     most = b > most ? b : most;
   }
   return most;
@@ -558,14 +576,21 @@ static int tp_sum(mt_gpt *m, float *buf, size_t n) {
  * instead of keeping the output: the same op on the same input, the same
  * bits. */
 static void layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x) {
-  m->dev->ops->layernorm_fwd(m->dev, p->ln, p->ln_mean, p->ln_rstd, x, P(m, l, w_index),
-                             P(m, l, w_index + 1), m->B * m->T, m->cfg.n_embd, m->cfg.ln_eps);
+  m->dev->ops->layernorm_fwd(m->dev, p->ln, act_type(m), p->ln_mean, p->ln_rstd, x,
+                             P(m, l, w_index), P(m, l, w_index + 1), m->B * m->T, m->cfg.n_embd,
+                             m->cfg.ln_eps);
 }
 
 /* In a 16-bit job: x (n floats), an activation the block keeps, rounded in
  * place and stored in h; nothing in an fp32 job, which keeps x itself. */
 static void keep(mt_gpt *m, uint16_t *h, float *x, size_t n) {
   if (half_acts(m)) m->dev->ops->pack_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
+}
+
+/* The attention projection's input: the attention output as kept, 16-bit
+ * in a 16-bit job (act_type). */
+static const void *atty_in(const mt_gpt *m, const block_acts *a) {
+  return half_acts(m) ? (const void *)a->atty_h : (const void *)a->atty;
 }
 
 /* In a 16-bit job: x (n floats) = what keep stored in h. */
@@ -583,7 +608,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
-  mt_dtype wt = m->wtype;
+  mt_dtype wt = m->wtype, at = act_type(m);
   size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
@@ -594,12 +619,12 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))); this
    * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
   layernorm(m, p, l, MT_P_LN1_W, in);
-  ops->linear_fwd(d, a->qkv, p->ln, M(m, l, MT_P_QKV_W), wt, P(m, l, MT_P_QKV_B), m->cvt, N, C,
+  ops->linear_fwd(d, a->qkv, p->ln, at, M(m, l, MT_P_QKV_W), wt, P(m, l, MT_P_QKV_B), m->cvt, N, C,
                   3 * t.Cl);
   keep(m, a->qkv_h, a->qkv, 3 * NCl);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
   keep(m, a->atty_h, a->atty, NCl);
-  ops->linear_fwd(d, p->branch, a->atty, M(m, l, MT_P_ATTPROJ_W), wt,
+  ops->linear_fwd(d, p->branch, atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
   if (rc) return rc;
@@ -612,15 +637,15 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
    * the backward will see */
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
   if (half_acts(m)) {
-    ops->linear_fwd(d, a->fch, p->ln, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B), m->cvt, N, C,
+    ops->linear_fwd(d, a->fch, p->ln, at, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B), m->cvt, N, C,
                     4 * t.Cl);
     keep(m, a->fch_h, a->fch, 4 * NCl);
-    ops->gelu_fwd(d, p->gelu, a->fch, 4 * NCl);
+    ops->gelu_fwd(d, p->gelu, at, a->fch, 4 * NCl);
   } else {
-    ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B),
+    ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, at, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B),
                          m->cvt, N, C, 4 * t.Cl);
   }
-  ops->linear_fwd(d, p->branch, p->gelu, M(m, l, MT_P_FCPROJ_W), wt,
+  ops->linear_fwd(d, p->branch, p->gelu, at, M(m, l, MT_P_FCPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, m->cvt, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
   ops->dropout_residual_fwd(d, out, a->resid2, p->branch, B, (size_t)T * C, drop2);
@@ -647,7 +672,7 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   int lg = c->layer_begin + l;
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
-  mt_dtype wt = m->wtype;
+  mt_dtype wt = m->wtype, at = act_type(m);
   size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
@@ -657,7 +682,6 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
 
   if (!c->recompute) { /* recomputed, the work buffers hold them already */
     unkeep(m, a->qkv, a->qkv_h, 3 * NCl);
-    unkeep(m, a->atty, a->atty_h, NCl);
     unkeep(m, a->resid2, a->resid2_h, NC);
     unkeep(m, a->fch, a->fch_h, 4 * NCl);
   }
@@ -666,13 +690,13 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
    * GPUs the GeLU gradient is c_proj's GEMM epilogue */
   const float *dbranch = branch_grad(m, p, drop2);
-  ops->gelu_fwd(d, p->gelu, a->fch, (size_t)N * 4 * t.Cl);
+  ops->gelu_fwd(d, p->gelu, at, a->fch, (size_t)N * 4 * t.Cl);
   ops->linear_bwd_dgelu(d, p->dfch2, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
-                        dbranch, p->gelu, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N, 4 * t.Cl,
-                        C);
+                        dbranch, p->gelu, at, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N,
+                        4 * t.Cl, C);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
-  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, p->ln,
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, p->ln, at,
                   M(m, l, MT_P_FC_W), wt, m->cvt, N, C, 4 * t.Cl);
   int rc = tp_sum(m, p->dbtc2, NC);
   if (rc) return rc;
@@ -682,14 +706,14 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   /* attention branch; d(in) = dres + LayerNorm path */
   dbranch = branch_grad(m, p, drop1);
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
-  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
-                  M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch,
+                  atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
   mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
   ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->qkv, a->lse, B, T, t.Cl, t.NHl,
                      attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN1_W, in);
-  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln,
+  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln, at,
                   M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
   if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
@@ -772,11 +796,11 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     ops->pack_half(d, p->out_h, p->resid[L], BT * C, c->precision == MT_PREC_FP16);
   if (rc || !m->last) return rc;
 
-  ops->layernorm_fwd(d, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
+  ops->layernorm_fwd(d, p->lnf, act_type(m), p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
                      W(m, m->i_lnf + 1), N, C, c->ln_eps);
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, p->lnf, mt_gpt_matrix(m, m->i_wte), m->wtype, NULL, m->cvt, N, C,
-                  Vl);
+  ops->linear_fwd(d, p->logits, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype, NULL,
+                  m->cvt, N, C, Vl);
   m->last_loss = 0.0f;
   if (targets && tp > 1) {
     /* vocabulary-parallel cross-entropy: the max, the sum of exponentials
@@ -833,7 +857,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
                         c->padded_vocab);
     }
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf,
+    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf, act_type(m),
                     mt_gpt_matrix(m, m->i_wte), m->wtype, m->cvt, N, C, Vl);
     int rc = tp_sum(m, p->dbtc, NC);
     if (rc) return rc;

@@ -116,12 +116,12 @@ static void embedding_bwd(mt_device *d, float *dwte, float *dwpe, const float *d
 
 /* One pass over memory per row: the row stays in L1 for the statistics
  * (the mean, then the centred variance) and the normalised write. */
-static void layernorm_fwd(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
-                          const float *w, const float *b, int N, int C, float eps) {
+static void layernorm_fwd(mt_device *d, void *out, mt_dtype ot, float *mean, float *rstd,
+                          const float *inp, const float *w, const float *b, int N, int C,
+                          float eps) {
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * C >= PAR_MIN) schedule(static)
   for (int n = 0; n < N; n++) {
     const float *x = inp + (size_t)n * C;
-    float *o = out + (size_t)n * C;
     double s = 0.0; /* double: the mean of a wide row with a large offset */
 #pragma omp simd reduction(+ : s)
     for (int c = 0; c < C; c++) s += x[c];
@@ -133,8 +133,16 @@ static void layernorm_fwd(mt_device *d, float *out, float *mean, float *rstd, co
       v += dx * dx;
     }
     float r = 1.0f / sqrtf(v / (float)C + eps);
+    if (ot == MT_F32) {
+      float *o = (float *)out + (size_t)n * C;
 #pragma omp simd
-    for (int c = 0; c < C; c++) o[c] = (x[c] - m) * r * w[c] + b[c];
+      for (int c = 0; c < C; c++) o[c] = (x[c] - m) * r * w[c] + b[c];
+    } else {
+      uint16_t *o = (uint16_t *)out + (size_t)n * C;
+      int fp16 = ot == MT_F16;
+#pragma omp simd
+      for (int c = 0; c < C; c++) o[c] = mt_half_pack((x[c] - m) * r * w[c] + b[c], fp16);
+    }
     mean[n] = m;
     rstd[n] = r;
   }
@@ -182,29 +190,42 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
 
 /* ---- linear ------------------------------------------------------------- */
 
-/* sgemm takes fp32: a 16-bit weight is unpacked whole into cvt, and the
- * GEMM is then the one an fp32 copy of the same values gets, bit for bit. */
-static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype wt) {
-  (void)d, (void)N;
-  return wt == MT_F32 ? 0 : (size_t)OC * C * sizeof(float);
+/* sgemm takes fp32: a 16-bit weight matrix and a 16-bit input are unpacked
+ * whole into cvt (the weights first, the input after them), and the GEMM is
+ * then the one fp32 copies of the same values get, bit for bit. */
+static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt) {
+  (void)d;
+  size_t floats = (wt == MT_F32 ? 0 : (size_t)OC * C) + (it == MT_F32 ? 0 : (size_t)N * C);
+  return floats * sizeof(float);
+}
+
+/* The (rows, C) matrix m stored as t, as floats: m itself, or unpacked into
+ * dst. */
+static const float *as_f32(mt_device *d, const void *m, mt_dtype t, int rows, int C, float *dst) {
+  if (t == MT_F32) return (const float *)m;
+  size_t n = (size_t)rows * C;
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (int r = 0; r < rows; r++)
+    unpack_row(dst + (size_t)r * C, (const uint16_t *)m + (size_t)r * C, (size_t)C, t);
+  return dst;
 }
 
 static const float *weights_f32(mt_device *d, const void *w, mt_dtype wt, void *cvt, int C,
                                 int OC) {
-  if (wt == MT_F32) return (const float *)w;
-  float *o = (float *)cvt;
-  size_t n = (size_t)OC * C;
-#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
-  for (int r = 0; r < OC; r++)
-    unpack_row(o + (size_t)r * C, (const uint16_t *)w + (size_t)r * C, (size_t)C, wt);
-  return o;
+  return as_f32(d, w, wt, OC, C, (float *)cvt);
+}
+
+static const float *input_f32(mt_device *d, const void *inp, mt_dtype it, mt_dtype wt, void *cvt,
+                              int N, int C, int OC) {
+  return as_f32(d, inp, it, N, C, (float *)cvt + (wt == MT_F32 ? 0 : (size_t)OC * C));
 }
 
 /* The bias is written first and the GEMM accumulates onto it (beta = 1 also
  * spares OpenBLAS its own pass that zeroes C for beta = 0). */
-static void linear_fwd(mt_device *d, float *out, const float *inp, const void *wv, mt_dtype wt,
-                       const float *bias, void *cvt, int N, int C, int OC) {
+static void linear_fwd(mt_device *d, float *out, const void *xv, mt_dtype it, const void *wv,
+                       mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
   const float *w = weights_f32(d, wv, wt, cvt, C, OC);
+  const float *inp = input_f32(d, xv, it, wt, cvt, N, C, OC);
   float beta = 0.0f;
   if (bias) {
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * OC >= PAR_MIN) schedule(static)
@@ -237,14 +258,15 @@ static void column_sum_acc(mt_device *d, float *dst, const float *src, int N, in
 }
 
 static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                       const float *inp, const void *wv, mt_dtype wt, void *cvt, int N, int C,
-                       int OC) {
+                       const void *xv, mt_dtype it, const void *wv, mt_dtype wt, void *cvt, int N,
+                       int C, int OC) {
   if (dinp) { // (N,C) += (N,OC) · (OC,C)
     const float *w = weights_f32(d, wv, wt, cvt, C, OC);
     mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, N, C, OC, 1.0f, dout, OC, w, C,
              1.0f, dinp, C);
   }
   // (OC,C) += (N,OC)ᵀ · (N,C)
+  const float *inp = input_f32(d, xv, it, wt, cvt, N, C, OC);
   mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, OC, C, N, 1.0f, dout, OC, inp, C,
            1.0f, dw, C);
   if (dbias) column_sum_acc(d, dbias, dout, N, OC);
@@ -478,9 +500,17 @@ static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float
  * (see the libmvec note at the top). */
 #define EW_CHUNK 8192
 
-static void gelu_fwd(mt_device *d, float *out, const float *inp, size_t n) {
+static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n) {
+  if (ot == MT_F32) {
+    float *o = out;
 #pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
-  for (size_t i = 0; i < n; i++) out[i] = mt_gelu(inp[i]);
+    for (size_t i = 0; i < n; i++) o[i] = mt_gelu(inp[i]);
+  } else {
+    uint16_t *o = out;
+    int fp16 = ot == MT_F16;
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
+    for (size_t i = 0; i < n; i++) o[i] = mt_half_pack(mt_gelu(inp[i]), fp16);
+  }
 }
 
 static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n) {
@@ -490,20 +520,21 @@ static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *d
 
 /* No epilogue to fuse into here: the two ops, so the values are theirs bit
  * for bit. */
-static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const void *w,
-                            mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
-  linear_fwd(d, pre, inp, w, wt, bias, cvt, N, C, OC);
-  gelu_fwd(d, out, pre, (size_t)N * OC);
+static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const void *inp, mt_dtype it,
+                            const void *w, mt_dtype wt, const float *bias, void *cvt, int N, int C,
+                            int OC) {
+  linear_fwd(d, pre, inp, it, w, wt, bias, cvt, N, C, OC);
+  gelu_fwd(d, out, MT_F32, pre, (size_t)N * OC);
 }
 
 /* The two ops, each into a zeroed buffer as the model called them before
  * this op existed, so the values are theirs bit for bit. */
 static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const float *inp, const float *pre, const void *w,
-                             mt_dtype wt, void *cvt, int N, int C, int OC) {
+                             const float *dout, const void *inp, mt_dtype it, const float *pre,
+                             const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
   size_t n = (size_t)N * C;
   memset(scratch, 0, n * sizeof(float));
-  linear_bwd(d, scratch, dw, dbias, dout, inp, w, wt, cvt, N, C, OC);
+  linear_bwd(d, scratch, dw, dbias, dout, inp, it, w, wt, cvt, N, C, OC);
   memset(dpre, 0, n * sizeof(float));
   gelu_bwd(d, dpre, pre, scratch, n);
 }

@@ -1,8 +1,9 @@
 /* ops_cuda.cu — the CUDA backend: every op of ops.h but attention
  * (attention_cuda.cu), fp32 tensors, fp32 accumulation (double where the CPU
- * backend uses double). Weight matrices may be a 16-bit working copy: lookups
- * read them through wload.h, and the linear ops either multiply bf16 ones
- * natively or unpack them to fp32 first (lin_plan).
+ * backend uses double). Weight matrices may be a 16-bit working copy, and
+ * GEMM inputs (LayerNorm's and GeLU's outputs) 16-bit tensors: lookups read
+ * weights through wload.h, and the linear ops multiply 16-bit operands
+ * natively or convert them first (lin_plan).
  *
  * The element-wise formulas (GeLU, dropout masks, AdamW) come from
  * kernels/common, so both backends compute the same expressions. Row-wise
@@ -15,6 +16,7 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "cuda_impl.h"
@@ -145,13 +147,23 @@ static void embedding_shard_bwd(mt_device *d, float *dwte, const float *dout, co
 
 /* ---- layernorm ---------------------------------------------------------- */
 
+/* Element i of an activation stored as ot: the float, or its 16 bits
+ * rounded to nearest even (half.h), so a typed output holds what packing
+ * the fp32 op's output would give. ot is uniform over a launch. */
+static __device__ inline void store_act(void *out, mt_dtype ot, size_t i, float v) {
+  if (ot == MT_F32)
+    ((float *)out)[i] = v;
+  else
+    ((uint16_t *)out)[i] = mt_half_pack(v, ot == MT_F16);
+}
+
 /* One block per row: the mean, then the centred variance (two passes, as the
  * CPU backend), then the normalised write. */
-static __global__ void k_layernorm_fwd(float *out, float *mean, float *rstd, const float *inp,
-                                       const float *w, const float *b, int C, float eps) {
+static __global__ void k_layernorm_fwd(void *out, mt_dtype ot, float *mean, float *rstd,
+                                       const float *inp, const float *w, const float *b, int C,
+                                       float eps) {
   size_t n = blockIdx.x;
   const float *x = inp + n * C;
-  float *o = out + n * C;
   float s = 0.0f;
   for (int c = threadIdx.x; c < C; c += blockDim.x) s += x[c];
   float m = mt__block_sum(s) / (float)C;
@@ -161,7 +173,8 @@ static __global__ void k_layernorm_fwd(float *out, float *mean, float *rstd, con
     v += dx * dx;
   }
   float r = 1.0f / sqrtf(mt__block_sum(v) / (float)C + eps);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) o[c] = (x[c] - m) * r * w[c] + b[c];
+  for (int c = threadIdx.x; c < C; c += blockDim.x)
+    store_act(out, ot, n * C + c, (x[c] - m) * r * w[c] + b[c]);
   if (threadIdx.x == 0) {
     mean[n] = m;
     rstd[n] = r;
@@ -217,11 +230,12 @@ static __global__ void k_layernorm_dwdb(float *dw, float *db, const float *dout,
   }
 }
 
-static void layernorm_fwd(mt_device *d, float *out, float *mean, float *rstd, const float *inp,
-                          const float *w, const float *b, int N, int C, float eps) {
+static void layernorm_fwd(mt_device *d, void *out, mt_dtype ot, float *mean, float *rstd,
+                          const float *inp, const float *w, const float *b, int N, int C,
+                          float eps) {
   if (!N || !C) return;
   mt__cuda *c = mt__cuda_enter(d);
-  MT_LAUNCH(k_layernorm_fwd, N, ROW, c->stream)(out, mean, rstd, inp, w, b, C, eps);
+  MT_LAUNCH(k_layernorm_fwd, N, ROW, c->stream)(out, ot, mean, rstd, inp, w, b, C, eps);
   mt__cuda_check(d, "layernorm_fwd");
 }
 
@@ -238,8 +252,8 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
 
 /* ---- element-wise ------------------------------------------------------- */
 
-static __global__ void k_gelu_fwd(float *out, const float *inp, size_t n) {
-  GRID_STRIDE(i, n) out[i] = mt_gelu(inp[i]);
+static __global__ void k_gelu_fwd(void *out, mt_dtype ot, const float *inp, size_t n) {
+  GRID_STRIDE(i, n) store_act(out, ot, i, mt_gelu(inp[i]));
 }
 
 static __global__ void k_gelu_bwd(float *dinp, const float *inp, const float *dout, size_t n) {
@@ -256,8 +270,8 @@ static __global__ void k_add(float *dst, const float *src, size_t n) {
 
 static __global__ void k_scale(float *x, float s, size_t n) { GRID_STRIDE(i, n) x[i] *= s; }
 
-static void gelu_fwd(mt_device *d, float *out, const float *inp, size_t n) {
-  if (n) LAUNCH_EW(d, "gelu_fwd", k_gelu_fwd, n, out, inp, n);
+static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n) {
+  if (n) LAUNCH_EW(d, "gelu_fwd", k_gelu_fwd, n, out, ot, inp, n);
 }
 
 static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n) {
@@ -314,29 +328,44 @@ static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC)
   }
 }
 
-/* How a linear op runs with weights stored as wt:
- * - LIN_F32: fp32 GEMMs in d->matmul; cvt unused.
+/* How a linear op runs with its input stored as it and its weights as wt
+ * (it is MT_F32 or wt, ops.h):
+ * - LIN_F32 (both fp32): fp32 GEMMs in d->matmul; cvt unused.
  * - LIN_BF16 (bf16 weights, d->matmul bf16): bf16 GEMMs with fp32 results.
- *   Blocks of `rows` rows of inp (at cvt) and of dout (at grad_off) are
- *   rounded to bf16 first: the operands FAST_16BF makes of fp32 ones holding
- *   the same values, so the same sums, up to their order (dw over several
- *   blocks adds block by block).
+ *   A bf16 input is an operand as it is: dw reads its rows in place. An
+ *   fp32 one is rounded to bf16 in blocks, `fwd_rows` rows at cvt for the
+ *   forward and `rows` for dw: the operands FAST_16BF makes of fp32 ones
+ *   holding the same values, so the same sums, up to their order (dw over
+ *   several blocks adds block by block). dout, always fp32, is rounded in
+ *   blocks of `rows` rows at grad_off for dinp and dw.
  * - LIN_UNPACK (fp16 weights, which fp16 jobs multiply in TF32; bf16 ones
  *   under another d->matmul): blocks of `w_rows` weight rows unpacked to
- *   fp32 at cvt, then fp32 GEMMs in d->matmul, as for fp32 weights.
+ *   fp32 at cvt, then fp32 GEMMs in d->matmul, as for fp32 weights; for dw
+ *   (fp32 dout times inp), a 16-bit input's rows unpacked to fp32 at cvt in
+ *   blocks of `x_rows`.
+ * On either 16-bit path the forward of a 16-bit input is one GEMM of w and
+ * inp as they are, cvt unused: products of 16-bit values are exact and sum
+ * in fp32, which is what fp32, TF32 or FAST_16BF GEMMs of the unpacked
+ * values compute too (none of those rounds a 16-bit value), up to the
+ * order of the sum. An input of another type than fp32 or wt has no path:
+ * the op records an error and leaves its outputs alone.
  * bf16 weights size cvt for both of their paths, so a d->matmul that
  * changes after linear_scratch never overruns it. */
 enum { LIN_F32, LIN_BF16, LIN_UNPACK };
 
 typedef struct {
   int path;
-  int rows, fwd_rows; /* LIN_BF16, per block: backward (inp, dout), forward (inp alone) */
-  size_t grad_off;    /* LIN_BF16: bytes into cvt of dout's block */
-  int w_rows;         /* LIN_UNPACK: weight rows per block */
-  size_t bytes;       /* cvt for this shape and wt: linear_scratch */
+  int rows;        /* LIN_BF16: rows of dout (and of an fp32 inp) per backward block */
+  int fwd_rows;    /* LIN_BF16, fp32 inp: rows of inp per forward block */
+  size_t grad_off; /* LIN_BF16: bytes into cvt of dout's block */
+  int w_rows;      /* LIN_UNPACK: weight rows per block */
+  int x_rows;      /* LIN_UNPACK, 16-bit inp: input rows per dw block */
+  size_t bytes;    /* cvt for this shape, it and wt: linear_scratch */
 } lin_plan;
 
 static size_t up256(size_t b) { return (b + 255) & ~(size_t)255; }
+
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
 /* Rows of row_bytes that fit in `bytes`: all of them, or a multiple of 8
  * (at least 1), so that every block of an fp32 matrix a GEMM writes starts
@@ -348,26 +377,49 @@ static int rows_in(size_t bytes, size_t row_bytes, int all) {
   return r ? (int)r : 1;
 }
 
-static lin_plan lin_plan_of(const mt_device *d, int N, int C, int OC, mt_dtype wt) {
+static int lin_types_valid(mt_dtype it, mt_dtype wt) { return it == MT_F32 || it == wt; }
+
+static lin_plan lin_plan_of(const mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt) {
   lin_plan p;
   memset(&p, 0, sizeof p);
   p.path = wt == MT_F32                                   ? LIN_F32
            : wt == MT_BF16 && d->matmul == MT_MATMUL_BF16 ? LIN_BF16
                                                           : LIN_UNPACK;
-  if (wt == MT_F32) return p;
-  size_t c2 = (size_t)C * 2, oc2 = (size_t)OC * 2;
-  p.rows = rows_in(MT_CUDA_CVT_BYTES, c2 + oc2, N);
-  p.grad_off = up256((size_t)p.rows * c2);
-  size_t native = p.grad_off + up256((size_t)p.rows * oc2);
-  p.fwd_rows = rows_in(native, c2, N);
+  if (wt == MT_F32 || !lin_types_valid(it, wt)) return p;
+  size_t x2 = it == MT_F32 ? (size_t)C * 2 : 0, oc2 = (size_t)OC * 2;
+  size_t native = 0;
+  if (wt == MT_BF16) {
+    p.rows = rows_in(MT_CUDA_CVT_BYTES, x2 + oc2, N);
+    p.grad_off = up256((size_t)p.rows * x2);
+    native = p.grad_off + up256((size_t)p.rows * oc2);
+    if (x2) p.fwd_rows = rows_in(native, x2, N);
+  }
   p.w_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, OC);
   size_t unpack = up256((size_t)p.w_rows * C * 4);
-  p.bytes = wt == MT_F16 || unpack > native ? unpack : native;
+  if (it != MT_F32) {
+    p.x_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, N);
+    unpack = max_size(unpack, up256((size_t)p.x_rows * C * 4));
+  }
+  p.bytes = max_size(native, unpack);
   return p;
 }
 
-static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype wt) {
-  return lin_plan_of(d, N, C, OC, wt).bytes;
+static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt) {
+  return lin_plan_of(d, N, C, OC, it, wt).bytes;
+}
+
+static const char *dtype_name(mt_dtype t) {
+  return t == MT_BF16 ? "bf16" : t == MT_F16 ? "fp16" : "fp32";
+}
+
+/* 1 when ops.h allows the pair; else the device's error, and 0 */
+static int lin_types_ok(mt_device *d, const char *what, mt_dtype it, mt_dtype wt) {
+  if (lin_types_valid(it, wt)) return 1;
+  char detail[128];
+  snprintf(detail, sizeof detail, "a %s input with %s weights (ops.h: fp32, or the weights' type)",
+           dtype_name(it), dtype_name(wt));
+  mt__cuda_fail(d, what, detail);
+  return 0;
 }
 
 static int min_int(int a, int b) { return a < b ? a : b; }
@@ -395,18 +447,20 @@ static int fwd_gemm(mt_device *d, const char *what, const mt__gemm *g, float *ge
  * own code: close to k_gelu_fwd, not bit for bit (test_cuda_ops allows for
  * it). */
 static void linear_forward(mt_device *d, const char *what, float *out, float *gelu_out,
-                           const float *inp, const void *w, mt_dtype wt, const float *bias,
-                           void *cvt, int N, int C, int OC) {
-  lin_plan p = lin_plan_of(d, N, C, OC, wt);
+                           const void *inp, mt_dtype it, const void *w, mt_dtype wt,
+                           const float *bias, void *cvt, int N, int C, int OC) {
+  if (!lin_types_ok(d, what, it, wt)) return;
+  lin_plan p = lin_plan_of(d, N, C, OC, it, wt);
   int fused = 1;
-  if (p.path == LIN_F32) {
+  if (it == wt) { /* both fp32, or both 16-bit: one GEMM of the operands as stored */
     mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
+    g.at = wt, g.bt = it;
     fused = fwd_gemm(d, what, &g, gelu_out);
   } else if (p.path == LIN_BF16) {
     uint16_t *x = (uint16_t *)cvt;
     for (int r0 = 0; r0 < N; r0 += p.fwd_rows) {
       int rn = min_int(p.fwd_rows, N - r0);
-      to_half(d, x, inp + (size_t)r0 * C, (size_t)rn * C, 0);
+      to_half(d, x, (const float *)inp + (size_t)r0 * C, (size_t)rn * C, 0);
       float *o = out + (size_t)r0 * OC;
       mt__gemm g = {1, 0, OC, rn, C, 1, w, C, 0, x, C, 0, o, OC, 0, 1.0f, 0.0f, bias};
       g.at = g.bt = MT_BF16;
@@ -422,7 +476,7 @@ static void linear_forward(mt_device *d, const char *what, float *out, float *ge
       fused &= fwd_gemm(d, what, &g, gelu_out ? gelu_out + o0 : NULL);
     }
   }
-  if (gelu_out && !fused) gelu_fwd(d, gelu_out, out, (size_t)N * OC);
+  if (gelu_out && !fused) gelu_fwd(d, gelu_out, MT_F32, out, (size_t)N * OC);
 }
 
 /* The dinp GEMM g, added to g->D (beta 1); or, with pre, linear_bwd_dgelu's:
@@ -456,22 +510,27 @@ static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const float *
  * the last of them. dbias sums the fp32 dout. */
 static void linear_backward(mt_device *d, const char *what, float *dinp, const float *pre,
                             float *scratch, float *dw, float *dbias, const float *dout,
-                            const float *inp, const void *w, mt_dtype wt, void *cvt, int N, int C,
-                            int OC) {
-  lin_plan p = lin_plan_of(d, N, C, OC, wt);
+                            const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt,
+                            int N, int C, int OC) {
+  if (!lin_types_ok(d, pre ? "linear_bwd_dgelu" : "linear_bwd", it, wt)) return;
+  lin_plan p = lin_plan_of(d, N, C, OC, it, wt);
   if (p.path == LIN_BF16) {
     uint16_t *x = (uint16_t *)cvt, *dy = (uint16_t *)((char *)cvt + p.grad_off);
     for (int r0 = 0; r0 < N; r0 += p.rows) {
       int rn = min_int(p.rows, N - r0);
       size_t off = (size_t)r0 * C, n = (size_t)rn * C;
       to_half(d, dy, dout + (size_t)r0 * OC, (size_t)rn * OC, 0);
-      to_half(d, x, inp + off, n, 0);
+      const void *xb = x;
+      if (it == MT_BF16)
+        xb = (const uint16_t *)inp + off;
+      else
+        to_half(d, x, (const float *)inp + off, n, 0);
       if (dinp) {
         mt__gemm g = {0, 0, C, rn, OC, 1, w, C, 0, dy, OC, 0, dinp + off, C, 0, 1.0f, 1.0f, NULL};
         g.at = g.bt = MT_BF16;
         dinp_gemm(d, what, &g, pre ? pre + off : NULL, scratch ? scratch + off : NULL, n);
       }
-      mt__gemm g = {0, 1, C, OC, rn, 1, x, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+      mt__gemm g = {0, 1, C, OC, rn, 1, xb, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
       g.at = g.bt = MT_BF16;
       mt__cuda_gemm(d, "linear_bwd dw", &g);
     }
@@ -499,8 +558,19 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
         gelu_bwd(d, dinp, pre, scratch, n);
       }
     }
-    mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
-    mt__cuda_gemm(d, "linear_bwd dw", &g);
+    if (it == MT_F32) {
+      mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+      mt__cuda_gemm(d, "linear_bwd dw", &g);
+    } else { /* dout is fp32, and a GEMM takes no mix of fp32 and 16-bit operands */
+      float *xf = (float *)cvt;
+      for (int r0 = 0; r0 < N; r0 += p.x_rows) {
+        int rn = min_int(p.x_rows, N - r0);
+        unpack_half(d, xf, (const uint16_t *)inp + (size_t)r0 * C, (size_t)rn * C, it == MT_F16);
+        const float *dy = dout + (size_t)r0 * OC;
+        mt__gemm g = {0, 1, C, OC, rn, 1, xf, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+        mt__cuda_gemm(d, "linear_bwd dw", &g);
+      }
+    }
   }
   if (dbias && N && OC) {
     mt__cuda *c = mt__cuda_enter(d);
@@ -509,28 +579,29 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
   }
 }
 
-static void linear_fwd(mt_device *d, float *out, const float *inp, const void *w, mt_dtype wt,
-                       const float *bias, void *cvt, int N, int C, int OC) {
-  linear_forward(d, "linear_fwd", out, NULL, inp, w, wt, bias, cvt, N, C, OC);
+static void linear_fwd(mt_device *d, float *out, const void *inp, mt_dtype it, const void *w,
+                       mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
+  linear_forward(d, "linear_fwd", out, NULL, inp, it, w, wt, bias, cvt, N, C, OC);
 }
 
-static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const float *inp, const void *w,
-                            mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
-  linear_forward(d, "linear_gelu_fwd", pre, out, inp, w, wt, bias, cvt, N, C, OC);
+static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const void *inp, mt_dtype it,
+                            const void *w, mt_dtype wt, const float *bias, void *cvt, int N, int C,
+                            int OC) {
+  linear_forward(d, "linear_gelu_fwd", pre, out, inp, it, w, wt, bias, cvt, N, C, OC);
 }
 
 static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                       const float *inp, const void *w, mt_dtype wt, void *cvt, int N, int C,
-                       int OC) {
-  linear_backward(d, "linear_bwd dinp", dinp, NULL, NULL, dw, dbias, dout, inp, w, wt, cvt, N, C,
-                  OC);
+                       const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt, int N,
+                       int C, int OC) {
+  linear_backward(d, "linear_bwd dinp", dinp, NULL, NULL, dw, dbias, dout, inp, it, w, wt, cvt, N,
+                  C, OC);
 }
 
 static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const float *inp, const float *pre, const void *w,
-                             mt_dtype wt, void *cvt, int N, int C, int OC) {
-  linear_backward(d, "linear_bwd_dgelu", dpre, pre, scratch, dw, dbias, dout, inp, w, wt, cvt, N, C,
-                  OC);
+                             const float *dout, const void *inp, mt_dtype it, const float *pre,
+                             const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
+  linear_backward(d, "linear_bwd_dgelu", dpre, pre, scratch, dw, dbias, dout, inp, it, w, wt, cvt,
+                  N, C, OC);
 }
 
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {

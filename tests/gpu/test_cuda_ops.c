@@ -16,9 +16,17 @@
  *   binary16) against the CPU given the same bits; and bf16 weights in bf16
  *   GEMMs against fp32 weights holding the same values in FAST_16BF ones:
  *   the same bits on the emulator, where the sums run in one order;
+ * - the linear ops also with a 16-bit input of the weights' type, against
+ *   the CPU given the same bits, and against an fp32 input holding the same
+ *   values (the same bits on the emulator, dw where it runs in one block);
+ * - layernorm_fwd and gelu_fwd also storing bf16 and binary16: the bits
+ *   mt_half_pack makes of the GPU's own fp32 output, and the CPU's bits
+ *   wherever the two fp32 outputs agree (check_typed);
  * - on the emulator, also which path a GEMM with a GeLU or GeLU-gradient
- *   epilogue took, which GEMMs had 16-bit operands, and that shapes past
- *   the conversion budget (tiny there, tests/gpu/meson.build) ran in blocks.
+ *   epilogue took, which GEMMs had 16-bit operands, how many conversion
+ *   kernels a linear op launched (none for the forward of a 16-bit input),
+ *   and that shapes past the conversion budget (tiny there,
+ *   tests/gpu/meson.build) ran in blocks.
  * One line per check, PASS or FAIL; the exit status is 1 on any failure.
  *
  * Usage: test_cuda_ops [--small]. --small uses tiny shapes, for the CPU
@@ -37,7 +45,7 @@
 #include "half.h"
 #include "ops.h"
 #ifdef MT_CUDA_EMU
-#include "cuda_emu.h" /* mt_emu_gemm_counts */
+#include "cuda_emu.h" /* mt_emu_gemm_counts, mt_emu_launch_count */
 #endif
 
 static mt_device cpu, gpu;
@@ -184,6 +192,13 @@ static void check_mask(const char *op, const char *what, const float *got, const
          dropped, n, bad);
 }
 
+/* A property that is not a comparison of values */
+static void check_that(const char *op, const char *what, int ok, const char *detail) {
+  n_checks++;
+  if (!ok) n_failed++;
+  printf("%s %-24s %-34s %s\n", ok ? "PASS" : "FAIL", op, what, detail);
+}
+
 /* ---- shapes ------------------------------------------------------------- */
 
 typedef struct {
@@ -206,33 +221,91 @@ static const char *wt_name(mt_dtype t) {
   return t == MT_BF16 ? "bf16 w" : t == MT_F16 ? "fp16 w" : "fp32 w";
 }
 
-/* n fp32 weights as an op takes them stored as wt (16-bit: rounded to
- * nearest even, half.h): the host copy for the CPU in *host, the device copy
- * returned */
-static void *weights(const float *w, size_t n, mt_dtype wt, const void **host) {
-  if (wt == MT_F32) {
-    *host = w;
-    return Df(w, n);
+static const char *it_name(mt_dtype t) {
+  return t == MT_BF16 ? "bf16 in" : t == MT_F16 ? "fp16 in" : "fp32 in";
+}
+
+/* n fp32 values as an op takes them stored as t (16-bit: rounded to
+ * nearest even, half.h), weights or a linear op's input: the host copy for
+ * the CPU in *host, the device copy returned */
+static void *stored(const float *x, size_t n, mt_dtype t, const void **host) {
+  if (t == MT_F32) {
+    *host = x;
+    return Df(x, n);
   }
   uint16_t *h = halloc(n * sizeof(uint16_t));
-  for (size_t i = 0; i < n; i++) h[i] = mt_half_pack(w[i], wt == MT_F16);
+  for (size_t i = 0; i < n; i++) h[i] = mt_half_pack(x[i], t == MT_F16);
   *host = h;
   return D(h, n * sizeof(uint16_t));
 }
 
-/* device bytes of NaN (all ones): scratch whose contents are undefined */
+/* x rounded in place to the values t holds (nothing for fp32) */
+static float *round_to(float *x, size_t n, mt_dtype t) {
+  if (t != MT_F32)
+    for (size_t i = 0; i < n; i++) x[i] = mt_round_half(x[i], t == MT_F16);
+  return x;
+}
+
+/* device bytes of NaN (all ones): scratch whose contents are undefined,
+ * and 16-bit outputs an op must write in full (0xFFFF is a NaN in bf16 and
+ * in binary16) */
 static void *DP(size_t bytes) {
   void *h = halloc(bytes);
   memset(h, 0xFF, bytes);
   return D(h, bytes);
 }
 
+/* n 16-bit values from the device, after its queued work */
+static uint16_t *back16(const void *d, size_t n) {
+  if (mt_device_sync(&gpu)) die("device sync");
+  uint16_t *h = halloc(n * sizeof(uint16_t));
+  if (mt_device_memcpy_dtoh(&gpu, h, d, n * sizeof(uint16_t))) die("copy from the device");
+  return h;
+}
+
+/* The relative size of one unit in the last place of a 16-bit type: how
+ * far apart two backends' roundings of nearly equal floats may land. */
+static double half_tol(mt_dtype t) { return t == MT_F16 ? 0x1p-10 : 0x1p-7; }
+
+/* An output the op stored as ot (16-bit): got, the GPU's bits on the
+ * device; want, the CPU's; got32 and want32, the fp32 op's outputs of each
+ * backend. The GPU's bits must be mt_half_pack of its own fp32 output, bit
+ * for bit; against the CPU's, the same bits wherever the two fp32 outputs
+ * are, else within one 16-bit rounding (norm-wise). A NaN (the poison
+ * left unwritten) never passes. */
+static void check_typed(const char *op, const char *what, const void *got, const uint16_t *want,
+                        const float *got32, const float *want32, size_t n, mt_dtype ot) {
+  int fp16 = ot == MT_F16;
+  uint16_t *gb = back16(got, n);
+  float *bits = halloc(n * sizeof(float)), *packed = halloc(n * sizeof(float));
+  float *gv = halloc(n * sizeof(float)), *cv = halloc(n * sizeof(float));
+  size_t split = 0, agree = 0;
+  for (size_t i = 0; i < n; i++) {
+    bits[i] = (float)gb[i]; /* the bits as exact floats */
+    packed[i] = (float)mt_half_pack(got32[i], fp16);
+    gv[i] = mt_half_unpack(gb[i], fp16);
+    cv[i] = mt_half_unpack(want[i], fp16);
+    if (!memcmp(&got32[i], &want32[i], sizeof(float))) {
+      agree++;
+      split += gb[i] != want[i];
+    }
+  }
+  const char *h16 = fp16 ? "fp16" : "bf16";
+  check(op, label("%s %s = pack(fp32 out)", what, h16), bits, packed, n, 0.0);
+  check(op, label("%s %s vs cpu", what, h16), gv, cv, n, half_tol(ot));
+  char detail[96];
+  snprintf(detail, sizeof detail, "%zu of %zu differ where the fp32 outputs agree (%zu)", split, n,
+           agree);
+  check_that(op, label("%s %s = cpu where fp32 is", what, h16), split == 0, detail);
+}
+
 /* Each backend's conversion scratch for linear ops of this shape (for the
  * GPU's d->matmul now): the CPU's on the host, the GPU's poisoned; NULL
  * where a backend needs none. */
-static void linear_scratch_pair(int N, int C, int OC, mt_dtype wt, void **ccvt, void **gcvt) {
-  size_t cb = cpu.ops->linear_scratch(&cpu, N, C, OC, wt);
-  size_t gb = gpu.ops->linear_scratch(&gpu, N, C, OC, wt);
+static void linear_scratch_pair(int N, int C, int OC, mt_dtype it, mt_dtype wt, void **ccvt,
+                                void **gcvt) {
+  size_t cb = cpu.ops->linear_scratch(&cpu, N, C, OC, it, wt);
+  size_t gb = gpu.ops->linear_scratch(&gpu, N, C, OC, it, wt);
   *ccvt = cb ? halloc(cb) : NULL;
   *gcvt = gb ? DP(gb) : NULL;
 }
@@ -240,18 +313,28 @@ static void linear_scratch_pair(int N, int C, int OC, mt_dtype wt, void **ccvt, 
 /* ---- GEMM paths (the emulator counts them) ------------------------------ */
 
 #ifdef MT_CUDA_EMU
+/* The conversion budget ops_cuda.cu was built with (tests/gpu/meson.build) */
+#ifdef MT_CUDA_CVT_BYTES
+#define CVT_BUDGET ((size_t)MT_CUDA_CVT_BYTES)
+#else
+#define CVT_BUDGET ((size_t)128 << 20)
+#endif
+
 /* GEMMs run since the last call: all of them, with the GeLU epilogue, with
- * the DGELU one, with 16-bit A and B */
+ * the DGELU one, with 16-bit A and B; and conversion kernels launched
+ * (to_half, unpack_half: a linear op's operands rounded or unpacked) */
 typedef struct {
-  long gemms, gelu, dgelu, half;
+  long gemms, gelu, dgelu, half, conv;
 } gemm_tally;
 
 static gemm_tally gemms_since(void) {
-  static long last[4];
+  static long last[5];
   long lt, gelu, dgelu, blas;
   mt_emu_gemm_counts(&lt, &gelu, &dgelu, &blas);
-  long now[4] = {lt + blas, gelu, dgelu, mt_emu_gemm16_count()};
-  gemm_tally t = {now[0] - last[0], now[1] - last[1], now[2] - last[2], now[3] - last[3]};
+  long conv = mt_emu_launch_count("k_to_half") + mt_emu_launch_count("k_unpack_half");
+  long now[5] = {lt + blas, gelu, dgelu, mt_emu_gemm16_count(), conv};
+  gemm_tally t = {now[0] - last[0], now[1] - last[1], now[2] - last[2], now[3] - last[3],
+                  now[4] - last[4]};
   memcpy(last, now, sizeof now);
   return t;
 }
@@ -259,14 +342,56 @@ static gemm_tally gemms_since(void) {
 static void check_path(const char *op, const char *what, int ok, gemm_tally t) {
   n_checks++;
   if (!ok) n_failed++;
-  printf("%s %-24s %-34s %ld GEMM(s): %ld GeLU, %ld DGELU epilogue, %ld 16-bit\n",
-         ok ? "PASS" : "FAIL", op, what, t.gemms, t.gelu, t.dgelu, t.half);
+  printf("%s %-24s %-34s %ld GEMM(s): %ld GeLU, %ld DGELU epilogue, %ld 16-bit; %ld conversions\n",
+         ok ? "PASS" : "FAIL", op, what, t.gemms, t.gelu, t.dgelu, t.half, t.conv);
 }
 
-/* bf16 weights multiply natively (every GEMM of the op with 16-bit A and
- * B) exactly when d->matmul is bf16; other weights never do */
-static int half_ok(gemm_tally t, mt_dtype wt, mt_matmul_precision p) {
-  return t.half == (wt == MT_BF16 && p == MT_MATMUL_BF16 ? t.gemms : 0);
+/* bf16 weights in a bf16 d->matmul multiply natively (ops_cuda.cu's
+ * LIN_BF16) */
+static int native_bf16(mt_dtype wt, mt_matmul_precision p) {
+  return wt == MT_BF16 && p == MT_MATMUL_BF16;
+}
+
+/* The forward's GEMMs: a 16-bit input (it == wt) makes it one 16-bit GEMM
+ * of the operands as stored, nothing converted; an fp32 one, one fp32 GEMM
+ * for fp32 weights, else one per block of converted rows, 16-bit exactly
+ * when native_bf16. */
+static int fwd_path_ok(gemm_tally t, mt_dtype it, mt_dtype wt, mt_matmul_precision p) {
+  if (it != MT_F32) return t.gemms == 1 && t.half == 1 && t.conv == 0;
+  if (wt == MT_F32) return t.gemms == 1 && t.half == 0 && t.conv == 0;
+  return t.gemms >= 1 && t.half == (native_bf16(wt, p) ? t.gemms : 0) && t.conv == t.gemms;
+}
+
+/* Blocks of `all` rows of row_bytes each that fit CVT_BUDGET: ops_cuda.cu's
+ * rows_in, for counting the GEMMs a blocked op runs */
+static long blocks_of(int all, size_t row_bytes) {
+  size_t r = row_bytes ? CVT_BUDGET / row_bytes : (size_t)all;
+  if (r >= (size_t)all) return all ? 1 : 0;
+  if (r > 8) r &= ~(size_t)7;
+  if (!r) r = 1;
+  return (long)((all + r - 1) / r);
+}
+
+/* The backward's dw GEMMs: one per block of rows where the rows go in
+ * blocks (native_bf16: dout's rows, and an fp32 input's; a 16-bit input
+ * otherwise, unpacked), else one */
+static long dw_gemms(int N, int C, int OC, mt_dtype it, mt_dtype wt, mt_matmul_precision p) {
+  if (native_bf16(wt, p)) return blocks_of(N, (size_t)OC * 2 + (it == MT_F32 ? (size_t)C * 2 : 0));
+  return it == MT_F32 ? 1 : blocks_of(N, (size_t)C * 4);
+}
+
+/* The backward with dinp: native_bf16, a dinp and a dw GEMM per block of
+ * rows, all 16-bit, after dout's block (and an fp32 input's) is rounded; a
+ * bf16 input is read as it is. Otherwise fp32 GEMMs: fp32 weights, one of
+ * each; 16-bit ones, unpacked whole or in blocks for dinp, and a 16-bit
+ * input unpacked in blocks for dw, one conversion before each GEMM. */
+static int bwd_path_ok(gemm_tally t, int N, int C, int OC, mt_dtype it, mt_dtype wt,
+                       mt_matmul_precision p) {
+  long dw = dw_gemms(N, C, OC, it, wt, p);
+  if (native_bf16(wt, p))
+    return t.gemms == 2 * dw && t.half == t.gemms && t.conv == (it == MT_F32 ? 2 : 1) * dw;
+  if (wt == MT_F32) return t.gemms == 2 && t.half == 0 && t.conv == 0;
+  return t.gemms > dw && t.half == 0 && t.conv == t.gemms - (it == MT_F32 ? 1 : 0);
 }
 #endif
 
@@ -283,7 +408,7 @@ static void test_embedding(shape s) {
   static const mt_dtype wts[] = {MT_F32, MT_BF16, MT_F16};
   for (int k = 0; k < 3; k++) {
     const void *hwte;
-    void *gwte = weights(wte, (size_t)s.Vp * C, wts[k], &hwte);
+    void *gwte = stored(wte, (size_t)s.Vp * C, wts[k], &hwte);
     cpu.ops->embedding_fwd(&cpu, co, tok, hwte, wts[k], wpe, s.B, s.T, C);
     go = DN((size_t)N * C);
     gpu.ops->embedding_fwd(&gpu, go, dtok, gwte, wts[k], gwpe, s.B, s.T, C);
@@ -304,7 +429,7 @@ static void test_embedding(shape s) {
   int v0 = s.Vp / 3, Vl = s.Vp / 2;
   for (int k = 0; k < 3; k++) {
     const void *hwte;
-    void *gwte = weights(wte + (size_t)v0 * C, (size_t)Vl * C, wts[k], &hwte);
+    void *gwte = stored(wte + (size_t)v0 * C, (size_t)Vl * C, wts[k], &hwte);
     cpu.ops->embedding_shard_fwd(&cpu, co, tok, hwte, wts[k], v0, Vl, N, C);
     go = DN((size_t)N * C);
     gpu.ops->embedding_shard_fwd(&gpu, go, dtok, gwte, wts[k], v0, Vl, N, C);
@@ -319,19 +444,34 @@ static void test_embedding(shape s) {
   arena_reset();
 }
 
+/* layernorm_fwd (fp32 out, and bf16 and binary16 outs: check_typed) and
+ * layernorm_bwd against the CPU */
 static void test_layernorm(int N, int C) {
   size_t n = (size_t)N * C;
   float *x = H(n, -2, 3), *w = H((size_t)C, 0.5f, 1.5f), *b = H((size_t)C, -0.5f, 0.5f);
   for (size_t i = 0; i < n; i++) x[i] += 10.0f * (float)(i / C % 3); /* rows with an offset */
   float *co = halloc(n * sizeof(float)), *cm = halloc(N * sizeof(float)),
         *cr = halloc(N * sizeof(float));
-  cpu.ops->layernorm_fwd(&cpu, co, cm, cr, x, w, b, N, C, 1e-5f);
+  cpu.ops->layernorm_fwd(&cpu, co, MT_F32, cm, cr, x, w, b, N, C, 1e-5f);
   float *go = DN(n), *gm = DN((size_t)N), *gr = DN((size_t)N);
   float *dx = Df(x, n), *dw = Df(w, (size_t)C), *db = Df(b, (size_t)C);
-  gpu.ops->layernorm_fwd(&gpu, go, gm, gr, dx, dw, db, N, C, 1e-5f);
-  check("layernorm_fwd", label("N=%d C=%d out", N, C), back(go, n), co, n, 1e-4);
+  gpu.ops->layernorm_fwd(&gpu, go, MT_F32, gm, gr, dx, dw, db, N, C, 1e-5f);
+  float *go_h = back(go, n);
+  check("layernorm_fwd", label("N=%d C=%d out", N, C), go_h, co, n, 1e-4);
   check("layernorm_fwd", "mean", back(gm, (size_t)N), cm, (size_t)N, 1e-4);
   check("layernorm_fwd", "rstd", back(gr, (size_t)N), cr, (size_t)N, 1e-4);
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    mt_dtype ot = fp16 ? MT_F16 : MT_BF16;
+    uint16_t *ch = halloc(n * sizeof(uint16_t));
+    void *gh = DP(n * sizeof(uint16_t));
+    float *gm2 = DN((size_t)N), *gr2 = DN((size_t)N);
+    cpu.ops->layernorm_fwd(&cpu, ch, ot, cm, cr, x, w, b, N, C, 1e-5f);
+    gpu.ops->layernorm_fwd(&gpu, gh, ot, gm2, gr2, dx, dw, db, N, C, 1e-5f);
+    check_typed("layernorm_fwd", "out", gh, ch, go_h, co, n, ot);
+    check("layernorm_fwd", label("%s out: mean", fp16 ? "fp16" : "bf16"), back(gm2, (size_t)N), cm,
+          (size_t)N, 1e-4);
+    check("layernorm_fwd", "rstd", back(gr2, (size_t)N), cr, (size_t)N, 1e-4);
+  }
 
   float *dout = H(n, -1, 1);
   float *cdx = H(n, -1, 1), *cdw = H((size_t)C, -1, 1), *cdb = H((size_t)C, -1, 1);
@@ -345,55 +485,58 @@ static void test_layernorm(int N, int C) {
   arena_reset();
 }
 
-static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
+/* linear_fwd and linear_bwd with the input stored as it (fp32, or wt's
+ * 16-bit type) and the weights as wt, against the CPU given the same bits;
+ * on the emulator also the GEMMs and conversions each ran (fwd_path_ok,
+ * bwd_path_ok). */
+static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt, mt_dtype it) {
   gpu.matmul = p;
   double tol = prec_tol(p);
-  char pn[32];
-  snprintf(pn, sizeof pn, "%s %s", prec_name(p), wt_name(wt));
+  char pn[48];
+  snprintf(pn, sizeof pn, "%s %s %s", prec_name(p), wt_name(wt), it_name(it));
   float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
         *b = H((size_t)OC, -1, 1);
-  const void *hw;
-  void *dw = weights(w, (size_t)OC * C, wt, &hw), *ccvt, *gcvt;
-  float *dx = Df(x, (size_t)N * C), *db = Df(b, (size_t)OC);
-  linear_scratch_pair(N, C, OC, wt, &ccvt, &gcvt);
+  const void *hw, *hx;
+  void *dw = stored(w, (size_t)OC * C, wt, &hw), *dx = stored(x, (size_t)N * C, it, &hx);
+  void *ccvt, *gcvt;
+  float *db = Df(b, (size_t)OC);
+  linear_scratch_pair(N, C, OC, it, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
     float *co = halloc((size_t)N * OC * sizeof(float)), *go = DN((size_t)N * OC);
-    cpu.ops->linear_fwd(&cpu, co, x, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
+    cpu.ops->linear_fwd(&cpu, co, hx, it, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
-    gpu.ops->linear_fwd(&gpu, go, dx, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
+    gpu.ops->linear_fwd(&gpu, go, dx, it, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
     check("linear_fwd",
           label("%s N=%d C=%d OC=%d %s", pn, N, C, OC, with_bias ? "bias" : "no bias"),
           back(go, (size_t)N * OC), co, (size_t)N * OC, tol);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
-    check_path("linear_fwd", label("%s path", pn),
-               t.gemms >= 1 && (wt != MT_F32 || t.gemms == 1) && half_ok(t, wt, p), t);
+    check_path("linear_fwd", label("%s path", pn), fwd_path_ok(t, it, wt, p), t);
 #endif
   }
   float *dout = H((size_t)N * OC, -1, 1), *gdout = Df(dout, (size_t)N * OC);
   float *cdx = H((size_t)N * C, -1, 1), *cdw = H((size_t)OC * C, -1, 1),
         *cdb = H((size_t)OC, -1, 1);
   float *gdx = Df(cdx, (size_t)N * C), *gdw = Df(cdw, (size_t)OC * C), *gdb = Df(cdb, (size_t)OC);
-  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, x, hw, wt, ccvt, N, C, OC);
+  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, hx, it, hw, wt, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
   gemms_since();
 #endif
-  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, dx, dw, wt, gcvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, dx, it, dw, wt, gcvt, N, C, OC);
   check("linear_bwd", label("%s N=%d C=%d OC=%d dinp (+=)", pn, N, C, OC), back(gdx, (size_t)N * C),
         cdx, (size_t)N * C, tol);
   check("linear_bwd", label("%s dw (+=)", pn), back(gdw, (size_t)OC * C), cdw, (size_t)OC * C, tol);
   check("linear_bwd", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
 #ifdef MT_CUDA_EMU
   gemm_tally t = gemms_since();
-  check_path("linear_bwd", label("%s path", pn),
-             t.gemms >= 2 && (wt != MT_F32 || t.gemms == 2) && half_ok(t, wt, p), t);
+  check_path("linear_bwd", label("%s path", pn), bwd_path_ok(t, N, C, OC, it, wt, p), t);
 #endif
   /* dinp and dbias NULL: only dw */
   float *cdw2 = H((size_t)OC * C, -1, 1), *gdw2 = Df(cdw2, (size_t)OC * C);
-  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, x, hw, wt, ccvt, N, C, OC);
-  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, dx, dw, wt, gcvt, N, C, OC);
+  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, hx, it, hw, wt, ccvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, dx, it, dw, wt, gcvt, N, C, OC);
   check("linear_bwd", label("%s dw alone (dinp, dbias NULL)", pn), back(gdw2, (size_t)OC * C), cdw2,
         (size_t)OC * C, tol);
   gpu.matmul = MT_MATMUL_FP32;
@@ -404,34 +547,35 @@ static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt
  * then gelu_fwd there). On the emulator also its path: cuBLASLt GEMMs with
  * the GeLU epilogue when OC (the aux ld) is a multiple of 8 and cuBLASLt is
  * on, else GEMMs (cuBLASLt's bias epilogue or cuBLAS) and the GeLU kernel;
- * one GEMM for fp32 weights, one per block for 16-bit ones. */
-static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
+ * the GEMMs and conversions of linear_fwd (fwd_path_ok). */
+static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt,
+                             mt_dtype it) {
   gpu.matmul = p;
   double tol = prec_tol(p), tol_out = tol > GELU_EPILOGUE_TOL ? tol : GELU_EPILOGUE_TOL;
   size_t no = (size_t)N * OC;
   float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
         *b = H((size_t)OC, -1, 1);
-  const void *hw;
-  void *dw = weights(w, (size_t)OC * C, wt, &hw), *ccvt, *gcvt;
-  float *dx = Df(x, (size_t)N * C), *db = Df(b, (size_t)OC);
-  linear_scratch_pair(N, C, OC, wt, &ccvt, &gcvt);
+  const void *hw, *hx;
+  void *dw = stored(w, (size_t)OC * C, wt, &hw), *dx = stored(x, (size_t)N * C, it, &hx);
+  void *ccvt, *gcvt;
+  float *db = Df(b, (size_t)OC);
+  linear_scratch_pair(N, C, OC, it, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
-    const char *tag = label("%s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), N, C, OC,
-                            with_bias ? "bias" : "no bias");
+    const char *tag = label("%s %s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), it_name(it),
+                            N, C, OC, with_bias ? "bias" : "no bias");
     float *co = halloc(no * sizeof(float)), *cp = halloc(no * sizeof(float));
     float *go = DN(no), *gp = DN(no);
-    cpu.ops->linear_gelu_fwd(&cpu, co, cp, x, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
+    cpu.ops->linear_gelu_fwd(&cpu, co, cp, hx, it, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
-    gpu.ops->linear_gelu_fwd(&gpu, go, gp, dx, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
+    gpu.ops->linear_gelu_fwd(&gpu, go, gp, dx, it, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
     check("linear_gelu_fwd", label("%s out", tag), back(go, no), co, no, tol_out);
     check("linear_gelu_fwd", label("%s pre", tag), back(gp, no), cp, no, tol);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
     int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
-    int ok = t.gemms >= 1 && (wt != MT_F32 || t.gemms == 1) && t.gelu == (fused ? t.gemms : 0) &&
-             t.dgelu == 0 && half_ok(t, wt, p);
+    int ok = fwd_path_ok(t, it, wt, p) && t.gelu == (fused ? t.gemms : 0) && t.dgelu == 0;
     check_path("linear_gelu_fwd", fused ? "path: GeLU epilogue" : "path: GEMM, GeLU kernel", ok, t);
 #endif
   }
@@ -441,49 +585,48 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
 
 /* linear_bwd_dgelu: dpre poisoned (it is written), dw and dbias accumulating
  * from the same random values on both, scratch NaN, against the CPU's
- * (linear_bwd then gelu_bwd there). On the emulator also its path: dinp
- * GEMMs with the DGELU epilogue when C (the aux ld) is a multiple of 8 and
- * cuBLASLt is on, else plain ones and the GeLU-gradient kernel; a dw GEMM
- * either way. fp32 weights: one of each. bf16 GEMMs: one of each per block
- * of rows. Unpacked 16-bit weights: dw's, and one dinp GEMM per block of
- * weight rows, the epilogue only when there is one block (with several,
- * gelu' waits for the whole sum). */
-static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
+ * (linear_bwd then gelu_bwd there). inp stored as it, pre fp32. On the
+ * emulator also its path: dinp GEMMs with the DGELU epilogue when C (the
+ * aux ld) is a multiple of 8 and cuBLASLt is on, else plain ones and the
+ * GeLU-gradient kernel; the GEMMs and conversions of linear_bwd
+ * (bwd_path_ok). Unpacked 16-bit weights take the epilogue only when the
+ * dinp GEMM is one (with several, gelu' waits for the whole sum). */
+static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt,
+                                  mt_dtype it) {
   gpu.matmul = p;
   double tol = prec_tol(p), tol_dpre = tol > GELU_EPILOGUE_TOL ? tol : GELU_EPILOGUE_TOL;
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
   /* pre over GeLU's bend, where gelu' goes from 0 through negative to 1 */
   float *pre = H(ni, -3, 3), *inp = H(ni, -1, 1), *w = H(nw, -0.5f, 0.5f), *dout = H(no, -1, 1);
-  const void *hw;
-  void *gw = weights(w, nw, wt, &hw), *ccvt, *gcvt;
-  float *gpre = Df(pre, ni), *ginp = Df(inp, ni), *gdout = Df(dout, no);
-  linear_scratch_pair(N, C, OC, wt, &ccvt, &gcvt);
+  const void *hw, *hx;
+  void *gw = stored(w, nw, wt, &hw), *ginp = stored(inp, ni, it, &hx), *ccvt, *gcvt;
+  float *gpre = Df(pre, ni), *gdout = Df(dout, no);
+  linear_scratch_pair(N, C, OC, it, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
-    const char *tag = label("%s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), N, C, OC,
-                            with_bias ? "dbias" : "no dbias");
+    const char *tag = label("%s %s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), it_name(it),
+                            N, C, OC, with_bias ? "dbias" : "no dbias");
     float *cdpre = halloc(ni * sizeof(float)), *cscratch = halloc(ni * sizeof(float));
     float *cdw = H(nw, -1, 1), *cdb = H((size_t)OC, -1, 1);
     float *gdw = Df(cdw, nw), *gdb = Df(cdb, (size_t)OC), *gdpre = DN(ni), *gscratch = DN(ni);
-    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, inp, pre,
+    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, hx, it, pre,
                               hw, wt, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
-    gpu.ops->linear_bwd_dgelu(&gpu, gdpre, gscratch, gdw, with_bias ? gdb : NULL, gdout, ginp, gpre,
-                              gw, wt, gcvt, N, C, OC);
+    gpu.ops->linear_bwd_dgelu(&gpu, gdpre, gscratch, gdw, with_bias ? gdb : NULL, gdout, ginp, it,
+                              gpre, gw, wt, gcvt, N, C, OC);
     check("linear_bwd_dgelu", label("%s dpre", tag), back(gdpre, ni), cdpre, ni, tol_dpre);
-    check("linear_bwd_dgelu", label("%s %s dw (+=)", prec_name(p), wt_name(wt)), back(gdw, nw), cdw,
-          nw, tol);
+    check("linear_bwd_dgelu", label("%s %s %s dw (+=)", prec_name(p), wt_name(wt), it_name(it)),
+          back(gdw, nw), cdw, nw, tol);
     if (with_bias)
       check("linear_bwd_dgelu", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
     int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
-    int native = wt == MT_BF16 && p == MT_MATMUL_BF16;
-    long dinp_gemms = native ? t.gemms / 2 : t.gemms - 1;
+    int native = native_bf16(wt, p);
+    long dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
     long want = fused && (native || dinp_gemms == 1) ? dinp_gemms : 0;
-    int ok = t.gemms >= 2 && (!native || t.gemms % 2 == 0) && (wt != MT_F32 || t.gemms == 2) &&
-             t.dgelu == want && t.gelu == 0 && half_ok(t, wt, p);
+    int ok = bwd_path_ok(t, N, C, OC, it, wt, p) && t.dgelu == want && t.gelu == 0;
     check_path("linear_bwd_dgelu", want ? "path: DGELU epilogue" : "path: GEMM, gradient kernel",
                ok, t);
 #endif
@@ -493,11 +636,11 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
 }
 
 /* bf16 weights in native bf16 GEMMs against fp32 weights holding the same
- * values in FAST_16BF GEMMs: both round every operand to bf16 (nearest
- * even) and accumulate in fp32. On the emulator (sums in one order) the
- * same bits, but for dw once the rows go in several blocks (`blocked`),
- * which adds each block's sum to dw in turn; on a GPU, within what the two
- * kernels' summation orders allow. */
+ * values in FAST_16BF GEMMs (fp32 inputs both): both round every operand to
+ * bf16 (nearest even) and accumulate in fp32. On the emulator (sums in one
+ * order) the same bits, but for dw once the rows go in several blocks
+ * (`blocked`), which adds each block's sum to dw in turn; on a GPU, within
+ * what the two kernels' summation orders allow. */
 static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
   gpu.matmul = MT_MATMUL_BF16;
 #ifdef MT_CUDA_EMU
@@ -506,13 +649,12 @@ static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
   double same = 1e-5, dw_tol = 1e-5;
 #endif
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
-  float *w = H(nw, -0.5f, 0.5f);
-  for (size_t i = 0; i < nw; i++) w[i] = mt_round_half(w[i], 0);
+  float *w = round_to(H(nw, -0.5f, 0.5f), nw, MT_BF16);
   const void *hw;
-  void *wb = weights(w, nw, MT_BF16, &hw);
+  void *wb = stored(w, nw, MT_BF16, &hw);
   float *wf = Df(w, nw), *x = Df(H(ni, -1, 1), ni), *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
   float *dout = Df(H(no, -1, 1), no), *pre = Df(H(ni, -3, 3), ni);
-  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, MT_BF16));
+  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, MT_F32, MT_BF16));
   char tag[64];
   snprintf(tag, sizeof tag, "N=%d C=%d OC=%d", N, C, OC);
 #ifdef MT_CUDA_EMU
@@ -524,21 +666,21 @@ static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
 #endif
 
   float *o32 = DN(no), *o16 = DN(no);
-  gpu.ops->linear_fwd(&gpu, o32, x, wf, MT_F32, b, NULL, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, o32, x, MT_F32, wf, MT_F32, b, NULL, N, C, OC);
 #ifdef MT_CUDA_EMU
   gemms_since();
 #endif
-  gpu.ops->linear_fwd(&gpu, o16, x, wb, MT_BF16, b, cvt, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, o16, x, MT_F32, wb, MT_BF16, b, cvt, N, C, OC);
   NATIVE_PATH("linear_fwd");
   check("linear_fwd", label("bf16 native = FAST_16BF %s", tag), back(o16, no), back(o32, no), no,
         same);
 
   float *g32 = DN(no), *p32 = DN(no), *g16 = DN(no), *p16 = DN(no);
-  gpu.ops->linear_gelu_fwd(&gpu, g32, p32, x, wf, MT_F32, b, NULL, N, C, OC);
+  gpu.ops->linear_gelu_fwd(&gpu, g32, p32, x, MT_F32, wf, MT_F32, b, NULL, N, C, OC);
 #ifdef MT_CUDA_EMU
   gemms_since();
 #endif
-  gpu.ops->linear_gelu_fwd(&gpu, g16, p16, x, wb, MT_BF16, b, cvt, N, C, OC);
+  gpu.ops->linear_gelu_fwd(&gpu, g16, p16, x, MT_F32, wb, MT_BF16, b, cvt, N, C, OC);
   NATIVE_PATH("linear_gelu_fwd");
   check("linear_gelu_fwd", "bf16 native = FAST_16BF out", back(g16, no), back(g32, no), no, same);
   check("linear_gelu_fwd", "bf16 native = FAST_16BF pre", back(p16, no), back(p32, no), no, same);
@@ -546,11 +688,11 @@ static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
   float *h0 = H(ni, -1, 1), *hw0 = H(nw, -1, 1), *hb0 = H((size_t)OC, -1, 1);
   float *dx32 = Df(h0, ni), *dw32 = Df(hw0, nw), *db32 = Df(hb0, (size_t)OC);
   float *dx16 = Df(h0, ni), *dw16 = Df(hw0, nw), *db16 = Df(hb0, (size_t)OC);
-  gpu.ops->linear_bwd(&gpu, dx32, dw32, db32, dout, x, wf, MT_F32, NULL, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, dx32, dw32, db32, dout, x, MT_F32, wf, MT_F32, NULL, N, C, OC);
 #ifdef MT_CUDA_EMU
   gemms_since();
 #endif
-  gpu.ops->linear_bwd(&gpu, dx16, dw16, db16, dout, x, wb, MT_BF16, cvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, dx16, dw16, db16, dout, x, MT_F32, wb, MT_BF16, cvt, N, C, OC);
   NATIVE_PATH("linear_bwd");
   check("linear_bwd", "bf16 native = FAST_16BF dinp", back(dx16, ni), back(dx32, ni), ni, same);
   check("linear_bwd", label("bf16 native ~ FAST_16BF dw%s", blocked ? " (blocks)" : ""),
@@ -560,11 +702,13 @@ static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
 
   float *e32 = DN(ni), *e16 = DN(ni), *s32 = DN(ni), *s16 = DN(ni);
   dw32 = Df(hw0, nw), dw16 = Df(hw0, nw);
-  gpu.ops->linear_bwd_dgelu(&gpu, e32, s32, dw32, NULL, dout, x, pre, wf, MT_F32, NULL, N, C, OC);
+  gpu.ops->linear_bwd_dgelu(&gpu, e32, s32, dw32, NULL, dout, x, MT_F32, pre, wf, MT_F32, NULL, N,
+                            C, OC);
 #ifdef MT_CUDA_EMU
   gemms_since();
 #endif
-  gpu.ops->linear_bwd_dgelu(&gpu, e16, s16, dw16, NULL, dout, x, pre, wb, MT_BF16, cvt, N, C, OC);
+  gpu.ops->linear_bwd_dgelu(&gpu, e16, s16, dw16, NULL, dout, x, MT_F32, pre, wb, MT_BF16, cvt, N,
+                            C, OC);
   NATIVE_PATH("linear_bwd_dgelu");
   check("linear_bwd_dgelu", "bf16 native = FAST_16BF dpre", back(e16, ni), back(e32, ni), ni, same);
   check("linear_bwd_dgelu", label("bf16 native ~ FAST_16BF dw%s", blocked ? " (blocks)" : ""),
@@ -574,57 +718,147 @@ static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
   arena_reset();
 }
 
+/* A 16-bit input (t, with t weights, in d->matmul p) against an fp32 input
+ * holding the same values: the GPU against itself. Products of 16-bit
+ * values are exact, and bf16 GEMMs, TF32 and fp32 ones round none of them,
+ * so on the emulator (sums in one order) every output has the same bits,
+ * but dw where either input's rows go in several blocks (`blocked`), which
+ * adds each block's sum to dw in turn; on a GPU, within what the kernels'
+ * summation orders allow. */
+static void test_linear_typed_input(int N, int C, int OC, mt_matmul_precision p, mt_dtype t,
+                                    int blocked) {
+  gpu.matmul = p;
+#ifdef MT_CUDA_EMU
+  double same = 0.0, dw_tol = blocked ? 1e-6 : 0.0;
+#else
+  double same = 1e-5, dw_tol = 1e-5;
+#endif
+  size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
+  const void *host;
+  float *xv = round_to(H(ni, -1, 1), ni, t);
+  float *x32 = Df(xv, ni);
+  void *x16 = stored(xv, ni, t, &host), *w = stored(H(nw, -0.5f, 0.5f), nw, t, &host);
+  float *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
+  float *dout = Df(H(no, -1, 1), no), *pre = Df(H(ni, -3, 3), ni);
+  size_t cb32 = gpu.ops->linear_scratch(&gpu, N, C, OC, MT_F32, t);
+  size_t cb16 = gpu.ops->linear_scratch(&gpu, N, C, OC, t, t);
+  void *cvt = DP(cb32 > cb16 ? cb32 : cb16);
+  const char *tag =
+      label("%s %s N=%d C=%d OC=%d", prec_name(p), t == MT_F16 ? "fp16" : "bf16", N, C, OC);
+
+  float *o32 = DN(no), *o16 = DN(no);
+  gpu.ops->linear_fwd(&gpu, o32, x32, MT_F32, w, t, b, cvt, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, o16, x16, t, w, t, b, cvt, N, C, OC);
+  check("linear_fwd", label("16-bit in = fp32 in, %s", tag), back(o16, no), back(o32, no), no,
+        same);
+
+  float *g32 = DN(no), *p32 = DN(no), *g16 = DN(no), *p16 = DN(no);
+  gpu.ops->linear_gelu_fwd(&gpu, g32, p32, x32, MT_F32, w, t, b, cvt, N, C, OC);
+  gpu.ops->linear_gelu_fwd(&gpu, g16, p16, x16, t, w, t, b, cvt, N, C, OC);
+  check("linear_gelu_fwd", "16-bit in = fp32 in: out", back(g16, no), back(g32, no), no, same);
+  check("linear_gelu_fwd", "16-bit in = fp32 in: pre", back(p16, no), back(p32, no), no, same);
+
+  float *h0 = H(ni, -1, 1), *hw0 = H(nw, -1, 1), *hb0 = H((size_t)OC, -1, 1);
+  float *dx32 = Df(h0, ni), *dw32 = Df(hw0, nw), *db32 = Df(hb0, (size_t)OC);
+  float *dx16 = Df(h0, ni), *dw16 = Df(hw0, nw), *db16 = Df(hb0, (size_t)OC);
+  gpu.ops->linear_bwd(&gpu, dx32, dw32, db32, dout, x32, MT_F32, w, t, cvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, dx16, dw16, db16, dout, x16, t, w, t, cvt, N, C, OC);
+  check("linear_bwd", "16-bit in = fp32 in: dinp", back(dx16, ni), back(dx32, ni), ni, same);
+  check("linear_bwd", label("16-bit in ~ fp32 in: dw%s", blocked ? " (blocks)" : ""),
+        back(dw16, nw), back(dw32, nw), nw, dw_tol);
+  check("linear_bwd", "16-bit in = fp32 in: dbias", back(db16, (size_t)OC), back(db32, (size_t)OC),
+        (size_t)OC, 0.0);
+
+  float *e32 = DN(ni), *e16 = DN(ni), *s32 = DN(ni), *s16 = DN(ni);
+  dw32 = Df(hw0, nw), dw16 = Df(hw0, nw);
+  gpu.ops->linear_bwd_dgelu(&gpu, e32, s32, dw32, NULL, dout, x32, MT_F32, pre, w, t, cvt, N, C,
+                            OC);
+  gpu.ops->linear_bwd_dgelu(&gpu, e16, s16, dw16, NULL, dout, x16, t, pre, w, t, cvt, N, C, OC);
+  check("linear_bwd_dgelu", "16-bit in = fp32 in: dpre", back(e16, ni), back(e32, ni), ni, same);
+  check("linear_bwd_dgelu", label("16-bit in ~ fp32 in: dw%s", blocked ? " (blocks)" : ""),
+        back(dw16, nw), back(dw32, nw), nw, dw_tol);
+  gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
 #ifdef MT_CUDA_EMU
 /* Past the conversion budget (MT_CUDA_CVT_BYTES, tiny on the emulator: see
  * tests/gpu/meson.build) the linear ops convert in blocks, a GEMM each: the
- * forward and the backward of a shape chosen past it take more GEMMs than
- * one block does. Their results are the other tests' business. */
-static void test_linear_blocks(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt) {
+ * forward of an fp32 input and every backward of a shape chosen past it
+ * take more GEMMs than one block does; the forward of a 16-bit input stays
+ * one GEMM, converting nothing. Their results are the other tests'
+ * business. */
+static void test_linear_blocks(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt,
+                               mt_dtype it) {
   gpu.matmul = p;
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
-  const void *hw;
-  void *w = weights(H(nw, -0.5f, 0.5f), nw, wt, &hw);
-  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, wt));
-  float *x = Df(H(ni, -1, 1), ni), *dout = Df(H(no, -1, 1), no);
-  char tag[64];
-  snprintf(tag, sizeof tag, "%s %s N=%d C=%d OC=%d blocks", prec_name(p), wt_name(wt), N, C, OC);
+  const void *host;
+  void *w = stored(H(nw, -0.5f, 0.5f), nw, wt, &host), *x = stored(H(ni, -1, 1), ni, it, &host);
+  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, it, wt));
+  float *dout = Df(H(no, -1, 1), no);
+  char tag[80];
+  snprintf(tag, sizeof tag, "%s %s %s N=%d C=%d OC=%d blocks", prec_name(p), wt_name(wt),
+           it_name(it), N, C, OC);
   gemms_since();
-  gpu.ops->linear_fwd(&gpu, DN(no), x, w, wt, NULL, cvt, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, DN(no), x, it, w, wt, NULL, cvt, N, C, OC);
   gemm_tally t = gemms_since();
-  check_path("linear_fwd", tag, t.gemms > 1 && half_ok(t, wt, p), t);
-  gpu.ops->linear_bwd(&gpu, DN(ni), DN(nw), NULL, dout, x, w, wt, cvt, N, C, OC);
+  check_path("linear_fwd", tag, fwd_path_ok(t, it, wt, p) && (it != MT_F32 || t.gemms > 1), t);
+  gpu.ops->linear_bwd(&gpu, DN(ni), DN(nw), NULL, dout, x, it, w, wt, cvt, N, C, OC);
   t = gemms_since();
-  check_path("linear_bwd", tag, t.gemms > 2 && half_ok(t, wt, p), t);
+  check_path("linear_bwd", tag, bwd_path_ok(t, N, C, OC, it, wt, p) && t.gemms > 2, t);
   if (mt_device_sync(&gpu)) die("device sync");
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
 }
 #endif
 
-static void check_that(const char *op, const char *what, int ok, const char *detail) {
-  n_checks++;
-  if (!ok) n_failed++;
-  printf("%s %-24s %-34s %s\n", ok ? "PASS" : "FAIL", op, what, detail);
+/* An input neither fp32 nor of the weights' type has no GEMM (ops.h rules
+ * it out): the op leaves its outputs alone and the next sync reports it,
+ * naming the types. */
+static void test_linear_bad_types(void) {
+  static const mt_dtype pairs[][2] = {{MT_BF16, MT_F16}, {MT_F16, MT_BF16}, {MT_BF16, MT_F32}};
+  int N = 9, C = 16, OC = 8;
+  size_t no = (size_t)N * OC, nw = (size_t)OC * C;
+  float *out0 = H(no, -1, 1), *dw0 = H(nw, -1, 1);
+  void *x = DP((size_t)N * C * 4), *w = DP(nw * 4), *cvt = DP(1 << 16);
+  for (size_t k = 0; k < sizeof pairs / sizeof *pairs; k++) {
+    mt_dtype it = pairs[k][0], wt = pairs[k][1];
+    const char *what = label("%s, %s", it_name(it), wt_name(wt));
+    float *out = Df(out0, no), *dw = Df(dw0, nw);
+    gpu.ops->linear_fwd(&gpu, out, x, it, w, wt, NULL, cvt, N, C, OC);
+    int rc = mt_device_sync(&gpu);
+    int named = rc && strstr(mt_errmsg(), "linear_fwd") &&
+                strstr(mt_errmsg(), it == MT_BF16 ? "bf16 input" : "fp16 input");
+    check_that("linear_fwd", label("%s: an error", what), named, rc ? mt_errmsg() : "no error");
+    check("linear_fwd", label("%s: out left alone", what), back(out, no), out0, no, 0.0);
+    gpu.ops->linear_bwd(&gpu, NULL, dw, NULL, out, x, it, w, wt, cvt, N, C, OC);
+    rc = mt_device_sync(&gpu);
+    check_that("linear_bwd", label("%s: an error", what), rc != 0, rc ? mt_errmsg() : "no error");
+    check("linear_bwd", label("%s: dw left alone", what), back(dw, nw), dw0, nw, 0.0);
+  }
+  arena_reset();
 }
 
-/* linear_scratch: none for fp32 weights whatever d->matmul; some for 16-bit
- * ones; bounded (blocks) where converting a whole operand would take GiBs */
+/* linear_scratch: none for an fp32 input with fp32 weights whatever
+ * d->matmul; some for 16-bit weights, with an fp32 input or one of their
+ * type; bounded (blocks) where converting a whole operand would take GiBs */
 static void test_linear_scratch(void) {
   static const mt_matmul_precision precs[] = {MT_MATMUL_FP32, MT_MATMUL_TF32, MT_MATMUL_BF16};
   char detail[96];
   for (int i = 0; i < 3; i++) {
     gpu.matmul = precs[i];
-    size_t f32 = gpu.ops->linear_scratch(&gpu, 9, 20, 12, MT_F32) |
-                 gpu.ops->linear_scratch(&gpu, 1 << 20, 1 << 15, 1 << 15, MT_F32);
+    size_t f32 = gpu.ops->linear_scratch(&gpu, 9, 20, 12, MT_F32, MT_F32) |
+                 gpu.ops->linear_scratch(&gpu, 1 << 20, 1 << 15, 1 << 15, MT_F32, MT_F32);
     snprintf(detail, sizeof detail, "%zu bytes", f32);
-    check_that("linear_scratch", label("%s fp32 w: 0", prec_name(precs[i])), f32 == 0, detail);
-    for (int h = 0; h < 2; h++) {
-      mt_dtype wt = h ? MT_F16 : MT_BF16;
-      size_t small = gpu.ops->linear_scratch(&gpu, 9, 20, 12, wt);
+    check_that("linear_scratch", label("%s fp32 in, w: 0", prec_name(precs[i])), f32 == 0, detail);
+    for (int h = 0; h < 4; h++) {
+      mt_dtype wt = h & 1 ? MT_F16 : MT_BF16, it = h & 2 ? wt : MT_F32;
+      size_t small = gpu.ops->linear_scratch(&gpu, 9, 20, 12, it, wt);
       /* whole: 128 GiB of bf16 activations and gradients, 4 GiB of fp32 weights */
-      size_t big = gpu.ops->linear_scratch(&gpu, 1 << 20, 1 << 15, 1 << 15, wt);
+      size_t big = gpu.ops->linear_scratch(&gpu, 1 << 20, 1 << 15, 1 << 15, it, wt);
       snprintf(detail, sizeof detail, "%zu bytes, %zu for N=2^20 C=OC=2^15", small, big);
-      check_that("linear_scratch", label("%s %s: some, bounded", prec_name(precs[i]), wt_name(wt)),
+      check_that("linear_scratch",
+                 label("%s %s %s: some, bounded", prec_name(precs[i]), wt_name(wt), it_name(it)),
                  small > 0 && big > 0 && big <= (size_t)1 << 30, detail);
     }
   }
@@ -692,9 +926,18 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
 static void test_elementwise(size_t n) {
   float *x = H(n, -4, 4), *y = H(n, -1, 1), *gx = Df(x, n), *gy = Df(y, n);
   float *c = halloc(n * sizeof(float)), *g = DN(n);
-  cpu.ops->gelu_fwd(&cpu, c, x, n);
-  gpu.ops->gelu_fwd(&gpu, g, gx, n);
-  check("gelu_fwd", label("n=%zu", n), back(g, n), c, n, 1e-5);
+  cpu.ops->gelu_fwd(&cpu, c, MT_F32, x, n);
+  gpu.ops->gelu_fwd(&gpu, g, MT_F32, gx, n);
+  float *g32 = back(g, n);
+  check("gelu_fwd", label("n=%zu", n), g32, c, n, 1e-5);
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    mt_dtype ot = fp16 ? MT_F16 : MT_BF16;
+    uint16_t *ch = halloc(n * sizeof(uint16_t));
+    void *gh = DP(n * sizeof(uint16_t));
+    cpu.ops->gelu_fwd(&cpu, ch, ot, x, n);
+    gpu.ops->gelu_fwd(&gpu, gh, ot, gx, n);
+    check_typed("gelu_fwd", "out", gh, ch, g32, c, n, ot);
+  }
   float *cd = H(n, -1, 1), *gd = Df(cd, n);
   cpu.ops->gelu_bwd(&cpu, cd, x, y, n);
   gpu.ops->gelu_bwd(&gpu, gd, gx, gy, n);
@@ -909,46 +1152,70 @@ int main(int argc, char **argv) {
     test_embedding(s);
     test_layernorm(7, 24);
     test_layernorm(3, 300); /* more columns than threads */
-    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i], MT_F32);
-    test_linear(5, 7, 3, MT_MATMUL_FP32, MT_F32); /* odd sizes: 4-byte aligned rows */
-    for (int i = 0; i < 3; i++) test_linear_gelu(9, 20, 16, precs[i], MT_F32); /* GeLU epilogue */
-    test_linear_gelu(9, 20, 12, MT_MATMUL_FP32, MT_F32); /* aux ld 12: GEMM, then the GeLU kernel */
-    test_linear_gelu(5, 7, 3, MT_MATMUL_FP32, MT_F32);
-    for (int i = 0; i < 3; i++) test_linear_bwd_dgelu(9, 16, 20, precs[i], MT_F32); /* DGELU */
-    test_linear_bwd_dgelu(9, 12, 20, MT_MATMUL_FP32, MT_F32); /* aux ld 12: GEMM, then gelu_bwd */
-    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_FP32, MT_F32);
-    /* 16-bit weights: bf16 in every precision (bf16: native bf16 GEMMs),
-     * fp16 in tf32 as fp16 jobs run them */
-    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i], MT_BF16);
-    test_linear(9, 20, 12, MT_MATMUL_TF32, MT_F16);
-    test_linear(5, 7, 3, MT_MATMUL_BF16, MT_BF16); /* odd sizes: 2-byte aligned bf16 rows */
-    test_linear(5, 7, 3, MT_MATMUL_TF32, MT_F16);
-    test_linear_gelu(9, 20, 16, MT_MATMUL_BF16, MT_BF16);
-    test_linear_gelu(9, 20, 16, MT_MATMUL_TF32, MT_F16);
-    test_linear_gelu(9, 20, 12, MT_MATMUL_BF16, MT_BF16);
-    test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_BF16, MT_BF16);
-    test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_FP32, MT_BF16);
-    test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_TF32, MT_F16);
-    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_BF16, MT_BF16);
+    for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i], MT_F32, MT_F32);
+    test_linear(5, 7, 3, MT_MATMUL_FP32, MT_F32, MT_F32); /* odd sizes: 4-byte aligned rows */
+    for (int i = 0; i < 3; i++)
+      test_linear_gelu(9, 20, 16, precs[i], MT_F32, MT_F32); /* GeLU epilogue */
+    /* aux ld 12: GEMM, then the GeLU kernel */
+    test_linear_gelu(9, 20, 12, MT_MATMUL_FP32, MT_F32, MT_F32);
+    test_linear_gelu(5, 7, 3, MT_MATMUL_FP32, MT_F32, MT_F32);
+    for (int i = 0; i < 3; i++)
+      test_linear_bwd_dgelu(9, 16, 20, precs[i], MT_F32, MT_F32); /* DGELU */
+    /* aux ld 12: GEMM, then gelu_bwd */
+    test_linear_bwd_dgelu(9, 12, 20, MT_MATMUL_FP32, MT_F32, MT_F32);
+    test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_FP32, MT_F32, MT_F32);
+    /* 16-bit weights, with fp32 inputs and with inputs of their type: bf16
+     * in every precision (bf16: native bf16 GEMMs), fp16 in tf32 as fp16
+     * jobs run them */
+    for (int k = 0; k < 2; k++) {
+      mt_dtype bf_in = k ? MT_BF16 : MT_F32, fp_in = k ? MT_F16 : MT_F32;
+      for (int i = 0; i < 3; i++) test_linear(9, 20, 12, precs[i], MT_BF16, bf_in);
+      test_linear(9, 20, 12, MT_MATMUL_TF32, MT_F16, fp_in);
+      /* odd sizes: 2-byte aligned 16-bit rows */
+      test_linear(5, 7, 3, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear(5, 7, 3, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_gelu(9, 20, 16, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_gelu(9, 20, 16, MT_MATMUL_FP32, MT_BF16, bf_in);
+      test_linear_gelu(9, 20, 16, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_gelu(9, 20, 12, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_gelu(5, 7, 3, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_FP32, MT_BF16, bf_in);
+      test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_TF32, MT_F16, fp_in);
+    }
     test_linear_bf16_native(9, 20, 16, 0);
     test_linear_bf16_native(5, 7, 3, 0);
+    test_linear_typed_input(9, 20, 16, MT_MATMUL_BF16, MT_BF16, 0);
+    test_linear_typed_input(9, 20, 16, MT_MATMUL_FP32, MT_BF16, 0);
+    test_linear_typed_input(9, 20, 16, MT_MATMUL_TF32, MT_F16, 0);
+    test_linear_typed_input(5, 7, 3, MT_MATMUL_BF16, MT_BF16, 0);
 #ifdef MT_CUDA_CVT_BYTES
-    /* past the emulator's conversion budget (meson: 2048 bytes): rows of
-     * inp and dout in blocks of 16 (and 40 for the forward), weight rows
-     * in blocks of 16 */
-    test_linear(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
-    test_linear(64, 24, 40, MT_MATMUL_FP32, MT_BF16);
-    test_linear(64, 24, 40, MT_MATMUL_TF32, MT_F16);
-    test_linear_gelu(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
-    test_linear_gelu(64, 24, 40, MT_MATMUL_TF32, MT_F16);
-    test_linear_bwd_dgelu(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
-    test_linear_bwd_dgelu(64, 24, 40, MT_MATMUL_TF32, MT_F16);
-    test_linear_bwd_dgelu(64, 20, 44, MT_MATMUL_TF32, MT_F16); /* aux ld 20: GEMMs, then gelu_bwd */
+    /* past the emulator's conversion budget (meson: 2048 bytes): with fp32
+     * inputs, rows of inp and dout in blocks of 16 (and 40 for the
+     * forward); with 16-bit ones, rows of dout alone in blocks of 24, and
+     * unpacked inputs in blocks of 16; weight rows in blocks of 16 */
+    for (int k = 0; k < 2; k++) {
+      mt_dtype bf_in = k ? MT_BF16 : MT_F32, fp_in = k ? MT_F16 : MT_F32;
+      test_linear(64, 24, 40, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear(64, 24, 40, MT_MATMUL_FP32, MT_BF16, bf_in);
+      test_linear(64, 24, 40, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_gelu(64, 24, 40, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_gelu(64, 24, 40, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_bwd_dgelu(64, 24, 40, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_bwd_dgelu(64, 24, 40, MT_MATMUL_TF32, MT_F16, fp_in);
+      /* aux ld 20: GEMMs, then gelu_bwd */
+      test_linear_bwd_dgelu(64, 20, 44, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_blocks(64, 24, 40, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_blocks(64, 24, 40, MT_MATMUL_FP32, MT_BF16, bf_in);
+      test_linear_blocks(64, 24, 40, MT_MATMUL_TF32, MT_F16, fp_in);
+    }
     test_linear_bf16_native(64, 24, 40, 1);
-    test_linear_blocks(64, 24, 40, MT_MATMUL_BF16, MT_BF16);
-    test_linear_blocks(64, 24, 40, MT_MATMUL_FP32, MT_BF16);
-    test_linear_blocks(64, 24, 40, MT_MATMUL_TF32, MT_F16);
+    test_linear_typed_input(64, 24, 40, MT_MATMUL_BF16, MT_BF16, 1);
+    test_linear_typed_input(64, 24, 40, MT_MATMUL_TF32, MT_F16, 1);
 #endif
+    test_linear_bad_types();
     test_linear_scratch();
     test_to_half(1000);
     for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
@@ -972,26 +1239,40 @@ int main(int argc, char **argv) {
     test_layernorm(1024, 768);
     test_layernorm(37, 2050);
     for (int i = 0; i < 3; i++) {
-      test_linear(1024, 768, 2304, precs[i], MT_F32);
-      test_linear(67, 129, 65, precs[i], MT_F32);
-      test_linear_gelu(1024, 768, 3072, precs[i], MT_F32);
-      test_linear_bwd_dgelu(1024, 3072, 768, precs[i], MT_F32); /* the MLP's c_proj */
+      test_linear(1024, 768, 2304, precs[i], MT_F32, MT_F32);
+      test_linear(67, 129, 65, precs[i], MT_F32, MT_F32);
+      test_linear_gelu(1024, 768, 3072, precs[i], MT_F32, MT_F32);
+      test_linear_bwd_dgelu(1024, 3072, 768, precs[i], MT_F32, MT_F32); /* the MLP's c_proj */
     }
-    test_linear_gelu(67, 129, 260, MT_MATMUL_FP32, MT_F32); /* aux ld 260: not a multiple of 8 */
-    test_linear_bwd_dgelu(67, 260, 129, MT_MATMUL_FP32, MT_F32);
-    /* 16-bit weights: bf16 jobs' native bf16 GEMMs, fp16 jobs' TF32 ones */
-    test_linear(1024, 768, 2304, MT_MATMUL_BF16, MT_BF16);
-    test_linear(67, 129, 65, MT_MATMUL_BF16, MT_BF16);
-    test_linear(1024, 768, 2304, MT_MATMUL_TF32, MT_F16);
-    test_linear_gelu(1024, 768, 3072, MT_MATMUL_BF16, MT_BF16);
-    test_linear_gelu(1024, 768, 3072, MT_MATMUL_TF32, MT_F16);
-    test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_BF16, MT_BF16);
-    test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_TF32, MT_F16);
+    /* aux ld 260: not a multiple of 8 */
+    test_linear_gelu(67, 129, 260, MT_MATMUL_FP32, MT_F32, MT_F32);
+    test_linear_bwd_dgelu(67, 260, 129, MT_MATMUL_FP32, MT_F32, MT_F32);
+    /* 16-bit weights, with fp32 inputs and with inputs of their type: bf16
+     * jobs' native bf16 GEMMs, fp16 jobs' TF32 ones and native fp16
+     * forwards */
+    for (int k = 0; k < 2; k++) {
+      mt_dtype bf_in = k ? MT_BF16 : MT_F32, fp_in = k ? MT_F16 : MT_F32;
+      test_linear(1024, 768, 2304, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear(67, 129, 65, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear(1024, 768, 2304, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear(67, 129, 65, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_gelu(1024, 768, 3072, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_gelu(1024, 768, 3072, MT_MATMUL_TF32, MT_F16, fp_in);
+      test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_BF16, MT_BF16, bf_in);
+      test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_TF32, MT_F16, fp_in);
+    }
     test_linear_bf16_native(1024, 768, 3072, 0);
+    test_linear_typed_input(1024, 768, 3072, MT_MATMUL_BF16, MT_BF16, 0);
+    test_linear_typed_input(1024, 768, 3072, MT_MATMUL_TF32, MT_F16, 0);
     /* past the default 128 MiB budget: fp16 weights unpacked in blocks of
-     * rows (256 MiB in fp32); bf16 rows of inp and dout in blocks (192 MiB) */
-    test_linear(64, 8192, 8192, MT_MATMUL_TF32, MT_F16);
+     * rows (256 MiB in fp32); bf16 rows of inp and dout in blocks (192
+     * MiB), of dout alone (256 MiB); fp16 inputs unpacked in blocks for dw
+     * (256 MiB in fp32) */
+    test_linear(64, 8192, 8192, MT_MATMUL_TF32, MT_F16, MT_F32);
     test_linear_bf16_native(16384, 2048, 4096, 1);
+    test_linear_typed_input(32768, 2048, 4096, MT_MATMUL_BF16, MT_BF16, 1);
+    test_linear_typed_input(32768, 2048, 4096, MT_MATMUL_TF32, MT_F16, 1);
+    test_linear_bad_types();
     for (int i = 0; i < 3; i++) test_attention(s, precs[i], 0);
     test_attention(s, MT_MATMUL_FP32, 1);
     test_attention(s, MT_MATMUL_BF16, 1);

@@ -14,7 +14,8 @@ Checked, each relative to float64 torch:
   - for "tiny", the same 10 steps in bf16 mixed precision (MT_REF_PRECISION):
     fp32 master weights, each step computing with them rounded to bfloat16
     (torch: .bfloat16() and back before the forward, the gradient applied to
-    the master) and with the activations a block keeps rounded to bfloat16
+    the master), with the activations a block keeps and its GEMMs' inputs
+    (LayerNorm and GeLU outputs) rounded to bfloat16
     where it makes them (torch_gpt.rounded_to), against torch doing the same
     from float32 masters, within
     BF16_TOL at every step. The bf16 run must also be at least 3 times

@@ -143,21 +143,22 @@ def forward(p, cfg, idx, targets=None, keep=same):
     keep: applied where mtnlg's blocks keep an activation for the backward
     pass (in a 16-bit job rounded there, rounded_to): Q/K/V, the attention
     output, the stream after attention, c_fc's output, and the stream
-    between blocks (not after the last)."""
+    between blocks (not after the last); and where a 16-bit job's GEMM input
+    is made, as autocast rounds it: the LayerNorms' outputs and GeLU's."""
     B, T = idx.shape
     x = p["wte.weight"][idx] + p["wpe.weight"][:T]  # (B, T, C)
     for l in range(cfg.n_layer):
         h = f"h.{l}."
-        a = layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a = keep(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]))
         x = keep(x + attention(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
                                p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"],
                                cfg.n_head, keep))
-        m = layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        m = gelu_tanh(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"]))
+        m = keep(layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]))
+        m = keep(gelu_tanh(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"])))
         x = x + (m @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"])
         if l < cfg.n_layer - 1:
             x = keep(x)
-    x = layer_norm(x, p["ln_f.weight"], p["ln_f.bias"])
+    x = keep(layer_norm(x, p["ln_f.weight"], p["ln_f.bias"]))
     logits = x @ p["wte.weight"].t()  # (B, T, V), tied head
     loss = None
     if targets is not None:

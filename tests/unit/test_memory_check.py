@@ -38,7 +38,7 @@ def main():
             failures += check("test_bf16_job_is_checked_as_stored",
                               p.returncode == 2
                               and "as this engine stores a bf16 job (fp32 with bf16 activations"
-                              in p.stderr and "weights 5.3 and their 16-bit working copy 2.6, GEMM conversion scratch 0.4, grads 5.3, "
+                              in p.stderr and "weights 5.3 and their 16-bit working copy 2.6, GEMM conversion scratch 0.5, grads 5.3, "
                               "optimizer 10.5" in p.stderr,
                               f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
         p = subprocess.run([mtnlgd, "--standalone", job, "--set", f"data.path={tokens}",

@@ -326,7 +326,7 @@ static void test_layernorm_fwd_matches_reference(int N, int C) {
   ln_case l = ln_make(N, C);
   size_t n = (size_t)N * C;
   float *out = frand(n, -9, 9), *mean = fzeros((size_t)N), *rstd = fzeros((size_t)N);
-  ops->layernorm_fwd(&dev, out, mean, rstd, l.inp, l.w, l.b, N, C, LN_EPS);
+  ops->layernorm_fwd(&dev, out, MT_F32, mean, rstd, l.inp, l.w, l.b, N, C, LN_EPS);
   ln_ref(l.out, l.mean, l.rstd, l.dinp, l.dw, l.db, N, C, LN_EPS);
   char what[64];
   snprintf(what, sizeof what, "N=%d C=%d out", N, C);
@@ -341,7 +341,7 @@ static void test_layernorm_fwd_matches_reference(int N, int C) {
 static void ln_run_bwd(ln_case *l, float *gin, float *gw, float *gb) {
   size_t n = (size_t)l->N * l->C;
   float *out = fzeros(n), *mean = fzeros((size_t)l->N), *rstd = fzeros((size_t)l->N);
-  ops->layernorm_fwd(&dev, out, mean, rstd, l->inp, l->w, l->b, l->N, l->C, LN_EPS);
+  ops->layernorm_fwd(&dev, out, MT_F32, mean, rstd, l->inp, l->w, l->b, l->N, l->C, LN_EPS);
   ops->layernorm_bwd(&dev, gin, gw, gb, l->r, l->inp, l->w, mean, rstd, l->N, l->C);
   free(out), free(mean), free(rstd);
 }
@@ -422,7 +422,7 @@ static void lin_free(lin_case *l) {
 static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias) {
   lin_case l = lin_make(N, C, OC, has_bias);
   float *out = frand((size_t)N * OC, -9, 9);
-  ops->linear_fwd(&dev, out, l.inp, l.w, MT_F32, has_bias ? l.bias : NULL, NULL, N, C, OC);
+  ops->linear_fwd(&dev, out, l.inp, MT_F32, l.w, MT_F32, has_bias ? l.bias : NULL, NULL, N, C, OC);
   lin_ref(l.out, l.dinp, l.dw, has_bias ? l.dbias : NULL, N, C, OC);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s out", N, C, OC, has_bias ? "yes" : "NULL");
@@ -434,7 +434,8 @@ static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias
 static void test_linear_bwd_matches_finite_differences(int N, int C, int OC, int has_bias) {
   lin_case l = lin_make(N, C, OC, has_bias);
   float *gin = fzeros((size_t)N * C), *gw = fzeros((size_t)OC * C), *gb = fzeros((size_t)OC);
-  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C,
+                  OC);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dinp", N, C, OC);
   check_grad(__func__, what, lin_loss, &l, l.dinp, (size_t)N * C, gin);
@@ -452,9 +453,9 @@ static void test_linear_bwd_accumulates_and_skips_null(void) {
   float *nw = fzeros((size_t)OC * C);
   ffill(ain, (size_t)N * C, PREFILL), ffill(aw, (size_t)OC * C, PREFILL);
   ffill(ab, (size_t)OC, PREFILL);
-  ops->linear_bwd(&dev, gin, gw, gb, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
-  ops->linear_bwd(&dev, ain, aw, ab, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
-  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, l.inp, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, gin, gw, gb, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, ain, aw, ab, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
   check_accumulates(__func__, "dinp", ain, gin, (size_t)N * C);
   check_accumulates(__func__, "dw", aw, gw, (size_t)OC * C);
   check_accumulates(__func__, "dbias", ab, gb, (size_t)OC);
@@ -610,7 +611,7 @@ static double gelu_loss(void *p) {
 static void test_gelu_fwd_matches_reference(size_t n) {
   float *x = frand(n, -5, 5), *out = fzeros(n);
   double *ref = dzeros(n);
-  ops->gelu_fwd(&dev, out, x, n);
+  ops->gelu_fwd(&dev, out, MT_F32, x, n);
   for (size_t i = 0; i < n; i++) ref[i] = gelu_ref(x[i]);
   char what[64];
   snprintf(what, sizeof what, "n=%zu out", n);
@@ -625,9 +626,9 @@ static void test_linear_gelu_fwd_is_linear_then_gelu(int N, int C, int OC, int h
   float *x = frand((size_t)N * C, -1, 1), *w = frand((size_t)OC * C, -0.5, 0.5),
         *b = frand((size_t)OC, -1, 1);
   float *out = frand(n, -9, 9), *pre = frand(n, -9, 9), *want_pre = fzeros(n), *want = fzeros(n);
-  ops->linear_gelu_fwd(&dev, out, pre, x, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
-  ops->linear_fwd(&dev, want_pre, x, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
-  ops->gelu_fwd(&dev, want, want_pre, n);
+  ops->linear_gelu_fwd(&dev, out, pre, x, MT_F32, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
+  ops->linear_fwd(&dev, want_pre, x, MT_F32, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
+  ops->gelu_fwd(&dev, want, MT_F32, want_pre, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s", N, C, OC, has_bias ? "yes" : "NULL");
   report(bits_equal(pre, want_pre, n), __func__, "%s pre = linear_fwd", what);
@@ -650,10 +651,10 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
         *db = frand((size_t)OC, -1, 1);
   float *want_dfch = fzeros(n), *want = fzeros(n), *want_dw = fcopy(dw, nw),
         *want_db = fcopy(db, (size_t)OC);
-  ops->linear_bwd_dgelu(&dev, dpre, scratch, dw, has_bias ? db : NULL, dout, inp, pre, w, MT_F32,
-                        NULL, N, C, OC);
-  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, w, MT_F32, NULL,
-                  N, C, OC);
+  ops->linear_bwd_dgelu(&dev, dpre, scratch, dw, has_bias ? db : NULL, dout, inp, MT_F32, pre, w,
+                        MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, MT_F32, w, MT_F32,
+                  NULL, N, C, OC);
   ops->gelu_bwd(&dev, want, pre, want_dfch, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dbias=%s", N, C, OC, has_bias ? "yes" : "NULL");
@@ -665,10 +666,12 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
   free(want_dfch), free(want), free(want_dw), free(want_db);
 }
 
-/* A 16-bit working copy (bf16, fp16) of a matrix is read as the floats it
- * holds: every op that takes one gives the bits the fp32 copy of those
- * values gives, and to_half stores half.h's rounding of each master. */
-static void test_16bit_matrices_read_as_their_floats(int N, int C, int OC) {
+/* A 16-bit working copy (bf16, fp16) of a matrix and a 16-bit GEMM input
+ * are read as the floats they hold: every op that takes them gives the bits
+ * fp32 copies of those values give; to_half stores half.h's rounding of
+ * each master, and LayerNorm and GeLU writing 16 bits store the rounding of
+ * what they write in fp32. */
+static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
   size_t nw = (size_t)OC * C, ni = (size_t)N * C, no = (size_t)N * OC;
   for (int fp16 = 0; fp16 <= 1; fp16++) {
     mt_dtype wt = fp16 ? MT_F16 : MT_BF16;
@@ -682,33 +685,40 @@ static void test_16bit_matrices_read_as_their_floats(int N, int C, int OC) {
       w[i] = mt_half_unpack(h[i], fp16);
     }
     report(bad == 0, __func__, "%s to_half: %zu of %zu differ from half.h", name, bad, nw);
-    size_t sb = ops->linear_scratch(&dev, N, C, OC, wt);
-    report(sb >= nw * sizeof(float) && ops->linear_scratch(&dev, N, C, OC, MT_F32) == 0, __func__,
-           "%s linear_scratch %zu bytes for %zu weights, 0 for fp32", name, sb, nw);
+    size_t sb = ops->linear_scratch(&dev, N, C, OC, wt, wt);
+    report(sb >= (nw + ni) * sizeof(float) &&
+               ops->linear_scratch(&dev, N, C, OC, MT_F32, MT_F32) == 0,
+           __func__, "%s linear_scratch %zu bytes for %zu weights and %zu inputs, 0 for fp32", name,
+           sb, nw, ni);
     void *cvt = xmalloc(sb);
     float *x = frand(ni, -1, 1), *b = frand((size_t)OC, -1, 1), *dout = frand(no, -1, 1);
     float *pre = frand(ni, -4, 4);
+    /* the input in 16 bits (xh) and the floats it holds (x itself from here) */
+    uint16_t *xh = xmalloc(ni * sizeof(uint16_t));
+    ops->to_half(&dev, xh, x, ni, fp16);
+    for (size_t i = 0; i < ni; i++) x[i] = mt_half_unpack(xh[i], fp16);
 
     float *o16 = frand(no, -9, 9), *o32 = fzeros(no), *g16 = frand(no, -9, 9), *g32 = fzeros(no);
-    ops->linear_fwd(&dev, o16, x, h, wt, b, cvt, N, C, OC);
-    ops->linear_fwd(&dev, o32, x, w, MT_F32, b, NULL, N, C, OC);
+    ops->linear_fwd(&dev, o16, xh, wt, h, wt, b, cvt, N, C, OC);
+    ops->linear_fwd(&dev, o32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
     report(bits_equal(o16, o32, no), __func__, "%s linear_fwd", name);
-    ops->linear_gelu_fwd(&dev, g16, o16, x, h, wt, b, cvt, N, C, OC);
-    ops->linear_gelu_fwd(&dev, g32, o32, x, w, MT_F32, b, NULL, N, C, OC);
+    ops->linear_gelu_fwd(&dev, g16, o16, xh, wt, h, wt, b, cvt, N, C, OC);
+    ops->linear_gelu_fwd(&dev, g32, o32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
     report(bits_equal(g16, g32, no) && bits_equal(o16, o32, no), __func__, "%s linear_gelu_fwd",
            name);
 
     float *di16 = frand(ni, -1, 1), *di32 = fcopy(di16, ni), *dw16 = frand(nw, -1, 1),
           *dw32 = fcopy(dw16, nw), *db16 = frand((size_t)OC, -1, 1),
           *db32 = fcopy(db16, (size_t)OC);
-    ops->linear_bwd(&dev, di16, dw16, db16, dout, x, h, wt, cvt, N, C, OC);
-    ops->linear_bwd(&dev, di32, dw32, db32, dout, x, w, MT_F32, NULL, N, C, OC);
+    ops->linear_bwd(&dev, di16, dw16, db16, dout, xh, wt, h, wt, cvt, N, C, OC);
+    ops->linear_bwd(&dev, di32, dw32, db32, dout, x, MT_F32, w, MT_F32, NULL, N, C, OC);
     report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw) &&
                bits_equal(db16, db32, (size_t)OC),
            __func__, "%s linear_bwd dinp, dw, dbias", name);
     float *sc = frand(ni, -9, 9);
-    ops->linear_bwd_dgelu(&dev, di16, sc, dw16, db16, dout, x, pre, h, wt, cvt, N, C, OC);
-    ops->linear_bwd_dgelu(&dev, di32, sc, dw32, db32, dout, x, pre, w, MT_F32, NULL, N, C, OC);
+    ops->linear_bwd_dgelu(&dev, di16, sc, dw16, db16, dout, xh, wt, pre, h, wt, cvt, N, C, OC);
+    ops->linear_bwd_dgelu(&dev, di32, sc, dw32, db32, dout, x, MT_F32, pre, w, MT_F32, NULL, N, C,
+                          OC);
     report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw), __func__,
            "%s linear_bwd_dgelu dpre, dw", name);
 
@@ -723,6 +733,23 @@ static void test_16bit_matrices_read_as_their_floats(int N, int C, int OC) {
     ops->embedding_shard_fwd(&dev, e16, tok, h + (size_t)v0 * C, wt, v0, Vl, N, C);
     ops->embedding_shard_fwd(&dev, e32, tok, w + (size_t)v0 * C, MT_F32, v0, Vl, N, C);
     report(bits_equal(e16, e32, ni), __func__, "%s embedding_shard_fwd", name);
+
+    /* LayerNorm and GeLU writing 16 bits: the fp32 op's values, rounded */
+    float *lw = frand((size_t)C, 0.5, 1.5), *lb = frand((size_t)C, -0.5, 0.5), *mean = fzeros(N),
+          *rstd = fzeros(N), *l32 = fzeros(ni);
+    uint16_t *l16 = xmalloc(ni * sizeof(uint16_t));
+    ops->layernorm_fwd(&dev, l32, MT_F32, mean, rstd, pre, lw, lb, N, C, 1e-5f);
+    ops->layernorm_fwd(&dev, l16, wt, mean, rstd, pre, lw, lb, N, C, 1e-5f);
+    size_t off = 0;
+    for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
+    ops->gelu_fwd(&dev, l32, MT_F32, pre, ni);
+    ops->gelu_fwd(&dev, l16, wt, pre, ni);
+    for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
+    report(off == 0, __func__,
+           "%s layernorm_fwd and gelu_fwd: %zu of %zu values not the fp32 "
+           "op's rounded",
+           name, off, 2 * ni);
+    free(lw), free(lb), free(mean), free(rstd), free(l32), free(l16), free(xh);
 
     free(master), free(w), free(h), free(cvt), free(x), free(b), free(dout), free(pre);
     free(o16), free(o32), free(g16), free(g32), free(di16), free(di32), free(dw16), free(dw32);
@@ -1114,8 +1141,8 @@ int main(void) {
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(13, 12, 9, 1);
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(13, 12, 9, 0);
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(130, 260, 32, 1); /* the parallel paths */
-  test_16bit_matrices_read_as_their_floats(13, 12, 9);
-  test_16bit_matrices_read_as_their_floats(130, 64, 520); /* the parallel paths */
+  test_16bit_operands_read_as_their_floats(13, 12, 9);
+  test_16bit_operands_read_as_their_floats(130, 64, 520); /* the parallel paths */
   test_gelu_bwd_matches_finite_differences(1001);
   test_gelu_bwd_matches_finite_differences(100003);
 

@@ -232,6 +232,7 @@ void wait_idle(cudaStream_t s, const char *what) {
 
 /* One kernel at a time: its blocks use the emulator's globals. */
 std::mutex launch_mu;
+std::map<std::string, long> launches; /* by kernel name, under launch_mu */
 
 void before_launch(cudaStream_t s, const char *name) {
   std::string what = std::string("kernel ") + name;
@@ -688,6 +689,7 @@ unsigned ballot(int pred) {
 void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::function<void()> &b) {
   before_launch(s, name);
   std::lock_guard<std::mutex> one_at_a_time(launch_mu);
+  launches[name]++;
   size_t nthreads = (size_t)block.x * block.y * block.z;
   if (!grid.x || !grid.y || !grid.z || !nthreads || nthreads > 1024 || block.z > 64 ||
       grid.y > 65535 || grid.z > 65535) {
@@ -753,6 +755,12 @@ void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
 }
 
 long mt_emu_gemm16_count(void) { return mt_emu::gemms_16bit; }
+
+long mt_emu_launch_count(const char *kernel) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  auto it = launches.find(kernel);
+  return it == launches.end() ? 0 : it->second;
+}
 
 /* ---- GEMM --------------------------------------------------------------- */
 
