@@ -34,6 +34,10 @@ float tanhf(float) __attribute__((__simd__("notinbranch")));
  * region costs a few microseconds. */
 #define PAR_MIN 32768
 
+/* A 16-bit output (LayerNorm's, GeLU's) is computed into a stack tile of
+ * this many floats, then packed (pack_row). */
+#define PACK_TILE 1024
+
 /* Attention works on blocks of ATT_RB query rows: a block only needs the key
  * columns up to its last row, which skips most of the masked upper triangle.
  * With dropout the dropped probabilities go through a stack tile of ATT_RB
@@ -64,6 +68,18 @@ static inline void unpack_row(float *o, const uint16_t *h, size_t n, mt_dtype t)
     for (size_t i = 0; i < n; i++) o[i] = mt_half_unpack(h[i], 0);
   } else {
     for (size_t i = 0; i < n; i++) o[i] = mt_half_unpack(h[i], 1);
+  }
+}
+
+/* h(n) = the bits of o(n) rounded to bf16 (fp16 != 0: binary16). The bf16
+ * loop is written alone so that GCC vectorises it (half.h's fp16 rounding
+ * has branches it does not). */
+static inline void pack_row(uint16_t *h, const float *o, size_t n, int fp16) {
+  if (!fp16) {
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_bf16(o[i]).bits;
+  } else {
+    for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_fp16(o[i]).bits;
   }
 }
 
@@ -133,15 +149,17 @@ static void layernorm_fwd(mt_device *d, void *out, mt_dtype ot, float *mean, flo
       v += dx * dx;
     }
     float r = 1.0f / sqrtf(v / (float)C + eps);
-    if (ot == MT_F32) {
-      float *o = (float *)out + (size_t)n * C;
+    /* in tiles, each written to the output or, for 16 bits, to the stack
+     * and packed: one loop computes either, so a 16-bit value is the
+     * rounding of the fp32 one */
+    for (int c0 = 0; c0 < C; c0 += PACK_TILE) {
+      float tile[PACK_TILE];
+      float *o = ot == MT_F32 ? (float *)out + (size_t)n * C + c0 : tile;
+      int k = C - c0 < PACK_TILE ? C - c0 : PACK_TILE;
 #pragma omp simd
-      for (int c = 0; c < C; c++) o[c] = (x[c] - m) * r * w[c] + b[c];
-    } else {
-      uint16_t *o = (uint16_t *)out + (size_t)n * C;
-      int fp16 = ot == MT_F16;
-#pragma omp simd
-      for (int c = 0; c < C; c++) o[c] = mt_half_pack((x[c] - m) * r * w[c] + b[c], fp16);
+      for (int c = 0; c < k; c++) o[c] = (x[c0 + c] - m) * r * w[c0 + c] + b[c0 + c];
+      if (ot != MT_F32)
+        pack_row((uint16_t *)out + (size_t)n * C + c0, tile, (size_t)k, ot == MT_F16);
     }
     mean[n] = m;
     rstd[n] = r;
@@ -500,16 +518,19 @@ static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float
  * (see the libmvec note at the top). */
 #define EW_CHUNK 8192
 
+/* As LayerNorm's output: tiles written to the output or packed from the
+ * stack, one loop for both (packing inside the GeLU loop kept GCC from
+ * vectorising tanhf: twice the time). Tiles start at fixed offsets, so the
+ * vector tanhf covers the same elements whatever the thread count. */
 static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n) {
-  if (ot == MT_F32) {
-    float *o = out;
-#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
-    for (size_t i = 0; i < n; i++) o[i] = mt_gelu(inp[i]);
-  } else {
-    uint16_t *o = out;
-    int fp16 = ot == MT_F16;
-#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
-    for (size_t i = 0; i < n; i++) o[i] = mt_half_pack(mt_gelu(inp[i]), fp16);
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i0 = 0; i0 < n; i0 += PACK_TILE) {
+    float tile[PACK_TILE];
+    float *o = ot == MT_F32 ? (float *)out + i0 : tile;
+    size_t m = n - i0 < PACK_TILE ? n - i0 : PACK_TILE;
+#pragma omp simd
+    for (size_t i = 0; i < m; i++) o[i] = mt_gelu(inp[i0 + i]);
+    if (ot != MT_F32) pack_row((uint16_t *)out + i0, tile, m, ot == MT_F16);
   }
 }
 
@@ -559,17 +580,19 @@ static void round_half(mt_device *d, float *dst, const float *src, size_t n, int
   for (size_t i = 0; i < n; i++) dst[i] = mt_round_half(src[i], fp16);
 }
 
+/* Both in blocks of EW_CHUNK so that each thread runs pack_row's loops */
 static void to_half(mt_device *d, uint16_t *dst, const float *src, size_t n, int fp16) {
 #pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
-  for (size_t i = 0; i < n; i++) dst[i] = mt_half_pack(src[i], fp16);
+  for (size_t i0 = 0; i0 < n; i0 += EW_CHUNK)
+    pack_row(dst + i0, src + i0, n - i0 < EW_CHUNK ? n - i0 : EW_CHUNK, fp16);
 }
 
 static void pack_half(mt_device *d, uint16_t *dst, float *src, size_t n, int fp16) {
 #pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
-  for (size_t i = 0; i < n; i++) {
-    uint16_t h = mt_half_pack(src[i], fp16);
-    dst[i] = h;
-    src[i] = mt_half_unpack(h, fp16);
+  for (size_t i0 = 0; i0 < n; i0 += EW_CHUNK) {
+    size_t m = n - i0 < EW_CHUNK ? n - i0 : EW_CHUNK;
+    pack_row(dst + i0, src + i0, m, fp16);
+    unpack_row(src + i0, dst + i0, m, fp16 ? MT_F16 : MT_BF16);
   }
 }
 
