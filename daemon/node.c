@@ -266,6 +266,11 @@ static void on_engine_done(uv_async_t *h) {
   n->engine_running = 0;
   mt_store_free(n->engine_store);
   n->engine_store = NULL;
+  if (n->said_slow)
+    mt_log_info("generation %d: this node's ranks stopped %.1f s after the abort; heartbeating "
+                "again",
+                n->gen, (mt_node_now_ms() - n->aborted_ms) / 1000.0);
+  n->quiet = n->said_slow = n->was_silent = 0;
   char reason[1200];
   int failed = n->engine_rc != 0;
   if (failed && n->end_seen) { /* aborted because the generation ended */
@@ -340,6 +345,47 @@ static void next_generation(node *n) {
   set_state(n, N_WAITING);
 }
 
+/* The generation ended and this node's ranks were aborted, but gloo wakes a
+ * collective blocked mid-transfer only at its deadline (a rank stopped in
+ * the middle of one with another rank of this node is one). A stuck rank
+ * must not hold the node: it exits without it (systemd restarts it, and it
+ * joins again), as a survivor of a lost peer always has. Only a node that
+ * was itself silent (note_silence), and so was likely declared lost and
+ * left out of the re-formed cluster, waits for its ranks, up to their
+ * deadline (cluster.comm_timeout_ms), quiet meanwhile (abort_ranks): it
+ * heartbeats again once they stopped, to be placed later as a spare. Ranks
+ * past their deadline are stuck for good. */
+static void wait_for_aborted_ranks(node *n) {
+  int64_t waited = mt_node_now_ms() - n->aborted_ms;
+  int grace_ms = 2 * n->cfg->heartbeat_interval_ms + 1000;
+  if (waited <= grace_ms) return;
+  if (n->quiet && !n->end_final && waited <= (int64_t)grace_ms + n->cfg->comm_timeout_ms) {
+    if (!n->said_slow)
+      mt_log_warn("generation %d: this node's ranks did not stop within %d ms of the abort; "
+                  "waiting for them up to cluster.comm_timeout_ms (%d ms) more, without "
+                  "heartbeating",
+                  n->gen, grace_ms, n->cfg->comm_timeout_ms);
+    n->said_slow = 1;
+    return;
+  }
+  mt_log_error("this node's ranks did not stop within %lld ms of the abort; exiting without them",
+               (long long)waited);
+  n->abandoned = 1;
+  mt_rdzv_leave(n->store, n->cfg->name);
+  finish(n, 1);
+}
+
+/* The generation ended under this node's ranks: stop them now (peers may be
+ * gone: do not wait out the deadline). A node that was silent, likely
+ * declared lost, does not heartbeat until they stopped, so that the
+ * coordinator takes it back only when it can take part: a node with ranks
+ * still stuck in the ended generation would hold up the next one's start. */
+static void abort_ranks(node *n) {
+  mt_local_abort(n->local);
+  n->aborted_ms = mt_node_now_ms();
+  n->quiet = !n->end_final && n->was_silent;
+}
+
 static void node_round(node *n) {
   int rc = 0;
   switch (n->state) {
@@ -408,21 +454,11 @@ static void node_round(node *n) {
   }
   case N_RUNNING: {
     if (n->aborted_ms) {
-      /* gloo wakes a collective blocked mid-transfer only at its deadline:
-       * the generation is over, so do not let a stuck rank hold the node */
-      if (mt_node_now_ms() - n->aborted_ms > 2 * n->cfg->heartbeat_interval_ms + 1000) {
-        mt_log_error("this node's ranks did not stop within %d ms of the abort; exiting without "
-                     "them",
-                     2 * n->cfg->heartbeat_interval_ms + 1000);
-        n->abandoned = 1;
-        mt_rdzv_leave(n->store, n->cfg->name);
-        finish(n, 1);
-      }
+      wait_for_aborted_ranks(n);
       break;
     }
     if ((rc = poll_end(n)) == 1) {
-      mt_local_abort(n->local); /* peers may be gone: do not wait out the deadline */
-      n->aborted_ms = mt_node_now_ms();
+      abort_ranks(n);
       break;
     }
     if (rc < 0) break;
@@ -475,10 +511,32 @@ static void on_tick(uv_timer_t *t) {
     finish(n, n->exit_code);
 }
 
+/* Heartbeat rounds far apart mean this process did not run (stopped,
+ * swapped, starved): past the timeout the coordinator has likely declared it
+ * lost, ended its generation if it was a member, and re-formed without it.
+ * Nothing is wrong with the node: the coordinator takes it back as a spare
+ * when its heartbeat moves again. Returns 1 then (and says so, so that its
+ * log tells why it is a spare now). */
+static int note_silence(node *n) {
+  int64_t now = mt_node_now_ms(), gap = n->last_hb_ms ? now - n->last_hb_ms : 0;
+  n->last_hb_ms = now;
+  if (gap <= n->cfg->heartbeat_timeout_ms) return 0;
+  mt_log_warn("this node did not run for %.1f s (stopped, swapped or starved), past "
+              "cluster.heartbeat_timeout_ms (%d ms): the coordinator has likely declared it "
+              "lost; its heartbeats bring it back as a spare",
+              gap / 1000.0, n->cfg->heartbeat_timeout_ms);
+  return 1;
+}
+
 static void on_heartbeat(uv_timer_t *t) {
   node *n = t->data;
   if (n->state == N_EXITING || n->state == N_DRAINING) return;
-  store_result(n, mt_rdzv_heartbeat(n->store, n->cfg->name));
+  /* back from a silence with ranks running: the next round first learns
+   * whether their generation went on without this node (abort_ranks) */
+  int silent = note_silence(n);
+  if (silent && n->state == N_RUNNING) n->was_silent = 1;
+  int hold = silent && n->state == N_RUNNING && !n->aborted_ms;
+  if (!n->quiet && !hold) store_result(n, mt_rdzv_heartbeat(n->store, n->cfg->name));
   node_control_round(n, 1);
 }
 

@@ -92,6 +92,10 @@ typedef struct node {
   volatile int64_t order_word; /* world rank 0's node: the latest order, for the engine */
   int holds_rank0;
   int64_t aborted_ms;     /* when the generation's end aborted the ranks */
+  int quiet;              /* the cluster re-forms while those ranks stop: no heartbeats */
+  int said_slow;          /* their slow stop was logged */
+  int was_silent;         /* its ranks ran while this node was silent past the timeout */
+  int64_t last_hb_ms;     /* the previous heartbeat round, to notice this node was silent */
   int64_t drain_until_ms; /* a follower that is done answers until then */
   int abandoned;          /* the ranks did not stop: exit without them */
   int have_run_job;       /* run_job and asg describe the generation (member or spare) */

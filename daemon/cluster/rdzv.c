@@ -413,6 +413,23 @@ static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t
   return why;
 }
 
+/* The role of a node that arrives now (a join, or a lost node back): a spare
+ * while a generation runs, placed when the next one forms; otherwise one for
+ * the generation forming to place. */
+static int newcomer_role(const mt_coord *c) {
+  return c->state == G_RUNNING ? ROLE_SPARE : ROLE_NONE;
+}
+
+/* A daemon of this name that ran before (and exited without its ranks, or
+ * at the end of a job) may have left nodes/<name>/left behind: that was its
+ * word, not the word of the daemon joining now under the name. */
+static int forget_left(mt_coord *c, const char *name) {
+  char key[128];
+  snprintf(key, sizeof key, "nodes/%s/left", name);
+  int rc = mt_store_del(c->o.store, key);
+  return rc == MT_ENOENT ? 0 : rc;
+}
+
 static int read_joins(mt_coord *c, int64_t now_ms) {
   int64_t last;
   int rc = mt_store_add(c->o.store, "nodes/seq", 0, &last);
@@ -430,6 +447,8 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
     const char *no = bad ? "the join descriptor has no node name" : refusal(c, &d, why, sizeof why);
     if (no) {
       mt_log_warn("coordinator: refused join %lld: %s", (long long)c->next_seq, no);
+    } else if ((rc = forget_left(c, d.name))) {
+      return rc;
     } else {
       coord_node *n = find_node(c, d.name);
       if (!n) {
@@ -446,8 +465,7 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
       n->slots = d.n_devices / c->o.tp;
       n->hb_changed_ms = now_ms;
       n->hb_value = -1;
-      /* a node joining a running generation waits as a spare */
-      n->role = c->state == G_RUNNING ? ROLE_SPARE : ROLE_NONE;
+      n->role = newcomer_role(c);
       mt_log_info("coordinator: node %s joined from %s with %d device(s) (%d slot(s)) as join %lld",
                   d.name, d.host, d.n_devices, n->slots, (long long)c->next_seq);
     }
@@ -457,15 +475,57 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
   return 0;
 }
 
-/* Heartbeats and departures: marks nodes lost or left; returns the first
- * member of the running generation lost (or gone) in this round, with what
- * happened to it in why, or NULL. */
+/* A node declared lost whose heartbeat counter moves again was only slow
+ * (stopped, swapping, cut off a while), not dead: it comes back as a node
+ * that just joined and was not placed, so that the next generation formed (a
+ * later failure, a resize, or the wait for enough nodes after one) can use
+ * it, as torchrun's next rendezvous round would. Nothing it still says about
+ * the generation it lost can touch the current one: its reports, steps and
+ * acts are keyed gen/<its g>/, and only gen/<c->gen>/ is read. One that left
+ * (nodes/<name>/left: it gave up its ranks and exits) stays left. */
+static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms) {
+  char key[128];
+  snprintf(key, sizeof key, "nodes/%s/left", n->d.name);
+  int rc = mt_store_check(c->o.store, key);
+  if (rc < 0) return rc;
+  if (rc) {
+    n->role = ROLE_LEFT;
+    mt_log_info("coordinator: node %s left (it was lost)", n->d.name);
+    return 0;
+  }
+  int64_t v;
+  snprintf(key, sizeof key, "hb/%s", n->d.name);
+  if ((rc = mt_store_add(c->o.store, key, 0, &v))) return rc;
+  if (v == n->hb_value) return 0;
+  /* a daemon started again under the name bumps the same counter, but only
+   * after its join was counted: while a join is unread, read_joins goes
+   * first (next round), so that one replaces this entry instead of being
+   * refused as a second node of the name */
+  int64_t joins;
+  if ((rc = mt_store_add(c->o.store, "nodes/seq", 0, &joins))) return rc;
+  if (joins >= c->next_seq) return 0;
+  mt_log_info("coordinator: node %s is back after %.1f s: a spare", n->d.name,
+              (now_ms - n->hb_changed_ms) / 1000.0);
+  n->hb_value = v, n->hb_changed_ms = now_ms;
+  n->role = newcomer_role(c);
+  n->rank_begin = n->rank_end = 0;
+  n->reported = 0, n->report[0] = 0;
+  return 0;
+}
+
+/* Heartbeats and departures: marks nodes lost or left, and lost nodes that
+ * heartbeat again back; returns the first member of the running generation
+ * lost (or gone) in this round, with what happened to it in why, or NULL. */
 static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc, char *why, size_t size) {
   coord_node *lost_member = NULL;
   *rc = 0;
   for (int i = 0; i < c->n_nodes; i++) {
     coord_node *n = &c->nodes[i];
-    if (n->role == ROLE_LOST || n->role == ROLE_LEFT) continue;
+    if (n->role == ROLE_LEFT) continue;
+    if (n->role == ROLE_LOST) {
+      if ((*rc = read_lost(c, n, now_ms))) return NULL;
+      continue;
+    }
     char key[128];
     snprintf(key, sizeof key, "nodes/%s/left", n->d.name);
     int left = mt_store_check(c->o.store, key);

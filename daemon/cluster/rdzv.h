@@ -12,9 +12,11 @@
  * next one forms from the nodes left and the spares, and its ranks resume
  * from the newest committed checkpoint, up to max_restarts times; when too
  * few nodes are left, the coordinator waits reform_timeout_ms for more to
- * join, then ends the job. Every key a generation uses carries its number,
- * so nothing of an old generation is read by a new one. The keys are listed
- * in proto/store-v1.md, "Rendezvous keys".
+ * join, then ends the job. A lost node whose heartbeat moves again was only
+ * slow: it is taken back as a spare, for the next generation formed to place.
+ * Every key a generation uses carries its number, so nothing of an old
+ * generation is read by a new one. The keys are listed in proto/store-v1.md,
+ * "Rendezvous keys".
  *
  * Nothing here blocks for long: the node's event loop polls with these
  * functions (store calls with no wait), so a dead coordinator costs one

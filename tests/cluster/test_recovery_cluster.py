@@ -24,6 +24,20 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   (the whole dp 1), no checkpoint.dir, rendezvous.reform_timeout_s = 1; n1
   is SIGKILLed: generation 1 ends "re-forming from step 0", and about a
   second later the job ends failed, naming what was missing; n0 exits 1.
+- test_stalled_member_comes_back_as_a_spare_and_is_placed_after_the_next_failure:
+  5 daemons as in the first case (a job of many steps), cluster.comm_timeout_ms
+  10 s; n2 is SIGSTOPped past step 6: generation 2 forms with the spare n4 and
+  resumes from the checkpoint; n2 is SIGCONTed: the coordinator logs it back,
+  its nodes list (on n0 and n1) shows it role spare, state spare, and training
+  goes on; n3 is then SIGKILLed: generation 3 forms with n2 in n3's place
+  (restart 2 of 3), resuming from the newest checkpoint, and n2 trains in it.
+  SIGTERM to n0 stops the job: every survivor exits 0, and every step's loss
+  is the same each time it was trained. The wait for n2's ranks stuck in a
+  collective of the ended generation (comm_timeout_ms) may add up to 10 s.
+- test_stalled_node_coming_back_lets_the_cluster_waiting_for_nodes_reform:
+  2 daemons (the whole dp 1), no checkpoint.dir; n1 is SIGSTOPped until
+  generation 1 ends, then SIGCONTed while the coordinator waits for enough
+  nodes: generation 2 forms with it and the job completes; both exit 0.
 """
 import importlib.util
 import json
@@ -124,6 +138,99 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
         c.kill_all()
 
 
+def roles(node):
+    """name -> (role, state) in the nodes list of the node's /v1/status."""
+    return {n["name"]: (n["role"], n["state"]) for n in status(node)["nodes"]}
+
+
+def losses_agree(nodes):
+    """Every step's loss is the same each time and wherever it was printed
+    (a step trained again after a restart, on the same layout, gives the
+    same bits); the steps seen."""
+    seen = {}
+    for n in nodes:
+        for s in n.steps():
+            if seen.setdefault(s["step"], s["loss"]) != s["loss"]:
+                return False, sorted(seen)
+    return True, sorted(seen)
+
+
+def runs(steps):
+    """A node's printed steps cut where they go back (a restart): the runs."""
+    out = []
+    for s in steps:
+        if not out or s <= out[-1][-1]:
+            out.append([])
+        out[-1].append(s)
+    return out
+
+
+def test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate):
+    name = "test_stalled_member_comes_back_as_a_spare_and_is_placed_after_the_next_failure"
+    job = tiny_job(os.path.join(tmp, "stall.json"), tokens, "stall", 100000,
+                   checkpoint={"dir": os.path.join(tmp, "stallck"), "interval": INTERVAL})
+    # comm_timeout_ms bounds how long the stalled node waits for a rank of its
+    # own left in a collective of the ended generation before it is back
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "stall"), job, nodes=5, heartbeat_ms=HB_MS,
+                     timeout_ms=TIMEOUT_MS, extra={"cluster": {"comm_timeout_ms": 10000},
+                                                   "rendezvous": {"reform_timeout_s": 20}})
+    n0, n1, stalled, victim, spare = c.nodes
+    survivors = [n0, n1, stalled, spare]
+    try:
+        for n in c.nodes[:4]:
+            c.node_start(n)
+        c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "generation 1")
+        c.node_start(spare)
+        c.wait_for(lambda: last_step(n0) >= 6, 120, "step 6")
+        stalled.signal(signal.SIGSTOP)
+        c.wait_for(lambda: grep(n0, r"coordinator: generation 2 formed") and last_step(spare) > 0,
+                   60, "a step of generation 2 without the stalled node")
+        stalled.signal(signal.SIGCONT)
+        # every control plane shows the coordinator's list, each a fetch behind
+        views = (n0, n1, stalled)
+        c.wait_for(lambda: all(roles(n).get("n2") == ("spare", "spare") for n in views), 20,
+                   "n2 listed as a spare after SIGCONT")
+        st = status(stalled)
+        st_errors = validate(st)
+        listed = [roles(n).get("n2") for n in views]
+        at = last_step(n0)
+        c.wait_for(lambda: last_step(n0) >= at + 2, 60, "two more steps with n2 back as a spare")
+        before = len(stalled.steps())  # its steps of generation 1: a spare prints none
+        victim.signal(signal.SIGKILL)
+        victim.wait(10)
+        c.wait_for(lambda: len(stalled.steps()) >= before + 2, 60, "n2's steps in generation 3")
+        n0.signal(signal.SIGTERM)  # the job stops at a step boundary; every survivor exits 0
+        codes = c.wait_all(60, survivors)
+
+        back = grep(n0, r"coordinator: node n2 is back after [0-9.]+ s: a spare")
+        said = grep(stalled, r"generation 2 formed without this node: waiting as a spare")
+        ended2 = grep(n0, r"coordinator: generation 2 ended: node n3 lost")
+        formed3 = grep(n0, r"coordinator: generation 3 formed \(restart 2 of 3\): tp 2 x pp 2 x "
+                           r"dp 2 = 8 ranks on 4 node\(s\): n0 \[0,2\), n1 \[2,4\), n2 \[4,6\), "
+                           r"n4 \[6,8\); 0 spare\(s\)")
+        gens = runs([s["step"] for s in n0.steps()])
+        resumed = [r[0] - 1 for r in gens[1:]]
+        again = [s["step"] for s in stalled.steps()[before:]]
+        same, steps = losses_agree(survivors)
+        ok = (listed == [("spare", "spare")] * 3 and st["generation"] == 2 and not st_errors
+              and back and said and ended2 and formed3 and codes == [0] * 4
+              and len(gens) == 3 and all(r >= INTERVAL and r % INTERVAL == 0 for r in resumed)
+              and again == list(range(resumed[-1] + 1, resumed[-1] + 1 + len(again)))
+              and steps == list(range(1, steps[-1] + 1)) and same)
+        return check(name, ok, "n2 listed %s after SIGCONT (status generation %s %s), back logged "
+                     "%s, spare logged %s at step %d; n3 killed: generation 2 end %s, "
+                     "generation 3 with n2 %s; n0 ran %d generation(s) resuming from %s, n2 "
+                     "steps %s..%s in the last; exit codes after SIGTERM %s; losses agree %s "
+                     "over steps %s..%s%s"
+                     % (listed, st.get("generation"), st_errors, back, said, at, ended2, formed3,
+                        len(gens), resumed, again[:1], again[-1:], codes, same, steps[:1],
+                        steps[-1:], "" if ok else "\n" + c.logs(30)))
+    except AssertionError as e:  # a wait that ran out
+        return check(name, False, str(e))
+    finally:
+        c.kill_all()
+
+
 def two_nodes(mtnlgd, tmp, tokens, name, steps, extra=None):
     """The tiny model as one replica over two daemons (pp 2, tp 2), no
     checkpoints and no spare: losing either leaves too few slots."""
@@ -157,6 +264,35 @@ def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
                      "exit codes %s, end logged %s, step 0 logged %s; steps 1..%d, then %s..%s%s"
                      % (codes, ended, said, len(first), again[:1], again[-1:],
                         "" if ok else "\n" + c.logs(15)))
+    finally:
+        c.kill_all()
+
+
+def test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens):
+    name = "test_stalled_node_coming_back_lets_the_cluster_waiting_for_nodes_reform"
+    c = two_nodes(mtnlgd, tmp, tokens, "comeback", 12,
+                  extra={"cluster": {"comm_timeout_ms": 10000},
+                         "rendezvous": {"reform_timeout_s": 30}})
+    n0, n1 = c.nodes
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        n1.signal(signal.SIGSTOP)
+        c.wait_for(lambda: grep(n0, r"coordinator: generation 1 ended"), 30, "the end")
+        n1.signal(signal.SIGCONT)
+        codes = c.wait_all(90)
+        back = grep(n0, r"coordinator: node n1 is back after [0-9.]+ s: a spare")
+        formed = grep(n0, r"coordinator: generation 2 formed \(restart 1 of 3\): tp 2 x pp 2 x "
+                          r"dp 1 = 4 ranks on 2 node\(s\): n0 \[0,2\), n1 \[2,4\)")
+        runs0 = runs([s["step"] for s in n0.steps()])
+        ok = codes == [0, 0] and back and formed and len(runs0) == 2 and runs0[1] == list(
+            range(1, 13))
+        return check(name, ok, "exit codes %s, back logged %s, generation 2 formed with n1 %s; "
+                     "n0 ran steps %s%s" % (codes, back, formed,
+                                            ["%d..%d" % (r[0], r[-1]) for r in runs0],
+                                            "" if ok else "\n" + c.logs(15)))
+    except AssertionError as e:
+        return check(name, False, str(e))
     finally:
         c.kill_all()
 
@@ -199,7 +335,12 @@ def main():
         fails += test_restarted_node_rejoins(mtnlgd, tmp, tokens)
         t2 = time.time()
         fails += test_too_few_nodes_left_ends_the_job(mtnlgd, tmp, tokens)
-        print("# %.1f s, %.1f s and %.1f s" % (t1 - t0, t2 - t1, time.time() - t2))
+        t3 = time.time()
+        fails += test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate)
+        t4 = time.time()
+        fails += test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens)
+        print("# %s s" % ", ".join("%.1f" % t for t in
+                                   (t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.time() - t4)))
     print("%d failure(s)" % fails)
     sys.exit(1 if fails else 0)
 
