@@ -72,6 +72,16 @@ def contract(source_root):
     return lambda st: oc.validate(doc, {"$ref": "#/components/schemas/Status"}, st)
 
 
+def members_then_spare(c, n0, spare):
+    """Starts the first four nodes, then the spare (so that n0..n3 are the
+    members of generation 1), and waits for step 6."""
+    for n in c.nodes[:4]:
+        c.node_start(n)
+    c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "generation 1")
+    c.node_start(spare)
+    c.wait_for(lambda: last_step(n0) >= 6, 120, "step 6")
+
+
 def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validate):
     ck = os.path.join(tmp, "ckpt")
     job = tiny_job(os.path.join(tmp, "recover.json"), tokens, "recover", STEPS,
@@ -86,12 +96,7 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
     n0, victim, spare = c.nodes[0], c.nodes[2], c.nodes[4]
     survivors = [n for n in c.nodes if n is not victim]
     try:
-        # the spare last, so that n0..n3 are the members of generation 1
-        for n in c.nodes[:4]:
-            c.node_start(n)
-        c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "generation 1")
-        c.node_start(spare)
-        c.wait_for(lambda: last_step(n0) >= 6, 120, "step 6")
+        members_then_spare(c, n0, spare)
         killed_after = last_step(n0)
         victim.signal(signal.SIGKILL)
         victim.wait(10)
@@ -177,11 +182,7 @@ def test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate):
     n0, n1, stalled, victim, spare = c.nodes
     survivors = [n0, n1, stalled, spare]
     try:
-        for n in c.nodes[:4]:
-            c.node_start(n)
-        c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "generation 1")
-        c.node_start(spare)
-        c.wait_for(lambda: last_step(n0) >= 6, 120, "step 6")
+        members_then_spare(c, n0, spare)
         stalled.signal(signal.SIGSTOP)
         c.wait_for(lambda: grep(n0, r"coordinator: generation 2 formed") and last_step(spare) > 0,
                    60, "a step of generation 2 without the stalled node")
