@@ -383,6 +383,10 @@ static void wait_for_aborted_ranks(node *n) {
 static void abort_ranks(node *n) {
   mt_local_abort(n->local);
   n->aborted_ms = mt_node_now_ms();
+  /* back from a stop, the tick that finds the end can run before the
+   * heartbeat timer that would notice the silence (note_silence) */
+  if (n->last_hb_ms && n->aborted_ms - n->last_hb_ms > n->cfg->heartbeat_timeout_ms)
+    n->was_silent = 1;
   n->quiet = !n->end_final && n->was_silent;
 }
 
