@@ -403,7 +403,7 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->weights = m->params;
   m->wtype = MT_F32;
   if (m->grads && cfg->precision != MT_PREC_FP32) {
-    m->wtype = cfg->precision == MT_PREC_FP16 ? MT_F16 : MT_BF16;
+    m->wtype = act_type(m); /* the GEMMs' two operands, one 16-bit format */
     m->vec_offset = malloc((size_t)m->n_tensors * sizeof *m->vec_offset);
     if (!m->vec_offset) {
       rc = mt_seterr(MT_ENOMEM, "gpt: working copy table");
