@@ -651,7 +651,34 @@ void resume(fiber &f) {
 
 void warp_sync() { arrive(warps[cur->warp]); }
 
+/* Dynamic shared memory: the launch's buffer, 128-byte aligned, and the
+ * limits cudaFuncSetAttribute raised (by kernel, under launch_mu). */
+std::vector<unsigned char> smem_buf;
+unsigned char *smem_ptr;
+std::map<const void *, int> smem_limits;
+const size_t SMEM_DEFAULT = 48 << 10, SMEM_MAX = 227 << 10;
+
 } // namespace
+
+unsigned char *dyn_smem() { return smem_ptr; }
+
+void set_smem_limit(const void *k, int bytes) {
+  if ((size_t)bytes > SMEM_MAX)
+    EMU_DIE("cudaFuncSetAttribute: %d bytes of dynamic shared memory, over %zu", bytes, SMEM_MAX);
+  std::lock_guard<std::mutex> lk(launch_mu);
+  smem_limits[k] = bytes;
+}
+
+unsigned lane() { return cur->lane; }
+
+void warp_barrier() { warp_sync(); }
+
+void warp_publish(const void *p, const void **all) {
+  unsigned base = cur->warp * 32;
+  slots[cur->linear] = (uint64_t)(uintptr_t)p;
+  warp_sync();
+  for (unsigned l = 0; l < 32; l++) all[l] = (const void *)(uintptr_t)slots[base + l];
+}
 
 void syncthreads() { arrive(blk); }
 
@@ -686,10 +713,20 @@ unsigned ballot(int pred) {
   return r;
 }
 
-void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::function<void()> &b) {
+void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::function<void()> &b,
+         const void *kernel, size_t smem) {
   before_launch(s, name);
   std::lock_guard<std::mutex> one_at_a_time(launch_mu);
   launches[name]++;
+  if (smem > SMEM_DEFAULT) {
+    auto it = smem_limits.find(kernel);
+    if (it == smem_limits.end() || (size_t)it->second < smem)
+      EMU_DIE("kernel %s: %zu bytes of dynamic shared memory, over 48 KiB without "
+              "cudaFuncAttributeMaxDynamicSharedMemorySize set that high",
+              name, smem);
+  }
+  smem_buf.assign(smem + 128, 0);
+  smem_ptr = smem ? (unsigned char *)(((uintptr_t)smem_buf.data() + 127) & ~(uintptr_t)127) : NULL;
   size_t nthreads = (size_t)block.x * block.y * block.z;
   if (!grid.x || !grid.y || !grid.z || !nthreads || nthreads > 1024 || block.z > 64 ||
       grid.y > 65535 || grid.z > 65535) {
@@ -712,6 +749,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
     for (unsigned y = 0; y < grid.y; y++)
       for (unsigned x = 0; x < grid.x; x++) {
         block_idx = {x, y, z};
+        if (smem) memset(smem_ptr, 0xff, smem); /* NaN until written */
         blk = barrier();
         blk.live = (int)nthreads;
         for (size_t w = 0; w < warps.size(); w++) {
@@ -748,6 +786,11 @@ std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas, gemms_16b
 int lt_disabled;
 
 } // namespace mt_emu
+
+void nvcuda::wmma::detail::check(const void *p, unsigned ldm, unsigned multiple, const char *what) {
+  if ((uintptr_t)p % 32) EMU_DIE("wmma::%s: pointer %p is not 256-bit aligned", what, p);
+  if (ldm % multiple) EMU_DIE("wmma::%s: ldm %u is not a multiple of %u", what, ldm, multiple);
+}
 
 void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
   *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *lt_dgelu = mt_emu::gemms_lt_dgelu;

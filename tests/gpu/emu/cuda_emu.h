@@ -43,6 +43,17 @@
  * to run ahead of such work can deadlock here and not on a GPU. A wait that
  * lasts prints a line every 30 s naming what it waits for.
  *
+ * Dynamic shared memory (MT_LAUNCH_SMEM, MT_DYN_SMEM in cuda_impl.h) is a
+ * buffer per launch, NaN bytes at each block's start; over 48 KiB needs the
+ * kernel's cudaFuncAttributeMaxDynamicSharedMemorySize first, and 227 KiB
+ * (an H100's limit) is the most. Warp matrix multiplies (mma.h's
+ * nvcuda::wmma, 16×16×16 tiles of bf16 or binary16 into fp32) are
+ * warp-collective here as there: each lane holds 8 of a tile's elements,
+ * mma_sync gathers the warp's fragments at a warp barrier, products summed
+ * in fp32 in k order; loads and stores check the 256-bit alignment and the
+ * ldm multiple that CUDA requires. Kernels must not read a fragment's
+ * elements (their mapping is the emulator's own).
+ *
  * What this cannot find: races between blocks or within a warp, timing,
  * tensor-core rounding details, limits beyond block and grid sizes, work
  * on two streams racing (each op runs whole, when issued).
@@ -87,6 +98,9 @@ typedef enum cudaMemcpyKind {
 } cudaMemcpyKind;
 
 typedef enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 } cudaDeviceAttr;
+typedef enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8
+} cudaFuncAttribute;
 
 #define cudaStreamDefault 0x00
 #define cudaStreamNonBlocking 0x01 /* does not wait for the legacy default stream */
@@ -142,6 +156,7 @@ long mt_emu_launch_count(const char *kernel);
 #include <functional>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #define __global__
 #define __device__
@@ -165,8 +180,18 @@ namespace mt_emu {
 extern uint3 *cur_tid;
 extern uint3 block_idx;
 extern dim3 block_dim, grid_dim;
-void run(const char *name, dim3 grid, dim3 block, cudaStream_t s,
-         const std::function<void()> &body);
+void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::function<void()> &body,
+         const void *kernel = nullptr, size_t smem = 0);
+/* The launch's dynamic shared memory (MT_DYN_SMEM). */
+unsigned char *dyn_smem();
+/* cudaFuncSetAttribute's record: the dynamic shared memory allowed to k. */
+void set_smem_limit(const void *k, int bytes);
+/* Warp-collective helpers for wmma: the calling lane's index in its warp;
+ * a barrier of the warp; publish p and learn every lane's (all[32]), after
+ * which the warp must pass warp_barrier before any lane publishes again. */
+unsigned lane();
+void warp_barrier();
+void warp_publish(const void *p, const void **all);
 void syncthreads();
 int syncthreads_count(int pred);
 unsigned ballot(int pred);
@@ -178,17 +203,19 @@ template <class... P> struct launcher {
   void (*k)(P...);
   dim3 grid, block;
   cudaStream_t stream;
+  size_t smem;
   /* arguments by value, as a kernel launch takes them */
   template <class... A> void operator()(A... a) {
     void (*kf)(P...) = k;
     std::function<void()> body = [=]() { kf(a...); };
-    run(name, grid, block, stream, body);
+    run(name, grid, block, stream, body, (const void *)kf, smem);
   }
 };
 
 template <class... P>
-launcher<P...> launch(const char *name, void (*k)(P...), dim3 grid, dim3 block, cudaStream_t s) {
-  return launcher<P...>{name, k, grid, block, s};
+launcher<P...> launch(const char *name, void (*k)(P...), dim3 grid, dim3 block, cudaStream_t s,
+                      size_t smem = 0) {
+  return launcher<P...>{name, k, grid, block, s, smem};
 }
 } // namespace mt_emu
 
@@ -206,6 +233,17 @@ inline unsigned __ballot_sync(unsigned mask, int p) {
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  mt_emu::check_mask(mask);
+  mt_emu::warp_barrier();
+}
+
+template <class F> inline cudaError_t cudaFuncSetAttribute(F *k, cudaFuncAttribute a, int v) {
+  if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0) return cudaErrorInvalidValue;
+  mt_emu::set_smem_limit((const void *)k, v);
+  return cudaSuccess;
+}
+
 template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
   mt_emu::check_mask(mask);
@@ -216,6 +254,118 @@ template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   memcpy(&r, &bits, sizeof r);
   return r;
 }
+
+/* ---- 16-bit types and warp matrix multiplies (mma.h) --------------------- */
+
+/* cuda_bf16.h's and cuda_fp16.h's storage types; kernels move their bits
+ * and convert with kernels/common/half.h. */
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+struct __half {
+  uint16_t x;
+};
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+/* Element i of lane l is element l·8 + i of the tile in row-major order:
+ * A (m×k), B (k×n) or the accumulator (m×n), all 16×16. */
+template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 tiles are emulated");
+  enum { num_elements = 8 };
+  float x[8];
+};
+
+namespace detail {
+inline float to_float(const __nv_bfloat16 &h) {
+  uint32_t u = (uint32_t)h.x << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(const __half &h) { /* binary16, exactly */
+  unsigned e = (h.x >> 10) & 31u, m = h.x & 1023u;
+  float v = e == 0    ? ldexpf((float)m, -24)
+            : e == 31 ? (m ? NAN : INFINITY)
+                      : ldexpf((float)(m | 1024u), (int)e - 25);
+  return (h.x & 0x8000u) ? -v : v;
+}
+inline float to_float(const float &f) { return f; }
+void check(const void *p, unsigned ldm, unsigned multiple, const char *what);
+} // namespace detail
+
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L> &f, const T *p, unsigned ldm) {
+  static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout");
+  detail::check(p, ldm, 8, "load_matrix_sync");
+  unsigned base = mt_emu::lane() * 8;
+  for (int i = 0; i < 8; i++) {
+    unsigned r = (base + i) / 16, c = (base + i) % 16;
+    f.x[i] = detail::to_float(std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
+  }
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p,
+                             unsigned ldm, layout_t l) {
+  detail::check(p, ldm, 4, "load_matrix_sync");
+  unsigned base = mt_emu::lane() * 8;
+  for (int i = 0; i < 8; i++) {
+    unsigned r = (base + i) / 16, c = (base + i) % 16;
+    f.x[i] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  }
+}
+
+inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f,
+                              unsigned ldm, layout_t l) {
+  detail::check(p, ldm, 4, "store_matrix_sync");
+  unsigned base = mt_emu::lane() * 8;
+  for (int i = 0; i < 8; i++) {
+    unsigned r = (base + i) / 16, c = (base + i) % 16;
+    (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
+  }
+}
+
+template <class Use, class T, class L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L> &f, float v) {
+  for (int i = 0; i < 8; i++) f.x[i] = v;
+}
+
+/* d = a·b + c over the warp: every lane's fragments gathered, each lane
+ * computing its own 8 elements (fp32, k in order); d may be c. */
+template <class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
+                     const fragment<matrix_a, 16, 16, 16, T, LA> &a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB> &b,
+                     const fragment<accumulator, 16, 16, 16, float> &c) {
+  static_assert(!std::is_same<T, float>::value, "16-bit operands only");
+  const void *as[32], *bs[32];
+  mt_emu::warp_publish(&a, as);
+  mt_emu::warp_barrier();
+  mt_emu::warp_publish(&b, bs);
+  float out[8];
+  unsigned base = mt_emu::lane() * 8;
+  for (int i = 0; i < 8; i++) {
+    unsigned r = (base + i) / 16, n = (base + i) % 16;
+    float s = c.x[i];
+    for (unsigned k = 0; k < 16; k++) {
+      unsigned ia = r * 16 + k, ib = k * 16 + n;
+      s += ((const fragment<matrix_a, 16, 16, 16, T, LA> *)as[ia / 8])->x[ia % 8] *
+           ((const fragment<matrix_b, 16, 16, 16, T, LB> *)bs[ib / 8])->x[ib % 8];
+    }
+    out[i] = s;
+  }
+  mt_emu::warp_barrier(); /* every lane has read before any writes d */
+  for (int i = 0; i < 8; i++) d.x[i] = out[i];
+}
+} // namespace wmma
+} // namespace nvcuda
 
 /* ---- cuBLAS and cuBLASLt ------------------------------------------------ */
 
