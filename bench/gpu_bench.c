@@ -16,7 +16,10 @@
  *    Milliseconds, TFLOP/s by the layer's model FLOPs
  *    72·B·s·h²·(1 + s/6h) (Narayanan et al. without recomputation; causal
  *    attention counted in full, as everyone does), and MFU against the
- *    measured bf16 ceiling.
+ *    measured bf16 ceiling. The bf16 layer keeps qkv in bf16, so its
+ *    attention runs the flash kernels (flash_cuda.cu).
+ * 3. Attention alone, forward and backward: an fp32 qkv (chunked GEMMs)
+ *    against a bf16 one (flash kernels).
  * Each figure is also printed as "RESULT key value" for the script.
  *
  * Usage: gpu_bench [--quick]   (--quick: fewer iterations)
@@ -139,9 +142,10 @@ typedef struct {
   mt_dtype wt;
   void *qkvw_h, *projw_h, *fcw_h, *fcpw_h, *cvt;
   /* activations; the linear layers' inputs stored as wt (ln1, ln2, fchg,
-   * and atty_h, attention's output packed for c_proj in a 16-bit layer) */
+   * and atty_h, attention's output packed for c_proj in a 16-bit layer),
+   * and qkv_h, attention's 16-bit input there */
   float *inp, *m1, *r1, *qkv, *atty, *lse, *branch, *resid2, *m2, *r2, *fch, *out;
-  void *ln1, *ln2, *fchg, *atty_h;
+  void *ln1, *ln2, *fchg, *atty_h, *qkv_h;
   /* backward */
   float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *att_scratch;
 } layer;
@@ -200,7 +204,7 @@ static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
   L->branch = dmalloc(NC * 4), L->resid2 = dmalloc(NC * 4), L->ln2 = dmalloc(NC * 4);
   L->m2 = dmalloc(N * 4), L->r2 = dmalloc(N * 4);
   L->fch = dmalloc(4 * NC * 4), L->fchg = dmalloc(4 * NC * 4), L->out = dmalloc(NC * 4);
-  L->atty_h = dmalloc(NC * 2);
+  L->atty_h = dmalloc(NC * 2), L->qkv_h = dmalloc(3 * NC * 2);
   L->dres = dmalloc(NC * 4), L->dfch = dmalloc(4 * NC * 4), L->dfch2 = dmalloc(4 * NC * 4);
   L->dbtc = dmalloc(NC * 4), L->dbtc2 = dmalloc(NC * 4), L->dqkv = dmalloc(3 * NC * 4);
   L->att_scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
@@ -221,8 +225,8 @@ static void layer_free(layer *L) {
     void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h, L->fcpw_h};
     for (int i = 0; i < 4; i++) mt_device_free(&dev, h[i]);
   }
-  void *acts[] = {L->ln1, L->ln2, L->fchg, L->atty_h};
-  for (int i = 0; i < 4; i++) mt_device_free(&dev, acts[i]);
+  void *acts[] = {L->ln1, L->ln2, L->fchg, L->atty_h, L->qkv_h};
+  for (int i = 0; i < 5; i++) mt_device_free(&dev, acts[i]);
   mt_device_free(&dev, L->cvt);
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) mt_device_free(&dev, *p[i]);
   for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
@@ -231,6 +235,11 @@ static void layer_free(layer *L) {
 /* c_proj's input: attention's output, or its 16-bit copy in a 16-bit layer */
 static const void *atty_in(const layer *L) {
   return L->wt == MT_F32 ? (const void *)L->atty : L->atty_h;
+}
+
+/* attention's input: qkv, or its 16-bit copy (the flash kernels) in a 16-bit layer */
+static const void *qkv_in(const layer *L) {
+  return L->wt == MT_F32 ? (const void *)L->qkv : L->qkv_h;
 }
 
 /* model/gpt.c's layer: pre-LN attention block, then the MLP block. In a
@@ -243,7 +252,8 @@ static void layer_fwd(layer *L) {
   mt_dtype wt = L->wt, at = wt;
   o->layernorm_fwd(&dev, L->ln1, at, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
   o->linear_fwd(&dev, L->qkv, L->ln1, at, L->qkvw_h, wt, L->qkvb, L->cvt, N, C, 3 * C);
-  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, B, T, C, L->NH, NULL);
+  if (at != MT_F32) o->pack_half(&dev, L->qkv_h, L->qkv, 3 * NC, at == MT_F16);
+  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, qkv_in(L), at, B, T, C, L->NH, NULL);
   if (at != MT_F32) o->pack_half(&dev, L->atty_h, L->atty, NC, at == MT_F16);
   o->linear_fwd(&dev, L->branch, atty_in(L), at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
   o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
@@ -276,7 +286,8 @@ static void layer_bwd(layer *L) {
   o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, atty_in(L), at, L->projw_h, wt, L->cvt, N, C,
                 C);
   mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
-  o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->qkv, L->lse, B, T, C, L->NH, NULL);
+  o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, atty_in(L), qkv_in(L), at, L->lse, B, T,
+                   C, L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
   o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C, 3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
@@ -337,6 +348,52 @@ static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const ch
   return tflops;
 }
 
+/* Attention alone, forward + backward at the layer's shapes: the fp32 qkv
+ * of an fp32 job (chunked cuBLASLt GEMMs around row kernels, in bf16
+ * matmul mode) beside the bf16 qkv of a bf16 job (flash_cuda.cu). */
+static void bench_attention(int B) {
+  int T = 2048, C = 2048, NH = 16;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
+  uint64_t st = 7;
+  float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
+  float *out = dmalloc(no * 4), *lse = dmalloc((size_t)B * NH * T * 4), *dqkv = dmalloc(nq * 4);
+  uint16_t *qkv_h = dmalloc(nq * 2), *out_h = dmalloc(no * 2);
+  float *scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
+  dev.matmul = MT_MATMUL_BF16;
+  dev.ops->to_half(&dev, qkv_h, qkv, nq, 0);
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  double ms[2];
+  for (int k = 0; k < 2; k++) {
+    mt_dtype qt = k ? MT_BF16 : MT_F32;
+    const void *in = k ? (const void *)qkv_h : qkv, *o = k ? (const void *)out_h : out;
+    for (int i = -2; i < iters; i++) {
+      if (!i) CK(cudaEventRecord(e0, dev.stream));
+      dev.ops->attention_fwd(&dev, out, lse, scratch, in, qt, B, T, C, NH, NULL);
+      if (k) dev.ops->to_half(&dev, out_h, out, no, 0);
+      dev.ops->attention_bwd(&dev, dqkv, scratch, dout, o, in, qt, lse, B, T, C, NH, NULL);
+    }
+    CK(cudaEventRecord(e1, dev.stream));
+    CK(cudaEventSynchronize(e1));
+    sync_or_die("attention");
+    ms[k] = elapsed_ms(e0, e1) / iters;
+  }
+  /* causal: half of the 4·B·T²·C of Q·Kᵀ and P·V, forward 1×, backward 2× */
+  double flops = 3.0 * 2.0 * B * (double)T * T * C;
+  printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
+         "ms (%.1f TFLOP/s), %.2fx\n",
+         B, T, ms[0], ms[1], flops / (ms[1] * 1e-3) / 1e12, ms[0] / ms[1]);
+  printf("RESULT attention_chunked_ms %.3f\n", ms[0]);
+  printf("RESULT attention_flash_ms %.3f\n", ms[1]);
+  printf("RESULT attention_flash_tflops %.2f\n", flops / (ms[1] * 1e-3) / 1e12);
+  fflush(stdout);
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  void *bufs[] = {qkv, dout, out, lse, dqkv, qkv_h, out_h, scratch};
+  for (int i = 0; i < 8; i++) mt_device_free(&dev, bufs[i]);
+  dev.matmul = MT_MATMUL_FP32;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "--quick")) iters = 3;
   if (mt_device_open(&dev, "cuda:0")) {
@@ -357,6 +414,7 @@ int main(int argc, char **argv) {
   printf("RESULT gemm_f32io_bf16_tflops %.2f\n", f32);
   fflush(stdout);
 
+  bench_attention(4);
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16);

@@ -17,7 +17,8 @@
  *   binary16 (`ot`: each value rounded to nearest even from the float the
  *   fp32 op would write), and the linear ops take their activation input
  *   `inp` as fp32 or in the weights' 16-bit type (`it`), reading the float
- *   each element holds. Other activations and every gradient stay fp32.
+ *   each element holds; attention takes qkv as the job keeps it (`qt`).
+ *   Other activations and every gradient stay fp32.
  * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
  *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
  * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
@@ -124,23 +125,34 @@ struct mt_ops {
   /* Causal self-attention, memory-efficient: the probabilities are not
    * kept for the backward pass, which recomputes them from qkv and lse (as
    * flash attention does; the memory Megatron's selective recomputation
-   * saves). qkv(B,T,3C) holds q, k, v each as (T, NH, HS), HS = C/NH;
-   * out(B,T,C); lse(B,NH,T) receives each row's log-sum-exp of its scaled
-   * scores s = q·k/sqrt(HS) over columns 0..t, so that the probabilities are
-   * exp(s - lse). drop (may be NULL) applies to the probabilities; the
-   * element index of its mask within a sample is ((head0 + h)*T + t1)*T + t2,
-   * so a tensor-parallel shard of the heads draws the same masks. scratch
-   * holds attention_scratch(d, T, C, NH) floats, contents undefined; one
-   * scratch serves every layer. */
-  void (*attention_fwd)(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
-                        int B, int T, int C, int NH, const mt_dropout *drop);
-  /* dqkv(B,T,3C) += ...; lse as attention_fwd left it; scratch as there */
+   * saves). qkv(B,T,3C) holds q, k, v each as (T, NH, HS), HS = C/NH,
+   * stored as qt: fp32, or a 16-bit job's kept copy in bf16 or binary16
+   * (read as the floats it holds); out(B,T,C); lse(B,NH,T) receives each
+   * row's log-sum-exp of its scaled scores s = q·k/sqrt(HS) over columns
+   * 0..t, so that the probabilities are exp(s - lse). drop (may be NULL)
+   * applies to the probabilities; the element index of its mask within a
+   * sample is ((head0 + h)*T + t1)*T + t2, so a tensor-parallel shard of
+   * the heads draws the same masks. scratch holds attention_scratch(d, T,
+   * C, NH) floats, contents undefined; one scratch serves every layer.
+   * The CPU computes in fp32 whatever qt is. GPUs compute an fp32 qkv in
+   * their fp32 matmul mode; a 16-bit qkv (HS <= 256) by a fused flash
+   * kernel on the tensor cores in qt's type, which rounds the (dropped)
+   * probabilities, dout and the scores' gradient to it as well, as
+   * FlashAttention does, accumulating in fp32. */
+  void (*attention_fwd)(mt_device *d, float *out, float *lse, float *scratch, const void *qkv,
+                        mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
+  /* dqkv(B,T,3C) += ...; lse as attention_fwd left it; out(B,T,C) the
+   * forward's output stored as qt (a 16-bit job's kept, rounded copy), read
+   * only by the flash kernel (rowsum(dout ∘ out), FlashAttention's D);
+   * scratch as there */
   void (*attention_bwd)(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                        const float *qkv, const float *lse, int B, int T, int C, int NH,
-                        const mt_dropout *drop);
+                        const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
+                        int T, int C, int NH, const mt_dropout *drop);
   /* Floats of scratch the attention pair needs on d for (T, C, NH), any B:
    * blocks of query rows (and, on GPUs, of heads) with their scores and
-   * probabilities, far below one sample's NH·T² when T is large. */
+   * probabilities, far below one sample's NH·T² when T is large; on the
+   * CPU also a 16-bit qkv's head unpacked, per thread; on GPUs at least
+   * NH·T, the flash backward's D of one sample. */
   size_t (*attention_scratch)(mt_device *d, int T, int C, int NH);
 
   /* GeLU, tanh approximation (GPT-2's). n elements. */

@@ -23,8 +23,10 @@
  * recomputation only one set exists, refilled from the block's input.
  * A bf16 or fp16 job keeps them in 16 bits (the *_h tensors, as Megatron's
  * activations are): each is rounded when made (pack_half), so the forward
- * goes on with the value the backward unpacks into the fp32 tensors, which
- * are then one shared set of work buffers. */
+ * goes on with the value the backward reads. Attention and its projection
+ * read qkv_h and atty_h as they are; resid2 and fch are unpacked into the
+ * fp32 tensors, which are then one shared set of work buffers (the forward
+ * writes qkv and atty there before rounding them). */
 typedef struct block_acts {
   float *qkv;    /* (B,T,3C) */
   float *lse;    /* (B,NH,T) attention's log-sum-exp per row (always fp32) */
@@ -587,6 +589,11 @@ static void keep(mt_gpt *m, uint16_t *h, float *x, size_t n) {
   if (half_acts(m)) m->dev->ops->pack_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
 }
 
+/* Attention's input: Q, K, V as kept, 16-bit in a 16-bit job (act_type). */
+static const void *qkv_in(const mt_gpt *m, const block_acts *a) {
+  return half_acts(m) ? (const void *)a->qkv_h : (const void *)a->qkv;
+}
+
 /* The attention projection's input: the attention output as kept, 16-bit
  * in a 16-bit job (act_type). */
 static const void *atty_in(const mt_gpt *m, const block_acts *a) {
@@ -622,7 +629,8 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   ops->linear_fwd(d, a->qkv, p->ln, at, M(m, l, MT_P_QKV_W), wt, P(m, l, MT_P_QKV_B), m->cvt, N, C,
                   3 * t.Cl);
   keep(m, a->qkv_h, a->qkv, 3 * NCl);
-  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, B, T, t.Cl, t.NHl, attn_drop);
+  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, qkv_in(m, a), at, B, T, t.Cl, t.NHl,
+                     attn_drop);
   keep(m, a->atty_h, a->atty, NCl);
   ops->linear_fwd(d, p->branch, atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
@@ -681,7 +689,6 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
   if (!c->recompute) { /* recomputed, the work buffers hold them already */
-    unkeep(m, a->qkv, a->qkv_h, 3 * NCl);
     unkeep(m, a->resid2, a->resid2_h, NC);
     unkeep(m, a->fch, a->fch_h, 4 * NCl);
   }
@@ -709,8 +716,8 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch,
                   atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
   mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
-  ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->qkv, a->lse, B, T, t.Cl, t.NHl,
-                     attn_drop);
+  ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, atty_in(m, a), qkv_in(m, a), at, a->lse,
+                     B, T, t.Cl, t.NHl, attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN1_W, in);
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln, at,

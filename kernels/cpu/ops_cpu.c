@@ -5,8 +5,8 @@
  * region so that OpenBLAS (its OpenMP build) uses every thread; attention runs
  * one (batch, head) pair per thread with small GEMMs, which OpenBLAS then runs
  * single-threaded inside our region. Ops never allocate: attention keeps its
- * row blocks in the caller's scratch, one pair per thread, and with dropout
- * one small tile on the stack.
+ * row blocks (and a 16-bit qkv's head, unpacked) in the caller's scratch, one
+ * set per thread, and with dropout one small tile on the stack.
  */
 #include <float.h>
 #include <math.h>
@@ -339,33 +339,73 @@ static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int
 
 /* Per thread, attention keeps two blocks of ATT_RB rows by T columns in the
  * caller's scratch: the scores and probabilities of a block of query rows,
- * and in the backward pass their gradient beside them. */
+ * and in the backward pass their gradient beside them. After them, for a
+ * 16-bit qkv, the thread's head unpacked to fp32 (att_head_floats). */
 static size_t att_block_floats(int T) { return (size_t)(T < ATT_RB ? T : ATT_RB) * (size_t)T; }
 
+/* One head's Q, K, V as fp32: T rows of q, k, v side by side (row stride
+ * 3 HS). */
+static size_t att_head_floats(int T, int C, int NH) { return (size_t)T * 3 * (size_t)(C / NH); }
+
+/* A thread's part of the scratch: two blocks, then the unpacked head. */
+static size_t att_slot_floats(int T, int C, int NH) {
+  return 2 * att_block_floats(T) + att_head_floats(T, C, NH);
+}
+
+/* Counts the unpacked head whatever qkv's type will be: it does not know. */
 static size_t attention_scratch(mt_device *d, int T, int C, int NH) {
-  (void)C, (void)NH;
-  return (size_t)nthreads(d) * 2 * att_block_floats(T);
+  return (size_t)nthreads(d) * att_slot_floats(T, C, NH);
+}
+
+/* Q, K, V of one (b, h) pair as fp32, each at its row 0, row stride ld. */
+typedef struct att_head {
+  const float *q, *k, *v;
+  int ld;
+} att_head;
+
+/* Head h of sample b of qkv(B,T,3C) stored as qt: the fp32 tensor itself
+ * (ld 3C), or for a 16-bit qkv its values unpacked into buf (T rows of 3 HS,
+ * ld 3 HS), the floats the 16 bits hold, so the head code sees the same
+ * values either way. */
+static att_head att_head_of(float *buf, const void *qkv, mt_dtype qt, int b, int h, int T, int C,
+                            int HS) {
+  size_t off = (size_t)b * T * 3 * C + (size_t)h * HS;
+  att_head a;
+  if (qt == MT_F32) {
+    const float *q = (const float *)qkv + off;
+    a.q = q, a.k = q + C, a.v = q + 2 * C, a.ld = 3 * C;
+    return a;
+  }
+  const uint16_t *src = (const uint16_t *)qkv + off;
+  for (int t = 0; t < T; t++) {
+    const uint16_t *r = src + (size_t)t * 3 * C;
+    float *o = buf + (size_t)t * 3 * HS;
+    unpack_row(o, r, (size_t)HS, qt);
+    unpack_row(o + HS, r + C, (size_t)HS, qt);
+    unpack_row(o + 2 * HS, r + 2 * C, (size_t)HS, qt);
+  }
+  a.q = buf, a.k = buf + HS, a.v = buf + 2 * HS, a.ld = 3 * HS;
+  return a;
 }
 
 /* The scaled scores of query rows r0..r1-1 against keys 0..r1-1 into p
- * (rb rows, ld T). */
-static void att_scores(float *p, const float *Q, const float *K, int r0, int rb, int C, int HS,
+ * (rb rows, ld T); Q and K of row stride ld. */
+static void att_scores(float *p, const float *Q, const float *K, int ld, int r0, int rb, int HS,
                        int T) {
-  int ld3 = 3 * C, r1 = r0 + rb;
+  int r1 = r0 + rb;
   mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, r1, HS, 1.0f / sqrtf((float)HS),
-           Q + (size_t)r0 * ld3, ld3, K, ld3, 0.0f, p, T);
+           Q + (size_t)r0 * ld, ld, K, ld, 0.0f, p, T);
 }
 
-/* One (b, h) pair. Q, K, V point at row 0 of the head in qkv (row stride 3C),
- * o at row 0 of the head in out (row stride C), lse at the pair's T entries;
- * blk holds one block (ATT_RB rows, ld T). */
-static void attention_fwd_head(float *o, float *lse, float *blk, const float *Q, const float *K,
-                               const float *V, int T, int C, int HS, int h, uint64_t sample,
-                               const mt_dropout *drop) {
-  int ld3 = 3 * C;
+/* One (b, h) pair. qkv holds its head (see att_head), o points at row 0 of
+ * the head in out (row stride C), lse at the pair's T entries; blk holds one
+ * block (ATT_RB rows, ld T). */
+static void attention_fwd_head(float *o, float *lse, float *blk, att_head qkv, int T, int C, int HS,
+                               int h, uint64_t sample, const mt_dropout *drop) {
+  int ld = qkv.ld;
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
     int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
-    att_scores(blk, Q, K, r0, rb, C, HS, T);
+    att_scores(blk, qkv.q, qkv.k, ld, r0, rb, HS, T);
     for (int i = 0; i < rb; i++) {
       int t = r0 + i;
       float *row = blk + (size_t)i * T;
@@ -387,8 +427,8 @@ static void attention_fwd_head(float *o, float *lse, float *blk, const float *Q,
     }
     float *ob = o + (size_t)r0 * C;
     if (!drop) { // out[r0:r1] = P[r0:r1, 0:r1] · V[0:r1]
-      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, blk, T, V,
-               ld3, 0.0f, ob, C);
+      mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, blk, T,
+               qkv.v, ld, 0.0f, ob, C);
       continue;
     }
     float tile[ATT_RB * ATT_CB];
@@ -396,23 +436,23 @@ static void attention_fwd_head(float *o, float *lse, float *blk, const float *Q,
       int cw = r1 - c0 < ATT_CB ? r1 - c0 : ATT_CB;
       dropout_tile(tile, blk, T, rb, c0, cw, r0, h, sample, drop);
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, cw, 1.0f, tile, cw,
-               V + (size_t)c0 * ld3, ld3, c0 ? 1.0f : 0.0f, ob, C);
+               qkv.v + (size_t)c0 * ld, ld, c0 ? 1.0f : 0.0f, ob, C);
     }
   }
 }
 
-static void attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
-                          int B, int T, int C, int NH, const mt_dropout *drop) {
+static void attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const void *qkv,
+                          mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop) {
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
-  size_t slot = 2 * att_block_floats(T);
+  size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
-      const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+      float *mine = scratch + slot * omp_get_thread_num();
+      att_head a = att_head_of(mine + 2 * blk, qkv, qt, b, h, T, C, HS);
       attention_fwd_head(out + (size_t)b * T * C + (size_t)h * HS, lse + ((size_t)b * NH + h) * T,
-                         scratch + slot * omp_get_thread_num(), q, q + C, q + 2 * C, T, C, HS, h,
-                         drop ? drop->sample0 + (uint64_t)b : 0, drop);
+                         mine, a, T, C, HS, h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
     }
   }
 }
@@ -422,19 +462,18 @@ static void attention_fwd(mt_device *d, float *out, float *lse, float *scratch, 
  * forward's exp(s - max) / sum, to an ulp or two). With Pd the dropped
  * probabilities (P itself without dropout) and G = (dout · Vᵀ) ∘ Pd, the
  * softmax backward is dS = G - P ∘ rowsum(G), scaled by 1/sqrt(HS); the
- * block's dS lives in s (ATT_RB rows, ld T, like blk). dq, dk, dv have row
- * stride 3C, g (dout) row stride C. */
+ * block's dS lives in s (ATT_RB rows, ld T, like blk). qkv holds the head
+ * (see att_head); dq, dk, dv have row stride 3C, g (dout) row stride C. */
 static void attention_bwd_head(float *dq, float *dk, float *dv, float *blk, float *s,
-                               const float *g, const float *Q, const float *K, const float *V,
-                               const float *lse, int T, int C, int HS, int h, uint64_t sample,
-                               const mt_dropout *drop) {
-  int ld3 = 3 * C;
+                               const float *g, att_head qkv, const float *lse, int T, int C, int HS,
+                               int h, uint64_t sample, const mt_dropout *drop) {
+  int ld3 = 3 * C, ld = qkv.ld;
   float scale = 1.0f / sqrtf((float)HS);
   float tile[ATT_RB * ATT_CB];
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
     int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
     const float *gb = g + (size_t)r0 * C;
-    att_scores(blk, Q, K, r0, rb, C, HS, T);
+    att_scores(blk, qkv.q, qkv.k, ld, r0, rb, HS, T);
     for (int i = 0; i < rb; i++) {
       int t = r0 + i;
       float *row = blk + (size_t)i * T, l = lse[t];
@@ -458,7 +497,7 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, float *blk, floa
                1.0f, dv + (size_t)c0 * ld3, ld3);
       // S[r0:r1, c0:c0+cw] = dout[r0:r1] · V[c0:c0+cw]ᵀ
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, rb, cw, HS, 1.0f, gb, C,
-               V + (size_t)c0 * ld3, ld3, 0.0f, s + c0, T);
+               qkv.v + (size_t)c0 * ld, ld, 0.0f, s + c0, T);
       for (int i = 0; i < rb; i++) {
         int t = r0 + i;
         int live = t + 1 - c0 < cw ? t + 1 - c0 : cw;
@@ -485,27 +524,30 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, float *blk, floa
       for (int j = 0; j <= t; j++) sr[j] = (sr[j] - pr[j] * rs) * scale;
     }
     // dQ[r0:r1] += dS · K[0:r1];  dK[0:r1] += dSᵀ · Q[r0:r1]
-    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, s, T, K, ld3,
-             1.0f, dq + (size_t)r0 * ld3, ld3);
+    mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, s, T, qkv.k,
+             ld, 1.0f, dq + (size_t)r0 * ld3, ld3);
     mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_TRANS, MT_BLAS_NO_TRANS, r1, HS, rb, 1.0f, s, T,
-             Q + (size_t)r0 * ld3, ld3, 1.0f, dk, ld3);
+             qkv.q + (size_t)r0 * ld, ld, 1.0f, dk, ld3);
   }
 }
 
+/* out is the GPU flash kernel's (see ops.h); the CPU recomputes from qkv
+ * and lse alone. */
 static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                          const float *qkv, const float *lse, int B, int T, int C, int NH,
-                          const mt_dropout *drop) {
+                          const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
+                          int T, int C, int NH, const mt_dropout *drop) {
+  (void)out;
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
-  size_t blk = att_block_floats(T);
+  size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
-      size_t qoff = (size_t)b * T * 3 * C + (size_t)h * HS;
-      float *dq = dqkv + qoff, *mine = scratch + 2 * blk * omp_get_thread_num();
-      const float *q = qkv + qoff;
+      float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+      float *mine = scratch + slot * omp_get_thread_num();
+      att_head a = att_head_of(mine + 2 * blk, qkv, qt, b, h, T, C, HS);
       attention_bwd_head(dq, dq + C, dq + 2 * C, mine, mine + blk,
-                         dout + (size_t)b * T * C + (size_t)h * HS, q, q + C, q + 2 * C,
+                         dout + (size_t)b * T * C + (size_t)h * HS, a,
                          lse + ((size_t)b * NH + h) * T, T, C, HS, h,
                          drop ? drop->sample0 + (uint64_t)b : 0, drop);
     }

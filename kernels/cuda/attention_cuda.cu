@@ -11,6 +11,9 @@
  * Head h of sample b is, in qkv, the (T, HS) view at column h·HS with row
  * stride 3C — a column-major (HS, T) matrix with ld 3C, which is how the
  * GEMMs below take it (shapes in comments are row-major).
+ *
+ * This is the attention of an fp32 qkv; a 16-bit one (a bf16 or fp16 job's)
+ * goes to the fused kernels of flash_cuda.cu.
  */
 #include <float.h>
 #include <math.h>
@@ -47,12 +50,15 @@ static void att_chunk(int T, int NH, int *rc, int *hc) {
   *hc = h < 1 ? 1 : h > (size_t)NH ? NH : (int)h;
 }
 
+/* The chunks' two tensors, and at least one sample's rows for the flash
+ * kernel's backward (flash_cuda.cu), which goes by as many samples as fit. */
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH) {
   (void)d, (void)C;
   int rc, hc;
   if (T < 1 || NH < 1) return 1;
   att_chunk(T, NH, &rc, &hc);
-  return 2 * (size_t)hc * rc * T;
+  size_t chunks = 2 * (size_t)hc * rc * T, rows = (size_t)NH * T;
+  return chunks > rows ? chunks : rows;
 }
 
 /* Row (hh, i) of a chunk: the softmax over columns 0..t of the scaled scores
@@ -174,8 +180,13 @@ static void chunk_dropout(mt_device *d, float *dst, const float *P, const chunk 
   mt__cuda_check(d, "attention dropout");
 }
 
-void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
-                            int B, int T, int C, int NH, const mt_dropout *drop) {
+void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const void *qkv_,
+                            mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop) {
+  if (qt != MT_F32) {
+    mt__cuda_flash_fwd(d, out, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop);
+    return;
+  }
+  const float *qkv = (const float *)qkv_;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || C < 1 || NH < 1) return;
   mt__cuda *c = mt__cuda_enter(d);
@@ -205,8 +216,14 @@ void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch
  * backward of S; dQ += dS·K, dK += dSᵀ·Q (the scale folded into dS). The
  * chunk's P and S/dS (Pd before it) fill the scratch. */
 void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                            const float *qkv, const float *lse, int B, int T, int C, int NH,
-                            const mt_dropout *drop) {
+                            const void *out, const void *qkv_, mt_dtype qt, const float *lse, int B,
+                            int T, int C, int NH, const mt_dropout *drop) {
+  if (qt != MT_F32) {
+    mt__cuda_flash_bwd(d, dqkv, scratch, mt__cuda_attention_scratch(d, T, C, NH), dout,
+                       (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse, B, T, C, NH, drop);
+    return;
+  }
+  const float *qkv = (const float *)qkv_;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || C < 1 || NH < 1) return;
   mt__cuda *c = mt__cuda_enter(d);

@@ -4,8 +4,9 @@
  * the device's state, first error wins, and mt_device_sync() reports it.
  * The same sources also build as plain C++ against tests/gpu/emu, which runs
  * the kernels on the CPU (MT_CUDA_EMU): launches go through MT_LAUNCH, and
- * kernels use only what the emulator provides (no atomics, no dynamic shared
- * memory, whole warps in every block).
+ * kernels use only what the emulator provides (no atomics, whole warps in
+ * every block; dynamic shared memory through MT_LAUNCH_SMEM and MT_DYN_SMEM;
+ * of mma.h, 16×16×16 wmma fragments of 16-bit types).
  */
 #ifndef MT_CUDA_IMPL_H
 #define MT_CUDA_IMPL_H
@@ -13,11 +14,21 @@
 #ifdef MT_CUDA_EMU
 #include "cuda_emu.h"
 #define MT_LAUNCH(k, grid, block, stream) mt_emu::launch(#k, k, (grid), (block), (stream))
+#define MT_LAUNCH_SMEM(k, grid, block, smem, stream)                                               \
+  mt_emu::launch(#k, k, (grid), (block), (stream), (smem))
+#define MT_DYN_SMEM(name) unsigned char *name = mt_emu::dyn_smem()
 #else
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #define MT_LAUNCH(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>
+/* A launch with smem bytes of dynamic shared memory, which the kernel
+ * names with MT_DYN_SMEM(name) (128-byte aligned). */
+#define MT_LAUNCH_SMEM(k, grid, block, smem, stream) k<<<(grid), (block), (smem), (stream)>>>
+#define MT_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 #include <stddef.h>
@@ -90,12 +101,23 @@ int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float 
 int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const float *aux);
 
 /* attention_cuda.cu: the ops.h attention ops */
-void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const float *qkv,
-                            int B, int T, int C, int NH, const mt_dropout *drop);
+void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const void *qkv,
+                            mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
 void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                            const float *qkv, const float *lse, int B, int T, int C, int NH,
-                            const mt_dropout *drop);
+                            const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
+                            int T, int C, int NH, const mt_dropout *drop);
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH);
+
+/* flash_cuda.cu: the attention of a 16-bit qkv (qt MT_BF16 or MT_F16), one
+ * fused kernel per pass on the tensor cores. The backward needs B·NH·T
+ * floats of scratch at most (it goes by groups of samples otherwise); 0 and
+ * an error recorded on d when HS is over MT_FLASH_MAX_HS. */
+#define MT_FLASH_MAX_HS 256
+void mt__cuda_flash_fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, mt_dtype qt,
+                        int B, int T, int C, int NH, const mt_dropout *drop);
+void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratch_floats,
+                        const float *dout, const uint16_t *out, const uint16_t *qkv, mt_dtype qt,
+                        const float *lse, int B, int T, int C, int NH, const mt_dropout *drop);
 
 /* Launch helpers: blocks for n items at `threads` per block; grid-stride
  * loops take care of the rest past the cap. */

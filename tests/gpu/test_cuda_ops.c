@@ -908,18 +908,65 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   float *qkv = H(nq, -1.5f, 1.5f), *gqkv = Df(qkv, nq);
   float *co = halloc(no * sizeof(float)), *cl = halloc(nl * sizeof(float));
   float *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
-  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, B, T, C, NH, dp);
+  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, MT_F32, B, T, C, NH, dp);
   float *go = DN(no), *gl = DN(nl);
-  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, B, T, C, NH, dp);
+  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, MT_F32, B, T, C, NH, dp);
   check("attention_fwd", label("%s out", tag), back(go, no), co, no, tol);
   check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, tol);
 
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
   /* both backward passes take the CPU's lse, so only the backward differs */
-  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, qkv, cl, B, T, C, NH, dp);
-  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), gqkv, Df(cl, nl), B, T, C, NH, dp);
+  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), Df(co, no), gqkv, MT_F32, Df(cl, nl), B, T, C,
+                         NH, dp);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, tol);
   gpu.matmul = MT_MATMUL_FP32;
+  arena_reset();
+}
+
+/* A 16-bit qkv (a bf16 or fp16 job's): the GPU's flash kernels against the
+ * CPU's fp32 attention of the same values. The flash kernels also round the
+ * probabilities, dout and the scores' gradient to qt, so the tolerance is
+ * the 16-bit one. The backward's out is the CPU's forward output rounded,
+ * as a job keeps it. */
+static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
+  int B = s.B, T = s.T, C = s.C, NH = s.NH, fp16 = qt == MT_F16;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH);
+  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH);
+  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
+  const mt_dropout *dp = with_dropout ? &drop : NULL;
+  const char *tag = label("%s B=%d T=%d HS=%d NH=%d%s", fp16 ? "fp16" : "bf16", B, T, C / NH, NH,
+                          with_dropout ? " drop" : "");
+  float *qkv = H(nq, -1.5f, 1.5f);
+  uint16_t *qh = halloc(nq * sizeof(uint16_t));
+  for (size_t i = 0; i < nq; i++) {
+    qh[i] = mt_half_pack(qkv[i], fp16);
+    qkv[i] = mt_half_unpack(qh[i], fp16);
+  }
+  void *gqkv = D(qh, nq * sizeof(uint16_t));
+  float *co = halloc(no * sizeof(float)), *cl = halloc(nl * sizeof(float));
+  float *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
+  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, MT_F32, B, T, C, NH, dp);
+  float *go = DN(no), *gl = DN(nl);
+#ifdef MT_CUDA_EMU
+  long flash0 = mt_emu_launch_count("flash_fwd");
+#endif
+  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp);
+  check("attention_fwd", label("%s out", tag), back(go, no), co, no, 1e-2);
+  check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, 1e-2);
+#ifdef MT_CUDA_EMU
+  check_that("attention_fwd", label("%s flash kernel", tag),
+             mt_emu_launch_count("flash_fwd") == flash0 + 1, "one launch");
+#endif
+
+  uint16_t *oh = halloc(no * sizeof(uint16_t));
+  for (size_t i = 0; i < no; i++) oh[i] = mt_half_pack(co[i], fp16);
+  float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
+  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), D(oh, no * sizeof(uint16_t)), gqkv, qt,
+                         Df(cl, nl), B, T, C, NH, dp);
+  check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, 1e-2);
   arena_reset();
 }
 
@@ -1228,6 +1275,18 @@ int main(int argc, char **argv) {
     test_attention(heads, MT_MATMUL_FP32, 1);
     shape rows = {1, 70, 16, 2, 37, 40}; /* 3 rows and 1 head per chunk: 2·4·70 > 512 */
     test_attention(rows, MT_MATMUL_FP32, 1);
+    /* the flash kernels: head size 16 padded to 64, T past one tile of 64
+     * rows and not a multiple of it; 80 padded to 128; 144 padded to 256
+     * in tiles of 32 rows; B = 3 goes by one sample per group (the
+     * emulator's scratch: 420 floats, the backward's D 4·70 per sample) */
+    shape f64 = {2, 70, 32, 2, 37, 40}, f128 = {1, 20, 160, 2, 37, 40};
+    shape f256 = {1, 40, 144, 1, 37, 40}, fgroups = {3, 70, 64, 4, 37, 40};
+    test_flash_attention(f64, MT_BF16, 0);
+    test_flash_attention(f64, MT_BF16, 1);
+    test_flash_attention(f64, MT_F16, 1);
+    test_flash_attention(f128, MT_BF16, 1);
+    test_flash_attention(f256, MT_F16, 0);
+    test_flash_attention(fgroups, MT_BF16, 1);
     test_elementwise(1000);
     test_dropout(3, 101);
     test_crossentropy(5, 37, 40);
@@ -1281,6 +1340,13 @@ int main(int argc, char **argv) {
     test_attention(odd, MT_MATMUL_FP32, 1);
     shape gpt = {2, 1024, 512, 8, 50257, 50304}; /* GPT-2 vocabulary, longer rows */
     test_attention(gpt, MT_MATMUL_BF16, 1);
+    /* the flash kernels at GPT-2's (HS 64), GPT-3 1.3B's (HS 128, T 2048)
+     * and MT-NLG 530B's (HS 160) head sizes */
+    test_flash_attention(gpt, MT_BF16, 1);
+    test_flash_attention(gpt, MT_F16, 0);
+    shape xl = {1, 2048, 2048, 16, 37, 40}, mtnlg = {1, 512, 640, 4, 37, 40};
+    test_flash_attention(xl, MT_BF16, 1);
+    test_flash_attention(mtnlg, MT_BF16, 1);
     test_embedding(gpt);
     test_linear_scratch();
     test_to_half((size_t)1 << 20);

@@ -13,8 +13,9 @@
  *   as value + gradient (ACC_TOL on the difference).
  * - A fused op (linear_gelu_fwd, linear_bwd_dgelu) gives the bits of the ops
  *   it fuses.
- * - An op reading a 16-bit matrix (bf16, fp16) gives the bits it gives with
- *   an fp32 matrix holding the same values.
+ * - An op reading a 16-bit matrix (bf16, fp16), or attention reading a
+ *   16-bit qkv, gives the bits it gives with an fp32 tensor holding the same
+ *   values.
  * One line per check; the exit status is 1 when any check fails.
  */
 #include <math.h>
@@ -538,7 +539,7 @@ static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
   /* every element must be written; the scratch's contents are undefined */
   float *out = frand(N * C, -9, 9), *lse = frand(nl, -9, 9), *scratch = fzeros(ns);
   ffill(scratch, ns, NAN);
-  ops->attention_fwd(&dev, out, lse, scratch, a.qkv, B, T, C, NH, drop);
+  ops->attention_fwd(&dev, out, lse, scratch, a.qkv, MT_F32, B, T, C, NH, drop);
   att_ref(a.out, a.lse, a.dqkv, B, T, C, NH, drop);
   char what[96];
   snprintf(what, sizeof what, "B=%d T=%d C=%d NH=%d dropout %.2f out", B, T, C, NH,
@@ -556,9 +557,10 @@ static void att_run_bwd(att_case *a, float *dqkv) {
   size_t ns = ops->attention_scratch(&dev, a->T, a->C, a->NH);
   float *out = fzeros(N * a->C), *lse = fzeros(nl), *scratch = fzeros(ns);
   ffill(scratch, ns, NAN);
-  ops->attention_fwd(&dev, out, lse, scratch, a->qkv, a->B, a->T, a->C, a->NH, a->drop);
+  ops->attention_fwd(&dev, out, lse, scratch, a->qkv, MT_F32, a->B, a->T, a->C, a->NH, a->drop);
   ffill(scratch, ns, NAN);
-  ops->attention_bwd(&dev, dqkv, scratch, a->r, a->qkv, lse, a->B, a->T, a->C, a->NH, a->drop);
+  ops->attention_bwd(&dev, dqkv, scratch, a->r, out, a->qkv, MT_F32, lse, a->B, a->T, a->C, a->NH,
+                     a->drop);
   free(out), free(lse), free(scratch);
 }
 
@@ -587,6 +589,46 @@ static void test_attention_bwd_accumulates(const mt_dropout *drop) {
   check_accumulates(__func__, drop ? "dqkv, dropout on" : "dqkv", acc, g, n);
   free(g), free(acc);
   att_free(&a);
+}
+
+/* A 16-bit qkv (bf16, fp16) is read as the floats it holds: attention_fwd
+ * gives the out and lse, and attention_bwd (given out in 16 bits too, as a
+ * 16-bit job keeps it) the dqkv, that an fp32 qkv of those values gives,
+ * bit for bit. Scratch starts as NaN for every call. */
+static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int NH,
+                                                        const mt_dropout *drop) {
+  size_t N = (size_t)B * T, nq = N * 3 * C, no = N * C, nl = (size_t)B * NH * T;
+  size_t ns = ops->attention_scratch(&dev, T, C, NH);
+  for (int fp16 = 0; fp16 <= 1; fp16++) {
+    mt_dtype qt = fp16 ? MT_F16 : MT_BF16;
+    /* qh the 16 bits, q the floats they hold */
+    float *q = frand(nq, -1.5, 1.5), *dout = frand(no, -1, 1), *scratch = fzeros(ns);
+    uint16_t *qh = xmalloc(nq * sizeof(uint16_t)), *oh = xmalloc(no * sizeof(uint16_t));
+    for (size_t i = 0; i < nq; i++) {
+      qh[i] = mt_half_pack(q[i], fp16);
+      q[i] = mt_half_unpack(qh[i], fp16);
+    }
+    float *o16 = frand(no, -9, 9), *o32 = fzeros(no), *l16 = frand(nl, -9, 9), *l32 = fzeros(nl);
+    ffill(scratch, ns, NAN);
+    ops->attention_fwd(&dev, o16, l16, scratch, qh, qt, B, T, C, NH, drop);
+    ffill(scratch, ns, NAN);
+    ops->attention_fwd(&dev, o32, l32, scratch, q, MT_F32, B, T, C, NH, drop);
+    char what[96];
+    snprintf(what, sizeof what, "%s B=%d T=%d C=%d NH=%d dropout %.2f", fp16 ? "fp16" : "bf16", B,
+             T, C, NH, drop ? drop->p : 0.0);
+    report(bits_equal(o16, o32, no) && bits_equal(l16, l32, nl), __func__,
+           "%s attention_fwd out, lse", what);
+
+    for (size_t i = 0; i < no; i++) oh[i] = mt_half_pack(o32[i], fp16);
+    float *g16 = frand(nq, -1, 1), *g32 = fcopy(g16, nq); /* accumulated into */
+    ffill(scratch, ns, NAN);
+    ops->attention_bwd(&dev, g16, scratch, dout, oh, qh, qt, l16, B, T, C, NH, drop);
+    ffill(scratch, ns, NAN);
+    ops->attention_bwd(&dev, g32, scratch, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
+    report(bits_equal(g16, g32, nq), __func__, "%s attention_bwd dqkv", what);
+    free(q), free(dout), free(scratch), free(qh), free(oh);
+    free(o16), free(o32), free(l16), free(l32), free(g16), free(g32);
+  }
 }
 
 /* ---- gelu --------------------------------------------------------------- */
@@ -1132,6 +1174,9 @@ int main(void) {
   test_attention_bwd_matches_finite_differences(1, 200, 16, 2, &attn_drop);
   test_attention_bwd_accumulates(NULL);
   test_attention_bwd_accumulates(&attn_drop);
+  test_attention_16bit_qkv_read_as_its_floats(2, 70, 32, 2, NULL); /* T past one row block */
+  test_attention_16bit_qkv_read_as_its_floats(2, 70, 32, 2, &attn_drop);
+  test_attention_16bit_qkv_read_as_its_floats(1, 200, 16, 2, &attn_drop); /* column tiles */
 
   test_gelu_fwd_matches_reference(1001);
   test_gelu_fwd_matches_reference(100003);

@@ -1,0 +1,483 @@
+/* flash_cuda.cu — causal self-attention of a 16-bit qkv on the tensor cores,
+ * fused as FlashAttention does it: scores, softmax, dropout and the product
+ * with V stay in shared memory and registers, tile by tile, and nothing of
+ * size T² is written. A 16-bit job keeps qkv in bf16 or binary16 (ops.h), so
+ * the tiles load as they are; products are wmma's 16×16×16 (mma.sync),
+ * accumulated in fp32.
+ *
+ * A block takes one tile of R = 16·W rows (queries, or keys in the
+ * backward's dK/dV pass) of one (sample, head) with W warps, each warp 16
+ * rows; the other side moves through tiles of R. The head's width HS is
+ * padded with zeros to D (64, 128 or 256) in shared memory. Row work on a
+ * warp's 16 × R scores goes through shared memory, a lane pair per row.
+ *
+ * Forward (k_flash_fwd): two sweeps over the key tiles up to the diagonal:
+ * the first finds each row's max and sum (online), so lse; the second
+ * forms P = exp(s - lse) exactly normalised, drops it out, rounds it to the
+ * 16-bit type and accumulates P·V in fragments. The extra Q·Kᵀ costs a
+ * third more forward matmuls but needs no rescaling of the output rows,
+ * whose fragment layout is the hardware's own; and the backward recomputes
+ * the same P from lse.
+ *
+ * Backward, deterministic (no atomics): k_flash_dot writes FlashAttention's
+ * D = rowsum(dout ∘ out) per row; k_flash_bwd_kv, per key tile, sweeps the
+ * query tiles from the diagonal on and accumulates dV += Pdᵀ·dO and dK +=
+ * dSᵀ·Q; k_flash_bwd_q, per query tile, sweeps the key tiles up to the
+ * diagonal and accumulates dQ += dS·K. With dP = dO·Vᵀ and m the dropout
+ * scale, dS = P ∘ (dP·m - D)·scale; Pd, dO and dS are rounded to the 16-bit
+ * type for their products. Each block adds its finished rows into dqkv.
+ */
+#include <float.h>
+#include <math.h>
+
+#include "cuda_impl.h"
+#include "half.h"
+#include "mtmath.h"
+
+using namespace nvcuda;
+
+#define FULL_MASK 0xffffffffu
+
+template <int FP16> struct elem { typedef __nv_bfloat16 t; };
+template <> struct elem<1> { typedef __half t; };
+
+/* Shared memory of a block (W warps, padded head width D), in bytes, each
+ * region a multiple of 128: row strides pad by 8 elements (a multiple wmma
+ * takes, which also staggers the banks). */
+#define LDE(D) ((D) + 8)      /* 16-bit Q/K/V/dO tiles, R rows */
+#define LDS(W) (16 * (W) + 8) /* fp32 scores of a warp, 16 rows */
+#define LDO(D) ((D) + 4)      /* fp32 output staging of a warp, 16 rows */
+static size_t tile_bytes(int D, int W) { return (size_t)16 * W * LDE(D) * 2; }
+static size_t scores_bytes(int W) { return (size_t)W * 16 * LDS(W) * 4; }
+static size_t probs_bytes(int W) { return (size_t)W * 16 * LDS(W) * 2; }
+static size_t fwd_smem(int D, int W) {
+  return 3 * tile_bytes(D, W) + scores_bytes(W) + probs_bytes(W);
+}
+static size_t bwd_smem(int D, int W) {
+  return 4 * tile_bytes(D, W) + 2 * scores_bytes(W) + probs_bytes(W) + 2 * (size_t)16 * W * 4;
+}
+
+/* rows 0..R-1 of a tile from src (row 0 of the tile, element 0 of the head;
+ * row stride ld): rows at or past `valid` and columns at or past HS are 0 */
+template <int D>
+static __device__ void load_tile(uint16_t *dst, const uint16_t *src, int R, int valid, int HS,
+                                 size_t ld) {
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+    int r = i / D, c = i % D;
+    dst[r * LDE(D) + c] = r < valid && c < HS ? src[(size_t)r * ld + c] : (uint16_t)0;
+  }
+}
+
+/* the same from fp32 (dout, row stride ld), rounded to the 16-bit type */
+template <int D, int FP16>
+static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int valid, int HS,
+                                     size_t ld) {
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+    int r = i / D, c = i % D;
+    dst[r * LDE(D) + c] = r < valid && c < HS ? mt_half_pack(src[(size_t)r * ld + c], FP16) : 0;
+  }
+}
+
+/* S(16 × R, ld LDS) = A(16 × D) · Bᵀ, A a warp's 16 rows of a tile and B a
+ * whole tile (R rows), both ld LDE(D): the scores of one side against the
+ * other. */
+template <int FP16, int D, int W>
+static __device__ void warp_scores(float *S, const uint16_t *A, const uint16_t *B) {
+  typedef typename elem<FP16>::t E;
+  for (int c = 0; c < W; c++) { /* R / 16 = W column blocks */
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < D / 16; kk++) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
+      wmma::load_matrix_sync(a, (const E *)(A + 16 * kk), LDE(D));
+      wmma::load_matrix_sync(b, (const E *)(B + 16 * c * LDE(D) + 16 * kk), LDE(D));
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(S + 16 * c, acc, LDS(W), wmma::mem_row_major);
+  }
+}
+
+/* acc[n] (16 × D in D/16 fragments) += P(16 × R, ld LDS(W), 16-bit) · B(R × D) */
+template <int FP16, int D, int W>
+static __device__ void warp_accumulate(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
+                                       const uint16_t *P, const uint16_t *B) {
+  typedef typename elem<FP16>::t E;
+  for (int kk = 0; kk < W; kk++) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
+    wmma::load_matrix_sync(a, (const E *)(P + 16 * kk), LDS(W));
+    for (int n = 0; n < D / 16; n++) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> b;
+      wmma::load_matrix_sync(b, (const E *)(B + 16 * kk * LDE(D) + 16 * n), LDE(D));
+      wmma::mma_sync(acc[n], a, b, acc[n]);
+    }
+  }
+}
+
+/* A warp's D/16 accumulators, rows row0.. of the head (16 of them, those
+ * under T), written (ADD: added) into dst (row 0 of the head, row stride
+ * ld) through the staging st (16 × LDO(D) floats). */
+template <int D, int ADD>
+static __device__ void warp_rows_out(float *dst, size_t ld, float *st,
+                                     wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
+                                     int row0, int T, int HS) {
+  int lane = threadIdx.x % 32;
+  for (int n = 0; n < D / 16; n++)
+    wmma::store_matrix_sync(st + 16 * n, acc[n], LDO(D), wmma::mem_row_major);
+  __syncwarp();
+  for (int i = lane; i < 16 * HS; i += 32) {
+    int r = i / HS, c = i % HS;
+    if (row0 + r >= T) continue;
+    float *o = dst + (size_t)(row0 + r) * ld + c;
+    *o = ADD ? *o + st[r * LDO(D) + c] : st[r * LDO(D) + c];
+  }
+  __syncwarp();
+}
+
+/* The dropout scale of element (t1, t2) of head h (ops.h's index), 1
+ * without dropout. */
+static __device__ __forceinline__ float drop_scale(float p, uint64_t key, uint64_t sample,
+                                                   uint32_t head, int T, int t1, int t2) {
+  return p > 0.0f ? mt_dropout_scale(p, key, sample, ((uint64_t)head * T + t1) * T + t2) : 1.0f;
+}
+
+/* grid (query tiles, NH, B), 32·W threads */
+template <int FP16, int D, int W>
+static __global__ void k_flash_fwd(float *out, float *lse, const uint16_t *qkv, int T, int C,
+                                   int NH, float scale, float p, uint64_t key, uint64_t sample0,
+                                   uint32_t head0) {
+  const int R = 16 * W;
+  MT_DYN_SMEM(smem);
+  uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + R * LDE(D), *Vs = Ks + R * LDE(D);
+  float *Ss = (float *)(Vs + R * LDE(D));
+  uint16_t *Ps = (uint16_t *)(Ss + W * 16 * LDS(W));
+  int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, HS = C / NH;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * R;
+  size_t ld = 3 * (size_t)C;
+  const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
+  float *Sw = Ss + warp * 16 * LDS(W);
+  uint16_t *Pw = Ps + warp * 16 * LDS(W);
+  /* the lane pair (rr, half) of row rr: query tq, columns half·R/2.. */
+  int rr = lane >> 1, j0 = (lane & 1) * (R / 2), tq = q0 + 16 * warp + rr;
+  const float *srow = Sw + rr * LDS(W);
+  uint64_t sample = sample0 + (uint64_t)b;
+
+  load_tile<D>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
+  const uint16_t *Qw = Qs + 16 * warp * LDE(D);
+
+  /* sweep 1: the row's max m and sum l of exp(s - m), online */
+  float m = -FLT_MAX, l = 0.0f;
+  for (int kt = 0; kt <= qt; kt++) {
+    __syncthreads(); /* Ks free */
+    load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
+    __syncthreads();
+    warp_scores<FP16, D, W>(Sw, Qw, Ks);
+    __syncwarp();
+    float tm = -FLT_MAX;
+    for (int j = j0; j < j0 + R / 2; j++)
+      if (kt * R + j <= tq) tm = fmaxf(tm, srow[j] * scale);
+    tm = fmaxf(tm, __shfl_xor_sync(FULL_MASK, tm, 1));
+    float mn = fmaxf(m, tm), s = 0.0f;
+    for (int j = j0; j < j0 + R / 2; j++)
+      if (kt * R + j <= tq) s += expf(srow[j] * scale - mn);
+    s += __shfl_xor_sync(FULL_MASK, s, 1);
+    l = l * expf(m - mn) + s;
+    m = mn;
+    __syncwarp(); /* every lane has read Sw */
+  }
+  float lse_r = m + logf(l);
+  if (!(lane & 1) && tq < T) lse[((size_t)b * NH + h) * T + tq] = lse_r;
+
+  /* sweep 2: O = Σ drop(exp(s - lse)) · V */
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+  for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.0f);
+  for (int kt = 0; kt <= qt; kt++) {
+    __syncthreads();
+    load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
+    load_tile<D>(Vs, head + 2 * C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
+    __syncthreads();
+    warp_scores<FP16, D, W>(Sw, Qw, Ks);
+    __syncwarp();
+    for (int j = j0; j < j0 + R / 2; j++) {
+      int tk = kt * R + j;
+      float pv = 0.0f;
+      if (tk <= tq)
+        pv = expf(srow[j] * scale - lse_r) * drop_scale(p, key, sample, head0 + h, T, tq, tk);
+      Pw[rr * LDS(W) + j] = mt_half_pack(pv, FP16);
+    }
+    __syncwarp();
+    warp_accumulate<FP16, D, W>(o, Pw, Vs);
+  }
+  __syncthreads(); /* Qs and Ks become the output's staging */
+  warp_rows_out<D, 0>(out + (size_t)b * T * C + (size_t)h * HS, C,
+                      (float *)smem + warp * 16 * LDO(D), o, q0 + 16 * warp, T, HS);
+}
+
+/* dv[(b, h, t)] (rows of the group b0.., (Bg, NH, T)) = Σ_c dout·out over
+ * the head; grid (T, Bg), a warp per head in turn */
+template <int FP16>
+static __global__ void k_flash_dot(float *dv, const float *dout, const uint16_t *out, int T, int C,
+                                   int NH, int b0) {
+  int t = blockIdx.x, bg = blockIdx.y, HS = C / NH;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+  size_t row = ((size_t)(b0 + bg) * T + t) * C;
+  for (int h = warp; h < NH; h += nw) {
+    float s = 0.0f;
+    for (int c = lane; c < HS; c += 32)
+      s += dout[row + (size_t)h * HS + c] * mt_half_unpack(out[row + (size_t)h * HS + c], FP16);
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+    if (lane == 0) dv[((size_t)bg * NH + h) * T + t] = s;
+  }
+}
+
+/* The backward's shared memory: K, V, Q and dO tiles, a warp's scores and
+ * dP (fp32) and its 16-bit products' operand, lse and D of the query tile. */
+struct bwd_smem_of {
+  uint16_t *Ks, *Vs, *Qs, *dOs, *Pw;
+  float *Sw, *dPw, *lse_s, *D_s;
+};
+template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *smem, int warp) {
+  const int R = 16 * W;
+  bwd_smem_of s;
+  s.Ks = (uint16_t *)smem;
+  s.Vs = s.Ks + R * LDE(D);
+  s.Qs = s.Vs + R * LDE(D);
+  s.dOs = s.Qs + R * LDE(D);
+  float *Ss = (float *)(s.dOs + R * LDE(D)), *dPs = Ss + W * 16 * LDS(W);
+  uint16_t *Ps = (uint16_t *)(dPs + W * 16 * LDS(W));
+  s.Sw = Ss + warp * 16 * LDS(W);
+  s.dPw = dPs + warp * 16 * LDS(W);
+  s.Pw = Ps + warp * 16 * LDS(W);
+  s.lse_s = (float *)(Ps + W * 16 * LDS(W));
+  s.D_s = s.lse_s + R;
+  return s;
+}
+
+/* The query tile q0.. of head h into Qs, dOs (rounded), lse_s and D_s
+ * (rows past T: zero). */
+template <int FP16, int D, int W>
+static __device__ void load_query_tile(const bwd_smem_of &s, const uint16_t *head, size_t ld,
+                                       const float *g, int C, const float *lse_h, const float *dv_h,
+                                       int q0, int T, int HS) {
+  const int R = 16 * W;
+  load_tile<D>(s.Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
+  load_tile_f32<D, FP16>(s.dOs, g + (size_t)q0 * C, R, T - q0, HS, C);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    s.lse_s[r] = q0 + r < T ? lse_h[q0 + r] : 0.0f;
+    s.D_s[r] = q0 + r < T ? dv_h[q0 + r] : 0.0f;
+  }
+}
+
+/* grid (key tiles, NH, Bg), 32·W threads: dK and dV of R keys */
+template <int FP16, int D, int W>
+static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint16_t *qkv,
+                                      const float *lse, const float *dv, int T, int C, int NH,
+                                      int b0, float scale, float p, uint64_t key, uint64_t sample0,
+                                      uint32_t head0) {
+  const int R = 16 * W;
+  MT_DYN_SMEM(smem);
+  int kt = blockIdx.x, h = blockIdx.y, bg = blockIdx.z, b = b0 + bg, HS = C / NH;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, k0 = kt * R, nt = (T + R - 1) / R;
+  bwd_smem_of s = bwd_layout<D, W>(smem, warp);
+  size_t ld = 3 * (size_t)C;
+  const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
+  const float *g = dout + (size_t)b * T * C + (size_t)h * HS;
+  const float *lse_h = lse + ((size_t)b * NH + h) * T, *dv_h = dv + ((size_t)bg * NH + h) * T;
+  /* the lane pair of key row rr: key tk, query columns j0.. */
+  int rr = lane >> 1, j0 = (lane & 1) * (R / 2), tk = k0 + 16 * warp + rr;
+  uint64_t sample = sample0 + (uint64_t)b;
+
+  load_tile<D>(s.Ks, head + C + (size_t)k0 * ld, R, T - k0, HS, ld);
+  load_tile<D>(s.Vs, head + 2 * C + (size_t)k0 * ld, R, T - k0, HS, ld);
+  const uint16_t *Kw = s.Ks + 16 * warp * LDE(D), *Vw = s.Vs + 16 * warp * LDE(D);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[D / 16], dvv[D / 16];
+  for (int n = 0; n < D / 16; n++) {
+    wmma::fill_fragment(dk[n], 0.0f);
+    wmma::fill_fragment(dvv[n], 0.0f);
+  }
+  for (int qt = kt; qt < nt; qt++) {
+    int q0 = qt * R;
+    __syncthreads(); /* Qs, dOs free */
+    load_query_tile<FP16, D, W>(s, head, ld, g, C, lse_h, dv_h, q0, T, HS);
+    __syncthreads();
+    warp_scores<FP16, D, W>(s.Sw, Kw, s.Qs);   /* Sᵀ: keys × queries */
+    warp_scores<FP16, D, W>(s.dPw, Vw, s.dOs); /* dPᵀ = V·dOᵀ */
+    __syncwarp();
+    float *srow = s.Sw + rr * LDS(W);
+    const float *prow = s.dPw + rr * LDS(W);
+    for (int j = j0; j < j0 + R / 2; j++) {
+      int tq = q0 + j;
+      float pf = 0.0f, ds = 0.0f, m = 1.0f;
+      if (tq >= tk && tq < T) {
+        pf = expf(srow[j] * scale - s.lse_s[j]);
+        m = drop_scale(p, key, sample, head0 + h, T, tq, tk);
+        ds = pf * (prow[j] * m - s.D_s[j]) * scale;
+      }
+      s.Pw[rr * LDS(W) + j] = mt_half_pack(pf * m, FP16);
+      srow[j] = ds;
+    }
+    __syncwarp();
+    warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
+    __syncwarp();                                  /* every lane has read Pw */
+    for (int j = j0; j < j0 + R / 2; j++) s.Pw[rr * LDS(W) + j] = mt_half_pack(srow[j], FP16);
+    __syncwarp();
+    warp_accumulate<FP16, D, W>(dk, s.Pw, s.Qs); /* dK += dSᵀ·Q */
+  }
+  __syncthreads(); /* Qs and dOs become the staging */
+  float *st = (float *)s.Qs + warp * 16 * LDO(D);
+  float *dkv = dqkv + (size_t)b * T * ld + (size_t)h * HS;
+  warp_rows_out<D, 1>(dkv + C, ld, st, dk, k0 + 16 * warp, T, HS);
+  warp_rows_out<D, 1>(dkv + 2 * C, ld, st, dvv, k0 + 16 * warp, T, HS);
+}
+
+/* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries */
+template <int FP16, int D, int W>
+static __global__ void k_flash_bwd_q(float *dqkv, const float *dout, const uint16_t *qkv,
+                                     const float *lse, const float *dv, int T, int C, int NH,
+                                     int b0, float scale, float p, uint64_t key, uint64_t sample0,
+                                     uint32_t head0) {
+  const int R = 16 * W;
+  MT_DYN_SMEM(smem);
+  int qt = blockIdx.x, h = blockIdx.y, bg = blockIdx.z, b = b0 + bg, HS = C / NH;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * R;
+  bwd_smem_of s = bwd_layout<D, W>(smem, warp);
+  size_t ld = 3 * (size_t)C;
+  const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
+  const float *g = dout + (size_t)b * T * C + (size_t)h * HS;
+  const float *lse_h = lse + ((size_t)b * NH + h) * T, *dv_h = dv + ((size_t)bg * NH + h) * T;
+  /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key columns j0.. */
+  int rr = lane >> 1, j0 = (lane & 1) * (R / 2), row = 16 * warp + rr, tq = q0 + row;
+  uint64_t sample = sample0 + (uint64_t)b;
+
+  load_query_tile<FP16, D, W>(s, head, ld, g, C, lse_h, dv_h, q0, T, HS);
+  const uint16_t *Qw = s.Qs + 16 * warp * LDE(D), *dOw = s.dOs + 16 * warp * LDE(D);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[D / 16];
+  for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
+  for (int kt = 0; kt <= qt; kt++) {
+    int k0 = kt * R;
+    __syncthreads(); /* Ks, Vs free; the query tile loaded */
+    load_tile<D>(s.Ks, head + C + (size_t)k0 * ld, R, T - k0, HS, ld);
+    load_tile<D>(s.Vs, head + 2 * C + (size_t)k0 * ld, R, T - k0, HS, ld);
+    __syncthreads();
+    warp_scores<FP16, D, W>(s.Sw, Qw, s.Ks);   /* S: queries × keys */
+    warp_scores<FP16, D, W>(s.dPw, dOw, s.Vs); /* dP = dO·Vᵀ */
+    __syncwarp();
+    const float *srow = s.Sw + rr * LDS(W), *prow = s.dPw + rr * LDS(W);
+    float l = s.lse_s[row], dd = s.D_s[row];
+    for (int j = j0; j < j0 + R / 2; j++) {
+      int tk = k0 + j;
+      float ds = 0.0f;
+      if (tk <= tq && tq < T) {
+        float pf = expf(srow[j] * scale - l);
+        ds = pf * (prow[j] * drop_scale(p, key, sample, head0 + h, T, tq, tk) - dd) * scale;
+      }
+      s.Pw[rr * LDS(W) + j] = mt_half_pack(ds, FP16);
+    }
+    __syncwarp();
+    warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
+  }
+  __syncthreads();
+  float *st = (float *)s.Qs + warp * 16 * LDO(D);
+  warp_rows_out<D, 1>(dqkv + (size_t)b * T * ld + (size_t)h * HS, ld, st, dq, q0 + 16 * warp, T,
+                      HS);
+}
+
+/* ---- host side ------------------------------------------------------------ */
+
+/* The kernels of one (FP16, D, W), launched with the shared memory they take. */
+template <int FP16, int D, int W> struct flash {
+  static void fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, int B, int T, int C,
+                  int NH, float scale, const mt_dropout *drop) {
+    mt__cuda *c = mt__cuda_enter(d);
+    const int R = 16 * W;
+    size_t smem = fwd_smem(D, W);
+    void (*flash_fwd)(float *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
+                      uint64_t, uint32_t) = k_flash_fwd<FP16, D, W>;
+    cudaFuncSetAttribute(flash_fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)B), 32 * W,
+                   smem, c->stream)
+    (out, lse, qkv, T, C, NH, scale, drop ? drop->p : 0.0f, drop ? drop->key : 0,
+     drop ? drop->sample0 : 0, drop ? drop->head0 : 0);
+  }
+  static void bwd(mt_device *d, float *dqkv, const float *dout, const uint16_t *qkv,
+                  const float *lse, const float *dv, int b0, int Bg, int T, int C, int NH,
+                  float scale, const mt_dropout *drop) {
+    mt__cuda *c = mt__cuda_enter(d);
+    const int R = 16 * W;
+    size_t smem = bwd_smem(D, W);
+    void (*flash_bwd_kv)(float *, const float *, const uint16_t *, const float *, const float *,
+                         int, int, int, int, float, float, uint64_t, uint64_t, uint32_t) =
+        k_flash_bwd_kv<FP16, D, W>;
+    void (*flash_bwd_q)(float *, const float *, const uint16_t *, const float *, const float *, int,
+                        int, int, int, float, float, uint64_t, uint64_t, uint32_t) =
+        k_flash_bwd_q<FP16, D, W>;
+    cudaFuncSetAttribute(flash_bwd_kv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaFuncSetAttribute(flash_bwd_q, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    dim3 grid((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)Bg);
+    float p = drop ? drop->p : 0.0f;
+    uint64_t key = drop ? drop->key : 0, s0 = drop ? drop->sample0 : 0;
+    uint32_t h0 = drop ? drop->head0 : 0;
+    MT_LAUNCH_SMEM(flash_bwd_kv, grid, 32 * W, smem, c->stream)
+    (dqkv, dout, qkv, lse, dv, T, C, NH, b0, scale, p, key, s0, h0);
+    MT_LAUNCH_SMEM(flash_bwd_q, grid, 32 * W, smem, c->stream)
+    (dqkv, dout, qkv, lse, dv, T, C, NH, b0, scale, p, key, s0, h0);
+  }
+};
+
+static int flash_fits(mt_device *d, const char *what, int HS) {
+  if (HS <= MT_FLASH_MAX_HS) return 1;
+  char msg[128];
+  snprintf(msg, sizeof msg, "head size %d over %d with a 16-bit qkv", HS, MT_FLASH_MAX_HS);
+  mt__cuda_fail(d, what, msg);
+  return 0;
+}
+
+void mt__cuda_flash_fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, mt_dtype qt,
+                        int B, int T, int C, int NH, const mt_dropout *drop) {
+  int HS = C / NH, fp16 = qt == MT_F16;
+  if (drop && drop->p == 0.0f) drop = NULL;
+  if (B < 1 || T < 1 || !flash_fits(d, "attention_fwd", HS)) return;
+  float scale = 1.0f / sqrtf((float)HS);
+  if (HS <= 64)
+    fp16 ? flash<1, 64, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
+         : flash<0, 64, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
+  else if (HS <= 128)
+    fp16 ? flash<1, 128, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
+         : flash<0, 128, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
+  else
+    fp16 ? flash<1, 256, 2>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
+         : flash<0, 256, 2>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
+  mt__cuda_check(d, "attention_fwd (flash)");
+}
+
+void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratch_floats,
+                        const float *dout, const uint16_t *out, const uint16_t *qkv, mt_dtype qt,
+                        const float *lse, int B, int T, int C, int NH, const mt_dropout *drop) {
+  int HS = C / NH, fp16 = qt == MT_F16;
+  if (drop && drop->p == 0.0f) drop = NULL;
+  if (B < 1 || T < 1 || !flash_fits(d, "attention_bwd", HS)) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  float scale = 1.0f / sqrtf((float)HS);
+  int per = (int)(scratch_floats / ((size_t)NH * T)); /* samples whose D fit the scratch */
+  if (per < 1) {
+    mt__cuda_fail(d, "attention_bwd", "scratch below one sample's rows");
+    return;
+  }
+  for (int b0 = 0; b0 < B; b0 += per) {
+    int Bg = B - b0 < per ? B - b0 : per;
+    if (fp16) MT_LAUNCH(k_flash_dot<1>, dim3((unsigned)T, (unsigned)Bg), 128, c->stream)
+    (scratch, dout, out, T, C, NH, b0);
+    else MT_LAUNCH(k_flash_dot<0>, dim3((unsigned)T, (unsigned)Bg), 128,
+                   c->stream)(scratch, dout, out, T, C, NH, b0);
+    if (HS <= 64)
+      fp16 ? flash<1, 64, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
+           : flash<0, 64, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+    else if (HS <= 128)
+      fp16 ? flash<1, 128, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
+           : flash<0, 128, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+    else
+      fp16 ? flash<1, 256, 2>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
+           : flash<0, 256, 2>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+  }
+  mt__cuda_check(d, "attention_bwd (flash)");
+}
