@@ -1,8 +1,10 @@
-# Shell helpers shared by tools/test and tools/demo. Source it; do not run it.
+# Shell helpers shared by tools/test, tools/demo and tests/gpu/run. Source it;
+# do not run it.
 #
 # mt_say / mt_warn            messages on stderr, prefixed with the tool's name
 # mt_install_missing PKG...   apt-get install what dpkg does not report installed
 # mt_meson_setup DIR OPT...   configure DIR: reconfigure when it exists, else set up
+# mt_drop_stale_cuda_objects DIR   remove CUDA objects older than a header
 #
 # MTNLG_NO_INSTALL=1 skips the package step (for machines without root or sudo).
 
@@ -78,5 +80,19 @@ mt_meson_setup() {
     meson setup --wipe "$dir" "$@" || rc=$?
   fi
   rm -f "$out"
+  ((rc)) || mt_drop_stale_cuda_objects "$dir"
   return "$rc"
+}
+
+# meson 1.0 gives nvcc no dependency file, so ninja does not know which
+# headers a .cu includes: a CUDA object older than any header under kernels/
+# or daemon/core/ is removed, and ninja compiles it again.
+mt_drop_stale_cuda_objects() {
+  local o
+  for o in "$1"/kernels/libmtkernels.a.p/cuda_*.o; do
+    [[ -f $o ]] || continue
+    if [[ -n $(find kernels daemon/core \( -name '*.h' -o -name '*.cuh' \) -newer "$o" -print -quit) ]]; then
+      rm -f "$o"
+    fi
+  done
 }
