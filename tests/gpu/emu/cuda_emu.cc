@@ -739,6 +739,8 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (stacks == MAP_FAILED) EMU_DIE("cannot map fiber stacks");
   }
+  static const int reversed =
+      getenv("MT_CUDA_EMU_ORDER") && !strcmp(getenv("MT_CUDA_EMU_ORDER"), "reverse");
   body = &b;
   grid_dim = grid;
   block_dim = block;
@@ -767,7 +769,8 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
         size_t live = nthreads;
         while (live) {
           unsigned long before = epoch;
-          for (size_t i = 0; i < nthreads; i++) {
+          for (size_t k = 0; k < nthreads; k++) {
+            size_t i = reversed ? nthreads - 1 - k : k;
             if (fibers[i].done) continue;
             cur = &fibers[i];
             cur_tid = &cur->tid;

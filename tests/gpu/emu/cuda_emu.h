@@ -54,7 +54,15 @@
  * ldm multiple that CUDA requires. Kernels must not read a fragment's
  * elements (their mapping is the emulator's own).
  *
- * What this cannot find: races between blocks or within a warp, timing,
+ * Between barriers a thread runs alone, so a kernel that reads what another
+ * thread wrote without a barrier between them sees the write only when the
+ * writer's turn comes first: threads take turns in index order, or in
+ * reverse with MT_CUDA_EMU_ORDER=reverse, and a test run both ways (a read
+ * before the write finds the NaN of fresh memory) catches such a missing
+ * barrier either way round.
+ *
+ * What this cannot find: races between blocks (and within one beyond what the
+ * two orders show), timing,
  * tensor-core rounding details, limits beyond block and grid sizes, work
  * on two streams racing (each op runs whole, when issued).
  * Test code: it aborts on a misuse of the API, with a message.
