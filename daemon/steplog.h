@@ -13,11 +13,13 @@
 void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json);
 
 /* Checks the job's memory plan, as this engine stores it (weights, grads and
- * Adam fp32; bf16 and fp16 jobs add an fp32 working copy of the weights and
+ * Adam fp32; bf16 and fp16 jobs add a 16-bit working copy of the weights and
  * keep their blocks' activations in 16 bits), against the
  * devices of this process: a GPU's own memory when device is "cuda:N" (the
  * first of them), else this machine's RAM shared by ranks_here CPU devices.
- * MT_EINVAL with the numbers when it cannot fit; logs the plan otherwise. */
+ * MT_EINVAL with the numbers when it cannot fit; logs the plan otherwise.
+ * Before that, MT_EINVAL for a 16-bit job on GPUs whose head size is over
+ * MT_FLASH_MAX_HS (ops.h). */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device);
 
 #endif

@@ -54,6 +54,10 @@ typedef struct mt_dropout {
 /* How a weight tensor is stored. */
 typedef enum mt_dtype { MT_F32 = 0, MT_BF16 = 1, MT_F16 = 2 } mt_dtype;
 
+/* The largest head size GPUs take a 16-bit qkv's attention at (their flash
+ * kernels pad it to 64, 128 or 256 columns); jobs check it before they start. */
+#define MT_FLASH_MAX_HS 256
+
 /* One tensor, or slice of one, for a multi-tensor AdamW step. */
 typedef struct mt_adamw_slice {
   float *param;
@@ -135,7 +139,7 @@ struct mt_ops {
    * the heads draws the same masks. scratch holds attention_scratch(d, T,
    * C, NH) floats, contents undefined; one scratch serves every layer.
    * The CPU computes in fp32 whatever qt is. GPUs compute an fp32 qkv in
-   * their fp32 matmul mode; a 16-bit qkv (HS <= 256) by a fused flash
+   * their fp32 matmul mode; a 16-bit qkv (HS <= MT_FLASH_MAX_HS) by a fused flash
    * kernel on the tensor cores in qt's type, which rounds the (dropped)
    * probabilities, dout and the scores' gradient to it as well, as
    * FlashAttention does, accumulating in fp32. */

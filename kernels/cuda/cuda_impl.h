@@ -110,9 +110,8 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH);
 
 /* flash_cuda.cu: the attention of a 16-bit qkv (qt MT_BF16 or MT_F16), one
  * fused kernel per pass on the tensor cores. The backward needs B·NH·T
- * floats of scratch at most (it goes by groups of samples otherwise); 0 and
- * an error recorded on d when HS is over MT_FLASH_MAX_HS. */
-#define MT_FLASH_MAX_HS 256
+ * floats of scratch at most (it goes by groups of samples otherwise). A
+ * head size over MT_FLASH_MAX_HS (ops.h) records an error on d. */
 void mt__cuda_flash_fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, mt_dtype qt,
                         int B, int T, int C, int NH, const mt_dropout *drop);
 void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratch_floats,

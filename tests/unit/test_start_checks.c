@@ -1,0 +1,79 @@
+/* test_start_checks.c — what mtnlgd refuses before a job starts, on the
+ * devices it is given (daemon/steplog.c): a 16-bit job on GPUs whose head
+ * size the flash attention does not take, named with its keys. No GPU is
+ * needed: the head size is checked before the devices are asked anything. */
+#include <stdio.h>
+#include <string.h>
+
+#include "err.h"
+#include "job.h"
+#include "ops.h"
+#include "steplog.h"
+
+#ifndef MT_PRESET_DIR
+#error "MT_PRESET_DIR must name etc/models"
+#endif
+
+static int failures;
+
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                     \
+      fprintf(stderr, __VA_ARGS__);                                                                \
+      fprintf(stderr, "\n");                                                                       \
+      failures++;                                                                                  \
+    }                                                                                              \
+  } while (0)
+
+static const char *const presets[] = {MT_PRESET_DIR, NULL};
+
+/* The tiny preset with n_embd / n_head = hs and the given precision. */
+static void job_with(mt_job *job, int hs, const char *precision) {
+  char embd[64], head[64], prec[64];
+  snprintf(embd, sizeof embd, "model.n_embd=%d", 2 * hs);
+  snprintf(head, sizeof head, "model.n_head=%d", 2);
+  snprintf(prec, sizeof prec, "train.precision=%s", precision);
+  const char *ov[] = {embd, head, prec, NULL};
+  const char *json = "{\"model\": {\"preset\": \"tiny\"}, \"train\": {\"global_batch\": 8, "
+                     "\"steps\": 10, \"lr\": {\"peak\": 1e-3}}, \"data\": {\"path\": \"t.u16\"}}";
+  if (mt_job_parse(job, json, ".", presets, ov))
+    fprintf(stderr, "job: %s\n", mt_errmsg()), failures++;
+}
+
+static int names_head_size(void) { return strstr(mt_errmsg(), "head size") != NULL; }
+
+static void test_16bit_job_over_the_flash_head_size_is_refused_on_gpus(void) {
+  mt_job job;
+  job_with(&job, MT_FLASH_MAX_HS + 64, "bf16");
+  int rc = mt_check_memory_plan(&job, 1, "cuda:0");
+  CHECK(rc == MT_EINVAL && names_head_size() && strstr(mt_errmsg(), "n_head 2") &&
+            strstr(mt_errmsg(), "bf16 job"),
+        "rc %d: %s", rc, mt_errmsg());
+  printf("ok: %s\n", mt_errmsg());
+}
+
+static void test_what_the_flash_kernels_take_passes(void) {
+  mt_job job;
+  /* at the limit, on GPUs (the check then asks for cuda:0, which this
+   * machine may lack: any error but the head size's) */
+  job_with(&job, MT_FLASH_MAX_HS, "fp16");
+  mt_seterr(0, "%s", "no error");
+  mt_check_memory_plan(&job, 1, "cuda:0");
+  CHECK(!names_head_size(), "head size %d refused: %s", MT_FLASH_MAX_HS, mt_errmsg());
+  /* over it in fp32 (the chunked attention), and on the CPU */
+  job_with(&job, MT_FLASH_MAX_HS + 64, "fp32");
+  mt_seterr(0, "%s", "no error");
+  mt_check_memory_plan(&job, 1, "cuda:0");
+  CHECK(!names_head_size(), "an fp32 job refused: %s", mt_errmsg());
+  job_with(&job, MT_FLASH_MAX_HS + 64, "bf16");
+  int rc = mt_check_memory_plan(&job, 1, "cpu:0");
+  CHECK(rc == 0, "a bf16 job on the CPU refused: %s", mt_errmsg());
+}
+
+int main(void) {
+  test_16bit_job_over_the_flash_head_size_is_refused_on_gpus();
+  test_what_the_flash_kernels_take_passes();
+  printf("%s\n", failures ? "FAIL" : "ok");
+  return failures ? 1 : 0;
+}
