@@ -42,14 +42,17 @@ template <int FP16> struct elem { typedef __nv_bfloat16 t; };
 template <> struct elem<1> { typedef __half t; };
 
 /* Shared memory of a block (W warps, padded head width D), in bytes, each
- * region a multiple of 128: row strides pad by 8 elements (a multiple wmma
- * takes, which also staggers the banks). */
+ * region a multiple of 128. Row strides pad by a multiple wmma takes (8
+ * 16-bit elements, 4 floats), which also staggers the banks: a warp's row
+ * loops (a lane pair per row, the two lanes on alternate columns) meet at
+ * most two lanes per bank. */
 #define LDE(D) ((D) + 8)      /* 16-bit Q/K/V/dO tiles, R rows */
-#define LDS(W) (16 * (W) + 8) /* fp32 scores of a warp, 16 rows */
+#define LDS(W) (16 * (W) + 4) /* fp32 scores of a warp, 16 rows */
+#define LDP(W) (16 * (W) + 8) /* 16-bit probabilities (or dS) of a warp, 16 rows */
 #define LDO(D) ((D) + 4)      /* fp32 output staging of a warp, 16 rows */
 static size_t tile_bytes(int D, int W) { return (size_t)16 * W * LDE(D) * 2; }
 static size_t scores_bytes(int W) { return (size_t)W * 16 * LDS(W) * 4; }
-static size_t probs_bytes(int W) { return (size_t)W * 16 * LDS(W) * 2; }
+static size_t probs_bytes(int W) { return (size_t)W * 16 * LDP(W) * 2; }
 static size_t fwd_smem(int D, int W) {
   return 3 * tile_bytes(D, W) + scores_bytes(W) + probs_bytes(W);
 }
@@ -57,21 +60,59 @@ static size_t bwd_smem(int D, int W) {
   return 4 * tile_bytes(D, W) + 2 * scores_bytes(W) + probs_bytes(W) + 2 * (size_t)16 * W * 4;
 }
 
+/* 16 bytes from src (NULL: zeros) to dst, both 16-byte aligned: one vector
+ * load and store on a GPU */
+static __device__ __forceinline__ void copy16(void *dst, const void *src) {
+#ifdef MT_CUDA_EMU
+  if (src)
+    memcpy(dst, src, 16);
+  else
+    memset(dst, 0, 16);
+#else
+  *(uint4 *)dst = src ? *(const uint4 *)src : make_uint4(0, 0, 0, 0);
+#endif
+}
+
 /* rows 0..R-1 of a tile from src (row 0 of the tile, element 0 of the head;
- * row stride ld): rows at or past `valid` and columns at or past HS are 0 */
+ * row stride ld): rows at or past `valid` and columns at or past HS are 0.
+ * Eight elements at a time where HS and src allow (16-byte rows). */
 template <int D>
 static __device__ void load_tile(uint16_t *dst, const uint16_t *src, int R, int valid, int HS,
                                  size_t ld) {
+  if (HS % 8 == 0 && ld % 8 == 0 && (uintptr_t)src % 16 == 0) {
+    for (int i = threadIdx.x; i < R * (D / 8); i += blockDim.x) {
+      int r = i / (D / 8), c = i % (D / 8) * 8;
+      copy16(dst + r * LDE(D) + c, r < valid && c < HS ? src + (size_t)r * ld + c : NULL);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
     int r = i / D, c = i % D;
     dst[r * LDE(D) + c] = r < valid && c < HS ? src[(size_t)r * ld + c] : (uint16_t)0;
   }
 }
 
-/* the same from fp32 (dout, row stride ld), rounded to the 16-bit type */
+/* the same from fp32 (dout, row stride ld), rounded to the 16-bit type;
+ * four at a time where HS and src allow */
 template <int D, int FP16>
 static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int valid, int HS,
                                      size_t ld) {
+  if (HS % 4 == 0 && ld % 4 == 0 && (uintptr_t)src % 16 == 0) {
+    for (int i = threadIdx.x; i < R * (D / 4); i += blockDim.x) {
+      int r = i / (D / 4), c = i % (D / 4) * 4;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (r < valid && c < HS) {
+#ifdef MT_CUDA_EMU
+        memcpy(v, src + (size_t)r * ld + c, 16);
+#else
+        float4 f = *(const float4 *)(src + (size_t)r * ld + c);
+        v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+#endif
+      }
+      for (int k = 0; k < 4; k++) dst[r * LDE(D) + c + k] = mt_half_pack(v[k], FP16);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
     int r = i / D, c = i % D;
     dst[r * LDE(D) + c] = r < valid && c < HS ? mt_half_pack(src[(size_t)r * ld + c], FP16) : 0;
@@ -98,14 +139,14 @@ static __device__ void warp_scores(float *S, const uint16_t *A, const uint16_t *
   }
 }
 
-/* acc[n] (16 × D in D/16 fragments) += P(16 × R, ld LDS(W), 16-bit) · B(R × D) */
+/* acc[n] (16 × D in D/16 fragments) += P(16 × R, ld LDP(W), 16-bit) · B(R × D) */
 template <int FP16, int D, int W>
 static __device__ void warp_accumulate(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
                                        const uint16_t *P, const uint16_t *B) {
   typedef typename elem<FP16>::t E;
   for (int kk = 0; kk < W; kk++) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-    wmma::load_matrix_sync(a, (const E *)(P + 16 * kk), LDS(W));
+    wmma::load_matrix_sync(a, (const E *)(P + 16 * kk), LDP(W));
     for (int n = 0; n < D / 16; n++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> b;
       wmma::load_matrix_sync(b, (const E *)(B + 16 * kk * LDE(D) + 16 * n), LDE(D));
@@ -156,9 +197,9 @@ static __global__ void k_flash_fwd(float *out, float *lse, const uint16_t *qkv, 
   size_t ld = 3 * (size_t)C;
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
   float *Sw = Ss + warp * 16 * LDS(W);
-  uint16_t *Pw = Ps + warp * 16 * LDS(W);
-  /* the lane pair (rr, half) of row rr: query tq, columns half·R/2.. */
-  int rr = lane >> 1, j0 = (lane & 1) * (R / 2), tq = q0 + 16 * warp + rr;
+  uint16_t *Pw = Ps + warp * 16 * LDP(W);
+  /* the lane pair of row rr: query tq, the lanes on even and odd columns */
+  int rr = lane >> 1, j0 = lane & 1, tq = q0 + 16 * warp + rr;
   const float *srow = Sw + rr * LDS(W);
   uint64_t sample = sample0 + (uint64_t)b;
 
@@ -174,11 +215,11 @@ static __global__ void k_flash_fwd(float *out, float *lse, const uint16_t *qkv, 
     warp_scores<FP16, D, W>(Sw, Qw, Ks);
     __syncwarp();
     float tm = -FLT_MAX;
-    for (int j = j0; j < j0 + R / 2; j++)
+    for (int j = j0; j < R; j += 2)
       if (kt * R + j <= tq) tm = fmaxf(tm, srow[j] * scale);
     tm = fmaxf(tm, __shfl_xor_sync(FULL_MASK, tm, 1));
     float mn = fmaxf(m, tm), s = 0.0f;
-    for (int j = j0; j < j0 + R / 2; j++)
+    for (int j = j0; j < R; j += 2)
       if (kt * R + j <= tq) s += expf(srow[j] * scale - mn);
     s += __shfl_xor_sync(FULL_MASK, s, 1);
     l = l * expf(m - mn) + s;
@@ -198,12 +239,12 @@ static __global__ void k_flash_fwd(float *out, float *lse, const uint16_t *qkv, 
     __syncthreads();
     warp_scores<FP16, D, W>(Sw, Qw, Ks);
     __syncwarp();
-    for (int j = j0; j < j0 + R / 2; j++) {
+    for (int j = j0; j < R; j += 2) {
       int tk = kt * R + j;
       float pv = 0.0f;
       if (tk <= tq)
         pv = expf(srow[j] * scale - lse_r) * drop_scale(p, key, sample, head0 + h, T, tq, tk);
-      Pw[rr * LDS(W) + j] = mt_half_pack(pv, FP16);
+      Pw[rr * LDP(W) + j] = mt_half_pack(pv, FP16);
     }
     __syncwarp();
     warp_accumulate<FP16, D, W>(o, Pw, Vs);
@@ -247,8 +288,8 @@ template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *
   uint16_t *Ps = (uint16_t *)(dPs + W * 16 * LDS(W));
   s.Sw = Ss + warp * 16 * LDS(W);
   s.dPw = dPs + warp * 16 * LDS(W);
-  s.Pw = Ps + warp * 16 * LDS(W);
-  s.lse_s = (float *)(Ps + W * 16 * LDS(W));
+  s.Pw = Ps + warp * 16 * LDP(W);
+  s.lse_s = (float *)(Ps + W * 16 * LDP(W));
   s.D_s = s.lse_s + R;
   return s;
 }
@@ -283,8 +324,8 @@ static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
   const float *g = dout + (size_t)b * T * C + (size_t)h * HS;
   const float *lse_h = lse + ((size_t)b * NH + h) * T, *dv_h = dv + ((size_t)bg * NH + h) * T;
-  /* the lane pair of key row rr: key tk, query columns j0.. */
-  int rr = lane >> 1, j0 = (lane & 1) * (R / 2), tk = k0 + 16 * warp + rr;
+  /* the lane pair of key row rr: key tk, query columns j0, j0 + 2, .. */
+  int rr = lane >> 1, j0 = lane & 1, tk = k0 + 16 * warp + rr;
   uint64_t sample = sample0 + (uint64_t)b;
 
   load_tile<D>(s.Ks, head + C + (size_t)k0 * ld, R, T - k0, HS, ld);
@@ -305,7 +346,7 @@ static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint
     __syncwarp();
     float *srow = s.Sw + rr * LDS(W);
     const float *prow = s.dPw + rr * LDS(W);
-    for (int j = j0; j < j0 + R / 2; j++) {
+    for (int j = j0; j < R; j += 2) {
       int tq = q0 + j;
       float pf = 0.0f, ds = 0.0f, m = 1.0f;
       if (tq >= tk && tq < T) {
@@ -313,13 +354,13 @@ static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint
         m = drop_scale(p, key, sample, head0 + h, T, tq, tk);
         ds = pf * (prow[j] * m - s.D_s[j]) * scale;
       }
-      s.Pw[rr * LDS(W) + j] = mt_half_pack(pf * m, FP16);
+      s.Pw[rr * LDP(W) + j] = mt_half_pack(pf * m, FP16);
       srow[j] = ds;
     }
     __syncwarp();
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
     __syncwarp();                                  /* every lane has read Pw */
-    for (int j = j0; j < j0 + R / 2; j++) s.Pw[rr * LDS(W) + j] = mt_half_pack(srow[j], FP16);
+    for (int j = j0; j < R; j += 2) s.Pw[rr * LDP(W) + j] = mt_half_pack(srow[j], FP16);
     __syncwarp();
     warp_accumulate<FP16, D, W>(dk, s.Pw, s.Qs); /* dK += dSᵀ·Q */
   }
@@ -345,8 +386,9 @@ static __global__ void k_flash_bwd_q(float *dqkv, const float *dout, const uint1
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
   const float *g = dout + (size_t)b * T * C + (size_t)h * HS;
   const float *lse_h = lse + ((size_t)b * NH + h) * T, *dv_h = dv + ((size_t)bg * NH + h) * T;
-  /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key columns j0.. */
-  int rr = lane >> 1, j0 = (lane & 1) * (R / 2), row = 16 * warp + rr, tq = q0 + row;
+  /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key
+   * columns j0, j0 + 2, .. */
+  int rr = lane >> 1, j0 = lane & 1, row = 16 * warp + rr, tq = q0 + row;
   uint64_t sample = sample0 + (uint64_t)b;
 
   load_query_tile<FP16, D, W>(s, head, ld, g, C, lse_h, dv_h, q0, T, HS);
@@ -364,14 +406,14 @@ static __global__ void k_flash_bwd_q(float *dqkv, const float *dout, const uint1
     __syncwarp();
     const float *srow = s.Sw + rr * LDS(W), *prow = s.dPw + rr * LDS(W);
     float l = s.lse_s[row], dd = s.D_s[row];
-    for (int j = j0; j < j0 + R / 2; j++) {
+    for (int j = j0; j < R; j += 2) {
       int tk = k0 + j;
       float ds = 0.0f;
       if (tk <= tq && tq < T) {
         float pf = expf(srow[j] * scale - l);
         ds = pf * (prow[j] * drop_scale(p, key, sample, head0 + h, T, tq, tk) - dd) * scale;
       }
-      s.Pw[rr * LDS(W) + j] = mt_half_pack(ds, FP16);
+      s.Pw[rr * LDP(W) + j] = mt_half_pack(ds, FP16);
     }
     __syncwarp();
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */

@@ -1275,8 +1275,9 @@ int main(int argc, char **argv) {
     test_attention(heads, MT_MATMUL_FP32, 1);
     shape rows = {1, 70, 16, 2, 37, 40}; /* 3 rows and 1 head per chunk: 2·4·70 > 512 */
     test_attention(rows, MT_MATMUL_FP32, 1);
-    /* the flash kernels: head size 16 padded to 64, T past one tile of 64
-     * rows and not a multiple of it; 80 padded to 128; 144 padded to 256
+    /* the flash kernels: head size 16 padded to 64 (tiles loaded 8 or 4
+     * elements at a time), T past one tile of 64 rows and not a multiple of
+     * it; 80 padded to 128; 144 padded to 256
      * in tiles of 32 rows; B = 3 goes by one sample per group (the
      * emulator's scratch: 420 floats, the backward's D 4·70 per sample) */
     shape f64 = {2, 70, 32, 2, 37, 40}, f128 = {1, 20, 160, 2, 37, 40};
@@ -1287,6 +1288,8 @@ int main(int argc, char **argv) {
     test_flash_attention(f128, MT_BF16, 1);
     test_flash_attention(f256, MT_F16, 0);
     test_flash_attention(fgroups, MT_BF16, 1);
+    shape fodd = {2, 33, 20, 2, 37, 40}; /* head size 10: tiles load element by element */
+    test_flash_attention(fodd, MT_BF16, 1);
     test_elementwise(1000);
     test_dropout(3, 101);
     test_crossentropy(5, 37, 40);
