@@ -217,10 +217,11 @@ static void test_recompute_cuts_activation_memory(void) {
   CHECK(mt_plan_compute(&job, &a100, &off) == MT_OK);
   /* per layer and micro-batch, 16-bit, t = 8: s b h (4 + 16/8) = 6 sbh, plus
    * the fp32 log-sum-exp of each row (4 a s / 8); once per device the
-   * working set, s b h (5 + 15/8) 16-bit values, and attention's scratch,
-   * 2 (a/8) s 512 fp32 values */
+   * working set, s b h (1 + 4/8) 16-bit values and s b h (7 + 19/8) fp32
+   * ones, and attention's scratch, 2 (a/8) s 512 fp32 values */
   int64_t sbh = 2048LL * 20480, lse = 4 * 128 * 2048 / 8, full = 6 * sbh + lse;
-  int64_t once = 2 * (5 * sbh + sbh * 15 / 8) + 2LL * (128 / 8) * 2048 * 512 * 4;
+  int64_t once =
+      2 * (sbh + sbh * 4 / 8) + 4 * (7 * sbh + sbh * 19 / 8) + 2LL * (128 / 8) * 2048 * 512 * 4;
   CHECK(off.first.activation_bytes == 35 * 3 * full + once);
   /* recomputation: each layer's input (2 sbh) and one layer's working set */
   CHECK(on.first.activation_bytes == 35 * 3 * 2 * sbh + full + once);
@@ -307,6 +308,77 @@ static void test_parameter_count_matches_model_table(void) {
   printf("  ok test_parameter_count_matches_model_table\n");
 }
 
+/* Activation floats a model of cfg at (B, T) lays out with n slots. */
+static int64_t model_act_bytes(mt_gpt_config cfg, mt_device *dev, int B, int T, int slots) {
+  cfg.micro_slots = slots;
+  mt_gpt m;
+  if (mt_gpt_create(&m, &cfg, dev, B, T)) return -1;
+  int64_t bytes = (int64_t)m.acts_floats * 4;
+  mt_gpt_destroy(&m);
+  return bytes;
+}
+
+/* The working set the plan counts once per device is what model/gpt.c lays
+ * out once beside the slots, in fp32 and in 16-bit jobs: the plan's stage 0
+ * of pp 2 with one micro-batch in flight and with two gives it, as does the
+ * model's stage with one slot and with two; attention's scratch (the plan
+ * counts a GPU's, the model lays out its device's) left out of both. */
+static void test_working_set_matches_model_layout(void) {
+  static const char *const precs[] = {"fp32", "bf16"};
+  mt_device dev;
+  CHECK(mt_device_open(&dev, "cpu:0") == MT_OK);
+  for (int k = 0; k < 4; k++) {
+    const char *prec = precs[k % 2];
+    int tp = k < 2 ? 1 : 2;
+    char o_prec[64], o_tp[64];
+    snprintf(o_prec, sizeof o_prec, "train.precision=%s", prec);
+    snprintf(o_tp, sizeof o_tp, "parallel.tp=%d", tp);
+    mt_job job;
+    mt_plan one, two;
+    mt_plan_stage s1, s2;
+    const char *ovs[] = {o_prec, o_tp, "parallel.pp=2", "train.global_batch=2", NULL};
+    CHECK(mt_job_parse(&job,
+                       "{\"model\": {\"preset\": \"tiny\"}, \"parallel\": {\"micro_batch\": 2},"
+                       " \"train\": {\"steps\": 1, \"lr\": {\"peak\": 1e-3}},"
+                       " \"data\": {\"path\": \"t.u16\"}}",
+                       "/jobs", presets, ovs) == MT_OK);
+    CHECK(mt_plan_compute(&job, &a100, &one) == MT_OK);
+    CHECK(mt_plan_stage_of(&job, &one, 0, &s1) == MT_OK && s1.inflight == 1);
+    job.train.global_batch = 4;
+    CHECK(mt_plan_compute(&job, &a100, &two) == MT_OK);
+    CHECK(mt_plan_stage_of(&job, &two, 0, &s2) == MT_OK && s2.inflight == 2);
+    const mt_model_spec *ms = &job.model;
+    int64_t s = ms->seq_len, rows = s < 512 ? s : 512;
+    int64_t plan_scratch = 2 * (int64_t)(ms->n_head / tp) * s * rows * 4;
+    int64_t plan_work = 2 * s1.activation_bytes - s2.activation_bytes - plan_scratch;
+
+    mt_gpt_config cfg = {.n_layer = ms->n_layer,
+                         .n_embd = ms->n_embd,
+                         .n_head = ms->n_head,
+                         .vocab_size = ms->vocab_size,
+                         .padded_vocab = ms->padded_vocab,
+                         .max_seq = ms->seq_len,
+                         .ln_eps = ms->ln_eps,
+                         .init_std = ms->init_std,
+                         .tp_size = tp,
+                         .precision = k % 2 ? MT_PREC_BF16 : MT_PREC_FP32,
+                         .layer_begin = s1.first_layer,
+                         .layer_end = s1.first_layer + s1.n_layers};
+    int B = job.parallel.micro_batch, T = ms->seq_len;
+    int64_t a1 = model_act_bytes(cfg, &dev, B, T, 1), a2 = model_act_bytes(cfg, &dev, B, T, 2);
+    CHECK(a1 > 0 && a2 > 0);
+    int64_t att = (int64_t)dev.ops->attention_scratch(&dev, T, ms->n_embd / tp, ms->n_head / tp);
+    int64_t model_work = 2 * a1 - a2 - 4 * att;
+    /* the model's also holds LayerNorm's mean and rstd and pads each tensor
+     * to 64 bytes: a few percent at this size */
+    printf("    %s tp %d: working set %lld bytes planned, %lld laid out\n", prec, tp,
+           (long long)plan_work, (long long)model_work);
+    CHECK(rel((double)plan_work, (double)model_work) < 0.05);
+  }
+  mt_device_close(&dev);
+  printf("  ok test_working_set_matches_model_layout\n");
+}
+
 static void test_plan_loader_keeps_mixed_precision(void) {
   mt_job job;
   /* both loaders take bf16 and keep it */
@@ -338,6 +410,7 @@ int main(void) {
   test_job_that_does_not_fit_is_refused_with_numbers();
   test_parameter_count_matches_model_table();
   test_plan_loader_keeps_mixed_precision();
+  test_working_set_matches_model_layout();
   if (failures) {
     fprintf(stderr, "test_plan: %d failure(s)\n", failures);
     return 1;
