@@ -201,7 +201,6 @@ static int run_threads(const config *cfg) {
   return rc;
 }
 
-
 /* Starts one worker process per rank (this executable with --worker), waits
  * for all of them by pid, and kills the rest if one fails. */
 static int run_processes(const config *cfg, const char *self, const char *sizes_arg) {

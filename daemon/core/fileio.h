@@ -12,7 +12,7 @@
 
 typedef struct mt_atomic_file {
   int fd;
-  char *tmp;  /* "<path>.tmp.<pid>" */
+  char *tmp; /* "<path>.tmp.<pid>" */
   char *path;
 } mt_atomic_file;
 

@@ -34,21 +34,21 @@
 typedef enum { MT_SPLIT_TRAIN = 0, MT_SPLIT_VALID = 1, MT_SPLIT_TEST = 2 } mt_split;
 
 typedef struct mt_gpt_dataset_spec {
-  const char *prefix;      /* indexed dataset */
-  const char *split;       /* "949,50,1" */
+  const char *prefix; /* indexed dataset */
+  const char *split;  /* "949,50,1" */
   mt_split which;
-  int seq;                 /* sample = seq + 1 tokens */
-  uint64_t n_samples;      /* at least this many; epochs added as needed */
+  int seq;            /* sample = seq + 1 tokens */
+  uint64_t n_samples; /* at least this many; epochs added as needed */
   uint64_t seed;
-  int shuffle;             /* 0: documents and samples in file order */
-  const char *cache_dir;   /* NULL or "": beside the data */
+  int shuffle;           /* 0: documents and samples in file order */
+  const char *cache_dir; /* NULL or "": beside the data */
 } mt_gpt_dataset_spec;
 
 typedef struct mt_gpt_dataset mt_gpt_dataset;
 
 int mt_gpt_dataset_open(mt_gpt_dataset **out, const mt_gpt_dataset_spec *spec);
 void mt_gpt_dataset_free(mt_gpt_dataset *d);
-uint64_t mt_gpt_dataset_len(const mt_gpt_dataset *d);     /* samples available */
+uint64_t mt_gpt_dataset_len(const mt_gpt_dataset *d); /* samples available */
 int mt_gpt_dataset_epochs(const mt_gpt_dataset *d);
 uint64_t mt_gpt_dataset_tokens_per_epoch(const mt_gpt_dataset *d);
 /* Sample i (i < len) as seq+1 token ids. */

@@ -15,20 +15,28 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { MT_IDX_U8 = 1, MT_IDX_I8 = 2, MT_IDX_I16 = 3, MT_IDX_I32 = 4, MT_IDX_I64 = 5,
-       MT_IDX_F64 = 6, MT_IDX_F32 = 7, MT_IDX_U16 = 8 };
+enum {
+  MT_IDX_U8 = 1,
+  MT_IDX_I8 = 2,
+  MT_IDX_I16 = 3,
+  MT_IDX_I32 = 4,
+  MT_IDX_I64 = 5,
+  MT_IDX_F64 = 6,
+  MT_IDX_F32 = 7,
+  MT_IDX_U16 = 8
+};
 
 typedef struct mt_indexed {
   char prefix[1024];
-  int dtype;              /* MT_IDX_* */
+  int dtype; /* MT_IDX_* */
   size_t elem_bytes;
-  uint64_t n_seqs;        /* N */
-  uint64_t n_docs;        /* D */
-  const int32_t *sizes;   /* N (may be unaligned in the map: read via memcpy helpers) */
+  uint64_t n_seqs;      /* N */
+  uint64_t n_docs;      /* D */
+  const int32_t *sizes; /* N (may be unaligned in the map: read via memcpy helpers) */
   const uint8_t *idx_map, *bin_map;
   size_t idx_bytes, bin_bytes;
   size_t sizes_off, pointers_off, doc_idx_off; /* byte offsets of the arrays in idx_map */
-  uint64_t n_tokens;      /* Σ sizes */
+  uint64_t n_tokens;                           /* Σ sizes */
 } mt_indexed;
 
 int mt_indexed_open(mt_indexed *d, const char *prefix);
@@ -38,8 +46,7 @@ uint32_t mt_indexed_seq_len(const mt_indexed *d, uint64_t seq);
 uint64_t mt_indexed_seq_offset(const mt_indexed *d, uint64_t seq); /* bytes into .bin */
 uint64_t mt_indexed_doc_start(const mt_indexed *d, uint64_t doc);  /* first sequence; doc <= D */
 /* Copies tokens [offset, offset+len) of sequence seq as int32 (any integer dtype). */
-int mt_indexed_read(const mt_indexed *d, uint64_t seq, uint64_t offset, uint64_t len,
-                    int32_t *out);
+int mt_indexed_read(const mt_indexed *d, uint64_t seq, uint64_t offset, uint64_t len, int32_t *out);
 
 /* Writer: one sequence per document unless the caller splits (Megatron's
  * sentence split); durable on finish (temp files, fsync, rename, fsync dir). */
@@ -48,6 +55,6 @@ int mt_indexed_writer_open(mt_indexed_writer **w, const char *prefix, int dtype)
 int mt_indexed_writer_add_seq(mt_indexed_writer *w, const int32_t *ids, size_t n);
 int mt_indexed_writer_end_doc(mt_indexed_writer *w);
 int mt_indexed_writer_finish(mt_indexed_writer *w); /* frees w */
-void mt_indexed_writer_abort(mt_indexed_writer *w);  /* removes temp files, frees w */
+void mt_indexed_writer_abort(mt_indexed_writer *w); /* removes temp files, frees w */
 
 #endif

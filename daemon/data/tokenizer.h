@@ -21,15 +21,15 @@ int mt_tokenizer_open_gpt2(mt_tokenizer **out, const char *vocab_path, const cha
 int mt_tokenizer_open_bytes(mt_tokenizer **out);
 void mt_tokenizer_free(mt_tokenizer *t);
 
-int mt_tokenizer_vocab_size(const mt_tokenizer *t); /* 50257 for GPT-2 */
-int32_t mt_tokenizer_eod(const mt_tokenizer *t);    /* <|endoftext|> = 50256 for GPT-2 */
+int mt_tokenizer_vocab_size(const mt_tokenizer *t);   /* 50257 for GPT-2 */
+int32_t mt_tokenizer_eod(const mt_tokenizer *t);      /* <|endoftext|> = 50256 for GPT-2 */
 const char *mt_tokenizer_name(const mt_tokenizer *t); /* "gpt2-bpe", "bytes" */
 
 /* Growable output and scratch; zero-initialise, free with mt_tok_buf_free. */
 typedef struct mt_tok_buf {
   int32_t *ids;
   size_t n, cap;
-  void *scratch;        /* tokenizer-private, reused across calls */
+  void *scratch;         /* tokenizer-private, reused across calls */
   uint64_t invalid_utf8; /* replaced invalid sequences, accumulated */
 } mt_tok_buf;
 void mt_tok_buf_free(mt_tok_buf *b);

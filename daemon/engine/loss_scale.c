@@ -74,4 +74,3 @@ int mt_loss_scale_check_finite(const float *g, size_t n) {
   }
   return !bad;
 }
-

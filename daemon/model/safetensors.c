@@ -469,8 +469,10 @@ int mt_st_writer_commit(mt_st_writer *w, const char *path) {
   if (!rc) rc = mt_atomic_write(&f, len8, 8);
   if (!rc) rc = mt_atomic_write(&f, header, hlen);
   for (int i = 0; i < w->n && !rc; i++) rc = mt_atomic_write(&f, w->t[i].data, w->t[i].bytes);
-  if (!rc) rc = mt_atomic_commit(&f);
-  else if (f.path) mt_atomic_abort(&f);
+  if (!rc)
+    rc = mt_atomic_commit(&f);
+  else if (f.path)
+    mt_atomic_abort(&f);
   free(header);
   if (rc) return mt_wraperr(rc, "safetensors");
   return 0;

@@ -23,15 +23,15 @@
 
 typedef struct mt_st_tensor {
   char *name;
-  char dtype[8];     /* "F32", "F16", "BF16", ... */
+  char dtype[8]; /* "F32", "F16", "BF16", ... */
   int ndim;
   int64_t shape[8];
-  size_t offset;     /* into data */
+  size_t offset; /* into data */
   size_t bytes;
 } mt_st_tensor;
 
 typedef struct mt_st_file {
-  void *map;         /* the mmapped file */
+  void *map; /* the mmapped file */
   size_t map_bytes;
   const uint8_t *data; /* start of tensor bytes */
   mt_st_tensor *tensors;

@@ -48,8 +48,8 @@ static inline float mt_adamw_bias_correction(float beta, int t) {
 
 /* One AdamW update of one element; returns the new parameter value. */
 static inline MT_HD float mt_adamw_update(float p, float g, float *m, float *v, float lr,
-                                          float beta1, float beta2, float eps, float wd,
-                                          float bc1, float bc2) {
+                                          float beta1, float beta2, float eps, float wd, float bc1,
+                                          float bc2) {
   float mm = beta1 * *m + (1.0f - beta1) * g;
   float vv = beta2 * *v + (1.0f - beta2) * g * g;
   *m = mm;

@@ -12,10 +12,12 @@
 
 #include "hostdev.h"
 
-typedef struct { uint32_t v[4]; } mt_philox_out;
+typedef struct {
+  uint32_t v[4];
+} mt_philox_out;
 
 static inline MT_HD mt_philox_out mt_philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                                 uint64_t key) {
+                                                uint64_t key) {
   uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
   for (int r = 0; r < 10; r++) {
     uint64_t p0 = (uint64_t)0xD2511F53u * c0;

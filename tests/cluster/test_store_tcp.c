@@ -35,7 +35,6 @@
 
 #include "mt_check.h"
 
-
 static void sleep_ms(int ms) { usleep((useconds_t)ms * 1000); }
 
 /* ------------------------------------------------------------------ the server process */

@@ -26,7 +26,6 @@
 
 #include "mt_check.h"
 
-
 typedef struct worker {
   pid_t pid;  /* 0 once reaped */
   int status; /* from waitpid */
@@ -93,7 +92,6 @@ static void read_text(const char *dir, const char *name, char *buf, size_t cap) 
   buf[n] = 0;
   fclose(f);
 }
-
 
 static void test_collectives_match_reference_across_4_processes(void) {
   char dir[] = "/tmp/mtnlg-comm-XXXXXX";

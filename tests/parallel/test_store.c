@@ -17,7 +17,6 @@
 
 #include "mt_check.h"
 
-
 static void test_values_round_trip(mt_store *s) {
   const char bin[] = {'a', 0, 'b', (char)0xff, 0};
   CHECK(!mt_store_set(s, "gen/0/comm/tp0/gloo/0", bin, sizeof bin), "%s", mt_errmsg());
@@ -170,7 +169,6 @@ static void run_all(mt_store *s) {
   test_add_is_atomic_across_threads(s);
   test_readers_never_see_partial_values(s);
 }
-
 
 int main(void) {
   mt_store *s;

@@ -20,11 +20,9 @@
 #include "gpt_dataset.h"
 #include "indexed.h"
 
-
 #include "mt_check.h"
 
 #define OK(expr) REQUIRE((expr) == 0, "%s", mt_errmsg())
-
 
 /* ---- corpora ----------------------------------------------------------- */
 
@@ -103,17 +101,17 @@ static int check_contiguous(const corpus *c, const int32_t *s, int seq, int d0, 
   for (int t = 0; t <= seq; t++) {
     int64_t v = s[t] - c->base;
     int64_t doc = v / TOKENS_PER_DOC_ID, off = v % TOKENS_PER_DOC_ID;
-    REQUIRE(doc >= d0 && doc < d1 && off < c->len[doc], "token %d = %d is not in documents [%d, %d)",
-          t, s[t], d0, d1);
+    REQUIRE(doc >= d0 && doc < d1 && off < c->len[doc],
+            "token %d = %d is not in documents [%d, %d)", t, s[t], d0, d1);
     if (t == 0) continue;
     int64_t pv = s[t - 1] - c->base;
     int64_t pdoc = pv / TOKENS_PER_DOC_ID, poff = pv % TOKENS_PER_DOC_ID;
     int follows =
         (doc == pdoc && off == poff + 1) || (off == 0 && poff == (int64_t)c->len[pdoc] - 1);
     REQUIRE(follows,
-          "token %d (doc %" PRId64 " offset %" PRId64 ") does not follow doc %" PRId64
-          " offset %" PRId64,
-          t, doc, off, pdoc, poff);
+            "token %d (doc %" PRId64 " offset %" PRId64 ") does not follow doc %" PRId64
+            " offset %" PRId64,
+            t, doc, off, pdoc, poff);
   }
   return 0;
 }
@@ -180,7 +178,7 @@ static int test_every_train_token_seen_once_per_epoch(void) {
   mt_gpt_dataset *d;
   OK(mt_gpt_dataset_open(&d, &s));
   REQUIRE(mt_gpt_dataset_tokens_per_epoch(d) == T, "%" PRIu64 " tokens, want %" PRIu64,
-        mt_gpt_dataset_tokens_per_epoch(d), T);
+          mt_gpt_dataset_tokens_per_epoch(d), T);
   int E = mt_gpt_dataset_epochs(d);
   REQUIRE(E == 4, "%d epochs for 3 epochs' worth + 1 token", E);
   int32_t *all = read_all(d, seq);
@@ -191,8 +189,9 @@ static int test_every_train_token_seen_once_per_epoch(void) {
     if (count_inputs(&c, all, seq, i0, i1, count)) return 1;
     for (int doc = 0; doc < c.n_docs; doc++)
       for (uint32_t off = 0; off < (doc < 180 ? c.len[doc] : 0); off++)
-        REQUIRE(count[doc * TOKENS_PER_DOC_ID + off] == 1, "epoch %d: doc %d offset %u seen %d times",
-              e, doc, off, count[doc * TOKENS_PER_DOC_ID + off]);
+        REQUIRE(count[doc * TOKENS_PER_DOC_ID + off] == 1,
+                "epoch %d: doc %d offset %u seen %d times", e, doc, off,
+                count[doc * TOKENS_PER_DOC_ID + off]);
     uint64_t total = 0;
     for (size_t v = 0; v < (size_t)c.n_docs * TOKENS_PER_DOC_ID; v++) total += count[v];
     REQUIRE(total == T, "epoch %d: %" PRIu64 " tokens seen, want %" PRIu64, e, total, T);
@@ -221,7 +220,7 @@ static int test_every_train_token_seen_once_per_epoch(void) {
         off_one += n != 1;
       }
     REQUIRE(off_one <= 2 * (uint64_t)seq2, "epoch %d: %" PRIu64 " tokens not seen exactly once", e,
-          off_one);
+            off_one);
   }
   free(count);
   free(all);
@@ -256,9 +255,9 @@ static int test_samples_overlap_by_one_token(void) {
       if (check_contiguous(&c, all + i * (seq + 1), seq, 0, 285)) return 1;
       if (!shuffle && i + 1 < n)
         REQUIRE(lasts[i] == all[(i + 1) * (seq + 1)],
-              "sample %" PRIu64 " ends with %d, next starts "
-              "with %d",
-              i, lasts[i], all[(i + 1) * (seq + 1)]);
+                "sample %" PRIu64 " ends with %d, next starts "
+                "with %d",
+                i, lasts[i], all[(i + 1) * (seq + 1)]);
     }
     qsort(firsts, n, sizeof *firsts, cmp_i32);
     qsort(lasts, n, sizeof *lasts, cmp_i32);
@@ -272,7 +271,8 @@ static int test_samples_overlap_by_one_token(void) {
         i++, j++;
     }
     REQUIRE(only_first <= 1 && only_last == only_first,
-          "%" PRIu64 " first tokens and %" PRIu64 " last tokens unmatched", only_first, only_last);
+            "%" PRIu64 " first tokens and %" PRIu64 " last tokens unmatched", only_first,
+            only_last);
     free(firsts);
     free(lasts);
     free(all);
@@ -291,7 +291,7 @@ static int test_same_seed_same_order_and_other_seed_differs(void) {
   s.cache_dir = tmp_path("seed_cache_elsewhere"); /* built afresh, not loaded */
   OK(mt_gpt_dataset_open(&b, &s));
   REQUIRE(mt_gpt_dataset_cache_status(b) == MT_GPT_CACHE_BUILT, "status %d",
-        mt_gpt_dataset_cache_status(b));
+          mt_gpt_dataset_cache_status(b));
   s.seed = 1235;
   OK(mt_gpt_dataset_open(&x, &s));
   uint64_t n = mt_gpt_dataset_len(a);
@@ -339,7 +339,7 @@ static int test_shuffle_false_reads_in_file_order(void) {
   REQUIRE(all, "read");
   for (uint64_t i = 0; i < n; i++)
     REQUIRE(!memcmp(all + i * (seq + 1), stream + i * seq, (seq + 1) * sizeof *all),
-          "sample %" PRIu64 " is not stream tokens [%" PRIu64 ", +%d]", i, i * seq, seq + 1);
+            "sample %" PRIu64 " is not stream tokens [%" PRIu64 ", +%d]", i, i * seq, seq + 1);
   free(stream);
   free(all);
   mt_gpt_dataset_free(d);
@@ -372,10 +372,10 @@ static int test_split_ratios_partition_documents(void) {
       uint64_t f, e;
       OK(mt_gpt_split_docs(cases[i].split, cases[i].n, (mt_split)w, &f, &e));
       REQUIRE(f == cases[i].b[w] && e == cases[i].b[w + 1],
-            "\"%s\" over %" PRIu64 ", split %d: [%" PRIu64 ", %" PRIu64 "), want [%" PRIu64
-            ", %" PRIu64 ")",
-            cases[i].split ? cases[i].split : "(null)", cases[i].n, w, f, e, cases[i].b[w],
-            cases[i].b[w + 1]);
+              "\"%s\" over %" PRIu64 ", split %d: [%" PRIu64 ", %" PRIu64 "), want [%" PRIu64
+              ", %" PRIu64 ")",
+              cases[i].split ? cases[i].split : "(null)", cases[i].n, w, f, e, cases[i].b[w],
+              cases[i].b[w + 1]);
     }
   /* any ratios and size: three adjacent ranges covering [0, n) */
   for (uint64_t n = 0; n < 60; n++)
@@ -389,8 +389,9 @@ static int test_split_ratios_partition_documents(void) {
           for (int w = 0; w < 3; w++) {
             OK(mt_gpt_split_docs(sp, n, (mt_split)w, &f, &e));
             REQUIRE(f == prev && e >= f,
-                  "\"%s\" over %" PRIu64 ": split %d is [%" PRIu64 ", %" PRIu64 ") after %" PRIu64,
-                  sp, n, w, f, e, prev);
+                    "\"%s\" over %" PRIu64 ": split %d is [%" PRIu64 ", %" PRIu64
+                    ") after %" PRIu64,
+                    sp, n, w, f, e, prev);
             prev = e;
           }
           REQUIRE(prev == n, "\"%s\" over %" PRIu64 " ends at %" PRIu64, sp, n, prev);
@@ -399,8 +400,8 @@ static int test_split_ratios_partition_documents(void) {
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     uint64_t f, e;
     REQUIRE(mt_gpt_split_docs(bad[i], 10, MT_SPLIT_TRAIN, &f, &e) == MT_EINVAL &&
-              strstr(mt_errmsg(), bad[i]),
-          "\"%s\" accepted or unnamed: %s", bad[i], mt_errmsg());
+                strstr(mt_errmsg(), bad[i]),
+            "\"%s\" accepted or unnamed: %s", bad[i], mt_errmsg());
   }
 
   /* each split's dataset reads only its own documents */
@@ -413,7 +414,7 @@ static int test_split_ratios_partition_documents(void) {
     mt_gpt_dataset *d;
     OK(mt_gpt_dataset_open(&d, &s));
     REQUIRE(mt_gpt_dataset_tokens_per_epoch(d) == corpus_tokens(&c, (int)lo[w], (int)hi[w]),
-          "split %d tokens", w);
+            "split %d tokens", w);
     int32_t *all = read_all(d, seq);
     REQUIRE(all, "read");
     for (uint64_t i = 0; i < mt_gpt_dataset_len(d); i++)
@@ -424,8 +425,8 @@ static int test_split_ratios_partition_documents(void) {
   mt_gpt_dataset_spec s = spec_of(&c, "100,0,0", MT_SPLIT_VALID, seq, 10, 3, 1);
   mt_gpt_dataset *d;
   REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "no documents") &&
-            strstr(mt_errmsg(), "valid"),
-        "empty split: %s", mt_errmsg());
+              strstr(mt_errmsg(), "valid"),
+          "empty split: %s", mt_errmsg());
   return 0;
 }
 
@@ -440,10 +441,10 @@ static int test_epochs_added_when_data_run_out(void) {
     mt_gpt_dataset *d;
     OK(mt_gpt_dataset_open(&d, &s));
     uint64_t E = (uint64_t)mt_gpt_dataset_epochs(d), n = mt_gpt_dataset_len(d);
-    REQUIRE(n == (E * T - 1) / seq && n >= ns[i], "n_samples %" PRIu64 ": len %" PRIu64 " E %" PRIu64,
-          ns[i], n, E);
+    REQUIRE(n == (E * T - 1) / seq && n >= ns[i],
+            "n_samples %" PRIu64 ": len %" PRIu64 " E %" PRIu64, ns[i], n, E);
     REQUIRE(E == 1 || ((E - 1) * T - 1) / seq < ns[i],
-          "n_samples %" PRIu64 ": %" PRIu64 " epochs, one fewer suffices", ns[i], E);
+            "n_samples %" PRIu64 ": %" PRIu64 " epochs, one fewer suffices", ns[i], E);
     /* every epoch holds every document: each token's count over the whole
      * stream's inputs is E or E-1 (the last < seq tokens are no input) */
     int32_t *all = read_all(d, seq);
@@ -454,12 +455,12 @@ static int test_epochs_added_when_data_run_out(void) {
     for (int doc = 0; doc < 60; doc++)
       for (uint32_t off = 0; off < c.len[doc]; off++) {
         uint64_t k = count[doc * TOKENS_PER_DOC_ID + off];
-        REQUIRE(k == E || k + 1 == E, "doc %d offset %u seen %" PRIu64 " times in %" PRIu64 " epochs",
-              doc, off, k, E);
+        REQUIRE(k == E || k + 1 == E,
+                "doc %d offset %u seen %" PRIu64 " times in %" PRIu64 " epochs", doc, off, k, E);
         short_by_one += k + 1 == E;
       }
-    REQUIRE(short_by_one == E * T - n * seq, "%" PRIu64 " tokens short, want %" PRIu64, short_by_one,
-          E * T - n * seq);
+    REQUIRE(short_by_one == E * T - n * seq, "%" PRIu64 " tokens short, want %" PRIu64,
+            short_by_one, E * T - n * seq);
     free(all);
     mt_gpt_dataset_free(d);
   }
@@ -493,15 +494,15 @@ static int test_cache_reused_and_rebuilt_when_description_changes(void) {
   char p1[512], p2[512];
   if (open_status(&s, MT_GPT_CACHE_BUILT, p1)) return 1;
   REQUIRE(strstr(p1, tmpdir) == p1 && strstr(p1, "/cache.") && strstr(p1, ".gptidx"),
-        "cache path %s is not beside the data", p1);
+          "cache path %s is not beside the data", p1);
   struct stat a, b;
   if (file_stat(p1, &a)) return 1;
   usleep(20000);
   if (open_status(&s, MT_GPT_CACHE_LOADED, p2)) return 1;
   if (file_stat(p2, &b)) return 1;
   REQUIRE(!strcmp(p1, p2) && a.st_ino == b.st_ino && a.st_mtim.tv_nsec == b.st_mtim.tv_nsec &&
-            a.st_mtim.tv_sec == b.st_mtim.tv_sec,
-        "cache rewritten on a second open");
+              a.st_mtim.tv_sec == b.st_mtim.tv_sec,
+          "cache rewritten on a second open");
   /* more samples within the same epochs: the same indices, the same file */
   s.n_samples = n2 + 1;
   if (open_status(&s, MT_GPT_CACHE_LOADED, p2)) return 1;
@@ -522,7 +523,8 @@ static int test_cache_reused_and_rebuilt_when_description_changes(void) {
     if (change == 3) t.split = "90,10,0";
     if (change == 4) t.which = MT_SPLIT_VALID;
     if (open_status(&t, MT_GPT_CACHE_BUILT, p2)) return 1;
-    for (int k = 0; k < n_seen; k++) REQUIRE(strcmp(seen[k], p2), "change %d reuses %s", change, p2);
+    for (int k = 0; k < n_seen; k++)
+      REQUIRE(strcmp(seen[k], p2), "change %d reuses %s", change, p2);
     snprintf(seen[n_seen++], 512, "%s", p2);
   }
   /* the data changing (its mtime) is a new description */
@@ -592,13 +594,13 @@ static int test_corrupt_cache_is_rebuilt_with_warning(void) {
     const char *err = capture_end();
     OK(rc);
     REQUIRE(mt_gpt_dataset_cache_status(d) == MT_GPT_CACHE_REBUILT, "%s: status %d", what,
-          mt_gpt_dataset_cache_status(d));
+            mt_gpt_dataset_cache_status(d));
     REQUIRE(strstr(err, "warn") && strstr(err, path) && strstr(err, damage[k].needle) &&
-              strstr(err, "rebuild"),
-          "%s: warning \"%s\" lacks the path or \"%s\"", what, err, damage[k].needle);
+                strstr(err, "rebuild"),
+            "%s: warning \"%s\" lacks the path or \"%s\"", what, err, damage[k].needle);
     int32_t *got = read_all(d, seq);
     REQUIRE(got && mt_gpt_dataset_len(d) == n && !memcmp(got, want, n * (seq + 1) * sizeof *got),
-          "%s: other samples", what);
+            "%s: other samples", what);
     free(got);
     mt_gpt_dataset_free(d);
     if (open_status(&s, MT_GPT_CACHE_LOADED, NULL)) return 1; /* repaired on disk */
@@ -622,7 +624,7 @@ static int test_unwritable_cache_keeps_index_in_memory(void) {
   const char *err = capture_end();
   OK(rc);
   REQUIRE(mt_gpt_dataset_cache_status(e) == MT_GPT_CACHE_MEMORY, "status %d",
-        mt_gpt_dataset_cache_status(e));
+          mt_gpt_dataset_cache_status(e));
   REQUIRE(strstr(err, "in memory"), "no warning: %s", err);
   int32_t *a = read_all(d, 9), *b = read_all(e, 9);
   REQUIRE(a && b && !memcmp(a, b, mt_gpt_dataset_len(d) * 10 * sizeof *a), "samples differ");
@@ -678,18 +680,18 @@ static int test_open_refuses_bad_specs(void) {
   mt_gpt_dataset *d;
   mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, 0, 10, 1, 1);
   REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "seq"), "seq 0: %s",
-        mt_errmsg());
+          mt_errmsg());
   s = spec_of(&c, "1,x", MT_SPLIT_TRAIN, 8, 10, 1, 1);
   REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "1,x"), "split: %s",
-        mt_errmsg());
+          mt_errmsg());
   s.prefix = tmp_path("no_such_dataset");
   s.split = "1";
   int rc = mt_gpt_dataset_open(&d, &s);
   REQUIRE(rc == MT_ENOENT && strstr(mt_errmsg(), "no_such_dataset"), "missing: %d %s", rc,
-        mt_errmsg());
+          mt_errmsg());
   s = spec_of(&c, "1", MT_SPLIT_TRAIN, 8, UINT64_MAX / 4, 1, 1);
   REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "epochs"), "huge: %s",
-        mt_errmsg());
+          mt_errmsg());
   s = spec_of(&c, "1", MT_SPLIT_TRAIN, 8, 10, 1, 1);
   OK(mt_gpt_dataset_open(&d, &s));
   int32_t buf[9];
@@ -740,8 +742,8 @@ static int test_blend_shares_within_half_percent_over_10000_samples(void) {
         double dev = fabs((double)mt_blend_consumed(b, k, i) - w[k] * (double)i);
         if (dev > worst) worst = dev;
         REQUIRE(dev < 1.0,
-              "case %zu: dataset %d after %" PRIu64 " samples: %" PRIu64 ", weight says %.3f", ci,
-              k, i, mt_blend_consumed(b, k, i), w[k] * (double)i);
+                "case %zu: dataset %d after %" PRIu64 " samples: %" PRIu64 ", weight says %.3f", ci,
+                k, i, mt_blend_consumed(b, k, i), w[k] * (double)i);
       }
     uint64_t counts[4], total = 0;
     OK(mt_blend_counts(cases[ci].w, n, BLEND_N, counts));
@@ -750,12 +752,12 @@ static int test_blend_shares_within_half_percent_over_10000_samples(void) {
        * share (w >= 2%), and never a whole sample off */
       double share = (double)counts[k] / BLEND_N;
       REQUIRE(fabs(share - w[k]) <= 0.005 * w[k] || w[k] < 0.02,
-            "case %zu: dataset %d share %.5f, "
-            "weight %.5f",
-            ci, k, share, w[k]);
+              "case %zu: dataset %d share %.5f, "
+              "weight %.5f",
+              ci, k, share, w[k]);
       REQUIRE(fabs((double)counts[k] - w[k] * BLEND_N) < 1,
-            "case %zu: dataset %d: %" PRIu64 " samples, weight says %.2f", ci, k, counts[k],
-            w[k] * BLEND_N);
+              "case %zu: dataset %d: %" PRIu64 " samples, weight says %.2f", ci, k, counts[k],
+              w[k] * BLEND_N);
       REQUIRE(counts[k] == mt_blend_consumed(b, k, BLEND_N), "counts disagree with the blend");
       total += counts[k];
     }
@@ -813,12 +815,12 @@ static int test_blend_is_deterministic(void) {
   const double one[3] = {0, 1, 0};
   OK(mt_blend_open(&t, some, one, 3, 100));
   REQUIRE(mt_blend_consumed(t, 1, 100) == 100, "weight-1 dataset got %" PRIu64,
-        mt_blend_consumed(t, 1, 100));
+          mt_blend_consumed(t, 1, 100));
   mt_blend_free(t);
   /* a dataset smaller than its share is refused, naming it */
   const double heavy[3] = {0.1, 0.1, 5};
   REQUIRE(mt_blend_open(&t, sets, heavy, 3, 5000) == MT_EINVAL && strstr(mt_errmsg(), "blend2"),
-        "undersized: %s", mt_errmsg());
+          "undersized: %s", mt_errmsg());
   const double neg[2] = {1, -1};
   REQUIRE(mt_blend_open(&t, sets, neg, 2, 10) == MT_EINVAL, "negative weight accepted");
   mt_blend_free(a), mt_blend_free(b), mt_blend_free(c);

@@ -13,9 +13,7 @@
 #include "err.h"
 #include "indexed.h"
 
-
 #include "mt_check.h"
-
 
 /* Number of entries in tmpdir whose name contains needle. */
 static int count_files(const char *needle) {
@@ -115,7 +113,7 @@ static int expect_refused(const char *prefix, int code, const char *n1, const ch
   const char *needles[3] = {n1, n2, n3};
   for (int i = 0; i < 3; i++)
     REQUIRE(!needles[i] || strstr(mt_errmsg(), needles[i]), "message \"%s\" lacks \"%s\"",
-          mt_errmsg(), needles[i]);
+            mt_errmsg(), needles[i]);
   REQUIRE(d.idx_map == NULL && d.bin_map == NULL, "a refused dataset is left closed");
   return 0;
 }
@@ -129,7 +127,7 @@ static int test_hand_built_file_reads_as_written(void) {
   REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
   REQUIRE(d.dtype == MT_IDX_U16 && d.elem_bytes == 2, "dtype %d", d.dtype);
   REQUIRE(d.n_seqs == GOOD_N && d.n_docs == GOOD_D, "N %llu D %llu", (unsigned long long)d.n_seqs,
-        (unsigned long long)d.n_docs);
+          (unsigned long long)d.n_docs);
   REQUIRE(d.n_tokens == 10, "n_tokens %llu", (unsigned long long)d.n_tokens);
   for (int i = 0; i <= GOOD_D; i++)
     REQUIRE(mt_indexed_doc_start(&d, (uint64_t)i) == (uint64_t)good_docs[i], "doc %d", i);
@@ -139,12 +137,12 @@ static int test_hand_built_file_reads_as_written(void) {
     REQUIRE(mt_indexed_seq_offset(&d, (uint64_t)i) == (uint64_t)l.pointers[i], "offset %d", i);
     int32_t got[8];
     REQUIRE(mt_indexed_read(&d, (uint64_t)i, 0, (uint64_t)good_sizes[i], got) == 0, "%s",
-          mt_errmsg());
+            mt_errmsg());
     for (int j = 0; j < good_sizes[i]; j++, t++) REQUIRE(got[j] == 1000 + t, "seq %d tok %d", i, j);
   }
   int32_t two[2];
   REQUIRE(mt_indexed_read(&d, 3, 2, 2, two) == 0 && two[0] == 1007 && two[1] == 1008,
-        "a slice inside a sequence");
+          "a slice inside a sequence");
   REQUIRE(mt_indexed_read(&d, 3, 4, 2, two) == MT_EINVAL, "a slice past the sequence is refused");
   REQUIRE(mt_indexed_read(&d, 4, 0, 1, two) == MT_EINVAL, "sequence N is refused");
   mt_indexed_close(&d);
@@ -173,15 +171,16 @@ static int roundtrip(int dtype, int32_t lo, int32_t hi) {
     }
     REQUIRE(mt_indexed_writer_end_doc(w) == 0, "%s", mt_errmsg());
   }
-  REQUIRE(count_files(name) == 1 && count_files(".bin.tmp.") == 1, "only a temp .bin while writing");
+  REQUIRE(count_files(name) == 1 && count_files(".bin.tmp.") == 1,
+          "only a temp .bin while writing");
   REQUIRE(mt_indexed_writer_finish(w) == 0, "%s", mt_errmsg());
   REQUIRE(count_files(".tmp.") == 0, "no temp files left after finish");
 
   mt_indexed d;
   REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
   REQUIRE(d.dtype == dtype && d.n_seqs == n_seqs && d.n_docs == 50 && d.n_tokens == n_tokens,
-        "dtype %d N %llu D %llu tokens %llu", d.dtype, (unsigned long long)d.n_seqs,
-        (unsigned long long)d.n_docs, (unsigned long long)d.n_tokens);
+          "dtype %d N %llu D %llu tokens %llu", d.dtype, (unsigned long long)d.n_seqs,
+          (unsigned long long)d.n_docs, (unsigned long long)d.n_tokens);
   rng = 12345;
   next = lo;
   uint64_t seq = 0;
@@ -194,8 +193,8 @@ static int roundtrip(int dtype, int32_t lo, int32_t hi) {
       REQUIRE(mt_indexed_read(&d, seq, 0, n, ids) == 0, "%s", mt_errmsg());
       for (size_t i = 0; i < n; i++) {
         int32_t want = (int32_t)(lo + (next++ - lo) % span);
-        REQUIRE(ids[i] == want, "seq %llu token %zu: %d, want %d", (unsigned long long)seq, i, ids[i],
-              want);
+        REQUIRE(ids[i] == want, "seq %llu token %zu: %d, want %d", (unsigned long long)seq, i,
+                ids[i], want);
       }
     }
   }
@@ -246,7 +245,7 @@ static int test_writer_finish_closes_open_document(void) {
   mt_indexed d;
   REQUIRE(mt_indexed_open(&d, prefix) == 0, "%s", mt_errmsg());
   REQUIRE(d.n_docs == 2 && d.n_seqs == 2 && mt_indexed_doc_start(&d, 1) == 1, "D %llu",
-        (unsigned long long)d.n_docs);
+          (unsigned long long)d.n_docs);
   mt_indexed_close(&d);
   return 0;
 }

@@ -154,9 +154,8 @@ static void test_unknown_key_is_named(void) {
 /* data: a token file, one indexed dataset or a weighted blend; exactly one */
 static void test_data_sources_blend_and_split(void) {
   mt_job job;
-  const char *blend =
-      "data={\"blend\": [{\"prefix\": \"/d/books\", \"weight\": 0.7},"
-      " {\"prefix\": \"/d/wiki\", \"weight\": 0.3}], \"split\": \"98,2,0\"}";
+  const char *blend = "data={\"blend\": [{\"prefix\": \"/d/books\", \"weight\": 0.7},"
+                      " {\"prefix\": \"/d/wiki\", \"weight\": 0.3}], \"split\": \"98,2,0\"}";
   CHECK(parse_with(&job, tiny_job, blend, "eval={\"interval\": 50, \"iters\": 2}") == MT_OK);
   CHECK(job.data.n_blend == 2 && !strcmp(job.data.blend[1].prefix, "/d/wiki"));
   CHECK(job.data.blend[0].weight == 0.7 && !strcmp(job.data.split, "98,2,0") && job.data.shuffle);
@@ -168,7 +167,8 @@ static void test_data_sources_blend_and_split(void) {
   CHECK(has_line(mt_errmsg(), "data: give exactly one of path"));
   CHECK(parse_with(&job, tiny_job,
                    "data={\"blend\": [{\"prefix\": \"/d/a\", \"weight\": -1}],"
-                   " \"split\": \"1,2\"}", NULL) == MT_EINVAL);
+                   " \"split\": \"1,2\"}",
+                   NULL) == MT_EINVAL);
   CHECK(has_line(mt_errmsg(), "data.blend[0].weight: -1 must be > 0"));
   CHECK(has_line(mt_errmsg(), "data.split: \"1,2\" is not three non-negative weights"));
   CHECK(parse_with(&job, tiny_job, "data={\"blend\": []}", NULL) == MT_EINVAL);

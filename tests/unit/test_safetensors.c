@@ -19,7 +19,6 @@ static mt_device dev;
 
 #include "mt_check.h"
 
-
 /* Writes u64le(header_len) + header + data, the format by hand. */
 static void write_raw(const char *path, uint64_t header_len, const char *header, size_t hbytes,
                       const void *data, size_t dbytes) {
@@ -46,8 +45,10 @@ static int expect_open_refused(const char *path, const char *needle1, const char
   int rc = mt_st_open(&f, path);
   REQUIRE(rc < 0, "opened a bad file %s", path);
   REQUIRE(strstr(mt_errmsg(), path), "message does not name the file: %s", mt_errmsg());
-  REQUIRE(!needle1 || strstr(mt_errmsg(), needle1), "message lacks \"%s\": %s", needle1, mt_errmsg());
-  REQUIRE(!needle2 || strstr(mt_errmsg(), needle2), "message lacks \"%s\": %s", needle2, mt_errmsg());
+  REQUIRE(!needle1 || strstr(mt_errmsg(), needle1), "message lacks \"%s\": %s", needle1,
+          mt_errmsg());
+  REQUIRE(!needle2 || strstr(mt_errmsg(), needle2), "message lacks \"%s\": %s", needle2,
+          mt_errmsg());
   REQUIRE(f.map == NULL && f.n == 0, "refused file left state behind");
   printf("  refused as expected: %s\n", mt_errmsg());
   return 0;
@@ -162,19 +163,19 @@ static int test_saved_file_has_hf_shapes_layouts_and_metadata(void) {
 
   const mt_st_tensor *wte = mt_st_find(&f, "wte.weight");
   REQUIRE(wte && wte->ndim == 2 && wte->shape[0] == V && wte->shape[1] == C,
-        "wte.weight must be (V=250, C) without padding rows");
+          "wte.weight must be (V=250, C) without padding rows");
   REQUIRE(!strcmp(wte->dtype, "F32"), "dtype %s", wte->dtype);
 
   const mt_st_tensor *qkv = mt_st_find(&f, "h.1.attn.c_attn.weight");
   REQUIRE(qkv && qkv->ndim == 2 && qkv->shape[0] == C && qkv->shape[1] == 3 * C,
-        "c_attn.weight must be Conv1D (C, 3C)");
+          "c_attn.weight must be Conv1D (C, 3C)");
   float *fileq = malloc((size_t)(3 * C * C) * sizeof *fileq);
   REQUIRE(fileq && !mt_st_read_f32(&f, qkv, fileq), "read");
   const float *ours = host + m.params_table[mt_gpt_find(&m, "h.1.attn.c_attn.weight")].offset;
   for (int64_t o = 0; o < 3 * C; o++)
     for (int64_t i = 0; i < C; i++)
       REQUIRE(fileq[i * 3 * C + o] == ours[o * C + i], "file[%lld][%lld] != ours[%lld][%lld]",
-            (long long)i, (long long)o, (long long)o, (long long)i);
+              (long long)i, (long long)o, (long long)o, (long long)i);
   free(fileq);
 
   const mt_st_tensor *fc = mt_st_find(&f, "h.0.mlp.c_fc.weight");
@@ -186,7 +187,7 @@ static int test_saved_file_has_hf_shapes_layouts_and_metadata(void) {
   const mt_st_tensor *lnb = mt_st_find(&f, "ln_f.bias");
   REQUIRE(lnb && lnb->ndim == 1 && lnb->shape[0] == C, "ln_f.bias must be (C)");
   REQUIRE((uintptr_t)(f.data - (const uint8_t *)f.map) % 8 == 0,
-        "header not padded to 8-byte alignment");
+          "header not padded to 8-byte alignment");
   mt_st_close(&f);
   free(host);
 
@@ -197,7 +198,7 @@ static int test_saved_file_has_hf_shapes_layouts_and_metadata(void) {
   for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
     const char *v = json_string_value(json_object_get(meta, want[k][0]));
     REQUIRE(v && !strcmp(v, want[k][1]), "metadata %s = %s, want \"%s\"", want[k][0],
-          v ? v : "(missing or not a string)", want[k][1]);
+            v ? v : "(missing or not a string)", want[k][1]);
   }
   json_decref(meta);
   mt_gpt_destroy(&m);
@@ -267,12 +268,12 @@ static int test_reads_hand_written_f16_bf16_f32_f64(void) {
 
   const mt_st_tensor *t = mt_st_find(&f, "half");
   REQUIRE(t && !strcmp(t->dtype, "F16") && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 4 &&
-            t->bytes == 16,
-        "half: metadata");
+              t->bytes == 16,
+          "half: metadata");
   REQUIRE(!mt_st_read_f32(&f, t, out), "read half: %s", mt_errmsg());
   for (int i = 0; i < 8; i++)
     REQUIRE(!memcmp(&out[i], &f16_want[i], 4), "F16 %#06x -> %g, want %g", h16[i], out[i],
-          f16_want[i]);
+            f16_want[i]);
 
   t = mt_st_find(&f, "brain");
   REQUIRE(t && !strcmp(t->dtype, "BF16") && t->ndim == 1 && t->shape[0] == 4, "brain: metadata");
@@ -300,7 +301,7 @@ static int test_refuses_integer_dtype_as_floats(void) {
   float out[2];
   int rc = mt_st_read_f32(&f, mt_st_find(&f, "ids"), out);
   REQUIRE(rc < 0 && strstr(mt_errmsg(), "ids") && strstr(mt_errmsg(), "I32"),
-        "I32 read as floats: %s", mt_errmsg());
+          "I32 read as floats: %s", mt_errmsg());
   mt_st_close(&f);
   return 0;
 }
@@ -313,7 +314,7 @@ static int test_writer_output_is_valid_and_padded(void) {
   REQUIRE(!mt_st_writer_add(w, "a", 2, sa, a), "add a");
   REQUIRE(!mt_st_writer_add(w, "b", 1, sb, b), "add b");
   REQUIRE(mt_st_writer_add(w, "a", 1, sb, b) < 0 && strstr(mt_errmsg(), "\"a\""),
-        "a duplicate name must be refused: %s", mt_errmsg());
+          "a duplicate name must be refused: %s", mt_errmsg());
   REQUIRE(!mt_st_writer_meta(w, "note", "x\"y"), "meta");
   const char *path = tmp_path("writer.safetensors");
   REQUIRE(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
@@ -523,10 +524,10 @@ static int test_load_names_every_missing_extra_and_misshapen_tensor(void) {
   REQUIRE(strstr(msg, "missing tensor \"ln_f.weight\""), "missing ln_f.weight not named");
   REQUIRE(strstr(msg, "unexpected tensor \"h.7.attn.c_attn.weight\""), "extra not named");
   REQUIRE(strstr(msg, "\"h.0.mlp.c_fc.weight\" has shape (128, 32), want (32, 128)"),
-        "wrong shape not named");
+          "wrong shape not named");
   float *after = download(&b, b.params);
   REQUIRE(before && after && !memcmp(before, after, b.num_params * sizeof *after),
-        "a refused load changed the model");
+          "a refused load changed the model");
   free(before);
   free(after);
   mt_gpt_destroy(&a);
@@ -545,7 +546,7 @@ static int test_load_refuses_other_config(void) {
   REQUIRE(!mt_gpt_save_safetensors(&a, path), "save: %s", mt_errmsg());
   int rc = mt_gpt_load_safetensors(&b, path);
   REQUIRE(rc < 0 && strstr(mt_errmsg(), "\"wte.weight\" has shape (250, 32), want (250, 48)"),
-        "load into another width: %s", mt_errmsg());
+          "load into another width: %s", mt_errmsg());
   mt_gpt_destroy(&a);
   mt_gpt_destroy(&b);
   return 0;

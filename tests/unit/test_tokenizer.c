@@ -15,9 +15,7 @@
 #include "err.h"
 #include "tokenizer.h"
 
-
 #include "mt_check.h"
-
 
 static void write_file(const char *path, const char *text) {
   FILE *f = fopen(path, "wb");
@@ -133,8 +131,9 @@ static int test_bytes_roundtrip_is_identity_on_valid_utf8(void) {
   mt_tok_buf b = {0};
   REQUIRE(mt_tokenizer_encode(t, text, len, &b) == 0, "%s", mt_errmsg());
   REQUIRE(b.n == len && b.invalid_utf8 == 0, "n %zu len %zu invalid %llu", b.n, len,
-        (unsigned long long)b.invalid_utf8);
-  for (size_t i = 0; i < len; i++) REQUIRE(b.ids[i] == (uint8_t)text[i], "id %d at %zu", b.ids[i], i);
+          (unsigned long long)b.invalid_utf8);
+  for (size_t i = 0; i < len; i++)
+    REQUIRE(b.ids[i] == (uint8_t)text[i], "id %d at %zu", b.ids[i], i);
   char *out;
   size_t out_len;
   REQUIRE(mt_tokenizer_decode(t, b.ids, b.n, &out, &out_len) == 0, "%s", mt_errmsg());
@@ -175,7 +174,7 @@ static int test_invalid_utf8_is_replaced_and_counted(void) {
     REQUIRE(mt_tokenizer_encode(t, cases[c].in, strlen(cases[c].in), &b) == 0, "%s", mt_errmsg());
     total += (uint64_t)cases[c].bad;
     REQUIRE(b.invalid_utf8 == total, "case %zu: invalid %llu, want %llu", c,
-          (unsigned long long)b.invalid_utf8, (unsigned long long)total);
+            (unsigned long long)b.invalid_utf8, (unsigned long long)total);
     size_t want = strlen(cases[c].out);
     REQUIRE(b.n - n0 == want, "case %zu: %zu ids, want %zu", c, b.n - n0, want);
     for (size_t i = 0; i < want; i++)
@@ -316,13 +315,13 @@ static int test_gpt2_loads_encoder_json_and_vocab_bpe(void) {
   write_tiny("encoder.json", "vocab.bpe", 1, NULL);
   mt_tokenizer *t;
   REQUIRE(mt_tokenizer_open_gpt2(&t, tmp_path("encoder.json"), tmp_path("vocab.bpe")) == 0, "%s",
-        mt_errmsg());
+          mt_errmsg());
   EXPECT(t, "the the", 't', 257, 258);
   mt_tokenizer_free(t);
   /* without the version line, with CRLF line ends */
   write_file(tmp_path("crlf.bpe"), "Ġ t\r\nh e\r\nĠt he\r\n");
   REQUIRE(mt_tokenizer_open_gpt2(&t, tmp_path("encoder.json"), tmp_path("crlf.bpe")) == 0, "%s",
-        mt_errmsg());
+          mt_errmsg());
   EXPECT(t, "the the", 't', 257, 258);
   mt_tokenizer_free(t);
   return 0;
