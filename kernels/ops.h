@@ -91,9 +91,9 @@ struct mt_ops {
    * Bounded on GPUs, which convert in blocks of rows. One scratch of the
    * largest size serves every linear op; contents undefined. The CPU
    * unpacks 16-bit weights and inputs to fp32 for sgemm; GPUs multiply
-   * 16-bit operands natively where both are, and convert (the output
-   * gradient to bf16, or fp16 weights to fp32 for TF32) in blocks where
-   * they are not. */
+   * 16-bit operands natively where both are, and convert (the fp32 output
+   * gradient to the weights' type, or bf16 weights to fp32 under a
+   * non-bf16 matmul mode) in blocks where they are not. */
   size_t (*linear_scratch)(mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt);
 
   /* out(N,OC) = inp(N,C) · w(OC,C)ᵀ + bias(OC); bias may be NULL */

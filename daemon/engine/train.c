@@ -197,8 +197,9 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   mt_gpt_config cfg = model_config(job, &tr->g, slots);
   tr->precision = cfg.precision;
   /* GEMMs on tensor cores as autocast runs them: bf16 jobs round both
-   * inputs to bf16; fp16 jobs compute in TF32, whose 10-bit mantissa holds
-   * fp16 weights exactly; fp32 jobs stay fp32 (the CPU backend always is) */
+   * inputs to bf16; fp16 jobs multiply their 16-bit operands natively (the
+   * linear ops and attention take them as they are) and any fp32 pair in
+   * TF32; fp32 jobs stay fp32 (the CPU backend always is) */
   dev->matmul = cfg.precision == MT_PREC_BF16   ? MT_MATMUL_BF16
                 : cfg.precision == MT_PREC_FP16 ? MT_MATMUL_TF32
                                                 : MT_MATMUL_FP32;

@@ -331,18 +331,20 @@ static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC)
 /* How a linear op runs with its input stored as it and its weights as wt
  * (it is MT_F32 or wt, ops.h):
  * - LIN_F32 (both fp32): fp32 GEMMs in d->matmul; cvt unused.
- * - LIN_BF16 (bf16 weights, d->matmul bf16): bf16 GEMMs with fp32 results.
- *   A bf16 input is an operand as it is: dw reads its rows in place. An
- *   fp32 one is rounded to bf16 in blocks, `fwd_rows` rows at cvt for the
- *   forward and `rows` for dw: the operands FAST_16BF makes of fp32 ones
- *   holding the same values, so the same sums, up to their order (dw over
- *   several blocks adds block by block). dout, always fp32, is rounded in
- *   blocks of `rows` rows at grad_off for dinp and dw.
- * - LIN_UNPACK (fp16 weights, which fp16 jobs multiply in TF32; bf16 ones
- *   under another d->matmul): blocks of `w_rows` weight rows unpacked to
- *   fp32 at cvt, then fp32 GEMMs in d->matmul, as for fp32 weights; for dw
- *   (fp32 dout times inp), a 16-bit input's rows unpacked to fp32 at cvt in
- *   blocks of `x_rows`.
+ * - LIN_NATIVE (fp16 weights; bf16 ones when d->matmul is bf16): GEMMs of
+ *   two 16-bit operands of wt's type, fp32 results. A 16-bit input is an
+ *   operand as it is: dw reads its rows in place. An fp32 one is rounded to
+ *   wt in blocks, `fwd_rows` rows at cvt for the forward and `rows` for dw:
+ *   for bf16, the operands FAST_16BF makes of fp32 ones holding the same
+ *   values, so the same sums, up to their order (dw over several blocks adds
+ *   block by block). dout, always fp32, is rounded to wt in blocks of `rows`
+ *   rows at grad_off for dinp and dw: an fp16 job's backward multiplies its
+ *   loss-scaled gradient in fp16, as Megatron's does, where it overflows to
+ *   inf rather than past the loss scaler's check.
+ * - LIN_UNPACK (bf16 weights under another d->matmul): blocks of `w_rows`
+ *   weight rows unpacked to fp32 at cvt, then fp32 GEMMs in d->matmul, as
+ *   for fp32 weights; for dw (fp32 dout times inp), a 16-bit input's rows
+ *   unpacked to fp32 at cvt in blocks of `x_rows`.
  * On either 16-bit path the forward of a 16-bit input is one GEMM of w and
  * inp as they are, cvt unused: products of 16-bit values are exact and sum
  * in fp32, which is what fp32, TF32 or FAST_16BF GEMMs of the unpacked
@@ -351,13 +353,13 @@ static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC)
  * the op records an error and leaves its outputs alone.
  * bf16 weights size cvt for both of their paths, so a d->matmul that
  * changes after linear_scratch never overruns it. */
-enum { LIN_F32, LIN_BF16, LIN_UNPACK };
+enum { LIN_F32, LIN_NATIVE, LIN_UNPACK };
 
 typedef struct {
   int path;
-  int rows;        /* LIN_BF16: rows of dout (and of an fp32 inp) per backward block */
-  int fwd_rows;    /* LIN_BF16, fp32 inp: rows of inp per forward block */
-  size_t grad_off; /* LIN_BF16: bytes into cvt of dout's block */
+  int rows;        /* LIN_NATIVE: rows of dout (and of an fp32 inp) per backward block */
+  int fwd_rows;    /* LIN_NATIVE, fp32 inp: rows of inp per forward block */
+  size_t grad_off; /* LIN_NATIVE: bytes into cvt of dout's block */
   int w_rows;      /* LIN_UNPACK: weight rows per block */
   int x_rows;      /* LIN_UNPACK, 16-bit inp: input rows per dw block */
   size_t bytes;    /* cvt for this shape, it and wt: linear_scratch */
@@ -382,23 +384,22 @@ static int lin_types_valid(mt_dtype it, mt_dtype wt) { return it == MT_F32 || it
 static lin_plan lin_plan_of(const mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt) {
   lin_plan p;
   memset(&p, 0, sizeof p);
-  p.path = wt == MT_F32                                   ? LIN_F32
-           : wt == MT_BF16 && d->matmul == MT_MATMUL_BF16 ? LIN_BF16
-                                                          : LIN_UNPACK;
+  p.path = wt == MT_F32                                                     ? LIN_F32
+           : wt == MT_F16 || (wt == MT_BF16 && d->matmul == MT_MATMUL_BF16) ? LIN_NATIVE
+                                                                            : LIN_UNPACK;
   if (wt == MT_F32 || !lin_types_valid(it, wt)) return p;
   size_t x2 = it == MT_F32 ? (size_t)C * 2 : 0, oc2 = (size_t)OC * 2;
-  size_t native = 0;
+  p.rows = rows_in(MT_CUDA_CVT_BYTES, x2 + oc2, N);
+  p.grad_off = up256((size_t)p.rows * x2);
+  size_t native = p.grad_off + up256((size_t)p.rows * oc2), unpack = 0;
+  if (x2) p.fwd_rows = rows_in(native, x2, N);
   if (wt == MT_BF16) {
-    p.rows = rows_in(MT_CUDA_CVT_BYTES, x2 + oc2, N);
-    p.grad_off = up256((size_t)p.rows * x2);
-    native = p.grad_off + up256((size_t)p.rows * oc2);
-    if (x2) p.fwd_rows = rows_in(native, x2, N);
-  }
-  p.w_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, OC);
-  size_t unpack = up256((size_t)p.w_rows * C * 4);
-  if (it != MT_F32) {
-    p.x_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, N);
-    unpack = max_size(unpack, up256((size_t)p.x_rows * C * 4));
+    p.w_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, OC);
+    unpack = up256((size_t)p.w_rows * C * 4);
+    if (it != MT_F32) {
+      p.x_rows = rows_in(MT_CUDA_CVT_BYTES, (size_t)C * 4, N);
+      unpack = max_size(unpack, up256((size_t)p.x_rows * C * 4));
+    }
   }
   p.bytes = max_size(native, unpack);
   return p;
@@ -456,14 +457,14 @@ static void linear_forward(mt_device *d, const char *what, float *out, float *ge
     mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
     g.at = wt, g.bt = it;
     fused = fwd_gemm(d, what, &g, gelu_out);
-  } else if (p.path == LIN_BF16) {
+  } else if (p.path == LIN_NATIVE) {
     uint16_t *x = (uint16_t *)cvt;
     for (int r0 = 0; r0 < N; r0 += p.fwd_rows) {
       int rn = min_int(p.fwd_rows, N - r0);
-      to_half(d, x, (const float *)inp + (size_t)r0 * C, (size_t)rn * C, 0);
+      to_half(d, x, (const float *)inp + (size_t)r0 * C, (size_t)rn * C, wt == MT_F16);
       float *o = out + (size_t)r0 * OC;
       mt__gemm g = {1, 0, OC, rn, C, 1, w, C, 0, x, C, 0, o, OC, 0, 1.0f, 0.0f, bias};
-      g.at = g.bt = MT_BF16;
+      g.at = g.bt = wt;
       fused &= fwd_gemm(d, what, &g, gelu_out ? gelu_out + (size_t)r0 * OC : NULL);
     }
   } else {
@@ -514,24 +515,25 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
                             int N, int C, int OC) {
   if (!lin_types_ok(d, pre ? "linear_bwd_dgelu" : "linear_bwd", it, wt)) return;
   lin_plan p = lin_plan_of(d, N, C, OC, it, wt);
-  if (p.path == LIN_BF16) {
+  if (p.path == LIN_NATIVE) {
     uint16_t *x = (uint16_t *)cvt, *dy = (uint16_t *)((char *)cvt + p.grad_off);
+    int fp16 = wt == MT_F16;
     for (int r0 = 0; r0 < N; r0 += p.rows) {
       int rn = min_int(p.rows, N - r0);
       size_t off = (size_t)r0 * C, n = (size_t)rn * C;
-      to_half(d, dy, dout + (size_t)r0 * OC, (size_t)rn * OC, 0);
+      to_half(d, dy, dout + (size_t)r0 * OC, (size_t)rn * OC, fp16);
       const void *xb = x;
-      if (it == MT_BF16)
+      if (it == wt)
         xb = (const uint16_t *)inp + off;
       else
-        to_half(d, x, (const float *)inp + off, n, 0);
+        to_half(d, x, (const float *)inp + off, n, fp16);
       if (dinp) {
         mt__gemm g = {0, 0, C, rn, OC, 1, w, C, 0, dy, OC, 0, dinp + off, C, 0, 1.0f, 1.0f, NULL};
-        g.at = g.bt = MT_BF16;
+        g.at = g.bt = wt;
         dinp_gemm(d, what, &g, pre ? pre + off : NULL, scratch ? scratch + off : NULL, n);
       }
       mt__gemm g = {0, 1, C, OC, rn, 1, xb, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
-      g.at = g.bt = MT_BF16;
+      g.at = g.bt = wt;
       mt__cuda_gemm(d, "linear_bwd dw", &g);
     }
   } else {

@@ -346,20 +346,20 @@ static void check_path(const char *op, const char *what, int ok, gemm_tally t) {
          ok ? "PASS" : "FAIL", op, what, t.gemms, t.gelu, t.dgelu, t.half, t.conv);
 }
 
-/* bf16 weights in a bf16 d->matmul multiply natively (ops_cuda.cu's
- * LIN_BF16) */
-static int native_bf16(mt_dtype wt, mt_matmul_precision p) {
-  return wt == MT_BF16 && p == MT_MATMUL_BF16;
+/* fp16 weights, and bf16 ones in a bf16 d->matmul, multiply natively
+ * (ops_cuda.cu's LIN_NATIVE) */
+static int native_16(mt_dtype wt, mt_matmul_precision p) {
+  return wt == MT_F16 || (wt == MT_BF16 && p == MT_MATMUL_BF16);
 }
 
 /* The forward's GEMMs: a 16-bit input (it == wt) makes it one 16-bit GEMM
  * of the operands as stored, nothing converted; an fp32 one, one fp32 GEMM
  * for fp32 weights, else one per block of converted rows, 16-bit exactly
- * when native_bf16. */
+ * when native_16. */
 static int fwd_path_ok(gemm_tally t, mt_dtype it, mt_dtype wt, mt_matmul_precision p) {
   if (it != MT_F32) return t.gemms == 1 && t.half == 1 && t.conv == 0;
   if (wt == MT_F32) return t.gemms == 1 && t.half == 0 && t.conv == 0;
-  return t.gemms >= 1 && t.half == (native_bf16(wt, p) ? t.gemms : 0) && t.conv == t.gemms;
+  return t.gemms >= 1 && t.half == (native_16(wt, p) ? t.gemms : 0) && t.conv == t.gemms;
 }
 
 /* Blocks of `all` rows of row_bytes each that fit CVT_BUDGET: ops_cuda.cu's
@@ -373,14 +373,14 @@ static long blocks_of(int all, size_t row_bytes) {
 }
 
 /* The backward's dw GEMMs: one per block of rows where the rows go in
- * blocks (native_bf16: dout's rows, and an fp32 input's; a 16-bit input
+ * blocks (native_16: dout's rows, and an fp32 input's; a 16-bit input
  * otherwise, unpacked), else one */
 static long dw_gemms(int N, int C, int OC, mt_dtype it, mt_dtype wt, mt_matmul_precision p) {
-  if (native_bf16(wt, p)) return blocks_of(N, (size_t)OC * 2 + (it == MT_F32 ? (size_t)C * 2 : 0));
+  if (native_16(wt, p)) return blocks_of(N, (size_t)OC * 2 + (it == MT_F32 ? (size_t)C * 2 : 0));
   return it == MT_F32 ? 1 : blocks_of(N, (size_t)C * 4);
 }
 
-/* The backward with dinp: native_bf16, a dinp and a dw GEMM per block of
+/* The backward with dinp: native_16, a dinp and a dw GEMM per block of
  * rows, all 16-bit, after dout's block (and an fp32 input's) is rounded; a
  * bf16 input is read as it is. Otherwise fp32 GEMMs: fp32 weights, one of
  * each; 16-bit ones, unpacked whole or in blocks for dinp, and a 16-bit
@@ -388,7 +388,7 @@ static long dw_gemms(int N, int C, int OC, mt_dtype it, mt_dtype wt, mt_matmul_p
 static int bwd_path_ok(gemm_tally t, int N, int C, int OC, mt_dtype it, mt_dtype wt,
                        mt_matmul_precision p) {
   long dw = dw_gemms(N, C, OC, it, wt, p);
-  if (native_bf16(wt, p))
+  if (native_16(wt, p))
     return t.gemms == 2 * dw && t.half == t.gemms && t.conv == (it == MT_F32 ? 2 : 1) * dw;
   if (wt == MT_F32) return t.gemms == 2 && t.half == 0 && t.conv == 0;
   return t.gemms > dw && t.half == 0 && t.conv == t.gemms - (it == MT_F32 ? 1 : 0);
@@ -623,7 +623,7 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
     int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
-    int native = native_bf16(wt, p);
+    int native = native_16(wt, p);
     long dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
     long want = fused && (native || dinp_gemms == 1) ? dinp_gemms : 0;
     int ok = bwd_path_ok(t, N, C, OC, it, wt, p) && t.dgelu == want && t.gelu == 0;
@@ -1310,8 +1310,7 @@ int main(int argc, char **argv) {
     test_linear_gelu(67, 129, 260, MT_MATMUL_FP32, MT_F32, MT_F32);
     test_linear_bwd_dgelu(67, 260, 129, MT_MATMUL_FP32, MT_F32, MT_F32);
     /* 16-bit weights, with fp32 inputs and with inputs of their type: bf16
-     * jobs' native bf16 GEMMs, fp16 jobs' TF32 ones and native fp16
-     * forwards */
+     * jobs' native bf16 GEMMs, fp16 jobs' native fp16 ones */
     for (int k = 0; k < 2; k++) {
       mt_dtype bf_in = k ? MT_BF16 : MT_F32, fp_in = k ? MT_F16 : MT_F32;
       test_linear(1024, 768, 2304, MT_MATMUL_BF16, MT_BF16, bf_in);
@@ -1326,11 +1325,11 @@ int main(int argc, char **argv) {
     test_linear_bf16_native(1024, 768, 3072, 0);
     test_linear_typed_input(1024, 768, 3072, MT_MATMUL_BF16, MT_BF16, 0);
     test_linear_typed_input(1024, 768, 3072, MT_MATMUL_TF32, MT_F16, 0);
-    /* past the default 128 MiB budget: fp16 weights unpacked in blocks of
-     * rows (256 MiB in fp32); bf16 rows of inp and dout in blocks (192
-     * MiB), of dout alone (256 MiB); fp16 inputs unpacked in blocks for dw
-     * (256 MiB in fp32) */
-    test_linear(64, 8192, 8192, MT_MATMUL_TF32, MT_F16, MT_F32);
+    /* past the default 128 MiB budget: bf16 weights under TF32 unpacked in
+     * blocks of rows (256 MiB in fp32); bf16 rows of inp and dout in blocks
+     * (192 MiB), of dout alone (256 MiB); fp16 rows of dout alone in blocks
+     * (256 MiB) */
+    test_linear(64, 8192, 8192, MT_MATMUL_TF32, MT_BF16, MT_F32);
     test_linear_bf16_native(16384, 2048, 4096, 1);
     test_linear_typed_input(32768, 2048, 4096, MT_MATMUL_BF16, MT_BF16, 1);
     test_linear_typed_input(32768, 2048, 4096, MT_MATMUL_TF32, MT_F16, 1);
