@@ -267,12 +267,8 @@ static void test_job_that_does_not_fit_is_refused_with_numbers(void) {
   printf("  ok test_job_that_does_not_fit_is_refused_with_numbers\n");
 }
 
-static void test_parameter_count_matches_model_table(void) {
-  mt_job job;
-  mt_plan plan;
-  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
-  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
-  const mt_model_spec *ms = &job.model;
+/* The whole model of ms on one device, as the tests below build it. */
+static mt_gpt_config config_of(const mt_model_spec *ms) {
   mt_gpt_config cfg = {.n_layer = ms->n_layer,
                        .n_embd = ms->n_embd,
                        .n_head = ms->n_head,
@@ -281,6 +277,16 @@ static void test_parameter_count_matches_model_table(void) {
                        .max_seq = ms->seq_len,
                        .ln_eps = ms->ln_eps,
                        .init_std = ms->init_std};
+  return cfg;
+}
+
+static void test_parameter_count_matches_model_table(void) {
+  mt_job job;
+  mt_plan plan;
+  CHECK(load_tiny(&job, NULL, NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+  const mt_model_spec *ms = &job.model;
+  mt_gpt_config cfg = config_of(ms);
   mt_device dev;
   CHECK(mt_device_open(&dev, "cpu:0") == MT_OK);
   mt_gpt m;
@@ -352,18 +358,11 @@ static void test_working_set_matches_model_layout(void) {
     int64_t plan_scratch = 2 * (int64_t)(ms->n_head / tp) * s * rows * 4;
     int64_t plan_work = 2 * s1.activation_bytes - s2.activation_bytes - plan_scratch;
 
-    mt_gpt_config cfg = {.n_layer = ms->n_layer,
-                         .n_embd = ms->n_embd,
-                         .n_head = ms->n_head,
-                         .vocab_size = ms->vocab_size,
-                         .padded_vocab = ms->padded_vocab,
-                         .max_seq = ms->seq_len,
-                         .ln_eps = ms->ln_eps,
-                         .init_std = ms->init_std,
-                         .tp_size = tp,
-                         .precision = k % 2 ? MT_PREC_BF16 : MT_PREC_FP32,
-                         .layer_begin = s1.first_layer,
-                         .layer_end = s1.first_layer + s1.n_layers};
+    mt_gpt_config cfg = config_of(ms);
+    cfg.tp_size = tp;
+    cfg.precision = k % 2 ? MT_PREC_BF16 : MT_PREC_FP32;
+    cfg.layer_begin = s1.first_layer;
+    cfg.layer_end = s1.first_layer + s1.n_layers;
     int B = job.parallel.micro_batch, T = ms->seq_len;
     int64_t a1 = model_act_bytes(cfg, &dev, B, T, 1), a2 = model_act_bytes(cfg, &dev, B, T, 2);
     CHECK(a1 > 0 && a2 > 0);

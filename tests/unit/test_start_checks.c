@@ -2,7 +2,6 @@
  * devices it is given (daemon/steplog.c): a 16-bit job on GPUs whose head
  * size the flash attention does not take, named with its keys. No GPU is
  * needed: the head size is checked before the devices are asked anything. */
-#include <stdio.h>
 #include <string.h>
 
 #include "err.h"
@@ -10,21 +9,11 @@
 #include "ops.h"
 #include "steplog.h"
 
+#include "mt_check.h"
+
 #ifndef MT_PRESET_DIR
 #error "MT_PRESET_DIR must name etc/models"
 #endif
-
-static int failures;
-
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (!(cond)) {                                                                                 \
-      fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                     \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fprintf(stderr, "\n");                                                                       \
-      failures++;                                                                                  \
-    }                                                                                              \
-  } while (0)
 
 static const char *const presets[] = {MT_PRESET_DIR, NULL};
 
