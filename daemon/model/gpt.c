@@ -22,11 +22,12 @@
  * recomputes them into the shared buffers of act_plan. With full
  * recomputation only one set exists, refilled from the block's input.
  * A bf16 or fp16 job keeps them in 16 bits (the *_h tensors, as Megatron's
- * activations are): each is rounded when made (pack_half), so the forward
- * goes on with the value the backward reads. Attention and its projection
- * read qkv_h and atty_h as they are; resid2 and fch are unpacked into the
- * fp32 tensors, which are then one shared set of work buffers (the forward
- * writes qkv and atty there before rounding them). */
+ * activations are): each is rounded when made, so the forward goes on with
+ * the value the backward reads. Attention and its projection read qkv_h and
+ * atty_h as they are, forward and backward (keep_copy); resid2 and fch are
+ * rounded in place too (keep) and unpacked into the fp32 tensors for the
+ * backward. Those are then one shared set of work buffers (the forward
+ * writes qkv and atty there before storing them in 16 bits). */
 typedef struct block_acts {
   float *qkv;    /* (B,T,3C) */
   float *lse;    /* (B,NH,T) attention's log-sum-exp per row (always fp32) */
@@ -589,6 +590,13 @@ static void keep(mt_gpt *m, uint16_t *h, float *x, size_t n) {
   if (half_acts(m)) m->dev->ops->pack_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
 }
 
+/* keep for an activation read only as kept from then on (qkv by attention,
+ * the attention output by its projection, both in the backward too): h
+ * holds it rounded, and x, which nothing reads again, is left as it was. */
+static void keep_copy(mt_gpt *m, uint16_t *h, const float *x, size_t n) {
+  if (half_acts(m)) m->dev->ops->to_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
+}
+
 /* Attention's input: Q, K, V as kept, 16-bit in a 16-bit job (act_type). */
 static const void *qkv_in(const mt_gpt *m, const block_acts *a) {
   return half_acts(m) ? (const void *)a->qkv_h : (const void *)a->qkv;
@@ -628,10 +636,10 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   layernorm(m, p, l, MT_P_LN1_W, in);
   ops->linear_fwd(d, a->qkv, p->ln, at, M(m, l, MT_P_QKV_W), wt, P(m, l, MT_P_QKV_B), m->cvt, N, C,
                   3 * t.Cl);
-  keep(m, a->qkv_h, a->qkv, 3 * NCl);
+  keep_copy(m, a->qkv_h, a->qkv, 3 * NCl);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, qkv_in(m, a), at, B, T, t.Cl, t.NHl,
                      attn_drop);
-  keep(m, a->atty_h, a->atty, NCl);
+  keep_copy(m, a->atty_h, a->atty, NCl);
   ops->linear_fwd(d, p->branch, atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
