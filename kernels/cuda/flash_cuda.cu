@@ -309,37 +309,75 @@ static __device__ void load_query_tile(const bwd_smem_of &s, const uint16_t *hea
   }
 }
 
+/* The backward kernels' arguments: samples b0.. (dv holds their D rows,
+ * (Bg, NH, T)), the dropout as mt_dropout's fields (p 0: none). */
+struct bwd_args {
+  float *dqkv;
+  const float *dout;
+  const uint16_t *qkv;
+  const float *lse, *dv;
+  int T, C, NH, b0;
+  float scale, p;
+  uint64_t key, sample0;
+  uint32_t head0;
+};
+
+/* Where a backward block works: head h of sample b (the group's bg-th),
+ * the first row t0 of its tile (keys or queries), pointers at row 0 of the
+ * head in qkv, dout (g), dqkv, lse and D, and its shared memory. */
+struct bwd_block {
+  int t0, h, bg, b, HS, warp, lane;
+  size_t ld; /* qkv's and dqkv's row stride */
+  const uint16_t *head;
+  const float *g, *lse_h, *dv_h;
+  float *dhead;
+  uint64_t sample;
+  bwd_smem_of s;
+};
+
+template <int D, int W>
+static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem) {
+  bwd_block k;
+  k.t0 = blockIdx.x * 16 * W, k.h = blockIdx.y, k.bg = blockIdx.z, k.b = a.b0 + k.bg;
+  k.HS = a.C / a.NH, k.warp = threadIdx.x / 32, k.lane = threadIdx.x % 32;
+  k.ld = 3 * (size_t)a.C;
+  k.head = a.qkv + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
+  k.dhead = a.dqkv + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
+  k.g = a.dout + (size_t)k.b * a.T * a.C + (size_t)k.h * k.HS;
+  k.lse_h = a.lse + ((size_t)k.b * a.NH + k.h) * a.T;
+  k.dv_h = a.dv + ((size_t)k.bg * a.NH + k.h) * a.T;
+  k.sample = a.sample0 + (uint64_t)k.b;
+  k.s = bwd_layout<D, W>(smem, k.warp);
+  return k;
+}
+
+/* The dropout scale of element (tq, tk) of k's head */
+static __device__ __forceinline__ float bwd_drop(const bwd_args &a, const bwd_block &k, int tq,
+                                                 int tk) {
+  return drop_scale(a.p, a.key, k.sample, a.head0 + k.h, a.T, tq, tk);
+}
+
 /* grid (key tiles, NH, Bg), 32·W threads: dK and dV of R keys */
-template <int FP16, int D, int W>
-static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint16_t *qkv,
-                                      const float *lse, const float *dv, int T, int C, int NH,
-                                      int b0, float scale, float p, uint64_t key, uint64_t sample0,
-                                      uint32_t head0) {
+template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args a) {
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
-  int kt = blockIdx.x, h = blockIdx.y, bg = blockIdx.z, b = b0 + bg, HS = C / NH;
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, k0 = kt * R, nt = (T + R - 1) / R;
-  bwd_smem_of s = bwd_layout<D, W>(smem, warp);
-  size_t ld = 3 * (size_t)C;
-  const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
-  const float *g = dout + (size_t)b * T * C + (size_t)h * HS;
-  const float *lse_h = lse + ((size_t)b * NH + h) * T, *dv_h = dv + ((size_t)bg * NH + h) * T;
+  bwd_block k = bwd_block_of<D, W>(a, smem);
+  const bwd_smem_of &s = k.s;
+  int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
   /* the lane pair of key row rr: key tk, query columns j0, j0 + 2, .. */
-  int rr = lane >> 1, j0 = lane & 1, tk = k0 + 16 * warp + rr;
-  uint64_t sample = sample0 + (uint64_t)b;
+  int rr = k.lane >> 1, j0 = k.lane & 1, tk = k0 + 16 * k.warp + rr;
 
-  load_tile<D>(s.Ks, head + C + (size_t)k0 * ld, R, T - k0, HS, ld);
-  load_tile<D>(s.Vs, head + 2 * C + (size_t)k0 * ld, R, T - k0, HS, ld);
-  const uint16_t *Kw = s.Ks + 16 * warp * LDE(D), *Vw = s.Vs + 16 * warp * LDE(D);
+  load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
+  load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
+  const uint16_t *Kw = s.Ks + 16 * k.warp * LDE(D), *Vw = s.Vs + 16 * k.warp * LDE(D);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[D / 16], dvv[D / 16];
   for (int n = 0; n < D / 16; n++) {
     wmma::fill_fragment(dk[n], 0.0f);
     wmma::fill_fragment(dvv[n], 0.0f);
   }
-  for (int qt = kt; qt < nt; qt++) {
-    int q0 = qt * R;
+  for (int q0 = k0; q0 < nt * R; q0 += R) {
     __syncthreads(); /* Qs, dOs free */
-    load_query_tile<FP16, D, W>(s, head, ld, g, C, lse_h, dv_h, q0, T, HS);
+    load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
     __syncthreads();
     warp_scores<FP16, D, W>(s.Sw, Kw, s.Qs);   /* Sᵀ: keys × queries */
     warp_scores<FP16, D, W>(s.dPw, Vw, s.dOs); /* dPᵀ = V·dOᵀ */
@@ -350,9 +388,9 @@ static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint
       int tq = q0 + j;
       float pf = 0.0f, ds = 0.0f, m = 1.0f;
       if (tq >= tk && tq < T) {
-        pf = expf(srow[j] * scale - s.lse_s[j]);
-        m = drop_scale(p, key, sample, head0 + h, T, tq, tk);
-        ds = pf * (prow[j] * m - s.D_s[j]) * scale;
+        pf = expf(srow[j] * a.scale - s.lse_s[j]);
+        m = bwd_drop(a, k, tq, tk);
+        ds = pf * (prow[j] * m - s.D_s[j]) * a.scale;
       }
       s.Pw[rr * LDP(W) + j] = mt_half_pack(pf * m, FP16);
       srow[j] = ds;
@@ -365,41 +403,30 @@ static __global__ void k_flash_bwd_kv(float *dqkv, const float *dout, const uint
     warp_accumulate<FP16, D, W>(dk, s.Pw, s.Qs); /* dK += dSᵀ·Q */
   }
   __syncthreads(); /* Qs and dOs become the staging */
-  float *st = (float *)s.Qs + warp * 16 * LDO(D);
-  float *dkv = dqkv + (size_t)b * T * ld + (size_t)h * HS;
-  warp_rows_out<D, 1>(dkv + C, ld, st, dk, k0 + 16 * warp, T, HS);
-  warp_rows_out<D, 1>(dkv + 2 * C, ld, st, dvv, k0 + 16 * warp, T, HS);
+  float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
+  warp_rows_out<D, 1>(k.dhead + C, k.ld, st, dk, k0 + 16 * k.warp, T, k.HS);
+  warp_rows_out<D, 1>(k.dhead + 2 * C, k.ld, st, dvv, k0 + 16 * k.warp, T, k.HS);
 }
 
 /* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries */
-template <int FP16, int D, int W>
-static __global__ void k_flash_bwd_q(float *dqkv, const float *dout, const uint16_t *qkv,
-                                     const float *lse, const float *dv, int T, int C, int NH,
-                                     int b0, float scale, float p, uint64_t key, uint64_t sample0,
-                                     uint32_t head0) {
+template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args a) {
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
-  int qt = blockIdx.x, h = blockIdx.y, bg = blockIdx.z, b = b0 + bg, HS = C / NH;
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * R;
-  bwd_smem_of s = bwd_layout<D, W>(smem, warp);
-  size_t ld = 3 * (size_t)C;
-  const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
-  const float *g = dout + (size_t)b * T * C + (size_t)h * HS;
-  const float *lse_h = lse + ((size_t)b * NH + h) * T, *dv_h = dv + ((size_t)bg * NH + h) * T;
+  bwd_block k = bwd_block_of<D, W>(a, smem);
+  const bwd_smem_of &s = k.s;
+  int T = a.T, C = a.C, q0 = k.t0;
   /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key
    * columns j0, j0 + 2, .. */
-  int rr = lane >> 1, j0 = lane & 1, row = 16 * warp + rr, tq = q0 + row;
-  uint64_t sample = sample0 + (uint64_t)b;
+  int rr = k.lane >> 1, j0 = k.lane & 1, row = 16 * k.warp + rr, tq = q0 + row;
 
-  load_query_tile<FP16, D, W>(s, head, ld, g, C, lse_h, dv_h, q0, T, HS);
-  const uint16_t *Qw = s.Qs + 16 * warp * LDE(D), *dOw = s.dOs + 16 * warp * LDE(D);
+  load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
+  const uint16_t *Qw = s.Qs + 16 * k.warp * LDE(D), *dOw = s.dOs + 16 * k.warp * LDE(D);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[D / 16];
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
-  for (int kt = 0; kt <= qt; kt++) {
-    int k0 = kt * R;
+  for (int k0 = 0; k0 <= q0; k0 += R) {
     __syncthreads(); /* Ks, Vs free; the query tile loaded */
-    load_tile<D>(s.Ks, head + C + (size_t)k0 * ld, R, T - k0, HS, ld);
-    load_tile<D>(s.Vs, head + 2 * C + (size_t)k0 * ld, R, T - k0, HS, ld);
+    load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
+    load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
     __syncthreads();
     warp_scores<FP16, D, W>(s.Sw, Qw, s.Ks);   /* S: queries × keys */
     warp_scores<FP16, D, W>(s.dPw, dOw, s.Vs); /* dP = dO·Vᵀ */
@@ -410,8 +437,8 @@ static __global__ void k_flash_bwd_q(float *dqkv, const float *dout, const uint1
       int tk = k0 + j;
       float ds = 0.0f;
       if (tk <= tq && tq < T) {
-        float pf = expf(srow[j] * scale - l);
-        ds = pf * (prow[j] * drop_scale(p, key, sample, head0 + h, T, tq, tk) - dd) * scale;
+        float pf = expf(srow[j] * a.scale - l);
+        ds = pf * (prow[j] * bwd_drop(a, k, tq, tk) - dd) * a.scale;
       }
       s.Pw[rr * LDP(W) + j] = mt_half_pack(ds, FP16);
     }
@@ -419,9 +446,8 @@ static __global__ void k_flash_bwd_q(float *dqkv, const float *dout, const uint1
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
   }
   __syncthreads();
-  float *st = (float *)s.Qs + warp * 16 * LDO(D);
-  warp_rows_out<D, 1>(dqkv + (size_t)b * T * ld + (size_t)h * HS, ld, st, dq, q0 + 16 * warp, T,
-                      HS);
+  float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
+  warp_rows_out<D, 1>(k.dhead, k.ld, st, dq, q0 + 16 * k.warp, T, k.HS);
 }
 
 /* ---- host side ------------------------------------------------------------ */
@@ -447,22 +473,27 @@ template <int FP16, int D, int W> struct flash {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = bwd_smem(D, W);
-    void (*flash_bwd_kv)(float *, const float *, const uint16_t *, const float *, const float *,
-                         int, int, int, int, float, float, uint64_t, uint64_t, uint32_t) =
-        k_flash_bwd_kv<FP16, D, W>;
-    void (*flash_bwd_q)(float *, const float *, const uint16_t *, const float *, const float *, int,
-                        int, int, int, float, float, uint64_t, uint64_t, uint32_t) =
-        k_flash_bwd_q<FP16, D, W>;
+    void (*flash_bwd_kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
+    void (*flash_bwd_q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
     cudaFuncSetAttribute(flash_bwd_kv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     cudaFuncSetAttribute(flash_bwd_q, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dim3 grid((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)Bg);
-    float p = drop ? drop->p : 0.0f;
-    uint64_t key = drop ? drop->key : 0, s0 = drop ? drop->sample0 : 0;
-    uint32_t h0 = drop ? drop->head0 : 0;
-    MT_LAUNCH_SMEM(flash_bwd_kv, grid, 32 * W, smem, c->stream)
-    (dqkv, dout, qkv, lse, dv, T, C, NH, b0, scale, p, key, s0, h0);
-    MT_LAUNCH_SMEM(flash_bwd_q, grid, 32 * W, smem, c->stream)
-    (dqkv, dout, qkv, lse, dv, T, C, NH, b0, scale, p, key, s0, h0);
+    bwd_args a = {dqkv,
+                  dout,
+                  qkv,
+                  lse,
+                  dv,
+                  T,
+                  C,
+                  NH,
+                  b0,
+                  scale,
+                  drop ? drop->p : 0.0f,
+                  drop ? drop->key : 0,
+                  drop ? drop->sample0 : 0,
+                  drop ? drop->head0 : 0};
+    MT_LAUNCH_SMEM(flash_bwd_kv, grid, 32 * W, smem, c->stream)(a);
+    MT_LAUNCH_SMEM(flash_bwd_q, grid, 32 * W, smem, c->stream)(a);
   }
 };
 
