@@ -12,10 +12,12 @@
 
 #include "blas.h"
 #include "ckpt.h"
+#include "device.h"
 #include "err.h"
 #include "log.h"
 #include "mt_config.h"
 #include "node_int.h"
+#include "ops.h"
 #include "plan.h"
 
 static double wall_s(void) {
@@ -408,9 +410,47 @@ void node_control_round(node *n, int heartbeat) {
   }
 }
 
-/* The sgemm rate of one device's share of the cores, for MFU: a 1024^3
- * product a few times, best of them, once at start-up (~0.1 s). */
-static double measure_peak_flops(int devices) {
+/* A GPU's bf16 GEMM rate, for MFU on GPUs (gpu_bench's denominator):
+ * linear_fwd of 4096² bf16 weights and inputs into fp32 through the CUDA
+ * ops (one cuBLASLt GEMM), best of three after a warm-up, once at start-up
+ * (well under a second); 0, which leaves MFU out, when the device cannot
+ * be opened or the product fails. */
+static double measure_gpu_peak_flops(const char *spec) {
+  mt_device d;
+  if (mt_device_open(&d, spec)) {
+    mt_log_warn("MFU: %s for its GEMM rate: %s", spec, mt_errmsg());
+    return 0;
+  }
+  d.matmul = MT_MATMUL_BF16;
+  int N = 4096;
+  size_t nn = (size_t)N * N;
+  void *w = mt_device_alloc(&d, nn * 2), *x = mt_device_alloc(&d, nn * 2);
+  float *y = mt_device_alloc(&d, nn * sizeof(float));
+  double best = 0;
+  if (w && x && y) {
+    mt_device_memset0(&d, w, nn * 2);
+    mt_device_memset0(&d, x, nn * 2);
+    for (int r = 0; r < 4; r++) {
+      struct timespec t0, t1;
+      clock_gettime(CLOCK_MONOTONIC, &t0);
+      d.ops->linear_fwd(&d, y, x, MT_BF16, w, MT_BF16, NULL, NULL, N, N, N);
+      if (mt_device_sync(&d)) break;
+      clock_gettime(CLOCK_MONOTONIC, &t1);
+      double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+      if (r > 0 && s > 0 && 2.0 * N * N * N / s > best) best = 2.0 * N * N * N / s;
+    }
+  }
+  if (!best) mt_log_warn("MFU: no GEMM rate measured on %s: %s", spec, mt_errmsg());
+  mt_device_free(&d, w), mt_device_free(&d, x), mt_device_free(&d, y);
+  mt_device_close(&d);
+  return best;
+}
+
+/* The MFU base of one device: on GPUs their bf16 GEMM rate (the first
+ * GPU's); on the CPU the sgemm rate of one device's share of the cores, a
+ * 1024^3 product a few times, best of them, once at start-up (~0.1 s). */
+static double measure_peak_flops(const char *spec, int devices) {
+  if (!strncmp(spec, "cuda", 4)) return measure_gpu_peak_flops(spec);
   if (mt_blas_load()) return 0;
   int N = 1024;
   float *a = calloc((size_t)N * N, sizeof *a), *b = calloc((size_t)N * N, sizeof *b),
@@ -457,7 +497,7 @@ int node_control_start(node *n) {
   n->history = calloc(NODE_HISTORY, sizeof *n->history);
   n->extra_ops = json_array();
   if (!n->history || !n->extra_ops) return mt_seterr(MT_ENOMEM, "control: history");
-  n->peak_flops = measure_peak_flops(n->n_devices);
+  n->peak_flops = measure_peak_flops(n->specs[0], n->n_devices);
   int rc = read_token(n);
   if (rc) return rc;
   mt_control_opts co = {.listen = n->cfg->control_listen,
