@@ -635,148 +635,125 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
   arena_reset();
 }
 
-/* bf16 weights in native bf16 GEMMs against fp32 weights holding the same
- * values in FAST_16BF GEMMs (fp32 inputs both): both round every operand to
- * bf16 (nearest even) and accumulate in fp32. On the emulator (sums in one
- * order) the same bits, but for dw once the rows go in several blocks
- * (`blocked`), which adds each block's sum to dw in turn; on a GPU, within
- * what the two kernels' summation orders allow. */
-static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
-  gpu.matmul = MT_MATMUL_BF16;
+/* One way to call the linear ops: input and weights as stored, and the
+ * conversion scratch they use. */
+typedef struct {
+  const void *inp;
+  mt_dtype it;
+  const void *w;
+  mt_dtype wt;
+  void *cvt;
+} lin_call;
+
+/* linear_fwd, linear_gelu_fwd, linear_bwd and linear_bwd_dgelu called as a
+ * and as b on the same bias, dout and GeLU input: b's results against a's,
+ * the GPU against itself, for two ways that sum the same products. On the
+ * emulator (sums in one order) the same bits, but for dw once the rows go
+ * in several blocks (`blocked`), which adds each block's sum to dw in turn;
+ * on a GPU, within what the kernels' summation orders allow. dbias sums the
+ * same fp32 dout either way: the same bits. native_path (emulator): every
+ * GEMM of b's calls is 16-bit. Labels read "<bname> = <aname>". */
+static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const char *aname,
+                                 const char *bname, const char *tag, int N, int C, int OC,
+                                 int blocked, int native_path) {
 #ifdef MT_CUDA_EMU
   double same = 0.0, dw_tol = blocked ? 1e-6 : 0.0;
+#define B_CALL_STARTS() gemms_since()
+#define B_CALL_ENDS(op)                                                                            \
+  do {                                                                                             \
+    gemm_tally t_ = gemms_since();                                                                 \
+    if (native_path)                                                                               \
+      check_path(op, "path: all GEMMs 16-bit", t_.gemms >= 1 && t_.half == t_.gemms, t_);          \
+  } while (0)
 #else
   double same = 1e-5, dw_tol = 1e-5;
+  (void)native_path;
+#define B_CALL_STARTS() ((void)0)
+#define B_CALL_ENDS(op) ((void)0)
 #endif
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
-  float *w = round_to(H(nw, -0.5f, 0.5f), nw, MT_BF16);
-  const void *hw;
-  void *wb = stored(w, nw, MT_BF16, &hw);
-  float *wf = Df(w, nw), *x = Df(H(ni, -1, 1), ni), *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
+  float *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
   float *dout = Df(H(no, -1, 1), no), *pre = Df(H(ni, -3, 3), ni);
-  void *cvt = DP(gpu.ops->linear_scratch(&gpu, N, C, OC, MT_F32, MT_BF16));
-  char tag[64];
-  snprintf(tag, sizeof tag, "N=%d C=%d OC=%d", N, C, OC);
-#ifdef MT_CUDA_EMU
-  gemm_tally t;
-#define NATIVE_PATH(op)                                                                            \
-  (t = gemms_since(), check_path(op, "path: all GEMMs bf16", t.gemms >= 1 && t.half == t.gemms, t))
-#else
-#define NATIVE_PATH(op) ((void)0)
-#endif
+  const char *eq = label("%s = %s", bname, aname), *near = label("%s ~ %s", bname, aname);
 
-  float *o32 = DN(no), *o16 = DN(no);
-  gpu.ops->linear_fwd(&gpu, o32, x, MT_F32, wf, MT_F32, b, NULL, N, C, OC);
-#ifdef MT_CUDA_EMU
-  gemms_since();
-#endif
-  gpu.ops->linear_fwd(&gpu, o16, x, MT_F32, wb, MT_BF16, b, cvt, N, C, OC);
-  NATIVE_PATH("linear_fwd");
-  check("linear_fwd", label("bf16 native = FAST_16BF %s", tag), back(o16, no), back(o32, no), no,
-        same);
+  float *oa = DN(no), *ob = DN(no);
+  gpu.ops->linear_fwd(&gpu, oa, ca->inp, ca->it, ca->w, ca->wt, b, ca->cvt, N, C, OC);
+  B_CALL_STARTS();
+  gpu.ops->linear_fwd(&gpu, ob, cb->inp, cb->it, cb->w, cb->wt, b, cb->cvt, N, C, OC);
+  B_CALL_ENDS("linear_fwd");
+  check("linear_fwd", label("%s, %s", eq, tag), back(ob, no), back(oa, no), no, same);
 
-  float *g32 = DN(no), *p32 = DN(no), *g16 = DN(no), *p16 = DN(no);
-  gpu.ops->linear_gelu_fwd(&gpu, g32, p32, x, MT_F32, wf, MT_F32, b, NULL, N, C, OC);
-#ifdef MT_CUDA_EMU
-  gemms_since();
-#endif
-  gpu.ops->linear_gelu_fwd(&gpu, g16, p16, x, MT_F32, wb, MT_BF16, b, cvt, N, C, OC);
-  NATIVE_PATH("linear_gelu_fwd");
-  check("linear_gelu_fwd", "bf16 native = FAST_16BF out", back(g16, no), back(g32, no), no, same);
-  check("linear_gelu_fwd", "bf16 native = FAST_16BF pre", back(p16, no), back(p32, no), no, same);
+  float *ga = DN(no), *pa = DN(no), *gb = DN(no), *pb = DN(no);
+  gpu.ops->linear_gelu_fwd(&gpu, ga, pa, ca->inp, ca->it, ca->w, ca->wt, b, ca->cvt, N, C, OC);
+  B_CALL_STARTS();
+  gpu.ops->linear_gelu_fwd(&gpu, gb, pb, cb->inp, cb->it, cb->w, cb->wt, b, cb->cvt, N, C, OC);
+  B_CALL_ENDS("linear_gelu_fwd");
+  check("linear_gelu_fwd", label("%s: out", eq), back(gb, no), back(ga, no), no, same);
+  check("linear_gelu_fwd", label("%s: pre", eq), back(pb, no), back(pa, no), no, same);
 
   float *h0 = H(ni, -1, 1), *hw0 = H(nw, -1, 1), *hb0 = H((size_t)OC, -1, 1);
-  float *dx32 = Df(h0, ni), *dw32 = Df(hw0, nw), *db32 = Df(hb0, (size_t)OC);
-  float *dx16 = Df(h0, ni), *dw16 = Df(hw0, nw), *db16 = Df(hb0, (size_t)OC);
-  gpu.ops->linear_bwd(&gpu, dx32, dw32, db32, dout, x, MT_F32, wf, MT_F32, NULL, N, C, OC);
-#ifdef MT_CUDA_EMU
-  gemms_since();
-#endif
-  gpu.ops->linear_bwd(&gpu, dx16, dw16, db16, dout, x, MT_F32, wb, MT_BF16, cvt, N, C, OC);
-  NATIVE_PATH("linear_bwd");
-  check("linear_bwd", "bf16 native = FAST_16BF dinp", back(dx16, ni), back(dx32, ni), ni, same);
-  check("linear_bwd", label("bf16 native ~ FAST_16BF dw%s", blocked ? " (blocks)" : ""),
-        back(dw16, nw), back(dw32, nw), nw, dw_tol);
-  check("linear_bwd", "bf16 native = FAST_16BF dbias", back(db16, (size_t)OC),
-        back(db32, (size_t)OC), (size_t)OC, 0.0);
+  float *dxa = Df(h0, ni), *dwa = Df(hw0, nw), *dba = Df(hb0, (size_t)OC);
+  float *dxb = Df(h0, ni), *dwb = Df(hw0, nw), *dbb = Df(hb0, (size_t)OC);
+  gpu.ops->linear_bwd(&gpu, dxa, dwa, dba, dout, ca->inp, ca->it, ca->w, ca->wt, ca->cvt, N, C, OC);
+  B_CALL_STARTS();
+  gpu.ops->linear_bwd(&gpu, dxb, dwb, dbb, dout, cb->inp, cb->it, cb->w, cb->wt, cb->cvt, N, C, OC);
+  B_CALL_ENDS("linear_bwd");
+  check("linear_bwd", label("%s: dinp", eq), back(dxb, ni), back(dxa, ni), ni, same);
+  check("linear_bwd", label("%s: dw%s", near, blocked ? " (blocks)" : ""), back(dwb, nw),
+        back(dwa, nw), nw, dw_tol);
+  check("linear_bwd", label("%s: dbias", eq), back(dbb, (size_t)OC), back(dba, (size_t)OC),
+        (size_t)OC, 0.0);
 
-  float *e32 = DN(ni), *e16 = DN(ni), *s32 = DN(ni), *s16 = DN(ni);
-  dw32 = Df(hw0, nw), dw16 = Df(hw0, nw);
-  gpu.ops->linear_bwd_dgelu(&gpu, e32, s32, dw32, NULL, dout, x, MT_F32, pre, wf, MT_F32, NULL, N,
-                            C, OC);
-#ifdef MT_CUDA_EMU
-  gemms_since();
-#endif
-  gpu.ops->linear_bwd_dgelu(&gpu, e16, s16, dw16, NULL, dout, x, MT_F32, pre, wb, MT_BF16, cvt, N,
-                            C, OC);
-  NATIVE_PATH("linear_bwd_dgelu");
-  check("linear_bwd_dgelu", "bf16 native = FAST_16BF dpre", back(e16, ni), back(e32, ni), ni, same);
-  check("linear_bwd_dgelu", label("bf16 native ~ FAST_16BF dw%s", blocked ? " (blocks)" : ""),
-        back(dw16, nw), back(dw32, nw), nw, dw_tol);
-#undef NATIVE_PATH
+  float *ea = DN(ni), *eb = DN(ni), *sa = DN(ni), *sb = DN(ni);
+  dwa = Df(hw0, nw), dwb = Df(hw0, nw);
+  gpu.ops->linear_bwd_dgelu(&gpu, ea, sa, dwa, NULL, dout, ca->inp, ca->it, pre, ca->w, ca->wt,
+                            ca->cvt, N, C, OC);
+  B_CALL_STARTS();
+  gpu.ops->linear_bwd_dgelu(&gpu, eb, sb, dwb, NULL, dout, cb->inp, cb->it, pre, cb->w, cb->wt,
+                            cb->cvt, N, C, OC);
+  B_CALL_ENDS("linear_bwd_dgelu");
+  check("linear_bwd_dgelu", label("%s: dpre", eq), back(eb, ni), back(ea, ni), ni, same);
+  check("linear_bwd_dgelu", label("%s: dw%s", near, blocked ? " (blocks)" : ""), back(dwb, nw),
+        back(dwa, nw), nw, dw_tol);
+#undef B_CALL_STARTS
+#undef B_CALL_ENDS
+}
+
+/* bf16 weights in native bf16 GEMMs against fp32 weights holding the same
+ * values in FAST_16BF GEMMs (fp32 inputs both): both round every operand to
+ * bf16 (nearest even) and accumulate in fp32. */
+static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
+  gpu.matmul = MT_MATMUL_BF16;
+  size_t ni = (size_t)N * C, nw = (size_t)OC * C;
+  float *w = round_to(H(nw, -0.5f, 0.5f), nw, MT_BF16), *x = Df(H(ni, -1, 1), ni);
+  const void *hw;
+  lin_call fast = {x, MT_F32, Df(w, nw), MT_F32, NULL};
+  lin_call native = {x, MT_F32, stored(w, nw, MT_BF16, &hw), MT_BF16,
+                     DP(gpu.ops->linear_scratch(&gpu, N, C, OC, MT_F32, MT_BF16))};
+  compare_linear_calls(&fast, &native, "FAST_16BF", "bf16 native",
+                       label("N=%d C=%d OC=%d", N, C, OC), N, C, OC, blocked, 1);
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
 }
 
 /* A 16-bit input (t, with t weights, in d->matmul p) against an fp32 input
- * holding the same values: the GPU against itself. Products of 16-bit
- * values are exact, and bf16 GEMMs, TF32 and fp32 ones round none of them,
- * so on the emulator (sums in one order) every output has the same bits,
- * but dw where either input's rows go in several blocks (`blocked`), which
- * adds each block's sum to dw in turn; on a GPU, within what the kernels'
- * summation orders allow. */
+ * holding the same values. Products of 16-bit values are exact, and bf16
+ * GEMMs, TF32 and fp32 ones round none of them, so the same sums. */
 static void test_linear_typed_input(int N, int C, int OC, mt_matmul_precision p, mt_dtype t,
                                     int blocked) {
   gpu.matmul = p;
-#ifdef MT_CUDA_EMU
-  double same = 0.0, dw_tol = blocked ? 1e-6 : 0.0;
-#else
-  double same = 1e-5, dw_tol = 1e-5;
-#endif
-  size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
+  size_t ni = (size_t)N * C, nw = (size_t)OC * C;
   const void *host;
   float *xv = round_to(H(ni, -1, 1), ni, t);
-  float *x32 = Df(xv, ni);
-  void *x16 = stored(xv, ni, t, &host), *w = stored(H(nw, -0.5f, 0.5f), nw, t, &host);
-  float *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
-  float *dout = Df(H(no, -1, 1), no), *pre = Df(H(ni, -3, 3), ni);
+  void *w = stored(H(nw, -0.5f, 0.5f), nw, t, &host);
   size_t cb32 = gpu.ops->linear_scratch(&gpu, N, C, OC, MT_F32, t);
   size_t cb16 = gpu.ops->linear_scratch(&gpu, N, C, OC, t, t);
   void *cvt = DP(cb32 > cb16 ? cb32 : cb16);
-  const char *tag =
-      label("%s %s N=%d C=%d OC=%d", prec_name(p), t == MT_F16 ? "fp16" : "bf16", N, C, OC);
-
-  float *o32 = DN(no), *o16 = DN(no);
-  gpu.ops->linear_fwd(&gpu, o32, x32, MT_F32, w, t, b, cvt, N, C, OC);
-  gpu.ops->linear_fwd(&gpu, o16, x16, t, w, t, b, cvt, N, C, OC);
-  check("linear_fwd", label("16-bit in = fp32 in, %s", tag), back(o16, no), back(o32, no), no,
-        same);
-
-  float *g32 = DN(no), *p32 = DN(no), *g16 = DN(no), *p16 = DN(no);
-  gpu.ops->linear_gelu_fwd(&gpu, g32, p32, x32, MT_F32, w, t, b, cvt, N, C, OC);
-  gpu.ops->linear_gelu_fwd(&gpu, g16, p16, x16, t, w, t, b, cvt, N, C, OC);
-  check("linear_gelu_fwd", "16-bit in = fp32 in: out", back(g16, no), back(g32, no), no, same);
-  check("linear_gelu_fwd", "16-bit in = fp32 in: pre", back(p16, no), back(p32, no), no, same);
-
-  float *h0 = H(ni, -1, 1), *hw0 = H(nw, -1, 1), *hb0 = H((size_t)OC, -1, 1);
-  float *dx32 = Df(h0, ni), *dw32 = Df(hw0, nw), *db32 = Df(hb0, (size_t)OC);
-  float *dx16 = Df(h0, ni), *dw16 = Df(hw0, nw), *db16 = Df(hb0, (size_t)OC);
-  gpu.ops->linear_bwd(&gpu, dx32, dw32, db32, dout, x32, MT_F32, w, t, cvt, N, C, OC);
-  gpu.ops->linear_bwd(&gpu, dx16, dw16, db16, dout, x16, t, w, t, cvt, N, C, OC);
-  check("linear_bwd", "16-bit in = fp32 in: dinp", back(dx16, ni), back(dx32, ni), ni, same);
-  check("linear_bwd", label("16-bit in ~ fp32 in: dw%s", blocked ? " (blocks)" : ""),
-        back(dw16, nw), back(dw32, nw), nw, dw_tol);
-  check("linear_bwd", "16-bit in = fp32 in: dbias", back(db16, (size_t)OC), back(db32, (size_t)OC),
-        (size_t)OC, 0.0);
-
-  float *e32 = DN(ni), *e16 = DN(ni), *s32 = DN(ni), *s16 = DN(ni);
-  dw32 = Df(hw0, nw), dw16 = Df(hw0, nw);
-  gpu.ops->linear_bwd_dgelu(&gpu, e32, s32, dw32, NULL, dout, x32, MT_F32, pre, w, t, cvt, N, C,
-                            OC);
-  gpu.ops->linear_bwd_dgelu(&gpu, e16, s16, dw16, NULL, dout, x16, t, pre, w, t, cvt, N, C, OC);
-  check("linear_bwd_dgelu", "16-bit in = fp32 in: dpre", back(e16, ni), back(e32, ni), ni, same);
-  check("linear_bwd_dgelu", label("16-bit in ~ fp32 in: dw%s", blocked ? " (blocks)" : ""),
-        back(dw16, nw), back(dw32, nw), nw, dw_tol);
+  lin_call in32 = {Df(xv, ni), MT_F32, w, t, cvt}, in16 = {stored(xv, ni, t, &host), t, w, t, cvt};
+  compare_linear_calls(
+      &in32, &in16, "fp32 in", "16-bit in",
+      label("%s %s N=%d C=%d OC=%d", prec_name(p), t == MT_F16 ? "fp16" : "bf16", N, C, OC), N, C,
+      OC, blocked, 0);
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
 }
