@@ -820,9 +820,11 @@ struct emu_desc {
   cublasComputeType_t compute;
   cublasOperation_t ta, tb;
   cublasLtEpilogue_t epilogue;
-  const float *bias;
-  float *aux;     /* GeLU epilogues: the GeLU input, written (GELU_AUX*) or read (DGELU) */
-  int64_t aux_ld; /* in elements */
+  const void *bias; /* m elements of D's type */
+  void *aux;        /* GeLU epilogues: the GeLU input, written (GELU_AUX*) or read (DGELU) */
+  int64_t aux_ld;   /* in elements */
+  /* cudaDataType_t; -1, cuBLASLt's default: D's type */
+  int32_t bias_type = -1, aux_type = -1;
 };
 struct emu_layout {
   cudaDataType_t type;
@@ -868,38 +870,55 @@ static float load(const void *p, cudaDataType_t t, size_t i) {
   return ((const float *)p)[i];
 }
 
+/* Element i of a matrix stored as t set to v, rounded to nearest even when
+ * t is 16-bit. */
+static void store(void *p, cudaDataType_t t, size_t i, float v) {
+  if (t == CUDA_R_16BF)
+    ((uint16_t *)p)[i] = mt_f32_to_bf16(v).bits;
+  else if (t == CUDA_R_16F)
+    ((uint16_t *)p)[i] = mt_f32_to_fp16(v).bits;
+  else
+    ((float *)p)[i] = v;
+}
+
 /* The operand types cuBLAS(Lt) takes with fp32 scaling, as far as they are
- * emulated: A and B of one type; fp32 ones with fp32 C and D in any of the
- * compute types here; bf16 or binary16 ones with fp32 C and D in
- * CUBLAS_COMPUTE_32F (the FAST_* types are for fp32 operands). 16-bit C and
- * D, which cuBLAS(Lt) also takes with 16-bit A and B, are not emulated. */
-static cublasStatus_t check_types(const char *what, cublasComputeType_t compute, cudaDataType_t at,
-                                  cudaDataType_t bt, cudaDataType_t ct, cudaDataType_t dt) {
+ * emulated: A and B of one type, C and D of one type; fp32 A and B with fp32
+ * C and D in any of the compute types here; bf16 or binary16 A and B in
+ * CUBLAS_COMPUTE_32F (the FAST_* types are for fp32 operands) with fp32 C
+ * and D or C and D of their own type. Anything else, a 16-bit D with fp32
+ * or other 16-bit inputs among them, cuBLAS(Lt) does not take either. */
+static cublasStatus_t check_types(cublasComputeType_t compute, cudaDataType_t at, cudaDataType_t bt,
+                                  cudaDataType_t ct, cudaDataType_t dt) {
   if (at != bt || ct != dt) return CUBLAS_STATUS_NOT_SUPPORTED;
   if (at != CUDA_R_32F && compute != CUBLAS_COMPUTE_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
-  if (at != CUDA_R_32F && ct == at)
-    EMU_DIE("%s: %s C and D: not emulated", what, at == CUDA_R_16BF ? "bf16" : "binary16");
-  return ct == CUDA_R_32F ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
+  return ct == CUDA_R_32F || ct == at ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
 }
+
+/* What the GeLU epilogues do to each result (see check_epilogue). */
+enum { GELU_FWD = 1, GELU_BWD = 2 };
 
 /* Column-major D = alpha·op(A)·op(B) + beta·C (+ bias); C is not read when
  * beta is 0, as cuBLAS does (so NaN in an output buffer does not leak). A
- * and B of types at and bt (strides and lds in their elements), C, D and the
- * bias fp32. op(A) and op(B) are rounded to the compute type once, into
- * rows of k, then each dot product runs in double in order of k. */
+ * and B of types at and bt, C and D of type dt, the bias of bias_t (strides
+ * and lds in their elements). op(A) and op(B) are rounded to the compute
+ * type once, into rows of k, then each dot product runs in double in order
+ * of k; the sum, to a float, is stored into D's type. gelu (one matrix
+ * only): GELU_FWD stores that float into aux (D's type) and its GeLU into D,
+ * GELU_BWD stores gelu'(aux, as the float it holds) times it into D. */
 static void gemm(cublasComputeType_t compute, int ta, int tb, int m, int n, int k, float alpha,
                  const void *A, cudaDataType_t at, long lda, long long sA, const void *B,
-                 cudaDataType_t bt, long ldb, long long sB, float beta, const float *C, long ldc,
-                 long long sC, float *D, long ldd, long long sD, int batch, const float *bias) {
-  size_t ea = type_bytes(at), eb = type_bytes(bt);
+                 cudaDataType_t bt, long ldb, long long sB, float beta, const void *C, long ldc,
+                 long long sC, void *D, long ldd, long long sD, cudaDataType_t dt, int batch,
+                 const void *bias, cudaDataType_t bias_t, int gelu, void *aux, long aux_ld) {
+  size_t ea = type_bytes(at), eb = type_bytes(bt), ed = type_bytes(dt);
   std::vector<double> ra((size_t)m * k), rb((size_t)n * k);
   std::vector<float> out((size_t)m * n);
   for (int bi = 0; bi < batch; bi++) {
     const char *a = (const char *)A + bi * sA * (long long)ea;
     const char *b = (const char *)B + bi * sB * (long long)eb;
-    const float *c = C + bi * sC;
-    float *d = D + bi * sD;
-    if (!is_device(a, ea) || !is_device(b, eb) || !is_device(d, 4))
+    const char *c = (const char *)C + bi * sC * (long long)ed;
+    char *d = (char *)D + bi * sD * (long long)ed;
+    if (!is_device(a, ea) || !is_device(b, eb) || !is_device(d, ed))
       EMU_DIE("gemm batch %d: an operand is not device memory", bi);
     for (size_t i = 0; i < (size_t)m; i++)
       for (size_t l = 0; l < (size_t)k; l++)
@@ -913,12 +932,22 @@ static void gemm(cublasComputeType_t compute, int ta, int tb, int m, int n, int 
         double acc = 0.0;
         for (int l = 0; l < k; l++) acc += x[l] * y[l];
         double v = alpha * acc;
-        if (beta != 0.0f) v += (double)beta * c[j * ldc + i];
-        if (bias) v += bias[i];
+        if (beta != 0.0f) v += (double)beta * load(c, dt, (size_t)j * ldc + i);
+        if (bias) v += load(bias, bias_t, i);
         out[(size_t)j * m + i] = (float)v;
       }
     for (int j = 0; j < n; j++)
-      for (int i = 0; i < m; i++) d[j * ldd + i] = out[(size_t)j * m + i];
+      for (int i = 0; i < m; i++) {
+        float v = out[(size_t)j * m + i];
+        size_t ia = (size_t)j * aux_ld + i;
+        if (gelu == GELU_FWD) {
+          store(aux, dt, ia, v);
+          v = mt_gelu(v);
+        } else if (gelu == GELU_BWD) {
+          v = mt_gelu_grad(load(aux, dt, ia)) * v;
+        }
+        store(d, dt, (size_t)j * ldd + i, v);
+      }
   }
 }
 
@@ -965,13 +994,13 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
                                           int ldb, long long sB, const void *beta, void *C,
                                           cudaDataType_t ct, int ldc, long long sC, int batch,
                                           cublasComputeType_t compute, cublasGemmAlgo_t) {
-  cublasStatus_t st = check_types("cublasGemmStridedBatchedEx", compute, at, bt, ct, ct);
+  cublasStatus_t st = check_types(compute, at, bt, ct, ct);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   check_dims("cublasGemmStridedBatchedEx", m, n, k, ta, tb, lda, ldb, ldc);
   wait_idle(h->stream, "cublasGemmStridedBatchedEx");
   gemm(compute, ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *(const float *)alpha, A, at, lda,
-       sA, B, bt, ldb, sB, *(const float *)beta, (const float *)C, ldc, sC, (float *)C, ldc, sC,
-       batch, NULL);
+       sA, B, bt, ldb, sB, *(const float *)beta, C, ldc, sC, C, ldc, sC, ct, batch, NULL, ct, 0,
+       NULL, 0);
   mt_emu::gemms_blas++;
   if (at != CUDA_R_32F) mt_emu::gemms_16bit++;
   return CUBLAS_STATUS_SUCCESS;
@@ -1012,6 +1041,10 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
   case CUBLASLT_MATMUL_DESC_BIAS_POINTER: get(&d->bias, buf, bytes, "BIAS_POINTER"); break;
   case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER: get(&d->aux, buf, bytes, "AUX_POINTER"); break;
   case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD: get(&d->aux_ld, buf, bytes, "AUX_LD"); break;
+  case CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE:
+    get(&d->aux_type, buf, bytes, "AUX_DATA_TYPE");
+    break;
+  case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE: get(&d->bias_type, buf, bytes, "BIAS_DATA_TYPE"); break;
   default: EMU_DIE("matmul desc attribute %d not emulated", (int)a);
   }
   return CUBLAS_STATUS_SUCCESS;
@@ -1063,12 +1096,24 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
   return CUBLAS_STATUS_SUCCESS;
 }
 
+/* cuBLASLt's bias vector and GeLU aux matrix are of D's type outside its fp8
+ * and IMMA kernels (none here): their types must be left at the default (-1)
+ * or set to D's. */
+static cublasStatus_t check_epilogue_types(const emu_desc *op, cudaDataType_t dt) {
+  if ((op->bias_type != -1 && op->bias_type != (int32_t)dt) ||
+      (op->aux_type != -1 && op->aux_type != (int32_t)dt))
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 /* An epilogue's operands against what cuBLASLt documents for D of m×n rows
- * and columns: the bias a vector of m, the GeLU input (aux) a matrix of its
- * own with ld >= m and a multiple of 8, one matrix (its batch stride is not
- * emulated). Returns GELU_FWD or GELU_BWD for the GeLU epilogues, else 0. */
-enum { GELU_FWD = 1, GELU_BWD = 2 };
-static int check_epilogue(const char *what, const emu_desc *op, long m, long n, int batch) {
+ * and columns of type dt: the bias a vector of m, the GeLU input (aux) a
+ * matrix of its own with ld >= m and a multiple of 8, one matrix (its batch
+ * stride is not emulated), both of type dt. Returns GELU_FWD or GELU_BWD for
+ * the GeLU epilogues, else 0. */
+static int check_epilogue(const char *what, const emu_desc *op, long m, long n, int batch,
+                          cudaDataType_t dt) {
+  size_t e = type_bytes(dt);
   int bias = 0, gelu = 0;
   switch (op->epilogue) {
   case CUBLASLT_EPILOGUE_DEFAULT: break;
@@ -1078,17 +1123,19 @@ static int check_epilogue(const char *what, const emu_desc *op, long m, long n, 
   case CUBLASLT_EPILOGUE_DGELU: gelu = GELU_BWD; break;
   default: EMU_DIE("%s: epilogue %d not emulated", what, (int)op->epilogue);
   }
-  if (bias && (!op->bias || !is_device(op->bias, m * sizeof(float))))
-    EMU_DIE("%s: bias epilogue without a bias of %ld floats in device memory", what, m);
+  if (bias && (!op->bias || !is_device(op->bias, m * e)))
+    EMU_DIE("%s: bias epilogue without a bias of %ld elements of %zu bytes in device memory", what,
+            m, e);
   if (!gelu) return 0;
   if (op->aux_ld < m || op->aux_ld % 8)
     EMU_DIE("%s: EPILOGUE_AUX_LD %ld: cuBLASLt wants a multiple of 8, at least the %ld rows of D",
             what, (long)op->aux_ld, m);
   if (batch != 1)
     EMU_DIE("%s: GeLU epilogue on %d matrices: aux batch stride not emulated", what, batch);
-  if (!op->aux || !is_device(op->aux, ((size_t)(n - 1) * op->aux_ld + m) * sizeof(float)))
-    EMU_DIE("%s: GeLU epilogue without an aux matrix (%ld x %ld, ld %ld) in device memory", what, m,
-            n, (long)op->aux_ld);
+  if (!op->aux || !is_device(op->aux, ((size_t)(n - 1) * op->aux_ld + m) * e))
+    EMU_DIE("%s: GeLU epilogue without an aux matrix (%ld x %ld, ld %ld, %zu-byte elements) in "
+            "device memory",
+            what, m, n, (long)op->aux_ld, e);
   return gelu;
 }
 
@@ -1103,11 +1150,11 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   *returned = 0;
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
   if (mt_emu::lt_disabled || getenv("MT_CUDA_EMU_NO_LT")) return CUBLAS_STATUS_NOT_SUPPORTED;
-  cublasStatus_t st = check_types("cublasLtMatmulAlgoGetHeuristic", op->compute, a->type, b->type,
-                                  c->type, d->type);
+  cublasStatus_t st = check_types(op->compute, a->type, b->type, c->type, d->type);
+  if (st == CUBLAS_STATUS_SUCCESS) st = check_epilogue_types(op, d->type);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
-  int gelu =
-      check_epilogue("cublasLtMatmulAlgoGetHeuristic", op, (long)d->rows, (long)d->cols, d->batch);
+  int gelu = check_epilogue("cublasLtMatmulAlgoGetHeuristic", op, (long)d->rows, (long)d->cols,
+                            d->batch, d->type);
   memset(res, 0, sizeof *res);
   for (int i = 0; i < 4; i++) res->algo.data[i] = pref->align[i];
   res->algo.data[4] = 0x656d75; /* "emu": marks an algorithm from here */
@@ -1131,8 +1178,8 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
     if (actual_alignment(ptr[i]) < algo->data[i])
       EMU_DIE("cublasLtMatmul: operand %c at %p is %u-byte aligned, the heuristic was told %u",
               "ABCD"[i], ptr[i], actual_alignment(ptr[i]), (unsigned)algo -> data[i]);
-  cublasStatus_t st =
-      check_types("cublasLtMatmul", op->compute, a->type, b->type, c->type, d->type);
+  cublasStatus_t st = check_types(op->compute, a->type, b->type, c->type, d->type);
+  if (st == CUBLAS_STATUS_SUCCESS) st = check_epilogue_types(op, d->type);
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   int ta = op->ta == CUBLAS_OP_T, tb = op->tb == CUBLAS_OP_T;
   long m = (long)d->rows, n = (long)d->cols, k = (long)(ta ? a->rows : a->cols);
@@ -1147,7 +1194,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
             (unsigned long)d->rows, (unsigned long)d->cols, (long)d->ld);
   if (a->batch != d->batch || b->batch != d->batch || c->batch != d->batch)
     EMU_DIE("cublasLtMatmul: batch counts differ");
-  int gelu = check_epilogue("cublasLtMatmul", op, m, n, d->batch);
+  int gelu = check_epilogue("cublasLtMatmul", op, m, n, d->batch, d->type);
   int with_bias =
       op->epilogue == CUBLASLT_EPILOGUE_BIAS || op->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
   const void *eptr[2] = {with_bias ? op->bias : NULL, gelu ? op->aux : NULL};
@@ -1162,31 +1209,21 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, const v
       EMU_DIE("cublasLtMatmul: DGELU epilogue with beta %g: whether beta * C is added before or "
               "after the GeLU gradient is undocumented, not emulated",
               (double)*(const float *)beta);
-    const char *lo = (const char *)D, *hi = lo + ((size_t)(n - 1) * d->ld + m) * sizeof(float);
-    const char *alo = (const char *)op->aux,
-               *ahi = alo + ((size_t)(n - 1) * op->aux_ld + m) * sizeof(float);
+    size_t e = type_bytes(d->type);
+    const char *lo = (const char *)D, *hi = lo + ((size_t)(n - 1) * d->ld + m) * e;
+    const char *alo = (const char *)op->aux, *ahi = alo + ((size_t)(n - 1) * op->aux_ld + m) * e;
     if (alo < hi && lo < ahi)
       EMU_DIE("cublasLtMatmul: DGELU epilogue whose aux matrix %p overlaps D %p", op->aux, D);
   }
   wait_idle(s, "cublasLtMatmul");
   gemm(op->compute, ta, tb, (int)m, (int)n, (int)k, *(const float *)alpha, A, a->type, a->ld,
-       a->stride, B, b->type, b->ld, b->stride, *(const float *)beta, (const float *)C, c->ld,
-       c->stride, (float *)D, d->ld, d->stride, d->batch, with_bias ? op->bias : NULL);
-  float *dd = (float *)D;
-  if (gelu == GELU_FWD) { /* aux = the result with its bias; D = GeLU of that fp32 value */
-    for (long j = 0; j < n; j++)
-      for (long i = 0; i < m; i++) {
-        float x = dd[j * d->ld + i];
-        op->aux[j * op->aux_ld + i] = x;
-        dd[j * d->ld + i] = mt_gelu(x);
-      }
-    mt_emu::gemms_lt_gelu++;
-  } else if (gelu == GELU_BWD) { /* D = gelu'(aux) times the fp32 result */
-    for (long j = 0; j < n; j++)
-      for (long i = 0; i < m; i++)
-        dd[j * d->ld + i] = mt_gelu_grad(op->aux[j * op->aux_ld + i]) * dd[j * d->ld + i];
-    mt_emu::gemms_lt_dgelu++;
-  }
+       a->stride, B, b->type, b->ld, b->stride, *(const float *)beta, C, c->ld, c->stride, D, d->ld,
+       d->stride, d->type, d->batch, with_bias ? op->bias : NULL, d->type, gelu,
+       gelu ? op->aux : NULL, gelu ? (long)op->aux_ld : 0);
+  /* GELU_AUX*: aux = the result with its bias, D = GeLU of that fp32 value;
+   * DGELU: D = gelu'(aux) times the fp32 result; each rounded to D's type */
+  if (gelu == GELU_FWD) mt_emu::gemms_lt_gelu++;
+  if (gelu == GELU_BWD) mt_emu::gemms_lt_dgelu++;
   mt_emu::gemms_lt++;
   if (a->type != CUDA_R_32F) mt_emu::gemms_16bit++;
   return CUBLAS_STATUS_SUCCESS;

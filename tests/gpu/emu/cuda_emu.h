@@ -16,15 +16,18 @@
  * alignment a heuristic was promised is checked against the pointers. A and
  * B are fp32, or both bf16 or both binary16 (read as the exact floats they
  * hold, computed in CUBLAS_COMPUTE_32F only: cuBLAS(Lt) pairs the FAST_*
- * types with fp32 operands); C and D fp32. Other type combinations get the
- * status real cuBLAS(Lt) answers, CUBLAS_STATUS_NOT_SUPPORTED, except
- * 16-bit C and D, which it takes and this does not emulate (an abort).
- * cuBLASLt's epilogues: bias, GeLU with its input kept in the aux matrix
- * (GELU_AUX, GELU_AUX_BIAS) and the GeLU gradient with that input read from
- * it (DGELU, D = gelu'(aux) ⊙ result; beta must be 0, as its documentation
- * does not say where beta · C joins), the aux ld rules checked, the math
- * kernels/common's mt_gelu and mt_gelu_grad on the fp32 result; any other
- * epilogue or attribute aborts.
+ * types with fp32 operands); C and D of one type, fp32, or with 16-bit A
+ * and B their type too (the fp32 result rounded to nearest even into it).
+ * Other type combinations get the status real cuBLAS(Lt) answers,
+ * CUBLAS_STATUS_NOT_SUPPORTED. cuBLASLt's epilogues: bias, GeLU with its
+ * input kept in the aux matrix (GELU_AUX, GELU_AUX_BIAS) and the GeLU
+ * gradient with that input read from it (DGELU, D = gelu'(aux) ⊙ result;
+ * beta must be 0, as its documentation does not say where beta · C joins),
+ * the aux ld rules checked, the math kernels/common's mt_gelu and
+ * mt_gelu_grad on the fp32 result. The bias vector and the aux matrix are
+ * in D's type, as cuBLASLt documents outside its fp8 and IMMA kernels: a
+ * BIAS_DATA_TYPE or EPILOGUE_AUX_DATA_TYPE of another type is
+ * CUBLAS_STATUS_NOT_SUPPORTED. Any other epilogue or attribute aborts.
  *
  * Streams and threads. Several host threads may each drive their own
  * emulated device (MT_CUDA_EMU_DEVICES of them, default 1): the current
@@ -406,6 +409,8 @@ enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_BIAS_POINTER = 8,
   CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER = 11,
   CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD = 12,
+  CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE = 22, /* int32_t cudaDataType, -1: D's */
+  CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = 26,         /* int32_t cudaDataType, -1: D's */
 };
 enum cublasLtMatrixLayoutAttribute_t {
   CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT = 5,
