@@ -141,11 +141,12 @@ typedef struct {
    * 16-bit working copy (wt), and the conversion scratch they need */
   mt_dtype wt;
   void *qkvw_h, *projw_h, *fcw_h, *fcpw_h, *cvt;
-  /* activations; the linear layers' inputs stored as wt (ln1, ln2, fchg,
-   * and atty_h, attention's output packed for c_proj in a 16-bit layer),
-   * and qkv_h, attention's 16-bit input there */
-  float *inp, *m1, *r1, *qkv, *atty, *lse, *branch, *resid2, *m2, *r2, *fch, *out;
-  void *ln1, *ln2, *fchg, *atty_h, *qkv_h;
+  void *qkvb_h, *fcb_h; /* the biases of the GEMMs writing wt, stored so */
+  /* activations; the linear layers' inputs and outputs (but the branch,
+   * joining the fp32 stream) stored as wt, as model/gpt.c keeps them: ln1,
+   * qkv, atty, ln2, fch, fchg (fp32-sized, to hold either) */
+  float *inp, *m1, *r1, *lse, *branch, *resid2, *m2, *r2, *out;
+  void *ln1, *ln2, *fchg, *qkv, *atty, *fch;
   /* backward */
   float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *att_scratch;
 } layer;
@@ -204,11 +205,12 @@ static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
   L->branch = dmalloc(NC * 4), L->resid2 = dmalloc(NC * 4), L->ln2 = dmalloc(NC * 4);
   L->m2 = dmalloc(N * 4), L->r2 = dmalloc(N * 4);
   L->fch = dmalloc(4 * NC * 4), L->fchg = dmalloc(4 * NC * 4), L->out = dmalloc(NC * 4);
-  L->atty_h = dmalloc(NC * 2), L->qkv_h = dmalloc(3 * NC * 2);
   L->dres = dmalloc(NC * 4), L->dfch = dmalloc(4 * NC * 4), L->dfch2 = dmalloc(4 * NC * 4);
   L->dbtc = dmalloc(NC * 4), L->dbtc2 = dmalloc(NC * 4), L->dqkv = dmalloc(3 * NC * 4);
-  L->att_scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
+  L->att_scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH, wt) * 4);
   L->wt = wt;
+  L->qkvb_h = working_copy(L->qkvb, 3 * (size_t)C, wt),
+  L->fcb_h = working_copy(L->fcb, 4 * (size_t)C, wt);
   L->qkvw_h = working_copy(L->qkvw, 3 * CC, wt), L->projw_h = working_copy(L->projw, CC, wt);
   L->fcw_h = working_copy(L->fcw, 4 * CC, wt), L->fcpw_h = working_copy(L->fcpw, 4 * CC, wt);
   size_t cvt = layer_scratch((int)N, C, wt);
@@ -216,56 +218,38 @@ static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
 }
 
 static void layer_free(layer *L) {
-  float **p[] = {&L->ln1w,  &L->ln1b, &L->qkvw,       &L->qkvb, &L->projw,  &L->projb,  &L->ln2w,
-                 &L->ln2b,  &L->fcw,  &L->fcb,        &L->fcpw, &L->fcpb,   &L->inp,    &L->m1,
-                 &L->r1,    &L->qkv,  &L->atty,       &L->lse,  &L->branch, &L->resid2, &L->m2,
-                 &L->r2,    &L->fch,  &L->out,        &L->dres, &L->dfch,   &L->dfch2,  &L->dbtc,
-                 &L->dbtc2, &L->dqkv, &L->att_scratch};
+  float **p[] = {&L->ln1w, &L->ln1b, &L->qkvw,   &L->qkvb,   &L->projw, &L->projb, &L->ln2w,
+                 &L->ln2b, &L->fcw,  &L->fcb,    &L->fcpw,   &L->fcpb,  &L->inp,   &L->m1,
+                 &L->r1,   &L->lse,  &L->branch, &L->resid2, &L->m2,    &L->r2,    &L->out,
+                 &L->dres, &L->dfch, &L->dfch2,  &L->dbtc,   &L->dbtc2, &L->dqkv,  &L->att_scratch};
   if (L->wt != MT_F32) {
-    void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h, L->fcpw_h};
-    for (int i = 0; i < 4; i++) mt_device_free(&dev, h[i]);
+    void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h, L->fcpw_h, L->qkvb_h, L->fcb_h};
+    for (int i = 0; i < 6; i++) mt_device_free(&dev, h[i]);
   }
-  void *acts[] = {L->ln1, L->ln2, L->fchg, L->atty_h, L->qkv_h};
-  for (int i = 0; i < 5; i++) mt_device_free(&dev, acts[i]);
+  void *acts[] = {L->ln1, L->ln2, L->fchg, L->atty, L->qkv, L->fch};
+  for (int i = 0; i < 6; i++) mt_device_free(&dev, acts[i]);
   mt_device_free(&dev, L->cvt);
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) mt_device_free(&dev, *p[i]);
   for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
 }
 
-/* c_proj's input: attention's output, or its 16-bit copy in a 16-bit layer */
-static const void *atty_in(const layer *L) {
-  return L->wt == MT_F32 ? (const void *)L->atty : L->atty_h;
-}
-
-/* attention's input: qkv, or its 16-bit copy (the flash kernels) in a 16-bit layer */
-static const void *qkv_in(const layer *L) {
-  return L->wt == MT_F32 ? (const void *)L->qkv : L->qkv_h;
-}
-
 /* model/gpt.c's layer: pre-LN attention block, then the MLP block. In a
- * 16-bit layer the GEMM inputs are 16-bit (at = wt), and the GeLU, which
- * writes one, runs as its own op after c_fc, as gpt.c runs it there. */
+ * 16-bit layer the GEMMs' inputs are 16-bit (at = wt), and so are the
+ * outputs of all but the two projections, which join the fp32 stream. */
 static void layer_fwd(layer *L) {
   const mt_ops *o = dev.ops;
   int B = L->B, T = L->T, C = L->C, N = B * T;
   size_t NC = (size_t)N * C;
   mt_dtype wt = L->wt, at = wt;
   o->layernorm_fwd(&dev, L->ln1, at, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
-  o->linear_fwd(&dev, L->qkv, L->ln1, at, L->qkvw_h, wt, L->qkvb, L->cvt, N, C, 3 * C);
-  if (at != MT_F32) o->pack_half(&dev, L->qkv_h, L->qkv, 3 * NC, at == MT_F16);
-  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, qkv_in(L), at, B, T, C, L->NH, NULL);
-  if (at != MT_F32) o->pack_half(&dev, L->atty_h, L->atty, NC, at == MT_F16);
-  o->linear_fwd(&dev, L->branch, atty_in(L), at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
+  o->linear_fwd(&dev, L->qkv, at, L->ln1, at, L->qkvw_h, wt, L->qkvb_h, L->cvt, N, C, 3 * C);
+  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, at, B, T, C, L->NH, NULL);
+  o->linear_fwd(&dev, L->branch, MT_F32, L->atty, at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
   o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
   o->layernorm_fwd(&dev, L->ln2, at, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
-  if (at != MT_F32) {
-    o->linear_fwd(&dev, L->fch, L->ln2, at, L->fcw_h, wt, L->fcb, L->cvt, N, C, 4 * C);
-    o->gelu_fwd(&dev, L->fchg, at, L->fch, 4 * NC);
-  } else {
-    o->linear_gelu_fwd(&dev, L->fchg, L->fch, L->ln2, at, L->fcw_h, wt, L->fcb, L->cvt, N, C,
-                       4 * C);
-  }
-  o->linear_fwd(&dev, L->branch, L->fchg, at, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
+  o->linear_gelu_fwd(&dev, L->fchg, L->fch, at, L->ln2, at, L->fcw_h, wt, L->fcb_h, L->cvt, N, C,
+                     4 * C);
+  o->linear_fwd(&dev, L->branch, MT_F32, L->fchg, at, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
   o->residual_fwd(&dev, L->out, L->resid2, L->branch, NC);
 }
 
@@ -283,11 +267,10 @@ static void layer_bwd(layer *L) {
                 4 * C);
   o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, atty_in(L), at, L->projw_h, wt, L->cvt, N, C,
-                C);
+  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, at, L->projw_h, wt, L->cvt, N, C, C);
   mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
-  o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, atty_in(L), qkv_in(L), at, L->lse, B, T,
-                   C, L->NH, NULL);
+  o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->atty, L->qkv, at, L->lse, B, T, C,
+                   L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
   o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C, 3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
@@ -358,7 +341,9 @@ static void bench_attention(int B) {
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
   float *out = dmalloc(no * 4), *lse = dmalloc((size_t)B * NH * T * 4), *dqkv = dmalloc(nq * 4);
   uint16_t *qkv_h = dmalloc(nq * 2), *out_h = dmalloc(no * 2);
-  float *scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH) * 4);
+  size_t s32 = dev.ops->attention_scratch(&dev, T, C, NH, MT_F32);
+  size_t s16 = dev.ops->attention_scratch(&dev, T, C, NH, MT_BF16);
+  float *scratch = dmalloc((s32 > s16 ? s32 : s16) * 4);
   dev.matmul = MT_MATMUL_BF16;
   dev.ops->to_half(&dev, qkv_h, qkv, nq, 0);
   cudaEvent_t e0, e1;
@@ -370,8 +355,8 @@ static void bench_attention(int B) {
     const void *in = k ? (const void *)qkv_h : qkv, *o = k ? (const void *)out_h : out;
     for (int i = -2; i < iters; i++) {
       if (!i) CK(cudaEventRecord(e0, dev.stream));
-      dev.ops->attention_fwd(&dev, out, lse, scratch, in, qt, B, T, C, NH, NULL);
-      if (k) dev.ops->to_half(&dev, out_h, out, no, 0);
+      dev.ops->attention_fwd(&dev, k ? (void *)out_h : out, lse, scratch, in, qt, B, T, C, NH,
+                             NULL);
       dev.ops->attention_bwd(&dev, dqkv, scratch, dout, o, in, qt, lse, B, T, C, NH, NULL);
     }
     CK(cudaEventRecord(e1, dev.stream));

@@ -433,7 +433,7 @@ static double measure_gpu_peak_flops(const char *spec) {
     for (int r = 0; r < 4; r++) {
       struct timespec t0, t1;
       clock_gettime(CLOCK_MONOTONIC, &t0);
-      d.ops->linear_fwd(&d, y, x, MT_BF16, w, MT_BF16, NULL, NULL, N, N, N);
+      d.ops->linear_fwd(&d, y, MT_F32, x, MT_BF16, w, MT_BF16, NULL, NULL, N, N, N);
       if (mt_device_sync(&d)) break;
       clock_gettime(CLOCK_MONOTONIC, &t1);
       double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;

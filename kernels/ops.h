@@ -12,13 +12,15 @@
  *   rounding). Vectors (biases, LayerNorm's w and b) and wpe are fp32: they
  *   are a tiny part of a model, and the row kernels that read them stay one
  *   code path. Gradients and Adam's tensors are always fp32.
- * - A 16-bit job's GEMM inputs are 16-bit tensors too, as autocast makes
- *   them: layernorm_fwd and gelu_fwd can write their output as bf16 or
- *   binary16 (`ot`: each value rounded to nearest even from the float the
- *   fp32 op would write), and the linear ops take their activation input
- *   `inp` as fp32 or in the weights' 16-bit type (`it`), reading the float
- *   each element holds; attention takes qkv as the job keeps it (`qt`).
- *   Other activations and every gradient stay fp32.
+ * - A 16-bit job's activations are 16-bit tensors too, as autocast makes
+ *   them: layernorm_fwd, gelu_fwd and the forward linear ops can write
+ *   their output as bf16 or binary16 (`ot`: each value rounded to nearest
+ *   even from the float the fp32 op would write); the linear ops take their
+ *   activation input `inp` as fp32 or in the weights' 16-bit type (`it`),
+ *   GeLU and its gradient their input as fp32 or 16-bit, reading the float
+ *   each element holds; attention takes qkv and writes its output as the
+ *   job keeps them (`qt`). The residual stream, LayerNorm's input, the
+ *   logits and every gradient stay fp32.
  * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
  *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
  * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
@@ -90,40 +92,49 @@ struct mt_ops {
    * 0 when both are MT_F32 (cvt may then be NULL). it is MT_F32 or wt.
    * Bounded on GPUs, which convert in blocks of rows. One scratch of the
    * largest size serves every linear op; contents undefined. The CPU
-   * unpacks 16-bit weights and inputs to fp32 for sgemm; GPUs multiply
+   * unpacks 16-bit weights and inputs to fp32 for sgemm, and sums a 16-bit
+   * output in fp32 before rounding it (room it keeps whenever it is
+   * 16-bit, the case in which ot may be); GPUs write a 16-bit output from
+   * the GEMM's epilogue, and multiply
    * 16-bit operands natively where both are, and convert (the fp32 output
    * gradient to the weights' type, or bf16 weights to fp32 under a
    * non-bf16 matmul mode) in blocks where they are not. */
   size_t (*linear_scratch)(mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt);
 
-  /* out(N,OC) = inp(N,C) · w(OC,C)ᵀ + bias(OC); bias may be NULL */
-  void (*linear_fwd)(mt_device *d, float *out, const void *inp, mt_dtype it, const void *w,
-                     mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC);
+  /* out(N,OC) = inp(N,C) · w(OC,C)ᵀ + bias(OC), stored as ot; bias may be
+   * NULL. ot is MT_F32, or, for a 16-bit input (it == wt), wt: the sums
+   * are fp32 and rounded once, as a 16-bit GEMM's epilogue writes them.
+   * The bias is stored as ot too (cuBLASLt's rule: a vector of D's type;
+   * a 16-bit job's working copy, whose values its fp32 vectors hold). */
+  void (*linear_fwd)(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_dtype it,
+                     const void *w, mt_dtype wt, const void *bias, void *cvt, int N, int C, int OC);
   /* dinp(N,C) += dout·w; dw(OC,C) += doutᵀ·inp; dbias(OC) += Σ_rows dout.
    * dinp and dbias may be NULL. */
   void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
                      const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt, int N,
                      int C, int OC);
   /* out(N,OC) = gelu(pre) and pre(N,OC) = inp·wᵀ + bias, the input gelu_bwd
-   * takes: linear_fwd into pre then gelu_fwd into out, on the CPU exactly
-   * that. On GPUs one GEMM with cuBLASLt's GeLU epilogue (GELU_AUX_BIAS, its
-   * own tanh: not gelu_fwd's bits) where cuBLASLt takes the shape, else
-   * those two ops. bias may be NULL. */
-  void (*linear_gelu_fwd)(mt_device *d, float *out, float *pre, const void *inp, mt_dtype it,
-                          const void *w, mt_dtype wt, const float *bias, void *cvt, int N, int C,
-                          int OC);
+   * takes, both stored as ot (and the bias, as for linear_fwd): linear_fwd
+   * into pre then gelu_fwd of pre into out, on the CPU exactly that. On
+   * GPUs one GEMM with cuBLASLt's GeLU epilogue (GELU_AUX_BIAS, its own
+   * tanh of the unrounded sum: not gelu_fwd's bits) where cuBLASLt takes
+   * the shape, else those two ops. bias may be NULL. */
+  void (*linear_gelu_fwd)(mt_device *d, void *out, void *pre, mt_dtype ot, const void *inp,
+                          mt_dtype it, const void *w, mt_dtype wt, const void *bias, void *cvt,
+                          int N, int C, int OC);
   /* linear_bwd of the layer after linear_gelu_fwd, its dinp taken through
    * GeLU's gradient: dpre(N,C) = gelu'(pre) ⊙ (dout·w) is WRITTEN, not
    * accumulated (cuBLASLt documents no way to add to it); dw(OC,C) +=
    * doutᵀ·inp and dbias(OC) += Σ_rows dout as linear_bwd; dbias may be
-   * NULL. pre(N,C) is the GeLU's input that linear_gelu_fwd saved; inp =
-   * gelu(pre). scratch holds N*C floats, contents undefined. On the CPU
-   * exactly linear_bwd into zeroed scratch then gelu_bwd into zeroed dpre
-   * (their bits). On GPUs the dinp GEMM applies gelu' in its cuBLASLt
-   * epilogue (DGELU, aux = pre: its own tanh, not gelu_bwd's bits) where
-   * cuBLASLt takes the shape, else those two ops. */
+   * NULL. pre(N,C) is the GeLU's input that linear_gelu_fwd saved, stored
+   * as it like inp = gelu(pre). scratch holds N*C floats, contents
+   * undefined. On the CPU exactly linear_bwd into zeroed scratch then
+   * gelu_bwd into zeroed dpre (their bits). On GPUs the dinp GEMM applies
+   * gelu' in its cuBLASLt epilogue (DGELU, aux = pre: its own tanh, not
+   * gelu_bwd's bits) where cuBLASLt takes the shape and pre is fp32 (its
+   * aux has D's type, and dpre is fp32), else those two ops. */
   void (*linear_bwd_dgelu)(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                           const float *dout, const void *inp, mt_dtype it, const float *pre,
+                           const float *dout, const void *inp, mt_dtype it, const void *pre,
                            const void *w, mt_dtype wt, void *cvt, int N, int C, int OC);
 
   /* Causal self-attention, memory-efficient: the probabilities are not
@@ -131,7 +142,8 @@ struct mt_ops {
    * flash attention does; the memory Megatron's selective recomputation
    * saves). qkv(B,T,3C) holds q, k, v each as (T, NH, HS), HS = C/NH,
    * stored as qt: fp32, or a 16-bit job's kept copy in bf16 or binary16
-   * (read as the floats it holds); out(B,T,C); lse(B,NH,T) receives each
+   * (read as the floats it holds); out(B,T,C) stored as qt (rounded to
+   * nearest even from the fp32 result); lse(B,NH,T) receives each
    * row's log-sum-exp of its scaled scores s = q·k/sqrt(HS) over columns
    * 0..t, so that the probabilities are exp(s - lse). drop (may be NULL)
    * applies to the probabilities; the element index of its mask within a
@@ -143,26 +155,28 @@ struct mt_ops {
    * kernel on the tensor cores in qt's type, which rounds the (dropped)
    * probabilities, dout and the scores' gradient to it as well, as
    * FlashAttention does, accumulating in fp32. */
-  void (*attention_fwd)(mt_device *d, float *out, float *lse, float *scratch, const void *qkv,
+  void (*attention_fwd)(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
                         mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
   /* dqkv(B,T,3C) += ...; lse as attention_fwd left it; out(B,T,C) the
-   * forward's output stored as qt (a 16-bit job's kept, rounded copy), read
-   * only by the flash kernel (rowsum(dout ∘ out), FlashAttention's D);
-   * scratch as there */
+   * forward's output as it stored it, read only by the flash kernel
+   * (rowsum(dout ∘ out), FlashAttention's D); scratch as there */
   void (*attention_bwd)(mt_device *d, float *dqkv, float *scratch, const float *dout,
                         const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
                         int T, int C, int NH, const mt_dropout *drop);
-  /* Floats of scratch the attention pair needs on d for (T, C, NH), any B:
-   * blocks of query rows (and, on GPUs, of heads) with their scores and
-   * probabilities, far below one sample's NH·T² when T is large; on the
-   * CPU also a 16-bit qkv's head unpacked, per thread; on GPUs at least
-   * NH·T, the flash backward's D of one sample. */
-  size_t (*attention_scratch)(mt_device *d, int T, int C, int NH);
+  /* Floats of scratch the attention pair needs on d for (T, C, NH) and qkv
+   * stored as qt, any B: blocks of query rows (and, on GPUs, of heads) with
+   * their scores and probabilities, far below one sample's NH·T² when T is
+   * large; on the CPU, per thread, and for a 16-bit qkv with its head
+   * unpacked and its output before rounding; on GPUs, for a 16-bit qkv,
+   * only the flash backward's D of one sample (NH·T). */
+  size_t (*attention_scratch)(mt_device *d, int T, int C, int NH, mt_dtype qt);
 
-  /* GeLU, tanh approximation (GPT-2's). n elements. */
-  /* out stored as ot */
-  void (*gelu_fwd)(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n);
-  void (*gelu_bwd)(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n);
+  /* GeLU, tanh approximation (GPT-2's). n elements; inp stored as it, out
+   * as ot. */
+  void (*gelu_fwd)(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_dtype it, size_t n);
+  /* dinp += gelu'(inp) ⊙ dout, inp stored as it */
+  void (*gelu_bwd)(mt_device *d, float *dinp, const void *inp, mt_dtype it, const float *dout,
+                   size_t n);
 
   /* out = a + b (residual add); out may alias a or b. Its backward is two
    * accumulations, which callers express with add_inplace. */

@@ -21,20 +21,18 @@
  * (from fch) and attention's probabilities (from qkv and lse); the backward
  * recomputes them into the shared buffers of act_plan. With full
  * recomputation only one set exists, refilled from the block's input.
- * A bf16 or fp16 job keeps them in 16 bits (the *_h tensors, as Megatron's
- * activations are): each is rounded when made, so the forward goes on with
- * the value the backward reads. Attention and its projection read qkv_h and
- * atty_h as they are, forward and backward (keep_copy); resid2 and fch are
- * rounded in place too (keep) and unpacked into the fp32 tensors for the
- * backward. Those are then one shared set of work buffers (the forward
- * writes qkv and atty there before storing them in 16 bits). */
+ * A bf16 or fp16 job keeps them in 16 bits, as Megatron's activations are
+ * (act_type): qkv, atty and fch are written so by the ops that make them
+ * and read so, forward and backward. resid2, the residual stream, is made
+ * in fp32 and rounded in place when kept (keep), so the forward goes on
+ * with the value the backward unpacks into one shared fp32 work buffer. */
 typedef struct block_acts {
-  float *qkv;    /* (B,T,3C) */
-  float *lse;    /* (B,NH,T) attention's log-sum-exp per row (always fp32) */
-  float *atty;   /* (B,T,C) attention output before c_proj */
-  float *resid2; /* (B,T,C) stream after the attention branch */
-  float *fch;    /* (B,T,4C) before GeLU */
-  uint16_t *qkv_h, *atty_h, *resid2_h, *fch_h; /* 16-bit jobs: what is kept */
+  void *qkv;          /* (B,T,3C) act_type */
+  float *lse;         /* (B,NH,T) attention's log-sum-exp per row (always fp32) */
+  void *atty;         /* (B,T,C) attention output before c_proj, act_type */
+  float *resid2;      /* (B,T,C) stream after the attention branch */
+  void *fch;          /* (B,T,4C) before GeLU, act_type */
+  uint16_t *resid2_h; /* 16-bit jobs: resid2 as kept */
 } block_acts;
 
 /* Activations of one micro-batch in flight (a slot), plus pointers to the
@@ -252,7 +250,8 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, Cl = C / tp;
   size_t T = (size_t)m->T, Vl = (size_t)c->padded_vocab / tp;
   size_t NHl = (size_t)c->n_head / tp, BHT = (size_t)m->B * NHl * T;
-  size_t att_scratch = m->dev->ops->attention_scratch(m->dev, (int)T, (int)Cl, (int)NHl);
+  size_t att_scratch =
+      m->dev->ops->attention_scratch(m->dev, (int)T, (int)Cl, (int)NHl, act_type(m));
   int half = half_acts(m);
   size_t off = 0;
   for (int k = 0; k < n; k++) {
@@ -273,17 +272,13 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     for (int b = 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
       carve(&a->lse, base, &off, BHT);
-      if (half) {
-        carve_half(&a->qkv_h, base, &off, BT * 3 * Cl);
-        carve_half(&a->atty_h, base, &off, BT * Cl);
+      carve_act(m, &a->qkv, base, &off, BT * 3 * Cl);
+      carve_act(m, &a->atty, base, &off, BT * Cl);
+      if (half)
         carve_half(&a->resid2_h, base, &off, BT * C);
-        carve_half(&a->fch_h, base, &off, BT * 4 * Cl);
-        continue;
-      }
-      carve(&a->qkv, base, &off, BT * 3 * Cl);
-      carve(&a->atty, base, &off, BT * Cl);
-      carve(&a->resid2, base, &off, BT * C);
-      carve(&a->fch, base, &off, BT * 4 * Cl);
+      else
+        carve(&a->resid2, base, &off, BT * C);
+      carve_act(m, &a->fch, base, &off, BT * 4 * Cl);
     }
     if (m->last) {
       carve_act(m, &p->lnf, base, &off, BT * C);
@@ -310,20 +305,14 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve(&p->dfch2, base, &off, BT * 4 * Cl);
   carve(&p->att_scratch, base, &off, att_scratch);
   carve(&p->branch, base, &off, BT * C);
-  if (half) { /* the work buffers the 16-bit tensors unpack into */
-    block_acts w;
+  if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
+    float *resid2 = NULL;
     carve(&p->stream[0], base, &off, BT * C);
     carve(&p->stream[1], base, &off, BT * C);
-    carve(&w.qkv, base, &off, BT * 3 * Cl);
-    carve(&w.atty, base, &off, BT * Cl);
-    carve(&w.resid2, base, &off, BT * C);
-    carve(&w.fch, base, &off, BT * 4 * Cl);
+    carve(&resid2, base, &off, BT * C);
     for (int k = 0; k < n && base; k++) {
       slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
-      for (int b = 0; b < slots[k].n_blocks; b++) {
-        block_acts *a = &slots[k].blocks[b];
-        a->qkv = w.qkv, a->atty = w.atty, a->resid2 = w.resid2, a->fch = w.fch;
-      }
+      for (int b = 0; b < slots[k].n_blocks; b++) slots[k].blocks[b].resid2 = resid2;
     }
   }
   for (int k = 1; k < n && base; k++) {
@@ -504,8 +493,9 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
   return mt_gpt_round_weights(m);
 }
 
-/* The 16-bit copy is made in one pass over every parameter (the vectors'
- * places in it go unread), the vectors' fp32 copies one tensor each. */
+/* The 16-bit copy is made in one pass over every parameter (of the vectors'
+ * places in it, the biases of the GEMMs with 16-bit outputs are read), the
+ * vectors' fp32 copies one tensor each. */
 int mt_gpt_round_weights(mt_gpt *m) {
   if (m->wtype == MT_F32) return 0;
   int fp16 = m->wtype == MT_F16;
@@ -590,22 +580,11 @@ static void keep(mt_gpt *m, uint16_t *h, float *x, size_t n) {
   if (half_acts(m)) m->dev->ops->pack_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
 }
 
-/* keep for an activation read only as kept from then on (qkv by attention,
- * the attention output by its projection, both in the backward too): h
- * holds it rounded, and x, which nothing reads again, is left as it was. */
-static void keep_copy(mt_gpt *m, uint16_t *h, const float *x, size_t n) {
-  if (half_acts(m)) m->dev->ops->to_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
-}
-
-/* Attention's input: Q, K, V as kept, 16-bit in a 16-bit job (act_type). */
-static const void *qkv_in(const mt_gpt *m, const block_acts *a) {
-  return half_acts(m) ? (const void *)a->qkv_h : (const void *)a->qkv;
-}
-
-/* The attention projection's input: the attention output as kept, 16-bit
- * in a 16-bit job (act_type). */
-static const void *atty_in(const mt_gpt *m, const block_acts *a) {
-  return half_acts(m) ? (const void *)a->atty_h : (const void *)a->atty;
+/* The bias of block l at `which`, as a GEMM writing `ot` adds it: the fp32
+ * vector, or for a 16-bit output its place in the 16-bit working copy,
+ * which holds the same values (mt_gpt_round_weights). */
+static const void *bias_for(const mt_gpt *m, int l, int which, mt_dtype ot) {
+  return ot == MT_F32 ? (const void *)P(m, l, which) : M(m, l, which);
 }
 
 /* In a 16-bit job: x (n floats) = what keep stored in h. */
@@ -624,7 +603,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
   mt_dtype wt = m->wtype, at = act_type(m);
-  size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
+  size_t NC = (size_t)N * C;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
@@ -634,13 +613,10 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))); this
    * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
   layernorm(m, p, l, MT_P_LN1_W, in);
-  ops->linear_fwd(d, a->qkv, p->ln, at, M(m, l, MT_P_QKV_W), wt, P(m, l, MT_P_QKV_B), m->cvt, N, C,
-                  3 * t.Cl);
-  keep_copy(m, a->qkv_h, a->qkv, 3 * NCl);
-  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, qkv_in(m, a), at, B, T, t.Cl, t.NHl,
-                     attn_drop);
-  keep_copy(m, a->atty_h, a->atty, NCl);
-  ops->linear_fwd(d, p->branch, atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt,
+  ops->linear_fwd(d, a->qkv, at, p->ln, at, M(m, l, MT_P_QKV_W), wt, bias_for(m, l, MT_P_QKV_B, at),
+                  m->cvt, N, C, 3 * t.Cl);
+  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, at, B, T, t.Cl, t.NHl, attn_drop);
+  ops->linear_fwd(d, p->branch, MT_F32, a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
   if (rc) return rc;
@@ -649,19 +625,11 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
    * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM
-   * epilogue, except in a 16-bit job, whose GeLU takes the rounded fch that
-   * the backward will see */
+   * epilogue (of the unrounded sum in a 16-bit job) */
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
-  if (half_acts(m)) {
-    ops->linear_fwd(d, a->fch, p->ln, at, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B), m->cvt, N, C,
-                    4 * t.Cl);
-    keep(m, a->fch_h, a->fch, 4 * NCl);
-    ops->gelu_fwd(d, p->gelu, at, a->fch, 4 * NCl);
-  } else {
-    ops->linear_gelu_fwd(d, p->gelu, a->fch, p->ln, at, M(m, l, MT_P_FC_W), wt, P(m, l, MT_P_FC_B),
-                         m->cvt, N, C, 4 * t.Cl);
-  }
-  ops->linear_fwd(d, p->branch, p->gelu, at, M(m, l, MT_P_FCPROJ_W), wt,
+  ops->linear_gelu_fwd(d, p->gelu, a->fch, at, p->ln, at, M(m, l, MT_P_FC_W), wt,
+                       bias_for(m, l, MT_P_FC_B, at), m->cvt, N, C, 4 * t.Cl);
+  ops->linear_fwd(d, p->branch, MT_F32, p->gelu, at, M(m, l, MT_P_FCPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, m->cvt, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
   ops->dropout_residual_fwd(d, out, a->resid2, p->branch, B, (size_t)T * C, drop2);
@@ -696,16 +664,13 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
   da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
-  if (!c->recompute) { /* recomputed, the work buffers hold them already */
-    unkeep(m, a->resid2, a->resid2_h, NC);
-    unkeep(m, a->fch, a->fch_h, 4 * NCl);
-  }
+  if (!c->recompute) unkeep(m, a->resid2, a->resid2_h, NC); /* recomputed, it is there */
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
    * GPUs the GeLU gradient is c_proj's GEMM epilogue */
   const float *dbranch = branch_grad(m, p, drop2);
-  ops->gelu_fwd(d, p->gelu, at, a->fch, (size_t)N * 4 * t.Cl);
+  ops->gelu_fwd(d, p->gelu, at, a->fch, at, (size_t)N * 4 * t.Cl);
   ops->linear_bwd_dgelu(d, p->dfch2, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
                         dbranch, p->gelu, at, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N,
                         4 * t.Cl, C);
@@ -721,11 +686,11 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   /* attention branch; d(in) = dres + LayerNorm path */
   dbranch = branch_grad(m, p, drop1);
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
-  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch,
-                  atty_in(m, a), at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
+                  at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
   mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
-  ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, atty_in(m, a), qkv_in(m, a), at, a->lse,
-                     B, T, t.Cl, t.NHl, attn_drop);
+  ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T, t.Cl,
+                     t.NHl, attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN1_W, in);
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln, at,
@@ -814,8 +779,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   ops->layernorm_fwd(d, p->lnf, act_type(m), p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
                      W(m, m->i_lnf + 1), N, C, c->ln_eps);
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype, NULL,
-                  m->cvt, N, C, Vl);
+  ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype,
+                  NULL, m->cvt, N, C, Vl);
   m->last_loss = 0.0f;
   if (targets && tp > 1) {
     /* vocabulary-parallel cross-entropy: the max, the sum of exponentials

@@ -210,10 +210,13 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
 
 /* sgemm takes fp32: a 16-bit weight matrix and a 16-bit input are unpacked
  * whole into cvt (the weights first, the input after them), and the GEMM is
- * then the one fp32 copies of the same values get, bit for bit. */
+ * then the one fp32 copies of the same values get, bit for bit. A 16-bit
+ * output (only with a 16-bit input) is summed after them in fp32 and then
+ * rounded: the bits of an fp32 output rounded by to_half. */
 static size_t linear_scratch(mt_device *d, int N, int C, int OC, mt_dtype it, mt_dtype wt) {
   (void)d;
   size_t floats = (wt == MT_F32 ? 0 : (size_t)OC * C) + (it == MT_F32 ? 0 : (size_t)N * C);
+  if (it != MT_F32) floats += (size_t)N * OC;
   return floats * sizeof(float);
 }
 
@@ -239,19 +242,36 @@ static const float *input_f32(mt_device *d, const void *inp, mt_dtype it, mt_dty
 }
 
 /* The bias is written first and the GEMM accumulates onto it (beta = 1 also
- * spares OpenBLAS its own pass that zeroes C for beta = 0). */
-static void linear_fwd(mt_device *d, float *out, const void *xv, mt_dtype it, const void *wv,
-                       mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
+ * spares OpenBLAS its own pass that zeroes C for beta = 0). A 16-bit output
+ * is summed in cvt after the unpacked operands, then rounded row by row. */
+static void linear_fwd(mt_device *d, void *outv, mt_dtype ot, const void *xv, mt_dtype it,
+                       const void *wv, mt_dtype wt, const void *biasv, void *cvt, int N, int C,
+                       int OC) {
   const float *w = weights_f32(d, wv, wt, cvt, C, OC);
   const float *inp = input_f32(d, xv, it, wt, cvt, N, C, OC);
+  float *out = ot == MT_F32 ? (float *)outv
+                            : (float *)cvt + (wt == MT_F32 ? 0 : (size_t)OC * C) + (size_t)N * C;
   float beta = 0.0f;
-  if (bias) {
+  if (biasv) {
+    float bias16[PACK_TILE];
+    const float *bias = (const float *)biasv;
+    if (ot != MT_F32) /* the 16-bit copy of an fp32 vector that holds the same values */
+      for (int o0 = 0; o0 < OC; o0 += PACK_TILE) {
+        int k = OC - o0 < PACK_TILE ? OC - o0 : PACK_TILE;
+        unpack_row(bias16, (const uint16_t *)biasv + o0, (size_t)k, ot);
+        for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC + o0, bias16, k * sizeof(float));
+      }
+    else
 #pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * OC >= PAR_MIN) schedule(static)
-    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float));
+      for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float));
     beta = 1.0f;
   }
   mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, N, OC, C, 1.0f, inp, C, w, C, beta,
            out, OC);
+  if (ot == MT_F32) return;
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)N * OC >= PAR_MIN) schedule(static)
+  for (int n = 0; n < N; n++)
+    pack_row((uint16_t *)outv + (size_t)n * OC, out + (size_t)n * OC, (size_t)OC, ot == MT_F16);
 }
 
 /* dbias(OC) += column sums of dout(N,OC): channel slices per thread, summed
@@ -340,21 +360,23 @@ static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int
 /* Per thread, attention keeps two blocks of ATT_RB rows by T columns in the
  * caller's scratch: the scores and probabilities of a block of query rows,
  * and in the backward pass their gradient beside them. After them, for a
- * 16-bit qkv, the thread's head unpacked to fp32 (att_head_floats). */
+ * 16-bit qkv, the thread's head unpacked to fp32 and its output before it
+ * is rounded (att_head_floats). */
 static size_t att_block_floats(int T) { return (size_t)(T < ATT_RB ? T : ATT_RB) * (size_t)T; }
 
-/* One head's Q, K, V as fp32: T rows of q, k, v side by side (row stride
- * 3 HS). */
-static size_t att_head_floats(int T, int C, int NH) { return (size_t)T * 3 * (size_t)(C / NH); }
-
-/* A thread's part of the scratch: two blocks, then the unpacked head. */
-static size_t att_slot_floats(int T, int C, int NH) {
-  return 2 * att_block_floats(T) + att_head_floats(T, C, NH);
+/* A 16-bit qkv's head as fp32: T rows of q, k, v side by side (row stride
+ * 3 HS), then the head's output (T rows of HS). */
+static size_t att_head_floats(int T, int C, int NH, mt_dtype qt) {
+  return qt == MT_F32 ? 0 : (size_t)T * 4 * (size_t)(C / NH);
 }
 
-/* Counts the unpacked head whatever qkv's type will be: it does not know. */
-static size_t attention_scratch(mt_device *d, int T, int C, int NH) {
-  return (size_t)nthreads(d) * att_slot_floats(T, C, NH);
+/* A thread's part of the scratch: two blocks, then the unpacked head. */
+static size_t att_slot_floats(int T, int C, int NH, mt_dtype qt) {
+  return 2 * att_block_floats(T) + att_head_floats(T, C, NH, qt);
+}
+
+static size_t attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
+  return (size_t)nthreads(d) * att_slot_floats(T, C, NH, qt);
 }
 
 /* Q, K, V of one (b, h) pair as fp32, each at its row 0, row stride ld. */
@@ -398,10 +420,10 @@ static void att_scores(float *p, const float *Q, const float *K, int ld, int r0,
 }
 
 /* One (b, h) pair. qkv holds its head (see att_head), o points at row 0 of
- * the head in out (row stride C), lse at the pair's T entries; blk holds one
- * block (ATT_RB rows, ld T). */
-static void attention_fwd_head(float *o, float *lse, float *blk, att_head qkv, int T, int C, int HS,
-                               int h, uint64_t sample, const mt_dropout *drop) {
+ * the head's output (row stride ldo), lse at the pair's T entries; blk
+ * holds one block (ATT_RB rows, ld T). */
+static void attention_fwd_head(float *o, int ldo, float *lse, float *blk, att_head qkv, int T,
+                               int HS, int h, uint64_t sample, const mt_dropout *drop) {
   int ld = qkv.ld;
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
     int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
@@ -425,10 +447,10 @@ static void attention_fwd_head(float *o, float *lse, float *blk, att_head qkv, i
       memset(row + t + 1, 0, (size_t)(r1 - t - 1) * sizeof(float));
       lse[t] = mx + logf(sum);
     }
-    float *ob = o + (size_t)r0 * C;
+    float *ob = o + (size_t)r0 * ldo;
     if (!drop) { // out[r0:r1] = P[r0:r1, 0:r1] · V[0:r1]
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, r1, 1.0f, blk, T,
-               qkv.v, ld, 0.0f, ob, C);
+               qkv.v, ld, 0.0f, ob, ldo);
       continue;
     }
     float tile[ATT_RB * ATT_CB];
@@ -436,23 +458,31 @@ static void attention_fwd_head(float *o, float *lse, float *blk, att_head qkv, i
       int cw = r1 - c0 < ATT_CB ? r1 - c0 : ATT_CB;
       dropout_tile(tile, blk, T, rb, c0, cw, r0, h, sample, drop);
       mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, rb, HS, cw, 1.0f, tile, cw,
-               qkv.v + (size_t)c0 * ld, ld, c0 ? 1.0f : 0.0f, ob, C);
+               qkv.v + (size_t)c0 * ld, ld, c0 ? 1.0f : 0.0f, ob, ldo);
     }
   }
 }
 
-static void attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const void *qkv,
+/* A 16-bit qkv's head writes its output in fp32 after the unpacked head,
+ * then rounds it into out row by row. */
+static void attention_fwd(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
                           mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop) {
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
-  size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH);
+  size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH, qt);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
       float *mine = scratch + slot * omp_get_thread_num();
+      size_t off = (size_t)b * T * C + (size_t)h * HS;
       att_head a = att_head_of(mine + 2 * blk, qkv, qt, b, h, T, C, HS);
-      attention_fwd_head(out + (size_t)b * T * C + (size_t)h * HS, lse + ((size_t)b * NH + h) * T,
-                         mine, a, T, C, HS, h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
+      float *o = qt == MT_F32 ? (float *)out + off : mine + 2 * blk + (size_t)T * 3 * HS;
+      attention_fwd_head(o, qt == MT_F32 ? C : HS, lse + ((size_t)b * NH + h) * T, mine, a, T, HS,
+                         h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
+      if (qt == MT_F32) continue;
+      for (int t = 0; t < T; t++)
+        pack_row((uint16_t *)out + off + (size_t)t * C, o + (size_t)t * HS, (size_t)HS,
+                 qt == MT_F16);
     }
   }
 }
@@ -539,7 +569,7 @@ static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float
   (void)out;
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
-  size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH);
+  size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH, qt);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
@@ -564,42 +594,63 @@ static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float
  * stack, one loop for both (packing inside the GeLU loop kept GCC from
  * vectorising tanhf: twice the time). Tiles start at fixed offsets, so the
  * vector tanhf covers the same elements whatever the thread count. */
-static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n) {
+static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_dtype it, size_t n) {
 #pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
   for (size_t i0 = 0; i0 < n; i0 += PACK_TILE) {
-    float tile[PACK_TILE];
+    float tile[PACK_TILE], in[PACK_TILE];
     float *o = ot == MT_F32 ? (float *)out + i0 : tile;
     size_t m = n - i0 < PACK_TILE ? n - i0 : PACK_TILE;
+    const float *x = (const float *)inp + i0;
+    if (it != MT_F32) {
+      unpack_row(in, (const uint16_t *)inp + i0, m, it);
+      x = in;
+    }
 #pragma omp simd
-    for (size_t i = 0; i < m; i++) o[i] = mt_gelu(inp[i0 + i]);
+    for (size_t i = 0; i < m; i++) o[i] = mt_gelu(x[i]);
     if (ot != MT_F32) pack_row((uint16_t *)out + i0, tile, m, ot == MT_F16);
   }
 }
 
-static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n) {
-#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static, EW_CHUNK)
-  for (size_t i = 0; i < n; i++) dinp[i] += mt_gelu_grad(inp[i]) * dout[i];
+/* By fixed chunks, one loop for either input type: a 16-bit input is
+ * unpacked a chunk at a time onto the stack, and each element takes the
+ * same vector lane of the same code as an fp32 one holding its value. */
+static void gelu_bwd(mt_device *d, float *dinp, const void *inp, mt_dtype it, const float *dout,
+                     size_t n) {
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i0 = 0; i0 < n; i0 += EW_CHUNK) {
+    float tile[EW_CHUNK];
+    size_t m = n - i0 < EW_CHUNK ? n - i0 : EW_CHUNK;
+    const float *x = (const float *)inp + i0;
+    if (it != MT_F32) {
+      unpack_row(tile, (const uint16_t *)inp + i0, m, it);
+      x = tile;
+    }
+    float *g = dinp + i0;
+    const float *y = dout + i0;
+#pragma omp simd
+    for (size_t i = 0; i < m; i++) g[i] += mt_gelu_grad(x[i]) * y[i];
+  }
 }
 
 /* No epilogue to fuse into here: the two ops, so the values are theirs bit
  * for bit. */
-static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const void *inp, mt_dtype it,
-                            const void *w, mt_dtype wt, const float *bias, void *cvt, int N, int C,
-                            int OC) {
-  linear_fwd(d, pre, inp, it, w, wt, bias, cvt, N, C, OC);
-  gelu_fwd(d, out, MT_F32, pre, (size_t)N * OC);
+static void linear_gelu_fwd(mt_device *d, void *out, void *pre, mt_dtype ot, const void *inp,
+                            mt_dtype it, const void *w, mt_dtype wt, const void *bias, void *cvt,
+                            int N, int C, int OC) {
+  linear_fwd(d, pre, ot, inp, it, w, wt, bias, cvt, N, C, OC);
+  gelu_fwd(d, out, ot, pre, ot, (size_t)N * OC);
 }
 
 /* The two ops, each into a zeroed buffer as the model called them before
  * this op existed, so the values are theirs bit for bit. */
 static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const void *inp, mt_dtype it, const float *pre,
+                             const float *dout, const void *inp, mt_dtype it, const void *pre,
                              const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
   size_t n = (size_t)N * C;
   memset(scratch, 0, n * sizeof(float));
   linear_bwd(d, scratch, dw, dbias, dout, inp, it, w, wt, cvt, N, C, OC);
   memset(dpre, 0, n * sizeof(float));
-  gelu_bwd(d, dpre, pre, scratch, n);
+  gelu_bwd(d, dpre, pre, it, scratch, n);
 }
 
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {

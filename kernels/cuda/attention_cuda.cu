@@ -50,15 +50,15 @@ static void att_chunk(int T, int NH, int *rc, int *hc) {
   *hc = h < 1 ? 1 : h > (size_t)NH ? NH : (int)h;
 }
 
-/* The chunks' two tensors, and at least one sample's rows for the flash
- * kernel's backward (flash_cuda.cu), which goes by as many samples as fit. */
-size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH) {
+/* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
+ * (flash_cuda.cu) one sample's rows, as many samples at a time as fit. */
+size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
   (void)d, (void)C;
   int rc, hc;
   if (T < 1 || NH < 1) return 1;
+  if (qt != MT_F32) return (size_t)NH * T;
   att_chunk(T, NH, &rc, &hc);
-  size_t chunks = 2 * (size_t)hc * rc * T, rows = (size_t)NH * T;
-  return chunks > rows ? chunks : rows;
+  return 2 * (size_t)hc * rc * T;
 }
 
 /* Row (hh, i) of a chunk: the softmax over columns 0..t of the scaled scores
@@ -180,12 +180,13 @@ static void chunk_dropout(mt_device *d, float *dst, const float *P, const chunk 
   mt__cuda_check(d, "attention dropout");
 }
 
-void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const void *qkv_,
+void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch, const void *qkv_,
                             mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop) {
   if (qt != MT_F32) {
-    mt__cuda_flash_fwd(d, out, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop);
+    mt__cuda_flash_fwd(d, (uint16_t *)out_, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop);
     return;
   }
+  float *out = (float *)out_;
   const float *qkv = (const float *)qkv_;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || C < 1 || NH < 1) return;
@@ -219,7 +220,7 @@ void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const flo
                             const void *out, const void *qkv_, mt_dtype qt, const float *lse, int B,
                             int T, int C, int NH, const mt_dropout *drop) {
   if (qt != MT_F32) {
-    mt__cuda_flash_bwd(d, dqkv, scratch, mt__cuda_attention_scratch(d, T, C, NH), dout,
+    mt__cuda_flash_bwd(d, dqkv, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
                        (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse, B, T, C, NH, drop);
     return;
   }

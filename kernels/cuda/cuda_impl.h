@@ -79,40 +79,41 @@ typedef struct mt__gemm {
   const void *B;
   int ldb;
   long long sB;
-  float *D;
+  void *D;
   int ldd;
   long long sD;
   float alpha, beta;
-  const float *bias; /* (m) or NULL */
+  const void *bias; /* (m) or NULL, stored as dt (cuBLASLt's rule) */
   mt_dtype at = MT_F32, bt = MT_F32;
+  mt_dtype dt = MT_F32; /* D's type: fp32, or at's 16-bit type when at == bt */
 } mt__gemm;
 void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g);
 /* The same GEMM through cuBLASLt alone, with its GeLU epilogue: D =
- * gelu(result) and aux = result (bias included), aux laid out as D (m×n, ld
- * ldd). 1 when queued; 0 when cuBLASLt cannot (ldd not a multiple of 8,
- * batch > 1, no algorithm, or empty): then nothing was queued or recorded
- * and the caller runs the GEMM and the GeLU itself. */
-int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux);
+ * gelu(result) and aux = result (bias included), aux laid out and stored as
+ * D (m×n, ld ldd, type dt). 1 when queued; 0 when cuBLASLt cannot (ldd not
+ * a multiple of 8, batch > 1, no algorithm, or empty): then nothing was
+ * queued or recorded and the caller runs the GEMM and the GeLU itself. */
+int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, void *aux);
 /* The same GEMM through cuBLASLt alone, with its GeLU-gradient epilogue
  * (DGELU): D = gelu'(aux) ⊙ (alpha · op(A) · op(B)), aux the GeLU's input as
- * mt__cuda_gemm_gelu kept it, laid out as D. beta must be 0 (cuBLASLt does
+ * mt__cuda_gemm_gelu kept it, laid out and stored as D. beta must be 0 (cuBLASLt does
  * not document whether beta · D joins before or after gelu') and bias NULL.
  * 1 when queued; 0 when cuBLASLt cannot, as there. */
-int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const float *aux);
+int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const void *aux);
 
 /* attention_cuda.cu: the ops.h attention ops */
-void mt__cuda_attention_fwd(mt_device *d, float *out, float *lse, float *scratch, const void *qkv,
+void mt__cuda_attention_fwd(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
                             mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
 void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
                             const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
                             int T, int C, int NH, const mt_dropout *drop);
-size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH);
+size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt);
 
 /* flash_cuda.cu: the attention of a 16-bit qkv (qt MT_BF16 or MT_F16), one
  * fused kernel per pass on the tensor cores. The backward needs B·NH·T
  * floats of scratch at most (it goes by groups of samples otherwise). A
  * head size over MT_FLASH_MAX_HS (ops.h) records an error on d. */
-void mt__cuda_flash_fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, mt_dtype qt,
+void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
                         int B, int T, int C, int NH, const mt_dropout *drop);
 void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratch_floats,
                         const float *dout, const uint16_t *out, const uint16_t *qkv, mt_dtype qt,

@@ -10,6 +10,7 @@
 
 #include "cuda_backend.h"
 #include "cuda_impl.h"
+#include "half.h"
 
 extern "C" {
 #include "err.h"
@@ -225,7 +226,7 @@ static uint32_t alignment(const void *p, int ld, long long stride, int batch, ui
 enum { GELU_NONE, GELU_FWD, GELU_BWD };
 
 typedef struct {
-  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, gelu, ct, at, bt;
+  int dev, transa, transb, m, n, k, batch, lda, ldb, ldd, bias, gelu, ct, at, bt, dt;
   long long sA, sB, sD;
   uint32_t align[5]; /* A, B, D, bias, GeLU aux */
 } gemm_key;
@@ -242,9 +243,11 @@ static thread_local int algo_clock;
 static int key_equal(const gemm_key *a, const gemm_key *b) { return !memcmp(a, b, sizeof *a); }
 
 /* cuBLASLt; 0 when it has no algorithm for this shape or fails. gelu: one
- * of the GeLU epilogues above, aux its matrix, laid out as D. */
+ * of the GeLU epilogues above, aux its matrix, laid out and stored as D;
+ * the bias is stored as D too (the types cuBLASLt's epilogues default to,
+ * and outside fp8 the only ones it takes). */
 static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, int gelu,
-                   const float *aux, const char **why) {
+                   const void *aux, const char **why) {
   cublasLtMatmulDesc_t op = NULL;
   cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
   cublasLtMatmulPreference_t pref = NULL;
@@ -270,14 +273,14 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, int g
   key.transa = g->transa, key.transb = g->transb, key.m = g->m, key.n = g->n, key.k = g->k;
   key.batch = g->batch, key.lda = g->lda, key.ldb = g->ldb, key.ldd = g->ldd;
   key.bias = g->bias != NULL, key.gelu = gelu, key.ct = (int)ct;
-  key.at = (int)g->at, key.bt = (int)g->bt;
+  key.at = (int)g->at, key.bt = (int)g->bt, key.dt = (int)g->dt;
   key.sA = g->batch > 1 ? g->sA : 0, key.sB = g->batch > 1 ? g->sB : 0;
   key.sD = g->batch > 1 ? g->sD : 0;
   key.align[0] = alignment(g->A, g->lda, g->sA, g->batch, type_bytes(g->at));
   key.align[1] = alignment(g->B, g->ldb, g->sB, g->batch, type_bytes(g->bt));
-  key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch, 4);
-  key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1, 4) : 0;
-  key.align[4] = gelu ? alignment(aux, 0, 0, 1, 4) : 0; /* ldd is in the key */
+  key.align[2] = alignment(g->D, g->ldd, g->sD, g->batch, type_bytes(g->dt));
+  key.align[3] = g->bias ? alignment(g->bias, 0, 0, 1, type_bytes(g->dt)) : 0;
+  key.align[4] = gelu ? alignment(aux, 0, 0, 1, type_bytes(g->dt)) : 0; /* ldd is in the key */
   algo_entry *hit = NULL;
   for (int i = 0; i < ALGO_CACHE; i++)
     if (algo_cache[i].used && key_equal(&algo_cache[i].key, &key)) hit = &algo_cache[i];
@@ -318,7 +321,7 @@ static int gemm_lt(mt__cuda *c, cublasComputeType_t ct, const mt__gemm *g, int g
   LT(cublasLtMatrixLayoutCreate(&lb, data_type(g->bt), g->transb ? g->n : g->k,
                                 g->transb ? g->k : g->n, g->ldb),
      "layout B");
-  LT(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, g->m, g->n, g->ldd), "layout D");
+  LT(cublasLtMatrixLayoutCreate(&ld, data_type(g->dt), g->m, g->n, g->ldd), "layout D");
   if (g->batch > 1) {
     int32_t bc = g->batch;
     int64_t s[3] = {g->sA, g->sB, g->sD};
@@ -382,15 +385,25 @@ done:
 #undef LT
 }
 
-/* D(m,n) column-major = beta·D + bias broadcast along columns: the bias that
- * cuBLAS's fallback cannot fuse, written before a GEMM with beta = 1. */
-static __global__ void k_bias_fill(float *D, const float *bias, int m, int n, int ldd, float beta) {
+/* D(m,n) column-major = beta·D + bias broadcast along columns, D and the
+ * bias stored as dt: the bias that cuBLAS's fallback cannot fuse, written
+ * before a GEMM with beta = 1 (a 16-bit D then rounds twice, where
+ * cuBLASLt's epilogue rounds once). */
+static __global__ void k_bias_fill(void *D, const void *bias, mt_dtype dt, int m, int n, int ldd,
+                                   float beta) {
   size_t total = (size_t)m * n;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x) {
-    size_t col = i / (size_t)m, row = i % (size_t)m;
-    float *p = D + col * (size_t)ldd + row;
-    *p = (beta == 0.0f ? 0.0f : beta * *p) + bias[row];
+    size_t col = i / (size_t)m, row = i % (size_t)m, at = col * (size_t)ldd + row;
+    if (dt == MT_F32) {
+      float *p = (float *)D + at;
+      *p = (beta == 0.0f ? 0.0f : beta * *p) + ((const float *)bias)[row];
+    } else {
+      int fp16 = dt == MT_F16;
+      uint16_t *p = (uint16_t *)D + at;
+      float b = mt_half_unpack(((const uint16_t *)bias)[row], fp16);
+      *p = mt_half_pack((beta == 0.0f ? 0.0f : beta * mt_half_unpack(*p, fp16)) + b, fp16);
+    }
   }
 }
 
@@ -404,14 +417,14 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   float beta = g->beta;
   if (g->bias) {
     MT_LAUNCH(k_bias_fill, mt__cuda_blocks((size_t)g->m * g->n, 256), 256, c->stream)
-    (g->D, g->bias, g->m, g->n, g->ldd, beta);
+    (g->D, g->bias, g->dt, g->m, g->n, g->ldd, beta);
     mt__cuda_check(d, what);
     beta = 1.0f;
   }
   cublasStatus_t st = cublasGemmStridedBatchedEx(
       c->blas, g->transa ? CUBLAS_OP_T : CUBLAS_OP_N, g->transb ? CUBLAS_OP_T : CUBLAS_OP_N, g->m,
       g->n, g->k, &g->alpha, g->A, data_type(g->at), g->lda, g->sA, g->B, data_type(g->bt), g->ldb,
-      g->sB, &beta, g->D, CUDA_R_32F, g->ldd, g->sD, g->batch, ct, CUBLAS_GEMM_DEFAULT);
+      g->sB, &beta, g->D, data_type(g->dt), g->ldd, g->sD, g->batch, ct, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS) {
     char detail[320];
     snprintf(detail, sizeof detail, "m=%d n=%d k=%d batch=%d: cuBLASLt: %s; cuBLAS: %s", g->m, g->n,
@@ -423,7 +436,7 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
 /* Either GeLU epilogue; 0 (and a debug line, once per device thread: it is
  * the same every layer) when cuBLASLt cannot. */
 static int gemm_gelu_epilogue(mt_device *d, const char *what, const mt__gemm *g, int gelu,
-                              const float *aux) {
+                              const void *aux) {
   if (g->m <= 0 || g->n <= 0 || g->k <= 0 || g->batch <= 0) return 0;
   mt__cuda *c = mt__cuda_enter(d);
   const char *why = NULL;
@@ -439,10 +452,10 @@ static int gemm_gelu_epilogue(mt_device *d, const char *what, const mt__gemm *g,
   return 0;
 }
 
-int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, float *aux) {
+int mt__cuda_gemm_gelu(mt_device *d, const char *what, const mt__gemm *g, void *aux) {
   return gemm_gelu_epilogue(d, what, g, GELU_FWD, aux);
 }
 
-int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const float *aux) {
+int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const void *aux) {
   return gemm_gelu_epilogue(d, what, g, GELU_BWD, aux);
 }

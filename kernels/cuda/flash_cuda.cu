@@ -155,11 +155,21 @@ static __device__ void warp_accumulate(wmma::fragment<wmma::accumulator, 16, 16,
   }
 }
 
+/* One output value: added to or written into a float, or rounded into a
+ * 16-bit one (bf16, or binary16 when fp16) */
+static __device__ __forceinline__ void put_out(float *o, float v, int add, int) {
+  *o = add ? *o + v : v;
+}
+static __device__ __forceinline__ void put_out(uint16_t *o, float v, int, int fp16) {
+  *o = mt_half_pack(v, fp16);
+}
+
 /* A warp's D/16 accumulators, rows row0.. of the head (16 of them, those
  * under T), written (ADD: added) into dst (row 0 of the head, row stride
- * ld) through the staging st (16 × LDO(D) floats). */
-template <int D, int ADD>
-static __device__ void warp_rows_out(float *dst, size_t ld, float *st,
+ * ld; floats, or 16-bit values of FP16's type, written) through the staging
+ * st (16 × LDO(D) floats). */
+template <int D, int ADD, int FP16 = 0, class O = float>
+static __device__ void warp_rows_out(O *dst, size_t ld, float *st,
                                      wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
                                      int row0, int T, int HS) {
   int lane = threadIdx.x % 32;
@@ -169,8 +179,7 @@ static __device__ void warp_rows_out(float *dst, size_t ld, float *st,
   for (int i = lane; i < 16 * HS; i += 32) {
     int r = i / HS, c = i % HS;
     if (row0 + r >= T) continue;
-    float *o = dst + (size_t)(row0 + r) * ld + c;
-    *o = ADD ? *o + st[r * LDO(D) + c] : st[r * LDO(D) + c];
+    put_out(dst + (size_t)(row0 + r) * ld + c, st[r * LDO(D) + c], ADD, FP16);
   }
   __syncwarp();
 }
@@ -184,7 +193,7 @@ static __device__ __forceinline__ float drop_scale(float p, uint64_t key, uint64
 
 /* grid (query tiles, NH, B), 32·W threads */
 template <int FP16, int D, int W>
-static __global__ void k_flash_fwd(float *out, float *lse, const uint16_t *qkv, int T, int C,
+static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C,
                                    int NH, float scale, float p, uint64_t key, uint64_t sample0,
                                    uint32_t head0) {
   const int R = 16 * W;
@@ -250,8 +259,8 @@ static __global__ void k_flash_fwd(float *out, float *lse, const uint16_t *qkv, 
     warp_accumulate<FP16, D, W>(o, Pw, Vs);
   }
   __syncthreads(); /* Qs and Ks become the output's staging */
-  warp_rows_out<D, 0>(out + (size_t)b * T * C + (size_t)h * HS, C,
-                      (float *)smem + warp * 16 * LDO(D), o, q0 + 16 * warp, T, HS);
+  warp_rows_out<D, 0, FP16>(out + (size_t)b * T * C + (size_t)h * HS, C,
+                            (float *)smem + warp * 16 * LDO(D), o, q0 + 16 * warp, T, HS);
 }
 
 /* dv[(b, h, t)] (rows of the group b0.., (Bg, NH, T)) = Σ_c dout·out over
@@ -454,12 +463,12 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
 
 /* The kernels of one (FP16, D, W), launched with the shared memory they take. */
 template <int FP16, int D, int W> struct flash {
-  static void fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, int B, int T, int C,
+  static void fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C,
                   int NH, float scale, const mt_dropout *drop) {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = fwd_smem(D, W);
-    void (*flash_fwd)(float *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
+    void (*flash_fwd)(uint16_t *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
                       uint64_t, uint32_t) = k_flash_fwd<FP16, D, W>;
     cudaFuncSetAttribute(flash_fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)B), 32 * W,
@@ -505,7 +514,7 @@ static int flash_fits(mt_device *d, const char *what, int HS) {
   return 0;
 }
 
-void mt__cuda_flash_fwd(mt_device *d, float *out, float *lse, const uint16_t *qkv, mt_dtype qt,
+void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
                         int B, int T, int C, int NH, const mt_dropout *drop) {
   int HS = C / NH, fp16 = qt == MT_F16;
   if (drop && drop->p == 0.0f) drop = NULL;

@@ -157,6 +157,12 @@ static __device__ inline void store_act(void *out, mt_dtype ot, size_t i, float 
     ((uint16_t *)out)[i] = mt_half_pack(v, ot == MT_F16);
 }
 
+/* Element i of an activation stored as it, as the float it holds */
+static __device__ inline float load_act(const void *inp, mt_dtype it, size_t i) {
+  if (it == MT_F32) return ((const float *)inp)[i];
+  return mt_half_unpack(((const uint16_t *)inp)[i], it == MT_F16);
+}
+
 /* One block per row: the mean, then the centred variance (two passes, as the
  * CPU backend), then the normalised write. */
 static __global__ void k_layernorm_fwd(void *out, mt_dtype ot, float *mean, float *rstd,
@@ -252,12 +258,13 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
 
 /* ---- element-wise ------------------------------------------------------- */
 
-static __global__ void k_gelu_fwd(void *out, mt_dtype ot, const float *inp, size_t n) {
-  GRID_STRIDE(i, n) store_act(out, ot, i, mt_gelu(inp[i]));
+static __global__ void k_gelu_fwd(void *out, mt_dtype ot, const void *inp, mt_dtype it, size_t n) {
+  GRID_STRIDE(i, n) store_act(out, ot, i, mt_gelu(load_act(inp, it, i)));
 }
 
-static __global__ void k_gelu_bwd(float *dinp, const float *inp, const float *dout, size_t n) {
-  GRID_STRIDE(i, n) dinp[i] += mt_gelu_grad(inp[i]) * dout[i];
+static __global__ void k_gelu_bwd(float *dinp, const void *inp, mt_dtype it, const float *dout,
+                                  size_t n) {
+  GRID_STRIDE(i, n) dinp[i] += mt_gelu_grad(load_act(inp, it, i)) * dout[i];
 }
 
 static __global__ void k_residual(float *out, const float *a, const float *b, size_t n) {
@@ -270,12 +277,13 @@ static __global__ void k_add(float *dst, const float *src, size_t n) {
 
 static __global__ void k_scale(float *x, float s, size_t n) { GRID_STRIDE(i, n) x[i] *= s; }
 
-static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const float *inp, size_t n) {
-  if (n) LAUNCH_EW(d, "gelu_fwd", k_gelu_fwd, n, out, ot, inp, n);
+static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_dtype it, size_t n) {
+  if (n) LAUNCH_EW(d, "gelu_fwd", k_gelu_fwd, n, out, ot, inp, it, n);
 }
 
-static void gelu_bwd(mt_device *d, float *dinp, const float *inp, const float *dout, size_t n) {
-  if (n) LAUNCH_EW(d, "gelu_bwd", k_gelu_bwd, n, dinp, inp, dout, n);
+static void gelu_bwd(mt_device *d, float *dinp, const void *inp, mt_dtype it, const float *dout,
+                     size_t n) {
+  if (n) LAUNCH_EW(d, "gelu_bwd", k_gelu_bwd, n, dinp, inp, it, dout, n);
 }
 
 /* n floats of p zeroed on d's stream; a failure becomes the device's error */
@@ -413,22 +421,35 @@ static const char *dtype_name(mt_dtype t) {
   return t == MT_BF16 ? "bf16" : t == MT_F16 ? "fp16" : "fp32";
 }
 
-/* 1 when ops.h allows the pair; else the device's error, and 0 */
-static int lin_types_ok(mt_device *d, const char *what, mt_dtype it, mt_dtype wt) {
-  if (lin_types_valid(it, wt)) return 1;
-  char detail[128];
-  snprintf(detail, sizeof detail, "a %s input with %s weights (ops.h: fp32, or the weights' type)",
-           dtype_name(it), dtype_name(wt));
+/* 1 when ops.h allows the types (ot MT_F32, or wt's from an input of
+ * wt's type); else the device's error, and 0 */
+static int lin_types_ok(mt_device *d, const char *what, mt_dtype ot, mt_dtype it, mt_dtype wt) {
+  if (lin_types_valid(it, wt) && (ot == MT_F32 || (ot == wt && it == wt))) return 1;
+  char detail[192];
+  if (!lin_types_valid(it, wt))
+    snprintf(detail, sizeof detail,
+             "a %s input with %s weights (ops.h: fp32, or the weights' type)", dtype_name(it),
+             dtype_name(wt));
+  else
+    snprintf(detail, sizeof detail,
+             "a %s output from a %s input with %s weights (ops.h: fp32, or the weights' type "
+             "from an input of that type)",
+             dtype_name(ot), dtype_name(it), dtype_name(wt));
   mt__cuda_fail(d, what, detail);
   return 0;
+}
+
+/* Element off of a tensor stored as t */
+static const void *at_elem(const void *p, mt_dtype t, size_t off) {
+  return (const char *)p + off * (t == MT_F32 ? 4 : 2);
 }
 
 static int min_int(int a, int b) { return a < b ? a : b; }
 
 /* g as it is; or, with gelu_out, through cuBLASLt's GeLU epilogue: gelu_out
- * = gelu(result) and g->D = the result (its aux matrix, laid out as D). 1
- * when the epilogue ran, 0 when the caller still owes the GeLU. */
-static int fwd_gemm(mt_device *d, const char *what, const mt__gemm *g, float *gelu_out) {
+ * = gelu(result) and g->D = the result (its aux matrix, laid out and stored
+ * as D). 1 when the epilogue ran, 0 when the caller still owes the GeLU. */
+static int fwd_gemm(mt_device *d, const char *what, const mt__gemm *g, void *gelu_out) {
   if (gelu_out) {
     mt__gemm e = *g;
     e.D = gelu_out;
@@ -442,66 +463,70 @@ static int fwd_gemm(mt_device *d, const char *what, const mt__gemm *g, float *ge
  * Row-major (N,C)·(OC,C)ᵀ is column-major outᵀ(OC,N) = w(C,OC)ᵀ · inpᵀ(C,N):
  * A = w transposed, B = inp, the bias as the epilogue's. A block of inp's
  * rows is a block of outᵀ's columns; a block of w's rows, of outᵀ's rows.
- * The GeLU epilogue's aux ld is OC, which must be a multiple of 8 (its
- * rule); where cuBLASLt cannot, a plain GEMM and then gelu_fwd over all of
- * out. cuBLASLt's GeLU is the tanh form, mt_gelu's formula, evaluated by its
- * own code: close to k_gelu_fwd, not bit for bit (test_cuda_ops allows for
- * it). */
-static void linear_forward(mt_device *d, const char *what, float *out, float *gelu_out,
+ * A 16-bit output (ot, from a 16-bit input: the one-GEMM case) is the
+ * GEMM's D, rounded by its epilogue, the GeLU's aux too. The GeLU
+ * epilogue's aux ld is OC, which must be a multiple of 8 (its rule); where
+ * cuBLASLt cannot, a plain GEMM and then gelu_fwd over all of out.
+ * cuBLASLt's GeLU is the tanh form, mt_gelu's formula, evaluated by its own
+ * code on the unrounded sum: close to k_gelu_fwd, not bit for bit
+ * (test_cuda_ops allows for it). */
+static void linear_forward(mt_device *d, const char *what, void *out, void *gelu_out, mt_dtype ot,
                            const void *inp, mt_dtype it, const void *w, mt_dtype wt,
-                           const float *bias, void *cvt, int N, int C, int OC) {
-  if (!lin_types_ok(d, what, it, wt)) return;
+                           const void *bias, void *cvt, int N, int C, int OC) {
+  if (!lin_types_ok(d, what, ot, it, wt)) return;
   lin_plan p = lin_plan_of(d, N, C, OC, it, wt);
   int fused = 1;
   if (it == wt) { /* both fp32, or both 16-bit: one GEMM of the operands as stored */
     mt__gemm g = {1, 0, OC, N, C, 1, w, C, 0, inp, C, 0, out, OC, 0, 1.0f, 0.0f, bias};
-    g.at = wt, g.bt = it;
+    g.at = wt, g.bt = it, g.dt = ot;
     fused = fwd_gemm(d, what, &g, gelu_out);
   } else if (p.path == LIN_NATIVE) {
     uint16_t *x = (uint16_t *)cvt;
     for (int r0 = 0; r0 < N; r0 += p.fwd_rows) {
       int rn = min_int(p.fwd_rows, N - r0);
       to_half(d, x, (const float *)inp + (size_t)r0 * C, (size_t)rn * C, wt == MT_F16);
-      float *o = out + (size_t)r0 * OC;
+      float *o = (float *)out + (size_t)r0 * OC;
       mt__gemm g = {1, 0, OC, rn, C, 1, w, C, 0, x, C, 0, o, OC, 0, 1.0f, 0.0f, bias};
       g.at = g.bt = wt;
-      fused &= fwd_gemm(d, what, &g, gelu_out ? gelu_out + (size_t)r0 * OC : NULL);
+      fused &= fwd_gemm(d, what, &g, gelu_out ? (float *)gelu_out + (size_t)r0 * OC : NULL);
     }
   } else {
     float *wf = (float *)cvt;
     for (int o0 = 0; o0 < OC; o0 += p.w_rows) {
       int on = min_int(p.w_rows, OC - o0);
       unpack_half(d, wf, (const uint16_t *)w + (size_t)o0 * C, (size_t)on * C, wt == MT_F16);
-      const float *b = bias ? bias + o0 : NULL;
-      mt__gemm g = {1, 0, on, N, C, 1, wf, C, 0, inp, C, 0, out + o0, OC, 0, 1.0f, 0.0f, b};
-      fused &= fwd_gemm(d, what, &g, gelu_out ? gelu_out + o0 : NULL);
+      const float *b = bias ? (const float *)bias + o0 : NULL;
+      float *o = (float *)out + o0;
+      mt__gemm g = {1, 0, on, N, C, 1, wf, C, 0, inp, C, 0, o, OC, 0, 1.0f, 0.0f, b};
+      fused &= fwd_gemm(d, what, &g, gelu_out ? (float *)gelu_out + o0 : NULL);
     }
   }
-  if (gelu_out && !fused) gelu_fwd(d, gelu_out, MT_F32, out, (size_t)N * OC);
+  if (gelu_out && !fused) gelu_fwd(d, gelu_out, ot, out, ot, (size_t)N * OC);
 }
 
 /* The dinp GEMM g, added to g->D (beta 1); or, with pre, linear_bwd_dgelu's:
  * g->D = dpre = gelu'(pre) ⊙ the result, through cuBLASLt's DGELU epilogue
  * (beta 0, pre its aux matrix: ld C, which must be a multiple of 8), or where
  * it cannot, the result into scratch and gelu_bwd from it, as on the CPU.
- * pre, scratch and g->D: n floats laid out alike. cuBLASLt's gelu' is its
- * own code: close to k_gelu_bwd, not bit for bit (test_cuda_ops allows for
- * it). */
-static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const float *pre, float *scratch,
-                      size_t n) {
+ * pre (stored as pt), scratch and g->D: n values laid out alike. The
+ * epilogue's aux has D's type, fp32 here, so a 16-bit pre takes the two
+ * steps. cuBLASLt's gelu' is its own code: close to k_gelu_bwd, not bit
+ * for bit (test_cuda_ops allows for it). */
+static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const void *pre, mt_dtype pt,
+                      float *scratch, size_t n) {
   if (!pre) {
     mt__cuda_gemm(d, what, g);
     return;
   }
-  float *dpre = g->D;
+  float *dpre = (float *)g->D;
   g->beta = 0.0f;
-  if (mt__cuda_gemm_dgelu(d, what, g, pre)) return;
+  if (pt == MT_F32 && mt__cuda_gemm_dgelu(d, what, g, pre)) return;
   zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
   g->D = scratch;
   g->beta = 1.0f;
   mt__cuda_gemm(d, what, g);
   zero_floats(d, dpre, n, "linear_bwd_dgelu: zero dpre");
-  gelu_bwd(d, dpre, pre, scratch, n);
+  gelu_bwd(d, dpre, pre, pt, scratch, n);
 }
 
 /* linear_bwd; with pre, linear_bwd_dgelu (dinp is then dpre). Column-major:
@@ -509,11 +534,11 @@ static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const float *
  * A block of rows is a block of dinpᵀ's columns and a part of dw's sum; a
  * block of w's rows is a part of dinp's sum, so GeLU's gradient waits for
  * the last of them. dbias sums the fp32 dout. */
-static void linear_backward(mt_device *d, const char *what, float *dinp, const float *pre,
+static void linear_backward(mt_device *d, const char *what, float *dinp, const void *pre,
                             float *scratch, float *dw, float *dbias, const float *dout,
                             const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt,
                             int N, int C, int OC) {
-  if (!lin_types_ok(d, pre ? "linear_bwd_dgelu" : "linear_bwd", it, wt)) return;
+  if (!lin_types_ok(d, pre ? "linear_bwd_dgelu" : "linear_bwd", MT_F32, it, wt)) return;
   lin_plan p = lin_plan_of(d, N, C, OC, it, wt);
   if (p.path == LIN_NATIVE) {
     uint16_t *x = (uint16_t *)cvt, *dy = (uint16_t *)((char *)cvt + p.grad_off);
@@ -530,7 +555,8 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
       if (dinp) {
         mt__gemm g = {0, 0, C, rn, OC, 1, w, C, 0, dy, OC, 0, dinp + off, C, 0, 1.0f, 1.0f, NULL};
         g.at = g.bt = wt;
-        dinp_gemm(d, what, &g, pre ? pre + off : NULL, scratch ? scratch + off : NULL, n);
+        dinp_gemm(d, what, &g, pre ? at_elem(pre, it, off) : NULL, it,
+                  scratch ? scratch + off : NULL, n);
       }
       mt__gemm g = {0, 1, C, OC, rn, 1, xb, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
       g.at = g.bt = wt;
@@ -545,7 +571,7 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
         wa = cvt;
       }
       mt__gemm g = {0, 0, C, N, OC, 1, wa, C, 0, dout, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
-      dinp_gemm(d, what, &g, pre, scratch, n);
+      dinp_gemm(d, what, &g, pre, it, scratch, n);
     } else if (dinp) {
       float *acc = pre ? scratch : dinp, *wf = (float *)cvt;
       if (pre) zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
@@ -557,7 +583,7 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
       }
       if (pre) {
         zero_floats(d, dinp, n, "linear_bwd_dgelu: zero dpre");
-        gelu_bwd(d, dinp, pre, scratch, n);
+        gelu_bwd(d, dinp, pre, it, scratch, n);
       }
     }
     if (it == MT_F32) {
@@ -581,15 +607,16 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const f
   }
 }
 
-static void linear_fwd(mt_device *d, float *out, const void *inp, mt_dtype it, const void *w,
-                       mt_dtype wt, const float *bias, void *cvt, int N, int C, int OC) {
-  linear_forward(d, "linear_fwd", out, NULL, inp, it, w, wt, bias, cvt, N, C, OC);
+static void linear_fwd(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_dtype it,
+                       const void *w, mt_dtype wt, const void *bias, void *cvt, int N, int C,
+                       int OC) {
+  linear_forward(d, "linear_fwd", out, NULL, ot, inp, it, w, wt, bias, cvt, N, C, OC);
 }
 
-static void linear_gelu_fwd(mt_device *d, float *out, float *pre, const void *inp, mt_dtype it,
-                            const void *w, mt_dtype wt, const float *bias, void *cvt, int N, int C,
-                            int OC) {
-  linear_forward(d, "linear_gelu_fwd", pre, out, inp, it, w, wt, bias, cvt, N, C, OC);
+static void linear_gelu_fwd(mt_device *d, void *out, void *pre, mt_dtype ot, const void *inp,
+                            mt_dtype it, const void *w, mt_dtype wt, const void *bias, void *cvt,
+                            int N, int C, int OC) {
+  linear_forward(d, "linear_gelu_fwd", pre, out, ot, inp, it, w, wt, bias, cvt, N, C, OC);
 }
 
 static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
@@ -600,7 +627,7 @@ static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const
 }
 
 static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const void *inp, mt_dtype it, const float *pre,
+                             const float *dout, const void *inp, mt_dtype it, const void *pre,
                              const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
   linear_backward(d, "linear_bwd_dgelu", dpre, pre, scratch, dw, dbias, dout, inp, it, w, wt, cvt,
                   N, C, OC);

@@ -299,6 +299,30 @@ static void check_typed(const char *op, const char *what, const void *got, const
   check_that(op, label("%s %s = cpu where fp32 is", what, h16), split == 0, detail);
 }
 
+/* A GEMM's 16-bit output (ot): on the emulator, which sums each dot
+ * product once whatever D's type, check_typed's (the bits of its own fp32
+ * output, rounded); on a GPU, whose 16-bit and fp32 GEMMs may be different
+ * kernels summing in different orders, the values within tol and one
+ * 16-bit rounding of the CPU's. */
+static void check_gemm_typed(const char *op, const char *what, const void *got,
+                             const uint16_t *want, const float *got32, const float *want32,
+                             size_t n, mt_dtype ot, double tol) {
+#ifdef MT_CUDA_EMU
+  (void)tol;
+  check_typed(op, what, got, want, got32, want32, n, ot);
+#else
+  (void)got32, (void)want32;
+  uint16_t *gb = back16(got, n);
+  float *gv = halloc(n * sizeof(float)), *cv = halloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) {
+    gv[i] = mt_half_unpack(gb[i], ot == MT_F16);
+    cv[i] = mt_half_unpack(want[i], ot == MT_F16);
+  }
+  check(op, label("%s %s vs cpu", what, ot == MT_F16 ? "fp16" : "bf16"), gv, cv, n,
+        tol + half_tol(ot));
+#endif
+}
+
 /* Each backend's conversion scratch for linear ops of this shape (for the
  * GPU's d->matmul now): the CPU's on the host, the GPU's poisoned; NULL
  * where a backend needs none. */
@@ -495,25 +519,41 @@ static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt
   char pn[48];
   snprintf(pn, sizeof pn, "%s %s %s", prec_name(p), wt_name(wt), it_name(it));
   float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
-        *b = H((size_t)OC, -1, 1);
-  const void *hw, *hx;
+        *b = round_to(H((size_t)OC, -1, 1), (size_t)OC, it); /* a 16-bit output's bias holds them */
+  const void *hw, *hx, *hb16;
   void *dw = stored(w, (size_t)OC * C, wt, &hw), *dx = stored(x, (size_t)N * C, it, &hx);
-  void *ccvt, *gcvt;
+  void *ccvt, *gcvt, *db16 = stored(b, (size_t)OC, it, &hb16);
   float *db = Df(b, (size_t)OC);
   linear_scratch_pair(N, C, OC, it, wt, &ccvt, &gcvt);
+  size_t no = (size_t)N * OC;
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
-    float *co = halloc((size_t)N * OC * sizeof(float)), *go = DN((size_t)N * OC);
-    cpu.ops->linear_fwd(&cpu, co, hx, it, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
+    const char *tag = label("%s N=%d C=%d OC=%d %s", pn, N, C, OC, with_bias ? "bias" : "no bias");
+    float *co = halloc(no * sizeof(float)), *go = DN(no);
+    cpu.ops->linear_fwd(&cpu, co, MT_F32, hx, it, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
-    gpu.ops->linear_fwd(&gpu, go, dx, it, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
-    check("linear_fwd",
-          label("%s N=%d C=%d OC=%d %s", pn, N, C, OC, with_bias ? "bias" : "no bias"),
-          back(go, (size_t)N * OC), co, (size_t)N * OC, tol);
+    gpu.ops->linear_fwd(&gpu, go, MT_F32, dx, it, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
+    float *go32 = back(go, no);
+    check("linear_fwd", tag, go32, co, no, tol);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
     check_path("linear_fwd", label("%s path", pn), fwd_path_ok(t, it, wt, p), t);
+#endif
+    if (it == MT_F32) continue;
+    /* a 16-bit input's output in its type, as a 16-bit job's qkv and fch */
+    uint16_t *ch = halloc(no * sizeof(uint16_t));
+    void *gh = DP(no * sizeof(uint16_t));
+    cpu.ops->linear_fwd(&cpu, ch, it, hx, it, hw, wt, with_bias ? hb16 : NULL, ccvt, N, C, OC);
+#ifdef MT_CUDA_EMU
+    gemms_since();
+#endif
+    gpu.ops->linear_fwd(&gpu, gh, it, dx, it, dw, wt, with_bias ? db16 : NULL, gcvt, N, C, OC);
+    check_gemm_typed("linear_fwd", label("%s out", tag), gh, ch, go32, co, no, it, tol);
+#ifdef MT_CUDA_EMU
+    t = gemms_since();
+    check_path("linear_fwd", label("%s 16-bit out: one 16-bit GEMM", pn),
+               t.gemms == 1 && t.half == 1 && t.conv == 0, t);
 #endif
   }
   float *dout = H((size_t)N * OC, -1, 1), *gdout = Df(dout, (size_t)N * OC);
@@ -544,20 +584,23 @@ static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt
 }
 
 /* linear_gelu_fwd: out and pre, both poisoned, against the CPU's (linear_fwd
- * then gelu_fwd there). On the emulator also its path: cuBLASLt GEMMs with
- * the GeLU epilogue when OC (the aux ld) is a multiple of 8 and cuBLASLt is
- * on, else GEMMs (cuBLASLt's bias epilogue or cuBLAS) and the GeLU kernel;
- * the GEMMs and conversions of linear_fwd (fwd_path_ok). */
+ * then gelu_fwd there); with a 16-bit input, also both in its type (the
+ * epilogue's GeLU is of the unrounded sum, the CPU's of the rounded pre:
+ * the GeLU epilogue's tolerance and a rounding apart). On the emulator also
+ * its path: cuBLASLt GEMMs with the GeLU epilogue when OC (the aux ld) is a
+ * multiple of 8 and cuBLASLt is on, else GEMMs (cuBLASLt's bias epilogue or
+ * cuBLAS) and the GeLU kernel; the GEMMs and conversions of linear_fwd
+ * (fwd_path_ok). */
 static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt,
                              mt_dtype it) {
   gpu.matmul = p;
   double tol = prec_tol(p), tol_out = tol > GELU_EPILOGUE_TOL ? tol : GELU_EPILOGUE_TOL;
   size_t no = (size_t)N * OC;
   float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f),
-        *b = H((size_t)OC, -1, 1);
-  const void *hw, *hx;
+        *b = round_to(H((size_t)OC, -1, 1), (size_t)OC, it);
+  const void *hw, *hx, *hb16;
   void *dw = stored(w, (size_t)OC * C, wt, &hw), *dx = stored(x, (size_t)N * C, it, &hx);
-  void *ccvt, *gcvt;
+  void *ccvt, *gcvt, *db16 = stored(b, (size_t)OC, it, &hb16);
   float *db = Df(b, (size_t)OC);
   linear_scratch_pair(N, C, OC, it, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
@@ -565,18 +608,47 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
                             N, C, OC, with_bias ? "bias" : "no bias");
     float *co = halloc(no * sizeof(float)), *cp = halloc(no * sizeof(float));
     float *go = DN(no), *gp = DN(no);
-    cpu.ops->linear_gelu_fwd(&cpu, co, cp, hx, it, hw, wt, with_bias ? b : NULL, ccvt, N, C, OC);
+    cpu.ops->linear_gelu_fwd(&cpu, co, cp, MT_F32, hx, it, hw, wt, with_bias ? b : NULL, ccvt, N, C,
+                             OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
-    gpu.ops->linear_gelu_fwd(&gpu, go, gp, dx, it, dw, wt, with_bias ? db : NULL, gcvt, N, C, OC);
+    gpu.ops->linear_gelu_fwd(&gpu, go, gp, MT_F32, dx, it, dw, wt, with_bias ? db : NULL, gcvt, N,
+                             C, OC);
     check("linear_gelu_fwd", label("%s out", tag), back(go, no), co, no, tol_out);
-    check("linear_gelu_fwd", label("%s pre", tag), back(gp, no), cp, no, tol);
+    float *gp32 = back(gp, no);
+    check("linear_gelu_fwd", label("%s pre", tag), gp32, cp, no, tol);
+    int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
+    (void)fused; /* the path checks are the emulator's */
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
-    int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
     int ok = fwd_path_ok(t, it, wt, p) && t.gelu == (fused ? t.gemms : 0) && t.dgelu == 0;
     check_path("linear_gelu_fwd", fused ? "path: GeLU epilogue" : "path: GEMM, GeLU kernel", ok, t);
+#endif
+    if (it == MT_F32) continue;
+    uint16_t *cho = halloc(no * sizeof(uint16_t)), *chp = halloc(no * sizeof(uint16_t));
+    void *gho = DP(no * sizeof(uint16_t)), *ghp = DP(no * sizeof(uint16_t));
+    cpu.ops->linear_gelu_fwd(&cpu, cho, chp, it, hx, it, hw, wt, with_bias ? hb16 : NULL, ccvt, N,
+                             C, OC);
+#ifdef MT_CUDA_EMU
+    gemms_since();
+#endif
+    gpu.ops->linear_gelu_fwd(&gpu, gho, ghp, it, dx, it, dw, wt, with_bias ? db16 : NULL, gcvt, N,
+                             C, OC);
+    check_gemm_typed("linear_gelu_fwd", label("%s pre", tag), ghp, chp, gp32, cp, no, it, tol);
+    uint16_t *gob = back16(gho, no);
+    float *gv = halloc(no * sizeof(float)), *cv = halloc(no * sizeof(float));
+    for (size_t i = 0; i < no; i++) {
+      gv[i] = mt_half_unpack(gob[i], it == MT_F16);
+      cv[i] = mt_half_unpack(cho[i], it == MT_F16);
+    }
+    check("linear_gelu_fwd", label("%s out %s vs cpu", tag, wt_name(it)), gv, cv, no,
+          tol_out + half_tol(it));
+#ifdef MT_CUDA_EMU
+    t = gemms_since();
+    ok = t.gemms == 1 && t.half == 1 && t.conv == 0 && t.gelu == (fused ? 1 : 0);
+    check_path("linear_gelu_fwd", fused ? "16-bit out: GeLU epilogue" : "16-bit out: GeLU kernel",
+               ok, t);
 #endif
   }
   gpu.matmul = MT_MATMUL_FP32;
@@ -585,12 +657,13 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
 
 /* linear_bwd_dgelu: dpre poisoned (it is written), dw and dbias accumulating
  * from the same random values on both, scratch NaN, against the CPU's
- * (linear_bwd then gelu_bwd there). inp stored as it, pre fp32. On the
+ * (linear_bwd then gelu_bwd there). inp and pre stored as it. On the
  * emulator also its path: dinp GEMMs with the DGELU epilogue when C (the
- * aux ld) is a multiple of 8 and cuBLASLt is on, else plain ones and the
- * GeLU-gradient kernel; the GEMMs and conversions of linear_bwd
- * (bwd_path_ok). Unpacked 16-bit weights take the epilogue only when the
- * dinp GEMM is one (with several, gelu' waits for the whole sum). */
+ * aux ld) is a multiple of 8, cuBLASLt is on and pre is fp32 (the aux has
+ * D's type), else plain ones and the GeLU-gradient kernel; the GEMMs and
+ * conversions of linear_bwd (bwd_path_ok). Unpacked 16-bit weights take
+ * the epilogue only when the dinp GEMM is one (with several, gelu' waits
+ * for the whole sum). */
 static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt,
                                   mt_dtype it) {
   gpu.matmul = p;
@@ -598,9 +671,10 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
   /* pre over GeLU's bend, where gelu' goes from 0 through negative to 1 */
   float *pre = H(ni, -3, 3), *inp = H(ni, -1, 1), *w = H(nw, -0.5f, 0.5f), *dout = H(no, -1, 1);
-  const void *hw, *hx;
+  const void *hw, *hx, *hpre;
   void *gw = stored(w, nw, wt, &hw), *ginp = stored(inp, ni, it, &hx), *ccvt, *gcvt;
-  float *gpre = Df(pre, ni), *gdout = Df(dout, no);
+  void *gpre = stored(pre, ni, it, &hpre);
+  float *gdout = Df(dout, no);
   linear_scratch_pair(N, C, OC, it, wt, &ccvt, &gcvt);
   for (int with_bias = 1; with_bias >= 0; with_bias--) {
     const char *tag = label("%s %s %s N=%d C=%d OC=%d %s", prec_name(p), wt_name(wt), it_name(it),
@@ -608,8 +682,8 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
     float *cdpre = halloc(ni * sizeof(float)), *cscratch = halloc(ni * sizeof(float));
     float *cdw = H(nw, -1, 1), *cdb = H((size_t)OC, -1, 1);
     float *gdw = Df(cdw, nw), *gdb = Df(cdb, (size_t)OC), *gdpre = DN(ni), *gscratch = DN(ni);
-    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, hx, it, pre,
-                              hw, wt, ccvt, N, C, OC);
+    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, hx, it,
+                              hpre, hw, wt, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
@@ -622,7 +696,7 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
       check("linear_bwd_dgelu", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
-    int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
+    int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && it == MT_F32;
     int native = native_16(wt, p);
     long dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
     long want = fused && (native || dinp_gemms == 1) ? dinp_gemms : 0;
@@ -673,20 +747,27 @@ static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const c
 #endif
   size_t ni = (size_t)N * C, no = (size_t)N * OC, nw = (size_t)OC * C;
   float *b = Df(H((size_t)OC, -1, 1), (size_t)OC);
-  float *dout = Df(H(no, -1, 1), no), *pre = Df(H(ni, -3, 3), ni);
+  /* GeLU's input, stored as each call's input: the values of its 16-bit
+   * type where either is 16-bit */
+  mt_dtype t16 = ca->it != MT_F32 ? ca->it : cb->it;
+  float *pre = round_to(H(ni, -3, 3), ni, t16), *dout = Df(H(no, -1, 1), no);
+  const void *host;
+  void *prea = stored(pre, ni, ca->it, &host), *preb = stored(pre, ni, cb->it, &host);
   const char *eq = label("%s = %s", bname, aname), *near = label("%s ~ %s", bname, aname);
 
   float *oa = DN(no), *ob = DN(no);
-  gpu.ops->linear_fwd(&gpu, oa, ca->inp, ca->it, ca->w, ca->wt, b, ca->cvt, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, oa, MT_F32, ca->inp, ca->it, ca->w, ca->wt, b, ca->cvt, N, C, OC);
   B_CALL_STARTS();
-  gpu.ops->linear_fwd(&gpu, ob, cb->inp, cb->it, cb->w, cb->wt, b, cb->cvt, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, ob, MT_F32, cb->inp, cb->it, cb->w, cb->wt, b, cb->cvt, N, C, OC);
   B_CALL_ENDS("linear_fwd");
   check("linear_fwd", label("%s, %s", eq, tag), back(ob, no), back(oa, no), no, same);
 
   float *ga = DN(no), *pa = DN(no), *gb = DN(no), *pb = DN(no);
-  gpu.ops->linear_gelu_fwd(&gpu, ga, pa, ca->inp, ca->it, ca->w, ca->wt, b, ca->cvt, N, C, OC);
+  gpu.ops->linear_gelu_fwd(&gpu, ga, pa, MT_F32, ca->inp, ca->it, ca->w, ca->wt, b, ca->cvt, N, C,
+                           OC);
   B_CALL_STARTS();
-  gpu.ops->linear_gelu_fwd(&gpu, gb, pb, cb->inp, cb->it, cb->w, cb->wt, b, cb->cvt, N, C, OC);
+  gpu.ops->linear_gelu_fwd(&gpu, gb, pb, MT_F32, cb->inp, cb->it, cb->w, cb->wt, b, cb->cvt, N, C,
+                           OC);
   B_CALL_ENDS("linear_gelu_fwd");
   check("linear_gelu_fwd", label("%s: out", eq), back(gb, no), back(ga, no), no, same);
   check("linear_gelu_fwd", label("%s: pre", eq), back(pb, no), back(pa, no), no, same);
@@ -706,10 +787,10 @@ static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const c
 
   float *ea = DN(ni), *eb = DN(ni), *sa = DN(ni), *sb = DN(ni);
   dwa = Df(hw0, nw), dwb = Df(hw0, nw);
-  gpu.ops->linear_bwd_dgelu(&gpu, ea, sa, dwa, NULL, dout, ca->inp, ca->it, pre, ca->w, ca->wt,
+  gpu.ops->linear_bwd_dgelu(&gpu, ea, sa, dwa, NULL, dout, ca->inp, ca->it, prea, ca->w, ca->wt,
                             ca->cvt, N, C, OC);
   B_CALL_STARTS();
-  gpu.ops->linear_bwd_dgelu(&gpu, eb, sb, dwb, NULL, dout, cb->inp, cb->it, pre, cb->w, cb->wt,
+  gpu.ops->linear_bwd_dgelu(&gpu, eb, sb, dwb, NULL, dout, cb->inp, cb->it, preb, cb->w, cb->wt,
                             cb->cvt, N, C, OC);
   B_CALL_ENDS("linear_bwd_dgelu");
   check("linear_bwd_dgelu", label("%s: dpre", eq), back(eb, ni), back(ea, ni), ni, same);
@@ -777,7 +858,7 @@ static void test_linear_blocks(int N, int C, int OC, mt_matmul_precision p, mt_d
   snprintf(tag, sizeof tag, "%s %s %s N=%d C=%d OC=%d blocks", prec_name(p), wt_name(wt),
            it_name(it), N, C, OC);
   gemms_since();
-  gpu.ops->linear_fwd(&gpu, DN(no), x, it, w, wt, NULL, cvt, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, DN(no), MT_F32, x, it, w, wt, NULL, cvt, N, C, OC);
   gemm_tally t = gemms_since();
   check_path("linear_fwd", tag, fwd_path_ok(t, it, wt, p) && (it != MT_F32 || t.gemms > 1), t);
   gpu.ops->linear_bwd(&gpu, DN(ni), DN(nw), NULL, dout, x, it, w, wt, cvt, N, C, OC);
@@ -789,9 +870,9 @@ static void test_linear_blocks(int N, int C, int OC, mt_matmul_precision p, mt_d
 }
 #endif
 
-/* An input neither fp32 nor of the weights' type has no GEMM (ops.h rules
- * it out): the op leaves its outputs alone and the next sync reports it,
- * naming the types. */
+/* An input neither fp32 nor of the weights' type has no GEMM, nor has a
+ * 16-bit output from an fp32 input (ops.h rules them out): the op leaves
+ * its outputs alone and the next sync reports it, naming the types. */
 static void test_linear_bad_types(void) {
   static const mt_dtype pairs[][2] = {{MT_BF16, MT_F16}, {MT_F16, MT_BF16}, {MT_BF16, MT_F32}};
   int N = 9, C = 16, OC = 8;
@@ -802,12 +883,21 @@ static void test_linear_bad_types(void) {
     mt_dtype it = pairs[k][0], wt = pairs[k][1];
     const char *what = label("%s, %s", it_name(it), wt_name(wt));
     float *out = Df(out0, no), *dw = Df(dw0, nw);
-    gpu.ops->linear_fwd(&gpu, out, x, it, w, wt, NULL, cvt, N, C, OC);
+    gpu.ops->linear_fwd(&gpu, out, MT_F32, x, it, w, wt, NULL, cvt, N, C, OC);
     int rc = mt_device_sync(&gpu);
     int named = rc && strstr(mt_errmsg(), "linear_fwd") &&
                 strstr(mt_errmsg(), it == MT_BF16 ? "bf16 input" : "fp16 input");
     check_that("linear_fwd", label("%s: an error", what), named, rc ? mt_errmsg() : "no error");
     check("linear_fwd", label("%s: out left alone", what), back(out, no), out0, no, 0.0);
+    if (wt != MT_F32) { /* a 16-bit output from an fp32 input */
+      gpu.ops->linear_fwd(&gpu, out, wt, x, MT_F32, w, wt, NULL, cvt, N, C, OC);
+      rc = mt_device_sync(&gpu);
+      named = rc && strstr(mt_errmsg(), wt == MT_BF16 ? "bf16 output" : "fp16 output");
+      check_that("linear_fwd", label("%s output, fp32 in: an error", wt_name(wt)), named,
+                 rc ? mt_errmsg() : "no error");
+      check("linear_fwd", label("%s output: out left alone", wt_name(wt)), back(out, no), out0,
+            no / 2, 0.0);
+    }
     gpu.ops->linear_bwd(&gpu, NULL, dw, NULL, out, x, it, w, wt, cvt, N, C, OC);
     rc = mt_device_sync(&gpu);
     check_that("linear_bwd", label("%s: an error", what), rc != 0, rc ? mt_errmsg() : "no error");
@@ -876,8 +966,8 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   double tol = prec_tol(p);
   int B = s.B, T = s.T, C = s.C, NH = s.NH;
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
-  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH);
-  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH);
+  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH, MT_F32);
+  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, MT_F32);
   mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
   const char *tag =
@@ -902,15 +992,16 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
 }
 
 /* A 16-bit qkv (a bf16 or fp16 job's): the GPU's flash kernels against the
- * CPU's fp32 attention of the same values. The flash kernels also round the
- * probabilities, dout and the scores' gradient to qt, so the tolerance is
- * the 16-bit one. The backward's out is the CPU's forward output rounded,
+ * CPU's attention of the same values, each backend with exactly the scratch
+ * it asks for qt. The flash kernels also round the probabilities, dout and
+ * the scores' gradient to qt, so the tolerance is the 16-bit one. out is
+ * written in qt by both (poisoned first); the backward's out is the CPU's,
  * as a job keeps it. */
 static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   int B = s.B, T = s.T, C = s.C, NH = s.NH, fp16 = qt == MT_F16;
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
-  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH);
-  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH);
+  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH, qt);
+  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, qt);
   mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
   const char *tag = label("%s B=%d T=%d HS=%d NH=%d%s", fp16 ? "fp16" : "bf16", B, T, C / NH, NH,
@@ -922,25 +1013,29 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
     qkv[i] = mt_half_unpack(qh[i], fp16);
   }
   void *gqkv = D(qh, nq * sizeof(uint16_t));
+  uint16_t *oh = halloc(no * sizeof(uint16_t));
   float *co = halloc(no * sizeof(float)), *cl = halloc(nl * sizeof(float));
   float *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
-  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, MT_F32, B, T, C, NH, dp);
-  float *go = DN(no), *gl = DN(nl);
+  cpu.ops->attention_fwd(&cpu, oh, cl, cs, qh, qt, B, T, C, NH, dp);
+  for (size_t i = 0; i < no; i++) co[i] = mt_half_unpack(oh[i], fp16);
+  void *go = DP(no * sizeof(uint16_t));
+  float *gl = DN(nl);
 #ifdef MT_CUDA_EMU
   long flash0 = mt_emu_launch_count("flash_fwd");
 #endif
   gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp);
-  check("attention_fwd", label("%s out", tag), back(go, no), co, no, 1e-2);
+  uint16_t *gob = back16(go, no);
+  float *gv = halloc(no * sizeof(float));
+  for (size_t i = 0; i < no; i++) gv[i] = mt_half_unpack(gob[i], fp16);
+  check("attention_fwd", label("%s out", tag), gv, co, no, 1e-2);
   check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, 1e-2);
 #ifdef MT_CUDA_EMU
   check_that("attention_fwd", label("%s flash kernel", tag),
              mt_emu_launch_count("flash_fwd") == flash0 + 1, "one launch");
 #endif
 
-  uint16_t *oh = halloc(no * sizeof(uint16_t));
-  for (size_t i = 0; i < no; i++) oh[i] = mt_half_pack(co[i], fp16);
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
-  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp);
+  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp);
   gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), D(oh, no * sizeof(uint16_t)), gqkv, qt,
                          Df(cl, nl), B, T, C, NH, dp);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, 1e-2);
@@ -950,21 +1045,33 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
 static void test_elementwise(size_t n) {
   float *x = H(n, -4, 4), *y = H(n, -1, 1), *gx = Df(x, n), *gy = Df(y, n);
   float *c = halloc(n * sizeof(float)), *g = DN(n);
-  cpu.ops->gelu_fwd(&cpu, c, MT_F32, x, n);
-  gpu.ops->gelu_fwd(&gpu, g, MT_F32, gx, n);
+  cpu.ops->gelu_fwd(&cpu, c, MT_F32, x, MT_F32, n);
+  gpu.ops->gelu_fwd(&gpu, g, MT_F32, gx, MT_F32, n);
   float *g32 = back(g, n);
   check("gelu_fwd", label("n=%zu", n), g32, c, n, 1e-5);
   for (int fp16 = 0; fp16 < 2; fp16++) {
     mt_dtype ot = fp16 ? MT_F16 : MT_BF16;
     uint16_t *ch = halloc(n * sizeof(uint16_t));
     void *gh = DP(n * sizeof(uint16_t));
-    cpu.ops->gelu_fwd(&cpu, ch, ot, x, n);
-    gpu.ops->gelu_fwd(&gpu, gh, ot, gx, n);
+    cpu.ops->gelu_fwd(&cpu, ch, ot, x, MT_F32, n);
+    gpu.ops->gelu_fwd(&gpu, gh, ot, gx, MT_F32, n);
     check_typed("gelu_fwd", "out", gh, ch, g32, c, n, ot);
+    /* a 16-bit input (a 16-bit job's fch), both ways */
+    const void *hx;
+    float *xr = round_to(hcopy(x, n), n, ot), *c2 = halloc(n * sizeof(float));
+    void *gxh = stored(xr, n, ot, &hx);
+    float *g2 = DN(n);
+    cpu.ops->gelu_fwd(&cpu, c2, MT_F32, hx, ot, n);
+    gpu.ops->gelu_fwd(&gpu, g2, MT_F32, gxh, ot, n);
+    check("gelu_fwd", label("%s in", fp16 ? "fp16" : "bf16"), back(g2, n), c2, n, 1e-5);
+    float *cd = H(n, -1, 1), *gd = Df(cd, n);
+    cpu.ops->gelu_bwd(&cpu, cd, hx, ot, y, n);
+    gpu.ops->gelu_bwd(&gpu, gd, gxh, ot, gy, n);
+    check("gelu_bwd", label("%s in: dinp (+=)", fp16 ? "fp16" : "bf16"), back(gd, n), cd, n, 1e-5);
   }
   float *cd = H(n, -1, 1), *gd = Df(cd, n);
-  cpu.ops->gelu_bwd(&cpu, cd, x, y, n);
-  gpu.ops->gelu_bwd(&gpu, gd, gx, gy, n);
+  cpu.ops->gelu_bwd(&cpu, cd, x, MT_F32, y, n);
+  gpu.ops->gelu_bwd(&gpu, gd, gx, MT_F32, gy, n);
   check("gelu_bwd", "dinp (+=)", back(gd, n), cd, n, 1e-5);
 
   g = DN(n);

@@ -423,7 +423,8 @@ static void lin_free(lin_case *l) {
 static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias) {
   lin_case l = lin_make(N, C, OC, has_bias);
   float *out = frand((size_t)N * OC, -9, 9);
-  ops->linear_fwd(&dev, out, l.inp, MT_F32, l.w, MT_F32, has_bias ? l.bias : NULL, NULL, N, C, OC);
+  ops->linear_fwd(&dev, out, MT_F32, l.inp, MT_F32, l.w, MT_F32, has_bias ? l.bias : NULL, NULL, N,
+                  C, OC);
   lin_ref(l.out, l.dinp, l.dw, has_bias ? l.dbias : NULL, N, C, OC);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s out", N, C, OC, has_bias ? "yes" : "NULL");
@@ -535,7 +536,8 @@ static void att_free(att_case *a) {
 static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
                                                  const mt_dropout *drop) {
   att_case a = att_make(B, T, C, NH, drop);
-  size_t N = (size_t)B * T, nl = (size_t)B * NH * T, ns = ops->attention_scratch(&dev, T, C, NH);
+  size_t N = (size_t)B * T, nl = (size_t)B * NH * T;
+  size_t ns = ops->attention_scratch(&dev, T, C, NH, MT_F32);
   /* every element must be written; the scratch's contents are undefined */
   float *out = frand(N * C, -9, 9), *lse = frand(nl, -9, 9), *scratch = fzeros(ns);
   ffill(scratch, ns, NAN);
@@ -554,7 +556,7 @@ static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
  * past it), starts as NaN since its contents are undefined */
 static void att_run_bwd(att_case *a, float *dqkv) {
   size_t N = (size_t)a->B * a->T, nl = (size_t)a->B * a->NH * a->T;
-  size_t ns = ops->attention_scratch(&dev, a->T, a->C, a->NH);
+  size_t ns = ops->attention_scratch(&dev, a->T, a->C, a->NH, MT_F32);
   float *out = fzeros(N * a->C), *lse = fzeros(nl), *scratch = fzeros(ns);
   ffill(scratch, ns, NAN);
   ops->attention_fwd(&dev, out, lse, scratch, a->qkv, MT_F32, a->B, a->T, a->C, a->NH, a->drop);
@@ -592,42 +594,48 @@ static void test_attention_bwd_accumulates(const mt_dropout *drop) {
 }
 
 /* A 16-bit qkv (bf16, fp16) is read as the floats it holds: attention_fwd
- * gives the out and lse, and attention_bwd (given out in 16 bits too, as a
- * 16-bit job keeps it) the dqkv, that an fp32 qkv of those values gives,
- * bit for bit. Scratch starts as NaN for every call. */
+ * gives the lse, and out rounded into 16 bits, and attention_bwd (given
+ * that out) the dqkv, that an fp32 qkv of those values gives, bit for bit.
+ * Each call gets exactly the scratch attention_scratch asks for its qkv's
+ * type (ASan sees past it), NaN at the start. */
 static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int NH,
                                                         const mt_dropout *drop) {
   size_t N = (size_t)B * T, nq = N * 3 * C, no = N * C, nl = (size_t)B * NH * T;
-  size_t ns = ops->attention_scratch(&dev, T, C, NH);
+  size_t n32 = ops->attention_scratch(&dev, T, C, NH, MT_F32);
   for (int fp16 = 0; fp16 <= 1; fp16++) {
     mt_dtype qt = fp16 ? MT_F16 : MT_BF16;
+    size_t n16 = ops->attention_scratch(&dev, T, C, NH, qt);
     /* qh the 16 bits, q the floats they hold */
-    float *q = frand(nq, -1.5, 1.5), *dout = frand(no, -1, 1), *scratch = fzeros(ns);
+    float *q = frand(nq, -1.5, 1.5), *dout = frand(no, -1, 1);
+    float *s16 = fzeros(n16), *s32 = fzeros(n32);
     uint16_t *qh = xmalloc(nq * sizeof(uint16_t)), *oh = xmalloc(no * sizeof(uint16_t));
     for (size_t i = 0; i < nq; i++) {
       qh[i] = mt_half_pack(q[i], fp16);
       q[i] = mt_half_unpack(qh[i], fp16);
     }
-    float *o16 = frand(no, -9, 9), *o32 = fzeros(no), *l16 = frand(nl, -9, 9), *l32 = fzeros(nl);
-    ffill(scratch, ns, NAN);
-    ops->attention_fwd(&dev, o16, l16, scratch, qh, qt, B, T, C, NH, drop);
-    ffill(scratch, ns, NAN);
-    ops->attention_fwd(&dev, o32, l32, scratch, q, MT_F32, B, T, C, NH, drop);
+    for (size_t i = 0; i < no; i++) oh[i] = 0x7fc1; /* every value must be written */
+    float *o32 = fzeros(no), *l16 = frand(nl, -9, 9), *l32 = fzeros(nl);
+    ffill(s16, n16, NAN);
+    ops->attention_fwd(&dev, oh, l16, s16, qh, qt, B, T, C, NH, drop);
+    ffill(s32, n32, NAN);
+    ops->attention_fwd(&dev, o32, l32, s32, q, MT_F32, B, T, C, NH, drop);
     char what[96];
     snprintf(what, sizeof what, "%s B=%d T=%d C=%d NH=%d dropout %.2f", fp16 ? "fp16" : "bf16", B,
              T, C, NH, drop ? drop->p : 0.0);
-    report(bits_equal(o16, o32, no) && bits_equal(l16, l32, nl), __func__,
-           "%s attention_fwd out, lse", what);
+    size_t off = 0;
+    for (size_t i = 0; i < no; i++) off += oh[i] != mt_half_pack(o32[i], fp16);
+    report(off == 0 && bits_equal(l16, l32, nl), __func__,
+           "%s attention_fwd lse, and out (%zu of %zu not fp32's rounded)", what, off, no);
 
-    for (size_t i = 0; i < no; i++) oh[i] = mt_half_pack(o32[i], fp16);
+    for (size_t i = 0; i < no; i++) o32[i] = mt_half_unpack(oh[i], fp16);
     float *g16 = frand(nq, -1, 1), *g32 = fcopy(g16, nq); /* accumulated into */
-    ffill(scratch, ns, NAN);
-    ops->attention_bwd(&dev, g16, scratch, dout, oh, qh, qt, l16, B, T, C, NH, drop);
-    ffill(scratch, ns, NAN);
-    ops->attention_bwd(&dev, g32, scratch, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
+    ffill(s16, n16, NAN);
+    ops->attention_bwd(&dev, g16, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop);
+    ffill(s32, n32, NAN);
+    ops->attention_bwd(&dev, g32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
     report(bits_equal(g16, g32, nq), __func__, "%s attention_bwd dqkv", what);
-    free(q), free(dout), free(scratch), free(qh), free(oh);
-    free(o16), free(o32), free(l16), free(l32), free(g16), free(g32);
+    free(q), free(dout), free(s16), free(s32), free(qh), free(oh);
+    free(o32), free(l16), free(l32), free(g16), free(g32);
   }
 }
 
@@ -653,7 +661,7 @@ static double gelu_loss(void *p) {
 static void test_gelu_fwd_matches_reference(size_t n) {
   float *x = frand(n, -5, 5), *out = fzeros(n);
   double *ref = dzeros(n);
-  ops->gelu_fwd(&dev, out, MT_F32, x, n);
+  ops->gelu_fwd(&dev, out, MT_F32, x, MT_F32, n);
   for (size_t i = 0; i < n; i++) ref[i] = gelu_ref(x[i]);
   char what[64];
   snprintf(what, sizeof what, "n=%zu out", n);
@@ -668,9 +676,11 @@ static void test_linear_gelu_fwd_is_linear_then_gelu(int N, int C, int OC, int h
   float *x = frand((size_t)N * C, -1, 1), *w = frand((size_t)OC * C, -0.5, 0.5),
         *b = frand((size_t)OC, -1, 1);
   float *out = frand(n, -9, 9), *pre = frand(n, -9, 9), *want_pre = fzeros(n), *want = fzeros(n);
-  ops->linear_gelu_fwd(&dev, out, pre, x, MT_F32, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
-  ops->linear_fwd(&dev, want_pre, x, MT_F32, w, MT_F32, has_bias ? b : NULL, NULL, N, C, OC);
-  ops->gelu_fwd(&dev, want, MT_F32, want_pre, n);
+  ops->linear_gelu_fwd(&dev, out, pre, MT_F32, x, MT_F32, w, MT_F32, has_bias ? b : NULL, NULL, N,
+                       C, OC);
+  ops->linear_fwd(&dev, want_pre, MT_F32, x, MT_F32, w, MT_F32, has_bias ? b : NULL, NULL, N, C,
+                  OC);
+  ops->gelu_fwd(&dev, want, MT_F32, want_pre, MT_F32, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d bias=%s", N, C, OC, has_bias ? "yes" : "NULL");
   report(bits_equal(pre, want_pre, n), __func__, "%s pre = linear_fwd", what);
@@ -697,7 +707,7 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
                         MT_F32, NULL, N, C, OC);
   ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, MT_F32, w, MT_F32,
                   NULL, N, C, OC);
-  ops->gelu_bwd(&dev, want, pre, want_dfch, n);
+  ops->gelu_bwd(&dev, want, pre, MT_F32, want_dfch, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dbias=%s", N, C, OC, has_bias ? "yes" : "NULL");
   report(bits_equal(dpre, want, n), __func__, "%s dpre = gelu_bwd(linear_bwd)", what);
@@ -708,11 +718,12 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
   free(want_dfch), free(want), free(want_dw), free(want_db);
 }
 
-/* A 16-bit working copy (bf16, fp16) of a matrix and a 16-bit GEMM input
- * are read as the floats they hold: every op that takes them gives the bits
- * fp32 copies of those values give; to_half stores half.h's rounding of
- * each master, and LayerNorm and GeLU writing 16 bits store the rounding of
- * what they write in fp32. */
+/* A 16-bit working copy (bf16, fp16) of a matrix, a 16-bit GEMM input and
+ * a 16-bit GeLU input are read as the floats they hold: every op that takes
+ * them gives the bits fp32 copies of those values give; to_half stores
+ * half.h's rounding of each master, and LayerNorm, GeLU and the forward
+ * GEMMs writing 16 bits store the rounding of what they write in fp32 (the
+ * GEMMs adding the bias's 16-bit copy, which holds the fp32 bias's values). */
 static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
   size_t nw = (size_t)OC * C, ni = (size_t)N * C, no = (size_t)N * OC;
   for (int fp16 = 0; fp16 <= 1; fp16++) {
@@ -728,26 +739,55 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
     }
     report(bad == 0, __func__, "%s to_half: %zu of %zu differ from half.h", name, bad, nw);
     size_t sb = ops->linear_scratch(&dev, N, C, OC, wt, wt);
-    report(sb >= (nw + ni) * sizeof(float) &&
+    report(sb >= (nw + ni + no) * sizeof(float) &&
                ops->linear_scratch(&dev, N, C, OC, MT_F32, MT_F32) == 0,
-           __func__, "%s linear_scratch %zu bytes for %zu weights and %zu inputs, 0 for fp32", name,
-           sb, nw, ni);
+           __func__,
+           "%s linear_scratch %zu bytes for %zu weights, %zu inputs and %zu outputs, 0 for fp32",
+           name, sb, nw, ni, no);
     void *cvt = xmalloc(sb);
     float *x = frand(ni, -1, 1), *b = frand((size_t)OC, -1, 1), *dout = frand(no, -1, 1);
     float *pre = frand(ni, -4, 4);
-    /* the input in 16 bits (xh) and the floats it holds (x itself from here) */
-    uint16_t *xh = xmalloc(ni * sizeof(uint16_t));
+    /* the input, GeLU's input and the bias in 16 bits (xh, preh, bh) and the
+     * floats they hold (x, pre and b themselves from here) */
+    uint16_t *xh = xmalloc(ni * sizeof(uint16_t)), *preh = xmalloc(ni * sizeof(uint16_t));
+    uint16_t *bh = xmalloc((size_t)OC * sizeof(uint16_t));
     ops->to_half(&dev, xh, x, ni, fp16);
+    ops->to_half(&dev, preh, pre, ni, fp16);
+    ops->to_half(&dev, bh, b, (size_t)OC, fp16);
     for (size_t i = 0; i < ni; i++) x[i] = mt_half_unpack(xh[i], fp16);
+    for (size_t i = 0; i < ni; i++) pre[i] = mt_half_unpack(preh[i], fp16);
+    for (int i = 0; i < OC; i++) b[i] = mt_half_unpack(bh[i], fp16);
 
     float *o16 = frand(no, -9, 9), *o32 = fzeros(no), *g16 = frand(no, -9, 9), *g32 = fzeros(no);
-    ops->linear_fwd(&dev, o16, xh, wt, h, wt, b, cvt, N, C, OC);
-    ops->linear_fwd(&dev, o32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
+    ops->linear_fwd(&dev, o16, MT_F32, xh, wt, h, wt, b, cvt, N, C, OC);
+    ops->linear_fwd(&dev, o32, MT_F32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
     report(bits_equal(o16, o32, no), __func__, "%s linear_fwd", name);
-    ops->linear_gelu_fwd(&dev, g16, o16, xh, wt, h, wt, b, cvt, N, C, OC);
-    ops->linear_gelu_fwd(&dev, g32, o32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
+    ops->linear_gelu_fwd(&dev, g16, o16, MT_F32, xh, wt, h, wt, b, cvt, N, C, OC);
+    ops->linear_gelu_fwd(&dev, g32, o32, MT_F32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
     report(bits_equal(g16, g32, no) && bits_equal(o16, o32, no), __func__, "%s linear_gelu_fwd",
            name);
+    /* 16-bit outputs: the fp32 op's, rounded; linear_gelu_fwd's GeLU of
+     * the rounded pre */
+    uint16_t *oh = xmalloc(no * sizeof(uint16_t)), *gh = xmalloc(no * sizeof(uint16_t));
+    size_t roff = 0;
+    ops->linear_fwd(&dev, oh, wt, xh, wt, h, wt, bh, cvt, N, C, OC);
+    for (size_t i = 0; i < no; i++) roff += oh[i] != mt_half_pack(o32[i], fp16);
+    ops->linear_fwd(&dev, oh, wt, xh, wt, h, wt, NULL, cvt, N, C, OC);
+    ops->linear_fwd(&dev, o32, MT_F32, x, MT_F32, w, MT_F32, NULL, NULL, N, C, OC);
+    for (size_t i = 0; i < no; i++) roff += oh[i] != mt_half_pack(o32[i], fp16);
+    ops->linear_gelu_fwd(&dev, gh, oh, wt, xh, wt, h, wt, bh, cvt, N, C, OC);
+    ops->linear_fwd(&dev, o32, MT_F32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
+    for (size_t i = 0; i < no; i++) {
+      roff += oh[i] != mt_half_pack(o32[i], fp16);
+      o32[i] = mt_half_unpack(mt_half_pack(o32[i], fp16), fp16);
+    }
+    ops->gelu_fwd(&dev, g32, MT_F32, o32, MT_F32, no);
+    for (size_t i = 0; i < no; i++) roff += gh[i] != mt_half_pack(g32[i], fp16);
+    report(roff == 0, __func__,
+           "%s linear_fwd and linear_gelu_fwd into %s (bias and none): %zu of %zu values not "
+           "the fp32 op's rounded",
+           name, name, roff, 4 * no);
+    free(oh), free(gh);
 
     float *di16 = frand(ni, -1, 1), *di32 = fcopy(di16, ni), *dw16 = frand(nw, -1, 1),
           *dw32 = fcopy(dw16, nw), *db16 = frand((size_t)OC, -1, 1),
@@ -758,7 +798,7 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
                bits_equal(db16, db32, (size_t)OC),
            __func__, "%s linear_bwd dinp, dw, dbias", name);
     float *sc = frand(ni, -9, 9);
-    ops->linear_bwd_dgelu(&dev, di16, sc, dw16, db16, dout, xh, wt, pre, h, wt, cvt, N, C, OC);
+    ops->linear_bwd_dgelu(&dev, di16, sc, dw16, db16, dout, xh, wt, preh, h, wt, cvt, N, C, OC);
     ops->linear_bwd_dgelu(&dev, di32, sc, dw32, db32, dout, x, MT_F32, pre, w, MT_F32, NULL, N, C,
                           OC);
     report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw), __func__,
@@ -784,13 +824,20 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
     ops->layernorm_fwd(&dev, l16, wt, mean, rstd, pre, lw, lb, N, C, 1e-5f);
     size_t off = 0;
     for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
-    ops->gelu_fwd(&dev, l32, MT_F32, pre, ni);
-    ops->gelu_fwd(&dev, l16, wt, pre, ni);
+    ops->gelu_fwd(&dev, l32, MT_F32, pre, MT_F32, ni);
+    ops->gelu_fwd(&dev, l16, wt, pre, MT_F32, ni);
+    for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
+    ops->gelu_fwd(&dev, l16, wt, preh, wt, ni);
     for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
     report(off == 0, __func__,
-           "%s layernorm_fwd and gelu_fwd: %zu of %zu values not the fp32 "
+           "%s layernorm_fwd and gelu_fwd (of fp32 and %s): %zu of %zu values not the fp32 "
            "op's rounded",
-           name, off, 2 * ni);
+           name, name, off, 3 * ni);
+    float *gg32 = frand(ni, -1, 1), *gg16 = fcopy(gg32, ni); /* accumulated into */
+    ops->gelu_bwd(&dev, gg32, pre, MT_F32, x, ni);
+    ops->gelu_bwd(&dev, gg16, preh, wt, x, ni);
+    report(bits_equal(gg16, gg32, ni), __func__, "%s gelu_bwd of a 16-bit input", name);
+    free(gg32), free(gg16), free(preh), free(bh);
     free(lw), free(lb), free(mean), free(rstd), free(l32), free(l16), free(xh);
 
     free(master), free(w), free(h), free(cvt), free(x), free(b), free(dout), free(pre);
@@ -802,13 +849,13 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
 static void test_gelu_bwd_matches_finite_differences(size_t n) {
   float *x = frand(n, -5, 5), *r = frand(n, -1, 1), *g = fzeros(n);
   gelu_case c = {n, dcopy(x, n), dcopy(r, n)};
-  ops->gelu_bwd(&dev, g, x, r, n);
+  ops->gelu_bwd(&dev, g, x, MT_F32, r, n);
   char what[64];
   snprintf(what, sizeof what, "n=%zu dinp", n);
   check_grad(__func__, what, gelu_loss, &c, c.x, n, g);
   float *acc = fzeros(n);
   ffill(acc, n, PREFILL);
-  ops->gelu_bwd(&dev, acc, x, r, n);
+  ops->gelu_bwd(&dev, acc, x, MT_F32, r, n);
   check_accumulates(__func__, "dinp accumulates", acc, g, n);
   free(x), free(r), free(g), free(acc), free(c.x), free(c.r);
 }

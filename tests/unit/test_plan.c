@@ -217,11 +217,10 @@ static void test_recompute_cuts_activation_memory(void) {
   CHECK(mt_plan_compute(&job, &a100, &off) == MT_OK);
   /* per layer and micro-batch, 16-bit, t = 8: s b h (4 + 16/8) = 6 sbh, plus
    * the fp32 log-sum-exp of each row (4 a s / 8); once per device the
-   * working set, s b h (1 + 4/8) 16-bit values and s b h (7 + 19/8) fp32
-   * ones, and attention's scratch, 2 (a/8) s 512 fp32 values */
+   * working set, s b h (1 + 4/8) 16-bit values and s b h (7 + 11/8) fp32
+   * ones, and the flash backward's scratch, (a/8) s fp32 values */
   int64_t sbh = 2048LL * 20480, lse = 4 * 128 * 2048 / 8, full = 6 * sbh + lse;
-  int64_t once =
-      2 * (sbh + sbh * 4 / 8) + 4 * (7 * sbh + sbh * 19 / 8) + 2LL * (128 / 8) * 2048 * 512 * 4;
+  int64_t once = 2 * (sbh + sbh * 4 / 8) + 4 * (7 * sbh + sbh * 11 / 8) + (128 / 8) * 2048 * 4;
   CHECK(off.first.activation_bytes == 35 * 3 * full + once);
   /* recomputation: each layer's input (2 sbh) and one layer's working set */
   CHECK(on.first.activation_bytes == 35 * 3 * 2 * sbh + full + once);
@@ -355,7 +354,7 @@ static void test_working_set_matches_model_layout(void) {
     CHECK(mt_plan_stage_of(&job, &two, 0, &s2) == MT_OK && s2.inflight == 2);
     const mt_model_spec *ms = &job.model;
     int64_t s = ms->seq_len, rows = s < 512 ? s : 512;
-    int64_t plan_scratch = 2 * (int64_t)(ms->n_head / tp) * s * rows * 4;
+    int64_t plan_scratch = (int64_t)(ms->n_head / tp) * s * 4 * (k % 2 ? 1 : 2 * rows);
     int64_t plan_work = 2 * s1.activation_bytes - s2.activation_bytes - plan_scratch;
 
     mt_gpt_config cfg = config_of(ms);
@@ -366,7 +365,8 @@ static void test_working_set_matches_model_layout(void) {
     int B = job.parallel.micro_batch, T = ms->seq_len;
     int64_t a1 = model_act_bytes(cfg, &dev, B, T, 1), a2 = model_act_bytes(cfg, &dev, B, T, 2);
     CHECK(a1 > 0 && a2 > 0);
-    int64_t att = (int64_t)dev.ops->attention_scratch(&dev, T, ms->n_embd / tp, ms->n_head / tp);
+    int64_t att = (int64_t)dev.ops->attention_scratch(&dev, T, ms->n_embd / tp, ms->n_head / tp,
+                                                      k % 2 ? MT_BF16 : MT_F32);
     int64_t model_work = 2 * a1 - a2 - 4 * att;
     /* the model's also holds LayerNorm's mean and rstd and pads each tensor
      * to 64 bytes: a few percent at this size */
