@@ -593,6 +593,14 @@ static void test_attention_bwd_accumulates(const mt_dropout *drop) {
   att_free(&a);
 }
 
+/* How many of n 16-bit values h are not f's fp32 values rounded to nearest
+ * even (bf16, or binary16 when fp16) */
+static size_t not_rounded(const uint16_t *h, const float *f, size_t n, int fp16) {
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++) k += h[i] != mt_half_pack(f[i], fp16);
+  return k;
+}
+
 /* A 16-bit qkv (bf16, fp16) is read as the floats it holds: attention_fwd
  * gives the lse, and out rounded into 16 bits, and attention_bwd (given
  * that out) the dqkv, that an fp32 qkv of those values gives, bit for bit.
@@ -623,7 +631,7 @@ static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int
     snprintf(what, sizeof what, "%s B=%d T=%d C=%d NH=%d dropout %.2f", fp16 ? "fp16" : "bf16", B,
              T, C, NH, drop ? drop->p : 0.0);
     size_t off = 0;
-    for (size_t i = 0; i < no; i++) off += oh[i] != mt_half_pack(o32[i], fp16);
+    off += not_rounded(oh, o32, no, fp16);
     report(off == 0 && bits_equal(l16, l32, nl), __func__,
            "%s attention_fwd lse, and out (%zu of %zu not fp32's rounded)", what, off, no);
 
@@ -771,18 +779,16 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
     uint16_t *oh = xmalloc(no * sizeof(uint16_t)), *gh = xmalloc(no * sizeof(uint16_t));
     size_t roff = 0;
     ops->linear_fwd(&dev, oh, wt, xh, wt, h, wt, bh, cvt, N, C, OC);
-    for (size_t i = 0; i < no; i++) roff += oh[i] != mt_half_pack(o32[i], fp16);
+    roff += not_rounded(oh, o32, no, fp16);
     ops->linear_fwd(&dev, oh, wt, xh, wt, h, wt, NULL, cvt, N, C, OC);
     ops->linear_fwd(&dev, o32, MT_F32, x, MT_F32, w, MT_F32, NULL, NULL, N, C, OC);
-    for (size_t i = 0; i < no; i++) roff += oh[i] != mt_half_pack(o32[i], fp16);
+    roff += not_rounded(oh, o32, no, fp16);
     ops->linear_gelu_fwd(&dev, gh, oh, wt, xh, wt, h, wt, bh, cvt, N, C, OC);
     ops->linear_fwd(&dev, o32, MT_F32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
-    for (size_t i = 0; i < no; i++) {
-      roff += oh[i] != mt_half_pack(o32[i], fp16);
-      o32[i] = mt_half_unpack(mt_half_pack(o32[i], fp16), fp16);
-    }
+    roff += not_rounded(oh, o32, no, fp16);
+    for (size_t i = 0; i < no; i++) o32[i] = mt_round_half(o32[i], fp16);
     ops->gelu_fwd(&dev, g32, MT_F32, o32, MT_F32, no);
-    for (size_t i = 0; i < no; i++) roff += gh[i] != mt_half_pack(g32[i], fp16);
+    roff += not_rounded(gh, g32, no, fp16);
     report(roff == 0, __func__,
            "%s linear_fwd and linear_gelu_fwd into %s (bias and none): %zu of %zu values not "
            "the fp32 op's rounded",
@@ -823,12 +829,12 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
     ops->layernorm_fwd(&dev, l32, MT_F32, mean, rstd, pre, lw, lb, N, C, 1e-5f);
     ops->layernorm_fwd(&dev, l16, wt, mean, rstd, pre, lw, lb, N, C, 1e-5f);
     size_t off = 0;
-    for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
+    off += not_rounded(l16, l32, ni, fp16);
     ops->gelu_fwd(&dev, l32, MT_F32, pre, MT_F32, ni);
     ops->gelu_fwd(&dev, l16, wt, pre, MT_F32, ni);
-    for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
+    off += not_rounded(l16, l32, ni, fp16);
     ops->gelu_fwd(&dev, l16, wt, preh, wt, ni);
-    for (size_t i = 0; i < ni; i++) off += l16[i] != mt_half_pack(l32[i], fp16);
+    off += not_rounded(l16, l32, ni, fp16);
     report(off == 0, __func__,
            "%s layernorm_fwd and gelu_fwd (of fp32 and %s): %zu of %zu values not the fp32 "
            "op's rounded",
