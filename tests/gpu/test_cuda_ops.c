@@ -263,6 +263,17 @@ static uint16_t *back16(const void *d, size_t n) {
   return h;
 }
 
+/* The floats n 16-bit values of type t (bf16, binary16) hold: on the host
+ * (as_floats), or on the device after its queued work (back_half) */
+static float *as_floats(const uint16_t *h, size_t n, mt_dtype t) {
+  float *f = halloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) f[i] = mt_half_unpack(h[i], t == MT_F16);
+  return f;
+}
+static float *back_half(const void *d, size_t n, mt_dtype t) {
+  return as_floats(back16(d, n), n, t);
+}
+
 /* The relative size of one unit in the last place of a 16-bit type: how
  * far apart two backends' roundings of nearly equal floats may land. */
 static double half_tol(mt_dtype t) { return t == MT_F16 ? 0x1p-10 : 0x1p-7; }
@@ -312,14 +323,8 @@ static void check_gemm_typed(const char *op, const char *what, const void *got,
   check_typed(op, what, got, want, got32, want32, n, ot);
 #else
   (void)got32, (void)want32;
-  uint16_t *gb = back16(got, n);
-  float *gv = halloc(n * sizeof(float)), *cv = halloc(n * sizeof(float));
-  for (size_t i = 0; i < n; i++) {
-    gv[i] = mt_half_unpack(gb[i], ot == MT_F16);
-    cv[i] = mt_half_unpack(want[i], ot == MT_F16);
-  }
-  check(op, label("%s %s vs cpu", what, ot == MT_F16 ? "fp16" : "bf16"), gv, cv, n,
-        tol + half_tol(ot));
+  check(op, label("%s %s vs cpu", what, ot == MT_F16 ? "fp16" : "bf16"), back_half(got, n, ot),
+        as_floats(want, n, ot), n, tol + half_tol(ot));
 #endif
 }
 
@@ -636,14 +641,8 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
     gpu.ops->linear_gelu_fwd(&gpu, gho, ghp, it, dx, it, dw, wt, with_bias ? db16 : NULL, gcvt, N,
                              C, OC);
     check_gemm_typed("linear_gelu_fwd", label("%s pre", tag), ghp, chp, gp32, cp, no, it, tol);
-    uint16_t *gob = back16(gho, no);
-    float *gv = halloc(no * sizeof(float)), *cv = halloc(no * sizeof(float));
-    for (size_t i = 0; i < no; i++) {
-      gv[i] = mt_half_unpack(gob[i], it == MT_F16);
-      cv[i] = mt_half_unpack(cho[i], it == MT_F16);
-    }
-    check("linear_gelu_fwd", label("%s out %s vs cpu", tag, wt_name(it)), gv, cv, no,
-          tol_out + half_tol(it));
+    check("linear_gelu_fwd", label("%s out %s vs cpu", tag, wt_name(it)), back_half(gho, no, it),
+          as_floats(cho, no, it), no, tol_out + half_tol(it));
 #ifdef MT_CUDA_EMU
     t = gemms_since();
     ok = t.gemms == 1 && t.half == 1 && t.conv == 0 && t.gelu == (fused ? 1 : 0);
@@ -1006,28 +1005,19 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   const mt_dropout *dp = with_dropout ? &drop : NULL;
   const char *tag = label("%s B=%d T=%d HS=%d NH=%d%s", fp16 ? "fp16" : "bf16", B, T, C / NH, NH,
                           with_dropout ? " drop" : "");
-  float *qkv = H(nq, -1.5f, 1.5f);
-  uint16_t *qh = halloc(nq * sizeof(uint16_t));
-  for (size_t i = 0; i < nq; i++) {
-    qh[i] = mt_half_pack(qkv[i], fp16);
-    qkv[i] = mt_half_unpack(qh[i], fp16);
-  }
-  void *gqkv = D(qh, nq * sizeof(uint16_t));
+  const void *qh; /* qkv in 16 bits, on the host and (gqkv) the device */
+  void *gqkv = stored(H(nq, -1.5f, 1.5f), nq, qt, &qh);
   uint16_t *oh = halloc(no * sizeof(uint16_t));
-  float *co = halloc(no * sizeof(float)), *cl = halloc(nl * sizeof(float));
-  float *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
+  float *cl = halloc(nl * sizeof(float)), *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
   cpu.ops->attention_fwd(&cpu, oh, cl, cs, qh, qt, B, T, C, NH, dp);
-  for (size_t i = 0; i < no; i++) co[i] = mt_half_unpack(oh[i], fp16);
   void *go = DP(no * sizeof(uint16_t));
   float *gl = DN(nl);
 #ifdef MT_CUDA_EMU
   long flash0 = mt_emu_launch_count("flash_fwd");
 #endif
   gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp);
-  uint16_t *gob = back16(go, no);
-  float *gv = halloc(no * sizeof(float));
-  for (size_t i = 0; i < no; i++) gv[i] = mt_half_unpack(gob[i], fp16);
-  check("attention_fwd", label("%s out", tag), gv, co, no, 1e-2);
+  check("attention_fwd", label("%s out", tag), back_half(go, no, qt), as_floats(oh, no, qt), no,
+        1e-2);
   check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, 1e-2);
 #ifdef MT_CUDA_EMU
   check_that("attention_fwd", label("%s flash kernel", tag),
