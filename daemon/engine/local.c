@@ -14,11 +14,24 @@
 #include "safetensors.h"
 #include "store.h"
 
+/* A rank's groups, in rank_ctx.comms. */
+enum {
+  COMM_WORLD,
+  COMM_DP,
+  COMM_ACT_IN,
+  COMM_GRAD_OUT,
+  COMM_ACT_OUT,
+  COMM_GRAD_IN,
+  COMM_EMBED,
+  COMM_TP,
+  N_COMMS
+};
+
 typedef struct rank_ctx {
   const mt_local_opts *o;
   int rank, size, omp_threads;
   mt_store *store;
-  mt_comm *comms[5]; /* world, dp, pipe, embed, tp: aborted together on a failure */
+  mt_comm *comms[N_COMMS]; /* the groups it joined, aborted together on a failure */
   int rc;
   char err[1024];
   struct rank_ctx *all;
@@ -249,25 +262,33 @@ static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
                    .pp_size = pp};
   char name[64];
   int rc = 0;
-  if (c->size > 1) rc = join(c, 0, "world", c->rank, c->size, NULL);
+  if (c->size > 1) rc = join(c, COMM_WORLD, "world", c->rank, c->size, NULL);
   if (!rc && tp > 1) {
     snprintf(name, sizeof name, "tp.pp%d.dp%d", g->pp_rank, g->dp_rank);
-    rc = join(c, 4, name, g->tp_rank, tp, dev);
+    rc = join(c, COMM_TP, name, g->tp_rank, tp, dev);
   }
   if (!rc && dp > 1) {
     snprintf(name, sizeof name, "dp.pp%d.tp%d", g->pp_rank, g->tp_rank);
-    rc = join(c, 1, name, g->dp_rank, dp, dev);
+    rc = join(c, COMM_DP, name, g->dp_rank, dp, dev);
   }
-  if (!rc && pp > 1) {
-    snprintf(name, sizeof name, "pp.dp%d.tp%d", g->dp_rank, g->tp_rank);
-    rc = join(c, 2, name, g->pp_rank, pp, dev);
+  /* the links to the stages before and after, lower link first on every
+   * stage so no two stages wait for each other; the lower stage is rank 0 */
+  for (int link = g->pp_rank - 1; link <= g->pp_rank && !rc; link++) {
+    if (link < 0 || link + 1 >= pp) continue;
+    int up = link == g->pp_rank - 1; /* this stage is the link's upper end */
+    snprintf(name, sizeof name, "pp.act.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);
+    rc = join(c, up ? COMM_ACT_IN : COMM_ACT_OUT, name, up, 2, dev);
+    snprintf(name, sizeof name, "pp.grad.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);
+    if (!rc) rc = join(c, up ? COMM_GRAD_OUT : COMM_GRAD_IN, name, up, 2, dev);
   }
   if (!rc && pp > 1 && (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
     snprintf(name, sizeof name, "embed.dp%d.tp%d", g->dp_rank, g->tp_rank);
-    rc = join(c, 3, name, g->pp_rank == 0 ? 0 : 1, 2, dev);
+    rc = join(c, COMM_EMBED, name, g->pp_rank == 0 ? 0 : 1, 2, dev);
   }
-  g->world = c->comms[0], g->dp = c->comms[1], g->pipe = c->comms[2], g->embed = c->comms[3];
-  g->tp = c->comms[4];
+  g->world = c->comms[COMM_WORLD], g->dp = c->comms[COMM_DP], g->tp = c->comms[COMM_TP];
+  g->embed = c->comms[COMM_EMBED];
+  g->act_in = c->comms[COMM_ACT_IN], g->act_out = c->comms[COMM_ACT_OUT];
+  g->grad_in = c->comms[COMM_GRAD_IN], g->grad_out = c->comms[COMM_GRAD_OUT];
   return rc;
 }
 
@@ -309,7 +330,7 @@ static void *rank_main(void *arg) {
       nanosleep(&ts, NULL);
     }
     for (int r = 0; r < c->n_local; r++)
-      for (int k = 0; k < 5; k++) {
+      for (int k = 0; k < N_COMMS; k++) {
         mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_ACQUIRE);
         if (peer) mt_comm_abort(peer);
       }
@@ -441,7 +462,7 @@ void mt_local_abort(mt_local *l) {
   if (!l) return;
   l->cancel = 1;
   for (int r = 0; r < l->started; r++)
-    for (int k = 0; k < 5; k++) {
+    for (int k = 0; k < N_COMMS; k++) {
       mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_ACQUIRE);
       if (c) mt_comm_abort(c);
     }
@@ -462,7 +483,7 @@ int mt_local_wait(mt_local *l) {
 void mt_local_free(mt_local *l) {
   if (!l) return;
   for (int r = 0; r < l->n && l->ranks; r++)
-    for (int k = 0; k < 5; k++)
+    for (int k = 0; k < N_COMMS; k++)
       if (l->ranks[r].comms[k]) mt_comm_destroy(l->ranks[r].comms[k]);
   mt_store_free(l->own);
   free(l->ranks);

@@ -42,8 +42,11 @@
  *   (p - s - 1 warm-up forwards and the one in steady state).
  * - Logits: the last stage holds s b Vp/t fp32 values for the vocab-parallel
  *   cross-entropy (one micro-batch: it runs backward right after forward).
- * - Comm buffers: a pipeline stage sends and receives s b h activations and
- *   their gradients (2 buffers at an end stage, 4 in the middle); with dp > 1
+ * - Comm buffers: a pipeline stage receives s b h activations from the stage
+ *   before and their gradients from the stage after, into two buffers of
+ *   each, so the next micro-batch's receive is posted while it computes
+ *   (sends go out of the activations' own buffers): 2 buffers at an end
+ *   stage, 4 in the middle; with dp > 1
  *   one gradient bucket of MT_PLAN_DP_BUCKET_ELEMS fp32 elements is being
  *   reduce-scattered and one of model weights all-gathered after the update.
  *   tp all-reduces and the tied-embedding all-reduce work in place.

@@ -228,15 +228,18 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;
   size_t act = (size_t)B * T * ms->n_embd;
   if (!rc && tr->g.dp) rc = make_buckets(tr, ps->bucket_size);
-  if (!rc && tr->g.pipe) {
-    /* the gradient from the next stage (fp32), then the activation from the
-     * previous one as it travels (16-bit in a bf16 or fp16 job) */
-    size_t grad = act * sizeof(float), wire = mt_gpt_wire_bytes(&tr->model);
-    tr->recv_dy = mt_device_alloc(dev, grad + wire);
-    if (!tr->recv_dy)
-      rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
-    else
-      tr->recv_wire = (char *)tr->recv_dy + grad;
+  if (!rc && tr->g.pp_size > 1) {
+    /* two of what it receives: gradients from the next stage (fp32), the
+     * previous one's output as it travels (16-bit in a bf16 or fp16 job) */
+    size_t grad = tr->model.last ? 0 : act * sizeof(float);
+    size_t wire = tr->model.first ? 0 : mt_gpt_wire_bytes(&tr->model);
+    char *buf = mt_device_alloc(dev, 2 * (grad + wire));
+    if (!buf) rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
+    tr->recv_buf = buf;
+    for (int i = 0; i < 2 && buf; i++) {
+      tr->recv_dy[i] = grad ? (float *)(buf + i * grad) : NULL;
+      tr->recv_wire[i] = wire ? buf + 2 * grad + i * wire : NULL;
+    }
   }
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
@@ -270,7 +273,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 
 void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->buckets);
-  if (tr->recv_dy) mt_device_free(tr->dev, tr->recv_dy);
+  if (tr->recv_buf) mt_device_free(tr->dev, tr->recv_buf);
   mt_gpt_destroy(&tr->model);
   mt_adamw_destroy(&tr->opt);
   mt_data_source_free(tr->data);
@@ -280,26 +283,42 @@ void mt_trainer_destroy(mt_trainer *tr) {
 
 /* ---- the pipeline ---- */
 
-/* Started sends of stage outputs not yet waited for (overlap_p2p), oldest
- * first: at most half the group's requests, the rest for the input grad. */
+/* Started sends of stage outputs not yet waited for, oldest first. */
 #define ACT_SENDS (MT_COMM_P2P_MAX / 2)
+
+typedef enum { OP_NONE, OP_FWD, OP_BWD } pipe_op;
 
 typedef struct pipe_run {
   mt_trainer *tr;
   mt_split split;
-  uint64_t first;   /* global sample of this replica's micro-batch 0 */
-  float loss_scale; /* 0: forward only */
-  double loss_sum;  /* last stage: Σ micro-batch mean losses */
-  int fwd, bwd;     /* micro-batches done each way */
-  double wait_ms;   /* blocked in point-to-point with the neighbours */
-  /* overlap_p2p: sends in flight while the stage computes */
-  int overlap;
+  uint64_t first;      /* global sample of this replica's micro-batch 0 */
+  float loss_scale;    /* 0: forward only */
+  int warm;            /* forwards before the first backward (all of them: forward only) */
+  int overlap;         /* parallel.overlap_p2p */
+  double loss_sum;     /* last stage: Σ micro-batch mean losses */
+  int fwd, bwd;        /* micro-batches done each way */
+  double wait_ms;      /* blocked in point-to-point with the neighbours */
+  int act_rx, grad_rx; /* the receive in flight of each kind, -1 when none */
   struct {
     int req, micro; /* request, and the micro-batch whose output it sends */
   } act[ACT_SENDS];
-  int n_act;    /* act[0..n_act) pending, oldest first */
-  int grad_req; /* the input gradient's send, -1 when none is pending */
+  int n_act;     /* act[0..n_act) pending, oldest first */
+  int grad_send; /* the input gradient's send, -1 when none is pending */
 } pipe_run;
+
+/* PipeDream-Flush (1F1B) on stage s: p - s - 1 warm-up forwards, then one
+ * forward and one backward alternately, then the remaining backwards. */
+static int warmup_forwards(const mt_trainer *tr) {
+  int warm = tr->g.pp_size - tr->g.pp_rank - 1;
+  return warm < tr->micro_batches ? warm : tr->micro_batches;
+}
+
+/* The operation after fwd forwards and bwd backwards, in that order. */
+static pipe_op op_at(const pipe_run *r, int fwd, int bwd) {
+  int m = r->tr->micro_batches;
+  if (fwd < m && (fwd < r->warm || fwd - r->warm == bwd)) return OP_FWD;
+  return r->loss_scale != 0.0f && bwd < m ? OP_BWD : OP_NONE;
+}
 
 /* Bytes of an activation gradient between stages (fp32) and of an
  * activation (mt_gpt_wire_bytes: 16-bit in a bf16 or fp16 job). */
@@ -309,9 +328,9 @@ static size_t grad_bytes(const mt_trainer *tr) {
 static size_t act_bytes(const mt_trainer *tr) { return mt_gpt_wire_bytes(&tr->model); }
 
 /* Time spent here is the pipeline's wait: the bubble plus transfers. */
-static int p2p_wait(pipe_run *r, int req) {
+static int p2p_wait(pipe_run *r, mt_comm *c, int req) {
   double t0 = now_ms();
-  int rc = mt_comm_p2p_wait(r->tr->g.pipe, req);
+  int rc = mt_comm_p2p_wait(c, req);
   r->wait_ms += now_ms() - t0;
   return rc;
 }
@@ -321,32 +340,77 @@ static int p2p_wait(pipe_run *r, int req) {
 static int wait_act_sends(pipe_run *r, int upto, int keep) {
   int rc = 0;
   while (!rc && r->n_act > 0 && (r->act[0].micro <= upto || r->n_act > keep)) {
-    rc = p2p_wait(r, r->act[0].req);
+    rc = p2p_wait(r, r->tr->g.act_out, r->act[0].req);
     memmove(r->act, r->act + 1, (size_t)--r->n_act * sizeof *r->act);
   }
   return rc;
 }
 
-/* Every started send completed: the end of a schedule. */
-static int wait_all_sends(pipe_run *r) {
-  int rc = wait_act_sends(r, INT_MAX, 0);
-  if (!rc && r->grad_req >= 0) rc = p2p_wait(r, r->grad_req);
-  r->grad_req = -1;
+static int wait_grad_send(pipe_run *r) {
+  int req = r->grad_send;
+  r->grad_send = -1;
+  return req >= 0 ? p2p_wait(r, r->tr->g.grad_out, req) : 0;
+}
+
+/* Posts the receive that op, for micro-batch j, needs (an end of the
+ * pipeline receives nothing that way), into the buffer of j's parity: the
+ * other may still be read. At most one of each kind is in flight. */
+static int post_recv(pipe_run *r, pipe_op op, int j) {
+  mt_trainer *tr = r->tr;
+  int fwd = op == OP_FWD;
+  mt_comm *c = fwd ? tr->g.act_in : tr->g.grad_in;
+  if (op == OP_NONE || !c) return 0;
+  void *buf = fwd ? tr->recv_wire[j % 2] : (void *)tr->recv_dy[j % 2];
+  return mt_comm_sendrecv_start(c, NULL, 0, -1, buf, fwd ? act_bytes(tr) : grad_bytes(tr),
+                                1 - mt_comm_rank(c), MT_COMM_U8, NULL,
+                                fwd ? &r->act_rx : &r->grad_rx);
+}
+
+/* Waits for the receive op needs (posted by post_recv). */
+static int wait_recv(pipe_run *r, pipe_op op) {
+  mt_comm *c = op == OP_FWD ? r->tr->g.act_in : r->tr->g.grad_in;
+  int *req = op == OP_FWD ? &r->act_rx : &r->grad_rx;
+  if (!c || *req < 0) return 0;
+  int rc = p2p_wait(r, c, *req);
+  *req = -1;
   return rc;
 }
 
-/* Forward of the next micro-batch on this stage, from tokens or recv_wire. */
+/* Starts the send of what op just made: the stage's output of micro-batch
+ * j to the next stage, or its input gradient to the one before. */
+static int start_send(pipe_run *r, pipe_op op, int j) {
+  mt_trainer *tr = r->tr;
+  if (op == OP_FWD) {
+    mt_comm *c = tr->g.act_out;
+    if (!c) return 0;
+    int rc = wait_act_sends(r, INT_MIN, ACT_SENDS - 1); /* room for one more */
+    size_t bytes;
+    const void *out = mt_gpt_stage_output_wire(&tr->model, j % tr->model.n_slots, &bytes);
+    int req = -1;
+    if (!rc) rc = mt_comm_sendrecv_start(c, out, bytes, 1, NULL, 0, -1, MT_COMM_U8, &req, NULL);
+    if (!rc) r->act[r->n_act].req = req, r->act[r->n_act++].micro = j;
+    return rc;
+  }
+  mt_comm *c = tr->g.grad_out;
+  if (!c) return 0;
+  return mt_comm_sendrecv_start(c, mt_gpt_stage_input_grad(&tr->model), grad_bytes(tr), 0, NULL, 0,
+                                -1, MT_COMM_U8, &r->grad_send, NULL);
+}
+
+/* Forward of the next micro-batch on this stage, from tokens or its
+ * received input. */
 static int stage_forward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   mt_gpt *m = &tr->model;
-  int j = r->fwd++;
+  int j = r->fwd;
   uint64_t sample0 = r->first + (uint64_t)j * (uint64_t)m->B;
   /* its output slot may still be on its way to the next stage */
   int rc = wait_act_sends(r, j - m->n_slots, ACT_SENDS);
   if (!rc && (m->first || m->last))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
   const float *x = NULL;
-  if (!rc && !m->first && !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, tr->recv_wire)))
+  if (!rc && !m->first &&
+      !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, tr->recv_wire[j % 2])))
     rc = MT_EIO; /* a device copy failed: the message is set */
   if (!rc)
     rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL, x,
@@ -359,126 +423,59 @@ static int stage_forward(pipe_run *r) {
 static int stage_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   mt_gpt *m = &tr->model;
-  int j = r->bwd++;
+  int j = r->bwd;
   /* the input gradient buffer may still be on its way to the previous stage */
-  int rc = 0;
-  if (r->grad_req >= 0) {
-    rc = p2p_wait(r, r->grad_req);
-    r->grad_req = -1;
-    if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
-  }
+  int rc = wait_grad_send(r);
+  if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   /* the last micro-batch's backward leaves final gradients, block by block */
   if (tr->g.dp && j == tr->micro_batches - 1) {
     m->on_block_grads = start_buckets;
     m->grads_ctx = tr;
   }
-  rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy, r->loss_scale);
+  rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy[j % 2], r->loss_scale);
   m->on_block_grads = NULL;
   if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   return 0;
 }
 
-/* One exchange with a neighbour: send (count 0: none) and receive (count 0:
- * none), counts in bytes (activations and gradients differ in width). With
- * overlap the send is started and left in flight (*send_req), and only the
- * receive, which the next compute needs, is waited for; without, both
- * complete here. Posted in the same order either way, so NCCL, whose group
- * stream runs them in that order, never meets a new deadlock. */
-static int exchange(pipe_run *r, const void *send, size_t send_count, int dst, int *send_req,
-                    void *recv, size_t recv_count, int src) {
-  mt_comm *c = r->tr->g.pipe;
-  double t0 = now_ms();
-  int rc, rreq = -1;
-  if (!r->overlap) {
-    rc = !send_count ? mt_comm_recv(c, recv, recv_count, MT_COMM_U8, src)
-         : !recv_count
-             ? mt_comm_send(c, send, send_count, MT_COMM_U8, dst)
-             : mt_comm_sendrecv(c, send, send_count, dst, recv, recv_count, src, MT_COMM_U8);
-  } else {
-    rc = mt_comm_sendrecv_start(c, send, send_count, dst, recv, recv_count, src, MT_COMM_U8,
-                                send_req, &rreq);
-    if (!rc) rc = mt_comm_p2p_wait(c, rreq);
+/* Runs this stage's operations in 1F1B order (forward only: every forward
+ * in turn). Each operation's input comes on a link from a neighbour and its
+ * output leaves on another. With overlap (parallel.overlap_p2p) the receive
+ * of the next operation is posted before this one computes, into the other
+ * of its two buffers, and waited for only when that operation starts; sends
+ * are waited for only before their buffer is written again (the slot's next
+ * micro-batch, the next backward) and at the end. Without, every exchange
+ * completes before the next compute: this operation's send and the next
+ * one's receive, posted together, as Megatron's blocking schedule does.
+ * Each link carries one kind in one direction, posted in micro-batch order
+ * at both ends, so posting ahead never reorders what a link carries: no
+ * new deadlock on NCCL's in-order streams. Both ways give the same bits. */
+static int run_pipeline(pipe_run *r) {
+  r->act_rx = r->grad_rx = r->grad_send = -1;
+  pipe_op op = op_at(r, 0, 0);
+  int rc = post_recv(r, op, 0);
+  if (!r->overlap && !rc) rc = wait_recv(r, op);
+  while (!rc && op != OP_NONE) {
+    int fwd = op == OP_FWD, j = fwd ? r->fwd : r->bwd;
+    int next_fwd = r->fwd + fwd, next_bwd = r->bwd + !fwd;
+    pipe_op next = op_at(r, next_fwd, next_bwd);
+    int next_j = next == OP_FWD ? next_fwd : next_bwd;
+    if (r->overlap) {
+      rc = wait_recv(r, op);
+      if (!rc) rc = post_recv(r, next, next_j);
+    }
+    if (!rc) rc = fwd ? stage_forward(r) : stage_backward(r);
+    r->fwd = next_fwd, r->bwd = next_bwd;
+    if (!rc) rc = start_send(r, op, j);
+    if (!rc && !r->overlap) {
+      rc = post_recv(r, next, next_j);
+      if (!rc) rc = fwd ? wait_act_sends(r, INT_MAX, 0) : wait_grad_send(r);
+      if (!rc) rc = wait_recv(r, next);
+    }
+    op = next;
   }
-  r->wait_ms += now_ms() - t0;
-  return rc;
-}
-
-/* Point-to-point with the neighbours; no-ops at the ends of the pipeline. */
-static int recv_forward(pipe_run *r) {
-  mt_trainer *tr = r->tr;
-  if (tr->model.first) return 0;
-  return exchange(r, NULL, 0, -1, NULL, tr->recv_wire, act_bytes(tr), tr->g.pp_rank - 1);
-}
-/* Sends micro-batch j's output; recv_dy (with_recv) the gradient coming back. */
-static int send_forward_recv(pipe_run *r, int j, int with_recv) {
-  mt_trainer *tr = r->tr;
-  if (tr->model.last) return 0;
-  int next = tr->g.pp_rank + 1, req = -1;
-  int rc = wait_act_sends(r, INT_MIN, ACT_SENDS - 1); /* room for one more */
-  size_t bytes;
-  const void *out = mt_gpt_stage_output_wire(&tr->model, j % tr->model.n_slots, &bytes);
-  if (!rc)
-    rc = exchange(r, out, bytes, next, &req, tr->recv_dy, with_recv ? grad_bytes(tr) : 0, next);
-  if (!rc && req >= 0) r->act[r->n_act].req = req, r->act[r->n_act++].micro = j;
-  return rc;
-}
-static int send_forward(pipe_run *r, int j) { return send_forward_recv(r, j, 0); }
-static int send_forward_recv_backward(pipe_run *r, int j) { return send_forward_recv(r, j, 1); }
-static int recv_backward(pipe_run *r) {
-  mt_trainer *tr = r->tr;
-  if (tr->model.last) return 0;
-  return exchange(r, NULL, 0, -1, NULL, tr->recv_dy, grad_bytes(tr), tr->g.pp_rank + 1);
-}
-/* Sends the input gradient; recv_wire (with_recv) the next micro-batch's input. */
-static int send_backward_recv(pipe_run *r, int with_recv) {
-  mt_trainer *tr = r->tr;
-  if (tr->model.first) return 0;
-  int prev = tr->g.pp_rank - 1;
-  return exchange(r, mt_gpt_stage_input_grad(&tr->model), grad_bytes(tr), prev, &r->grad_req,
-                  tr->recv_wire, with_recv ? act_bytes(tr) : 0, prev);
-}
-static int send_backward(pipe_run *r) { return send_backward_recv(r, 0); }
-static int send_backward_recv_forward(pipe_run *r) { return send_backward_recv(r, 1); }
-
-/* PipeDream-Flush (1F1B): pp - stage - 1 warm-up forwards, then one forward
- * and one backward alternately, then the remaining backwards. Activations
- * of micro-batch j live in slot j % slots until its backward. */
-static int run_1f1b(pipe_run *r) {
-  mt_trainer *tr = r->tr;
-  int m = tr->micro_batches, s = tr->g.pp_rank;
-  int warm = tr->g.pp_size - s - 1;
-  if (warm > m) warm = m;
-  int rest = m - warm, rc = 0;
-  for (int i = 0; i < warm && !rc; i++) {
-    rc = recv_forward(r);
-    if (!rc) rc = stage_forward(r);
-    if (!rc) rc = send_forward(r, r->fwd - 1);
-  }
-  if (!rc && rest > 0) rc = recv_forward(r);
-  for (int i = 0; i < rest && !rc; i++) {
-    rc = stage_forward(r);
-    if (!rc) rc = send_forward_recv_backward(r, r->fwd - 1);
-    if (!rc) rc = stage_backward(r);
-    if (!rc) rc = i == rest - 1 ? send_backward(r) : send_backward_recv_forward(r);
-  }
-  for (int i = 0; i < warm && !rc; i++) {
-    rc = recv_backward(r);
-    if (!rc) rc = stage_backward(r);
-    if (!rc) rc = send_backward(r);
-  }
-  if (!rc) rc = wait_all_sends(r);
-  return rc;
-}
-
-/* Forward only (validation): each micro-batch passes down the stages. */
-static int run_forward_only(pipe_run *r) {
-  int rc = 0;
-  for (int i = 0; i < r->tr->micro_batches && !rc; i++) {
-    rc = recv_forward(r);
-    if (!rc) rc = stage_forward(r);
-    if (!rc) rc = send_forward(r, r->fwd - 1);
-  }
-  if (!rc) rc = wait_all_sends(r);
+  if (!rc) rc = wait_act_sends(r, INT_MAX, 0);
+  if (!rc) rc = wait_grad_send(r);
   return rc;
 }
 
@@ -527,8 +524,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                          (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                 .loss_scale = scale / (float)total_micro,
                 .overlap = job->parallel.overlap_p2p,
-                .grad_req = -1};
-  rc = run_1f1b(&r);
+                .warm = warmup_forwards(tr)};
+  rc = run_pipeline(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
   double comm_t0 = now_ms();
@@ -601,7 +598,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->loss_scale = fp16 ? tr->scaler.scale : 1.0;
   st->stop = agreed[2] > 0;
   st->order = (int64_t)agreed[5];
-  st->bubble = tr->g.pipe && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
+  st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;
   st->comm_ms = comm_ms;
   st->tokens_per_s = (double)mt_job_tokens_per_step(job) / (st->step_ms / 1e3);
@@ -623,8 +620,8 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
                   .first = (uint64_t)e * (uint64_t)G +
                            (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                   .overlap = tr->job->parallel.overlap_p2p,
-                  .grad_req = -1};
-    rc = run_forward_only(&r);
+                  .warm = tr->micro_batches};
+    rc = run_pipeline(&r);
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }
   m->training = 1;

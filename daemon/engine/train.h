@@ -64,8 +64,13 @@ typedef struct mt_groups {
   mt_comm *world; /* every rank: loss, norm and stop order */
   mt_comm *tp;    /* same stage and replica: the shards of every layer */
   mt_comm *dp;    /* same stage, every replica: ZeRO-1 */
-  mt_comm *pipe;  /* same replica, every stage: activations and their gradients */
-  mt_comm *embed; /* first and last stage of a replica: the tied embedding's gradient */
+  /* Pipeline links, two ranks each (the lower stage is rank 0), one per
+   * direction: NCCL runs a group's operations in order on its stream, so a
+   * receive posted ahead on one never holds up the other's traffic. NULL at
+   * the ends of the pipeline. */
+  mt_comm *act_in, *grad_out; /* with the stage before: its output, our input's gradient */
+  mt_comm *act_out, *grad_in; /* with the stage after: our output, its gradient */
+  mt_comm *embed;             /* first and last stage of a replica: the tied embedding's gradient */
   int dp_rank, dp_size, pp_rank, pp_size, tp_rank, tp_size;
 } mt_groups;
 
@@ -90,8 +95,12 @@ typedef struct mt_trainer {
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
-  float *recv_dy;                 /* (B,T,C) from the next stage */
-  void *recv_wire; /* the previous stage's output as it travels (mt_gpt_stage_output_wire) */
+  /* receive buffers, two of each so the next micro-batch's can be posted
+   * while the stage computes with the current one (micro-batch j uses j % 2) */
+  void *recv_buf;     /* the allocation of: */
+  float *recv_dy[2];  /* (B,T,C) gradients from the next stage; NULL on the last */
+  void *recv_wire[2]; /* the previous stage's output as it travels (mt_gpt_stage_output_wire);
+                         NULL on the first */
   volatile int stop_request;   /* set by the owner thread; agreed on in the step */
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
   int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
