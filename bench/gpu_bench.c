@@ -147,6 +147,7 @@ typedef struct {
    * qkv, atty, ln2, fch, fchg (fp32-sized, to hold either) */
   float *inp, *m1, *r1, *lse, *branch, *resid2, *m2, *r2, *out;
   void *ln1, *ln2, *fchg, *qkv, *atty, *fch;
+  uint16_t *resid2_h, *out_h; /* 16-bit layer: the stream kept, rounded, in wt */
   /* backward */
   float *dres, *dfch, *dfch2, *dbtc, *dbtc2, *dqkv, *att_scratch;
 } layer;
@@ -213,6 +214,7 @@ static void layer_make(layer *L, int B, int T, int C, int NH, mt_dtype wt) {
   L->fcb_h = working_copy(L->fcb, 4 * (size_t)C, wt);
   L->qkvw_h = working_copy(L->qkvw, 3 * CC, wt), L->projw_h = working_copy(L->projw, CC, wt);
   L->fcw_h = working_copy(L->fcw, 4 * CC, wt), L->fcpw_h = working_copy(L->fcpw, 4 * CC, wt);
+  if (wt != MT_F32) L->resid2_h = dmalloc(NC * 2), L->out_h = dmalloc(NC * 2);
   size_t cvt = layer_scratch((int)N, C, wt);
   L->cvt = cvt ? dmalloc(cvt) : NULL;
 }
@@ -223,8 +225,9 @@ static void layer_free(layer *L) {
                  &L->r1,   &L->lse,  &L->branch, &L->resid2, &L->m2,    &L->r2,    &L->out,
                  &L->dres, &L->dfch, &L->dfch2,  &L->dbtc,   &L->dbtc2, &L->dqkv,  &L->att_scratch};
   if (L->wt != MT_F32) {
-    void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h, L->fcpw_h, L->qkvb_h, L->fcb_h};
-    for (int i = 0; i < 6; i++) mt_device_free(&dev, h[i]);
+    void *h[] = {L->qkvw_h, L->projw_h, L->fcw_h,    L->fcpw_h,
+                 L->qkvb_h, L->fcb_h,   L->resid2_h, L->out_h};
+    for (int i = 0; i < 8; i++) mt_device_free(&dev, h[i]);
   }
   void *acts[] = {L->ln1, L->ln2, L->fchg, L->atty, L->qkv, L->fch};
   for (int i = 0; i < 6; i++) mt_device_free(&dev, acts[i]);
@@ -235,22 +238,24 @@ static void layer_free(layer *L) {
 
 /* model/gpt.c's layer: pre-LN attention block, then the MLP block. In a
  * 16-bit layer the GEMMs' inputs are 16-bit (at = wt), and so are the
- * outputs of all but the two projections, which join the fp32 stream. */
+ * outputs of all but the two projections, which join the fp32 stream; the
+ * branch joins rounding the stream and keeping it in 16 bits, in one pass
+ * (no dropout: it is a benchmark of speed). */
 static void layer_fwd(layer *L) {
   const mt_ops *o = dev.ops;
   int B = L->B, T = L->T, C = L->C, N = B * T;
-  size_t NC = (size_t)N * C;
   mt_dtype wt = L->wt, at = wt;
   o->layernorm_fwd(&dev, L->ln1, at, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
   o->linear_fwd(&dev, L->qkv, at, L->ln1, at, L->qkvw_h, wt, L->qkvb_h, L->cvt, N, C, 3 * C);
   o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, at, B, T, C, L->NH, NULL);
   o->linear_fwd(&dev, L->branch, MT_F32, L->atty, at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
-  o->residual_fwd(&dev, L->resid2, L->inp, L->branch, NC);
+  mt_dtype st = wt == MT_F32 ? MT_F32 : at; /* how the stream is kept */
+  o->dropout_residual_fwd(&dev, L->resid2, L->resid2_h, st, L->inp, L->branch, B, T * C, NULL);
   o->layernorm_fwd(&dev, L->ln2, at, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
   o->linear_gelu_fwd(&dev, L->fchg, L->fch, at, L->ln2, at, L->fcw_h, wt, L->fcb_h, L->cvt, N, C,
                      4 * C);
   o->linear_fwd(&dev, L->branch, MT_F32, L->fchg, at, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
-  o->residual_fwd(&dev, L->out, L->resid2, L->branch, NC);
+  o->dropout_residual_fwd(&dev, L->out, L->out_h, st, L->resid2, L->branch, B, T * C, NULL);
 }
 
 /* dres holds d(out) on entry and d(inp) on return, as in model/gpt.c */

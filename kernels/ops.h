@@ -190,9 +190,14 @@ struct mt_ops {
   /* out = resid + dropout(branch), same masks as dropout_fwd: a branch
    * joining the residual stream after its last GEMM, whose bias the GEMM's
    * epilogue added (Megatron's fused bias-dropout-add), in one pass. drop
-   * NULL: resid + branch. out may alias resid; branch is left as it was. */
-  void (*dropout_residual_fwd)(mt_device *d, float *out, const float *resid, const float *branch,
-                               int B, size_t per_sample, const mt_dropout *drop);
+   * NULL: resid + branch. out may alias resid; branch is left as it was.
+   * ht MT_BF16 or MT_F16 (a 16-bit job's stream): the sum is rounded to ht
+   * in the same pass, out holds the rounded values and out_h, unless NULL,
+   * their 16 bits: what pack_half (round_half without out_h) makes of the
+   * MT_F32 op's out, without a pass of its own. */
+  void (*dropout_residual_fwd)(mt_device *d, float *out, uint16_t *out_h, mt_dtype ht,
+                               const float *resid, const float *branch, int B, size_t per_sample,
+                               const mt_dropout *drop);
   /* dinp += dout * keep / (1 - p), same mask as the forward */
   void (*dropout_bwd)(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
                       const mt_dropout *drop);

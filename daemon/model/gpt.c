@@ -574,12 +574,6 @@ static void layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x
                              m->cfg.ln_eps);
 }
 
-/* In a 16-bit job: x (n floats), an activation the block keeps, rounded in
- * place and stored in h; nothing in an fp32 job, which keeps x itself. */
-static void keep(mt_gpt *m, uint16_t *h, float *x, size_t n) {
-  if (half_acts(m)) m->dev->ops->pack_half(m->dev, h, x, n, m->cfg.precision == MT_PREC_FP16);
-}
-
 /* The bias of block l at `which`, as a GEMM writing `ot` adds it: the fp32
  * vector, or for a 16-bit output its place in the 16-bit working copy,
  * which holds the same values (mt_gpt_round_weights). */
@@ -587,15 +581,17 @@ static const void *bias_for(const mt_gpt *m, int l, int which, mt_dtype ot) {
   return ot == MT_F32 ? (const void *)P(m, l, which) : M(m, l, which);
 }
 
-/* In a 16-bit job: x (n floats) = what keep stored in h. */
+/* In a 16-bit job: x (n floats) = the kept activation the forward stored in h. */
 static void unkeep(mt_gpt *m, float *x, const uint16_t *h, size_t n) {
   if (half_acts(m)) m->dev->ops->unpack_half(m->dev, x, h, n, m->cfg.precision == MT_PREC_FP16);
 }
 
 /* Block l of the stage forward: out(B,T,C) = block(in(B,T,C)), activations
- * into a; dropout masks by the global layer and head index. */
-static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in,
-                         float *out) {
+ * into a; dropout masks by the global layer and head index. out_t MT_BF16
+ * or MT_F16: out is rounded to it, its bits in out_h unless NULL
+ * (stream_keep); MT_F32: not rounded. */
+static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const float *in, float *out,
+                         uint16_t *out_h, mt_dtype out_t) {
   mt_device *d = m->dev;
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
@@ -620,8 +616,9 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
   int rc = tp_sum(m, p->branch, NC);
   if (rc) return rc;
-  ops->dropout_residual_fwd(d, a->resid2, in, p->branch, B, (size_t)T * C, drop1);
-  keep(m, a->resid2_h, a->resid2, NC);
+  /* in a 16-bit job resid2 is kept, rounded, in resid2_h */
+  ops->dropout_residual_fwd(d, a->resid2, a->resid2_h, half_acts(m) ? at : MT_F32, in, p->branch, B,
+                            (size_t)T * C, drop1);
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
    * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM
@@ -632,7 +629,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   ops->linear_fwd(d, p->branch, MT_F32, p->gelu, at, M(m, l, MT_P_FCPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, m->cvt, N, 4 * t.Cl, C);
   if ((rc = tp_sum(m, p->branch, NC))) return rc;
-  ops->dropout_residual_fwd(d, out, a->resid2, p->branch, B, (size_t)T * C, drop2);
+  ops->dropout_residual_fwd(d, out, out_h, out_t, a->resid2, p->branch, B, (size_t)T * C, drop2);
   return 0;
 }
 
@@ -703,14 +700,15 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
 
 /* In a 16-bit job the stream is rounded after every block but the model's
  * last (a pipeline's stage boundaries included, so every layout rounds the
- * same values) and kept in 16 bits between the stage's blocks. */
-static void keep_stream(mt_gpt *m, act_plan *p, int l, float *out) {
-  size_t NC = (size_t)m->B * m->T * m->cfg.n_embd;
-  if (!half_acts(m) || (m->last && l == m->n_layers - 1)) return;
-  if (p->resid_h[l + 1])
-    keep(m, p->resid_h[l + 1], out, NC);
-  else
-    m->dev->ops->round_half(m->dev, out, out, NC, m->cfg.precision == MT_PREC_FP16);
+ * same values) and kept in 16 bits between the stage's blocks; the last
+ * block of a stage that is not the model's last writes the bits that
+ * travel to the next stage. How block l's output is kept: rounded to *t
+ * (MT_F32: not rounded) with its bits where the result points (NULL: none). */
+static uint16_t *stream_keep(const mt_gpt *m, const act_plan *p, int l, mt_dtype *t) {
+  *t = MT_F32;
+  if (!half_acts(m) || (m->last && l == m->n_layers - 1)) return NULL;
+  *t = act_type(m);
+  return l == m->n_layers - 1 ? p->out_h : p->resid_h[l + 1];
 }
 
 int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
@@ -768,12 +766,11 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   const float *in = p->resid[0];
   for (int l = 0; l < L && !rc; l++) {
     float *out = p->resid[l + 1] ? p->resid[l + 1] : p->stream[l % 2];
-    rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], in, out);
-    if (!rc) keep_stream(m, p, l, out);
+    mt_dtype kt;
+    uint16_t *kh = stream_keep(m, p, l, &kt);
+    rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], in, out, kh, kt);
     in = out;
   }
-  if (!rc && p->out_h) /* rounded already by keep_stream: the bits travel exactly */
-    ops->pack_half(d, p->out_h, p->resid[L], BT * C, c->precision == MT_PREC_FP16);
   if (rc || !m->last) return rc;
 
   ops->layernorm_fwd(d, p->lnf, act_type(m), p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
@@ -859,7 +856,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     }
     /* the recomputed output is not needed, and in a 16-bit job is not rounded */
     float *out = half_acts(m) || !p->resid[l + 1] ? p->stream[1] : p->resid[l + 1];
-    int rc = c->recompute ? block_forward(m, p, l, a, in, out) : 0;
+    int rc = c->recompute ? block_forward(m, p, l, a, in, out, NULL, MT_F32) : 0;
     if (!rc) rc = block_backward(m, p, l, a, in);
     if (!rc && m->on_block_grads) rc = m->on_block_grads(m->grads_ctx, l);
     if (rc) return rc;

@@ -130,6 +130,17 @@ static inline MT_HD float mt_half_unpack(uint16_t bits, int fp16) {
   return mt_bf16_to_f32(h);
 }
 
+/* A value of a 16-bit job's residual stream: f rounded to bf16 (fp16 1:
+ * binary16), its 16 bits stored in *h unless h is NULL, and the rounded
+ * value returned as a float; fp16 < 0: f as it is (an fp32 job). What
+ * pack_half (or round_half without h) makes of f. */
+static inline MT_HD float mt_half_keep(float f, uint16_t *h, int fp16) {
+  if (fp16 < 0) return f;
+  uint16_t bits = mt_half_pack(f, fp16);
+  if (h) *h = bits;
+  return mt_half_unpack(bits, fp16);
+}
+
 /* 1 when f does not survive fp16: NaN, infinite, or at least 65520 in
  * magnitude (which rounds to infinity). A scaled gradient like that is an
  * overflow in the loss scaler's terms. */

@@ -83,6 +83,17 @@ static inline void pack_row(uint16_t *h, const float *o, size_t n, int fp16) {
   }
 }
 
+/* o(n), values of a 16-bit job's stream, rounded in place to bf16 (fp16 !=
+ * 0: binary16) with their bits in h, unless h is NULL: pack_half's result. */
+static inline void keep_row(float *o, uint16_t *h, size_t n, int fp16) {
+  if (h) {
+    pack_row(h, o, n, fp16);
+    unpack_row(o, h, n, fp16 ? MT_F16 : MT_BF16);
+  } else {
+    for (size_t i = 0; i < n; i++) o[i] = mt_round_half(o[i], fp16);
+  }
+}
+
 /* Row r (C wide) of a matrix stored as wt, as floats: the row itself when
  * fp32, else unpacked into tmp. */
 static inline const float *row_of(const void *w, mt_dtype wt, size_t r, int C, float *tmp) {
@@ -770,13 +781,27 @@ static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_
   dropout_rows(d, out, inp, B, per_sample, drop, NULL);
 }
 
-static void dropout_residual_fwd(mt_device *d, float *out, const float *resid, const float *branch,
-                                 int B, size_t per_sample, const mt_dropout *drop) {
-  if (!drop || drop->p == 0.0f) {
-    residual_fwd(d, out, resid, branch, (size_t)B * per_sample);
-    return;
+/* dropout_rows' chunks, with the sum rounded in each while it is in L1 */
+static void dropout_residual_fwd(mt_device *d, float *out, uint16_t *out_h, mt_dtype ht,
+                                 const float *resid, const float *branch, int B, size_t per_sample,
+                                 const mt_dropout *drop) {
+  if (drop && drop->p == 0.0f) drop = NULL;
+  size_t chunks = (per_sample + DROP_CHUNK - 1) / DROP_CHUNK;
+#pragma omp parallel for collapse(2)                                                               \
+    num_threads(nthreads(d)) if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
+  for (int b = 0; b < B; b++) {
+    for (size_t k = 0; k < chunks; k++) {
+      size_t e0 = k * DROP_CHUNK, n = per_sample - e0 < DROP_CHUNK ? per_sample - e0 : DROP_CHUNK;
+      size_t off = (size_t)b * per_sample + e0;
+      if (drop) {
+        if (resid != out) memcpy(out + off, resid + off, n * sizeof(float));
+        dropout_apply(out + off, branch + off, n, e0, drop->sample0 + (uint64_t)b, drop, 1);
+      } else {
+        for (size_t j = 0; j < n; j++) out[off + j] = resid[off + j] + branch[off + j];
+      }
+      if (ht != MT_F32) keep_row(out + off, out_h ? out_h + off : NULL, n, ht == MT_F16);
+    }
   }
-  dropout_rows(d, out, branch, B, per_sample, drop, resid);
 }
 
 static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,

@@ -271,6 +271,12 @@ static __global__ void k_residual(float *out, const float *a, const float *b, si
   GRID_STRIDE(i, n) out[i] = a[i] + b[i];
 }
 
+/* out = a + b rounded as a 16-bit stream keeps it (mt_half_keep) */
+static __global__ void k_residual_keep(float *out, uint16_t *h, int fp16, const float *a,
+                                       const float *b, size_t n) {
+  GRID_STRIDE(i, n) out[i] = mt_half_keep(a[i] + b[i], h ? h + i : NULL, fp16);
+}
+
 static __global__ void k_add(float *dst, const float *src, size_t n) {
   GRID_STRIDE(i, n) dst[i] += src[i];
 }
@@ -649,21 +655,25 @@ static void scale(mt_device *d, float *x, float s, size_t n) {
 
 /* One thread per Philox block: elements 4·blk .. 4·blk+3 of sample
  * blockIdx.y, the four lanes of one draw (mt_dropout_keep). */
-/* out = inp * mask, or add + inp * mask (add may be out: accumulate). */
-static __global__ void k_dropout(float *out, const float *inp, const float *add, size_t per_sample,
-                                 float p, uint64_t key, uint64_t sample0) {
+/* out = inp * mask, or add + inp * mask (add may be out: accumulate);
+ * fp16 >= 0: out rounded as a 16-bit stream keeps it, its bits in h unless
+ * h is NULL (mt_half_keep). */
+static __global__ void k_dropout(float *out, uint16_t *h, int fp16, const float *inp,
+                                 const float *add, size_t per_sample, float p, uint64_t key,
+                                 uint64_t sample0) {
   size_t blk = blockIdx.x * (size_t)blockDim.x + threadIdx.x, e0 = blk * 4;
   if (e0 >= per_sample) return;
   mt_philox_out o = mt_philox_block(key, sample0 + blockIdx.y, blk);
   size_t base = (size_t)blockIdx.y * per_sample + e0;
   for (int k = 0; k < 4 && e0 + k < per_sample; k++) {
     float v = inp[base + k] * mt_dropout_keep(p, o.v[k]);
-    out[base + k] = add ? add[base + k] + v : v;
+    out[base + k] = mt_half_keep(add ? add[base + k] + v : v, h ? h + base + k : NULL, fp16);
   }
 }
 
-static void dropout_rows(mt_device *d, const char *name, float *out, const float *inp, int B,
-                         size_t per_sample, const mt_dropout *drop, const float *add) {
+static void dropout_rows(mt_device *d, const char *name, float *out, uint16_t *h, int fp16,
+                         const float *inp, int B, size_t per_sample, const mt_dropout *drop,
+                         const float *add) {
   if (!B || !per_sample) return;
   mt__cuda *c = mt__cuda_enter(d);
   size_t blocks = (per_sample + 4 * EW - 1) / (4 * EW);
@@ -672,7 +682,7 @@ static void dropout_rows(mt_device *d, const char *name, float *out, const float
     return;
   }
   MT_LAUNCH(k_dropout, dim3((unsigned)blocks, (unsigned)B), EW, c->stream)
-  (out, inp, add, per_sample, drop->p, drop->key, drop->sample0);
+  (out, h, fp16, inp, add, per_sample, drop->p, drop->key, drop->sample0);
   mt__cuda_check(d, name);
 }
 
@@ -687,16 +697,21 @@ static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_
     }
     return;
   }
-  dropout_rows(d, "dropout_fwd", out, inp, B, per_sample, drop, NULL);
+  dropout_rows(d, "dropout_fwd", out, NULL, -1, inp, B, per_sample, drop, NULL);
 }
 
-static void dropout_residual_fwd(mt_device *d, float *out, const float *resid, const float *branch,
-                                 int B, size_t per_sample, const mt_dropout *drop) {
-  if (!drop || drop->p == 0.0f) {
-    residual_fwd(d, out, resid, branch, (size_t)B * per_sample);
-    return;
-  }
-  dropout_rows(d, "dropout_residual_fwd", out, branch, B, per_sample, drop, resid);
+static void dropout_residual_fwd(mt_device *d, float *out, uint16_t *out_h, mt_dtype ht,
+                                 const float *resid, const float *branch, int B, size_t per_sample,
+                                 const mt_dropout *drop) {
+  int fp16 = ht == MT_F32 ? -1 : ht == MT_F16;
+  size_t n = (size_t)B * per_sample;
+  if ((!drop || drop->p == 0.0f) && fp16 < 0)
+    residual_fwd(d, out, resid, branch, n);
+  else if (!drop || drop->p == 0.0f) {
+    if (n)
+      LAUNCH_EW(d, "dropout_residual_fwd", k_residual_keep, n, out, out_h, fp16, resid, branch, n);
+  } else
+    dropout_rows(d, "dropout_residual_fwd", out, out_h, fp16, branch, B, per_sample, drop, resid);
 }
 
 static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
@@ -705,7 +720,7 @@ static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, siz
     add_inplace(d, dinp, dout, (size_t)B * per_sample);
     return;
   }
-  dropout_rows(d, "dropout_bwd", dinp, dout, B, per_sample, drop, dinp);
+  dropout_rows(d, "dropout_bwd", dinp, NULL, -1, dout, B, per_sample, drop, dinp);
 }
 
 /* ---- cross-entropy ------------------------------------------------------ */

@@ -1167,8 +1167,8 @@ static void test_dropout(int B, size_t per) {
    * then residual_fwd on the GPU itself; out aliasing resid; no dropout */
   float *r = H(n, -2, 2), *gr = Df(r, n);
   g = DN(n);
-  cpu.ops->dropout_residual_fwd(&cpu, c, r, x, B, per, &drop);
-  gpu.ops->dropout_residual_fwd(&gpu, g, gr, gx, B, per, &drop);
+  cpu.ops->dropout_residual_fwd(&cpu, c, NULL, MT_F32, r, x, B, per, &drop);
+  gpu.ops->dropout_residual_fwd(&gpu, g, NULL, MT_F32, gr, gx, B, per, &drop);
   float *fused = back(g, n);
   check("dropout_residual_fwd", label("B=%d per_sample=%zu", B, per), fused, c, n, 1e-6);
   float *gt = DN(n), *gs = DN(n);
@@ -1177,12 +1177,40 @@ static void test_dropout(int B, size_t per) {
   check("dropout_residual_fwd", "= dropout_fwd, residual_fwd", fused, back(gs, n), n, 1e-6);
   check("dropout_residual_fwd", "branch left as it was", back(gx, n), x, n, 0.0);
   float *galias = Df(r, n);
-  gpu.ops->dropout_residual_fwd(&gpu, galias, galias, gx, B, per, &drop);
+  gpu.ops->dropout_residual_fwd(&gpu, galias, NULL, MT_F32, galias, gx, B, per, &drop);
   check("dropout_residual_fwd", "out aliases resid", back(galias, n), c, n, 1e-6);
   g = DN(n);
-  cpu.ops->dropout_residual_fwd(&cpu, c, r, x, B, per, NULL);
-  gpu.ops->dropout_residual_fwd(&gpu, g, gr, gx, B, per, NULL);
+  cpu.ops->dropout_residual_fwd(&cpu, c, NULL, MT_F32, r, x, B, per, NULL);
+  gpu.ops->dropout_residual_fwd(&gpu, g, NULL, MT_F32, gr, gx, B, per, NULL);
   check("dropout_residual_fwd", "no dropout (a residual add)", back(g, n), c, n, 0.0);
+
+  /* a 16-bit job's stream, rounded in the same pass: the bits are those of
+   * the GPU's own fp32 sum and the CPU's (check_typed); out holds their
+   * values; in place on resid without the bits, the same values */
+  for (int t = MT_BF16; t <= MT_F16; t++) {
+    for (int dropped = 0; dropped < 2; dropped++) {
+      mt_dtype ht = (mt_dtype)t;
+      const mt_dropout *dp = dropped ? &drop : NULL;
+      const char *what =
+          label("%s %s", dropped ? "dropout" : "no dropout", ht == MT_F16 ? "fp16" : "bf16");
+      float *c32 = halloc(n * sizeof(float)), *cr = halloc(n * sizeof(float));
+      uint16_t *ch = halloc(n * sizeof(uint16_t));
+      cpu.ops->dropout_residual_fwd(&cpu, c32, NULL, MT_F32, r, x, B, per, dp);
+      cpu.ops->dropout_residual_fwd(&cpu, cr, ch, ht, r, x, B, per, dp);
+      float *g32 = DN(n), *gv = DN(n), *ga = Df(r, n);
+      void *gh = DP(n * sizeof(uint16_t));
+      gpu.ops->dropout_residual_fwd(&gpu, g32, NULL, MT_F32, gr, gx, B, per, dp);
+      gpu.ops->dropout_residual_fwd(&gpu, gv, gh, ht, gr, gx, B, per, dp);
+      gpu.ops->dropout_residual_fwd(&gpu, ga, NULL, ht, ga, gx, B, per, dp);
+      float *values = back(gv, n);
+      check_typed("dropout_residual_fwd", dropped ? "dropout" : "no dropout", gh, ch, back(g32, n),
+                  c32, n, ht);
+      check("dropout_residual_fwd", label("%s: out holds the bits' values", what), values,
+            back_half(gh, n, ht), n, 0.0);
+      check("dropout_residual_fwd", label("%s: in place without the bits", what), back(ga, n),
+            values, n, 0.0);
+    }
+  }
   arena_reset();
 }
 

@@ -974,16 +974,46 @@ static void test_dropout_residual_fwd_is_dropout_then_add(void) {
       size_t i = (size_t)bi * ps + e;
       want[i] = r[i] + (double)x[i] * mt_dropout_scale(d.p, d.key, d.sample0 + (uint64_t)bi, e);
     }
-  ops->dropout_residual_fwd(&dev, out, r, x, B, ps, &d);
+  ops->dropout_residual_fwd(&dev, out, NULL, MT_F32, r, x, B, ps, &d);
   check_fwd(__func__, "resid + dropout(branch)", out, want, n);
   report(bits_equal(x, x0, n), __func__, "the branch is left as it was");
   float *y = fcopy(r, n);
-  ops->dropout_residual_fwd(&dev, y, y, x, B, ps, &d);
+  ops->dropout_residual_fwd(&dev, y, NULL, MT_F32, y, x, B, ps, &d);
   report(bits_equal(y, out, n), __func__, "out aliasing resid gives the same");
   for (size_t i = 0; i < n; i++) want[i] = (double)r[i] + x[i];
-  ops->dropout_residual_fwd(&dev, out, r, x, B, ps, NULL);
+  ops->dropout_residual_fwd(&dev, out, NULL, MT_F32, r, x, B, ps, NULL);
   check_fwd(__func__, "no dropout: resid + branch", out, want, n);
   free(x), free(r), free(x0), free(out), free(y), free(want);
+}
+
+/* A 16-bit job's stream: the fused op rounds the sum as pack_half (with the
+ * bits) or round_half (without) does after the fp32 op, bit for bit, with
+ * and without dropout, in place on resid too. */
+static void test_dropout_residual_fwd_rounds_like_pack_half(void) {
+  int B = 2;
+  size_t ps = 4099, n = (size_t)B * ps;
+  mt_dropout d = {0.1f, mt_philox_key(5, "h.1.mlp_out"), 7, 0};
+  float *x = frand(n, -3, 3), *r = frand(n, -3, 3);
+  float *want = fzeros(n), *out = fzeros(n), *y = fzeros(n);
+  uint16_t *want_h = xmalloc(n * sizeof *want_h), *h = xmalloc(n * sizeof *h);
+  for (int t = MT_BF16; t <= MT_F16; t++) {
+    for (int drop = 0; drop < 2; drop++) {
+      const mt_dropout *dp = drop ? &d : NULL;
+      char what[64];
+      snprintf(what, sizeof what, "%s, %s", t == MT_F16 ? "fp16" : "bf16",
+               drop ? "dropout" : "no dropout");
+      ops->dropout_residual_fwd(&dev, want, NULL, MT_F32, r, x, B, ps, dp);
+      ops->pack_half(&dev, want_h, want, n, t == MT_F16);
+      memset(h, 0xff, n * sizeof *h);
+      ops->dropout_residual_fwd(&dev, out, h, (mt_dtype)t, r, x, B, ps, dp);
+      report(bits_equal(out, want, n) && !memcmp(h, want_h, n * sizeof *h), __func__,
+             "%s: values and bits", what);
+      memcpy(y, r, n * sizeof *y);
+      ops->dropout_residual_fwd(&dev, y, NULL, (mt_dtype)t, y, x, B, ps, dp);
+      report(bits_equal(y, want, n), __func__, "%s: without the bits, in place on resid", what);
+    }
+  }
+  free(x), free(r), free(want), free(out), free(y), free(want_h), free(h);
 }
 
 static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
@@ -1251,6 +1281,7 @@ int main(void) {
 
   test_dropout_p0_and_null_are_identity();
   test_dropout_residual_fwd_is_dropout_then_add();
+  test_dropout_residual_fwd_rounds_like_pack_half();
   test_dropout_half_keeps_about_half_scaled_by_two();
   test_dropout_mask_same_in_fwd_bwd_and_any_batch_split();
   test_dropout_fwd_matches_reference();
