@@ -8,7 +8,10 @@
  * A block takes one tile of R = 16·W rows (queries, or keys in the
  * backward's dK/dV pass) of one (sample, head) with W warps, each warp 16
  * rows; the other side moves through tiles of R. The head's width HS is
- * padded with zeros to D (64, 128 or 256) in shared memory. Row work on a
+ * padded with zeros to D (64, 128, 160 or 256) in shared memory: 160 is
+ * MT-NLG 530B's head size, which 256 would pad with 60% more products;
+ * and the dK/dV kernel's accumulators, D floats a lane, fit the registers
+ * at 160 (no spills) where at 256 they spill. Row work on a
  * warp's 16 × R scores goes through shared memory, a lane pair per row.
  *
  * Forward (k_flash_fwd): two sweeps over the key tiles up to the diagonal:
@@ -526,6 +529,9 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
   else if (HS <= 128)
     fp16 ? flash<1, 128, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
          : flash<0, 128, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
+  else if (HS <= 160)
+    fp16 ? flash<1, 160, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
+         : flash<0, 160, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
   else
     fp16 ? flash<1, 256, 2>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
          : flash<0, 256, 2>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
@@ -557,6 +563,9 @@ void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratc
     else if (HS <= 128)
       fp16 ? flash<1, 128, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
            : flash<0, 128, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+    else if (HS <= 160)
+      fp16 ? flash<1, 160, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
+           : flash<0, 160, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
     else
       fp16 ? flash<1, 256, 2>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
            : flash<0, 256, 2>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);

@@ -1379,15 +1379,18 @@ int main(int argc, char **argv) {
     test_attention(rows, MT_MATMUL_FP32, 1);
     /* the flash kernels: head size 16 padded to 64 (tiles loaded 8 or 4
      * elements at a time), T past one tile of 64 rows and not a multiple of
-     * it; 80 padded to 128; 144 padded to 256
-     * in tiles of 32 rows; B = 3 goes by one sample per group (the
-     * emulator's scratch: 420 floats, the backward's D 4·70 per sample) */
+     * it; 80 padded to 128; 144 padded to 160 (MT-NLG's width); 200
+     * padded to 256 in tiles of 32 rows; B = 3 goes by one sample per group
+     * (the emulator's scratch: 420 floats, the backward's D 4·70 per
+     * sample) */
     shape f64 = {2, 70, 32, 2, 37, 40}, f128 = {1, 20, 160, 2, 37, 40};
-    shape f256 = {1, 40, 144, 1, 37, 40}, fgroups = {3, 70, 64, 4, 37, 40};
+    shape f160 = {1, 70, 144, 1, 37, 40}, f256 = {1, 40, 200, 1, 37, 40};
+    shape fgroups = {3, 70, 64, 4, 37, 40};
     test_flash_attention(f64, MT_BF16, 0);
     test_flash_attention(f64, MT_BF16, 1);
     test_flash_attention(f64, MT_F16, 1);
     test_flash_attention(f128, MT_BF16, 1);
+    test_flash_attention(f160, MT_BF16, 1);
     test_flash_attention(f256, MT_F16, 0);
     test_flash_attention(fgroups, MT_BF16, 1);
     shape fodd = {2, 33, 20, 2, 37, 40}; /* head size 10: tiles load element by element */
