@@ -19,7 +19,8 @@
  *    measured bf16 ceiling. The bf16 layer keeps qkv in bf16, so its
  *    attention runs the flash kernels (flash_cuda.cu).
  * 3. Attention alone, forward and backward: an fp32 qkv (chunked GEMMs)
- *    against a bf16 one (flash kernels).
+ *    against a bf16 one (flash kernels); and the flash kernels at MT-NLG
+ *    530B's head width (160: one tp rank's 16 heads) against 128.
  * Each figure is also printed as "RESULT key value" for the script.
  *
  * Usage: gpu_bench [--quick]   (--quick: fewer iterations)
@@ -384,6 +385,49 @@ static void bench_attention(int B) {
   dev.matmul = MT_MATMUL_FP32;
 }
 
+/* The flash kernels alone, forward + backward of a bf16 qkv (B,T,3C), NH
+ * heads; returns TFLOP/s (causal: 3·2·B·T²·C). */
+static double flash_rate(int B, int T, int C, int NH) {
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
+  uint64_t st = 11;
+  float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
+  float *lse = dmalloc((size_t)B * NH * T * 4), *dqkv = dmalloc(nq * 4);
+  uint16_t *qkv_h = dmalloc(nq * 2), *out_h = dmalloc(no * 2);
+  float *scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH, MT_BF16) * 4);
+  dev.ops->to_half(&dev, qkv_h, qkv, nq, 0);
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = -2; i < iters; i++) {
+    if (!i) CK(cudaEventRecord(e0, dev.stream));
+    dev.ops->attention_fwd(&dev, out_h, lse, scratch, qkv_h, MT_BF16, B, T, C, NH, NULL);
+    dev.ops->attention_bwd(&dev, dqkv, scratch, dout, out_h, qkv_h, MT_BF16, lse, B, T, C, NH,
+                           NULL);
+  }
+  CK(cudaEventRecord(e1, dev.stream));
+  CK(cudaEventSynchronize(e1));
+  sync_or_die("flash attention");
+  double ms = elapsed_ms(e0, e1) / iters;
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  void *bufs[] = {qkv, dout, lse, dqkv, qkv_h, out_h, scratch};
+  for (int i = 0; i < 7; i++) mt_device_free(&dev, bufs[i]);
+  return 3.0 * 2.0 * B * (double)T * T * C / (ms * 1e-3) / 1e12;
+}
+
+/* MT-NLG 530B's attention on one tensor rank of 8 (16 of its 128 heads of
+ * 160, T 2048, micro-batch 1), which the 160-wide flash kernels take,
+ * beside the same heads at 128 wide (GPT-3's width, the 128-wide kernels)
+ * in the same run: the head width's cost per FLOP. */
+static void bench_flash_widths(void) {
+  double w160 = flash_rate(1, 2048, 16 * 160, 16), w128 = flash_rate(1, 2048, 16 * 128, 16);
+  printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
+         "128 %.1f TFLOP/s, %.2fx\n",
+         w160, w128, w160 / w128);
+  printf("RESULT flash_hs160_tflops %.2f\n", w160);
+  printf("RESULT flash_hs128_tflops %.2f\n", w128);
+  fflush(stdout);
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "--quick")) iters = 3;
   if (mt_device_open(&dev, "cuda:0")) {
@@ -405,6 +449,7 @@ int main(int argc, char **argv) {
   fflush(stdout);
 
   bench_attention(4);
+  bench_flash_widths();
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16);

@@ -37,9 +37,10 @@ typedef struct mt_parallel_spec {
   char schedule[16];          /* "1f1b" */
   int bucket_size;            /* dp > 1: gradient elements per bucket reduced during the
                                  backward pass (Megatron's --ddp-bucket-size) */
-  int overlap_p2p;            /* pipeline sends are started and waited for only when their
-                                 buffer is needed again (Megatron's --overlap-p2p-communication);
-                                 0: every send and receive blocks. Default 1. */
+  int overlap_p2p;            /* pipeline receives are posted an operation ahead and sends
+                                 waited for only when their buffer is needed again (Megatron's
+                                 --overlap-p2p-communication); 0: each exchange completes
+                                 before the next compute. Default 1. */
 } mt_parallel_spec;
 
 typedef enum { MT_LR_CONSTANT = 0, MT_LR_COSINE = 1, MT_LR_LINEAR = 2 } mt_lr_kind;
