@@ -44,19 +44,25 @@ typedef struct layout {
   int ckpt_interval;       /* with ckpt_dir */
   int bucket_size;         /* 0: the default */
   float dropout;           /* attention's and the hidden one, 0: none */
+  int n_layer;             /* 0: the preset's (2) */
+  int blocking_p2p;        /* parallel.overlap_p2p = false */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
  * of 2; logs[w] receives world rank w's steps. */
 static int run(const layout *l, rank_log *logs) {
-  char json[1400], ckpt[400] = "", bucket[64] = "", drop[96] = "";
+  char json[1400], ckpt[400] = "", bucket[64] = "", drop[160] = "";
   if (l->ckpt_dir)
     snprintf(ckpt, sizeof ckpt, ",\"checkpoint\":{\"dir\":\"%s\",\"interval\":%d}", l->ckpt_dir,
              l->ckpt_interval);
   if (l->bucket_size) snprintf(bucket, sizeof bucket, ",\"bucket_size\":%d", l->bucket_size);
+  if (l->blocking_p2p)
+    snprintf(bucket + strlen(bucket), sizeof bucket - strlen(bucket), ",\"overlap_p2p\":false");
   if (l->dropout > 0.0f)
     snprintf(drop, sizeof drop, ",\"attention_dropout\":%g,\"hidden_dropout\":%g", l->dropout,
              l->dropout);
+  if (l->n_layer)
+    snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"n_layer\":%d", l->n_layer);
   snprintf(json, sizeof json,
            "{\"name\":\"emu\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16%s},"
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
@@ -235,6 +241,38 @@ static int test_bf16_3d_layout_on_gpus_follows_one_cpu(void) {
   return three_d_on_gpus_follows_one_cpu("bf16", 0.1f, 1e-4);
 }
 
+/* Pipeline receives posted an operation ahead on NCCL's in-order streams
+ * (parallel.overlap_p2p, the default) give the blocking schedule's bits on
+ * every rank: pp 4 over a 4-layer model, so the two middle stages post
+ * ahead on both links, with dropout. Were both directions one NCCL group,
+ * a send queued behind a receive posted ahead would wait for it, and the
+ * neighbours would hold each other until the deadline. */
+static int test_pp4_overlapped_p2p_on_gpus_matches_blocking(void) {
+  enum { N = 2, PP = 4 };
+  static rank_log ahead[PP], blocking[PP];
+  layout l = {.kind = "cuda",
+              .precision = "bf16",
+              .steps = N,
+              .tp = 1,
+              .pp = PP,
+              .dp = 1,
+              .dropout = 0.1f,
+              .n_layer = 4};
+  REQUIRE(!run(&l, ahead), "overlapped: %s", mt_errmsg());
+  l.blocking_p2p = 1;
+  REQUIRE(!run(&l, blocking), "blocking: %s", mt_errmsg());
+  for (int w = 0; w < PP; w++) {
+    CHECK(ahead[w].n == N && blocking[w].n == N, "rank %d: %d and %d steps", w, ahead[w].n,
+          blocking[w].n);
+    for (int s = 0; s < N && s < ahead[w].n && s < blocking[w].n; s++)
+      CHECK(ahead[w].loss[s] == blocking[w].loss[s], "rank %d step %d: loss %.9g vs %.9g", w, s + 1,
+            ahead[w].loss[s], blocking[w].loss[s]);
+  }
+  printf("  bf16 pp4 on cuda:0-3: overlapped and blocking p2p, %d steps, losses equal (%.7f)\n", N,
+         ahead[0].loss[N - 1]);
+  return 0;
+}
+
 /* A checkpoint written from GPU memory resumes bit for bit: 6 steps straight,
  * against 3 steps, a checkpoint, and a resumed run of the rest, under dp 2
  * (each rank's ZeRO slice staged through the host both ways). */
@@ -287,6 +325,8 @@ int main(void) {
       {"test_3d_layout_on_gpus_matches_one_cpu", test_3d_layout_on_gpus_matches_one_cpu},
       {"test_bf16_3d_layout_on_gpus_follows_one_cpu", test_bf16_3d_layout_on_gpus_follows_one_cpu},
       {"test_checkpoint_resume_on_gpus_is_exact", test_checkpoint_resume_on_gpus_is_exact},
+      {"test_pp4_overlapped_p2p_on_gpus_matches_blocking",
+       test_pp4_overlapped_p2p_on_gpus_matches_blocking},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
     int before = failures;
