@@ -749,12 +749,13 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
 
 #define DROP_CHUNK 4096 /* elements of one sample per loop iteration, a multiple of 4 */
 
-/* out (+)= inp * mask over (B, per_sample), parallel over fixed chunks */
-/* out = inp * mask (add NULL) or add + inp * mask (add may be out: accumulate);
- * with add another array, each chunk of it is copied into out first, while
- * the chunk is in L1. */
-static void dropout_rows(mt_device *d, float *out, const float *inp, int B, size_t per_sample,
-                         const mt_dropout *drop, const float *add) {
+/* out = inp * mask (add NULL) or add + inp * mask (add may be out:
+ * accumulate; drop NULL: add + inp) over (B, per_sample), parallel over
+ * fixed chunks; with add another array, each chunk of it is copied into out
+ * first, while the chunk is in L1. ht MT_BF16 or MT_F16: each chunk of out
+ * is then rounded (keep_row), its bits in h unless h is NULL. */
+static void dropout_rows(mt_device *d, float *out, uint16_t *h, mt_dtype ht, const float *inp,
+                         int B, size_t per_sample, const mt_dropout *drop, const float *add) {
   size_t chunks = (per_sample + DROP_CHUNK - 1) / DROP_CHUNK;
 #pragma omp parallel for collapse(2)                                                               \
     num_threads(nthreads(d)) if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
@@ -762,12 +763,14 @@ static void dropout_rows(mt_device *d, float *out, const float *inp, int B, size
     for (size_t k = 0; k < chunks; k++) {
       size_t e0 = k * DROP_CHUNK, n = per_sample - e0 < DROP_CHUNK ? per_sample - e0 : DROP_CHUNK;
       size_t off = (size_t)b * per_sample + e0;
-      uint64_t sample = drop->sample0 + (uint64_t)b;
       if (add && add != out) memcpy(out + off, add + off, n * sizeof(float));
-      if (add)
-        dropout_apply(out + off, inp + off, n, e0, sample, drop, 1);
+      if (!drop)
+        for (size_t j = 0; j < n; j++) out[off + j] += inp[off + j];
+      else if (add)
+        dropout_apply(out + off, inp + off, n, e0, drop->sample0 + (uint64_t)b, drop, 1);
       else
-        dropout_apply(out + off, inp + off, n, e0, sample, drop, 0);
+        dropout_apply(out + off, inp + off, n, e0, drop->sample0 + (uint64_t)b, drop, 0);
+      if (ht != MT_F32) keep_row(out + off, h ? h + off : NULL, n, ht == MT_F16);
     }
   }
 }
@@ -778,30 +781,14 @@ static void dropout_fwd(mt_device *d, float *out, const float *inp, int B, size_
     if (out != inp) memmove(out, inp, (size_t)B * per_sample * sizeof(float));
     return;
   }
-  dropout_rows(d, out, inp, B, per_sample, drop, NULL);
+  dropout_rows(d, out, NULL, MT_F32, inp, B, per_sample, drop, NULL);
 }
 
-/* dropout_rows' chunks, with the sum rounded in each while it is in L1 */
 static void dropout_residual_fwd(mt_device *d, float *out, uint16_t *out_h, mt_dtype ht,
                                  const float *resid, const float *branch, int B, size_t per_sample,
                                  const mt_dropout *drop) {
-  if (drop && drop->p == 0.0f) drop = NULL;
-  size_t chunks = (per_sample + DROP_CHUNK - 1) / DROP_CHUNK;
-#pragma omp parallel for collapse(2)                                                               \
-    num_threads(nthreads(d)) if ((size_t)B * per_sample >= PAR_MIN / 8) schedule(static)
-  for (int b = 0; b < B; b++) {
-    for (size_t k = 0; k < chunks; k++) {
-      size_t e0 = k * DROP_CHUNK, n = per_sample - e0 < DROP_CHUNK ? per_sample - e0 : DROP_CHUNK;
-      size_t off = (size_t)b * per_sample + e0;
-      if (drop) {
-        if (resid != out) memcpy(out + off, resid + off, n * sizeof(float));
-        dropout_apply(out + off, branch + off, n, e0, drop->sample0 + (uint64_t)b, drop, 1);
-      } else {
-        for (size_t j = 0; j < n; j++) out[off + j] = resid[off + j] + branch[off + j];
-      }
-      if (ht != MT_F32) keep_row(out + off, out_h ? out_h + off : NULL, n, ht == MT_F16);
-    }
-  }
+  dropout_rows(d, out, out_h, ht, branch, B, per_sample, drop && drop->p != 0.0f ? drop : NULL,
+               resid);
 }
 
 static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
@@ -810,7 +797,7 @@ static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, siz
     add_inplace(d, dinp, dout, (size_t)B * per_sample);
     return;
   }
-  dropout_rows(d, dinp, dout, B, per_sample, drop, dinp);
+  dropout_rows(d, dinp, NULL, MT_F32, dout, B, per_sample, drop, dinp);
 }
 
 /* ---- cross-entropy ------------------------------------------------------ */
