@@ -337,81 +337,59 @@ static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const ch
   return tflops;
 }
 
-/* Attention alone, forward + backward at the layer's shapes: the fp32 qkv
- * of an fp32 job (chunked cuBLASLt GEMMs around row kernels, in bf16
- * matmul mode) beside the bf16 qkv of a bf16 job (flash_cuda.cu). */
-static void bench_attention(int B) {
-  int T = 2048, C = 2048, NH = 16;
+/* Milliseconds of one attention forward + backward of a qkv (B,T,3C) of
+ * random values stored as qt, NH heads, in bf16 matmul mode: an fp32 qkv
+ * takes the chunked cuBLASLt GEMMs around row kernels, a bf16 one the flash
+ * kernels (flash_cuda.cu). */
+static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
-  float *out = dmalloc(no * 4), *lse = dmalloc((size_t)B * NH * T * 4), *dqkv = dmalloc(nq * 4);
-  uint16_t *qkv_h = dmalloc(nq * 2), *out_h = dmalloc(no * 2);
-  size_t s32 = dev.ops->attention_scratch(&dev, T, C, NH, MT_F32);
-  size_t s16 = dev.ops->attention_scratch(&dev, T, C, NH, MT_BF16);
-  float *scratch = dmalloc((s32 > s16 ? s32 : s16) * 4);
-  dev.matmul = MT_MATMUL_BF16;
-  dev.ops->to_half(&dev, qkv_h, qkv, nq, 0);
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  double ms[2];
-  for (int k = 0; k < 2; k++) {
-    mt_dtype qt = k ? MT_BF16 : MT_F32;
-    const void *in = k ? (const void *)qkv_h : qkv, *o = k ? (const void *)out_h : out;
-    for (int i = -2; i < iters; i++) {
-      if (!i) CK(cudaEventRecord(e0, dev.stream));
-      dev.ops->attention_fwd(&dev, k ? (void *)out_h : out, lse, scratch, in, qt, B, T, C, NH,
-                             NULL);
-      dev.ops->attention_bwd(&dev, dqkv, scratch, dout, o, in, qt, lse, B, T, C, NH, NULL);
-    }
-    CK(cudaEventRecord(e1, dev.stream));
-    CK(cudaEventSynchronize(e1));
-    sync_or_die("attention");
-    ms[k] = elapsed_ms(e0, e1) / iters;
-  }
-  /* causal: half of the 4·B·T²·C of Q·Kᵀ and P·V, forward 1×, backward 2× */
-  double flops = 3.0 * 2.0 * B * (double)T * T * C;
-  printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
-         "ms (%.1f TFLOP/s), %.2fx\n",
-         B, T, ms[0], ms[1], flops / (ms[1] * 1e-3) / 1e12, ms[0] / ms[1]);
-  printf("RESULT attention_chunked_ms %.3f\n", ms[0]);
-  printf("RESULT attention_flash_ms %.3f\n", ms[1]);
-  printf("RESULT attention_flash_tflops %.2f\n", flops / (ms[1] * 1e-3) / 1e12);
-  fflush(stdout);
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
-  void *bufs[] = {qkv, dout, out, lse, dqkv, qkv_h, out_h, scratch};
-  for (int i = 0; i < 8; i++) mt_device_free(&dev, bufs[i]);
-  dev.matmul = MT_MATMUL_FP32;
-}
-
-/* The flash kernels alone, forward + backward of a bf16 qkv (B,T,3C), NH
- * heads; returns TFLOP/s (causal: 3·2·B·T²·C). */
-static double flash_rate(int B, int T, int C, int NH) {
-  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
-  uint64_t st = 11;
-  float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
   float *lse = dmalloc((size_t)B * NH * T * 4), *dqkv = dmalloc(nq * 4);
-  uint16_t *qkv_h = dmalloc(nq * 2), *out_h = dmalloc(no * 2);
-  float *scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH, MT_BF16) * 4);
-  dev.ops->to_half(&dev, qkv_h, qkv, nq, 0);
+  void *in = qkv, *out = dmalloc(no * (qt == MT_F32 ? 4 : 2)), *qkv_h = NULL;
+  float *scratch = dmalloc(dev.ops->attention_scratch(&dev, T, C, NH, qt) * 4);
+  dev.matmul = MT_MATMUL_BF16;
+  if (qt != MT_F32) {
+    in = qkv_h = dmalloc(nq * 2);
+    dev.ops->to_half(&dev, qkv_h, qkv, nq, qt == MT_F16);
+  }
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   for (int i = -2; i < iters; i++) {
     if (!i) CK(cudaEventRecord(e0, dev.stream));
-    dev.ops->attention_fwd(&dev, out_h, lse, scratch, qkv_h, MT_BF16, B, T, C, NH, NULL);
-    dev.ops->attention_bwd(&dev, dqkv, scratch, dout, out_h, qkv_h, MT_BF16, lse, B, T, C, NH,
-                           NULL);
+    dev.ops->attention_fwd(&dev, out, lse, scratch, in, qt, B, T, C, NH, NULL);
+    dev.ops->attention_bwd(&dev, dqkv, scratch, dout, out, in, qt, lse, B, T, C, NH, NULL);
   }
   CK(cudaEventRecord(e1, dev.stream));
   CK(cudaEventSynchronize(e1));
-  sync_or_die("flash attention");
+  sync_or_die("attention");
   double ms = elapsed_ms(e0, e1) / iters;
   cudaEventDestroy(e0), cudaEventDestroy(e1);
-  void *bufs[] = {qkv, dout, lse, dqkv, qkv_h, out_h, scratch};
-  for (int i = 0; i < 7; i++) mt_device_free(&dev, bufs[i]);
-  return 3.0 * 2.0 * B * (double)T * T * C / (ms * 1e-3) / 1e12;
+  void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
+  for (int i = 0; i < 7; i++)
+    if (bufs[i]) mt_device_free(&dev, bufs[i]);
+  dev.matmul = MT_MATMUL_FP32;
+  return ms;
+}
+
+/* causal attention's model FLOPs, forward + backward: half of the 4·B·T²·C
+ * of Q·Kᵀ and P·V, forward 1×, backward 2× */
+static double attention_flops(int B, int T, int C) { return 3.0 * 2.0 * B * (double)T * T * C; }
+
+/* Attention alone at the layer's shapes: the fp32 qkv of an fp32 job beside
+ * the bf16 qkv of a bf16 job. */
+static void bench_attention(int B) {
+  int T = 2048, C = 2048, NH = 16;
+  double chunked = attention_ms(B, T, C, NH, MT_F32), flash = attention_ms(B, T, C, NH, MT_BF16);
+  double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
+  printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
+         "ms (%.1f TFLOP/s), %.2fx\n",
+         B, T, chunked, flash, tflops, chunked / flash);
+  printf("RESULT attention_chunked_ms %.3f\n", chunked);
+  printf("RESULT attention_flash_ms %.3f\n", flash);
+  printf("RESULT attention_flash_tflops %.2f\n", tflops);
+  fflush(stdout);
 }
 
 /* MT-NLG 530B's attention on one tensor rank of 8 (16 of its 128 heads of
@@ -419,7 +397,11 @@ static double flash_rate(int B, int T, int C, int NH) {
  * beside the same heads at 128 wide (GPT-3's width, the 128-wide kernels)
  * in the same run: the head width's cost per FLOP. */
 static void bench_flash_widths(void) {
-  double w160 = flash_rate(1, 2048, 16 * 160, 16), w128 = flash_rate(1, 2048, 16 * 128, 16);
+  int T = 2048, NH = 16;
+  double w160 =
+      attention_flops(1, T, NH * 160) / (attention_ms(1, T, NH * 160, NH, MT_BF16) * 1e-3) / 1e12;
+  double w128 =
+      attention_flops(1, T, NH * 128) / (attention_ms(1, T, NH * 128, NH, MT_BF16) * 1e-3) / 1e12;
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);

@@ -271,7 +271,8 @@ static __global__ void k_residual(float *out, const float *a, const float *b, si
   GRID_STRIDE(i, n) out[i] = a[i] + b[i];
 }
 
-/* out = a + b rounded as a 16-bit stream keeps it (mt_half_keep) */
+/* out = a + b, rounded as a 16-bit stream keeps it (mt_half_keep; fp16 < 0:
+ * not rounded) */
 static __global__ void k_residual_keep(float *out, uint16_t *h, int fp16, const float *a,
                                        const float *b, size_t n) {
   GRID_STRIDE(i, n) out[i] = mt_half_keep(a[i] + b[i], h ? h + i : NULL, fp16);
@@ -705,13 +706,10 @@ static void dropout_residual_fwd(mt_device *d, float *out, uint16_t *out_h, mt_d
                                  const mt_dropout *drop) {
   int fp16 = ht == MT_F32 ? -1 : ht == MT_F16;
   size_t n = (size_t)B * per_sample;
-  if ((!drop || drop->p == 0.0f) && fp16 < 0)
-    residual_fwd(d, out, resid, branch, n);
-  else if (!drop || drop->p == 0.0f) {
-    if (n)
-      LAUNCH_EW(d, "dropout_residual_fwd", k_residual_keep, n, out, out_h, fp16, resid, branch, n);
-  } else
+  if (drop && drop->p != 0.0f)
     dropout_rows(d, "dropout_residual_fwd", out, out_h, fp16, branch, B, per_sample, drop, resid);
+  else if (n) /* a residual add (rounded in a 16-bit job) */
+    LAUNCH_EW(d, "dropout_residual_fwd", k_residual_keep, n, out, out_h, fp16, resid, branch, n);
 }
 
 static void dropout_bwd(mt_device *d, float *dinp, const float *dout, int B, size_t per_sample,
