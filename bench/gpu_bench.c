@@ -266,19 +266,21 @@ static void layer_bwd(layer *L) {
   size_t NC = (size_t)N * C;
   float **g = L->g;
   mt_dtype wt = L->wt, at = wt;
-  o->linear_bwd_dgelu(&dev, L->dfch2, L->dfch, g[10], g[11], L->dres, L->fchg, at, L->fch,
+  o->linear_bwd_dgelu(&dev, L->dfch2, at, L->dfch, g[10], g[11], L->dres, L->fchg, at, L->fch,
                       L->fcpw_h, wt, L->cvt, N, 4 * C, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, L->ln2, at, L->fcw_h, wt, L->cvt, N, C,
+  o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, at, L->ln2, at, L->fcw_h, wt, L->cvt, N, C,
                 4 * C);
   o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
-  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, L->atty, at, L->projw_h, wt, L->cvt, N, C, C);
+  o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, MT_F32, L->atty, at, L->projw_h, wt, L->cvt, N,
+                C, C);
   mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
   o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->atty, L->qkv, at, L->lse, B, T, C,
                    L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
-  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C, 3 * C);
+  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, MT_F32, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C,
+                3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
 }
 

@@ -20,7 +20,8 @@
  *   GeLU and its gradient their input as fp32 or 16-bit, reading the float
  *   each element holds; attention takes qkv and writes its output as the
  *   job keeps them (`qt`). The residual stream, LayerNorm's input, the
- *   logits and every gradient stay fp32.
+ *   logits and every gradient stay fp32 but the MLP's inner one
+ *   (linear_bwd_dgelu's dpre), which a 16-bit job keeps in 16 bits.
  * - Weights of a linear layer are (OC, C): out = inp · wᵀ + bias (Megatron's
  *   and torch.nn.Linear's layout; Hugging Face's Conv1D is converted on I/O).
  * - Backward ops ACCUMULATE (+=) into every gradient they produce: the caller
@@ -109,10 +110,14 @@ struct mt_ops {
   void (*linear_fwd)(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_dtype it,
                      const void *w, mt_dtype wt, const void *bias, void *cvt, int N, int C, int OC);
   /* dinp(N,C) += dout·w; dw(OC,C) += doutᵀ·inp; dbias(OC) += Σ_rows dout.
-   * dinp and dbias may be NULL. */
-  void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                     const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt, int N,
-                     int C, int OC);
+   * dinp and dbias may be NULL. dout is stored as dt: MT_F32, or, for a
+   * 16-bit input (it == wt), wt, the gradient linear_bwd_dgelu writes in
+   * 16 bits (what an fp32 dout holding the same values gives: the bits on
+   * the CPU; on GPUs, where every operand is then 16-bit, one GEMM each for
+   * dinp and dw of the operands as stored, cvt unused). */
+  void (*linear_bwd)(mt_device *d, float *dinp, float *dw, float *dbias, const void *dout,
+                     mt_dtype dt, const void *inp, mt_dtype it, const void *w, mt_dtype wt,
+                     void *cvt, int N, int C, int OC);
   /* out(N,OC) = gelu(pre) and pre(N,OC) = inp·wᵀ + bias, the input gelu_bwd
    * takes, both stored as ot (and the bias, as for linear_fwd): linear_fwd
    * into pre then gelu_fwd of pre into out, on the CPU exactly that. On
@@ -127,15 +132,20 @@ struct mt_ops {
    * accumulated (cuBLASLt documents no way to add to it); dw(OC,C) +=
    * doutᵀ·inp and dbias(OC) += Σ_rows dout as linear_bwd; dbias may be
    * NULL. pre(N,C) is the GeLU's input that linear_gelu_fwd saved, stored
-   * as it like inp = gelu(pre). scratch holds N*C floats, contents
-   * undefined. On the CPU exactly linear_bwd into zeroed scratch then
-   * gelu_bwd into zeroed dpre (their bits). On GPUs the dinp GEMM applies
-   * gelu' in its cuBLASLt epilogue (DGELU, aux = pre: its own tanh, not
-   * gelu_bwd's bits) where cuBLASLt takes the shape and pre is fp32 (its
-   * aux has D's type, and dpre is fp32), else those two ops. */
-  void (*linear_bwd_dgelu)(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                           const float *dout, const void *inp, mt_dtype it, const void *pre,
-                           const void *w, mt_dtype wt, void *cvt, int N, int C, int OC);
+   * as it like inp = gelu(pre). dpre is stored as pt: MT_F32, or for a
+   * 16-bit input it (= wt), each value rounded once from the float an fp32
+   * dpre gets, as autocast's backward keeps a 16-bit activation's gradient
+   * in 16 bits (the next linear_bwd takes it as its dout). scratch holds
+   * N*C floats, contents undefined. On the CPU exactly linear_bwd into
+   * zeroed scratch then gelu_bwd into zeroed floats (their bits), rounded
+   * for a 16-bit dpre. On GPUs the dinp GEMM applies gelu' in its cuBLASLt
+   * epilogue (DGELU, aux = pre: its own tanh, not gelu_bwd's bits) where
+   * cuBLASLt takes the shape and pre is stored as dpre (its aux has D's
+   * type), else those two ops. */
+  void (*linear_bwd_dgelu)(mt_device *d, void *dpre, mt_dtype pt, float *scratch, float *dw,
+                           float *dbias, const float *dout, const void *inp, mt_dtype it,
+                           const void *pre, const void *w, mt_dtype wt, void *cvt, int N, int C,
+                           int OC);
 
   /* Causal self-attention, memory-efficient: the probabilities are not
    * kept for the backward pass, which recomputes them from qkv and lse (as

@@ -27,14 +27,14 @@
  * - Working set: one set per device, whatever the layers and micro-batches:
  *   the buffers a block computes in, forward and backward (a LayerNorm
  *   output, GeLU's output, the backward's gradients of the stream, of QKV and
- *   of the MLP: s b h (5 + 15/t) values; in a 16-bit job the two outputs,
- *   s b h (1 + 4/t), are 16-bit and the rest fp32, with the stream between
- *   blocks (two) and the stream after attention unpacked from 16 bits
- *   beside them, s b h (7 + 11/t) fp32 values in all, as model/gpt.c lays
- *   them out), and attention's scratch: in fp32 2 (a/t) s min(s, 512)
- *   values (the chunk of query rows a GPU works on, scores and their
- *   gradient; the CPU's is smaller), in a 16-bit job the (a/t) s of the
- *   flash backward's row sums. Counted with the activations.
+ *   of the MLP: s b h (5 + 15/t) values; in a 16-bit job the two outputs
+ *   and the MLP's inner gradient, s b h (1 + 8/t), are 16-bit and the rest
+ *   fp32, with the stream between blocks (two) and the stream after
+ *   attention unpacked from 16 bits beside them, s b h (7 + 7/t) fp32
+ *   values in all, as model/gpt.c lays them out), and attention's scratch: in fp32 2 (a/t) s min(s,
+ * 512) values (the chunk of query rows a GPU works on, scores and their gradient; the CPU's is
+ * smaller), in a 16-bit job the (a/t) s of the flash backward's row sums. Counted with the
+ * activations.
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
  *   one micro-batch while it is recomputed and run backward.
@@ -93,7 +93,7 @@ static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed) 
 static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed) {
   int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h, rows = s < 512 ? s : 512;
   if (!mixed) return 4 * (sbh * 5 + sbh * 15 / t) + 2 * ((int64_t)m->n_head / t) * s * rows * 4;
-  return 2 * (sbh + sbh * 4 / t) + 4 * (sbh * 7 + sbh * 11 / t) + ((int64_t)m->n_head / t) * s * 4;
+  return 2 * (sbh + sbh * 8 / t) + 4 * (sbh * 7 + sbh * 7 / t) + ((int64_t)m->n_head / t) * s * 4;
 }
 
 int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stage *out) {

@@ -65,7 +65,7 @@ typedef struct act_plan {
   float *dbtc2;       /* (B,T,C) */
   float *dqkv;        /* (B,T,3C) */
   float *dfch;        /* (B,T,4C) linear_bwd_dgelu's scratch */
-  float *dfch2;       /* (B,T,4C) d(fch) */
+  void *dfch2;        /* (B,T,4C) d(fch), in act_type */
   float *att_scratch; /* ops->attention_scratch floats */
   float *branch;      /* (B,T,C) a branch output before dropout + residual */
 } act_plan;
@@ -302,7 +302,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve(&p->dbtc2, base, &off, BT * C);
   carve(&p->dqkv, base, &off, BT * 3 * Cl);
   carve(&p->dfch, base, &off, BT * 4 * Cl);
-  carve(&p->dfch2, base, &off, BT * 4 * Cl);
+  carve_act(m, &p->dfch2, base, &off, BT * 4 * Cl);
   carve(&p->att_scratch, base, &off, att_scratch);
   carve(&p->branch, base, &off, BT * C);
   if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
@@ -664,16 +664,17 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   if (!c->recompute) unkeep(m, a->resid2, a->resid2_h, NC); /* recomputed, it is there */
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
-   * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated; on
-   * GPUs the GeLU gradient is c_proj's GEMM epilogue */
+   * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated, and
+   * kept in act_type as autocast keeps fch's gradient; on GPUs the GeLU
+   * gradient is c_proj's GEMM epilogue */
   const float *dbranch = branch_grad(m, p, drop2);
   ops->gelu_fwd(d, p->gelu, at, a->fch, at, (size_t)N * 4 * t.Cl);
-  ops->linear_bwd_dgelu(d, p->dfch2, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
+  ops->linear_bwd_dgelu(d, p->dfch2, at, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
                         dbranch, p->gelu, at, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N,
                         4 * t.Cl, C);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN2_W, a->resid2);
-  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, p->ln, at,
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, at, p->ln, at,
                   M(m, l, MT_P_FC_W), wt, m->cvt, N, C, 4 * t.Cl);
   int rc = tp_sum(m, p->dbtc2, NC);
   if (rc) return rc;
@@ -683,14 +684,14 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   /* attention branch; d(in) = dres + LayerNorm path */
   dbranch = branch_grad(m, p, drop1);
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
-  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, a->atty,
-                  at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
+  ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, MT_F32,
+                  a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
   mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
   ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T, t.Cl,
                      t.NHl, attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN1_W, in);
-  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, p->ln, at,
+  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, MT_F32, p->ln, at,
                   M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
   if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
@@ -834,8 +835,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
                         c->padded_vocab);
     }
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, p->lnf, act_type(m),
-                    mt_gpt_matrix(m, m->i_wte), m->wtype, m->cvt, N, C, Vl);
+    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, MT_F32, p->lnf,
+                    act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype, m->cvt, N, C, Vl);
     int rc = tp_sum(m, p->dbtc, NC);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, NC * sizeof(float));

@@ -306,9 +306,16 @@ static void column_sum_acc(mt_device *d, float *dst, const float *src, int N, in
   }
 }
 
-static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                       const void *xv, mt_dtype it, const void *wv, mt_dtype wt, void *cvt, int N,
-                       int C, int OC) {
+/* A 16-bit dout (only with a 16-bit input) is unpacked whole into the
+ * room linear_fwd sums a 16-bit output in, after the unpacked operands. */
+static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const void *dv,
+                       mt_dtype dt, const void *xv, mt_dtype it, const void *wv, mt_dtype wt,
+                       void *cvt, int N, int C, int OC) {
+  const float *dout = (const float *)dv;
+  if (dt != MT_F32) {
+    float *room = (float *)cvt + (wt == MT_F32 ? 0 : (size_t)OC * C) + (size_t)N * C;
+    dout = as_f32(d, dv, dt, N, OC, room);
+  }
   if (dinp) { // (N,C) += (N,OC) · (OC,C)
     const float *w = weights_f32(d, wv, wt, cvt, C, OC);
     mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_NO_TRANS, N, C, OC, 1.0f, dout, OC, w, C,
@@ -652,16 +659,46 @@ static void linear_gelu_fwd(mt_device *d, void *out, void *pre, mt_dtype ot, con
   gelu_fwd(d, out, ot, pre, ot, (size_t)N * OC);
 }
 
+/* gelu_bwd into zeroed floats, rounded to 16 bits (pt) by fixed chunks:
+ * each value is 0 + gelu'(x)·y, so -0 gives +0 as it does there. */
+static void gelu_bwd_packed(mt_device *d, uint16_t *dinp, mt_dtype pt, const void *inp, mt_dtype it,
+                            const float *dout, size_t n) {
+#pragma omp parallel for num_threads(nthreads(d)) if (n >= PAR_MIN) schedule(static)
+  for (size_t i0 = 0; i0 < n; i0 += EW_CHUNK) {
+    float tile[EW_CHUNK], in[EW_CHUNK];
+    size_t m = n - i0 < EW_CHUNK ? n - i0 : EW_CHUNK;
+    const float *x = (const float *)inp + i0;
+    if (it != MT_F32) {
+      unpack_row(in, (const uint16_t *)inp + i0, m, it);
+      x = in;
+    }
+    const float *y = dout + i0;
+#pragma omp simd
+    for (size_t i = 0; i < m; i++) {
+      float g = 0.0f;
+      g += mt_gelu_grad(x[i]) * y[i];
+      tile[i] = g;
+    }
+    pack_row(dinp + i0, tile, m, pt == MT_F16);
+  }
+}
+
 /* The two ops, each into a zeroed buffer as the model called them before
- * this op existed, so the values are theirs bit for bit. */
-static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const void *inp, mt_dtype it, const void *pre,
-                             const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
+ * this op existed, so the values are theirs bit for bit; a 16-bit dpre
+ * holds them rounded. */
+static void linear_bwd_dgelu(mt_device *d, void *dpre, mt_dtype pt, float *scratch, float *dw,
+                             float *dbias, const float *dout, const void *inp, mt_dtype it,
+                             const void *pre, const void *w, mt_dtype wt, void *cvt, int N, int C,
+                             int OC) {
   size_t n = (size_t)N * C;
   memset(scratch, 0, n * sizeof(float));
-  linear_bwd(d, scratch, dw, dbias, dout, inp, it, w, wt, cvt, N, C, OC);
+  linear_bwd(d, scratch, dw, dbias, dout, MT_F32, inp, it, w, wt, cvt, N, C, OC);
+  if (pt != MT_F32) {
+    gelu_bwd_packed(d, (uint16_t *)dpre, pt, pre, it, scratch, n);
+    return;
+  }
   memset(dpre, 0, n * sizeof(float));
-  gelu_bwd(d, dpre, pre, it, scratch, n);
+  gelu_bwd(d, (float *)dpre, pre, it, scratch, n);
 }
 
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {

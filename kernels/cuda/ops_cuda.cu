@@ -267,6 +267,17 @@ static __global__ void k_gelu_bwd(float *dinp, const void *inp, mt_dtype it, con
   GRID_STRIDE(i, n) dinp[i] += mt_gelu_grad(load_act(inp, it, i)) * dout[i];
 }
 
+/* gelu_bwd into zeroed floats, stored as dt: written, each value 0 + the
+ * product as there (-0 gives +0), without the zeroing pass */
+static __global__ void k_gelu_bwd_to(void *dinp, mt_dtype dt, const void *inp, mt_dtype it,
+                                     const float *dout, size_t n) {
+  GRID_STRIDE(i, n) {
+    float g = 0.0f;
+    g += mt_gelu_grad(load_act(inp, it, i)) * dout[i];
+    store_act(dinp, dt, i, g);
+  }
+}
+
 static __global__ void k_residual(float *out, const float *a, const float *b, size_t n) {
   GRID_STRIDE(i, n) out[i] = a[i] + b[i];
 }
@@ -291,6 +302,11 @@ static void gelu_fwd(mt_device *d, void *out, mt_dtype ot, const void *inp, mt_d
 static void gelu_bwd(mt_device *d, float *dinp, const void *inp, mt_dtype it, const float *dout,
                      size_t n) {
   if (n) LAUNCH_EW(d, "gelu_bwd", k_gelu_bwd, n, dinp, inp, it, dout, n);
+}
+
+static void gelu_bwd_to(mt_device *d, void *dinp, mt_dtype dt, const void *inp, mt_dtype it,
+                        const float *dout, size_t n) {
+  if (n) LAUNCH_EW(d, "linear_bwd_dgelu: gelu_bwd", k_gelu_bwd_to, n, dinp, dt, inp, it, dout, n);
 }
 
 /* n floats of p zeroed on d's stream; a failure becomes the device's error */
@@ -327,13 +343,13 @@ static void unpack_half(mt_device *d, float *dst, const uint16_t *src, size_t n,
 #define MT_CUDA_CVT_BYTES ((size_t)128 << 20)
 #endif
 
-/* dst(OC) += column sums of src(N,OC), rows in a fixed tree */
-static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC) {
+/* dst(OC) += column sums of src(N,OC) stored as st, rows in a fixed tree */
+static __global__ void k_colsum_acc(float *dst, const void *src, mt_dtype st, int N, int OC) {
   __shared__ float sh[COLS_Y][33];
   int c = blockIdx.x * 32 + threadIdx.x;
   float a = 0.0f;
   if (c < OC)
-    for (int n = threadIdx.y; n < N; n += blockDim.y) a += src[(size_t)n * OC + c];
+    for (int n = threadIdx.y; n < N; n += blockDim.y) a += load_act(src, st, (size_t)n * OC + c);
   sh[threadIdx.y][threadIdx.x] = a;
   __syncthreads();
   if (threadIdx.y == 0 && c < OC) {
@@ -352,7 +368,7 @@ static __global__ void k_colsum_acc(float *dst, const float *src, int N, int OC)
  *   wt in blocks, `fwd_rows` rows at cvt for the forward and `rows` for dw:
  *   for bf16, the operands FAST_16BF makes of fp32 ones holding the same
  *   values, so the same sums, up to their order (dw over several blocks adds
- *   block by block). dout, always fp32, is rounded to wt in blocks of `rows`
+ *   block by block). An fp32 dout is rounded to wt in blocks of `rows`
  *   rows at grad_off for dinp and dw: an fp16 job's backward multiplies its
  *   loss-scaled gradient in fp16, as Megatron's does, where it overflows to
  *   inf rather than past the loss scaler's check.
@@ -512,56 +528,90 @@ static void linear_forward(mt_device *d, const char *what, void *out, void *gelu
 }
 
 /* The dinp GEMM g, added to g->D (beta 1); or, with pre, linear_bwd_dgelu's:
- * g->D = dpre = gelu'(pre) ⊙ the result, through cuBLASLt's DGELU epilogue
- * (beta 0, pre its aux matrix: ld C, which must be a multiple of 8), or where
- * it cannot, the result into scratch and gelu_bwd from it, as on the CPU.
- * pre (stored as pt), scratch and g->D: n values laid out alike. The
- * epilogue's aux has D's type, fp32 here, so a 16-bit pre takes the two
- * steps. cuBLASLt's gelu' is its own code: close to k_gelu_bwd, not bit
- * for bit (test_cuda_ops allows for it). */
+ * g->D = dpre = gelu'(pre) ⊙ the result, stored as g->dt, through
+ * cuBLASLt's DGELU epilogue (beta 0, pre its aux matrix: ld C, which must
+ * be a multiple of 8, and stored as D, its rule), or where it cannot, the
+ * fp32 result into scratch and gelu' from it into dpre, as on the CPU.
+ * pre (stored as pt), scratch and g->D: n values laid out alike.
+ * cuBLASLt's gelu' is its own code: close to k_gelu_bwd, not bit for bit
+ * (test_cuda_ops allows for it). */
 static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const void *pre, mt_dtype pt,
                       float *scratch, size_t n) {
   if (!pre) {
     mt__cuda_gemm(d, what, g);
     return;
   }
-  float *dpre = (float *)g->D;
+  void *dpre = g->D;
+  mt_dtype dpt = g->dt;
   g->beta = 0.0f;
-  if (pt == MT_F32 && mt__cuda_gemm_dgelu(d, what, g, pre)) return;
+  if (pt == dpt && mt__cuda_gemm_dgelu(d, what, g, pre)) return;
   zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
   g->D = scratch;
+  g->dt = MT_F32;
   g->beta = 1.0f;
   mt__cuda_gemm(d, what, g);
-  zero_floats(d, dpre, n, "linear_bwd_dgelu: zero dpre");
-  gelu_bwd(d, dpre, pre, pt, scratch, n);
+  gelu_bwd_to(d, dpre, dpt, pre, pt, scratch, n);
 }
 
-/* linear_bwd; with pre, linear_bwd_dgelu (dinp is then dpre). Column-major:
- * dinpᵀ(C,N) += w(C,OC) · doutᵀ(OC,N) and dwᵀ(C,OC) += inpᵀ(C,N) · dout(N,OC).
- * A block of rows is a block of dinpᵀ's columns and a part of dw's sum; a
- * block of w's rows is a part of dinp's sum, so GeLU's gradient waits for
- * the last of them. dbias sums the fp32 dout. */
-static void linear_backward(mt_device *d, const char *what, float *dinp, const void *pre,
-                            float *scratch, float *dw, float *dbias, const float *dout,
-                            const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt,
-                            int N, int C, int OC) {
-  if (!lin_types_ok(d, pre ? "linear_bwd_dgelu" : "linear_bwd", MT_F32, it, wt)) return;
+/* 1 when ops.h allows the gradients' types (dout as dt: fp32, or wt's
+ * 16 bits with a 16-bit input; dinp as dit: fp32, or, as linear_bwd_dgelu's
+ * dpre, the 16-bit input's type); else the device's error, and 0 */
+static int grad_types_ok(mt_device *d, const char *what, mt_dtype dit, mt_dtype dt, mt_dtype it,
+                         mt_dtype wt, int dgelu) {
+  int half_in = it != MT_F32 && it == wt;
+  if ((dt == MT_F32 || (dt == wt && half_in)) && (dit == MT_F32 || (dgelu && dit == it && half_in)))
+    return 1;
+  char detail[192];
+  snprintf(detail, sizeof detail,
+           "a %s %s with a %s input and %s weights (ops.h: fp32, or the 16-bit input's type)",
+           dtype_name(dt != MT_F32 ? dt : dit), dt != MT_F32 ? "dout" : "dpre", dtype_name(it),
+           dtype_name(wt));
+  mt__cuda_fail(d, what, detail);
+  return 0;
+}
+
+/* linear_bwd; with pre, linear_bwd_dgelu (dinp is then dpre, stored as
+ * dit). Column-major: dinpᵀ(C,N) += w(C,OC) · doutᵀ(OC,N) and dwᵀ(C,OC) +=
+ * inpᵀ(C,N) · dout(N,OC). A 16-bit dout (dt) comes with a 16-bit input of
+ * the weights' type: every operand is 16-bit, and one GEMM of each pair as
+ * stored computes what an fp32 one of their values would (exact products,
+ * fp32 sums), cvt unused. Else, by lin_plan: a block of rows is a block of
+ * dinpᵀ's columns and a part of dw's sum; a block of w's rows is a part of
+ * dinp's sum, so GeLU's gradient waits for the last of them. dbias sums
+ * dout as stored. */
+static void linear_backward(mt_device *d, const char *what, void *dinp, mt_dtype dit,
+                            const void *pre, float *scratch, float *dw, float *dbias,
+                            const void *dout, mt_dtype dt, const void *inp, mt_dtype it,
+                            const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
+  const char *name = pre ? "linear_bwd_dgelu" : "linear_bwd";
+  if (!lin_types_ok(d, name, MT_F32, it, wt) || !grad_types_ok(d, name, dit, dt, it, wt, !!pre))
+    return;
   lin_plan p = lin_plan_of(d, N, C, OC, it, wt);
-  if (p.path == LIN_NATIVE) {
+  if (dt != MT_F32) {
+    if (dinp) {
+      mt__gemm g = {0, 0, C, N, OC, 1, w, C, 0, dout, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
+      g.at = g.bt = wt, g.dt = dit;
+      dinp_gemm(d, what, &g, pre, it, scratch, (size_t)N * C);
+    }
+    mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+    g.at = g.bt = wt;
+    mt__cuda_gemm(d, "linear_bwd dw", &g);
+  } else if (p.path == LIN_NATIVE) {
     uint16_t *x = (uint16_t *)cvt, *dy = (uint16_t *)((char *)cvt + p.grad_off);
     int fp16 = wt == MT_F16;
     for (int r0 = 0; r0 < N; r0 += p.rows) {
       int rn = min_int(p.rows, N - r0);
       size_t off = (size_t)r0 * C, n = (size_t)rn * C;
-      to_half(d, dy, dout + (size_t)r0 * OC, (size_t)rn * OC, fp16);
+      to_half(d, dy, (const float *)dout + (size_t)r0 * OC, (size_t)rn * OC, fp16);
       const void *xb = x;
       if (it == wt)
         xb = (const uint16_t *)inp + off;
       else
         to_half(d, x, (const float *)inp + off, n, fp16);
       if (dinp) {
-        mt__gemm g = {0, 0, C, rn, OC, 1, w, C, 0, dy, OC, 0, dinp + off, C, 0, 1.0f, 1.0f, NULL};
-        g.at = g.bt = wt;
+        void *db = (void *)at_elem(dinp, dit, off);
+        mt__gemm g = {0, 0, C, rn, OC, 1, w, C, 0, dy, OC, 0, db, C, 0, 1.0f, 1.0f, NULL};
+        g.at = g.bt = wt, g.dt = dit;
         dinp_gemm(d, what, &g, pre ? at_elem(pre, it, off) : NULL, it,
                   scratch ? scratch + off : NULL, n);
       }
@@ -571,45 +621,43 @@ static void linear_backward(mt_device *d, const char *what, float *dinp, const v
     }
   } else {
     size_t n = (size_t)N * C;
-    if (dinp && (p.path == LIN_F32 || p.w_rows >= OC)) {
+    const float *dy = (const float *)dout;
+    if (dinp && dit == MT_F32 && (p.path == LIN_F32 || p.w_rows >= OC)) {
       const void *wa = w;
       if (p.path == LIN_UNPACK) {
         unpack_half(d, (float *)cvt, (const uint16_t *)w, (size_t)OC * C, wt == MT_F16);
         wa = cvt;
       }
-      mt__gemm g = {0, 0, C, N, OC, 1, wa, C, 0, dout, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
+      mt__gemm g = {0, 0, C, N, OC, 1, wa, C, 0, dy, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
       dinp_gemm(d, what, &g, pre, it, scratch, n);
-    } else if (dinp) {
-      float *acc = pre ? scratch : dinp, *wf = (float *)cvt;
+    } else if (dinp) { /* fp32 GEMMs of unpacked weights, then gelu' into a 16-bit dpre */
+      float *acc = pre ? scratch : (float *)dinp, *wf = (float *)cvt;
       if (pre) zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
       for (int o0 = 0; o0 < OC; o0 += p.w_rows) {
         int on = min_int(p.w_rows, OC - o0);
         unpack_half(d, wf, (const uint16_t *)w + (size_t)o0 * C, (size_t)on * C, wt == MT_F16);
-        mt__gemm g = {0, 0, C, N, on, 1, wf, C, 0, dout + o0, OC, 0, acc, C, 0, 1.0f, 1.0f, NULL};
+        mt__gemm g = {0, 0, C, N, on, 1, wf, C, 0, dy + o0, OC, 0, acc, C, 0, 1.0f, 1.0f, NULL};
         mt__cuda_gemm(d, what, &g);
       }
-      if (pre) {
-        zero_floats(d, dinp, n, "linear_bwd_dgelu: zero dpre");
-        gelu_bwd(d, dinp, pre, it, scratch, n);
-      }
+      if (pre) gelu_bwd_to(d, dinp, dit, pre, it, scratch, n);
     }
     if (it == MT_F32) {
-      mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dout, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+      mt__gemm g = {0, 1, C, OC, N, 1, inp, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
       mt__cuda_gemm(d, "linear_bwd dw", &g);
     } else { /* dout is fp32, and a GEMM takes no mix of fp32 and 16-bit operands */
       float *xf = (float *)cvt;
       for (int r0 = 0; r0 < N; r0 += p.x_rows) {
         int rn = min_int(p.x_rows, N - r0);
         unpack_half(d, xf, (const uint16_t *)inp + (size_t)r0 * C, (size_t)rn * C, it == MT_F16);
-        const float *dy = dout + (size_t)r0 * OC;
-        mt__gemm g = {0, 1, C, OC, rn, 1, xf, C, 0, dy, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
+        const float *dyb = dy + (size_t)r0 * OC;
+        mt__gemm g = {0, 1, C, OC, rn, 1, xf, C, 0, dyb, OC, 0, dw, C, 0, 1.0f, 1.0f, NULL};
         mt__cuda_gemm(d, "linear_bwd dw", &g);
       }
     }
   }
   if (dbias && N && OC) {
     mt__cuda *c = mt__cuda_enter(d);
-    MT_LAUNCH(k_colsum_acc, (OC + 31) / 32, dim3(32, COLS_Y), c->stream)(dbias, dout, N, OC);
+    MT_LAUNCH(k_colsum_acc, (OC + 31) / 32, dim3(32, COLS_Y), c->stream)(dbias, dout, dt, N, OC);
     mt__cuda_check(d, "linear_bwd dbias");
   }
 }
@@ -626,18 +674,19 @@ static void linear_gelu_fwd(mt_device *d, void *out, void *pre, mt_dtype ot, con
   linear_forward(d, "linear_gelu_fwd", pre, out, ot, inp, it, w, wt, bias, cvt, N, C, OC);
 }
 
-static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const float *dout,
-                       const void *inp, mt_dtype it, const void *w, mt_dtype wt, void *cvt, int N,
-                       int C, int OC) {
-  linear_backward(d, "linear_bwd dinp", dinp, NULL, NULL, dw, dbias, dout, inp, it, w, wt, cvt, N,
-                  C, OC);
+static void linear_bwd(mt_device *d, float *dinp, float *dw, float *dbias, const void *dout,
+                       mt_dtype dt, const void *inp, mt_dtype it, const void *w, mt_dtype wt,
+                       void *cvt, int N, int C, int OC) {
+  linear_backward(d, "linear_bwd dinp", dinp, MT_F32, NULL, NULL, dw, dbias, dout, dt, inp, it, w,
+                  wt, cvt, N, C, OC);
 }
 
-static void linear_bwd_dgelu(mt_device *d, float *dpre, float *scratch, float *dw, float *dbias,
-                             const float *dout, const void *inp, mt_dtype it, const void *pre,
-                             const void *w, mt_dtype wt, void *cvt, int N, int C, int OC) {
-  linear_backward(d, "linear_bwd_dgelu", dpre, pre, scratch, dw, dbias, dout, inp, it, w, wt, cvt,
-                  N, C, OC);
+static void linear_bwd_dgelu(mt_device *d, void *dpre, mt_dtype pt, float *scratch, float *dw,
+                             float *dbias, const float *dout, const void *inp, mt_dtype it,
+                             const void *pre, const void *w, mt_dtype wt, void *cvt, int N, int C,
+                             int OC) {
+  linear_backward(d, "linear_bwd_dgelu", dpre, pt, pre, scratch, dw, dbias, dout, MT_F32, inp, it,
+                  w, wt, cvt, N, C, OC);
 }
 
 static void residual_fwd(mt_device *d, float *out, const float *a, const float *b, size_t n) {

@@ -565,11 +565,11 @@ static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt
   float *cdx = H((size_t)N * C, -1, 1), *cdw = H((size_t)OC * C, -1, 1),
         *cdb = H((size_t)OC, -1, 1);
   float *gdx = Df(cdx, (size_t)N * C), *gdw = Df(cdw, (size_t)OC * C), *gdb = Df(cdb, (size_t)OC);
-  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, hx, it, hw, wt, ccvt, N, C, OC);
+  cpu.ops->linear_bwd(&cpu, cdx, cdw, cdb, dout, MT_F32, hx, it, hw, wt, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
   gemms_since();
 #endif
-  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, dx, it, dw, wt, gcvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, gdx, gdw, gdb, gdout, MT_F32, dx, it, dw, wt, gcvt, N, C, OC);
   check("linear_bwd", label("%s N=%d C=%d OC=%d dinp (+=)", pn, N, C, OC), back(gdx, (size_t)N * C),
         cdx, (size_t)N * C, tol);
   check("linear_bwd", label("%s dw (+=)", pn), back(gdw, (size_t)OC * C), cdw, (size_t)OC * C, tol);
@@ -580,10 +580,34 @@ static void test_linear(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt
 #endif
   /* dinp and dbias NULL: only dw */
   float *cdw2 = H((size_t)OC * C, -1, 1), *gdw2 = Df(cdw2, (size_t)OC * C);
-  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, hx, it, hw, wt, ccvt, N, C, OC);
-  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, dx, it, dw, wt, gcvt, N, C, OC);
+  cpu.ops->linear_bwd(&cpu, NULL, cdw2, NULL, dout, MT_F32, hx, it, hw, wt, ccvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, NULL, gdw2, NULL, gdout, MT_F32, dx, it, dw, wt, gcvt, N, C, OC);
   check("linear_bwd", label("%s dw alone (dinp, dbias NULL)", pn), back(gdw2, (size_t)OC * C), cdw2,
         (size_t)OC * C, tol);
+  if (it != MT_F32) { /* a 16-bit dout, as the MLP's inner gradient: every operand 16-bit */
+    const void *hdy;
+    void *gdy = stored(dout, (size_t)N * OC, it, &hdy);
+    float *cdx3 = H((size_t)N * C, -1, 1), *cdw3 = H((size_t)OC * C, -1, 1),
+          *cdb3 = H((size_t)OC, -1, 1);
+    float *gdx3 = Df(cdx3, (size_t)N * C), *gdw3 = Df(cdw3, (size_t)OC * C),
+          *gdb3 = Df(cdb3, (size_t)OC);
+    cpu.ops->linear_bwd(&cpu, cdx3, cdw3, cdb3, hdy, it, hx, it, hw, wt, ccvt, N, C, OC);
+#ifdef MT_CUDA_EMU
+    gemms_since();
+#endif
+    gpu.ops->linear_bwd(&gpu, gdx3, gdw3, gdb3, gdy, it, dx, it, dw, wt, gcvt, N, C, OC);
+    check("linear_bwd", label("%s %s dout: dinp (+=)", pn, wt_name(it)), back(gdx3, (size_t)N * C),
+          cdx3, (size_t)N * C, tol);
+    check("linear_bwd", label("%s %s dout: dw (+=)", pn, wt_name(it)), back(gdw3, (size_t)OC * C),
+          cdw3, (size_t)OC * C, tol);
+    check("linear_bwd", label("%s dout: dbias (+=)", wt_name(it)), back(gdb3, (size_t)OC), cdb3,
+          (size_t)OC, 1e-4);
+#ifdef MT_CUDA_EMU
+    t = gemms_since();
+    check_path("linear_bwd", label("%s 16-bit dout: two 16-bit GEMMs", pn),
+               t.gemms == 2 && t.half == 2 && t.conv == 0, t);
+#endif
+  }
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
 }
@@ -658,11 +682,12 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
  * from the same random values on both, scratch NaN, against the CPU's
  * (linear_bwd then gelu_bwd there). inp and pre stored as it. On the
  * emulator also its path: dinp GEMMs with the DGELU epilogue when C (the
- * aux ld) is a multiple of 8, cuBLASLt is on and pre is fp32 (the aux has
- * D's type), else plain ones and the GeLU-gradient kernel; the GEMMs and
- * conversions of linear_bwd (bwd_path_ok). Unpacked 16-bit weights take
- * the epilogue only when the dinp GEMM is one (with several, gelu' waits
- * for the whole sum). */
+ * aux ld) is a multiple of 8, cuBLASLt is on and pre is stored as dpre
+ * (the aux has D's type), else plain ones and the GeLU-gradient kernel;
+ * the GEMMs and conversions of linear_bwd (bwd_path_ok). Unpacked 16-bit
+ * weights take the epilogue only when the dinp GEMM is one (with several,
+ * gelu' waits for the whole sum) and writes fp32. With a 16-bit input,
+ * dpre in its type too, as a 16-bit job keeps it. */
 static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, mt_dtype wt,
                                   mt_dtype it) {
   gpu.matmul = p;
@@ -681,13 +706,13 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
     float *cdpre = halloc(ni * sizeof(float)), *cscratch = halloc(ni * sizeof(float));
     float *cdw = H(nw, -1, 1), *cdb = H((size_t)OC, -1, 1);
     float *gdw = Df(cdw, nw), *gdb = Df(cdb, (size_t)OC), *gdpre = DN(ni), *gscratch = DN(ni);
-    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, cscratch, cdw, with_bias ? cdb : NULL, dout, hx, it,
-                              hpre, hw, wt, ccvt, N, C, OC);
+    cpu.ops->linear_bwd_dgelu(&cpu, cdpre, MT_F32, cscratch, cdw, with_bias ? cdb : NULL, dout, hx,
+                              it, hpre, hw, wt, ccvt, N, C, OC);
 #ifdef MT_CUDA_EMU
     gemms_since();
 #endif
-    gpu.ops->linear_bwd_dgelu(&gpu, gdpre, gscratch, gdw, with_bias ? gdb : NULL, gdout, ginp, it,
-                              gpre, gw, wt, gcvt, N, C, OC);
+    gpu.ops->linear_bwd_dgelu(&gpu, gdpre, MT_F32, gscratch, gdw, with_bias ? gdb : NULL, gdout,
+                              ginp, it, gpre, gw, wt, gcvt, N, C, OC);
     check("linear_bwd_dgelu", label("%s dpre", tag), back(gdpre, ni), cdpre, ni, tol_dpre);
     check("linear_bwd_dgelu", label("%s %s %s dw (+=)", prec_name(p), wt_name(wt), it_name(it)),
           back(gdw, nw), cdw, nw, tol);
@@ -702,6 +727,35 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
     int ok = bwd_path_ok(t, N, C, OC, it, wt, p) && t.dgelu == want && t.gelu == 0;
     check_path("linear_bwd_dgelu", want ? "path: DGELU epilogue" : "path: GEMM, gradient kernel",
                ok, t);
+#endif
+    if (it == MT_F32) continue;
+    /* dpre in the input's 16 bits, as a 16-bit job keeps it: the DGELU
+     * epilogue's aux (pre) now has D's type */
+    uint16_t *chp = halloc(ni * sizeof(uint16_t));
+    void *ghp = DP(ni * sizeof(uint16_t));
+    float *cdw2 = H(nw, -1, 1), *cdb2 = H((size_t)OC, -1, 1);
+    float *gdw2 = Df(cdw2, nw), *gdb2 = Df(cdb2, (size_t)OC);
+    cpu.ops->linear_bwd_dgelu(&cpu, chp, it, cscratch, cdw2, with_bias ? cdb2 : NULL, dout, hx, it,
+                              hpre, hw, wt, ccvt, N, C, OC);
+#ifdef MT_CUDA_EMU
+    gemms_since();
+#endif
+    gpu.ops->linear_bwd_dgelu(&gpu, ghp, it, gscratch, gdw2, with_bias ? gdb2 : NULL, gdout, ginp,
+                              it, gpre, gw, wt, gcvt, N, C, OC);
+    check("linear_bwd_dgelu", label("%s %s dpre vs cpu", tag, wt_name(it)), back_half(ghp, ni, it),
+          as_floats(chp, ni, it), ni, tol_dpre + half_tol(it));
+    check("linear_bwd_dgelu", label("%s dpre: dw (+=)", wt_name(it)), back(gdw2, nw), cdw2, nw,
+          tol);
+    if (with_bias)
+      check("linear_bwd_dgelu", label("%s dpre: dbias (+=)", wt_name(it)), back(gdb2, (size_t)OC),
+            cdb2, (size_t)OC, 1e-4);
+#ifdef MT_CUDA_EMU
+    t = gemms_since();
+    dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
+    want = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && native ? dinp_gemms : 0;
+    ok = bwd_path_ok(t, N, C, OC, it, wt, p) && t.dgelu == want && t.gelu == 0;
+    check_path("linear_bwd_dgelu",
+               want ? "16-bit dpre: DGELU epilogue" : "16-bit dpre: GEMM, gradient kernel", ok, t);
 #endif
   }
   gpu.matmul = MT_MATMUL_FP32;
@@ -774,9 +828,11 @@ static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const c
   float *h0 = H(ni, -1, 1), *hw0 = H(nw, -1, 1), *hb0 = H((size_t)OC, -1, 1);
   float *dxa = Df(h0, ni), *dwa = Df(hw0, nw), *dba = Df(hb0, (size_t)OC);
   float *dxb = Df(h0, ni), *dwb = Df(hw0, nw), *dbb = Df(hb0, (size_t)OC);
-  gpu.ops->linear_bwd(&gpu, dxa, dwa, dba, dout, ca->inp, ca->it, ca->w, ca->wt, ca->cvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, dxa, dwa, dba, dout, MT_F32, ca->inp, ca->it, ca->w, ca->wt, ca->cvt, N,
+                      C, OC);
   B_CALL_STARTS();
-  gpu.ops->linear_bwd(&gpu, dxb, dwb, dbb, dout, cb->inp, cb->it, cb->w, cb->wt, cb->cvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, dxb, dwb, dbb, dout, MT_F32, cb->inp, cb->it, cb->w, cb->wt, cb->cvt, N,
+                      C, OC);
   B_CALL_ENDS("linear_bwd");
   check("linear_bwd", label("%s: dinp", eq), back(dxb, ni), back(dxa, ni), ni, same);
   check("linear_bwd", label("%s: dw%s", near, blocked ? " (blocks)" : ""), back(dwb, nw),
@@ -786,11 +842,11 @@ static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const c
 
   float *ea = DN(ni), *eb = DN(ni), *sa = DN(ni), *sb = DN(ni);
   dwa = Df(hw0, nw), dwb = Df(hw0, nw);
-  gpu.ops->linear_bwd_dgelu(&gpu, ea, sa, dwa, NULL, dout, ca->inp, ca->it, prea, ca->w, ca->wt,
-                            ca->cvt, N, C, OC);
+  gpu.ops->linear_bwd_dgelu(&gpu, ea, MT_F32, sa, dwa, NULL, dout, ca->inp, ca->it, prea, ca->w,
+                            ca->wt, ca->cvt, N, C, OC);
   B_CALL_STARTS();
-  gpu.ops->linear_bwd_dgelu(&gpu, eb, sb, dwb, NULL, dout, cb->inp, cb->it, preb, cb->w, cb->wt,
-                            cb->cvt, N, C, OC);
+  gpu.ops->linear_bwd_dgelu(&gpu, eb, MT_F32, sb, dwb, NULL, dout, cb->inp, cb->it, preb, cb->w,
+                            cb->wt, cb->cvt, N, C, OC);
   B_CALL_ENDS("linear_bwd_dgelu");
   check("linear_bwd_dgelu", label("%s: dpre", eq), back(eb, ni), back(ea, ni), ni, same);
   check("linear_bwd_dgelu", label("%s: dw%s", near, blocked ? " (blocks)" : ""), back(dwb, nw),
@@ -860,7 +916,7 @@ static void test_linear_blocks(int N, int C, int OC, mt_matmul_precision p, mt_d
   gpu.ops->linear_fwd(&gpu, DN(no), MT_F32, x, it, w, wt, NULL, cvt, N, C, OC);
   gemm_tally t = gemms_since();
   check_path("linear_fwd", tag, fwd_path_ok(t, it, wt, p) && (it != MT_F32 || t.gemms > 1), t);
-  gpu.ops->linear_bwd(&gpu, DN(ni), DN(nw), NULL, dout, x, it, w, wt, cvt, N, C, OC);
+  gpu.ops->linear_bwd(&gpu, DN(ni), DN(nw), NULL, dout, MT_F32, x, it, w, wt, cvt, N, C, OC);
   t = gemms_since();
   check_path("linear_bwd", tag, bwd_path_ok(t, N, C, OC, it, wt, p) && t.gemms > 2, t);
   if (mt_device_sync(&gpu)) die("device sync");
@@ -897,7 +953,7 @@ static void test_linear_bad_types(void) {
       check("linear_fwd", label("%s output: out left alone", wt_name(wt)), back(out, no), out0,
             no / 2, 0.0);
     }
-    gpu.ops->linear_bwd(&gpu, NULL, dw, NULL, out, x, it, w, wt, cvt, N, C, OC);
+    gpu.ops->linear_bwd(&gpu, NULL, dw, NULL, out, MT_F32, x, it, w, wt, cvt, N, C, OC);
     rc = mt_device_sync(&gpu);
     check_that("linear_bwd", label("%s: an error", what), rc != 0, rc ? mt_errmsg() : "no error");
     check("linear_bwd", label("%s: dw left alone", what), back(dw, nw), dw0, nw, 0.0);

@@ -13,9 +13,10 @@
  * LayerNorm eps is 1e-5 and dropout is off. TOKENS.bin holds int32 (B, T+1):
  * inputs are columns [0, T), targets columns [1, T]. The device is cpu:0
  * unless MT_REF_DEVICE names another. MT_REF_PRECISION=bf16 (or fp16) makes
- * adamw train mixed precision: fp32 master weights, rounded into the 16-bit
- * working copy the forward and backward read before every step (no loss
- * scaling). Exit status 0 on success, 1 on any error (message on stderr), 2
+ * it mixed precision: fp32 master weights, rounded into the 16-bit working
+ * copy the forward and backward read (before every step of adamw; no loss
+ * scaling), the activations kept in 16 bits; grads then saves the fp32
+ * gradients of that working copy. Exit status 0 on success, 1 on any error (message on stderr), 2
  * on bad usage.
  */
 #include <jansson.h>
@@ -123,13 +124,12 @@ static int run(int argc, char **argv) {
   if (rc) return rc;
   if (!adamw && argc == 8) cfg.recompute = 1;
   const char *prec = getenv("MT_REF_PRECISION");
-  if (adamw && prec && !strcmp(prec, "bf16"))
+  if (prec && !strcmp(prec, "bf16"))
     cfg.precision = MT_PREC_BF16;
-  else if (adamw && prec && !strcmp(prec, "fp16"))
+  else if (prec && !strcmp(prec, "fp16"))
     cfg.precision = MT_PREC_FP16;
   else if (prec && strcmp(prec, "fp32"))
-    return mt_seterr(MT_EINVAL,
-                     "ref_driver: MT_REF_PRECISION \"%s\": fp32, or bf16/fp16 with adamw", prec);
+    return mt_seterr(MT_EINVAL, "ref_driver: MT_REF_PRECISION \"%s\": fp32, bf16 or fp16", prec);
 
   size_t BT = (size_t)B * (size_t)T;
   int32_t *inputs = malloc(BT * sizeof *inputs);
@@ -146,7 +146,8 @@ static int run(int argc, char **argv) {
 
   if (!adamw) {
     mt_gpt_zero_grad(&m);
-    if ((rc = mt_gpt_forward(&m, inputs, targets, 0)) || (rc = mt_gpt_backward(&m, 1.0f)))
+    if ((rc = mt_gpt_round_weights(&m)) || (rc = mt_gpt_forward(&m, inputs, targets, 0)) ||
+        (rc = mt_gpt_backward(&m, 1.0f)))
       return rc;
     if ((rc = mt_gpt_save_grads_safetensors(&m, argv[6]))) return rc;
     printf("{\"loss\": %.9g}\n", m.last_loss);

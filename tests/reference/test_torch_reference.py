@@ -16,10 +16,15 @@ Checked, each relative to float64 torch:
     (torch: .bfloat16() and back before the forward, the gradient applied to
     the master), with the activations a block keeps and its GEMMs' inputs
     (LayerNorm and GeLU outputs) rounded to bfloat16
-    where it makes them (torch_gpt.rounded_to), against torch doing the same
+    where it makes them (torch_gpt.rounded_to), and the MLP's inner gradient
+    (c_fc's output's) rounded to bfloat16 where it is made
+    (torch_gpt.gradient_rounded_to), against torch doing the same
     from float32 masters, within
     BF16_TOL at every step. The bf16 run must also be at least 3 times
     further from our fp32 run than from torch's bf16 (the rounding happened).
+    Before them, one bf16 step's gradients against torch's with the same
+    roundings, within BF16_GRAD_TOL per tensor, c_fc's at least 3 times
+    closer to those than torch's without the MLP's inner gradient rounded.
 Exit 0 when all hold, 1 on any mismatch or failure, 77 (skip) without torch.
 """
 import json
@@ -45,6 +50,10 @@ TOL = 1e-4
 # drift apart by up to ~1e-4 (bf16 vs fp32 differ by ~2e-3 by step 10).
 BF16_TOL = 5e-4
 BF16_CONFIGS = ("tiny",)
+# one bf16 step's gradients: the same roundings on both sides, so only fp32
+# reduction order apart, and where it tips an activation across a bf16
+# rounding boundary, one bf16 ulp there
+BF16_GRAD_TOL = 3e-4
 # wd 0.5 rather than GPT's 0.1: decaying the wrong tensors (biases, LayerNorm)
 # then moves the step-10 loss by ~3e-3, far above the tolerance.
 ADAM = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5)
@@ -100,7 +109,8 @@ def torch_adamw_losses(weights, cfg, idx, tgt, dtype, half=None):
             loss.backward()
         else:
             work = {k: v.detach().to(half).to(dtype).requires_grad_(True) for k, v in p.items()}
-            _, loss = torch_gpt.forward(work, cfg, idx, tgt, keep=torch_gpt.rounded_to(half))
+            _, loss = torch_gpt.forward(work, cfg, idx, tgt, keep=torch_gpt.rounded_to(half),
+                                        keep_grad=torch_gpt.gradient_rounded_to(half))
             loss.backward()
             for k, v in p.items():
                 v.grad = work[k].grad
@@ -187,8 +197,65 @@ def check_config(driver, tmp, name, dims, B, T, recompute):
             failures.append(f"{name}: adamw step {s}: loss {a:.9g} vs torch {b:.9g} "
                             f"(rel {r:.2e} > {TOL})")
     if name in BF16_CONFIGS:
+        check_bf16_grads(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, tmp)
         check_bf16(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, ours)
     return worst, worst_step
+
+
+def torch_bf16_grads(weights, cfg, idx, tgt, half, round_gradient):
+    """Loss and float64 gradients of the weights rounded to `half`, in fp32
+    math, the activations kept rounded (and, with round_gradient, the MLP's
+    inner gradient) as a 16-bit mtnlg job keeps them."""
+    work = {k: v.detach().to(half).to(torch.float32).requires_grad_(True)
+            for k, v in weights.items()}
+    keep_grad = torch_gpt.gradient_rounded_to(half) if round_gradient else torch_gpt.same
+    _, loss = torch_gpt.forward(work, cfg, idx, tgt, keep=torch_gpt.rounded_to(half),
+                                keep_grad=keep_grad)
+    loss.backward()
+    return loss.item(), {k: v.grad.to(torch.float64) for k, v in work.items()}
+
+
+def check_bf16_grads(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, tmp):
+    """One bf16 step's gradients against torch's with the same roundings,
+    per tensor within BF16_GRAD_TOL; and the MLP's weights' gradients
+    clearly closer to that than to torch's without the inner gradient
+    rounded (the rounding happened, where torch does it)."""
+    gpath = os.path.join(tmp, f"{name}.bf16.grads.safetensors")
+    env = dict(os.environ, MT_REF_PRECISION="bf16")
+    r = subprocess.run([driver, "grads", wpath, tpath, str(B), str(T), gpath], capture_output=True,
+                       text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"ref_driver grads (bf16) failed (exit {r.returncode}): "
+                           f"{r.stderr.strip()}")
+    loss = json.loads(r.stdout.strip().splitlines()[-1])["loss"]
+    ref_loss, ref = torch_bf16_grads(weights, cfg, idx, tgt, torch.bfloat16, True)
+    _, unrounded = torch_bf16_grads(weights, cfg, idx, tgt, torch.bfloat16, False)
+    ours, _ = torch_gpt.st_load(gpath)
+    print(f"  [{name}] bf16 loss: mtnlg {loss:.9g}  torch-bf16 {ref_loss:.9g}  "
+          f"rel {rel(loss, ref_loss):.2e}")
+    if not rel(loss, ref_loss) <= BF16_GRAD_TOL:
+        failures.append(f"{name}: bf16 loss {loss:.9g} vs torch {ref_loss:.9g}")
+    errs = []
+    for k in sorted(ref):
+        if k not in ours:
+            failures.append(f"{name}: bf16 gradient {k} missing")
+            continue
+        a, b = ours[k].to(torch.float64), ref[k]
+        nb = max(b.norm().item(), 1e-30)
+        e, e_un = (a - b).norm().item() / nb, (unrounded[k] - b).norm().item() / nb
+        errs.append((e, k, e_un))
+        if not e <= BF16_GRAD_TOL:
+            failures.append(f"{name}: bf16 gradient {k}: ||ours - torch|| / ||torch|| = {e:.2e} "
+                            f"> {BF16_GRAD_TOL}")
+        if "mlp.c_fc" in k and not e_un > 3 * e:
+            failures.append(f"{name}: bf16 gradient {k} is {e:.2e} from torch's with the MLP's "
+                            f"inner gradient rounded, {e_un:.2e} between torch's with and "
+                            f"without: was it rounded?")
+    errs.sort(reverse=True)
+    worst = ", ".join(f"{k} {e:.2e}" for e, k, _ in errs[:3])
+    mlp = max(e_un for _, k, e_un in errs if "mlp.c_fc" in k)
+    print(f"  [{name}] bf16 gradients: worst rel {worst}; torch without the inner gradient "
+          f"rounded is up to {mlp:.2e} off at c_fc")
 
 
 def check_bf16(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, ours_fp32):

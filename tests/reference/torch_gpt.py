@@ -138,13 +138,36 @@ def rounded_to(half):
     return keep
 
 
-def forward(p, cfg, idx, targets=None, keep=same):
+class _GradientRounded(torch.autograd.Function):
+    """Identity forward; backward, the gradient rounded to `half` and back."""
+
+    @staticmethod
+    def forward(ctx, x, half):
+        ctx.half = half
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.half).to(g.dtype), None
+
+
+def gradient_rounded_to(half):
+    """keep_grad= for forward: the value unchanged, its gradient rounded to
+    `half` (to nearest even) as mtnlg's 16-bit jobs store it."""
+    def keep_grad(x):
+        return _GradientRounded.apply(x, half)
+    return keep_grad
+
+
+def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same):
     """p: {HF name: tensor}; idx, targets: (B, T) int64. Returns (logits, loss).
     keep: applied where mtnlg's blocks keep an activation for the backward
     pass (in a 16-bit job rounded there, rounded_to): Q/K/V, the attention
     output, the stream after attention, c_fc's output, and the stream
     between blocks (not after the last); and where a 16-bit job's GEMM input
-    is made, as autocast rounds it: the LayerNorms' outputs and GeLU's."""
+    is made, as autocast rounds it: the LayerNorms' outputs and GeLU's.
+    keep_grad: applied where a 16-bit job keeps a gradient in 16 bits
+    (gradient_rounded_to): c_fc's output, the GeLU's input."""
     B, T = idx.shape
     x = p["wte.weight"][idx] + p["wpe.weight"][:T]  # (B, T, C)
     for l in range(cfg.n_layer):
@@ -154,7 +177,7 @@ def forward(p, cfg, idx, targets=None, keep=same):
                                p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"],
                                cfg.n_head, keep))
         m = keep(layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]))
-        m = keep(gelu_tanh(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"])))
+        m = keep(gelu_tanh(keep_grad(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"]))))
         x = x + (m @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"])
         if l < cfg.n_layer - 1:
             x = keep(x)

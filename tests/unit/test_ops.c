@@ -436,8 +436,8 @@ static void test_linear_fwd_matches_reference(int N, int C, int OC, int has_bias
 static void test_linear_bwd_matches_finite_differences(int N, int C, int OC, int has_bias) {
   lin_case l = lin_make(N, C, OC, has_bias);
   float *gin = fzeros((size_t)N * C), *gw = fzeros((size_t)OC * C), *gb = fzeros((size_t)OC);
-  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C,
-                  OC);
+  ops->linear_bwd(&dev, gin, gw, has_bias ? gb : NULL, l.r, MT_F32, l.inp, MT_F32, l.w, MT_F32,
+                  NULL, N, C, OC);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dinp", N, C, OC);
   check_grad(__func__, what, lin_loss, &l, l.dinp, (size_t)N * C, gin);
@@ -455,9 +455,9 @@ static void test_linear_bwd_accumulates_and_skips_null(void) {
   float *nw = fzeros((size_t)OC * C);
   ffill(ain, (size_t)N * C, PREFILL), ffill(aw, (size_t)OC * C, PREFILL);
   ffill(ab, (size_t)OC, PREFILL);
-  ops->linear_bwd(&dev, gin, gw, gb, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
-  ops->linear_bwd(&dev, ain, aw, ab, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
-  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, gin, gw, gb, l.r, MT_F32, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, ain, aw, ab, l.r, MT_F32, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, NULL, nw, NULL, l.r, MT_F32, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
   check_accumulates(__func__, "dinp", ain, gin, (size_t)N * C);
   check_accumulates(__func__, "dw", aw, gw, (size_t)OC * C);
   check_accumulates(__func__, "dbias", ab, gb, (size_t)OC);
@@ -711,10 +711,10 @@ static void test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(int N, int C, int 
         *db = frand((size_t)OC, -1, 1);
   float *want_dfch = fzeros(n), *want = fzeros(n), *want_dw = fcopy(dw, nw),
         *want_db = fcopy(db, (size_t)OC);
-  ops->linear_bwd_dgelu(&dev, dpre, scratch, dw, has_bias ? db : NULL, dout, inp, MT_F32, pre, w,
-                        MT_F32, NULL, N, C, OC);
-  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, inp, MT_F32, w, MT_F32,
-                  NULL, N, C, OC);
+  ops->linear_bwd_dgelu(&dev, dpre, MT_F32, scratch, dw, has_bias ? db : NULL, dout, inp, MT_F32,
+                        pre, w, MT_F32, NULL, N, C, OC);
+  ops->linear_bwd(&dev, want_dfch, want_dw, has_bias ? want_db : NULL, dout, MT_F32, inp, MT_F32, w,
+                  MT_F32, NULL, N, C, OC);
   ops->gelu_bwd(&dev, want, pre, MT_F32, want_dfch, n);
   char what[80];
   snprintf(what, sizeof what, "N=%d C=%d OC=%d dbias=%s", N, C, OC, has_bias ? "yes" : "NULL");
@@ -798,17 +798,40 @@ static void test_16bit_operands_read_as_their_floats(int N, int C, int OC) {
     float *di16 = frand(ni, -1, 1), *di32 = fcopy(di16, ni), *dw16 = frand(nw, -1, 1),
           *dw32 = fcopy(dw16, nw), *db16 = frand((size_t)OC, -1, 1),
           *db32 = fcopy(db16, (size_t)OC);
-    ops->linear_bwd(&dev, di16, dw16, db16, dout, xh, wt, h, wt, cvt, N, C, OC);
-    ops->linear_bwd(&dev, di32, dw32, db32, dout, x, MT_F32, w, MT_F32, NULL, N, C, OC);
+    ops->linear_bwd(&dev, di16, dw16, db16, dout, MT_F32, xh, wt, h, wt, cvt, N, C, OC);
+    ops->linear_bwd(&dev, di32, dw32, db32, dout, MT_F32, x, MT_F32, w, MT_F32, NULL, N, C, OC);
     report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw) &&
                bits_equal(db16, db32, (size_t)OC),
            __func__, "%s linear_bwd dinp, dw, dbias", name);
     float *sc = frand(ni, -9, 9);
-    ops->linear_bwd_dgelu(&dev, di16, sc, dw16, db16, dout, xh, wt, preh, h, wt, cvt, N, C, OC);
-    ops->linear_bwd_dgelu(&dev, di32, sc, dw32, db32, dout, x, MT_F32, pre, w, MT_F32, NULL, N, C,
+    ops->linear_bwd_dgelu(&dev, di16, MT_F32, sc, dw16, db16, dout, xh, wt, preh, h, wt, cvt, N, C,
                           OC);
+    ops->linear_bwd_dgelu(&dev, di32, MT_F32, sc, dw32, db32, dout, x, MT_F32, pre, w, MT_F32, NULL,
+                          N, C, OC);
     report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw), __func__,
            "%s linear_bwd_dgelu dpre, dw", name);
+    /* the MLP's inner gradient in 16 bits: linear_bwd_dgelu's dpre is the
+     * fp32 one rounded, and a 16-bit dout gives linear_bwd the bits of the
+     * floats it holds */
+    uint16_t *dph = xmalloc(ni * sizeof(uint16_t)), *dyh = xmalloc(no * sizeof(uint16_t));
+    ops->linear_bwd_dgelu(&dev, dph, wt, sc, dw16, db16, dout, xh, wt, preh, h, wt, cvt, N, C, OC);
+    ops->linear_bwd_dgelu(&dev, di32, MT_F32, sc, dw32, db32, dout, x, MT_F32, pre, w, MT_F32, NULL,
+                          N, C, OC);
+    size_t dpre_off = not_rounded(dph, di32, ni, fp16);
+    report(dpre_off == 0 && bits_equal(dw16, dw32, nw) && bits_equal(db16, db32, (size_t)OC),
+           __func__,
+           "%s linear_bwd_dgelu into a %s dpre: %zu of %zu values not the fp32 one's "
+           "rounded; dw, dbias the same",
+           name, name, dpre_off, ni);
+    float *dyf = fzeros(no);
+    ops->to_half(&dev, dyh, dout, no, fp16);
+    for (size_t i = 0; i < no; i++) dyf[i] = mt_half_unpack(dyh[i], fp16);
+    ops->linear_bwd(&dev, di16, dw16, db16, dyh, wt, xh, wt, h, wt, cvt, N, C, OC);
+    ops->linear_bwd(&dev, di32, dw32, db32, dyf, MT_F32, x, MT_F32, w, MT_F32, NULL, N, C, OC);
+    report(bits_equal(di16, di32, ni) && bits_equal(dw16, dw32, nw) &&
+               bits_equal(db16, db32, (size_t)OC),
+           __func__, "%s linear_bwd of a %s dout: dinp, dw, dbias", name, name);
+    free(dph), free(dyh), free(dyf);
 
     /* the embedding lookups: (OC, C) as a vocabulary of OC rows; T = N */
     int32_t *tok = xmalloc((size_t)N * sizeof(int32_t));
