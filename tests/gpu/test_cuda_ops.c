@@ -958,6 +958,20 @@ static void test_linear_bad_types(void) {
     check_that("linear_bwd", label("%s: an error", what), rc != 0, rc ? mt_errmsg() : "no error");
     check("linear_bwd", label("%s: dw left alone", what), back(dw, nw), dw0, nw, 0.0);
   }
+  /* a 16-bit gradient (dout, or linear_bwd_dgelu's dpre) only with a
+   * 16-bit input of the weights' type */
+  float *dw = Df(dw0, nw), *dout = Df(out0, no);
+  gpu.ops->linear_bwd(&gpu, NULL, dw, NULL, x, MT_BF16, x, MT_F32, w, MT_BF16, cvt, N, C, OC);
+  int rc = mt_device_sync(&gpu);
+  check_that("linear_bwd", "bf16 dout, fp32 in: an error", rc && strstr(mt_errmsg(), "bf16 dout"),
+             rc ? mt_errmsg() : "no error");
+  check("linear_bwd", "bf16 dout: dw left alone", back(dw, nw), dw0, nw, 0.0);
+  gpu.ops->linear_bwd_dgelu(&gpu, DP((size_t)N * C * 2), MT_BF16, DN((size_t)N * C), dw, NULL, dout,
+                            x, MT_F32, x, w, MT_BF16, cvt, N, C, OC);
+  rc = mt_device_sync(&gpu);
+  check_that("linear_bwd_dgelu", "bf16 dpre, fp32 in: an error",
+             rc && strstr(mt_errmsg(), "bf16 dpre"), rc ? mt_errmsg() : "no error");
+  check("linear_bwd_dgelu", "bf16 dpre: dw left alone", back(dw, nw), dw0, nw, 0.0);
   arena_reset();
 }
 
