@@ -630,7 +630,7 @@ static void linear_backward(mt_device *d, const char *what, void *dinp, mt_dtype
       }
       mt__gemm g = {0, 0, C, N, OC, 1, wa, C, 0, dy, OC, 0, dinp, C, 0, 1.0f, 1.0f, NULL};
       dinp_gemm(d, what, &g, pre, it, scratch, n);
-    } else if (dinp) { /* fp32 GEMMs of unpacked weights, then gelu' into a 16-bit dpre */
+    } else if (dinp) { /* blocks of unpacked weights (all at once for a 16-bit dpre), then gelu' */
       float *acc = pre ? scratch : (float *)dinp, *wf = (float *)cvt;
       if (pre) zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
       for (int o0 = 0; o0 < OC; o0 += p.w_rows) {
