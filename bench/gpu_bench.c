@@ -21,6 +21,9 @@
  * 3. Attention alone, forward and backward: an fp32 qkv (chunked GEMMs)
  *    against a bf16 one (flash kernels); and the flash kernels at MT-NLG
  *    530B's head width (160: one tp rank's 16 heads) against 128.
+ * 4. The layer's MLP backward in a bf16 job with its inner gradient in bf16
+ *    (as the model keeps it: the DGELU epilogue, 16-bit operands) beside
+ *    fp32 (the unfused path before it), last, after the layer figures.
  * Each figure is also printed as "RESULT key value" for the script.
  *
  * Usage: gpu_bench [--quick]   (--quick: fewer iterations)
@@ -412,6 +415,63 @@ static void bench_flash_widths(void) {
   fflush(stdout);
 }
 
+/* Milliseconds of the MLP's backward at the layer's shapes in a bf16 job
+ * (c_proj's linear_bwd_dgelu, then c_fc's linear_bwd reading its dpre),
+ * dpre stored as gt: bf16, as the model keeps it (the DGELU epilogue, two
+ * 16-bit GEMMs for c_fc), or fp32, the unfused path it took before (fp32
+ * scratch, GeLU-gradient kernel, dpre rounded again for c_fc's GEMMs). */
+static double mlp_bwd_ms(int B, mt_dtype gt) {
+  int T = 2048, C = 2048, N = B * T;
+  size_t NC = (size_t)N * C, NF = 4 * NC, CC4 = 4 * (size_t)C * C;
+  mt_dtype wt = MT_BF16;
+  uint64_t st = 11;
+  dev.matmul = MT_MATMUL_BF16;
+  float *fcw = rnd(CC4, 0.04f, &st), *fcpw = rnd(CC4, 0.02f, &st), *x = rnd(NC, 2.0f, &st);
+  float *pre = rnd(NF, 4.0f, &st), *dout = rnd(NC, 0.02f, &st);
+  void *fcw_h = working_copy(fcw, CC4, wt), *fcpw_h = working_copy(fcpw, CC4, wt);
+  void *x_h = working_copy(x, NC, wt), *pre_h = working_copy(pre, NF, wt);
+  void *gelu_h = dmalloc(NF * 2), *dpre = dmalloc(NF * 4);
+  dev.ops->gelu_fwd(&dev, gelu_h, wt, pre_h, wt, NF);
+  float *dwp = dmalloc(CC4 * 4), *dbp = dmalloc(C * 4), *dwf = dmalloc(CC4 * 4);
+  float *dbf = dmalloc(4 * (size_t)C * 4), *dx = dmalloc(NC * 4), *scratch = dmalloc(NF * 4);
+  size_t cb = dev.ops->linear_scratch(&dev, N, C, 4 * C, wt, wt);
+  size_t cb2 = dev.ops->linear_scratch(&dev, N, 4 * C, C, wt, wt);
+  void *cvt = dmalloc(cb > cb2 ? cb : cb2);
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = -2; i < iters; i++) {
+    if (!i) CK(cudaEventRecord(e0, dev.stream));
+    dev.ops->linear_bwd_dgelu(&dev, dpre, gt, scratch, dwp, dbp, dout, gelu_h, wt, pre_h, fcpw_h,
+                              wt, cvt, N, 4 * C, C);
+    dev.ops->linear_bwd(&dev, dx, dwf, dbf, dpre, gt, x_h, wt, fcw_h, wt, cvt, N, C, 4 * C);
+  }
+  CK(cudaEventRecord(e1, dev.stream));
+  CK(cudaEventSynchronize(e1));
+  sync_or_die("mlp backward");
+  double ms = elapsed_ms(e0, e1) / iters;
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  void *bufs[] = {fcw,    fcpw, x,   pre, dout, fcw_h, fcpw_h, x_h,     pre_h,
+                  gelu_h, dpre, dwp, dbp, dwf,  dbf,   dx,     scratch, cvt};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mt_device_free(&dev, bufs[i]);
+  dev.matmul = MT_MATMUL_FP32;
+  return ms;
+}
+
+/* The MLP's backward with its inner gradient in bf16 beside fp32, in the
+ * same run: what keeping it in 16 bits saves. */
+static void bench_mlp_grad(int B) {
+  double f32 = mlp_bwd_ms(B, MT_F32), b16 = mlp_bwd_ms(B, MT_BF16);
+  double tflops = 4 * 2.0 * B * 2048.0 * 2048.0 * 8192.0 / (b16 * 1e-3) / 1e12;
+  printf("MLP backward B=%d (bf16 job): inner gradient fp32 %.2f ms, bf16 %.2f ms (%.1f TFLOP/s), "
+         "%.2fx\n",
+         B, f32, b16, tflops, f32 / b16);
+  printf("RESULT mlp_bwd_f32grad_ms %.3f\n", f32);
+  printf("RESULT mlp_bwd_bf16grad_ms %.3f\n", b16);
+  printf("RESULT mlp_bwd_bf16grad_tflops %.2f\n", tflops);
+  fflush(stdout);
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "--quick")) iters = 3;
   if (mt_device_open(&dev, "cuda:0")) {
@@ -437,6 +497,7 @@ int main(int argc, char **argv) {
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16);
+  bench_mlp_grad(4);
   mt_device_close(&dev);
   return 0;
 }
