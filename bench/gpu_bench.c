@@ -21,7 +21,11 @@
  * 3. Attention alone, forward and backward: an fp32 qkv (chunked GEMMs)
  *    against a bf16 one (flash kernels); and the flash kernels at MT-NLG
  *    530B's head width (160: one tp rank's 16 heads) against 128.
- * 4. The layer's MLP backward in a bf16 job with its inner gradient in bf16
+ * 4. The bf16 layer again at micro-batch 4 with the GeLU epilogues switched
+ *    the other way (dev.gelu_epilogue; MTNLG_GELU_EPILOGUE=0 sets it off
+ *    for a job): GeLU and its gradient as kernels of their own against
+ *    cuBLASLt's GELU_AUX_BIAS and DGELU epilogues.
+ * 5. The layer's MLP backward in a bf16 job with its inner gradient in bf16
  *    (as the model keeps it: the DGELU epilogue, 16-bit operands) beside
  *    fp32 (the unfused path before it), last, after the layer figures.
  * Each figure is also printed as "RESULT key value" for the script.
@@ -497,6 +501,13 @@ int main(int argc, char **argv) {
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
   bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16);
+  /* GeLU and its gradient as kernels of their own (MTNLG_GELU_EPILOGUE=0)
+   * beside cuBLASLt's epilogues above: which is faster depends on the GPU */
+  int epilogue = dev.gelu_epilogue;
+  dev.gelu_epilogue = !epilogue;
+  bench_layer(4, MT_MATMUL_BF16, MT_BF16, epilogue ? "bf16_gelu_kernels" : "bf16_gelu_epilogue",
+              bf16);
+  dev.gelu_epilogue = epilogue;
   bench_mlp_grad(4);
   mt_device_close(&dev);
   return 0;

@@ -35,6 +35,12 @@ typedef struct mt_device {
   char name[32];              /* "cpu:0" */
   void *impl;                 /* backend state (streams, handles) */
   mt_matmul_precision matmul; /* MT_MATMUL_FP32 after open */
+  /* CUDA: 1 lets linear_gelu_fwd and linear_bwd_dgelu apply GeLU and its
+   * gradient in cuBLASLt's epilogues where it takes the shape (ops.h); 0
+   * runs them as their own kernels. 1 after open unless the environment
+   * says MTNLG_GELU_EPILOGUE=0: which is faster depends on the GPU and the
+   * cuBLASLt release (tests/gpu/run measures both). Unused on the CPU. */
+  int gelu_epilogue;
   /* CUDA (NULL on CPU): every op, copy and memset of this device runs in
    * order on `stream`; `comm_stream` is for collectives (NCCL), so they can
    * overlap compute. Work across the two is ordered by the caller (events). */

@@ -79,6 +79,12 @@ void mt__cuda_close(mt_device *d) {
  * on the legacy default stream (cudaMemcpy, a library's memset) stays
  * ordered with ours. */
 int mt__cuda_open(mt_device *d, int index) {
+  const char *ge = getenv("MTNLG_GELU_EPILOGUE");
+  if (ge && strcmp(ge, "0") && strcmp(ge, "1"))
+    return mt_seterr(MT_EINVAL,
+                     "device %s: MTNLG_GELU_EPILOGUE=\"%s\": 0 (GeLU and its gradient as "
+                     "kernels of their own) or 1 (in cuBLASLt's epilogues, the default)",
+                     d->name, ge);
   mt__cuda *c = (mt__cuda *)calloc(1, sizeof *c);
   if (!c) return mt_seterr(MT_ENOMEM, "device %s: out of memory", d->name);
   c->index = index;
@@ -110,6 +116,7 @@ int mt__cuda_open(mt_device *d, int index) {
   d->comm_stream = c->comm_stream;
   d->matmul = MT_MATMUL_FP32;
   d->ops = &mt_cuda_ops;
+  d->gelu_epilogue = !ge || ge[0] == '1';
   {
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index);

@@ -473,7 +473,7 @@ static int min_int(int a, int b) { return a < b ? a : b; }
  * = gelu(result) and g->D = the result (its aux matrix, laid out and stored
  * as D). 1 when the epilogue ran, 0 when the caller still owes the GeLU. */
 static int fwd_gemm(mt_device *d, const char *what, const mt__gemm *g, void *gelu_out) {
-  if (gelu_out) {
+  if (gelu_out && d->gelu_epilogue) {
     mt__gemm e = *g;
     e.D = gelu_out;
     if (mt__cuda_gemm_gelu(d, what, &e, g->D)) return 1;
@@ -544,7 +544,7 @@ static void dinp_gemm(mt_device *d, const char *what, mt__gemm *g, const void *p
   void *dpre = g->D;
   mt_dtype dpt = g->dt;
   g->beta = 0.0f;
-  if (pt == dpt && mt__cuda_gemm_dgelu(d, what, g, pre)) return;
+  if (pt == dpt && d->gelu_epilogue && mt__cuda_gemm_dgelu(d, what, g, pre)) return;
   zero_floats(d, scratch, n, "linear_bwd_dgelu: zero scratch");
   g->D = scratch;
   g->dt = MT_F32;

@@ -647,7 +647,7 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
     check("linear_gelu_fwd", label("%s out", tag), back(go, no), co, no, tol_out);
     float *gp32 = back(gp, no);
     check("linear_gelu_fwd", label("%s pre", tag), gp32, cp, no, tol);
-    int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT");
+    int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue;
     (void)fused; /* the path checks are the emulator's */
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
@@ -720,7 +720,7 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
       check("linear_bwd_dgelu", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
-    int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && it == MT_F32;
+    int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue && it == MT_F32;
     int native = native_16(wt, p);
     long dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
     long want = fused && (native || dinp_gemms == 1) ? dinp_gemms : 0;
@@ -752,7 +752,8 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
 #ifdef MT_CUDA_EMU
     t = gemms_since();
     dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
-    want = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && native ? dinp_gemms : 0;
+    want =
+        C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue && native ? dinp_gemms : 0;
     ok = bwd_path_ok(t, N, C, OC, it, wt, p) && t.dgelu == want && t.gelu == 0;
     check_path("linear_bwd_dgelu",
                want ? "16-bit dpre: DGELU epilogue" : "16-bit dpre: GEMM, gradient kernel", ok, t);
@@ -1359,6 +1360,43 @@ static void test_adamw(size_t n) {
   arena_reset();
 }
 
+/* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
+ * ops then run GeLU and its gradient as kernels of their own, the values
+ * the same within the epilogues' tolerance, which the op checks hold them
+ * to), 1 keeps them on, anything else refuses the device, naming the
+ * variable. The environment is put back as it was. */
+static void test_gelu_epilogue_switch(void) {
+  const char *was = getenv("MTNLG_GELU_EPILOGUE");
+  char *saved = was ? strdup(was) : NULL;
+  static const char *vals[] = {"yes", "0", "1"};
+  for (int k = 0; k < 3; k++) {
+    mt_device d;
+    setenv("MTNLG_GELU_EPILOGUE", vals[k], 1);
+    int rc = mt_device_open(&d, "cuda:0");
+    const char *what = label("MTNLG_GELU_EPILOGUE=%s", vals[k]);
+    if (!k)
+      check_that("device_open", label("%s: refused", what),
+                 rc && strstr(mt_errmsg(), "MTNLG_GELU_EPILOGUE=\"yes\""),
+                 rc ? mt_errmsg() : "opened");
+    else
+      check_that("device_open", label("%s: epilogues %s", what, k == 1 ? "off" : "on"),
+                 !rc && d.gelu_epilogue == (k == 2), rc ? mt_errmsg() : "opened");
+    if (!rc) mt_device_close(&d);
+  }
+  if (saved)
+    setenv("MTNLG_GELU_EPILOGUE", saved, 1);
+  else
+    unsetenv("MTNLG_GELU_EPILOGUE");
+  free(saved);
+  int on = gpu.gelu_epilogue;
+  gpu.gelu_epilogue = 0;
+  test_linear_gelu(9, 20, 16, MT_MATMUL_FP32, MT_F32, MT_F32);
+  test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_FP32, MT_F32, MT_F32);
+  test_linear_gelu(9, 20, 16, MT_MATMUL_BF16, MT_BF16, MT_BF16);
+  test_linear_bwd_dgelu(9, 16, 20, MT_MATMUL_BF16, MT_BF16, MT_BF16);
+  gpu.gelu_epilogue = on;
+}
+
 int main(int argc, char **argv) {
   int small = argc > 1 && !strcmp(argv[1], "--small");
   if (mt_device_open(&cpu, "cpu:0")) die("open cpu:0");
@@ -1532,6 +1570,7 @@ int main(int argc, char **argv) {
     test_crossentropy(256, 50257, 50304);
     test_adamw((size_t)1 << 22);
   }
+  test_gelu_epilogue_switch();
   int rc = mt_device_sync(&gpu);
   if (rc) {
     printf("FAIL device sync: %s\n", mt_errmsg());
