@@ -7,6 +7,10 @@
  *   ref_driver adamw WEIGHTS.safetensors TOKENS.bin B T STEPS LR WD [BETA1 BETA2 EPS]
  *       STEPS AdamW steps on the same batch, no clipping; prints one
  *       {"step": s, "loss": L} line per step (the loss before that update).
+ *   ref_driver blas
+ *       prints the OpenBLAS kernel libmtnlg runs on here (its core name, as
+ *       OPENBLAS_CORETYPE takes it), so the test can give torch the same one:
+ *       their fp32 sums then run in the same order.
  *
  * The config comes from the weights file's __metadata__ (n_layer, n_embd,
  * n_head, vocab_size, seq); the vocabulary is padded to a multiple of 128,
@@ -25,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "blas.h"
 #include "device.h"
 #include "err.h"
 #include "gpt.h"
@@ -35,7 +40,8 @@ static void usage(void) {
   fprintf(stderr, "usage: ref_driver grads WEIGHTS.safetensors TOKENS.bin B T OUT.safetensors "
                   "[--recompute]\n"
                   "       ref_driver adamw WEIGHTS.safetensors TOKENS.bin B T STEPS LR WD "
-                  "[BETA1 BETA2 EPS]\n");
+                  "[BETA1 BETA2 EPS]\n"
+                  "       ref_driver blas\n");
 }
 
 static int parse_int(const char *s, const char *what, int *out) {
@@ -184,6 +190,14 @@ int main(int argc, char **argv) {
   int ok_grads = argc >= 2 && !strcmp(argv[1], "grads") &&
                  (argc == 7 || (argc == 8 && !strcmp(argv[7], "--recompute")));
   int ok_adamw = argc >= 2 && !strcmp(argv[1], "adamw") && (argc == 9 || argc == 12);
+  if (argc == 2 && !strcmp(argv[1], "blas")) {
+    if (mt_blas_load()) {
+      fprintf(stderr, "ref_driver: %s\n", mt_errmsg());
+      return 1;
+    }
+    printf("%s\n", mt_blas_corename());
+    return 0;
+  }
   if (!ok_grads && !ok_adamw) {
     usage();
     return 2;

@@ -25,6 +25,12 @@ Checked, each relative to float64 torch:
     Before them, one bf16 step's gradients against torch's with the same
     roundings, within BF16_GRAD_TOL per tensor, c_fc's at least 3 times
     closer to those than torch's without the MLP's inner gradient rounded.
+torch's fp32 matmuls run on OpenBLAS here too: unless OPENBLAS_CORETYPE is
+set, the kernel ref_driver reports (`ref_driver blas`, which libmtnlg picks
+by itself on an AVX-512 CPU that OpenBLAS takes for a Prescott) is set for
+torch before it loads, so both sum in the same order; on different kernels a
+bf16 step's gradients were seen up to 7e-4 apart (an activation's rounding
+tipped the other way), past BF16_GRAD_TOL, on the same code.
 Exit 0 when all hold, 1 on any mismatch or failure, 77 (skip) without torch.
 """
 import json
@@ -32,6 +38,21 @@ import os
 import subprocess
 import sys
 import tempfile
+
+
+def same_blas_kernel_as(driver):
+    """Sets OPENBLAS_CORETYPE to ref_driver's kernel unless the caller set it;
+    before torch is imported, as OpenBLAS reads it when it loads."""
+    if os.environ.get("OPENBLAS_CORETYPE") or not os.access(driver, os.X_OK):
+        return
+    r = subprocess.run([driver, "blas"], capture_output=True, text=True)
+    core = r.stdout.strip()
+    if r.returncode == 0 and core:
+        os.environ["OPENBLAS_CORETYPE"] = core
+
+
+if len(sys.argv) == 2:
+    same_blas_kernel_as(os.path.abspath(sys.argv[1]))
 
 try:
     import torch
@@ -290,6 +311,8 @@ def main():
         print(__doc__)
         return 2
     driver = os.path.abspath(sys.argv[1])
+    print(f"OpenBLAS kernel for torch and ref_driver: "
+          f"{os.environ.get('OPENBLAS_CORETYPE') or 'as OpenBLAS detects it'}")
     torch.manual_seed(0)
     summary = []
     with tempfile.TemporaryDirectory(prefix="mt_torch_ref.") as tmp:
