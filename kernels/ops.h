@@ -61,6 +61,16 @@ typedef enum mt_dtype { MT_F32 = 0, MT_BF16 = 1, MT_F16 = 2 } mt_dtype;
  * kernels pad it to 64, 128 or 256 columns); jobs check it before they start. */
 #define MT_FLASH_MAX_HS 256
 
+/* Samples a GPU's flash backward takes in one launch: their row sums (NH·T
+ * floats a sample) share the scratch attention_scratch asks for, which holds
+ * this many. Up to 8, so a launch's grid spans several samples' triangular
+ * (key tile, head) work, not one sample's few waves; fewer where 8 samples'
+ * rows would pass 16M floats (64 MiB). */
+static inline int mt_flash_bwd_samples(int T, int NH) {
+  long long per = (long long)T * NH, n = per > 0 ? (16LL << 20) / per : 1;
+  return n < 1 ? 1 : n > 8 ? 8 : (int)n;
+}
+
 /* One tensor, or slice of one, for a multi-tensor AdamW step. */
 typedef struct mt_adamw_slice {
   float *param;
@@ -178,7 +188,7 @@ struct mt_ops {
    * their scores and probabilities, far below one sample's NH·T² when T is
    * large; on the CPU, per thread, and for a 16-bit qkv with its head
    * unpacked and its output before rounding; on GPUs, for a 16-bit qkv,
-   * only the flash backward's D of one sample (NH·T). */
+   * the flash backward's D (NH·T a sample) of mt_flash_bwd_samples samples. */
   size_t (*attention_scratch)(mt_device *d, int T, int C, int NH, mt_dtype qt);
 
   /* GeLU, tanh approximation (GPT-2's). n elements; inp stored as it, out

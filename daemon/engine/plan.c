@@ -33,7 +33,8 @@
  *   attention unpacked from 16 bits beside them, s b h (7 + 7/t) fp32
  *   values in all, as model/gpt.c lays them out), and attention's scratch: in fp32 2 (a/t) s min(s,
  * 512) values (the chunk of query rows a GPU works on, scores and their gradient; the CPU's is
- * smaller), in a 16-bit job the (a/t) s of the flash backward's row sums. Counted with the
+ * smaller), in a 16-bit job the (a/t) s of the flash backward's row sums, for up to 8
+ * samples (mt_flash_bwd_samples). Counted with the
  * activations.
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
@@ -61,6 +62,7 @@
 #include <string.h>
 
 #include "err.h"
+#include "ops.h"
 
 #define GB 1e9
 
@@ -93,7 +95,9 @@ static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed) 
 static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed) {
   int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h, rows = s < 512 ? s : 512;
   if (!mixed) return 4 * (sbh * 5 + sbh * 15 / t) + 2 * ((int64_t)m->n_head / t) * s * rows * 4;
-  return 2 * (sbh + sbh * 8 / t) + 4 * (sbh * 7 + sbh * 7 / t) + ((int64_t)m->n_head / t) * s * 4;
+  int64_t nh = m->n_head / t;
+  return 2 * (sbh + sbh * 8 / t) + 4 * (sbh * 7 + sbh * 7 / t) +
+         mt_flash_bwd_samples((int)s, (int)nh) * nh * s * 4;
 }
 
 int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stage *out) {

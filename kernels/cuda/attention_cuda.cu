@@ -36,6 +36,12 @@
 #define MT_CUDA_ATT_FLOATS ((size_t)64 << 20)
 #endif
 
+/* At most this many samples a flash backward launch (mt_flash_bwd_samples);
+ * the emulator test lowers it to reach the loop over groups of samples. */
+#ifndef MT_CUDA_FLASH_SAMPLES
+#define MT_CUDA_FLASH_SAMPLES 8
+#endif
+
 /* The chunk shape for (T, NH): rows rc, heads hc, as many heads as fit the
  * budget once rc rows of one head do, and at most 65535 rows in all (a grid
  * dimension of k_att_dropout). */
@@ -56,7 +62,10 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
   (void)d, (void)C;
   int rc, hc;
   if (T < 1 || NH < 1) return 1;
-  if (qt != MT_F32) return (size_t)NH * T;
+  if (qt != MT_F32) {
+    int n = mt_flash_bwd_samples(T, NH);
+    return (size_t)(n < MT_CUDA_FLASH_SAMPLES ? n : MT_CUDA_FLASH_SAMPLES) * NH * T;
+  }
   att_chunk(T, NH, &rc, &hc);
   return 2 * (size_t)hc * rc * T;
 }

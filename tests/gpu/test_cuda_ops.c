@@ -1488,9 +1488,9 @@ int main(int argc, char **argv) {
     /* the flash kernels: head size 16 padded to 64 (tiles loaded 8 or 4
      * elements at a time), T past one tile of 64 rows and not a multiple of
      * it; 80 padded to 128; 144 padded to 160 (MT-NLG's width); 200
-     * padded to 256 in tiles of 32 rows; B = 3 goes by one sample per group
-     * (the emulator's scratch: 420 floats, the backward's D 4·70 per
-     * sample) */
+     * padded to 256 in tiles of 32 rows; the backward takes B = 2 in one
+     * launch and B = 3 as 2 then 1 (the emulator caps a launch at 2 samples,
+     * MT_CUDA_FLASH_SAMPLES) */
     shape f64 = {2, 70, 32, 2, 37, 40}, f128 = {1, 20, 160, 2, 37, 40};
     shape f160 = {1, 70, 144, 1, 37, 40}, f256 = {1, 40, 200, 1, 37, 40};
     shape fgroups = {3, 70, 64, 4, 37, 40};
