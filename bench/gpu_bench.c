@@ -282,11 +282,11 @@ static void layer_bwd(layer *L) {
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
   o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, MT_F32, L->atty, at, L->projw_h, wt, L->cvt, N,
                 C, C);
-  mt_device_memset0(&dev, L->dqkv, 3 * NC * 4);
-  o->attention_bwd(&dev, L->dqkv, L->att_scratch, L->dbtc2, L->atty, L->qkv, at, L->lse, B, T, C,
-                   L->NH, NULL);
+  if (at == MT_F32) mt_device_memset0(&dev, L->dqkv, 3 * NC * 4); /* 16-bit: written */
+  o->attention_bwd(&dev, L->dqkv, at, L->att_scratch, L->dbtc2, L->atty, L->qkv, at, L->lse, B, T,
+                   C, L->NH, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
-  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, MT_F32, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C,
+  o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, at, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C,
                 3 * C);
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
 }
@@ -368,7 +368,7 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {
   for (int i = -2; i < iters; i++) {
     if (!i) CK(cudaEventRecord(e0, dev.stream));
     dev.ops->attention_fwd(&dev, out, lse, scratch, in, qt, B, T, C, NH, NULL);
-    dev.ops->attention_bwd(&dev, dqkv, scratch, dout, out, in, qt, lse, B, T, C, NH, NULL);
+    dev.ops->attention_bwd(&dev, dqkv, qt, scratch, dout, out, in, qt, lse, B, T, C, NH, NULL);
   }
   CK(cudaEventRecord(e1, dev.stream));
   CK(cudaEventSynchronize(e1));

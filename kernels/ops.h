@@ -177,17 +177,23 @@ struct mt_ops {
    * FlashAttention does, accumulating in fp32. */
   void (*attention_fwd)(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
                         mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
-  /* dqkv(B,T,3C) += ...; lse as attention_fwd left it; out(B,T,C) the
-   * forward's output as it stored it, read only by the flash kernel
-   * (rowsum(dout ∘ out), FlashAttention's D); scratch as there */
-  void (*attention_bwd)(mt_device *d, float *dqkv, float *scratch, const float *dout,
+  /* dqkv(B,T,3C) stored as gt: fp32, += the gradient; or qkv's own 16-bit
+   * type (GPUs refuse any other 16-bit gt, the CPU leaves dqkv as it was),
+   * the gradient written, not accumulated, rounded to
+   * nearest even from the fp32 sums (as a 16-bit job keeps it, and
+   * autocast's attention backward returns it). lse as attention_fwd left
+   * it; out(B,T,C) the forward's output as it stored it, read only by the
+   * flash kernel (rowsum(dout ∘ out), FlashAttention's D); scratch as
+   * there */
+  void (*attention_bwd)(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
                         const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
                         int T, int C, int NH, const mt_dropout *drop);
   /* Floats of scratch the attention pair needs on d for (T, C, NH) and qkv
    * stored as qt, any B: blocks of query rows (and, on GPUs, of heads) with
    * their scores and probabilities, far below one sample's NH·T² when T is
    * large; on the CPU, per thread, and for a 16-bit qkv with its head
-   * unpacked and its output before rounding; on GPUs, for a 16-bit qkv,
+   * unpacked, its output before rounding and its gradient before rounding
+   * (for a 16-bit dqkv); on GPUs, for a 16-bit qkv,
    * the flash backward's D (NH·T a sample) of mt_flash_bwd_samples samples. */
   size_t (*attention_scratch)(mt_device *d, int T, int C, int NH, mt_dtype qt);
 

@@ -28,9 +28,10 @@
  *   the buffers a block computes in, forward and backward (a LayerNorm
  *   output, GeLU's output, the backward's gradients of the stream, of QKV and
  *   of the MLP: s b h (5 + 15/t) values; in a 16-bit job the two outputs
- *   and the MLP's inner gradient, s b h (1 + 8/t), are 16-bit and the rest
- *   fp32, with the stream between blocks (two) and the stream after
- *   attention unpacked from 16 bits beside them, s b h (7 + 7/t) fp32
+ *   and the gradients of QKV and of the MLP's inner activation, s b h (1 +
+ *   11/t), are 16-bit and the rest fp32, with the stream between blocks
+ *   (two) and the stream after attention unpacked from 16 bits beside
+ *   them, s b h (7 + 4/t) fp32
  *   values in all, as model/gpt.c lays them out), and attention's scratch: in fp32 2 (a/t) s min(s,
  * 512) values (the chunk of query rows a GPU works on, scores and their gradient; the CPU's is
  * smaller), in a 16-bit job the (a/t) s of the flash backward's row sums, for up to 8
@@ -96,7 +97,7 @@ static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed
   int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h, rows = s < 512 ? s : 512;
   if (!mixed) return 4 * (sbh * 5 + sbh * 15 / t) + 2 * ((int64_t)m->n_head / t) * s * rows * 4;
   int64_t nh = m->n_head / t;
-  return 2 * (sbh + sbh * 8 / t) + 4 * (sbh * 7 + sbh * 7 / t) +
+  return 2 * (sbh + sbh * 11 / t) + 4 * (sbh * 7 + sbh * 4 / t) +
          mt_flash_bwd_samples((int)s, (int)nh) * nh * s * 4;
 }
 

@@ -63,7 +63,7 @@ typedef struct act_plan {
   float *dres;        /* (B,T,C) gradient of the residual stream */
   float *dbtc;        /* (B,T,C) */
   float *dbtc2;       /* (B,T,C) */
-  float *dqkv;        /* (B,T,3C) */
+  void *dqkv;         /* (B,T,3C), in act_type */
   float *dfch;        /* (B,T,4C) linear_bwd_dgelu's scratch */
   void *dfch2;        /* (B,T,4C) d(fch), in act_type */
   float *att_scratch; /* ops->attention_scratch floats */
@@ -300,7 +300,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve(&p->dres, base, &off, BT * C);
   carve(&p->dbtc, base, &off, BT * C);
   carve(&p->dbtc2, base, &off, BT * C);
-  carve(&p->dqkv, base, &off, BT * 3 * Cl);
+  carve_act(m, &p->dqkv, base, &off, BT * 3 * Cl);
   carve(&p->dfch, base, &off, BT * 4 * Cl);
   carve_act(m, &p->dfch2, base, &off, BT * 4 * Cl);
   carve(&p->att_scratch, base, &off, att_scratch);
@@ -686,12 +686,14 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, MT_F32,
                   a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
-  mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
-  ops->attention_bwd(d, p->dqkv, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T, t.Cl,
-                     t.NHl, attn_drop);
+  /* in a 16-bit job written in act_type, as autocast's attention backward
+   * returns it: the QKV GEMMs multiply it as it is */
+  if (at == MT_F32) mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
+  ops->attention_bwd(d, p->dqkv, at, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T,
+                     t.Cl, t.NHl, attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   layernorm(m, p, l, MT_P_LN1_W, in);
-  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, MT_F32, p->ln, at,
+  ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, at, p->ln, at,
                   M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
   if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
   ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,

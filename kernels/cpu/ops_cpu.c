@@ -383,9 +383,10 @@ static void dropout_tile(float *tile, const float *p, int T, int rb, int c0, int
 static size_t att_block_floats(int T) { return (size_t)(T < ATT_RB ? T : ATT_RB) * (size_t)T; }
 
 /* A 16-bit qkv's head as fp32: T rows of q, k, v side by side (row stride
- * 3 HS), then the head's output (T rows of HS). */
+ * 3 HS), then the head's output (T rows of HS), then, for a 16-bit dqkv,
+ * the head's gradient before rounding (T rows of 3 HS, as q, k, v). */
 static size_t att_head_floats(int T, int C, int NH, mt_dtype qt) {
-  return qt == MT_F32 ? 0 : (size_t)T * 4 * (size_t)(C / NH);
+  return qt == MT_F32 ? 0 : (size_t)T * 7 * (size_t)(C / NH);
 }
 
 /* A thread's part of the scratch: two blocks, then the unpacked head. */
@@ -512,10 +513,10 @@ static void attention_fwd(mt_device *d, void *out, float *lse, float *scratch, c
  * softmax backward is dS = G - P ∘ rowsum(G), scaled by 1/sqrt(HS); the
  * block's dS lives in s (ATT_RB rows, ld T, like blk). qkv holds the head
  * (see att_head); dq, dk, dv have row stride 3C, g (dout) row stride C. */
-static void attention_bwd_head(float *dq, float *dk, float *dv, float *blk, float *s,
+static void attention_bwd_head(float *dq, float *dk, float *dv, int ld3, float *blk, float *s,
                                const float *g, att_head qkv, const float *lse, int T, int C, int HS,
                                int h, uint64_t sample, const mt_dropout *drop) {
-  int ld3 = 3 * C, ld = qkv.ld;
+  int ld = qkv.ld;
   float scale = 1.0f / sqrtf((float)HS);
   float tile[ATT_RB * ATT_CB];
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
@@ -580,24 +581,40 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, float *blk, floa
 }
 
 /* out is the GPU flash kernel's (see ops.h); the CPU recomputes from qkv
- * and lse alone. */
-static void attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
+ * and lse alone. A 16-bit dqkv (a 16-bit qkv's scratch has the room): each
+ * head's gradient summed from zero in fp32, then rounded into place. */
+static void attention_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
                           const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
                           int T, int C, int NH, const mt_dropout *drop) {
   (void)out;
   if (drop && drop->p == 0.0f) drop = NULL;
+  if (gt != MT_F32 && qt == MT_F32) return; /* no room: ops.h allows it with a 16-bit qkv only */
   int HS = C / NH;
   size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH, qt);
 #pragma omp parallel for collapse(2) num_threads(nthreads(d)) schedule(static)
   for (int b = 0; b < B; b++) {
     for (int h = 0; h < NH; h++) {
-      float *dq = dqkv + (size_t)b * T * 3 * C + (size_t)h * HS;
+      size_t off = (size_t)b * T * 3 * C + (size_t)h * HS;
       float *mine = scratch + slot * omp_get_thread_num();
       att_head a = att_head_of(mine + 2 * blk, qkv, qt, b, h, T, C, HS);
-      attention_bwd_head(dq, dq + C, dq + 2 * C, mine, mine + blk,
+      float *dq = (float *)dqkv + off, *room = mine + 2 * blk + (size_t)T * 4 * HS;
+      int ldd = 3 * C, step = C;
+      if (gt != MT_F32) {
+        dq = room, ldd = 3 * HS, step = HS;
+        memset(room, 0, (size_t)T * 3 * HS * sizeof(float));
+      }
+      attention_bwd_head(dq, dq + step, dq + 2 * step, ldd, mine, mine + blk,
                          dout + (size_t)b * T * C + (size_t)h * HS, a,
                          lse + ((size_t)b * NH + h) * T, T, C, HS, h,
                          drop ? drop->sample0 + (uint64_t)b : 0, drop);
+      if (gt == MT_F32) continue;
+      for (int t = 0; t < T; t++) {
+        uint16_t *r = (uint16_t *)dqkv + off + (size_t)t * 3 * C;
+        const float *g = room + (size_t)t * 3 * HS;
+        pack_row(r, g, (size_t)HS, gt == MT_F16);
+        pack_row(r + C, g + HS, (size_t)HS, gt == MT_F16);
+        pack_row(r + 2 * C, g + 2 * HS, (size_t)HS, gt == MT_F16);
+      }
     }
   }
 }

@@ -225,15 +225,21 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
 /* Per chunk: P recomputed; dV += Pdᵀ·dout; S = dout·Vᵀ; dS = softmax
  * backward of S; dQ += dS·K, dK += dSᵀ·Q (the scale folded into dS). The
  * chunk's P and S/dS (Pd before it) fill the scratch. */
-void mt__cuda_attention_bwd(mt_device *d, float *dqkv, float *scratch, const float *dout,
-                            const void *out, const void *qkv_, mt_dtype qt, const float *lse, int B,
-                            int T, int C, int NH, const mt_dropout *drop) {
+void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scratch,
+                            const float *dout, const void *out, const void *qkv_, mt_dtype qt,
+                            const float *lse, int B, int T, int C, int NH, const mt_dropout *drop) {
   if (qt != MT_F32) {
-    mt__cuda_flash_bwd(d, dqkv, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
+    mt__cuda_flash_bwd(d, dqkv_, gt, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
                        (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse, B, T, C, NH, drop);
     return;
   }
+  if (gt != MT_F32) {
+    mt__cuda_fail(d, "attention_bwd",
+                  "a 16-bit dqkv with an fp32 qkv (ops.h: fp32, or qkv's own type)");
+    return;
+  }
   const float *qkv = (const float *)qkv_;
+  float *dqkv = (float *)dqkv_;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || C < 1 || NH < 1) return;
   mt__cuda *c = mt__cuda_enter(d);

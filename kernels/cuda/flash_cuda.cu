@@ -324,7 +324,8 @@ static __device__ void load_query_tile(const bwd_smem_of &s, const uint16_t *hea
 /* The backward kernels' arguments: samples b0.. (dv holds their D rows,
  * (Bg, NH, T)), the dropout as mt_dropout's fields (p 0: none). */
 struct bwd_args {
-  float *dqkv;
+  void *dqkv; /* fp32, added into; or (half_out) qkv's 16-bit type, written */
+  int half_out;
   const float *dout;
   const uint16_t *qkv;
   const float *lse, *dv;
@@ -342,7 +343,7 @@ struct bwd_block {
   size_t ld; /* qkv's and dqkv's row stride */
   const uint16_t *head;
   const float *g, *lse_h, *dv_h;
-  float *dhead;
+  size_t dhead; /* element offset of the head's row 0 in dqkv */
   uint64_t sample;
   bwd_smem_of s;
 };
@@ -354,13 +355,25 @@ static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem)
   k.HS = a.C / a.NH, k.warp = threadIdx.x / 32, k.lane = threadIdx.x % 32;
   k.ld = 3 * (size_t)a.C;
   k.head = a.qkv + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
-  k.dhead = a.dqkv + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
+  k.dhead = (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
   k.g = a.dout + (size_t)k.b * a.T * a.C + (size_t)k.h * k.HS;
   k.lse_h = a.lse + ((size_t)k.b * a.NH + k.h) * a.T;
   k.dv_h = a.dv + ((size_t)k.bg * a.NH + k.h) * a.T;
   k.sample = a.sample0 + (uint64_t)k.b;
   k.s = bwd_layout<D, W>(smem, k.warp);
   return k;
+}
+
+/* A warp's finished gradient rows (16 from row0, columns col.. of the
+ * head's dqkv rows): added into fp32, or written in the 16-bit type */
+template <int FP16, int D>
+static __device__ void grad_rows_out(const bwd_args &a, const bwd_block &k, size_t col, float *st,
+                                     wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
+                                     int row0) {
+  if (a.half_out)
+    warp_rows_out<D, 0, FP16>((uint16_t *)a.dqkv + k.dhead + col, k.ld, st, acc, row0, a.T, k.HS);
+  else
+    warp_rows_out<D, 1>((float *)a.dqkv + k.dhead + col, k.ld, st, acc, row0, a.T, k.HS);
 }
 
 /* The dropout scale of element (tq, tk) of k's head */
@@ -416,8 +429,8 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   }
   __syncthreads(); /* Qs and dOs become the staging */
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
-  warp_rows_out<D, 1>(k.dhead + C, k.ld, st, dk, k0 + 16 * k.warp, T, k.HS);
-  warp_rows_out<D, 1>(k.dhead + 2 * C, k.ld, st, dvv, k0 + 16 * k.warp, T, k.HS);
+  grad_rows_out<FP16, D>(a, k, C, st, dk, k0 + 16 * k.warp);
+  grad_rows_out<FP16, D>(a, k, 2 * (size_t)C, st, dvv, k0 + 16 * k.warp);
 }
 
 /* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries */
@@ -459,7 +472,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   }
   __syncthreads();
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
-  warp_rows_out<D, 1>(k.dhead, k.ld, st, dq, q0 + 16 * k.warp, T, k.HS);
+  grad_rows_out<FP16, D>(a, k, 0, st, dq, q0 + 16 * k.warp);
 }
 
 /* ---- host side ------------------------------------------------------------ */
@@ -479,7 +492,7 @@ template <int FP16, int D, int W> struct flash {
     (out, lse, qkv, T, C, NH, scale, drop ? drop->p : 0.0f, drop ? drop->key : 0,
      drop ? drop->sample0 : 0, drop ? drop->head0 : 0);
   }
-  static void bwd(mt_device *d, float *dqkv, const float *dout, const uint16_t *qkv,
+  static void bwd(mt_device *d, void *dqkv, int half_out, const float *dout, const uint16_t *qkv,
                   const float *lse, const float *dv, int b0, int Bg, int T, int C, int NH,
                   float scale, const mt_dropout *drop) {
     mt__cuda *c = mt__cuda_enter(d);
@@ -491,6 +504,7 @@ template <int FP16, int D, int W> struct flash {
     cudaFuncSetAttribute(flash_bwd_q, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dim3 grid((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)Bg);
     bwd_args a = {dqkv,
+                  half_out,
                   dout,
                   qkv,
                   lse,
@@ -538,12 +552,20 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
   mt__cuda_check(d, "attention_fwd (flash)");
 }
 
-void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratch_floats,
-                        const float *dout, const uint16_t *out, const uint16_t *qkv, mt_dtype qt,
-                        const float *lse, int B, int T, int C, int NH, const mt_dropout *drop) {
-  int HS = C / NH, fp16 = qt == MT_F16;
+void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
+                        size_t scratch_floats, const float *dout, const uint16_t *out,
+                        const uint16_t *qkv, mt_dtype qt, const float *lse, int B, int T, int C,
+                        int NH, const mt_dropout *drop) {
+  int HS = C / NH, fp16 = qt == MT_F16, half = gt != MT_F32;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || !flash_fits(d, "attention_bwd", HS)) return;
+  if (half && gt != qt) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "a %s dqkv with a %s qkv (ops.h: fp32, or qkv's own type)",
+             gt == MT_F16 ? "binary16" : "bf16", qt == MT_F16 ? "binary16" : "bf16");
+    mt__cuda_fail(d, "attention_bwd", msg);
+    return;
+  }
   mt__cuda *c = mt__cuda_enter(d);
   float scale = 1.0f / sqrtf((float)HS);
   int per = (int)(scratch_floats / ((size_t)NH * T)); /* samples whose D fit the scratch */
@@ -558,17 +580,25 @@ void mt__cuda_flash_bwd(mt_device *d, float *dqkv, float *scratch, size_t scratc
     else MT_LAUNCH(k_flash_dot<0>, dim3((unsigned)T, (unsigned)Bg), 128,
                    c->stream)(scratch, dout, out, T, C, NH, b0);
     if (HS <= 64)
-      fp16 ? flash<1, 64, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
-           : flash<0, 64, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+      fp16 ? flash<1, 64, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                  drop)
+           : flash<0, 64, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                  drop);
     else if (HS <= 128)
-      fp16 ? flash<1, 128, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
-           : flash<0, 128, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+      fp16 ? flash<1, 128, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                   drop)
+           : flash<0, 128, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                   drop);
     else if (HS <= 160)
-      fp16 ? flash<1, 160, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
-           : flash<0, 160, 4>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+      fp16 ? flash<1, 160, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                   drop)
+           : flash<0, 160, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                   drop);
     else
-      fp16 ? flash<1, 256, 2>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop)
-           : flash<0, 256, 2>::bwd(d, dqkv, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+      fp16 ? flash<1, 256, 2>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                   drop)
+           : flash<0, 256, 2>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
+                                   drop);
   }
   mt__cuda_check(d, "attention_bwd (flash)");
 }

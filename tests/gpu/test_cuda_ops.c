@@ -1053,9 +1053,9 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
 
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
   /* both backward passes take the CPU's lse, so only the backward differs */
-  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp);
-  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), Df(co, no), gqkv, MT_F32, Df(cl, nl), B, T, C,
-                         NH, dp);
+  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, Df(dout, no), Df(co, no), gqkv, MT_F32, Df(cl, nl),
+                         B, T, C, NH, dp);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, tol);
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
@@ -1096,10 +1096,29 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
 #endif
 
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
-  cpu.ops->attention_bwd(&cpu, cdq, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp);
-  gpu.ops->attention_bwd(&gpu, gdq, gs, Df(dout, no), D(oh, no * sizeof(uint16_t)), gqkv, qt,
-                         Df(cl, nl), B, T, C, NH, dp);
+  void *goh = D(oh, no * sizeof(uint16_t));
+  float *gdout = Df(dout, no), *gcl = Df(cl, nl);
+  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, 1e-2);
+
+  /* dqkv in qkv's own type, as a 16-bit job keeps it: written (every value
+   * poisoned first), against the CPU's, which is its fp32 sum rounded */
+  uint16_t *cdh = halloc(nq * sizeof(uint16_t));
+  void *gdh = DP(nq * sizeof(uint16_t));
+  cpu.ops->attention_bwd(&cpu, cdh, qt, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp);
+  gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp);
+  check("attention_bwd", label("%s dqkv in 16 bits (written)", tag), back_half(gdh, nq, qt),
+        as_floats(cdh, nq, qt), nq, 1e-2);
+  if (!with_dropout) { /* the other 16-bit type: refused, naming it, dqkv left alone */
+    mt_dtype other = fp16 ? MT_BF16 : MT_F16;
+    gpu.ops->attention_bwd(&gpu, gdh, other, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp);
+    int rc = mt_device_sync(&gpu);
+    check_that("attention_bwd", label("%s dqkv of the other 16-bit type: an error", tag),
+               rc && strstr(mt_errmsg(), "dqkv"), rc ? mt_errmsg() : "no error");
+    check("attention_bwd", label("%s: dqkv left alone", tag), back_half(gdh, nq, qt),
+          as_floats(cdh, nq, qt), nq, 1e-2);
+  }
   arena_reset();
 }
 

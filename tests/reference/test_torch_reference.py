@@ -16,15 +16,17 @@ Checked, each relative to float64 torch:
     (torch: .bfloat16() and back before the forward, the gradient applied to
     the master), with the activations a block keeps and its GEMMs' inputs
     (LayerNorm and GeLU outputs) rounded to bfloat16
-    where it makes them (torch_gpt.rounded_to), and the MLP's inner gradient
-    (c_fc's output's) rounded to bfloat16 where it is made
+    where it makes them (torch_gpt.rounded_to), and the gradients of QKV and
+    of the MLP's inner activation (c_fc's output) rounded to bfloat16 where
+    they are made
     (torch_gpt.gradient_rounded_to), against torch doing the same
     from float32 masters, within
     BF16_TOL at every step. The bf16 run must also be at least 3 times
-    further from our fp32 run than from torch's bf16 (the rounding happened).
+    further from our fp32 run than from torch's bf16, the relative
+    differences summed over the steps (the rounding happened).
     Before them, one bf16 step's gradients against torch's with the same
-    roundings, within BF16_GRAD_TOL per tensor, c_fc's at least 3 times
-    closer to those than torch's without the MLP's inner gradient rounded.
+    roundings, within BF16_GRAD_TOL per tensor, c_attn's and c_fc's at least
+    3 times closer to those than torch's without those two gradients rounded.
 torch's fp32 matmuls run on OpenBLAS here too: unless OPENBLAS_CORETYPE is
 set, the kernel ref_driver reports (`ref_driver blas`, which libmtnlg picks
 by itself on an AVX-512 CPU that OpenBLAS takes for a Prescott) is set for
@@ -226,7 +228,7 @@ def check_config(driver, tmp, name, dims, B, T, recompute):
 def torch_bf16_grads(weights, cfg, idx, tgt, half, round_gradient):
     """Loss and float64 gradients of the weights rounded to `half`, in fp32
     math, the activations kept rounded (and, with round_gradient, the MLP's
-    inner gradient) as a 16-bit mtnlg job keeps them."""
+    QKV and inner MLP gradients) as a 16-bit mtnlg job keeps them."""
     work = {k: v.detach().to(half).to(torch.float32).requires_grad_(True)
             for k, v in weights.items()}
     keep_grad = torch_gpt.gradient_rounded_to(half) if round_gradient else torch_gpt.same
@@ -238,9 +240,10 @@ def torch_bf16_grads(weights, cfg, idx, tgt, half, round_gradient):
 
 def check_bf16_grads(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, tmp):
     """One bf16 step's gradients against torch's with the same roundings,
-    per tensor within BF16_GRAD_TOL; and the MLP's weights' gradients
-    clearly closer to that than to torch's without the inner gradient
-    rounded (the rounding happened, where torch does it)."""
+    per tensor within BF16_GRAD_TOL; and c_fc's and c_attn's weights'
+    gradients clearly closer to that than to torch's without the MLP's inner
+    and QKV's gradients rounded (the rounding happened, where torch does
+    it)."""
     gpath = os.path.join(tmp, f"{name}.bf16.grads.safetensors")
     env = dict(os.environ, MT_REF_PRECISION="bf16")
     r = subprocess.run([driver, "grads", wpath, tpath, str(B), str(T), gpath], capture_output=True,
@@ -268,15 +271,16 @@ def check_bf16_grads(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, t
         if not e <= BF16_GRAD_TOL:
             failures.append(f"{name}: bf16 gradient {k}: ||ours - torch|| / ||torch|| = {e:.2e} "
                             f"> {BF16_GRAD_TOL}")
-        if "mlp.c_fc" in k and not e_un > 3 * e:
-            failures.append(f"{name}: bf16 gradient {k} is {e:.2e} from torch's with the MLP's "
-                            f"inner gradient rounded, {e_un:.2e} between torch's with and "
+        if ("mlp.c_fc" in k or "attn.c_attn" in k) and not e_un > 3 * e:
+            failures.append(f"{name}: bf16 gradient {k} is {e:.2e} from torch's with the MLP's inner "
+                            f"and QKV gradients rounded, {e_un:.2e} between torch's with and "
                             f"without: was it rounded?")
     errs.sort(reverse=True)
     worst = ", ".join(f"{k} {e:.2e}" for e, k, _ in errs[:3])
     mlp = max(e_un for _, k, e_un in errs if "mlp.c_fc" in k)
-    print(f"  [{name}] bf16 gradients: worst rel {worst}; torch without the inner gradient "
-          f"rounded is up to {mlp:.2e} off at c_fc")
+    qkv = max(e_un for _, k, e_un in errs if "attn.c_attn" in k)
+    print(f"  [{name}] bf16 gradients: worst rel {worst}; torch without those gradients "
+          f"rounded is up to {mlp:.2e} off at c_fc, {qkv:.2e} at c_attn")
 
 
 def check_bf16(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, ours_fp32):
@@ -291,19 +295,27 @@ def check_bf16(driver, name, wpath, tpath, B, T, weights, cfg, idx, tgt, ours_fp
     ref = torch_adamw_losses(weights, cfg, idx, tgt, torch.float32, half=torch.bfloat16)
     if len(ours) != STEPS:
         failures.append(f"{name}: bf16 adamw printed {len(ours)} losses, want {STEPS}")
-    worst = vs_fp32 = 0.0
+    worst = vs_fp32 = near = far = 0.0
     for s, (a, b, c) in enumerate(zip(ours, ref, ours_fp32)):
         r = rel(a, b)
         worst, vs_fp32 = max(worst, r), max(vs_fp32, rel(a, c))
+        near, far = near + r, far + rel(a, c)
         print(f"  [{name}] bf16 adamw step {s}: mtnlg {a:.9g}  torch-bf16 {b:.9g}  "
               f"mtnlg-fp32 {c:.9g}  rel {r:.2e}")
         if not r <= BF16_TOL:
             failures.append(f"{name}: bf16 adamw step {s}: loss {a:.9g} vs torch {b:.9g} "
                             f"(rel {r:.2e} > {BF16_TOL})")
-    print(f"  [{name}] bf16: worst rel to torch-bf16 {worst:.2e}, to our fp32 run {vs_fp32:.2e}")
-    if not vs_fp32 > 3 * worst:
+    print(f"  [{name}] bf16: worst rel to torch-bf16 {worst:.2e}, to our fp32 run {vs_fp32:.2e}; "
+          f"summed over the steps {near:.2e} and {far:.2e}")
+    # Summed, not the worst step: AdamW turns a gradient near zero whose
+    # rounding tips the other way into a whole step of the other sign, so
+    # single steps of the two bf16 runs jump apart (3.7e-4 at one step with
+    # Haswell's kernels, where the worst step was then under 3 times closer
+    # than fp32), while over the 10 steps the bf16 runs stay ~5 times closer.
+    if not far > 3 * near:
         failures.append(f"{name}: bf16 losses are not clearly closer to torch's bf16 "
-                        f"({worst:.2e}) than to fp32 ({vs_fp32:.2e}): was the working copy rounded?")
+                        f"({near:.2e} summed over the steps) than to fp32 ({far:.2e}): "
+                        f"was the working copy rounded?")
 
 
 def main():

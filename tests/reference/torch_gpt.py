@@ -117,10 +117,10 @@ def same(x):
     return x
 
 
-def attention(x, w, b, wp, bp, n_head, keep=same):
+def attention(x, w, b, wp, bp, n_head, keep=same, keep_grad=same):
     B, T, C = x.shape
     hs = C // n_head
-    qkv = keep(x @ w + b)  # (B, T, 3C)
+    qkv = keep_grad(keep(x @ w + b))  # (B, T, 3C)
     q, k, v = qkv.split(C, dim=-1)
     q, k, v = (t.reshape(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
@@ -167,7 +167,8 @@ def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same):
     between blocks (not after the last); and where a 16-bit job's GEMM input
     is made, as autocast rounds it: the LayerNorms' outputs and GeLU's.
     keep_grad: applied where a 16-bit job keeps a gradient in 16 bits
-    (gradient_rounded_to): c_fc's output, the GeLU's input."""
+    (gradient_rounded_to): QKV's (attention's backward writes it so) and
+    c_fc's output's, the GeLU's input."""
     B, T = idx.shape
     x = p["wte.weight"][idx] + p["wpe.weight"][:T]  # (B, T, C)
     for l in range(cfg.n_layer):
@@ -175,7 +176,7 @@ def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same):
         a = keep(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]))
         x = keep(x + attention(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
                                p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"],
-                               cfg.n_head, keep))
+                               cfg.n_head, keep, keep_grad))
         m = keep(layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]))
         m = keep(gelu_tanh(keep_grad(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"]))))
         x = x + (m @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"])

@@ -561,8 +561,8 @@ static void att_run_bwd(att_case *a, float *dqkv) {
   ffill(scratch, ns, NAN);
   ops->attention_fwd(&dev, out, lse, scratch, a->qkv, MT_F32, a->B, a->T, a->C, a->NH, a->drop);
   ffill(scratch, ns, NAN);
-  ops->attention_bwd(&dev, dqkv, scratch, a->r, out, a->qkv, MT_F32, lse, a->B, a->T, a->C, a->NH,
-                     a->drop);
+  ops->attention_bwd(&dev, dqkv, MT_F32, scratch, a->r, out, a->qkv, MT_F32, lse, a->B, a->T, a->C,
+                     a->NH, a->drop);
   free(out), free(lse), free(scratch);
 }
 
@@ -638,10 +638,24 @@ static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int
     for (size_t i = 0; i < no; i++) o32[i] = mt_half_unpack(oh[i], fp16);
     float *g16 = frand(nq, -1, 1), *g32 = fcopy(g16, nq); /* accumulated into */
     ffill(s16, n16, NAN);
-    ops->attention_bwd(&dev, g16, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop);
+    ops->attention_bwd(&dev, g16, MT_F32, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop);
     ffill(s32, n32, NAN);
-    ops->attention_bwd(&dev, g32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
+    ops->attention_bwd(&dev, g32, MT_F32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
     report(bits_equal(g16, g32, nq), __func__, "%s attention_bwd dqkv", what);
+
+    /* a dqkv in qkv's own type: written (poisoned first), each value the
+     * fp32 gradient from zero rounded */
+    float *z32 = fzeros(nq);
+    uint16_t *dh = xmalloc(nq * sizeof(uint16_t));
+    for (size_t i = 0; i < nq; i++) dh[i] = 0x7fc1;
+    ffill(s16, n16, NAN);
+    ops->attention_bwd(&dev, dh, qt, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop);
+    ffill(s32, n32, NAN);
+    ops->attention_bwd(&dev, z32, MT_F32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
+    off = not_rounded(dh, z32, nq, fp16);
+    report(off == 0, __func__, "%s attention_bwd 16-bit dqkv (%zu of %zu not fp32's rounded)", what,
+           off, nq);
+    free(z32), free(dh);
     free(q), free(dout), free(s16), free(s32), free(qh), free(oh);
     free(o32), free(l16), free(l32), free(g16), free(g32);
   }
