@@ -41,6 +41,9 @@
 #define MT_CUDA_GEMM_WS_BYTES                                                                      \
   ((size_t)32 << 20)            /* cuBLASLt/cuBLAS: 32 MiB is what Hopper kernels ask */
 #define MT_CUDA_RED_BLOCKS 1024 /* sumsq partials: a fixed count, a fixed order */
+/* Column reductions' partial sums, one row of columns per group of rows
+ * (ops_cuda.cu, col_groups): 4 MiB a device */
+#define MT_CUDA_COL_FLOATS ((size_t)1 << 20)
 
 typedef struct mt__cuda {
   int index;
@@ -49,6 +52,8 @@ typedef struct mt__cuda {
   cublasHandle_t blas; /* fallback when cuBLASLt has no algorithm for a shape */
   void *ws;            /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */
   double *red;         /* MT_CUDA_RED_BLOCKS + 1 */
+  float *cols;         /* MT_CUDA_COL_FLOATS */
+  int sms;             /* streaming multiprocessors */
   int err;             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;

@@ -67,6 +67,7 @@ void mt__cuda_close(mt_device *d) {
   if (c->blas) cublasDestroy(c->blas);
   cudaFree(c->ws);
   cudaFree(c->red);
+  cudaFree(c->cols);
   if (c->stream) cudaStreamDestroy(c->stream);
   if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
   cudaGetLastError();
@@ -108,6 +109,8 @@ int mt__cuda_open(mt_device *d, int index) {
   TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
   TRY_CUDA(cudaMalloc((void **)&c->red, (MT_CUDA_RED_BLOCKS + 1) * sizeof(double)),
            "allocate the reduction buffer");
+  TRY_CUDA(cudaMalloc((void **)&c->cols, MT_CUDA_COL_FLOATS * sizeof(float)),
+           "allocate the column reductions' buffer");
   TRY_BLAS(cublasLtCreate(&c->lt), "cublasLtCreate");
   TRY_BLAS(cublasCreate(&c->blas), "cublasCreate");
   TRY_BLAS(cublasSetStream(c->blas, c->stream), "cublasSetStream");
@@ -117,12 +120,11 @@ int mt__cuda_open(mt_device *d, int index) {
   d->matmul = MT_MATMUL_FP32;
   d->ops = &mt_cuda_ops;
   d->gelu_epilogue = !ge || ge[0] == '1';
-  {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index);
-    mt_log_debug("device %s: %d SMs, streams %p (compute) and %p (comm)", d->name, sms,
-                 (void *)c->stream, (void *)c->comm_stream);
-  }
+  if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
+      c->sms < 1)
+    c->sms = 1;
+  mt_log_debug("device %s: %d SMs, streams %p (compute) and %p (comm)", d->name, c->sms,
+               (void *)c->stream, (void *)c->comm_stream);
   return 0;
 fail:
   mt__cuda_close(d);

@@ -207,15 +207,64 @@ static __global__ void k_layernorm_bwd_dx(float *dinp, const float *dout, const 
   }
 }
 
-/* dw(C) += Σ_n dout·x̂, db(C) += Σ_n dout: blocks of 32 columns (coalesced
- * rows), COLS_Y lanes over the rows, then the lanes summed in order. */
-static __global__ void k_layernorm_dwdb(float *dw, float *db, const float *dout, const float *inp,
-                                        const float *mean, const float *rstd, int N, int C) {
+/* Column reductions (LayerNorm's dw and db, a linear layer's bias
+ * gradient) take a block per 32 columns (coalesced rows) and COLS_Y lanes
+ * over the rows. At GPT widths that is fewer blocks than the GPU has SMs
+ * (64 for h = 2048, on an H200's 132), each streaming all N rows with few
+ * loads in flight. So the rows are cut into groups, a block per (32
+ * columns, group), aiming at two blocks an SM: with one group a block adds
+ * its sums to the output; with more each writes its partial sums to
+ * c->cols and k_cols_add adds the groups' partials to the output in group
+ * order. Deterministic either way (no atomics), and one group gives the
+ * one-pass order bit for bit. */
+#ifndef MT_CUDA_COL_MIN_ROWS
+#define MT_CUDA_COL_MIN_ROWS 128 /* rows a group takes at least (the emulator test: fewer) */
+#endif
+#define COL_MAX_GROUPS 32
+
+/* Groups for a reduction of N rows over `blocks` column blocks writing
+ * `sums` rows of `cols` partials a group */
+static int col_groups(const mt__cuda *c, int N, int blocks, int sums, int cols) {
+  int g = (2 * c->sms + blocks - 1) / blocks, by_rows = N / MT_CUDA_COL_MIN_ROWS;
+  size_t room = MT_CUDA_COL_FLOATS / ((size_t)sums * cols);
+  if (g > by_rows) g = by_rows;
+  if (g > COL_MAX_GROUPS) g = COL_MAX_GROUPS;
+  if ((size_t)g > room) g = (int)room;
+  return g < 1 ? 1 : g;
+}
+
+/* The rows [*n0, *n1) of this block's group (blockIdx.y of gridDim.y) */
+static __device__ __forceinline__ void group_rows(int N, int *n0, int *n1) {
+  int per = (N + (int)gridDim.y - 1) / (int)gridDim.y;
+  *n0 = (int)blockIdx.y * per;
+  *n1 = *n0 + per < N ? *n0 + per : N;
+}
+
+/* dst_v[c] += Σ_g part[(g·nv + v)·C + c], groups in order, for v < nv (2 at
+ * most: dst1 may be NULL when nv is 1) */
+static __global__ void k_cols_add(float *dst0, float *dst1, const float *part, int G, int nv,
+                                  int C) {
+  int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  for (int v = 0; v < nv; v++) {
+    float t = 0.0f;
+    for (int g = 0; g < G; g++) t += part[((size_t)g * nv + v) * C + c];
+    (v ? dst1 : dst0)[c] += t;
+  }
+}
+
+/* dw(C) += Σ_n dout·x̂, db(C) += Σ_n dout over this block's group of rows,
+ * the lanes summed in order; with part (more than one group) written there
+ * instead, as k_cols_add reads them. */
+static __global__ void k_layernorm_dwdb(float *dw, float *db, float *part, const float *dout,
+                                        const float *inp, const float *mean, const float *rstd,
+                                        int N, int C) {
   __shared__ float sw[COLS_Y][33], sb[COLS_Y][33];
-  int c = blockIdx.x * 32 + threadIdx.x;
+  int c = blockIdx.x * 32 + threadIdx.x, n0, n1;
+  group_rows(N, &n0, &n1);
   float aw = 0.0f, ab = 0.0f;
   if (c < C) {
-    for (int n = threadIdx.y; n < N; n += blockDim.y) {
+    for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
       size_t i = (size_t)n * C + c;
       float g = dout[i];
       aw += g * (inp[i] - mean[n]) * rstd[n];
@@ -231,8 +280,13 @@ static __global__ void k_layernorm_dwdb(float *dw, float *db, const float *dout,
       tw += sw[y][threadIdx.x];
       tb += sb[y][threadIdx.x];
     }
-    dw[c] += tw;
-    db[c] += tb;
+    if (part) {
+      part[(size_t)blockIdx.y * 2 * C + c] = tw;
+      part[((size_t)blockIdx.y * 2 + 1) * C + c] = tb;
+    } else {
+      dw[c] += tw;
+      db[c] += tb;
+    }
   }
 }
 
@@ -251,8 +305,11 @@ static void layernorm_bwd(mt_device *d, float *dinp, float *dw, float *db, const
   if (!N || !C) return;
   mt__cuda *c = mt__cuda_enter(d);
   MT_LAUNCH(k_layernorm_bwd_dx, N, ROW, c->stream)(dinp, dout, inp, w, mean, rstd, C);
-  MT_LAUNCH(k_layernorm_dwdb, (C + 31) / 32, dim3(32, COLS_Y), c->stream)
-  (dw, db, dout, inp, mean, rstd, N, C);
+  int blocks = (C + 31) / 32, G = col_groups(c, N, blocks, 2, C);
+  float *part = G > 1 ? c->cols : NULL;
+  MT_LAUNCH(k_layernorm_dwdb, dim3((unsigned)blocks, (unsigned)G), dim3(32, COLS_Y), c->stream)
+  (dw, db, part, dout, inp, mean, rstd, N, C);
+  if (part) MT_LAUNCH(k_cols_add, (C + 255) / 256, 256, c->stream)(dw, db, part, G, 2, C);
   mt__cuda_check(d, "layernorm_bwd");
 }
 
@@ -343,19 +400,27 @@ static void unpack_half(mt_device *d, float *dst, const uint16_t *src, size_t n,
 #define MT_CUDA_CVT_BYTES ((size_t)128 << 20)
 #endif
 
-/* dst(OC) += column sums of src(N,OC) stored as st, rows in a fixed tree */
-static __global__ void k_colsum_acc(float *dst, const void *src, mt_dtype st, int N, int OC) {
+/* dst(OC) += column sums of src(N,OC) stored as st over this block's group
+ * of rows, in a fixed tree; with part (more than one group) written there,
+ * as k_cols_add reads them (see k_layernorm_dwdb) */
+static __global__ void k_colsum_acc(float *dst, float *part, const void *src, mt_dtype st, int N,
+                                    int OC) {
   __shared__ float sh[COLS_Y][33];
-  int c = blockIdx.x * 32 + threadIdx.x;
+  int c = blockIdx.x * 32 + threadIdx.x, n0, n1;
+  group_rows(N, &n0, &n1);
   float a = 0.0f;
   if (c < OC)
-    for (int n = threadIdx.y; n < N; n += blockDim.y) a += load_act(src, st, (size_t)n * OC + c);
+    for (int n = n0 + threadIdx.y; n < n1; n += blockDim.y)
+      a += load_act(src, st, (size_t)n * OC + c);
   sh[threadIdx.y][threadIdx.x] = a;
   __syncthreads();
   if (threadIdx.y == 0 && c < OC) {
     float t = 0.0f;
     for (unsigned y = 0; y < blockDim.y; y++) t += sh[y][threadIdx.x];
-    dst[c] += t;
+    if (part)
+      part[(size_t)blockIdx.y * OC + c] = t;
+    else
+      dst[c] += t;
   }
 }
 
@@ -657,7 +722,12 @@ static void linear_backward(mt_device *d, const char *what, void *dinp, mt_dtype
   }
   if (dbias && N && OC) {
     mt__cuda *c = mt__cuda_enter(d);
-    MT_LAUNCH(k_colsum_acc, (OC + 31) / 32, dim3(32, COLS_Y), c->stream)(dbias, dout, dt, N, OC);
+    int blocks = (OC + 31) / 32, G = col_groups(c, N, blocks, 1, OC);
+    float *part = G > 1 ? c->cols : NULL;
+    MT_LAUNCH(k_colsum_acc, dim3((unsigned)blocks, (unsigned)G), dim3(32, COLS_Y), c->stream)
+    (dbias, part, dout, dt, N, OC);
+    if (part)
+      MT_LAUNCH(k_cols_add, (OC + 255) / 256, 256, c->stream)(dbias, (float *)NULL, part, G, 1, OC);
     mt__cuda_check(d, "linear_bwd dbias");
   }
 }

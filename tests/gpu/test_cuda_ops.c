@@ -506,11 +506,23 @@ static void test_layernorm(int N, int C) {
   float *cdx = H(n, -1, 1), *cdw = H((size_t)C, -1, 1), *cdb = H((size_t)C, -1, 1);
   float *gdx = Df(cdx, n), *gdw = Df(cdw, (size_t)C), *gdb = Df(cdb, (size_t)C);
   cpu.ops->layernorm_bwd(&cpu, cdx, cdw, cdb, dout, x, w, cm, cr, N, C);
+#ifdef MT_CUDA_EMU
+  long adds0 = mt_emu_launch_count("k_cols_add");
+#endif
   gpu.ops->layernorm_bwd(&gpu, gdx, gdw, gdb, Df(dout, n), dx, dw, Df(cm, (size_t)N),
                          Df(cr, (size_t)N), N, C);
   check("layernorm_bwd", label("N=%d C=%d dinp (+=)", N, C), back(gdx, n), cdx, n, 1e-4);
   check("layernorm_bwd", "dw (+=)", back(gdw, (size_t)C), cdw, (size_t)C, 1e-4);
   check("layernorm_bwd", "db (+=)", back(gdb, (size_t)C), cdb, (size_t)C, 1e-4);
+#ifdef MT_CUDA_EMU
+  /* dw and db by groups of rows where the column blocks are fewer than two
+   * per SM (the emulator's 4) and there are rows for two groups (of at least
+   * 2 rows here, MT_CUDA_COL_MIN_ROWS) */
+  int grouped = (C + 31) / 32 < 8 && N >= 4;
+  check_that("layernorm_bwd", label("dw, db %s", grouped ? "by groups of rows" : "in one pass"),
+             mt_emu_launch_count("k_cols_add") == adds0 + grouped,
+             grouped ? "one k_cols_add" : "no k_cols_add");
+#endif
   arena_reset();
 }
 
