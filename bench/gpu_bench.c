@@ -476,6 +476,49 @@ static void bench_mlp_grad(int B) {
   fflush(stdout);
 }
 
+/* LayerNorm's backward at the layer's shapes (fp32 stream, as the model
+ * runs it): the bytes it moves (dinp read and written, dout and the input
+ * read twice: 24 a value) against a device-to-device copy of as many bytes
+ * in the same run, the memory-bound ceiling; its dw/db pass is the column
+ * reduction cut into groups of rows. */
+static void bench_layernorm_bwd(int B) {
+  int N = B * 2048, C = 2048;
+  size_t NC = (size_t)N * C;
+  uint64_t st = 13;
+  float *x = rnd(NC, 2.0f, &st), *dout = rnd(NC, 0.02f, &st), *dx = rnd(NC, 0.02f, &st);
+  float *w = rnd(C, 1.0f, &st), *b = rnd(C, 0.1f, &st), *dw = dmalloc(C * 4), *db = dmalloc(C * 4);
+  float *mean = dmalloc(N * 4), *rstd = dmalloc(N * 4), *ln = dmalloc(NC * 4);
+  dev.ops->layernorm_fwd(&dev, ln, MT_F32, mean, rstd, x, w, b, N, C, 1e-5f);
+  size_t bytes = 24 * NC, half = bytes / 2;
+  char *src = dmalloc(half), *dst = dmalloc(half);
+  cudaEvent_t e0, e1, e2;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  CK(cudaEventCreate(&e2));
+  for (int i = -2; i < iters; i++) {
+    if (!i) CK(cudaEventRecord(e0, dev.stream));
+    dev.ops->layernorm_bwd(&dev, dx, dw, db, dout, x, w, mean, rstd, N, C);
+  }
+  CK(cudaEventRecord(e1, dev.stream));
+  for (int i = 0; i < iters; i++) /* read half, write half: the same bytes */
+    CK(cudaMemcpyAsync(dst, src, half, cudaMemcpyDeviceToDevice, dev.stream));
+  CK(cudaEventRecord(e2, dev.stream));
+  CK(cudaEventSynchronize(e2));
+  sync_or_die("layernorm backward");
+  double ln_ms = elapsed_ms(e0, e1) / iters, copy_ms = elapsed_ms(e1, e2) / iters;
+  double gbs = bytes / (ln_ms * 1e-3) / 1e9, copy_gbs = bytes / (copy_ms * 1e-3) / 1e9;
+  printf("LayerNorm backward B=%d (N %d, C %d): %.3f ms, %.0f GB/s; a copy of the same bytes "
+         "%.3f ms, %.0f GB/s; %.2f of it\n",
+         B, N, C, ln_ms, gbs, copy_ms, copy_gbs, gbs / copy_gbs);
+  printf("RESULT layernorm_bwd_ms %.3f\n", ln_ms);
+  printf("RESULT layernorm_bwd_gbs %.0f\n", gbs);
+  printf("RESULT copy_gbs %.0f\n", copy_gbs);
+  fflush(stdout);
+  cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
+  void *bufs[] = {x, dout, dx, w, b, dw, db, mean, rstd, ln, src, dst};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mt_device_free(&dev, bufs[i]);
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "--quick")) iters = 3;
   if (mt_device_open(&dev, "cuda:0")) {
@@ -509,6 +552,7 @@ int main(int argc, char **argv) {
               bf16);
   dev.gelu_epilogue = epilogue;
   bench_mlp_grad(4);
+  bench_layernorm_bwd(4);
   mt_device_close(&dev);
   return 0;
 }
