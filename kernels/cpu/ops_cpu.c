@@ -512,7 +512,8 @@ static void attention_fwd(mt_device *d, void *out, float *lse, float *scratch, c
  * probabilities (P itself without dropout) and G = (dout · Vᵀ) ∘ Pd, the
  * softmax backward is dS = G - P ∘ rowsum(G), scaled by 1/sqrt(HS); the
  * block's dS lives in s (ATT_RB rows, ld T, like blk). qkv holds the head
- * (see att_head); dq, dk, dv have row stride 3C, g (dout) row stride C. */
+ * (see att_head); dq, dk, dv have row stride ld3 (3C in dqkv, 3 HS in a
+ * head's own room), g (dout) row stride C. */
 static void attention_bwd_head(float *dq, float *dk, float *dv, int ld3, float *blk, float *s,
                                const float *g, att_head qkv, const float *lse, int T, int C, int HS,
                                int h, uint64_t sample, const mt_dropout *drop) {
