@@ -297,6 +297,31 @@ static float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
   return ms;
 }
 
+/* Milliseconds of one run(arg), the mean of `iters` runs after two warm-up
+ * ones, timed by events on the device's stream; what names it if the device
+ * fails. */
+static double time_ms(void (*run)(void *), void *arg, const char *what) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = -2; i < iters; i++) {
+    if (!i) CK(cudaEventRecord(e0, dev.stream));
+    run(arg);
+  }
+  CK(cudaEventRecord(e1, dev.stream));
+  CK(cudaEventSynchronize(e1));
+  sync_or_die(what);
+  double ms = elapsed_ms(e0, e1) / iters;
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  return ms;
+}
+
+/* Frees the device buffers of bufs[0, n) that are not NULL. */
+static void free_all(void **bufs, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (bufs[i]) mt_device_free(&dev, bufs[i]);
+}
+
 /* Times `iters` forward+backward steps after two warm-up ones; prints and
  * returns TFLOP/s. */
 static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const char *tag,
@@ -350,6 +375,21 @@ static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const ch
  * random values stored as qt, NH heads, in bf16 matmul mode: an fp32 qkv
  * takes the chunked cuBLASLt GEMMs around row kernels, a bf16 one the flash
  * kernels (flash_cuda.cu). */
+typedef struct attn_run {
+  int B, T, C, NH;
+  mt_dtype qt;
+  void *out, *in, *dqkv;
+  float *lse, *scratch, *dout;
+} attn_run;
+
+static void attn_step(void *arg) {
+  attn_run *a = arg;
+  dev.ops->attention_fwd(&dev, a->out, a->lse, a->scratch, a->in, a->qt, a->B, a->T, a->C, a->NH,
+                         NULL);
+  dev.ops->attention_bwd(&dev, a->dqkv, a->qt, a->scratch, a->dout, a->out, a->in, a->qt, a->lse,
+                         a->B, a->T, a->C, a->NH, NULL);
+}
+
 static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
@@ -362,22 +402,10 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {
     in = qkv_h = dmalloc(nq * 2);
     dev.ops->to_half(&dev, qkv_h, qkv, nq, qt == MT_F16);
   }
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  for (int i = -2; i < iters; i++) {
-    if (!i) CK(cudaEventRecord(e0, dev.stream));
-    dev.ops->attention_fwd(&dev, out, lse, scratch, in, qt, B, T, C, NH, NULL);
-    dev.ops->attention_bwd(&dev, dqkv, qt, scratch, dout, out, in, qt, lse, B, T, C, NH, NULL);
-  }
-  CK(cudaEventRecord(e1, dev.stream));
-  CK(cudaEventSynchronize(e1));
-  sync_or_die("attention");
-  double ms = elapsed_ms(e0, e1) / iters;
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  attn_run a = {B, T, C, NH, qt, out, in, dqkv, lse, scratch, dout};
+  double ms = time_ms(attn_step, &a, "attention");
   void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
-  for (int i = 0; i < 7; i++)
-    if (bufs[i]) mt_device_free(&dev, bufs[i]);
+  free_all(bufs, sizeof bufs / sizeof *bufs);
   dev.matmul = MT_MATMUL_FP32;
   return ms;
 }
@@ -424,6 +452,26 @@ static void bench_flash_widths(void) {
  * dpre stored as gt: bf16, as the model keeps it (the DGELU epilogue, two
  * 16-bit GEMMs for c_fc), or fp32, the unfused path it took before (fp32
  * scratch, GeLU-gradient kernel, dpre rounded again for c_fc's GEMMs). */
+typedef struct mlp_run {
+  int N, C;
+  mt_dtype gt;
+  void *dpre;
+  float *scratch, *dwp, *dbp, *dout;
+  void *gelu_h, *pre_h, *fcpw_h;
+  float *dx, *dwf, *dbf;
+  void *x_h, *fcw_h, *cvt;
+} mlp_run;
+
+static void mlp_step(void *arg) {
+  mlp_run *m = arg;
+  mt_dtype wt = MT_BF16;
+  int N = m->N, C = m->C;
+  dev.ops->linear_bwd_dgelu(&dev, m->dpre, m->gt, m->scratch, m->dwp, m->dbp, m->dout, m->gelu_h,
+                            wt, m->pre_h, m->fcpw_h, wt, m->cvt, N, 4 * C, C);
+  dev.ops->linear_bwd(&dev, m->dx, m->dwf, m->dbf, m->dpre, m->gt, m->x_h, wt, m->fcw_h, wt, m->cvt,
+                      N, C, 4 * C);
+}
+
 static double mlp_bwd_ms(int B, mt_dtype gt) {
   int T = 2048, C = 2048, N = B * T;
   size_t NC = (size_t)N * C, NF = 4 * NC, CC4 = 4 * (size_t)C * C;
@@ -441,23 +489,12 @@ static double mlp_bwd_ms(int B, mt_dtype gt) {
   size_t cb = dev.ops->linear_scratch(&dev, N, C, 4 * C, wt, wt);
   size_t cb2 = dev.ops->linear_scratch(&dev, N, 4 * C, C, wt, wt);
   void *cvt = dmalloc(cb > cb2 ? cb : cb2);
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  for (int i = -2; i < iters; i++) {
-    if (!i) CK(cudaEventRecord(e0, dev.stream));
-    dev.ops->linear_bwd_dgelu(&dev, dpre, gt, scratch, dwp, dbp, dout, gelu_h, wt, pre_h, fcpw_h,
-                              wt, cvt, N, 4 * C, C);
-    dev.ops->linear_bwd(&dev, dx, dwf, dbf, dpre, gt, x_h, wt, fcw_h, wt, cvt, N, C, 4 * C);
-  }
-  CK(cudaEventRecord(e1, dev.stream));
-  CK(cudaEventSynchronize(e1));
-  sync_or_die("mlp backward");
-  double ms = elapsed_ms(e0, e1) / iters;
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  mlp_run m = {N,     C,      gt, dpre, scratch, dwp, dbp,   dout, gelu_h,
+               pre_h, fcpw_h, dx, dwf,  dbf,     x_h, fcw_h, cvt};
+  double ms = time_ms(mlp_step, &m, "mlp backward");
   void *bufs[] = {fcw,    fcpw, x,   pre, dout, fcw_h, fcpw_h, x_h,     pre_h,
                   gelu_h, dpre, dwp, dbp, dwf,  dbf,   dx,     scratch, cvt};
-  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mt_device_free(&dev, bufs[i]);
+  free_all(bufs, sizeof bufs / sizeof *bufs);
   dev.matmul = MT_MATMUL_FP32;
   return ms;
 }
@@ -481,6 +518,24 @@ static void bench_mlp_grad(int B) {
  * read twice: 24 a value) against a device-to-device copy of as many bytes
  * in the same run, the memory-bound ceiling; its dw/db pass is the column
  * reduction cut into groups of rows. */
+typedef struct ln_run {
+  int N, C;
+  float *x, *dout, *dx, *w, *dw, *db, *mean, *rstd;
+  void *src, *dst;
+  size_t half;
+} ln_run;
+
+static void ln_step(void *arg) {
+  ln_run *r = arg;
+  dev.ops->layernorm_bwd(&dev, r->dx, r->dw, r->db, r->dout, r->x, r->w, r->mean, r->rstd, r->N,
+                         r->C);
+}
+
+static void copy_step(void *arg) {
+  ln_run *r = arg;
+  CK(cudaMemcpyAsync(r->dst, r->src, r->half, cudaMemcpyDeviceToDevice, dev.stream));
+}
+
 static void bench_layernorm_bwd(int B) {
   int N = B * 2048, C = 2048;
   size_t NC = (size_t)N * C;
@@ -489,23 +544,10 @@ static void bench_layernorm_bwd(int B) {
   float *w = rnd(C, 1.0f, &st), *b = rnd(C, 0.1f, &st), *dw = dmalloc(C * 4), *db = dmalloc(C * 4);
   float *mean = dmalloc(N * 4), *rstd = dmalloc(N * 4), *ln = dmalloc(NC * 4);
   dev.ops->layernorm_fwd(&dev, ln, MT_F32, mean, rstd, x, w, b, N, C, 1e-5f);
-  size_t bytes = 24 * NC, half = bytes / 2;
-  char *src = dmalloc(half), *dst = dmalloc(half);
-  cudaEvent_t e0, e1, e2;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  CK(cudaEventCreate(&e2));
-  for (int i = -2; i < iters; i++) {
-    if (!i) CK(cudaEventRecord(e0, dev.stream));
-    dev.ops->layernorm_bwd(&dev, dx, dw, db, dout, x, w, mean, rstd, N, C);
-  }
-  CK(cudaEventRecord(e1, dev.stream));
-  for (int i = 0; i < iters; i++) /* read half, write half: the same bytes */
-    CK(cudaMemcpyAsync(dst, src, half, cudaMemcpyDeviceToDevice, dev.stream));
-  CK(cudaEventRecord(e2, dev.stream));
-  CK(cudaEventSynchronize(e2));
-  sync_or_die("layernorm backward");
-  double ln_ms = elapsed_ms(e0, e1) / iters, copy_ms = elapsed_ms(e1, e2) / iters;
+  size_t bytes = 24 * NC, half = bytes / 2; /* the copy reads half, writes half */
+  ln_run r = {N, C, x, dout, dx, w, dw, db, mean, rstd, dmalloc(half), dmalloc(half), half};
+  double ln_ms = time_ms(ln_step, &r, "layernorm backward");
+  double copy_ms = time_ms(copy_step, &r, "device copy");
   double gbs = bytes / (ln_ms * 1e-3) / 1e9, copy_gbs = bytes / (copy_ms * 1e-3) / 1e9;
   printf("LayerNorm backward B=%d (N %d, C %d): %.3f ms, %.0f GB/s; a copy of the same bytes "
          "%.3f ms, %.0f GB/s; %.2f of it\n",
@@ -514,9 +556,8 @@ static void bench_layernorm_bwd(int B) {
   printf("RESULT layernorm_bwd_gbs %.0f\n", gbs);
   printf("RESULT copy_gbs %.0f\n", copy_gbs);
   fflush(stdout);
-  cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
-  void *bufs[] = {x, dout, dx, w, b, dw, db, mean, rstd, ln, src, dst};
-  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) mt_device_free(&dev, bufs[i]);
+  void *bufs[] = {x, dout, dx, w, b, dw, db, mean, rstd, ln, r.src, r.dst};
+  free_all(bufs, sizeof bufs / sizeof *bufs);
 }
 
 int main(int argc, char **argv) {

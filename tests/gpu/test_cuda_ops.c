@@ -310,6 +310,13 @@ static void check_typed(const char *op, const char *what, const void *got, const
   check_that(op, label("%s %s = cpu where fp32 is", what, h16), split == 0, detail);
 }
 
+/* Whether cuBLASLt's GeLU epilogues serve a GEMM whose output (or dpre) is
+ * `width` wide: a multiple of 8, cuBLASLt there (not MT_CUDA_EMU_NO_LT), and
+ * the device's switch on (MTNLG_GELU_EPILOGUE) */
+static int gelu_epilogue_serves(int width) {
+  return width % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue;
+}
+
 /* A GEMM's 16-bit output (ot): on the emulator, which sums each dot
  * product once whatever D's type, check_typed's (the bits of its own fp32
  * output, rounded); on a GPU, whose 16-bit and fp32 GEMMs may be different
@@ -659,7 +666,7 @@ static void test_linear_gelu(int N, int C, int OC, mt_matmul_precision p, mt_dty
     check("linear_gelu_fwd", label("%s out", tag), back(go, no), co, no, tol_out);
     float *gp32 = back(gp, no);
     check("linear_gelu_fwd", label("%s pre", tag), gp32, cp, no, tol);
-    int fused = OC % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue;
+    int fused = gelu_epilogue_serves(OC);
     (void)fused; /* the path checks are the emulator's */
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
@@ -732,7 +739,7 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
       check("linear_bwd_dgelu", "dbias (+=)", back(gdb, (size_t)OC), cdb, (size_t)OC, 1e-4);
 #ifdef MT_CUDA_EMU
     gemm_tally t = gemms_since();
-    int fused = C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue && it == MT_F32;
+    int fused = gelu_epilogue_serves(C) && it == MT_F32;
     int native = native_16(wt, p);
     long dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
     long want = fused && (native || dinp_gemms == 1) ? dinp_gemms : 0;
@@ -764,8 +771,7 @@ static void test_linear_bwd_dgelu(int N, int C, int OC, mt_matmul_precision p, m
 #ifdef MT_CUDA_EMU
     t = gemms_since();
     dinp_gemms = t.gemms - dw_gemms(N, C, OC, it, wt, p);
-    want =
-        C % 8 == 0 && !getenv("MT_CUDA_EMU_NO_LT") && gpu.gelu_epilogue && native ? dinp_gemms : 0;
+    want = gelu_epilogue_serves(C) && native ? dinp_gemms : 0;
     ok = bwd_path_ok(t, N, C, OC, it, wt, p) && t.dgelu == want && t.gelu == 0;
     check_path("linear_bwd_dgelu",
                want ? "16-bit dpre: DGELU epilogue" : "16-bit dpre: GEMM, gradient kernel", ok, t);
