@@ -553,18 +553,27 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
   double sumsq = slice_sumsq(tr, grad);
   if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
-  double agreed[6] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
+  /* ops cannot fail, so a fault one of this step's kernels met (a failed
+   * launch or GEMM) is recorded on the device and told here; counted in the
+   * all-reduce, it fails the step on every rank alike, before any update */
+  int dev_rc = mt_device_sync(d);
+  double agreed[7] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       tr->stop_request ? 1.0 : 0.0,
                       r.wait_ms,
                       pipe_ms,
-                      (double)tr->order_word};
+                      (double)tr->order_word,
+                      dev_rc ? 1.0 : 0.0};
   if (tr->g.world) {
     double c0 = now_ms();
-    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 6, MT_COMM_F64, MT_COMM_SUM);
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 7, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += now_ms() - c0;
   }
+  if (dev_rc) return mt_wraperr(dev_rc, "step %lld", sn); /* names the device */
+  if (agreed[6] > 0)
+    return mt_seterr(MT_EIO, "step %lld: a device failed on %.0f other rank(s); no update applied",
+                     sn, agreed[6]);
   /* the norm of the unscaled gradients: clipping and the log see it */
   double norm = sqrt(agreed[1]) / scale;
   double lr = mt_lr_at(&job->train.lr, tr->step);
@@ -586,7 +595,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
     comm_ms += now_ms() - c0;
   }
-  mt_device_sync(d);
+  rc = mt_device_sync(d);
+  if (rc) return mt_wraperr(rc, "step %lld: the update", sn);
   tr->step++;
 
   st->step = tr->step;
@@ -625,9 +635,16 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }
   m->training = 1;
+  /* a device fault in the forwards fails validation on every rank alike */
+  int dev_rc = rc ? 0 : mt_device_sync(tr->dev);
+  double agreed[2] = {sum, dev_rc ? 1.0 : 0.0};
   if (!rc && tr->g.world)
-    rc = mt_comm_allreduce(tr->g.world, &sum, &sum, 1, MT_COMM_F64, MT_COMM_SUM);
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 2, MT_COMM_F64, MT_COMM_SUM);
+  if (!rc && dev_rc) rc = dev_rc; /* its message names the device */
+  if (!rc && agreed[1] > 0)
+    rc = mt_seterr(MT_EIO, "a device failed on %.0f other rank(s)", agreed[1]);
   if (rc) return mt_wraperr(rc, "validation");
+  sum = agreed[0];
   *loss = sum / ((double)job->eval.iters * (G / m->B));
   return 0;
 }

@@ -22,6 +22,7 @@ typedef struct rank_log {
   int n; /* steps reported (may exceed RANK_RUNS_MAX_STEPS; the first ones are kept) */
   int skipped[RANK_RUNS_MAX_STEPS];
   double scale[RANK_RUNS_MAX_STEPS], loss[RANK_RUNS_MAX_STEPS];
+  char err[512]; /* the rank's own error, "" when it ended well */
 } rank_log;
 
 static void rank_runs_on_step(const mt_step_stats *st, void *arg) {
@@ -72,6 +73,7 @@ static int run_ranks(const char *json, const char *const *preset_dirs, const cha
     if (!ranks[w]) continue;
     if (rc) mt_local_abort(ranks[w]);
     int r = mt_local_wait(ranks[w]);
+    if (r) snprintf(logs[w].err, sizeof logs[w].err, "%s", mt_errmsg());
     if (!rc) rc = r;
   }
   for (int w = 0; w < world; w++) mt_local_free(ranks[w]);

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cuda_emu.h" /* mt_emu_fail_launch, mt_emu_launch_count */
 #include "device.h"
 #include "err.h"
 #include "gpt.h"
@@ -308,6 +309,51 @@ static int test_checkpoint_resume_on_gpus_is_exact(void) {
   return 0;
 }
 
+/* A kernel that faults mid-step (the emulator fails one launch of the
+ * LayerNorm forward in step 2 on one of two dp ranks) fails that step on
+ * both ranks, with the fault named on its rank and the other told why, and
+ * neither applies the update: step 1 is the last either reports. A fault in
+ * the update itself (AdamW's kernel) fails its step too. Before, the sync at
+ * the step's end dropped the error, and training went on, wrongly. */
+static int test_device_fault_fails_the_step_on_every_rank(void) {
+  static rank_log logs[2];
+  layout l = {.kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2};
+  long ln0 = mt_emu_launch_count("k_layernorm_fwd");
+  REQUIRE(!run(&l, logs), "one step: %s", mt_errmsg());
+  long per_step = mt_emu_launch_count("k_layernorm_fwd") - ln0; /* both ranks */
+  REQUIRE(per_step >= 4, "%ld LayerNorm forwards in a step of 2 ranks", per_step);
+  l.steps = 3;
+  mt_emu_fail_launch("k_layernorm_fwd", per_step + per_step / 2);
+  int rc = run(&l, logs);
+  mt_emu_fail_launch("k_layernorm_fwd", 0);
+  int named = 0, told = 0;
+  for (int w = 0; w < 2; w++) {
+    named += strstr(logs[w].err, "cudaErrorLaunchFailure") != NULL;
+    told += strstr(logs[w].err, "a device failed on 1 other rank") != NULL;
+  }
+  CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && named == 1 && told == 1,
+        "fault in step 2: rc %d, steps reported %d and %d; rank 0: %s; rank 1: %s", rc, logs[0].n,
+        logs[1].n, logs[0].err, logs[1].err);
+  printf("  a LayerNorm fault in step 2 of dp 2: steps reported %d and %d\n    rank 0: %s\n"
+         "    rank 1: %s\n",
+         logs[0].n, logs[1].n, logs[0].err, logs[1].err);
+
+  static rank_log one[1];
+  layout u = {.kind = "cuda", .precision = "fp32", .steps = 3, .tp = 1, .pp = 1, .dp = 1};
+  long a0 = mt_emu_launch_count("k_adamw_multi");
+  REQUIRE(!run(&u, one), "three steps: %s", mt_errmsg());
+  long adam_per_step = (mt_emu_launch_count("k_adamw_multi") - a0) / 3;
+  REQUIRE(adam_per_step >= 1, "no AdamW launch in a step");
+  mt_emu_fail_launch("k_adamw_multi", adam_per_step + 1); /* step 2's first */
+  rc = run(&u, one);
+  mt_emu_fail_launch("k_adamw_multi", 0);
+  CHECK(rc && one[0].n == 1 && strstr(one[0].err, "step 2: the update") &&
+            strstr(one[0].err, "cudaErrorLaunchFailure"),
+        "fault in step 2's update: rc %d, %d steps reported: %s", rc, one[0].n, one[0].err);
+  printf("  an AdamW fault in step 2: %s\n", one[0].err);
+  return 0;
+}
+
 int main(void) {
   setenv("MT_CUDA_EMU_DEVICES", "8", 1);
   if (mt_device_count("cuda") < 8) {
@@ -327,6 +373,8 @@ int main(void) {
       {"test_checkpoint_resume_on_gpus_is_exact", test_checkpoint_resume_on_gpus_is_exact},
       {"test_pp4_overlapped_p2p_on_gpus_matches_blocking",
        test_pp4_overlapped_p2p_on_gpus_matches_blocking},
+      {"test_device_fault_fails_the_step_on_every_rank",
+       test_device_fault_fails_the_step_on_every_rank},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
     int before = failures;

@@ -233,6 +233,8 @@ void wait_idle(cudaStream_t s, const char *what) {
 /* One kernel at a time: its blocks use the emulator's globals. */
 std::mutex launch_mu;
 std::map<std::string, long> launches; /* by kernel name, under launch_mu */
+std::string fail_name;                /* mt_emu_fail_launch's kernel, under launch_mu */
+long fail_at;                         /* and its launch count then: 0, none armed */
 
 void before_launch(cudaStream_t s, const char *name) {
   std::string what = std::string("kernel ") + name;
@@ -512,6 +514,7 @@ const char *cudaGetErrorName(cudaError_t e) {
   case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
   case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
   case cudaErrorNotReady: return "cudaErrorNotReady";
+  case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
   }
   return "cudaErrorUnknown";
 }
@@ -717,7 +720,12 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
          const void *kernel, size_t smem) {
   before_launch(s, name);
   std::lock_guard<std::mutex> one_at_a_time(launch_mu);
-  launches[name]++;
+  long nth = ++launches[name];
+  if (fail_at && nth == fail_at && fail_name == name) {
+    fail_at = 0;
+    last_error = cudaErrorLaunchFailure;
+    return;
+  }
   if (smem > SMEM_DEFAULT) {
     auto it = smem_limits.find(kernel);
     if (it == smem_limits.end() || (size_t)it->second < smem)
@@ -801,6 +809,12 @@ void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
 }
 
 long mt_emu_gemm16_count(void) { return mt_emu::gemms_16bit; }
+
+void mt_emu_fail_launch(const char *kernel, long n) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  fail_name = kernel;
+  fail_at = n > 0 ? launches[kernel] + n : 0;
+}
 
 long mt_emu_launch_count(const char *kernel) {
   std::lock_guard<std::mutex> lk(launch_mu);

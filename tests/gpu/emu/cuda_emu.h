@@ -99,6 +99,7 @@ typedef enum cudaError {
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorNotReady = 600,
+  cudaErrorLaunchFailure = 719,
 } cudaError_t;
 
 typedef enum cudaMemcpyKind {
@@ -156,6 +157,11 @@ long mt_emu_gemm16_count(void);
 /* Launches so far, process-wide, of the kernel of that name (as MT_LAUNCH
  * spells it: "k_to_half"), whether or not they ran. */
 long mt_emu_launch_count(const char *kernel);
+/* Arms a fault: the nth launch from now (1: the next) of that kernel, on
+ * whichever device and thread, fails as a faulting kernel would: it does not
+ * run, and the launching thread's cudaGetLastError says
+ * cudaErrorLaunchFailure. One fault armed at a time; n 0 disarms. */
+void mt_emu_fail_launch(const char *kernel, long n);
 
 #ifdef __cplusplus
 }
