@@ -195,7 +195,9 @@ static void print_status(const json_t *st) {
   if (ctl_jnum(st, "val_loss", &v)) printf(" (validation %.4f)", v);
   printf("\n");
   printf(LABEL "%s\n", "lr", ctl_fmt_field(a, sizeof a, st, "lr", "%.3e"));
-  printf(LABEL "%s\n", "grad norm", ctl_fmt_field(a, sizeof a, st, "grad_norm", "%.3f"));
+  printf(LABEL "%s", "grad norm", ctl_fmt_field(a, sizeof a, st, "grad_norm", "%.3f"));
+  if (ctl_jnum(st, "loss_scale", &v)) printf(" (fp16 loss scale %g)", v);
+  printf("\n");
   printf(LABEL "%s\n", "tokens/s", ctl_fmt_field(a, sizeof a, st, "tokens_per_s", "%.0f"));
   print_throughput(st);
   print_step_time(st);

@@ -83,7 +83,6 @@ static void store_result(node *n, int rc) {
 
 static void on_step(const mt_step_stats *st, void *arg) {
   node *n = arg;
-  if (st->skipped) n->skipped_steps++;
   node_history_add(n, st);
   if (n->holds_rank0) { /* nodes without ranks follow the steps from here */
     char key[64];
@@ -97,6 +96,8 @@ static void on_step(const mt_step_stats *st, void *arg) {
                   st->step_ms, "tokens_per_s", st->tokens_per_s, "tflops", st->tflops, "bubble",
                   st->bubble, "comm_ms", st->comm_ms);
     if (st->has_val) json_object_set_new(j, "val_loss", json_real(st->val_loss));
+    json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
+    if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (text) mt_store_set(n->store, key, text, strlen(text));
     free(text);

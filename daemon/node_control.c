@@ -140,7 +140,9 @@ static json_t *build_status(node *n) {
     }
   json_object_set_new(s, "val_loss", val);
   json_object_set_new(s, "tokens_per_s", json_real(have ? st->tokens_per_s : 0.0));
-  json_object_set_new(s, "skipped_steps", json_integer(n->skipped_steps));
+  json_object_set_new(s, "skipped_steps", json_integer(have ? st->skipped_total : 0));
+  json_object_set_new(s, "loss_scale",
+                      have && st->loss_scaling ? json_real(st->loss_scale) : json_null());
   double total = have ? st->step_ms : 0, bubble = have ? st->bubble * st->step_ms : 0,
          comm = have ? st->comm_ms : 0;
   double compute = total - bubble - comm;
@@ -391,6 +393,9 @@ void node_control_round(node *n, int heartbeat) {
           st.comm_ms = json_number_value(json_object_get(j, "comm_ms"));
           json_t *vl = json_object_get(j, "val_loss");
           if (vl) st.has_val = 1, st.val_loss = json_number_value(vl);
+          st.skipped_total = json_integer_value(json_object_get(j, "skipped_total"));
+          json_t *ls = json_object_get(j, "loss_scale");
+          if (ls) st.loss_scaling = 1, st.loss_scale = json_number_value(ls);
           node_history_add(n, &st);
         }
         json_decref(j);

@@ -91,18 +91,17 @@ typedef struct node {
 
   volatile int64_t order_word; /* world rank 0's node: the latest order, for the engine */
   int holds_rank0;
-  int64_t aborted_ms;     /* when the generation's end aborted the ranks */
-  int quiet;              /* the cluster re-forms while those ranks stop: no heartbeats */
-  int said_slow;          /* their slow stop was logged */
-  int was_silent;         /* its ranks ran while this node was silent past the timeout */
-  int64_t last_hb_ms;     /* the previous heartbeat round, to notice this node was silent */
-  int64_t drain_until_ms; /* a follower that is done answers until then */
-  int abandoned;          /* the ranks did not stop: exit without them */
-  int have_run_job;       /* run_job and asg describe the generation (member or spare) */
-  int ran;                /* this node's ranks ran in some generation of the job */
-  int last_gen;           /* the generation of the newest step in the history */
-  int job_dp_min;         /* the job's own, before the generation's dp replaced it */
-  int64_t skipped_steps;
+  int64_t aborted_ms;      /* when the generation's end aborted the ranks */
+  int quiet;               /* the cluster re-forms while those ranks stop: no heartbeats */
+  int said_slow;           /* their slow stop was logged */
+  int was_silent;          /* its ranks ran while this node was silent past the timeout */
+  int64_t last_hb_ms;      /* the previous heartbeat round, to notice this node was silent */
+  int64_t drain_until_ms;  /* a follower that is done answers until then */
+  int abandoned;           /* the ranks did not stop: exit without them */
+  int have_run_job;        /* run_job and asg describe the generation (member or spare) */
+  int ran;                 /* this node's ranks ran in some generation of the job */
+  int last_gen;            /* the generation of the newest step in the history */
+  int job_dp_min;          /* the job's own, before the generation's dp replaced it */
   char ckpt_job_dir[1200]; /* where this job's checkpoints live, or "" */
   int ckpt_writing;
   int64_t ckpt_step;

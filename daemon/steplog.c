@@ -25,10 +25,10 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
     char loss[32], norm[32];
     printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%s,\"lr\":%.9g,"
            "\"grad_norm\":%s,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
-           "\"bubble\":%.4f,\"skipped\":%s",
+           "\"bubble\":%.4f,\"skipped\":%s,\"skipped_total\":%lld",
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens,
            jnum(loss, st->loss), st->lr, jnum(norm, st->grad_norm), st->step_ms, st->tokens_per_s,
-           st->tflops, st->bubble, st->skipped ? "true" : "false");
+           st->tflops, st->bubble, st->skipped ? "true" : "false", (long long)st->skipped_total);
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
     printf("}\n");
@@ -38,7 +38,8 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
            st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble);
     if (st->loss_scaling) printf(" | loss scale %g", st->loss_scale);
-    printf("%s\n", st->skipped ? " | skipped" : "");
+    if (st->skipped) printf(" | skipped (%lld in all)", (long long)st->skipped_total);
+    printf("\n");
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
              (long long)steps, st->val_loss, exp(st->val_loss));

@@ -2,7 +2,7 @@
  * DynamicGradScaler (megatron/core/optimizer/grad_scaler.py).
  *
  * A pure state machine: the engine multiplies the loss by `scale`, checks the
- * unscaled gradients with mt_loss_scale_check_finite() (and agrees on the
+ * gradients for a value out of fp16's range (ops fits_fp16; agreeing on the
  * answer across ranks), then calls mt_loss_scale_update() once per step. A
  * step whose gradients overflowed is skipped, always; the scale backs off only
  * once `hysteresis` overflows have been seen since the last growth, and grows

@@ -585,6 +585,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                    sn, (double)scale, (double)tr->scaler.scale);
   } else if (!isfinite(norm)) {
     st->skipped = 1;
+    tr->scaler.skipped++; /* the count a checkpoint keeps, loss scaling or not */
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
   if (!st->skipped)
@@ -606,6 +607,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->grad_norm = norm;
   st->loss_scaling = fp16;
   st->loss_scale = fp16 ? tr->scaler.scale : 1.0;
+  st->skipped_total = tr->scaler.skipped;
   st->stop = agreed[2] > 0;
   st->order = (int64_t)agreed[5];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;

@@ -43,18 +43,20 @@ typedef struct mt_step_stats {
   double step_ms;
   double comm_ms; /* this rank's time in the step's data-parallel and world collectives */
   double tokens_per_s;
-  double tflops;     /* model TFLOP/s on this device */
-  int skipped;       /* non-finite gradients (fp16: an overflow): update skipped */
-  int loss_scaling;  /* fp16: dynamic loss scaling is on */
-  double loss_scale; /* the scale after this step's update (what the next step uses, as
-                        Megatron logs it); 1 without loss scaling */
-  int stop;          /* some rank asked to stop: all stop after this step */
-  double bubble;     /* share of the step the ranks spent waiting on pipeline
-                        neighbours (mean over ranks; 0 without pp) */
-  int64_t order;     /* the coordinator's order word as every rank agreed on it
-                        (mt_order_word: seq << 4 | kind), 0 when none */
-  int has_val;       /* validation ran after this step */
-  double val_loss;   /* mean over eval.iters global batches of the valid split */
+  double tflops;         /* model TFLOP/s on this device */
+  int skipped;           /* non-finite gradients (fp16: an overflow): update skipped */
+  int64_t skipped_total; /* steps of this run skipped so far, this one included; kept
+                            in checkpoints, so a resumed run goes on counting */
+  int loss_scaling;      /* fp16: dynamic loss scaling is on */
+  double loss_scale;     /* the scale after this step's update (what the next step uses, as
+                            Megatron logs it); 1 without loss scaling */
+  int stop;              /* some rank asked to stop: all stop after this step */
+  double bubble;         /* share of the step the ranks spent waiting on pipeline
+                            neighbours (mean over ranks; 0 without pp) */
+  int64_t order;         /* the coordinator's order word as every rank agreed on it
+                            (mt_order_word: seq << 4 | kind), 0 when none */
+  int has_val;           /* validation ran after this step */
+  double val_loss;       /* mean over eval.iters global batches of the valid split */
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =

@@ -442,7 +442,7 @@ SAMPLE_STATUS = {
             "dp_max": 4},
     "generation": 2, "restarts": 0, "state": "running", "reason": None,
     "step": 12, "consumed_tokens": 12288, "loss": 3.21, "lr": 1e-3, "grad_norm": 0.8,
-    "val_loss": None, "tokens_per_s": 2830.0, "skipped_steps": 0,
+    "val_loss": None, "tokens_per_s": 2830.0, "skipped_steps": 0, "loss_scale": None,
     "step_time": {"total_ms": 45.3, "compute_ms": 38.0, "bubble_ms": 4.1, "comm_ms": 3.2},
     "eta_s": 120.5,
     "devices": [{"node": "n0", "device": "cpu:0", "rank": 0, "stage": 0, "replica": 0,

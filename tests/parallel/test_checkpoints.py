@@ -77,6 +77,12 @@ def run(mtnlgd, job, *sets, timeout=300, preexec=None):
     return p, steps
 
 
+def skipped_total(stdout):
+    """The skipped_total of the last step line: steps skipped in the run so far."""
+    lines = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+    return lines[-1].get("skipped_total") if lines else None
+
+
 def run_until(mtnlgd, job, step, *sets):
     """Starts a run and SIGTERMs it once it printed `step`; returns (proc, steps)."""
     args = [mtnlgd, "--standalone", job, "--log-format", "json"]
@@ -145,12 +151,16 @@ def main():
         p1, a, _ = run_until(mtnlgd, job, 9)
         p2, b = run(mtnlgd, job)
         skipped = p0.stdout.count('"skipped":true')
+        # the count of skipped steps is checkpointed: the resumed run ends on the same total
+        totals = [skipped_total(p.stdout) for p in (p0, p2)]
         fails += check("test_fp16_resume_keeps_loss_scale_and_adam_count",
                        p0.returncode == 0 and skipped > 0 and b and min(b) == max(a) + 1
-                       and all(b[s] == ref16[s] for s in b) and max(b) == 30,
-                       "%d overflow steps skipped; stopped at %s, resumed at %s, later losses %s" % (
+                       and all(b[s] == ref16[s] for s in b) and max(b) == 30
+                       and totals == [skipped, skipped],
+                       "%d overflow steps skipped; stopped at %s, resumed at %s, later losses %s; "
+                       "skipped in all at step 30 (whole run, resumed run): %s" % (
                            skipped, max(a) if a else None, min(b) if b else None,
-                           "equal" if b and all(b[s] == ref16[s] for s in b) else "DIFFER"))
+                           "equal" if b and all(b[s] == ref16[s] for s in b) else "DIFFER", totals))
 
         # 2. dp 2 -> 1 -> 4 (the checkpoint holds whole shards: any dp loads it)
         ck = os.path.join(tmp, "ck2")

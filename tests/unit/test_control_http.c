@@ -45,7 +45,7 @@ static json_t *fake_status(void *arg) {
   pthread_mutex_lock(&f->mu);
   json_t *s = json_pack(
       "{s:s,s:s,s:s,s:{s:s,s:s,s:I,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i},s:i,s:s,s:n,s:I,s:I,"
-      "s:f,s:f,s:f,s:n,s:f,s:i,s:{s:f,s:f,s:f,s:f},s:f,"
+      "s:f,s:f,s:f,s:n,s:f,s:i,s:f,s:{s:f,s:f,s:f,s:f},s:f,"
       "s:[{s:s,s:s,s:i,s:i,s:i,s:f,s:f},{s:s,s:s,s:i,s:i,s:i,s:f,s:n}],"
       "s:[{s:s,s:s,s:s,s:s,s:[s],s:[i],s:[i],s:[i],s:f,s:I,s:s},"
       "{s:s,s:s,s:s,s:s,s:[s],s:[i],s:[i],s:[i],s:n,s:n,s:s}],"
@@ -55,18 +55,18 @@ static json_t *fake_status(void *arg) {
       "params", (json_int_t)1234567, "tp", 1, "pp", 2, "dp", 1, "dp_min", 1, "dp_max", 4,
       "generation", 2, "state", f->state, "reason", "step", (json_int_t)f->step, "consumed_tokens",
       (json_int_t)(f->step * 1024), "loss", 3.21, "lr", 1e-3, "grad_norm", 0.8, "val_loss",
-      "tokens_per_s", 2830.0, "skipped_steps", 0, "step_time", "total_ms", 45.3, "compute_ms", 38.0,
-      "bubble_ms", 4.1, "comm_ms", 3.2, "eta_s", 120.5, "devices", "node", "n0", "device", "cpu:0",
-      "rank", 0, "stage", 0, "replica", 0, "tflops", 0.21, "mfu", 0.3, "node", "n1\\x\"y\nz",
-      "device", "cpu:0", "rank", 1, "stage", 1, "replica", 0, "tflops", 0.2, "mfu", "nodes", "name",
-      "n0", "host", "127.0.0.1", "role", "coordinator", "state", f->state, "devices", "cpu:0",
-      "ranks", 0, "stages", 0, "replicas", 0, "heartbeat_age_s", 0.4, "memory_bytes",
-      (json_int_t)123456789, "control_url", "http://127.0.0.1:8471", "name", "n1\\x\"y\nz", "host",
-      "127.0.0.2", "role", "member", "state", f->state, "devices", "cpu:0", "ranks", 1, "stages", 1,
-      "replicas", 0, "heartbeat_age_s", "memory_bytes", "control_url", "http://127.0.0.2:8471",
-      "last_checkpoint", "step", 10, "path", "/ckpt/job/step_00000010", "time", 1700000000.0,
-      "bytes", (json_int_t)12345, "checkpoint_progress", "state", "writing", "step", 12,
-      "bytes_done", (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6,
+      "tokens_per_s", 2830.0, "skipped_steps", 0, "loss_scale", 65536.0, "step_time", "total_ms",
+      45.3, "compute_ms", 38.0, "bubble_ms", 4.1, "comm_ms", 3.2, "eta_s", 120.5, "devices", "node",
+      "n0", "device", "cpu:0", "rank", 0, "stage", 0, "replica", 0, "tflops", 0.21, "mfu", 0.3,
+      "node", "n1\\x\"y\nz", "device", "cpu:0", "rank", 1, "stage", 1, "replica", 0, "tflops", 0.2,
+      "mfu", "nodes", "name", "n0", "host", "127.0.0.1", "role", "coordinator", "state", f->state,
+      "devices", "cpu:0", "ranks", 0, "stages", 0, "replicas", 0, "heartbeat_age_s", 0.4,
+      "memory_bytes", (json_int_t)123456789, "control_url", "http://127.0.0.1:8471", "name",
+      "n1\\x\"y\nz", "host", "127.0.0.2", "role", "member", "state", f->state, "devices", "cpu:0",
+      "ranks", 1, "stages", 1, "replicas", 0, "heartbeat_age_s", "memory_bytes", "control_url",
+      "http://127.0.0.2:8471", "last_checkpoint", "step", 10, "path", "/ckpt/job/step_00000010",
+      "time", 1700000000.0, "bytes", (json_int_t)12345, "checkpoint_progress", "state", "writing",
+      "step", 12, "bytes_done", (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6,
       "operations_pending", 0);
   if (s) json_object_set_new(s, "restarts", json_integer(1));
   pthread_mutex_unlock(&f->mu);
@@ -707,6 +707,8 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_grad_norm 0.8\n",
       "mtnlg_tokens_per_second 2830\n",
       "mtnlg_skipped_steps_total 0\n",
+      "# TYPE mtnlg_loss_scale gauge\n",
+      "mtnlg_loss_scale 65536\n",
       "mtnlg_step_time_seconds{phase=\"total\"} 0.0453\n",
       "mtnlg_step_time_seconds{phase=\"comm\"} 0.0032\n",
       "mtnlg_checkpoint_last_step 10\n",
