@@ -42,9 +42,12 @@ typedef struct mt_device {
    * cuBLASLt release (tests/gpu/run measures both). Unused on the CPU. */
   int gelu_epilogue;
   /* CUDA (NULL on CPU): every op, copy and memset of this device runs in
-   * order on `stream`; `comm_stream` is for collectives (NCCL), so they can
-   * overlap compute. Work across the two is ordered by the caller (events). */
-  struct CUstream_st *stream, *comm_stream;
+   * order on `stream`. Collectives do not: each NCCL group of the device has
+   * a stream of its own (daemon/comm/nccl.c), which waits for this one
+   * through an event before each operation, so a dp reduction, a pipeline
+   * send and a receive on different links overlap compute and each other,
+   * where one shared communication stream would queue them in turn. */
+  struct CUstream_st *stream;
 } mt_device;
 
 /* Opens "cpu:N" or "cuda:N". cuda is refused with a clear message when this

@@ -47,7 +47,7 @@
 
 typedef struct mt__cuda {
   int index;
-  cudaStream_t stream, comm_stream;
+  cudaStream_t stream;
   cublasLtHandle_t lt;
   cublasHandle_t blas; /* fallback when cuBLASLt has no algorithm for a shape */
   void *ws;            /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */

@@ -69,11 +69,10 @@ void mt__cuda_close(mt_device *d) {
   cudaFree(c->red);
   cudaFree(c->cols);
   if (c->stream) cudaStreamDestroy(c->stream);
-  if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
   cudaGetLastError();
   free(c);
   d->impl = NULL;
-  d->stream = d->comm_stream = NULL;
+  d->stream = NULL;
 }
 
 /* Blocking streams (not cudaStreamNonBlocking): work that other code queues
@@ -105,7 +104,6 @@ int mt__cuda_open(mt_device *d, int index) {
   }
   TRY_CUDA(cudaSetDevice(index), "cudaSetDevice");
   TRY_CUDA(cudaStreamCreate(&c->stream), "create the compute stream");
-  TRY_CUDA(cudaStreamCreate(&c->comm_stream), "create the communication stream");
   TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
   TRY_CUDA(cudaMalloc((void **)&c->red, (MT_CUDA_RED_BLOCKS + 1) * sizeof(double)),
            "allocate the reduction buffer");
@@ -116,15 +114,13 @@ int mt__cuda_open(mt_device *d, int index) {
   TRY_BLAS(cublasSetStream(c->blas, c->stream), "cublasSetStream");
   TRY_BLAS(cublasSetWorkspace(c->blas, c->ws, MT_CUDA_GEMM_WS_BYTES), "cublasSetWorkspace");
   d->stream = c->stream;
-  d->comm_stream = c->comm_stream;
   d->matmul = MT_MATMUL_FP32;
   d->ops = &mt_cuda_ops;
   d->gelu_epilogue = !ge || ge[0] == '1';
   if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
       c->sms < 1)
     c->sms = 1;
-  mt_log_debug("device %s: %d SMs, streams %p (compute) and %p (comm)", d->name, c->sms,
-               (void *)c->stream, (void *)c->comm_stream);
+  mt_log_debug("device %s: %d SMs, compute stream %p", d->name, c->sms, (void *)c->stream);
   return 0;
 fail:
   mt__cuda_close(d);
