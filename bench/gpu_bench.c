@@ -92,11 +92,11 @@ static double now_s(void) {
 }
 
 /* TFLOP/s of D = Aᵀ·B on n×n matrices of `type` (the TN layout cuBLAS is
- * fastest in), fp32 accumulation in `compute`. The operands are random: the
- * tensor cores draw less power on constant bits and run faster (the rate
- * read about 13% high that way), which would flatter this denominator. The
- * GPU runs the GEMM for a second first (0.3 s with --quick), so its clocks
- * have settled, and the timed run lasts about half a second. */
+ * fastest in), fp32 accumulation in `compute`. The operands are random, as
+ * a model's are: constant bits switch less, draw less power and let the
+ * clocks run higher, which would make this rate, MFU's denominator, read
+ * high. The GPU runs the GEMM for a second first (0.3 s with --quick), so
+ * its clocks have settled, and the timed run lasts about half a second. */
 static double gemm_rate(int n, cudaDataType_t type, cublasComputeType_t compute) {
   size_t el = type == CUDA_R_16BF ? 2 : 4, bytes = (size_t)n * n * el;
   uint64_t st = 11;
