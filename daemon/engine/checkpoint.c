@@ -96,8 +96,15 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
                                .n_arrays = 3,
                                .arrays = arrays};
   my_slice(tr, &sv->lo, &sv->n);
+  /* a device with a fault not yet reported holds no state worth saving: the
+   * save fails on every rank before anything is staged */
+  if (mt_device_sync(tr->dev)) {
+    sv->failed = 1;
+    snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: %s", (long long)tr->step,
+             mt_errmsg());
+  }
   /* one dp rank creates the shard file before any dp rank writes into it */
-  if (g->dp_rank == 0 && mt_ckpt_shard_create(&sv->txn, &sv->d, &sv->chunks)) {
+  if (!sv->failed && g->dp_rank == 0 && mt_ckpt_shard_create(&sv->txn, &sv->d, &sv->chunks)) {
     sv->failed = 1;
     snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
   }

@@ -83,22 +83,27 @@ static void destroy_unsharded(mt_gpt *full, mt_device *host) {
   mt_device_close(host);
 }
 
-/* m's master weights (num_params floats) where the host can index them:
- * m->params itself on a CPU device, else a copy (*copied = 1: free it). */
-static float *host_params(const mt_gpt *m, int *copied) {
+/* m's master weights (num_params floats) where the host can index them,
+ * into *out: m->params itself on a CPU device, else a copy (*copied = 1:
+ * free it), made only from a device with no fault pending. */
+static int host_params(const mt_gpt *m, float **out, int *copied) {
   *copied = 0;
-  if (m->dev->kind == MT_DEVICE_CPU) return m->params;
-  float *h = malloc((m->num_params ? m->num_params : 1) * sizeof(float));
-  if (!h) {
-    mt_seterr(MT_ENOMEM, "a host copy of %zu parameters", m->num_params);
-    return NULL;
+  *out = NULL;
+  if (m->dev->kind == MT_DEVICE_CPU) {
+    *out = m->params;
+    return 0;
   }
-  if (mt_device_memcpy_dtoh(m->dev, h, m->params, m->num_params * sizeof(float))) {
+  int rc = mt_device_sync(m->dev);
+  if (rc) return rc;
+  float *h = malloc((m->num_params ? m->num_params : 1) * sizeof(float));
+  if (!h) return mt_seterr(MT_ENOMEM, "a host copy of %zu parameters", m->num_params);
+  if ((rc = mt_device_memcpy_dtoh(m->dev, h, m->params, m->num_params * sizeof(float)))) {
     free(h);
-    return NULL;
+    return rc;
   }
   *copied = 1;
-  return h;
+  *out = h;
+  return 0;
 }
 
 /* Weights from a GPT-2 safetensors file. A tensor-parallel shard loads its
@@ -112,7 +117,7 @@ static int load_weights(mt_gpt *m, const char *path) {
   int copied = 0;
   float *dst = NULL;
   rc = mt_gpt_load_safetensors(&full, path);
-  if (!rc && !(dst = host_params(m, &copied))) rc = MT_ENOMEM;
+  if (!rc) rc = host_params(m, &dst, &copied);
   for (int i = 0; i < m->n_tensors && !rc; i++) {
     const mt_param *t = &m->params_table[i];
     int j = mt_gpt_find(&full, t->name);
@@ -596,8 +601,20 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
     comm_ms += now_ms() - c0;
   }
-  rc = mt_device_sync(d);
-  if (rc) return mt_wraperr(rc, "step %lld: the update", sn);
+  /* the update's own faults (AdamW, the all-gather's copies) are agreed on
+   * too: a rank whose update failed may have sent the others a stale slice,
+   * so no rank goes on, checkpoints or exports from this step */
+  int upd_rc = mt_device_sync(d);
+  if (tr->g.world) {
+    double c0 = now_ms(), bad = upd_rc ? 1.0 : 0.0;
+    rc = mt_comm_allreduce(tr->g.world, &bad, &bad, 1, MT_COMM_F64, MT_COMM_SUM);
+    if (rc) return mt_wraperr(rc, "step %lld: agreeing on the update", sn);
+    comm_ms += now_ms() - c0;
+    if (!upd_rc && bad > 0)
+      return mt_seterr(MT_EIO, "step %lld: the update failed on a device of %.0f other rank(s)", sn,
+                       bad);
+  }
+  if (upd_rc) return mt_wraperr(upd_rc, "step %lld: the update", sn);
   tr->step++;
 
   st->step = tr->step;
@@ -660,12 +677,13 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   if (tr->g.dp_rank != 0) return 0;
   /* the world group moves host memory (Gloo) whatever the devices */
   int copied = 0;
-  float *mine = host_params(m, &copied);
-  if (!mine) return MT_ENOMEM;
+  float *mine = NULL;
+  int rc = host_params(m, &mine, &copied);
+  if (rc) return mt_wraperr(rc, "export");
   mt_gpt full;
   mt_device host;
-  int rc = world_rank != 0 ? mt_comm_send(tr->g.world, mine, m->num_params, MT_COMM_F32, 0)
-                           : create_unsharded(&full, m, 1, &host);
+  rc = world_rank != 0 ? mt_comm_send(tr->g.world, mine, m->num_params, MT_COMM_F32, 0)
+                       : create_unsharded(&full, m, 1, &host);
   if (rc || world_rank != 0) {
     if (copied) free(mine);
     return rc;

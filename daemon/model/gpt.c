@@ -390,11 +390,15 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   size_t slice =
       (m->num_params + shards * ALIGN_FLOATS - 1) / (shards * ALIGN_FLOATS) * ALIGN_FLOATS;
   m->alloc_params = slice * shards;
-  m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
-  m->grads = m->params ? mt_device_alloc(dev, m->alloc_params * sizeof(float)) : NULL;
-  m->weights = m->params;
+  /* what failed to allocate, named in the message: the device says how much */
+  const char *what = NULL;
+  m->weights = m->params = mt_device_alloc(dev, m->alloc_params * sizeof(float));
+  if (!m->params)
+    what = "the fp32 master weights";
+  else if (!(m->grads = mt_device_alloc(dev, m->alloc_params * sizeof(float))))
+    what = "the gradients";
   m->wtype = MT_F32;
-  if (m->grads && cfg->precision != MT_PREC_FP32) {
+  if (!what && cfg->precision != MT_PREC_FP32) {
     m->wtype = act_type(m); /* the GEMMs' two operands, one 16-bit format */
     m->vec_offset = malloc((size_t)m->n_tensors * sizeof *m->vec_offset);
     if (!m->vec_offset) {
@@ -405,18 +409,26 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
       m->vec_offset[i] = mt_gpt_is_matrix(m, i) ? SIZE_MAX : m->vec_floats;
       if (!mt_gpt_is_matrix(m, i)) m->vec_floats += m->params_table[i].numel;
     }
-    m->half = mt_device_alloc(dev, m->alloc_params * sizeof(uint16_t));
-    m->weights = m->half ? mt_device_alloc(dev, m->vec_floats * sizeof(float)) : NULL;
+    m->weights = NULL;
+    if (!(m->half = mt_device_alloc(dev, m->alloc_params * sizeof(uint16_t))))
+      what = "the 16-bit working copy of the weights";
+    else if (!(m->weights = mt_device_alloc(dev, m->vec_floats * sizeof(float))))
+      what = "the working copy's fp32 vectors";
   }
   m->cvt_bytes = cvt_bytes(m);
-  m->cvt = m->weights && m->cvt_bytes ? mt_device_alloc(dev, m->cvt_bytes) : NULL;
-  int have_cvt = m->weights && (m->cvt || !m->cvt_bytes);
-  m->acts = have_cvt ? mt_device_alloc(dev, m->acts_floats * sizeof(float)) : NULL;
+  if (!what && m->cvt_bytes && !(m->cvt = mt_device_alloc(dev, m->cvt_bytes)))
+    what = "the GEMMs' conversion scratch";
+  if (!what && !(m->acts = mt_device_alloc(dev, m->acts_floats * sizeof(float))))
+    what = "the activations";
+  if (what) {
+    rc = mt_wraperr(MT_ENOMEM, "gpt: %s (%zu parameters, %zu activation floats)", what,
+                    m->num_params, m->acts_floats);
+    goto fail;
+  }
   /* host copies of the losses (or of the tp max, sum and target logit) */
-  m->host_losses = m->acts ? malloc(3 * (size_t)B * T * sizeof(float)) : NULL;
+  m->host_losses = malloc(3 * (size_t)B * T * sizeof(float));
   if (!m->host_losses) {
-    rc = mt_wraperr(MT_ENOMEM, "gpt: %zu parameters, %zu activation floats", m->num_params,
-                    m->acts_floats);
+    rc = mt_seterr(MT_ENOMEM, "gpt: host copies of %zu losses", 3 * (size_t)B * T);
     goto fail;
   }
   plan_acts(m, slots, m->n_slots, m->acts);

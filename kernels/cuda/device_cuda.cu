@@ -140,6 +140,7 @@ void *mt__cuda_alloc(mt_device *d, size_t bytes) {
     return NULL;
   }
   if (bytes && (e = cudaMemsetAsync(p, 0, bytes, c->stream)) != cudaSuccess) {
+    cudaGetLastError(); /* handled here: not the next launch's error */
     cudaFree(p);
     mt_seterr(MT_EIO, "device %s: zero %zu new bytes: %s", d->name, bytes, cudaGetErrorString(e));
     return NULL;
@@ -164,9 +165,11 @@ int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__
                                              : cudaMemcpyDeviceToDevice;
   cudaError_t e = cudaMemcpyAsync(dst, src, bytes, k, c->stream);
   if (e == cudaSuccess && kind != MT__CUDA_DTOD) e = cudaStreamSynchronize(c->stream);
-  if (e != cudaSuccess)
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* the caller is told: not the next launch's error */
     return mt_seterr(MT_EIO, "device %s: copy %zu bytes %s: %s", d->name, bytes, names[kind],
                      cudaGetErrorString(e));
+  }
   return 0;
 }
 
@@ -174,9 +177,16 @@ int mt__cuda_memset0(mt_device *d, void *p, size_t bytes) {
   mt__cuda *c = mt__cuda_enter(d);
   if (!bytes) return 0;
   cudaError_t e = cudaMemsetAsync(p, 0, bytes, c->stream);
-  if (e != cudaSuccess)
+  if (e != cudaSuccess) {
+    /* recorded as an op's failure is: callers that zero as ops do (the
+     * model's gradients) may leave the result to the step's sync */
+    cudaGetLastError();
+    char what[48];
+    snprintf(what, sizeof what, "zero %zu bytes", bytes);
+    mt__cuda_fail(d, what, cudaGetErrorString(e));
     return mt_seterr(MT_EIO, "device %s: zero %zu bytes: %s", d->name, bytes,
                      cudaGetErrorString(e));
+  }
   return 0;
 }
 

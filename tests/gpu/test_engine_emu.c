@@ -313,8 +313,9 @@ static int test_checkpoint_resume_on_gpus_is_exact(void) {
  * LayerNorm forward in step 2 on one of two dp ranks) fails that step on
  * both ranks, with the fault named on its rank and the other told why, and
  * neither applies the update: step 1 is the last either reports. A fault in
- * the update itself (AdamW's kernel) fails its step too. Before, the sync at
- * the step's end dropped the error, and training went on, wrongly. */
+ * the update itself (AdamW's kernel, on one of two ranks, which may then
+ * have sent the other a stale slice) fails the step on both too. Before,
+ * the sync at the step's end dropped the error, and training went on. */
 static int test_device_fault_fails_the_step_on_every_rank(void) {
   static rank_log logs[2];
   layout l = {.kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2};
@@ -338,19 +339,25 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
          "    rank 1: %s\n",
          logs[0].n, logs[1].n, logs[0].err, logs[1].err);
 
-  static rank_log one[1];
-  layout u = {.kind = "cuda", .precision = "fp32", .steps = 3, .tp = 1, .pp = 1, .dp = 1};
+  layout u = {.kind = "cuda", .precision = "fp32", .steps = 3, .tp = 1, .pp = 1, .dp = 2};
   long a0 = mt_emu_launch_count("k_adamw_multi");
-  REQUIRE(!run(&u, one), "three steps: %s", mt_errmsg());
-  long adam_per_step = (mt_emu_launch_count("k_adamw_multi") - a0) / 3;
-  REQUIRE(adam_per_step >= 1, "no AdamW launch in a step");
-  mt_emu_fail_launch("k_adamw_multi", adam_per_step + 1); /* step 2's first */
-  rc = run(&u, one);
+  REQUIRE(!run(&u, logs), "three steps: %s", mt_errmsg());
+  long adam_per_step = (mt_emu_launch_count("k_adamw_multi") - a0) / 3; /* both ranks */
+  REQUIRE(adam_per_step >= 2, "%ld AdamW launches in a step of 2 ranks", adam_per_step);
+  mt_emu_fail_launch("k_adamw_multi", adam_per_step + 1); /* step 2's first, on either rank */
+  rc = run(&u, logs);
   mt_emu_fail_launch("k_adamw_multi", 0);
-  CHECK(rc && one[0].n == 1 && strstr(one[0].err, "step 2: the update") &&
-            strstr(one[0].err, "cudaErrorLaunchFailure"),
-        "fault in step 2's update: rc %d, %d steps reported: %s", rc, one[0].n, one[0].err);
-  printf("  an AdamW fault in step 2: %s\n", one[0].err);
+  named = told = 0;
+  for (int w = 0; w < 2; w++) {
+    named += strstr(logs[w].err, "step 2: the update: ") &&
+             strstr(logs[w].err, "cudaErrorLaunchFailure");
+    told += strstr(logs[w].err, "step 2: the update failed on a device of 1 other rank") != NULL;
+  }
+  CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && named == 1 && told == 1,
+        "fault in step 2's update: rc %d, steps reported %d and %d; rank 0: %s; rank 1: %s", rc,
+        logs[0].n, logs[1].n, logs[0].err, logs[1].err);
+  printf("  an AdamW fault in step 2 of dp 2:\n    rank 0: %s\n    rank 1: %s\n", logs[0].err,
+         logs[1].err);
   return 0;
 }
 
