@@ -51,6 +51,9 @@ typedef struct mt_comm_opts {
   mt_comm_backend backend; /* GLOO (host buffers) or NCCL (device buffers) */
   mt_device *device;       /* NCCL: this rank's CUDA device; Gloo: unused */
   const char *addr;        /* Gloo: address to listen on; NULL: "127.0.0.1" */
+  volatile int *cancel;    /* NCCL: non-zero (another thread sets it) gives up an init still
+                              waiting for its peers, with MT_ECANCELED; NULL: none. (The
+                              store waits before it are the store's to cancel.) */
 } mt_comm_opts;
 
 /* Joins the group: waits (until the deadline) for every rank to join under

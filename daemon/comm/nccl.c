@@ -51,6 +51,8 @@ typedef struct nccl_group {
   pthread_mutex_t mu; /* guards in_op and comm_aborted against mt_comm_abort */
   int in_op;          /* the owner thread is inside an operation */
   int comm_aborted;   /* ncclCommAbort has been called */
+  atomic_int reaping; /* nccl_abort's: 0 not yet, 1 starting, 2 reaper to join, 3 done */
+  pthread_t reaper;
 } nccl_group;
 
 static int64_t now_us(void) {
@@ -168,6 +170,8 @@ static int leave(nccl_group *g, int rc) {
 static void nccl_destroy(void *impl) {
   nccl_group *g = impl;
   if (!g) return;
+  while (atomic_load(&g->reaping) == 1) sched_yield(); /* an abort starting its reaper */
+  if (atomic_load(&g->reaping) == 2) pthread_join(g->reaper, NULL);
   cudaSetDevice(g->device);
   pthread_mutex_lock(&g->mu);
   if (g->comm && !g->comm_aborted) {
@@ -193,12 +197,35 @@ static void nccl_destroy(void *impl) {
   free(g);
 }
 
-static void nccl_abort(void *impl) {
-  nccl_group *g = impl;
-  atomic_store(&g->aborted, 1);
+/* The abort itself, on a thread of its own. */
+static void *reap(void *arg) {
+  nccl_group *g = arg;
+  cudaSetDevice(g->device);
   pthread_mutex_lock(&g->mu);
   if (!g->in_op) abort_locked(g); /* else the owner thread aborts while it watches */
   pthread_mutex_unlock(&g->mu);
+  return NULL;
+}
+
+/* Marks the group aborted, which the owner's watch sees within 100 us, and
+ * calls ncclCommAbort on a thread of its own: the caller (the daemon's event
+ * loop, or a failing rank aborting every group of the process) never waits
+ * for it. ncclCommAbort frees device memory, and a free waits for the
+ * device's kernels, so one abort can wait on another group's kernel that
+ * spins on a dead peer until that group is aborted too (NCCL issues 549,
+ * 1013): called in turn on one thread, the aborts could wait for each other
+ * forever; each on its own, they all proceed. */
+static void nccl_abort(void *impl) {
+  nccl_group *g = impl;
+  atomic_store(&g->aborted, 1);
+  int idle = 0;
+  if (!atomic_compare_exchange_strong(&g->reaping, &idle, 1)) return; /* started before */
+  if (pthread_create(&g->reaper, NULL, reap, g) == 0) {
+    atomic_store(&g->reaping, 2);
+    return;
+  }
+  reap(g); /* no thread to be had: here, then */
+  atomic_store(&g->reaping, 3);
 }
 
 static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
@@ -217,6 +244,7 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   g->size = o->size;
   g->device = o->device->index;
   atomic_init(&g->aborted, 0);
+  atomic_init(&g->reaping, 0);
   pthread_mutex_init(&g->mu, NULL);
 
   int rc = 0;
@@ -276,6 +304,10 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
     if (now_us() > deadline) {
       rc = mt_seterr(MT_ETIMEDOUT, "nccl: init rank %d of %d: timed out after %d ms", o->rank,
                      o->size, timeout_ms);
+      goto fail;
+    }
+    if (o->cancel && __atomic_load_n(o->cancel, __ATOMIC_SEQ_CST)) {
+      rc = mt_seterr(MT_ECANCELED, "nccl: init rank %d of %d: cancelled", o->rank, o->size);
       goto fail;
     }
     usleep(200);

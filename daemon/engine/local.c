@@ -240,10 +240,18 @@ static int join(rank_ctx *c, int slot, const char *name, int rank, int size, mt_
                      .size = size,
                      .timeout_ms = c->o->comm_timeout_ms ? c->o->comm_timeout_ms : 300000,
                      .backend = dev && dev->kind == MT_DEVICE_CUDA ? MT_COMM_NCCL : MT_COMM_GLOO,
-                     .device = dev};
+                     .device = dev,
+                     .cancel = c->cancel};
   mt_comm *comm = NULL;
   int rc = mt_comm_create(&comm, &co);
-  __atomic_store_n(&c->comms[slot], comm, __ATOMIC_RELEASE);
+  /* published, then the flag read (both sequentially consistent, as the
+   * aborts set the flag, then read the comms): a comm made while an abort
+   * scanned is seen by that scan or aborted here */
+  __atomic_store_n(&c->comms[slot], comm, __ATOMIC_SEQ_CST);
+  if (!rc && __atomic_load_n(c->cancel, __ATOMIC_SEQ_CST)) {
+    mt_comm_abort(comm);
+    rc = mt_seterr(MT_ECANCELED, "comm %s: made after the ranks were cancelled", name);
+  }
   return rc;
 }
 
@@ -321,7 +329,7 @@ static void *rank_main(void *arg) {
      * failures are agreed on by every rank (a checkpoint that cannot load):
      * let the others leave their last collective on their own first, since
      * gloo cannot always wake a collective that is mid-transfer. */
-    *c->cancel = 1;
+    __atomic_store_n(c->cancel, 1, __ATOMIC_SEQ_CST);
     int agreed = rc != MT_EIO && rc != MT_ETIMEDOUT && rc != MT_ECANCELED; /* not a comm failure */
     for (int waited = 0;
          agreed && waited < 2000 && __atomic_load_n(c->running, __ATOMIC_ACQUIRE) > 1;
@@ -460,7 +468,7 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
 
 void mt_local_abort(mt_local *l) {
   if (!l) return;
-  l->cancel = 1;
+  __atomic_store_n(&l->cancel, 1, __ATOMIC_SEQ_CST);
   for (int r = 0; r < l->started; r++)
     for (int k = 0; k < N_COMMS; k++) {
       mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_ACQUIRE);

@@ -284,10 +284,11 @@ typedef struct rank_ctx {
   int timeout_ms;
   int (*body)(struct rank_ctx *x, mt_comm *c);
   void *arg;
-  int rc;           /* 0 or the failing MT_E* code */
-  char err[2048];   /* its message */
-  double elapsed_s; /* from start to the end of body (or of a failed create) */
-  mt_comm *comm;    /* while body runs, for threads that abort it */
+  int rc;               /* 0 or the failing MT_E* code */
+  char err[2048];       /* its message */
+  double elapsed_s;     /* from start to the end of body (or of a failed create) */
+  mt_comm *comm;        /* while body runs, for threads that abort it */
+  volatile int *cancel; /* mt_comm_opts.cancel, or NULL */
 } rank_ctx;
 
 static void *rank_main(void *p) {
@@ -301,7 +302,8 @@ static void *rank_main(void *p) {
                     .size = x->size,
                     .timeout_ms = x->timeout_ms,
                     .backend = MT_COMM_NCCL,
-                    .device = &devs[x->rank]};
+                    .device = &devs[x->rank],
+                    .cancel = x->cancel};
   mt_comm *c = NULL;
   x->rc = mt_comm_create(&c, &o);
   if (x->rc) {
@@ -479,6 +481,118 @@ static void test_rank_missing_from_nccl_init_times_out(void) {
   }
   check(timed_out >= 1, "NCCL init without rank 3: %d rank(s) say they timed out", timed_out);
   check(took < 2.0, "NCCL init without rank 3 failed after %.2f s (deadline 0.3 s)", took);
+}
+
+/* The same, with a deadline of 20 s and the create cancelled after 0.3 s (as
+ * mt_local_abort does when a rank of the process fails or the node loses
+ * its peers): every rank gives up its NCCL init at once. */
+static volatile int init_cancel;
+
+static void *cancel_later(void *arg) {
+  (void)arg;
+  sleep_ms(300);
+  __atomic_store_n(&init_cancel, 1, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+static void test_cancel_ends_a_waiting_nccl_init(void) {
+  const char *prefix = "test/cancelinit";
+  char key[128];
+  snprintf(key, sizeof key, "%s/join/3", prefix);
+  mt_store_set(store, key, "test", 4);
+  rank_ctx ctx[NDEV];
+  pthread_t th[NDEV - 1], canceller;
+  init_cancel = 0;
+  double t0 = now_s();
+  for (int r = 0; r < NDEV - 1; r++) {
+    memset(&ctx[r], 0, sizeof ctx[r]);
+    ctx[r].rank = r, ctx[r].size = NDEV, ctx[r].prefix = prefix, ctx[r].timeout_ms = 20000;
+    ctx[r].body = body_never, ctx[r].cancel = &init_cancel;
+    pthread_create(&th[r], NULL, rank_main, &ctx[r]);
+  }
+  pthread_create(&canceller, NULL, cancel_later, NULL);
+  for (int r = 0; r < NDEV - 1; r++) pthread_join(th[r], NULL);
+  pthread_join(canceller, NULL);
+  double took = now_s() - t0;
+  int cancelled = 0;
+  for (int r = 0; r < NDEV - 1; r++) {
+    /* the first to see the flag aborts its half-made communicator, which
+     * the emulator tells the others at once (a real NCCL, at its bootstrap
+     * timeout, unless they see the flag first, as they do here) */
+    check((ctx[r].rc == MT_ECANCELED || ctx[r].rc == MT_EIO) && strstr(ctx[r].err, "nccl: init"),
+          "NCCL init cancelled, rank %d: %s: %s", r, mt_strerror(ctx[r].rc), ctx[r].err);
+    cancelled += ctx[r].rc == MT_ECANCELED && strstr(ctx[r].err, "cancelled") != NULL;
+  }
+  check(cancelled >= 1, "NCCL init cancelled: %d rank(s) say so", cancelled);
+  check(took < 3.0, "cancelled NCCL init ended after %.2f s (cancel at 0.3 s, deadline 20 s)",
+        took);
+}
+
+/* Two groups, A and B, of ranks 0 and 1 (devices 0 and 1); rank 0 waits in
+ * an all-reduce on B that rank 1 never joins, a kernel that spins on the
+ * device. Another thread then aborts rank 0's groups in turn, A (idle) then
+ * B, as mt_local_abort does from the daemon's event loop. With aborts that
+ * wait as a GPU's do (mt_emu_nccl_abort_waits: A's cannot return while B's
+ * kernel runs), an abort that called ncclCommAbort itself would block the
+ * caller until B's deadline; each abort must instead return at once, and
+ * the all-reduce end cancelled. */
+static mt_comm *tg_comm[2][2]; /* [rank][group A, B] */
+static atomic_int tg_made;
+static int tg_rc = -100;
+static double tg_op_s;
+static char tg_err[1024];
+
+static void *tg_rank(void *arg) {
+  int r = (int)(intptr_t)arg;
+  stage_dev = &devs[r];
+  for (int k = 0; k < 2; k++) {
+    mt_comm_opts o = {.store = store,
+                      .name = k ? "B" : "A",
+                      .prefix = k ? "test/twogroups/B" : "test/twogroups/A",
+                      .rank = r,
+                      .size = 2,
+                      .timeout_ms = 20000,
+                      .backend = MT_COMM_NCCL,
+                      .device = &devs[r]};
+    if (mt_comm_create(&tg_comm[r][k], &o)) {
+      snprintf(tg_err, sizeof tg_err, "rank %d, group %c: %s", r, k ? 'B' : 'A', mt_errmsg());
+      atomic_fetch_add(&tg_made, 10);
+      return NULL;
+    }
+  }
+  atomic_fetch_add(&tg_made, 1);
+  if (r == 0) {
+    float *buf = mt_device_alloc(&devs[0], 256 * sizeof(float));
+    double t0 = now_s();
+    tg_rc = mt_comm_allreduce(tg_comm[0][1], buf, buf, 256, MT_COMM_F32, MT_COMM_SUM);
+    tg_op_s = now_s() - t0;
+    snprintf(tg_err, sizeof tg_err, "%s", mt_errmsg());
+    mt_device_free(&devs[0], buf);
+  }
+  return NULL;
+}
+
+static void test_aborts_of_groups_sharing_a_device_do_not_wait_on_each_other(void) {
+  mt_emu_nccl_abort_waits(1);
+  pthread_t th[2];
+  for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, tg_rank, (void *)(intptr_t)r);
+  while (atomic_load(&tg_made) < 2) sleep_ms(1);
+  double took = -1.0;
+  if (atomic_load(&tg_made) == 2) {
+    sleep_ms(200); /* rank 0 is in its all-reduce on B */
+    double t0 = now_s();
+    mt_comm_abort(tg_comm[0][0]);
+    mt_comm_abort(tg_comm[0][1]);
+    took = now_s() - t0;
+  }
+  for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+  check(took >= 0.0 && took < 0.1, "aborting A then B (B in an all-reduce) took %.3f s", took);
+  check(tg_rc == MT_ECANCELED && tg_op_s < 2.0,
+        "the all-reduce on B: %s after %.2f s (deadline 20 s): %s", mt_strerror(tg_rc), tg_op_s,
+        tg_err);
+  for (int r = 0; r < 2; r++)
+    for (int k = 0; k < 2; k++) mt_comm_destroy(tg_comm[r][k]);
+  mt_emu_nccl_abort_waits(0);
 }
 
 /* Rank 3 joins but does not enter the all-reduce until the others have
@@ -866,6 +980,9 @@ static const struct {
     {"kernels_and_collectives_on_four_devices", test_kernels_and_collectives_on_four_devices},
     {"missing_rank_fails_create_naming_it", test_missing_rank_fails_create_naming_it},
     {"rank_missing_from_nccl_init_times_out", test_rank_missing_from_nccl_init_times_out},
+    {"cancel_ends_a_waiting_nccl_init", test_cancel_ends_a_waiting_nccl_init},
+    {"aborts_of_groups_sharing_a_device_do_not_wait_on_each_other",
+     test_aborts_of_groups_sharing_a_device_do_not_wait_on_each_other},
     {"stuck_peer_fails_allreduce_by_deadline", test_stuck_peer_fails_allreduce_by_deadline},
     {"abort_from_another_thread_fails_blocked_op_promptly",
      test_abort_from_another_thread_fails_blocked_op_promptly},

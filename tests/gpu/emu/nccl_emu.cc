@@ -10,10 +10,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <map>
 #include <set>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -721,11 +723,32 @@ ncclResult_t ncclCommDestroy(ncclComm_t comm) {
   return ncclSuccess;
 }
 
+static std::atomic<int> abort_waits;
+
+void mt_emu_nccl_abort_waits(int on) { abort_waits = on; }
+
 ncclResult_t ncclCommAbort(ncclComm_t comm) {
-  std::lock_guard<std::mutex> lk(mt_emu::async_mutex());
+  std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
   ncclComm *c = live(comm, "ncclCommAbort");
   if (c->cl->aborted_by == -1) c->cl->aborted_by = c->rank;
   drop_items(c);
+  mt_emu::async_notify();
+  /* as the real one's cudaFree: behind every kernel of the device */
+  auto device_idle = [c] {
+    for (ncclComm *o : comms)
+      if (o != c && o->device == c->device && !o->dropping && !o->items.empty()) return false;
+    return true;
+  };
+  for (int waited_ms = 0; abort_waits && !device_idle(); waited_ms++) {
+    if (waited_ms >= 5000)
+      NCCL_DIE("ncclCommAbort of rank %d on device %d: another communicator of the device still "
+               "has work in flight after 5 s; a GPU would wait for it forever",
+               c->rank, c->device);
+    lk.unlock();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    lk.lock();
+    c = live(comm, "ncclCommAbort");
+  }
   leave(c);
   mt_emu::async_notify();
   return ncclSuccess;

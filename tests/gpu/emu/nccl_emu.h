@@ -156,6 +156,15 @@ ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int
 ncclResult_t ncclGroupStart(void);
 ncclResult_t ncclGroupEnd(void);
 
+/* Test hook: with on, ncclCommAbort waits as a GPU's makes it wait. A real
+ * abort frees device memory, and cudaFree waits for every kernel of the
+ * device, so it cannot return while another communicator of its device has
+ * a kernel in flight (spinning on a peer that is gone) until that one is
+ * aborted too. Here it waits until no other live communicator of its device
+ * has work queued and not dropped; past 5 s it dies, naming the deadlock
+ * the real one would be. Off by default. */
+void mt_emu_nccl_abort_waits(int on);
+
 #ifdef __cplusplus
 }
 #endif
