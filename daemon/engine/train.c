@@ -603,9 +603,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   }
   /* the update's own faults (AdamW, the all-gather's copies) are agreed on
    * too: a rank whose update failed may have sent the others a stale slice,
-   * so no rank goes on, checkpoints or exports from this step */
+   * so no rank goes on, checkpoints or exports from this step. A CPU
+   * device's sync cannot fail, and a job's devices are all of one kind (its
+   * groups are NCCL or Gloo by it): CPU jobs skip this all-reduce (0.2 ms
+   * with 2 ranks, 3 ms with 8 rank threads on 2 cores, bench_allreduce). */
   int upd_rc = mt_device_sync(d);
-  if (tr->g.world) {
+  if (tr->g.world && d->kind != MT_DEVICE_CPU) {
     double c0 = now_ms(), bad = upd_rc ? 1.0 : 0.0;
     rc = mt_comm_allreduce(tr->g.world, &bad, &bad, 1, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: agreeing on the update", sn);
