@@ -47,11 +47,13 @@ typedef struct nccl_group {
   float *scratch;                        /* one float on the device, for barrier */
   cudaEvent_t p2p_done[MT_COMM_P2P_MAX]; /* per started point-to-point slot: recorded
                                             on stream behind its send/recv */
-  atomic_int aborted;
-  pthread_mutex_t mu; /* guards in_op and comm_aborted against mt_comm_abort */
-  int in_op;          /* the owner thread is inside an operation */
+  atomic_int aborted;                    /* mt_comm_abort was called */
+  pthread_mutex_t mu;                    /* guards in_op, failed and comm_aborted */
+  pthread_cond_t idle;                   /* signalled when in_op drops to 0 */
+  int in_op;                             /* the owner thread is inside an operation */
+  int failed;         /* an operation failed: the communicator is to be aborted */
   int comm_aborted;   /* ncclCommAbort has been called */
-  atomic_int reaping; /* nccl_abort's: 0 not yet, 1 starting, 2 reaper to join, 3 done */
+  atomic_int reaping; /* the reaper: 0 not yet, 1 starting, 2 a thread to join, 3 done */
   pthread_t reaper;
 } nccl_group;
 
@@ -83,14 +85,15 @@ static void abort_locked(nccl_group *g) {
   }
 }
 
-/* Aborts the communicator and reports what (with NCCL's last error, when it
- * has one); MT_ECANCELED when the group was aborted. */
+/* Marks the communicator for abort (the owner's leave() has the reaper do
+ * it) and reports what (with NCCL's last error, when it has one);
+ * MT_ECANCELED when the group was aborted. Inside an operation only. */
 static int nccl_fail(nccl_group *g, int code, const char *what) {
   pthread_mutex_lock(&g->mu);
   const char *last = g->comm && !g->comm_aborted ? ncclGetLastError(g->comm) : NULL;
   char extra[512] = "";
   if (last && *last) snprintf(extra, sizeof extra, " (%s)", last);
-  abort_locked(g);
+  g->failed = 1;
   pthread_mutex_unlock(&g->mu);
   if (atomic_load(&g->aborted)) return mt_seterr(MT_ECANCELED, "aborted");
   return mt_seterr(code, "%s%s", what, extra);
@@ -136,9 +139,12 @@ static int watch(nccl_group *g, ncclResult_t enq, int timeout_ms) {
 /* Enters an operation: makes the device current and refuses an aborted group;
  * with order, the group's stream first waits for the work queued so far on
  * the compute stream. leave() must follow. */
+static void start_reaper(nccl_group *g);
+static int leave(nccl_group *g, int rc);
+
 static int enter_ordered(nccl_group *g, int order) {
   pthread_mutex_lock(&g->mu);
-  int refused = atomic_load(&g->aborted) || g->comm_aborted;
+  int refused = atomic_load(&g->aborted) || g->failed || g->comm_aborted;
   if (!refused) g->in_op = 1;
   pthread_mutex_unlock(&g->mu);
   if (refused) return mt_seterr(MT_ECANCELED, "aborted");
@@ -146,24 +152,25 @@ static int enter_ordered(nccl_group *g, int order) {
   if (e == cudaSuccess && order && g->compute) e = cudaEventRecord(g->ready, g->compute);
   if (e == cudaSuccess && order && g->compute) e = cudaStreamWaitEvent(g->stream, g->ready, 0);
   if (e != cudaSuccess) {
-    pthread_mutex_lock(&g->mu);
-    g->in_op = 0;
-    pthread_mutex_unlock(&g->mu);
-    return mt_seterr(MT_EIO, "cuda: device %d: ordering after the compute stream: %s", g->device,
-                     cudaGetErrorString(e));
+    cudaGetLastError(); /* told here: not the next launch's error */
+    return leave(g, mt_seterr(MT_EIO, "cuda: device %d: ordering after the compute stream: %s",
+                              g->device, cudaGetErrorString(e)));
   }
   return 0;
 }
 
 static int enter(nccl_group *g) { return enter_ordered(g, 1); }
 
-/* An abort that came while the operation was finishing is carried out here,
- * so peers learn of it now, not at destroy. */
+/* Ends an operation. A communicator that failed or was aborted meanwhile is
+ * aborted now, so peers learn of it at once, not at destroy: by the reaper,
+ * which waited for this (nccl_abort), or one started here. */
 static int leave(nccl_group *g, int rc) {
   pthread_mutex_lock(&g->mu);
   g->in_op = 0;
-  if (atomic_load(&g->aborted)) abort_locked(g);
+  int abort_now = (atomic_load(&g->aborted) || g->failed) && !g->comm_aborted;
+  pthread_cond_broadcast(&g->idle);
   pthread_mutex_unlock(&g->mu);
+  if (abort_now) start_reaper(g);
   return rc;
 }
 
@@ -193,18 +200,35 @@ static void nccl_destroy(void *impl) {
   if (g->scratch) cudaFree(g->scratch);
   for (int i = 0; i < MT_COMM_P2P_MAX; i++)
     if (g->p2p_done[i]) cudaEventDestroy(g->p2p_done[i]);
+  pthread_cond_destroy(&g->idle);
   pthread_mutex_destroy(&g->mu);
   free(g);
 }
 
-/* The abort itself, on a thread of its own. */
+/* The abort itself, on a thread of its own, once the owner is out of any
+ * operation (NCCL calls on one communicator must not overlap); the owner's
+ * watch sees the abort within 100 us and leaves. */
 static void *reap(void *arg) {
   nccl_group *g = arg;
   cudaSetDevice(g->device);
   pthread_mutex_lock(&g->mu);
-  if (!g->in_op) abort_locked(g); /* else the owner thread aborts while it watches */
+  while (g->in_op) pthread_cond_wait(&g->idle, &g->mu);
+  abort_locked(g);
   pthread_mutex_unlock(&g->mu);
   return NULL;
+}
+
+/* Starts the reaper, once: on a thread of its own, or here when no thread
+ * can be had. */
+static void start_reaper(nccl_group *g) {
+  int none = 0;
+  if (!atomic_compare_exchange_strong(&g->reaping, &none, 1)) return; /* started before */
+  if (pthread_create(&g->reaper, NULL, reap, g) == 0) {
+    atomic_store(&g->reaping, 2);
+    return;
+  }
+  reap(g);
+  atomic_store(&g->reaping, 3);
 }
 
 /* Marks the group aborted, which the owner's watch sees within 100 us, and
@@ -218,14 +242,7 @@ static void *reap(void *arg) {
 static void nccl_abort(void *impl) {
   nccl_group *g = impl;
   atomic_store(&g->aborted, 1);
-  int idle = 0;
-  if (!atomic_compare_exchange_strong(&g->reaping, &idle, 1)) return; /* started before */
-  if (pthread_create(&g->reaper, NULL, reap, g) == 0) {
-    atomic_store(&g->reaping, 2);
-    return;
-  }
-  reap(g); /* no thread to be had: here, then */
-  atomic_store(&g->reaping, 3);
+  start_reaper(g);
 }
 
 static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
@@ -246,6 +263,7 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   atomic_init(&g->aborted, 0);
   atomic_init(&g->reaping, 0);
   pthread_mutex_init(&g->mu, NULL);
+  pthread_cond_init(&g->idle, NULL);
 
   int rc = 0;
   cudaError_t ce = cudaSetDevice(g->device);

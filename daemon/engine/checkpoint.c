@@ -111,7 +111,9 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
   if ((rc = agree(g->world, sv->failed, &any))) goto comm_failed;
   if (any && !sv->failed) {
     sv->failed = 1;
-    snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: a shard file could not be made",
+    snprintf(sv->err, sizeof sv->err,
+             "checkpoint of step %lld: another rank's device or shard file failed (its log says "
+             "which)",
              (long long)tr->step);
   }
   /* the state as of this step boundary, in host memory: training may go on */

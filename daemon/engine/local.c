@@ -339,7 +339,7 @@ static void *rank_main(void *arg) {
     }
     for (int r = 0; r < c->n_local; r++)
       for (int k = 0; k < N_COMMS; k++) {
-        mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_ACQUIRE);
+        mt_comm *peer = __atomic_load_n(&c->all[r].comms[k], __ATOMIC_SEQ_CST);
         if (peer) mt_comm_abort(peer);
       }
   }
@@ -471,7 +471,7 @@ void mt_local_abort(mt_local *l) {
   __atomic_store_n(&l->cancel, 1, __ATOMIC_SEQ_CST);
   for (int r = 0; r < l->started; r++)
     for (int k = 0; k < N_COMMS; k++) {
-      mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_ACQUIRE);
+      mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_SEQ_CST);
       if (c) mt_comm_abort(c);
     }
 }

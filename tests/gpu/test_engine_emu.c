@@ -329,8 +329,10 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
   mt_emu_fail_launch("k_layernorm_fwd", 0);
   int named = 0, told = 0;
   for (int w = 0; w < 2; w++) {
+    char want[64]; /* what rank w says when rank 1 - w faulted */
+    snprintf(want, sizeof want, "the device of world rank %d failed; no update applied", 1 - w);
     named += strstr(logs[w].err, "cudaErrorLaunchFailure") != NULL;
-    told += strstr(logs[w].err, "a device failed on 1 other rank") != NULL;
+    told += strstr(logs[1 - w].err, "cudaErrorLaunchFailure") && strstr(logs[w].err, want);
   }
   CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && named == 1 && told == 1,
         "fault in step 2: rc %d, steps reported %d and %d; rank 0: %s; rank 1: %s", rc, logs[0].n,
@@ -351,7 +353,9 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
   for (int w = 0; w < 2; w++) {
     named += strstr(logs[w].err, "step 2: the update: ") &&
              strstr(logs[w].err, "cudaErrorLaunchFailure");
-    told += strstr(logs[w].err, "step 2: the update failed on a device of 1 other rank") != NULL;
+    char want[64];
+    snprintf(want, sizeof want, "step 2: the device of world rank %d failed in the update", 1 - w);
+    told += strstr(logs[1 - w].err, "cudaErrorLaunchFailure") && strstr(logs[w].err, want);
   }
   CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && named == 1 && told == 1,
         "fault in step 2's update: rc %d, steps reported %d and %d; rank 0: %s; rank 1: %s", rc,

@@ -595,6 +595,70 @@ static void test_aborts_of_groups_sharing_a_device_do_not_wait_on_each_other(voi
   mt_emu_nccl_abort_waits(0);
 }
 
+/* The same hazard met by the owner: rank 0 starts a reduce on A that rank 1
+ * never joins (a gradient bucket in flight), then an all-reduce on B, which
+ * rank 1 never joins either, passes its 0.3 s deadline. B's failure aborts
+ * B, which (aborts waiting as a GPU's) cannot finish while A's reduce runs;
+ * the owner must still get its error at the deadline, free to abort A as a
+ * failing rank does, and both aborts then complete. */
+static mt_comm *fo_comm[2][2];
+static atomic_int fo_made;
+static int fo_rc = -100;
+static double fo_op_s;
+static char fo_err[1024];
+
+static void *fo_rank(void *arg) {
+  int r = (int)(intptr_t)arg;
+  stage_dev = &devs[r];
+  for (int k = 0; k < 2; k++) {
+    mt_comm_opts o = {.store = store,
+                      .name = k ? "B" : "A",
+                      .prefix = k ? "test/ownerfail/B" : "test/ownerfail/A",
+                      .rank = r,
+                      .size = 2,
+                      .timeout_ms = 20000,
+                      .backend = MT_COMM_NCCL,
+                      .device = &devs[r]};
+    if (mt_comm_create(&fo_comm[r][k], &o)) {
+      snprintf(fo_err, sizeof fo_err, "rank %d, group %c: %s", r, k ? 'B' : 'A', mt_errmsg());
+      atomic_fetch_add(&fo_made, 10);
+      return NULL;
+    }
+  }
+  atomic_fetch_add(&fo_made, 1);
+  if (r == 0) {
+    while (atomic_load(&fo_made) < 2) sleep_ms(1);
+    float *a = mt_device_alloc(&devs[0], 256 * sizeof(float));
+    float *b = mt_device_alloc(&devs[0], 256 * sizeof(float));
+    int rc = mt_comm_reduce_start(fo_comm[0][0], a, a, 256, MT_COMM_F32, MT_COMM_SUM, 0);
+    mt_comm_set_timeout(fo_comm[0][1], 300);
+    double t0 = now_s();
+    fo_rc = rc ? rc : mt_comm_allreduce(fo_comm[0][1], b, b, 256, MT_COMM_F32, MT_COMM_SUM);
+    fo_op_s = now_s() - t0;
+    snprintf(fo_err, sizeof fo_err, "%s", mt_errmsg());
+    mt_comm_abort(fo_comm[0][0]); /* as a failing rank aborts its groups */
+    mt_comm_abort(fo_comm[0][1]);
+    mt_device_free(&devs[0], b);
+    mt_device_free(&devs[0], a);
+  }
+  return NULL;
+}
+
+static void test_a_failed_op_does_not_block_its_owner_in_the_abort(void) {
+  mt_emu_nccl_abort_waits(1);
+  pthread_t th[2];
+  for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, fo_rank, (void *)(intptr_t)r);
+  for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+  check((fo_rc == MT_ETIMEDOUT || fo_rc == MT_EIO) && fo_op_s < 1.0,
+        "the all-reduce on B (deadline 0.3 s) while A's reduce runs: %s after %.2f s: %s",
+        mt_strerror(fo_rc), fo_op_s, fo_err);
+  double t0 = now_s();
+  for (int r = 0; r < 2; r++)
+    for (int k = 0; k < 2; k++) mt_comm_destroy(fo_comm[r][k]);
+  check(now_s() - t0 < 2.0, "destroying the four groups took %.2f s", now_s() - t0);
+  mt_emu_nccl_abort_waits(0);
+}
+
 /* Rank 3 joins but does not enter the all-reduce until the others have
  * failed; they must fail by their deadline naming it, and rank 3's late
  * all-reduce must then fail at once (its peers aborted), not at its own. */
@@ -983,6 +1047,8 @@ static const struct {
     {"cancel_ends_a_waiting_nccl_init", test_cancel_ends_a_waiting_nccl_init},
     {"aborts_of_groups_sharing_a_device_do_not_wait_on_each_other",
      test_aborts_of_groups_sharing_a_device_do_not_wait_on_each_other},
+    {"a_failed_op_does_not_block_its_owner_in_the_abort",
+     test_a_failed_op_does_not_block_its_owner_in_the_abort},
     {"stuck_peer_fails_allreduce_by_deadline", test_stuck_peer_fails_allreduce_by_deadline},
     {"abort_from_another_thread_fails_blocked_op_promptly",
      test_abort_from_another_thread_fails_blocked_op_promptly},
