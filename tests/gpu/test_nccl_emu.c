@@ -542,25 +542,37 @@ static int tg_rc = -100;
 static double tg_op_s;
 static char tg_err[1024];
 
-static void *tg_rank(void *arg) {
-  int r = (int)(intptr_t)arg;
+/* Rank r (device r) joins groups A and B of two ranks under prefix/A and
+ * prefix/B into comm[0..1], then adds 1 to *made (10 on a failure, the
+ * message in err). 0 when both were made. */
+static int join_two_groups(int r, const char *prefix, mt_comm *comm[2], atomic_int *made, char *err,
+                           size_t err_len) {
   stage_dev = &devs[r];
   for (int k = 0; k < 2; k++) {
+    char pre[96];
+    snprintf(pre, sizeof pre, "%s/%c", prefix, k ? 'B' : 'A');
     mt_comm_opts o = {.store = store,
                       .name = k ? "B" : "A",
-                      .prefix = k ? "test/twogroups/B" : "test/twogroups/A",
+                      .prefix = pre,
                       .rank = r,
                       .size = 2,
                       .timeout_ms = 20000,
                       .backend = MT_COMM_NCCL,
                       .device = &devs[r]};
-    if (mt_comm_create(&tg_comm[r][k], &o)) {
-      snprintf(tg_err, sizeof tg_err, "rank %d, group %c: %s", r, k ? 'B' : 'A', mt_errmsg());
-      atomic_fetch_add(&tg_made, 10);
-      return NULL;
+    if (mt_comm_create(&comm[k], &o)) {
+      snprintf(err, err_len, "rank %d, group %c: %s", r, k ? 'B' : 'A', mt_errmsg());
+      atomic_fetch_add(made, 10);
+      return -1;
     }
   }
-  atomic_fetch_add(&tg_made, 1);
+  atomic_fetch_add(made, 1);
+  return 0;
+}
+
+static void *tg_rank(void *arg) {
+  int r = (int)(intptr_t)arg;
+  if (join_two_groups(r, "test/twogroups", tg_comm[r], &tg_made, tg_err, sizeof tg_err))
+    return NULL;
   if (r == 0) {
     float *buf = mt_device_alloc(&devs[0], 256 * sizeof(float));
     double t0 = now_s();
@@ -609,23 +621,8 @@ static char fo_err[1024];
 
 static void *fo_rank(void *arg) {
   int r = (int)(intptr_t)arg;
-  stage_dev = &devs[r];
-  for (int k = 0; k < 2; k++) {
-    mt_comm_opts o = {.store = store,
-                      .name = k ? "B" : "A",
-                      .prefix = k ? "test/ownerfail/B" : "test/ownerfail/A",
-                      .rank = r,
-                      .size = 2,
-                      .timeout_ms = 20000,
-                      .backend = MT_COMM_NCCL,
-                      .device = &devs[r]};
-    if (mt_comm_create(&fo_comm[r][k], &o)) {
-      snprintf(fo_err, sizeof fo_err, "rank %d, group %c: %s", r, k ? 'B' : 'A', mt_errmsg());
-      atomic_fetch_add(&fo_made, 10);
-      return NULL;
-    }
-  }
-  atomic_fetch_add(&fo_made, 1);
+  if (join_two_groups(r, "test/ownerfail", fo_comm[r], &fo_made, fo_err, sizeof fo_err))
+    return NULL;
   if (r == 0) {
     while (atomic_load(&fo_made) < 2) sleep_ms(1);
     float *a = mt_device_alloc(&devs[0], 256 * sizeof(float));
