@@ -19,6 +19,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "device.h"
 #include "err.h"
 #include "job.h"
 #include "local.h"
@@ -258,6 +259,30 @@ static int report_kind(int rc) {
                                                                   : MT_REPORT_FAILED;
 }
 
+static void leave_and_exit(node *n, int code);
+
+/* After this node's ranks failed: the devices this process has lost (a GPU
+ * whose context a fault corrupted answers every later call with that
+ * fault), "spec: reason; ..." into out ("" when none). Such a node is no
+ * use to the next generation until its process starts again.
+ * MTNLG_TEST_DEVICE_LOST=SPEC makes the node take that device for lost (the
+ * cluster tests, which have no GPU to lose). */
+static void lost_devices(node *n, char *out, size_t len) {
+  size_t used = 0;
+  out[0] = '\0';
+  const char *test = getenv("MTNLG_TEST_DEVICE_LOST");
+  for (int i = 0; i < n->n_devices && used < len; i++) {
+    char why[256];
+    int lost = mt_device_lost(n->specs[i], why, sizeof why);
+    if (!lost && test && !strcmp(test, n->specs[i]))
+      lost = 1, snprintf(why, sizeof why, "lost for a test (MTNLG_TEST_DEVICE_LOST)");
+    if (lost) {
+      int w = snprintf(out + used, len - used, "%s%s: %s", used ? "; " : "", n->specs[i], why);
+      used += w > 0 ? (size_t)w : 0;
+    }
+  }
+}
+
 /* The ranks ended: report to the coordinator, then wait for its word. */
 static void on_engine_done(uv_async_t *h) {
   node *n = h->data;
@@ -295,8 +320,21 @@ static void on_engine_done(uv_async_t *h) {
     finish(n, 1);
     return;
   }
+  char lost[1024] = "";
+  if (failed) lost_devices(n, lost, sizeof lost);
+  if (lost[0]) {
+    mt_log_error("generation %d: this process has lost %s; reporting the failure, leaving the "
+                 "cluster and exiting 1, so that systemd starts the daemon again and it rejoins",
+                 n->gen, lost);
+    snprintf(reason + strlen(reason), sizeof reason - strlen(reason),
+             " (node %s lost %.400s: it restarts)", n->cfg->name, lost);
+  }
   store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name,
                                  failed ? report_kind(n->engine_rc) : MT_REPORT_DONE, reason));
+  if (lost[0]) {
+    leave_and_exit(n, 1);
+    return;
+  }
   set_state(n, N_ENDING);
 }
 

@@ -137,6 +137,20 @@ int mt_device_memory(const char *spec, size_t *total, size_t *free_bytes) {
 #endif
 }
 
+int mt_device_lost(const char *spec, char *why, size_t why_len) {
+  if (why_len) why[0] = '\0';
+  char *end = NULL;
+  long idx = strncmp(spec, "cuda:", 5) ? -1 : strtol(spec + 5, &end, 10);
+  if (idx < 0 || end == spec + 5 || *end) return 0; /* a CPU device, or none */
+  char count_why[256] = "";
+  if (idx >= cuda_count(count_why, sizeof count_why)) return 0;
+#if WITH_CUDA
+  return mt__cuda_lost((int)idx, why, why_len);
+#else
+  return 0;
+#endif
+}
+
 void mt_device_close(mt_device *d) {
 #if WITH_CUDA
   if (d->kind == MT_DEVICE_CUDA && d->impl) mt__cuda_close(d);

@@ -67,6 +67,14 @@ int mt_device_count(const char *kind);
  * devices, or MT_EINVAL when out (len bytes) is too small. */
 int mt_device_resolve_auto(char *out, size_t len, int want);
 
+/* 1 when this process has lost the device: a CUDA fault that corrupts the
+ * GPU's context (an illegal address, a faulting kernel, an uncorrectable
+ * ECC error) makes every later call on it fail until the process exits;
+ * the runtime's reason goes to why. 0 for a GPU that answers, a CPU device
+ * or a spec naming neither. Asks the GPU to finish its work: for after its
+ * ranks ended. */
+int mt_device_lost(const char *spec, char *why, size_t why_len);
+
 /* Device memory: 64-byte aligned (CUDA: 256) and zeroed. NULL with
  * mt_errmsg() on failure. Copies from and to the host are complete when they
  * return (the host buffer may be reused); device-to-device copies and memsets

@@ -22,6 +22,10 @@ int mt__cuda_count(char *why, size_t why_len);
 /* Total and free memory of GPU `index`; MT_EIO with the runtime's reason. */
 int mt__cuda_memory(int index, size_t *total, size_t *free_bytes);
 
+/* 1 when this process has lost GPU `index` (mt_device_lost), the reason in
+ * why; else 0. */
+int mt__cuda_lost(int index, char *why, size_t why_len);
+
 /* Fills d's CUDA state (streams, cuBLASLt, workspaces) for GPU `index`. */
 int mt__cuda_open(mt_device *d, int index);
 void mt__cuda_close(mt_device *d);

@@ -40,6 +40,22 @@ int mt__cuda_memory(int index, size_t *total, size_t *free_bytes) {
   return 0;
 }
 
+/* A fault that corrupts the context (an illegal address, a faulting
+ * kernel, an uncorrectable ECC error) makes every later call answer it,
+ * where any other error is told once: two syncs in a row that fail mean the
+ * device is lost to this process. */
+int mt__cuda_lost(int index, char *why, size_t why_len) {
+  cudaError_t e = cudaSetDevice(index);
+  if (e == cudaSuccess && (e = cudaDeviceSynchronize()) != cudaSuccess) {
+    cudaGetLastError();
+    e = cudaDeviceSynchronize();
+  }
+  if (e == cudaSuccess) return 0;
+  cudaGetLastError();
+  snprintf(why, why_len, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+  return 1;
+}
+
 mt__cuda *mt__cuda_enter(mt_device *d) {
   mt__cuda *c = mt__cuda_of(d);
   cudaSetDevice(c->index); /* per host thread; a failure shows in the call that follows */

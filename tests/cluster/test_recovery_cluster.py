@@ -38,6 +38,13 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   2 daemons (the whole dp 1), no checkpoint.dir; n1 is SIGSTOPped until
   generation 1 ends, then SIGCONTed while the coordinator waits for enough
   nodes: generation 2 forms with it and the job completes; both exit 0.
+- test_node_that_lost_a_device_exits_to_be_restarted_and_the_job_goes_on:
+  6 daemons, n0..n3 the members and n4, n5 spares; n3 runs with
+  MTNLG_TEST_DEVICE_LOST=cpu:1 (it takes that device for one a fault took
+  from its process, as mt_device_lost finds a GPU's lost context). n2 is
+  SIGKILLed past step 6: n3's ranks fail on their peer, n3 finds its device
+  lost, says so, and exits 1 (systemd would start it again); the others
+  re-form without n2 and n3 and finish the job, exiting 0.
 """
 import importlib.util
 import json
@@ -139,6 +146,41 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
                      % (killed_after, alive, codes, ended, formed, resumed, newest, last,
                         after[:1], after[-1:], spare_first, st.get("generation"),
                         st.get("restarts"), st_errors, exact, "" if ok else "\n" + c.logs(30)))
+    finally:
+        c.kill_all()
+
+
+def test_node_that_lost_a_device_exits_to_restart(mtnlgd, tmp, tokens):
+    ck = os.path.join(tmp, "ckpt-lost")
+    job = tiny_job(os.path.join(tmp, "lost.json"), tokens, "lost", STEPS,
+                   checkpoint={"dir": ck, "interval": INTERVAL})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c-lost"), job, nodes=6,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    n0, victim, loser = c.nodes[0], c.nodes[2], c.nodes[3]
+    others = [n0, c.nodes[1], c.nodes[4], c.nodes[5]]
+    try:
+        for n in c.nodes[:4]:
+            c.node_start(n, {"MTNLG_TEST_DEVICE_LOST": "cpu:1"} if n is loser else None)
+        c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "generation 1")
+        for n in c.nodes[4:]:
+            c.node_start(n)
+        c.wait_for(lambda: last_step(n0) >= 6, 120, "step 6")
+        victim.signal(signal.SIGKILL)
+        victim.wait(10)
+        try:
+            loser_code = loser.wait(60)
+        except subprocess.TimeoutExpired:
+            loser_code = None
+        codes = c.wait_all(240, others)
+        said = grep(loser, r"this process has lost cpu:1: lost for a test "
+                           r"\(MTNLG_TEST_DEVICE_LOST\); reporting the failure, leaving the "
+                           r"cluster and exiting 1")
+        last = [last_step(n) for n in others]
+        ok = loser_code == 1 and said and codes == [0] * 4 and STEPS in last
+        return check("test_node_that_lost_a_device_exits_to_be_restarted_and_the_job_goes_on", ok,
+                     "n2 killed; n3 (its cpu:1 taken for lost) exited %s, said so %s; n0, n1, "
+                     "n4, n5 exited %s at steps %s%s"
+                     % (loser_code, said, codes, last, "" if ok else "\n" + c.logs(30)))
     finally:
         c.kill_all()
 
@@ -342,8 +384,11 @@ def main():
         fails += test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate)
         t4 = time.time()
         fails += test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens)
+        t5 = time.time()
+        fails += test_node_that_lost_a_device_exits_to_restart(mtnlgd, tmp, tokens)
         print("# %s s" % ", ".join("%.1f" % t for t in
-                                   (t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.time() - t4)))
+                                   (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4,
+                                    time.time() - t5)))
     print("%d failure(s)" % fails)
     sys.exit(1 if fails else 0)
 

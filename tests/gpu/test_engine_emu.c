@@ -365,6 +365,26 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
   return 0;
 }
 
+/* mt_device_lost, which a node asks after its ranks failed: a GPU whose
+ * context a fault corrupted (every later sync answers it) is lost, its
+ * neighbours and CPU devices are not, and a device found again is not. */
+static int test_a_device_lost_to_a_fault_is_found(void) {
+  char why[256];
+  CHECK(!mt_device_lost("cuda:3", why, sizeof why) && !why[0], "cuda:3 lost before any fault: %s",
+        why);
+  mt_emu_lose_device(3, cudaErrorIllegalAddress);
+  int lost = mt_device_lost("cuda:3", why, sizeof why);
+  CHECK(lost && strstr(why, "cudaErrorIllegalAddress"), "cuda:3 after an illegal address: %d, %s",
+        lost, why);
+  printf("  cuda:3 after an illegal address: lost (%s)\n", why);
+  CHECK(!mt_device_lost("cuda:2", why, sizeof why), "cuda:2 lost beside cuda:3: %s", why);
+  CHECK(!mt_device_lost("cpu:0", why, sizeof why), "cpu:0 lost");
+  CHECK(!mt_device_lost("cuda:99", why, sizeof why), "cuda:99, no such device, lost");
+  mt_emu_lose_device(3, cudaSuccess);
+  CHECK(!mt_device_lost("cuda:3", why, sizeof why), "cuda:3 found again still lost: %s", why);
+  return 0;
+}
+
 int main(void) {
   setenv("MT_CUDA_EMU_DEVICES", "8", 1);
   if (mt_device_count("cuda") < 8) {
@@ -386,6 +406,7 @@ int main(void) {
        test_pp4_overlapped_p2p_on_gpus_matches_blocking},
       {"test_device_fault_fails_the_step_on_every_rank",
        test_device_fault_fails_the_step_on_every_rank},
+      {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
     int before = failures;

@@ -99,6 +99,7 @@ typedef enum cudaError {
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorNotReady = 600,
+  cudaErrorIllegalAddress = 700,
   cudaErrorLaunchFailure = 719,
 } cudaError_t;
 
@@ -130,6 +131,9 @@ cudaError_t cudaStreamCreate(cudaStream_t *s);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
 cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
+/* Waits for every stream of the current device; a lost device
+ * (mt_emu_lose_device) answers its error instead, every time. */
+cudaError_t cudaDeviceSynchronize(void);
 cudaError_t cudaStreamQuery(cudaStream_t s);
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags);
 cudaError_t cudaEventCreate(cudaEvent_t *e);
@@ -162,6 +166,11 @@ long mt_emu_launch_count(const char *kernel);
  * run, and the launching thread's cudaGetLastError says
  * cudaErrorLaunchFailure. One fault armed at a time; n 0 disarms. */
 void mt_emu_fail_launch(const char *kernel, long n);
+/* Loses device dev as a GPU's context is lost to a fault that corrupts it
+ * (an illegal address): from now on cudaDeviceSynchronize on it answers e
+ * every time (cudaSuccess: the device is found again, for the next test).
+ * Only that call is emulated so: what mt_device_lost asks. */
+void mt_emu_lose_device(int dev, cudaError_t e);
 
 #ifdef __cplusplus
 }
