@@ -71,8 +71,7 @@ int mt_device_resolve_auto(char *out, size_t len, int want);
  * GPU's context (an illegal address, a faulting kernel, an uncorrectable
  * ECC error) makes every later call on it fail until the process exits;
  * the runtime's reason goes to why. 0 for a GPU that answers, a CPU device
- * or a spec naming neither. Asks the GPU to finish its work: for after its
- * ranks ended. */
+ * or a spec naming neither. Never waits for the GPU. */
 int mt_device_lost(const char *spec, char *why, size_t why_len);
 
 /* Device memory: 64-byte aligned (CUDA: 256) and zeroed. NULL with

@@ -42,15 +42,16 @@ int mt__cuda_memory(int index, size_t *total, size_t *free_bytes) {
 
 /* A fault that corrupts the context (an illegal address, a faulting
  * kernel, an uncorrectable ECC error) makes every later call answer it,
- * where any other error is told once: two syncs in a row that fail mean the
- * device is lost to this process. */
+ * where any other error is told once: two queries in a row that fail mean
+ * the device is lost to this process. A query, not a sync: the caller (the
+ * daemon's event loop) must not wait on a kernel that never ends. */
 int mt__cuda_lost(int index, char *why, size_t why_len) {
   cudaError_t e = cudaSetDevice(index);
-  if (e == cudaSuccess && (e = cudaDeviceSynchronize()) != cudaSuccess) {
+  if (e == cudaSuccess && (e = cudaStreamQuery(0)) != cudaSuccess) {
     cudaGetLastError();
-    e = cudaDeviceSynchronize();
+    e = cudaStreamQuery(0);
   }
-  if (e == cudaSuccess) return 0;
+  if (e == cudaSuccess || e == cudaErrorNotReady) return 0;
   cudaGetLastError();
   snprintf(why, why_len, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
   return 1;

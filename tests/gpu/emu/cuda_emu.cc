@@ -314,12 +314,12 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
   return cudaSuccess;
 }
 
+static std::map<int, cudaError_t> lost_devices; /* mt_emu_lose_device's, under amu */
+
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   wait_idle(s, "cudaStreamSynchronize");
   return cudaSuccess;
 }
-
-static std::map<int, cudaError_t> lost_devices; /* mt_emu_lose_device's, under amu */
 
 void mt_emu_lose_device(int dev, cudaError_t e) {
   std::lock_guard<std::mutex> lk(amu);
@@ -329,21 +329,12 @@ void mt_emu_lose_device(int dev, cudaError_t e) {
     lost_devices[dev] = e;
 }
 
-cudaError_t cudaDeviceSynchronize(void) {
-  std::unique_lock<std::mutex> lk(amu);
-  auto lost = lost_devices.find(current_dev);
-  if (lost != lost_devices.end()) return last_error = lost->second;
-  mt_emu::async_wait(lk, "cudaDeviceSynchronize", [] {
-    for (CUstream_st *t : streams) /* looked up each time: a drained stream may be freed */
-      if (t->device == current_dev && !t->q.empty()) return false;
-    return true;
-  });
-  return cudaSuccess;
-}
-
 cudaError_t cudaStreamQuery(cudaStream_t s) {
   std::lock_guard<std::mutex> lk(amu);
-  return idle(live_stream(s, "cudaStreamQuery")) ? cudaSuccess : cudaErrorNotReady;
+  CUstream_st *st = live_stream(s, "cudaStreamQuery");
+  auto lost = lost_devices.find(st ? st->device : current_dev);
+  if (lost != lost_devices.end()) return last_error = lost->second;
+  return idle(st) ? cudaSuccess : cudaErrorNotReady;
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {

@@ -131,9 +131,6 @@ cudaError_t cudaStreamCreate(cudaStream_t *s);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
 cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
-/* Waits for every stream of the current device; a lost device
- * (mt_emu_lose_device) answers its error instead, every time. */
-cudaError_t cudaDeviceSynchronize(void);
 cudaError_t cudaStreamQuery(cudaStream_t s);
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags);
 cudaError_t cudaEventCreate(cudaEvent_t *e);
@@ -167,9 +164,10 @@ long mt_emu_launch_count(const char *kernel);
  * cudaErrorLaunchFailure. One fault armed at a time; n 0 disarms. */
 void mt_emu_fail_launch(const char *kernel, long n);
 /* Loses device dev as a GPU's context is lost to a fault that corrupts it
- * (an illegal address): from now on cudaDeviceSynchronize on it answers e
- * every time (cudaSuccess: the device is found again, for the next test).
- * Only that call is emulated so: what mt_device_lost asks. */
+ * (an illegal address): from now on cudaStreamQuery of its streams and of
+ * the legacy one answers e, every time (cudaSuccess: the device is found
+ * again, for the next test). Only that call is emulated so: what
+ * mt_device_lost asks. */
 void mt_emu_lose_device(int dev, cudaError_t e);
 
 #ifdef __cplusplus
