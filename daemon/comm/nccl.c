@@ -85,8 +85,8 @@ static void abort_locked(nccl_group *g) {
   }
 }
 
-/* Marks the communicator for abort (the owner's leave() has the reaper do
- * it) and reports what (with NCCL's last error, when it has one);
+/* Marks the communicator to be aborted (leave() has the reaper do it) and
+ * reports what (with NCCL's last error, when it has one);
  * MT_ECANCELED when the group was aborted. Inside an operation only. */
 static int nccl_fail(nccl_group *g, int code, const char *what) {
   pthread_mutex_lock(&g->mu);
