@@ -484,14 +484,24 @@ static int run_pipeline(pipe_run *r) {
   return rc;
 }
 
-/* The error of a rank whose step failed because another rank's device
- * did: n devices failed, their world ranks summing to rank_sum (the rank
- * itself when one); what follows says where. */
-static int other_device_failed(long long step, const char *what, double n, double rank_sum) {
-  if (n == 1.0)
-    return mt_seterr(MT_EIO, "step %lld: the device of world rank %.0f failed%s", step, rank_sum,
+/* A rank's vote on whether its device failed (dev_rc), for a world
+ * all-reduce (sum): 1 and its world rank when it did, else 0 and 0. Summed,
+ * vote[0] counts the failed devices and vote[1] sums their world ranks (the
+ * rank itself when one failed). */
+static void device_vote(double vote[2], const mt_trainer *tr, int dev_rc) {
+  int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
+  vote[0] = dev_rc ? 1.0 : 0.0;
+  vote[1] = dev_rc ? (double)world_rank : 0.0;
+}
+
+/* The error of a rank whose step failed because another rank's device did,
+ * from the summed votes; what follows says where. */
+static int other_device_failed(long long step, const char *what, const double vote[2]) {
+  if (vote[0] == 1.0)
+    return mt_seterr(MT_EIO, "step %lld: the device of world rank %.0f failed%s", step, vote[1],
                      what);
-  return mt_seterr(MT_EIO, "step %lld: the devices of %.0f other ranks failed%s", step, n, what);
+  return mt_seterr(MT_EIO, "step %lld: the devices of %.0f other ranks failed%s", step, vote[0],
+                   what);
 }
 
 /* Σ g² over this rank's slice, leaving out the last stage's copy of the
@@ -572,15 +582,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
-  int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
   double agreed[8] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       tr->stop_request ? 1.0 : 0.0,
                       r.wait_ms,
                       pipe_ms,
-                      (double)tr->order_word,
-                      dev_rc ? 1.0 : 0.0,
-                      dev_rc ? (double)world_rank : 0.0};
+                      (double)tr->order_word};
+  device_vote(agreed + 6, tr, dev_rc);
   if (tr->g.world) {
     double c0 = now_ms();
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 8, MT_COMM_F64, MT_COMM_SUM);
@@ -588,7 +596,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     comm_ms += now_ms() - c0;
   }
   if (dev_rc) return mt_wraperr(dev_rc, "step %lld", sn); /* names the device */
-  if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed[6], agreed[7]);
+  if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed + 6);
   /* the norm of the unscaled gradients: clipping and the log see it */
   double norm = sqrt(agreed[1]) / scale;
   double lr = mt_lr_at(&job->train.lr, tr->step);
@@ -619,11 +627,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * with 2 ranks, 3 ms with 8 rank threads on 2 cores, bench_allreduce). */
   int upd_rc = mt_device_sync(d);
   if (tr->g.world && d->kind != MT_DEVICE_CPU) {
-    double c0 = now_ms(), bad[2] = {upd_rc ? 1.0 : 0.0, upd_rc ? (double)world_rank : 0.0};
+    double c0 = now_ms(), bad[2];
+    device_vote(bad, tr, upd_rc);
     rc = mt_comm_allreduce(tr->g.world, bad, bad, 2, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: agreeing on the update", sn);
     comm_ms += now_ms() - c0;
-    if (!upd_rc && bad[0] > 0) return other_device_failed(sn, " in the update", bad[0], bad[1]);
+    if (!upd_rc && bad[0] > 0) return other_device_failed(sn, " in the update", bad);
   }
   if (upd_rc) return mt_wraperr(upd_rc, "step %lld: the update", sn);
   tr->step++;
@@ -667,13 +676,13 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
   m->training = 1;
   /* a device fault in the forwards fails validation on every rank alike */
   int dev_rc = rc ? 0 : mt_device_sync(tr->dev);
-  double world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
-  double agreed[3] = {sum, dev_rc ? 1.0 : 0.0, dev_rc ? world_rank : 0.0};
+  double agreed[3] = {sum};
+  device_vote(agreed + 1, tr, dev_rc);
   if (!rc && tr->g.world)
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 3, MT_COMM_F64, MT_COMM_SUM);
   if (!rc && dev_rc) rc = dev_rc; /* its message names the device */
   if (!rc && agreed[1] > 0)
-    rc = other_device_failed((long long)tr->step, " in validation", agreed[1], agreed[2]);
+    rc = other_device_failed((long long)tr->step, " in validation", agreed + 1);
   if (rc) return mt_wraperr(rc, "validation");
   sum = agreed[0];
   *loss = sum / ((double)job->eval.iters * (G / m->B));
