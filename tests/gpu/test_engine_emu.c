@@ -9,7 +9,12 @@
  * go over NCCL with the world group on Gloo, the bucketed dp reduction and
  * every other collective move the right bytes, and the precision logic
  * (bf16 GEMMs, fp16 overflow found on the device) behaves as on the CPU.
- * It cannot show speed or races; tests/gpu/run does that on a GPU.
+ * NCCL runs in the emulator's late mode (mt_emu_nccl_late): every
+ * operation moves its data only when a host waits for it, and its buffers
+ * are guarded until then, so a kernel of the backward writing a bucket
+ * whose reduce is in flight, or a stage reading a pipeline receive before
+ * its wait, stops the test or shows as NaN, every run. It cannot show
+ * speed, or races between kernels; tests/gpu/run measures on a GPU.
  *
  * MT_CUDA_EMU_DEVICES is set to 8 before anything asks for the count.
  */
@@ -26,6 +31,7 @@
 #include "job.h"
 #include "local.h"
 #include "mt_check.h"
+#include "nccl_emu.h" /* mt_emu_nccl_late */
 #include "rank_runs.h"
 #include "safetensors.h"
 #include "store.h"
@@ -385,13 +391,15 @@ static int test_a_device_lost_to_a_fault_is_found(void) {
   return 0;
 }
 
-int main(void) {
+/* Arguments, if any, pick the tests whose names contain one of them. */
+int main(int argc, char **argv) {
   setenv("MT_CUDA_EMU_DEVICES", "8", 1);
   if (mt_device_count("cuda") < 8) {
     fprintf(stderr, "the emulator offers %d CUDA devices, not 8\n", mt_device_count("cuda"));
     return 1;
   }
   if (rank_runs_token_file(data_path, "/tmp/mtnlg-engine-emu-XXXXXX")) return 1;
+  mt_emu_nccl_late(1);
   struct {
     const char *name;
     int (*fn)(void);
@@ -409,6 +417,9 @@ int main(void) {
       {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
+    int run = argc < 2;
+    for (int a = 1; a < argc; a++) run |= strstr(tests[i].name, argv[a]) != NULL;
+    if (!run) continue;
     int before = failures;
     int rc = tests[i].fn();
     printf("%s %s\n", rc || failures > before ? "FAIL" : "ok", tests[i].name);

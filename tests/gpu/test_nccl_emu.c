@@ -28,12 +28,14 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1030,6 +1032,206 @@ static void test_emulated_streams_events_and_groups(void) {
   for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
 }
 
+/* ------------------------------------------------ late mode and the guard */
+
+/* Ranks as threads on the raw API: comm a spans all three, comm b ranks 1
+ * and 2 (bootstrapped by rank 1). */
+typedef struct late_arg {
+  int rank;
+  ncclUniqueId *id_a, *id_b;
+  pthread_barrier_t *bar;
+  int early_nan, held, summed, chained; /* rank 0's findings */
+} late_arg;
+
+static int all_poison(const float *v, int n) {
+  for (int i = 0; i < n; i++) {
+    uint32_t bits;
+    memcpy(&bits, &v[i], sizeof bits);
+    if (bits != 0xFFFFFFFFu) return 0;
+  }
+  return 1;
+}
+
+static void *late_main(void *p) {
+  late_arg *a = p;
+  const int me = a->rank;
+  cudaSetDevice(me);
+  ncclComm_t ca, cb = NULL;
+  cudaStream_t s, side;
+  cudaStreamCreate(&s);
+  cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+  float *buf, *out, host[8];
+  cudaMalloc((void **)&buf, sizeof host);
+  cudaMalloc((void **)&out, sizeof host);
+  ncclCommInitRank(&ca, 3, *a->id_a, me);
+  if (me > 0) ncclCommInitRank(&cb, 2, *a->id_b, me - 1);
+  for (int i = 0; i < 8; i++) host[i] = (float)(me + 1) * (float)i;
+  cudaMemcpyAsync(buf, host, sizeof host, cudaMemcpyHostToDevice, s);
+  cudaStreamSynchronize(s);
+
+  /* 1: every rank posts; no host waits yet */
+  ncclAllReduce(buf, out, 8, ncclFloat32, ncclSum, ca, s);
+  pthread_barrier_wait(a->bar);
+  if (me == 0) {
+    sleep_ms(20);
+    /* a copy on a stream not ordered after the all-reduce: a racing read */
+    cudaMemcpyAsync(host, out, sizeof host, cudaMemcpyDeviceToHost, side);
+    cudaStreamSynchronize(side);
+    a->early_nan = all_poison(host, 8);
+    a->held = cudaStreamQuery(s) == cudaSuccess; /* the query is a wait: it runs now */
+    cudaMemcpyAsync(host, out, sizeof host, cudaMemcpyDeviceToHost, s);
+    cudaStreamSynchronize(s);
+    a->summed = 1;
+    for (int i = 0; i < 8; i++) a->summed &= host[i] == 6.0f * (float)i;
+  }
+  pthread_barrier_wait(a->bar);
+  cudaStreamSynchronize(s);
+
+  /* 2: rank 1's send to rank 0 queues behind an all-reduce of ranks 1 and
+   * 2 on the same stream; only rank 0's host waits, while 1 and 2 sit in
+   * a barrier: its wait must reach through the send to that all-reduce */
+  if (me == 1) {
+    ncclAllReduce(buf, out, 8, ncclFloat32, ncclSum, cb, s);
+    ncclSend(buf, 8, ncclFloat32, 0, ca, s);
+  } else if (me == 2) {
+    ncclAllReduce(buf, out, 8, ncclFloat32, ncclSum, cb, s);
+  } else {
+    ncclRecv(out, 8, ncclFloat32, 1, ca, s);
+  }
+  pthread_barrier_wait(a->bar);
+  if (me == 0) {
+    a->chained = 0;
+    for (int i = 0; i < 5000 && !a->chained; i++) {
+      a->chained = cudaStreamQuery(s) == cudaSuccess;
+      if (!a->chained) sleep_ms(1);
+    }
+  }
+  pthread_barrier_wait(a->bar); /* then every host waits: no hang either way */
+  cudaStreamSynchronize(s);
+  if (me == 0) {
+    cudaMemcpyAsync(host, out, sizeof host, cudaMemcpyDeviceToHost, s);
+    cudaStreamSynchronize(s);
+    for (int i = 0; i < 8; i++) a->chained &= host[i] == 2.0f * (float)i;
+  }
+  if (cb) ncclCommDestroy(cb);
+  ncclCommDestroy(ca);
+  cudaFree(buf);
+  cudaFree(out);
+  cudaStreamDestroy(side);
+  cudaStreamDestroy(s);
+  return NULL;
+}
+
+/* Late mode: an operation all ranks posted moves no data until a host waits
+ * for it, and a racing reader meanwhile sees the guard's poison; one host's
+ * wait reaches every operation its own needs, on other ranks and behind
+ * other communicators, though no other host waits. */
+static void test_late_mode_moves_data_when_a_host_waits(void) {
+  ncclUniqueId ia, ib;
+  ncclGetUniqueId(&ia);
+  ncclGetUniqueId(&ib);
+  pthread_barrier_t bar;
+  pthread_barrier_init(&bar, NULL, 3);
+  late_arg args[3];
+  pthread_t th[3];
+  int was_late = mt_emu_nccl_late(1);
+  for (int r = 0; r < 3; r++) {
+    args[r] = (late_arg){.rank = r, .id_a = &ia, .id_b = &ib, .bar = &bar};
+    pthread_create(&th[r], NULL, late_main, &args[r]);
+  }
+  for (int r = 0; r < 3; r++) pthread_join(th[r], NULL);
+  mt_emu_nccl_late(was_late);
+  pthread_barrier_destroy(&bar);
+  check(args[0].early_nan, "late: a read racing a posted all-reduce sees the guard's poison (NaN)");
+  check(args[0].held && args[0].summed,
+        "late: the all-reduce runs when rank 0's host waits, though ranks 1 and 2 never did");
+  check(args[0].chained, "late: rank 0's wait reaches through rank 1's send to the all-reduce of "
+                         "ranks 1 and 2 before it on that stream");
+}
+
+/* A child that races an operation: two ranks post an all-reduce, one
+ * writes its send (or receive) buffer from a stream not ordered after it,
+ * then waits. */
+typedef struct race_arg {
+  int rank, target_recv;
+  ncclUniqueId *id;
+  pthread_barrier_t *bar; /* no host waits before the racing write */
+} race_arg;
+
+static void *race_main(void *p) {
+  race_arg *a = p;
+  cudaSetDevice(a->rank);
+  ncclComm_t c;
+  cudaStream_t s, side;
+  cudaStreamCreate(&s);
+  cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+  float *buf, *out;
+  cudaMalloc((void **)&buf, 64 * sizeof(float));
+  cudaMalloc((void **)&out, 64 * sizeof(float));
+  cudaMemsetAsync(buf, 0, 64 * sizeof(float), s);
+  ncclCommInitRank(&c, 2, *a->id, a->rank);
+  ncclAllReduce(buf, out, 64, ncclFloat32, ncclSum, c, s);
+  if (a->rank == 1) cudaMemsetAsync(a->target_recv ? out + 5 : buf + 5, 0x42, 4, side);
+  pthread_barrier_wait(a->bar);
+  cudaStreamSynchronize(s);
+  return NULL;
+}
+
+/* Runs the race in a child (the guard aborts the process) and returns its
+ * stderr in err; the child's wait status in *status. */
+static void race_child(int target_recv, int *status, char *err, size_t cap) {
+  char path[] = "/tmp/mtnlg-nccl-emu-race-XXXXXX";
+  int fd = mkstemp(path);
+  err[0] = 0;
+  *status = -1;
+  if (fd < 0) return;
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fd, 2);
+    alarm(20); /* a hang fails the check instead of the suite */
+    mt_emu_nccl_late(1);
+    ncclUniqueId id;
+    ncclGetUniqueId(&id);
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, 2);
+    race_arg args[2];
+    pthread_t th[2];
+    for (int r = 0; r < 2; r++) {
+      args[r] = (race_arg){.rank = r, .target_recv = target_recv, .id = &id, .bar = &bar};
+      pthread_create(&th[r], NULL, race_main, &args[r]);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    _exit(0);
+  }
+  if (pid > 0) waitpid(pid, status, 0);
+  ssize_t n = pread(fd, err, cap - 1, 0);
+  err[n > 0 ? n : 0] = 0;
+  close(fd);
+  unlink(path);
+}
+
+/* The guard stops a program whose work touches an operation's buffers while
+ * it is in flight, naming the operation and the byte: a write to the send
+ * buffer (NCCL might send either value) and a write to the receive buffer
+ * (lost, or overwriting the result). */
+static void test_guard_stops_work_racing_an_operation(void) {
+  char err[2048];
+  int st;
+  race_child(0, &st, err, sizeof err);
+  check(st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT &&
+            strstr(err, "ncclAllReduce #0 of rank 1 of 2") &&
+            strstr(err, "byte 20 of its send buffer") && strstr(err, "changed while"),
+        "a write racing an all-reduce's send buffer stops the test: %s",
+        err[0] ? err : "(nothing on stderr)");
+  race_child(1, &st, err, sizeof err);
+  check(st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT &&
+            strstr(err, "ncclAllReduce #0 of rank 1 of 2") &&
+            strstr(err, "byte 20 of its receive buffer") && strstr(err, "was written while"),
+        "a write racing an all-reduce's receive buffer stops the test: %s",
+        err[0] ? err : "(nothing on stderr)");
+}
+
 static const struct {
   const char *name;
   void (*fn)(void);
@@ -1054,6 +1256,8 @@ static const struct {
     {"two_ranks_sending_first_wait_until_deadline",
      test_two_ranks_sending_first_wait_until_deadline},
     {"max_with_a_nan", test_max_with_a_nan},
+    {"late_mode_moves_data_when_a_host_waits", test_late_mode_moves_data_when_a_host_waits},
+    {"guard_stops_work_racing_an_operation", test_guard_stops_work_racing_an_operation},
 };
 
 /* Arguments, if any, pick the tests whose names contain one of them. */

@@ -161,8 +161,38 @@ struct event_wait : mt_emu::async_item {
   uint64_t ticket;
   bool started = false;
   void start() override { started = true; }
+  void on_demand() override;
 };
 std::vector<event_wait *> waits;
+
+void (*run_demanded)(void); /* nccl_emu's, when linked */
+
+/* Marks s's items queued before `before` (a NULL s: those of every stream of
+ * the current device). Marking moves nothing, so the queues hold still. */
+void mark(CUstream_st *s, uint64_t before) {
+  if (!s) {
+    for (CUstream_st *t : streams)
+      if (t->device == current_dev) mark(t, before);
+    return;
+  }
+  for (mt_emu::async_item *it : s->q) {
+    if (it->seq >= before) break;
+    if (it->demanded) continue;
+    it->demanded = true;
+    it->on_demand();
+  }
+}
+
+/* The waiting stream needs what the event stands behind. */
+void event_wait::on_demand() { mark(on, ticket); }
+
+void drain();
+
+void demand_now(CUstream_st *s, uint64_t before) {
+  mark(s, before);
+  if (run_demanded) run_demanded();
+  drain();
+}
 
 /* Starts items that reached the head of their stream and completes event
  * waits whose event has passed, until nothing moves; then wakes waiters. */
@@ -226,6 +256,8 @@ void wait_idle(cudaStream_t s, const char *what) {
   std::unique_lock<std::mutex> lk(amu);
   CUstream_st *st = live_stream(s, what);
   if (idle(st)) return;
+  demand_now(st, UINT64_MAX);
+  if (idle(st)) return;
   std::string w = std::string(what) + " waits for " + queued_on(st);
   mt_emu::async_wait(lk, w.c_str(), [st] { return idle(st); });
 }
@@ -285,6 +317,12 @@ void mt_emu::async_wait(std::unique_lock<std::mutex> &lk, const char *what,
 
 void mt_emu::async_notify() { acv.notify_all(); }
 
+void mt_emu::mark_demanded(cudaStream_t s, uint64_t before) { mark(s, before); }
+
+void mt_emu::demand(cudaStream_t s, uint64_t before) { demand_now(s, before); }
+
+void mt_emu::set_demand_runner(void (*run)(void)) { run_demanded = run; }
+
 int mt_emu::stream_device(cudaStream_t s) {
   if (!s || !streams.count(s) || s->destroyed) EMU_DIE("%p is not a live stream", (void *)s);
   return s->device;
@@ -334,6 +372,7 @@ cudaError_t cudaStreamQuery(cudaStream_t s) {
   CUstream_st *st = live_stream(s, "cudaStreamQuery");
   auto lost = lost_devices.find(st ? st->device : current_dev);
   if (lost != lost_devices.end()) return last_error = lost->second;
+  if (!idle(st)) demand_now(st, UINT64_MAX);
   return idle(st) ? cudaSuccess : cudaErrorNotReady;
 }
 
@@ -374,14 +413,20 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
   return cudaSuccess;
 }
 
+/* The host waits for a pending event: what it stands behind is demanded. */
+static void demand_event(CUevent_st *e) {
+  if (e->stream && !passed(e->stream, e->ticket)) demand_now(e->stream, e->ticket);
+}
+
 cudaError_t cudaEventQuery(cudaEvent_t e) {
   std::lock_guard<std::mutex> lk(amu);
-  return event_done(live_event(e, "cudaEventQuery")) ? cudaSuccess : cudaErrorNotReady;
+  demand_event(live_event(e, "cudaEventQuery"));
+  return event_done(e) ? cudaSuccess : cudaErrorNotReady;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   std::unique_lock<std::mutex> lk(amu);
-  live_event(e, "cudaEventSynchronize");
+  demand_event(live_event(e, "cudaEventSynchronize"));
   mt_emu::async_wait(lk, "cudaEventSynchronize", [e] { return event_done(e); });
   return cudaSuccess;
 }
@@ -420,6 +465,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
   live_event(e, "cudaStreamWaitEvent");
   if (event_done(e) || e->stream == st) return cudaSuccess;
   if (!st) {
+    demand_event(e);
     mt_emu::async_wait(lk, "cudaStreamWaitEvent on the legacy stream",
                        [e] { return event_done(e); });
     return cudaSuccess;
@@ -478,6 +524,9 @@ cudaError_t cudaFree(void *p) {
         if (t->device == dev && !t->q.empty()) return false;
       return true;
     };
+    for (CUstream_st *t : streams)
+      if (t->device == dev) mark(t, UINT64_MAX);
+    demand_now(nullptr, 0); /* runs what was marked */
     mt_emu::async_wait(lk, "cudaFree", device_idle);
   }
   std::lock_guard<std::mutex> lk(mem_mu);

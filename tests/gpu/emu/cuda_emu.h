@@ -517,9 +517,13 @@ struct async_item {
   cudaStream_t stream = nullptr; /* set by async_enqueue */
   uint64_t seq = 0;              /* its place on the stream */
   std::string desc;              /* for messages: "ncclAllReduce #3 of rank 1 of 4" */
+  bool demanded = false;         /* a host thread waits for it, or for work that needs it */
   virtual ~async_item() {}
   /* Called once it heads its stream; may call async_complete on itself or others. */
   virtual void start() = 0;
+  /* Called once, when it is first demanded (demanded is set): marks what it
+   * needs in turn (mark_demanded). Moves no data and completes nothing. */
+  virtual void on_demand() {}
 };
 
 std::mutex &async_mutex();
@@ -534,6 +538,16 @@ void async_complete(async_item *it);
 void async_wait(std::unique_lock<std::mutex> &lk, const char *what,
                 const std::function<bool()> &done);
 void async_notify();
+/* A host thread needs the items of s (NULL: of every stream of the current
+ * device) queued before `before` (their seq; UINT64_MAX: all): marks them
+ * demanded, with what they need (on_demand). nccl_emu's late mode runs an
+ * operation only once it is demanded; marking moves nothing. */
+void mark_demanded(cudaStream_t s, uint64_t before);
+/* mark_demanded, then runs what is demanded and ready (set_demand_runner's
+ * function), as every wait, query and synchronize of the runtime does
+ * before it looks. */
+void demand(cudaStream_t s, uint64_t before);
+void set_demand_runner(void (*run)(void));
 /* The device s belongs to; dies on a handle that is not a live stream. */
 int stream_device(cudaStream_t s);
 /* The device whose memory holds [p, p + bytes), or -1 for host memory; dies

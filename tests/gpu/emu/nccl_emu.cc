@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -58,6 +59,10 @@ struct part {
   bool active;  /* it heads its stream: peers can match it */
   bool done;
   op_item *item;
+  /* the guard (activate_guard): the send data taken when it became active,
+   * where the operation overwrites it (then send points here), or else a
+   * copy to find a change by when the data moves */
+  std::vector<char> saved, snap;
 };
 
 } // namespace nccl_emu
@@ -90,6 +95,10 @@ struct clique {
   int aborted_by = -1; /* the first rank that aborted; -2: all had before this handle joined */
   std::map<uint64_t, std::vector<part *>> colls; /* collective n: each rank's part, once active */
   std::map<std::pair<int, int>, std::deque<part *>> sends, recvs; /* (src, dst): active, in order */
+  /* late mode: collectives below this seq, and messages (src, dst) below
+   * theirs, are demanded on some rank, so the peers' parts are too */
+  uint64_t colls_demanded = 0;
+  std::map<std::pair<int, int>, uint64_t> p2p_demanded;
 };
 
 /* What one rank queues on one stream in one call (or one group). */
@@ -99,6 +108,7 @@ struct op_item : mt_emu::async_item {
   size_t left = 0;
   bool starting = false, finished = false;
   void start() override;
+  void on_demand() override;
 };
 
 struct posted {
@@ -116,6 +126,19 @@ thread_local int group_depth;
 thread_local std::vector<posted> group;
 thread_local ncclResult_t group_error = ncclSuccess;
 thread_local std::string thread_error;
+
+/* Late mode (mt_emu_nccl_late, MT_NCCL_EMU_LATE=1): -1 until read. */
+std::atomic<int> late_mode{-1};
+
+bool late() {
+  int m = late_mode.load();
+  if (m < 0) {
+    const char *v = getenv("MT_NCCL_EMU_LATE");
+    m = v && *v && strcmp(v, "0") != 0;
+    late_mode = m;
+  }
+  return m == 1;
+}
 
 ncclResult_t fail(ncclComm *c, ncclResult_t r, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -256,6 +279,82 @@ std::vector<char> reduce_over(const std::vector<part *> &all, size_t offset) {
   return acc;
 }
 
+/* ---- the guard ------------------------------------------------------------ */
+
+/* From the moment a part heads its stream until its data moves, a GPU's
+ * NCCL kernel may read its send buffer and write its receive buffer at any
+ * time; work not ordered around it that touches them races it. So a part
+ * that becomes active has its receive buffer poisoned (0xFF bytes: NaN in
+ * every float type), which anything reading it early sees, and a copy of
+ * its send data kept; when the data moves, poison that is gone (a write)
+ * or send data that changed (a write the GPU might or might not have sent)
+ * stops the test, naming the operation. */
+struct span {
+  char *p;
+  size_t n;
+};
+
+/* What p writes on its rank. */
+span written(const part *p, int rank, int nranks) {
+  size_t b = p->count * type_bytes[p->type];
+  switch (p->k) {
+  case ALLREDUCE:
+  case REDUCE_SCATTER:
+  case BROADCAST:
+  case RECV: return {(char *)p->recv, b};
+  case ALLGATHER: return {(char *)p->recv, b * (size_t)nranks};
+  case REDUCE: return rank == p->root ? span{(char *)p->recv, b} : span{nullptr, 0};
+  default: return {nullptr, 0};
+  }
+}
+
+/* What p reads on its rank. */
+span read_by(const part *p, int rank, int nranks) {
+  size_t b = p->count * type_bytes[p->type];
+  switch (p->k) {
+  case ALLREDUCE:
+  case ALLGATHER:
+  case REDUCE:
+  case SEND: return {(char *)p->send, b};
+  case REDUCE_SCATTER: return {(char *)p->send, b * (size_t)nranks};
+  case BROADCAST: return rank == p->root ? span{(char *)p->send, b} : span{nullptr, 0};
+  default: return {nullptr, 0};
+  }
+}
+
+void activate_guard(part *p, int rank, int nranks) {
+  span w = written(p, rank, nranks), r = read_by(p, rank, nranks);
+  if (r.n) {
+    bool overlap = w.n && r.p < w.p + w.n && w.p < r.p + r.n;
+    if (overlap) {
+      p->saved.assign(r.p, r.p + r.n);
+      p->send = p->saved.data();
+    } else {
+      p->snap.assign(r.p, r.p + r.n);
+    }
+  }
+  if (w.n) memset(w.p, 0xFF, w.n);
+}
+
+std::string describe(const part *p, int rank, int nranks);
+
+/* p's data is about to move: nothing may have touched its buffers since. */
+void check_guard(const part *p, int rank, int nranks) {
+  span w = written(p, rank, nranks);
+  for (size_t i = 0; i < w.n; i++)
+    if ((unsigned char)w.p[i] != 0xFF)
+      NCCL_DIE("%s: byte %zu of its receive buffer %p was written while the operation was in "
+               "flight, by work not ordered after it (on a GPU: a race)",
+               describe(p, rank, nranks).c_str(), i, (void *)w.p);
+  if (!p->snap.empty() && memcmp(p->send, p->snap.data(), p->snap.size()) != 0) {
+    size_t i = 0;
+    while (((const char *)p->send)[i] == p->snap[i]) i++;
+    NCCL_DIE("%s: byte %zu of its send buffer %p changed while the operation was in flight, by "
+             "work not ordered before it is done (on a GPU: a race; NCCL may send either value)",
+             describe(p, rank, nranks).c_str(), i, p->send);
+  }
+}
+
 /* ---- completing work ---------------------------------------------------- */
 
 void finish_item(op_item *it) {
@@ -297,6 +396,7 @@ void run_collective(const clique *cl, const std::vector<part *> &all) {
       NCCL_DIE("ranks disagree on a collective (on a GPU: a hang or garbage): %s, but %s",
                describe(a, 0, n).c_str(), describe(b, r, n).c_str());
   }
+  for (int r = 0; r < n; r++) check_guard(all[r], r, n);
   const size_t bytes = a->count * type_bytes[a->type];
   if (bytes) {
     switch (a->k) {
@@ -334,12 +434,18 @@ void run_collective(const clique *cl, const std::vector<part *> &all) {
   for (int r = 0; r < n; r++) finish_part(all[r]);
 }
 
-/* Pairs the active sends from src to dst with the active receives, in order. */
-void match(clique *cl, int src, int dst) {
+bool demanded(const part *p) { return p->item->demanded; }
+
+/* Pairs the active sends from src to dst with the active receives, in order
+ * (in late mode while one of the pair is demanded); whether any moved. */
+bool match(clique *cl, int src, int dst) {
   auto key = std::make_pair(src, dst);
   std::deque<part *> &sq = cl->sends[key], &rq = cl->recvs[key];
+  bool moved = false;
   while (!sq.empty() && !rq.empty()) {
     part *s = sq.front(), *r = rq.front();
+    if (late() && !demanded(s) && !demanded(r)) break;
+    moved = true;
     sq.pop_front();
     rq.pop_front();
     if (s->type != r->type || s->count != r->count)
@@ -347,16 +453,33 @@ void match(clique *cl, int src, int dst) {
                "(NCCL needs the same count and type)",
                (unsigned long long)s->seq, src, dst, s->count, type_names[s->type], r->count,
                type_names[r->type]);
+    check_guard(s, src, cl->nranks);
+    check_guard(r, dst, cl->nranks);
     size_t bytes = s->count * type_bytes[s->type];
     if (bytes) memmove(r->recv, s->send, bytes);
     finish_part(s);
     finish_part(r);
   }
-  if (sq.empty() && rq.empty()) cl->sends.erase(key), cl->recvs.erase(key);
+  /* the queues stay, empty: finishing a part can start the stream's next
+   * item, whose activation matches on this same pair while this loop holds
+   * references to them */
+  return moved;
+}
+
+/* Collective seq has every rank's part: its data may move (in late mode
+ * once one of them is demanded). */
+bool runnable(const std::vector<part *> &slot) {
+  bool any = !late();
+  for (const part *q : slot) {
+    if (!q) return false;
+    any = any || demanded(q);
+  }
+  return any;
 }
 
 void activate(clique *cl, int rank, part *p) {
   p->active = true;
+  activate_guard(p, rank, cl->nranks);
   if (p->k == SEND) {
     cl->sends[{rank, p->peer}].push_back(p);
     match(cl, rank, p->peer);
@@ -370,8 +493,7 @@ void activate(clique *cl, int rank, part *p) {
   std::vector<part *> &slot = cl->colls[p->seq];
   if (slot.empty()) slot.assign(cl->nranks, nullptr);
   slot[rank] = p;
-  for (part *q : slot)
-    if (!q) return;
+  if (!runnable(slot)) return;
   std::vector<part *> all = slot;
   cl->colls.erase(p->seq);
   run_collective(cl, all);
@@ -388,6 +510,88 @@ void nccl_emu::op_item::start() {
 }
 
 namespace nccl_emu {
+
+bool collective(kind k) { return k != SEND && k != RECV; }
+
+/* Whether x, an operation of rank `of`, is or comes before the counterpart
+ * of p, rank `me`'s: a collective of its seq or earlier, or the other end of
+ * a message between them. */
+bool needed_for(const part &x, const part &p, int me) {
+  if (collective(p.k)) return collective(x.k) && x.seq <= p.seq;
+  if (x.peer != me || x.seq > p.seq) return false;
+  return p.k == SEND ? x.k == RECV : x.k == SEND;
+}
+
+} // namespace nccl_emu
+
+/* A host waits for this: its peers' matching parts are needed, and with
+ * them whatever their streams hold before those. Marks the clique, too,
+ * for parts the peers have yet to post (launch). */
+void nccl_emu::op_item::on_demand() {
+  clique *cl = comm->cl;
+  const int me = comm->rank;
+  for (const part &p : parts) {
+    if (collective(p.k)) {
+      cl->colls_demanded = std::max(cl->colls_demanded, p.seq + 1);
+    } else {
+      auto key = p.k == SEND ? std::make_pair(me, p.peer) : std::make_pair(p.peer, me);
+      uint64_t &upto = cl->p2p_demanded[key];
+      upto = std::max(upto, p.seq + 1);
+    }
+    for (int r = 0; r < cl->nranks; r++) {
+      ncclComm *o = cl->members[r];
+      if (!o || r == me || (!collective(p.k) && r != p.peer)) continue;
+      for (op_item *q : o->items)
+        for (const part &x : q->parts)
+          if (needed_for(x, p, me)) {
+            mt_emu::mark_demanded(q->stream, q->seq + 1);
+            break;
+          }
+    }
+  }
+}
+
+namespace nccl_emu {
+
+/* Late mode: moves the data of every operation that has all its parts and
+ * a demanded one, until none is left (the runtime calls this after marking
+ * a demand). */
+void run_demanded() {
+  if (!late()) return;
+  for (bool moved = true; moved;) {
+    moved = false;
+    std::set<clique *> cls;
+    for (ncclComm *c : comms) cls.insert(c->cl);
+    for (clique *cl : cls) {
+      for (auto &e : cl->colls)
+        if (runnable(e.second)) {
+          std::vector<part *> all = e.second;
+          cl->colls.erase(e.first);
+          run_collective(cl, all);
+          moved = true;
+          break;
+        }
+      if (moved) break;
+      std::vector<std::pair<int, int>> keys;
+      for (auto &e : cl->sends) keys.push_back(e.first);
+      for (auto &k : keys)
+        if (cl->recvs.count(k) && match(cl, k.first, k.second)) {
+          moved = true;
+          break;
+        }
+      if (moved) break;
+    }
+  }
+}
+
+const int demand_runner_set = (mt_emu::set_demand_runner(run_demanded), 0);
+
+/* Late mode: a host thread waits for c's queued work. */
+void demand_all(ncclComm *c) {
+  std::vector<op_item *> items(c->items.begin(), c->items.end());
+  for (op_item *it : items) mt_emu::mark_demanded(it->stream, it->seq + 1);
+  mt_emu::demand(nullptr, 0);
+}
 
 /* Takes every queued item of c off its stream, as if never posted. */
 void drop_items(ncclComm *c) {
@@ -530,6 +734,24 @@ ncclResult_t launch(std::vector<posted> &list) {
                           : x.c->colls++;
     it->parts.push_back(p);
   }
+  /* a peer's host may already wait for the other end of one of these */
+  std::vector<bool> wanted(items.size(), false);
+  for (size_t i = 0; i < items.size(); i++) {
+    op_item *it = items[i].first;
+    const clique *cl = it->comm->cl;
+    for (const part &p : it->parts) {
+      uint64_t upto = 0;
+      if (collective(p.k)) {
+        upto = cl->colls_demanded;
+      } else {
+        int me = it->comm->rank;
+        auto key = p.k == SEND ? std::make_pair(me, p.peer) : std::make_pair(p.peer, me);
+        auto d = cl->p2p_demanded.find(key);
+        if (d != cl->p2p_demanded.end()) upto = d->second;
+      }
+      if (p.seq < upto) wanted[i] = true;
+    }
+  }
   bool nonblocking = false;
   for (auto &e : items) {
     op_item *it = e.first;
@@ -545,7 +767,8 @@ ncclResult_t launch(std::vector<posted> &list) {
       nonblocking = true;
     }
     c->items.insert(it);
-    mt_emu::async_enqueue(e.second, it);
+    mt_emu::async_enqueue(e.second, it); /* may complete and free it */
+    if (wanted[&e - &items[0]] && c->items.count(it)) mt_emu::demand(e.second, it->seq + 1);
   }
   return nonblocking ? ncclInProgress : ncclSuccess;
 }
@@ -698,6 +921,7 @@ ncclResult_t ncclCommFinalize(ncclComm_t comm) {
   std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
   ncclComm *c = live(comm, "ncclCommFinalize");
   c->finalizing = true;
+  demand_all(c); /* finishing is waiting for it */
   if (!c->blocking) return ncclInProgress;
   clique *cl = c->cl;
   mt_emu::async_wait(lk, "ncclCommFinalize",
@@ -713,6 +937,7 @@ ncclResult_t ncclCommDestroy(ncclComm_t comm) {
   ncclComm *c = live(comm, "ncclCommDestroy");
   clique *cl = c->cl;
   if (!c->items.empty()) {
+    demand_all(c);
     std::string what = "ncclCommDestroy waits for " + (*c->items.begin())->desc;
     mt_emu::async_wait(lk, what.c_str(),
                        [c, cl] { return c->items.empty() || cl->aborted_by != -1; });
@@ -727,6 +952,12 @@ static std::atomic<int> abort_waits;
 
 void mt_emu_nccl_abort_waits(int on) { abort_waits = on; }
 
+int mt_emu_nccl_late(int on) {
+  int was = late();
+  late_mode = on ? 1 : 0;
+  return was;
+}
+
 ncclResult_t ncclCommAbort(ncclComm_t comm) {
   std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
   ncclComm *c = live(comm, "ncclCommAbort");
@@ -739,6 +970,8 @@ ncclResult_t ncclCommAbort(ncclComm_t comm) {
       if (o != c && o->device == c->device && !o->dropping && !o->items.empty()) return false;
     return true;
   };
+  for (ncclComm *o : comms)
+    if (o != c && o->device == c->device && !o->dropping) demand_all(o);
   for (int waited_ms = 0; abort_waits && !device_idle(); waited_ms++) {
     if (waited_ms >= 5000)
       NCCL_DIE("ncclCommAbort of rank %d on device %d: another communicator of the device still "

@@ -23,6 +23,11 @@
  * - Reductions go over ranks in order 0, 1, ... in the element type (f16 and
  *   bf16 round after every step); max and min are fmax and fmin, which drop
  *   a NaN as NCCL's kernels do; avg is the sum divided by the rank count.
+ * - From when a part heads its stream until its data moves its buffers are
+ *   NCCL's: the receive buffer is poisoned (0xFF bytes, NaN in every float
+ *   type) so early readers see it, and a write to it or a change to the
+ *   send buffer in that window (on a GPU: a race) aborts the test, naming
+ *   the operation and the byte. See mt_emu_nccl_late for a wide window.
  * Misuse a GPU would punish with a hang, garbage or a fault (host memory or
  * another device's as a buffer, ranks disagreeing on a collective's count,
  * type, op or root, a send and its receive of different sizes, a
@@ -164,6 +169,20 @@ ncclResult_t ncclGroupEnd(void);
  * has work queued and not dropped; past 5 s it dies, naming the deadlock
  * the real one would be. Off by default. */
 void mt_emu_nccl_abort_waits(int on);
+
+/* Test hook: with on (or MT_NCCL_EMU_LATE=1 in the environment), an
+ * operation moves its data as late as a GPU may: once every rank has
+ * posted it and it heads their streams, and only when some host thread
+ * waits for it (a query, synchronize or blocking call on its stream or on
+ * an event behind it, or on something that needs it: the other end of a
+ * message, work queued behind it, a stream made to wait for it). With the
+ * guard (every part poisons its receive buffer when it heads its stream
+ * and checks its buffers when its data moves) this holds each operation's
+ * window open as long as the program allows, so work that touches its
+ * buffers without being ordered around it is found every run, not only
+ * when a peer happened to be slow. Off by default; returns the setting
+ * before. */
+int mt_emu_nccl_late(int on);
 
 #ifdef __cplusplus
 }
