@@ -1216,20 +1216,20 @@ static void race_child(int target_recv, int *status, char *err, size_t cap) {
  * buffer (NCCL might send either value) and a write to the receive buffer
  * (lost, or overwriting the result). */
 static void test_guard_stops_work_racing_an_operation(void) {
-  char err[2048];
-  int st;
-  race_child(0, &st, err, sizeof err);
-  check(st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT &&
-            strstr(err, "ncclAllReduce #0 of rank 1 of 2") &&
-            strstr(err, "byte 20 of its send buffer") && strstr(err, "changed while"),
-        "a write racing an all-reduce's send buffer stops the test: %s",
-        err[0] ? err : "(nothing on stderr)");
-  race_child(1, &st, err, sizeof err);
-  check(st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT &&
-            strstr(err, "ncclAllReduce #0 of rank 1 of 2") &&
-            strstr(err, "byte 20 of its receive buffer") && strstr(err, "was written while"),
-        "a write racing an all-reduce's receive buffer stops the test: %s",
-        err[0] ? err : "(nothing on stderr)");
+  static const struct {
+    const char *buffer, *found;
+  } cases[] = {{"send", "changed while"}, {"receive", "was written while"}};
+  for (int recv = 0; recv < 2; recv++) {
+    char err[2048], at[64];
+    int st;
+    race_child(recv, &st, err, sizeof err);
+    snprintf(at, sizeof at, "byte 20 of its %s buffer", cases[recv].buffer);
+    check(st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT &&
+              strstr(err, "ncclAllReduce #0 of rank 1 of 2") && strstr(err, at) &&
+              strstr(err, cases[recv].found),
+          "a write racing an all-reduce's %s buffer stops the test: %s", cases[recv].buffer,
+          err[0] ? err : "(nothing on stderr)");
+  }
 }
 
 static const struct {
