@@ -1,18 +1,17 @@
-/* lr.c — Megatron's schedule: linear warmup from 0 to peak over warmup
- * steps, then cosine (or linear) decay from peak to min over the remaining
- * decay steps, then min. */
+/* lr.c — Megatron's schedule (OptimizerParamScheduler.get_lr): linear warmup
+ * from 0 to peak over warmup steps, then cosine (or linear) decay from peak
+ * to min over the rest of the decay steps, then min. */
 #include "lr.h"
 
 #include <math.h>
 
-double mt_lr_at(const mt_lr_spec *s, int64_t step) {
-  if (s->kind == MT_LR_CONSTANT && s->warmup_steps <= 0) return s->peak;
-  if (s->warmup_steps > 0 && step < s->warmup_steps)
-    return s->peak * (double)(step + 1) / (double)s->warmup_steps;
+double mt_lr_at(const mt_lr_spec *s, int64_t done) {
+  if (s->warmup_steps > 0 && done <= s->warmup_steps)
+    return s->peak * (double)done / (double)s->warmup_steps;
   if (s->kind == MT_LR_CONSTANT) return s->peak;
   int64_t span = s->decay_steps - s->warmup_steps;
-  if (span <= 0 || step >= s->decay_steps) return s->min;
-  double ratio = (double)(step - s->warmup_steps) / (double)span;
+  if (span <= 0 || done >= s->decay_steps) return s->min;
+  double ratio = (double)(done - s->warmup_steps) / (double)span;
   double coeff = s->kind == MT_LR_COSINE ? 0.5 * (cos(M_PI * ratio) + 1.0) : 1.0 - ratio;
   return s->min + coeff * (s->peak - s->min);
 }

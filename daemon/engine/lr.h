@@ -8,7 +8,11 @@
 
 #include "job.h"
 
-/* LR for optimizer step `step` (0-based: the first update uses step 0). */
-double mt_lr_at(const mt_lr_spec *s, int64_t step);
+/* LR of the update made after `done` updates were applied (Megatron's
+ * num_steps, in steps): the first update, done = 0, is at 0 under a warmup,
+ * and peak comes with done = warmup_steps. A skipped step (an fp16
+ * overflow, a non-finite norm) applies no update, so it moves the schedule
+ * on no more than Megatron's train_step does. */
+double mt_lr_at(const mt_lr_spec *s, int64_t done);
 
 #endif

@@ -599,7 +599,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed + 6);
   /* the norm of the unscaled gradients: clipping and the log see it */
   double norm = sqrt(agreed[1]) / scale;
-  double lr = mt_lr_at(&job->train.lr, tr->step);
+  /* the schedule counts applied updates (Adam's t), not steps: a skipped
+   * step leaves the lr where it was, as Megatron's does */
+  double lr = mt_lr_at(&job->train.lr, tr->opt.t);
   if (fp16) {
     /* every rank holds the same scaler and sees the same norm: all skip alike */
     st->skipped = mt_loss_scale_update(&tr->scaler, !isfinite(norm));

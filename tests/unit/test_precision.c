@@ -319,11 +319,25 @@ static int test_fp16_range_check_boundary(void) {
   return 0;
 }
 
+/* Megatron's OptimizerParamScheduler.get_lr for cosine decay, written from
+ * its source: num_steps counts the updates applied (train_step calls
+ * step() only when the update succeeded). */
+static double megatron_lr(double max_lr, double min_lr, int64_t warmup, int64_t decay,
+                          int64_t num_steps) {
+  if (warmup > 0 && num_steps <= warmup) return max_lr * (double)num_steps / (double)warmup;
+  if (num_steps > decay) return min_lr;
+  double decay_ratio = (double)(num_steps - warmup) / (double)(decay - warmup);
+  double coeff = 0.5 * (cos(M_PI * decay_ratio) + 1.0);
+  return min_lr + coeff * (max_lr - min_lr);
+}
+
 /* (3) A run that overflows and recovers: fp16 from a loss scale of 2^40. The
  * first steps overflow: each is skipped (flag set, weights and Adam step
- * untouched); the first overflow only uses up hysteresis (2), each after it
- * halves the scale, until the gradients fit fp16; from there the run trains,
- * the loss falls, and growth_interval clean steps double the scale. */
+ * untouched, the lr schedule where it was); the first overflow only uses up
+ * hysteresis (2), each after it halves the scale, until the gradients fit
+ * fp16; from there the run trains, the loss falls, and growth_interval
+ * clean steps double the scale. Every step's lr is Megatron's for the
+ * updates applied before it. */
 static int test_fp16_run_that_overflows_and_recovers(void) {
   enum { STEPS = 48 };
   mt_job job;
@@ -337,6 +351,7 @@ static int test_fp16_run_that_overflows_and_recovers(void) {
   REQUIRE(before, "memory");
   int skipped[STEPS], first_clean = -1, clean = 0, grew = 0;
   double scale[STEPS], loss[STEPS];
+  const mt_lr_spec *lr = &job.train.lr;
   for (int s = 0; s < STEPS; s++) {
     memcpy(before, tr.model.params, n * sizeof(float));
     mt_step_stats st;
@@ -345,8 +360,12 @@ static int test_fp16_run_that_overflows_and_recovers(void) {
     int same = !memcmp(before, tr.model.params, n * sizeof(float));
     CHECK(st.loss_scaling && isfinite(st.loss), "step %d: scaling %d, loss %g", s + 1,
           st.loss_scaling, st.loss);
-    CHECK(same == skipped[s], "step %d: skipped %d but the weights %s", s + 1, skipped[s],
-          same ? "stayed" : "changed");
+    double want_lr = megatron_lr(lr->peak, lr->min, lr->warmup_steps, lr->decay_steps, clean);
+    CHECK(fabs(st.lr - want_lr) <= 1e-12 * lr->peak, "step %d: lr %g after %d updates, want %g",
+          s + 1, st.lr, clean, want_lr);
+    /* the first update, at lr 0 under warmup, moves Adam's moments only */
+    CHECK(same == (skipped[s] || st.lr == 0.0), "step %d: skipped %d at lr %g but the weights %s",
+          s + 1, skipped[s], st.lr, same ? "stayed" : "changed");
     if (!skipped[s]) {
       clean++;
       if (first_clean < 0) first_clean = s;

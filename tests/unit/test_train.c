@@ -159,8 +159,12 @@ static void test_bad_tokens_are_refused_with_position(void) {
 static void test_lr_warmup_then_cosine_to_min(void) {
   mt_lr_spec s = {
       .kind = MT_LR_COSINE, .peak = 1.0, .min = 0.1, .warmup_steps = 10, .decay_steps = 110};
-  CHECK(fabs(mt_lr_at(&s, 0) - 0.1) < 1e-12, "first warmup step %g", mt_lr_at(&s, 0));
-  CHECK(fabs(mt_lr_at(&s, 9) - 1.0) < 1e-12, "end of warmup %g", mt_lr_at(&s, 9));
+  /* Megatron's get_lr at num_steps = updates applied: the first update is
+   * at 0, peak is reached after warmup_steps of them */
+  CHECK(mt_lr_at(&s, 0) == 0.0, "first update %g", mt_lr_at(&s, 0));
+  CHECK(fabs(mt_lr_at(&s, 1) - 0.1) < 1e-12, "second update %g", mt_lr_at(&s, 1));
+  CHECK(fabs(mt_lr_at(&s, 9) - 0.9) < 1e-12, "last warmup update %g", mt_lr_at(&s, 9));
+  CHECK(fabs(mt_lr_at(&s, 10) - 1.0) < 1e-12, "end of warmup %g", mt_lr_at(&s, 10));
   CHECK(fabs(mt_lr_at(&s, 60) - 0.55) < 1e-12, "cosine midpoint %g", mt_lr_at(&s, 60));
   CHECK(fabs(mt_lr_at(&s, 110) - 0.1) < 1e-12 && fabs(mt_lr_at(&s, 5000) - 0.1) < 1e-12,
         "after decay %g", mt_lr_at(&s, 110));
