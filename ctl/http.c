@@ -19,7 +19,7 @@
 
 enum {
   MAX_ANSWER_BYTES = 64 << 20, /* no control answer comes near this */
-  MAX_TOKEN_BYTES = 4096,
+  MAX_TOKEN_BYTES = 4096,      /* the daemon's MT_CONTROL_TOKEN_MAX */
 };
 
 typedef struct buf {

@@ -2,6 +2,7 @@
  * traffic behind it: its own status out, the coordinator's cluster view in,
  * mutations handed to the coordinator. The HTTP thread only reads snapshots
  * under n->mu (and, for a mutation, waits on the store: never the loop). */
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -488,11 +489,17 @@ static int read_token(node *n) {
     return mt_seterr(MT_EIO, "control.token_file %s: %s", path, strerror(errno));
   }
   size_t len = fread(n->token, 1, sizeof n->token - 1, f);
+  int err = ferror(f);
   fclose(f);
+  if (err) return mt_seterr(MT_EIO, "control.token_file %s: a read failed", path);
   n->token[len] = 0;
-  while (len &&
-         (n->token[len - 1] == '\n' || n->token[len - 1] == '\r' || n->token[len - 1] == ' '))
-    n->token[--len] = 0;
+  /* what mtnlgctl strips too: the newline an editor or echo leaves */
+  while (len && isspace((unsigned char)n->token[len - 1])) n->token[--len] = 0;
+  if (len > MT_CONTROL_TOKEN_MAX) {
+    n->token[0] = 0;
+    return mt_seterr(MT_EINVAL, "control.token_file %s: the token is over %d bytes", path,
+                     MT_CONTROL_TOKEN_MAX);
+  }
   if (!len) mt_log_warn("control.token_file %s is empty: mutations are refused (401)", path);
   return 0;
 }

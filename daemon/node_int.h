@@ -127,7 +127,7 @@ typedef struct node {
   char params_job_hash[17];
   mt_control *control;
   char control_url[300];
-  char token[256];
+  char token[MT_CONTROL_TOKEN_MAX + 2]; /* one more: a longer file is refused */
 } node;
 
 int64_t mt_node_now_ms(void);

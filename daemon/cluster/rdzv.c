@@ -242,18 +242,33 @@ int mt_rdzv_leave(mt_store *s, const char *name) {
 int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
                       json_t **op, char *detail, int detail_size) {
   *op = NULL;
-  int64_t n;
+  int64_t n, claims;
   int rc = mt_store_add(s, "ops/seq", 1, &n);
   if (rc) return mt_wraperr(rc, "cannot reach the coordinator");
-  char key[64];
+  char key[64], resp_key[64], claim_key[64];
   snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
+  snprintf(resp_key, sizeof resp_key, "ops/resp/%lld", (long long)n);
+  snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)n);
   rc = set_json(s, key, json_pack("{s:s, s:O}", "kind", kind, "args", args ? args : json_object()));
-  if (rc) return mt_wraperr(rc, "cannot reach the coordinator");
-  snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
   void *v;
   size_t bytes;
-  rc = mt_store_get(s, key, &v, &bytes, timeout_ms);
-  if (rc) return mt_wraperr(rc, "the coordinator did not answer within %d ms", timeout_ms);
+  if (!rc) rc = mt_store_get(s, resp_key, &v, &bytes, timeout_ms);
+  if (rc) {
+    /* give up on it, unless the coordinator took it first (read_op_requests) */
+    if (mt_store_add(s, claim_key, 1, &claims))
+      return mt_wraperr(rc, "cannot reach the coordinator (the request may still be acted on: "
+                            "see GET /v1/ops before retrying)");
+    if (claims == 1)
+      return mt_wraperr(rc,
+                        "the coordinator did not take the request within %d ms; it will "
+                        "not be acted on",
+                        timeout_ms);
+    if ((rc = mt_store_get(s, resp_key, &v, &bytes, timeout_ms)))
+      return mt_wraperr(rc,
+                        "the coordinator took the request but did not answer within %d ms "
+                        "more: see GET /v1/ops before retrying",
+                        2 * timeout_ms);
+  }
   json_error_t e;
   json_t *j = json_loads(v, 0, &e);
   free(v);
@@ -340,8 +355,9 @@ struct mt_coord {
   int restarts;      /* generations ended by a failure and re-formed */
   int reforming;     /* forming after a failure: bounded by reform_timeout_ms */
   int64_t reform_since_ms;
-  char failure[600];   /* what ended the last generation that failed */
-  int64_t next_op_req; /* the next ops/req/<n> to read */
+  char failure[600];      /* what ended the last generation that failed */
+  int64_t next_op_req;    /* the next ops/req/<n> to read */
+  int64_t req_missing_ms; /* since when ops/req/<next_op_req> is numbered but unwritten */
   coord_op *ops;
   int n_ops, cap_ops;
   json_t *node_status; /* name -> the node's own status, refreshed each heartbeat */
@@ -878,6 +894,19 @@ static void op_done(coord_op *o, int ok, const char *reason) {
   o->updated = wall_s();
 }
 
+/* A stop came while a resize was under way: the stop wins. Before the
+ * members acted on the resize its order is replaced by the stop's (the
+ * ranks see only the newest order); after they acted, they are stopping
+ * with its checkpoint committed, and the generation ends as a stop instead
+ * of re-forming. Either way the resize is over, failed. */
+static void supersede_resize(mt_coord *c) {
+  for (int i = 0; i < c->n_ops; i++)
+    if (c->ops[i].id == c->resize_op && !strcmp(c->ops[i].state, "running"))
+      op_done(&c->ops[i], 0, "superseded by a stop: the job stops instead of re-forming");
+  c->resize_to = 0;
+  c->resize_saved = 0;
+}
+
 /* Decides one request: why it cannot be done now (409), or NULL and the
  * order is issued. */
 static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op **op, char *why,
@@ -889,7 +918,8 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
                   : !strcmp(kind, "checkpoint") ? MT_ORDER_KIND_CHECKPOINT
                   : !strcmp(kind, "resize")     ? MT_ORDER_KIND_RESIZE
                                                 : 0;
-  int want = (int)json_integer_value(json_object_get(args, "dp"));
+  /* 64-bit: a dp of 2^30 or 2^32 + 2 is refused as too wide, not wrapped */
+  json_int_t want = json_integer_value(json_object_get(args, "dp"));
   if (!kind_code) {
     snprintf(why, size,
              "%s is not available in this version: checkpoints and resize arrive with "
@@ -906,6 +936,7 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
       snprintf(why, size, "cannot stop: the job is already stopping");
       return why;
     }
+    if (c->resize_to) supersede_resize(c);
     if (c->state == G_FORMING) { /* nothing runs: the job ends here */
       if (!(*op = new_op(c, kind))) return "out of memory";
       op_done(*op, 1, NULL);
@@ -927,22 +958,23 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
       if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE ||
           c->nodes[i].role == ROLE_NONE)
         slots += c->nodes[i].slots;
+    long long w = (long long)want;
     if (strcmp(st, "running"))
       snprintf(why, size, "cannot resize: the job is %s, not running", st);
     else if (want < 1)
       snprintf(why, size, "cannot resize: dp must be at least 1");
     else if (want == c->dp)
-      snprintf(why, size, "cannot resize: the job already runs with dp %d", want);
-    else if (c->o.global_batch % (c->o.micro_batch * want))
+      snprintf(why, size, "cannot resize: the job already runs with dp %lld", w);
+    else if (want <= slots && c->o.global_batch % (c->o.micro_batch * (int)want))
       snprintf(why, size,
-               "cannot resize to dp %d: the global batch %d does not divide into micro-batches "
-               "of %d over %d replicas",
-               want, c->o.global_batch, c->o.micro_batch, want);
+               "cannot resize to dp %lld: the global batch %d does not divide into micro-batches "
+               "of %d over %lld replicas",
+               w, c->o.global_batch, c->o.micro_batch, w);
     else if (slots / c->o.pp < want)
       snprintf(why, size,
-               "cannot resize to dp %d: the %d model slot(s) present (members and spares) make "
+               "cannot resize to dp %lld: the %d model slot(s) present (members and spares) make "
                "at most %d replica(s) of %d stage(s)",
-               want, slots, slots / c->o.pp, c->o.pp);
+               w, slots, slots / c->o.pp, c->o.pp);
     else if (!c->o.has_checkpoint_dir)
       snprintf(why, size, "cannot resize: the job has no checkpoint.dir to carry its state over");
     else
@@ -974,25 +1006,52 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
   (*op)->order_seq = c->order_seq;
   (*op)->state = "running";
   if (kind_code == MT_ORDER_KIND_RESIZE) {
-    (*op)->dp = want;
-    c->resize_to = want;
+    (*op)->dp = (int)want; /* at most the slots present */
+    c->resize_to = (int)want;
     c->resize_op = (*op)->id;
     c->resize_saved = 0;
   }
   return NULL;
 }
 
-/* New requests from any node's control plane, answered through the store. */
-static int read_op_requests(mt_coord *c) {
+/* How long a numbered request may stay unwritten (its node died between
+ * numbering and writing it) before the coordinator passes over it. */
+#define OP_REQ_GAP_MS 30000
+
+/* New requests from any node's control plane, answered through the store.
+ * Each is claimed first (ops/claim/<n>, an atomic add): a node that gave up
+ * waiting claims it too, and whoever comes first decides whether it is
+ * acted on, so a node never answers 503 for an order that is then carried
+ * out, and a request whose node gave up never blocks the ones after it. */
+static int read_op_requests(mt_coord *c, int64_t now_ms) {
   int64_t last;
   int rc = mt_store_add(c->o.store, "ops/seq", 0, &last);
   if (rc) return rc;
-  while (c->next_op_req <= last) {
-    char key[64];
+  for (; c->next_op_req <= last; c->next_op_req++, c->req_missing_ms = 0) {
+    char key[64], claim_key[64];
+    int64_t claims;
     snprintf(key, sizeof key, "ops/req/%lld", (long long)c->next_op_req);
+    snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)c->next_op_req);
     json_t *req = get_json_now(c->o.store, key, &rc);
     if (rc < 0) return rc;
-    if (rc == 0) break;
+    if (rc == 0) { /* numbered, not written yet: wait, unless its node gave up on it */
+      if ((rc = mt_store_add(c->o.store, claim_key, 0, &claims))) return rc;
+      if (claims) continue;
+      if (!c->req_missing_ms) c->req_missing_ms = now_ms;
+      if (now_ms - c->req_missing_ms < OP_REQ_GAP_MS) break;
+      if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) return rc;
+      mt_log_warn("coordinator: request %lld was numbered but never written in %d s; passed over",
+                  (long long)c->next_op_req, OP_REQ_GAP_MS / 1000);
+      continue;
+    }
+    if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) {
+      json_decref(req);
+      return rc;
+    }
+    if (claims > 1) { /* its node stopped waiting first and answered 503 */
+      json_decref(req);
+      continue;
+    }
     const char *kind = json_string_value(json_object_get(req, "kind"));
     coord_op *op = NULL;
     char why[600];
@@ -1005,7 +1064,6 @@ static int read_op_requests(mt_coord *c) {
     json_decref(req);
     snprintf(key, sizeof key, "ops/resp/%lld", (long long)c->next_op_req);
     if ((rc = set_json(c->o.store, key, resp))) return rc;
-    c->next_op_req++;
   }
   return 0;
 }
@@ -1150,7 +1208,7 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
 
 int mt_coord_tick(mt_coord *c, int64_t now_ms) {
   int rc = mt_coord_tick_membership(c, now_ms);
-  if (!rc) rc = read_op_requests(c);
+  if (!rc) rc = read_op_requests(c, now_ms);
   if (!rc) rc = read_acted(c);
   if (!rc) rc = publish_status(c, now_ms);
   return rc;

@@ -223,7 +223,7 @@ static int authorized(mt_control *c, struct MHD_Connection *conn) {
   if (strncasecmp(h, "Bearer ", 7) != 0) return 0;
   h += 7;
   while (*h == ' ') h++;
-  char got[512];
+  char got[MT_CONTROL_TOKEN_MAX + 1];
   size_t n = strlen(h);
   while (n > 0 && (h[n - 1] == ' ' || h[n - 1] == '\t')) n--;
   if (n == 0 || n >= sizeof got) return 0;

@@ -39,6 +39,10 @@ typedef struct mt_control_provider {
   void *arg;
 } mt_control_provider;
 
+/* The longest bearer token, in bytes; mtnlgctl reads token files up to
+ * this too (ctl/http.c), so a token one accepts the other does. */
+#define MT_CONTROL_TOKEN_MAX 4096
+
 typedef struct mt_control_opts {
   const char *listen;   /* "HOST:PORT"; PORT 0 picks a free one; default "127.0.0.1:0" */
   const char *token;    /* bearer token for mutations; NULL or "": mutations refused (401) */

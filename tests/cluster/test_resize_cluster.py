@@ -12,7 +12,13 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   every step's loss stays within 1e-4 (relative) of an uninterrupted
   single-process run of the same job, and no step is lost or repeated;
 - test_impossible_resize_is_refused: dp 3 (the global batch does not divide)
-  exits 1 with the coordinator's reason.
+  exits 1 with the coordinator's reason, and so does dp 2^30 (a product
+  with the micro-batch that wrapped to 0 once killed the coordinator);
+- test_stop_right_after_a_resize_stops_the_job: a second cluster is sent
+  `resize --dp 1` and at once `stop --wait`: the stop supersedes the
+  resize, succeeds, and every daemon exits 0 (a stop that replaced a
+  pending resize's order used to fail the job, or hang once the resize had
+  saved).
 """
 import glob
 import json
@@ -83,6 +89,8 @@ def main():
             r2 = run("resize", "--dp", "2", "--wait")
             s2 = status()
             r3 = run("resize", "--dp", "3")
+            r4 = run("resize", "--dp", str(2 ** 30))
+            alive = run("status")
             codes = c.wait_all(240)
             got = {}
             for n in c.nodes:
@@ -104,8 +112,36 @@ def main():
                            + ("" if ok else "\n" + r1.stdout + r1.stderr + r2.stdout + r2.stderr
                               + c.logs(8)))
             fails += check("test_impossible_resize_is_refused",
-                           r3.returncode == 1 and "does not divide" in r3.stderr + r3.stdout,
-                           "exit %d: %s" % (r3.returncode, (r3.stderr + r3.stdout).strip()[:200]))
+                           r3.returncode == 1 and "does not divide" in r3.stderr + r3.stdout
+                           and r4.returncode == 1 and "model slot(s)" in r4.stderr + r4.stdout
+                           and alive.returncode == 0,
+                           "exit %d: %s; dp 2^30: exit %d: %s; status after: exit %d" % (
+                               r3.returncode, (r3.stderr + r3.stdout).strip()[:200],
+                               r4.returncode, (r4.stderr + r4.stdout).strip()[:200],
+                               alive.returncode))
+        finally:
+            c.kill_all()
+
+        long_job = dict(job, name="stop-test", train=dict(job["train"], steps=400))
+        with open(job_path, "w") as f:
+            json.dump(long_job, f)
+        c = LocalCluster(mtnlgd, os.path.join(tmp, "s"), job_path, nodes=4, token="s3cret",
+                         heartbeat_ms=200, timeout_ms=3000)
+        ctl = [mtnlgctl, "-e", c.nodes[1].url(), "--token-file", c.token_file]
+        try:
+            c.start()
+            c.wait_for(lambda: last_step(c.nodes[0]) >= 3, 120, "step 3")
+            rz = run("resize", "--dp", "1")
+            st = run("stop", "--wait")
+            codes = c.wait_all(60)
+            ok = (rz.returncode == 0 and st.returncode == 0 and "succeeded" in st.stdout
+                  and codes == [0] * 4 and last_step(c.nodes[0]) < 400)
+            fails += check("test_stop_right_after_a_resize_stops_the_job", ok,
+                           "resize exit %d (%s), stop exit %d (%s), exit codes %s, last step %d" % (
+                               rz.returncode, rz.stdout.strip()[:120], st.returncode,
+                               (st.stdout + st.stderr).strip()[:200], codes,
+                               last_step(c.nodes[0]))
+                           + ("" if ok else "\n" + c.logs(8)))
         finally:
             c.kill_all()
     print("%d failure(s)" % fails)

@@ -775,6 +775,32 @@ static int test_reads_need_token_when_asked(void) {
   return 0;
 }
 
+/* A token as long as mtnlgctl reads (MT_CONTROL_TOKEN_MAX bytes, what
+ * `openssl rand -hex 2048` makes) is accepted whole, not cut short. */
+static int test_a_token_of_the_longest_length_is_accepted(void) {
+  static char tok[MT_CONTROL_TOKEN_MAX + 1], req[MT_CONTROL_TOKEN_MAX + 256];
+  for (int i = 0; i < MT_CONTROL_TOKEN_MAX; i++) tok[i] = "0123456789abcdef"[(i * 7 + 3) % 16];
+  mt_control_opts o = fake_opts();
+  o.token = tok;
+  mt_control *c;
+  REQUIRE(mt_control_start(&o, &c) == 0, "start: %s", mt_errmsg());
+  int p = mt_control_port(c);
+  for (int variant = 0; variant < 2; variant++) {
+    /* variant 1: the same token with its last byte changed */
+    int n = snprintf(req, sizeof req,
+                     "POST /v1/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     "Authorization: Bearer %.*s%s\r\nContent-Length: 2\r\n\r\n{}",
+                     MT_CONTROL_TOKEN_MAX - 1, tok, variant ? "x" : tok + MT_CONTROL_TOKEN_MAX - 1);
+    resp r;
+    REQUIRE(http_raw(p, req, (size_t)n, &r) == 0, "no answer");
+    CHECK(variant ? r.status == 401 : r.status == 202, "%d-byte token%s: %d", MT_CONTROL_TOKEN_MAX,
+          variant ? ", last byte changed" : "", r.status);
+    resp_free(&r);
+  }
+  mt_control_stop(c);
+  return 0;
+}
+
 static int test_no_token_configured_refuses_every_mutation(void) {
   mt_control_opts o = fake_opts();
   o.token = NULL;
@@ -855,6 +881,7 @@ static const struct {
     TEST(test_metrics_pass_promtool_and_count_requests),
     TEST(test_reads_need_token_when_asked),
     TEST(test_no_token_configured_refuses_every_mutation),
+    TEST(test_a_token_of_the_longest_length_is_accepted),
     TEST(test_start_names_a_bad_or_busy_address),
     TEST(test_answers_conform_to_openapi),
 };

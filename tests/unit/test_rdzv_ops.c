@@ -1,0 +1,125 @@
+/* test_rdzv_ops.c — how a control plane's request reaches the coordinator
+ * (daemon/cluster/rdzv.c: mt_rdzv_submit_op and the coordinator's
+ * read_op_requests) through an in-memory store, the coordinator ticked by
+ * hand or by a thread.
+ *
+ * - a request the coordinator does not take in time is given up by its node
+ *   (an error saying it will not be acted on), and the coordinator, which
+ *   sees it later, passes over it instead of acting on it;
+ * - a request numbered but never written (its node died in between) holds
+ *   the ones after it only for a while, then is passed over;
+ * - the coordinator answers the requests after either, so no later
+ *   mutation waits on a gap.
+ * The coordinator is still forming, so a pause is refused (409) and a stop
+ * ends the job: either answer shows the request was decided.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "mt_check.h"
+#include "rdzv.h"
+#include "store.h"
+
+static mt_coord *coord;
+static mt_store *store;
+static atomic_int ticking;
+static atomic_llong clock_ms; /* the coordinator's "now" */
+
+static void *ticker(void *arg) {
+  (void)arg;
+  while (atomic_load(&ticking)) {
+    mt_coord_tick(coord, atomic_load(&clock_ms));
+    usleep(5000);
+  }
+  return NULL;
+}
+
+static int submit(const char *kind, int timeout_ms, int *status, char *detail, size_t cap) {
+  json_t *op = NULL;
+  int rc = mt_rdzv_submit_op(store, kind, NULL, timeout_ms, status, &op, detail, (int)cap);
+  json_decref(op);
+  return rc;
+}
+
+/* The coordinator's answer for request n, or -1 when it wrote none. */
+static int answered(int64_t n) {
+  char key[64];
+  snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
+  void *v;
+  size_t bytes;
+  if (mt_store_get(store, key, &v, &bytes, 0)) return -1;
+  json_t *j = json_loadb(v, bytes, 0, NULL);
+  free(v);
+  int status = (int)json_integer_value(json_object_get(j, "status"));
+  json_decref(j);
+  return status;
+}
+
+static int test_requests_given_up_or_never_written_are_passed_over(void) {
+  int status = 0;
+  char detail[256];
+  /* 1: nobody ticks; the node gives up after 50 ms */
+  int rc = submit("pause", 50, &status, detail, sizeof detail);
+  CHECK(rc != 0 && strstr(mt_errmsg(), "will not be acted on"), "a request not taken: rc %d, %s",
+        rc, mt_errmsg());
+  mt_coord_tick(coord, 0);
+  CHECK(answered(1) == -1, "the coordinator acted on request 1 after its node gave up (%d)",
+        answered(1));
+
+  /* 2: numbered by a node that died before writing it */
+  int64_t n;
+  REQUIRE(!mt_store_add(store, "ops/seq", 1, &n) && n == 2, "numbering: %s", mt_errmsg());
+  mt_coord_tick(coord, 1000);
+  mt_coord_tick(coord, 20000);
+
+  /* 3: sent while 2 is still unwritten: waits for it, up to the gap's 30 s */
+  atomic_store(&clock_ms, 25000);
+  atomic_store(&ticking, 1);
+  pthread_t th;
+  pthread_create(&th, NULL, ticker, NULL);
+  rc = submit("pause", 200, &status, detail, sizeof detail);
+  CHECK(rc != 0 && strstr(mt_errmsg(), "will not be acted on"),
+        "request 3 behind the gap for 25 s: rc %d, %s", rc, mt_errmsg());
+  atomic_store(&clock_ms, 40000); /* past the gap: 2 is passed over */
+  rc = submit("pause", 2000, &status, detail, sizeof detail);
+  CHECK(rc == 0 && status == 409 && strstr(detail, "no generation is running"),
+        "request 4 after the gap: rc %d (%s), status %d: %s", rc, rc ? mt_errmsg() : "", status,
+        detail);
+  rc = submit("stop", 2000, &status, detail, sizeof detail);
+  CHECK(rc == 0 && status == 202, "request 5, a stop: rc %d, status %d: %s", rc, status, detail);
+  atomic_store(&ticking, 0);
+  pthread_join(th, NULL);
+  CHECK(answered(2) == -1 && answered(3) == -1 && answered(4) == 409 && answered(5) == 202,
+        "answers: %d %d %d %d", answered(2), answered(3), answered(4), answered(5));
+  return 0;
+}
+
+int main(void) {
+  REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
+  mt_coord_opts o = {.store = store,
+                     .job_json = "{}",
+                     .job_hash = "0",
+                     .version = "test",
+                     .coordinator_name = "n0",
+                     .tp = 1,
+                     .pp = 1,
+                     .dp_min = 1,
+                     .dp_max = 1,
+                     .micro_batch = 1,
+                     .global_batch = 1,
+                     .last_call_ms = 100,
+                     .heartbeat_timeout_ms = 1000,
+                     .max_restarts = 0,
+                     .reform_timeout_ms = 1000};
+  REQUIRE(!mt_coord_new(&o, &coord), "coordinator: %s", mt_errmsg());
+  test_requests_given_up_or_never_written_are_passed_over();
+  mt_coord_free(coord);
+  mt_store_free(store);
+  printf("test_rdzv_ops: %s\n", failures ? "FAILED" : "ok");
+  return failures ? 1 : 0;
+}
