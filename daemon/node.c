@@ -180,25 +180,36 @@ static void log_restart_point(node *n) {
 static int start_engine(node *n, const mt_member *me, const char *job_json) {
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
   mt_job_preset_dirs(n->cfg->presets_dir[0] ? n->cfg->presets_dir : NULL, preset_dirs);
-  int rc = mt_job_parse(&n->run_job, job_json, NULL, preset_dirs, NULL);
-  if (rc) return mt_wraperr(rc, "the published job of generation %d", n->gen);
-  if (strcmp(n->run_job.hash, n->asg.job_hash))
-    return mt_seterr(MT_ECORRUPT, "the published job reads back as %s, published as %s",
-                     n->run_job.hash, n->asg.job_hash);
+  /* made aside, then put in place under mu: the HTTP thread reads run_job
+   * and ckpt_job_dir for the status */
+  mt_job *job = malloc(sizeof *job);
+  if (!job) return mt_seterr(MT_ENOMEM, "the published job of generation %d", n->gen);
+  int rc = mt_job_parse(job, job_json, NULL, preset_dirs, NULL);
+  if (rc) {
+    free(job);
+    return mt_wraperr(rc, "the published job of generation %d", n->gen);
+  }
+  if (strcmp(job->hash, n->asg.job_hash)) {
+    rc = mt_seterr(MT_ECORRUPT, "the published job reads back as %s, published as %s", job->hash,
+                   n->asg.job_hash);
+    free(job);
+    return rc;
+  }
+  if (n->cfg->checkpoint_dir[0]) /* the node's storage wins over the job's */
+    snprintf(job->checkpoint.dir, sizeof job->checkpoint.dir, "%s", n->cfg->checkpoint_dir);
+  /* a later generation (after a resize or a failure) goes on from where the
+   * last one saved, not from the step the job names for its first start */
+  if (n->gen > 1) job->checkpoint.resume_step = -1;
   pthread_mutex_lock(&n->mu);
+  n->run_job = *job;
   n->job_dp_min = n->run_job.parallel.dp_min;
   n->run_job.parallel.dp_min = n->asg.dp; /* this generation's width */
   n->have_run_job = 1;
-  pthread_mutex_unlock(&n->mu);
-  n->holds_rank0 = me->rank_begin == 0;
-  if (n->cfg->checkpoint_dir[0]) /* the node's storage wins over the job's */
-    snprintf(n->run_job.checkpoint.dir, sizeof n->run_job.checkpoint.dir, "%s",
-             n->cfg->checkpoint_dir);
   if (n->run_job.checkpoint.dir[0])
     mt_checkpoint_job_dir(&n->run_job, n->ckpt_job_dir, sizeof n->ckpt_job_dir);
-  /* a later generation (after a resize or a failure) goes on from where the
-   * last one saved, not from the step the job names for its first start */
-  if (n->gen > 1) n->run_job.checkpoint.resume_step = -1;
+  pthread_mutex_unlock(&n->mu);
+  free(job);
+  n->holds_rank0 = me->rank_begin == 0;
   int here = me->rank_end - me->rank_begin;
   if (here > n->n_devices)
     return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
@@ -465,9 +476,16 @@ static void node_round(node *n) {
     }
     if (rc < 0 || n->state == N_SPARE) break;
     char *job_json = NULL;
+    mt_assignment a = {0};
+    rc = mt_rdzv_assignment(n->store, n->gen, &a, &job_json);
+    if (rc != 1) {
+      mt_assignment_free(&a);
+      break;
+    }
+    pthread_mutex_lock(&n->mu); /* the status reads it on the HTTP thread */
     mt_assignment_free(&n->asg);
-    rc = mt_rdzv_assignment(n->store, n->gen, &n->asg, &job_json);
-    if (rc != 1) break;
+    n->asg = a;
+    pthread_mutex_unlock(&n->mu);
     const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
     if (!me) {
       mt_log_info("generation %d formed without this node: waiting as a spare", n->gen);

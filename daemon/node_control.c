@@ -107,6 +107,9 @@ static json_t *job_json(node *n) {
 }
 
 static json_t *build_status(node *n) {
+  /* the directory is read before mu is taken: a slow filesystem must not
+   * hold the training thread's on_step, which takes mu too */
+  json_t *cks = list_checkpoints(n), *last = json_null();
   pthread_mutex_lock(&n->mu);
   json_t *cl = n->cluster;
   const char *state = cl ? json_string_value(json_object_get(cl, "state")) : NULL;
@@ -179,7 +182,6 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "devices", devs);
   json_t *nodes = cl ? json_object_get(cl, "nodes") : NULL;
   json_object_set_new(s, "nodes", nodes ? json_deep_copy(nodes) : json_array());
-  json_t *cks = list_checkpoints(n), *last = json_null();
   for (size_t k = json_array_size(cks); k-- > 0;)
     if (json_is_true(json_object_get(json_array_get(cks, k), "latest"))) {
       last = json_incref(json_array_get(cks, k));
@@ -244,7 +246,7 @@ static json_t *p_history(void *arg, int64_t since) {
 }
 
 /* This job's checkpoint directory as this node knows it, or "" (no job yet,
- * or no checkpoint.dir). */
+ * or no checkpoint.dir). With mu held. */
 static void ckpt_dir_of(node *n, char *out, size_t size) {
   out[0] = 0;
   if (n->ckpt_job_dir[0]) {
@@ -257,11 +259,15 @@ static void ckpt_dir_of(node *n, char *out, size_t size) {
   if (root[0]) snprintf(out, size, "%s/%s", root, j->name);
 }
 
-/* Committed checkpoints from the directory itself (cheap: no file is read
- * but `latest`), newest last; NULL when none or no directory. */
+/* Committed checkpoints from the directory itself (no file is read but
+ * `latest`, but every shard is stat'ed), newest last; an empty array when
+ * none or no directory. Takes mu only to learn the directory: call it
+ * without. */
 static json_t *list_checkpoints(node *n) {
   char dir[1300];
+  pthread_mutex_lock(&n->mu);
   ckpt_dir_of(n, dir, sizeof dir);
+  pthread_mutex_unlock(&n->mu);
   json_t *out = json_array();
   mt_ckpt_entry *e = NULL;
   size_t count = 0;
