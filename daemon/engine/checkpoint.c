@@ -67,6 +67,7 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
   sv->t0 = wall_s();
   sv->res.step = tr->step;
   sv->adam_t = tr->opt.t;
+  sv->consumed_samples = tr->consumed_samples;
   sv->scaler = tr->scaler;
   snprintf(sv->job_dir, sizeof sv->job_dir, "%s", job_dir);
   int rc = 0, any = 0;
@@ -214,8 +215,8 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
   int32_t commit_rc = 0;
   if (is0) {
     const mt_job *job = tr->job;
-    int64_t G = job->train.global_batch, step = sv->res.step;
-    json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)(step * G));
+    int64_t step = sv->res.step, consumed = sv->consumed_samples;
+    json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)consumed);
     /* what else the next step depends on: Adam's count (skipped steps do
      * not advance it) and the fp16 loss scaler; the same on every rank */
     const mt_loss_scale *ls = &sv->scaler; /* as of the save's step, not of its commit */
@@ -227,8 +228,8 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
     mt_ckpt_meta meta = {.job = job->name,
                          .job_hash = job->hash,
                          .step = step,
-                         .consumed_samples = step * G,
-                         .consumed_tokens = step * G * job->model.seq_len,
+                         .consumed_samples = consumed,
+                         .consumed_tokens = consumed * job->model.seq_len,
                          .seed = (int64_t)job->train.seed,
                          .data_position = pos,
                          .extra = extra,
@@ -518,7 +519,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     }
   }
   free(host);
-  int64_t saved_step = c.step;
+  int64_t saved_step = c.step, consumed = c.consumed_samples;
   json_t *ls = json_object_get(c.extra, "loss_scale");
   int has_extra = json_is_integer(json_object_get(c.extra, "adam_t")) && json_is_object(ls);
   int64_t adam_t = json_integer_value(json_object_get(c.extra, "adam_t"));
@@ -541,15 +542,27 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     return failed ? mt_seterr(MT_EINVAL, "%s", err)
                   : mt_seterr(MT_EINVAL, "resume from %s failed on another rank", dir);
   tr->step = saved_step;
+  tr->consumed_samples = consumed;
+  int64_t G = tr->job->train.global_batch;
+  if (is0 && consumed != saved_step * G)
+    mt_log_info("resume: %lld samples were read in %lld steps; this job's global batch is %lld: "
+                "reading goes on from sample %lld",
+                (long long)consumed, (long long)saved_step, (long long)G, (long long)consumed);
   tr->opt.t = saved_step;
   if (has_extra) { /* checkpoints without it predate skipped steps: t = step */
     tr->opt.t = adam_t;
-    tr->scaler.scale = (float)ls_scale;
-    tr->scaler.growth_tracker = (int)ls_growth;
-    tr->scaler.hysteresis_tracker = (int)ls_hyst;
-    tr->scaler.steps = ls_steps;
     tr->scaler.skipped = ls_skipped;
-    tr->scaler.skipped_in_row = ls_in_row;
+    if (ls_scale > 0) { /* saved by an fp16 run: its scaler goes on */
+      tr->scaler.scale = (float)ls_scale;
+      tr->scaler.growth_tracker = (int)ls_growth;
+      tr->scaler.hysteresis_tracker = (int)ls_hyst;
+      tr->scaler.steps = ls_steps;
+      tr->scaler.skipped_in_row = ls_in_row;
+    } else if (is0 && tr->precision == MT_PREC_FP16) {
+      mt_log_info("resume: %s was saved by a run without loss scaling: the scale starts at the "
+                  "job's %g",
+                  dir, (double)tr->scaler.scale);
+    }
   }
   *resumed_step = saved_step;
   if (is0)

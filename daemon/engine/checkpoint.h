@@ -47,7 +47,8 @@ typedef struct mt_checkpoint_save {
   int has_thread;
   int written; /* the background writes are done */
   double t0;
-  int64_t adam_t; /* Adam's count and the loss scaler at the save's step */
+  int64_t adam_t;           /* Adam's count and the loss scaler at the save's step */
+  int64_t consumed_samples; /* and the data position */
   mt_loss_scale scaler;
   mt_checkpoint_result res;
 } mt_checkpoint_save;

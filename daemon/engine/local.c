@@ -220,8 +220,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   }
   if (c->rank != 0) return 0;
   char consumed[1024];
-  mt_data_source_describe(tr->data, (uint64_t)tr->step * (uint64_t)job->train.global_batch,
-                          consumed, sizeof consumed);
+  mt_data_source_describe(tr->data, (uint64_t)tr->consumed_samples, consumed, sizeof consumed);
   mt_log_info("data consumed: %s", consumed);
   return 0;
 }

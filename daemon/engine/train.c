@@ -545,7 +545,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   tr->next_bucket = tr->n_buckets - 1;
   pipe_run r = {.tr = tr,
                 .split = MT_SPLIT_TRAIN,
-                .first = (uint64_t)tr->step * (uint64_t)G +
+                .first = (uint64_t)tr->consumed_samples +
                          (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                 .loss_scale = scale / (float)total_micro,
                 .overlap = job->parallel.overlap_p2p,
@@ -638,9 +638,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   }
   if (upd_rc) return mt_wraperr(upd_rc, "step %lld: the update", sn);
   tr->step++;
+  tr->consumed_samples += G;
 
   st->step = tr->step;
-  st->consumed_tokens = tr->step * mt_job_tokens_per_step(job);
+  st->consumed_tokens = tr->consumed_samples * job->model.seq_len;
   st->loss = agreed[0] / total_micro;
   st->lr = lr;
   st->grad_norm = norm;

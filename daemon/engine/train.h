@@ -93,6 +93,10 @@ typedef struct mt_trainer {
   mt_data_source *data;
   mt_groups g;
   int64_t step;                   /* steps taken */
+  int64_t consumed_samples;       /* training samples read (every replica's), skipped steps'
+                                     too: where the next step reads; a resume restores it, so a
+                                     run resumed with another global_batch neither skips nor
+                                     repeats data (Megatron's consumed_train_samples) */
   int micro_batches;              /* per step on this replica */
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */

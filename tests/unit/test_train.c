@@ -1,11 +1,13 @@
 /* test_train.c — properties of the model, the data reader, the LR schedule
  * and the training step that DESIGN.md's determinism rule depends on. */
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "checkpoint.h"
 #include "device.h"
 #include "err.h"
 #include "gpt.h"
@@ -280,6 +282,69 @@ static void test_microbatch_split_keeps_trajectory(void) {
   printf("  ok test_microbatch_split_keeps_trajectory\n");
 }
 
+/* A trainer of the tiny model at seq 16 over data, global batch G. */
+static int tiny_trainer(mt_job *job, mt_trainer *tr, const char *data, int G, const char *ckpt,
+                        const char *precision) {
+  char json[1024];
+  snprintf(json, sizeof json,
+           "{\"name\":\"pos\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
+           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":%d,\"steps\":20,"
+           "\"seed\":5,\"precision\":\"%s\",\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
+           "\"checkpoint\":{\"dir\":\"%s\"}}",
+           G, precision, data, ckpt);
+  int rc = mt_job_parse(job, json, NULL, preset_dirs, NULL);
+  return rc ? rc : mt_trainer_create(tr, job, &dev, NULL);
+}
+
+/* The data position is saved and restored, not recomputed from the step: a
+ * run resumed with twice the global batch reads on from the sample the
+ * saved run stopped at (Megatron's consumed_train_samples), and its next
+ * checkpoint says how many samples were read in all. Recomputed, it skipped
+ * 3 x (8 - 4) samples and claimed 32 read at step 4. The resumed run is
+ * fp16, the saved one fp32: its loss scale starts at the job's. */
+static void test_resume_with_another_global_batch_reads_on(void) {
+  uint16_t t[4000];
+  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128];
+  CHECK(!write_tokens(path, t, 4000) && mkdtemp(dir), "temp files");
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  int64_t resumed = -1;
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
+  mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+  for (int s = 0; s < 3; s++) CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+  mt_trainer_destroy(&tr);
+  /* and an fp16 run resumed from an fp32 one starts at the job's loss scale,
+   * not at the 0 the fp32 run's unused scaler held (which backed off to 1) */
+  CHECK(!tiny_trainer(&job, &tr, path, 8, dir, "fp16"), "%s", mt_errmsg());
+  float initial = tr.scaler.scale;
+  CHECK(!mt_trainer_resume(&tr, job_dir, -1, &resumed), "resume: %s", mt_errmsg());
+  CHECK(resumed == 3 && tr.consumed_samples == 12, "resumed step %lld at sample %lld, want 3, 12",
+        (long long)resumed, (long long)tr.consumed_samples);
+  CHECK(tr.scaler.scale == initial && initial > 1.0f && tr.opt.t == 3,
+        "fp16 from an fp32 checkpoint: scale %g (the job's %g), Adam's count %lld",
+        (double)tr.scaler.scale, (double)initial, (long long)tr.opt.t);
+  CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  CHECK(st.step == 4 && st.consumed_tokens == 20 * 16, "step %lld: %lld tokens read, want %d",
+        (long long)st.step, (long long)st.consumed_tokens, 20 * 16);
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+  mt_trainer_destroy(&tr);
+  char manifest[256];
+  snprintf(manifest, sizeof manifest, "%s/step_00000004/manifest.json", job_dir);
+  json_t *m = json_load_file(manifest, 0, NULL);
+  json_int_t read = json_integer_value(json_object_get(m, "consumed_samples"));
+  CHECK(read == 20, "the step 4 manifest says %lld samples read, want 20", (long long)read);
+  json_decref(m);
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  CHECK(system(cmd) == 0, "cleanup");
+  unlink(path);
+  printf("  ok test_resume_with_another_global_batch_reads_on\n");
+}
+
 int main(void) {
   if (mt_device_open(&dev, "cpu:0")) {
     printf("cannot open cpu:0: %s\n", mt_errmsg());
@@ -292,6 +357,7 @@ int main(void) {
   test_lr_warmup_then_cosine_to_min();
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
+  test_resume_with_another_global_batch_reads_on();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }
