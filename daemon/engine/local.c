@@ -179,15 +179,14 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
     /* every rank learned the loss in the step's all-reduce */
     if (c == c->all && o->on_step) o->on_step(&st, o->arg);
-    int ordered_save = 0;
+    int ordered_save = 0, pause = 0;
     if (st.order && mt_order_seq(st.order) > order_seq) {
       order_seq = mt_order_seq(st.order);
       int kind = mt_order_kind(st.order);
       if (c == c->all && o->on_order) o->on_order(kind, order_seq, st.step, o->arg);
       if (kind == MT_ORDER_STOP) st.stop = 1;
       if (kind == MT_ORDER_CHECKPOINT || kind == MT_ORDER_RESIZE) ordered_save = kind;
-      if (kind == MT_ORDER_PAUSE && (rc = pause_loop(c, tr, &order_seq, &st.stop, &last_saved)))
-        return rc;
+      pause = kind == MT_ORDER_PAUSE;
     }
     /* a save in flight commits once every rank's writes are done */
     if (c->pending.active && (rc = finish_pending(c, tr, 0, &last_saved))) return rc;
@@ -205,6 +204,14 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
         st.stop = 1;
         if (c == c->all) mt_log_info("stopping after step %lld for a resize", (long long)tr->step);
       }
+    }
+    /* a pause holds back nothing of this step: its scheduled save was
+     * started above, and the one in flight commits before the wait, so a
+     * node lost while paused costs no work */
+    if (pause && !st.stop) {
+      if (c->pending.active && (rc = finish_pending(c, tr, 1, &last_saved))) return rc;
+      if ((rc = pause_loop(c, tr, &order_seq, &st.stop, &last_saved))) return rc;
+      if (st.stop && (rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
     }
     if (st.stop) {
       if (c == c->all)

@@ -8,10 +8,12 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "ckpt.h"
 #include "device.h"
 #include "err.h"
 #include "gpt.h"
 #include "job.h"
+#include "local.h"
 #include "lr.h"
 #include "tokens.h"
 #include "train.h"
@@ -345,6 +347,67 @@ static void test_resume_with_another_global_batch_reads_on(void) {
   printf("  ok test_resume_with_another_global_batch_reads_on\n");
 }
 
+/* A pause ordered at a step with a scheduled checkpoint (async, every 4
+ * steps) holds nothing back: that step's checkpoint commits while the run
+ * is paused, so a node lost during the pause costs no work. The pause used
+ * to come before the save (and before committing one in flight). */
+static volatile int64_t order_word;
+static volatile int paused_at;
+
+static void pause_at_4(const mt_step_stats *st, void *arg) {
+  (void)arg;
+  if (st->step == 3) order_word = mt_order_word(1, MT_ORDER_PAUSE); /* acted on after step 4 */
+}
+
+static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
+  (void)seq, (void)arg;
+  if (kind == MT_ORDER_PAUSE) paused_at = (int)step;
+}
+
+static void test_pause_at_a_checkpoint_step_commits_it(void) {
+  uint16_t t[4000];
+  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", json[1024];
+  CHECK(!write_tokens(path, t, 4000) && mkdtemp(dir), "temp files");
+  snprintf(json, sizeof json,
+           "{\"name\":\"pause\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
+           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":40,"
+           "\"seed\":5,\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
+           "\"checkpoint\":{\"dir\":\"%s\",\"interval\":4,\"async\":true}}",
+           path, dir);
+  mt_job job;
+  CHECK(!mt_job_parse(&job, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
+  order_word = 0, paused_at = 0;
+  mt_local_opts o = {
+      .job = &job, .order = &order_word, .on_step = pause_at_4, .on_order = on_order};
+  mt_local *l = NULL;
+  CHECK(!mt_local_start(&o, &l), "%s", mt_errmsg());
+  for (int i = 0; i < 2000 && !paused_at; i++) usleep(5000);
+  char job_dir[200];
+  snprintf(job_dir, sizeof job_dir, "%s/pause", dir);
+  int64_t latest = -1;
+  for (int i = 0; i < 400 && latest != 4; i++) { /* up to 2 s, paused */
+    mt_ckpt_entry *e = NULL;
+    size_t n = 0;
+    if (!mt_ckpt_list(job_dir, &e, &n))
+      for (size_t k = 0; k < n; k++)
+        if (e[k].latest) latest = e[k].step;
+    free(e);
+    if (latest != 4) usleep(5000);
+  }
+  CHECK(paused_at == 4 && latest == 4,
+        "paused after step %d; the latest checkpoint then: step %lld", paused_at,
+        (long long)latest);
+  order_word = mt_order_word(2, MT_ORDER_STOP);
+  CHECK(!mt_local_wait(l), "%s", mt_errmsg());
+  mt_local_free(l);
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  CHECK(system(cmd) == 0, "cleanup");
+  unlink(path);
+  printf("  ok test_pause_at_a_checkpoint_step_commits_it\n");
+}
+
 int main(void) {
   if (mt_device_open(&dev, "cpu:0")) {
     printf("cannot open cpu:0: %s\n", mt_errmsg());
@@ -358,6 +421,7 @@ int main(void) {
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
+  test_pause_at_a_checkpoint_step_commits_it();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }
