@@ -35,6 +35,9 @@
 #define MT_CKPT_PATH_MAX 1280 /* job_dir and the paths under it */
 /* step_<08d> + this (then .2, .3, ...): a damaged checkpoint set aside */
 #define MT_CKPT_DAMAGED_SUFFIX ".damaged"
+/* ... and one newer than the step a run was told to resume from
+ * (checkpoint.resume_step): the timeline it rolled back from */
+#define MT_CKPT_ROLLED_BACK_SUFFIX ".rolled-back"
 
 /* What one shard file holds: n floats of each array, arrays in this order.
  * tp 0..99, pp 0..999; names borrowed (e.g. {"master", "adam_m", "adam_v"}). */
@@ -225,6 +228,10 @@ int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n);
  * directory, MT_EIO when the rename, the fsync or writing latest failed. */
 int mt_ckpt_set_aside(const char *job_dir, int64_t step, int64_t loaded, char *moved_to,
                       size_t cap);
+/* The same with another suffix (MT_CKPT_ROLLED_BACK_SUFFIX): step need not
+ * be damaged. */
+int mt_ckpt_set_aside_as(const char *job_dir, int64_t step, int64_t loaded, const char *suffix,
+                         char *moved_to, size_t cap);
 
 /* Deletes old checkpoints: keeps the newest `keep` committed ones (0: all),
  * every step that is a multiple of keep_every (0: none), latest's target, and

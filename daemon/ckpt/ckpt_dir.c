@@ -357,6 +357,11 @@ int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n) {
  * refuses, so no scan sees the directory again. */
 int mt_ckpt_set_aside(const char *job_dir, int64_t step, int64_t loaded, char *moved_to,
                       size_t cap) {
+  return mt_ckpt_set_aside_as(job_dir, step, loaded, MT_CKPT_DAMAGED_SUFFIX, moved_to, cap);
+}
+
+int mt_ckpt_set_aside_as(const char *job_dir, int64_t step, int64_t loaded, const char *suffix,
+                         char *moved_to, size_t cap) {
   if (moved_to && cap) moved_to[0] = 0;
   if (strlen(job_dir) > MT_CKPT_PATH_MAX - 64)
     return mt_seterr(MT_EINVAL, "ckpt: job directory path too long: %.64s...", job_dir);
@@ -385,12 +390,11 @@ int mt_ckpt_set_aside(const char *job_dir, int64_t step, int64_t loaded, char *m
   int k = 1;
   for (;; k++) {
     if (k > 999)
-      return mt_seterr(MT_EIO, "ckpt: set aside %s: %s" MT_CKPT_DAMAGED_SUFFIX " to .999 all exist",
-                       from, name);
+      return mt_seterr(MT_EIO, "ckpt: set aside %s: %s%s to .999 all exist", from, name, suffix);
     if (k == 1)
-      snprintf(to, sizeof to, "%s" MT_CKPT_DAMAGED_SUFFIX, from);
+      snprintf(to, sizeof to, "%s%s", from, suffix);
     else
-      snprintf(to, sizeof to, "%s" MT_CKPT_DAMAGED_SUFFIX ".%d", from, k);
+      snprintf(to, sizeof to, "%s%s.%d", from, suffix, k);
     if (!lstat(to, &st)) continue;
     if (errno != ENOENT)
       return mt_seterr(MT_EIO, "ckpt: set aside %s: stat %s: %s", from, to, strerror(errno));

@@ -248,7 +248,7 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
       if (commit_rc) {
         snprintf(err, sizeof err, "%s", mt_errmsg());
         mt_ckpt_abort(&sv->txn);
-      } else if (job->checkpoint.keep > 0) {
+      } else { /* keep 0 keeps every committed one; leftovers go either way */
         int removed = 0;
         if (mt_ckpt_prune(sv->job_dir, job->checkpoint.keep, job->checkpoint.keep_every, &removed))
           mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
@@ -598,11 +598,39 @@ static void set_aside_damaged(const char *job_dir, const damage_list *damaged, i
   }
 }
 
+/* A run told to resume from a step older than committed checkpoints rolls
+ * back: those are set aside (renamed .rolled-back, kept) and latest names
+ * the step loaded, so a restart goes on from this run's own checkpoints,
+ * not from the abandoned ones, and this run can save their steps again. */
+static void set_aside_rolled_back(const char *job_dir, int64_t loaded) {
+  mt_ckpt_entry *e = NULL;
+  size_t n = 0;
+  if (mt_ckpt_list(job_dir, &e, &n)) {
+    mt_log_error("resume: cannot list %s to set aside what step %lld rolls back: %s", job_dir,
+                 (long long)loaded, mt_ckpt_unprefixed(mt_errmsg()));
+    return;
+  }
+  for (size_t i = n; i-- > 0 && e[i].step > loaded;) {
+    char to[MT_CKPT_PATH_MAX];
+    if (mt_ckpt_set_aside_as(job_dir, e[i].step, loaded, MT_CKPT_ROLLED_BACK_SUFFIX, to, sizeof to))
+      mt_log_error("resume: could not set aside step %lld, newer than checkpoint.resume_step "
+                   "%lld: %s; while latest names it, a restart resumes from it",
+                   (long long)e[i].step, (long long)loaded, mt_ckpt_unprefixed(mt_errmsg()));
+    else
+      mt_log_warn("resume: checkpoint.resume_step %lld rolls back past step %lld: set aside as "
+                  "%s (kept)",
+                  (long long)loaded, (long long)e[i].step, to);
+  }
+  free(e);
+}
+
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
   damage_list damaged = {0};
   int rc = resume_load(tr, job_dir, step, resumed_step, &damaged);
   /* only after every rank agreed it loaded: a resume that failed moves nothing */
   if (!rc && damaged.n) set_aside_damaged(job_dir, &damaged, *resumed_step);
   free(damaged.v);
+  int is0 = !tr->g.world || mt_comm_rank(tr->g.world) == 0;
+  if (!rc && is0 && step > 0 && *resumed_step == step) set_aside_rolled_back(job_dir, step);
   return rc;
 }

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "checkpoint.h"
@@ -347,6 +348,58 @@ static void test_resume_with_another_global_batch_reads_on(void) {
   printf("  ok test_resume_with_another_global_batch_reads_on\n");
 }
 
+/* checkpoint.resume_step older than the newest checkpoint rolls back: the
+ * newer ones are set aside (kept, renamed .rolled-back), latest names the
+ * step loaded, and the run saves those steps again. Before, latest stayed
+ * on the abandoned newest, so a restart went back to it, and saving its
+ * step again was refused. And with keep 0 the next commit clears an
+ * uncommitted leftover older than it (pruning used to run only with
+ * keep > 0, so a cut-short save's preallocated files stayed). */
+static void test_resume_step_rolls_back_and_sets_aside_newer(void) {
+  uint16_t t[4000];
+  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128];
+  CHECK(!write_tokens(path, t, 4000) && mkdtemp(dir), "temp files");
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
+  mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+  for (int s = 1; s <= 6; s++) {
+    CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+    if (s % 3 == 0) CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+  }
+  mt_trainer_destroy(&tr);
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
+  int64_t resumed = -1;
+  CHECK(!mt_trainer_resume(&tr, job_dir, 3, &resumed) && resumed == 3, "resume: %s", mt_errmsg());
+  mt_ckpt_entry *e = NULL;
+  size_t n = 0;
+  CHECK(!mt_ckpt_list(job_dir, &e, &n), "%s", mt_errmsg());
+  CHECK(n == 1 && e[0].step == 3 && e[0].latest,
+        "after the rollback: %zu checkpoint(s), newest %lld", n,
+        n ? (long long)e[n - 1].step : -1LL);
+  free(e);
+  char aside[200];
+  snprintf(aside, sizeof aside, "%s/step_00000006" MT_CKPT_ROLLED_BACK_SUFFIX, job_dir);
+  CHECK(access(aside, F_OK) == 0, "%s: not there", aside);
+  /* an uncommitted leftover (a save a crash cut short) goes at the next
+   * commit, though checkpoint.keep is 0 (keep every committed one) */
+  char leftover[200];
+  snprintf(leftover, sizeof leftover, "%s/step_00000004", job_dir);
+  CHECK(mkdir(leftover, 0755) == 0, "mkdir %s", leftover);
+  for (int s = 4; s <= 6; s++) CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "saving step 6 again: %s", mt_errmsg());
+  CHECK(access(leftover, F_OK) != 0, "the uncommitted %s is still there", leftover);
+  mt_trainer_destroy(&tr);
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  CHECK(system(cmd) == 0, "cleanup");
+  unlink(path);
+  printf("  ok test_resume_step_rolls_back_and_sets_aside_newer\n");
+}
+
 /* A pause ordered at a step with a scheduled checkpoint (async, every 4
  * steps) holds nothing back: that step's checkpoint commits while the run
  * is paused, so a node lost during the pause costs no work. The pause used
@@ -422,6 +475,7 @@ int main(void) {
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
   test_pause_at_a_checkpoint_step_commits_it();
+  test_resume_step_rolls_back_and_sets_aside_newer();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }
