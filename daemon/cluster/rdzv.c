@@ -1057,9 +1057,12 @@ static int read_op_requests(mt_coord *c, int64_t now_ms) {
     char why[600];
     const char *no = kind ? decide(c, kind, json_object_get(req, "args"), &op, why, sizeof why)
                           : "the request names no operation";
-    json_t *resp =
-        no ? json_pack("{s:i, s:s}", "status", !strncmp(no, "cannot", 6) ? 409 : 501, "detail", no)
-           : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
+    json_t *resp = no ? json_pack("{s:i, s:s}", "status",
+                                  !strncmp(no, "cannot", 6)      ? 409
+                                  : !strcmp(no, "out of memory") ? 500
+                                                                 : 501,
+                                  "detail", no)
+                      : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
     if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
     json_decref(req);
     snprintf(key, sizeof key, "ops/resp/%lld", (long long)c->next_op_req);
