@@ -60,6 +60,21 @@ int mt__ckpt_parse_hex64(const char *s, uint64_t *v) {
   return 0;
 }
 
+uint64_t mt__ckpt_seal(const json_t *manifest, int *ok) {
+  *ok = 0;
+  json_t *copy = json_deep_copy(manifest);
+  if (!copy) return 0;
+  json_object_del(copy, MT__CKPT_SEAL_KEY);
+  /* reals print with 17 digits: what a reader parses back prints the same */
+  char *text = json_dumps(copy, JSON_COMPACT | JSON_SORT_KEYS);
+  json_decref(copy);
+  if (!text) return 0;
+  uint64_t h = XXH3_64bits(text, strlen(text));
+  free(text);
+  *ok = 1;
+  return h;
+}
+
 /* 0 on overflow, so an absurd N from a manifest is refused, not wrapped. */
 uint64_t mt__ckpt_file_bytes(uint64_t n, int n_arrays) {
   if (n_arrays <= 0 || n > ((uint64_t)INT64_MAX - MT__CKPT_HEADER_BYTES) / 4 / (uint64_t)n_arrays)

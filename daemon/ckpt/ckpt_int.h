@@ -3,6 +3,7 @@
 #ifndef MT_CKPT_INT_H
 #define MT_CKPT_INT_H
 
+#include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -30,6 +31,11 @@ void mt__ckpt_step_name(char out[32], int64_t step);
 int mt__ckpt_parse_step(const char *name, int64_t *step);
 /* "0123456789abcdef" (16 lower-case hex digits, as manifests write them); 0 or -1. */
 int mt__ckpt_parse_hex64(const char *s, uint64_t *v);
+/* The manifest's seal: XXH3-64 of its compact, key-sorted JSON without the
+ * "manifest_xxh3" key (what the writer adds and the reader checks). 0 when
+ * out of memory sets *ok 0. */
+#define MT__CKPT_SEAL_KEY "manifest_xxh3"
+uint64_t mt__ckpt_seal(const json_t *manifest, int *ok);
 /* Header + arrays; 0 when it would not fit in an off_t. */
 uint64_t mt__ckpt_file_bytes(uint64_t n, int n_arrays);
 /* Checks ranges and names; errors say "ckpt: <what>: ...". */

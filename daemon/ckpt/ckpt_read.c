@@ -152,6 +152,21 @@ static int parse_manifest(const char *dir, const char *disp, int64_t expect_step
   int64_t version = 0, tp = 0, pp = 0, dp = 0;
   int rc;
   if (!json_is_object(m)) return mt_seterr(MT_ECORRUPT, "%s: not a JSON object", where);
+  json_t *seal = json_object_get(m, MT__CKPT_SEAL_KEY);
+  if (seal) { /* manifests before the seal have none */
+    uint64_t want, got;
+    int ok;
+    if (!json_is_string(seal) || mt__ckpt_parse_hex64(json_string_value(seal), &want))
+      return mt_seterr(MT_ECORRUPT, "%s: \"" MT__CKPT_SEAL_KEY "\" is not 16 hex digits", where);
+    got = mt__ckpt_seal(m, &ok);
+    if (!ok) return mt_seterr(MT_ENOMEM, "%s: out of memory checking it", where);
+    if (got != want)
+      return mt_seterr(MT_ECORRUPT,
+                       "%s: its contents do not match its checksum (" MT__CKPT_SEAL_KEY
+                       " %016" PRIx64 ", contents %016" PRIx64 "): changed or damaged since it "
+                       "was written",
+                       where, want, got);
+  }
   if ((rc = get_str(m, "format", &format, where))) return rc;
   if (strcmp(format, "mtnlg-ckpt"))
     return mt_seterr(MT_ECORRUPT, "%s: format \"%s\" is not mtnlg-ckpt", where, format);

@@ -529,6 +529,35 @@ static int test_dir_without_manifest_is_not_a_checkpoint(void) {
   return 0;
 }
 
+/* A manifest is sealed: a digit changed in it (the seed here; Adam's count
+ * or the data position in a real one), still valid JSON, is found on load,
+ * and the previous checkpoint is used; named, it is refused. Unsealed, such
+ * a change went through unnoticed. */
+static int test_changed_manifest_fails_its_seal(void) {
+  const char *job = tmp_path("sealed");
+  REQUIRE(save_step(job, 10, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(save_step(job, 20, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
+  FILE *fp = fopen(step_path(job, 20, "manifest.json"), "r");
+  REQUIRE(fp, "open the manifest");
+  static char text[1 << 16];
+  size_t len = fread(text, 1, sizeof text - 1, fp);
+  fclose(fp);
+  text[len] = 0;
+  char *seed = strstr(text, "\"seed\": 1234");
+  REQUIRE(seed && strstr(text, "\"manifest_xxh3\": \""), "seed or seal not found:\n%.300s", text);
+  seed[strlen("\"seed\": 123")] = '5';
+  write_text(step_path(job, 20, "manifest.json"), text);
+  mt_ckpt c;
+  REQUIRE(mt_ckpt_find(job, -1, MT_CKPT_VERIFY_SIZES, &c) == 0, "%s", mt_errmsg());
+  CHECK(c.step == 10 && c.skipped && strstr(c.skipped, "do not match its checksum"),
+        "loaded step %" PRId64 ", skipped: %s", c.step, c.skipped ? c.skipped : "(nothing)");
+  mt_ckpt_close(&c);
+  CHECK(mt_ckpt_find(job, 20, MT_CKPT_VERIFY_SIZES, &c) == MT_ECORRUPT &&
+            strstr(mt_errmsg(), "step_00000020/manifest.json: its contents do not match"),
+        "%s", mt_errmsg());
+  return 0;
+}
+
 static int test_corrupt_manifest_json_falls_back_to_previous(void) {
   const char *job = tmp_path("badjson");
   REQUIRE(save_step(job, 10, 100, 1, 1, 0) == 0, "%s", mt_errmsg());
@@ -1011,6 +1040,7 @@ static const struct {
     {"dir_without_manifest_is_not_a_checkpoint", test_dir_without_manifest_is_not_a_checkpoint},
     {"corrupt_manifest_json_falls_back_to_previous",
      test_corrupt_manifest_json_falls_back_to_previous},
+    {"test_changed_manifest_fails_its_seal", test_changed_manifest_fails_its_seal},
     {"temp_files_left_by_a_kill_are_never_read", test_temp_files_left_by_a_kill_are_never_read},
     {"retention_keeps_last_two_and_every_fifth", test_retention_keeps_last_two_and_every_fifth},
     {"disk_full_fails_cleanly_and_keeps_previous", test_disk_full_fails_cleanly_and_keeps_previous},
