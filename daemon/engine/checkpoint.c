@@ -88,7 +88,12 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
     return is0 ? mt_seterr(begin.rc, "%s", sv->err)
                : mt_seterr(begin.rc, "checkpoint of step %lld: rank 0 could not claim %s",
                            (long long)tr->step, job_dir);
-  if (!is0 && (rc = mt_ckpt_txn_set(&sv->txn, job_dir, tr->step, begin.tag))) return rc;
+  /* a rank that cannot (its node's own checkpoint_dir path) fails the save
+   * with the others at the agreement below, not alone before it */
+  if (!is0 && mt_ckpt_txn_set(&sv->txn, job_dir, tr->step, begin.tag)) {
+    sv->failed = 1;
+    snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
+  }
   snprintf(sv->res.path, sizeof sv->res.path, "%s/step_%08lld", job_dir, (long long)tr->step);
 
   sv->d = (mt_ckpt_shard_desc){.tp = g->tp_rank,
@@ -99,7 +104,7 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
   my_slice(tr, &sv->lo, &sv->n);
   /* a device with a fault not yet reported holds no state worth saving: the
    * save fails on every rank before anything is staged */
-  if (mt_device_sync(tr->dev)) {
+  if (!sv->failed && mt_device_sync(tr->dev)) {
     sv->failed = 1;
     snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: %s", (long long)tr->step,
              mt_errmsg());
