@@ -285,6 +285,21 @@ static void test_microbatch_split_keeps_trajectory(void) {
   printf("  ok test_microbatch_split_keeps_trajectory\n");
 }
 
+/* A token file of a repeating pattern (4000 tokens) at path, and a scratch
+ * directory at dir (a mkdtemp template). */
+static int pattern_data(char *path, char *dir) {
+  uint16_t t[4000];
+  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
+  return write_tokens(path, t, 4000) || !mkdtemp(dir) ? -1 : 0;
+}
+
+static void remove_data(const char *path, const char *dir) {
+  char cmd[300];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  CHECK(system(cmd) == 0, "cleanup of %s", dir);
+  unlink(path);
+}
+
 /* A trainer of the tiny model at seq 16 over data, global batch G. */
 static int tiny_trainer(mt_job *job, mt_trainer *tr, const char *data, int G, const char *ckpt,
                         const char *precision) {
@@ -306,10 +321,8 @@ static int tiny_trainer(mt_job *job, mt_trainer *tr, const char *data, int G, co
  * 3 x (8 - 4) samples and claimed 32 read at step 4. The resumed run is
  * fp16, the saved one fp32: its loss scale starts at the job's. */
 static void test_resume_with_another_global_batch_reads_on(void) {
-  uint16_t t[4000];
-  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
   char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128];
-  CHECK(!write_tokens(path, t, 4000) && mkdtemp(dir), "temp files");
+  CHECK(!pattern_data(path, dir), "temp files");
   mt_job job;
   mt_trainer tr;
   mt_step_stats st;
@@ -341,10 +354,7 @@ static void test_resume_with_another_global_batch_reads_on(void) {
   json_int_t read = json_integer_value(json_object_get(m, "consumed_samples"));
   CHECK(read == 20, "the step 4 manifest says %lld samples read, want 20", (long long)read);
   json_decref(m);
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-  CHECK(system(cmd) == 0, "cleanup");
-  unlink(path);
+  remove_data(path, dir);
   printf("  ok test_resume_with_another_global_batch_reads_on\n");
 }
 
@@ -356,10 +366,8 @@ static void test_resume_with_another_global_batch_reads_on(void) {
  * uncommitted leftover older than it (pruning used to run only with
  * keep > 0, so a cut-short save's preallocated files stayed). */
 static void test_resume_step_rolls_back_and_sets_aside_newer(void) {
-  uint16_t t[4000];
-  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
   char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128];
-  CHECK(!write_tokens(path, t, 4000) && mkdtemp(dir), "temp files");
+  CHECK(!pattern_data(path, dir), "temp files");
   mt_job job;
   mt_trainer tr;
   mt_step_stats st;
@@ -393,10 +401,7 @@ static void test_resume_step_rolls_back_and_sets_aside_newer(void) {
   CHECK(!mt_trainer_save(&tr, job_dir, &res), "saving step 6 again: %s", mt_errmsg());
   CHECK(access(leftover, F_OK) != 0, "the uncommitted %s is still there", leftover);
   mt_trainer_destroy(&tr);
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-  CHECK(system(cmd) == 0, "cleanup");
-  unlink(path);
+  remove_data(path, dir);
   printf("  ok test_resume_step_rolls_back_and_sets_aside_newer\n");
 }
 
@@ -418,10 +423,8 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
 }
 
 static void test_pause_at_a_checkpoint_step_commits_it(void) {
-  uint16_t t[4000];
-  for (int i = 0; i < 4000; i++) t[i] = (uint16_t)((i * 7 + i / 13) % 256);
   char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", json[1024];
-  CHECK(!write_tokens(path, t, 4000) && mkdtemp(dir), "temp files");
+  CHECK(!pattern_data(path, dir), "temp files");
   snprintf(json, sizeof json,
            "{\"name\":\"pause\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
            "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":40,"
@@ -454,10 +457,7 @@ static void test_pause_at_a_checkpoint_step_commits_it(void) {
   order_word = mt_order_word(2, MT_ORDER_STOP);
   CHECK(!mt_local_wait(l), "%s", mt_errmsg());
   mt_local_free(l);
-  char cmd[300];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-  CHECK(system(cmd) == 0, "cleanup");
-  unlink(path);
+  remove_data(path, dir);
   printf("  ok test_pause_at_a_checkpoint_step_commits_it\n");
 }
 
