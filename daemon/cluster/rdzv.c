@@ -249,7 +249,10 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
   snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
   snprintf(resp_key, sizeof resp_key, "ops/resp/%lld", (long long)n);
   snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)n);
-  rc = set_json(s, key, json_pack("{s:s, s:O}", "kind", kind, "args", args ? args : json_object()));
+  /* "o" takes the reference: args borrowed (incref), or a new {} */
+  rc = set_json(
+      s, key,
+      json_pack("{s:s, s:o}", "kind", kind, "args", args ? json_incref(args) : json_object()));
   void *v;
   size_t bytes;
   if (!rc) rc = mt_store_get(s, resp_key, &v, &bytes, timeout_ms);
