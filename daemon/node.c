@@ -177,6 +177,24 @@ static void log_restart_point(node *n) {
   free(list);
 }
 
+/* The coordinator's newest order for this generation, into order_word. */
+static void read_order(node *n) {
+  int64_t seq;
+  char kind[32];
+  if (mt_rdzv_order(n->store, n->gen, &seq, kind, sizeof kind) != 1 || seq <= n->order_seq) return;
+  n->order_seq = seq;
+  int code = !strcmp(kind, "pause")        ? MT_ORDER_PAUSE
+             : !strcmp(kind, "resume")     ? MT_ORDER_RESUME
+             : !strcmp(kind, "stop")       ? MT_ORDER_STOP
+             : !strcmp(kind, "checkpoint") ? MT_ORDER_CHECKPOINT
+             : !strcmp(kind, "resize")     ? MT_ORDER_RESIZE
+                                           : 0;
+  /* world rank 0 carries it into the step's all-reduce: every rank acts on
+   * the same step boundary */
+  if (code && n->holds_rank0) n->order_word = mt_order_word(seq, code);
+  if (!code) mt_log_warn("the coordinator ordered \"%s\", unknown to this version", kind);
+}
+
 static int start_engine(node *n, const mt_member *me, const char *job_json) {
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
   mt_job_preset_dirs(n->cfg->presets_dir[0] ? n->cfg->presets_dir : NULL, preset_dirs);
@@ -210,6 +228,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   pthread_mutex_unlock(&n->mu);
   free(job);
   n->holds_rank0 = me->rank_begin == 0;
+  read_order(n); /* one already there (a generation formed paused) holds step one */
   int here = me->rank_end - me->rank_begin;
   if (here > n->n_devices)
     return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
@@ -523,22 +542,7 @@ static void node_round(node *n) {
       break;
     }
     if (rc < 0) break;
-    int64_t seq;
-    char kind[32];
-    if ((rc = mt_rdzv_order(n->store, n->gen, &seq, kind, sizeof kind)) == 1 &&
-        seq > n->order_seq) {
-      n->order_seq = seq;
-      int code = !strcmp(kind, "pause")        ? MT_ORDER_PAUSE
-                 : !strcmp(kind, "resume")     ? MT_ORDER_RESUME
-                 : !strcmp(kind, "stop")       ? MT_ORDER_STOP
-                 : !strcmp(kind, "checkpoint") ? MT_ORDER_CHECKPOINT
-                 : !strcmp(kind, "resize")     ? MT_ORDER_RESIZE
-                                               : 0;
-      /* world rank 0 carries it into the step's all-reduce: every rank acts
-       * on the same step boundary */
-      if (code && n->holds_rank0) n->order_word = mt_order_word(seq, code);
-      if (!code) mt_log_warn("the coordinator ordered \"%s\", unknown to this version", kind);
-    }
+    read_order(n);
     break;
   }
   case N_ENDING:

@@ -647,6 +647,12 @@ static int form(mt_coord *c, int dp) {
   char key[64];
   snprintf(key, sizeof key, "gen/%d/job", c->gen);
   int rc = mt_store_set(c->o.store, key, c->job_json, strlen(c->job_json));
+  /* a job paused when its generation ended starts the next paused: the order
+   * is there before the assignment, so the ranks see it before step one */
+  snprintf(key, sizeof key, "gen/%d/order", c->gen);
+  if (!rc && c->paused)
+    rc = set_json(c->o.store, key,
+                  json_pack("{s:I, s:s}", "seq", (json_int_t)++c->order_seq, "kind", "pause"));
   snprintf(key, sizeof key, "gen/%d/job_hash", c->gen);
   if (!rc) rc = mt_store_set(c->o.store, key, c->o.job_hash, strlen(c->o.job_hash));
   snprintf(key, sizeof key, "gen/%d/assignment", c->gen);
@@ -665,6 +671,10 @@ static int form(mt_coord *c, int dp) {
                 c->gen, restart, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
     c->state = G_RUNNING;
     c->reforming = 0;
+    if (c->paused)
+      mt_log_info("coordinator: generation %d starts paused, as the job was: mtnlgctl resume "
+                  "goes on",
+                  c->gen);
     if (c->resize_to) {
       for (int i = 0; i < c->n_ops; i++)
         if (c->ops[i].id == c->resize_op) op_done(&c->ops[i], 1, NULL);
@@ -684,7 +694,7 @@ static void begin_forming(mt_coord *c) {
   c->gen++;
   c->state = G_FORMING;
   c->formable_since_ms = 0;
-  c->paused = 0;
+  /* paused stays: a paused job that lost a node re-forms paused (form) */
   for (int i = 0; i < c->n_nodes; i++)
     if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
       c->nodes[i].role = ROLE_NONE;

@@ -166,7 +166,21 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     if (rc) return rc;
     if (resumed) last_saved = resumed;
   }
-  while (tr->step < job->train.steps) {
+  /* a pause already ordered when the ranks start (a generation that formed
+   * while the job was paused) holds them before their first step */
+  int stopped = 0;
+  if (o->order) {
+    double v[2] = {0.0, c->rank == 0 ? (double)*o->order : 0.0};
+    int rc = tr->g.world ? mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM) : 0;
+    if (rc) return mt_wraperr(rc, "agreeing on the orders before the first step");
+    int64_t w = (int64_t)v[1];
+    if (mt_order_kind(w) == MT_ORDER_PAUSE && mt_order_seq(w) > order_seq) {
+      order_seq = mt_order_seq(w);
+      if (c == c->all && o->on_order) o->on_order(MT_ORDER_PAUSE, order_seq, tr->step, o->arg);
+      if ((rc = pause_loop(c, tr, &order_seq, &stopped, &last_saved))) return rc;
+    }
+  }
+  while (!stopped && tr->step < job->train.steps) {
     tr->stop_request = o->stop && *o->stop; /* any process signalled: all stop together */
     tr->order_word = c->rank == 0 && o->order ? *o->order : 0;
     mt_step_stats st;

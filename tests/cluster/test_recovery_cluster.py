@@ -45,6 +45,12 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   SIGKILLed past step 6: n3's ranks fail on their peer, n3 finds its device
   lost, says so, and exits 1 (systemd would start it again); the others
   re-form without n2 and n3 and finish the job, exiting 0.
+- test_paused_job_lost_a_node_and_reformed_paused: 2 daemons (the whole dp
+  1), no checkpoint.dir, a control token; paused through n0, then n1 is
+  SIGKILLed and started again: generation 2 forms paused (its ranks are
+  held before their first step: for 2 s no step is printed and the status
+  says paused), and a resume lets the job finish; both exit 0. A re-formed
+  generation used to train on, the operator's pause forgotten.
 """
 import importlib.util
 import json
@@ -313,6 +319,48 @@ def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def post(node, path, token):
+    req = urllib.request.Request(node.url() + path, data=b"{}", method="POST",
+                                 headers={"Authorization": "Bearer " + token,
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status
+
+
+def test_paused_job_reforms_paused(mtnlgd, tmp, tokens):
+    token = "pause-token"
+    job = tiny_job(os.path.join(tmp, "paused.json"), tokens, "paused", 10,
+                   parallel={"tp": 2, "pp": 2, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "paused"), job, nodes=2, heartbeat_ms=HB_MS,
+                     timeout_ms=TIMEOUT_MS, token=token)
+    n0, n1 = c.nodes
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        paused = post(n0, "/v1/pause", token)
+        c.wait_for(lambda: status(n0)["state"] == "paused", 30, "paused")
+        n1.signal(signal.SIGKILL)
+        n1.wait(10)
+        c.wait_for(lambda: grep(n0, r"coordinator: generation 1 ended"), 30, "the end")
+        c.node_start(n1)
+        c.wait_for(lambda: grep(n0, r"generation 2 starts paused"), 60, "generation 2")
+        before = len(n0.steps())
+        time.sleep(2.0)
+        held = len(n0.steps()) == before
+        st = status(n0)
+        resumed = post(n0, "/v1/resume", token)
+        codes = c.wait_all(120)
+        steps = [s["step"] for s in n0.steps()]
+        ok = (paused == 202 and held and st["state"] == "paused" and st["generation"] == 2
+              and resumed == 202 and codes == [0, 0] and steps[-10:] == list(range(1, 11)))
+        return check("test_paused_job_lost_a_node_and_reformed_paused", ok,
+                     "pause %s; generation %s state %s, no step in 2 s: %s; resume %s; exit codes "
+                     "%s; steps %s%s" % (paused, st["generation"], st["state"], held, resumed,
+                                         codes, steps, "" if ok else "\n" + c.logs(15)))
+    finally:
+        c.kill_all()
+
+
 def test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens):
     name = "test_stalled_node_coming_back_lets_the_cluster_waiting_for_nodes_reform"
     c = two_nodes(mtnlgd, tmp, tokens, "comeback", 12,
@@ -386,9 +434,11 @@ def main():
         fails += test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens)
         t5 = time.time()
         fails += test_node_that_lost_a_device_exits_to_restart(mtnlgd, tmp, tokens)
+        t6 = time.time()
+        fails += test_paused_job_reforms_paused(mtnlgd, tmp, tokens)
         print("# %s s" % ", ".join("%.1f" % t for t in
-                                   (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4,
-                                    time.time() - t5)))
+                                   (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5,
+                                    time.time() - t6)))
     print("%d failure(s)" % fails)
     sys.exit(1 if fails else 0)
 
