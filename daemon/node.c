@@ -183,12 +183,7 @@ static void read_order(node *n) {
   char kind[32];
   if (mt_rdzv_order(n->store, n->gen, &seq, kind, sizeof kind) != 1 || seq <= n->order_seq) return;
   n->order_seq = seq;
-  int code = !strcmp(kind, "pause")        ? MT_ORDER_PAUSE
-             : !strcmp(kind, "resume")     ? MT_ORDER_RESUME
-             : !strcmp(kind, "stop")       ? MT_ORDER_STOP
-             : !strcmp(kind, "checkpoint") ? MT_ORDER_CHECKPOINT
-             : !strcmp(kind, "resize")     ? MT_ORDER_RESIZE
-                                           : 0;
+  int code = mt_order_kind_code(kind); /* the engine's MT_ORDER_* numbers */
   /* world rank 0 carries it into the step's all-reduce: every rank acts on
    * the same step boundary */
   if (code && n->holds_rank0) n->order_word = mt_order_word(seq, code);

@@ -306,6 +306,15 @@ json_t *mt_rdzv_cluster_status(mt_store *s, int *rc) {
 /* ---- the coordinator ---- */
 
 enum { ROLE_NONE, ROLE_MEMBER, ROLE_SPARE, ROLE_LOST, ROLE_LEFT };
+int mt_order_kind_code(const char *name) {
+  return !strcmp(name, "pause")        ? MT_ORDER_KIND_PAUSE
+         : !strcmp(name, "resume")     ? MT_ORDER_KIND_RESUME
+         : !strcmp(name, "stop")       ? MT_ORDER_KIND_STOP
+         : !strcmp(name, "checkpoint") ? MT_ORDER_KIND_CHECKPOINT
+         : !strcmp(name, "resize")     ? MT_ORDER_KIND_RESIZE
+                                       : 0;
+}
+
 static const char *const role_names[] = {"joined", "member", "spare", "lost", "left"};
 
 typedef struct coord_node {
@@ -601,6 +610,14 @@ static int pick_dp(const mt_coord *c, int slots) {
 
 static void op_done(coord_op *o, int ok, const char *reason);
 
+/* gen/<g>/order of generation c->gen, the next order seq. */
+static int publish_order(mt_coord *c, const char *kind) {
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/order", c->gen);
+  return set_json(c->o.store, key,
+                  json_pack("{s:I, s:s}", "seq", (json_int_t)++c->order_seq, "kind", kind));
+}
+
 /* Forms generation c->gen from the nodes present: members in name order,
  * whole nodes, until pp * dp slots; the rest spares. Publishes job, hash and
  * assignment (the assignment last: members wait for it). */
@@ -649,10 +666,7 @@ static int form(mt_coord *c, int dp) {
   int rc = mt_store_set(c->o.store, key, c->job_json, strlen(c->job_json));
   /* a job paused when its generation ended starts the next paused: the order
    * is there before the assignment, so the ranks see it before step one */
-  snprintf(key, sizeof key, "gen/%d/order", c->gen);
-  if (!rc && c->paused)
-    rc = set_json(c->o.store, key,
-                  json_pack("{s:I, s:s}", "seq", (json_int_t)++c->order_seq, "kind", "pause"));
+  if (!rc && c->paused) rc = publish_order(c, "pause");
   snprintf(key, sizeof key, "gen/%d/job_hash", c->gen);
   if (!rc) rc = mt_store_set(c->o.store, key, c->o.job_hash, strlen(c->o.job_hash));
   snprintf(key, sizeof key, "gen/%d/assignment", c->gen);
@@ -925,12 +939,7 @@ static void supersede_resize(mt_coord *c) {
 static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op **op, char *why,
                           size_t size) {
   const char *st = cluster_state(c);
-  int kind_code = !strcmp(kind, "pause")        ? MT_ORDER_KIND_PAUSE
-                  : !strcmp(kind, "resume")     ? MT_ORDER_KIND_RESUME
-                  : !strcmp(kind, "stop")       ? MT_ORDER_KIND_STOP
-                  : !strcmp(kind, "checkpoint") ? MT_ORDER_KIND_CHECKPOINT
-                  : !strcmp(kind, "resize")     ? MT_ORDER_KIND_RESIZE
-                                                : 0;
+  int kind_code = mt_order_kind_code(kind);
   /* 64-bit: a dp of 2^30 or 2^32 + 2 is refused as too wide, not wrapped */
   json_int_t want = json_integer_value(json_object_get(args, "dp"));
   if (!kind_code) {
@@ -1266,10 +1275,7 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
 int mt_coord_order(mt_coord *c, const char *kind) {
   if (c->state != G_RUNNING)
     return mt_seterr(MT_EINVAL, "coordinator: no generation is running to %s", kind);
-  char key[64];
-  snprintf(key, sizeof key, "gen/%d/order", c->gen);
-  return set_json(c->o.store, key,
-                  json_pack("{s:I, s:s}", "seq", (json_int_t)++c->order_seq, "kind", kind));
+  return publish_order(c, kind);
 }
 
 int mt_coord_finish(mt_coord *c, int ok, const char *reason) {

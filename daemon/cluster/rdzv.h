@@ -128,6 +128,8 @@ enum {
   MT_ORDER_KIND_CHECKPOINT = 4,
   MT_ORDER_KIND_RESIZE = 5
 };
+/* The kind named ("pause", "resume", "stop", "checkpoint", "resize"), or 0. */
+int mt_order_kind_code(const char *name);
 
 typedef struct mt_coord_opts {
   mt_store *store;

@@ -125,6 +125,20 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
   return save_rc(rc);
 }
 
+/* Between steps: every rank learns whether any process was signalled to
+ * stop and world rank 0's order word (a sum: only rank 0 adds it). */
+static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int64_t *word) {
+  const mt_local_opts *o = c->o;
+  double v[2] = {o->stop && *o->stop ? 1.0 : 0.0,
+                 c->rank == 0 && o->order ? (double)*o->order : 0.0};
+  if (tr->g.world) {
+    int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
+    if (rc) return rc;
+  }
+  *stop = v[0] > 0, *word = (int64_t)v[1];
+  return 0;
+}
+
 /* Paused after a step: every rank all-reduces the stop request and rank 0's
  * order word every 50 ms (so heartbeats, deadlines and peers stay alive)
  * until an order newer than the pause resumes or stops the run. Nothing of
@@ -134,14 +148,11 @@ static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int6
   for (;;) {
     struct timespec ts = {0, 50 * 1000 * 1000};
     nanosleep(&ts, NULL);
-    double v[2] = {o->stop && *o->stop ? 1.0 : 0.0,
-                   c->rank == 0 && o->order ? (double)*o->order : 0.0};
-    if (tr->g.world) {
-      int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
-      if (rc) return mt_wraperr(rc, "paused after step %lld", (long long)tr->step);
-    }
-    if (v[0] > 0) return *stop = 1, 0;
-    int64_t w = (int64_t)v[1];
+    int any_stop;
+    int64_t w;
+    int rc = agree_orders(c, tr, &any_stop, &w);
+    if (rc) return mt_wraperr(rc, "paused after step %lld", (long long)tr->step);
+    if (any_stop) return *stop = 1, 0;
     if (mt_order_seq(w) <= *seq) continue;
     *seq = mt_order_seq(w);
     int kind = mt_order_kind(w);
@@ -170,10 +181,10 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
    * while the job was paused) holds them before their first step */
   int stopped = 0;
   if (o->order) {
-    double v[2] = {0.0, c->rank == 0 ? (double)*o->order : 0.0};
-    int rc = tr->g.world ? mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM) : 0;
+    int any_stop; /* a signal before the first step is seen at its end, as before */
+    int64_t w;
+    int rc = agree_orders(c, tr, &any_stop, &w);
     if (rc) return mt_wraperr(rc, "agreeing on the orders before the first step");
-    int64_t w = (int64_t)v[1];
     if (mt_order_kind(w) == MT_ORDER_PAUSE && mt_order_seq(w) > order_seq) {
       order_seq = mt_order_seq(w);
       if (c == c->all && o->on_order) o->on_order(MT_ORDER_PAUSE, order_seq, tr->step, o->arg);
