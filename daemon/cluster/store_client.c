@@ -200,7 +200,9 @@ static void on_deadline(uv_timer_t *t) {
     creq *r = *p;
     if (r->deadline_ms >= 0 && now >= r->deadline_ms) {
       *p = r->next;
-      fail(c, r, MT_ETIMEDOUT, "no reply within %d ms", c->o.request_timeout_ms);
+      /* MT_EIO, not MT_ETIMEDOUT: a silent server is a store failure, and a
+       * caller polling for a key must not take it for "not set yet". */
+      fail(c, r, MT_EIO, "no reply from the store server within %d ms", c->o.request_timeout_ms);
     } else {
       p = &r->next;
     }

@@ -185,23 +185,43 @@ static int join(mt_comm *c, mt_store *store, int64_t deadline) {
     if (rc) return rc;
   }
   if (!rc) return 0;
-  /* Name every rank that is missing now, not only the first one waited for. */
+  /* Name every rank that is missing now, not only the first one waited for.
+   * The listing gets no time of its own: it stops at the deadline's grace
+   * and at the first question the store cannot answer. */
+  int store_rc = 0;
+  char store_err[160] = "";
   char missing[256] = "";
   size_t len = 0;
   int count = 0;
+  int64_t list_end = now_ms() + 1000;
   for (int r = 0; r < c->size; r++) {
     if (r == c->rank) continue;
+    if (now_ms() >= list_end) {
+      if (len < sizeof missing - 16)
+        len += (size_t)snprintf(missing + len, sizeof missing - len, "%s...", count ? ", " : "");
+      break;
+    }
     snprintf(suffix, sizeof suffix, "join/%d", r);
     mt__comm_key(key, sizeof key, c->prefix, suffix);
-    if (mt_store_check(store, key) == 1) continue;
+    int have = mt_store_check(store, key);
+    if (have == 1) continue;
+    if (have < 0) {
+      store_rc = have;
+      snprintf(store_err, sizeof store_err, "%s", mt_errmsg());
+      break;
+    }
     if (len < sizeof missing - 16)
       len += (size_t)snprintf(missing + len, sizeof missing - len, "%s%d", count ? ", " : "", r);
     count++;
   }
+  if (store_rc)
+    return mt_seterr(store_rc,
+                     "peers did not join within %d ms and the store (%s) did not answer: %s",
+                     c->timeout_ms, store->kind, store_err);
   snprintf(suffix, sizeof suffix, "join/<rank>");
   mt__comm_key(key, sizeof key, c->prefix, suffix);
   return mt_seterr(MT_ETIMEDOUT, "rank%s %s did not join within %d ms (store %s, key %s)",
-                   count == 1 ? "" : "s", count ? missing : "?", c->timeout_ms, store->kind, key);
+                   count == 1 ? "" : "s", len ? missing : "?", c->timeout_ms, store->kind, key);
 }
 
 int mt_comm_create(mt_comm **out, const mt_comm_opts *o) {

@@ -27,7 +27,8 @@ struct mt_store {
   int (*set)(mt_store *s, const char *key, const void *value, size_t bytes);
   /* Waits until key exists, at most timeout_ms (0: do not wait, < 0: no
    * limit), then returns a malloc'd copy of its value (free() it) with a NUL
-   * after the last byte. MT_ETIMEDOUT when the key did not appear in time. */
+   * after the last byte. MT_ETIMEDOUT when the key did not appear in time, and
+   * only then: a store that cannot answer returns MT_EIO. */
   int (*get)(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms);
   /* Atomically adds delta to the integer at key (0 when absent) and returns
    * the new value in *result (may be NULL). */

@@ -394,14 +394,23 @@ typedef struct cancel_store {
 static int cs_set(mt_store *s, const char *key, const void *value, size_t bytes) {
   return mt_store_set(((cancel_store *)s)->inner, key, value, bytes);
 }
+static int64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 static int cs_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
   cancel_store *c = (cancel_store *)s;
-  for (int waited = 0;; waited += 100) {
+  /* The deadline is read off the clock: a slice can take longer than 100 ms
+   * when the store is slow to answer. */
+  int64_t end = timeout_ms < 0 ? -1 : mono_ms() + timeout_ms;
+  for (;;) {
     if (*c->cancel)
       return mt_seterr(MT_ECANCELED, "store: wait for %s cancelled: a rank failed", key);
-    int slice = timeout_ms < 0 ? 100 : timeout_ms - waited < 100 ? timeout_ms - waited : 100;
-    int rc = mt_store_get(c->inner, key, value, bytes, slice > 0 ? slice : 0);
-    if (rc != MT_ETIMEDOUT || (timeout_ms >= 0 && waited + 100 >= timeout_ms)) return rc;
+    int64_t left = end < 0 ? 100 : end - mono_ms();
+    int slice = left < 0 ? 0 : left < 100 ? (int)left : 100;
+    int rc = mt_store_get(c->inner, key, value, bytes, slice);
+    if (rc != MT_ETIMEDOUT || (end >= 0 && mono_ms() >= end)) return rc;
   }
 }
 static int cs_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {

@@ -6,7 +6,10 @@
  * MB; malformed, truncated and oversized frames on raw sockets get an error
  * reply and a close while other clients are served; a client reconnects with
  * backoff after the server restarts on the same port. The server is started
- * and stopped by its pid (SIGTERM) and always reaped. */
+ * and stopped by its pid (SIGTERM) and always reaped; stopped (SIGSTOP), its
+ * clients and a comm group bootstrapping through it fail as a store failure
+ * within their deadlines. */
+#include "comm.h"
 #include "err.h"
 #include "store_client.h"
 #include "store_server.h"
@@ -674,6 +677,45 @@ static void test_client_reconnects_after_server_restart(mt_store *s) {
   mt_store_free(other);
 }
 
+/* A server that stops answering (SIGSTOP: the coordinator's host froze) is a
+ * store failure, never "the key is not set yet": a GET polled in short slices
+ * fails with MT_EIO after request_timeout_ms, and a comm group bootstrapping
+ * through the store fails within its deadline plus one request timeout,
+ * blaming the store rather than the peers. */
+static void test_stopped_server_is_a_store_failure(void) {
+  mt_store_tcp_opts o = {.connect_timeout_ms = 1000, .request_timeout_ms = 500};
+  mt_store *s = NULL;
+  CHECK(!mt_store_tcp_new("127.0.0.1", server_port, &o, &s), "%s", mt_errmsg());
+  if (!s) return;
+  CHECK(!mt_store_set(s, "gen/3/x", "1", 1), "%s", mt_errmsg());
+  kill(server_pid, SIGSTOP);
+  double t0 = now_s();
+  void *v = NULL;
+  int rc = mt_store_get(s, "gen/3/absent", &v, NULL, 100);
+  double took = now_s() - t0;
+  CHECK(rc == MT_EIO && strstr(mt_errmsg(), "no reply"), "a get from a stopped server: %s %s",
+        mt_strerror(rc), mt_errmsg());
+  CHECK(took >= 0.5 && took < 2.0, "a get with 100 + 500 ms to spare took %.2f s", took);
+  free(v);
+
+  mt_comm_opts co = {.store = s,
+                     .name = "world",
+                     .prefix = "gen/3/comm/world",
+                     .rank = 0,
+                     .size = 8,
+                     .timeout_ms = 1500,
+                     .backend = MT_COMM_GLOO};
+  mt_comm *c = NULL;
+  t0 = now_s();
+  rc = mt_comm_create(&c, &co);
+  took = now_s() - t0;
+  CHECK(rc == MT_EIO && !c && strstr(mt_errmsg(), "no reply"),
+        "a join through a stopped store: %s %s", mt_strerror(rc), mt_errmsg());
+  CHECK(took < 1.5 + 0.5 + 1.5, "a join with a 1500 ms deadline took %.2f s", took);
+  kill(server_pid, SIGCONT);
+  mt_store_free(s);
+}
+
 static void test_no_server_fails_naming_address_and_key(void) {
   /* A port nobody listens on: bind one, note it, close it. */
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -760,6 +802,7 @@ int main(int argc, char **argv) {
   test_values_of_several_mb(s, other);
   test_malformed_frames_close_only_their_connection(s, other);
   test_client_reconnects_after_server_restart(s);
+  test_stopped_server_is_a_store_failure();
   mt_store_free(other);
   mt_store_free(s);
   CHECK(!server_stop(), "the store server did not exit 0 on SIGTERM");
