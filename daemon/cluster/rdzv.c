@@ -367,7 +367,8 @@ struct mt_coord {
   int restarts;      /* generations ended by a failure and re-formed */
   int reforming;     /* forming after a failure: bounded by reform_timeout_ms */
   int64_t reform_since_ms;
-  char failure[600];      /* what ended the last generation that failed */
+  char failure[600]; /* what ended the last generation that failed */
+  char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
   int64_t next_op_req;    /* the next ops/req/<n> to read */
   int64_t req_missing_ms; /* since when ops/req/<next_op_req> is numbered but unwritten */
   coord_op *ops;
@@ -473,21 +474,22 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
     json_decref(j);
     char why[512];
     const char *no = bad ? "the join descriptor has no node name" : refusal(c, &d, why, sizeof why);
+    /* nothing about the node is kept until its verdict is written: a verdict
+     * that fails is read again next tick, and must not find the node already
+     * there and refuse it as a duplicate of itself */
+    coord_node *n = NULL;
     if (no) {
       mt_log_warn("coordinator: refused join %lld: %s", (long long)c->next_seq, no);
-    } else if ((rc = forget_left(c, d.name))) {
-      return rc;
-    } else {
-      coord_node *n = find_node(c, d.name);
-      if (!n) {
-        if (c->n_nodes == c->cap) {
-          int cap = c->cap ? 2 * c->cap : 16;
-          coord_node *m = realloc(c->nodes, (size_t)cap * sizeof *m);
-          if (!m) return mt_seterr(MT_ENOMEM, "coordinator: %d nodes", cap);
-          c->nodes = m, c->cap = cap;
-        }
-        n = &c->nodes[c->n_nodes++];
-      }
+    } else if (!(n = find_node(c, d.name)) && c->n_nodes == c->cap) {
+      int cap = c->cap ? 2 * c->cap : 16;
+      coord_node *m = realloc(c->nodes, (size_t)cap * sizeof *m);
+      if (!m) return mt_seterr(MT_ENOMEM, "coordinator: %d nodes", cap);
+      c->nodes = m, c->cap = cap;
+    }
+    if (!no && (rc = forget_left(c, d.name))) return rc;
+    if ((rc = write_verdict(c, c->next_seq, no))) return rc;
+    if (!no) {
+      if (!n) n = &c->nodes[c->n_nodes++];
       memset(n, 0, sizeof *n);
       n->d = d;
       n->slots = d.n_devices / c->o.tp;
@@ -497,7 +499,6 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
       mt_log_info("coordinator: node %s joined from %s with %d device(s) (%d slot(s)) as join %lld",
                   d.name, d.host, d.n_devices, n->slots, (long long)c->next_seq);
     }
-    if ((rc = write_verdict(c, c->next_seq, no))) return rc;
     c->next_seq++;
   }
   return 0;
@@ -542,31 +543,32 @@ static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms) {
 }
 
 /* Heartbeats and departures: marks nodes lost or left, and lost nodes that
- * heartbeat again back; returns the first member of the running generation
- * lost (or gone) in this round, with what happened to it in why, or NULL. */
-static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc, char *why, size_t size) {
-  coord_node *lost_member = NULL;
-  *rc = 0;
+ * heartbeat again back. The first member of the running generation lost (or
+ * gone) is written down in c->loss, which stays until the generation's end
+ * is written: a store error on the way cannot make the coordinator forget a
+ * node it has already marked lost. */
+static int read_heartbeats(mt_coord *c, int64_t now_ms) {
+  char *why = c->loss;
+  size_t size = sizeof c->loss;
+  int rc = 0;
   for (int i = 0; i < c->n_nodes; i++) {
     coord_node *n = &c->nodes[i];
     if (n->role == ROLE_LEFT) continue;
     if (n->role == ROLE_LOST) {
-      if ((*rc = read_lost(c, n, now_ms))) return NULL;
+      if ((rc = read_lost(c, n, now_ms))) return rc;
       continue;
     }
     char key[128];
     snprintf(key, sizeof key, "nodes/%s/left", n->d.name);
     int left = mt_store_check(c->o.store, key);
-    if (left < 0) return *rc = left, NULL;
+    if (left < 0) return left;
     if (left && n->role == ROLE_MEMBER && c->state == G_RUNNING) {
       /* a member leaves only once the job ended, or when it gave up its
        * ranks: the generation cannot go on without them */
       n->role = ROLE_LEFT;
       mt_log_warn("coordinator: node %s left while a member of generation %d", n->d.name, c->gen);
-      if (!lost_member) {
-        lost_member = n;
+      if (!why[0])
         snprintf(why, size, "node %s left (ranks [%d, %d))", n->d.name, n->rank_begin, n->rank_end);
-      }
       continue;
     }
     if (left && n->role != ROLE_MEMBER) {
@@ -576,21 +578,20 @@ static coord_node *read_heartbeats(mt_coord *c, int64_t now_ms, int *rc, char *w
     }
     int64_t v;
     snprintf(key, sizeof key, "hb/%s", n->d.name);
-    if ((*rc = mt_store_add(c->o.store, key, 0, &v))) return NULL;
+    if ((rc = mt_store_add(c->o.store, key, 0, &v))) return rc;
     if (v != n->hb_value) n->hb_value = v, n->hb_changed_ms = now_ms;
     if (now_ms - n->hb_changed_ms > c->o.heartbeat_timeout_ms && !left) {
       int was_member = n->role == ROLE_MEMBER;
       n->role = ROLE_LOST;
       mt_log_warn("coordinator: node %s lost: no heartbeat for %.1f s", n->d.name,
                   (now_ms - n->hb_changed_ms) / 1000.0);
-      if (was_member && !lost_member) {
-        lost_member = n;
+      if (was_member && c->state == G_RUNNING && !why[0]) {
         snprintf(why, size, "node %s lost (no heartbeat for %.1f s, ranks [%d, %d))", n->d.name,
                  (now_ms - n->hb_changed_ms) / 1000.0, n->rank_begin, n->rank_end);
       }
     }
   }
-  return lost_member;
+  return 0;
 }
 
 static int cmp_nodes(const void *a, const void *b) {
@@ -699,7 +700,13 @@ static int form(mt_coord *c, int dp) {
     c->first_failure_ms = 0;
   }
   mt_assignment_free(&a);
-  return rc ? mt_wraperr(rc, "coordinator: publish generation %d", c->gen) : 0;
+  if (rc) { /* not formed: the next tick forms again from the same nodes */
+    for (int i = 0; i < c->n_nodes; i++)
+      if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
+        c->nodes[i].role = ROLE_NONE;
+    return mt_wraperr(rc, "coordinator: publish generation %d", c->gen);
+  }
+  return 0;
 }
 
 /* After a generation ended without ending the job: the next one forms from
@@ -708,6 +715,7 @@ static void begin_forming(mt_coord *c) {
   c->gen++;
   c->state = G_FORMING;
   c->formable_since_ms = 0;
+  c->loss[0] = 0;
   /* paused stays: a paused job that lost a node re-forms paused (form) */
   for (int i = 0; i < c->n_nodes; i++)
     if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
@@ -748,13 +756,14 @@ static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
              what, c->restarts, c->o.max_restarts);
     return end_generation(c, now_ms, 1, 0, why);
   }
-  c->restarts++;
   snprintf(why, sizeof why, "%.600s; re-forming from %s, restart %d of %d", what,
            c->o.has_checkpoint_dir ? "the last checkpoint"
                                    : "step 0 (the job has no checkpoint.dir)",
-           c->restarts, c->o.max_restarts);
+           c->restarts + 1, c->o.max_restarts);
+  /* counted once the end is written: an end that fails is tried again */
   int rc = end_generation(c, now_ms, 0, 0, why);
   if (rc) return rc;
+  c->restarts++;
   /* the orders of the ended generation cannot act any more */
   char failed[1000];
   snprintf(failed, sizeof failed, "the generation ended first: %s", why);
@@ -960,9 +969,13 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
     }
     if (c->resize_to) supersede_resize(c);
     if (c->state == G_FORMING) { /* nothing runs: the job ends here */
+      int rc = mt_coord_finish(c, 1, "stopped by an operator before a generation formed");
+      if (rc) {
+        snprintf(why, size, "cannot stop: writing the job's end failed: %.400s", mt_errmsg());
+        return why;
+      }
       if (!(*op = new_op(c, kind))) return "out of memory";
       op_done(*op, 1, NULL);
-      mt_coord_finish(c, 1, "stopped by an operator before a generation formed");
       return NULL;
     }
   } else if (c->state == G_FORMING) {
@@ -1242,11 +1255,13 @@ int mt_coord_tick(mt_coord *c, int64_t now_ms) {
 static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   int rc = read_joins(c, now_ms);
   if (rc || c->state == G_ENDED) return rc; /* late joiners get a verdict, and see the end */
-  char why[512];
-  coord_node *lost = read_heartbeats(c, now_ms, &rc, why, sizeof why);
-  if (rc) return rc;
+  if ((rc = read_heartbeats(c, now_ms))) return rc;
   if (c->state == G_RUNNING) {
-    if (lost) return restart_or_end(c, now_ms, why);
+    if (c->loss[0]) {
+      char why[sizeof c->loss];
+      snprintf(why, sizeof why, "%s", c->loss);
+      return restart_or_end(c, now_ms, why); /* clears c->loss once the end is written */
+    }
     return read_reports(c, now_ms);
   }
   /* forming */

@@ -643,8 +643,9 @@ static int call(client *c, creq *r) {
   else
     c->submit = r;
   c->submit_tail = r;
-  pthread_mutex_unlock(&c->mu);
+  /* woken under mu: a free racing this call cannot close the handle in between */
   uv_async_send(&c->wake);
+  pthread_mutex_unlock(&c->mu);
   while (sem_wait(&r->done) < 0 && errno == EINTR) {
   }
   sem_destroy(&r->done);

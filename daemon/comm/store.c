@@ -129,9 +129,11 @@ static int mem_add(mt_store *s, const char *key, int64_t delta, int64_t *result)
   int rc = 0;
   mem_entry *e = mem_find(m, key);
   if (e) rc = parse_count("mem", key, e->value, &v);
+  if (!rc && __builtin_add_overflow(v, delta, &v))
+    rc = mt_seterr(MT_EINVAL, "store(mem): key %s: adding %" PRId64 " overflows 64 bits", key,
+                   delta);
   if (!rc) {
     char text[32];
-    v += delta;
     int n = snprintf(text, sizeof text, "%" PRId64, v);
     rc = mem_put(m, key, text, (size_t)n);
   }
@@ -343,9 +345,11 @@ static int file_add(mt_store *s, const char *key, int64_t delta, int64_t *result
   else if (!rc)
     rc = parse_count("file", key, old, &v);
   free(old);
+  if (!rc && __builtin_add_overflow(v, delta, &v))
+    rc = mt_seterr(MT_EINVAL, "store(file): key %s: adding %" PRId64 " overflows 64 bits", key,
+                   delta);
   if (!rc) {
     char text[32];
-    v += delta;
     int n = snprintf(text, sizeof text, "%" PRId64, v);
     rc = file_put(f, key, path, text, (size_t)n);
   }

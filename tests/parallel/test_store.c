@@ -99,6 +99,12 @@ static void test_add_is_atomic_across_threads(mt_store *s) {
   CHECK(!mt_store_add(s, j.key, -200, &v) && v == 1000, "%s: add -200 gave %" PRId64, s->kind, v);
   mt_store_set(s, "gen/0/text", "abc", 3);
   CHECK(mt_store_add(s, "gen/0/text", 1, &v) == MT_EINVAL, "%s: add to a non-integer", s->kind);
+  /* past 64 bits: refused, the count kept (as the TCP server refuses it) */
+  CHECK(!mt_store_add(s, "gen/0/big", INT64_MAX - 1, &v), "%s: %s", s->kind, mt_errmsg());
+  CHECK(mt_store_add(s, "gen/0/big", 2, &v) == MT_EINVAL && strstr(mt_errmsg(), "overflow"),
+        "%s: an add past INT64_MAX: %s", s->kind, mt_errmsg());
+  CHECK(!mt_store_add(s, "gen/0/big", 0, &v) && v == INT64_MAX - 1,
+        "%s: after the refused add: %" PRId64, s->kind, v);
 }
 
 static void test_file_add_is_atomic_across_processes(const char *dir) {

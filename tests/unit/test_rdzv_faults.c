@@ -1,0 +1,193 @@
+/* test_rdzv_faults.c — the coordinator (daemon/cluster/rdzv.c) over a store
+ * that fails one write once, as a TCP store does when a request gets no
+ * reply under load. A failed write must leave the coordinator where it was,
+ * so that the next tick does the step again; it must not leave it believing
+ * the step was done:
+ *
+ * - the assignment of generation 1 fails: the generation forms next tick
+ *   (before, the nodes kept roles of a generation never published, and no
+ *   generation ever formed);
+ * - a join's verdict fails: the node is accepted next tick (before, it was
+ *   refused as a duplicate of itself and yet placed);
+ * - the end of a generation that lost a member fails: the generation ends
+ *   next tick and re-forms, with one restart counted (before, the loss was
+ *   forgotten and the cluster said "running" with its only member lost).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "mt_check.h"
+#include "rdzv.h"
+#include "store.h"
+
+typedef struct flaky_store {
+  mt_store base;
+  mt_store *inner;
+  char fail_key[64]; /* its next SET fails, once */
+  int failed;        /* how many SETs were failed */
+} flaky_store;
+
+static int f_set(mt_store *s, const char *key, const void *value, size_t bytes) {
+  flaky_store *f = (flaky_store *)s;
+  if (f->fail_key[0] && !strcmp(key, f->fail_key)) {
+    f->fail_key[0] = 0;
+    f->failed++;
+    return mt_seterr(MT_EIO, "store(flaky): set %s: no reply (injected)", key);
+  }
+  return mt_store_set(f->inner, key, value, bytes);
+}
+static int f_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
+  return mt_store_get(((flaky_store *)s)->inner, key, value, bytes, timeout_ms);
+}
+static int f_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {
+  return mt_store_add(((flaky_store *)s)->inner, key, delta, result);
+}
+static int f_check(mt_store *s, const char *key) {
+  return mt_store_check(((flaky_store *)s)->inner, key);
+}
+static int f_del(mt_store *s, const char *key) {
+  return mt_store_del(((flaky_store *)s)->inner, key);
+}
+static void f_free(mt_store *s) { mt_store_free(((flaky_store *)s)->inner); }
+
+typedef struct cluster {
+  flaky_store store;
+  mt_coord *coord;
+  int64_t now_ms;
+  int64_t seq[2];
+} cluster;
+
+static int open_cluster(cluster *k, const char *fail_key, int nodes) {
+  memset(k, 0, sizeof *k);
+  k->store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky"};
+  snprintf(k->store.fail_key, sizeof k->store.fail_key, "%s", fail_key);
+  if (mt_store_mem_new(&k->store.inner)) return -1;
+  mt_coord_opts o = {.store = &k->store.base,
+                     .job_json = "{}",
+                     .job_hash = "0123456789abcdef",
+                     .version = "test",
+                     .coordinator_name = "n0",
+                     .tp = 1,
+                     .pp = 1,
+                     .dp_min = 1,
+                     .dp_max = 1,
+                     .micro_batch = 1,
+                     .global_batch = 1,
+                     .heartbeat_timeout_ms = 1000,
+                     .max_restarts = 3,
+                     .reform_timeout_ms = 600000};
+  if (mt_coord_new(&o, &k->coord)) return -1;
+  for (int i = 0; i < nodes; i++) {
+    mt_node_desc d = {.n_devices = 1};
+    snprintf(d.name, sizeof d.name, "n%d", i);
+    snprintf(d.host, sizeof d.host, "host%d", i);
+    snprintf(d.version, sizeof d.version, "test");
+    snprintf(d.devices[0], sizeof d.devices[0], "cpu:0");
+    if (mt_rdzv_join(&k->store.base, &d, &k->seq[i])) return -1;
+  }
+  return 0;
+}
+
+static void close_cluster(cluster *k) {
+  mt_coord_free(k->coord);
+  mt_store_free(&k->store.base);
+}
+
+/* Ticks 100 ms apart; the nodes in beating[] heartbeat after each tick.
+ * Returns how many ticks failed. */
+static int run(cluster *k, int ticks, const int *beating, int nodes) {
+  int errors = 0;
+  for (int t = 0; t < ticks; t++) {
+    if (mt_coord_tick(k->coord, k->now_ms += 100)) errors++;
+    for (int i = 0; i < nodes; i++)
+      if (beating[i]) {
+        char name[8];
+        snprintf(name, sizeof name, "n%d", i);
+        mt_rdzv_heartbeat(&k->store.base, name);
+      }
+  }
+  return errors;
+}
+
+static const char *role_of(cluster *k, const char *name, int *gen, const char **state) {
+  mt_coord_node_info info[4];
+  int n = mt_coord_snapshot(k->coord, k->now_ms, gen, state, info, 4);
+  for (int i = 0; i < n && i < 4; i++)
+    if (!strcmp(info[i].name, name)) return info[i].role;
+  return "absent";
+}
+
+static int test_a_failed_assignment_forms_next_tick(void) {
+  cluster k;
+  REQUIRE(!open_cluster(&k, "gen/1/assignment", 1), "open: %s", mt_errmsg());
+  int beating[] = {1};
+  int errors = run(&k, 20, beating, 1);
+  int gen;
+  const char *state;
+  const char *role = role_of(&k, "n0", &gen, &state);
+  CHECK(k.store.failed == 1 && errors == 1, "%d injected failure(s), %d tick(s) failed",
+        k.store.failed, errors);
+  CHECK(gen == 1 && !strcmp(state, "running") && !strcmp(role, "member"),
+        "after a failed assignment: generation %d %s, n0 %s", gen, state, role);
+  CHECK(mt_store_check(&k.store.base, "gen/1/assignment") == 1,
+        "generation 1's assignment was never written");
+  close_cluster(&k);
+  return 0;
+}
+
+static int test_a_failed_verdict_accepts_next_tick(void) {
+  cluster k;
+  REQUIRE(!open_cluster(&k, "nodes/1/verdict", 1), "open: %s", mt_errmsg());
+  int beating[] = {1};
+  run(&k, 20, beating, 1);
+  int watch = -1;
+  int verdict = mt_rdzv_verdict(&k.store.base, k.seq[0], &watch);
+  CHECK(verdict == 1, "n0's verdict after a failed write: %d (%s)", verdict,
+        verdict == MT_EINVAL ? mt_errmsg() : "");
+  int gen;
+  const char *state;
+  const char *role = role_of(&k, "n0", &gen, &state);
+  CHECK(gen == 1 && !strcmp(state, "running") && !strcmp(role, "member"),
+        "after a failed verdict: generation %d %s, n0 %s", gen, state, role);
+  close_cluster(&k);
+  return 0;
+}
+
+static int test_a_failed_end_is_written_next_tick(void) {
+  cluster k;
+  REQUIRE(!open_cluster(&k, "", 2), "open: %s", mt_errmsg());
+  int both[] = {1, 1};
+  run(&k, 5, both, 2);
+  int gen;
+  const char *state;
+  const char *role = role_of(&k, "n0", &gen, &state);
+  REQUIRE(gen == 1 && !strcmp(state, "running") && !strcmp(role, "member"),
+          "before the failure: generation %d %s, n0 %s", gen, state, role);
+  /* n1 is the spare; n0 stops beating and its generation's end fails once */
+  snprintf(k.store.fail_key, sizeof k.store.fail_key, "gen/1/end");
+  int beat_n1[] = {0, 1};
+  run(&k, 30, beat_n1, 2);
+  role = role_of(&k, "n1", &gen, &state);
+  CHECK(k.store.failed == 1, "the end was not written while failing (%d)", k.store.failed);
+  CHECK(mt_store_check(&k.store.base, "gen/1/end") == 1, "generation 1 never ended");
+  CHECK(gen == 2 && !strcmp(state, "running") && !strcmp(role, "member"),
+        "after n0 was lost: generation %d %s, n1 %s", gen, state, role);
+  mt_assignment a = {0};
+  char *job = NULL;
+  CHECK(mt_rdzv_assignment(&k.store.base, 2, &a, &job) == 1 && a.restart == 1,
+        "generation 2 is restart %d, not 1 (%s)", a.restart, mt_errmsg());
+  mt_assignment_free(&a);
+  free(job);
+  close_cluster(&k);
+  return 0;
+}
+
+int main(void) {
+  failures += test_a_failed_assignment_forms_next_tick();
+  failures += test_a_failed_verdict_accepts_next_tick();
+  failures += test_a_failed_end_is_written_next_tick();
+  if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
+  return failures ? 1 : 0;
+}
