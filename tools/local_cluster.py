@@ -33,12 +33,34 @@ def free_port():
     raise RuntimeError("no free TCP port on 127.0.0.1 that was not handed out already")
 
 
+def _die_with_parent():
+    """In the child before exec: SIGTERM when the process that started it dies
+    (prctl PR_SET_PDEATHSIG), so a daemon in a session of its own is not left
+    training when its launcher is killed."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def describe_exit(code):
+    """A Popen return code in words: "0", "1", "killed by SIGKILL"."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return "killed by %s" % signal.Signals(-code).name
+        except ValueError:
+            return "killed by signal %d" % -code
+    return str(code)
+
+
 class Node:
     def __init__(self, cluster, name, conf, out, err):
         self.cluster, self.name, self.conf = cluster, name, conf
         self.out_path, self.err_path = out, err
         self.proc = None
         self.control_port = None
+        self._out_offset = 0  # new_steps(): how far stdout was read
+        self._partial = ""
 
     @property
     def pid(self):
@@ -56,6 +78,25 @@ class Node:
         """The step records this node printed (JSON step lines)."""
         out = []
         for line in self.stdout().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def new_steps(self):
+        """The step records printed since the last call: reads only what was
+        appended, so following a long run costs the same at step 100000 as at
+        step 10."""
+        out = []
+        with open(self.out_path, errors="replace") as f:
+            f.seek(self._out_offset)
+            chunk = f.read()
+            self._out_offset = f.tell()
+        lines = (self._partial + chunk).split("\n")
+        self._partial = lines.pop()  # a line still being written
+        for line in lines:
             if line.startswith("{"):
                 try:
                     out.append(json.loads(line))
@@ -94,7 +135,7 @@ class LocalCluster:
 
     def __init__(self, mtnlgd, run_dir, job, nodes=4, devices="cpu:2", job_sets=(),
                  heartbeat_ms=200, timeout_ms=2000, last_call_ms=500, cpu_threads=1,
-                 log_format="json", extra=None, token=None):
+                 log_format="json", extra=None, token=None, own_session=False):
         self.mtnlgd, self.dir, self.job = mtnlgd, run_dir, job
         self.job_sets = list(job_sets)
         self.port = free_port()
@@ -103,6 +144,10 @@ class LocalCluster:
         self.last_call_ms, self.cpu_threads = last_call_ms, cpu_threads
         self.devices, self.log_format = devices, log_format
         self.extra = extra or {}
+        # own_session: each daemon in a session of its own, so that a
+        # terminal's Ctrl-C reaches only the caller, which stops them once
+        # (tools/local-cluster); they still get SIGTERM if the caller dies.
+        self.own_session = own_session
         self.token_file = None
         os.makedirs(run_dir, exist_ok=True)
         if token:
@@ -152,7 +197,9 @@ class LocalCluster:
         e.update(env or {})
         with open(node.out_path, "w") as out, open(node.err_path, "w") as err:
             node.proc = subprocess.Popen(args, stdout=out, stderr=err, env=e,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         start_new_session=self.own_session,
+                                         preexec_fn=_die_with_parent if self.own_session else None)
         return node
 
     def start(self, env=None):

@@ -1210,7 +1210,10 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
           json_array_append_new(replicas, json_integer(replica));
       }
     }
-    json_t *own = json_object_get(c->node_status, n->d.name);
+    /* what a lost or departed node last said of itself is stale: its state is its role */
+    json_t *own = n->role == ROLE_LOST || n->role == ROLE_LEFT
+                      ? NULL
+                      : json_object_get(c->node_status, n->d.name);
     json_t *node = json_pack(
         "{s:s, s:s, s:s, s:o, s:o, s:o, s:o, s:f, s:s}", "name", n->d.name, "host", n->d.host,
         "role",
@@ -1224,10 +1227,9 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
                         own && json_object_get(own, "state")
                             ? json_incref(json_object_get(own, "state"))
                             : json_string(role_names[n->role]));
-    json_object_set(node, "memory_bytes",
-                    own && json_object_get(own, "memory_bytes")
-                        ? json_object_get(own, "memory_bytes")
-                        : json_null());
+    json_t *mem = json_object_get(c->node_status, n->d.name);
+    mem = mem ? json_object_get(mem, "memory_bytes") : NULL; /* the last known, even when lost */
+    json_object_set(node, "memory_bytes", mem ? mem : json_null());
     json_array_append_new(nodes, node);
   }
   /* the newest 200 operations (and any still running) */

@@ -262,6 +262,9 @@ static enum MHD_Result get_health(struct MHD_Connection *conn, mt_control *c, re
   json_object_set_new(h, "version",
                       json_string(json_is_string(v) ? json_string_value(v) : MT_VERSION));
   json_decref(st);
+  /* whether a token can make a mutation here: a page or a script can say
+   * why its buttons do nothing instead of asking for a token in vain */
+  json_object_set_new(h, "mutations", json_boolean(c->token != NULL));
   return answer_json(conn, c, q, 200, h, NULL);
 }
 

@@ -248,6 +248,8 @@ def test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate):
         victim.signal(signal.SIGKILL)
         victim.wait(10)
         c.wait_for(lambda: len(stalled.steps()) >= before + 2, 60, "n2's steps in generation 3")
+        # a lost node is listed lost, not in the state it last reported (running)
+        victim_listed = roles(n0).get("n3")
         n0.signal(signal.SIGTERM)  # the job stops at a step boundary; every survivor exits 0
         codes = c.wait_all(60, survivors)
 
@@ -264,16 +266,17 @@ def test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate):
         again = [s["step"] for s in stalled.steps()[before:]]
         same, steps = losses_agree(survivors)
         ok = (listed == [("spare", "spare")] * 3 and st["generation"] == 2 and not st_errors
+              and victim_listed == ("lost", "lost")
               and back and said and ended2 and formed3 and codes == [0] * 4
               and n_gens == 3 and all(r >= INTERVAL and r % INTERVAL == 0 for r in resumed)
               and again == list(range(resumed[-1] + 1, resumed[-1] + 1 + len(again)))
               and steps == list(range(1, steps[-1] + 1)) and same)
         return check(name, ok, "n2 listed %s after SIGCONT (status generation %s %s), back logged "
-                     "%s, spare logged %s at step %d; n3 killed: generation 2 end %s, "
+                     "%s, spare logged %s at step %d; n3 killed: listed %s, generation 2 end %s, "
                      "generation 3 with n2 %s; n0 ran %d generation(s) resuming from %s, n2 "
                      "steps %s..%s in the last; exit codes after SIGTERM %s; losses agree %s "
                      "over steps %s..%s%s"
-                     % (listed, st.get("generation"), st_errors, back, said, at, ended2, formed3,
+                     % (listed, st.get("generation"), st_errors, back, said, at, victim_listed, ended2, formed3,
                         n_gens, resumed, again[:1], again[-1:], codes, same, steps[:1],
                         steps[-1:], "" if ok else "\n" + c.logs(30)))
     except AssertionError as e:  # a wait that ran out

@@ -351,7 +351,8 @@ static int test_every_read_is_200_with_its_content_type(void) {
   resp_free(&r);
   REQUIRE(http(port, "GET", "/v1/health", NULL, NULL, &r) == 0, "no answer");
   CHECK(strstr(r.body, "\"status\":\"ok\"") && strstr(r.body, "\"node\":\"n0\"") &&
-            strstr(r.body, "\"state\":\"running\"") && strstr(r.body, "\"version\":\"0.1.0\""),
+            strstr(r.body, "\"state\":\"running\"") && strstr(r.body, "\"version\":\"0.1.0\"") &&
+            strstr(r.body, "\"mutations\":true"),
         "health: %s", r.body);
   resp_free(&r);
   REQUIRE(http(port, "GET", "/", NULL, NULL, &r) == 0, "no answer");
@@ -814,6 +815,11 @@ static int test_no_token_configured_refuses_every_mutation(void) {
     CHECK(is_problem(&r, 401, "no control token"), "token %d", i);
     resp_free(&r);
   }
+  resp r;
+  REQUIRE(http(p, "GET", "/v1/health", NULL, NULL, &r) == 0, "no answer");
+  CHECK(r.status == 200 && strstr(r.body, "\"mutations\":false"),
+        "health without a token says mutations are off: %s", r.body);
+  resp_free(&r);
   mt_control_stop(c);
   return 0;
 }

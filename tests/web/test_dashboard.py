@@ -16,7 +16,10 @@ websocket client below (standard library only). Checks, in the page's DOM:
 - test_resume_button_resumes_without_asking_again: #btn-resume resumes
   (the token is kept in sessionStorage: no second prompt) and steps advance;
 - a screenshot of the page (Page.captureScreenshot), written to OUT_DIR
-  (default: the working directory), its path printed.
+  (default: the working directory), its path printed;
+- test_page_says_when_its_daemon_is_gone: once every daemon stopped, the
+  page shows #state "unreachable", #conn "no answer since ...", the values
+  greyed out (main.stale), and links to the other nodes' control planes.
 Exits 77 (skipped) when no Chromium is installed.
 """
 import base64
@@ -241,7 +244,8 @@ DOM_SNAPSHOT = """(function () {
     function (r) { return r.getAttribute('data-node'); });
   return {state: t('state'), generation: t('generation'), step: t('step'), job: t('job-name'),
           loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
-          skipped: t('skipped-steps'), rows: rows};
+          skipped: t('skipped-steps'), rows: rows, others: t('others'),
+          stale: document.getElementById('main').className};
 })()"""
 
 
@@ -385,13 +389,23 @@ def run(mtnlgd, out_dir, chromium, tmp):
             f.write(png)
         failures += check("test_screenshot_written", png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000,
                           "%s (%d bytes)" % (shot, len(png)))
-        dt.ws.close()
 
         alive = [n.running() for n in c.nodes]
         c.stop()
         codes = [n.proc.returncode for n in c.nodes]
         failures += check("test_cluster_stops_cleanly_after", all(alive) and codes == [0] * 4,
                           "alive %s, exit codes %s" % (alive, codes))
+
+        # (d) its daemon gone: the page says so instead of showing the last values as live
+        d = wait_until(lambda: (lambda d: d if d["state"] == "unreachable" else None)(dom(dt)), 15,
+                       "the page to notice its daemon is gone")
+        ok = (d["conn"].startswith("no answer since") and d["stale"] == "stale"
+              and all(n in (d["others"] or "") for n in ("n1", "n2", "n3"))
+              and "n0" not in (d["others"] or ""))
+        failures += check("test_page_says_when_its_daemon_is_gone", ok,
+                          "#state %r, #conn %r, main class %r, #others %r"
+                          % (d["state"], d["conn"], d["stale"], d["others"]))
+        dt.ws.close()
     except (AssertionError, RuntimeError, TimeoutError, ConnectionError, OSError) as e:
         failures += check("test_dashboard", False, "%s: %s\n%s" % (type(e).__name__, e, c.logs()))
     finally:
