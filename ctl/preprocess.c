@@ -623,13 +623,14 @@ static int json_line(worker *w, slot *b, const char *p, size_t n, uint64_t line)
     }
   }
   json_error_t jerr;
-  json_t *root = json_loadb(p, n, JSON_ALLOW_NUL, &jerr);
+  /* an id above int64 (a 64-bit hash) is a number Python reads: keep the document */
+  json_t *root = json_loadb(p, n, JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
   if (!root && json_error_code(&jerr) == json_error_invalid_utf8) {
     size_t fixed_len = 0;
     int64_t replaced = utf8_repair(w, p, n, &fixed_len);
     if (replaced < 0) return (int)replaced;
     b->invalid_utf8 += (uint64_t)replaced;
-    root = json_loadb(w->fixed, fixed_len, JSON_ALLOW_NUL, &jerr);
+    root = json_loadb(w->fixed, fixed_len, JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
   }
   if (!root || !json_is_object(root)) {
     note(&b->bad_json, line);

@@ -541,6 +541,19 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     mt_log_warn("resume: %s was saved by job %s, this is job %s (a changed job spec)", c.dir,
                 c.job_hash, tr->job->hash);
   mt_ckpt_close(&c);
+  /* the data was sized for steps x global_batch samples; saved with a larger
+   * global batch, the rest of the run reads past that: size it for what it
+   * reads (before the agreement: every rank learns of a failure) */
+  int64_t steps = tr->job->train.steps;
+  if (!failed && steps > saved_step) {
+    uint64_t need =
+        (uint64_t)consumed + (uint64_t)(steps - saved_step) * (uint64_t)tr->job->train.global_batch;
+    if (mt_trainer_data_reach(tr, need)) {
+      failed = 1;
+      snprintf(err, sizeof err, "resume: the data for %llu samples: %s", (unsigned long long)need,
+               mt_errmsg());
+    }
+  }
   int any;
   if ((rc = agree(g->world, failed, &any))) return mt_wraperr(rc, "resume");
   if (any)

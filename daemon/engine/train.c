@@ -174,6 +174,22 @@ static int start_buckets(void *ctx, int l) {
   return 0;
 }
 
+int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
+  if (tr->data && n_train <= tr->data_train_samples) return 0;
+  if (!tr->data && !tr->model.first && !tr->model.last) return 0;
+  const mt_job *job = tr->job;
+  uint64_t G = (uint64_t)job->train.global_batch;
+  uint64_t n_valid = job->eval.interval > 0 ? (uint64_t)job->eval.iters * G : 0;
+  mt_data_source *d = NULL;
+  int rc = mt_data_source_open(&d, &job->data, job->model.seq_len, job->model.vocab_size,
+                               job->train.seed, n_train, n_valid);
+  if (rc) return rc;
+  mt_data_source_free(tr->data);
+  tr->data = d;
+  tr->data_train_samples = n_train;
+  return 0;
+}
+
 int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g) {
   memset(tr, 0, sizeof *tr);
   tr->job = job;
@@ -249,12 +265,8 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
                          job->train.beta2, job->train.adam_eps, job->train.weight_decay);
-  if (!rc) {
-    uint64_t n_train = (uint64_t)job->train.steps * (uint64_t)G;
-    uint64_t n_valid = job->eval.interval > 0 ? (uint64_t)job->eval.iters * (uint64_t)G : 0;
-    rc = mt_data_source_open(&tr->data, &job->data, T, ms->vocab_size, job->train.seed, n_train,
-                             n_valid);
-  }
+  if (!rc && (tr->model.first || tr->model.last)) /* a middle stage reads no tokens */
+    rc = mt_trainer_data_reach(tr, (uint64_t)job->train.steps * (uint64_t)G);
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs)

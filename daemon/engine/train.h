@@ -90,7 +90,8 @@ typedef struct mt_trainer {
   mt_device *dev;
   mt_gpt model;
   mt_adamw opt;
-  mt_data_source *data;
+  mt_data_source *data;        /* first and last stages only (the others read no tokens) */
+  uint64_t data_train_samples; /* training samples data was sized for */
   mt_groups g;
   int64_t step;                   /* steps taken */
   int64_t consumed_samples;       /* training samples read (every replica's), skipped steps'
@@ -138,6 +139,10 @@ void mt_trainer_destroy(mt_trainer *tr);
 /* One optimizer step: 1F1B over the micro-batches, then ZeRO-1. Collective
  * over every rank. */
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st);
+/* Makes the data reach n_train training samples: a run resumed with a
+ * smaller global_batch than its checkpoint's reads past steps x global_batch
+ * (reopens the source larger; a no-op when it already reaches). */
+int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train);
 
 /* Mean loss over the first eval.iters global batches of the valid split,
  * without dropout; the same batches every time, so runs compare. Collective

@@ -13,6 +13,7 @@
 #include "device.h"
 #include "err.h"
 #include "gpt.h"
+#include "indexed.h"
 #include "job.h"
 #include "local.h"
 #include "lr.h"
@@ -314,6 +315,64 @@ static int tiny_trainer(mt_job *job, mt_trainer *tr, const char *data, int G, co
   return rc ? rc : mt_trainer_create(tr, job, &dev, NULL);
 }
 
+/* An indexed dataset (data.prefix) sized by the job is read to the end of
+ * the run by a run resumed with half its checkpoint's global batch: saved at
+ * step 3 with 8 samples a step (24 read), the 17 steps left at 4 read up to
+ * sample 92, past the 20 x 4 = 80 the data was first sized for. Before the
+ * data was resized at resume, step 18 failed with "sample 80 of 80". */
+static void test_resume_with_a_smaller_global_batch_reads_to_the_end(void) {
+  char dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", prefix[128], job_dir[128], json[1024];
+  if (!mkdtemp(dir)) {
+    CHECK(0, "mkdtemp");
+    return;
+  }
+  snprintf(prefix, sizeof prefix, "%s/corpus", dir);
+  mt_indexed_writer *w = NULL;
+  int32_t doc[300];
+  int rc = mt_indexed_writer_open(&w, prefix, MT_IDX_U16);
+  for (int d = 0; !rc && d < 20; d++) {
+    for (int i = 0; i < 300; i++) doc[i] = (d * 31 + i * 7) % 256;
+    rc = mt_indexed_writer_add_seq(w, doc, 300);
+    if (!rc) rc = mt_indexed_writer_end_doc(w);
+  }
+  if (!rc) rc = mt_indexed_writer_finish(w);
+  CHECK(!rc, "corpus: %s", mt_errmsg());
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  int64_t resumed = -1;
+  for (int G = 8; G >= 4; G /= 2) {
+    snprintf(json, sizeof json,
+             "{\"name\":\"reach\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
+             "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":%d,\"steps\":20,"
+             "\"seed\":5,\"lr\":{\"peak\":1e-3}},\"data\":{\"prefix\":\"%s\","
+             "\"split\":\"100,0,0\"},\"checkpoint\":{\"dir\":\"%s\"}}",
+             G, prefix, dir);
+    rc = mt_job_parse(&job, json, NULL, preset_dirs, NULL);
+    if (!rc) rc = mt_trainer_create(&tr, &job, &dev, NULL);
+    CHECK(!rc, "global batch %d: %s", G, mt_errmsg());
+    if (rc) break;
+    mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+    if (G == 8) {
+      for (int s = 0; s < 3; s++) CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+      CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+    } else {
+      CHECK(!mt_trainer_resume(&tr, job_dir, -1, &resumed), "resume: %s", mt_errmsg());
+      int64_t failed_at = -1;
+      while (tr.step < 20 && failed_at < 0)
+        if (mt_trainer_step(&tr, &st)) failed_at = tr.step + 1;
+      CHECK(failed_at < 0 && tr.step == 20 && tr.consumed_samples == 24 + 17 * 4,
+            "resumed at step %lld, failed at step %lld (%s), %lld samples read, want 92",
+            (long long)resumed, (long long)failed_at, failed_at < 0 ? "" : mt_errmsg(),
+            (long long)tr.consumed_samples);
+    }
+    mt_trainer_destroy(&tr);
+  }
+  remove_data("/nonexistent", dir);
+  printf("  ok test_resume_with_a_smaller_global_batch_reads_to_the_end\n");
+}
+
 /* The data position is saved and restored, not recomputed from the step: a
  * run resumed with twice the global batch reads on from the sample the
  * saved run stopped at (Megatron's consumed_train_samples), and its next
@@ -474,6 +533,7 @@ int main(void) {
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
+  test_resume_with_a_smaller_global_batch_reads_to_the_end();
   test_pause_at_a_checkpoint_step_commits_it();
   test_resume_step_rolls_back_and_sets_aside_newer();
   printf("%s\n", failures ? "FAILED" : "all passed");
