@@ -44,8 +44,10 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
   json_t *checked = json_array(), *problems = json_array();
   const char *dir = NULL;
   for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "-o") && i + 1 < argc) {
+    if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
       if (ctl_parse_output(argv[++i], &ctl.output)) goto cleanup;
+    } else if (!strncmp(argv[i], "--output=", 9)) {
+      if (ctl_parse_output(argv[i] + 9, &ctl.output)) goto cleanup;
     } else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
       ctl_verb_help(verb, stdout);
       ret = CTL_EXIT_OK;
@@ -75,7 +77,7 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
     mt_ckpt_entry *e = NULL;
     size_t count = 0;
     if (mt_ckpt_list(dir, &e, &count)) {
-      fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
+      fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_ckpt_unprefixed(mt_errmsg()));
       goto cleanup;
     }
     dirs = calloc(count ? count : 1, sizeof *dirs);

@@ -149,6 +149,48 @@ static int verb_help(const ctl_verb *verb, int argc, char **argv) {
   return CTL_EXIT_OK;
 }
 
+/* The global options given after the verb ("mtnlgctl pause --token-file F",
+ * "mtnlgctl status -e URL"), as the help texts and hints spell them: taken
+ * out of the verb's arguments (before any "--") and applied. Returns 0, or
+ * CTL_EXIT_USAGE for one without its value. */
+static int take_global_options(int *argc, char **argv) {
+  int out = 1;
+  for (int i = 1; i < *argc; i++) {
+    const char *a = argv[i], *value = NULL;
+    if (!strcmp(a, "--")) {
+      while (i < *argc) argv[out++] = argv[i++];
+      break;
+    }
+    int endpoint = !strcmp(a, "-e") || !strcmp(a, "--endpoint");
+    int token = !strcmp(a, "--token-file");
+    if (endpoint || token) {
+      if (i + 1 >= *argc) {
+        fprintf(stderr, "mtnlgctl %s: %s needs a value\n", argv[0], a);
+        return CTL_EXIT_USAGE;
+      }
+      value = argv[++i];
+    } else if (!strncmp(a, "--endpoint=", 11)) {
+      endpoint = 1, value = a + 11;
+    } else if (!strncmp(a, "--token-file=", 13)) {
+      token = 1, value = a + 13;
+    } else if (!strncmp(a, "-e", 2) && a[2]) {
+      endpoint = 1, value = a + 2;
+    }
+    if (endpoint) {
+      ctl.endpoint = value;
+      ctl.endpoint_source = "-e/--endpoint";
+    } else if (token) {
+      ctl.token_file = value;
+      ctl.token_source = "--token-file";
+    } else {
+      argv[out++] = argv[i];
+    }
+  }
+  *argc = out;
+  argv[out] = NULL;
+  return 0;
+}
+
 /* Whether the verb's arguments ask for its help (before any "--"). */
 static int wants_help(int argc, char **argv) {
   for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
@@ -205,10 +247,15 @@ int main(int argc, char **argv) {
   }
   int vargc = argc - optind;
   char **vargv = argv + optind;
+  if (take_global_options(&vargc, vargv)) return CTL_EXIT_USAGE;
   if (wants_help(vargc, vargv)) {
     ctl_verb_help(verb, stdout);
     return CTL_EXIT_OK;
   }
+  /* getopt names argv[0] in its messages: "mtnlgctl status: unrecognized option" */
+  char verb_name[64];
+  snprintf(verb_name, sizeof verb_name, "mtnlgctl %s", vargv[0]);
+  vargv[0] = verb_name;
   optind = 0; /* the verb runs getopt_long afresh on its own argv */
   int rc = verb->run(verb, vargc, vargv);
   ctl_http_close();

@@ -110,6 +110,13 @@ static void on_step(const mt_step_stats *st, void *arg) {
              (long long)st->step, (long long)n->run_job.train.steps, st->loss);
 }
 
+static void on_resumed(int64_t step, void *arg) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  n->resumed_step = step;
+  pthread_mutex_unlock(&n->mu);
+}
+
 /* An order took effect after step: pause and resume change what this node
  * reports; world rank 0's node tells the coordinator where it acted. */
 static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
@@ -251,8 +258,12 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .checkpoint_dir = n->ckpt_job_dir[0] ? n->ckpt_job_dir : NULL,
       .on_checkpoint = on_checkpoint,
       .on_step = on_step,
+      .on_resumed = on_resumed,
       .arg = n,
   };
+  pthread_mutex_lock(&n->mu);
+  n->resumed_step = -1;
+  pthread_mutex_unlock(&n->mu);
   mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
               n->gen, me->rank_begin, me->rank_end, n->asg.world, n->specs[0], n->specs[here - 1],
               n->asg.tp, n->asg.pp, n->asg.dp, n->run_job.name, n->run_job.hash);
@@ -333,8 +344,13 @@ static void on_engine_done(uv_async_t *h) {
   } else {
     pthread_mutex_lock(&n->mu);
     mt_step_stats st = n->last;
+    int64_t resumed = n->resumed_step;
     pthread_mutex_unlock(&n->mu);
-    if (st.step < n->run_job.train.steps)
+    if (resumed >= n->run_job.train.steps)
+      snprintf(reason, sizeof reason,
+               "nothing to train: the checkpoint at step %lld is at or past train.steps = %lld",
+               (long long)resumed, (long long)n->run_job.train.steps);
+    else if (st.step < n->run_job.train.steps)
       snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)st.step,
                (long long)n->run_job.train.steps);
     else

@@ -112,6 +112,7 @@ typedef struct node {
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
   mt_step_stats last;
   int have_last;
+  int64_t resumed_step;  /* of this generation's ranks; -1: they did not resume */
   node_point *history;   /* ring of NODE_HISTORY */
   int64_t history_n;     /* points ever added, less those a resume took back */
   int64_t history_first; /* the oldest point still in the ring */

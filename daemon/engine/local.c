@@ -176,6 +176,11 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     int rc = mt_trainer_resume(tr, c->ckpt_dir, job->checkpoint.resume_step, &resumed);
     if (rc) return rc;
     if (resumed) last_saved = resumed;
+    if (resumed && c == c->all && o->on_resumed) o->on_resumed(resumed, o->arg);
+    if (c->rank == 0 && resumed >= job->train.steps)
+      mt_log_info("the checkpoint at step %lld is at or past train.steps = %lld: nothing to train "
+                  "(raise train.steps to train on)",
+                  (long long)resumed, (long long)job->train.steps);
   }
   /* a pause already ordered when the ranks start (a generation that formed
    * while the job was paused) holds them before their first step */
@@ -250,7 +255,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     if (rc) return mt_wraperr(rc, "export");
     if (c->rank == 0) mt_log_info("exported weights to %s", o->export_path);
   }
-  if (c->rank != 0) return 0;
+  if (c->rank != 0 || !tr->data) return 0;
   char consumed[1024];
   mt_data_source_describe(tr->data, (uint64_t)tr->consumed_samples, consumed, sizeof consumed);
   mt_log_info("data consumed: %s", consumed);

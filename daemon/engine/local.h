@@ -59,6 +59,8 @@ typedef struct mt_local_opts {
   /* the first rank of this process, after each step (validation filled in
    * when it ran): every rank learns the loss in the step's all-reduce */
   void (*on_step)(const mt_step_stats *st, void *arg);
+  /* the first rank of this process, after resuming from a checkpoint at step */
+  void (*on_resumed)(int64_t step, void *arg);
   void *arg;
 } mt_local_opts;
 

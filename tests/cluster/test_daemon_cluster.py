@@ -11,6 +11,7 @@ configs in a temp dir and stops them by pid:
 - test_other_job_and_other_version_are_refused
 - test_sigterm_to_a_member_stops_every_node_at_one_step
 - test_ready_and_status_reach_notify_socket
+- test_a_checkpoint_past_the_end_says_nothing_to_train
 """
 import json
 import os
@@ -171,6 +172,32 @@ def test_sigterm_and_notify(mtnlgd, tmp, tokens):
         sock.close()
 
 
+def test_checkpoint_past_the_end(mtnlgd, tmp, tokens):
+    """A job started again over a checkpoint of its last step has nothing to
+    train: it says so and exits 0, not "stopped at step 0 ... on request"."""
+    path = os.path.join(tmp, "done.json")
+    with open(path, "w") as f:
+        json.dump({"name": "done", "model": {"preset": "tiny", "n_layer": 2},
+                   "parallel": {"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   "train": {"global_batch": 4, "steps": 4, "seed": 7, "lr": {"peak": 1e-3}},
+                   "data": {"path": tokens},
+                   "checkpoint": {"dir": os.path.join(tmp, "done-ckpt"), "interval": 2}}, f)
+    runs = []
+    for _ in range(2):
+        c = LocalCluster(mtnlgd, os.path.join(tmp, "c5"), path, nodes=1, devices="cpu:1",
+                         heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+        try:
+            c.start()
+            runs.append((c.wait_all(120)[0], c.nodes[0].stderr()))
+        finally:
+            c.kill_all()
+    (first, _), (second, log) = runs
+    said = "nothing to train: the checkpoint at step 4 is at or past train.steps = 4" in log
+    return check("test_a_checkpoint_past_the_end_says_nothing_to_train",
+                 first == 0 and second == 0 and said and "on request" not in log,
+                 "exit codes %s, %s; the second run's log:\n%s" % (first, second, log[-3000:]))
+
+
 def main():
     mtnlgd = sys.argv[1]
     failures = 0
@@ -181,6 +208,7 @@ def main():
             mtnlgd, tmp, tokens)
         failures += test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens)
         failures += test_sigterm_and_notify(mtnlgd, tmp, tokens)
+        failures += test_checkpoint_past_the_end(mtnlgd, tmp, tokens)
     print("%d failure(s)" % failures)
     sys.exit(1 if failures else 0)
 

@@ -16,7 +16,9 @@ import tempfile
 failures = 0
 
 VERBS = ["status", "nodes", "watch", "pause", "resume", "stop", "checkpoint", "resize", "ops",
-         "checkpoints", "plan", "help"]
+         "checkpoints", "ckpt", "plan", "help"]
+COMPLETION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ctl",
+                          "mtnlgctl.bash-completion")
 NETWORK_VERBS = [["status"], ["nodes"], ["watch", "--count", "1"], ["pause"], ["resume"],
                  ["stop"], ["checkpoint"], ["resize", "--dp", "2"], ["ops"], ["ops", "op-1"],
                  ["checkpoints"]]
@@ -169,6 +171,37 @@ def test_token_file():
         p = run("-e", url, "--token-file", good, "pause")
         check(p.returncode == 3, "a readable token file gets as far as the daemon", p)
         check("s3cret" not in p.stderr + p.stdout, "the token is never printed", p)
+        # the address and the token after the verb, as the help and hints spell them
+        for args in (["pause", "--token-file", missing, "-e", url],
+                     ["pause", f"--token-file={missing}", f"--endpoint={url}"]):
+            p = run(*args)
+            check(p.returncode == 2 and f"--token-file: cannot read the token file {missing}"
+                  in p.stderr, f"{args}: the token file after the verb is read", p)
+        p = run("status", "-e", url)
+        check(p.returncode == 3 and f"cannot reach the daemon at {url}" in p.stderr,
+              "status -e URL: the endpoint after the verb is used", p)
+        p = run("pause", "--token-file")
+        check(p.returncode == 2 and "--token-file needs a value" in p.stderr,
+              "pause --token-file without a value is a usage error", p)
+        p = run("status", "--bogus")
+        check(p.returncode == 2 and "mtnlgctl status: unrecognized option" in p.stderr,
+              "an unknown option names the tool and the verb", p)
+
+
+def test_completion_knows_every_verb():
+    with open(COMPLETION) as f:
+        text = f.read()
+    line = [l for l in text.splitlines() if l.strip().startswith("local verbs=")]
+    listed = line[0].split("'")[1].split() if line else []
+    check(sorted(listed) == sorted(VERBS), f"the completion's verbs {listed} are not {VERBS}")
+    # and the completion runs: 'mtnlgctl ck<TAB>' offers ckpt and checkpoint(s)
+    script = (f"source {COMPLETION}; COMP_WORDS=(mtnlgctl ck); COMP_CWORD=1; _mtnlgctl; "
+              "echo \"${COMPREPLY[*]}\"; COMP_WORDS=(mtnlgctl ckpt ''); COMP_CWORD=2; "
+              "_mtnlgctl; echo \"${COMPREPLY[*]}\"")
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    lines = p.stdout.splitlines()
+    check(p.returncode == 0 and len(lines) == 2 and "ckpt" in lines[0].split()
+          and lines[1].split() == ["verify"], "completing ck and ckpt", p)
 
 
 if __name__ == "__main__":
@@ -176,7 +209,7 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     ctl = sys.argv[1]
     for t in (test_usage_errors_exit_2, test_help_for_every_verb,
-              test_unreachable_endpoint_exits_3, test_token_file):
+              test_unreachable_endpoint_exits_3, test_token_file, test_completion_knows_every_verb):
         before = failures
         t()
         print(f"  {'ok' if failures == before else 'FAILED'} {t.__name__}")
