@@ -270,6 +270,8 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   if (ce == cudaSuccess) ce = cudaStreamCreate(&g->stream);
   if (ce == cudaSuccess) ce = cudaEventCreateWithFlags(&g->ready, cudaEventDisableTiming);
   if (ce == cudaSuccess) ce = cudaMalloc((void **)&g->scratch, sizeof(float));
+  /* the barrier's all-reduce sums it: a finite 0, not whatever the allocation held */
+  if (ce == cudaSuccess) ce = cudaMemsetAsync(g->scratch, 0, sizeof(float), g->stream);
   for (int i = 0; i < MT_COMM_P2P_MAX && ce == cudaSuccess; i++)
     ce = cudaEventCreateWithFlags(&g->p2p_done[i], cudaEventDisableTiming);
   g->compute = o->device->stream;

@@ -54,6 +54,7 @@ typedef struct mt__cuda {
   double *red;         /* MT_CUDA_RED_BLOCKS + 1 */
   float *cols;         /* MT_CUDA_COL_FLOATS */
   int sms;             /* streaming multiprocessors */
+  int smem_optin;      /* dynamic shared memory a block may opt in to, bytes */
   int err;             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;

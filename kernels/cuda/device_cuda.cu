@@ -137,6 +137,10 @@ int mt__cuda_open(mt_device *d, int index) {
   if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
       c->sms < 1)
     c->sms = 1;
+  if (cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, index) !=
+          cudaSuccess ||
+      c->smem_optin < 48 * 1024)
+    c->smem_optin = 48 * 1024;
   mt_log_debug("device %s: %d SMs, compute stream %p", d->name, c->sms, (void *)c->stream);
   return 0;
 fail:
@@ -266,11 +270,11 @@ typedef struct {
 typedef struct {
   gemm_key key;
   cublasLtMatmulAlgo_t algo;
-  int used;
+  uint64_t used; /* the clock of its last use; 0: empty */
 } algo_entry;
 
 static thread_local algo_entry algo_cache[ALGO_CACHE]; /* per host thread: one device thread each */
-static thread_local int algo_clock;
+static thread_local uint64_t algo_clock; /* 64 bits: never wraps */
 
 static int key_equal(const gemm_key *a, const gemm_key *b) { return !memcmp(a, b, sizeof *a); }
 

@@ -477,6 +477,32 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
 
 /* ---- host side ------------------------------------------------------------ */
 
+/* Whether k may take smem bytes of dynamic shared memory on this GPU: the
+ * backward at head sizes 65..160 takes 114-131 KB, which an A100 or H100
+ * gives a block and an sm_86/sm_89 part (A10, A40, L40S: 99 KB) does not.
+ * Refused with the figures rather than launched to fail unexplained. */
+template <class K>
+static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const char *what) {
+  char msg[256];
+  if (smem > (size_t)c->smem_optin) {
+    snprintf(
+        msg, sizeof msg,
+        "head sizes up to %d need %zu bytes of shared memory per block, this GPU allows %d; use "
+        "fp32 attention (train.precision fp32) or a GPU with more (A100, H100)",
+        D, smem, c->smem_optin);
+    mt__cuda_fail(d, what, msg);
+    return 0;
+  }
+  cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) {
+    snprintf(msg, sizeof msg, "allowing %zu bytes of shared memory: %s", smem,
+             cudaGetErrorString(e));
+    mt__cuda_fail(d, what, msg);
+    return 0;
+  }
+  return 1;
+}
+
 /* The kernels of one (FP16, D, W), launched with the shared memory they take. */
 template <int FP16, int D, int W> struct flash {
   static void fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C,
@@ -486,7 +512,7 @@ template <int FP16, int D, int W> struct flash {
     size_t smem = fwd_smem(D, W);
     void (*flash_fwd)(uint16_t *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
                       uint64_t, uint32_t) = k_flash_fwd<FP16, D, W>;
-    cudaFuncSetAttribute(flash_fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (!smem_ok(d, c, flash_fwd, smem, D, "attention_fwd (flash)")) return;
     MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)B), 32 * W,
                    smem, c->stream)
     (out, lse, qkv, T, C, NH, scale, drop ? drop->p : 0.0f, drop ? drop->key : 0,
@@ -500,8 +526,9 @@ template <int FP16, int D, int W> struct flash {
     size_t smem = bwd_smem(D, W);
     void (*flash_bwd_kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
     void (*flash_bwd_q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
-    cudaFuncSetAttribute(flash_bwd_kv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    cudaFuncSetAttribute(flash_bwd_q, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (!smem_ok(d, c, flash_bwd_kv, smem, D, "attention_bwd (flash)") ||
+        !smem_ok(d, c, flash_bwd_q, smem, D, "attention_bwd (flash)"))
+      return;
     dim3 grid((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)Bg);
     bwd_args a = {dqkv,
                   half_out,

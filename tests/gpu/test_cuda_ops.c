@@ -1447,6 +1447,46 @@ static void test_gelu_epilogue_switch(void) {
   gpu.gelu_epilogue = on;
 }
 
+#ifdef MT_CUDA_EMU
+/* On a GPU that gives a block less shared memory than the flash backward at
+ * head size 128 takes (an sm_86/sm_89 part: 101376 bytes, emulated through
+ * MT_CUDA_EMU_SMEM_OPTIN), the forward (78848 bytes) runs and the backward
+ * (114176) is refused naming both figures, instead of a launch failing with
+ * "invalid argument". */
+static void test_flash_shared_memory_limit(void) {
+  setenv("MT_CUDA_EMU_SMEM_OPTIN", "101376", 1);
+  mt_device small;
+  int rc = mt_device_open(&small, "cuda:0");
+  check_that("device_open", "a GPU with 99 KB of shared memory per block", !rc,
+             rc ? mt_errmsg() : "opened");
+  if (!rc) {
+    int B = 1, T = 16, C = 128, NH = 1;
+    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+    size_t ns = small.ops->attention_scratch(&small, T, C, NH, MT_BF16);
+    uint16_t *qkv = mt_device_alloc(&small, nq * 2), *out = mt_device_alloc(&small, no * 2);
+    float *lse = mt_device_alloc(&small, nl * 4), *s = mt_device_alloc(&small, ns * 4);
+    float *dq = mt_device_alloc(&small, nq * 4), *dout = mt_device_alloc(&small, no * 4);
+    mt_device_memset0(&small, qkv, nq * 2);
+    mt_device_memset0(&small, dout, no * 4);
+    small.ops->attention_fwd(&small, out, lse, s, qkv, MT_BF16, B, T, C, NH, NULL);
+    rc = mt_device_sync(&small);
+    check_that("attention_fwd", "HS=128 bf16 within 99 KB of shared memory", !rc,
+               rc ? mt_errmsg() : "ran");
+    small.ops->attention_bwd(&small, dq, MT_F32, s, dout, out, qkv, MT_BF16, lse, B, T, C, NH,
+                             NULL);
+    rc = mt_device_sync(&small);
+    check_that("attention_bwd", "HS=128 bf16 over 99 KB of shared memory: refused with figures",
+               rc && strstr(mt_errmsg(), "114176 bytes of shared memory") &&
+                   strstr(mt_errmsg(), "allows 101376"),
+               rc ? mt_errmsg() : "no error");
+    mt_device_free(&small, qkv), mt_device_free(&small, out), mt_device_free(&small, lse);
+    mt_device_free(&small, s), mt_device_free(&small, dq), mt_device_free(&small, dout);
+    mt_device_close(&small);
+  }
+  unsetenv("MT_CUDA_EMU_SMEM_OPTIN");
+}
+#endif
+
 int main(int argc, char **argv) {
   int small = argc > 1 && !strcmp(argv[1], "--small");
   if (mt_device_open(&cpu, "cpu:0")) die("open cpu:0");
@@ -1553,6 +1593,9 @@ int main(int argc, char **argv) {
     test_flash_attention(fgroups, MT_BF16, 1);
     shape fodd = {2, 33, 20, 2, 37, 40}; /* head size 10: tiles load element by element */
     test_flash_attention(fodd, MT_BF16, 1);
+#ifdef MT_CUDA_EMU
+    test_flash_shared_memory_limit();
+#endif
     test_elementwise(1000);
     test_dropout(3, 101);
     test_crossentropy(5, 37, 40);

@@ -83,8 +83,8 @@ cudaError_t cudaGetDevice(int *dev) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev) {
-  (void)attr, (void)dev;
-  *v = 4;
+  (void)dev;
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? mt_emu::smem_optin() : 4;
   return cudaSuccess;
 }
 
@@ -728,11 +728,17 @@ const size_t SMEM_DEFAULT = 48 << 10, SMEM_MAX = 227 << 10;
 
 unsigned char *dyn_smem() { return smem_ptr; }
 
-void set_smem_limit(const void *k, int bytes) {
-  if ((size_t)bytes > SMEM_MAX)
-    EMU_DIE("cudaFuncSetAttribute: %d bytes of dynamic shared memory, over %zu", bytes, SMEM_MAX);
+int smem_optin() {
+  const char *e = getenv("MT_CUDA_EMU_SMEM_OPTIN");
+  long v = e && *e ? strtol(e, NULL, 10) : 0;
+  return v > 0 && (size_t)v < SMEM_MAX ? (int)v : (int)SMEM_MAX;
+}
+
+bool set_smem_limit(const void *k, int bytes) {
+  if (bytes > smem_optin()) return false; /* as CUDA: the kernel keeps its old limit */
   std::lock_guard<std::mutex> lk(launch_mu);
   smem_limits[k] = bytes;
+  return true;
 }
 
 unsigned lane() { return cur->lane; }

@@ -110,7 +110,10 @@ typedef enum cudaMemcpyKind {
   cudaMemcpyDeviceToDevice = 3,
 } cudaMemcpyKind;
 
-typedef enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 } cudaDeviceAttr;
+typedef enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+} cudaDeviceAttr;
 typedef enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8
 } cudaFuncAttribute;
@@ -208,8 +211,12 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
          const void *kernel = nullptr, size_t smem = 0);
 /* The launch's dynamic shared memory (MT_DYN_SMEM). */
 unsigned char *dyn_smem();
-/* cudaFuncSetAttribute's record: the dynamic shared memory allowed to k. */
-void set_smem_limit(const void *k, int bytes);
+/* cudaFuncSetAttribute's record: the dynamic shared memory allowed to k;
+ * false (cudaErrorInvalidValue) over the device's opt-in limit. */
+bool set_smem_limit(const void *k, int bytes);
+/* The opt-in limit of dynamic shared memory per block: 227 KiB (sm_90), or
+ * MT_CUDA_EMU_SMEM_OPTIN bytes (101376: an sm_86/sm_89 part) when set. */
+int smem_optin();
 /* Warp-collective helpers for wmma: the calling lane's index in its warp;
  * a barrier of the warp; publish p and learn every lane's (all[32]), after
  * which the warp must pass warp_barrier before any lane publishes again. */
@@ -264,8 +271,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 
 template <class F> inline cudaError_t cudaFuncSetAttribute(F *k, cudaFuncAttribute a, int v) {
   if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0) return cudaErrorInvalidValue;
-  mt_emu::set_smem_limit((const void *)k, v);
-  return cudaSuccess;
+  return mt_emu::set_smem_limit((const void *)k, v) ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
