@@ -82,6 +82,7 @@ int mt_device_open(mt_device *d, const char *spec) {
     d->index = (int)idx;
     d->threads = omp_get_max_threads();
     d->ops = &mt_cpu_ops;
+    mt_blas_cpu_devices(1);
     (void)mt_omp_wait_policy(); /* links the preinit hook into every program */
   } else if (kind_len == 4 && !strncmp(spec, "cuda", 4)) {
     char why[256] = "";
@@ -152,6 +153,7 @@ int mt_device_lost(const char *spec, char *why, size_t why_len) {
 }
 
 void mt_device_close(mt_device *d) {
+  if (d->kind == MT_DEVICE_CPU && d->ops) mt_blas_cpu_devices(-1);
 #if WITH_CUDA
   if (d->kind == MT_DEVICE_CUDA && d->impl) mt__cuda_close(d);
 #endif

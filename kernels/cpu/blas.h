@@ -17,8 +17,18 @@ typedef void (*mt_sgemm_fn)(int order, int transa, int transb, int m, int n, int
                             const float *a, int lda, const float *b, int ldb, float beta, float *c,
                             int ldc);
 
-/* cblas_sgemm, valid after a successful mt_blas_load(). */
+/* cblas_sgemm, valid after a successful mt_blas_load(): with more than one
+ * CPU device open in the process, a GEMM outside a parallel region runs as
+ * row blocks on its device's OpenMP threads (blas.c says why). */
 extern mt_sgemm_fn mt_sgemm;
+
+/* CPU devices opened (+1) and closed (-1): mt_device_open and _close. */
+void mt_blas_cpu_devices(int delta);
+/* How many GEMMs ran as row blocks so far (for tests). */
+unsigned long mt_blas_row_splits(void);
+/* Turns the row blocks on (1, the default) or off (0: OpenBLAS's own
+ * threading, for bench/cpu-devices); returns the previous setting. */
+int mt_blas_row_split(int on);
 
 /* Idempotent and thread-safe. 0 or MT_EIO with mt_errmsg(). */
 int mt_blas_load(void);

@@ -19,13 +19,16 @@
  * One line per check; the exit status is 1 when any check fails.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "blas.h"
 #include "device.h"
+#include "err.h"
 #include "half.h"
 #include "mtmath.h"
 #include "ops.h"
@@ -445,6 +448,43 @@ static void test_linear_bwd_matches_finite_differences(int N, int C, int OC, int
   if (has_bias) check_grad(__func__, "dbias", lin_loss, &l, l.dbias, (size_t)OC, gb);
   free(gin), free(gw), free(gb);
   lin_free(&l);
+}
+
+/* With a second CPU device open, a GEMM outside a parallel region runs as
+ * row blocks on the device's threads (blas.c: Debian's OpenBLAS runs one
+ * threaded GEMM per process at a time, the others spinning): the linear op's
+ * values against the double reference, the same bits each run, and its
+ * gradients against finite differences. */
+static void test_linear_with_two_cpu_devices(void) {
+  int was = omp_get_max_threads();
+  int N = 200, C = 64, OC = 96;
+  lin_case l = lin_make(N, C, OC, 1);
+  size_t n = (size_t)N * OC;
+  float *one = fzeros(n), *two = fzeros(n);
+  omp_set_num_threads(2);
+  mt_device second;
+  if (mt_device_open(&second, "cpu:1")) {
+    report(0, __func__, "open cpu:1: %s", mt_errmsg());
+  } else {
+    unsigned long before = mt_blas_row_splits();
+    ops->linear_fwd(&dev, two, MT_F32, l.inp, MT_F32, l.w, MT_F32, l.bias, NULL, N, C, OC);
+    report(mt_blas_row_splits() > before, __func__, "the GEMM ran as row blocks");
+    ops->linear_fwd(&dev, one, MT_F32, l.inp, MT_F32, l.w, MT_F32, l.bias, NULL, N, C, OC);
+    lin_ref(l.out, l.dinp, l.dw, l.dbias, N, C, OC);
+    check_fwd(__func__, "N=200 C=64 OC=96 out, two devices", two, l.out, n);
+    /* the same bits every time (not those of OpenBLAS's own threading,
+     * whose blocks differ: a row block's GEMM sums in its own order) */
+    report(bits_equal(one, two, n), __func__, "out bit for bit again");
+    float *gin = fzeros((size_t)N * C), *gw = fzeros((size_t)OC * C), *gb = fzeros((size_t)OC);
+    ops->linear_bwd(&dev, gin, gw, gb, l.r, MT_F32, l.inp, MT_F32, l.w, MT_F32, NULL, N, C, OC);
+    check_grad(__func__, "two devices: dinp", lin_loss, &l, l.dinp, (size_t)N * C, gin);
+    check_grad(__func__, "two devices: dw", lin_loss, &l, l.dw, (size_t)OC * C, gw);
+    free(gin), free(gw), free(gb);
+    mt_device_close(&second);
+  }
+  free(one), free(two);
+  lin_free(&l);
+  omp_set_num_threads(was);
 }
 
 static void test_linear_bwd_accumulates_and_skips_null(void) {
@@ -1281,6 +1321,7 @@ int main(void) {
   test_linear_bwd_matches_finite_differences(13, 12, 9, 1);
   test_linear_bwd_matches_finite_differences(13, 12, 9, 0);
   test_linear_bwd_matches_finite_differences(130, 32, 260, 1);
+  test_linear_with_two_cpu_devices();
   test_linear_bwd_accumulates_and_skips_null();
 
   mt_dropout attn_drop = {0.3f, mt_philox_key(3, "h.0.attn.drop"), 11, 0};
