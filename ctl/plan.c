@@ -263,7 +263,13 @@ int ctl_verb_plan(const ctl_verb *verb, int argc, char **argv) {
         goto cleanup;
       }
       break;
-    case OPT_SET: overrides[n_ov++] = optarg; break;
+    case OPT_SET:
+      if (!strchr(optarg, '=') || optarg[0] == '=') {
+        ctl_usage_error(verb, "--set: \"%s\" is not SECTION.KEY=VALUE", optarg);
+        goto cleanup;
+      }
+      overrides[n_ov++] = optarg;
+      break;
     case OPT_PRESETS: extra_presets = optarg; break;
     case OPT_STAGES: all_stages = 1; break;
     case 'o':

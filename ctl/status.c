@@ -18,13 +18,14 @@ const char ctl_status_help[] =
     "The job and where it stands, as the daemon at the endpoint sees it: job and\n"
     "layout, generation (and restarts after failures) and coordinator, state (and\n"
     "why, when failed or re-forming), step of steps, loss, learning rate, gradient\n"
-    "norm, tokens/s, model TFLOP/s per device (mean, min, max; MFU when the daemon\n"
-    "knows the peak), the step time split into compute, pipeline bubble and\n"
-    "communication, the ETA, and the last checkpoint.\n"
+    "norm, tokens/s, model TFLOP/s per device of the answering node (MFU when the\n"
+    "daemon knows the peak; ask each node's endpoint for its own), the step time\n"
+    "split into compute, pipeline bubble and communication, the ETA, and the last\n"
+    "checkpoint.\n"
     "\n"
     "Options:\n"
-    "  --devices              also list every device: node, rank, stage, replica,\n"
-    "                         TFLOP/s, MFU\n"
+    "  --devices              also list the answering node's devices: rank, stage,\n"
+    "                         replica, TFLOP/s, MFU (each node lists its own)\n"
     "  -o, --output FORMAT    table (default) or json (the daemon's /v1/status object)\n"
     "  -h, --help             show this help\n";
 
@@ -79,8 +80,10 @@ static void print_throughput(const json_t *st) {
     printf(LABEL "-\n", "TFLOP/s");
     return;
   }
-  printf(LABEL "%.2f per device", "TFLOP/s", sum / (double)n);
-  if (n > 1) printf(" (mean of %zu; min %.2f, max %.2f)", n, lo, hi);
+  /* the answering node's devices only: the others' rates are theirs to report */
+  const char *node = ctl_jstr(st, "node");
+  printf(LABEL "%.2f per device on %s", "TFLOP/s", sum / (double)n, node ? node : "this node");
+  if (n > 1 && hi > lo) printf(" (mean of %zu; min %.2f, max %.2f)", n, lo, hi);
   if (n_mfu) printf(", MFU %.1f%%", 100 * mfu_sum / (double)n_mfu);
   printf("\n");
 }
@@ -151,7 +154,9 @@ static int print_devices(const json_t *st) {
                          mfu};
     if (ctl_table_add(t, row)) goto oom;
   }
-  printf("\ndevices\n");
+  const char *node = ctl_jstr(st, "node");
+  printf("\ndevices of %s (the answering daemon; each node lists its own)\n",
+         node ? node : "this node");
   ctl_table_print(t, stdout, 2);
   ctl_table_free(t);
   return CTL_EXIT_OK;

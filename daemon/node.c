@@ -392,13 +392,13 @@ static void leave_and_exit(node *n, int code) {
 
 /* The coordinator's word on the generation: ended, and why. */
 static int poll_end(node *n) {
-  int final = 0, ok = 0;
+  int final = 0, ok = 0, job_failed = 0;
   char reason[512];
-  int rc = mt_rdzv_ended(n->store, n->gen, &final, &ok, reason, sizeof reason);
+  int rc = mt_rdzv_ended(n->store, n->gen, &final, &ok, &job_failed, reason, sizeof reason);
   if (rc <= 0) return rc;
   if (!n->end_seen) {
     snprintf(n->end_reason, sizeof n->end_reason, "%s", reason);
-    n->end_seen = 1, n->end_final = final, n->end_ok = ok;
+    n->end_seen = 1, n->end_final = final, n->end_ok = ok, n->end_job_failed = job_failed;
     /* a failure the coordinator re-forms from is a warning; the job's end an error */
     mt_log(ok      ? MT_LOG_INFO
            : final ? MT_LOG_ERROR
@@ -414,7 +414,7 @@ static int poll_end(node *n) {
 static void next_generation(node *n) {
   mt_log_info("waiting for generation %d", n->gen + 1);
   n->gen++;
-  n->end_seen = n->end_final = n->end_ok = 0;
+  n->end_seen = n->end_final = n->end_ok = n->end_job_failed = 0;
   n->end_reason[0] = 0;
   n->order_seq = 0;
   n->order_word = 0;
@@ -501,7 +501,7 @@ static void node_round(node *n) {
       }
       /* a job that ended without this node is not its failure; one this node
        * ran in earlier generations is */
-      leave_and_exit(n, n->end_ok || !n->ran ? 0 : 1);
+      leave_and_exit(n, n->end_ok || !n->ran ? 0 : n->end_job_failed ? 2 : 1);
       return;
     }
     if (rc < 0 || n->state == N_SPARE) break;
@@ -558,7 +558,9 @@ static void node_round(node *n) {
   }
   case N_ENDING:
     if ((rc = poll_end(n)) == 1 && n->end_final) {
-      leave_and_exit(n, n->end_ok && !n->engine_rc ? 0 : 1);
+      /* 2 when the job failed on its own: systemd (RestartPreventExitStatus)
+       * does not start the node again only for the job to fail again */
+      leave_and_exit(n, n->end_ok && !n->engine_rc ? 0 : n->end_job_failed ? 2 : 1);
     } else if (rc == 1 && n->signals) {
       /* told to stop while its generation ended: it takes no part in the next */
       if (n->coord)

@@ -73,7 +73,7 @@ typedef struct node {
   int signals;
   int exit_code;
   char end_reason[512];
-  int end_seen, end_final, end_ok;
+  int end_seen, end_final, end_ok, end_job_failed;
 
   /* the running generation */
   mt_assignment asg;

@@ -195,7 +195,8 @@ int mt_rdzv_heartbeat(mt_store *s, const char *name) {
   return mt_store_add(s, key, 1, NULL);
 }
 
-int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int reason_size) {
+int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, int *job_failed, char *reason,
+                  int reason_size) {
   char key[64];
   snprintf(key, sizeof key, "gen/%d/end", gen);
   int rc;
@@ -203,6 +204,7 @@ int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int r
   if (rc <= 0) return rc;
   *final = json_is_true(json_object_get(j, "final"));
   *ok = json_is_true(json_object_get(j, "ok"));
+  if (job_failed) *job_failed = json_is_true(json_object_get(j, "job_failed"));
   copy_str(reason, (size_t)reason_size, j, "reason");
   json_decref(j);
   return 1;
@@ -722,11 +724,16 @@ static void begin_forming(mt_coord *c) {
       c->nodes[i].role = ROLE_NONE;
 }
 
-static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const char *reason) {
+/* job_failed: the job itself failed on a member (its data unreadable, a
+ * checkpoint of another model...): a restart would fail the same way, and
+ * the nodes exit 2 so that systemd does not start them again. */
+static int end_generation_as(mt_coord *c, int64_t now_ms, int final, int ok, int job_failed,
+                             const char *reason) {
   char key[64];
   snprintf(key, sizeof key, "gen/%d/end", c->gen);
   int rc = set_json(c->o.store, key,
-                    json_pack("{s:s, s:b, s:b}", "reason", reason, "final", final, "ok", ok));
+                    json_pack("{s:s, s:b, s:b, s:b}", "reason", reason, "final", final, "ok", ok,
+                              "job_failed", job_failed));
   if (rc) return rc;
   mt_log(ok ? MT_LOG_INFO : MT_LOG_WARN, "coordinator: generation %d ended: %s", c->gen, reason);
   c->state = G_ENDED;
@@ -735,6 +742,10 @@ static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const 
   c->ended_ms = now_ms;
   c->final_written = final;
   return 0;
+}
+
+static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const char *reason) {
+  return end_generation_as(c, now_ms, final, ok, 0, reason);
 }
 
 /* A member was lost, or its ranks failed on a peer (what says which): while
@@ -865,7 +876,7 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
       char why[800];
       snprintf(why, sizeof why, "node %s failed: %.600s", failed->d.name, failed->report);
       if (failed->reported == 1 + MT_REPORT_PEER) return restart_or_end(c, now_ms, why);
-      return end_generation(c, now_ms, 1, 0, why);
+      return end_generation_as(c, now_ms, 1, 0, 1, why);
     }
   }
   return 0;

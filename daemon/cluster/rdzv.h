@@ -80,8 +80,11 @@ int mt_rdzv_assignment(mt_store *s, int gen, mt_assignment *a, char **job_json);
 /* Bumps hb/<name>. */
 int mt_rdzv_heartbeat(mt_store *s, const char *name);
 /* gen/<g>/end: 1 when the generation ended (*final: no generation follows, *ok:
- * the job ended well; reason filled in), 0 while it runs, < 0 failure. */
-int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, char *reason, int reason_size);
+ * the job ended well, *job_failed (may be NULL): it failed on its own, so
+ * running it again would fail the same way; reason filled in), 0 while it
+ * runs, < 0 failure. */
+int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, int *job_failed, char *reason,
+                  int reason_size);
 /* How a member's part of a generation ended. */
 enum {
   MT_REPORT_DONE = 0,   /* its ranks ran to the end or to an agreed stop */

@@ -72,6 +72,9 @@ struct mt_store_server {
   void (*closed)(void *);
   void *closed_arg;
   mt_store_str scratch[MT_STORE_MAX_WAIT_KEYS]; /* a WAIT's keys while it is decoded */
+  uv_tcp_t reject;    /* accepts and closes a connection there is no memory for */
+  int reject_closing; /* reject is closing; a connection waits for it (reject_waiting) */
+  int reject_waiting;
 };
 
 static void conn_close(conn *c);
@@ -542,11 +545,43 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   handle_frames(c);
 }
 
+static void on_connection(uv_stream_t *listener, int status);
+
+/* Out of memory for a connection: it is accepted and closed at once, so
+ * libuv, which pauses a listener until its connection is accepted, goes on
+ * listening; the client sees the close and retries. */
+static void reject_closed(uv_handle_t *h) {
+  mt_store_server *s = h->data;
+  s->reject_closing = 0;
+  s->handles--;
+  if (s->reject_waiting && !s->stopping) {
+    s->reject_waiting = 0;
+    on_connection((uv_stream_t *)&s->listener, 0);
+  }
+  maybe_finish(s);
+}
+
+static void reject_connection(mt_store_server *s) {
+  if (s->reject_closing) { /* the one before is still closing: this one waits for it */
+    s->reject_waiting = 1;
+    return;
+  }
+  uv_tcp_init(s->loop, &s->reject);
+  s->reject.data = s;
+  s->handles++;
+  s->reject_closing = 1;
+  uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&s->reject);
+  uv_close((uv_handle_t *)&s->reject, reject_closed);
+}
+
 static void on_connection(uv_stream_t *listener, int status) {
   mt_store_server *s = listener->data;
   if (status < 0 || s->stopping) return;
   conn *c = calloc(1, sizeof *c);
-  if (!c) return; /* out of memory: libuv pauses the listener until an accept; no way out */
+  if (!c) {
+    reject_connection(s);
+    return;
+  }
   uv_tcp_init(s->loop, &c->tcp);
   s->handles++;
   c->tcp.data = c;

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "err.h"
@@ -162,20 +163,41 @@ static void set_key(mt_node_config *c, problems *p, const char *where, const cha
   }
 }
 
+enum { SEEN_MAX = 256 };
+
 typedef struct ini_ctx {
   mt_node_config *c;
   problems *p;
   const char *path;
   FILE *f;
   int line; /* lines read so far: inih's handler is called for the last one */
+  int n_seen;
+  struct {
+    char key[128];
+    int line;
+  } seen[SEEN_MAX]; /* section.name of every key set, and where */
 } ini_ctx;
 
 /* inih's line reader, counting lines so problems can name them (Debian's
- * inih is built without INI_HANDLER_LINENO). */
+ * inih is built without INI_HANDLER_LINENO). A line longer than inih's
+ * buffer would be cut and its rest read as the next line (an error naming
+ * the wrong line, or a value cut short): it is named as too long, and none
+ * of it is read. */
 static char *read_line(char *buf, int size, void *stream) {
   ini_ctx *x = stream;
   char *r = fgets(buf, size, x->f);
-  if (r) x->line++;
+  if (!r) return NULL;
+  x->line++;
+  size_t n = strlen(buf);
+  if (n == (size_t)size - 1 && buf[n - 1] != '\n' && !feof(x->f)) {
+    int ch;
+    while ((ch = fgetc(x->f)) != EOF && ch != '\n') {
+    }
+    problem(x->p, "%s:%d: the line is over %d characters, the most a config line may have", x->path,
+            x->line, size - 2);
+    buf[0] = '#';
+    buf[1] = 0;
+  }
   return r;
 }
 
@@ -183,6 +205,19 @@ static int on_ini(void *user, const char *section, const char *name, const char 
   ini_ctx *x = user;
   char where[MT_CONF_PATH_MAX + 16];
   snprintf(where, sizeof where, "%s:%d", x->path, x->line);
+  /* a key given twice (twice in one section, or a section repeated) is a
+   * mistake to name, not one for the last value to win silently */
+  char key[128];
+  snprintf(key, sizeof key, "%s.%s", section, name);
+  for (int i = 0; i < x->n_seen; i++)
+    if (!strcasecmp(x->seen[i].key, key)) {
+      problem(x->p, "%s: %s is given twice (first at line %d)", where, key, x->seen[i].line);
+      return 1;
+    }
+  if (x->n_seen < SEEN_MAX) {
+    snprintf(x->seen[x->n_seen].key, sizeof x->seen[x->n_seen].key, "%s", key);
+    x->seen[x->n_seen++].line = x->line;
+  }
   set_key(x->c, x->p, where, section, name, value);
   return 1; /* keep going: report every problem, not the first */
 }
@@ -279,9 +314,22 @@ int mt_node_config_load(mt_node_config *c, const char *path, const char *const *
   if (path) {
     FILE *f = fopen(path, "r");
     if (!f) return mt_seterr(MT_EIO, "config %s: %s", path, strerror(errno));
-    ini_ctx x = {c, &p, path, f, 0};
-    int rc = ini_parse_stream(read_line, &x, on_ini, &x);
+    struct stat st;
+    if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
+      fclose(f);
+      return mt_seterr(MT_EINVAL, "config %s: not a regular file", path);
+    }
+    ini_ctx *x = calloc(1, sizeof *x);
+    if (!x) {
+      fclose(f);
+      return mt_seterr(MT_ENOMEM, "config %s: out of memory", path);
+    }
+    *x = (ini_ctx){.c = c, .p = &p, .path = path, .f = f};
+    int rc = ini_parse_stream(read_line, x, on_ini, x);
+    int read_error = ferror(f);
+    free(x);
     fclose(f);
+    if (read_error) problem(&p, "%s: read failed", path);
     if (rc > 0)
       problem(&p, "%s:%d: not INI syntax (expected [section] or key = value)", path, rc);
     else if (rc < 0)

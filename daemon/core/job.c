@@ -179,9 +179,17 @@ static bool read_double(problems *pb, json_t *obj, const char *prefix, const cha
   return true;
 }
 
+/* A float field: the value must be one a float holds (1e300 is refused, not
+ * turned into inf). */
 static bool read_float(problems *pb, json_t *obj, const char *prefix, const char *key, float *out) {
   double d;
   if (!read_double(pb, obj, prefix, key, &d)) return false;
+  if (!isfinite(d) || fabs(d) > FLT_MAX) {
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: %g is beyond a float's range (%g)", k, d, (double)FLT_MAX);
+    return false;
+  }
   *out = (float)d;
   return true;
 }
@@ -623,14 +631,31 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   read_str(pb, o, "data", "split", d->split, sizeof d->split);
   read_bool(pb, o, "data", "shuffle", &d->shuffle);
   read_str(pb, o, "data", "cache_dir", d->cache_dir, sizeof d->cache_dir);
-  /* the split string: three non-negative numbers, not all zero */
-  double w[3];
-  char tail;
-  if (sscanf(d->split, "%lf,%lf,%lf%c", &w[0], &w[1], &w[2], &tail) != 3 || w[0] < 0 || w[1] < 0 ||
-      w[2] < 0 || w[0] + w[1] + w[2] <= 0)
-    problem(pb, "data.split: \"%s\" is not three non-negative weights like \"949,50,1\"", d->split);
+  /* the split string, as the data module reads it (Megatron's --split): up
+   * to three finite non-negative numbers separated by ',' or '/', the
+   * missing ones 0 ("100" is all train), not all zero */
+  double w[3] = {0, 0, 0};
+  int n = 0, bad = !d->split[0];
+  char sep = strchr(d->split, ',') ? ',' : '/';
+  for (const char *p = d->split; !bad;) {
+    char *end;
+    errno = 0;
+    double v = strtod(p, &end);
+    while (*end == ' ' || *end == '\t') end++;
+    if (n == 3 || end == p || errno || !isfinite(v) || v < 0 || (*end && *end != sep)) {
+      bad = 1;
+      break;
+    }
+    w[n++] = v;
+    if (!*end) break;
+    p = end + 1;
+  }
+  if (bad || !(w[0] + w[1] + w[2] > 0))
+    problem(pb, "data.split: \"%s\" is not up to three non-negative weights like \"949,50,1\"",
+            d->split);
   else if (w[0] <= 0)
     problem(pb, "data.split: \"%s\" gives the train split no documents", d->split);
+  d->split_valid_weight = bad ? 0 : w[1];
 }
 
 static void read_eval(problems *pb, json_t *root, mt_eval_spec *e) {
@@ -684,6 +709,7 @@ static void set_defaults(mt_job *job) {
   t->loss_scale.hysteresis = 2;
   t->log_interval = 1;
   snprintf(job->data.split, sizeof job->data.split, "949,50,1");
+  job->data.split_valid_weight = 50;
   job->data.shuffle = 1;
   job->eval.interval = 0;
   job->checkpoint.resume_step = -1;
@@ -752,6 +778,29 @@ static void validate(problems *pb, mt_job *job) {
   for (size_t i = 0; i < sizeof pos / sizeof *pos; i++)
     if (pos[i].v < 1) check_fail(pb, pos[i].key, "%" PRId64 " must be at least 1", pos[i].v);
 
+  /* sizes past any model's, so the planning and the index arithmetic
+   * (12 h^2 per layer, steps x global batch samples) stay in 64 bits: MT-NLG
+   * 530B is 105 layers of 20480, 128 heads, 2048 tokens */
+  struct {
+    const char *key;
+    int64_t v, most;
+  } big[] = {
+      {"model.n_layer", m->n_layer, 1 << 16},
+      {"model.n_embd", m->n_embd, 1 << 20},
+      {"model.n_head", m->n_head, 1 << 16},
+      {"model.seq_len", m->seq_len, 1 << 20},
+      {"model.vocab_size", m->vocab_size, 1 << 26},
+      {"train.global_batch", t->global_batch, 1 << 26},
+  };
+  for (size_t i = 0; i < sizeof big / sizeof *big; i++)
+    if (big[i].v > big[i].most)
+      check_fail(pb, big[i].key, "%" PRId64 " is over %" PRId64 ", the most this version takes",
+                 big[i].v, big[i].most);
+  if (t->steps >= 1 && t->global_batch >= 1 && t->steps > ((int64_t)1 << 50) / t->global_batch)
+    check_fail(pb, "train.steps",
+               "%" PRId64 " steps of %d samples are over 2^50 samples, the most this version takes",
+               (int64_t)t->steps, t->global_batch);
+
   /* shapes and their split over the parallel layout, on positive sizes only */
   if (m->n_embd >= 1 && m->n_head >= 1 && m->n_embd % m->n_head)
     check_fail(pb, "model.n_embd", "%d is not divisible by model.n_head = %d", m->n_embd,
@@ -785,16 +834,22 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "model.attention_dropout", "%g is not in [0, 1)", (double)m->attention_dropout);
 
   /* optimizer */
-  if (!(t->lr.peak > 0)) check_fail(pb, "train.lr.peak", "%g must be > 0", t->lr.peak);
+  if (!(t->lr.peak > 0 && t->lr.peak < 1e6))
+    check_fail(pb, "train.lr.peak", "%g must be > 0 (and below 1e6)", t->lr.peak);
   if (!(t->lr.min >= 0))
     check_fail(pb, "train.lr.min", "%g must be >= 0", t->lr.min);
   else if (t->lr.peak > 0 && t->lr.min > t->lr.peak)
     check_fail(pb, "train.lr.min", "%g is above train.lr.peak = %g", t->lr.min, t->lr.peak);
-  if (!(t->beta1 >= 0 && t->beta1 < 1))
-    check_fail(pb, "train.adam.beta1", "%g is not in [0, 1)", t->beta1);
-  if (!(t->beta2 >= 0 && t->beta2 < 1))
-    check_fail(pb, "train.adam.beta2", "%g is not in [0, 1)", t->beta2);
-  if (!(t->adam_eps > 0)) check_fail(pb, "train.adam.eps", "%g must be > 0", t->adam_eps);
+  /* the optimizer computes in float: 0.9999999999 is 1.0f there (Adam's bias
+   * correction divides by 0) and 1e-50 is 0.0f (0/0 for a row never seen),
+   * so the checks are on the values as floats */
+  if (!(t->beta1 >= 0 && (float)t->beta1 < 1.0f))
+    check_fail(pb, "train.adam.beta1", "%.17g is not in [0, 1) as a float", t->beta1);
+  if (!(t->beta2 >= 0 && (float)t->beta2 < 1.0f))
+    check_fail(pb, "train.adam.beta2", "%.17g is not in [0, 1) as a float", t->beta2);
+  if (!(t->adam_eps > 0 && (float)t->adam_eps >= FLT_MIN && t->adam_eps <= 1))
+    check_fail(pb, "train.adam.eps", "%g must be in [%g, 1] (a normal float)", t->adam_eps,
+               (double)FLT_MIN);
   if (!(t->weight_decay >= 0))
     check_fail(pb, "train.weight_decay", "%g must be >= 0", t->weight_decay);
   if (!(t->clip_grad >= 0))
@@ -823,6 +878,14 @@ static void validate(problems *pb, mt_job *job) {
   if (job->eval.interval > 0 && job->data.path[0])
     check_fail(pb, "eval.interval",
                "validation needs a valid split: use data.prefix or data.blend, not data.path");
+  else if (job->eval.interval > 0 && !(job->data.split_valid_weight > 0))
+    check_fail(pb, "eval.interval",
+               "validation needs a valid split, and data.split \"%s\" gives it nothing",
+               job->data.split);
+  if (job->eval.interval > 0 && job->eval.iters >= 1 && t->global_batch >= 1 &&
+      job->eval.iters > ((int64_t)1 << 40) / t->global_batch)
+    check_fail(pb, "eval.iters", "%d batches of %d samples are over 2^40 samples", job->eval.iters,
+               t->global_batch);
   if (c->interval < 0) check_fail(pb, "checkpoint.interval", "%d must be >= 0", c->interval);
   if (c->keep < 0) check_fail(pb, "checkpoint.keep", "%d must be >= 0 (0 = keep all)", c->keep);
   if (c->keep_every < 0)

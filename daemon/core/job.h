@@ -91,6 +91,7 @@ typedef struct mt_data_spec {
   int n_blend;
   mt_blend_spec blend[MT_MAX_BLEND];
   char split[64];              /* train,valid,test weights over documents ("949,50,1") */
+  double split_valid_weight;   /* derived: split's valid weight (0: no valid split) */
   int shuffle;                 /* default 1 */
   char cache_dir[MT_PATH_MAX]; /* sample indices; "" = beside each dataset */
 } mt_data_spec;

@@ -183,6 +183,9 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   mt_data_source *d = NULL;
   int rc = mt_data_source_open(&d, &job->data, job->model.seq_len, job->model.vocab_size,
                                job->train.seed, n_train, n_valid);
+  /* data that cannot be read fails the job, not a peer (node.c report_kind):
+   * a new generation would fail on it again */
+  if (rc == MT_EIO || rc == MT_ENOENT) rc = MT_EINVAL;
   if (rc) return rc;
   mt_data_source_free(tr->data);
   tr->data = d;
@@ -243,7 +246,8 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   rc = mt_gpt_init_weights(&tr->model, job->train.seed);
   if (!rc && ms->init_from[0]) {
     rc = load_weights(&tr->model, ms->init_from);
-    if (rc) mt_wraperr(rc, "model.init_from");
+    /* a file that cannot be read fails the job, not a peer: not re-formed */
+    if (rc) rc = mt_wraperr(rc == MT_EIO || rc == MT_ENOENT ? MT_EINVAL : rc, "model.init_from");
   }
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
   tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;

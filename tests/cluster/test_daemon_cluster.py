@@ -12,6 +12,7 @@ configs in a temp dir and stops them by pid:
 - test_sigterm_to_a_member_stops_every_node_at_one_step
 - test_ready_and_status_reach_notify_socket
 - test_a_checkpoint_past_the_end_says_nothing_to_train
+- test_unreadable_data_ends_the_job_without_restarts (exit 2)
 """
 import json
 import os
@@ -198,6 +199,30 @@ def test_checkpoint_past_the_end(mtnlgd, tmp, tokens):
                  "exit codes %s, %s; the second run's log:\n%s" % (first, second, log[-3000:]))
 
 
+def test_unreadable_data(mtnlgd, tmp, tokens):
+    """Data that cannot be read fails the job, not a peer: no generation is
+    re-formed to fail the same way (it spent the restart budget, then exited
+    1, and systemd started it again, forever); the node exits 2."""
+    path = os.path.join(tmp, "nodata.json")
+    with open(path, "w") as f:
+        json.dump({"name": "nodata", "model": {"preset": "tiny", "n_layer": 2},
+                   "parallel": {"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   "train": {"global_batch": 4, "steps": 4, "seed": 7, "lr": {"peak": 1e-3}},
+                   "data": {"path": os.path.join(tmp, "no-such-tokens.u16")}}, f)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c6"), path, nodes=1, devices="cpu:1",
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    try:
+        c.start()
+        code = c.wait_all(120)[0]
+        log = c.nodes[0].stderr()
+    finally:
+        c.kill_all()
+    ok = (code == 2 and "no-such-tokens.u16" in log and "re-forming" not in log
+          and "generation 2" not in log)
+    return check("test_unreadable_data_ends_the_job_without_restarts", ok,
+                 "exit code %s; log:\n%s" % (code, log[-3000:]))
+
+
 def main():
     mtnlgd = sys.argv[1]
     failures = 0
@@ -209,6 +234,7 @@ def main():
         failures += test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens)
         failures += test_sigterm_and_notify(mtnlgd, tmp, tokens)
         failures += test_checkpoint_past_the_end(mtnlgd, tmp, tokens)
+        failures += test_unreadable_data(mtnlgd, tmp, tokens)
     print("%d failure(s)" % failures)
     sys.exit(1 if failures else 0)
 

@@ -489,7 +489,7 @@ def self_test(spec_path):
     good = [
         ("GET", "/v1/status", 200, j(SAMPLE_STATUS), "application/json", {}),
         ("GET", "/v1/health", 200, j({"status": "ok", "node": "n0", "state": "running",
-                                      "version": "0.1.0"}), "application/json", {}),
+                                      "version": "0.1.0", "mutations": True}), "application/json", {}),
         ("GET", "/v1/history?since=2", 200, j({"steps": [SAMPLE_POINT, dict(SAMPLE_POINT,
                                                                             step=4, val_loss=3.4)],
                                                "last_step": 4}), "application/json", {}),

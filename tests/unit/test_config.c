@@ -119,8 +119,34 @@ static void test_shipped_config_loads(void) {
   CHECK(rc == 0, "rc == 0");
 }
 
+/* A key given twice (here through a repeated section) is refused naming both
+ * lines, not decided silently by the last; a line too long for the INI
+ * reader is named by its own number (it used to be cut, and its rest read as
+ * the next line); a directory is not a config. */
+static void test_twice_long_lines_and_directories_refused(void) {
+  char text[1024];
+  char path[400];
+  memset(path, 'p', sizeof path - 1);
+  path[sizeof path - 1] = 0;
+  snprintf(text, sizeof text,
+           "[node]\ndevices = cuda:0\n[cluster]\nheartbeat_interval_ms = 500\n[node]\n"
+           "devices = cpu:1\n[paths]\nstate_dir = /%s\n[log]\nlevel = info\n",
+           path);
+  char *p = write_tmp(text);
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, p, NULL) == MT_EINVAL, "a key twice and a long line: accepted");
+  const char *m = mt_errmsg();
+  CHECK(strstr(m, ":6: node.devices is given twice (first at line 2)"), "twice: %s", m);
+  CHECK(strstr(m, ":8: the line is over") && !strstr(m, ":9:"), "the long line: %s", m);
+  unlink(p);
+  CHECK(mt_node_config_load(&c, "/tmp", NULL) == MT_EINVAL &&
+            strstr(mt_errmsg(), "/tmp: not a regular file"),
+        "a directory as the config: %s", mt_errmsg());
+}
+
 int main(void) {
   test_defaults_without_a_file();
+  test_twice_long_lines_and_directories_refused();
   test_file_then_overrides_win();
   test_every_problem_named_with_its_line();
   test_cross_key_checks();

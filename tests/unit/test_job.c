@@ -167,10 +167,21 @@ static void test_data_sources_blend_and_split(void) {
   CHECK(has_line(mt_errmsg(), "data: give exactly one of path"));
   CHECK(parse_with(&job, tiny_job,
                    "data={\"blend\": [{\"prefix\": \"/d/a\", \"weight\": -1}],"
-                   " \"split\": \"1,2\"}",
+                   " \"split\": \"nan,1,1\"}",
                    NULL) == MT_EINVAL);
   CHECK(has_line(mt_errmsg(), "data.blend[0].weight: -1 must be > 0"));
-  CHECK(has_line(mt_errmsg(), "data.split: \"1,2\" is not three non-negative weights"));
+  CHECK(has_line(mt_errmsg(), "data.split: \"nan,1,1\" is not up to three non-negative weights"));
+  /* Megatron's --split: up to three numbers, the missing ones 0 */
+  CHECK(parse_with(&job, tiny_job, "data={\"prefix\": \"/d/a\", \"split\": \"100\"}", NULL) ==
+        MT_OK);
+  CHECK(parse_with(&job, tiny_job, "data={\"prefix\": \"/d/a\", \"split\": \"98/2\"}", NULL) ==
+        MT_OK);
+  CHECK(parse_with(&job, tiny_job, "data={\"prefix\": \"/d/a\", \"split\": \"1,2,3,4\"}", NULL) ==
+        MT_EINVAL);
+  /* validation with a split that gives the valid split nothing: refused at load */
+  CHECK(parse_with(&job, tiny_job, "data={\"prefix\": \"/d/a\", \"split\": \"1,0,0\"}",
+                   "eval.interval=10") == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "eval.interval: validation needs a valid split, and data.split"));
   CHECK(parse_with(&job, tiny_job, "data={\"blend\": []}", NULL) == MT_EINVAL);
   CHECK(has_line(mt_errmsg(), "data.blend: expected an array"));
 }
@@ -214,8 +225,15 @@ static void test_validation_rules(void) {
       {"train.lr.peak=0", NULL, "train.lr.peak: 0 must be > 0"},
       {"train.lr.min=1", NULL, "train.lr.min: 1 is above train.lr.peak"},
       {"train.lr.warmup_steps=11", NULL, "train.lr.warmup_steps: warmup of 11 steps"},
-      {"train.adam.beta2=1", NULL, "train.adam.beta2: 1 is not in [0, 1)"},
-      {"train.adam.eps=0", NULL, "train.adam.eps: 0 must be > 0"},
+      {"train.adam.beta2=1", NULL, "train.adam.beta2: 1 is not in [0, 1) as a float"},
+      /* below 1, but 1.0f to the optimizer: its bias correction divides by 0 */
+      {"train.adam.beta2=0.9999999999", NULL, "train.adam.beta2: 0.99999999989999999 is not in"},
+      {"train.adam.beta1=0.99999999999", NULL, "train.adam.beta1: 0.99999999999 is not in"},
+      {"train.adam.eps=0", NULL, "train.adam.eps: 0 must be in"},
+      {"train.adam.eps=1e-50", NULL, "train.adam.eps: 1e-50 must be in"}, /* 0.0f */
+      {"model.ln_eps=1e300", NULL, "model.ln_eps: 1e+300 is beyond a float's range"},
+      {"model.n_embd=2147483520", "model.n_head=1", "model.n_embd: 2147483520 is over 1048576"},
+      {"train.steps=4611686018427387904", NULL, "train.steps: 4611686018427387904 steps of"},
       {"train.lr.schedule=step", NULL, "train.lr.schedule: \"step\" is not one of"},
       {"parallel.schedule=gpipe", NULL, "parallel.schedule: \"gpipe\" is not supported"},
       {"train.precision=fp8", NULL, "train.precision: \"fp8\" is not one of"},

@@ -98,6 +98,8 @@ def test_usage_errors_exit_2():
                        (["plan"], "missing job"),
                        (["plan", "a.json", "b.json"], "two jobs"),
                        (["plan", f"{jobs}/mtnlg-530b.json", "--devices", "x"], "bad number"),
+                       (["plan", f"{jobs}/mtnlg-530b.json", "--set", "train.steps"],
+                        "--set without ="),
                        (["plan", f"{jobs}/mtnlg-530b.json", "--efficiency", "1.5"],
                         "efficiency > 1"),
                        (["plan", f"{jobs}/mtnlg-530b.json", "-o", "yaml"], "bad format"),
