@@ -230,6 +230,13 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
         "scale", (double)ls->scale, "growth_tracker", ls->growth_tracker, "hysteresis_tracker",
         ls->hysteresis_tracker, "steps", (json_int_t)ls->steps, "skipped", (json_int_t)ls->skipped,
         "skipped_in_row", (json_int_t)ls->skipped_in_row);
+    /* the model, which parameter counts do not tell apart (another n_head
+     * splits the same matrices another way): a resume compares it */
+    const mt_model_spec *ms = &job->model;
+    json_object_set_new(extra, "model",
+                        json_pack("{s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd",
+                                  ms->n_embd, "n_head", ms->n_head, "vocab_size", ms->vocab_size,
+                                  "seq_len", ms->seq_len));
     mt_ckpt_meta meta = {.job = job->name,
                          .job_hash = job->hash,
                          .step = step,
@@ -497,6 +504,29 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     snprintf(err, sizeof err,
              "resume: %s/%s holds %llu parameters, this shard of the model has %zu: another model",
              c.dir, f->name, (unsigned long long)f->n, tr->model.num_params);
+  } else {
+    /* the same count, another model (Megatron's check_checkpoint_args):
+     * checkpoints from before the model was recorded pass */
+    const json_t *saved = json_object_get(c.extra, "model");
+    const mt_model_spec *ms = &tr->job->model;
+    const struct {
+      const char *key;
+      int want;
+    } arch[] = {{"n_layer", ms->n_layer},
+                {"n_embd", ms->n_embd},
+                {"n_head", ms->n_head},
+                {"vocab_size", ms->vocab_size},
+                {"seq_len", ms->seq_len}};
+    for (size_t k = 0; saved && k < sizeof arch / sizeof *arch && !failed; k++) {
+      const json_t *v = json_object_get(saved, arch[k].key);
+      if (json_is_integer(v) && json_integer_value(v) != arch[k].want) {
+        failed = 1;
+        snprintf(err, sizeof err,
+                 "resume: %s was saved by a model with %s %lld, the job's has %d: another model "
+                 "(start it with a checkpoint.dir of its own, or model.init_from an export)",
+                 c.dir, arch[k].key, (long long)json_integer_value(v), arch[k].want);
+      }
+    }
   }
   uint64_t lo, n;
   my_slice(tr, &lo, &n);

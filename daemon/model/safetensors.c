@@ -284,6 +284,8 @@ int mt_st_open(mt_st_file *f, const char *path) {
   json_object_foreach(root, key, val) {
     if (!strcmp(key, "__metadata__")) {
       if ((rc = st_check_metadata(path, val))) goto fail;
+      json_decref(f->meta);
+      f->meta = json_incref(val);
       continue;
     }
     mt_st_tensor *t = &f->tensors[f->n];
@@ -305,6 +307,7 @@ fail:
 }
 
 void mt_st_close(mt_st_file *f) {
+  json_decref(f->meta);
   if (f->map) munmap(f->map, f->map_bytes);
   for (int i = 0; i < f->n; i++) free(f->tensors[i].name);
   free(f->tensors);
@@ -618,6 +621,25 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   }
   for (int j = 0; j < m->n_tensors; j++)
     if (!src[j]) st_problem(pr, "missing tensor \"%s\"", m->params_table[j].name);
+  /* shapes do not tell every model apart: n_head splits the same matrices
+   * another way, and a vocabulary within one padding step pads alike. A
+   * file that says its model (mtnlg writes these; Hugging Face's say only
+   * "format") must say this one's. */
+  const struct {
+    const char *key;
+    int want;
+  } arch[] = {{"n_layer", m->cfg.n_layer},
+              {"n_embd", m->cfg.n_embd},
+              {"n_head", m->cfg.n_head},
+              {"vocab_size", m->cfg.vocab_size}};
+  for (size_t k = 0; f.meta && k < sizeof arch / sizeof *arch; k++) {
+    const char *v = json_string_value(json_object_get(f.meta, arch[k].key));
+    char *end;
+    long got = v ? strtol(v, &end, 10) : 0;
+    if (v && (*end || end == v || got != arch[k].want))
+      st_problem(pr, "__metadata__ says %s %s, the job's model has %d", arch[k].key, v,
+                 arch[k].want);
+  }
   if (pr->count) {
     rc = mt_seterr(MT_EINVAL, "safetensors: load %s: %d problem%s: %s", path, pr->count,
                    pr->count == 1 ? "" : "s", pr->text);

@@ -36,6 +36,7 @@ typedef struct mt_st_file {
   const uint8_t *data; /* start of tensor bytes */
   mt_st_tensor *tensors;
   int n;
+  struct json_t *meta; /* __metadata__ (string values), or NULL */
 } mt_st_file;
 
 int mt_st_open(mt_st_file *f, const char *path);

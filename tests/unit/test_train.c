@@ -373,6 +373,57 @@ static void test_resume_with_a_smaller_global_batch_reads_to_the_end(void) {
   printf("  ok test_resume_with_a_smaller_global_batch_reads_to_the_end\n");
 }
 
+/* Another n_head splits the same matrices another way: the parameter counts
+ * agree, so a checkpoint or an export of a 4-head model loaded into an
+ * 8-head one trained on without a word (Megatron's check_checkpoint_args
+ * refuses it). Both are refused now, naming n_head. */
+static void test_another_n_head_is_refused(void) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128], json[1024], exported[160];
+  CHECK(!pattern_data(path, dir), "temp files");
+  snprintf(exported, sizeof exported, "%s/four-heads.safetensors", dir);
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  int64_t resumed = -1;
+  for (int k = 0; k < 3; k++) {
+    int heads = k ? 8 : 4;
+    snprintf(
+        json, sizeof json,
+        "{\"name\":\"heads\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16,\"n_head\":%d%s%s%s},"
+        "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":20,"
+        "\"seed\":5,\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
+        "\"checkpoint\":{\"dir\":\"%s\"}}",
+        heads, k == 2 ? ",\"init_from\":\"" : "", k == 2 ? exported : "", k == 2 ? "\"" : "", path,
+        dir);
+    int rc = mt_job_parse(&job, json, NULL, preset_dirs, NULL);
+    CHECK(!rc, "job: %s", mt_errmsg());
+    rc = mt_trainer_create(&tr, &job, &dev, NULL);
+    if (k == 2) { /* init_from the 4-head export */
+      CHECK(rc == MT_EINVAL &&
+                strstr(mt_errmsg(), "__metadata__ says n_head 4, the job's model has 8"),
+            "an 8-head model from a 4-head export: rc %d, %s", rc, mt_errmsg());
+      if (!rc) mt_trainer_destroy(&tr);
+      break;
+    }
+    CHECK(!rc, "create: %s", mt_errmsg());
+    if (rc) break;
+    mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+    if (k == 0) {
+      CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+      CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+      CHECK(!mt_trainer_export(&tr, exported), "export: %s", mt_errmsg());
+    } else {
+      rc = mt_trainer_resume(&tr, job_dir, -1, &resumed);
+      CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), "with n_head 4, the job's has 8"),
+            "an 8-head model from a 4-head checkpoint: rc %d, %s", rc, mt_errmsg());
+    }
+    mt_trainer_destroy(&tr);
+  }
+  remove_data(path, dir);
+  printf("  ok test_another_n_head_is_refused\n");
+}
+
 /* The data position is saved and restored, not recomputed from the step: a
  * run resumed with twice the global batch reads on from the sample the
  * saved run stopped at (Megatron's consumed_train_samples), and its next
@@ -534,6 +585,7 @@ int main(void) {
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
   test_resume_with_a_smaller_global_batch_reads_to_the_end();
+  test_another_n_head_is_refused();
   test_pause_at_a_checkpoint_step_commits_it();
   test_resume_step_rolls_back_and_sets_aside_newer();
   printf("%s\n", failures ? "FAILED" : "all passed");
