@@ -2,16 +2,25 @@
 # The systemd files as systemd itself reads them: `systemd-analyze verify` on
 # the unit (ExecStart pointed at the built mtnlgd), systemd-sysusers creating
 # the account in a scratch root, systemd-tmpfiles creating the directories
-# there as that account. usage: test_systemd_files.sh SOURCE_ROOT MTNLGD
+# there as that account; the unit names mtnlgd and its config where
+# `meson install` puts them for the build's prefix.
+# usage: test_systemd_files.sh SOURCE_ROOT MTNLGD UNIT SBINDIR SYSCONFDIR
 set -euo pipefail
-src=$1 mtnlgd=$(realpath "$2")
+src=$1 mtnlgd=$(realpath "$2") unit=$3 sbindir=$4 sysconfdir=$5
 if ! command -v systemd-analyze >/dev/null; then
   echo "SKIP: systemd-analyze not installed"
   exit 77
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-sed "s|^ExecStart=/usr/sbin/mtnlgd|ExecStart=$mtnlgd|" "$src/systemd/mtnlgd.service" >"$tmp/mtnlgd.service"
+if ! grep -q "^ExecStart=$sbindir/mtnlgd --config $sysconfdir/mtnlg/mtnlgd.conf\$" "$unit" ||
+  ! grep -q "^ReadOnlyPaths=$sysconfdir/mtnlg\$" "$unit"; then
+  echo "FAIL test_unit_names_the_installed_paths: want $sbindir/mtnlgd and $sysconfdir/mtnlg in:"
+  grep -E '^(ExecStart|ReadOnlyPaths)=' "$unit"
+  exit 1
+fi
+echo "ok test_unit_names_the_installed_paths ($sbindir, $sysconfdir)"
+sed "s|^ExecStart=$sbindir/mtnlgd|ExecStart=$mtnlgd|" "$unit" >"$tmp/mtnlgd.service"
 out=$(systemd-analyze verify "$tmp/mtnlgd.service" 2>&1) || {
   echo "FAIL test_unit_verifies: $out"
   exit 1
