@@ -431,6 +431,10 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                  passed_over, older ? older + 1 : "");
       } else if (rc && rc != MT_ENOENT) {
         snprintf(err, sizeof err, "%s", mt_errmsg());
+      } else if (rc == MT_ENOENT && step >= 0) { /* a step asked for that is not there */
+        snprintf(err, sizeof err,
+                 "checkpoint.resume_step %lld: no committed checkpoint of that step (%s)",
+                 (long long)step, mt_errmsg());
       }
       snprintf(pick.why, sizeof pick.why, "%.*s", (int)sizeof pick.why - 1, err);
     }

@@ -1,12 +1,15 @@
 /* local.c — device threads of one process, each a data-parallel rank. */
 #include "local.h"
 
+#include <errno.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "checkpoint.h"
 #include "err.h"
@@ -440,6 +443,31 @@ struct mt_local {
   int running; /* ranks not yet ended */
 };
 
+/* Where the export goes must take it: found only after the whole run, a
+ * directory in its place or a missing parent lost the trained model of a
+ * job without checkpoints. */
+static int check_export_path(const char *path) {
+  struct stat st;
+  if (!stat(path, &st) && S_ISDIR(st.st_mode))
+    return mt_seterr(MT_EINVAL, "checkpoint.export %s is a directory; name the file to write",
+                     path);
+  char dir[4096];
+  snprintf(dir, sizeof dir, "%s", path);
+  char *slash = strrchr(dir, '/');
+  if (!slash)
+    snprintf(dir, sizeof dir, ".");
+  else if (slash == dir)
+    dir[1] = 0;
+  else
+    *slash = 0;
+  if (stat(dir, &st) || !S_ISDIR(st.st_mode))
+    return mt_seterr(MT_EINVAL, "checkpoint.export %s: the directory %s does not exist", path, dir);
+  if (access(dir, W_OK))
+    return mt_seterr(MT_EINVAL, "checkpoint.export %s: cannot write in %s: %s", path, dir,
+                     strerror(errno));
+  return 0;
+}
+
 int mt_local_start(const mt_local_opts *o, mt_local **out) {
   const mt_parallel_spec *ps = &o->job->parallel;
   int size = ps->dp_min * ps->pp * ps->tp;
@@ -459,6 +487,11 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
                        "(this is process %d)",
                        size, procs, o->proc_rank);
     n = size / procs, r0 = o->proc_rank * n;
+  }
+  /* world rank 0 writes the export: its process checks before any step */
+  if (r0 == 0 && o->export_path) {
+    int rc = check_export_path(o->export_path);
+    if (rc) return rc;
   }
   if (n < size && !o->store)
     return mt_seterr(MT_EINVAL, "local: ranks spread over processes need a shared store");

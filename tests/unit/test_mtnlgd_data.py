@@ -81,6 +81,19 @@ def main():
             failures += 1
         else:
             print("ok test_zero_weight_refused")
+        # an export that cannot be written is refused before the first step,
+        # not after the run (which lost the model of a job without checkpoints)
+        for target, says in ((tmp, "is a directory"),
+                             (os.path.join(tmp, "no-such-dir", "m.safetensors"), "does not exist")):
+            out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(data),
+                       "--set", "train.steps=3", "--set", "train.lr.warmup_steps=1",
+                       "--export", target], ok=False)
+            if out.returncode == 0 or says not in out.stderr or '"step"' in out.stdout:
+                print(f"FAIL test_bad_export_refused_before_training ({says}): exit "
+                      f"{out.returncode}\n{out.stderr[-2000:]}")
+                failures += 1
+            else:
+                print(f"ok test_bad_export_refused_before_training ({says})")
     return 1 if failures else 0
 
 

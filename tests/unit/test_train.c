@@ -491,6 +491,10 @@ static void test_resume_step_rolls_back_and_sets_aside_newer(void) {
   mt_trainer_destroy(&tr);
   CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
   int64_t resumed = -1;
+  /* a step that was never saved is named, not "resume from DIR: " and nothing */
+  int rc = mt_trainer_resume(&tr, job_dir, 5, &resumed);
+  CHECK(rc == MT_ENOENT && strstr(mt_errmsg(), "checkpoint.resume_step 5: no committed checkpoint"),
+        "resume_step 5: rc %d, %s", rc, mt_errmsg());
   CHECK(!mt_trainer_resume(&tr, job_dir, 3, &resumed) && resumed == 3, "resume: %s", mt_errmsg());
   mt_ckpt_entry *e = NULL;
   size_t n = 0;
