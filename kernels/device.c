@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -169,6 +170,10 @@ void mt_device_close(mt_device *d) {
 
 void *mt_device_alloc(mt_device *d, size_t bytes) {
   IF_CUDA(d, mt__cuda_alloc(d, bytes));
+  if (bytes > SIZE_MAX - 63) { /* rounded up, it would wrap to a tiny buffer */
+    mt_seterr(MT_ENOMEM, "device %s: cannot allocate %zu bytes", d->name, bytes);
+    return NULL;
+  }
   size_t rounded = (bytes + 63) & ~(size_t)63;
   void *p = aligned_alloc(64, rounded ? rounded : 64);
   if (!p) {

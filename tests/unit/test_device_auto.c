@@ -8,6 +8,7 @@
  * cuda:0 opens, auto resolves to cuda:0-K.
  */
 #include <cpuid.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,14 @@
 
 static void test_unknown_kind_and_cpu_count(void) {
   CHECK(mt_device_count("cpu") == 1, "cpu count %d", mt_device_count("cpu"));
+  /* a size that wraps when rounded up to 64 bytes is refused, not a tiny buffer */
+  mt_device cpu;
+  if (!mt_device_open(&cpu, "cpu:0")) {
+    void *p = mt_device_alloc(&cpu, SIZE_MAX - 10);
+    CHECK(!p && strstr(mt_errmsg(), "cannot allocate"), "SIZE_MAX - 10 bytes: %p", p);
+    free(p);
+    mt_device_close(&cpu);
+  }
   int rc = mt_device_count("tpu");
   CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), "tpu"), "tpu: %d \"%s\"", rc, mt_errmsg());
   char out[4];

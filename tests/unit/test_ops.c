@@ -1210,6 +1210,32 @@ static int32_t *ce_targets(int N, int V) {
   return tg;
 }
 
+/* dlogits against the exact gradient, element by element: dloss · (softmax -
+ * onehot) in double. Finite differences over a 200-element sample at V=1000
+ * missed a gradient without the target's softmax term (the term is 1/V of
+ * the row's). */
+static void test_crossentropy_bwd_is_softmax_minus_onehot(int N, int V, int Vp) {
+  float *x = ce_logits(N, V, Vp, 0.5f), *dl = frand((size_t)N * Vp, -9, 9);
+  int32_t *tg = ce_targets(N, V);
+  const float dloss = 0.37f;
+  ops->crossentropy(&dev, NULL, dl, x, tg, dloss, N, V, Vp);
+  double worst = 0;
+  for (int n = 0; n < N; n++) {
+    const float *row = x + (size_t)n * Vp;
+    double mx = -INFINITY, sum = 0;
+    for (int v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+    for (int v = 0; v < V; v++) sum += exp((double)row[v] - mx);
+    for (int v = 0; v < Vp; v++) {
+      double want = v < V ? dloss * (exp((double)row[v] - mx) / sum - (v == tg[n])) : 0.0;
+      double err = fabs(dl[(size_t)n * Vp + v] - want) / (fabs(want) + 1e-3 / V);
+      worst = err > worst ? err : worst;
+    }
+  }
+  report(worst < 1e-4, __func__, "N=%d V=%d Vp=%d: worst relative error %.2e per element", N, V, Vp,
+         worst);
+  free(x), free(dl), free(tg);
+}
+
 static void test_crossentropy_fwd_matches_reference(int N, int V, int Vp) {
   float *x = ce_logits(N, V, Vp, 0.5f), *losses = frand((size_t)N, -9, 9);
   int32_t *tg = ce_targets(N, V);
@@ -1313,6 +1339,9 @@ int main(void) {
   test_layernorm_fwd_matches_reference(130, 256);
   test_layernorm_bwd_matches_finite_differences(13, 12);
   test_layernorm_bwd_matches_finite_differences(130, 256);
+  /* past one 1024-column tile: hidden 20480 takes these paths */
+  test_layernorm_fwd_matches_reference(3, 2500);
+  test_layernorm_bwd_matches_finite_differences(3, 2500);
   test_layernorm_bwd_accumulates();
 
   test_linear_fwd_matches_reference(13, 12, 9, 1);
@@ -1321,6 +1350,9 @@ int main(void) {
   test_linear_bwd_matches_finite_differences(13, 12, 9, 1);
   test_linear_bwd_matches_finite_differences(13, 12, 9, 0);
   test_linear_bwd_matches_finite_differences(130, 32, 260, 1);
+  /* a thread's share of the columns past 512, and a bias past 1024 */
+  test_linear_fwd_matches_reference(5, 16, 2100, 1);
+  test_linear_bwd_matches_finite_differences(5, 16, 2100, 1);
   test_linear_with_two_cpu_devices();
   test_linear_bwd_accumulates_and_skips_null();
 
@@ -1349,6 +1381,7 @@ int main(void) {
   test_linear_bwd_dgelu_is_linear_bwd_then_gelu_bwd(130, 260, 32, 1); /* the parallel paths */
   test_16bit_operands_read_as_their_floats(13, 12, 9);
   test_16bit_operands_read_as_their_floats(130, 64, 520); /* the parallel paths */
+  test_16bit_operands_read_as_their_floats(5, 16, 2100);  /* a 16-bit bias past 1024 */
   test_gelu_bwd_matches_finite_differences(1001);
   test_gelu_bwd_matches_finite_differences(100003);
 
@@ -1369,6 +1402,8 @@ int main(void) {
   test_crossentropy_fwd_matches_reference(33, 1000, 1024);
   test_crossentropy_bwd_matches_finite_differences(13, 37, 40);
   test_crossentropy_bwd_matches_finite_differences(33, 1000, 1024);
+  test_crossentropy_bwd_is_softmax_minus_onehot(13, 37, 40);
+  test_crossentropy_bwd_is_softmax_minus_onehot(33, 1000, 1024);
   test_crossentropy_ignores_padded_columns();
 
   test_adamw_matches_reference_over_three_steps(1000, 0.0f);
