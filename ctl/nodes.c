@@ -11,9 +11,9 @@
 
 const char ctl_nodes_help[] =
     "The nodes (one mtnlgd each) of the cluster as the coordinator sees them: name,\n"
-    "role (coordinator, member, spare, joined, lost, left), state, host, the ranks, pipeline\n"
-    "stages and data-parallel replicas it holds, its devices, the age of its last\n"
-    "heartbeat and its memory in use (1 GB = 10^9 bytes).\n"
+    "role (coordinator, member, spare, joined, lost, left, refused), state, host, the\n"
+    "ranks, pipeline stages and data-parallel replicas it holds, its devices, the age\n"
+    "of its last heartbeat and its memory in use (1 GB = 10^9 bytes).\n"
     "\n"
     "Options:\n"
     "  -o, --output FORMAT    table (default) or json ({\"generation\", \"nodes\"} as in\n"

@@ -270,7 +270,9 @@ int main(int argc, char **argv) {
       }
       dev_list[i] = specs[i];
     }
-  } else if (strcmp(devices, "cpu") && strncmp(devices, "cpu:", 4)) {
+  } else if (strcmp(devices, "cpu") &&
+             (strncmp(devices, "cpu:", 4) || devices[4] < '0' || devices[4] > '9' ||
+              strspn(devices + 4, "0123456789") != strlen(devices + 4))) {
     fprintf(stderr, "mtnlgd: --devices %s: want cpu, cpu:N, cuda, cuda:LIST (0-7 or 0,2) or auto\n",
             devices);
     return 2;

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "err.h"
 #include "mt_config.h"
@@ -1071,6 +1072,11 @@ int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
   set_defaults(job);
   FILE *f = fopen(path, "rb");
   if (!f) return mt_seterr(MT_EIO, "job: open %s: %s", path, strerror(errno));
+  struct stat st;
+  if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
+    fclose(f);
+    return mt_seterr(MT_EINVAL, "job %s: not a regular file (a JSON job spec)", path);
+  }
   json_error_t jerr;
   json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
   fclose(f);

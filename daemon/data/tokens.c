@@ -21,6 +21,10 @@ int mt_tokens_open(mt_token_file *f, const char *path) {
     close(fd);
     return mt_seterr(MT_EIO, "data: stat %s: %s", path, strerror(errno));
   }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return mt_seterr(MT_EINVAL, "data: %s is not a regular file (a file of uint16 tokens)", path);
+  }
   if (st.st_size % 2) {
     close(fd);
     return mt_seterr(MT_ECORRUPT, "data: %s has %lld bytes, not a whole number of uint16 tokens",

@@ -533,6 +533,9 @@ static void test_load_missing_file_is_eio(void) {
   mt_job job;
   CHECK(mt_job_load(&job, "/nonexistent/job.json", presets, NULL) == MT_EIO);
   CHECK(strstr(mt_errmsg(), "/nonexistent/job.json") != NULL);
+  /* a directory is named as one, not "'[' or '{' expected near end of file" */
+  CHECK(mt_job_load(&job, "/tmp", presets, NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "job /tmp: not a regular file") != NULL);
 }
 
 int main(void) {
