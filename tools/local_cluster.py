@@ -33,6 +33,18 @@ def free_port():
     raise RuntimeError("no free TCP port on 127.0.0.1 that was not handed out already")
 
 
+def _step_records(lines):
+    """The JSON step records among a daemon's stdout lines."""
+    out = []
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
 def _die_with_parent():
     """In the child before exec: SIGTERM when the process that started it dies
     (prctl PR_SET_PDEATHSIG), so a daemon in a session of its own is not left
@@ -76,33 +88,19 @@ class Node:
 
     def steps(self):
         """The step records this node printed (JSON step lines)."""
-        out = []
-        for line in self.stdout().splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return _step_records(self.stdout().splitlines())
 
     def new_steps(self):
         """The step records printed since the last call: reads only what was
         appended, so following a long run costs the same at step 100000 as at
         step 10."""
-        out = []
         with open(self.out_path, errors="replace") as f:
             f.seek(self._out_offset)
             chunk = f.read()
             self._out_offset = f.tell()
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()  # a line still being written
-        for line in lines:
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return _step_records(lines)
 
     def log_time(self, pattern):
         """Unix time of this node's first log line matching pattern (mtnlgd
