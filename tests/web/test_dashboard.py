@@ -9,7 +9,8 @@ websocket client below (standard library only). Checks, in the page's DOM:
 - test_dashboard_renders_the_clusters_values: #state, #generation,
   #job-name and one #nodes row per node (data-node n0..n3) while it trains;
   then, with the cluster paused through the API so the values hold still,
-  #state "paused", #step and #skipped-steps equal to what /v1/status says;
+  #state "paused", #step, #skipped-steps and #tflops (the node's devices'
+  mean) as /v1/status says, #val-loss empty without validation;
 - test_pause_button_pauses_the_cluster: a mouse click on #btn-pause, the
   token answered in the prompt(), makes /v1/status report paused and
   #op-status name the pause operation and its success;
@@ -244,7 +245,8 @@ DOM_SNAPSHOT = """(function () {
     function (r) { return r.getAttribute('data-node'); });
   return {state: t('state'), generation: t('generation'), step: t('step'), job: t('job-name'),
           loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
-          skipped: t('skipped-steps'), rows: rows, others: t('others'),
+          skipped: t('skipped-steps'), rows: rows, others: t('others'), tflops: t('tflops'),
+          val: t('val-loss'),
           stale: document.getElementById('main').className};
 })()"""
 
@@ -343,11 +345,23 @@ def run(mtnlgd, out_dir, chromium, tmp):
         d = wait_until(lambda: (lambda d: d if d["state"] == "paused" and d["step"] == str(want["step"])
                                 else None)(dom(dt)), 10, "the page to show the paused step")
         steps = [status(n)["step"] for n in c.nodes]
+        rates = [x["tflops"] for x in want["devices"] if isinstance(x.get("tflops"), (int, float))]
+        mean = sum(rates) / len(rates) if rates else None
+        try:
+            shown = float(d["tflops"])
+        except ValueError:
+            shown = None
         ok = (d["step"] == str(want["step"]) and len(set(steps)) == 1
-              and d["job"] == want["job"]["name"] and d["skipped"] == str(want["skipped_steps"]))
+              and d["job"] == want["job"]["name"] and d["skipped"] == str(want["skipped_steps"])
+              # two decimals, or three significant digits below 1e-3
+              and mean is not None and shown is not None
+              and abs(shown - mean) <= (0.006 if mean >= 1e-3 else 0.006 * mean)
+              and d["val"] == "–")
         failures += check("test_dashboard_shows_the_paused_step_of_v1_status", ok,
-                          "#step %s, /v1/status step %s on n0..n3 %s; #skipped-steps %s, /v1/status %s"
-                          % (d["step"], want["step"], steps, d["skipped"], want["skipped_steps"]))
+                          "#step %s, /v1/status step %s on n0..n3 %s; #skipped-steps %s, /v1/status "
+                          "%s; #tflops %s, the devices' mean %s; #val-loss %s (no eval)"
+                          % (d["step"], want["step"], steps, d["skipped"], want["skipped_steps"],
+                             d["tflops"], mean, d["val"]))
         code, _ = http(n0.url() + "/v1/resume", "POST", TOKEN, b"{}")
         assert code == 202, "POST /v1/resume: %s" % code
         wait_until(lambda: status(n0)["state"] == "running", 20, "running again (API)")
