@@ -371,6 +371,7 @@ struct mt_coord {
   int64_t reform_since_ms;
   char failure[600]; /* what ended the last generation that failed */
   char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
+  int unpublished;   /* publishing generation gen failed part way: ended, not formed again */
   int64_t next_op_req;    /* the next ops/req/<n> to read */
   int64_t req_missing_ms; /* since when ops/req/<next_op_req> is numbered but unwritten */
   coord_op *ops;
@@ -702,10 +703,15 @@ static int form(mt_coord *c, int dp) {
     c->first_failure_ms = 0;
   }
   mt_assignment_free(&a);
-  if (rc) { /* not formed: the next tick forms again from the same nodes */
+  if (rc) {
+    /* not formed. A write without a reply may still land (a loaded store),
+     * and the nodes present next tick may differ: forming this generation
+     * again could publish a second layout under its number. It is ended
+     * instead (the next tick), and the next one formed. */
     for (int i = 0; i < c->n_nodes; i++)
       if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
         c->nodes[i].role = ROLE_NONE;
+    c->unpublished = 1;
     return mt_wraperr(rc, "coordinator: publish generation %d", c->gen);
   }
   return 0;
@@ -1278,6 +1284,18 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
     return read_reports(c, now_ms);
   }
   /* forming */
+  if (c->unpublished) { /* see form: end it, form the next (not a restart) */
+    char why[200];
+    snprintf(why, sizeof why, "generation %d was not published whole (a store write failed)",
+             c->gen);
+    if ((rc = end_generation(c, now_ms, 0, 0, why))) return rc;
+    c->unpublished = 0;
+    int reforming = c->reforming;
+    int64_t since = c->reform_since_ms;
+    begin_forming(c);
+    c->reforming = reforming, c->reform_since_ms = since;
+    mt_log_info("coordinator: forming generation %d instead", c->gen);
+  }
   int slots = 0;
   for (int i = 0; i < c->n_nodes; i++)
     if (c->nodes[i].role == ROLE_NONE) slots += c->nodes[i].slots;

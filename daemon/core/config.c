@@ -315,9 +315,9 @@ int mt_node_config_load(mt_node_config *c, const char *path, const char *const *
     FILE *f = fopen(path, "r");
     if (!f) return mt_seterr(MT_EIO, "config %s: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
+    if (!fstat(fileno(f), &st) && S_ISDIR(st.st_mode)) { /* a pipe is fine: <(...) */
       fclose(f);
-      return mt_seterr(MT_EINVAL, "config %s: not a regular file", path);
+      return mt_seterr(MT_EINVAL, "config %s: a directory, not a config file", path);
     }
     ini_ctx *x = calloc(1, sizeof *x);
     if (!x) {

@@ -797,6 +797,22 @@ static void validate(problems *pb, mt_job *job) {
     if (big[i].v > big[i].most)
       check_fail(pb, big[i].key, "%" PRId64 " is over %" PRId64 ", the most this version takes",
                  big[i].v, big[i].most);
+  /* and the products the plan and the activation buffers take, in double:
+   * the parameters (12 h^2 a layer and the embeddings; 530B has 5.3e11)
+   * times 16 bytes, and a micro-batch's B x T x C (530B: 4.2e7) */
+  int in_bounds = 1;
+  for (size_t i = 0; i < sizeof big / sizeof *big; i++) in_bounds &= big[i].v <= big[i].most;
+  if (in_bounds && m->n_layer >= 1 && m->n_embd >= 1 && m->vocab_size >= 1 && m->seq_len >= 1) {
+    double h = m->n_embd,
+           params = 12.0 * m->n_layer * h * h + ((double)m->vocab_size + m->seq_len) * h;
+    if (params > 1e15)
+      check_fail(pb, "model", "%.3g parameters (n_layer %d, n_embd %d) are over 1e15", params,
+                 m->n_layer, m->n_embd);
+    if (p->micro_batch >= 1 && (double)p->micro_batch * m->seq_len * h > (double)(1LL << 40))
+      check_fail(pb, "parallel.micro_batch",
+                 "%d x seq_len %d x n_embd %d activations a layer are over 2^40", p->micro_batch,
+                 m->seq_len, m->n_embd);
+  }
   if (t->steps >= 1 && t->global_batch >= 1 && t->steps > ((int64_t)1 << 50) / t->global_batch)
     check_fail(pb, "train.steps",
                "%" PRId64 " steps of %d samples are over 2^50 samples, the most this version takes",
@@ -1073,9 +1089,9 @@ int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
   FILE *f = fopen(path, "rb");
   if (!f) return mt_seterr(MT_EIO, "job: open %s: %s", path, strerror(errno));
   struct stat st;
-  if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
+  if (!fstat(fileno(f), &st) && S_ISDIR(st.st_mode)) { /* a pipe is fine: <(...) */
     fclose(f);
-    return mt_seterr(MT_EINVAL, "job %s: not a regular file (a JSON job spec)", path);
+    return mt_seterr(MT_EINVAL, "job %s: a directory, not a JSON job spec", path);
   }
   json_error_t jerr;
   json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);

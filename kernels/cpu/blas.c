@@ -144,14 +144,14 @@ static void blas_load_once(void) {
     if (get_corename) snprintf(corename, sizeof corename, "%s", get_corename());
     if (asked[0])
       snprintf(choice, sizeof choice,
-               "OPENBLAS_CORETYPE=%.20s is no kernel of this OpenBLAS: "
+               "OPENBLAS_CORETYPE=%.20s is not a kernel this OpenBLAS runs here: "
                "chosen by mtnlg for %s",
                asked, pick_why);
     else
       snprintf(choice, sizeof choice, "chosen by mtnlg for %s", pick_why);
   } else if (asked[0] && !named) {
     snprintf(choice, sizeof choice,
-             "OPENBLAS_CORETYPE=%.20s is no kernel of this OpenBLAS: "
+             "OPENBLAS_CORETYPE=%.20s is not a kernel this OpenBLAS runs here: "
              "detected by OpenBLAS",
              asked);
   }

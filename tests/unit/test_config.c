@@ -140,7 +140,7 @@ static void test_twice_long_lines_and_directories_refused(void) {
   CHECK(strstr(m, ":8: the line is over") && !strstr(m, ":9:"), "the long line: %s", m);
   unlink(p);
   CHECK(mt_node_config_load(&c, "/tmp", NULL) == MT_EINVAL &&
-            strstr(mt_errmsg(), "/tmp: not a regular file"),
+            strstr(mt_errmsg(), "/tmp: a directory, not a config file"),
         "a directory as the config: %s", mt_errmsg());
 }
 

@@ -233,6 +233,8 @@ static void test_validation_rules(void) {
       {"train.adam.eps=1e-50", NULL, "train.adam.eps: 1e-50 must be in"}, /* 0.0f */
       {"model.ln_eps=1e300", NULL, "model.ln_eps: 1e+300 is beyond a float's range"},
       {"model.n_embd=2147483520", "model.n_head=1", "model.n_embd: 2147483520 is over 1048576"},
+      /* each within its bound, the plan's parameter bytes past 2^63 */
+      {"model.n_embd=1048576", "model.n_layer=65536", "model: 8.65e+17 parameters"},
       {"train.steps=4611686018427387904", NULL, "train.steps: 4611686018427387904 steps of"},
       {"train.lr.schedule=step", NULL, "train.lr.schedule: \"step\" is not one of"},
       {"parallel.schedule=gpipe", NULL, "parallel.schedule: \"gpipe\" is not supported"},
@@ -535,7 +537,7 @@ static void test_load_missing_file_is_eio(void) {
   CHECK(strstr(mt_errmsg(), "/nonexistent/job.json") != NULL);
   /* a directory is named as one, not "'[' or '{' expected near end of file" */
   CHECK(mt_job_load(&job, "/tmp", presets, NULL) == MT_EINVAL);
-  CHECK(strstr(mt_errmsg(), "job /tmp: not a regular file") != NULL);
+  CHECK(strstr(mt_errmsg(), "job /tmp: a directory, not a JSON job spec") != NULL);
 }
 
 int main(void) {
