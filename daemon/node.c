@@ -67,15 +67,17 @@ static void store_result(node *n, int rc) {
     mt_log_warn("store at %s:%d: %s", n->store_host, n->store_port, mt_errmsg());
   }
   if (t - n->store_failing_since_ms > n->cfg->heartbeat_timeout_ms) {
+    pthread_mutex_lock(&n->mu); /* the end as the control plane shows it */
     snprintf(n->end_reason, sizeof n->end_reason,
              "coordinator lost: the store at %s:%d did not answer for %.1f s", n->store_host,
              n->store_port, (t - n->store_failing_since_ms) / 1000.0);
+    n->end_seen = n->end_final = 1, n->end_ok = 0;
+    pthread_mutex_unlock(&n->mu);
     mt_log_error("%s", n->end_reason);
     if (n->engine_running && !n->aborted_ms) {
       mt_local_abort(n->local);
       n->aborted_ms = t;
     }
-    n->end_seen = n->end_final = 1, n->end_ok = 0;
     if (!n->engine_running) finish(n, 1);
   }
 }
@@ -124,8 +126,10 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
   static const char *const kinds[] = {"none", "pause", "resume", "stop", "checkpoint", "resize"};
   mt_log_info("generation %d: order %lld (%s) took effect after step %lld", n->gen, (long long)seq,
               kind >= 0 && kind <= 5 ? kinds[kind] : "?", (long long)step);
+  pthread_mutex_lock(&n->mu); /* read by the loop thread's heartbeat */
   if (kind == MT_ORDER_PAUSE) n->paused = 1;
   if (kind == MT_ORDER_RESUME) n->paused = 0;
+  pthread_mutex_unlock(&n->mu);
   sd_notifyf(0, "STATUS=%s after step %lld, generation %d",
              kind == MT_ORDER_PAUSE  ? "paused"
              : kind == MT_ORDER_STOP ? "stopping"
@@ -281,6 +285,8 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
     mt_local_free(n->local);
     n->local = NULL;
     n->engine_running = 0;
+    mt_store_free(n->engine_store);
+    n->engine_store = NULL;
     return mt_seterr(MT_ENOMEM, "cannot start the engine's waiter thread");
   }
   return 0;
@@ -296,6 +302,7 @@ static int report_kind(int rc) {
 }
 
 static void leave_and_exit(node *n, int code);
+static void send_report(node *n, int kind, const char *reason);
 
 /* After this node's ranks failed: the devices this process has lost (a GPU
  * whose context a fault corrupted answers every later call with that
@@ -370,8 +377,7 @@ static void on_engine_done(uv_async_t *h) {
     snprintf(reason + strlen(reason), sizeof reason - strlen(reason),
              " (node %s lost %.400s: it restarts)", n->cfg->name, lost);
   }
-  store_result(n, mt_rdzv_report(n->store, n->gen, n->cfg->name,
-                                 failed ? report_kind(n->engine_rc) : MT_REPORT_DONE, reason));
+  send_report(n, failed ? report_kind(n->engine_rc) : MT_REPORT_DONE, reason);
   if (lost[0]) {
     leave_and_exit(n, 1);
     return;
@@ -380,6 +386,26 @@ static void on_engine_done(uv_async_t *h) {
 }
 
 /* ---- the loop's rounds ---- */
+
+/* This node's report on its part of the generation (gen/<g>/<kind>/<name>):
+ * kept until the store took it, and sent again each round (N_ENDING) if it
+ * did not: the coordinator ends a generation only once every member
+ * reported, so a report lost to a store hiccup held the cluster for good. */
+static void send_report(node *n, int kind, const char *reason) {
+  n->report_kind = kind;
+  snprintf(n->report_reason, sizeof n->report_reason, "%s", reason);
+  int rc = mt_rdzv_report(n->store, n->gen, n->cfg->name, kind, reason);
+  n->report_pending = rc < 0;
+  if (rc < 0) mt_log_warn("cannot report to the coordinator yet (%s): trying again", mt_errmsg());
+  store_result(n, rc);
+}
+
+static void resend_report(node *n) {
+  if (!n->report_pending) return;
+  int rc = mt_rdzv_report(n->store, n->gen, n->cfg->name, n->report_kind, n->report_reason);
+  if (rc >= 0) n->report_pending = 0;
+  store_result(n, rc);
+}
 
 static void leave_and_exit(node *n, int code) {
   mt_rdzv_leave(n->store, n->cfg->name); /* best effort: the coordinator times out otherwise */
@@ -397,8 +423,10 @@ static int poll_end(node *n) {
   int rc = mt_rdzv_ended(n->store, n->gen, &final, &ok, &job_failed, reason, sizeof reason);
   if (rc <= 0) return rc;
   if (!n->end_seen) {
+    pthread_mutex_lock(&n->mu);
     snprintf(n->end_reason, sizeof n->end_reason, "%s", reason);
     n->end_seen = 1, n->end_final = final, n->end_ok = ok, n->end_job_failed = job_failed;
+    pthread_mutex_unlock(&n->mu);
     /* a failure the coordinator re-forms from is a warning; the job's end an error */
     mt_log(ok      ? MT_LOG_INFO
            : final ? MT_LOG_ERROR
@@ -414,14 +442,20 @@ static int poll_end(node *n) {
 static void next_generation(node *n) {
   mt_log_info("waiting for generation %d", n->gen + 1);
   n->gen++;
+  pthread_mutex_lock(&n->mu);
   n->end_seen = n->end_final = n->end_ok = n->end_job_failed = 0;
   n->end_reason[0] = 0;
+  n->paused = 0;
+  pthread_mutex_unlock(&n->mu);
   n->order_seq = 0;
   n->order_word = 0;
-  n->paused = 0;
   n->holds_rank0 = 0;
   n->aborted_ms = 0;
   n->engine_rc = 0;
+  n->report_pending = 0;
+  pthread_mutex_lock(&n->mu);
+  n->ckpt_writing = 0; /* an async save the ended generation dropped */
+  pthread_mutex_unlock(&n->mu);
   set_state(n, N_WAITING);
 }
 
@@ -452,7 +486,11 @@ static void wait_for_aborted_ranks(node *n) {
                (long long)waited);
   n->abandoned = 1;
   mt_rdzv_leave(n->store, n->cfg->name);
-  finish(n, 1);
+  /* the job's end decides the code, as in N_ENDING: a job that failed on
+   * its own is not started again by systemd (2) */
+  finish(n, n->end_final && n->end_ok && !n->engine_rc ? 0
+            : n->end_final && n->end_job_failed        ? 2
+                                                       : 1);
 }
 
 /* The generation ended under this node's ranks: stop them now (peers may be
@@ -533,8 +571,7 @@ static void node_round(node *n) {
       snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
       n->engine_rc = rc;
       mt_log_error("generation %d: cannot start this node's ranks: %s", n->gen, n->engine_err);
-      store_result(n,
-                   mt_rdzv_report(n->store, n->gen, n->cfg->name, report_kind(rc), n->engine_err));
+      send_report(n, report_kind(rc), n->engine_err);
       set_state(n, N_ENDING);
     } else {
       set_state(n, N_RUNNING);
@@ -557,6 +594,7 @@ static void node_round(node *n) {
     break;
   }
   case N_ENDING:
+    resend_report(n);
     if ((rc = poll_end(n)) == 1 && n->end_final) {
       /* 2 when the job failed on its own: systemd (RestartPreventExitStatus)
        * does not start the node again only for the job to fail again */
@@ -751,8 +789,10 @@ static int connect_store(node *n) {
   for (;;) {
     rc = mt_store_tcp_new(n->store_host, n->store_port, &so, &n->store);
     if (!rc) return 0;
-    if (mt_node_now_ms() > deadline)
+    if (mt_node_now_ms() > deadline) {
+      n->store_unreachable = 1;
       return mt_wraperr(rc, "cannot reach the rendezvous at %s", c->endpoint);
+    }
     mt_log_info("waiting for the rendezvous at %s: %s", c->endpoint, mt_errmsg());
     sleep(1);
   }
@@ -774,7 +814,9 @@ int mt_node_main(const mt_node_opts *o) {
   code = 1;
   if (connect_store(n)) {
     mt_log_error("%s", mt_errmsg());
-    code = 2;
+    /* a rendezvous not up yet (its node rebooting) is worth starting again
+     * for (1: systemd restarts); a config that cannot host it is not (2) */
+    code = n->store_unreachable ? 1 : 2;
     goto out;
   }
   if (node_control_start(n)) {

@@ -412,9 +412,10 @@ void node_control_round(node *n, int heartbeat) {
   if (heartbeat) {
     pthread_mutex_lock(&n->mu);
     int64_t step = n->have_last ? n->last.step : 0;
+    int paused = n->paused;
     pthread_mutex_unlock(&n->mu);
     const char *state = mt_node_state_names[n->state];
-    if (n->state == N_RUNNING && n->paused) state = "paused";
+    if (n->state == N_RUNNING && paused) state = "paused";
     json_t *me = json_pack("{s:s, s:I, s:I, s:i, s:s}", "state", state, "memory_bytes",
                            (json_int_t)rss_bytes(), "step", (json_int_t)step, "pid", (int)getpid(),
                            "control_url", n->control_url);

@@ -74,6 +74,10 @@ typedef struct node {
   int exit_code;
   char end_reason[512];
   int end_seen, end_final, end_ok, end_job_failed;
+  int store_unreachable; /* the rendezvous never answered within join_timeout_s */
+  int report_pending;    /* this node's report on the generation is not written yet */
+  int report_kind;
+  char report_reason[1200];
 
   /* the running generation */
   mt_assignment asg;
