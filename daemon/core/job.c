@@ -632,31 +632,34 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   read_str(pb, o, "data", "split", d->split, sizeof d->split);
   read_bool(pb, o, "data", "shuffle", &d->shuffle);
   read_str(pb, o, "data", "cache_dir", d->cache_dir, sizeof d->cache_dir);
-  /* the split string, as the data module reads it (Megatron's --split): up
-   * to three finite non-negative numbers separated by ',' or '/', the
-   * missing ones 0 ("100" is all train), not all zero */
-  double w[3] = {0, 0, 0};
-  int n = 0, bad = !d->split[0];
-  char sep = strchr(d->split, ',') ? ',' : '/';
-  for (const char *p = d->split; !bad;) {
-    char *end;
-    errno = 0;
-    double v = strtod(p, &end);
-    while (*end == ' ' || *end == '\t') end++;
-    if (n == 3 || end == p || errno || !isfinite(v) || v < 0 || (*end && *end != sep)) {
-      bad = 1;
-      break;
-    }
-    w[n++] = v;
-    if (!*end) break;
-    p = end + 1;
-  }
+  double w[3];
+  int bad = !d->split[0] || mt_job_split_weights(d->split, w);
   if (bad || !(w[0] + w[1] + w[2] > 0))
     problem(pb, "data.split: \"%s\" is not up to three non-negative weights like \"949,50,1\"",
             d->split);
   else if (w[0] <= 0)
     problem(pb, "data.split: \"%s\" gives the train split no documents", d->split);
   d->split_valid_weight = bad ? 0 : w[1];
+}
+
+int mt_job_split_weights(const char *split, double w[3]) {
+  w[0] = w[1] = w[2] = 0;
+  char sep = strchr(split, ',') ? ',' : '/';
+  int n = 0;
+  for (const char *p = split;;) {
+    char *end;
+    errno = 0;
+    double v = strtod(p, &end);
+    while (*end == ' ' || *end == '\t') end++;
+    if (n == 3 || end == p || errno || !isfinite(v) || v < 0 || (*end && *end != sep))
+      return mt_seterr(MT_EINVAL,
+                       "data: split \"%s\": want up to three non-negative numbers like "
+                       "\"949,50,1\"",
+                       split);
+    w[n++] = v;
+    if (!*end) return 0;
+    p = end + 1;
+  }
 }
 
 static void read_eval(problems *pb, json_t *root, mt_eval_spec *e) {
@@ -793,15 +796,16 @@ static void validate(problems *pb, mt_job *job) {
       {"model.vocab_size", m->vocab_size, 1 << 26},
       {"train.global_batch", t->global_batch, 1 << 26},
   };
+  int in_bounds = 1;
   for (size_t i = 0; i < sizeof big / sizeof *big; i++)
-    if (big[i].v > big[i].most)
+    if (big[i].v > big[i].most) {
+      in_bounds = 0;
       check_fail(pb, big[i].key, "%" PRId64 " is over %" PRId64 ", the most this version takes",
                  big[i].v, big[i].most);
+    }
   /* and the products the plan and the activation buffers take, in double:
    * the parameters (12 h^2 a layer and the embeddings; 530B has 5.3e11)
    * times 16 bytes, and a micro-batch's B x T x C (530B: 4.2e7) */
-  int in_bounds = 1;
-  for (size_t i = 0; i < sizeof big / sizeof *big; i++) in_bounds &= big[i].v <= big[i].most;
   if (in_bounds && m->n_layer >= 1 && m->n_embd >= 1 && m->vocab_size >= 1 && m->seq_len >= 1) {
     double h = m->n_embd,
            params = 12.0 * m->n_layer * h * h + ((double)m->vocab_size + m->seq_len) * h;

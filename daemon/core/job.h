@@ -122,6 +122,11 @@ typedef struct mt_job {
   char hash[17]; /* hex of a 64-bit hash of the canonical JSON */
 } mt_job;
 
+/* The weights of a data.split string (Megatron's --split): up to three
+ * finite non-negative numbers separated by ',' or '/', the missing ones 0
+ * ("100" is all train). Not normalised; MT_EINVAL naming the string. */
+int mt_job_split_weights(const char *split, double w[3]);
+
 /* Reads and validates a job file. preset_dirs: NULL-terminated list searched
  * for <preset>.json. overrides: NULL-terminated "section.key=value" strings
  * (the --set flag; value parsed as JSON, else taken as a string), applied to

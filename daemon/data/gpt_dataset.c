@@ -40,6 +40,7 @@
 
 #include "err.h"
 #include "fileio.h"
+#include "job.h"
 #include "log.h"
 #include "philox.h"
 
@@ -126,25 +127,8 @@ static uint64_t doc_tokens(const mt_indexed *x, uint64_t doc) {
 static int parse_split(const char *split, double r[3]) {
   r[0] = 1, r[1] = r[2] = 0;
   if (!split || !*split) return 0;
-  char sep = strchr(split, ',') ? ',' : '/';
-  const char *p = split;
-  int n = 0;
-  for (;;) {
-    if (n == 3) return mt_seterr(MT_EINVAL, "data: split \"%s\" has more than three parts", split);
-    char *end;
-    errno = 0;
-    double v = strtod(p, &end);
-    while (*end == ' ' || *end == '\t') end++;
-    if (end == p || errno || !isfinite(v) || v < 0 || (*end && *end != sep))
-      return mt_seterr(MT_EINVAL,
-                       "data: split \"%s\": want up to three non-negative numbers like "
-                       "\"949,50,1\"",
-                       split);
-    r[n++] = v;
-    if (!*end) break;
-    p = end + 1;
-  }
-  for (int i = n; i < 3; i++) r[i] = 0;
+  int rc = mt_job_split_weights(split, r); /* one grammar: the job's check's */
+  if (rc) return rc;
   double sum = 0;
   for (int i = 0; i < 3; i++) sum += r[i];
   if (!(sum > 0)) return mt_seterr(MT_EINVAL, "data: split \"%s\" sums to 0", split);

@@ -176,7 +176,7 @@ static int start_buckets(void *ctx, int l) {
 
 int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   if (tr->data && n_train <= tr->data_train_samples) return 0;
-  if (!tr->data && !tr->model.first && !tr->model.last) return 0;
+  if (!tr->model.first && !tr->model.last) return 0; /* a middle stage reads no tokens */
   const mt_job *job = tr->job;
   uint64_t G = (uint64_t)job->train.global_batch;
   uint64_t n_valid = job->eval.interval > 0 ? (uint64_t)job->eval.iters * G : 0;
@@ -269,8 +269,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
                          job->train.beta2, job->train.adam_eps, job->train.weight_decay);
-  if (!rc && (tr->model.first || tr->model.last)) /* a middle stage reads no tokens */
-    rc = mt_trainer_data_reach(tr, (uint64_t)job->train.steps * (uint64_t)G);
+  if (!rc) rc = mt_trainer_data_reach(tr, (uint64_t)job->train.steps * (uint64_t)G);
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs)
