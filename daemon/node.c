@@ -163,6 +163,9 @@ static void *engine_wait(void *arg) {
   node *n = arg;
   n->engine_rc = mt_local_wait(n->local);
   if (n->engine_rc) snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
+  /* here, not on the loop: NCCL's finalize would hold up its heartbeats
+   * and the systemd watchdog */
+  mt_local_close(n->local);
   uv_async_send(&n->engine_done);
   return NULL;
 }

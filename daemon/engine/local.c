@@ -441,6 +441,9 @@ struct mt_local {
   cancel_store cs; /* what the ranks use: store, cancelled when a rank fails */
   volatile int cancel;
   int running; /* ranks not yet ended */
+  /* held by mt_local_abort while it touches the ranks' comms, and by
+   * mt_local_close while it takes one out to destroy it */
+  pthread_mutex_t comms_mu;
 };
 
 /* Where the export goes must take it: found only after the whole run, a
@@ -500,6 +503,7 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
   l->ranks = calloc((size_t)n, sizeof *l->ranks);
   l->threads = calloc((size_t)n, sizeof *l->threads);
   l->n = n, l->first_failed = -1;
+  pthread_mutex_init(&l->comms_mu, NULL);
   mt_store *store = o->store;
   int rc = l->ranks && l->threads ? 0 : mt_seterr(MT_ENOMEM, "local: %d ranks", n);
   if (!rc && size > 1 && !store && !(rc = mt_store_mem_new(&l->own))) store = l->own;
@@ -547,11 +551,13 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
 void mt_local_abort(mt_local *l) {
   if (!l) return;
   __atomic_store_n(&l->cancel, 1, __ATOMIC_SEQ_CST);
+  pthread_mutex_lock(&l->comms_mu);
   for (int r = 0; r < l->started; r++)
     for (int k = 0; k < N_COMMS; k++) {
       mt_comm *c = __atomic_load_n(&l->ranks[r].comms[k], __ATOMIC_SEQ_CST);
       if (c) mt_comm_abort(c);
     }
+  pthread_mutex_unlock(&l->comms_mu);
 }
 
 int mt_local_wait(mt_local *l) {
@@ -566,11 +572,21 @@ int mt_local_wait(mt_local *l) {
   return rc;
 }
 
-void mt_local_free(mt_local *l) {
+void mt_local_close(mt_local *l) {
   if (!l) return;
   for (int r = 0; r < l->n && l->ranks; r++)
-    for (int k = 0; k < N_COMMS; k++)
-      if (l->ranks[r].comms[k]) mt_comm_destroy(l->ranks[r].comms[k]);
+    for (int k = 0; k < N_COMMS; k++) {
+      pthread_mutex_lock(&l->comms_mu);
+      mt_comm *c = __atomic_exchange_n(&l->ranks[r].comms[k], NULL, __ATOMIC_SEQ_CST);
+      pthread_mutex_unlock(&l->comms_mu);
+      mt_comm_destroy(c); /* outside the lock: an abort meanwhile finds it gone */
+    }
+}
+
+void mt_local_free(mt_local *l) {
+  if (!l) return;
+  mt_local_close(l);
+  pthread_mutex_destroy(&l->comms_mu);
   mt_store_free(l->own);
   free(l->ranks);
   free(l->threads);

@@ -75,6 +75,11 @@ void mt_local_abort(mt_local *l);
  * mt_errmsg() naming the rank. l stays valid (mt_local_abort is harmless)
  * until mt_local_free. */
 int mt_local_wait(mt_local *l);
+/* Destroys the ranks' communicators, after mt_local_wait: a clean NCCL
+ * finalize can take seconds each, so the daemon calls this off its event
+ * loop. mt_local_abort stays harmless meanwhile; mt_local_free does it
+ * when nobody did. */
+void mt_local_close(mt_local *l);
 void mt_local_free(mt_local *l);
 
 /* Runs the job to its last step or an agreed stop: start, wait, free. */
