@@ -21,6 +21,7 @@ typedef struct problems {
   char text[4096];
   size_t len;
   int n;
+  unsigned long long bad; /* bit i: keys[i] was given a value it refused */
 } problems;
 
 static void problem(problems *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -76,6 +77,7 @@ static const key_def keys[] = {
     STR("log", "format", log_format),
 };
 #define N_KEYS (sizeof keys / sizeof *keys)
+_Static_assert(N_KEYS <= 64, "problems.bad has a bit per key");
 
 static void set_defaults(mt_node_config *c) {
   memset(c, 0, sizeof *c);
@@ -108,6 +110,9 @@ static int parse_bool(const char *v, int *out) {
   return -1;
 }
 
+static void store_value(mt_node_config *c, problems *p, const char *where, const key_def *k,
+                        const char *value);
+
 /* Stores one value; a problem names where it came from ("mtnlgd.conf:12" or "--set"). */
 static void set_key(mt_node_config *c, problems *p, const char *where, const char *section,
                     const char *name, const char *value) {
@@ -124,6 +129,14 @@ static void set_key(mt_node_config *c, problems *p, const char *where, const cha
       problem(p, "%s: %s.%s: unknown key", where, section, name);
     return;
   }
+  int before = p->n;
+  store_value(c, p, where, k, value);
+  if (p->n > before) p->bad |= 1ull << (k - keys);
+}
+
+static void store_value(mt_node_config *c, problems *p, const char *where, const key_def *k,
+                        const char *value) {
+  const char *section = k->section, *name = k->name;
   char *field = (char *)c + k->offset;
   switch (k->kind) {
   case K_STR:
@@ -278,33 +291,48 @@ int mt_parse_devices(const char *s, char specs[][16], int max) {
   return n;
 }
 
-/* Cross-key checks once everything is read. */
+/* 1 when `section.name` was given a value it refused: the checks below
+ * would judge its default instead. */
+static int refused(const problems *p, const char *section, const char *name) {
+  for (size_t i = 0; i < N_KEYS; i++)
+    if (!strcmp(keys[i].section, section) && !strcmp(keys[i].name, name))
+      return (int)(p->bad >> i & 1);
+  return 0;
+}
+
+/* Checks of the values themselves and across keys, once everything is
+ * read, so that one run names every problem. */
 static void check(const mt_node_config *c, problems *p) {
   char host[256];
   int port;
-  if (mt_parse_host_port(c->endpoint, host, sizeof host, &port))
+  int endpoint_ok = !refused(p, "rendezvous", "endpoint");
+  if (endpoint_ok && mt_parse_host_port(c->endpoint, host, sizeof host, &port))
     problem(p, "rendezvous.endpoint: %s", mt_errmsg());
-  else if (port == 0)
+  else if (endpoint_ok && port == 0)
     problem(p, "rendezvous.endpoint: \"%s\": the port must be set (the followers dial it)",
             c->endpoint);
-  if (mt_parse_host_port(c->control_listen, host, sizeof host, &port))
+  if (!refused(p, "control", "listen") &&
+      mt_parse_host_port(c->control_listen, host, sizeof host, &port))
     problem(p, "control.listen: %s", mt_errmsg());
-  if (strcmp(c->devices, "auto")) {
+  if (!refused(p, "node", "devices") && strcmp(c->devices, "auto")) {
     char specs[256][16];
     if (mt_parse_devices(c->devices, specs, 256) < 0) problem(p, "node.devices: %s", mt_errmsg());
   }
-  if (!c->name[0]) problem(p, "node.name: empty");
-  for (const char *q = c->name; *q; q++)
+  if (!refused(p, "node", "name") && !c->name[0]) problem(p, "node.name: empty");
+  for (const char *q = c->name; *q && !refused(p, "node", "name"); q++)
     if (!isalnum((unsigned char)*q) && !strchr("-_.", *q)) {
       problem(p, "node.name: \"%s\": use letters, digits, '-', '_' and '.'", c->name);
       break;
     }
-  if (c->heartbeat_timeout_ms < 2 * c->heartbeat_interval_ms)
+  if (!refused(p, "cluster", "heartbeat_timeout_ms") &&
+      !refused(p, "cluster", "heartbeat_interval_ms") &&
+      c->heartbeat_timeout_ms < 2 * c->heartbeat_interval_ms)
     problem(p, "cluster.heartbeat_timeout_ms: %d is under twice cluster.heartbeat_interval_ms (%d)",
             c->heartbeat_timeout_ms, c->heartbeat_interval_ms);
-  if (mt_log_parse_level(c->log_level) < 0)
+  if (!refused(p, "log", "level") && mt_log_parse_level(c->log_level) < 0)
     problem(p, "log.level: \"%s\" must be error, warn, info or debug", c->log_level);
-  if (strcmp(c->log_format, "text") && strcmp(c->log_format, "json"))
+  if (!refused(p, "log", "format") && strcmp(c->log_format, "text") &&
+      strcmp(c->log_format, "json"))
     problem(p, "log.format: \"%s\" must be text or json", c->log_format);
 }
 
@@ -346,7 +374,7 @@ int mt_node_config_load(mt_node_config *c, const char *path, const char *const *
     snprintf(name, sizeof name, "%.*s", (int)(eq - dot - 1), dot + 1);
     set_key(c, &p, "--set", section, name, eq + 1);
   }
-  if (!p.n) check(c, &p);
+  check(c, &p);
   if (p.n) return mt_seterr(MT_EINVAL, "%s", p.text);
   return 0;
 }

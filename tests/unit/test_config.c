@@ -82,6 +82,25 @@ static void test_cross_key_checks(void) {
   CHECK(strstr(m, "log.format"), "strstr(m, \"log.format\")");
 }
 
+/* One run names every problem: a value refused on its own does not hide
+ * the checks of the other keys, and is not judged again by its default. */
+static void test_refused_values_do_not_hide_other_checks(void) {
+  const char *ov[] = {"node.devices=gpu:2",
+                      "control.listen=foo",
+                      "cluster.heartbeat_interval_ms=5000",
+                      "cluster.heartbeat_timeout_ms=abc",
+                      "log.bogus=1",
+                      NULL};
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, NULL, ov) == MT_EINVAL, "refused");
+  const char *m = mt_errmsg();
+  CHECK(strstr(m, "node.devices: devices \"gpu:2\": kind must be cpu or cuda"), "devices: %s", m);
+  CHECK(strstr(m, "control.listen: \"foo\""), "listen: %s", m);
+  CHECK(strstr(m, "cluster.heartbeat_timeout_ms: \"abc\" is not an integer"), "timeout: %s", m);
+  CHECK(strstr(m, "log.bogus: unknown key"), "unknown key: %s", m);
+  CHECK(!strstr(m, "is under twice"), "the refused timeout's default judged: %s", m);
+}
+
 static void test_device_lists(void) {
   char s[64][16];
   CHECK(mt_parse_devices("cpu:3", s, 64) == 3 && !strcmp(s[2], "cpu:2"),
@@ -150,6 +169,7 @@ int main(void) {
   test_file_then_overrides_win();
   test_every_problem_named_with_its_line();
   test_cross_key_checks();
+  test_refused_values_do_not_hide_other_checks();
   test_device_lists();
   test_host_port();
   test_shipped_config_loads();
