@@ -237,6 +237,11 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
                         json_pack("{s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd",
                                   ms->n_embd, "n_head", ms->n_head, "vocab_size", ms->vocab_size,
                                   "seq_len", ms->seq_len));
+    /* the whole resolved job: a resume names what changed since */
+    char *job_text = mt_job_to_json(job);
+    json_t *job_json = job_text ? json_loads(job_text, 0, NULL) : NULL;
+    free(job_text);
+    if (job_json) json_object_set_new(extra, "job", job_json);
     mt_ckpt_meta meta = {.job = job->name,
                          .job_hash = job->hash,
                          .step = step,
@@ -393,6 +398,93 @@ static void damage_add(damage_list *l, int64_t step, const char *why) {
   snprintf(v[l->n].why, sizeof v[l->n].why, "%s", why);
   l->v = v;
   l->n++;
+}
+
+/* Fields of the job that change how a run is carried out (its length,
+ * layout, logging, checkpoints, evaluation) but not the trajectory it
+ * follows, floating-point reduction order aside. A field not named here
+ * that changed makes a resumed run another run. */
+static int operational_field(const char *path) {
+  static const char *const exact[] = {"train.steps",
+                                      "train.log_interval",
+                                      "parallel.dp_min",
+                                      "parallel.dp_max",
+                                      "parallel.micro_batch",
+                                      "parallel.recompute",
+                                      "parallel.bucket_size",
+                                      "parallel.overlap_p2p",
+                                      "parallel.schedule",
+                                      "description",
+                                      "name",
+                                      "data.cache_dir",
+                                      "model.init_from"};
+  for (size_t i = 0; i < sizeof exact / sizeof *exact; i++)
+    if (!strcmp(path, exact[i])) return 1;
+  return !strncmp(path, "checkpoint.", 11) || !strncmp(path, "eval.", 5);
+}
+
+typedef struct job_changes {
+  char text[1024];
+  size_t len;
+  int n, material; /* fields that changed; of those, ones the trajectory depends on */
+} job_changes;
+
+static void note_change(job_changes *ch, const char *path, const json_t *was, const json_t *now) {
+  ch->n++;
+  if (!operational_field(path)) ch->material++;
+  if (ch->len >= sizeof ch->text - 1) return;
+  char *a = was ? json_dumps(was, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(8)) : NULL;
+  char *b = now ? json_dumps(now, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(8)) : NULL;
+  int w = snprintf(ch->text + ch->len, sizeof ch->text - ch->len, "%s%s %.40s -> %.40s",
+                   ch->n > 1 ? ", " : "", path, a ? a : "(none)", b ? b : "(none)");
+  free(a);
+  free(b);
+  if (w > 0)
+    ch->len += (size_t)w < sizeof ch->text - ch->len ? (size_t)w : sizeof ch->text - ch->len - 1;
+}
+
+/* The leaves of two resolved jobs that differ, as dotted paths. */
+static void diff_job(job_changes *ch, const char *prefix, const json_t *was, const json_t *now) {
+  if (json_is_object(was) && json_is_object(now)) {
+    const char *key;
+    json_t *v;
+    char path[256];
+    json_object_foreach((json_t *)was, key, v) {
+      snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", key);
+      diff_job(ch, path, v, json_object_get(now, key));
+    }
+    json_object_foreach((json_t *)now, key, v) {
+      snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", key);
+      if (!json_object_get(was, key)) note_change(ch, path, NULL, v);
+    }
+  } else if (!was || !now || !json_equal((json_t *)was, (json_t *)now)) {
+    note_change(ch, prefix, was, now);
+  }
+}
+
+/* A resume under another job hash: says what changed since the save. A
+ * change of length, layout or checkpointing is a note; one of the model,
+ * data or optimizer makes this run another run, which deserves a warning. */
+static void log_job_changes(const char *dir, const char *saved_hash, const json_t *saved_job,
+                            const mt_job *job) {
+  char *text = saved_job ? mt_job_to_json(job) : NULL;
+  json_t *now = text ? json_loads(text, 0, NULL) : NULL;
+  free(text);
+  if (!now) { /* saved before manifests held the job */
+    mt_log_warn("resume: %s was saved by job %s, this is job %s (a changed job spec)", dir,
+                saved_hash, job->hash);
+    return;
+  }
+  job_changes ch = {0};
+  diff_job(&ch, "", saved_job, now);
+  json_decref(now);
+  if (ch.material)
+    mt_log_warn("resume: the job changed since %s was saved, so this run departs from the saved "
+                "run's trajectory: %s",
+                dir, ch.text);
+  else if (ch.n)
+    mt_log_info("resume: the job changed since %s was saved (its trajectory does not): %s", dir,
+                ch.text);
 }
 
 /* Rank 0 picks a checkpoint by the cheap checks (sizes and headers) and every
@@ -572,8 +664,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   char dir[MT_CKPT_PATH_MAX];
   snprintf(dir, sizeof dir, "%s", c.dir);
   if (is0 && c.job_hash && strcmp(c.job_hash, tr->job->hash))
-    mt_log_warn("resume: %s was saved by job %s, this is job %s (a changed job spec)", c.dir,
-                c.job_hash, tr->job->hash);
+    log_job_changes(c.dir, c.job_hash, json_object_get(c.extra, "job"), tr->job);
   mt_ckpt_close(&c);
   /* the data was sized for steps x global_batch samples; saved with a larger
    * global batch, the rest of the run reads past that: size it for what it

@@ -138,6 +138,24 @@ def main():
                        "resumed at %s from the async checkpoint of step 9; %d later losses equal"
                        % (min(tail) if tail else None, sum(tail[s] == ref[s] for s in tail)))
 
+        # 1b'. a resume names what changed in the job since the save: a note
+        # for how the run is carried out, a warning for what it computes
+        pc, _ = run(mtnlgd, job, "checkpoint.async=true", "checkpoint.resume_step=9",
+                    "train.lr.peak=2e-3", "train.steps=12")
+        note = "(its trajectory does not): checkpoint.resume_step -1 -> 9"
+        warn = "departs from the saved run's trajectory: checkpoint.resume_step -1 -> 9, "
+        said_b = [l for l in pb.stderr.splitlines() if "the job changed" in l]
+        said_c = [l for l in pc.stderr.splitlines() if "the job changed" in l]
+        fails += check("test_resume_names_what_changed_in_the_job",
+                       pb.returncode == 0 and len(said_b) == 1 and note in said_b[0]
+                       and " info " in said_b[0]
+                       and pc.returncode == 0 and len(said_c) == 1 and warn in said_c[0]
+                       and " warn " in said_c[0]
+                       and "train.lr.peak 0.003 -> 0.002" in pc.stderr
+                       and "train.steps 20 -> 12" in pc.stderr
+                       and "the job changed" not in p2.stderr,
+                       "resume_step only: %r; lr and steps too: %r" % (said_b, said_c))
+
         # 1c. fp16: the loss scaler's state and Adam's count survive a resume
         ck = os.path.join(tmp, "ck1c")
         job = write_job(os.path.join(tmp, "job1c.json"), tokens, steps=30, ckpt=ck)
@@ -270,9 +288,14 @@ def main():
         rng = random.Random(1234)
         bad, trials, last_latest = [], 20, None
         for t in range(trials):
-            p = subprocess.Popen([mtnlgd, "--standalone", job], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-            time.sleep(0.4 + rng.random() * 0.8)
+            p = subprocess.Popen([mtnlgd, "--standalone", job, "--log-format", "json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            # from its first step on (a loaded machine may take seconds to
+            # get there), it checkpoints every step: kill it at a moment
+            for line in p.stdout:
+                if line.startswith("{"):
+                    break
+            time.sleep(rng.random() * 0.8)
             p.kill()
             p.wait()
             latest = open(os.path.join(ck, "ckpt-test", "latest")).read().strip() \
