@@ -3,7 +3,8 @@
  * or null field as "-" rather than an error (a newer or older daemon may lack
  * a field; a person still wants the rest).
  *
- * Sizes are decimal (1 GB = 10^9 bytes), as in `mtnlgctl plan`.
+ * Sizes are decimal (1 GB = 10^9 bytes), as in `mtnlgctl plan`. It never
+ * talks to a daemon: it only formats what the verbs fetched.
  */
 #ifndef MT_CTL_OUTPUT_H
 #define MT_CTL_OUTPUT_H

@@ -1,5 +1,6 @@
 /* steplog.h — the per-step line on stdout, for people (text) or programs (json),
- * shared by `mtnlgd --standalone` and the node daemon. */
+ * shared by `mtnlgd --standalone` and the node daemon, and the memory check
+ * both run before a job starts. Printing never fails or stops a run. */
 #ifndef MT_STEPLOG_H
 #define MT_STEPLOG_H
 

@@ -8,6 +8,7 @@
  * Users bring files built by Megatron-LM's preprocess_data.py: they are read
  * as they are. Every field is checked on open; a malformed file is refused
  * naming the file, the field and the index where it went wrong.
+ * It never writes the files, and never reads a field it has not checked.
  */
 #ifndef MT_INDEXED_H
 #define MT_INDEXED_H

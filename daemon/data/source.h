@@ -1,7 +1,9 @@
 /* source.h — where the trainer's samples come from: a flat token file
  * (read in order, no splits) or a blend of Megatron indexed datasets with
  * train/valid splits. Sample i of a split is a pure function of the job and
- * i, so the engine's data position is one global sample counter.
+ * i, so the engine's data position is one global sample counter. It must
+ * never keep a random state of its own: that would differ between ranks,
+ * layouts and a resumed run.
  */
 #ifndef MT_SOURCE_H
 #define MT_SOURCE_H

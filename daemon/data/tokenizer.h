@@ -6,6 +6,7 @@
  * or Python reader with errors="replace" would see them) and counted.
  * A tokenizer is immutable after opening; encode is thread-safe, with a
  * per-call scratch (mt_tok_scratch) so threads share one tokenizer.
+ * Invalid UTF-8 never fails an encode: it is replaced and counted.
  */
 #ifndef MT_TOKENIZER_H
 #define MT_TOKENIZER_H

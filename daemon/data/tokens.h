@@ -3,7 +3,8 @@
  * Sample k of length seq covers tokens [k*seq, k*seq + seq + 1): inputs are
  * the first seq, targets the last seq, so consecutive samples overlap by one
  * token as Megatron's do. Samples past the end wrap around (a new epoch).
- * (Megatron .bin/.idx datasets come with the data issue.)
+ * The file is mapped, never copied into memory or written. Megatron's
+ * .bin/.idx datasets are indexed.h's.
  */
 #ifndef MT_TOKENS_H
 #define MT_TOKENS_H

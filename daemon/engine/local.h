@@ -7,6 +7,7 @@
  * machine are divided among the device threads. Rank 0 reports steps, runs
  * validation and exports; a failure on any rank aborts the group so every
  * rank ends the step with an error instead of waiting out its deadline.
+ * It never exits the process: a rank's failure is mt_local_wait's result.
  */
 #ifndef MT_LOCAL_H
 #define MT_LOCAL_H

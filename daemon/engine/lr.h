@@ -1,6 +1,7 @@
 /* lr.h — learning-rate schedules: constant, or linear warmup then cosine or
  * linear decay to min, as Megatron's OptimizerParamScheduler. Lengths are in
- * steps (the job spec converts token lengths). */
+ * steps (the job spec converts token lengths). Pure functions of their
+ * arguments: no state, so every rank and a resumed run agree. */
 #ifndef MT_LR_H
 #define MT_LR_H
 

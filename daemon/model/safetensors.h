@@ -12,6 +12,7 @@
  * the transpose of our (3C, C); attn.c_proj, mlp.c_fc, mlp.c_proj likewise;
  * ln_f.{weight,bias}. On load a "transformer." prefix is accepted and the
  * attn.bias / attn.masked_bias buffers and a tied lm_head.weight are ignored.
+ * A write never leaves a partial file under the final name.
  */
 #ifndef MT_SAFETENSORS_H
 #define MT_SAFETENSORS_H

@@ -83,6 +83,21 @@ def skipped_total(stdout):
     return lines[-1].get("skipped_total") if lines else None
 
 
+def commit_traces(job_dir):
+    """What a commit cut short leaves in a job's checkpoint directory: step
+    directories without a manifest, and temp files (the names)."""
+    out = set()
+    for name in os.listdir(job_dir) if os.path.isdir(job_dir) else []:
+        path = os.path.join(job_dir, name)
+        if ".tmp." in name:
+            out.add(name)
+        elif name.startswith("step_") and os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "manifest.json")):
+                out.add(name)
+            out.update(name + "/" + f for f in os.listdir(path) if ".tmp." in f)
+    return out
+
+
 def run_until(mtnlgd, job, step, *sets):
     """Starts a run and SIGTERMs it once it printed `step`; returns (proc, steps)."""
     args = [mtnlgd, "--standalone", job, "--log-format", "json"]
@@ -286,7 +301,7 @@ def main():
         ck = os.path.join(tmp, "ck5")
         job = write_job(os.path.join(tmp, "job5.json"), tokens, ckpt=ck, interval=1, steps=100000)
         rng = random.Random(1234)
-        bad, trials, last_latest = [], 20, None
+        bad, trials, last_latest, mid_commit, seen_traces = [], 20, None, 0, set()
         for t in range(trials):
             p = subprocess.Popen([mtnlgd, "--standalone", job, "--log-format", "json"],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -301,7 +316,14 @@ def main():
             latest = open(os.path.join(ck, "ckpt-test", "latest")).read().strip() \
                 if os.path.exists(os.path.join(ck, "ckpt-test", "latest")) else None
             if latest is None:
-                continue  # killed before the first checkpoint
+                bad.append((t, "no checkpoint after the first step"))
+                continue
+            traces = commit_traces(os.path.join(ck, "ckpt-test"))
+            if traces - seen_traces:
+                mid_commit += 1  # this kill left a checkpoint half written
+            seen_traces |= traces
+            if latest in traces:
+                bad.append((t, "latest names an uncommitted", latest))
             v = subprocess.run([mtnlgctl, "ckpt", "verify", os.path.join(ck, "ckpt-test", latest)],
                                capture_output=True, text=True)
             if v.returncode != 0 or not os.path.exists(os.path.join(ck, "ckpt-test", latest,
@@ -311,9 +333,12 @@ def main():
                 bad.append((t, "latest went back", latest, last_latest))
             last_latest = latest
         p8, g = run(mtnlgd, job, "train.steps=%d" % (int(last_latest[5:]) + 1))
+        # a test whose kills all fell between commits would test nothing
         fails += check("test_sigkill_during_checkpoints_never_breaks_latest",
-                       not bad and p8.returncode == 0 and min(g) == int(last_latest[5:]) + 1,
-                       "%d kills, latest %s, problems %s" % (trials, last_latest, bad[:3]))
+                       not bad and mid_commit > 0 and p8.returncode == 0
+                       and min(g) == int(last_latest[5:]) + 1,
+                       "%d kills, %d of them in a commit; latest %s, problems %s" % (
+                           trials, mid_commit, last_latest, bad[:3]))
     print("%d failure(s)" % fails)
     sys.exit(1 if fails else 0)
 

@@ -468,6 +468,48 @@ static void test_resume_with_another_global_batch_reads_on(void) {
   printf("  ok test_resume_with_another_global_batch_reads_on\n");
 }
 
+/* An fp16 run resumes with every counter of its loss scaler as saved: a
+ * growth counter lost at resume delays the next growth by up to
+ * growth_interval steps, which an overflow soon after the resume (that
+ * resets it anyway) hides from a comparison of losses. */
+static void test_fp16_resume_restores_every_loss_scaler_field(void) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128];
+  CHECK(!pattern_data(path, dir), "temp files");
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  int64_t resumed = -1;
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp16"), "%s", mt_errmsg());
+  mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+  for (int s = 0; s < 2; s++) CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  /* values no fresh scaler holds, each field distinct */
+  tr.scaler.scale = 4096.0f;
+  tr.scaler.growth_tracker = 37;
+  tr.scaler.hysteresis_tracker = -3;
+  tr.scaler.steps = 1234;
+  tr.scaler.skipped = 56;
+  tr.scaler.skipped_in_row = 7;
+  mt_loss_scale saved = tr.scaler;
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+  mt_trainer_destroy(&tr);
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp16"), "%s", mt_errmsg());
+  CHECK(!mt_trainer_resume(&tr, job_dir, -1, &resumed) && resumed == 2, "resume: %s", mt_errmsg());
+  const mt_loss_scale *got = &tr.scaler;
+  CHECK(got->scale == saved.scale && got->growth_tracker == saved.growth_tracker &&
+            got->hysteresis_tracker == saved.hysteresis_tracker && got->steps == saved.steps &&
+            got->skipped == saved.skipped && got->skipped_in_row == saved.skipped_in_row,
+        "resumed scaler: scale %g growth %d hysteresis %d steps %lld skipped %lld in a row %lld; "
+        "saved %g %d %d %lld %lld %lld",
+        (double)got->scale, got->growth_tracker, got->hysteresis_tracker, (long long)got->steps,
+        (long long)got->skipped, (long long)got->skipped_in_row, (double)saved.scale,
+        saved.growth_tracker, saved.hysteresis_tracker, (long long)saved.steps,
+        (long long)saved.skipped, (long long)saved.skipped_in_row);
+  mt_trainer_destroy(&tr);
+  remove_data(path, dir);
+  printf("  ok test_fp16_resume_restores_every_loss_scaler_field\n");
+}
+
 /* checkpoint.resume_step older than the newest checkpoint rolls back: the
  * newer ones are set aside (kept, renamed .rolled-back), latest names the
  * step loaded, and the run saves those steps again. Before, latest stayed
@@ -588,6 +630,7 @@ int main(void) {
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
+  test_fp16_resume_restores_every_loss_scaler_field();
   test_resume_with_a_smaller_global_batch_reads_to_the_end();
   test_another_n_head_is_refused();
   test_pause_at_a_checkpoint_step_commits_it();
