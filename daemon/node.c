@@ -227,6 +227,11 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   /* a later generation (after a resize or a failure) goes on from where the
    * last one saved, not from the step the job names for its first start */
   if (n->gen > 1) job->checkpoint.resume_step = -1;
+  int here = me->rank_end - me->rank_begin;
+  if (here < 1 || here > n->n_devices) {
+    free(job);
+    return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
+  }
   pthread_mutex_lock(&n->mu);
   n->run_job = *job;
   n->job_dp_min = n->run_job.parallel.dp_min;
@@ -238,9 +243,6 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   free(job);
   n->holds_rank0 = me->rank_begin == 0;
   read_order(n); /* one already there (a generation formed paused) holds step one */
-  int here = me->rank_end - me->rank_begin;
-  if (here > n->n_devices)
-    return mt_seterr(MT_EINVAL, "assigned %d ranks, this node has %d devices", here, n->n_devices);
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
   rc = mt_store_tcp_new(n->store_host, n->store_port, NULL, &n->engine_store);
@@ -516,7 +518,34 @@ static void node_round(node *n) {
   switch (n->state) {
   case N_JOINING: {
     int watch = 0;
+    if (n->rejoin_at_ms) {
+      if (mt_node_now_ms() < n->rejoin_at_ms) break;
+      if ((rc = mt_rdzv_join(n->store, &n->desc, &n->seq))) break; /* store_result counts it */
+      n->rejoin_at_ms = 0;
+      mt_log_info("joined %s again as join %lld", n->cfg->endpoint, (long long)n->seq);
+      break;
+    }
     rc = mt_rdzv_verdict(n->store, n->seq, &watch);
+    if (rc == 2 && ++n->turned_away <= 3) {
+      /* this daemon replaces one the coordinator still counts (a restart
+       * after a crash): silent, so that it declares that one lost, then
+       * again; a daemon still alive under the name keeps it, and this one
+       * is refused for good on the fourth try */
+      int wait_ms = n->cfg->heartbeat_timeout_ms + 2 * n->cfg->heartbeat_interval_ms;
+      mt_log_warn("the coordinator turned this node away for now: %s; joining again in %.1f s",
+                  mt_errmsg(), wait_ms / 1000.0);
+      n->rejoin_at_ms = mt_node_now_ms() + wait_ms;
+      rc = 0;
+      break;
+    }
+    if (rc == 2) {
+      mt_log_error("the coordinator at %s:%d still counts another daemon named %s after %d tries: "
+                   "%s",
+                   n->store_host, n->store_port, n->cfg->name, n->turned_away, mt_errmsg());
+      sd_notifyf(0, "STATUS=refused: %s", mt_errmsg());
+      finish(n, 2);
+      return;
+    }
     if (rc == MT_EINVAL) {
       mt_log_error("the coordinator at %s:%d refused this node: %s", n->store_host, n->store_port,
                    mt_errmsg());
@@ -654,7 +683,9 @@ static void on_heartbeat(uv_timer_t *t) {
    * whether their generation went on without this node (abort_ranks) */
   int silent = note_silence(n);
   if (silent && n->state == N_RUNNING) n->was_silent = 1;
-  int hold = silent && n->state == N_RUNNING && !n->aborted_ms;
+  /* not before its join is accepted: a daemon started again under its name
+   * would keep the entry of the one it replaces alive (the same hb/<name>) */
+  int hold = (silent && n->state == N_RUNNING && !n->aborted_ms) || n->state == N_JOINING;
   if (!n->quiet && !hold) store_result(n, mt_rdzv_heartbeat(n->store, n->cfg->name));
   node_control_round(n, 1);
 }
@@ -858,6 +889,7 @@ int mt_node_main(const mt_node_opts *o) {
   if (n->have_job) snprintf(d.job_hash, sizeof d.job_hash, "%s", n->job.hash);
   snprintf(d.control_url, sizeof d.control_url, "%s", n->control_url);
   for (int i = 0; i < n->n_devices; i++) snprintf(d.devices[i], 16, "%s", n->specs[i]);
+  n->desc = d;
   if (mt_rdzv_join(n->store, &d, &n->seq)) {
     mt_log_error("%s", mt_errmsg());
     goto out;

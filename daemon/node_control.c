@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -296,7 +297,7 @@ static json_t *all_ops(node *n) {
     const char *id = json_string_value(json_object_get(mine, "id"));
     int listed = 0;
     json_array_foreach(ops, i, op) listed |=
-        id && !strcmp(id, json_string_value(json_object_get(op, "id")));
+        id && json_equal(json_object_get(mine, "id"), json_object_get(op, "id"));
     if (!listed) json_array_append(out, mine);
   }
   return out;
@@ -495,6 +496,11 @@ static int read_token(node *n) {
     }
     return mt_seterr(MT_EIO, "control.token_file %s: %s", path, strerror(errno));
   }
+  struct stat st;
+  if (!fstat(fileno(f), &st) && (st.st_mode & 077))
+    mt_log_warn("control.token_file %s can be read by other users (mode %03o): anyone who reads "
+                "it can pause, stop or resize the job; chmod 600 it",
+                path, (unsigned)(st.st_mode & 0777));
   size_t len = fread(n->token, 1, sizeof n->token - 1, f);
   int err = ferror(f);
   fclose(f);

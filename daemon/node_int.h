@@ -67,7 +67,10 @@ typedef struct node {
 
   node_state state;
   int64_t seq;
-  int gen; /* watched or running */
+  mt_node_desc desc;    /* what it joins with */
+  int64_t rejoin_at_ms; /* turned away for now: join again then, silent until */
+  int turned_away;      /* times in a row */
+  int gen;              /* watched or running */
   int64_t store_failing_since_ms;
   int64_t order_seq;
   int signals;

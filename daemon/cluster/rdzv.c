@@ -2,6 +2,7 @@
 #include "rdzv.h"
 
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,10 @@ static int set_json(mt_store *s, const char *key, json_t *j) {
   free(text);
   return rc;
 }
+
+/* How long a numbered join or request may stay unwritten (its node died
+ * between numbering and writing it) before the coordinator passes over it. */
+#define OP_REQ_GAP_MS 30000
 
 static json_t *get_json_now(mt_store *s, const char *key, int *rc) {
   char *text;
@@ -107,14 +112,34 @@ static json_t *assignment_to_json(const mt_assignment *a) {
                    "spares", spares);
 }
 
+/* An integer field of a store value within [lo, hi], else -1 (lo >= 0):
+ * what another process wrote is checked before it sizes or indexes anything. */
+static long long int_in(json_t *j, const char *key, long long lo, long long hi) {
+  json_t *v = json_object_get(j, key);
+  if (!json_is_integer(v)) return -1;
+  long long x = json_integer_value(v);
+  return x >= lo && x <= hi ? x : -1;
+}
+
+/* The most ranks, and of each of tp, pp and dp, an assignment may name
+ * (the job's own bounds are far below). */
+#define ASSIGNMENT_MAX_WORLD (1 << 24)
+#define ASSIGNMENT_MAX_DIM (1 << 16)
+
 static int assignment_from_json(json_t *j, mt_assignment *a) {
   memset(a, 0, sizeof *a);
-  a->gen = (int)json_integer_value(json_object_get(j, "gen"));
-  a->tp = (int)json_integer_value(json_object_get(j, "tp"));
-  a->pp = (int)json_integer_value(json_object_get(j, "pp"));
-  a->dp = (int)json_integer_value(json_object_get(j, "dp"));
-  a->world = (int)json_integer_value(json_object_get(j, "world"));
-  a->restart = (int)json_integer_value(json_object_get(j, "restart"));
+  long long gen = int_in(j, "gen", 1, INT_MAX), tp = int_in(j, "tp", 1, ASSIGNMENT_MAX_DIM),
+            pp = int_in(j, "pp", 1, ASSIGNMENT_MAX_DIM),
+            dp = int_in(j, "dp", 1, ASSIGNMENT_MAX_DIM),
+            world = int_in(j, "world", 1, ASSIGNMENT_MAX_WORLD),
+            restart = int_in(j, "restart", 0, INT_MAX);
+  if (gen < 0 || tp < 0 || pp < 0 || dp < 0 || world < 0 || restart < 0 || world != tp * pp * dp)
+    return mt_seterr(MT_ECORRUPT,
+                     "rdzv: assignment with an impossible layout (gen %lld, tp %lld x pp %lld x "
+                     "dp %lld = world %lld, restart %lld)",
+                     gen, tp, pp, dp, world, restart);
+  a->gen = (int)gen, a->tp = (int)tp, a->pp = (int)pp, a->dp = (int)dp, a->world = (int)world;
+  a->restart = (int)restart;
   copy_str(a->job_hash, sizeof a->job_hash, j, "job_hash");
   copy_str(a->coordinator, sizeof a->coordinator, j, "coordinator");
   json_t *members = json_object_get(j, "members"), *spares = json_object_get(j, "spares");
@@ -127,17 +152,30 @@ static int assignment_from_json(json_t *j, mt_assignment *a) {
   }
   size_t i;
   json_t *v;
+  /* members in rank order, each whole model slots (multiples of tp), one
+   * after another from rank 0 to the world's end */
+  long long next = 0;
   json_array_foreach(members, i, v) {
     copy_str(a->members[i].name, sizeof a->members[i].name, v, "name");
-    a->members[i].rank_begin = (int)json_integer_value(json_object_get(v, "rank_begin"));
-    a->members[i].rank_end = (int)json_integer_value(json_object_get(v, "rank_end"));
+    long long b = int_in(v, "rank_begin", 0, world), e = int_in(v, "rank_end", 0, world);
+    if (!a->members[i].name[0] || b != next || e <= b || b % tp || e % tp) {
+      int rc = mt_seterr(MT_ECORRUPT,
+                         "rdzv: assignment member %zu (%s) holds ranks [%lld, %lld): want whole "
+                         "model slots of tp %lld from rank %lld on",
+                         i, a->members[i].name[0] ? a->members[i].name : "no name", b, e, tp, next);
+      mt_assignment_free(a);
+      return rc;
+    }
+    a->members[i].rank_begin = (int)b, a->members[i].rank_end = (int)e;
+    next = e;
   }
   json_array_foreach(spares, i, v) snprintf(a->spares[i], MT_RDZV_NAME_MAX, "%s",
                                             json_string_value(v) ? json_string_value(v) : "");
   a->n_members = (int)nm, a->n_spares = (int)ns;
-  if (a->gen < 1 || a->tp < 1 || a->pp < 1 || a->dp < 1 || a->world != a->tp * a->pp * a->dp) {
+  if (next != world) {
     mt_assignment_free(a);
-    return mt_seterr(MT_ECORRUPT, "rdzv: assignment with an impossible layout");
+    return mt_seterr(MT_ECORRUPT, "rdzv: assignment members hold ranks [0, %lld) of world %lld",
+                     next, world);
   }
   return 0;
 }
@@ -167,6 +205,7 @@ int mt_rdzv_verdict(mt_store *s, int64_t seq, int *watch_gen) {
   }
   const char *reason = json_string_value(json_object_get(j, "reason"));
   rc = mt_seterr(MT_EINVAL, "%s", reason ? reason : "refused without a reason");
+  if (status && !strcmp(status, "wait")) rc = 2;
   json_decref(j);
   return rc;
 }
@@ -325,6 +364,7 @@ typedef struct coord_node {
   int slots;
   int rank_begin, rank_end;
   int64_t hb_value, hb_changed_ms;
+  int hb_bad;   /* its counter is not a number: said once */
   int reported; /* for the running generation: 1 + MT_REPORT_* once it reported, else 0 */
   char report[512];
 } coord_node;
@@ -372,8 +412,9 @@ struct mt_coord {
   char failure[600]; /* what ended the last generation that failed */
   char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
   int unpublished;   /* publishing generation gen failed part way: ended, not formed again */
-  int64_t next_op_req;    /* the next ops/req/<n> to read */
-  int64_t req_missing_ms; /* since when ops/req/<next_op_req> is numbered but unwritten */
+  int64_t next_op_req;     /* the next ops/req/<n> to read */
+  int64_t req_missing_ms;  /* since when ops/req/<next_op_req> is numbered but unwritten */
+  int64_t join_missing_ms; /* likewise nodes/<next_seq> */
   coord_op *ops;
   int n_ops, cap_ops;
   json_t *node_status; /* name -> the node's own status, refreshed each heartbeat */
@@ -412,18 +453,46 @@ static coord_node *find_node(mt_coord *c, const char *name) {
   return NULL;
 }
 
-static int write_verdict(mt_coord *c, int64_t seq, const char *refusal) {
+/* A control URL the dashboards may link: http(s)://, then no space, quote,
+ * angle bracket or backslash. */
+static int url_ok(const char *u) {
+  const char *rest = !strncmp(u, "http://", 7) ? u + 7 : !strncmp(u, "https://", 8) ? u + 8 : NULL;
+  if (!rest || !*rest) return 0;
+  for (; *rest; rest++)
+    if ((unsigned char)*rest <= ' ' || strchr("\"'<>\\", *rest)) return 0;
+  return 1;
+}
+
+/* wait: the refusal is for now only (refusal()'s *wait). */
+static int write_verdict(mt_coord *c, int64_t seq, const char *refusal, int wait) {
   char key[64];
   snprintf(key, sizeof key, "nodes/%lld/verdict", (long long)seq);
-  json_t *v = refusal ? json_pack("{s:s, s:s}", "status", "refused", "reason", refusal)
-                      : json_pack("{s:s, s:i}", "status", "accepted", "watch_gen", c->gen);
+  json_t *v = refusal
+                  ? json_pack("{s:s, s:s}", "status", wait ? "wait" : "refused", "reason", refusal)
+                  : json_pack("{s:s, s:i}", "status", "accepted", "watch_gen", c->gen);
   return set_json(c->o.store, key, v);
 }
 
-/* Why a node cannot take part, or NULL. */
-static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t size) {
+/* Why a node cannot take part, or NULL. *wait is set when it may later: a
+ * daemon started again on the same host under its name (systemd's restart
+ * after a crash) while its predecessor is not yet declared lost, which its
+ * silence will bring within the heartbeat timeout. A second daemon of the
+ * name on another host is a configuration mistake, refused for good. */
+static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t size,
+                           int64_t now_ms, int *wait) {
   coord_node *same = find_node(c, d->name);
-  if (strcmp(d->version, c->o.version))
+  *wait = 0;
+  if (same && same->role != ROLE_LOST && same->role != ROLE_LEFT &&
+      !strcmp(same->d.host, d->host) && same->d.pid != d->pid &&
+      strcmp(d->version, c->o.version) == 0) {
+    *wait = 1;
+    snprintf(why, size,
+             "node %s is still counted as the daemon of pid %d on %s (last heartbeat %.1f s ago): "
+             "this one started before the coordinator declared it lost "
+             "(cluster.heartbeat_timeout_ms %d)",
+             d->name, same->d.pid, d->host, (now_ms - same->hb_changed_ms) / 1000.0,
+             c->o.heartbeat_timeout_ms);
+  } else if (strcmp(d->version, c->o.version))
     snprintf(why, size,
              "node %s runs mtnlgd %s, the coordinator %s: every node must run the same version",
              d->name, d->version, c->o.version);
@@ -436,6 +505,11 @@ static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t
     snprintf(why, size,
              "a node named %s already joined (from %s, pid %d): node names must be unique", d->name,
              same->d.host, same->d.pid);
+  else if (d->control_url[0] && !url_ok(d->control_url))
+    snprintf(why, size,
+             "node %s gives \"%.80s\" as its control URL: want http(s)://HOST:PORT (the "
+             "dashboards link it)",
+             d->name, d->control_url);
   else if (d->n_devices < c->o.tp)
     snprintf(why, size,
              "node %s has %d device(s); one model slot of this job needs parallel.tp = %d devices",
@@ -470,19 +544,33 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
     char key[64];
     snprintf(key, sizeof key, "nodes/%lld", (long long)c->next_seq);
     json_t *j = get_json_now(c->o.store, key, &rc);
-    if (rc < 0) return rc;
-    if (rc == 0) break; /* counted but not written yet: next tick */
-    mt_node_desc d;
-    int bad = desc_from_json(j, &d);
-    json_decref(j);
     char why[512];
-    const char *no = bad ? "the join descriptor has no node name" : refusal(c, &d, why, sizeof why);
+    int corrupt = rc == MT_ECORRUPT; /* not JSON: refused below, not a stop */
+    if (corrupt) snprintf(why, sizeof why, "the join descriptor is not JSON: %s", mt_errmsg());
+    if (rc < 0 && !corrupt) return rc;
+    if (rc == 0) { /* counted but not written yet: next tick, unless its node died meanwhile */
+      if (!c->join_missing_ms) c->join_missing_ms = now_ms;
+      if (now_ms - c->join_missing_ms < OP_REQ_GAP_MS) break;
+      mt_log_warn("coordinator: join %lld was numbered but never written in %d s; passed over",
+                  (long long)c->next_seq, OP_REQ_GAP_MS / 1000);
+      c->next_seq++, c->join_missing_ms = 0;
+      continue;
+    }
+    c->join_missing_ms = 0;
+    mt_node_desc d;
+    int bad = corrupt || desc_from_json(j, &d);
+    json_decref(j);
+    int wait = 0;
+    const char *no = corrupt ? why
+                     : bad   ? "the join descriptor has no node name"
+                             : refusal(c, &d, why, sizeof why, now_ms, &wait);
     /* nothing about the node is kept until its verdict is written: a verdict
      * that fails is read again next tick, and must not find the node already
      * there and refuse it as a duplicate of itself */
     coord_node *n = NULL;
     if (no) {
-      mt_log_warn("coordinator: refused join %lld: %s", (long long)c->next_seq, no);
+      mt_log_warn("coordinator: join %lld %s: %s", (long long)c->next_seq,
+                  wait ? "turned away for now" : "refused", no);
     } else if (!(n = find_node(c, d.name)) && c->n_nodes == c->cap) {
       int cap = c->cap ? 2 * c->cap : 16;
       coord_node *m = realloc(c->nodes, (size_t)cap * sizeof *m);
@@ -490,7 +578,7 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
       c->nodes = m, c->cap = cap;
     }
     if (!no && (rc = forget_left(c, d.name))) return rc;
-    if ((rc = write_verdict(c, c->next_seq, no))) return rc;
+    if ((rc = write_verdict(c, c->next_seq, no, wait))) return rc;
     if (!no) {
       if (!n) n = &c->nodes[c->n_nodes++];
       memset(n, 0, sizeof *n);
@@ -504,6 +592,17 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
     }
     c->next_seq++;
   }
+  return 0;
+}
+
+/* A node's heartbeat counter. One that is not a number (another process
+ * wrote it) reads as -1, still: that node goes silent and is declared lost,
+ * rather than every node's heartbeats going unread. */
+static int hb_read(mt_coord *c, coord_node *n, const char *key, int64_t *v) {
+  int rc = mt_store_add(c->o.store, key, 0, v);
+  if (rc != MT_EINVAL) return rc;
+  if (!n->hb_bad++) mt_log_warn("coordinator: %s", mt_errmsg());
+  *v = -1;
   return 0;
 }
 
@@ -527,7 +626,7 @@ static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms) {
   }
   int64_t v;
   snprintf(key, sizeof key, "hb/%s", n->d.name);
-  if ((rc = mt_store_add(c->o.store, key, 0, &v))) return rc;
+  if ((rc = hb_read(c, n, key, &v))) return rc;
   if (v == n->hb_value) return 0;
   /* a daemon started again under the name bumps the same counter, but only
    * after its join was counted: while a join is unread, read_joins goes
@@ -581,7 +680,7 @@ static int read_heartbeats(mt_coord *c, int64_t now_ms) {
     }
     int64_t v;
     snprintf(key, sizeof key, "hb/%s", n->d.name);
-    if ((rc = mt_store_add(c->o.store, key, 0, &v))) return rc;
+    if ((rc = hb_read(c, n, key, &v))) return rc;
     if (v != n->hb_value) n->hb_value = v, n->hb_changed_ms = now_ms;
     if (now_ms - n->hb_changed_ms > c->o.heartbeat_timeout_ms && !left) {
       int was_member = n->role == ROLE_MEMBER;
@@ -822,8 +921,9 @@ static int give_up_reforming(mt_coord *c, int64_t now_ms) {
 }
 
 /* Members' reports: all done ends the job well; a failure not explained by a
- * lost node within the heartbeat timeout ends the generation: a failure on a
- * peer re-forms it (restart_or_end), one on the job ends the job. */
+ * lost node within the heartbeat timeout (twice that while a silent member
+ * may yet be found lost) ends the generation: a failure on a peer re-forms
+ * it (restart_or_end), one on the job ends the job. */
 static int read_reports(mt_coord *c, int64_t now_ms) {
   int members = 0, done = 0;
   coord_node *failed = NULL;
@@ -878,7 +978,19 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
   }
   if (failed) {
     if (!c->first_failure_ms) c->first_failure_ms = now_ms;
-    if (now_ms - c->first_failure_ms > c->o.heartbeat_timeout_ms) {
+    /* a member that neither reported nor heartbeat since the failure is
+     * likely its cause, dead a moment before it: its loss, due within a
+     * tick or two of this deadline, explains the failure and keeps it out of
+     * the next generation (which would otherwise count it, wait for it and
+     * spend a second restart on it) */
+    int suspect = 0;
+    for (int i = 0; i < c->n_nodes; i++)
+      if (c->nodes[i].role == ROLE_MEMBER && !c->nodes[i].reported &&
+          c->nodes[i].hb_changed_ms <= c->first_failure_ms)
+        suspect = 1;
+    int64_t waited = now_ms - c->first_failure_ms;
+    if (waited > c->o.heartbeat_timeout_ms &&
+        (!suspect || waited > 2 * (int64_t)c->o.heartbeat_timeout_ms)) {
       char why[800];
       snprintf(why, sizeof why, "node %s failed: %.600s", failed->d.name, failed->report);
       if (failed->reported == 1 + MT_REPORT_PEER) return restart_or_end(c, now_ms, why);
@@ -1066,10 +1178,6 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
   return NULL;
 }
 
-/* How long a numbered request may stay unwritten (its node died between
- * numbering and writing it) before the coordinator passes over it. */
-#define OP_REQ_GAP_MS 30000
-
 /* New requests from any node's control plane, answered through the store.
  * Each is claimed first (ops/claim/<n>, an atomic add): a node that gave up
  * waiting claims it too, and whoever comes first decides whether it is
@@ -1085,6 +1193,10 @@ static int read_op_requests(mt_coord *c, int64_t now_ms) {
     snprintf(key, sizeof key, "ops/req/%lld", (long long)c->next_op_req);
     snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)c->next_op_req);
     json_t *req = get_json_now(c->o.store, key, &rc);
+    if (rc == MT_ECORRUPT) { /* not JSON: answered as a request naming nothing */
+      mt_log_warn("coordinator: request %lld: %s", (long long)c->next_op_req, mt_errmsg());
+      req = json_object(), rc = 1;
+    }
     if (rc < 0) return rc;
     if (rc == 0) { /* numbered, not written yet: wait, unless its node gave up on it */
       if ((rc = mt_store_add(c->o.store, claim_key, 0, &claims))) return rc;
@@ -1149,6 +1261,8 @@ static int read_acted(mt_coord *c) {
     snprintf(key, sizeof key, "gen/%d/acted/%lld", c->gen, (long long)o->order_seq);
     int rc;
     json_t *acted = get_json_now(c->o.store, key, &rc);
+    if (rc == MT_ECORRUPT) /* not JSON: a word that says nothing, failed */
+      acted = json_pack("{s:b, s:s}", "ok", 0, "reason", mt_errmsg()), rc = 1;
     if (rc < 0) return rc;
     if (!acted) continue;
     o->step = json_integer_value(json_object_get(acted, "step"));

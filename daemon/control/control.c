@@ -7,9 +7,11 @@
 #include "log.h"
 #include "mt_config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +35,7 @@ struct mt_control {
   char *token; /* NULL: mutations refused */
   int reads_need_token;
   int port;
+  int loopback; /* listens on a loopback address: Host must name one (DNS rebinding) */
   char listen[300];
   char last_log[256];           /* MHD's last complaint, for start errors */
   unsigned long counts[NCODES]; /* answers by status code, atomics */
@@ -97,6 +100,7 @@ static const char *reason_phrase(int status) {
   case 405: return "Method Not Allowed";
   case 409: return "Conflict";
   case 413: return "Content Too Large";
+  case 421: return "Misdirected Request";
   case 500: return "Internal Server Error";
   case 501: return "Not Implemented";
   case 503: return "Service Unavailable";
@@ -113,6 +117,7 @@ static const char *problem_type(int status) {
   case 405: return "https://mtnlg.dev/problems/method-not-allowed";
   case 409: return "https://mtnlg.dev/problems/conflict";
   case 413: return "https://mtnlg.dev/problems/body-too-large";
+  case 421: return "https://mtnlg.dev/problems/misdirected";
   case 503: return "https://mtnlg.dev/problems/unavailable";
   default: return "about:blank";
   }
@@ -144,7 +149,8 @@ static enum MHD_Result answer(struct MHD_Connection *conn, mt_control *c, req *q
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     MHD_add_response_header(resp, "Content-Security-Policy",
                             "default-src 'none'; script-src 'unsafe-inline'; "
-                            "style-src 'unsafe-inline'; connect-src 'self'; img-src data:");
+                            "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; "
+                            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'");
   } else {
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
   }
@@ -427,10 +433,43 @@ static int is_operation_url(const char *url) {
 
 /* Route, method and token: everything known from the headers alone. Answers
  * a refusal (404, 405, 401, 413) and leaves q->r, q->kind for dispatch. */
+/* The Host header of a request to a loopback-only daemon: absent (HTTP/1.0),
+ * or a loopback name or address, with or without a port. A web page that
+ * rebinds its own DNS name to 127.0.0.1 sends its name, and is turned away
+ * before it can read what the open reads show. */
+static int host_ok(const char *host) {
+  if (!host) return 1;
+  char h[256];
+  const char *end;
+  if (host[0] == '[') { /* [::1]:8470 */
+    end = strchr(host, ']');
+    if (!end) return 0;
+    host++;
+  } else {
+    end = strchr(host, ':');
+    if (!end) end = host + strlen(host);
+  }
+  size_t n = (size_t)(end - host);
+  if (n == 0 || n >= sizeof h) return 0;
+  memcpy(h, host, n);
+  h[n] = '\0';
+  struct in_addr a4;
+  struct in6_addr a6;
+  if (!strcasecmp(h, "localhost")) return 1;
+  if (inet_pton(AF_INET, h, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
+  return inet_pton(AF_INET6, h, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
+
 static enum MHD_Result check(struct MHD_Connection *conn, mt_control *c, req *q, const char *url,
                              const char *method) {
   static const route operation_route = {"/v1/operations/{id}", R_OPERATION, M_GET};
   q->checked = 1;
+  const char *host = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
+  if (c->loopback && !host_ok(host))
+    return problem(conn, c, q, 421, NULL,
+                   "Host \"%.100s\": this daemon listens on loopback only; ask it as localhost or "
+                   "by its address",
+                   host);
   q->r = find_route(url);
   if (!q->r && is_operation_url(url)) q->r = &operation_route;
   if (!q->r) return problem(conn, c, q, 404, NULL, "no such path: %.200s", url);
@@ -615,20 +654,30 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
     mt_control_stop(c);
     return rc;
   }
+  c->loopback = ss.ss_family == AF_INET
+                    ? (ntohl(((struct sockaddr_in *)&ss)->sin_addr.s_addr) >> 24) == 127
+                    : ss.ss_family == AF_INET6 &&
+                          IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&ss)->sin6_addr);
   unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG;
   if (ss.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
   unsigned timeout_s = opts->timeout_s ? opts->timeout_s : DEFAULT_TIMEOUT_S;
   unsigned max_conns = opts->max_connections ? opts->max_connections : DEFAULT_MAX_CONNS;
   errno = 0;
-  c->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, c,
-                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, c, MHD_OPTION_SOCK_ADDR,
-                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, timeout_s,
-                            MHD_OPTION_CONNECTION_LIMIT, max_conns, MHD_OPTION_LISTEN_BACKLOG_SIZE,
-                            64u, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c,
-                            /* one thread: a pool of 4 made the training step 8x as sensitive
-                             * to 1000 reads/s on 2 cores (bench/control-load); a mutation
-                             * holds it for one coordinator round (~0.1 s) */
-                            MHD_OPTION_END);
+  c->mhd = MHD_start_daemon(
+      flags, (uint16_t)port, NULL, NULL, on_request, c, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, c,
+      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, timeout_s,
+      MHD_OPTION_CONNECTION_LIMIT, max_conns,
+      /* one remote host cannot hold every connection open (on loopback
+       * every client is one host: the excess waits in the backlog) */
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+      c->loopback     ? 0u
+      : max_conns / 2 ? max_conns / 2
+                      : 1u,
+      MHD_OPTION_LISTEN_BACKLOG_SIZE, 64u, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c,
+      /* one thread: a pool of 4 made the training step 8x as sensitive
+       * to 1000 reads/s on 2 cores (bench/control-load); a mutation
+       * holds it for one coordinator round (~0.1 s) */
+      MHD_OPTION_END);
   if (!c->mhd) {
     int e = errno;
     rc = mt_seterr(MT_EIO, "control: cannot listen on %s: %s", c->listen,

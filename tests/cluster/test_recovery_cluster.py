@@ -20,6 +20,11 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   nodes, generation 2 forms with it, world rank 0's node says training
   restarts from step 0, and the job completes with the same losses for the
   steps trained twice; both exit 0.
+- test_node_restarted_at_once_waits_for_its_old_entry: as the previous, but n1
+  is started again at once, while the coordinator still counts the dead one:
+  it is turned away for now, keeps silent until the old entry is declared
+  lost (generation 1 ends naming n1, one restart spent), joins again, and
+  both exit 0.
 - test_too_few_nodes_left_ends_the_job_after_reform_timeout: 2 daemons
   (the whole dp 1), no checkpoint.dir, rendezvous.reform_timeout_s = 1; n1
   is SIGKILLed: generation 1 ends "re-forming from step 0", and about a
@@ -322,6 +327,36 @@ def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens):
+    """systemd starts a crashed daemon again after RestartSec, which may come
+    before the coordinator declared the dead one lost (a heartbeat timeout
+    tuned longer). The new daemon, same name and host, is turned away for
+    now, stays silent so that the old entry is declared lost, and joins
+    again; before, it was refused as a duplicate and exited 2, which the
+    unit does not restart."""
+    c = two_nodes(mtnlgd, tmp, tokens, "restart-at-once", 12)
+    n0, n1 = c.nodes
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        n1.signal(signal.SIGKILL)
+        n1.wait(10)
+        c.node_start(n1)  # at once: the coordinator still counts the dead one
+        codes = c.wait_all(120)
+        away = grep(n1, r"the coordinator turned this node away for now: node n1 is still "
+                        r"counted as the daemon of pid \d+ on .*; joining again in")
+        again = grep(n1, r"joined 127\.0\.0\.1:\d+ again as join \d+")
+        ended = grep(n0, r"generation 1 ended: node n1 lost")
+        steps = [s["step"] for s in n0.steps()]
+        ok = codes == [0, 0] and away and again and ended and steps[-1:] == [12]
+        return check("test_node_restarted_at_once_waits_for_its_old_entry", ok,
+                     "exit codes %s; turned away %s, joined again %s, generation 1 ended %s, "
+                     "last step %s%s" % (codes, bool(away), bool(again), bool(ended), steps[-1:],
+                                         "" if ok else "\n" + c.logs(15)))
+    finally:
+        c.kill_all()
+
+
 def post(node, path, token):
     req = urllib.request.Request(node.url() + path, data=b"{}", method="POST",
                                  headers={"Authorization": "Bearer " + token,
@@ -429,6 +464,7 @@ def main():
         fails += test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validate)
         t1 = time.time()
         fails += test_restarted_node_rejoins(mtnlgd, tmp, tokens)
+        fails += test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens)
         t2 = time.time()
         fails += test_too_few_nodes_left_ends_the_job(mtnlgd, tmp, tokens)
         t3 = time.time()

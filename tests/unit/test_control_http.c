@@ -366,12 +366,13 @@ static int test_every_read_is_200_with_its_content_type(void) {
 static int test_keep_alive_serves_several_requests_per_connection(void) {
   /* Pipelined on one connection: reads, a refusal without a body, a
    * mutation; the last asks to close. Each must come back, in order. */
-  const char *raw = "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
-                    "GET /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n"
-                    "POST /v1/checkpoint HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-                    "POST /v1/checkpoint HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " TOKEN
-                    "\r\nContent-Length: 2\r\n\r\n{}"
-                    "GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  const char *raw =
+      "GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+      "GET /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+      "POST /v1/checkpoint HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+      "POST /v1/checkpoint HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " TOKEN
+      "\r\nContent-Length: 2\r\n\r\n{}"
+      "GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
   resp r;
   REQUIRE(http_raw(port, raw, strlen(raw), &r) == 0, "no answer");
   const char *want[] = {"HTTP/1.1 200", "HTTP/1.1 404", "HTTP/1.1 401", "HTTP/1.1 202",
@@ -441,7 +442,7 @@ static int test_mutation_without_or_with_wrong_token_is_401(void) {
     resp_free(&r);
   }
   /* Basic auth with the token as password is not bearer auth. */
-  const char *raw = "POST /v1/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+  const char *raw = "POST /v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                     "Authorization: Basic czNjcmV0LXRva2Vu\r\nContent-Length: 0\r\n\r\n";
   resp r;
   REQUIRE(http_raw(port, raw, strlen(raw), &r) == 0, "no answer");
@@ -450,6 +451,33 @@ static int test_mutation_without_or_with_wrong_token_is_401(void) {
   pthread_mutex_lock(&F.mu);
   CHECK(strcmp(F.state, "running") == 0, "a refused pause reached the provider");
   pthread_mutex_unlock(&F.mu);
+  return 0;
+}
+
+/* A daemon on loopback answers only requests that name a loopback host: a
+ * web page that rebinds its DNS name to 127.0.0.1 sends that name, and gets
+ * a 421 instead of the open reads. */
+static int test_foreign_host_is_421_on_loopback(void) {
+  static const struct {
+    const char *host;
+    int status;
+  } cases[] = {{"evil.example", 421}, {"evil.example:8470", 421},
+               {"10.0.0.1", 421},     {"localhost", 200},
+               {"LOCALHOST:1", 200},  {"127.0.0.1:9", 200},
+               {"127.1.2.3", 200},    {"[::1]:8470", 200},
+               {"[::2]", 421},        {"localhost.evil.example", 421}};
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    char raw[256];
+    int n =
+        snprintf(raw, sizeof raw,
+                 "GET /v1/status HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", cases[i].host);
+    resp r;
+    REQUIRE(http_raw(port, raw, (size_t)n, &r) == 0, "no answer");
+    CHECK(cases[i].status == 421 ? is_problem(&r, 421, "loopback only") : r.status == 200,
+          "Host %s: %d, want %d", cases[i].host, r.status, cases[i].status);
+    if (r.status == 421) record("GET", "/v1/status", &r);
+    resp_free(&r);
+  }
   return 0;
 }
 
@@ -502,7 +530,7 @@ static int test_body_over_64k_is_413(void) {
   size_t big = 70000;
   char *raw = malloc(big + 512);
   int n = snprintf(raw, 512,
-                   "POST /v1/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                   "POST /v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                    "Authorization: Bearer " TOKEN "\r\nContent-Length: %zu\r\n\r\n",
                    big);
   memset(raw + n, ' ', 1000);
@@ -513,7 +541,7 @@ static int test_body_over_64k_is_413(void) {
   resp_free(&r);
   /* Chunked: no length up front, dropped as it passes the limit. */
   n = snprintf(raw, 512,
-               "POST /v1/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               "POST /v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                "Authorization: Bearer " TOKEN "\r\nTransfer-Encoding: chunked\r\n\r\n");
   size_t off = (size_t)n;
   for (int k = 0; k < 7; k++) {
@@ -612,8 +640,8 @@ static int test_stalled_and_half_closed_clients_do_not_block_others(void) {
   /* Half a request line, half the headers, half a body: then silence. */
   const char *partial[] = {
       "GET /v1/sta",
-      "GET /v1/status HTTP/1.1\r\nHost: x\r\n",
-      "POST /v1/pause HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " TOKEN
+      "GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+      "POST /v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " TOKEN
       "\r\nContent-Length: 100\r\n\r\n{\"a\"",
   };
   int fds[3], half = -1;
@@ -661,7 +689,7 @@ static int test_connection_limit_holds_the_excess_until_a_slot_frees(void) {
   usleep(100 * 1000); /* let the server accept them all */
   int extra = dial(port);
   REQUIRE(extra >= 0, "dial 17");
-  const char *get = "GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  const char *get = "GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
   REQUIRE(send(extra, get, strlen(get), MSG_NOSIGNAL) > 0, "send");
   struct pollfd pfd = {.fd = extra, .events = POLLIN};
   CHECK(poll(&pfd, 1, 300) == 0, "a 17th connection was served past max_connections = 16");
@@ -791,7 +819,7 @@ static int test_a_token_of_the_longest_length_is_accepted(void) {
     /* 1: the same token with its last byte changed; 2: the token followed
      * by one more byte (a comparison of only as much as fits would pass) */
     int n = snprintf(req, sizeof req,
-                     "POST /v1/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     "POST /v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                      "Authorization: Bearer %.*s%s%s\r\nContent-Length: 2\r\n\r\n{}",
                      MT_CONTROL_TOKEN_MAX - 1, tok,
                      variant == 1 ? "x" : tok + MT_CONTROL_TOKEN_MAX - 1, variant == 2 ? "x" : "");
@@ -880,6 +908,7 @@ static const struct {
     TEST(test_unknown_path_is_404_problem),
     TEST(test_wrong_method_is_405_with_allow),
     TEST(test_mutation_without_or_with_wrong_token_is_401),
+    TEST(test_foreign_host_is_421_on_loopback),
     TEST(test_bad_bodies_are_400_naming_the_field),
     TEST(test_bad_since_is_400),
     TEST(test_body_over_64k_is_413),

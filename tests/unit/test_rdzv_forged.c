@@ -1,0 +1,181 @@
+/* test_rdzv_forged.c — what another process can write into the rendezvous
+ * store (it has no authentication yet: DESIGN.md, "Coming later") must not
+ * crash, freeze or mislead a daemon. Through an in-memory store:
+ *
+ * - a forged gen/<g>/assignment (a layout whose product wraps, ranks past
+ *   the world, gaps, a member holding part of a model slot) is refused by
+ *   mt_rdzv_assignment, not handed to the engine that sizes arrays by it;
+ * - a join descriptor that is not JSON is refused and the joins after it
+ *   are read; one numbered but never written holds them only a while;
+ * - a heartbeat counter that is not a number makes its node silent, not
+ *   every node's heartbeats unread;
+ * - a request that is not JSON is answered (501), and the next one too;
+ * - a control URL a dashboard would link that is not http(s) is refused;
+ * - a daemon of the same name on the same host (systemd's restart after a
+ *   crash) is turned away for now; on another host it is refused for good.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "err.h"
+#include "mt_check.h"
+#include "rdzv.h"
+#include "store.h"
+
+static mt_store *store;
+
+static int set(const char *key, const char *value) {
+  REQUIRE(!mt_store_set(store, key, value, strlen(value)), "set %s: %s", key, mt_errmsg());
+  return 0;
+}
+
+static int test_forged_assignments_are_refused(void) {
+  static const char *const forged[] = {
+      /* tp x dp wraps to 0 in 32 bits */
+      "{\"gen\":1,\"tp\":65536,\"pp\":1,\"dp\":65536,\"world\":0,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
+      /* ranks past the world */
+      "{\"gen\":1,\"tp\":1,\"pp\":1,\"dp\":2,\"world\":2,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":5000}],\"spares\":[]}",
+      /* a gap: ranks [1, 2) held by nobody */
+      "{\"gen\":1,\"tp\":1,\"pp\":1,\"dp\":2,\"world\":2,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":1,\"rank_end\":2}],\"spares\":[]}",
+      /* a member with part of a model slot of tp 2 */
+      "{\"gen\":1,\"tp\":2,\"pp\":1,\"dp\":2,\"world\":4,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":3},"
+      "{\"name\":\"n1\",\"rank_begin\":3,\"rank_end\":4}],\"spares\":[]}",
+      /* an empty range */
+      "{\"gen\":1,\"tp\":1,\"pp\":1,\"dp\":1,\"world\":1,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":0},"
+      "{\"name\":\"n1\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
+      /* a layout given as text */
+      "{\"gen\":1,\"tp\":\"1\",\"pp\":1,\"dp\":1,\"world\":1,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
+      /* negative sizes whose product is right */
+      "{\"gen\":1,\"tp\":-1,\"pp\":-1,\"dp\":1,\"world\":1,\"restart\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
+  };
+  set("gen/1/job", "{}");
+  for (size_t i = 0; i < sizeof forged / sizeof *forged; i++) {
+    set("gen/1/assignment", forged[i]);
+    mt_assignment a;
+    char *job = NULL;
+    int rc = mt_rdzv_assignment(store, 1, &a, &job);
+    CHECK(rc == MT_ECORRUPT, "forged assignment %zu: rc %d (%s)", i, rc,
+          rc ? mt_errmsg() : "taken");
+    if (rc == 1) mt_assignment_free(&a), free(job);
+  }
+  /* and the layout the coordinator writes is taken */
+  set("gen/1/assignment",
+      "{\"gen\":1,\"tp\":2,\"pp\":1,\"dp\":2,\"world\":4,\"restart\":0,\"job_hash\":\"x\","
+      "\"coordinator\":\"n0\",\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":2},"
+      "{\"name\":\"n1\",\"rank_begin\":2,\"rank_end\":4}],\"spares\":[\"n2\"]}");
+  mt_assignment a;
+  char *job = NULL;
+  int rc = mt_rdzv_assignment(store, 1, &a, &job);
+  CHECK(rc == 1 && a.n_members == 2 && a.members[1].rank_begin == 2 && a.n_spares == 1,
+        "a well-formed assignment: rc %d (%s)", rc, rc == 1 ? "" : mt_errmsg());
+  if (rc == 1) mt_assignment_free(&a), free(job);
+  return 0;
+}
+
+static mt_node_desc desc(const char *name, const char *host, int pid, const char *url) {
+  mt_node_desc d = {.n_devices = 1, .pid = pid};
+  snprintf(d.name, sizeof d.name, "%s", name);
+  snprintf(d.host, sizeof d.host, "%s", host);
+  snprintf(d.version, sizeof d.version, "test");
+  snprintf(d.control_url, sizeof d.control_url, "%s", url);
+  snprintf(d.devices[0], sizeof d.devices[0], "cpu:0");
+  return d;
+}
+
+/* The verdict on join seq after a tick: 1 accepted, 2 for now, MT_EINVAL
+ * refused (mt_errmsg() says why), 0 none. */
+static int verdict(mt_coord *c, int64_t now_ms, int64_t seq) {
+  CHECK(mt_coord_tick(c, now_ms) == 0, "tick at %lld: %s", (long long)now_ms, mt_errmsg());
+  int watch = 0;
+  return mt_rdzv_verdict(store, seq, &watch);
+}
+
+static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
+  int64_t seq;
+  /* a join that is not JSON */
+  REQUIRE(!mt_store_add(store, "nodes/seq", 1, &seq) && seq == 1, "numbering");
+  set("nodes/1", "}garbage");
+  mt_node_desc a = desc("a", "host-a", 100, "http://127.0.0.1:8470");
+  REQUIRE(!mt_rdzv_join(store, &a, &seq) && seq == 2, "join a: %s", mt_errmsg());
+  int v1 = verdict(c, 0, 1), v2 = verdict(c, 10, 2);
+  CHECK(v1 == MT_EINVAL && strstr(mt_errmsg(), "not JSON"), "join 1: %d", v1);
+  CHECK(v2 == 1, "join 2 after the bad one: %d (%s)", v2, v2 < 0 ? mt_errmsg() : "");
+
+  /* a control URL that is not http(s) */
+  mt_node_desc evil = desc("evil", "host-e", 101, "javascript:alert(document.domain)");
+  REQUIRE(!mt_rdzv_join(store, &evil, &seq), "join evil: %s", mt_errmsg());
+  int ve = verdict(c, 20, seq);
+  CHECK(ve == MT_EINVAL && strstr(mt_errmsg(), "control URL"), "javascript: URL: %d", ve);
+
+  /* a and another daemon named a: on its host, for now; elsewhere, for good */
+  mt_node_desc again = desc("a", "host-a", 200, "http://127.0.0.1:8470");
+  REQUIRE(!mt_rdzv_join(store, &again, &seq), "join a again: %s", mt_errmsg());
+  int va = verdict(c, 30, seq);
+  CHECK(va == 2 && strstr(mt_errmsg(), "still counted as the daemon of pid 100 on host-a"),
+        "a restarted on its host: %d (%s)", va, mt_errmsg());
+  mt_node_desc other = desc("a", "host-b", 300, "");
+  REQUIRE(!mt_rdzv_join(store, &other, &seq), "join a elsewhere: %s", mt_errmsg());
+  int vo = verdict(c, 40, seq);
+  CHECK(vo == MT_EINVAL && strstr(mt_errmsg(), "already joined"), "a on another host: %d", vo);
+
+  /* a heartbeat counter that is not a number, then a join numbered and never written */
+  set("hb/a", "many");
+  REQUIRE(!mt_store_add(store, "nodes/seq", 1, &seq), "numbering");
+  int64_t gap = seq;
+  mt_node_desc b = desc("b", "host-b", 400, "");
+  REQUIRE(!mt_rdzv_join(store, &b, &seq) && seq == gap + 1, "join b: %s", mt_errmsg());
+  int vb = verdict(c, 1000, seq);
+  CHECK(vb == 0, "b waited behind the unwritten join for 1 s only: %d", vb);
+  vb = verdict(c, 40000, seq);
+  CHECK(vb == 1, "b after the 30 s gap: %d (%s)", vb, vb < 0 ? mt_errmsg() : "");
+
+  /* a request that is not JSON, then a real one */
+  REQUIRE(!mt_store_add(store, "ops/seq", 1, &seq), "numbering");
+  char key[64];
+  snprintf(key, sizeof key, "ops/req/%lld", (long long)seq);
+  set(key, "not json");
+  CHECK(mt_coord_tick(c, 40010) == 0, "tick after a bad request: %s", mt_errmsg());
+  snprintf(key, sizeof key, "ops/resp/%lld", (long long)seq);
+  void *resp = NULL;
+  size_t bytes = 0;
+  char text[512] = "";
+  if (!mt_store_get(store, key, &resp, &bytes, 0))
+    snprintf(text, sizeof text, "%.*s", (int)bytes, (char *)resp);
+  free(resp);
+  CHECK(strstr(text, "\"status\":501"), "the bad request's answer: \"%s\"", text);
+  return 0;
+}
+
+int main(void) {
+  REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
+  test_forged_assignments_are_refused();
+  mt_coord_opts o = {.store = store,
+                     .job_json = "{}",
+                     .job_hash = "0",
+                     .version = "test",
+                     .coordinator_name = "n0",
+                     .tp = 1,
+                     .pp = 2,
+                     .dp_min = 1,
+                     .dp_max = 1,
+                     .micro_batch = 1,
+                     .global_batch = 1,
+                     .last_call_ms = 100000,
+                     .heartbeat_timeout_ms = 100000,
+                     .max_restarts = 0,
+                     .reform_timeout_ms = 100000};
+  mt_coord *c;
+  REQUIRE(!mt_coord_new(&o, &c), "coordinator: %s", mt_errmsg());
+  test_coordinator_passes_over_what_it_cannot_read(c);
+  mt_coord_free(c);
+  mt_store_free(store);
+  printf("test_rdzv_forged: %s\n", failures ? "FAILED" : "ok");
+  return failures ? 1 : 0;
+}
