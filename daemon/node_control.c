@@ -214,8 +214,29 @@ static json_t *build_status(node *n) {
 /* GET /v1/status (and /v1/metrics, /v1/health): a snapshot rebuilt at most
  * every 100 ms and shared read-only between requests, so polling at 1000
  * requests/s costs the training little more than the HTTP work itself. */
+/* An HTTP read of what cluster/status says: the loop's copy, fetched again
+ * first (the next tick, waited for up to 300 ms) when it is older than two
+ * heartbeats, as it is after a while nobody read it (or 300 ms late
+ * while the loop cannot fetch it: the store down, the daemon exiting). */
+static void viewed(node *n) {
+  int64_t now = mt_node_now_ms();
+  __atomic_store_n(&n->viewed_ms, now, __ATOMIC_RELAXED);
+  pthread_mutex_lock(&n->mu);
+  if (now - n->cluster_ms > 2 * (int64_t)n->cfg->heartbeat_interval_ms) {
+    n->cluster_wanted = 1;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 300 * 1000000L;
+    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    while (n->cluster_wanted && !pthread_cond_timedwait(&n->cluster_cv, &n->mu, &until)) {
+    }
+  }
+  pthread_mutex_unlock(&n->mu);
+}
+
 static json_t *p_status(void *arg) {
   node *n = arg;
+  viewed(n);
   pthread_mutex_lock(&n->status_cache_mu);
   int64_t now = mt_node_now_ms();
   if (!n->status_cache || now - n->status_cache_ms >= 100) {
@@ -305,6 +326,7 @@ static json_t *all_ops(node *n) {
 
 static json_t *p_operations(void *arg) {
   node *n = arg;
+  viewed(n);
   pthread_mutex_lock(&n->mu);
   json_t *ops = all_ops(n);
   pthread_mutex_unlock(&n->mu);
@@ -313,6 +335,7 @@ static json_t *p_operations(void *arg) {
 
 static json_t *p_operation(void *arg, const char *id) {
   node *n = arg;
+  viewed(n);
   pthread_mutex_lock(&n->mu);
   json_t *ops = all_ops(n), *found = NULL, *op;
   size_t i;
@@ -350,13 +373,36 @@ static void p_submit(void *arg, const char *kind, json_t *args, mt_control_reply
 
 /* ---- the loop's side ---- */
 
+/* Whether this round fetches cluster/status: when an HTTP read waits for
+ * it (viewed), else only at heartbeats, and, while no HTTP read used it for
+ * 30 s and no operation of this node waits to be listed, every 10th
+ * heartbeat. It holds a line per node: hundreds of nodes reading it every
+ * tick moved megabytes a second through the coordinator's store, for
+ * control planes nobody was reading. */
+static int want_cluster_status(node *n, int heartbeat) {
+  int64_t viewed = __atomic_load_n(&n->viewed_ms, __ATOMIC_RELAXED);
+  pthread_mutex_lock(&n->mu);
+  int waiting = json_array_size(n->extra_ops) > 0, wanted = n->cluster_wanted;
+  pthread_mutex_unlock(&n->mu);
+  if (wanted) return 1; /* an HTTP read waits for it: this tick */
+  if (!heartbeat) return 0;
+  if (!n->cluster || waiting || mt_node_now_ms() - viewed < 30000 || ++n->cluster_skips >= 10) {
+    n->cluster_skips = 0;
+    return 1;
+  }
+  return 0;
+}
+
 void node_control_round(node *n, int heartbeat) {
   int rc = 0;
-  json_t *cl = mt_rdzv_cluster_status(n->store, &rc);
+  json_t *cl = want_cluster_status(n, heartbeat) ? mt_rdzv_cluster_status(n->store, &rc) : NULL;
   if (cl) {
     pthread_mutex_lock(&n->mu);
     json_decref(n->cluster);
     n->cluster = cl;
+    n->cluster_ms = mt_node_now_ms();
+    n->cluster_wanted = 0;
+    pthread_cond_broadcast(&n->cluster_cv);
     /* drop what the coordinator now lists */
     json_t *ops = json_object_get(cl, "operations"), *mine, *op;
     size_t i, k;
@@ -519,6 +565,7 @@ static int read_token(node *n) {
 
 int node_control_start(node *n) {
   pthread_mutex_init(&n->status_cache_mu, NULL);
+  pthread_cond_init(&n->cluster_cv, NULL);
   n->history = calloc(NODE_HISTORY, sizeof *n->history);
   n->extra_ops = json_array();
   if (!n->history || !n->extra_ops) return mt_seterr(MT_ENOMEM, "control: history");
@@ -556,6 +603,7 @@ void node_control_stop(node *n) {
   json_decref(n->status_cache);
   n->status_cache = NULL;
   pthread_mutex_destroy(&n->status_cache_mu);
+  pthread_cond_destroy(&n->cluster_cv);
   free(n->history);
   n->cluster = n->extra_ops = NULL;
   n->history = NULL;

@@ -119,13 +119,18 @@ typedef struct node {
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
   mt_step_stats last;
   int have_last;
-  int64_t resumed_step;  /* of this generation's ranks; -1: they did not resume */
-  node_point *history;   /* ring of NODE_HISTORY */
-  int64_t history_n;     /* points ever added, less those a resume took back */
-  int64_t history_first; /* the oldest point still in the ring */
-  json_t *cluster;       /* the coordinator's cluster/status, refreshed every round */
-  json_t *extra_ops;     /* ops this node submitted, until cluster/status lists them */
-  double peak_flops;     /* sgemm rate measured at start-up per device (MFU), 0 unknown */
+  int64_t resumed_step;      /* of this generation's ranks; -1: they did not resume */
+  node_point *history;       /* ring of NODE_HISTORY */
+  int64_t history_n;         /* points ever added, less those a resume took back */
+  int64_t history_first;     /* the oldest point still in the ring */
+  json_t *cluster;           /* the coordinator's cluster/status (want_cluster_status) */
+  int64_t viewed_ms;         /* when an HTTP read last used the cluster's status (atomic) */
+  int cluster_skips;         /* heartbeats since the loop last fetched it */
+  int64_t cluster_ms;        /* when it was fetched (mu) */
+  int cluster_wanted;        /* an HTTP read waits for a fresher one (mu) */
+  pthread_cond_t cluster_cv; /* signalled with mu when it is fetched */
+  json_t *extra_ops;         /* ops this node submitted, until cluster/status lists them */
+  double peak_flops;         /* sgemm rate measured at start-up per device (MFU), 0 unknown */
   int64_t last_hb_status_ms;
 
   json_t *status_cache; /* the last /v1/status, shared read-only (node_control.c) */

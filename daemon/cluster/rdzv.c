@@ -3,6 +3,7 @@
 
 #include <jansson.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -417,6 +418,9 @@ struct mt_coord {
   int64_t join_missing_ms; /* likewise nodes/<next_seq> */
   coord_op *ops;
   int n_ops, cap_ops;
+  int64_t op_ids;      /* ids given so far (the table keeps only the newest) */
+  int64_t status_ms;   /* when cluster/status was last written */
+  uint64_t status_sig; /* of what it said then that a change must publish at once */
   json_t *node_status; /* name -> the node's own status, refreshed each heartbeat */
   int64_t node_status_ms;
 };
@@ -1036,7 +1040,28 @@ static json_t *op_to_json(const coord_op *o) {
                    o->step >= 0 ? json_integer(o->step) : json_null(), "args", args, "progress");
 }
 
+/* The operations the coordinator keeps: every one still queued or running,
+ * and of the finished ones the newest (cluster/status lists 200), so that
+ * weeks of operations do not grow the table every tick scans. */
+#define OPS_KEPT 256
+
+static void drop_old_ops(mt_coord *c) {
+  int finished = 0, out = 0;
+  for (int i = 0; i < c->n_ops; i++)
+    finished += strcmp(c->ops[i].state, "running") && strcmp(c->ops[i].state, "queued");
+  for (int i = 0; i < c->n_ops; i++) {
+    int done = strcmp(c->ops[i].state, "running") && strcmp(c->ops[i].state, "queued");
+    if (done && finished > OPS_KEPT) {
+      finished--;
+      continue;
+    }
+    c->ops[out++] = c->ops[i];
+  }
+  c->n_ops = out;
+}
+
 static coord_op *new_op(mt_coord *c, const char *kind) {
+  if (c->n_ops >= 2 * OPS_KEPT) drop_old_ops(c);
   if (c->n_ops == c->cap_ops) {
     int cap = c->cap_ops ? 2 * c->cap_ops : 16;
     coord_op *m = realloc(c->ops, (size_t)cap * sizeof *m);
@@ -1045,7 +1070,7 @@ static coord_op *new_op(mt_coord *c, const char *kind) {
   }
   coord_op *o = &c->ops[c->n_ops++];
   memset(o, 0, sizeof *o);
-  o->id = c->n_ops;
+  o->id = ++c->op_ids;
   snprintf(o->kind, sizeof o->kind, "%s", kind);
   o->state = "queued";
   o->created = o->updated = wall_s();
@@ -1308,6 +1333,20 @@ static int read_acted(mt_coord *c) {
 
 /* cluster/status: what every node's control plane shows of the cluster. */
 static int publish_status(mt_coord *c, int64_t now_ms) {
+  /* at the rate of the nodes' status (every node reads it at its heartbeats,
+   * and it holds a line per node: hundreds of nodes reading it every tick
+   * moved megabytes a second through the store) */
+  const char *state = cluster_state(c);
+  uint64_t sig = 1469598103934665603ull; /* what a change publishes at once */
+  int64_t parts[] = {c->gen, c->dp, c->restarts, c->op_ids, c->n_nodes, (int64_t)(uintptr_t)state};
+  for (size_t k = 0; k < sizeof parts / sizeof *parts; k++)
+    sig = (sig ^ (uint64_t)parts[k]) * 1099511628211ull;
+  for (int i = 0; i < c->n_ops; i++)
+    sig = (sig ^ (uint64_t)(uintptr_t)c->ops[i].state) * 1099511628211ull;
+  for (int i = 0; i < c->n_nodes; i++) sig = (sig ^ (uint64_t)c->nodes[i].role) * 1099511628211ull;
+  if (c->status_ms && sig == c->status_sig && now_ms - c->status_ms < c->o.heartbeat_timeout_ms / 6)
+    return 0;
+  c->status_ms = now_ms, c->status_sig = sig;
   if (now_ms - c->node_status_ms >= c->o.heartbeat_timeout_ms / 6 || !c->node_status_ms) {
     c->node_status_ms = now_ms;
     for (int i = 0; i < c->n_nodes; i++) {

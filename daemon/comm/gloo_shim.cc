@@ -121,6 +121,20 @@ public:
     std::string k = prefix_ + key;
     int rc = mt_store_set(store_, k.c_str(), data.data(), data.size());
     if (rc) throw ShimError(rc, mt_errmsg());
+    written_.push_back(k);
+  }
+
+  // Once every rank's full mesh is connected (a barrier after it), every
+  // peer has read what this rank wrote: each reads every rank's addresses
+  // before its own mesh is done. (This rank's mesh alone is not enough: its
+  // connection to a peer can complete before that peer has read its key.)
+  // Deleted then, a group's addresses
+  // (a key per rank, an address per peer: O(size^2) bytes) do not stay in
+  // the coordinator's memory for the rest of the job, generation after
+  // generation. A failure only leaves them there.
+  void forget_written() {
+    for (const auto &k : written_) mt_store_del(store_, k.c_str());
+    written_.clear();
   }
 
   std::vector<char> get(const std::string &key) override {
@@ -149,6 +163,7 @@ private:
   mt_store *store_;
   std::string prefix_;
   clk::time_point deadline_;
+  std::vector<std::string> written_;
 };
 
 // ------------------------------------------------------------------ group
@@ -477,6 +492,16 @@ Group *create_group(const mt_comm_opts *o, int timeout_ms) {
   g->context->setTimeout(ms(std::max(1, timeout_ms / 5)));
   StoreAdapter store(o->store, o->prefix, deadline);
   g->context->connectFullMesh(store, g->device);
+  {
+    // a rank past its mesh has read every rank's addresses; once all are
+    // past it (a barrier) none reads this rank's again
+    gloo::BarrierOptions opts(g->context);
+    opts.setTag(g->seq++);
+    auto left = std::chrono::duration_cast<ms>(deadline - clk::now()).count();
+    opts.setTimeout(ms(std::max<long long>(1, left)));
+    gloo::barrier(opts);
+  }
+  store.forget_written();
   g->context->setTimeout(ms(timeout_ms));
   find_sockets(g.get());
   return g.release();

@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -83,11 +84,17 @@ typedef struct req {
   int checked;      /* check() ran: route, method and token are fine */
   int answered;     /* a response is queued: swallow what follows */
   int too_large;    /* the body passed MAX_BODY_BYTES: dropped, 413 at the end */
+  int big_answer;   /* over BIG_ANSWER_BYTES: give the heap back when done */
   char *body;
   size_t len, cap;
 } req;
 
 /* ------------------------------------------------------------------ answers */
+
+/* An answer this large (a full /v1/history is a few MB) leaves the HTTP
+ * thread's malloc arena holding that much after it is sent, and answers
+ * growing over weeks grew it (and the RSS) step by step: trimmed after. */
+#define BIG_ANSWER_BYTES (1u << 20)
 
 static const char *reason_phrase(int status) {
   switch (status) {
@@ -159,7 +166,7 @@ static enum MHD_Result answer(struct MHD_Connection *conn, mt_control *c, req *q
   MHD_destroy_response(resp);
   if (ret == MHD_YES) {
     count_status(c, status);
-    if (q) q->answered = 1;
+    if (q) q->answered = 1, q->big_answer = !is_static && len > BIG_ANSWER_BYTES;
   }
   return ret;
 }
@@ -576,9 +583,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   (void)cls, (void)conn, (void)toe;
   req *q = *con_cls;
   if (!q) return;
+  int big = q->big_answer;
   free(q->body);
   free(q);
   *con_cls = NULL;
+  if (big) malloc_trim(0);
 }
 
 /* MHD's complaints go to our log; the last one also explains a failed start. */

@@ -333,6 +333,80 @@ static void test_started_send_to_a_gone_peer_fails_and_abort_after_is_safe(void)
   printf("started send to a gone peer: %s\n", ctx[0].err);
 }
 
+/* ------------------------------------------------- the keys a group leaves */
+
+/* A store that forwards to another and keeps the names of the keys set and
+ * not deleted, to see what a group leaves behind. */
+typedef struct tracking_store {
+  mt_store base;
+  mt_store *inner;
+  pthread_mutex_t mu;
+  char live[512][160];
+  int n;
+} tracking_store;
+
+static int ts_set(mt_store *s, const char *key, const void *value, size_t bytes) {
+  tracking_store *t = (tracking_store *)s;
+  int rc = mt_store_set(t->inner, key, value, bytes);
+  pthread_mutex_lock(&t->mu);
+  int known = 0;
+  for (int i = 0; i < t->n; i++) known |= !strcmp(t->live[i], key);
+  if (!rc && !known && t->n < 512) snprintf(t->live[t->n++], sizeof t->live[0], "%s", key);
+  pthread_mutex_unlock(&t->mu);
+  return rc;
+}
+static int ts_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
+  return mt_store_get(((tracking_store *)s)->inner, key, value, bytes, timeout_ms);
+}
+static int ts_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {
+  return mt_store_add(((tracking_store *)s)->inner, key, delta, result);
+}
+static int ts_check(mt_store *s, const char *key) {
+  return mt_store_check(((tracking_store *)s)->inner, key);
+}
+static int ts_del(mt_store *s, const char *key) {
+  tracking_store *t = (tracking_store *)s;
+  int rc = mt_store_del(t->inner, key);
+  pthread_mutex_lock(&t->mu);
+  for (int i = 0; i < t->n; i++)
+    if (!strcmp(t->live[i], key)) {
+      memmove(t->live[i], t->live[t->n - 1], sizeof t->live[0]);
+      t->n--;
+      break;
+    }
+  pthread_mutex_unlock(&t->mu);
+  return rc;
+}
+static void ts_free(mt_store *s) { (void)s; }
+
+/* A Gloo group's bootstrap writes every rank's address for every peer
+ * (O(size^2) bytes): once the mesh is up they are deleted, not left in the
+ * coordinator's store for every generation of a weeks-long job. */
+static void test_group_leaves_no_bootstrap_keys(void) {
+  static tracking_store t = {.base = {.set = ts_set,
+                                      .get = ts_get,
+                                      .add = ts_add,
+                                      .check = ts_check,
+                                      .del = ts_del,
+                                      .free = ts_free,
+                                      .kind = "tracking"},
+                             .mu = PTHREAD_MUTEX_INITIALIZER};
+  t.inner = store;
+  mt_store *saved = store;
+  store = &t.base;
+  rank_ctx ctx[4];
+  run_ranks(ctx, 4, 4, "test/forget", 20000, body_collectives, NULL);
+  store = saved;
+  for (int r = 0; r < 4; r++) CHECK(ctx[r].rc == 0, "rank %d: %s", r, ctx[r].err);
+  int left = 0;
+  for (int i = 0; i < t.n; i++)
+    if (strstr(t.live[i], "/gloo/")) {
+      fprintf(stderr, "  left behind: %s\n", t.live[i]);
+      left++;
+    }
+  CHECK(left == 0, "a group of 4 left %d bootstrap key(s) in the store", left);
+}
+
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   if (mt_store_mem_new(&store)) {
@@ -340,6 +414,7 @@ int main(void) {
     return 1;
   }
   test_collectives_match_serial_reference_1_to_8_ranks();
+  test_group_leaves_no_bootstrap_keys();
   test_allreduce_and_reduce_scatter_of_16mb_match_reference();
   test_max_propagates_nan_from_any_rank();
   test_abort_from_another_thread_fails_blocked_op_promptly();
