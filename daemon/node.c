@@ -163,6 +163,7 @@ static void *engine_wait(void *arg) {
   node *n = arg;
   n->engine_rc = mt_local_wait(n->local);
   if (n->engine_rc) snprintf(n->engine_err, sizeof n->engine_err, "%s", mt_errmsg());
+  __atomic_store_n(&n->ranks_ended, 1, __ATOMIC_RELEASE); /* what is left is the close */
   /* here, not on the loop: NCCL's finalize would hold up its heartbeats
    * and the systemd watchdog */
   mt_local_close(n->local);
@@ -283,6 +284,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
     return rc;
   }
   n->engine_running = 1;
+  n->ranks_ended = 0;
   n->ran = 1;
   if (pthread_create(&n->waiter, NULL, engine_wait, n)) {
     mt_local_abort(n->local);
@@ -478,6 +480,16 @@ static void wait_for_aborted_ranks(node *n) {
   int64_t waited = mt_node_now_ms() - n->aborted_ms;
   int grace_ms = 2 * n->cfg->heartbeat_interval_ms + 1000;
   if (waited <= grace_ms) return;
+  /* the ranks stopped and their communicators are being closed (an NCCL
+   * abort can take seconds): that is no reason to leave the cluster */
+  if (__atomic_load_n(&n->ranks_ended, __ATOMIC_ACQUIRE) && waited <= (int64_t)grace_ms + 60000) {
+    if (!n->said_slow)
+      mt_log_warn("generation %d: this node's ranks stopped; closing their communicators takes "
+                  "long (%lld ms so far)",
+                  n->gen, (long long)waited);
+    n->said_slow = 1;
+    return;
+  }
   if (n->quiet && !n->end_final && waited <= (int64_t)grace_ms + n->cfg->comm_timeout_ms) {
     if (!n->said_slow)
       mt_log_warn("generation %d: this node's ranks did not stop within %d ms of the abort; "
@@ -526,12 +538,15 @@ static void node_round(node *n) {
       break;
     }
     rc = mt_rdzv_verdict(n->store, n->seq, &watch);
+    int retry_ms = rc == 2 ? watch : 0; /* the coordinator's heartbeat timeout */
     if (rc == 2 && ++n->turned_away <= 3) {
       /* this daemon replaces one the coordinator still counts (a restart
        * after a crash): silent, so that it declares that one lost, then
        * again; a daemon still alive under the name keeps it, and this one
        * is refused for good on the fourth try */
-      int wait_ms = n->cfg->heartbeat_timeout_ms + 2 * n->cfg->heartbeat_interval_ms;
+      int wait_ms =
+          (retry_ms > n->cfg->heartbeat_timeout_ms ? retry_ms : n->cfg->heartbeat_timeout_ms) +
+          2 * n->cfg->heartbeat_interval_ms;
       mt_log_warn("the coordinator turned this node away for now: %s; joining again in %.1f s",
                   mt_errmsg(), wait_ms / 1000.0);
       n->rejoin_at_ms = mt_node_now_ms() + wait_ms;

@@ -67,6 +67,7 @@ typedef struct node {
 
   node_state state;
   int64_t seq;
+  int ranks_ended;      /* the waiter saw them end (atomic): what is left is closing their comms */
   mt_node_desc desc;    /* what it joins with */
   int64_t rejoin_at_ms; /* turned away for now: join again then, silent until */
   int turned_away;      /* times in a row */

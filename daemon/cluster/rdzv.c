@@ -206,7 +206,10 @@ int mt_rdzv_verdict(mt_store *s, int64_t seq, int *watch_gen) {
   }
   const char *reason = json_string_value(json_object_get(j, "reason"));
   rc = mt_seterr(MT_EINVAL, "%s", reason ? reason : "refused without a reason");
-  if (status && !strcmp(status, "wait")) rc = 2;
+  if (status && !strcmp(status, "wait")) {
+    rc = 2;
+    *watch_gen = (int)json_integer_value(json_object_get(j, "retry_ms"));
+  }
   json_decref(j);
   return rc;
 }
@@ -365,8 +368,9 @@ typedef struct coord_node {
   int slots;
   int rank_begin, rank_end;
   int64_t hb_value, hb_changed_ms;
-  int hb_bad;   /* its counter is not a number: said once */
-  int reported; /* for the running generation: 1 + MT_REPORT_* once it reported, else 0 */
+  int hb_bad;     /* its counter is not a number: said once */
+  int status_bad; /* its node/<name>/status is not JSON: said once */
+  int reported;   /* for the running generation: 1 + MT_REPORT_* once it reported, else 0 */
   char report[512];
 } coord_node;
 
@@ -471,9 +475,10 @@ static int url_ok(const char *u) {
 static int write_verdict(mt_coord *c, int64_t seq, const char *refusal, int wait) {
   char key[64];
   snprintf(key, sizeof key, "nodes/%lld/verdict", (long long)seq);
-  json_t *v = refusal
-                  ? json_pack("{s:s, s:s}", "status", wait ? "wait" : "refused", "reason", refusal)
-                  : json_pack("{s:s, s:i}", "status", "accepted", "watch_gen", c->gen);
+  json_t *v = wait ? json_pack("{s:s, s:s, s:i}", "status", "wait", "reason", refusal, "retry_ms",
+                               c->o.heartbeat_timeout_ms)
+              : refusal ? json_pack("{s:s, s:s}", "status", "refused", "reason", refusal)
+                        : json_pack("{s:s, s:i}", "status", "accepted", "watch_gen", c->gen);
   return set_json(c->o.store, key, v);
 }
 
@@ -1346,7 +1351,6 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   for (int i = 0; i < c->n_nodes; i++) sig = (sig ^ (uint64_t)c->nodes[i].role) * 1099511628211ull;
   if (c->status_ms && sig == c->status_sig && now_ms - c->status_ms < c->o.heartbeat_timeout_ms / 6)
     return 0;
-  c->status_ms = now_ms, c->status_sig = sig;
   if (now_ms - c->node_status_ms >= c->o.heartbeat_timeout_ms / 6 || !c->node_status_ms) {
     c->node_status_ms = now_ms;
     for (int i = 0; i < c->n_nodes; i++) {
@@ -1356,6 +1360,10 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
       int rc;
       snprintf(key, sizeof key, "node/%s/status", n->d.name);
       json_t *j = get_json_now(c->o.store, key, &rc);
+      if (rc == MT_ECORRUPT) { /* not JSON (another process wrote it): that node's line only */
+        if (!n->status_bad++) mt_log_warn("coordinator: %s", mt_errmsg());
+        continue;
+      }
       if (rc < 0) return rc;
       if (j) json_object_set_new(c->node_status, n->d.name, j);
     }
@@ -1413,7 +1421,9 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
                          cluster_state(c), "reason", why ? json_string(c->end_reason) : json_null(),
                          "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops,
                          "dp", dp, "restarts", c->restarts);
-  return set_json(c->o.store, "cluster/status", st);
+  int rc = set_json(c->o.store, "cluster/status", st);
+  if (!rc) c->status_ms = now_ms, c->status_sig = sig; /* a failed write is tried next tick */
+  return rc;
 }
 
 int mt_coord_tick(mt_coord *c, int64_t now_ms) {

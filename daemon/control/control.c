@@ -447,16 +447,23 @@ static int is_operation_url(const char *url) {
 static int host_ok(const char *host) {
   if (!host) return 1;
   char h[256];
-  const char *end;
+  const char *end, *port;
   if (host[0] == '[') { /* [::1]:8470 */
     end = strchr(host, ']');
     if (!end) return 0;
-    host++;
+    host++, port = end + 1;
   } else {
     end = strchr(host, ':');
     if (!end) end = host + strlen(host);
+    port = end;
+  }
+  if (*port) { /* only ":digits" may follow the name */
+    if (*port++ != ':' || !*port) return 0;
+    for (; *port; port++)
+      if (*port < '0' || *port > '9') return 0;
   }
   size_t n = (size_t)(end - host);
+  if (n > 1 && host[n - 1] == '.') n--; /* "localhost." names the same host */
   if (n == 0 || n >= sizeof h) return 0;
   memcpy(h, host, n);
   h[n] = '\0';
@@ -464,7 +471,9 @@ static int host_ok(const char *host) {
   struct in6_addr a6;
   if (!strcasecmp(h, "localhost")) return 1;
   if (inet_pton(AF_INET, h, &a4) == 1) return (ntohl(a4.s_addr) >> 24) == 127;
-  return inet_pton(AF_INET6, h, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+  if (inet_pton(AF_INET6, h, &a6) != 1) return 0;
+  if (IN6_IS_ADDR_LOOPBACK(&a6)) return 1;
+  return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127; /* ::ffff:127.x.y.z */
 }
 
 static enum MHD_Result check(struct MHD_Connection *conn, mt_control *c, req *q, const char *url,

@@ -485,6 +485,9 @@ static void log_job_changes(const char *dir, const char *saved_hash, const json_
   else if (ch.n)
     mt_log_info("resume: the job changed since %s was saved (its trajectory does not): %s", dir,
                 ch.text);
+  else /* the same fields, hashed from another spelling of the spec */
+    mt_log_info("resume: %s was saved by job %s, this is job %s, with the same settings", dir,
+                saved_hash, job->hash);
 }
 
 /* Rank 0 picks a checkpoint by the cheap checks (sizes and headers) and every

@@ -461,11 +461,21 @@ static int test_foreign_host_is_421_on_loopback(void) {
   static const struct {
     const char *host;
     int status;
-  } cases[] = {{"evil.example", 421}, {"evil.example:8470", 421},
-               {"10.0.0.1", 421},     {"localhost", 200},
-               {"LOCALHOST:1", 200},  {"127.0.0.1:9", 200},
-               {"127.1.2.3", 200},    {"[::1]:8470", 200},
-               {"[::2]", 421},        {"localhost.evil.example", 421}};
+  } cases[] = {{"evil.example", 421},
+               {"evil.example:8470", 421},
+               {"10.0.0.1", 421},
+               {"localhost", 200},
+               {"LOCALHOST:1", 200},
+               {"127.0.0.1:9", 200},
+               {"127.1.2.3", 200},
+               {"[::1]:8470", 200},
+               {"[::2]", 421},
+               {"localhost.evil.example", 421},
+               {"localhost.:8470", 200},
+               {"[::ffff:127.0.0.1]", 200},
+               {"[::1]evil.example", 421},
+               {"127.0.0.1:80@evil.example", 421},
+               {"localhost:", 421}};
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     char raw[256];
     int n =

@@ -136,12 +136,18 @@ static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
   vb = verdict(c, 40000, seq);
   CHECK(vb == 1, "b after the 30 s gap: %d (%s)", vb, vb < 0 ? mt_errmsg() : "");
 
+  /* a node's own status that is not JSON: the cluster's is still written */
+  set("node/a/status", "}garbage");
+  REQUIRE(!mt_store_del(store, "cluster/status"), "del: %s", mt_errmsg());
+  CHECK(mt_coord_tick(c, 60000) == 0, "tick with a bad node status: %s", mt_errmsg());
+  CHECK(mt_store_check(store, "cluster/status") == 1, "cluster/status not written");
+
   /* a request that is not JSON, then a real one */
   REQUIRE(!mt_store_add(store, "ops/seq", 1, &seq), "numbering");
   char key[64];
   snprintf(key, sizeof key, "ops/req/%lld", (long long)seq);
   set(key, "not json");
-  CHECK(mt_coord_tick(c, 40010) == 0, "tick after a bad request: %s", mt_errmsg());
+  CHECK(mt_coord_tick(c, 60010) == 0, "tick after a bad request: %s", mt_errmsg());
   snprintf(key, sizeof key, "ops/resp/%lld", (long long)seq);
   void *resp = NULL;
   size_t bytes = 0;
