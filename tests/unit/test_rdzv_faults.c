@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "coord_opts.h"
 #include "err.h"
 #include "mt_check.h"
 #include "rdzv.h"
@@ -65,20 +66,8 @@ static int open_cluster(cluster *k, const char *fail_key, int nodes) {
   k->store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky"};
   snprintf(k->store.fail_key, sizeof k->store.fail_key, "%s", fail_key);
   if (mt_store_mem_new(&k->store.inner)) return -1;
-  mt_coord_opts o = {.store = &k->store.base,
-                     .job_json = "{}",
-                     .job_hash = "0123456789abcdef",
-                     .version = "test",
-                     .coordinator_name = "n0",
-                     .tp = 1,
-                     .pp = 1,
-                     .dp_min = 1,
-                     .dp_max = 1,
-                     .micro_batch = 1,
-                     .global_batch = 1,
-                     .heartbeat_timeout_ms = 1000,
-                     .max_restarts = 3,
-                     .reform_timeout_ms = 600000};
+  mt_coord_opts o = test_coord_opts(&k->store.base);
+  o.last_call_ms = 0, o.max_restarts = 3, o.reform_timeout_ms = 600000;
   if (mt_coord_new(&o, &k->coord)) return -1;
   for (int i = 0; i < nodes; i++) {
     mt_node_desc d = {.n_devices = 1};

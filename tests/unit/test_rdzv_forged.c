@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "coord_opts.h"
 #include "err.h"
 #include "mt_check.h"
 #include "rdzv.h"
@@ -162,21 +163,8 @@ static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
 int main(void) {
   REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
   test_forged_assignments_are_refused();
-  mt_coord_opts o = {.store = store,
-                     .job_json = "{}",
-                     .job_hash = "0",
-                     .version = "test",
-                     .coordinator_name = "n0",
-                     .tp = 1,
-                     .pp = 2,
-                     .dp_min = 1,
-                     .dp_max = 1,
-                     .micro_batch = 1,
-                     .global_batch = 1,
-                     .last_call_ms = 100000,
-                     .heartbeat_timeout_ms = 100000,
-                     .max_restarts = 0,
-                     .reform_timeout_ms = 100000};
+  mt_coord_opts o = test_coord_opts(store);
+  o.pp = 2, o.last_call_ms = o.heartbeat_timeout_ms = o.reform_timeout_ms = 100000;
   mt_coord *c;
   REQUIRE(!mt_coord_new(&o, &c), "coordinator: %s", mt_errmsg());
   test_coordinator_passes_over_what_it_cannot_read(c);

@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "coord_opts.h"
 #include "err.h"
 #include "mt_check.h"
 #include "rdzv.h"
@@ -101,21 +102,7 @@ static int test_requests_given_up_or_never_written_are_passed_over(void) {
 
 int main(void) {
   REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
-  mt_coord_opts o = {.store = store,
-                     .job_json = "{}",
-                     .job_hash = "0",
-                     .version = "test",
-                     .coordinator_name = "n0",
-                     .tp = 1,
-                     .pp = 1,
-                     .dp_min = 1,
-                     .dp_max = 1,
-                     .micro_batch = 1,
-                     .global_batch = 1,
-                     .last_call_ms = 100,
-                     .heartbeat_timeout_ms = 1000,
-                     .max_restarts = 0,
-                     .reform_timeout_ms = 1000};
+  mt_coord_opts o = test_coord_opts(store);
   REQUIRE(!mt_coord_new(&o, &coord), "coordinator: %s", mt_errmsg());
   test_requests_given_up_or_never_written_are_passed_over();
   mt_coord_free(coord);
