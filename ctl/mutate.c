@@ -41,8 +41,8 @@ const char ctl_pause_help[] =
     "Options:\n" MUTATION_OPTIONS;
 
 const char ctl_resume_help[] =
-    "Resumes a paused (or pausing) job at the step where it paused. The daemon\n"
-    "refuses (409 Conflict) when the job is not paused.\n"
+    "Resumes a paused job at the step where it paused. The daemon refuses (409\n"
+    "Conflict) when the job is not paused, a pause not yet in effect included.\n"
     "\n"
     "Options:\n" MUTATION_OPTIONS;
 
@@ -63,9 +63,12 @@ const char ctl_checkpoint_help[] =
 const char ctl_resize_help[] =
     "Changes the number of data-parallel replicas to N: the current generation ends\n"
     "at a step boundary and the next one forms with N replicas (tp and pp unchanged),\n"
-    "continuing the same job. The daemon refuses (409 Conflict) when N replicas\n"
-    "cannot be formed: too few nodes, outside [dp_min, dp_max], or a global batch\n"
-    "that micro-batch x N does not divide.\n"
+    "continuing the same job, from a checkpoint it saves first. N may lie outside\n"
+    "the job's [dp_min, dp_max]: those bound only the generations the coordinator\n"
+    "forms by itself. The daemon refuses (409 Conflict) when the job is not\n"
+    "running, N is the current width, too few nodes are present for N replicas,\n"
+    "micro-batch x N does not divide the global batch, or the job has no\n"
+    "checkpoint.dir.\n"
     "\n"
     "Options:\n"
     "  --dp N                 the new number of replicas, N >= 1 (required)\n" MUTATION_OPTIONS;

@@ -508,7 +508,7 @@ static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t
   else if (d->job_hash[0] && strcmp(d->job_hash, c->o.job_hash))
     snprintf(why, size,
              "node %s was configured with job %s, the coordinator runs job %s: give every node the "
-             "same job file, or none",
+             "same job file and --job-set overrides, or none",
              d->name, d->job_hash, c->o.job_hash);
   else if (same && same->role != ROLE_LOST && same->role != ROLE_LEFT)
     snprintf(why, size,
