@@ -290,13 +290,13 @@ def test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate):
         c.kill_all()
 
 
-def two_nodes(mtnlgd, tmp, tokens, name, steps, extra=None):
+def two_nodes(mtnlgd, tmp, tokens, name, steps, extra=None, timeout_ms=TIMEOUT_MS):
     """The tiny model as one replica over two daemons (pp 2, tp 2), no
     checkpoints and no spare: losing either leaves too few slots."""
     job = tiny_job(os.path.join(tmp, name + ".json"), tokens, name, steps,
                    parallel={"tp": 2, "pp": 2, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
     return LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=2, heartbeat_ms=HB_MS,
-                        timeout_ms=TIMEOUT_MS, extra=extra)
+                        timeout_ms=timeout_ms, extra=extra)
 
 
 def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
@@ -334,7 +334,8 @@ def test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens):
     now, stays silent so that the old entry is declared lost, and joins
     again; before, it was refused as a duplicate and exited 2, which the
     unit does not restart."""
-    c = two_nodes(mtnlgd, tmp, tokens, "restart-at-once", 12)
+    # a timeout a loaded machine's daemon start (a second or two) stays well within
+    c = two_nodes(mtnlgd, tmp, tokens, "restart-at-once", 12, timeout_ms=6000)
     n0, n1 = c.nodes
     try:
         c.start()
