@@ -74,8 +74,8 @@ int mt_rdzv_join(mt_store *s, const mt_node_desc *d, int64_t *seq);
  * generation to wait for or watch), 0 not yet, MT_EINVAL refused (mt_errmsg()
  * is the coordinator's reason), 2 turned away for now (mt_errmsg() says why:
  * the entry of a daemon this one replaces on its host is still counted; join
- * again, without heartbeating, once cluster.heartbeat_timeout_ms passed),
- * < 0 store failure. */
+ * again, without heartbeating, once the coordinator's heartbeat timeout,
+ * which *watch_gen then holds in ms, passed), < 0 store failure. */
 int mt_rdzv_verdict(mt_store *s, int64_t seq, int *watch_gen);
 /* gen/<g>/assignment and gen/<g>/job when published: 1 and filled in (*job_json
  * malloc'd), 0 not yet, < 0 failure. */
