@@ -225,6 +225,11 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   }
   if (n->cfg->checkpoint_dir[0]) /* the node's storage wins over the job's */
     snprintf(job->checkpoint.dir, sizeof job->checkpoint.dir, "%s", n->cfg->checkpoint_dir);
+  /* dataset indices the data's own directory cannot take */
+  if (n->cfg->state_dir[0] &&
+      strlen(n->cfg->state_dir) + sizeof "/index-cache" <= sizeof job->data.cache_fallback)
+    memcpy(stpcpy(job->data.cache_fallback, n->cfg->state_dir), "/index-cache",
+           sizeof "/index-cache");
   /* a later generation (after a resize or a failure) goes on from where the
    * last one saved, not from the step the job names for its first start */
   if (n->gen > 1) job->checkpoint.resume_step = -1;

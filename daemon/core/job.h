@@ -94,6 +94,9 @@ typedef struct mt_data_spec {
   double split_valid_weight;   /* derived: split's valid weight (0: no valid split) */
   int shuffle;                 /* default 1 */
   char cache_dir[MT_PATH_MAX]; /* sample indices; "" = beside each dataset */
+  /* where they go when that cannot take them (the node's state_dir, set by
+   * the daemon; not part of the job's JSON or hash); "" = kept in memory */
+  char cache_fallback[MT_PATH_MAX];
 } mt_data_spec;
 
 typedef struct mt_eval_spec {

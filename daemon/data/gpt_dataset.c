@@ -427,6 +427,18 @@ static int load_or_build(mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, con
     d->cache_status = MT_GPT_CACHE_LOADED;
     return 0;
   }
+  /* the fallback directory holds the index when the first choice could not */
+  char alt[PATH_MAX] = "";
+  if (spec->cache_fallback && *spec->cache_fallback) {
+    mt_gpt_dataset_spec in_alt = *spec;
+    in_alt.cache_dir = spec->cache_fallback;
+    if (cache_path(&in_alt, desc, alt, sizeof alt)) alt[0] = '\0';
+    if (alt[0] && !load_cache(d, alt, desc)) {
+      snprintf(d->cache_path, sizeof d->cache_path, "%s", alt);
+      d->cache_status = MT_GPT_CACHE_LOADED;
+      return 0;
+    }
+  }
   if (rc == MT_ENOENT) {
     d->cache_status = MT_GPT_CACHE_BUILT;
   } else {
@@ -439,6 +451,15 @@ static int load_or_build(mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, con
   if (rc) return rc;
   rc = write_cache(path, img, bytes);
   if (!rc) rc = load_cache(d, path, desc);
+  if (rc && alt[0]) {
+    mt_log_info("data: cannot cache the %s index of %s at %s (%s); caching it in %s",
+                split_names[d->which], spec->prefix, path, mt_errmsg(), alt);
+    if (mkdir(spec->cache_fallback, 0755) && errno != EEXIST)
+      mt_log_warn("data: create cache directory %s: %s", spec->cache_fallback, strerror(errno));
+    rc = write_cache(alt, img, bytes);
+    if (!rc) rc = load_cache(d, alt, desc);
+    if (!rc) snprintf(d->cache_path, sizeof d->cache_path, "%s", alt);
+  }
   if (!rc) {
     free(img);
     return 0;

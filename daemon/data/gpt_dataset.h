@@ -42,6 +42,10 @@ typedef struct mt_gpt_dataset_spec {
   uint64_t seed;
   int shuffle;           /* 0: documents and samples in file order */
   const char *cache_dir; /* NULL or "": beside the data */
+  /* NULL or "": none. Where the index goes when cache_dir (or the data's
+   * directory) cannot take it, as a dataset on read-only shared storage:
+   * the node's paths.state_dir, so that it is not built again at each start */
+  const char *cache_fallback;
 } mt_gpt_dataset_spec;
 
 typedef struct mt_gpt_dataset mt_gpt_dataset;

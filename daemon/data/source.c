@@ -49,6 +49,7 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
         .seed = seed,
         .shuffle = spec->shuffle,
         .cache_dir = spec->cache_dir[0] ? spec->cache_dir : NULL,
+        .cache_fallback = spec->cache_fallback[0] ? spec->cache_fallback : NULL,
     };
     rc = mt_gpt_dataset_open(&s->sets[which][k], &ds);
     if (rc)

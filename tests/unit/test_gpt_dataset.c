@@ -77,7 +77,7 @@ static uint64_t corpus_tokens(const corpus *c, int d0, int d1) {
 
 static mt_gpt_dataset_spec spec_of(const corpus *c, const char *split, mt_split which, int seq,
                                    uint64_t n_samples, uint64_t seed, int shuffle) {
-  mt_gpt_dataset_spec s = {c->prefix, split, which, seq, n_samples, seed, shuffle, NULL};
+  mt_gpt_dataset_spec s = {c->prefix, split, which, seq, n_samples, seed, shuffle, NULL, NULL};
   return s;
 }
 
@@ -636,6 +636,45 @@ static int test_unwritable_cache_keeps_index_in_memory(void) {
   return 0;
 }
 
+/* A dataset whose cache_dir (or whose own directory, as on read-only
+ * shared storage) cannot take the index puts it in cache_fallback (the
+ * node's state_dir), and the next open loads it from there instead of
+ * building it again. */
+static int test_unwritable_cache_falls_back_to_the_state_dir(void) {
+  static corpus c;
+  if (make_corpus(&c, "fallback", 40, 0, len_mixed, 1000)) return 1;
+  FILE *fp = fopen(tmp_path("b_file"), "w");
+  REQUIRE(fp, "create");
+  fclose(fp);
+  mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, 9, 300, 4, 1);
+  mt_gpt_dataset *d, *e, *f;
+  OK(mt_gpt_dataset_open(&d, &s));
+  s.cache_dir = tmp_path("b_file/sub"); /* a directory that cannot exist */
+  char fallback[512];
+  snprintf(fallback, sizeof fallback, "%s", tmp_path("state/index-cache"));
+  mkdir(tmp_path("state"), 0755);
+  s.cache_fallback = fallback;
+  capture_begin();
+  int rc = mt_gpt_dataset_open(&e, &s);
+  const char *err = capture_end();
+  OK(rc);
+  REQUIRE(mt_gpt_dataset_cache_status(e) == MT_GPT_CACHE_BUILT, "status %d: %s",
+          mt_gpt_dataset_cache_status(e), err);
+  REQUIRE(strstr(mt_gpt_dataset_cache_path(e), fallback) == mt_gpt_dataset_cache_path(e),
+          "cached at %s, not under %s", mt_gpt_dataset_cache_path(e), fallback);
+  REQUIRE(strstr(err, "caching it in"), "no note: %s", err);
+  OK(mt_gpt_dataset_open(&f, &s));
+  REQUIRE(mt_gpt_dataset_cache_status(f) == MT_GPT_CACHE_LOADED, "reopened: status %d",
+          mt_gpt_dataset_cache_status(f));
+  int32_t *a = read_all(d, 9), *b = read_all(f, 9);
+  REQUIRE(a && b && !memcmp(a, b, mt_gpt_dataset_len(d) * 10 * sizeof *a), "samples differ");
+  free(a), free(b);
+  mt_gpt_dataset_free(d);
+  mt_gpt_dataset_free(e);
+  mt_gpt_dataset_free(f);
+  return 0;
+}
+
 typedef struct reader {
   const mt_gpt_dataset *d;
   int seq, stride, first;
@@ -845,6 +884,7 @@ static const struct {
     T(test_cache_reused_and_rebuilt_when_description_changes),
     T(test_corrupt_cache_is_rebuilt_with_warning),
     T(test_unwritable_cache_keeps_index_in_memory),
+    T(test_unwritable_cache_falls_back_to_the_state_dir),
     T(test_concurrent_reads_match_serial),
     T(test_open_refuses_bad_specs),
     T(test_blend_shares_within_half_percent_over_10000_samples),
