@@ -902,15 +902,15 @@ int mt_node_main(const mt_node_opts *o) {
       goto out;
     }
   }
-  mt_node_desc d = {.n_devices = n->n_devices, .pid = (int)getpid()};
-  snprintf(d.name, sizeof d.name, "%s", n->cfg->name);
-  if (gethostname(d.host, sizeof d.host - 1)) snprintf(d.host, sizeof d.host, "unknown");
-  snprintf(d.version, sizeof d.version, "%s", n->version);
-  if (n->have_job) snprintf(d.job_hash, sizeof d.job_hash, "%s", n->job.hash);
-  snprintf(d.control_url, sizeof d.control_url, "%s", n->control_url);
-  for (int i = 0; i < n->n_devices; i++) snprintf(d.devices[i], 16, "%s", n->specs[i]);
-  n->desc = d;
-  if (mt_rdzv_join(n->store, &d, &n->seq)) {
+  mt_node_desc *d = &n->desc; /* kept: a node turned away for now joins again with it */
+  *d = (mt_node_desc){.n_devices = n->n_devices, .pid = (int)getpid()};
+  snprintf(d->name, sizeof d->name, "%s", n->cfg->name);
+  if (gethostname(d->host, sizeof d->host - 1)) snprintf(d->host, sizeof d->host, "unknown");
+  snprintf(d->version, sizeof d->version, "%s", n->version);
+  if (n->have_job) snprintf(d->job_hash, sizeof d->job_hash, "%s", n->job.hash);
+  snprintf(d->control_url, sizeof d->control_url, "%s", n->control_url);
+  for (int i = 0; i < n->n_devices; i++) snprintf(d->devices[i], 16, "%s", n->specs[i]);
+  if (mt_rdzv_join(n->store, d, &n->seq)) {
     mt_log_error("%s", mt_errmsg());
     goto out;
   }

@@ -40,7 +40,7 @@ static int set_json(mt_store *s, const char *key, json_t *j) {
 
 /* How long a numbered join or request may stay unwritten (its node died
  * between numbering and writing it) before the coordinator passes over it. */
-#define OP_REQ_GAP_MS 30000
+#define UNWRITTEN_GAP_MS 30000
 
 static json_t *get_json_now(mt_store *s, const char *key, int *rc) {
   char *text;
@@ -391,6 +391,11 @@ typedef struct coord_op {
   int dp;                  /* resize */
 } coord_op;
 
+/* Queued or running: not finished yet. */
+static int op_pending(const coord_op *o) {
+  return !strcmp(o->state, "running") || !strcmp(o->state, "queued");
+}
+
 struct mt_coord {
   mt_coord_opts o;
   char *job_json;
@@ -490,18 +495,9 @@ static int write_verdict(mt_coord *c, int64_t seq, const char *refusal, int wait
 static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t size,
                            int64_t now_ms, int *wait) {
   coord_node *same = find_node(c, d->name);
+  int counted = same && same->role != ROLE_LOST && same->role != ROLE_LEFT;
   *wait = 0;
-  if (same && same->role != ROLE_LOST && same->role != ROLE_LEFT &&
-      !strcmp(same->d.host, d->host) && same->d.pid != d->pid &&
-      strcmp(d->version, c->o.version) == 0) {
-    *wait = 1;
-    snprintf(why, size,
-             "node %s is still counted as the daemon of pid %d on %s (last heartbeat %.1f s ago): "
-             "this one started before the coordinator declared it lost "
-             "(cluster.heartbeat_timeout_ms %d)",
-             d->name, same->d.pid, d->host, (now_ms - same->hb_changed_ms) / 1000.0,
-             c->o.heartbeat_timeout_ms);
-  } else if (strcmp(d->version, c->o.version))
+  if (strcmp(d->version, c->o.version))
     snprintf(why, size,
              "node %s runs mtnlgd %s, the coordinator %s: every node must run the same version",
              d->name, d->version, c->o.version);
@@ -510,7 +506,15 @@ static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t
              "node %s was configured with job %s, the coordinator runs job %s: give every node the "
              "same job file and --job-set overrides, or none",
              d->name, d->job_hash, c->o.job_hash);
-  else if (same && same->role != ROLE_LOST && same->role != ROLE_LEFT)
+  else if (counted && !strcmp(same->d.host, d->host) && same->d.pid != d->pid) {
+    *wait = 1;
+    snprintf(why, size,
+             "node %s is still counted as the daemon of pid %d on %s (last heartbeat %.1f s ago): "
+             "this one started before the coordinator declared it lost "
+             "(cluster.heartbeat_timeout_ms %d)",
+             d->name, same->d.pid, d->host, (now_ms - same->hb_changed_ms) / 1000.0,
+             c->o.heartbeat_timeout_ms);
+  } else if (counted)
     snprintf(why, size,
              "a node named %s already joined (from %s, pid %d): node names must be unique", d->name,
              same->d.host, same->d.pid);
@@ -559,9 +563,9 @@ static int read_joins(mt_coord *c, int64_t now_ms) {
     if (rc < 0 && !corrupt) return rc;
     if (rc == 0) { /* counted but not written yet: next tick, unless its node died meanwhile */
       if (!c->join_missing_ms) c->join_missing_ms = now_ms;
-      if (now_ms - c->join_missing_ms < OP_REQ_GAP_MS) break;
+      if (now_ms - c->join_missing_ms < UNWRITTEN_GAP_MS) break;
       mt_log_warn("coordinator: join %lld was numbered but never written in %d s; passed over",
-                  (long long)c->next_seq, OP_REQ_GAP_MS / 1000);
+                  (long long)c->next_seq, UNWRITTEN_GAP_MS / 1000);
       c->next_seq++, c->join_missing_ms = 0;
       continue;
     }
@@ -893,8 +897,7 @@ static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
   char failed[1000];
   snprintf(failed, sizeof failed, "the generation ended first: %s", why);
   for (int i = 0; i < c->n_ops; i++)
-    if (!strcmp(c->ops[i].state, "running") || !strcmp(c->ops[i].state, "queued"))
-      op_done(&c->ops[i], 0, failed);
+    if (op_pending(&c->ops[i])) op_done(&c->ops[i], 0, failed);
   c->resize_to = 0;
   c->resize_saved = 0;
   snprintf(c->failure, sizeof c->failure, "%s", what);
@@ -1023,7 +1026,7 @@ static const char *cluster_state(const mt_coord *c) {
   int pausing = 0;
   for (int i = 0; i < c->n_ops; i++) {
     const coord_op *o = &c->ops[i];
-    if (strcmp(o->state, "running") && strcmp(o->state, "queued")) continue;
+    if (!op_pending(o)) continue;
     if (!strcmp(o->kind, "stop")) return "stopping";
     if (!strcmp(o->kind, "resize")) return "resizing";
     if (!strcmp(o->kind, "pause")) pausing = 1;
@@ -1052,11 +1055,9 @@ static json_t *op_to_json(const coord_op *o) {
 
 static void drop_old_ops(mt_coord *c) {
   int finished = 0, out = 0;
-  for (int i = 0; i < c->n_ops; i++)
-    finished += strcmp(c->ops[i].state, "running") && strcmp(c->ops[i].state, "queued");
+  for (int i = 0; i < c->n_ops; i++) finished += !op_pending(&c->ops[i]);
   for (int i = 0; i < c->n_ops; i++) {
-    int done = strcmp(c->ops[i].state, "running") && strcmp(c->ops[i].state, "queued");
-    if (done && finished > OPS_KEPT) {
+    if (!op_pending(&c->ops[i]) && finished > OPS_KEPT) {
       finished--;
       continue;
     }
@@ -1232,10 +1233,10 @@ static int read_op_requests(mt_coord *c, int64_t now_ms) {
       if ((rc = mt_store_add(c->o.store, claim_key, 0, &claims))) return rc;
       if (claims) continue;
       if (!c->req_missing_ms) c->req_missing_ms = now_ms;
-      if (now_ms - c->req_missing_ms < OP_REQ_GAP_MS) break;
+      if (now_ms - c->req_missing_ms < UNWRITTEN_GAP_MS) break;
       if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) return rc;
       mt_log_warn("coordinator: request %lld was numbered but never written in %d s; passed over",
-                  (long long)c->next_op_req, OP_REQ_GAP_MS / 1000);
+                  (long long)c->next_op_req, UNWRITTEN_GAP_MS / 1000);
       continue;
     }
     if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) {

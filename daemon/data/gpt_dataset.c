@@ -418,10 +418,15 @@ static int load_cache(mt_gpt_dataset *d, const char *path, const char *desc) {
  * same dataset do not race on one temp file. */
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* A failure is only said: writing the index there fails next, and says why. */
+static void make_cache_dir(const char *dir) {
+  if (mkdir(dir, 0755) && errno != EEXIST)
+    mt_log_warn("data: create cache directory %s: %s", dir, strerror(errno));
+}
+
 static int load_or_build(mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, const char *desc) {
   const char *path = d->cache_path;
-  if (spec->cache_dir && *spec->cache_dir && mkdir(spec->cache_dir, 0755) && errno != EEXIST)
-    mt_log_warn("data: create cache directory %s: %s", spec->cache_dir, strerror(errno));
+  if (spec->cache_dir && *spec->cache_dir) make_cache_dir(spec->cache_dir);
   int rc = load_cache(d, path, desc);
   if (!rc) {
     d->cache_status = MT_GPT_CACHE_LOADED;
@@ -454,8 +459,7 @@ static int load_or_build(mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, con
   if (rc && alt[0]) {
     mt_log_info("data: cannot cache the %s index of %s at %s (%s); caching it in %s",
                 split_names[d->which], spec->prefix, path, mt_errmsg(), alt);
-    if (mkdir(spec->cache_fallback, 0755) && errno != EEXIST)
-      mt_log_warn("data: create cache directory %s: %s", spec->cache_fallback, strerror(errno));
+    make_cache_dir(spec->cache_fallback);
     rc = write_cache(alt, img, bytes);
     if (!rc) rc = load_cache(d, alt, desc);
     if (!rc) snprintf(d->cache_path, sizeof d->cache_path, "%s", alt);
