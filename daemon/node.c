@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
@@ -905,6 +906,10 @@ int mt_node_main(const mt_node_opts *o) {
   mt_node_desc *d = &n->desc; /* kept: a node turned away for now joins again with it */
   *d = (mt_node_desc){.n_devices = n->n_devices, .pid = (int)getpid()};
   snprintf(d->name, sizeof d->name, "%s", n->cfg->name);
+  uint64_t inst; /* which start of the daemon this is, where a pid can repeat */
+  if (getrandom(&inst, sizeof inst, GRND_NONBLOCK) != sizeof inst)
+    inst = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)clock() << 20 ^ (uintptr_t)d;
+  snprintf(d->instance, sizeof d->instance, "%016llx", (unsigned long long)inst);
   if (gethostname(d->host, sizeof d->host - 1)) snprintf(d->host, sizeof d->host, "unknown");
   snprintf(d->version, sizeof d->version, "%s", n->version);
   if (n->have_job) snprintf(d->job_hash, sizeof d->job_hash, "%s", n->job.hash);

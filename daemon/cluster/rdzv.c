@@ -63,9 +63,9 @@ static void copy_str(char *dst, size_t size, json_t *obj, const char *key) {
 static json_t *desc_to_json(const mt_node_desc *d) {
   json_t *devs = json_array();
   for (int i = 0; i < d->n_devices; i++) json_array_append_new(devs, json_string(d->devices[i]));
-  return json_pack("{s:s, s:s, s:o, s:s, s:s, s:s, s:i}", "name", d->name, "host", d->host,
+  return json_pack("{s:s, s:s, s:o, s:s, s:s, s:s, s:i, s:s}", "name", d->name, "host", d->host,
                    "devices", devs, "version", d->version, "job_hash", d->job_hash, "control_url",
-                   d->control_url, "pid", d->pid);
+                   d->control_url, "pid", d->pid, "instance", d->instance);
 }
 
 static int desc_from_json(json_t *j, mt_node_desc *d) {
@@ -76,6 +76,7 @@ static int desc_from_json(json_t *j, mt_node_desc *d) {
   copy_str(d->job_hash, sizeof d->job_hash, j, "job_hash");
   copy_str(d->control_url, sizeof d->control_url, j, "control_url");
   d->pid = (int)json_integer_value(json_object_get(j, "pid"));
+  copy_str(d->instance, sizeof d->instance, j, "instance");
   json_t *devs = json_object_get(j, "devices");
   size_t i;
   json_t *v;
@@ -489,7 +490,8 @@ static int write_verdict(mt_coord *c, int64_t seq, const char *refusal, int wait
 
 /* Why a node cannot take part, or NULL. *wait is set when it may later: a
  * daemon started again on the same host under its name (systemd's restart
- * after a crash) while its predecessor is not yet declared lost, which its
+ * after a crash; another pid, or in a container the same pid 1 with another
+ * instance) while its predecessor is not yet declared lost, which its
  * silence will bring within the heartbeat timeout. A second daemon of the
  * name on another host is a configuration mistake, refused for good. */
 static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t size,
@@ -506,7 +508,8 @@ static const char *refusal(mt_coord *c, const mt_node_desc *d, char *why, size_t
              "node %s was configured with job %s, the coordinator runs job %s: give every node the "
              "same job file and --job-set overrides, or none",
              d->name, d->job_hash, c->o.job_hash);
-  else if (counted && !strcmp(same->d.host, d->host) && same->d.pid != d->pid) {
+  else if (counted && !strcmp(same->d.host, d->host) &&
+           (same->d.pid != d->pid || strcmp(same->d.instance, d->instance))) {
     *wait = 1;
     snprintf(why, size,
              "node %s is still counted as the daemon of pid %d on %s (last heartbeat %.1f s ago): "

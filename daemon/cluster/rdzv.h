@@ -43,6 +43,8 @@ typedef struct mt_node_desc {
   char job_hash[17];     /* "" when this node has no job file of its own */
   char control_url[300]; /* where its control plane listens, or "" */
   int pid;
+  char instance[17]; /* 16 random hex digits drawn at each start: tells a restarted daemon
+                        from its predecessor where pids repeat (a container's pid 1) */
 } mt_node_desc;
 
 typedef struct mt_member {

@@ -121,6 +121,17 @@ static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
   int va = verdict(c, 30, seq);
   CHECK(va == 2 && strstr(mt_errmsg(), "still counted as the daemon of pid 100 on host-a"),
         "a restarted on its host: %d (%s)", va, mt_errmsg());
+  /* in a container the daemon is pid 1 at every start: its instance tells */
+  mt_node_desc pid1 = desc("a", "host-a", 100, "http://127.0.0.1:8470");
+  snprintf(pid1.instance, sizeof pid1.instance, "0123456789abcdef");
+  REQUIRE(!mt_rdzv_join(store, &pid1, &seq), "join a under its pid: %s", mt_errmsg());
+  int vp = verdict(c, 35, seq);
+  CHECK(vp == 2 && strstr(mt_errmsg(), "still counted as the daemon of pid 100 on host-a"),
+        "a restarted under the same pid: %d (%s)", vp, mt_errmsg());
+  mt_node_desc same = desc("a", "host-a", 100, "http://127.0.0.1:8470");
+  REQUIRE(!mt_rdzv_join(store, &same, &seq), "join a twice: %s", mt_errmsg());
+  int vs = verdict(c, 38, seq);
+  CHECK(vs == MT_EINVAL && strstr(mt_errmsg(), "already joined"), "the same daemon twice: %d", vs);
   mt_node_desc other = desc("a", "host-b", 300, "");
   REQUIRE(!mt_rdzv_join(store, &other, &seq), "join a elsewhere: %s", mt_errmsg());
   int vo = verdict(c, 40, seq);
