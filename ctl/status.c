@@ -193,6 +193,10 @@ static void print_status(const json_t *st) {
     if (ctl_jnum(st, "step", &v)) printf(" (%.1f%%)", 100 * v / steps);
   }
   if (ctl_jnum(st, "consumed_tokens", &v)) printf(", %.0f tokens consumed", v);
+  double full;
+  if (ctl_jnum(st, "global_batch", &v) &&
+      ctl_jnum(json_object_get(st, "job"), "global_batch", &full) && v < full)
+    printf(", batch %.0f of %.0f (ramp-up)", v, full);
   if (ctl_jnum(st, "skipped_steps", &v) && v > 0) printf(", %.0f skipped (non-finite grads)", v);
   printf("\n");
 

@@ -101,6 +101,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
                   st->bubble, "comm_ms", st->comm_ms);
     if (st->has_val) json_object_set_new(j, "val_loss", json_real(st->val_loss));
     json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
+    json_object_set_new(j, "global_batch", json_integer(st->global_batch));
     if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (text) mt_store_set(n->store, key, text, strlen(text));
@@ -893,6 +894,7 @@ int mt_node_main(const mt_node_opts *o) {
                                       : n->job.parallel.dp_min,
                         .micro_batch = n->job.parallel.micro_batch,
                         .global_batch = n->job.train.global_batch,
+                        .batch_quantum = mt_job_batch_quantum(&n->job),
                         .last_call_ms = n->cfg->last_call_ms,
                         .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
                         .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0],

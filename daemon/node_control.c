@@ -61,7 +61,8 @@ void node_history_add(node *n, const mt_step_stats *st) {
                       .tflops = st->tflops,
                       .bubble = st->bubble,
                       .comm_ms = st->comm_ms,
-                      .val_loss = st->has_val ? st->val_loss : NAN};
+                      .val_loss = st->has_val ? st->val_loss : NAN,
+                      .global_batch = st->global_batch};
     n->history_n++;
     if (n->history_n - n->history_first > NODE_HISTORY)
       n->history_first = n->history_n - NODE_HISTORY;
@@ -133,6 +134,8 @@ static json_t *build_status(node *n) {
   int have = n->have_last;
   json_object_set_new(s, "step", json_integer(have ? st->step : 0));
   json_object_set_new(s, "consumed_tokens", json_integer(have ? st->consumed_tokens : 0));
+  json_object_set_new(s, "global_batch",
+                      have && st->global_batch > 0 ? json_integer(st->global_batch) : json_null());
   json_object_set_new(s, "loss", have ? num_or_null(st->loss) : json_null());
   json_object_set_new(s, "lr", have ? num_or_null(st->lr) : json_null());
   json_object_set_new(s, "grad_norm", have ? num_or_null(st->grad_norm) : json_null());
@@ -154,15 +157,24 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "step_time",
                       json_pack("{s:f, s:f, s:f, s:f}", "total_ms", total, "compute_ms",
                                 compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms", comm));
-  /* ETA from the mean step time of the last 20 points */
+  /* ETA from the mean step time of the last 20 points; under a batch
+   * ramp-up from their time per sample and the samples the steps left read */
   json_t *eta = json_null();
   const mt_job *j = n->have_run_job ? &n->run_job : NULL;
   if (j && have && n->history_n > n->history_first && !strcmp(state, "running")) {
-    double sum = 0;
+    double sum = 0, samples = 0;
     int k = 0;
-    for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++)
+    for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++) {
       sum += n->history[i % NODE_HISTORY].step_ms;
-    eta = json_real((double)(j->train.steps - st->step) * sum / k / 1e3);
+      samples += n->history[i % NODE_HISTORY].global_batch;
+    }
+    int64_t steps_left = j->train.steps - st->step;
+    if (j->train.rampup.start && samples > 0 && j->model.seq_len > 0) {
+      int64_t left = mt_job_samples_of(j, st->consumed_tokens / j->model.seq_len, steps_left);
+      eta = json_real((double)left * sum / samples / 1e3);
+    } else {
+      eta = json_real((double)steps_left * sum / k / 1e3);
+    }
   }
   json_object_set_new(s, "eta_s", eta);
   /* devices: this node's, with the first local rank's rate for each */
@@ -448,6 +460,7 @@ void node_control_round(node *n, int heartbeat) {
           json_t *vl = json_object_get(j, "val_loss");
           if (vl) st.has_val = 1, st.val_loss = json_number_value(vl);
           st.skipped_total = json_integer_value(json_object_get(j, "skipped_total"));
+          st.global_batch = (int)json_integer_value(json_object_get(j, "global_batch"));
           json_t *ls = json_object_get(j, "loss_scale");
           if (ls) st.loss_scaling = 1, st.loss_scale = json_number_value(ls);
           node_history_add(n, &st);

@@ -30,6 +30,7 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
            jnum(loss, st->loss), st->lr, jnum(norm, st->grad_norm), st->step_ms, st->tokens_per_s,
            st->tflops, st->bubble, st->skipped ? "true" : "false", (long long)st->skipped_total);
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
+    if (st->rampup) printf(",\"global_batch\":%d", st->global_batch);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
     printf("}\n");
   } else {
@@ -38,6 +39,7 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
            st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble);
     if (st->loss_scaling) printf(" | loss scale %g", st->loss_scale);
+    if (st->rampup) printf(" | batch %d", st->global_batch);
     if (st->skipped) printf(" | skipped (%lld in all)", (long long)st->skipped_total);
     printf("\n");
     if (st->has_val)

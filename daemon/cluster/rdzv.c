@@ -716,14 +716,20 @@ static int cmp_nodes(const void *a, const void *b) {
   return strcmp(((const coord_node *)a)->d.name, ((const coord_node *)b)->d.name);
 }
 
-/* The widest dp in [dp_min, dp_max] the slots allow with the global batch
+/* What micro_batch * dp must divide: the global batch, or the quantum of
+ * every batch of a ramp-up. */
+static int batch_quantum(const mt_coord *c) {
+  return c->o.batch_quantum > 0 ? c->o.batch_quantum : c->o.global_batch;
+}
+
+/* The widest dp in [dp_min, dp_max] the slots allow with every global batch
  * divisible by micro_batch * dp; 0 when none. */
 static int pick_dp(const mt_coord *c, int slots) {
   if (c->resize_to) return slots / c->o.pp >= c->resize_to ? c->resize_to : 0;
   int most = slots / c->o.pp;
   if (most > c->o.dp_max) most = c->o.dp_max;
   for (int dp = most; dp >= c->o.dp_min; dp--)
-    if (c->o.global_batch % (c->o.micro_batch * dp) == 0) return dp;
+    if (batch_quantum(c) % (c->o.micro_batch * dp) == 0) return dp;
   return 0;
 }
 
@@ -1163,11 +1169,14 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
       snprintf(why, size, "cannot resize: dp must be at least 1");
     else if (want == c->dp)
       snprintf(why, size, "cannot resize: the job already runs with dp %lld", w);
-    else if (want <= slots && c->o.global_batch % (c->o.micro_batch * (int)want))
+    else if (want <= slots && batch_quantum(c) % (c->o.micro_batch * (int)want))
       snprintf(why, size,
-               "cannot resize to dp %lld: the global batch %d does not divide into micro-batches "
-               "of %d over %lld replicas",
-               w, c->o.global_batch, c->o.micro_batch, w);
+               batch_quantum(c) != c->o.global_batch
+                   ? "cannot resize to dp %lld: the batches of its ramp-up, multiples of %d, do "
+                     "not divide into micro-batches of %d over %lld replicas"
+                   : "cannot resize to dp %lld: the global batch %d does not divide into "
+                     "micro-batches of %d over %lld replicas",
+               w, batch_quantum(c), c->o.micro_batch, w);
     else if (slots / c->o.pp < want)
       snprintf(why, size,
                "cannot resize to dp %lld: the %d model slot(s) present (members and spares) make "

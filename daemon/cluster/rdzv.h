@@ -146,6 +146,9 @@ typedef struct mt_coord_opts {
   const char *version;
   const char *coordinator_name; /* this node's name */
   int tp, pp, dp_min, dp_max, micro_batch, global_batch;
+  int batch_quantum; /* divides every global batch the job runs (mt_job_batch_quantum: under a
+                        ramp-up less than global_batch); micro_batch * dp must divide it. 0:
+                        global_batch */
   int last_call_ms;
   int heartbeat_timeout_ms;
   int has_checkpoint_dir; /* checkpoint and resize orders need somewhere to save */

@@ -194,6 +194,8 @@ static void render_cluster(sbuf *b, json_t *st) {
        "Generations ended by a failure (a lost node) and re-formed from the last checkpoint.", 0},
       {"mtnlg_step", "gauge", "Last completed optimizer step.", 0},
       {"mtnlg_consumed_tokens_total", "counter", "Training tokens consumed so far.", 0},
+      {"mtnlg_step_global_batch", "gauge",
+       "Samples the last step read (below the job's global batch during a ramp-up).", 0},
       {"mtnlg_loss", "gauge", "Training loss of the last step.", 0},
       {"mtnlg_validation_loss", "gauge", "Last validation loss.", 0},
       {"mtnlg_learning_rate", "gauge", "Learning rate of the last step.", 0},
@@ -204,19 +206,9 @@ static void render_cluster(sbuf *b, json_t *st) {
       {"mtnlg_eta_seconds", "gauge", "Estimated time until the last step.", 0},
       {"mtnlg_operations_pending", "gauge", "Operations queued or running.", 0},
   };
-  const char *keys[] = {"generation",
-                        "restarts",
-                        "step",
-                        "consumed_tokens",
-                        "loss",
-                        "val_loss",
-                        "lr",
-                        "grad_norm",
-                        "tokens_per_s",
-                        "skipped_steps",
-                        "loss_scale",
-                        "eta_s",
-                        "operations_pending"};
+  const char *keys[] = {"generation",    "restarts",   "step",  "consumed_tokens",   "global_batch",
+                        "loss",          "val_loss",   "lr",    "grad_norm",         "tokens_per_s",
+                        "skipped_steps", "loss_scale", "eta_s", "operations_pending"};
   for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
     sample_json(b, &f[i], NULL, json_object_get(st, keys[i]), 1, 1);
 

@@ -285,9 +285,10 @@ static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
 static const char *const parallel_keys[] = {"tp",          "pp",        "dp_min",   "dp_max",
                                             "micro_batch", "recompute", "schedule", "bucket_size",
                                             "overlap_p2p", NULL};
-static const char *const train_keys[] = {"global_batch", "steps",        "seed",      "lr",
-                                         "adam",         "weight_decay", "clip_grad", "precision",
-                                         "loss_scale",   "log_interval", NULL};
+static const char *const train_keys[] = {
+    "global_batch", "steps",     "seed",       "lr",           "adam",         "weight_decay",
+    "clip_grad",    "precision", "loss_scale", "log_interval", "rampup_batch", NULL};
+static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
     "warmup_tokens", "decay_steps", "decay_tokens", NULL};
@@ -508,6 +509,7 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
 typedef struct lr_given {
   int64_t warmup_tokens, decay_tokens;
   bool decay, min;
+  int64_t rampup_tokens; /* -1: the ramp-up's length given in samples, or no ramp-up */
 } lr_given;
 
 /* Reads a length given in steps or in tokens; tokens become steps once the
@@ -567,6 +569,21 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_double(pb, adam, "train.adam", "beta2", &t->beta2);
   read_double(pb, adam, "train.adam", "eps", &t->adam_eps);
   read_double(pb, o, "train", "weight_decay", &t->weight_decay);
+
+  json_t *ramp = read_object(pb, o, "train", "rampup_batch");
+  check_keys(pb, ramp, "train.rampup_batch", rampup_keys);
+  if (ramp) {
+    require(pb, ramp, "train.rampup_batch", "start", NULL);
+    require(pb, ramp, "train.rampup_batch", "increment", NULL);
+    read_int(pb, ramp, "train.rampup_batch", "start", &t->rampup.start);
+    read_int(pb, ramp, "train.rampup_batch", "increment", &t->rampup.increment);
+    bool has_s = json_object_get(ramp, "samples"), has_t = json_object_get(ramp, "tokens");
+    if (has_s == has_t)
+      problem(pb, "train.rampup_batch: give its length in samples or in tokens%s",
+              has_s ? ", not both" : "");
+    read_i64(pb, ramp, "train.rampup_batch", "samples", 1, (int64_t)1 << 50, &t->rampup.samples);
+    read_i64(pb, ramp, "train.rampup_batch", "tokens", 1, INT64_MAX, &g->rampup_tokens);
+  }
   read_double(pb, o, "train", "clip_grad", &t->clip_grad);
   char prec[64] = "fp32";
   read_str(pb, o, "train", "precision", prec, sizeof prec);
@@ -720,16 +737,85 @@ static void set_defaults(mt_job *job) {
   job->eval.iters = 10;
 }
 
+/* A ramp-up that mt_job_batch_at can follow (validate_rampup names what is
+ * wrong with another). */
+static bool ramp_ok(const mt_train_spec *t) {
+  const mt_rampup_spec *r = &t->rampup;
+  return r->start >= 1 && r->increment >= 1 && r->samples >= 1 && r->start < t->global_batch &&
+         ((int64_t)t->global_batch - r->start) % r->increment == 0 &&
+         ((int64_t)t->global_batch - r->start) / r->increment <= (1 << 20);
+}
+
+int mt_job_batch_at(const mt_job *job, int64_t consumed) {
+  const mt_train_spec *t = &job->train;
+  const mt_rampup_spec *r = &t->rampup;
+  if (!ramp_ok(t) || consumed > r->samples) return t->global_batch;
+  int64_t n = ((int64_t)t->global_batch - r->start) / r->increment;
+  double per = (double)r->samples / (double)n; /* rampup_samples_per_increment */
+  int64_t k = (int64_t)((double)consumed / per);
+  return r->start + (int)((k < n ? k : n) * r->increment);
+}
+
+int64_t mt_job_samples_of(const mt_job *job, int64_t consumed, int64_t steps) {
+  const mt_train_spec *t = &job->train;
+  int64_t total = 0;
+  /* stage by stage through the ramp: the batch b holds until the first
+   * count it does not (found by bisection: mt_job_batch_at does not
+   * decrease), and a step reads b while it starts before that */
+  while (steps > 0 && ramp_ok(t) && consumed <= t->rampup.samples) {
+    int b = mt_job_batch_at(job, consumed);
+    if (b == t->global_batch) break;
+    int64_t lo = consumed, hi = t->rampup.samples + 1; /* batch_at(lo) == b, batch_at(hi) != b */
+    while (hi - lo > 1) {
+      int64_t mid = lo + (hi - lo) / 2;
+      if (mt_job_batch_at(job, mid) == b)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    int64_t j = ceil_div(hi - consumed, b);
+    if (j > steps) j = steps;
+    total += j * b, consumed += j * b, steps -= j;
+  }
+  return total + (steps > 0 ? steps * (int64_t)t->global_batch : 0);
+}
+
+static int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    int64_t r = a % b;
+    a = b, b = r;
+  }
+  return a;
+}
+
+int mt_job_batch_quantum(const mt_job *job) {
+  const mt_train_spec *t = &job->train;
+  return ramp_ok(t) ? (int)gcd64(t->rampup.start, t->rampup.increment) : t->global_batch;
+}
+
 /* Values that follow from others: token lengths in steps (ceil: never less
  * than the tokens asked for), LR defaults, the padded vocabulary. */
 static void derive(problems *pb, mt_job *job, const lr_given *g) {
   mt_lr_spec *lr = &job->train.lr;
+  mt_rampup_spec *ramp = &job->train.rampup;
+  if (g->rampup_tokens >= 0 && job->model.seq_len >= 1) {
+    ramp->samples = ceil_div(g->rampup_tokens, job->model.seq_len);
+    if (ramp->samples > (int64_t)1 << 50)
+      check_fail(pb, "train.rampup_batch.tokens", "%" PRId64 " samples of %d tokens are over 2^50",
+                 ramp->samples, job->model.seq_len);
+  }
   int64_t tokens_per_step = mt_job_tokens_per_step(job);
   if (tokens_per_step > 0) {
     if (g->warmup_tokens >= 0) lr->warmup_steps = ceil_div(g->warmup_tokens, tokens_per_step);
     if (g->decay_tokens >= 0) lr->decay_steps = ceil_div(g->decay_tokens, tokens_per_step);
   }
   if (!g->decay) lr->decay_steps = job->train.steps;
+  /* under a ramp-up the run's steps read fewer samples than as many full
+   * batches: the decay ends with the run (Megatron's lr_decay_samples
+   * defaults to train_samples) */
+  const mt_train_spec *t = &job->train;
+  if (!g->decay && ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch)
+    lr->decay_steps = ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch);
   if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
   if (lr->warmup_steps > lr->decay_steps)
     check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",
@@ -745,6 +831,40 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
 }
 
 /* ---- validation: can this job run at all ---- */
+
+/* Megatron's checks of --rampup-batch-size, and every batch of the ramp
+ * split over micro_batch * dp_min. */
+static void validate_rampup(problems *pb, const mt_job *job) {
+  const mt_train_spec *t = &job->train;
+  const mt_rampup_spec *r = &t->rampup;
+  if (!r->start && !r->increment && !r->samples) return;
+  if (r->start < 1) check_fail(pb, "train.rampup_batch.start", "%d must be at least 1", r->start);
+  if (r->increment < 1)
+    check_fail(pb, "train.rampup_batch.increment", "%d must be at least 1", r->increment);
+  if (r->start < 1 || r->increment < 1 || t->global_batch < 1) return;
+  if (r->start >= t->global_batch) {
+    check_fail(pb, "train.rampup_batch.start",
+               "%d is not below train.global_batch = %d, the batch the ramp-up ends at", r->start,
+               t->global_batch);
+    return;
+  }
+  int64_t diff = (int64_t)t->global_batch - r->start;
+  if (diff % r->increment)
+    check_fail(pb, "train.rampup_batch.increment",
+               "%d does not divide train.global_batch - start = %d - %d = %" PRId64, r->increment,
+               t->global_batch, r->start, diff);
+  else if (diff / r->increment > (1 << 20))
+    check_fail(pb, "train.rampup_batch.increment",
+               "%d makes %" PRId64 " increments from %d to %d, over 2^20", r->increment,
+               diff / r->increment, r->start, t->global_batch);
+  const mt_parallel_spec *p = &job->parallel;
+  int64_t per = (int64_t)p->micro_batch * p->dp_min;
+  if (per >= 1 && (r->start % per || r->increment % per))
+    check_fail(pb, "train.rampup_batch",
+               "start %d and increment %d must both be divisible by parallel.micro_batch * dp_min "
+               "= %d * %d: every batch of the ramp-up is split into whole micro-batches",
+               r->start, r->increment, p->micro_batch, p->dp_min);
+}
 
 static void validate(problems *pb, mt_job *job) {
   const mt_model_spec *m = &job->model;
@@ -839,6 +959,7 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "train.global_batch",
                "%d is not divisible by parallel.micro_batch * dp_min = %d * %d", t->global_batch,
                p->micro_batch, p->dp_min);
+  validate_rampup(pb, job);
   if (m->vocab_size > 65536 && job->data.path[0])
     check_fail(pb, "model.vocab_size",
                "%d does not fit the uint16 tokens of data.path (at most 65536)", m->vocab_size);
@@ -975,6 +1096,11 @@ static json_t *job_to_json(const mt_job *job) {
                       json_pack("{s:f, s:f, s:I, s:I}", "initial", ls->initial, "min", ls->min,
                                 "growth_interval", (json_int_t)ls->growth_interval, "hysteresis",
                                 (json_int_t)ls->hysteresis));
+  const mt_rampup_spec *ramp = &job->train.rampup;
+  if (ramp->start || ramp->increment || ramp->samples)
+    json_object_set_new(json_object_get(root, "train"), "rampup_batch",
+                        json_pack("{s:i, s:i, s:I}", "start", ramp->start, "increment",
+                                  ramp->increment, "samples", (json_int_t)ramp->samples));
   json_object_set_new(json_object_get(root, "parallel"), "overlap_p2p",
                       json_boolean(job->parallel.overlap_p2p));
   json_t *ck = json_object_get(root, "checkpoint");
@@ -1038,7 +1164,7 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
   if (desc && !json_is_string(desc))
     problem(&pb, "description: expected a string, got %s", type_name(desc));
 
-  lr_given given = {.warmup_tokens = -1, .decay_tokens = -1};
+  lr_given given = {.warmup_tokens = -1, .decay_tokens = -1, .rampup_tokens = -1};
   read_model(&pb, root, &job->model);
   read_parallel(&pb, root, &job->parallel);
   read_train(&pb, root, &job->train, &given);

@@ -49,7 +49,11 @@ typedef struct mt_lr_spec {
   mt_lr_kind kind;
   double peak, min;
   /* Lengths, resolved to steps by mt_job_load when given in tokens
-   * (warmup_tokens / decay_tokens in the JSON); decay_steps defaults to train.steps. */
+   * (warmup_tokens / decay_tokens in the JSON); decay_steps defaults to
+   * train.steps (under a batch ramp-up: the run's samples, in steps of
+   * global_batch). Steps of global_batch samples: under a ramp-up the
+   * schedule moves on by the samples of each applied update over
+   * global_batch, as Megatron's sample-based schedule does. */
   int64_t warmup_steps, decay_steps;
 } mt_lr_spec;
 
@@ -64,9 +68,19 @@ typedef struct mt_loss_scale_spec {
   int hysteresis;      /* 2 */
 } mt_loss_scale_spec;
 
+/* Megatron's --rampup-batch-size: the global batch starts at start and
+ * grows by increment each time another samples / ((global_batch - start) /
+ * increment) samples have been consumed, until global_batch. start = 0: no
+ * ramp-up. */
+typedef struct mt_rampup_spec {
+  int start, increment;
+  int64_t samples; /* given in samples, or in tokens (samples of seq_len, rounded up) */
+} mt_rampup_spec;
+
 typedef struct mt_train_spec {
-  int global_batch; /* sequences per step, whatever the split */
-  int64_t steps;    /* optimizer steps to run */
+  int global_batch; /* sequences per step, whatever the split; under a ramp-up, the last */
+  mt_rampup_spec rampup;
+  int64_t steps; /* optimizer steps to run */
   uint64_t seed;
   mt_lr_spec lr;
   double beta1, beta2, adam_eps, weight_decay;
@@ -157,9 +171,20 @@ char *mt_job_to_json(const mt_job *job);
 #define MT_PRESET_DIRS_MAX 4
 void mt_job_preset_dirs(const char *extra, const char *dirs[MT_PRESET_DIRS_MAX]);
 
-/* Tokens per step: global_batch * seq_len. */
+/* Tokens per step: global_batch * seq_len (under a ramp-up, once it is over). */
 static inline int64_t mt_job_tokens_per_step(const mt_job *job) {
   return (int64_t)job->train.global_batch * job->model.seq_len;
 }
+
+/* The global batch of the step that starts with `consumed` samples read
+ * (Megatron's RampupBatchsizeNumMicroBatches.update, in the same double
+ * arithmetic): global_batch without a ramp-up. */
+int mt_job_batch_at(const mt_job *job, int64_t consumed);
+/* The samples that `steps` steps read from `consumed` on. */
+int64_t mt_job_samples_of(const mt_job *job, int64_t consumed, int64_t steps);
+/* The largest number that divides every global batch the job runs:
+ * global_batch, or under a ramp-up gcd(start, increment). micro_batch * dp
+ * must divide it. */
+int mt_job_batch_quantum(const mt_job *job);
 
 #endif

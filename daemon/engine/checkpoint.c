@@ -67,6 +67,7 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
   sv->t0 = wall_s();
   sv->res.step = tr->step;
   sv->adam_t = tr->opt.t;
+  sv->lr_samples = tr->lr_samples;
   sv->consumed_samples = tr->consumed_samples;
   sv->scaler = tr->scaler;
   snprintf(sv->job_dir, sizeof sv->job_dir, "%s", job_dir);
@@ -230,6 +231,8 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
         "scale", (double)ls->scale, "growth_tracker", ls->growth_tracker, "hysteresis_tracker",
         ls->hysteresis_tracker, "steps", (json_int_t)ls->steps, "skipped", (json_int_t)ls->skipped,
         "skipped_in_row", (json_int_t)ls->skipped_in_row);
+    /* where the LR schedule is under a batch ramp-up (kept by every run) */
+    json_object_set_new(extra, "lr_samples", json_integer(sv->lr_samples));
     /* the model, which parameter counts do not tell apart (another n_head
      * splits the same matrices another way): a resume compares it */
     const mt_model_spec *ms = &job->model;
@@ -657,6 +660,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   json_t *ls = json_object_get(c.extra, "loss_scale");
   int has_extra = json_is_integer(json_object_get(c.extra, "adam_t")) && json_is_object(ls);
   int64_t adam_t = json_integer_value(json_object_get(c.extra, "adam_t"));
+  json_t *lrs = json_object_get(c.extra, "lr_samples");
+  int64_t lr_samples = json_is_integer(lrs) ? json_integer_value(lrs) : -1;
   double ls_scale = json_number_value(json_object_get(ls, "scale"));
   int64_t ls_growth = json_integer_value(json_object_get(ls, "growth_tracker"));
   int64_t ls_hyst = json_integer_value(json_object_get(ls, "hysteresis_tracker"));
@@ -675,7 +680,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   int64_t steps = tr->job->train.steps;
   if (!failed && steps > saved_step) {
     uint64_t need =
-        (uint64_t)consumed + (uint64_t)(steps - saved_step) * (uint64_t)tr->job->train.global_batch;
+        (uint64_t)consumed + (uint64_t)mt_job_samples_of(tr->job, consumed, steps - saved_step);
     if (mt_trainer_data_reach(tr, need)) {
       failed = 1;
       snprintf(err, sizeof err, "resume: the data for %llu samples: %s", (unsigned long long)need,
@@ -690,7 +695,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   tr->step = saved_step;
   tr->consumed_samples = consumed;
   int64_t G = tr->job->train.global_batch;
-  if (is0 && consumed != saved_step * G)
+  if (is0 && consumed != mt_job_samples_of(tr->job, 0, saved_step))
     mt_log_info("resume: %lld samples were read in %lld steps; this job's global batch is %lld: "
                 "reading goes on from sample %lld",
                 (long long)consumed, (long long)saved_step, (long long)G, (long long)consumed);
@@ -710,6 +715,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                   dir, (double)tr->scaler.scale);
     }
   }
+  /* older checkpoints: their updates taken as full batches */
+  tr->lr_samples = lr_samples >= 0 ? lr_samples : tr->opt.t * G;
   *resumed_step = saved_step;
   if (is0)
     mt_log_info("resumed from %s: step %lld, saved with dp %d, running with dp %d", dir,

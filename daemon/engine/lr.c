@@ -5,13 +5,13 @@
 
 #include <math.h>
 
-double mt_lr_at(const mt_lr_spec *s, int64_t done) {
-  if (s->warmup_steps > 0 && done <= s->warmup_steps)
-    return s->peak * (double)done / (double)s->warmup_steps;
+double mt_lr_at(const mt_lr_spec *s, double done) {
+  if (s->warmup_steps > 0 && done <= (double)s->warmup_steps)
+    return s->peak * done / (double)s->warmup_steps;
   if (s->kind == MT_LR_CONSTANT) return s->peak;
   int64_t span = s->decay_steps - s->warmup_steps;
-  if (span <= 0 || done >= s->decay_steps) return s->min;
-  double ratio = (double)(done - s->warmup_steps) / (double)span;
+  if (span <= 0 || done >= (double)s->decay_steps) return s->min;
+  double ratio = (done - (double)s->warmup_steps) / (double)span;
   double coeff = s->kind == MT_LR_COSINE ? 0.5 * (cos(M_PI * ratio) + 1.0) : 1.0 - ratio;
   return s->min + coeff * (s->peak - s->min);
 }

@@ -10,10 +10,11 @@
 #include "job.h"
 
 /* LR of the update made after `done` updates were applied (Megatron's
- * num_steps, in steps): the first update, done = 0, is at 0 under a warmup,
+ * num_steps, in steps; fractional under a batch ramp-up, where an update of
+ * b samples moves it on by b / global_batch): the first update, done = 0, is at 0 under a warmup,
  * and peak comes with done = warmup_steps. A skipped step (an fp16
  * overflow, a non-finite norm) applies no update, so it moves the schedule
  * on no more than Megatron's train_step does. */
-double mt_lr_at(const mt_lr_spec *s, int64_t done);
+double mt_lr_at(const mt_lr_spec *s, double done);
 
 #endif

@@ -215,6 +215,12 @@ static int check_layout(const mt_job *job, const mt_plan_device *dev, int device
     add_problem(msg, sizeof msg, &n,
                 "plan: train.global_batch: %d is not divisible by micro_batch * dp = %d * %lld",
                 job->train.global_batch, p->micro_batch, (long long)(devices / slots));
+  else if (mt_job_batch_quantum(job) % ((int64_t)p->micro_batch * (devices / slots)))
+    add_problem(msg, sizeof msg, &n,
+                "plan: train.rampup_batch: start %d and increment %d are not both divisible by "
+                "micro_batch * dp = %d * %lld",
+                job->train.rampup.start, job->train.rampup.increment, p->micro_batch,
+                (long long)(devices / slots));
   return n ? mt_seterr(MT_EINVAL, "%s", msg) : MT_OK;
 }
 

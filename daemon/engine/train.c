@@ -211,6 +211,12 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (B < 1 || G % (B * tr->g.dp_size))
     return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
                      G, B, tr->g.dp_size);
+  int quantum = mt_job_batch_quantum(job);
+  if (quantum % (B * tr->g.dp_size))
+    return mt_seterr(MT_EINVAL,
+                     "train.rampup_batch: start %d and increment %d are not both divisible by "
+                     "micro_batch %d * dp %d",
+                     job->train.rampup.start, job->train.rampup.increment, B, tr->g.dp_size);
   if (ms->n_layer < tr->g.pp_size)
     return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", tr->g.pp_size, ms->n_layer);
   tr->micro_batches = G / (B * tr->g.dp_size);
@@ -269,7 +275,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
                          job->train.beta2, job->train.adam_eps, job->train.weight_decay);
-  if (!rc) rc = mt_trainer_data_reach(tr, (uint64_t)job->train.steps * (uint64_t)G);
+  if (!rc) rc = mt_trainer_data_reach(tr, (uint64_t)mt_job_samples_of(job, 0, job->train.steps));
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs)
@@ -287,7 +293,8 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   double per_mb = mt_gpt_flops_per_step(&whole, B, T);
   double head = 3.0 * 2.0 * B * T * (double)ms->n_embd * ms->padded_vocab;
   per_mb = (per_mb - head) * tr->model.n_layers / ms->n_layer + (tr->model.last ? head : 0.0);
-  tr->flops_per_step = per_mb * tr->micro_batches / tr->g.tp_size;
+  tr->flops_per_micro = per_mb / tr->g.tp_size;
+  tr->flops_per_step = tr->flops_per_micro * tr->micro_batches;
   return 0;
 }
 
@@ -312,6 +319,7 @@ typedef struct pipe_run {
   mt_trainer *tr;
   mt_split split;
   uint64_t first;      /* global sample of this replica's micro-batch 0 */
+  int micro;           /* micro-batches of this run on this replica */
   float loss_scale;    /* 0: forward only */
   int warm;            /* forwards before the first backward (all of them: forward only) */
   int overlap;         /* parallel.overlap_p2p */
@@ -328,14 +336,14 @@ typedef struct pipe_run {
 
 /* PipeDream-Flush (1F1B) on stage s: p - s - 1 warm-up forwards, then one
  * forward and one backward alternately, then the remaining backwards. */
-static int warmup_forwards(const mt_trainer *tr) {
+static int warmup_forwards(const mt_trainer *tr, int micro) {
   int warm = tr->g.pp_size - tr->g.pp_rank - 1;
-  return warm < tr->micro_batches ? warm : tr->micro_batches;
+  return warm < micro ? warm : micro;
 }
 
 /* The operation after fwd forwards and bwd backwards, in that order. */
 static pipe_op op_at(const pipe_run *r, int fwd, int bwd) {
-  int m = r->tr->micro_batches;
+  int m = r->micro;
   if (fwd < m && (fwd < r->warm || fwd - r->warm == bwd)) return OP_FWD;
   return r->loss_scale != 0.0f && bwd < m ? OP_BWD : OP_NONE;
 }
@@ -448,7 +456,7 @@ static int stage_backward(pipe_run *r) {
   int rc = wait_grad_send(r);
   if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   /* the last micro-batch's backward leaves final gradients, block by block */
-  if (tr->g.dp && j == tr->micro_batches - 1) {
+  if (tr->g.dp && j == r->micro - 1) {
     m->on_block_grads = start_buckets;
     m->grads_ctx = tr;
   }
@@ -543,8 +551,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
   mt_device *d = tr->dev;
-  int G = job->train.global_batch;
+  /* the batch of this step: the job's, or under a ramp-up the one its
+   * samples read so far call for; every rank agrees, having read as many */
+  int G = mt_job_batch_at(job, tr->consumed_samples);
   int total_micro = G / m->B; /* over every replica */
+  tr->micro_batches = total_micro / tr->g.dp_size;
+  tr->flops_per_step = tr->flops_per_micro * tr->micro_batches;
   long long sn = (long long)tr->step + 1;
   double t0 = now_ms();
   memset(st, 0, sizeof *st);
@@ -562,9 +574,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                 .split = MT_SPLIT_TRAIN,
                 .first = (uint64_t)tr->consumed_samples +
                          (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
+                .micro = tr->micro_batches,
                 .loss_scale = scale / (float)total_micro,
                 .overlap = job->parallel.overlap_p2p,
-                .warm = warmup_forwards(tr)};
+                .warm = warmup_forwards(tr, tr->micro_batches)};
   rc = run_pipeline(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
@@ -615,8 +628,11 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   /* the norm of the unscaled gradients: clipping and the log see it */
   double norm = sqrt(agreed[1]) / scale;
   /* the schedule counts applied updates (Adam's t), not steps: a skipped
-   * step leaves the lr where it was, as Megatron's does */
-  double lr = mt_lr_at(&job->train.lr, tr->opt.t);
+   * step leaves the lr where it was, as Megatron's does; under a batch
+   * ramp-up it counts their samples, in steps of the job's global batch */
+  double lr = mt_lr_at(&job->train.lr, job->train.rampup.start
+                                           ? (double)tr->lr_samples / job->train.global_batch
+                                           : (double)tr->opt.t);
   if (fp16) {
     /* every rank holds the same scaler and sees the same norm: all skip alike */
     st->skipped = mt_loss_scale_update(&tr->scaler, !isfinite(norm));
@@ -628,8 +644,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     tr->scaler.skipped++; /* the count a checkpoint keeps, loss scaling or not */
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
-  if (!st->skipped)
+  if (!st->skipped) {
     mt_adamw_step(&tr->opt, m, grad, lr, mt_clip_scale(norm, job->train.clip_grad) / scale);
+    tr->lr_samples += G;
+  }
   if (tr->g.dp) {
     double c0 = now_ms();
     rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
@@ -657,6 +675,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
 
   st->step = tr->step;
   st->consumed_tokens = tr->consumed_samples * job->model.seq_len;
+  st->global_batch = G;
+  st->rampup = job->train.rampup.start > 0;
   st->loss = agreed[0] / total_micro;
   st->lr = lr;
   st->grad_norm = norm;
@@ -668,7 +688,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;
   st->comm_ms = comm_ms;
-  st->tokens_per_s = (double)mt_job_tokens_per_step(job) / (st->step_ms / 1e3);
+  st->tokens_per_s = (double)G * job->model.seq_len / (st->step_ms / 1e3);
   st->tflops = tr->flops_per_step / (st->step_ms / 1e3) / 1e12;
   return 0;
 }
@@ -676,7 +696,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
 int mt_trainer_eval(mt_trainer *tr, double *loss) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
-  int G = job->train.global_batch;
+  int G = job->train.global_batch; /* validation batches are full ones, ramp-up or not */
+  int micro = G / (m->B * tr->g.dp_size);
   double sum = 0.0;
   int rc = mt_gpt_round_weights(m);
   if (rc) return mt_wraperr(rc, "validation: rounding the weights");
@@ -686,8 +707,9 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
                   .split = MT_SPLIT_VALID,
                   .first = (uint64_t)e * (uint64_t)G +
                            (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
+                  .micro = micro,
                   .overlap = tr->job->parallel.overlap_p2p,
-                  .warm = tr->micro_batches};
+                  .warm = micro};
     rc = run_pipeline(&r);
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }

@@ -37,6 +37,9 @@
 typedef struct mt_step_stats {
   int64_t step;            /* 1-based number of the step just taken */
   int64_t consumed_tokens; /* after this step */
+  int global_batch;        /* the samples this step read (under a ramp-up, less than the
+                              job's global_batch early on) */
+  int rampup;              /* the job ramps its batch up (train.rampup_batch) */
   double loss;             /* mean over the global batch */
   double lr;
   double grad_norm; /* before clipping */
@@ -98,7 +101,12 @@ typedef struct mt_trainer {
                                      too: where the next step reads; a resume restores it, so a
                                      run resumed with another global_batch neither skips nor
                                      repeats data (Megatron's consumed_train_samples) */
-  int micro_batches;              /* per step on this replica */
+  int micro_batches;              /* of the current step on this replica (the job's
+                                     global_batch's before the first; fewer during a batch
+                                     ramp-up) */
+  int64_t lr_samples;             /* samples of the applied updates: under a batch ramp-up
+                                     the LR schedule's position, in samples (Megatron's
+                                     sample-based schedule); kept in checkpoints */
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
@@ -111,7 +119,8 @@ typedef struct mt_trainer {
   volatile int stop_request;   /* set by the owner thread; agreed on in the step */
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
   int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
-  double flops_per_step;       /* model FLOPs of this rank per step */
+  double flops_per_step;       /* model FLOPs of this rank per step (the current step's) */
+  double flops_per_micro;      /* ... per micro-batch */
   mt_precision precision;      /* of the job's train.precision */
   mt_loss_scale scaler;        /* fp16 only; the same state on every rank */
 } mt_trainer;

@@ -44,7 +44,7 @@ static json_t *fake_status(void *arg) {
   fake *f = arg;
   pthread_mutex_lock(&f->mu);
   json_t *s = json_pack(
-      "{s:s,s:s,s:s,s:{s:s,s:s,s:I,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i},s:i,s:s,s:n,s:I,s:I,"
+      "{s:s,s:s,s:s,s:{s:s,s:s,s:I,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i},s:i,s:s,s:n,s:I,s:I,s:i,"
       "s:f,s:f,s:f,s:n,s:f,s:i,s:f,s:{s:f,s:f,s:f,s:f},s:f,"
       "s:[{s:s,s:s,s:i,s:i,s:i,s:f,s:f},{s:s,s:s,s:i,s:i,s:i,s:f,s:n}],"
       "s:[{s:s,s:s,s:s,s:s,s:[s],s:[i],s:[i],s:[i],s:f,s:I,s:s},"
@@ -54,7 +54,7 @@ static json_t *fake_status(void *arg) {
       "abc123", "steps", (json_int_t)1000, "global_batch", 8, "seq_len", 128, "micro_batch", 2,
       "params", (json_int_t)1234567, "tp", 1, "pp", 2, "dp", 1, "dp_min", 1, "dp_max", 4,
       "generation", 2, "state", f->state, "reason", "step", (json_int_t)f->step, "consumed_tokens",
-      (json_int_t)(f->step * 1024), "loss", 3.21, "lr", 1e-3, "grad_norm", 0.8, "val_loss",
+      (json_int_t)(f->step * 1024), "global_batch", 8, "loss", 3.21, "lr", 1e-3, "grad_norm", 0.8, "val_loss",
       "tokens_per_s", 2830.0, "skipped_steps", 0, "loss_scale", 65536.0, "step_time", "total_ms",
       45.3, "compute_ms", 38.0, "bubble_ms", 4.1, "comm_ms", 3.2, "eta_s", 120.5, "devices", "node",
       "n0", "device", "cpu:0", "rank", 0, "stage", 0, "replica", 0, "tflops", 0.21, "mfu", 0.3,
@@ -741,6 +741,7 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_step 12\n",
       "# TYPE mtnlg_consumed_tokens_total counter\n",
       "mtnlg_consumed_tokens_total 12288\n",
+      "mtnlg_step_global_batch 8\n",
       "mtnlg_loss 3.21\n",
       "mtnlg_learning_rate 0.001\n",
       "mtnlg_grad_norm 0.8\n",

@@ -515,6 +515,87 @@ static void test_530b_example_loads_in_bf16(void) {
   CHECK(job.train.lr.warmup_steps == 255);  /* ceil(1e9 / 3932160) */
   CHECK(job.train.lr.decay_steps == 86467); /* ceil(340e9 / 3932160) */
   CHECK(job.train.lr.min == 5e-6 && job.train.lr.peak == 5e-5);
+  /* the ramp-up: 32 -> 1920 in 59 increments of 32 over 12e9 / 2048 samples
+   * (Megatron: one increment per 5859375 / 59 = 99311.44 samples) */
+  CHECK(job.train.rampup.start == 32 && job.train.rampup.increment == 32);
+  CHECK(job.train.rampup.samples == 5859375); /* ceil(12e9 / 2048) */
+  CHECK(mt_job_batch_at(&job, 0) == 32 && mt_job_batch_at(&job, 99311) == 32);
+  CHECK(mt_job_batch_at(&job, 99312) == 64);
+  CHECK(mt_job_batch_at(&job, 5859374) == 1888 && mt_job_batch_at(&job, 5859375) == 1920);
+  CHECK(mt_job_batch_at(&job, 5859376) == 1920 && mt_job_batch_quantum(&job) == 32);
+  /* 80087 steps read the 270e9 tokens: the ramp's steps read fewer */
+  int64_t c = 0, steps = 0;
+  while (c < 131835938) c += mt_job_batch_at(&job, c), steps++; /* ceil(270e9 / 2048) */
+  CHECK(steps == 80087 && mt_job_samples_of(&job, 0, steps) == c);
+  CHECK(mt_job_samples_of(&job, 0, 79000) +
+            mt_job_samples_of(&job, mt_job_samples_of(&job, 0, 79000), 1087) ==
+        c);
+  /* the decay, given in tokens, is in steps of the final batch */
+  CHECK(job.train.lr.decay_steps == 86467);
+}
+
+/* train.rampup_batch: Megatron's --rampup-batch-size, its checks, the
+ * run-long decay default, and the canonical JSON carrying it back. */
+static void test_rampup_batch(void) {
+  mt_job job, back;
+  CHECK(parse_with(&job, tiny_job,
+                   "train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24}",
+                   "train.steps=12") == MT_OK);
+  /* an increment every 24 / 3 = 8 samples */
+  int want[] = {2, 2, 2, 2, 4, 4, 6, 6, 8, 8, 8, 8};
+  int64_t c = 0;
+  for (int i = 0; i < 12; i++) {
+    CHECK(mt_job_batch_at(&job, c) == want[i]);
+    CHECK(mt_job_samples_of(&job, 0, i) == c);
+    c += want[i];
+  }
+  CHECK(mt_job_samples_of(&job, 0, 12) == 60 && mt_job_samples_of(&job, 6, 3) == 2 + 4 + 4);
+  CHECK(mt_job_batch_quantum(&job) == 2);
+  CHECK(job.train.lr.decay_steps == 8); /* ceil(60 / 8): the run's samples */
+  char *json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"rampup_batch\":{\"increment\":2,\"samples\":24,\"start\":2}"));
+  int rc = mt_job_parse(&back, json, "/jobs", presets, NULL);
+  free(json);
+  CHECK(rc == MT_OK && !strcmp(back.hash, job.hash) && back.train.rampup.samples == 24);
+  mt_job plain;
+  CHECK(parse_with(&plain, tiny_job, "train.steps=12", NULL) == MT_OK);
+  CHECK(strcmp(plain.hash, job.hash) && mt_job_batch_at(&plain, 0) == 8);
+  CHECK(mt_job_samples_of(&plain, 16, 3) == 24 && mt_job_batch_quantum(&plain) == 8);
+
+  /* tokens: samples of seq_len (tiny: 64), rounded up */
+  CHECK(parse_with(&job, tiny_job,
+                   "train.rampup_batch={\"start\": 4, \"increment\": 4, \"tokens\": 1000}",
+                   NULL) == MT_OK);
+  CHECK(job.train.rampup.samples == (1000 + job.model.seq_len - 1) / job.model.seq_len);
+
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"train.rampup_batch={\"start\": 2, \"increment\": 4, \"samples\": 24}", NULL,
+       "train.rampup_batch.increment: 4 does not divide train.global_batch - start = 8 - 2 = 6"},
+      {"train.rampup_batch={\"start\": 8, \"increment\": 2, \"samples\": 24}", NULL,
+       "train.rampup_batch.start: 8 is not below train.global_batch = 8"},
+      {"train.rampup_batch={\"start\": 0, \"increment\": 2, \"samples\": 24}", NULL,
+       "train.rampup_batch.start: 0 must be at least 1"},
+      {"train.rampup_batch={\"start\": 2, \"increment\": 2}", NULL,
+       "train.rampup_batch: give its length in samples or in tokens"},
+      {"train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 1, \"tokens\": 1}", NULL,
+       "train.rampup_batch: give its length in samples or in tokens, not both"},
+      {"train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24}", "parallel.dp_min=4",
+       "train.rampup_batch: start 2 and increment 2 must both be divisible"},
+      {"train.rampup_batch={\"increment\": 2, \"samples\": 24}", NULL,
+       "train.rampup_batch.start: missing"},
+      {"train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24, \"x\": 1}", NULL,
+       "train.rampup_batch.x"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line)) {
+      fprintf(stderr, "%s: case %zu: want a line starting \"%s\", got (%d):\n%s\n", __func__, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
 }
 
 static void test_every_preset_is_valid(void) {
@@ -556,6 +637,7 @@ int main(void) {
   test_lr_min_defaults_by_schedule();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
+  test_rampup_batch();
   test_bad_json_reports_line_and_column();
   test_missing_preset_lists_search_dirs();
   test_preset_dirs_searched_in_order();
