@@ -1,12 +1,14 @@
 /* main.c — mtnlgd. Today: `mtnlgd --standalone JOB.json`, training on this
  * machine alone without a rendezvous (like `torchrun --standalone`). The node
  * daemon (node config, rendezvous, control plane) grows around this. */
+#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "blas.h"
@@ -107,6 +109,21 @@ static int run_node(const char *config_path, const char *const *overrides,
     _exit(code);
   }
   return code;
+}
+
+/* Every Gloo group holds a socket (and our dup of it) per peer for each
+ * rank thread: the world group of MT-NLG's 4480 ranks is 8 x 4479 x 2
+ * descriptors a daemon. The unit raises the limit (LimitNOFILE); started
+ * any other way (a shell, Slurm, a container) the soft limit is often 1024,
+ * so take the hard limit, as systemd's own services do. */
+static void raise_fd_limit(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) || rl.rlim_cur == rl.rlim_max) return;
+  rlim_t was = rl.rlim_cur;
+  rl.rlim_cur = rl.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &rl))
+    mt_log_warn("open files: cannot raise the soft limit from %llu to %llu: %s",
+                (unsigned long long)was, (unsigned long long)rl.rlim_max, strerror(errno));
 }
 
 int main(int argc, char **argv) {
@@ -218,6 +235,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: --config and --standalone exclude each other\n");
     return 2;
   }
+  raise_fd_limit();
   if (!job_path) {
     if (!config_path) {
       fprintf(stderr, "mtnlgd: give --config FILE (the node daemon) or --standalone JOB.json\n");

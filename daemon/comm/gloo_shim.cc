@@ -29,6 +29,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -288,6 +289,16 @@ void find_sockets(Group *g) {
     for (int r = 0; r < g->size; r++) {
       if (r == g->rank || g->sock[r] >= 0 || !same_sockaddr(local, self[r])) continue;
       g->sock[r] = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+      if (g->sock[r] < 0) {
+        int err = errno;
+        struct rlimit rl = {};
+        getrlimit(RLIMIT_NOFILE, &rl);
+        closedir(dir);
+        throw ShimError(MT_EIO, "gloo: keeping the socket of the connection to rank " +
+                                    std::to_string(r) + ": " + strerror(err) +
+                                    " (open files: limit " + std::to_string(rl.rlim_cur) +
+                                    "; a group holds 2 per peer per rank)");
+      }
       g->peer[r] = sockaddr_str(remote);
       found++;
       break;
