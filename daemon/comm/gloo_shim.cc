@@ -43,6 +43,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <gloo/allgather.h>
@@ -167,12 +168,52 @@ private:
   std::vector<std::string> written_;
 };
 
+// ------------------------------------------------------------------ mesh
+
+// gloo's full mesh (rendezvous::Context::connectFullMesh), with a key per
+// pair. This gloo gives each pair a listening socket of its own, so a rank
+// has size - 1 addresses to publish; connectFullMesh writes them all under
+// one key and has every rank read every key, twice: 2 size^3 x 136 bytes
+// through the coordinator's store, 24 TB for MT-NLG's 4480-rank world
+// group. Here rank r writes the address meant for peer i under a/<i>/<r>
+// and reads the ones meant for it: 2 size^2 x 136 bytes in all (5.5 GB
+// there), the same number of reads as gloo's. The keys go once every rank
+// is past its mesh (Group's barrier, StoreAdapter::forget_written).
+class MeshContext : public gloo::Context {
+public:
+  MeshContext(int rank, int size) : gloo::Context(rank, size) {}
+
+  // Per peer, where its pair for this rank listened: the remote address of
+  // the connection when this rank was the side that connected.
+  std::vector<sockaddr_storage> peer_listener;
+
+  void connect_mesh(StoreAdapter &store, std::shared_ptr<gloo::transport::Device> &dev) {
+    auto tc = dev->createContext(rank, size);
+    tc->setTimeout(getTimeout());
+    const std::string me = std::to_string(rank);
+    for (int i = 0; i < size; i++) {
+      if (i == rank) continue;
+      auto &pair = tc->createPair(i);
+      store.set("a/" + std::to_string(i) + "/" + me, pair->address().bytes());
+    }
+    peer_listener.assign(size, sockaddr_storage{});
+    for (int i = 0; i < size; i++) {
+      if (i == rank) continue;
+      auto addr = store.get("a/" + me + "/" + std::to_string(i));
+      peer_listener[i] = tcp::Address(addr).getSockaddr();
+      tc->getPair(i)->connect(addr);
+    }
+    device_ = dev;
+    transportContext_ = std::move(tc);
+  }
+};
+
 // ------------------------------------------------------------------ group
 
 struct Group {
   int rank = 0, size = 1;
   std::shared_ptr<gloo::transport::Device> device;
-  std::shared_ptr<gloo::rendezvous::Context> context; // null when size == 1
+  std::shared_ptr<MeshContext> context; // null when size == 1
   // Per peer rank (-1 for this rank): a dup of the connection's socket and the
   // peer's address. Through the dup we shut a connection down (gloo's loop
   // then wakes every wait on it; the peer sees the connection go) and see
@@ -267,7 +308,14 @@ bool same_sockaddr(const sockaddr_storage &a, const sockaddr_storage &b) {
 }
 
 // Finds each connection's socket among this process's descriptors by its local
-// address (a pair's address() once connected) and keeps a dup of it.
+// address (a pair's address() once connected) and keeps a dup of it. A local
+// address alone can name two sockets: an accepted one has its listener's
+// port, which the kernel may also have given another pair's outgoing
+// connection. So first the connections this rank made, by both ends (the
+// remote is where the peer listened), then the accepted ones among the
+// rest. (Matched by the local address alone, 798 of 8010 sockets at 90
+// ranks went to the wrong peer, and a broken connection named the wrong
+// rank.)
 void find_sockets(Group *g) {
   std::vector<sockaddr_storage> self(g->size);
   for (int r = 0; r < g->size; r++) {
@@ -276,9 +324,14 @@ void find_sockets(Group *g) {
     if (!a) throw ShimError(MT_EIO, "gloo: pair to rank " + std::to_string(r) + " is not TCP");
     self[r] = a->getSockaddr();
   }
+  struct conn_fd {
+    int fd;
+    sockaddr_storage remote;
+    bool taken;
+  };
+  std::unordered_map<std::string, std::vector<conn_fd>> by_local; // connected sockets
   DIR *dir = opendir("/proc/self/fd");
   if (!dir) throw ShimError(MT_EIO, std::string("gloo: opendir /proc/self/fd: ") + strerror(errno));
-  int found = 0;
   while (struct dirent *e = readdir(dir)) {
     if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
     int fd = atoi(e->d_name);
@@ -286,30 +339,39 @@ void find_sockets(Group *g) {
     socklen_t llen = sizeof local, rlen = sizeof remote;
     if (getsockname(fd, reinterpret_cast<sockaddr *>(&local), &llen) < 0) continue;
     if (getpeername(fd, reinterpret_cast<sockaddr *>(&remote), &rlen) < 0) continue;
-    for (int r = 0; r < g->size; r++) {
-      if (r == g->rank || g->sock[r] >= 0 || !same_sockaddr(local, self[r])) continue;
-      g->sock[r] = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-      if (g->sock[r] < 0) {
-        int err = errno;
-        struct rlimit rl = {};
-        getrlimit(RLIMIT_NOFILE, &rl);
-        closedir(dir);
-        throw ShimError(MT_EIO, "gloo: keeping the socket of the connection to rank " +
-                                    std::to_string(r) + ": " + strerror(err) +
-                                    " (open files: limit " + std::to_string(rl.rlim_cur) +
-                                    "; a group holds 2 per peer per rank)");
-      }
-      g->peer[r] = sockaddr_str(remote);
-      found++;
-      break;
-    }
+    by_local[sockaddr_str(local)].push_back({fd, remote, false});
   }
   closedir(dir);
+  auto keep = [&](int r, conn_fd &c) {
+    c.taken = true;
+    g->sock[r] = fcntl(c.fd, F_DUPFD_CLOEXEC, 0);
+    if (g->sock[r] < 0) {
+      int err = errno;
+      struct rlimit rl = {};
+      getrlimit(RLIMIT_NOFILE, &rl);
+      throw ShimError(MT_EIO, "gloo: keeping the socket of the connection to rank " +
+                                  std::to_string(r) + ": " + strerror(err) +
+                                  " (open files: limit " + std::to_string(rl.rlim_cur) +
+                                  "; a group holds 2 per peer per rank)");
+    }
+    g->peer[r] = sockaddr_str(c.remote);
+  };
+  const auto &listened = g->context->peer_listener;
+  for (int pass = 0; pass < 2; pass++)
+    for (int r = 0; r < g->size; r++) {
+      if (r == g->rank || g->sock[r] >= 0) continue;
+      auto it = by_local.find(sockaddr_str(self[r]));
+      if (it == by_local.end()) continue;
+      for (auto &c : it->second)
+        if (!c.taken && (pass == 1 || same_sockaddr(c.remote, listened[r]))) {
+          keep(r, c);
+          break;
+        }
+    }
   for (int r = 0; r < g->size; r++)
     if (r != g->rank && g->sock[r] < 0)
       throw ShimError(MT_EIO,
                       "gloo: no socket found for the connection to rank " + std::to_string(r));
-  (void)found;
 }
 
 void Group::list(gloo::transport::UnboundBuffer *b) {
@@ -497,12 +559,12 @@ Group *create_group(const mt_comm_opts *o, int timeout_ms) {
   auto deadline = clk::now() + ms(timeout_ms);
   tcp::attr attr(o->addr && *o->addr ? o->addr : "127.0.0.1");
   g->device = tcp::CreateDevice(attr);
-  g->context = std::make_shared<gloo::rendezvous::Context>(o->rank, o->size);
+  g->context = std::make_shared<MeshContext>(o->rank, o->size);
   // A pair waits 5 x the context timeout for its connection; keep that
   // within our deadline. Operations pass their own timeouts.
   g->context->setTimeout(ms(std::max(1, timeout_ms / 5)));
   StoreAdapter store(o->store, o->prefix, deadline);
-  g->context->connectFullMesh(store, g->device);
+  g->context->connect_mesh(store, g->device);
   {
     // a rank past its mesh has read every rank's addresses; once all are
     // past it (a barrier) none reads this rank's again

@@ -343,6 +343,7 @@ typedef struct tracking_store {
   pthread_mutex_t mu;
   char live[512][160];
   int n;
+  long long reads, read_bytes; /* successful gets */
 } tracking_store;
 
 static int ts_set(mt_store *s, const char *key, const void *value, size_t bytes) {
@@ -356,7 +357,14 @@ static int ts_set(mt_store *s, const char *key, const void *value, size_t bytes)
   return rc;
 }
 static int ts_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
-  return mt_store_get(((tracking_store *)s)->inner, key, value, bytes, timeout_ms);
+  tracking_store *t = (tracking_store *)s;
+  size_t got = 0;
+  int rc = mt_store_get(t->inner, key, value, &got, timeout_ms);
+  if (bytes) *bytes = got;
+  pthread_mutex_lock(&t->mu);
+  if (!rc) t->reads++, t->read_bytes += (long long)got;
+  pthread_mutex_unlock(&t->mu);
+  return rc;
 }
 static int ts_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {
   return mt_store_add(((tracking_store *)s)->inner, key, delta, result);
@@ -378,6 +386,42 @@ static int ts_del(mt_store *s, const char *key) {
   return rc;
 }
 static void ts_free(mt_store *s) { (void)s; }
+
+static int body_none(rank_ctx *x, mt_comm *c) {
+  (void)x, (void)c;
+  return 0;
+}
+
+/* What a rank reads from the store to form a group grows with the group,
+ * not with its square: each rank reads the one address each peer made for
+ * it and one key saying all joined. gloo's own full-mesh bootstrap read
+ * every rank's whole list of addresses twice, 2 size^2 x 136 bytes a rank
+ * (61 KB at 16 ranks; 24 TB in all for MT-NLG's 4480 ranks), and the join
+ * read every peer's key. */
+static void test_bootstrap_reads_grow_with_size_not_its_square(void) {
+  static tracking_store t = {.base = {.set = ts_set,
+                                      .get = ts_get,
+                                      .add = ts_add,
+                                      .check = ts_check,
+                                      .del = ts_del,
+                                      .free = ts_free,
+                                      .kind = "tracking"},
+                             .mu = PTHREAD_MUTEX_INITIALIZER};
+  t.inner = store;
+  mt_store *saved = store;
+  store = &t.base;
+  enum { N = 16 };
+  rank_ctx ctx[N];
+  run_ranks(ctx, N, N, "test/traffic", 30000, body_none, NULL);
+  store = saved;
+  for (int r = 0; r < N; r++) CHECK(ctx[r].rc == 0, "rank %d: %s", r, ctx[r].err);
+  double per_rank = (double)t.read_bytes / N, reads = (double)t.reads / N;
+  printf("a group of %d: %.0f store reads and %.0f bytes a rank\n", N, reads, per_rank);
+  CHECK(reads <= N + 1 && per_rank <= 160.0 * N,
+        "a group of %d read %.0f keys and %.0f bytes a rank: want at most %d keys and %d bytes "
+        "(an address from each peer and the join's end)",
+        N, reads, per_rank, N + 1, 160 * N);
+}
 
 /* A Gloo group's bootstrap writes every rank's address for every peer
  * (O(size^2) bytes): once the mesh is up they are deleted, not left in the
@@ -415,6 +459,7 @@ int main(void) {
   }
   test_collectives_match_serial_reference_1_to_8_ranks();
   test_group_leaves_no_bootstrap_keys();
+  test_bootstrap_reads_grow_with_size_not_its_square();
   test_allreduce_and_reduce_scatter_of_16mb_match_reference();
   test_max_propagates_nan_from_any_rank();
   test_abort_from_another_thread_fails_blocked_op_promptly();
