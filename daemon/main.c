@@ -35,7 +35,7 @@ static void on_signal(int sig) {
     signal(sig, SIG_DFL);
     raise(sig);
   }
-  stop_requested = 1;
+  __atomic_store_n(&stop_requested, 1, __ATOMIC_RELEASE); /* rank threads read it */
 }
 
 static void usage(FILE *out) {

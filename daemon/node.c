@@ -203,7 +203,8 @@ static void read_order(node *n) {
   int code = mt_order_kind_code(kind); /* the engine's MT_ORDER_* numbers */
   /* world rank 0 carries it into the step's all-reduce: every rank acts on
    * the same step boundary */
-  if (code && n->holds_rank0) n->order_word = mt_order_word(seq, code);
+  if (code && n->holds_rank0) /* rank 0's thread reads it between steps */
+    __atomic_store_n(&n->order_word, mt_order_word(seq, code), __ATOMIC_RELEASE);
   if (!code) mt_log_warn("the coordinator ordered \"%s\", unknown to this version", kind);
 }
 
@@ -256,7 +257,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   rc = mt_store_tcp_new(n->store_host, n->store_port, NULL, &n->engine_store);
   if (rc) return rc;
   snprintf(n->comm_prefix, sizeof n->comm_prefix, "gen/%d/comm", n->gen);
-  n->stop_flag = 0;
+  __atomic_store_n(&n->stop_flag, 0, __ATOMIC_RELEASE);
   n->lo = (mt_local_opts){
       .job = &n->run_job,
       .store = n->engine_store,
@@ -455,14 +456,14 @@ static int poll_end(node *n) {
  * coordinator re-forms from): wait for the next. */
 static void next_generation(node *n) {
   mt_log_info("waiting for generation %d", n->gen + 1);
+  pthread_mutex_lock(&n->mu); /* the control plane's threads read gen under it */
   n->gen++;
-  pthread_mutex_lock(&n->mu);
   n->end_seen = n->end_final = n->end_ok = n->end_job_failed = 0;
   n->end_reason[0] = 0;
   n->paused = 0;
   pthread_mutex_unlock(&n->mu);
   n->order_seq = 0;
-  n->order_word = 0;
+  __atomic_store_n(&n->order_word, 0, __ATOMIC_RELEASE);
   n->holds_rank0 = 0;
   n->aborted_ms = 0;
   n->engine_rc = 0;
@@ -512,9 +513,9 @@ static void wait_for_aborted_ranks(node *n) {
   mt_rdzv_leave(n->store, n->cfg->name);
   /* the job's end decides the code, as in N_ENDING: a job that failed on
    * its own is not started again by systemd (2) */
-  finish(n, n->end_final && n->end_ok && !n->engine_rc ? 0
-            : n->end_final && n->end_job_failed        ? 2
-                                                       : 1);
+  /* engine_rc is the waiter's until ranks_ended says it is written */
+  int failed = __atomic_load_n(&n->ranks_ended, __ATOMIC_ACQUIRE) && n->engine_rc;
+  finish(n, n->end_final && n->end_ok && !failed ? 0 : n->end_final && n->end_job_failed ? 2 : 1);
 }
 
 /* The generation ended under this node's ranks: stop them now (peers may be
@@ -576,7 +577,9 @@ static void node_round(node *n) {
       return;
     }
     if (rc == 1) {
+      pthread_mutex_lock(&n->mu);
       n->gen = watch;
+      pthread_mutex_unlock(&n->mu);
       mt_log_info("joined the rendezvous at %s:%d as %s; waiting for generation %d", n->store_host,
                   n->store_port, n->cfg->name, watch);
       sd_notify(0, "READY=1");
@@ -729,7 +732,9 @@ static void on_signal(uv_signal_t *h, int sig) {
               sig == SIGINT ? "SIGINT" : "SIGTERM");
   sd_notify(0, "STOPPING=1");
   switch (n->state) {
-  case N_RUNNING: n->stop_flag = 1; break; /* rides the step's all-reduce to every rank */
+  case N_RUNNING: /* rides the step's all-reduce to every rank */
+    __atomic_store_n(&n->stop_flag, 1, __ATOMIC_RELEASE);
+    break;
   case N_JOINING:
   case N_WAITING:
   case N_SPARE:

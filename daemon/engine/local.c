@@ -132,7 +132,7 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
  * stop and world rank 0's order word (a sum: only rank 0 adds it). */
 static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int64_t *word) {
   const mt_local_opts *o = c->o;
-  double v[2] = {o->stop && *o->stop ? 1.0 : 0.0,
+  double v[2] = {o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? 1.0 : 0.0,
                  c->rank == 0 && o->order ? (double)*o->order : 0.0};
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
@@ -200,8 +200,9 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
   }
   while (!stopped && tr->step < job->train.steps) {
-    tr->stop_request = o->stop && *o->stop; /* any process signalled: all stop together */
-    tr->order_word = c->rank == 0 && o->order ? *o->order : 0;
+    /* any process signalled: all stop together */
+    tr->stop_request = o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE);
+    tr->order_word = c->rank == 0 && o->order ? __atomic_load_n(o->order, __ATOMIC_ACQUIRE) : 0;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;
@@ -413,7 +414,7 @@ static int cs_get(mt_store *s, const char *key, void **value, size_t *bytes, int
    * when the store is slow to answer. */
   int64_t end = timeout_ms < 0 ? -1 : mono_ms() + timeout_ms;
   for (;;) {
-    if (*c->cancel)
+    if (__atomic_load_n(c->cancel, __ATOMIC_SEQ_CST))
       return mt_seterr(MT_ECANCELED, "store: wait for %s cancelled: a rank failed", key);
     int64_t left = end < 0 ? 100 : end - mono_ms();
     int slice = left < 0 ? 0 : left < 100 ? (int)left : 100;

@@ -221,7 +221,7 @@ static void test_missing_peer_fails_create_within_deadline_naming_rank(void) {
 static atomic_int stuck_done;
 
 static int body_stuck(rank_ctx *x, mt_comm *c) {
-  static float buf[1000];
+  float buf[1000] = {0}; /* each rank's own: they reduce in place */
   if (x->rank == 2) {
     while (atomic_load(&stuck_done) < 2) usleep(1000);
     return 0;

@@ -565,17 +565,18 @@ static void test_resume_step_rolls_back_and_sets_aside_newer(void) {
  * steps) holds nothing back: that step's checkpoint commits while the run
  * is paused, so a node lost during the pause costs no work. The pause used
  * to come before the save (and before committing one in flight). */
-static volatile int64_t order_word;
-static volatile int paused_at;
+static int64_t order_word; /* read by rank 0's thread: __atomic_* */
+static int paused_at;
 
 static void pause_at_4(const mt_step_stats *st, void *arg) {
   (void)arg;
-  if (st->step == 3) order_word = mt_order_word(1, MT_ORDER_PAUSE); /* acted on after step 4 */
+  if (st->step == 3) /* acted on after step 4 */
+    __atomic_store_n(&order_word, mt_order_word(1, MT_ORDER_PAUSE), __ATOMIC_RELEASE);
 }
 
 static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
   (void)seq, (void)arg;
-  if (kind == MT_ORDER_PAUSE) paused_at = (int)step;
+  if (kind == MT_ORDER_PAUSE) __atomic_store_n(&paused_at, (int)step, __ATOMIC_RELEASE);
 }
 
 static void test_pause_at_a_checkpoint_step_commits_it(void) {
@@ -594,7 +595,7 @@ static void test_pause_at_a_checkpoint_step_commits_it(void) {
       .job = &job, .order = &order_word, .on_step = pause_at_4, .on_order = on_order};
   mt_local *l = NULL;
   CHECK(!mt_local_start(&o, &l), "%s", mt_errmsg());
-  for (int i = 0; i < 2000 && !paused_at; i++) usleep(5000);
+  for (int i = 0; i < 2000 && !__atomic_load_n(&paused_at, __ATOMIC_ACQUIRE); i++) usleep(5000);
   char job_dir[200];
   snprintf(job_dir, sizeof job_dir, "%s/pause", dir);
   int64_t latest = -1;
@@ -610,7 +611,7 @@ static void test_pause_at_a_checkpoint_step_commits_it(void) {
   CHECK(paused_at == 4 && latest == 4,
         "paused after step %d; the latest checkpoint then: step %lld", paused_at,
         (long long)latest);
-  order_word = mt_order_word(2, MT_ORDER_STOP);
+  __atomic_store_n(&order_word, mt_order_word(2, MT_ORDER_STOP), __ATOMIC_RELEASE);
   CHECK(!mt_local_wait(l), "%s", mt_errmsg());
   mt_local_free(l);
   remove_data(path, dir);
