@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "err.h"
@@ -38,17 +40,26 @@ int mt_fsync_parent_dir(const char *path) {
   return rc;
 }
 
+void mt_tmp_suffix(char *buf, size_t n) {
+  uint32_t r;
+  if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r)
+    r = (uint32_t)time(NULL) ^ (uint32_t)clock() ^ (uint32_t)(uintptr_t)buf;
+  snprintf(buf, n, ".tmp.%ld.%08x", (long)getpid(), r);
+}
+
 int mt_atomic_open(mt_atomic_file *f, const char *path) {
   f->fd = -1;
   f->path = strdup(path);
-  size_t n = strlen(path) + 32;
+  size_t n = strlen(path) + 48;
   f->tmp = malloc(n);
   if (!f->path || !f->tmp) {
     mt_atomic_abort(f);
     return mt_seterr(MT_ENOMEM, "%s: out of memory", path);
   }
-  snprintf(f->tmp, n, "%s.tmp.%ld", path, (long)getpid());
-  f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  char suffix[40];
+  mt_tmp_suffix(suffix, sizeof suffix);
+  snprintf(f->tmp, n, "%s%s", path, suffix);
+  f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (f->fd < 0) {
     int rc = mt_seterr(MT_EIO, "create %s: %s", f->tmp, strerror(errno));
     free(f->tmp), free(f->path);

@@ -12,11 +12,16 @@
 
 typedef struct mt_atomic_file {
   int fd;
-  char *tmp; /* "<path>.tmp.<pid>" */
+  char *tmp; /* "<path>" + mt_tmp_suffix */
   char *path;
 } mt_atomic_file;
 
-/* Creates the temp file. Errors name the path. */
+/* ".tmp.<pid>.<8 random hex digits>" into buf (40 bytes): a temp file's
+ * suffix no other writer of the same path shares, a daemon on another node
+ * of a shared filesystem included, where pids repeat (a container's pid 1). */
+void mt_tmp_suffix(char *buf, size_t n);
+
+/* Creates the temp file (O_EXCL). Errors name the path. */
 int mt_atomic_open(mt_atomic_file *f, const char *path);
 int mt_atomic_write(mt_atomic_file *f, const void *buf, size_t n);
 /* fsync, close, rename over path, fsync the directory; frees f's strings.

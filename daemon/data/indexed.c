@@ -9,6 +9,7 @@
  * durable: fsync, rename, fsync the directory.
  */
 #include "indexed.h"
+#include "fileio.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -390,7 +391,7 @@ int mt_indexed_writer_open(mt_indexed_writer **out, const char *prefix, int dtyp
   w->dtype = dtype;
   w->elem = dtype_bytes(dtype);
   char tmp_suffix[48];
-  snprintf(tmp_suffix, sizeof tmp_suffix, ".tmp.%ld", (long)getpid());
+  mt_tmp_suffix(tmp_suffix, sizeof tmp_suffix);
   w->bin_path = path_with(prefix, ".bin");
   w->idx_path = path_with(prefix, ".idx");
   w->bin_tmp = w->bin_path ? path_with(w->bin_path, tmp_suffix) : NULL;

@@ -2,6 +2,7 @@
  *
  * Files for the reader tests are assembled byte by byte here, independently
  * of the writer, so a bug shared by both cannot hide. */
+#include <dirent.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdint.h>
@@ -12,6 +13,7 @@
 
 #include "device.h"
 #include "err.h"
+#include "fileio.h"
 #include "gpt.h"
 #include "safetensors.h"
 
@@ -319,9 +321,19 @@ static int test_writer_output_is_valid_and_padded(void) {
   const char *path = tmp_path("writer.safetensors");
   REQUIRE(!mt_st_writer_commit(w, path), "commit: %s", mt_errmsg());
   mt_st_writer_free(w);
-  char tmpname[300];
-  snprintf(tmpname, sizeof tmpname, "%s.tmp.%ld", path, (long)getpid());
-  REQUIRE(access(tmpname, F_OK) != 0, "temp file %s left behind", tmpname);
+  /* no <name>.tmp.* beside it */
+  char dirbuf[300], stem[300];
+  snprintf(dirbuf, sizeof dirbuf, "%s", path);
+  char *slash = strrchr(dirbuf, '/');
+  REQUIRE(slash, "path %s has a directory", path);
+  *slash = 0;
+  snprintf(stem, sizeof stem, "%s.tmp.", slash + 1);
+  DIR *dir = opendir(dirbuf);
+  REQUIRE(dir, "open %s", dirbuf);
+  int left = 0;
+  for (struct dirent *e; (e = readdir(dir));) left += !strncmp(e->d_name, stem, strlen(stem));
+  closedir(dir);
+  REQUIRE(!left, "%d temp file(s) %s* left behind in %s", left, stem, dirbuf);
 
   mt_st_file f;
   REQUIRE(!mt_st_open(&f, path), "open: %s", mt_errmsg());
@@ -552,12 +564,37 @@ static int test_load_refuses_other_config(void) {
   return 0;
 }
 
+/* Two writers of one path (nodes building the same index cache on shared
+ * storage, whose daemons may share a pid) each write a temp file of their
+ * own: the path ends up whole, the last commit's. One temp name per pid
+ * had the second writer truncate the first's file and its commit fail. */
+static int test_two_writers_of_one_path_do_not_mix(void) {
+  const char *path = tmp_path("shared.idx");
+  mt_atomic_file a, b;
+  REQUIRE(!mt_atomic_open(&a, path) && !mt_atomic_open(&b, path), "open: %s", mt_errmsg());
+  REQUIRE(strcmp(a.tmp, b.tmp), "both write %s", a.tmp);
+  char big[4096];
+  memset(big, 'a', sizeof big);
+  REQUIRE(!mt_atomic_write(&a, big, sizeof big) && !mt_atomic_write(&b, "bb", 2), "write: %s",
+          mt_errmsg());
+  REQUIRE(!mt_atomic_commit(&a), "first commit: %s", mt_errmsg());
+  REQUIRE(!mt_atomic_commit(&b), "second commit: %s", mt_errmsg());
+  FILE *f = fopen(path, "rb");
+  REQUIRE(f, "open %s", path);
+  char got[8] = {0};
+  size_t n = fread(got, 1, sizeof got, f);
+  fclose(f);
+  REQUIRE(n == 2 && !memcmp(got, "bb", 2), "%s holds %zu bytes, not the last commit's 2", path, n);
+  return 0;
+}
+
 static const struct {
   const char *name;
   int (*fn)(void);
 } tests[] = {
 #define T(f)                                                                                       \
   { #f, f }
+    T(test_two_writers_of_one_path_do_not_mix),
     T(test_reads_hand_written_f16_bf16_f32_f64),
     T(test_refuses_integer_dtype_as_floats),
     T(test_writer_output_is_valid_and_padded),
