@@ -452,8 +452,13 @@ static int stage_backward(pipe_run *r) {
   mt_trainer *tr = r->tr;
   mt_gpt *m = &tr->model;
   int j = r->bwd;
-  /* the input gradient buffer may still be on its way to the previous stage */
+  /* the input gradient buffer may still be on its way to the previous
+   * stage; and with recomputation the backward writes j's activations again,
+   * which j's started send may still name (done in fact, since the next
+   * stage needed all of it for the gradient this backward received, but a
+   * send's buffer is the transport's until its wait) */
   int rc = wait_grad_send(r);
+  if (!rc) rc = wait_act_sends(r, j, ACT_SENDS);
   if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   /* the last micro-batch's backward leaves final gradients, block by block */
   if (tr->g.dp && j == r->micro - 1) {
