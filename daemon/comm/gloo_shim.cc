@@ -316,6 +316,21 @@ bool same_sockaddr(const sockaddr_storage &a, const sockaddr_storage &b) {
 // rest. (Matched by the local address alone, 798 of 8010 sockets at 90
 // ranks went to the wrong peer, and a broken connection named the wrong
 // rank.)
+// An address as a map key: family, port and address bytes.
+std::string addr_key(const sockaddr_storage &ss) {
+  if (ss.ss_family == AF_INET) {
+    auto *in = reinterpret_cast<const sockaddr_in *>(&ss);
+    return std::string("4") + std::string(reinterpret_cast<const char *>(&in->sin_port), 2) +
+           std::string(reinterpret_cast<const char *>(&in->sin_addr), 4);
+  }
+  if (ss.ss_family == AF_INET6) {
+    auto *in6 = reinterpret_cast<const sockaddr_in6 *>(&ss);
+    return std::string("6") + std::string(reinterpret_cast<const char *>(&in6->sin6_port), 2) +
+           std::string(reinterpret_cast<const char *>(&in6->sin6_addr), 16);
+  }
+  return "?";
+}
+
 void find_sockets(Group *g) {
   std::vector<sockaddr_storage> self(g->size);
   for (int r = 0; r < g->size; r++) {
@@ -329,23 +344,15 @@ void find_sockets(Group *g) {
     sockaddr_storage remote;
     bool taken;
   };
-  std::unordered_map<std::string, std::vector<conn_fd>> by_local; // connected sockets
-  DIR *dir = opendir("/proc/self/fd");
-  if (!dir) throw ShimError(MT_EIO, std::string("gloo: opendir /proc/self/fd: ") + strerror(errno));
-  while (struct dirent *e = readdir(dir)) {
-    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
-    int fd = atoi(e->d_name);
-    sockaddr_storage local, remote;
-    socklen_t llen = sizeof local, rlen = sizeof remote;
-    if (getsockname(fd, reinterpret_cast<sockaddr *>(&local), &llen) < 0) continue;
-    if (getpeername(fd, reinterpret_cast<sockaddr *>(&remote), &rlen) < 0) continue;
-    by_local[sockaddr_str(local)].push_back({fd, remote, false});
-  }
-  closedir(dir);
+  // Other threads of the process open and close descriptors meanwhile (the
+  // other ranks, their groups, gloo's per-pair listeners): a descriptor seen
+  // in the listing may be closed, or another socket, by the time it is
+  // kept. So the kept dup is checked again, and the listing made anew for
+  // the connections still missing.
   auto keep = [&](int r, conn_fd &c) {
-    c.taken = true;
-    g->sock[r] = fcntl(c.fd, F_DUPFD_CLOEXEC, 0);
-    if (g->sock[r] < 0) {
+    int fd = fcntl(c.fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0 && errno == EBADF) return false;
+    if (fd < 0) {
       int err = errno;
       struct rlimit rl = {};
       getrlimit(RLIMIT_NOFILE, &rl);
@@ -354,20 +361,48 @@ void find_sockets(Group *g) {
                                   " (open files: limit " + std::to_string(rl.rlim_cur) +
                                   "; a group holds 2 per peer per rank)");
     }
-    g->peer[r] = sockaddr_str(c.remote);
+    sockaddr_storage local, remote;
+    socklen_t llen = sizeof local, rlen = sizeof remote;
+    if (getsockname(fd, reinterpret_cast<sockaddr *>(&local), &llen) < 0 ||
+        getpeername(fd, reinterpret_cast<sockaddr *>(&remote), &rlen) < 0 ||
+        !same_sockaddr(local, self[r]) || !same_sockaddr(remote, c.remote)) {
+      close(fd);
+      return false;
+    }
+    c.taken = true;
+    g->sock[r] = fd;
+    g->peer[r] = sockaddr_str(remote);
+    return true;
   };
   const auto &listened = g->context->peer_listener;
-  for (int pass = 0; pass < 2; pass++)
-    for (int r = 0; r < g->size; r++) {
-      if (r == g->rank || g->sock[r] >= 0) continue;
-      auto it = by_local.find(sockaddr_str(self[r]));
-      if (it == by_local.end()) continue;
-      for (auto &c : it->second)
-        if (!c.taken && (pass == 1 || same_sockaddr(c.remote, listened[r]))) {
-          keep(r, c);
-          break;
-        }
+  for (int attempt = 0; attempt < 20; attempt++) {
+    std::unordered_map<std::string, std::vector<conn_fd>> by_local; // connected sockets
+    DIR *dir = opendir("/proc/self/fd");
+    if (!dir)
+      throw ShimError(MT_EIO, std::string("gloo: opendir /proc/self/fd: ") + strerror(errno));
+    while (struct dirent *e = readdir(dir)) {
+      if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+      int fd = atoi(e->d_name);
+      sockaddr_storage local, remote;
+      socklen_t llen = sizeof local, rlen = sizeof remote;
+      if (getsockname(fd, reinterpret_cast<sockaddr *>(&local), &llen) < 0) continue;
+      if (getpeername(fd, reinterpret_cast<sockaddr *>(&remote), &rlen) < 0) continue;
+      by_local[addr_key(local)].push_back({fd, remote, false});
     }
+    closedir(dir);
+    int missing = 0;
+    for (int pass = 0; pass < 2; pass++)
+      for (int r = 0; r < g->size; r++) {
+        if (r == g->rank || g->sock[r] >= 0) continue;
+        auto it = by_local.find(addr_key(self[r]));
+        if (it != by_local.end())
+          for (auto &c : it->second)
+            if (!c.taken && (pass == 1 || same_sockaddr(c.remote, listened[r])) && keep(r, c))
+              break;
+        if (pass == 1 && g->sock[r] < 0) missing++;
+      }
+    if (!missing) return;
+  }
   for (int r = 0; r < g->size; r++)
     if (r != g->rank && g->sock[r] < 0)
       throw ShimError(MT_EIO,

@@ -464,13 +464,22 @@ static void test_missing_rank_fails_create_naming_it(void) {
   check(took < 2.0, "create without rank 3 failed after %.2f s (deadline 0.3 s)", took);
 }
 
-/* Rank 3 is in the store's join (the test writes its key) but never inits
- * NCCL: the others' init must time out, not hang. */
+/* What the comm layer's join writes for rank (comm.c join()): its key, and
+ * its arrival counted; the last of the others to arrive writes <prefix>/all. */
+static void join_as(const char *prefix, int rank) {
+  char key[128];
+  int64_t arrived;
+  snprintf(key, sizeof key, "%s/join/%d", prefix, rank);
+  mt_store_set(store, key, "test", 4);
+  snprintf(key, sizeof key, "%s/joined", prefix);
+  mt_store_add(store, key, 1, &arrived);
+}
+
+/* Rank 3 is in the store's join (the test does its part of it) but never
+ * inits NCCL: the others' init must time out, not hang. */
 static void test_rank_missing_from_nccl_init_times_out(void) {
   const char *prefix = "test/noinit";
-  char key[128];
-  snprintf(key, sizeof key, "%s/join/3", prefix);
-  mt_store_set(store, key, "test", 4);
+  join_as(prefix, 3);
   rank_ctx ctx[NDEV];
   double t0 = now_s();
   run_ranks(ctx, NDEV, NDEV - 1, prefix, 300, body_never, NULL);
@@ -499,9 +508,7 @@ static void *cancel_later(void *arg) {
 
 static void test_cancel_ends_a_waiting_nccl_init(void) {
   const char *prefix = "test/cancelinit";
-  char key[128];
-  snprintf(key, sizeof key, "%s/join/3", prefix);
-  mt_store_set(store, key, "test", 4);
+  join_as(prefix, 3);
   rank_ctx ctx[NDEV];
   pthread_t th[NDEV - 1], canceller;
   init_cancel = 0;
