@@ -387,6 +387,28 @@ static int ts_del(mt_store *s, const char *key) {
 }
 static void ts_free(mt_store *s) { (void)s; }
 
+#define TRACKING_STORE                                                                             \
+  {                                                                                                \
+    .base = {.set = ts_set,                                                                        \
+             .get = ts_get,                                                                        \
+             .add = ts_add,                                                                        \
+             .check = ts_check,                                                                    \
+             .del = ts_del,                                                                        \
+             .free = ts_free,                                                                      \
+             .kind = "tracking"},                                                                  \
+    .mu = PTHREAD_MUTEX_INITIALIZER                                                                \
+  }
+
+/* n ranks of body over t, which forwards to the test's store. */
+static void run_tracked(tracking_store *t, rank_ctx *ctx, int n, const char *prefix, int timeout_ms,
+                        int (*body)(rank_ctx *, mt_comm *)) {
+  t->inner = store;
+  mt_store *saved = store;
+  store = &t->base;
+  run_ranks(ctx, n, n, prefix, timeout_ms, body, NULL);
+  store = saved;
+}
+
 static int body_none(rank_ctx *x, mt_comm *c) {
   (void)x, (void)c;
   return 0;
@@ -399,21 +421,10 @@ static int body_none(rank_ctx *x, mt_comm *c) {
  * (61 KB at 16 ranks; 24 TB in all for MT-NLG's 4480 ranks), and the join
  * read every peer's key. */
 static void test_bootstrap_reads_grow_with_size_not_its_square(void) {
-  static tracking_store t = {.base = {.set = ts_set,
-                                      .get = ts_get,
-                                      .add = ts_add,
-                                      .check = ts_check,
-                                      .del = ts_del,
-                                      .free = ts_free,
-                                      .kind = "tracking"},
-                             .mu = PTHREAD_MUTEX_INITIALIZER};
-  t.inner = store;
-  mt_store *saved = store;
-  store = &t.base;
+  static tracking_store t = TRACKING_STORE;
   enum { N = 16 };
   rank_ctx ctx[N];
-  run_ranks(ctx, N, N, "test/traffic", 30000, body_none, NULL);
-  store = saved;
+  run_tracked(&t, ctx, N, "test/traffic", 30000, body_none);
   for (int r = 0; r < N; r++) CHECK(ctx[r].rc == 0, "rank %d: %s", r, ctx[r].err);
   double per_rank = (double)t.read_bytes / N, reads = (double)t.reads / N;
   printf("a group of %d: %.0f store reads and %.0f bytes a rank\n", N, reads, per_rank);
@@ -427,20 +438,9 @@ static void test_bootstrap_reads_grow_with_size_not_its_square(void) {
  * (O(size^2) bytes): once the mesh is up they are deleted, not left in the
  * coordinator's store for every generation of a weeks-long job. */
 static void test_group_leaves_no_bootstrap_keys(void) {
-  static tracking_store t = {.base = {.set = ts_set,
-                                      .get = ts_get,
-                                      .add = ts_add,
-                                      .check = ts_check,
-                                      .del = ts_del,
-                                      .free = ts_free,
-                                      .kind = "tracking"},
-                             .mu = PTHREAD_MUTEX_INITIALIZER};
-  t.inner = store;
-  mt_store *saved = store;
-  store = &t.base;
+  static tracking_store t = TRACKING_STORE;
   rank_ctx ctx[4];
-  run_ranks(ctx, 4, 4, "test/forget", 20000, body_collectives, NULL);
-  store = saved;
+  run_tracked(&t, ctx, 4, "test/forget", 20000, body_collectives);
   for (int r = 0; r < 4; r++) CHECK(ctx[r].rc == 0, "rank %d: %s", r, ctx[r].err);
   int left = 0;
   for (int i = 0; i < t.n; i++)
