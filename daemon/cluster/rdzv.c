@@ -1043,7 +1043,14 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
     return end_generation(c, now_ms, 1, 1, why);
   }
   if (failed) {
-    if (!c->first_failure_ms) c->first_failure_ms = now_ms;
+    if (!c->first_failure_ms) {
+      /* the heartbeats as of now first: read at a cadence, a beat from
+       * before the failure would otherwise be seen after it, and the dead
+       * member it was the last of pass for alive */
+      int rc = read_heartbeats(c, now_ms);
+      if (rc) return rc;
+      c->hb_read_ms = c->first_failure_ms = now_ms;
+    }
     /* a member that neither reported nor heartbeat since the failure is
      * likely its cause, dead a moment before it: its loss, due within a
      * tick or two of this deadline, explains the failure and keeps it out of
@@ -1495,11 +1502,15 @@ int mt_coord_tick(mt_coord *c, int64_t now_ms) {
 static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   int rc = read_joins(c, now_ms);
   if (rc || c->state == G_ENDED) return rc; /* late joiners get a verdict, and see the end */
-  /* every node's counter is a store round trip: read them at a tenth of the
-   * timeout (600 ms by default), not every tick, which at 560 nodes would
-   * keep the coordinator's loop busy with them alone */
+  /* every node's counter is a store round trip: while a generation runs
+   * with no failure reported, read them at a tenth of the timeout (600 ms
+   * by default), not every tick, which at 560 nodes would keep the
+   * coordinator's loop busy with them alone. Otherwise every tick: after a
+   * failure report, read_reports waits for a silent member's loss by the
+   * tick, and forming waits for nodes. */
+  int steady = c->state == G_RUNNING && !c->first_failure_ms;
   int cadence = c->o.heartbeat_timeout_ms / 10 > 100 ? c->o.heartbeat_timeout_ms / 10 : 100;
-  if (!c->hb_read_ms || now_ms - c->hb_read_ms >= cadence) {
+  if (!steady || !c->hb_read_ms || now_ms - c->hb_read_ms >= cadence) {
     if ((rc = read_heartbeats(c, now_ms))) return rc;
     c->hb_read_ms = now_ms;
   }
