@@ -418,6 +418,7 @@ struct mt_coord {
   /* the counts behind nodes/<name>/left and the running generation's
    * reports at the last look, and when that was (look_again) */
   int64_t left_seen, left_look_ms, reports_seen, reports_look_ms;
+  int reports_gen;    /* the generation reports_seen counts */
   int64_t hb_read_ms; /* when the heartbeats were last read */
   int64_t order_seq;
   int final_written;
@@ -991,6 +992,8 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
   coord_node *failed = NULL;
   char count_key[64];
   snprintf(count_key, sizeof count_key, "gen/%d/reports", c->gen);
+  if (c->reports_gen != c->gen) /* a new generation's count: look at its first reading */
+    c->reports_seen = -1, c->reports_gen = c->gen;
   int look = look_again(c, count_key, &c->reports_seen, &c->reports_look_ms, now_ms);
   if (look < 0) return look;
   for (int i = 0; i < c->n_nodes; i++) {
