@@ -611,16 +611,37 @@ static int test_corrupt_cache_is_rebuilt_with_warning(void) {
   return 0;
 }
 
+/* A corpus named name, *d opened over it with its index cached beside it
+ * (the reference), and *s the same spec with a cache_dir that cannot exist
+ * (a directory under the regular file `blocker`). */
+static int open_with_unwritable_cache(corpus *c, const char *name, const char *blocker,
+                                      mt_gpt_dataset_spec *s, mt_gpt_dataset **d) {
+  if (make_corpus(c, name, 40, 0, len_mixed, 1000)) return 1;
+  FILE *fp = fopen(tmp_path(blocker), "w");
+  REQUIRE(fp, "create %s", blocker);
+  fclose(fp);
+  *s = spec_of(c, "1", MT_SPLIT_TRAIN, 9, 300, 4, 1);
+  OK(mt_gpt_dataset_open(d, s));
+  static char dir[256];
+  snprintf(dir, sizeof dir, "%s/sub", tmp_path(blocker));
+  s->cache_dir = dir;
+  return 0;
+}
+
+/* Whether a and b (seq 9) give the same samples. */
+static int same_samples(const mt_gpt_dataset *a, const mt_gpt_dataset *b) {
+  int32_t *x = read_all(a, 9), *y = read_all(b, 9);
+  int same = x && y && mt_gpt_dataset_len(a) == mt_gpt_dataset_len(b) &&
+             !memcmp(x, y, mt_gpt_dataset_len(a) * 10 * sizeof *x);
+  free(x), free(y);
+  return same;
+}
+
 static int test_unwritable_cache_keeps_index_in_memory(void) {
   static corpus c;
-  if (make_corpus(&c, "nocache", 40, 0, len_mixed, 1000)) return 1;
-  FILE *fp = fopen(tmp_path("a_file"), "w");
-  REQUIRE(fp, "create");
-  fclose(fp);
-  mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, 9, 300, 4, 1);
+  mt_gpt_dataset_spec s;
   mt_gpt_dataset *d, *e;
-  OK(mt_gpt_dataset_open(&d, &s));
-  s.cache_dir = tmp_path("a_file/sub"); /* a directory that cannot exist */
+  if (open_with_unwritable_cache(&c, "nocache", "a_file", &s, &d)) return 1;
   capture_begin();
   int rc = mt_gpt_dataset_open(&e, &s);
   const char *err = capture_end();
@@ -628,9 +649,7 @@ static int test_unwritable_cache_keeps_index_in_memory(void) {
   REQUIRE(mt_gpt_dataset_cache_status(e) == MT_GPT_CACHE_MEMORY, "status %d",
           mt_gpt_dataset_cache_status(e));
   REQUIRE(strstr(err, "in memory"), "no warning: %s", err);
-  int32_t *a = read_all(d, 9), *b = read_all(e, 9);
-  REQUIRE(a && b && !memcmp(a, b, mt_gpt_dataset_len(d) * 10 * sizeof *a), "samples differ");
-  free(a), free(b);
+  REQUIRE(same_samples(d, e), "samples differ");
   mt_gpt_dataset_free(d);
   mt_gpt_dataset_free(e);
   return 0;
@@ -642,14 +661,9 @@ static int test_unwritable_cache_keeps_index_in_memory(void) {
  * building it again. */
 static int test_unwritable_cache_falls_back_to_the_state_dir(void) {
   static corpus c;
-  if (make_corpus(&c, "fallback", 40, 0, len_mixed, 1000)) return 1;
-  FILE *fp = fopen(tmp_path("b_file"), "w");
-  REQUIRE(fp, "create");
-  fclose(fp);
-  mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, 9, 300, 4, 1);
+  mt_gpt_dataset_spec s;
   mt_gpt_dataset *d, *e, *f;
-  OK(mt_gpt_dataset_open(&d, &s));
-  s.cache_dir = tmp_path("b_file/sub"); /* a directory that cannot exist */
+  if (open_with_unwritable_cache(&c, "fallback", "b_file", &s, &d)) return 1;
   char fallback[512];
   snprintf(fallback, sizeof fallback, "%s", tmp_path("state/index-cache"));
   mkdir(tmp_path("state"), 0755);
@@ -666,9 +680,7 @@ static int test_unwritable_cache_falls_back_to_the_state_dir(void) {
   OK(mt_gpt_dataset_open(&f, &s));
   REQUIRE(mt_gpt_dataset_cache_status(f) == MT_GPT_CACHE_LOADED, "reopened: status %d",
           mt_gpt_dataset_cache_status(f));
-  int32_t *a = read_all(d, 9), *b = read_all(f, 9);
-  REQUIRE(a && b && !memcmp(a, b, mt_gpt_dataset_len(d) * 10 * sizeof *a), "samples differ");
-  free(a), free(b);
+  REQUIRE(same_samples(d, f), "samples differ");
   mt_gpt_dataset_free(d);
   mt_gpt_dataset_free(e);
   mt_gpt_dataset_free(f);
