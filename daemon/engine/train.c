@@ -60,81 +60,6 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
   return cfg;
 }
 
-/* A scratch copy of m's stage (or of the whole model) in host memory (on
- * `host`, a CPU device), unsharded: no tp shards, no ZeRO padding, no
- * micro-batch slots, the least activations. Loading slices weights out of
- * it; exporting gathers them into it. */
-static int create_unsharded(mt_gpt *out, const mt_gpt *m, int whole_model, mt_device *host) {
-  mt_gpt_config cfg = m->cfg;
-  if (whole_model) cfg.layer_begin = cfg.layer_end = 0;
-  cfg.zero_shards = cfg.micro_slots = 0;
-  cfg.tp_size = 1, cfg.tp_rank = 0;
-  cfg.recompute = 1;
-  cfg.precision = MT_PREC_FP32; /* only its master weights are used */
-  int rc = mt_device_open(host, "cpu:0");
-  if (rc) return rc;
-  rc = mt_gpt_create(out, &cfg, host, 1, 1);
-  if (rc) mt_device_close(host);
-  return rc;
-}
-
-static void destroy_unsharded(mt_gpt *full, mt_device *host) {
-  mt_gpt_destroy(full);
-  mt_device_close(host);
-}
-
-/* m's master weights (num_params floats) where the host can index them,
- * into *out: m->params itself on a CPU device, else a copy (*copied = 1:
- * free it), made only from a device with no fault pending. */
-static int host_params(const mt_gpt *m, float **out, int *copied) {
-  *copied = 0;
-  *out = NULL;
-  if (m->dev->kind == MT_DEVICE_CPU) {
-    *out = m->params;
-    return 0;
-  }
-  int rc = mt_device_sync(m->dev);
-  if (rc) return rc;
-  float *h = malloc((m->num_params ? m->num_params : 1) * sizeof(float));
-  if (!h) return mt_seterr(MT_ENOMEM, "a host copy of %zu parameters", m->num_params);
-  if ((rc = mt_device_memcpy_dtoh(m->dev, h, m->params, m->num_params * sizeof(float)))) {
-    free(h);
-    return rc;
-  }
-  *copied = 1;
-  *out = h;
-  return 0;
-}
-
-/* Weights from a GPT-2 safetensors file. A tensor-parallel shard loads its
- * stage whole into a scratch model, then takes its slice of every tensor. */
-static int load_weights(mt_gpt *m, const char *path) {
-  if (m->cfg.tp_size <= 1) return mt_gpt_load_safetensors(m, path);
-  mt_gpt full;
-  mt_device host;
-  int rc = create_unsharded(&full, m, 0, &host);
-  if (rc) return rc;
-  int copied = 0;
-  float *dst = NULL;
-  rc = mt_gpt_load_safetensors(&full, path);
-  if (!rc) rc = host_params(m, &dst, &copied);
-  for (int i = 0; i < m->n_tensors && !rc; i++) {
-    const mt_param *t = &m->params_table[i];
-    int j = mt_gpt_find(&full, t->name);
-    if (j < 0) {
-      rc = mt_seterr(MT_EINVAL, "load: tensor %s of the shard is not in the model", t->name);
-      break;
-    }
-    const float *src = mt_gpt_param(&full, j);
-    for (size_t e = 0; e < t->numel; e++) dst[t->offset + e] = src[mt_param_global_index(t, e)];
-  }
-  if (!rc && copied)
-    rc = mt_device_memcpy_htod(m->dev, m->params, dst, m->num_params * sizeof(float));
-  if (copied) free(dst);
-  destroy_unsharded(&full, &host);
-  return rc;
-}
-
 /* The dp buckets: each rank's slice cut into pieces of at most cap
  * elements, each ready once the block holding its first element is. */
 static int make_buckets(mt_trainer *tr, int cap_elems) {
@@ -251,7 +176,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   rc = mt_gpt_init_weights(&tr->model, job->train.seed);
   if (!rc && ms->init_from[0]) {
-    rc = load_weights(&tr->model, ms->init_from);
+    rc = mt_gpt_load_safetensors(&tr->model, ms->init_from);
     /* a file that cannot be read fails the job, not a peer: not re-formed */
     if (rc) rc = mt_wraperr(rc == MT_EIO || rc == MT_ENOENT ? MT_EINVAL : rc, "model.init_from");
   }
@@ -734,61 +659,119 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
   return 0;
 }
 
+/* Tensor p of this rank's model as host floats: the master weights
+ * themselves on a CPU device, else copied into piece. */
+static int export_piece(const mt_gpt *m, const mt_param *p, float *piece, const float **out) {
+  if (m->dev->kind == MT_DEVICE_CPU) {
+    *out = m->params + p->offset;
+    return 0;
+  }
+  *out = piece;
+  return mt_device_memcpy_dtoh(m->dev, piece, m->params + p->offset, p->numel * sizeof(float));
+}
+
+/* Whether a (stage, tp shard) of replica 0 sends tensor p for the export:
+ * a replicated tensor comes from shard 0, the tied embedding from the
+ * first stage. */
+static int export_sends(const mt_gpt *m, const mt_param *p) {
+  if (m->cfg.tp_rank > 0 && p->shard == MT_SHARD_NONE) return 0;
+  return m->first || strcmp(p->name, "wte.weight");
+}
+
+/* Replica 0's ranks other than world rank 0: every tensor they hold for the
+ * export, one at a time, in table order (the order rank 0 writes them). */
+static int export_send(const mt_trainer *tr, float *piece) {
+  const mt_gpt *m = &tr->model;
+  int rc = 0;
+  for (int j = 0; j < m->n_tensors && !rc; j++) {
+    const mt_param *p = &m->params_table[j];
+    const float *data;
+    if (!export_sends(m, p)) continue;
+    rc = export_piece(m, p, piece, &data);
+    if (!rc) rc = mt_comm_send(tr->g.world, data, p->numel, MT_COMM_F32, 0);
+  }
+  return rc;
+}
+
+/* World rank 0: each tensor of the whole model in the file's order, its
+ * shards from the (stage, tp rank) of replica 0 that holds them. tables:
+ * the shard tables, [s * tp + q]. */
+static int export_gather(const mt_trainer *tr, mt_param **tables, const int *counts, float *piece,
+                         const char *path) {
+  const mt_gpt *m = &tr->model;
+  int pp = tr->g.pp_size, tp = tr->g.tp_size;
+  mt_gpt_export *e = NULL;
+  int rc = mt_gpt_export_open(&e, &m->cfg, path);
+  const mt_param *t;
+  while (!rc && (t = mt_gpt_export_tensor(e))) {
+    const mt_param *p = NULL;
+    int s;
+    for (s = 0; s < pp && !p; s++) /* the first stage that has it */
+      for (int i = 0; i < counts[s * tp] && !p; i++)
+        if (!strcmp(tables[s * tp][i].name, t->name)) p = &tables[s * tp][i];
+    s--;
+    if (!p) {
+      rc = mt_seterr(MT_EINVAL, "export: no stage holds tensor %s", t->name);
+      break;
+    }
+    for (int q = 0; q < tp && !rc; q++) {
+      const mt_param *sp = NULL;
+      for (int i = 0; i < counts[s * tp + q] && !sp; i++)
+        if (!strcmp(tables[s * tp + q][i].name, t->name)) sp = &tables[s * tp + q][i];
+      if (!sp || (q > 0 && sp->shard == MT_SHARD_NONE)) continue;
+      int from = q + tp * tr->g.dp_size * s; /* world rank of (s, dp 0, q) */
+      const float *data = piece;
+      if (from == 0) {
+        int j = mt_gpt_find(m, t->name);
+        rc = j < 0 ? mt_seterr(MT_EINVAL, "export: tensor %s", t->name)
+                   : export_piece(m, &m->params_table[j], piece, &data);
+        sp = j < 0 ? sp : &m->params_table[j];
+      } else {
+        rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from);
+      }
+      if (!rc) rc = mt_gpt_export_put(e, sp, data);
+    }
+    if (!rc) rc = mt_gpt_export_next(e);
+  }
+  if (!rc) rc = mt_gpt_export_commit(e);
+  mt_gpt_export_free(e);
+  return rc;
+}
+
 int mt_trainer_export(mt_trainer *tr, const char *path) {
   mt_gpt *m = &tr->model;
   int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
   if (tr->g.pp_size == 1 && tr->g.tp_size == 1)
     return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
-  /* every (stage, tp shard) of replica 0 sends its weights to world rank 0 */
+  /* replica 0's stages and shards stream their tensors to world rank 0,
+   * which writes each as it completes: no rank holds more than its own
+   * weights and one tensor. The world group moves host memory (Gloo). */
   if (tr->g.dp_rank != 0) return 0;
-  /* the world group moves host memory (Gloo) whatever the devices */
-  int copied = 0;
-  float *mine = NULL;
-  int rc = host_params(m, &mine, &copied);
-  if (rc) return mt_wraperr(rc, "export");
-  mt_gpt full;
-  mt_device host;
-  rc = world_rank != 0 ? mt_comm_send(tr->g.world, mine, m->num_params, MT_COMM_F32, 0)
-                       : create_unsharded(&full, m, 1, &host);
-  if (rc || world_rank != 0) {
-    if (copied) free(mine);
-    return rc;
+  int pp = tr->g.pp_size, tp = tr->g.tp_size, rc = mt_device_sync(m->dev);
+  mt_param **tables = world_rank == 0 ? calloc((size_t)(pp * tp), sizeof *tables) : NULL;
+  int *counts = world_rank == 0 ? calloc((size_t)(pp * tp), sizeof *counts) : NULL;
+  size_t max_numel = 0;
+  if (!rc && world_rank == 0 && (!tables || !counts))
+    rc = mt_seterr(MT_ENOMEM, "export: shard tables");
+  for (int k = 0; k < pp * tp && !rc && world_rank == 0; k++) {
+    mt_gpt_config sc = m->cfg;
+    sc.tp_rank = k % tp;
+    if (pp > 1) mt_stage_layers(m->cfg.n_layer, pp, k / tp, &sc.layer_begin, &sc.layer_end);
+    size_t count;
+    rc = mt_gpt_table(&sc, &tables[k], &counts[k], &count);
+    for (int i = 0; !rc && i < counts[k]; i++)
+      if (tables[k][i].numel > max_numel) max_numel = tables[k][i].numel;
   }
-  for (int s = 0; s < tr->g.pp_size && !rc; s++) {
-    for (int q = 0; q < tr->g.tp_size && !rc; q++) {
-      mt_gpt_config sc = m->cfg;
-      sc.tp_rank = q;
-      if (tr->g.pp_size > 1)
-        mt_stage_layers(m->cfg.n_layer, tr->g.pp_size, s, &sc.layer_begin, &sc.layer_end);
-      mt_param *table = NULL;
-      int n = 0;
-      size_t count = 0;
-      float *buf = NULL;
-      rc = mt_gpt_table(&sc, &table, &n, &count);
-      int from = q + tr->g.tp_size * tr->g.dp_size * s; /* world rank of (s, dp 0, q) */
-      if (!rc && from != 0) {
-        buf = malloc(count * sizeof(float));
-        rc = buf ? mt_comm_recv(tr->g.world, buf, count, MT_COMM_F32, from)
-                 : mt_seterr(MT_ENOMEM, "export: stage %d shard %d buffer", s, q);
-      }
-      const float *src = from == 0 ? mine : buf;
-      for (int i = 0; i < n && !rc; i++) {
-        const mt_param *t = &table[i];
-        if (q > 0 && t->shard == MT_SHARD_NONE) continue; /* replicated: shard 0 has it */
-        int j = mt_gpt_find(&full, t->name);
-        if (j < 0) {
-          rc = mt_seterr(MT_EINVAL, "export: stage %d tensor %s", s, t->name);
-          break;
-        }
-        float *dst = mt_gpt_param(&full, j);
-        for (size_t e = 0; e < t->numel; e++) dst[mt_param_global_index(t, e)] = src[t->offset + e];
-      }
-      free(buf);
-      free(table);
-    }
-  }
-  if (!rc) rc = mt_gpt_save_safetensors(&full, path);
-  destroy_unsharded(&full, &host);
-  if (copied) free(mine);
+  for (int j = 0; j < m->n_tensors; j++)
+    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
+  float *piece = NULL;
+  if (!rc && !(piece = malloc((max_numel ? max_numel : 1) * sizeof *piece)))
+    rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
+  if (!rc)
+    rc = world_rank == 0 ? export_gather(tr, tables, counts, piece, path) : export_send(tr, piece);
+  for (int k = 0; tables && k < pp * tp; k++) free(tables[k]);
+  free(tables);
+  free(counts);
+  free(piece);
   return rc;
 }

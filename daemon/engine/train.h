@@ -158,8 +158,10 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train);
  * over every rank. */
 int mt_trainer_eval(mt_trainer *tr, double *loss);
 
-/* Writes the whole model as GPT-2 safetensors from world rank 0, gathering
- * the stages' weights. Collective over every rank. */
+/* Writes the whole model as GPT-2 safetensors from world rank 0, which
+ * gathers replica 0's stages and shards one tensor at a time and writes
+ * each as it completes (no rank holds more than its own weights and one
+ * whole tensor). Collective over every rank. */
 int mt_trainer_export(mt_trainer *tr, const char *path);
 
 /* Layers [*begin, *end) of stage s of pp: the first n_layer % pp stages hold

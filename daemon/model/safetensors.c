@@ -320,26 +320,49 @@ const mt_st_tensor *mt_st_find(const mt_st_file *f, const char *name) {
   return NULL;
 }
 
-int mt_st_read_f32(const mt_st_file *f, const mt_st_tensor *t, float *out) {
-  const uint8_t *src = f->data + t->offset;
-  if (!strcmp(t->dtype, "F32")) {
-    memcpy(out, src, t->bytes); /* little-endian host; src may be unaligned */
-  } else if (!strcmp(t->dtype, "F16")) {
-    for (size_t i = 0; i < t->bytes / 2; i++) out[i] = st_f16_to_f32(st_le16(src + 2 * i));
-  } else if (!strcmp(t->dtype, "BF16")) {
-    for (size_t i = 0; i < t->bytes / 2; i++) out[i] = st_bf16_to_f32(st_le16(src + 2 * i));
-  } else if (!strcmp(t->dtype, "F64")) {
-    for (size_t i = 0; i < t->bytes / 8; i++) {
+/* n elements of dtype at src to fp32; 0, or MT_ENOTSUP for a dtype that is
+ * not a float. */
+static int st_convert(const char *dtype, const uint8_t *src, size_t n, float *out) {
+  if (!strcmp(dtype, "F32")) {
+    memcpy(out, src, n * sizeof(float)); /* little-endian host; src may be unaligned */
+  } else if (!strcmp(dtype, "F16")) {
+    for (size_t i = 0; i < n; i++) out[i] = st_f16_to_f32(st_le16(src + 2 * i));
+  } else if (!strcmp(dtype, "BF16")) {
+    for (size_t i = 0; i < n; i++) out[i] = st_bf16_to_f32(st_le16(src + 2 * i));
+  } else if (!strcmp(dtype, "F64")) {
+    for (size_t i = 0; i < n; i++) {
       double d;
       memcpy(&d, src + 8 * i, sizeof d);
       out[i] = (float)d;
     }
   } else {
-    return mt_seterr(MT_ENOTSUP,
-                     "safetensors: tensor \"%s\": dtype %s cannot be read as floats (F32, F16, "
-                     "BF16, F64)",
-                     t->name, t->dtype);
+    return MT_ENOTSUP;
   }
+  return 0;
+}
+
+static int st_not_float(const mt_st_tensor *t) {
+  return mt_seterr(MT_ENOTSUP,
+                   "safetensors: tensor \"%s\": dtype %s cannot be read as floats (F32, F16, "
+                   "BF16, F64)",
+                   t->name, t->dtype);
+}
+
+int mt_st_read_f32(const mt_st_file *f, const mt_st_tensor *t, float *out) {
+  size_t eb = st_dtype_bytes(t->dtype);
+  if (!eb || st_convert(t->dtype, f->data + t->offset, t->bytes / eb, out)) return st_not_float(t);
+  return 0;
+}
+
+int mt_st_read_range_f32(const mt_st_file *f, const mt_st_tensor *t, size_t first, size_t n,
+                         float *out) {
+  size_t eb = st_dtype_bytes(t->dtype);
+  if (!eb) return st_not_float(t);
+  size_t numel = t->bytes / eb;
+  if (first > numel || n > numel - first)
+    return mt_seterr(MT_EINVAL, "safetensors: tensor \"%s\": elements [%zu, %zu) past its %zu",
+                     t->name, first, first + n, numel);
+  if (st_convert(t->dtype, f->data + t->offset + first * eb, n, out)) return st_not_float(t);
   return 0;
 }
 
@@ -357,6 +380,11 @@ struct mt_st_writer {
   st_wtensor *t;
   int n, cap;
   json_t *meta;
+  /* streaming (mt_st_writer_begin): the open temp file, the tensor being
+   * written and its bytes so far */
+  mt_atomic_file file;
+  int streaming, cur;
+  size_t cur_bytes;
 };
 
 mt_st_writer *mt_st_writer_new(void) {
@@ -371,6 +399,7 @@ mt_st_writer *mt_st_writer_new(void) {
 
 void mt_st_writer_free(mt_st_writer *w) {
   if (!w) return;
+  if (w->streaming) mt_atomic_abort(&w->file);
   for (int i = 0; i < w->n; i++) free(w->t[i].name);
   free(w->t);
   json_decref(w->meta);
@@ -394,8 +423,8 @@ int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t 
                        i, (long long)shape[i]);
     numel *= (size_t)shape[i];
   }
-  if (numel && !data)
-    return mt_seterr(MT_EINVAL, "safetensors: writer: tensor \"%s\": no data", name);
+  if (w->streaming)
+    return mt_seterr(MT_EINVAL, "safetensors: writer: tensor \"%s\" added after the header", name);
   if (w->n == w->cap) {
     int cap = w->cap ? 2 * w->cap : 64;
     st_wtensor *nt = realloc(w->t, (size_t)cap * sizeof *nt);
@@ -459,24 +488,74 @@ done:
   return padded;
 }
 
-/* Durable commit: temp file in the target's directory, fsync, rename, fsync
- * the directory. Either the old file or the complete new one exists. */
-int mt_st_writer_commit(mt_st_writer *w, const char *path) {
+/* Writes the length and the header to a new temp file beside path. */
+static int st_write_header(mt_st_writer *w, const char *path) {
   size_t hlen = 0;
   char *header = st_build_header(w, &hlen);
   if (!header) return mt_seterr(MT_ENOMEM, "safetensors: %s: cannot build the header", path);
   uint8_t len8[8];
   for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
-  mt_atomic_file f;
-  int rc = mt_atomic_open(&f, path);
-  if (!rc) rc = mt_atomic_write(&f, len8, 8);
-  if (!rc) rc = mt_atomic_write(&f, header, hlen);
-  for (int i = 0; i < w->n && !rc; i++) rc = mt_atomic_write(&f, w->t[i].data, w->t[i].bytes);
-  if (!rc)
-    rc = mt_atomic_commit(&f);
-  else if (f.path)
-    mt_atomic_abort(&f);
+  int rc = mt_atomic_open(&w->file, path);
+  if (!rc) rc = mt_atomic_write(&w->file, len8, 8);
+  if (!rc) rc = mt_atomic_write(&w->file, header, hlen);
+  if (rc && w->file.path) mt_atomic_abort(&w->file);
   free(header);
+  return rc;
+}
+
+/* Durable commit: temp file in the target's directory, fsync, rename, fsync
+ * the directory. Either the old file or the complete new one exists. */
+int mt_st_writer_commit(mt_st_writer *w, const char *path) {
+  if (w->streaming)
+    return mt_seterr(MT_EINVAL, "safetensors: %s: the writer is streaming (use mt_st_writer_end)",
+                     path);
+  for (int i = 0; i < w->n; i++)
+    if (w->t[i].bytes && !w->t[i].data)
+      return mt_seterr(MT_EINVAL, "safetensors: %s: tensor \"%s\" has no data", path, w->t[i].name);
+  int rc = st_write_header(w, path);
+  for (int i = 0; i < w->n && !rc; i++) rc = mt_atomic_write(&w->file, w->t[i].data, w->t[i].bytes);
+  if (!rc)
+    rc = mt_atomic_commit(&w->file);
+  else if (w->file.path)
+    mt_atomic_abort(&w->file);
+  if (rc) return mt_wraperr(rc, "safetensors");
+  return 0;
+}
+
+int mt_st_writer_begin(mt_st_writer *w, const char *path) {
+  if (w->streaming) return mt_seterr(MT_EINVAL, "safetensors: %s: writer already begun", path);
+  int rc = st_write_header(w, path);
+  if (rc) return mt_wraperr(rc, "safetensors");
+  w->streaming = 1;
+  w->cur = 0;
+  w->cur_bytes = 0;
+  return 0;
+}
+
+int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n) {
+  if (!w->streaming) return mt_seterr(MT_EINVAL, "safetensors: writer: append before begin");
+  size_t bytes = n * sizeof(float);
+  while (w->cur < w->n && w->cur_bytes == w->t[w->cur].bytes) w->cur++, w->cur_bytes = 0;
+  if (w->cur == w->n)
+    return mt_seterr(MT_EINVAL, "safetensors: writer: %zu floats past the last tensor", n);
+  if (bytes > w->t[w->cur].bytes - w->cur_bytes)
+    return mt_seterr(MT_EINVAL, "safetensors: writer: %zu floats past the end of tensor \"%s\"", n,
+                     w->t[w->cur].name);
+  int rc = mt_atomic_write(&w->file, data, bytes);
+  if (rc) return mt_wraperr(rc, "safetensors");
+  w->cur_bytes += bytes;
+  return 0;
+}
+
+int mt_st_writer_end(mt_st_writer *w) {
+  if (!w->streaming) return mt_seterr(MT_EINVAL, "safetensors: writer: end before begin");
+  while (w->cur < w->n && w->cur_bytes == w->t[w->cur].bytes) w->cur++, w->cur_bytes = 0;
+  if (w->cur < w->n)
+    return mt_seterr(MT_EINVAL,
+                     "safetensors: %s: tensor \"%s\" has %zu of its %zu bytes; nothing written",
+                     w->file.path, w->t[w->cur].name, w->cur_bytes, w->t[w->cur].bytes);
+  w->streaming = 0;
+  int rc = mt_atomic_commit(&w->file);
   if (rc) return mt_wraperr(rc, "safetensors");
   return 0;
 }
@@ -506,23 +585,122 @@ static int st_is_ignored(const char *name) {
          !strcmp(name, "lm_head.weight");
 }
 
-/* The file-side (Hugging Face) shape of table entry p; returns ndim. */
-static int st_hf_shape(const mt_gpt *m, const mt_param *p, int64_t shape[2]) {
+/* The file-side (Hugging Face) shape of the whole tensor that table entry
+ * p (a shard, or all of it) belongs to; returns ndim. */
+static int st_hf_shape(const mt_gpt_config *c, const mt_param *p, int64_t shape[2]) {
   if (p->ndim == 1) {
-    shape[0] = (int64_t)p->shape[0];
+    shape[0] = (int64_t)p->full[0];
     return 1;
   }
   if (!strcmp(p->name, "wte.weight")) {
-    shape[0] = m->cfg.vocab_size;
-    shape[1] = (int64_t)p->shape[1];
+    shape[0] = c->vocab_size;
+    shape[1] = (int64_t)p->full[1];
   } else if (st_is_conv1d(p->name)) {
-    shape[0] = (int64_t)p->shape[1];
-    shape[1] = (int64_t)p->shape[0];
+    shape[0] = (int64_t)p->full[1];
+    shape[1] = (int64_t)p->full[0];
   } else {
-    shape[0] = (int64_t)p->shape[0];
-    shape[1] = (int64_t)p->shape[1];
+    shape[0] = (int64_t)p->full[0];
+    shape[1] = (int64_t)p->full[1];
   }
   return 2;
+}
+
+/* One block of a shard inside its whole tensor, both in our layout: rows
+ * [r0, r0 + nr) x columns [c0, c0 + nc) of the whole tensor are rows
+ * [at, at + nr) of the shard, which is nc wide. A vector is one column. */
+typedef struct st_rect {
+  size_t r0, nr, c0, nc, at;
+} st_rect;
+
+/* The blocks of shard p (three for a fused q, k, v); returns how many. */
+static int st_shard_rects(const mt_param *p, st_rect r[3]) {
+  size_t cols = p->ndim == 2 ? p->shape[1] : 1, full_cols = p->ndim == 2 ? p->full[1] : 1;
+  switch (p->shard) {
+  case MT_SHARD_ROWS: r[0] = (st_rect){p->shard_off, p->shape[0], 0, cols, 0}; return 1;
+  case MT_SHARD_QKV:
+    for (int k = 0; k < 3; k++)
+      r[k] = (st_rect){k * (p->full[0] / 3) + p->shard_off, p->shape[0] / 3, 0, cols,
+                       k * (p->shape[0] / 3)};
+    return 3;
+  case MT_SHARD_COLS: r[0] = (st_rect){0, p->shape[0], p->shard_off, cols, 0}; return 1;
+  default: r[0] = (st_rect){0, p->shape[0], 0, full_cols, 0}; return 1;
+  }
+}
+
+/* How our whole tensor (R, C) lies in the file: transposed (a Conv1D: the
+ * file holds (C, R)), and how many of our rows it holds (wte: the file has
+ * the V real rows, not the padded ones). */
+static void st_file_layout(const mt_gpt_config *c, const mt_param *p, int *transposed,
+                           size_t *file_rows) {
+  *transposed = p->ndim == 2 && st_is_conv1d(p->name);
+  *file_rows = !strcmp(p->name, "wte.weight") ? (size_t)c->vocab_size : p->full[0];
+}
+
+/* File rows converted per pass when transposing on load. */
+#define ST_TILE 16
+
+/* Shard p of tensor t (our layout, p->numel floats) into dst, read from
+ * the file block by block; tmp holds ST_TILE * (shard rows) floats. Rows
+ * the file does not hold (wte's padding) are zero. */
+static int st_read_shard(const mt_gpt_config *c, const mt_st_file *f, const mt_st_tensor *t,
+                         const mt_param *p, float *dst, float *tmp) {
+  int transposed;
+  size_t file_rows, R = p->full[0], C = p->ndim == 2 ? p->full[1] : 1;
+  st_file_layout(c, p, &transposed, &file_rows);
+  st_rect rects[3];
+  int n = st_shard_rects(p, rects);
+  for (int k = 0; k < n; k++) {
+    const st_rect *q = &rects[k];
+    if (!transposed) {
+      for (size_t i = 0; i < q->nr; i++) {
+        float *row = dst + (q->at + i) * q->nc;
+        size_t r = q->r0 + i;
+        int rc = r < file_rows ? mt_st_read_range_f32(f, t, r * C + q->c0, q->nc, row) : 0;
+        if (rc) return rc;
+        if (r >= file_rows) memset(row, 0, q->nc * sizeof *row);
+      }
+      continue;
+    }
+    /* the file's rows are our columns: ST_TILE of them at a time */
+    for (size_t c0 = 0; c0 < q->nc; c0 += ST_TILE) {
+      size_t kc = q->nc - c0 < ST_TILE ? q->nc - c0 : ST_TILE;
+      for (size_t j = 0; j < kc; j++) {
+        int rc = mt_st_read_range_f32(f, t, (q->c0 + c0 + j) * R + q->r0, q->nr, tmp + j * q->nr);
+        if (rc) return rc;
+      }
+      for (size_t i = 0; i < q->nr; i++)
+        for (size_t j = 0; j < kc; j++) dst[(q->at + i) * q->nc + c0 + j] = tmp[j * q->nr + i];
+    }
+  }
+  return 0;
+}
+
+/* Shard p (our layout) into hf, the whole tensor in the file's layout;
+ * returns the number of the file's elements it filled. */
+static size_t st_place_shard(const mt_gpt_config *c, const mt_param *p, const float *src,
+                             float *hf) {
+  int transposed;
+  size_t file_rows, R = p->full[0], C = p->ndim == 2 ? p->full[1] : 1, placed = 0;
+  st_file_layout(c, p, &transposed, &file_rows);
+  st_rect rects[3];
+  int n = st_shard_rects(p, rects);
+  for (int k = 0; k < n; k++) {
+    const st_rect *q = &rects[k];
+    for (size_t i = 0; i < q->nr && !transposed; i++)
+      if (q->r0 + i < file_rows) {
+        memcpy(hf + (q->r0 + i) * C + q->c0, src + (q->at + i) * q->nc, q->nc * sizeof *hf);
+        placed += q->nc;
+      }
+    if (!transposed) continue;
+    for (size_t c0 = 0; c0 < q->nc; c0 += 64) {
+      size_t kc = q->nc - c0 < 64 ? q->nc - c0 : 64;
+      for (size_t i = 0; i < q->nr; i++)
+        for (size_t j = 0; j < kc; j++)
+          hf[(q->c0 + c0 + j) * R + q->r0 + i] = src[(q->at + i) * q->nc + c0 + j];
+    }
+    placed += q->nr * q->nc;
+  }
+  return placed;
 }
 
 static void st_fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape) {
@@ -550,12 +728,6 @@ static void st_problem(st_problems *p, const char *fmt, ...) {
   p->len += (size_t)vsnprintf(p->text + p->len, sizeof p->text - p->len, fmt, ap);
   va_end(ap);
   if (p->len > sizeof p->text - 1) p->len = sizeof p->text - 1;
-}
-
-/* src (rows, cols) -> dst (cols, rows) */
-static void st_transpose(float *dst, const float *src, size_t rows, size_t cols) {
-  for (size_t r = 0; r < rows; r++)
-    for (size_t c = 0; c < cols; c++) dst[c * rows + r] = src[r * cols + c];
 }
 
 /* Validates every name and shape first (collecting all problems), then copies,
@@ -606,7 +778,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     src[j] = t;
     const mt_param *p = &m->params_table[j];
     int64_t want[2];
-    int wnd = st_hf_shape(m, p, want);
+    int wnd = st_hf_shape(&m->cfg, p, want);
     int same = t->ndim == wnd;
     for (int d = 0; same && d < wnd; d++) same = t->shape[d] == want[d];
     if (!same) {
@@ -646,31 +818,27 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     goto done;
   }
 
-  size_t max_numel = 0;
-  for (int j = 0; j < m->n_tensors; j++)
-    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
+  /* one tensor of the shard at a time: a shard reads its own slices of
+   * the file (mapped, so shards on one node share its pages) */
+  size_t max_numel = 0, max_rows = 0;
+  for (int j = 0; j < m->n_tensors; j++) {
+    const mt_param *p = &m->params_table[j];
+    if (p->numel > max_numel) max_numel = p->numel;
+    if (p->shape[0] > max_rows) max_rows = p->shape[0];
+  }
   stage = malloc(max_numel * sizeof *stage);
-  tbuf = malloc(max_numel * sizeof *tbuf);
+  tbuf = malloc(ST_TILE * max_rows * sizeof *tbuf);
   if (!stage || !tbuf) {
     rc = mt_seterr(MT_ENOMEM, "safetensors: load %s: out of memory (%zu floats)", path, max_numel);
     goto done;
   }
   for (int j = 0; j < m->n_tensors; j++) {
     const mt_param *p = &m->params_table[j];
-    const float *out = stage;
-    if (!strcmp(p->name, "wte.weight")) {
-      /* (V, C) from the file, padded rows (Vp - V) zero */
-      memset(stage, 0, p->numel * sizeof *stage);
-    }
-    if ((rc = mt_st_read_f32(&f, src[j], stage))) {
+    if ((rc = st_read_shard(&m->cfg, &f, src[j], p, stage, tbuf))) {
       mt_wraperr(rc, "safetensors: load %s", path);
       goto done;
     }
-    if (p->ndim == 2 && st_is_conv1d(p->name)) {
-      st_transpose(tbuf, stage, p->shape[1], p->shape[0]); /* (in, out) -> (out, in) */
-      out = tbuf;
-    }
-    if ((rc = mt_device_memcpy_htod(m->dev, mt_gpt_param(m, j), out, p->numel * sizeof(float)))) {
+    if ((rc = mt_device_memcpy_htod(m->dev, mt_gpt_param(m, j), stage, p->numel * sizeof(float)))) {
       mt_wraperr(rc, "safetensors: load %s: tensor %s", path, p->name);
       goto done;
     }
@@ -687,72 +855,145 @@ done:
   return rc;
 }
 
-/* Writes one of the model's buffers (params or grads, device) in HF names and
- * layouts, with the config as metadata. */
-static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *path,
-                          const char *what) {
-  float *host = malloc(m->num_params * sizeof *host);
-  float *tbuf = NULL;
-  mt_st_writer *w = mt_st_writer_new();
-  int rc = 0;
-  if (!host || !w) {
-    rc = mt_seterr(MT_ENOMEM, "safetensors: save %s %s: out of memory", what, path);
-    goto done;
-  }
-  size_t max_numel = 0;
-  for (int j = 0; j < m->n_tensors; j++)
-    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
-  if (!(tbuf = malloc(max_numel * sizeof *tbuf))) {
-    rc = mt_seterr(MT_ENOMEM, "safetensors: save %s %s: out of memory", what, path);
-    goto done;
-  }
-  if ((rc = mt_device_sync(m->dev))) {
-    mt_wraperr(rc, "safetensors: save %s %s", what, path);
-    goto done;
-  }
+/* ---- export: a whole model written one tensor at a time ------------------ */
 
+struct mt_gpt_export {
+  mt_gpt_config cfg; /* the whole model's: no stage, no tp shards */
+  mt_param *table;   /* its tensors, in the file's order */
+  int n, next;       /* tensors; the one being filled */
+  float *hf;         /* that tensor in the file's layout */
+  size_t placed;     /* of its elements, filled so far */
+  mt_st_writer *w;
+};
+
+/* The whole tensor's elements in the file (wte without its padding). */
+static size_t st_file_numel(const mt_gpt_config *c, const mt_param *p) {
+  int64_t shape[2];
+  int nd = st_hf_shape(c, p, shape);
+  return (size_t)shape[0] * (nd == 2 ? (size_t)shape[1] : 1);
+}
+
+int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path) {
+  *out = NULL;
+  mt_gpt_export *e = calloc(1, sizeof *e);
+  if (!e) return mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", path);
+  e->cfg = *cfg;
+  e->cfg.layer_begin = e->cfg.layer_end = 0;
+  e->cfg.tp_size = 1, e->cfg.tp_rank = 0;
+  size_t count, max_numel = 0;
+  int rc = mt_gpt_table(&e->cfg, &e->table, &e->n, &count);
+  if (!rc && !(e->w = mt_st_writer_new())) rc = MT_ENOMEM;
   char num[32];
   const struct {
     const char *key;
     int value;
-  } meta[] = {{"n_layer", m->cfg.n_layer},
-              {"n_embd", m->cfg.n_embd},
-              {"n_head", m->cfg.n_head},
-              {"vocab_size", m->cfg.vocab_size},
-              {"seq", m->cfg.max_seq}};
-  if ((rc = mt_st_writer_meta(w, "format", "pt"))) goto done;
-  for (size_t k = 0; k < sizeof meta / sizeof meta[0]; k++) {
+  } meta[] = {{"n_layer", cfg->n_layer},
+              {"n_embd", cfg->n_embd},
+              {"n_head", cfg->n_head},
+              {"vocab_size", cfg->vocab_size},
+              {"seq", cfg->max_seq}};
+  if (!rc) rc = mt_st_writer_meta(e->w, "format", "pt");
+  for (size_t k = 0; k < sizeof meta / sizeof meta[0] && !rc; k++) {
     snprintf(num, sizeof num, "%d", meta[k].value);
-    if ((rc = mt_st_writer_meta(w, meta[k].key, num))) goto done;
+    rc = mt_st_writer_meta(e->w, meta[k].key, num);
   }
-
-  for (int j = 0; j < m->n_tensors; j++) {
-    const mt_param *p = &m->params_table[j];
-    float *dst = host + p->offset;
+  for (int i = 0; i < e->n && !rc; i++) {
+    const mt_param *p = &e->table[i];
     int64_t shape[2];
-    int ndim = st_hf_shape(m, p, shape);
-    size_t bytes = (size_t)shape[0] * (ndim == 2 ? (size_t)shape[1] : 1) * sizeof(float);
-    if (ndim == 2 && st_is_conv1d(p->name)) {
-      if ((rc = mt_device_memcpy_dtoh(m->dev, tbuf, dev_buf + p->offset, bytes))) {
-        mt_wraperr(rc, "safetensors: save %s %s: tensor %s", what, path, p->name);
-        goto done;
-      }
-      st_transpose(dst, tbuf, p->shape[0], p->shape[1]); /* (out, in) -> (in, out) */
-    } else {
-      /* wte: only the first V rows, which come first in the (Vp, C) buffer */
-      if ((rc = mt_device_memcpy_dtoh(m->dev, dst, dev_buf + p->offset, bytes))) {
-        mt_wraperr(rc, "safetensors: save %s %s: tensor %s", what, path, p->name);
-        goto done;
-      }
-    }
-    if ((rc = mt_st_writer_add(w, p->name, ndim, shape, dst))) goto done;
+    int nd = st_hf_shape(&e->cfg, p, shape);
+    rc = mt_st_writer_add(e->w, p->name, nd, shape, NULL);
+    if (st_file_numel(&e->cfg, p) > max_numel) max_numel = st_file_numel(&e->cfg, p);
   }
-  rc = mt_st_writer_commit(w, path);
+  if (!rc && !(e->hf = malloc((max_numel ? max_numel : 1) * sizeof *e->hf)))
+    rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: a buffer of %zu floats", path, max_numel);
+  if (!rc) rc = mt_st_writer_begin(e->w, path);
+  if (rc) {
+    mt_gpt_export_free(e);
+    return mt_wraperr(rc, "safetensors: export %s", path);
+  }
+  *out = e;
+  return 0;
+}
 
-done:
-  mt_st_writer_free(w);
-  free(tbuf);
-  free(host);
+const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e) {
+  return e->next < e->n ? &e->table[e->next] : NULL;
+}
+
+int mt_gpt_export_put(mt_gpt_export *e, const mt_param *p, const float *data) {
+  const mt_param *t = mt_gpt_export_tensor(e);
+  if (!t) return mt_seterr(MT_EINVAL, "safetensors: export: %s after the last tensor", p->name);
+  if (strcmp(t->name, p->name) || t->full[0] != p->full[0] ||
+      (t->ndim == 2 && t->full[1] != p->full[1]))
+    return mt_seterr(MT_EINVAL, "safetensors: export: %s given where %s is due", p->name, t->name);
+  e->placed += st_place_shard(&e->cfg, p, data, e->hf);
+  if (e->placed > st_file_numel(&e->cfg, t))
+    return mt_seterr(MT_EINVAL, "safetensors: export: %s given more than once", t->name);
+  return 0;
+}
+
+int mt_gpt_export_next(mt_gpt_export *e) {
+  const mt_param *t = mt_gpt_export_tensor(e);
+  if (!t) return mt_seterr(MT_EINVAL, "safetensors: export: every tensor is written");
+  size_t want = st_file_numel(&e->cfg, t);
+  if (e->placed < want)
+    return mt_seterr(MT_EINVAL, "safetensors: export: tensor %s has %zu of its %zu elements",
+                     t->name, e->placed, want);
+  int rc = mt_st_writer_append(e->w, e->hf, want);
+  if (rc) return rc;
+  e->next++;
+  e->placed = 0;
+  return 0;
+}
+
+int mt_gpt_export_commit(mt_gpt_export *e) {
+  const mt_param *t = mt_gpt_export_tensor(e);
+  if (t)
+    return mt_seterr(MT_EINVAL, "safetensors: export: tensor %s was not written; nothing is",
+                     t->name);
+  return mt_st_writer_end(e->w);
+}
+
+void mt_gpt_export_free(mt_gpt_export *e) {
+  if (!e) return;
+  mt_st_writer_free(e->w);
+  free(e->table);
+  free(e->hf);
+  free(e);
+}
+
+/* Writes one of a whole model's buffers (params or grads, device) in HF
+ * names and layouts, one tensor at a time. */
+static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *path,
+                          const char *what) {
+  if (m->cfg.tp_size > 1 || !(m->first && m->last))
+    return mt_seterr(MT_EINVAL,
+                     "safetensors: save %s %s: the model is a shard or a stage (exports of "
+                     "those gather through mt_gpt_export)",
+                     what, path);
+  size_t max_numel = 0;
+  for (int j = 0; j < m->n_tensors; j++)
+    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
+  float *piece = malloc((max_numel ? max_numel : 1) * sizeof *piece);
+  if (!piece) return mt_seterr(MT_ENOMEM, "safetensors: save %s %s: out of memory", what, path);
+  mt_gpt_export *e = NULL;
+  int rc = mt_device_sync(m->dev);
+  if (!rc) rc = mt_gpt_export_open(&e, &m->cfg, path);
+  const mt_param *t;
+  while (!rc && (t = mt_gpt_export_tensor(e))) {
+    int j = mt_gpt_find(m, t->name);
+    const mt_param *p = j >= 0 ? &m->params_table[j] : NULL;
+    if (!p) {
+      rc = mt_seterr(MT_EINVAL, "safetensors: save %s %s: no tensor %s", what, path, t->name);
+      break;
+    }
+    rc = mt_device_memcpy_dtoh(m->dev, piece, dev_buf + p->offset, p->numel * sizeof(float));
+    if (rc) mt_wraperr(rc, "safetensors: save %s %s: tensor %s", what, path, p->name);
+    if (!rc) rc = mt_gpt_export_put(e, p, piece);
+    if (!rc) rc = mt_gpt_export_next(e);
+  }
+  if (!rc) rc = mt_gpt_export_commit(e);
+  mt_gpt_export_free(e);
+  free(piece);
   return rc;
 }
 

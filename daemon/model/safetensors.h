@@ -43,23 +43,53 @@ typedef struct mt_st_file {
 int mt_st_open(mt_st_file *f, const char *path);
 void mt_st_close(mt_st_file *f);
 const mt_st_tensor *mt_st_find(const mt_st_file *f, const char *name);
-/* Copies a tensor to fp32 (F32, F16 and BF16 sources). */
+/* Copies a tensor to fp32 (F32, F16, BF16 and F64 sources). */
 int mt_st_read_f32(const mt_st_file *f, const mt_st_tensor *t, float *out);
+/* Elements [first, first + n) of a tensor (row-major) to fp32. */
+int mt_st_read_range_f32(const mt_st_file *f, const mt_st_tensor *t, size_t first, size_t n,
+                         float *out);
 
-/* Writer: add F32 tensors (data copied by reference until commit), then commit. */
+/* Writer: add F32 tensors (data copied by reference until commit), then
+ * commit. Or stream a file larger than memory: add every tensor with data
+ * NULL, begin (writes the header to a temp file), append the floats of the
+ * tensors in the order added, end (durable, like commit). Freeing a writer
+ * that has begun and not ended removes its temp file. */
 typedef struct mt_st_writer mt_st_writer;
 mt_st_writer *mt_st_writer_new(void);
 int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t *shape,
                      const float *data);
 int mt_st_writer_meta(mt_st_writer *w, const char *key, const char *value);
 int mt_st_writer_commit(mt_st_writer *w, const char *path); /* durable */
+int mt_st_writer_begin(mt_st_writer *w, const char *path);
+int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n);
+int mt_st_writer_end(mt_st_writer *w); /* refuses a tensor short of its bytes */
 void mt_st_writer_free(mt_st_writer *w);
 
 /* GPT-2 weights in and out (device <-> file). Loading names every missing,
- * extra or misshapen tensor. */
+ * extra or misshapen tensor; a pipeline stage or a tensor-parallel shard
+ * (or both) reads only its own slices, a tensor at a time, so no rank ever
+ * holds more of the file than its largest tensor. Saving takes a whole
+ * model (one stage, no shards); a sharded one exports with mt_gpt_export. */
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path);
 int mt_gpt_save_safetensors(const mt_gpt *m, const char *path);
 /* Gradients under the same names and layouts (for reference tests). */
 int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
+
+/* A whole model's weights written as they arrive, one tensor at a time:
+ * the writer holds the tensor being filled and nothing else, so a model
+ * larger than any host's memory exports. mt_gpt_export_tensor says which
+ * tensor is due (the whole model's table entry; NULL once all are
+ * written); put gives it shard by shard (p: a shard's table entry of that
+ * tensor under any tp layout, data: its p->numel floats, our layout; a
+ * replicated tensor once); next writes it, refusing one with elements
+ * missing, and moves on. Commit is durable and refuses an incomplete file;
+ * free without commit removes it. */
+typedef struct mt_gpt_export mt_gpt_export;
+int mt_gpt_export_open(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path);
+const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e);
+int mt_gpt_export_put(mt_gpt_export *e, const mt_param *p, const float *data);
+int mt_gpt_export_next(mt_gpt_export *e);
+int mt_gpt_export_commit(mt_gpt_export *e);
+void mt_gpt_export_free(mt_gpt_export *e);
 
 #endif

@@ -7,7 +7,8 @@ usage: test_export.py MTNLGD JOB.json
    and computes, in float64, the loss on the first global batch;
 3. mtnlgd starts a new job from the file (model.init_from) and its step-1
    loss, measured before the update, must equal torch's within 1e-4 — on one
-   device and as tensor-parallel shards (tp 2, each loading its slice).
+   device, as tensor-parallel shards (tp 2, each loading its slice) and as
+   shards of pipeline stages (tp 2 x pp 2).
 Exit 77 (skip) without torch.
 """
 import array
@@ -73,15 +74,20 @@ def main():
                       "--set", f"model.init_from={weights}"])
         sharded = run([mtnlgd, *common, "--set", "train.steps=1", "--set", "parallel.tp=2",
                        "--set", f"model.init_from={weights}"])
+        staged = run([mtnlgd, *common, "--set", "train.steps=1", "--set", "parallel.tp=2",
+                      "--set", "parallel.pp=2", "--set", f"model.init_from={weights}"])
     ours, ref = second[0]["loss"], float(ref)
     rel = abs(ours - ref) / abs(ref)
     rel_tp = abs(sharded[0]["loss"] - ref) / abs(ref)
     print(f"exported model loaded as tp 2 shards: {sharded[0]['loss']:.9g}, relative difference "
           f"{rel_tp:.2e}")
+    rel_pp = abs(staged[0]["loss"] - ref) / abs(ref)
+    print(f"exported model loaded as tp 2 x pp 2 shards: {staged[0]['loss']:.9g}, relative "
+          f"difference {rel_pp:.2e}")
     print(f"trained 10 steps: loss {first[0]['loss']:.4f} -> {first[-1]['loss']:.4f}")
     print(f"exported model on batch 0: mtnlgd (init_from) {ours:.9g}, torch float64 {ref:.9g}, "
           f"relative difference {rel:.2e}")
-    ok = rel < 1e-4 and rel_tp < 1e-4 and abs(ours - first[0]["loss"]) > 1e-3
+    ok = rel < 1e-4 and rel_tp < 1e-4 and rel_pp < 1e-4 and abs(ours - first[0]["loss"]) > 1e-3
     print("ok" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -588,6 +588,174 @@ static int test_two_writers_of_one_path_do_not_mix(void) {
   return 0;
 }
 
+/* Whether a file holds exactly the bytes of another. */
+static int same_bytes(const char *a, const char *b) {
+  FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+  int same = fa && fb;
+  for (int ca = 0, cb = 0; same && ca != EOF; same = ca == cb) ca = fgetc(fa), cb = fgetc(fb);
+  if (fa) fclose(fa);
+  if (fb) fclose(fb);
+  return same;
+}
+
+/* How many temp files of path's name are left in its directory. */
+static int temps_left(const char *path) {
+  char dirbuf[300], stem[300];
+  snprintf(dirbuf, sizeof dirbuf, "%s", path);
+  char *slash = strrchr(dirbuf, '/');
+  *slash = 0;
+  snprintf(stem, sizeof stem, "%s.tmp.", slash + 1);
+  DIR *dir = opendir(dirbuf);
+  int left = 0;
+  for (struct dirent *e; dir && (e = readdir(dir));)
+    left += !strncmp(e->d_name, stem, strlen(stem));
+  if (dir) closedir(dir);
+  return left;
+}
+
+static int test_streamed_writer_matches_commit_and_refuses_a_short_stream(void) {
+  float a[6] = {1, 2, 3, 4, 5, 6}, b[3] = {7, 8, 9};
+  int64_t sa[2] = {2, 3}, sb[1] = {3};
+  const char *whole = tmp_path("committed.safetensors"),
+             *streamed = tmp_path("streamed.safetensors");
+  mt_st_writer *w = mt_st_writer_new();
+  REQUIRE(w && !mt_st_writer_add(w, "a", 2, sa, a) && !mt_st_writer_add(w, "b", 1, sb, b), "add");
+  REQUIRE(!mt_st_writer_commit(w, whole), "commit: %s", mt_errmsg());
+  mt_st_writer_free(w);
+
+  /* the same tensors declared without data, appended in pieces */
+  w = mt_st_writer_new();
+  REQUIRE(w && !mt_st_writer_add(w, "a", 2, sa, NULL) && !mt_st_writer_add(w, "b", 1, sb, NULL),
+          "declare: %s", mt_errmsg());
+  REQUIRE(mt_st_writer_commit(w, streamed) < 0 && strstr(mt_errmsg(), "\"a\" has no data"),
+          "a commit of tensors without data: %s", mt_errmsg());
+  REQUIRE(!mt_st_writer_begin(w, streamed), "begin: %s", mt_errmsg());
+  REQUIRE(!mt_st_writer_append(w, a, 4) && !mt_st_writer_append(w, a + 4, 2), "append a");
+  REQUIRE(mt_st_writer_append(w, b, 4) < 0 && strstr(mt_errmsg(), "\"b\""),
+          "4 floats into b's 3: %s", mt_errmsg());
+  REQUIRE(!mt_st_writer_append(w, b, 3), "append b");
+  REQUIRE(mt_st_writer_append(w, b, 1) < 0 && strstr(mt_errmsg(), "past the last"),
+          "a float past the last tensor: %s", mt_errmsg());
+  REQUIRE(!mt_st_writer_end(w), "end: %s", mt_errmsg());
+  mt_st_writer_free(w);
+  REQUIRE(same_bytes(whole, streamed), "the streamed file differs from the committed one");
+
+  /* a stream that stops short writes nothing under the name */
+  const char *cut = tmp_path("cut.safetensors");
+  w = mt_st_writer_new();
+  REQUIRE(w && !mt_st_writer_add(w, "a", 2, sa, NULL) && !mt_st_writer_add(w, "b", 1, sb, NULL),
+          "declare");
+  REQUIRE(!mt_st_writer_begin(w, cut) && !mt_st_writer_append(w, a, 6) &&
+              !mt_st_writer_append(w, b, 2),
+          "a short stream: %s", mt_errmsg());
+  REQUIRE(mt_st_writer_end(w) < 0 && strstr(mt_errmsg(), "\"b\" has 8 of its 12 bytes"),
+          "end of a short stream: %s", mt_errmsg());
+  REQUIRE(temps_left(cut) == 1, "the temp file is kept until the writer is freed");
+  mt_st_writer_free(w);
+  REQUIRE(access(cut, F_OK) && !temps_left(cut), "a short stream left %s or its temp file", cut);
+  return 0;
+}
+
+/* tp 4 over a vocabulary of 100 padded to 256: shards 2 and 3 of wte are
+ * all padding, which the file does not hold. */
+static mt_gpt_config shard_config(int tp, int tp_rank, int lb, int le) {
+  mt_gpt_config c = tiny_config();
+  c.vocab_size = 100;
+  c.tp_size = tp, c.tp_rank = tp_rank;
+  c.layer_begin = lb, c.layer_end = le;
+  return c;
+}
+
+/* Every (stage, tp shard) of a whole model loads only its own slices of the
+ * file, element for element those of the whole (padding rows zero), and the
+ * shards put back through mt_gpt_export write the same file byte for byte. */
+static int test_shards_load_their_slices_and_export_rewrites_the_file(void) {
+  mt_gpt whole;
+  mt_gpt_config wc = shard_config(1, 0, 0, 0);
+  REQUIRE(!mt_gpt_create(&whole, &wc, &dev, 2, 8), "create: %s", mt_errmsg());
+  REQUIRE(!fill_random(&whole, whole.params), "fill");
+  const char *path = tmp_path("whole.safetensors");
+  REQUIRE(!mt_gpt_save_safetensors(&whole, path), "save: %s", mt_errmsg());
+  float *ref = download(&whole, whole.params);
+  REQUIRE(ref, "download");
+  const int layouts[][2] = {{2, 1}, {4, 1}, {1, 2}, {2, 2}, {4, 2}}; /* tp, pp */
+  for (size_t k = 0; k < sizeof layouts / sizeof *layouts; k++) {
+    int tp = layouts[k][0], pp = layouts[k][1];
+    mt_gpt shards[8];
+    for (int s = 0; s < pp; s++)
+      for (int q = 0; q < tp; q++) {
+        mt_gpt *m = &shards[s * tp + q];
+        mt_gpt_config c = shard_config(tp, q, pp > 1 ? s : 0, pp > 1 ? s + 1 : 0);
+        REQUIRE(!mt_gpt_create(m, &c, &dev, 2, 8), "create tp %d pp %d: %s", tp, pp, mt_errmsg());
+        REQUIRE(!mt_gpt_load_safetensors(m, path), "load stage %d shard %d of tp %d: %s", s, q, tp,
+                mt_errmsg());
+        for (int j = 0; j < m->n_tensors; j++) {
+          const mt_param *p = &m->params_table[j];
+          const mt_param *w = &whole.params_table[mt_gpt_find(&whole, p->name)];
+          for (size_t e = 0; e < p->numel; e++)
+            REQUIRE(m->params[p->offset + e] == ref[w->offset + mt_param_global_index(p, e)],
+                    "tp %d pp %d stage %d shard %d: %s[%zu] is not the file's", tp, pp, s, q,
+                    p->name, e);
+        }
+      }
+    char name[64];
+    snprintf(name, sizeof name, "tp%d-pp%d.safetensors", tp, pp);
+    const char *out = tmp_path(name);
+    mt_gpt_export *e;
+    REQUIRE(!mt_gpt_export_open(&e, &shards[0].cfg, out), "export open: %s", mt_errmsg());
+    for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
+      int s = t->layer >= 0 ? t->layer * pp / wc.n_layer : strncmp(t->name, "ln_f", 4) ? 0 : pp - 1;
+      for (int q = 0; q < tp; q++) {
+        mt_gpt *m = &shards[s * tp + q];
+        const mt_param *p = &m->params_table[mt_gpt_find(m, t->name)];
+        if (q > 0 && p->shard == MT_SHARD_NONE) continue;
+        REQUIRE(!mt_gpt_export_put(e, p, m->params + p->offset), "put %s: %s", t->name,
+                mt_errmsg());
+      }
+      REQUIRE(!mt_gpt_export_next(e), "write %s: %s", t->name, mt_errmsg());
+    }
+    REQUIRE(!mt_gpt_export_commit(e), "commit: %s", mt_errmsg());
+    mt_gpt_export_free(e);
+    REQUIRE(same_bytes(path, out), "tp %d pp %d: the export differs from the whole model's file",
+            tp, pp);
+    for (int i = 0; i < tp * pp; i++) mt_gpt_destroy(&shards[i]);
+  }
+  free(ref);
+  mt_gpt_destroy(&whole);
+  return 0;
+}
+
+/* An export given the wrong tensor, a tensor twice, a tensor short of a
+ * shard, or committed early says which tensor, and leaves no file. */
+static int test_export_refuses_wrong_missing_and_repeated_pieces(void) {
+  mt_gpt_config c0 = tiny_config(), c1 = tiny_config(); /* vocab 250 of 256: both shards count */
+  c0.tp_size = c1.tp_size = 2, c1.tp_rank = 1;
+  mt_gpt s0, s1;
+  REQUIRE(!mt_gpt_create(&s0, &c0, &dev, 2, 8) && !mt_gpt_create(&s1, &c1, &dev, 2, 8), "create");
+  const char *out = tmp_path("refused-export.safetensors");
+  mt_gpt_export *e;
+  REQUIRE(!mt_gpt_export_open(&e, &c0, out), "open: %s", mt_errmsg());
+  const mt_param *wte0 = &s0.params_table[mt_gpt_find(&s0, "wte.weight")];
+  const mt_param *wpe0 = &s0.params_table[mt_gpt_find(&s0, "wpe.weight")];
+  REQUIRE(mt_gpt_export_put(e, wpe0, s0.params + wpe0->offset) < 0 &&
+              strstr(mt_errmsg(), "wpe.weight given where wte.weight is due"),
+          "the wrong tensor: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_export_put(e, wte0, s0.params + wte0->offset), "put shard 0: %s", mt_errmsg());
+  REQUIRE(mt_gpt_export_next(e) < 0 &&
+              strstr(mt_errmsg(), "wte.weight has 4096 of its 8000 elements"),
+          "a tensor short of shard 1: %s", mt_errmsg());
+  REQUIRE(mt_gpt_export_put(e, wte0, s0.params + wte0->offset) < 0 &&
+              strstr(mt_errmsg(), "more than once"),
+          "shard 0 again: %s", mt_errmsg());
+  REQUIRE(mt_gpt_export_commit(e) < 0 && strstr(mt_errmsg(), "wte.weight was not written"),
+          "an early commit: %s", mt_errmsg());
+  mt_gpt_export_free(e);
+  REQUIRE(access(out, F_OK) && !temps_left(out), "a refused export left a file");
+  mt_gpt_destroy(&s0);
+  mt_gpt_destroy(&s1);
+  return 0;
+}
+
 static const struct {
   const char *name;
   int (*fn)(void);
@@ -617,6 +785,9 @@ static const struct {
     T(test_load_accepts_transformer_prefix_and_ignores_buffers),
     T(test_load_names_every_missing_extra_and_misshapen_tensor),
     T(test_load_refuses_other_config),
+    T(test_streamed_writer_matches_commit_and_refuses_a_short_stream),
+    T(test_shards_load_their_slices_and_export_rewrites_the_file),
+    T(test_export_refuses_wrong_missing_and_repeated_pieces),
 #undef T
 };
 
