@@ -624,33 +624,47 @@ static void *client_thread(void *arg) {
 
 /* ------------------------------------------------------------------ calls */
 
-/* Hands r to the loop thread and waits for its result. */
-static int call(client *c, creq *r) {
-  r->start_ms = now_ms();
-  r->wait_end_ms = r->timeout_ms < 0 ? -1 : r->start_ms + r->timeout_ms;
-  r->deadline_ms = r->timeout_ms < 0 ? -1 : r->wait_end_ms + c->o.request_timeout_ms;
-  r->unconnected_since = -1;
-  sem_init(&r->done, 0, 0);
+/* Hands rs[0, n) to the loop thread in one batch, so they go out
+ * pipelined, and waits for every one; each rs[i].rc says how it went. 0,
+ * or MT_ECANCELED (message set) when the client is closing. */
+static int submit_and_wait(client *c, creq *rs, size_t n) {
+  int64_t now = now_ms();
+  for (size_t i = 0; i < n; i++) {
+    creq *r = &rs[i];
+    r->start_ms = now;
+    r->wait_end_ms = r->timeout_ms < 0 ? -1 : r->start_ms + r->timeout_ms;
+    r->deadline_ms = r->timeout_ms < 0 ? -1 : r->wait_end_ms + c->o.request_timeout_ms;
+    r->unconnected_since = -1;
+    r->next = i + 1 < n ? &rs[i + 1] : NULL;
+    sem_init(&r->done, 0, 0);
+  }
   pthread_mutex_lock(&c->mu);
   if (c->closing) {
     pthread_mutex_unlock(&c->mu);
-    sem_destroy(&r->done);
-    return mt_seterr(MT_ECANCELED, "store(tcp %s): %s: client closed", c->addr, op_word(r->op));
+    for (size_t i = 0; i < n; i++) sem_destroy(&rs[i].done);
+    return mt_seterr(MT_ECANCELED, "store(tcp %s): %s: client closed", c->addr, op_word(rs[0].op));
   }
-  r->next = NULL;
   if (c->submit_tail)
-    c->submit_tail->next = r;
+    c->submit_tail->next = &rs[0];
   else
-    c->submit = r;
-  c->submit_tail = r;
+    c->submit = &rs[0];
+  c->submit_tail = &rs[n - 1];
   /* woken under mu: a free racing this call cannot close the handle in between */
   uv_async_send(&c->wake);
   pthread_mutex_unlock(&c->mu);
-  while (sem_wait(&r->done) < 0 && errno == EINTR) {
+  for (size_t i = 0; i < n; i++) {
+    while (sem_wait(&rs[i].done) < 0 && errno == EINTR) {
+    }
+    sem_destroy(&rs[i].done);
   }
-  sem_destroy(&r->done);
-  if (r->rc) return mt_seterr(r->rc, "%s", r->err);
   return 0;
+}
+
+/* Hands r to the loop thread and waits for its result. */
+static int call(client *c, creq *r) {
+  int rc = submit_and_wait(c, r, 1);
+  if (!rc && r->rc) rc = mt_seterr(r->rc, "%s", r->err);
+  return rc;
 }
 
 static int check_key(client *c, const char *op, const char *key) {
@@ -686,6 +700,32 @@ static int tcp_get(mt_store *s, const char *key, void **value, size_t *bytes, in
   *value = r.out;
   if (bytes) *bytes = r.out_bytes;
   return 0;
+}
+
+/* n GETs with no wait, sent at once: one round trip. */
+static int tcp_get_many(mt_store *s, const char *const *keys, size_t n, void **values,
+                        size_t *bytes) {
+  client *c = (client *)s;
+  int rc = 0;
+  for (size_t i = 0; i < n; i++) values[i] = NULL;
+  for (size_t i = 0; i < n && !rc; i++) rc = check_key(c, "get", keys[i]);
+  if (rc || !n) return rc;
+  creq *rs = calloc(n, sizeof *rs);
+  if (!rs) return mt_seterr(MT_ENOMEM, "store(tcp %s): get of %zu keys: out of memory", c->addr, n);
+  for (size_t i = 0; i < n; i++) rs[i] = (creq){.op = MT_STORE_OP_GET, .key = keys[i]};
+  rc = submit_and_wait(c, rs, n);
+  for (size_t i = 0; i < n && !rc; i++) {
+    if (rs[i].rc && rs[i].rc != MT_ETIMEDOUT) rc = mt_seterr(rs[i].rc, "%s", rs[i].err);
+    if (bytes) bytes[i] = rs[i].rc ? 0 : rs[i].out_bytes;
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (!rc && !rs[i].rc)
+      values[i] = rs[i].out;
+    else
+      free(rs[i].out);
+  }
+  free(rs);
+  return rc;
 }
 
 static int tcp_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {
@@ -827,7 +867,8 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
                        .check = tcp_check,
                        .del = tcp_del,
                        .free = tcp_free,
-                       .kind = "tcp"};
+                       .kind = "tcp",
+                       .get_many = tcp_get_many};
   int e = uv_loop_init(&c->loop);
   if (e < 0) {
     free(c);

@@ -18,6 +18,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+#include "err.h"
 
 typedef struct mt_store mt_store;
 
@@ -41,6 +44,12 @@ struct mt_store {
    * directory stays). */
   void (*free)(mt_store *s);
   const char *kind; /* "mem", "file", "tcp": for messages */
+  /* Optional (NULL: mt_store_get_many asks key by key). Reads n keys as
+   * they are now, without waiting, in one round trip to a remote store:
+   * values[i] a malloc'd copy (NUL after the last byte; free() it) or NULL
+   * where the key does not exist, bytes[i] its length (bytes may be NULL).
+   * On failure no value is returned: every values[i] is NULL. */
+  int (*get_many)(mt_store *s, const char *const *keys, size_t n, void **values, size_t *bytes);
 };
 
 /* An in-process store: a mutex, a condition variable and a list. */
@@ -63,6 +72,24 @@ static inline int mt_store_add(mt_store *s, const char *key, int64_t delta, int6
 }
 static inline int mt_store_check(mt_store *s, const char *key) { return s->check(s, key); }
 static inline int mt_store_del(mt_store *s, const char *key) { return s->del(s, key); }
+/* s->get_many, or a get of each key with no wait where a store has none
+ * (inline: the cluster layer uses the table without linking this one). */
+static inline int mt_store_get_many(mt_store *s, const char *const *keys, size_t n, void **values,
+                                    size_t *bytes) {
+  if (s->get_many) return s->get_many(s, keys, n, values, bytes);
+  int rc = 0;
+  for (size_t i = 0; i < n; i++) values[i] = NULL;
+  for (size_t i = 0; i < n && !rc; i++) {
+    size_t b = 0;
+    void *v = NULL;
+    rc = mt_store_get(s, keys[i], &v, &b, 0);
+    if (rc == MT_ETIMEDOUT) rc = 0, b = 0; /* absent */
+    values[i] = rc ? NULL : v;
+    if (bytes) bytes[i] = b;
+  }
+  for (size_t i = 0; i < n && rc; i++) free(values[i]), values[i] = NULL;
+  return rc;
+}
 static inline void mt_store_free(mt_store *s) {
   if (s) s->free(s);
 }

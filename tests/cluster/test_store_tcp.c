@@ -278,6 +278,39 @@ static void test_values_round_trip(mt_store *s) {
         rtt);
 }
 
+/* A batched read of 600 keys, a third of them absent: each value where it
+ * was set, NULL where not, in one request per key sent at once; a bad key
+ * fails the whole read naming it and returns nothing. */
+static void test_get_many_reads_present_and_absent_keys(mt_store *s) {
+  enum { N = 600 };
+  static char names[N][32];
+  const char *keys[N];
+  void *vals[N];
+  size_t bytes[N];
+  for (int i = 0; i < N; i++) {
+    snprintf(names[i], sizeof names[i], "many/%d", i);
+    keys[i] = names[i];
+    if (i % 3) CHECK(!mt_store_set(s, keys[i], names[i], strlen(names[i]) + (i % 2)), "set");
+  }
+  CHECK(s->get_many, "the TCP store batches reads");
+  CHECK(!mt_store_get_many(s, keys, N, vals, bytes), "get_many: %s", mt_errmsg());
+  int wrong = 0;
+  for (int i = 0; i < N; i++) {
+    if (i % 3)
+      wrong += !vals[i] || bytes[i] != strlen(names[i]) + (i % 2) ||
+               memcmp(vals[i], names[i], strlen(names[i]));
+    else
+      wrong += vals[i] != NULL || bytes[i] != 0;
+    free(vals[i]);
+  }
+  CHECK(!wrong, "%d of %d keys read back wrong", wrong, N);
+  keys[7] = "";
+  vals[0] = (void *)1;
+  int rc = mt_store_get_many(s, keys, N, vals, NULL);
+  CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), "empty key") && vals[0] == NULL,
+        "a batch with an empty key: %s %s", mt_strerror(rc), mt_errmsg());
+}
+
 static void test_add_counts_and_refuses_text(mt_store *s) {
   int64_t v = 0;
   CHECK(!mt_store_add(s, "gen/0/n", 5, &v) && v == 5, "add to an absent key gave %" PRId64, v);
@@ -763,6 +796,7 @@ static void test_server_on_its_own_thread(void) {
   CHECK(!mt_store_tcp_new("127.0.0.1", mt_store_server_thread_port(t), &o, &s), "%s", mt_errmsg());
   if (!s) return mt_store_server_thread_stop(t);
   test_values_round_trip(s);
+  test_get_many_reads_present_and_absent_keys(s);
   job j = {s, "gen/0/never-set", 0, -1};
   pthread_t th;
   pthread_create(&th, NULL, get_forever, &j);
@@ -792,6 +826,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   test_values_round_trip(s);
+  test_get_many_reads_present_and_absent_keys(s);
   test_add_counts_and_refuses_text(s);
   test_cas_swaps_only_on_match(s);
   test_get_is_answered_when_another_process_sets();
