@@ -1,5 +1,6 @@
 /* ckpt.c — `mtnlgctl ckpt verify DIR`: every checksum of checkpoints on
- * disk, offline, without a daemon (daemon/ckpt does the reading). */
+ * disk, offline, without a daemon (daemon/ckpt does the reading); `mtnlgctl
+ * ckpt export DIR OUT`: a checkpoint's weights as GPT-2 safetensors. */
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,18 +8,27 @@
 #include <sys/stat.h>
 
 #include "ckpt.h"
+#include "ckpt_export.h"
 #include "ctl.h"
 #include "err.h"
+#include "log.h"
 
 const char ctl_ckpt_help[] =
-    "Checks checkpoints offline. DIR is one checkpoint (a step_NNNNNNNN directory with its\n"
-    "manifest.json) or a job's checkpoint directory (every committed step in it). Every\n"
-    "shard file's size, header and per-chunk XXH3 checksum is compared with the manifest;\n"
-    "each problem is printed with its file and chunk. A checkpoint a resume set aside as\n"
-    "damaged (step_NNNNNNNN.damaged) is not part of its job's directory: name it as DIR.\n"
+    "Checks checkpoints offline, or exports one's weights. DIR is one checkpoint (a\n"
+    "step_NNNNNNNN directory with its manifest.json) or a job's checkpoint directory\n"
+    "(every committed step in it). Every shard file's size, header and per-chunk XXH3\n"
+    "checksum is compared with the manifest; each problem is printed with its file and\n"
+    "chunk. A checkpoint a resume set aside as damaged (step_NNNNNNNN.damaged) is not\n"
+    "part of its job's directory: name it as DIR.\n"
     "\n"
-    "  verify DIR   exit 0 when every checksum matches, 1 when anything is wrong\n"
-    "  -o json      one object: {\"checked\": [...], \"problems\": [...]}\n";
+    "  verify DIR       exit 0 when every checksum matches, 1 when anything is wrong\n"
+    "  export DIR OUT   write the checkpoint's fp32 master weights to OUT as Hugging Face\n"
+    "                   GPT-2 safetensors (what --export writes at that step), whatever its\n"
+    "                   tp x pp layout; a job directory as DIR exports the checkpoint a\n"
+    "                   resume would load. Every checksum is checked first; the file is\n"
+    "                   written a tensor at a time and appears only once complete.\n"
+    "  -o json          one object: {\"checked\": [...], \"problems\": [...]} (verify),\n"
+    "                   {\"checkpoint\", \"step\", \"path\", \"bytes\"} (export)\n";
 
 typedef struct verify_ctx {
   json_t *problems;
@@ -39,10 +49,60 @@ static int is_file(const char *dir, const char *name) {
   return stat(p, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+/* ckpt export DIR OUT: DIR a step directory or a job's directory. */
+static int export_checkpoint(const char *dir, const char *out) {
+  char job_dir[MT_CKPT_PATH_MAX];
+  int64_t step = -1;
+  snprintf(job_dir, sizeof job_dir, "%s", dir);
+  if (is_file(dir, "manifest.json")) { /* one step directory: its job's, that step */
+    char *slash = strrchr(job_dir, '/');
+    const char *base = slash ? slash + 1 : job_dir;
+    char *end;
+    long long s = strncmp(base, "step_", 5) ? -1 : strtoll(base + 5, &end, 10);
+    if (s < 0 || *end) {
+      fprintf(stderr, "mtnlgctl ckpt: %s is not named step_NNNNNNNN\n", dir);
+      return CTL_EXIT_FAILURE;
+    }
+    step = s;
+    if (slash)
+      *slash = 0;
+    else
+      snprintf(job_dir, sizeof job_dir, ".");
+  }
+  mt_log_set_level(MT_LOG_WARN); /* a resume's notes on passed-over checkpoints stay */
+  mt_ckpt c;
+  int rc = mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, &c);
+  if (rc) {
+    fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_ckpt_unprefixed(mt_errmsg()));
+    return CTL_EXIT_FAILURE;
+  }
+  rc = mt_ckpt_export(&c, out);
+  if (rc) {
+    fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
+    mt_ckpt_close(&c);
+    return CTL_EXIT_FAILURE;
+  }
+  struct stat st;
+  long long bytes = stat(out, &st) ? -1 : (long long)st.st_size;
+  if (ctl.output == CTL_OUTPUT_JSON) {
+    json_t *j = json_pack("{s:s, s:I, s:s, s:I}", "checkpoint", c.dir, "step", (json_int_t)c.step,
+                          "path", out, "bytes", (json_int_t)bytes);
+    char *text = json_dumps(j, JSON_INDENT(2));
+    if (text) printf("%s\n", text);
+    free(text);
+    json_decref(j);
+  } else {
+    printf("exported step %lld of %s (tp %d x pp %d) to %s: %.1f MB\n", (long long)c.step, c.dir,
+           c.tp, c.pp, out, bytes / 1e6);
+  }
+  mt_ckpt_close(&c);
+  return CTL_EXIT_OK;
+}
+
 int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
   int ret = CTL_EXIT_USAGE;
   json_t *checked = json_array(), *problems = json_array();
-  const char *dir = NULL;
+  const char *dir = NULL, *out = NULL;
   for (int i = 1; i < argc; i++) {
     if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
       if (ctl_parse_output(argv[++i], &ctl.output)) goto cleanup;
@@ -57,13 +117,20 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
       goto cleanup;
     } else if (!strcmp(argv[i], "verify") && !dir && i + 1 < argc) {
       dir = argv[++i];
+    } else if (!strcmp(argv[i], "export") && !dir && i + 2 < argc) {
+      dir = argv[++i];
+      out = argv[++i];
     } else {
-      ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR");
+      ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR, or ckpt export DIR OUT");
       goto cleanup;
     }
   }
   if (!dir) {
-    ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR");
+    ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR, or ckpt export DIR OUT");
+    goto cleanup;
+  }
+  if (out) {
+    ret = export_checkpoint(dir, out);
     goto cleanup;
   }
   ret = CTL_EXIT_FAILURE;

@@ -906,10 +906,13 @@ int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char
   }
   if (!rc && !(e->hf = malloc((max_numel ? max_numel : 1) * sizeof *e->hf)))
     rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: a buffer of %zu floats", path, max_numel);
-  if (!rc) rc = mt_st_writer_begin(e->w, path);
   if (rc) {
     mt_gpt_export_free(e);
     return mt_wraperr(rc, "safetensors: export %s", path);
+  }
+  if ((rc = mt_st_writer_begin(e->w, path))) { /* its message names the file */
+    mt_gpt_export_free(e);
+    return rc;
   }
   *out = e;
   return 0;
