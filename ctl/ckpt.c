@@ -1,7 +1,9 @@
 /* ckpt.c — `mtnlgctl ckpt verify DIR`: every checksum of checkpoints on
  * disk, offline, without a daemon (daemon/ckpt does the reading); `mtnlgctl
- * ckpt export DIR OUT`: a checkpoint's weights as GPT-2 safetensors. */
+ * ckpt export DIR OUT`: a checkpoint's weights as GPT-2 safetensors;
+ * `mtnlgctl ckpt reshard DIR OUT --tp T --pp P`: one under another layout. */
 #include <dirent.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,8 +29,15 @@ const char ctl_ckpt_help[] =
     "                   tp x pp layout; a job directory as DIR exports the checkpoint a\n"
     "                   resume would load. Every checksum is checked first; the file is\n"
     "                   written a tensor at a time and appears only once complete.\n"
+    "  reshard DIR OUT --tp T --pp P\n"
+    "                   write the checkpoint (master weights and Adam moments) under tensor\n"
+    "                   parallelism T and P pipeline stages, as step N of the job directory\n"
+    "                   OUT (made if missing, `latest` pointing at it; another directory\n"
+    "                   than DIR's job). Point checkpoint.dir/name at OUT and set\n"
+    "                   parallel.tp and pp to T and P: the job resumes there.\n"
     "  -o json          one object: {\"checked\": [...], \"problems\": [...]} (verify),\n"
-    "                   {\"checkpoint\", \"step\", \"path\", \"bytes\"} (export)\n";
+    "                   {\"checkpoint\", \"step\", \"path\", \"bytes\"} (export),\n"
+    "                   {\"checkpoint\", \"step\", \"path\", \"tp\", \"pp\"} (reshard)\n";
 
 typedef struct verify_ctx {
   json_t *problems;
@@ -49,8 +58,9 @@ static int is_file(const char *dir, const char *name) {
   return stat(p, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-/* ckpt export DIR OUT: DIR a step directory or a job's directory. */
-static int export_checkpoint(const char *dir, const char *out) {
+/* Opens the checkpoint DIR names: a step directory, or a job's directory
+ * (the one a resume would load). 0, or prints why not and returns 1. */
+static int open_checkpoint(const char *dir, mt_ckpt *c) {
   char job_dir[MT_CKPT_PATH_MAX];
   int64_t step = -1;
   snprintf(job_dir, sizeof job_dir, "%s", dir);
@@ -61,7 +71,7 @@ static int export_checkpoint(const char *dir, const char *out) {
     long long s = strncmp(base, "step_", 5) ? -1 : strtoll(base + 5, &end, 10);
     if (s < 0 || *end) {
       fprintf(stderr, "mtnlgctl ckpt: %s is not named step_NNNNNNNN\n", dir);
-      return CTL_EXIT_FAILURE;
+      return 1;
     }
     step = s;
     if (slash)
@@ -70,14 +80,18 @@ static int export_checkpoint(const char *dir, const char *out) {
       snprintf(job_dir, sizeof job_dir, ".");
   }
   mt_log_set_level(MT_LOG_WARN); /* a resume's notes on passed-over checkpoints stay */
-  mt_ckpt c;
-  int rc = mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, &c);
-  if (rc) {
+  if (mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, c)) {
     fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_ckpt_unprefixed(mt_errmsg()));
-    return CTL_EXIT_FAILURE;
+    return 1;
   }
-  rc = mt_ckpt_export(&c, out);
-  if (rc) {
+  return 0;
+}
+
+/* ckpt export DIR OUT */
+static int export_checkpoint(const char *dir, const char *out) {
+  mt_ckpt c;
+  if (open_checkpoint(dir, &c)) return CTL_EXIT_FAILURE;
+  if (mt_ckpt_export(&c, out)) {
     fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
     mt_ckpt_close(&c);
     return CTL_EXIT_FAILURE;
@@ -99,10 +113,48 @@ static int export_checkpoint(const char *dir, const char *out) {
   return CTL_EXIT_OK;
 }
 
+/* ckpt reshard DIR OUT --tp T --pp P */
+static int reshard_checkpoint(const char *dir, const char *out, int tp, int pp) {
+  mt_ckpt c;
+  if (open_checkpoint(dir, &c)) return CTL_EXIT_FAILURE;
+  /* never into the checkpoint's own job directory, nor over a step there */
+  char src[PATH_MAX], dst[PATH_MAX], step_dir[MT_CKPT_PATH_MAX + 32];
+  snprintf(step_dir, sizeof step_dir, "%s/step_%08lld", out, (long long)c.step);
+  char *slash = strrchr(c.dir, '/');
+  if (slash) *slash = 0;
+  int same = realpath(slash ? c.dir : ".", src) && realpath(out, dst) && !strcmp(src, dst);
+  if (slash) *slash = '/';
+  struct stat st;
+  int ret = CTL_EXIT_FAILURE;
+  if (same)
+    fprintf(stderr, "mtnlgctl ckpt: %s is the checkpoint's own job directory: name another\n", out);
+  else if (!stat(step_dir, &st))
+    fprintf(stderr, "mtnlgctl ckpt: %s exists: remove it, or name another directory\n", step_dir);
+  else if (mt_ckpt_reshard(&c, tp, pp, out))
+    fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
+  else
+    ret = CTL_EXIT_OK;
+  if (ret == CTL_EXIT_OK && ctl.output == CTL_OUTPUT_JSON) {
+    json_t *j = json_pack("{s:s, s:I, s:s, s:i, s:i}", "checkpoint", c.dir, "step",
+                          (json_int_t)c.step, "path", step_dir, "tp", tp, "pp", pp);
+    char *text = json_dumps(j, JSON_INDENT(2));
+    if (text) printf("%s\n", text);
+    free(text);
+    json_decref(j);
+  } else if (ret == CTL_EXIT_OK) {
+    printf("resharded step %lld of %s from tp %d x pp %d to tp %d x pp %d: %s\n", (long long)c.step,
+           c.dir, c.tp, c.pp, tp, pp, step_dir);
+  }
+  mt_ckpt_close(&c);
+  return ret;
+}
+
 int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
   int ret = CTL_EXIT_USAGE;
   json_t *checked = json_array(), *problems = json_array();
   const char *dir = NULL, *out = NULL;
+  int reshard = 0;
+  double tp = 0, pp = 0;
   for (int i = 1; i < argc; i++) {
     if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
       if (ctl_parse_output(argv[++i], &ctl.output)) goto cleanup;
@@ -112,25 +164,43 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
       ctl_verb_help(verb, stdout);
       ret = CTL_EXIT_OK;
       goto cleanup;
+    } else if ((!strcmp(argv[i], "--tp") || !strcmp(argv[i], "--pp")) && i + 1 < argc) {
+      double *v = argv[i][2] == 't' ? &tp : &pp;
+      if (ctl_parse_positive(verb, argv[i], argv[i + 1], 1, v)) goto cleanup;
+      i++;
     } else if (argv[i][0] == '-') {
       ret = ctl_usage_error(verb, "unknown option %s", argv[i]);
       goto cleanup;
+    } else if (!strcmp(argv[i], "reshard") && !dir && i + 2 < argc) {
+      reshard = 1;
+      dir = argv[++i];
+      out = argv[++i];
     } else if (!strcmp(argv[i], "verify") && !dir && i + 1 < argc) {
       dir = argv[++i];
     } else if (!strcmp(argv[i], "export") && !dir && i + 2 < argc) {
       dir = argv[++i];
       out = argv[++i];
     } else {
-      ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR, or ckpt export DIR OUT");
+      ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR, ckpt export DIR OUT, or "
+                                  "ckpt reshard DIR OUT --tp T --pp P");
       goto cleanup;
     }
   }
   if (!dir) {
-    ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR, or ckpt export DIR OUT");
+    ret = ctl_usage_error(verb, "expected: mtnlgctl ckpt verify DIR, ckpt export DIR OUT, or "
+                                "ckpt reshard DIR OUT --tp T --pp P");
+    goto cleanup;
+  }
+  if (reshard && (!tp || !pp)) {
+    ret = ctl_usage_error(verb, "reshard needs --tp T and --pp P");
+    goto cleanup;
+  }
+  if (!reshard && (tp || pp)) {
+    ret = ctl_usage_error(verb, "--tp and --pp go with reshard");
     goto cleanup;
   }
   if (out) {
-    ret = export_checkpoint(dir, out);
+    ret = reshard ? reshard_checkpoint(dir, out, (int)tp, (int)pp) : export_checkpoint(dir, out);
     goto cleanup;
   }
   ret = CTL_EXIT_FAILURE;

@@ -598,8 +598,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {
     failed = 1;
     snprintf(err, sizeof err,
-             "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (resharding "
-             "to another tp or pp is not supported yet)",
+             "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (`mtnlgctl "
+             "ckpt reshard` writes it under another layout)",
              c.dir, c.tp, c.pp, g->tp_size, g->pp_size);
   } else if (f->n != tr->model.num_params) {
     failed = 1;

@@ -112,3 +112,178 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
   free(piece);
   return rc;
 }
+
+/* ---- resharding ---------------------------------------------------------- */
+
+/* The shard tables of a layout, [s * tp + q], and the largest tensor. */
+static int layout_tables(const mt_job *job, int tp, int pp, mt_param ***tables, int **counts,
+                         size_t **sizes, size_t *max_numel) {
+  int n = tp * pp;
+  *tables = calloc((size_t)n, sizeof **tables);
+  *counts = calloc((size_t)n, sizeof **counts);
+  *sizes = calloc((size_t)n, sizeof **sizes);
+  if (!*tables || !*counts || !*sizes) return mt_seterr(MT_ENOMEM, "reshard: shard tables");
+  for (int k = 0; k < n; k++) {
+    mt_gpt_config cfg = shard_config(job, tp, pp, k % tp, k / tp);
+    int rc = mt_gpt_table(&cfg, &(*tables)[k], &(*counts)[k], &(*sizes)[k]);
+    if (rc) return rc;
+    for (int i = 0; i < (*counts)[k]; i++)
+      if ((*tables)[k][i].numel > *max_numel) *max_numel = (*tables)[k][i].numel;
+  }
+  return 0;
+}
+
+static void free_tables(mt_param **tables, int *counts, size_t *sizes, int n) {
+  for (int k = 0; tables && k < n; k++) free(tables[k]);
+  free(tables);
+  free(counts);
+  free(sizes);
+}
+
+/* Entry `name` of one shard table, or NULL. */
+static const mt_param *table_find(const mt_param *t, int n, const char *name) {
+  for (int i = 0; i < n; i++)
+    if (!strcmp(t[i].name, name)) return &t[i];
+  return NULL;
+}
+
+/* The job of the resharded checkpoint: the saved one under tp x pp. */
+static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t **job_json) {
+  json_t *j = json_deep_copy(json_object_get(c->extra, "job"));
+  json_t *par = j ? json_object_get(j, "parallel") : NULL;
+  if (!json_is_object(par)) {
+    json_decref(j);
+    return mt_seterr(MT_EINVAL, "reshard: %s does not record its job (saved by an older mtnlgd)",
+                     c->dir);
+  }
+  json_object_set_new(par, "tp", json_integer(tp));
+  json_object_set_new(par, "pp", json_integer(pp));
+  char *text = json_dumps(j, JSON_COMPACT);
+  json_decref(j);
+  int rc = text ? mt_job_parse(job, text, NULL, NULL, NULL) : MT_ENOMEM;
+  free(text);
+  if (rc) return mt_wraperr(rc, "reshard: tp %d x pp %d", tp, pp);
+  if (job->model.n_layer < pp)
+    return mt_seterr(MT_EINVAL, "reshard: parallel.pp: %d stages for %d layers", pp,
+                     job->model.n_layer);
+  char *canon = mt_job_to_json(job); /* the resolved job, as a save records it */
+  *job_json = canon ? json_loads(canon, 0, NULL) : NULL;
+  free(canon);
+  return *job_json ? 0 : mt_seterr(MT_ENOMEM, "reshard: the job");
+}
+
+int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
+  mt_job old_job, new_job;
+  json_t *new_job_json = NULL, *extra = NULL;
+  mt_param **ot = NULL, **nt = NULL;
+  int *oc = NULL, *nc = NULL, n_old = c->tp * c->pp, n_new = tp * pp;
+  size_t *osz = NULL, *nsz = NULL, max_numel = 0;
+  const mt_ckpt_file *f0 = mt_ckpt_file_of(c, 0, 0);
+  int A = f0 ? f0->n_arrays : 0, begun = 0;
+  float *whole[MT_CKPT_MAX_ARRAYS] = {0}, *piece[MT_CKPT_MAX_ARRAYS] = {0};
+  const char *arrays[MT_CKPT_MAX_ARRAYS];
+  mt_ckpt_shard_desc *desc = NULL;
+  mt_ckpt_chunks chunks = {0};
+  mt_ckpt_txn txn;
+  int rc = saved_job(c, &old_job);
+  if (!rc) rc = resharded_job(c, tp, pp, &new_job, &new_job_json);
+  if (!rc && !f0) rc = mt_seterr(MT_ECORRUPT, "reshard: %s has no shard tp 0 pp 0", c->dir);
+  for (int a = 0; a < A; a++) arrays[a] = f0->arrays[a];
+  /* every file holds its shard of the saved model, the same arrays */
+  if (!rc) rc = layout_tables(&old_job, c->tp, c->pp, &ot, &oc, &osz, &max_numel);
+  for (int k = 0; k < n_old && !rc; k++) {
+    const mt_ckpt_file *f = mt_ckpt_file_of(c, k % c->tp, k / c->tp);
+    int same = f && f->n == osz[k] && f->n_arrays == A;
+    for (int a = 0; same && a < A; a++) same = !strcmp(f->arrays[a], arrays[a]);
+    if (!same)
+      rc = mt_seterr(MT_ECORRUPT,
+                     "reshard: %s: shard tp %d pp %d does not hold the job's %zu parameters in "
+                     "the arrays of shard tp 0 pp 0",
+                     c->dir, k % c->tp, k / c->tp, osz[k]);
+  }
+  if (!rc) rc = layout_tables(&new_job, tp, pp, &nt, &nc, &nsz, &max_numel);
+  /* a whole tensor of each array (wte: its real rows) and a shard's piece */
+  mt_gpt_config wc = shard_config(&old_job, 1, 1, 0, 0);
+  mt_param *wt = NULL;
+  int wn = 0;
+  size_t wcount, whole_max = 0;
+  if (!rc) rc = mt_gpt_table(&wc, &wt, &wn, &wcount);
+  for (int i = 0; i < wn; i++)
+    if (wt[i].numel > whole_max) whole_max = wt[i].numel;
+  for (int a = 0; a < A && !rc; a++)
+    if (!(whole[a] = malloc(whole_max * sizeof(float))) ||
+        !(piece[a] = malloc((max_numel ? max_numel : 1) * sizeof(float))))
+      rc = mt_seterr(MT_ENOMEM, "reshard: buffers of %zu floats", whole_max);
+  if (!rc && !(desc = calloc((size_t)n_new, sizeof *desc)))
+    rc = mt_seterr(MT_ENOMEM, "reshard: shard list");
+  if (!rc && !(rc = mt_ckpt_begin(&txn, out_job_dir, c->step))) begun = 1;
+  for (int k = 0; k < n_new && !rc; k++) {
+    desc[k] = (mt_ckpt_shard_desc){
+        .tp = k % tp, .pp = k / tp, .n = nsz[k], .n_arrays = A, .arrays = arrays};
+    rc = mt_ckpt_shard_create(&txn, &desc[k], &chunks);
+  }
+  size_t V = (size_t)old_job.model.vocab_size;
+  for (int i = 0; i < wn && !rc; i++) {
+    const mt_param *t = &wt[i];
+    size_t cols = t->ndim == 2 ? t->full[1] : 1;
+    size_t rows = strcmp(t->name, "wte.weight") ? t->full[0] : V; /* padding: zero either way */
+    /* gather: the first old stage holding it, each tp shard's slice */
+    int s = 0;
+    while (s < c->pp && !table_find(ot[s * c->tp], oc[s * c->tp], t->name)) s++;
+    for (int q = 0; q < c->tp && !rc; q++) {
+      const mt_param *p = table_find(ot[s * c->tp + q], oc[s * c->tp + q], t->name);
+      if (!p) rc = mt_seterr(MT_ECORRUPT, "reshard: no stage holds tensor %s", t->name);
+      if (rc || (q > 0 && p->shard == MT_SHARD_NONE)) continue;
+      for (int a = 0; a < A && !rc; a++) {
+        rc = mt_ckpt_read(c, q, s, arrays[a], p->offset, p->numel, piece[a]);
+        for (size_t e = 0; e < p->numel && !rc; e++) {
+          size_t g = mt_param_global_index(p, e);
+          if (g / cols < rows) whole[a][g] = piece[a][e];
+        }
+      }
+    }
+    /* scatter: every new shard holding it (the last stage's tied copy too) */
+    for (int k = 0; k < n_new && !rc; k++) {
+      const mt_param *p = table_find(nt[k], nc[k], t->name);
+      if (!p) continue;
+      const float *src[MT_CKPT_MAX_ARRAYS];
+      for (int a = 0; a < A; a++) {
+        for (size_t e = 0; e < p->numel; e++) {
+          size_t g = mt_param_global_index(p, e);
+          piece[a][e] = g / cols < rows ? whole[a][g] : 0.0f;
+        }
+        src[a] = piece[a];
+      }
+      rc = mt_ckpt_shard_write(&txn, &desc[k], p->offset, p->numel, src, 0, &chunks);
+    }
+  }
+  for (int k = 0; k < n_new && !rc; k++) rc = mt_ckpt_shard_commit(&txn, &desc[k]);
+  if (!rc && !(extra = json_deep_copy(c->extra)))
+    rc = mt_seterr(MT_ENOMEM, "reshard: the manifest's extra");
+  if (!rc) {
+    json_object_set(extra, "job", new_job_json);
+    mt_ckpt_meta meta = {.job = new_job.name,
+                         .job_hash = new_job.hash,
+                         .step = c->step,
+                         .consumed_samples = c->consumed_samples,
+                         .consumed_tokens = c->consumed_tokens,
+                         .seed = c->seed,
+                         .rng = c->rng,
+                         .data_position = c->data_position,
+                         .tp = tp,
+                         .pp = pp,
+                         .dp = c->dp,
+                         .extra = extra};
+    rc = mt_ckpt_commit(&txn, &meta, desc, n_new, &chunks);
+  }
+  if (rc && begun) mt_ckpt_abort(&txn);
+  for (int a = 0; a < A; a++) free(whole[a]), free(piece[a]);
+  free(wt);
+  free(desc);
+  mt_ckpt_chunks_free(&chunks);
+  free_tables(ot, oc, osz, n_old);
+  free_tables(nt, nc, nsz, n_new);
+  json_decref(new_job_json);
+  json_decref(extra);
+  return rc;
+}

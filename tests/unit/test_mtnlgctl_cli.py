@@ -201,7 +201,7 @@ def test_completion_knows_every_verb():
     p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     lines = p.stdout.splitlines()
     check(p.returncode == 0 and len(lines) == 2 and "ckpt" in lines[0].split()
-          and lines[1].split() == ["verify", "export"], "completing ck and ckpt", p)
+          and lines[1].split() == ["verify", "export", "reshard"], "completing ck and ckpt", p)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""mtnlgctl ckpt export: a checkpoint's weights as GPT-2 safetensors, offline.
+"""mtnlgctl ckpt export and reshard: checkpoints converted offline.
 
-usage: test_ckpt_export.py MTNLGD MTNLGCTL
+usage: test_ckpt_convert.py MTNLGD MTNLGCTL
 
 A tiny byte-level model as tp 2 x pp 2 device threads (bf16, so the master
 weights are not what the forward pass reads) trains 6 steps, checkpointing
@@ -13,7 +13,19 @@ at steps 3 and 6, and --export's its weights at the end.
   tp 1 job and of a tp 2 x pp 2 job to the same first loss (bf16, 1e-3);
 - test_damaged_checkpoint_is_refused_and_nothing_written: a flipped byte
   in a shard is named (file and chunk) and no output file appears;
-- test_output_in_a_missing_directory_is_named: the path is in the error.
+- test_output_in_a_missing_directory_is_named: the path is in the error;
+- test_reshard_keeps_every_weight: `ckpt reshard` to tp 1 x pp 1, tp 4 x
+  pp 1 (a vocabulary padded to 512 rows instead of 256) and tp 1 x pp 4;
+  the export of each is the run's --export byte for byte;
+- test_reshard_and_back_is_the_same_files: tp 1 x pp 1 resharded back to
+  tp 2 x pp 2 gives shard files identical to the originals, byte for byte
+  (master weights and both Adam moments, padding rows included);
+- test_resharded_checkpoint_resumes: a tp 1 job resumes from the tp 1
+  checkpoint at step 6 and trains steps 7 and 8 to the losses the tp 2 x
+  pp 2 job resumed from its own checkpoint reports (bf16, within 1e-3);
+- test_reshard_refusals: tp 3 (4 heads), the checkpoint's own job
+  directory and a step that exists are refused, naming why, and the
+  source still verifies.
 """
 import json
 import os
@@ -26,8 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from local_cluster import check, license_tokens  # noqa: E402
 
 
-def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None):
-    job = {"name": "export-test", "model": {"preset": "tiny", "n_layer": 4},
+def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="export-test"):
+    job = {"name": name, "model": {"preset": "tiny", "n_layer": 4},
            "parallel": {"tp": tp, "pp": pp, "micro_batch": 2},
            "train": {"global_batch": 4, "steps": steps, "seed": 5, "precision": "bf16",
                      "lr": {"schedule": "constant", "peak": 3e-3}},
@@ -120,6 +132,61 @@ def main():
         failures += check("test_output_in_a_missing_directory_is_named",
                           r.returncode == 1 and missing in r.stdout,
                           f"exit {r.returncode}: {r.stdout.strip()[-500:]}")
+
+        def reshard(src, out, tp, pp, *extra):
+            return run([ctl, *extra, "ckpt", "reshard", src, out, "--tp", str(tp), "--pp", str(pp)])
+
+        ok, detail = True, ""
+        for tp, pp in ((1, 1), (4, 1), (1, 4)):
+            out_dir = os.path.join(tmp, f"re-{tp}-{pp}", "export-test")
+            r = reshard(job_dir, out_dir, tp, pp)
+            exp = os.path.join(tmp, f"re-{tp}-{pp}.safetensors")
+            e = run([ctl, "ckpt", "export", out_dir, exp]) if r.returncode == 0 else r
+            same = e.returncode == 0 and open(exp, "rb").read() == open(final, "rb").read()
+            if not same:
+                ok, detail = False, f"tp {tp} pp {pp}: {r.stdout.strip()[-300:]} {e.stdout[-300:]}"
+        failures += check("test_reshard_keeps_every_weight", ok, detail)
+
+        back = os.path.join(tmp, "back", "export-test")
+        r = reshard(os.path.join(tmp, "re-1-1", "export-test"), back, 2, 2, "-o", "json")
+        info = json.loads(r.stdout) if r.returncode == 0 else {}
+        ok = r.returncode == 0 and info.get("tp") == 2 and info.get("step") == 6
+        detail = r.stdout.strip()[-400:]
+        for name in sorted(os.listdir(os.path.join(job_dir, "step_00000006"))):
+            if ok and name.startswith("shard_"):
+                a = open(os.path.join(job_dir, "step_00000006", name), "rb").read()
+                b = open(os.path.join(back, "step_00000006", name), "rb").read()
+                ok = a == b
+                detail = "" if ok else f"{name} differs after tp 1 and back"
+        failures += check("test_reshard_and_back_is_the_same_files", ok, detail)
+
+        # the same two steps past step 6, resumed as tp 2 x pp 2 (a copy of
+        # the run's checkpoints) and as tp 1 from the resharded one
+        ref_ckpt = os.path.join(tmp, "ref")
+        shutil.copytree(ckpt, ref_ckpt)
+        ref_job = write_job(os.path.join(tmp, "ref.json"), tokens, ref_ckpt, steps=8)
+        ref = run([mtnlgd, "--standalone", ref_job, "--log-format", "json"])
+        one_job = write_job(os.path.join(tmp, "re1.json"), tokens, os.path.join(tmp, "re-1-1"),
+                            tp=1, pp=1, steps=8)
+        one = run([mtnlgd, "--standalone", one_job, "--log-format", "json"])
+        lr, lo = losses(ref.stdout), losses(one.stdout)
+        ok = ref.returncode == 0 and one.returncode == 0 and [s for s, _ in lr] == [7, 8] and \
+            [s for s, _ in lo] == [7, 8] and \
+            all(abs(a - b) <= 1e-3 * abs(a) for (_, a), (_, b) in zip(lr, lo))
+        failures += check("test_resharded_checkpoint_resumes", ok,
+                          f"tp 2 x pp 2 {lr}, tp 1 {lo} {one.stdout[-600:] if one.returncode else ''}")
+
+        r3 = reshard(job_dir, os.path.join(tmp, "re-3"), 3, 1)
+        own = reshard(job_dir, job_dir, 1, 1)
+        again = reshard(job_dir, os.path.join(tmp, "re-1-1", "export-test"), 1, 1)
+        v = run([ctl, "ckpt", "verify", job_dir])
+        failures += check("test_reshard_refusals",
+                          r3.returncode == 1 and "tp" in r3.stdout and "n_head" in r3.stdout and
+                          own.returncode == 1 and "own job directory" in own.stdout and
+                          again.returncode == 1 and "exists" in again.stdout and
+                          v.returncode == 0,
+                          f"tp 3: {r3.stdout.strip()[-300:]} | own: {own.stdout.strip()[-200:]} | "
+                          f"again: {again.stdout.strip()[-200:]} | verify {v.returncode}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{failures} failed")
