@@ -64,6 +64,7 @@ static int open_checkpoint(const char *dir, mt_ckpt *c) {
   char job_dir[MT_CKPT_PATH_MAX];
   int64_t step = -1;
   snprintf(job_dir, sizeof job_dir, "%s", dir);
+  for (size_t k = strlen(job_dir); k > 1 && job_dir[k - 1] == '/'; k--) job_dir[k - 1] = 0;
   if (is_file(dir, "manifest.json")) { /* one step directory: its job's, that step */
     char *slash = strrchr(job_dir, '/');
     const char *base = slash ? slash + 1 : job_dir;
@@ -98,6 +99,13 @@ static int export_checkpoint(const char *dir, const char *out) {
   }
   struct stat st;
   long long bytes = stat(out, &st) ? -1 : (long long)st.st_size;
+  if (!stat(out, &st) && S_ISDIR(st.st_mode)) { /* Hugging Face's sharded layout */
+    char index[MT_CKPT_PATH_MAX + 64];
+    snprintf(index, sizeof index, "%s/model.safetensors.index.json", out);
+    json_t *j = json_load_file(index, 0, NULL);
+    bytes = json_integer_value(json_object_get(json_object_get(j, "metadata"), "total_size"));
+    json_decref(j);
+  }
   if (ctl.output == CTL_OUTPUT_JSON) {
     json_t *j = json_pack("{s:s, s:I, s:s, s:I}", "checkpoint", c.dir, "step", (json_int_t)c.step,
                           "path", out, "bytes", (json_int_t)bytes);

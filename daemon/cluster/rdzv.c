@@ -696,7 +696,7 @@ static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms, int left, int64
  * to the TCP store, where a read a node took 560 at MT-NLG's scale).
  * vals[2 * i] and vals[2 * i + 1] are node i's (NULL: absent or not read). */
 static int read_node_keys(mt_coord *c, int look, char **vals) {
-  size_t cap = 2 * (size_t)c->n_nodes, n = 0;
+  size_t cap = 2 * (size_t)c->n_nodes + 1, n = 0;
   char *names = malloc(cap * 128);
   const char **keys = malloc(cap * sizeof *keys);
   void **got = calloc(cap, sizeof *got);

@@ -82,8 +82,10 @@ static inline int mt_store_get_many(mt_store *s, const char *const *keys, size_t
   for (size_t i = 0; i < n && !rc; i++) {
     size_t b = 0;
     void *v = NULL;
-    rc = mt_store_get(s, keys[i], &v, &b, 0);
-    if (rc == MT_ETIMEDOUT) rc = 0, b = 0; /* absent */
+    /* an absent key is not an error: asked first, it leaves no message */
+    rc = mt_store_check(s, keys[i]);
+    if (rc == 1) rc = mt_store_get(s, keys[i], &v, &b, 0);
+    if (rc == MT_ETIMEDOUT) rc = 0, b = 0; /* deleted in between: absent */
     values[i] = rc ? NULL : v;
     if (bytes) bytes[i] = b;
   }

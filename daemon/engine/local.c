@@ -450,14 +450,22 @@ struct mt_local {
 /* Where the export goes must take it: found only after the whole run, a
  * directory in its place or a missing parent lost the trained model of a
  * job without checkpoints. */
+/* A file to write, or a directory (one that exists, or a path ending in
+ * '/') for Hugging Face's sharded layout: where it goes must be writable. */
 static int check_export_path(const char *path) {
   struct stat st;
-  if (!stat(path, &st) && S_ISDIR(st.st_mode))
-    return mt_seterr(MT_EINVAL, "checkpoint.export %s is a directory; name the file to write",
-                     path);
+  size_t len = strlen(path);
+  int is_dir = (len && path[len - 1] == '/') || (!stat(path, &st) && S_ISDIR(st.st_mode));
   char dir[4096];
   snprintf(dir, sizeof dir, "%s", path);
-  char *slash = strrchr(dir, '/');
+  for (size_t k = strlen(dir); is_dir && k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;
+  if (is_dir && !stat(dir, &st)) { /* the files go into it */
+    if (access(dir, W_OK))
+      return mt_seterr(MT_EINVAL, "checkpoint.export %s: cannot write in it: %s", path,
+                       strerror(errno));
+    return 0;
+  }
+  char *slash = strrchr(dir, '/'); /* the file, or the directory to make, goes here */
   if (!slash)
     snprintf(dir, sizeof dir, ".");
   else if (slash == dir)

@@ -4,6 +4,8 @@
 
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -689,26 +691,38 @@ static int export_send(const mt_trainer *tr, float *piece) {
     if (!export_sends(m, p)) continue;
     rc = export_piece(m, p, piece, &data);
     if (!rc) rc = mt_comm_send(tr->g.world, data, p->numel, MT_COMM_F32, 0);
+    if (rc) mt_wraperr(rc, "export: tensor %s to world rank 0", p->name);
   }
   return rc;
 }
 
 /* World rank 0: each tensor of the whole model in the file's order, its
  * shards from the (stage, tp rank) of replica 0 that holds them. tables:
- * the shard tables, [s * tp + q]. */
+ * the shard tables, [s * tp + q]. A file that cannot be written (a full
+ * disk) does not stop the receives: every sender finishes, and the write's
+ * error is the result. */
 static int export_gather(const mt_trainer *tr, mt_param **tables, const int *counts, float *piece,
                          const char *path) {
   const mt_gpt *m = &tr->model;
   int pp = tr->g.pp_size, tp = tr->g.tp_size;
+  mt_gpt_config wc = m->cfg; /* the whole model: the file's tensors in its order */
+  wc.layer_begin = wc.layer_end = 0;
+  wc.tp_size = 1, wc.tp_rank = 0;
+  mt_param *whole = NULL;
+  int n = 0, rc = 0;
+  size_t count;
+  if ((rc = mt_gpt_table(&wc, &whole, &n, &count))) return rc;
   mt_gpt_export *e = NULL;
-  int rc = mt_gpt_export_open(&e, &m->cfg, path);
-  const mt_param *t;
-  while (!rc && (t = mt_gpt_export_tensor(e))) {
+  char werr_msg[1024] = "";
+  int werr = mt_gpt_export_open(&e, &m->cfg, path);
+  if (werr) snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
+  for (int i = 0; i < n && !rc; i++) {
+    const mt_param *t = &whole[i];
     const mt_param *p = NULL;
     int s;
     for (s = 0; s < pp && !p; s++) /* the first stage that has it */
-      for (int i = 0; i < counts[s * tp] && !p; i++)
-        if (!strcmp(tables[s * tp][i].name, t->name)) p = &tables[s * tp][i];
+      for (int k = 0; k < counts[s * tp] && !p; k++)
+        if (!strcmp(tables[s * tp][k].name, t->name)) p = &tables[s * tp][k];
     s--;
     if (!p) {
       rc = mt_seterr(MT_EINVAL, "export: no stage holds tensor %s", t->name);
@@ -716,25 +730,31 @@ static int export_gather(const mt_trainer *tr, mt_param **tables, const int *cou
     }
     for (int q = 0; q < tp && !rc; q++) {
       const mt_param *sp = NULL;
-      for (int i = 0; i < counts[s * tp + q] && !sp; i++)
-        if (!strcmp(tables[s * tp + q][i].name, t->name)) sp = &tables[s * tp + q][i];
+      for (int k = 0; k < counts[s * tp + q] && !sp; k++)
+        if (!strcmp(tables[s * tp + q][k].name, t->name)) sp = &tables[s * tp + q][k];
       if (!sp || (q > 0 && sp->shard == MT_SHARD_NONE)) continue;
       int from = q + tp * tr->g.dp_size * s; /* world rank of (s, dp 0, q) */
       const float *data = piece;
       if (from == 0) {
         int j = mt_gpt_find(m, t->name);
-        rc = j < 0 ? mt_seterr(MT_EINVAL, "export: tensor %s", t->name)
-                   : export_piece(m, &m->params_table[j], piece, &data);
+        rc = j < 0
+                 ? mt_seterr(MT_EINVAL, "export: tensor %s is not in world rank 0's model", t->name)
+                 : export_piece(m, &m->params_table[j], piece, &data);
         sp = j < 0 ? sp : &m->params_table[j];
-      } else {
-        rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from);
+      } else if ((rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from))) {
+        mt_wraperr(rc, "export: tensor %s from world rank %d", t->name, from);
       }
-      if (!rc) rc = mt_gpt_export_put(e, sp, data);
+      if (!rc && !werr) werr = mt_gpt_export_put(e, sp, data);
+      if (werr && !werr_msg[0]) snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
     }
-    if (!rc) rc = mt_gpt_export_next(e);
+    if (!rc && !werr && (werr = mt_gpt_export_next(e)))
+      snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
   }
-  if (!rc) rc = mt_gpt_export_commit(e);
+  if (!rc && !werr && (werr = mt_gpt_export_commit(e)))
+    snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
   mt_gpt_export_free(e);
+  free(whole);
+  if (!rc && werr) rc = mt_seterr(werr, "%s", werr_msg);
   return rc;
 }
 
@@ -767,8 +787,24 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   float *piece = NULL;
   if (!rc && !(piece = malloc((max_numel ? max_numel : 1) * sizeof *piece)))
     rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
+  /* a sender's first piece waits until rank 0 has written everything before
+   * it: the world's deadline grows by the whole file at 100 MB/s (as a
+   * resume's checks do), the same on every rank */
+  mt_gpt_config wc = m->cfg;
+  wc.layer_begin = wc.layer_end = 0;
+  wc.tp_size = 1, wc.tp_rank = 0;
+  mt_param *whole = NULL;
+  int n_whole = 0, base_ms = tr->g.world ? mt_comm_timeout(tr->g.world) : 0;
+  size_t whole_count = 0;
+  if (!rc) rc = mt_gpt_table(&wc, &whole, &n_whole, &whole_count);
+  free(whole);
+  if (!rc && tr->g.world) {
+    uint64_t ms = (uint64_t)base_ms + (uint64_t)whole_count * sizeof(float) / 100000;
+    mt_comm_set_timeout(tr->g.world, ms > INT32_MAX ? INT32_MAX : (int)ms);
+  }
   if (!rc)
     rc = world_rank == 0 ? export_gather(tr, tables, counts, piece, path) : export_send(tr, piece);
+  if (tr->g.world) mt_comm_set_timeout(tr->g.world, base_ms);
   for (int k = 0; tables && k < pp * tp; k++) free(tables[k]);
   free(tables);
   free(counts);

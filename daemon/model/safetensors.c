@@ -21,6 +21,8 @@
 /* A header larger than this is refused before parsing (the reference
  * implementation's limit is 100 MB). */
 #define ST_MAX_HEADER_BYTES ((uint64_t)100 << 20)
+/* Hugging Face's index of a model in several files. */
+#define ST_INDEX_NAME "model.safetensors.index.json"
 /* Longest combined error message the GPT mapping assembles. */
 #define ST_PROBLEMS_MAX 4096
 
@@ -537,10 +539,11 @@ int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n) {
   size_t bytes = n * sizeof(float);
   while (w->cur < w->n && w->cur_bytes == w->t[w->cur].bytes) w->cur++, w->cur_bytes = 0;
   if (w->cur == w->n)
-    return mt_seterr(MT_EINVAL, "safetensors: writer: %zu floats past the last tensor", n);
+    return mt_seterr(MT_EINVAL, "safetensors: %s: %zu floats past the last tensor", w->file.path,
+                     n);
   if (bytes > w->t[w->cur].bytes - w->cur_bytes)
-    return mt_seterr(MT_EINVAL, "safetensors: writer: %zu floats past the end of tensor \"%s\"", n,
-                     w->t[w->cur].name);
+    return mt_seterr(MT_EINVAL, "safetensors: %s: %zu floats past the end of tensor \"%s\"",
+                     w->file.path, n, w->t[w->cur].name);
   int rc = mt_atomic_write(&w->file, data, bytes);
   if (rc) return mt_wraperr(rc, "safetensors");
   w->cur_bytes += bytes;
@@ -739,16 +742,101 @@ static int st_in_table(const mt_param *table, int n, const char *name) {
   return 0;
 }
 
+/* The files of a model: path itself, or the ones a Hugging Face index
+ * names (path is the index, or a directory holding
+ * model.safetensors.index.json), each opened; *files owned (mt_st_close
+ * each, free). The index's weight_map must name each tensor's file right. */
+static int st_open_model(const char *path, mt_st_file **files, int *n_files) {
+  struct stat st;
+  char index[4096], dir[4096];
+  size_t len = strlen(path);
+  int rc = 0;
+  *files = NULL, *n_files = 0;
+  if (!stat(path, &st) && S_ISDIR(st.st_mode)) {
+    snprintf(dir, sizeof dir, "%s", path);
+    snprintf(index, sizeof index, "%s/%s", path, ST_INDEX_NAME);
+  } else if (len > 11 && !strcmp(path + len - 11, ".index.json")) {
+    snprintf(index, sizeof index, "%s", path);
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash)
+      *slash = 0;
+    else
+      snprintf(dir, sizeof dir, ".");
+  } else {
+    if (!(*files = calloc(1, sizeof **files)))
+      return mt_seterr(MT_ENOMEM, "safetensors: load %s", path);
+    if ((rc = mt_st_open(*files, path))) {
+      free(*files);
+      *files = NULL;
+      return rc;
+    }
+    *n_files = 1;
+    return 0;
+  }
+  json_error_t jerr;
+  json_t *root = json_load_file(index, JSON_REJECT_DUPLICATES, &jerr);
+  json_t *map = root ? json_object_get(root, "weight_map") : NULL;
+  if (!root)
+    return mt_seterr(access(index, F_OK) ? MT_ENOENT : MT_EINVAL, "safetensors: load %s: %s", index,
+                     jerr.text);
+  if (!json_is_object(map) || !json_object_size(map)) {
+    json_decref(root);
+    return mt_seterr(MT_EINVAL, "safetensors: load %s: no \"weight_map\" object", index);
+  }
+  /* the distinct files, in the order first named */
+  const char **names = calloc(json_object_size(map), sizeof *names);
+  *files = calloc(json_object_size(map), sizeof **files);
+  if (!names || !*files) rc = mt_seterr(MT_ENOMEM, "safetensors: load %s", index);
+  const char *key;
+  json_t *v;
+  json_object_foreach(map, key, v) {
+    const char *file = json_string_value(v);
+    if (rc) break;
+    if (!file || !*file || strchr(file, '/') || !strcmp(file, "..") || !strcmp(file, ".")) {
+      rc = mt_seterr(MT_EINVAL,
+                     "safetensors: load %s: tensor %s: file \"%s\" is not a file name "
+                     "beside the index",
+                     index, key, file ? file : "(not a string)");
+      break;
+    }
+    int k = 0;
+    while (k < *n_files && strcmp(names[k], file)) k++;
+    if (k == *n_files) {
+      char fp[8192];
+      snprintf(fp, sizeof fp, "%s/%s", dir, file);
+      names[k] = file;
+      if ((rc = mt_st_open(&(*files)[k], fp))) break;
+      (*n_files)++;
+    }
+    if (!mt_st_find(&(*files)[k], key))
+      rc = mt_seterr(MT_EINVAL,
+                     "safetensors: load %s: the index puts tensor %s in %s, which "
+                     "does not hold it",
+                     index, key, file);
+  }
+  free(names);
+  json_decref(root);
+  if (rc) {
+    for (int k = 0; k < *n_files; k++) mt_st_close(&(*files)[k]);
+    free(*files);
+    *files = NULL, *n_files = 0;
+  }
+  return rc;
+}
+
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
-  mt_st_file f;
-  int rc = mt_st_open(&f, path);
+  mt_st_file *files = NULL;
+  int n_files = 0;
+  int rc = st_open_model(path, &files, &n_files);
   if (rc) return rc;
   const mt_st_tensor **src = calloc((size_t)m->n_tensors, sizeof *src);
+  const mt_st_file **src_file = calloc((size_t)m->n_tensors, sizeof *src_file);
   float *stage = NULL, *tbuf = NULL;
   st_problems *pr = calloc(1, sizeof *pr);
   mt_param *whole = NULL; /* a pipeline stage skips the other stages' tensors */
   int n_whole = 0;
-  if (!src || !pr) {
+  if (!src || !src_file || !pr) {
     rc = mt_seterr(MT_ENOMEM, "safetensors: load %s: out of memory", path);
     goto done;
   }
@@ -759,38 +847,42 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     if ((rc = mt_gpt_table(&full, &whole, &n_whole, &count))) goto done;
   }
 
-  for (int i = 0; i < f.n; i++) {
-    const mt_st_tensor *t = &f.tensors[i];
-    const char *name = t->name;
-    if (!strncmp(name, "transformer.", 12)) name += 12;
-    if (st_is_ignored(name)) continue;
-    int j = mt_gpt_find(m, name);
-    if (j < 0 && st_in_table(whole, n_whole, name)) continue; /* another stage's */
-    if (j < 0) {
-      st_problem(pr, "unexpected tensor \"%s\"", t->name);
-      continue;
+  for (int k = 0; k < n_files; k++)
+    for (int i = 0; i < files[k].n; i++) {
+      const mt_st_file *fk = &files[k];
+      const mt_st_tensor *t = &fk->tensors[i];
+      const char *name = t->name;
+      if (!strncmp(name, "transformer.", 12)) name += 12;
+      if (st_is_ignored(name)) continue;
+      int j = mt_gpt_find(m, name);
+      if (j < 0 && st_in_table(whole, n_whole, name)) continue; /* another stage's */
+      if (j < 0) {
+        st_problem(pr, "unexpected tensor \"%s\"", t->name);
+        continue;
+      }
+      if (src[j]) {
+        st_problem(pr, "tensor \"%s\" appears twice (\"%s\" and \"%s\")", name, src[j]->name,
+                   t->name);
+        continue;
+      }
+      src[j] = t;
+      src_file[j] = fk;
+      const mt_param *p = &m->params_table[j];
+      int64_t want[2];
+      int wnd = st_hf_shape(&m->cfg, p, want);
+      int same = t->ndim == wnd;
+      for (int d = 0; same && d < wnd; d++) same = t->shape[d] == want[d];
+      if (!same) {
+        char got_s[96], want_s[64];
+        st_fmt_shape(got_s, sizeof got_s, t->ndim, t->shape);
+        st_fmt_shape(want_s, sizeof want_s, wnd, want);
+        st_problem(pr, "tensor \"%s\" has shape %s, want %s", t->name, got_s, want_s);
+      }
+      if (strcmp(t->dtype, "F32") && strcmp(t->dtype, "F16") && strcmp(t->dtype, "BF16") &&
+          strcmp(t->dtype, "F64"))
+        st_problem(pr, "tensor \"%s\" has dtype %s (want F32, F16, BF16 or F64)", t->name,
+                   t->dtype);
     }
-    if (src[j]) {
-      st_problem(pr, "tensor \"%s\" appears twice (\"%s\" and \"%s\")", name, src[j]->name,
-                 t->name);
-      continue;
-    }
-    src[j] = t;
-    const mt_param *p = &m->params_table[j];
-    int64_t want[2];
-    int wnd = st_hf_shape(&m->cfg, p, want);
-    int same = t->ndim == wnd;
-    for (int d = 0; same && d < wnd; d++) same = t->shape[d] == want[d];
-    if (!same) {
-      char got_s[96], want_s[64];
-      st_fmt_shape(got_s, sizeof got_s, t->ndim, t->shape);
-      st_fmt_shape(want_s, sizeof want_s, wnd, want);
-      st_problem(pr, "tensor \"%s\" has shape %s, want %s", t->name, got_s, want_s);
-    }
-    if (strcmp(t->dtype, "F32") && strcmp(t->dtype, "F16") && strcmp(t->dtype, "BF16") &&
-        strcmp(t->dtype, "F64"))
-      st_problem(pr, "tensor \"%s\" has dtype %s (want F32, F16, BF16 or F64)", t->name, t->dtype);
-  }
   for (int j = 0; j < m->n_tensors; j++)
     if (!src[j]) st_problem(pr, "missing tensor \"%s\"", m->params_table[j].name);
   /* shapes do not tell every model apart: n_head splits the same matrices
@@ -804,14 +896,15 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
               {"n_embd", m->cfg.n_embd},
               {"n_head", m->cfg.n_head},
               {"vocab_size", m->cfg.vocab_size}};
-  for (size_t k = 0; f.meta && k < sizeof arch / sizeof *arch; k++) {
-    const char *v = json_string_value(json_object_get(f.meta, arch[k].key));
-    char *end;
-    long got = v ? strtol(v, &end, 10) : 0;
-    if (v && (*end || end == v || got != arch[k].want))
-      st_problem(pr, "__metadata__ says %s %s, the job's model has %d", arch[k].key, v,
-                 arch[k].want);
-  }
+  for (int i = 0; i < n_files; i++)
+    for (size_t k = 0; files[i].meta && k < sizeof arch / sizeof *arch; k++) {
+      const char *v = json_string_value(json_object_get(files[i].meta, arch[k].key));
+      char *end;
+      long got = v ? strtol(v, &end, 10) : 0;
+      if (v && (*end || end == v || got != arch[k].want))
+        st_problem(pr, "__metadata__ says %s %s, the job's model has %d", arch[k].key, v,
+                   arch[k].want);
+    }
   if (pr->count) {
     rc = mt_seterr(MT_EINVAL, "safetensors: load %s: %d problem%s: %s", path, pr->count,
                    pr->count == 1 ? "" : "s", pr->text);
@@ -834,7 +927,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   }
   for (int j = 0; j < m->n_tensors; j++) {
     const mt_param *p = &m->params_table[j];
-    if ((rc = st_read_shard(&m->cfg, &f, src[j], p, stage, tbuf))) {
+    if ((rc = st_read_shard(&m->cfg, src_file[j], src[j], p, stage, tbuf))) {
       mt_wraperr(rc, "safetensors: load %s", path);
       goto done;
     }
@@ -851,7 +944,9 @@ done:
   free(tbuf);
   free(pr);
   free(src);
-  mt_st_close(&f);
+  free(src_file);
+  for (int k = 0; k < n_files; k++) mt_st_close(&files[k]);
+  free(files);
   return rc;
 }
 
@@ -863,7 +958,13 @@ struct mt_gpt_export {
   int n, next;       /* tensors; the one being filled */
   float *hf;         /* that tensor in the file's layout */
   size_t placed;     /* of its elements, filled so far */
-  mt_st_writer *w;
+  /* one file, or Hugging Face's sharded layout in directory `dir`:
+   * model-<k>-of-<n>.safetensors, tensors in order, a new file where the
+   * next tensor would pass max_bytes, and model.safetensors.index.json */
+  int n_files, *file_of; /* tensor i is in file file_of[i] */
+  mt_st_writer **w;      /* file k's, begun when its first tensor is due */
+  char *dir;             /* NULL: one file at path */
+  char *path;
 };
 
 /* The whole tensor's elements in the file (wte without its padding). */
@@ -873,49 +974,103 @@ static size_t st_file_numel(const mt_gpt_config *c, const mt_param *p) {
   return (size_t)shape[0] * (nd == 2 ? (size_t)shape[1] : 1);
 }
 
-int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path) {
+/* File k's path: the one file, or <dir>/model-<k+1>-of-<n>.safetensors. */
+static void st_shard_path(const mt_gpt_export *e, int k, char *buf, size_t cap) {
+  if (!e->dir)
+    snprintf(buf, cap, "%s", e->path);
+  else
+    snprintf(buf, cap, "%s/model-%05d-of-%05d.safetensors", e->dir, k + 1, e->n_files);
+}
+
+/* A writer for file k: its tensors declared, the model's metadata. */
+static int st_new_writer(mt_gpt_export *e, int k) {
+  mt_st_writer *w = mt_st_writer_new();
+  if (!w) return MT_ENOMEM; /* its message is set */
+  e->w[k] = w;
+  char num[32];
+  const struct {
+    const char *key;
+    int value;
+  } meta[] = {{"n_layer", e->cfg.n_layer},
+              {"n_embd", e->cfg.n_embd},
+              {"n_head", e->cfg.n_head},
+              {"vocab_size", e->cfg.vocab_size},
+              {"seq", e->cfg.max_seq}};
+  int rc = mt_st_writer_meta(w, "format", "pt");
+  for (size_t m = 0; m < sizeof meta / sizeof meta[0] && !rc; m++) {
+    snprintf(num, sizeof num, "%d", meta[m].value);
+    rc = mt_st_writer_meta(w, meta[m].key, num);
+  }
+  for (int i = 0; i < e->n && !rc; i++) {
+    if (e->file_of[i] != k) continue;
+    int64_t shape[2];
+    int nd = st_hf_shape(&e->cfg, &e->table[i], shape);
+    rc = mt_st_writer_add(w, e->table[i].name, nd, shape, NULL);
+  }
+  return rc;
+}
+
+int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path,
+                               const char *dir, uint64_t max_bytes) {
   *out = NULL;
+  const char *what = dir ? dir : path;
   mt_gpt_export *e = calloc(1, sizeof *e);
-  if (!e) return mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", path);
+  if (!e) return mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   e->cfg = *cfg;
   e->cfg.layer_begin = e->cfg.layer_end = 0;
   e->cfg.tp_size = 1, e->cfg.tp_rank = 0;
   size_t count, max_numel = 0;
   int rc = mt_gpt_table(&e->cfg, &e->table, &e->n, &count);
-  if (!rc && !(e->w = mt_st_writer_new())) rc = MT_ENOMEM;
-  char num[32];
-  const struct {
-    const char *key;
-    int value;
-  } meta[] = {{"n_layer", cfg->n_layer},
-              {"n_embd", cfg->n_embd},
-              {"n_head", cfg->n_head},
-              {"vocab_size", cfg->vocab_size},
-              {"seq", cfg->max_seq}};
-  if (!rc) rc = mt_st_writer_meta(e->w, "format", "pt");
-  for (size_t k = 0; k < sizeof meta / sizeof meta[0] && !rc; k++) {
-    snprintf(num, sizeof num, "%d", meta[k].value);
-    rc = mt_st_writer_meta(e->w, meta[k].key, num);
-  }
+  if (!rc && (!(e->file_of = calloc((size_t)e->n + 1, sizeof *e->file_of)) ||
+              !(e->path = strdup(what)) || (dir && !(e->dir = strdup(dir)))))
+    rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
+  /* tensors to files in order: a file closes where the next tensor would
+   * take it past max_bytes (a tensor larger than that has one of its own) */
+  uint64_t in_file = 0;
+  e->n_files = 1;
   for (int i = 0; i < e->n && !rc; i++) {
-    const mt_param *p = &e->table[i];
-    int64_t shape[2];
-    int nd = st_hf_shape(&e->cfg, p, shape);
-    rc = mt_st_writer_add(e->w, p->name, nd, shape, NULL);
-    if (st_file_numel(&e->cfg, p) > max_numel) max_numel = st_file_numel(&e->cfg, p);
+    uint64_t bytes = (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * sizeof(float);
+    if (dir && in_file && in_file + bytes > max_bytes) e->n_files++, in_file = 0;
+    e->file_of[i] = e->n_files - 1;
+    in_file += bytes;
+    if (st_file_numel(&e->cfg, &e->table[i]) > max_numel)
+      max_numel = st_file_numel(&e->cfg, &e->table[i]);
   }
+  if (!rc && !(e->w = calloc((size_t)e->n_files, sizeof *e->w)))
+    rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   if (!rc && !(e->hf = malloc((max_numel ? max_numel : 1) * sizeof *e->hf)))
-    rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: a buffer of %zu floats", path, max_numel);
-  if (rc) {
-    mt_gpt_export_free(e);
-    return mt_wraperr(rc, "safetensors: export %s", path);
+    rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: a buffer of %zu floats", what, max_numel);
+  if (!rc && dir) { /* the old index goes first: no index names a mix of files */
+    char index[4096];
+    struct stat st;
+    snprintf(index, sizeof index, "%s/%s", dir, ST_INDEX_NAME);
+    if (stat(dir, &st) && errno == ENOENT && mkdir(dir, 0755) && errno != EEXIST)
+      rc = mt_seterr(MT_EIO, "safetensors: export: mkdir %s: %s", dir, strerror(errno));
+    else if (stat(dir, &st) || !S_ISDIR(st.st_mode))
+      rc = mt_seterr(MT_EINVAL, "safetensors: export: %s is not a directory", dir);
+    else if (unlink(index) && errno != ENOENT)
+      rc = mt_seterr(MT_EIO, "safetensors: export: remove %s: %s", index, strerror(errno));
+    else
+      rc = mt_fsync_parent_dir(index);
   }
-  if ((rc = mt_st_writer_begin(e->w, path))) { /* its message names the file */
+  if (rc) {
     mt_gpt_export_free(e);
     return rc;
   }
   *out = e;
   return 0;
+}
+
+int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path) {
+  struct stat st;
+  size_t n = strlen(path);
+  if ((n && path[n - 1] == '/') || (!stat(path, &st) && S_ISDIR(st.st_mode))) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    for (size_t k = strlen(dir); k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;
+    return mt_gpt_export_open_sharded(out, cfg, NULL, dir, MT_ST_SHARD_BYTES);
+  }
+  return mt_gpt_export_open_sharded(out, cfg, path, NULL, 0);
 }
 
 const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e) {
@@ -941,11 +1096,47 @@ int mt_gpt_export_next(mt_gpt_export *e) {
   if (e->placed < want)
     return mt_seterr(MT_EINVAL, "safetensors: export: tensor %s has %zu of its %zu elements",
                      t->name, e->placed, want);
-  int rc = mt_st_writer_append(e->w, e->hf, want);
+  int k = e->file_of[e->next], rc = 0;
+  char path[4096];
+  if (!e->w[k]) { /* the file's first tensor: its header goes out now */
+    st_shard_path(e, k, path, sizeof path);
+    if (!(rc = st_new_writer(e, k))) rc = mt_st_writer_begin(e->w[k], path);
+  }
+  if (!rc) rc = mt_st_writer_append(e->w[k], e->hf, want);
+  /* its last tensor: the file is committed (durable, under its name) */
+  if (!rc && (e->next + 1 == e->n || e->file_of[e->next + 1] != k)) rc = mt_st_writer_end(e->w[k]);
   if (rc) return rc;
   e->next++;
   e->placed = 0;
   return 0;
+}
+
+/* <dir>/model.safetensors.index.json, durably: what Hugging Face reads. */
+static int st_write_index(const mt_gpt_export *e) {
+  json_t *map = json_object(), *root = NULL;
+  uint64_t total = 0;
+  char name[64], path[4096];
+  for (int i = 0; map && i < e->n; i++) {
+    snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", e->file_of[i] + 1, e->n_files);
+    json_object_set_new(map, e->table[i].name, json_string(name));
+    total += (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * sizeof(float);
+  }
+  if (map)
+    root =
+        json_pack("{s:{s:I}, s:o}", "metadata", "total_size", (json_int_t)total, "weight_map", map);
+  char *text = root ? json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
+  json_decref(root);
+  if (!text) return mt_seterr(MT_ENOMEM, "safetensors: export %s: the index", e->dir);
+  snprintf(path, sizeof path, "%s/%s", e->dir, ST_INDEX_NAME);
+  mt_atomic_file f;
+  int rc = mt_atomic_open(&f, path);
+  if (!rc) rc = mt_atomic_write(&f, text, strlen(text));
+  if (!rc)
+    rc = mt_atomic_commit(&f);
+  else if (f.path)
+    mt_atomic_abort(&f);
+  free(text);
+  return rc ? mt_wraperr(rc, "safetensors: export") : 0;
 }
 
 int mt_gpt_export_commit(mt_gpt_export *e) {
@@ -953,14 +1144,18 @@ int mt_gpt_export_commit(mt_gpt_export *e) {
   if (t)
     return mt_seterr(MT_EINVAL, "safetensors: export: tensor %s was not written; nothing is",
                      t->name);
-  return mt_st_writer_end(e->w);
+  return e->dir ? st_write_index(e) : 0; /* each file was committed with its last tensor */
 }
 
 void mt_gpt_export_free(mt_gpt_export *e) {
   if (!e) return;
-  mt_st_writer_free(e->w);
+  for (int k = 0; e->w && k < e->n_files; k++) mt_st_writer_free(e->w[k]);
+  free(e->w);
+  free(e->file_of);
   free(e->table);
   free(e->hf);
+  free(e->dir);
+  free(e->path);
   free(e);
 }
 

@@ -65,7 +65,9 @@ int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n);
 int mt_st_writer_end(mt_st_writer *w); /* refuses a tensor short of its bytes */
 void mt_st_writer_free(mt_st_writer *w);
 
-/* GPT-2 weights in and out (device <-> file). Loading names every missing,
+/* GPT-2 weights in and out (device <-> file). path is one file, or a
+ * Hugging Face sharded model (its directory or its
+ * model.safetensors.index.json). Loading names every missing,
  * extra or misshapen tensor; a pipeline stage or a tensor-parallel shard
  * (or both) reads only its own slices, a tensor at a time, so no rank ever
  * holds more of the file than its largest tensor. Saving takes a whole
@@ -83,9 +85,19 @@ int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
  * tensor under any tp layout, data: its p->numel floats, our layout; a
  * replicated tensor once); next writes it, refusing one with elements
  * missing, and moves on. Commit is durable and refuses an incomplete file;
- * free without commit removes it. */
+ * free without commit removes it. A path that is a directory (or ends in
+ * '/') gets Hugging Face's sharded layout (below). */
 typedef struct mt_gpt_export mt_gpt_export;
 int mt_gpt_export_open(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path);
+/* Hugging Face's files of at most this many bytes (its max_shard_size
+ * "5GB"; a tensor larger than that has a file of its own). */
+#define MT_ST_SHARD_BYTES 5000000000ull
+/* mt_gpt_export_open's two forms: path NULL and dir a directory (made if
+ * missing): Hugging Face's sharded layout, model-00001-of-0000N.safetensors
+ * of at most max_bytes each and model.safetensors.index.json, written last
+ * (the old one removed first: no index names a mix of two exports). */
+int mt_gpt_export_open_sharded(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path,
+                               const char *dir, uint64_t max_bytes);
 const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e);
 int mt_gpt_export_put(mt_gpt_export *e, const mt_param *p, const float *data);
 int mt_gpt_export_next(mt_gpt_export *e);

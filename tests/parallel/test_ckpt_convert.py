@@ -8,12 +8,21 @@ at steps 3 and 6, and --export's its weights at the end.
 - test_export_of_the_last_checkpoint_is_the_runs_export: `ckpt export` of
   the job directory writes the run's own --export byte for byte, and says
   which step it took (-o json);
-- test_export_of_a_named_step: `ckpt export` of step_00000003 writes a
+- test_export_of_a_named_step: `ckpt export` of step_00000003/ writes a
   file that differs from the end's, and loads as model.init_from of a
   tp 1 job and of a tp 2 x pp 2 job to the same first loss (bf16, 1e-3);
+- test_export_to_a_directory_is_hugging_face_sharded: `ckpt export` to
+  DIR/ writes model-0000k-of-0000n.safetensors and
+  model.safetensors.index.json, whose tensors (read here with a reader of
+  this file's own) are the single file's bytes, and which loads as
+  model.init_from to the single file's first loss;
 - test_damaged_checkpoint_is_refused_and_nothing_written: a flipped byte
   in a shard is named (file and chunk) and no output file appears;
 - test_output_in_a_missing_directory_is_named: the path is in the error;
+- test_export_that_cannot_be_written_fails_every_rank_at_once: under a
+  64 KB file-size limit the run's --export fails naming the file, with
+  nothing under its name, and the other ranks (whose pieces world rank 0
+  still takes) end with it rather than at their deadline;
 - test_reshard_keeps_every_weight: `ckpt reshard` to tp 1 x pp 1, tp 4 x
   pp 1 (a vocabulary padded to 512 rows instead of 256) and tp 1 x pp 4;
   the export of each is the run's --export byte for byte;
@@ -29,6 +38,7 @@ at steps 3 and 6, and --export's its weights at the end.
 """
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,6 +57,7 @@ def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="exp
            "data": {"path": tokens}}
     if init_from:
         job["model"]["init_from"] = init_from
+    if init_from or not ckpt:
         del job["checkpoint"]
     with open(path, "w") as f:
         json.dump(job, f)
@@ -63,6 +74,22 @@ def losses(out):
         if isinstance(rec, dict) and "loss" in rec and "step" in rec:
             got.append((rec["step"], rec["loss"]))
     return got
+
+
+def st_tensors(path):
+    """name -> (dtype, shape, raw bytes) of a safetensors file, read by hand."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header.pop("__metadata__", None)
+    data = blob[8 + n:]
+    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+            for k, v in header.items()}
+
+
+def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
 
 def run(cmd, **kw):
@@ -95,7 +122,7 @@ def main():
                           f"exit {r.returncode}, {r.stdout.strip()[-500:]}")
 
         step3 = os.path.join(tmp, "step3.safetensors")
-        r = run([ctl, "ckpt", "export", os.path.join(job_dir, "step_00000003"), step3])
+        r = run([ctl, "ckpt", "export", os.path.join(job_dir, "step_00000003") + "/", step3])
         ok = r.returncode == 0 and "exported step 3" in r.stdout
         detail = r.stdout.strip()[-500:]
         if ok:
@@ -111,6 +138,30 @@ def main():
                 abs(la[0][1] - lb[0][1]) < 1e-3 * abs(la[0][1])
             detail = f"differs from the end's {differs}, tp 1 loss {la[:1]}, tp 2 x pp 2 {lb[:1]}"
         failures += check("test_export_of_a_named_step", ok, detail)
+
+        sharded = os.path.join(tmp, "hf-sharded")
+        r = run([ctl, "ckpt", "export", job_dir, sharded + "/"])
+        ok, detail = r.returncode == 0, r.stdout.strip()[-500:]
+        if ok:
+            index = json.load(open(os.path.join(sharded, "model.safetensors.index.json")))
+            single = st_tensors(final)
+            got = {}
+            for name, file in index["weight_map"].items():
+                got[name] = st_tensors(os.path.join(sharded, file))[name]
+            total = sum(len(v[2]) for v in got.values())
+            ok = got == single and index["metadata"]["total_size"] == total
+            detail = f"{len(got)} tensors in {len(set(index['weight_map'].values()))} file(s), " \
+                f"same as the single file: {got == single}, total_size {index['metadata']}"
+            a = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "hf1.json"), tokens, None,
+                                                       tp=2, pp=1, steps=1, init_from=sharded),
+                     "--log-format", "json"])
+            b = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "hf2.json"), tokens, None,
+                                                       tp=2, pp=1, steps=1, init_from=final),
+                     "--log-format", "json"])
+            la, lb = losses(a.stdout), losses(b.stdout)
+            ok = ok and la and la == lb
+            detail += f"; first loss from the directory {la[:1]}, from the file {lb[:1]}"
+        failures += check("test_export_to_a_directory_is_hugging_face_sharded", ok, detail)
 
         bad = os.path.join(tmp, "bad")
         shutil.copytree(job_dir, bad)
@@ -132,6 +183,19 @@ def main():
         failures += check("test_output_in_a_missing_directory_is_named",
                           r.returncode == 1 and missing in r.stdout,
                           f"exit {r.returncode}: {r.stdout.strip()[-500:]}")
+
+        # the world group's deadline is 2 s: a sender left waiting on rank 0
+        # would fail on it, not end with the export's own error
+        capped = os.path.join(tmp, "capped.safetensors")
+        r = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "capped.json"), tokens, None,
+                                                   steps=1, init_from=None),
+                 "--log-format", "json", "--comm-timeout-ms", "2000", "--export", capped],
+                preexec_fn=limit_file_size)
+        left = [n for n in os.listdir(tmp) if n.startswith("capped.safetensors")]
+        failures += check("test_export_that_cannot_be_written_fails_every_rank_at_once",
+                          r.returncode != 0 and "capped.safetensors" in r.stdout and
+                          "File too large" in r.stdout and "timed out" not in r.stdout and
+                          not left, f"exit {r.returncode}, left {left}: {r.stdout[-800:]}")
 
         def reshard(src, out, tp, pp, *extra):
             return run([ctl, *extra, "ckpt", "reshard", src, out, "--tp", str(tp), "--pp", str(pp)])

@@ -756,6 +756,93 @@ static int test_export_refuses_wrong_missing_and_repeated_pieces(void) {
   return 0;
 }
 
+/* Hugging Face's sharded layout: files of at most 20 KB (wte, 32 KB, alone
+ * in one), an index naming every tensor's file and the bytes in all, and a
+ * model that loads back bit for bit from the directory or the index, also
+ * as tp shards; an index that puts a tensor in the wrong file is refused. */
+static int test_sharded_export_writes_an_index_and_loads_back(void) {
+  mt_gpt a, b;
+  REQUIRE(!make_model(&a) && !make_model(&b), "create");
+  REQUIRE(!fill_random(&a, a.params), "fill");
+  const char *dir = tmp_path("sharded");
+  mt_gpt_export *e;
+  REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, dir, 20000), "open: %s", mt_errmsg());
+  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
+    const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
+    REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
+            "write %s: %s", t->name, mt_errmsg());
+  }
+  REQUIRE(!mt_gpt_export_commit(e), "commit: %s", mt_errmsg());
+  mt_gpt_export_free(e);
+
+  char index[300];
+  snprintf(index, sizeof index, "%s/model.safetensors.index.json", dir);
+  json_error_t jerr;
+  json_t *root = json_load_file(index, 0, &jerr);
+  REQUIRE(root, "index: %s", jerr.text);
+  json_t *map = json_object_get(root, "weight_map");
+  json_int_t total =
+      json_integer_value(json_object_get(json_object_get(root, "metadata"), "total_size"));
+  REQUIRE((int)json_object_size(map) == a.n_tensors, "%zu tensors in the index, %d in the model",
+          json_object_size(map), a.n_tensors);
+  size_t want_total = 0, files = 0;
+  const char *key, *last = "";
+  json_t *v;
+  json_object_foreach(map, key, v) {
+    const char *file = json_string_value(v);
+    if (strcmp(file, last)) files++, last = file;
+    char fp[400];
+    snprintf(fp, sizeof fp, "%s/%s", dir, file);
+    mt_st_file f;
+    REQUIRE(!mt_st_open(&f, fp), "open %s: %s", fp, mt_errmsg());
+    const mt_st_tensor *t = mt_st_find(&f, key);
+    REQUIRE(t, "%s does not hold %s", file, key);
+    want_total += t->bytes;
+    size_t data = f.map_bytes - (size_t)(f.data - (const uint8_t *)f.map);
+    REQUIRE(data <= 20000 || f.n == 1, "%s holds %zu bytes of %d tensors", file, data, f.n);
+    mt_st_close(&f);
+  }
+  char of[32];
+  snprintf(of, sizeof of, "-of-%05zu.safetensors", files);
+  REQUIRE(files > 3 && strstr(last, of), "%zu files, the last %s", files, last);
+  REQUIRE((size_t)total == want_total, "total_size %lld, the tensors hold %zu", (long long)total,
+          want_total);
+  json_decref(root);
+
+  REQUIRE(!mt_gpt_load_safetensors(&b, dir), "load the directory: %s", mt_errmsg());
+  float *ha = download(&a, a.params), *hb = download(&b, b.params);
+  REQUIRE(ha && hb && !memcmp(ha, hb, a.num_params * sizeof *ha), "the model changed");
+  free(hb);
+  mt_gpt_config c1 = tiny_config();
+  c1.tp_size = 2, c1.tp_rank = 1;
+  mt_gpt s1;
+  REQUIRE(!mt_gpt_create(&s1, &c1, &dev, 2, 8), "create tp shard");
+  REQUIRE(!mt_gpt_load_safetensors(&s1, index), "load the index as tp shard 1: %s", mt_errmsg());
+  for (int j = 0; j < s1.n_tensors; j++) {
+    const mt_param *p = &s1.params_table[j];
+    const mt_param *w = &a.params_table[mt_gpt_find(&a, p->name)];
+    for (size_t k = 0; k < p->numel; k++)
+      REQUIRE(s1.params[p->offset + k] == ha[w->offset + mt_param_global_index(p, k)],
+              "shard 1: %s[%zu]", p->name, k);
+  }
+  free(ha);
+  mt_gpt_destroy(&s1);
+
+  /* ln_f.bias said to be where wte is */
+  root = json_load_file(index, 0, &jerr);
+  map = json_object_get(root, "weight_map");
+  json_object_set(map, "ln_f.bias", json_object_get(map, "wte.weight"));
+  REQUIRE(!json_dump_file(root, index, 0), "rewrite the index");
+  json_decref(root);
+  int rc = mt_gpt_load_safetensors(&b, dir);
+  REQUIRE(rc == MT_EINVAL && strstr(mt_errmsg(), "ln_f.bias") &&
+              strstr(mt_errmsg(), "does not hold it"),
+          "a wrong index: %s", mt_errmsg());
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
 static const struct {
   const char *name;
   int (*fn)(void);
@@ -788,6 +875,7 @@ static const struct {
     T(test_streamed_writer_matches_commit_and_refuses_a_short_stream),
     T(test_shards_load_their_slices_and_export_rewrites_the_file),
     T(test_export_refuses_wrong_missing_and_repeated_pieces),
+    T(test_sharded_export_writes_an_index_and_loads_back),
 #undef T
 };
 
