@@ -34,7 +34,7 @@ int main(int argc, char **argv) {
   if (!n_sizes) sizes[0] = 16, sizes[1] = 64, sizes[2] = 560, n_sizes = 3;
   mt_store_server_thread *t;
   mt_store *s = NULL;
-  if (mt_store_server_run_thread("127.0.0.1", 0, &t) ||
+  if (mt_store_server_run_thread("127.0.0.1", 0, NULL, &t) ||
       mt_store_tcp_new("127.0.0.1", mt_store_server_thread_port(t), NULL, &s)) {
     fprintf(stderr, "bench_store_read: %s\n", mt_errmsg());
     return 1;

@@ -825,7 +825,8 @@ static int connect_store(node *n) {
   if (rc) return rc;
   n->is_host = c->host == 1;
   if (c->host != 0) {
-    rc = mt_store_server_run_thread(n->store_host, n->store_port, &n->server);
+    mt_store_server_limits lim = {.max_bytes = (uint64_t)c->store_max_mb << 20};
+    rc = mt_store_server_run_thread(n->store_host, n->store_port, &lim, &n->server);
     if (!rc) {
       n->is_host = 1;
     } else if (c->host == 1 || is_local_address(n->store_host) == 0) {

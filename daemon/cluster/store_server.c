@@ -20,6 +20,9 @@
  * is queued for it, rather than growing the daemon without bound. */
 #define MAX_QUEUED_BYTES ((size_t)256 << 20)
 
+/* What an entry costs beyond its key and value, counted against the limit. */
+#define ENTRY_BYTES 64
+
 typedef struct entry {
   struct entry *next;
   uint64_t hash;
@@ -69,6 +72,7 @@ struct mt_store_server {
   unsigned nwaiters;
   entry **table;
   size_t nbuckets, nkeys;
+  uint64_t bytes, max_bytes; /* held (keys, values, ENTRY_BYTES each) and the limit */
   void (*closed)(void *);
   void *closed_arg;
   mt_store_str scratch[MT_STORE_MAX_WAIT_KEYS]; /* a WAIT's keys while it is decoded */
@@ -172,13 +176,19 @@ static void grow(mt_store_server *s) {
 /* Stores a copy of value under k, creating the entry when needed; on failure
  * the old value stays. */
 static int put(mt_store_server *s, mt_store_str k, const char *value, uint32_t bytes) {
-  char *copy = malloc((size_t)bytes + 1);
   int shown = (int)(k.bytes > 200 ? 200 : k.bytes); /* k is not NUL-terminated */
+  entry *e = lookup(s, k);
+  uint64_t after = s->bytes - (e ? e->bytes : 0) + bytes + (e ? 0 : k.bytes + ENTRY_BYTES);
+  if (after > s->bytes && after > s->max_bytes) /* a write that frees room always goes */
+    return mt_seterr(MT_ENOMEM,
+                     "set %.*s: the store is full: %" PRIu64 " bytes in %zu keys, this would make "
+                     "%" PRIu64 ", over its limit of %" PRIu64 " (rendezvous.store_max_mb)",
+                     shown, k.p, s->bytes, s->nkeys, after, s->max_bytes);
+  char *copy = malloc((size_t)bytes + 1);
   if (!copy)
     return mt_seterr(MT_ENOMEM, "set %.*s: out of memory (%" PRIu32 " bytes)", shown, k.p, bytes);
   if (bytes) memcpy(copy, value, bytes);
   copy[bytes] = 0;
-  entry *e = lookup(s, k);
   if (!e) {
     e = calloc(1, sizeof *e);
     char *key = e ? malloc((size_t)k.bytes + 1) : NULL;
@@ -199,6 +209,7 @@ static int put(mt_store_server *s, mt_store_str k, const char *value, uint32_t b
   free(e->value);
   e->value = copy;
   e->bytes = bytes;
+  s->bytes = after;
   return 0;
 }
 
@@ -208,6 +219,7 @@ static int del(mt_store_server *s, mt_store_str k) {
     entry *e = *p;
     if (e->hash == h && e->key_bytes == k.bytes && !memcmp(e->key, k.p, k.bytes)) {
       *p = e->next;
+      s->bytes -= e->key_bytes + e->bytes + ENTRY_BYTES;
       free(e->key), free(e->value), free(e);
       s->nkeys--;
       return 1;
@@ -637,7 +649,7 @@ static int listen_socket(const char *host, int port, int *fd_out) {
 }
 
 int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
-                          mt_store_server **out) {
+                          const mt_store_server_limits *limits, mt_store_server **out) {
   *out = NULL;
   if (port < 0 || port > 65535)
     return mt_seterr(MT_EINVAL, "store server: port %d is not in 0..65535", port);
@@ -652,6 +664,7 @@ int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
   s->loop = loop;
   s->table = table;
   s->nbuckets = 64;
+  s->max_bytes = limits && limits->max_bytes ? limits->max_bytes : MT_STORE_SERVER_MAX_BYTES;
   struct sockaddr_storage sa;
   socklen_t len = sizeof sa;
   if (getsockname(fd, (struct sockaddr *)&sa, &len) == 0)
@@ -682,6 +695,7 @@ void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *
   st->clients = s->nconns;
   st->waiters = s->nwaiters;
   st->keys = s->nkeys;
+  st->bytes = s->bytes;
 }
 
 void mt_store_server_stop(mt_store_server *s, void (*closed)(void *arg), void *arg) {
@@ -715,7 +729,8 @@ static void on_stop(uv_async_t *a) {
   uv_close((uv_handle_t *)a, NULL);
 }
 
-int mt_store_server_run_thread(const char *host, int port, mt_store_server_thread **out) {
+int mt_store_server_run_thread(const char *host, int port, const mt_store_server_limits *limits,
+                               mt_store_server_thread **out) {
   *out = NULL;
   mt_store_server_thread *t = calloc(1, sizeof *t);
   if (!t) return mt_seterr(MT_ENOMEM, "store server: out of memory");
@@ -724,7 +739,7 @@ int mt_store_server_run_thread(const char *host, int port, mt_store_server_threa
     free(t);
     return mt_seterr(MT_EIO, "store server: event loop: %s", uv_strerror(rc));
   }
-  if ((rc = mt_store_server_start(&t->loop, host, port, &t->srv))) {
+  if ((rc = mt_store_server_start(&t->loop, host, port, limits, &t->srv))) {
     uv_run(&t->loop, UV_RUN_DEFAULT); /* lets a half-started server close */
     uv_loop_close(&t->loop);
     free(t);

@@ -11,14 +11,24 @@
 #ifndef MT_STORE_SERVER_H
 #define MT_STORE_SERVER_H
 
+#include <stdint.h>
+
 struct uv_loop_s;
 typedef struct mt_store_server mt_store_server;
 
+/* What the server holds at most: keys, values and 64 bytes an entry. A
+ * write past it is refused (NO_MEMORY, "the store is full", the figures);
+ * one that frees room, a DELETE or a smaller value, always goes. */
+typedef struct mt_store_server_limits {
+  uint64_t max_bytes; /* 0: MT_STORE_SERVER_MAX_BYTES */
+} mt_store_server_limits;
+#define MT_STORE_SERVER_MAX_BYTES (16ull << 30)
+
 /* Listens on host:port (port 0: the system picks one; see
  * mt_store_server_port) with handles on loop; call from the loop's thread.
- * The server serves as the loop runs. */
+ * The server serves as the loop runs. limits may be NULL (the defaults). */
 int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
-                          mt_store_server **out);
+                          const mt_store_server_limits *limits, mt_store_server **out);
 
 /* The port the server listens on. */
 int mt_store_server_port(const mt_store_server *s);
@@ -27,6 +37,7 @@ typedef struct mt_store_server_stats {
   unsigned clients;   /* open connections */
   unsigned waiters;   /* parked GET and WAIT requests */
   unsigned long keys; /* keys stored */
+  uint64_t bytes;     /* held, as the limit counts them */
 } mt_store_server_stats;
 
 /* From the loop's thread. */
@@ -41,7 +52,8 @@ void mt_store_server_stop(mt_store_server *s, void (*closed)(void *arg), void *a
 /* A server on a loop and thread of its own. */
 typedef struct mt_store_server_thread mt_store_server_thread;
 
-int mt_store_server_run_thread(const char *host, int port, mt_store_server_thread **out);
+int mt_store_server_run_thread(const char *host, int port, const mt_store_server_limits *limits,
+                               mt_store_server_thread **out);
 int mt_store_server_thread_port(const mt_store_server_thread *t);
 /* Stops the server, joins its thread and frees everything. */
 void mt_store_server_thread_stop(mt_store_server_thread *t);

@@ -63,6 +63,7 @@ static const key_def keys[] = {
     INT("rendezvous", "join_timeout_s", join_timeout_s, 0, 86400 * 30),
     INT("rendezvous", "max_restarts", max_restarts, 0, 1000000),
     INT("rendezvous", "reform_timeout_s", reform_timeout_s, 0, 86400 * 7),
+    INT("rendezvous", "store_max_mb", store_max_mb, 1, 1 << 30),
     INT("cluster", "heartbeat_interval_ms", heartbeat_interval_ms, 10, 600000),
     INT("cluster", "heartbeat_timeout_ms", heartbeat_timeout_ms, 50, 3600000),
     INT("cluster", "comm_timeout_ms", comm_timeout_ms, 100, 86400000),
@@ -91,6 +92,7 @@ static void set_defaults(mt_node_config *c) {
   c->last_call_ms = 3000;
   c->max_restarts = 3;
   c->reform_timeout_s = 600;
+  c->store_max_mb = 16384; /* MT_STORE_SERVER_MAX_BYTES */
   c->heartbeat_interval_ms = 1000;
   c->heartbeat_timeout_ms = 6000;
   c->comm_timeout_ms = 300000;

@@ -40,7 +40,7 @@ int main(int argc, char **argv) {
   }
   signal(SIGPIPE, SIG_IGN); /* a client gone mid-reply is EPIPE, not death */
   uv_loop_t *loop = uv_default_loop();
-  if (mt_store_server_start(loop, host, port, &server)) {
+  if (mt_store_server_start(loop, host, port, NULL, &server)) {
     fprintf(stderr, "store_server_main: %s\n", mt_errmsg());
     return 1;
   }

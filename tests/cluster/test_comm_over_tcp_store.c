@@ -58,7 +58,7 @@ fail:
 
 int main(void) {
   mt_store_server_thread *t;
-  if (mt_store_server_run_thread("127.0.0.1", 0, &t)) {
+  if (mt_store_server_run_thread("127.0.0.1", 0, NULL, &t)) {
     fprintf(stderr, "%s\n", mt_errmsg());
     return 1;
   }

@@ -311,6 +311,40 @@ static void test_get_many_reads_present_and_absent_keys(mt_store *s) {
         "a batch with an empty key: %s %s", mt_strerror(rc), mt_errmsg());
 }
 
+/* A server that holds at most 4 KB: SETs past it are refused naming the
+ * figures, the store and the connection go on, an overwrite with a smaller
+ * value and a DELETE still go, and a SET fits again once room is freed. */
+static void test_full_store_refuses_writes_and_recovers(void) {
+  mt_store_server_limits lim = {.max_bytes = 4096};
+  mt_store_server_thread *t;
+  mt_store *s = NULL;
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &lim, &t), "%s", mt_errmsg());
+  CHECK(!mt_store_tcp_new("127.0.0.1", mt_store_server_thread_port(t), NULL, &s), "%s",
+        mt_errmsg());
+  if (!s) return;
+  char value[200], key[32];
+  memset(value, 'v', sizeof value);
+  int stored = 0, rc = 0;
+  for (; stored < 100 && !rc; stored += !rc) {
+    snprintf(key, sizeof key, "full/%d", stored);
+    rc = mt_store_set(s, key, value, sizeof value);
+  }
+  /* each key costs 200 + 6 or 7 + 64 bytes: 15 fit in 4096 */
+  CHECK(stored == 15 && rc == MT_ENOMEM && strstr(mt_errmsg(), "the store is full") &&
+            strstr(mt_errmsg(), "full/15") && strstr(mt_errmsg(), "4096"),
+        "%d keys stored, then %s: %s", stored, mt_strerror(rc), mt_errmsg());
+  int64_t v = 0;
+  CHECK(mt_store_add(s, "full/counter", 1, &v) == MT_ENOMEM, "an ADD of a new key when full");
+  void *got = NULL;
+  CHECK(!mt_store_get(s, "full/0", &got, NULL, 0) && got, "a GET when full: %s", mt_errmsg());
+  free(got);
+  CHECK(!mt_store_set(s, "full/0", "small", 5), "a smaller value when full: %s", mt_errmsg());
+  CHECK(!mt_store_del(s, "full/1") && !mt_store_set(s, "full/15", value, sizeof value),
+        "a SET after a DELETE made room: %s", mt_errmsg());
+  mt_store_free(s);
+  mt_store_server_thread_stop(t);
+}
+
 static void test_add_counts_and_refuses_text(mt_store *s) {
   int64_t v = 0;
   CHECK(!mt_store_add(s, "gen/0/n", 5, &v) && v == 5, "add to an absent key gave %" PRId64, v);
@@ -772,7 +806,7 @@ static void test_no_server_fails_naming_address_and_key(void) {
 
   /* A client whose server stops: requests fail after the connect timeout, naming the key. */
   mt_store_server_thread *t;
-  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &t), "%s", mt_errmsg());
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, NULL, &t), "%s", mt_errmsg());
   port = mt_store_server_thread_port(t);
   CHECK(!mt_store_tcp_new("127.0.0.1", port, &o, &s), "%s", mt_errmsg());
   CHECK(!mt_store_set(s, "gen/2/x", "1", 1), "%s", mt_errmsg());
@@ -787,7 +821,7 @@ static void test_no_server_fails_naming_address_and_key(void) {
  * and requests parked does not hang. */
 static void test_server_on_its_own_thread(void) {
   mt_store_server_thread *t;
-  if (mt_store_server_run_thread("127.0.0.1", 0, &t)) {
+  if (mt_store_server_run_thread("127.0.0.1", 0, NULL, &t)) {
     CHECK(0, "run_thread: %s", mt_errmsg());
     return;
   }
@@ -843,6 +877,7 @@ int main(int argc, char **argv) {
   CHECK(!server_stop(), "the store server did not exit 0 on SIGTERM");
   test_no_server_fails_naming_address_and_key();
   test_server_on_its_own_thread();
+  test_full_store_refuses_writes_and_recovers();
 
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
