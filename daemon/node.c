@@ -3,6 +3,7 @@
 #include "node.h"
 #include "node_int.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <ifaddrs.h>
 #include <limits.h>
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
@@ -254,7 +256,8 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   read_order(n); /* one already there (a generation formed paused) holds step one */
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
-  rc = mt_store_tcp_new(n->store_host, n->store_port, NULL, &n->engine_store);
+  mt_store_tcp_opts eo = {.key = n->cluster_key, .key_bytes = n->cluster_key_bytes};
+  rc = mt_store_tcp_new(n->store_host, n->store_port, &eo, &n->engine_store);
   if (rc) return rc;
   snprintf(n->comm_prefix, sizeof n->comm_prefix, "gen/%d/comm", n->gen);
   __atomic_store_n(&n->stop_flag, 0, __ATOMIC_RELEASE);
@@ -819,13 +822,43 @@ static int resolve_devices(node *n) {
 
 /* Hosts the store when this node should (explicitly, or auto and the
  * endpoint is ours and free), then dials it. */
+/* rendezvous.key_file: the cluster key the store asks every connection
+ * for (hosting) or this node gives it (following). Unreadable or empty is
+ * a config that cannot run: a node must not join a cluster unkeyed by
+ * mistake. */
+static int read_cluster_key(node *n) {
+  const char *path = n->cfg->key_file;
+  n->cluster_key_bytes = 0;
+  if (!path[0]) return 0;
+  FILE *f = fopen(path, "r");
+  if (!f) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: %s", path, strerror(errno));
+  struct stat st;
+  if (!fstat(fileno(f), &st) && (st.st_mode & 077))
+    mt_log_warn("rendezvous.key_file %s can be read by other users (mode %03o): anyone who reads "
+                "it can write the job's rendezvous; chmod 600 it",
+                path, (unsigned)(st.st_mode & 0777));
+  size_t len = fread(n->cluster_key, 1, sizeof n->cluster_key, f);
+  int err = ferror(f);
+  fclose(f);
+  if (err) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: a read failed", path);
+  if (len == sizeof n->cluster_key)
+    return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: the key is over %zu bytes", path,
+                     sizeof n->cluster_key - 1);
+  while (len && isspace((unsigned char)n->cluster_key[len - 1])) len--; /* echo's newline */
+  if (!len) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s is empty", path);
+  n->cluster_key_bytes = len;
+  return 0;
+}
+
 static int connect_store(node *n) {
   const mt_node_config *c = n->cfg;
   int rc = mt_parse_host_port(c->endpoint, n->store_host, sizeof n->store_host, &n->store_port);
-  if (rc) return rc;
+  if (rc || (rc = read_cluster_key(n))) return rc;
   n->is_host = c->host == 1;
   if (c->host != 0) {
-    mt_store_server_limits lim = {.max_bytes = (uint64_t)c->store_max_mb << 20};
+    mt_store_server_limits lim = {.max_bytes = (uint64_t)c->store_max_mb << 20,
+                                  .key = n->cluster_key,
+                                  .key_bytes = n->cluster_key_bytes};
     rc = mt_store_server_run_thread(n->store_host, n->store_port, &lim, &n->server);
     if (!rc) {
       n->is_host = 1;
@@ -846,11 +879,15 @@ static int connect_store(node *n) {
                 n->job.name, n->job.hash);
   }
   mt_store_tcp_opts so = {.connect_timeout_ms = c->heartbeat_interval_ms,
-                          .request_timeout_ms = c->heartbeat_interval_ms * 2};
+                          .request_timeout_ms = c->heartbeat_interval_ms * 2,
+                          .key = n->cluster_key,
+                          .key_bytes = n->cluster_key_bytes};
   int64_t deadline = mt_node_now_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
   for (;;) {
     rc = mt_store_tcp_new(n->store_host, n->store_port, &so, &n->store);
     if (!rc) return 0;
+    if (rc == MT_EPERM) /* the key will not become right by waiting */
+      return mt_wraperr(rc, "the rendezvous at %s", c->endpoint);
     if (mt_node_now_ms() > deadline) {
       n->store_unreachable = 1;
       return mt_wraperr(rc, "cannot reach the rendezvous at %s", c->endpoint);

@@ -52,6 +52,8 @@ typedef struct node {
   char store_host[256];
   int store_port;
   int is_host;
+  char cluster_key[4097]; /* rendezvous.key_file's contents, or "" (no key) */
+  size_t cluster_key_bytes;
   const char *version;
 
   uv_loop_t loop;

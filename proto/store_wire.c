@@ -16,6 +16,7 @@ const char *mt_store_op_name(uint8_t op) {
   case MT_STORE_OP_CHECK: return "CHECK";
   case MT_STORE_OP_DELETE: return "DELETE";
   case MT_STORE_OP_PING: return "PING";
+  case MT_STORE_OP_AUTH: return "AUTH";
   case MT_STORE_OP_ERROR: return "ERROR";
   default: return "?";
   }
@@ -31,11 +32,12 @@ const char *mt_store_status_name(uint8_t status) {
   case MT_STORE_TOO_LARGE: return "TOO_LARGE";
   case MT_STORE_UNSUPPORTED: return "UNSUPPORTED";
   case MT_STORE_NO_MEMORY: return "NO_MEMORY";
+  case MT_STORE_UNAUTHORIZED: return "UNAUTHORIZED";
   default: return "?";
   }
 }
 
-static int known_op(uint8_t op) { return op >= MT_STORE_OP_SET && op <= MT_STORE_OP_PING; }
+static int known_op(uint8_t op) { return op >= MT_STORE_OP_SET && op <= MT_STORE_OP_AUTH; }
 
 /* ------------------------------------------------------------------ little-endian */
 
@@ -228,6 +230,13 @@ static int decode_request(rd *r, mt_store_msg *m, mt_store_str *keys, uint32_t k
   case MT_STORE_OP_CHECK:
   case MT_STORE_OP_DELETE: rc = take_key(r, &m->key); break;
   case MT_STORE_OP_PING: break;
+  case MT_STORE_OP_AUTH:
+    if ((rc = take_str(r, MT_STORE_MAX_KEY, &m->value, "cluster key"))) break;
+    if (!m->value.bytes) {
+      if (r->why) *r->why = MT_STORE_MALFORMED;
+      rc = mt_seterr(MT_ECORRUPT, "store frame: AUTH with an empty key");
+    }
+    break;
   default:
     if (r->why) *r->why = MT_STORE_UNSUPPORTED;
     rc = mt_seterr(MT_ENOTSUP, "store frame: op %u is not a request", m->op);
@@ -377,6 +386,11 @@ static int encode_request(const mt_store_msg *m, wr *w) {
     put_str(w, m->key);
     return 0;
   case MT_STORE_OP_PING: return 0;
+  case MT_STORE_OP_AUTH:
+    if ((rc = check_str(m->value, MT_STORE_MAX_KEY, "cluster key", m->op))) return rc;
+    if (!m->value.bytes) return mt_seterr(MT_EINVAL, "store AUTH: an empty cluster key");
+    put_str(w, m->value);
+    return 0;
   default: return mt_seterr(MT_EINVAL, "store: op %u is not a request", m->op);
   }
 }

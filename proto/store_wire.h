@@ -31,6 +31,7 @@ enum {
   MT_STORE_OP_CHECK = 6,
   MT_STORE_OP_DELETE = 7,
   MT_STORE_OP_PING = 8,
+  MT_STORE_OP_AUTH = 9,    /* the cluster key, first on a connection to a store that has one */
   MT_STORE_OP_ERROR = 127, /* replies only: a frame whose header was unusable */
   MT_STORE_REPLY = 0x80,   /* or'ed into the op of a reply */
 };
@@ -44,7 +45,8 @@ enum {
   MT_STORE_TOO_LARGE = 5,
   MT_STORE_UNSUPPORTED = 6,
   MT_STORE_NO_MEMORY = 7,
-  MT_STORE_STATUS_MAX = 7,
+  MT_STORE_UNAUTHORIZED = 8, /* no AUTH with the store's cluster key on this connection */
+  MT_STORE_STATUS_MAX = 8,
 };
 
 /* A run of bytes inside a frame or a caller's buffer; not NUL-terminated. */
@@ -69,7 +71,7 @@ typedef struct mt_store_msg {
   uint32_t id;
   mt_store_str key;      /* single-key requests; WAIT's TIMEOUT reply: the missing key */
   mt_store_str value;    /* SET, CAS: the new value; GET, CAS replies: the value;
-                            error replies: the message text */
+                            AUTH: the cluster key; error replies: the message text */
   mt_store_str expected; /* CAS request, unless expect_absent */
   int64_t num;           /* ADD: the delta; its reply: the new value */
   int32_t timeout_ms;    /* GET, WAIT: 0 no wait, < 0 no limit */

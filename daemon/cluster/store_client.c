@@ -92,6 +92,10 @@ typedef struct client {
   unsigned attempt;
   uint64_t rng;
   char last_error[200];
+  char *key; /* the cluster key sent first on every connection, or NULL */
+  size_t key_bytes;
+  int refused;       /* the server refused the key: every request fails with... */
+  char refusal[400]; /* ...this, and no connection is tried again */
 
   mt_store_tcp_stats stats; /* updated with atomics */
 } client;
@@ -245,6 +249,7 @@ static void link_down(client *c, const char *why);
 
 /* Encodes r for the current connection, with the wait time it has left. */
 static int send_req(client *c, creq *r) {
+  if (!c->next_id) c->next_id = 1; /* 0 is the AUTH's */
   mt_store_msg m = {.op = r->op, .id = r->id = c->next_id++};
   m.key = mt_store_cstr(r->key);
   m.value = (mt_store_str){r->value, (uint32_t)r->bytes};
@@ -302,6 +307,12 @@ static void flush(client *c) {
 
 /* ------------------------------------------------------------------ replies */
 
+static void link_closed(uv_handle_t *h) {
+  peer *l = h->data;
+  free(l->buf);
+  free(l);
+}
+
 static void *copy_bytes(mt_store_str s) {
   char *p = malloc((size_t)s.bytes + 1);
   if (!p) return NULL;
@@ -322,12 +333,13 @@ static void on_reply(client *c, creq *r, const mt_store_msg *m) {
       fail(c, r, MT_ETIMEDOUT, "not set within %d ms", r->timeout_ms);
     return;
   default: {
-    int rc = m->status == MT_STORE_BAD_VALUE     ? MT_EINVAL
-             : m->status == MT_STORE_MALFORMED   ? MT_ECORRUPT
-             : m->status == MT_STORE_TOO_LARGE   ? MT_EINVAL
-             : m->status == MT_STORE_UNSUPPORTED ? MT_ENOTSUP
-             : m->status == MT_STORE_NO_MEMORY   ? MT_ENOMEM
-                                                 : MT_EIO;
+    int rc = m->status == MT_STORE_BAD_VALUE      ? MT_EINVAL
+             : m->status == MT_STORE_MALFORMED    ? MT_ECORRUPT
+             : m->status == MT_STORE_TOO_LARGE    ? MT_EINVAL
+             : m->status == MT_STORE_UNSUPPORTED  ? MT_ENOTSUP
+             : m->status == MT_STORE_NO_MEMORY    ? MT_ENOMEM
+             : m->status == MT_STORE_UNAUTHORIZED ? MT_EPERM
+                                                  : MT_EIO;
     fail(c, r, rc, "server says %s: %.*s", mt_store_status_name(m->status), (int)m->value.bytes,
          m->value.p);
     return;
@@ -358,6 +370,41 @@ static void on_reply(client *c, creq *r, const mt_store_msg *m) {
 }
 
 /* Handles the whole frames in l->buf; 0, or -1 when the link went down. */
+/* The server refused this client's key (or its lack of one): every
+ * request, now and later, fails with its word, and no connection is tried
+ * again; a client with the wrong key cannot become right by retrying. */
+static void refused(client *c, const mt_store_msg *m) {
+  c->refused = 1;
+  snprintf(c->refusal, sizeof c->refusal, "the server refused this client: %.*s%s",
+           (int)m->value.bytes, m->value.p, c->key ? "" : " (this client has no cluster key)");
+  for (creq *r = pending_pop(c); r; r = pending_pop(c)) fail(c, r, MT_EPERM, "%s", c->refusal);
+  for (creq *r = c->inflight, *next; r; r = next)
+    next = r->next, fail(c, r, MT_EPERM, "%s", c->refusal);
+  c->inflight = NULL;
+  peer *l = c->peer;
+  c->peer = NULL;
+  c->state = DOWN;
+  if (l) uv_close((uv_handle_t *)&l->tcp, link_closed);
+  uv_timer_stop(&c->retry_timer);
+  arm_deadline(c);
+}
+
+/* AUTH with the cluster key, first on a new connection (id 0, which no
+ * request takes). */
+static int send_auth(client *c) {
+  mt_store_msg m = {.op = MT_STORE_OP_AUTH, .id = 0};
+  m.value = (mt_store_str){c->key, (uint32_t)c->key_bytes};
+  size_t bytes;
+  if (mt_store_encode(&m, NULL, 0, &bytes)) return UV_EINVAL;
+  wreq *w = malloc(sizeof *w + bytes);
+  if (!w) return UV_ENOMEM;
+  mt_store_encode(&m, w->data, bytes, &bytes);
+  uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)bytes);
+  int e = uv_write(&w->req, (uv_stream_t *)&c->peer->tcp, &buf, 1, on_written);
+  if (e < 0) free(w);
+  return e;
+}
+
 static int handle_frames(client *c, peer *l) {
   size_t off = 0;
   l->need = MT_STORE_HDR_BYTES;
@@ -380,6 +427,11 @@ static int handle_frames(client *c, peer *l) {
       return -1;
     }
     off += h.frame_bytes;
+    if (m.status == MT_STORE_UNAUTHORIZED) {
+      refused(c, &m);
+      return -1;
+    }
+    if (m.id == 0 && m.op == (MT_STORE_OP_AUTH | MT_STORE_REPLY)) continue; /* accepted */
     creq *r = c->inflight;
     while (r && r->id != m.id) r = r->next;
     if (r) { /* else the request timed out here already */
@@ -434,12 +486,6 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
 
 /* ------------------------------------------------------------------ connecting */
 
-static void link_closed(uv_handle_t *h) {
-  peer *l = h->data;
-  free(l->buf);
-  free(l);
-}
-
 static void start_connect(client *c);
 
 static void on_retry(uv_timer_t *t) {
@@ -455,6 +501,7 @@ static void on_retry(uv_timer_t *t) {
 
 /* Waits the current backoff, with jitter, before the next attempt. */
 static void schedule_connect(client *c) {
+  if (c->refused) return; /* the key will not become right */
   c->rng ^= c->rng << 13, c->rng ^= c->rng >> 7, c->rng ^= c->rng << 17;
   int d = c->backoff_ms;
   int delay = d / 2 + (int)(c->rng % (uint64_t)(d / 2 + 1));
@@ -527,6 +574,11 @@ static void on_connect(uv_connect_t *req, int status) {
   int e = uv_read_start((uv_stream_t *)&l->tcp, on_alloc, on_read);
   if (e < 0) {
     snprintf(c->last_error, sizeof c->last_error, "read: %s", uv_strerror(e));
+    link_down(c, c->last_error);
+    return;
+  }
+  if (c->key && (e = send_auth(c)) < 0) {
+    snprintf(c->last_error, sizeof c->last_error, "write: %s", uv_strerror(e));
     link_down(c, c->last_error);
     return;
   }
@@ -603,6 +655,11 @@ static void on_wake(uv_async_t *a) {
   pthread_mutex_unlock(&c->mu);
   if (closing) {
     shut_down(c, batch);
+    return;
+  }
+  if (c->refused) {
+    for (creq *r = batch, *next; r; r = next)
+      next = r->next, fail(c, r, MT_EPERM, "%s", c->refusal);
     return;
   }
   int64_t now = now_ms();
@@ -764,6 +821,7 @@ static void tcp_free(mt_store *s) {
   pthread_join(c->thread, NULL);
   uv_loop_close(&c->loop);
   pthread_mutex_destroy(&c->mu);
+  free(c->key);
   free(c);
 }
 
@@ -857,6 +915,14 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
   if (o.backoff_max_ms < o.backoff_min_ms)
     o.backoff_max_ms = o.backoff_min_ms > 2000 ? o.backoff_min_ms : 2000;
   c->o = o;
+  if (opts && opts->key_bytes) {
+    if (!(c->key = malloc(opts->key_bytes))) {
+      free(c);
+      return mt_seterr(MT_ENOMEM, "store(tcp %s:%d): out of memory", host, port);
+    }
+    memcpy(c->key, opts->key, opts->key_bytes);
+    c->key_bytes = opts->key_bytes;
+  }
   c->backoff_ms = o.backoff_min_ms;
   c->next_id = 1;
   c->rng = (uint64_t)now_ms() * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32 ^ (uintptr_t)c;
@@ -871,7 +937,7 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
                        .get_many = tcp_get_many};
   int e = uv_loop_init(&c->loop);
   if (e < 0) {
-    free(c);
+    free(c->key), free(c);
     return mt_seterr(MT_EIO, "store(tcp %s:%d): event loop: %s", host, port, uv_strerror(e));
   }
   pthread_mutex_init(&c->mu, NULL);
@@ -893,7 +959,7 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
     uv_run(&c->loop, UV_RUN_DEFAULT);
     uv_loop_close(&c->loop);
     pthread_mutex_destroy(&c->mu);
-    free(c);
+    free(c->key), free(c);
     return mt_seterr(MT_EIO, "store(tcp %s:%d): thread: %s", host, port, strerror(e));
   }
   /* The first round trip: a server that is not there fails here, after

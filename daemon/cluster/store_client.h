@@ -24,6 +24,11 @@ typedef struct mt_store_tcp_opts {
   int request_timeout_ms; /* and this long for its reply beyond its own wait; default 30000 */
   int backoff_min_ms;     /* first reconnect delay; default 50 */
   int backoff_max_ms;     /* delays double up to this; default 2000 */
+  /* the cluster key (copied), sent first on every connection; NULL/0: none.
+   * A server that refuses it (or, having a key, a client without one) makes
+   * every request of this client fail with MT_EPERM, and it stops dialing. */
+  const char *key;
+  size_t key_bytes;
 } mt_store_tcp_opts;
 
 /* Connects to host:port (waiting up to connect_timeout_ms for the first

@@ -55,6 +55,7 @@ struct conn {
   mt_store_server *srv;
   conn *prev, *next;
   int state;
+  int authed;   /* sent the cluster key (or the server has none) */
   uint8_t *buf; /* bytes received and not yet handled: buf[0..len), room for cap */
   size_t len, cap, need;
 };
@@ -73,6 +74,8 @@ struct mt_store_server {
   entry **table;
   size_t nbuckets, nkeys;
   uint64_t bytes, max_bytes; /* held (keys, values, ENTRY_BYTES each) and the limit */
+  char *key;                 /* the cluster key a connection must AUTH with, or NULL */
+  uint32_t key_bytes;
   void (*closed)(void *);
   void *closed_arg;
   mt_store_str scratch[MT_STORE_MAX_WAIT_KEYS]; /* a WAIT's keys while it is decoded */
@@ -93,6 +96,7 @@ static void maybe_finish(mt_store_server *s) {
       free(e->key), free(e->value), free(e);
     }
   free(s->table);
+  free(s->key);
   void (*closed)(void *) = s->closed;
   void *arg = s->closed_arg;
   free(s);
@@ -417,10 +421,34 @@ static void op_cas(conn *c, const mt_store_msg *m) {
   if (swap) wake(s, m->key);
 }
 
+/* Whether a equals the server's key, in time that does not depend on where
+ * they first differ. */
+static int key_matches(const mt_store_server *s, mt_store_str a) {
+  unsigned char d = a.bytes != s->key_bytes;
+  for (uint32_t i = 0; i < s->key_bytes; i++)
+    d |= (unsigned char)(s->key[i] ^ (i < a.bytes ? a.p[i] : 0));
+  return d == 0;
+}
+
 static void dispatch(conn *c, const mt_store_msg *m) {
   mt_store_server *s = c->srv;
   entry *e;
   mt_store_msg r = {.op = m->op | MT_STORE_REPLY, .id = m->id};
+  if (m->op == MT_STORE_OP_AUTH) { /* a server without a key takes any */
+    if (!s->key || key_matches(s, m->value)) {
+      c->authed = 1;
+      reply(c, m->op, m->id, MT_STORE_OK);
+    } else {
+      mt_seterr(MT_EPERM, "the cluster key does not match this store's (rendezvous.key_file)");
+      reply_error(c, m->op, m->id, MT_STORE_UNAUTHORIZED, 1);
+    }
+    return;
+  }
+  if (s->key && !c->authed) {
+    mt_seterr(MT_EPERM, "this store needs the cluster key first (rendezvous.key_file)");
+    reply_error(c, m->op, m->id, MT_STORE_UNAUTHORIZED, 1);
+    return;
+  }
   switch (m->op) {
   case MT_STORE_OP_SET:
     if (put(s, m->key, m->value.p, m->value.bytes)) {
@@ -665,6 +693,14 @@ int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
   s->table = table;
   s->nbuckets = 64;
   s->max_bytes = limits && limits->max_bytes ? limits->max_bytes : MT_STORE_SERVER_MAX_BYTES;
+  if (limits && limits->key_bytes) {
+    if (!(s->key = malloc(limits->key_bytes))) {
+      free(s), free(table), close(fd);
+      return mt_seterr(MT_ENOMEM, "store server: out of memory");
+    }
+    memcpy(s->key, limits->key, limits->key_bytes);
+    s->key_bytes = (uint32_t)limits->key_bytes;
+  }
   struct sockaddr_storage sa;
   socklen_t len = sizeof sa;
   if (getsockname(fd, (struct sockaddr *)&sa, &len) == 0)

@@ -11,6 +11,7 @@
 #ifndef MT_STORE_SERVER_H
 #define MT_STORE_SERVER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct uv_loop_s;
@@ -21,6 +22,11 @@ typedef struct mt_store_server mt_store_server;
  * one that frees room, a DELETE or a smaller value, always goes. */
 typedef struct mt_store_server_limits {
   uint64_t max_bytes; /* 0: MT_STORE_SERVER_MAX_BYTES */
+  /* the cluster key (copied), or none (key_bytes 0): with one, a connection
+   * must send it (AUTH) before anything else; any other request first, or a
+   * wrong key, is answered UNAUTHORIZED and the connection closed */
+  const char *key;
+  size_t key_bytes;
 } mt_store_server_limits;
 #define MT_STORE_SERVER_MAX_BYTES (16ull << 30)
 

@@ -58,6 +58,7 @@ static const key_def keys[] = {
     STR("node", "devices", devices),
     INT("node", "cpu_threads", cpu_threads, 0, 4096),
     STR("rendezvous", "endpoint", endpoint),
+    STR("rendezvous", "key_file", key_file),
     {"rendezvous", "host", K_HOST, offsetof(mt_node_config, host), 0, 0, 0},
     INT("rendezvous", "last_call_ms", last_call_ms, 0, 3600000),
     INT("rendezvous", "join_timeout_s", join_timeout_s, 0, 86400 * 30),

@@ -18,11 +18,12 @@ typedef struct mt_node_config {
   char devices[64]; /* "cpu:N", "cuda:0-7", "cuda:0,2", "auto" */
   int cpu_threads;  /* OpenMP threads shared by the device threads; 0 = every core */
   /* [rendezvous] */
-  char endpoint[256]; /* HOST:PORT of the store, hosted by the coordinator */
-  int host;           /* 1 this node hosts the store and coordinates, 0 it follows,
-                         -1 (auto): it hosts when the endpoint's address is its own */
-  int last_call_ms;   /* after pp * dp_min slots joined, wait this long for more */
-  int join_timeout_s; /* give up when no generation takes this node; 0 = never */
+  char endpoint[256];              /* HOST:PORT of the store, hosted by the coordinator */
+  char key_file[MT_CONF_PATH_MAX]; /* the cluster key every node of the job holds, or "" */
+  int host;                        /* 1 this node hosts the store and coordinates, 0 it follows,
+                                      -1 (auto): it hosts when the endpoint's address is its own */
+  int last_call_ms;                /* after pp * dp_min slots joined, wait this long for more */
+  int join_timeout_s;              /* give up when no generation takes this node; 0 = never */
   /* the coordinator's: after a lost member (or ranks failed on a peer) the job
    * re-forms from the last checkpoint at most max_restarts times, waiting up
    * to reform_timeout_s for enough nodes each time */

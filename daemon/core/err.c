@@ -51,6 +51,7 @@ const char *mt_strerror(int code) {
   case MT_ETIMEDOUT: return "ETIMEDOUT";
   case MT_ENOENT: return "ENOENT";
   case MT_ECANCELED: return "ECANCELED";
+  case MT_EPERM: return "EPERM";
   default: return "EUNKNOWN";
   }
 }

@@ -20,6 +20,7 @@ enum {
   MT_ETIMEDOUT = -6,
   MT_ENOENT = -7,
   MT_ECANCELED = -8, /* the operation was aborted (mt_comm_abort) */
+  MT_EPERM = -9,     /* refused: a wrong or missing key */
 };
 
 /* Records a printf-style message for the calling thread and returns code,

@@ -13,6 +13,9 @@ configs in a temp dir and stops them by pid:
 - test_ready_and_status_reach_notify_socket
 - test_a_checkpoint_past_the_end_says_nothing_to_train
 - test_unreadable_data_ends_the_job_without_restarts (exit 2)
+- test_cluster_key: a coordinator with rendezvous.key_file refuses a node
+  without the key and one with another (each exits 2 at once, naming the
+  refusal), and trains with the one that holds it
 """
 import json
 import os
@@ -223,6 +226,44 @@ def test_unreadable_data(mtnlgd, tmp, tokens):
                  "exit code %s; log:\n%s" % (code, log[-3000:]))
 
 
+def test_cluster_key(mtnlgd, tmp, tokens):
+    path = os.path.join(tmp, "jobkey.json")
+    with open(path, "w") as f:
+        json.dump({"name": "key-test", "model": {"preset": "tiny", "n_layer": 2},
+                   "parallel": {"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
+                   "train": {"global_batch": 4, "steps": 3, "seed": 7, "lr": {"peak": 1e-3}},
+                   "data": {"path": tokens}}, f)
+    key, other = os.path.join(tmp, "cluster.key"), os.path.join(tmp, "other.key")
+    for p, text in ((key, "7c1d9e2f-cluster-key\n"), (other, "7c1d9e2f-cluster-kez\n")):
+        with open(p, "w") as f:
+            f.write(text)
+        os.chmod(p, 0o600)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c7"), path, nodes=1, devices="cpu:1",
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS,
+                     extra={"rendezvous": {"key_file": key}})
+    try:
+        c.start()
+        a = c.add_node("keyless", extra={"rendezvous": {"key_file": ""}})
+        b = c.add_node("wrong-key", extra={"rendezvous": {"key_file": other}})
+        c.node_start(a)
+        c.node_start(b)
+        t0 = time.time()
+        codes = c.wait_all(30, [a, b])
+        took = time.time() - t0
+        ok_refused = codes == [2, 2] and grep(a, r"refused this client: .*needs the cluster key") \
+            and grep(b, r"refused this client: the cluster key does not match")
+        keyed = c.add_node("keyed")
+        c.node_start(keyed)
+        done = c.wait_all(120, [c.nodes[0], keyed])
+        ok_keyed = done == [0, 0] and last_step(c.nodes[0]) == 3
+        return (check("test_nodes_without_the_cluster_key_are_refused", ok_refused,
+                      "exits %s after %.1f s\n%s\n%s" % (codes, took, a.stderr(), b.stderr()))
+                + check("test_a_keyed_cluster_trains", ok_keyed,
+                        "exits %s\n%s" % (done, c.logs())))
+    finally:
+        c.kill_all()
+
+
 def main():
     mtnlgd = sys.argv[1]
     failures = 0
@@ -235,6 +276,7 @@ def main():
         failures += test_sigterm_and_notify(mtnlgd, tmp, tokens)
         failures += test_checkpoint_past_the_end(mtnlgd, tmp, tokens)
         failures += test_unreadable_data(mtnlgd, tmp, tokens)
+        failures += test_cluster_key(mtnlgd, tmp, tokens)
     print("%d failure(s)" % failures)
     sys.exit(1 if failures else 0)
 

@@ -345,6 +345,48 @@ static void test_full_store_refuses_writes_and_recovers(void) {
   mt_store_server_thread_stop(t);
 }
 
+/* A store with a cluster key: a client with it works; one without it or
+ * with another fails at once (not after its connect timeout) with EPERM
+ * saying why, and every later request of it too; a raw connection whose
+ * first frame is not AUTH is answered UNAUTHORIZED and closed. */
+static void test_cluster_key_is_required(void) {
+  static const char key[] = "4f1c0e9a-the-cluster-key";
+  mt_store_server_limits lim = {.key = key, .key_bytes = sizeof key - 1};
+  mt_store_server_thread *t;
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &lim, &t), "%s", mt_errmsg());
+  int port = mt_store_server_thread_port(t);
+  mt_store_tcp_opts right = {.key = key, .key_bytes = sizeof key - 1},
+                    wrong = {.key = "4f1c0e9a-the-cluster-kez", .key_bytes = sizeof key - 1};
+  mt_store *s = NULL, *bad = NULL;
+  CHECK(!mt_store_tcp_new("127.0.0.1", port, &right, &s), "the right key: %s", mt_errmsg());
+  void *v = NULL;
+  CHECK(s && !mt_store_set(s, "k", "v", 1) && !mt_store_get(s, "k", &v, NULL, 0) && v,
+        "a client with the key: %s", mt_errmsg());
+  free(v);
+  mt_store_free(s);
+
+  double t0 = now_s();
+  int rc = mt_store_tcp_new("127.0.0.1", port, NULL, &bad);
+  CHECK(rc == MT_EPERM && !bad && strstr(mt_errmsg(), "needs the cluster key") &&
+            strstr(mt_errmsg(), "has no cluster key") && now_s() - t0 < 5,
+        "no key: %s %s (%.1f s)", mt_strerror(rc), mt_errmsg(), now_s() - t0);
+  rc = mt_store_tcp_new("127.0.0.1", port, &wrong, &bad);
+  CHECK(rc == MT_EPERM && !bad && strstr(mt_errmsg(), "does not match"), "a wrong key: %s %s",
+        mt_strerror(rc), mt_errmsg());
+
+  int keep = server_port;
+  server_port = port;
+  int fd = raw_connect();
+  server_port = keep;
+  uint8_t buf[4096];
+  mt_store_msg m = {.op = MT_STORE_OP_SET, .id = 7, .key = mt_store_cstr("x")}, r;
+  CHECK(fd >= 0 && !raw_send(fd, &m) && !raw_recv(fd, buf, sizeof buf, &r) &&
+            r.status == MT_STORE_UNAUTHORIZED && r.id == 7 && raw_closed(fd),
+        "a SET before AUTH");
+  if (fd >= 0) close(fd);
+  mt_store_server_thread_stop(t);
+}
+
 static void test_add_counts_and_refuses_text(mt_store *s) {
   int64_t v = 0;
   CHECK(!mt_store_add(s, "gen/0/n", 5, &v) && v == 5, "add to an absent key gave %" PRId64, v);
@@ -878,6 +920,7 @@ int main(int argc, char **argv) {
   test_no_server_fails_naming_address_and_key();
   test_server_on_its_own_thread();
   test_full_store_refuses_writes_and_recovers();
+  test_cluster_key_is_required();
 
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;

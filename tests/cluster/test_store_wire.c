@@ -98,6 +98,7 @@ static void test_every_op_round_trips(void) {
       {.op = MT_STORE_OP_CHECK, .id = 9, .key = k},
       {.op = MT_STORE_OP_DELETE, .id = 10, .key = k},
       {.op = MT_STORE_OP_PING, .id = 0xffffffffu},
+      {.op = MT_STORE_OP_AUTH, .id = 0, .value = v},
   };
   for (size_t i = 0; i < sizeof reqs / sizeof *reqs; i++) {
     char what[64];
@@ -117,6 +118,10 @@ static void test_every_op_round_trips(void) {
       {.op = MT_STORE_OP_CHECK | R, .id = 9, .flag = 1},
       {.op = MT_STORE_OP_DELETE | R, .id = 10, .status = MT_STORE_NOT_FOUND},
       {.op = MT_STORE_OP_PING | R, .id = 11},
+      {.op = MT_STORE_OP_AUTH | R, .id = 0},
+      {.op = MT_STORE_OP_AUTH | R,
+       .status = MT_STORE_UNAUTHORIZED,
+       .value = mt_store_cstr("wrong cluster key")},
       {.op = MT_STORE_OP_ADD | R,
        .id = 5,
        .status = MT_STORE_BAD_VALUE,
@@ -168,8 +173,8 @@ static void test_bad_headers_are_refused(void) {
   expect_refused("version 0", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
   memcpy(g, f, n), g[5] = 0;
   expect_refused("op 0", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
-  memcpy(g, f, n), g[5] = 9;
-  expect_refused("op 9", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
+  memcpy(g, f, n), g[5] = 10;
+  expect_refused("op 10", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
   memcpy(g, f, n), g[5] = MT_STORE_OP_ERROR;
   expect_refused("ERROR as a request", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
   memcpy(g, f, n), g[6] = 1;
