@@ -837,15 +837,18 @@ static int read_cluster_key(node *n) {
     mt_log_warn("rendezvous.key_file %s can be read by other users (mode %03o): anyone who reads "
                 "it can write the job's rendezvous; chmod 600 it",
                 path, (unsigned)(st.st_mode & 0777));
-  size_t len = fread(n->cluster_key, 1, sizeof n->cluster_key, f);
-  int err = ferror(f);
+  char buf[sizeof n->cluster_key + 64]; /* a key of the most bytes and its newline */
+  size_t len = fread(buf, 1, sizeof buf, f);
+  int err = ferror(f) ? errno : 0;
   fclose(f);
-  if (err) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: a read failed", path);
-  if (len == sizeof n->cluster_key)
+  if (err) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: %s", path, strerror(err));
+  while (len && isspace((unsigned char)buf[len - 1])) len--; /* echo's newline */
+  if (len >= sizeof n->cluster_key)
     return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: the key is over %zu bytes", path,
                      sizeof n->cluster_key - 1);
-  while (len && isspace((unsigned char)n->cluster_key[len - 1])) len--; /* echo's newline */
   if (!len) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s is empty", path);
+  memcpy(n->cluster_key, buf, len);
+  explicit_bzero(buf, sizeof buf);
   n->cluster_key_bytes = len;
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -691,30 +692,65 @@ static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms, int left, int64
   return 0;
 }
 
+/* Keys of the nodes read in one batched request (mt_store_get_many: one
+ * round trip to the TCP store, where a request a node made 560 at MT-NLG's
+ * scale): add them, read, find each value in got[k] (NULL: absent) with
+ * who[k] the caller's tag of it. */
+#define BATCH_KEY_MAX 160
+typedef struct key_batch {
+  char *names;       /* cap keys of BATCH_KEY_MAX bytes */
+  const char **keys; /* into names */
+  char **got;        /* after batch_read; a caller may take one (and NULL it) */
+  int *who;
+  size_t n, cap;
+} key_batch;
+
+static int batch_init(key_batch *b, size_t cap, const char *what) {
+  memset(b, 0, sizeof *b);
+  b->cap = cap + 1;
+  b->names = malloc(b->cap * BATCH_KEY_MAX);
+  b->keys = malloc(b->cap * sizeof *b->keys);
+  b->got = calloc(b->cap, sizeof *b->got);
+  b->who = malloc(b->cap * sizeof *b->who);
+  if (b->names && b->keys && b->got && b->who) return 0;
+  return mt_seterr(MT_ENOMEM, "coordinator: %s of %zu keys", what, cap);
+}
+
+__attribute__((format(printf, 3, 4))) static void batch_add(key_batch *b, int who, const char *fmt,
+                                                            ...) {
+  char *key = b->names + b->n * BATCH_KEY_MAX;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(key, BATCH_KEY_MAX, fmt, ap);
+  va_end(ap);
+  b->keys[b->n] = key;
+  b->who[b->n++] = who;
+}
+
+static int batch_read(mt_coord *c, key_batch *b) {
+  return b->n ? mt_store_get_many(c->o.store, b->keys, b->n, (void **)b->got, NULL) : 0;
+}
+
+static void batch_free(key_batch *b) {
+  for (size_t k = 0; b->got && k < b->n; k++) free(b->got[k]);
+  free(b->names), free(b->keys), free(b->got), free(b->who);
+}
+
 /* What a heartbeat read asks the store: of every node not gone, hb/<name>
- * and, when look, nodes/<name>/left, in one batched read (one round trip
- * to the TCP store, where a read a node took 560 at MT-NLG's scale).
- * vals[2 * i] and vals[2 * i + 1] are node i's (NULL: absent or not read). */
+ * and, when look, nodes/<name>/left, in one batch. vals[2 * i] and
+ * vals[2 * i + 1] are node i's (NULL: absent or not read; the caller's). */
 static int read_node_keys(mt_coord *c, int look, char **vals) {
-  size_t cap = 2 * (size_t)c->n_nodes + 1, n = 0;
-  char *names = malloc(cap * 128);
-  const char **keys = malloc(cap * sizeof *keys);
-  void **got = calloc(cap, sizeof *got);
-  size_t *where = malloc(cap * sizeof *where);
-  int rc = names && keys && got && where ? 0 : mt_seterr(MT_ENOMEM, "coordinator: heartbeat keys");
+  key_batch b;
+  int rc = batch_init(&b, 2 * (size_t)c->n_nodes, "heartbeats");
   for (int i = 0; i < c->n_nodes && !rc; i++) {
     const coord_node *nd = &c->nodes[i];
     if (nd->role == ROLE_LEFT) continue;
-    for (int k = 0; k < 1 + look; k++) {
-      char *key = names + n * 128;
-      snprintf(key, 128, k ? "nodes/%s/left" : "hb/%s", nd->d.name);
-      keys[n] = key;
-      where[n++] = 2 * (size_t)i + (size_t)k;
-    }
+    batch_add(&b, 2 * i, "hb/%s", nd->d.name);
+    if (look) batch_add(&b, 2 * i + 1, "nodes/%s/left", nd->d.name);
   }
-  if (!rc && n) rc = mt_store_get_many(c->o.store, keys, n, got, NULL);
-  for (size_t k = 0; k < n && !rc; k++) vals[where[k]] = got[k];
-  free(names), free(keys), free(got), free(where);
+  if (!rc) rc = batch_read(c, &b);
+  for (size_t k = 0; k < b.n && !rc; k++) vals[b.who[k]] = b.got[k], b.got[k] = NULL;
+  batch_free(&b);
   return rc;
 }
 
@@ -1005,31 +1041,22 @@ static int give_up_reforming(mt_coord *c, int64_t now_ms) {
  * <name> of each in one batched read; a member's first kind present (in
  * that order) is its report. */
 static int read_member_reports(mt_coord *c) {
-  enum { KINDS = MT_REPORT_PEER - MT_REPORT_DONE + 1 };
-  size_t cap = KINDS * (size_t)c->n_nodes + 1, n = 0;
-  char *names = malloc(cap * 160);
-  const char **keys = malloc(cap * sizeof *keys);
-  char **got = calloc(cap, sizeof *got);
-  int *who = malloc(cap * sizeof *who);
-  int rc = names && keys && got && who ? 0 : mt_seterr(MT_ENOMEM, "coordinator: report keys");
+  key_batch b;
+  int rc = batch_init(&b, 3 * (size_t)c->n_nodes, "reports");
   for (int i = 0; i < c->n_nodes && !rc; i++) {
     const coord_node *nd = &c->nodes[i];
     if (nd->role != ROLE_MEMBER || nd->reported) continue;
-    for (int f = MT_REPORT_DONE; f <= MT_REPORT_PEER; f++) {
-      keys[n] = names + n * 160;
-      snprintf(names + n * 160, 160, "gen/%d/%s/%s", c->gen, report_kinds[f], nd->d.name);
-      who[n++] = i;
-    }
+    for (int f = MT_REPORT_DONE; f <= MT_REPORT_PEER; f++)
+      batch_add(&b, i, "gen/%d/%s/%s", c->gen, report_kinds[f], nd->d.name);
   }
-  if (!rc && n) rc = mt_store_get_many(c->o.store, keys, n, (void **)got, NULL);
-  for (size_t k = 0; k < n && !rc; k++) {
-    coord_node *nd = &c->nodes[who[k]];
-    if (!got[k] || nd->reported) continue;
-    nd->reported = 1 + MT_REPORT_DONE + (int)(k % KINDS);
-    snprintf(nd->report, sizeof nd->report, "%s", got[k]);
+  if (!rc) rc = batch_read(c, &b);
+  for (size_t k = 0; k < b.n && !rc; k++) { /* a member's three keys in kind order */
+    coord_node *nd = &c->nodes[b.who[k]];
+    if (!b.got[k] || nd->reported) continue;
+    nd->reported = 1 + MT_REPORT_DONE + (int)(k % 3);
+    snprintf(nd->report, sizeof nd->report, "%s", b.got[k]);
   }
-  for (size_t k = 0; got && k < n; k++) free(got[k]);
-  free(names), free(keys), free(got), free(who);
+  batch_free(&b);
   return rc;
 }
 
@@ -1448,33 +1475,26 @@ static int read_acted(mt_coord *c) {
 /* node/<name>/status of every node not lost or gone into c->node_status,
  * in one batched read. */
 static int read_node_status(mt_coord *c) {
-  size_t cap = (size_t)c->n_nodes + 1, n = 0;
-  char *names = malloc(cap * 128);
-  const char **keys = malloc(cap * sizeof *keys);
-  char **got = calloc(cap, sizeof *got);
-  int *who = malloc(cap * sizeof *who);
-  int rc = names && keys && got && who ? 0 : mt_seterr(MT_ENOMEM, "coordinator: status keys");
+  key_batch b;
+  int rc = batch_init(&b, (size_t)c->n_nodes, "statuses");
   for (int i = 0; i < c->n_nodes && !rc; i++) {
     const coord_node *nd = &c->nodes[i];
-    if (nd->role == ROLE_LOST || nd->role == ROLE_LEFT) continue;
-    keys[n] = names + n * 128;
-    snprintf(names + n * 128, 128, "node/%s/status", nd->d.name);
-    who[n++] = i;
+    if (nd->role != ROLE_LOST && nd->role != ROLE_LEFT)
+      batch_add(&b, i, "node/%s/status", nd->d.name);
   }
-  if (!rc && n) rc = mt_store_get_many(c->o.store, keys, n, (void **)got, NULL);
-  for (size_t k = 0; k < n && !rc; k++) {
-    coord_node *nd = &c->nodes[who[k]];
-    if (!got[k]) continue;
+  if (!rc) rc = batch_read(c, &b);
+  for (size_t k = 0; k < b.n && !rc; k++) {
+    coord_node *nd = &c->nodes[b.who[k]];
+    if (!b.got[k]) continue;
     json_error_t e;
-    json_t *j = json_loads(got[k], 0, &e);
+    json_t *j = json_loads(b.got[k], 0, &e);
     if (!j) { /* not JSON (another process wrote it): that node's line only */
-      if (!nd->status_bad++) mt_log_warn("coordinator: %s: bad JSON: %s", keys[k], e.text);
+      if (!nd->status_bad++) mt_log_warn("coordinator: %s: bad JSON: %s", b.keys[k], e.text);
       continue;
     }
     json_object_set_new(c->node_status, nd->d.name, j);
   }
-  for (size_t k = 0; got && k < n; k++) free(got[k]);
-  free(names), free(keys), free(got), free(who);
+  batch_free(&b);
   return rc;
 }
 

@@ -237,11 +237,15 @@ static void on_deadline(uv_timer_t *t) {
 
 typedef struct wreq {
   uv_write_t req;
+  int secret; /* data holds the cluster key: wiped before it is freed */
+  size_t bytes;
   uint8_t data[];
 } wreq;
 
 static void on_written(uv_write_t *req, int status) {
   (void)status; /* a failed write shows as a failed read, which drops the peer */
+  wreq *w = (wreq *)req;
+  if (w->secret) explicit_bzero(w->data, w->bytes); /* an AUTH's key */
   free(req);
 }
 
@@ -277,6 +281,7 @@ static int send_req(client *c, creq *r) {
     fail(c, r, MT_ENOMEM, "out of memory (%zu bytes)", bytes);
     return 0;
   }
+  w->secret = 0, w->bytes = bytes;
   mt_store_encode(&m, w->data, bytes, &bytes); /* cannot fail once sized */
   uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)bytes);
   int e = uv_write(&w->req, (uv_stream_t *)&c->peer->tcp, &buf, 1, on_written);
@@ -369,7 +374,6 @@ static void on_reply(client *c, creq *r, const mt_store_msg *m) {
   complete(r, 0);
 }
 
-/* Handles the whole frames in l->buf; 0, or -1 when the link went down. */
 /* The server refused this client's key (or its lack of one): every
  * request, now and later, fails with its word, and no connection is tried
  * again; a client with the wrong key cannot become right by retrying. */
@@ -378,6 +382,8 @@ static void refused(client *c, const mt_store_msg *m) {
   snprintf(c->refusal, sizeof c->refusal, "the server refused this client: %.*s%s",
            (int)m->value.bytes, m->value.p, c->key ? "" : " (this client has no cluster key)");
   for (creq *r = pending_pop(c); r; r = pending_pop(c)) fail(c, r, MT_EPERM, "%s", c->refusal);
+  /* (a request in flight was not carried out: the server answers nothing
+   * on an unauthenticated connection but the refusal) */
   for (creq *r = c->inflight, *next; r; r = next)
     next = r->next, fail(c, r, MT_EPERM, "%s", c->refusal);
   c->inflight = NULL;
@@ -398,13 +404,15 @@ static int send_auth(client *c) {
   if (mt_store_encode(&m, NULL, 0, &bytes)) return UV_EINVAL;
   wreq *w = malloc(sizeof *w + bytes);
   if (!w) return UV_ENOMEM;
+  w->secret = 1, w->bytes = bytes;
   mt_store_encode(&m, w->data, bytes, &bytes);
   uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)bytes);
   int e = uv_write(&w->req, (uv_stream_t *)&c->peer->tcp, &buf, 1, on_written);
-  if (e < 0) free(w);
+  if (e < 0) explicit_bzero(w->data, bytes), free(w);
   return e;
 }
 
+/* Handles the whole frames in l->buf; 0, or -1 when the link went down. */
 static int handle_frames(client *c, peer *l) {
   size_t off = 0;
   l->need = MT_STORE_HDR_BYTES;
@@ -429,6 +437,13 @@ static int handle_frames(client *c, peer *l) {
     off += h.frame_bytes;
     if (m.status == MT_STORE_UNAUTHORIZED) {
       refused(c, &m);
+      return -1;
+    }
+    if (m.id == 0 && c->key && m.op == (MT_STORE_OP_ERROR | MT_STORE_REPLY) &&
+        m.status == MT_STORE_UNSUPPORTED) { /* the AUTH, to a server from before it */
+      mt_store_msg old = {.value = mt_store_cstr(
+                              "it does not know AUTH (an mtnlgd older than rendezvous.key_file)")};
+      refused(c, &old);
       return -1;
     }
     if (m.id == 0 && m.op == (MT_STORE_OP_AUTH | MT_STORE_REPLY)) continue; /* accepted */
@@ -821,6 +836,7 @@ static void tcp_free(mt_store *s) {
   pthread_join(c->thread, NULL);
   uv_loop_close(&c->loop);
   pthread_mutex_destroy(&c->mu);
+  if (c->key) explicit_bzero(c->key, c->key_bytes);
   free(c->key);
   free(c);
 }
@@ -915,6 +931,11 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
   if (o.backoff_max_ms < o.backoff_min_ms)
     o.backoff_max_ms = o.backoff_min_ms > 2000 ? o.backoff_min_ms : 2000;
   c->o = o;
+  if (opts && opts->key_bytes > MT_STORE_MAX_KEY) {
+    free(c);
+    return mt_seterr(MT_EINVAL, "store(tcp %s:%d): a cluster key of %zu bytes (at most %u)", host,
+                     port, opts->key_bytes, MT_STORE_MAX_KEY);
+  }
   if (opts && opts->key_bytes) {
     if (!(c->key = malloc(opts->key_bytes))) {
       free(c);

@@ -96,6 +96,7 @@ static void maybe_finish(mt_store_server *s) {
       free(e->key), free(e->value), free(e);
     }
   free(s->table);
+  if (s->key) explicit_bzero(s->key, s->key_bytes);
   free(s->key);
   void (*closed)(void *) = s->closed;
   void *arg = s->closed_arg;
@@ -179,18 +180,20 @@ static void grow(mt_store_server *s) {
 
 /* Stores a copy of value under k, creating the entry when needed; on failure
  * the old value stays. */
-static int put(mt_store_server *s, mt_store_str k, const char *value, uint32_t bytes) {
+static int put(mt_store_server *s, const char *op, mt_store_str k, const char *value,
+               uint32_t bytes) {
   int shown = (int)(k.bytes > 200 ? 200 : k.bytes); /* k is not NUL-terminated */
   entry *e = lookup(s, k);
   uint64_t after = s->bytes - (e ? e->bytes : 0) + bytes + (e ? 0 : k.bytes + ENTRY_BYTES);
   if (after > s->bytes && after > s->max_bytes) /* a write that frees room always goes */
     return mt_seterr(MT_ENOMEM,
-                     "set %.*s: the store is full: %" PRIu64 " bytes in %zu keys, this would make "
+                     "%s %.*s: the store is full: %" PRIu64 " bytes in %zu keys, this would make "
                      "%" PRIu64 ", over its limit of %" PRIu64 " (rendezvous.store_max_mb)",
-                     shown, k.p, s->bytes, s->nkeys, after, s->max_bytes);
+                     op, shown, k.p, s->bytes, s->nkeys, after, s->max_bytes);
   char *copy = malloc((size_t)bytes + 1);
   if (!copy)
-    return mt_seterr(MT_ENOMEM, "set %.*s: out of memory (%" PRIu32 " bytes)", shown, k.p, bytes);
+    return mt_seterr(MT_ENOMEM, "%s %.*s: out of memory (%" PRIu32 " bytes)", op, shown, k.p,
+                     bytes);
   if (bytes) memcpy(copy, value, bytes);
   copy[bytes] = 0;
   if (!e) {
@@ -198,7 +201,7 @@ static int put(mt_store_server *s, mt_store_str k, const char *value, uint32_t b
     char *key = e ? malloc((size_t)k.bytes + 1) : NULL;
     if (!key) {
       free(e), free(copy);
-      return mt_seterr(MT_ENOMEM, "set %.*s: out of memory", shown, k.p);
+      return mt_seterr(MT_ENOMEM, "%s %.*s: out of memory", op, shown, k.p);
     }
     memcpy(key, k.p, k.bytes);
     key[k.bytes] = 0;
@@ -394,7 +397,7 @@ static void op_add(conn *c, const mt_store_msg *m) {
   }
   char text[32];
   int n = snprintf(text, sizeof text, "%" PRId64, v);
-  if (put(s, m->key, text, (uint32_t)n)) {
+  if (put(s, "add to", m->key, text, (uint32_t)n)) {
     reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
     return;
   }
@@ -409,7 +412,7 @@ static void op_cas(conn *c, const mt_store_msg *m) {
   int swap = m->flag ? !e
                      : e && e->bytes == m->expected.bytes &&
                            !memcmp(e->value, m->expected.p, m->expected.bytes);
-  if (swap && put(s, m->key, m->value.p, m->value.bytes)) {
+  if (swap && put(s, "cas", m->key, m->value.p, m->value.bytes)) {
     reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
     return;
   }
@@ -451,7 +454,7 @@ static void dispatch(conn *c, const mt_store_msg *m) {
   }
   switch (m->op) {
   case MT_STORE_OP_SET:
-    if (put(s, m->key, m->value.p, m->value.bytes)) {
+    if (put(s, "set", m->key, m->value.p, m->value.bytes)) {
       reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
       return;
     }
@@ -549,6 +552,14 @@ static void handle_frames(conn *c) {
     if (h.op & MT_STORE_REPLY) {
       mt_seterr(MT_ENOTSUP, "store frame: a reply (op %u) sent to the server", h.op);
       reply_error(c, MT_STORE_OP_ERROR, h.id, MT_STORE_UNSUPPORTED, 1);
+      break;
+    }
+    /* before the key, nothing but an AUTH of a key's size is buffered: a
+     * stranger's header cannot make the server hold 64 MB a connection */
+    if (s->key && !c->authed &&
+        (h.op != MT_STORE_OP_AUTH || h.frame_bytes > MT_STORE_HDR_BYTES + 4 + MT_STORE_MAX_KEY)) {
+      mt_seterr(MT_EPERM, "this store needs the cluster key first (rendezvous.key_file)");
+      reply_error(c, h.op, h.id, MT_STORE_UNAUTHORIZED, 1);
       break;
     }
     if (avail < h.frame_bytes) {

@@ -173,6 +173,9 @@ static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t *
 }
 
 int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
+  if (tp < 1 || tp > 99 || pp < 1 || pp > 999) /* what shard file names hold */
+    return mt_seterr(MT_EINVAL, "reshard: tp %d x pp %d: a checkpoint holds tp 1..99, pp 1..999",
+                     tp, pp);
   mt_job old_job, new_job;
   json_t *new_job_json = NULL, *extra = NULL;
   mt_param **ot = NULL, **nt = NULL;
@@ -212,7 +215,7 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
     if (wt[i].numel > whole_max) whole_max = wt[i].numel;
   for (int a = 0; a < A && !rc; a++)
     if (!(whole[a] = malloc(whole_max * sizeof(float))) ||
-        !(piece[a] = malloc((max_numel ? max_numel : 1) * sizeof(float))))
+        !(piece[a] = malloc((max_numel + 16) * sizeof(float)))) /* + a tensor's alignment */
       rc = mt_seterr(MT_ENOMEM, "reshard: buffers of %zu floats", whole_max);
   if (!rc && !(desc = calloc((size_t)n_new, sizeof *desc)))
     rc = mt_seterr(MT_ENOMEM, "reshard: shard list");
@@ -230,6 +233,7 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
     /* gather: the first old stage holding it, each tp shard's slice */
     int s = 0;
     while (s < c->pp && !table_find(ot[s * c->tp], oc[s * c->tp], t->name)) s++;
+    if (s == c->pp) rc = mt_seterr(MT_ECORRUPT, "reshard: no stage holds tensor %s", t->name);
     for (int q = 0; q < c->tp && !rc; q++) {
       const mt_param *p = table_find(ot[s * c->tp + q], oc[s * c->tp + q], t->name);
       if (!p) rc = mt_seterr(MT_ECORRUPT, "reshard: no stage holds tensor %s", t->name);
@@ -242,19 +246,27 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
         }
       }
     }
-    /* scatter: every new shard holding it (the last stage's tied copy too) */
+    /* scatter: every new shard holding it (the last stage's tied copy too),
+     * with the zeros that align the next tensor: the file is covered whole */
     for (int k = 0; k < n_new && !rc; k++) {
       const mt_param *p = table_find(nt[k], nc[k], t->name);
       if (!p) continue;
+      size_t next = p + 1 < nt[k] + nc[k] ? p[1].offset : nsz[k], span = next - p->offset;
+      if (span < p->numel || span > p->numel + 16) {
+        rc = mt_seterr(MT_EINVAL, "reshard: tensor %s: %zu floats to the next, %zu in it", t->name,
+                       span, p->numel);
+        break;
+      }
       const float *src[MT_CKPT_MAX_ARRAYS];
       for (int a = 0; a < A; a++) {
         for (size_t e = 0; e < p->numel; e++) {
           size_t g = mt_param_global_index(p, e);
           piece[a][e] = g / cols < rows ? whole[a][g] : 0.0f;
         }
+        for (size_t e = p->numel; e < span; e++) piece[a][e] = 0.0f;
         src[a] = piece[a];
       }
-      rc = mt_ckpt_shard_write(&txn, &desc[k], p->offset, p->numel, src, 0, &chunks);
+      rc = mt_ckpt_shard_write(&txn, &desc[k], p->offset, span, src, 0, &chunks);
     }
   }
   for (int k = 0; k < n_new && !rc; k++) rc = mt_ckpt_shard_commit(&txn, &desc[k]);

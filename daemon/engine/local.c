@@ -472,8 +472,10 @@ static int check_export_path(const char *path) {
     dir[1] = 0;
   else
     *slash = 0;
-  if (stat(dir, &st) || !S_ISDIR(st.st_mode))
+  if (stat(dir, &st))
     return mt_seterr(MT_EINVAL, "checkpoint.export %s: the directory %s does not exist", path, dir);
+  if (!S_ISDIR(st.st_mode))
+    return mt_seterr(MT_EINVAL, "checkpoint.export %s: %s is not a directory", path, dir);
   if (access(dir, W_OK))
     return mt_seterr(MT_EINVAL, "checkpoint.export %s: cannot write in %s: %s", path, dir,
                      strerror(errno));

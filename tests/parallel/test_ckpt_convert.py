@@ -26,6 +26,9 @@ at steps 3 and 6, and --export's its weights at the end.
 - test_reshard_keeps_every_weight: `ckpt reshard` to tp 1 x pp 1, tp 4 x
   pp 1 (a vocabulary padded to 512 rows instead of 256) and tp 1 x pp 4;
   the export of each is the run's --export byte for byte;
+- test_reshard_of_unaligned_tensors: hidden 40 (biases and LayerNorms of
+  20, 40 and 60 floats, laid out 16-aligned with gaps), tp 2 to tp 1: the
+  export is the run's byte for byte;
 - test_reshard_and_back_is_the_same_files: tp 1 x pp 1 resharded back to
   tp 2 x pp 2 gives shard files identical to the originals, byte for byte
   (master weights and both Adam moments, padding rows included);
@@ -48,13 +51,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from local_cluster import check, license_tokens  # noqa: E402
 
 
-def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="export-test"):
+def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="export-test",
+              n_embd=None):
     job = {"name": name, "model": {"preset": "tiny", "n_layer": 4},
            "parallel": {"tp": tp, "pp": pp, "micro_batch": 2},
            "train": {"global_batch": 4, "steps": steps, "seed": 5, "precision": "bf16",
                      "lr": {"schedule": "constant", "peak": 3e-3}},
            "checkpoint": {"dir": ckpt, "interval": 3},
            "data": {"path": tokens}}
+    if n_embd:
+        job["model"]["n_embd"] = n_embd
     if init_from:
         job["model"]["init_from"] = init_from
     if init_from or not ckpt:
@@ -210,6 +216,19 @@ def main():
             if not same:
                 ok, detail = False, f"tp {tp} pp {pp}: {r.stdout.strip()[-300:]} {e.stdout[-300:]}"
         failures += check("test_reshard_keeps_every_weight", ok, detail)
+
+        odd_ckpt = os.path.join(tmp, "odd")
+        odd_job = write_job(os.path.join(tmp, "odd.json"), tokens, odd_ckpt, tp=2, pp=1, steps=2,
+                            name="odd-test", n_embd=40)
+        odd_final = os.path.join(tmp, "odd.safetensors")
+        r = run([mtnlgd, "--standalone", odd_job, "--log-format", "json", "--export", odd_final])
+        odd_out = os.path.join(tmp, "odd-1", "odd-test")
+        rr = reshard(os.path.join(odd_ckpt, "odd-test"), odd_out, 1, 1) if r.returncode == 0 else r
+        oe = os.path.join(tmp, "odd-1.safetensors")
+        e = run([ctl, "ckpt", "export", odd_out, oe]) if rr.returncode == 0 else rr
+        failures += check("test_reshard_of_unaligned_tensors",
+                          e.returncode == 0 and open(oe, "rb").read() == open(odd_final, "rb").read(),
+                          f"{r.stdout[-300:]} {rr.stdout[-300:]} {e.stdout[-300:]}")
 
         back = os.path.join(tmp, "back", "export-test")
         r = reshard(os.path.join(tmp, "re-1-1", "export-test"), back, 2, 2, "-o", "json")

@@ -83,7 +83,8 @@ def main():
             print("ok test_zero_weight_refused")
         # an export that cannot be written is refused before the first step,
         # not after the run (which lost the model of a job without checkpoints)
-        for target, says in ((tmp, "is a directory"),
+        # (a directory is Hugging Face's sharded layout: test_ckpt_convert)
+        for target, says in ((os.path.join(gen, "m.safetensors"), gen + " is not a directory"),
                              (os.path.join(tmp, "no-such-dir", "m.safetensors"), "does not exist")):
             out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(data),
                        "--set", "train.steps=3", "--set", "train.lr.warmup_steps=1",
