@@ -49,76 +49,12 @@ static int saved_job(const mt_ckpt *c, mt_job *job) {
   return 0;
 }
 
-int mt_ckpt_export(const mt_ckpt *c, const char *path) {
-  mt_job job;
-  int rc = saved_job(c, &job);
-  if (rc) return rc;
-  int tp = c->tp, pp = c->pp, n = tp * pp;
-  mt_param **tables = calloc((size_t)n, sizeof *tables);
-  int *counts = calloc((size_t)n, sizeof *counts);
-  float *piece = NULL;
-  size_t max_numel = 0;
-  if (!tables || !counts) rc = mt_seterr(MT_ENOMEM, "export: shard tables");
-  if (!rc && job.model.n_layer < pp)
-    rc = mt_seterr(MT_ECORRUPT, "export: %s: %d stages for %d layers", c->dir, pp,
-                   job.model.n_layer);
-  /* every shard file holds exactly its shard's parameters, "master" first */
-  for (int k = 0; k < n && !rc; k++) {
-    int q = k % tp, s = k / tp;
-    mt_gpt_config cfg = shard_config(&job, tp, pp, q, s);
-    size_t count;
-    if ((rc = mt_gpt_table(&cfg, &tables[k], &counts[k], &count))) break;
-    const mt_ckpt_file *f = mt_ckpt_file_of(c, q, s);
-    int has_master = 0;
-    for (int a = 0; f && a < f->n_arrays; a++) has_master |= !strcmp(f->arrays[a], "master");
-    if (!f || f->n != count || !has_master)
-      rc = mt_seterr(MT_ECORRUPT,
-                     "export: %s: shard tp %d pp %d %s; the job's model has %zu parameters there",
-                     c->dir, q, s,
-                     !f           ? "is missing"
-                     : has_master ? "holds another number of parameters"
-                                  : "has no \"master\" array",
-                     count);
-    for (int i = 0; !rc && i < counts[k]; i++)
-      if (tables[k][i].numel > max_numel) max_numel = tables[k][i].numel;
-  }
-  if (!rc && !(piece = malloc((max_numel ? max_numel : 1) * sizeof *piece)))
-    rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
-  mt_gpt_export *e = NULL;
-  if (!rc) {
-    mt_gpt_config whole = shard_config(&job, tp, pp, 0, 0);
-    rc = mt_gpt_export_open(&e, &whole, path);
-  }
-  const mt_param *t;
-  while (!rc && (t = mt_gpt_export_tensor(e))) {
-    for (int s = 0, found = 0; s < pp && !found && !rc; s++)
-      for (int q = 0; q < tp && !rc; q++) {
-        const mt_param *p = NULL;
-        for (int i = 0; i < counts[s * tp + q] && !p; i++)
-          if (!strcmp(tables[s * tp + q][i].name, t->name)) p = &tables[s * tp + q][i];
-        if (!p) break; /* not this stage's (the tied embedding: the first stage's) */
-        found = 1;
-        if (q > 0 && p->shard == MT_SHARD_NONE) continue; /* replicated: shard 0's */
-        rc = mt_ckpt_read(c, q, s, "master", p->offset, p->numel, piece);
-        if (!rc) rc = mt_gpt_export_put(e, p, piece);
-      }
-    if (!rc) rc = mt_gpt_export_next(e);
-  }
-  if (!rc) rc = mt_gpt_export_commit(e);
-  mt_gpt_export_free(e);
-  for (int k = 0; tables && k < n; k++) free(tables[k]);
-  free(tables);
-  free(counts);
-  free(piece);
-  return rc;
-}
-
-/* ---- resharding ---------------------------------------------------------- */
-
 /* The shard tables of a layout, [s * tp + q], and the largest tensor. */
 static int layout_tables(const mt_job *job, int tp, int pp, mt_param ***tables, int **counts,
                          size_t **sizes, size_t *max_numel) {
   int n = tp * pp;
+  if (job->model.n_layer < pp)
+    return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", pp, job->model.n_layer);
   *tables = calloc((size_t)n, sizeof **tables);
   *counts = calloc((size_t)n, sizeof **counts);
   *sizes = calloc((size_t)n, sizeof **sizes);
@@ -147,6 +83,60 @@ static const mt_param *table_find(const mt_param *t, int n, const char *name) {
   return NULL;
 }
 
+int mt_ckpt_export(const mt_ckpt *c, const char *path) {
+  mt_job job;
+  int tp = c->tp, pp = c->pp, n = tp * pp;
+  mt_param **tables = NULL;
+  int *counts = NULL;
+  size_t *sizes = NULL, max_numel = 0;
+  float *piece = NULL;
+  int rc = saved_job(c, &job);
+  if (!rc && (rc = layout_tables(&job, tp, pp, &tables, &counts, &sizes, &max_numel)))
+    mt_wraperr(rc, "export: %s", c->dir);
+  /* every shard file holds exactly its shard's parameters, "master" among them */
+  for (int k = 0; k < n && !rc; k++) {
+    int q = k % tp, s = k / tp;
+    const mt_ckpt_file *f = mt_ckpt_file_of(c, q, s);
+    int has_master = 0;
+    for (int a = 0; f && a < f->n_arrays; a++) has_master |= !strcmp(f->arrays[a], "master");
+    if (!f || f->n != sizes[k] || !has_master)
+      rc = mt_seterr(MT_ECORRUPT,
+                     "export: %s: shard tp %d pp %d %s; the job's model has %zu parameters there",
+                     c->dir, q, s,
+                     !f           ? "is missing"
+                     : has_master ? "holds another number of parameters"
+                                  : "has no \"master\" array",
+                     sizes[k]);
+  }
+  if (!rc && !(piece = malloc((max_numel ? max_numel : 1) * sizeof *piece)))
+    rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
+  mt_gpt_export *e = NULL;
+  if (!rc) {
+    mt_gpt_config whole = shard_config(&job, tp, pp, 0, 0);
+    rc = mt_gpt_export_open(&e, &whole, path);
+  }
+  const mt_param *t;
+  while (!rc && (t = mt_gpt_export_tensor(e))) {
+    for (int s = 0, found = 0; s < pp && !found && !rc; s++)
+      for (int q = 0; q < tp && !rc; q++) {
+        const mt_param *p = table_find(tables[s * tp + q], counts[s * tp + q], t->name);
+        if (!p) break; /* not this stage's (the tied embedding: the first stage's) */
+        found = 1;
+        if (q > 0 && p->shard == MT_SHARD_NONE) continue; /* replicated: shard 0's */
+        rc = mt_ckpt_read(c, q, s, "master", p->offset, p->numel, piece);
+        if (!rc) rc = mt_gpt_export_put(e, p, piece);
+      }
+    if (!rc) rc = mt_gpt_export_next(e);
+  }
+  if (!rc) rc = mt_gpt_export_commit(e);
+  mt_gpt_export_free(e);
+  free_tables(tables, counts, sizes, n);
+  free(piece);
+  return rc;
+}
+
+/* ---- resharding ---------------------------------------------------------- */
+
 /* The job of the resharded checkpoint: the saved one under tp x pp. */
 static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t **job_json) {
   json_t *j = json_deep_copy(json_object_get(c->extra, "job"));
@@ -163,9 +153,6 @@ static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t *
   int rc = text ? mt_job_parse(job, text, NULL, NULL, NULL) : MT_ENOMEM;
   free(text);
   if (rc) return mt_wraperr(rc, "reshard: tp %d x pp %d", tp, pp);
-  if (job->model.n_layer < pp)
-    return mt_seterr(MT_EINVAL, "reshard: parallel.pp: %d stages for %d layers", pp,
-                     job->model.n_layer);
   char *canon = mt_job_to_json(job); /* the resolved job, as a save records it */
   *job_json = canon ? json_loads(canon, 0, NULL) : NULL;
   free(canon);
@@ -204,7 +191,8 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
                      "the arrays of shard tp 0 pp 0",
                      c->dir, k % c->tp, k / c->tp, osz[k]);
   }
-  if (!rc) rc = layout_tables(&new_job, tp, pp, &nt, &nc, &nsz, &max_numel);
+  if (!rc && (rc = layout_tables(&new_job, tp, pp, &nt, &nc, &nsz, &max_numel)))
+    mt_wraperr(rc, "reshard: tp %d x pp %d", tp, pp);
   /* a whole tensor of each array (wte: its real rows) and a shard's piece */
   mt_gpt_config wc = shard_config(&old_job, 1, 1, 0, 0);
   mt_param *wt = NULL;

@@ -696,22 +696,15 @@ static int export_send(const mt_trainer *tr, float *piece) {
   return rc;
 }
 
-/* World rank 0: each tensor of the whole model in the file's order, its
- * shards from the (stage, tp rank) of replica 0 that holds them. tables:
- * the shard tables, [s * tp + q]. A file that cannot be written (a full
- * disk) does not stop the receives: every sender finishes, and the write's
- * error is the result. */
-static int export_gather(const mt_trainer *tr, mt_param **tables, const int *counts, float *piece,
-                         const char *path) {
+/* World rank 0: each tensor of the whole model (whole: its n tensors, in
+ * the file's order), its shards from the (stage, tp rank) of replica 0
+ * that holds them. tables: the shard tables, [s * tp + q]. A file that
+ * cannot be written (a full disk) does not stop the receives: every sender
+ * finishes, and the write's error is the result. */
+static int export_gather(const mt_trainer *tr, const mt_param *whole, int n, mt_param **tables,
+                         const int *counts, float *piece, const char *path) {
   const mt_gpt *m = &tr->model;
-  int pp = tr->g.pp_size, tp = tr->g.tp_size;
-  mt_gpt_config wc = m->cfg; /* the whole model: the file's tensors in its order */
-  wc.layer_begin = wc.layer_end = 0;
-  wc.tp_size = 1, wc.tp_rank = 0;
-  mt_param *whole = NULL;
-  int n = 0, rc = 0;
-  size_t count;
-  if ((rc = mt_gpt_table(&wc, &whole, &n, &count))) return rc;
+  int pp = tr->g.pp_size, tp = tr->g.tp_size, rc = 0;
   mt_gpt_export *e = NULL;
   char werr_msg[1024] = "";
   int werr = mt_gpt_export_open(&e, &m->cfg, path);
@@ -753,7 +746,6 @@ static int export_gather(const mt_trainer *tr, mt_param **tables, const int *cou
   if (!rc && !werr && (werr = mt_gpt_export_commit(e)))
     snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
   mt_gpt_export_free(e);
-  free(whole);
   if (!rc && werr) rc = mt_seterr(werr, "%s", werr_msg);
   return rc;
 }
@@ -797,14 +789,15 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   int n_whole = 0, base_ms = tr->g.world ? mt_comm_timeout(tr->g.world) : 0;
   size_t whole_count = 0;
   if (!rc) rc = mt_gpt_table(&wc, &whole, &n_whole, &whole_count);
-  free(whole);
   if (!rc && tr->g.world) {
     uint64_t ms = (uint64_t)base_ms + (uint64_t)whole_count * sizeof(float) / 100000;
     mt_comm_set_timeout(tr->g.world, ms > INT32_MAX ? INT32_MAX : (int)ms);
   }
   if (!rc)
-    rc = world_rank == 0 ? export_gather(tr, tables, counts, piece, path) : export_send(tr, piece);
+    rc = world_rank == 0 ? export_gather(tr, whole, n_whole, tables, counts, piece, path)
+                         : export_send(tr, piece);
   if (tr->g.world) mt_comm_set_timeout(tr->g.world, base_ms);
+  free(whole);
   for (int k = 0; tables && k < pp * tp; k++) free(tables[k]);
   free(tables);
   free(counts);
