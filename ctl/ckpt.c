@@ -14,6 +14,7 @@
 #include "ctl.h"
 #include "err.h"
 #include "log.h"
+#include "output.h"
 
 const char ctl_ckpt_help[] =
     "Checks checkpoints offline, or exports one's weights. DIR is one checkpoint (a\n"
@@ -109,9 +110,7 @@ static int export_checkpoint(const char *dir, const char *out) {
   if (ctl.output == CTL_OUTPUT_JSON) {
     json_t *j = json_pack("{s:s, s:I, s:s, s:I}", "checkpoint", c.dir, "step", (json_int_t)c.step,
                           "path", out, "bytes", (json_int_t)bytes);
-    char *text = json_dumps(j, JSON_INDENT(2));
-    if (text) printf("%s\n", text);
-    free(text);
+    ctl_print_json(j);
     json_decref(j);
   } else {
     printf("exported step %lld of %s (tp %d x pp %d) to %s: %.1f MB\n", (long long)c.step, c.dir,
@@ -145,9 +144,7 @@ static int reshard_checkpoint(const char *dir, const char *out, int tp, int pp) 
   if (ret == CTL_EXIT_OK && ctl.output == CTL_OUTPUT_JSON) {
     json_t *j = json_pack("{s:s, s:I, s:s, s:i, s:i}", "checkpoint", c.dir, "step",
                           (json_int_t)c.step, "path", step_dir, "tp", tp, "pp", pp);
-    char *text = json_dumps(j, JSON_INDENT(2));
-    if (text) printf("%s\n", text);
-    free(text);
+    ctl_print_json(j);
     json_decref(j);
   } else if (ret == CTL_EXIT_OK) {
     printf("resharded step %lld of %s from tp %d x pp %d to tp %d x pp %d: %s\n", (long long)c.step,

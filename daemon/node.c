@@ -820,8 +820,6 @@ static int resolve_devices(node *n) {
   return 0;
 }
 
-/* Hosts the store when this node should (explicitly, or auto and the
- * endpoint is ours and free), then dials it. */
 /* rendezvous.key_file: the cluster key the store asks every connection
  * for (hosting) or this node gives it (following). Unreadable or empty is
  * a config that cannot run: a node must not join a cluster unkeyed by
@@ -853,6 +851,8 @@ static int read_cluster_key(node *n) {
   return 0;
 }
 
+/* Hosts the store when this node should (explicitly, or auto and the
+ * endpoint is ours and free), then dials it. */
 static int connect_store(node *n) {
   const mt_node_config *c = n->cfg;
   int rc = mt_parse_host_port(c->endpoint, n->store_host, sizeof n->store_host, &n->store_port);

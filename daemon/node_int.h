@@ -17,6 +17,7 @@
 #include "rdzv.h"
 #include "store.h"
 #include "store_server.h"
+#include "store_wire.h"
 #include "train.h"
 
 extern const char *const mt_node_state_names[];
@@ -52,7 +53,7 @@ typedef struct node {
   char store_host[256];
   int store_port;
   int is_host;
-  char cluster_key[4097]; /* rendezvous.key_file's contents, or "" (no key) */
+  char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */
   size_t cluster_key_bytes;
   const char *version;
 

@@ -447,11 +447,6 @@ static void dispatch(conn *c, const mt_store_msg *m) {
     }
     return;
   }
-  if (s->key && !c->authed) {
-    mt_seterr(MT_EPERM, "this store needs the cluster key first (rendezvous.key_file)");
-    reply_error(c, m->op, m->id, MT_STORE_UNAUTHORIZED, 1);
-    return;
-  }
   switch (m->op) {
   case MT_STORE_OP_SET:
     if (put(s, "set", m->key, m->value.p, m->value.bytes)) {

@@ -78,9 +78,8 @@ static void free_tables(mt_param **tables, int *counts, size_t *sizes, int n) {
 
 /* Entry `name` of one shard table, or NULL. */
 static const mt_param *table_find(const mt_param *t, int n, const char *name) {
-  for (int i = 0; i < n; i++)
-    if (!strcmp(t[i].name, name)) return &t[i];
-  return NULL;
+  int i = mt_param_find(t, n, name);
+  return i < 0 ? NULL : &t[i];
 }
 
 int mt_ckpt_export(const mt_ckpt *c, const char *path) {

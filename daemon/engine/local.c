@@ -447,11 +447,10 @@ struct mt_local {
   pthread_mutex_t comms_mu;
 };
 
-/* Where the export goes must take it: found only after the whole run, a
- * directory in its place or a missing parent lost the trained model of a
- * job without checkpoints. */
-/* A file to write, or a directory (one that exists, or a path ending in
- * '/') for Hugging Face's sharded layout: where it goes must be writable. */
+/* Where the export goes must take it, checked before the first step: found
+ * only after the whole run, a missing parent lost the trained model of a
+ * job without checkpoints. A file to write, or a directory (one that
+ * exists, or a path ending in '/') for Hugging Face's sharded layout. */
 static int check_export_path(const char *path) {
   struct stat st;
   size_t len = strlen(path);

@@ -711,30 +711,21 @@ static int export_gather(const mt_trainer *tr, const mt_param *whole, int n, mt_
   if (werr) snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
   for (int i = 0; i < n && !rc; i++) {
     const mt_param *t = &whole[i];
-    const mt_param *p = NULL;
-    int s;
-    for (s = 0; s < pp && !p; s++) /* the first stage that has it */
-      for (int k = 0; k < counts[s * tp] && !p; k++)
-        if (!strcmp(tables[s * tp][k].name, t->name)) p = &tables[s * tp][k];
-    s--;
-    if (!p) {
+    int s = 0; /* the first stage that has it */
+    while (s < pp && mt_param_find(tables[s * tp], counts[s * tp], t->name) < 0) s++;
+    if (s == pp) {
       rc = mt_seterr(MT_EINVAL, "export: no stage holds tensor %s", t->name);
       break;
     }
     for (int q = 0; q < tp && !rc; q++) {
-      const mt_param *sp = NULL;
-      for (int k = 0; k < counts[s * tp + q] && !sp; k++)
-        if (!strcmp(tables[s * tp + q][k].name, t->name)) sp = &tables[s * tp + q][k];
+      int k = mt_param_find(tables[s * tp + q], counts[s * tp + q], t->name);
+      const mt_param *sp = k < 0 ? NULL : &tables[s * tp + q][k];
       if (!sp || (q > 0 && sp->shard == MT_SHARD_NONE)) continue;
       int from = q + tp * tr->g.dp_size * s; /* world rank of (s, dp 0, q) */
       const float *data = piece;
-      if (from == 0) {
-        int j = mt_gpt_find(m, t->name);
-        rc = j < 0
-                 ? mt_seterr(MT_EINVAL, "export: tensor %s is not in world rank 0's model", t->name)
-                 : export_piece(m, &m->params_table[j], piece, &data);
-        sp = j < 0 ? sp : &m->params_table[j];
-      } else if ((rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from))) {
+      if (from == 0) /* tables[0] is this rank's own table: sp's offset is into m->params */
+        rc = export_piece(m, sp, piece, &data);
+      else if ((rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from))) {
         mt_wraperr(rc, "export: tensor %s from world rank %d", t->name, from);
       }
       if (!rc && !werr) werr = mt_gpt_export_put(e, sp, data);

@@ -177,10 +177,14 @@ static int build_table(mt_gpt *m) {
   return 0;
 }
 
-int mt_gpt_find(const mt_gpt *m, const char *name) {
-  for (int i = 0; i < m->n_tensors; i++)
-    if (!strcmp(m->params_table[i].name, name)) return i;
+int mt_param_find(const mt_param *table, int n, const char *name) {
+  for (int i = 0; i < n; i++)
+    if (!strcmp(table[i].name, name)) return i;
   return -1;
+}
+
+int mt_gpt_find(const mt_gpt *m, const char *name) {
+  return mt_param_find(m->params_table, m->n_tensors, name);
 }
 
 static int check_config(const mt_gpt_config *c, int B, int T) {

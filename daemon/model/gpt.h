@@ -168,6 +168,8 @@ int mt_gpt_round_weights(mt_gpt *m);
 
 /* Index of a named tensor in the table, or -1. */
 int mt_gpt_find(const mt_gpt *m, const char *name);
+/* Index of tensor `name` in a table of n (mt_gpt_table's), or -1. */
+int mt_param_find(const mt_param *table, int n, const char *name);
 
 /* DESIGN's initialisation: every element from Philox(key(seed, name), index
  * in the full tensor); weights N(0, init_std), output projections

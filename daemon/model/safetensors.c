@@ -733,15 +733,6 @@ static void st_problem(st_problems *p, const char *fmt, ...) {
   if (p->len > sizeof p->text - 1) p->len = sizeof p->text - 1;
 }
 
-/* Validates every name and shape first (collecting all problems), then copies,
- * so a refused file leaves the model untouched. */
-/* Whether name is a tensor of the whole model (table: its n tensors). */
-static int st_in_table(const mt_param *table, int n, const char *name) {
-  for (int i = 0; i < n; i++)
-    if (!strcmp(table[i].name, name)) return 1;
-  return 0;
-}
-
 /* The files of a model: path itself, or the ones a Hugging Face index
  * names (path is the index, or a directory holding
  * model.safetensors.index.json), each opened; *files owned (mt_st_close
@@ -825,6 +816,8 @@ static int st_open_model(const char *path, mt_st_file **files, int *n_files) {
   return rc;
 }
 
+/* Validates every name and shape first (collecting all problems), then copies,
+ * so a refused file leaves the model untouched. */
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   mt_st_file *files = NULL;
   int n_files = 0;
@@ -855,7 +848,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
       if (!strncmp(name, "transformer.", 12)) name += 12;
       if (st_is_ignored(name)) continue;
       int j = mt_gpt_find(m, name);
-      if (j < 0 && st_in_table(whole, n_whole, name)) continue; /* another stage's */
+      if (j < 0 && mt_param_find(whole, n_whole, name) >= 0) continue; /* another stage's */
       if (j < 0) {
         st_problem(pr, "unexpected tensor \"%s\"", t->name);
         continue;
