@@ -3,7 +3,6 @@
 #include "node.h"
 #include "node_int.h"
 
-#include <ctype.h>
 #include <errno.h>
 #include <ifaddrs.h>
 #include <limits.h>
@@ -16,7 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <sys/stat.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,6 +22,7 @@
 
 #include "device.h"
 #include "err.h"
+#include "fileio.h"
 #include "job.h"
 #include "local.h"
 #include "log.h"
@@ -828,26 +827,10 @@ static int read_cluster_key(node *n) {
   const char *path = n->cfg->key_file;
   n->cluster_key_bytes = 0;
   if (!path[0]) return 0;
-  FILE *f = fopen(path, "r");
-  if (!f) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: %s", path, strerror(errno));
-  struct stat st;
-  if (!fstat(fileno(f), &st) && (st.st_mode & 077))
-    mt_log_warn("rendezvous.key_file %s can be read by other users (mode %03o): anyone who reads "
-                "it can write the job's rendezvous; chmod 600 it",
-                path, (unsigned)(st.st_mode & 0777));
-  char buf[sizeof n->cluster_key + 64]; /* a key of the most bytes and its newline */
-  size_t len = fread(buf, 1, sizeof buf, f);
-  int err = ferror(f) ? errno : 0;
-  fclose(f);
-  if (err) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: %s", path, strerror(err));
-  while (len && isspace((unsigned char)buf[len - 1])) len--; /* echo's newline */
-  if (len >= sizeof n->cluster_key)
-    return mt_seterr(MT_EINVAL, "rendezvous.key_file %s: the key is over %zu bytes", path,
-                     sizeof n->cluster_key - 1);
-  if (!len) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s is empty", path);
-  memcpy(n->cluster_key, buf, len);
-  explicit_bzero(buf, sizeof buf);
-  n->cluster_key_bytes = len;
+  int rc = mt_read_secret_file(path, "rendezvous.key_file", "can write the job's rendezvous",
+                               n->cluster_key, sizeof n->cluster_key, &n->cluster_key_bytes);
+  if (rc) return rc == MT_ENOENT ? mt_seterr(MT_EINVAL, "%s", mt_errmsg()) : rc;
+  if (!n->cluster_key_bytes) return mt_seterr(MT_EINVAL, "rendezvous.key_file %s is empty", path);
   return 0;
 }
 

@@ -2,13 +2,11 @@
  * traffic behind it: its own status out, the coordinator's cluster view in,
  * mutations handed to the coordinator. The HTTP thread only reads snapshots
  * under n->mu (and, for a mutation, waits on the store: never the loop). */
-#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -16,6 +14,7 @@
 #include "ckpt.h"
 #include "device.h"
 #include "err.h"
+#include "fileio.h"
 #include "log.h"
 #include "mt_config.h"
 #include "node_int.h"
@@ -545,33 +544,17 @@ static double measure_peak_flops(const char *spec, int devices) {
 static int read_token(node *n) {
   const char *path = n->cfg->token_file;
   if (!path[0]) return 0;
-  FILE *f = fopen(path, "r");
-  if (!f) {
-    if (errno == ENOENT) {
-      mt_log_warn("control.token_file %s does not exist: mutations are refused (401) until it "
-                  "does and the daemon restarts",
-                  path);
-      return 0;
-    }
-    return mt_seterr(MT_EIO, "control.token_file %s: %s", path, strerror(errno));
+  /* mtnlgctl strips the same trailing whitespace */
+  size_t len;
+  int rc = mt_read_secret_file(path, "control.token_file", "can pause, stop or resize the job",
+                               n->token, MT_CONTROL_TOKEN_MAX + 1, &len);
+  if (rc == MT_ENOENT) {
+    mt_log_warn("control.token_file %s does not exist: mutations are refused (401) until it "
+                "does and the daemon restarts",
+                path);
+    return 0;
   }
-  struct stat st;
-  if (!fstat(fileno(f), &st) && (st.st_mode & 077))
-    mt_log_warn("control.token_file %s can be read by other users (mode %03o): anyone who reads "
-                "it can pause, stop or resize the job; chmod 600 it",
-                path, (unsigned)(st.st_mode & 0777));
-  size_t len = fread(n->token, 1, sizeof n->token - 1, f);
-  int err = ferror(f);
-  fclose(f);
-  if (err) return mt_seterr(MT_EIO, "control.token_file %s: a read failed", path);
-  n->token[len] = 0;
-  /* what mtnlgctl strips too: the newline an editor or echo leaves */
-  while (len && isspace((unsigned char)n->token[len - 1])) n->token[--len] = 0;
-  if (len > MT_CONTROL_TOKEN_MAX) {
-    n->token[0] = 0;
-    return mt_seterr(MT_EINVAL, "control.token_file %s: the token is over %d bytes", path,
-                     MT_CONTROL_TOKEN_MAX);
-  }
+  if (rc) return rc;
   if (!len) mt_log_warn("control.token_file %s is empty: mutations are refused (401)", path);
   return 0;
 }

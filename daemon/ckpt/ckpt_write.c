@@ -387,14 +387,7 @@ static int build_manifest(const mt_ckpt_txn *t, const mt_ckpt_meta *m,
 
 /* Writes text to path durably (fileio's temp, fsync, rename, fsync dir). */
 static int write_durable(const char *path, const char *text) {
-  mt_atomic_file f;
-  int rc = mt_atomic_open(&f, path);
-  if (rc) return rc;
-  if ((rc = mt_atomic_write(&f, text, strlen(text)))) {
-    mt_atomic_abort(&f);
-    return rc;
-  }
-  return mt_atomic_commit(&f);
+  return mt_atomic_write_file(path, text, strlen(text));
 }
 
 /* One line, "step_<08d>\n", so that readers can be strict about it. */

@@ -1,5 +1,6 @@
 #include "fileio.h"
 
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -9,10 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "err.h"
+#include "log.h"
 
 int mt_write_all(int fd, const void *buf, size_t n, const char *what) {
   const uint8_t *p = buf;
@@ -93,6 +96,55 @@ void mt_atomic_abort(mt_atomic_file *f) {
   free(f->tmp), free(f->path);
   f->fd = -1;
   f->tmp = f->path = NULL;
+}
+
+int mt_read_secret_file(const char *path, const char *what, const char *risk, char *buf, size_t cap,
+                        size_t *len) {
+  *len = 0;
+  buf[0] = 0;
+  FILE *f = fopen(path, "r");
+  if (!f)
+    return mt_seterr(errno == ENOENT ? MT_ENOENT : MT_EINVAL, "%s %s: %s", what, path,
+                     strerror(errno));
+  struct stat st;
+  if (!fstat(fileno(f), &st) && (st.st_mode & 077))
+    mt_log_warn("%s %s can be read by other users (mode %03o): anyone who reads it %s; chmod 600 "
+                "it",
+                what, path, (unsigned)(st.st_mode & 0777), risk);
+  size_t room = cap + 64; /* the longest secret and the newlines after it */
+  char *tmp = malloc(room);
+  if (!tmp) {
+    fclose(f);
+    return mt_seterr(MT_ENOMEM, "%s %s: out of memory", what, path);
+  }
+  size_t n = fread(tmp, 1, room, f);
+  int err = ferror(f) ? errno : 0;
+  fclose(f);
+  while (n && isspace((unsigned char)tmp[n - 1])) n--;
+  int rc = 0;
+  if (err)
+    rc = mt_seterr(MT_EINVAL, "%s %s: %s", what, path, strerror(err));
+  else if (n >= cap)
+    rc = mt_seterr(MT_EINVAL, "%s %s: over %zu bytes", what, path, cap - 1);
+  if (!rc) {
+    memcpy(buf, tmp, n);
+    buf[n] = 0;
+    *len = n;
+  }
+  explicit_bzero(tmp, room);
+  free(tmp);
+  return rc;
+}
+
+int mt_atomic_write_file(const char *path, const void *buf, size_t n) {
+  mt_atomic_file f;
+  int rc = mt_atomic_open(&f, path);
+  if (rc) return rc;
+  if ((rc = mt_atomic_write(&f, buf, n))) {
+    mt_atomic_abort(&f);
+    return rc;
+  }
+  return mt_atomic_commit(&f);
 }
 
 void mt_remove_dir(const char *dir) {

@@ -29,6 +29,17 @@ int mt_atomic_write(mt_atomic_file *f, const void *buf, size_t n);
 int mt_atomic_commit(mt_atomic_file *f);
 /* Closes and removes the temp file; frees f's strings. Safe after a failed open. */
 void mt_atomic_abort(mt_atomic_file *f);
+/* All of the above for n bytes held in memory: path is the old file or buf. */
+int mt_atomic_write_file(const char *path, const void *buf, size_t n);
+
+/* A secret kept in a file (a bearer token, a cluster key), into buf (cap
+ * bytes, NUL-terminated) with the trailing whitespace an editor or echo
+ * leaves cut; *len its bytes. Errors name `what` (the config key) and the
+ * path: MT_ENOENT when there is no such file, MT_EINVAL for one that
+ * cannot be read or holds more than cap - 1 bytes (buf then ""). Warns,
+ * saying what anyone who reads it can do (`risk`), when other users can. */
+int mt_read_secret_file(const char *path, const char *what, const char *risk, char *buf, size_t cap,
+                        size_t *len);
 
 /* write(2) until done, retrying EINTR; `what` names the file in errors. */
 int mt_write_all(int fd, const void *buf, size_t n, const char *what);

@@ -370,18 +370,6 @@ fail:
   return rc;
 }
 
-static int write_cache(const char *path, const uint8_t *img, size_t bytes) {
-  mt_atomic_file f;
-  int rc = mt_atomic_open(&f, path);
-  if (rc) return rc;
-  rc = mt_atomic_write(&f, img, bytes);
-  if (rc) {
-    mt_atomic_abort(&f);
-    return rc;
-  }
-  return mt_atomic_commit(&f);
-}
-
 /* Maps path and attaches it. Returns 0; MT_ENOENT if absent; another code
  * with the reason when the file is there but unusable. */
 static int load_cache(mt_gpt_dataset *d, const char *path, const char *desc) {
@@ -454,13 +442,13 @@ static int load_or_build(mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, con
   size_t bytes = 0;
   rc = build_image(d, desc, spec->seed, spec->shuffle, &img, &bytes);
   if (rc) return rc;
-  rc = write_cache(path, img, bytes);
+  rc = mt_atomic_write_file(path, img, bytes);
   if (!rc) rc = load_cache(d, path, desc);
   if (rc && alt[0]) {
     mt_log_info("data: cannot cache the %s index of %s at %s (%s); caching it in %s",
                 split_names[d->which], spec->prefix, path, mt_errmsg(), alt);
     make_cache_dir(spec->cache_fallback);
-    rc = write_cache(alt, img, bytes);
+    rc = mt_atomic_write_file(alt, img, bytes);
     if (!rc) rc = load_cache(d, alt, desc);
     if (!rc) snprintf(d->cache_path, sizeof d->cache_path, "%s", alt);
   }

@@ -453,8 +453,7 @@ struct mt_local {
  * exists, or a path ending in '/') for Hugging Face's sharded layout. */
 static int check_export_path(const char *path) {
   struct stat st;
-  size_t len = strlen(path);
-  int is_dir = (len && path[len - 1] == '/') || (!stat(path, &st) && S_ISDIR(st.st_mode));
+  int is_dir = mt_st_names_a_directory(path);
   char dir[4096];
   snprintf(dir, sizeof dir, "%s", path);
   for (size_t k = strlen(dir); is_dir && k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;

@@ -514,14 +514,13 @@ int mt_st_writer_commit(mt_st_writer *w, const char *path) {
   for (int i = 0; i < w->n; i++)
     if (w->t[i].bytes && !w->t[i].data)
       return mt_seterr(MT_EINVAL, "safetensors: %s: tensor \"%s\" has no data", path, w->t[i].name);
-  int rc = st_write_header(w, path);
-  for (int i = 0; i < w->n && !rc; i++) rc = mt_atomic_write(&w->file, w->t[i].data, w->t[i].bytes);
-  if (!rc)
-    rc = mt_atomic_commit(&w->file);
-  else if (w->file.path)
-    mt_atomic_abort(&w->file);
-  if (rc) return mt_wraperr(rc, "safetensors");
-  return 0;
+  /* the stream, fed from the tensors' own data */
+  int rc = mt_st_writer_begin(w, path);
+  for (int i = 0; i < w->n && !rc; i++)
+    rc = mt_st_writer_append(w, w->t[i].data, w->t[i].bytes / sizeof(float));
+  if (!rc) return mt_st_writer_end(w);
+  if (w->streaming) mt_atomic_abort(&w->file), w->streaming = 0; /* nothing is left behind */
+  return rc;
 }
 
 int mt_st_writer_begin(mt_st_writer *w, const char *path) {
@@ -536,6 +535,7 @@ int mt_st_writer_begin(mt_st_writer *w, const char *path) {
 
 int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n) {
   if (!w->streaming) return mt_seterr(MT_EINVAL, "safetensors: writer: append before begin");
+  if (!n) return 0;
   size_t bytes = n * sizeof(float);
   while (w->cur < w->n && w->cur_bytes == w->t[w->cur].bytes) w->cur++, w->cur_bytes = 0;
   if (w->cur == w->n)
@@ -1054,10 +1054,14 @@ int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, co
   return 0;
 }
 
-int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path) {
+int mt_st_names_a_directory(const char *path) {
   struct stat st;
   size_t n = strlen(path);
-  if ((n && path[n - 1] == '/') || (!stat(path, &st) && S_ISDIR(st.st_mode))) {
+  return (n && path[n - 1] == '/') || (!stat(path, &st) && S_ISDIR(st.st_mode));
+}
+
+int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path) {
+  if (mt_st_names_a_directory(path)) {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", path);
     for (size_t k = strlen(dir); k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;
@@ -1121,13 +1125,7 @@ static int st_write_index(const mt_gpt_export *e) {
   json_decref(root);
   if (!text) return mt_seterr(MT_ENOMEM, "safetensors: export %s: the index", e->dir);
   snprintf(path, sizeof path, "%s/%s", e->dir, ST_INDEX_NAME);
-  mt_atomic_file f;
-  int rc = mt_atomic_open(&f, path);
-  if (!rc) rc = mt_atomic_write(&f, text, strlen(text));
-  if (!rc)
-    rc = mt_atomic_commit(&f);
-  else if (f.path)
-    mt_atomic_abort(&f);
+  int rc = mt_atomic_write_file(path, text, strlen(text));
   free(text);
   return rc ? mt_wraperr(rc, "safetensors: export") : 0;
 }

@@ -89,6 +89,9 @@ int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
  * '/') gets Hugging Face's sharded layout (below). */
 typedef struct mt_gpt_export mt_gpt_export;
 int mt_gpt_export_open(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path);
+/* Whether an export to path writes the sharded layout: path is a
+ * directory, or ends in '/'. */
+int mt_st_names_a_directory(const char *path);
 /* Hugging Face's files of at most this many bytes (its max_shard_size
  * "5GB"; a tensor larger than that has a file of its own). */
 #define MT_ST_SHARD_BYTES 5000000000ull
