@@ -111,8 +111,18 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
     rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
   mt_gpt_export *e = NULL;
   if (!rc) {
+    /* a directory's files split where the stages do, as the run's own
+     * export writes them */
     mt_gpt_config whole = shard_config(&job, tp, pp, 0, 0);
-    rc = mt_gpt_export_open(&e, &whole, path);
+    char dir[4096];
+    int *begin = calloc((size_t)pp, sizeof *begin), end;
+    for (int s = 0; begin && s < pp; s++)
+      mt_stage_layers(job.model.n_layer, pp, s, &begin[s], &end);
+    mt_gpt_export_plan plan = {.pp = pp, .stage_begin = begin, .part = -1};
+    if (mt_st_export_dir(path, dir, sizeof dir)) plan.dir = dir;
+    rc = begin ? mt_gpt_export_open_sharded(&e, &whole, plan.dir ? NULL : path, &plan)
+               : mt_seterr(MT_ENOMEM, "export: %d stages", pp);
+    free(begin); /* the exporter keeps each tensor's stage, not the array */
   }
   const mt_param *t;
   while (!rc && (t = mt_gpt_export_tensor(e))) {

@@ -48,6 +48,12 @@ typedef struct rank_ctx {
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
+static int64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void report_start(const mt_trainer *tr) {
   const mt_job *job = tr->job;
   mt_log_info("model: %d layers, hidden %d, %d heads, vocab %d (padded %d), seq %d: %.2fM "
@@ -255,9 +261,11 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
   }
   if (o->export_path) {
+    int64_t t0 = mono_ms();
     int rc = mt_trainer_export(tr, o->export_path);
     if (rc) return mt_wraperr(rc, "export");
-    if (c->rank == 0) mt_log_info("exported weights to %s", o->export_path);
+    if (c->rank == 0)
+      mt_log_info("exported weights to %s in %.1f s", o->export_path, (mono_ms() - t0) / 1e3);
   }
   if (c->rank != 0 || !tr->data) return 0;
   char consumed[1024];
@@ -402,11 +410,6 @@ typedef struct cancel_store {
 
 static int cs_set(mt_store *s, const char *key, const void *value, size_t bytes) {
   return mt_store_set(((cancel_store *)s)->inner, key, value, bytes);
-}
-static int64_t mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 static int cs_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
   cancel_store *c = (cancel_store *)s;

@@ -680,9 +680,10 @@ static int export_sends(const mt_gpt *m, const mt_param *p) {
   return m->first || strcmp(p->name, "wte.weight");
 }
 
-/* Replica 0's ranks other than world rank 0: every tensor they hold for the
- * export, one at a time, in table order (the order rank 0 writes them). */
-static int export_send(const mt_trainer *tr, float *piece) {
+/* Replica 0's ranks that do not write: every tensor they hold for the
+ * export, one at a time, in table order (the order the writer takes them),
+ * to world rank `to`. */
+static int export_send(const mt_trainer *tr, float *piece, int to) {
   const mt_gpt *m = &tr->model;
   int rc = 0;
   for (int j = 0; j < m->n_tensors && !rc; j++) {
@@ -690,54 +691,179 @@ static int export_send(const mt_trainer *tr, float *piece) {
     const float *data;
     if (!export_sends(m, p)) continue;
     rc = export_piece(m, p, piece, &data);
-    if (!rc) rc = mt_comm_send(tr->g.world, data, p->numel, MT_COMM_F32, 0);
-    if (rc) mt_wraperr(rc, "export: tensor %s to world rank 0", p->name);
+    if (!rc) rc = mt_comm_send(tr->g.world, data, p->numel, MT_COMM_F32, to);
+    if (rc) mt_wraperr(rc, "export: tensor %s to world rank %d", p->name, to);
   }
   return rc;
 }
 
-/* World rank 0: each tensor of the whole model (whole: its n tensors, in
- * the file's order), its shards from the (stage, tp rank) of replica 0
- * that holds them. tables: the shard tables, [s * tp + q]. A file that
- * cannot be written (a full disk) does not stop the receives: every sender
- * finishes, and the write's error is the result. */
-static int export_gather(const mt_trainer *tr, const mt_param *whole, int n, mt_param **tables,
-                         const int *counts, float *piece, const char *path) {
+/* What an export needs to know of the job's layout, the same on every rank
+ * of replica 0. */
+typedef struct {
+  mt_param **tables; /* replica 0's shard tables, [s * tp + q] */
+  int *counts;
+  mt_param *whole; /* the whole model's tensors, in the file's order */
+  int n_whole;
+  int *stage_begin;        /* each stage's first block */
+  size_t max_numel;        /* the largest piece or tensor a rank holds */
+  uint64_t bytes, stage_b; /* the file's bytes; the most of one stage's */
+} export_layout;
+
+static void export_layout_free(export_layout *x, int n_tables) {
+  for (int k = 0; x->tables && k < n_tables; k++) free(x->tables[k]);
+  free(x->tables);
+  free(x->counts);
+  free(x->whole);
+  free(x->stage_begin);
+}
+
+/* The first stage holding whole tensor t (the tied wte: the first). */
+static int export_stage_of(const mt_trainer *tr, const export_layout *x, const mt_param *t) {
+  int s = 0, tp = tr->g.tp_size;
+  while (s < tr->g.pp_size && mt_param_find(x->tables[s * tp], x->counts[s * tp], t->name) < 0) s++;
+  return s;
+}
+
+static int export_layout_make(const mt_trainer *tr, export_layout *x) {
   const mt_gpt *m = &tr->model;
   int pp = tr->g.pp_size, tp = tr->g.tp_size, rc = 0;
-  mt_gpt_export *e = NULL;
-  char werr_msg[1024] = "";
-  int werr = mt_gpt_export_open(&e, &m->cfg, path);
-  if (werr) snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
-  for (int i = 0; i < n && !rc; i++) {
-    const mt_param *t = &whole[i];
-    int s = 0; /* the first stage that has it */
-    while (s < pp && mt_param_find(tables[s * tp], counts[s * tp], t->name) < 0) s++;
-    if (s == pp) {
-      rc = mt_seterr(MT_EINVAL, "export: no stage holds tensor %s", t->name);
-      break;
-    }
+  x->tables = calloc((size_t)(pp * tp), sizeof *x->tables);
+  x->counts = calloc((size_t)(pp * tp), sizeof *x->counts);
+  x->stage_begin = calloc((size_t)pp, sizeof *x->stage_begin);
+  if (!x->tables || !x->counts || !x->stage_begin)
+    return mt_seterr(MT_ENOMEM, "export: shard tables");
+  for (int k = 0; k < pp * tp && !rc; k++) {
+    mt_gpt_config sc = m->cfg;
+    sc.tp_rank = k % tp;
+    if (pp > 1) mt_stage_layers(m->cfg.n_layer, pp, k / tp, &sc.layer_begin, &sc.layer_end);
+    x->stage_begin[k / tp] = sc.layer_begin;
+    size_t count;
+    rc = mt_gpt_table(&sc, &x->tables[k], &x->counts[k], &count);
+    for (int i = 0; !rc && i < x->counts[k]; i++)
+      if (x->tables[k][i].numel > x->max_numel) x->max_numel = x->tables[k][i].numel;
+  }
+  mt_gpt_config wc = m->cfg;
+  wc.layer_begin = wc.layer_end = 0;
+  wc.tp_size = 1, wc.tp_rank = 0;
+  size_t whole_count = 0;
+  if (!rc) rc = mt_gpt_table(&wc, &x->whole, &x->n_whole, &whole_count);
+  uint64_t *per_stage = rc ? NULL : calloc((size_t)pp, sizeof *per_stage);
+  if (!rc && !per_stage) rc = mt_seterr(MT_ENOMEM, "export: shard tables");
+  for (int i = 0; !rc && i < x->n_whole; i++) {
+    int s = export_stage_of(tr, x, &x->whole[i]);
+    if (s == pp)
+      rc = mt_seterr(MT_EINVAL, "export: no stage holds tensor %s", x->whole[i].name);
+    else
+      per_stage[s] += x->whole[i].numel * sizeof(float);
+  }
+  for (int s = 0; !rc && s < pp; s++)
+    if (per_stage[s] > x->stage_b) x->stage_b = per_stage[s];
+  x->bytes = (uint64_t)whole_count * sizeof(float);
+  free(per_stage);
+  return rc;
+}
+
+/* The first error of an export's writes, kept while its pieces are still
+ * taken: a file that cannot be written (a full disk) does not stop the
+ * receives, so every sender finishes and the write's error is the result. */
+typedef struct {
+  int rc;
+  char msg[1024];
+} export_err;
+
+static void export_failed(export_err *w, int rc) {
+  if (rc && !w->rc) {
+    w->rc = rc;
+    snprintf(w->msg, sizeof w->msg, "%s", mt_errmsg());
+  }
+}
+
+/* A writer: each tensor of the whole model (part -1) or of stage `part`,
+ * in the file's order, its shards from the (stage, tp rank) of replica 0
+ * that holds them, put to e (NULL: its open failed; the pieces are still
+ * taken). */
+static int export_gather(const mt_trainer *tr, const export_layout *x, int part, mt_gpt_export *e,
+                         float *piece, export_err *w) {
+  const mt_gpt *m = &tr->model;
+  int tp = tr->g.tp_size, rc = 0, me = mt_comm_rank(tr->g.world);
+  for (int i = 0; i < x->n_whole && !rc; i++) {
+    const mt_param *t = &x->whole[i];
+    int s = export_stage_of(tr, x, t);
+    if (part >= 0 && s != part) continue;
     for (int q = 0; q < tp && !rc; q++) {
-      int k = mt_param_find(tables[s * tp + q], counts[s * tp + q], t->name);
-      const mt_param *sp = k < 0 ? NULL : &tables[s * tp + q][k];
+      int k = mt_param_find(x->tables[s * tp + q], x->counts[s * tp + q], t->name);
+      const mt_param *sp = k < 0 ? NULL : &x->tables[s * tp + q][k];
       if (!sp || (q > 0 && sp->shard == MT_SHARD_NONE)) continue;
       int from = q + tp * tr->g.dp_size * s; /* world rank of (s, dp 0, q) */
       const float *data = piece;
-      if (from == 0) /* tables[0] is this rank's own table: sp's offset is into m->params */
-        rc = export_piece(m, sp, piece, &data);
-      else if ((rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from))) {
+      if (from == me) /* this rank's own table: its entry's offset is into m->params */
+        rc =
+            export_piece(m, &m->params_table[mt_param_find(m->params_table, m->n_tensors, t->name)],
+                         piece, &data);
+      else if ((rc = mt_comm_recv(tr->g.world, piece, sp->numel, MT_COMM_F32, from)))
         mt_wraperr(rc, "export: tensor %s from world rank %d", t->name, from);
-      }
-      if (!rc && !werr) werr = mt_gpt_export_put(e, sp, data);
-      if (werr && !werr_msg[0]) snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
+      if (!rc && e && !w->rc) export_failed(w, mt_gpt_export_put(e, sp, data));
     }
-    if (!rc && !werr && (werr = mt_gpt_export_next(e)))
-      snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
+    if (!rc && e && !w->rc) export_failed(w, mt_gpt_export_next(e));
   }
-  if (!rc && !werr && (werr = mt_gpt_export_commit(e)))
-    snprintf(werr_msg, sizeof werr_msg, "%s", mt_errmsg());
+  if (!rc && e && !w->rc) export_failed(w, mt_gpt_export_commit(e));
+  return rc;
+}
+
+/* One file: world rank 0 writes it all. */
+static int export_one_file(const mt_trainer *tr, const export_layout *x, const char *path,
+                           float *piece) {
+  export_err w = {0};
+  mt_gpt_export *e = NULL;
+  export_failed(&w, mt_gpt_export_open(&e, &tr->model.cfg, path));
+  int rc = export_gather(tr, x, -1, e, piece, &w);
   mt_gpt_export_free(e);
-  if (!rc && werr) rc = mt_seterr(werr, "%s", werr_msg);
+  if (!rc && w.rc) rc = mt_seterr(w.rc, "%s", w.msg);
+  return rc;
+}
+
+/* Hugging Face's sharded layout in dir (prepared by world rank 0): each
+ * stage's tp rank 0 of replica 0 writes that stage's files, its tp peers'
+ * pieces sent to it, all stages at once, and tells world rank 0 how it
+ * went; world rank 0 writes the index once every stage's files are in. */
+static int export_stage(const mt_trainer *tr, const export_layout *x, const char *dir,
+                        float *piece) {
+  int pp = tr->g.pp_size, s = tr->g.pp_rank, me = mt_comm_rank(tr->g.world);
+  export_err w = {0};
+  mt_gpt_export *e = NULL;
+  mt_gpt_export_plan plan = {.dir = dir, .pp = pp, .stage_begin = x->stage_begin, .part = s};
+  export_failed(&w, mt_gpt_export_open_sharded(&e, &tr->model.cfg, NULL, &plan));
+  int rc = export_gather(tr, x, s, e, piece, &w);
+  if (rc) export_failed(&w, rc);
+  if (me != 0) {
+    int64_t code = w.rc;
+    mt_comm *world = tr->g.world;
+    int src = mt_comm_send(world, &code, 1, MT_COMM_I64, 0);
+    if (!src) src = mt_comm_send(world, w.msg, sizeof w.msg, MT_COMM_U8, 0);
+    if (src) mt_wraperr(src, "export: stage %d's outcome to world rank 0", s);
+    mt_gpt_export_free(e);
+    if (!rc && w.rc)
+      rc = mt_seterr(w.rc, "stage %d (world rank %d) did not write its files: %s", s, me, w.msg);
+    return rc ? rc : src;
+  }
+  for (int t = 1; t < pp && !rc; t++) {
+    int from = t * tr->g.tp_size * tr->g.dp_size;
+    int64_t code = 0;
+    char msg[sizeof w.msg];
+    rc = mt_comm_recv(tr->g.world, &code, 1, MT_COMM_I64, from);
+    if (!rc) rc = mt_comm_recv(tr->g.world, msg, sizeof msg, MT_COMM_U8, from);
+    if (rc)
+      mt_wraperr(rc, "export: stage %d's outcome from world rank %d", t, from);
+    else if (code && !w.rc) {
+      msg[sizeof msg - 1] = 0;
+      w.rc = (int)code;
+      snprintf(w.msg, sizeof w.msg, "stage %d (world rank %d) did not write its files: %.900s", t,
+               from, msg);
+    }
+  }
+  if (!rc && !w.rc) export_failed(&w, mt_gpt_export_write_index(e));
+  mt_gpt_export_free(e);
+  if (!rc && w.rc) rc = mt_seterr(w.rc, "%s", w.msg);
   return rc;
 }
 
@@ -746,52 +872,53 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
   if (tr->g.pp_size == 1 && tr->g.tp_size == 1)
     return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
-  /* replica 0's stages and shards stream their tensors to world rank 0,
-   * which writes each as it completes: no rank holds more than its own
-   * weights and one tensor. The world group moves host memory (Gloo). */
+  /* Replica 0's stages and shards stream their tensors to the writers,
+   * which write each as it completes: no rank holds more than its own
+   * weights and one tensor. One file is world rank 0's to write; a
+   * directory's files are written a stage at a time by each stage's tp
+   * rank 0, all at once. The world group moves host memory (Gloo). */
   if (tr->g.dp_rank != 0) return 0;
   int pp = tr->g.pp_size, tp = tr->g.tp_size, rc = mt_device_sync(m->dev);
-  mt_param **tables = world_rank == 0 ? calloc((size_t)(pp * tp), sizeof *tables) : NULL;
-  int *counts = world_rank == 0 ? calloc((size_t)(pp * tp), sizeof *counts) : NULL;
-  size_t max_numel = 0;
-  if (!rc && world_rank == 0 && (!tables || !counts))
-    rc = mt_seterr(MT_ENOMEM, "export: shard tables");
-  for (int k = 0; k < pp * tp && !rc && world_rank == 0; k++) {
-    mt_gpt_config sc = m->cfg;
-    sc.tp_rank = k % tp;
-    if (pp > 1) mt_stage_layers(m->cfg.n_layer, pp, k / tp, &sc.layer_begin, &sc.layer_end);
-    size_t count;
-    rc = mt_gpt_table(&sc, &tables[k], &counts[k], &count);
-    for (int i = 0; !rc && i < counts[k]; i++)
-      if (tables[k][i].numel > max_numel) max_numel = tables[k][i].numel;
-  }
+  export_layout x = {0};
+  if (!rc) rc = export_layout_make(tr, &x);
   for (int j = 0; j < m->n_tensors; j++)
-    if (m->params_table[j].numel > max_numel) max_numel = m->params_table[j].numel;
+    if (m->params_table[j].numel > x.max_numel) x.max_numel = m->params_table[j].numel;
   float *piece = NULL;
-  if (!rc && !(piece = malloc((max_numel ? max_numel : 1) * sizeof *piece)))
-    rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
-  /* a sender's first piece waits until rank 0 has written everything before
-   * it: the world's deadline grows by the whole file at 100 MB/s (as a
-   * resume's checks do), the same on every rank */
-  mt_gpt_config wc = m->cfg;
-  wc.layer_begin = wc.layer_end = 0;
-  wc.tp_size = 1, wc.tp_rank = 0;
-  mt_param *whole = NULL;
-  int n_whole = 0, base_ms = tr->g.world ? mt_comm_timeout(tr->g.world) : 0;
-  size_t whole_count = 0;
-  if (!rc) rc = mt_gpt_table(&wc, &whole, &n_whole, &whole_count);
-  if (!rc && tr->g.world) {
-    uint64_t ms = (uint64_t)base_ms + (uint64_t)whole_count * sizeof(float) / 100000;
+  if (!rc && !(piece = malloc((x.max_numel ? x.max_numel : 1) * sizeof *piece)))
+    rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", x.max_numel);
+  /* a sender's first piece waits until its writer has written everything
+   * before it: the world's deadline grows by what one writer writes at
+   * 100 MB/s (as a resume's checks do), the same on every rank */
+  int base_ms = mt_comm_timeout(tr->g.world);
+  uint64_t ms = (uint64_t)base_ms + x.bytes / 100000;
+  mt_comm_set_timeout(tr->g.world, ms > INT32_MAX ? INT32_MAX : (int)ms);
+  /* world rank 0 says which it is, the directory made and its old index
+   * removed before any stage writes into it: [a directory, go on] */
+  int64_t how[2] = {0, 1};
+  char dir[4096];
+  int prep = 0, is_dir = mt_st_export_dir(path, dir, sizeof dir); /* rank 0's counts */
+  if (!rc && world_rank == 0 && (how[0] = is_dir))
+    how[1] = !(prep = mt_gpt_export_prepare_dir(dir));
+  for (int k = 1; k < pp * tp && !rc && world_rank == 0; k++) {
+    int to = k % tp + tp * tr->g.dp_size * (k / tp);
+    if ((rc = mt_comm_send(tr->g.world, how, 2, MT_COMM_I64, to)))
+      mt_wraperr(rc, "export: the layout to world rank %d", to);
+  }
+  if (!rc && world_rank != 0 && (rc = mt_comm_recv(tr->g.world, how, 2, MT_COMM_I64, 0)))
+    mt_wraperr(rc, "export: the layout from world rank 0");
+  if (!rc && how[0]) {
+    ms = (uint64_t)base_ms + x.stage_b / 100000;
     mt_comm_set_timeout(tr->g.world, ms > INT32_MAX ? INT32_MAX : (int)ms);
   }
-  if (!rc)
-    rc = world_rank == 0 ? export_gather(tr, whole, n_whole, tables, counts, piece, path)
-                         : export_send(tr, piece);
-  if (tr->g.world) mt_comm_set_timeout(tr->g.world, base_ms);
-  free(whole);
-  for (int k = 0; tables && k < pp * tp; k++) free(tables[k]);
-  free(tables);
-  free(counts);
+  int writer = tr->g.pp_rank * tp * tr->g.dp_size; /* of this stage's files */
+  if (!rc && !how[1])
+    rc = world_rank == 0 ? prep : 0; /* the directory's error is rank 0's */
+  else if (!rc && !how[0])
+    rc = world_rank == 0 ? export_one_file(tr, &x, path, piece) : export_send(tr, piece, 0);
+  else if (!rc)
+    rc = tr->g.tp_rank ? export_send(tr, piece, writer) : export_stage(tr, &x, dir, piece);
+  mt_comm_set_timeout(tr->g.world, base_ms);
+  export_layout_free(&x, pp * tp);
   free(piece);
   return rc;
 }

@@ -949,6 +949,8 @@ struct mt_gpt_export {
   mt_gpt_config cfg; /* the whole model's: no stage, no tp shards */
   mt_param *table;   /* its tensors, in the file's order */
   int n, next;       /* tensors; the one being filled */
+  int *stage_of;     /* tensor i is in pipeline stage stage_of[i] */
+  int part;          /* -1: every tensor is written here, else stage part's */
   float *hf;         /* that tensor in the file's layout */
   size_t placed;     /* of its elements, filled so far */
   /* one file, or Hugging Face's sharded layout in directory `dir`:
@@ -1003,49 +1005,83 @@ static int st_new_writer(mt_gpt_export *e, int k) {
   return rc;
 }
 
+/* The stage of each of the whole model's tensors (table order: wte and
+ * wpe, the blocks, ln_f): a block's is the stage its layer begins in;
+ * before the first block stage 0, after the last the last stage. */
+static void st_stages(mt_gpt_export *e, const mt_gpt_export_plan *plan) {
+  int pp = plan->pp > 1 && plan->stage_begin ? plan->pp : 1, blocks = 0;
+  for (int i = 0; i < e->n; i++) {
+    int layer = e->table[i].layer, s = 0;
+    if (layer >= 0) {
+      blocks = 1;
+      while (s + 1 < pp && plan->stage_begin[s + 1] <= layer) s++;
+    } else if (blocks) {
+      s = pp - 1;
+    }
+    e->stage_of[i] = s;
+  }
+}
+
+int mt_gpt_export_prepare_dir(const char *dir) {
+  char index[4096];
+  struct stat st;
+  snprintf(index, sizeof index, "%s/%s", dir, ST_INDEX_NAME);
+  if (stat(dir, &st) && errno == ENOENT && mkdir(dir, 0755) && errno != EEXIST)
+    return mt_seterr(MT_EIO, "safetensors: export: mkdir %s: %s", dir, strerror(errno));
+  if (stat(dir, &st) || !S_ISDIR(st.st_mode))
+    return mt_seterr(MT_EINVAL, "safetensors: export: %s is not a directory", dir);
+  if (unlink(index) && errno != ENOENT)
+    return mt_seterr(MT_EIO, "safetensors: export: remove %s: %s", index, strerror(errno));
+  return mt_fsync_parent_dir(index);
+}
+
+/* The first tensor from i on that this exporter writes (e->n: none). */
+static int st_due_from(const mt_gpt_export *e, int i) {
+  while (i < e->n && e->part >= 0 && e->stage_of[i] != e->part) i++;
+  return i;
+}
+
 int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path,
-                               const char *dir, uint64_t max_bytes) {
+                               const mt_gpt_export_plan *plan) {
   *out = NULL;
-  const char *what = dir ? dir : path;
+  const char *dir = plan->dir, *what = dir ? dir : path;
+  uint64_t max_bytes = plan->max_bytes ? plan->max_bytes : MT_ST_SHARD_BYTES;
   mt_gpt_export *e = calloc(1, sizeof *e);
   if (!e) return mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   e->cfg = *cfg;
   e->cfg.layer_begin = e->cfg.layer_end = 0;
   e->cfg.tp_size = 1, e->cfg.tp_rank = 0;
+  e->part = plan->part;
   size_t count, max_numel = 0;
   int rc = mt_gpt_table(&e->cfg, &e->table, &e->n, &count);
   if (!rc && (!(e->file_of = calloc((size_t)e->n + 1, sizeof *e->file_of)) ||
+              !(e->stage_of = calloc((size_t)e->n + 1, sizeof *e->stage_of)) ||
               !(e->path = strdup(what)) || (dir && !(e->dir = strdup(dir)))))
     rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
+  if (!rc) st_stages(e, plan);
+  if (!rc && e->part >= 0 && (!dir || e->part >= (plan->pp > 1 ? plan->pp : 1)))
+    rc = mt_seterr(MT_EINVAL, "safetensors: export %s: part %d of %d stages%s", what, e->part,
+                   plan->pp, dir ? "" : " (parts are written to a directory)");
   /* tensors to files in order: a file closes where the next tensor would
-   * take it past max_bytes (a tensor larger than that has one of its own) */
+   * take it past max_bytes (a tensor larger than that has one of its own)
+   * or belongs to the next stage */
   uint64_t in_file = 0;
   e->n_files = 1;
   for (int i = 0; i < e->n && !rc; i++) {
     uint64_t bytes = (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * sizeof(float);
-    if (dir && in_file && in_file + bytes > max_bytes) e->n_files++, in_file = 0;
+    int new_stage = i > 0 && e->stage_of[i] != e->stage_of[i - 1];
+    if (dir && in_file && (in_file + bytes > max_bytes || new_stage)) e->n_files++, in_file = 0;
     e->file_of[i] = e->n_files - 1;
     in_file += bytes;
     if (st_file_numel(&e->cfg, &e->table[i]) > max_numel)
       max_numel = st_file_numel(&e->cfg, &e->table[i]);
   }
+  e->next = st_due_from(e, 0);
   if (!rc && !(e->w = calloc((size_t)e->n_files, sizeof *e->w)))
     rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   if (!rc && !(e->hf = malloc((max_numel ? max_numel : 1) * sizeof *e->hf)))
     rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: a buffer of %zu floats", what, max_numel);
-  if (!rc && dir) { /* the old index goes first: no index names a mix of files */
-    char index[4096];
-    struct stat st;
-    snprintf(index, sizeof index, "%s/%s", dir, ST_INDEX_NAME);
-    if (stat(dir, &st) && errno == ENOENT && mkdir(dir, 0755) && errno != EEXIST)
-      rc = mt_seterr(MT_EIO, "safetensors: export: mkdir %s: %s", dir, strerror(errno));
-    else if (stat(dir, &st) || !S_ISDIR(st.st_mode))
-      rc = mt_seterr(MT_EINVAL, "safetensors: export: %s is not a directory", dir);
-    else if (unlink(index) && errno != ENOENT)
-      rc = mt_seterr(MT_EIO, "safetensors: export: remove %s: %s", index, strerror(errno));
-    else
-      rc = mt_fsync_parent_dir(index);
-  }
+  if (!rc && dir && e->part < 0) rc = mt_gpt_export_prepare_dir(dir);
   if (rc) {
     mt_gpt_export_free(e);
     return rc;
@@ -1060,14 +1096,17 @@ int mt_st_names_a_directory(const char *path) {
   return (n && path[n - 1] == '/') || (!stat(path, &st) && S_ISDIR(st.st_mode));
 }
 
+int mt_st_export_dir(const char *path, char *dir, size_t cap) {
+  snprintf(dir, cap, "%s", path);
+  for (size_t k = strlen(dir); k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;
+  return mt_st_names_a_directory(path);
+}
+
 int mt_gpt_export_open(mt_gpt_export **out, const mt_gpt_config *cfg, const char *path) {
-  if (mt_st_names_a_directory(path)) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s", path);
-    for (size_t k = strlen(dir); k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;
-    return mt_gpt_export_open_sharded(out, cfg, NULL, dir, MT_ST_SHARD_BYTES);
-  }
-  return mt_gpt_export_open_sharded(out, cfg, path, NULL, 0);
+  char dir[4096];
+  mt_gpt_export_plan plan = {.part = -1};
+  if (mt_st_export_dir(path, dir, sizeof dir)) plan.dir = dir;
+  return mt_gpt_export_open_sharded(out, cfg, plan.dir ? NULL : path, &plan);
 }
 
 const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e) {
@@ -1103,13 +1142,15 @@ int mt_gpt_export_next(mt_gpt_export *e) {
   /* its last tensor: the file is committed (durable, under its name) */
   if (!rc && (e->next + 1 == e->n || e->file_of[e->next + 1] != k)) rc = mt_st_writer_end(e->w[k]);
   if (rc) return rc;
-  e->next++;
+  e->next = st_due_from(e, e->next + 1);
   e->placed = 0;
   return 0;
 }
 
 /* <dir>/model.safetensors.index.json, durably: what Hugging Face reads. */
-static int st_write_index(const mt_gpt_export *e) {
+int mt_gpt_export_write_index(const mt_gpt_export *e) {
+  if (!e->dir)
+    return mt_seterr(MT_EINVAL, "safetensors: export %s: one file has no index", e->path);
   json_t *map = json_object(), *root = NULL;
   uint64_t total = 0;
   char name[64], path[4096];
@@ -1135,7 +1176,8 @@ int mt_gpt_export_commit(mt_gpt_export *e) {
   if (t)
     return mt_seterr(MT_EINVAL, "safetensors: export: tensor %s was not written; nothing is",
                      t->name);
-  return e->dir ? st_write_index(e) : 0; /* each file was committed with its last tensor */
+  /* each file was committed with its last tensor; a part's index is its caller's */
+  return e->dir && e->part < 0 ? mt_gpt_export_write_index(e) : 0;
 }
 
 void mt_gpt_export_free(mt_gpt_export *e) {
@@ -1143,6 +1185,7 @@ void mt_gpt_export_free(mt_gpt_export *e) {
   for (int k = 0; e->w && k < e->n_files; k++) mt_st_writer_free(e->w[k]);
   free(e->w);
   free(e->file_of);
+  free(e->stage_of);
   free(e->table);
   free(e->hf);
   free(e->dir);

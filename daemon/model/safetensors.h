@@ -92,15 +92,36 @@ int mt_gpt_export_open(mt_gpt_export **e, const mt_gpt_config *cfg, const char *
 /* Whether an export to path writes the sharded layout: path is a
  * directory, or ends in '/'. */
 int mt_st_names_a_directory(const char *path);
+/* The same, and path without its trailing '/'s in dir (cap bytes). */
+int mt_st_export_dir(const char *path, char *dir, size_t cap);
 /* Hugging Face's files of at most this many bytes (its max_shard_size
  * "5GB"; a tensor larger than that has a file of its own). */
 #define MT_ST_SHARD_BYTES 5000000000ull
-/* mt_gpt_export_open's two forms: path NULL and dir a directory (made if
- * missing): Hugging Face's sharded layout, model-00001-of-0000N.safetensors
- * of at most max_bytes each and model.safetensors.index.json, written last
- * (the old one removed first: no index names a mix of two exports). */
+/* How an export is laid out in files (mt_gpt_export_open_sharded). */
+typedef struct mt_gpt_export_plan {
+  /* Hugging Face's sharded layout in this directory (made if missing):
+   * model-00001-of-0000N.safetensors and model.safetensors.index.json;
+   * NULL: one file at path */
+  const char *dir;
+  uint64_t max_bytes; /* a sharded file's bytes at most (0: MT_ST_SHARD_BYTES) */
+  /* pipeline stages (0 or 1: none); with more, no file holds tensors of
+   * two stages, so each stage's files can be written by a rank of that
+   * stage. stage_begin[s]: stage s's first block; wte and wpe are stage
+   * 0's, ln_f the last stage's. */
+  int pp;
+  const int *stage_begin;
+  /* -1: every tensor; open prepares the directory (the old index removed
+   * first: no index names a mix of two exports) and commit writes the
+   * index. s >= 0: stage s's tensors and files alone; the caller prepares
+   * the directory before any part opens (mt_gpt_export_prepare_dir) and
+   * writes the index once every part has committed
+   * (mt_gpt_export_write_index, from any part's exporter). */
+  int part;
+} mt_gpt_export_plan;
 int mt_gpt_export_open_sharded(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path,
-                               const char *dir, uint64_t max_bytes);
+                               const mt_gpt_export_plan *plan);
+int mt_gpt_export_prepare_dir(const char *dir);
+int mt_gpt_export_write_index(const mt_gpt_export *e);
 const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e);
 int mt_gpt_export_put(mt_gpt_export *e, const mt_param *p, const float *data);
 int mt_gpt_export_next(mt_gpt_export *e);

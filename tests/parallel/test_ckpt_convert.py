@@ -23,6 +23,14 @@ at steps 3 and 6, and --export's its weights at the end.
   64 KB file-size limit the run's --export fails naming the file, with
   nothing under its name, and the other ranks (whose pieces world rank 0
   still takes) end with it rather than at their deadline;
+- test_export_to_a_directory_is_written_by_every_stage: the resumed run
+  below exports to DIR/, each stage's tp rank 0 writing its stage's
+  files; they and the index are `ckpt export`'s of the same checkpoint
+  to a directory, byte for byte, and no file holds two stages' tensors;
+- test_stage_that_cannot_write_fails_the_export_without_an_index: with
+  stage 1's file name taken by a directory, the run's export to DIR/
+  fails naming stage 1 and the file, every rank ends with it rather than
+  at its deadline, and the old index is gone, not left naming a mix;
 - test_reshard_keeps_every_weight: `ckpt reshard` to tp 1 x pp 1, tp 4 x
   pp 1 (a vocabulary padded to 512 rows instead of 256) and tp 1 x pp 4;
   the export of each is the run's --export byte for byte;
@@ -248,7 +256,9 @@ def main():
         ref_ckpt = os.path.join(tmp, "ref")
         shutil.copytree(ckpt, ref_ckpt)
         ref_job = write_job(os.path.join(tmp, "ref.json"), tokens, ref_ckpt, steps=8)
-        ref = run([mtnlgd, "--standalone", ref_job, "--log-format", "json"])
+        ref_export = os.path.join(tmp, "ref-export")
+        ref = run([mtnlgd, "--standalone", ref_job, "--log-format", "json",
+                   "--export", ref_export + "/"])
         one_job = write_job(os.path.join(tmp, "re1.json"), tokens, os.path.join(tmp, "re-1-1"),
                             tp=1, pp=1, steps=8)
         one = run([mtnlgd, "--standalone", one_job, "--log-format", "json"])
@@ -258,6 +268,38 @@ def main():
             all(abs(a - b) <= 1e-3 * abs(a) for (_, a), (_, b) in zip(lr, lo))
         failures += check("test_resharded_checkpoint_resumes", ok,
                           f"tp 2 x pp 2 {lr}, tp 1 {lo} {one.stdout[-600:] if one.returncode else ''}")
+
+        offline = os.path.join(tmp, "ref-offline")
+        r = run([ctl, "ckpt", "export", os.path.join(ref_ckpt, "export-test"), offline + "/"])
+        names = sorted(os.listdir(ref_export)) if os.path.isdir(ref_export) else []
+        ok = ref.returncode == 0 and r.returncode == 0 and \
+            names == sorted(os.listdir(offline)) and len(names) == 3 and \
+            all(open(os.path.join(ref_export, n), "rb").read() ==
+                open(os.path.join(offline, n), "rb").read() for n in names)
+        detail = f"run's files {names}, offline {r.stdout.strip()[-300:]}"
+        if ok:
+            where = json.load(open(os.path.join(ref_export,
+                                                "model.safetensors.index.json")))["weight_map"]
+            stage0 = {where[n] for n in where if n.startswith(("wte", "wpe", "h.0.", "h.1."))}
+            stage1 = {where[n] for n in where if n.startswith(("h.2.", "h.3.", "ln_f"))}
+            ok = len(stage0) == 1 and len(stage1) == 1 and stage0 != stage1
+            detail += f"; stage 0 in {stage0}, stage 1 in {stage1}"
+        failures += check("test_export_to_a_directory_is_written_by_every_stage", ok, detail)
+
+        blocked = os.path.join(tmp, "blocked")
+        os.makedirs(os.path.join(blocked, "model-00002-of-00002.safetensors"))
+        with open(os.path.join(blocked, "model.safetensors.index.json"), "w") as f:
+            f.write('{"weight_map": {}}')
+        r = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "blocked.json"), tokens, None,
+                                                   steps=1, init_from=None),
+                 "--log-format", "json", "--comm-timeout-ms", "2000", "--export", blocked])
+        left = sorted(os.listdir(blocked))
+        failures += check("test_stage_that_cannot_write_fails_the_export_without_an_index",
+                          r.returncode != 0 and "stage 1" in r.stdout and
+                          "model-00002-of-00002.safetensors" in r.stdout and
+                          "timed out" not in r.stdout and
+                          "model.safetensors.index.json" not in left,
+                          f"exit {r.returncode}, left {left}: {r.stdout[-800:]}")
 
         r3 = reshard(job_dir, os.path.join(tmp, "re-3"), 3, 1)
         own = reshard(job_dir, job_dir, 1, 1)

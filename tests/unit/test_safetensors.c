@@ -766,7 +766,8 @@ static int test_sharded_export_writes_an_index_and_loads_back(void) {
   REQUIRE(!fill_random(&a, a.params), "fill");
   const char *dir = tmp_path("sharded");
   mt_gpt_export *e;
-  REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, dir, 20000), "open: %s", mt_errmsg());
+  mt_gpt_export_plan plan = {.dir = dir, .max_bytes = 20000, .part = -1};
+  REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
   for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
     const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
     REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
@@ -843,6 +844,117 @@ static int test_sharded_export_writes_an_index_and_loads_back(void) {
   return 0;
 }
 
+/* A whole file's bytes (malloc'd), or NULL. */
+static char *slurp(const char *path, size_t *n) {
+  FILE *f = fopen(path, "rb");
+  char *buf = NULL;
+  long len = -1;
+  if (f && !fseek(f, 0, SEEK_END) && (len = ftell(f)) >= 0 && !fseek(f, 0, SEEK_SET) &&
+      (buf = malloc((size_t)len + 1)) && fread(buf, 1, (size_t)len, f) != (size_t)len) {
+    free(buf);
+    buf = NULL;
+  }
+  if (f) fclose(f);
+  *n = buf ? (size_t)len : 0;
+  return buf;
+}
+
+/* An export in parts, one a pipeline stage (as the ranks of a pp 2 job
+ * write it): stage 1's part written before stage 0's, each into files of
+ * its own stage's tensors alone, the index written once both committed,
+ * is the whole model's sharded export file for file, byte for byte; a part
+ * that has not committed its tensors leaves its files missing. */
+static int test_export_in_stage_parts_is_the_whole_export(void) {
+  mt_gpt a;
+  REQUIRE(!make_model(&a), "create");
+  REQUIRE(!fill_random(&a, a.params), "fill");
+  const char *whole_dir = tmp_path("whole-staged"), *parts_dir = tmp_path("parts");
+  int begin[2] = {0, 1};
+  mt_gpt_export_plan plan = {
+      .dir = whole_dir, .max_bytes = 20000, .pp = 2, .stage_begin = begin, .part = -1};
+  mt_gpt_export *e;
+  REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
+  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
+    const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
+    REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
+            "write %s: %s", t->name, mt_errmsg());
+  }
+  REQUIRE(!mt_gpt_export_commit(e), "commit: %s", mt_errmsg());
+  mt_gpt_export_free(e);
+
+  REQUIRE(!mt_gpt_export_prepare_dir(parts_dir), "prepare: %s", mt_errmsg());
+  plan.dir = parts_dir;
+  mt_gpt_export *part[2];
+  int seen_ln_f = 0, seen_wte = 0;
+  for (int s = 1; s >= 0; s--) {
+    plan.part = s;
+    REQUIRE(!mt_gpt_export_open_sharded(&part[s], &a.cfg, NULL, &plan), "open part %d: %s", s,
+            mt_errmsg());
+    for (const mt_param *t; (t = mt_gpt_export_tensor(part[s]));) {
+      REQUIRE(t->layer < 0 || t->layer == s, "part %d is given %s", s, t->name);
+      seen_ln_f |= s == 1 && !strncmp(t->name, "ln_f.", 5);
+      seen_wte |= s == 0 && !strcmp(t->name, "wte.weight");
+      const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
+      REQUIRE(!mt_gpt_export_put(part[s], p, a.params + p->offset) && !mt_gpt_export_next(part[s]),
+              "part %d: write %s: %s", s, t->name, mt_errmsg());
+    }
+    REQUIRE(!mt_gpt_export_commit(part[s]), "commit part %d: %s", s, mt_errmsg());
+  }
+  REQUIRE(seen_ln_f && seen_wte, "ln_f in stage 1 %d, wte in stage 0 %d", seen_ln_f, seen_wte);
+  char index[300];
+  snprintf(index, sizeof index, "%s/model.safetensors.index.json", parts_dir);
+  REQUIRE(access(index, F_OK), "a part wrote the index");
+  REQUIRE(!mt_gpt_export_write_index(part[0]), "index: %s", mt_errmsg());
+  mt_gpt_export_free(part[0]);
+  mt_gpt_export_free(part[1]);
+
+  /* the same files under both directories, and no file of two stages */
+  DIR *d = opendir(whole_dir);
+  REQUIRE(d, "open %s", whole_dir);
+  int files = 0;
+  for (struct dirent *de; (de = readdir(d));) {
+    if (de->d_name[0] == '.') continue;
+    char pa[400], pb[400];
+    snprintf(pa, sizeof pa, "%s/%s", whole_dir, de->d_name);
+    snprintf(pb, sizeof pb, "%s/%s", parts_dir, de->d_name);
+    size_t na, nb;
+    char *ba = slurp(pa, &na), *bb = slurp(pb, &nb);
+    REQUIRE(ba && bb && na == nb && !memcmp(ba, bb, na), "%s differs between the two exports",
+            de->d_name);
+    free(ba);
+    free(bb);
+    files++;
+    if (strstr(de->d_name, ".index.json")) continue;
+    mt_st_file f;
+    REQUIRE(!mt_st_open(&f, pa), "open %s: %s", pa, mt_errmsg());
+    int stage0 = 0, stage1 = 0;
+    for (int k = 0; k < f.n; k++) {
+      const char *name = f.tensors[k].name;
+      int layer = !strncmp(name, "h.", 2) ? atoi(name + 2) : !strncmp(name, "ln_f.", 5) ? 1 : 0;
+      stage0 |= layer == 0, stage1 |= layer == 1;
+    }
+    mt_st_close(&f);
+    REQUIRE(!(stage0 && stage1), "%s holds tensors of both stages", de->d_name);
+  }
+  closedir(d);
+  REQUIRE(files > 4, "%d files", files);
+
+  /* a part that wrote nothing: its files are missing, and no index */
+  const char *half = tmp_path("half");
+  REQUIRE(!mt_gpt_export_prepare_dir(half), "prepare: %s", mt_errmsg());
+  plan.dir = half, plan.part = 1;
+  REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
+  REQUIRE(mt_gpt_export_commit(e) < 0 && strstr(mt_errmsg(), "h.1.ln_1.weight was not written"),
+          "an empty part's commit: %s", mt_errmsg());
+  mt_gpt_export_free(e);
+  plan.dir = NULL, plan.part = 0;
+  REQUIRE(mt_gpt_export_open_sharded(&e, &a.cfg, "x.safetensors", &plan) < 0 &&
+              strstr(mt_errmsg(), "directory"),
+          "a part of one file: %s", mt_errmsg());
+  mt_gpt_destroy(&a);
+  return 0;
+}
+
 static const struct {
   const char *name;
   int (*fn)(void);
@@ -876,6 +988,7 @@ static const struct {
     T(test_shards_load_their_slices_and_export_rewrites_the_file),
     T(test_export_refuses_wrong_missing_and_repeated_pieces),
     T(test_sharded_export_writes_an_index_and_loads_back),
+    T(test_export_in_stage_parts_is_the_whole_export),
 #undef T
 };
 
