@@ -62,27 +62,8 @@ static int is_file(const char *dir, const char *name) {
 /* Opens the checkpoint DIR names: a step directory, or a job's directory
  * (the one a resume would load). 0, or prints why not and returns 1. */
 static int open_checkpoint(const char *dir, mt_ckpt *c) {
-  char job_dir[MT_CKPT_PATH_MAX];
-  int64_t step = -1;
-  snprintf(job_dir, sizeof job_dir, "%s", dir);
-  for (size_t k = strlen(job_dir); k > 1 && job_dir[k - 1] == '/'; k--) job_dir[k - 1] = 0;
-  if (is_file(dir, "manifest.json")) { /* one step directory: its job's, that step */
-    char *slash = strrchr(job_dir, '/');
-    const char *base = slash ? slash + 1 : job_dir;
-    char *end;
-    long long s = strncmp(base, "step_", 5) ? -1 : strtoll(base + 5, &end, 10);
-    if (s < 0 || *end) {
-      fprintf(stderr, "mtnlgctl ckpt: %s is not named step_NNNNNNNN\n", dir);
-      return 1;
-    }
-    step = s;
-    if (slash)
-      *slash = 0;
-    else
-      snprintf(job_dir, sizeof job_dir, ".");
-  }
   mt_log_set_level(MT_LOG_WARN); /* a resume's notes on passed-over checkpoints stay */
-  if (mt_ckpt_find(job_dir, step, MT_CKPT_VERIFY_CHECKSUMS, c)) {
+  if (mt_ckpt_open_path(dir, MT_CKPT_VERIFY_CHECKSUMS, c)) {
     fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_ckpt_unprefixed(mt_errmsg()));
     return 1;
   }

@@ -173,6 +173,10 @@ enum {
  * check found it damaged) for the previous committed one.
  * step >= 0: exactly that step, or the error. MT_ENOENT when there is none. */
 int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out);
+/* The checkpoint dir names: a step directory (it holds manifest.json:
+ * exactly that step of its job), or a job's directory (the one a resume
+ * would load, as mt_ckpt_find with step < 0). */
+int mt_ckpt_open_path(const char *dir, int verify, mt_ckpt *out);
 /* As mt_ckpt_find with step < 0 (which is below = INT64_MAX), among the
  * checkpoints older than step `below`: for a caller whose own checks failed
  * the one it was given. Never newer than latest's target. MT_ENOENT when no

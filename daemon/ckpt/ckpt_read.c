@@ -469,6 +469,28 @@ int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out) {
   return open_step(dir, step, verify, out);
 }
 
+int mt_ckpt_open_path(const char *dir, int verify, mt_ckpt *out) {
+  char job_dir[MT_CKPT_PATH_MAX], manifest[MT_CKPT_PATH_MAX + 16];
+  int64_t step = -1;
+  struct stat st;
+  snprintf(job_dir, sizeof job_dir, "%s", dir);
+  for (size_t k = strlen(job_dir); k > 1 && job_dir[k - 1] == '/'; k--) job_dir[k - 1] = 0;
+  snprintf(manifest, sizeof manifest, "%s/manifest.json", job_dir);
+  if (!stat(manifest, &st) && S_ISREG(st.st_mode)) { /* one step directory: its job's, that step */
+    char *slash = strrchr(job_dir, '/');
+    const char *base = slash ? slash + 1 : job_dir;
+    char *end = NULL;
+    long long s = strncmp(base, "step_", 5) ? -1 : strtoll(base + 5, &end, 10);
+    if (s < 0 || *end) return mt_seterr(MT_EINVAL, "%s is not named step_NNNNNNNN", dir);
+    step = s;
+    if (slash)
+      *slash = 0;
+    else
+      snprintf(job_dir, sizeof job_dir, ".");
+  }
+  return mt_ckpt_find(job_dir, step, verify, out);
+}
+
 /* Never newer than latest's target: a newer committed directory is a save
  * whose latest write was lost, or a timeline an operator rolled back from.
  * A caller that passed over a checkpoint (below = its step) sees latest's

@@ -901,6 +901,10 @@ const float *mt_gpt_stage_output(const mt_gpt *m, int slot) {
   return p->resid[m->n_layers];
 }
 
+const float *mt_gpt_logits(const mt_gpt *m, int slot) {
+  return m->last ? ((const act_plan *)m->act_plan)[slot].logits : NULL;
+}
+
 const float *mt_gpt_stage_input_grad(const mt_gpt *m) {
   return ((const act_plan *)m->act_plan)[0].dres;
 }

@@ -200,6 +200,10 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
 int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_scale);
 const float *mt_gpt_stage_output(const mt_gpt *m, int slot);
 const float *mt_gpt_stage_input_grad(const mt_gpt *m);
+/* The last stage's logits of slot's last forward, on the device: (B, T,
+ * padded_vocab / tp) floats, this rank's vocabulary rows (all of them at
+ * tp 1); a backward turns them into their gradient. NULL on other stages. */
+const float *mt_gpt_logits(const mt_gpt *m, int slot);
 /* The stage output as it travels to the next stage (*bytes of it, on the
  * device): in a bf16 or fp16 job its 16 bits, which lose nothing since the
  * stream is rounded at every block's output but the model's last; fp32

@@ -816,6 +816,77 @@ static int st_open_model(const char *path, mt_st_file **files, int *n_files) {
   return rc;
 }
 
+/* An int from a string (metadata) or a number (config.json); -1 if neither. */
+static long st_json_int(const json_t *v) {
+  if (json_is_integer(v)) return (long)json_integer_value(v);
+  const char *s = json_string_value(v);
+  char *end;
+  long x = s && *s ? strtol(s, &end, 10) : -1;
+  return s && *s && !*end ? x : -1;
+}
+
+int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
+  mt_st_file *files = NULL;
+  int n_files = 0, rc = st_open_model(path, &files, &n_files);
+  if (rc) return rc;
+  memset(c, 0, sizeof *c);
+  c->ln_eps = 1e-5f;
+  c->init_std = 0.02f;
+  long n_head = -1;
+  int64_t wte[2] = {0, 0}, wpe[2] = {0, 0};
+  for (int k = 0; k < n_files; k++) {
+    for (int i = 0; i < files[k].n; i++) {
+      const mt_st_tensor *t = &files[k].tensors[i];
+      const char *name = strncmp(t->name, "transformer.", 12) ? t->name : t->name + 12;
+      int64_t *dst = !strcmp(name, "wte.weight") ? wte : !strcmp(name, "wpe.weight") ? wpe : NULL;
+      if (dst && t->ndim == 2) dst[0] = t->shape[0], dst[1] = t->shape[1];
+      if (!strncmp(name, "h.", 2) && st_ends_with(name, ".ln_1.weight")) {
+        long l = strtol(name + 2, NULL, 10);
+        if (l + 1 > c->n_layer && l < 100000) c->n_layer = (int)l + 1;
+      }
+    }
+    if (n_head < 0) n_head = st_json_int(json_object_get(files[k].meta, "n_head"));
+  }
+  for (int k = 0; k < n_files; k++) mt_st_close(&files[k]);
+  free(files);
+  /* Hugging Face keeps the heads in config.json beside the weights */
+  char cfg_path[4096];
+  snprintf(cfg_path, sizeof cfg_path, "%s", path);
+  struct stat st;
+  if (stat(path, &st) || !S_ISDIR(st.st_mode)) {
+    char *slash = strrchr(cfg_path, '/');
+    if (slash)
+      *slash = 0;
+    else
+      snprintf(cfg_path, sizeof cfg_path, ".");
+  }
+  snprintf(cfg_path + strlen(cfg_path), sizeof cfg_path - strlen(cfg_path), "/config.json");
+  json_t *hf = n_head < 0 ? json_load_file(cfg_path, 0, NULL) : NULL;
+  if (hf) {
+    n_head = st_json_int(json_object_get(hf, "n_head"));
+    double eps = json_number_value(json_object_get(hf, "layer_norm_epsilon"));
+    if (eps > 0) c->ln_eps = (float)eps;
+    json_decref(hf);
+  }
+  if (!wte[0] || !wpe[0] || !c->n_layer || wte[1] != wpe[1])
+    return mt_seterr(MT_EINVAL, "safetensors: %s is not a GPT-2 model: %s", path,
+                     !wte[0]       ? "no 2-D wte.weight"
+                     : !wpe[0]     ? "no 2-D wpe.weight"
+                     : !c->n_layer ? "no block h.0"
+                                   : "wte and wpe differ in width");
+  if (n_head < 1 || wte[1] % n_head)
+    return mt_seterr(MT_EINVAL,
+                     "safetensors: %s: the number of heads is in neither the file's metadata "
+                     "(\"n_head\") nor %s, or does not divide the width %lld",
+                     path, cfg_path, (long long)wte[1]);
+  c->n_head = (int)n_head;
+  c->n_embd = (int)wte[1];
+  c->vocab_size = (int)wte[0];
+  c->padded_vocab = (c->vocab_size + 127) / 128 * 128;
+  c->max_seq = (int)wpe[0];
+  return 0;
+}
+
 /* Validates every name and shape first (collecting all problems), then copies,
  * so a refused file leaves the model untouched. */
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {

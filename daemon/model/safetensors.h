@@ -74,6 +74,11 @@ void mt_st_writer_free(mt_st_writer *w);
  * model (one stage, no shards); a sharded one exports with mt_gpt_export. */
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path);
 int mt_gpt_save_safetensors(const mt_gpt *m, const char *path);
+/* The whole model a file (or sharded directory, or index) holds, from its
+ * tensors' shapes (layers, width, vocabulary, positions) and its heads from
+ * the file's metadata (an mtnlg export's "n_head") or Hugging Face's
+ * config.json beside it; padded_vocab rounded up to 128. */
+int mt_gpt_config_of_file(const char *path, mt_gpt_config *c);
 /* Gradients under the same names and layouts (for reference tests). */
 int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
 

@@ -60,37 +60,6 @@ static int parse_double(const char *s, const char *what, double *out) {
   return 0;
 }
 
-/* The model config from the weights file's __metadata__ string values. */
-static int config_from_metadata(const mt_st_file *f, const char *path, mt_gpt_config *c) {
-  uint64_t hlen = 0;
-  for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | ((const uint8_t *)f->map)[i];
-  json_error_t jerr;
-  json_t *root = json_loadb((const char *)f->map + 8, (size_t)hlen, 0, &jerr);
-  json_t *meta = json_object_get(root, "__metadata__");
-  int rc = 0;
-  memset(c, 0, sizeof *c);
-  const struct {
-    const char *key;
-    int *dst;
-  } keys[] = {{"n_layer", &c->n_layer},
-              {"n_embd", &c->n_embd},
-              {"n_head", &c->n_head},
-              {"vocab_size", &c->vocab_size},
-              {"seq", &c->max_seq}};
-  for (size_t k = 0; k < sizeof keys / sizeof keys[0] && !rc; k++) {
-    const char *v = json_string_value(json_object_get(meta, keys[k].key));
-    if (!v)
-      rc = mt_seterr(MT_EINVAL, "ref_driver: %s: __metadata__ lacks \"%s\"", path, keys[k].key);
-    else
-      rc = parse_int(v, keys[k].key, keys[k].dst);
-  }
-  json_decref(root);
-  c->padded_vocab = (c->vocab_size + 127) / 128 * 128;
-  c->ln_eps = 1e-5f;
-  c->init_std = 0.02f;
-  return rc;
-}
-
 /* Reads int32 (B, T+1) tokens and splits them into inputs and targets (B, T). */
 static int read_tokens(const char *path, int B, int T, int32_t *inputs, int32_t *targets) {
   size_t row = (size_t)T + 1, n = (size_t)B * row;
@@ -123,11 +92,7 @@ static int run(int argc, char **argv) {
   if ((rc = parse_int(argv[4], "B", &B)) || (rc = parse_int(argv[5], "T", &T))) return rc;
 
   mt_gpt_config cfg;
-  mt_st_file f;
-  if ((rc = mt_st_open(&f, weights))) return rc;
-  rc = config_from_metadata(&f, weights, &cfg);
-  mt_st_close(&f);
-  if (rc) return rc;
+  if ((rc = mt_gpt_config_of_file(weights, &cfg))) return rc;
   if (!adamw && argc == 8) cfg.recompute = 1;
   const char *prec = getenv("MT_REF_PRECISION");
   if (prec && !strcmp(prec, "bf16"))

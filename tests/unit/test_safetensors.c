@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "device.h"
@@ -955,6 +956,59 @@ static int test_export_in_stage_parts_is_the_whole_export(void) {
   return 0;
 }
 
+/* A model's shape read back from its file, its sharded directory and its
+ * index; a file without "n_head" needs config.json beside it. */
+static int test_config_of_file_reads_the_shape(void) {
+  mt_gpt a;
+  REQUIRE(!make_model(&a), "create");
+  const char *one = tmp_path("shape.safetensors"), *dir = tmp_path("shape-dir/");
+  REQUIRE(!mt_gpt_save_safetensors(&a, one) && !mt_gpt_save_safetensors(&a, dir), "save: %s",
+          mt_errmsg());
+  char index[300];
+  snprintf(index, sizeof index, "%smodel.safetensors.index.json", dir);
+  const char *paths[] = {one, dir, index};
+  for (int k = 0; k < 3; k++) {
+    mt_gpt_config c;
+    REQUIRE(!mt_gpt_config_of_file(paths[k], &c), "%s: %s", paths[k], mt_errmsg());
+    REQUIRE(c.n_layer == a.cfg.n_layer && c.n_embd == a.cfg.n_embd && c.n_head == a.cfg.n_head &&
+                c.vocab_size == a.cfg.vocab_size && c.max_seq == a.cfg.max_seq &&
+                c.padded_vocab == 256,
+            "%s: %d layers, %d wide, %d heads, vocab %d (%d), %d positions", paths[k], c.n_layer,
+            c.n_embd, c.n_head, c.vocab_size, c.padded_vocab, c.max_seq);
+  }
+  /* the same tensors without metadata: the heads from config.json */
+  const char *bare_dir = tmp_path("bare");
+  REQUIRE(!mkdir(bare_dir, 0755), "mkdir");
+  char bare[300], cfg_json[300];
+  snprintf(bare, sizeof bare, "%s/model.safetensors", bare_dir);
+  snprintf(cfg_json, sizeof cfg_json, "%s/config.json", bare_dir);
+  mt_st_file f;
+  REQUIRE(!mt_st_open(&f, one), "open: %s", mt_errmsg());
+  mt_st_writer *w = mt_st_writer_new();
+  float *buf = malloc(a.num_params * sizeof *buf);
+  REQUIRE(w && buf, "writer");
+  for (int i = 0; i < f.n; i++) {
+    REQUIRE(!mt_st_read_f32(&f, &f.tensors[i], buf), "read: %s", mt_errmsg());
+    REQUIRE(!mt_st_writer_add(w, f.tensors[i].name, f.tensors[i].ndim, f.tensors[i].shape, buf),
+            "add: %s", mt_errmsg());
+  }
+  mt_st_close(&f);
+  REQUIRE(!mt_st_writer_commit(w, bare), "commit: %s", mt_errmsg());
+  mt_st_writer_free(w);
+  free(buf);
+  mt_gpt_config c;
+  REQUIRE(mt_gpt_config_of_file(bare, &c) == MT_EINVAL && strstr(mt_errmsg(), "config.json"),
+          "no heads anywhere: %s", mt_errmsg());
+  FILE *cf = fopen(cfg_json, "w");
+  REQUIRE(cf, "config.json");
+  fprintf(cf, "{\"n_head\": 4, \"layer_norm_epsilon\": 1e-6}\n");
+  fclose(cf);
+  REQUIRE(!mt_gpt_config_of_file(bare, &c) && c.n_head == 4 && c.ln_eps == 1e-6f,
+          "with config.json: %s, %d heads", mt_errmsg(), c.n_head);
+  mt_gpt_destroy(&a);
+  return 0;
+}
+
 static const struct {
   const char *name;
   int (*fn)(void);
@@ -989,6 +1043,7 @@ static const struct {
     T(test_export_refuses_wrong_missing_and_repeated_pieces),
     T(test_sharded_export_writes_an_index_and_loads_back),
     T(test_export_in_stage_parts_is_the_whole_export),
+    T(test_config_of_file_reads_the_shape),
 #undef T
 };
 

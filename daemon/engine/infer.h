@@ -1,0 +1,53 @@
+/* infer.h — a trained model used, not trained: the logits of a window of
+ * tokens, scores of token sequences (log-likelihood and greedy hits, as
+ * Megatron's zero-shot tasks count them) and sampling, on one device, fp32,
+ * dropout off. The model comes from an export (a safetensors file, a
+ * Hugging Face sharded directory or its index), its shape from the file. */
+#ifndef MT_INFER_H
+#define MT_INFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gpt.h"
+
+typedef struct mt_infer mt_infer;
+
+/* The model at path on device spec ("cpu:0"), run `batch` rows at a time
+ * of seq tokens each (0: the model's whole context). */
+int mt_infer_open(mt_infer **out, const char *path, const char *device, int batch, int seq);
+void mt_infer_free(mt_infer *inf);
+const mt_gpt_config *mt_infer_config(const mt_infer *inf);
+int mt_infer_seq(const mt_infer *inf); /* tokens a row holds */
+
+/* The next token's logits after tokens[0, n) (n >= 1; past seq tokens only
+ * the last seq are seen): vocab_size floats into logits. */
+int mt_infer_next(mt_infer *inf, const int32_t *tokens, size_t n, float *logits);
+
+/* One sequence scored: tokens[first, n) each predicted from the tokens
+ * before it (1 <= first < n <= seq + 1). nll: the sum of their negative log
+ * likelihoods (natural log); hits: how many the greedy choice (the largest
+ * logit) gets right. */
+typedef struct mt_infer_row {
+  const int32_t *tokens;
+  size_t n, first;
+  double nll;
+  int hits;
+} mt_infer_row;
+int mt_infer_score(mt_infer *inf, mt_infer_row *rows, int n_rows);
+
+/* How the next token is drawn: temperature 0 takes the largest logit
+ * (greedy); otherwise softmax(logits / temperature), cut to the top_k
+ * largest (0: all) and then to the smallest set whose probability reaches
+ * top_p (1: all), drawn with the generator in *rng (seed it with
+ * mt_sample_seed). */
+typedef struct mt_sampling {
+  double temperature;
+  int top_k;
+  double top_p;
+} mt_sampling;
+void mt_sample_seed(uint64_t rng[2], uint64_t seed);
+/* Returns the token, or MT_ENOMEM (negative) with the error set. */
+int32_t mt_sample(const float *logits, int vocab, const mt_sampling *s, uint64_t rng[2]);
+
+#endif
