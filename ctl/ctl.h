@@ -42,6 +42,8 @@ typedef struct ctl_globals {
   const char *endpoint;        /* control URL: -e/--endpoint, MTNLG_ENDPOINT or the default */
   const char *endpoint_source; /* where endpoint came from, for messages */
   const char *token_file;      /* --token-file or MTNLG_TOKEN_FILE; NULL: no token */
+  const char *cacert;          /* --cacert or MTNLG_CACERT: the CA that signed an https
+                                  daemon's certificate; NULL: the system's */
   const char *token_source;
 } ctl_globals;
 extern ctl_globals ctl;

@@ -332,6 +332,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   CURL *c = http.curl;
   http.errbuf[0] = '\0';
   curl_easy_setopt(c, CURLOPT_URL, url);
+  if (ctl.cacert) curl_easy_setopt(c, CURLOPT_CAINFO, ctl.cacert);
   curl_easy_setopt(c, CURLOPT_ERRORBUFFER, http.errbuf);
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, (long)CTL_HTTP_CONNECT_TIMEOUT_S);
@@ -370,6 +371,21 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
             ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ctl.endpoint,
             http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
     ret = CTL_EXIT_USAGE;
+    goto cleanup;
+  }
+  if (cc == CURLE_SSL_CACERT_BADFILE) {
+    set_err(err, err_cap, "--cacert/MTNLG_CACERT %s: not a CA certificate libcurl can read (%s)",
+            ctl.cacert ? ctl.cacert : "(the system's)",
+            http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+    ret = CTL_EXIT_USAGE;
+    goto cleanup;
+  }
+  if (cc == CURLE_PEER_FAILED_VERIFICATION) {
+    set_err(err, err_cap,
+            "the daemon at %s did not prove it is the daemon named (%s); give the CA that signed "
+            "its certificate with --cacert PATH or MTNLG_CACERT",
+            ctl.endpoint, http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+    ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }
   if (cc != CURLE_OK) {

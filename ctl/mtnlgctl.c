@@ -78,6 +78,9 @@ static void usage(FILE *f) {
              "      --token-file PATH file holding the control token, needed for pause,\n"
              "                        resume, stop, checkpoint, resize (default\n"
              "                        $MTNLG_TOKEN_FILE)\n"
+             "      --cacert PATH     the CA certificate (PEM) an https:// daemon's\n"
+             "                        certificate is checked against (default $MTNLG_CACERT,\n"
+             "                        else the system's)\n"
              "  -o, --output FORMAT   table (default) or json: the daemon's JSON as it came\n"
              "  -h, --help            show this help; `mtnlgctl help VERB` for a verb\n"
              "      --version         print the version\n"
@@ -163,8 +166,8 @@ static int take_global_options(int *argc, char **argv) {
       break;
     }
     int endpoint = !strcmp(a, "-e") || !strcmp(a, "--endpoint");
-    int token = !strcmp(a, "--token-file");
-    if (endpoint || token) {
+    int token = !strcmp(a, "--token-file"), cacert = !strcmp(a, "--cacert");
+    if (endpoint || token || cacert) {
       if (i + 1 >= *argc) {
         fprintf(stderr, "mtnlgctl %s: %s needs a value\n", argv[0], a);
         return CTL_EXIT_USAGE;
@@ -174,6 +177,8 @@ static int take_global_options(int *argc, char **argv) {
       endpoint = 1, value = a + 11;
     } else if (!strncmp(a, "--token-file=", 13)) {
       token = 1, value = a + 13;
+    } else if (!strncmp(a, "--cacert=", 9)) {
+      cacert = 1, value = a + 9;
     } else if (!strncmp(a, "-e", 2) && a[2]) {
       endpoint = 1, value = a + 2;
     }
@@ -183,6 +188,8 @@ static int take_global_options(int *argc, char **argv) {
     } else if (token) {
       ctl.token_file = value;
       ctl.token_source = "--token-file";
+    } else if (cacert) {
+      ctl.cacert = value;
     } else {
       argv[out++] = argv[i];
     }
@@ -200,10 +207,11 @@ static int wants_help(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-  enum { OPT_VERSION = 256, OPT_TOKEN_FILE };
+  enum { OPT_VERSION = 256, OPT_TOKEN_FILE, OPT_CACERT };
   static const struct option opts[] = {
       {"endpoint", required_argument, NULL, 'e'},
       {"token-file", required_argument, NULL, OPT_TOKEN_FILE},
+      {"cacert", required_argument, NULL, OPT_CACERT},
       {"output", required_argument, NULL, 'o'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, OPT_VERSION},
@@ -216,6 +224,8 @@ int main(int argc, char **argv) {
   env = getenv("MTNLG_TOKEN_FILE");
   ctl.token_file = env && *env ? env : NULL;
   ctl.token_source = "MTNLG_TOKEN_FILE";
+  env = getenv("MTNLG_CACERT");
+  ctl.cacert = env && *env ? env : NULL;
   /* '+': stop at the verb; what follows is the verb's to parse */
   while ((c = getopt_long(argc, argv, "+e:o:h", opts, NULL)) != -1) {
     switch (c) {
@@ -227,6 +237,7 @@ int main(int argc, char **argv) {
       ctl.token_file = optarg;
       ctl.token_source = "--token-file";
       break;
+    case OPT_CACERT: ctl.cacert = optarg; break;
     case 'o':
       if (ctl_parse_output(optarg, &ctl.output)) return CTL_EXIT_USAGE;
       break;

@@ -559,6 +559,31 @@ static int read_token(node *n) {
   return 0;
 }
 
+/* control.tls_cert and control.tls_key, when set: PEM text for HTTPS. */
+enum { TLS_PEM_MAX = 256 * 1024 };
+static int read_tls(node *n) {
+  if (!n->cfg->tls_cert[0]) return 0;
+  size_t len;
+  n->tls_cert = malloc(TLS_PEM_MAX + 2);
+  n->tls_key = malloc(TLS_PEM_MAX + 2);
+  if (!n->tls_cert || !n->tls_key) return mt_seterr(MT_ENOMEM, "control: TLS");
+  int rc = mt_read_secret_file(n->cfg->tls_cert, "control.tls_cert", NULL, n->tls_cert, TLS_PEM_MAX,
+                               &len);
+  if (!rc) strcpy(n->tls_cert + len, "\n"); /* the PEM's last line, its newline back */
+  if (!rc)
+    rc = mt_read_secret_file(n->cfg->tls_key, "control.tls_key",
+                             "can pose as this daemon's control plane", n->tls_key, TLS_PEM_MAX,
+                             &len);
+  if (!rc) strcpy(n->tls_key + len, "\n");
+  if (rc) {
+    explicit_bzero(n->tls_key, TLS_PEM_MAX + 2);
+    free(n->tls_key);
+    free(n->tls_cert);
+    n->tls_key = n->tls_cert = NULL;
+  }
+  return rc;
+}
+
 int node_control_start(node *n) {
   pthread_mutex_init(&n->status_cache_mu, NULL);
   pthread_cond_init(&n->cluster_cv, NULL);
@@ -567,6 +592,7 @@ int node_control_start(node *n) {
   if (!n->history || !n->extra_ops) return mt_seterr(MT_ENOMEM, "control: history");
   n->peak_flops = measure_peak_flops(n->specs[0], n->n_devices);
   int rc = read_token(n);
+  if (!rc) rc = read_tls(n);
   if (rc) return rc;
   mt_control_opts co = {.listen = n->cfg->control_listen,
                         .token = n->token,
@@ -577,15 +603,18 @@ int node_control_start(node *n) {
                                      .operations = p_operations,
                                      .operation = p_operation,
                                      .submit = p_submit,
-                                     .arg = n}};
+                                     .arg = n},
+                        .tls_cert_pem = n->tls_cert,
+                        .tls_key_pem = n->tls_key};
   rc = mt_control_start(&co, &n->control);
   if (rc) return mt_wraperr(rc, "control plane on %s", n->cfg->control_listen);
   char host[256];
   int port;
   mt_parse_host_port(n->cfg->control_listen, host, sizeof host, &port);
   int bound = mt_control_port(n->control);
-  snprintf(n->control_url, sizeof n->control_url, "http://%s%s%s:%d", strchr(host, ':') ? "[" : "",
-           !strcmp(host, "0.0.0.0") ? "127.0.0.1" : host, strchr(host, ':') ? "]" : "", bound);
+  snprintf(n->control_url, sizeof n->control_url, "%s://%s%s%s:%d", n->tls_cert ? "https" : "http",
+           strchr(host, ':') ? "[" : "", !strcmp(host, "0.0.0.0") ? "127.0.0.1" : host,
+           strchr(host, ':') ? "]" : "", bound);
   mt_log_info("control plane and dashboard on %s/ (mutations %s)", n->control_url,
               n->token[0] ? "need the bearer token" : "refused: no token configured");
   return 0;
@@ -594,6 +623,10 @@ int node_control_start(node *n) {
 void node_control_stop(node *n) {
   mt_control_stop(n->control);
   n->control = NULL;
+  if (n->tls_key) explicit_bzero(n->tls_key, TLS_PEM_MAX + 2);
+  free(n->tls_key);
+  free(n->tls_cert);
+  n->tls_key = n->tls_cert = NULL;
   json_decref(n->cluster);
   json_decref(n->extra_ops);
   json_decref(n->status_cache);

@@ -145,6 +145,7 @@ typedef struct node {
   char params_job_hash[17];
   mt_control *control;
   char control_url[300];
+  char *tls_cert, *tls_key;             /* control.tls_cert and _key, PEM; NULL: plain HTTP */
   char token[MT_CONTROL_TOKEN_MAX + 2]; /* one more: a longer file is refused */
 } node;
 

@@ -678,6 +678,16 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
                           IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&ss)->sin6_addr);
   unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG;
   if (ss.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
+  int tls = opts->tls_cert_pem && opts->tls_key_pem;
+  if (tls && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+    mt_control_stop(c);
+    return mt_seterr(MT_EINVAL, "control: this libmicrohttpd was built without TLS: no HTTPS");
+  }
+  struct MHD_OptionItem tls_opts[] = {
+      {tls ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0, (void *)opts->tls_cert_pem},
+      {MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)opts->tls_key_pem},
+      {MHD_OPTION_END, 0, NULL}};
+  if (tls) flags |= MHD_USE_TLS;
   unsigned timeout_s = opts->timeout_s ? opts->timeout_s : DEFAULT_TIMEOUT_S;
   unsigned max_conns = opts->max_connections ? opts->max_connections : DEFAULT_MAX_CONNS;
   errno = 0;
@@ -692,13 +702,15 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
       : max_conns / 2 ? max_conns / 2
                       : 1u,
       MHD_OPTION_LISTEN_BACKLOG_SIZE, 64u, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c,
+      MHD_OPTION_ARRAY, tls_opts, /* the certificate and key, when HTTPS */
       /* one thread: a pool of 4 made the training step 8x as sensitive
        * to 1000 reads/s on 2 cores (bench/control-load); a mutation
        * holds it for one coordinator round (~0.1 s) */
       MHD_OPTION_END);
   if (!c->mhd) {
     int e = errno;
-    rc = mt_seterr(MT_EIO, "control: cannot listen on %s: %s", c->listen,
+    rc = mt_seterr(MT_EIO, "control: cannot listen on %s%s: %s", c->listen,
+                   tls ? " with HTTPS (is the key the certificate's, both PEM?)" : "",
                    c->last_log[0] ? c->last_log
                    : e            ? strerror(e)
                                   : "libmicrohttpd refused");
@@ -712,7 +724,7 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
     mt_control_stop(c);
     return rc;
   }
-  mt_log_info("control: listening on %s (port %d)", c->listen, c->port);
+  mt_log_info("control: listening on %s (port %d%s)", c->listen, c->port, tls ? ", HTTPS" : "");
   *out = c;
   return 0;
 }

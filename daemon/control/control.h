@@ -50,6 +50,9 @@ typedef struct mt_control_opts {
   mt_control_provider provider;
   unsigned timeout_s;       /* a connection idle this long is closed; 0: 10 s */
   unsigned max_connections; /* connections at once; more wait in the listen backlog; 0: 128 */
+  /* HTTPS (GnuTLS under libmicrohttpd) with this certificate chain and
+   * private key, PEM text; NULL: plain HTTP */
+  const char *tls_cert_pem, *tls_key_pem;
 } mt_control_opts;
 
 /* Starts the server thread. 0, or a negative MT_E* code with mt_errmsg()

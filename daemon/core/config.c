@@ -73,6 +73,8 @@ static const key_def keys[] = {
     STR("control", "listen", control_listen),
     STR("control", "token_file", token_file),
     BOOL("control", "reads_need_token", reads_need_token),
+    STR("control", "tls_cert", tls_cert),
+    STR("control", "tls_key", tls_key),
     STR("paths", "state_dir", state_dir),
     STR("paths", "checkpoint_dir", checkpoint_dir),
     STR("log", "level", log_level),
@@ -317,6 +319,10 @@ static void check(const mt_node_config *c, problems *p) {
   if (!refused(p, "control", "listen") &&
       mt_parse_host_port(c->control_listen, host, sizeof host, &port))
     problem(p, "control.listen: %s", mt_errmsg());
+  if (!refused(p, "control", "tls_cert") && !refused(p, "control", "tls_key") &&
+      !c->tls_cert[0] != !c->tls_key[0])
+    problem(p, "control.%s is set but control.%s is not: HTTPS needs the certificate and its key",
+            c->tls_cert[0] ? "tls_cert" : "tls_key", c->tls_cert[0] ? "tls_key" : "tls_cert");
   if (!refused(p, "node", "devices") && strcmp(c->devices, "auto")) {
     char specs[256][16];
     if (mt_parse_devices(c->devices, specs, 256) < 0) problem(p, "node.devices: %s", mt_errmsg());

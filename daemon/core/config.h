@@ -42,6 +42,10 @@ typedef struct mt_node_config {
   char control_listen[256]; /* HOST:PORT; default 127.0.0.1:8470 */
   char token_file[MT_CONF_PATH_MAX];
   int reads_need_token;
+  /* HTTPS: the certificate (PEM, the chain from the server's own) and its
+   * private key (PEM); both or neither ("": plain HTTP) */
+  char tls_cert[MT_CONF_PATH_MAX];
+  char tls_key[MT_CONF_PATH_MAX];
   /* [paths] */
   char state_dir[MT_CONF_PATH_MAX];
   char checkpoint_dir[MT_CONF_PATH_MAX]; /* overrides the job's checkpoint.dir when set */

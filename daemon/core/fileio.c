@@ -107,7 +107,7 @@ int mt_read_secret_file(const char *path, const char *what, const char *risk, ch
     return mt_seterr(errno == ENOENT ? MT_ENOENT : MT_EINVAL, "%s %s: %s", what, path,
                      strerror(errno));
   struct stat st;
-  if (!fstat(fileno(f), &st) && (st.st_mode & 077))
+  if (risk && !fstat(fileno(f), &st) && (st.st_mode & 077))
     mt_log_warn("%s %s can be read by other users (mode %03o): anyone who reads it %s; chmod 600 "
                 "it",
                 what, path, (unsigned)(st.st_mode & 0777), risk);

@@ -37,7 +37,8 @@ int mt_atomic_write_file(const char *path, const void *buf, size_t n);
  * leaves cut; *len its bytes. Errors name `what` (the config key) and the
  * path: MT_ENOENT when there is no such file, MT_EINVAL for one that
  * cannot be read or holds more than cap - 1 bytes (buf then ""). Warns,
- * saying what anyone who reads it can do (`risk`), when other users can. */
+ * saying what anyone who reads it can do (`risk`), when other users can
+ * (risk NULL: not a secret, such as a certificate; no warning). */
 int mt_read_secret_file(const char *path, const char *what, const char *risk, char *buf, size_t cap,
                         size_t *len);
 
