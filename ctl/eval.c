@@ -4,14 +4,19 @@
  * device. The model is an export (--export, `mtnlgctl ckpt export`, or a
  * Hugging Face GPT-2 with its config.json).
  */
+#include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -203,6 +208,17 @@ static int encode(const mt_tokenizer *tok, const char *text, size_t len, mt_tok_
   return mt_tokenizer_encode(tok, text, len, b);
 }
 
+/* Whether every id of b is one of the model's vocab tokens. */
+static int in_vocabulary(const mt_tok_buf *b, int vocab) {
+  for (size_t i = 0; i < b->n; i++)
+    if (b->ids[i] < 0 || b->ids[i] >= vocab)
+      return mt_seterr(MT_EINVAL,
+                       "token %d is outside the model's vocabulary of %d: is the tokenizer the "
+                       "model's?",
+                       b->ids[i], vocab);
+  return 0;
+}
+
 /* A whole file, NUL-terminated; NULL with the error set. */
 static char *read_all(const char *path, size_t *len) {
   FILE *f = fopen(path, "rb");
@@ -212,11 +228,16 @@ static char *read_all(const char *path, size_t *len) {
   }
   size_t cap = 1 << 16, n = 0;
   char *buf = malloc(cap);
+  int oom = !buf;
   while (buf) {
     if (n + 1 >= cap) {
-      char *more = realloc(buf, cap *= 2);
-      if (!more) break;
+      char *more = cap > SIZE_MAX / 2 ? NULL : realloc(buf, cap * 2);
+      if (!more) {
+        oom = 1;
+        break;
+      }
       buf = more;
+      cap *= 2;
     }
     size_t got = fread(buf + n, 1, cap - n - 1, f);
     n += got;
@@ -224,7 +245,7 @@ static char *read_all(const char *path, size_t *len) {
   }
   int err = ferror(f);
   fclose(f);
-  if (!buf || err || n + 1 >= cap) {
+  if (oom || err) {
     free(buf);
     mt_seterr(err ? MT_EIO : MT_ENOMEM, "%s: %s", path, err ? "read error" : "out of memory");
     return NULL;
@@ -234,9 +255,11 @@ static char *read_all(const char *path, size_t *len) {
   return buf;
 }
 
-/* text[0, len) with every byte that does not start a valid UTF-8 sequence
- * replaced by U+FFFD (JSON must be UTF-8; a byte-level tokenizer's text
- * need not be); malloc'd, NULL when out of memory. */
+/* text[0, len) with each ill-formed UTF-8 subsequence replaced by one
+ * U+FFFD, as Unicode recommends ("maximal subparts": a lead byte and the
+ * continuation bytes it validly took before the sequence broke), which is
+ * what Python's and browsers' decoders do (JSON must be UTF-8; a byte-level
+ * tokenizer's text need not be); malloc'd, NULL when out of memory. */
 static char *valid_utf8(const char *text, size_t len, size_t *out_len) {
   char *out = malloc(3 * len + 1);
   size_t n = 0;
@@ -248,17 +271,26 @@ static char *valid_utf8(const char *text, size_t len, size_t *out_len) {
                : u[0] >= 0xe0 && u[0] <= 0xef ? 3
                : u[0] >= 0xf0 && u[0] <= 0xf4 ? 4
                                               : 0;
-    int ok = k && i + k <= len;
-    for (size_t j = 1; ok && j < k; j++) ok = (u[j] & 0xc0) == 0x80;
-    /* overlong, surrogate and past-U+10FFFF forms */
-    if (ok && k == 3) ok = !(u[0] == 0xe0 && u[1] < 0xa0) && !(u[0] == 0xed && u[1] >= 0xa0);
-    if (ok && k == 4) ok = !(u[0] == 0xf0 && u[1] < 0x90) && !(u[0] == 0xf4 && u[1] >= 0x90);
-    if (ok) {
+    size_t ok = k ? 1 : 0; /* bytes of the sequence that are valid so far */
+    while (ok && ok < k && i + ok < len) {
+      unsigned char lo = 0x80, hi = 0xbf, b = u[ok];
+      if (ok == 1) { /* the second byte's range excludes overlongs, surrogates, > U+10FFFF */
+        if (u[0] == 0xe0) lo = 0xa0;
+        if (u[0] == 0xed) hi = 0x9f;
+        if (u[0] == 0xf0) lo = 0x90;
+        if (u[0] == 0xf4) hi = 0x8f;
+      }
+      if (b < lo || b > hi) break;
+      ok++;
+    }
+    if (k && ok == k) {
       memcpy(out + n, u, k);
-      n += k, i += k;
+      n += k;
+      i += k;
     } else {
       memcpy(out + n, "\xef\xbf\xbd", 3);
-      n += 3, i++;
+      n += 3;
+      i += ok ? ok : 1;
     }
   }
   out[n] = 0;
@@ -277,6 +309,10 @@ static int generate(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
   if (!rc && (!ids || !logits)) rc = mt_seterr(MT_ENOMEM, "generate: %d tokens", o->tokens);
   if (!rc) memcpy(ids, b.ids, prompt_n * sizeof *ids);
   mt_sampling s = {.temperature = o->temperature, .top_k = o->top_k, .top_p = o->top_p};
+  /* a model's padded rows past the tokenizer's ids are never drawn: they
+   * have no text */
+  int vocab =
+      c->vocab_size < mt_tokenizer_vocab_size(tok) ? c->vocab_size : mt_tokenizer_vocab_size(tok);
   uint64_t rng[2];
   mt_sample_seed(rng, o->seed);
   size_t n = prompt_n;
@@ -286,7 +322,7 @@ static int generate(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
   clock_gettime(CLOCK_MONOTONIC, &t0);
   while (!rc && n < prompt_n + (size_t)o->tokens && !stopped) {
     if (!(rc = mt_infer_next(inf, ids, n, logits))) {
-      int32_t next = mt_sample(logits, c->vocab_size, &s, rng);
+      int32_t next = mt_sample(logits, vocab, &s, rng);
       if (next < 0) {
         rc = next;
         break;
@@ -304,19 +340,19 @@ static int generate(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
   if (!rc && o->json) {
     size_t pl, tl;
     char *p8 = valid_utf8(o->prompt, strlen(o->prompt), &pl), *t8 = valid_utf8(text, len, &tl);
-    json_t *toks = json_array();
+    json_t *toks = json_array(), *out = NULL;
     for (size_t i = prompt_n; toks && i < n; i++) json_array_append_new(toks, json_integer(ids[i]));
-    json_t *out = p8 && t8
-                      ? json_pack("{s:s%, s:s%, s:o, s:I, s:b, s:f}", "prompt", p8, pl, "text", t8,
-                                  tl, "tokens", toks, "prompt_tokens", (json_int_t)prompt_n,
-                                  "stopped_at_eod", stopped, "seconds", secs)
-                      : NULL;
+    if (p8 && t8) /* "o" takes toks, also when the pack fails */
+      out = json_pack("{s:s%, s:s%, s:o, s:I, s:b, s:f}", "prompt", p8, pl, "text", t8, tl,
+                      "tokens", toks, "prompt_tokens", (json_int_t)prompt_n, "stopped_at_eod",
+                      stopped, "seconds", secs);
+    else
+      json_decref(toks);
     char *dump = out ? json_dumps(out, JSON_COMPACT) : NULL;
     if (dump)
       puts(dump);
     else
       rc = mt_seterr(MT_ENOMEM, "generate: the JSON of %zu tokens", n - prompt_n);
-    if (!out) json_decref(toks);
     free(dump);
     free(p8);
     free(t8);
@@ -343,6 +379,7 @@ static int lambada(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
   char *all = read_all(o->file, &len);
   if (!all) return MT_EIO;
   int T = mt_infer_seq(inf), rc = 0, lineno = 0, batch = o->batch;
+  int V = mt_infer_config(inf)->vocab_size;
   mt_tok_buf ctx = {0}, word = {0};
   mt_infer_row *rows = calloc((size_t)batch, sizeof *rows);
   int32_t *seqs = malloc((size_t)batch * ((size_t)T + 1) * sizeof *seqs);
@@ -397,13 +434,15 @@ static int lambada(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
       if (!rc && (word.n > (size_t)T || !ctx.n))
         rc = mt_seterr(MT_EINVAL, "%s:%d: the last word has %zu tokens; the model sees %d", o->file,
                        lineno, word.n, T);
+      if (!rc && (rc = in_vocabulary(&ctx, V)) == 0) rc = in_vocabulary(&word, V);
+      if (rc) mt_wraperr(rc, "%s:%d", o->file, lineno);
       if (rc) break;
       /* the context's end when context and word pass the model's length */
       size_t keep = ctx.n + word.n > (size_t)T + 1 ? (size_t)T + 1 - word.n : ctx.n;
       int32_t *s = seqs + (size_t)n_rows * ((size_t)T + 1);
       memcpy(s, ctx.ids + (ctx.n - keep), keep * sizeof *s);
       memcpy(s + keep, word.ids, word.n * sizeof *s);
-      rows[n_rows++] = (mt_infer_row){.tokens = s, .n = keep + word.n, .first = keep};
+      rows[n_rows++] = (mt_infer_row){.tokens = s, .n = keep + word.n, .first = keep, .greedy = 1};
       examples++;
       target_tokens += (long)word.n;
     }
@@ -446,6 +485,13 @@ static int perplexity(const options *o, mt_infer *inf, const mt_tokenizer *tok) 
   if (!all) return MT_EIO;
   mt_tok_buf b = {0};
   int rc = encode(tok, all, len, &b);
+  if (!rc && (rc = in_vocabulary(&b, mt_infer_config(inf)->vocab_size)))
+    mt_wraperr(rc, "%s", o->file);
+  /* Megatron's adjusted perplexity counts the text's words: runs of
+   * characters between whitespace */
+  long words = 0;
+  for (size_t i = 0; i < len; i++)
+    words += !isspace((unsigned char)all[i]) && (i == 0 || isspace((unsigned char)all[i - 1]));
   free(all);
   size_t T = (size_t)mt_infer_seq(inf), n_win = b.n > 1 ? (b.n - 2) / T + 1 : 0;
   if (!rc && !n_win) rc = mt_seterr(MT_EINVAL, "%s: fewer than 2 tokens", o->file);
@@ -466,13 +512,15 @@ static int perplexity(const options *o, mt_infer *inf, const mt_tokenizer *tok) 
     }
   }
   if (!rc) {
-    double ppl = exp(nll / (double)scored);
+    double ppl = exp(nll / (double)scored), word_ppl = exp(nll / (double)(words ? words : 1));
     if (o->json)
       printf("{\"task\":\"perplexity\",\"tokens\":%ld,\"windows\":%zu,\"nll\":%.17g,"
-             "\"perplexity\":%.17g}\n",
-             scored, n_win, nll, ppl);
+             "\"perplexity\":%.17g,\"words\":%ld,\"word_perplexity\":%.17g}\n",
+             scored, n_win, nll, ppl, words, word_ppl);
     else
-      printf("perplexity: %.4f over %ld tokens in %zu windows of %zu\n", ppl, scored, n_win, T);
+      printf("perplexity: %.4f over %ld tokens in %zu windows of %zu; per word (Megatron's "
+             "adjusted, %ld words): %.4f\n",
+             ppl, scored, n_win, T, words, word_ppl);
   }
   free(rows);
   mt_tok_buf_free(&b);
@@ -490,20 +538,61 @@ static int is_checkpoint(const char *path) {
   return !stat(p, &st);
 }
 
-/* A checkpoint's master weights exported (as `mtnlgctl ckpt export` does,
- * every checksum checked) to <tmp>/model.safetensors, tmp a new directory
- * under $TMPDIR; the caller removes both. */
-static int export_checkpoint(const char *path, char *tmp, size_t tmp_cap, char *file,
-                             size_t file_cap) {
-  const char *base = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
-  snprintf(tmp, tmp_cap, "%s/mtnlg-eval-XXXXXX", base);
-  if (!mkdtemp(tmp)) {
-    int e = errno;
-    tmp[0] = 0;
-    return mt_seterr(MT_EIO, "a directory under %s for the checkpoint's weights: %s", base,
-                     strerror(e));
+/* The checkpoint's temporary export, removed on the way out, also when a
+ * signal ends the run, the export's own temporary file included: the
+ * directory is read with getdents64 and emptied with unlinkat, both system
+ * calls, async-signal-safe as opendir (which allocates) is not. */
+static char tmp_dir[4096], tmp_file[4200];
+static int tmp_fd = -1;
+
+static void remove_tmp(void) {
+  static char buf[4096];
+  long n;
+  if (tmp_fd >= 0) {
+    while ((n = syscall(SYS_getdents64, tmp_fd, buf, sizeof buf)) > 0)
+      for (long off = 0; off < n;) {
+        struct linux_dirent64 {
+          uint64_t ino;
+          int64_t off;
+          unsigned short reclen;
+          unsigned char type;
+          char name[];
+        } *d = (void *)(buf + off);
+        if (strcmp(d->name, ".") && strcmp(d->name, "..")) unlinkat(tmp_fd, d->name, 0);
+        off += d->reclen;
+      }
+    close(tmp_fd);
+    tmp_fd = -1;
   }
-  snprintf(file, file_cap, "%s/model.safetensors", tmp);
+  if (tmp_dir[0]) rmdir(tmp_dir);
+}
+
+static void on_signal(int sig) {
+  remove_tmp();
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+/* A checkpoint's master weights exported (as `mtnlgctl ckpt export` does,
+ * every checksum checked) to tmp_file, <tmp_dir>/model.safetensors, tmp_dir
+ * a new directory under $TMPDIR: remove_tmp removes both, also on SIGINT,
+ * SIGTERM or SIGHUP. */
+static int export_checkpoint(const char *path) {
+  const char *base = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+  char dir[sizeof tmp_dir];
+  snprintf(dir, sizeof dir, "%s/mtnlg-eval-XXXXXX", base);
+  if (!mkdtemp(dir))
+    return mt_seterr(MT_EIO, "a directory under %s for the checkpoint's weights: %s", base,
+                     strerror(errno));
+  struct sigaction sa = {.sa_handler = on_signal};
+  sigemptyset(&sa.sa_mask);
+  snprintf(tmp_file, sizeof tmp_file, "%s/model.safetensors", dir);
+  memcpy(tmp_dir, dir, sizeof tmp_dir); /* before the handlers: they read both */
+  tmp_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  const char *file = tmp_file;
   mt_ckpt c;
   mt_log_set_level(MT_LOG_WARN); /* a resume's notes on passed-over checkpoints stay */
   int rc = mt_ckpt_open_path(path, MT_CKPT_VERIFY_CHECKSUMS, &c);
@@ -523,11 +612,8 @@ int main(int argc, char **argv) {
   mt_infer *inf = NULL;
   mt_tokenizer *tok = NULL;
   mt_gpt_config cfg;
-  char tmp[4096] = "", exported[4200] = "";
   const char *given = o.model;
-  if (is_checkpoint(o.model) &&
-      !(rc = export_checkpoint(o.model, tmp, sizeof tmp, exported, sizeof exported)))
-    o.model = exported;
+  if (is_checkpoint(o.model) && !(rc = export_checkpoint(o.model))) o.model = tmp_file;
   if (!rc) rc = mt_gpt_config_of_file(o.model, &cfg);
   if (!rc) rc = open_tokenizer(&o, cfg.vocab_size, &tok);
   /* generation plans its forward for the prompt and the new tokens alone */
@@ -560,7 +646,6 @@ int main(int argc, char **argv) {
   if (rc) fprintf(stderr, "mtnlg-eval: %s %s: %s\n", o.task, given, mt_errmsg());
   mt_infer_free(inf);
   mt_tokenizer_free(tok);
-  if (exported[0]) unlink(exported);
-  if (tmp[0]) rmdir(tmp);
+  remove_tmp();
   return rc ? 1 : 0;
 }

@@ -332,7 +332,10 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   CURL *c = http.curl;
   http.errbuf[0] = '\0';
   curl_easy_setopt(c, CURLOPT_URL, url);
-  if (ctl.cacert) curl_easy_setopt(c, CURLOPT_CAINFO, ctl.cacert);
+  if (ctl.cacert) { /* that CA alone: not also the system's directory of them */
+    curl_easy_setopt(c, CURLOPT_CAINFO, ctl.cacert);
+    curl_easy_setopt(c, CURLOPT_CAPATH, NULL);
+  }
   curl_easy_setopt(c, CURLOPT_ERRORBUFFER, http.errbuf);
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, (long)CTL_HTTP_CONNECT_TIMEOUT_S);
@@ -384,6 +387,14 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "the daemon at %s did not prove it is the daemon named (%s); give the CA that signed "
             "its certificate with --cacert PATH or MTNLG_CACERT",
+            ctl.endpoint, http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+    ret = CTL_EXIT_UNREACHABLE;
+    goto cleanup;
+  }
+  if (cc == CURLE_SSL_CONNECT_ERROR) {
+    set_err(err, err_cap,
+            "no TLS connection with the daemon at %s (%s); does it serve https (control.tls_cert), "
+            "or plain http://?",
             ctl.endpoint, http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;

@@ -569,6 +569,9 @@ static int read_tls(node *n) {
   if (!n->tls_cert || !n->tls_key) return mt_seterr(MT_ENOMEM, "control: TLS");
   int rc = mt_read_secret_file(n->cfg->tls_cert, "control.tls_cert", NULL, n->tls_cert, TLS_PEM_MAX,
                                &len);
+  if (!rc && !len)
+    rc = mt_seterr(MT_EINVAL, "control.tls_cert %s is empty: HTTPS needs the certificate",
+                   n->cfg->tls_cert);
   if (!rc) strcpy(n->tls_cert + len, "\n"); /* the PEM's last line, its newline back */
   if (!rc)
     rc = mt_read_secret_file(n->cfg->tls_key, "control.tls_key",

@@ -24,6 +24,7 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
                        .vocab_size = ms->vocab_size,
                        .padded_vocab = ms->padded_vocab,
                        .max_seq = ms->seq_len,
+                       .ln_eps = ms->ln_eps,
                        .tp_size = tp,
                        .tp_rank = q};
   if (pp > 1) mt_stage_layers(ms->n_layer, pp, s, &cfg.layer_begin, &cfg.layer_end);

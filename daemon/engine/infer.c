@@ -123,12 +123,16 @@ int mt_infer_score(mt_infer *inf, mt_infer_row *rows, int n_rows) {
       w->hits = 0;
       for (size_t pos = w->first - 1; pos + 1 < w->n && !rc; pos++) {
         w->nll += inf->m.host_losses[(size_t)r * T + pos];
+        if (!w->greedy) continue;
         if ((rc = logits_at(inf, r, pos))) break;
         int best = 0;
         for (int v = 1; v < V; v++)
           if (inf->row[v] > inf->row[best]) best = v;
         w->hits += best == w->tokens[pos + 1];
       }
+      if (!rc && !isfinite(w->nll))
+        rc = mt_seterr(MT_EINVAL, "infer: the model's log-likelihood is %g: it has diverged",
+                       w->nll);
     }
   }
   return rc ? mt_wraperr(rc, "infer: forward") : 0;
@@ -166,8 +170,12 @@ static int by_p_desc(const void *a, const void *b) {
 
 int32_t mt_sample(const float *logits, int vocab, const mt_sampling *s, uint64_t rng[2]) {
   int32_t best = 0;
-  for (int v = 1; v < vocab; v++)
+  for (int v = 0; v < vocab; v++) {
+    if (!isfinite(logits[v]))
+      return mt_seterr(MT_EINVAL, "sample: logit %d is %g: the model has diverged", v,
+                       (double)logits[v]);
     if (logits[v] > logits[best]) best = v;
+  }
   if (s->temperature <= 0.0 || s->top_k == 1) return best;
   cand *c = malloc((size_t)vocab * sizeof *c);
   if (!c) return mt_seterr(MT_ENOMEM, "sample: %d candidates", vocab);

@@ -26,11 +26,14 @@ int mt_infer_next(mt_infer *inf, const int32_t *tokens, size_t n, float *logits)
 
 /* One sequence scored: tokens[first, n) each predicted from the tokens
  * before it (1 <= first < n <= seq + 1). nll: the sum of their negative log
- * likelihoods (natural log); hits: how many the greedy choice (the largest
- * logit) gets right. */
+ * likelihoods (natural log); hits, when greedy is set: how many the greedy
+ * choice (the largest logit) gets right (it reads those positions' logits
+ * back from the device). A log-likelihood that is not finite (a diverged
+ * model) fails the call. */
 typedef struct mt_infer_row {
   const int32_t *tokens;
   size_t n, first;
+  int greedy;
   double nll;
   int hits;
 } mt_infer_row;
@@ -47,7 +50,8 @@ typedef struct mt_sampling {
   double top_p;
 } mt_sampling;
 void mt_sample_seed(uint64_t rng[2], uint64_t seed);
-/* Returns the token, or MT_ENOMEM (negative) with the error set. */
+/* Returns the token, or a negative MT_E* with the error set (out of
+ * memory, or a logit that is not finite). */
 int32_t mt_sample(const float *logits, int vocab, const mt_sampling *s, uint64_t rng[2]);
 
 #endif

@@ -503,8 +503,14 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
                        size, procs, o->proc_rank);
     n = size / procs, r0 = o->proc_rank * n;
   }
-  /* world rank 0 writes the export: its process checks before any step */
-  if (r0 == 0 && o->export_path) {
+  /* world rank 0 writes the export, and to a directory so does each
+   * stage's first rank (tp 0 of replica 0): their processes check before
+   * any step (a node that does not see the directory fails here) */
+  int writes = r0 == 0;
+  int stage_ranks = ps->tp * (size / (ps->tp * ps->pp));
+  for (int r = r0; r < r0 + n && o->export_path && mt_st_names_a_directory(o->export_path); r++)
+    writes |= r % stage_ranks == 0;
+  if (writes && o->export_path) {
     int rc = check_export_path(o->export_path);
     if (rc) return rc;
   }

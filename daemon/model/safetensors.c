@@ -833,6 +833,7 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
   c->ln_eps = 1e-5f;
   c->init_std = 0.02f;
   long n_head = -1;
+  int have_eps = 0;
   int64_t wte[2] = {0, 0}, wpe[2] = {0, 0};
   for (int k = 0; k < n_files; k++) {
     for (int i = 0; i < files[k].n; i++) {
@@ -846,6 +847,10 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
       }
     }
     if (n_head < 0) n_head = st_json_int(json_object_get(files[k].meta, "n_head"));
+    const char *eps = json_string_value(json_object_get(files[k].meta, "layer_norm_epsilon"));
+    char *end;
+    double e = eps ? strtod(eps, &end) : 0.0;
+    if (eps && !*end && e > 0 && e < 1) c->ln_eps = (float)e, have_eps = 1;
   }
   for (int k = 0; k < n_files; k++) mt_st_close(&files[k]);
   free(files);
@@ -861,11 +866,11 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
       snprintf(cfg_path, sizeof cfg_path, ".");
   }
   snprintf(cfg_path + strlen(cfg_path), sizeof cfg_path - strlen(cfg_path), "/config.json");
-  json_t *hf = n_head < 0 ? json_load_file(cfg_path, 0, NULL) : NULL;
+  json_t *hf = n_head < 0 || !have_eps ? json_load_file(cfg_path, 0, NULL) : NULL;
   if (hf) {
-    n_head = st_json_int(json_object_get(hf, "n_head"));
+    if (n_head < 0) n_head = st_json_int(json_object_get(hf, "n_head"));
     double eps = json_number_value(json_object_get(hf, "layer_norm_epsilon"));
-    if (eps > 0) c->ln_eps = (float)eps;
+    if (!have_eps && eps > 0 && eps < 1) c->ln_eps = (float)eps;
     json_decref(hf);
   }
   if (!wte[0] || !wpe[0] || !c->n_layer || wte[1] != wpe[1])
@@ -1067,6 +1072,9 @@ static int st_new_writer(mt_gpt_export *e, int k) {
     snprintf(num, sizeof num, "%d", meta[m].value);
     rc = mt_st_writer_meta(w, meta[m].key, num);
   }
+  /* Hugging Face's name for it (config.json's); the shapes say the rest */
+  snprintf(num, sizeof num, "%.9g", e->cfg.ln_eps > 0 ? e->cfg.ln_eps : 1e-5f);
+  if (!rc) rc = mt_st_writer_meta(w, "layer_norm_epsilon", num);
   for (int i = 0; i < e->n && !rc; i++) {
     if (e->file_of[i] != k) continue;
     int64_t shape[2];
@@ -1147,7 +1155,7 @@ int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, co
     if (st_file_numel(&e->cfg, &e->table[i]) > max_numel)
       max_numel = st_file_numel(&e->cfg, &e->table[i]);
   }
-  e->next = st_due_from(e, 0);
+  if (!rc) e->next = st_due_from(e, 0);
   if (!rc && !(e->w = calloc((size_t)e->n_files, sizeof *e->w)))
     rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   if (!rc && !(e->hf = malloc((max_numel ? max_numel : 1) * sizeof *e->hf)))
@@ -1222,6 +1230,19 @@ int mt_gpt_export_next(mt_gpt_export *e) {
 int mt_gpt_export_write_index(const mt_gpt_export *e) {
   if (!e->dir)
     return mt_seterr(MT_EINVAL, "safetensors: export %s: one file has no index", e->path);
+  /* every file the index will name is there: parts written on other nodes
+   * into a directory that is not one shared directory are not */
+  for (int k = 0; k < e->n_files; k++) {
+    char path[4096];
+    struct stat st;
+    st_shard_path(e, k, path, sizeof path);
+    if (stat(path, &st) || !S_ISREG(st.st_mode))
+      return mt_seterr(MT_EIO,
+                       "safetensors: export %s: %s is not there, so no index is written: the "
+                       "stages' files go to the directory as each stage's writer sees it, which "
+                       "must be one shared directory at the same path on every node",
+                       e->dir, path);
+  }
   json_t *map = json_object(), *root = NULL;
   uint64_t total = 0;
   char name[64], path[4096];

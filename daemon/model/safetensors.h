@@ -77,7 +77,8 @@ int mt_gpt_save_safetensors(const mt_gpt *m, const char *path);
 /* The whole model a file (or sharded directory, or index) holds, from its
  * tensors' shapes (layers, width, vocabulary, positions) and its heads from
  * the file's metadata (an mtnlg export's "n_head") or Hugging Face's
- * config.json beside it; padded_vocab rounded up to 128. */
+ * config.json beside it, and so LayerNorm's epsilon ("layer_norm_epsilon";
+ * 1e-5 when neither says); padded_vocab rounded up to 128. */
 int mt_gpt_config_of_file(const char *path, mt_gpt_config *c);
 /* Gradients under the same names and layouts (for reference tests). */
 int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);

@@ -11,13 +11,14 @@ tests/cluster/tls/ca.pem; test keys, committed):
 - test_another_ca_or_none_is_refused: --cacert of another CA, and the
   system's CAs, fail with exit 3 saying the daemon did not prove who it is
   and naming --cacert; an unreadable --cacert is a usage error (exit 2);
-- test_plain_http_gets_nothing: http:// to the HTTPS port reads no answer
-  (exit 3): nothing travels in clear;
+- test_plain_http_gets_nothing: http:// to the HTTPS port is connected and
+  closed without an answer (exit 3): nothing travels in clear;
 - test_token_over_https_stops_the_job: stop --token-file over HTTPS ends
   the job; the daemon exits 0 (waited for by its pid);
 - test_tls_misconfigurations_are_named: a certificate without its key (exit
-  2, naming control.tls_key), a key that is not PEM (exit 2, naming HTTPS
-  and the address) and a missing certificate file (naming the file).
+  2, naming control.tls_key), a key that is not PEM and a key that is not
+  the certificate's (exit 2, naming HTTPS and the address) and a missing
+  certificate file (naming the file).
 Each check prints `ok NAME` or `FAIL NAME: detail`.
 """
 import os
@@ -95,7 +96,9 @@ def main():
                           f"{unreadable.returncode} {unreadable.stderr.strip()[-200:]}")
 
         plain = ctl_run("-e", "http://127.0.0.1:%d" % node.control_port, "status")
-        failures += check("test_plain_http_gets_nothing", plain.returncode == 3,
+        failures += check("test_plain_http_gets_nothing",
+                          plain.returncode == 3 and "refused" not in plain.stderr and
+                          "without answering" in plain.stderr,
                           f"exit {plain.returncode}: {plain.stdout.strip()[-200:]} "
                           f"{plain.stderr.strip()[-200:]}")
 
@@ -134,11 +137,16 @@ def main():
         c2, e2 = bad_node("garbage", "tls_cert = %s\ntls_key = %s\n" % (cert, garbage))
         c3, e3 = bad_node("nocert", "tls_cert = %s\ntls_key = %s\n"
                           % (os.path.join(tmp, "missing.pem"), key))
+        unrelated = os.path.join(tmp, "unrelated.key")
+        shutil.copy(os.path.join(TLS, "unrelated.key"), unrelated)
+        os.chmod(unrelated, 0o600)
+        c4, e4 = bad_node("unrelated", "tls_cert = %s\ntls_key = %s\n" % (cert, unrelated))
         failures += check("test_tls_misconfigurations_are_named",
                           c1 == 2 and "control.tls_key" in e1 and c2 == 2 and "HTTPS" in e2 and
-                          c3 == 2 and "missing.pem" in e3,
+                          c3 == 2 and "missing.pem" in e3 and c4 == 2 and "HTTPS" in e4,
                           f"no key: {c1} {e1.strip()[-200:]} | garbage key: {c2} "
-                          f"{e2.strip()[-200:]} | no certificate: {c3} {e3.strip()[-200:]}")
+                          f"{e2.strip()[-200:]} | no certificate: {c3} {e3.strip()[-200:]} | "
+                          f"another key: {c4} {e4.strip()[-200:]}")
     finally:
         if cluster:
             cluster.kill_all()

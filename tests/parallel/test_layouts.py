@@ -16,7 +16,10 @@ and with recomputation on; the Adam moments per rank must be 1/dp of the
 whole model's at tp = pp = 1 and agree with `mtnlgctl plan`'s optimizer
 bytes. (1,3,1) splits the 4 layers unevenly (2, 1, 1). With pipeline stages,
 the run with started (overlapped) sends must equal the run whose every send
-blocks (parallel.overlap_p2p = false) bit for bit.
+blocks (parallel.overlap_p2p = false) bit for bit. Without dropout or
+recomputation, (2,1,1), (1,4,1) and (2,2,2) export to a directory (Hugging
+Face's sharded layout, each stage's first rank writing its stage's files),
+read back through its index.
 """
 import array
 import glob
@@ -31,6 +34,15 @@ import tempfile
 
 
 def st_load(path):
+    if path.endswith("/"):  # Hugging Face's sharded layout: every file its index names
+        index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+        out = {}
+        for file in sorted(set(index["weight_map"].values())):
+            out.update(st_load(os.path.join(path, file)))
+        if set(out) != set(index["weight_map"]):
+            raise SystemExit(f"{path}: the index names {sorted(index['weight_map'])}, "
+                             f"the files hold {sorted(out)}")
+        return out
     with open(path, "rb") as f:
         blob = f.read()
     (n,) = struct.unpack("<Q", blob[:8])
@@ -79,6 +91,9 @@ def main():
             for tp, pp, dp in ((1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (1, 4, 1), (1, 1, 2),
                                (1, 1, 4), (2, 2, 2), (2, 2, 1), (1, 3, 1)):
                 export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}.safetensors")
+                if name == "plain" and (tp, pp, dp) in ((2, 1, 1), (1, 4, 1), (2, 2, 2)):
+                    # a directory: each stage's writer writes its stage's files
+                    export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}") + "/"
                 losses, moments_mb = run(mtnlgd, job, tokens, export, tp, pp, dp, extra)
                 w = st_load(export)
                 if (tp, pp, dp) == (1, 1, 1):
@@ -87,7 +102,7 @@ def main():
                 if name == "plain" and pp > 1 and (tp, dp) in ((1, 1), (2, 2)):
                     # started sends only change when a stage waits: the same
                     # run with every send and receive blocking is identical
-                    export_b = export + ".blocking"
+                    export_b = export.rstrip("/") + "-blocking" + ("/" if export[-1] == "/" else "")
                     losses_b, _ = run(mtnlgd, job, tokens, export_b, tp, pp, dp,
                                       extra + ["--set", "parallel.overlap_p2p=false"])
                     w_b = st_load(export_b)

@@ -7,11 +7,11 @@ usage: test_eval.py MTNLG_EVAL MTNLGD JOB.json
   echo its last token) continues a prompt by 90 tokens, past
   its 64 positions (so it slides its window), greedily: the same tokens as
   torch's greedy loop over the last 64, up to the first step where torch's
-  two best logits are within 1e-4 (none, in practice);
+  two best logits are within 1e-4 (none, in practice; at least 60 steps
+  compared), and the JSON's text is those bytes with each byte that is
+  not UTF-8 a U+FFFD (there are some);
 - test_sampling_is_seeded: the same seed gives the same text, another seed
-  another; top-k 1 and a top-p of 1e-6 are the greedy text; the text, most
-  of it bytes that are not UTF-8, comes out as valid JSON, each invalid
-  byte a U+FFFD;
+  another; top-k 1 and a top-p of 1e-6 are the greedy text;
 - test_lambada_is_torchs: mtnlgd trains the tiny model 200 steps on a
   sentence repeated (learnt by heart) and exports it; LAMBADA (Megatron's
   strict rule: the last word, with its space, predicted from the stripped
@@ -20,7 +20,9 @@ usage: test_eval.py MTNLG_EVAL MTNLGD JOB.json
   target tokens right, and the summed log-likelihood within 1e-6 of
   torch's (contexts past the model's length cut from the left);
 - test_perplexity_is_torchs: a license file in windows of 64 predicted
-  tokens that do not overlap: the same token count and nll within 1e-6;
+  tokens that do not overlap: the same token count and nll within 1e-6,
+  and the per-word (Megatron's adjusted) perplexity over its
+  whitespace-separated words;
 - test_checkpoint_is_its_export: the training run's job directory (its
   last checkpoint) as the model gives the export's perplexity exactly, its
   weights exported under $TMPDIR and removed after;
@@ -98,8 +100,12 @@ def main():
             ids.append(int(lg.argmax()))
             want.append(ids[-1])
         upto = 90 if close is None else close
+        text = json.loads(r.stdout)["text"] if r.returncode == 0 else ""
+        # the bytes that are not UTF-8, each a U+FFFD
+        fffd = sum(1 for b in bytes(got).decode("utf-8", "replace") if b == "\ufffd")
         failures += check("test_greedy_generation_is_torchs",
-                          r.returncode == 0 and got[:upto] == want[:upto] and len(got) == 90,
+                          r.returncode == 0 and got[:upto] == want[:upto] and len(got) == 90 and
+                          upto >= 60 and fffd > 0 and text == bytes(got).decode("utf-8", "replace"),
                           f"exit {r.returncode} {r.stderr.strip()[-300:]}; {len(got)} tokens, "
                           f"first difference at "
                           f"{next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)}"
@@ -180,7 +186,8 @@ def main():
         doc = "/usr/share/common-licenses/MPL-2.0"
         r = run([evaluator, "perplexity", model, doc, "--batch", "5", "-o", "json"])
         ours = json.loads(r.stdout) if r.returncode == 0 else {}
-        ids = list(open(doc, "rb").read())
+        raw = open(doc, "rb").read()
+        ids, words = list(raw), len(raw.split())
         nll, n = 0.0, 0
         for a in range(0, len(ids) - 1, T):
             win = ids[a:a + T + 1]
@@ -190,7 +197,10 @@ def main():
         rel = abs(ours.get("nll", 0) - nll) / nll
         failures += check("test_perplexity_is_torchs",
                           r.returncode == 0 and ours["tokens"] == n and rel < 1e-6 and
-                          abs(ours["perplexity"] - math.exp(nll / n)) < 1e-6 * math.exp(nll / n),
+                          abs(ours["perplexity"] - math.exp(nll / n)) < 1e-6 * math.exp(nll / n)
+                          and ours["words"] == words and
+                          abs(ours["word_perplexity"] - math.exp(nll / words)) <
+                          1e-5 * math.exp(nll / words),
                           f"ours {ours or r.stderr[-400:]}; torch {n} tokens, nll {nll:.10g} "
                           f"(relative {rel:.2e})")
 

@@ -948,6 +948,27 @@ static int test_export_in_stage_parts_is_the_whole_export(void) {
   REQUIRE(mt_gpt_export_commit(e) < 0 && strstr(mt_errmsg(), "h.1.ln_1.weight was not written"),
           "an empty part's commit: %s", mt_errmsg());
   mt_gpt_export_free(e);
+  d = opendir(half);
+  REQUIRE(d, "open %s", half);
+  int left = 0;
+  for (struct dirent *de; (de = readdir(d));) left += de->d_name[0] != '.';
+  closedir(d);
+  REQUIRE(!left, "%d files left by a part that wrote nothing", left);
+  /* and an index over files that are not all there is refused */
+  plan.part = 0;
+  REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
+  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
+    const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
+    REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
+            "part 0: write %s: %s", t->name, mt_errmsg());
+  }
+  REQUIRE(!mt_gpt_export_commit(e), "commit part 0: %s", mt_errmsg());
+  REQUIRE(mt_gpt_export_write_index(e) == MT_EIO && strstr(mt_errmsg(), "is not there") &&
+              strstr(mt_errmsg(), "shared directory"),
+          "an index over a missing part: %s", mt_errmsg());
+  snprintf(index, sizeof index, "%s/model.safetensors.index.json", half);
+  REQUIRE(access(index, F_OK), "an index was written over a missing part");
+  mt_gpt_export_free(e);
   plan.dir = NULL, plan.part = 0;
   REQUIRE(mt_gpt_export_open_sharded(&e, &a.cfg, "x.safetensors", &plan) < 0 &&
               strstr(mt_errmsg(), "directory"),
@@ -1005,6 +1026,17 @@ static int test_config_of_file_reads_the_shape(void) {
   fclose(cf);
   REQUIRE(!mt_gpt_config_of_file(bare, &c) && c.n_head == 4 && c.ln_eps == 1e-6f,
           "with config.json: %s, %d heads", mt_errmsg(), c.n_head);
+  /* an export says its own epsilon, over config.json's */
+  mt_gpt_config ce = tiny_config();
+  ce.ln_eps = 3e-6f;
+  mt_gpt e;
+  REQUIRE(!mt_gpt_create(&e, &ce, &dev, 2, 8), "create");
+  char eps_file[300];
+  snprintf(eps_file, sizeof eps_file, "%s/eps.safetensors", bare_dir);
+  REQUIRE(!mt_gpt_save_safetensors(&e, eps_file), "save: %s", mt_errmsg());
+  REQUIRE(!mt_gpt_config_of_file(eps_file, &c) && c.ln_eps == 3e-6f, "epsilon %g: %s",
+          (double)c.ln_eps, mt_errmsg());
+  mt_gpt_destroy(&e);
   mt_gpt_destroy(&a);
   return 0;
 }
