@@ -757,6 +757,17 @@ static int test_export_refuses_wrong_missing_and_repeated_pieces(void) {
   return 0;
 }
 
+/* Every tensor e has due, from the whole model m, then its commit. */
+static int export_all(const mt_gpt *m, mt_gpt_export *e) {
+  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
+    const mt_param *p = &m->params_table[mt_gpt_find(m, t->name)];
+    REQUIRE(!mt_gpt_export_put(e, p, m->params + p->offset) && !mt_gpt_export_next(e),
+            "write %s: %s", t->name, mt_errmsg());
+  }
+  REQUIRE(!mt_gpt_export_commit(e), "commit: %s", mt_errmsg());
+  return 0;
+}
+
 /* Hugging Face's sharded layout: files of at most 20 KB (wte, 32 KB, alone
  * in one), an index naming every tensor's file and the bytes in all, and a
  * model that loads back bit for bit from the directory or the index, also
@@ -769,12 +780,7 @@ static int test_sharded_export_writes_an_index_and_loads_back(void) {
   mt_gpt_export *e;
   mt_gpt_export_plan plan = {.dir = dir, .max_bytes = 20000, .part = -1};
   REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
-  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
-    const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
-    REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
-            "write %s: %s", t->name, mt_errmsg());
-  }
-  REQUIRE(!mt_gpt_export_commit(e), "commit: %s", mt_errmsg());
+  REQUIRE(!export_all(&a, e), "the export");
   mt_gpt_export_free(e);
 
   char index[300];
@@ -875,12 +881,7 @@ static int test_export_in_stage_parts_is_the_whole_export(void) {
       .dir = whole_dir, .max_bytes = 20000, .pp = 2, .stage_begin = begin, .part = -1};
   mt_gpt_export *e;
   REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
-  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
-    const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
-    REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
-            "write %s: %s", t->name, mt_errmsg());
-  }
-  REQUIRE(!mt_gpt_export_commit(e), "commit: %s", mt_errmsg());
+  REQUIRE(!export_all(&a, e), "the export");
   mt_gpt_export_free(e);
 
   REQUIRE(!mt_gpt_export_prepare_dir(parts_dir), "prepare: %s", mt_errmsg());
@@ -957,12 +958,7 @@ static int test_export_in_stage_parts_is_the_whole_export(void) {
   /* and an index over files that are not all there is refused */
   plan.part = 0;
   REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
-  for (const mt_param *t; (t = mt_gpt_export_tensor(e));) {
-    const mt_param *p = &a.params_table[mt_gpt_find(&a, t->name)];
-    REQUIRE(!mt_gpt_export_put(e, p, a.params + p->offset) && !mt_gpt_export_next(e),
-            "part 0: write %s: %s", t->name, mt_errmsg());
-  }
-  REQUIRE(!mt_gpt_export_commit(e), "commit part 0: %s", mt_errmsg());
+  REQUIRE(!export_all(&a, e), "part 0");
   REQUIRE(mt_gpt_export_write_index(e) == MT_EIO && strstr(mt_errmsg(), "is not there") &&
               strstr(mt_errmsg(), "shared directory"),
           "an index over a missing part: %s", mt_errmsg());
