@@ -428,14 +428,14 @@ static int lambada(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
         while (start < ce && strchr(" \t\r\n", text[start])) start++;
         rc = encode(tok, text + start, ce - start, &ctx);
         if (!rc) rc = encode(tok, w, tl - ws + 1, &word);
+        if (!rc && !(rc = in_vocabulary(&ctx, V))) rc = in_vocabulary(&word, V);
+        if (rc) mt_wraperr(rc, "%s:%d", o->file, lineno);
       }
       free(w);
       json_decref(j);
       if (!rc && (word.n > (size_t)T || !ctx.n))
         rc = mt_seterr(MT_EINVAL, "%s:%d: the last word has %zu tokens; the model sees %d", o->file,
                        lineno, word.n, T);
-      if (!rc && (rc = in_vocabulary(&ctx, V)) == 0) rc = in_vocabulary(&word, V);
-      if (rc) mt_wraperr(rc, "%s:%d", o->file, lineno);
       if (rc) break;
       /* the context's end when context and word pass the model's length */
       size_t keep = ctx.n + word.n > (size_t)T + 1 ? (size_t)T + 1 - word.n : ctx.n;
@@ -487,11 +487,14 @@ static int perplexity(const options *o, mt_infer *inf, const mt_tokenizer *tok) 
   int rc = encode(tok, all, len, &b);
   if (!rc && (rc = in_vocabulary(&b, mt_infer_config(inf)->vocab_size)))
     mt_wraperr(rc, "%s", o->file);
-  /* Megatron's adjusted perplexity counts the text's words: runs of
-   * characters between whitespace */
-  long words = 0;
-  for (size_t i = 0; i < len; i++)
-    words += !isspace((unsigned char)all[i]) && (i == 0 || isspace((unsigned char)all[i - 1]));
+  /* Megatron's adjusted perplexity counts the text's "original tokens" as
+   * len(text.strip().split(" ")): the pieces between single spaces of the
+   * text without its leading and trailing whitespace */
+  size_t a0 = 0, a1 = len;
+  while (a0 < a1 && isspace((unsigned char)all[a0])) a0++;
+  while (a1 > a0 && isspace((unsigned char)all[a1 - 1])) a1--;
+  long words = 1;
+  for (size_t i = a0; i < a1; i++) words += all[i] == ' ';
   free(all);
   size_t T = (size_t)mt_infer_seq(inf), n_win = b.n > 1 ? (b.n - 2) / T + 1 : 0;
   if (!rc && !n_win) rc = mt_seterr(MT_EINVAL, "%s: fewer than 2 tokens", o->file);
@@ -512,7 +515,9 @@ static int perplexity(const options *o, mt_infer *inf, const mt_tokenizer *tok) 
     }
   }
   if (!rc) {
-    double ppl = exp(nll / (double)scored), word_ppl = exp(nll / (double)(words ? words : 1));
+    /* its exp(loss x (tokens - 1) / (words - 1)): nll over words - 1 */
+    double ppl = exp(nll / (double)scored),
+           word_ppl = exp(nll / (double)(words > 1 ? words - 1 : 1));
     if (o->json)
       printf("{\"task\":\"perplexity\",\"tokens\":%ld,\"windows\":%zu,\"nll\":%.17g,"
              "\"perplexity\":%.17g,\"words\":%ld,\"word_perplexity\":%.17g}\n",
@@ -573,6 +578,19 @@ static void on_signal(int sig) {
   raise(sig);
 }
 
+/* remove_tmp on the way out, the signals held so a handler does not run
+ * in the middle of it (they share the directory's descriptor). */
+static void remove_tmp_at_exit(void) {
+  sigset_t hold, old;
+  sigemptyset(&hold);
+  sigaddset(&hold, SIGINT);
+  sigaddset(&hold, SIGTERM);
+  sigaddset(&hold, SIGHUP);
+  sigprocmask(SIG_BLOCK, &hold, &old);
+  remove_tmp();
+  sigprocmask(SIG_SETMASK, &old, NULL);
+}
+
 /* A checkpoint's master weights exported (as `mtnlgctl ckpt export` does,
  * every checksum checked) to tmp_file, <tmp_dir>/model.safetensors, tmp_dir
  * a new directory under $TMPDIR: remove_tmp removes both, also on SIGINT,
@@ -588,10 +606,14 @@ static int export_checkpoint(const char *path) {
   sigemptyset(&sa.sa_mask);
   snprintf(tmp_file, sizeof tmp_file, "%s/model.safetensors", dir);
   memcpy(tmp_dir, dir, sizeof tmp_dir); /* before the handlers: they read both */
-  tmp_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  sigaction(SIGINT, &sa, NULL);
-  sigaction(SIGTERM, &sa, NULL);
-  sigaction(SIGHUP, &sa, NULL);
+  if ((tmp_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+    return mt_seterr(MT_EIO, "open %s: %s", dir, strerror(errno));
+  /* a signal the caller ignores (nohup's SIGHUP) stays ignored */
+  const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+  for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+    struct sigaction was;
+    if (!sigaction(sigs[i], NULL, &was) && was.sa_handler != SIG_IGN) sigaction(sigs[i], &sa, NULL);
+  }
   const char *file = tmp_file;
   mt_ckpt c;
   mt_log_set_level(MT_LOG_WARN); /* a resume's notes on passed-over checkpoints stay */
@@ -646,6 +668,6 @@ int main(int argc, char **argv) {
   if (rc) fprintf(stderr, "mtnlg-eval: %s %s: %s\n", o.task, given, mt_errmsg());
   mt_infer_free(inf);
   mt_tokenizer_free(tok);
-  remove_tmp();
+  remove_tmp_at_exit();
   return rc ? 1 : 0;
 }

@@ -577,6 +577,9 @@ static int read_tls(node *n) {
     rc = mt_read_secret_file(n->cfg->tls_key, "control.tls_key",
                              "can pose as this daemon's control plane", n->tls_key, TLS_PEM_MAX,
                              &len);
+  if (!rc && !len)
+    rc = mt_seterr(MT_EINVAL, "control.tls_key %s is empty: HTTPS needs the certificate's key",
+                   n->cfg->tls_key);
   if (!rc) strcpy(n->tls_key + len, "\n");
   if (rc) {
     explicit_bzero(n->tls_key, TLS_PEM_MAX + 2);

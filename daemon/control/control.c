@@ -710,7 +710,7 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
   if (!c->mhd) {
     int e = errno;
     rc = mt_seterr(MT_EIO, "control: cannot listen on %s%s: %s", c->listen,
-                   tls && strstr(c->last_log, "TLS")
+                   tls && !strstr(c->last_log, "bind") && e != EADDRINUSE && e != EACCES
                        ? " with HTTPS (is the key the certificate's, both PEM?)"
                        : "",
                    c->last_log[0] ? c->last_log

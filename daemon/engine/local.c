@@ -505,7 +505,9 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
   }
   /* world rank 0 writes the export, and to a directory so does each
    * stage's first rank (tp 0 of replica 0): their processes check before
-   * any step (a node that does not see the directory fails here) */
+   * any step that they can write there (or make it). Whether it is one
+   * directory shared by all is found only at the end: world rank 0 writes
+   * no index while a stage's file is not there. */
   int writes = r0 == 0;
   int stage_ranks = ps->tp * (size / (ps->tp * ps->pp));
   for (int r = r0; r < r0 + n && o->export_path && mt_st_names_a_directory(o->export_path); r++)

@@ -2,11 +2,14 @@
  * GPT-2 (Hugging Face) <-> mt_gpt mapping. See safetensors.h for the format. */
 #include "safetensors.h"
 
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
 #include <libgen.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +20,7 @@
 
 #include "err.h"
 #include "fileio.h"
+#include "log.h"
 
 /* A header larger than this is refused before parsing (the reference
  * implementation's limit is 100 MB). */
@@ -850,7 +854,7 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
     const char *eps = json_string_value(json_object_get(files[k].meta, "layer_norm_epsilon"));
     char *end;
     double e = eps ? strtod(eps, &end) : 0.0;
-    if (eps && !*end && e > 0 && e < 1) c->ln_eps = (float)e, have_eps = 1;
+    if (eps && !*end && e > 0 && isfinite(e)) c->ln_eps = (float)e, have_eps = 1;
   }
   for (int k = 0; k < n_files; k++) mt_st_close(&files[k]);
   free(files);
@@ -870,7 +874,7 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
   if (hf) {
     if (n_head < 0) n_head = st_json_int(json_object_get(hf, "n_head"));
     double eps = json_number_value(json_object_get(hf, "layer_norm_epsilon"));
-    if (!have_eps && eps > 0 && eps < 1) c->ln_eps = (float)eps;
+    if (!have_eps && eps > 0 && isfinite(eps)) c->ln_eps = (float)eps;
     json_decref(hf);
   }
   if (!wte[0] || !wpe[0] || !c->n_layer || wte[1] != wpe[1])
@@ -899,6 +903,12 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   int n_files = 0;
   int rc = st_open_model(path, &files, &n_files);
   if (rc) return rc;
+  /* the shapes must agree; an epsilon the file was trained with is worth a word */
+  const char *eps = json_string_value(json_object_get(files[0].meta, "layer_norm_epsilon"));
+  double e = eps ? strtod(eps, NULL) : 0.0;
+  if (e > 0 && m->cfg.ln_eps > 0 && fabs(e - m->cfg.ln_eps) > 1e-6 * e)
+    mt_log_warn("%s was trained with LayerNorm epsilon %s; this model uses %g (model.ln_eps)", path,
+                eps, (double)m->cfg.ln_eps);
   const mt_st_tensor **src = calloc((size_t)m->n_tensors, sizeof *src);
   const mt_st_file **src_file = calloc((size_t)m->n_tensors, sizeof *src_file);
   float *stage = NULL, *tbuf = NULL;
@@ -1101,6 +1111,16 @@ static void st_stages(mt_gpt_export *e, const mt_gpt_export_plan *plan) {
   }
 }
 
+/* Whether name is one of the sharded layout's files, model-NNNNN-of-NNNNN.safetensors. */
+static int st_is_shard_name(const char *name) {
+  if (strlen(name) != 32 || strncmp(name, "model-", 6) || strncmp(name + 11, "-of-", 4) ||
+      strcmp(name + 20, ".safetensors"))
+    return 0;
+  for (int i = 0; i < 5; i++)
+    if (!isdigit((unsigned char)name[6 + i]) || !isdigit((unsigned char)name[15 + i])) return 0;
+  return 1;
+}
+
 int mt_gpt_export_prepare_dir(const char *dir) {
   char index[4096];
   struct stat st;
@@ -1111,7 +1131,21 @@ int mt_gpt_export_prepare_dir(const char *dir) {
     return mt_seterr(MT_EINVAL, "safetensors: export: %s is not a directory", dir);
   if (unlink(index) && errno != ENOENT)
     return mt_seterr(MT_EIO, "safetensors: export: remove %s: %s", index, strerror(errno));
-  return mt_fsync_parent_dir(index);
+  /* an earlier export's files go too (as Hugging Face's save_pretrained
+   * removes them): none can pass for one of this export's */
+  DIR *d = opendir(dir);
+  if (!d) return mt_seterr(MT_EIO, "safetensors: export: read %s: %s", dir, strerror(errno));
+  int rc = 0;
+  for (struct dirent *de; !rc && (de = readdir(d));) {
+    if (!st_is_shard_name(de->d_name)) continue;
+    char old[4096 + 64];
+    snprintf(old, sizeof old, "%s/%s", dir, de->d_name);
+    if (unlink(old) && errno != ENOENT)
+      rc =
+          mt_seterr(MT_EIO, "safetensors: export: remove the earlier %s: %s", old, strerror(errno));
+  }
+  closedir(d);
+  return rc ? rc : mt_fsync_parent_dir(index);
 }
 
 /* The first tensor from i on that this exporter writes (e->n: none). */

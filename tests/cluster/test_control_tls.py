@@ -17,8 +17,9 @@ tests/cluster/tls/ca.pem; test keys, committed):
   the job; the daemon exits 0 (waited for by its pid);
 - test_tls_misconfigurations_are_named: a certificate without its key (exit
   2, naming control.tls_key), a key that is not PEM and a key that is not
-  the certificate's (exit 2, naming HTTPS and the address) and a missing
-  certificate file (naming the file).
+  the certificate's (exit 2, naming HTTPS and the address), an empty key
+  file (naming control.tls_key) and a missing certificate file (naming the
+  file).
 Each check prints `ok NAME` or `FAIL NAME: detail`.
 """
 import os
@@ -141,12 +142,18 @@ def main():
         shutil.copy(os.path.join(TLS, "unrelated.key"), unrelated)
         os.chmod(unrelated, 0o600)
         c4, e4 = bad_node("unrelated", "tls_cert = %s\ntls_key = %s\n" % (cert, unrelated))
+        empty = os.path.join(tmp, "empty.key")
+        open(empty, "w").close()
+        os.chmod(empty, 0o600)
+        c5, e5 = bad_node("empty", "tls_cert = %s\ntls_key = %s\n" % (cert, empty))
         failures += check("test_tls_misconfigurations_are_named",
                           c1 == 2 and "control.tls_key" in e1 and c2 == 2 and "HTTPS" in e2 and
-                          c3 == 2 and "missing.pem" in e3 and c4 == 2 and "HTTPS" in e4,
+                          c3 == 2 and "missing.pem" in e3 and c4 == 2 and "HTTPS" in e4 and
+                          c5 == 2 and "control.tls_key" in e5 and "empty" in e5,
                           f"no key: {c1} {e1.strip()[-200:]} | garbage key: {c2} "
                           f"{e2.strip()[-200:]} | no certificate: {c3} {e3.strip()[-200:]} | "
-                          f"another key: {c4} {e4.strip()[-200:]}")
+                          f"another key: {c4} {e4.strip()[-200:]} | empty key: {c5} "
+                          f"{e5.strip()[-200:]}")
     finally:
         if cluster:
             cluster.kill_all()

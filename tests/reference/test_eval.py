@@ -21,8 +21,8 @@ usage: test_eval.py MTNLG_EVAL MTNLGD JOB.json
   torch's (contexts past the model's length cut from the left);
 - test_perplexity_is_torchs: a license file in windows of 64 predicted
   tokens that do not overlap: the same token count and nll within 1e-6,
-  and the per-word (Megatron's adjusted) perplexity over its
-  whitespace-separated words;
+  and Megatron's adjusted (per-word) perplexity, exp(nll / (words - 1))
+  with words = len(text.strip().split(" "));
 - test_checkpoint_is_its_export: the training run's job directory (its
   last checkpoint) as the model gives the export's perplexity exactly, its
   weights exported under $TMPDIR and removed after;
@@ -187,7 +187,8 @@ def main():
         r = run([evaluator, "perplexity", model, doc, "--batch", "5", "-o", "json"])
         ours = json.loads(r.stdout) if r.returncode == 0 else {}
         raw = open(doc, "rb").read()
-        ids, words = list(raw), len(raw.split())
+        # Megatron's "original tokens": len(text.strip().split(" "))
+        ids, words = list(raw), len(raw.strip().split(b" "))
         nll, n = 0.0, 0
         for a in range(0, len(ids) - 1, T):
             win = ids[a:a + T + 1]
@@ -199,8 +200,8 @@ def main():
                           r.returncode == 0 and ours["tokens"] == n and rel < 1e-6 and
                           abs(ours["perplexity"] - math.exp(nll / n)) < 1e-6 * math.exp(nll / n)
                           and ours["words"] == words and
-                          abs(ours["word_perplexity"] - math.exp(nll / words)) <
-                          1e-5 * math.exp(nll / words),
+                          abs(ours["word_perplexity"] - math.exp(nll / (words - 1))) <
+                          1e-5 * math.exp(nll / (words - 1)),
                           f"ours {ours or r.stderr[-400:]}; torch {n} tokens, nll {nll:.10g} "
                           f"(relative {rel:.2e})")
 

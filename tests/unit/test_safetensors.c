@@ -884,7 +884,15 @@ static int test_export_in_stage_parts_is_the_whole_export(void) {
   REQUIRE(!export_all(&a, e), "the export");
   mt_gpt_export_free(e);
 
+  /* an earlier export's file in the directory is gone before a part begins */
+  REQUIRE(!mkdir(parts_dir, 0755), "mkdir %s", parts_dir);
+  char stale[300];
+  snprintf(stale, sizeof stale, "%s/model-00009-of-00009.safetensors", parts_dir);
+  FILE *sf = fopen(stale, "w");
+  REQUIRE(sf, "stale file");
+  fclose(sf);
   REQUIRE(!mt_gpt_export_prepare_dir(parts_dir), "prepare: %s", mt_errmsg());
+  REQUIRE(access(stale, F_OK), "an earlier export's %s is still there", stale);
   plan.dir = parts_dir;
   mt_gpt_export *part[2];
   int seen_ln_f = 0, seen_wte = 0;
