@@ -1139,7 +1139,9 @@ int mt_gpt_export_prepare_dir(const char *dir) {
   for (struct dirent *de; !rc && (de = readdir(d));) {
     if (!st_is_shard_name(de->d_name)) continue;
     char old[4096 + 64];
+    struct stat os;
     snprintf(old, sizeof old, "%s/%s", dir, de->d_name);
+    if (lstat(old, &os) || !S_ISREG(os.st_mode)) continue; /* a file only: not what a user put */
     if (unlink(old) && errno != ENOENT)
       rc =
           mt_seterr(MT_EIO, "safetensors: export: remove the earlier %s: %s", old, strerror(errno));
