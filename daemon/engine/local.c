@@ -456,10 +456,8 @@ struct mt_local {
  * exists, or a path ending in '/') for Hugging Face's sharded layout. */
 static int check_export_path(const char *path) {
   struct stat st;
-  int is_dir = mt_st_names_a_directory(path);
   char dir[4096];
-  snprintf(dir, sizeof dir, "%s", path);
-  for (size_t k = strlen(dir); is_dir && k > 1 && dir[k - 1] == '/'; k--) dir[k - 1] = 0;
+  int is_dir = mt_st_export_dir(path, dir, sizeof dir);
   if (is_dir && !stat(dir, &st)) { /* the files go into it */
     if (access(dir, W_OK))
       return mt_seterr(MT_EINVAL, "checkpoint.export %s: cannot write in it: %s", path,
