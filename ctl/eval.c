@@ -298,16 +298,17 @@ static char *valid_utf8(const char *text, size_t len, size_t *out_len) {
   return out;
 }
 
-static int generate(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
+/* prompt: o->prompt's tokens, encoded once by main to size the window */
+static int generate(const options *o, mt_infer *inf, const mt_tokenizer *tok,
+                    const mt_tok_buf *prompt) {
   const mt_gpt_config *c = mt_infer_config(inf);
-  mt_tok_buf b = {0};
-  int rc = encode(tok, o->prompt, strlen(o->prompt), &b);
-  if (!rc && !b.n) rc = mt_seterr(MT_EINVAL, "the prompt has no tokens");
-  size_t prompt_n = b.n;
+  int rc = 0;
+  if (!prompt->n) rc = mt_seterr(MT_EINVAL, "the prompt has no tokens");
+  size_t prompt_n = prompt->n;
   int32_t *ids = rc ? NULL : malloc((prompt_n + (size_t)o->tokens) * sizeof *ids);
   float *logits = rc ? NULL : malloc((size_t)c->vocab_size * sizeof *logits);
   if (!rc && (!ids || !logits)) rc = mt_seterr(MT_ENOMEM, "generate: %d tokens", o->tokens);
-  if (!rc) memcpy(ids, b.ids, prompt_n * sizeof *ids);
+  if (!rc) memcpy(ids, prompt->ids, prompt_n * sizeof *ids);
   mt_sampling s = {.temperature = o->temperature, .top_k = o->top_k, .top_p = o->top_p};
   /* a model's padded rows past the tokenizer's ids are never drawn: they
    * have no text */
@@ -367,7 +368,6 @@ static int generate(const options *o, mt_infer *inf, const mt_tokenizer *tok) {
   free(text);
   free(ids);
   free(logits);
-  mt_tok_buf_free(&b);
   return rc;
 }
 
@@ -640,14 +640,13 @@ int main(int argc, char **argv) {
   if (!rc) rc = open_tokenizer(&o, cfg.vocab_size, &tok);
   /* generation plans its forward for the prompt and the new tokens alone */
   int seq = 0;
+  mt_tok_buf prompt = {0};
   if (!rc && gen) {
-    mt_tok_buf b = {0};
-    rc = encode(tok, o.prompt, strlen(o.prompt), &b);
-    size_t want = b.n + (size_t)o.tokens;
+    rc = encode(tok, o.prompt, strlen(o.prompt), &prompt);
+    size_t want = prompt.n + (size_t)o.tokens;
     seq = want < (size_t)cfg.max_seq ? (int)(want ? want : 1) : cfg.max_seq;
-    mt_tok_buf_free(&b);
   }
-  if (!rc) rc = mt_infer_open(&inf, o.model, o.device, gen ? 1 : o.batch, seq);
+  if (!rc) rc = mt_infer_open(&inf, o.model, &cfg, o.device, gen ? 1 : o.batch, seq);
   if (!rc && !o.json) {
     const mt_gpt_config *c = mt_infer_config(inf);
     char blas[160] = "";
@@ -660,12 +659,13 @@ int main(int argc, char **argv) {
             mt_tokenizer_name(tok), o.device, blas, mt_omp_wait_policy());
   }
   if (!rc && gen)
-    rc = generate(&o, inf, tok);
+    rc = generate(&o, inf, tok, &prompt);
   else if (!rc && !strcmp(o.task, "lambada"))
     rc = lambada(&o, inf, tok);
   else if (!rc)
     rc = perplexity(&o, inf, tok);
   if (rc) fprintf(stderr, "mtnlg-eval: %s %s: %s\n", o.task, given, mt_errmsg());
+  mt_tok_buf_free(&prompt);
   mt_infer_free(inf);
   mt_tokenizer_free(tok);
   remove_tmp_at_exit();

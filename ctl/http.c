@@ -369,17 +369,17 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap, "out of memory reading the answer to %s %s", method, path);
     goto cleanup;
   }
+  /* libcurl's own words on what failed, when it left any, else its code's */
+  const char *curl_why = http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc);
   if (cc == CURLE_URL_MALFORMAT || cc == CURLE_UNSUPPORTED_PROTOCOL) {
     set_err(err, err_cap, "%s: \"%s\" is not a URL libcurl can use: %s",
-            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ctl.endpoint,
-            http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ctl.endpoint, curl_why);
     ret = CTL_EXIT_USAGE;
     goto cleanup;
   }
   if (cc == CURLE_SSL_CACERT_BADFILE) {
     set_err(err, err_cap, "--cacert/MTNLG_CACERT %s: not a CA certificate libcurl can read (%s)",
-            ctl.cacert ? ctl.cacert : "(the system's)",
-            http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+            ctl.cacert ? ctl.cacert : "(the system's)", curl_why);
     ret = CTL_EXIT_USAGE;
     goto cleanup;
   }
@@ -387,7 +387,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "the daemon at %s did not prove it is the daemon named (%s); give the CA that signed "
             "its certificate with --cacert PATH or MTNLG_CACERT",
-            ctl.endpoint, http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+            ctl.endpoint, curl_why);
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }
@@ -395,7 +395,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "no TLS connection with the daemon at %s (%s); does it serve https (control.tls_cert), "
             "or plain http://?",
-            ctl.endpoint, http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc));
+            ctl.endpoint, curl_why);
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }

@@ -22,26 +22,25 @@ struct mt_infer {
   float *row;                /* host: one position's padded_vocab logits */
 };
 
-int mt_infer_open(mt_infer **out, const char *path, const char *device, int batch, int seq) {
+int mt_infer_open(mt_infer **out, const char *path, const mt_gpt_config *cfg, const char *device,
+                  int batch, int seq) {
   *out = NULL;
-  mt_gpt_config cfg;
-  int rc = mt_gpt_config_of_file(path, &cfg);
-  if (rc) return rc;
+  int rc = 0;
   if (batch < 1) return mt_seterr(MT_EINVAL, "infer: %d rows a forward", batch);
-  if (seq < 0 || seq > cfg.max_seq)
+  if (seq < 0 || seq > cfg->max_seq)
     return mt_seterr(MT_EINVAL, "infer: %d tokens a row; the model has %d positions", seq,
-                     cfg.max_seq);
+                     cfg->max_seq);
   mt_infer *inf = calloc(1, sizeof *inf);
   if (!inf) return mt_seterr(MT_ENOMEM, "infer: %s", path);
   inf->B = batch;
-  inf->T = seq ? seq : cfg.max_seq;
+  inf->T = seq ? seq : cfg->max_seq;
   size_t bt = (size_t)inf->B * (size_t)inf->T;
   if (!(inf->inputs = calloc(bt, sizeof *inf->inputs)) ||
       !(inf->targets = calloc(bt, sizeof *inf->targets)) ||
-      !(inf->row = malloc((size_t)cfg.padded_vocab * sizeof *inf->row)))
+      !(inf->row = malloc((size_t)cfg->padded_vocab * sizeof *inf->row)))
     rc = mt_seterr(MT_ENOMEM, "infer: %s: buffers for %d x %d tokens", path, inf->B, inf->T);
   if (!rc && !(rc = mt_device_open(&inf->dev, device))) inf->dev_open = 1;
-  if (!rc && !(rc = mt_gpt_create(&inf->m, &cfg, &inf->dev, inf->B, inf->T))) inf->model_made = 1;
+  if (!rc && !(rc = mt_gpt_create(&inf->m, cfg, &inf->dev, inf->B, inf->T))) inf->model_made = 1;
   if (!rc) rc = mt_gpt_load_safetensors(&inf->m, path);
   if (!rc) rc = mt_gpt_round_weights(&inf->m);
   if (rc) {

@@ -13,9 +13,11 @@
 
 typedef struct mt_infer mt_infer;
 
-/* The model at path on device spec ("cpu:0"), run `batch` rows at a time
- * of seq tokens each (0: the model's whole context). */
-int mt_infer_open(mt_infer **out, const char *path, const char *device, int batch, int seq);
+/* The model at path, of the shape cfg that mt_gpt_config_of_file read from
+ * it (the caller has it to choose seq), on device spec ("cpu:0"), run
+ * `batch` rows at a time of seq tokens each (0: the model's whole context). */
+int mt_infer_open(mt_infer **out, const char *path, const mt_gpt_config *cfg, const char *device,
+                  int batch, int seq);
 void mt_infer_free(mt_infer *inf);
 const mt_gpt_config *mt_infer_config(const mt_infer *inf);
 int mt_infer_seq(const mt_infer *inf); /* tokens a row holds */
