@@ -120,6 +120,10 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
                                                 "attention output, the stream after attention and "
                                                 "the GeLU input; softmax, LayerNorm and GeLU "
                                                 "outputs are recomputed");
+  if (plan->tp > 1)
+    printf("  seq-par    %s\n", plan->sequence_parallel
+                                    ? "on: LayerNorms, dropout and the stream split over tp by rows"
+                                    : "off: every tp rank holds the whole stream");
   printf("  device     %.1f GB (%.1f GB usable, %.0f%%), %.1f TFLOP/s at efficiency %.2f\n",
          d->memory_bytes / 1e9, plan->usable_bytes / 1e9, 100 * d->usable_fraction, d->tflops,
          d->efficiency);
@@ -177,7 +181,7 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
   json_t *root = json_pack(
       "{s:s, s:s,"
       " s:{s:i, s:i, s:i, s:i, s:i, s:i, s:I},"
-      " s:{s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:s},"
+      " s:{s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:b, s:s},"
       " s:{s:f, s:f, s:f, s:f},"
       " s:{s:i, s:o, s:b},"
       " s:{s:f, s:f, s:s},"
@@ -188,7 +192,9 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
       (json_int_t)plan->model_params, /* */
       "layout", "tp", plan->tp, "pp", plan->pp, "dp", plan->dp, "devices", plan->devices,
       "global_batch", job->train.global_batch, "micro_batch", plan->micro_batch, "micro_batches",
-      plan->micro_batches, "recompute", plan->recompute, "precision", job->train.precision, /* */
+      plan->micro_batches, "recompute", plan->recompute, "sequence_parallel",
+      plan->sequence_parallel,           /* */
+      "precision", job->train.precision, /* */
       "device", "memory_bytes", plan->dev.memory_bytes, "usable_bytes", plan->usable_bytes,
       "tflops", plan->dev.tflops, "efficiency", plan->dev.efficiency, /* */
       "memory", "worst_stage", plan->worst.stage, "stages", stages, "fits", plan->fits, "flops",

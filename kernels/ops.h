@@ -52,6 +52,8 @@ typedef struct mt_dropout {
   uint64_t key;     /* from (seed, layer, site): mt_philox_key() */
   uint64_t sample0; /* global sample index of batch row 0 */
   uint32_t head0;   /* attention: global index of local head 0 (tensor parallelism) */
+  uint64_t elem0;   /* row ops: index in its sample of each row's element 0 (a piece of
+                       a sample, as sequence parallelism gives a rank); 0: whole samples */
 } mt_dropout;
 
 /* How a weight tensor is stored. */

@@ -282,9 +282,10 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
-static const char *const parallel_keys[] = {"tp",          "pp",        "dp_min",   "dp_max",
-                                            "micro_batch", "recompute", "schedule", "bucket_size",
-                                            "overlap_p2p", NULL};
+static const char *const parallel_keys[] = {
+    "tp",        "pp",       "dp_min",      "dp_max",      "micro_batch",
+    "recompute", "schedule", "bucket_size", "overlap_p2p", "sequence_parallel",
+    NULL};
 static const char *const train_keys[] = {
     "global_batch", "steps",     "seed",       "lr",           "adam",         "weight_decay",
     "clip_grad",    "precision", "loss_scale", "log_interval", "rampup_batch", NULL};
@@ -496,6 +497,7 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
   if (!read_int(pb, o, "parallel", "dp_max", &p->dp_max)) p->dp_max = p->dp_min;
   read_int(pb, o, "parallel", "micro_batch", &p->micro_batch);
   read_bool(pb, o, "parallel", "recompute", &p->recompute);
+  read_bool(pb, o, "parallel", "sequence_parallel", &p->sequence_parallel);
   read_int(pb, o, "parallel", "bucket_size", &p->bucket_size);
   read_bool(pb, o, "parallel", "overlap_p2p", &p->overlap_p2p);
   char sched[64] = "1f1b";
@@ -948,6 +950,12 @@ static void validate(problems *pb, mt_job *job) {
                m->n_head);
   if (m->n_head >= 1 && p->tp >= 1 && m->n_head % p->tp)
     check_fail(pb, "model.n_head", "%d is not divisible by parallel.tp = %d", m->n_head, p->tp);
+  if (p->sequence_parallel && p->tp > 1 && p->micro_batch >= 1 && m->seq_len >= 1 &&
+      ((int64_t)p->micro_batch * m->seq_len) % p->tp)
+    check_fail(pb, "parallel.sequence_parallel",
+               "splits a micro-batch's parallel.micro_batch %d x model.seq_len %d = %" PRId64
+               " rows over parallel.tp = %d, which does not divide them",
+               p->micro_batch, m->seq_len, (int64_t)p->micro_batch * m->seq_len, p->tp);
   /* uneven splits are allowed: the first n_layer % pp stages hold one layer more */
   if (m->n_layer >= 1 && p->pp >= 1 && m->n_layer < p->pp)
     check_fail(pb, "model.n_layer", "%d layers cannot fill parallel.pp = %d stages", m->n_layer,
@@ -1103,6 +1111,9 @@ static json_t *job_to_json(const mt_job *job) {
                                   ramp->increment, "samples", (json_int_t)ramp->samples));
   json_object_set_new(json_object_get(root, "parallel"), "overlap_p2p",
                       json_boolean(job->parallel.overlap_p2p));
+  /* only when on: the jobs from before it keep their canonical form and hash */
+  if (job->parallel.sequence_parallel)
+    json_object_set_new(json_object_get(root, "parallel"), "sequence_parallel", json_true());
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

@@ -414,6 +414,7 @@ static int operational_field(const char *path) {
                                       "parallel.dp_max",
                                       "parallel.micro_batch",
                                       "parallel.recompute",
+                                      "parallel.sequence_parallel",
                                       "parallel.bucket_size",
                                       "parallel.overlap_p2p",
                                       "parallel.schedule",

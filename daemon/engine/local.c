@@ -59,12 +59,15 @@ static void report_start(const mt_trainer *tr) {
   mt_log_info("model: %d layers, hidden %d, %d heads, vocab %d (padded %d), seq %d: %.2fM "
               "parameters on stage 0 of %d; batch %d = dp %d x %d micro-batches of %d; %.3f "
               "GFLOP per step on this device; Adam moments %zu bytes per rank (1/%d of the "
-              "stage's)",
+              "stage's); activations %zu bytes per rank%s",
               job->model.n_layer, job->model.n_embd, job->model.n_head, job->model.vocab_size,
               job->model.padded_vocab, job->model.seq_len, tr->model.num_params / 1e6,
               tr->g.pp_size, job->train.global_batch, tr->g.dp_size, tr->micro_batches,
               job->parallel.micro_batch, tr->flops_per_step / 1e9, 2 * tr->shard_n * sizeof(float),
-              tr->g.dp_size);
+              tr->g.dp_size, tr->model.acts_floats * sizeof(float),
+              mt_gpt_stream_rows(&tr->model) < (size_t)tr->model.B * tr->model.T
+                  ? " (sequence-parallel: the stream's rows split over tp)"
+                  : "");
 }
 
 /* Saves the trainer's state at its step (collective). A failed checkpoint is

@@ -40,6 +40,14 @@
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
  *   one micro-batch while it is recomputed and run backward.
+ * - Sequence parallelism (tp > 1) splits the stream's rows over tp: what a
+ *   layer keeps replicated (its input and the stream after attention, or
+ *   with recomputation its input) is divided by t, as is what travels
+ *   between stages. In the working set the stream's gradient, and in a
+ *   16-bit job the two unpacked streams and the stream after attention, are
+ *   divided by t; the LayerNorm output, the gradients of the GEMMs' inputs
+ *   and a branch's output stay whole (all rows are gathered for the GEMMs),
+ *   and a block's four LayerNorm gradient vectors are added (4 h fp32).
  * - 1F1B: stage s holds min(p - s, m) micro-batches in flight at its peak
  *   (p - s - 1 warm-up forwards and the one in steady state).
  * - Logits: the last stage holds s b Vp/t fp32 values for the vocab-parallel
@@ -86,18 +94,22 @@ double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, in
 static int64_t layer_params(int64_t h, int64_t t) { return 12 * h * h / t + 7 * h / t + 6 * h; }
 
 /* Activation bytes one layer keeps for one micro-batch (see the top). */
-static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed) {
+static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed, int sp) {
   int64_t s = m->seq_len, h = m->n_embd, a = m->n_head, sbh = s * b * h;
-  return (mixed ? 2 : 4) * (sbh * 2 + sbh * 8 / t) + 4 * a * s * b / t;
+  return (mixed ? 2 : 4) * (sbh * 2 / (sp ? t : 1) + sbh * 8 / t) + 4 * a * s * b / t;
 }
 
 /* Once per device: a block's working buffers and attention's scratch (see
  * the top). */
-static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed) {
+static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed, int sp) {
   int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h, rows = s < 512 ? s : 512;
-  if (!mixed) return 4 * (sbh * 5 + sbh * 15 / t) + 2 * ((int64_t)m->n_head / t) * s * rows * 4;
-  int64_t nh = m->n_head / t;
-  return 2 * (sbh + sbh * 11 / t) + 4 * (sbh * 7 + sbh * 4 / t) +
+  int64_t lng = sp ? 4 * h * 4 : 0;
+  if (!mixed) {
+    int64_t whole = sp ? 4 * sbh + 16 * sbh / t : 5 * sbh + 15 * sbh / t;
+    return 4 * whole + lng + 2 * ((int64_t)m->n_head / t) * s * rows * 4;
+  }
+  int64_t nh = m->n_head / t, f32 = sp ? 3 * sbh + 8 * sbh / t : 7 * sbh + 4 * sbh / t;
+  return 2 * (sbh + sbh * 11 / t) + 4 * f32 + lng +
          mt_flash_bwd_samples((int)s, (int)nh) * nh * s * 4;
 }
 
@@ -109,7 +121,8 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   const mt_model_spec *m = &job->model;
   int64_t h = m->n_embd, t = plan->tp, p = plan->pp, L = m->n_layer, Vp = plan->padded_vocab;
   int64_t sbh = (int64_t)m->seq_len * plan->micro_batch * h;
-  int mixed = plan->mixed;
+  int mixed = plan->mixed, sp = plan->sequence_parallel;
+  int64_t stream = sp ? sbh / t : sbh; /* the stream's values a rank holds */
 
   /* layers: the first L mod p stages hold one more */
   int64_t base = L / p, extra = L % p;
@@ -130,17 +143,17 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   out->optimizer_bytes = out->optimizer_params * (mixed ? 12 : 8);
 
   int64_t inflight = p - s < plan->micro_batches ? p - s : plan->micro_batches;
-  int64_t full = layer_act_bytes(m, plan->micro_batch, plan->tp, mixed);
+  int64_t full = layer_act_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
   out->inflight = (int)inflight;
   if (plan->recompute)
-    out->activation_bytes = inflight * out->n_layers * sbh * (mixed ? 2 : 4) + full;
+    out->activation_bytes = inflight * out->n_layers * stream * (mixed ? 2 : 4) + full;
   else
     out->activation_bytes = inflight * out->n_layers * full;
   if (out->n_layers)
-    out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed);
+    out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
   if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
 
-  if (p > 1) out->comm_bytes += (s == 0 || s == p - 1 ? 2 : 4) * sbh * (mixed ? 2 : 4);
+  if (p > 1) out->comm_bytes += (s == 0 || s == p - 1 ? 2 : 4) * stream * (mixed ? 2 : 4);
   if (plan->dp > 1) out->comm_bytes += MT_PLAN_DP_BUCKET_ELEMS * (4 + (mixed ? 2 : 4));
 
   out->total_bytes = out->weight_bytes + out->grad_bytes + out->optimizer_bytes +
@@ -245,6 +258,7 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->micro_batch = ps->micro_batch;
   out->micro_batches = job->train.global_batch / (ps->micro_batch * out->dp);
   out->recompute = ps->recompute;
+  out->sequence_parallel = ps->sequence_parallel && ps->tp > 1;
   out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
   out->padded_vocab = (int)padded_vocab_of(m, ps->tp);
   int64_t h = m->n_embd, Vp = out->padded_vocab;

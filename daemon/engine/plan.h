@@ -64,6 +64,7 @@ typedef struct mt_plan {
   int micro_batch;   /* b: sequences per micro-batch */
   int micro_batches; /* m: per dp rank per step = global_batch / (b dp) */
   int recompute;
+  int sequence_parallel; /* on and tp > 1: the stream's rows split over tp */
   int mixed;            /* bf16 or fp16: 16-bit model copy and activations */
   int padded_vocab;     /* Vp */
   int64_t model_params; /* of the whole model, Vp rows of wte, tied embedding once */

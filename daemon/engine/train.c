@@ -32,6 +32,18 @@ static int tp_allreduce(void *ctx, float *buf, size_t n, int max) {
   return mt_comm_allreduce(ctx, buf, buf, n, MT_COMM_F32, max ? MT_COMM_MAX : MT_COMM_SUM);
 }
 
+/* and for sequence parallelism, their all-gather and reduce-scatter forms
+ * (in place: this rank's part sits at its offset) */
+static int tp_allgather(void *ctx, const void *send, void *recv, size_t bytes) {
+  return mt_comm_allgather(ctx, send, recv, bytes, MT_COMM_U8);
+}
+static int tp_reduce_scatter(void *ctx, float *buf, size_t n) {
+  mt_comm *c = ctx;
+  size_t chunk = n / (size_t)mt_comm_size(c);
+  return mt_comm_reduce_scatter(c, buf, buf + (size_t)mt_comm_rank(c) * chunk, chunk, MT_COMM_F32,
+                                MT_COMM_SUM);
+}
+
 static mt_precision precision_of(const mt_job *job) {
   const char *p = job->train.precision;
   return !strcmp(p, "bf16") ? MT_PREC_BF16 : !strcmp(p, "fp16") ? MT_PREC_FP16 : MT_PREC_FP32;
@@ -51,6 +63,7 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .hidden_dropout = ms->hidden_dropout,
       .attention_dropout = ms->attention_dropout,
       .recompute = job->parallel.recompute,
+      .sequence_parallel = job->parallel.sequence_parallel,
       .zero_shards = g->dp_size,
       .micro_slots = slots,
       .tp_size = g->tp_size,
@@ -174,6 +187,8 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (rc) return rc;
   if (tr->g.tp) {
     tr->model.tp_allreduce = tp_allreduce;
+    tr->model.tp_allgather = tp_allgather;
+    tr->model.tp_reduce_scatter = tp_reduce_scatter;
     tr->model.tp_ctx = tr->g.tp;
   }
   rc = mt_gpt_init_weights(&tr->model, job->train.seed);
@@ -184,7 +199,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
   tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;
-  size_t act = (size_t)B * T * ms->n_embd;
+  size_t act = mt_gpt_stream_rows(&tr->model) * ms->n_embd;
   if (!rc && tr->g.dp) rc = make_buckets(tr, ps->bucket_size);
   if (!rc && tr->g.pp_size > 1) {
     /* two of what it receives: gradients from the next stage (fp32), the
@@ -278,7 +293,7 @@ static pipe_op op_at(const pipe_run *r, int fwd, int bwd) {
 /* Bytes of an activation gradient between stages (fp32) and of an
  * activation (mt_gpt_wire_bytes: 16-bit in a bf16 or fp16 job). */
 static size_t grad_bytes(const mt_trainer *tr) {
-  return (size_t)tr->model.B * tr->model.T * tr->job->model.n_embd * sizeof(float);
+  return mt_gpt_stream_rows(&tr->model) * tr->job->model.n_embd * sizeof(float);
 }
 static size_t act_bytes(const mt_trainer *tr) { return mt_gpt_wire_bytes(&tr->model); }
 

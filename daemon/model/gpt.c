@@ -30,24 +30,26 @@ typedef struct block_acts {
   void *qkv;          /* (B,T,3C) act_type */
   float *lse;         /* (B,NH,T) attention's log-sum-exp per row (always fp32) */
   void *atty;         /* (B,T,C) attention output before c_proj, act_type */
-  float *resid2;      /* (B,T,C) stream after the attention branch */
+  float *resid2;      /* (R,C) stream after the attention branch */
   void *fch;          /* (B,T,4C) before GeLU, act_type */
   uint16_t *resid2_h; /* 16-bit jobs: resid2 as kept */
 } block_acts;
 
 /* Activations of one micro-batch in flight (a slot), plus pointers to the
- * backward scratch, which all slots share: one backward runs at a time. */
+ * backward scratch, which all slots share: one backward runs at a time.
+ * R is the stream's rows (mt_gpt_stream_rows): B·T, or with sequence
+ * parallelism this rank's B·T/tp; (B,T,…) buffers hold all rows. */
 typedef struct act_plan {
   int32_t *inputs, *targets; /* (B,T) device copies of the micro-batch */
   uint64_t sample0;          /* global sample of row 0: dropout masks */
   int has_targets;           /* forward computed losses; backward may run */
-  float **resid;             /* L+1 of (B,T,C): resid[0] stage input, resid[l+1] block l out */
+  float **resid;             /* L+1 of (R,C): resid[0] stage input, resid[l+1] block l out */
   uint16_t **resid_h; /* 16-bit jobs: resid[1..L-1] kept in 16 bits here instead (resid[l] NULL) */
   uint16_t *out_h;    /* 16-bit jobs, a non-last stage: resid[L] as it travels on */
   block_acts *blocks; /* L, or 1 with recomputation */
   int n_blocks;
   void *lnf;                  /* (B,T,C) the LM head's input, in act_type */
-  float *lnf_mean, *lnf_rstd; /* (B,T) (B,T) */
+  float *lnf_mean, *lnf_rstd; /* (R) (R) */
   float *logits;              /* (B,T,Vp/tp); turned into dlogits in place by backward */
   float *losses;              /* (B,T) */
   float *rowmax;              /* (B,T) tp: max logit over the whole vocabulary */
@@ -57,10 +59,10 @@ typedef struct act_plan {
   /* a LayerNorm's output (B,T,C) and GeLU's (B,T,4C), the inputs of the
    * GEMMs after them: in act_type */
   void *ln, *gelu;
-  float *ln_mean, *ln_rstd; /* (B,T) (B,T) */
-  float *stream[2];         /* 16-bit jobs: (B,T,C) the stream between blocks */
+  float *ln_mean, *ln_rstd; /* (R) (R) */
+  float *stream[2];         /* 16-bit jobs: (R,C) the stream between blocks */
   /* backward scratch, one set; att_scratch serves the forward too */
-  float *dres;        /* (B,T,C) gradient of the residual stream */
+  float *dres;        /* (R,C) gradient of the residual stream */
   float *dbtc;        /* (B,T,C) */
   float *dbtc2;       /* (B,T,C) */
   void *dqkv;         /* (B,T,3C), in act_type */
@@ -68,6 +70,8 @@ typedef struct act_plan {
   void *dfch2;        /* (B,T,4C) d(fch), in act_type */
   float *att_scratch; /* ops->attention_scratch floats */
   float *branch;      /* (B,T,C) a branch output before dropout + residual */
+  float *lngrad;      /* sequence parallelism: (4,C) a block's LayerNorm gradients of this
+                         micro-batch's rows, summed over tp before they join the grads */
 } act_plan;
 
 static size_t align_up(size_t n) { return (n + ALIGN_FLOATS - 1) / ALIGN_FLOATS * ALIGN_FLOATS; }
@@ -205,6 +209,11 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
   if (c->tp_rank < 0 || c->tp_rank >= tp || c->n_head % tp || c->padded_vocab % tp)
     return mt_seterr(MT_EINVAL, "gpt: tp rank %d of %d: heads %d and padded vocab %d must divide",
                      c->tp_rank, tp, c->n_head, c->padded_vocab);
+  if (c->sequence_parallel && tp > 1 && ((size_t)B * T) % (size_t)tp)
+    return mt_seterr(MT_EINVAL,
+                     "gpt: sequence parallelism splits the micro-batch's %d x %d = %zu rows over "
+                     "tp %d, which does not divide them",
+                     B, T, (size_t)B * T, tp);
   if (c->layer_begin < 0 || c->layer_end < 0 || c->layer_end > c->n_layer ||
       (c->layer_end > 0 && c->layer_begin >= c->layer_end))
     return mt_seterr(MT_EINVAL, "gpt: stage layers [%d, %d) outside [0, %d) or empty",
@@ -239,6 +248,19 @@ static mt_dtype act_type(const mt_gpt *m) {
                                             : MT_F32;
 }
 
+/* Sequence parallelism on (tp > 1): the stream is this rank's rows only. */
+static int seq_par(const mt_gpt *m) { return m->cfg.sequence_parallel && m->cfg.tp_size > 1; }
+
+size_t mt_gpt_stream_rows(const mt_gpt *m) {
+  size_t N = (size_t)m->B * m->T;
+  return seq_par(m) ? N / (size_t)m->cfg.tp_size : N;
+}
+
+/* The first of this rank's rows of the stream. */
+static size_t stream_row0(const mt_gpt *m) {
+  return seq_par(m) ? (size_t)m->cfg.tp_rank * mt_gpt_stream_rows(m) : 0;
+}
+
 /* n values stored as act_type */
 static void carve_act(const mt_gpt *m, void **dst, float *base, size_t *off, size_t n) {
   float *f = NULL;
@@ -253,6 +275,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   size_t tp = c->tp_size > 1 ? (size_t)c->tp_size : 1;
   size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, Cl = C / tp;
   size_t T = (size_t)m->T, Vl = (size_t)c->padded_vocab / tp;
+  size_t R = mt_gpt_stream_rows(m); /* the stream's rows: BT, or BT/tp sequence-parallel */
   size_t NHl = (size_t)c->n_head / tp, BHT = (size_t)m->B * NHl * T;
   size_t att_scratch =
       m->dev->ops->attention_scratch(m->dev, (int)T, (int)Cl, (int)NHl, act_type(m));
@@ -268,26 +291,26 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     }
     for (int l = 0; l <= m->n_layers; l++) {
       if (half && l > 0 && l < m->n_layers)
-        carve_half(&p->resid_h[l], base, &off, BT * C);
+        carve_half(&p->resid_h[l], base, &off, R * C);
       else
-        carve(&p->resid[l], base, &off, BT * C);
+        carve(&p->resid[l], base, &off, R * C);
     }
-    if (half && !m->last) carve_half(&p->out_h, base, &off, BT * C);
+    if (half && !m->last) carve_half(&p->out_h, base, &off, R * C);
     for (int b = 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
       carve(&a->lse, base, &off, BHT);
       carve_act(m, &a->qkv, base, &off, BT * 3 * Cl);
       carve_act(m, &a->atty, base, &off, BT * Cl);
       if (half)
-        carve_half(&a->resid2_h, base, &off, BT * C);
+        carve_half(&a->resid2_h, base, &off, R * C);
       else
-        carve(&a->resid2, base, &off, BT * C);
+        carve(&a->resid2, base, &off, R * C);
       carve_act(m, &a->fch, base, &off, BT * 4 * Cl);
     }
     if (m->last) {
-      carve_act(m, &p->lnf, base, &off, BT * C);
-      carve(&p->lnf_mean, base, &off, BT);
-      carve(&p->lnf_rstd, base, &off, BT);
+      carve_act(m, &p->lnf, base, &off, BT * C); /* all rows: the LM head's input */
+      carve(&p->lnf_mean, base, &off, R);
+      carve(&p->lnf_rstd, base, &off, R);
       carve(&p->logits, base, &off, BT * Vl);
       carve(&p->losses, base, &off, BT);
       if (tp > 1) {
@@ -297,11 +320,11 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     }
   }
   act_plan *p = &slots[0];
-  carve_act(m, &p->ln, base, &off, BT * C);
-  carve(&p->ln_mean, base, &off, BT);
-  carve(&p->ln_rstd, base, &off, BT);
+  carve_act(m, &p->ln, base, &off, BT * C); /* all rows: a GEMM's input */
+  carve(&p->ln_mean, base, &off, R);
+  carve(&p->ln_rstd, base, &off, R);
   carve_act(m, &p->gelu, base, &off, BT * 4 * Cl);
-  carve(&p->dres, base, &off, BT * C);
+  carve(&p->dres, base, &off, R * C);
   carve(&p->dbtc, base, &off, BT * C);
   carve(&p->dbtc2, base, &off, BT * C);
   carve_act(m, &p->dqkv, base, &off, BT * 3 * Cl);
@@ -309,11 +332,12 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
   carve_act(m, &p->dfch2, base, &off, BT * 4 * Cl);
   carve(&p->att_scratch, base, &off, att_scratch);
   carve(&p->branch, base, &off, BT * C);
+  if (seq_par(m)) carve(&p->lngrad, base, &off, 4 * C);
   if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
     float *resid2 = NULL;
-    carve(&p->stream[0], base, &off, BT * C);
-    carve(&p->stream[1], base, &off, BT * C);
-    carve(&resid2, base, &off, BT * C);
+    carve(&p->stream[0], base, &off, R * C);
+    carve(&p->stream[1], base, &off, R * C);
+    carve(&resid2, base, &off, R * C);
     for (int k = 0; k < n && base; k++) {
       slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
       for (int b = 0; b < slots[k].n_blocks; b++) slots[k].blocks[b].resid2 = resid2;
@@ -325,6 +349,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     slots[k].dres = p->dres, slots[k].dbtc = p->dbtc, slots[k].dbtc2 = p->dbtc2;
     slots[k].dqkv = p->dqkv, slots[k].dfch = p->dfch, slots[k].dfch2 = p->dfch2;
     slots[k].att_scratch = p->att_scratch, slots[k].branch = p->branch;
+    slots[k].lngrad = p->lngrad;
   }
   return off;
 }
@@ -551,9 +576,7 @@ static const mt_dropout *dropout_of(const mt_gpt *m, mt_dropout *d, float p, int
   if (!m->training || p <= 0.0f) return NULL;
   char name[64];
   snprintf(name, sizeof name, "dropout.%d.%s", layer, site);
-  d->p = p;
-  d->key = mt_philox_key(m->seed, name);
-  d->sample0 = sample0;
+  *d = (mt_dropout){.p = p, .key = mt_philox_key(m->seed, name), .sample0 = sample0};
   return d;
 }
 
@@ -580,14 +603,86 @@ static int tp_sum(mt_gpt *m, float *buf, size_t n) {
   return m->tp_allreduce(m->tp_ctx, buf, n, 0);
 }
 
+/* Sequence parallelism's all-gather (Megatron's g in the forward, the
+ * backward of its reduce-scatter): x, all B T rows of `width` values of
+ * type t, gets every rank's rows, this rank's being in their place. */
+static int sp_gather(mt_gpt *m, void *x, mt_dtype t, size_t width) {
+  if (!m->tp_allgather) return mt_seterr(MT_EINVAL, "gpt: sequence parallel without a tp group");
+  size_t bytes = mt_gpt_stream_rows(m) * width * (t == MT_F32 ? sizeof(float) : sizeof(uint16_t));
+  return m->tp_allgather(m->tp_ctx, (char *)x + (size_t)m->cfg.tp_rank * bytes, x, bytes);
+}
+
+/* The sum over tp of a row-parallel GEMM's output buf (B T rows of C): in
+ * place over all rows, or with sequence parallelism reduce-scattered into
+ * this rank's rows (buf + stream_row0 C). */
+static int tp_sum_rows(mt_gpt *m, float *buf) {
+  size_t n = (size_t)m->B * m->T * m->cfg.n_embd;
+  if (!seq_par(m)) return tp_sum(m, buf, n);
+  if (!m->tp_reduce_scatter)
+    return mt_seterr(MT_EINVAL, "gpt: sequence parallel without a tp group");
+  return m->tp_reduce_scatter(m->tp_ctx, buf, n);
+}
+
+/* Row ops on this rank's rows of the stream with the masks whole samples
+ * would give them: dropout_fwd, dropout_residual_fwd or dropout_bwd. Without
+ * sequence parallelism the rows are the B samples; with it, each sample's
+ * piece among them is a call with its sample and its first element. */
+typedef enum { ROWS_DROPOUT, ROWS_DROPOUT_RESIDUAL, ROWS_DROPOUT_BWD } rows_op;
+
+static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_dtype ht,
+                         const float *resid, const float *x, const mt_dropout *drop) {
+  mt_device *d = m->dev;
+  const mt_ops *ops = d->ops;
+  size_t C = (size_t)m->cfg.n_embd, T = (size_t)m->T, R = mt_gpt_stream_rows(m);
+  size_t r0 = stream_row0(m), B = (size_t)m->B, per = T * C;
+  if (!seq_par(m) || !drop) { /* whole samples, or no masks: all rows at once */
+    if (seq_par(m)) B = 1, per = R * C;
+    if (op == ROWS_DROPOUT)
+      ops->dropout_fwd(d, out, x, (int)B, per, drop);
+    else if (op == ROWS_DROPOUT_RESIDUAL)
+      ops->dropout_residual_fwd(d, out, out_h, ht, resid, x, (int)B, per, drop);
+    else
+      ops->dropout_bwd(d, out, x, (int)B, per, drop);
+    return;
+  }
+  for (size_t row = r0; row < r0 + R;) {
+    size_t t0 = row % T, t1 = T - t0 < r0 + R - row ? T : t0 + (r0 + R - row);
+    size_t o = (row - r0) * C, n = (t1 - t0) * C;
+    mt_dropout piece = *drop;
+    piece.sample0 = drop->sample0 + row / T, piece.elem0 = t0 * C;
+    if (op == ROWS_DROPOUT)
+      ops->dropout_fwd(d, out + o, x + o, 1, n, &piece);
+    else if (op == ROWS_DROPOUT_RESIDUAL)
+      ops->dropout_residual_fwd(d, out + o, out_h ? out_h + o : NULL, ht, resid + o, x + o, 1, n,
+                                &piece);
+    else
+      ops->dropout_bwd(d, out + o, x + o, 1, n, &piece);
+    row += t1 - t0;
+  }
+}
+
 /* LayerNorm w_index (MT_P_LN1_W or MT_P_LN2_W, its bias next) of block l
- * over x into p->ln, p->ln_mean, p->ln_rstd. The backward calls it again
- * instead of keeping the output: the same op on the same input, the same
- * bits. */
-static void layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x) {
-  m->dev->ops->layernorm_fwd(m->dev, p->ln, act_type(m), p->ln_mean, p->ln_rstd, x,
-                             P(m, l, w_index), P(m, l, w_index + 1), m->B * m->T, m->cfg.n_embd,
+ * over x (the stream's rows) into p->ln, p->ln_mean, p->ln_rstd; with
+ * sequence parallelism into this rank's rows of p->ln, then gathered, so
+ * p->ln holds all rows. The backward calls it again instead of keeping the
+ * output: the same op on the same input, the same bits. */
+static int layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x) {
+  size_t C = (size_t)m->cfg.n_embd, elt = act_type(m) == MT_F32 ? sizeof(float) : 2;
+  void *mine = (char *)p->ln + stream_row0(m) * C * elt;
+  m->dev->ops->layernorm_fwd(m->dev, mine, act_type(m), p->ln_mean, p->ln_rstd, x, P(m, l, w_index),
+                             P(m, l, w_index + 1), (int)mt_gpt_stream_rows(m), (int)C,
                              m->cfg.ln_eps);
+  return seq_par(m) ? sp_gather(m, p->ln, act_type(m), C) : 0;
+}
+
+/* With sequence parallelism the LayerNorm gradients of this rank's rows,
+ * in p->lngrad (n vectors of C), are a part: summed over tp, then added to
+ * the gradients at dst[0..n). */
+static int lngrad_join(mt_gpt *m, act_plan *p, float *const *dst, int n) {
+  size_t C = (size_t)m->cfg.n_embd;
+  int rc = tp_sum(m, p->lngrad, (size_t)n * C);
+  for (int k = 0; k < n && !rc; k++) m->dev->ops->add_inplace(m->dev, dst[k], p->lngrad + k * C, C);
+  return rc;
 }
 
 /* The bias of block l at `which`, as a GEMM writing `ot` adds it: the fp32
@@ -602,7 +697,7 @@ static void unkeep(mt_gpt *m, float *x, const uint16_t *h, size_t n) {
   if (half_acts(m)) m->dev->ops->unpack_half(m->dev, x, h, n, m->cfg.precision == MT_PREC_FP16);
 }
 
-/* Block l of the stage forward: out(B,T,C) = block(in(B,T,C)), activations
+/* Block l of the stage forward: out(R,C) = block(in(R,C)) (the stream's rows), activations
  * into a; dropout masks by the global layer and head index. out_t MT_BF16
  * or MT_F16: out is rounded to it, its bits in out_h unless NULL
  * (stream_keep); MT_F32: not rounded. */
@@ -615,48 +710,57 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   int B = m->B, T = m->T, C = c->n_embd, N = B * T;
   tp_dims t = dims_of(m);
   mt_dtype wt = m->wtype, at = act_type(m);
-  size_t NC = (size_t)N * C;
+  float *mine = p->branch + stream_row0(m) * C; /* the branch's sum at the stream's rows */
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
-  da.head0 = (uint32_t)(c->tp_rank * t.NHl);
+  if (attn_drop) da.head0 = (uint32_t)(c->tp_rank * t.NHl);
 
   /* attention branch: resid2 = in + drop(c_proj(attn(c_attn(ln_1(in))))); this
    * rank's heads: qkv (B,T,3C/tp), atty (B,T,C/tp); c_proj sums over tp */
-  layernorm(m, p, l, MT_P_LN1_W, in);
+  int rc = layernorm(m, p, l, MT_P_LN1_W, in);
+  if (rc) return rc;
   ops->linear_fwd(d, a->qkv, at, p->ln, at, M(m, l, MT_P_QKV_W), wt, bias_for(m, l, MT_P_QKV_B, at),
                   m->cvt, N, C, 3 * t.Cl);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, at, B, T, t.Cl, t.NHl, attn_drop);
   ops->linear_fwd(d, p->branch, MT_F32, a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
-  int rc = tp_sum(m, p->branch, NC);
-  if (rc) return rc;
+  if ((rc = tp_sum_rows(m, p->branch))) return rc;
   /* in a 16-bit job resid2 is kept, rounded, in resid2_h */
-  ops->dropout_residual_fwd(d, a->resid2, a->resid2_h, half_acts(m) ? at : MT_F32, in, p->branch, B,
-                            (size_t)T * C, drop1);
+  rows_dropout(m, ROWS_DROPOUT_RESIDUAL, a->resid2, a->resid2_h, half_acts(m) ? at : MT_F32, in,
+               mine, drop1);
 
   /* MLP branch: out = resid2 + drop(c_proj(gelu(c_fc(ln_2(resid2))))); fch (B,T,4C/tp),
    * c_fc's output, kept for GeLU's gradient; on GPUs the GeLU is c_fc's GEMM
    * epilogue (of the unrounded sum in a 16-bit job) */
-  layernorm(m, p, l, MT_P_LN2_W, a->resid2);
+  if ((rc = layernorm(m, p, l, MT_P_LN2_W, a->resid2))) return rc;
   ops->linear_gelu_fwd(d, p->gelu, a->fch, at, p->ln, at, M(m, l, MT_P_FC_W), wt,
                        bias_for(m, l, MT_P_FC_B, at), m->cvt, N, C, 4 * t.Cl);
   ops->linear_fwd(d, p->branch, MT_F32, p->gelu, at, M(m, l, MT_P_FCPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, m->cvt, N, 4 * t.Cl, C);
-  if ((rc = tp_sum(m, p->branch, NC))) return rc;
-  ops->dropout_residual_fwd(d, out, out_h, out_t, a->resid2, p->branch, B, (size_t)T * C, drop2);
+  if ((rc = tp_sum_rows(m, p->branch))) return rc;
+  rows_dropout(m, ROWS_DROPOUT_RESIDUAL, out, out_h, out_t, a->resid2, mine, drop2);
   return 0;
 }
 
-/* Gradient of a branch that ends in dropout and joins the residual stream:
- * the stream's gradient itself, or its dropped-out copy in dbtc. */
-static const float *branch_grad(mt_gpt *m, act_plan *p, const mt_dropout *drop) {
-  if (!drop) return p->dres;
-  size_t per_sample = (size_t)m->T * m->cfg.n_embd;
-  mt_device_memset0(m->dev, p->dbtc, (size_t)m->B * per_sample * sizeof(float));
-  m->dev->ops->dropout_bwd(m->dev, p->dbtc, p->dres, m->B, per_sample, drop);
-  return p->dbtc;
+/* Gradient of a branch that ends in dropout and joins the residual stream,
+ * in *g: the stream's gradient itself, or its dropped-out copy in dbtc;
+ * with sequence parallelism gathered into dbtc, all rows. */
+static int branch_grad(mt_gpt *m, act_plan *p, const mt_dropout *drop, const float **g) {
+  *g = p->dres;
+  if (!drop && !seq_par(m)) return 0;
+  size_t C = (size_t)m->cfg.n_embd, n = mt_gpt_stream_rows(m) * C;
+  float *mine = p->dbtc + stream_row0(m) * C;
+  *g = p->dbtc;
+  int rc = 0;
+  if (drop) {
+    mt_device_memset0(m->dev, mine, n * sizeof(float));
+    rows_dropout(m, ROWS_DROPOUT_BWD, mine, NULL, MT_F32, NULL, p->dres, drop);
+  } else {
+    rc = mt_device_memcpy_dtod(m->dev, mine, p->dres, n * sizeof(float));
+  }
+  return rc || !seq_par(m) ? rc : sp_gather(m, p->dbtc, MT_F32, C);
 }
 
 /* Block l of the stage backward. p->dres holds d(out) on entry and d(in) on
@@ -667,38 +771,49 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
   int lg = c->layer_begin + l;
-  int B = m->B, T = m->T, C = c->n_embd, N = B * T;
+  int B = m->B, T = m->T, C = c->n_embd, N = B * T, R = (int)mt_gpt_stream_rows(m);
   tp_dims t = dims_of(m);
   mt_dtype wt = m->wtype, at = act_type(m);
-  size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl;
+  size_t NC = (size_t)N * C, NCl = (size_t)N * t.Cl, r0C = stream_row0(m) * C;
   mt_dropout da, dh1, dh2;
   const mt_dropout *attn_drop = dropout_of(m, &da, c->attention_dropout, lg, "attn", p->sample0);
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
-  da.head0 = (uint32_t)(c->tp_rank * t.NHl);
+  if (attn_drop) da.head0 = (uint32_t)(c->tp_rank * t.NHl);
+  /* the LayerNorms' gradients: straight into the grads, or with sequence
+   * parallelism this rank's part into lngrad, joined below */
+  int sp = seq_par(m);
+  float *lng[4] = {G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), G(m, l, MT_P_LN1_W),
+                   G(m, l, MT_P_LN1_B)};
+  float *lnd[4] = {lng[0], lng[1], lng[2], lng[3]};
+  if (sp) {
+    mt_device_memset0(d, p->lngrad, 4 * (size_t)C * sizeof(float));
+    for (int k = 0; k < 4; k++) lnd[k] = p->lngrad + (size_t)k * C;
+  }
 
-  if (!c->recompute) unkeep(m, a->resid2, a->resid2_h, NC); /* recomputed, it is there */
+  if (!c->recompute) unkeep(m, a->resid2, a->resid2_h, (size_t)R * C); /* recomputed: there */
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated, and
    * kept in act_type as autocast keeps fch's gradient; on GPUs the GeLU
    * gradient is c_proj's GEMM epilogue */
-  const float *dbranch = branch_grad(m, p, drop2);
+  const float *dbranch = NULL;
+  int rc = branch_grad(m, p, drop2, &dbranch);
+  if (rc) return rc;
   ops->gelu_fwd(d, p->gelu, at, a->fch, at, (size_t)N * 4 * t.Cl);
   ops->linear_bwd_dgelu(d, p->dfch2, at, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
                         dbranch, p->gelu, at, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N,
                         4 * t.Cl, C);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
-  layernorm(m, p, l, MT_P_LN2_W, a->resid2);
+  if ((rc = layernorm(m, p, l, MT_P_LN2_W, a->resid2))) return rc;
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, at, p->ln, at,
                   M(m, l, MT_P_FC_W), wt, m->cvt, N, C, 4 * t.Cl);
-  int rc = tp_sum(m, p->dbtc2, NC);
-  if (rc) return rc;
-  ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), p->dbtc2, a->resid2,
-                     P(m, l, MT_P_LN2_W), p->ln_mean, p->ln_rstd, N, C);
+  if ((rc = tp_sum_rows(m, p->dbtc2))) return rc;
+  ops->layernorm_bwd(d, p->dres, lnd[0], lnd[1], p->dbtc2 + r0C, a->resid2, P(m, l, MT_P_LN2_W),
+                     p->ln_mean, p->ln_rstd, R, C);
 
   /* attention branch; d(in) = dres + LayerNorm path */
-  dbranch = branch_grad(m, p, drop1);
+  if ((rc = branch_grad(m, p, drop1, &dbranch))) return rc;
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, MT_F32,
                   a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
@@ -708,13 +823,13 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   ops->attention_bwd(d, p->dqkv, at, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T,
                      t.Cl, t.NHl, attn_drop);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-  layernorm(m, p, l, MT_P_LN1_W, in);
+  if ((rc = layernorm(m, p, l, MT_P_LN1_W, in))) return rc;
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, at, p->ln, at,
                   M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
-  if ((rc = tp_sum(m, p->dbtc, NC))) return rc;
-  ops->layernorm_bwd(d, p->dres, G(m, l, MT_P_LN1_W), G(m, l, MT_P_LN1_B), p->dbtc, in,
-                     P(m, l, MT_P_LN1_W), p->ln_mean, p->ln_rstd, N, C);
-  return 0;
+  if ((rc = tp_sum_rows(m, p->dbtc))) return rc;
+  ops->layernorm_bwd(d, p->dres, lnd[2], lnd[3], p->dbtc + r0C, in, P(m, l, MT_P_LN1_W), p->ln_mean,
+                     p->ln_rstd, R, C);
+  return sp ? lngrad_join(m, p, lng, 4) : 0;
 }
 
 /* In a 16-bit job the stream is rounded after every block but the model's
@@ -759,26 +874,33 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   p->has_targets = m->last && targets;
 
   int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
+  size_t R = mt_gpt_stream_rows(m), r0 = stream_row0(m);
   if (m->first && tp == 1) {
     ops->embedding_fwd(d, p->resid[0], p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype,
                        W(m, m->i_wpe), B, T, C);
   } else if (m->first) {
     /* vocabulary-parallel: each rank looks up the tokens in its rows, the sum
-     * over tp is the embedding; positions are replicated and added after */
-    ops->embedding_shard_fwd(d, p->resid[0], p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype, v0,
-                             Vl, N, C);
-    if ((rc = tp_sum(m, p->resid[0], BT * C))) return rc;
-    for (int b = 0; b < B; b++)
-      ops->residual_fwd(d, p->resid[0] + (size_t)b * T * C, p->resid[0] + (size_t)b * T * C,
-                        W(m, m->i_wpe), (size_t)T * C);
+     * over tp is the embedding (with sequence parallelism reduce-scattered
+     * to the stream's rows); positions are replicated and added after, each
+     * sample's piece of the rows from its first position */
+    float *e = seq_par(m) ? p->branch : p->resid[0];
+    ops->embedding_shard_fwd(d, e, p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype, v0, Vl, N, C);
+    if ((rc = tp_sum_rows(m, e))) return rc;
+    e += r0 * C;
+    for (size_t row = r0; row < r0 + R;) {
+      size_t t0 = row % (size_t)T, n = (size_t)T - t0 < r0 + R - row ? T - t0 : r0 + R - row;
+      size_t o = (row - r0) * C;
+      ops->residual_fwd(d, p->resid[0] + o, e + o, W(m, m->i_wpe) + t0 * C, n * C);
+      row += n;
+    }
   }
   if (m->first) {
     mt_dropout de;
     const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", sample0);
-    if (edrop) ops->dropout_fwd(d, p->resid[0], p->resid[0], B, (size_t)T * C, edrop);
+    if (edrop) rows_dropout(m, ROWS_DROPOUT, p->resid[0], NULL, MT_F32, NULL, p->resid[0], edrop);
   } else {
     if (x_in != p->resid[0]) /* mt_gpt_stage_input_from_wire decoded it there */
-      rc = mt_device_memcpy_dtod(d, p->resid[0], x_in, BT * C * sizeof(float));
+      rc = mt_device_memcpy_dtod(d, p->resid[0], x_in, R * C * sizeof(float));
     if (rc) return rc;
   }
 
@@ -792,8 +914,10 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   }
   if (rc || !m->last) return rc;
 
-  ops->layernorm_fwd(d, p->lnf, act_type(m), p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf),
-                     W(m, m->i_lnf + 1), N, C, c->ln_eps);
+  size_t elt = act_type(m) == MT_F32 ? sizeof(float) : sizeof(uint16_t);
+  ops->layernorm_fwd(d, (char *)p->lnf + r0 * C * elt, act_type(m), p->lnf_mean, p->lnf_rstd,
+                     p->resid[L], W(m, m->i_lnf), W(m, m->i_lnf + 1), (int)R, C, c->ln_eps);
+  if (seq_par(m) && (rc = sp_gather(m, p->lnf, act_type(m), (size_t)C))) return rc;
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
   ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype,
                   NULL, m->cvt, N, C, Vl);
@@ -833,7 +957,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   const mt_ops *ops = d->ops;
   const mt_gpt_config *c = &m->cfg;
   int B = m->B, T = m->T, C = c->n_embd, N = B * T, L = m->n_layers;
-  size_t NC = (size_t)N * C;
+  int R = (int)mt_gpt_stream_rows(m);
+  size_t NC = (size_t)N * C, RC = (size_t)R * C;
   if (slot < 0 || slot >= m->n_slots)
     return mt_seterr(MT_EINVAL, "gpt: activation slot %d of %d", slot, m->n_slots);
   act_plan *p = &((act_plan *)m->act_plan)[slot];
@@ -855,14 +980,18 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
     ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, MT_F32, p->lnf,
                     act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype, m->cvt, N, C, Vl);
-    int rc = tp_sum(m, p->dbtc, NC);
+    int rc = tp_sum_rows(m, p->dbtc);
     if (rc) return rc;
-    mt_device_memset0(d, p->dres, NC * sizeof(float));
-    ops->layernorm_bwd(d, p->dres, mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1), p->dbtc,
-                       p->resid[L], W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, N, C);
+    mt_device_memset0(d, p->dres, RC * sizeof(float));
+    float *lng[2] = {mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1)};
+    if (seq_par(m)) mt_device_memset0(d, p->lngrad, 2 * (size_t)C * sizeof(float));
+    ops->layernorm_bwd(d, p->dres, seq_par(m) ? p->lngrad : lng[0],
+                       seq_par(m) ? p->lngrad + C : lng[1], p->dbtc + stream_row0(m) * C,
+                       p->resid[L], W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, R, C);
+    if (seq_par(m) && (rc = lngrad_join(m, p, lng, 2))) return rc;
   } else {
     if (!dout) return mt_seterr(MT_EINVAL, "gpt: a non-last stage needs the next stage's gradient");
-    int rc = mt_device_memcpy_dtod(d, p->dres, dout, NC * sizeof(float));
+    int rc = mt_device_memcpy_dtod(d, p->dres, dout, RC * sizeof(float));
     if (rc) return rc;
   }
 
@@ -870,7 +999,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     block_acts *a = &p->blocks[c->recompute ? 0 : l];
     const float *in = p->resid[l];
     if (!in) { /* a 16-bit job's stream */
-      unkeep(m, p->stream[0], p->resid_h[l], NC);
+      unkeep(m, p->stream[0], p->resid_h[l], RC);
       in = p->stream[0];
     }
     /* the recomputed output is not needed, and in a 16-bit job is not rounded */
@@ -884,7 +1013,9 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
 
   mt_dropout de;
   const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", p->sample0);
-  const float *demb = branch_grad(m, p, edrop);
+  const float *demb = NULL; /* all rows */
+  int rc = branch_grad(m, p, edrop, &demb);
+  if (rc) return rc;
   if (tp == 1) {
     ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
                        C);
@@ -910,7 +1041,7 @@ const float *mt_gpt_stage_input_grad(const mt_gpt *m) {
 }
 
 size_t mt_gpt_wire_bytes(const mt_gpt *m) {
-  return (size_t)m->B * m->T * m->cfg.n_embd * (half_acts(m) ? sizeof(uint16_t) : sizeof(float));
+  return mt_gpt_stream_rows(m) * m->cfg.n_embd * (half_acts(m) ? sizeof(uint16_t) : sizeof(float));
 }
 
 const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes) {
@@ -922,7 +1053,7 @@ const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes) {
 
 const float *mt_gpt_stage_input_from_wire(mt_gpt *m, int slot, const void *wire) {
   float *x = ((act_plan *)m->act_plan)[slot].resid[0];
-  size_t n = (size_t)m->B * m->T * m->cfg.n_embd;
+  size_t n = mt_gpt_stream_rows(m) * m->cfg.n_embd;
   if (half_acts(m))
     m->dev->ops->unpack_half(m->dev, x, wire, n, m->cfg.precision == MT_PREC_FP16);
   else if (mt_device_memcpy_dtod(m->dev, x, wire, n * sizeof(float)))

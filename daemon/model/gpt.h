@@ -50,6 +50,18 @@ typedef struct mt_gpt_config {
    * over the embedding rows; LayerNorms, positions and the projections'
    * biases are replicated. 0: 1. */
   int tp_size, tp_rank;
+  /* Sequence parallelism (Korthikanti et al. 2022, Megatron's
+   * --sequence-parallel), with tp_size > 1: where the ops are row by row
+   * and tensor parallelism would repeat them on every rank (the LayerNorms,
+   * dropout, the residual stream between and through the blocks, what
+   * travels between pipeline stages) each rank holds and computes only rows
+   * [tp_rank R, (tp_rank + 1) R) of the micro-batch's B T, R = B T / tp. The
+   * sums over tp after the row-parallel projections become reduce-scatters
+   * into those rows, and the column-parallel GEMMs' inputs are all-gathered
+   * first: the same bytes moved, the stream's memory and work divided by tp.
+   * Gradients of the replicated LayerNorms are summed over tp per
+   * micro-batch. B T must be divisible by tp. */
+  int sequence_parallel;
   mt_precision precision; /* 0: fp32 */
 } mt_gpt_config;
 
@@ -145,6 +157,11 @@ typedef struct mt_gpt {
   /* tensor parallelism: sum (or max) of buf over the tp group, set by the
    * engine when cfg.tp_size > 1; the model never knows the comm layer */
   int (*tp_allreduce)(void *ctx, float *buf, size_t n, int max);
+  /* and for sequence parallelism: recv (tp * bytes) = every rank's send
+   * (bytes) in rank order, send being recv + tp_rank * bytes; buf (n floats,
+   * tp equal chunks) summed over tp into this rank's chunk */
+  int (*tp_allgather)(void *ctx, const void *send, void *recv, size_t bytes);
+  int (*tp_reduce_scatter)(void *ctx, float *buf, size_t n);
   void *tp_ctx;
   /* when set, called once the backward has queued block l's gradients (l
    * 0-based on this stage, from the last block down): the engine starts
@@ -190,10 +207,10 @@ int mt_gpt_backward(mt_gpt *m, float loss_scale);
 
 /* Pipeline stages. Forward of the micro-batch in activation slot `slot`:
  * the first stage embeds inputs (host tokens), any other stage starts from
- * x_in (B,T,C) received from the previous stage; the last stage needs targets
+ * x_in (mt_gpt_stream_rows, C) received from the previous stage; the last stage needs targets
  * (host) and sets last_loss. mt_gpt_stage_output() is what a non-last stage
  * sends on. Backward: the last stage starts from its loss (loss_scale), any
- * other from dout (B,T,C) received from the next stage; afterwards
+ * other from dout (mt_gpt_stream_rows, C) received from the next stage; afterwards
  * mt_gpt_stage_input_grad() is what a non-first stage sends back. */
 int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
                          const int32_t *targets, uint64_t sample0);
@@ -210,6 +227,10 @@ const float *mt_gpt_logits(const mt_gpt *m, int slot);
  * otherwise (mt_gpt_stage_output itself). mt_gpt_wire_bytes: that size. */
 const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes);
 size_t mt_gpt_wire_bytes(const mt_gpt *m);
+/* Rows of the (B T, C) residual stream this rank holds: B T, or with
+ * sequence parallelism B T / tp (its rows from tp_rank times that). Stage
+ * outputs, inputs and their gradients are this many rows. */
+size_t mt_gpt_stream_rows(const mt_gpt *m);
 /* Decodes what the previous stage's mt_gpt_stage_output_wire sent (wire, on
  * the device) straight into slot's stage input and returns it: the x_in to
  * give mt_gpt_forward_stage for that slot, which then copies nothing; NULL

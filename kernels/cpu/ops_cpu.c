@@ -822,9 +822,11 @@ static void dropout_rows(mt_device *d, float *out, uint16_t *h, mt_dtype ht, con
       if (!drop)
         for (size_t j = 0; j < n; j++) out[off + j] += inp[off + j];
       else if (add)
-        dropout_apply(out + off, inp + off, n, e0, drop->sample0 + (uint64_t)b, drop, 1);
+        dropout_apply(out + off, inp + off, n, drop->elem0 + e0, drop->sample0 + (uint64_t)b, drop,
+                      1);
       else
-        dropout_apply(out + off, inp + off, n, e0, drop->sample0 + (uint64_t)b, drop, 0);
+        dropout_apply(out + off, inp + off, n, drop->elem0 + e0, drop->sample0 + (uint64_t)b, drop,
+                      0);
       if (ht != MT_F32) keep_row(out + off, h ? h + off : NULL, n, ht == MT_F16);
     }
   }

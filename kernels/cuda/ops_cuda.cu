@@ -773,21 +773,26 @@ static void scale(mt_device *d, float *x, float s, size_t n) {
 
 /* ---- dropout ------------------------------------------------------------ */
 
-/* One thread per Philox block: elements 4·blk .. 4·blk+3 of sample
- * blockIdx.y, the four lanes of one draw (mt_dropout_keep). */
+/* One thread per Philox block: the elements 4·blk .. 4·blk+3 of sample
+ * blockIdx.y that lie in [elem0, elem0 + per_sample), the lanes of one draw
+ * (mt_dropout_keep); row element i is the sample's element elem0 + i. */
 /* out = inp * mask, or add + inp * mask (add may be out: accumulate);
  * fp16 >= 0: out rounded as a 16-bit stream keeps it, its bits in h unless
  * h is NULL (mt_half_keep). */
 static __global__ void k_dropout(float *out, uint16_t *h, int fp16, const float *inp,
-                                 const float *add, size_t per_sample, float p, uint64_t key,
-                                 uint64_t sample0) {
-  size_t blk = blockIdx.x * (size_t)blockDim.x + threadIdx.x, e0 = blk * 4;
-  if (e0 >= per_sample) return;
+                                 const float *add, size_t per_sample, size_t elem0, float p,
+                                 uint64_t key, uint64_t sample0) {
+  size_t blk = (elem0 >> 2) + blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  size_t lo = blk * 4 < elem0 ? elem0 : blk * 4, hi = blk * 4 + 4;
+  if (hi > elem0 + per_sample) hi = elem0 + per_sample;
+  if (lo >= hi) return;
   mt_philox_out o = mt_philox_block(key, sample0 + blockIdx.y, blk);
-  size_t base = (size_t)blockIdx.y * per_sample + e0;
-  for (int k = 0; k < 4 && e0 + k < per_sample; k++) {
-    float v = inp[base + k] * mt_dropout_keep(p, o.v[k]);
-    out[base + k] = mt_half_keep(add ? add[base + k] + v : v, h ? h + base + k : NULL, fp16);
+  size_t row = (size_t)blockIdx.y * per_sample - elem0; /* wraps: row + e is the index */
+  for (int k = 0; k < 4; k++) { /* constant lanes: o stays in registers */
+    size_t e = blk * 4 + k;
+    if (e < lo || e >= hi) continue;
+    float v = inp[row + e] * mt_dropout_keep(p, o.v[k]);
+    out[row + e] = mt_half_keep(add ? add[row + e] + v : v, h ? h + (row + e) : NULL, fp16);
   }
 }
 
@@ -796,13 +801,14 @@ static void dropout_rows(mt_device *d, const char *name, float *out, uint16_t *h
                          const float *add) {
   if (!B || !per_sample) return;
   mt__cuda *c = mt__cuda_enter(d);
-  size_t blocks = (per_sample + 4 * EW - 1) / (4 * EW);
+  size_t draws = ((drop->elem0 + per_sample + 3) >> 2) - (drop->elem0 >> 2);
+  size_t blocks = (draws + EW - 1) / EW;
   if (B > 65535 || blocks > 0x7FFFFFFF) {
     mt__cuda_fail(d, name, "more than 65535 samples or 2^31 blocks of a sample");
     return;
   }
   MT_LAUNCH(k_dropout, dim3((unsigned)blocks, (unsigned)B), EW, c->stream)
-  (out, h, fp16, inp, add, per_sample, drop->p, drop->key, drop->sample0);
+  (out, h, fp16, inp, add, per_sample, drop->elem0, drop->p, drop->key, drop->sample0);
   mt__cuda_check(d, name);
 }
 

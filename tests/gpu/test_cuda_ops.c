@@ -1069,7 +1069,7 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
   size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH, MT_F32);
   size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, MT_F32);
-  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
+  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2, 0};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
   const char *tag =
       label("%s B=%d T=%d C=%d NH=%d%s", prec_name(p), B, T, C, NH, with_dropout ? " drop" : "");
@@ -1103,7 +1103,7 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
   size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH, qt);
   size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, qt);
-  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2};
+  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2, 0};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
   const char *tag = label("%s B=%d T=%d HS=%d NH=%d%s", fp16 ? "fp16" : "bf16", B, T, C / NH, NH,
                           with_dropout ? " drop" : "");
@@ -1263,7 +1263,7 @@ static void test_elementwise(size_t n) {
 
 static void test_dropout(int B, size_t per) {
   size_t n = (size_t)B * per;
-  mt_dropout drop = {0.3f, 0xfeedface12345678ull, 1000, 0};
+  mt_dropout drop = {0.3f, 0xfeedface12345678ull, 1000, 0, 0};
   float *x = H(n, -1, 1), *gx = Df(x, n);
   float *c = halloc(n * sizeof(float)), *g = DN(n);
   cpu.ops->dropout_fwd(&cpu, c, x, B, per, &drop);
@@ -1271,6 +1271,20 @@ static void test_dropout(int B, size_t per) {
   float *gb = back(g, n);
   check("dropout_fwd", label("B=%d per_sample=%zu", B, per), gb, c, n, 1e-6);
   check_mask("dropout_fwd", "mask", gb, c, n);
+  /* a piece of each sample at offset e0 (sequence parallelism's rows) */
+  static const size_t offsets[] = {1, 3, 4, 6};
+  for (int k = 0; k < 4 && per > offsets[k] + 2; k++) {
+    size_t e0 = offsets[k];
+    mt_dropout piece = drop;
+    piece.elem0 = e0;
+    size_t len = per - e0 - 1;
+    float *cp = halloc(len * sizeof(float)), *gp = DN(len), *gpx = Df(x + e0, len);
+    cpu.ops->dropout_fwd(&cpu, cp, x + e0, 1, len, &piece);
+    gpu.ops->dropout_fwd(&gpu, gp, gpx, 1, len, &piece);
+    check("dropout_fwd", label("a piece at element %zu", e0), back(gp, len), cp, len, 1e-6);
+    check("dropout_fwd", label("a piece at %zu: the whole sample's masks", e0), cp, c + e0, len,
+          0.0);
+  }
   float *ci = hcopy(x, n), *gi = Df(x, n); /* in place */
   cpu.ops->dropout_fwd(&cpu, ci, ci, B, per, &drop);
   gpu.ops->dropout_fwd(&gpu, gi, gi, B, per, &drop);

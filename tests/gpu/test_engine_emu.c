@@ -53,18 +53,22 @@ typedef struct layout {
   float dropout;           /* attention's and the hidden one, 0: none */
   int n_layer;             /* 0: the preset's (2) */
   int blocking_p2p;        /* parallel.overlap_p2p = false */
+  int seq_par;             /* parallel.sequence_parallel = true */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
  * of 2; logs[w] receives world rank w's steps. */
 static int run(const layout *l, rank_log *logs) {
-  char json[1400], ckpt[400] = "", bucket[64] = "", drop[160] = "";
+  char json[1400], ckpt[400] = "", bucket[128] = "", drop[160] = "";
   if (l->ckpt_dir)
     snprintf(ckpt, sizeof ckpt, ",\"checkpoint\":{\"dir\":\"%s\",\"interval\":%d}", l->ckpt_dir,
              l->ckpt_interval);
   if (l->bucket_size) snprintf(bucket, sizeof bucket, ",\"bucket_size\":%d", l->bucket_size);
   if (l->blocking_p2p)
     snprintf(bucket + strlen(bucket), sizeof bucket - strlen(bucket), ",\"overlap_p2p\":false");
+  if (l->seq_par)
+    snprintf(bucket + strlen(bucket), sizeof bucket - strlen(bucket),
+             ",\"sequence_parallel\":true");
   if (l->dropout > 0.0f)
     snprintf(drop, sizeof drop, ",\"attention_dropout\":%g,\"hidden_dropout\":%g", l->dropout,
              l->dropout);
@@ -248,6 +252,37 @@ static int test_bf16_3d_layout_on_gpus_follows_one_cpu(void) {
   return three_d_on_gpus_follows_one_cpu("bf16", 0.1f, 1e-4);
 }
 
+/* Sequence parallelism on four emulated GPUs, bf16 with dropout: the
+ * stream split over tp 4 by rows, so each rank's 8 rows are half a sample
+ * (its dropout masks start inside one), NCCL's all-gathers and
+ * reduce-scatters (late mode) where the all-reduces were, the LayerNorms'
+ * gradients summed over tp; the losses follow one CPU device as tp 2 x pp 2
+ * x dp 2's do. */
+static int test_bf16_sequence_parallel_on_gpus_follows_one_cpu(void) {
+  enum { N = 3 };
+  static rank_log cpu[1], gpu[4];
+  layout l = {
+      .kind = "cpu", .precision = "bf16", .steps = N, .tp = 1, .pp = 1, .dp = 1, .dropout = 0.1f};
+  REQUIRE(!run(&l, cpu), "cpu: %s", mt_errmsg());
+  layout g = {.kind = "cuda",
+              .precision = "bf16",
+              .steps = N,
+              .tp = 4,
+              .pp = 1,
+              .dp = 1,
+              .dropout = 0.1f,
+              .seq_par = 1};
+  REQUIRE(!run(&g, gpu), "cuda tp4 sequence-parallel: %s", mt_errmsg());
+  for (int w = 0; w < 4; w++) {
+    double r = worst_rel(&gpu[w], cpu, 0, N);
+    CHECK(gpu[w].n == N && r < 1e-4, "rank %d: %d steps, worst loss rel %.2e vs one cpu", w,
+          gpu[w].n, r);
+  }
+  printf("  bf16 tp4 sequence-parallel with dropout on cuda:0-3 vs cpu:0: worst loss rel %.2e\n",
+         worst_rel(&gpu[0], cpu, 0, N));
+  return 0;
+}
+
 /* Pipeline receives posted an operation ahead on NCCL's in-order streams
  * (parallel.overlap_p2p, the default) give the blocking schedule's bits on
  * every rank: pp 4 over a 4-layer model, so the two middle stages post
@@ -409,6 +444,8 @@ int main(int argc, char **argv) {
       {"test_fp16_overflow_skips_like_cpu", test_fp16_overflow_skips_like_cpu},
       {"test_3d_layout_on_gpus_matches_one_cpu", test_3d_layout_on_gpus_matches_one_cpu},
       {"test_bf16_3d_layout_on_gpus_follows_one_cpu", test_bf16_3d_layout_on_gpus_follows_one_cpu},
+      {"test_bf16_sequence_parallel_on_gpus_follows_one_cpu",
+       test_bf16_sequence_parallel_on_gpus_follows_one_cpu},
       {"test_checkpoint_resume_on_gpus_is_exact", test_checkpoint_resume_on_gpus_is_exact},
       {"test_pp4_overlapped_p2p_on_gpus_matches_blocking",
        test_pp4_overlapped_p2p_on_gpus_matches_blocking},

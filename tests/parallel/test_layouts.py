@@ -12,7 +12,9 @@ replicas reduce-scatter gradients, update their 1/dp slice (ZeRO-1) and
 all-gather it; the tied embedding's two copies (first and last stage) sum
 their gradients. At every step the loss must equal (1,1,1)'s within 1e-5
 relative and the exported (gathered) weights within 1e-4, also with dropout on
-and with recomputation on; the Adam moments per rank must be 1/dp of the
+and with recomputation on, and with sequence parallelism (tp 2, 4 and
+tp 2 x pp 2 x dp 2; with dropout and recomputation at tp 4 and tp 2 x pp 2);
+the Adam moments per rank must be 1/dp of the
 whole model's at tp = pp = 1 and agree with `mtnlgctl plan`'s optimizer
 bytes. (1,3,1) splits the 4 layers unevenly (2, 1, 1). With pipeline stages,
 the run with started (overlapped) sends must equal the run whose every send
@@ -68,7 +70,12 @@ def run(mtnlgd, job, tokens, export, tp, pp, dp, extra):
         raise SystemExit(f"tp {tp} pp {pp} dp {dp}: mtnlgd exited {out.returncode}")
     losses = [json.loads(l)["loss"] for l in out.stdout.splitlines() if l.startswith("{")]
     m = re.search(r"Adam moments (\d+) bytes per rank", out.stderr)
+    a = re.search(r"activations (\d+) bytes per rank", out.stderr)
+    run.acts[(tp, pp, dp, " ".join(extra))] = int(a.group(1)) if a else None
     return losses, int(m.group(1)) if m else None
+
+
+run.acts = {}  # activation bytes stage 0's rank 0 laid out, by layout and options
 
 
 def main():
@@ -78,18 +85,27 @@ def main():
         if os.path.isfile(f) and not os.path.islink(f):
             data += open(f, "rb").read()
     failures = 0
-    variants = [("plain", []),
-                ("dropout", ["--set", "model.hidden_dropout=0.1",
-                             "--set", "model.attention_dropout=0.1"]),
-                ("recompute", ["--set", "parallel.recompute=true"])]
+    every = ((1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (1, 4, 1), (1, 1, 2), (1, 1, 4),
+             (2, 2, 2), (2, 2, 1), (1, 3, 1))
+    dropout = ["--set", "model.hidden_dropout=0.1", "--set", "model.attention_dropout=0.1"]
+    sp = ["--set", "parallel.sequence_parallel=true"]
+    # sequence parallelism only splits something at tp > 1 (at tp 1 it is
+    # off: the reference); at tp 4 a rank's rows are half a sample, so the
+    # dropout masks start inside one
+    variants = [("plain", [], every),
+                ("dropout", dropout, every),
+                ("recompute", ["--set", "parallel.recompute=true"], every),
+                ("sequence_parallel", sp, ((1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 2))),
+                ("sequence_parallel_dropout_recompute",
+                 sp + dropout + ["--set", "parallel.recompute=true"],
+                 ((1, 1, 1), (4, 1, 1), (2, 2, 1)))]
     with tempfile.TemporaryDirectory() as tmp:
         tokens = os.path.join(tmp, "tokens.u16")
         with open(tokens, "wb") as fh:
             fh.write(array.array("H", list(data[:200000])).tobytes())
-        for name, extra in variants:
+        for name, extra, layouts in variants:
             ref_loss, ref_w, ref_mb = None, None, None
-            for tp, pp, dp in ((1, 1, 1), (2, 1, 1), (4, 1, 1), (1, 2, 1), (1, 4, 1), (1, 1, 2),
-                               (1, 1, 4), (2, 2, 2), (2, 2, 1), (1, 3, 1)):
+            for tp, pp, dp in layouts:
                 export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}.safetensors")
                 if name == "plain" and (tp, pp, dp) in ((2, 1, 1), (1, 4, 1), (2, 2, 2)):
                     # a directory: each stage's writer writes its stage's files
@@ -99,7 +115,7 @@ def main():
                 if (tp, pp, dp) == (1, 1, 1):
                     ref_loss, ref_w, ref_mb = losses, w, moments_mb
                     continue
-                if name == "plain" and pp > 1 and (tp, dp) in ((1, 1), (2, 2)):
+                if name in ("plain", "sequence_parallel") and pp > 1 and (tp, dp) in ((1, 1), (2, 2)):
                     # started sends only change when a stage waits: the same
                     # run with every send and receive blocking is identical
                     export_b = export.rstrip("/") + "-blocking" + ("/" if export[-1] == "/" else "")
@@ -119,6 +135,14 @@ def main():
                       f"{name}: "
                       f"worst step loss {worst:.2e}, weights {wrel:.2e}")
                 failures += not ok
+                if name == "sequence_parallel" and tp > 1:
+                    # the stream really is split: fewer activations than the
+                    # plain run of this layout laid out
+                    with_sp, without = run.acts[(tp, pp, dp, " ".join(sp))], run.acts[(tp, pp, dp, "")]
+                    ok_sp = with_sp is not None and without is not None and with_sp < without
+                    print(f"{'ok' if ok_sp else 'FAIL'} test_tp{tp}_pp{pp}_dp{dp}_sequence_parallel_"
+                          f"lays_out_fewer_activations: {with_sp} bytes vs {without}")
+                    failures += not ok_sp
                 if pp == 1 and tp == 1:  # the whole model: its moments are 1/dp of (1,1,1)'s
                     # (the flat buffer is padded to dp equal slices of 16-float blocks)
                     ok_mem = moments_mb is not None and abs(moments_mb * dp - ref_mb) <= 128 * dp

@@ -115,6 +115,29 @@ static void test_override_sets_nested_key(void) {
   CHECK(!strcmp(job.data.path, "x.u16"));
   CHECK(parse_with(&job, tiny_job, "parallel.recompute=true", "name=run-7") == MT_OK);
   CHECK(job.parallel.recompute == 1 && !strcmp(job.name, "run-7"));
+  /* sequence parallelism: off unless asked, in the canonical JSON only when on
+   * (the jobs from before it keep their hash), and read back from it */
+  CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK && !job.parallel.sequence_parallel);
+  char *canon = mt_job_to_json(&job);
+  CHECK(canon && !strstr(canon, "sequence_parallel"));
+  free(canon);
+  CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "parallel.tp=2") == MT_OK);
+  CHECK(job.parallel.sequence_parallel == 1);
+  canon = mt_job_to_json(&job);
+  mt_job back;
+  CHECK(canon && strstr(canon, "\"sequence_parallel\":true") &&
+        mt_job_parse(&back, canon, "/jobs", presets, NULL) == MT_OK);
+  CHECK(back.parallel.sequence_parallel == 1 && !strcmp(back.hash, job.hash));
+  free(canon);
+  /* rows that do not split evenly over tp are refused at parse, named */
+  CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "parallel.tp=4") == MT_OK);
+  CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "model.seq_len=7") ==
+        MT_OK); /* tp 1: nothing to split */
+  const char *odd[] = {"parallel.sequence_parallel=true", "parallel.tp=2", "model.seq_len=7", NULL};
+  CHECK(mt_job_parse(&job, tiny_job, "/jobs", presets, odd) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(),
+               "parallel.sequence_parallel: splits a micro-batch's "
+               "parallel.micro_batch 1 x model.seq_len 7 = 7 rows over parallel.tp = 2"));
   /* a JSON string value quoted stays a string even when it looks like a number */
   CHECK(parse_with(&job, tiny_job, "data.path=\"123\"", NULL) == MT_OK);
   CHECK(!strcmp(job.data.path, "123"));
@@ -329,6 +352,7 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "parallel.dp_max=4",
       "parallel.micro_batch=2",
       "parallel.recompute=true",
+      "parallel.sequence_parallel=true",
       "train.global_batch=16",
       "train.steps=11",
       "train.seed=1",

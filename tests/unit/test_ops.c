@@ -1019,7 +1019,7 @@ static double drop_loss(void *p) {
 static void test_dropout_p0_and_null_are_identity(void) {
   int B = 3;
   size_t ps = 1001, n = (size_t)B * ps;
-  mt_dropout d0 = {0.0f, 77, 5, 0};
+  mt_dropout d0 = {0.0f, 77, 5, 0, 0};
   float *x = frand(n, -1, 1), *out = frand(n, -9, 9);
   ops->dropout_fwd(&dev, out, x, B, ps, &d0);
   report(bits_equal(out, x, n), __func__, "fwd with p = 0 copies");
@@ -1043,7 +1043,7 @@ static void test_dropout_p0_and_null_are_identity(void) {
 static void test_dropout_residual_fwd_is_dropout_then_add(void) {
   int B = 3;
   size_t ps = 5003, n = (size_t)B * ps;
-  mt_dropout d = {0.2f, mt_philox_key(3, "h.0.attn_out"), 40, 0};
+  mt_dropout d = {0.2f, mt_philox_key(3, "h.0.attn_out"), 40, 0, 0};
   float *x = frand(n, -1, 1), *r = frand(n, -2, 2), *x0 = fcopy(x, n), *out = frand(n, -9, 9);
   double *want = dzeros(n);
   for (int bi = 0; bi < B; bi++)
@@ -1063,13 +1063,45 @@ static void test_dropout_residual_fwd_is_dropout_then_add(void) {
   free(x), free(r), free(x0), free(out), free(y), free(want);
 }
 
+/* A piece of each sample (elem0: sequence parallelism's rows of a rank)
+ * gets the masks the whole samples give those elements, at every offset
+ * modulo a Philox block's four, forward, fused and backward. */
+static void test_dropout_piece_matches_whole_sample(void) {
+  int B = 2;
+  size_t ps = 1031, n = (size_t)B * ps;
+  mt_dropout d = {0.3f, mt_philox_key(9, "h.2.attn_out"), 17, 0, 0};
+  float *x = frand(n, -1, 1), *r = frand(n, -1, 1), *whole = fzeros(n), *fused = fzeros(n);
+  float *back = frand(n, -1, 1), *back0 = fcopy(back, n);
+  ops->dropout_fwd(&dev, whole, x, B, ps, &d);
+  ops->dropout_residual_fwd(&dev, fused, NULL, MT_F32, r, x, B, ps, &d);
+  ops->dropout_bwd(&dev, back, x, B, ps, &d);
+  int ok = 1;
+  for (size_t e0 = 0; e0 < 8; e0++) {
+    size_t len = ps - e0 - 5;
+    for (int bi = 0; bi < B; bi++) {
+      size_t at = (size_t)bi * ps + e0;
+      mt_dropout piece = d;
+      piece.sample0 = d.sample0 + (uint64_t)bi, piece.elem0 = e0;
+      float *y = fzeros(len), *z = fzeros(len), *w = fcopy(back0 + at, len);
+      ops->dropout_fwd(&dev, y, x + at, 1, len, &piece);
+      ops->dropout_residual_fwd(&dev, z, NULL, MT_F32, r + at, x + at, 1, len, &piece);
+      ops->dropout_bwd(&dev, w, x + at, 1, len, &piece);
+      ok &= bits_equal(y, whole + at, len) && bits_equal(z, fused + at, len) &&
+            bits_equal(w, back + at, len);
+      free(y), free(z), free(w);
+    }
+  }
+  report(ok, __func__, "pieces at offsets 0..7 of both samples, every op");
+  free(x), free(r), free(whole), free(fused), free(back), free(back0);
+}
+
 /* A 16-bit job's stream: the fused op rounds the sum as pack_half (with the
  * bits) or round_half (without) does after the fp32 op, bit for bit, with
  * and without dropout, in place on resid too. */
 static void test_dropout_residual_fwd_rounds_like_pack_half(void) {
   int B = 2;
   size_t ps = 4099, n = (size_t)B * ps;
-  mt_dropout d = {0.1f, mt_philox_key(5, "h.1.mlp_out"), 7, 0};
+  mt_dropout d = {0.1f, mt_philox_key(5, "h.1.mlp_out"), 7, 0, 0};
   float *x = frand(n, -3, 3), *r = frand(n, -3, 3);
   float *want = fzeros(n), *out = fzeros(n), *y = fzeros(n);
   uint16_t *want_h = xmalloc(n * sizeof *want_h), *h = xmalloc(n * sizeof *h);
@@ -1096,7 +1128,7 @@ static void test_dropout_residual_fwd_rounds_like_pack_half(void) {
 static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
   int B = 4;
   size_t ps = 25013, n = (size_t)B * ps;
-  mt_dropout d = {0.5f, mt_philox_key(1, "test.dropout"), 1000, 0};
+  mt_dropout d = {0.5f, mt_philox_key(1, "test.dropout"), 1000, 0, 0};
   float *x = frand(n, 0.5, 1.5), *out = fzeros(n);
   ops->dropout_fwd(&dev, out, x, B, ps, &d);
   size_t kept = 0, wrong = 0;
@@ -1113,7 +1145,7 @@ static void test_dropout_half_keeps_about_half_scaled_by_two(void) {
 static void test_dropout_mask_same_in_fwd_bwd_and_any_batch_split(void) {
   int B = 4;
   size_t ps = 10007, n = (size_t)B * ps;
-  mt_dropout d = {0.3f, mt_philox_key(7, "h.1.attn.resid"), 100, 0};
+  mt_dropout d = {0.3f, mt_philox_key(7, "h.1.attn.resid"), 100, 0, 0};
   float *ones = fzeros(n), *fwd = fzeros(n), *bwd = fzeros(n);
   ffill(ones, n, 1.0f);
   ops->dropout_fwd(&dev, fwd, ones, B, ps, &d);
@@ -1137,7 +1169,7 @@ static void test_dropout_mask_same_in_fwd_bwd_and_any_batch_split(void) {
 static void test_dropout_fwd_matches_reference(void) {
   int B = 2;
   size_t ps = 97, n = (size_t)B * ps;
-  mt_dropout d = {0.3f, 99, 4, 0};
+  mt_dropout d = {0.3f, 99, 4, 0, 0};
   float *x = frand(n, -1, 1), *out = fzeros(n);
   double *ref = dzeros(n);
   for (int b = 0; b < B; b++)
@@ -1152,7 +1184,7 @@ static void test_dropout_fwd_matches_reference(void) {
 static void test_dropout_bwd_matches_finite_differences(void) {
   int B = 2;
   size_t ps = 97, n = (size_t)B * ps;
-  mt_dropout d = {0.3f, 99, 4, 0};
+  mt_dropout d = {0.3f, 99, 4, 0, 0};
   float *x = frand(n, -1, 1), *r = frand(n, -1, 1), *g = fzeros(n);
   drop_case c = {B, ps, &d, dcopy(x, n), dcopy(r, n)};
   ops->dropout_bwd(&dev, g, r, B, ps, &d);
@@ -1356,7 +1388,7 @@ int main(void) {
   test_linear_with_two_cpu_devices();
   test_linear_bwd_accumulates_and_skips_null();
 
-  mt_dropout attn_drop = {0.3f, mt_philox_key(3, "h.0.attn.drop"), 11, 0};
+  mt_dropout attn_drop = {0.3f, mt_philox_key(3, "h.0.attn.drop"), 11, 0, 0};
   test_attention_fwd_matches_reference(2, 7, 12, 3, NULL);
   test_attention_fwd_matches_reference(2, 70, 32, 2, NULL); /* T past one row block */
   test_attention_fwd_matches_reference(2, 7, 12, 3, &attn_drop);
@@ -1392,6 +1424,7 @@ int main(void) {
 
   test_dropout_p0_and_null_are_identity();
   test_dropout_residual_fwd_is_dropout_then_add();
+  test_dropout_piece_matches_whole_sample();
   test_dropout_residual_fwd_rounds_like_pack_half();
   test_dropout_half_keeps_about_half_scaled_by_two();
   test_dropout_mask_same_in_fwd_bwd_and_any_batch_split();

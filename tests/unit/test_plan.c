@@ -333,16 +333,18 @@ static void test_working_set_matches_model_layout(void) {
   static const char *const precs[] = {"fp32", "bf16"};
   mt_device dev;
   CHECK(mt_device_open(&dev, "cpu:0") == MT_OK);
-  for (int k = 0; k < 4; k++) {
+  int64_t slot_bytes[2][2] = {{0}}; /* per micro-batch at tp 2, [sp][plan or model] */
+  for (int k = 0; k < 6; k++) {
     const char *prec = precs[k % 2];
-    int tp = k < 2 ? 1 : 2;
-    char o_prec[64], o_tp[64];
+    int tp = k < 2 ? 1 : 2, sp = k >= 4;
+    char o_prec[64], o_tp[64], o_sp[64];
     snprintf(o_prec, sizeof o_prec, "train.precision=%s", prec);
     snprintf(o_tp, sizeof o_tp, "parallel.tp=%d", tp);
+    snprintf(o_sp, sizeof o_sp, "parallel.sequence_parallel=%s", sp ? "true" : "false");
     mt_job job;
     mt_plan one, two;
     mt_plan_stage s1, s2;
-    const char *ovs[] = {o_prec, o_tp, "parallel.pp=2", "train.global_batch=2", NULL};
+    const char *ovs[] = {o_prec, o_tp, o_sp, "parallel.pp=2", "train.global_batch=2", NULL};
     CHECK(mt_job_parse(&job,
                        "{\"model\": {\"preset\": \"tiny\"}, \"parallel\": {\"micro_batch\": 2},"
                        " \"train\": {\"steps\": 1, \"lr\": {\"peak\": 1e-3}},"
@@ -360,6 +362,7 @@ static void test_working_set_matches_model_layout(void) {
 
     mt_gpt_config cfg = config_of(ms);
     cfg.tp_size = tp;
+    cfg.sequence_parallel = sp;
     cfg.precision = k % 2 ? MT_PREC_BF16 : MT_PREC_FP32;
     cfg.layer_begin = s1.first_layer;
     cfg.layer_end = s1.first_layer + s1.n_layers;
@@ -371,10 +374,23 @@ static void test_working_set_matches_model_layout(void) {
     int64_t model_work = 2 * a1 - a2 - 4 * att;
     /* the model's also holds LayerNorm's mean and rstd and pads each tensor
      * to 64 bytes: a few percent at this size */
-    printf("    %s tp %d: working set %lld bytes planned, %lld laid out\n", prec, tp,
-           (long long)plan_work, (long long)model_work);
+    printf("    %s tp %d%s: working set %lld bytes planned, %lld laid out\n", prec, tp,
+           sp ? " sequence-parallel" : "", (long long)plan_work, (long long)model_work);
     CHECK(rel((double)plan_work, (double)model_work) < 0.05);
+    if (tp == 2 && k % 2 == 0) {
+      slot_bytes[sp][0] = s2.activation_bytes - s1.activation_bytes;
+      slot_bytes[sp][1] = a2 - a1;
+    }
   }
+  /* what a micro-batch in flight keeps shrinks with sequence parallelism, in
+   * the plan and in the model's layout by about the same amount */
+  double plan_cut = (double)slot_bytes[1][0] / (double)slot_bytes[0][0];
+  double model_cut = (double)slot_bytes[1][1] / (double)slot_bytes[0][1];
+  printf(
+      "    fp32 tp 2: a micro-batch keeps %.2f of its bytes sequence-parallel planned, %.2f laid "
+      "out\n",
+      plan_cut, model_cut);
+  CHECK(plan_cut < 0.95 && model_cut < 0.95 && fabs(plan_cut - model_cut) < 0.1);
   mt_device_close(&dev);
   printf("  ok test_working_set_matches_model_layout\n");
 }
