@@ -46,7 +46,10 @@ static const char usage_text[] =
     "            the end-of-document token: greedy with --temperature 0, else sampled from\n"
     "            softmax(logits / T) (default 1) cut to the top K (0: all, the default)\n"
     "            and to the nucleus of probability P (default 1: all), seeded by --seed\n"
-    "            (default 1; the same seed, the same text).\n"
+    "            (default 1; the same seed, the same text). Each token after the prompt runs\n"
+    "            only its own position, reading the earlier ones' keys and values from a\n"
+    "            cache, while the text fits the model's context (--no-cache: a whole\n"
+    "            forward pass over the context for every token, the same tokens).\n"
     "lambada     LAMBADA's zero-shot accuracy as Megatron's --strict-lambada counts it:\n"
     "            each line's JSON \"text\", its last word predicted from the words\n"
     "            before it, right when the greedy choice gets every token of the word;\n"
@@ -66,7 +69,7 @@ static const char usage_text[] =
 
 typedef struct {
   const char *task, *model, *file, *prompt, *tokenizer, *vocab, *merges, *device;
-  int tokens, top_k, batch, json;
+  int tokens, top_k, batch, json, no_cache;
   double temperature, top_p;
   unsigned long long seed;
 } options;
@@ -111,6 +114,10 @@ static int parse_args(int argc, char **argv, options *o) {
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       fputs(usage_text, stdout);
       return 1;
+    }
+    if (!strcmp(a, "--no-cache")) {
+      o->no_cache = 1;
+      continue;
     }
     if (a[0] != '-' || !a[1]) {
       if (n_pos == 3) return fail("unexpected argument '%s' (see --help)", a);
@@ -189,6 +196,7 @@ static int parse_args(int argc, char **argv, options *o) {
     return fail("generate takes a model and --prompt TEXT, no file");
   if (!gen && !o->file) return fail("%s needs a file to evaluate on", o->task);
   if (!gen && o->prompt) return fail("--prompt is for generate");
+  if (!gen && o->no_cache) return fail("--no-cache is for generate");
   return 0;
 }
 
@@ -647,6 +655,7 @@ int main(int argc, char **argv) {
     seq = want < (size_t)cfg.max_seq ? (int)(want ? want : 1) : cfg.max_seq;
   }
   if (!rc) rc = mt_infer_open(&inf, o.model, &cfg, o.device, gen ? 1 : o.batch, seq);
+  if (!rc && o.no_cache) mt_infer_set_cache(inf, 0);
   if (!rc && !o.json) {
     const mt_gpt_config *c = mt_infer_config(inf);
     char blas[160] = "";

@@ -1,7 +1,9 @@
 /* infer.c — a model's forward used for scoring and sampling (infer.h). The
  * training forward is reused as it is: rows are padded to the planned
  * length with token 0 and, the attention being causal, the padding changes
- * nothing before it. */
+ * nothing before it. The forward leaves every layer's q, k and v of row 0
+ * in the model's activations: the key-value cache generation extends a
+ * position at a time (mt_gpt_decode). */
 #include "infer.h"
 
 #include <math.h>
@@ -20,6 +22,8 @@ struct mt_infer {
   int B, T;
   int32_t *inputs, *targets; /* host (B, T) */
   float *row;                /* host: one position's padded_vocab logits */
+  int cache_on;
+  size_t cached; /* row 0's positions [0, cached) hold inputs[0, cached): the cache */
 };
 
 int mt_infer_open(mt_infer **out, const char *path, const mt_gpt_config *cfg, const char *device,
@@ -49,6 +53,7 @@ int mt_infer_open(mt_infer **out, const char *path, const mt_gpt_config *cfg, co
     return rc;
   }
   inf->m.training = 0;
+  inf->cache_on = 1;
   *out = inf;
   return 0;
 }
@@ -64,6 +69,10 @@ void mt_infer_free(mt_infer *inf) {
 }
 
 const mt_gpt_config *mt_infer_config(const mt_infer *inf) { return &inf->m.cfg; }
+void mt_infer_set_cache(mt_infer *inf, int on) {
+  inf->cache_on = on;
+  inf->cached = 0;
+}
 int mt_infer_seq(const mt_infer *inf) { return inf->T; }
 
 /* Position pos of row r's logits to inf->row (padded_vocab floats). */
@@ -82,11 +91,28 @@ int mt_infer_next(mt_infer *inf, const int32_t *tokens, size_t n, float *logits)
       return mt_seterr(MT_EINVAL, "infer: token %d is outside the vocabulary of %d",
                        tokens[n - k + i], V);
   }
+  int rc = 0;
+  size_t c = inf->cached;
+  if (inf->cache_on && n <= T && c >= 1 && c < n &&
+      !memcmp(inf->inputs, tokens, c * sizeof *tokens)) {
+    /* the cache holds a prefix: only the positions after it */
+    for (size_t pos = c; pos < n && !rc; pos++) {
+      inf->cached = 0; /* until the position is in */
+      rc = mt_gpt_decode(&inf->m, (int)pos, tokens[pos]);
+      if (!rc) inf->inputs[pos] = tokens[pos], inf->cached = pos + 1;
+    }
+    if (!rc) rc = logits_at(inf, 0, n - 1);
+    if (rc) return mt_wraperr(rc, "infer: decode");
+    memcpy(logits, inf->row, (size_t)V * sizeof *logits);
+    return 0;
+  }
   memset(inf->inputs, 0, (size_t)inf->B * T * sizeof *inf->inputs);
   memcpy(inf->inputs, tokens + (n - k), k * sizeof *tokens);
-  int rc = mt_gpt_forward(&inf->m, inf->inputs, NULL, 0);
+  inf->cached = 0;
+  rc = mt_gpt_forward(&inf->m, inf->inputs, NULL, 0);
   if (!rc) rc = logits_at(inf, 0, k - 1);
   if (rc) return mt_wraperr(rc, "infer: forward");
+  inf->cached = n <= T ? k : 0; /* a window that slid starts elsewhere each call */
   memcpy(logits, inf->row, (size_t)V * sizeof *logits);
   return 0;
 }
@@ -105,6 +131,7 @@ int mt_infer_score(mt_infer *inf, mt_infer_row *rows, int n_rows) {
         return mt_seterr(MT_EINVAL, "infer: token %d is outside the vocabulary of %d", w->tokens[i],
                          V);
   }
+  inf->cached = 0; /* the forwards below overwrite the cache */
   for (int r0 = 0; r0 < n_rows && !rc; r0 += inf->B) {
     int nb = n_rows - r0 < inf->B ? n_rows - r0 : inf->B;
     memset(inf->inputs, 0, (size_t)inf->B * T * sizeof *inf->inputs);

@@ -23,8 +23,14 @@ const mt_gpt_config *mt_infer_config(const mt_infer *inf);
 int mt_infer_seq(const mt_infer *inf); /* tokens a row holds */
 
 /* The next token's logits after tokens[0, n) (n >= 1; past seq tokens only
- * the last seq are seen): vocab_size floats into logits. */
+ * the last seq are seen): vocab_size floats into logits. With the key-value
+ * cache on (the default), a call whose tokens extend the previous call's
+ * (n <= seq) runs only the new positions (mt_gpt_decode); any other call
+ * runs a forward over its window, which fills the cache. */
 int mt_infer_next(mt_infer *inf, const int32_t *tokens, size_t n, float *logits);
+/* Turns the key-value cache on or off (off: every call a whole forward,
+ * the way to check the cache against). */
+void mt_infer_set_cache(mt_infer *inf, int on);
 
 /* One sequence scored: tokens[first, n) each predicted from the tokens
  * before it (1 <= first < n <= seq + 1). nll: the sum of their negative log

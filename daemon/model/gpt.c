@@ -1027,6 +1027,57 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   return 0;
 }
 
+int mt_gpt_decode(mt_gpt *m, int pos, int32_t token) {
+  const mt_gpt_config *c = &m->cfg;
+  mt_device *d = m->dev;
+  const mt_ops *ops = d->ops;
+  if (!m->first || !m->last || c->tp_size > 1 || c->recompute || half_acts(m) || m->training)
+    return mt_seterr(MT_EINVAL, "gpt: decoding with a key-value cache needs the whole model on one "
+                                "device, in fp32, without recomputation, training off");
+  if (!ops->attention_decode)
+    return mt_seterr(MT_EINVAL, "gpt: the %s backend has no attention_decode", ops->name);
+  if (pos < 0 || pos >= m->T)
+    return mt_seterr(MT_EINVAL, "gpt: position %d is outside the %d the model was planned for", pos,
+                     m->T);
+  if (token < 0 || token >= c->vocab_size)
+    return mt_seterr(MT_EINVAL, "gpt: token %d is outside vocab %d", token, c->vocab_size);
+  act_plan *p = &((act_plan *)m->act_plan)[0];
+  size_t C = (size_t)c->n_embd, at = (size_t)pos * C;
+  int rc = mt_device_memcpy_htod(d, p->inputs + pos, &token, sizeof token);
+  if (rc) return rc;
+  ops->embedding_fwd(d, p->resid[0] + at, p->inputs + pos, mt_gpt_matrix(m, m->i_wte), m->wtype,
+                     W(m, m->i_wpe) + at, 1, 1, (int)C);
+  /* one row of every buffer the forward uses: the row of position pos */
+  float *ln = (float *)p->ln + at, *branch = p->branch + at, *gelu = (float *)p->gelu + 4 * at;
+  for (int l = 0; l < m->n_layers; l++) {
+    block_acts *a = &p->blocks[l];
+    const float *in = p->resid[l] + at;
+    float *qkv = a->qkv, *atty = (float *)a->atty + at, *resid2 = a->resid2 + at;
+    ops->layernorm_fwd(d, ln, MT_F32, p->ln_mean + pos, p->ln_rstd + pos, in, P(m, l, MT_P_LN1_W),
+                       P(m, l, MT_P_LN1_B), 1, (int)C, c->ln_eps);
+    ops->linear_fwd(d, qkv + 3 * at, MT_F32, ln, MT_F32, M(m, l, MT_P_QKV_W), m->wtype,
+                    P(m, l, MT_P_QKV_B), m->cvt, 1, (int)C, 3 * (int)C);
+    ops->attention_decode(d, atty, qkv, pos + 1, (int)C, c->n_head);
+    ops->linear_fwd(d, branch, MT_F32, atty, MT_F32, M(m, l, MT_P_ATTPROJ_W), m->wtype,
+                    P(m, l, MT_P_ATTPROJ_B), m->cvt, 1, (int)C, (int)C);
+    ops->dropout_residual_fwd(d, resid2, NULL, MT_F32, in, branch, 1, C, NULL);
+    ops->layernorm_fwd(d, ln, MT_F32, p->ln_mean + pos, p->ln_rstd + pos, resid2,
+                       P(m, l, MT_P_LN2_W), P(m, l, MT_P_LN2_B), 1, (int)C, c->ln_eps);
+    ops->linear_gelu_fwd(d, gelu, (float *)a->fch + 4 * at, MT_F32, ln, MT_F32, M(m, l, MT_P_FC_W),
+                         m->wtype, P(m, l, MT_P_FC_B), m->cvt, 1, (int)C, 4 * (int)C);
+    ops->linear_fwd(d, branch, MT_F32, gelu, MT_F32, M(m, l, MT_P_FCPROJ_W), m->wtype,
+                    P(m, l, MT_P_FCPROJ_B), m->cvt, 1, 4 * (int)C, (int)C);
+    ops->dropout_residual_fwd(d, p->resid[l + 1] + at, NULL, MT_F32, resid2, branch, 1, C, NULL);
+  }
+  float *lnf = (float *)p->lnf + at;
+  ops->layernorm_fwd(d, lnf, MT_F32, p->lnf_mean + pos, p->lnf_rstd + pos,
+                     p->resid[m->n_layers] + at, W(m, m->i_lnf), W(m, m->i_lnf + 1), 1, (int)C,
+                     c->ln_eps);
+  ops->linear_fwd(d, p->logits + (size_t)pos * c->padded_vocab, MT_F32, lnf, MT_F32,
+                  mt_gpt_matrix(m, m->i_wte), m->wtype, NULL, m->cvt, 1, (int)C, c->padded_vocab);
+  return 0;
+}
+
 const float *mt_gpt_stage_output(const mt_gpt *m, int slot) {
   const act_plan *p = &((const act_plan *)m->act_plan)[slot];
   return p->resid[m->n_layers];

@@ -237,6 +237,19 @@ size_t mt_gpt_stream_rows(const mt_gpt *m);
  * on failure. */
 const float *mt_gpt_stage_input_from_wire(mt_gpt *m, int slot, const void *wire);
 
+/* Inference with a key-value cache: the forward of one more position.
+ * Slot 0's row 0 holds positions [0, pos) of a sequence, from a forward
+ * whose row 0 began with them (training off) or from earlier calls: every
+ * layer's q, k and v and the stream there. This runs position pos (< T)
+ * for `token`: each layer's one new row, its attention over positions
+ * 0..pos (ops->attention_decode), keeping its k and v for the next call,
+ * and the LM head of that row, whose logits land at row 0's position pos
+ * of mt_gpt_logits (padded_vocab floats). A forward does the work of T
+ * positions, so a token costs 1/T of one, and the logits are
+ * attention_fwd's up to fp32 rounding. The whole model on one device (no
+ * tp or pp), fp32, without recomputation. */
+int mt_gpt_decode(mt_gpt *m, int pos, int32_t token);
+
 /* The parameter table a config gives (its stage only), without allocating
  * anything else; free *table. */
 int mt_gpt_table(const mt_gpt_config *cfg, mt_param **table, int *n, size_t *num_params);

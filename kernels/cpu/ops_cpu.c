@@ -994,6 +994,41 @@ static void crossentropy_shard_grad(mt_device *d, float *dlogits, const float *l
   }
 }
 
+/* ---- attention of one new position ------------------------------------ */
+
+/* Per head, one pass of the online softmax (FlashAttention's): the running
+ * maximum m, the sum l of exp(s - m) and the weighted sum of v in out,
+ * rescaled when m grows; out / l at the end. Heads in parallel. */
+static void attention_decode(mt_device *d, float *out, const float *qkv, int n, int C, int NH) {
+  int HS = C / NH;
+  float scale = 1.0f / sqrtf((float)HS);
+  const float *q = qkv + (size_t)(n - 1) * 3 * C;
+#pragma omp parallel for num_threads(nthreads(d)) if ((size_t)n * C >= PAR_MIN) schedule(static)
+  for (int h = 0; h < NH; h++) {
+    const float *qh = q + (size_t)h * HS;
+    float *o = out + (size_t)h * HS, m = -INFINITY, l = 0.0f;
+    for (int i = 0; i < HS; i++) o[i] = 0.0f;
+    for (int r = 0; r < n; r++) {
+      const float *k = qkv + (size_t)r * 3 * C + C + (size_t)h * HS, *v = k + C;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int i = 0; i < HS; i++) s += qh[i] * k[i];
+      s *= scale;
+      if (s > m) { /* rescale what was summed under the old maximum */
+        float f = expf(m - s);
+        l *= f;
+        for (int i = 0; i < HS; i++) o[i] *= f;
+        m = s;
+      }
+      float p = expf(s - m);
+      l += p;
+#pragma omp simd
+      for (int i = 0; i < HS; i++) o[i] += p * v[i];
+    }
+    for (int i = 0; i < HS; i++) o[i] /= l;
+  }
+}
+
 const mt_ops mt_cpu_ops = {
     .name = "cpu",
     .embedding_fwd = embedding_fwd,
@@ -1008,6 +1043,7 @@ const mt_ops mt_cpu_ops = {
     .attention_fwd = attention_fwd,
     .attention_bwd = attention_bwd,
     .attention_scratch = attention_scratch,
+    .attention_decode = attention_decode,
     .gelu_fwd = gelu_fwd,
     .gelu_bwd = gelu_bwd,
     .residual_fwd = residual_fwd,

@@ -283,3 +283,51 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
     mt__cuda_gemm(d, "attention_bwd dk", &gk);
   }
 }
+
+/* ---- attention of one new position ------------------------------------ */
+
+/* A block per head: each thread scores keys r = tid, tid + blockDim, …
+ * into shared memory, the block finds their maximum and the sum of the
+ * exponentials, then each thread sums the weighted values of output
+ * columns tid, tid + blockDim, … over all the keys. */
+static __global__ void k_att_decode(float *out, const float *qkv, int n, int C, int HS,
+                                    float scale) {
+  MT_DYN_SMEM(smem);
+  float *sc = (float *)smem;
+  int h = blockIdx.x;
+  const float *q = qkv + (size_t)(n - 1) * 3 * C + (size_t)h * HS;
+  float mx = -FLT_MAX;
+  for (int r = threadIdx.x; r < n; r += blockDim.x) {
+    const float *k = qkv + (size_t)r * 3 * C + C + (size_t)h * HS;
+    float s = 0.0f;
+    for (int i = 0; i < HS; i++) s += q[i] * k[i];
+    sc[r] = s * scale;
+    mx = fmaxf(mx, sc[r]);
+  }
+  mx = mt__block_max(mx);
+  float sum = 0.0f;
+  for (int r = threadIdx.x; r < n; r += blockDim.x) {
+    sc[r] = expf(sc[r] - mx);
+    sum += sc[r];
+  }
+  sum = mt__block_sum(sum); /* its barriers also make every sc[r] visible */
+  for (int i = threadIdx.x; i < HS; i += blockDim.x) {
+    const float *v = qkv + 2 * (size_t)C + (size_t)h * HS + i;
+    float acc = 0.0f;
+    for (int r = 0; r < n; r++) acc += sc[r] * v[(size_t)r * 3 * C];
+    out[(size_t)h * HS + i] = acc / sum;
+  }
+}
+
+void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n, int C, int NH) {
+  if (n < 1 || C < 1 || NH < 1) return;
+  if (n > MT_DECODE_MAX_KEYS) {
+    mt__cuda_fail(d, "attention_decode", "more keys than MT_DECODE_MAX_KEYS (12288)");
+    return;
+  }
+  mt__cuda *c = mt__cuda_enter(d);
+  int HS = C / NH;
+  MT_LAUNCH_SMEM(k_att_decode, (unsigned)NH, 128, (size_t)n * sizeof(float), c->stream)
+  (out, qkv, n, C, HS, 1.0f / sqrtf((float)HS));
+  mt__cuda_check(d, "attention_decode");
+}

@@ -114,6 +114,7 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratc
                             const float *dout, const void *out, const void *qkv, mt_dtype qt,
                             const float *lse, int B, int T, int C, int NH, const mt_dropout *drop);
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt);
+void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n, int C, int NH);
 
 /* flash_cuda.cu: the attention of a 16-bit qkv (qt MT_BF16 or MT_F16), one
  * fused kernel per pass on the tensor cores. The backward needs B·NH·T

@@ -1120,6 +1120,7 @@ static mt_ops make_ops(void) {
   o.attention_fwd = mt__cuda_attention_fwd;
   o.attention_bwd = mt__cuda_attention_bwd;
   o.attention_scratch = mt__cuda_attention_scratch;
+  o.attention_decode = mt__cuda_attention_decode;
   o.gelu_fwd = gelu_fwd;
   o.gelu_bwd = gelu_bwd;
   o.residual_fwd = residual_fwd;

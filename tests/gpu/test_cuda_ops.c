@@ -1092,6 +1092,23 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   arena_reset();
 }
 
+/* Decoding with a key-value cache: the GPU's attention of one new position
+ * over n cached rows against the CPU's, for n = 1, a few, and all T rows
+ * (more keys than the block's threads); the output poisoned first. */
+static void test_attention_decode(int T, int C, int NH) {
+  size_t nq = (size_t)T * 3 * C;
+  float *qkv = H(nq, -1.5f, 1.5f), *gqkv = Df(qkv, nq), *c = halloc((size_t)C * sizeof(float));
+  int ns[] = {1, 3, T};
+  for (int k = 0; k < 3; k++) {
+    float *g = DN((size_t)C);
+    cpu.ops->attention_decode(&cpu, c, qkv, ns[k], C, NH);
+    gpu.ops->attention_decode(&gpu, g, gqkv, ns[k], C, NH);
+    check("attention_decode", label("T=%d C=%d NH=%d, %d keys", T, C, NH, ns[k]),
+          back(g, (size_t)C), c, (size_t)C, 1e-5);
+  }
+  arena_reset();
+}
+
 /* A 16-bit qkv (a bf16 or fp16 job's): the GPU's flash kernels against the
  * CPU's attention of the same values, each backend with exactly the scratch
  * it asks for qt. The flash kernels also round the probabilities, dout and
@@ -1607,6 +1624,8 @@ int main(int argc, char **argv) {
     test_flash_attention(fgroups, MT_BF16, 1);
     shape fodd = {2, 33, 20, 2, 37, 40}; /* head size 10: tiles load element by element */
     test_flash_attention(fodd, MT_BF16, 1);
+    test_attention_decode(300, 64, 4);
+    test_attention_decode(17, 20, 2);
 #ifdef MT_CUDA_EMU
     test_flash_shared_memory_limit();
 #endif

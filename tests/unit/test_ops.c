@@ -592,6 +592,27 @@ static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
   att_free(&a);
 }
 
+/* Decoding with a key-value cache: attention_decode of the first n rows is
+ * the double reference's row n - 1, for every n (one key, several, past a
+ * large score that rescales the running sums), heads of odd sizes too. */
+static void test_attention_decode_matches_reference(int T, int C, int NH) {
+  att_case a = att_make(1, T, C, NH, NULL);
+  for (int i = 0; i < C / NH; i++) a.qkv[(size_t)(T / 2) * 3 * C + C + i] = 4.0f; /* a big key */
+  for (size_t i = 0; i < (size_t)T * 3 * C; i++) a.dqkv[i] = a.qkv[i];
+  att_ref(a.out, a.lse, a.dqkv, 1, T, C, NH, NULL);
+  float *out = frand((size_t)C, -9, 9);
+  double worst = 0.0;
+  for (int n = 1; n <= T; n++) {
+    ops->attention_decode(&dev, out, a.qkv, n, C, NH);
+    double r = rel_err(out, a.out + (size_t)(n - 1) * C, (size_t)C);
+    worst = r > worst ? r : worst;
+  }
+  report(worst < FWD_TOL, __func__, "T=%d C=%d NH=%d: worst row rel %.2e over n = 1..%d", T, C, NH,
+         worst, T);
+  free(out);
+  att_free(&a);
+}
+
 /* fwd then bwd; the scratch, exactly as large as the op asks (ASan sees
  * past it), starts as NaN since its contents are undefined */
 static void att_run_bwd(att_case *a, float *dqkv) {
@@ -1393,6 +1414,8 @@ int main(void) {
   test_attention_fwd_matches_reference(2, 70, 32, 2, NULL); /* T past one row block */
   test_attention_fwd_matches_reference(2, 7, 12, 3, &attn_drop);
   test_attention_fwd_matches_reference(1, 200, 16, 2, &attn_drop); /* several column tiles */
+  test_attention_decode_matches_reference(40, 32, 2);
+  test_attention_decode_matches_reference(9, 12, 3);
   test_attention_bwd_matches_finite_differences(2, 7, 12, 3, NULL);
   test_attention_bwd_matches_finite_differences(2, 70, 32, 2, NULL);
   test_attention_bwd_matches_finite_differences(2, 7, 12, 3, &attn_drop);

@@ -145,6 +145,56 @@ static void test_recompute_gives_identical_gradients(void) {
   printf("  ok test_recompute_gives_identical_gradients\n");
 }
 
+/* Generation with a key-value cache: a forward over the first 5 tokens of a
+ * row of 13 (padded with other tokens after them), then mt_gpt_decode of
+ * positions 5..12, gives at every position the logits a whole forward over
+ * those tokens gives (fp32 rounding apart: the decode attends row by row);
+ * the position past the plan, a training model and a recomputing one are
+ * refused, named. */
+static void test_decode_matches_the_whole_forward(void) {
+  enum { T = 13, P = 5 };
+  mt_gpt whole, inc;
+  mt_gpt_config c = small_config(3, 0, 0.1f); /* dropout: off once training is */
+  CHECK(!mt_gpt_create(&whole, &c, &dev, 1, T) && !mt_gpt_create(&inc, &c, &dev, 1, T), "%s",
+        mt_errmsg());
+  mt_gpt_init_weights(&whole, 9);
+  mt_gpt_init_weights(&inc, 9);
+  int32_t tok[T], pad[T];
+  fill_tokens(tok, T, 61, 4);
+  fill_tokens(pad, T, 61, 5);
+  CHECK(mt_gpt_decode(&inc, P, tok[P]) == MT_EINVAL && strstr(mt_errmsg(), "training off"),
+        "a training model decoded: %s", mt_errmsg());
+  whole.training = inc.training = 0;
+  memcpy(pad, tok, P * sizeof *tok);
+  CHECK(!mt_gpt_forward(&whole, tok, NULL, 0) && !mt_gpt_forward(&inc, pad, NULL, 0), "%s",
+        mt_errmsg());
+  for (int pos = P; pos < T; pos++) CHECK(!mt_gpt_decode(&inc, pos, tok[pos]), "%s", mt_errmsg());
+  const float *a = mt_gpt_logits(&whole, 0), *b = mt_gpt_logits(&inc, 0);
+  double worst = 0.0;
+  for (int pos = 0; pos < T; pos++) {
+    double num = 0.0, den = 0.0;
+    for (int v = 0; v < c.vocab_size; v++) {
+      double x = a[(size_t)pos * 64 + v], y = b[(size_t)pos * 64 + v];
+      num += (x - y) * (x - y), den += x * x;
+    }
+    worst = fmax(worst, sqrt(num / den));
+  }
+  CHECK(worst < 1e-5, "decoded logits differ from the forward's by %.2e", worst);
+  CHECK(mt_gpt_decode(&inc, T, 1) == MT_EINVAL && strstr(mt_errmsg(), "position 13"),
+        "past the plan: %s", mt_errmsg());
+  CHECK(mt_gpt_decode(&inc, 3, 61) == MT_EINVAL && strstr(mt_errmsg(), "token 61"),
+        "a token outside the vocabulary: %s", mt_errmsg());
+  mt_gpt_destroy(&whole);
+  mt_gpt_destroy(&inc);
+  mt_gpt_config r = small_config(1, 1, 0);
+  CHECK(!mt_gpt_create(&inc, &r, &dev, 1, 4), "%s", mt_errmsg());
+  inc.training = 0;
+  CHECK(mt_gpt_decode(&inc, 0, 1) == MT_EINVAL && strstr(mt_errmsg(), "recomputation"),
+        "a recomputing model decoded: %s", mt_errmsg());
+  mt_gpt_destroy(&inc);
+  printf("  ok test_decode_matches_the_whole_forward (worst row rel %.2e)\n", worst);
+}
+
 static void test_bad_tokens_are_refused_with_position(void) {
   mt_gpt m;
   mt_gpt_config c = small_config(1, 0, 0);
@@ -627,6 +677,7 @@ int main(void) {
   test_init_std_and_scaled_output_projections();
   test_recompute_gives_identical_gradients();
   test_bad_tokens_are_refused_with_position();
+  test_decode_matches_the_whole_forward();
   test_lr_warmup_then_cosine_to_min();
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
