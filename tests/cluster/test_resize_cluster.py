@@ -83,17 +83,19 @@ def main():
                                r.returncode, r.stdout.strip().splitlines()[-1:] if r.stdout else "",
                                len(cks), v.returncode))
 
-            # refused while the job surely runs (at step 5 or so of 110): a
-            # job that has ended refuses every resize for that reason instead
-            r3 = run("resize", "--dp", "3")
-            r4 = run("resize", "--dp", str(2 ** 30))
-            alive = run("status")
-
+            # the resize first, while generation 1 surely runs: on a loaded
+            # machine the calls before it let the job reach its end
             t0 = time.time()
             r1 = run("resize", "--dp", "1", "--wait")
             took1 = time.time() - t0
             s1 = status()
             members1 = sorted(n["name"] for n in s1["nodes"] if n.get("member"))
+            # refused while the job surely runs (generation 2 at dp 1 has most
+            # of its 110 steps ahead): a job that has ended refuses every
+            # resize for that reason instead
+            r3 = run("resize", "--dp", "3")
+            r4 = run("resize", "--dp", str(2 ** 30))
+            alive = run("status")
             c.wait_for(lambda: last_step(c.nodes[0]) >= s1["step"] + 4, 120, "steps on dp 1")
             r2 = run("resize", "--dp", "2", "--wait")
             s2 = status()
