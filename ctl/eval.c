@@ -32,7 +32,7 @@
 
 static const char usage_text[] =
     "usage: mtnlg-eval generate MODEL --prompt TEXT [--tokens N] [--temperature T]\n"
-    "                  [--top-k K] [--top-p P] [--seed S] [options]\n"
+    "                  [--top-k K] [--top-p P] [--seed S] [--no-cache] [options]\n"
     "       mtnlg-eval lambada MODEL FILE.jsonl [options]\n"
     "       mtnlg-eval perplexity MODEL FILE.txt [options]\n"
     "\n"
@@ -65,6 +65,7 @@ static const char usage_text[] =
     "  --merges FILE            GPT-2 merges.txt or vocab.bpe (gpt2)\n"
     "  --device SPEC            cpu:0 (default) or cuda:N\n"
     "  --batch N                sequences a forward pass (lambada, perplexity; default 8)\n"
+    "  --no-cache               generate: no key-value cache, a whole forward per token\n"
     "  -o json                  one JSON object on standard output\n";
 
 typedef struct {

@@ -74,8 +74,8 @@ static inline int mt_flash_bwd_samples(int T, int NH) {
 }
 
 /* The most keys a GPU's attention_decode takes: their scores share one
- * block's 48 KB of shared memory. */
-#define MT_DECODE_MAX_KEYS 12288
+ * block's 48 KB of shared memory with the block reductions' 256 bytes. */
+#define MT_DECODE_MAX_KEYS 12224
 
 /* One tensor, or slice of one, for a multi-tensor AdamW step. */
 typedef struct mt_adamw_slice {

@@ -1041,6 +1041,9 @@ int mt_gpt_decode(mt_gpt *m, int pos, int32_t token) {
                      m->T);
   if (token < 0 || token >= c->vocab_size)
     return mt_seterr(MT_EINVAL, "gpt: token %d is outside vocab %d", token, c->vocab_size);
+  if (d->kind != MT_DEVICE_CPU && pos + 1 > MT_DECODE_MAX_KEYS)
+    return mt_seterr(MT_EINVAL, "gpt: %s decodes at most %d positions, not %d", d->name,
+                     MT_DECODE_MAX_KEYS, pos + 1);
   act_plan *p = &((act_plan *)m->act_plan)[0];
   size_t C = (size_t)c->n_embd, at = (size_t)pos * C;
   int rc = mt_device_memcpy_htod(d, p->inputs + pos, &token, sizeof token);
@@ -1075,7 +1078,7 @@ int mt_gpt_decode(mt_gpt *m, int pos, int32_t token) {
                      c->ln_eps);
   ops->linear_fwd(d, p->logits + (size_t)pos * c->padded_vocab, MT_F32, lnf, MT_F32,
                   mt_gpt_matrix(m, m->i_wte), m->wtype, NULL, m->cvt, 1, (int)C, c->padded_vocab);
-  return 0;
+  return mt_device_sync(d); /* a GPU op that failed says so here, not in a later token */
 }
 
 const float *mt_gpt_stage_output(const mt_gpt *m, int slot) {

@@ -17,6 +17,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 
 #include "cuda_impl.h"
 #include "mtmath.h"
@@ -322,7 +323,9 @@ static __global__ void k_att_decode(float *out, const float *qkv, int n, int C, 
 void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n, int C, int NH) {
   if (n < 1 || C < 1 || NH < 1) return;
   if (n > MT_DECODE_MAX_KEYS) {
-    mt__cuda_fail(d, "attention_decode", "more keys than MT_DECODE_MAX_KEYS (12288)");
+    char why[96];
+    snprintf(why, sizeof why, "%d keys, more than MT_DECODE_MAX_KEYS (%d)", n, MT_DECODE_MAX_KEYS);
+    mt__cuda_fail(d, "attention_decode", why);
     return;
   }
   mt__cuda *c = mt__cuda_enter(d);

@@ -259,7 +259,7 @@ static int test_bf16_3d_layout_on_gpus_follows_one_cpu(void) {
  * gradients summed over tp; the losses follow one CPU device as tp 2 x pp 2
  * x dp 2's do. */
 static int test_bf16_sequence_parallel_on_gpus_follows_one_cpu(void) {
-  enum { N = 3 };
+  enum { N = 2 };
   static rank_log cpu[1], gpu[4];
   layout l = {
       .kind = "cpu", .precision = "bf16", .steps = N, .tp = 1, .pp = 1, .dp = 1, .dropout = 0.1f};
