@@ -115,11 +115,16 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
   printf("  precision  %s: %s\n", job->train.precision,
          plan->mixed ? "16-bit weights and activations; fp32 grads, masters and Adam"
                      : "fp32 weights, activations, grads and Adam");
-  printf("  recompute  %s\n", plan->recompute ? "on: each layer keeps only its input"
-                                              : "off: every layer keeps its input, Q/K/V, the "
-                                                "attention output, the stream after attention and "
-                                                "the GeLU input; softmax, LayerNorm and GeLU "
-                                                "outputs are recomputed");
+  if (plan->recompute && plan->recompute_layers > 0)
+    printf("  recompute  on for the first %d layer(s) of each stage (%.0f%% of the layers): they "
+           "keep only their input, the others as with it off\n",
+           plan->recompute_layers, 100.0 * plan->recomputed);
+  else
+    printf("  recompute  %s\n", plan->recompute ? "on: each layer keeps only its input"
+                                                : "off: every layer keeps its input, Q/K/V, the "
+                                                  "attention output, the stream after attention "
+                                                  "and the GeLU input; softmax, LayerNorm and "
+                                                  "GeLU outputs are recomputed");
   if (plan->tp > 1)
     printf("  seq-par    %s\n", plan->sequence_parallel
                                     ? "on: LayerNorms, dropout and the stream split over tp by rows"
@@ -146,8 +151,10 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
   printf("  model FLOPs     %.4g  (eq. 3 without recomputation: what MFU counts)\n",
          plan->model_flops);
   printf("  executed FLOPs  %.4g  (%s)\n", plan->executed_flops,
-         plan->recompute ? "eq. 3 with recomputation, 96 B s l h^2 (1 + s/6h + Vp/16lh)"
-                         : "no recomputation: the same as the model FLOPs");
+         !plan->recompute         ? "no recomputation: the same as the model FLOPs"
+         : plan->recomputed < 1.0 ? "eq. 3 with a share r of the layers recomputed, 72 (1 + r/3) "
+                                    "B s l h^2 (1 + s/6h) + 6 B s h Vp"
+                                  : "eq. 3 with recomputation, 96 B s l h^2 (1 + s/6h + Vp/16lh)");
   printf("  bubble          %.1f%%  ((p - 1) / (m + p - 1) = %d / %d)\n",
          100 * plan->bubble_fraction, plan->pp - 1, plan->micro_batches + plan->pp - 1);
   printf("  step time       %.4g s  (executed FLOPs / (%d x %.1f TFLOP/s x %.2f))\n", plan->step_s,
@@ -181,7 +188,7 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
   json_t *root = json_pack(
       "{s:s, s:s,"
       " s:{s:i, s:i, s:i, s:i, s:i, s:i, s:I},"
-      " s:{s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:b, s:s},"
+      " s:{s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:i, s:f, s:b, s:s},"
       " s:{s:f, s:f, s:f, s:f},"
       " s:{s:i, s:o, s:b},"
       " s:{s:f, s:f, s:s},"
@@ -192,14 +199,16 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
       (json_int_t)plan->model_params, /* */
       "layout", "tp", plan->tp, "pp", plan->pp, "dp", plan->dp, "devices", plan->devices,
       "global_batch", job->train.global_batch, "micro_batch", plan->micro_batch, "micro_batches",
-      plan->micro_batches, "recompute", plan->recompute, "sequence_parallel",
-      plan->sequence_parallel,           /* */
-      "precision", job->train.precision, /* */
+      plan->micro_batches, "recompute", plan->recompute, "recompute_layers", plan->recompute_layers,
+      "recomputed_share", plan->recomputed, "sequence_parallel", plan->sequence_parallel, /* */
+      "precision", job->train.precision,                                                  /* */
       "device", "memory_bytes", plan->dev.memory_bytes, "usable_bytes", plan->usable_bytes,
       "tflops", plan->dev.tflops, "efficiency", plan->dev.efficiency, /* */
       "memory", "worst_stage", plan->worst.stage, "stages", stages, "fits", plan->fits, "flops",
       "model_per_step", plan->model_flops, "executed_per_step", plan->executed_flops, "formula",
-      plan->recompute ? "96 B s l h^2 (1 + s/6h + Vp/16lh)" : "72 B s l h^2 (1 + s/6h + Vp/12lh)",
+      !plan->recompute         ? "72 B s l h^2 (1 + s/6h + Vp/12lh)"
+      : plan->recomputed < 1.0 ? "72 (1 + r/3) B s l h^2 (1 + s/6h) + 6 B s h Vp"
+                               : "96 B s l h^2 (1 + s/6h + Vp/16lh)",
       "bubble_fraction", plan->bubble_fraction, "step_time_s", plan->step_s,
       "step_time_with_bubble_s", plan->step_with_bubble_s, "tokens_per_step",
       (json_int_t)plan->tokens_per_step, "tokens_per_s", plan->tokens_per_s,

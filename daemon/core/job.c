@@ -282,10 +282,18 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
-static const char *const parallel_keys[] = {
-    "tp",        "pp",       "dp_min",      "dp_max",      "micro_batch",
-    "recompute", "schedule", "bucket_size", "overlap_p2p", "sequence_parallel",
-    NULL};
+static const char *const parallel_keys[] = {"tp",
+                                            "pp",
+                                            "dp_min",
+                                            "dp_max",
+                                            "micro_batch",
+                                            "recompute",
+                                            "recompute_layers",
+                                            "schedule",
+                                            "bucket_size",
+                                            "overlap_p2p",
+                                            "sequence_parallel",
+                                            NULL};
 static const char *const train_keys[] = {
     "global_batch", "steps",     "seed",       "lr",           "adam",         "weight_decay",
     "clip_grad",    "precision", "loss_scale", "log_interval", "rampup_batch", NULL};
@@ -497,6 +505,7 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
   if (!read_int(pb, o, "parallel", "dp_max", &p->dp_max)) p->dp_max = p->dp_min;
   read_int(pb, o, "parallel", "micro_batch", &p->micro_batch);
   read_bool(pb, o, "parallel", "recompute", &p->recompute);
+  read_int(pb, o, "parallel", "recompute_layers", &p->recompute_layers);
   read_bool(pb, o, "parallel", "sequence_parallel", &p->sequence_parallel);
   read_int(pb, o, "parallel", "bucket_size", &p->bucket_size);
   read_bool(pb, o, "parallel", "overlap_p2p", &p->overlap_p2p);
@@ -950,6 +959,12 @@ static void validate(problems *pb, mt_job *job) {
                m->n_head);
   if (m->n_head >= 1 && p->tp >= 1 && m->n_head % p->tp)
     check_fail(pb, "model.n_head", "%d is not divisible by parallel.tp = %d", m->n_head, p->tp);
+  if (p->recompute_layers < 0)
+    check_fail(pb, "parallel.recompute_layers", "%d must be >= 0 (0 = every layer)",
+               p->recompute_layers);
+  if (p->recompute_layers > 0 && !p->recompute)
+    check_fail(pb, "parallel.recompute_layers", "%d recomputes only with parallel.recompute = true",
+               p->recompute_layers);
   if (p->sequence_parallel && p->tp > 1 && p->micro_batch >= 1 && m->seq_len >= 1 &&
       ((int64_t)p->micro_batch * m->seq_len) % p->tp)
     check_fail(pb, "parallel.sequence_parallel",
@@ -1111,9 +1126,12 @@ static json_t *job_to_json(const mt_job *job) {
                                   ramp->increment, "samples", (json_int_t)ramp->samples));
   json_object_set_new(json_object_get(root, "parallel"), "overlap_p2p",
                       json_boolean(job->parallel.overlap_p2p));
-  /* only when on: the jobs from before it keep their canonical form and hash */
+  /* only when on: the jobs from before them keep their canonical form and hash */
   if (job->parallel.sequence_parallel)
     json_object_set_new(json_object_get(root, "parallel"), "sequence_parallel", json_true());
+  if (job->parallel.recompute_layers)
+    json_object_set_new(json_object_get(root, "parallel"), "recompute_layers",
+                        json_integer(job->parallel.recompute_layers));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

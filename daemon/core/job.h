@@ -34,6 +34,8 @@ typedef struct mt_parallel_spec {
   int tp, pp, dp_min, dp_max; /* standalone, one device: all 1 */
   int micro_batch;            /* sequences per micro-batch */
   int recompute;              /* per-layer activation recomputation */
+  int recompute_layers;       /* with recompute: only each stage's first this many layers
+                                 (Megatron's --recompute-method block); 0: every layer */
   int sequence_parallel;      /* with tp > 1: LayerNorms, dropout and the stream split over tp
                                  by rows (Megatron's --sequence-parallel) */
   char schedule[16];          /* "1f1b" */

@@ -415,6 +415,7 @@ static int operational_field(const char *path) {
                                       "parallel.micro_batch",
                                       "parallel.recompute",
                                       "parallel.sequence_parallel",
+                                      "parallel.recompute_layers",
                                       "parallel.bucket_size",
                                       "parallel.overlap_p2p",
                                       "parallel.schedule",

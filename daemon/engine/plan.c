@@ -39,7 +39,9 @@
  * activations.
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
- *   one micro-batch while it is recomputed and run backward.
+ *   one micro-batch while it is recomputed and run backward. With
+ *   recompute_layers k only a stage's first k layers do (Megatron's block
+ *   method); the others keep what they keep without recomputation.
  * - Sequence parallelism (tp > 1) splits the stream's rows over tp: what a
  *   layer keeps replicated (its input and the stream after attention, or
  *   with recomputation its input) is divided by t, as is what travels
@@ -82,10 +84,12 @@ static int64_t padded_vocab_of(const mt_model_spec *m, int tp) {
   return ceil_div64(m->vocab_size, mult) * mult;
 }
 
-double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, int recompute) {
+double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, double recomputed) {
   double B = (double)batch, s = m->seq_len, l = m->n_layer, h = m->n_embd, V = padded_vocab;
-  if (recompute) return 96.0 * B * s * l * h * h * (1.0 + s / (6.0 * h) + V / (16.0 * l * h));
-  return 72.0 * B * s * l * h * h * (1.0 + s / (6.0 * h) + V / (12.0 * l * h));
+  if (recomputed >= 1.0) /* eq. 3 as the paper writes it */
+    return 96.0 * B * s * l * h * h * (1.0 + s / (6.0 * h) + V / (16.0 * l * h));
+  return 72.0 * (1.0 + recomputed / 3.0) * B * s * l * h * h * (1.0 + s / (6.0 * h)) +
+         6.0 * B * s * h * V;
 }
 
 /* Parameters of one transformer layer on one tp rank: 12 h²/t matrix
@@ -145,10 +149,10 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   int64_t inflight = p - s < plan->micro_batches ? p - s : plan->micro_batches;
   int64_t full = layer_act_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
   out->inflight = (int)inflight;
-  if (plan->recompute)
-    out->activation_bytes = inflight * out->n_layers * stream * (mixed ? 2 : 4) + full;
-  else
-    out->activation_bytes = inflight * out->n_layers * full;
+  int64_t rl = plan->recompute ? out->n_layers : 0; /* the layers that recompute */
+  if (rl && plan->recompute_layers > 0 && plan->recompute_layers < rl) rl = plan->recompute_layers;
+  out->activation_bytes =
+      inflight * (rl * stream * (mixed ? 2 : 4) + (out->n_layers - rl) * full) + (rl ? full : 0);
   if (out->n_layers)
     out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
   if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
@@ -258,6 +262,14 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->micro_batch = ps->micro_batch;
   out->micro_batches = job->train.global_batch / (ps->micro_batch * out->dp);
   out->recompute = ps->recompute;
+  out->recompute_layers = ps->recompute ? ps->recompute_layers : 0;
+  /* the layers' share that recomputes: up to k of each stage's */
+  out->recomputed = 0.0;
+  for (int s = 0; ps->recompute && s < ps->pp; s++) {
+    int n = m->n_layer / ps->pp + (s < m->n_layer % ps->pp);
+    int k = ps->recompute_layers > 0 && ps->recompute_layers < n ? ps->recompute_layers : n;
+    out->recomputed += (double)k / m->n_layer;
+  }
   out->sequence_parallel = ps->sequence_parallel && ps->tp > 1;
   out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
   out->padded_vocab = (int)padded_vocab_of(m, ps->tp);
@@ -276,7 +288,8 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
 
   out->tokens_per_step = mt_job_tokens_per_step(job);
   out->model_flops = mt_plan_flops(m, out->padded_vocab, job->train.global_batch, 0);
-  out->executed_flops = mt_plan_flops(m, out->padded_vocab, job->train.global_batch, ps->recompute);
+  out->executed_flops =
+      mt_plan_flops(m, out->padded_vocab, job->train.global_batch, out->recomputed);
   out->bubble_fraction = (double)(out->pp - 1) / (out->micro_batches + out->pp - 1);
   double rate = (double)out->devices * dev.tflops * 1e12 * dev.efficiency; /* FLOP/s */
   out->step_s = out->executed_flops / rate;

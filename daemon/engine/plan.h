@@ -64,12 +64,14 @@ typedef struct mt_plan {
   int micro_batch;   /* b: sequences per micro-batch */
   int micro_batches; /* m: per dp rank per step = global_batch / (b dp) */
   int recompute;
+  int recompute_layers;  /* with recompute: the first this many of each stage; 0: all */
+  double recomputed;     /* the share of the layers that recompute, 0 to 1 */
   int sequence_parallel; /* on and tp > 1: the stream's rows split over tp */
-  int mixed;            /* bf16 or fp16: 16-bit model copy and activations */
-  int padded_vocab;     /* Vp */
-  int64_t model_params; /* of the whole model, Vp rows of wte, tied embedding once */
-  mt_plan_device dev;   /* as given, defaults filled in */
-  double usable_bytes;  /* dev.memory_bytes * dev.usable_fraction */
+  int mixed;             /* bf16 or fp16: 16-bit model copy and activations */
+  int padded_vocab;      /* Vp */
+  int64_t model_params;  /* of the whole model, Vp rows of wte, tied embedding once */
+  mt_plan_device dev;    /* as given, defaults filled in */
+  double usable_bytes;   /* dev.memory_bytes * dev.usable_fraction */
 
   mt_plan_stage first, last, worst; /* worst: the largest total (the first such) */
 
@@ -96,7 +98,8 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
 /* Narayanan et al. eq. 3 for a step of `batch` sequences, with Vp as the
  * vocabulary (the GEMM that runs): 96 B s l h² (1 + s/6h + Vp/16lh) with
  * recomputation, 72 B s l h² (1 + s/6h + Vp/12lh) without (the LM head's
- * 6 B s h Vp is never recomputed). */
-double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, int recompute);
+ * 6 B s h Vp is never recomputed); `recomputed` is the share of the layers
+ * that recompute (0 to 1: their forward runs twice). */
+double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, double recomputed);
 
 #endif

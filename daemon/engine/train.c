@@ -63,6 +63,7 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .hidden_dropout = ms->hidden_dropout,
       .attention_dropout = ms->attention_dropout,
       .recompute = job->parallel.recompute,
+      .recompute_layers = job->parallel.recompute_layers,
       .sequence_parallel = job->parallel.sequence_parallel,
       .zero_shards = g->dp_size,
       .micro_slots = slots,

@@ -20,7 +20,9 @@
  * LayerNorms' outputs (from the block's input and resid2), GeLU's output
  * (from fch) and attention's probabilities (from qkv and lse); the backward
  * recomputes them into the shared buffers of act_plan. With full
- * recomputation only one set exists, refilled from the block's input.
+ * recomputation only one set exists, for every slot, refilled from the
+ * block's input; with recompute_layers k the stage's first k blocks share
+ * that set and the others keep their own (recomputes, acts_of).
  * A bf16 or fp16 job keeps them in 16 bits, as Megatron's activations are
  * (act_type): qkv, atty and fch are written so by the ops that make them
  * and read so, forward and backward. resid2, the residual stream, is made
@@ -248,6 +250,23 @@ static mt_dtype act_type(const mt_gpt *m) {
                                             : MT_F32;
 }
 
+/* Blocks of this stage that recompute in the backward pass: every one, the
+ * first recompute_layers (Megatron's block method), or none. */
+static int n_recomputed(const mt_gpt *m) {
+  const mt_gpt_config *c = &m->cfg;
+  if (!c->recompute) return 0;
+  return c->recompute_layers > 0 && c->recompute_layers < m->n_layers ? c->recompute_layers
+                                                                      : m->n_layers;
+}
+static int recomputes(const mt_gpt *m, int l) { return l < n_recomputed(m); }
+
+/* The kept activations of block l: one set shared by the recomputing
+ * blocks, then one each. */
+static block_acts *acts_of(const mt_gpt *m, void *plan, int l) {
+  int k = n_recomputed(m);
+  return &((act_plan *)plan)->blocks[l < k ? 0 : l - k + (k > 0)];
+}
+
 /* Sequence parallelism on (tp > 1): the stream is this rank's rows only. */
 static int seq_par(const mt_gpt *m) { return m->cfg.sequence_parallel && m->cfg.tp_size > 1; }
 
@@ -296,7 +315,9 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
         carve(&p->resid[l], base, &off, R * C);
     }
     if (half && !m->last) carve_half(&p->out_h, base, &off, R * C);
-    for (int b = 0; b < p->n_blocks; b++) {
+    /* the recomputing blocks' set (blocks[0]) holds nothing between a
+     * block's forward and its own backward: one set serves every slot */
+    for (int b = k > 0 && n_recomputed(m) > 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
       carve(&a->lse, base, &off, BHT);
       carve_act(m, &a->qkv, base, &off, BT * 3 * Cl);
@@ -350,6 +371,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     slots[k].dqkv = p->dqkv, slots[k].dfch = p->dfch, slots[k].dfch2 = p->dfch2;
     slots[k].att_scratch = p->att_scratch, slots[k].branch = p->branch;
     slots[k].lngrad = p->lngrad;
+    if (n_recomputed(m)) slots[k].blocks[0] = p->blocks[0];
   }
   return off;
 }
@@ -404,7 +426,7 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   }
   for (int k = 0; k < m->n_slots; k++) {
     act_plan *p = &slots[k];
-    p->n_blocks = cfg->recompute ? 1 : m->n_layers;
+    p->n_blocks = m->n_layers - n_recomputed(m) + (n_recomputed(m) > 0);
     p->resid = calloc((size_t)m->n_layers + 1, sizeof(float *));
     p->resid_h = calloc((size_t)m->n_layers + 1, sizeof(uint16_t *));
     p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
@@ -791,7 +813,7 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
     for (int k = 0; k < 4; k++) lnd[k] = p->lngrad + (size_t)k * C;
   }
 
-  if (!c->recompute) unkeep(m, a->resid2, a->resid2_h, (size_t)R * C); /* recomputed: there */
+  if (!recomputes(m, l)) unkeep(m, a->resid2, a->resid2_h, (size_t)R * C); /* else there */
 
   /* MLP branch; d(resid2) = dres (identity path) + LayerNorm path below.
    * dfch2 = gelu'(fch) ⊙ (dbranch · W_proj), written, not accumulated, and
@@ -909,7 +931,7 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     float *out = p->resid[l + 1] ? p->resid[l + 1] : p->stream[l % 2];
     mt_dtype kt;
     uint16_t *kh = stream_keep(m, p, l, &kt);
-    rc = block_forward(m, p, l, &p->blocks[c->recompute ? 0 : l], in, out, kh, kt);
+    rc = block_forward(m, p, l, acts_of(m, p, l), in, out, kh, kt);
     in = out;
   }
   if (rc || !m->last) return rc;
@@ -996,7 +1018,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   }
 
   for (int l = L - 1; l >= 0; l--) {
-    block_acts *a = &p->blocks[c->recompute ? 0 : l];
+    block_acts *a = acts_of(m, p, l);
     const float *in = p->resid[l];
     if (!in) { /* a 16-bit job's stream */
       unkeep(m, p->stream[0], p->resid_h[l], RC);
@@ -1004,7 +1026,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     }
     /* the recomputed output is not needed, and in a 16-bit job is not rounded */
     float *out = half_acts(m) || !p->resid[l + 1] ? p->stream[1] : p->resid[l + 1];
-    int rc = c->recompute ? block_forward(m, p, l, a, in, out, NULL, MT_F32) : 0;
+    int rc = recomputes(m, l) ? block_forward(m, p, l, a, in, out, NULL, MT_F32) : 0;
     if (!rc) rc = block_backward(m, p, l, a, in);
     if (!rc && m->on_block_grads) rc = m->on_block_grads(m->grads_ctx, l);
     if (rc) return rc;

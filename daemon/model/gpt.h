@@ -36,9 +36,11 @@ typedef struct mt_gpt_config {
   float ln_eps;
   float init_std;
   float hidden_dropout, attention_dropout;
-  int recompute;   /* keep only each block's input; recompute in backward */
-  int zero_shards; /* params and grads padded to split into this many equal
-                      slices (ZeRO-1 over dp); 0 or 1: no padding */
+  int recompute;        /* keep only each block's input; recompute in backward */
+  int recompute_layers; /* with recompute: only the stage's first this many blocks
+                           (Megatron's --recompute-method block); 0: every block */
+  int zero_shards;      /* params and grads padded to split into this many equal
+                           slices (ZeRO-1 over dp); 0 or 1: no padding */
   /* Pipeline stage: blocks [layer_begin, layer_end) (0, 0: the whole model).
    * The stage holding layer 0 has the embeddings, the one holding the last
    * layer the final LayerNorm and the LM head tied to its own copy of wte. */

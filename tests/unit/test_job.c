@@ -129,6 +129,19 @@ static void test_override_sets_nested_key(void) {
         mt_job_parse(&back, canon, "/jobs", presets, NULL) == MT_OK);
   CHECK(back.parallel.sequence_parallel == 1 && !strcmp(back.hash, job.hash));
   free(canon);
+  /* recompute_layers: with recompute only, never negative, in the hash when set */
+  CHECK(parse_with(&job, tiny_job, "parallel.recompute=true", "parallel.recompute_layers=1") ==
+        MT_OK);
+  CHECK(job.parallel.recompute_layers == 1);
+  canon = mt_job_to_json(&job);
+  CHECK(canon && strstr(canon, "\"recompute_layers\":1"));
+  free(canon);
+  CHECK(parse_with(&job, tiny_job, "parallel.recompute_layers=1", NULL) == MT_EINVAL);
+  CHECK(
+      strstr(mt_errmsg(), "parallel.recompute_layers: 1 recomputes only with parallel.recompute"));
+  CHECK(parse_with(&job, tiny_job, "parallel.recompute=true", "parallel.recompute_layers=-1") ==
+        MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "parallel.recompute_layers: -1 must be >= 0"));
   /* rows that do not split evenly over tp are refused at parse, named */
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "parallel.tp=4") == MT_OK);
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "model.seq_len=7") ==

@@ -229,6 +229,23 @@ static void test_recompute_cuts_activation_memory(void) {
   /* the price is the recomputed forward: 96 against 72 on the layers */
   CHECK(on.executed_flops > off.executed_flops && on.model_flops == off.model_flops);
 
+  /* Megatron's block method: the first 2 of each stage's 3 layers
+   * recompute, the third keeps its full set; the FLOPs between the two */
+  mt_plan part;
+  CHECK(load_530b(&job, "parallel.recompute_layers=2", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &part) == MT_OK);
+  CHECK(part.first.activation_bytes == 35 * (2 * 2 * sbh + full) + full + once);
+  CHECK(fabs(part.recomputed - 70.0 / 105.0) < 1e-12);
+  CHECK(part.executed_flops > off.executed_flops && part.executed_flops < on.executed_flops);
+  double layers = 72.0 * 1920 * 2048 * 105 * 20480.0 * 20480 * (1 + 2048 / (6.0 * 20480));
+  CHECK(fabs(part.executed_flops - off.executed_flops - layers * (2.0 / 3) / 3) <
+        1e-9 * part.executed_flops);
+  /* more layers than a stage holds: all of them, as recompute alone */
+  CHECK(load_530b(&job, "parallel.recompute_layers=7", NULL) == MT_OK);
+  CHECK(mt_plan_compute(&job, &a100, &part) == MT_OK);
+  CHECK(part.first.activation_bytes == on.first.activation_bytes &&
+        part.executed_flops == on.executed_flops);
+
   /* fp32 doubles the values; the log-sum-exp is fp32 either way */
   CHECK(load_530b(&job, "train.precision=fp32", "parallel.recompute=false") == MT_OK);
   CHECK(mt_plan_compute(&job, &a100, &off) == MT_EINVAL);

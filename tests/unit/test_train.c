@@ -139,6 +139,37 @@ static void test_recompute_gives_identical_gradients(void) {
     CHECK(!memcmp(a.grads, b.grads, a.num_params * sizeof(float)),
           "gradients differ with recompute (dropout %d)", drop);
     CHECK(b.acts_floats < a.acts_floats, "recompute should plan fewer activations");
+    /* Megatron's block method: only the first two of the three blocks
+     * recompute (sharing one set, the third keeping its own), the same
+     * bits again, with a layout between the two */
+    mt_gpt p;
+    mt_gpt_config cp = cb;
+    cp.recompute_layers = 2;
+    CHECK(!mt_gpt_create(&p, &cp, &dev, B, T), "%s", mt_errmsg());
+    mt_gpt_init_weights(&p, 3);
+    mt_gpt_zero_grad(&p);
+    CHECK(!mt_gpt_forward(&p, in, tg, 100) && !mt_gpt_backward(&p, 1.0f), "%s", mt_errmsg());
+    CHECK(p.last_loss == a.last_loss && !memcmp(p.grads, a.grads, a.num_params * sizeof(float)),
+          "gradients differ with two blocks recomputed (dropout %d)", drop);
+    CHECK(b.acts_floats < p.acts_floats && p.acts_floats < a.acts_floats,
+          "recomputing 2 of 3 blocks lays out %zu floats, all %zu, none %zu", p.acts_floats,
+          b.acts_floats, a.acts_floats);
+    mt_gpt_destroy(&p);
+    /* a second micro-batch in flight (a pipeline's) adds its stream and
+     * tokens, not another set of the recomputing blocks: one set serves all */
+    mt_gpt two, two_none;
+    mt_gpt_config c2 = cb, c2n = ca;
+    c2.micro_slots = c2n.micro_slots = 2;
+    CHECK(!mt_gpt_create(&two, &c2, &dev, B, T) && !mt_gpt_create(&two_none, &c2n, &dev, B, T),
+          "%s", mt_errmsg());
+    /* a block's set: qkv, atty, resid2 and fch, 9 B T C floats, and lse */
+    size_t more = two.acts_floats - b.acts_floats, btc = (size_t)B * T * cb.n_embd;
+    size_t more_none = two_none.acts_floats - a.acts_floats;
+    CHECK(more_none - more >= 3 * 9 * btc,
+          "a second slot adds %zu floats with recomputation, %zu without: not 3 sets fewer", more,
+          more_none);
+    mt_gpt_destroy(&two);
+    mt_gpt_destroy(&two_none);
     mt_gpt_destroy(&a);
     mt_gpt_destroy(&b);
   }
