@@ -627,11 +627,13 @@ static int tp_sum(mt_gpt *m, float *buf, size_t n) {
 
 /* Sequence parallelism's all-gather (Megatron's g in the forward, the
  * backward of its reduce-scatter): x, all B T rows of `width` values of
- * type t, gets every rank's rows, this rank's being in their place. */
-static int sp_gather(mt_gpt *m, void *x, mt_dtype t, size_t width) {
+ * type t, gets every rank's rows, this rank's from mine (NULL: they are in
+ * their place in x already). */
+static int sp_gather(mt_gpt *m, const void *mine, void *x, mt_dtype t, size_t width) {
   if (!m->tp_allgather) return mt_seterr(MT_EINVAL, "gpt: sequence parallel without a tp group");
   size_t bytes = mt_gpt_stream_rows(m) * width * (t == MT_F32 ? sizeof(float) : sizeof(uint16_t));
-  return m->tp_allgather(m->tp_ctx, (char *)x + (size_t)m->cfg.tp_rank * bytes, x, bytes);
+  if (!mine) mine = (char *)x + (size_t)m->cfg.tp_rank * bytes;
+  return m->tp_allgather(m->tp_ctx, mine, x, bytes);
 }
 
 /* The sum over tp of a row-parallel GEMM's output buf (B T rows of C): in
@@ -694,7 +696,7 @@ static int layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x)
   m->dev->ops->layernorm_fwd(m->dev, mine, act_type(m), p->ln_mean, p->ln_rstd, x, P(m, l, w_index),
                              P(m, l, w_index + 1), (int)mt_gpt_stream_rows(m), (int)C,
                              m->cfg.ln_eps);
-  return seq_par(m) ? sp_gather(m, p->ln, act_type(m), C) : 0;
+  return seq_par(m) ? sp_gather(m, NULL, p->ln, act_type(m), C) : 0;
 }
 
 /* With sequence parallelism the LayerNorm gradients of this rank's rows,
@@ -775,14 +777,11 @@ static int branch_grad(mt_gpt *m, act_plan *p, const mt_dropout *drop, const flo
   size_t C = (size_t)m->cfg.n_embd, n = mt_gpt_stream_rows(m) * C;
   float *mine = p->dbtc + stream_row0(m) * C;
   *g = p->dbtc;
-  int rc = 0;
-  if (drop) {
-    mt_device_memset0(m->dev, mine, n * sizeof(float));
-    rows_dropout(m, ROWS_DROPOUT_BWD, mine, NULL, MT_F32, NULL, p->dres, drop);
-  } else {
-    rc = mt_device_memcpy_dtod(m->dev, mine, p->dres, n * sizeof(float));
-  }
-  return rc || !seq_par(m) ? rc : sp_gather(m, p->dbtc, MT_F32, C);
+  if (!drop) /* gathered straight from the stream's gradient */
+    return sp_gather(m, p->dres, p->dbtc, MT_F32, C);
+  mt_device_memset0(m->dev, mine, n * sizeof(float));
+  rows_dropout(m, ROWS_DROPOUT_BWD, mine, NULL, MT_F32, NULL, p->dres, drop);
+  return seq_par(m) ? sp_gather(m, NULL, p->dbtc, MT_F32, C) : 0;
 }
 
 /* Block l of the stage backward. p->dres holds d(out) on entry and d(in) on
@@ -939,7 +938,7 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   size_t elt = act_type(m) == MT_F32 ? sizeof(float) : sizeof(uint16_t);
   ops->layernorm_fwd(d, (char *)p->lnf + r0 * C * elt, act_type(m), p->lnf_mean, p->lnf_rstd,
                      p->resid[L], W(m, m->i_lnf), W(m, m->i_lnf + 1), (int)R, C, c->ln_eps);
-  if (seq_par(m) && (rc = sp_gather(m, p->lnf, act_type(m), (size_t)C))) return rc;
+  if (seq_par(m) && (rc = sp_gather(m, NULL, p->lnf, act_type(m), (size_t)C))) return rc;
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
   ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype,
                   NULL, m->cvt, N, C, Vl);
