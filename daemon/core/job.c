@@ -294,9 +294,19 @@ static const char *const parallel_keys[] = {"tp",
                                             "overlap_p2p",
                                             "sequence_parallel",
                                             NULL};
-static const char *const train_keys[] = {
-    "global_batch", "steps",     "seed",       "lr",           "adam",         "weight_decay",
-    "clip_grad",    "precision", "loss_scale", "log_interval", "rampup_batch", NULL};
+static const char *const train_keys[] = {"global_batch",
+                                         "steps",
+                                         "seed",
+                                         "lr",
+                                         "adam",
+                                         "weight_decay",
+                                         "clip_grad",
+                                         "precision",
+                                         "loss_scale",
+                                         "log_interval",
+                                         "rampup_batch",
+                                         "exit_duration_mins",
+                                         NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
@@ -609,6 +619,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_int(pb, ls, "train.loss_scale", "growth_interval", &t->loss_scale.growth_interval);
   read_int(pb, ls, "train.loss_scale", "hysteresis", &t->loss_scale.hysteresis);
   read_int(pb, o, "train", "log_interval", &t->log_interval);
+  read_double(pb, o, "train", "exit_duration_mins", &t->exit_duration_mins);
 }
 
 static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
@@ -959,6 +970,13 @@ static void validate(problems *pb, mt_job *job) {
                m->n_head);
   if (m->n_head >= 1 && p->tp >= 1 && m->n_head % p->tp)
     check_fail(pb, "model.n_head", "%d is not divisible by parallel.tp = %d", m->n_head, p->tp);
+  if (!(t->exit_duration_mins >= 0.0 && t->exit_duration_mins <= 1e7))
+    check_fail(pb, "train.exit_duration_mins", "%g must be from 0 (never) to 1e7",
+               t->exit_duration_mins);
+  else if (t->exit_duration_mins > 0.0 && !c->dir[0])
+    check_fail(pb, "train.exit_duration_mins",
+               "%g needs checkpoint.dir: the run it stops is resumed from the checkpoint it saves",
+               t->exit_duration_mins);
   if (p->recompute_layers < 0)
     check_fail(pb, "parallel.recompute_layers", "%d must be >= 0 (0 = every layer)",
                p->recompute_layers);
@@ -1132,6 +1150,9 @@ static json_t *job_to_json(const mt_job *job) {
   if (job->parallel.recompute_layers)
     json_object_set_new(json_object_get(root, "parallel"), "recompute_layers",
                         json_integer(job->parallel.recompute_layers));
+  if (job->train.exit_duration_mins > 0.0)
+    json_object_set_new(json_object_get(root, "train"), "exit_duration_mins",
+                        json_real(job->train.exit_duration_mins));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

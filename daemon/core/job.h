@@ -93,6 +93,8 @@ typedef struct mt_train_spec {
                                     the weights in; the master weights stay fp32 */
   mt_loss_scale_spec loss_scale; /* used by fp16 only */
   int log_interval;              /* steps between log lines (1) */
+  double exit_duration_mins;     /* Megatron's --exit-duration-in-mins: once a run has trained
+                                    this long, it saves a checkpoint and stops (0: never) */
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

@@ -182,6 +182,14 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
   int64_t order_seq = 0, last_saved = -1;
+  /* train.exit_duration_mins counts from here, as Megatron's from its start,
+   * on world rank 0's clock: its stop request, agreed in the step's
+   * all-reduce, stops every rank at that step (the others' processes log
+   * it as a stop on request) */
+  int64_t t_exit = c->rank == 0 && job->train.exit_duration_mins > 0.0
+                       ? mono_ms() + (int64_t)(job->train.exit_duration_mins * 60000.0)
+                       : 0;
+  int timed_out = 0;
   if (c->rank == 0) report_start(tr);
   if (c->ckpt_dir[0]) {
     int64_t resumed;
@@ -211,6 +219,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   while (!stopped && tr->step < job->train.steps) {
     /* any process signalled: all stop together */
     tr->stop_request = o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE);
+    if (t_exit && mono_ms() >= t_exit) tr->stop_request = timed_out = 1;
     tr->order_word = c->rank == 0 && o->order ? __atomic_load_n(o->order, __ATOMIC_ACQUIRE) : 0;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
@@ -257,7 +266,12 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       if (st.stop && (rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
     }
     if (st.stop) {
-      if (c == c->all)
+      if (c == c->all && timed_out)
+        mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; "
+                    "this step's checkpoint resumes it",
+                    (long long)tr->step, (long long)job->train.steps,
+                    job->train.exit_duration_mins);
+      else if (c == c->all)
         mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
                     (long long)job->train.steps);
       break;

@@ -8,6 +8,9 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
 - test_resume_continues_bit_for_bit: a run stopped by SIGTERM after step 7
   (it saves on the way out) and started again prints, for every later step,
   exactly the loss of an uninterrupted run;
+- test_exit_duration_saves_and_stops_and_resumes: train.exit_duration_mins
+  stops a long run at a step every rank agrees on, with that step's
+  checkpoint, and the resumed run goes on bit for bit;
 - test_async_checkpoint_resumes_bit_for_bit: checkpoints written in the
   background (checkpoint.async) while training goes on hold the state of
   their step: resuming from step 9 gives the uninterrupted losses exactly;
@@ -170,6 +173,30 @@ def main():
                        and "train.steps 20 -> 12" in pc.stderr
                        and "the job changed" not in p2.stderr,
                        "resume_step only: %r; lr and steps too: %r" % (said_b, said_c))
+
+        # 1b''. train.exit_duration_mins (Megatron's --exit-duration-in-mins):
+        # a run of 100000 steps given 1.2 s stops at a step every rank
+        # agrees on, exit 0, with that step's checkpoint; resumed without the
+        # limit, the next steps are a straight run's bit for bit (the LR
+        # decays over 100000 steps in every run, whatever train.steps)
+        ck = os.path.join(tmp, "ck1t")
+        job = write_job(os.path.join(tmp, "job1t.json"), tokens, steps=100000, ckpt=ck)
+        decay = "train.lr.decay_steps=100000"
+        pt, timed = run(mtnlgd, job, decay, "train.exit_duration_mins=0.02")
+        last = max(timed) if timed else 0
+        pr, rest = run(mtnlgd, job, decay, "train.steps=%d" % (last + 2))
+        pf, straight = run(mtnlgd, job, decay, "train.steps=%d" % (last + 2),
+                           "checkpoint.dir=" + os.path.join(tmp, "ck1t-straight"))
+        fails += check("test_exit_duration_saves_and_stops_and_resumes",
+                       pt.returncode == 0 and 0 < last < 100000
+                       and "train.exit_duration_mins (0.02) has passed" in pt.stderr
+                       and ("checkpoint of step %d committed" % last) in pt.stderr
+                       and pr.returncode == 0 and sorted(rest) == [last + 1, last + 2]
+                       and all(rest[s] == straight[s] for s in rest)
+                       and all(timed[s] == straight[s] for s in timed),
+                       "stopped at step %d (exit %d); resumed steps %s, equal to a straight run: "
+                       "%s" % (last, pt.returncode, sorted(rest),
+                               all(rest.get(s) == straight.get(s) for s in rest)))
 
         # 1c. fp16: the loss scaler's state and Adam's count survive a resume
         ck = os.path.join(tmp, "ck1c")

@@ -142,6 +142,13 @@ static void test_override_sets_nested_key(void) {
   CHECK(parse_with(&job, tiny_job, "parallel.recompute=true", "parallel.recompute_layers=-1") ==
         MT_EINVAL);
   CHECK(strstr(mt_errmsg(), "parallel.recompute_layers: -1 must be >= 0"));
+  /* exit_duration_mins: needs somewhere to save what it stops */
+  CHECK(parse_with(&job, tiny_job, "train.exit_duration_mins=90", "checkpoint.dir=ck") == MT_OK);
+  CHECK(job.train.exit_duration_mins == 90.0);
+  CHECK(parse_with(&job, tiny_job, "train.exit_duration_mins=90", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.exit_duration_mins: 90 needs checkpoint.dir"));
+  CHECK(parse_with(&job, tiny_job, "train.exit_duration_mins=-1", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.exit_duration_mins: -1 must be from 0"));
   /* rows that do not split evenly over tp are refused at parse, named */
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "parallel.tp=4") == MT_OK);
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "model.seq_len=7") ==
