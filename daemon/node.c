@@ -374,10 +374,9 @@ static void on_engine_done(uv_async_t *h) {
       snprintf(reason, sizeof reason,
                "nothing to train: the checkpoint at step %lld is at or past train.steps = %lld",
                (long long)resumed, (long long)n->run_job.train.steps);
-    else if (st.step < n->run_job.train.steps && n->run_job.train.exit_duration_mins > 0.0)
+    else if (st.step < n->run_job.train.steps && st.stop && st.timed)
       snprintf(reason, sizeof reason,
-               "stopped at step %lld of %lld on request or as train.exit_duration_mins (%g) "
-               "passed",
+               "stopped at step %lld of %lld: train.exit_duration_mins (%g) passed",
                (long long)st.step, (long long)n->run_job.train.steps,
                n->run_job.train.exit_duration_mins);
     else if (st.step < n->run_job.train.steps)

@@ -182,14 +182,18 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
   int64_t order_seq = 0, last_saved = -1;
-  /* train.exit_duration_mins counts from here, as Megatron's from its start,
-   * on world rank 0's clock: its stop request, agreed in the step's
-   * all-reduce, stops every rank at that step (the others' processes log
-   * it as a stop on request) */
+  /* train.exit_duration_mins counts on world rank 0's clock from the first
+   * generation this process trained (Megatron's: from its start), so a
+   * re-formed or resized generation does not restart it; its stop request,
+   * agreed in the step's all-reduce, stops every rank at that step */
+  static int64_t first_start_ms;
+  int64_t zero = 0, now0 = mono_ms();
+  __atomic_compare_exchange_n(&first_start_ms, &zero, now0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
   int64_t t_exit = c->rank == 0 && job->train.exit_duration_mins > 0.0
-                       ? mono_ms() + (int64_t)(job->train.exit_duration_mins * 60000.0)
+                       ? __atomic_load_n(&first_start_ms, __ATOMIC_ACQUIRE) +
+                             (int64_t)(job->train.exit_duration_mins * 60000.0)
                        : 0;
-  int timed_out = 0;
+  int timed = 0; /* the agreed stop was train.exit_duration_mins' */
   if (c->rank == 0) report_start(tr);
   if (c->ckpt_dir[0]) {
     int64_t resumed;
@@ -218,13 +222,16 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   }
   while (!stopped && tr->step < job->train.steps) {
     /* any process signalled: all stop together */
-    tr->stop_request = o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE);
-    if (t_exit && mono_ms() >= t_exit) tr->stop_request = timed_out = 1;
+    tr->stop_request =
+        o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
+    if (!tr->stop_request && t_exit && mono_ms() >= t_exit) tr->stop_request = MT_STOP_TIME;
     tr->order_word = c->rank == 0 && o->order ? __atomic_load_n(o->order, __ATOMIC_ACQUIRE) : 0;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;
-    if (job->eval.interval > 0 &&
+    timed = st.stop && st.timed;
+    /* out of time: straight to the checkpoint, as Megatron's exit */
+    if (job->eval.interval > 0 && !timed &&
         (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
       if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
       st.has_val = 1;
@@ -266,18 +273,23 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       if (st.stop && (rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
     }
     if (st.stop) {
-      if (c == c->all && timed_out)
-        mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; "
-                    "this step's checkpoint resumes it",
-                    (long long)tr->step, (long long)job->train.steps,
-                    job->train.exit_duration_mins);
+      if (c == c->all && timed)
+        mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; %s",
+                    (long long)tr->step, (long long)job->train.steps, job->train.exit_duration_mins,
+                    last_saved == tr->step ? "this step's checkpoint resumes it"
+                                           : "its checkpoint failed (above): the next run "
+                                             "resumes from the newest committed one");
       else if (c == c->all)
         mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
                     (long long)job->train.steps);
       break;
     }
   }
-  if (o->export_path) {
+  if (o->export_path && timed && c == c->all)
+    mt_log_info("export to %s skipped: the run stopped for train.exit_duration_mins; the run "
+                "that ends it exports",
+                o->export_path);
+  if (o->export_path && !timed) {
     int64_t t0 = mono_ms();
     int rc = mt_trainer_export(tr, o->export_path);
     if (rc) return mt_wraperr(rc, "export");

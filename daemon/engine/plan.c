@@ -264,12 +264,13 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->recompute = ps->recompute;
   out->recompute_layers = ps->recompute ? ps->recompute_layers : 0;
   /* the layers' share that recomputes: up to k of each stage's */
-  out->recomputed = 0.0;
+  int64_t layers_recomputed = 0;
   for (int s = 0; ps->recompute && s < ps->pp; s++) {
     int n = m->n_layer / ps->pp + (s < m->n_layer % ps->pp);
-    int k = ps->recompute_layers > 0 && ps->recompute_layers < n ? ps->recompute_layers : n;
-    out->recomputed += (double)k / m->n_layer;
+    layers_recomputed +=
+        ps->recompute_layers > 0 && ps->recompute_layers < n ? ps->recompute_layers : n;
   }
+  out->recomputed = (double)layers_recomputed / m->n_layer;
   out->sequence_parallel = ps->sequence_parallel && ps->tp > 1;
   out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
   out->padded_vocab = (int)padded_vocab_of(m, ps->tp);

@@ -32,8 +32,9 @@ static int tp_allreduce(void *ctx, float *buf, size_t n, int max) {
   return mt_comm_allreduce(ctx, buf, buf, n, MT_COMM_F32, max ? MT_COMM_MAX : MT_COMM_SUM);
 }
 
-/* and for sequence parallelism, their all-gather and reduce-scatter forms
- * (in place: this rank's part sits at its offset) */
+/* and for sequence parallelism, their all-gather (send where the model has
+ * this rank's rows) and reduce-scatter (in place: this rank's part at its
+ * offset) forms */
 static int tp_allgather(void *ctx, const void *send, void *recv, size_t bytes) {
   return mt_comm_allgather(ctx, send, recv, bytes, MT_COMM_U8);
 }
@@ -560,7 +561,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   int dev_rc = mt_device_sync(d);
   double agreed[8] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
-                      tr->stop_request ? 1.0 : 0.0,
+                      tr->stop_request == MT_STOP_TIME ? 0.5
+                      : tr->stop_request               ? 1.0
+                                                       : 0.0,
                       r.wait_ms,
                       pipe_ms,
                       (double)tr->order_word};
@@ -632,6 +635,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->loss_scale = fp16 ? tr->scaler.scale : 1.0;
   st->skipped_total = tr->scaler.skipped;
   st->stop = agreed[2] > 0;
+  st->timed = fmod(agreed[2], 1.0) != 0.0; /* world rank 0's 0.5 among the others' 1s */
   st->order = (int64_t)agreed[5];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;

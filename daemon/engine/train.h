@@ -34,6 +34,10 @@
 #include "optim.h"
 #include "source.h"
 
+/* Why a rank asks to stop (mt_trainer.stop_request): a signal or a stop
+ * order, or (world rank 0 only) train.exit_duration_mins has passed. */
+enum { MT_STOP_NONE = 0, MT_STOP_ASKED = 1, MT_STOP_TIME = 2 };
+
 typedef struct mt_step_stats {
   int64_t step;            /* 1-based number of the step just taken */
   int64_t consumed_tokens; /* after this step */
@@ -54,6 +58,7 @@ typedef struct mt_step_stats {
   double loss_scale;     /* the scale after this step's update (what the next step uses, as
                             Megatron logs it); 1 without loss scaling */
   int stop;              /* some rank asked to stop: all stop after this step */
+  int timed;             /* ... and world rank 0's train.exit_duration_mins had passed */
   double bubble;         /* share of the step the ranks spent waiting on pipeline
                             neighbours (mean over ranks; 0 without pp) */
   int64_t order;         /* the coordinator's order word as every rank agreed on it
@@ -116,7 +121,7 @@ typedef struct mt_trainer {
   float *recv_dy[2];  /* (B,T,C) gradients from the next stage; NULL on the last */
   void *recv_wire[2]; /* the previous stage's output as it travels (mt_gpt_stage_output_wire);
                          NULL on the first */
-  volatile int stop_request;   /* set by the owner thread; agreed on in the step */
+  volatile int stop_request;   /* set by the owner thread, MT_STOP_*; agreed on in the step */
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
   int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
   double flops_per_step;       /* model FLOPs of this rank per step (the current step's) */

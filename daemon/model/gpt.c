@@ -48,7 +48,7 @@ typedef struct act_plan {
   float **resid;             /* L+1 of (R,C): resid[0] stage input, resid[l+1] block l out */
   uint16_t **resid_h; /* 16-bit jobs: resid[1..L-1] kept in 16 bits here instead (resid[l] NULL) */
   uint16_t *out_h;    /* 16-bit jobs, a non-last stage: resid[L] as it travels on */
-  block_acts *blocks; /* L, or 1 with recomputation */
+  block_acts *blocks; /* L, or L - k + 1 with k blocks recomputing (acts_of) */
   int n_blocks;
   void *lnf;                  /* (B,T,C) the LM head's input, in act_type */
   float *lnf_mean, *lnf_rstd; /* (R) (R) */
@@ -647,6 +647,14 @@ static int tp_sum_rows(mt_gpt *m, float *buf) {
   return m->tp_reduce_scatter(m->tp_ctx, buf, n);
 }
 
+/* The piece of one sample that starts at row `row` of the stream's rows
+ * ending before row `end`: its first position (*t0) and its rows. */
+static size_t sample_piece(const mt_gpt *m, size_t row, size_t end, size_t *t0) {
+  size_t T = (size_t)m->T;
+  *t0 = row % T;
+  return T - *t0 < end - row ? T - *t0 : end - row;
+}
+
 /* Row ops on this rank's rows of the stream with the masks whole samples
  * would give them: dropout_fwd, dropout_residual_fwd or dropout_bwd. Without
  * sequence parallelism the rows are the B samples; with it, each sample's
@@ -669,9 +677,9 @@ static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_
       ops->dropout_bwd(d, out, x, (int)B, per, drop);
     return;
   }
-  for (size_t row = r0; row < r0 + R;) {
-    size_t t0 = row % T, t1 = T - t0 < r0 + R - row ? T : t0 + (r0 + R - row);
-    size_t o = (row - r0) * C, n = (t1 - t0) * C;
+  for (size_t row = r0, t0, rows; row < r0 + R; row += rows) {
+    rows = sample_piece(m, row, r0 + R, &t0);
+    size_t o = (row - r0) * C, n = rows * C;
     mt_dropout piece = *drop;
     piece.sample0 = drop->sample0 + row / T, piece.elem0 = t0 * C;
     if (op == ROWS_DROPOUT)
@@ -681,7 +689,6 @@ static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_
                                 &piece);
     else
       ops->dropout_bwd(d, out + o, x + o, 1, n, &piece);
-    row += t1 - t0;
   }
 }
 
@@ -908,11 +915,10 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     ops->embedding_shard_fwd(d, e, p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype, v0, Vl, N, C);
     if ((rc = tp_sum_rows(m, e))) return rc;
     e += r0 * C;
-    for (size_t row = r0; row < r0 + R;) {
-      size_t t0 = row % (size_t)T, n = (size_t)T - t0 < r0 + R - row ? T - t0 : r0 + R - row;
+    for (size_t row = r0, t0, rows; row < r0 + R; row += rows) {
+      rows = sample_piece(m, row, r0 + R, &t0);
       size_t o = (row - r0) * C;
-      ops->residual_fwd(d, p->resid[0] + o, e + o, W(m, m->i_wpe) + t0 * C, n * C);
-      row += n;
+      ops->residual_fwd(d, p->resid[0] + o, e + o, W(m, m->i_wpe) + t0 * C, rows * C);
     }
   }
   if (m->first) {
