@@ -178,21 +178,36 @@ static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int6
   }
 }
 
+/* When this process first trained job `name` (mono_ms): the start of
+ * train.exit_duration_mins' clock, kept across the job's generations (a
+ * re-formed or resized one does not restart it) and started again for
+ * another job. */
+static int64_t job_start_ms(const char *name) {
+  static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  static char seen[sizeof((mt_job *)0)->name];
+  static int64_t start;
+  pthread_mutex_lock(&mu);
+  if (!start || strcmp(seen, name)) {
+    snprintf(seen, sizeof seen, "%s", name);
+    start = mono_ms();
+  }
+  int64_t s = start;
+  pthread_mutex_unlock(&mu);
+  return s;
+}
+
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
   int64_t order_seq = 0, last_saved = -1;
   /* train.exit_duration_mins counts on world rank 0's clock from the first
-   * generation this process trained (Megatron's: from its start), so a
-   * re-formed or resized generation does not restart it; its stop request,
-   * agreed in the step's all-reduce, stops every rank at that step */
-  static int64_t first_start_ms;
-  int64_t zero = 0, now0 = mono_ms();
-  __atomic_compare_exchange_n(&first_start_ms, &zero, now0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-  int64_t t_exit = c->rank == 0 && job->train.exit_duration_mins > 0.0
-                       ? __atomic_load_n(&first_start_ms, __ATOMIC_ACQUIRE) +
-                             (int64_t)(job->train.exit_duration_mins * 60000.0)
-                       : 0;
+   * generation of the job this process trained (Megatron's: from its
+   * start); its stop request, agreed in the step's all-reduce, stops every
+   * rank at that step */
+  int64_t t_exit =
+      c->rank == 0 && job->train.exit_duration_mins > 0.0
+          ? job_start_ms(job->name) + (int64_t)(job->train.exit_duration_mins * 60000.0)
+          : 0;
   int timed = 0; /* the agreed stop was train.exit_duration_mins' */
   if (c->rank == 0) report_start(tr);
   if (c->ckpt_dir[0]) {

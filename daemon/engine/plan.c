@@ -151,6 +151,7 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   out->inflight = (int)inflight;
   int64_t rl = plan->recompute ? out->n_layers : 0; /* the layers that recompute */
   if (rl && plan->recompute_layers > 0 && plan->recompute_layers < rl) rl = plan->recompute_layers;
+  out->recomputed_layers = (int)rl;
   out->activation_bytes =
       inflight * (rl * stream * (mixed ? 2 : 4) + (out->n_layers - rl) * full) + (rl ? full : 0);
   if (out->n_layers)
@@ -263,14 +264,6 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->micro_batches = job->train.global_batch / (ps->micro_batch * out->dp);
   out->recompute = ps->recompute;
   out->recompute_layers = ps->recompute ? ps->recompute_layers : 0;
-  /* the layers' share that recomputes: up to k of each stage's */
-  int64_t layers_recomputed = 0;
-  for (int s = 0; ps->recompute && s < ps->pp; s++) {
-    int n = m->n_layer / ps->pp + (s < m->n_layer % ps->pp);
-    layers_recomputed +=
-        ps->recompute_layers > 0 && ps->recompute_layers < n ? ps->recompute_layers : n;
-  }
-  out->recomputed = (double)layers_recomputed / m->n_layer;
   out->sequence_parallel = ps->sequence_parallel && ps->tp > 1;
   out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
   out->padded_vocab = (int)padded_vocab_of(m, ps->tp);
@@ -279,13 +272,16 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->usable_bytes = dev.memory_bytes * dev.usable_fraction;
   out->computed = 1;
 
+  int64_t layers_recomputed = 0; /* the share of the layers run twice, for the FLOPs */
   for (int s = 0; s < out->pp; s++) {
     mt_plan_stage st;
     mt_plan_stage_of(job, out, s, &st);
+    layers_recomputed += st.recomputed_layers;
     if (s == 0) out->first = st;
     if (s == out->pp - 1) out->last = st;
     if (s == 0 || st.total_bytes > out->worst.total_bytes) out->worst = st;
   }
+  out->recomputed = (double)layers_recomputed / m->n_layer;
 
   out->tokens_per_step = mt_job_tokens_per_step(job);
   out->model_flops = mt_plan_flops(m, out->padded_vocab, job->train.global_batch, 0);

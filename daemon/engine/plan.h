@@ -52,6 +52,7 @@ typedef struct mt_plan_stage {
   int64_t params;           /* held by one device: its tp shard of the stage */
   int64_t optimizer_params; /* its ZeRO-1 slice: ceil(params / dp) */
   int inflight;             /* micro-batches whose activations it holds at the 1F1B peak */
+  int recomputed_layers;    /* of its layers, those that recompute in the backward pass */
   int64_t weight_bytes, grad_bytes, optimizer_bytes;
   int64_t activation_bytes, logits_bytes, comm_bytes;
   int64_t total_bytes;
