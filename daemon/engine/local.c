@@ -65,7 +65,7 @@ static void report_start(const mt_trainer *tr) {
               tr->g.pp_size, job->train.global_batch, tr->g.dp_size, tr->micro_batches,
               job->parallel.micro_batch, tr->flops_per_step / 1e9, 2 * tr->shard_n * sizeof(float),
               tr->g.dp_size, tr->model.acts_floats * sizeof(float),
-              mt_gpt_stream_rows(&tr->model) < (size_t)tr->model.B * tr->model.T
+              job->parallel.sequence_parallel && tr->g.tp_size > 1
                   ? " (sequence-parallel: the stream's rows split over tp)"
                   : "");
 }
