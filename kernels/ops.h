@@ -73,10 +73,6 @@ static inline int mt_flash_bwd_samples(int T, int NH) {
   return n < 1 ? 1 : n > 8 ? 8 : (int)n;
 }
 
-/* The most keys a GPU's attention_decode takes: their scores share one
- * block's 48 KB of shared memory with the block reductions' 256 bytes. */
-#define MT_DECODE_MAX_KEYS 12224
-
 /* One tensor, or slice of one, for a multi-tensor AdamW step. */
 typedef struct mt_adamw_slice {
   float *param;
@@ -206,8 +202,7 @@ struct mt_ops {
    * out(C) = attention_fwd's output row n - 1 of an fp32 qkv(n,3C) (laid
    * out as there, one sample), computed from that row's q and the n rows'
    * k and v only: each head's softmax(q·kᵀ/sqrt(HS)) · v, no dropout. The
-   * other rows' outputs are not computed (O(n) work, not O(n²)). GPUs take
-   * n up to MT_DECODE_MAX_KEYS. */
+   * other rows' outputs are not computed (O(n) work, not O(n²)). */
   void (*attention_decode)(mt_device *d, float *out, const float *qkv, int n, int C, int NH);
 
   /* GeLU, tanh approximation (GPT-2's). n elements; inp stored as it, out

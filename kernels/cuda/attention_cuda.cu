@@ -287,50 +287,61 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
 
 /* ---- attention of one new position ------------------------------------ */
 
-/* A block per head: each thread scores keys r = tid, tid + blockDim, …
- * into shared memory, the block finds their maximum and the sum of the
- * exponentials, then each thread sums the weighted values of output
- * columns tid, tid + blockDim, … over all the keys. */
+/* Keys scored per pass of k_att_decode: their scores share the block's
+ * shared memory with the head's output row. */
+#define DECODE_TILE 1024
+
+/* A block per head, sweeping the keys a tile at a time with the online
+ * softmax (FlashAttention's; the CPU's, a tile at a time): each thread
+ * scores keys r = tid, tid + blockDim, … of the tile into shared memory,
+ * the block finds their maximum, rescales what it summed under the old
+ * maximum, and each thread adds the tile's weighted values into the output
+ * columns it owns (tid, tid + blockDim, …; kept in shared memory, as
+ * HS varies). Shared memory is a tile's scores and one row, whatever n. */
 static __global__ void k_att_decode(float *out, const float *qkv, int n, int C, int HS,
                                     float scale) {
   MT_DYN_SMEM(smem);
-  float *sc = (float *)smem;
+  float *sc = (float *)smem, *o = sc + DECODE_TILE;
   int h = blockIdx.x;
   const float *q = qkv + (size_t)(n - 1) * 3 * C + (size_t)h * HS;
-  float mx = -FLT_MAX;
-  for (int r = threadIdx.x; r < n; r += blockDim.x) {
-    const float *k = qkv + (size_t)r * 3 * C + C + (size_t)h * HS;
-    float s = 0.0f;
-    for (int i = 0; i < HS; i++) s += q[i] * k[i];
-    sc[r] = s * scale;
-    mx = fmaxf(mx, sc[r]);
+  const float *v0 = qkv + 2 * (size_t)C + (size_t)h * HS;
+  for (int i = threadIdx.x; i < HS; i += blockDim.x) o[i] = 0.0f;
+  float m = -FLT_MAX, l = 0.0f;
+  for (int t0 = 0; t0 < n; t0 += DECODE_TILE) {
+    int tn = n - t0 < DECODE_TILE ? n - t0 : DECODE_TILE;
+    float mx = -FLT_MAX;
+    for (int r = threadIdx.x; r < tn; r += blockDim.x) {
+      const float *k = qkv + (size_t)(t0 + r) * 3 * C + C + (size_t)h * HS;
+      float s = 0.0f;
+      for (int i = 0; i < HS; i++) s += q[i] * k[i];
+      sc[r] = s * scale;
+      mx = fmaxf(mx, sc[r]);
+    }
+    float m_new = fmaxf(m, mt__block_max(mx)), f = expf(m - m_new);
+    float sum = 0.0f;
+    for (int r = threadIdx.x; r < tn; r += blockDim.x) {
+      sc[r] = expf(sc[r] - m_new);
+      sum += sc[r];
+    }
+    l = l * f + mt__block_sum(sum); /* its barriers also make every sc[r] visible */
+    m = m_new;
+    for (int i = threadIdx.x; i < HS; i += blockDim.x) {
+      const float *v = v0 + (size_t)t0 * 3 * C + i;
+      float acc = 0.0f;
+      for (int r = 0; r < tn; r++) acc += sc[r] * v[(size_t)r * 3 * C];
+      o[i] = o[i] * f + acc;
+    }
+    __syncthreads(); /* every thread is done with sc before the next tile */
   }
-  mx = mt__block_max(mx);
-  float sum = 0.0f;
-  for (int r = threadIdx.x; r < n; r += blockDim.x) {
-    sc[r] = expf(sc[r] - mx);
-    sum += sc[r];
-  }
-  sum = mt__block_sum(sum); /* its barriers also make every sc[r] visible */
-  for (int i = threadIdx.x; i < HS; i += blockDim.x) {
-    const float *v = qkv + 2 * (size_t)C + (size_t)h * HS + i;
-    float acc = 0.0f;
-    for (int r = 0; r < n; r++) acc += sc[r] * v[(size_t)r * 3 * C];
-    out[(size_t)h * HS + i] = acc / sum;
-  }
+  for (int i = threadIdx.x; i < HS; i += blockDim.x) out[(size_t)h * HS + i] = o[i] / l;
 }
 
 void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n, int C, int NH) {
   if (n < 1 || C < 1 || NH < 1) return;
-  if (n > MT_DECODE_MAX_KEYS) {
-    char why[96];
-    snprintf(why, sizeof why, "%d keys, more than MT_DECODE_MAX_KEYS (%d)", n, MT_DECODE_MAX_KEYS);
-    mt__cuda_fail(d, "attention_decode", why);
-    return;
-  }
   mt__cuda *c = mt__cuda_enter(d);
   int HS = C / NH;
-  MT_LAUNCH_SMEM(k_att_decode, (unsigned)NH, 128, (size_t)n * sizeof(float), c->stream)
+  MT_LAUNCH_SMEM(k_att_decode, (unsigned)NH, 128, (size_t)(DECODE_TILE + HS) * sizeof(float),
+                 c->stream)
   (out, qkv, n, C, HS, 1.0f / sqrtf((float)HS));
   mt__cuda_check(d, "attention_decode");
 }

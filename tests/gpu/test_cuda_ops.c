@@ -1094,7 +1094,8 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
 
 /* Decoding with a key-value cache: the GPU's attention of one new position
  * over n cached rows against the CPU's, for n = 1, a few, and all T rows
- * (more keys than the block's threads); the output poisoned first. */
+ * (more keys than the block's threads, or than one tile of its online
+ * softmax); the output poisoned first. */
 static void test_attention_decode(int T, int C, int NH) {
   size_t nq = (size_t)T * 3 * C;
   float *qkv = H(nq, -1.5f, 1.5f), *gqkv = Df(qkv, nq), *c = halloc((size_t)C * sizeof(float));
@@ -1626,6 +1627,7 @@ int main(int argc, char **argv) {
     test_flash_attention(fodd, MT_BF16, 1);
     test_attention_decode(300, 64, 4);
     test_attention_decode(17, 20, 2);
+    test_attention_decode(2300, 48, 3); /* three tiles of keys, the last one partial */
 #ifdef MT_CUDA_EMU
     test_flash_shared_memory_limit();
 #endif
