@@ -242,6 +242,8 @@ static void carve_half(uint16_t **dst, float *base, size_t *off, size_t n) {
 
 static int half_acts(const mt_gpt *m) { return m->cfg.precision != MT_PREC_FP32; }
 
+static size_t elt_bytes(mt_dtype t) { return t == MT_F32 ? sizeof(float) : sizeof(uint16_t); }
+
 /* What the GEMMs' activation inputs are stored as: a 16-bit job's are 16-bit,
  * as autocast makes them, in the weights' format. */
 static mt_dtype act_type(const mt_gpt *m) {
@@ -631,7 +633,7 @@ static int tp_sum(mt_gpt *m, float *buf, size_t n) {
  * their place in x already). */
 static int sp_gather(mt_gpt *m, const void *mine, void *x, mt_dtype t, size_t width) {
   if (!m->tp_allgather) return mt_seterr(MT_EINVAL, "gpt: sequence parallel without a tp group");
-  size_t bytes = mt_gpt_stream_rows(m) * width * (t == MT_F32 ? sizeof(float) : sizeof(uint16_t));
+  size_t bytes = mt_gpt_stream_rows(m) * width * elt_bytes(t);
   if (!mine) mine = (char *)x + (size_t)m->cfg.tp_rank * bytes;
   return m->tp_allgather(m->tp_ctx, mine, x, bytes);
 }
@@ -661,34 +663,37 @@ static size_t sample_piece(const mt_gpt *m, size_t row, size_t end, size_t *t0) 
  * piece among them is a call with its sample and its first element. */
 typedef enum { ROWS_DROPOUT, ROWS_DROPOUT_RESIDUAL, ROWS_DROPOUT_BWD } rows_op;
 
+static void rows_call(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_dtype ht,
+                      const float *resid, const float *x, int n_samples, size_t per,
+                      const mt_dropout *drop) {
+  mt_device *d = m->dev;
+  if (op == ROWS_DROPOUT)
+    d->ops->dropout_fwd(d, out, x, n_samples, per, drop);
+  else if (op == ROWS_DROPOUT_RESIDUAL)
+    d->ops->dropout_residual_fwd(d, out, out_h, ht, resid, x, n_samples, per, drop);
+  else
+    d->ops->dropout_bwd(d, out, x, n_samples, per, drop);
+}
+
 static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_dtype ht,
                          const float *resid, const float *x, const mt_dropout *drop) {
-  mt_device *d = m->dev;
-  const mt_ops *ops = d->ops;
   size_t C = (size_t)m->cfg.n_embd, T = (size_t)m->T, R = mt_gpt_stream_rows(m);
-  size_t r0 = stream_row0(m), B = (size_t)m->B, per = T * C;
-  if (!seq_par(m) || !drop) { /* whole samples, or no masks: all rows at once */
-    if (seq_par(m)) B = 1, per = R * C;
-    if (op == ROWS_DROPOUT)
-      ops->dropout_fwd(d, out, x, (int)B, per, drop);
-    else if (op == ROWS_DROPOUT_RESIDUAL)
-      ops->dropout_residual_fwd(d, out, out_h, ht, resid, x, (int)B, per, drop);
-    else
-      ops->dropout_bwd(d, out, x, (int)B, per, drop);
+  size_t r0 = stream_row0(m);
+  if (!seq_par(m)) { /* whole samples */
+    rows_call(m, op, out, out_h, ht, resid, x, m->B, T * C, drop);
+    return;
+  }
+  if (!drop) { /* no masks: all rows at once */
+    rows_call(m, op, out, out_h, ht, resid, x, 1, R * C, NULL);
     return;
   }
   for (size_t row = r0, t0, rows; row < r0 + R; row += rows) {
     rows = sample_piece(m, row, r0 + R, &t0);
-    size_t o = (row - r0) * C, n = rows * C;
+    size_t o = (row - r0) * C;
     mt_dropout piece = *drop;
     piece.sample0 = drop->sample0 + row / T, piece.elem0 = t0 * C;
-    if (op == ROWS_DROPOUT)
-      ops->dropout_fwd(d, out + o, x + o, 1, n, &piece);
-    else if (op == ROWS_DROPOUT_RESIDUAL)
-      ops->dropout_residual_fwd(d, out + o, out_h ? out_h + o : NULL, ht, resid + o, x + o, 1, n,
-                                &piece);
-    else
-      ops->dropout_bwd(d, out + o, x + o, 1, n, &piece);
+    rows_call(m, op, out + o, out_h ? out_h + o : NULL, ht, resid ? resid + o : NULL, x + o, 1,
+              rows * C, &piece);
   }
 }
 
@@ -697,13 +702,26 @@ static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_
  * sequence parallelism into this rank's rows of p->ln, then gathered, so
  * p->ln holds all rows. The backward calls it again instead of keeping the
  * output: the same op on the same input, the same bits. */
+static int ln_rows(mt_gpt *m, void *out, float *mean, float *rstd, const float *x, const float *w,
+                   const float *b) {
+  size_t C = (size_t)m->cfg.n_embd;
+  void *mine = (char *)out + stream_row0(m) * C * elt_bytes(act_type(m));
+  m->dev->ops->layernorm_fwd(m->dev, mine, act_type(m), mean, rstd, x, w, b,
+                             (int)mt_gpt_stream_rows(m), (int)C, m->cfg.ln_eps);
+  return seq_par(m) ? sp_gather(m, NULL, out, act_type(m), C) : 0;
+}
+
 static int layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x) {
-  size_t C = (size_t)m->cfg.n_embd, elt = act_type(m) == MT_F32 ? sizeof(float) : 2;
-  void *mine = (char *)p->ln + stream_row0(m) * C * elt;
-  m->dev->ops->layernorm_fwd(m->dev, mine, act_type(m), p->ln_mean, p->ln_rstd, x, P(m, l, w_index),
-                             P(m, l, w_index + 1), (int)mt_gpt_stream_rows(m), (int)C,
-                             m->cfg.ln_eps);
-  return seq_par(m) ? sp_gather(m, NULL, p->ln, act_type(m), C) : 0;
+  return ln_rows(m, p->ln, p->ln_mean, p->ln_rstd, x, P(m, l, w_index), P(m, l, w_index + 1));
+}
+
+/* Where the LayerNorm gradients of n vectors go: straight into the grads
+ * lng, or with sequence parallelism this rank's part into p->lngrad
+ * (zeroed), for lngrad_join. */
+static void lngrad_dst(mt_gpt *m, act_plan *p, float *const *lng, float **dst, int n) {
+  size_t C = (size_t)m->cfg.n_embd;
+  for (int k = 0; k < n; k++) dst[k] = seq_par(m) ? p->lngrad + (size_t)k * C : lng[k];
+  if (seq_par(m)) mt_device_memset0(m->dev, p->lngrad, (size_t)n * C * sizeof(float));
 }
 
 /* With sequence parallelism the LayerNorm gradients of this rank's rows,
@@ -808,16 +826,10 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   const mt_dropout *drop1 = dropout_of(m, &dh1, c->hidden_dropout, lg, "attn_out", p->sample0);
   const mt_dropout *drop2 = dropout_of(m, &dh2, c->hidden_dropout, lg, "mlp_out", p->sample0);
   if (attn_drop) da.head0 = (uint32_t)(c->tp_rank * t.NHl);
-  /* the LayerNorms' gradients: straight into the grads, or with sequence
-   * parallelism this rank's part into lngrad, joined below */
-  int sp = seq_par(m);
   float *lng[4] = {G(m, l, MT_P_LN2_W), G(m, l, MT_P_LN2_B), G(m, l, MT_P_LN1_W),
-                   G(m, l, MT_P_LN1_B)};
-  float *lnd[4] = {lng[0], lng[1], lng[2], lng[3]};
-  if (sp) {
-    mt_device_memset0(d, p->lngrad, 4 * (size_t)C * sizeof(float));
-    for (int k = 0; k < 4; k++) lnd[k] = p->lngrad + (size_t)k * C;
-  }
+                   G(m, l, MT_P_LN1_B)},
+        *lnd[4];
+  lngrad_dst(m, p, lng, lnd, 4);
 
   if (!recomputes(m, l)) unkeep(m, a->resid2, a->resid2_h, (size_t)R * C); /* else there */
 
@@ -857,7 +869,7 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   if ((rc = tp_sum_rows(m, p->dbtc))) return rc;
   ops->layernorm_bwd(d, p->dres, lnd[2], lnd[3], p->dbtc + r0C, in, P(m, l, MT_P_LN1_W), p->ln_mean,
                      p->ln_rstd, R, C);
-  return sp ? lngrad_join(m, p, lng, 4) : 0;
+  return seq_par(m) ? lngrad_join(m, p, lng, 4) : 0;
 }
 
 /* In a 16-bit job the stream is rounded after every block but the model's
@@ -941,10 +953,9 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   }
   if (rc || !m->last) return rc;
 
-  size_t elt = act_type(m) == MT_F32 ? sizeof(float) : sizeof(uint16_t);
-  ops->layernorm_fwd(d, (char *)p->lnf + r0 * C * elt, act_type(m), p->lnf_mean, p->lnf_rstd,
-                     p->resid[L], W(m, m->i_lnf), W(m, m->i_lnf + 1), (int)R, C, c->ln_eps);
-  if (seq_par(m) && (rc = sp_gather(m, NULL, p->lnf, act_type(m), (size_t)C))) return rc;
+  rc =
+      ln_rows(m, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf), W(m, m->i_lnf + 1));
+  if (rc) return rc;
   /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
   ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype,
                   NULL, m->cvt, N, C, Vl);
@@ -1010,11 +1021,10 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     int rc = tp_sum_rows(m, p->dbtc);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, RC * sizeof(float));
-    float *lng[2] = {mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1)};
-    if (seq_par(m)) mt_device_memset0(d, p->lngrad, 2 * (size_t)C * sizeof(float));
-    ops->layernorm_bwd(d, p->dres, seq_par(m) ? p->lngrad : lng[0],
-                       seq_par(m) ? p->lngrad + C : lng[1], p->dbtc + stream_row0(m) * C,
-                       p->resid[L], W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, R, C);
+    float *lng[2] = {mt_gpt_grad(m, m->i_lnf), mt_gpt_grad(m, m->i_lnf + 1)}, *lnd[2];
+    lngrad_dst(m, p, lng, lnd, 2);
+    ops->layernorm_bwd(d, p->dres, lnd[0], lnd[1], p->dbtc + stream_row0(m) * C, p->resid[L],
+                       W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, R, C);
     if (seq_par(m) && (rc = lngrad_join(m, p, lng, 2))) return rc;
   } else {
     if (!dout) return mt_seterr(MT_EINVAL, "gpt: a non-last stage needs the next stage's gradient");
@@ -1119,7 +1129,7 @@ const float *mt_gpt_stage_input_grad(const mt_gpt *m) {
 }
 
 size_t mt_gpt_wire_bytes(const mt_gpt *m) {
-  return mt_gpt_stream_rows(m) * m->cfg.n_embd * (half_acts(m) ? sizeof(uint16_t) : sizeof(float));
+  return mt_gpt_stream_rows(m) * m->cfg.n_embd * elt_bytes(act_type(m));
 }
 
 const void *mt_gpt_stage_output_wire(const mt_gpt *m, int slot, size_t *bytes) {
