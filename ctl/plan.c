@@ -95,6 +95,13 @@ static void print_stage_row(const mt_plan_stage *st, const mt_plan *plan, unit u
          st->stage == plan->worst.stage ? "  <- worst" : "");
 }
 
+/* The executed FLOPs' formula (mt_plan_flops) in the form its case takes. */
+static const char *flops_formula(const mt_plan *plan) {
+  return !plan->recompute         ? "72 B s l h^2 (1 + s/6h + Vp/12lh)"
+         : plan->recomputed < 1.0 ? "72 (1 + r/3) B s l h^2 (1 + s/6h) + 6 B s h Vp"
+                                  : "96 B s l h^2 (1 + s/6h + Vp/16lh)";
+}
+
 static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) {
   const mt_model_spec *m = &job->model;
   unit u = plan->worst.total_bytes >= 1e9 ? (unit){"GB", 1e9} : (unit){"MB", 1e6};
@@ -150,11 +157,11 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
   printf("\ncompute per step\n");
   printf("  model FLOPs     %.4g  (eq. 3 without recomputation: what MFU counts)\n",
          plan->model_flops);
-  printf("  executed FLOPs  %.4g  (%s)\n", plan->executed_flops,
-         !plan->recompute         ? "no recomputation: the same as the model FLOPs"
-         : plan->recomputed < 1.0 ? "eq. 3 with a share r of the layers recomputed, 72 (1 + r/3) "
-                                    "B s l h^2 (1 + s/6h) + 6 B s h Vp"
-                                  : "eq. 3 with recomputation, 96 B s l h^2 (1 + s/6h + Vp/16lh)");
+  printf("  executed FLOPs  %.4g  (%s%s)\n", plan->executed_flops,
+         !plan->recompute         ? "no recomputation, the same as the model FLOPs: "
+         : plan->recomputed < 1.0 ? "eq. 3 with a share r of the layers recomputed, "
+                                  : "eq. 3 with recomputation, ",
+         flops_formula(plan));
   printf("  bubble          %.1f%%  ((p - 1) / (m + p - 1) = %d / %d)\n",
          100 * plan->bubble_fraction, plan->pp - 1, plan->micro_batches + plan->pp - 1);
   printf("  step time       %.4g s  (executed FLOPs / (%d x %.1f TFLOP/s x %.2f))\n", plan->step_s,
@@ -206,10 +213,7 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
       "tflops", plan->dev.tflops, "efficiency", plan->dev.efficiency, /* */
       "memory", "worst_stage", plan->worst.stage, "stages", stages, "fits", plan->fits, "flops",
       "model_per_step", plan->model_flops, "executed_per_step", plan->executed_flops, "formula",
-      !plan->recompute         ? "72 B s l h^2 (1 + s/6h + Vp/12lh)"
-      : plan->recomputed < 1.0 ? "72 (1 + r/3) B s l h^2 (1 + s/6h) + 6 B s h Vp"
-                               : "96 B s l h^2 (1 + s/6h + Vp/16lh)",
-      "bubble_fraction", plan->bubble_fraction, "step_time_s", plan->step_s,
+      flops_formula(plan), "bubble_fraction", plan->bubble_fraction, "step_time_s", plan->step_s,
       "step_time_with_bubble_s", plan->step_with_bubble_s, "tokens_per_step",
       (json_int_t)plan->tokens_per_step, "tokens_per_s", plan->tokens_per_s,
       "model_tflops_per_device", plan->model_tflops_per_device);

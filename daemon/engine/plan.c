@@ -86,8 +86,7 @@ static int64_t padded_vocab_of(const mt_model_spec *m, int tp) {
 
 double mt_plan_flops(const mt_model_spec *m, int padded_vocab, int64_t batch, double recomputed) {
   double B = (double)batch, s = m->seq_len, l = m->n_layer, h = m->n_embd, V = padded_vocab;
-  if (recomputed >= 1.0) /* eq. 3 as the paper writes it */
-    return 96.0 * B * s * l * h * h * (1.0 + s / (6.0 * h) + V / (16.0 * l * h));
+  /* recomputed 1: eq. 3 as the paper writes it, 96 B s l h² (1 + s/6h + V/16lh) */
   return 72.0 * (1.0 + recomputed / 3.0) * B * s * l * h * h * (1.0 + s / (6.0 * h)) +
          6.0 * B * s * h * V;
 }
