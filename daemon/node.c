@@ -122,6 +122,14 @@ static void on_resumed(int64_t step, void *arg) {
   pthread_mutex_unlock(&n->mu);
 }
 
+static void on_stopped(int64_t step, int timed, void *arg) {
+  node *n = arg;
+  (void)step;
+  pthread_mutex_lock(&n->mu);
+  n->stopped_timed = timed;
+  pthread_mutex_unlock(&n->mu);
+}
+
 /* An order took effect after step: pause and resume change what this node
  * reports; world rank 0's node tells the coordinator where it acted. */
 static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
@@ -279,10 +287,12 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .on_checkpoint = on_checkpoint,
       .on_step = on_step,
       .on_resumed = on_resumed,
+      .on_stopped = on_stopped,
       .arg = n,
   };
   pthread_mutex_lock(&n->mu);
   n->resumed_step = -1;
+  n->stopped_timed = 0;
   pthread_mutex_unlock(&n->mu);
   mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
               n->gen, me->rank_begin, me->rank_end, n->asg.world, n->specs[0], n->specs[here - 1],
@@ -369,12 +379,13 @@ static void on_engine_done(uv_async_t *h) {
     pthread_mutex_lock(&n->mu);
     mt_step_stats st = n->last;
     int64_t resumed = n->resumed_step;
+    int timed = n->stopped_timed;
     pthread_mutex_unlock(&n->mu);
     if (resumed >= n->run_job.train.steps)
       snprintf(reason, sizeof reason,
                "nothing to train: the checkpoint at step %lld is at or past train.steps = %lld",
                (long long)resumed, (long long)n->run_job.train.steps);
-    else if (st.step < n->run_job.train.steps && st.stop && st.timed)
+    else if (st.step < n->run_job.train.steps && timed)
       snprintf(reason, sizeof reason,
                "stopped at step %lld of %lld: train.exit_duration_mins (%g) passed",
                (long long)st.step, (long long)n->run_job.train.steps,

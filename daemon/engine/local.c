@@ -2,6 +2,7 @@
 #include "local.h"
 
 #include <errno.h>
+#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -139,30 +140,36 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
 
 /* Between steps: every rank learns whether any process was signalled to
  * stop and world rank 0's order word (a sum: only rank 0 adds it). */
-static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int64_t *word) {
+static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int *timed, int64_t *word) {
   const mt_local_opts *o = c->o;
-  double v[2] = {o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? 1.0 : 0.0,
+  /* as in the step: a signal 1, world rank 0's passed deadline 0.5 */
+  double v[2] = {o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? 1.0
+                 : tr->stop_at_ms > 0 && mono_ms() >= tr->stop_at_ms   ? 0.5
+                                                                       : 0.0,
                  c->rank == 0 && o->order ? (double)*o->order : 0.0};
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return rc;
   }
-  *stop = v[0] > 0, *word = (int64_t)v[1];
+  *stop = v[0] > 0, *timed = fmod(v[0], 1.0) != 0.0, *word = (int64_t)v[1];
   return 0;
 }
 
 /* Paused after a step: every rank all-reduces the stop request and rank 0's
  * order word every 50 ms (so heartbeats, deadlines and peers stay alive)
- * until an order newer than the pause resumes or stops the run. Nothing of
- * the training state changes, so a resumed run continues its trajectory. */
-static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int64_t *last_saved) {
+ * until an order newer than the pause resumes or stops the run, or a
+ * signal or train.exit_duration_mins' deadline (*timed) stops it. Nothing
+ * of the training state changes, so a resumed run continues its
+ * trajectory. */
+static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int *timed,
+                      int64_t *last_saved) {
   const mt_local_opts *o = c->o;
   for (;;) {
     struct timespec ts = {0, 50 * 1000 * 1000};
     nanosleep(&ts, NULL);
     int any_stop;
     int64_t w;
-    int rc = agree_orders(c, tr, &any_stop, &w);
+    int rc = agree_orders(c, tr, &any_stop, timed, &w);
     if (rc) return mt_wraperr(rc, "paused after step %lld", (long long)tr->step);
     if (any_stop) return *stop = 1, 0;
     if (mt_order_seq(w) <= *seq) continue;
@@ -202,9 +209,9 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   int64_t order_seq = 0, last_saved = -1;
   /* train.exit_duration_mins counts on world rank 0's clock from the first
    * generation of the job this process trained (Megatron's: from its
-   * start); its stop request, agreed in the step's all-reduce, stops every
-   * rank at that step */
-  int64_t t_exit =
+   * start); its stop request, agreed in the step's all-reduce (or the
+   * pause's), stops every rank at that step */
+  tr->stop_at_ms =
       c->rank == 0 && job->train.exit_duration_mins > 0.0
           ? job_start_ms(job->name) + (int64_t)(job->train.exit_duration_mins * 60000.0)
           : 0;
@@ -225,21 +232,20 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
    * while the job was paused) holds them before their first step */
   int stopped = 0;
   if (o->order) {
-    int any_stop; /* a signal before the first step is seen at its end, as before */
+    int any_stop, late; /* a signal or deadline before the first step is seen at its end */
     int64_t w;
-    int rc = agree_orders(c, tr, &any_stop, &w);
+    int rc = agree_orders(c, tr, &any_stop, &late, &w);
     if (rc) return mt_wraperr(rc, "agreeing on the orders before the first step");
     if (mt_order_kind(w) == MT_ORDER_PAUSE && mt_order_seq(w) > order_seq) {
       order_seq = mt_order_seq(w);
       if (c == c->all && o->on_order) o->on_order(MT_ORDER_PAUSE, order_seq, tr->step, o->arg);
-      if ((rc = pause_loop(c, tr, &order_seq, &stopped, &last_saved))) return rc;
+      if ((rc = pause_loop(c, tr, &order_seq, &stopped, &timed, &last_saved))) return rc;
     }
   }
   while (!stopped && tr->step < job->train.steps) {
     /* any process signalled: all stop together */
     tr->stop_request =
         o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
-    if (!tr->stop_request && t_exit && mono_ms() >= t_exit) tr->stop_request = MT_STOP_TIME;
     tr->order_word = c->rank == 0 && o->order ? __atomic_load_n(o->order, __ATOMIC_ACQUIRE) : 0;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
@@ -284,10 +290,11 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
      * node lost while paused costs no work */
     if (pause && !st.stop) {
       if (c->pending.active && (rc = finish_pending(c, tr, 1, &last_saved))) return rc;
-      if ((rc = pause_loop(c, tr, &order_seq, &st.stop, &last_saved))) return rc;
+      if ((rc = pause_loop(c, tr, &order_seq, &st.stop, &timed, &last_saved))) return rc;
       if (st.stop && (rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
     }
     if (st.stop) {
+      if (c == c->all && o->on_stopped) o->on_stopped(tr->step, timed, o->arg);
       if (c == c->all && timed)
         mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; %s",
                     (long long)tr->step, (long long)job->train.steps, job->train.exit_duration_mins,

@@ -64,6 +64,10 @@ typedef struct mt_local_opts {
   void (*on_step)(const mt_step_stats *st, void *arg);
   /* the first rank of this process, after resuming from a checkpoint at step */
   void (*on_resumed)(int64_t step, void *arg);
+  /* the first rank of this process, when the ranks agreed to stop after
+   * step (before the last, or at it): timed when train.exit_duration_mins'
+   * deadline stopped them, while training or paused */
+  void (*on_stopped)(int64_t step, int timed, void *arg);
   void *arg;
 } mt_local_opts;
 

@@ -559,6 +559,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
+  if (!tr->stop_request && tr->stop_at_ms > 0 && now_ms() >= (double)tr->stop_at_ms)
+    tr->stop_request = MT_STOP_TIME;
   double agreed[8] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       tr->stop_request == MT_STOP_TIME ? 0.5

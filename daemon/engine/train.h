@@ -122,6 +122,10 @@ typedef struct mt_trainer {
   void *recv_wire[2]; /* the previous stage's output as it travels (mt_gpt_stage_output_wire);
                          NULL on the first */
   volatile int stop_request;   /* set by the owner thread, MT_STOP_*; agreed on in the step */
+  int64_t stop_at_ms;          /* world rank 0: train.exit_duration_mins' deadline on the
+                                  monotonic clock (0: none), read just before the step's
+                                  all-reduce, so the step during which it passes is the last
+                                  (Megatron checks after each step) */
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
   int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
   double flops_per_step;       /* model FLOPs of this rank per step (the current step's) */

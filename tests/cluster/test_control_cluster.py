@@ -11,6 +11,9 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 - B runs a 40-step job: paused through member n3 near step 5 for 1.5 s,
   resumed through member n2, stopped through member n1 past step 25; its
   losses are those of `mtnlgd --standalone` of the same job.
+- C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 12 s,
+  paused at its second step: the deadline passes while it is paused, and
+  it stops there by itself with that step's checkpoint, naming the reason.
 Each check prints `ok NAME` or `FAIL NAME: detail`; the exit status is 1 when
 any failed.
 """
@@ -27,7 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import LocalCluster, last_step, check, license_tokens  # noqa: E402
+from local_cluster import LocalCluster, last_step, check, grep, license_tokens  # noqa: E402
 
 TOKEN = "live-control-token"
 HB_MS, TIMEOUT_MS = 200, 2000
@@ -641,6 +644,40 @@ def cluster_b(mtnlgd, tmp, tokens, doc):
         c.kill_all()
 
 
+def cluster_c(mtnlgd, tmp, tokens):
+    ckpt = os.path.join(tmp, "c-ckpt")
+    job = os.path.join(tmp, "job-deadline.json")
+    with open(write_job(job, tokens, 100000, "ctl-deadline")) as f:
+        j = json.load(f)
+    j["parallel"].update(dp_min=1, dp_max=1)
+    j["train"]["exit_duration_mins"] = 0.2
+    j["checkpoint"] = {"dir": ckpt}
+    with open(job, "w") as f:
+        json.dump(j, f)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "c"), job, nodes=2, heartbeat_ms=HB_MS,
+                     timeout_ms=TIMEOUT_MS, token=TOKEN)
+    n0, n1 = c.nodes
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(n0) >= 2, 120, "step 2")
+        a = post(n1, "/v1/pause")
+        op = wait_op(n1, a.headers.get("location", "")) if a.status == 202 else None
+        at = (op or {}).get("step")
+        paused = wait_until(lambda: states(c) == ["paused"] * 2, 10)
+        codes = c.wait_all(60)
+        lasts = [last_step(n) for n in c.nodes]
+        manifest = os.path.join(ckpt, "ctl-deadline", "step_%08d" % (at or 0), "manifest.json")
+        said = all(grep(n, r"train.exit_duration_mins \(0.2\) passed") for n in c.nodes)
+        check("test_deadline_passing_while_paused_stops_with_the_paused_steps_checkpoint",
+              a.status == 202 and op and op["state"] == "succeeded" and paused
+              and codes == [0, 0] and lasts == [at, at] and os.path.exists(manifest) and said,
+              "%r, op %s, paused %s, exit codes %s, last steps %s, %s %s, reason logged %s" % (
+                  a, op, paused, codes, lasts, manifest,
+                  "exists" if os.path.exists(manifest) else "missing", said))
+    finally:
+        c.kill_all()
+
+
 def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__)
@@ -657,6 +694,10 @@ def main():
             cluster_b(mtnlgd, tmp, tokens, doc)
         except AssertionError as e:
             check("test_cluster_b_runs", False, str(e))
+        try:
+            cluster_c(mtnlgd, tmp, tokens)
+        except AssertionError as e:
+            check("test_cluster_c_runs", False, str(e))
     print("%d failure(s) in %.0f s" % (failures, time.time() - t0))
     sys.exit(1 if failures else 0)
 
