@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "ctl.h"
 #include "http.h"
@@ -211,6 +212,11 @@ static void print_status(const json_t *st) {
   print_throughput(st);
   print_step_time(st);
   printf(LABEL "%s\n", "ETA", ctl_jnum(st, "eta_s", &v) ? ctl_fmt_duration(b, sizeof b, v) : "-");
+  if (ctl_jnum(st, "exit_at", &v)) {
+    double left = v - (double)time(NULL);
+    printf(LABEL "%s (%s%s, train.exit_duration_mins)\n", "exits at", ctl_fmt_time(a, sizeof a, v),
+           left > 0 ? "in " : "passed", left > 0 ? ctl_fmt_duration(b, sizeof b, left) : "");
+  }
   print_checkpoint(st);
   if (ctl_jnum(st, "operations_pending", &v) && v > 0)
     printf(LABEL "%.0f pending (mtnlgctl ops)\n", "operations", v);

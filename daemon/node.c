@@ -104,6 +104,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
     json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
     json_object_set_new(j, "global_batch", json_integer(st->global_batch));
     if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));
+    if (st->exit_in_s >= 0) json_object_set_new(j, "exit_in_s", json_real(st->exit_in_s));
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (text) mt_store_set(n->store, key, text, strlen(text));
     free(text);

@@ -68,6 +68,7 @@ void node_history_add(node *n, const mt_step_stats *st) {
   }
   n->last = *st;
   n->have_last = 1;
+  n->exit_at = st->exit_in_s >= 0 ? wall_s() + st->exit_in_s : 0.0;
   pthread_mutex_unlock(&n->mu);
 }
 
@@ -176,6 +177,7 @@ static json_t *build_status(node *n) {
     }
   }
   json_object_set_new(s, "eta_s", eta);
+  json_object_set_new(s, "exit_at", n->exit_at > 0 ? json_real(n->exit_at) : json_null());
   /* devices: this node's, with the first local rank's rate for each */
   json_t *devs = json_array();
   if (n->have_run_job) {
@@ -462,6 +464,8 @@ void node_control_round(node *n, int heartbeat) {
           st.global_batch = (int)json_integer_value(json_object_get(j, "global_batch"));
           json_t *ls = json_object_get(j, "loss_scale");
           if (ls) st.loss_scaling = 1, st.loss_scale = json_number_value(ls);
+          json_t *ex = json_object_get(j, "exit_in_s");
+          st.exit_in_s = ex ? json_number_value(ex) : -1.0;
           node_history_add(n, &st);
         }
         json_decref(j);

@@ -547,8 +547,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (rc) return mt_wraperr(rc, "step %lld: gradient reduction over dp", sn);
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
-   * the pipeline's wait (for the bubble) and the coordinator's order word,
-   * which only world rank 0 contributes (so the sum is its value, exactly) */
+   * the pipeline's wait (for the bubble), the devices' faults, and the
+   * coordinator's order word and the time to train.exit_duration_mins'
+   * deadline (plus 1, so 0 is none), which only world rank 0 contributes
+   * (so the sum is its value, exactly) */
   double pipe_ms = now_ms() - t0;
   double comm_ms = pipe_ms - (comm_t0 - t0);
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
@@ -561,18 +563,22 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   int dev_rc = mt_device_sync(d);
   if (!tr->stop_request && tr->stop_at_ms > 0 && now_ms() >= (double)tr->stop_at_ms)
     tr->stop_request = MT_STOP_TIME;
-  double agreed[8] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
+  double exit_in_s = tr->stop_at_ms > 0 ? ((double)tr->stop_at_ms - now_ms()) / 1e3 : -1.0;
+  double agreed[9] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       tr->stop_request == MT_STOP_TIME ? 0.5
                       : tr->stop_request               ? 1.0
                                                        : 0.0,
                       r.wait_ms,
                       pipe_ms,
-                      (double)tr->order_word};
+                      (double)tr->order_word,
+                      0.0,
+                      0.0,
+                      tr->stop_at_ms > 0 ? 1.0 + (exit_in_s > 0 ? exit_in_s : 0.0) : 0.0};
   device_vote(agreed + 6, tr, dev_rc);
   if (tr->g.world) {
     double c0 = now_ms();
-    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 8, MT_COMM_F64, MT_COMM_SUM);
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 9, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += now_ms() - c0;
   }
@@ -639,6 +645,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->stop = agreed[2] > 0;
   st->timed = fmod(agreed[2], 1.0) != 0.0; /* world rank 0's 0.5 among the others' 1s */
   st->order = (int64_t)agreed[5];
+  st->exit_in_s = agreed[8] > 0 ? agreed[8] - 1.0 : -1.0;
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;
   st->comm_ms = comm_ms;

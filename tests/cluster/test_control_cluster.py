@@ -12,8 +12,9 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
   resumed through member n2, stopped through member n1 past step 25; its
   losses are those of `mtnlgd --standalone` of the same job.
 - C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 12 s,
-  paused at its second step: the deadline passes while it is paused, and
-  it stops there by itself with that step's checkpoint, naming the reason.
+  paused at its second step: /v1/status and mtnlgctl status on both nodes
+  say when it exits; the deadline passes while it is paused, and it stops
+  there by itself with that step's checkpoint, naming the reason.
 Each check prints `ok NAME` or `FAIL NAME: detail`; the exit status is 1 when
 any failed.
 """
@@ -644,7 +645,7 @@ def cluster_b(mtnlgd, tmp, tokens, doc):
         c.kill_all()
 
 
-def cluster_c(mtnlgd, tmp, tokens):
+def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
     ckpt = os.path.join(tmp, "c-ckpt")
     job = os.path.join(tmp, "job-deadline.json")
     with open(write_job(job, tokens, 100000, "ctl-deadline")) as f:
@@ -664,6 +665,16 @@ def cluster_c(mtnlgd, tmp, tokens):
         op = wait_op(n1, a.headers.get("location", "")) if a.status == 202 else None
         at = (op or {}).get("step")
         paused = wait_until(lambda: states(c) == ["paused"] * 2, 10)
+        now = time.time()
+        exits = [(get(n, "/v1/status").json() or {}).get("exit_at") for n in c.nodes]
+        shown = [subprocess.run([mtnlgctl, "-e", n.url(), "status"], capture_output=True,
+                                text=True, timeout=30, env=ctl_env()).stdout for n in c.nodes]
+        check("test_status_says_when_train_exit_duration_mins_stops_the_run",
+              all(isinstance(e, float) and now < e < now + 13 for e in exits)
+              and all(re.search(r"exits at +\S+ \S+ \(in .*, train.exit_duration_mins\)", t)
+                      for t in shown),
+              "exit_at %s at %.1f; mtnlgctl status %s" % (
+                  exits, now, [l for t in shown for l in t.splitlines() if "exit" in l]))
         codes = c.wait_all(60)
         lasts = [last_step(n) for n in c.nodes]
         manifest = os.path.join(ckpt, "ctl-deadline", "step_%08d" % (at or 0), "manifest.json")
@@ -695,7 +706,7 @@ def main():
         except AssertionError as e:
             check("test_cluster_b_runs", False, str(e))
         try:
-            cluster_c(mtnlgd, tmp, tokens)
+            cluster_c(mtnlgd, mtnlgctl, tmp, tokens)
         except AssertionError as e:
             check("test_cluster_c_runs", False, str(e))
     print("%d failure(s) in %.0f s" % (failures, time.time() - t0))

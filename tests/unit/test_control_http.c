@@ -69,6 +69,7 @@ static json_t *fake_status(void *arg) {
       "step", 12, "bytes_done", (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6,
       "operations_pending", 0);
   if (s) json_object_set_new(s, "restarts", json_integer(1));
+  if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
   pthread_mutex_unlock(&f->mu);
   if (!s) fprintf(stderr, "fake_status: json_pack failed\n");
   return s;
