@@ -204,11 +204,14 @@ static void render_cluster(sbuf *b, json_t *st) {
       {"mtnlg_skipped_steps_total", "counter", "Steps skipped for non-finite gradients.", 0},
       {"mtnlg_loss_scale", "gauge", "fp16's dynamic loss scale after the last step.", 0},
       {"mtnlg_eta_seconds", "gauge", "Estimated time until the last step.", 0},
+      {"mtnlg_exit_time_seconds", "gauge",
+       "When train.exit_duration_mins stops the run, in seconds since the epoch.", 0},
       {"mtnlg_operations_pending", "gauge", "Operations queued or running.", 0},
   };
-  const char *keys[] = {"generation",    "restarts",   "step",  "consumed_tokens",   "global_batch",
-                        "loss",          "val_loss",   "lr",    "grad_norm",         "tokens_per_s",
-                        "skipped_steps", "loss_scale", "eta_s", "operations_pending"};
+  const char *keys[] = {
+      "generation",    "restarts",   "step",  "consumed_tokens", "global_batch",
+      "loss",          "val_loss",   "lr",    "grad_norm",       "tokens_per_s",
+      "skipped_steps", "loss_scale", "eta_s", "exit_at",         "operations_pending"};
   for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
     sample_json(b, &f[i], NULL, json_object_get(st, keys[i]), 1, 1);
 

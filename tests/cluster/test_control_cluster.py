@@ -669,12 +669,16 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         exits = [(get(n, "/v1/status").json() or {}).get("exit_at") for n in c.nodes]
         shown = [subprocess.run([mtnlgctl, "-e", n.url(), "status"], capture_output=True,
                                 text=True, timeout=30, env=ctl_env()).stdout for n in c.nodes]
+        m = re.search(r"^mtnlg_exit_time_seconds(\{[^}]*\})? (\S+)$", get(n0, "/v1/metrics").body
+                      .decode(), re.M)
         check("test_status_says_when_train_exit_duration_mins_stops_the_run",
               all(isinstance(e, float) and now < e < now + 13 for e in exits)
+              and m and abs(float(m.group(2)) - exits[0]) < 1
               and all(re.search(r"exits at +\S+ \S+ \(in .*, train.exit_duration_mins\)", t)
                       for t in shown),
-              "exit_at %s at %.1f; mtnlgctl status %s" % (
-                  exits, now, [l for t in shown for l in t.splitlines() if "exit" in l]))
+              "exit_at %s at %.1f; metric %s; mtnlgctl status %s" % (
+                  exits, now, m and m.group(0),
+                  [l for t in shown for l in t.splitlines() if "exit" in l]))
         codes = c.wait_all(60)
         lasts = [last_step(n) for n in c.nodes]
         manifest = os.path.join(ckpt, "ctl-deadline", "step_%08d" % (at or 0), "manifest.json")
