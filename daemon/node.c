@@ -104,7 +104,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
     json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
     json_object_set_new(j, "global_batch", json_integer(st->global_batch));
     if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));
-    if (st->exit_in_s >= 0) json_object_set_new(j, "exit_in_s", json_real(st->exit_in_s));
+    if (st->exit_at > 0) json_object_set_new(j, "exit_at", json_real(st->exit_at));
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (text) mt_store_set(n->store, key, text, strlen(text));
     free(text);
@@ -125,8 +125,8 @@ static void on_resumed(int64_t step, void *arg) {
 
 static void on_stopped(int64_t step, int timed, void *arg) {
   node *n = arg;
-  (void)step;
   pthread_mutex_lock(&n->mu);
+  n->stopped_step = step;
   n->stopped_timed = timed;
   pthread_mutex_unlock(&n->mu);
 }
@@ -293,7 +293,9 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   };
   pthread_mutex_lock(&n->mu);
   n->resumed_step = -1;
+  n->stopped_step = -1;
   n->stopped_timed = 0;
+  n->exit_at = 0.0; /* this generation's world rank 0 says it again at its first step */
   pthread_mutex_unlock(&n->mu);
   mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
               n->gen, me->rank_begin, me->rank_end, n->asg.world, n->specs[0], n->specs[here - 1],
@@ -378,7 +380,8 @@ static void on_engine_done(uv_async_t *h) {
     mt_log_error("generation %d: this node's ranks failed: %s", n->gen, reason);
   } else {
     pthread_mutex_lock(&n->mu);
-    mt_step_stats st = n->last;
+    /* where they agreed to stop, else (the end) the last step */
+    int64_t step = n->stopped_step >= 0 ? n->stopped_step : n->last.step;
     int64_t resumed = n->resumed_step;
     int timed = n->stopped_timed;
     pthread_mutex_unlock(&n->mu);
@@ -386,13 +389,13 @@ static void on_engine_done(uv_async_t *h) {
       snprintf(reason, sizeof reason,
                "nothing to train: the checkpoint at step %lld is at or past train.steps = %lld",
                (long long)resumed, (long long)n->run_job.train.steps);
-    else if (st.step < n->run_job.train.steps && timed)
+    else if (step < n->run_job.train.steps && timed)
       snprintf(reason, sizeof reason,
                "stopped at step %lld of %lld: train.exit_duration_mins (%g) passed",
-               (long long)st.step, (long long)n->run_job.train.steps,
+               (long long)step, (long long)n->run_job.train.steps,
                n->run_job.train.exit_duration_mins);
-    else if (st.step < n->run_job.train.steps)
-      snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)st.step,
+    else if (step < n->run_job.train.steps)
+      snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)step,
                (long long)n->run_job.train.steps);
     else
       snprintf(reason, sizeof reason, "completed %lld steps", (long long)n->run_job.train.steps);

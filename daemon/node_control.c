@@ -68,7 +68,7 @@ void node_history_add(node *n, const mt_step_stats *st) {
   }
   n->last = *st;
   n->have_last = 1;
-  n->exit_at = st->exit_in_s >= 0 ? wall_s() + st->exit_in_s : 0.0;
+  n->exit_at = st->exit_at;
   pthread_mutex_unlock(&n->mu);
 }
 
@@ -464,8 +464,7 @@ void node_control_round(node *n, int heartbeat) {
           st.global_batch = (int)json_integer_value(json_object_get(j, "global_batch"));
           json_t *ls = json_object_get(j, "loss_scale");
           if (ls) st.loss_scaling = 1, st.loss_scale = json_number_value(ls);
-          json_t *ex = json_object_get(j, "exit_in_s");
-          st.exit_in_s = ex ? json_number_value(ex) : -1.0;
+          st.exit_at = json_number_value(json_object_get(j, "exit_at")); /* 0: none */
           node_history_add(n, &st);
         }
         json_decref(j);

@@ -125,9 +125,10 @@ typedef struct node {
   mt_step_stats last;
   int have_last;
   int64_t resumed_step;      /* of this generation's ranks; -1: they did not resume */
-  int stopped_timed;         /* they stopped for train.exit_duration_mins */
-  double exit_at;            /* train.exit_duration_mins' deadline as of the last step, unix
-                                seconds; 0: none */
+  int64_t stopped_step;      /* the step they agreed to stop after; -1: none (yet) */
+  int stopped_timed;         /* ... for train.exit_duration_mins */
+  double exit_at;            /* train.exit_duration_mins' deadline as of the last step
+                                (mt_step_stats.exit_at), unix seconds; 0: none */
   node_point *history;       /* ring of NODE_HISTORY */
   int64_t history_n;         /* points ever added, less those a resume took back */
   int64_t history_first;     /* the oldest point still in the ring */

@@ -203,6 +203,25 @@ static int64_t job_start_ms(const char *name) {
   return s;
 }
 
+/* The ranks agreed to stop after tr->step (timed: for
+ * train.exit_duration_mins): the first rank of this process says so. */
+static void report_stop(rank_ctx *c, const mt_trainer *tr, int timed, int64_t last_saved) {
+  const mt_local_opts *o = c->o;
+  const mt_job *job = o->job;
+  if (c != c->all) return;
+  if (o->on_stopped) o->on_stopped(tr->step, timed, o->arg);
+  if (timed)
+    mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; %s",
+                (long long)tr->step, (long long)job->train.steps, job->train.exit_duration_mins,
+                last_saved == tr->step ? "this step's checkpoint resumes it"
+                : tr->step == 0        ? "nothing was trained"
+                                       : "its checkpoint failed (above): the next run "
+                                         "resumes from the newest committed one");
+  else
+    mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
+                (long long)job->train.steps);
+}
+
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
@@ -240,6 +259,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       order_seq = mt_order_seq(w);
       if (c == c->all && o->on_order) o->on_order(MT_ORDER_PAUSE, order_seq, tr->step, o->arg);
       if ((rc = pause_loop(c, tr, &order_seq, &stopped, &timed, &last_saved))) return rc;
+      if (stopped) report_stop(c, tr, timed, last_saved); /* its state is what it resumed */
     }
   }
   while (!stopped && tr->step < job->train.steps) {
@@ -294,16 +314,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       if (st.stop && (rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
     }
     if (st.stop) {
-      if (c == c->all && o->on_stopped) o->on_stopped(tr->step, timed, o->arg);
-      if (c == c->all && timed)
-        mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; %s",
-                    (long long)tr->step, (long long)job->train.steps, job->train.exit_duration_mins,
-                    last_saved == tr->step ? "this step's checkpoint resumes it"
-                                           : "its checkpoint failed (above): the next run "
-                                             "resumes from the newest committed one");
-      else if (c == c->all)
-        mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
-                    (long long)job->train.steps);
+      report_stop(c, tr, timed, last_saved);
       break;
     }
   }

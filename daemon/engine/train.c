@@ -21,6 +21,12 @@ static double now_ms(void) {
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+static double wall_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
   int base = n_layer / pp, extra = n_layer % pp;
   *begin = s * base + (s < extra ? s : extra);
@@ -548,9 +554,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
    * the pipeline's wait (for the bubble), the devices' faults, and the
-   * coordinator's order word and the time to train.exit_duration_mins'
-   * deadline (plus 1, so 0 is none), which only world rank 0 contributes
-   * (so the sum is its value, exactly) */
+   * coordinator's order word and train.exit_duration_mins' deadline on its
+   * wall clock (0: none), which only world rank 0 contributes (so the sum
+   * is its value, exactly) */
   double pipe_ms = now_ms() - t0;
   double comm_ms = pipe_ms - (comm_t0 - t0);
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
@@ -563,7 +569,6 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   int dev_rc = mt_device_sync(d);
   if (!tr->stop_request && tr->stop_at_ms > 0 && now_ms() >= (double)tr->stop_at_ms)
     tr->stop_request = MT_STOP_TIME;
-  double exit_in_s = tr->stop_at_ms > 0 ? ((double)tr->stop_at_ms - now_ms()) / 1e3 : -1.0;
   double agreed[9] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       tr->stop_request == MT_STOP_TIME ? 0.5
@@ -574,7 +579,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                       (double)tr->order_word,
                       0.0,
                       0.0,
-                      tr->stop_at_ms > 0 ? 1.0 + (exit_in_s > 0 ? exit_in_s : 0.0) : 0.0};
+                      tr->stop_at_ms > 0 ? wall_s() + ((double)tr->stop_at_ms - now_ms()) / 1e3
+                                         : 0.0};
   device_vote(agreed + 6, tr, dev_rc);
   if (tr->g.world) {
     double c0 = now_ms();
@@ -645,7 +651,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->stop = agreed[2] > 0;
   st->timed = fmod(agreed[2], 1.0) != 0.0; /* world rank 0's 0.5 among the others' 1s */
   st->order = (int64_t)agreed[5];
-  st->exit_in_s = agreed[8] > 0 ? agreed[8] - 1.0 : -1.0;
+  st->exit_at = agreed[8];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = now_ms() - t0;
   st->comm_ms = comm_ms;

@@ -59,8 +59,8 @@ typedef struct mt_step_stats {
                             Megatron logs it); 1 without loss scaling */
   int stop;              /* some rank asked to stop: all stop after this step */
   int timed;             /* ... and world rank 0's train.exit_duration_mins had passed */
-  double exit_in_s;      /* seconds from this step's all-reduce to world rank 0's
-                            train.exit_duration_mins deadline (0 once passed); -1: none */
+  double exit_at;        /* world rank 0's train.exit_duration_mins deadline on its wall
+                            clock (unix seconds) as of this step's all-reduce; 0: none */
   double bubble;         /* share of the step the ranks spent waiting on pipeline
                             neighbours (mean over ranks; 0 without pp) */
   int64_t order;         /* the coordinator's order word as every rank agreed on it

@@ -697,11 +697,10 @@ static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_
   }
 }
 
-/* LayerNorm w_index (MT_P_LN1_W or MT_P_LN2_W, its bias next) of block l
- * over x (the stream's rows) into p->ln, p->ln_mean, p->ln_rstd; with
- * sequence parallelism into this rank's rows of p->ln, then gathered, so
- * p->ln holds all rows. The backward calls it again instead of keeping the
- * output: the same op on the same input, the same bits. */
+/* LayerNorm (weights w, bias b) over x (the stream's rows) into out (all
+ * B T rows, act_type), mean and rstd (the stream's rows); with sequence
+ * parallelism into this rank's rows of out, then gathered, so out holds all
+ * rows. */
 static int ln_rows(mt_gpt *m, void *out, float *mean, float *rstd, const float *x, const float *w,
                    const float *b) {
   size_t C = (size_t)m->cfg.n_embd;
@@ -711,6 +710,10 @@ static int ln_rows(mt_gpt *m, void *out, float *mean, float *rstd, const float *
   return seq_par(m) ? sp_gather(m, NULL, out, act_type(m), C) : 0;
 }
 
+/* LayerNorm w_index (MT_P_LN1_W or MT_P_LN2_W, its bias next) of block l
+ * over x into p->ln, p->ln_mean, p->ln_rstd. The backward calls it again
+ * instead of keeping the output: the same op on the same input, the same
+ * bits. */
 static int layernorm(mt_gpt *m, act_plan *p, int l, int w_index, const float *x) {
   return ln_rows(m, p->ln, p->ln_mean, p->ln_rstd, x, P(m, l, w_index), P(m, l, w_index + 1));
 }

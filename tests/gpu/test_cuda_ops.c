@@ -1627,7 +1627,8 @@ int main(int argc, char **argv) {
     test_flash_attention(fodd, MT_BF16, 1);
     test_attention_decode(300, 64, 4);
     test_attention_decode(17, 20, 2);
-    test_attention_decode(2300, 48, 3); /* three tiles of keys, the last one partial */
+    test_attention_decode(2300, 48, 3);  /* three tiles of keys, the last one partial */
+    test_attention_decode(1100, 320, 2); /* head size 160: columns past the block's threads */
 #ifdef MT_CUDA_EMU
     test_flash_shared_memory_limit();
 #endif
