@@ -131,6 +131,49 @@ static void on_stopped(int64_t step, int timed, void *arg) {
   pthread_mutex_unlock(&n->mu);
 }
 
+/* Tells the coordinator that order seq acted after step (ok, or why not).
+ * The coordinator holds every later order but a stop until it hears, so a
+ * word the store did not take (a blip on the loop's connection) is kept
+ * and sent again each round (resend_acted), not dropped: a lost pause's
+ * word left the job paused with its operation running for good. Called on
+ * a rank thread. */
+static void tell_acted(node *n, int64_t seq, int64_t step, int ok, const char *reason) {
+  if (!mt_rdzv_acted(n->store, n->gen, seq, step, ok, reason)) return;
+  mt_log_warn("cannot tell the coordinator order %lld acted yet (%s): trying again", (long long)seq,
+              mt_errmsg());
+  pthread_mutex_lock(&n->mu);
+  if (n->n_acted < (int)(sizeof n->acted / sizeof n->acted[0])) {
+    struct node_acted *a = &n->acted[n->n_acted++];
+    a->gen = n->gen, a->ok = ok, a->seq = seq, a->step = step;
+    snprintf(a->reason, sizeof a->reason, "%s", reason ? reason : "");
+  }
+  pthread_mutex_unlock(&n->mu);
+}
+
+/* The loop's round: the words tell_acted kept, oldest first, until one is
+ * refused again (an ended generation's are dropped: nobody waits for them). */
+static void resend_acted(node *n) {
+  pthread_mutex_lock(&n->mu);
+  int k = n->n_acted;
+  struct node_acted a[sizeof n->acted / sizeof n->acted[0]];
+  memcpy(a, n->acted, (size_t)k * sizeof *a);
+  pthread_mutex_unlock(&n->mu);
+  int done = 0;
+  for (; done < k; done++) {
+    if (a[done].gen != n->gen) continue;
+    int rc =
+        mt_rdzv_acted(n->store, a[done].gen, a[done].seq, a[done].step, a[done].ok, a[done].reason);
+    store_result(n, rc);
+    if (rc) break;
+    mt_log_info("told the coordinator order %lld acted", (long long)a[done].seq);
+  }
+  if (!done) return;
+  pthread_mutex_lock(&n->mu); /* a rank thread may have added more meanwhile */
+  memmove(n->acted, n->acted + done, (size_t)(n->n_acted - done) * sizeof *n->acted);
+  n->n_acted -= done;
+  pthread_mutex_unlock(&n->mu);
+}
+
 /* An order took effect after step: pause and resume change what this node
  * reports; world rank 0's node tells the coordinator where it acted. */
 static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
@@ -148,9 +191,8 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
                                      : "running",
              (long long)step, n->gen);
   /* a checkpoint is reported when it is committed (on_checkpoint) */
-  if (kind != MT_ORDER_CHECKPOINT && kind != MT_ORDER_RESIZE && n->holds_rank0 &&
-      mt_rdzv_acted(n->store, n->gen, seq, step, 1, NULL))
-    mt_log_warn("cannot tell the coordinator order %lld acted: %s", (long long)seq, mt_errmsg());
+  if (kind != MT_ORDER_CHECKPOINT && kind != MT_ORDER_RESIZE && n->holds_rank0)
+    tell_acted(n, seq, step, 1, NULL);
 }
 
 /* A checkpoint starts (phase 0) or ends (phase 1) on this node's ranks. */
@@ -165,10 +207,7 @@ static void on_checkpoint(int phase, int64_t step, int rc, const char *msg,
     n->ckpt_seconds = res->seconds;
   }
   pthread_mutex_unlock(&n->mu);
-  if (phase == 1 && order_seq && n->holds_rank0 &&
-      mt_rdzv_acted(n->store, n->gen, order_seq, step, rc == 0, msg))
-    mt_log_warn("cannot tell the coordinator order %lld acted: %s", (long long)order_seq,
-                mt_errmsg());
+  if (phase == 1 && order_seq && n->holds_rank0) tell_acted(n, order_seq, step, rc == 0, msg);
 }
 
 static void *engine_wait(void *arg) {
@@ -557,6 +596,7 @@ static void abort_ranks(node *n) {
 
 static void node_round(node *n) {
   int rc = 0;
+  resend_acted(n);
   switch (n->state) {
   case N_JOINING: {
     int watch = 0;

@@ -86,6 +86,14 @@ typedef struct node {
   int report_pending;    /* this node's report on the generation is not written yet */
   int report_kind;
   char report_reason[1200];
+  /* world rank 0's node: where orders acted, not yet taken by the store
+   * (a rank thread adds, the loop sends again each round; under mu) */
+  struct node_acted {
+    int gen, ok;
+    int64_t seq, step;
+    char reason[256];
+  } acted[8];
+  int n_acted;
 
   /* the running generation */
   mt_assignment asg;
