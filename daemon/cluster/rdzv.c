@@ -428,12 +428,14 @@ struct mt_coord {
   int end_ok;
   char end_reason[1200];
   int paused;
-  int dp;            /* of the running generation */
-  int resize_to;     /* a resize under way: the next generation's dp (0: none) */
-  int64_t resize_op; /* its operation's id */
-  int resize_saved;  /* its checkpoint is committed: the generation may end */
-  int restarts;      /* generations ended by a failure and re-formed */
-  int reforming;     /* forming after a failure: bounded by reform_timeout_ms */
+  int dp;                          /* of the running generation */
+  int resize_to;                   /* a resize under way: the next generation's dp (0: none) */
+  int64_t resize_op;               /* its operation's id */
+  int resize_saved;                /* its checkpoint is committed: the generation may end */
+  int64_t resize_forming_since_ms; /* its generation began forming (bounded by
+                                      reform_timeout_ms, then the usual dp) */
+  int restarts;                    /* generations ended by a failure and re-formed */
+  int reforming;                   /* forming after a failure: bounded by reform_timeout_ms */
   int64_t reform_since_ms;
   char failure[600]; /* what ended the last generation that failed */
   char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
@@ -818,14 +820,30 @@ static int batch_quantum(const mt_coord *c) {
   return c->o.batch_quantum > 0 ? c->o.batch_quantum : c->o.global_batch;
 }
 
+/* Whether the nodes present (not lost or gone), whole and in name order as
+ * form() takes them (one that would overfill is passed over), fill exactly
+ * `need` model slots: nodes of unequal sizes may add up to more slots than
+ * need and still not make it. */
+static int fills(mt_coord *c, int need) {
+  qsort(c->nodes, (size_t)c->n_nodes, sizeof *c->nodes, cmp_nodes);
+  int have = 0;
+  for (int i = 0; i < c->n_nodes && have < need; i++) {
+    const coord_node *n = &c->nodes[i];
+    if (n->role != ROLE_LOST && n->role != ROLE_LEFT && have + n->slots <= need) have += n->slots;
+  }
+  return have == need;
+}
+
 /* The widest dp in [dp_min, dp_max] the slots allow with every global batch
- * divisible by micro_batch * dp; 0 when none. */
-static int pick_dp(const mt_coord *c, int slots) {
-  if (c->resize_to) return slots / c->o.pp >= c->resize_to ? c->resize_to : 0;
+ * divisible by micro_batch * dp and whole nodes filling its pp * dp slots;
+ * 0 when none. */
+static int pick_dp(mt_coord *c, int slots) {
+  if (c->resize_to)
+    return slots / c->o.pp >= c->resize_to && fills(c, c->o.pp * c->resize_to) ? c->resize_to : 0;
   int most = slots / c->o.pp;
   if (most > c->o.dp_max) most = c->o.dp_max;
   for (int dp = most; dp >= c->o.dp_min; dp--)
-    if (batch_quantum(c) % (c->o.micro_batch * dp) == 0) return dp;
+    if (batch_quantum(c) % (c->o.micro_batch * dp) == 0 && fills(c, c->o.pp * dp)) return dp;
   return 0;
 }
 
@@ -1102,6 +1120,7 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
     int rc = end_generation(c, now_ms, 0, 1, why);
     if (rc) return rc;
     begin_forming(c);
+    c->resize_forming_since_ms = now_ms;
     return 0;
   }
   if (members && done == members) {
@@ -1305,6 +1324,11 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
                "cannot resize to dp %lld: the %d model slot(s) present (members and spares) make "
                "at most %d replica(s) of %d stage(s)",
                w, slots, slots / c->o.pp, c->o.pp);
+    else if (!fills(c, c->o.pp * (int)want))
+      snprintf(why, size,
+               "cannot resize to dp %lld: the nodes present (members and spares), whole, do not "
+               "make exactly %lld slot(s)",
+               w, (long long)c->o.pp * w);
     else if (!c->o.has_checkpoint_dir)
       snprintf(why, size, "cannot resize: the job has no checkpoint.dir to carry its state over");
     else
@@ -1624,6 +1648,21 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   for (int i = 0; i < c->n_nodes; i++)
     if (c->nodes[i].role == ROLE_NONE) slots += c->nodes[i].slots;
   int dp = pick_dp(c, slots);
+  if (!dp && c->resize_to && now_ms - c->resize_forming_since_ms > c->o.reform_timeout_ms) {
+    /* the nodes for the new width went away after the resize was accepted */
+    char why[300];
+    snprintf(why, sizeof why,
+             "no dp %d could be formed from the nodes present within %d s; forming the widest "
+             "dp they allow instead",
+             c->resize_to, c->o.reform_timeout_ms / 1000);
+    mt_log_warn("coordinator: resize: %s", why);
+    for (int i = 0; i < c->n_ops; i++)
+      if (c->ops[i].id == c->resize_op && !strcmp(c->ops[i].state, "running"))
+        op_done(&c->ops[i], 0, why);
+    c->resize_to = 0;
+    c->resize_saved = 0;
+    dp = pick_dp(c, slots);
+  }
   if (!dp) {
     c->formable_since_ms = 0;
   } else {

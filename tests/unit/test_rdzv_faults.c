@@ -1,6 +1,7 @@
 /* test_rdzv_faults.c — the coordinator (daemon/cluster/rdzv.c) over a store
  * that fails one write once, as a TCP store does when a request gets no
- * reply under load. A failed write must leave the coordinator where it was,
+ * reply under load, and over nodes that do not divide evenly. A failed
+ * write must leave the coordinator where it was,
  * so that the next tick does the step again; it must not leave it believing
  * the step was done:
  *
@@ -12,7 +13,10 @@
  *   refused as a duplicate of itself and yet placed);
  * - the end of a generation that lost a member fails: the generation ends
  *   next tick and re-forms, with one restart counted (before, the loss was
- *   forgotten and the cluster said "running" with its only member lost).
+ *   forgotten and the cluster said "running" with its only member lost);
+ * - two nodes of 2 slots each under dp_max 3: generation 1 forms with dp 2
+ *   (before, dp 3 was chosen from the 4 slots, whole nodes could not fill
+ *   its 3, and no generation ever formed).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -278,6 +282,41 @@ static int test_a_tick_asks_the_store_as_often_at_16_nodes_as_at_2(void) {
   return 0;
 }
 
+static int test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one(void) {
+  cluster k;
+  memset(&k, 0, sizeof k);
+  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many};
+  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(&k.store.base);
+  o.last_call_ms = 0, o.dp_max = 3, o.global_batch = 6;
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  for (int i = 0; i < 2; i++) {
+    mt_node_desc d = {.n_devices = 2};
+    snprintf(d.name, sizeof d.name, "n%d", i);
+    snprintf(d.host, sizeof d.host, "host%d", i);
+    snprintf(d.version, sizeof d.version, "test");
+    snprintf(d.devices[0], sizeof d.devices[0], "cpu:0");
+    snprintf(d.devices[1], sizeof d.devices[1], "cpu:1");
+    REQUIRE(!mt_rdzv_join(&k.store.base, &d, &k.seq[i]), "join: %s", mt_errmsg());
+  }
+  int both[] = {1, 1};
+  run(&k, 10, both, 2);
+  int gen;
+  const char *state;
+  const char *n0 = role_of(&k, "n0", &gen, &state), *n1 = role_of(&k, "n1", &gen, &state);
+  mt_assignment a = {0};
+  char *job = NULL;
+  int formed = mt_rdzv_assignment(&k.store.base, 1, &a, &job);
+  CHECK(gen == 1 && !strcmp(state, "running") && formed == 1 && a.dp == 2 &&
+            !strcmp(n0, "member") && !strcmp(n1, "spare"),
+        "generation %d %s, assignment %d with dp %d, n0 %s, n1 %s", gen, state, formed, a.dp, n0,
+        n1);
+  mt_assignment_free(&a);
+  free(job);
+  close_cluster(&k);
+  return 0;
+}
+
 int main(void) {
   /* REQUIRE returns 1 without counting; CHECK counts as it goes */
   if (test_a_failed_assignment_forms_next_tick()) failures++;
@@ -285,6 +324,7 @@ int main(void) {
   if (test_a_failed_end_is_written_next_tick()) failures++;
   if (test_a_steady_tick_reads_only_counts()) failures++;
   if (test_a_tick_asks_the_store_as_often_at_16_nodes_as_at_2()) failures++;
+  if (test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one()) failures++;
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }
