@@ -281,6 +281,14 @@ int mt__pwrite_full(int fd, const void *buf, size_t n, uint64_t off) {
  * committed one with holes. */
 int mt__ckpt_remove_step(const char *step_dir) {
   char path[MT_CKPT_PATH_MAX + 300];
+  /* a link to another job's step (an operator's warm start) loses only the
+   * link: unlinking through it would delete that job's checkpoint */
+  struct stat st;
+  if (!lstat(step_dir, &st) && S_ISLNK(st.st_mode)) {
+    if (unlink(step_dir) && errno != ENOENT)
+      return mt_seterr(MT_EIO, "ckpt: remove link %s: %s", step_dir, strerror(errno));
+    return 0;
+  }
   snprintf(path, sizeof path, "%s/" MT__CKPT_MANIFEST, step_dir);
   if (unlink(path) && errno != ENOENT)
     return mt_seterr(MT_EIO, "ckpt: remove %s: %s", path, strerror(errno));

@@ -676,6 +676,30 @@ static int test_retention_keeps_last_two_and_every_fifth(void) {
   return 0;
 }
 
+/* A step directory that is a link to another job's (an operator's warm
+ * start) is pruned as a link: the other job's checkpoint stays whole. */
+static int test_retention_removes_a_linked_step_only_as_a_link(void) {
+  const char *a = tmp_path("linked-a"), *b = tmp_path("linked-b");
+  REQUIRE(save_step(a, 1, 64, 1, 1, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(save_step(b, 5, 64, 1, 1, 0) == 0 && save_step(b, 6, 64, 1, 1, 0) == 0, "%s",
+          mt_errmsg());
+  char target[512];
+  snprintf(target, sizeof target, "%s", step_path(a, 1, NULL));
+  REQUIRE(!symlink(target, step_path(b, 1, NULL)), "symlink: %s", strerror(errno));
+  int removed = 0;
+  CHECK(mt_ckpt_prune(b, 1, 0, &removed) == 0 && removed == 2, "%s (removed %d)", mt_errmsg(),
+        removed);
+  struct stat st;
+  CHECK(lstat(step_path(b, 1, NULL), &st) && exists(step_path(b, 6, NULL)),
+        "the link or the newest step of b");
+  mt_ckpt r;
+  int found = exists(step_path(a, 1, "manifest.json")) &&
+              mt_ckpt_find(a, 1, MT_CKPT_VERIFY_CHECKSUMS, &r) == 0;
+  CHECK(found, "a's step 1 was harmed through the link: %s", mt_errmsg());
+  if (found) mt_ckpt_close(&r);
+  return 0;
+}
+
 /* In a child limited to limit_bytes per file: save step (n floats), which must
  * fail; returns the child's message through out. 0 when it failed cleanly. */
 static int save_over_limit(const char *job, int64_t step, uint64_t n, rlim_t limit_bytes, char *out,
@@ -1043,6 +1067,8 @@ static const struct {
     {"test_changed_manifest_fails_its_seal", test_changed_manifest_fails_its_seal},
     {"temp_files_left_by_a_kill_are_never_read", test_temp_files_left_by_a_kill_are_never_read},
     {"retention_keeps_last_two_and_every_fifth", test_retention_keeps_last_two_and_every_fifth},
+    {"retention_removes_a_linked_step_only_as_a_link",
+     test_retention_removes_a_linked_step_only_as_a_link},
     {"disk_full_fails_cleanly_and_keeps_previous", test_disk_full_fails_cleanly_and_keeps_previous},
     {"verify_file_names_the_bad_shard_only", test_verify_file_names_the_bad_shard_only},
     {"find_below_skips_to_the_older_step", test_find_below_skips_to_the_older_step},
