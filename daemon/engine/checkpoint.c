@@ -142,11 +142,14 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
     sv->res.bytes = 3 * n * sizeof(float);
   }
   sv->active = 1;
-  if (async && !pthread_create(&sv->thread, NULL, write_slices, sv)) {
+  /* on a thread in a synchronous save too: its wait (mt_trainer_save_poll)
+   * is then short all-reduces while the slowest rank still writes, not one
+   * that outlasts the comm deadline at scale (1.4 GB a rank at 530B) */
+  (void)async;
+  if (!pthread_create(&sv->thread, NULL, write_slices, sv))
     sv->has_thread = 1;
-  } else {
+  else
     write_slices(sv);
-  }
   return 0;
 
 comm_failed:
@@ -232,19 +235,24 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
         ls->hysteresis_tracker, "steps", (json_int_t)ls->steps, "skipped", (json_int_t)ls->skipped,
         "skipped_in_row", (json_int_t)ls->skipped_in_row);
     /* where the LR schedule is under a batch ramp-up (kept by every run) */
-    json_object_set_new(extra, "lr_samples", json_integer(sv->lr_samples));
+    int incomplete =
+        !pos || !extra || json_object_set_new(extra, "lr_samples", json_integer(sv->lr_samples));
     /* the model, which parameter counts do not tell apart (another n_head
      * splits the same matrices another way): a resume compares it */
     const mt_model_spec *ms = &job->model;
-    json_object_set_new(extra, "model",
-                        json_pack("{s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd",
-                                  ms->n_embd, "n_head", ms->n_head, "vocab_size", ms->vocab_size,
-                                  "seq_len", ms->seq_len));
+    if (!incomplete)
+      incomplete = json_object_set_new(
+          extra, "model",
+          json_pack("{s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd", ms->n_embd,
+                    "n_head", ms->n_head, "vocab_size", ms->vocab_size, "seq_len", ms->seq_len));
     /* the whole resolved job: a resume names what changed since */
     char *job_text = mt_job_to_json(job);
     json_t *job_json = job_text ? json_loads(job_text, 0, NULL) : NULL;
     free(job_text);
-    if (job_json) json_object_set_new(extra, "job", job_json);
+    if (job_json && extra)
+      json_object_set_new(extra, "job", job_json); /* else only not named */
+    else
+      json_decref(job_json);
     mt_ckpt_meta meta = {.job = job->name,
                          .job_hash = job->hash,
                          .step = step,
@@ -256,9 +264,14 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
                          .tp = g->tp_size,
                          .pp = g->pp_size,
                          .dp = g->dp_size};
-    mt_ckpt_shard_desc *ds = calloc((size_t)n_shards, sizeof *ds);
+    mt_ckpt_shard_desc *ds = incomplete ? NULL : calloc((size_t)n_shards, sizeof *ds);
     if (!ds) {
-      commit_rc = mt_seterr(MT_ENOMEM, "checkpoint: shard list");
+      /* a manifest without Adam's count or the scaler would resume as an
+       * older format's, on another trajectory: no commit at all */
+      commit_rc = mt_seterr(MT_ENOMEM, "checkpoint: out of memory for the %s",
+                            incomplete ? "manifest's optimizer records" : "shard list");
+      snprintf(err, sizeof err, "%s", mt_errmsg());
+      mt_ckpt_abort(&sv->txn);
     } else {
       for (int p = 0; p < g->pp_size; p++)
         for (int t = 0; t < g->tp_size; t++)
@@ -268,10 +281,6 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
       if (commit_rc) {
         snprintf(err, sizeof err, "%s", mt_errmsg());
         mt_ckpt_abort(&sv->txn);
-      } else { /* keep 0 keeps every committed one; leftovers go either way */
-        int removed = 0;
-        if (mt_ckpt_prune(sv->job_dir, job->checkpoint.keep, job->checkpoint.keep_every, &removed))
-          mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
       }
       free(ds);
     }
@@ -282,6 +291,13 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
   free(shard_n);
   if (g->world && (rc = mt_comm_broadcast(g->world, &commit_rc, 1, MT_COMM_I32, 0)))
     goto comm_failed;
+  /* retention after the others heard, not while they wait on the broadcast;
+   * keep 0 keeps every committed one, leftovers go either way */
+  int removed = 0;
+  if (is0 && !commit_rc &&
+      mt_ckpt_prune(sv->job_dir, tr->job->checkpoint.keep, tr->job->checkpoint.keep_every,
+                    &removed))
+    mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
   if (commit_rc)
     return is0 ? mt_seterr(commit_rc, "%s", err)
                : mt_seterr(commit_rc, "checkpoint of step %lld: rank 0 could not commit it",
@@ -305,21 +321,22 @@ int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *
                          mt_checkpoint_result *res) {
   *finished = 0;
   if (!sv->active) return 0;
-  if (wait && sv->has_thread) {
-    pthread_join(sv->thread, NULL);
-    sv->has_thread = 0;
-  }
   /* every rank's writes must be done: one small all-reduce per step while
-   * a save is in flight */
-  int32_t pending = !__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE);
-  if (tr->g.world) {
-    int rc = mt_comm_allreduce(tr->g.world, &pending, &pending, 1, MT_COMM_I32, MT_COMM_SUM);
-    if (rc) {
-      save_release(sv);
-      return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
+   * a save is in flight, or (wait) one every 20 ms until they are */
+  for (;;) {
+    int32_t pending = !__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE);
+    if (tr->g.world) {
+      int rc = mt_comm_allreduce(tr->g.world, &pending, &pending, 1, MT_COMM_I32, MT_COMM_SUM);
+      if (rc) {
+        save_release(sv);
+        return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
+      }
     }
+    if (!pending) break;
+    if (!wait) return 0;
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    nanosleep(&ts, NULL);
   }
-  if (pending) return 0;
   int rc = save_finish(tr, sv);
   save_release(sv);
   sv->res.seconds = wall_s() - sv->t0;

@@ -56,12 +56,14 @@ typedef struct mt_checkpoint_save {
 
 /* Starts a save of step tr->step (collective): claims the directory, makes
  * the shard files, copies this rank's state to host memory; the writes then
- * run on a background thread (async) or right away. Training may go on. */
+ * run on a background thread (either way: async only says the caller trains
+ * on meanwhile). Training may go on. */
 int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_checkpoint_save *sv);
 /* At a later step boundary (collective): when every rank's writes are done
- * (or after waiting for this rank's, when wait), commits the checkpoint and
- * sets *finished; otherwise returns 0 with *finished 0. A save that failed
- * returns its error with *finished 1; training may go on. */
+ * (when wait, once they are: an all-reduce every 20 ms meanwhile, so no
+ * rank waits past the comm deadline for the slowest writer), commits the
+ * checkpoint and sets *finished; otherwise returns 0 with *finished 0. A
+ * save that failed returns its error with *finished 1; training may go on. */
 int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *finished,
                          mt_checkpoint_result *res);
 
