@@ -25,6 +25,8 @@ int mt_write_all(int fd, const void *buf, size_t n, const char *what) {
       if (errno == EINTR) continue;
       return mt_seterr(MT_EIO, "write %s: %s", what, strerror(errno));
     }
+    if (k == 0) /* POSIX allows it for no reason it gives: not forever */
+      return mt_seterr(MT_EIO, "write %s: the file took no bytes", what);
     p += k;
     n -= (size_t)k;
   }

@@ -327,8 +327,10 @@ int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *
     int32_t pending = !__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE);
     if (tr->g.world) {
       int rc = mt_comm_allreduce(tr->g.world, &pending, &pending, 1, MT_COMM_I32, MT_COMM_SUM);
-      if (rc) {
+      if (rc) { /* finished, failed: its caller reports it (not left unsaid) */
+        *res = sv->res;
         save_release(sv);
+        *finished = 1;
         return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
       }
     }

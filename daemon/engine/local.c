@@ -71,9 +71,6 @@ static void report_start(const mt_trainer *tr) {
                   : "");
 }
 
-/* Saves the trainer's state at its step (collective). A failed checkpoint is
- * reported and training goes on: the previous checkpoints are intact. Only
- * a failing collective (a lost peer) is returned as an error. */
 /* Logs a finished save and tells the owner (phase 1). */
 static void report_save(rank_ctx *c, int rc, const mt_checkpoint_result *res, int64_t order_seq) {
   const mt_local_opts *o = c->o;
