@@ -56,6 +56,22 @@ static void finish(node *n, int code) {
 
 /* ---- the store: failures count against the heartbeat timeout ---- */
 
+/* The coordinator is gone (why): the generation ends on this node, its
+ * ranks are aborted, and the daemon exits 1 (systemd starts it again and it
+ * joins whoever coordinates then). */
+static void coordinator_lost(node *n, const char *why) {
+  pthread_mutex_lock(&n->mu); /* the end as the control plane shows it */
+  snprintf(n->end_reason, sizeof n->end_reason, "coordinator lost: %s", why);
+  n->end_seen = n->end_final = 1, n->end_ok = 0;
+  pthread_mutex_unlock(&n->mu);
+  mt_log_error("%s", n->end_reason);
+  if (n->engine_running && !n->aborted_ms) {
+    mt_local_abort(n->local);
+    n->aborted_ms = mt_node_now_ms();
+  }
+  if (!n->engine_running) finish(n, 1);
+}
+
 /* Called after each round of store calls: rc < 0 means the coordinator could
  * not be reached; silent past the heartbeat timeout, it is lost. */
 static void store_result(node *n, int rc) {
@@ -69,18 +85,42 @@ static void store_result(node *n, int rc) {
     mt_log_warn("store at %s:%d: %s", n->store_host, n->store_port, mt_errmsg());
   }
   if (t - n->store_failing_since_ms > n->cfg->heartbeat_timeout_ms) {
-    pthread_mutex_lock(&n->mu); /* the end as the control plane shows it */
-    snprintf(n->end_reason, sizeof n->end_reason,
-             "coordinator lost: the store at %s:%d did not answer for %.1f s", n->store_host,
+    char why[400];
+    snprintf(why, sizeof why, "the store at %s:%d did not answer for %.1f s", n->store_host,
              n->store_port, (t - n->store_failing_since_ms) / 1000.0);
-    n->end_seen = n->end_final = 1, n->end_ok = 0;
-    pthread_mutex_unlock(&n->mu);
-    mt_log_error("%s", n->end_reason);
-    if (n->engine_running && !n->aborted_ms) {
-      mt_local_abort(n->local);
-      n->aborted_ms = t;
-    }
-    if (!n->engine_running) finish(n, 1);
+    coordinator_lost(n, why);
+  }
+}
+
+/* A coordinator that restarted sooner than the heartbeat timeout hosts a
+ * new, empty store, which this node's client reconnects to without an
+ * error: the generation this node waits on is gone with the old store, and
+ * the new one may reuse its number. So after each new connection the
+ * client makes, coord/instance (drawn at each start of the coordinator) is
+ * read again, and another instance than the one this node joined under is
+ * the coordinator lost. Not there yet (a store just started): read next
+ * round. */
+static void check_coordinator(node *n) {
+  mt_store_tcp_stats st;
+  if (n->end_final || mt_store_tcp_get_stats(n->store, &st)) return;
+  if (n->coord_instance[0] && st.connects == n->coord_connects) return;
+  void *v;
+  size_t bytes;
+  if (mt_store_get(n->store, MT_RDZV_COORD_INSTANCE_KEY, &v, &bytes, 0)) return;
+  char got[sizeof n->coord_instance];
+  snprintf(got, sizeof got, "%.*s", (int)(bytes < sizeof got ? bytes : sizeof got - 1),
+           (const char *)v);
+  free(v);
+  n->coord_connects = st.connects;
+  if (!n->coord_instance[0]) {
+    memcpy(n->coord_instance, got, sizeof got);
+  } else if (strcmp(got, n->coord_instance)) {
+    char why[400];
+    snprintf(why, sizeof why,
+             "the coordinator at %s:%d restarted (instance %s, not %s): generation %d is gone "
+             "with its store",
+             n->store_host, n->store_port, got, n->coord_instance, n->gen);
+    coordinator_lost(n, why);
   }
 }
 
@@ -596,6 +636,8 @@ static void abort_ranks(node *n) {
 
 static void node_round(node *n) {
   int rc = 0;
+  if (n->state != N_JOINING && n->state != N_DRAINING && n->state != N_EXITING)
+    check_coordinator(n);
   resend_acted(n);
   switch (n->state) {
   case N_JOINING: {
@@ -957,11 +999,22 @@ int mt_node_main(const mt_node_opts *o) {
     goto out;
   }
   code = 1;
+  uint64_t inst; /* which start of the daemon this is, where a pid can repeat */
+  if (getrandom(&inst, sizeof inst, GRND_NONBLOCK) != sizeof inst)
+    inst = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)clock() << 20 ^ (uintptr_t)n;
+  char instance[17];
+  snprintf(instance, sizeof instance, "%016llx", (unsigned long long)inst);
   if (connect_store(n)) {
     mt_log_error("%s", mt_errmsg());
     /* a rendezvous not up yet (its node rebooting) is worth starting again
      * for (1: systemd restarts); a config that cannot host it is not (2) */
     code = n->store_unreachable ? 1 : 2;
+    goto out;
+  }
+  /* the hosting daemon's instance, before any node can have joined it */
+  if (n->is_host && mt_store_set(n->store, MT_RDZV_COORD_INSTANCE_KEY, instance, 16)) {
+    mt_log_error("cannot write %s to the store it hosts: %s", MT_RDZV_COORD_INSTANCE_KEY,
+                 mt_errmsg());
     goto out;
   }
   if (node_control_start(n)) {
@@ -997,10 +1050,7 @@ int mt_node_main(const mt_node_opts *o) {
   mt_node_desc *d = &n->desc; /* kept: a node turned away for now joins again with it */
   *d = (mt_node_desc){.n_devices = n->n_devices, .pid = (int)getpid()};
   snprintf(d->name, sizeof d->name, "%s", n->cfg->name);
-  uint64_t inst; /* which start of the daemon this is, where a pid can repeat */
-  if (getrandom(&inst, sizeof inst, GRND_NONBLOCK) != sizeof inst)
-    inst = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)clock() << 20 ^ (uintptr_t)d;
-  snprintf(d->instance, sizeof d->instance, "%016llx", (unsigned long long)inst);
+  memcpy(d->instance, instance, sizeof d->instance);
   if (gethostname(d->host, sizeof d->host - 1)) snprintf(d->host, sizeof d->host, "unknown");
   snprintf(d->version, sizeof d->version, "%s", n->version);
   if (n->have_job) snprintf(d->job_hash, sizeof d->job_hash, "%s", n->job.hash);

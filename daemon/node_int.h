@@ -77,6 +77,9 @@ typedef struct node {
   int turned_away;      /* times in a row */
   int gen;              /* watched or running */
   int64_t store_failing_since_ms;
+  char coord_instance[17]; /* the coordinator's coord/instance this node works under ("": not
+                              read yet) */
+  uint64_t coord_connects; /* the store client's connections when it was last read */
   int64_t order_seq;
   int signals;
   int exit_code;

@@ -32,6 +32,10 @@
 
 #define MT_RDZV_NAME_MAX 64
 #define MT_RDZV_MAX_DEVICES 64
+/* 16 hex digits the hosting daemon draws at each start and writes first: a
+ * node whose client reconnected reads it to tell a restarted coordinator
+ * (a new, empty store) from a blip */
+#define MT_RDZV_COORD_INSTANCE_KEY "coord/instance"
 
 /* What a node tells the coordinator when it joins. */
 typedef struct mt_node_desc {

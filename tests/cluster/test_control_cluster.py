@@ -11,7 +11,7 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 - B runs a 40-step job: paused through member n3 near step 5 for 1.5 s,
   resumed through member n2, stopped through member n1 past step 25; its
   losses are those of `mtnlgd --standalone` of the same job.
-- C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 18 s,
+- C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 12 s,
   paused at its second step: /v1/status and mtnlgctl status on both nodes
   say when it exits; the deadline passes while it is paused, and it stops
   there by itself with that step's checkpoint, naming the reason.
@@ -651,7 +651,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
     with open(write_job(job, tokens, 100000, "ctl-deadline")) as f:
         j = json.load(f)
     j["parallel"].update(dp_min=1, dp_max=1)
-    j["train"]["exit_duration_mins"] = 0.3
+    j["train"]["exit_duration_mins"] = 0.2
     j["checkpoint"] = {"dir": ckpt}
     with open(job, "w") as f:
         json.dump(j, f)
@@ -672,7 +672,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         m = re.search(r"^mtnlg_exit_time_seconds(\{[^}]*\})? (\S+)$", get(n0, "/v1/metrics").body
                       .decode(), re.M)
         check("test_status_says_when_train_exit_duration_mins_stops_the_run",
-              all(isinstance(e, float) and now < e < now + 19 for e in exits)
+              all(isinstance(e, float) and now < e < now + 13 for e in exits)
               and m and abs(float(m.group(2)) - exits[0]) < 1
               and all(re.search(r"exits at +\S+ \S+ \(in .*, train.exit_duration_mins\)", t)
                       for t in shown),
@@ -682,7 +682,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         codes = c.wait_all(60)
         lasts = [last_step(n) for n in c.nodes]
         manifest = os.path.join(ckpt, "ctl-deadline", "step_%08d" % (at or 0), "manifest.json")
-        said = all(grep(n, r"train.exit_duration_mins \(0.3\) passed") for n in c.nodes)
+        said = all(grep(n, r"train.exit_duration_mins \(0.2\) passed") for n in c.nodes)
         check("test_deadline_passing_while_paused_stops_with_the_paused_steps_checkpoint",
               a.status == 202 and op and op["state"] == "succeeded" and paused
               and codes == [0, 0] and lasts == [at, at] and os.path.exists(manifest) and said,

@@ -25,6 +25,13 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   it is turned away for now, keeps silent until the old entry is declared
   lost (generation 1 ends naming n1, one restart spent), joins again, and
   both exit 0.
+- test_coordinator_restarted_at_once_is_noticed: 2 daemons, heartbeat
+  timeout 6 s; n0, which hosts the store and coordinates, is SIGKILLed and
+  started again at once: n1's store client reconnects to the new, empty
+  store without an error, and n1 finds coord/instance changed, says the
+  coordinator restarted, and exits 1 (systemd would start it again, to join
+  the new coordinator). Before, it waited with no deadline for the end of a
+  generation the new store never had.
 - test_too_few_nodes_left_ends_the_job_after_reform_timeout: 2 daemons
   (the whole dp 1), no checkpoint.dir, rendezvous.reform_timeout_s = 1; n1
   is SIGKILLed: generation 1 ends "re-forming from step 0", and about a
@@ -455,6 +462,31 @@ def test_too_few_nodes_left_ends_the_job(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens):
+    c = two_nodes(mtnlgd, tmp, tokens, "coord-restart", 100000, timeout_ms=6000)
+    n0, n1 = c.nodes
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        n0.signal(signal.SIGKILL)
+        n0.wait(10)
+        t0 = time.time()
+        c.node_start(n0)  # at once: well inside n1's heartbeat timeout
+        try:
+            code = n1.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.time() - t0
+        said = grep(n1, r"coordinator lost: the coordinator at 127\.0\.0\.1:\d+ restarted "
+                        r"\(instance [0-9a-f]{16}, not [0-9a-f]{16}\): generation 1 is gone")
+        ok = code == 1 and said
+        return check("test_coordinator_restarted_at_once_is_noticed", ok,
+                     "n1 exit %s after %.1f s, reason logged %s%s" % (
+                         code, took, bool(said), "" if ok else "\n" + c.logs(15)))
+    finally:
+        c.kill_all()
+
+
 def main():
     mtnlgd, source_root = sys.argv[1], sys.argv[2]
     validate = contract(source_root)
@@ -466,6 +498,7 @@ def main():
         t1 = time.time()
         fails += test_restarted_node_rejoins(mtnlgd, tmp, tokens)
         fails += test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens)
+        fails += test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens)
         t2 = time.time()
         fails += test_too_few_nodes_left_ends_the_job(mtnlgd, tmp, tokens)
         t3 = time.time()
