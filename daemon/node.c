@@ -63,6 +63,7 @@ static void coordinator_lost(node *n, const char *why) {
   pthread_mutex_lock(&n->mu); /* the end as the control plane shows it */
   snprintf(n->end_reason, sizeof n->end_reason, "coordinator lost: %s", why);
   n->end_seen = n->end_final = 1, n->end_ok = 0;
+  n->coord_lost = 1;
   pthread_mutex_unlock(&n->mu);
   mt_log_error("%s", n->end_reason);
   if (n->engine_running && !n->aborted_ms) {
@@ -80,6 +81,7 @@ static void store_result(node *n, int rc) {
     return;
   }
   int64_t t = mt_node_now_ms();
+  n->store_failed = 1; /* the next round reads coord/instance first (check_coordinator) */
   if (!n->store_failing_since_ms) {
     n->store_failing_since_ms = t;
     mt_log_warn("store at %s:%d: %s", n->store_host, n->store_port, mt_errmsg());
@@ -96,17 +98,21 @@ static void store_result(node *n, int rc) {
  * new, empty store, which this node's client reconnects to without an
  * error: the generation this node waits on is gone with the old store, and
  * the new one may reuse its number. So after each new connection the
- * client makes, coord/instance (drawn at each start of the coordinator) is
- * read again, and another instance than the one this node joined under is
- * the coordinator lost. Not there yet (a store just started): read next
- * round. */
+ * client makes, and first thing in the round after a store call failed (so
+ * that a restart is found before this round writes into the new store),
+ * coord/instance (drawn at each start of the coordinator) is read again,
+ * and another instance than the one this node joined under is the
+ * coordinator lost. Not there yet (a store just started): read next round.
+ * A restart quicker than one request's wait for a connection
+ * (heartbeat_interval_ms) can still take one write of this round. */
 static void check_coordinator(node *n) {
   mt_store_tcp_stats st;
-  if (n->end_final || mt_store_tcp_get_stats(n->store, &st)) return;
-  if (n->coord_instance[0] && st.connects == n->coord_connects) return;
+  if (n->coord_lost || mt_store_tcp_get_stats(n->store, &st)) return;
+  if (n->coord_instance[0] && st.connects == n->coord_connects && !n->store_failed) return;
   void *v;
   size_t bytes;
   if (mt_store_get(n->store, MT_RDZV_COORD_INSTANCE_KEY, &v, &bytes, 0)) return;
+  n->store_failed = 0;
   char got[sizeof n->coord_instance];
   snprintf(got, sizeof got, "%.*s", (int)(bytes < sizeof got ? bytes : sizeof got - 1),
            (const char *)v);
@@ -178,7 +184,10 @@ static void on_stopped(int64_t step, int timed, void *arg) {
  * word left the job paused with its operation running for good. Called on
  * a rank thread. */
 static void tell_acted(node *n, int64_t seq, int64_t step, int ok, const char *reason) {
-  if (!mt_rdzv_acted(n->store, n->gen, seq, step, ok, reason)) return;
+  pthread_mutex_lock(&n->mu);
+  int lost = n->coord_lost;
+  pthread_mutex_unlock(&n->mu);
+  if (lost || !mt_rdzv_acted(n->store, n->gen, seq, step, ok, reason)) return;
   mt_log_warn("cannot tell the coordinator order %lld acted yet (%s): trying again", (long long)seq,
               mt_errmsg());
   pthread_mutex_lock(&n->mu);
@@ -186,6 +195,16 @@ static void tell_acted(node *n, int64_t seq, int64_t step, int ok, const char *r
     struct node_acted *a = &n->acted[n->n_acted++];
     a->gen = n->gen, a->ok = ok, a->seq = seq, a->step = step;
     snprintf(a->reason, sizeof a->reason, "%s", reason ? reason : "");
+    /* cut whole: a UTF-8 sequence cut short would fail the JSON every round */
+    size_t len = strlen(a->reason);
+    if (len == sizeof a->reason - 1) {
+      while (len && ((unsigned char)a->reason[len - 1] & 0xC0) == 0x80) len--;
+      if (len && (unsigned char)a->reason[len - 1] >= 0xC0) len--;
+      a->reason[len] = 0;
+    }
+  } else {
+    mt_log_error("order %lld's word is dropped: %d others wait to be sent", (long long)seq,
+                 n->n_acted);
   }
   pthread_mutex_unlock(&n->mu);
 }
@@ -194,7 +213,7 @@ static void tell_acted(node *n, int64_t seq, int64_t step, int ok, const char *r
  * refused again (an ended generation's are dropped: nobody waits for them). */
 static void resend_acted(node *n) {
   pthread_mutex_lock(&n->mu);
-  int k = n->n_acted;
+  int k = n->coord_lost ? 0 : n->n_acted;
   struct node_acted a[sizeof n->acted / sizeof n->acted[0]];
   memcpy(a, n->acted, (size_t)k * sizeof *a);
   pthread_mutex_unlock(&n->mu);
@@ -480,7 +499,7 @@ static void on_engine_done(uv_async_t *h) {
       snprintf(reason, sizeof reason, "completed %lld steps", (long long)n->run_job.train.steps);
     mt_log_info("generation %d: this node's ranks ended: %s", n->gen, reason);
   }
-  if (n->end_seen && n->store_failing_since_ms) { /* the coordinator is gone: nobody to tell */
+  if (n->end_seen && (n->store_failing_since_ms || n->coord_lost)) { /* nobody to tell */
     finish(n, 1);
     return;
   }
@@ -638,6 +657,10 @@ static void node_round(node *n) {
   int rc = 0;
   if (n->state != N_JOINING && n->state != N_DRAINING && n->state != N_EXITING)
     check_coordinator(n);
+  if (n->coord_lost) { /* nothing more for its store: the ranks stop, then the daemon exits */
+    if (n->state == N_RUNNING && n->aborted_ms) wait_for_aborted_ranks(n);
+    return;
+  }
   resend_acted(n);
   switch (n->state) {
   case N_JOINING: {

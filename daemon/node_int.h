@@ -80,6 +80,9 @@ typedef struct node {
   char coord_instance[17]; /* the coordinator's coord/instance this node works under ("": not
                               read yet) */
   uint64_t coord_connects; /* the store client's connections when it was last read */
+  int store_failed;        /* a store call failed since it was last read */
+  int coord_lost;          /* the coordinator is gone (unreachable or restarted): nothing more
+                              is written to the store (under mu: rank threads read it) */
   int64_t order_seq;
   int signals;
   int exit_code;

@@ -317,25 +317,51 @@ static void save_release(mt_checkpoint_save *sv) {
   sv->active = 0;
 }
 
+/* A collective of the poll failed: the save is over, failed, and its
+ * caller reports it (not left unsaid). */
+static int poll_failed(mt_checkpoint_save *sv, int rc, int *finished, mt_checkpoint_result *res) {
+  *res = sv->res;
+  save_release(sv);
+  *finished = 1;
+  return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
+}
+
+static double mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
 int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *finished,
                          mt_checkpoint_result *res) {
   *finished = 0;
   if (!sv->active) return 0;
   /* every rank's writes must be done: one small all-reduce per step while
-   * a save is in flight, or (wait) one every 20 ms until they are */
+   * a save is in flight, or (wait) one every 20 ms until they are, for at
+   * most the comm deadline plus the largest rank's bytes at 100 MB/s (what
+   * a resume allows); past it every rank gives up together, MT_ETIMEDOUT
+   * as for a lost peer, the save left active for the caller to discard (a
+   * writer stuck on a hung filesystem cannot be freed under) */
+  double give_up_ms = 0.0;
+  mt_comm *w = tr->g.world;
+  if (wait && w) {
+    int64_t most = (int64_t)sv->res.bytes;
+    int rc = mt_comm_allreduce(w, &most, &most, 1, MT_COMM_I64, MT_COMM_MAX);
+    if (rc) return poll_failed(sv, rc, finished, res);
+    give_up_ms = mono_ms() + mt_comm_timeout(w) + (double)most / 1e5;
+  }
   for (;;) {
-    int32_t pending = !__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE);
-    if (tr->g.world) {
-      int rc = mt_comm_allreduce(tr->g.world, &pending, &pending, 1, MT_COMM_I32, MT_COMM_SUM);
-      if (rc) { /* finished, failed: its caller reports it (not left unsaid) */
-        *res = sv->res;
-        save_release(sv);
-        *finished = 1;
-        return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
-      }
-    }
-    if (!pending) break;
+    int32_t v[2] = {!__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE),
+                    give_up_ms > 0.0 && mono_ms() > give_up_ms};
+    int rc = w ? mt_comm_allreduce(w, v, v, 2, MT_COMM_I32, MT_COMM_SUM) : 0;
+    if (rc) return poll_failed(sv, rc, finished, res);
+    if (!v[0]) break;
     if (!wait) return 0;
+    if (v[1])
+      return mt_seterr(MT_ETIMEDOUT,
+                       "checkpoint of step %lld: %d rank(s) still writing past the comm "
+                       "deadline plus the largest slice at 100 MB/s: given up",
+                       (long long)sv->res.step, v[0]);
     struct timespec ts = {0, 20 * 1000 * 1000};
     nanosleep(&ts, NULL);
   }
@@ -358,7 +384,9 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
   int rc = mt_trainer_save_begin(tr, job_dir, 0, &sv);
   if (rc) return rc;
   int finished;
-  return mt_trainer_save_poll(tr, &sv, 1, &finished, res);
+  rc = mt_trainer_save_poll(tr, &sv, 1, &finished, res);
+  mt_trainer_save_discard(&sv); /* given up on: waits for the writer, which holds sv */
+  return rc;
 }
 
 /* A message carried between ranks: the first problem a verification found. */
