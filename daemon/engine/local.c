@@ -2,7 +2,6 @@
 #include "local.h"
 
 #include <errno.h>
-#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -139,16 +138,14 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
  * stop and world rank 0's order word (a sum: only rank 0 adds it). */
 static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int *timed, int64_t *word) {
   const mt_local_opts *o = c->o;
-  /* as in the step: a signal 1, world rank 0's passed deadline 0.5 */
-  double v[2] = {o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? 1.0
-                 : tr->stop_at_ms > 0 && mono_ms() >= tr->stop_at_ms   ? 0.5
-                                                                       : 0.0,
-                 c->rank == 0 && o->order ? (double)*o->order : 0.0};
+  tr->stop_request =
+      o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
+  double v[2] = {mt_trainer_stop_vote(tr), c->rank == 0 && o->order ? (double)*o->order : 0.0};
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return rc;
   }
-  *stop = v[0] > 0, *timed = fmod(v[0], 1.0) != 0.0, *word = (int64_t)v[1];
+  *stop = v[0] > 0, *timed = mt_stop_vote_timed(v[0]), *word = (int64_t)v[1];
   return 0;
 }
 

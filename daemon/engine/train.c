@@ -27,6 +27,14 @@ static double wall_s(void) {
   return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+double mt_trainer_stop_vote(mt_trainer *tr) {
+  if (!tr->stop_request && tr->stop_at_ms > 0 && now_ms() >= (double)tr->stop_at_ms)
+    tr->stop_request = MT_STOP_TIME;
+  return tr->stop_request == MT_STOP_TIME ? 0.5 : tr->stop_request ? 1.0 : 0.0;
+}
+
+int mt_stop_vote_timed(double sum) { return fmod(sum, 1.0) != 0.0; }
+
 void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
   int base = n_layer / pp, extra = n_layer % pp;
   *begin = s * base + (s < extra ? s : extra);
@@ -567,13 +575,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
-  if (!tr->stop_request && tr->stop_at_ms > 0 && now_ms() >= (double)tr->stop_at_ms)
-    tr->stop_request = MT_STOP_TIME;
   double agreed[9] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
-                      tr->stop_request == MT_STOP_TIME ? 0.5
-                      : tr->stop_request               ? 1.0
-                                                       : 0.0,
+                      mt_trainer_stop_vote(tr),
                       r.wait_ms,
                       pipe_ms,
                       (double)tr->order_word,
@@ -649,7 +653,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->loss_scale = fp16 ? tr->scaler.scale : 1.0;
   st->skipped_total = tr->scaler.skipped;
   st->stop = agreed[2] > 0;
-  st->timed = fmod(agreed[2], 1.0) != 0.0; /* world rank 0's 0.5 among the others' 1s */
+  st->timed = mt_stop_vote_timed(agreed[2]);
   st->order = (int64_t)agreed[5];
   st->exit_at = agreed[8];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;

@@ -156,6 +156,14 @@ static inline int64_t mt_order_seq(int64_t word) { return word >> 4; }
 int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g);
 void mt_trainer_destroy(mt_trainer *tr);
 
+/* The rank's vote on stopping, for an all-reduce (sum) of every rank's: 1
+ * for tr->stop_request, else 0.5 when world rank 0's train.exit_duration_mins
+ * deadline (tr->stop_at_ms) has passed (setting MT_STOP_TIME), else 0. From
+ * the sum, mt_stop_vote_timed says whether the stop is the deadline's: world
+ * rank 0's 0.5 among the others' 1s. */
+double mt_trainer_stop_vote(mt_trainer *tr);
+int mt_stop_vote_timed(double sum);
+
 /* One optimizer step: 1F1B over the micro-batches, then ZeRO-1. Collective
  * over every rank. */
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st);
