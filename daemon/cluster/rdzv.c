@@ -1241,17 +1241,23 @@ static void op_done(coord_op *o, int ok, const char *reason) {
   o->updated = wall_s();
 }
 
+/* The resize under way is over, failed (why): its operation says so, and
+ * the coordinator forms generations by the job's bounds again. */
+static void fail_resize(mt_coord *c, const char *why) {
+  for (int i = 0; i < c->n_ops; i++)
+    if (c->ops[i].id == c->resize_op && !strcmp(c->ops[i].state, "running"))
+      op_done(&c->ops[i], 0, why);
+  c->resize_to = 0;
+  c->resize_saved = 0;
+}
+
 /* A stop came while a resize was under way: the stop wins. Before the
  * members acted on the resize its order is replaced by the stop's (the
  * ranks see only the newest order); after they acted, they are stopping
  * with its checkpoint committed, and the generation ends as a stop instead
  * of re-forming. Either way the resize is over, failed. */
 static void supersede_resize(mt_coord *c) {
-  for (int i = 0; i < c->n_ops; i++)
-    if (c->ops[i].id == c->resize_op && !strcmp(c->ops[i].state, "running"))
-      op_done(&c->ops[i], 0, "superseded by a stop: the job stops instead of re-forming");
-  c->resize_to = 0;
-  c->resize_saved = 0;
+  fail_resize(c, "superseded by a stop: the job stops instead of re-forming");
 }
 
 /* Decides one request: why it cannot be done now (409), or NULL and the
@@ -1656,11 +1662,7 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
              "dp they allow instead",
              c->resize_to, c->o.reform_timeout_ms / 1000);
     mt_log_warn("coordinator: resize: %s", why);
-    for (int i = 0; i < c->n_ops; i++)
-      if (c->ops[i].id == c->resize_op && !strcmp(c->ops[i].state, "running"))
-        op_done(&c->ops[i], 0, why);
-    c->resize_to = 0;
-    c->resize_saved = 0;
+    fail_resize(c, why);
     dp = pick_dp(c, slots);
   }
   if (!dp) {

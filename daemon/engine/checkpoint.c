@@ -60,7 +60,7 @@ static void *write_slices(void *arg) {
   return NULL;
 }
 
-int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_checkpoint_save *sv) {
+int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_save *sv) {
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
   memset(sv, 0, sizeof *sv);
@@ -145,7 +145,6 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_che
   /* on a thread in a synchronous save too: its wait (mt_trainer_save_poll)
    * is then short all-reduces while the slowest rank still writes, not one
    * that outlasts the comm deadline at scale (1.4 GB a rank at 530B) */
-  (void)async;
   if (!pthread_create(&sv->thread, NULL, write_slices, sv))
     sv->has_thread = 1;
   else
@@ -381,7 +380,7 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
   mt_checkpoint_save sv;
   memset(res, 0, sizeof *res);
   res->step = tr->step;
-  int rc = mt_trainer_save_begin(tr, job_dir, 0, &sv);
+  int rc = mt_trainer_save_begin(tr, job_dir, &sv);
   if (rc) return rc;
   int finished;
   rc = mt_trainer_save_poll(tr, &sv, 1, &finished, res);

@@ -56,9 +56,9 @@ typedef struct mt_checkpoint_save {
 
 /* Starts a save of step tr->step (collective): claims the directory, makes
  * the shard files, copies this rank's state to host memory; the writes then
- * run on a background thread (either way: async only says the caller trains
- * on meanwhile). Training may go on. */
-int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, int async, mt_checkpoint_save *sv);
+ * run on a background thread. Training may go on (an async save), or the
+ * caller waits at once (mt_trainer_save_poll with wait). */
+int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_save *sv);
 /* At a later step boundary (collective): when every rank's writes are done
  * (when wait, once they are: an all-reduce every 20 ms meanwhile, so no
  * rank waits past the comm deadline for the slowest writer), commits the

@@ -122,7 +122,7 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
     o->on_checkpoint(0, tr->step, 0, NULL, NULL, order_seq, o->arg);
   mt_checkpoint_result res = {.step = tr->step};
   if (allow_async && o->job->checkpoint.async_save) {
-    rc = mt_trainer_save_begin(tr, c->ckpt_dir, 1, &c->pending);
+    rc = mt_trainer_save_begin(tr, c->ckpt_dir, &c->pending);
     c->pending_order_seq = order_seq;
     if (rc) report_save(c, rc, &res, order_seq);
     return save_rc(rc);
@@ -134,12 +134,16 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
   return save_rc(rc);
 }
 
+/* This process's stop request: a signal (or a stop order's) seen now. */
+static int stop_request(const mt_local_opts *o) {
+  return o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
+}
+
 /* Between steps: every rank learns whether any process was signalled to
  * stop and world rank 0's order word (a sum: only rank 0 adds it). */
 static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int *timed, int64_t *word) {
   const mt_local_opts *o = c->o;
-  tr->stop_request =
-      o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
+  tr->stop_request = stop_request(o);
   double v[2] = {mt_trainer_stop_vote(tr), c->rank == 0 && o->order ? (double)*o->order : 0.0};
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
@@ -258,8 +262,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   }
   while (!stopped && tr->step < job->train.steps) {
     /* any process signalled: all stop together */
-    tr->stop_request =
-        o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
+    tr->stop_request = stop_request(o);
     tr->order_word = c->rank == 0 && o->order ? __atomic_load_n(o->order, __ATOMIC_ACQUIRE) : 0;
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
