@@ -422,11 +422,13 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
 
 /* How a failure of this node's ranks is reported: one on a peer or the
  * network (a collective that failed, timed out or was aborted, a store that
- * did not answer) may pass in a new generation; anything else (a job that
- * cannot run here, a checkpoint of another layout) would fail again. */
+ * did not answer) or one every rank agreed may pass (MT_EAGAIN: a checkpoint
+ * that could not be read) may pass in a new generation; anything else (a job
+ * that cannot run here, a checkpoint of another layout) would fail again. */
 static int report_kind(int rc) {
-  return rc == MT_EIO || rc == MT_ETIMEDOUT || rc == MT_ECANCELED ? MT_REPORT_PEER
-                                                                  : MT_REPORT_FAILED;
+  return rc == MT_EIO || rc == MT_ETIMEDOUT || rc == MT_ECANCELED || rc == MT_EAGAIN
+             ? MT_REPORT_PEER
+             : MT_REPORT_FAILED;
 }
 
 static void leave_and_exit(node *n, int code);

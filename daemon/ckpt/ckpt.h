@@ -170,8 +170,11 @@ enum {
 /* Opens a checkpoint of job_dir. step < 0: the one `latest` names, else the
  * newest committed step directory; one that fails its checks is skipped with
  * a warning (logged and kept in out->skipped, and in out->damaged when the
- * check found it damaged) for the previous committed one.
- * step >= 0: exactly that step, or the error. MT_ENOENT when there is none. */
+ * check found it damaged) for the previous committed one; one that could
+ * not be read (MT_EIO, MT_ENOMEM: the check learnt nothing of it) is not
+ * passed over but returned as the error, since an older one would train the
+ * steps between again. step >= 0: exactly that step, or the error. MT_ENOENT
+ * when there is none. */
 int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out);
 /* The checkpoint dir names: a step directory (it holds manifest.json:
  * exactly that step of its job), or a job's directory (the one a resume
@@ -181,7 +184,7 @@ int mt_ckpt_open_path(const char *dir, int verify, mt_ckpt *out);
  * checkpoints older than step `below`: for a caller whose own checks failed
  * the one it was given. Never newer than latest's target. MT_ENOENT when no
  * committed one is below; MT_ECORRUPT, with each one's problem, when none of
- * them passed. */
+ * them passed; MT_EIO or MT_ENOMEM for the first that could not be read. */
 int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *out);
 void mt_ckpt_close(mt_ckpt *c);
 /* The file of shard (tp, pp), or NULL. */
@@ -239,8 +242,11 @@ int mt_ckpt_set_aside_as(const char *job_dir, int64_t step, int64_t loaded, cons
 
 /* Deletes old checkpoints: keeps the newest `keep` committed ones (0: all),
  * every step that is a multiple of keep_every (0: none), latest's target, and
- * every directory from the newest committed step on (one may be being
- * written). Uncommitted leftovers older than the newest committed go too.
+ * every directory from the newest on (one may be being written). The newest
+ * is latest's target when that is committed (directories newer than it are a
+ * save whose latest write was lost, or a timeline rolled back from: neither
+ * counted nor removed), else the newest committed step. Uncommitted
+ * leftovers older than the newest go too.
  * *removed (may be NULL) counts the directories deleted. */
 int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *removed);
 

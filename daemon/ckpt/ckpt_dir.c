@@ -453,14 +453,20 @@ int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *remove
   if (rc) return rc;
   int64_t latest = -1, newest = -1;
   if (mt__ckpt_read_latest(job_dir, &latest)) latest = -1;
+  int latest_committed = 0;
+  for (size_t i = 0; i < nd; i++) latest_committed |= dirs[i].committed && dirs[i].step == latest;
+  /* the newest: latest's target (a committed directory newer than it is a
+   * save whose latest write was lost, or a timeline rolled back from, which
+   * is neither counted nor removed), else the newest committed */
   size_t nc = 0;
   for (size_t i = 0; i < nd; i++)
-    if (dirs[i].committed) nc++, newest = dirs[i].step;
+    if (dirs[i].committed && (!latest_committed || dirs[i].step <= latest))
+      nc++, newest = dirs[i].step;
   /* dirs ascend: the committed ones at rank >= nc - keep are the newest `keep` */
   size_t rank = 0;
   for (size_t i = 0; i < nd && !rc; i++) {
     mt__ckpt_dirent *e = &dirs[i];
-    if (e->step >= newest) break; /* the newest and anything being written after it */
+    if (e->step >= newest) break; /* the newest and anything written after it */
     int keep_it = e->step == latest;
     if (e->committed) {
       keep_it |= keep == 0 || rank + (size_t)keep >= nc;

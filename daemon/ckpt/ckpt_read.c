@@ -491,6 +491,17 @@ int mt_ckpt_open_path(const char *dir, int verify, mt_ckpt *out) {
   return mt_ckpt_find(job_dir, step, verify, out);
 }
 
+/* A check that could not read a checkpoint (an I/O error, no memory) says
+ * nothing of the checkpoint: a find stops there rather than take an older one,
+ * which would train the steps between again for what may be a passing fault. */
+static int unreadable(int rc) { return rc == MT_EIO || rc == MT_ENOMEM; }
+
+static int stop_at_unreadable(int rc, const char *name, const char *msg) {
+  return mt_seterr(rc,
+                   "ckpt: %s could not be read, so no older checkpoint is taken in its place: %s",
+                   name, mt_ckpt_unprefixed(msg));
+}
+
 /* Never newer than latest's target: a newer committed directory is a save
  * whose latest write was lost, or a timeline an operator rolled back from.
  * A caller that passed over a checkpoint (below = its step) sees latest's
@@ -546,6 +557,12 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
       return 0;
     }
     snprintf(msg, sizeof msg, "%s", mt_errmsg());
+    if (unreadable(rc)) {
+      free(dirs);
+      free(skipped);
+      free(damaged);
+      return stop_at_unreadable(rc, name, msg);
+    }
     mt_log_warn("ckpt: skipping the latest checkpoint, %s: %s; falling back to the previous one",
                 name, mt_ckpt_unprefixed(msg));
     note(&skipped, msg);
@@ -565,6 +582,12 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
       return 0;
     }
     snprintf(msg, sizeof msg, "%s", mt_errmsg());
+    if (unreadable(rc)) {
+      free(dirs);
+      free(skipped);
+      free(damaged);
+      return stop_at_unreadable(rc, name, msg);
+    }
     mt_log_warn("ckpt: skipping %s: %s; falling back to the previous one", name,
                 mt_ckpt_unprefixed(msg));
     note(&skipped, msg);

@@ -52,6 +52,7 @@ const char *mt_strerror(int code) {
   case MT_ENOENT: return "ENOENT";
   case MT_ECANCELED: return "ECANCELED";
   case MT_EPERM: return "EPERM";
+  case MT_EAGAIN: return "EAGAIN";
   default: return "EUNKNOWN";
   }
 }

@@ -21,6 +21,8 @@ enum {
   MT_ENOENT = -7,
   MT_ECANCELED = -8, /* the operation was aborted (mt_comm_abort) */
   MT_EPERM = -9,     /* refused: a wrong or missing key */
+  MT_EAGAIN = -10,   /* every rank failed alike on what may pass (storage that could not
+                        be read): worth another try, unlike MT_EIO not a lost peer */
 };
 
 /* Records a printf-style message for the calling thread and returns code,

@@ -1,6 +1,7 @@
 /* checkpoint.c — the collective save and resume of a trainer's state. */
 #include "checkpoint.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,16 @@ static int agree(mt_comm *c, int failed, int *any) {
   if (rc) return rc;
   *any = v > 0;
   return 0;
+}
+
+/* The worst of every rank's outcome (0 fine; higher, worse) into *worst. */
+static int agree_worst(mt_comm *c, int mine, int *worst) {
+  int32_t v = mine;
+  *worst = mine;
+  if (!c) return 0;
+  int rc = mt_comm_allreduce(c, &v, &v, 1, MT_COMM_I32, MT_COMM_MAX);
+  if (!rc) *worst = v;
+  return rc;
 }
 
 /* This rank's part of its shard's arrays: [lo, lo + n) of the unpadded flat
@@ -542,12 +553,32 @@ static void log_job_changes(const char *dir, const char *saved_hash, const json_
                 saved_hash, job->hash);
 }
 
+/* How often a resume reads a checkpoint that could not be read before it
+ * gives up, and the seconds it waits before each try after the first. */
+#define RESUME_READ_TRIES 3
+static const int resume_retry_s[RESUME_READ_TRIES - 1] = {1, 3};
+
+/* Every rank waits before trying a read again (they all know to). */
+static void wait_to_retry(int tries, int is0, const char *what) {
+  int s = resume_retry_s[tries - 1];
+  if (is0)
+    mt_log_warn("resume: %s; trying again in %d s (try %d of %d)", mt_ckpt_unprefixed(what), s,
+                tries + 1, RESUME_READ_TRIES);
+  struct timespec ts = {s, 0};
+  while (nanosleep(&ts, &ts) && errno == EINTR) {
+  }
+}
+
 /* Rank 0 picks a checkpoint by the cheap checks (sizes and headers) and every
  * rank opens it; then each shard file's checksums are checked once, by one
  * dp rank of its (tp, pp) (verifier_dp), and every rank learns the outcome
- * before any loads a byte. A bad file refuses a named step; otherwise every rank falls
- * back to the next older checkpoint and checks that. World rank 0 notes in
- * damaged the checkpoints passed over because a check found them damaged. */
+ * before any loads a byte. A damaged file refuses a named step; otherwise
+ * every rank falls back to the next older checkpoint and checks that. World
+ * rank 0 notes in damaged the checkpoints passed over because a check found
+ * them damaged. A checkpoint that some rank could not read (an I/O error, or
+ * files that look otherwise from its node) is read again, RESUME_READ_TRIES
+ * times in all, and then refused, never passed over: the check learnt
+ * nothing of it, and an older one would train the steps since again. */
 static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step,
                        damage_list *damaged) {
   const mt_groups *g = &tr->g;
@@ -560,7 +591,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     char why[RESUME_MSG_BYTES];
   } pick;
   char err[2600] = "", passed_over[2048] = ""; /* rank 0: checkpoints that failed verification */
-  int rc;
+  int rc, tries = 0;           /* reads of the step at hand that could not read it */
   for (int64_t below = -1;;) { /* below: the step whose verification failed */
     memset(&pick, 0, sizeof pick);
     err[0] = 0;
@@ -590,10 +621,16 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
       return mt_wraperr(rc, "resume");
     }
     if (pick.rc == MT_ENOENT && step < 0) return 0; /* nothing to resume: a fresh start */
-    if (pick.rc)
-      return is0 ? mt_seterr((int)pick.rc, "resume from %s: %s", job_dir, err)
-                 : mt_seterr((int)pick.rc, "resume from %s: %s", job_dir,
+    if ((pick.rc == MT_EIO || pick.rc == MT_ENOMEM) && ++tries < RESUME_READ_TRIES) {
+      wait_to_retry(tries, is0, is0 ? err : pick.why);
+      continue;
+    }
+    if (pick.rc) { /* one that could not be read: worth another generation's try */
+      int code = pick.rc == MT_EIO || pick.rc == MT_ENOMEM ? MT_EAGAIN : (int)pick.rc;
+      return is0 ? mt_seterr(code, "resume from %s: %s", job_dir, err)
+                 : mt_seterr(code, "resume from %s: %s", job_dir,
                              pick.why[0] ? pick.why : "rank 0 found no usable checkpoint");
+    }
 
     int check = CHECK_OK, vrc = 0;
     char msg[RESUME_MSG_BYTES] = "";
@@ -627,6 +664,18 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     }
     if (!n_bad) break;
     mt_ckpt_close(&c); /* no rank loads a checkpoint with a bad file */
+    if (!found_damaged && ++tries < RESUME_READ_TRIES) {
+      wait_to_retry(tries, is0, msg);
+      continue;
+    }
+    if (!found_damaged)
+      return mt_seterr(MT_EAGAIN,
+                       "resume from %s: step %lld could not be read on %d rank(s) in %d tries, "
+                       "first: %s; a checkpoint a check could not read is not passed over (an "
+                       "older one would train the steps since it again): mend the storage or "
+                       "the checkpoint.dir every node must share and start again, or name an "
+                       "older step in checkpoint.resume_step",
+                       job_dir, (long long)pick.step, n_bad, tries, mt_ckpt_unprefixed(msg));
     if (step >= 0)
       return mt_seterr(MT_ECORRUPT,
                        "resume from %s: step %lld failed checksum verification on %d rank(s), "
@@ -638,20 +687,22 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                   (long long)pick.step, n_bad, mt_ckpt_unprefixed(msg));
       size_t had = strlen(passed_over);
       snprintf(passed_over + had, sizeof passed_over - had, "%s\n", msg);
-      if (found_damaged) damage_add(damaged, pick.step, msg);
+      damage_add(damaged, pick.step, msg);
     }
     below = pick.step;
+    tries = 0;
   }
-  int failed = 0;
+  enum { LOAD_OK, LOAD_UNREAD, LOAD_FAILED }; /* a rank's load, best to worst */
+  int failed = LOAD_OK;
   const mt_ckpt_file *f = mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank);
   if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {
-    failed = 1;
+    failed = LOAD_FAILED;
     snprintf(err, sizeof err,
              "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (`mtnlgctl "
              "ckpt reshard` writes it under another layout)",
              c.dir, c.tp, c.pp, g->tp_size, g->pp_size);
   } else if (f->n != tr->model.num_params) {
-    failed = 1;
+    failed = LOAD_FAILED;
     snprintf(err, sizeof err,
              "resume: %s/%s holds %llu parameters, this shard of the model has %zu: another model",
              c.dir, f->name, (unsigned long long)f->n, tr->model.num_params);
@@ -671,7 +722,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     for (size_t k = 0; saved && k < sizeof arch / sizeof *arch && !failed; k++) {
       const json_t *v = json_object_get(saved, arch[k].key);
       if (json_is_integer(v) && json_integer_value(v) != arch[k].want) {
-        failed = 1;
+        failed = LOAD_FAILED;
         snprintf(err, sizeof err,
                  "resume: %s was saved by a model with %s %lld, the job's has %d: another model "
                  "(start it with a checkpoint.dir of its own, or model.init_from an export)",
@@ -686,12 +737,14 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     size_t total = tr->model.num_params;
     host = malloc((total + 2 * (n ? n : 1)) * sizeof(float));
     if (!host) {
-      failed = 1;
+      failed = LOAD_FAILED;
       snprintf(err, sizeof err, "resume: host buffer of %zu floats", total);
-    } else if (mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "master", 0, total, host) ||
-               (n && mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_m", lo, n, host + total)) ||
-               (n && mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_v", lo, n, host + total + n))) {
-      failed = 1;
+    } else if ((rc = mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "master", 0, total, host)) ||
+               (n &&
+                (rc = mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_m", lo, n, host + total))) ||
+               (n && (rc = mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_v", lo, n,
+                                        host + total + n)))) {
+      failed = rc == MT_EIO || rc == MT_ENOMEM ? LOAD_UNREAD : LOAD_FAILED;
       snprintf(err, sizeof err, "%s", mt_errmsg());
     } else if (mt_device_memcpy_htod(tr->dev, tr->model.params, host, total * sizeof(float)) ||
                mt_device_memset0(tr->dev, tr->opt.m, tr->shard_n * sizeof(float)) ||
@@ -700,7 +753,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                                            n * sizeof(float))) ||
                (n && mt_device_memcpy_htod(tr->dev, tr->opt.v + (lo - tr->shard_lo),
                                            host + total + n, n * sizeof(float)))) {
-      failed = 1;
+      failed = LOAD_FAILED;
       snprintf(err, sizeof err, "%s", mt_errmsg());
     }
   }
@@ -731,16 +784,18 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     uint64_t need =
         (uint64_t)consumed + (uint64_t)mt_job_samples_of(tr->job, consumed, steps - saved_step);
     if (mt_trainer_data_reach(tr, need)) {
-      failed = 1;
+      failed = LOAD_FAILED;
       snprintf(err, sizeof err, "resume: the data for %llu samples: %s", (unsigned long long)need,
                mt_errmsg());
     }
   }
-  int any;
-  if ((rc = agree(g->world, failed, &any))) return mt_wraperr(rc, "resume");
-  if (any)
-    return failed ? mt_seterr(MT_EINVAL, "%s", err)
-                  : mt_seterr(MT_EINVAL, "resume from %s failed on another rank", dir);
+  int worst;
+  if ((rc = agree_worst(g->world, failed, &worst))) return mt_wraperr(rc, "resume");
+  if (worst) { /* a read that failed may pass: another generation tries again */
+    int code = worst == LOAD_UNREAD ? MT_EAGAIN : MT_EINVAL;
+    return failed ? mt_seterr(code, "%s", err)
+                  : mt_seterr(code, "resume from %s failed on another rank", dir);
+  }
   tr->step = saved_step;
   tr->consumed_samples = consumed;
   int64_t G = tr->job->train.global_batch;

@@ -1,7 +1,7 @@
 """Checkpoints of mtnlgd --standalone: resume, other dp widths, damage, full
 disks, and SIGKILL in the middle of writing.
 
-usage: test_checkpoints.py MTNLGD MTNLGCTL
+usage: test_checkpoints.py MTNLGD MTNLGCTL FAULT_PRELOAD
 
 The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
 (the same code path as a cluster), checkpointing into a temp dir.
@@ -11,6 +11,13 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
 - test_exit_duration_saves_and_stops_and_resumes: train.exit_duration_mins
   stops a long run at a step every rank agrees on, with that step's
   checkpoint, and the resumed run goes on bit for bit;
+- test_unreadable_{header,chunk}_is_read_again: with reads of the newest
+  checkpoint's shard failing once with EIO (FAULT_PRELOAD, an LD_PRELOAD
+  library), at its header (rank 0's choice) or a chunk (the rank that
+  checksums it), the resume reads it again a second later and loads it;
+  test_unreadable_{header,chunk}_is_refused_not_passed_over: failing every
+  time, the resume fails after three tries naming the error, and neither
+  falls back to the older checkpoint nor moves anything;
 - test_async_checkpoint_resumes_bit_for_bit: checkpoints written in the
   background (checkpoint.async) while training goes on hold the state of
   their step: resuming from step 9 gives the uninterrupted losses exactly;
@@ -67,11 +74,12 @@ def write_job(path, tokens, steps=20, ckpt=None, interval=0, name="ckpt-test"):
     return path
 
 
-def run(mtnlgd, job, *sets, timeout=300, preexec=None):
+def run(mtnlgd, job, *sets, timeout=300, preexec=None, env=None):
     args = [mtnlgd, "--standalone", job, "--log-format", "json"]
     for s in sets:
         args += ["--set", s]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec,
+                       env=env)
     steps = {}
     for line in p.stdout.splitlines():
         if line.startswith("{"):
@@ -122,7 +130,7 @@ def run_until(mtnlgd, job, step, *sets):
 
 
 def main():
-    mtnlgd, mtnlgctl = sys.argv[1], sys.argv[2]
+    mtnlgd, mtnlgctl, preload = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
     fails = 0
     with tempfile.TemporaryDirectory() as tmp:
         tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
@@ -143,6 +151,44 @@ def main():
                        and "resumed from" in p2.stderr,
                        "stopped at %s, resumed at %s, %d later losses equal exactly" % (
                            max(a) if a else None, first, sum(b[s] == ref[s] for s in b)))
+
+        # 1a. a checkpoint that cannot be read is read again, and never passed
+        # over for an older one (which would train the steps between again)
+        jobdir = os.path.join(ck, "ckpt-test")
+        steps_saved = sorted(glob.glob(os.path.join(jobdir, "step_*")))
+        newest, latest0 = steps_saved[-1], open(os.path.join(jobdir, "latest")).read()
+        n_new = int(os.path.basename(newest)[5:])
+
+        def faulty(count, offset):
+            env = dict(os.environ, LD_PRELOAD=preload, MTNLG_FAULT_EIO_COUNT=str(count),
+                       MTNLG_FAULT_EIO_FROM=str(offset), MTNLG_FAULT_EIO_FILE=os.path.join(
+                           os.path.basename(newest), "shard_tp01_pp001.bin"))
+            return run(mtnlgd, job, "train.steps=%d" % n_new, env=env)[0]
+        resumed = "resumed from %s:" % newest
+        # once: the header (rank 0's choice), then a chunk (the rank that checksums the file)
+        for what, offset in (("header", 0), ("chunk", 64)):
+            q = faulty(1, offset)
+            fails += check("test_unreadable_%s_is_read_again" % what,
+                           len(steps_saved) >= 2 and q.returncode == 0
+                           and "fault_preload: EIO" in q.stderr
+                           and "trying again in 1 s (try 2 of 3)" in q.stderr
+                           and resumed in q.stderr and "falling back" not in q.stderr,
+                           "%d checkpoints; exit %d: %s" % (
+                               len(steps_saved), q.returncode,
+                               [ln[-160:] for ln in q.stderr.splitlines()
+                                if "EIO" in ln or "resum" in ln or "fall" in ln][:6]))
+        for what, offset in (("header", 0), ("chunk", 64)):
+            q = faulty(-1, offset)
+            said = {"header": "could not be read, so no older checkpoint is taken in its place",
+                    "chunk": "could not be read on 1 rank(s) in 3 tries"}[what]
+            fails += check("test_unreadable_%s_is_refused_not_passed_over" % what,
+                           q.returncode != 0 and said in q.stderr
+                           and "Input/output error" in q.stderr and "resumed from" not in q.stderr
+                           and "falling back" not in q.stderr
+                           and open(os.path.join(jobdir, "latest")).read() == latest0
+                           and sorted(glob.glob(os.path.join(jobdir, "step_*"))) == steps_saved,
+                           "exit %d: %s" % (q.returncode, q.stderr.strip().splitlines()[-1][-300:]
+                                            if q.stderr.strip() else ""))
 
         # 1b. asynchronous saves hold the state of their step boundary
         ck = os.path.join(tmp, "ck1b")

@@ -663,15 +663,25 @@ static int test_retention_keeps_last_two_and_every_fifth(void) {
   CHECK(n == 4 && e[3].latest && !e[2].latest, "latest flag");
   free(e);
   CHECK(total == 8, "removed %d", total);
-  /* latest's target is kept whatever keep says (an operator rolled back to 10) */
+  /* latest's target is kept whatever keep says (an operator rolled back to
+   * 10), and what is newer than it is neither counted nor removed */
   char path[512];
   snprintf(path, sizeof path, "%s/latest", job);
   write_text(path, "step_00000010\n");
-  CHECK(mt_ckpt_prune(job, 1, 0, &removed) == 0 && removed == 2, "%s (removed %d)", mt_errmsg(),
+  CHECK(mt_ckpt_prune(job, 1, 0, &removed) == 0 && removed == 1, "%s (removed %d)", mt_errmsg(),
         removed);
-  CHECK(exists(step_path(job, 10, NULL)) && exists(step_path(job, 12, NULL)) &&
-            !exists(step_path(job, 5, NULL)) && !exists(step_path(job, 11, NULL)),
+  CHECK(exists(step_path(job, 10, NULL)) && exists(step_path(job, 11, NULL)) &&
+            exists(step_path(job, 12, NULL)) && !exists(step_path(job, 5, NULL)),
         "kept the wrong ones");
+  /* keep 2 under latest 10 keeps 10 and the one before it, not 11 and 12 */
+  REQUIRE(save_step(job, 8, 64, 1, 1, 0) == 0 && save_step(job, 9, 64, 1, 1, 0) == 0, "%s",
+          mt_errmsg());
+  write_text(path, "step_00000010\n");
+  CHECK(mt_ckpt_prune(job, 2, 0, &removed) == 0 && removed == 1, "%s (removed %d)", mt_errmsg(),
+        removed);
+  CHECK(exists(step_path(job, 9, NULL)) && exists(step_path(job, 10, NULL)) &&
+            !exists(step_path(job, 8, NULL)) && exists(step_path(job, 11, NULL)),
+        "keep 2 under latest 10 kept the wrong ones");
   CHECK(mt_ckpt_prune(job, 0, 0, &removed) == 0 && removed == 0, "keep 0 removed %d", removed);
   return 0;
 }

@@ -1,0 +1,83 @@
+/* fault_preload.c — an LD_PRELOAD library that makes reads of one file fail
+ * with EIO, as a failing disk or a lost NFS server does, for tests of what a
+ * program does when a read fails and when the same read works again.
+ *
+ *   MTNLG_FAULT_EIO_FILE  a path suffix ("step_00000020/shard_tp01_pp001.bin");
+ *                         pread and pread64 of a file whose path ends so fail
+ *   MTNLG_FAULT_EIO_COUNT how many of them fail (then reads work); < 0: all
+ *   MTNLG_FAULT_EIO_FROM  only reads at this offset or later (default 0)
+ *
+ * Each failure is written to stderr as "fault_preload: EIO on PATH at OFF",
+ * so a test can tell that the fault was met. Unset, every read goes through. */
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+typedef ssize_t (*pread_fn)(int, void *, size_t, off_t);
+
+static const char *suffix;
+static long long from;
+static int left; /* atomic: failures still to give, < 0 for all */
+static int ready;
+
+static void setup(void) {
+  if (__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) return;
+  const char *f = getenv("MTNLG_FAULT_EIO_FILE"), *c = getenv("MTNLG_FAULT_EIO_COUNT");
+  const char *o = getenv("MTNLG_FAULT_EIO_FROM");
+  suffix = f && *f ? f : NULL;
+  from = o ? atoll(o) : 0;
+  __atomic_store_n(&left, c ? atoi(c) : -1, __ATOMIC_RELAXED);
+  __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+}
+
+/* Whether this read fails: the file matches, the offset is in range and a
+ * failure is left to give (taken here). */
+static int fails(int fd, off_t off) {
+  setup();
+  if (!suffix || off < from) return 0;
+  char link[64], path[4096];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t k = readlink(link, path, sizeof path - 1);
+  if (k <= 0) return 0;
+  path[k] = 0;
+  size_t n = strlen(suffix);
+  if ((size_t)k < n || strcmp(path + k - n, suffix)) return 0;
+  int had = __atomic_load_n(&left, __ATOMIC_RELAXED);
+  while (had != 0) {
+    if (had < 0 ||
+        __atomic_compare_exchange_n(&left, &had, had - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+      fprintf(stderr, "fault_preload: EIO on %s at %lld\n", path, (long long)off);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static ssize_t through(const char *name, int fd, void *buf, size_t n, off_t off) {
+  pread_fn real = (pread_fn)dlsym(RTLD_NEXT, name);
+  if (!real) {
+    errno = ENOSYS;
+    return -1;
+  }
+  return real(fd, buf, n, off);
+}
+
+ssize_t pread(int fd, void *buf, size_t n, off_t off) {
+  if (fails(fd, off)) {
+    errno = EIO;
+    return -1;
+  }
+  return through("pread", fd, buf, n, off);
+}
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
+  if (fails(fd, off)) {
+    errno = EIO;
+    return -1;
+  }
+  return through("pread64", fd, buf, n, off);
+}
