@@ -403,6 +403,11 @@ int mt_ckpt_set_aside_as(const char *job_dir, int64_t step, int64_t loaded, cons
   if (lstat(from, &st))
     return mt_seterr(errno == ENOENT ? MT_ENOENT : MT_EIO, "ckpt: set aside %s: %s", from,
                      strerror(errno));
+  /* a link to another job's step (an operator's warm start) is set aside as
+   * a link: rename(2) moves the link, and the other job's files stay */
+  if (S_ISLNK(st.st_mode) && stat(from, &st))
+    return mt_seterr(MT_ENOENT, "ckpt: set aside %s: a link to nothing (%s)", from,
+                     strerror(errno));
   if (!S_ISDIR(st.st_mode))
     return mt_seterr(MT_ENOENT, "ckpt: set aside %s: not a directory", from);
   if (!mt__ckpt_committed(ldir))

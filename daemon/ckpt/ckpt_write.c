@@ -103,7 +103,13 @@ int mt_ckpt_begin(mt_ckpt_txn *t, const char *job_dir, int64_t step) {
   char dir[MT_CKPT_PATH_MAX + 32];
   step_dir_of(t, dir);
   struct stat st;
-  if (!stat(dir, &st)) {
+  if (!lstat(dir, &st) && S_ISLNK(st.st_mode) && stat(dir, &st)) {
+    /* a link to nothing (its target moved or deleted) holds no checkpoint:
+     * it goes, or the step could never be saved */
+    mt_log_warn("ckpt: %s is a link to nothing (%s); removing the link to save step %lld", dir,
+                strerror(errno), (long long)step);
+    if ((rc = mt__ckpt_remove_step(dir))) return rc;
+  } else if (!stat(dir, &st)) {
     if (mt__ckpt_committed(dir)) {
       int64_t latest;
       int lrc = mt__ckpt_read_latest(job_dir, &latest);

@@ -710,6 +710,39 @@ static int test_retention_removes_a_linked_step_only_as_a_link(void) {
   return 0;
 }
 
+/* A damaged step that is a link to another job's is set aside as a link (the
+ * other job's files stay), and a link to nothing at a step does not stop
+ * that step's save. */
+static int test_linked_step_set_aside_as_link_and_dangling_link_replaced(void) {
+  const char *a = tmp_path("alink-a"), *b = tmp_path("alink-b");
+  REQUIRE(save_step(a, 3, 64, 1, 1, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(save_step(b, 2, 64, 1, 1, 0) == 0, "%s", mt_errmsg());
+  char target[512], to[600], want[600];
+  snprintf(target, sizeof target, "%s", step_path(a, 3, NULL));
+  REQUIRE(!symlink(target, step_path(b, 3, NULL)), "symlink: %s", strerror(errno));
+  CHECK(mt_ckpt_set_aside(b, 3, 2, to, sizeof to) == 0, "%s", mt_errmsg());
+  snprintf(want, sizeof want, "%s.damaged", step_path(b, 3, NULL));
+  struct stat st;
+  CHECK(!strcmp(to, want) && !lstat(want, &st) && S_ISLNK(st.st_mode), "moved to %s", to);
+  CHECK(exists(step_path(a, 3, "manifest.json")) && !lstat(step_path(a, 3, NULL), &st) &&
+            S_ISDIR(st.st_mode),
+        "a's step 3 was moved or harmed through the link");
+  /* a link to nothing: set aside refuses it by name, a save of its step replaces it */
+  char gone[512];
+  snprintf(gone, sizeof gone, "%s/nowhere", a);
+  REQUIRE(!symlink(gone, step_path(b, 4, NULL)), "symlink: %s", strerror(errno));
+  CHECK(mt_ckpt_set_aside(b, 4, 2, to, sizeof to) == MT_ENOENT &&
+            strstr(mt_errmsg(), "a link to nothing"),
+        "set aside a dangling link: %s", mt_errmsg());
+  CHECK(save_step(b, 4, 64, 1, 1, 0) == 0, "save over a dangling link: %s", mt_errmsg());
+  mt_ckpt r;
+  int found = !lstat(step_path(b, 4, NULL), &st) && S_ISDIR(st.st_mode) &&
+              mt_ckpt_find(b, 4, MT_CKPT_VERIFY_CHECKSUMS, &r) == 0;
+  CHECK(found, "step 4 of b: %s", mt_errmsg());
+  if (found) mt_ckpt_close(&r);
+  return 0;
+}
+
 /* In a child limited to limit_bytes per file: save step (n floats), which must
  * fail; returns the child's message through out. 0 when it failed cleanly. */
 static int save_over_limit(const char *job, int64_t step, uint64_t n, rlim_t limit_bytes, char *out,
@@ -1079,6 +1112,8 @@ static const struct {
     {"retention_keeps_last_two_and_every_fifth", test_retention_keeps_last_two_and_every_fifth},
     {"retention_removes_a_linked_step_only_as_a_link",
      test_retention_removes_a_linked_step_only_as_a_link},
+    {"linked_step_set_aside_as_link_and_dangling_link_replaced",
+     test_linked_step_set_aside_as_link_and_dangling_link_replaced},
     {"disk_full_fails_cleanly_and_keeps_previous", test_disk_full_fails_cleanly_and_keeps_previous},
     {"verify_file_names_the_bad_shard_only", test_verify_file_names_the_bad_shard_only},
     {"find_below_skips_to_the_older_step", test_find_below_skips_to_the_older_step},
