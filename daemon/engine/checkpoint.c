@@ -37,16 +37,6 @@ static int agree(mt_comm *c, int failed, int *any) {
   return 0;
 }
 
-/* The worst of every rank's outcome (0 fine; higher, worse) into *worst. */
-static int agree_worst(mt_comm *c, int mine, int *worst) {
-  int32_t v = mine;
-  *worst = mine;
-  if (!c) return 0;
-  int rc = mt_comm_allreduce(c, &v, &v, 1, MT_COMM_I32, MT_COMM_MAX);
-  if (!rc) *worst = v;
-  return rc;
-}
-
 /* This rank's part of its shard's arrays: [lo, lo + n) of the unpadded flat
  * parameters (n may be 0 for the last ranks when padding fills their slice). */
 static void my_slice(const mt_trainer *tr, uint64_t *lo, uint64_t *n) {
@@ -402,13 +392,14 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
 /* A message carried between ranks: the first problem a verification found. */
 #define RESUME_MSG_BYTES 768
 
-/* What one rank's check of a checkpoint found. */
+/* What one rank's check, or load, of a checkpoint found: the second may
+ * pass (a read that failed), the third will not (a damaged file). */
 enum { CHECK_OK = 0, CHECK_FAILED = 1, CHECK_DAMAGED = 2 };
 
-/* After every rank checked its part of a checkpoint (CHECK_*): how many ranks
- * found a problem, whether one found a file damaged (not merely unreadable
- * from there), and on every rank in msg (RESUME_MSG_BYTES) the first
- * damaged-finder's message, else the first failed one's. */
+/* After every rank checked or loaded its part of a checkpoint (CHECK_*): how
+ * many ranks found a problem, whether one found the worst (CHECK_DAMAGED),
+ * and on every rank in msg (RESUME_MSG_BYTES) the first such rank's message,
+ * else the first failed one's. */
 static int agree_checked(mt_comm *world, int check, char *msg, int *n_bad, int *damaged) {
   *n_bad = check != CHECK_OK;
   *damaged = check == CHECK_DAMAGED;
@@ -692,17 +683,17 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     below = pick.step;
     tries = 0;
   }
-  enum { LOAD_OK, LOAD_UNREAD, LOAD_FAILED }; /* a rank's load, best to worst */
-  int failed = LOAD_OK;
+  /* a rank's load: CHECK_FAILED for a read that failed, else CHECK_DAMAGED */
+  int failed = CHECK_OK;
   const mt_ckpt_file *f = mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank);
   if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {
-    failed = LOAD_FAILED;
+    failed = CHECK_DAMAGED;
     snprintf(err, sizeof err,
              "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (`mtnlgctl "
              "ckpt reshard` writes it under another layout)",
              c.dir, c.tp, c.pp, g->tp_size, g->pp_size);
   } else if (f->n != tr->model.num_params) {
-    failed = LOAD_FAILED;
+    failed = CHECK_DAMAGED;
     snprintf(err, sizeof err,
              "resume: %s/%s holds %llu parameters, this shard of the model has %zu: another model",
              c.dir, f->name, (unsigned long long)f->n, tr->model.num_params);
@@ -722,7 +713,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     for (size_t k = 0; saved && k < sizeof arch / sizeof *arch && !failed; k++) {
       const json_t *v = json_object_get(saved, arch[k].key);
       if (json_is_integer(v) && json_integer_value(v) != arch[k].want) {
-        failed = LOAD_FAILED;
+        failed = CHECK_DAMAGED;
         snprintf(err, sizeof err,
                  "resume: %s was saved by a model with %s %lld, the job's has %d: another model "
                  "(start it with a checkpoint.dir of its own, or model.init_from an export)",
@@ -737,14 +728,14 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     size_t total = tr->model.num_params;
     host = malloc((total + 2 * (n ? n : 1)) * sizeof(float));
     if (!host) {
-      failed = LOAD_FAILED;
+      failed = CHECK_DAMAGED;
       snprintf(err, sizeof err, "resume: host buffer of %zu floats", total);
     } else if ((rc = mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "master", 0, total, host)) ||
                (n &&
                 (rc = mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_m", lo, n, host + total))) ||
                (n && (rc = mt_ckpt_read(&c, g->tp_rank, g->pp_rank, "adam_v", lo, n,
                                         host + total + n)))) {
-      failed = rc == MT_EIO || rc == MT_ENOMEM ? LOAD_UNREAD : LOAD_FAILED;
+      failed = rc == MT_EIO || rc == MT_ENOMEM ? CHECK_FAILED : CHECK_DAMAGED;
       snprintf(err, sizeof err, "%s", mt_errmsg());
     } else if (mt_device_memcpy_htod(tr->dev, tr->model.params, host, total * sizeof(float)) ||
                mt_device_memset0(tr->dev, tr->opt.m, tr->shard_n * sizeof(float)) ||
@@ -753,7 +744,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                                            n * sizeof(float))) ||
                (n && mt_device_memcpy_htod(tr->dev, tr->opt.v + (lo - tr->shard_lo),
                                            host + total + n, n * sizeof(float)))) {
-      failed = LOAD_FAILED;
+      failed = CHECK_DAMAGED;
       snprintf(err, sizeof err, "%s", mt_errmsg());
     }
   }
@@ -784,18 +775,21 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     uint64_t need =
         (uint64_t)consumed + (uint64_t)mt_job_samples_of(tr->job, consumed, steps - saved_step);
     if (mt_trainer_data_reach(tr, need)) {
-      failed = LOAD_FAILED;
+      failed = CHECK_DAMAGED;
       snprintf(err, sizeof err, "resume: the data for %llu samples: %s", (unsigned long long)need,
                mt_errmsg());
     }
   }
-  int worst;
-  if ((rc = agree_worst(g->world, failed, &worst))) return mt_wraperr(rc, "resume");
-  if (worst) { /* a read that failed may pass: another generation tries again */
-    int code = worst == LOAD_UNREAD ? MT_EAGAIN : MT_EINVAL;
-    return failed ? mt_seterr(code, "%s", err)
-                  : mt_seterr(code, "resume from %s failed on another rank", dir);
-  }
+  /* every rank fails with the first failed rank's message; a read that
+   * failed may pass (MT_EAGAIN: another generation tries again) */
+  char msg[RESUME_MSG_BYTES];
+  snprintf(msg, sizeof msg, "%.*s", failed ? (int)sizeof msg - 1 : 0, err);
+  int n_failed, worst;
+  if ((rc = agree_checked(g->world, failed, msg, &n_failed, &worst)))
+    return mt_wraperr(rc, "resume");
+  if (n_failed)
+    return mt_seterr(worst ? MT_EINVAL : MT_EAGAIN,
+                     "resume from %s failed on %d rank(s), first: %s", dir, n_failed, msg);
   tr->step = saved_step;
   tr->consumed_samples = consumed;
   int64_t G = tr->job->train.global_batch;

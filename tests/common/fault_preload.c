@@ -6,6 +6,7 @@
  *                         pread and pread64 of a file whose path ends so fail
  *   MTNLG_FAULT_EIO_COUNT how many of them fail (then reads work); < 0: all
  *   MTNLG_FAULT_EIO_FROM  only reads at this offset or later (default 0)
+ *   MTNLG_FAULT_EIO_SKIP  let this many such reads through first (default 0)
  *
  * Each failure is written to stderr as "fault_preload: EIO on PATH at OFF",
  * so a test can tell that the fault was met. Unset, every read goes through. */
@@ -21,21 +22,23 @@ typedef ssize_t (*pread_fn)(int, void *, size_t, off_t);
 
 static const char *suffix;
 static long long from;
+static int skip; /* atomic: matching reads still to let through */
 static int left; /* atomic: failures still to give, < 0 for all */
 static int ready;
 
 static void setup(void) {
   if (__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) return;
   const char *f = getenv("MTNLG_FAULT_EIO_FILE"), *c = getenv("MTNLG_FAULT_EIO_COUNT");
-  const char *o = getenv("MTNLG_FAULT_EIO_FROM");
+  const char *o = getenv("MTNLG_FAULT_EIO_FROM"), *k = getenv("MTNLG_FAULT_EIO_SKIP");
   suffix = f && *f ? f : NULL;
   from = o ? atoll(o) : 0;
+  __atomic_store_n(&skip, k ? atoi(k) : 0, __ATOMIC_RELAXED);
   __atomic_store_n(&left, c ? atoi(c) : -1, __ATOMIC_RELAXED);
   __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
 }
 
-/* Whether this read fails: the file matches, the offset is in range and a
- * failure is left to give (taken here). */
+/* Whether this read fails: the file matches, the offset is in range, no
+ * read is left to let through and a failure is left to give (taken here). */
 static int fails(int fd, off_t off) {
   setup();
   if (!suffix || off < from) return 0;
@@ -46,6 +49,11 @@ static int fails(int fd, off_t off) {
   path[k] = 0;
   size_t n = strlen(suffix);
   if ((size_t)k < n || strcmp(path + k - n, suffix)) return 0;
+  int through = __atomic_load_n(&skip, __ATOMIC_RELAXED);
+  while (through > 0)
+    if (__atomic_compare_exchange_n(&skip, &through, through - 1, 0, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED))
+      return 0;
   int had = __atomic_load_n(&left, __ATOMIC_RELAXED);
   while (had != 0) {
     if (had < 0 ||

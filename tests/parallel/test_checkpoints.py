@@ -18,6 +18,9 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
   test_unreadable_{header,chunk}_is_refused_not_passed_over: failing every
   time, the resume fails after three tries naming the error, and neither
   falls back to the older checkpoint nor moves anything;
+  test_unreadable_load_fails_every_rank_at_once: checked whole, then one
+  rank's read of its slice fails: every rank fails alike, in seconds (a
+  failure every rank agreed on leaves no rank in a collective);
 - test_async_checkpoint_resumes_bit_for_bit: checkpoints written in the
   background (checkpoint.async) while training goes on hold the state of
   their step: resuming from step 9 gives the uninterrupted losses exactly;
@@ -159,9 +162,10 @@ def main():
         newest, latest0 = steps_saved[-1], open(os.path.join(jobdir, "latest")).read()
         n_new = int(os.path.basename(newest)[5:])
 
-        def faulty(count, offset):
+        def faulty(count, offset, skip=0):
             env = dict(os.environ, LD_PRELOAD=preload, MTNLG_FAULT_EIO_COUNT=str(count),
-                       MTNLG_FAULT_EIO_FROM=str(offset), MTNLG_FAULT_EIO_FILE=os.path.join(
+                       MTNLG_FAULT_EIO_FROM=str(offset), MTNLG_FAULT_EIO_SKIP=str(skip),
+                       MTNLG_FAULT_EIO_FILE=os.path.join(
                            os.path.basename(newest), "shard_tp01_pp001.bin"))
             return run(mtnlgd, job, "train.steps=%d" % n_new, env=env)[0]
         resumed = "resumed from %s:" % newest
@@ -189,6 +193,23 @@ def main():
                            and sorted(glob.glob(os.path.join(jobdir, "step_*"))) == steps_saved,
                            "exit %d: %s" % (q.returncode, q.stderr.strip().splitlines()[-1][-300:]
                                             if q.stderr.strip() else ""))
+        # checked whole, then a read of the load fails: every rank fails alike, at once
+        with open(os.path.join(newest, "manifest.json")) as f:
+            chunks = [fl for fl in json.load(f)["files"]
+                      if fl["name"] == "shard_tp01_pp001.bin"][0]["chunks"]
+        checked = sum((c["bytes"] + (4 << 20) - 1) // (4 << 20) for c in chunks
+                      if c["offset"] >= 64)  # the checking rank's reads, 4 MiB at most each
+        t0 = time.time()
+        q = faulty(1, 64, skip=checked)
+        took = time.time() - t0
+        fails += check("test_unreadable_load_fails_every_rank_at_once",
+                       q.returncode != 0 and "fault_preload: EIO" in q.stderr
+                       and "shard_tp01_pp001.bin at offset" in q.stderr
+                       and "checked step" not in q.stderr and "resumed from" not in q.stderr
+                       and "falling back" not in q.stderr and took < 60,
+                       "exit %d in %.1f s: %s" % (q.returncode, took,
+                                                  q.stderr.strip().splitlines()[-1][-300:]
+                                                  if q.stderr.strip() else ""))
 
         # 1b. asynchronous saves hold the state of their step boundary
         ck = os.path.join(tmp, "ck1b")
