@@ -41,8 +41,21 @@ static int set_json(mt_store *s, const char *key, json_t *j) {
 }
 
 /* How long a numbered join or request may stay unwritten (its node died
- * between numbering and writing it) before the coordinator passes over it. */
+ * between numbering and writing it, or lost the numbering's reply and took
+ * another number) before the coordinator passes over it. */
 #define UNWRITTEN_GAP_MS 30000
+
+/* Numbered joins or requests not written yet, read again each tick while the
+ * ones after them are taken, so a gap holds nothing up: a request is
+ * answered only once taken, so one that depends on another was numbered
+ * after that one was written, and taking them out of number order reorders
+ * only requests that raced. Bounded: with MAX_UNWRITTEN of them, reading
+ * waits at the next one. */
+#define MAX_UNWRITTEN 64
+typedef struct unwritten {
+  int count;
+  int64_t n[MAX_UNWRITTEN], since_ms[MAX_UNWRITTEN];
+} unwritten;
 
 static json_t *get_json_now(mt_store *s, const char *key, int *rc) {
   char *text;
@@ -440,9 +453,9 @@ struct mt_coord {
   char failure[600]; /* what ended the last generation that failed */
   char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
   int unpublished;   /* publishing generation gen failed part way: ended, not formed again */
-  int64_t next_op_req;     /* the next ops/req/<n> to read */
-  int64_t req_missing_ms;  /* since when ops/req/<next_op_req> is numbered but unwritten */
-  int64_t join_missing_ms; /* likewise nodes/<next_seq> */
+  int64_t next_op_req;  /* the next ops/req/<n> to read */
+  unwritten reqs_gaps;  /* ops/req/<n> below next_op_req numbered but not written */
+  unwritten joins_gaps; /* likewise nodes/<n> below next_seq */
   coord_op *ops;
   int n_ops, cap_ops;
   int64_t op_ids;      /* ids given so far (the table keeps only the newest) */
@@ -569,63 +582,94 @@ static int forget_left(mt_coord *c, const char *name) {
   return rc == MT_ENOENT ? 0 : rc;
 }
 
+/* One numbered join: 1 when it was decided (or passed over, unwritten
+ * since since_ms for UNWRITTEN_GAP_MS), 0 while it is not written, < 0 when
+ * the store failed (it is read again next tick). */
+static int take_join(mt_coord *c, int64_t seq, int64_t now_ms, int64_t since_ms) {
+  char key[64];
+  int rc;
+  snprintf(key, sizeof key, "nodes/%lld", (long long)seq);
+  json_t *j = get_json_now(c->o.store, key, &rc);
+  char why[512];
+  int corrupt = rc == MT_ECORRUPT; /* not JSON: refused below, not a stop */
+  if (corrupt) snprintf(why, sizeof why, "the join descriptor is not JSON: %s", mt_errmsg());
+  if (rc < 0 && !corrupt) return rc;
+  if (rc == 0) { /* counted but not written yet: later, unless its node died meanwhile */
+    if (now_ms - since_ms < UNWRITTEN_GAP_MS) return 0;
+    mt_log_warn("coordinator: join %lld was numbered but never written in %d s; passed over",
+                (long long)seq, UNWRITTEN_GAP_MS / 1000);
+    return 1;
+  }
+  mt_node_desc d;
+  int bad = corrupt || desc_from_json(j, &d);
+  json_decref(j);
+  int wait = 0;
+  const char *no = corrupt ? why
+                   : bad   ? "the join descriptor has no node name"
+                           : refusal(c, &d, why, sizeof why, now_ms, &wait);
+  /* nothing about the node is kept until its verdict is written: a verdict
+   * that fails is read again next tick, and must not find the node already
+   * there and refuse it as a duplicate of itself */
+  coord_node *n = NULL;
+  if (no) {
+    mt_log_warn("coordinator: join %lld %s: %s", (long long)seq,
+                wait ? "turned away for now" : "refused", no);
+  } else if (!(n = find_node(c, d.name)) && c->n_nodes == c->cap) {
+    int cap = c->cap ? 2 * c->cap : 16;
+    coord_node *m = realloc(c->nodes, (size_t)cap * sizeof *m);
+    if (!m) return mt_seterr(MT_ENOMEM, "coordinator: %d nodes", cap);
+    c->nodes = m, c->cap = cap;
+  }
+  if (!no && (rc = forget_left(c, d.name))) return rc;
+  if ((rc = write_verdict(c, seq, no, wait))) return rc;
+  if (!no) {
+    if (!n) n = &c->nodes[c->n_nodes++];
+    memset(n, 0, sizeof *n);
+    n->d = d;
+    n->slots = d.n_devices / c->o.tp;
+    n->hb_changed_ms = now_ms;
+    n->hb_value = -1;
+    n->role = newcomer_role(c);
+    mt_log_info("coordinator: node %s joined from %s with %d device(s) (%d slot(s)) as join %lld",
+                d.name, d.host, d.n_devices, n->slots, (long long)seq);
+  }
+  return 1;
+}
+
+typedef int (*take_fn)(mt_coord *c, int64_t n, int64_t now_ms, int64_t since_ms);
+
+/* The gaps first, each taken whenever its write lands; then the numbers up
+ * to last from *next, a gap noted and passed by. */
+static int take_numbered(mt_coord *c, unwritten *gaps, int64_t *next, int64_t last, take_fn take,
+                         int64_t now_ms) {
+  for (int i = 0; i < gaps->count;) {
+    int rc = take(c, gaps->n[i], now_ms, gaps->since_ms[i]);
+    if (rc < 0) return rc;
+    if (!rc) {
+      i++;
+      continue;
+    }
+    gaps->count--;
+    memmove(gaps->n + i, gaps->n + i + 1, (size_t)(gaps->count - i) * sizeof *gaps->n);
+    memmove(gaps->since_ms + i, gaps->since_ms + i + 1,
+            (size_t)(gaps->count - i) * sizeof *gaps->since_ms);
+  }
+  for (; *next <= last; ++*next) {
+    int rc = take(c, *next, now_ms, now_ms);
+    if (rc < 0) return rc;
+    if (rc) continue;
+    if (gaps->count == MAX_UNWRITTEN) break; /* wait here, as for one gap before */
+    gaps->n[gaps->count] = *next, gaps->since_ms[gaps->count] = now_ms;
+    gaps->count++;
+  }
+  return 0;
+}
+
 static int read_joins(mt_coord *c, int64_t now_ms) {
   int64_t last;
   int rc = mt_store_add(c->o.store, "nodes/seq", 0, &last);
   if (rc) return rc;
-  while (c->next_seq <= last) {
-    char key[64];
-    snprintf(key, sizeof key, "nodes/%lld", (long long)c->next_seq);
-    json_t *j = get_json_now(c->o.store, key, &rc);
-    char why[512];
-    int corrupt = rc == MT_ECORRUPT; /* not JSON: refused below, not a stop */
-    if (corrupt) snprintf(why, sizeof why, "the join descriptor is not JSON: %s", mt_errmsg());
-    if (rc < 0 && !corrupt) return rc;
-    if (rc == 0) { /* counted but not written yet: next tick, unless its node died meanwhile */
-      if (!c->join_missing_ms) c->join_missing_ms = now_ms;
-      if (now_ms - c->join_missing_ms < UNWRITTEN_GAP_MS) break;
-      mt_log_warn("coordinator: join %lld was numbered but never written in %d s; passed over",
-                  (long long)c->next_seq, UNWRITTEN_GAP_MS / 1000);
-      c->next_seq++, c->join_missing_ms = 0;
-      continue;
-    }
-    c->join_missing_ms = 0;
-    mt_node_desc d;
-    int bad = corrupt || desc_from_json(j, &d);
-    json_decref(j);
-    int wait = 0;
-    const char *no = corrupt ? why
-                     : bad   ? "the join descriptor has no node name"
-                             : refusal(c, &d, why, sizeof why, now_ms, &wait);
-    /* nothing about the node is kept until its verdict is written: a verdict
-     * that fails is read again next tick, and must not find the node already
-     * there and refuse it as a duplicate of itself */
-    coord_node *n = NULL;
-    if (no) {
-      mt_log_warn("coordinator: join %lld %s: %s", (long long)c->next_seq,
-                  wait ? "turned away for now" : "refused", no);
-    } else if (!(n = find_node(c, d.name)) && c->n_nodes == c->cap) {
-      int cap = c->cap ? 2 * c->cap : 16;
-      coord_node *m = realloc(c->nodes, (size_t)cap * sizeof *m);
-      if (!m) return mt_seterr(MT_ENOMEM, "coordinator: %d nodes", cap);
-      c->nodes = m, c->cap = cap;
-    }
-    if (!no && (rc = forget_left(c, d.name))) return rc;
-    if ((rc = write_verdict(c, c->next_seq, no, wait))) return rc;
-    if (!no) {
-      if (!n) n = &c->nodes[c->n_nodes++];
-      memset(n, 0, sizeof *n);
-      n->d = d;
-      n->slots = d.n_devices / c->o.tp;
-      n->hb_changed_ms = now_ms;
-      n->hb_value = -1;
-      n->role = newcomer_role(c);
-      mt_log_info("coordinator: node %s joined from %s with %d device(s) (%d slot(s)) as join %lld",
-                  d.name, d.host, d.n_devices, n->slots, (long long)c->next_seq);
-    }
-    c->next_seq++;
-  }
-  return 0;
+  return take_numbered(c, &c->joins_gaps, &c->next_seq, last, take_join, now_ms);
 }
 
 /* A node's heartbeat counter from the value of hb/<name> (NULL: no beat
@@ -684,7 +728,7 @@ static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms, int left, int64
   int64_t joins;
   int rc = mt_store_add(c->o.store, "nodes/seq", 0, &joins);
   if (rc) return rc;
-  if (joins >= c->next_seq) return 0;
+  if (joins >= c->next_seq || c->joins_gaps.count) return 0;
   mt_log_info("coordinator: node %s is back after %.1f s: a spare", n->d.name,
               (now_ms - n->hb_changed_ms) / 1000.0);
   n->hb_value = v, n->hb_changed_ms = now_ms;
@@ -1378,57 +1422,60 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
  * Each is claimed first (ops/claim/<n>, an atomic add): a node that gave up
  * waiting claims it too, and whoever comes first decides whether it is
  * acted on, so a node never answers 503 for an order that is then carried
- * out, and a request whose node gave up never blocks the ones after it. */
+ * out, and a request whose node gave up never blocks the ones after it.
+ * As take_join: 1 decided or passed over, 0 not written yet, < 0 failed. */
+static int take_op_request(mt_coord *c, int64_t n, int64_t now_ms, int64_t since_ms) {
+  char key[64], claim_key[64];
+  int64_t claims;
+  int rc;
+  snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
+  snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)n);
+  json_t *req = get_json_now(c->o.store, key, &rc);
+  if (rc == MT_ECORRUPT) { /* not JSON: answered as a request naming nothing */
+    mt_log_warn("coordinator: request %lld: %s", (long long)n, mt_errmsg());
+    req = json_object(), rc = 1;
+  }
+  if (rc < 0) return rc;
+  if (rc == 0) { /* numbered, not written yet: later, unless its node gave up on it */
+    if ((rc = mt_store_add(c->o.store, claim_key, 0, &claims))) return rc;
+    if (claims) return 1;
+    if (now_ms - since_ms < UNWRITTEN_GAP_MS) return 0;
+    if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) return rc;
+    mt_log_warn("coordinator: request %lld was numbered but never written in %d s; passed over",
+                (long long)n, UNWRITTEN_GAP_MS / 1000);
+    return 1;
+  }
+  if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) {
+    json_decref(req);
+    return rc;
+  }
+  if (claims > 1) { /* its node stopped waiting first and answered 503 */
+    json_decref(req);
+    return 1;
+  }
+  const char *kind = json_string_value(json_object_get(req, "kind"));
+  coord_op *op = NULL;
+  char why[600];
+  const char *no = kind ? decide(c, kind, json_object_get(req, "args"), &op, why, sizeof why)
+                        : "the request names no operation";
+  json_t *resp = no ? json_pack("{s:i, s:s}", "status",
+                                !strncmp(no, "cannot", 6)      ? 409
+                                : !strcmp(no, "out of memory") ? 500
+                                                               : 501,
+                                "detail", no)
+                    : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
+  if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
+  json_decref(req);
+  snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
+  if ((rc = set_json(c->o.store, key, resp))) return rc;
+  return 1;
+}
+
 static int read_op_requests(mt_coord *c, int64_t now_ms) {
   int64_t last;
   int rc = mt_store_add(c->o.store, "ops/seq", 0, &last);
   if (rc) return rc;
-  for (; c->next_op_req <= last; c->next_op_req++, c->req_missing_ms = 0) {
-    char key[64], claim_key[64];
-    int64_t claims;
-    snprintf(key, sizeof key, "ops/req/%lld", (long long)c->next_op_req);
-    snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)c->next_op_req);
-    json_t *req = get_json_now(c->o.store, key, &rc);
-    if (rc == MT_ECORRUPT) { /* not JSON: answered as a request naming nothing */
-      mt_log_warn("coordinator: request %lld: %s", (long long)c->next_op_req, mt_errmsg());
-      req = json_object(), rc = 1;
-    }
-    if (rc < 0) return rc;
-    if (rc == 0) { /* numbered, not written yet: wait, unless its node gave up on it */
-      if ((rc = mt_store_add(c->o.store, claim_key, 0, &claims))) return rc;
-      if (claims) continue;
-      if (!c->req_missing_ms) c->req_missing_ms = now_ms;
-      if (now_ms - c->req_missing_ms < UNWRITTEN_GAP_MS) break;
-      if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) return rc;
-      mt_log_warn("coordinator: request %lld was numbered but never written in %d s; passed over",
-                  (long long)c->next_op_req, UNWRITTEN_GAP_MS / 1000);
-      continue;
-    }
-    if ((rc = mt_store_add(c->o.store, claim_key, 1, &claims))) {
-      json_decref(req);
-      return rc;
-    }
-    if (claims > 1) { /* its node stopped waiting first and answered 503 */
-      json_decref(req);
-      continue;
-    }
-    const char *kind = json_string_value(json_object_get(req, "kind"));
-    coord_op *op = NULL;
-    char why[600];
-    const char *no = kind ? decide(c, kind, json_object_get(req, "args"), &op, why, sizeof why)
-                          : "the request names no operation";
-    json_t *resp = no ? json_pack("{s:i, s:s}", "status",
-                                  !strncmp(no, "cannot", 6)      ? 409
-                                  : !strcmp(no, "out of memory") ? 500
-                                                                 : 501,
-                                  "detail", no)
-                      : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
-    if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
-    json_decref(req);
-    snprintf(key, sizeof key, "ops/resp/%lld", (long long)c->next_op_req);
-    if ((rc = set_json(c->o.store, key, resp))) return rc;
-  }
-  return 0;
+  return take_numbered(c, &c->reqs_gaps, &c->next_op_req, last, take_op_request, now_ms);
 }
 
 /* Running orders: succeeded once world rank 0's node says where they acted. */
