@@ -170,7 +170,8 @@ int mt__ckpt_committed(const char *step_dir) {
   char path[MT_CKPT_PATH_MAX + 32];
   struct stat st;
   snprintf(path, sizeof path, "%s/" MT__CKPT_MANIFEST, step_dir);
-  return !stat(path, &st) && S_ISREG(st.st_mode);
+  if (stat(path, &st)) return errno == ENOENT || errno == ENOTDIR ? 0 : -1;
+  return S_ISREG(st.st_mode);
 }
 
 /* Strict: a torn or hand-edited latest is reported, never guessed at. */
@@ -227,7 +228,7 @@ int mt__ckpt_scan(const char *job_dir, mt__ckpt_dirent **out, size_t *n) {
       }
       *out = v;
     }
-    (*out)[(*n)++] = (mt__ckpt_dirent){step, mt__ckpt_committed(path)};
+    (*out)[(*n)++] = (mt__ckpt_dirent){step, mt__ckpt_committed(path) != 0};
   }
   closedir(d);
   if (rc) {
@@ -405,9 +406,11 @@ int mt_ckpt_set_aside_as(const char *job_dir, int64_t step, int64_t loaded, cons
                      strerror(errno));
   /* a link to another job's step (an operator's warm start) is set aside as
    * a link: rename(2) moves the link, and the other job's files stay */
-  if (S_ISLNK(st.st_mode) && stat(from, &st))
-    return mt_seterr(MT_ENOENT, "ckpt: set aside %s: a link to nothing (%s)", from,
-                     strerror(errno));
+  if (S_ISLNK(st.st_mode) && stat(from, &st)) {
+    int e = errno, nothing = e == ENOENT || e == ENOTDIR;
+    return mt_seterr(nothing ? MT_ENOENT : MT_EIO, "ckpt: set aside %s: %s (%s)", from,
+                     nothing ? "a link to nothing" : "a link that cannot be followed", strerror(e));
+  }
   if (!S_ISDIR(st.st_mode))
     return mt_seterr(MT_ENOENT, "ckpt: set aside %s: not a directory", from);
   if (!mt__ckpt_committed(ldir))
@@ -457,7 +460,13 @@ int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *remove
   int rc = mt__ckpt_scan(job_dir, &dirs, &nd);
   if (rc) return rc;
   int64_t latest = -1, newest = -1;
-  if (mt__ckpt_read_latest(job_dir, &latest)) latest = -1;
+  if ((rc = mt__ckpt_read_latest(job_dir, &latest))) {
+    if (rc == MT_EIO || rc == MT_ENOMEM) { /* counting without it could take the wrong ones */
+      free(dirs);
+      return mt_wraperr(rc, "ckpt: prune %s: nothing removed", job_dir);
+    }
+    latest = -1, rc = 0;
+  }
   int latest_committed = 0;
   for (size_t i = 0; i < nd; i++) latest_committed |= dirs[i].committed && dirs[i].step == latest;
   /* the newest: latest's target (a committed directory newer than it is a

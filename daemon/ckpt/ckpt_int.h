@@ -53,7 +53,10 @@ int mt__ckpt_read_latest(const char *job_dir, int64_t *step);
 /* Points latest at step_<step> durably (temp, fsync, rename, fsync the job
  * directory): the commit's last write, and a resume's after a fallback. */
 int mt__ckpt_write_latest(const char *job_dir, int64_t step);
-/* 1 when <step_dir>/manifest.json is a regular file. */
+/* 1 when <step_dir>/manifest.json is a regular file, 0 when it is not or
+ * is missing, -1 when looking failed (an I/O error): true as a test, so a
+ * directory that could not be looked at is never removed as a leftover, and
+ * reading it fails as unreadable. */
 int mt__ckpt_committed(const char *step_dir);
 
 /* The step directories of job_dir, ascending. *steps owned (free()). A job_dir

@@ -129,6 +129,35 @@ static int parse_file(json_t *jf, mt_ckpt_file *f, const char *mwhere, size_t id
   return 0;
 }
 
+/* The whole of a file into *text (malloc'd, NUL after the last byte):
+ * MT_ENOENT when it is missing, MT_EIO when a read fails, MT_ENOMEM. */
+static int read_whole(const char *path, char **text, size_t *len) {
+  *text = NULL, *len = 0;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return mt_seterr(errno == ENOENT ? MT_ENOENT : MT_EIO, "open: %s", strerror(errno));
+  struct stat st;
+  if (fstat(fd, &st)) {
+    int e = errno;
+    close(fd);
+    return mt_seterr(MT_EIO, "stat: %s", strerror(e));
+  }
+  char *buf = malloc((size_t)st.st_size + 1);
+  if (!buf) {
+    close(fd);
+    return mt_seterr(MT_ENOMEM, "%lld bytes: out of memory", (long long)st.st_size);
+  }
+  int64_t got = mt__pread_full(fd, buf, (size_t)st.st_size, 0);
+  int e = errno;
+  close(fd);
+  if (got < 0) {
+    free(buf);
+    return mt_seterr(MT_EIO, "read: %s", strerror(e));
+  }
+  buf[got] = 0;
+  *text = buf, *len = (size_t)got;
+  return 0;
+}
+
 /* Parses <dir>/manifest.json into c. disp ("step_00000020") names the
  * checkpoint in messages; expect_step >= 0 must match the manifest's step. */
 static int parse_manifest(const char *dir, const char *disp, int64_t expect_step, mt_ckpt *c) {
@@ -142,15 +171,20 @@ static int parse_manifest(const char *dir, const char *disp, int64_t expect_step
     if (errno == ENOENT) return mt_seterr(MT_ENOENT, "%s missing", where);
     return mt_seterr(MT_EIO, "%s: %s", where, strerror(errno));
   }
+  /* read here, not by jansson: a read that fails says nothing of the JSON */
+  char *text = NULL;
+  size_t len = 0;
+  int rc = read_whole(path, &text, &len);
+  if (rc) return mt_wraperr(rc, "%s", where);
   json_error_t err;
-  c->manifest = json_load_file(path, JSON_REJECT_DUPLICATES, &err);
+  c->manifest = json_loadb(text, len, JSON_REJECT_DUPLICATES, &err);
+  free(text);
   if (!c->manifest)
     return mt_seterr(MT_ECORRUPT, "%s: bad JSON at line %d column %d: %s", where, err.line,
                      err.column, err.text);
   json_t *m = c->manifest, *layout, *files;
   const char *format = "";
   int64_t version = 0, tp = 0, pp = 0, dp = 0;
-  int rc;
   if (!json_is_object(m)) return mt_seterr(MT_ECORRUPT, "%s: not a JSON object", where);
   json_t *seal = json_object_get(m, MT__CKPT_SEAL_KEY);
   if (seal) { /* manifests before the seal have none */
@@ -523,6 +557,10 @@ int mt_ckpt_find_below(const char *job_dir, int64_t below, int verify, mt_ckpt *
   int64_t latest = -1, cap = below;
   int use_latest = 0;
   int lrc = mt__ckpt_read_latest(job_dir, &latest);
+  if (unreadable(lrc)) { /* the newest committed may be a timeline latest left behind */
+    free(dirs);
+    return mt_wraperr(lrc, "ckpt: %s/latest could not be read, so no checkpoint is taken", job_dir);
+  }
   if (!lrc) {
     mt__ckpt_step_name(name, latest);
     snprintf(dir, sizeof dir, "%s/%s", job_dir, name);
@@ -633,11 +671,15 @@ int mt_ckpt_read(const mt_ckpt *c, int tp, int pp, const char *array, uint64_t l
   const char *why = NULL;
   int rc = 0;
   /* the header again: the file may have been replaced since mt_ckpt_find */
-  if (mt__pread_full(fd, h, sizeof h, 0) != (int64_t)sizeof h ||
-      (why = mt__ckpt_header_decode(h, &hd)) || hd.tp != (uint32_t)tp || hd.pp != (uint32_t)pp ||
-      hd.n != f->n)
+  int64_t head = mt__pread_full(fd, h, sizeof h, 0);
+  if (head < 0)
+    rc = mt_seterr(MT_EIO, "ckpt: read header of %s/%s: %s", disp, f->name, strerror(errno));
+  else if (head != (int64_t)sizeof h || (why = mt__ckpt_header_decode(h, &hd)) ||
+           hd.tp != (uint32_t)tp || hd.pp != (uint32_t)pp || hd.n != f->n)
     rc = mt_seterr(MT_ECORRUPT, "ckpt: %s/%s: header %s", disp, f->name,
-                   why ? why : "does not match the manifest");
+                   head != (int64_t)sizeof h ? "truncated"
+                   : why                     ? why
+                                             : "does not match the manifest");
   uint64_t off = MT__CKPT_HEADER_BYTES + 4 * ((uint64_t)a * f->n + lo);
   int64_t got = rc ? 0 : mt__pread_full(fd, out, 4 * n, off);
   if (!rc && got < 0)

@@ -104,10 +104,13 @@ int mt_ckpt_begin(mt_ckpt_txn *t, const char *job_dir, int64_t step) {
   step_dir_of(t, dir);
   struct stat st;
   if (!lstat(dir, &st) && S_ISLNK(st.st_mode) && stat(dir, &st)) {
+    int e = errno;
+    if (e != ENOENT && e != ENOTDIR) /* another job's files, maybe: not removed unseen */
+      return mt_seterr(MT_EIO, "ckpt: %s is a link that cannot be followed: %s", dir, strerror(e));
     /* a link to nothing (its target moved or deleted) holds no checkpoint:
      * it goes, or the step could never be saved */
     mt_log_warn("ckpt: %s is a link to nothing (%s); removing the link to save step %lld", dir,
-                strerror(errno), (long long)step);
+                strerror(e), (long long)step);
     if ((rc = mt__ckpt_remove_step(dir))) return rc;
   } else if (!stat(dir, &st)) {
     if (mt__ckpt_committed(dir)) {

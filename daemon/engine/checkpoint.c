@@ -437,8 +437,11 @@ typedef struct damage_list {
   mt_ckpt_damage *v; /* owned, newest first */
 } damage_list;
 
-/* Best effort: one that cannot be noted stays where it is, as before. */
+/* Best effort: one that cannot be noted stays where it is, as before. A
+ * step noted already (a read tried again passes over it again) is not. */
 static void damage_add(damage_list *l, int64_t step, const char *why) {
+  for (int i = 0; i < l->n; i++)
+    if (l->v[i].step == step) return;
   mt_ckpt_damage *v = realloc(l->v, (size_t)(l->n + 1) * sizeof *v);
   if (!v) {
     mt_log_warn("resume: out of memory noting step %lld as damaged; it stays where it is",

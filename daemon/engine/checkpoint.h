@@ -76,10 +76,12 @@ void mt_trainer_save_discard(mt_checkpoint_save *sv);
 int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res);
 
 /* Loads the newest committed checkpoint of job_dir (step < 0), or exactly
- * that step: weights, moments, step count. A newer checkpoint that fails its
- * checks is skipped with a warning naming the file and chunk; a named step
- * that fails is an error. *resumed_step: the step loaded, or 0 when there was
- * none (a fresh start). The checkpoint's tp and pp must be the job's. After
+ * that step: weights, moments, step count. A newer checkpoint that a check
+ * found damaged is skipped with a warning naming the file and chunk; a named
+ * step that fails is an error. One that could not be read (an I/O error, or
+ * files a rank sees otherwise) is read again twice, then refused with
+ * MT_EAGAIN, never skipped; so is a read that fails while loading. *resumed_step: the step loaded,
+ * or 0 when there was none (a fresh start). The checkpoint's tp and pp must be the job's. After
  * every rank loaded, world rank 0 sets aside the newer checkpoints a check
  * found damaged (mt_ckpt_set_aside: renamed, `latest` moved to the one
  * loaded), logging each; if that fails, it logs why and the run goes on. */

@@ -24,23 +24,20 @@ static const char *suffix;
 static long long from;
 static int skip; /* atomic: matching reads still to let through */
 static int left; /* atomic: failures still to give, < 0 for all */
-static int ready;
 
-static void setup(void) {
-  if (__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) return;
+/* Once, as the library loads: before any thread reads. */
+__attribute__((constructor)) static void setup(void) {
   const char *f = getenv("MTNLG_FAULT_EIO_FILE"), *c = getenv("MTNLG_FAULT_EIO_COUNT");
   const char *o = getenv("MTNLG_FAULT_EIO_FROM"), *k = getenv("MTNLG_FAULT_EIO_SKIP");
   suffix = f && *f ? f : NULL;
   from = o ? atoll(o) : 0;
   __atomic_store_n(&skip, k ? atoi(k) : 0, __ATOMIC_RELAXED);
   __atomic_store_n(&left, c ? atoi(c) : -1, __ATOMIC_RELAXED);
-  __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
 }
 
 /* Whether this read fails: the file matches, the offset is in range, no
  * read is left to let through and a failure is left to give (taken here). */
 static int fails(int fd, off_t off) {
-  setup();
   if (!suffix || off < from) return 0;
   char link[64], path[4096];
   snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
@@ -82,7 +79,7 @@ ssize_t pread(int fd, void *buf, size_t n, off_t off) {
   return through("pread", fd, buf, n, off);
 }
 
-ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
+ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
   if (fails(fd, off)) {
     errno = EIO;
     return -1;

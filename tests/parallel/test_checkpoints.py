@@ -11,10 +11,11 @@ The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
 - test_exit_duration_saves_and_stops_and_resumes: train.exit_duration_mins
   stops a long run at a step every rank agrees on, with that step's
   checkpoint, and the resumed run goes on bit for bit;
-- test_unreadable_{header,chunk}_is_read_again: with reads of the newest
-  checkpoint's shard failing once with EIO (FAULT_PRELOAD, an LD_PRELOAD
-  library), at its header (rank 0's choice) or a chunk (the rank that
-  checksums it), the resume reads it again a second later and loads it;
+- test_unreadable_{manifest,header,chunk}_is_read_again: with a read of the
+  newest checkpoint failing once with EIO (FAULT_PRELOAD, an LD_PRELOAD
+  library), of its manifest or a shard's header (rank 0's choice) or a chunk
+  (the rank that checksums it), the resume reads it again a second later and
+  loads it, where a manifest that could not be read was taken for damaged;
   test_unreadable_{header,chunk}_is_refused_not_passed_over: failing every
   time, the resume fails after three tries naming the error, and neither
   falls back to the older checkpoint nor moves anything;
@@ -162,16 +163,17 @@ def main():
         newest, latest0 = steps_saved[-1], open(os.path.join(jobdir, "latest")).read()
         n_new = int(os.path.basename(newest)[5:])
 
-        def faulty(count, offset, skip=0):
+        def faulty(count, offset, skip=0, name="shard_tp01_pp001.bin"):
             env = dict(os.environ, LD_PRELOAD=preload, MTNLG_FAULT_EIO_COUNT=str(count),
                        MTNLG_FAULT_EIO_FROM=str(offset), MTNLG_FAULT_EIO_SKIP=str(skip),
-                       MTNLG_FAULT_EIO_FILE=os.path.join(
-                           os.path.basename(newest), "shard_tp01_pp001.bin"))
+                       MTNLG_FAULT_EIO_FILE=os.path.join(os.path.basename(newest), name))
             return run(mtnlgd, job, "train.steps=%d" % n_new, env=env)[0]
         resumed = "resumed from %s:" % newest
-        # once: the header (rank 0's choice), then a chunk (the rank that checksums the file)
-        for what, offset in (("header", 0), ("chunk", 64)):
-            q = faulty(1, offset)
+        # once: the manifest and a shard's header (rank 0's choice), then a
+        # chunk (the rank that checksums the file)
+        for what, offset in (("manifest", 0), ("header", 0), ("chunk", 64)):
+            q = faulty(1, offset, name="manifest.json" if what == "manifest"
+                       else "shard_tp01_pp001.bin")
             fails += check("test_unreadable_%s_is_read_again" % what,
                            len(steps_saved) >= 2 and q.returncode == 0
                            and "fault_preload: EIO" in q.stderr
