@@ -1,6 +1,7 @@
 #include "store_server.h"
 
 #include "err.h"
+#include "log.h"
 #include "store_wire.h"
 
 #include <errno.h>
@@ -44,6 +45,7 @@ typedef struct waiter {
   uint32_t id;
   uint32_t nkeys, missing;
   mt_store_str *keys; /* copies, NUL-terminated, in the same allocation */
+  size_t bytes;       /* the allocation, counted in the server's waiter_bytes */
   int timed;
   uv_timer_t timer;
 } waiter;
@@ -56,7 +58,8 @@ struct conn {
   conn *prev, *next;
   int state;
   int authed;   /* sent the cluster key (or the server has none) */
-  uint8_t *buf; /* bytes received and not yet handled: buf[0..len), room for cap */
+  uint8_t *buf; /* bytes received and not yet handled: buf[0..len), room for cap (counted
+                 * in the server's buffer_bytes) */
   size_t len, cap, need;
 };
 
@@ -74,7 +77,14 @@ struct mt_store_server {
   entry **table;
   size_t nbuckets, nkeys;
   uint64_t bytes, max_bytes; /* held (keys, values, ENTRY_BYTES each) and the limit */
-  char *key;                 /* the cluster key a connection must AUTH with, or NULL */
+  /* the transient bytes, parked requests' and receive buffers', and their limit */
+  uint64_t waiter_bytes, buffer_bytes, max_transient;
+  int transient_default; /* max_transient is the default, derived from max_bytes */
+  unsigned max_conns;
+  uint64_t refused;        /* connections closed at once */
+  uint64_t refused_logged; /* of them, those a log line has told of */
+  uint64_t refused_log_ms; /* when the last such line was written (uv_now) */
+  char *key;               /* the cluster key a connection must AUTH with, or NULL */
   uint32_t key_bytes;
   void (*closed)(void *);
   void *closed_arg;
@@ -122,6 +132,7 @@ static void conn_closed(uv_handle_t *h) {
     next = w->next;
     if (w->c == c) waiter_free(w);
   }
+  s->buffer_bytes -= c->cap;
   free(c->buf);
   free(c);
   handle_closed(s);
@@ -142,10 +153,49 @@ static void waiter_free(waiter *w) {
     s->waiters = w->next;
   if (w->next) w->next->prev = w->prev;
   s->nwaiters--;
+  s->waiter_bytes -= w->bytes;
   if (w->timed)
     uv_close((uv_handle_t *)&w->timer, waiter_closed);
   else
     free(w);
+}
+
+/* ------------------------------------------------------------------ transient bytes */
+
+/* 0 when the transient bytes can grow by more; else an error naming what
+ * (the request or frame that wanted them), what holds them and the limit. */
+static int transient_room(const mt_store_server *s, const char *what, uint64_t more) {
+  uint64_t held = s->waiter_bytes + s->buffer_bytes, after = held + more;
+  if (after <= s->max_transient) return 0;
+  return mt_seterr(
+      MT_ENOMEM,
+      "%s: the store's room for waiting requests and unread frames is full: "
+      "%" PRIu64 " bytes (%" PRIu64 " in %u parked GETs and WAITs, %" PRIu64
+      " in the receive buffers of %u connections), this would make %" PRIu64
+      ", over their limit of %" PRIu64 "%s",
+      what, held, s->waiter_bytes, s->nwaiters, s->buffer_bytes, s->nconns, after, s->max_transient,
+      s->transient_default ? " (a quarter of rendezvous.store_max_mb, at least 256 MiB)" : "");
+}
+
+/* Resizes c's receive buffer to cap bytes; growing it must fit the transient
+ * limit. On failure the buffer is as it was. */
+static int buf_resize(conn *c, size_t cap, const char *what) {
+  mt_store_server *s = c->srv;
+  char buffer[64];
+  if (!what) {
+    snprintf(buffer, sizeof buffer, "a receive buffer of %zu bytes", cap);
+    what = buffer;
+  }
+  if (cap > c->cap) {
+    int rc = transient_room(s, what, cap - c->cap);
+    if (rc) return rc;
+  }
+  uint8_t *p = realloc(c->buf, cap);
+  if (!p) return mt_seterr(MT_ENOMEM, "%s: out of memory", what);
+  s->buffer_bytes = s->buffer_bytes - c->cap + cap;
+  c->buf = p;
+  c->cap = cap;
+  return 0;
 }
 
 /* ------------------------------------------------------------------ the table */
@@ -335,13 +385,23 @@ static void park(conn *c, const mt_store_msg *m, const mt_store_str *keys, uint3
   mt_store_server *s = c->srv;
   size_t bytes = sizeof(waiter) + nkeys * sizeof(mt_store_str);
   for (uint32_t i = 0; i < nkeys; i++) bytes += keys[i].bytes + 1;
-  waiter *w = calloc(1, bytes);
-  if (!w) {
-    mt_seterr(MT_ENOMEM, "%s: out of memory to wait", mt_store_op_name(m->op));
+  char what[300];
+  const mt_store_str *k = &keys[missing];
+  snprintf(what, sizeof what, "%s %.*s", m->op == MT_STORE_OP_GET ? "get" : "wait for",
+           (int)(k->bytes > 200 ? 200 : k->bytes), k->p);
+  waiter *w = NULL;
+  if (transient_room(s, what, bytes)) {
+    reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
+    return;
+  }
+  if (!(w = calloc(1, bytes))) {
+    mt_seterr(MT_ENOMEM, "%s: out of memory to wait (%zu bytes)", what, bytes);
     reply_error(c, m->op, m->id, MT_STORE_NO_MEMORY, 0);
     return;
   }
   w->srv = s;
+  w->bytes = bytes;
+  s->waiter_bytes += bytes;
   w->c = c;
   w->op = m->op;
   w->id = m->id;
@@ -511,20 +571,17 @@ static void conn_close(conn *c) {
   uv_close((uv_handle_t *)&c->tcp, conn_closed);
 }
 
-/* Room for the rest of the frame being read, or for the next chunk. */
+/* Room for the next chunk; handle_frames has made room for the frame being
+ * read. Past the transient limit a connection reads into the room it has;
+ * one with none (a new one) gets UV_ENOBUFS in on_read, with the reason set. */
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   conn *c = h->data;
   (void)suggested;
   size_t want = c->len + READ_CHUNK;
   if (c->need > want) want = c->need;
-  if (c->cap < want) {
-    uint8_t *p = realloc(c->buf, want);
-    if (!p) {
-      *buf = uv_buf_init(NULL, 0); /* the read callback gets UV_ENOBUFS */
-      return;
-    }
-    c->buf = p;
-    c->cap = want;
+  if (c->cap < want && buf_resize(c, want, NULL) && c->cap == c->len) {
+    *buf = uv_buf_init(NULL, 0);
+    return;
   }
   *buf = uv_buf_init((char *)c->buf + c->len, (unsigned)(c->cap - c->len));
 }
@@ -534,11 +591,11 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void handle_frames(conn *c) {
   mt_store_server *s = c->srv;
   size_t off = 0;
+  mt_store_hdr h = {0};
   c->need = MT_STORE_HDR_BYTES;
   while (c->state == CONN_OPEN) {
     size_t avail = c->len - off;
     if (avail < MT_STORE_HDR_BYTES) break;
-    mt_store_hdr h;
     uint8_t why = MT_STORE_MALFORMED;
     if (mt_store_peek(c->buf + off, avail, &h, &why)) {
       reply_error(c, MT_STORE_OP_ERROR, h.id, why, 1);
@@ -573,15 +630,27 @@ static void handle_frames(conn *c) {
   if (c->state == CONN_CLOSED) return;
   memmove(c->buf, c->buf + off, c->len - off);
   c->len -= off;
-  if (c->cap > 4 * READ_CHUNK && c->len < READ_CHUNK && c->need <= MT_STORE_HDR_BYTES) {
-    uint8_t *p = realloc(c->buf, READ_CHUNK);
-    if (p) c->buf = p, c->cap = READ_CHUNK;
+  /* a frame not all here: room for all of it now, or an error and the close,
+   * before the client sends the rest */
+  if (c->state == CONN_OPEN && c->need > c->cap) {
+    char what[64];
+    snprintf(what, sizeof what, "a %s frame of %zu bytes", mt_store_op_name(h.op), c->need);
+    if (buf_resize(c, c->need, what)) {
+      reply_error(c, h.op, h.id, MT_STORE_NO_MEMORY, 1);
+      return;
+    }
   }
+  if (c->cap > 4 * READ_CHUNK && c->len < READ_CHUNK && c->need <= MT_STORE_HDR_BYTES)
+    buf_resize(c, READ_CHUNK, NULL); /* a failed shrink keeps the larger buffer */
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   conn *c = stream->data;
   (void)buf;
+  if (nread == UV_ENOBUFS && c->state == CONN_OPEN) { /* on_alloc said why */
+    reply_error(c, MT_STORE_OP_ERROR, 0, MT_STORE_NO_MEMORY, 1);
+    return;
+  }
   if (nread < 0) {
     conn_close(c);
     return;
@@ -620,12 +689,33 @@ static void reject_connection(mt_store_server *s) {
   uv_close((uv_handle_t *)&s->reject, reject_closed);
 }
 
+/* A connection closed at once: counted, and told of in a log line at most
+ * every 10 s rather than one a connection. */
+static void refuse_connection(mt_store_server *s, const char *why) {
+  s->refused++;
+  uint64_t now = uv_now(s->loop);
+  if (s->refused_logged == 0 || now - s->refused_log_ms >= 10000) {
+    mt_log_warn("store server %s: closing new connections at once: %s (%" PRIu64
+                " since the last such line, %" PRIu64 " in all)",
+                s->addr, why, s->refused - s->refused_logged, s->refused);
+    s->refused_logged = s->refused;
+    s->refused_log_ms = now;
+  }
+  reject_connection(s);
+}
+
 static void on_connection(uv_stream_t *listener, int status) {
   mt_store_server *s = listener->data;
   if (status < 0 || s->stopping) return;
+  if (s->nconns >= s->max_conns) {
+    char why[96];
+    snprintf(why, sizeof why, "%u connections open, its limit of %u", s->nconns, s->max_conns);
+    refuse_connection(s, why);
+    return;
+  }
   conn *c = calloc(1, sizeof *c);
   if (!c) {
-    reject_connection(s);
+    refuse_connection(s, "out of memory for a connection");
     return;
   }
   uv_tcp_init(s->loop, &c->tcp);
@@ -699,6 +789,14 @@ int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
   s->table = table;
   s->nbuckets = 64;
   s->max_bytes = limits && limits->max_bytes ? limits->max_bytes : MT_STORE_SERVER_MAX_BYTES;
+  s->max_transient = limits ? limits->max_transient_bytes : 0;
+  if (!s->max_transient) {
+    s->transient_default = 1;
+    s->max_transient = s->max_bytes / 4;
+    if (s->max_transient < MT_STORE_SERVER_MIN_TRANSIENT_BYTES)
+      s->max_transient = MT_STORE_SERVER_MIN_TRANSIENT_BYTES;
+  }
+  s->max_conns = limits && limits->max_conns ? limits->max_conns : MT_STORE_SERVER_MAX_CONNS;
   if (limits && limits->key_bytes) {
     if (!(s->key = malloc(limits->key_bytes))) {
       free(s), free(table), close(fd);
@@ -738,6 +836,8 @@ void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *
   st->waiters = s->nwaiters;
   st->keys = s->nkeys;
   st->bytes = s->bytes;
+  st->transient_bytes = s->waiter_bytes + s->buffer_bytes;
+  st->refused = s->refused;
 }
 
 void mt_store_server_stop(mt_store_server *s, void (*closed)(void *arg), void *arg) {
@@ -757,6 +857,12 @@ struct mt_store_server_thread {
   mt_store_server *srv;
   pthread_t thread;
   int port;
+  /* stats asked for from another thread: the loop answers asked with answered */
+  uv_async_t stats_async;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  uint64_t asked, answered;
+  mt_store_server_stats stats;
 };
 
 static void *server_thread(void *arg) {
@@ -769,6 +875,16 @@ static void on_stop(uv_async_t *a) {
   mt_store_server_thread *t = a->data;
   mt_store_server_stop(t->srv, NULL, NULL);
   uv_close((uv_handle_t *)a, NULL);
+  uv_close((uv_handle_t *)&t->stats_async, NULL);
+}
+
+static void on_stats(uv_async_t *a) {
+  mt_store_server_thread *t = a->data;
+  pthread_mutex_lock(&t->mu);
+  mt_store_server_get_stats(t->srv, &t->stats);
+  t->answered = t->asked;
+  pthread_cond_broadcast(&t->cv);
+  pthread_mutex_unlock(&t->mu);
 }
 
 int mt_store_server_run_thread(const char *host, int port, const mt_store_server_limits *limits,
@@ -790,6 +906,10 @@ int mt_store_server_run_thread(const char *host, int port, const mt_store_server
   t->port = mt_store_server_port(t->srv);
   uv_async_init(&t->loop, &t->stop, on_stop);
   t->stop.data = t;
+  uv_async_init(&t->loop, &t->stats_async, on_stats);
+  t->stats_async.data = t;
+  pthread_mutex_init(&t->mu, NULL);
+  pthread_cond_init(&t->cv, NULL);
   /* The thread writes to sockets whose peer may be gone: EPIPE, not SIGPIPE. */
   sigset_t pipe, old;
   sigemptyset(&pipe);
@@ -800,8 +920,11 @@ int mt_store_server_run_thread(const char *host, int port, const mt_store_server
   if (e) {
     mt_store_server_stop(t->srv, NULL, NULL);
     uv_close((uv_handle_t *)&t->stop, NULL);
+    uv_close((uv_handle_t *)&t->stats_async, NULL);
     uv_run(&t->loop, UV_RUN_DEFAULT);
     uv_loop_close(&t->loop);
+    pthread_cond_destroy(&t->cv);
+    pthread_mutex_destroy(&t->mu);
     free(t);
     return mt_seterr(MT_EIO, "store server: thread: %s", strerror(e));
   }
@@ -811,10 +934,21 @@ int mt_store_server_run_thread(const char *host, int port, const mt_store_server
 
 int mt_store_server_thread_port(const mt_store_server_thread *t) { return t->port; }
 
+void mt_store_server_thread_get_stats(mt_store_server_thread *t, mt_store_server_stats *st) {
+  pthread_mutex_lock(&t->mu);
+  uint64_t want = ++t->asked;
+  uv_async_send(&t->stats_async);
+  while (t->answered < want) pthread_cond_wait(&t->cv, &t->mu);
+  *st = t->stats;
+  pthread_mutex_unlock(&t->mu);
+}
+
 void mt_store_server_thread_stop(mt_store_server_thread *t) {
   if (!t) return;
   uv_async_send(&t->stop);
   pthread_join(t->thread, NULL);
   uv_loop_close(&t->loop);
+  pthread_cond_destroy(&t->cv);
+  pthread_mutex_destroy(&t->mu);
   free(t);
 }

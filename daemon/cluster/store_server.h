@@ -19,9 +19,18 @@ typedef struct mt_store_server mt_store_server;
 
 /* What the server holds at most: keys, values and 64 bytes an entry. A
  * write past it is refused (NO_MEMORY, "the store is full", the figures);
- * one that frees room, a DELETE or a smaller value, always goes. */
+ * one that frees room, a DELETE or a smaller value, always goes.
+ *
+ * Apart from it, the transient bytes: parked GET and WAIT requests (with
+ * copies of their keys) and the connections' receive buffers (a frame is
+ * buffered whole, up to 64 MiB). A GET or WAIT that would take them past
+ * their limit is answered NO_MEMORY and not parked; a frame whose buffer
+ * would, is answered NO_MEMORY and its connection closed. A connection past
+ * max_conns is accepted and closed at once. */
 typedef struct mt_store_server_limits {
-  uint64_t max_bytes; /* 0: MT_STORE_SERVER_MAX_BYTES */
+  uint64_t max_bytes;           /* 0: MT_STORE_SERVER_MAX_BYTES */
+  uint64_t max_transient_bytes; /* 0: max_bytes / 4, at least MT_STORE_SERVER_MIN_TRANSIENT_BYTES */
+  unsigned max_conns;           /* 0: MT_STORE_SERVER_MAX_CONNS */
   /* the cluster key (copied), or none (key_bytes 0): with one, a connection
    * must send it (AUTH) before anything else; any other request first, or a
    * wrong key, is answered UNAUTHORIZED and the connection closed */
@@ -29,6 +38,12 @@ typedef struct mt_store_server_limits {
   size_t key_bytes;
 } mt_store_server_limits;
 #define MT_STORE_SERVER_MAX_BYTES (16ull << 30)
+/* Room for the read buffers of some 4000 connections (64 KiB each) or a few
+ * of the largest frames, however small max_bytes is. */
+#define MT_STORE_SERVER_MIN_TRANSIENT_BYTES (256ull << 20)
+/* A daemon opens two connections (its own client and its ranks'): a job of
+ * 560 nodes needs some 1120. */
+#define MT_STORE_SERVER_MAX_CONNS 65536u
 
 /* Listens on host:port (port 0: the system picks one; see
  * mt_store_server_port) with handles on loop; call from the loop's thread.
@@ -40,10 +55,12 @@ int mt_store_server_start(struct uv_loop_s *loop, const char *host, int port,
 int mt_store_server_port(const mt_store_server *s);
 
 typedef struct mt_store_server_stats {
-  unsigned clients;   /* open connections */
-  unsigned waiters;   /* parked GET and WAIT requests */
-  unsigned long keys; /* keys stored */
-  uint64_t bytes;     /* held, as the limit counts them */
+  unsigned clients;         /* open connections */
+  unsigned waiters;         /* parked GET and WAIT requests */
+  unsigned long keys;       /* keys stored */
+  uint64_t bytes;           /* held, as the limit counts them */
+  uint64_t transient_bytes; /* held by parked requests and receive buffers, as their limit counts */
+  uint64_t refused;         /* connections closed at once: past max_conns, or no memory for them */
 } mt_store_server_stats;
 
 /* From the loop's thread. */
@@ -61,6 +78,9 @@ typedef struct mt_store_server_thread mt_store_server_thread;
 int mt_store_server_run_thread(const char *host, int port, const mt_store_server_limits *limits,
                                mt_store_server_thread **out);
 int mt_store_server_thread_port(const mt_store_server_thread *t);
+/* The server's stats, from any thread but not after or during
+ * mt_store_server_thread_stop: asks the server's loop and waits. */
+void mt_store_server_thread_get_stats(mt_store_server_thread *t, mt_store_server_stats *st);
 /* Stops the server, joins its thread and frees everything. */
 void mt_store_server_thread_stop(mt_store_server_thread *t);
 

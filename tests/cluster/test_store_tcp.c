@@ -5,7 +5,10 @@
  * times out naming the key; adds from threads sum exactly; values of several
  * MB; malformed, truncated and oversized frames on raw sockets get an error
  * reply and a close while other clients are served; a client reconnects with
- * backoff after the server restarts on the same port. The server is started
+ * backoff after the server restarts on the same port; past an in-thread
+ * server's limits on parked requests, receive buffers and connections,
+ * requests are refused and connections closed while the others are served,
+ * and its stats count what is held. The server is started
  * and stopped by its pid (SIGTERM) and always reaped; stopped (SIGSTOP), its
  * clients and a comm group bootstrapping through it fail as a store failure
  * within their deadlines. */
@@ -177,9 +180,9 @@ static int child_barrier(int port, int rank, int n) {
 
 /* ------------------------------------------------------------------ raw sockets */
 
-static int raw_connect(void) {
+static int raw_connect_to(int port) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)server_port)};
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   struct timeval tv = {3, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -189,6 +192,8 @@ static int raw_connect(void) {
   }
   return fd;
 }
+
+static int raw_connect(void) { return raw_connect_to(server_port); }
 
 static int raw_write(int fd, const void *buf, size_t bytes) {
   const char *p = buf;
@@ -384,6 +389,231 @@ static void test_cluster_key_is_required(void) {
             r.status == MT_STORE_UNAUTHORIZED && r.id == 7 && raw_closed(fd),
         "a SET before AUTH");
   if (fd >= 0) close(fd);
+  mt_store_server_thread_stop(t);
+}
+
+/* ------------------------------------------------------------------ transient limits */
+
+/* A PING on fd answered OK: the connection is served. */
+static int raw_ping_ok(int fd, uint32_t id) {
+  uint8_t buf[4096];
+  mt_store_msg m = {.op = MT_STORE_OP_PING, .id = id}, r;
+  return fd >= 0 && !raw_send(fd, &m) && !raw_recv(fd, buf, sizeof buf, &r) &&
+         r.op == (MT_STORE_OP_PING | MT_STORE_REPLY) && r.id == id && r.status == MT_STORE_OK;
+}
+
+/* Polls t's stats until done(st) holds or 3 s have passed; 1 when it held. */
+static int stats_reach(mt_store_server_thread *t, mt_store_server_stats *st,
+                       int (*done)(const mt_store_server_stats *)) {
+  double deadline = now_s() + 3;
+  for (;;) {
+    mt_store_server_thread_get_stats(t, st);
+    if (done(st)) return 1;
+    if (now_s() > deadline) return 0;
+    sleep_ms(5);
+  }
+}
+
+static int nothing_held(const mt_store_server_stats *st) {
+  return st->clients == 0 && st->waiters == 0 && st->transient_bytes == 0;
+}
+
+static int one_client(const mt_store_server_stats *st) { return st->clients == 1; }
+
+/* The room for two connections' read buffers and a few dozen parked WAITs. */
+#define SMALL_TRANSIENT ((uint64_t)2 * (64 << 10) + 8192)
+
+/* 100 WAITs on one connection past a small transient limit: those past it are
+ * answered NO_MEMORY at once, naming the key, what is full and the figures,
+ * and not parked; the connection and another one go on serving SETs and
+ * GETs; a SET answers the parked ones and the bytes they held are let go;
+ * once the connections close the stats show nothing held. */
+static void test_parked_requests_past_the_transient_limit_are_refused(void) {
+  mt_store_server_limits lim = {.max_transient_bytes = SMALL_TRANSIENT};
+  mt_store_server_thread *t;
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &lim, &t), "%s", mt_errmsg());
+  int port = mt_store_server_thread_port(t);
+  mt_store *other = NULL;
+  CHECK(!mt_store_tcp_new("127.0.0.1", port, NULL, &other), "%s", mt_errmsg());
+  int fd = raw_connect_to(port);
+  if (!other || fd < 0) {
+    CHECK(0, "could not connect");
+    goto out;
+  }
+  CHECK(!mt_store_set(other, "gen/0/x", "1", 1) && raw_ping_ok(fd, 1), "before: %s", mt_errmsg());
+  mt_store_server_stats base, st;
+  mt_store_server_thread_get_stats(t, &base);
+  CHECK(base.clients == 2 && base.waiters == 0 && base.transient_bytes > 0 &&
+            base.transient_bytes <= SMALL_TRANSIENT,
+        "two idle connections: %u clients, %" PRIu64 " transient bytes", base.clients,
+        base.transient_bytes);
+
+  enum { N = 100 };
+  const mt_store_str key = mt_store_cstr("gen/0/later");
+  for (uint32_t i = 0; i < N; i++) {
+    mt_store_msg w = {
+        .op = MT_STORE_OP_WAIT, .id = 100 + i, .timeout_ms = -1, .nkeys = 1, .keys = &key};
+    raw_send(fd, &w);
+  }
+  mt_store_msg ping = {.op = MT_STORE_OP_PING, .id = 7}, r;
+  raw_send(fd, &ping);
+  uint8_t buf[4096];
+  int refused = 0, other_replies = 0, named = 0;
+  while (!raw_recv(fd, buf, sizeof buf, &r) && r.id != 7) {
+    if (r.status != MT_STORE_NO_MEMORY || r.op != (MT_STORE_OP_WAIT | MT_STORE_REPLY)) {
+      other_replies++;
+      continue;
+    }
+    refused++;
+    char text[1100];
+    snprintf(text, sizeof text, "%.*s", (int)r.value.bytes, r.value.p);
+    char limit[32];
+    snprintf(limit, sizeof limit, "%" PRIu64, SMALL_TRANSIENT);
+    named += strstr(text, "wait for gen/0/later") && strstr(text, "is full") &&
+             strstr(text, "parked") && strstr(text, limit);
+    if (refused == 1) fprintf(stderr, "  a refused WAIT: %s\n", text);
+  }
+  CHECK(r.id == 7 && r.status == MT_STORE_OK, "the PING after the WAITs was not answered");
+  mt_store_server_thread_get_stats(t, &st);
+  CHECK(refused > 0 && st.waiters > 0 && st.waiters + (unsigned)refused == N && !other_replies,
+        "%d WAITs refused, %u parked, %d other replies of %d", refused, st.waiters, other_replies,
+        N);
+  CHECK(named == refused, "%d of %d refusals named the key, what is full and the limit", named,
+        refused);
+  CHECK(st.transient_bytes > base.transient_bytes && st.transient_bytes <= SMALL_TRANSIENT,
+        "%u parked WAITs: %" PRIu64 " transient bytes (limit %" PRIu64 ")", st.waiters,
+        st.transient_bytes, SMALL_TRANSIENT);
+
+  /* the same connection and another one are served as before */
+  mt_store_msg set = {
+      .op = MT_STORE_OP_SET, .id = 8, .key = mt_store_cstr("gen/0/y"), .value = mt_store_cstr("2")};
+  CHECK(!raw_send(fd, &set) && !raw_recv(fd, buf, sizeof buf, &r) && r.id == 8 &&
+            r.status == MT_STORE_OK,
+        "a SET on the connection whose WAITs were refused");
+  void *v = NULL;
+  CHECK(!mt_store_get(other, "gen/0/y", &v, NULL, 0) && v && !strcmp(v, "2"),
+        "a GET on another connection: %s", mt_errmsg());
+  free(v);
+
+  /* a SET answers every parked WAIT and frees what they held */
+  unsigned parked = st.waiters, answered = 0;
+  CHECK(!mt_store_set(other, key.p, "go", 2), "%s", mt_errmsg());
+  while (answered < parked && !raw_recv(fd, buf, sizeof buf, &r) && r.status == MT_STORE_OK)
+    answered++;
+  CHECK(answered == parked, "%u of %u parked WAITs answered", answered, parked);
+  mt_store_server_thread_get_stats(t, &st);
+  CHECK(st.waiters == 0 && st.transient_bytes == base.transient_bytes,
+        "answered: %u waiters, %" PRIu64 " transient bytes (%" PRIu64 " before)", st.waiters,
+        st.transient_bytes, base.transient_bytes);
+
+  close(fd);
+  fd = -1;
+  mt_store_free(other);
+  other = NULL;
+  CHECK(stats_reach(t, &st, nothing_held),
+        "all closed: %u clients, %u waiters, %" PRIu64 " transient bytes", st.clients, st.waiters,
+        st.transient_bytes);
+out:
+  if (fd >= 0) close(fd);
+  mt_store_free(other);
+  mt_store_server_thread_stop(t);
+}
+
+/* A SET announcing a 1 MiB value past a small transient limit is answered
+ * NO_MEMORY naming the frame and its connection closed before the body is
+ * buffered; a connection the limit has no read buffer for is answered and
+ * closed too; another connection goes on. */
+static void test_a_frame_past_the_transient_limit_closes_its_connection(void) {
+  mt_store_server_limits lim = {.max_transient_bytes = SMALL_TRANSIENT};
+  mt_store_server_thread *t;
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &lim, &t), "%s", mt_errmsg());
+  int port = mt_store_server_thread_port(t);
+  int fd = raw_connect_to(port), good = raw_connect_to(port);
+  CHECK(raw_ping_ok(fd, 1) && raw_ping_ok(good, 1), "two connections");
+
+  size_t bytes = 1 << 20, n = 0;
+  char *value = calloc(1, bytes);
+  uint8_t *frame = malloc(bytes + 256), buf[4096];
+  mt_store_msg set = {.op = MT_STORE_OP_SET,
+                      .id = 9,
+                      .key = mt_store_cstr("gen/0/big"),
+                      .value = {value, (uint32_t)bytes}},
+               r;
+  CHECK(value && frame && !mt_store_encode(&set, frame, bytes + 256, &n), "encode");
+  raw_write(fd, frame, 4096); /* the header and a little of the body */
+  int rc = raw_recv(fd, buf, sizeof buf, &r);
+  char text[1100] = "";
+  if (!rc) snprintf(text, sizeof text, "%.*s", (int)r.value.bytes, r.value.p);
+  CHECK(!rc && r.op == (MT_STORE_OP_SET | MT_STORE_REPLY) && r.id == 9 &&
+            r.status == MT_STORE_NO_MEMORY && strstr(text, "a SET frame of") &&
+            strstr(text, "is full"),
+        "a 1 MiB SET past the limit: rc %d, status %s: %s", rc, mt_store_status_name(r.status),
+        text);
+  fprintf(stderr, "  a refused frame: %s\n", text);
+  CHECK(raw_closed(fd), "the connection of a frame past the limit stayed open");
+  free(frame), free(value);
+  mt_store_server_stats st;
+  CHECK(stats_reach(t, &st, one_client), "%u clients once one was closed", st.clients);
+  CHECK(raw_ping_ok(good, 2), "the other connection after the close");
+
+  /* the limit less than a read buffer from full: a new connection is answered and closed */
+  const mt_store_str key = mt_store_cstr("gen/0/never");
+  mt_store_msg w = {.op = MT_STORE_OP_WAIT, .id = 10, .timeout_ms = -1, .nkeys = 1, .keys = &key};
+  for (int i = 0; i < 600; i++) raw_send(good, &w); /* parks as many as fit */
+  mt_store_msg ping = {.op = MT_STORE_OP_PING, .id = 11};
+  raw_send(good, &ping);
+  while (!raw_recv(good, buf, sizeof buf, &r) && r.id != 11) {
+  }
+  mt_store_server_thread_get_stats(t, &st);
+  CHECK(r.id == 11 && st.waiters > 0 && SMALL_TRANSIENT - st.transient_bytes < (64 << 10),
+        "%u WAITs parked, %" PRIu64 " of %" PRIu64 " transient bytes", st.waiters,
+        st.transient_bytes, SMALL_TRANSIENT);
+  int late = raw_connect_to(port);
+  ping.id = 12;
+  rc = late < 0 || raw_send(late, &ping) ? -1 : raw_recv(late, buf, sizeof buf, &r);
+  CHECK(!rc && r.status == MT_STORE_NO_MEMORY && r.op == (MT_STORE_OP_ERROR | MT_STORE_REPLY) &&
+            raw_closed(late),
+        "a connection with no room for its read buffer: rc %d, status %s", rc,
+        mt_store_status_name(r.status));
+  if (late >= 0) close(late);
+  CHECK(raw_ping_ok(good, 13), "the connection holding the WAITs after the refusal");
+  close(good);
+  CHECK(stats_reach(t, &st, nothing_held),
+        "all closed: %u clients, %u waiters, %" PRIu64 " transient bytes", st.clients, st.waiters,
+        st.transient_bytes);
+  close(fd);
+  mt_store_server_thread_stop(t);
+}
+
+static int two_clients(const mt_store_server_stats *st) { return st->clients == 2; }
+
+/* A server that takes 3 connections: a fourth is closed at once and counted,
+ * the three go on; once one closes, a new one is served. */
+static void test_connections_past_the_cap_are_closed_at_once(void) {
+  mt_store_server_limits lim = {.max_conns = 3};
+  mt_store_server_thread *t;
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &lim, &t), "%s", mt_errmsg());
+  int port = mt_store_server_thread_port(t), fd[3];
+  for (int i = 0; i < 3; i++) {
+    fd[i] = raw_connect_to(port);
+    CHECK(raw_ping_ok(fd[i], 1), "connection %d of 3", i + 1);
+  }
+  int extra = raw_connect_to(port);
+  CHECK(extra >= 0 && raw_closed(extra), "a fourth connection was not closed");
+  if (extra >= 0) close(extra);
+  mt_store_server_stats st;
+  mt_store_server_thread_get_stats(t, &st);
+  CHECK(st.clients == 3 && st.refused == 1, "%u clients, %" PRIu64 " refused", st.clients,
+        st.refused);
+  for (int i = 0; i < 3; i++) CHECK(raw_ping_ok(fd[i], 2), "connection %d after the fourth", i + 1);
+  close(fd[0]);
+  CHECK(stats_reach(t, &st, two_clients), "%u clients after one closed", st.clients);
+  fd[0] = raw_connect_to(port);
+  CHECK(raw_ping_ok(fd[0], 3), "a connection once one closed");
+  for (int i = 0; i < 3; i++)
+    if (fd[i] >= 0) close(fd[i]);
+  CHECK(stats_reach(t, &st, nothing_held), "all closed: %u clients, %" PRIu64 " transient bytes",
+        st.clients, st.transient_bytes);
   mt_store_server_thread_stop(t);
 }
 
@@ -921,6 +1151,9 @@ int main(int argc, char **argv) {
   test_server_on_its_own_thread();
   test_full_store_refuses_writes_and_recovers();
   test_cluster_key_is_required();
+  test_parked_requests_past_the_transient_limit_are_refused();
+  test_a_frame_past_the_transient_limit_closes_its_connection();
+  test_connections_past_the_cap_are_closed_at_once();
 
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
