@@ -146,10 +146,16 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_sav
   /* on a thread in a synchronous save too: its wait (mt_trainer_save_poll)
    * is then short all-reduces while the slowest rank still writes, not one
    * that outlasts the comm deadline at scale (1.4 GB a rank at 530B) */
-  if (!pthread_create(&sv->thread, NULL, write_slices, sv))
+  if (!pthread_create(&sv->thread, NULL, write_slices, sv)) {
     sv->has_thread = 1;
-  else
-    write_slices(sv);
+  } else { /* fails the save on every rank at its agreement: written here,
+            * the others would wait for this rank in one all-reduce */
+    if (!sv->failed)
+      snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: cannot start the writer thread",
+               (long long)tr->step);
+    sv->failed = 1;
+    __atomic_store_n(&sv->written, 1, __ATOMIC_RELEASE);
+  }
   return 0;
 
 comm_failed:
