@@ -558,6 +558,13 @@ static void log_job_changes(const char *dir, const char *saved_hash, const json_
 #define RESUME_READ_TRIES 3
 static const int resume_retry_s[RESUME_READ_TRIES - 1] = {1, 3};
 
+/* What a refusal of a checkpoint that could not be read tells the operator. */
+#define UNREADABLE_ADVICE                                                                          \
+  "A checkpoint that could not be read is not passed over (an older one would train the steps "    \
+  "since it again): mtnlgd tries again when the job re-forms, within rendezvous.max_restarts; "    \
+  "mend the storage, or the checkpoint.dir every node must share, or name an older step in "       \
+  "checkpoint.resume_step"
+
 /* Every rank waits before trying a read again (they all know to). */
 static void wait_to_retry(int tries, int is0, const char *what) {
   int s = resume_retry_s[tries - 1];
@@ -625,12 +632,13 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
       wait_to_retry(tries, is0, is0 ? err : pick.why);
       continue;
     }
-    if (pick.rc) { /* one that could not be read: worth another generation's try */
-      int code = pick.rc == MT_EIO || pick.rc == MT_ENOMEM ? MT_EAGAIN : (int)pick.rc;
-      return is0 ? mt_seterr(code, "resume from %s: %s", job_dir, err)
-                 : mt_seterr(code, "resume from %s: %s", job_dir,
+    if (pick.rc == MT_EIO || pick.rc == MT_ENOMEM) /* worth another generation's try */
+      return mt_seterr(MT_EAGAIN, "resume from %s: %s; %d tries. " UNREADABLE_ADVICE, job_dir,
+                       is0 ? err : pick.why, tries);
+    if (pick.rc)
+      return is0 ? mt_seterr((int)pick.rc, "resume from %s: %s", job_dir, err)
+                 : mt_seterr((int)pick.rc, "resume from %s: %s", job_dir,
                              pick.why[0] ? pick.why : "rank 0 found no usable checkpoint");
-    }
 
     int check = CHECK_OK, vrc = 0;
     char msg[RESUME_MSG_BYTES] = "";
@@ -671,10 +679,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     if (!found_damaged)
       return mt_seterr(MT_EAGAIN,
                        "resume from %s: step %lld could not be read on %d rank(s) in %d tries, "
-                       "first: %s; a checkpoint a check could not read is not passed over (an "
-                       "older one would train the steps since it again): mend the storage or "
-                       "the checkpoint.dir every node must share and start again, or name an "
-                       "older step in checkpoint.resume_step",
+                       "first: %s. " UNREADABLE_ADVICE,
                        job_dir, (long long)pick.step, n_bad, tries, mt_ckpt_unprefixed(msg));
     if (step >= 0)
       return mt_seterr(MT_ECORRUPT,
