@@ -89,6 +89,23 @@ static void print_throughput(const json_t *st) {
   printf("\n");
 }
 
+/* On the daemon that hosts the rendezvous store: what it holds of its limit,
+ * its connections and parked requests. */
+static void print_store(json_t *store) {
+  double keys, bytes, max, clients, waiters, refused;
+  if (!json_is_object(store) || !ctl_jnum(store, "keys", &keys) ||
+      !ctl_jnum(store, "bytes", &bytes) || !ctl_jnum(store, "max_bytes", &max) ||
+      !ctl_jnum(store, "clients", &clients) || !ctl_jnum(store, "waiters", &waiters))
+    return;
+  char a[32], b[32];
+  printf(LABEL "%.0f keys, %s of %s (%.1f%%); %.0f clients, %.0f waiting", "store", keys,
+         ctl_fmt_bytes(a, sizeof a, bytes), ctl_fmt_bytes(b, sizeof b, max),
+         max > 0 ? 100.0 * bytes / max : 0.0, clients, waiters);
+  if (ctl_jnum(store, "refused_clients", &refused) && refused > 0)
+    printf("; %.0f connections refused", refused);
+  printf("\n");
+}
+
 static void print_step_time(const json_t *st) {
   const json_t *t = json_object_get(st, "step_time");
   double total, compute, bubble, comm;
@@ -220,6 +237,7 @@ static void print_status(const json_t *st) {
   print_checkpoint(st);
   if (ctl_jnum(st, "operations_pending", &v) && v > 0)
     printf(LABEL "%.0f pending (mtnlgctl ops)\n", "operations", v);
+  print_store(json_object_get(st, "store"));
 }
 
 int ctl_verb_status(const ctl_verb *verb, int argc, char **argv) {

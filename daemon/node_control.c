@@ -108,6 +108,20 @@ static json_t *job_json(node *n) {
                    j->parallel.dp_max > dp_min ? j->parallel.dp_max : dp_min);
 }
 
+/* The rendezvous store this daemon hosts, with its limits; null on a node
+ * that hosts none. Asked of the server's own thread (its loop answers). */
+static json_t *store_status(node *n) {
+  if (!n->server) return json_null();
+  mt_store_server_stats st;
+  mt_store_server_thread_get_stats(n->server, &st);
+  return json_pack("{s:I, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:I}", "keys", (json_int_t)st.keys,
+                   "bytes", (json_int_t)st.bytes, "max_bytes", (json_int_t)st.max_bytes,
+                   "transient_bytes", (json_int_t)st.transient_bytes, "max_transient_bytes",
+                   (json_int_t)st.max_transient_bytes, "clients", (int)st.clients, "max_clients",
+                   (int)st.max_conns, "waiters", (int)st.waiters, "refused_clients",
+                   (json_int_t)st.refused);
+}
+
 static json_t *build_status(node *n) {
   /* the directory is read before mu is taken: a slow filesystem must not
    * hold the training thread's on_step, which takes mu too */
@@ -221,6 +235,7 @@ static json_t *build_status(node *n) {
   }
   json_object_set_new(s, "operations_pending", json_integer(pending));
   pthread_mutex_unlock(&n->mu);
+  json_object_set_new(s, "store", store_status(n));
   return s;
 }
 

@@ -728,7 +728,7 @@ static int read_lost(mt_coord *c, coord_node *n, int64_t now_ms, int left, int64
   int64_t joins;
   int rc = mt_store_add(c->o.store, "nodes/seq", 0, &joins);
   if (rc) return rc;
-  if (joins >= c->next_seq || c->joins_gaps.count) return 0;
+  if (joins >= c->next_seq) return 0; /* a gap is no daemon's: none beats before its verdict */
   mt_log_info("coordinator: node %s is back after %.1f s: a spare", n->d.name,
               (now_ms - n->hb_changed_ms) / 1000.0);
   n->hb_value = v, n->hb_changed_ms = now_ms;

@@ -692,6 +692,10 @@ static void reject_connection(mt_store_server *s) {
 /* A connection closed at once: counted, and told of in a log line at most
  * every 10 s rather than one a connection. */
 static void refuse_connection(mt_store_server *s, const char *why) {
+  if (s->reject_closing) { /* waits for the one before; looked at again (and counted) then */
+    s->reject_waiting = 1;
+    return;
+  }
   s->refused++;
   uint64_t now = uv_now(s->loop);
   if (s->refused_logged == 0 || now - s->refused_log_ms >= 10000) {
@@ -838,6 +842,9 @@ void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *
   st->bytes = s->bytes;
   st->transient_bytes = s->waiter_bytes + s->buffer_bytes;
   st->refused = s->refused;
+  st->max_bytes = s->max_bytes;
+  st->max_transient_bytes = s->max_transient;
+  st->max_conns = s->max_conns;
 }
 
 void mt_store_server_stop(mt_store_server *s, void (*closed)(void *arg), void *arg) {
@@ -862,6 +869,7 @@ struct mt_store_server_thread {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   uint64_t asked, answered;
+  int stopped; /* no loop to ask: stats are the last ones */
   mt_store_server_stats stats;
 };
 
@@ -873,6 +881,13 @@ static void *server_thread(void *arg) {
 
 static void on_stop(uv_async_t *a) {
   mt_store_server_thread *t = a->data;
+  /* an asker waiting now, or later, gets the last stats rather than no answer */
+  pthread_mutex_lock(&t->mu);
+  mt_store_server_get_stats(t->srv, &t->stats);
+  t->stopped = 1;
+  t->answered = t->asked;
+  pthread_cond_broadcast(&t->cv);
+  pthread_mutex_unlock(&t->mu);
   mt_store_server_stop(t->srv, NULL, NULL);
   uv_close((uv_handle_t *)a, NULL);
   uv_close((uv_handle_t *)&t->stats_async, NULL);
@@ -937,8 +952,8 @@ int mt_store_server_thread_port(const mt_store_server_thread *t) { return t->por
 void mt_store_server_thread_get_stats(mt_store_server_thread *t, mt_store_server_stats *st) {
   pthread_mutex_lock(&t->mu);
   uint64_t want = ++t->asked;
-  uv_async_send(&t->stats_async);
-  while (t->answered < want) pthread_cond_wait(&t->cv, &t->mu);
+  if (!t->stopped) uv_async_send(&t->stats_async);
+  while (!t->stopped && t->answered < want) pthread_cond_wait(&t->cv, &t->mu);
   *st = t->stats;
   pthread_mutex_unlock(&t->mu);
 }

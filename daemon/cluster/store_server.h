@@ -61,6 +61,8 @@ typedef struct mt_store_server_stats {
   uint64_t bytes;           /* held, as the limit counts them */
   uint64_t transient_bytes; /* held by parked requests and receive buffers, as their limit counts */
   uint64_t refused;         /* connections closed at once: past max_conns, or no memory for them */
+  uint64_t max_bytes, max_transient_bytes; /* the limits in force */
+  unsigned max_conns;
 } mt_store_server_stats;
 
 /* From the loop's thread. */
@@ -78,8 +80,9 @@ typedef struct mt_store_server_thread mt_store_server_thread;
 int mt_store_server_run_thread(const char *host, int port, const mt_store_server_limits *limits,
                                mt_store_server_thread **out);
 int mt_store_server_thread_port(const mt_store_server_thread *t);
-/* The server's stats, from any thread but not after or during
- * mt_store_server_thread_stop: asks the server's loop and waits. */
+/* The server's stats, from any thread but the server's own and not after
+ * mt_store_server_thread_stop returned: asks the server's loop and waits
+ * (during a stop: the stats as the stop began). */
 void mt_store_server_thread_get_stats(mt_store_server_thread *t, mt_store_server_stats *st);
 /* Stops the server, joins its thread and frees everything. */
 void mt_store_server_thread_stop(mt_store_server_thread *t);

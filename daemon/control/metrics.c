@@ -227,6 +227,33 @@ static void render_cluster(sbuf *b, json_t *st) {
   }
 }
 
+/* The rendezvous store this daemon hosts (none on the other daemons): what
+ * it holds and its limits, so an alert sees it fill before it refuses. */
+static void render_store(sbuf *b, json_t *store) {
+  if (!json_is_object(store)) return;
+  family f[] = {
+      {"mtnlg_store_keys", "gauge", "Keys in the rendezvous store this daemon hosts.", 0},
+      {"mtnlg_store_bytes", "gauge",
+       "Bytes the store holds, as rendezvous.store_max_mb counts them (keys, values, 64 an entry).",
+       0},
+      {"mtnlg_store_max_bytes", "gauge", "What the store holds at most (rendezvous.store_max_mb).",
+       0},
+      {"mtnlg_store_transient_bytes", "gauge",
+       "Bytes of parked GETs and WAITs and of the connections' receive buffers.", 0},
+      {"mtnlg_store_max_transient_bytes", "gauge", "The limit on the transient bytes.", 0},
+      {"mtnlg_store_clients", "gauge", "Connections open to the store.", 0},
+      {"mtnlg_store_max_clients", "gauge", "Connections the store takes at most.", 0},
+      {"mtnlg_store_waiters", "gauge", "GET and WAIT requests parked until their keys appear.", 0},
+      {"mtnlg_store_refused_clients_total", "counter",
+       "Connections the store closed at once: past its limit, or no memory for them.", 0},
+  };
+  const char *keys[] = {
+      "keys",    "bytes",       "max_bytes", "transient_bytes", "max_transient_bytes",
+      "clients", "max_clients", "waiters",   "refused_clients"};
+  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+    sample_json(b, &f[i], NULL, json_object_get(store, keys[i]), 1, 1);
+}
+
 /* The job's shape: name and hash on an info gauge, sizes as gauges. */
 static void render_job(sbuf *b, json_t *job) {
   if (!json_is_object(job)) return;
@@ -364,6 +391,7 @@ char *mt_control_metrics_text(const mt_control *c, json_t *status) {
   if (json_is_object(status)) {
     render_cluster(&b, status);
     render_job(&b, json_object_get(status, "job"));
+    render_store(&b, json_object_get(status, "store"));
     render_devices(&b, json_object_get(status, "devices"));
     render_nodes(&b, json_object_get(status, "nodes"));
     render_checkpoints(&b, status);

@@ -402,6 +402,15 @@ def test_metrics(c):
         nodes = re.findall(r'^mtnlg_node_info\{node="([^"]*)"', text, re.M)
         if nodes != ["n0", "n1", "n2", "n3"]:
             errs.append("%s: node series %s" % (n.name, nodes))
+        # the store: on the node that hosts it only, with what it holds
+        store, keys = st.get("store"), re.search(r"^mtnlg_store_keys (\S+)$", text, re.M)
+        if n.name == st["coordinator"]:
+            if not store or store["keys"] < 4 or store["clients"] < 4 or not keys \
+                    or store["bytes"] > store["max_bytes"] or int(float(keys.group(1))) < 4:
+                errs.append("%s hosts the store: status %s, mtnlg_store_keys %s" % (
+                    n.name, store, keys and keys.group(1)))
+        elif store is not None or keys:
+            errs.append("%s does not host the store: status %s" % (n.name, store))
         if promtool:
             p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                                text=True, timeout=30)
@@ -412,7 +421,8 @@ def test_metrics(c):
               "; ".join(lint))
     else:
         print("  skip test_promtool_check_metrics_accepts_live_metrics_of_every_node: no promtool")
-    check("test_metrics_step_equals_status_step_and_devices_carry_node_and_device_labels",
+    check("test_metrics_step_equals_status_step_and_devices_carry_node_and_device_labels"
+          "_and_the_store_is_on_its_host_only",
           not errs, "; ".join(errs[:6]))
 
 
@@ -442,6 +452,12 @@ def test_mtnlgctl(c, mtnlgctl):
           and re.search(r"^  state +running$", p.stdout, re.M) is not None
           and re.search(r"^  loss +\d+\.\d{4}$", p.stdout, re.M) is not None)
     check("test_mtnlgctl_status_names_job_state_step_and_coordinator", ok, show(p))
+    p0 = ctl(n0, "status")
+    ok = (p0.returncode == 0 and "  store " not in p.stdout
+          and re.search(r"^  store +\d+ keys, \S+ \S+ of 17\.\d GB \(\d+\.\d%\); \d+ clients, "
+                        r"\d+ waiting$", p0.stdout, re.M) is not None)
+    check("test_mtnlgctl_status_shows_the_store_on_the_node_that_hosts_it", ok,
+          show(p0) + "; n1: " + show(p))
 
     p = ctl(n3, "status", "--devices")
     rows = [l.split() for l in p.stdout.splitlines() if l.startswith("  n3 ")]

@@ -70,6 +70,13 @@ static json_t *fake_status(void *arg) {
       (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6, "operations_pending", 0);
   if (s) json_object_set_new(s, "restarts", json_integer(1));
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
+  if (s)
+    json_object_set_new(s, "store",
+                        json_pack("{s:i, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:i}", "keys", 120,
+                                  "bytes", (json_int_t)40960, "max_bytes",
+                                  (json_int_t)17179869184LL, "transient_bytes", (json_int_t)131072,
+                                  "max_transient_bytes", (json_int_t)4294967296LL, "clients", 2,
+                                  "max_clients", 65536, "waiters", 3, "refused_clients", 1));
   pthread_mutex_unlock(&f->mu);
   if (!s) fprintf(stderr, "fake_status: json_pack failed\n");
   return s;
@@ -764,6 +771,16 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_node_memory_bytes{node=\"n0\"} 123456789\n",
       "node=\"n1\\\\x\\\"y\\nz\"", /* n1\x"y<newline>z, escaped */
       "mtnlg_job_info{name=\"tiny \\\"demo\\\"\",hash=\"abc123\"} 1\n",
+      "mtnlg_store_keys 120\n",
+      "mtnlg_store_bytes 40960\n",
+      "mtnlg_store_max_bytes 17179869184\n",
+      "mtnlg_store_transient_bytes 131072\n",
+      "mtnlg_store_max_transient_bytes 4294967296\n",
+      "mtnlg_store_clients 2\n",
+      "mtnlg_store_max_clients 65536\n",
+      "mtnlg_store_waiters 3\n",
+      "# TYPE mtnlg_store_refused_clients_total counter\n",
+      "mtnlg_store_refused_clients_total 1\n",
       "# TYPE mtnlg_http_requests_total counter\n",
       "mtnlg_http_requests_total{code=\"200\"} ",
       "mtnlg_http_requests_total{code=\"404\"} ",

@@ -6,7 +6,8 @@
  *   the world, gaps, a member holding part of a model slot) is refused by
  *   mt_rdzv_assignment, not handed to the engine that sizes arrays by it;
  * - a join descriptor that is not JSON is refused and the joins after it
- *   are read; one numbered but never written holds them only a while;
+ *   are read; one numbered but not written holds nothing up: the joins
+ *   after it are decided, it when it lands, and never after 30 s;
  * - a heartbeat counter that is not a number makes its node silent, not
  *   every node's heartbeats unread;
  * - a request that is not JSON is answered (501), and the next one too;
