@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import socket
 import struct
 import subprocess
@@ -246,7 +247,8 @@ DOM_SNAPSHOT = """(function () {
   return {state: t('state'), generation: t('generation'), step: t('step'), job: t('job-name'),
           loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
           skipped: t('skipped-steps'), rows: rows, others: t('others'), tflops: t('tflops'),
-          val: t('val-loss'),
+          val: t('val-loss'), store: t('store'),
+          storeShown: !document.getElementById('store-card').hidden,
           stale: document.getElementById('main').className};
 })()"""
 
@@ -356,12 +358,17 @@ def run(mtnlgd, out_dir, chromium, tmp):
               # two decimals, or three significant digits below 1e-3
               and mean is not None and shown is not None
               and abs(shown - mean) <= (0.006 if mean >= 1e-3 else 0.006 * mean)
-              and d["val"] == "–")
+              and d["val"] == "–"
+              # n0 hosts the rendezvous store: its card shows what it holds of 16 GiB
+              and d["storeShown"] and want.get("store") is not None
+              and re.match(r"^\d+ keys, [\d.]+ [kMG]?B of 17\.2 GB \(\d+\.\d%\)$",
+                           d["store"] or "") is not None)
         failures += check("test_dashboard_shows_the_paused_step_of_v1_status", ok,
                           "#step %s, /v1/status step %s on n0..n3 %s; #skipped-steps %s, /v1/status "
-                          "%s; #tflops %s, the devices' mean %s; #val-loss %s (no eval)"
+                          "%s; #tflops %s, the devices' mean %s; #val-loss %s (no eval); #store %r "
+                          "(shown %s)"
                           % (d["step"], want["step"], steps, d["skipped"], want["skipped_steps"],
-                             d["tflops"], mean, d["val"]))
+                             d["tflops"], mean, d["val"], d["store"], d["storeShown"]))
         code, _ = http(n0.url() + "/v1/resume", "POST", TOKEN, b"{}")
         assert code == 202, "POST /v1/resume: %s" % code
         wait_until(lambda: status(n0)["state"] == "running", 20, "running again (API)")
