@@ -154,6 +154,17 @@ static void sample_json(sbuf *b, family *f, const labels *l, json_t *v, double m
   sample(b, f, l, json_number_value(v) * mul / div);
 }
 
+/* A family with one unlabelled sample: the number at key of a status object. */
+typedef struct field {
+  const char *key;
+  family f;
+} field;
+
+static void sample_fields(sbuf *b, field *v, size_t n, json_t *obj) {
+  for (size_t i = 0; i < n; i++)
+    sample_json(b, &v[i].f, NULL, json_object_get(obj, v[i].key), 1, 1);
+}
+
 static json_t *path(json_t *o, const char *a, const char *k) {
   return json_object_get(json_object_get(o, a), k);
 }
@@ -187,33 +198,38 @@ static void render_cluster(sbuf *b, json_t *st) {
     sample(b, &state, &s, 1);
   }
 
-  family f[] = {
-      {"mtnlg_generation", "gauge", "Membership generation: bumped whenever the cluster re-forms.",
-       0},
-      {"mtnlg_restarts_total", "counter",
-       "Generations ended by a failure (a lost node) and re-formed from the last checkpoint.", 0},
-      {"mtnlg_step", "gauge", "Last completed optimizer step.", 0},
-      {"mtnlg_consumed_tokens_total", "counter", "Training tokens consumed so far.", 0},
-      {"mtnlg_step_global_batch", "gauge",
-       "Samples the last step read (below the job's global batch during a ramp-up).", 0},
-      {"mtnlg_loss", "gauge", "Training loss of the last step.", 0},
-      {"mtnlg_validation_loss", "gauge", "Last validation loss.", 0},
-      {"mtnlg_learning_rate", "gauge", "Learning rate of the last step.", 0},
-      {"mtnlg_grad_norm", "gauge", "Global gradient norm of the last step (before clipping).", 0},
-      {"mtnlg_tokens_per_second", "gauge", "Training throughput in tokens per second.", 0},
-      {"mtnlg_skipped_steps_total", "counter", "Steps skipped for non-finite gradients.", 0},
-      {"mtnlg_loss_scale", "gauge", "fp16's dynamic loss scale after the last step.", 0},
-      {"mtnlg_eta_seconds", "gauge", "Estimated time until the last step.", 0},
-      {"mtnlg_exit_time_seconds", "gauge",
-       "When train.exit_duration_mins stops the run, in seconds since the epoch.", 0},
-      {"mtnlg_operations_pending", "gauge", "Operations queued or running.", 0},
+  field f[] = {
+      {"generation",
+       {"mtnlg_generation", "gauge", "Membership generation: bumped whenever the cluster re-forms.",
+        0}},
+      {"restarts",
+       {"mtnlg_restarts_total", "counter",
+        "Generations ended by a failure (a lost node) and re-formed from the last checkpoint.", 0}},
+      {"step", {"mtnlg_step", "gauge", "Last completed optimizer step.", 0}},
+      {"consumed_tokens",
+       {"mtnlg_consumed_tokens_total", "counter", "Training tokens consumed so far.", 0}},
+      {"global_batch",
+       {"mtnlg_step_global_batch", "gauge",
+        "Samples the last step read (below the job's global batch during a ramp-up).", 0}},
+      {"loss", {"mtnlg_loss", "gauge", "Training loss of the last step.", 0}},
+      {"val_loss", {"mtnlg_validation_loss", "gauge", "Last validation loss.", 0}},
+      {"lr", {"mtnlg_learning_rate", "gauge", "Learning rate of the last step.", 0}},
+      {"grad_norm",
+       {"mtnlg_grad_norm", "gauge", "Global gradient norm of the last step (before clipping).", 0}},
+      {"tokens_per_s",
+       {"mtnlg_tokens_per_second", "gauge", "Training throughput in tokens per second.", 0}},
+      {"skipped_steps",
+       {"mtnlg_skipped_steps_total", "counter", "Steps skipped for non-finite gradients.", 0}},
+      {"loss_scale",
+       {"mtnlg_loss_scale", "gauge", "fp16's dynamic loss scale after the last step.", 0}},
+      {"eta_s", {"mtnlg_eta_seconds", "gauge", "Estimated time until the last step.", 0}},
+      {"exit_at",
+       {"mtnlg_exit_time_seconds", "gauge",
+        "When train.exit_duration_mins stops the run, in seconds since the epoch.", 0}},
+      {"operations_pending",
+       {"mtnlg_operations_pending", "gauge", "Operations queued or running.", 0}},
   };
-  const char *keys[] = {
-      "generation",    "restarts",   "step",  "consumed_tokens", "global_batch",
-      "loss",          "val_loss",   "lr",    "grad_norm",       "tokens_per_s",
-      "skipped_steps", "loss_scale", "eta_s", "exit_at",         "operations_pending"};
-  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
-    sample_json(b, &f[i], NULL, json_object_get(st, keys[i]), 1, 1);
+  sample_fields(b, f, sizeof f / sizeof f[0], st);
 
   family phase = {"mtnlg_step_time_seconds", "gauge",
                   "Time of the last step, split by phase (total = compute + bubble + comm).", 0};
@@ -231,27 +247,32 @@ static void render_cluster(sbuf *b, json_t *st) {
  * it holds and its limits, so an alert sees it fill before it refuses. */
 static void render_store(sbuf *b, json_t *store) {
   if (!json_is_object(store)) return;
-  family f[] = {
-      {"mtnlg_store_keys", "gauge", "Keys in the rendezvous store this daemon hosts.", 0},
-      {"mtnlg_store_bytes", "gauge",
-       "Bytes the store holds, as rendezvous.store_max_mb counts them (keys, values, 64 an entry).",
-       0},
-      {"mtnlg_store_max_bytes", "gauge", "What the store holds at most (rendezvous.store_max_mb).",
-       0},
-      {"mtnlg_store_transient_bytes", "gauge",
-       "Bytes of parked GETs and WAITs and of the connections' receive buffers.", 0},
-      {"mtnlg_store_max_transient_bytes", "gauge", "The limit on the transient bytes.", 0},
-      {"mtnlg_store_clients", "gauge", "Connections open to the store.", 0},
-      {"mtnlg_store_max_clients", "gauge", "Connections the store takes at most.", 0},
-      {"mtnlg_store_waiters", "gauge", "GET and WAIT requests parked until their keys appear.", 0},
-      {"mtnlg_store_refused_clients_total", "counter",
-       "Connections the store closed at once: past its limit, or no memory for them.", 0},
+  field f[] = {
+      {"keys", {"mtnlg_store_keys", "gauge", "Keys in the rendezvous store this daemon hosts.", 0}},
+      {"bytes",
+       {"mtnlg_store_bytes", "gauge",
+        "Bytes the store holds, as rendezvous.store_max_mb counts them (keys, values, 64 an "
+        "entry).",
+        0}},
+      {"max_bytes",
+       {"mtnlg_store_max_bytes", "gauge", "What the store holds at most (rendezvous.store_max_mb).",
+        0}},
+      {"transient_bytes",
+       {"mtnlg_store_transient_bytes", "gauge",
+        "Bytes of parked GETs and WAITs and of the connections' receive buffers.", 0}},
+      {"max_transient_bytes",
+       {"mtnlg_store_max_transient_bytes", "gauge", "The limit on the transient bytes.", 0}},
+      {"clients", {"mtnlg_store_clients", "gauge", "Connections open to the store.", 0}},
+      {"max_clients",
+       {"mtnlg_store_max_clients", "gauge", "Connections the store takes at most.", 0}},
+      {"waiters",
+       {"mtnlg_store_waiters", "gauge", "GET and WAIT requests parked until their keys appear.",
+        0}},
+      {"refused_clients",
+       {"mtnlg_store_refused_clients_total", "counter",
+        "Connections the store closed at once: past its limit, or no memory for them.", 0}},
   };
-  const char *keys[] = {
-      "keys",    "bytes",       "max_bytes", "transient_bytes", "max_transient_bytes",
-      "clients", "max_clients", "waiters",   "refused_clients"};
-  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
-    sample_json(b, &f[i], NULL, json_object_get(store, keys[i]), 1, 1);
+  sample_fields(b, f, sizeof f / sizeof f[0], store);
 }
 
 /* The job's shape: name and hash on an info gauge, sizes as gauges. */
@@ -262,16 +283,16 @@ static void render_job(sbuf *b, json_t *job) {
   label_json(&l, "name", json_object_get(job, "name"));
   label_json(&l, "hash", json_object_get(job, "hash"));
   sample(b, &info, &l, 1);
-  family f[] = {
-      {"mtnlg_job_steps", "gauge", "Optimizer steps the job runs to.", 0},
-      {"mtnlg_job_global_batch_sequences", "gauge", "Sequences per optimizer step.", 0},
-      {"mtnlg_job_micro_batch_sequences", "gauge", "Sequences per micro-batch.", 0},
-      {"mtnlg_job_sequence_length_tokens", "gauge", "Tokens per sequence.", 0},
-      {"mtnlg_job_parameters", "gauge", "Model parameters.", 0},
+  field f[] = {
+      {"steps", {"mtnlg_job_steps", "gauge", "Optimizer steps the job runs to.", 0}},
+      {"global_batch",
+       {"mtnlg_job_global_batch_sequences", "gauge", "Sequences per optimizer step.", 0}},
+      {"micro_batch",
+       {"mtnlg_job_micro_batch_sequences", "gauge", "Sequences per micro-batch.", 0}},
+      {"seq_len", {"mtnlg_job_sequence_length_tokens", "gauge", "Tokens per sequence.", 0}},
+      {"params", {"mtnlg_job_parameters", "gauge", "Model parameters.", 0}},
   };
-  const char *keys[] = {"steps", "global_batch", "micro_batch", "seq_len", "params"};
-  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
-    sample_json(b, &f[i], NULL, json_object_get(job, keys[i]), 1, 1);
+  sample_fields(b, f, sizeof f / sizeof f[0], job);
   family par = {"mtnlg_job_parallelism", "gauge",
                 "Parallel widths: tp, pp, dp now, and the dp range the job accepts.", 0};
   const char *dims[] = {"tp", "pp", "dp", "dp_min", "dp_max"};
@@ -345,14 +366,16 @@ static void render_nodes(sbuf *b, json_t *nodes) {
 /* The last committed checkpoint and the one being written, if any. */
 static void render_checkpoints(sbuf *b, json_t *st) {
   json_t *last = json_object_get(st, "last_checkpoint");
-  family f[] = {
-      {"mtnlg_checkpoint_last_step", "gauge", "Step of the last committed checkpoint.", 0},
-      {"mtnlg_checkpoint_last_bytes", "gauge", "Size of the last committed checkpoint.", 0},
-      {"mtnlg_checkpoint_last_timestamp_seconds", "gauge",
-       "Unix time the last checkpoint was committed.", 0},
+  field f[] = {
+      {"step",
+       {"mtnlg_checkpoint_last_step", "gauge", "Step of the last committed checkpoint.", 0}},
+      {"bytes",
+       {"mtnlg_checkpoint_last_bytes", "gauge", "Size of the last committed checkpoint.", 0}},
+      {"time",
+       {"mtnlg_checkpoint_last_timestamp_seconds", "gauge",
+        "Unix time the last checkpoint was committed.", 0}},
   };
-  const char *keys[] = {"step", "bytes", "time"};
-  for (size_t i = 0; i < 3; i++) sample_json(b, &f[i], NULL, json_object_get(last, keys[i]), 1, 1);
+  sample_fields(b, f, sizeof f / sizeof f[0], last);
 
   json_t *cp = json_object_get(st, "checkpoint_progress");
   if (!json_is_object(cp)) return;
@@ -360,14 +383,15 @@ static void render_checkpoints(sbuf *b, json_t *st) {
   family writing = {"mtnlg_checkpoint_writing", "gauge", "1 while a checkpoint is being written.",
                     0};
   if (state) sample(b, &writing, NULL, strcmp(state, "writing") == 0);
-  family g[] = {
-      {"mtnlg_checkpoint_write_step", "gauge", "Step of the checkpoint being written.", 0},
-      {"mtnlg_checkpoint_write_done_bytes", "gauge", "Bytes of it written so far.", 0},
-      {"mtnlg_checkpoint_write_total_bytes", "gauge", "Bytes it will have.", 0},
-      {"mtnlg_checkpoint_write_bytes_per_second", "gauge", "Its write speed.", 0},
+  field g[] = {
+      {"step",
+       {"mtnlg_checkpoint_write_step", "gauge", "Step of the checkpoint being written.", 0}},
+      {"bytes_done",
+       {"mtnlg_checkpoint_write_done_bytes", "gauge", "Bytes of it written so far.", 0}},
+      {"bytes_total", {"mtnlg_checkpoint_write_total_bytes", "gauge", "Bytes it will have.", 0}},
+      {"bytes_per_s", {"mtnlg_checkpoint_write_bytes_per_second", "gauge", "Its write speed.", 0}},
   };
-  const char *gkeys[] = {"step", "bytes_done", "bytes_total", "bytes_per_s"};
-  for (size_t i = 0; i < 4; i++) sample_json(b, &g[i], NULL, json_object_get(cp, gkeys[i]), 1, 1);
+  sample_fields(b, g, sizeof g / sizeof g[0], cp);
 }
 
 /* The server's own answers, by status code. */
