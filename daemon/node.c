@@ -103,11 +103,22 @@ static void store_result(node *n, int rc) {
  * coord/instance (drawn at each start of the coordinator) is read again,
  * and another instance than the one this node joined under is the
  * coordinator lost. Not there yet (a store just started): read next round.
- * A restart quicker than one request's wait for a connection
- * (heartbeat_interval_ms) can still take one write of this round. */
+ * Once read, the instance fences both of the node's clients
+ * (mt_store_tcp_fence): a connection made in the middle of a round checks
+ * it before anything is sent on it, so no write of this node lands in the
+ * new store, and a fenced client is the coordinator lost here. */
 static void check_coordinator(node *n) {
   mt_store_tcp_stats st;
   if (n->coord_lost || mt_store_tcp_get_stats(n->store, &st)) return;
+  if (st.fenced) { /* a new connection found another instance before it wrote */
+    char why[400];
+    snprintf(why, sizeof why,
+             "the coordinator at %s:%d restarted (its store is not instance %s): generation %d "
+             "is gone with its store",
+             n->store_host, n->store_port, n->coord_instance, n->gen);
+    coordinator_lost(n, why);
+    return;
+  }
   if (n->coord_instance[0] && st.connects == n->coord_connects && !n->store_failed) return;
   void *v;
   size_t bytes;
@@ -120,6 +131,10 @@ static void check_coordinator(node *n) {
   n->coord_connects = st.connects;
   if (!n->coord_instance[0]) {
     memcpy(n->coord_instance, got, sizeof got);
+    /* from here on a new connection to another store fails before it
+     * carries a write (the check above runs only between rounds) */
+    if (mt_store_tcp_fence(n->store, MT_RDZV_COORD_INSTANCE_KEY, got, strlen(got)))
+      mt_log_warn("store: %s; a restarted coordinator is found a round later", mt_errmsg());
   } else if (strcmp(got, n->coord_instance)) {
     char why[400];
     snprintf(why, sizeof why,
@@ -362,7 +377,12 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   read_order(n); /* one already there (a generation formed paused) holds step one */
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
-  mt_store_tcp_opts eo = {.key = n->cluster_key, .key_bytes = n->cluster_key_bytes};
+  /* fenced to the coordinator this node joined from the first connection */
+  mt_store_tcp_opts eo = {.key = n->cluster_key,
+                          .key_bytes = n->cluster_key_bytes,
+                          .fence_key = n->coord_instance[0] ? MT_RDZV_COORD_INSTANCE_KEY : NULL,
+                          .fence_value = n->coord_instance,
+                          .fence_bytes = strlen(n->coord_instance)};
   rc = mt_store_tcp_new(n->store_host, n->store_port, &eo, &n->engine_store);
   if (rc) return rc;
   snprintf(n->comm_prefix, sizeof n->comm_prefix, "gen/%d/comm", n->gen);

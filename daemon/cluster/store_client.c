@@ -95,7 +95,14 @@ typedef struct client {
   char *key; /* the cluster key sent first on every connection, or NULL */
   size_t key_bytes;
   int refused;       /* the server refused the key: every request fails with... */
-  char refusal[400]; /* ...this, and no connection is tried again */
+  char refusal[512]; /* ...this, and no connection is tried again */
+  int refused_rc;    /* ...as this code (MT_EPERM, or MT_ECANCELED for the fence) */
+  /* the fence (mt_store_tcp_fence), under mu: on every new connection,
+   * fence_key must read fence_value before any request goes out */
+  char *fence_key;
+  void *fence_value;
+  size_t fence_bytes;
+  int fencing; /* loop: this connection's fence GET is not answered yet */
 
   mt_store_tcp_stats stats; /* updated with atomics */
 } client;
@@ -252,8 +259,11 @@ static void on_written(uv_write_t *req, int status) {
 static void link_down(client *c, const char *why);
 
 /* Encodes r for the current connection, with the wait time it has left. */
+/* The fence's GET: an id no request takes (0 is the AUTH's). */
+#define FENCE_ID UINT32_MAX
+
 static int send_req(client *c, creq *r) {
-  if (!c->next_id) c->next_id = 1; /* 0 is the AUTH's */
+  if (!c->next_id || c->next_id == FENCE_ID) c->next_id = 1; /* 0 is the AUTH's */
   mt_store_msg m = {.op = r->op, .id = r->id = c->next_id++};
   m.key = mt_store_cstr(r->key);
   m.value = (mt_store_str){r->value, (uint32_t)r->bytes};
@@ -296,7 +306,7 @@ static int send_req(client *c, creq *r) {
 }
 
 static void flush(client *c) {
-  while (c->state == UP && c->pending) {
+  while (c->state == UP && !c->fencing && c->pending) {
     creq *r = pending_pop(c);
     int e = send_req(c, r);
     if (e < 0) {
@@ -377,15 +387,14 @@ static void on_reply(client *c, creq *r, const mt_store_msg *m) {
 /* The server refused this client's key (or its lack of one): every
  * request, now and later, fails with its word, and no connection is tried
  * again; a client with the wrong key cannot become right by retrying. */
-static void refused(client *c, const mt_store_msg *m) {
-  c->refused = 1;
-  snprintf(c->refusal, sizeof c->refusal, "the server refused this client: %.*s%s",
-           (int)m->value.bytes, m->value.p, c->key ? "" : " (this client has no cluster key)");
-  for (creq *r = pending_pop(c); r; r = pending_pop(c)) fail(c, r, MT_EPERM, "%s", c->refusal);
+static void refuse_all(client *c, int rc) {
+  c->refused = 1, c->refused_rc = rc;
+  if (rc == MT_ECANCELED) __atomic_store_n(&c->stats.fenced, 1, __ATOMIC_RELAXED);
+  for (creq *r = pending_pop(c); r; r = pending_pop(c)) fail(c, r, rc, "%s", c->refusal);
   /* (a request in flight was not carried out: the server answers nothing
-   * on an unauthenticated connection but the refusal) */
-  for (creq *r = c->inflight, *next; r; r = next)
-    next = r->next, fail(c, r, MT_EPERM, "%s", c->refusal);
+   * on an unauthenticated connection but the refusal, and nothing was sent
+   * on a fenced one) */
+  for (creq *r = c->inflight, *next; r; r = next) next = r->next, fail(c, r, rc, "%s", c->refusal);
   c->inflight = NULL;
   peer *l = c->peer;
   c->peer = NULL;
@@ -395,21 +404,73 @@ static void refused(client *c, const mt_store_msg *m) {
   arm_deadline(c);
 }
 
+static void refused(client *c, const mt_store_msg *m) {
+  snprintf(c->refusal, sizeof c->refusal, "the server refused this client: %.*s%s",
+           (int)m->value.bytes, m->value.p, c->key ? "" : " (this client has no cluster key)");
+  refuse_all(c, MT_EPERM);
+}
+
+/* Writes one frame on the connection: the AUTH (secret: wiped when written)
+ * or the fence's GET. */
+static int send_first(client *c, const mt_store_msg *m, int secret) {
+  size_t bytes;
+  if (mt_store_encode(m, NULL, 0, &bytes)) return UV_EINVAL;
+  wreq *w = malloc(sizeof *w + bytes);
+  if (!w) return UV_ENOMEM;
+  w->secret = secret, w->bytes = bytes;
+  mt_store_encode(m, w->data, bytes, &bytes);
+  uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)bytes);
+  int e = uv_write(&w->req, (uv_stream_t *)&c->peer->tcp, &buf, 1, on_written);
+  if (e < 0) explicit_bzero(w->data, bytes), free(w);
+  return e;
+}
+
+/* The fence's GET, after the AUTH on a new connection: requests wait for
+ * its answer (fence_answer). 0 when no fence is set. */
+static int send_fence(client *c) {
+  pthread_mutex_lock(&c->mu);
+  int e = 0;
+  if (c->fence_key) {
+    mt_store_msg m = {.op = MT_STORE_OP_GET, .id = FENCE_ID, .timeout_ms = 0};
+    m.key = mt_store_cstr(c->fence_key);
+    e = send_first(c, &m, 0);
+    c->fencing = e >= 0;
+  }
+  pthread_mutex_unlock(&c->mu);
+  return e;
+}
+
+/* The store answered the fence's GET: the value set (go on) or another, or
+ * none (another store, started since: everything fails from now on). */
+static void fence_answer(client *c, const mt_store_msg *m) {
+  c->fencing = 0;
+  pthread_mutex_lock(&c->mu);
+  int same = m->status == MT_STORE_OK && c->fence_key && m->value.bytes == c->fence_bytes &&
+             !memcmp(m->value.p, c->fence_value, c->fence_bytes);
+  if (!same)
+    snprintf(
+        c->refusal, sizeof c->refusal,
+        "the store at %.120s is not the one this client was fenced to: %.60s reads %s%.*s%s, not "
+        "%.*s (the server restarted, or another took its address)",
+        c->addr, c->fence_key ? c->fence_key : "(none)", m->status == MT_STORE_OK ? "\"" : "",
+        m->status == MT_STORE_OK ? (int)(m->value.bytes < 64 ? m->value.bytes : 64) : 0,
+        m->status == MT_STORE_OK ? m->value.p : "", m->status == MT_STORE_OK ? "\"" : "nothing",
+        (int)(c->fence_bytes < 64 ? c->fence_bytes : 64), (const char *)c->fence_value);
+  pthread_mutex_unlock(&c->mu);
+  if (!same) {
+    refuse_all(c, MT_ECANCELED);
+    return;
+  }
+  flush(c);
+  arm_deadline(c);
+}
+
 /* AUTH with the cluster key, first on a new connection (id 0, which no
  * request takes). */
 static int send_auth(client *c) {
   mt_store_msg m = {.op = MT_STORE_OP_AUTH, .id = 0};
   m.value = (mt_store_str){c->key, (uint32_t)c->key_bytes};
-  size_t bytes;
-  if (mt_store_encode(&m, NULL, 0, &bytes)) return UV_EINVAL;
-  wreq *w = malloc(sizeof *w + bytes);
-  if (!w) return UV_ENOMEM;
-  w->secret = 1, w->bytes = bytes;
-  mt_store_encode(&m, w->data, bytes, &bytes);
-  uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)bytes);
-  int e = uv_write(&w->req, (uv_stream_t *)&c->peer->tcp, &buf, 1, on_written);
-  if (e < 0) explicit_bzero(w->data, bytes), free(w);
-  return e;
+  return send_first(c, &m, 1);
 }
 
 /* Handles the whole frames in l->buf; 0, or -1 when the link went down. */
@@ -447,6 +508,11 @@ static int handle_frames(client *c, peer *l) {
       return -1;
     }
     if (m.id == 0 && m.op == (MT_STORE_OP_AUTH | MT_STORE_REPLY)) continue; /* accepted */
+    if (m.id == FENCE_ID && m.op == (MT_STORE_OP_GET | MT_STORE_REPLY)) {
+      fence_answer(c, &m);
+      if (c->refused) return -1;
+      continue;
+    }
     creq *r = c->inflight;
     while (r && r->id != m.id) r = r->next;
     if (r) { /* else the request timed out here already */
@@ -532,6 +598,7 @@ static void schedule_connect(client *c) {
 static void link_down(client *c, const char *why) {
   peer *l = c->peer;
   int was_up = c->state == UP;
+  c->fencing = 0; /* the next connection asks again */
   c->peer = NULL;
   c->state = DOWN;
   if (l) uv_close((uv_handle_t *)&l->tcp, link_closed);
@@ -592,7 +659,7 @@ static void on_connect(uv_connect_t *req, int status) {
     link_down(c, c->last_error);
     return;
   }
-  if (c->key && (e = send_auth(c)) < 0) {
+  if ((c->key && (e = send_auth(c)) < 0) || (e = send_fence(c)) < 0) {
     snprintf(c->last_error, sizeof c->last_error, "write: %s", uv_strerror(e));
     link_down(c, c->last_error);
     return;
@@ -674,13 +741,13 @@ static void on_wake(uv_async_t *a) {
   }
   if (c->refused) {
     for (creq *r = batch, *next; r; r = next)
-      next = r->next, fail(c, r, MT_EPERM, "%s", c->refusal);
+      next = r->next, fail(c, r, c->refused_rc, "%s", c->refusal);
     return;
   }
   int64_t now = now_ms();
   for (creq *r = batch, *next; r; r = next) {
     next = r->next;
-    r->unconnected_since = c->state == UP ? -1 : now;
+    r->unconnected_since = c->state == UP && !c->fencing ? -1 : now;
     pending_push_back(c, r);
   }
   flush(c);
@@ -838,6 +905,8 @@ static void tcp_free(mt_store *s) {
   pthread_mutex_destroy(&c->mu);
   if (c->key) explicit_bzero(c->key, c->key_bytes);
   free(c->key);
+  free(c->fence_key);
+  free(c->fence_value);
   free(c);
 }
 
@@ -908,6 +977,27 @@ int mt_store_tcp_get_stats(mt_store *s, mt_store_tcp_stats *st) {
   st->drops = __atomic_load_n(&c->stats.drops, __ATOMIC_RELAXED);
   st->retries = __atomic_load_n(&c->stats.retries, __ATOMIC_RELAXED);
   st->last_backoff_ms = __atomic_load_n(&c->stats.last_backoff_ms, __ATOMIC_RELAXED);
+  st->fenced = __atomic_load_n(&c->stats.fenced, __ATOMIC_RELAXED);
+  return 0;
+}
+
+int mt_store_tcp_fence(mt_store *s, const char *key, const void *value, size_t bytes) {
+  client *c = as_tcp(s, "fence");
+  if (!c) return MT_EINVAL;
+  if (!key || !*key) return mt_seterr(MT_EINVAL, "store %s: fence: no key", c->addr);
+  char *k = strdup(key);
+  void *v = malloc(bytes ? bytes : 1);
+  if (!k || !v) {
+    free(k), free(v);
+    return mt_seterr(MT_ENOMEM, "store %s: fence: out of memory", c->addr);
+  }
+  memcpy(v, value, bytes);
+  pthread_mutex_lock(&c->mu);
+  char *old_k = c->fence_key;
+  void *old_v = c->fence_value;
+  c->fence_key = k, c->fence_value = v, c->fence_bytes = bytes;
+  pthread_mutex_unlock(&c->mu);
+  free(old_k), free(old_v);
   return 0;
 }
 
@@ -944,6 +1034,16 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
     memcpy(c->key, opts->key, opts->key_bytes);
     c->key_bytes = opts->key_bytes;
   }
+  if (opts && opts->fence_key && opts->fence_key[0]) { /* from the first connection on */
+    c->fence_key = strdup(opts->fence_key);
+    c->fence_value = malloc(opts->fence_bytes ? opts->fence_bytes : 1);
+    if (!c->fence_key || !c->fence_value) {
+      free(c->fence_key), free(c->fence_value), free(c->key), free(c);
+      return mt_seterr(MT_ENOMEM, "store(tcp %s:%d): out of memory", host, port);
+    }
+    memcpy(c->fence_value, opts->fence_value, opts->fence_bytes);
+    c->fence_bytes = opts->fence_bytes;
+  }
   c->backoff_ms = o.backoff_min_ms;
   c->next_id = 1;
   c->rng = (uint64_t)now_ms() * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32 ^ (uintptr_t)c;
@@ -958,7 +1058,7 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
                        .get_many = tcp_get_many};
   int e = uv_loop_init(&c->loop);
   if (e < 0) {
-    free(c->key), free(c);
+    free(c->fence_key), free(c->fence_value), free(c->key), free(c);
     return mt_seterr(MT_EIO, "store(tcp %s:%d): event loop: %s", host, port, uv_strerror(e));
   }
   pthread_mutex_init(&c->mu, NULL);
@@ -980,7 +1080,7 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
     uv_run(&c->loop, UV_RUN_DEFAULT);
     uv_loop_close(&c->loop);
     pthread_mutex_destroy(&c->mu);
-    free(c->key), free(c);
+    free(c->fence_key), free(c->fence_value), free(c->key), free(c);
     return mt_seterr(MT_EIO, "store(tcp %s:%d): thread: %s", host, port, strerror(e));
   }
   /* The first round trip: a server that is not there fails here, after

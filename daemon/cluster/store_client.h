@@ -29,6 +29,10 @@ typedef struct mt_store_tcp_opts {
    * every request of this client fail with MT_EPERM, and it stops dialing. */
   const char *key;
   size_t key_bytes;
+  /* a fence from the first connection on (as mt_store_tcp_fence); NULL: none */
+  const char *fence_key;
+  const void *fence_value;
+  size_t fence_bytes;
 } mt_store_tcp_opts;
 
 /* Connects to host:port (waiting up to connect_timeout_ms for the first
@@ -57,8 +61,18 @@ typedef struct mt_store_tcp_stats {
   uint64_t drops;            /* connections lost */
   uint64_t retries;          /* requests sent again after a drop */
   int last_backoff_ms;       /* the last delay before an attempt */
+  int fenced;                /* a new connection failed the fence: the client refuses all */
 } mt_store_tcp_stats;
 
 int mt_store_tcp_get_stats(mt_store *s, mt_store_tcp_stats *st);
+
+/* Fences the client to this store: from the next connection on, key must
+ * read value (a GET right after the AUTH, which every request waits for)
+ * before anything is sent on it. Another value, or none, is a server that
+ * restarted (or another at its address): every request, then and after,
+ * fails with MT_ECANCELED, the client stops dialing and its stats say
+ * fenced, so nothing the caller meant for the old store lands in the new
+ * one. Set again, the new value holds from the next connection. */
+int mt_store_tcp_fence(mt_store *s, const char *key, const void *value, size_t bytes);
 
 #endif
