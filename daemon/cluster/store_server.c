@@ -61,6 +61,7 @@ struct conn {
   uint8_t *buf; /* bytes received and not yet handled: buf[0..len), room for cap (counted
                  * in the server's buffer_bytes) */
   size_t len, cap, need;
+  size_t queued; /* replies' bytes the kernel has not taken, as last seen (in queued_bytes) */
 };
 
 struct mt_store_server {
@@ -77,13 +78,17 @@ struct mt_store_server {
   entry **table;
   size_t nbuckets, nkeys;
   uint64_t bytes, max_bytes; /* held (keys, values, ENTRY_BYTES each) and the limit */
-  /* the transient bytes, parked requests' and receive buffers', and their limit */
-  uint64_t waiter_bytes, buffer_bytes, max_transient;
+  /* the transient bytes, parked requests', receive buffers' and queued replies', and
+   * their limit */
+  uint64_t waiter_bytes, buffer_bytes, queued_bytes, max_transient;
   int transient_default; /* max_transient is the default, derived from max_bytes */
   unsigned max_conns;
   uint64_t refused;        /* connections closed at once */
   uint64_t refused_logged; /* of them, those a log line has told of */
   uint64_t refused_log_ms; /* when the last such line was written (uv_now) */
+  uint64_t dropped;        /* connections closed for replies queued past the limit */
+  uint64_t dropped_logged; /* of them, those a log line has told of */
+  uint64_t dropped_log_ms; /* when the last such line was written (uv_now) */
   char *key;               /* the cluster key a connection must AUTH with, or NULL */
   uint32_t key_bytes;
   void (*closed)(void *);
@@ -133,6 +138,7 @@ static void conn_closed(uv_handle_t *h) {
     if (w->c == c) waiter_free(w);
   }
   s->buffer_bytes -= c->cap;
+  s->queued_bytes -= c->queued; /* 0: every write's callback has run by now */
   free(c->buf);
   free(c);
   handle_closed(s);
@@ -162,18 +168,25 @@ static void waiter_free(waiter *w) {
 
 /* ------------------------------------------------------------------ transient bytes */
 
+/* Everything counted against max_transient. */
+static uint64_t transient_bytes(const mt_store_server *s) {
+  return s->waiter_bytes + s->buffer_bytes + s->queued_bytes;
+}
+
 /* 0 when the transient bytes can grow by more; else an error naming what
- * (the request or frame that wanted them), what holds them and the limit. */
+ * (the request, frame or reply that wanted them), what holds them and the
+ * limit. */
 static int transient_room(const mt_store_server *s, const char *what, uint64_t more) {
-  uint64_t held = s->waiter_bytes + s->buffer_bytes, after = held + more;
+  uint64_t held = transient_bytes(s), after = held + more;
   if (after <= s->max_transient) return 0;
   return mt_seterr(
       MT_ENOMEM,
-      "%s: the store's room for waiting requests and unread frames is full: "
+      "%s: the store's room for waiting requests, unread frames and unsent replies is full: "
       "%" PRIu64 " bytes (%" PRIu64 " in %u parked GETs and WAITs, %" PRIu64
-      " in the receive buffers of %u connections), this would make %" PRIu64
-      ", over their limit of %" PRIu64 "%s",
-      what, held, s->waiter_bytes, s->nwaiters, s->buffer_bytes, s->nconns, after, s->max_transient,
+      " in the receive buffers of %u connections, %" PRIu64 " in replies not yet sent), "
+      "this would make %" PRIu64 ", over their limit of %" PRIu64 "%s",
+      what, held, s->waiter_bytes, s->nwaiters, s->buffer_bytes, s->nconns, s->queued_bytes, after,
+      s->max_transient,
       s->transient_default ? " (a quarter of rendezvous.store_max_mb, at least 256 MiB)" : "");
 }
 
@@ -293,23 +306,85 @@ typedef struct wreq {
   uint8_t data[];
 } wreq;
 
+/* Brings c's share of the server's queued_bytes to what libuv holds for it now
+ * (its write queue: bytes not yet taken by the kernel, which libuv lowers as
+ * it writes and when the connection's close cancels its writes). Between
+ * those and the next call the count is high, never low. */
+static void sync_queued(conn *c) {
+  size_t now = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+  c->srv->queued_bytes = c->srv->queued_bytes - c->queued + now;
+  c->queued = now;
+}
+
+/* Every queued write ends here, written, failed or cancelled by the
+ * connection's close (before conn_closed frees c). */
 static void on_written(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
   conn *c = req->handle->data;
   int close_after = w->close_after;
+  sync_queued(c);
   free(w);
   if (status == UV_ECANCELED) return; /* the connection is closing */
   if (status < 0 || close_after) conn_close(c);
 }
 
+/* Closes c, whose queued replies and the next one would take the transient
+ * bytes past their limit (the reason set), with a log line at most every 10 s
+ * rather than one a connection. */
+static void drop_slow_reader(conn *c) {
+  mt_store_server *s = c->srv;
+  char peer[64] = "an unknown address";
+  struct sockaddr_storage sa;
+  int len = sizeof sa;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&sa, &len) == 0) {
+    char ip[INET6_ADDRSTRLEN] = "";
+    int port = 0;
+    if (sa.ss_family == AF_INET6) {
+      uv_ip6_name((struct sockaddr_in6 *)&sa, ip, sizeof ip);
+      port = ntohs(((struct sockaddr_in6 *)&sa)->sin6_port);
+    } else {
+      uv_ip4_name((struct sockaddr_in *)&sa, ip, sizeof ip);
+      port = ntohs(((struct sockaddr_in *)&sa)->sin_port);
+    }
+    snprintf(peer, sizeof peer, "%s:%d", ip, port);
+  }
+  s->dropped++;
+  uint64_t now = uv_now(s->loop);
+  if (s->dropped_logged == 0 || now - s->dropped_log_ms >= 10000) {
+    mt_log_warn("store server %s: closing the connection from %s, which does not read its "
+                "replies (%zu bytes queued for it): %s (%" PRIu64
+                " such closes since the last such line, %" PRIu64 " in all)",
+                s->addr, peer, c->queued, mt_errmsg(), s->dropped - s->dropped_logged, s->dropped);
+    s->dropped_logged = s->dropped;
+    s->dropped_log_ms = now;
+  }
+  conn_close(c);
+}
+
 /* Queues m on c; close_after: close the connection once it is written. A reply
- * that cannot be queued costs the client its connection. */
+ * that cannot be queued costs the client its connection; so does one that
+ * would take the transient bytes past their limit while replies queued before
+ * it are still waiting for the kernel to take them (one with nothing waiting
+ * before it always goes, so a client that reads its replies is answered). */
 static void send_msg(conn *c, const mt_store_msg *m, int close_after) {
   if (c->state == CONN_CLOSED) return;
+  mt_store_server *s = c->srv;
   size_t bytes;
   wreq *w = NULL;
-  if (mt_store_encode(m, NULL, 0, &bytes) || !(w = malloc(sizeof *w + bytes)) ||
-      mt_store_encode(m, w->data, bytes, &bytes)) {
+  if (mt_store_encode(m, NULL, 0, &bytes)) {
+    conn_close(c);
+    return;
+  }
+  sync_queued(c);
+  if (c->queued) {
+    char what[64];
+    snprintf(what, sizeof what, "a reply of %zu bytes", bytes);
+    if (transient_room(s, what, bytes)) {
+      drop_slow_reader(c);
+      return;
+    }
+  }
+  if (!(w = malloc(sizeof *w + bytes)) || mt_store_encode(m, w->data, bytes, &bytes)) {
     free(w);
     conn_close(c);
     return;
@@ -321,7 +396,8 @@ static void send_msg(conn *c, const mt_store_msg *m, int close_after) {
     conn_close(c);
     return;
   }
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > MAX_QUEUED_BYTES) conn_close(c);
+  sync_queued(c); /* what the kernel did not take at once */
+  if (c->queued > MAX_QUEUED_BYTES) conn_close(c);
 }
 
 static void reply(conn *c, uint8_t op, uint32_t id, uint8_t status) {
@@ -840,7 +916,7 @@ void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *
   st->waiters = s->nwaiters;
   st->keys = s->nkeys;
   st->bytes = s->bytes;
-  st->transient_bytes = s->waiter_bytes + s->buffer_bytes;
+  st->transient_bytes = transient_bytes(s);
   st->refused = s->refused;
   st->max_bytes = s->max_bytes;
   st->max_transient_bytes = s->max_transient;

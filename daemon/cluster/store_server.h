@@ -22,11 +22,15 @@ typedef struct mt_store_server mt_store_server;
  * one that frees room, a DELETE or a smaller value, always goes.
  *
  * Apart from it, the transient bytes: parked GET and WAIT requests (with
- * copies of their keys) and the connections' receive buffers (a frame is
- * buffered whole, up to 64 MiB). A GET or WAIT that would take them past
- * their limit is answered NO_MEMORY and not parked; a frame whose buffer
- * would, is answered NO_MEMORY and its connection closed. A connection past
- * max_conns is accepted and closed at once. */
+ * copies of their keys), the connections' receive buffers (a frame is
+ * buffered whole, up to 64 MiB) and the replies queued for clients that the
+ * kernel has not taken yet. A GET or WAIT that would take them past their
+ * limit is answered NO_MEMORY and not parked; a frame whose buffer would, is
+ * answered NO_MEMORY and its connection closed; a reply that would, on a
+ * connection with replies still queued (a client not reading them), closes
+ * that connection with a log line; one on a connection with nothing queued
+ * always goes (so the limit is passed by at most one reply a connection). A
+ * connection past max_conns is accepted and closed at once. */
 typedef struct mt_store_server_limits {
   uint64_t max_bytes;           /* 0: MT_STORE_SERVER_MAX_BYTES */
   uint64_t max_transient_bytes; /* 0: max_bytes / 4, at least MT_STORE_SERVER_MIN_TRANSIENT_BYTES */
@@ -59,7 +63,8 @@ typedef struct mt_store_server_stats {
   unsigned waiters;         /* parked GET and WAIT requests */
   unsigned long keys;       /* keys stored */
   uint64_t bytes;           /* held, as the limit counts them */
-  uint64_t transient_bytes; /* held by parked requests and receive buffers, as their limit counts */
+  uint64_t transient_bytes; /* held by parked requests, receive buffers and queued replies, as
+                             * their limit counts */
   uint64_t refused;         /* connections closed at once: past max_conns, or no memory for them */
   uint64_t max_bytes, max_transient_bytes; /* the limits in force */
   unsigned max_conns;

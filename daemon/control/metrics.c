@@ -259,7 +259,7 @@ static void render_store(sbuf *b, json_t *store) {
         0}},
       {"transient_bytes",
        {"mtnlg_store_transient_bytes", "gauge",
-        "Bytes of parked GETs and WAITs and of the connections' receive buffers.", 0}},
+        "Bytes of parked GETs and WAITs, receive buffers and replies not yet sent.", 0}},
       {"max_transient_bytes",
        {"mtnlg_store_max_transient_bytes", "gauge", "The limit on the transient bytes.", 0}},
       {"clients", {"mtnlg_store_clients", "gauge", "Connections open to the store.", 0}},

@@ -8,7 +8,8 @@
  * backoff after the server restarts on the same port; past an in-thread
  * server's limits on parked requests, receive buffers and connections,
  * requests are refused and connections closed while the others are served,
- * and its stats count what is held. The server is started
+ * a client that does not read its replies loses its connection once they
+ * pass the limit, and its stats count what is held. The server is started
  * and stopped by its pid (SIGTERM) and always reaped; stopped (SIGSTOP), its
  * clients and a comm group bootstrapping through it fail as a store failure
  * within their deadlines. */
@@ -617,6 +618,107 @@ static void test_connections_past_the_cap_are_closed_at_once(void) {
   mt_store_server_thread_stop(t);
 }
 
+/* A raw connection whose socket takes in little of what the server sends
+ * (SO_RCVBUF set before connect, so the window stays small): the replies
+ * queued for it stay in the server. */
+static int raw_connect_small_rcvbuf(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  struct timeval tv = {3, 0};
+  int rcvbuf = 4096;
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+/* Room for a 1 MiB SET's frame, two read buffers and a few 1 MiB replies. */
+#define REPLY_TRANSIENT ((uint64_t)4 << 20)
+
+/* One connection left, holding no more than its read buffer. */
+static int one_idle_client(const mt_store_server_stats *st) {
+  return st->clients == 1 && st->waiters == 0 && st->transient_bytes <= 2 * (64 << 10);
+}
+
+/* A client that pipelines 64 GETs of a 1 MiB value and reads none of the
+ * replies: its connection is closed once the replies queued for it would take
+ * the transient bytes past their limit (rather than holding 64 MiB); another
+ * connection's SET and GET of the same value are served meanwhile and after,
+ * and the bytes the queued replies held are let go. */
+static void test_unread_replies_past_the_transient_limit_close_their_connection(void) {
+  mt_store_server_limits lim = {.max_transient_bytes = REPLY_TRANSIENT};
+  mt_store_server_thread *t;
+  CHECK(!mt_store_server_run_thread("127.0.0.1", 0, &lim, &t), "%s", mt_errmsg());
+  int port = mt_store_server_thread_port(t);
+  mt_store *other = NULL;
+  CHECK(!mt_store_tcp_new("127.0.0.1", port, NULL, &other), "%s", mt_errmsg());
+  int fd = raw_connect_small_rcvbuf(port);
+  size_t bytes = 1 << 20, n = 0;
+  char *value = malloc(bytes);
+  uint8_t *frame = malloc(bytes + 256), buf[4096];
+  if (!other || fd < 0 || !value || !frame) {
+    CHECK(0, "could not connect");
+    goto out;
+  }
+  memset(value, 'v', bytes);
+  /* the other connection has its read buffer before the replies fill the room */
+  CHECK(!mt_store_set(other, "gen/0/x", "1", 1), "before: %s", mt_errmsg());
+  mt_store_msg set = {.op = MT_STORE_OP_SET,
+                      .id = 1,
+                      .key = mt_store_cstr("gen/0/big"),
+                      .value = {value, (uint32_t)bytes}},
+               r;
+  CHECK(!mt_store_encode(&set, frame, bytes + 256, &n) && !raw_write(fd, frame, n) &&
+            !raw_recv(fd, buf, sizeof buf, &r) && r.id == 1 && r.status == MT_STORE_OK,
+        "a SET of 1 MiB on the connection that will not read");
+
+  enum { N = 64 };
+  size_t off = 0;
+  for (uint32_t i = 0; i < N; i++) {
+    mt_store_msg get = {.op = MT_STORE_OP_GET, .id = 100 + i, .key = mt_store_cstr("gen/0/big")};
+    CHECK(!mt_store_encode(&get, frame + off, bytes + 256 - off, &n), "encode GET %u", i);
+    off += n;
+  }
+  CHECK(!raw_write(fd, frame, off), "%d GETs in one write", N);
+
+  /* the other connection has nothing queued: its replies go through */
+  void *v = NULL;
+  size_t got = 0;
+  CHECK(!mt_store_set(other, "gen/0/y", "2", 1), "a SET on another connection: %s", mt_errmsg());
+  CHECK(!mt_store_get(other, "gen/0/big", &v, &got, 0) && got == bytes && v &&
+            !memcmp(v, value, bytes),
+        "a GET of the 1 MiB value on another connection: %s", mt_errmsg());
+  free(v);
+  v = NULL;
+
+  mt_store_server_stats st;
+  int gone = stats_reach(t, &st, one_idle_client);
+  CHECK(gone,
+        "%d unread GET replies of 1 MiB: %u clients, %" PRIu64 " transient bytes (limit %" PRIu64
+        ")",
+        N, st.clients, st.transient_bytes, REPLY_TRANSIENT);
+  if (gone) CHECK(raw_closed(fd), "the connection that did not read its replies stayed open");
+  CHECK(!mt_store_get(other, "gen/0/y", &v, &got, 0) && got == 1 && v && !strcmp(v, "2"),
+        "a GET on another connection after the close: %s", mt_errmsg());
+  free(v);
+  close(fd);
+  fd = -1;
+  mt_store_free(other);
+  other = NULL;
+  CHECK(stats_reach(t, &st, nothing_held),
+        "all closed: %u clients, %u waiters, %" PRIu64 " transient bytes", st.clients, st.waiters,
+        st.transient_bytes);
+out:
+  free(frame), free(value);
+  if (fd >= 0) close(fd);
+  mt_store_free(other);
+  mt_store_server_thread_stop(t);
+}
+
 static void test_add_counts_and_refuses_text(mt_store *s) {
   int64_t v = 0;
   CHECK(!mt_store_add(s, "gen/0/n", 5, &v) && v == 5, "add to an absent key gave %" PRId64, v);
@@ -1154,6 +1256,7 @@ int main(int argc, char **argv) {
   test_parked_requests_past_the_transient_limit_are_refused();
   test_a_frame_past_the_transient_limit_closes_its_connection();
   test_connections_past_the_cap_are_closed_at_once();
+  test_unread_replies_past_the_transient_limit_close_their_connection();
 
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
