@@ -103,10 +103,11 @@ static void store_result(node *n, int rc) {
  * coord/instance (drawn at each start of the coordinator) is read again,
  * and another instance than the one this node joined under is the
  * coordinator lost. Not there yet (a store just started): read next round.
- * Once read, the instance fences both of the node's clients
- * (mt_store_tcp_fence): a connection made in the middle of a round checks
- * it before anything is sent on it, so no write of this node lands in the
- * new store, and a fenced client is the coordinator lost here. */
+ * Before the node joins, the instance fences both of its clients
+ * (fence_to_coordinator, mt_store_tcp_fence): a connection made in the
+ * middle of a round checks it before anything is sent on it, so no write of
+ * this node lands in the new store, and a fenced client is the coordinator
+ * lost here. */
 static void check_coordinator(node *n) {
   mt_store_tcp_stats st;
   if (n->coord_lost || mt_store_tcp_get_stats(n->store, &st)) return;
@@ -129,12 +130,8 @@ static void check_coordinator(node *n) {
            (const char *)v);
   free(v);
   n->coord_connects = st.connects;
-  if (!n->coord_instance[0]) {
+  if (!n->coord_instance[0]) { /* (fenced before joining: not reached in mtnlgd) */
     memcpy(n->coord_instance, got, sizeof got);
-    /* from here on a new connection to another store fails before it
-     * carries a write (the check above runs only between rounds) */
-    if (mt_store_tcp_fence(n->store, MT_RDZV_COORD_INSTANCE_KEY, got, strlen(got)))
-      mt_log_warn("store: %s; a restarted coordinator is found a round later", mt_errmsg());
   } else if (strcmp(got, n->coord_instance)) {
     char why[400];
     snprintf(why, sizeof why,
@@ -143,6 +140,36 @@ static void check_coordinator(node *n) {
              n->store_host, n->store_port, got, n->coord_instance, n->gen);
     coordinator_lost(n, why);
   }
+}
+
+/* The coordinator this node joins is the one whose coord/instance its
+ * client reads now (a follower may get there before the host wrote it: it
+ * waits up to the heartbeat timeout); the client is fenced to it from here
+ * on, so the join and everything after go to that store only. */
+static int fence_to_coordinator(node *n) {
+  void *v;
+  size_t bytes;
+  int rc =
+      mt_store_get(n->store, MT_RDZV_COORD_INSTANCE_KEY, &v, &bytes, n->cfg->heartbeat_timeout_ms);
+  if (rc == MT_ETIMEDOUT)
+    return mt_seterr(MT_EIO,
+                     "the store at %s:%d has no %s after %d ms: its coordinator has not written "
+                     "it (an mtnlgd that does not, or not an mtnlgd store)",
+                     n->store_host, n->store_port, MT_RDZV_COORD_INSTANCE_KEY,
+                     n->cfg->heartbeat_timeout_ms);
+  if (rc) return mt_wraperr(rc, "reading %s", MT_RDZV_COORD_INSTANCE_KEY);
+  if (!bytes || bytes >= sizeof n->coord_instance) {
+    free(v);
+    return mt_seterr(MT_ECORRUPT, "the store at %s:%d holds a %s of %zu bytes, not 16",
+                     n->store_host, n->store_port, MT_RDZV_COORD_INSTANCE_KEY, bytes);
+  }
+  memcpy(n->coord_instance, v, bytes);
+  n->coord_instance[bytes] = 0;
+  rc = mt_store_tcp_fence(n->store, MT_RDZV_COORD_INSTANCE_KEY, v, bytes);
+  free(v);
+  mt_store_tcp_stats st;
+  if (!rc && !mt_store_tcp_get_stats(n->store, &st)) n->coord_connects = st.connects;
+  return rc;
 }
 
 /* ---- the engine ---- */
@@ -1060,6 +1087,10 @@ int mt_node_main(const mt_node_opts *o) {
   if (n->is_host && mt_store_set(n->store, MT_RDZV_COORD_INSTANCE_KEY, instance, 16)) {
     mt_log_error("cannot write %s to the store it hosts: %s", MT_RDZV_COORD_INSTANCE_KEY,
                  mt_errmsg());
+    goto out;
+  }
+  if (fence_to_coordinator(n)) {
+    mt_log_error("%s", mt_errmsg());
     goto out;
   }
   if (node_control_start(n)) {

@@ -102,6 +102,7 @@ typedef struct client {
   char *fence_key;
   void *fence_value;
   size_t fence_bytes;
+  int refence; /* a fence set while connected: the loop checks this connection too */
   int fencing; /* loop: this connection's fence GET is not answered yet */
 
   mt_store_tcp_stats stats; /* updated with atomics */
@@ -441,9 +442,19 @@ static int send_fence(client *c) {
 }
 
 /* The store answered the fence's GET: the value set (go on) or another, or
- * none (another store, started since: everything fails from now on). */
-static void fence_answer(client *c, const mt_store_msg *m) {
+ * none (another store, started since: everything fails from now on); any
+ * other answer says nothing of the store, and the link is made again.
+ * 0, or -1 when the link went down or the client refuses all. */
+static int fence_answer(client *c, const mt_store_msg *m) {
   c->fencing = 0;
+  if (m->status != MT_STORE_OK && m->status != MT_STORE_TIMEOUT &&
+      m->status != MT_STORE_NOT_FOUND) {
+    char why[160];
+    snprintf(why, sizeof why, "the fence's read of the store answered %s",
+             mt_store_status_name(m->status));
+    link_down(c, why);
+    return -1;
+  }
   pthread_mutex_lock(&c->mu);
   int same = m->status == MT_STORE_OK && c->fence_key && m->value.bytes == c->fence_bytes &&
              !memcmp(m->value.p, c->fence_value, c->fence_bytes);
@@ -459,10 +470,12 @@ static void fence_answer(client *c, const mt_store_msg *m) {
   pthread_mutex_unlock(&c->mu);
   if (!same) {
     refuse_all(c, MT_ECANCELED);
-    return;
+    return -1;
   }
+  peer *l = c->peer;
   flush(c);
   arm_deadline(c);
+  return l == c->peer ? 0 : -1; /* a write that failed took the link down */
 }
 
 /* AUTH with the cluster key, first on a new connection (id 0, which no
@@ -508,9 +521,8 @@ static int handle_frames(client *c, peer *l) {
       return -1;
     }
     if (m.id == 0 && m.op == (MT_STORE_OP_AUTH | MT_STORE_REPLY)) continue; /* accepted */
-    if (m.id == FENCE_ID && m.op == (MT_STORE_OP_GET | MT_STORE_REPLY)) {
-      fence_answer(c, &m);
-      if (c->refused) return -1;
+    if (m.id == FENCE_ID && c->fencing && m.op == (MT_STORE_OP_GET | MT_STORE_REPLY)) {
+      if (fence_answer(c, &m)) return -1;
       continue;
     }
     creq *r = c->inflight;
@@ -732,9 +744,18 @@ static void on_wake(uv_async_t *a) {
   client *c = a->data;
   pthread_mutex_lock(&c->mu);
   creq *batch = c->submit;
-  int closing = c->closing;
+  int closing = c->closing, refence = c->refence;
   c->submit = c->submit_tail = NULL;
+  c->refence = 0;
   pthread_mutex_unlock(&c->mu);
+  /* a fence set while connected checks this connection before the batch goes */
+  if (refence && !closing && !c->refused && c->state == UP && !c->fencing) {
+    int e = send_fence(c);
+    if (e < 0) {
+      snprintf(c->last_error, sizeof c->last_error, "write: %s", uv_strerror(e));
+      link_down(c, c->last_error);
+    }
+  }
   if (closing) {
     shut_down(c, batch);
     return;
@@ -996,7 +1017,9 @@ int mt_store_tcp_fence(mt_store *s, const char *key, const void *value, size_t b
   char *old_k = c->fence_key;
   void *old_v = c->fence_value;
   c->fence_key = k, c->fence_value = v, c->fence_bytes = bytes;
+  c->refence = 1; /* the connection up now is checked too, before what follows */
   pthread_mutex_unlock(&c->mu);
+  uv_async_send(&c->wake);
   free(old_k), free(old_v);
   return 0;
 }

@@ -66,13 +66,14 @@ typedef struct mt_store_tcp_stats {
 
 int mt_store_tcp_get_stats(mt_store *s, mt_store_tcp_stats *st);
 
-/* Fences the client to this store: from the next connection on, key must
- * read value (a GET right after the AUTH, which every request waits for)
- * before anything is sent on it. Another value, or none, is a server that
+/* Fences the client to this store: key must read value on the connection up
+ * now and on every new one (a GET, right after the AUTH on a new one, which
+ * every request made after this call waits for) before anything is sent on
+ * it. Another value, or none, is a server that
  * restarted (or another at its address): every request, then and after,
  * fails with MT_ECANCELED, the client stops dialing and its stats say
  * fenced, so nothing the caller meant for the old store lands in the new
- * one. Set again, the new value holds from the next connection. */
+ * one. Set again, the new value holds from then on. */
 int mt_store_tcp_fence(mt_store *s, const char *key, const void *value, size_t bytes);
 
 #endif
