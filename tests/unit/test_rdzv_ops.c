@@ -61,6 +61,8 @@ static int answered(int64_t n) {
   return status;
 }
 
+static const char pause_req[] = "{\"kind\":\"pause\",\"args\":{}}";
+
 static int test_requests_given_up_or_never_written_are_passed_over(void) {
   int status = 0;
   char detail[256];
@@ -88,7 +90,7 @@ static int test_requests_given_up_or_never_written_are_passed_over(void) {
         "request 3 behind the unwritten 2: rc %d (%s), status %d: %s", rc, rc ? mt_errmsg() : "",
         status, detail);
   /* 2 lands later: answered then */
-  REQUIRE(!mt_store_set(store, "ops/req/2", "{\"kind\":\"pause\",\"args\":{}}", 30), "write 2");
+  REQUIRE(!mt_store_set(store, "ops/req/2", pause_req, strlen(pause_req)), "write 2");
   for (int i = 0; i < 400 && answered(2) == -1; i++) usleep(5000);
   CHECK(answered(2) == 409, "request 2, written after 3 was answered: %d", answered(2));
 
@@ -102,7 +104,7 @@ static int test_requests_given_up_or_never_written_are_passed_over(void) {
     usleep(5000);
     if (mt_store_add(store, "ops/claim/4", 0, &claims)) break;
   }
-  REQUIRE(!mt_store_set(store, "ops/req/4", "{\"kind\":\"pause\",\"args\":{}}", 30), "write 4");
+  REQUIRE(!mt_store_set(store, "ops/req/4", pause_req, strlen(pause_req)), "write 4");
   usleep(50000);
   atomic_store(&ticking, 0);
   pthread_join(th, NULL);
