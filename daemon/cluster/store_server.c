@@ -35,6 +35,22 @@ typedef struct entry {
 
 typedef struct conn conn;
 
+/* Events of one kind and the log lines about them: at most one every 10 s,
+ * each saying how many came since the one before. */
+typedef struct tally {
+  uint64_t n, logged; /* events, and those a line has told of */
+  uint64_t log_ms;    /* when the last line was written (uv_now) */
+} tally;
+
+/* Counts an event; 1 when a line is due (since_last: the events it tells of). */
+static int tally_add(tally *t, uint64_t now_ms, uint64_t *since_last) {
+  t->n++;
+  if (t->logged && now_ms - t->log_ms < 10000) return 0;
+  *since_last = t->n - t->logged;
+  t->logged = t->n, t->log_ms = now_ms;
+  return 1;
+}
+
 /* A parked GET or WAIT: answered when keys[missing..nkeys) all exist, or when
  * its timer fires. */
 typedef struct waiter {
@@ -83,13 +99,9 @@ struct mt_store_server {
   uint64_t waiter_bytes, buffer_bytes, queued_bytes, max_transient;
   int transient_default; /* max_transient is the default, derived from max_bytes */
   unsigned max_conns;
-  uint64_t refused;        /* connections closed at once */
-  uint64_t refused_logged; /* of them, those a log line has told of */
-  uint64_t refused_log_ms; /* when the last such line was written (uv_now) */
-  uint64_t dropped;        /* connections closed for replies queued past the limit */
-  uint64_t dropped_logged; /* of them, those a log line has told of */
-  uint64_t dropped_log_ms; /* when the last such line was written (uv_now) */
-  char *key;               /* the cluster key a connection must AUTH with, or NULL */
+  tally refused; /* connections closed at once */
+  tally dropped; /* connections closed for replies queued past the limit */
+  char *key;     /* the cluster key a connection must AUTH with, or NULL */
   uint32_t key_bytes;
   void (*closed)(void *);
   void *closed_arg;
@@ -348,16 +360,12 @@ static void drop_slow_reader(conn *c) {
     }
     snprintf(peer, sizeof peer, "%s:%d", ip, port);
   }
-  s->dropped++;
-  uint64_t now = uv_now(s->loop);
-  if (s->dropped_logged == 0 || now - s->dropped_log_ms >= 10000) {
+  uint64_t since;
+  if (tally_add(&s->dropped, uv_now(s->loop), &since))
     mt_log_warn("store server %s: closing the connection from %s, which does not read its "
                 "replies (%zu bytes queued for it): %s (%" PRIu64
                 " such closes since the last such line, %" PRIu64 " in all)",
-                s->addr, peer, c->queued, mt_errmsg(), s->dropped - s->dropped_logged, s->dropped);
-    s->dropped_logged = s->dropped;
-    s->dropped_log_ms = now;
-  }
+                s->addr, peer, c->queued, mt_errmsg(), since, s->dropped.n);
   conn_close(c);
 }
 
@@ -772,15 +780,11 @@ static void refuse_connection(mt_store_server *s, const char *why) {
     s->reject_waiting = 1;
     return;
   }
-  s->refused++;
-  uint64_t now = uv_now(s->loop);
-  if (s->refused_logged == 0 || now - s->refused_log_ms >= 10000) {
+  uint64_t since;
+  if (tally_add(&s->refused, uv_now(s->loop), &since))
     mt_log_warn("store server %s: closing new connections at once: %s (%" PRIu64
                 " since the last such line, %" PRIu64 " in all)",
-                s->addr, why, s->refused - s->refused_logged, s->refused);
-    s->refused_logged = s->refused;
-    s->refused_log_ms = now;
-  }
+                s->addr, why, since, s->refused.n);
   reject_connection(s);
 }
 
@@ -917,7 +921,7 @@ void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *
   st->keys = s->nkeys;
   st->bytes = s->bytes;
   st->transient_bytes = transient_bytes(s);
-  st->refused = s->refused;
+  st->refused = s->refused.n;
   st->max_bytes = s->max_bytes;
   st->max_transient_bytes = s->max_transient;
   st->max_conns = s->max_conns;
