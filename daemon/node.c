@@ -120,7 +120,7 @@ static void check_coordinator(node *n) {
     coordinator_lost(n, why);
     return;
   }
-  if (n->coord_instance[0] && st.connects == n->coord_connects && !n->store_failed) return;
+  if (st.connects == n->coord_connects && !n->store_failed) return;
   void *v;
   size_t bytes;
   if (mt_store_get(n->store, MT_RDZV_COORD_INSTANCE_KEY, &v, &bytes, 0)) return;
@@ -130,9 +130,7 @@ static void check_coordinator(node *n) {
            (const char *)v);
   free(v);
   n->coord_connects = st.connects;
-  if (!n->coord_instance[0]) { /* (fenced before joining: not reached in mtnlgd) */
-    memcpy(n->coord_instance, got, sizeof got);
-  } else if (strcmp(got, n->coord_instance)) {
+  if (strcmp(got, n->coord_instance)) { /* read before joining (fence_to_coordinator) */
     char why[400];
     snprintf(why, sizeof why,
              "the coordinator at %s:%d restarted (instance %s, not %s): generation %d is gone "
@@ -407,7 +405,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   /* fenced to the coordinator this node joined from the first connection */
   mt_store_tcp_opts eo = {.key = n->cluster_key,
                           .key_bytes = n->cluster_key_bytes,
-                          .fence_key = n->coord_instance[0] ? MT_RDZV_COORD_INSTANCE_KEY : NULL,
+                          .fence_key = MT_RDZV_COORD_INSTANCE_KEY,
                           .fence_value = n->coord_instance,
                           .fence_bytes = strlen(n->coord_instance)};
   rc = mt_store_tcp_new(n->store_host, n->store_port, &eo, &n->engine_store);
