@@ -209,11 +209,11 @@ static void on_resumed(int64_t step, void *arg) {
   pthread_mutex_unlock(&n->mu);
 }
 
-static void on_stopped(int64_t step, int timed, void *arg) {
+static void on_stopped(int64_t step, int why, void *arg) {
   node *n = arg;
   pthread_mutex_lock(&n->mu);
   n->stopped_step = step;
-  n->stopped_timed = timed;
+  n->stopped_why = why;
   pthread_mutex_unlock(&n->mu);
 }
 
@@ -437,7 +437,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   pthread_mutex_lock(&n->mu);
   n->resumed_step = -1;
   n->stopped_step = -1;
-  n->stopped_timed = 0;
+  n->stopped_why = MT_STOPPED_ASKED;
   n->exit_at = 0.0; /* this generation's world rank 0 says it again at its first step */
   pthread_mutex_unlock(&n->mu);
   mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
@@ -528,17 +528,22 @@ static void on_engine_done(uv_async_t *h) {
     /* where they agreed to stop, else (the end) the last step */
     int64_t step = n->stopped_step >= 0 ? n->stopped_step : n->last.step;
     int64_t resumed = n->resumed_step;
-    int timed = n->stopped_timed;
+    int why = n->stopped_why;
     pthread_mutex_unlock(&n->mu);
     if (resumed >= n->run_job.train.steps)
       snprintf(reason, sizeof reason,
                "nothing to train: the checkpoint at step %lld is at or past train.steps = %lld",
                (long long)resumed, (long long)n->run_job.train.steps);
-    else if (step < n->run_job.train.steps && timed)
+    else if (step < n->run_job.train.steps && why == MT_STOPPED_TIME)
       snprintf(reason, sizeof reason,
                "stopped at step %lld of %lld: train.exit_duration_mins (%g) passed",
                (long long)step, (long long)n->run_job.train.steps,
                n->run_job.train.exit_duration_mins);
+    else if (step < n->run_job.train.steps && why == MT_STOPPED_INTERVAL)
+      snprintf(reason, sizeof reason,
+               "stopped at step %lld of %lld: a multiple of train.exit_interval (%lld)",
+               (long long)step, (long long)n->run_job.train.steps,
+               (long long)n->run_job.train.exit_interval);
     else if (step < n->run_job.train.steps)
       snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)step,
                (long long)n->run_job.train.steps);

@@ -294,19 +294,13 @@ static const char *const parallel_keys[] = {"tp",
                                             "overlap_p2p",
                                             "sequence_parallel",
                                             NULL};
-static const char *const train_keys[] = {"global_batch",
-                                         "steps",
-                                         "seed",
-                                         "lr",
-                                         "adam",
-                                         "weight_decay",
-                                         "clip_grad",
-                                         "precision",
-                                         "loss_scale",
-                                         "log_interval",
-                                         "rampup_batch",
-                                         "exit_duration_mins",
-                                         NULL};
+static const char *const train_keys[] = {"global_batch",  "steps",
+                                         "seed",          "lr",
+                                         "adam",          "weight_decay",
+                                         "clip_grad",     "precision",
+                                         "loss_scale",    "log_interval",
+                                         "rampup_batch",  "exit_duration_mins",
+                                         "exit_interval", NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
@@ -620,6 +614,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_int(pb, ls, "train.loss_scale", "hysteresis", &t->loss_scale.hysteresis);
   read_int(pb, o, "train", "log_interval", &t->log_interval);
   read_double(pb, o, "train", "exit_duration_mins", &t->exit_duration_mins);
+  read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
 }
 
 static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
@@ -977,6 +972,11 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "train.exit_duration_mins",
                "%g needs checkpoint.dir: the run it stops is resumed from the checkpoint it saves",
                t->exit_duration_mins);
+  if (t->exit_interval > 0 && !c->dir[0])
+    check_fail(pb, "train.exit_interval",
+               "%" PRId64 " needs checkpoint.dir: the run it stops is resumed from the checkpoint "
+               "it saves",
+               t->exit_interval);
   if (p->recompute_layers < 0)
     check_fail(pb, "parallel.recompute_layers", "%d must be >= 0 (0 = every layer)",
                p->recompute_layers);
@@ -1153,6 +1153,9 @@ static json_t *job_to_json(const mt_job *job) {
   if (job->train.exit_duration_mins > 0.0)
     json_object_set_new(json_object_get(root, "train"), "exit_duration_mins",
                         json_real(job->train.exit_duration_mins));
+  if (job->train.exit_interval > 0)
+    json_object_set_new(json_object_get(root, "train"), "exit_interval",
+                        json_integer(job->train.exit_interval));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

@@ -95,6 +95,8 @@ typedef struct mt_train_spec {
   int log_interval;              /* steps between log lines (1) */
   double exit_duration_mins;     /* Megatron's --exit-duration-in-mins: once a run has trained
                                     this long, it saves a checkpoint and stops (0: never) */
+  int64_t exit_interval;         /* Megatron's --exit-interval: after a step that is a multiple
+                                    of it (short of the last), saves and stops (0: never) */
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

@@ -467,6 +467,7 @@ static void damage_add(damage_list *l, int64_t step, const char *why) {
 static int operational_field(const char *path) {
   static const char *const exact[] = {"train.steps",
                                       "train.exit_duration_mins",
+                                      "train.exit_interval",
                                       "train.log_interval",
                                       "parallel.dp_min",
                                       "parallel.dp_max",

@@ -201,20 +201,25 @@ static int64_t job_start_ms(const char *name) {
   return s;
 }
 
-/* The ranks agreed to stop after tr->step (timed: for
- * train.exit_duration_mins): the first rank of this process says so. */
-static void report_stop(rank_ctx *c, const mt_trainer *tr, int timed, int64_t last_saved) {
+/* The ranks agreed to stop after tr->step (why: MT_STOPPED_*): the first
+ * rank of this process says so. */
+static void report_stop(rank_ctx *c, const mt_trainer *tr, int why, int64_t last_saved) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
   if (c != c->all) return;
-  if (o->on_stopped) o->on_stopped(tr->step, timed, o->arg);
-  if (timed)
+  if (o->on_stopped) o->on_stopped(tr->step, why, o->arg);
+  const char *resumes = last_saved == tr->step ? "this step's checkpoint resumes it"
+                        : tr->step == 0        ? "nothing was trained"
+                                               : "its checkpoint failed (above): the next run "
+                                                 "resumes from the newest committed one";
+  if (why == MT_STOPPED_TIME)
     mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; %s",
                 (long long)tr->step, (long long)job->train.steps, job->train.exit_duration_mins,
-                last_saved == tr->step ? "this step's checkpoint resumes it"
-                : tr->step == 0        ? "nothing was trained"
-                                       : "its checkpoint failed (above): the next run "
-                                         "resumes from the newest committed one");
+                resumes);
+  else if (why == MT_STOPPED_INTERVAL)
+    mt_log_info("stopped at step %lld of %lld: a multiple of train.exit_interval (%lld); %s",
+                (long long)tr->step, (long long)job->train.steps,
+                (long long)job->train.exit_interval, resumes);
   else
     mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
                 (long long)job->train.steps);
@@ -232,7 +237,8 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       c->rank == 0 && job->train.exit_duration_mins > 0.0
           ? job_start_ms(job->name) + (int64_t)(job->train.exit_duration_mins * 60000.0)
           : 0;
-  int timed = 0; /* the agreed stop was train.exit_duration_mins' */
+  int timed = 0; /* the agreed stop was train.exit_duration_mins' (MT_STOPPED_TIME) or,
+                    set after a step, train.exit_interval's (MT_STOPPED_INTERVAL) */
   if (c->rank == 0) report_start(tr);
   if (c->ckpt_dir[0]) {
     int64_t resumed;
@@ -267,9 +273,15 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;
-    timed = st.stop && st.timed;
+    timed = st.stop && st.timed ? MT_STOPPED_TIME : 0;
+    /* train.exit_interval (Megatron's --exit-interval): every rank counts
+     * the same steps, so all stop after the same one, validated and saved
+     * as a stop on request is */
+    int64_t every = job->train.exit_interval;
+    if (!st.stop && every > 0 && st.step % every == 0 && st.step < job->train.steps)
+      st.stop = 1, timed = MT_STOPPED_INTERVAL;
     /* out of time: straight to the checkpoint, as Megatron's exit */
-    if (job->eval.interval > 0 && !timed &&
+    if (job->eval.interval > 0 && timed != MT_STOPPED_TIME &&
         (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
       if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
       st.has_val = 1;
@@ -316,9 +328,9 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
   }
   if (o->export_path && timed && c == c->all)
-    mt_log_info("export to %s skipped: the run stopped for train.exit_duration_mins; the run "
-                "that ends it exports",
-                o->export_path);
+    mt_log_info("export to %s skipped: the run stopped for %s; the run that ends it exports",
+                o->export_path,
+                timed == MT_STOPPED_TIME ? "train.exit_duration_mins" : "train.exit_interval");
   if (o->export_path && !timed) {
     int64_t t0 = mono_ms();
     int rc = mt_trainer_export(tr, o->export_path);

@@ -65,13 +65,17 @@ typedef struct mt_local_opts {
   /* the first rank of this process, after resuming from a checkpoint at step */
   void (*on_resumed)(int64_t step, void *arg);
   /* the first rank of this process, when the ranks agreed to stop after
-   * step (before the last, or at it): timed when train.exit_duration_mins'
-   * deadline stopped them, while training or paused */
-  void (*on_stopped)(int64_t step, int timed, void *arg);
+   * step (before the last, or at it), why: MT_STOPPED_* */
+  void (*on_stopped)(int64_t step, int why, void *arg);
   void *arg;
 } mt_local_opts;
 
 typedef struct mt_local mt_local;
+
+/* Why the ranks stopped short of train.steps: a signal or an order,
+ * train.exit_duration_mins' deadline (while training or paused), or a step
+ * that is a multiple of train.exit_interval. */
+enum { MT_STOPPED_ASKED = 0, MT_STOPPED_TIME = 1, MT_STOPPED_INTERVAL = 2 };
 
 /* Starts this process's ranks and returns; o must outlive mt_local_wait. */
 int mt_local_start(const mt_local_opts *o, mt_local **out);

@@ -11,7 +11,8 @@ configs in a temp dir and stops them by pid:
 - test_other_job_and_other_version_are_refused
 - test_sigterm_to_a_member_stops_every_node_at_one_step
 - test_ready_and_status_reach_notify_socket
-- test_a_checkpoint_past_the_end_says_nothing_to_train
+- test_exit_interval_stops_and_the_next_run_completes (train.exit_interval);
+  test_a_checkpoint_past_the_end_says_nothing_to_train
 - test_unreadable_data_ends_the_job_without_restarts (exit 2)
 - test_cluster_key: a coordinator with rendezvous.key_file refuses a node
   without the key and one with another (each exits 2 at once, naming the
@@ -177,17 +178,21 @@ def test_sigterm_and_notify(mtnlgd, tmp, tokens):
 
 
 def test_checkpoint_past_the_end(mtnlgd, tmp, tokens):
-    """A job started again over a checkpoint of its last step has nothing to
-    train: it says so and exits 0, not "stopped at step 0 ... on request"."""
+    """A job of 4 steps with train.exit_interval 2 stops after step 2 saying
+    why, exiting 0; started again it trains steps 3 and 4 (the last is no
+    interval's stop); started again over that checkpoint of its last step it
+    has nothing to train: it says so and exits 0, not "stopped at step 0 ...
+    on request"."""
     path = os.path.join(tmp, "done.json")
     with open(path, "w") as f:
         json.dump({"name": "done", "model": {"preset": "tiny", "n_layer": 2},
                    "parallel": {"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
-                   "train": {"global_batch": 4, "steps": 4, "seed": 7, "lr": {"peak": 1e-3}},
+                   "train": {"global_batch": 4, "steps": 4, "seed": 7, "lr": {"peak": 1e-3},
+                             "exit_interval": 2},
                    "data": {"path": tokens},
                    "checkpoint": {"dir": os.path.join(tmp, "done-ckpt"), "interval": 2}}, f)
     runs = []
-    for _ in range(2):
+    for _ in range(3):
         c = LocalCluster(mtnlgd, os.path.join(tmp, "c5"), path, nodes=1, devices="cpu:1",
                          heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
         try:
@@ -195,11 +200,17 @@ def test_checkpoint_past_the_end(mtnlgd, tmp, tokens):
             runs.append((c.wait_all(120)[0], c.nodes[0].stderr()))
         finally:
             c.kill_all()
-    (first, _), (second, log) = runs
+    (first, log1), (second, log2), (third, log) = runs
+    stopped = "ended: stopped at step 2 of 4: a multiple of train.exit_interval (2)" in log1
+    completed = "resumed from" in log2 and "ended: completed 4 steps" in log2
     said = "nothing to train: the checkpoint at step 4 is at or past train.steps = 4" in log
-    return check("test_a_checkpoint_past_the_end_says_nothing_to_train",
-                 first == 0 and second == 0 and said and "on request" not in log,
-                 "exit codes %s, %s; the second run's log:\n%s" % (first, second, log[-3000:]))
+    fails = check("test_exit_interval_stops_and_the_next_run_completes",
+          first == 0 and second == 0 and stopped and completed,
+          "exit codes %s, %s; stop said %s, completion said %s; the logs:\n%s\n%s" % (
+              first, second, stopped, completed, log1[-1500:], log2[-1500:]))
+    return fails + check("test_a_checkpoint_past_the_end_says_nothing_to_train",
+                         third == 0 and said and "on request" not in log,
+                         "exit code %s; the third run's log:\n%s" % (third, log[-3000:]))
 
 
 def test_unreadable_data(mtnlgd, tmp, tokens):

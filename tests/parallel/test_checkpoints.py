@@ -4,7 +4,11 @@ disks, and SIGKILL in the middle of writing.
 usage: test_checkpoints.py MTNLGD MTNLGCTL FAULT_PRELOAD
 
 The job is the tiny byte-level model as tp 2 x pp 2 x dp 2 device threads
-(the same code path as a cluster), checkpointing into a temp dir.
+(the same code path as a cluster), checkpointing into a temp dir. Runs that
+stop part-way stop by train.exit_interval, at a step known in advance (a
+SIGTERM sent on reading a step lands some steps later, or after the last),
+except the first, which tests the stop by SIGTERM and takes the step it
+lands on.
 - test_resume_continues_bit_for_bit: a run stopped by SIGTERM after step 7
   (it saves on the way out) and started again prints, for every later step,
   exactly the loss of an uninterrupted run;
@@ -277,7 +281,7 @@ def main():
         with open(job, "w") as f:
             json.dump(j, f)
         p0, ref16 = run(mtnlgd, job, "checkpoint.dir=" + os.path.join(tmp, "ck1c-ref"))
-        p1, a, _ = run_until(mtnlgd, job, 9)
+        p1, a = run(mtnlgd, job, "train.exit_interval=9")
         p2, b = run(mtnlgd, job)
         skipped = p0.stdout.count('"skipped":true')
         # the count of skipped steps is checkpointed: the resumed run ends on the same total
@@ -294,8 +298,9 @@ def main():
         # 2. dp 2 -> 1 -> 4 (the checkpoint holds whole shards: any dp loads it)
         ck = os.path.join(tmp, "ck2")
         job = write_job(os.path.join(tmp, "job2.json"), tokens, ckpt=ck)
-        p1, a, _ = run_until(mtnlgd, job, 6)
-        p2, b, err2 = run_until(mtnlgd, job, 12, "parallel.dp_min=1", "parallel.dp_max=1")
+        p1, a = run(mtnlgd, job, "train.exit_interval=6")
+        p2, b = run(mtnlgd, job, "train.exit_interval=12", "parallel.dp_min=1", "parallel.dp_max=1")
+        err2 = p2.stderr
         p3, c = run(mtnlgd, job, "parallel.dp_min=4", "parallel.dp_max=4")
         got = {**a, **b, **c}
         worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref if s in got) if got else 1
@@ -374,7 +379,7 @@ def main():
         # 4. a file-size limit (a full disk, as far as the writer can tell)
         ck = os.path.join(tmp, "ck4")
         job = write_job(os.path.join(tmp, "job4.json"), tokens, ckpt=ck, steps=30)
-        p6, s6, _ = run_until(mtnlgd, job, 5)
+        p6, s6 = run(mtnlgd, job, "train.exit_interval=5")
         before = subprocess.run([mtnlgctl, "ckpt", "verify", os.path.join(ck, "ckpt-test")],
                                 capture_output=True, text=True)
 

@@ -14,9 +14,11 @@ The job ramps from 2 samples a step to 8 in increments of 2 over 24 samples
 - test_layouts_agree_during_the_ramp: (tp, pp, dp) = (1,1,2), (1,2,2) and
   (2,2,2) train (1,1,1)'s losses within 1e-5 relative, so every rank agrees
   on each step's micro-batch count;
-- test_resume_mid_ramp_is_bit_for_bit: a run stopped by SIGTERM during the
-  ramp resumes on the batch its samples call for, with the same later
-  losses, batches and lrs exactly;
+- test_resume_mid_ramp_is_bit_for_bit: a run stopped during the ramp (after
+  step 5, by train.exit_interval: a SIGTERM on seeing step 5 raced the run's
+  end, 12 steps of a 2-layer model) resumes on the batch its samples call
+  for, with the same later losses, batches and lrs exactly (and the resume
+  says the changed exit_interval does not change the trajectory);
 - test_rampup_refusals: a start that does not split over micro_batch * dp, an
   increment that does not divide the ramp, a start at the final batch, and
   both samples and tokens, each refused naming the key.
@@ -24,7 +26,6 @@ The job ramps from 2 samples a step to 8 in increments of 2 over 24 samples
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -68,19 +69,6 @@ def run(mtnlgd, job, *sets):
     return p, lines_of(p.stdout)
 
 
-def run_until(mtnlgd, job, step, *sets):
-    p = subprocess.Popen(args(mtnlgd, job, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out = {}
-    for line in p.stdout:
-        if line.startswith("{"):
-            r = json.loads(line)
-            out[r["step"]] = r
-            if r["step"] == step:
-                p.send_signal(signal.SIGTERM)
-    err = p.stderr.read()
-    p.wait(timeout=120)
-    return p, out, err
 
 
 # ---- the reference: Megatron's calculator and scheduler, as documented ----
@@ -163,19 +151,24 @@ def main():
 
         ck = os.path.join(tmp, "ck")
         job = write_job(os.path.join(tmp, "ck.json"), tokens, ckpt=ck)
-        p1, a, _ = run_until(mtnlgd, job, 5)
+        p1, a = run(mtnlgd, job, "train.exit_interval=5")
         p2, b = run(mtnlgd, job)
         first = min(b) if b else None
         same = (a and b and first == max(a) + 1 and max(b) == STEPS
                 and all(b[s]["loss"] == one[s]["loss"] and b[s]["lr"] == one[s]["lr"]
                         and b[s].get("global_batch") == one[s]["global_batch"] for s in b))
         fails += check("test_resume_mid_ramp_is_bit_for_bit",
-                       p1.returncode == 0 and p2.returncode == 0 and same
+                       p1.returncode == 0 and p2.returncode == 0 and same and max(a) == 5
+                       and "stopped at step 5 of 12: a multiple of train.exit_interval (5)"
+                       in p1.stderr
+                       and "(its trajectory does not): train.exit_interval 5 -> " in p2.stderr
                        and "resumed from" in p2.stderr and first is not None
                        and want[first][0] < FINAL,
-                       "stopped at %s, resumed at %s (batch %s), later steps equal: %s" % (
+                       "stopped at %s, resumed at %s (batch %s), later steps equal: %s%s" % (
                            max(a) if a else None, first,
-                           b[first].get("global_batch") if first else None, same))
+                           b[first].get("global_batch") if first else None, same,
+                           "" if p1.returncode == 0 and p2.returncode == 0
+                           else "\n" + p1.stderr[-1500:] + p2.stderr[-1500:]))
 
         refusals = [
             ({"start": 3, "increment": 5}, ["parallel.dp_min=2"], "train.rampup_batch"),

@@ -149,6 +149,21 @@ static void test_override_sets_nested_key(void) {
   CHECK(strstr(mt_errmsg(), "train.exit_duration_mins: 90 needs checkpoint.dir"));
   CHECK(parse_with(&job, tiny_job, "train.exit_duration_mins=-1", NULL) == MT_EINVAL);
   CHECK(strstr(mt_errmsg(), "train.exit_duration_mins: -1 must be from 0"));
+  /* exit_interval, the same: and a whole count of steps */
+  CHECK(parse_with(&job, tiny_job, "train.exit_interval=5", "checkpoint.dir=/ck") == MT_OK);
+  CHECK(job.train.exit_interval == 5);
+  /* in the canonical form the nodes of a cluster read the job from */
+  canon = mt_job_to_json(&job);
+  CHECK(canon && strstr(canon, "\"exit_interval\":5") &&
+        mt_job_parse(&back, canon, "/jobs", presets, NULL) == MT_OK);
+  CHECK(back.train.exit_interval == 5 && !strcmp(back.hash, job.hash));
+  free(canon);
+  CHECK(parse_with(&job, tiny_job, "train.exit_interval=5", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.exit_interval: 5 needs checkpoint.dir"));
+  CHECK(parse_with(&job, tiny_job, "train.exit_interval=-2", "checkpoint.dir=ck") == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.exit_interval"));
+  CHECK(parse_with(&job, tiny_job, "train.exit_interval=2.5", "checkpoint.dir=ck") == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.exit_interval: expected an integer"));
   /* rows that do not split evenly over tp are refused at parse, named */
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "parallel.tp=4") == MT_OK);
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "model.seq_len=7") ==
