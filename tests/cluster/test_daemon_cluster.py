@@ -98,7 +98,9 @@ def test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it(mtnlgd
                            r"rendezvous.max_restarts\)") for n in others]
         took = [t - t0 if t else None for t in took]
         named = all(t is not None for t in took)
-        ok = codes == [1, 1, 1] and named and max(took) <= TIMEOUT_MS / 1000 + 1.5
+        # within the heartbeat timeout and a few ticks (a loaded machine's
+        # scheduling given room): the job did not wait for anything else
+        ok = codes == [1, 1, 1] and named and max(took) <= TIMEOUT_MS / 1000 + 4
         return check("test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it", ok,
                      "exit codes %s; the end logged %s s after the kill (timeout %.1f s)%s" % (
                          codes, ["%.1f" % t if t is not None else None for t in took],

@@ -297,6 +297,12 @@ def test_stalled_member_comes_back(mtnlgd, tmp, tokens, validate):
         c.kill_all()
 
 
+# The jobs that lose a node after step 3 and are then trained whole: long
+# enough that the loss (the test's poll after step 3, then a signal) lands
+# before the job's end on a machine of any speed (12 steps left 9 to spare)
+SHORT_STEPS = 30
+
+
 def two_nodes(mtnlgd, tmp, tokens, name, steps, extra=None, timeout_ms=TIMEOUT_MS):
     """The tiny model as one replica over two daemons (pp 2, tp 2), no
     checkpoints and no spare: losing either leaves too few slots."""
@@ -307,7 +313,7 @@ def two_nodes(mtnlgd, tmp, tokens, name, steps, extra=None, timeout_ms=TIMEOUT_M
 
 
 def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
-    c = two_nodes(mtnlgd, tmp, tokens, "rejoin", 12)
+    c = two_nodes(mtnlgd, tmp, tokens, "rejoin", SHORT_STEPS)
     n0, n1 = c.nodes
     try:
         c.start()
@@ -325,7 +331,8 @@ def test_restarted_node_rejoins(mtnlgd, tmp, tokens):
         k = next((i for i in range(1, len(steps)) if steps[i][0] <= steps[i - 1][0]), None)
         first, again = (steps[:k], steps[k:]) if k else (steps, [])
         ok = (codes == [0, 0] and ended and said and len(first) >= 3
-              and [s for s, _ in again] == list(range(1, 13)) and first == again[:len(first)])
+              and [s for s, _ in again] == list(range(1, SHORT_STEPS + 1))
+              and first == again[:len(first)])
         return check("test_restarted_node_rejoins_and_the_job_starts_again_from_step_0", ok,
                      "exit codes %s, end logged %s, step 0 logged %s; steps 1..%d, then %s..%s%s"
                      % (codes, ended, said, len(first), again[:1], again[-1:],
@@ -342,7 +349,7 @@ def test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens):
     again; before, it was refused as a duplicate and exited 2, which the
     unit does not restart."""
     # a timeout a loaded machine's daemon start (a second or two) stays well within
-    c = two_nodes(mtnlgd, tmp, tokens, "restart-at-once", 12, timeout_ms=6000)
+    c = two_nodes(mtnlgd, tmp, tokens, "restart-at-once", SHORT_STEPS, timeout_ms=6000)
     n0, n1 = c.nodes
     try:
         c.start()
@@ -356,7 +363,7 @@ def test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens):
         again = grep(n1, r"joined 127\.0\.0\.1:\d+ again as join \d+")
         ended = grep(n0, r"generation 1 ended: node n1 lost")
         steps = [s["step"] for s in n0.steps()]
-        ok = codes == [0, 0] and away and again and ended and steps[-1:] == [12]
+        ok = codes == [0, 0] and away and again and ended and steps[-1:] == [SHORT_STEPS]
         return check("test_node_restarted_at_once_waits_for_its_old_entry", ok,
                      "exit codes %s; turned away %s, joined again %s, generation 1 ended %s, "
                      "last step %s%s" % (codes, bool(away), bool(again), bool(ended), steps[-1:],
@@ -375,7 +382,9 @@ def post(node, path, token):
 
 def test_paused_job_reforms_paused(mtnlgd, tmp, tokens):
     token = "pause-token"
-    job = tiny_job(os.path.join(tmp, "paused.json"), tokens, "paused", 10,
+    # 40 steps: the pause lands some steps after step 3 (the poll, the
+    # coordinator's tick), and must land before the job ends
+    job = tiny_job(os.path.join(tmp, "paused.json"), tokens, "paused", 40,
                    parallel={"tp": 2, "pp": 2, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
     c = LocalCluster(mtnlgd, os.path.join(tmp, "paused"), job, nodes=2, heartbeat_ms=HB_MS,
                      timeout_ms=TIMEOUT_MS, token=token)
@@ -398,7 +407,7 @@ def test_paused_job_reforms_paused(mtnlgd, tmp, tokens):
         codes = c.wait_all(120)
         steps = [s["step"] for s in n0.steps()]
         ok = (paused == 202 and held and st["state"] == "paused" and st["generation"] == 2
-              and resumed == 202 and codes == [0, 0] and steps[-10:] == list(range(1, 11)))
+              and resumed == 202 and codes == [0, 0] and steps[-40:] == list(range(1, 41)))
         return check("test_paused_job_lost_a_node_and_reformed_paused", ok,
                      "pause %s; generation %s state %s, no step in 2 s: %s; resume %s; exit codes "
                      "%s; steps %s%s" % (paused, st["generation"], st["state"], held, resumed,
@@ -409,7 +418,7 @@ def test_paused_job_reforms_paused(mtnlgd, tmp, tokens):
 
 def test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens):
     name = "test_stalled_node_coming_back_lets_the_cluster_waiting_for_nodes_reform"
-    c = two_nodes(mtnlgd, tmp, tokens, "comeback", 12,
+    c = two_nodes(mtnlgd, tmp, tokens, "comeback", SHORT_STEPS,
                   extra={"cluster": {"comm_timeout_ms": 10000},
                          "rendezvous": {"reform_timeout_s": 30}})
     n0, n1 = c.nodes
@@ -425,7 +434,7 @@ def test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens):
                           r"dp 1 = 4 ranks on 2 node\(s\): n0 \[0,2\), n1 \[2,4\)")
         runs0 = runs([s["step"] for s in n0.steps()])
         ok = codes == [0, 0] and back and formed and len(runs0) == 2 and runs0[1] == list(
-            range(1, 13))
+            range(1, SHORT_STEPS + 1))
         return check(name, ok, "exit codes %s, back logged %s, generation 2 formed with n1 %s; "
                      "n0 ran steps %s%s" % (codes, back, formed,
                                             ["%d..%d" % (r[0], r[-1]) for r in runs0],
@@ -454,7 +463,9 @@ def test_too_few_nodes_left_ends_the_job(mtnlgd, tmp, tokens):
         t_end, t_fail = (n0.log_time(r"generation 1 ended: node n1 lost"),
                          n0.log_time(r"generation 2 ended: cannot re-form"))
         waited = t_fail - t_end if t_end and t_fail else None
-        ok = code == 1 and ended and failed and waited is not None and 0.9 <= waited <= 3
+        # at least the timeout; the upper bound only says it did not wait for
+        # something else, with room for a loaded machine
+        ok = code == 1 and ended and failed and waited is not None and 0.9 <= waited <= 6
         return check("test_too_few_nodes_left_ends_the_job_after_reform_timeout", ok,
                      "exit %s, end logged %s, failure logged %s, %s s after the end%s" % (
                          code, ended, failed, waited, "" if ok else "\n" + c.logs(15)))
