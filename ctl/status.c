@@ -92,7 +92,7 @@ static void print_throughput(const json_t *st) {
 /* On the daemon that hosts the rendezvous store: what it holds of its limit,
  * its connections and parked requests. */
 static void print_store(json_t *store) {
-  double keys, bytes, max, clients, waiters, refused;
+  double keys, bytes, max, clients, waiters, refused, dropped;
   if (!json_is_object(store) || !ctl_jnum(store, "keys", &keys) ||
       !ctl_jnum(store, "bytes", &bytes) || !ctl_jnum(store, "max_bytes", &max) ||
       !ctl_jnum(store, "clients", &clients) || !ctl_jnum(store, "waiters", &waiters))
@@ -103,6 +103,8 @@ static void print_store(json_t *store) {
          max > 0 ? 100.0 * bytes / max : 0.0, clients, waiters);
   if (ctl_jnum(store, "refused_clients", &refused) && refused > 0)
     printf("; %.0f connections refused", refused);
+  if (ctl_jnum(store, "dropped_clients", &dropped) && dropped > 0)
+    printf("; %.0f closed for not reading their replies", dropped);
   printf("\n");
 }
 

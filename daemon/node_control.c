@@ -114,12 +114,12 @@ static json_t *store_status(node *n) {
   if (!n->server) return json_null();
   mt_store_server_stats st;
   mt_store_server_thread_get_stats(n->server, &st);
-  return json_pack("{s:I, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:I}", "keys", (json_int_t)st.keys,
-                   "bytes", (json_int_t)st.bytes, "max_bytes", (json_int_t)st.max_bytes,
-                   "transient_bytes", (json_int_t)st.transient_bytes, "max_transient_bytes",
-                   (json_int_t)st.max_transient_bytes, "clients", (int)st.clients, "max_clients",
-                   (int)st.max_conns, "waiters", (int)st.waiters, "refused_clients",
-                   (json_int_t)st.refused);
+  return json_pack(
+      "{s:I, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:I, s:I}", "keys", (json_int_t)st.keys, "bytes",
+      (json_int_t)st.bytes, "max_bytes", (json_int_t)st.max_bytes, "transient_bytes",
+      (json_int_t)st.transient_bytes, "max_transient_bytes", (json_int_t)st.max_transient_bytes,
+      "clients", (int)st.clients, "max_clients", (int)st.max_conns, "waiters", (int)st.waiters,
+      "refused_clients", (json_int_t)st.refused, "dropped_clients", (json_int_t)st.dropped);
 }
 
 static json_t *build_status(node *n) {

@@ -922,6 +922,7 @@ void mt_store_server_get_stats(const mt_store_server *s, mt_store_server_stats *
   st->bytes = s->bytes;
   st->transient_bytes = transient_bytes(s);
   st->refused = s->refused.n;
+  st->dropped = s->dropped.n;
   st->max_bytes = s->max_bytes;
   st->max_transient_bytes = s->max_transient;
   st->max_conns = s->max_conns;

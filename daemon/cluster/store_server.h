@@ -66,6 +66,8 @@ typedef struct mt_store_server_stats {
   uint64_t transient_bytes; /* held by parked requests, receive buffers and queued replies, as
                              * their limit counts */
   uint64_t refused;         /* connections closed at once: past max_conns, or no memory for them */
+  uint64_t dropped;         /* connections closed for not reading their replies: those queued
+                             * and the next would pass the transient limit */
   uint64_t max_bytes, max_transient_bytes; /* the limits in force */
   unsigned max_conns;
 } mt_store_server_stats;

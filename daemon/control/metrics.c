@@ -271,6 +271,11 @@ static void render_store(sbuf *b, json_t *store) {
       {"refused_clients",
        {"mtnlg_store_refused_clients_total", "counter",
         "Connections the store closed at once: past its limit, or no memory for them.", 0}},
+      {"dropped_clients",
+       {"mtnlg_store_dropped_clients_total", "counter",
+        "Connections the store closed for not reading their replies (queued past the transient "
+        "limit).",
+        0}},
   };
   sample_fields(b, f, sizeof f / sizeof f[0], store);
 }

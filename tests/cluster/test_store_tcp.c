@@ -702,6 +702,9 @@ static void test_unread_replies_past_the_transient_limit_close_their_connection(
         ")",
         N, st.clients, st.transient_bytes, REPLY_TRANSIENT);
   if (gone) CHECK(raw_closed(fd), "the connection that did not read its replies stayed open");
+  /* counted, for /v1/status and the metrics; refused connections are not these */
+  CHECK(st.dropped == 1 && st.refused == 0, "%" PRIu64 " dropped, %" PRIu64 " refused", st.dropped,
+        st.refused);
   CHECK(!mt_store_get(other, "gen/0/y", &v, &got, 0) && got == 1 && v && !strcmp(v, "2"),
         "a GET on another connection after the close: %s", mt_errmsg());
   free(v);

@@ -457,7 +457,7 @@ SAMPLE_STATUS = {
     "operations_pending": 0,
     "store": {"keys": 120, "bytes": 40960, "max_bytes": 17179869184, "transient_bytes": 131072,
               "max_transient_bytes": 4294967296, "clients": 2, "max_clients": 65536,
-              "waiters": 3, "refused_clients": 0},
+              "waiters": 3, "refused_clients": 0, "dropped_clients": 0},
 }
 SAMPLE_OP = {"id": "op-7", "kind": "resize", "state": "queued", "reason": None,
              "created": 1700000000.0, "updated": 1700000000.5, "step": None, "args": {"dp": 2},

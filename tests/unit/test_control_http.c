@@ -71,12 +71,12 @@ static json_t *fake_status(void *arg) {
   if (s) json_object_set_new(s, "restarts", json_integer(1));
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
   if (s)
-    json_object_set_new(s, "store",
-                        json_pack("{s:i, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:i}", "keys", 120,
-                                  "bytes", (json_int_t)40960, "max_bytes",
-                                  (json_int_t)17179869184LL, "transient_bytes", (json_int_t)131072,
-                                  "max_transient_bytes", (json_int_t)4294967296LL, "clients", 2,
-                                  "max_clients", 65536, "waiters", 3, "refused_clients", 1));
+    json_object_set_new(
+        s, "store",
+        json_pack("{s:i, s:I, s:I, s:I, s:I, s:i, s:i, s:i, s:i, s:i}", "keys", 120, "bytes",
+                  (json_int_t)40960, "max_bytes", (json_int_t)17179869184LL, "transient_bytes",
+                  (json_int_t)131072, "max_transient_bytes", (json_int_t)4294967296LL, "clients", 2,
+                  "max_clients", 65536, "waiters", 3, "refused_clients", 1, "dropped_clients", 4));
   pthread_mutex_unlock(&f->mu);
   if (!s) fprintf(stderr, "fake_status: json_pack failed\n");
   return s;
@@ -781,6 +781,8 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_store_waiters 3\n",
       "# TYPE mtnlg_store_refused_clients_total counter\n",
       "mtnlg_store_refused_clients_total 1\n",
+      "# TYPE mtnlg_store_dropped_clients_total counter\n",
+      "mtnlg_store_dropped_clients_total 4\n",
       "# TYPE mtnlg_http_requests_total counter\n",
       "mtnlg_http_requests_total{code=\"200\"} ",
       "mtnlg_http_requests_total{code=\"404\"} ",
