@@ -237,6 +237,9 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       c->rank == 0 && job->train.exit_duration_mins > 0.0
           ? job_start_ms(job->name) + (int64_t)(job->train.exit_duration_mins * 60000.0)
           : 0;
+  /* read before each step and again before its all-reduce */
+  tr->stop_flag = o->stop;
+  tr->order_src = c->rank == 0 ? o->order : NULL;
   int timed = 0; /* the agreed stop was train.exit_duration_mins' (MT_STOPPED_TIME) or,
                     set after a step, train.exit_interval's (MT_STOPPED_INTERVAL) */
   if (c->rank == 0) report_start(tr);

@@ -575,6 +575,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
+  if (tr->stop_flag && !tr->stop_request && __atomic_load_n(tr->stop_flag, __ATOMIC_ACQUIRE))
+    tr->stop_request = MT_STOP_ASKED;
+  if (tr->order_src) tr->order_word = __atomic_load_n(tr->order_src, __ATOMIC_ACQUIRE);
   double agreed[9] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       mt_trainer_stop_vote(tr),

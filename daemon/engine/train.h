@@ -27,6 +27,8 @@
 #ifndef MT_TRAIN_H
 #define MT_TRAIN_H
 
+#include <signal.h>
+
 #include "comm.h"
 #include "gpt.h"
 #include "job.h"
@@ -129,11 +131,16 @@ typedef struct mt_trainer {
                                   all-reduce, so the step during which it passes is the last
                                   (Megatron checks after each step) */
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
-  int32_t *inputs, *targets;   /* host, (micro_batch, seq) */
-  double flops_per_step;       /* model FLOPs of this rank per step (the current step's) */
-  double flops_per_micro;      /* ... per micro-batch */
-  mt_precision precision;      /* of the job's train.precision */
-  mt_loss_scale scaler;        /* fp16 only; the same state on every rank */
+  /* read again just before the step's all-reduce (NULL: none): a signal or
+   * an order that comes during a step stops it or acts after that step, not
+   * the next (a step of MT-NLG's size takes tens of seconds) */
+  volatile sig_atomic_t *stop_flag; /* the process's stop flag, set by a signal */
+  volatile int64_t *order_src;      /* world rank 0 only: the coordinator's latest order */
+  int32_t *inputs, *targets;        /* host, (micro_batch, seq) */
+  double flops_per_step;            /* model FLOPs of this rank per step (the current step's) */
+  double flops_per_micro;           /* ... per micro-batch */
+  mt_precision precision;           /* of the job's train.precision */
+  mt_loss_scale scaler;             /* fp16 only; the same state on every rank */
 } mt_trainer;
 
 /* Orders from the coordinator, numbered by seq, agreed on by every rank in

@@ -12,6 +12,13 @@ usage: test_processes.py MTNLGD JOB.json
 - test_sigterm_to_any_process_stops_all_at_one_step: SIGTERM to process 1
   of a (dp 2) job as 2 processes stops both at the same step boundary (the
   stop order rides in the step's all-reduce), both exiting 0;
+- test_sigterm_during_a_step_stops_after_that_step: one process of slow
+  steps (a wider model), SIGTERMed a quarter of a step after step 1's line,
+  stops after step 2, in which the signal came (it is read again before the
+  step's all-reduce), not after step 3; a try whose signal did not land in
+  the first half of step 2 (a loaded machine) proves nothing and is made
+  again, up to three times, then reported as inconclusive rather than
+  failed;
 - test_low_soft_fd_limit_is_raised: under a soft limit of 80 open files
   (a shell's or a container's, where the unit's LimitNOFILE does not apply)
   8 rank threads, whose Gloo groups hold 2 descriptors per peer, still train:
@@ -37,6 +44,38 @@ def args(mtnlgd, job, tokens, steps, tp, pp, dp, json_log=True):
          "--set", f"parallel.tp={tp}", "--set", f"parallel.pp={pp}",
          "--set", f"parallel.dp_min={dp}"]
     return a + (["--log-format", "json"] if json_log else [])
+
+
+def stop_during_step_2(mtnlgd, job, tokens):
+    """SIGTERM a quarter of a step after reading step 1's line, in a run of
+    slow steps; returns (exit code, the last step, whether the signal was
+    sent inside step 2 and in its first half, detail)."""
+    a = args(mtnlgd, job, tokens, 100000, 1, 1, 1) + [
+        "--set", "model.n_embd=256", "--set", "model.n_head=4", "--set", "model.seq_len=256",
+        "--set", "parallel.micro_batch=8", "--set", "train.global_batch=16"]
+    p = subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps, arrived, sent = {}, {}, None
+    for line in p.stdout:
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        steps[r["step"]], arrived[r["step"]] = r, time.monotonic()
+        if r["step"] == 1:  # a quarter into step 2, which starts as step 1's line comes
+            time.sleep(0.25 * r["step_ms"] / 1e3)
+            p.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    last = max(steps) if steps else None
+    # step 2's line comes at its end, step_ms after its start
+    s2 = steps.get(2)
+    start2 = arrived[2] - s2["step_ms"] / 1e3 if s2 else None
+    early = (s2 is not None and sent is not None
+             and start2 < sent < start2 + 0.5 * s2["step_ms"] / 1e3)
+    detail = "exit %d, stopped after step %s; the signal sent %s ms into step 2 of %s ms" % (
+        p.returncode, last, "%.0f" % ((sent - start2) * 1e3) if s2 and sent else None,
+        "%.0f" % s2["step_ms"] if s2 else None)
+    return p.returncode, last, early, detail + ("" if p.returncode == 0 else "\n" + err[-1500:])
 
 
 def losses(text):
@@ -125,6 +164,20 @@ def main():
             ok = False
             print("FAIL test_sigterm_to_any_process_stops_all_at_one_step: still running")
         failures += not ok
+
+        name = "test_sigterm_during_a_step_stops_after_that_step"
+        tries = []
+        for _ in range(3):
+            rc, last, early, detail = stop_during_step_2(mtnlgd, job, tokens)
+            tries.append(detail)
+            if early or rc != 0:
+                ok = rc == 0 and last == 2
+                print(f"{'ok' if ok else 'FAIL'} {name}: {detail}")
+                failures += not ok
+                break
+        else:
+            print(f"SKIP {name}: inconclusive, the signal never came in the first half of "
+                  f"step 2: {tries}")
 
         def low_soft_limit():
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
