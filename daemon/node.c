@@ -351,7 +351,7 @@ static void read_order(node *n) {
   int code = mt_order_kind_code(kind); /* the engine's MT_ORDER_* numbers */
   /* world rank 0 carries it into the step's all-reduce: every rank acts on
    * the same step boundary */
-  if (code && n->holds_rank0) /* rank 0's thread reads it between steps */
+  if (code && n->holds_rank0) /* rank 0's thread reads it before a step and its all-reduce */
     __atomic_store_n(&n->order_word, mt_order_word(seq, code), __ATOMIC_RELEASE);
   if (!code) mt_log_warn("the coordinator ordered \"%s\", unknown to this version", kind);
 }

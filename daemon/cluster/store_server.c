@@ -405,7 +405,11 @@ static void send_msg(conn *c, const mt_store_msg *m, int close_after) {
     return;
   }
   sync_queued(c); /* what the kernel did not take at once */
-  if (c->queued > MAX_QUEUED_BYTES) conn_close(c);
+  if (c->queued > MAX_QUEUED_BYTES) {
+    mt_seterr(MT_ENOMEM, "over %zu MiB of replies queued for one connection",
+              MAX_QUEUED_BYTES >> 20);
+    drop_slow_reader(c);
+  }
 }
 
 static void reply(conn *c, uint8_t op, uint32_t id, uint8_t status) {

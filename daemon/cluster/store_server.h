@@ -67,7 +67,7 @@ typedef struct mt_store_server_stats {
                              * their limit counts */
   uint64_t refused;         /* connections closed at once: past max_conns, or no memory for them */
   uint64_t dropped;         /* connections closed for not reading their replies: those queued
-                             * and the next would pass the transient limit */
+                             * and the next would pass the transient limit, or 256 MiB */
   uint64_t max_bytes, max_transient_bytes; /* the limits in force */
   unsigned max_conns;
 } mt_store_server_stats;

@@ -48,9 +48,8 @@ typedef struct mt_local_opts {
   /* The coordinator's latest order word (train.h, mt_order_word), read by
    * world rank 0 before each step and again before its all-reduce (an order
    * that comes during a step acts after it) and agreed on by all: pause
-   * holds every
-   * rank after that step (a small all-reduce every 50 ms) until resume or
-   * stop; stop ends the run there. NULL: no orders. */
+   * holds every rank after that step (a small all-reduce every 50 ms) until
+   * resume or stop; stop ends the run there. NULL: no orders. */
   volatile int64_t *order;
   /* the first rank of this process, when an order takes effect after step */
   void (*on_order)(int kind, int64_t seq, int64_t step, void *arg);

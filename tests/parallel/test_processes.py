@@ -50,7 +50,8 @@ def stop_during_step_2(mtnlgd, job, tokens):
     """SIGTERM a quarter of a step after reading step 1's line, in a run of
     slow steps; returns (exit code, the last step, whether the signal was
     sent inside step 2 and in its first half, detail)."""
-    a = args(mtnlgd, job, tokens, 100000, 1, 1, 1) + [
+    # 20 steps: a signal that went astray ends the run in seconds, not hours
+    a = args(mtnlgd, job, tokens, 20, 1, 1, 1) + [
         "--set", "model.n_embd=256", "--set", "model.n_head=4", "--set", "model.seq_len=256",
         "--set", "parallel.micro_batch=8", "--set", "train.global_batch=16"]
     p = subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
