@@ -236,6 +236,8 @@ static void print_status(const json_t *st) {
     printf(LABEL "%s (%s%s, train.exit_duration_mins)\n", "exits at", ctl_fmt_time(a, sizeof a, v),
            left > 0 ? "in " : "passed", left > 0 ? ctl_fmt_duration(b, sizeof b, left) : "");
   }
+  if (ctl_jnum(st, "exit_step", &v))
+    printf(LABEL "after step %.0f (train.exit_interval)\n", "exits", v);
   print_checkpoint(st);
   if (ctl_jnum(st, "operations_pending", &v) && v > 0)
     printf(LABEL "%.0f pending (mtnlgctl ops)\n", "operations", v);

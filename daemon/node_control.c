@@ -192,6 +192,15 @@ static json_t *build_status(node *n) {
   }
   json_object_set_new(s, "eta_s", eta);
   json_object_set_new(s, "exit_at", n->exit_at > 0 ? json_real(n->exit_at) : json_null());
+  /* the step train.exit_interval stops the run after: the next multiple,
+   * short of the last; null once the job has stopped or ended */
+  json_t *exit_step = json_null();
+  int64_t every = j ? j->train.exit_interval : 0;
+  if (every > 0 && strcmp(state, "stopped") && strcmp(state, "failed")) {
+    int64_t next = ((have ? st->step : 0) / every + 1) * every;
+    if (next < j->train.steps) exit_step = json_integer(next);
+  }
+  json_object_set_new(s, "exit_step", exit_step);
   /* devices: this node's, with the first local rank's rate for each */
   json_t *devs = json_array();
   if (n->have_run_job) {

@@ -226,6 +226,8 @@ static void render_cluster(sbuf *b, json_t *st) {
       {"exit_at",
        {"mtnlg_exit_time_seconds", "gauge",
         "When train.exit_duration_mins stops the run, in seconds since the epoch.", 0}},
+      {"exit_step",
+       {"mtnlg_exit_step", "gauge", "The step after which train.exit_interval stops the run.", 0}},
       {"operations_pending",
        {"mtnlg_operations_pending", "gauge", "Operations queued or running.", 0}},
   };

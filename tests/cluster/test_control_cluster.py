@@ -13,7 +13,8 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
   losses are those of `mtnlgd --standalone` of the same job.
 - C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 12 s,
   paused at its second step: /v1/status and mtnlgctl status on both nodes
-  say when it exits; the deadline passes while it is paused, and it stops
+  say when it exits (and after which step its train.exit_interval of 50000
+  would stop it); the deadline passes while it is paused, and it stops
   there by itself with that step's checkpoint, naming the reason.
 Each check prints `ok NAME` or `FAIL NAME: detail`; the exit status is 1 when
 any failed.
@@ -671,6 +672,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         j = json.load(f)
     j["parallel"].update(dp_min=1, dp_max=1)
     j["train"]["exit_duration_mins"] = 0.2
+    j["train"]["exit_interval"] = 50000  # never reached: shown in the status as the step it stops after
     j["checkpoint"] = {"dir": ckpt}
     with open(job, "w") as f:
         json.dump(j, f)
@@ -685,7 +687,9 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         at = (op or {}).get("step")
         paused = wait_until(lambda: states(c) == ["paused"] * 2, 10)
         now = time.time()
-        exits = [(get(n, "/v1/status").json() or {}).get("exit_at") for n in c.nodes]
+        sts = [get(n, "/v1/status").json() or {} for n in c.nodes]
+        exits = [s.get("exit_at") for s in sts]
+        exit_steps = [s.get("exit_step") for s in sts]
         shown = [subprocess.run([mtnlgctl, "-e", n.url(), "status"], capture_output=True,
                                 text=True, timeout=30, env=ctl_env()).stdout for n in c.nodes]
         m = re.search(r"^mtnlg_exit_time_seconds(\{[^}]*\})? (\S+)$", get(n0, "/v1/metrics").body
@@ -697,6 +701,15 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
                       for t in shown),
               "exit_at %s at %.1f; metric %s; mtnlgctl status %s" % (
                   exits, now, m and m.group(0),
+                  [l for t in shown for l in t.splitlines() if "exit" in l]))
+        ms = re.search(r"^mtnlg_exit_step(\{[^}]*\})? (\S+)$", get(n1, "/v1/metrics").body
+                       .decode(), re.M)
+        check("test_status_says_after_which_step_train_exit_interval_stops_the_run",
+              exit_steps == [50000, 50000] and ms and float(ms.group(2)) == 50000
+              and all(re.search(r"exits +after step 50000 \(train.exit_interval\)", t)
+                      for t in shown),
+              "exit_step %s; metric %s; mtnlgctl status %s" % (
+                  exit_steps, ms and ms.group(0),
                   [l for t in shown for l in t.splitlines() if "exit" in l]))
         codes = c.wait_all(60)
         lasts = [last_step(n) for n in c.nodes]

@@ -444,7 +444,7 @@ SAMPLE_STATUS = {
     "step": 12, "consumed_tokens": 12288, "global_batch": 8, "loss": 3.21, "lr": 1e-3, "grad_norm": 0.8,
     "val_loss": None, "tokens_per_s": 2830.0, "skipped_steps": 0, "loss_scale": None,
     "step_time": {"total_ms": 45.3, "compute_ms": 38.0, "bubble_ms": 4.1, "comm_ms": 3.2},
-    "eta_s": 120.5, "exit_at": None,
+    "eta_s": 120.5, "exit_at": None, "exit_step": None,
     "devices": [{"node": "n0", "device": "cpu:0", "rank": 0, "stage": 0, "replica": 0,
                  "tflops": 0.21, "mfu": None}],
     "nodes": [{"name": "n0", "host": "127.0.0.1", "role": "coordinator", "state": "running",

@@ -70,6 +70,7 @@ static json_t *fake_status(void *arg) {
       (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6, "operations_pending", 0);
   if (s) json_object_set_new(s, "restarts", json_integer(1));
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
+  if (s) json_object_set_new(s, "exit_step", json_integer(5000));
   if (s)
     json_object_set_new(
         s, "store",
@@ -756,6 +757,7 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_tokens_per_second 2830\n",
       "mtnlg_skipped_steps_total 0\n",
       "mtnlg_exit_time_seconds 1700003600\n",
+      "mtnlg_exit_step 5000\n",
       "mtnlg_operations_pending 0\n",
       "# TYPE mtnlg_loss_scale gauge\n",
       "mtnlg_loss_scale 65536\n",
