@@ -196,7 +196,9 @@ def test_status_step_and_loss_match_the_printed_step_lines(c):
         printed = printed_steps(n)
         after = max(printed) if printed else 0
         step = st.get("step")
-        if not (before - 1 <= step <= after) or after - step > 1:
+        # between the steps printed before and after the request (how many
+        # steps the request took is the machine's speed, not the daemon's)
+        if not (before - 1 <= step <= after):
             errs.append("%s: status step %s, printed %d..%d" % (n.name, step, before, after))
         elif step not in printed or abs(printed[step]["loss"] - st["loss"]) > 1e-8:
             errs.append("%s: status loss %s at step %s, printed %s" % (
