@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mtnlgctl's control verbs without a daemon: usage errors (exit 2), help for
 every verb, an endpoint nobody listens on (exit 3, with what to do), and token
-files (exit 2 when missing or malformed). The verbs against real daemons are
+files (exit 2 when missing or malformed); and it does not load cuBLAS. The verbs against real daemons are
 tests/cluster/test_control_cluster.py's (no stand-in server here: a mock would
 test our idea of the daemon, not the daemon).
 
@@ -204,12 +204,23 @@ def test_completion_knows_every_verb():
           and lines[1].split() == ["verify", "export", "reshard"], "completing ck and ckpt", p)
 
 
+def test_no_cublas_loaded():
+    """A CUDA build's mtnlgctl links kernels/no_cuda.c in place of the GPU
+    backend: it loads neither cuBLAS nor cuBLASLt (600 MB, half a second of
+    every command's start)."""
+    p = subprocess.run(["ldd", ctl], capture_output=True, text=True, timeout=30)
+    check(p.returncode == 0 and "libcublas" not in p.stdout,
+          "mtnlgctl loads cuBLAS: " + " ".join(l.split()[0] for l in p.stdout.splitlines()
+                                               if "cublas" in l), p)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     ctl = sys.argv[1]
     for t in (test_usage_errors_exit_2, test_help_for_every_verb,
-              test_unreachable_endpoint_exits_3, test_token_file, test_completion_knows_every_verb):
+              test_unreachable_endpoint_exits_3, test_token_file, test_completion_knows_every_verb,
+              test_no_cublas_loaded):
         before = failures
         t()
         print(f"  {'ok' if failures == before else 'FAILED'} {t.__name__}")
