@@ -26,6 +26,12 @@ int mt__cuda_memory(int index, size_t *total, size_t *free_bytes);
  * why; else 0. */
 int mt__cuda_lost(int index, char *why, size_t why_len);
 
+/* Loads cuBLAS and cuBLASLt with every function the backend calls, once
+ * for the process (blas_lazy.cu; mt__cuda_open calls it first): 0, or
+ * MT_EIO naming what could not be loaded and what to do. Not in the
+ * emulator's build, which defines cuBLAS itself. */
+int mt__cuda_blas_load(void);
+
 /* Fills d's CUDA state (streams, cuBLASLt, workspaces) for GPU `index`. */
 int mt__cuda_open(mt_device *d, int index);
 void mt__cuda_close(mt_device *d);

@@ -11,6 +11,9 @@
 #include "cuda_backend.h"
 #include "cuda_impl.h"
 #include "half.h"
+#ifndef MT_CUDA_EMU /* the emulator defines cuBLAS itself */
+#include "blas_lazy.h"
+#endif
 
 extern "C" {
 #include "err.h"
@@ -119,6 +122,13 @@ int mt__cuda_open(mt_device *d, int index) {
     step = what, detail = cublasGetStatusString(st);                                               \
     goto fail;                                                                                     \
   }
+#ifndef MT_CUDA_EMU
+  if (mt__cuda_blas_load()) { /* before any cuBLAS call, close's included */
+    d->impl = NULL;
+    free(c);
+    return mt_wraperr(MT_EIO, "device %s", d->name);
+  }
+#endif
   TRY_CUDA(cudaSetDevice(index), "cudaSetDevice");
   TRY_CUDA(cudaStreamCreate(&c->stream), "create the compute stream");
   TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
@@ -274,7 +284,7 @@ typedef struct {
 } algo_entry;
 
 static thread_local algo_entry algo_cache[ALGO_CACHE]; /* per host thread: one device thread each */
-static thread_local uint64_t algo_clock; /* 64 bits: never wraps */
+static thread_local uint64_t algo_clock;               /* 64 bits: never wraps */
 
 static int key_equal(const gemm_key *a, const gemm_key *b) { return !memcmp(a, b, sizeof *a); }
 

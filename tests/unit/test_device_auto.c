@@ -19,6 +19,35 @@
 #include "device.h"
 #include "err.h"
 #include "mt_check.h"
+#include "mt_config.h"
+#if MT_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+/* 1 when this process has a library whose path contains name mapped. */
+static int mapped(const char *name) {
+  FILE *f = fopen("/proc/self/maps", "r");
+  char line[4096];
+  int found = 0;
+  while (f && !found && fgets(line, sizeof line, f)) found = strstr(line, name) != NULL;
+  if (f) fclose(f);
+  return found;
+}
+
+/* A CUDA build links the runtime only: cuBLAS and cuBLASLt (0.3 s of every
+ * start) load when the first GPU opens, so a program on CPUs never loads
+ * them; and they load here, with every function the backend calls (the
+ * table that mt__cuda_open fills first). */
+static void test_cublas_loads_on_demand(void) {
+#if MT_HAVE_CUDA
+  CHECK(!mapped("libcublas"), "cuBLAS loaded before any device opened");
+  CHECK(mt__cuda_blas_load() == 0, "loading cuBLAS: %s", mt_errmsg());
+  CHECK(mapped("libcublasLt.so") && mapped("libcublas.so"), "cuBLAS not loaded after the load");
+  CHECK(mt__cuda_blas_load() == 0, "a second load: %s", mt_errmsg());
+#else
+  CHECK(!mapped("libcublas"), "a build without CUDA has cuBLAS");
+#endif
+}
 
 static void test_unknown_kind_and_cpu_count(void) {
   CHECK(mt_device_count("cpu") == 1, "cpu count %d", mt_device_count("cpu"));
@@ -128,6 +157,7 @@ int main(int argc, char **argv) {
   }
   test_blas_kernel_choice(argv[0]);
   test_unknown_kind_and_cpu_count();
+  test_cublas_loads_on_demand();
   int n = mt_device_count("cuda");
   CHECK(n >= 0, "cuda count %d", n);
   printf("CUDA devices here: %d\n", n);

@@ -205,9 +205,9 @@ def test_completion_knows_every_verb():
 
 
 def test_no_cublas_loaded():
-    """A CUDA build's mtnlgctl links kernels/no_cuda.c in place of the GPU
-    backend: it loads neither cuBLAS nor cuBLASLt (600 MB, half a second of
-    every command's start)."""
+    """A CUDA build's mtnlgctl loads neither cuBLAS nor cuBLASLt (600 MB,
+    half a second of every command's start): kernels/cuda dlopens them when
+    a GPU opens, which mtnlgctl never does."""
     p = subprocess.run(["ldd", ctl], capture_output=True, text=True, timeout=30)
     check(p.returncode == 0 and "libcublas" not in p.stdout,
           "mtnlgctl loads cuBLAS: " + " ".join(l.split()[0] for l in p.stdout.splitlines()
