@@ -9,7 +9,7 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
 - test_resize_2_1_2_keeps_global_batch_and_trajectory: `resize --dp 1 --wait`
   re-forms the cluster as generation 2 with two spares, `resize --dp 2 --wait`
   as generation 3 with all four members; the status keeps the global batch;
-  every step's loss stays within 1e-4 (relative) of an uninterrupted
+  every step's loss stays within 1e-5 (relative) of an uninterrupted
   single-process run of the same job, and no step is lost or repeated;
 - test_impossible_resize_is_refused: dp 3 (the global batch does not divide)
   exits 1 with the coordinator's reason, and so does dp 2^30 (a product
@@ -46,7 +46,12 @@ def main():
         job = {"name": "resize-test", "model": {"preset": "tiny", "n_layer": 4},
                "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
                "train": {"global_batch": 8, "steps": 110, "seed": 5,
-                         "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4,
+                         # at a peak of 3e-3 this model's loss spiked at step 37
+                         # (gradient norm 35), which turned reduction order's
+                         # 1e-8 into 1e-4..6e-4 at single steps, more or less
+                         # as the resizes landed; at 1e-3 dp 1 and dp 2 stay
+                         # within 3e-7 over the 110 steps
+                         "lr": {"schedule": "cosine", "peak": 1e-3, "min": 1e-4,
                                 "warmup_steps": 3}},
                "data": {"path": tokens}, "checkpoint": {"dir": ck}}
         job_path = os.path.join(tmp, "job.json")
@@ -111,7 +116,7 @@ def main():
                   and s2["generation"] == 3 and s2["job"]["dp"] == 2
                   and s1["job"]["global_batch"] == 8 and s2["job"]["global_batch"] == 8
                   and codes == [0] * 4 and sorted(got) == list(range(1, job["train"]["steps"] + 1))
-                  and worst < 1e-4
+                  and worst < 1e-5
                   and steps0 == sorted(set(steps0)))
             fails += check("test_resize_2_1_2_keeps_global_batch_and_trajectory", ok,
                            "resize 2->1 took %.1f s; generations %s/%s, dp %s/%s, members on dp 1 %s, "
