@@ -1,7 +1,8 @@
 /* cuda_backend.h — what device.c calls for "cuda:N" devices (kernels/cuda).
  *
  * Internal to kernels/: the engine reaches a GPU only through device.h and
- * d->ops. Defined in device_cuda.cu (C linkage); built only when the build
+ * d->ops. Defined in device_cuda.cu (the cuBLAS loader in blas_lazy.cu; C
+ * linkage); built only when the build
  * has CUDA (or runs the kernels on the CPU emulator, tests/gpu/emu).
  */
 #ifndef MT_CUDA_BACKEND_H
