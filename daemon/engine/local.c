@@ -156,19 +156,20 @@ static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int *timed, int6
 /* Paused after a step: every rank all-reduces the stop request and rank 0's
  * order word every 50 ms (so heartbeats, deadlines and peers stay alive)
  * until an order newer than the pause resumes or stops the run, or a
- * signal or train.exit_duration_mins' deadline (*timed) stops it. Nothing
- * of the training state changes, so a resumed run continues its
+ * signal or train.exit_duration_mins' deadline stops it (*why: MT_STOPPED_*).
+ * Nothing of the training state changes, so a resumed run continues its
  * trajectory. */
-static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int *timed,
+static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int *why,
                       int64_t *last_saved) {
   const mt_local_opts *o = c->o;
   for (;;) {
     struct timespec ts = {0, 50 * 1000 * 1000};
     nanosleep(&ts, NULL);
-    int any_stop;
+    int any_stop, timed;
     int64_t w;
-    int rc = agree_orders(c, tr, &any_stop, timed, &w);
+    int rc = agree_orders(c, tr, &any_stop, &timed, &w);
     if (rc) return mt_wraperr(rc, "paused after step %lld", (long long)tr->step);
+    *why = timed ? MT_STOPPED_TIME : MT_STOPPED_ASKED;
     if (any_stop) return *stop = 1, 0;
     if (mt_order_seq(w) <= *seq) continue;
     *seq = mt_order_seq(w);
@@ -240,8 +241,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   /* read before each step and again before its all-reduce */
   tr->stop_flag = o->stop;
   tr->order_src = c->rank == 0 ? o->order : NULL;
-  int timed = 0; /* the agreed stop was train.exit_duration_mins' (MT_STOPPED_TIME) or,
-                    set after a step, train.exit_interval's (MT_STOPPED_INTERVAL) */
+  int why = MT_STOPPED_ASKED; /* of the agreed stop */
   if (c->rank == 0) report_start(tr);
   if (c->ckpt_dir[0]) {
     int64_t resumed;
@@ -265,26 +265,26 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     if (mt_order_kind(w) == MT_ORDER_PAUSE && mt_order_seq(w) > order_seq) {
       order_seq = mt_order_seq(w);
       if (c == c->all && o->on_order) o->on_order(MT_ORDER_PAUSE, order_seq, tr->step, o->arg);
-      if ((rc = pause_loop(c, tr, &order_seq, &stopped, &timed, &last_saved))) return rc;
-      if (stopped) report_stop(c, tr, timed, last_saved); /* its state is what it resumed */
+      if ((rc = pause_loop(c, tr, &order_seq, &stopped, &why, &last_saved))) return rc;
+      if (stopped) report_stop(c, tr, why, last_saved); /* its state is what it resumed */
     }
   }
   while (!stopped && tr->step < job->train.steps) {
-    /* any process signalled: all stop together */
-    tr->stop_request = stop_request(o);
-    tr->order_word = c->rank == 0 && o->order ? __atomic_load_n(o->order, __ATOMIC_ACQUIRE) : 0;
+    /* the step reads the stop flag and the order word just before its
+     * all-reduce (tr->stop_flag, tr->order_src): any process signalled, all
+     * stop together after that step */
     mt_step_stats st;
     int rc = mt_trainer_step(tr, &st);
     if (rc) return rc;
-    timed = st.stop && st.timed ? MT_STOPPED_TIME : 0;
+    why = st.stop && st.timed ? MT_STOPPED_TIME : MT_STOPPED_ASKED;
     /* train.exit_interval (Megatron's --exit-interval): every rank counts
      * the same steps, so all stop after the same one, validated and saved
      * as a stop on request is */
     int64_t every = job->train.exit_interval;
     if (!st.stop && every > 0 && st.step % every == 0 && st.step < job->train.steps)
-      st.stop = 1, timed = MT_STOPPED_INTERVAL;
+      st.stop = 1, why = MT_STOPPED_INTERVAL;
     /* out of time: straight to the checkpoint, as Megatron's exit */
-    if (job->eval.interval > 0 && timed != MT_STOPPED_TIME &&
+    if (job->eval.interval > 0 && why != MT_STOPPED_TIME &&
         (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
       if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
       st.has_val = 1;
@@ -322,19 +322,21 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
      * node lost while paused costs no work */
     if (pause && !st.stop) {
       if (c->pending.active && (rc = finish_pending(c, tr, 1, &last_saved))) return rc;
-      if ((rc = pause_loop(c, tr, &order_seq, &st.stop, &timed, &last_saved))) return rc;
+      if ((rc = pause_loop(c, tr, &order_seq, &st.stop, &why, &last_saved))) return rc;
       if (st.stop && (rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
     }
     if (st.stop) {
-      report_stop(c, tr, timed, last_saved);
+      report_stop(c, tr, why, last_saved);
       break;
     }
   }
-  if (o->export_path && timed && c == c->all)
+  /* the job's own schedule stopped it: the run that ends the job exports */
+  int scheduled = why == MT_STOPPED_TIME || why == MT_STOPPED_INTERVAL;
+  if (o->export_path && scheduled && c == c->all)
     mt_log_info("export to %s skipped: the run stopped for %s; the run that ends it exports",
                 o->export_path,
-                timed == MT_STOPPED_TIME ? "train.exit_duration_mins" : "train.exit_interval");
-  if (o->export_path && !timed) {
+                why == MT_STOPPED_TIME ? "train.exit_duration_mins" : "train.exit_interval");
+  if (o->export_path && !scheduled) {
     int64_t t0 = mono_ms();
     int rc = mt_trainer_export(tr, o->export_path);
     if (rc) return mt_wraperr(rc, "export");
