@@ -18,7 +18,8 @@ The job ramps from 2 samples a step to 8 in increments of 2 over 24 samples
   step 5, by train.exit_interval: a SIGTERM on seeing step 5 raced the run's
   end, 12 steps of a 2-layer model) resumes on the batch its samples call
   for, with the same later losses, batches and lrs exactly (and the resume
-  says the changed exit_interval does not change the trajectory);
+  says the changed exit_interval does not change the trajectory); the
+  stopped run leaves checkpoint.export to the run that ends the job;
 - test_rampup_refusals: a start that does not split over micro_batch * dp, an
   increment that does not divide the ramp, a start at the final batch, and
   both samples and tokens, each refused naming the key.
@@ -151,8 +152,10 @@ def main():
 
         ck = os.path.join(tmp, "ck")
         job = write_job(os.path.join(tmp, "ck.json"), tokens, ckpt=ck)
-        p1, a = run(mtnlgd, job, "train.exit_interval=5")
-        p2, b = run(mtnlgd, job)
+        export = os.path.join(tmp, "rampup.safetensors")
+        p1, a = run(mtnlgd, job, "train.exit_interval=5", "checkpoint.export=" + export)
+        exported_early = os.path.exists(export)
+        p2, b = run(mtnlgd, job, "checkpoint.export=" + export)
         first = min(b) if b else None
         same = (a and b and first == max(a) + 1 and max(b) == STEPS
                 and all(b[s]["loss"] == one[s]["loss"] and b[s]["lr"] == one[s]["lr"]
@@ -162,6 +165,9 @@ def main():
                        and "stopped at step 5 of 12: a multiple of train.exit_interval (5)"
                        in p1.stderr
                        and "(its trajectory does not): train.exit_interval 5 -> " in p2.stderr
+                       and not exported_early and os.path.exists(export)
+                       and "export to %s skipped: the run stopped for train.exit_interval" % export
+                       in p1.stderr
                        and "resumed from" in p2.stderr and first is not None
                        and want[first][0] < FINAL,
                        "stopped at %s, resumed at %s (batch %s), later steps equal: %s%s" % (
