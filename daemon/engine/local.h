@@ -40,14 +40,15 @@ typedef struct mt_local_opts {
   const char *device_kind;     /* "cpu" */
   int comm_timeout_ms;         /* 0: 300000 */
   const char *export_path;     /* safetensors at the end, or NULL */
-  volatile sig_atomic_t *stop; /* polled before each step and before its all-reduce, so a
-                                  signal during a step stops after it; all ranks stop at one
+  volatile sig_atomic_t *stop; /* read just before each step's all-reduce (and every 50 ms
+                                  while paused), so a signal during a step stops the run
+                                  after that step; all ranks stop at one
                                   boundary. Read with __atomic_load_n: set it with
                                   __atomic_store_n (lock-free on an int, so a signal handler
                                   may) */
   /* The coordinator's latest order word (train.h, mt_order_word), read by
-   * world rank 0 before each step and again before its all-reduce (an order
-   * that comes during a step acts after it) and agreed on by all: pause
+   * world rank 0 just before each step's all-reduce (an order that comes
+   * during a step acts after it) and agreed on by all: pause
    * holds every rank after that step (a small all-reduce every 50 ms) until
    * resume or stop; stop ends the run there. NULL: no orders. */
   volatile int64_t *order;

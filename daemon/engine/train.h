@@ -131,7 +131,7 @@ typedef struct mt_trainer {
                                   all-reduce, so the step during which it passes is the last
                                   (Megatron checks after each step) */
   volatile int64_t order_word; /* world rank 0 only: the latest order it knows of */
-  /* read again just before the step's all-reduce (NULL: none): a signal or
+  /* read just before the step's all-reduce (NULL: none): a signal or
    * an order that comes during a step stops it or acts after that step, not
    * the next (a step of MT-NLG's size takes tens of seconds) */
   volatile sig_atomic_t *stop_flag; /* the process's stop flag, set by a signal */
