@@ -134,17 +134,11 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
   return save_rc(rc);
 }
 
-/* This process's stop request: a signal (or a stop order's) seen now. */
-static int stop_request(const mt_local_opts *o) {
-  return o->stop && __atomic_load_n(o->stop, __ATOMIC_ACQUIRE) ? MT_STOP_ASKED : MT_STOP_NONE;
-}
-
 /* Between steps: every rank learns whether any process was signalled to
  * stop and world rank 0's order word (a sum: only rank 0 adds it). */
-static int agree_orders(rank_ctx *c, mt_trainer *tr, int *stop, int *timed, int64_t *word) {
-  const mt_local_opts *o = c->o;
-  tr->stop_request = stop_request(o);
-  double v[2] = {mt_trainer_stop_vote(tr), c->rank == 0 && o->order ? (double)*o->order : 0.0};
+static int agree_orders(mt_trainer *tr, int *stop, int *timed, int64_t *word) {
+  mt_trainer_poll(tr);
+  double v[2] = {mt_trainer_stop_vote(tr), (double)tr->order_word};
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return rc;
@@ -167,7 +161,7 @@ static int pause_loop(rank_ctx *c, mt_trainer *tr, int64_t *seq, int *stop, int 
     nanosleep(&ts, NULL);
     int any_stop, timed;
     int64_t w;
-    int rc = agree_orders(c, tr, &any_stop, &timed, &w);
+    int rc = agree_orders(tr, &any_stop, &timed, &w);
     if (rc) return mt_wraperr(rc, "paused after step %lld", (long long)tr->step);
     *why = timed ? MT_STOPPED_TIME : MT_STOPPED_ASKED;
     if (any_stop) return *stop = 1, 0;
@@ -238,7 +232,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       c->rank == 0 && job->train.exit_duration_mins > 0.0
           ? job_start_ms(job->name) + (int64_t)(job->train.exit_duration_mins * 60000.0)
           : 0;
-  /* read before each step and again before its all-reduce */
+  /* read just before each step's all-reduce and each agreement while paused */
   tr->stop_flag = o->stop;
   tr->order_src = c->rank == 0 ? o->order : NULL;
   int why = MT_STOPPED_ASKED; /* of the agreed stop */
@@ -260,7 +254,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   if (o->order) {
     int any_stop, late; /* a signal or deadline before the first step is seen at its end */
     int64_t w;
-    int rc = agree_orders(c, tr, &any_stop, &late, &w);
+    int rc = agree_orders(tr, &any_stop, &late, &w);
     if (rc) return mt_wraperr(rc, "agreeing on the orders before the first step");
     if (mt_order_kind(w) == MT_ORDER_PAUSE && mt_order_seq(w) > order_seq) {
       order_seq = mt_order_seq(w);

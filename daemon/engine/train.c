@@ -35,6 +35,12 @@ double mt_trainer_stop_vote(mt_trainer *tr) {
 
 int mt_stop_vote_timed(double sum) { return fmod(sum, 1.0) != 0.0; }
 
+void mt_trainer_poll(mt_trainer *tr) {
+  if (tr->stop_flag && !tr->stop_request && __atomic_load_n(tr->stop_flag, __ATOMIC_ACQUIRE))
+    tr->stop_request = MT_STOP_ASKED;
+  if (tr->order_src) tr->order_word = __atomic_load_n(tr->order_src, __ATOMIC_ACQUIRE);
+}
+
 void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
   int base = n_layer / pp, extra = n_layer % pp;
   *begin = s * base + (s < extra ? s : extra);
@@ -575,9 +581,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
-  if (tr->stop_flag && !tr->stop_request && __atomic_load_n(tr->stop_flag, __ATOMIC_ACQUIRE))
-    tr->stop_request = MT_STOP_ASKED;
-  if (tr->order_src) tr->order_word = __atomic_load_n(tr->order_src, __ATOMIC_ACQUIRE);
+  mt_trainer_poll(tr);
   double agreed[9] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
                       sumsq,
                       mt_trainer_stop_vote(tr),

@@ -169,6 +169,10 @@ void mt_trainer_destroy(mt_trainer *tr);
  * the sum, mt_stop_vote_timed says whether the stop is the deadline's: world
  * rank 0's 0.5 among the others' 1s. */
 double mt_trainer_stop_vote(mt_trainer *tr);
+/* Reads tr->stop_flag (a signal: MT_STOP_ASKED) and, on world rank 0,
+ * tr->order_src into tr for the next vote: just before a step's all-reduce
+ * and before each agreement while paused. */
+void mt_trainer_poll(mt_trainer *tr);
 int mt_stop_vote_timed(double sum);
 
 /* One optimizer step: 1F1B over the micro-batches, then ZeRO-1. Collective

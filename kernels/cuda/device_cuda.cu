@@ -105,6 +105,9 @@ int mt__cuda_open(mt_device *d, int index) {
                      "device %s: MTNLG_GELU_EPILOGUE=\"%s\": 0 (GeLU and its gradient as "
                      "kernels of their own) or 1 (in cuBLASLt's epilogues, the default)",
                      d->name, ge);
+#ifndef MT_CUDA_EMU
+  if (mt__cuda_blas_load()) return mt_wraperr(MT_EIO, "device %s", d->name); /* before any call */
+#endif
   mt__cuda *c = (mt__cuda *)calloc(1, sizeof *c);
   if (!c) return mt_seterr(MT_ENOMEM, "device %s: out of memory", d->name);
   c->index = index;
@@ -122,13 +125,6 @@ int mt__cuda_open(mt_device *d, int index) {
     step = what, detail = cublasGetStatusString(st);                                               \
     goto fail;                                                                                     \
   }
-#ifndef MT_CUDA_EMU
-  if (mt__cuda_blas_load()) { /* before any cuBLAS call, close's included */
-    d->impl = NULL;
-    free(c);
-    return mt_wraperr(MT_EIO, "device %s", d->name);
-  }
-#endif
   TRY_CUDA(cudaSetDevice(index), "cudaSetDevice");
   TRY_CUDA(cudaStreamCreate(&c->stream), "create the compute stream");
   TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
