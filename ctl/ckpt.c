@@ -30,12 +30,14 @@ const char ctl_ckpt_help[] =
     "                   tp x pp layout; a job directory as DIR exports the checkpoint a\n"
     "                   resume would load. Every checksum is checked first; the file is\n"
     "                   written a tensor at a time and appears only once complete.\n"
-    "  reshard DIR OUT --tp T --pp P\n"
+    "  reshard DIR OUT --tp T --pp P [--virtual-stages V]\n"
     "                   write the checkpoint (master weights and Adam moments) under tensor\n"
     "                   parallelism T and P pipeline stages, as step N of the job directory\n"
     "                   OUT (made if missing, `latest` pointing at it; another directory\n"
     "                   than DIR's job). Point checkpoint.dir/name at OUT and set\n"
-    "                   parallel.tp and pp to T and P: the job resumes there.\n"
+    "                   parallel.tp and pp to T and P: the job resumes there. The\n"
+    "                   virtual stages (the chunks a stage holds) stay the checkpoint's\n"
+    "                   unless --virtual-stages V sets them (1: plain 1F1B).\n"
     "  -o json          one object: {\"checked\": [...], \"problems\": [...]} (verify),\n"
     "                   {\"checkpoint\", \"step\", \"path\", \"bytes\"} (export),\n"
     "                   {\"checkpoint\", \"step\", \"path\", \"tp\", \"pp\"} (reshard)\n";
@@ -101,8 +103,8 @@ static int export_checkpoint(const char *dir, const char *out) {
   return CTL_EXIT_OK;
 }
 
-/* ckpt reshard DIR OUT --tp T --pp P */
-static int reshard_checkpoint(const char *dir, const char *out, int tp, int pp) {
+/* ckpt reshard DIR OUT --tp T --pp P [--virtual-stages V] */
+static int reshard_checkpoint(const char *dir, const char *out, int tp, int pp, int v) {
   mt_ckpt c;
   if (open_checkpoint(dir, &c)) return CTL_EXIT_FAILURE;
   /* never into the checkpoint's own job directory, nor over a step there */
@@ -118,7 +120,7 @@ static int reshard_checkpoint(const char *dir, const char *out, int tp, int pp) 
     fprintf(stderr, "mtnlgctl ckpt: %s is the checkpoint's own job directory: name another\n", out);
   else if (!stat(step_dir, &st))
     fprintf(stderr, "mtnlgctl ckpt: %s exists: remove it, or name another directory\n", step_dir);
-  else if (mt_ckpt_reshard(&c, tp, pp, out))
+  else if (mt_ckpt_reshard(&c, tp, pp, v, out))
     fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
   else
     ret = CTL_EXIT_OK;
@@ -140,7 +142,7 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
   json_t *checked = json_array(), *problems = json_array();
   const char *dir = NULL, *out = NULL;
   int reshard = 0;
-  double tp = 0, pp = 0;
+  double tp = 0, pp = 0, vs = 0;
   for (int i = 1; i < argc; i++) {
     if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
       if (ctl_parse_output(argv[++i], &ctl.output)) goto cleanup;
@@ -153,6 +155,9 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
     } else if ((!strcmp(argv[i], "--tp") || !strcmp(argv[i], "--pp")) && i + 1 < argc) {
       double *v = argv[i][2] == 't' ? &tp : &pp;
       if (ctl_parse_positive(verb, argv[i], argv[i + 1], 1, v)) goto cleanup;
+      i++;
+    } else if (!strcmp(argv[i], "--virtual-stages") && i + 1 < argc) {
+      if (ctl_parse_positive(verb, argv[i], argv[i + 1], 1, &vs)) goto cleanup;
       i++;
     } else if (argv[i][0] == '-') {
       ret = ctl_usage_error(verb, "unknown option %s", argv[i]);
@@ -181,12 +186,13 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
     ret = ctl_usage_error(verb, "reshard needs --tp T and --pp P");
     goto cleanup;
   }
-  if (!reshard && (tp || pp)) {
-    ret = ctl_usage_error(verb, "--tp and --pp go with reshard");
+  if (!reshard && (tp || pp || vs)) {
+    ret = ctl_usage_error(verb, "--tp, --pp and --virtual-stages go with reshard");
     goto cleanup;
   }
   if (out) {
-    ret = reshard ? reshard_checkpoint(dir, out, (int)tp, (int)pp) : export_checkpoint(dir, out);
+    ret = reshard ? reshard_checkpoint(dir, out, (int)tp, (int)pp, (int)vs)
+                  : export_checkpoint(dir, out);
     goto cleanup;
   }
   ret = CTL_EXIT_FAILURE;

@@ -293,6 +293,7 @@ static const char *const parallel_keys[] = {"tp",
                                             "bucket_size",
                                             "overlap_p2p",
                                             "sequence_parallel",
+                                            "virtual_stages",
                                             NULL};
 static const char *const train_keys[] = {"global_batch",  "steps",
                                          "seed",          "lr",
@@ -513,6 +514,7 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
   read_bool(pb, o, "parallel", "sequence_parallel", &p->sequence_parallel);
   read_int(pb, o, "parallel", "bucket_size", &p->bucket_size);
   read_bool(pb, o, "parallel", "overlap_p2p", &p->overlap_p2p);
+  read_int(pb, o, "parallel", "virtual_stages", &p->virtual_stages);
   char sched[64] = "1f1b";
   read_str(pb, o, "parallel", "schedule", sched, sizeof sched);
   if (strcmp(sched, "1f1b"))
@@ -731,6 +733,7 @@ static void set_defaults(mt_job *job) {
   p->micro_batch = 1;
   p->bucket_size = 40000000; /* Megatron's DDP bucket, in elements */
   p->overlap_p2p = 1;
+  p->virtual_stages = 1;
   snprintf(p->schedule, sizeof p->schedule, "1f1b");
   mt_train_spec *t = &job->train;
   t->seed = 1234;
@@ -993,6 +996,23 @@ static void validate(problems *pb, mt_job *job) {
   if (m->n_layer >= 1 && p->pp >= 1 && m->n_layer < p->pp)
     check_fail(pb, "model.n_layer", "%d layers cannot fill parallel.pp = %d stages", m->n_layer,
                p->pp);
+  if (p->virtual_stages < 1)
+    check_fail(pb, "parallel.virtual_stages", "%d must be >= 1 (1: plain 1F1B)", p->virtual_stages);
+  if (p->virtual_stages > 1 && p->pp < 2)
+    check_fail(pb, "parallel.virtual_stages",
+               "%d chunks a stage interleave a pipeline: they need parallel.pp >= 2",
+               p->virtual_stages);
+  if (p->virtual_stages > 1 && p->pp >= 2 && m->n_layer >= 1 &&
+      m->n_layer < (int64_t)p->pp * p->virtual_stages)
+    check_fail(pb, "parallel.virtual_stages",
+               "parallel.pp = %d stages x %d chunks need %" PRId64 " layers, model.n_layer is %d",
+               p->pp, p->virtual_stages, (int64_t)p->pp * p->virtual_stages, m->n_layer);
+  if (p->virtual_stages > 1 && p->pp >= 2 && t->global_batch >= 1 && p->micro_batch >= 1 &&
+      p->dp_min >= 1 && t->global_batch % ((int64_t)p->micro_batch * p->dp_min * p->pp))
+    check_fail(pb, "parallel.virtual_stages",
+               "the interleaved schedule takes micro-batches parallel.pp at a time: "
+               "train.global_batch %d is not divisible by micro_batch * dp_min * pp = %d * %d * %d",
+               t->global_batch, p->micro_batch, p->dp_min, p->pp);
   if (p->dp_min >= 1 && p->dp_max >= 1 && p->dp_max < p->dp_min)
     check_fail(pb, "parallel.dp_max", "%d is below parallel.dp_min = %d", p->dp_max, p->dp_min);
   if (t->global_batch >= 1 && p->micro_batch >= 1 && p->dp_min >= 1 &&
@@ -1001,6 +1021,15 @@ static void validate(problems *pb, mt_job *job) {
                "%d is not divisible by parallel.micro_batch * dp_min = %d * %d", t->global_batch,
                p->micro_batch, p->dp_min);
   validate_rampup(pb, job);
+  const mt_rampup_spec *ramp = &t->rampup;
+  int64_t pp_quantum = (int64_t)p->micro_batch * p->dp_min * p->pp;
+  if (p->virtual_stages > 1 && p->pp >= 2 && ramp->start > 0 && pp_quantum >= 1 &&
+      (ramp->start % pp_quantum || ramp->increment % pp_quantum))
+    check_fail(pb, "parallel.virtual_stages",
+               "the interleaved schedule takes micro-batches parallel.pp at a time: "
+               "train.rampup_batch start %d and increment %d must be multiples of micro_batch * "
+               "dp_min * pp = %" PRId64,
+               ramp->start, ramp->increment, pp_quantum);
   if (m->vocab_size > 65536 && job->data.path[0])
     check_fail(pb, "model.vocab_size",
                "%d does not fit the uint16 tokens of data.path (at most 65536)", m->vocab_size);
@@ -1147,6 +1176,9 @@ static json_t *job_to_json(const mt_job *job) {
   /* only when on: the jobs from before them keep their canonical form and hash */
   if (job->parallel.sequence_parallel)
     json_object_set_new(json_object_get(root, "parallel"), "sequence_parallel", json_true());
+  if (job->parallel.virtual_stages > 1)
+    json_object_set_new(json_object_get(root, "parallel"), "virtual_stages",
+                        json_integer(job->parallel.virtual_stages));
   if (job->parallel.recompute_layers)
     json_object_set_new(json_object_get(root, "parallel"), "recompute_layers",
                         json_integer(job->parallel.recompute_layers));

@@ -39,6 +39,10 @@ typedef struct mt_parallel_spec {
   int sequence_parallel;      /* with tp > 1: LayerNorms, dropout and the stream split over tp
                                  by rows (Megatron's --sequence-parallel) */
   char schedule[16];          /* "1f1b" */
+  int virtual_stages;         /* model chunks a pipeline stage holds (Megatron's virtual
+                                 pipeline): > 1 runs the interleaved 1F1B schedule, stage s
+                                 holding chunks s, s + pp, ... of pp * virtual_stages;
+                                 default 1 */
   int bucket_size;            /* dp > 1: gradient elements per bucket reduced during the
                                  backward pass (Megatron's --ddp-bucket-size) */
   int overlap_p2p;            /* pipeline receives are posted an operation ahead and sends

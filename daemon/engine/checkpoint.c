@@ -701,7 +701,19 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   /* a rank's load: CHECK_FAILED for a read that failed, else CHECK_DAMAGED */
   int failed = CHECK_OK;
   const mt_ckpt_file *f = mt_ckpt_file_of(&c, g->tp_rank, g->pp_rank);
-  if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {
+  /* the chunks a stage holds decide which layers its file has */
+  const json_t *saved_v = json_object_get(
+      json_object_get(json_object_get(c.extra, "job"), "parallel"), "virtual_stages");
+  int was_v = json_is_integer(saved_v) ? (int)json_integer_value(saved_v) : 1;
+  int now_v = tr->job->parallel.virtual_stages > 1 ? tr->job->parallel.virtual_stages : 1;
+  if (c.tp == g->tp_size && c.pp == g->pp_size && f && was_v != now_v && g->pp_size > 1) {
+    failed = CHECK_DAMAGED;
+    snprintf(err, sizeof err,
+             "resume: %s was saved with %d virtual stages a pipeline stage, the job runs %d: "
+             "its stages hold other layers (`mtnlgctl ckpt reshard --virtual-stages %d` writes "
+             "it for this job)",
+             c.dir, was_v, now_v, now_v);
+  } else if (c.tp != g->tp_size || c.pp != g->pp_size || !f) {
     failed = CHECK_DAMAGED;
     snprintf(err, sizeof err,
              "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (`mtnlgctl "

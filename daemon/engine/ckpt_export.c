@@ -27,7 +27,11 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
                        .ln_eps = ms->ln_eps,
                        .tp_size = tp,
                        .tp_rank = q};
-  if (pp > 1) mt_stage_layers(ms->n_layer, pp, s, &cfg.layer_begin, &cfg.layer_end);
+  int v = job->parallel.virtual_stages;
+  if (pp > 1 && v > 1)
+    cfg.virtual_stages = v, cfg.pp_size = pp, cfg.pp_rank = s;
+  else if (pp > 1)
+    mt_stage_layers(ms->n_layer, pp, s, &cfg.layer_begin, &cfg.layer_end);
   return cfg;
 }
 
@@ -112,14 +116,15 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
     rc = mt_seterr(MT_ENOMEM, "export: a buffer of %zu floats", max_numel);
   mt_gpt_export *e = NULL;
   if (!rc) {
-    /* a directory's files split where the stages do, as the run's own
-     * export writes them */
-    mt_gpt_config whole = shard_config(&job, tp, pp, 0, 0);
+    /* a directory's files split where the stages do (with virtual stages,
+     * their chunks), as the run's own export writes them */
+    mt_gpt_config whole = shard_config(&job, tp, 1, 0, 0);
     char dir[4096];
-    int *begin = calloc((size_t)pp, sizeof *begin), end;
-    for (int s = 0; begin && s < pp; s++)
-      mt_stage_layers(job.model.n_layer, pp, s, &begin[s], &end);
-    mt_gpt_export_plan plan = {.pp = pp, .stage_begin = begin, .part = -1};
+    int parts = pp > 1 ? pp * job.parallel.virtual_stages : 1;
+    int *begin = calloc((size_t)parts, sizeof *begin), end;
+    for (int s = 0; begin && s < parts; s++)
+      mt_stage_layers(job.model.n_layer, parts, s, &begin[s], &end);
+    mt_gpt_export_plan plan = {.pp = parts, .stage_begin = begin, .part = -1};
     if (mt_st_export_dir(path, dir, sizeof dir)) plan.dir = dir;
     rc = begin ? mt_gpt_export_open_sharded(&e, &whole, plan.dir ? NULL : path, &plan)
                : mt_seterr(MT_ENOMEM, "export: %d stages", pp);
@@ -148,7 +153,7 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
 /* ---- resharding ---------------------------------------------------------- */
 
 /* The job of the resharded checkpoint: the saved one under tp x pp. */
-static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t **job_json) {
+static int resharded_job(const mt_ckpt *c, int tp, int pp, int v, mt_job *job, json_t **job_json) {
   json_t *j = json_deep_copy(json_object_get(c->extra, "job"));
   json_t *par = j ? json_object_get(j, "parallel") : NULL;
   if (!json_is_object(par)) {
@@ -158,6 +163,7 @@ static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t *
   }
   json_object_set_new(par, "tp", json_integer(tp));
   json_object_set_new(par, "pp", json_integer(pp));
+  if (v > 0) json_object_set_new(par, "virtual_stages", json_integer(v));
   char *text = json_dumps(j, JSON_COMPACT);
   json_decref(j);
   int rc = text ? mt_job_parse(job, text, NULL, NULL, NULL) : MT_ENOMEM;
@@ -169,7 +175,7 @@ static int resharded_job(const mt_ckpt *c, int tp, int pp, mt_job *job, json_t *
   return *job_json ? 0 : mt_seterr(MT_ENOMEM, "reshard: the job");
 }
 
-int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
+int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const char *out_job_dir) {
   if (tp < 1 || tp > 99 || pp < 1 || pp > 999) /* what shard file names hold */
     return mt_seterr(MT_EINVAL, "reshard: tp %d x pp %d: a checkpoint holds tp 1..99, pp 1..999",
                      tp, pp);
@@ -186,7 +192,7 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir) {
   mt_ckpt_chunks chunks = {0};
   mt_ckpt_txn txn;
   int rc = saved_job(c, &old_job);
-  if (!rc) rc = resharded_job(c, tp, pp, &new_job, &new_job_json);
+  if (!rc) rc = resharded_job(c, tp, pp, virtual_stages, &new_job, &new_job_json);
   if (!rc && !f0) rc = mt_seterr(MT_ECORRUPT, "reshard: %s has no shard tp 0 pp 0", c->dir);
   for (int a = 0; a < A; a++) arrays[a] = f0->arrays[a];
   /* every file holds its shard of the saved model, the same arrays */

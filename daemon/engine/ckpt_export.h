@@ -22,9 +22,11 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path);
  * (master weights, Adam moments) of every tensor moved to its new shards,
  * padded vocabulary rows zero, the manifest's job under the new layout
  * (its hash that job's), counters, data position and optimizer state kept.
- * Holds each array's largest whole tensor. MT_EINVAL naming the key when
- * the model cannot run as tp x pp. The caller keeps out_job_dir apart from
- * c's own directory (a begin there could replace checkpoints). */
-int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, const char *out_job_dir);
+ * Holds each array's largest whole tensor. virtual_stages: the chunks a
+ * stage holds under the new layout (parallel.virtual_stages; 0 keeps the
+ * saved job's). MT_EINVAL naming the key when the model cannot run so.
+ * The caller keeps out_job_dir apart from c's own directory (a begin there
+ * could replace checkpoints). */
+int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const char *out_job_dir);
 
 #endif

@@ -398,10 +398,17 @@ static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
     rc = join(c, COMM_DP, name, g->dp_rank, dp, dev);
   }
   /* the links to the stages before and after, lower link first on every
-   * stage so no two stages wait for each other; the lower stage is rank 0 */
-  for (int link = g->pp_rank - 1; link <= g->pp_rank && !rc; link++) {
-    if (link < 0 || link + 1 >= pp) continue;
-    int up = link == g->pp_rank - 1; /* this stage is the link's upper end */
+   * stage so no two stages wait for each other; the lower stage is rank 0.
+   * Link s joins stage s to s + 1; with virtual stages link pp - 1 closes
+   * the ring (the last stage's chunks feed the first stage's next ones),
+   * last on both of its stages */
+  int ring = ps->virtual_stages > 1;
+  for (int k = 0; k < 2 && pp > 1 && !rc; k++) {
+    int link = k == 0 ? g->pp_rank - 1 : g->pp_rank;
+    if (ring && g->pp_rank == 0) link = k == 0 ? 0 : pp - 1;
+    if (link < 0 || (!ring && link >= pp - 1)) continue;
+    /* this stage is the link's upper end (it receives the activations) */
+    int up = (link + 1) % pp == g->pp_rank;
     snprintf(name, sizeof name, "pp.act.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);
     rc = join(c, up ? COMM_ACT_IN : COMM_ACT_OUT, name, up, 2, dev);
     snprintf(name, sizeof name, "pp.grad.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);

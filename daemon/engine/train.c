@@ -41,12 +41,6 @@ void mt_trainer_poll(mt_trainer *tr) {
   if (tr->order_src) tr->order_word = __atomic_load_n(tr->order_src, __ATOMIC_ACQUIRE);
 }
 
-void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
-  int base = n_layer / pp, extra = n_layer % pp;
-  *begin = s * base + (s < extra ? s : extra);
-  *end = *begin + base + (s < extra ? 1 : 0);
-}
-
 /* The model's hook for Megatron's f and g operators. */
 static int tp_allreduce(void *ctx, float *buf, size_t n, int max) {
   return mt_comm_allreduce(ctx, buf, buf, n, MT_COMM_F32, max ? MT_COMM_MAX : MT_COMM_SUM);
@@ -92,8 +86,12 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .tp_rank = g->tp_rank,
       .precision = precision_of(job),
   };
-  if (g->pp_size > 1)
+  int v = job->parallel.virtual_stages;
+  if (v > 1) {
+    cfg.virtual_stages = v, cfg.pp_size = g->pp_size, cfg.pp_rank = g->pp_rank;
+  } else if (g->pp_size > 1) {
     mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin, &cfg.layer_end);
+  }
   return cfg;
 }
 
@@ -123,9 +121,11 @@ static int make_buckets(mt_trainer *tr, int cap_elems) {
 }
 
 /* Starts the reduce of every bucket whose gradients are final once block l
- * has its own (the model's on_block_grads; l = -1: all that are left). */
+ * of the chunk in its backward has its own (the model's on_block_grads; l =
+ * -1: all that are left). */
 static int start_buckets(void *ctx, int l) {
   mt_trainer *tr = ctx;
+  if (l >= 0) l += tr->grads_block0;
   for (; tr->next_bucket >= 0 && tr->buckets[tr->next_bucket].ready >= l; tr->next_bucket--) {
     const mt_grad_bucket *b = &tr->buckets[tr->next_bucket];
     float *p = tr->model.grads + b->lo;
@@ -182,11 +182,29 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (ms->n_layer < tr->g.pp_size)
     return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", tr->g.pp_size, ms->n_layer);
   tr->micro_batches = G / (B * tr->g.dp_size);
-  /* 1F1B keeps at most pp - stage micro-batches in flight */
-  int slots = tr->g.pp_size - tr->g.pp_rank;
-  if (slots > tr->micro_batches) slots = tr->micro_batches;
+  int v = ps->virtual_stages > 1 ? ps->virtual_stages : 1, pp = tr->g.pp_size;
+  if (v > 1 && pp < 2)
+    return mt_seterr(MT_EINVAL, "parallel.virtual_stages: %d chunks a stage need pp 2 or more", v);
+  if (v > 1 && ms->n_layer < pp * v)
+    return mt_seterr(MT_EINVAL,
+                     "parallel.virtual_stages: %d stages x %d chunks need %d layers, the model "
+                     "has %d",
+                     pp, v, pp * v, ms->n_layer);
+  /* the interleaved schedule takes micro-batches pp at a time (Megatron's rule) */
+  if (v > 1 && (G % (B * tr->g.dp_size * pp) || quantum % (B * tr->g.dp_size * pp)))
+    return mt_seterr(MT_EINVAL,
+                     "parallel.virtual_stages: the interleaved schedule needs every step's "
+                     "micro-batches a replica (global_batch %d%s / micro_batch %d / dp %d) to be "
+                     "a multiple of pp %d",
+                     G, job->train.rampup.start ? " and the ramp-up's sizes" : "", B, tr->g.dp_size,
+                     pp);
+  /* the most micro-batches each chunk keeps activations of: 1F1B keeps at
+   * most pp - stage */
+  int inflight[v];
+  int rc = mt_pipe_inflight(pp, tr->g.pp_rank, v, tr->micro_batches, inflight);
+  if (rc) return rc;
 
-  mt_gpt_config cfg = model_config(job, &tr->g, slots);
+  mt_gpt_config cfg = model_config(job, &tr->g, inflight[0]);
   tr->precision = cfg.precision;
   /* GEMMs on tensor cores as autocast runs them: bf16 jobs round both
    * inputs to bf16; fp16 jobs multiply their 16-bit operands natively (the
@@ -195,7 +213,6 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   dev->matmul = cfg.precision == MT_PREC_BF16   ? MT_MATMUL_BF16
                 : cfg.precision == MT_PREC_FP16 ? MT_MATMUL_TF32
                                                 : MT_MATMUL_FP32;
-  int rc = 0;
   if (tr->precision == MT_PREC_FP16) {
     const mt_loss_scale_spec *ls = &job->train.loss_scale;
     mt_loss_scale_opts o = mt_loss_scale_defaults();
@@ -219,15 +236,31 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     /* a file that cannot be read fails the job, not a peer: not re-formed */
     if (rc) rc = mt_wraperr(rc == MT_EIO || rc == MT_ENOENT ? MT_EINVAL : rc, "model.init_from");
   }
+  /* the chunks run as views of the model's parameters, each with the
+   * activations its schedule keeps */
+  tr->chunks = &tr->model, tr->n_chunks = 1;
+  if (!rc && v > 1) {
+    tr->chunks = calloc((size_t)v, sizeof *tr->chunks);
+    if (!tr->chunks) rc = mt_seterr(MT_ENOMEM, "train: %d model chunks", v);
+    for (int c = 0; !rc && c < v; c++) {
+      rc = mt_gpt_create_chunk(&tr->chunks[c], &tr->model, c, inflight[c]);
+      if (!rc) tr->n_chunks = c + 1;
+      tr->chunks[c].tp_allreduce = tr->model.tp_allreduce;
+      tr->chunks[c].tp_allgather = tr->model.tp_allgather;
+      tr->chunks[c].tp_reduce_scatter = tr->model.tp_reduce_scatter;
+      tr->chunks[c].tp_ctx = tr->model.tp_ctx;
+    }
+  }
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
   tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;
   size_t act = mt_gpt_stream_rows(&tr->model) * ms->n_embd;
   if (!rc && tr->g.dp) rc = make_buckets(tr, ps->bucket_size);
   if (!rc && tr->g.pp_size > 1) {
     /* two of what it receives: gradients from the next stage (fp32), the
-     * previous one's output as it travels (16-bit in a bf16 or fp16 job) */
-    size_t grad = tr->model.last ? 0 : act * sizeof(float);
-    size_t wire = tr->model.first ? 0 : mt_gpt_wire_bytes(&tr->model);
+     * previous one's output as it travels (16-bit in a bf16 or fp16 job);
+     * with virtual stages every stage receives both (the ring) */
+    size_t grad = tr->model.last && v == 1 ? 0 : act * sizeof(float);
+    size_t wire = tr->model.first && v == 1 ? 0 : mt_gpt_wire_bytes(&tr->model);
     char *buf = mt_device_alloc(dev, 2 * (grad + wire));
     if (!buf) rc = mt_wraperr(MT_ENOMEM, "train: pipeline buffers");
     tr->recv_buf = buf;
@@ -253,7 +286,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   /* model FLOPs of this stage: blocks pro rata, the LM head on the last */
   mt_gpt_config whole = cfg;
-  whole.layer_begin = whole.layer_end = 0;
+  whole.layer_begin = whole.layer_end = whole.virtual_stages = 0;
   double per_mb = mt_gpt_flops_per_step(&whole, B, T);
   double head = 3.0 * 2.0 * B * T * (double)ms->n_embd * ms->padded_vocab;
   per_mb = (per_mb - head) * tr->model.n_layers / ms->n_layer + (tr->model.last ? head : 0.0);
@@ -264,6 +297,10 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 
 void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->buckets);
+  if (tr->chunks != &tr->model) {
+    for (int c = 0; c < tr->n_chunks; c++) mt_gpt_destroy(&tr->chunks[c]);
+    free(tr->chunks);
+  }
   if (tr->recv_buf) mt_device_free(tr->dev, tr->recv_buf);
   mt_gpt_destroy(&tr->model);
   mt_adamw_destroy(&tr->opt);
@@ -277,39 +314,83 @@ void mt_trainer_destroy(mt_trainer *tr) {
 /* Started sends of stage outputs not yet waited for, oldest first. */
 #define ACT_SENDS (MT_COMM_P2P_MAX / 2)
 
-typedef enum { OP_NONE, OP_FWD, OP_BWD } pipe_op;
-
 typedef struct pipe_run {
   mt_trainer *tr;
   mt_split split;
-  uint64_t first;      /* global sample of this replica's micro-batch 0 */
-  int micro;           /* micro-batches of this run on this replica */
-  float loss_scale;    /* 0: forward only */
-  int warm;            /* forwards before the first backward (all of them: forward only) */
-  int overlap;         /* parallel.overlap_p2p */
-  double loss_sum;     /* last stage: Σ micro-batch mean losses */
-  int fwd, bwd;        /* micro-batches done each way */
-  double wait_ms;      /* blocked in point-to-point with the neighbours */
-  int act_rx, grad_rx; /* the receive in flight of each kind, -1 when none */
+  uint64_t first;        /* global sample of this replica's micro-batch 0 */
+  int micro;             /* micro-batches of this run on this replica */
+  float loss_scale;      /* 0: forward only */
+  int overlap;           /* parallel.overlap_p2p */
+  double loss_sum;       /* last stage: Σ micro-batch mean losses */
+  mt_pipe_op *ops;       /* the schedule (mt_pipe_schedule) */
+  int n_ops;             /* its length */
+  double wait_ms;        /* blocked in point-to-point with the neighbours */
+  int act_rx, grad_rx;   /* the receive in flight of each kind, -1 when none */
+  int act_rxs, grad_rxs; /* receives of each kind posted: the n-th goes to buffer n % 2 */
   struct {
-    int req, micro; /* request, and the micro-batch whose output it sends */
+    int req, chunk, micro; /* request, and the operation whose output it sends */
   } act[ACT_SENDS];
   int n_act;     /* act[0..n_act) pending, oldest first */
   int grad_send; /* the input gradient's send, -1 when none is pending */
 } pipe_run;
 
-/* PipeDream-Flush (1F1B) on stage s: p - s - 1 warm-up forwards, then one
- * forward and one backward alternately, then the remaining backwards. */
-static int warmup_forwards(const mt_trainer *tr, int micro) {
-  int warm = tr->g.pp_size - tr->g.pp_rank - 1;
-  return warm < micro ? warm : micro;
+int mt_pipe_schedule(int pp, int s, int v, int micro, int forward_only, mt_pipe_op *ops) {
+  int total = micro * v, warm;
+  if (forward_only)
+    warm = total;
+  else if (v == 1)
+    warm = pp - s - 1;
+  else /* Megatron: all forwards first when there are only pp micro-batches */
+    warm = micro == pp ? total : 2 * (pp - s - 1) + (v - 1) * pp;
+  if (warm > total) warm = total;
+  int fwd = 0, bwd = 0, n = 0, group = pp * v;
+  while (fwd < total || (!forward_only && bwd < total)) {
+    int f = fwd < total && (fwd < warm || fwd - warm == bwd || forward_only);
+    int k = f ? fwd++ : bwd++;
+    /* k-th of its kind: micro-batches taken pp at a time per chunk */
+    int chunk = v == 1 ? 0 : k % group / pp;
+    ops[n++] = (mt_pipe_op){.kind = f ? MT_PIPE_FWD : MT_PIPE_BWD,
+                            .chunk = f ? chunk : v - 1 - chunk,
+                            .micro = v == 1 ? k : k / group * pp + k % pp};
+  }
+  return n;
 }
 
-/* The operation after fwd forwards and bwd backwards, in that order. */
-static pipe_op op_at(const pipe_run *r, int fwd, int bwd) {
-  int m = r->micro;
-  if (fwd < m && (fwd < r->warm || fwd - r->warm == bwd)) return OP_FWD;
-  return r->loss_scale != 0.0f && bwd < m ? OP_BWD : OP_NONE;
+int mt_pipe_inflight(int pp, int s, int v, int micro, int *inflight) {
+  for (int c = 0; c < v; c++) inflight[c] = 0;
+  mt_pipe_op *ops = malloc(2 * (size_t)micro * v * sizeof *ops);
+  int *held = calloc((size_t)v, sizeof *held);
+  if (!ops || !held) {
+    free(ops);
+    free(held);
+    return mt_seterr(MT_ENOMEM, "pipeline: the schedule of %d micro-batches", micro);
+  }
+  /* steps of fewer micro-batches (a batch ramp-up) may hold more at once in
+   * the interleaved schedule: every count up to micro, past where the
+   * pattern repeats */
+  int step = v > 1 ? pp : 1, upto = micro;
+  if (v > 1 && upto > 4 * pp * v + 2 * pp) upto = (4 * v + 2) * pp;
+  for (int m = upto; m >= step; m -= step) {
+    int n = mt_pipe_schedule(pp, s, v, m, 0, ops);
+    memset(held, 0, (size_t)v * sizeof *held);
+    for (int i = 0; i < n; i++) {
+      int c = ops[i].chunk;
+      held[c] += ops[i].kind == MT_PIPE_FWD ? 1 : -1;
+      if (held[c] > inflight[c]) inflight[c] = held[c];
+    }
+  }
+  if (upto < micro) { /* and the step's own count */
+    int n = mt_pipe_schedule(pp, s, v, micro, 0, ops);
+    memset(held, 0, (size_t)v * sizeof *held);
+    for (int i = 0; i < n; i++) {
+      int c = ops[i].chunk;
+      held[c] += ops[i].kind == MT_PIPE_FWD ? 1 : -1;
+      if (held[c] > inflight[c]) inflight[c] = held[c];
+    }
+  }
+  free(ops);
+  free(held);
+  return 0;
 }
 
 /* Bytes of an activation gradient between stages (fp32) and of an
@@ -327,13 +408,19 @@ static int p2p_wait(pipe_run *r, mt_comm *c, int req) {
   return rc;
 }
 
-/* Waits for started sends of outputs of micro-batches <= upto, and for the
- * oldest ones while more than keep are pending. */
-static int wait_act_sends(pipe_run *r, int upto, int keep) {
+/* Waits for the oldest started sends of outputs while more than keep are
+ * pending, and for every send up to the newest of chunk's outputs of
+ * micro-batches <= upto (chunk -1: any chunk's). A link delivers in order,
+ * so the older ones arrive first anyway. */
+static int wait_act_sends(pipe_run *r, int chunk, int upto, int keep) {
+  int last = -1;
+  for (int i = 0; i < r->n_act; i++)
+    if ((chunk < 0 || r->act[i].chunk == chunk) && r->act[i].micro <= upto) last = i;
   int rc = 0;
-  while (!rc && r->n_act > 0 && (r->act[0].micro <= upto || r->n_act > keep)) {
+  while (!rc && r->n_act > 0 && (last >= 0 || r->n_act > keep)) {
     rc = p2p_wait(r, r->tr->g.act_out, r->act[0].req);
     memmove(r->act, r->act + 1, (size_t)--r->n_act * sizeof *r->act);
+    last--;
   }
   return rc;
 }
@@ -344,135 +431,175 @@ static int wait_grad_send(pipe_run *r) {
   return req >= 0 ? p2p_wait(r, r->tr->g.grad_out, req) : 0;
 }
 
-/* Posts the receive that op, for micro-batch j, needs (an end of the
- * pipeline receives nothing that way), into the buffer of j's parity: the
- * other may still be read. At most one of each kind is in flight. */
-static int post_recv(pipe_run *r, pipe_op op, int j) {
+/* Whether operation o's input comes over a link: a forward's from the
+ * stage before unless o is the model's first chunk, a backward's from the
+ * stage after unless its last. */
+static int receives(const mt_trainer *tr, const mt_pipe_op *o) {
+  const mt_gpt *m = &tr->chunks[o->chunk];
+  return o->kind == MT_PIPE_FWD ? !m->first : !m->last;
+}
+
+/* Posts the receive that operation o needs (o NULL or an end of the
+ * model: nothing) into the buffer its kind's receives take next: the other
+ * may still be read. At most one of each kind is in flight. */
+static int post_recv(pipe_run *r, const mt_pipe_op *o) {
   mt_trainer *tr = r->tr;
-  int fwd = op == OP_FWD;
+  if (!o || !receives(tr, o)) return 0;
+  int fwd = o->kind == MT_PIPE_FWD;
   mt_comm *c = fwd ? tr->g.act_in : tr->g.grad_in;
-  if (op == OP_NONE || !c) return 0;
-  void *buf = fwd ? tr->recv_wire[j % 2] : (void *)tr->recv_dy[j % 2];
+  int n = fwd ? r->act_rxs++ : r->grad_rxs++;
+  void *buf = fwd ? tr->recv_wire[n % 2] : (void *)tr->recv_dy[n % 2];
   return mt_comm_sendrecv_start(c, NULL, 0, -1, buf, fwd ? act_bytes(tr) : grad_bytes(tr),
                                 1 - mt_comm_rank(c), MT_COMM_U8, NULL,
                                 fwd ? &r->act_rx : &r->grad_rx);
 }
 
-/* Waits for the receive op needs (posted by post_recv). */
-static int wait_recv(pipe_run *r, pipe_op op) {
-  mt_comm *c = op == OP_FWD ? r->tr->g.act_in : r->tr->g.grad_in;
-  int *req = op == OP_FWD ? &r->act_rx : &r->grad_rx;
-  if (!c || *req < 0) return 0;
+/* Waits for the receive o needs (posted by post_recv). */
+static int wait_recv(pipe_run *r, const mt_pipe_op *o) {
+  if (!o || !receives(r->tr, o)) return 0;
+  int fwd = o->kind == MT_PIPE_FWD;
+  mt_comm *c = fwd ? r->tr->g.act_in : r->tr->g.grad_in;
+  int *req = fwd ? &r->act_rx : &r->grad_rx;
+  if (*req < 0) return 0;
   int rc = p2p_wait(r, c, *req);
   *req = -1;
   return rc;
 }
 
-/* Starts the send of what op just made: the stage's output of micro-batch
- * j to the next stage, or its input gradient to the one before. */
-static int start_send(pipe_run *r, pipe_op op, int j) {
-  mt_trainer *tr = r->tr;
-  if (op == OP_FWD) {
-    mt_comm *c = tr->g.act_out;
-    if (!c) return 0;
-    int rc = wait_act_sends(r, INT_MIN, ACT_SENDS - 1); /* room for one more */
-    size_t bytes;
-    const void *out = mt_gpt_stage_output_wire(&tr->model, j % tr->model.n_slots, &bytes);
-    int req = -1;
-    if (!rc) rc = mt_comm_sendrecv_start(c, out, bytes, 1, NULL, 0, -1, MT_COMM_U8, &req, NULL);
-    if (!rc) r->act[r->n_act].req = req, r->act[r->n_act++].micro = j;
-    return rc;
-  }
-  mt_comm *c = tr->g.grad_out;
-  if (!c) return 0;
-  return mt_comm_sendrecv_start(c, mt_gpt_stage_input_grad(&tr->model), grad_bytes(tr), 0, NULL, 0,
-                                -1, MT_COMM_U8, &r->grad_send, NULL);
+/* The buffer the receive of o's kind now waited for landed in. */
+static const void *received(const pipe_run *r, const mt_pipe_op *o) {
+  const mt_trainer *tr = r->tr;
+  if (o->kind == MT_PIPE_FWD) return tr->recv_wire[(r->act_rxs - 1) % 2];
+  return tr->recv_dy[(r->grad_rxs - 1) % 2];
 }
 
-/* Forward of the next micro-batch on this stage, from tokens or its
- * received input. */
-static int stage_forward(pipe_run *r) {
+/* Starts the send of what o just made: the chunk's output of its
+ * micro-batch to the next stage, or its input gradient to the one before
+ * (the ends of the model send nothing). */
+static int start_send(pipe_run *r, const mt_pipe_op *o) {
   mt_trainer *tr = r->tr;
-  mt_gpt *m = &tr->model;
-  int j = r->fwd;
+  const mt_gpt *m = &tr->chunks[o->chunk];
+  if (o->kind == MT_PIPE_FWD) {
+    if (m->last) return 0;
+    mt_comm *c = tr->g.act_out;
+    int rc = wait_act_sends(r, -1, INT_MIN, ACT_SENDS - 1); /* room for one more */
+    size_t bytes;
+    const void *out = mt_gpt_stage_output_wire(m, o->micro % m->n_slots, &bytes);
+    int req = -1;
+    if (!rc) rc = mt_comm_sendrecv_start(c, out, bytes, 1, NULL, 0, -1, MT_COMM_U8, &req, NULL);
+    if (!rc) {
+      r->act[r->n_act].req = req, r->act[r->n_act].chunk = o->chunk;
+      r->act[r->n_act++].micro = o->micro;
+    }
+    return rc;
+  }
+  if (m->first) return 0;
+  return mt_comm_sendrecv_start(tr->g.grad_out, mt_gpt_stage_input_grad(m), grad_bytes(tr), 0, NULL,
+                                0, -1, MT_COMM_U8, &r->grad_send, NULL);
+}
+
+/* Forward of o's micro-batch through its chunk, from tokens or the
+ * received input (x). */
+static int stage_forward(pipe_run *r, const mt_pipe_op *o, const void *x_wire) {
+  mt_trainer *tr = r->tr;
+  mt_gpt *m = &tr->chunks[o->chunk];
+  int j = o->micro;
   uint64_t sample0 = r->first + (uint64_t)j * (uint64_t)m->B;
   /* its output slot may still be on its way to the next stage */
-  int rc = wait_act_sends(r, j - m->n_slots, ACT_SENDS);
+  int rc = wait_act_sends(r, o->chunk, j - m->n_slots, ACT_SENDS);
   if (!rc && (m->first || m->last))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
   const float *x = NULL;
-  if (!rc && !m->first &&
-      !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, tr->recv_wire[j % 2])))
+  if (!rc && !m->first && !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, x_wire)))
     rc = MT_EIO; /* a device copy failed: the message is set */
   if (!rc)
     rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL, x,
                               m->last ? tr->targets : NULL, sample0);
   if (!rc && m->last) r->loss_sum += m->last_loss;
+  if (rc && tr->n_chunks > 1)
+    return mt_wraperr(rc, "chunk %d, micro-batch %d forward", o->chunk, j);
   if (rc) return mt_wraperr(rc, "micro-batch %d forward", j);
   return 0;
 }
 
-static int stage_backward(pipe_run *r) {
+static int stage_backward(pipe_run *r, const mt_pipe_op *o, const float *dy) {
   mt_trainer *tr = r->tr;
-  mt_gpt *m = &tr->model;
-  int j = r->bwd;
+  mt_gpt *m = &tr->chunks[o->chunk];
+  int j = o->micro;
   /* the input gradient buffer may still be on its way to the previous
    * stage; and with recomputation the backward writes j's activations again,
    * which j's started send may still name (done in fact, since the next
    * stage needed all of it for the gradient this backward received, but a
    * send's buffer is the transport's until its wait) */
   int rc = wait_grad_send(r);
-  if (!rc) rc = wait_act_sends(r, j, ACT_SENDS);
-  if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
-  /* the last micro-batch's backward leaves final gradients, block by block */
-  if (tr->g.dp && j == r->micro - 1) {
+  if (!rc) rc = wait_act_sends(r, o->chunk, j, ACT_SENDS);
+  /* a chunk's last micro-batch's backward leaves its final gradients,
+   * block by block (the chunks end in reverse order: the buckets' order) */
+  if (!rc && tr->g.dp && j == r->micro - 1) {
     m->on_block_grads = start_buckets;
     m->grads_ctx = tr;
+    tr->grads_block0 = 0;
+    for (int c = 0; c < o->chunk; c++) tr->grads_block0 += tr->chunks[c].n_layers;
   }
-  rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : tr->recv_dy[j % 2], r->loss_scale);
+  if (!rc) rc = mt_gpt_backward_stage(m, j % m->n_slots, m->last ? NULL : dy, r->loss_scale);
   m->on_block_grads = NULL;
+  if (rc && tr->n_chunks > 1)
+    return mt_wraperr(rc, "chunk %d, micro-batch %d backward", o->chunk, j);
   if (rc) return mt_wraperr(rc, "micro-batch %d backward", j);
   return 0;
 }
 
-/* Runs this stage's operations in 1F1B order (forward only: every forward
- * in turn). Each operation's input comes on a link from a neighbour and its
- * output leaves on another. With overlap (parallel.overlap_p2p) the receive
- * of the next operation is posted before this one computes, into the other
- * of its two buffers, and waited for only when that operation starts; sends
- * are waited for only before their buffer is written again (the slot's next
- * micro-batch, the next backward) and at the end. Without, every exchange
- * completes before the next compute: this operation's send and the next
- * one's receive, posted together, as Megatron's blocking schedule does.
- * Each link carries one kind in one direction, posted in micro-batch order
- * at both ends, so posting ahead never reorders what a link carries: no
+/* Runs this stage's operations in schedule order. Each operation's input
+ * comes on a link from a neighbour and its output leaves on another (with
+ * virtual stages the links close a ring: the last stage's chunk c feeds
+ * the first stage's chunk c + 1). With overlap (parallel.overlap_p2p) the
+ * receive of the next operation is posted before this one computes, into
+ * the other of its kind's two buffers, and waited for only when that
+ * operation starts; sends are waited for only before their buffer is
+ * written again (the slot's next micro-batch, the next backward) and at
+ * the end. Without, every exchange completes before the next compute: this
+ * operation's send and the next one's receive, posted together, as
+ * Megatron's blocking schedule does (with virtual stages the receive
+ * only, see below). Each link carries one kind in one
+ * direction, and every stage numbers a kind's operations alike (the k-th
+ * forward of every stage is the same chunk's same micro-batch; across the
+ * ring's wrap, k and k + pp), so both ends post a link's messages in the
+ * same order and posting ahead never reorders what a link carries: no
  * new deadlock on NCCL's in-order streams. Both ways give the same bits. */
 static int run_pipeline(pipe_run *r) {
+  mt_trainer *tr = r->tr;
   r->act_rx = r->grad_rx = r->grad_send = -1;
-  pipe_op op = op_at(r, 0, 0);
-  int rc = post_recv(r, op, 0);
-  if (!r->overlap && !rc) rc = wait_recv(r, op);
-  while (!rc && op != OP_NONE) {
-    int fwd = op == OP_FWD, j = fwd ? r->fwd : r->bwd;
-    int next_fwd = r->fwd + fwd, next_bwd = r->bwd + !fwd;
-    pipe_op next = op_at(r, next_fwd, next_bwd);
-    int next_j = next == OP_FWD ? next_fwd : next_bwd;
-    if (r->overlap) {
-      rc = wait_recv(r, op);
-      if (!rc) rc = post_recv(r, next, next_j);
-    }
-    if (!rc) rc = fwd ? stage_forward(r) : stage_backward(r);
-    r->fwd = next_fwd, r->bwd = next_bwd;
-    if (!rc) rc = start_send(r, op, j);
+  r->ops = malloc(2 * (size_t)r->micro * tr->n_chunks * sizeof *r->ops);
+  if (!r->ops) return mt_seterr(MT_ENOMEM, "pipeline: the schedule of %d micro-batches", r->micro);
+  r->n_ops = mt_pipe_schedule(tr->g.pp_size, tr->g.pp_rank, tr->n_chunks, r->micro,
+                              r->loss_scale == 0.0f, r->ops);
+  const mt_pipe_op *o = r->n_ops ? &r->ops[0] : NULL;
+  int rc = post_recv(r, o);
+  if (!r->overlap && !rc) rc = wait_recv(r, o);
+  for (int i = 0; !rc && i < r->n_ops; i++) {
+    o = &r->ops[i];
+    const mt_pipe_op *next = i + 1 < r->n_ops ? &r->ops[i + 1] : NULL;
+    if (r->overlap) rc = wait_recv(r, o);
+    const void *in = !rc && receives(tr, o) ? received(r, o) : NULL;
+    if (!rc && r->overlap) rc = post_recv(r, next);
+    if (!rc) rc = o->kind == MT_PIPE_FWD ? stage_forward(r, o, in) : stage_backward(r, o, in);
+    if (!rc) rc = start_send(r, o);
     if (!rc && !r->overlap) {
-      rc = post_recv(r, next, next_j);
-      if (!rc) rc = fwd ? wait_act_sends(r, INT_MAX, 0) : wait_grad_send(r);
+      rc = post_recv(r, next);
+      /* the ring of virtual stages would deadlock on a send waited for at
+       * once (its receiver posts the receive for its own next operation,
+       * which may wait for this stage; Megatron batches both directions'
+       * exchanges there): its sends are waited for when their buffers are
+       * needed again, and only the receives complete before the next compute */
+      if (!rc && tr->n_chunks == 1)
+        rc = o->kind == MT_PIPE_FWD ? wait_act_sends(r, -1, INT_MAX, 0) : wait_grad_send(r);
       if (!rc) rc = wait_recv(r, next);
     }
-    op = next;
   }
-  if (!rc) rc = wait_act_sends(r, INT_MAX, 0);
+  if (!rc) rc = wait_act_sends(r, -1, INT_MAX, 0);
   if (!rc) rc = wait_grad_send(r);
+  free(r->ops);
+  r->ops = NULL;
   return rc;
 }
 
@@ -545,8 +672,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                          (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                 .micro = tr->micro_batches,
                 .loss_scale = scale / (float)total_micro,
-                .overlap = job->parallel.overlap_p2p,
-                .warm = warmup_forwards(tr, tr->micro_batches)};
+                .overlap = job->parallel.overlap_p2p};
   rc = run_pipeline(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
@@ -679,6 +805,7 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
   double sum = 0.0;
   int rc = mt_gpt_round_weights(m);
   if (rc) return mt_wraperr(rc, "validation: rounding the weights");
+  for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 0;
   m->training = 0;
   for (int e = 0; e < job->eval.iters && !rc; e++) {
     pipe_run r = {.tr = tr,
@@ -686,11 +813,11 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
                   .first = (uint64_t)e * (uint64_t)G +
                            (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                   .micro = micro,
-                  .overlap = tr->job->parallel.overlap_p2p,
-                  .warm = micro};
+                  .overlap = tr->job->parallel.overlap_p2p};
     rc = run_pipeline(&r);
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
   }
+  for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 1;
   m->training = 1;
   /* a device fault in the forwards fails validation on every rank alike */
   int dev_rc = rc ? 0 : mt_device_sync(tr->dev);
@@ -750,7 +877,9 @@ typedef struct {
   int *counts;
   mt_param *whole; /* the whole model's tensors, in the file's order */
   int n_whole;
-  int *stage_begin;        /* each stage's first block */
+  int parts;               /* what a directory's files split into: the stages, or with
+                              virtual stages their chunks (pp * v) */
+  int *stage_begin;        /* each part's first block */
   size_t max_numel;        /* the largest piece or tensor a rank holds */
   uint64_t bytes, stage_b; /* the file's bytes; the most of one stage's */
 } export_layout;
@@ -763,6 +892,15 @@ static void export_layout_free(export_layout *x, int n_tables) {
   free(x->stage_begin);
 }
 
+/* The part whose files hold whole tensor t: wte and wpe the first, ln_f the
+ * last, a block's tensors the part holding its layer. */
+static int export_part_of(const export_layout *x, const mt_param *t) {
+  if (t->layer < 0) return strncmp(t->name, "ln_f.", 5) ? 0 : x->parts - 1;
+  int s = 0;
+  while (s + 1 < x->parts && x->stage_begin[s + 1] <= t->layer) s++;
+  return s;
+}
+
 /* The first stage holding whole tensor t (the tied wte: the first). */
 static int export_stage_of(const mt_trainer *tr, const export_layout *x, const mt_param *t) {
   int s = 0, tp = tr->g.tp_size;
@@ -773,23 +911,28 @@ static int export_stage_of(const mt_trainer *tr, const export_layout *x, const m
 static int export_layout_make(const mt_trainer *tr, export_layout *x) {
   const mt_gpt *m = &tr->model;
   int pp = tr->g.pp_size, tp = tr->g.tp_size, rc = 0;
+  x->parts = pp * tr->n_chunks;
   x->tables = calloc((size_t)(pp * tp), sizeof *x->tables);
   x->counts = calloc((size_t)(pp * tp), sizeof *x->counts);
-  x->stage_begin = calloc((size_t)pp, sizeof *x->stage_begin);
+  x->stage_begin = calloc((size_t)x->parts, sizeof *x->stage_begin);
   if (!x->tables || !x->counts || !x->stage_begin)
     return mt_seterr(MT_ENOMEM, "export: shard tables");
+  for (int s = 0, end; s < x->parts; s++)
+    mt_stage_layers(m->cfg.n_layer, x->parts, s, &x->stage_begin[s], &end);
   for (int k = 0; k < pp * tp && !rc; k++) {
-    mt_gpt_config sc = m->cfg;
+    mt_gpt_config sc = m->cfg; /* with virtual stages, stage k / tp's chunks */
     sc.tp_rank = k % tp;
-    if (pp > 1) mt_stage_layers(m->cfg.n_layer, pp, k / tp, &sc.layer_begin, &sc.layer_end);
-    x->stage_begin[k / tp] = sc.layer_begin;
+    if (sc.virtual_stages > 1)
+      sc.pp_rank = k / tp;
+    else if (pp > 1)
+      mt_stage_layers(m->cfg.n_layer, pp, k / tp, &sc.layer_begin, &sc.layer_end);
     size_t count;
     rc = mt_gpt_table(&sc, &x->tables[k], &x->counts[k], &count);
     for (int i = 0; !rc && i < x->counts[k]; i++)
       if (x->tables[k][i].numel > x->max_numel) x->max_numel = x->tables[k][i].numel;
   }
   mt_gpt_config wc = m->cfg;
-  wc.layer_begin = wc.layer_end = 0;
+  wc.layer_begin = wc.layer_end = wc.virtual_stages = 0;
   wc.tp_size = 1, wc.tp_rank = 0;
   size_t whole_count = 0;
   if (!rc) rc = mt_gpt_table(&wc, &x->whole, &x->n_whole, &whole_count);
@@ -824,8 +967,8 @@ static void export_failed(export_err *w, int rc) {
   }
 }
 
-/* A writer: each tensor of the whole model (part -1) or of stage `part`,
- * in the file's order, its shards from the (stage, tp rank) of replica 0
+/* A writer: each tensor of the whole model (part -1) or of part `part`
+ * (export_part_of), in the file's order, its shards from the (stage, tp rank) of replica 0
  * that holds them, put to e (NULL: its open failed; the pieces are still
  * taken). */
 static int export_gather(const mt_trainer *tr, const export_layout *x, int part, mt_gpt_export *e,
@@ -834,8 +977,8 @@ static int export_gather(const mt_trainer *tr, const export_layout *x, int part,
   int tp = tr->g.tp_size, rc = 0, me = mt_comm_rank(tr->g.world);
   for (int i = 0; i < x->n_whole && !rc; i++) {
     const mt_param *t = &x->whole[i];
+    if (part >= 0 && export_part_of(x, t) != part) continue;
     int s = export_stage_of(tr, x, t);
-    if (part >= 0 && s != part) continue;
     for (int q = 0; q < tp && !rc; q++) {
       int k = mt_param_find(x->tables[s * tp + q], x->counts[s * tp + q], t->name);
       const mt_param *sp = k < 0 ? NULL : &x->tables[s * tp + q][k];
@@ -869,17 +1012,27 @@ static int export_one_file(const mt_trainer *tr, const export_layout *x, const c
 }
 
 /* Hugging Face's sharded layout in dir (prepared by world rank 0): each
- * stage's tp rank 0 of replica 0 writes that stage's files, its tp peers'
- * pieces sent to it, all stages at once, and tells world rank 0 how it
- * went; world rank 0 writes the index once every stage's files are in. */
+ * stage's tp rank 0 of replica 0 writes that stage's files (with virtual
+ * stages, its chunks' parts in turn), its tp peers' pieces sent to it, all
+ * stages at once, and tells world rank 0 how it went; world rank 0 writes
+ * the index once every stage's files are in. */
 static int export_stage(const mt_trainer *tr, const export_layout *x, const char *dir,
                         float *piece) {
   int pp = tr->g.pp_size, s = tr->g.pp_rank, me = mt_comm_rank(tr->g.world);
   export_err w = {0};
-  mt_gpt_export *e = NULL;
-  mt_gpt_export_plan plan = {.dir = dir, .pp = pp, .stage_begin = x->stage_begin, .part = s};
-  export_failed(&w, mt_gpt_export_open_sharded(&e, &tr->model.cfg, NULL, &plan));
-  int rc = export_gather(tr, x, s, e, piece, &w);
+  mt_gpt_export *e = NULL; /* its first part's: world rank 0 writes the index with it */
+  int rc = 0;
+  for (int c = 0; c < x->parts / pp && !rc; c++) {
+    mt_gpt_export_plan plan = {
+        .dir = dir, .pp = x->parts, .stage_begin = x->stage_begin, .part = c * pp + s};
+    mt_gpt_export *part = NULL;
+    export_failed(&w, mt_gpt_export_open_sharded(&part, &tr->model.cfg, NULL, &plan));
+    rc = export_gather(tr, x, plan.part, part, piece, &w);
+    if (c == 0)
+      e = part;
+    else
+      mt_gpt_export_free(part);
+  }
   if (rc) export_failed(&w, rc);
   if (me != 0) {
     int64_t code = w.rc;

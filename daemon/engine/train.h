@@ -97,10 +97,39 @@ typedef struct mt_grad_bucket {
   int owner, ready;
 } mt_grad_bucket;
 
+/* One operation of a stage's pipeline schedule: the forward or backward
+ * of micro-batch `micro` through the stage's model chunk `chunk`. */
+typedef enum { MT_PIPE_FWD = 1, MT_PIPE_BWD = 2 } mt_pipe_kind;
+typedef struct mt_pipe_op {
+  mt_pipe_kind kind;
+  int chunk, micro;
+} mt_pipe_op;
+
+/* The order stage s of pp runs its operations in over `micro` micro-batches
+ * of a step, v chunks a stage: PipeDream-Flush (1F1B) with v = 1, p - s - 1
+ * warm-up forwards, then a forward and a backward in turn, then the
+ * remaining backwards; with v > 1 Megatron's interleaved 1F1B (Narayanan et
+ * al. 2021, sec. 2.2), micro a multiple of pp: forwards and backwards taken
+ * pp micro-batches of a chunk at a time, the chunks in order forward and in
+ * reverse backward, after 2 (p - s - 1) + (v - 1) p warm-up forwards (all of
+ * them when micro is pp). forward_only: every forward in that order. ops
+ * holds 2 micro v; returns how many it wrote. */
+int mt_pipe_schedule(int pp, int s, int v, int micro, int forward_only, mt_pipe_op *ops);
+/* The most micro-batches whose activations chunk c of stage s holds at once
+ * (forwarded, not yet backward) over steps of any multiple of pp (v > 1) or
+ * any count (v = 1) of micro-batches up to micro: into inflight[v]. */
+int mt_pipe_inflight(int pp, int s, int v, int micro, int *inflight);
+
 typedef struct mt_trainer {
   const mt_job *job;
   mt_device *dev;
-  mt_gpt model;
+  mt_gpt model; /* this stage's parameters; with virtual stages, of every chunk */
+  /* the model as it runs: chunks[c] is the stage's chunk c (parallel.
+   * virtual_stages), a view of model's parameters with its own activations;
+   * with one chunk, &model itself */
+  mt_gpt *chunks;
+  int n_chunks;
+  int grads_block0; /* during a backward: model's block index of its chunk's block 0 */
   mt_adamw opt;
   mt_data_source *data;        /* first and last stages only (the others read no tokens) */
   uint64_t data_train_samples; /* training samples data was sized for */
@@ -119,8 +148,9 @@ typedef struct mt_trainer {
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
-  /* receive buffers, two of each so the next micro-batch's can be posted
-   * while the stage computes with the current one (micro-batch j uses j % 2) */
+  /* receive buffers, two of each so the next operation's can be posted
+   * while the stage computes with the current one (a kind's receives take
+   * them in turn) */
   void *recv_buf;     /* the allocation of: */
   float *recv_dy[2];  /* (B,T,C) gradients from the next stage; NULL on the last */
   void *recv_wire[2]; /* the previous stage's output as it travels (mt_gpt_stage_output_wire);
@@ -175,8 +205,8 @@ double mt_trainer_stop_vote(mt_trainer *tr);
 void mt_trainer_poll(mt_trainer *tr);
 int mt_stop_vote_timed(double sum);
 
-/* One optimizer step: 1F1B over the micro-batches, then ZeRO-1. Collective
- * over every rank. */
+/* One optimizer step: 1F1B (interleaved with virtual stages) over the micro-batches, then ZeRO-1.
+ * Collective over every rank. */
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st);
 /* Makes the data reach n_train training samples: a run resumed with a
  * smaller global_batch than its checkpoint's reads past steps x global_batch
@@ -193,9 +223,5 @@ int mt_trainer_eval(mt_trainer *tr, double *loss);
  * each as it completes (no rank holds more than its own weights and one
  * whole tensor). Collective over every rank. */
 int mt_trainer_export(mt_trainer *tr, const char *path);
-
-/* Layers [*begin, *end) of stage s of pp: the first n_layer % pp stages hold
- * one layer more. */
-void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end);
 
 #endif

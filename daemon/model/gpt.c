@@ -117,20 +117,47 @@ size_t mt_param_global_index(const mt_param *p, size_t e) {
   }
 }
 
-/* Blocks [*lb, *le) of cfg's stage. */
-static void stage_range(const mt_gpt_config *c, int *lb, int *le) {
+void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
+  int base = n_layer / pp, extra = n_layer % pp;
+  *begin = s * base + (s < extra ? s : extra);
+  *end = *begin + base + (s < extra ? 1 : 0);
+}
+
+/* Chunks of blocks cfg's model holds: its virtual stages, else one. */
+static int n_chunks(const mt_gpt_config *c) {
+  return c->virtual_stages > 1 ? c->virtual_stages : 1;
+}
+
+/* Blocks [*lb, *le) of chunk k of cfg's model. */
+static void chunk_range(const mt_gpt_config *c, int k, int *lb, int *le) {
+  if (c->virtual_stages > 1) {
+    mt_stage_layers(c->n_layer, c->pp_size * c->virtual_stages, k * c->pp_size + c->pp_rank, lb,
+                    le);
+    return;
+  }
   *lb = c->layer_begin;
   *le = c->layer_end > 0 ? c->layer_end : c->n_layer;
 }
 
+/* Whether cfg's model holds the first block / the last. */
+static void model_ends(const mt_gpt_config *c, int *first, int *last, int *n_blocks) {
+  int lb, le;
+  *n_blocks = 0;
+  for (int k = 0; k < n_chunks(c); k++) {
+    chunk_range(c, k, &lb, &le);
+    if (k == 0) *first = lb == 0;
+    *last = le == c->n_layer;
+    *n_blocks += le - lb;
+  }
+}
+
 int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *num_params) {
   size_t C = (size_t)c->n_embd;
-  int lb, le, n = 0;
-  stage_range(c, &lb, &le);
-  int first = lb == 0, last = le == c->n_layer;
+  int lb, le, n = 0, first, last, n_blocks;
+  model_ends(c, &first, &last, &n_blocks);
   int tp = c->tp_size > 1 ? c->tp_size : 1, r = c->tp_rank;
   size_t off = 0;
-  int max = 2 + (le - lb) * MT_P_PER_LAYER + 2;
+  int max = 2 + n_blocks * MT_P_PER_LAYER + 2;
   mt_param *t = calloc((size_t)max, sizeof(mt_param));
   if (!t) return mt_seterr(MT_ENOMEM, "gpt: parameter table");
   char name[48];
@@ -138,24 +165,27 @@ int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *n
   if (first || last)
     add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C, MT_SHARD_ROWS, tp, r);
   if (first) add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C, MT_SHARD_NONE, tp, r);
-  for (int l = lb; l < le; l++) {
-    /* Megatron: QKV and c_fc column-parallel (output rows split), the two
-     * projections row-parallel (input columns split, bias replicated) */
-    static const struct {
-      const char *suffix;
-      int d0, d1; /* multiples of C; d1 == 0: vector */
-      mt_shard shard;
-    } blk[MT_P_PER_LAYER] = {
-        {"ln_1.weight", 1, 0, MT_SHARD_NONE},        {"ln_1.bias", 1, 0, MT_SHARD_NONE},
-        {"attn.c_attn.weight", 3, 1, MT_SHARD_QKV},  {"attn.c_attn.bias", 3, 0, MT_SHARD_QKV},
-        {"attn.c_proj.weight", 1, 1, MT_SHARD_COLS}, {"attn.c_proj.bias", 1, 0, MT_SHARD_NONE},
-        {"ln_2.weight", 1, 0, MT_SHARD_NONE},        {"ln_2.bias", 1, 0, MT_SHARD_NONE},
-        {"mlp.c_fc.weight", 4, 1, MT_SHARD_ROWS},    {"mlp.c_fc.bias", 4, 0, MT_SHARD_ROWS},
-        {"mlp.c_proj.weight", 1, 4, MT_SHARD_COLS},  {"mlp.c_proj.bias", 1, 0, MT_SHARD_NONE},
-    };
-    for (int i = 0; i < MT_P_PER_LAYER; i++) {
-      snprintf(name, sizeof name, "h.%d.%s", l, blk[i].suffix);
-      add_param(t, &n, &off, name, l, blk[i].d0 * C, blk[i].d1 * C, blk[i].shard, tp, r);
+  for (int k = 0; k < n_chunks(c); k++) {
+    chunk_range(c, k, &lb, &le);
+    for (int l = lb; l < le; l++) {
+      /* Megatron: QKV and c_fc column-parallel (output rows split), the two
+       * projections row-parallel (input columns split, bias replicated) */
+      static const struct {
+        const char *suffix;
+        int d0, d1; /* multiples of C; d1 == 0: vector */
+        mt_shard shard;
+      } blk[MT_P_PER_LAYER] = {
+          {"ln_1.weight", 1, 0, MT_SHARD_NONE},        {"ln_1.bias", 1, 0, MT_SHARD_NONE},
+          {"attn.c_attn.weight", 3, 1, MT_SHARD_QKV},  {"attn.c_attn.bias", 3, 0, MT_SHARD_QKV},
+          {"attn.c_proj.weight", 1, 1, MT_SHARD_COLS}, {"attn.c_proj.bias", 1, 0, MT_SHARD_NONE},
+          {"ln_2.weight", 1, 0, MT_SHARD_NONE},        {"ln_2.bias", 1, 0, MT_SHARD_NONE},
+          {"mlp.c_fc.weight", 4, 1, MT_SHARD_ROWS},    {"mlp.c_fc.bias", 4, 0, MT_SHARD_ROWS},
+          {"mlp.c_proj.weight", 1, 4, MT_SHARD_COLS},  {"mlp.c_proj.bias", 1, 0, MT_SHARD_NONE},
+      };
+      for (int i = 0; i < MT_P_PER_LAYER; i++) {
+        snprintf(name, sizeof name, "h.%d.%s", l, blk[i].suffix);
+        add_param(t, &n, &off, name, l, blk[i].d0 * C, blk[i].d1 * C, blk[i].shard, tp, r);
+      }
     }
   }
   if (last) {
@@ -169,13 +199,9 @@ int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *n
 }
 
 static int build_table(mt_gpt *m) {
-  int lb, le;
-  stage_range(&m->cfg, &lb, &le);
   int rc = mt_gpt_table(&m->cfg, &m->params_table, &m->n_tensors, &m->num_params);
   if (rc) return rc;
-  m->first = lb == 0;
-  m->last = le == m->cfg.n_layer;
-  m->n_layers = le - lb;
+  model_ends(&m->cfg, &m->first, &m->last, &m->n_layers);
   m->i_wte = m->first || m->last ? 0 : -1;
   m->i_wpe = m->first ? 1 : -1;
   m->i_block0 = (m->first ? 2 : m->last ? 1 : 0);
@@ -220,6 +246,14 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
       (c->layer_end > 0 && c->layer_begin >= c->layer_end))
     return mt_seterr(MT_EINVAL, "gpt: stage layers [%d, %d) outside [0, %d) or empty",
                      c->layer_begin, c->layer_end, c->n_layer);
+  if (c->virtual_stages > 1 &&
+      (c->pp_size < 2 || c->pp_rank < 0 || c->pp_rank >= c->pp_size ||
+       c->n_layer < c->pp_size * c->virtual_stages || c->layer_begin || c->layer_end))
+    return mt_seterr(MT_EINVAL,
+                     "gpt: %d virtual stages on stage %d of %d: needs 2 or more stages and a "
+                     "layer for each of their %d chunks (%d layers), without a layer range",
+                     c->virtual_stages, c->pp_rank, c->pp_size, c->pp_size * c->virtual_stages,
+                     c->n_layer);
   if (c->hidden_dropout < 0 || c->hidden_dropout >= 1 || c->attention_dropout < 0 ||
       c->attention_dropout >= 1)
     return mt_seterr(MT_EINVAL, "gpt: dropout must be in [0, 1)");
@@ -408,6 +442,40 @@ static size_t cvt_bytes(const mt_gpt *m) {
   return most;
 }
 
+/* The activation plan of m's micro_slots slots and its one buffer (none
+ * for a model of virtual stages: its chunks have theirs). */
+static int plan_slots(mt_gpt *m) {
+  if (m->cfg.virtual_stages > 1) return 0;
+  m->n_slots = m->cfg.micro_slots > 1 ? m->cfg.micro_slots : 1;
+  act_plan *slots = calloc((size_t)m->n_slots, sizeof *slots);
+  m->act_plan = slots;
+  if (!slots) return mt_seterr(MT_ENOMEM, "gpt: activation plan");
+  for (int k = 0; k < m->n_slots; k++) {
+    act_plan *p = &slots[k];
+    p->n_blocks = m->n_layers - n_recomputed(m) + (n_recomputed(m) > 0);
+    p->resid = calloc((size_t)m->n_layers + 1, sizeof(float *));
+    p->resid_h = calloc((size_t)m->n_layers + 1, sizeof(uint16_t *));
+    p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
+    if (!p->resid || !p->resid_h || !p->blocks) return mt_seterr(MT_ENOMEM, "gpt: activation plan");
+  }
+  m->acts_floats = plan_acts(m, slots, m->n_slots, NULL);
+  return 0;
+}
+
+/* Allocates the planned activations and the host copies of the losses (or
+ * of the tp max, sum and target logit). */
+static int alloc_acts(mt_gpt *m) {
+  if (!m->n_slots) return 0;
+  if (!(m->acts = mt_device_alloc(m->dev, m->acts_floats * sizeof(float))))
+    return mt_wraperr(MT_ENOMEM, "gpt: the activations (%zu parameters, %zu activation floats)",
+                      m->num_params, m->acts_floats);
+  m->host_losses = malloc(3 * (size_t)m->B * m->T * sizeof(float));
+  if (!m->host_losses)
+    return mt_seterr(MT_ENOMEM, "gpt: host copies of %zu losses", 3 * (size_t)m->B * m->T);
+  plan_acts(m, m->act_plan, m->n_slots, m->acts);
+  return 0;
+}
+
 int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, int T) {
   memset(m, 0, sizeof *m);
   int rc = check_config(cfg, B, T);
@@ -417,27 +485,7 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
   m->B = B;
   m->T = T;
   m->training = 1;
-  if ((rc = build_table(m))) goto fail;
-
-  m->n_slots = cfg->micro_slots > 1 ? cfg->micro_slots : 1;
-  act_plan *slots = calloc((size_t)m->n_slots, sizeof *slots);
-  m->act_plan = slots;
-  if (!slots) {
-    rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
-    goto fail;
-  }
-  for (int k = 0; k < m->n_slots; k++) {
-    act_plan *p = &slots[k];
-    p->n_blocks = m->n_layers - n_recomputed(m) + (n_recomputed(m) > 0);
-    p->resid = calloc((size_t)m->n_layers + 1, sizeof(float *));
-    p->resid_h = calloc((size_t)m->n_layers + 1, sizeof(uint16_t *));
-    p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
-    if (!p->resid || !p->resid_h || !p->blocks) {
-      rc = mt_seterr(MT_ENOMEM, "gpt: activation plan");
-      goto fail;
-    }
-  }
-  m->acts_floats = plan_acts(m, slots, m->n_slots, NULL);
+  if ((rc = build_table(m)) || (rc = plan_slots(m))) goto fail;
 
   size_t shards = cfg->zero_shards > 1 ? (size_t)cfg->zero_shards : 1;
   size_t slice =
@@ -468,36 +516,83 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
     else if (!(m->weights = mt_device_alloc(dev, m->vec_floats * sizeof(float))))
       what = "the working copy's fp32 vectors";
   }
+  /* a model of virtual stages holds its chunks' scratch: they run in turn */
   m->cvt_bytes = cvt_bytes(m);
   if (!what && m->cvt_bytes && !(m->cvt = mt_device_alloc(dev, m->cvt_bytes)))
     what = "the GEMMs' conversion scratch";
-  if (!what && !(m->acts = mt_device_alloc(dev, m->acts_floats * sizeof(float))))
-    what = "the activations";
   if (what) {
     rc = mt_wraperr(MT_ENOMEM, "gpt: %s (%zu parameters, %zu activation floats)", what,
                     m->num_params, m->acts_floats);
     goto fail;
   }
-  /* host copies of the losses (or of the tp max, sum and target logit) */
-  m->host_losses = malloc(3 * (size_t)B * T * sizeof(float));
-  if (!m->host_losses) {
-    rc = mt_seterr(MT_ENOMEM, "gpt: host copies of %zu losses", 3 * (size_t)B * T);
-    goto fail;
-  }
-  plan_acts(m, slots, m->n_slots, m->acts);
+  if ((rc = alloc_acts(m))) goto fail;
   return 0;
 fail:
   mt_gpt_destroy(m);
   return rc;
 }
 
+int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots) {
+  memset(m, 0, sizeof *m);
+  const mt_gpt_config *oc = &owner->cfg;
+  if (oc->virtual_stages < 2 || chunk < 0 || chunk >= oc->virtual_stages)
+    return mt_seterr(MT_EINVAL, "gpt: chunk %d of a model of %d virtual stages", chunk,
+                     oc->virtual_stages);
+  mt_gpt_config cfg = *oc;
+  cfg.virtual_stages = 0;
+  mt_stage_layers(oc->n_layer, oc->pp_size * oc->virtual_stages, chunk * oc->pp_size + oc->pp_rank,
+                  &cfg.layer_begin, &cfg.layer_end);
+  cfg.micro_slots = slots;
+  m->cfg = cfg;
+  m->dev = owner->dev;
+  m->B = owner->B;
+  m->T = owner->T;
+  m->is_chunk = 1;
+  m->training = owner->training;
+  m->seed = owner->seed;
+  int rc = build_table(m);
+  if (!rc && oc->precision != MT_PREC_FP32 &&
+      !(m->vec_offset = malloc((size_t)m->n_tensors * sizeof *m->vec_offset)))
+    rc = mt_seterr(MT_ENOMEM, "gpt: working copy table");
+  /* the owner's tensors, by name: its offsets, into its buffers */
+  for (int i = 0; !rc && i < m->n_tensors; i++) {
+    int k = mt_gpt_find(owner, m->params_table[i].name);
+    if (k < 0) {
+      rc = mt_seterr(MT_EINVAL, "gpt: chunk %d: tensor %s is not its model's", chunk,
+                     m->params_table[i].name);
+      break;
+    }
+    m->params_table[i].offset = owner->params_table[k].offset;
+    if (m->vec_offset) m->vec_offset[i] = owner->vec_offset[k];
+  }
+  m->num_params = owner->num_params;
+  m->alloc_params = owner->alloc_params;
+  m->params = owner->params;
+  m->grads = owner->grads;
+  m->weights = owner->weights;
+  m->half = owner->half;
+  m->wtype = owner->wtype;
+  m->vec_floats = owner->vec_floats;
+  m->cvt = owner->cvt;
+  m->cvt_bytes = owner->cvt_bytes;
+  if (!rc && cvt_bytes(m) > owner->cvt_bytes)
+    rc = mt_seterr(MT_EINVAL, "gpt: chunk %d needs %zu bytes of GEMM scratch, its model has %zu",
+                   chunk, cvt_bytes(m), owner->cvt_bytes);
+  if (!rc) rc = plan_slots(m);
+  if (!rc) rc = alloc_acts(m);
+  if (rc) mt_gpt_destroy(m);
+  return rc;
+}
+
 void mt_gpt_destroy(mt_gpt *m) {
   if (m->dev) {
-    if (m->weights != m->params) mt_device_free(m->dev, m->weights);
-    mt_device_free(m->dev, m->half);
-    mt_device_free(m->dev, m->cvt);
-    mt_device_free(m->dev, m->params);
-    mt_device_free(m->dev, m->grads);
+    if (!m->is_chunk) {
+      if (m->weights != m->params) mt_device_free(m->dev, m->weights);
+      mt_device_free(m->dev, m->half);
+      mt_device_free(m->dev, m->cvt);
+      mt_device_free(m->dev, m->params);
+      mt_device_free(m->dev, m->grads);
+    }
     mt_device_free(m->dev, m->acts);
   }
   free(m->host_losses);

@@ -45,6 +45,14 @@ typedef struct mt_gpt_config {
    * The stage holding layer 0 has the embeddings, the one holding the last
    * layer the final LayerNorm and the LM head tied to its own copy of wte. */
   int layer_begin, layer_end;
+  /* Interleaved pipeline (Megatron's virtual pipeline): with
+   * virtual_stages v > 1 the layers split into pp_size * v chunks
+   * (mt_stage_layers) and stage pp_rank holds chunks pp_rank, pp_rank +
+   * pp_size, ...: such a model holds their parameters, in one table in
+   * layer order (its own chunks' ends decide first and last), and no
+   * activations; each chunk runs as a view of it (mt_gpt_create_chunk).
+   * layer_begin and layer_end are then 0. */
+  int virtual_stages, pp_size, pp_rank;
   int micro_slots; /* micro-batches whose activations are kept at once (1F1B in-flight); 0: 1 */
   /* Tensor parallelism (Megatron): this rank holds shard tp_rank of tp_size
    * of every matrix: heads and the MLP's inner dimension split (QKV and c_fc
@@ -154,6 +162,8 @@ typedef struct mt_gpt {
   uint64_t seed;                     /* dropout masks derive from it (set by init_weights) */
   int training;                      /* 1: dropout on (default); 0: evaluation */
   int first, last;                   /* this stage holds the embeddings / the head */
+  int is_chunk;                      /* a view of another model's parameters
+                                        (mt_gpt_create_chunk): frees none of them */
   int n_layers;                      /* blocks on this stage */
   int i_wte, i_wpe, i_block0, i_lnf; /* table indices, -1 when absent here */
   /* tensor parallelism: sum (or max) of buf over the tp group, set by the
@@ -177,6 +187,20 @@ typedef struct mt_gpt {
  * micro-batches of (B, T), T <= max_seq. Fails on an impossible shape. */
 int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, int T);
 void mt_gpt_destroy(mt_gpt *m);
+
+/* Chunk `chunk` of an interleaved model (cfg.virtual_stages > 1): a model
+ * of that chunk's blocks, and of the embeddings or head where the chunk
+ * is the model's first or last, whose parameters, gradients, working copy
+ * and conversion scratch are owner's (the same offsets), with activations
+ * of its own for `slots` micro-batches. It runs forward_stage and
+ * backward_stage as a stage does; owner rounds, zeroes and initialises
+ * for it, and must outlive it. Copies owner's seed and training flag: set
+ * them on both. */
+int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots);
+
+/* Layers [*begin, *end) of stage s of pp: the first n_layer % pp stages hold
+ * one layer more. */
+void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end);
 
 /* Rounds the master weights into the working copy the forward and backward
  * read (round to nearest even, elementwise, so every tp shard and pipeline
