@@ -81,7 +81,9 @@ static void fmt_count(char *buf, size_t cap, double n) {
 static void print_stage_row(const mt_plan_stage *st, const mt_plan *plan, unit u) {
   char params[32], layers[32];
   fmt_count(params, sizeof params, (double)st->params);
-  if (st->n_layers == 1)
+  if (plan->virtual_stages > 1)
+    snprintf(layers, sizeof layers, "%d (v %d)", st->n_layers, plan->virtual_stages);
+  else if (st->n_layers == 1)
     snprintf(layers, sizeof layers, "%d", st->first_layer);
   else
     snprintf(layers, sizeof layers, "%d-%d", st->first_layer, st->first_layer + st->n_layers - 1);
@@ -162,8 +164,14 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
          : plan->recomputed < 1.0 ? "eq. 3 with a share r of the layers recomputed, "
                                   : "eq. 3 with recomputation, ",
          flops_formula(plan));
-  printf("  bubble          %.1f%%  ((p - 1) / (m + p - 1) = %d / %d)\n",
-         100 * plan->bubble_fraction, plan->pp - 1, plan->micro_batches + plan->pp - 1);
+  if (plan->virtual_stages > 1)
+    printf("  bubble          %.1f%%  ((p - 1) / (v m + p - 1) = %d / %d, interleaved over %d "
+           "virtual stages)\n",
+           100 * plan->bubble_fraction, plan->pp - 1,
+           plan->virtual_stages * plan->micro_batches + plan->pp - 1, plan->virtual_stages);
+  else
+    printf("  bubble          %.1f%%  ((p - 1) / (m + p - 1) = %d / %d)\n",
+           100 * plan->bubble_fraction, plan->pp - 1, plan->micro_batches + plan->pp - 1);
   printf("  step time       %.4g s  (executed FLOPs / (%d x %.1f TFLOP/s x %.2f))\n", plan->step_s,
          plan->devices, d->tflops, d->efficiency);
   printf("  with bubble     %.4g s  (if %.1f TFLOP/s is the rate outside the bubble)\n",
@@ -222,6 +230,8 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
     return CTL_EXIT_FAILURE;
   }
   json_object_set_new(root, "refusal", refusal ? json_string(refusal) : json_null());
+  json_object_set_new(json_object_get(root, "layout"), "virtual_stages",
+                      json_integer(plan->virtual_stages));
   int rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(10));
   json_decref(root);
   if (rc) {

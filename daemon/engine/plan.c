@@ -74,6 +74,7 @@
 
 #include "err.h"
 #include "ops.h"
+#include "train.h"
 
 #define GB 1e9
 
@@ -127,13 +128,17 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   int mixed = plan->mixed, sp = plan->sequence_parallel;
   int64_t stream = sp ? sbh / t : sbh; /* the stream's values a rank holds */
 
-  /* layers: the first L mod p stages hold one more */
-  int64_t base = L / p, extra = L % p;
+  /* layers: the first L mod p stages hold one more; with virtual stages the
+   * stage holds chunks s, s + p, ... of p v, split alike */
+  int v = plan->virtual_stages > 1 ? plan->virtual_stages : 1;
   out->stage = s;
-  out->n_layers = (int)(base + (s < extra));
-  out->first_layer = (int)(s * base + (s < extra ? s : extra));
+  for (int c = 0, b, e; c < v; c++) {
+    mt_stage_layers((int)L, (int)p * v, c * (int)p + s, &b, &e);
+    if (c == 0) out->first_layer = b;
+    out->n_layers += e - b;
+    out->has_head = e == L;
+  }
   out->has_embedding = s == 0;
-  out->has_head = s == p - 1;
 
   int64_t params = out->n_layers * layer_params(h, t);
   if (out->has_embedding) params += Vp * h / t + (int64_t)m->seq_len * h;
@@ -145,19 +150,30 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   out->grad_bytes = params * 4;
   out->optimizer_bytes = out->optimizer_params * (mixed ? 12 : 8);
 
-  int64_t inflight = p - s < plan->micro_batches ? p - s : plan->micro_batches;
+  /* each chunk (one without virtual stages) keeps its in-flight
+   * micro-batches' activations and has its own working buffers */
+  int inflight[v];
+  if (mt_pipe_inflight((int)p, s, v, plan->micro_batches, inflight)) return MT_ENOMEM;
   int64_t full = layer_act_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
-  out->inflight = (int)inflight;
-  int64_t rl = plan->recompute ? out->n_layers : 0; /* the layers that recompute */
-  if (rl && plan->recompute_layers > 0 && plan->recompute_layers < rl) rl = plan->recompute_layers;
-  out->recomputed_layers = (int)rl;
-  out->activation_bytes =
-      inflight * (rl * stream * (mixed ? 2 : 4) + (out->n_layers - rl) * full) + (rl ? full : 0);
-  if (out->n_layers)
-    out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
+  out->inflight = inflight[0];
+  for (int c = 0; c < v; c++) {
+    int b, e;
+    mt_stage_layers((int)L, (int)p * v, c * (int)p + s, &b, &e);
+    int64_t n = e - b;
+    int64_t rl = plan->recompute ? n : 0; /* the layers that recompute */
+    if (rl && plan->recompute_layers > 0 && plan->recompute_layers < rl)
+      rl = plan->recompute_layers;
+    out->recomputed_layers += (int)rl;
+    out->activation_bytes +=
+        inflight[c] * (rl * stream * (mixed ? 2 : 4) + (n - rl) * full) + (rl ? full : 0);
+    if (n) out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
+  }
   if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
 
-  if (p > 1) out->comm_bytes += (s == 0 || s == p - 1 ? 2 : 4) * stream * (mixed ? 2 : 4);
+  /* two receive buffers of each kind a stage receives: an end stage one
+   * kind, unless the stages close a ring */
+  if (p > 1)
+    out->comm_bytes += (v == 1 && (s == 0 || s == p - 1) ? 2 : 4) * stream * (mixed ? 2 : 4);
   if (plan->dp > 1) out->comm_bytes += MT_PLAN_DP_BUCKET_ELEMS * (4 + (mixed ? 2 : 4));
 
   out->total_bytes = out->weight_bytes + out->grad_bytes + out->optimizer_bytes +
@@ -232,6 +248,13 @@ static int check_layout(const mt_job *job, const mt_plan_device *dev, int device
     add_problem(msg, sizeof msg, &n,
                 "plan: train.global_batch: %d is not divisible by micro_batch * dp = %d * %lld",
                 job->train.global_batch, p->micro_batch, (long long)(devices / slots));
+  else if (p->virtual_stages > 1 &&
+           job->train.global_batch % ((int64_t)p->micro_batch * (devices / slots) * p->pp))
+    add_problem(msg, sizeof msg, &n,
+                "plan: parallel.virtual_stages: the interleaved schedule takes micro-batches pp "
+                "at a time: train.global_batch %d is not divisible by micro_batch * dp * pp = "
+                "%d * %lld * %d",
+                job->train.global_batch, p->micro_batch, (long long)(devices / slots), p->pp);
   else if (mt_job_batch_quantum(job) % ((int64_t)p->micro_batch * (devices / slots)))
     add_problem(msg, sizeof msg, &n,
                 "plan: train.rampup_batch: start %d and increment %d are not both divisible by "
@@ -257,6 +280,7 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->dev = dev;
   out->tp = ps->tp;
   out->pp = ps->pp;
+  out->virtual_stages = ps->virtual_stages > 1 ? ps->virtual_stages : 1;
   out->devices = dev.devices;
   out->dp = dev.devices / (ps->tp * ps->pp);
   out->micro_batch = ps->micro_batch;
@@ -286,7 +310,9 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->model_flops = mt_plan_flops(m, out->padded_vocab, job->train.global_batch, 0);
   out->executed_flops =
       mt_plan_flops(m, out->padded_vocab, job->train.global_batch, out->recomputed);
-  out->bubble_fraction = (double)(out->pp - 1) / (out->micro_batches + out->pp - 1);
+  /* interleaving divides the bubble by v (Narayanan et al. 2021, sec. 2.2) */
+  out->bubble_fraction =
+      (double)(out->pp - 1) / ((double)out->virtual_stages * out->micro_batches + out->pp - 1);
   double rate = (double)out->devices * dev.tflops * 1e12 * dev.efficiency; /* FLOP/s */
   out->step_s = out->executed_flops / rate;
   out->step_with_bubble_s = out->step_s / (1.0 - out->bubble_fraction);

@@ -46,13 +46,15 @@ typedef struct mt_plan_device {
  * up to one optimizer element of ZeRO rounding). Bytes are exact integers. */
 typedef struct mt_plan_stage {
   int stage;
-  int first_layer, n_layers;
-  int has_embedding;        /* word (its vocab shard) and position embeddings */
-  int has_head;             /* final LayerNorm, LM head (tied; a copy when pp > 1), logits */
-  int64_t params;           /* held by one device: its tp shard of the stage */
-  int64_t optimizer_params; /* its ZeRO-1 slice: ceil(params / dp) */
-  int inflight;             /* micro-batches whose activations it holds at the 1F1B peak */
-  int recomputed_layers;    /* of its layers, those that recompute in the backward pass */
+  int first_layer, n_layers; /* with virtual stages: its first chunk's first layer, and
+                                the layers of all its chunks */
+  int has_embedding;         /* word (its vocab shard) and position embeddings */
+  int has_head;              /* final LayerNorm, LM head (tied; a copy when pp > 1), logits */
+  int64_t params;            /* held by one device: its tp shard of the stage */
+  int64_t optimizer_params;  /* its ZeRO-1 slice: ceil(params / dp) */
+  int inflight;              /* micro-batches whose activations it holds at the 1F1B peak
+                                (with virtual stages: its first chunk's, the most) */
+  int recomputed_layers;     /* of its layers, those that recompute in the backward pass */
   int64_t weight_bytes, grad_bytes, optimizer_bytes;
   int64_t activation_bytes, logits_bytes, comm_bytes;
   int64_t total_bytes;
@@ -62,8 +64,9 @@ typedef struct mt_plan {
   int computed; /* every number below is filled in (also for a plan that does not fit) */
   int fits;     /* the worst stage fits usable_bytes */
   int tp, pp, dp, devices;
-  int micro_batch;   /* b: sequences per micro-batch */
-  int micro_batches; /* m: per dp rank per step = global_batch / (b dp) */
+  int virtual_stages; /* v: chunks a stage holds (parallel.virtual_stages), 1: plain 1F1B */
+  int micro_batch;    /* b: sequences per micro-batch */
+  int micro_batches;  /* m: per dp rank per step = global_batch / (b dp) */
   int recompute;
   int recompute_layers;  /* with recompute: the first this many of each stage; 0: all */
   double recomputed;     /* the share of the layers that recompute, 0 to 1 */
@@ -79,7 +82,7 @@ typedef struct mt_plan {
   int64_t tokens_per_step;
   double model_flops;             /* per step, eq. 3 without recomputation: what MFU counts */
   double executed_flops;          /* per step as run: eq. 3 with 96 when recompute is on */
-  double bubble_fraction;         /* (p - 1) / (m + p - 1) of the 1F1B schedule */
+  double bubble_fraction;         /* (p - 1) / (v m + p - 1) of the (interleaved) 1F1B schedule */
   double step_s;                  /* executed_flops / (devices * tflops * efficiency) */
   double step_with_bubble_s;      /* step_s / (1 - bubble): tflops as the rate outside the bubble */
   double tokens_per_s;            /* tokens_per_step / step_s */

@@ -21,7 +21,13 @@ the run with started (overlapped) sends must equal the run whose every send
 blocks (parallel.overlap_p2p = false) bit for bit. Without dropout or
 recomputation, (2,1,1), (1,4,1) and (2,2,2) export to a directory (Hugging
 Face's sharded layout, each stage's first rank writing its stage's files),
-read back through its index.
+read back through its index. Interleaved 1F1B (parallel.virtual_stages = 2:
+each of 2 stages holds 2 one-layer chunks, the last stage's chunk 0 feeding
+the first stage's chunk 1) trains the same trajectory at (1,2,1) and
+(2,2,2), where dp 2 leaves 2 micro-batches a replica, pp of them (every
+forward before any backward), also with dropout and recomputation; its
+started sends match its blocking receives bit for bit, and (2,2,2) exports
+to a directory, each stage writing its chunks' files.
 """
 import array
 import glob
@@ -89,6 +95,7 @@ def main():
              (2, 2, 2), (2, 2, 1), (1, 3, 1))
     dropout = ["--set", "model.hidden_dropout=0.1", "--set", "model.attention_dropout=0.1"]
     sp = ["--set", "parallel.sequence_parallel=true"]
+    interleaved = ["--set", "parallel.virtual_stages=2"]
     # sequence parallelism only splits something at tp > 1: its reference is
     # the (1,1,1) run of the variant without it (recomputation changes no
     # bit, so dropout's serves with it too); at tp 4 a rank's rows are half
@@ -99,6 +106,10 @@ def main():
                 ("sequence_parallel", sp, ((2, 1, 1), (2, 2, 2)), "plain"),
                 ("sequence_parallel_dropout_recompute",
                  sp + dropout + ["--set", "parallel.recompute=true"], ((4, 1, 1), (2, 2, 1)),
+                 "dropout"),
+                ("interleaved", interleaved, ((1, 2, 1), (2, 2, 2)), "plain"),
+                ("interleaved_dropout_recompute",
+                 interleaved + dropout + ["--set", "parallel.recompute=true"], ((1, 2, 1),),
                  "dropout")]
     refs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +120,8 @@ def main():
             ref_loss, ref_w, ref_mb = refs.get(ref_of, (None, None, None))
             for tp, pp, dp in layouts:
                 export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}.safetensors")
-                if name == "plain" and (tp, pp, dp) in ((2, 1, 1), (1, 4, 1), (2, 2, 2)):
+                if name in ("plain", "interleaved") and (tp, pp, dp) in ((2, 1, 1), (1, 4, 1),
+                                                                         (2, 2, 2)):
                     # a directory: each stage's writer writes its stage's files
                     export = os.path.join(tmp, f"{name}-{tp}-{pp}-{dp}") + "/"
                 losses, moments_mb = run(mtnlgd, job, tokens, export, tp, pp, dp, extra)
@@ -118,7 +130,7 @@ def main():
                     ref_loss, ref_w, ref_mb = losses, w, moments_mb
                     refs[name] = (losses, w, moments_mb)
                     continue
-                if name == "plain" and pp > 1 and (tp, dp) in ((1, 1), (2, 2)):
+                if name in ("plain", "interleaved") and pp > 1 and (tp, dp) in ((1, 1), (2, 2)):
                     # started sends only change when a stage waits: the same
                     # run with every send and receive blocking is identical
                     export_b = export.rstrip("/") + "-blocking" + ("/" if export[-1] == "/" else "")
@@ -127,7 +139,8 @@ def main():
                     w_b = st_load(export_b)
                     ok = losses_b == losses and all(w_b[k] == w[k] for k in w)
                     print(f"{'ok' if ok else 'FAIL'} test_tp{tp}_pp{pp}_dp{dp}_overlapped_p2p_"
-                          f"matches_blocking_bit_for_bit: losses {losses[-1]} vs {losses_b[-1]}")
+                          f"matches_blocking_bit_for_bit{'' if name == 'plain' else '_' + name}: "
+                          f"losses {losses[-1]} vs {losses_b[-1]}")
                     failures += not ok
                 worst = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_loss))
                 num = sum((x - y) ** 2 for k in w for x, y in zip(w[k], ref_w[k]))
