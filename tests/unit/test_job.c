@@ -164,6 +164,35 @@ static void test_override_sets_nested_key(void) {
   CHECK(strstr(mt_errmsg(), "train.exit_interval"));
   CHECK(parse_with(&job, tiny_job, "train.exit_interval=2.5", "checkpoint.dir=ck") == MT_EINVAL);
   CHECK(strstr(mt_errmsg(), "train.exit_interval: expected an integer"));
+  /* virtual_stages: 1 unless asked, in the canonical form (and hash) only
+   * when more, and refused where the interleaved schedule cannot run */
+  CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK && job.parallel.virtual_stages == 1);
+  canon = mt_job_to_json(&job);
+  CHECK(canon && !strstr(canon, "virtual_stages"));
+  free(canon);
+  const char *vs2[] = {"parallel.virtual_stages=2", "parallel.pp=2", "model.n_layer=4", NULL};
+  CHECK(mt_job_parse(&job, tiny_job, "/jobs", presets, vs2) == MT_OK);
+  CHECK(job.parallel.virtual_stages == 2);
+  canon = mt_job_to_json(&job);
+  CHECK(canon && strstr(canon, "\"virtual_stages\":2") &&
+        mt_job_parse(&back, canon, "/jobs", presets, NULL) == MT_OK);
+  CHECK(back.parallel.virtual_stages == 2 && !strcmp(back.hash, job.hash));
+  free(canon);
+  CHECK(parse_with(&job, tiny_job, "parallel.virtual_stages=0", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "parallel.virtual_stages: 0 must be >= 1"));
+  CHECK(parse_with(&job, tiny_job, "parallel.virtual_stages=2", NULL) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "parallel.virtual_stages: 2 chunks a stage interleave a pipeline: "
+                            "they need parallel.pp >= 2"));
+  const char *few[] = {"parallel.virtual_stages=2", "parallel.pp=2", "model.n_layer=3", NULL};
+  CHECK(mt_job_parse(&job, tiny_job, "/jobs", presets, few) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "parallel.virtual_stages: parallel.pp = 2 stages x 2 chunks need 4 "
+                            "layers, model.n_layer is 3"));
+  const char *odd_batch[] = {"parallel.virtual_stages=2", "parallel.pp=2",
+                             "model.n_layer=4",           "train.global_batch=6",
+                             "parallel.micro_batch=2",    NULL};
+  CHECK(mt_job_parse(&job, tiny_job, "/jobs", presets, odd_batch) == MT_EINVAL);
+  CHECK(strstr(mt_errmsg(), "train.global_batch 6 is not divisible by micro_batch * dp_min * pp = "
+                            "2 * 1 * 2"));
   /* rows that do not split evenly over tp are refused at parse, named */
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "parallel.tp=4") == MT_OK);
   CHECK(parse_with(&job, tiny_job, "parallel.sequence_parallel=true", "model.seq_len=7") ==
