@@ -163,6 +163,8 @@ static int resharded_job(const mt_ckpt *c, int tp, int pp, int v, mt_job *job, j
   }
   json_object_set_new(par, "tp", json_integer(tp));
   json_object_set_new(par, "pp", json_integer(pp));
+  /* the saved job's chunks a stage, unless told; one stage interleaves nothing */
+  if (v < 1 && pp < 2) v = 1;
   if (v > 0) json_object_set_new(par, "virtual_stages", json_integer(v));
   char *text = json_dumps(j, JSON_COMPACT);
   json_decref(j);

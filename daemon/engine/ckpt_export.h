@@ -24,7 +24,7 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path);
  * (its hash that job's), counters, data position and optimizer state kept.
  * Holds each array's largest whole tensor. virtual_stages: the chunks a
  * stage holds under the new layout (parallel.virtual_stages; 0 keeps the
- * saved job's). MT_EINVAL naming the key when the model cannot run so.
+ * saved job's, or 1 for pp 1). MT_EINVAL naming the key when the model cannot run so.
  * The caller keeps out_job_dir apart from c's own directory (a begin there
  * could replace checkpoints). */
 int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const char *out_job_dir);

@@ -43,6 +43,14 @@ at steps 3 and 6, and --export's its weights at the end.
 - test_resharded_checkpoint_resumes: a tp 1 job resumes from the tp 1
   checkpoint at step 6 and trains steps 7 and 8 to the losses the tp 2 x
   pp 2 job resumed from its own checkpoint reports (bf16, within 1e-3);
+- the interleaved tests: a pp 2 job of 2 virtual stages (two one-layer
+  chunks a stage) checkpoints; `ckpt export` of it is the run's --export
+  byte for byte; it reshards to pp 1 and to plain 1F1B at pp 2
+  (--virtual-stages 1) with the same weights; resumed interleaved and from
+  that reshard, the next two steps agree within 1e-3 (bf16); the resumed
+  run's export to DIR/ is `ckpt export`'s byte for byte, one file a chunk;
+  and a plain 1F1B job is refused the interleaved checkpoint, the message
+  naming the virtual stages and the reshard that converts it;
 - test_reshard_refusals: tp 3 (4 heads), the checkpoint's own job
   directory and a step that exists are refused, naming why, and the
   source still verifies.
@@ -60,7 +68,7 @@ from local_cluster import check, license_tokens  # noqa: E402
 
 
 def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="export-test",
-              n_embd=None):
+              n_embd=None, virtual_stages=None):
     job = {"name": name, "model": {"preset": "tiny", "n_layer": 4},
            "parallel": {"tp": tp, "pp": pp, "micro_batch": 2},
            "train": {"global_batch": 4, "steps": steps, "seed": 5, "precision": "bf16",
@@ -69,6 +77,8 @@ def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="exp
            "data": {"path": tokens}}
     if n_embd:
         job["model"]["n_embd"] = n_embd
+    if virtual_stages:
+        job["parallel"]["virtual_stages"] = virtual_stages
     if init_from:
         job["model"]["init_from"] = init_from
     if init_from or not ckpt:
@@ -109,6 +119,87 @@ def limit_file_size():
 def run(cmd, **kw):
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300, **kw)
+
+
+def interleaved(mtnlgd, ctl, tmp, tokens, reshard):
+    """A pp 2 job of 2 virtual stages (each stage two one-layer chunks):
+    its checkpoints export offline as the run exports, to a file and to a
+    directory (split at the chunks); they reshard to pp 1 and to pp 2 of
+    plain 1F1B with the same weights; resumed as they were saved and from
+    the plain 1F1B reshard, the next two steps agree; and a plain 1F1B job
+    is refused the interleaved checkpoint, pointed at reshard."""
+    failures = 0
+    ckpt = os.path.join(tmp, "vs")
+    job = write_job(os.path.join(tmp, "vs.json"), tokens, ckpt, tp=1, pp=2, name="vs-test",
+                    virtual_stages=2)
+    final = os.path.join(tmp, "vs-final.safetensors")
+    r = run([mtnlgd, "--standalone", job, "--log-format", "json", "--export", final])
+    if r.returncode:
+        return check("test_interleaved_run", False, r.stdout[-2000:])
+    job_dir = os.path.join(ckpt, "vs-test")
+    out = os.path.join(tmp, "vs-offline.safetensors")
+    e = run([ctl, "ckpt", "export", job_dir, out])
+    failures += check("test_interleaved_checkpoint_exports_as_the_run",
+                      e.returncode == 0 and open(out, "rb").read() == open(final, "rb").read(),
+                      e.stdout[-400:])
+    ok, detail = True, ""
+    for pp, v in ((1, None), (2, 1)):
+        out_dir = os.path.join(tmp, f"vs-re-{pp}", "vs-test")
+        extra = ["--virtual-stages", str(v)] if v else []
+        rr = run([ctl, "ckpt", "reshard", job_dir, out_dir, "--tp", "1", "--pp", str(pp), *extra])
+        exp = os.path.join(tmp, f"vs-re-{pp}.safetensors")
+        e = run([ctl, "ckpt", "export", out_dir, exp]) if rr.returncode == 0 else rr
+        if e.returncode or open(exp, "rb").read() != open(final, "rb").read():
+            ok, detail = False, f"pp {pp}: {rr.stdout[-300:]} {e.stdout[-300:]}"
+    failures += check("test_interleaved_checkpoint_reshards_to_plain_1f1b", ok, detail)
+
+    # two more steps: resumed interleaved (a copy), and as plain 1F1B from the reshard
+    ref_ckpt = os.path.join(tmp, "vs-ref")
+    shutil.copytree(ckpt, ref_ckpt)
+    ref_export = os.path.join(tmp, "vs-ref-export")
+    ref = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "vs-ref.json"), tokens,
+                                                 ref_ckpt, tp=1, pp=2, steps=8, name="vs-test",
+                                                 virtual_stages=2),
+               "--log-format", "json", "--export", ref_export + "/"])
+    plain = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "vs-plain.json"), tokens,
+                                                   os.path.join(tmp, "vs-re-2"), tp=1, pp=2,
+                                                   steps=8, name="vs-test"),
+                 "--log-format", "json"])
+    lr, lp = losses(ref.stdout), losses(plain.stdout)
+    ok = ref.returncode == 0 and plain.returncode == 0 and [s for s, _ in lr] == [7, 8] and \
+        [s for s, _ in lp] == [7, 8] and \
+        all(abs(a - b) <= 1e-3 * abs(a) for (_, a), (_, b) in zip(lr, lp))
+    failures += check("test_interleaved_checkpoint_resumes", ok,
+                      f"interleaved {lr}, plain 1F1B {lp} {ref.stdout[-600:] if ref.returncode else ''}"
+                      f"{plain.stdout[-600:] if plain.returncode else ''}")
+
+    offline = os.path.join(tmp, "vs-ref-offline")
+    r = run([ctl, "ckpt", "export", os.path.join(ref_ckpt, "vs-test"), offline + "/"])
+    names = sorted(os.listdir(ref_export)) if os.path.isdir(ref_export) else []
+    ok = ref.returncode == 0 and r.returncode == 0 and names == sorted(os.listdir(offline)) and \
+        all(open(os.path.join(ref_export, n), "rb").read() ==
+            open(os.path.join(offline, n), "rb").read() for n in names)
+    detail = f"run's files {names}, offline {r.stdout.strip()[-300:]}"
+    if ok:  # the chunks' files: layer 0 with the embeddings, 1, 2, 3 with ln_f
+        where = json.load(open(os.path.join(ref_export,
+                                            "model.safetensors.index.json")))["weight_map"]
+        parts = [{where[n] for n in where if n.startswith(p)}
+                 for p in (("wte", "wpe", "h.0."), ("h.1.",), ("h.2.",), ("h.3.", "ln_f"))]
+        ok = all(len(p) == 1 for p in parts) and len(set().union(*parts)) == 4
+        detail += f"; chunks in {parts}"
+    failures += check("test_interleaved_export_to_a_directory_splits_at_the_chunks", ok, detail)
+
+    # the interleaved checkpoint under a plain 1F1B job: refused, naming why
+    wrong_ckpt = os.path.join(tmp, "vs-wrong")
+    shutil.copytree(ckpt, wrong_ckpt)
+    w = run([mtnlgd, "--standalone", write_job(os.path.join(tmp, "vs-wrong.json"), tokens,
+                                               wrong_ckpt, tp=1, pp=2, steps=8, name="vs-test"),
+             "--log-format", "json"])
+    failures += check("test_plain_1f1b_job_is_refused_an_interleaved_checkpoint",
+                      w.returncode != 0 and "saved with 2 virtual stages" in w.stdout and
+                      "--virtual-stages 1" in w.stdout and not losses(w.stdout),
+                      f"exit {w.returncode}: {w.stdout[-600:]}")
+    return failures
 
 
 def main():
@@ -300,6 +391,8 @@ def main():
                           "timed out" not in r.stdout and
                           "model.safetensors.index.json" not in left,
                           f"exit {r.returncode}, left {left}: {r.stdout[-800:]}")
+
+        failures += interleaved(mtnlgd, ctl, tmp, tokens, reshard)
 
         r3 = reshard(job_dir, os.path.join(tmp, "re-3"), 3, 1)
         own = reshard(job_dir, job_dir, 1, 1)
