@@ -1116,6 +1116,7 @@ int mt_node_main(const mt_node_opts *o) {
                         .micro_batch = n->job.parallel.micro_batch,
                         .global_batch = n->job.train.global_batch,
                         .batch_quantum = mt_job_batch_quantum(&n->job),
+                        .interleaved = n->job.parallel.virtual_stages > 1,
                         .last_call_ms = n->cfg->last_call_ms,
                         .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
                         .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0],

@@ -878,16 +878,22 @@ static int fills(mt_coord *c, int need) {
   return have == need;
 }
 
+/* Whether every global batch splits into micro-batches over dp replicas
+ * (under interleaved 1F1B, a multiple of pp of them each). */
+static int batch_splits(const mt_coord *c, int dp) {
+  return batch_quantum(c) % (c->o.micro_batch * dp * (c->o.interleaved ? c->o.pp : 1)) == 0;
+}
+
 /* The widest dp in [dp_min, dp_max] the slots allow with every global batch
- * divisible by micro_batch * dp and whole nodes filling its pp * dp slots;
- * 0 when none. */
+ * divisible by micro_batch * dp (batch_splits) and whole nodes filling its
+ * pp * dp slots; 0 when none. */
 static int pick_dp(mt_coord *c, int slots) {
   if (c->resize_to)
     return slots / c->o.pp >= c->resize_to && fills(c, c->o.pp * c->resize_to) ? c->resize_to : 0;
   int most = slots / c->o.pp;
   if (most > c->o.dp_max) most = c->o.dp_max;
   for (int dp = most; dp >= c->o.dp_min; dp--)
-    if (batch_quantum(c) % (c->o.micro_batch * dp) == 0 && fills(c, c->o.pp * dp)) return dp;
+    if (batch_splits(c, dp) && fills(c, c->o.pp * dp)) return dp;
   return 0;
 }
 
@@ -1361,6 +1367,12 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
       snprintf(why, size, "cannot resize: dp must be at least 1");
     else if (want == c->dp)
       snprintf(why, size, "cannot resize: the job already runs with dp %lld", w);
+    else if (want <= slots && !batch_splits(c, (int)want) && c->o.interleaved &&
+             batch_quantum(c) % (c->o.micro_batch * (int)want) == 0)
+      snprintf(why, size,
+               "cannot resize to dp %lld: the interleaved schedule (parallel.virtual_stages) "
+               "needs each replica's micro-batches, %d / (%d x %lld), to be a multiple of pp %d",
+               w, batch_quantum(c), c->o.micro_batch, w, c->o.pp);
     else if (want <= slots && batch_quantum(c) % (c->o.micro_batch * (int)want))
       snprintf(why, size,
                batch_quantum(c) != c->o.global_batch

@@ -153,6 +153,8 @@ typedef struct mt_coord_opts {
   int batch_quantum; /* divides every global batch the job runs (mt_job_batch_quantum: under a
                         ramp-up less than global_batch); micro_batch * dp must divide it. 0:
                         global_batch */
+  int interleaved;   /* parallel.virtual_stages > 1: micro_batch * dp * pp must divide it (the
+                        interleaved schedule takes micro-batches pp at a time) */
   int last_call_ms;
   int heartbeat_timeout_ms;
   int has_checkpoint_dir; /* checkpoint and resize orders need somewhere to save */

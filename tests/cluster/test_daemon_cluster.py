@@ -5,6 +5,14 @@ usage: test_daemon_cluster.py MTNLGD JOB_DIR
 Each test starts real mtnlgd processes (tools/local_cluster.py) with node
 configs in a temp dir and stops them by pid:
 - test_four_daemons_train_like_one_process_and_fifth_is_spare
+- test_interleaved_daemons_train_like_one_process: 4 daemons of a job of
+  2 virtual stages (parallel.virtual_stages), each node a (stage, replica)
+  slot of tp 2, the last stage's chunks feeding the first stage's next
+  ones across nodes: the losses of the plain 1F1B job run standalone,
+  within 1e-6, and of the interleaved job run standalone, exactly; with a
+  global batch of 12 micro-batches of 2, dp 2 would leave each replica 3,
+  not a multiple of pp: the 4 daemons form dp 1 (2 spares) rather than 2,
+  and train the standalone run's losses
 - test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it
   (rendezvous.max_restarts = 0; re-forming after a loss is
   test_recovery_cluster.py's)
@@ -34,15 +42,18 @@ from local_cluster import LocalCluster, step_losses, last_step, grep, check, lic
 HB_MS, TIMEOUT_MS = 200, 2000
 
 
-def write_job(path, tokens, steps, name="cluster-test", dp_max=2):
+def write_job(path, tokens, steps, name="cluster-test", dp_max=2, virtual_stages=None,
+              dp_min=2, global_batch=8):
     job = {
         "name": name,
         "model": {"preset": "tiny", "n_layer": 4},
-        "parallel": {"tp": 2, "pp": 2, "dp_min": 2, "dp_max": dp_max, "micro_batch": 2},
-        "train": {"global_batch": 8, "steps": steps, "seed": 7,
+        "parallel": {"tp": 2, "pp": 2, "dp_min": dp_min, "dp_max": dp_max, "micro_batch": 2},
+        "train": {"global_batch": global_batch, "steps": steps, "seed": 7,
                   "lr": {"schedule": "cosine", "peak": 3e-3, "min": 3e-4, "warmup_steps": 3}},
         "data": {"path": tokens},
     }
+    if virtual_stages:
+        job["parallel"]["virtual_stages"] = virtual_stages
     with open(path, "w") as f:
         json.dump(job, f)
     return path
@@ -277,12 +288,59 @@ def test_cluster_key(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def test_interleaved_daemons_train_like_one_process(mtnlgd, tmp, tokens):
+    def standalone(job):
+        r = subprocess.run([mtnlgd, "--standalone", job, "--log-format", "json"],
+                           capture_output=True, text=True, timeout=300)
+        return [json.loads(l)["loss"] for l in r.stdout.splitlines() if l.startswith("{")]
+    plain = standalone(write_job(os.path.join(tmp, "plain10.json"), tokens, 10))
+    job = write_job(os.path.join(tmp, "vs10.json"), tokens, 10, name="vs-cluster",
+                    virtual_stages=2)
+    ref = standalone(job)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "vs"), job, nodes=4,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    try:
+        c.start()
+        codes = c.wait_all(300)
+        got = [[l for _, l in step_losses(n)] for n in c.nodes]
+        ok = (codes == [0] * 4 and len(ref) == 10 and all(g == ref for g in got) and
+              len(plain) == 10 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(ref, plain)))
+        failures = check("test_interleaved_daemons_train_like_one_process", ok,
+                         "exit codes %s, plain %s..., interleaved %s..., cluster %s...%s" % (
+                             codes, plain[:2], ref[:2], got[0][:2] if got and got[0] else None,
+                             "" if ok else c.logs()))
+    finally:
+        c.kill_all()
+    job = write_job(os.path.join(tmp, "vs12.json"), tokens, 6, name="vs-twelve", virtual_stages=2,
+                    dp_min=1, global_batch=12)
+    ref = standalone(job)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "vs12"), job, nodes=4,
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    try:
+        c.start()
+        codes = c.wait_all(300)
+        formed = [n for n in c.nodes if grep(n, r"generation 1 formed.*x dp 1 ")]
+        members = [n for n in c.nodes if step_losses(n)]
+        got = [[l for _, l in step_losses(n)] for n in members]
+        ok = (codes == [0] * 4 and len(formed) == 1 and len(members) == 2 and len(ref) == 6 and
+              all(g == ref for g in got))
+        failures += check("test_interleaved_cluster_forms_the_dp_whose_replicas_take_pp_"
+                          "micro_batches", ok,
+                          "exit codes %s, formed dp 1 %s, members %d, standalone %s, cluster "
+                          "%s%s" % (codes, [n.name for n in formed], len(members), ref[:2],
+                                    got[0][:2] if got else None, "" if ok else c.logs()))
+    finally:
+        c.kill_all()
+    return failures
+
+
 def main():
     mtnlgd = sys.argv[1]
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         failures += test_four_daemons_train_like_one_process_and_fifth_is_spare(mtnlgd, tmp, tokens)
+        failures += test_interleaved_daemons_train_like_one_process(mtnlgd, tmp, tokens)
         failures += test_sigkill_of_a_member_with_no_restarts_left_ends_the_job_naming_it(
             mtnlgd, tmp, tokens)
         failures += test_other_job_and_other_version_are_refused(mtnlgd, tmp, tokens)
