@@ -56,15 +56,20 @@ static int64_t mono_ms(void) {
 
 static void report_start(const mt_trainer *tr) {
   const mt_job *job = tr->job;
+  size_t acts = 0; /* every chunk's (virtual stages) */
+  for (int c = 0; c < tr->n_chunks; c++) acts += tr->chunks[c].acts_floats;
+  char chunks[64] = "";
+  if (tr->n_chunks > 1)
+    snprintf(chunks, sizeof chunks, " in %d chunks of the interleaved schedule", tr->n_chunks);
   mt_log_info("model: %d layers, hidden %d, %d heads, vocab %d (padded %d), seq %d: %.2fM "
               "parameters on stage 0 of %d; batch %d = dp %d x %d micro-batches of %d; %.3f "
               "GFLOP per step on this device; Adam moments %zu bytes per rank (1/%d of the "
-              "stage's); activations %zu bytes per rank%s",
+              "stage's); activations %zu bytes per rank%s%s",
               job->model.n_layer, job->model.n_embd, job->model.n_head, job->model.vocab_size,
               job->model.padded_vocab, job->model.seq_len, tr->model.num_params / 1e6,
               tr->g.pp_size, job->train.global_batch, tr->g.dp_size, tr->micro_batches,
               job->parallel.micro_batch, tr->flops_per_step / 1e9, 2 * tr->shard_n * sizeof(float),
-              tr->g.dp_size, tr->model.acts_floats * sizeof(float),
+              tr->g.dp_size, acts * sizeof(float), chunks,
               job->parallel.sequence_parallel && tr->g.tp_size > 1
                   ? " (sequence-parallel: the stream's rows split over tp)"
                   : "");

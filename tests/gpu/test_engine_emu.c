@@ -54,12 +54,13 @@ typedef struct layout {
   int n_layer;             /* 0: the preset's (2) */
   int blocking_p2p;        /* parallel.overlap_p2p = false */
   int seq_par;             /* parallel.sequence_parallel = true */
+  int virtual_stages;      /* parallel.virtual_stages, 0: none */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
  * of 2; logs[w] receives world rank w's steps. */
 static int run(const layout *l, rank_log *logs) {
-  char json[1400], ckpt[400] = "", bucket[128] = "", drop[160] = "";
+  char json[1400], ckpt[400] = "", bucket[192] = "", drop[160] = "";
   if (l->ckpt_dir)
     snprintf(ckpt, sizeof ckpt, ",\"checkpoint\":{\"dir\":\"%s\",\"interval\":%d}", l->ckpt_dir,
              l->ckpt_interval);
@@ -69,6 +70,9 @@ static int run(const layout *l, rank_log *logs) {
   if (l->seq_par)
     snprintf(bucket + strlen(bucket), sizeof bucket - strlen(bucket),
              ",\"sequence_parallel\":true");
+  if (l->virtual_stages)
+    snprintf(bucket + strlen(bucket), sizeof bucket - strlen(bucket), ",\"virtual_stages\":%d",
+             l->virtual_stages);
   if (l->dropout > 0.0f)
     snprintf(drop, sizeof drop, ",\"attention_dropout\":%g,\"hidden_dropout\":%g", l->dropout,
              l->dropout);
@@ -315,6 +319,40 @@ static int test_pp4_overlapped_p2p_on_gpus_matches_blocking(void) {
   return 0;
 }
 
+/* Interleaved 1F1B on GPUs: pp 2 x dp 2, each stage two one-layer chunks,
+ * the last stage's chunk 0 feeding the first stage's chunk 1 over the
+ * ring's NCCL pair, in bf16 with dropout. The losses are plain 1F1B's bit
+ * for bit (each tensor's gradient sums the same micro-batches in the same
+ * order), with receives posted ahead and with blocking ones. */
+static int test_bf16_interleaved_on_gpus_matches_plain_1f1b(void) {
+  enum { N = 2, W = 4 };
+  static rank_log plain[W], ahead[W], blocking[W];
+  layout l = {.kind = "cuda",
+              .precision = "bf16",
+              .steps = N,
+              .tp = 1,
+              .pp = 2,
+              .dp = 2,
+              .dropout = 0.1f,
+              .n_layer = 4};
+  REQUIRE(!run(&l, plain), "plain 1F1B: %s", mt_errmsg());
+  l.virtual_stages = 2;
+  REQUIRE(!run(&l, ahead), "interleaved: %s", mt_errmsg());
+  l.blocking_p2p = 1;
+  REQUIRE(!run(&l, blocking), "interleaved, blocking: %s", mt_errmsg());
+  for (int w = 0; w < W; w++) {
+    CHECK(plain[w].n == N && ahead[w].n == N && blocking[w].n == N, "rank %d: %d, %d and %d steps",
+          w, plain[w].n, ahead[w].n, blocking[w].n);
+    for (int s = 0; s < N && s < plain[w].n && s < ahead[w].n && s < blocking[w].n; s++)
+      CHECK(ahead[w].loss[s] == plain[w].loss[s] && blocking[w].loss[s] == plain[w].loss[s],
+            "rank %d step %d: loss %.9g interleaved, %.9g blocking, %.9g plain", w, s + 1,
+            ahead[w].loss[s], blocking[w].loss[s], plain[w].loss[s]);
+  }
+  printf("  bf16 pp2 x dp2 of 2 virtual stages on cuda:0-3: the losses of plain 1F1B (%.7f)\n",
+         ahead[0].loss[N - 1]);
+  return 0;
+}
+
 /* A checkpoint written from GPU memory resumes bit for bit: 6 steps straight,
  * against 3 steps, a checkpoint, and a resumed run of the rest, under dp 2
  * (each rank's ZeRO slice staged through the host both ways). */
@@ -449,6 +487,8 @@ int main(int argc, char **argv) {
       {"test_checkpoint_resume_on_gpus_is_exact", test_checkpoint_resume_on_gpus_is_exact},
       {"test_pp4_overlapped_p2p_on_gpus_matches_blocking",
        test_pp4_overlapped_p2p_on_gpus_matches_blocking},
+      {"test_bf16_interleaved_on_gpus_matches_plain_1f1b",
+       test_bf16_interleaved_on_gpus_matches_plain_1f1b},
       {"test_device_fault_fails_the_step_on_every_rank",
        test_device_fault_fails_the_step_on_every_rank},
       {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
