@@ -127,6 +127,7 @@ static int reshard_checkpoint(const char *dir, const char *out, int tp, int pp, 
   if (ret == CTL_EXIT_OK && ctl.output == CTL_OUTPUT_JSON) {
     json_t *j = json_pack("{s:s, s:I, s:s, s:i, s:i}", "checkpoint", c.dir, "step",
                           (json_int_t)c.step, "path", step_dir, "tp", tp, "pp", pp);
+    if (v > 0) json_object_set_new(j, "virtual_stages", json_integer(v));
     ctl_print_json(j);
     json_decref(j);
   } else if (ret == CTL_EXIT_OK) {

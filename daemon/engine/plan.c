@@ -261,6 +261,14 @@ static int check_layout(const mt_job *job, const mt_plan_device *dev, int device
                 "micro_batch * dp = %d * %lld",
                 job->train.rampup.start, job->train.rampup.increment, p->micro_batch,
                 (long long)(devices / slots));
+  else if (p->virtual_stages > 1 &&
+           mt_job_batch_quantum(job) % ((int64_t)p->micro_batch * (devices / slots) * p->pp))
+    add_problem(msg, sizeof msg, &n,
+                "plan: parallel.virtual_stages: the interleaved schedule takes micro-batches pp "
+                "at a time: train.rampup_batch start %d and increment %d are not both divisible "
+                "by micro_batch * dp * pp = %d * %lld * %d",
+                job->train.rampup.start, job->train.rampup.increment, p->micro_batch,
+                (long long)(devices / slots), p->pp);
   return n ? mt_seterr(MT_EINVAL, "%s", msg) : MT_OK;
 }
 
@@ -298,7 +306,10 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   int64_t layers_recomputed = 0; /* the share of the layers run twice, for the FLOPs */
   for (int s = 0; s < out->pp; s++) {
     mt_plan_stage st;
-    mt_plan_stage_of(job, out, s, &st);
+    if ((rc = mt_plan_stage_of(job, out, s, &st))) {
+      out->computed = 0;
+      return rc;
+    }
     layers_recomputed += st.recomputed_layers;
     if (s == 0) out->first = st;
     if (s == out->pp - 1) out->last = st;

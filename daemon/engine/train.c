@@ -240,6 +240,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
    * activations its schedule keeps */
   tr->chunks = &tr->model, tr->n_chunks = 1;
   if (!rc && v > 1) {
+    tr->n_chunks = 0; /* those made, for mt_trainer_destroy */
     tr->chunks = calloc((size_t)v, sizeof *tr->chunks);
     if (!tr->chunks) rc = mt_seterr(MT_ENOMEM, "train: %d model chunks", v);
     for (int c = 0; !rc && c < v; c++) {
@@ -357,6 +358,10 @@ int mt_pipe_schedule(int pp, int s, int v, int micro, int forward_only, mt_pipe_
 }
 
 int mt_pipe_inflight(int pp, int s, int v, int micro, int *inflight) {
+  if (v == 1) { /* 1F1B: the warm-up's forwards and one */
+    inflight[0] = pp - s < micro ? pp - s : micro;
+    return 0;
+  }
   for (int c = 0; c < v; c++) inflight[c] = 0;
   mt_pipe_op *ops = malloc(2 * (size_t)micro * v * sizeof *ops);
   int *held = calloc((size_t)v, sizeof *held);
@@ -368,9 +373,9 @@ int mt_pipe_inflight(int pp, int s, int v, int micro, int *inflight) {
   /* steps of fewer micro-batches (a batch ramp-up) may hold more at once in
    * the interleaved schedule: every count up to micro, past where the
    * pattern repeats */
-  int step = v > 1 ? pp : 1, upto = micro;
-  if (v > 1 && upto > 4 * pp * v + 2 * pp) upto = (4 * v + 2) * pp;
-  for (int m = upto; m >= step; m -= step) {
+  int upto = micro;
+  if (upto > 4 * pp * v + 2 * pp) upto = (4 * v + 2) * pp;
+  for (int m = upto; m >= pp; m -= pp) {
     int n = mt_pipe_schedule(pp, s, v, m, 0, ops);
     memset(held, 0, (size_t)v * sizeof *held);
     for (int i = 0; i < n; i++) {

@@ -55,6 +55,7 @@ typedef struct layout {
   int blocking_p2p;        /* parallel.overlap_p2p = false */
   int seq_par;             /* parallel.sequence_parallel = true */
   int virtual_stages;      /* parallel.virtual_stages, 0: none */
+  int global_batch;        /* 0: 8 */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
@@ -81,12 +82,12 @@ static int run(const layout *l, rank_log *logs) {
   snprintf(json, sizeof json,
            "{\"name\":\"emu\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16%s},"
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
-           "\"train\":{\"global_batch\":8,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s,"
+           "\"train\":{\"global_batch\":%d,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s,"
            "\"lr\":{\"schedule\":\"cosine\",\"peak\":3e-3,\"warmup_steps\":2,\"decay_steps\":12}},"
            "\"data\":{\"path\":\"%s\"}%s}",
-           drop, l->tp, l->pp, l->dp, l->dp, bucket, l->steps, l->precision,
-           l->loss_scale ? ",\"loss_scale\":" : "", l->loss_scale ? l->loss_scale : "", data_path,
-           ckpt);
+           drop, l->tp, l->pp, l->dp, l->dp, bucket, l->global_batch ? l->global_batch : 8,
+           l->steps, l->precision, l->loss_scale ? ",\"loss_scale\":" : "",
+           l->loss_scale ? l->loss_scale : "", data_path, ckpt);
   return run_ranks(json, preset_dirs, l->kind, l->export_path, logs);
 }
 
@@ -321,12 +322,16 @@ static int test_pp4_overlapped_p2p_on_gpus_matches_blocking(void) {
 
 /* Interleaved 1F1B on GPUs: pp 2 x dp 2, each stage two one-layer chunks,
  * the last stage's chunk 0 feeding the first stage's chunk 1 over the
- * ring's NCCL pair, in bf16 with dropout. The losses are plain 1F1B's bit
- * for bit (each tensor's gradient sums the same micro-batches in the same
- * order), with receives posted ahead and with blocking ones. */
+ * ring's NCCL pair, in bf16 with dropout; 4 micro-batches a replica, 2 pp,
+ * so the schedule reaches its steady state (a forward and a backward in
+ * turn, sends not yet waited for) and each chunk's last backward starts
+ * its buckets. The losses are plain 1F1B's bit for bit (each tensor's
+ * gradient sums the same micro-batches in the same order). (Blocking
+ * receives are test_layouts' and test_pipe_schedule's: each run here
+ * takes half a minute.) */
 static int test_bf16_interleaved_on_gpus_matches_plain_1f1b(void) {
   enum { N = 2, W = 4 };
-  static rank_log plain[W], ahead[W], blocking[W];
+  static rank_log plain[W], ahead[W];
   layout l = {.kind = "cuda",
               .precision = "bf16",
               .steps = N,
@@ -334,19 +339,18 @@ static int test_bf16_interleaved_on_gpus_matches_plain_1f1b(void) {
               .pp = 2,
               .dp = 2,
               .dropout = 0.1f,
-              .n_layer = 4};
+              .n_layer = 4,
+              .global_batch = 16};
   REQUIRE(!run(&l, plain), "plain 1F1B: %s", mt_errmsg());
   l.virtual_stages = 2;
   REQUIRE(!run(&l, ahead), "interleaved: %s", mt_errmsg());
-  l.blocking_p2p = 1;
-  REQUIRE(!run(&l, blocking), "interleaved, blocking: %s", mt_errmsg());
   for (int w = 0; w < W; w++) {
-    CHECK(plain[w].n == N && ahead[w].n == N && blocking[w].n == N, "rank %d: %d, %d and %d steps",
-          w, plain[w].n, ahead[w].n, blocking[w].n);
-    for (int s = 0; s < N && s < plain[w].n && s < ahead[w].n && s < blocking[w].n; s++)
-      CHECK(ahead[w].loss[s] == plain[w].loss[s] && blocking[w].loss[s] == plain[w].loss[s],
-            "rank %d step %d: loss %.9g interleaved, %.9g blocking, %.9g plain", w, s + 1,
-            ahead[w].loss[s], blocking[w].loss[s], plain[w].loss[s]);
+    CHECK(plain[w].n == N && ahead[w].n == N, "rank %d: %d and %d steps", w, plain[w].n,
+          ahead[w].n);
+    for (int s = 0; s < N && s < plain[w].n && s < ahead[w].n; s++)
+      CHECK(ahead[w].loss[s] == plain[w].loss[s],
+            "rank %d step %d: loss %.9g interleaved, %.9g plain", w, s + 1, ahead[w].loss[s],
+            plain[w].loss[s]);
   }
   printf("  bf16 pp2 x dp2 of 2 virtual stages on cuda:0-3: the losses of plain 1F1B (%.7f)\n",
          ahead[0].loss[N - 1]);

@@ -133,6 +133,131 @@ static int finishes(int pp, int v, int micro) {
   return 0;
 }
 
+/* run_pipeline's waits, stage by stage, with sends that complete only once
+ * their receiver has posted the matching receive (NCCL's rule; a link
+ * matches its k-th send with its k-th receive): the receive of an
+ * operation posted one ahead (overlap) or after the compute (blocking),
+ * the input gradient's send waited before the next backward, a chunk's
+ * output sends before its slot is written again (forward) or recomputed
+ * (backward), at most 7 output sends pending, and every send at the end;
+ * blocking with one chunk also waits for each send at once. All stages
+ * must finish. */
+enum { ACT_CAP = 8 };
+typedef struct {
+  int i, phase;              /* operation, and where in it */
+  int act_q[MAXOPS][3], n_q; /* pending output sends: link index, chunk, micro */
+  int grad_send;             /* link index of the pending gradient send, -1: none */
+} sim_stage;
+
+static int sent[2][MAXP], posted[2][MAXP]; /* per kind (0 act, 1 grad) and sending stage */
+
+static int receives_on(int pp, int v, int s, const mt_pipe_op *o) {
+  return o->kind == MT_PIPE_FWD ? !(s == 0 && o->chunk == 0) : !(s == pp - 1 && o->chunk == v - 1);
+}
+/* the sending stage of the link o's input comes on */
+static int from_stage(int pp, int s, const mt_pipe_op *o) {
+  return o->kind == MT_PIPE_FWD ? (s + pp - 1) % pp : (s + 1) % pp;
+}
+
+static int run_waits(int pp, int v, int micro, int overlap) {
+  static sim_stage st[MAXP];
+  static int recv_at[MAXP][MAXOPS]; /* the link index of op i's receive, when posted */
+  int slots[MAXP][64];
+  memset(sent, 0, sizeof sent);
+  memset(posted, 0, sizeof posted);
+  for (int s = 0; s < pp; s++) {
+    st[s] = (sim_stage){.grad_send = -1};
+    REQUIRE(!mt_pipe_inflight(pp, s, v, micro, slots[s]), "%s", mt_errmsg());
+  }
+  int done = 0;
+  while (done < pp) {
+    int moved = 0;
+    for (int s = 0; s < pp; s++) {
+      sim_stage *x = &st[s];
+      for (;;) {
+        if (x->i == sched[s].n) { /* the end: every send */
+          if (x->phase == -1) break;
+          if (x->n_q && posted[0][s] <= x->act_q[0][0]) break;
+          if (x->n_q) {
+            memmove(x->act_q, x->act_q + 1, (size_t)--x->n_q * sizeof x->act_q[0]);
+            continue;
+          }
+          if (x->grad_send >= 0 && posted[1][s] <= x->grad_send) break;
+          x->grad_send = -1, x->phase = -1, done++, moved = 1;
+          break;
+        }
+        const mt_pipe_op *o = &sched[s].ops[x->i];
+        const mt_pipe_op *next = x->i + 1 < sched[s].n ? &sched[s].ops[x->i + 1] : NULL;
+        int kind = o->kind == MT_PIPE_FWD ? 0 : 1;
+        if (x->phase == 0) { /* posting (the first op's, or the next one's) and waiting */
+          if (x->i == 0 && receives_on(pp, v, s, o))
+            recv_at[s][0] = posted[kind][from_stage(pp, s, o)]++;
+          x->phase = 1;
+        }
+        if (x->phase == 1) { /* this op's receive */
+          if (receives_on(pp, v, s, o) && sent[kind][from_stage(pp, s, o)] <= recv_at[s][x->i])
+            break;
+          if (overlap && next && receives_on(pp, v, s, next)) {
+            int nk = next->kind == MT_PIPE_FWD ? 0 : 1;
+            recv_at[s][x->i + 1] = posted[nk][from_stage(pp, s, next)]++;
+          }
+          x->phase = 2;
+        }
+        if (x->phase == 2) { /* before the compute: the sends whose buffers it writes */
+          if (o->kind == MT_PIPE_BWD && x->grad_send >= 0) {
+            if (posted[1][s] <= x->grad_send) break;
+            x->grad_send = -1;
+          }
+          int upto = o->kind == MT_PIPE_FWD ? o->micro - slots[s][o->chunk] : o->micro, last = -1;
+          for (int q = 0; q < x->n_q; q++)
+            if (x->act_q[q][1] == o->chunk && x->act_q[q][2] <= upto) last = q;
+          if (last >= 0) {
+            if (posted[0][s] <= x->act_q[0][0]) break;
+            memmove(x->act_q, x->act_q + 1, (size_t)--x->n_q * sizeof x->act_q[0]);
+            continue;
+          }
+          x->phase = 3;
+        }
+        if (x->phase == 3) { /* the send of what it made */
+          int sends = o->kind == MT_PIPE_FWD ? !(s == pp - 1 && o->chunk == v - 1)
+                                             : !(s == 0 && o->chunk == 0);
+          if (sends && o->kind == MT_PIPE_FWD && x->n_q > ACT_CAP - 1) {
+            if (posted[0][s] <= x->act_q[0][0]) break;
+            memmove(x->act_q, x->act_q + 1, (size_t)--x->n_q * sizeof x->act_q[0]);
+            continue;
+          }
+          if (sends && o->kind == MT_PIPE_FWD) {
+            x->act_q[x->n_q][0] = sent[0][s]++;
+            x->act_q[x->n_q][1] = o->chunk, x->act_q[x->n_q++][2] = o->micro;
+          } else if (sends) {
+            x->grad_send = sent[1][s]++;
+          }
+          x->phase = 4;
+          if (!overlap && next && receives_on(pp, v, s, next)) {
+            int nk = next->kind == MT_PIPE_FWD ? 0 : 1;
+            recv_at[s][x->i + 1] = posted[nk][from_stage(pp, s, next)]++;
+          }
+        }
+        if (x->phase == 4 && !overlap && v == 1) { /* blocking, one chunk: the send at once */
+          if (kind == 0 && x->n_q) {
+            if (posted[0][s] <= x->act_q[0][0]) break;
+            memmove(x->act_q, x->act_q + 1, (size_t)--x->n_q * sizeof x->act_q[0]);
+            continue;
+          }
+          if (kind == 1 && x->grad_send >= 0) {
+            if (posted[1][s] <= x->grad_send) break;
+            x->grad_send = -1;
+          }
+        }
+        x->i++, x->phase = 1, moved = 1; /* blocking: the next receive is waited in phase 1 */
+      }
+    }
+    REQUIRE(moved, "pp %d v %d m %d %s: deadlock (stages at %d, %d)", pp, v, micro,
+            overlap ? "overlapped" : "blocking", st[0].i, st[pp - 1].i);
+  }
+  return 0;
+}
+
 /* mt_pipe_inflight covers the activations each chunk holds. */
 static int inflight_covers(int pp, int v, int micro) {
   for (int s = 0; s < pp; s++) {
@@ -215,6 +340,7 @@ static void test_schedules_are_whole_ordered_and_finish(void) {
         for (int fwd_only = 0; fwd_only <= 1; fwd_only++) {
           int bad = make(pp, v, m, fwd_only) || each_once(pp, v, m, fwd_only) ||
                     links_in_order(pp, v) || finishes(pp, v, m);
+          if (!bad && !fwd_only) bad = run_waits(pp, v, m, 1) || run_waits(pp, v, m, 0);
           if (!bad && !fwd_only) bad = inflight_covers(pp, v, m);
           CHECK(!bad, "pp %d v %d m %d%s", pp, v, m, fwd_only ? " forward only" : "");
           if (bad) return;
