@@ -372,20 +372,12 @@ int mt_pipe_inflight(int pp, int s, int v, int micro, int *inflight) {
   }
   /* steps of fewer micro-batches (a batch ramp-up) may hold more at once in
    * the interleaved schedule: every count up to micro, past where the
-   * pattern repeats */
+   * pattern repeats, and micro itself */
   int upto = micro;
   if (upto > 4 * pp * v + 2 * pp) upto = (4 * v + 2) * pp;
   for (int m = upto; m >= pp; m -= pp) {
-    int n = mt_pipe_schedule(pp, s, v, m, 0, ops);
-    memset(held, 0, (size_t)v * sizeof *held);
-    for (int i = 0; i < n; i++) {
-      int c = ops[i].chunk;
-      held[c] += ops[i].kind == MT_PIPE_FWD ? 1 : -1;
-      if (held[c] > inflight[c]) inflight[c] = held[c];
-    }
-  }
-  if (upto < micro) { /* and the step's own count */
-    int n = mt_pipe_schedule(pp, s, v, micro, 0, ops);
+    int count = m == upto ? micro : m; /* the first pass: the step's own */
+    int n = mt_pipe_schedule(pp, s, v, count, 0, ops);
     memset(held, 0, (size_t)v * sizeof *held);
     for (int i = 0; i < n; i++) {
       int c = ops[i].chunk;
