@@ -27,11 +27,7 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
                        .ln_eps = ms->ln_eps,
                        .tp_size = tp,
                        .tp_rank = q};
-  int v = job->parallel.virtual_stages;
-  if (pp > 1 && v > 1)
-    cfg.virtual_stages = v, cfg.pp_size = pp, cfg.pp_rank = s;
-  else if (pp > 1)
-    mt_stage_layers(ms->n_layer, pp, s, &cfg.layer_begin, &cfg.layer_end);
+  mt_gpt_set_stage(&cfg, pp, s, job->parallel.virtual_stages);
   return cfg;
 }
 

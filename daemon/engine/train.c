@@ -86,12 +86,7 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .tp_rank = g->tp_rank,
       .precision = precision_of(job),
   };
-  int v = job->parallel.virtual_stages;
-  if (v > 1) {
-    cfg.virtual_stages = v, cfg.pp_size = g->pp_size, cfg.pp_rank = g->pp_rank;
-  } else if (g->pp_size > 1) {
-    mt_stage_layers(ms->n_layer, g->pp_size, g->pp_rank, &cfg.layer_begin, &cfg.layer_end);
-  }
+  mt_gpt_set_stage(&cfg, g->pp_size, g->pp_rank, job->parallel.virtual_stages);
   return cfg;
 }
 
@@ -182,14 +177,9 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (ms->n_layer < tr->g.pp_size)
     return mt_seterr(MT_EINVAL, "parallel.pp: %d stages for %d layers", tr->g.pp_size, ms->n_layer);
   tr->micro_batches = G / (B * tr->g.dp_size);
+  /* (the job's parse refused virtual stages without a pipeline or a layer
+   * for each chunk; dp is the groups') */
   int v = ps->virtual_stages > 1 ? ps->virtual_stages : 1, pp = tr->g.pp_size;
-  if (v > 1 && pp < 2)
-    return mt_seterr(MT_EINVAL, "parallel.virtual_stages: %d chunks a stage need pp 2 or more", v);
-  if (v > 1 && ms->n_layer < pp * v)
-    return mt_seterr(MT_EINVAL,
-                     "parallel.virtual_stages: %d stages x %d chunks need %d layers, the model "
-                     "has %d",
-                     pp, v, pp * v, ms->n_layer);
   /* the interleaved schedule takes micro-batches pp at a time (Megatron's rule) */
   if (v > 1 && (G % (B * tr->g.dp_size * pp) || quantum % (B * tr->g.dp_size * pp)))
     return mt_seterr(MT_EINVAL,
@@ -246,10 +236,6 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     for (int c = 0; !rc && c < v; c++) {
       rc = mt_gpt_create_chunk(&tr->chunks[c], &tr->model, c, inflight[c]);
       if (!rc) tr->n_chunks = c + 1;
-      tr->chunks[c].tp_allreduce = tr->model.tp_allreduce;
-      tr->chunks[c].tp_allgather = tr->model.tp_allgather;
-      tr->chunks[c].tp_reduce_scatter = tr->model.tp_reduce_scatter;
-      tr->chunks[c].tp_ctx = tr->model.tp_ctx;
     }
   }
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
@@ -287,7 +273,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   }
   /* model FLOPs of this stage: blocks pro rata, the LM head on the last */
   mt_gpt_config whole = cfg;
-  whole.layer_begin = whole.layer_end = whole.virtual_stages = 0;
+  mt_gpt_set_stage(&whole, 1, 0, 1);
   double per_mb = mt_gpt_flops_per_step(&whole, B, T);
   double head = 3.0 * 2.0 * B * T * (double)ms->n_embd * ms->padded_vocab;
   per_mb = (per_mb - head) * tr->model.n_layers / ms->n_layer + (tr->model.last ? head : 0.0);
@@ -917,19 +903,16 @@ static int export_layout_make(const mt_trainer *tr, export_layout *x) {
   for (int s = 0, end; s < x->parts; s++)
     mt_stage_layers(m->cfg.n_layer, x->parts, s, &x->stage_begin[s], &end);
   for (int k = 0; k < pp * tp && !rc; k++) {
-    mt_gpt_config sc = m->cfg; /* with virtual stages, stage k / tp's chunks */
+    mt_gpt_config sc = m->cfg;
     sc.tp_rank = k % tp;
-    if (sc.virtual_stages > 1)
-      sc.pp_rank = k / tp;
-    else if (pp > 1)
-      mt_stage_layers(m->cfg.n_layer, pp, k / tp, &sc.layer_begin, &sc.layer_end);
+    mt_gpt_set_stage(&sc, pp, k / tp, tr->n_chunks);
     size_t count;
     rc = mt_gpt_table(&sc, &x->tables[k], &x->counts[k], &count);
     for (int i = 0; !rc && i < x->counts[k]; i++)
       if (x->tables[k][i].numel > x->max_numel) x->max_numel = x->tables[k][i].numel;
   }
   mt_gpt_config wc = m->cfg;
-  wc.layer_begin = wc.layer_end = wc.virtual_stages = 0;
+  mt_gpt_set_stage(&wc, 1, 0, 1);
   wc.tp_size = 1, wc.tp_rank = 0;
   size_t whole_count = 0;
   if (!rc) rc = mt_gpt_table(&wc, &x->whole, &x->n_whole, &whole_count);

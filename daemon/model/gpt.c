@@ -123,6 +123,15 @@ void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end) {
   *end = *begin + base + (s < extra ? 1 : 0);
 }
 
+void mt_gpt_set_stage(mt_gpt_config *c, int pp, int s, int v) {
+  c->layer_begin = c->layer_end = c->virtual_stages = 0;
+  c->pp_size = pp, c->pp_rank = s;
+  if (pp > 1 && v > 1)
+    c->virtual_stages = v;
+  else if (pp > 1)
+    mt_stage_layers(c->n_layer, pp, s, &c->layer_begin, &c->layer_end);
+}
+
 /* Chunks of blocks cfg's model holds: its virtual stages, else one. */
 static int n_chunks(const mt_gpt_config *c) {
   return c->virtual_stages > 1 ? c->virtual_stages : 1;
@@ -538,10 +547,8 @@ int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots) {
   if (oc->virtual_stages < 2 || chunk < 0 || chunk >= oc->virtual_stages)
     return mt_seterr(MT_EINVAL, "gpt: chunk %d of a model of %d virtual stages", chunk,
                      oc->virtual_stages);
-  mt_gpt_config cfg = *oc;
-  cfg.virtual_stages = 0;
-  mt_stage_layers(oc->n_layer, oc->pp_size * oc->virtual_stages, chunk * oc->pp_size + oc->pp_rank,
-                  &cfg.layer_begin, &cfg.layer_end);
+  mt_gpt_config cfg = *oc; /* virtual stage chunk * pp + pp_rank of pp * v */
+  mt_gpt_set_stage(&cfg, oc->pp_size * oc->virtual_stages, chunk * oc->pp_size + oc->pp_rank, 1);
   cfg.micro_slots = slots;
   m->cfg = cfg;
   m->dev = owner->dev;
@@ -550,6 +557,8 @@ int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots) {
   m->is_chunk = 1;
   m->training = owner->training;
   m->seed = owner->seed;
+  m->tp_allreduce = owner->tp_allreduce, m->tp_allgather = owner->tp_allgather;
+  m->tp_reduce_scatter = owner->tp_reduce_scatter, m->tp_ctx = owner->tp_ctx;
   int rc = build_table(m);
   if (!rc && oc->precision != MT_PREC_FP32 &&
       !(m->vec_offset = malloc((size_t)m->n_tensors * sizeof *m->vec_offset)))

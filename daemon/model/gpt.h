@@ -194,13 +194,18 @@ void mt_gpt_destroy(mt_gpt *m);
  * and conversion scratch are owner's (the same offsets), with activations
  * of its own for `slots` micro-batches. It runs forward_stage and
  * backward_stage as a stage does; owner rounds, zeroes and initialises
- * for it, and must outlive it. Copies owner's seed and training flag: set
- * them on both. */
+ * for it, and must outlive it. Copies owner's seed, training flag and tp
+ * hooks: set them on owner first (the training flag on both after). */
 int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots);
 
 /* Layers [*begin, *end) of stage s of pp: the first n_layer % pp stages hold
  * one layer more. */
 void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end);
+
+/* Makes c the model of pipeline stage s of pp with v chunks a stage
+ * (parallel.virtual_stages; 1: its one range of layers); pp 1: the whole
+ * model. */
+void mt_gpt_set_stage(mt_gpt_config *c, int pp, int s, int v);
 
 /* Rounds the master weights into the working copy the forward and backward
  * read (round to nearest even, elementwise, so every tp shard and pipeline

@@ -921,7 +921,7 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   }
   if (!(m->first && m->last)) {
     mt_gpt_config full = m->cfg;
-    full.layer_begin = full.layer_end = full.virtual_stages = 0;
+    mt_gpt_set_stage(&full, 1, 0, 1);
     size_t count;
     if ((rc = mt_gpt_table(&full, &whole, &n_whole, &count))) goto done;
   }
@@ -1164,7 +1164,7 @@ int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, co
   mt_gpt_export *e = calloc(1, sizeof *e);
   if (!e) return mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   e->cfg = *cfg;
-  e->cfg.layer_begin = e->cfg.layer_end = e->cfg.virtual_stages = 0;
+  mt_gpt_set_stage(&e->cfg, 1, 0, 1);
   e->cfg.tp_size = 1, e->cfg.tp_rank = 0;
   e->part = plan->part;
   size_t count, max_numel = 0;
