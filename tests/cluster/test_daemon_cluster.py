@@ -293,44 +293,42 @@ def test_interleaved_daemons_train_like_one_process(mtnlgd, tmp, tokens):
         r = subprocess.run([mtnlgd, "--standalone", job, "--log-format", "json"],
                            capture_output=True, text=True, timeout=300)
         return [json.loads(l)["loss"] for l in r.stdout.splitlines() if l.startswith("{")]
+
+    def cluster(job, name):  # 4 daemons to the job's end; their logs stay readable
+        c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=4,
+                         heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+        try:
+            c.start()
+            return c, c.wait_all(300)
+        finally:
+            c.kill_all()
+
     plain = standalone(write_job(os.path.join(tmp, "plain10.json"), tokens, 10))
     job = write_job(os.path.join(tmp, "vs10.json"), tokens, 10, name="vs-cluster",
                     virtual_stages=2)
     ref = standalone(job)
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "vs"), job, nodes=4,
-                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
-    try:
-        c.start()
-        codes = c.wait_all(300)
-        got = [[l for _, l in step_losses(n)] for n in c.nodes]
-        ok = (codes == [0] * 4 and len(ref) == 10 and all(g == ref for g in got) and
-              len(plain) == 10 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(ref, plain)))
-        failures = check("test_interleaved_daemons_train_like_one_process", ok,
-                         "exit codes %s, plain %s..., interleaved %s..., cluster %s...%s" % (
-                             codes, plain[:2], ref[:2], got[0][:2] if got and got[0] else None,
-                             "" if ok else c.logs()))
-    finally:
-        c.kill_all()
+    c, codes = cluster(job, "vs")
+    got = [[l for _, l in step_losses(n)] for n in c.nodes]
+    ok = (codes == [0] * 4 and len(ref) == 10 and all(g == ref for g in got) and
+          len(plain) == 10 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(ref, plain)))
+    failures = check("test_interleaved_daemons_train_like_one_process", ok,
+                     "exit codes %s, plain %s..., interleaved %s..., cluster %s...%s" % (
+                         codes, plain[:2], ref[:2], got[0][:2] if got and got[0] else None,
+                         "" if ok else c.logs()))
     job = write_job(os.path.join(tmp, "vs12.json"), tokens, 6, name="vs-twelve", virtual_stages=2,
                     dp_min=1, global_batch=12)
     ref = standalone(job)
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "vs12"), job, nodes=4,
-                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
-    try:
-        c.start()
-        codes = c.wait_all(300)
-        formed = [n for n in c.nodes if grep(n, r"generation 1 formed.*x dp 1 ")]
-        members = [n for n in c.nodes if step_losses(n)]
-        got = [[l for _, l in step_losses(n)] for n in members]
-        ok = (codes == [0] * 4 and len(formed) == 1 and len(members) == 2 and len(ref) == 6 and
-              all(g == ref for g in got))
-        failures += check("test_interleaved_cluster_forms_the_dp_whose_replicas_take_pp_"
-                          "micro_batches", ok,
-                          "exit codes %s, formed dp 1 %s, members %d, standalone %s, cluster "
-                          "%s%s" % (codes, [n.name for n in formed], len(members), ref[:2],
-                                    got[0][:2] if got else None, "" if ok else c.logs()))
-    finally:
-        c.kill_all()
+    c, codes = cluster(job, "vs12")
+    formed = [n for n in c.nodes if grep(n, r"generation 1 formed.*x dp 1 ")]
+    members = [n for n in c.nodes if step_losses(n)]
+    got = [[l for _, l in step_losses(n)] for n in members]
+    ok = (codes == [0] * 4 and len(formed) == 1 and len(members) == 2 and len(ref) == 6 and
+          all(g == ref for g in got))
+    failures += check("test_interleaved_cluster_forms_the_dp_whose_replicas_take_pp_"
+                      "micro_batches", ok,
+                      "exit codes %s, formed dp 1 %s, members %d, standalone %s, cluster "
+                      "%s%s" % (codes, [n.name for n in formed], len(members), ref[:2],
+                                got[0][:2] if got else None, "" if ok else c.logs()))
     return failures
 
 
