@@ -151,7 +151,8 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   out->optimizer_bytes = out->optimizer_params * (mixed ? 12 : 8);
 
   /* each chunk (one without virtual stages) keeps its in-flight
-   * micro-batches' activations and has its own working buffers */
+   * micro-batches' activations; the block working buffers and the
+   * recomputing layers' one set serve every chunk (they run in turn) */
   int inflight[v];
   if (mt_pipe_inflight((int)p, s, v, plan->micro_batches, inflight)) return MT_ENOMEM;
   int64_t full = layer_act_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
@@ -164,10 +165,11 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
     if (rl && plan->recompute_layers > 0 && plan->recompute_layers < rl)
       rl = plan->recompute_layers;
     out->recomputed_layers += (int)rl;
-    out->activation_bytes +=
-        inflight[c] * (rl * stream * (mixed ? 2 : 4) + (n - rl) * full) + (rl ? full : 0);
-    if (n) out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
+    out->activation_bytes += inflight[c] * (rl * stream * (mixed ? 2 : 4) + (n - rl) * full);
   }
+  if (out->recomputed_layers) out->activation_bytes += full;
+  if (out->n_layers)
+    out->activation_bytes += working_set_bytes(m, plan->micro_batch, plan->tp, mixed, sp);
   if (out->has_head) out->logits_bytes = (int64_t)m->seq_len * plan->micro_batch * Vp / t * 4;
 
   /* two receive buffers of each kind a stage receives: an end stage one

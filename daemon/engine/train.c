@@ -234,7 +234,11 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     tr->chunks = calloc((size_t)v, sizeof *tr->chunks);
     if (!tr->chunks) rc = mt_seterr(MT_ENOMEM, "train: %d model chunks", v);
     for (int c = 0; !rc && c < v; c++) {
-      rc = mt_gpt_create_chunk(&tr->chunks[c], &tr->model, c, inflight[c]);
+      /* the chunks run in turn: chunk 0's working buffers serve them all
+       * (the input gradient, its backward scratch, is sent before the next
+       * backward: stage_backward waits for it) */
+      rc = mt_gpt_create_chunk(&tr->chunks[c], &tr->model, c, inflight[c],
+                               c ? &tr->chunks[0] : NULL);
       if (!rc) tr->n_chunks = c + 1;
     }
   }

@@ -333,8 +333,10 @@ static void carve_act(const mt_gpt *m, void **dst, float *base, size_t *off, siz
 }
 
 /* Lays out every activation of n slots in one buffer, the backward scratch
- * once after them; with base == NULL only counts. */
-static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
+ * once after them (or, with shared, shared's: another chunk's slot 0); with
+ * base == NULL only counts. */
+static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
+                        const act_plan *shared) {
   const mt_gpt_config *c = &m->cfg;
   size_t tp = c->tp_size > 1 ? (size_t)c->tp_size : 1;
   size_t BT = (size_t)m->B * m->T, C = (size_t)c->n_embd, Cl = C / tp;
@@ -362,7 +364,7 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     if (half && !m->last) carve_half(&p->out_h, base, &off, R * C);
     /* the recomputing blocks' set (blocks[0]) holds nothing between a
      * block's forward and its own backward: one set serves every slot */
-    for (int b = k > 0 && n_recomputed(m) > 0; b < p->n_blocks; b++) {
+    for (int b = (k > 0 || shared) && n_recomputed(m) > 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
       carve(&a->lse, base, &off, BHT);
       carve_act(m, &a->qkv, base, &off, BT * 3 * Cl);
@@ -386,27 +388,45 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base) {
     }
   }
   act_plan *p = &slots[0];
-  carve_act(m, &p->ln, base, &off, BT * C); /* all rows: a GEMM's input */
-  carve(&p->ln_mean, base, &off, R);
-  carve(&p->ln_rstd, base, &off, R);
-  carve_act(m, &p->gelu, base, &off, BT * 4 * Cl);
-  carve(&p->dres, base, &off, R * C);
-  carve(&p->dbtc, base, &off, BT * C);
-  carve(&p->dbtc2, base, &off, BT * C);
-  carve_act(m, &p->dqkv, base, &off, BT * 3 * Cl);
-  carve(&p->dfch, base, &off, BT * 4 * Cl);
-  carve_act(m, &p->dfch2, base, &off, BT * 4 * Cl);
-  carve(&p->att_scratch, base, &off, att_scratch);
-  carve(&p->branch, base, &off, BT * C);
-  if (seq_par(m)) carve(&p->lngrad, base, &off, 4 * C);
-  if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
-    float *resid2 = NULL;
-    carve(&p->stream[0], base, &off, R * C);
-    carve(&p->stream[1], base, &off, R * C);
-    carve(&resid2, base, &off, R * C);
-    for (int k = 0; k < n && base; k++) {
-      slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
-      for (int b = 0; b < slots[k].n_blocks; b++) slots[k].blocks[b].resid2 = resid2;
+  if (shared) { /* its pointers: the same sizes, as the chunks' shapes are */
+    if (base) {
+      p->ln = shared->ln, p->ln_mean = shared->ln_mean, p->ln_rstd = shared->ln_rstd;
+      p->gelu = shared->gelu;
+      p->dres = shared->dres, p->dbtc = shared->dbtc, p->dbtc2 = shared->dbtc2;
+      p->dqkv = shared->dqkv, p->dfch = shared->dfch, p->dfch2 = shared->dfch2;
+      p->att_scratch = shared->att_scratch, p->branch = shared->branch;
+      p->lngrad = shared->lngrad;
+      p->stream[0] = shared->stream[0], p->stream[1] = shared->stream[1];
+      if (n_recomputed(m)) p->blocks[0] = shared->blocks[0];
+      for (int k = 0; k < n && half; k++) {
+        slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
+        for (int b = 0; b < slots[k].n_blocks; b++)
+          slots[k].blocks[b].resid2 = shared->blocks[0].resid2;
+      }
+    }
+  } else {
+    carve_act(m, &p->ln, base, &off, BT * C); /* all rows: a GEMM's input */
+    carve(&p->ln_mean, base, &off, R);
+    carve(&p->ln_rstd, base, &off, R);
+    carve_act(m, &p->gelu, base, &off, BT * 4 * Cl);
+    carve(&p->dres, base, &off, R * C);
+    carve(&p->dbtc, base, &off, BT * C);
+    carve(&p->dbtc2, base, &off, BT * C);
+    carve_act(m, &p->dqkv, base, &off, BT * 3 * Cl);
+    carve(&p->dfch, base, &off, BT * 4 * Cl);
+    carve_act(m, &p->dfch2, base, &off, BT * 4 * Cl);
+    carve(&p->att_scratch, base, &off, att_scratch);
+    carve(&p->branch, base, &off, BT * C);
+    if (seq_par(m)) carve(&p->lngrad, base, &off, 4 * C);
+    if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
+      float *resid2 = NULL;
+      carve(&p->stream[0], base, &off, R * C);
+      carve(&p->stream[1], base, &off, R * C);
+      carve(&resid2, base, &off, R * C);
+      for (int k = 0; k < n && base; k++) {
+        slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
+        for (int b = 0; b < slots[k].n_blocks; b++) slots[k].blocks[b].resid2 = resid2;
+      }
     }
   }
   for (int k = 1; k < n && base; k++) {
@@ -451,6 +471,11 @@ static size_t cvt_bytes(const mt_gpt *m) {
   return most;
 }
 
+/* The slot whose working buffers m uses: its lender's first (NULL: its own). */
+static const act_plan *lent(const mt_gpt *m) {
+  return m->work_lender ? (const act_plan *)m->work_lender->act_plan : NULL;
+}
+
 /* The activation plan of m's micro_slots slots and its one buffer (none
  * for a model of virtual stages: its chunks have theirs). */
 static int plan_slots(mt_gpt *m) {
@@ -467,7 +492,7 @@ static int plan_slots(mt_gpt *m) {
     p->blocks = calloc((size_t)p->n_blocks, sizeof(block_acts));
     if (!p->resid || !p->resid_h || !p->blocks) return mt_seterr(MT_ENOMEM, "gpt: activation plan");
   }
-  m->acts_floats = plan_acts(m, slots, m->n_slots, NULL);
+  m->acts_floats = plan_acts(m, slots, m->n_slots, NULL, lent(m));
   return 0;
 }
 
@@ -481,7 +506,7 @@ static int alloc_acts(mt_gpt *m) {
   m->host_losses = malloc(3 * (size_t)m->B * m->T * sizeof(float));
   if (!m->host_losses)
     return mt_seterr(MT_ENOMEM, "gpt: host copies of %zu losses", 3 * (size_t)m->B * m->T);
-  plan_acts(m, m->act_plan, m->n_slots, m->acts);
+  plan_acts(m, m->act_plan, m->n_slots, m->acts, lent(m));
   return 0;
 }
 
@@ -541,7 +566,8 @@ fail:
   return rc;
 }
 
-int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots) {
+int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots,
+                        const mt_gpt *lender) {
   memset(m, 0, sizeof *m);
   const mt_gpt_config *oc = &owner->cfg;
   if (oc->virtual_stages < 2 || chunk < 0 || chunk >= oc->virtual_stages)
@@ -555,6 +581,7 @@ int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots) {
   m->B = owner->B;
   m->T = owner->T;
   m->is_chunk = 1;
+  m->work_lender = lender;
   m->training = owner->training;
   m->seed = owner->seed;
   m->tp_allreduce = owner->tp_allreduce, m->tp_allgather = owner->tp_allgather;

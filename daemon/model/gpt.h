@@ -164,6 +164,8 @@ typedef struct mt_gpt {
   int first, last;                   /* this stage holds the embeddings / the head */
   int is_chunk;                      /* a view of another model's parameters
                                         (mt_gpt_create_chunk): frees none of them */
+  const struct mt_gpt *work_lender;  /* a chunk: the chunk whose block working buffers
+                                        and backward scratch it uses (NULL: its own) */
   int n_layers;                      /* blocks on this stage */
   int i_wte, i_wpe, i_block0, i_lnf; /* table indices, -1 when absent here */
   /* tensor parallelism: sum (or max) of buf over the tp group, set by the
@@ -194,9 +196,14 @@ void mt_gpt_destroy(mt_gpt *m);
  * and conversion scratch are owner's (the same offsets), with activations
  * of its own for `slots` micro-batches. It runs forward_stage and
  * backward_stage as a stage does; owner rounds, zeroes and initialises
- * for it, and must outlive it. Copies owner's seed, training flag and tp
+ * for it, and must outlive it. With lender (another chunk of owner), the
+ * block working buffers and the backward's scratch are lender's, not its
+ * own: the chunks run one at a time, and what such a buffer holds does
+ * not outlive the operation, except the input gradient (the backward
+ * scratch), which the caller must have sent before any chunk's next
+ * backward. Copies owner's seed, training flag and tp
  * hooks: set them on owner first (the training flag on both after). */
-int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots);
+int mt_gpt_create_chunk(mt_gpt *m, const mt_gpt *owner, int chunk, int slots, const mt_gpt *lender);
 
 /* Layers [*begin, *end) of stage s of pp: the first n_layer % pp stages hold
  * one layer more. */

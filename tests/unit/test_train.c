@@ -118,6 +118,80 @@ static void test_init_std_and_scaled_output_projections(void) {
 
 /* Gradients with per-layer recomputation equal those with stored activations,
  * bit for bit, dropout included (its masks are recomputed from Philox). */
+/* Interleaved stages: two stages of two one-layer chunks each (stage 0:
+ * layers 0 and 2 with the embeddings, stage 1: layers 1 and 3 with the
+ * head), each chunk a view of its stage's parameters, run round the ring
+ * by hand, give the whole model's loss and gradients, with recomputation
+ * and dropout; and a chunk that borrows chunk 0's working buffers lays out
+ * fewer activations than one with its own. */
+static void test_chunks_are_views_that_share_working_buffers(void) {
+  mt_gpt whole, stage[2], chunk[2][2], alone;
+  mt_gpt_config cw = small_config(4, 1, 0.1f);
+  int B = 2, T = 9, ok = !mt_gpt_create(&whole, &cw, &dev, B, T);
+  for (int s = 0; s < 2 && ok; s++) {
+    mt_gpt_config cs = cw;
+    mt_gpt_set_stage(&cs, 2, s, 2);
+    ok = !mt_gpt_create(&stage[s], &cs, &dev, B, T) && !mt_gpt_init_weights(&stage[s], 3);
+    for (int c = 0; c < 2 && ok; c++)
+      ok = !mt_gpt_create_chunk(&chunk[s][c], &stage[s], c, 1, c ? &chunk[s][0] : NULL);
+  }
+  ok = ok && !mt_gpt_init_weights(&whole, 3) && !mt_gpt_create_chunk(&alone, &stage[0], 1, 1, NULL);
+  CHECK(ok, "%s", mt_errmsg());
+  CHECK(stage[0].first && !stage[0].last && !stage[1].first && stage[1].last &&
+            stage[0].n_layers == 2 && mt_gpt_find(&stage[0], "h.2.ln_1.weight") >= 0 &&
+            mt_gpt_find(&stage[0], "h.1.ln_1.weight") < 0 && chunk[0][0].first &&
+            !chunk[0][1].first && chunk[1][1].last && !chunk[1][0].last,
+        "the stages hold the wrong layers or ends");
+  CHECK(chunk[0][1].acts_floats < alone.acts_floats,
+        "a borrowing chunk lays out %zu activation floats, one with its own buffers %zu",
+        chunk[0][1].acts_floats, alone.acts_floats);
+  int32_t in[18], tg[18];
+  fill_tokens(in, 18, 61, 1);
+  fill_tokens(tg, 18, 61, 2);
+  mt_gpt_zero_grad(&whole);
+  mt_gpt_zero_grad(&stage[0]);
+  mt_gpt_zero_grad(&stage[1]);
+  CHECK(!mt_gpt_forward(&whole, in, tg, 100) && !mt_gpt_backward(&whole, 1.0f), "%s", mt_errmsg());
+  /* forward round the ring: chunk 0 of stage 0, of stage 1, chunk 1 of each */
+  mt_gpt *order[4] = {&chunk[0][0], &chunk[1][0], &chunk[0][1], &chunk[1][1]};
+  const float *x = NULL;
+  for (int k = 0; k < 4; k++) {
+    mt_gpt *m = order[k];
+    CHECK(!mt_gpt_forward_stage(m, 0, m->first ? in : NULL, x, m->last ? tg : NULL, 100), "%s",
+          mt_errmsg());
+    x = m->last ? NULL : mt_gpt_stage_output(m, 0);
+  }
+  CHECK(chunk[1][1].last_loss == whole.last_loss, "loss %.9g through the chunks, %.9g whole",
+        chunk[1][1].last_loss, whole.last_loss);
+  const float *dy = NULL;
+  for (int k = 3; k >= 0; k--) {
+    mt_gpt *m = order[k];
+    CHECK(!mt_gpt_backward_stage(m, 0, dy, 1.0f), "%s", mt_errmsg());
+    dy = m->first ? NULL : mt_gpt_stage_input_grad(m);
+  }
+  double worst = 0.0;
+  for (int s = 0; s < 2; s++)
+    for (int i = 0; i < stage[s].n_tensors; i++) {
+      const mt_param *p = &stage[s].params_table[i];
+      const mt_param *q = &whole.params_table[mt_gpt_find(&whole, p->name)];
+      for (size_t e = 0; e < p->numel; e++) {
+        double a = stage[s].grads[p->offset + e], b = whole.grads[q->offset + e];
+        double d = fabs(a - b) / (fabs(b) + 1e-6);
+        if (!strcmp(p->name, "wte.weight")) break; /* the tied copies' sum: the engine's */
+        if (d > worst) worst = d;
+      }
+    }
+  CHECK(worst < 1e-5, "gradients through the chunks differ from the whole model's by %g", worst);
+  mt_gpt_destroy(&alone);
+  for (int s = 0; s < 2; s++) {
+    mt_gpt_destroy(&chunk[s][1]);
+    mt_gpt_destroy(&chunk[s][0]);
+    mt_gpt_destroy(&stage[s]);
+  }
+  mt_gpt_destroy(&whole);
+  printf("  ok test_chunks_are_views_that_share_working_buffers (gradients within %.1e)\n", worst);
+}
+
 static void test_recompute_gives_identical_gradients(void) {
   for (int drop = 0; drop < 2; drop++) {
     mt_gpt a, b;
@@ -707,6 +781,7 @@ int main(void) {
   test_init_depends_only_on_seed_and_tensor_name();
   test_init_std_and_scaled_output_projections();
   test_recompute_gives_identical_gradients();
+  test_chunks_are_views_that_share_working_buffers();
   test_bad_tokens_are_refused_with_position();
   test_decode_matches_the_whole_forward();
   test_lr_warmup_then_cosine_to_min();
