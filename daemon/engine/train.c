@@ -181,7 +181,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
    * for each chunk; dp is the groups') */
   int v = ps->virtual_stages > 1 ? ps->virtual_stages : 1, pp = tr->g.pp_size;
   /* the interleaved schedule takes micro-batches pp at a time (Megatron's rule) */
-  if (v > 1 && (G % (B * tr->g.dp_size * pp) || quantum % (B * tr->g.dp_size * pp)))
+  if (v > 1 && quantum % (B * tr->g.dp_size * pp)) /* the quantum divides every batch */
     return mt_seterr(MT_EINVAL,
                      "parallel.virtual_stages: the interleaved schedule needs every step's "
                      "micro-batches a replica (global_batch %d%s / micro_batch %d / dp %d) to be "

@@ -332,6 +332,20 @@ static void carve_act(const mt_gpt *m, void **dst, float *base, size_t *off, siz
   if (base) *dst = f;
 }
 
+/* Points dst's working buffers (what a block computes and uses at once,
+ * the backward's scratch, the stream's fp32 pair, and with recomputation
+ * the recomputing blocks' one set) at src's. */
+static void share_working_set(act_plan *dst, const act_plan *src, int recomputing) {
+  dst->ln = src->ln, dst->ln_mean = src->ln_mean, dst->ln_rstd = src->ln_rstd;
+  dst->gelu = src->gelu;
+  dst->dres = src->dres, dst->dbtc = src->dbtc, dst->dbtc2 = src->dbtc2;
+  dst->dqkv = src->dqkv, dst->dfch = src->dfch, dst->dfch2 = src->dfch2;
+  dst->att_scratch = src->att_scratch, dst->branch = src->branch;
+  dst->lngrad = src->lngrad;
+  dst->stream[0] = src->stream[0], dst->stream[1] = src->stream[1];
+  if (recomputing) dst->blocks[0] = src->blocks[0];
+}
+
 /* Lays out every activation of n slots in one buffer, the backward scratch
  * once after them (or, with shared, shared's: another chunk's slot 0); with
  * base == NULL only counts. */
@@ -388,22 +402,10 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
     }
   }
   act_plan *p = &slots[0];
-  if (shared) { /* its pointers: the same sizes, as the chunks' shapes are */
-    if (base) {
-      p->ln = shared->ln, p->ln_mean = shared->ln_mean, p->ln_rstd = shared->ln_rstd;
-      p->gelu = shared->gelu;
-      p->dres = shared->dres, p->dbtc = shared->dbtc, p->dbtc2 = shared->dbtc2;
-      p->dqkv = shared->dqkv, p->dfch = shared->dfch, p->dfch2 = shared->dfch2;
-      p->att_scratch = shared->att_scratch, p->branch = shared->branch;
-      p->lngrad = shared->lngrad;
-      p->stream[0] = shared->stream[0], p->stream[1] = shared->stream[1];
-      if (n_recomputed(m)) p->blocks[0] = shared->blocks[0];
-      for (int k = 0; k < n && half; k++) {
-        slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
-        for (int b = 0; b < slots[k].n_blocks; b++)
-          slots[k].blocks[b].resid2 = shared->blocks[0].resid2;
-      }
-    }
+  float *resid2 = NULL; /* 16-bit jobs: the fp32 resid2 every block unpacks into */
+  if (shared) {         /* another chunk's: the same sizes, as the chunks' shapes are */
+    if (base) share_working_set(p, shared, n_recomputed(m) > 0);
+    if (base && half) resid2 = shared->blocks[0].resid2;
   } else {
     carve_act(m, &p->ln, base, &off, BT * C); /* all rows: a GEMM's input */
     carve(&p->ln_mean, base, &off, R);
@@ -419,25 +421,14 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
     carve(&p->branch, base, &off, BT * C);
     if (seq_par(m)) carve(&p->lngrad, base, &off, 4 * C);
     if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
-      float *resid2 = NULL;
       carve(&p->stream[0], base, &off, R * C);
       carve(&p->stream[1], base, &off, R * C);
       carve(&resid2, base, &off, R * C);
-      for (int k = 0; k < n && base; k++) {
-        slots[k].stream[0] = p->stream[0], slots[k].stream[1] = p->stream[1];
-        for (int b = 0; b < slots[k].n_blocks; b++) slots[k].blocks[b].resid2 = resid2;
-      }
     }
   }
-  for (int k = 1; k < n && base; k++) {
-    slots[k].ln = p->ln, slots[k].ln_mean = p->ln_mean, slots[k].ln_rstd = p->ln_rstd;
-    slots[k].gelu = p->gelu;
-    slots[k].dres = p->dres, slots[k].dbtc = p->dbtc, slots[k].dbtc2 = p->dbtc2;
-    slots[k].dqkv = p->dqkv, slots[k].dfch = p->dfch, slots[k].dfch2 = p->dfch2;
-    slots[k].att_scratch = p->att_scratch, slots[k].branch = p->branch;
-    slots[k].lngrad = p->lngrad;
-    if (n_recomputed(m)) slots[k].blocks[0] = p->blocks[0];
-  }
+  for (int k = 1; k < n && base; k++) share_working_set(&slots[k], p, n_recomputed(m) > 0);
+  for (int k = 0; k < n && base && half; k++)
+    for (int b = 0; b < slots[k].n_blocks; b++) slots[k].blocks[b].resid2 = resid2;
   return off;
 }
 
