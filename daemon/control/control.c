@@ -8,6 +8,7 @@
 #include "mt_config.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <malloc.h>
 #include <microhttpd.h>
@@ -476,10 +477,46 @@ static int host_ok(const char *host) {
   return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127; /* ::ffff:127.x.y.z */
 }
 
+/* The first header line libmicrohttpd kept that RFC 9110 forbids: a name
+ * that is empty or not a token, or a value with control bytes. 0.9.75 ends
+ * the headers early at a line with an empty name, so the rest of them (the
+ * Content-Length too) and the body would read as the next request. */
+typedef struct {
+  const char *name;
+  const char *what;
+} bad_header;
+
+static enum MHD_Result find_bad_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                       const char *value) {
+  (void)kind;
+  bad_header *b = cls;
+  static const char tchar[] = "!#$%&'*+-.^_`|~";
+  if (!key || !*key) {
+    b->what = "a header line with an empty name";
+  } else {
+    for (const char *k = key; *k && !b->what; k++)
+      if (!isalnum((unsigned char)*k) && !strchr(tchar, *k))
+        b->what = "a header name that is not a token";
+    for (const char *v = value ? value : ""; *v && !b->what; v++)
+      if (((unsigned char)*v < 0x20 && *v != '\t') || *v == 0x7f)
+        b->what = "a control byte in a header value";
+  }
+  if (!b->what) return MHD_YES;
+  b->name = key ? key : "";
+  return MHD_NO;
+}
+
+static const char *const close_hdr[] = {"Connection", "close", NULL};
+
 static enum MHD_Result check(struct MHD_Connection *conn, mt_control *c, req *q, const char *url,
                              const char *method) {
   static const route operation_route = {"/v1/operations/{id}", R_OPERATION, M_GET};
   q->checked = 1;
+  bad_header bad = {0};
+  MHD_get_connection_values(conn, MHD_HEADER_KIND, find_bad_header, &bad);
+  if (bad.what) /* what follows cannot be framed: answer, then close */
+    return problem(conn, c, q, 400, close_hdr, "malformed request: %s (\"%.40s\")", bad.what,
+                   bad.name);
   const char *host = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
   if (c->loopback && !host_ok(host))
     return problem(conn, c, q, 421, NULL,

@@ -222,7 +222,11 @@ def gen_request(r):
     cl = len(body)
     well_formed = (method in (b"GET", b"POST", b"HEAD") and version in (b"HTTP/1.1", b"HTTP/1.0")
                    and hdrs[:1] == [b"Host: 127.0.0.1"] and b" " not in target and len(target) < 2000
-                   and len(auth or b"") < 1000)
+                   and len(auth or b"") < 1000
+                   # a control byte in a field is malformed (RFC 9110 5.5): the
+                   # daemon answers 400 and closes; libmicrohttpd 0.9.75 frames
+                   # a bare LF then ':' as two requests, so answers misalign
+                   and not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", auth or b""))
     if framing == 0 and body:  # shorter than announced: the server waits for the rest
         hdrs.append(b"Content-Length: %d" % (cl + r.randrange(1, 1000)))
         well_formed = False

@@ -399,6 +399,42 @@ static int test_keep_alive_serves_several_requests_per_connection(void) {
   return 0;
 }
 
+/* A header with a control byte (a bare CR, a NUL...) is 400, naming it, and
+ * the connection closes after the answer: nothing after it on the
+ * connection is read as a request, and a mutation it carries never runs. */
+static int test_control_bytes_in_a_header_are_400_and_close(void) {
+  static const struct {
+    const char *line;
+    size_t len;
+  } bad[] = {{"X-Note: a\rb", 11},
+             {"X-Note: a\x01"
+              "b",
+              11},
+             {"X-Note: a\x7f", 10},
+             {"Authorization: Bearer " TOKEN "\x1b", 35}};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char raw[512];
+    int n = snprintf(raw, sizeof raw, "POST /v1/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    memcpy(raw + n, bad[i].line, bad[i].len);
+    n += (int)bad[i].len;
+    n += snprintf(raw + n, sizeof raw - (size_t)n,
+                  "\r\nAuthorization: Bearer " TOKEN "\r\nContent-Length: 2\r\n\r\n{}"
+                  "GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    resp r;
+    REQUIRE(http_raw(port, raw, (size_t)n, &r) == 0, "case %zu: no answer", i);
+    char conn[64] = "";
+    header(&r, "Connection", conn, sizeof conn);
+    CHECK(is_problem(&r, 400, "control byte"), "case %zu: %.60s %.200s", i, r.head, r.body);
+    CHECK(!strcasecmp(conn, "close"), "case %zu: Connection \"%s\"", i, conn);
+    CHECK(!strstr(r.body, "HTTP/1.1"), "case %zu: a second answer followed: %.300s", i, r.body);
+    resp_free(&r);
+  }
+  pthread_mutex_lock(&F.mu);
+  CHECK(strcmp(F.state, "running") == 0, "a pause with a control byte reached the provider");
+  pthread_mutex_unlock(&F.mu);
+  return 0;
+}
+
 static int test_unknown_path_is_404_problem(void) {
   const char *paths[] = {"/v1/nope",
                          "/v2/status",
@@ -940,6 +976,7 @@ static const struct {
 } tests[] = {
     TEST(test_every_read_is_200_with_its_content_type),
     TEST(test_keep_alive_serves_several_requests_per_connection),
+    TEST(test_control_bytes_in_a_header_are_400_and_close),
     TEST(test_unknown_path_is_404_problem),
     TEST(test_wrong_method_is_405_with_allow),
     TEST(test_mutation_without_or_with_wrong_token_is_401),
