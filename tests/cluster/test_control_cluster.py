@@ -8,7 +8,7 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 - A runs a long job: the reads (checked against proto/control-v1.yaml with
   tests/common/openapi_check.py), the error answers, pause and resume by HTTP,
   /v1/metrics (promtool), then mtnlgctl's verbs, ending with stop --wait.
-- B runs a 40-step job: paused through member n3 near step 5 for 1.5 s,
+- B runs a 60-step job: paused through member n3 near step 5 for 1.5 s,
   resumed through member n2, stopped through member n1 past step 25; its
   losses are those of `mtnlgd --standalone` of the same job.
 - C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 12 s,
@@ -607,8 +607,8 @@ def cluster_a(mtnlgd, mtnlgctl, tmp, tokens, doc):
 
 
 def cluster_b(mtnlgd, tmp, tokens, doc):
-    steps = 40
-    job = write_job(os.path.join(tmp, "job-40.json"), tokens, steps, "ctl-pause")
+    steps = 60  # room for a pause or a stop that a loaded machine delays by 20 steps
+    job = write_job(os.path.join(tmp, "job-60.json"), tokens, steps, "ctl-pause")
     one = subprocess.run([mtnlgd, "--standalone", job, "--log-format", "json"],
                          capture_output=True, text=True, timeout=300)
     ref = [json.loads(l)["loss"] for l in one.stdout.splitlines() if l.startswith("{")]
@@ -633,7 +633,7 @@ def cluster_b(mtnlgd, tmp, tokens, doc):
         # the pause lands some steps after step 4 (the poll, a member's
         # request through the store, the coordinator's tick); it must land
         # early enough for the resume and the stop after it
-        ok = (a.status == 202 and op and op["state"] == "succeeded" and 5 <= at <= 20
+        ok = (a.status == 202 and op and op["state"] == "succeeded" and 5 <= at <= 30
               and first == second == [at] * 4 and states(c) == ["paused"] * 4)
         check("test_pause_sent_to_member_n3_stops_all_four_nodes_at_one_step", ok,
               "%r, op %s, last steps %s then %s, states %s" % (a, op, first, second, states(c)))

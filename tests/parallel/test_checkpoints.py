@@ -411,6 +411,12 @@ def main():
             for line in p.stdout:
                 if line.startswith("{"):
                     break
+            # a step's line comes before its save: the first trial waits for
+            # the first commit, which a loaded machine may take a second for
+            deadline = time.time() + 60
+            while t == 0 and time.time() < deadline and not os.path.exists(
+                    os.path.join(ck, "ckpt-test", "latest")):
+                time.sleep(0.01)
             time.sleep(rng.random() * 0.8)
             p.kill()
             p.wait()

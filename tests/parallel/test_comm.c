@@ -212,7 +212,7 @@ static void test_missing_peer_fails_create_within_deadline_naming_rank(void) {
     CHECK(strstr(ctx[r].err, "rank 2 did not join") && strstr(ctx[r].err, "comm dp.pp1.tp0"),
           "rank %d's message does not name the group and rank 2: %s", r, ctx[r].err);
   }
-  CHECK(took >= 0.9 && took < 3.0, "create with a missing peer took %.2f s (deadline 1 s)", took);
+  CHECK(took >= 0.9 && took < 5.0, "create with a missing peer took %.2f s (deadline 1 s)", took);
   printf("missing peer: %.2f s: %s\n", took, ctx[0].err);
 }
 
@@ -253,7 +253,7 @@ static void test_stuck_peer_fails_allreduce_within_deadline(void) {
     printf("stuck peer, rank %d: %s\n", r, ctx[r].err);
   }
   CHECK(timed_out >= 1, "no rank says it timed out");
-  CHECK(took < 4.0, "a stuck peer took %.2f s to fail the group (deadline 1 s)", took);
+  CHECK(took < 6.0, "a stuck peer took %.2f s to fail the group (deadline 1 s)", took);
 }
 
 /* Gloo's max over ranks carries a NaN whichever rank has it; sum carries an

@@ -754,7 +754,7 @@ static void test_pause_at_a_checkpoint_step_commits_it(void) {
   char job_dir[200];
   snprintf(job_dir, sizeof job_dir, "%s/pause", dir);
   int64_t latest = -1;
-  for (int i = 0; i < 400 && latest != 4; i++) { /* up to 2 s, paused */
+  for (int i = 0; i < 4000 && latest != 4; i++) { /* up to 20 s, paused */
     mt_ckpt_entry *e = NULL;
     size_t n = 0;
     if (!mt_ckpt_list(job_dir, &e, &n))
