@@ -14,6 +14,7 @@
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,7 @@
 #define MAX_BODY_BYTES 65536
 #define DEFAULT_TIMEOUT_S 10
 #define DEFAULT_MAX_CONNS 128
+#define DEFAULT_REQUEST_TIMEOUT_S 30
 #define NCODES 600
 
 /* The dashboard page, generated from dashboard.html by embed.py. */
@@ -41,7 +43,26 @@ struct mt_control {
   char listen[300];
   char last_log[256];           /* MHD's last complaint, for start errors */
   unsigned long counts[NCODES]; /* answers by status code, atomics */
+  /* The whole-request deadline: libmicrohttpd's timeout is an idle one, so
+   * a client sending a byte every few seconds would hold its connection
+   * for ever. Each connection's clock starts when it opens and again when
+   * a request on it completes; the reaper shuts down a socket whose clock
+   * passed request_timeout_s, and libmicrohttpd closes it. */
+  unsigned request_timeout_s;
+  pthread_mutex_t conns_mu;
+  pthread_cond_t reaper_cv;
+  struct conn_clock *conns; /* open connections, under conns_mu */
+  int reaper_started, reaper_stop;
+  pthread_t reaper;
+  unsigned long cut; /* connections the deadline shut, under conns_mu */
 };
+
+typedef struct conn_clock {
+  int fd;
+  int cut;      /* shut down already */
+  double since; /* monotonic seconds: opened, or its last request completed */
+  struct conn_clock *prev, *next;
+} conn_clock;
 
 enum { M_GET = 1, M_POST = 2 };
 
@@ -624,9 +645,84 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
   return dispatch(conn, c, q, url);
 }
 
+static double mono_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Opens and closes of connections: each gets a clock (see struct mt_control). */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code) {
+  mt_control *c = cls;
+  if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+    const union MHD_ConnectionInfo *fd =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    conn_clock *k = fd ? calloc(1, sizeof *k) : NULL;
+    if (!k) return; /* out of memory: this one has the idle timeout only */
+    k->fd = fd->connect_fd;
+    k->since = mono_s();
+    pthread_mutex_lock(&c->conns_mu);
+    k->next = c->conns;
+    if (c->conns) c->conns->prev = k;
+    c->conns = k;
+    pthread_mutex_unlock(&c->conns_mu);
+    *socket_context = k;
+    return;
+  }
+  conn_clock *k = *socket_context;
+  if (!k) return;
+  /* libmicrohttpd closes the socket after this returns: while the reaper
+   * holds the lock, every fd on the list is still its connection's */
+  pthread_mutex_lock(&c->conns_mu);
+  if (k->prev)
+    k->prev->next = k->next;
+  else
+    c->conns = k->next;
+  if (k->next) k->next->prev = k->prev;
+  pthread_mutex_unlock(&c->conns_mu);
+  free(k);
+  *socket_context = NULL;
+}
+
+static void *reaper_main(void *arg) {
+  mt_control *c = arg;
+  pthread_mutex_lock(&c->conns_mu);
+  while (!c->reaper_stop) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_nsec += 250 * 1000000L;
+    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    pthread_cond_timedwait(&c->reaper_cv, &c->conns_mu, &until);
+    double now = mono_s();
+    unsigned n = 0;
+    for (conn_clock *k = c->conns; k && !c->reaper_stop; k = k->next)
+      if (!k->cut && now - k->since > c->request_timeout_s) {
+        shutdown(k->fd, SHUT_RDWR); /* libmicrohttpd reads the end and closes it */
+        k->cut = 1;
+        n++;
+      }
+    c->cut += n;
+    if (n)
+      mt_log(MT_LOG_WARN,
+             "control: closed %u connection(s) that took over %u s for a request (%lu so far)", n,
+             c->request_timeout_s, c->cut);
+  }
+  pthread_mutex_unlock(&c->conns_mu);
+  return NULL;
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
-  (void)cls, (void)conn, (void)toe;
+  (void)toe;
+  mt_control *c = cls;
+  const union MHD_ConnectionInfo *sc =
+      MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+  if (sc && sc->socket_context) { /* the next request's clock starts now */
+    pthread_mutex_lock(&c->conns_mu);
+    ((conn_clock *)sc->socket_context)->since = mono_s();
+    pthread_mutex_unlock(&c->conns_mu);
+  }
   req *q = *con_cls;
   if (!q) return;
   int big = q->big_answer;
@@ -694,12 +790,20 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
   *out = NULL;
   mt_control *c = calloc(1, sizeof *c);
   if (!c) return mt_seterr(MT_ENOMEM, "control: out of memory");
+  pthread_mutex_init(&c->conns_mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&c->reaper_cv, &ca);
+  pthread_condattr_destroy(&ca);
+  c->request_timeout_s =
+      opts->request_timeout_s ? opts->request_timeout_s : DEFAULT_REQUEST_TIMEOUT_S;
   snprintf(c->listen, sizeof c->listen, "%s",
            opts->listen && opts->listen[0] ? opts->listen : "127.0.0.1:0");
   c->p = opts->provider;
   c->reads_need_token = opts->reads_need_token;
   if (opts->token && opts->token[0] && !(c->token = strdup(opts->token))) {
-    free(c);
+    mt_control_stop(c);
     return mt_seterr(MT_ENOMEM, "control: out of memory");
   }
   struct sockaddr_storage ss;
@@ -728,22 +832,23 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
   unsigned timeout_s = opts->timeout_s ? opts->timeout_s : DEFAULT_TIMEOUT_S;
   unsigned max_conns = opts->max_connections ? opts->max_connections : DEFAULT_MAX_CONNS;
   errno = 0;
-  c->mhd = MHD_start_daemon(
-      flags, (uint16_t)port, NULL, NULL, on_request, c, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, c,
-      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, timeout_s,
-      MHD_OPTION_CONNECTION_LIMIT, max_conns,
-      /* one remote host cannot hold every connection open (on loopback
-       * every client is one host: the excess waits in the backlog) */
-      MHD_OPTION_PER_IP_CONNECTION_LIMIT,
-      c->loopback     ? 0u
-      : max_conns / 2 ? max_conns / 2
-                      : 1u,
-      MHD_OPTION_LISTEN_BACKLOG_SIZE, 64u, MHD_OPTION_NOTIFY_COMPLETED, on_completed, c,
-      MHD_OPTION_ARRAY, tls_opts, /* the certificate and key, when HTTPS */
-      /* one thread: a pool of 4 made the training step 8x as sensitive
-       * to 1000 reads/s on 2 cores (bench/control-load); a mutation
-       * holds it for one coordinator round (~0.1 s) */
-      MHD_OPTION_END);
+  c->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, c,
+                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, c, MHD_OPTION_SOCK_ADDR,
+                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_TIMEOUT, timeout_s,
+                            MHD_OPTION_CONNECTION_LIMIT, max_conns,
+                            /* one remote host cannot hold every connection open (on loopback
+                             * every client is one host: the excess waits in the backlog) */
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+                            c->loopback     ? 0u
+                            : max_conns / 2 ? max_conns / 2
+                                            : 1u,
+                            MHD_OPTION_LISTEN_BACKLOG_SIZE, 64u, MHD_OPTION_NOTIFY_COMPLETED,
+                            on_completed, c, MHD_OPTION_NOTIFY_CONNECTION, on_connection, c,
+                            MHD_OPTION_ARRAY, tls_opts, /* the certificate and key, when HTTPS */
+                            /* one thread: a pool of 4 made the training step 8x as sensitive
+                             * to 1000 reads/s on 2 cores (bench/control-load); a mutation
+                             * holds it for one coordinator round (~0.1 s) */
+                            MHD_OPTION_END);
   if (!c->mhd) {
     int e = errno;
     rc = mt_seterr(MT_EIO, "control: cannot listen on %s%s: %s", c->listen,
@@ -763,6 +868,11 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
     mt_control_stop(c);
     return rc;
   }
+  if (pthread_create(&c->reaper, NULL, reaper_main, c) != 0) {
+    mt_control_stop(c);
+    return mt_seterr(MT_EIO, "control: cannot start the request-deadline thread");
+  }
+  c->reaper_started = 1;
   mt_log_info("control: listening on %s (port %d%s)", c->listen, c->port, tls ? ", HTTPS" : "");
   *out = c;
   return 0;
@@ -772,7 +882,16 @@ int mt_control_port(const mt_control *c) { return c ? c->port : 0; }
 
 void mt_control_stop(mt_control *c) {
   if (!c) return;
-  if (c->mhd) MHD_stop_daemon(c->mhd);
+  if (c->reaper_started) {
+    pthread_mutex_lock(&c->conns_mu);
+    c->reaper_stop = 1;
+    pthread_cond_signal(&c->reaper_cv);
+    pthread_mutex_unlock(&c->conns_mu);
+    pthread_join(c->reaper, NULL);
+  }
+  if (c->mhd) MHD_stop_daemon(c->mhd); /* closes each connection: frees its clock */
+  pthread_cond_destroy(&c->reaper_cv);
+  pthread_mutex_destroy(&c->conns_mu);
   if (c->token) {
     memset(c->token, 0, strlen(c->token));
     free(c->token);

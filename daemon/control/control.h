@@ -48,7 +48,11 @@ typedef struct mt_control_opts {
   const char *token;    /* bearer token for mutations; NULL or "": mutations refused (401) */
   int reads_need_token; /* 1: GETs other than /v1/health need the token too */
   mt_control_provider provider;
-  unsigned timeout_s;       /* a connection idle this long is closed; 0: 10 s */
+  unsigned timeout_s; /* a connection idle this long is closed; 0: 10 s */
+  /* a request (its bytes in, its answer out) that takes longer, counted
+   * from the connection's open or its previous request's end, has its
+   * connection closed, trickled bytes or not; 0: 30 s */
+  unsigned request_timeout_s;
   unsigned max_connections; /* connections at once; more wait in the listen backlog; 0: 128 */
   /* HTTPS (GnuTLS under libmicrohttpd) with this certificate chain and
    * private key, PEM text; NULL: plain HTTP */

@@ -710,7 +710,7 @@ static int test_stalled_and_half_closed_clients_do_not_block_others(void) {
   REQUIRE(half >= 0, "dial");
   send(half, partial[1], strlen(partial[1]), MSG_NOSIGNAL);
   shutdown(half, SHUT_WR);
-  for (int k = 0; k < 20; k++) CHECK(quick_status_200(1.0), "request %d behind stalled clients", k);
+  for (int k = 0; k < 20; k++) CHECK(quick_status_200(2.0), "request %d behind stalled clients", k);
   /* The half-closed one is dropped without an answer that pretends success. */
   resp r;
   if (read_resp(half, &r) == 0) {
@@ -718,7 +718,7 @@ static int test_stalled_and_half_closed_clients_do_not_block_others(void) {
     resp_free(&r);
   }
   close(half);
-  /* The server was started with timeout_s = 1: the stalled ones get closed. */
+  /* The server was started with timeout_s = 3: the stalled ones get closed. */
   double t0 = now_s();
   for (int i = 0; i < 3; i++) {
     char b[512];
@@ -728,14 +728,53 @@ static int test_stalled_and_half_closed_clients_do_not_block_others(void) {
     CHECK(n == 0 || errno == ECONNRESET, "stalled client %d: recv %zd (%s)", i, n, strerror(errno));
     close(fds[i]);
   }
-  CHECK(now_s() - t0 < 4.0, "stalled clients held for %.1f s", now_s() - t0);
+  CHECK(now_s() - t0 < 6.0, "stalled clients held for %.1f s", now_s() - t0);
+  return 0;
+}
+
+/* A client that trickles a request a byte at a time never goes idle, so
+ * only the whole-request deadline (request_timeout_s = 5) closes it; one
+ * that sends whole requests on a kept-alive connection restarts the clock
+ * with each and stays open past it. */
+static int test_trickled_request_is_cut_at_the_request_deadline(void) {
+  const char *req = "GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ";
+  const char *one = "GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  int slow = dial(port), kept = dial(port);
+  REQUIRE(slow >= 0 && kept >= 0, "dial");
+  double t0 = now_s(), cut = 0;
+  size_t i = 0;
+  int answered = 0;
+  char b[4096];
+  while (now_s() - t0 < 12 && !cut) {
+    if (send(slow, i < strlen(req) ? req + i : "p", 1, MSG_NOSIGNAL) <= 0) cut = now_s() - t0;
+    i++;
+    if (i % 2 == 0) { /* every second: a whole request on the kept connection */
+      if (send(kept, one, strlen(one), MSG_NOSIGNAL) > 0) {
+        struct pollfd pk = {.fd = kept, .events = POLLIN};
+        if (poll(&pk, 1, 2000) == 1 && recv(kept, b, sizeof b, 0) > 0) answered++;
+      }
+    }
+    struct pollfd ps = {.fd = slow, .events = POLLIN};
+    if (!cut && poll(&ps, 1, 500) == 1 && recv(slow, b, sizeof b, 0) <= 0) cut = now_s() - t0;
+  }
+  CHECK(cut >= 4.5 && cut < 9.0, "the trickling client was cut after %.1f s (deadline 5 s, idle 3 s)",
+        cut);
+  CHECK(answered >= 4, "the kept-alive connection answered %d requests before the cut", answered);
+  /* the kept connection's clock restarted with each request: still served */
+  REQUIRE(send(kept, one, strlen(one), MSG_NOSIGNAL) > 0, "send on the kept connection");
+  struct pollfd pk = {.fd = kept, .events = POLLIN};
+  ssize_t n = poll(&pk, 1, 3000) == 1 ? recv(kept, b, sizeof b - 1, 0) : -1;
+  CHECK(n > 12 && !strncmp(b, "HTTP/1.1 200", 12), "the kept-alive connection was cut too (%zd)",
+        n);
+  close(slow);
+  close(kept);
   return 0;
 }
 
 static int test_connection_limit_holds_the_excess_until_a_slot_frees(void) {
   /* max_connections is 16: with 16 idle sockets held, a 17th request waits
    * in the listen backlog instead of growing the server; it is answered as
-   * soon as the idle ones go (well before their 1 s timeout would). */
+   * soon as the idle ones go (well before their 3 s timeout would). */
   int fds[16];
   for (int i = 0; i < 16; i++) {
     fds[i] = dial(port);
@@ -752,10 +791,10 @@ static int test_connection_limit_holds_the_excess_until_a_slot_frees(void) {
   for (int i = 0; i < 16; i++) close(fds[i]);
   resp r;
   CHECK(read_resp(extra, &r) == 0 && r.status == 200, "the waiting request was not served");
-  CHECK(now_s() - t0 < 0.5, "the waiting request took %.2f s after the slots freed", now_s() - t0);
+  CHECK(now_s() - t0 < 1.5, "the waiting request took %.2f s after the slots freed", now_s() - t0);
   if (r.body) resp_free(&r);
   close(extra);
-  CHECK(quick_status_200(1.0), "server stuck after a connection flood");
+  CHECK(quick_status_200(2.0), "server stuck after a connection flood");
   return 0;
 }
 
@@ -988,6 +1027,7 @@ static const struct {
     TEST(test_provider_errors_pass_through),
     TEST(test_stalled_and_half_closed_clients_do_not_block_others),
     TEST(test_connection_limit_holds_the_excess_until_a_slot_frees),
+    TEST(test_trickled_request_is_cut_at_the_request_deadline),
     TEST(test_metrics_pass_promtool_and_count_requests),
     TEST(test_reads_need_token_when_asked),
     TEST(test_no_token_configured_refuses_every_mutation),
@@ -1005,7 +1045,8 @@ int main(void) {
   }
   F.ops = json_array();
   mt_control_opts o = fake_opts();
-  o.timeout_s = 1;
+  o.timeout_s = 3; /* idle: the stalled-client tests wait it out */
+  o.request_timeout_s = 5;
   o.max_connections = 16;
   if (mt_control_start(&o, &srv) != 0) {
     fprintf(stderr, "mt_control_start: %s\n", mt_errmsg());
