@@ -534,19 +534,8 @@ static void on_engine_done(uv_async_t *h) {
       snprintf(reason, sizeof reason,
                "nothing to train: the checkpoint at step %lld is at or past train.steps = %lld",
                (long long)resumed, (long long)n->run_job.train.steps);
-    else if (step < n->run_job.train.steps && why == MT_STOPPED_TIME)
-      snprintf(reason, sizeof reason,
-               "stopped at step %lld of %lld: train.exit_duration_mins (%g) passed",
-               (long long)step, (long long)n->run_job.train.steps,
-               n->run_job.train.exit_duration_mins);
-    else if (step < n->run_job.train.steps && why == MT_STOPPED_INTERVAL)
-      snprintf(reason, sizeof reason,
-               "stopped at step %lld of %lld: a multiple of train.exit_interval (%lld)",
-               (long long)step, (long long)n->run_job.train.steps,
-               (long long)n->run_job.train.exit_interval);
     else if (step < n->run_job.train.steps)
-      snprintf(reason, sizeof reason, "stopped at step %lld of %lld on request", (long long)step,
-               (long long)n->run_job.train.steps);
+      mt_local_stop_reason(reason, sizeof reason, &n->run_job, step, why);
     else
       snprintf(reason, sizeof reason, "completed %lld steps", (long long)n->run_job.train.steps);
     mt_log_info("generation %d: this node's ranks ended: %s", n->gen, reason);

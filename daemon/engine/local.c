@@ -205,24 +205,30 @@ static int64_t job_start_ms(const char *name) {
  * rank of this process says so. */
 static void report_stop(rank_ctx *c, const mt_trainer *tr, int why, int64_t last_saved) {
   const mt_local_opts *o = c->o;
-  const mt_job *job = o->job;
   if (c != c->all) return;
   if (o->on_stopped) o->on_stopped(tr->step, why, o->arg);
   const char *resumes = last_saved == tr->step ? "this step's checkpoint resumes it"
                         : tr->step == 0        ? "nothing was trained"
                                                : "its checkpoint failed (above): the next run "
                                                  "resumes from the newest committed one";
-  if (why == MT_STOPPED_TIME)
-    mt_log_info("stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed; %s",
-                (long long)tr->step, (long long)job->train.steps, job->train.exit_duration_mins,
-                resumes);
-  else if (why == MT_STOPPED_INTERVAL)
-    mt_log_info("stopped at step %lld of %lld: a multiple of train.exit_interval (%lld); %s",
-                (long long)tr->step, (long long)job->train.steps,
-                (long long)job->train.exit_interval, resumes);
+  char reason[256];
+  mt_local_stop_reason(reason, sizeof reason, o->job, tr->step, why);
+  if (why == MT_STOPPED_ASKED)
+    mt_log_info("%s", reason);
   else
-    mt_log_info("stopped at step %lld of %lld on request", (long long)tr->step,
-                (long long)job->train.steps);
+    mt_log_info("%s; %s", reason, resumes);
+}
+
+void mt_local_stop_reason(char *buf, size_t size, const mt_job *job, int64_t step, int why) {
+  long long s = (long long)step, n = (long long)job->train.steps;
+  if (why == MT_STOPPED_TIME)
+    snprintf(buf, size, "stopped at step %lld of %lld: train.exit_duration_mins (%g) has passed", s,
+             n, job->train.exit_duration_mins);
+  else if (why == MT_STOPPED_INTERVAL)
+    snprintf(buf, size, "stopped at step %lld of %lld: a multiple of train.exit_interval (%lld)", s,
+             n, (long long)job->train.exit_interval);
+  else
+    snprintf(buf, size, "stopped at step %lld of %lld on request", s, n);
 }
 
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {

@@ -80,6 +80,9 @@ typedef struct mt_local mt_local;
  * train.exit_duration_mins' deadline (while training or paused), or a step
  * that is a multiple of train.exit_interval. */
 enum { MT_STOPPED_ASKED = 0, MT_STOPPED_TIME = 1, MT_STOPPED_INTERVAL = 2 };
+/* "stopped at step S of N: <why>" for a run that stopped short of its
+ * last step (the engine's log and the node's report say it alike). */
+void mt_local_stop_reason(char *buf, size_t size, const mt_job *job, int64_t step, int why);
 
 /* Starts this process's ranks and returns; o must outlive mt_local_wait. */
 int mt_local_start(const mt_local_opts *o, mt_local **out);

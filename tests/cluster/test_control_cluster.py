@@ -716,7 +716,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         codes = c.wait_all(60)
         lasts = [last_step(n) for n in c.nodes]
         manifest = os.path.join(ckpt, "ctl-deadline", "step_%08d" % (at or 0), "manifest.json")
-        said = all(grep(n, r"train.exit_duration_mins \(0.2\) passed") for n in c.nodes)
+        said = all(grep(n, r"train.exit_duration_mins \(0.2\) has passed") for n in c.nodes)
         check("test_deadline_passing_while_paused_stops_with_the_paused_steps_checkpoint",
               a.status == 202 and op and op["state"] == "succeeded" and paused
               and codes == [0, 0] and lasts == [at, at] and os.path.exists(manifest) and said,
