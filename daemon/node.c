@@ -298,14 +298,16 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
 static void on_checkpoint(int phase, int64_t step, int rc, const char *msg,
                           const mt_checkpoint_result *res, int64_t order_seq, void *arg) {
   node *n = arg;
-  pthread_mutex_lock(&n->mu);
-  n->ckpt_writing = phase == 0;
-  n->ckpt_step = step;
-  if (phase == 1 && !rc && res) {
-    n->ckpt_bytes = res->bytes;
-    n->ckpt_seconds = res->seconds;
+  if (phase == 0 || res) { /* without res no save ran: an order's word only */
+    pthread_mutex_lock(&n->mu);
+    n->ckpt_writing = phase == 0;
+    n->ckpt_step = step;
+    if (phase == 1 && !rc) {
+      n->ckpt_bytes = res->bytes;
+      n->ckpt_seconds = res->seconds;
+    }
+    pthread_mutex_unlock(&n->mu);
   }
-  pthread_mutex_unlock(&n->mu);
   if (phase == 1 && order_seq && n->holds_rank0) tell_acted(n, order_seq, step, rc == 0, msg);
 }
 

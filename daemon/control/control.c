@@ -498,10 +498,11 @@ static int host_ok(const char *host) {
   return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127; /* ::ffff:127.x.y.z */
 }
 
-/* The first header line libmicrohttpd kept that RFC 9110 forbids: a name
- * that is empty or not a token, or a value with control bytes. 0.9.75 ends
- * the headers early at a line with an empty name, so the rest of them (the
- * Content-Length too) and the body would read as the next request. */
+/* The first header libmicrohttpd kept that RFC 9110 forbids: a name that
+ * is not a token, or a value with control bytes (a bare CR, an ESC...):
+ * what follows it cannot be trusted to be framed as the client meant.
+ * (A line with an empty name never gets here: 0.9.75 ends the headers
+ * there and reads the rest as the next request; see README.) */
 typedef struct {
   const char *name;
   const char *what;
@@ -703,10 +704,14 @@ static void *reaper_main(void *arg) {
         n++;
       }
     c->cut += n;
-    if (n)
+    unsigned long total = c->cut;
+    if (n) { /* logged unlocked: the server's thread waits on the lock */
+      pthread_mutex_unlock(&c->conns_mu);
       mt_log(MT_LOG_WARN,
              "control: closed %u connection(s) that took over %u s for a request (%lu so far)", n,
-             c->request_timeout_s, c->cut);
+             c->request_timeout_s, total);
+      pthread_mutex_lock(&c->conns_mu);
+    }
   }
   pthread_mutex_unlock(&c->conns_mu);
   return NULL;

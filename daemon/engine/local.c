@@ -300,30 +300,33 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     if (st.order && mt_order_seq(st.order) > order_seq) {
       order_seq = mt_order_seq(st.order);
       int kind = mt_order_kind(st.order);
-      if (c == c->all && o->on_order) o->on_order(kind, order_seq, st.step, o->arg);
-      if (kind == MT_ORDER_STOP) st.stop = 1;
-      if (kind == MT_ORDER_CHECKPOINT || kind == MT_ORDER_RESIZE) ordered_save = kind;
-      pause = kind == MT_ORDER_PAUSE;
-      /* the job's own schedule ends this run after this step: re-forming
-       * wider or narrower would train on past the stop, so the resize is
-       * refused (the next run forms at the width its nodes give) and the
-       * stop's save goes on as it would */
-      if (kind == MT_ORDER_RESIZE && (why == MT_STOPPED_INTERVAL || why == MT_STOPPED_TIME)) {
-        ordered_save = 0;
-        if (c == c->all && o->on_checkpoint) {
-          char msg[300];
-          if (why == MT_STOPPED_INTERVAL)
-            snprintf(msg, sizeof msg,
-                     "the run stops after step %lld for train.exit_interval (%lld): no resize; "
-                     "the next run forms at the width its nodes give",
-                     (long long)st.step, (long long)every);
-          else
-            snprintf(msg, sizeof msg,
-                     "the run stops after step %lld for train.exit_duration_mins (%g): no "
-                     "resize; the next run forms at the width its nodes give",
-                     (long long)st.step, job->train.exit_duration_mins);
-          o->on_checkpoint(1, st.step, MT_ECANCELED, msg, NULL, order_seq, o->arg);
-        }
+      /* the run ends after this step (its schedule, or its last step):
+       * re-forming wider or narrower would train on past the stop or
+       * re-form a job with nothing left, so the resize is refused (the
+       * next run forms at the width its nodes give) and the step's own
+       * save goes on as it would */
+      char refused[300] = "";
+      if (kind == MT_ORDER_RESIZE && why == MT_STOPPED_INTERVAL)
+        snprintf(refused, sizeof refused,
+                 "the run stops after step %lld for train.exit_interval (%lld): no resize; the "
+                 "next run forms at the width its nodes give",
+                 (long long)st.step, (long long)every);
+      else if (kind == MT_ORDER_RESIZE && why == MT_STOPPED_TIME)
+        snprintf(refused, sizeof refused,
+                 "the run stops after step %lld for train.exit_duration_mins (%g): no resize; the "
+                 "next run forms at the width its nodes give",
+                 (long long)st.step, job->train.exit_duration_mins);
+      else if (kind == MT_ORDER_RESIZE && st.step >= job->train.steps)
+        snprintf(refused, sizeof refused, "step %lld is the job's last (train.steps): no resize",
+                 (long long)st.step);
+      if (refused[0]) {
+        if (c == c->all && o->on_checkpoint)
+          o->on_checkpoint(1, st.step, MT_ECANCELED, refused, NULL, order_seq, o->arg);
+      } else {
+        if (c == c->all && o->on_order) o->on_order(kind, order_seq, st.step, o->arg);
+        if (kind == MT_ORDER_STOP) st.stop = 1;
+        if (kind == MT_ORDER_CHECKPOINT || kind == MT_ORDER_RESIZE) ordered_save = kind;
+        pause = kind == MT_ORDER_PAUSE;
       }
     }
     /* a save in flight commits once every rank's writes are done */

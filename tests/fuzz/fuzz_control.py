@@ -21,7 +21,9 @@ Checks (ok/FAIL lines; exit 1 on any FAIL):
   Content-Length framing, a status in EXPECTED, and for the API's own
   answers the JSON or problem+json body they announce;
 - test_only_valid_pause_and_resume_were_accepted: no other operation
-  (the guard on the right token held, and no refused body was acted on);
+  (the guard on the right token held, and no refused body was acted on),
+  and the valid ones were taken (202 or 409) at least as often as a busy
+  coordinator answered 503;
 - test_no_daemon_crashed_while_fuzzed: all 4 pids alive;
 - test_training_continues_after_fuzzing: resumed if paused, step advances;
 - test_sigterm_stops_every_daemon_with_exit_0;
@@ -662,7 +664,9 @@ def default_seed():
             if re.fullmatch(r"[0-9a-f]{40}", head):
                 return int(head[:8], 16) & 0x7fffffff
         except (OSError, subprocess.SubprocessError):
-            pass  # not a git checkout: a fresh seed
+            pass
+        print("no git commit to seed from (not a checkout, or git refused it): a fresh seed",
+              flush=True)
     return random.SystemRandom().randrange(1 << 31)
 
 
@@ -715,8 +719,13 @@ def main():
                 # only pause and resume carried the token with a body that could pass
                 _, ops = get_json(c.nodes[0], "/v1/operations")
                 other = [o for o in ops["operations"] if o["kind"] not in ("pause", "resume")]
-                failures += check("test_only_valid_pause_and_resume_were_accepted", not other,
-                                  "%d operations, others: %s" % (len(ops["operations"]), other))
+                # a coordinator busy past 2 s may answer some with 503, not most
+                took = fz.kinds["valid pause"] + fz.kinds["valid resume"]
+                busy = sum(v for k, v in fz.unanswered.items() if "coordinator busy" in k)
+                failures += check("test_only_valid_pause_and_resume_were_accepted",
+                                  not other and took > 0 and busy <= took,
+                                  "%d operations, others: %s; valid orders taken %d, 503 %d" % (
+                                      len(ops["operations"]), other, took, busy))
             failures += check("test_no_daemon_crashed_while_fuzzed", all(alive),
                               "alive %s%s" % (alive, "" if all(alive) else "\n" + c.logs(60)))
             if all(alive):

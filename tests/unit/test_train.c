@@ -773,17 +773,23 @@ static void test_pause_at_a_checkpoint_step_commits_it(void) {
   printf("  ok test_pause_at_a_checkpoint_step_commits_it\n");
 }
 
-/* A resize ordered in the step train.exit_interval stops the run after:
- * the run stops there with its checkpoint, and the resize is refused
- * (re-forming would train past the stop), naming why. */
-static int64_t acted_seq, acted_step, saved_step;
-static int acted_rc, stopped_why;
+/* A resize ordered in the step after which the run stops (a multiple of
+ * train.exit_interval, or the job's last): the run stops there with its
+ * checkpoint, and the resize is refused (re-forming would train past the
+ * stop, or re-form a job with nothing left), naming why. */
+static int64_t acted_seq, acted_step, saved_step, resize_after;
+static int acted_rc, stopped_why, took_effect;
 static char acted_msg[300];
 
-static void resize_at_4(const mt_step_stats *st, void *arg) {
+static void resize_at(const mt_step_stats *st, void *arg) {
   (void)arg;
-  if (st->step == 3) /* acted on after step 4 */
+  if (st->step == resize_after - 1) /* acted on after the next step */
     __atomic_store_n(&order_word, mt_order_word(1, MT_ORDER_RESIZE), __ATOMIC_RELEASE);
+}
+
+static void note_order(int kind, int64_t seq, int64_t step, void *arg) {
+  (void)kind, (void)seq, (void)step, (void)arg;
+  took_effect = 1;
 }
 
 static void note_checkpoint(int phase, int64_t step, int rc, const char *msg,
@@ -800,37 +806,46 @@ static void note_stopped(int64_t step, int why, void *arg) {
   stopped_why = why;
 }
 
-static void test_resize_in_the_exit_interval_step_is_refused(void) {
+static void resize_in_the_last_step(int64_t exit_interval, int64_t steps, int want_why,
+                                    const char *want_msg) {
   char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", json[1024];
   CHECK(!pattern_data(path, dir), "temp files");
   snprintf(json, sizeof json,
            "{\"name\":\"exit\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
-           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":40,"
-           "\"seed\":5,\"exit_interval\":4,\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
+           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":%lld,"
+           "\"seed\":5,\"exit_interval\":%lld,\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
            "\"checkpoint\":{\"dir\":\"%s\",\"interval\":10}}",
-           path, dir);
+           (long long)steps, (long long)exit_interval, path, dir);
   mt_job job;
   CHECK(!mt_job_parse(&job, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
-  order_word = 0, acted_seq = acted_step = saved_step = 0, acted_rc = stopped_why = 0;
-  acted_msg[0] = 0;
+  order_word = 0, acted_seq = acted_step = saved_step = 0, acted_rc = took_effect = 0;
+  stopped_why = -1, acted_msg[0] = 0;
+  resize_after = exit_interval ? exit_interval : steps;
   mt_local_opts o = {.job = &job,
                      .order = &order_word,
-                     .on_step = resize_at_4,
+                     .on_step = resize_at,
+                     .on_order = note_order,
                      .on_checkpoint = note_checkpoint,
                      .on_stopped = note_stopped};
   mt_local *l = NULL;
   CHECK(!mt_local_start(&o, &l), "%s", mt_errmsg());
   CHECK(!mt_local_wait(l), "%s", mt_errmsg());
   mt_local_free(l);
-  CHECK(stopped_why == MT_STOPPED_INTERVAL && saved_step == 4,
-        "stopped for %d (want the interval's %d), saved step %lld", stopped_why,
-        MT_STOPPED_INTERVAL, (long long)saved_step);
-  CHECK(acted_seq == 1 && acted_step == 4 && acted_rc == MT_ECANCELED &&
-            strstr(acted_msg, "train.exit_interval (4): no resize"),
-        "the resize's word: order %lld after step %lld, rc %d, \"%s\"", (long long)acted_seq,
-        (long long)acted_step, acted_rc, acted_msg);
+  CHECK(stopped_why == want_why && saved_step == resize_after,
+        "stopped for %d (want %d), saved step %lld (want %lld)", stopped_why, want_why,
+        (long long)saved_step, (long long)resize_after);
+  CHECK(acted_seq == 1 && acted_step == resize_after && acted_rc == MT_ECANCELED &&
+            strstr(acted_msg, want_msg) && !took_effect,
+        "the resize's word: order %lld after step %lld, rc %d, \"%s\"%s", (long long)acted_seq,
+        (long long)acted_step, acted_rc, acted_msg, took_effect ? "; said to take effect" : "");
   remove_data(path, dir);
-  printf("  ok test_resize_in_the_exit_interval_step_is_refused\n");
+}
+
+static void test_resize_in_the_exit_interval_or_last_step_is_refused(void) {
+  resize_in_the_last_step(4, 40, MT_STOPPED_INTERVAL, "train.exit_interval (4): no resize");
+  /* the last step: no stop is agreed (on_stopped is not called) */
+  resize_in_the_last_step(0, 6, -1, "step 6 is the job's last (train.steps): no resize");
+  printf("  ok test_resize_in_the_exit_interval_or_last_step_is_refused\n");
 }
 
 int main(void) {
@@ -852,7 +867,7 @@ int main(void) {
   test_resume_with_a_smaller_global_batch_reads_to_the_end();
   test_another_n_head_is_refused();
   test_pause_at_a_checkpoint_step_commits_it();
-  test_resize_in_the_exit_interval_step_is_refused();
+  test_resize_in_the_exit_interval_or_last_step_is_refused();
   test_resume_step_rolls_back_and_sets_aside_newer();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
