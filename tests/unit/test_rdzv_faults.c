@@ -16,7 +16,10 @@
  *   forgotten and the cluster said "running" with its only member lost);
  * - two nodes of 2 slots each under dp_max 3: generation 1 forms with dp 2
  *   (before, dp 3 was chosen from the 4 slots, whole nodes could not fill
- *   its 3, and no generation ever formed).
+ *   its 3, and no generation ever formed);
+ * - a resize refused by the run it would have ended (its stop step): the
+ *   operation fails with the run's reason and the job ends as the members
+ *   report, with no generation formed at the new width.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,6 +89,8 @@ static int f_get_many(mt_store *s, const char *const *keys, size_t n, void **val
 }
 static void f_free(mt_store *s) { mt_store_free(((flaky_store *)s)->inner); }
 
+static int resizable; /* open_cluster: a job with a checkpoint.dir and a batch dp 2 divides */
+
 typedef struct cluster {
   flaky_store store;
   mt_coord *coord;
@@ -100,6 +105,7 @@ static int open_cluster(cluster *k, const char *fail_key, int nodes) {
   if (mt_store_mem_new(&k->store.inner)) return -1;
   mt_coord_opts o = test_coord_opts(&k->store.base);
   o.last_call_ms = 0, o.max_restarts = 3, o.reform_timeout_ms = 600000;
+  if (resizable) o.has_checkpoint_dir = 1, o.global_batch = 2;
   if (mt_coord_new(&o, &k->coord)) return -1;
   for (int i = 0; i < nodes; i++) {
     mt_node_desc d = {.n_devices = 1};
@@ -317,6 +323,55 @@ static int test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one(void) {
   return 0;
 }
 
+/* World rank 0's node refuses a resize that took effect in the step its
+ * run stops after (train.exit_interval; the engine's word, test_train):
+ * the operation fails with that reason, and when the members report done
+ * the job ends as they say, instead of re-forming with the new width. */
+static int test_a_resize_refused_by_the_run_ends_the_job_as_reported(void) {
+  cluster k;
+  resizable = 1;
+  int rc = open_running(&k);
+  resizable = 0;
+  if (rc) return 1;
+  int both[] = {1, 1};
+  const char req[] = "{\"kind\":\"resize\",\"args\":{\"dp\":2}}";
+  int64_t n = 0;
+  REQUIRE(!mt_store_add(&k.store.base, "ops/seq", 1, &n) &&
+              !mt_store_set(&k.store.base, "ops/req/1", req, sizeof req - 1),
+          "request: %s", mt_errmsg());
+  run(&k, 3, both, 2);
+  int64_t seq = 0;
+  char kind[32] = "";
+  REQUIRE(mt_rdzv_order(&k.store.base, 1, &seq, kind, sizeof kind) == 1 && !strcmp(kind, "resize"),
+          "no resize order published: %s (%s)", kind, mt_errmsg());
+  const char *why = "the run stops after step 4 for train.exit_interval (4): no resize; the next "
+                    "run forms at the width its nodes give";
+  REQUIRE(!mt_rdzv_acted(&k.store.base, 1, seq, 4, 0, why) &&
+              !mt_rdzv_report(&k.store.base, 1, "n0", MT_REPORT_DONE,
+                              "stopped at step 4 of 40: a multiple of train.exit_interval (4)"),
+          "acted and report: %s", mt_errmsg());
+  run(&k, 10, both, 2);
+  int final = -1, ok = -1;
+  char reason[300] = "";
+  CHECK(mt_rdzv_ended(&k.store.base, 1, &final, &ok, NULL, reason, sizeof reason) == 1 && final &&
+            ok && strstr(reason, "train.exit_interval (4)"),
+        "generation 1's end: final %d, ok %d, %s", final, ok, reason);
+  int gen;
+  const char *state;
+  role_of(&k, "n1", &gen, &state);
+  CHECK(gen == 1, "a generation %d formed after the refused resize (%s)", gen, state);
+  json_t *st = mt_rdzv_cluster_status(&k.store.base, &rc);
+  json_t *op = json_array_get(json_object_get(st, "operations"), 0);
+  const char *op_state = json_string_value(json_object_get(op, "state"));
+  const char *op_reason = json_string_value(json_object_get(op, "reason"));
+  CHECK(op_state && !strcmp(op_state, "failed") && op_reason && strstr(op_reason, "no resize"),
+        "the resize operation: %s, %s", op_state ? op_state : "(none)",
+        op_reason ? op_reason : "(none)");
+  json_decref(st);
+  close_cluster(&k);
+  return 0;
+}
+
 int main(void) {
   /* REQUIRE returns 1 without counting; CHECK counts as it goes */
   if (test_a_failed_assignment_forms_next_tick()) failures++;
@@ -325,6 +380,7 @@ int main(void) {
   if (test_a_steady_tick_reads_only_counts()) failures++;
   if (test_a_tick_asks_the_store_as_often_at_16_nodes_as_at_2()) failures++;
   if (test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one()) failures++;
+  if (test_a_resize_refused_by_the_run_ends_the_job_as_reported()) failures++;
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }
