@@ -513,18 +513,14 @@ static enum MHD_Result find_bad_header(void *cls, enum MHD_ValueKind kind, const
   (void)kind;
   bad_header *b = cls;
   static const char tchar[] = "!#$%&'*+-.^_`|~";
-  if (!key || !*key) {
-    b->what = "a header line with an empty name";
-  } else {
-    for (const char *k = key; *k && !b->what; k++)
-      if (!isalnum((unsigned char)*k) && !strchr(tchar, *k))
-        b->what = "a header name that is not a token";
-    for (const char *v = value ? value : ""; *v && !b->what; v++)
-      if (((unsigned char)*v < 0x20 && *v != '\t') || *v == 0x7f)
-        b->what = "a control byte in a header value";
-  }
+  for (const char *k = key; *k && !b->what; k++)
+    if (!isalnum((unsigned char)*k) && !strchr(tchar, *k))
+      b->what = "a header name that is not a token";
+  for (const char *v = value ? value : ""; *v && !b->what; v++)
+    if (((unsigned char)*v < 0x20 && *v != '\t') || *v == 0x7f)
+      b->what = "a control byte in a header value";
   if (!b->what) return MHD_YES;
-  b->name = key ? key : "";
+  b->name = key;
   return MHD_NO;
 }
 

@@ -734,17 +734,25 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
   if (kind == MT_ORDER_PAUSE) __atomic_store_n(&paused_at, (int)step, __ATOMIC_RELEASE);
 }
 
-static void test_pause_at_a_checkpoint_step_commits_it(void) {
-  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", json[1024];
-  CHECK(!pattern_data(path, dir), "temp files");
+/* The tiny model (batch 4 of 2-sample micro-batches) on path's tokens,
+ * checkpointing into dir: train_more and ckpt_more are extra fields. */
+static void parse_ckpt_job(mt_job *job, const char *name, const char *path, const char *dir,
+                           int64_t steps, const char *train_more, const char *ckpt_more) {
+  char json[1024];
   snprintf(json, sizeof json,
-           "{\"name\":\"pause\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
-           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":40,"
-           "\"seed\":5,\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
-           "\"checkpoint\":{\"dir\":\"%s\",\"interval\":4,\"async\":true}}",
-           path, dir);
+           "{\"name\":\"%s\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
+           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":%lld,"
+           "\"seed\":5,%s\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
+           "\"checkpoint\":{\"dir\":\"%s\",%s}}",
+           name, (long long)steps, train_more, path, dir, ckpt_more);
+  CHECK(!mt_job_parse(job, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
+}
+
+static void test_pause_at_a_checkpoint_step_commits_it(void) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX";
+  CHECK(!pattern_data(path, dir), "temp files");
   mt_job job;
-  CHECK(!mt_job_parse(&job, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
+  parse_ckpt_job(&job, "pause", path, dir, 40, "", "\"interval\":4,\"async\":true");
   order_word = 0, paused_at = 0;
   mt_local_opts o = {
       .job = &job, .order = &order_word, .on_step = pause_at_4, .on_order = on_order};
@@ -808,16 +816,11 @@ static void note_stopped(int64_t step, int why, void *arg) {
 
 static void resize_in_the_last_step(int64_t exit_interval, int64_t steps, int want_why,
                                     const char *want_msg) {
-  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", json[1024];
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", more[64];
   CHECK(!pattern_data(path, dir), "temp files");
-  snprintf(json, sizeof json,
-           "{\"name\":\"exit\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
-           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":%lld,"
-           "\"seed\":5,\"exit_interval\":%lld,\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"%s\"},"
-           "\"checkpoint\":{\"dir\":\"%s\",\"interval\":10}}",
-           (long long)steps, (long long)exit_interval, path, dir);
+  snprintf(more, sizeof more, "\"exit_interval\":%lld,", (long long)exit_interval);
   mt_job job;
-  CHECK(!mt_job_parse(&job, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
+  parse_ckpt_job(&job, "exit", path, dir, steps, more, "\"interval\":10");
   order_word = 0, acted_seq = acted_step = saved_step = 0, acted_rc = took_effect = 0;
   stopped_why = -1, acted_msg[0] = 0;
   resize_after = exit_interval ? exit_interval : steps;
