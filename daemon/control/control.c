@@ -54,7 +54,7 @@ struct mt_control {
   struct conn_clock *conns; /* open connections, under conns_mu */
   int reaper_started, reaper_stop;
   pthread_t reaper;
-  unsigned long cut; /* connections the deadline shut, under conns_mu */
+  unsigned long cut; /* connections the deadline shut: atomics */
 };
 
 typedef struct conn_clock {
@@ -159,6 +159,10 @@ static void count_status(mt_control *c, int status) {
 unsigned long mt__control_count(const mt_control *c, int status) {
   if (!c || status < 100 || status >= NCODES) return 0;
   return __atomic_load_n(&c->counts[status], __ATOMIC_RELAXED);
+}
+
+unsigned long mt__control_cut(const mt_control *c) {
+  return c ? __atomic_load_n(&c->cut, __ATOMIC_RELAXED) : 0;
 }
 
 /* Queues one response with the headers every API answer carries; frees body
@@ -699,8 +703,7 @@ static void *reaper_main(void *arg) {
         k->cut = 1;
         n++;
       }
-    c->cut += n;
-    unsigned long total = c->cut;
+    unsigned long total = __atomic_add_fetch(&c->cut, n, __ATOMIC_RELAXED);
     if (n) { /* logged unlocked: the server's thread waits on the lock */
       pthread_mutex_unlock(&c->conns_mu);
       mt_log(MT_LOG_WARN,

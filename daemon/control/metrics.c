@@ -414,6 +414,10 @@ static void render_http(sbuf *b, const mt_control *c) {
     label(&l, "code", s);
     sample(b, &f, &l, (double)n);
   }
+  family cut = {"mtnlg_http_connections_cut_total", "counter",
+                "Connections closed because a request took past the whole-request deadline.", 0};
+  labels none = {0};
+  sample(b, &cut, &none, (double)mt__control_cut(c));
 }
 
 char *mt_control_metrics_text(const mt_control *c, json_t *status) {

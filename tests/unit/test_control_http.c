@@ -796,6 +796,11 @@ static int test_trickled_request_is_cut_at_the_request_deadline(void) {
   REQUIRE(send(kept, one, strlen(one), MSG_NOSIGNAL) > 0, "send on the kept connection");
   int st = read_answer(kept, b, sizeof b, 3000);
   CHECK(st == 200, "the kept-alive connection was cut too (%d)", st);
+  resp r;
+  REQUIRE(http(port, "GET", "/v1/metrics", NULL, NULL, &r) == 0, "metrics: no answer");
+  const char *m = strstr(r.body, "\nmtnlg_http_connections_cut_total ");
+  CHECK(m && atof(m + 34) >= 1, "/v1/metrics does not count the cut: %.80s", m ? m : "(absent)");
+  resp_free(&r);
   close(slow);
   close(kept);
   return 0;
