@@ -814,16 +814,19 @@ static void note_stopped(int64_t step, int why, void *arg) {
   stopped_why = why;
 }
 
-static void resize_in_the_last_step(int64_t exit_interval, int64_t steps, int want_why,
-                                    const char *want_msg) {
-  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", more[64];
+/* A resize that takes effect after step `after` of a job of `steps` with
+ * train fields `more`: refused, the run stopping there for want_why. */
+static void resize_in_the_last_step(const char *name, int64_t steps, const char *more,
+                                    int64_t after, int want_why, const char *want_msg) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX";
   CHECK(!pattern_data(path, dir), "temp files");
-  snprintf(more, sizeof more, "\"exit_interval\":%lld,", (long long)exit_interval);
   mt_job job;
-  parse_ckpt_job(&job, "exit", path, dir, steps, more, "\"interval\":10");
-  order_word = 0, acted_seq = acted_step = saved_step = 0, acted_rc = took_effect = 0;
+  parse_ckpt_job(&job, name, path, dir, steps, more, "\"interval\":10");
+  acted_seq = acted_step = saved_step = 0, acted_rc = took_effect = 0;
   stopped_why = -1, acted_msg[0] = 0;
-  resize_after = exit_interval ? exit_interval : steps;
+  resize_after = after;
+  /* after step 1: ordered before the run starts (read in step 1) */
+  order_word = after == 1 ? mt_order_word(1, MT_ORDER_RESIZE) : 0;
   mt_local_opts o = {.job = &job,
                      .order = &order_word,
                      .on_step = resize_at,
@@ -845,9 +848,14 @@ static void resize_in_the_last_step(int64_t exit_interval, int64_t steps, int wa
 }
 
 static void test_resize_in_the_exit_interval_or_last_step_is_refused(void) {
-  resize_in_the_last_step(4, 40, MT_STOPPED_INTERVAL, "train.exit_interval (4): no resize");
+  resize_in_the_last_step("exit", 40, "\"exit_interval\":4,", 4, MT_STOPPED_INTERVAL,
+                          "train.exit_interval (4): no resize");
+  /* a deadline past before the first step ends: it stops after step 1 */
+  resize_in_the_last_step("exit-time", 40, "\"exit_duration_mins\":1e-9,", 1, MT_STOPPED_TIME,
+                          "train.exit_duration_mins (1e-09): no resize");
   /* the last step: no stop is agreed (on_stopped is not called) */
-  resize_in_the_last_step(0, 6, -1, "step 6 is the job's last (train.steps): no resize");
+  resize_in_the_last_step("exit-last", 6, "", 6, -1,
+                          "step 6 is the job's last (train.steps): no resize");
   printf("  ok test_resize_in_the_exit_interval_or_last_step_is_refused\n");
 }
 
