@@ -305,18 +305,13 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
        * re-form a job with nothing left, so the resize is refused (the
        * next run forms at the width its nodes give) and the step's own
        * save goes on as it would */
-      char refused[300] = "";
-      if (kind == MT_ORDER_RESIZE && why == MT_STOPPED_INTERVAL)
+      char refused[400] = "";
+      if (kind == MT_ORDER_RESIZE && (why == MT_STOPPED_INTERVAL || why == MT_STOPPED_TIME)) {
+        char stop[256];
+        mt_local_stop_reason(stop, sizeof stop, job, st.step, why);
         snprintf(refused, sizeof refused,
-                 "the run stops after step %lld for train.exit_interval (%lld): no resize; the "
-                 "next run forms at the width its nodes give",
-                 (long long)st.step, (long long)every);
-      else if (kind == MT_ORDER_RESIZE && why == MT_STOPPED_TIME)
-        snprintf(refused, sizeof refused,
-                 "the run stops after step %lld for train.exit_duration_mins (%g): no resize; the "
-                 "next run forms at the width its nodes give",
-                 (long long)st.step, job->train.exit_duration_mins);
-      else if (kind == MT_ORDER_RESIZE && st.step >= job->train.steps)
+                 "the run %s: no resize; the next run forms at the width its nodes give", stop);
+      } else if (kind == MT_ORDER_RESIZE && st.step >= job->train.steps)
         snprintf(refused, sizeof refused, "step %lld is the job's last (train.steps): no resize",
                  (long long)st.step);
       if (refused[0]) {

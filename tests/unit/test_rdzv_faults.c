@@ -344,8 +344,8 @@ static int test_a_resize_refused_by_the_run_ends_the_job_as_reported(void) {
   char kind[32] = "";
   REQUIRE(mt_rdzv_order(&k.store.base, 1, &seq, kind, sizeof kind) == 1 && !strcmp(kind, "resize"),
           "no resize order published: %s (%s)", kind, mt_errmsg());
-  const char *why = "the run stops after step 4 for train.exit_interval (4): no resize; the next "
-                    "run forms at the width its nodes give";
+  const char *why = "the run stopped at step 4 of 40: a multiple of train.exit_interval (4): no "
+                    "resize; the next run forms at the width its nodes give";
   REQUIRE(!mt_rdzv_acted(&k.store.base, 1, seq, 4, 0, why) &&
               !mt_rdzv_report(&k.store.base, 1, "n0", MT_REPORT_DONE,
                               "stopped at step 4 of 40: a multiple of train.exit_interval (4)"),

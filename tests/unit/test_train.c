@@ -852,7 +852,7 @@ static void test_resize_in_the_exit_interval_or_last_step_is_refused(void) {
                           "train.exit_interval (4): no resize");
   /* a deadline past before the first step ends: it stops after step 1 */
   resize_in_the_last_step("exit-time", 40, "\"exit_duration_mins\":1e-9,", 1, MT_STOPPED_TIME,
-                          "train.exit_duration_mins (1e-09): no resize");
+                          "train.exit_duration_mins (1e-09) has passed: no resize");
   /* the last step: no stop is agreed (on_stopped is not called) */
   resize_in_the_last_step("exit-last", 6, "", 6, -1,
                           "step 6 is the job's last (train.steps): no resize");
