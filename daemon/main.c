@@ -289,6 +289,14 @@ int main(int argc, char **argv) {
       }
       dev_list[i] = specs[i];
     }
+    if (!MT_HAVE_NCCL && world > 1) {
+      fprintf(stderr,
+              "mtnlgd: --devices %s: this build has no NCCL, and the job's %d ranks (tp %d x pp "
+              "%d x dp %d) talk over it on GPUs; one rank runs (cuda:N), or rebuild with "
+              "-Dnccl=enabled\n",
+              devices, world, job.parallel.tp, job.parallel.pp, job.parallel.dp_min);
+      return 2;
+    }
   } else if (strcmp(devices, "cpu") &&
              (strncmp(devices, "cpu:", 4) || devices[4] < '0' || devices[4] > '9' ||
               strspn(devices + 4, "0123456789") != strlen(devices + 4))) {

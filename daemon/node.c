@@ -983,6 +983,10 @@ static int resolve_devices(node *n) {
     int rc = mt_device_memory(n->specs[i], &total, &avail);
     if (rc) return mt_wraperr(rc, "node.devices = %s", d);
   }
+  if (!MT_HAVE_NCCL && count > 0 && !strncmp(d, "cuda", 4))
+    mt_log_warn("node.devices = %s: this build has no NCCL, so a job whose GPU groups have "
+                "more than one rank fails when its generation forms (rebuild with -Dnccl=enabled)",
+                d);
   n->n_devices = count;
   return 0;
 }

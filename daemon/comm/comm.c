@@ -243,13 +243,16 @@ int mt_comm_create(mt_comm **out, const mt_comm_opts *o) {
   if (o->backend == MT_COMM_GLOO) {
     be = &mt__comm_gloo;
   } else if (o->backend == MT_COMM_NCCL) {
-#if MT_HAVE_CUDA || defined(MT_CUDA_EMU) /* the emulator test builds nccl.c on the CPU */
+#if MT_HAVE_NCCL || defined(MT_CUDA_EMU) /* the emulator test builds nccl.c on the CPU */
     be = &mt__comm_nccl;
 #else
     return mt_seterr(MT_ENOTSUP,
-                     "comm %s: create: NCCL requested but this build has no CUDA "
-                     "(rebuild with -Dcuda=enabled)",
-                     name);
+                     "comm %s: create: a group of %d GPU ranks needs NCCL, and this build has "
+                     "none (%s)",
+                     name, o->size,
+                     MT_HAVE_CUDA ? "meson found no NCCL in the CUDA toolkit: rebuild with "
+                                    "-Dnccl=enabled, or -Dnccl_dir=DIR for another NCCL"
+                                  : "no CUDA backend: rebuild with -Dcuda=enabled");
 #endif
   } else {
     return mt_seterr(MT_EINVAL, "comm %s: create: unknown backend %d", name, (int)o->backend);
