@@ -427,16 +427,17 @@ done:
 #undef LT
 }
 
-/* D(m,n) column-major = beta·D + bias broadcast along columns, D and the
- * bias stored as dt: the bias that cuBLAS's fallback cannot fuse, written
- * before a GEMM with beta = 1 (a 16-bit D then rounds twice, where
- * cuBLASLt's epilogue rounds once). */
+/* Each of the batch's D(m,n) column-major (sD apart) = beta·D + bias
+ * broadcast along columns, D and the bias stored as dt: the bias that
+ * cuBLAS's fallback cannot fuse, written before a GEMM with beta = 1 (a
+ * 16-bit D then rounds twice, where cuBLASLt's epilogue rounds once). */
 static __global__ void k_bias_fill(void *D, const void *bias, mt_dtype dt, int m, int n, int ldd,
-                                   float beta) {
-  size_t total = (size_t)m * n;
+                                   long long sD, int batch, float beta) {
+  size_t per = (size_t)m * n, total = per * (size_t)batch;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x) {
-    size_t col = i / (size_t)m, row = i % (size_t)m, at = col * (size_t)ldd + row;
+    size_t b = i / per, col = i % per / (size_t)m, row = i % (size_t)m;
+    size_t at = b * (size_t)sD + col * (size_t)ldd + row;
     if (dt == MT_F32) {
       float *p = (float *)D + at;
       *p = (beta == 0.0f ? 0.0f : beta * *p) + ((const float *)bias)[row];
@@ -458,8 +459,8 @@ void mt__cuda_gemm(mt_device *d, const char *what, const mt__gemm *g) {
   /* cuBLAS takes any shape cuBLASLt refuses */
   float beta = g->beta;
   if (g->bias) {
-    MT_LAUNCH(k_bias_fill, mt__cuda_blocks((size_t)g->m * g->n, 256), 256, c->stream)
-    (g->D, g->bias, g->dt, g->m, g->n, g->ldd, beta);
+    MT_LAUNCH(k_bias_fill, mt__cuda_blocks((size_t)g->m * g->n * g->batch, 256), 256, c->stream)
+    (g->D, g->bias, g->dt, g->m, g->n, g->ldd, g->batch > 1 ? g->sD : 0, g->batch, beta);
     mt__cuda_check(d, what);
     beta = 1.0f;
   }
