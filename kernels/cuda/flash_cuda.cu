@@ -194,6 +194,24 @@ static __device__ __forceinline__ float drop_scale(float p, uint64_t key, uint64
   return p > 0.0f ? mt_dropout_scale(p, key, sample, ((uint64_t)head * T + t1) * T + t2) : 1.0f;
 }
 
+/* The dropout scales of elements (t1, t2 .. t2 + 3) of head h, t2 a
+ * multiple of 4, into keep: where T is a multiple of 4 they are one Philox
+ * block (mtmath.h: the same bits as element by element), drawn once, where
+ * element by element costs a whole block per value; those past t1 (masked:
+ * causal) are not drawn. */
+static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint64_t key,
+                                                   uint64_t sample, uint32_t head, int T, int t1,
+                                                   int t2) {
+  uint64_t e = ((uint64_t)head * T + t1) * T + t2;
+  if (p > 0.0f && T % 4 == 0 && t2 <= t1) {
+    mt_philox_out blk = mt_philox_block(key, sample, e >> 2);
+    for (int u = 0; u < 4; u++) keep[u] = mt_dropout_keep(p, blk.v[u]);
+  } else {
+    for (int u = 0; u < 4; u++)
+      keep[u] = p > 0.0f && t2 + u <= t1 ? mt_dropout_scale(p, key, sample, e + u) : 1.0f;
+  }
+}
+
 /* grid (query tiles, NH, B), 32·W threads */
 template <int FP16, int D, int W>
 static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C,
@@ -210,7 +228,8 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
   float *Sw = Ss + warp * 16 * LDS(W);
   uint16_t *Pw = Ps + warp * 16 * LDP(W);
-  /* the lane pair of row rr: query tq, the lanes on even and odd columns */
+  /* the lane pair of row rr: query tq, the lanes on even and odd columns
+   * (sweep 2: on alternate runs of 4 columns) */
   int rr = lane >> 1, j0 = lane & 1, tq = q0 + 16 * warp + rr;
   const float *srow = Sw + rr * LDS(W);
   uint64_t sample = sample0 + (uint64_t)b;
@@ -251,12 +270,15 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
     __syncthreads();
     warp_scores<FP16, D, W>(Sw, Qw, Ks);
     __syncwarp();
-    for (int j = j0; j < R; j += 2) {
-      int tk = kt * R + j;
-      float pv = 0.0f;
-      if (tk <= tq)
-        pv = expf(srow[j] * scale - lse_r) * drop_scale(p, key, sample, head0 + h, T, tq, tk);
-      Pw[rr * LDP(W) + j] = mt_half_pack(pv, FP16);
+    /* the lane pair takes runs of 4 keys in turn: one Philox block a run */
+    for (int j4 = 4 * j0; j4 < R; j4 += 8) {
+      float keep[4];
+      drop_scale4(keep, p, key, sample, head0 + h, T, tq, kt * R + j4);
+      for (int u = 0; u < 4; u++) {
+        int j = j4 + u;
+        float pv = kt * R + j <= tq ? expf(srow[j] * scale - lse_r) * keep[u] : 0.0f;
+        Pw[rr * LDP(W) + j] = mt_half_pack(pv, FP16);
+      }
     }
     __syncwarp();
     warp_accumulate<FP16, D, W>(o, Pw, Vs);
@@ -441,7 +463,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, q0 = k.t0;
   /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key
-   * columns j0, j0 + 2, .. */
+   * columns in runs of 4 from 4·j0, every 8 */
   int rr = k.lane >> 1, j0 = k.lane & 1, row = 16 * k.warp + rr, tq = q0 + row;
 
   load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
@@ -458,14 +480,18 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
     __syncwarp();
     const float *srow = s.Sw + rr * LDS(W), *prow = s.dPw + rr * LDS(W);
     float l = s.lse_s[row], dd = s.D_s[row];
-    for (int j = j0; j < R; j += 2) {
-      int tk = k0 + j;
-      float ds = 0.0f;
-      if (tk <= tq && tq < T) {
-        float pf = expf(srow[j] * a.scale - l);
-        ds = pf * (prow[j] * bwd_drop(a, k, tq, tk) - dd) * a.scale;
+    for (int j4 = 4 * j0; j4 < R; j4 += 8) { /* runs of 4 keys, as the forward's */
+      float keep[4];
+      drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, k0 + j4);
+      for (int u = 0; u < 4; u++) {
+        int j = j4 + u;
+        float ds = 0.0f;
+        if (k0 + j <= tq && tq < T) {
+          float pf = expf(srow[j] * a.scale - l);
+          ds = pf * (prow[j] * keep[u] - dd) * a.scale;
+        }
+        s.Pw[rr * LDP(W) + j] = mt_half_pack(ds, FP16);
       }
-      s.Pw[rr * LDP(W) + j] = mt_half_pack(ds, FP16);
     }
     __syncwarp();
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
