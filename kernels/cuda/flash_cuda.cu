@@ -187,18 +187,12 @@ static __device__ void warp_rows_out(O *dst, size_t ld, float *st,
   __syncwarp();
 }
 
-/* The dropout scale of element (t1, t2) of head h (ops.h's index), 1
- * without dropout. */
-static __device__ __forceinline__ float drop_scale(float p, uint64_t key, uint64_t sample,
-                                                   uint32_t head, int T, int t1, int t2) {
-  return p > 0.0f ? mt_dropout_scale(p, key, sample, ((uint64_t)head * T + t1) * T + t2) : 1.0f;
-}
-
-/* The dropout scales of elements (t1, t2 .. t2 + 3) of head h, t2 a
- * multiple of 4, into keep: where T is a multiple of 4 they are one Philox
- * block (mtmath.h: the same bits as element by element), drawn once, where
- * element by element costs a whole block per value; those past t1 (masked:
- * causal) are not drawn. */
+/* The dropout scales of elements (t1, t2 .. t2 + 3) of head h (ops.h's
+ * index), t2 a multiple of 4, into keep (1s without dropout): where T is a
+ * multiple of 4 they are one Philox block (mtmath.h: the same bits as
+ * element by element), drawn once, where element by element costs a whole
+ * block per value; element by element, those past t1 (masked: causal) are
+ * not drawn. Every pass draws its scales this way. */
 static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint64_t key,
                                                    uint64_t sample, uint32_t head, int T, int t1,
                                                    int t2) {
@@ -398,12 +392,6 @@ static __device__ void grad_rows_out(const bwd_args &a, const bwd_block &k, size
     warp_rows_out<D, 1>((float *)a.dqkv + k.dhead + col, k.ld, st, acc, row0, a.T, k.HS);
 }
 
-/* The dropout scale of element (tq, tk) of k's head */
-static __device__ __forceinline__ float bwd_drop(const bwd_args &a, const bwd_block &k, int tq,
-                                                 int tk) {
-  return drop_scale(a.p, a.key, k.sample, a.head0 + k.h, a.T, tq, tk);
-}
-
 /* grid (key tiles, NH, Bg), 32·W threads: dK and dV of R keys */
 template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args a) {
   const int R = 16 * W;
@@ -411,8 +399,10 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   bwd_block k = bwd_block_of<D, W>(a, smem);
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
-  /* the lane pair of key row rr: key tk, query columns j0, j0 + 2, .. */
-  int rr = k.lane >> 1, j0 = k.lane & 1, tk = k0 + 16 * k.warp + rr;
+  /* a lane's run of 4 key rows r4 .. r4 + 3 (keys tk4 ..: one Philox
+   * block of dropout a query, as the forward draws them), query columns
+   * c, c + 8, .. */
+  int r4 = 4 * (k.lane & 3), c = k.lane >> 2, tk4 = k0 + 16 * k.warp + r4;
 
   load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
   load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
@@ -429,23 +419,28 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
     warp_scores<FP16, D, W>(s.Sw, Kw, s.Qs);   /* Sᵀ: keys × queries */
     warp_scores<FP16, D, W>(s.dPw, Vw, s.dOs); /* dPᵀ = V·dOᵀ */
     __syncwarp();
-    float *srow = s.Sw + rr * LDS(W);
-    const float *prow = s.dPw + rr * LDS(W);
-    for (int j = j0; j < R; j += 2) {
+    for (int j = c; j < R; j += 8) {
       int tq = q0 + j;
-      float pf = 0.0f, ds = 0.0f, m = 1.0f;
-      if (tq >= tk && tq < T) {
-        pf = expf(srow[j] * a.scale - s.lse_s[j]);
-        m = bwd_drop(a, k, tq, tk);
-        ds = pf * (prow[j] * m - s.D_s[j]) * a.scale;
+      float keep[4];
+      drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, tk4);
+      for (int u = 0; u < 4; u++) {
+        float *sv = s.Sw + (r4 + u) * LDS(W) + j;
+        float pf = 0.0f, ds = 0.0f, m = 1.0f;
+        if (tq >= tk4 + u && tq < T) {
+          pf = expf(*sv * a.scale - s.lse_s[j]);
+          m = keep[u];
+          ds = pf * (s.dPw[(r4 + u) * LDS(W) + j] * m - s.D_s[j]) * a.scale;
+        }
+        s.Pw[(r4 + u) * LDP(W) + j] = mt_half_pack(pf * m, FP16);
+        *sv = ds;
       }
-      s.Pw[rr * LDP(W) + j] = mt_half_pack(pf * m, FP16);
-      srow[j] = ds;
     }
     __syncwarp();
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
     __syncwarp();                                  /* every lane has read Pw */
-    for (int j = j0; j < R; j += 2) s.Pw[rr * LDP(W) + j] = mt_half_pack(srow[j], FP16);
+    for (int j = c; j < R; j += 8)
+      for (int u = 0; u < 4; u++)
+        s.Pw[(r4 + u) * LDP(W) + j] = mt_half_pack(s.Sw[(r4 + u) * LDS(W) + j], FP16);
     __syncwarp();
     warp_accumulate<FP16, D, W>(dk, s.Pw, s.Qs); /* dK += dSᵀ·Q */
   }
