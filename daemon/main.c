@@ -292,8 +292,8 @@ int main(int argc, char **argv) {
     if (!MT_HAVE_NCCL && world > 1) {
       fprintf(stderr,
               "mtnlgd: --devices %s: this build has no NCCL, and the job's %d ranks (tp %d x pp "
-              "%d x dp %d) talk over it on GPUs; one rank runs (cuda:N), or rebuild with "
-              "-Dnccl=enabled\n",
+              "%d x dp %d) talk over it on GPUs; one rank runs (cuda:N), or install NCCL "
+              "and rebuild (-Dnccl_dir=DIR names one)\n",
               devices, world, job.parallel.tp, job.parallel.pp, job.parallel.dp_min);
       return 2;
     }

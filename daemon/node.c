@@ -985,7 +985,7 @@ static int resolve_devices(node *n) {
   }
   if (!MT_HAVE_NCCL && count > 0 && !strncmp(d, "cuda", 4))
     mt_log_warn("node.devices = %s: this build has no NCCL, so a job whose GPU groups have "
-                "more than one rank fails when its generation forms (rebuild with -Dnccl=enabled)",
+                "more than one rank fails when its generation forms (install NCCL and rebuild)",
                 d);
   n->n_devices = count;
   return 0;

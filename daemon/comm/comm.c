@@ -250,8 +250,9 @@ int mt_comm_create(mt_comm **out, const mt_comm_opts *o) {
                      "comm %s: create: a group of %d GPU ranks needs NCCL, and this build has "
                      "none (%s)",
                      name, o->size,
-                     MT_HAVE_CUDA ? "meson found no NCCL in the CUDA toolkit: rebuild with "
-                                    "-Dnccl=enabled, or -Dnccl_dir=DIR for another NCCL"
+                     MT_HAVE_CUDA ? "meson found none beside nvcc nor in the system's folders, "
+                                    "or -Dnccl=disabled: install NCCL and rebuild, or rebuild "
+                                    "with -Dnccl_dir=DIR naming one"
                                   : "no CUDA backend: rebuild with -Dcuda=enabled");
 #endif
   } else {
