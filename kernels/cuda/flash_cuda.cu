@@ -46,21 +46,26 @@ template <> struct elem<1> { typedef __half t; };
 
 /* Shared memory of a block (W warps, padded head width D), in bytes, each
  * region a multiple of 128. Row strides pad by a multiple wmma takes (8
- * 16-bit elements, 4 floats), which also staggers the banks: a warp's row
- * loops (a lane pair per row, the two lanes on alternate columns) meet at
- * most two lanes per bank. */
+ * 16-bit elements, 4 floats), which also staggers the banks of a warp's
+ * row loops. */
 #define LDE(D) ((D) + 8)      /* 16-bit Q/K/V/dO tiles, R rows */
 #define LDS(W) (16 * (W) + 4) /* fp32 scores of a warp, 16 rows */
 #define LDP(W) (16 * (W) + 8) /* 16-bit probabilities (or dS) of a warp, 16 rows */
 #define LDO(D) ((D) + 4)      /* fp32 output staging of a warp, 16 rows */
+#define LDC 20                /* fp32 16 × 16 block of a warp's scores (the backward) */
 static size_t tile_bytes(int D, int W) { return (size_t)16 * W * LDE(D) * 2; }
 static size_t scores_bytes(int W) { return (size_t)W * 16 * LDS(W) * 4; }
 static size_t probs_bytes(int W) { return (size_t)W * 16 * LDP(W) * 2; }
 static size_t fwd_smem(int D, int W) {
   return 3 * tile_bytes(D, W) + scores_bytes(W) + probs_bytes(W);
 }
+/* The backward holds a warp's scores and dP a 16 × 16 block at a time
+ * (fp32), and its two 16-bit products' operands whole: at head size 160
+ * 115,200 bytes, under half an H100/H200 SM's 233,472 less 1 KB a block,
+ * so two blocks share an SM (with whole fp32 rows it took 130,560: one). */
 static size_t bwd_smem(int D, int W) {
-  return 4 * tile_bytes(D, W) + 2 * scores_bytes(W) + probs_bytes(W) + 2 * (size_t)16 * W * 4;
+  return 4 * tile_bytes(D, W) + 2 * (size_t)W * 16 * LDC * 4 + 2 * probs_bytes(W) +
+         2 * (size_t)16 * W * 4;
 }
 
 /* 16 bytes from src (NULL: zeros) to dst, both 16-byte aligned: one vector
@@ -122,24 +127,29 @@ static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int
   }
 }
 
-/* S(16 × R, ld LDS) = A(16 × D) · Bᵀ, A a warp's 16 rows of a tile and B a
- * whole tile (R rows), both ld LDE(D): the scores of one side against the
- * other. */
+/* S(16 × 16, ld lds) = A(16 × D) · Bᵀ, A a warp's 16 rows of a tile and
+ * B 16 rows of a tile, both ld LDE(D): one block of scores. */
+template <int FP16, int D>
+static __device__ void warp_score_block(float *S, int lds, const uint16_t *A, const uint16_t *B) {
+  typedef typename elem<FP16>::t E;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int kk = 0; kk < D / 16; kk++) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
+    wmma::load_matrix_sync(a, (const E *)(A + 16 * kk), LDE(D));
+    wmma::load_matrix_sync(b, (const E *)(B + 16 * kk), LDE(D));
+    wmma::mma_sync(acc, a, b, acc);
+  }
+  wmma::store_matrix_sync(S, acc, lds, wmma::mem_row_major);
+}
+
+/* S(16 × R, ld LDS) = A(16 × D) · Bᵀ, B a whole tile (R rows): the scores
+ * of a warp's rows against the other side's tile, a block at a time. */
 template <int FP16, int D, int W>
 static __device__ void warp_scores(float *S, const uint16_t *A, const uint16_t *B) {
-  typedef typename elem<FP16>::t E;
-  for (int c = 0; c < W; c++) { /* R / 16 = W column blocks */
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int kk = 0; kk < D / 16; kk++) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
-      wmma::load_matrix_sync(a, (const E *)(A + 16 * kk), LDE(D));
-      wmma::load_matrix_sync(b, (const E *)(B + 16 * c * LDE(D) + 16 * kk), LDE(D));
-      wmma::mma_sync(acc, a, b, acc);
-    }
-    wmma::store_matrix_sync(S + 16 * c, acc, LDS(W), wmma::mem_row_major);
-  }
+  for (int c = 0; c < W; c++) /* R / 16 = W column blocks */
+    warp_score_block<FP16, D>(S + 16 * c, LDS(W), A, B + 16 * c * LDE(D));
 }
 
 /* acc[n] (16 × D in D/16 fragments) += P(16 × R, ld LDP(W), 16-bit) · B(R × D) */
@@ -299,11 +309,12 @@ static __global__ void k_flash_dot(float *dv, const float *dout, const uint16_t 
   }
 }
 
-/* The backward's shared memory: K, V, Q and dO tiles, a warp's scores and
- * dP (fp32) and its 16-bit products' operand, lse and D of the query tile. */
+/* The backward's shared memory: K, V, Q and dO tiles, a warp's 16 × 16
+ * block of scores and of dP (fp32), its 16-bit products' operands (P
+ * dropped and dS: dK/dV; dS: dQ), lse and D of the query tile. */
 struct bwd_smem_of {
-  uint16_t *Ks, *Vs, *Qs, *dOs, *Pw;
-  float *Sw, *dPw, *lse_s, *D_s;
+  uint16_t *Ks, *Vs, *Qs, *dOs, *Pw, *dSw;
+  float *Sc, *dPc, *lse_s, *D_s;
 };
 template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *smem, int warp) {
   const int R = 16 * W;
@@ -312,12 +323,13 @@ template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *
   s.Vs = s.Ks + R * LDE(D);
   s.Qs = s.Vs + R * LDE(D);
   s.dOs = s.Qs + R * LDE(D);
-  float *Ss = (float *)(s.dOs + R * LDE(D)), *dPs = Ss + W * 16 * LDS(W);
-  uint16_t *Ps = (uint16_t *)(dPs + W * 16 * LDS(W));
-  s.Sw = Ss + warp * 16 * LDS(W);
-  s.dPw = dPs + warp * 16 * LDS(W);
+  float *Ss = (float *)(s.dOs + R * LDE(D)), *dPs = Ss + W * 16 * LDC;
+  uint16_t *Ps = (uint16_t *)(dPs + W * 16 * LDC), *dSs = Ps + W * 16 * LDP(W);
+  s.Sc = Ss + warp * 16 * LDC;
+  s.dPc = dPs + warp * 16 * LDC;
   s.Pw = Ps + warp * 16 * LDP(W);
-  s.lse_s = (float *)(Ps + W * 16 * LDP(W));
+  s.dSw = dSs + warp * 16 * LDP(W);
+  s.lse_s = (float *)(dSs + W * 16 * LDP(W));
   s.D_s = s.lse_s + R;
   return s;
 }
@@ -400,8 +412,8 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
   /* a lane's run of 4 key rows r4 .. r4 + 3 (keys tk4 ..: one Philox
-   * block of dropout a query, as the forward draws them), query columns
-   * c, c + 8, .. */
+   * block of dropout a query, as the forward draws them), columns c and
+   * c + 8 of each block of 16 queries */
   int r4 = 4 * (k.lane & 3), c = k.lane >> 2, tk4 = k0 + 16 * k.warp + r4;
 
   load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
@@ -416,33 +428,30 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
     __syncthreads(); /* Qs, dOs free */
     load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
     __syncthreads();
-    warp_scores<FP16, D, W>(s.Sw, Kw, s.Qs);   /* Sᵀ: keys × queries */
-    warp_scores<FP16, D, W>(s.dPw, Vw, s.dOs); /* dPᵀ = V·dOᵀ */
-    __syncwarp();
-    for (int j = c; j < R; j += 8) {
-      int tq = q0 + j;
-      float keep[4];
-      drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, tk4);
-      for (int u = 0; u < 4; u++) {
-        float *sv = s.Sw + (r4 + u) * LDS(W) + j;
-        float pf = 0.0f, ds = 0.0f, m = 1.0f;
-        if (tq >= tk4 + u && tq < T) {
-          pf = expf(*sv * a.scale - s.lse_s[j]);
-          m = keep[u];
-          ds = pf * (s.dPw[(r4 + u) * LDS(W) + j] * m - s.D_s[j]) * a.scale;
+    for (int cb = 0; cb < R; cb += 16) { /* Sᵀ and dPᵀ 16 queries at a time */
+      warp_score_block<FP16, D>(s.Sc, LDC, Kw, s.Qs + cb * LDE(D));   /* Sᵀ: keys × queries */
+      warp_score_block<FP16, D>(s.dPc, LDC, Vw, s.dOs + cb * LDE(D)); /* dPᵀ = V·dOᵀ */
+      __syncwarp();
+      for (int j = c; j < 16; j += 8) {
+        int tq = q0 + cb + j;
+        float keep[4];
+        drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, tk4);
+        for (int u = 0; u < 4; u++) {
+          int r = r4 + u;
+          float pf = 0.0f, ds = 0.0f, m = 1.0f;
+          if (tq >= tk4 + u && tq < T) {
+            pf = expf(s.Sc[r * LDC + j] * a.scale - s.lse_s[cb + j]);
+            m = keep[u];
+            ds = pf * (s.dPc[r * LDC + j] * m - s.D_s[cb + j]) * a.scale;
+          }
+          s.Pw[r * LDP(W) + cb + j] = mt_half_pack(pf * m, FP16);
+          s.dSw[r * LDP(W) + cb + j] = mt_half_pack(ds, FP16);
         }
-        s.Pw[(r4 + u) * LDP(W) + j] = mt_half_pack(pf * m, FP16);
-        *sv = ds;
       }
+      __syncwarp(); /* every lane has read the block */
     }
-    __syncwarp();
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
-    __syncwarp();                                  /* every lane has read Pw */
-    for (int j = c; j < R; j += 8)
-      for (int u = 0; u < 4; u++)
-        s.Pw[(r4 + u) * LDP(W) + j] = mt_half_pack(s.Sw[(r4 + u) * LDS(W) + j], FP16);
-    __syncwarp();
-    warp_accumulate<FP16, D, W>(dk, s.Pw, s.Qs); /* dK += dSᵀ·Q */
+    warp_accumulate<FP16, D, W>(dk, s.dSw, s.Qs);  /* dK += dSᵀ·Q */
   }
   __syncthreads(); /* Qs and dOs become the staging */
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
@@ -470,25 +479,27 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
     load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
     load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
     __syncthreads();
-    warp_scores<FP16, D, W>(s.Sw, Qw, s.Ks);   /* S: queries × keys */
-    warp_scores<FP16, D, W>(s.dPw, dOw, s.Vs); /* dP = dO·Vᵀ */
-    __syncwarp();
-    const float *srow = s.Sw + rr * LDS(W), *prow = s.dPw + rr * LDS(W);
     float l = s.lse_s[row], dd = s.D_s[row];
-    for (int j4 = 4 * j0; j4 < R; j4 += 8) { /* runs of 4 keys, as the forward's */
-      float keep[4];
-      drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, k0 + j4);
-      for (int u = 0; u < 4; u++) {
-        int j = j4 + u;
-        float ds = 0.0f;
-        if (k0 + j <= tq && tq < T) {
-          float pf = expf(srow[j] * a.scale - l);
-          ds = pf * (prow[j] * keep[u] - dd) * a.scale;
+    for (int cb = 0; cb < R; cb += 16) {                            /* S and dP 16 keys at a time */
+      warp_score_block<FP16, D>(s.Sc, LDC, Qw, s.Ks + cb * LDE(D)); /* S: queries × keys */
+      warp_score_block<FP16, D>(s.dPc, LDC, dOw, s.Vs + cb * LDE(D)); /* dP = dO·Vᵀ */
+      __syncwarp();
+      const float *srow = s.Sc + rr * LDC, *prow = s.dPc + rr * LDC;
+      for (int j4 = 4 * j0; j4 < 16; j4 += 8) { /* runs of 4 keys, as the forward's */
+        float keep[4];
+        drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, k0 + cb + j4);
+        for (int u = 0; u < 4; u++) {
+          int j = j4 + u;
+          float ds = 0.0f;
+          if (k0 + cb + j <= tq && tq < T) {
+            float pf = expf(srow[j] * a.scale - l);
+            ds = pf * (prow[j] * keep[u] - dd) * a.scale;
+          }
+          s.Pw[rr * LDP(W) + cb + j] = mt_half_pack(ds, FP16);
         }
-        s.Pw[rr * LDP(W) + j] = mt_half_pack(ds, FP16);
       }
+      __syncwarp(); /* every lane has read the block */
     }
-    __syncwarp();
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
   }
   __syncthreads();
@@ -499,8 +510,8 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
 /* ---- host side ------------------------------------------------------------ */
 
 /* Whether k may take smem bytes of dynamic shared memory on this GPU: the
- * backward at head sizes 65..160 takes 114-131 KB, which an A100 or H100
- * gives a block and an sm_86/sm_89 part (A10, A40, L40S: 99 KB) does not.
+ * backward at head sizes 129..160 takes 115,200 bytes, which an A100 or
+ * H100 gives a block and an sm_86/sm_89 part (A10, A40, L40S: 99 KB) does not.
  * Refused with the figures rather than launched to fail unexplained. */
 template <class K>
 static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const char *what) {
