@@ -26,6 +26,7 @@
 #include "job.h"
 #include "local.h"
 #include "log.h"
+#include "monotime.h"
 #include "mt_config.h"
 #include "rdzv.h"
 #include "steplog.h"
@@ -34,12 +35,6 @@
 
 const char *const mt_node_state_names[] = {"joining", "waiting",  "spare",  "running",
                                            "ending",  "draining", "exiting"};
-
-int64_t mt_node_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void set_state(node *n, node_state s) {
   if (n->state == s) return;
@@ -68,7 +63,7 @@ static void coordinator_lost(node *n, const char *why) {
   mt_log_error("%s", n->end_reason);
   if (n->engine_running && !n->aborted_ms) {
     mt_local_abort(n->local);
-    n->aborted_ms = mt_node_now_ms();
+    n->aborted_ms = mt_mono_ms();
   }
   if (!n->engine_running) finish(n, 1);
 }
@@ -80,7 +75,7 @@ static void store_result(node *n, int rc) {
     n->store_failing_since_ms = 0;
     return;
   }
-  int64_t t = mt_node_now_ms();
+  int64_t t = mt_mono_ms();
   n->store_failed = 1; /* the next round reads coord/instance first (check_coordinator) */
   if (!n->store_failing_since_ms) {
     n->store_failing_since_ms = t;
@@ -515,7 +510,7 @@ static void on_engine_done(uv_async_t *h) {
   if (n->said_slow)
     mt_log_info("generation %d: this node's ranks stopped %.1f s after the abort; heartbeating "
                 "again",
-                n->gen, (mt_node_now_ms() - n->aborted_ms) / 1000.0);
+                n->gen, (mt_mono_ms() - n->aborted_ms) / 1000.0);
   n->quiet = n->said_slow = n->was_silent = 0;
   char reason[1200];
   int failed = n->engine_rc != 0;
@@ -590,7 +585,7 @@ static void leave_and_exit(node *n, int code) {
   /* stay answering the control plane a moment, so a client waiting on an
    * operation (mtnlgctl stop --wait) sees how it ended */
   n->exit_code = code;
-  n->drain_until_ms = mt_node_now_ms() + 2000;
+  n->drain_until_ms = mt_mono_ms() + 2000;
   set_state(n, N_DRAINING);
 }
 
@@ -648,7 +643,7 @@ static void next_generation(node *n) {
  * heartbeats again once they stopped, to be placed later as a spare. Ranks
  * past their deadline are stuck for good. */
 static void wait_for_aborted_ranks(node *n) {
-  int64_t waited = mt_node_now_ms() - n->aborted_ms;
+  int64_t waited = mt_mono_ms() - n->aborted_ms;
   int grace_ms = 2 * n->cfg->heartbeat_interval_ms + 1000;
   if (waited <= grace_ms) return;
   /* the ranks stopped and their communicators are being closed (an NCCL
@@ -688,7 +683,7 @@ static void wait_for_aborted_ranks(node *n) {
  * still stuck in the ended generation would hold up the next one's start. */
 static void abort_ranks(node *n) {
   mt_local_abort(n->local);
-  n->aborted_ms = mt_node_now_ms();
+  n->aborted_ms = mt_mono_ms();
   /* back from a stop, the tick that finds the end can run before the
    * heartbeat timer that would notice the silence (note_silence) */
   if (n->last_hb_ms && n->aborted_ms - n->last_hb_ms > n->cfg->heartbeat_timeout_ms)
@@ -709,7 +704,7 @@ static void node_round(node *n) {
   case N_JOINING: {
     int watch = 0;
     if (n->rejoin_at_ms) {
-      if (mt_node_now_ms() < n->rejoin_at_ms) break;
+      if (mt_mono_ms() < n->rejoin_at_ms) break;
       if ((rc = mt_rdzv_join(n->store, &n->desc, &n->seq))) break; /* store_result counts it */
       n->rejoin_at_ms = 0;
       mt_log_info("joined %s again as join %lld", n->cfg->endpoint, (long long)n->seq);
@@ -727,7 +722,7 @@ static void node_round(node *n) {
           2 * n->cfg->heartbeat_interval_ms;
       mt_log_warn("the coordinator turned this node away for now: %s; joining again in %.1f s",
                   mt_errmsg(), wait_ms / 1000.0);
-      n->rejoin_at_ms = mt_node_now_ms() + wait_ms;
+      n->rejoin_at_ms = mt_mono_ms() + wait_ms;
       rc = 0;
       break;
     }
@@ -844,13 +839,13 @@ static void node_round(node *n) {
 static void on_tick(uv_timer_t *t) {
   node *n = t->data;
   if (n->coord) {
-    int rc = mt_coord_tick(n->coord, mt_node_now_ms());
+    int rc = mt_coord_tick(n->coord, mt_mono_ms());
     if (rc < 0) mt_log_warn("coordinator: %s", mt_errmsg());
   }
   if (n->state != N_EXITING) node_round(n);
   if (n->state != N_EXITING) node_control_round(n, 0);
-  if (n->state == N_DRAINING && (n->coord ? mt_coord_drained(n->coord, mt_node_now_ms(), 10000)
-                                          : mt_node_now_ms() >= n->drain_until_ms))
+  if (n->state == N_DRAINING && (n->coord ? mt_coord_drained(n->coord, mt_mono_ms(), 10000)
+                                          : mt_mono_ms() >= n->drain_until_ms))
     finish(n, n->exit_code);
 }
 
@@ -861,7 +856,7 @@ static void on_tick(uv_timer_t *t) {
  * when its heartbeat moves again. Returns 1 then (and says so, so that its
  * log tells why it is a spare now). */
 static int note_silence(node *n) {
-  int64_t now = mt_node_now_ms(), gap = n->last_hb_ms ? now - n->last_hb_ms : 0;
+  int64_t now = mt_mono_ms(), gap = n->last_hb_ms ? now - n->last_hb_ms : 0;
   n->last_hb_ms = now;
   if (gap <= n->cfg->heartbeat_timeout_ms) return 0;
   mt_log_warn("this node did not run for %.1f s (stopped, swapped or starved), past "
@@ -1040,13 +1035,13 @@ static int connect_store(node *n) {
                           .request_timeout_ms = c->heartbeat_interval_ms * 2,
                           .key = n->cluster_key,
                           .key_bytes = n->cluster_key_bytes};
-  int64_t deadline = mt_node_now_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
+  int64_t deadline = mt_mono_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
   for (;;) {
     rc = mt_store_tcp_new(n->store_host, n->store_port, &so, &n->store);
     if (!rc) return 0;
     if (rc == MT_EPERM) /* the key will not become right by waiting */
       return mt_wraperr(rc, "the rendezvous at %s", c->endpoint);
-    if (mt_node_now_ms() > deadline) {
+    if (mt_mono_ms() > deadline) {
       n->store_unreachable = 1;
       return mt_wraperr(rc, "cannot reach the rendezvous at %s", c->endpoint);
     }

@@ -16,6 +16,7 @@
 #include "err.h"
 #include "fileio.h"
 #include "log.h"
+#include "monotime.h"
 #include "mt_config.h"
 #include "node_int.h"
 #include "ops.h"
@@ -256,7 +257,7 @@ static json_t *build_status(node *n) {
  * heartbeats, as it is after a while nobody read it (or 300 ms late
  * while the loop cannot fetch it: the store down, the daemon exiting). */
 static void viewed(node *n) {
-  int64_t now = mt_node_now_ms();
+  int64_t now = mt_mono_ms();
   __atomic_store_n(&n->viewed_ms, now, __ATOMIC_RELAXED);
   pthread_mutex_lock(&n->mu);
   if (now - n->cluster_ms > 2 * (int64_t)n->cfg->heartbeat_interval_ms) {
@@ -275,7 +276,7 @@ static json_t *p_status(void *arg) {
   node *n = arg;
   viewed(n);
   pthread_mutex_lock(&n->status_cache_mu);
-  int64_t now = mt_node_now_ms();
+  int64_t now = mt_mono_ms();
   if (!n->status_cache || now - n->status_cache_ms >= 100) {
     json_t *fresh = build_status(n);
     if (fresh) {
@@ -423,7 +424,7 @@ static int want_cluster_status(node *n, int heartbeat) {
   pthread_mutex_unlock(&n->mu);
   if (wanted) return 1; /* an HTTP read waits for it: this tick */
   if (!heartbeat) return 0;
-  if (!n->cluster || waiting || mt_node_now_ms() - viewed < 30000 || ++n->cluster_skips >= 10) {
+  if (!n->cluster || waiting || mt_mono_ms() - viewed < 30000 || ++n->cluster_skips >= 10) {
     n->cluster_skips = 0;
     return 1;
   }
@@ -437,7 +438,7 @@ void node_control_round(node *n, int heartbeat) {
     pthread_mutex_lock(&n->mu);
     json_decref(n->cluster);
     n->cluster = cl;
-    n->cluster_ms = mt_node_now_ms();
+    n->cluster_ms = mt_mono_ms();
     n->cluster_wanted = 0;
     pthread_cond_broadcast(&n->cluster_cv);
     /* drop what the coordinator now lists */
@@ -530,12 +531,10 @@ static double measure_gpu_peak_flops(const char *spec) {
     mt_device_memset0(&d, w, nn * 2);
     mt_device_memset0(&d, x, nn * 2);
     for (int r = 0; r < 4; r++) {
-      struct timespec t0, t1;
-      clock_gettime(CLOCK_MONOTONIC, &t0);
+      double t0 = mt_mono_s();
       d.ops->linear_fwd(&d, y, MT_F32, x, MT_BF16, w, MT_BF16, NULL, NULL, N, N, N);
       if (mt_device_sync(&d)) break;
-      clock_gettime(CLOCK_MONOTONIC, &t1);
-      double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+      double s = mt_mono_s() - t0;
       if (r > 0 && s > 0 && 2.0 * N * N * N / s > best) best = 2.0 * N * N * N / s;
     }
   }
@@ -556,12 +555,10 @@ static double measure_peak_flops(const char *spec, int devices) {
         *c = calloc((size_t)N * N, sizeof *c);
   double best = 0;
   for (int r = 0; a && b && c && r < 3; r++) {
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    double t0 = mt_mono_s();
     mt_sgemm(MT_BLAS_ROW_MAJOR, MT_BLAS_NO_TRANS, MT_BLAS_TRANS, N, N, N, 1.0f, a, N, b, N, 0.0f, c,
              N);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    double s = mt_mono_s() - t0;
     if (s > 0 && 2.0 * N * N * N / s > best) best = 2.0 * N * N * N / s;
   }
   free(a), free(b), free(c);

@@ -167,8 +167,6 @@ typedef struct node {
   char token[MT_CONTROL_TOKEN_MAX + 2]; /* one more: a longer file is refused */
 } node;
 
-int64_t mt_node_now_ms(void);
-
 /* node_control.c: the control plane of this node. */
 int node_control_start(node *n);
 void node_control_stop(node *n);

@@ -13,6 +13,7 @@
 
 #include "err.h"
 #include "log.h"
+#include "monotime.h"
 
 /* ---- small store helpers ---- */
 
@@ -1750,9 +1751,7 @@ int mt_coord_order(mt_coord *c, const char *kind) {
 
 int mt_coord_finish(mt_coord *c, int ok, const char *reason) {
   if (c->final_written) return 0;
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return end_generation(c, (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, 1, ok, reason);
+  return end_generation(c, mt_mono_ms(), 1, ok, reason);
 }
 
 int mt_coord_drained(mt_coord *c, int64_t now_ms, int timeout_ms) {

@@ -1,6 +1,7 @@
 #include "store_client.h"
 
 #include "err.h"
+#include "monotime.h"
 #include "store_wire.h"
 
 #include <errno.h>
@@ -18,12 +19,6 @@
 
 #define READ_CHUNK (64u << 10)
 
-static int64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* One call, from the thread that makes it to the loop thread and back. The
  * caller owns it (on its stack) and waits on done; the loop thread fills the
  * result and posts done as the very last thing it does with it. */
@@ -39,7 +34,7 @@ typedef struct creq {
   int timeout_ms; /* GET, WAIT: 0 no wait, < 0 no limit */
   const char *const *keys;
   size_t nkeys;
-  /* timing, in now_ms() */
+  /* timing, in mt_mono_ms() */
   int64_t start_ms;
   int64_t wait_end_ms;       /* when the server-side wait ends; -1: no limit */
   int64_t deadline_ms;       /* when the client gives up on a reply; -1: never */
@@ -201,13 +196,13 @@ static void arm_deadline(client *c) {
     uv_timer_stop(&c->deadline_timer);
     return;
   }
-  int64_t wait = first - now_ms();
+  int64_t wait = first - mt_mono_ms();
   uv_timer_start(&c->deadline_timer, on_deadline, wait > 0 ? (uint64_t)wait : 0, 0);
 }
 
 static void on_deadline(uv_timer_t *t) {
   client *c = t->data;
-  int64_t now = now_ms();
+  int64_t now = mt_mono_ms();
   for (creq **p = &c->inflight; *p;) {
     creq *r = *p;
     if (r->deadline_ms >= 0 && now >= r->deadline_ms) {
@@ -273,7 +268,7 @@ static int send_req(client *c, creq *r) {
   m.num = r->delta;
   m.timeout_ms = r->timeout_ms;
   if (r->timeout_ms > 0) {
-    int64_t left = r->wait_end_ms - now_ms();
+    int64_t left = r->wait_end_ms - mt_mono_ms();
     m.timeout_ms = left > 0 ? (int32_t)left : 0;
   }
   mt_store_str keys[r->op == MT_STORE_OP_WAIT ? r->nkeys : 1];
@@ -643,7 +638,7 @@ static void link_down(client *c, const char *why) {
     if (!c->pending) c->pending_tail = tail;
     c->pending = retry;
   }
-  int64_t now = now_ms();
+  int64_t now = mt_mono_ms();
   for (creq *r = c->pending; r; r = r->next)
     if (r->unconnected_since < 0) r->unconnected_since = now;
   schedule_connect(c);
@@ -765,7 +760,7 @@ static void on_wake(uv_async_t *a) {
       next = r->next, fail(c, r, c->refused_rc, "%s", c->refusal);
     return;
   }
-  int64_t now = now_ms();
+  int64_t now = mt_mono_ms();
   for (creq *r = batch, *next; r; r = next) {
     next = r->next;
     r->unconnected_since = c->state == UP && !c->fencing ? -1 : now;
@@ -788,7 +783,7 @@ static void *client_thread(void *arg) {
  * pipelined, and waits for every one; each rs[i].rc says how it went. 0,
  * or MT_ECANCELED (message set) when the client is closing. */
 static int submit_and_wait(client *c, creq *rs, size_t n) {
-  int64_t now = now_ms();
+  int64_t now = mt_mono_ms();
   for (size_t i = 0; i < n; i++) {
     creq *r = &rs[i];
     r->start_ms = now;
@@ -980,13 +975,10 @@ int mt_store_tcp_wait(mt_store *s, const char *const *keys, size_t nkeys, int ti
 int mt_store_tcp_ping(mt_store *s, double *rtt_ms) {
   client *c = as_tcp(s, "ping");
   if (!c) return MT_EINVAL;
-  struct timespec t0, t1;
-  clock_gettime(CLOCK_MONOTONIC, &t0);
+  double t0 = mt_mono_s();
   creq r = {.op = MT_STORE_OP_PING};
   int rc = call(c, &r);
-  clock_gettime(CLOCK_MONOTONIC, &t1);
-  if (!rc && rtt_ms)
-    *rtt_ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+  if (!rc && rtt_ms) *rtt_ms = (mt_mono_s() - t0) * 1e3;
   return rc;
 }
 
@@ -1069,7 +1061,7 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
   }
   c->backoff_ms = o.backoff_min_ms;
   c->next_id = 1;
-  c->rng = (uint64_t)now_ms() * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32 ^ (uintptr_t)c;
+  c->rng = (uint64_t)mt_mono_ms() * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32 ^ (uintptr_t)c;
   if (!c->rng) c->rng = 1;
   c->base = (mt_store){.set = tcp_set,
                        .get = tcp_get,

@@ -6,6 +6,7 @@
 
 #include "comm_impl.h"
 #include "err.h"
+#include "monotime.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -156,12 +157,6 @@ int mt__comm_key(char *key, size_t cap, const char *prefix, const char *suffix) 
   return 0;
 }
 
-static int64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Publishes <prefix>/join/<rank> and waits for every rank to have, so a
  * rank that never comes is named here instead of surfacing as a backend
  * timeout. Arrivals are counted (<prefix>/joined) and the last one writes
@@ -183,7 +178,7 @@ static int join(mt_comm *c, mt_store *store, int64_t deadline) {
       (rc = mt_store_add(store, key, 1, &arrived)))
     return rc;
   if (arrived == c->size && (rc = mt_store_set(store, all, "1", 1))) return rc;
-  int64_t left = deadline - now_ms();
+  int64_t left = deadline - mt_mono_ms();
   void *v = NULL;
   rc = mt_store_get(store, all, &v, NULL, left > 0 ? (int)left : 0);
   free(v);
@@ -197,10 +192,10 @@ static int join(mt_comm *c, mt_store *store, int64_t deadline) {
   char missing[256] = "";
   size_t len = 0;
   int count = 0;
-  int64_t list_end = now_ms() + 1000;
+  int64_t list_end = mt_mono_ms() + 1000;
   for (int r = 0; r < c->size; r++) {
     if (r == c->rank) continue;
-    if (now_ms() >= list_end) {
+    if (mt_mono_ms() >= list_end) {
       if (len < sizeof missing - 16)
         len += (size_t)snprintf(missing + len, sizeof missing - len, "%s...", count ? ", " : "");
       break;
@@ -269,10 +264,10 @@ int mt_comm_create(mt_comm **out, const mt_comm_opts *o) {
   c->be = be;
   atomic_init(&c->aborted, 0);
 
-  int64_t deadline = now_ms() + c->timeout_ms;
+  int64_t deadline = mt_mono_ms() + c->timeout_ms;
   int rc = c->size > 1 ? join(c, o->store, deadline) : 0;
   if (!rc) {
-    int64_t left = deadline - now_ms();
+    int64_t left = deadline - mt_mono_ms();
     rc = be->create(o, left > 1 ? (int)left : 1, &c->impl);
   }
   if (rc) {

@@ -20,6 +20,7 @@
  */
 #include "comm_impl.h"
 #include "err.h"
+#include "monotime.h"
 
 #ifdef MT_CUDA_EMU /* tests: the CUDA runtime and NCCL emulated on the CPU (tests/gpu/emu) */
 #include "cuda_emu.h"
@@ -56,12 +57,6 @@ typedef struct nccl_group {
   atomic_int reaping; /* the reaper: 0 not yet, 1 starting, 2 a thread to join, 3 done */
   pthread_t reaper;
 } nccl_group;
-
-static int64_t now_us(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 static ncclDataType_t nccl_type(mt_comm_dtype dt) {
   switch (dt) {
@@ -106,7 +101,7 @@ static int nccl_fail(nccl_group *g, int code, const char *what) {
 static int watch_until(nccl_group *g, ncclResult_t enq, cudaEvent_t done, int timeout_ms) {
   if (enq != ncclSuccess && enq != ncclInProgress)
     return nccl_fail(g, MT_EIO, ncclGetErrorString(enq));
-  int64_t start = now_us(), deadline = start + (int64_t)timeout_ms * 1000;
+  int64_t start = mt_mono_us(), deadline = start + (int64_t)timeout_ms * 1000;
   for (;;) {
     if (atomic_load(&g->aborted)) return nccl_fail(g, MT_ECANCELED, "aborted");
     ncclResult_t st = ncclSuccess;
@@ -119,7 +114,7 @@ static int watch_until(nccl_group *g, ncclResult_t enq, cudaEvent_t done, int ti
       if (q == cudaSuccess) return 0;
       if (q != cudaErrorNotReady) return nccl_fail(g, MT_EIO, cudaGetErrorString(q));
     }
-    int64_t t = now_us();
+    int64_t t = mt_mono_us();
     if (t > deadline) {
       char what[64];
       snprintf(what, sizeof what, "timed out after %d ms", timeout_ms);
@@ -183,9 +178,9 @@ static void nccl_destroy(void *impl) {
   pthread_mutex_lock(&g->mu);
   if (g->comm && !g->comm_aborted) {
     /* A clean finalize flushes outstanding work; bounded, then abort. */
-    int64_t deadline = now_us() + 10 * 1000000;
+    int64_t deadline = mt_mono_us() + 10 * 1000000;
     ncclResult_t st = ncclCommFinalize(g->comm);
-    while (st == ncclInProgress && now_us() < deadline) {
+    while (st == ncclInProgress && mt_mono_us() < deadline) {
       usleep(100);
       if (ncclCommGetAsyncError(g->comm, &st) != ncclSuccess) break;
     }
@@ -254,7 +249,7 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   if (o->device->index < 0 || o->device->index >= count)
     return mt_seterr(MT_ENOTSUP, "nccl: %s: %d CUDA device(s) usable here", o->device->name, count);
 
-  int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+  int64_t deadline = mt_mono_us() + (int64_t)timeout_ms * 1000;
   nccl_group *g = calloc(1, sizeof *g);
   if (!g) return mt_seterr(MT_ENOMEM, "nccl: out of memory");
   g->rank = o->rank;
@@ -294,7 +289,7 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
   } else {
     void *value = NULL;
     size_t bytes = 0;
-    int64_t left_ms = (deadline - now_us()) / 1000;
+    int64_t left_ms = (deadline - mt_mono_us()) / 1000;
     rc = mt_store_get(o->store, key, &value, &bytes, left_ms > 0 ? (int)left_ms : 0);
     if (!rc && bytes != sizeof id)
       rc = mt_seterr(MT_ECORRUPT, "nccl: key %s holds %zu bytes, not an ncclUniqueId (%zu)", key,
@@ -321,7 +316,7 @@ static int nccl_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
                      ncclGetErrorString(st), ncclGetLastError(g->comm));
       goto fail;
     }
-    if (now_us() > deadline) {
+    if (mt_mono_us() > deadline) {
       rc = mt_seterr(MT_ETIMEDOUT, "nccl: init rank %d of %d: timed out after %d ms", o->rank,
                      o->size, timeout_ms);
       goto fail;
@@ -378,13 +373,13 @@ static int nccl_reduce(void *impl, const void *send, void *recv, size_t count, m
  * enqueued, and takes no other call before. */
 static int queued(nccl_group *g, ncclResult_t r, int timeout_ms) {
   if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(g, MT_EIO, ncclGetErrorString(r));
-  int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+  int64_t deadline = mt_mono_us() + (int64_t)timeout_ms * 1000;
   while (r == ncclInProgress) {
     if (atomic_load(&g->aborted)) return nccl_fail(g, MT_ECANCELED, "aborted");
     ncclResult_t q = ncclCommGetAsyncError(g->comm, &r);
     if (q != ncclSuccess) r = q;
     if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(g, MT_EIO, ncclGetErrorString(r));
-    if (r == ncclInProgress && now_us() > deadline) {
+    if (r == ncclInProgress && mt_mono_us() > deadline) {
       char what[64];
       snprintf(what, sizeof what, "queueing timed out after %d ms", timeout_ms);
       return nccl_fail(g, MT_ETIMEDOUT, what);

@@ -1,6 +1,7 @@
 #include "store.h"
 
 #include "err.h"
+#include "monotime.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -13,12 +14,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-
-static int64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Parses the decimal integer an add left at a key; value is NUL-terminated. */
 static int parse_count(const char *kind, const char *key, const char *value, int64_t *out) {
@@ -306,12 +301,12 @@ static int file_get(mt_store *s, const char *key, void **value, size_t *bytes, i
   char path[4096];
   int rc = key_path(f, key, path, sizeof path);
   if (rc) return rc;
-  int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+  int64_t deadline = mt_mono_ms() + (timeout_ms > 0 ? timeout_ms : 0);
   long backoff_us = 500;
   for (;;) {
     rc = read_file(key, path, value, bytes);
     if (rc != MT_ENOENT) return rc;
-    int64_t left = deadline - now_ms();
+    int64_t left = deadline - mt_mono_ms();
     if (timeout_ms == 0 || (timeout_ms > 0 && left <= 0))
       return mt_seterr(MT_ETIMEDOUT, "store(file): key %s: not set within %d ms (in %s)", key,
                        timeout_ms, f->dir);

@@ -5,6 +5,7 @@
 #include "control_priv.h"
 #include "err.h"
 #include "log.h"
+#include "monotime.h"
 #include "mt_config.h"
 
 #include <arpa/inet.h>
@@ -646,12 +647,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
   return dispatch(conn, c, q, url);
 }
 
-static double mono_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* Opens and closes of connections: each gets a clock (see struct mt_control). */
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode code) {
@@ -662,7 +657,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
     conn_clock *k = fd ? calloc(1, sizeof *k) : NULL;
     if (!k) return; /* out of memory: this one has the idle timeout only */
     k->fd = fd->connect_fd;
-    k->since = mono_s();
+    k->since = mt_mono_s();
     pthread_mutex_lock(&c->conns_mu);
     k->next = c->conns;
     if (c->conns) c->conns->prev = k;
@@ -695,7 +690,7 @@ static void *reaper_main(void *arg) {
     until.tv_nsec += 250 * 1000000L;
     if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
     pthread_cond_timedwait(&c->reaper_cv, &c->conns_mu, &until);
-    double now = mono_s();
+    double now = mt_mono_s();
     unsigned n = 0;
     for (conn_clock *k = c->conns; k && !c->reaper_stop; k = k->next)
       if (!k->cut && now - k->since > c->request_timeout_s) {
@@ -724,7 +719,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
       MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
   if (sc && sc->socket_context) { /* the next request's clock starts now */
     pthread_mutex_lock(&c->conns_mu);
-    ((conn_clock *)sc->socket_context)->since = mono_s();
+    ((conn_clock *)sc->socket_context)->since = mt_mono_s();
     pthread_mutex_unlock(&c->conns_mu);
   }
   req *q = *con_cls;

@@ -11,14 +11,9 @@
 #include "ckpt.h"
 #include "err.h"
 #include "log.h"
+#include "monotime.h"
 
 static const char *const arrays[] = {"master", "adam_m", "adam_v"};
-
-static double wall_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size) {
   snprintf(out, size, "%s/%s", job->checkpoint.dir, job->name);
@@ -65,7 +60,7 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_sav
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
   memset(sv, 0, sizeof *sv);
-  sv->t0 = wall_s();
+  sv->t0 = mt_mono_s();
   sv->res.step = tr->step;
   sv->adam_t = tr->opt.t;
   sv->lr_samples = tr->lr_samples;
@@ -332,12 +327,6 @@ static int poll_failed(mt_checkpoint_save *sv, int rc, int *finished, mt_checkpo
   return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
 }
 
-static double mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
 int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *finished,
                          mt_checkpoint_result *res) {
   *finished = 0;
@@ -354,11 +343,11 @@ int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *
     int64_t most = (int64_t)sv->res.bytes;
     int rc = mt_comm_allreduce(w, &most, &most, 1, MT_COMM_I64, MT_COMM_MAX);
     if (rc) return poll_failed(sv, rc, finished, res);
-    give_up_ms = mono_ms() + mt_comm_timeout(w) + (double)most / 1e5;
+    give_up_ms = 1e3 * mt_mono_s() + mt_comm_timeout(w) + (double)most / 1e5;
   }
   for (;;) {
     int32_t v[2] = {!__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE),
-                    give_up_ms > 0.0 && mono_ms() > give_up_ms};
+                    give_up_ms > 0.0 && 1e3 * mt_mono_s() > give_up_ms};
     int rc = w ? mt_comm_allreduce(w, v, v, 2, MT_COMM_I32, MT_COMM_SUM) : 0;
     if (rc) return poll_failed(sv, rc, finished, res);
     if (!v[0]) break;
@@ -373,7 +362,7 @@ int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *
   }
   int rc = save_finish(tr, sv);
   save_release(sv);
-  sv->res.seconds = wall_s() - sv->t0;
+  sv->res.seconds = mt_mono_s() - sv->t0;
   *res = sv->res;
   *finished = 1;
   return rc;

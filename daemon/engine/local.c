@@ -14,6 +14,7 @@
 #include "checkpoint.h"
 #include "err.h"
 #include "log.h"
+#include "monotime.h"
 #include "safetensors.h"
 #include "store.h"
 
@@ -48,12 +49,6 @@ typedef struct rank_ctx {
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
-static int64_t mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void report_start(const mt_trainer *tr) {
   const mt_job *job = tr->job;
   size_t acts = 0; /* every chunk's (virtual stages) */
@@ -194,7 +189,7 @@ static int64_t job_start_ms(const char *name) {
   pthread_mutex_lock(&mu);
   if (!start || strcmp(seen, name)) {
     snprintf(seen, sizeof seen, "%s", name);
-    start = mono_ms();
+    start = mt_mono_ms();
   }
   int64_t s = start;
   pthread_mutex_unlock(&mu);
@@ -361,11 +356,11 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
                 o->export_path,
                 why == MT_STOPPED_TIME ? "train.exit_duration_mins" : "train.exit_interval");
   if (o->export_path && !scheduled) {
-    int64_t t0 = mono_ms();
+    int64_t t0 = mt_mono_ms();
     int rc = mt_trainer_export(tr, o->export_path);
     if (rc) return mt_wraperr(rc, "export");
     if (c->rank == 0)
-      mt_log_info("exported weights to %s in %.1f s", o->export_path, (mono_ms() - t0) / 1e3);
+      mt_log_info("exported weights to %s in %.1f s", o->export_path, (mt_mono_ms() - t0) / 1e3);
   }
   if (c->rank != 0 || !tr->data) return 0;
   char consumed[1024];
@@ -522,14 +517,14 @@ static int cs_get(mt_store *s, const char *key, void **value, size_t *bytes, int
   cancel_store *c = (cancel_store *)s;
   /* The deadline is read off the clock: a slice can take longer than 100 ms
    * when the store is slow to answer. */
-  int64_t end = timeout_ms < 0 ? -1 : mono_ms() + timeout_ms;
+  int64_t end = timeout_ms < 0 ? -1 : mt_mono_ms() + timeout_ms;
   for (;;) {
     if (__atomic_load_n(c->cancel, __ATOMIC_SEQ_CST))
       return mt_seterr(MT_ECANCELED, "store: wait for %s cancelled: a rank failed", key);
-    int64_t left = end < 0 ? 100 : end - mono_ms();
+    int64_t left = end < 0 ? 100 : end - mt_mono_ms();
     int slice = left < 0 ? 0 : left < 100 ? (int)left : 100;
     int rc = mt_store_get(c->inner, key, value, bytes, slice);
-    if (rc != MT_ETIMEDOUT || (end >= 0 && mono_ms() >= end)) return rc;
+    if (rc != MT_ETIMEDOUT || (end >= 0 && mt_mono_ms() >= end)) return rc;
   }
 }
 static int cs_add(mt_store *s, const char *key, int64_t delta, int64_t *result) {

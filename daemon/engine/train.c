@@ -13,13 +13,8 @@
 #include "err.h"
 #include "log.h"
 #include "lr.h"
+#include "monotime.h"
 #include "safetensors.h"
-
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 static double wall_s(void) {
   struct timespec ts;
@@ -28,7 +23,7 @@ static double wall_s(void) {
 }
 
 double mt_trainer_stop_vote(mt_trainer *tr) {
-  if (!tr->stop_request && tr->stop_at_ms > 0 && now_ms() >= (double)tr->stop_at_ms)
+  if (!tr->stop_request && tr->stop_at_ms > 0 && 1e3 * mt_mono_s() >= (double)tr->stop_at_ms)
     tr->stop_request = MT_STOP_TIME;
   return tr->stop_request == MT_STOP_TIME ? 0.5 : tr->stop_request ? 1.0 : 0.0;
 }
@@ -389,9 +384,9 @@ static size_t act_bytes(const mt_trainer *tr) { return mt_gpt_wire_bytes(&tr->mo
 
 /* Time spent here is the pipeline's wait: the bubble plus transfers. */
 static int p2p_wait(pipe_run *r, mt_comm *c, int req) {
-  double t0 = now_ms();
+  double t0 = 1e3 * mt_mono_s();
   int rc = mt_comm_p2p_wait(c, req);
-  r->wait_ms += now_ms() - t0;
+  r->wait_ms += 1e3 * mt_mono_s() - t0;
   return rc;
 }
 
@@ -641,7 +636,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   tr->micro_batches = total_micro / tr->g.dp_size;
   tr->flops_per_step = tr->flops_per_micro * tr->micro_batches;
   long long sn = (long long)tr->step + 1;
-  double t0 = now_ms();
+  double t0 = 1e3 * mt_mono_s();
   memset(st, 0, sizeof *st);
 
   /* the weights this step computes with: the master's, rounded (mixed precision) */
@@ -663,7 +658,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   rc = run_pipeline(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
-  double comm_t0 = now_ms();
+  double comm_t0 = 1e3 * mt_mono_s();
   /* the two copies of the tied embedding get the sum of both gradients */
   if (tr->g.embed && (m->first || m->last)) {
     const mt_param *wte = &m->params_table[m->i_wte];
@@ -684,7 +679,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * coordinator's order word and train.exit_duration_mins' deadline on its
    * wall clock (0: none), which only world rank 0 contributes (so the sum
    * is its value, exactly) */
-  double pipe_ms = now_ms() - t0;
+  double pipe_ms = 1e3 * mt_mono_s() - t0;
   double comm_ms = pipe_ms - (comm_t0 - t0);
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
@@ -695,22 +690,22 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
   mt_trainer_poll(tr);
-  double agreed[9] = {tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
-                      sumsq,
-                      mt_trainer_stop_vote(tr),
-                      r.wait_ms,
-                      pipe_ms,
-                      (double)tr->order_word,
-                      0.0,
-                      0.0,
-                      tr->stop_at_ms > 0 ? wall_s() + ((double)tr->stop_at_ms - now_ms()) / 1e3
-                                         : 0.0};
+  double agreed[9] = {
+      tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
+      sumsq,
+      mt_trainer_stop_vote(tr),
+      r.wait_ms,
+      pipe_ms,
+      (double)tr->order_word,
+      0.0,
+      0.0,
+      tr->stop_at_ms > 0 ? wall_s() + ((double)tr->stop_at_ms - 1e3 * mt_mono_s()) / 1e3 : 0.0};
   device_vote(agreed + 6, tr, dev_rc);
   if (tr->g.world) {
-    double c0 = now_ms();
+    double c0 = 1e3 * mt_mono_s();
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 9, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
-    comm_ms += now_ms() - c0;
+    comm_ms += 1e3 * mt_mono_s() - c0;
   }
   if (dev_rc) return mt_wraperr(dev_rc, "step %lld", sn); /* names the device */
   if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed + 6);
@@ -738,10 +733,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     tr->lr_samples += G;
   }
   if (tr->g.dp) {
-    double c0 = now_ms();
+    double c0 = 1e3 * mt_mono_s();
     rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
-    comm_ms += now_ms() - c0;
+    comm_ms += 1e3 * mt_mono_s() - c0;
   }
   /* the update's own faults (AdamW, the all-gather's copies) are agreed on
    * too: a rank whose update failed may have sent the others a stale slice,
@@ -751,11 +746,11 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * with 2 ranks, 3 ms with 8 rank threads on 2 cores, bench_allreduce). */
   int upd_rc = mt_device_sync(d);
   if (tr->g.world && d->kind != MT_DEVICE_CPU) {
-    double c0 = now_ms(), bad[2];
+    double c0 = 1e3 * mt_mono_s(), bad[2];
     device_vote(bad, tr, upd_rc);
     rc = mt_comm_allreduce(tr->g.world, bad, bad, 2, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: agreeing on the update", sn);
-    comm_ms += now_ms() - c0;
+    comm_ms += 1e3 * mt_mono_s() - c0;
     if (!upd_rc && bad[0] > 0) return other_device_failed(sn, " in the update", bad);
   }
   if (upd_rc) return mt_wraperr(upd_rc, "step %lld: the update", sn);
@@ -777,7 +772,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->order = (int64_t)agreed[5];
   st->exit_at = agreed[8];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
-  st->step_ms = now_ms() - t0;
+  st->step_ms = 1e3 * mt_mono_s() - t0;
   st->comm_ms = comm_ms;
   st->tokens_per_s = (double)G * job->model.seq_len / (st->step_ms / 1e3);
   st->tflops = tr->flops_per_step / (st->step_ms / 1e3) / 1e12;
