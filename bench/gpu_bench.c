@@ -39,6 +39,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cuda/cuda_backend.h"
 #include "device.h"
 #include "err.h"
 #include "ops.h"
@@ -469,6 +470,18 @@ static void bench_flash_widths(void) {
          w160, w128, w160 / w128);
   printf("RESULT flash_hs160_tflops %.2f\n", w160);
   printf("RESULT flash_hs128_tflops %.2f\n", w128);
+  /* the blocks an SM holds: the backward at 160 is sized for two on an
+   * H100/H200 (kernels/cuda/flash_cuda.cu, bwd_smem) */
+  for (int hs = 160; hs >= 128; hs -= 32) {
+    int b[3];
+    if (mt__cuda_flash_blocks_per_sm(&dev, hs, 0, b)) {
+      printf("flash blocks per SM, head %d: %s\n", hs, mt_errmsg());
+      continue;
+    }
+    printf("flash blocks per SM, head %d, bf16: forward %d, dK/dV %d, dQ %d\n", hs, b[0], b[1],
+           b[2]);
+    printf("RESULT flash_hs%d_blocks_per_sm %d/%d/%d\n", hs, b[0], b[1], b[2]);
+  }
   fflush(stdout);
 }
 

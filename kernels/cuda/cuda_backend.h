@@ -1,7 +1,8 @@
 /* cuda_backend.h — what device.c calls for "cuda:N" devices (kernels/cuda).
  *
- * Internal to kernels/: the engine reaches a GPU only through device.h and
- * d->ops. Defined in device_cuda.cu (the cuBLAS loader in blas_lazy.cu; C
+ * Internal to kernels/ (and bench/gpu_bench): the engine reaches a GPU only
+ * through device.h and d->ops. Defined in device_cuda.cu (the cuBLAS loader
+ * in blas_lazy.cu, the flash kernels' occupancy in flash_cuda.cu; C
  * linkage); built only when the build
  * has CUDA (or runs the kernels on the CPU emulator, tests/gpu/emu).
  */
@@ -44,6 +45,12 @@ typedef enum { MT__CUDA_HTOD, MT__CUDA_DTOH, MT__CUDA_DTOD } mt__cuda_copy;
 int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__cuda_copy kind);
 int mt__cuda_memset0(mt_device *d, void *p, size_t bytes);
 int mt__cuda_sync(mt_device *d);
+
+/* Blocks an SM of d's GPU holds of the flash kernels for head_size (the
+ * forward, dK/dV and dQ, into blocks[0..2]), bf16 or (fp16) binary16, set
+ * up as the launches set them up: for bench/gpu_bench. MT_ENOTSUP on the
+ * emulator. (flash_cuda.cu) */
+int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]);
 
 #ifdef __cplusplus
 }

@@ -33,9 +33,14 @@
 #include <float.h>
 #include <math.h>
 
+#include "cuda_backend.h"
 #include "cuda_impl.h"
 #include "half.h"
 #include "mtmath.h"
+
+extern "C" {
+#include "err.h"
+}
 
 using namespace nvcuda;
 
@@ -201,18 +206,19 @@ static __device__ void warp_rows_out(O *dst, size_t ld, float *st,
  * index), t2 a multiple of 4, into keep (1s without dropout): where T is a
  * multiple of 4 they are one Philox block (mtmath.h: the same bits as
  * element by element), drawn once, where element by element costs a whole
- * block per value; element by element, those past t1 (masked: causal) are
- * not drawn. Every pass draws its scales this way. */
+ * block per value. Keys past t1 (masked: causal) are not drawn, but for
+ * a block partly under the diagonal, nor is a query past the sequence
+ * (t1 >= T: never stored). Every pass draws its scales this way. */
 static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint64_t key,
                                                    uint64_t sample, uint32_t head, int T, int t1,
                                                    int t2) {
   uint64_t e = ((uint64_t)head * T + t1) * T + t2;
-  if (p > 0.0f && T % 4 == 0 && t2 <= t1) {
+  if (p > 0.0f && T % 4 == 0 && t2 <= t1 && t1 < T) {
     mt_philox_out blk = mt_philox_block(key, sample, e >> 2);
     for (int u = 0; u < 4; u++) keep[u] = mt_dropout_keep(p, blk.v[u]);
   } else {
     for (int u = 0; u < 4; u++)
-      keep[u] = p > 0.0f && t2 + u <= t1 ? mt_dropout_scale(p, key, sample, e + u) : 1.0f;
+      keep[u] = p > 0.0f && t2 + u <= t1 && t1 < T ? mt_dropout_scale(p, key, sample, e + u) : 1.0f;
   }
 }
 
@@ -532,6 +538,12 @@ static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const ch
     mt__cuda_fail(d, what, msg);
     return 0;
   }
+  /* the SM's whole shared memory for k's blocks, as a hint: two backward
+   * blocks at head size 160 fit an H100/H200 SM only in its largest split
+   * (2 x (115,200 + 1,024) of 233,472 bytes) */
+  if (cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+    cudaGetLastError(); /* a hint refused: the launch still runs */
   return 1;
 }
 
@@ -580,7 +592,48 @@ template <int FP16, int D, int W> struct flash {
     MT_LAUNCH_SMEM(flash_bwd_kv, grid, 32 * W, smem, c->stream)(a);
     MT_LAUNCH_SMEM(flash_bwd_q, grid, 32 * W, smem, c->stream)(a);
   }
+  /* blocks an SM holds of the forward, dK/dV and dQ kernels, set up as
+   * their launches are */
+  static int blocks(mt_device *d, int out[3]) {
+#ifdef MT_CUDA_EMU
+    (void)d, (void)out;
+    return mt_seterr(MT_ENOTSUP, "flash occupancy: not on the emulator");
+#else
+    mt__cuda *c = mt__cuda_enter(d);
+    void (*f)(uint16_t *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
+              uint64_t, uint32_t) = k_flash_fwd<FP16, D, W>;
+    void (*kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
+    void (*q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
+    const char *what = "flash occupancy";
+    if (!smem_ok(d, c, f, fwd_smem(D, W), D, what) || !smem_ok(d, c, kv, bwd_smem(D, W), D, what) ||
+        !smem_ok(d, c, q, bwd_smem(D, W), D, what))
+      return mt_seterr(MT_EIO, "%s", c->errmsg);
+    cudaError_t e =
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[0], f, 32 * W, fwd_smem(D, W));
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[1], kv, 32 * W, bwd_smem(D, W));
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[2], q, 32 * W, bwd_smem(D, W));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return mt_seterr(MT_EIO, "%s: %s", what, cudaGetErrorString(e));
+    }
+    return 0;
+#endif
+  }
 };
+
+int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]) {
+  if (head_size < 1 || head_size > MT_FLASH_MAX_HS)
+    return mt_seterr(MT_EINVAL, "flash occupancy: head size %d", head_size);
+  if (head_size <= 64)
+    return fp16 ? flash<1, 64, 4>::blocks(d, blocks) : flash<0, 64, 4>::blocks(d, blocks);
+  if (head_size <= 128)
+    return fp16 ? flash<1, 128, 4>::blocks(d, blocks) : flash<0, 128, 4>::blocks(d, blocks);
+  if (head_size <= 160)
+    return fp16 ? flash<1, 160, 4>::blocks(d, blocks) : flash<0, 160, 4>::blocks(d, blocks);
+  return fp16 ? flash<1, 256, 2>::blocks(d, blocks) : flash<0, 256, 2>::blocks(d, blocks);
+}
 
 static int flash_fits(mt_device *d, const char *what, int HS) {
   if (HS <= MT_FLASH_MAX_HS) return 1;

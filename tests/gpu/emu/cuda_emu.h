@@ -115,8 +115,10 @@ typedef enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
 } cudaDeviceAttr;
 typedef enum cudaFuncAttribute {
-  cudaFuncAttributeMaxDynamicSharedMemorySize = 8
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9 /* a hint: accepted, no effect here */
 } cudaFuncAttribute;
+#define cudaSharedmemCarveoutMaxShared 100
 
 #define cudaStreamDefault 0x00
 #define cudaStreamNonBlocking 0x01 /* does not wait for the legacy default stream */
@@ -270,6 +272,8 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 }
 
 template <class F> inline cudaError_t cudaFuncSetAttribute(F *k, cudaFuncAttribute a, int v) {
+  if (a == cudaFuncAttributePreferredSharedMemoryCarveout)
+    return v >= -1 && v <= 100 ? cudaSuccess : cudaErrorInvalidValue;
   if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || v < 0) return cudaErrorInvalidValue;
   return mt_emu::set_smem_limit((const void *)k, v) ? cudaSuccess : cudaErrorInvalidValue;
 }
