@@ -8,6 +8,7 @@ never fixed. Standard library only.
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -16,16 +17,36 @@ import time
 
 
 _handed_out = set()
+_rng = random.SystemRandom()  # a test seeding random must not make two tests pick alike
+
+
+def _below_ephemeral():
+    """The ports from 10000 up to the kernel's ephemeral range
+    (ip_local_port_range), or None where that range is unknown or low."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (10000, low - 1) if low > 11000 else None
 
 
 def free_port():
-    """A TCP port nobody listens on right now (bind to port 0, read it back)
-    and that this process has not handed out before: a cluster's daemons get
-    their ports before any of them binds, and the kernel may offer a port it
-    just gave back again (two daemons of one cluster were seen with one)."""
+    """A TCP port nobody listens on right now, that this process has not
+    handed out before (a cluster's daemons get their ports before any of
+    them binds, and the kernel may offer a port it just gave back again: two
+    daemons of one cluster were seen with one), and below the kernel's
+    ephemeral range: a port from that range (bind to port 0) could go to an
+    outgoing connection, the daemons' own Gloo meshes and store clients
+    among them, before the daemon it was meant for binds it (a spare was
+    seen failing so)."""
+    span = _below_ephemeral()
     for _ in range(1000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", _rng.randint(*span) if span else 0))
+            except OSError:
+                continue  # taken: another
             port = s.getsockname()[1]
         if port not in _handed_out:
             _handed_out.add(port)
