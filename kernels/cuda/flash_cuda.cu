@@ -547,6 +547,10 @@ static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const ch
   return 1;
 }
 
+/* The forward kernel's type (k_flash_fwd<FP16, D, W>) */
+typedef void flash_fwd_kernel(uint16_t *, float *, const uint16_t *, int, int, int, float, float,
+                              uint64_t, uint64_t, uint32_t);
+
 /* The kernels of one (FP16, D, W), launched with the shared memory they take. */
 template <int FP16, int D, int W> struct flash {
   static void fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C,
@@ -554,8 +558,7 @@ template <int FP16, int D, int W> struct flash {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = fwd_smem(D, W);
-    void (*flash_fwd)(uint16_t *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
-                      uint64_t, uint32_t) = k_flash_fwd<FP16, D, W>;
+    flash_fwd_kernel *flash_fwd = k_flash_fwd<FP16, D, W>;
     if (!smem_ok(d, c, flash_fwd, smem, D, "attention_fwd (flash)")) return;
     MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)B), 32 * W,
                    smem, c->stream)
@@ -600,8 +603,7 @@ template <int FP16, int D, int W> struct flash {
     return mt_seterr(MT_ENOTSUP, "flash occupancy: not on the emulator");
 #else
     mt__cuda *c = mt__cuda_enter(d);
-    void (*f)(uint16_t *, float *, const uint16_t *, int, int, int, float, float, uint64_t,
-              uint64_t, uint32_t) = k_flash_fwd<FP16, D, W>;
+    flash_fwd_kernel *f = k_flash_fwd<FP16, D, W>;
     void (*kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
     void (*q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
     const char *what = "flash occupancy";
@@ -623,16 +625,19 @@ template <int FP16, int D, int W> struct flash {
   }
 };
 
+/* fn(flash<FP16, D, W>()) for the kernels that take head size HS (at most
+ * MT_FLASH_MAX_HS): the one place head sizes map to tile widths */
+template <class Fn> static auto with_flash(int HS, int fp16, Fn fn) {
+  if (HS <= 64) return fp16 ? fn(flash<1, 64, 4>()) : fn(flash<0, 64, 4>());
+  if (HS <= 128) return fp16 ? fn(flash<1, 128, 4>()) : fn(flash<0, 128, 4>());
+  if (HS <= 160) return fp16 ? fn(flash<1, 160, 4>()) : fn(flash<0, 160, 4>());
+  return fp16 ? fn(flash<1, 256, 2>()) : fn(flash<0, 256, 2>());
+}
+
 int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]) {
   if (head_size < 1 || head_size > MT_FLASH_MAX_HS)
     return mt_seterr(MT_EINVAL, "flash occupancy: head size %d", head_size);
-  if (head_size <= 64)
-    return fp16 ? flash<1, 64, 4>::blocks(d, blocks) : flash<0, 64, 4>::blocks(d, blocks);
-  if (head_size <= 128)
-    return fp16 ? flash<1, 128, 4>::blocks(d, blocks) : flash<0, 128, 4>::blocks(d, blocks);
-  if (head_size <= 160)
-    return fp16 ? flash<1, 160, 4>::blocks(d, blocks) : flash<0, 160, 4>::blocks(d, blocks);
-  return fp16 ? flash<1, 256, 2>::blocks(d, blocks) : flash<0, 256, 2>::blocks(d, blocks);
+  return with_flash(head_size, fp16, [&](auto f) { return f.blocks(d, blocks); });
 }
 
 static int flash_fits(mt_device *d, const char *what, int HS) {
@@ -649,18 +654,7 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || !flash_fits(d, "attention_fwd", HS)) return;
   float scale = 1.0f / sqrtf((float)HS);
-  if (HS <= 64)
-    fp16 ? flash<1, 64, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
-         : flash<0, 64, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
-  else if (HS <= 128)
-    fp16 ? flash<1, 128, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
-         : flash<0, 128, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
-  else if (HS <= 160)
-    fp16 ? flash<1, 160, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
-         : flash<0, 160, 4>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
-  else
-    fp16 ? flash<1, 256, 2>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop)
-         : flash<0, 256, 2>::fwd(d, out, lse, qkv, B, T, C, NH, scale, drop);
+  with_flash(HS, fp16, [&](auto f) { f.fwd(d, out, lse, qkv, B, T, C, NH, scale, drop); });
   mt__cuda_check(d, "attention_fwd (flash)");
 }
 
@@ -691,26 +685,9 @@ void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
     (scratch, dout, out, T, C, NH, b0);
     else MT_LAUNCH(k_flash_dot<0>, dim3((unsigned)T, (unsigned)Bg), 128,
                    c->stream)(scratch, dout, out, T, C, NH, b0);
-    if (HS <= 64)
-      fp16 ? flash<1, 64, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                  drop)
-           : flash<0, 64, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                  drop);
-    else if (HS <= 128)
-      fp16 ? flash<1, 128, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                   drop)
-           : flash<0, 128, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                   drop);
-    else if (HS <= 160)
-      fp16 ? flash<1, 160, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                   drop)
-           : flash<0, 160, 4>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                   drop);
-    else
-      fp16 ? flash<1, 256, 2>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                   drop)
-           : flash<0, 256, 2>::bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale,
-                                   drop);
+    with_flash(HS, fp16, [&](auto f) {
+      f.bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+    });
   }
   mt__cuda_check(d, "attention_bwd (flash)");
 }
