@@ -711,12 +711,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed + 6);
   /* the norm of the unscaled gradients: clipping and the log see it */
   double norm = sqrt(agreed[1]) / scale;
-  /* the schedule counts applied updates (Adam's t), not steps: a skipped
-   * step leaves the lr where it was, as Megatron's does; under a batch
-   * ramp-up it counts their samples, in steps of the job's global batch */
-  double lr = mt_lr_at(&job->train.lr, job->train.rampup.start
-                                           ? (double)tr->lr_samples / job->train.global_batch
-                                           : (double)tr->opt.t);
+  /* the schedule counts the samples of applied updates, not steps: a
+   * skipped step leaves the lr where it was, as Megatron's does, and the
+   * position is in steps of the job's global batch now, as its lengths are
+   * (under a ramp-up, or resumed with another global batch, that is not
+   * Adam's t) */
+  double lr = mt_lr_at(&job->train.lr, (double)tr->lr_samples / job->train.global_batch);
   if (fp16) {
     /* every rank holds the same scaler and sees the same norm: all skip alike */
     st->skipped = mt_loss_scale_update(&tr->scaler, !isfinite(norm));

@@ -96,6 +96,12 @@ def run(mtnlgd, job, *sets, timeout=300, preexec=None, env=None):
     return p, steps
 
 
+def step_lrs(stdout):
+    """{step: lr} of a run's step lines."""
+    return {r["step"]: r["lr"] for r in map(json.loads, (l for l in stdout.splitlines()
+                                                          if l.startswith("{")))}
+
+
 def skipped_total(stdout):
     """The skipped_total of the last step line: steps skipped in the run so far."""
     lines = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
@@ -311,6 +317,27 @@ def main():
                        and "saved with dp 1, running with dp 4" in p3.stderr,
                        "steps %s..%s on dp 2, %s..%s on dp 1, %s..%s on dp 4; worst relative "
                        "difference %.2e" % (min(a), max(a), min(b), max(b), min(c), max(c), worst))
+
+        # 2b. the LR schedule's position is the samples trained, in steps of
+        # the global batch now (Megatron counts samples): resumed after 4
+        # steps of 8 with a global batch of 16, step 5 is at 2 steps of 16,
+        # as a straight run's step 3 is, where counting updates put it at 4
+        # (its own names: section 3 goes on with section 2's ck and job)
+        lr_job = write_job(os.path.join(tmp, "job2lr.json"), tokens,
+                           ckpt=os.path.join(tmp, "ck2lr"))
+        sched = ("train.lr.warmup_steps=3", "train.lr.decay_steps=12")
+        lr_a, _ = run(mtnlgd, lr_job, *sched, "train.exit_interval=4")
+        lr_b, _ = run(mtnlgd, lr_job, *sched, "train.global_batch=16", "train.steps=6")
+        lr_s, _ = run(mtnlgd, lr_job, *sched, "train.global_batch=16", "train.steps=4",
+                      "checkpoint.dir=" + os.path.join(tmp, "ck2lr-straight"))
+        resumed_lr, straight_lr = step_lrs(lr_b.stdout), step_lrs(lr_s.stdout)
+        fails += check("test_lr_position_counts_samples_across_a_global_batch_change",
+                       lr_a.returncode == 0 and lr_b.returncode == 0 and lr_s.returncode == 0
+                       and sorted(resumed_lr) == [5, 6]
+                       and resumed_lr[5] == straight_lr.get(3)
+                       and resumed_lr[6] == straight_lr.get(4),
+                       "resumed at batch 16: lr %s; a straight run at batch 16: lr %s"
+                       % (resumed_lr, straight_lr))
 
         # 3. damage: a flipped byte in the newest checkpoint
         jobdir = os.path.join(ck, "ckpt-test")
