@@ -836,6 +836,13 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
   const mt_train_spec *t = &job->train;
   if (!g->decay && ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch)
     lr->decay_steps = ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch);
+  /* Megatron asserts a decay length over 0: a zero one would run every step
+   * at the floor */
+  if (g->decay && lr->kind != MT_LR_CONSTANT && lr->decay_steps == 0)
+    check_fail(pb, g->decay_tokens >= 0 ? "train.lr.decay_tokens" : "train.lr.decay_steps",
+               "a decay of 0 steps: a %s schedule decays over at least one (or set schedule "
+               "\"constant\")",
+               lr->kind == MT_LR_COSINE ? "cosine" : "linear");
   if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
   if (lr->warmup_steps > lr->decay_steps)
     check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",

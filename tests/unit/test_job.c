@@ -312,6 +312,10 @@ static void test_validation_rules(void) {
       {"train.lr.peak=0", NULL, "train.lr.peak: 0 must be > 0"},
       {"train.lr.min=1", NULL, "train.lr.min: 1 is above train.lr.peak"},
       {"train.lr.warmup_steps=11", NULL, "train.lr.warmup_steps: warmup of 11 steps"},
+      /* a decay of 0 would run every step at the floor (Megatron asserts > 0) */
+      {"train.lr.decay_steps=0", NULL, "train.lr.decay_steps: a decay of 0 steps: a cosine"},
+      {"train.lr.decay_tokens=0", "train.lr.schedule=linear",
+       "train.lr.decay_tokens: a decay of 0 steps: a linear"},
       {"train.adam.beta2=1", NULL, "train.adam.beta2: 1 is not in [0, 1) as a float"},
       /* below 1, but 1.0f to the optimizer: its bias correction divides by 0 */
       {"train.adam.beta2=0.9999999999", NULL, "train.adam.beta2: 0.99999999989999999 is not in"},
@@ -367,6 +371,9 @@ static void test_tokens_lengths_convert_to_steps(void) {
   CHECK(!strcmp(mt_errmsg(), "train.lr.warmup_tokens: give it in steps or in tokens, not both"));
   CHECK(parse_with(&job, tiny_job, "train.lr.decay_steps=7", NULL) == MT_OK);
   CHECK(job.train.lr.decay_steps == 7);
+  /* a constant schedule has no decay to run: 0 is fine there */
+  CHECK(parse_with(&job, tiny_job, "train.lr.decay_steps=0", "train.lr.schedule=constant") ==
+        MT_OK);
 }
 
 static void test_lr_min_defaults_by_schedule(void) {
