@@ -278,6 +278,43 @@ int mt__pwrite_full(int fd, const void *buf, size_t n, uint64_t off) {
   return 0;
 }
 
+/* Removes the directory `name` under dir_fd and all it holds (an operator's
+ * notes, a tool's output): links are removed, never followed. shown is its
+ * path for messages. Carries on past an entry it cannot remove and returns
+ * the first failure. */
+static int remove_dir_at(int dir_fd, const char *name, const char *shown, int depth) {
+  if (depth > 32) return mt_seterr(MT_EIO, "ckpt: remove %s: nested over 32 levels", shown);
+  int fd = openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return 0;
+    return mt_seterr(MT_EIO, "ckpt: open directory %s: %s", shown, strerror(errno));
+  }
+  DIR *d = fdopendir(fd);
+  if (!d) {
+    int e = errno;
+    close(fd);
+    return mt_seterr(MT_EIO, "ckpt: open directory %s: %s", shown, strerror(e));
+  }
+  int rc = 0;
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+    char path[MT_CKPT_PATH_MAX + 300];
+    snprintf(path, sizeof path, "%s/%s", shown, e->d_name);
+    struct stat st;
+    int sub = !fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) && S_ISDIR(st.st_mode);
+    int r = sub ? remove_dir_at(fd, e->d_name, path, depth + 1) : 0;
+    if (!sub && unlinkat(fd, e->d_name, 0) && errno != ENOENT)
+      r = mt_seterr(MT_EIO, "ckpt: remove %s: %s", path, strerror(errno));
+    if (r && !rc) rc = r;
+  }
+  closedir(d);
+  if (rc) return rc;
+  if (unlinkat(dir_fd, name, AT_REMOVEDIR) && errno != ENOENT)
+    return mt_seterr(MT_EIO, "ckpt: remove directory %s: %s", shown, strerror(errno));
+  return 0;
+}
+
 /* Manifest first: a crash mid-delete leaves an uncommitted directory, never a
  * committed one with holes. */
 int mt__ckpt_remove_step(const char *step_dir) {
@@ -293,23 +330,9 @@ int mt__ckpt_remove_step(const char *step_dir) {
   snprintf(path, sizeof path, "%s/" MT__CKPT_MANIFEST, step_dir);
   if (unlink(path) && errno != ENOENT)
     return mt_seterr(MT_EIO, "ckpt: remove %s: %s", path, strerror(errno));
-  DIR *d = opendir(step_dir);
-  if (!d) {
-    if (errno == ENOENT) return 0;
-    return mt_seterr(MT_EIO, "ckpt: open directory %s: %s", step_dir, strerror(errno));
-  }
-  struct dirent *e;
-  int rc = 0;
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(path, sizeof path, "%s/%s", step_dir, e->d_name);
-    if (unlink(path) && errno != ENOENT && !rc)
-      rc = mt_seterr(MT_EIO, "ckpt: remove %s: %s", path, strerror(errno));
-  }
-  closedir(d);
-  if (!rc && rmdir(step_dir) && errno != ENOENT)
-    rc = mt_seterr(MT_EIO, "ckpt: remove directory %s: %s", step_dir, strerror(errno));
-  return rc;
+  /* then the rest, subdirectories included (proto/ckpt-v1.md: whatever else
+   * a step directory holds goes with it) */
+  return remove_dir_at(AT_FDCWD, step_dir, step_dir, 0);
 }
 
 /* Bytes of the committed files of one step directory (shards and manifest;
@@ -478,7 +501,8 @@ int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *remove
       nc++, newest = dirs[i].step;
   /* dirs ascend: the committed ones at rank >= nc - keep are the newest `keep` */
   size_t rank = 0;
-  for (size_t i = 0; i < nd && !rc; i++) {
+  int failed = 0; /* one directory that cannot go must not keep the rest */
+  for (size_t i = 0; i < nd; i++) {
     mt__ckpt_dirent *e = &dirs[i];
     if (e->step >= newest) break; /* the newest and anything written after it */
     int keep_it = e->step == latest;
@@ -491,12 +515,20 @@ int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *remove
     char name[32], path[MT_CKPT_PATH_MAX + 32];
     mt__ckpt_step_name(name, e->step);
     snprintf(path, sizeof path, "%s/%s", job_dir, name);
-    rc = mt__ckpt_remove_step(path);
-    if (!rc) {
-      mt_log_info("ckpt: pruned %s%s", path, e->committed ? "" : " (uncommitted leftover)");
-      if (removed) (*removed)++;
+    int r = mt__ckpt_remove_step(path);
+    if (r) {
+      mt_log_warn("%s", mt_errmsg());
+      if (!failed++) rc = r;
+      continue;
     }
+    mt_log_info("ckpt: pruned %s%s", path, e->committed ? "" : " (uncommitted leftover)");
+    if (removed) (*removed)++;
   }
   free(dirs);
-  return rc;
+  if (failed)
+    return mt_seterr(rc,
+                     "ckpt: prune %s: %d step director%s could not be removed (logged "
+                     "above); the others were",
+                     job_dir, failed, failed == 1 ? "y" : "ies");
+  return 0;
 }

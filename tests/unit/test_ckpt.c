@@ -686,6 +686,43 @@ static int test_retention_keeps_last_two_and_every_fifth(void) {
   return 0;
 }
 
+/* Retention removes what an operator or a tool left inside a step
+ * directory, subdirectories too (links in them removed, not followed), and
+ * a directory it cannot remove does not keep it from the others: it is
+ * named, and tried again at the next prune. */
+static int test_retention_removes_subdirectories_and_carries_on_past_a_failure(void) {
+  const char *job = tmp_path("retain-stuck"), *outside = tmp_path("retain-outside");
+  for (int64_t s = 1; s <= 4; s++) REQUIRE(save_step(job, s, 64, 1, 1, 0) == 0, "%s", mt_errmsg());
+  write_text(outside, "not the checkpoint's\n");
+  char path[1024];
+  snprintf(path, sizeof path, "%s", step_path(job, 1, "notes"));
+  REQUIRE(!mkdir(path, 0755), "mkdir %s: %s", path, strerror(errno));
+  snprintf(path, sizeof path, "%s", step_path(job, 1, "notes/eval.txt"));
+  write_text(path, "loss 2.1\n");
+  snprintf(path, sizeof path, "%s", step_path(job, 1, "notes/outside"));
+  REQUIRE(!symlink(outside, path), "symlink: %s", strerror(errno));
+  /* step 2: nested deeper than removal goes, so it cannot be removed */
+  snprintf(path, sizeof path, "%s", step_path(job, 2, NULL));
+  for (int i = 0; i < 40; i++) {
+    strcat(path, "/d");
+    REQUIRE(!mkdir(path, 0755), "mkdir %s: %s", path, strerror(errno));
+  }
+  for (int round = 0; round < 2; round++) {
+    int removed = -1;
+    int rc = mt_ckpt_prune(job, 1, 0, &removed);
+    CHECK(rc == MT_EIO && strstr(mt_errmsg(), "1 step directory could not be removed"),
+          "round %d: rc %d: %s", round, rc, mt_errmsg());
+    CHECK(removed == (round ? 0 : 2), "round %d: removed %d", round, removed);
+  }
+  CHECK(!exists(step_path(job, 1, NULL)) && !exists(step_path(job, 3, NULL)),
+        "steps 1 and 3 were kept");
+  CHECK(exists(step_path(job, 2, NULL)) && !exists(step_path(job, 2, "manifest.json")),
+        "step 2: gone, or still committed");
+  CHECK(exists(step_path(job, 4, "manifest.json")), "the newest was removed");
+  CHECK(exists(outside), "the file a link pointed at was removed through it");
+  return 0;
+}
+
 /* A step directory that is a link to another job's (an operator's warm
  * start) is pruned as a link: the other job's checkpoint stays whole. */
 static int test_retention_removes_a_linked_step_only_as_a_link(void) {
@@ -1110,6 +1147,8 @@ static const struct {
     {"test_changed_manifest_fails_its_seal", test_changed_manifest_fails_its_seal},
     {"temp_files_left_by_a_kill_are_never_read", test_temp_files_left_by_a_kill_are_never_read},
     {"retention_keeps_last_two_and_every_fifth", test_retention_keeps_last_two_and_every_fifth},
+    {"retention_removes_subdirectories_and_carries_on_past_a_failure",
+     test_retention_removes_subdirectories_and_carries_on_past_a_failure},
     {"retention_removes_a_linked_step_only_as_a_link",
      test_retention_removes_a_linked_step_only_as_a_link},
     {"linked_step_set_aside_as_link_and_dangling_link_replaced",
