@@ -1,22 +1,23 @@
 /* gpt_dataset.c — GPT sample, document and shuffle indices; blending.
  *
  * After Megatron-LM's GPTDataset and build_sample_idx / build_blending_indices,
- * with the differences gpt_dataset.h states (documents are the .idx documents,
- * every epoch's samples are shuffled separately, Philox instead of numpy).
+ * with the differences gpt_dataset.h states (every epoch's samples are
+ * shuffled separately, Philox instead of numpy). As there, a "document" of the
+ * indices is an .idx sequence; the .idx document index is not read.
  *
  * Cache file <basename>.<hash16>.gptidx, little-endian, every array 8-aligned:
  *   0   "MTGPTIDX"
  *   8   u64 version (CACHE_VERSION)          16  u64 description bytes
- *   24  u64 epochs E                          32  u64 documents per epoch D
+ *   24  u64 epochs E                          32  u64 sequences per epoch D
  *   40  u64 tokens per epoch T                48  u64 samples n
  *   56  u64 sample position width (4|8)       64  u64 shuffle width (4|8)
  *   72  u64 offset of doc_idx                 80  u64 offset of sample positions
  *   88  u64 offset of sample offsets          96  u64 offset of shuffle
  *   104 u64 body bytes (where the checksum sits)   112..127 zero
  *   128 description JSON, zero-padded to 8
- *   doc_idx    u32[E*D]  absolute document ids, epoch after epoch
+ *   doc_idx    u32[E*D]  absolute sequence ids, epoch after epoch
  *   sample_pos u32|u64[n] position in doc_idx of each sample's first token
- *   sample_off u32[n]    token offset of that token in its document
+ *   sample_off u32[n]    token offset of that token in its sequence
  *   shuffle    u32|u64[n] training order -> sample
  *   u64 XXH3-64 of bytes [0, body bytes)
  * The header is a pure function of the description and the counts, so a
@@ -48,7 +49,9 @@
 #error "the .gptidx cache is written in host order, which must be little-endian"
 #endif
 
-enum { CACHE_VERSION = 1, HEADER_BYTES = 128 };
+/* 2: doc_idx holds sequence ids and the split is over sequences (1: .idx
+ * documents); the version is in the description, so the file name changes too */
+enum { CACHE_VERSION = 2, HEADER_BYTES = 128 };
 static const char cache_magic[8] = {'M', 'T', 'G', 'P', 'T', 'I', 'D', 'X'};
 static const char *const split_names[3] = {"train", "valid", "test"};
 
@@ -56,10 +59,10 @@ struct mt_gpt_dataset {
   mt_indexed data;
   mt_split which;
   int seq;
-  uint64_t doc_first, doc_end; /* the split's documents */
+  uint64_t seq_first, seq_end; /* the split's sequences */
   uint64_t tokens_per_epoch;   /* T */
   uint64_t epochs;             /* E */
-  uint64_t n_doc_idx;          /* E * (doc_end - doc_first) */
+  uint64_t n_doc_idx;          /* E * (seq_end - seq_first) */
   uint64_t n_samples;          /* (E*T - 1) / seq */
   int pos_width, shuffle_width;
   const uint32_t *doc_idx;    /* (E*D) */
@@ -115,13 +118,6 @@ static void shuffle_range(uint8_t *a, int width, uint64_t first, uint64_t m, uin
   }
 }
 
-/* Tokens of document doc: the sum of its sequences. */
-static uint64_t doc_tokens(const mt_indexed *x, uint64_t doc) {
-  uint64_t s0 = mt_indexed_doc_start(x, doc), s1 = mt_indexed_doc_start(x, doc + 1), n = 0;
-  for (uint64_t s = s0; s < s1; s++) n += mt_indexed_seq_len(x, s);
-  return n;
-}
-
 /* ---- split ---- */
 
 static int parse_split(const char *split, double r[3]) {
@@ -136,7 +132,7 @@ static int parse_split(const char *split, double r[3]) {
   return 0;
 }
 
-int mt_gpt_split_docs(const char *split, uint64_t n_docs, mt_split which, uint64_t *first,
+int mt_gpt_split_seqs(const char *split, uint64_t n_seqs, mt_split which, uint64_t *first,
                       uint64_t *end) {
   if ((unsigned)which > MT_SPLIT_TEST) return mt_seterr(MT_EINVAL, "data: split %d", (int)which);
   double r[3];
@@ -147,12 +143,12 @@ int mt_gpt_split_docs(const char *split, uint64_t n_docs, mt_split which, uint64
    * the last is size. Clamped to [0, size] for the degenerate cases where the
    * shift would go below 0. */
   int64_t b[4] = {0, 0, 0, 0};
-  for (int i = 0; i < 3; i++) b[i + 1] = b[i] + (int64_t)nearbyint(r[i] * (double)n_docs);
-  int64_t diff = b[3] - (int64_t)n_docs;
+  for (int i = 0; i < 3; i++) b[i + 1] = b[i] + (int64_t)nearbyint(r[i] * (double)n_seqs);
+  int64_t diff = b[3] - (int64_t)n_seqs;
   for (int i = 1; i < 4; i++) {
     b[i] -= diff;
     if (b[i] < 0) b[i] = 0;
-    if (b[i] > (int64_t)n_docs) b[i] = (int64_t)n_docs;
+    if (b[i] > (int64_t)n_seqs) b[i] = (int64_t)n_seqs;
   }
   *first = (uint64_t)b[which];
   *end = (uint64_t)b[which + 1];
@@ -184,10 +180,10 @@ static int describe(const mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, ch
   parse_split(spec->split, r); /* already checked */
   int n = snprintf(out, cap,
                    "{\"format\":%d,\"kind\":\"gpt\",\"idx\":%s,\"bin\":%s,"
-                   "\"split\":[%.17g,%.17g,%.17g],\"which\":\"%s\",\"docs\":[%" PRIu64 ",%" PRIu64
+                   "\"split\":[%.17g,%.17g,%.17g],\"which\":\"%s\",\"seqs\":[%" PRIu64 ",%" PRIu64
                    "],\"seq\":%d,\"epochs\":%" PRIu64 ",\"seed\":%" PRIu64 ",\"shuffle\":%s}",
-                   CACHE_VERSION, idx, bin, r[0], r[1], r[2], split_names[d->which], d->doc_first,
-                   d->doc_end, d->seq, d->epochs, spec->seed, spec->shuffle ? "true" : "false");
+                   CACHE_VERSION, idx, bin, r[0], r[1], r[2], split_names[d->which], d->seq_first,
+                   d->seq_end, d->seq, d->epochs, spec->seed, spec->shuffle ? "true" : "false");
   if (n < 0 || (size_t)n >= cap) return mt_seterr(MT_EINVAL, "data: description too long");
   return 0;
 }
@@ -232,7 +228,7 @@ static void make_header(const mt_gpt_dataset *d, size_t desc_bytes, uint8_t *h) 
   uint64_t f[13] = {CACHE_VERSION,
                     desc_bytes,
                     d->epochs,
-                    d->doc_end - d->doc_first,
+                    d->seq_end - d->seq_first,
                     d->tokens_per_epoch,
                     d->n_samples,
                     (uint64_t)d->pos_width,
@@ -291,14 +287,14 @@ static int build_image(const mt_gpt_dataset *d, const char *desc, uint64_t seed,
   make_header(d, dl, img);
   memcpy(img + HEADER_BYTES, desc, dl);
 
-  /* document index: each epoch the split's documents, shuffled by (seed, e) */
-  uint64_t nd = d->doc_end - d->doc_first;
+  /* document index: each epoch the split's sequences, shuffled by (seed, e) */
+  uint64_t nd = d->seq_end - d->seq_first;
   char name[64];
   snprintf(name, sizeof name, "gpt_dataset.doc_idx.%s", split_names[d->which]);
   uint64_t doc_key = mt_philox_key(seed, name);
   uint8_t *doc_idx = img + l.doc_idx_off;
   for (uint64_t e = 0; e < d->epochs; e++) {
-    for (uint64_t j = 0; j < nd; j++) put_w(doc_idx, 4, e * nd + j, d->doc_first + j);
+    for (uint64_t j = 0; j < nd; j++) put_w(doc_idx, 4, e * nd + j, d->seq_first + j);
     if (shuffle) shuffle_range(doc_idx, 4, e * nd, nd, doc_key, e);
   }
 
@@ -315,16 +311,11 @@ static int build_image(const mt_gpt_dataset *d, const char *desc, uint64_t seed,
                      d->data.prefix);                                                              \
       goto fail;                                                                                   \
     }                                                                                              \
-    len = doc_tokens(&d->data, di[pos]);                                                           \
-    if (len > UINT32_MAX) {                                                                        \
-      rc = mt_seterr(MT_EINVAL, "data: %s: document %u has %" PRIu64 " tokens (at most 2^32-1)",   \
-                     d->data.prefix, di[pos], len);                                                \
-      goto fail;                                                                                   \
-    }                                                                                              \
+    len = mt_indexed_seq_len(&d->data, di[pos]);                                                   \
   } while (0)
   ENTER_DOC();
   for (uint64_t k = 0; k < d->n_samples; k++) {
-    while (off == len) { /* empty documents, or the end of the last */
+    while (off == len) { /* empty sequences, or the end of the last */
       pos++, off = 0;
       ENTER_DOC();
     }
@@ -489,26 +480,26 @@ int mt_gpt_dataset_open(mt_gpt_dataset **out, const mt_gpt_dataset_spec *spec) {
     return rc;
   }
   const char *sp = spec->split && *spec->split ? spec->split : "1,0,0";
-  rc = mt_gpt_split_docs(spec->split, d->data.n_docs, spec->which, &d->doc_first, &d->doc_end);
+  /* Megatron splits and shuffles sequences (sizes), not the .idx documents */
+  rc = mt_gpt_split_seqs(spec->split, d->data.n_seqs, spec->which, &d->seq_first, &d->seq_end);
   if (rc) goto fail;
-  if (d->data.n_docs > UINT32_MAX) {
-    rc = mt_seterr(MT_EINVAL, "data: %s has %" PRIu64 " documents (at most 2^32-1)", spec->prefix,
-                   d->data.n_docs);
+  if (d->data.n_seqs > UINT32_MAX) {
+    rc = mt_seterr(MT_EINVAL, "data: %s has %" PRIu64 " sequences (at most 2^32-1)", spec->prefix,
+                   d->data.n_seqs);
     goto fail;
   }
-  if (d->doc_end == d->doc_first) {
-    rc = mt_seterr(MT_EINVAL, "data: %s: split \"%s\" gives %s no documents (of %" PRIu64 ")",
-                   spec->prefix, sp, split_names[spec->which], d->data.n_docs);
+  if (d->seq_end == d->seq_first) {
+    rc = mt_seterr(MT_EINVAL, "data: %s: split \"%s\" gives %s no sequences (of %" PRIu64 ")",
+                   spec->prefix, sp, split_names[spec->which], d->data.n_seqs);
     goto fail;
   }
-  uint64_t s0 = mt_indexed_doc_start(&d->data, d->doc_first);
-  uint64_t s1 = mt_indexed_doc_start(&d->data, d->doc_end);
-  for (uint64_t s = s0; s < s1; s++) d->tokens_per_epoch += mt_indexed_seq_len(&d->data, s);
-  uint64_t T = d->tokens_per_epoch, S = (uint64_t)spec->seq, need, nd = d->doc_end - d->doc_first;
+  for (uint64_t s = d->seq_first; s < d->seq_end; s++)
+    d->tokens_per_epoch += mt_indexed_seq_len(&d->data, s);
+  uint64_t T = d->tokens_per_epoch, S = (uint64_t)spec->seq, need, nd = d->seq_end - d->seq_first;
   if (T == 0) {
     rc = mt_seterr(MT_EINVAL,
-                   "data: %s: the %s split (documents %" PRIu64 "..%" PRIu64 ") has no tokens",
-                   spec->prefix, split_names[spec->which], d->doc_first, d->doc_end);
+                   "data: %s: the %s split (sequences %" PRIu64 "..%" PRIu64 ") has no tokens",
+                   spec->prefix, split_names[spec->which], d->seq_first, d->seq_end);
     goto fail;
   }
   /* smallest E with (E*T - 1) / S >= n_samples, i.e. E*T >= n_samples*S + 1 */
@@ -559,26 +550,18 @@ uint64_t mt_gpt_dataset_tokens_per_epoch(const mt_gpt_dataset *d) { return d->to
 int mt_gpt_dataset_cache_status(const mt_gpt_dataset *d) { return d->cache_status; }
 const char *mt_gpt_dataset_cache_path(const mt_gpt_dataset *d) { return d->cache_path; }
 
-/* Reads up to *need tokens of document doc from token offset off on. */
-static int read_doc(const mt_gpt_dataset *d, uint64_t doc, uint64_t off, uint64_t *need,
+/* Reads up to *need tokens of sequence seq from token offset off on. */
+static int read_seq(const mt_gpt_dataset *d, uint64_t seq, uint64_t off, uint64_t *need,
                     int32_t **out) {
-  uint64_t s0 = mt_indexed_doc_start(&d->data, doc), s1 = mt_indexed_doc_start(&d->data, doc + 1);
-  for (uint64_t s = s0; s < s1 && *need; s++) {
-    uint64_t len = mt_indexed_seq_len(&d->data, s);
-    if (off >= len) {
-      off -= len;
-      continue;
-    }
-    uint64_t take = len - off < *need ? len - off : *need;
-    int rc = mt_indexed_read(&d->data, s, off, take, *out);
-    if (rc) return rc;
-    *out += take;
-    *need -= take;
-    off = 0;
-  }
-  if (off)
-    return mt_seterr(MT_ECORRUPT, "data: %s: index cache %s points past document %" PRIu64,
-                     d->data.prefix, d->cache_path, doc);
+  uint64_t len = mt_indexed_seq_len(&d->data, seq);
+  if (off > len)
+    return mt_seterr(MT_ECORRUPT, "data: %s: index cache %s points past sequence %" PRIu64,
+                     d->data.prefix, d->cache_path, seq);
+  uint64_t take = len - off < *need ? len - off : *need;
+  int rc = take ? mt_indexed_read(&d->data, seq, off, take, *out) : 0;
+  if (rc) return rc;
+  *out += take;
+  *need -= take;
   return 0;
 }
 
@@ -592,9 +575,9 @@ int mt_gpt_dataset_sample(const mt_gpt_dataset *d, uint64_t i, int32_t *tokens) 
   uint64_t need = (uint64_t)d->seq + 1;
   for (int32_t *out = tokens; need; pos++, off = 0) {
     if (pos >= d->n_doc_idx) goto corrupt;
-    uint64_t doc = d->doc_idx[pos];
-    if (doc < d->doc_first || doc >= d->doc_end) goto corrupt;
-    int rc = read_doc(d, doc, off, &need, &out);
+    uint64_t seq = d->doc_idx[pos];
+    if (seq < d->seq_first || seq >= d->seq_end) goto corrupt;
+    int rc = read_seq(d, seq, off, &need, &out);
     if (rc) return rc;
   }
   return 0;

@@ -1,8 +1,8 @@
 /* gpt_dataset.h — GPT samples over indexed datasets: split, shuffle, blend.
  *
- * A GPT dataset is one split ("949,50,1" over documents) of one indexed
+ * A GPT dataset is one split ("949,50,1" over sequences) of one indexed
  * dataset, cut into samples of seq+1 tokens that overlap by one token, in an
- * order fixed by the seed: documents shuffled per epoch, samples shuffled;
+ * order fixed by the seed: sequences shuffled per epoch, samples shuffled;
  * epochs are added until n_samples are covered. The three indices (document,
  * sample, shuffle) are cached beside the data under a hash of their
  * description and rebuilt when it changes. A blend draws global sample i from
@@ -11,7 +11,7 @@
  * of (data, description, seed): the engine's data position is one global
  * sample counter, and any rank computes any sample.
  *
- * Order, exactly: epoch e lists the split's documents, shuffled by a Philox
+ * Order, exactly: epoch e lists the split's sequences, shuffled by a Philox
  * Fisher-Yates keyed by (seed, e); epochs are concatenated into one token
  * stream and sample k is stream tokens [k*seq, k*seq + seq + 1). The samples
  * whose first token lies in epoch e are shuffled among themselves (Philox,
@@ -20,8 +20,12 @@
  * the next, and a larger n_samples keeps the order of all but the last epoch.
  * The epoch count E is the smallest with (E*T - 1) / seq >= n_samples (T the
  * split's tokens); len is that whole count, the stream's last < seq tokens
- * are never a sample start. A document is an .idx document (its sequences
- * concatenated); for GPT data, one sequence per document, that is Megatron's.
+ * are never a sample start. As in Megatron's GPTDataset, the unit split and
+ * shuffled (its "document") is an .idx sequence: the .idx document index is
+ * not read, so a document cut into several sequences has them shuffled apart,
+ * empty documents (repeated doc_idx entries) do not move the split
+ * boundaries, and a merged index whose doc_idx is only [0] trains as Megatron
+ * trains on it.
  */
 #ifndef MT_GPT_DATASET_H
 #define MT_GPT_DATASET_H
@@ -40,7 +44,7 @@ typedef struct mt_gpt_dataset_spec {
   int seq;            /* sample = seq + 1 tokens */
   uint64_t n_samples; /* at least this many; epochs added as needed */
   uint64_t seed;
-  int shuffle;           /* 0: documents and samples in file order */
+  int shuffle;           /* 0: sequences and samples in file order */
   const char *cache_dir; /* NULL or "": beside the data */
   /* NULL or "": none. Where the index goes when cache_dir (or the data's
    * directory) cannot take it, as a dataset on read-only shared storage:
@@ -58,11 +62,11 @@ uint64_t mt_gpt_dataset_tokens_per_epoch(const mt_gpt_dataset *d);
 /* Sample i (i < len) as seq+1 token ids. */
 int mt_gpt_dataset_sample(const mt_gpt_dataset *d, uint64_t i, int32_t *tokens);
 
-/* Documents [*first, *end) of n_docs that split string `split` gives to
+/* Sequences [*first, *end) of n_seqs that split string `split` gives to
  * `which`, rounded as Megatron's get_train_valid_test_split_ does ("," or "/"
  * between up to three non-negative ratios; missing ones are 0; NULL or "" is
  * "1,0,0"). An empty range is not an error here; opening it is. */
-int mt_gpt_split_docs(const char *split, uint64_t n_docs, mt_split which, uint64_t *first,
+int mt_gpt_split_seqs(const char *split, uint64_t n_seqs, mt_split which, uint64_t *first,
                       uint64_t *end);
 
 /* How open came by the indices: loaded from the cache file, built because it

@@ -4,7 +4,10 @@
  * u8 dtype code (1 u8, 2 i8, 3 i16, 4 i32, 5 i64, 6 f64, 7 f32, 8 u16);
  * u64 sequence count N; u64 document-index length D+1; int32[N] sequence
  * lengths in tokens; int64[N] byte offsets into .bin; int64[D+1] document
- * boundaries over sequence indices (0 first, N last). .bin: the raw tokens.
+ * boundaries over sequence indices (0 first, non-decreasing, at most N; N
+ * last as preprocess_data.py writes it, but merged indices from Megatron's
+ * old merge_file_ keep only [0], and training never reads it: the GPT
+ * dataset splits sequences, as Megatron does). .bin: the raw tokens.
  * Users bring files built by Megatron-LM's preprocess_data.py: they are read
  * as they are. Every field is checked on open; a malformed file is refused
  * naming the file, the field and the index where it went wrong.

@@ -170,7 +170,7 @@ static int count_inputs(const corpus *c, const int32_t *all, int seq, uint64_t i
 
 static int test_every_train_token_seen_once_per_epoch(void) {
   static corpus c;
-  if (make_corpus(&c, "once", 200, 0, len_pad_for_16, 40)) return 1;
+  if (make_corpus(&c, "once", 200, 0, len_pad_for_16, 1000)) return 1;
   uint64_t T = corpus_tokens(&c, 0, 180);
   REQUIRE(T % 16 == 0, "T %" PRIu64, T);
   const int seq = 16;
@@ -238,7 +238,7 @@ static int cmp_i32(const void *a, const void *b) {
 
 static int test_samples_overlap_by_one_token(void) {
   static corpus c;
-  if (make_corpus(&c, "overlap", 300, 0, len_mixed, 25)) return 1;
+  if (make_corpus(&c, "overlap", 300, 0, len_mixed, 1000)) return 1;
   const int seq = 31;
   for (int shuffle = 0; shuffle <= 1; shuffle++) {
     mt_gpt_dataset_spec s = spec_of(&c, "949,50,1", MT_SPLIT_TRAIN, seq, 1000, 5, shuffle);
@@ -318,11 +318,10 @@ static int test_same_seed_same_order_and_other_seed_differs(void) {
 }
 
 /* shuffle 0: sample i is tokens [i*seq, i*seq + seq + 1) of the split's
- * documents in file order, repeated epoch after epoch. Multi-sequence
- * documents and empty documents included. */
+ * sequences in file order, repeated epoch after epoch, empty ones included. */
 static int test_shuffle_false_reads_in_file_order(void) {
   static corpus c;
-  if (make_corpus(&c, "order", 120, 500000, len_mixed, 7)) return 1;
+  if (make_corpus(&c, "order", 120, 500000, len_mixed, 1000)) return 1;
   const int seq = 13;
   /* "1,1,1" over 120: [0,40) [40,80) [80,120); read the valid split */
   uint64_t T = corpus_tokens(&c, 40, 80);
@@ -348,7 +347,7 @@ static int test_shuffle_false_reads_in_file_order(void) {
   return 0;
 }
 
-static int test_split_ratios_partition_documents(void) {
+static int test_split_ratios_partition_sequences(void) {
   /* expectations from Megatron's get_train_valid_test_split_ (Python) */
   static const struct {
     const char *split;
@@ -372,7 +371,7 @@ static int test_split_ratios_partition_documents(void) {
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     for (int w = 0; w < 3; w++) {
       uint64_t f, e;
-      OK(mt_gpt_split_docs(cases[i].split, cases[i].n, (mt_split)w, &f, &e));
+      OK(mt_gpt_split_seqs(cases[i].split, cases[i].n, (mt_split)w, &f, &e));
       REQUIRE(f == cases[i].b[w] && e == cases[i].b[w + 1],
               "\"%s\" over %" PRIu64 ", split %d: [%" PRIu64 ", %" PRIu64 "), want [%" PRIu64
               ", %" PRIu64 ")",
@@ -389,7 +388,7 @@ static int test_split_ratios_partition_documents(void) {
           snprintf(sp, sizeof sp, "%d,%d,%d", a, b, t);
           uint64_t prev = 0, f, e;
           for (int w = 0; w < 3; w++) {
-            OK(mt_gpt_split_docs(sp, n, (mt_split)w, &f, &e));
+            OK(mt_gpt_split_seqs(sp, n, (mt_split)w, &f, &e));
             REQUIRE(f == prev && e >= f,
                     "\"%s\" over %" PRIu64 ": split %d is [%" PRIu64 ", %" PRIu64
                     ") after %" PRIu64,
@@ -401,14 +400,14 @@ static int test_split_ratios_partition_documents(void) {
   static const char *bad[] = {"a,b", "1,2,3,4", "-1,2", "1,,2", "0,0,0", "1;2", "inf,1"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     uint64_t f, e;
-    REQUIRE(mt_gpt_split_docs(bad[i], 10, MT_SPLIT_TRAIN, &f, &e) == MT_EINVAL &&
+    REQUIRE(mt_gpt_split_seqs(bad[i], 10, MT_SPLIT_TRAIN, &f, &e) == MT_EINVAL &&
                 strstr(mt_errmsg(), bad[i]),
             "\"%s\" accepted or unnamed: %s", bad[i], mt_errmsg());
   }
 
-  /* each split's dataset reads only its own documents */
+  /* each split's dataset reads only its own sequences (one per document here) */
   static corpus c;
-  if (make_corpus(&c, "split", 100, 0, len_mixed, 30)) return 1;
+  if (make_corpus(&c, "split", 100, 0, len_mixed, 1000)) return 1;
   const int seq = 8;
   for (int w = 0; w < 3; w++) {
     uint64_t lo[3] = {0, 80, 95}, hi[3] = {80, 95, 100};
@@ -426,9 +425,116 @@ static int test_split_ratios_partition_documents(void) {
   }
   mt_gpt_dataset_spec s = spec_of(&c, "100,0,0", MT_SPLIT_VALID, seq, 10, 3, 1);
   mt_gpt_dataset *d;
-  REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "no documents") &&
+  REQUIRE(mt_gpt_dataset_open(&d, &s) == MT_EINVAL && strstr(mt_errmsg(), "no sequences") &&
               strstr(mt_errmsg(), "valid"),
           "empty split: %s", mt_errmsg());
+  return 0;
+}
+
+/* Rewrites prefix.idx with the document index cut to [0], as Megatron's old
+ * MMapIndexedDatasetBuilder.merge_file_ leaves it (sizes copied, doc_idx not). */
+static int cut_doc_idx_to_0(const char *prefix) {
+  char path[300];
+  snprintf(path, sizeof path, "%s.idx", prefix);
+  FILE *fp = fopen(path, "r+b");
+  REQUIRE(fp, "open %s: %s", path, strerror(errno));
+  uint64_t n, one = 1;
+  REQUIRE(fseek(fp, 18, SEEK_SET) == 0 && fread(&n, 8, 1, fp) == 1, "read N");
+  REQUIRE(fseek(fp, 26, SEEK_SET) == 0 && fwrite(&one, 8, 1, fp) == 1 && fclose(fp) == 0,
+          "write D+1");
+  REQUIRE(truncate(path, (off_t)(34 + 12 * n + 8)) == 0, "truncate %s: %s", path, strerror(errno));
+  return 0;
+}
+
+/* doc_idx [0] over N > 0 sequences: the dataset opens, reads every sequence
+ * in file order, and gives the same samples as the full doc_idx would. */
+static int test_doc_idx_of_only_0_reads_every_sequence(void) {
+  static corpus c, full;
+  if (make_corpus(&c, "merged", 30, 0, len_mixed, 1000)) return 1;
+  if (make_corpus(&full, "merged_full", 30, 0, len_mixed, 1000)) return 1;
+  if (cut_doc_idx_to_0(c.prefix)) return 1;
+  mt_indexed x;
+  OK(mt_indexed_open(&x, c.prefix));
+  REQUIRE(x.n_seqs == 30 && x.n_docs == 0, "N %" PRIu64 " D %" PRIu64, x.n_seqs, x.n_docs);
+  mt_indexed_close(&x);
+  const int seq = 9;
+  uint64_t T = corpus_tokens(&c, 0, 30);
+  mt_gpt_dataset_spec s = spec_of(&c, "1", MT_SPLIT_TRAIN, seq, T / seq, 4, 0);
+  mt_gpt_dataset *d;
+  OK(mt_gpt_dataset_open(&d, &s));
+  REQUIRE(mt_gpt_dataset_tokens_per_epoch(d) == T, "%" PRIu64 " tokens, want %" PRIu64,
+          mt_gpt_dataset_tokens_per_epoch(d), T);
+  uint64_t n = mt_gpt_dataset_len(d);
+  int32_t *stream = malloc(2 * T * sizeof *stream);
+  uint64_t k = 0;
+  for (int e = 0; e < 2; e++)
+    for (int doc = 0; doc < 30; doc++)
+      for (uint32_t off = 0; off < c.len[doc]; off++) stream[k++] = token_of(&c, doc, off);
+  int32_t *all = read_all(d, seq);
+  REQUIRE(all && n * seq + 1 <= k, "read %" PRIu64 " samples", n);
+  for (uint64_t i = 0; i < n; i++)
+    REQUIRE(!memcmp(all + i * (seq + 1), stream + i * seq, (seq + 1) * sizeof *all),
+            "sample %" PRIu64 " is not stream tokens [%" PRIu64 ", +%d]", i, i * seq, seq + 1);
+  mt_gpt_dataset_free(d);
+  free(all);
+  free(stream);
+  /* shuffled, the samples are those of the same data with its full doc_idx */
+  mt_gpt_dataset *a, *b;
+  s = spec_of(&c, "8,2", MT_SPLIT_TRAIN, seq, 200, 4, 1);
+  OK(mt_gpt_dataset_open(&a, &s));
+  s.prefix = full.prefix;
+  OK(mt_gpt_dataset_open(&b, &s));
+  n = mt_gpt_dataset_len(a);
+  REQUIRE(n == mt_gpt_dataset_len(b), "len %" PRIu64 " vs %" PRIu64, n, mt_gpt_dataset_len(b));
+  int32_t *ta = read_all(a, seq), *tb = read_all(b, seq);
+  REQUIRE(ta && tb && !memcmp(ta, tb, n * (seq + 1) * sizeof *ta),
+          "doc_idx [0] gives other samples than the full doc_idx");
+  free(ta), free(tb);
+  mt_gpt_dataset_free(a), mt_gpt_dataset_free(b);
+  return 0;
+}
+
+/* 10 empty documents (repeated doc_idx entries, no sequence) then 10
+ * one-sequence documents: D = 20, N = 10. Megatron splits "8,2" over the
+ * N = 10 sequences: train [0, 8), valid [8, 10). Over the 20 documents the
+ * train split would end at document 16, sequence 6. */
+static int test_split_counts_sequences_not_empty_documents(void) {
+  static corpus c;
+  memset(&c, 0, sizeof c);
+  snprintf(c.prefix, sizeof c.prefix, "%s", tmp_path("empty_docs"));
+  c.n_docs = 10;
+  mt_indexed_writer *w;
+  OK(mt_indexed_writer_open(&w, c.prefix, MT_IDX_I32));
+  for (int e = 0; e < 10; e++) OK(mt_indexed_writer_end_doc(w));
+  int32_t buf[TOKENS_PER_DOC_ID];
+  for (int q = 0; q < 10; q++) {
+    c.len[q] = 5 + (uint32_t)q;
+    for (uint32_t t = 0; t < c.len[q]; t++) buf[t] = token_of(&c, (uint64_t)q, t);
+    OK(mt_indexed_writer_add_seq(w, buf, c.len[q]));
+    OK(mt_indexed_writer_end_doc(w));
+  }
+  OK(mt_indexed_writer_finish(w));
+  mt_indexed x;
+  OK(mt_indexed_open(&x, c.prefix));
+  REQUIRE(x.n_seqs == 10 && x.n_docs == 20, "N %" PRIu64 " D %" PRIu64, x.n_seqs, x.n_docs);
+  mt_indexed_close(&x);
+  const int seq = 4;
+  uint64_t lo[2] = {0, 8}, hi[2] = {8, 10};
+  for (int which = 0; which < 2; which++) {
+    mt_gpt_dataset_spec s = spec_of(&c, "8,2", (mt_split)which, seq, 30, 6, 1);
+    mt_gpt_dataset *d;
+    OK(mt_gpt_dataset_open(&d, &s));
+    uint64_t T = corpus_tokens(&c, (int)lo[which], (int)hi[which]);
+    REQUIRE(mt_gpt_dataset_tokens_per_epoch(d) == T,
+            "%s split: %" PRIu64 " tokens, want %" PRIu64 " (sequences [%" PRIu64 ", %" PRIu64 "))",
+            which ? "valid" : "train", mt_gpt_dataset_tokens_per_epoch(d), T, lo[which], hi[which]);
+    int32_t *all = read_all(d, seq);
+    REQUIRE(all, "read");
+    for (uint64_t i = 0; i < mt_gpt_dataset_len(d); i++)
+      if (check_contiguous(&c, all + i * (seq + 1), seq, (int)lo[which], (int)hi[which])) return 1;
+    free(all);
+    mt_gpt_dataset_free(d);
+  }
   return 0;
 }
 
@@ -891,7 +997,9 @@ static const struct {
     T(test_samples_overlap_by_one_token),
     T(test_same_seed_same_order_and_other_seed_differs),
     T(test_shuffle_false_reads_in_file_order),
-    T(test_split_ratios_partition_documents),
+    T(test_split_ratios_partition_sequences),
+    T(test_doc_idx_of_only_0_reads_every_sequence),
+    T(test_split_counts_sequences_not_empty_documents),
     T(test_epochs_added_when_data_run_out),
     T(test_cache_reused_and_rebuilt_when_description_changes),
     T(test_corrupt_cache_is_rebuilt_with_warning),
