@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -268,6 +269,8 @@ typedef struct worker {
   mt_tok_buf tb;
   char *fixed; /* a JSON line with invalid UTF-8 replaced, or decoded text */
   size_t fixed_cap;
+  char *lenient; /* a JSON line with Python's non-JSON numbers made null */
+  size_t lenient_cap;
   int no_fast_json;
 } worker;
 
@@ -611,6 +614,80 @@ static int json_fast(worker *w, const char *line, size_t n, const char **text, s
   return FAST_FOUND;
 }
 
+/* Length of the number Python's json scanner matches at p (its NUMBER_RE,
+ * -?(?:0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?), 0 if none. */
+static size_t py_number_len(const char *p, const char *end) {
+  const char *q = p;
+  if (q < end && *q == '-') q++;
+  if (q >= end || *q < '0' || *q > '9') return 0;
+  if (*q == '0')
+    q++;
+  else
+    while (q < end && *q >= '0' && *q <= '9') q++;
+  if (end - q >= 2 && q[0] == '.' && q[1] >= '0' && q[1] <= '9')
+    for (q++; q < end && *q >= '0' && *q <= '9';) q++;
+  if (q < end && (*q == 'e' || *q == 'E')) {
+    const char *x = q + 1;
+    if (x < end && (*x == '+' || *x == '-')) x++;
+    if (x < end && *x >= '0' && *x <= '9') {
+      while (x < end && *x >= '0' && *x <= '9') x++;
+      q = x;
+    }
+  }
+  return (size_t)(q - p);
+}
+
+/* Copies p[0..n) into w->lenient with what Python's json.loads reads but
+ * jansson refuses made null: NaN, Infinity, -Infinity, and numbers beyond
+ * double range (1e400). Strings are copied as they are, so the text is never
+ * touched; everything else is left for jansson to judge, and null glues to
+ * nothing around it into valid JSON. Returns the replacements made (0: the
+ * line is not one of these), or a negative MT_E* code. */
+static int64_t python_numbers_to_null(worker *w, const char *p, size_t n, size_t *out_len) {
+  if (grow((void **)&w->lenient, &w->lenient_cap, 2 * n + 8, 1)) return MT_ENOMEM;
+  static const char *const lits[] = {"-Infinity", "Infinity", "NaN"};
+  char *o = w->lenient;
+  const char *end = p + n;
+  int64_t replaced = 0;
+  while (p < end) {
+    if (*p == '"') { /* a string, escapes and all, up to its closing quote */
+      *o++ = *p++;
+      while (p < end && *p != '"') {
+        if (*p == '\\' && p + 1 < end) *o++ = *p++;
+        *o++ = *p++;
+      }
+      if (p < end) *o++ = *p++;
+      continue;
+    }
+    size_t lit = 0;
+    for (size_t i = 0; i < sizeof lits / sizeof lits[0] && !lit; i++) {
+      size_t k = strlen(lits[i]);
+      if ((size_t)(end - p) >= k && !memcmp(p, lits[i], k)) lit = k;
+    }
+    size_t num = lit ? 0 : py_number_len(p, end);
+    if (num) { /* kept unless strtod, as jansson, overflows it */
+      memcpy(o, p, num);
+      o[num] = '\0';
+      errno = 0;
+      double v = strtod(o, NULL);
+      if (!(errno == ERANGE && isinf(v))) {
+        o += num, p += num;
+        continue;
+      }
+      lit = num;
+    }
+    if (lit) {
+      memcpy(o, "null", 4);
+      o += 4, p += lit;
+      replaced++;
+      continue;
+    }
+    *o++ = *p++;
+  }
+  *out_len = (size_t)(o - w->lenient);
+  return replaced;
+}
+
 static int json_line(worker *w, slot *b, const char *p, size_t n, uint64_t line) {
   if (!w->no_fast_json) {
     const char *text;
@@ -625,12 +702,29 @@ static int json_line(worker *w, slot *b, const char *p, size_t n, uint64_t line)
   json_error_t jerr;
   /* an id above int64 (a 64-bit hash) is a number Python reads: keep the document */
   json_t *root = json_loadb(p, n, JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
-  if (!root && json_error_code(&jerr) == json_error_invalid_utf8) {
-    size_t fixed_len = 0;
-    int64_t replaced = utf8_repair(w, p, n, &fixed_len);
-    if (replaced < 0) return (int)replaced;
-    b->invalid_utf8 += (uint64_t)replaced;
-    root = json_loadb(w->fixed, fixed_len, JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
+  /* Python's json.loads is the judge, not jansson: invalid UTF-8 is replaced
+   * (as errors="replace" would), and NaN, Infinity and numbers past double
+   * range, which Python reads and json.dumps writes, are made null; each is
+   * tried once, in the order jansson trips on them */
+  int repaired = 0, lenient = 0;
+  while (!root) {
+    size_t len = 0;
+    int64_t k;
+    if (!repaired && json_error_code(&jerr) == json_error_invalid_utf8) {
+      repaired = 1;
+      if ((k = utf8_repair(w, p, n, &len)) < 0) return (int)k;
+      b->invalid_utf8 += (uint64_t)k;
+      p = w->fixed;
+    } else if (!lenient) {
+      lenient = 1;
+      if ((k = python_numbers_to_null(w, p, n, &len)) < 0) return (int)k;
+      if (!k) break;
+      p = w->lenient;
+    } else {
+      break;
+    }
+    n = len;
+    root = json_loadb(p, n, JSON_ALLOW_NUL | JSON_DECODE_INT_AS_REAL, &jerr);
   }
   if (!root || !json_is_object(root)) {
     note(&b->bad_json, line);
@@ -1066,7 +1160,7 @@ done:
   for (uint64_t i = 0; s.slots && i < s.n_slots; i++)
     free(s.slots[i].buf), free(s.slots[i].ids), free(s.slots[i].doc_len);
   for (int i = 0; workers && i < o.workers; i++)
-    mt_tok_buf_free(&workers[i].tb), free(workers[i].fixed);
+    mt_tok_buf_free(&workers[i].tb), free(workers[i].fixed), free(workers[i].lenient);
   free(s.slots);
   free(workers);
   mt_tokenizer_free(tok);

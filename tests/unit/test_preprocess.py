@@ -202,12 +202,65 @@ def main():
         d = outs["fast"][2]
         got = [bytes(x for x in seq[:-1]).decode("utf-8", "replace") for seq in d["seqs"]]
         want = ["plain", "nested before", "nested after",
-                "an integer above int64 (a 64-bit hash id)", "real underflow is fine",
-                "long real", "escaped key", "slash / and pair \U0001F600 and \u00fc\u4e2d",
+                "an integer above int64 (a 64-bit hash id)", "real overflow",
+                "real underflow is fine", "long real", "escaped key", "slash / and pair \U0001F600 and \u00fc\u4e2d",
                 "raw \x7f del", "invalid UTF-8 elsewhere", "invalid \ufffd\ufffd inside",
-                "spaces", "number then string", "deep", "nul \0 inside",
+                "spaces", "number then string", "deep", "nan", "nul \0 inside",
                 "\"quoted\" \\ backslash \b\f\n\r\t"]
-        check("json_tricky_lines_read_as_jansson_reads_them", got == want, "got %r" % got)
+        check("json_tricky_lines_read_as_python_reads_them", got == want, "got %r" % got)
+
+        # Python's json.loads reads NaN, Infinity, -Infinity and numbers past
+        # double range (json.dumps writes the first three by default): such
+        # lines are read as Python reads them, with the scanner on and off.
+        # A line whose text is not a string, or is malformed, is still skipped.
+        lenient = [
+            json.dumps({"score": float("nan"), "text": "nan score"}).encode(),
+            json.dumps({"text": "inf fields", "hi": float("inf"), "lo": float("-inf")}).encode(),
+            b'{"n": 1e400, "m": -1E+999, "text": "out of double range"}',
+            b'{"a": [NaN, Infinity, -Infinity, 1e400], "b": {"c": NaN}, "text": "nested"}',
+            b'{"text": "NaN Infinity 1e400 in the text stay as they are", "x": NaN}',
+            b'{"id": 18446744073709551616, "v":1.5e308, "text": "big but finite"}',
+            b'{"text": NaN}',
+            b'{"text": 1e400}',
+            b'{"x": NaN, "text": "bad escape \\x41"}',
+            b'{"x": NaN, "text": "unterminated}',
+            b'{"x": -NaN, "text": "minus nan is not Python JSON"}',
+            b'{"x": --1e400, "text": "double minus"}',
+            b'{"x": 1e400.5, "text": "dot after overflow"}',
+            b'{"x": nan, "text": "lowercase nan"}',
+            b'{"x": NaN, "y": "\xff", "text": "invalid UTF-8 too"}',
+        ]
+        want_lenient, py_bad, py_no_key = [], 0, 0
+        for raw in lenient:
+            try:
+                obj = json.loads(raw.decode("utf-8", "replace"))
+            except ValueError:
+                py_bad += 1
+                continue
+            if isinstance(obj.get("text"), str):
+                want_lenient.append(obj["text"])
+            else:
+                py_no_key += 1
+        with open(p("lenient.jsonl"), "wb") as f:
+            f.write(b"\n".join(lenient) + b"\n")
+        for mode in ("fast", "jansson"):
+            env = dict(os.environ)
+            if mode == "jansson":
+                env["MTNLG_PREPROCESS_JSON"] = "jansson"
+            r = subprocess.run([PRE, "--input", p("lenient.jsonl"), "--output-prefix",
+                                p("lenient_" + mode), "--tokenizer", "bytes"],
+                               capture_output=True, env=env)
+            err = r.stderr.decode("utf-8", "replace")
+            d = dump(p("lenient_" + mode))
+            got = [bytes(x for x in seq[:-1]).decode("utf-8", "replace") for seq in d["seqs"]]
+            check("jsonl_nan_infinity_and_huge_numbers_read_as_python_reads_them_" + mode,
+                  r.returncode == 0 and got == want_lenient and len(got) == 7,
+                  "rc %d got %r want %r: %s" % (r.returncode, got, want_lenient, err))
+            check("jsonl_lenient_lines_with_bad_text_still_skipped_" + mode,
+                  "skipped %d lines that are not JSON objects" % py_bad in err
+                  and 'skipped %d lines without a string "text"' % py_no_key in err
+                  and py_bad == 6 and py_no_key == 2, "python: %d bad, %d no text: %s"
+                  % (py_bad, py_no_key, err))
 
         # Several inputs (line numbers restart per file), one from stdin, --json-key.
         with open(p("b1.jsonl"), "w") as f:
