@@ -158,13 +158,19 @@ int mt_gpt_split_seqs(const char *split, uint64_t n_seqs, mt_split which, uint64
 
 /* ---- description and cache name ---- */
 
+/* Which file this is, as far as the cache can tell: size and mtime say it
+ * changed, the inode tells apart two files with the same basename, size and
+ * mtime in other directories that share a cache_dir. Not the device: an NFS
+ * client numbers its mounts its own way, and every node would build its own
+ * index of one shared file. */
 static int file_identity(const char *prefix, const char *ext, char *out, size_t cap) {
   char path[PATH_MAX];
   snprintf(path, sizeof path, "%s%s", prefix, ext);
   struct stat st;
   if (stat(path, &st)) return mt_seterr(MT_EIO, "data: stat %s: %s", path, strerror(errno));
-  snprintf(out, cap, "{\"bytes\":%lld,\"mtime_ns\":%lld}", (long long)st.st_size,
-           (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec);
+  snprintf(out, cap, "{\"bytes\":%lld,\"mtime_ns\":%lld,\"ino\":%llu}", (long long)st.st_size,
+           (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec,
+           (unsigned long long)st.st_ino);
   return 0;
 }
 
@@ -172,7 +178,7 @@ static int file_identity(const char *prefix, const char *ext, char *out, size_t 
  * enters through the epoch count alone: the indices are a function of E. */
 static int describe(const mt_gpt_dataset *d, const mt_gpt_dataset_spec *spec, char *out,
                     size_t cap) {
-  char idx[128], bin[128];
+  char idx[192], bin[192];
   int rc = file_identity(spec->prefix, ".idx", idx, sizeof idx);
   if (!rc) rc = file_identity(spec->prefix, ".bin", bin, sizeof bin);
   if (rc) return rc;

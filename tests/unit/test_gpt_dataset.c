@@ -651,6 +651,46 @@ static int test_cache_reused_and_rebuilt_when_description_changes(void) {
   return 0;
 }
 
+/* Two datasets with the same basename, size and mtime in two directories,
+ * sharing one cache_dir: each gets its own index (the cache key holds the
+ * files' device and inode), and each reads its own tokens. */
+static int test_same_name_size_mtime_in_other_directory_gets_its_own_cache(void) {
+  static corpus a, b;
+  REQUIRE(mkdir(tmp_path("twin_a"), 0755) == 0 && mkdir(tmp_path("twin_b"), 0755) == 0, "mkdir: %s",
+          strerror(errno));
+  if (make_corpus(&a, "twin_a/twin", 40, 0, len_mixed, 1000)) return 1;
+  if (make_corpus(&b, "twin_b/twin", 40, 7000000, len_mixed, 1000)) return 1;
+  struct timespec ts[2] = {{1000000000, 0}, {1000000000, 0}};
+  const char *exts[2] = {".idx", ".bin"};
+  for (int k = 0; k < 2; k++) {
+    char pa[300], pb[300];
+    snprintf(pa, sizeof pa, "%s%s", a.prefix, exts[k]);
+    snprintf(pb, sizeof pb, "%s%s", b.prefix, exts[k]);
+    REQUIRE(utimensat(AT_FDCWD, pa, ts, 0) == 0 && utimensat(AT_FDCWD, pb, ts, 0) == 0,
+            "utimensat: %s", strerror(errno));
+    struct stat sa, sb;
+    if (file_stat(pa, &sa) || file_stat(pb, &sb)) return 1;
+    REQUIRE(sa.st_size == sb.st_size, "%s and %s differ in size", pa, pb);
+  }
+  const int seq = 8;
+  mt_gpt_dataset_spec s = spec_of(&a, "1", MT_SPLIT_TRAIN, seq, 50, 3, 1);
+  s.cache_dir = tmp_path("twin_cache");
+  char p1[512], p2[512];
+  if (open_status(&s, MT_GPT_CACHE_BUILT, p1)) return 1;
+  s.prefix = b.prefix;
+  if (open_status(&s, MT_GPT_CACHE_BUILT, p2)) return 1;
+  REQUIRE(strcmp(p1, p2), "both datasets share the index %s", p1);
+  mt_gpt_dataset *d;
+  OK(mt_gpt_dataset_open(&d, &s));
+  int32_t *all = read_all(d, seq);
+  REQUIRE(all, "read");
+  for (uint64_t i = 0; i < mt_gpt_dataset_len(d); i++)
+    if (check_contiguous(&b, all + i * (seq + 1), seq, 0, 40)) return 1;
+  free(all);
+  mt_gpt_dataset_free(d);
+  return 0;
+}
+
 static int write_at(const char *path, long off, const void *buf, size_t n) {
   int fd = open(path, O_WRONLY);
   REQUIRE(fd >= 0 && pwrite(fd, buf, n, off) == (ssize_t)n, "pwrite %s", path);
@@ -1002,6 +1042,7 @@ static const struct {
     T(test_split_counts_sequences_not_empty_documents),
     T(test_epochs_added_when_data_run_out),
     T(test_cache_reused_and_rebuilt_when_description_changes),
+    T(test_same_name_size_mtime_in_other_directory_gets_its_own_cache),
     T(test_corrupt_cache_is_rebuilt_with_warning),
     T(test_unwritable_cache_keeps_index_in_memory),
     T(test_unwritable_cache_falls_back_to_the_state_dir),
