@@ -332,9 +332,13 @@ static void log_restart_point(node *n) {
                 "from step 0",
                 n->gen, n->asg.restart, n->ckpt_job_dir);
   } else {
-    mt_log_info("generation %d (restart %d): resuming from the newest committed checkpoint in %s "
-                "(step %lld)",
-                n->gen, n->asg.restart, n->ckpt_job_dir, (long long)list[count - 1].step);
+    /* the one `latest` names, which is the newest unless its write failed */
+    size_t at = count - 1;
+    for (size_t i = 0; i < count; i++)
+      if (list[i].latest) at = i;
+    mt_log_info("generation %d (restart %d): resuming from the %s checkpoint in %s (step %lld)",
+                n->gen, n->asg.restart, list[at].latest ? "latest" : "newest committed",
+                n->ckpt_job_dir, (long long)list[at].step);
   }
   free(list);
 }

@@ -181,6 +181,7 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
                      (long long)tr->step);
   }
   mt_ckpt_chunks all = {0};
+  int records_rc = 0; /* rank 0 could not hold every chunk record */
   int n_shards = g->tp_size * g->pp_size;
   uint64_t *shard_n = calloc((size_t)n_shards, sizeof *shard_n); /* rank 0: n of every shard */
   if (!shard_n) return mt_seterr(MT_ENOMEM, "checkpoint: shard list");
@@ -208,22 +209,31 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
     if (!rc && sv->chunks.n) memcpy(mine, sv->chunks.v, sv->chunks.n * rec);
     if (!rc) rc = mt_comm_allgather(g->world, &my_count, counts, 1, MT_COMM_I64);
     if (!rc) rc = mt_comm_allgather(g->world, mine, every, per * rec, MT_COMM_U8);
-    if (!rc && is0)
-      for (int r = 0; r < size; r++)
-        mt_ckpt_chunks_add(&all, (const mt_ckpt_chunk *)(every + (size_t)r * per * rec),
-                           (size_t)counts[r]);
+    /* a record that cannot be added fails the commit as out of memory (the
+     * others still hear it), not as records "missing" from a writer */
+    for (int r = 0; !rc && is0 && !records_rc && r < size; r++)
+      if (mt_ckpt_chunks_add(&all, (const mt_ckpt_chunk *)(every + (size_t)r * per * rec),
+                             (size_t)counts[r]))
+        records_rc =
+            mt_seterr(MT_ENOMEM, "checkpoint: out of memory for rank %d's %lld chunk records", r,
+                      (long long)counts[r]);
     free(mine), free(every), free(counts);
     if (rc) {
       mt_ckpt_chunks_free(&all);
       free(shard_n);
       goto comm_failed;
     }
-  } else {
-    mt_ckpt_chunks_add(&all, sv->chunks.v, sv->chunks.n);
+  } else if (mt_ckpt_chunks_add(&all, sv->chunks.v, sv->chunks.n)) {
+    records_rc =
+        mt_seterr(MT_ENOMEM, "checkpoint: out of memory for %zu chunk records", sv->chunks.n);
   }
 
   int32_t commit_rc = 0;
-  if (is0) {
+  if (is0 && records_rc) {
+    commit_rc = records_rc;
+    snprintf(err, sizeof err, "%s", mt_errmsg());
+    mt_ckpt_abort(&sv->txn);
+  } else if (is0) {
     const mt_job *job = tr->job;
     int64_t step = sv->res.step, consumed = sv->consumed_samples;
     json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)consumed);

@@ -205,7 +205,7 @@ static void report_stop(rank_ctx *c, const mt_trainer *tr, int why, int64_t last
   const char *resumes = last_saved == tr->step ? "this step's checkpoint resumes it"
                         : tr->step == 0        ? "nothing was trained"
                                                : "its checkpoint failed (above): the next run "
-                                                 "resumes from the newest committed one";
+                                                 "resumes from the one `latest` names";
   char reason[256];
   mt_local_stop_reason(reason, sizeof reason, o->job, tr->step, why);
   if (why == MT_STOPPED_ASKED)
