@@ -1018,7 +1018,8 @@ static void begin_forming(mt_coord *c) {
 
 /* job_failed: the job itself failed on a member (its data unreadable, a
  * checkpoint of another model...): a restart would fail the same way, and
- * the nodes exit 2 so that systemd does not start them again. */
+ * the nodes exit 2 so that systemd does not start them again. A stop that
+ * ends failed ends so too (restart_or_end). */
 static int end_generation_as(mt_coord *c, int64_t now_ms, int final, int ok, int job_failed,
                              const char *reason) {
   char key[64];
@@ -1044,13 +1045,19 @@ static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const 
  * restarts are left, ends the generation without ending the job and forms
  * the next from the nodes left and the spares, whose ranks resume from the
  * newest committed checkpoint (torchrun's --max-restarts); otherwise, or when
- * an operator was stopping the job anyway, the job ends failed. */
+ * an operator was stopping the job anyway, the job ends failed. A stop that
+ * meets a lost node ends it as job_failed: the nodes exit 2, so that systemd
+ * does not start them again and undo the stop (an operator stops a job
+ * precisely when a node hangs). */
 static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
   char why[900];
   for (int i = 0; i < c->n_ops; i++)
     if (!strcmp(c->ops[i].kind, "stop") && !strcmp(c->ops[i].state, "running")) {
-      snprintf(why, sizeof why, "%.600s; the job was stopping, so it ends here", what);
-      return end_generation(c, now_ms, 1, 0, why);
+      snprintf(why, sizeof why,
+               "%.600s; the job was stopping, so it ends here (exit 2, not restarted: a new "
+               "start resumes from the last committed checkpoint)",
+               what);
+      return end_generation_as(c, now_ms, 1, 0, 1, why);
     }
   if (c->restarts >= c->o.max_restarts) {
     snprintf(why, sizeof why,

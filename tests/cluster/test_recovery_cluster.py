@@ -63,6 +63,11 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   held before their first step: for 2 s no step is printed and the status
   says paused), and a resume lets the job finish; both exit 0. A re-formed
   generation used to train on, the operator's pause forgotten.
+- test_stop_that_meets_a_stalled_node_is_not_restarted: 2 daemons, a control
+  token; n1 is SIGSTOPped and a stop is posted to n0 at once: the job ends
+  failed and n0 (the coordinator) exits 2, so systemd does not start it
+  again; it exited 1 and was restarted, the stop undone. n1, back after
+  SIGCONT, exits too.
 """
 import importlib.util
 import json
@@ -416,6 +421,38 @@ def test_paused_job_reforms_paused(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def test_stop_that_meets_a_stalled_node_is_not_restarted(mtnlgd, tmp, tokens):
+    """An operator stops the job while a node hangs: the job ends failed (the
+    stop could not finish) but the nodes exit 2, which the unit's
+    RestartPreventExitStatus keeps down; exit 1 had systemd start them again
+    and the job resume, undoing the stop. The hung node, back once the
+    coordinator has gone, exits as a node that lost its coordinator does
+    (1, or 2 if it still read the end): with no coordinator it resumes
+    nothing."""
+    token = "stop-token"
+    job = tiny_job(os.path.join(tmp, "stopstall.json"), tokens, "stopstall", 100000,
+                   parallel={"tp": 2, "pp": 2, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "stopstall"), job, nodes=2, heartbeat_ms=HB_MS,
+                     timeout_ms=TIMEOUT_MS, token=token)
+    n0, n1 = c.nodes
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        n1.signal(signal.SIGSTOP)
+        stopped = post(n0, "/v1/stop", token)
+        code0 = c.wait_all(60, [n0])[0]
+        n1.signal(signal.SIGCONT)
+        code1 = c.wait_all(60, [n1])[0]
+        said = grep(n0, r"generation 1 ended: node n1 lost .*; the job was stopping, so it ends "
+                        r"here \(exit 2, not restarted")
+        ok = stopped == 202 and code0 == 2 and code1 in (1, 2) and said
+        return check("test_stop_that_meets_a_stalled_node_is_not_restarted", ok,
+                     "stop %s; exit codes n0 %s, n1 %s; reason logged %s%s"
+                     % (stopped, code0, code1, said, "" if ok else "\n" + c.logs(15)))
+    finally:
+        c.kill_all()
+
+
 def test_stalled_node_lets_the_waiting_cluster_reform(mtnlgd, tmp, tokens):
     name = "test_stalled_node_coming_back_lets_the_cluster_waiting_for_nodes_reform"
     c = two_nodes(mtnlgd, tmp, tokens, "comeback", SHORT_STEPS,
@@ -522,6 +559,7 @@ def main():
         fails += test_node_that_lost_a_device_exits_to_restart(mtnlgd, tmp, tokens)
         t6 = time.time()
         fails += test_paused_job_reforms_paused(mtnlgd, tmp, tokens)
+        fails += test_stop_that_meets_a_stalled_node_is_not_restarted(mtnlgd, tmp, tokens)
         print("# %s s" % ", ".join("%.1f" % t for t in
                                    (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5,
                                     time.time() - t6)))
