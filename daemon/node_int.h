@@ -156,7 +156,8 @@ typedef struct node {
   double peak_flops;         /* sgemm rate measured at start-up per device (MFU), 0 unknown */
   int64_t last_hb_status_ms;
 
-  json_t *status_cache; /* the last /v1/status, shared read-only (node_control.c) */
+  struct node_ckpt_scan *ckpt_scan; /* the status's newest checkpoint (node_control.c) */
+  json_t *status_cache;             /* the last /v1/status, shared read-only (node_control.c) */
   int64_t status_cache_ms;
   pthread_mutex_t status_cache_mu; /* one rebuild at a time (HTTP threads) */
   int64_t params;                  /* the job's parameter count, for params_job_hash */

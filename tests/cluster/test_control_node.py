@@ -1,0 +1,134 @@
+"""The control plane of one live daemon: what its reads cost and say.
+
+usage: test_control_node.py MTNLGD
+
+One mtnlgd on loopback (tools/local_cluster.py, cpu:1, the tiny model at
+tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
+- test_health_does_not_scan_the_checkpoint_directory: with 150 committed
+  checkpoints of 200 shards each in the job's directory, /v1/health (a
+  status rebuild each 100 ms) answers in a fraction of what GET
+  /v1/checkpoints (a full scan) takes;
+- test_status_last_checkpoint_sees_another_writers_commit_within_the_rescan:
+  a checkpoint committed by someone else shows within 10 s (plus slack).
+Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
+"""
+import http.client
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from local_cluster import LocalCluster, check, license_tokens, tiny_job  # noqa: E402
+
+failures = 0
+
+
+def get(node, path, timeout=15):
+    c = http.client.HTTPConnection("127.0.0.1", node.control_port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read().decode("utf-8", "replace")
+    finally:
+        c.close()
+
+
+def status_step(node):
+    """The status's step; -1 while the control port does not answer yet."""
+    try:
+        return json.loads(get(node, "/v1/status", timeout=2)[1])["step"]
+    except OSError:
+        return -1
+
+
+def timed_get(node, path):
+    t0 = time.monotonic()
+    status, body = get(node, path)
+    return time.monotonic() - t0, status, body
+
+
+def fake_checkpoints(job_dir, steps, shards):
+    """Committed-looking step directories (a manifest and shard files), with
+    latest naming the newest; nothing reads their contents here."""
+    os.makedirs(job_dir, exist_ok=True)
+    for step in steps:
+        d = os.path.join(job_dir, "step_%08d" % step)
+        os.makedirs(d, exist_ok=True)
+        for s in range(shards):
+            with open(os.path.join(d, "shard_%04d.bin" % s), "wb") as f:
+                f.write(b"x" * 16)
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            f.write("{}")
+    with open(os.path.join(job_dir, "latest.tmp"), "w") as f:
+        f.write("step_%08d\n" % steps[-1])
+    os.rename(os.path.join(job_dir, "latest.tmp"), os.path.join(job_dir, "latest"))
+
+
+def test_live_node(mtnlgd, tmp):
+    global failures
+    tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+    ckdir = os.path.join(tmp, "ckpt")
+    job = tiny_job(os.path.join(tmp, "job.json"), tokens, "ctlnode", 1000000,
+                   parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   checkpoint={"dir": ckdir, "interval": 0})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "cluster"), job, nodes=1, devices="cpu:1")
+    n = c.nodes[0]
+    try:
+        c.start()
+        c.wait_for(lambda: status_step(n) > 0, 120, "a step")
+
+        job_dir = os.path.join(ckdir, "ctlnode")
+        fake_checkpoints(job_dir, list(range(1000000, 1000150)), 200)
+        full = []
+        for _ in range(5):
+            t, status, body = timed_get(n, "/v1/checkpoints")
+            full.append(t)
+        listed = len(json.loads(body)["checkpoints"]) if status == 200 else -1
+        health = []
+        for _ in range(15):
+            time.sleep(0.15)  # past the status's 100 ms cache: each one rebuilds
+            t, status, _ = timed_get(n, "/v1/health")
+            health.append(t)
+        f_med, h_med = statistics.median(full), statistics.median(health)
+        failures += check("test_health_does_not_scan_the_checkpoint_directory",
+                          listed == 150 and f_med > 0.02 and h_med < f_med / 4,
+                          "%d listed; /v1/checkpoints median %.3f s, /v1/health median %.3f s"
+                          % (listed, f_med, h_med))
+
+        # another writer's commit: no step or phase of this node's changed
+        fake_checkpoints(job_dir, [2000000], 1)
+        t0 = time.time()
+        seen = None
+        while time.time() - t0 < 14:
+            lc = json.loads(get(n, "/v1/status")[1])["last_checkpoint"]
+            if lc and lc["step"] == 2000000:
+                seen = time.time() - t0
+                break
+            time.sleep(0.2)
+        failures += check(
+            "test_status_last_checkpoint_sees_another_writers_commit_within_the_rescan",
+            seen is not None, "seen after %.1f s" % seen if seen is not None else "not seen in 14 s")
+    except (AssertionError, OSError, ValueError, KeyError) as e:
+        failures += check("test_live_node_runs", False, "%s\n%s" % (e, c.logs()))
+    finally:
+        c.kill_all()
+
+
+def main():
+    global failures
+    mtnlgd = os.path.abspath(sys.argv[1])
+    tmp = tempfile.mkdtemp(prefix="mt_ctlnode_")
+    try:
+        test_live_node(mtnlgd, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
