@@ -162,7 +162,8 @@ static json_t *build_status(node *n) {
       break;
     }
   json_object_set_new(s, "val_loss", val);
-  json_object_set_new(s, "tokens_per_s", json_real(have ? st->tokens_per_s : 0.0));
+  /* null, and no metrics sample, until a step ran: not a throughput of 0 */
+  json_object_set_new(s, "tokens_per_s", have ? num_or_null(st->tokens_per_s) : json_null());
   json_object_set_new(s, "skipped_steps", json_integer(have ? st->skipped_total : 0));
   json_object_set_new(s, "loss_scale",
                       have && st->loss_scaling ? json_real(st->loss_scale) : json_null());

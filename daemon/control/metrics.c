@@ -206,8 +206,13 @@ static void render_cluster(sbuf *b, json_t *st) {
        {"mtnlg_restarts_total", "counter",
         "Generations ended by a failure (a lost node) and re-formed from the last checkpoint.", 0}},
       {"step", {"mtnlg_step", "gauge", "Last completed optimizer step.", 0}},
+      /* gauges, not counters: both are the position of the run, which goes
+       * back when a generation resumes from an earlier checkpoint */
       {"consumed_tokens",
-       {"mtnlg_consumed_tokens_total", "counter", "Training tokens consumed so far.", 0}},
+       {"mtnlg_consumed_tokens", "gauge",
+        "Training tokens consumed by the run as of the last step (back to a checkpoint's count "
+        "after a resume from it).",
+        0}},
       {"global_batch",
        {"mtnlg_step_global_batch", "gauge",
         "Samples the last step read (below the job's global batch during a ramp-up).", 0}},
@@ -219,7 +224,10 @@ static void render_cluster(sbuf *b, json_t *st) {
       {"tokens_per_s",
        {"mtnlg_tokens_per_second", "gauge", "Training throughput in tokens per second.", 0}},
       {"skipped_steps",
-       {"mtnlg_skipped_steps_total", "counter", "Steps skipped for non-finite gradients.", 0}},
+       {"mtnlg_skipped_steps", "gauge",
+        "Steps of the run skipped for non-finite gradients as of the last step (back to a "
+        "checkpoint's count after a resume from it).",
+        0}},
       {"loss_scale",
        {"mtnlg_loss_scale", "gauge", "fp16's dynamic loss scale after the last step.", 0}},
       {"eta_s", {"mtnlg_eta_seconds", "gauge", "Estimated time until the last step.", 0}},

@@ -1,9 +1,13 @@
-"""The control plane of one live daemon: what its reads cost and say.
+"""The control plane of one live daemon: what its reads cost and say,.
 
 usage: test_control_node.py MTNLGD
 
 One mtnlgd on loopback (tools/local_cluster.py, cpu:1, the tiny model at
 tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
+- test_tokens_per_s_is_null_before_the_first_step: /v1/status says null,
+  and /v1/metrics has no mtnlg_tokens_per_second sample, until a step ran;
+- test_consumed_tokens_and_skipped_steps_are_gauges: they go back when a
+  run resumes from an earlier checkpoint, so no counter type;
 - test_health_does_not_scan_the_checkpoint_directory: with 150 committed
   checkpoints of 200 shards each in the job's directory, /v1/health (a
   status rebuild each 100 ms) answers in a fraction of what GET
@@ -80,7 +84,39 @@ def test_live_node(mtnlgd, tmp):
     n = c.nodes[0]
     try:
         c.start()
+        # before the first step: poll from the moment the port answers
+        early, bad, deadline = 0, [], time.time() + 120
+        while time.time() < deadline:
+            try:
+                status, body = get(n, "/v1/status", timeout=2)
+            except OSError:
+                if n.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+                continue
+            s = json.loads(body)
+            if s["step"] > 0:
+                break
+            early += 1
+            if s["tokens_per_s"] is not None:
+                bad.append("status tokens_per_s %r at step 0" % s["tokens_per_s"])
+            _, m = get(n, "/v1/metrics")
+            if any(line.startswith("mtnlg_tokens_per_second ") for line in m.splitlines()):
+                bad.append("a mtnlg_tokens_per_second sample at step 0")
+            time.sleep(0.02)
+        failures += check("test_tokens_per_s_is_null_before_the_first_step",
+                          early > 0 and not bad,
+                          "; ".join(bad[:3]) or "%d statuses before the first step" % early)
         c.wait_for(lambda: status_step(n) > 0, 120, "a step")
+        _, m = get(n, "/v1/metrics")
+        lines = m.splitlines()
+        ok = ("# TYPE mtnlg_consumed_tokens gauge" in lines
+              and "# TYPE mtnlg_skipped_steps gauge" in lines
+              and not any("_total" in line and ("consumed" in line or "skipped" in line)
+                          for line in lines)
+              and json.loads(get(n, "/v1/status")[1])["tokens_per_s"] > 0)
+        failures += check("test_consumed_tokens_and_skipped_steps_are_gauges", ok,
+                          "\n".join(x for x in lines if "consumed" in x or "skipped" in x))
 
         job_dir = os.path.join(ckdir, "ctlnode")
         fake_checkpoints(job_dir, list(range(1000000, 1000150)), 200)
