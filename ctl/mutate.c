@@ -56,7 +56,10 @@ const char ctl_stop_help[] =
 const char ctl_checkpoint_help[] =
     "Writes a checkpoint at the next step boundary: every shard, then the manifest\n"
     "and the latest pointer (a checkpoint exists once its manifest is committed).\n"
-    "With --wait, its progress shows as it goes.\n"
+    "With --wait, waits until it is committed or failed, printing each change of\n"
+    "the operation's state; the bytes written are not reported while it writes\n"
+    "(mtnlgctl status shows the step being written, and the size and speed of the\n"
+    "last checkpoint once it is committed).\n"
     "\n"
     "Options:\n" MUTATION_OPTIONS;
 

@@ -13,7 +13,9 @@ tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
   status rebuild each 100 ms) answers in a fraction of what GET
   /v1/checkpoints (a full scan) takes;
 - test_status_last_checkpoint_sees_another_writers_commit_within_the_rescan:
-  a checkpoint committed by someone else shows within 10 s (plus slack).
+  a checkpoint committed by someone else shows within 10 s (plus slack);
+- test_checkpoint_progress_has_no_byte_figures_before_any_save: null, not
+  0 (and while a save writes, null too: the writers do not count bytes).
 Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
 """
 import http.client
@@ -117,6 +119,11 @@ def test_live_node(mtnlgd, tmp):
               and json.loads(get(n, "/v1/status")[1])["tokens_per_s"] > 0)
         failures += check("test_consumed_tokens_and_skipped_steps_are_gauges", ok,
                           "\n".join(x for x in lines if "consumed" in x or "skipped" in x))
+
+        cp = json.loads(get(n, "/v1/status")[1])["checkpoint_progress"]
+        failures += check("test_checkpoint_progress_has_no_byte_figures_before_any_save",
+                          cp["state"] == "idle" and cp["bytes_done"] is None
+                          and cp["bytes_total"] is None and cp["bytes_per_s"] is None, str(cp))
 
         job_dir = os.path.join(ckdir, "ctlnode")
         fake_checkpoints(job_dir, list(range(1000000, 1000150)), 200)
