@@ -719,6 +719,11 @@ static int read_token(node *n) {
   size_t len;
   int rc = mt_read_secret_file(path, "control.token_file", "can pause, stop or resize the job",
                                n->token, MT_CONTROL_TOKEN_MAX + 1, &len);
+  if (n->cfg->reads_need_token && (rc == MT_ENOENT || (!rc && !len)))
+    return mt_seterr(MT_EINVAL,
+                     "control.reads_need_token is yes but control.token_file %s %s: every read "
+                     "would be refused; write the token there or set reads_need_token = no",
+                     path, rc ? "does not exist" : "is empty");
   if (rc == MT_ENOENT) {
     mt_log_warn("control.token_file %s does not exist: mutations are refused (401) until it "
                 "does and the daemon restarts",

@@ -323,6 +323,11 @@ static void check(const mt_node_config *c, problems *p) {
       !c->tls_cert[0] != !c->tls_key[0])
     problem(p, "control.%s is set but control.%s is not: HTTPS needs the certificate and its key",
             c->tls_cert[0] ? "tls_cert" : "tls_key", c->tls_cert[0] ? "tls_key" : "tls_cert");
+  /* every read would be refused (401) with no token to send */
+  if (!refused(p, "control", "reads_need_token") && !refused(p, "control", "token_file") &&
+      c->reads_need_token && !c->token_file[0])
+    problem(p, "control.reads_need_token is yes but control.token_file is not set: every read "
+               "would be refused; set the token file or reads_need_token = no");
   if (!refused(p, "node", "devices") && strcmp(c->devices, "auto")) {
     char specs[256][16];
     if (mt_parse_devices(c->devices, specs, 256) < 0) problem(p, "node.devices: %s", mt_errmsg());

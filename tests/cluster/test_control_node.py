@@ -1,4 +1,5 @@
-"""The control plane of one live daemon: what its reads cost and say,.
+"""The control plane of one live daemon: what its reads cost and say, and the
+control configs it refuses.
 
 usage: test_control_node.py MTNLGD
 
@@ -16,6 +17,9 @@ tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
   a checkpoint committed by someone else shows within 10 s (plus slack);
 - test_checkpoint_progress_has_no_byte_figures_before_any_save: null, not
   0 (and while a save writes, null too: the writers do not count bytes).
+Then two daemons that must not start (exit 2, naming both keys):
+- test_reads_need_token_without_token_file_is_refused_at_start;
+- test_reads_need_token_with_an_empty_token_file_is_refused_at_start.
 Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
 """
 import http.client
@@ -162,12 +166,39 @@ def test_live_node(mtnlgd, tmp):
         c.kill_all()
 
 
+def refused(mtnlgd, tmp, name, token_file, job):
+    extra = {"control": {"reads_need_token": "yes"}}
+    if token_file is not None:
+        extra["control"]["token_file"] = token_file
+    c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=0, devices="cpu:1")
+    n = c.add_node("r0", host=True, extra=extra)
+    c.nodes = [n]
+    try:
+        c.node_start(n)
+        code = c.wait_all(30)[0]
+        err = n.stderr()
+        return code == 2 and "control.reads_need_token" in err and "control.token_file" in err, \
+            "exit %s: %s" % (code, err[-600:])
+    finally:
+        c.kill_all()
+
+
 def main():
     global failures
     mtnlgd = os.path.abspath(sys.argv[1])
     tmp = tempfile.mkdtemp(prefix="mt_ctlnode_")
     try:
         test_live_node(mtnlgd, tmp)
+        job = tiny_job(os.path.join(tmp, "job_nockpt.json"), os.path.join(tmp, "tokens.u16"),
+                       "refused", 10)
+        ok, why = refused(mtnlgd, tmp, "nofile", None, job)
+        failures += check("test_reads_need_token_without_token_file_is_refused_at_start", ok, why)
+        empty = os.path.join(tmp, "empty_token")
+        open(empty, "w").close()
+        os.chmod(empty, 0o600)
+        ok, why = refused(mtnlgd, tmp, "empty", empty, job)
+        failures += check("test_reads_need_token_with_an_empty_token_file_is_refused_at_start",
+                          ok, why)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failures else 0

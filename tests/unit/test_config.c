@@ -84,6 +84,16 @@ static void test_cross_key_checks(void) {
 
 /* One run names every problem: a value refused on its own does not hide
  * the checks of the other keys, and is not judged again by its default. */
+static void test_reads_need_token_without_token_file_is_refused_naming_both(void) {
+  const char *ov[] = {"control.reads_need_token=yes", NULL};
+  mt_node_config c;
+  CHECK(mt_node_config_load(&c, NULL, ov) == MT_EINVAL, "refused");
+  const char *m = mt_errmsg();
+  CHECK(strstr(m, "control.reads_need_token") && strstr(m, "control.token_file"), "%s", m);
+  const char *ok[] = {"control.reads_need_token=yes", "control.token_file=/etc/mtnlg/token", NULL};
+  CHECK(mt_node_config_load(&c, NULL, ok) == 0, "with a token file: %s", mt_errmsg());
+}
+
 static void test_refused_values_do_not_hide_other_checks(void) {
   const char *ov[] = {"node.devices=gpu:2",
                       "control.listen=foo",
@@ -169,6 +179,7 @@ int main(void) {
   test_file_then_overrides_win();
   test_every_problem_named_with_its_line();
   test_cross_key_checks();
+  test_reads_need_token_without_token_file_is_refused_naming_both();
   test_refused_values_do_not_hide_other_checks();
   test_device_lists();
   test_host_port();
