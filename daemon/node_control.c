@@ -542,8 +542,8 @@ static void p_submit(void *arg, const char *kind, json_t *args, mt_control_reply
   if (mt_rdzv_submit_op(n->store, kind, args, 2000, &status, &op, reply->detail,
                         sizeof reply->detail)) {
     reply->status = 503;
-    snprintf(reply->detail, sizeof reply->detail, "cannot reach the coordinator: %.400s",
-             mt_errmsg());
+    /* mt_rdzv_submit_op's message says what failed, the coordinator named */
+    snprintf(reply->detail, sizeof reply->detail, "%.400s", mt_errmsg());
     return;
   }
   reply->status = status;

@@ -329,7 +329,7 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
     /* give up on it, unless the coordinator took it first (read_op_requests) */
     if (mt_store_add(s, claim_key, 1, &claims))
       return mt_wraperr(rc, "cannot reach the coordinator (the request may still be acted on: "
-                            "see GET /v1/ops before retrying)");
+                            "see GET /v1/operations before retrying)");
     if (claims == 1)
       return mt_wraperr(rc,
                         "the coordinator did not take the request within %d ms; it will "
@@ -338,7 +338,7 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
     if ((rc = mt_store_get(s, resp_key, &v, &bytes, timeout_ms)))
       return mt_wraperr(rc,
                         "the coordinator took the request but did not answer within %d ms "
-                        "more: see GET /v1/ops before retrying",
+                        "more: see GET /v1/operations before retrying",
                         2 * timeout_ms);
   }
   json_error_t e;
