@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -470,6 +471,29 @@ int mt_ckpt_set_aside_as(const char *job_dir, int64_t step, int64_t loaded, cons
   return 0;
 }
 
+/* `latest` temp files (latest.tmp.<pid>.<hex>) a crash or a power cut left
+ * in the job directory, which no scan of step directories sees: those over
+ * a minute old go (only world rank 0 writes latest, and it has finished). */
+static void remove_stale_latest_temps(const char *job_dir) {
+  DIR *d = opendir(job_dir);
+  if (!d) return;
+  time_t now = time(NULL);
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    if (strncmp(e->d_name, MT__CKPT_LATEST ".tmp.", sizeof MT__CKPT_LATEST ".tmp." - 1)) continue;
+    struct stat st;
+    if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) || !S_ISREG(st.st_mode) ||
+        now - st.st_mtime < 60)
+      continue;
+    if (unlinkat(dirfd(d), e->d_name, 0) && errno != ENOENT)
+      mt_log_warn("ckpt: remove %s/%s (a crash's leftover): %s", job_dir, e->d_name,
+                  strerror(errno));
+    else
+      mt_log_info("ckpt: removed %s/%s, a crash's leftover", job_dir, e->d_name);
+  }
+  closedir(d);
+}
+
 /* Runs after each commit; what it keeps is in ckpt.h and proto/ckpt-v1.md. */
 int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *removed) {
   if (removed) *removed = 0;
@@ -478,6 +502,7 @@ int mt_ckpt_prune(const char *job_dir, int keep, int64_t keep_every, int *remove
                      job_dir, keep, keep_every);
   if (strlen(job_dir) > MT_CKPT_PATH_MAX - 32)
     return mt_seterr(MT_EINVAL, "ckpt: job directory path too long: %.64s...", job_dir);
+  remove_stale_latest_temps(job_dir);
   mt__ckpt_dirent *dirs;
   size_t nd;
   int rc = mt__ckpt_scan(job_dir, &dirs, &nd);

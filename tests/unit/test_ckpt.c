@@ -17,6 +17,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "ckpt.h"
@@ -720,6 +721,19 @@ static int test_retention_removes_subdirectories_and_carries_on_past_a_failure(v
         "step 2: gone, or still committed");
   CHECK(exists(step_path(job, 4, "manifest.json")), "the newest was removed");
   CHECK(exists(outside), "the file a link pointed at was removed through it");
+  /* a latest temp file a crash left goes once it is a minute old; a fresh
+   * one may be being written */
+  char old_tmp[600], new_tmp[600];
+  snprintf(old_tmp, sizeof old_tmp, "%s/latest.tmp.1234.deadbeef", job);
+  snprintf(new_tmp, sizeof new_tmp, "%s/latest.tmp.1235.cafef00d", job);
+  write_text(old_tmp, "step_00000003\n");
+  write_text(new_tmp, "step_00000004\n");
+  struct timespec ago[2] = {{.tv_sec = time(NULL) - 120}, {.tv_sec = time(NULL) - 120}};
+  REQUIRE(!utimensat(AT_FDCWD, old_tmp, ago, 0), "utimensat: %s", strerror(errno));
+  int removed = -1;
+  mt_ckpt_prune(job, 1, 0, &removed);
+  CHECK(!exists(old_tmp) && exists(new_tmp), "old latest temp kept %d, fresh one removed %d",
+        exists(old_tmp), !exists(new_tmp));
   return 0;
 }
 
