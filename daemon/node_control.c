@@ -795,9 +795,16 @@ int node_control_start(node *n) {
   int port;
   mt_parse_host_port(n->cfg->control_listen, host, sizeof host, &port);
   int bound = mt_control_port(n->control);
+  /* a wildcard listener is advertised under the host's name: other nodes'
+   * dashboards link to it, and 127.0.0.1 or [::] would be the reader's own
+   * machine (a loopback listener stays loopback) */
+  if (!host[0] || !strcmp(host, "0.0.0.0") || !strcmp(host, "::")) {
+    char name[256] = "";
+    if (gethostname(name, sizeof name - 1) || !name[0]) snprintf(name, sizeof name, "127.0.0.1");
+    snprintf(host, sizeof host, "%s", name);
+  }
   snprintf(n->control_url, sizeof n->control_url, "%s://%s%s%s:%d", n->tls_cert ? "https" : "http",
-           strchr(host, ':') ? "[" : "", !strcmp(host, "0.0.0.0") ? "127.0.0.1" : host,
-           strchr(host, ':') ? "]" : "", bound);
+           strchr(host, ':') ? "[" : "", host, strchr(host, ':') ? "]" : "", bound);
   mt_log_info("control plane and dashboard on %s/ (mutations %s)", n->control_url,
               n->token[0] ? "need the bearer token" : "refused: no token configured");
   return 0;
