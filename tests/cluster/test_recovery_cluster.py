@@ -144,7 +144,7 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
                           r"n4 \[6,8\); 0 spare\(s\)")
         m = re.search(r"resumed from \S+: step (\d+)", n0.stderr())
         resumed = int(m.group(1)) if m else None
-        said = grep(n0, r"generation 2 \(restart 1\): resuming from the newest committed "
+        said = grep(n0, r"generation 2 \(restart 1\): resuming from the latest "
                         r"checkpoint in \S+ \(step %s\)" % resumed)
         steps0 = [s["step"] for s in n0.steps()]
         k = next((i for i in range(1, len(steps0)) if steps0[i] <= steps0[i - 1]), None)
