@@ -341,6 +341,14 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
                         "more: see GET /v1/operations before retrying",
                         2 * timeout_ms);
   }
+  /* answered: the coordinator is done with the request's keys (it reads
+   * each number once), so they go rather than pile up in the store with
+   * every order, refusals included (best effort) */
+  const char *done_keys[3] = {key, claim_key, resp_key};
+  for (int i = 0; i < 3; i++)
+    if (mt_store_del(s, done_keys[i]))
+      mt_log_debug("operation request %lld: remove %s: %s", (long long)n, done_keys[i],
+                   mt_errmsg());
   json_error_t e;
   json_t *j = json_loads(v, 0, &e);
   free(v);
