@@ -591,7 +591,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
   int me = g->world ? mt_comm_rank(g->world) : 0;
-  *resumed_step = 0;
+  *resumed_step = -1;
   mt_ckpt c;
   struct {
     int64_t rc, step;
@@ -908,6 +908,8 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
   if (!rc && damaged.n) set_aside_damaged(job_dir, &damaged, *resumed_step);
   free(damaged.v);
   int is0 = !tr->g.world || mt_comm_rank(tr->g.world) == 0;
-  if (!rc && is0 && step > 0 && *resumed_step == step) set_aside_rolled_back(job_dir, step);
+  /* step 0 too: a checkpoint of step 0 is one (a job checkpointed before its
+   * first step), and the newer ones are what resuming from it rolls back */
+  if (!rc && is0 && step >= 0 && *resumed_step == step) set_aside_rolled_back(job_dir, step);
   return rc;
 }

@@ -81,10 +81,10 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
  * step that fails is an error. One that could not be read (an I/O error, or
  * files a rank sees otherwise) is read again twice, then refused with
  * MT_EAGAIN, never skipped; so is a read that fails while loading. *resumed_step: the step loaded,
- * or 0 when there was none (a fresh start). The checkpoint's tp and pp must be the job's. After
- * every rank loaded, world rank 0 sets aside the newer checkpoints a check
- * found damaged (mt_ckpt_set_aside: renamed, `latest` moved to the one
- * loaded), logging each; if that fails, it logs why and the run goes on. */
+ * or -1 when there was none (a fresh start; 0 is a checkpoint of step 0). The checkpoint's tp and
+ * pp must be the job's. After every rank loaded, world rank 0 sets aside the newer checkpoints a
+ * check found damaged (mt_ckpt_set_aside: renamed, `latest` moved to the one loaded), logging each;
+ * if that fails, it logs why and the run goes on. */
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step);
 
 #endif

@@ -247,8 +247,8 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     int64_t resumed;
     int rc = mt_trainer_resume(tr, c->ckpt_dir, job->checkpoint.resume_step, &resumed);
     if (rc) return rc;
-    if (resumed) last_saved = resumed;
-    if (resumed && c == c->all && o->on_resumed) o->on_resumed(resumed, o->arg);
+    if (resumed >= 0) last_saved = resumed; /* -1: a fresh start */
+    if (resumed >= 0 && c == c->all && o->on_resumed) o->on_resumed(resumed, o->arg);
     if (c->rank == 0 && resumed >= job->train.steps)
       mt_log_info("the checkpoint at step %lld is at or past train.steps = %lld: nothing to train "
                   "(raise train.steps to train on)",

@@ -716,6 +716,39 @@ static void test_resume_step_rolls_back_and_sets_aside_newer(void) {
   printf("  ok test_resume_step_rolls_back_and_sets_aside_newer\n");
 }
 
+/* A checkpoint of step 0 (a job checkpointed before its first step) is one:
+ * resuming from it says 0, where "nothing to resume" says -1 (both were 0,
+ * so a resume from it was taken for a fresh start), and checkpoint.resume_step
+ * 0 rolls back the newer ones as any older step does. */
+static void test_step_0_checkpoint_is_resumed_and_rolls_back(void) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128];
+  CHECK(!pattern_data(path, dir), "temp files");
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
+  mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+  int64_t resumed = 7;
+  CHECK(!mt_trainer_resume(&tr, job_dir, -1, &resumed) && resumed == -1,
+        "nothing to resume: rc %s, resumed %lld", mt_errmsg(), (long long)resumed);
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "save of step 0: %s", mt_errmsg());
+  for (int s = 1; s <= 3; s++) CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "save of step 3: %s", mt_errmsg());
+  mt_trainer_destroy(&tr);
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
+  CHECK(!mt_trainer_resume(&tr, job_dir, 0, &resumed) && resumed == 0 && tr.step == 0,
+        "resume_step 0: %s, resumed %lld", mt_errmsg(), (long long)resumed);
+  mt_ckpt_entry *e = NULL;
+  size_t n = 0;
+  CHECK(!mt_ckpt_list(job_dir, &e, &n), "%s", mt_errmsg());
+  CHECK(n == 1 && e[0].step == 0 && e[0].latest, "after the rollback to 0: %zu checkpoint(s)", n);
+  free(e);
+  mt_trainer_destroy(&tr);
+  remove_data(path, dir);
+  printf("  ok test_step_0_checkpoint_is_resumed_and_rolls_back\n");
+}
+
 /* A pause ordered at a step with a scheduled checkpoint (async, every 4
  * steps) holds nothing back: that step's checkpoint commits while the run
  * is paused, so a node lost during the pause costs no work. The pause used
@@ -880,6 +913,7 @@ int main(void) {
   test_pause_at_a_checkpoint_step_commits_it();
   test_resize_in_the_exit_interval_or_last_step_is_refused();
   test_resume_step_rolls_back_and_sets_aside_newer();
+  test_step_0_checkpoint_is_resumed_and_rolls_back();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }
