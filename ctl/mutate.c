@@ -58,8 +58,8 @@ const char ctl_checkpoint_help[] =
     "and the latest pointer (a checkpoint exists once its manifest is committed).\n"
     "With --wait, waits until it is committed or failed, printing each change of\n"
     "the operation's state; the bytes written are not reported while it writes\n"
-    "(mtnlgctl status shows the step being written, and the size and speed of the\n"
-    "last checkpoint once it is committed).\n"
+    "(mtnlgctl status shows the step being written, and once it is committed its\n"
+    "size and the rate it was written at).\n"
     "\n"
     "Options:\n" MUTATION_OPTIONS;
 

@@ -141,17 +141,16 @@ static void print_checkpoint(const json_t *st) {
     if (ctl_jstr(ck, "path")) printf(": %s", ctl_jstr(ck, "path"));
     printf("\n");
   }
+  /* while a save writes, its bytes are not reported (null): the step only;
+   * when idle, the figures are the last save's */
   const json_t *pr = json_object_get(st, "checkpoint_progress");
   const char *state = ctl_jstr(pr, "state");
-  if (state && !strcmp(state, "writing")) {
-    double done, total, rate;
-    char a[32], b[32];
-    printf(LABEL "step %s", "writing", ctl_fmt_field(a, sizeof a, pr, "step", "%.0f"));
-    if (ctl_jnum(pr, "bytes_done", &done) && ctl_jnum(pr, "bytes_total", &total))
-      printf(": %s of %s", ctl_fmt_bytes(a, sizeof a, done), ctl_fmt_bytes(b, sizeof b, total));
-    if (ctl_jnum(pr, "bytes_per_s", &rate)) printf(", %s/s", ctl_fmt_bytes(a, sizeof a, rate));
-    printf("\n");
-  }
+  double rate;
+  char a[32];
+  if (state && !strcmp(state, "writing"))
+    printf(LABEL "step %s\n", "writing", ctl_fmt_field(a, sizeof a, pr, "step", "%.0f"));
+  else if (ctl_jnum(pr, "bytes_per_s", &rate))
+    printf(LABEL "%s/s (the last save)\n", "written at", ctl_fmt_bytes(a, sizeof a, rate));
 }
 
 static int print_devices(const json_t *st) {

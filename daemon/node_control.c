@@ -334,28 +334,21 @@ static json_t *list_checkpoints_in(const char *dir) {
   return out;
 }
 
-/* GET /v1/checkpoints: the whole list, scanned for each request. Takes mu
- * only to learn the directory: call it without. */
-static json_t *list_checkpoints(node *n) {
-  char dir[1300];
-  pthread_mutex_lock(&n->mu);
-  ckpt_dir_of(n, dir, sizeof dir);
-  pthread_mutex_unlock(&n->mu);
-  return list_checkpoints_in(dir);
-}
-
-/* The status's last_checkpoint (the one `latest` names) comes from a scan
- * on a thread of its own: mt_ckpt_list stats every shard of every
- * checkpoint, 0.3-0.6 s for 300 checkpoints of 280 shards and forever on a
- * hung NFS mount, and the HTTP thread that rebuilds the status also
- * answers /v1/health. A scan is asked for when the directory, the
- * generation or this node's checkpoint step or phase changes (a save
- * starts or commits; the prune after a commit keeps latest's target), and
- * every CKPT_RESCAN_MS besides (another node's commit seen by a node
- * without ranks, a checkpoint removed by hand). The rebuild that asks
- * waits up to CKPT_SCAN_WAIT_MS for it; after that, and meanwhile, the
- * status shows the previous answer. */
-enum { CKPT_RESCAN_MS = 10000, CKPT_SCAN_WAIT_MS = 300 };
+/* The checkpoint list (GET /v1/checkpoints, and the status's
+ * last_checkpoint, the entry `latest` names) comes from a scan on a thread
+ * of its own: mt_ckpt_list stats every shard of every checkpoint, 0.3-0.6 s
+ * for 300 checkpoints of 280 shards and forever on a hung NFS mount, and
+ * the one HTTP thread answers /v1/health too. For the status a scan is
+ * asked for when the directory, the generation or this node's checkpoint
+ * step or phase changes (a save starts or commits; the prune after a
+ * commit keeps latest's target), and every CKPT_RESCAN_MS besides (another
+ * node's commit seen by a node without ranks, a checkpoint removed by
+ * hand); the rebuild that asks waits up to CKPT_SCAN_WAIT_MS for it, and
+ * after that, and meanwhile, the status shows the previous answer. GET
+ * /v1/checkpoints asks for a scan of its own and waits up to
+ * CKPT_LIST_WAIT_MS (none while an earlier scan has been running longer):
+ * past it, it answers 503 rather than an old list. */
+enum { CKPT_RESCAN_MS = 10000, CKPT_SCAN_WAIT_MS = 300, CKPT_LIST_WAIT_MS = 2000 };
 
 struct node_ckpt_scan {
   pthread_mutex_t mu;
@@ -365,24 +358,13 @@ struct node_ckpt_scan {
   char dir[1300];           /* the directory to scan; "" none */
   int64_t asked, done;      /* scans asked for, and the last one answered */
   int64_t waited, asked_ms; /* the last scan a rebuild waited for; when it was asked */
-  json_t *latest;           /* its answer: {step, path, bytes, time}, or NULL */
+  json_t *list;             /* its answer (list_checkpoints_in), or NULL before the first */
+  int64_t running_since_ms; /* when the scan in progress began; 0: none runs */
   int stop, exited, orphaned;
 };
 
-static json_t *latest_in(const char *dir) {
-  json_t *cks = list_checkpoints_in(dir), *last = NULL;
-  for (size_t k = json_array_size(cks); k-- > 0;)
-    if (json_is_true(json_object_get(json_array_get(cks, k), "latest"))) {
-      last = json_incref(json_array_get(cks, k));
-      json_object_del(last, "latest");
-      break;
-    }
-  json_decref(cks);
-  return last;
-}
-
 static void ckpt_scan_free(struct node_ckpt_scan *cs) {
-  json_decref(cs->latest);
+  json_decref(cs->list);
   pthread_mutex_destroy(&cs->mu);
   pthread_cond_destroy(&cs->cv);
   free(cs);
@@ -399,11 +381,13 @@ static void *ckpt_scan_main(void *arg) {
     int64_t seq = cs->asked;
     char dir[sizeof cs->dir];
     memcpy(dir, cs->dir, sizeof dir);
+    cs->running_since_ms = mt_mono_ms();
     pthread_mutex_unlock(&cs->mu);
-    json_t *latest = latest_in(dir);
+    json_t *list = list_checkpoints_in(dir);
     pthread_mutex_lock(&cs->mu);
-    json_decref(cs->latest);
-    cs->latest = latest;
+    cs->running_since_ms = 0;
+    json_decref(cs->list);
+    cs->list = list;
     cs->done = seq;
     pthread_cond_broadcast(&cs->cv);
   }
@@ -444,7 +428,10 @@ static void ckpt_scan_stop(node *n) {
   while (!cs->exited && !pthread_cond_timedwait(&cs->cv, &cs->mu, &until)) {
   }
   int exited = cs->exited;
-  if (!exited) cs->orphaned = 1;
+  if (!exited) { /* detached before the unlock: once it is, the thread may free cs */
+    cs->orphaned = 1;
+    pthread_detach(cs->thread);
+  }
   pthread_mutex_unlock(&cs->mu);
   if (exited) {
     pthread_join(cs->thread, NULL);
@@ -452,8 +439,27 @@ static void ckpt_scan_stop(node *n) {
   } else {
     mt_log_warn("control: the checkpoint directory scan has not returned in 2 s (a hung "
                 "filesystem?); exiting without it");
-    pthread_detach(cs->thread);
   }
+}
+
+/* Asks for a scan of dir (cs->mu held). */
+static void ckpt_scan_ask(struct node_ckpt_scan *cs, const char *dir, int64_t now_ms) {
+  snprintf(cs->dir, sizeof cs->dir, "%s", dir);
+  cs->asked++;
+  cs->asked_ms = now_ms;
+  pthread_cond_broadcast(&cs->cv);
+}
+
+/* Waits (cs->mu held) up to ms for the scan asked last; whether it is done. */
+static int ckpt_scan_wait(struct node_ckpt_scan *cs, int ms) {
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += ms / 1000;
+  until.tv_nsec += (long)(ms % 1000) * 1000000L;
+  if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+  while (cs->done < cs->asked && !pthread_cond_timedwait(&cs->cv, &cs->mu, &until)) {
+  }
+  return cs->done == cs->asked;
 }
 
 /* The status's last_checkpoint: a new object, or json null. */
@@ -468,28 +474,43 @@ static json_t *newest_checkpoint(node *n) {
   pthread_mutex_lock(&cs->mu);
   if (strcmp(key, cs->key) || now - cs->asked_ms >= CKPT_RESCAN_MS) {
     snprintf(cs->key, sizeof cs->key, "%s", key);
-    snprintf(cs->dir, sizeof cs->dir, "%s", dir);
-    cs->asked++;
-    cs->asked_ms = now;
-    pthread_cond_broadcast(&cs->cv);
+    ckpt_scan_ask(cs, dir, now);
   }
   if (cs->done < cs->asked && cs->waited < cs->asked) {
     /* once per scan: behind a hung one, every rebuild would wait */
     cs->waited = cs->asked;
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_nsec += CKPT_SCAN_WAIT_MS * 1000000L;
-    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
-    while (cs->done < cs->asked && !pthread_cond_timedwait(&cs->cv, &cs->mu, &until)) {
-    }
+    ckpt_scan_wait(cs, CKPT_SCAN_WAIT_MS);
   }
-  json_t *last = cs->latest ? json_deep_copy(cs->latest) : json_null();
+  json_t *last = NULL;
+  for (size_t k = json_array_size(cs->list); !last && k-- > 0;)
+    if (json_is_true(json_object_get(json_array_get(cs->list, k), "latest"))) {
+      last = json_deep_copy(json_array_get(cs->list, k));
+      json_object_del(last, "latest");
+    }
   pthread_mutex_unlock(&cs->mu);
   return last ? last : json_null();
 }
 
+/* GET /v1/checkpoints: a scan of its own, or NULL (503) when the directory
+ * does not answer in time. */
 static json_t *p_checkpoints(void *arg) {
-  return json_pack("{s:o}", "checkpoints", list_checkpoints(arg));
+  node *n = arg;
+  struct node_ckpt_scan *cs = n->ckpt_scan;
+  char dir[sizeof cs->dir];
+  pthread_mutex_lock(&n->mu);
+  ckpt_dir_of(n, dir, sizeof dir);
+  pthread_mutex_unlock(&n->mu);
+  int64_t now = mt_mono_ms();
+  json_t *list = NULL;
+  pthread_mutex_lock(&cs->mu);
+  /* behind a scan that has run past the wait already, this one would too */
+  int hung = cs->running_since_ms && now - cs->running_since_ms >= CKPT_LIST_WAIT_MS;
+  if (!hung) {
+    ckpt_scan_ask(cs, dir, now);
+    if (ckpt_scan_wait(cs, CKPT_LIST_WAIT_MS)) list = json_deep_copy(cs->list);
+  }
+  pthread_mutex_unlock(&cs->mu);
+  return list ? json_pack("{s:o}", "checkpoints", list) : NULL;
 }
 
 /* The coordinator's list, plus what this node submitted that it does not list yet. */

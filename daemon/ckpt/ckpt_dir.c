@@ -279,43 +279,6 @@ int mt__pwrite_full(int fd, const void *buf, size_t n, uint64_t off) {
   return 0;
 }
 
-/* Removes the directory `name` under dir_fd and all it holds (an operator's
- * notes, a tool's output): links are removed, never followed. shown is its
- * path for messages. Carries on past an entry it cannot remove and returns
- * the first failure. */
-static int remove_dir_at(int dir_fd, const char *name, const char *shown, int depth) {
-  if (depth > 32) return mt_seterr(MT_EIO, "ckpt: remove %s: nested over 32 levels", shown);
-  int fd = openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return 0;
-    return mt_seterr(MT_EIO, "ckpt: open directory %s: %s", shown, strerror(errno));
-  }
-  DIR *d = fdopendir(fd);
-  if (!d) {
-    int e = errno;
-    close(fd);
-    return mt_seterr(MT_EIO, "ckpt: open directory %s: %s", shown, strerror(e));
-  }
-  int rc = 0;
-  struct dirent *e;
-  while ((e = readdir(d))) {
-    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    char path[MT_CKPT_PATH_MAX + 300];
-    snprintf(path, sizeof path, "%s/%s", shown, e->d_name);
-    struct stat st;
-    int sub = !fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) && S_ISDIR(st.st_mode);
-    int r = sub ? remove_dir_at(fd, e->d_name, path, depth + 1) : 0;
-    if (!sub && unlinkat(fd, e->d_name, 0) && errno != ENOENT)
-      r = mt_seterr(MT_EIO, "ckpt: remove %s: %s", path, strerror(errno));
-    if (r && !rc) rc = r;
-  }
-  closedir(d);
-  if (rc) return rc;
-  if (unlinkat(dir_fd, name, AT_REMOVEDIR) && errno != ENOENT)
-    return mt_seterr(MT_EIO, "ckpt: remove directory %s: %s", shown, strerror(errno));
-  return 0;
-}
-
 /* Manifest first: a crash mid-delete leaves an uncommitted directory, never a
  * committed one with holes. */
 int mt__ckpt_remove_step(const char *step_dir) {
@@ -333,7 +296,8 @@ int mt__ckpt_remove_step(const char *step_dir) {
     return mt_seterr(MT_EIO, "ckpt: remove %s: %s", path, strerror(errno));
   /* then the rest, subdirectories included (proto/ckpt-v1.md: whatever else
    * a step directory holds goes with it) */
-  return remove_dir_at(AT_FDCWD, step_dir, step_dir, 0);
+  int rc = mt_remove_tree(step_dir);
+  return rc ? mt_wraperr(rc, "ckpt") : 0;
 }
 
 /* Bytes of the committed files of one step directory (shards and manifest;

@@ -345,6 +345,10 @@ static enum MHD_Result get_read(struct MHD_Connection *conn, mt_control *c, req 
   case R_CHECKPOINTS:
     if (!c->p.checkpoints) return problem(conn, c, q, 503, NULL, "checkpoints are not available");
     v = c->p.checkpoints(c->p.arg);
+    if (!v)
+      return problem(conn, c, q, 503, NULL,
+                     "the checkpoint directory did not answer in time (a slow or hung "
+                     "filesystem?); try again");
     break;
   case R_OPERATIONS:
     if (!c->p.operations) return problem(conn, c, q, 503, NULL, "operations are not available");

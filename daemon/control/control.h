@@ -29,7 +29,8 @@ typedef struct mt_control_provider {
   json_t *(*status)(void *arg);
   /* GET /v1/history: points with step > since (since -1: all kept). */
   json_t *(*history)(void *arg, int64_t since);
-  /* GET /v1/checkpoints, /v1/operations, /v1/operations/{id} (NULL: 404). */
+  /* GET /v1/checkpoints (NULL: 503, the directory did not answer in time),
+   * /v1/operations, /v1/operations/{id} (NULL: 404). */
   json_t *(*checkpoints)(void *arg);
   json_t *(*operations)(void *arg);
   json_t *(*operation)(void *arg, const char *id);

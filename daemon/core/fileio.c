@@ -149,16 +149,47 @@ int mt_atomic_write_file(const char *path, const void *buf, size_t n) {
   return mt_atomic_commit(&f);
 }
 
-void mt_remove_dir(const char *dir) {
-  DIR *d = opendir(dir);
-  if (!d) return;
+/* Removes the directory `name` under dir_fd and all it holds (an operator's
+ * notes, a tool's output): links are removed, never followed. shown is its
+ * path for messages. Carries on past an entry it cannot remove and returns
+ * the first failure. */
+static int remove_dir_at(int dir_fd, const char *name, const char *shown, int depth) {
+  if (depth > 32) return mt_seterr(MT_EIO, "remove %s: nested over 32 levels", shown);
+  int fd = openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return 0;
+    return mt_seterr(MT_EIO, "open directory %s: %s", shown, strerror(errno));
+  }
+  DIR *d = fdopendir(fd);
+  if (!d) {
+    int e = errno;
+    close(fd);
+    return mt_seterr(MT_EIO, "open directory %s: %s", shown, strerror(e));
+  }
+  int rc = 0;
+  char first[1024] = ""; /* the first failure's message: later ones overwrite mt_errmsg */
   struct dirent *e;
-  char path[4096];
   while ((e = readdir(d))) {
     if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-    unlink(path);
+    char path[4352];
+    snprintf(path, sizeof path, "%s/%s", shown, e->d_name);
+    struct stat st;
+    int sub = !fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) && S_ISDIR(st.st_mode);
+    int r = sub ? remove_dir_at(fd, e->d_name, path, depth + 1) : 0;
+    if (!sub && unlinkat(fd, e->d_name, 0) && errno != ENOENT)
+      r = mt_seterr(MT_EIO, "remove %s: %s", path, strerror(errno));
+    if (r && !rc) {
+      rc = r;
+      snprintf(first, sizeof first, "%s", mt_errmsg());
+    }
   }
   closedir(d);
-  rmdir(dir);
+  if (rc) return mt_seterr(rc, "%s", first);
+  if (unlinkat(dir_fd, name, AT_REMOVEDIR) && errno != ENOENT)
+    return mt_seterr(MT_EIO, "remove directory %s: %s", shown, strerror(errno));
+  return 0;
 }
+
+int mt_remove_tree(const char *dir) { return remove_dir_at(AT_FDCWD, dir, dir, 0); }
+
+void mt_remove_dir(const char *dir) { (void)mt_remove_tree(dir); }

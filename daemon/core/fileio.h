@@ -44,8 +44,11 @@ int mt_read_secret_file(const char *path, const char *what, const char *risk, ch
 
 /* write(2) until done, retrying EINTR; `what` names the file in errors. */
 int mt_write_all(int fd, const void *buf, size_t n, const char *what);
-/* Removes dir and the files directly in it (a flat directory such as a file
- * store's); best effort, for cleaning up temporary directories. */
+/* Removes dir and all it holds, subdirectories too; links are removed, not
+ * followed. Carries on past an entry it cannot remove; returns 0 or MT_EIO
+ * naming the first that failed. */
+int mt_remove_tree(const char *dir);
+/* The same, best effort, for cleaning up temporary directories. */
 void mt_remove_dir(const char *dir);
 /* fsync of the directory that holds path (path names a file). */
 int mt_fsync_parent_dir(const char *path);

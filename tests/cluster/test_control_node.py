@@ -14,7 +14,8 @@ tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
   hung NFS mount), /v1/health (a status rebuild each 100 ms) and
   /v1/status answer for 12 s, past a rescan, where each rebuild used to
   scan the directory on the HTTP thread and hang; GET /v1/checkpoints (a
-  full scan) waits;
+  full scan, on the same thread) answers 503 after its 2 s, and at once
+  while that scan hangs, and /v1/health answers after it;
 - test_status_last_checkpoint_sees_another_writers_commit_within_the_rescan:
   a checkpoint committed by someone else shows within 10 s (plus slack);
 - test_checkpoint_progress_has_no_byte_figures_before_any_save: null, not
@@ -140,11 +141,14 @@ def test_live_node(mtnlgd, tmp):
             answered.append(get(n, "/v1/status", timeout=5)[0])
         except OSError as e:
             answered.append(repr(e))
-        checkpoints = None
-        try:  # a full listing reads latest too: it waits, as before
-            get(n, "/v1/checkpoints", timeout=1)
-        except OSError:
-            checkpoints = "waits"
+        # a full listing reads latest too: 503 once its wait (2 s) is over,
+        # and at once while that scan still hangs; health answers after it
+        try:
+            checkpoints = [get(n, "/v1/checkpoints", timeout=10) for _ in range(2)]
+            checkpoints = [(st, "did not answer in time" in body) for st, body in checkpoints]
+            after = get(n, "/v1/health", timeout=5)[0]
+        except OSError as e:
+            checkpoints, after = repr(e), None
         # let the blocked readers go: write latest to them, then replace it
         for _ in range(4):
             try:
@@ -162,9 +166,9 @@ def test_live_node(mtnlgd, tmp):
         fake_checkpoints(job_dir, [1000001], 2)
         failures += check("test_health_answers_while_the_checkpoint_directory_hangs",
                           len(answered) > 10 and all(a == 200 for a in answered)
-                          and checkpoints == "waits",
-                          "%d answers: %s; GET /v1/checkpoints %s"
-                          % (len(answered), sorted(set(map(str, answered))), checkpoints))
+                          and checkpoints == [(503, True), (503, True)] and after == 200,
+                          "%d answers: %s; GET /v1/checkpoints %s, then health %s"
+                          % (len(answered), sorted(set(map(str, answered))), checkpoints, after))
 
         # another writer's commit: no step or phase of this node's changed
         fake_checkpoints(job_dir, [2000000], 1)

@@ -653,7 +653,7 @@ static int test_cache_reused_and_rebuilt_when_description_changes(void) {
 
 /* Two datasets with the same basename, size and mtime in two directories,
  * sharing one cache_dir: each gets its own index (the cache key holds the
- * files' device and inode), and each reads its own tokens. */
+ * files' inodes), and each reads its own tokens. */
 static int test_same_name_size_mtime_in_other_directory_gets_its_own_cache(void) {
   static corpus a, b;
   REQUIRE(mkdir(tmp_path("twin_a"), 0755) == 0 && mkdir(tmp_path("twin_b"), 0755) == 0, "mkdir: %s",
