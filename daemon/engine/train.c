@@ -85,25 +85,44 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
   return cfg;
 }
 
+/* Whether this rank holds a copy of the tied embedding that a stage at the
+ * other end of the pipeline holds too: its gradient is reduced over dp
+ * whole, not in the buckets (mt_trainer_step). */
+static int tied_copy(const mt_trainer *tr) {
+  return tr->g.embed && (tr->model.first || tr->model.last);
+}
+
 /* The dp buckets: each rank's slice cut into pieces of at most cap
- * elements, each ready once the block holding its first element is. */
+ * elements, each ready once the block holding its first element is; a tied
+ * embedding's elements are left out. */
 static int make_buckets(mt_trainer *tr, int cap_elems) {
   mt_gpt *m = &tr->model;
   size_t cap = cap_elems > 0 ? (size_t)cap_elems : tr->shard_n;
-  size_t per = (tr->shard_n + cap - 1) / cap;
+  size_t per = (tr->shard_n + cap - 1) / cap + 1; /* + 1: a slice the left-out range splits */
+  size_t ex_lo = 0, ex_hi = 0;                    /* the elements left out */
+  if (tied_copy(tr)) {
+    ex_lo = m->params_table[m->i_wte].offset;
+    ex_hi = ex_lo + m->params_table[m->i_wte].numel;
+  }
   tr->buckets = calloc(per * (size_t)tr->g.dp_size, sizeof *tr->buckets);
   if (!tr->buckets) return mt_seterr(MT_ENOMEM, "train: %zu gradient buckets", per * tr->g.dp_size);
   int n = 0;
   for (int k = 0; k < tr->g.dp_size; k++) {
-    size_t end = (size_t)(k + 1) * tr->shard_n;
-    for (size_t lo = (size_t)k * tr->shard_n; lo < end; lo += cap) {
-      mt_grad_bucket *b = &tr->buckets[n++];
-      b->lo = lo, b->hi = lo + cap < end ? lo + cap : end, b->owner = k, b->ready = -1;
-      for (int l = m->n_layers - 1; l >= 0; l--)
-        if (m->params_table[m->i_block0 + l * MT_P_PER_LAYER].offset <= lo) {
-          b->ready = l;
-          break;
-        }
+    size_t k_lo = (size_t)k * tr->shard_n, k_hi = k_lo + tr->shard_n;
+    /* the slice less the left-out range: what lies before it, then after it */
+    size_t part[2][2] = {{k_lo, k_hi < ex_lo ? k_hi : ex_lo}, {k_lo > ex_hi ? k_lo : ex_hi, k_hi}};
+    if (ex_lo == ex_hi) part[0][1] = k_hi, part[1][0] = k_hi;
+    for (int q = 0; q < 2; q++) {
+      size_t end = part[q][1];
+      for (size_t lo = part[q][0]; lo < end; lo += cap) {
+        mt_grad_bucket *b = &tr->buckets[n++];
+        b->lo = lo, b->hi = lo + cap < end ? lo + cap : end, b->owner = k, b->ready = -1;
+        for (int l = m->n_layers - 1; l >= 0; l--)
+          if (m->params_table[m->i_block0 + l * MT_P_PER_LAYER].offset <= lo) {
+            b->ready = l;
+            break;
+          }
+      }
     }
   }
   tr->n_buckets = n;
@@ -659,13 +678,6 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
 
   double comm_t0 = 1e3 * mt_mono_s();
-  /* the two copies of the tied embedding get the sum of both gradients */
-  if (tr->g.embed && (m->first || m->last)) {
-    const mt_param *wte = &m->params_table[m->i_wte];
-    rc = mt_comm_allreduce(tr->g.embed, m->grads + wte->offset, m->grads + wte->offset, wte->numel,
-                           MT_COMM_F32, MT_COMM_SUM);
-    if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
-  }
   /* ZeRO-1: each rank's slice holds the sum over replicas of its gradients
    * once the buckets the backward did not start yet are reduced too */
   const float *grad = m->grads + tr->shard_lo;
@@ -673,6 +685,24 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     rc = start_buckets(tr, -1);
     if (!rc) rc = mt_comm_wait(tr->g.dp);
     if (rc) return mt_wraperr(rc, "step %lld: gradient reduction over dp", sn);
+  }
+  /* the two copies of the tied embedding get the sum of both gradients, in
+   * Megatron's order: over dp first, whole (every replica of a stage then
+   * holds the same sum, whichever rank owns an element), then between the
+   * two stages, a sum of two that is the same both ways round. So the copies
+   * stay equal bit for bit. Reduced in the buckets, each element was summed
+   * over dp in an order that depends on its owner (a chain reduce starts
+   * after its root), and the owners differ between the stages: the copies
+   * drifted apart by rounding at dp >= 3. */
+  if (tied_copy(tr)) {
+    const mt_param *wte = &m->params_table[m->i_wte];
+    float *g = m->grads + wte->offset;
+    if (tr->g.dp) {
+      rc = mt_comm_allreduce(tr->g.dp, g, g, wte->numel, MT_COMM_F32, MT_COMM_SUM);
+      if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce over dp", sn);
+    }
+    rc = mt_comm_allreduce(tr->g.embed, g, g, wte->numel, MT_COMM_F32, MT_COMM_SUM);
+    if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
    * the pipeline's wait (for the bubble), the devices' faults, and the

@@ -27,7 +27,10 @@ the first stage's chunk 1) trains the same trajectory at (1,2,1) and
 (2,2,2), where dp 2 leaves 2 micro-batches a replica, pp of them (every
 forward before any backward), also with dropout and recomputation; its
 started sends match its blocking receives bit for bit, and (2,2,2) exports
-to a directory, each stage writing its chunks' files.
+to a directory, each stage writing its chunks' files. The tied embedding's
+two copies (the first stage's wte and the last stage's) hold the same master
+weights and Adam moments, bit for bit, after 30 steps at pp 2 x dp 6, where
+the two stages' ZeRO slices start at other elements.
 """
 import array
 import glob
@@ -84,6 +87,54 @@ def run(mtnlgd, job, tokens, export, tp, pp, dp, extra):
 run.acts = {}  # activation bytes stage 0's rank 0 laid out, by layout and options
 
 
+def tied_copies(mtnlgd, job, tokens, tmp):
+    """The tied embedding's two copies (the first stage's wte and the last
+    stage's) after 30 steps at pp 2 x dp 6, where the ZeRO slices of the two
+    stages start at other elements: their master weights and Adam moments,
+    read from the end-of-run checkpoint's two shard files, must be equal bit
+    for bit. Returns 0 when they are."""
+    ckpt = os.path.join(tmp, "tied-ckpt")
+    cmd = [mtnlgd, "--standalone", job, "--log-format", "json", "--set", f"data.path={tokens}",
+           "--set", "train.steps=30", "--set", "model.n_layer=2", "--set", "parallel.micro_batch=1",
+           "--set", "train.global_batch=12", "--set", "parallel.pp=2",
+           "--set", "parallel.dp_min=6", "--set", "parallel.dp_max=6",
+           "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.interval=30"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        print(out.stderr)
+        print(f"FAIL test_tied_embedding_copies_stay_equal_at_pp2_dp6: mtnlgd exited "
+              f"{out.returncode}")
+        return 1
+    job_dir = os.path.join(ckpt, json.load(open(job))["name"])
+    step_dir = os.path.join(job_dir, open(os.path.join(job_dir, "latest")).read().strip())
+    manifest = json.load(open(os.path.join(step_dir, "manifest.json")))
+    model = json.load(open(os.path.join(os.path.dirname(job), "..", "models", "tiny.json")))
+    wte = model["vocab_size"] * model["n_embd"]  # the first tensor of both end stages
+
+    def wte_of(name, a):
+        with open(os.path.join(step_dir, name), "rb") as f:
+            head = f.read(64)
+            (n,) = struct.unpack("<Q", head[24:32])
+            f.seek(64 + 4 * n * a)
+            return f.read(4 * wte)
+
+    differ = {}
+    arrays = next(f["arrays"] for f in manifest["files"] if f["name"] == "shard_tp00_pp000.bin")
+    for a, array_name in enumerate(arrays):
+        first, last = wte_of("shard_tp00_pp000.bin", a), wte_of("shard_tp00_pp001.bin", a)
+        x, y = array.array("f", first), array.array("f", last)
+        if len(x) != wte or len(y) != wte:
+            differ[array_name] = "short"
+        else:
+            n = sum(1 for i in range(wte) if x[i] != y[i])
+            if n:
+                differ[array_name] = f"{n} of {wte} elements"
+    ok = not differ
+    print(f"{'ok' if ok else 'FAIL'} test_tied_embedding_copies_stay_equal_at_pp2_dp6: "
+          f"{differ or 'master and Adam moments equal bit for bit'}")
+    return 0 if ok else 1
+
+
 def main():
     mtnlgd, job, mtnlgctl = sys.argv[1], sys.argv[2], sys.argv[3]
     data = b""
@@ -116,6 +167,7 @@ def main():
         tokens = os.path.join(tmp, "tokens.u16")
         with open(tokens, "wb") as fh:
             fh.write(array.array("H", list(data[:200000])).tobytes())
+        failures += tied_copies(mtnlgd, job, tokens, tmp)
         for name, extra, layouts, ref_of in variants:
             ref_loss, ref_w, ref_mb = refs.get(ref_of, (None, None, None))
             for tp, pp, dp in layouts:
