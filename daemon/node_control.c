@@ -134,6 +134,8 @@ static json_t *build_status(node *n) {
   if (n->end_seen && n->end_final && !n->end_ok && n->end_reason[0])
     state = "failed", reason = n->end_reason;
   if (!state) state = "forming";
+  /* the cluster's word lags a heartbeat; this node's own save is news now */
+  if (n->ckpt_writing && !strcmp(state, "running")) state = "checkpointing";
   json_t *s = json_object();
   json_object_set_new(s, "node", json_string(n->cfg->name));
   json_t *coord = cl ? json_object_get(cl, "coordinator") : NULL;
@@ -667,10 +669,13 @@ void node_control_round(node *n, int heartbeat) {
   if (heartbeat) {
     pthread_mutex_lock(&n->mu);
     int64_t step = n->have_last ? n->last.step : 0;
-    int paused = n->paused;
+    int paused = n->paused, writing = n->ckpt_writing;
     pthread_mutex_unlock(&n->mu);
     const char *state = mt_node_state_names[n->state];
-    if (n->state == N_RUNNING && paused) state = "paused";
+    if (n->state == N_RUNNING && writing)
+      state = "checkpointing";
+    else if (n->state == N_RUNNING && paused)
+      state = "paused";
     json_t *me = json_pack("{s:s, s:I, s:I, s:i, s:s}", "state", state, "memory_bytes",
                            (json_int_t)rss_bytes(), "step", (json_int_t)step, "pid", (int)getpid(),
                            "control_url", n->control_url);

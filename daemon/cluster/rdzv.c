@@ -1254,6 +1254,24 @@ static const char *cluster_state(const mt_coord *c) {
   return pausing ? "pausing" : "running";
 }
 
+/* The state the cluster shows: cluster_state's, but "checkpointing" for a
+ * running job while a checkpoint order waits or a member node says it is
+ * writing one (its own status, read at the status cadence). Orders are
+ * decided on cluster_state's word: a save in progress is a running job. */
+static const char *shown_state(const mt_coord *c) {
+  const char *st = cluster_state(c);
+  if (strcmp(st, "running")) return st;
+  for (int i = 0; i < c->n_ops; i++)
+    if (op_pending(&c->ops[i]) && !strcmp(c->ops[i].kind, "checkpoint")) return "checkpointing";
+  for (int i = 0; i < c->n_nodes; i++) {
+    if (c->nodes[i].role != ROLE_MEMBER) continue;
+    json_t *own = json_object_get(c->node_status, c->nodes[i].d.name);
+    const char *ns = own ? json_string_value(json_object_get(own, "state")) : NULL;
+    if (ns && !strcmp(ns, "checkpointing")) return "checkpointing";
+  }
+  return st;
+}
+
 static json_t *op_to_json(const coord_op *o) {
   char id[32];
   snprintf(id, sizeof id, "op-%lld", (long long)o->id);
@@ -1673,7 +1691,7 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   /* the reason: why the job ended, or why the cluster re-forms */
   int why = c->end_reason[0] && (c->state == G_ENDED || c->reforming);
   json_t *st = json_pack("{s:i, s:s, s:o, s:s, s:o, s:o, s:i, s:i}", "generation", c->gen, "state",
-                         cluster_state(c), "reason", why ? json_string(c->end_reason) : json_null(),
+                         shown_state(c), "reason", why ? json_string(c->end_reason) : json_null(),
                          "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops,
                          "dp", dp, "restarts", c->restarts);
   int rc = set_json(c->o.store, "cluster/status", st);

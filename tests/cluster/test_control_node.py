@@ -1,7 +1,7 @@
 """The control plane of one live daemon: what its reads cost and say, and the
 control configs it refuses.
 
-usage: test_control_node.py MTNLGD
+usage: test_control_node.py MTNLGD FAULT_PRELOAD
 
 One mtnlgd on loopback (tools/local_cluster.py, cpu:1, the tiny model at
 tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
@@ -20,6 +20,11 @@ tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
   a checkpoint committed by someone else shows within 10 s (plus slack);
 - test_checkpoint_progress_has_no_byte_figures_before_any_save: null, not
   0 (and while a save writes, null too: the writers do not count bytes).
+A second daemon, its shard writes held by FAULT_PRELOAD (an LD_PRELOAD
+library) until the test lets them go:
+- test_status_says_checkpointing_while_a_save_writes: an ordered save shows
+  as "checkpointing" in the status, the health, the cluster's view of the
+  node and the state metric while it is held, and "running" once it commits.
 Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
 - test_reads_need_token_with_an_empty_token_file_is_refused_at_start.
@@ -189,6 +194,78 @@ def test_live_node(mtnlgd, tmp):
         c.kill_all()
 
 
+def post(node, path, token, body=b"{}"):
+    c = http.client.HTTPConnection("127.0.0.1", node.control_port, timeout=15)
+    try:
+        c.request("POST", path, body=body, headers={"Authorization": "Bearer " + token,
+                                                    "Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, r.read().decode("utf-8", "replace")
+    finally:
+        c.close()
+
+
+def test_checkpointing_state(mtnlgd, preload, tmp):
+    """A save held in its first shard write (fault_preload) shows as
+    "checkpointing" in the node's status and health, in the cluster's view
+    of the node and in the state metric, and as "running" again once the
+    write goes on and the checkpoint commits."""
+    global failures
+    tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+    ckdir = os.path.join(tmp, "ckpt_held")
+    job = tiny_job(os.path.join(tmp, "job_held.json"), tokens, "ctlheld", 1000000,
+                   parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   checkpoint={"dir": ckdir, "interval": 0})
+    token = "held-save-token"
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "held"), job, nodes=1, devices="cpu:1",
+                     token=token)
+    n = c.nodes[0]
+    release = os.path.join(tmp, "release_writes")
+    env = {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
+           "MTNLG_FAULT_HOLD_UNTIL": release}
+    try:
+        c.start(env=env)
+        c.wait_for(lambda: status_step(n) > 0, 120, "a step")
+        code, body = post(n, "/v1/checkpoint", token)
+        if code != 202:
+            raise AssertionError("POST /v1/checkpoint: %d %s" % (code, body))
+
+        def seen():
+            st = json.loads(get(n, "/v1/status")[1])
+            health = json.loads(get(n, "/v1/health")[1])
+            metrics = get(n, "/v1/metrics")[1].splitlines()
+            return (st["state"], health["state"], [x["state"] for x in st["nodes"]],
+                    'mtnlg_state{state="checkpointing"} 1' in metrics,
+                    st["checkpoint_progress"]["state"])
+        want = ("checkpointing", "checkpointing", ["checkpointing"], True, "writing")
+        held, deadline = None, time.time() + 60
+        while time.time() < deadline and held != want:
+            held = seen()
+            time.sleep(0.2)
+        held_log = "fault_preload: holding writes to" in n.stderr()
+        open(release, "w").close()
+        after, deadline = None, time.time() + 60
+        while time.time() < deadline:
+            st = json.loads(get(n, "/v1/status")[1])
+            lc = st["last_checkpoint"]
+            after = (st["state"], [x["state"] for x in st["nodes"]],
+                     st["checkpoint_progress"]["state"], lc and lc["step"])
+            if after[:3] == ("running", ["running"], "idle") and after[3]:
+                break
+            time.sleep(0.2)
+        failures += check("test_status_says_checkpointing_while_a_save_writes",
+                          held == want and held_log
+                          and after[:3] == ("running", ["running"], "idle") and after[3],
+                          "held: %s (status, health, nodes, metric, progress; writes held: %s); "
+                          "released: %s" % (held, held_log, after))
+    except (AssertionError, OSError, ValueError, KeyError) as e:
+        failures += check("test_checkpointing_state_runs", False, "%s\n%s" % (e, c.logs()))
+    finally:
+        if not os.path.exists(release):
+            open(release, "w").close()
+        c.kill_all()
+
+
 def refused(mtnlgd, tmp, name, token_file, job):
     extra = {"control": {"reads_need_token": "yes"}}
     if token_file is not None:
@@ -208,10 +285,11 @@ def refused(mtnlgd, tmp, name, token_file, job):
 
 def main():
     global failures
-    mtnlgd = os.path.abspath(sys.argv[1])
+    mtnlgd, preload = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
     tmp = tempfile.mkdtemp(prefix="mt_ctlnode_")
     try:
         test_live_node(mtnlgd, tmp)
+        test_checkpointing_state(mtnlgd, preload, tmp)
         job = tiny_job(os.path.join(tmp, "job_nockpt.json"), os.path.join(tmp, "tokens.u16"),
                        "refused", 10)
         ok, why = refused(mtnlgd, tmp, "nofile", None, job)

@@ -9,13 +9,23 @@
  *   MTNLG_FAULT_EIO_SKIP  let this many such reads through first (default 0)
  *
  * Each failure is written to stderr as "fault_preload: EIO on PATH at OFF",
- * so a test can tell that the fault was met. Unset, every read goes through. */
+ * so a test can tell that the fault was met. Unset, every read goes through.
+ *
+ * It can also hold writes, as a stalled disk or NFS server does, so that a
+ * test sees a save in progress for as long as it needs, not by timing:
+ *
+ *   MTNLG_FAULT_HOLD_FILE  a path part ("shard_tp00_pp000.bin"); pwrite and
+ *                          pwrite64 of a file whose path contains it wait
+ *   MTNLG_FAULT_HOLD_UNTIL until this path exists (polled every 20 ms)
+ *
+ * The first held write says "fault_preload: holding writes to PATH". */
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef ssize_t (*pread_fn)(int, void *, size_t, off_t);
@@ -85,4 +95,43 @@ ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
     return -1;
   }
   return through("pread64", fd, buf, n, off);
+}
+
+typedef ssize_t (*pwrite_fn)(int, const void *, size_t, off_t);
+
+/* Waits while fd's path contains MTNLG_FAULT_HOLD_FILE and the path
+ * MTNLG_FAULT_HOLD_UNTIL does not exist. */
+static void hold(int fd) {
+  const char *part = getenv("MTNLG_FAULT_HOLD_FILE"), *until = getenv("MTNLG_FAULT_HOLD_UNTIL");
+  if (!part || !*part || !until || !*until) return;
+  char link[64], path[4096];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t k = readlink(link, path, sizeof path - 1);
+  if (k <= 0) return;
+  path[k] = 0;
+  if (!strstr(path, part)) return;
+  static int told; /* atomic */
+  if (access(until, F_OK) != 0 && !__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+    fprintf(stderr, "fault_preload: holding writes to %s\n", path);
+  struct timespec pause = {0, 20 * 1000 * 1000};
+  while (access(until, F_OK) != 0) nanosleep(&pause, NULL);
+}
+
+static ssize_t write_through(const char *name, int fd, const void *buf, size_t n, off_t off) {
+  pwrite_fn real = (pwrite_fn)dlsym(RTLD_NEXT, name);
+  if (!real) {
+    errno = ENOSYS;
+    return -1;
+  }
+  return real(fd, buf, n, off);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
+  hold(fd);
+  return write_through("pwrite", fd, buf, n, off);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
+  hold(fd);
+  return write_through("pwrite64", fd, buf, n, off);
 }
