@@ -32,6 +32,7 @@
 
 #include "err.h"
 #include "indexed.h"
+#include "monotime.h"
 #include "tokenizer.h"
 
 enum { FMT_JSONL, FMT_TEXT };
@@ -1013,7 +1014,7 @@ int main(int argc, char **argv) {
   shared s = {.o = &o};
   totals t = {.file = -1};
   pthread_mutex_init(&s.mu, NULL);
-  pthread_cond_init(&s.cv, NULL);
+  mt_mono_cond_init(&s.cv);
 
   rc = !strcmp(o.tokenizer, "bytes") ? mt_tokenizer_open_bytes(&tok)
                                      : mt_tokenizer_open_gpt2(&tok, o.vocab, o.merges);
@@ -1071,10 +1072,7 @@ int main(int argc, char **argv) {
     slot *b = &s.slots[s.next_out % s.n_slots];
     if (s.stop || interrupted || (s.eof && s.next_out == s.next_in)) break;
     if (b->state != SLOT_DONE) {
-      struct timespec until;
-      clock_gettime(CLOCK_REALTIME, &until);
-      until.tv_nsec += 100 * 1000 * 1000;
-      if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+      struct timespec until = mt_mono_deadline(100);
       pthread_cond_timedwait(&s.cv, &s.mu, &until);
     } else {
       pthread_mutex_unlock(&s.mu);

@@ -262,10 +262,7 @@ static void viewed(node *n) {
   pthread_mutex_lock(&n->mu);
   if (now - n->cluster_ms > 2 * (int64_t)n->cfg->heartbeat_interval_ms) {
     n->cluster_wanted = 1;
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_nsec += 300 * 1000000L;
-    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    struct timespec until = mt_mono_deadline(300);
     while (n->cluster_wanted && !pthread_cond_timedwait(&n->cluster_cv, &n->mu, &until)) {
     }
   }
@@ -405,7 +402,7 @@ static int ckpt_scan_start(node *n) {
   struct node_ckpt_scan *cs = calloc(1, sizeof *cs);
   if (!cs) return mt_seterr(MT_ENOMEM, "control: checkpoint scan");
   pthread_mutex_init(&cs->mu, NULL);
-  pthread_cond_init(&cs->cv, NULL);
+  mt_mono_cond_init(&cs->cv);
   int e = pthread_create(&cs->thread, NULL, ckpt_scan_main, cs);
   if (e) {
     ckpt_scan_free(cs);
@@ -421,9 +418,7 @@ static void ckpt_scan_stop(node *n) {
   struct node_ckpt_scan *cs = n->ckpt_scan;
   if (!cs) return;
   n->ckpt_scan = NULL;
-  struct timespec until;
-  clock_gettime(CLOCK_REALTIME, &until);
-  until.tv_sec += 2;
+  struct timespec until = mt_mono_deadline(2000);
   pthread_mutex_lock(&cs->mu);
   cs->stop = 1;
   pthread_cond_broadcast(&cs->cv);
@@ -454,11 +449,7 @@ static void ckpt_scan_ask(struct node_ckpt_scan *cs, const char *dir, int64_t no
 
 /* Waits (cs->mu held) up to ms for the scan asked last; whether it is done. */
 static int ckpt_scan_wait(struct node_ckpt_scan *cs, int ms) {
-  struct timespec until;
-  clock_gettime(CLOCK_REALTIME, &until);
-  until.tv_sec += ms / 1000;
-  until.tv_nsec += (long)(ms % 1000) * 1000000L;
-  if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+  struct timespec until = mt_mono_deadline(ms);
   while (cs->done < cs->asked && !pthread_cond_timedwait(&cs->cv, &cs->mu, &until)) {
   }
   return cs->done == cs->asked;
@@ -794,7 +785,7 @@ static int read_tls(node *n) {
 
 int node_control_start(node *n) {
   pthread_mutex_init(&n->status_cache_mu, NULL);
-  pthread_cond_init(&n->cluster_cv, NULL);
+  mt_mono_cond_init(&n->cluster_cv);
   n->history = calloc(NODE_HISTORY, sizeof *n->history);
   n->extra_ops = json_array();
   if (!n->history || !n->extra_ops) return mt_seterr(MT_ENOMEM, "control: history");

@@ -689,10 +689,7 @@ static void *reaper_main(void *arg) {
   mt_control *c = arg;
   pthread_mutex_lock(&c->conns_mu);
   while (!c->reaper_stop) {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_nsec += 250 * 1000000L;
-    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    struct timespec until = mt_mono_deadline(250);
     pthread_cond_timedwait(&c->reaper_cv, &c->conns_mu, &until);
     double now = mt_mono_s();
     unsigned n = 0;
@@ -794,11 +791,7 @@ int mt_control_start(const mt_control_opts *opts, mt_control **out) {
   mt_control *c = calloc(1, sizeof *c);
   if (!c) return mt_seterr(MT_ENOMEM, "control: out of memory");
   pthread_mutex_init(&c->conns_mu, NULL);
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&c->reaper_cv, &ca);
-  pthread_condattr_destroy(&ca);
+  mt_mono_cond_init(&c->reaper_cv);
   c->request_timeout_s =
       opts->request_timeout_s ? opts->request_timeout_s : DEFAULT_REQUEST_TIMEOUT_S;
   snprintf(c->listen, sizeof c->listen, "%s",
