@@ -382,9 +382,11 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       strlen(n->cfg->state_dir) + sizeof "/index-cache" <= sizeof job->data.cache_fallback)
     memcpy(stpcpy(job->data.cache_fallback, n->cfg->state_dir), "/index-cache",
            sizeof "/index-cache");
-  /* a later generation (after a resize or a failure) goes on from where the
-   * last one saved, not from the step the job names for its first start */
-  if (n->gen > 1) job->checkpoint.resume_step = -1;
+  /* checkpoint.resume_step stays in force in every generation: a rollback
+   * that is done is told by the checkpoints saved since (rolled_back_to in
+   * their manifests), and a later generation goes on from those; one that
+   * is not done yet (the first generation failed before it set aside the
+   * newer checkpoints) is done by the next */
   int here = me->rank_end - me->rank_begin;
   if (here < 1 || here > n->n_devices) {
     free(job);

@@ -64,6 +64,7 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_sav
   sv->res.step = tr->step;
   sv->adam_t = tr->opt.t;
   sv->lr_samples = tr->lr_samples;
+  sv->rolled_back_to = tr->rolled_back_to;
   sv->consumed_samples = tr->consumed_samples;
   sv->scaler = tr->scaler;
   snprintf(sv->job_dir, sizeof sv->job_dir, "%s", job_dir);
@@ -248,6 +249,10 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
     /* where the LR schedule is under a batch ramp-up (kept by every run) */
     int incomplete =
         !pos || !extra || json_object_set_new(extra, "lr_samples", json_integer(sv->lr_samples));
+    /* the rollback this timeline went through last: a start told the same
+     * checkpoint.resume_step goes on from here rather than roll back again */
+    if (!incomplete && sv->rolled_back_to >= 0)
+      incomplete = json_object_set_new(extra, "rolled_back_to", json_integer(sv->rolled_back_to));
     /* the model, which parameter counts do not tell apart (another n_head
      * splits the same matrices another way): a resume compares it */
     const mt_model_spec *ms = &job->model;
@@ -781,6 +786,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   int64_t adam_t = json_integer_value(json_object_get(c.extra, "adam_t"));
   json_t *lrs = json_object_get(c.extra, "lr_samples");
   int64_t lr_samples = json_is_integer(lrs) ? json_integer_value(lrs) : -1;
+  json_t *rb = json_object_get(c.extra, "rolled_back_to");
+  int64_t rolled_back_to = json_is_integer(rb) ? json_integer_value(rb) : -1;
   double ls_scale = json_number_value(json_object_get(ls, "scale"));
   int64_t ls_growth = json_integer_value(json_object_get(ls, "growth_tracker"));
   int64_t ls_hyst = json_integer_value(json_object_get(ls, "hysteresis_tracker"));
@@ -841,6 +848,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   }
   /* older checkpoints: their updates taken as full batches */
   tr->lr_samples = lr_samples >= 0 ? lr_samples : tr->opt.t * G;
+  tr->rolled_back_to = rolled_back_to;
   *resumed_step = saved_step;
   if (is0)
     mt_log_info("resumed from %s: step %lld, saved with dp %d, running with dp %d", dir,
@@ -901,15 +909,90 @@ static void set_aside_rolled_back(const char *job_dir, int64_t loaded) {
   free(e);
 }
 
+/* Whether the checkpoint a resume of the newest would load was trained
+ * after a rollback to step (its manifest's rolled_back_to) under the same
+ * trajectory as this job's (what changed since its save, if anything, is
+ * operational: length, layout, checkpoints; a decay that follows the length
+ * counts as length): then that rollback was done,
+ * by an earlier start of this job, and this start (a re-formed generation,
+ * a restarted daemon, a run given more steps) goes on from the newest
+ * rather than set aside the steps trained since. A job that changed what
+ * the run computes and names the step again is a retry from it: it rolls
+ * back again. World rank 0 reads the manifest; every rank learns the
+ * answer (*newest: its step, or -1 when there is a rollback to do). A
+ * checkpoint that cannot be read here is left to the resume, which names
+ * what is wrong. */
+/* A copy of a resolved job in which a decay length that follows the run's
+ * length (train.lr.decay_steps = train.steps, the default) reads as such: a
+ * run given more steps changes its length, not its course. */
+static json_t *length_free_job(const json_t *job) {
+  json_t *j = json_deep_copy(job);
+  json_t *train = json_object_get(j, "train"), *lr = json_object_get(train, "lr");
+  json_t *decay = json_object_get(lr, "decay_steps"), *steps = json_object_get(train, "steps");
+  if (json_is_integer(decay) && json_is_integer(steps) &&
+      json_integer_value(decay) == json_integer_value(steps))
+    json_object_set_new(lr, "decay_steps", json_string("train.steps"));
+  return j;
+}
+
+static int rollback_done(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *newest) {
+  int is0 = !tr->g.world || mt_comm_rank(tr->g.world) == 0;
+  int64_t found = -1;
+  mt_ckpt c;
+  if (is0 && !mt_ckpt_find(job_dir, -1, MT_CKPT_VERIFY_SIZES, &c)) {
+    json_t *rb = json_object_get(c.extra, "rolled_back_to");
+    const json_t *saved_job = json_object_get(c.extra, "job");
+    if (c.step > step && json_is_integer(rb) && json_integer_value(rb) == step && saved_job) {
+      char *text = mt_job_to_json(tr->job);
+      json_t *parsed = text ? json_loads(text, 0, NULL) : NULL;
+      free(text);
+      json_t *now = parsed ? length_free_job(parsed) : NULL, *was = length_free_job(saved_job);
+      json_decref(parsed);
+      job_changes ch = {0};
+      if (now && was) diff_job(&ch, "", was, now);
+      if (now && was && !ch.material)
+        found = c.step;
+      else if (now && was)
+        mt_log_warn("resume: checkpoint.resume_step %lld rolls back again, past the checkpoints "
+                    "trained after the last rollback to it (the newest is step %lld): this job "
+                    "takes another course from there (a retry): %s",
+                    (long long)step, (long long)c.step, ch.text);
+      json_decref(now);
+      json_decref(was);
+    }
+    mt_ckpt_close(&c);
+  }
+  int rc = tr->g.world ? mt_comm_broadcast(tr->g.world, &found, 1, MT_COMM_I64, 0) : 0;
+  if (rc) return mt_wraperr(rc, "resume");
+  *newest = found;
+  return 0;
+}
+
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step) {
+  int is0 = !tr->g.world || mt_comm_rank(tr->g.world) == 0;
+  if (step >= 0) {
+    int64_t newest;
+    int rc = rollback_done(tr, job_dir, step, &newest);
+    if (rc) return rc;
+    if (newest >= 0) {
+      if (is0)
+        mt_log_info("resume: checkpoint.resume_step %lld was done already: the newest checkpoint, "
+                    "step %lld, was trained after that rollback, on the trajectory this job "
+                    "computes, so the run goes on from it",
+                    (long long)step, (long long)newest);
+      step = -1;
+    }
+  }
   damage_list damaged = {0};
   int rc = resume_load(tr, job_dir, step, resumed_step, &damaged);
   /* only after every rank agreed it loaded: a resume that failed moves nothing */
   if (!rc && damaged.n) set_aside_damaged(job_dir, &damaged, *resumed_step);
   free(damaged.v);
-  int is0 = !tr->g.world || mt_comm_rank(tr->g.world) == 0;
   /* step 0 too: a checkpoint of step 0 is one (a job checkpointed before its
    * first step), and the newer ones are what resuming from it rolls back */
-  if (!rc && is0 && step >= 0 && *resumed_step == step) set_aside_rolled_back(job_dir, step);
+  if (!rc && step >= 0 && *resumed_step == step) {
+    tr->rolled_back_to = step; /* every rank: each one's saves carry it */
+    if (is0) set_aside_rolled_back(job_dir, step);
+  }
   return rc;
 }

@@ -49,6 +49,7 @@ typedef struct mt_checkpoint_save {
   double t0;
   int64_t adam_t;           /* Adam's count and the loss scaler at the save's step */
   int64_t lr_samples;       /* and the samples of the applied updates (mt_trainer's) */
+  int64_t rolled_back_to;   /* and the rollback its history holds (mt_trainer's) */
   int64_t consumed_samples; /* and the data position */
   mt_loss_scale scaler;
   mt_checkpoint_result res;

@@ -168,6 +168,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   memset(tr, 0, sizeof *tr);
   tr->job = job;
   tr->dev = dev;
+  tr->rolled_back_to = -1;
   const mt_model_spec *ms = &job->model;
   const mt_parallel_spec *ps = &job->parallel;
   int G = job->train.global_batch, B = ps->micro_batch, T = ms->seq_len;

@@ -145,6 +145,9 @@ typedef struct mt_trainer {
   int64_t lr_samples;             /* samples of the applied updates: under a batch ramp-up
                                      the LR schedule's position, in samples (Megatron's
                                      sample-based schedule); kept in checkpoints */
+  int64_t rolled_back_to;         /* the checkpoint.resume_step of the rollback this run's
+                                     history holds last (-1: none); kept in checkpoints, so a
+                                     later start does not roll back again */
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
