@@ -455,7 +455,8 @@ struct mt_coord {
   int64_t resize_op;               /* its operation's id */
   int resize_saved;                /* its checkpoint is committed: the generation may end */
   int64_t resize_forming_since_ms; /* its generation began forming (bounded by
-                                      reform_timeout_ms, then the usual dp) */
+                                      reform_timeout_ms, then the usual dp, or
+                                      the job ends when none is left) */
   int restarts;                    /* generations ended by a failure and re-formed */
   int reforming;                   /* forming after a failure: bounded by reform_timeout_ms */
   int64_t reform_since_ms;
@@ -1755,8 +1756,19 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
              "dp they allow instead",
              c->resize_to, c->o.reform_timeout_ms / 1000);
     mt_log_warn("coordinator: resize: %s", why);
+    int to = c->resize_to;
     fail_resize(c, why);
     dp = pick_dp(c, slots);
+    if (!dp) {
+      /* too few for any width the job allows: bounded as a re-form after a
+       * failure is, from when this generation began forming (its deadline
+       * has passed: give_up_reforming below ends the job) */
+      snprintf(c->failure, sizeof c->failure,
+               "a resize from dp %d to dp %d whose nodes went away before its generation formed",
+               c->dp, to);
+      c->reforming = 1;
+      c->reform_since_ms = c->resize_forming_since_ms;
+    }
   }
   if (!dp) {
     c->formable_since_ms = 0;

@@ -19,19 +19,83 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   resize, succeeds, and every daemon exits 0 (a stop that replaced a
   pending resize's order used to fail the job, or hang once the resize had
   saved).
+- test_resize_whose_nodes_went_away_ends_the_job_after_reform_timeout: 3
+  daemons with cpu:1 (tp 1 x pp 1, dp_min 2), n2 a spare,
+  rendezvous.reform_timeout_s 8; `resize --dp 3` is accepted, the spare
+  leaves (SIGTERM), generation 1 ends for the resize, and n1 is SIGKILLed
+  while generation 2 waits for its nodes: past the timeout the resize
+  fails, no dp the job allows is left, and the job ends failed as a re-form
+  after a failure does, naming the resize and what was missing; n0 exits 1.
+  It used to stay forming for good.
 """
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster, last_step, check, license_tokens  # noqa: E402
+from local_cluster import LocalCluster, last_step, check, grep, license_tokens  # noqa: E402
 
 
+
+
+def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
+    name = "test_resize_whose_nodes_went_away_ends_the_job_after_reform_timeout"
+    job = {"name": "resize-gone", "model": {"preset": "tiny", "n_layer": 2},
+           "parallel": {"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 1},
+           "train": {"global_batch": 6, "steps": 100000, "seed": 7,
+                     "lr": {"schedule": "constant", "peak": 1e-3}},
+           "data": {"path": tokens},
+           "checkpoint": {"dir": os.path.join(tmp, "gone-ckpt"), "interval": 0}}
+    job_path = os.path.join(tmp, "gone.json")
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    # n1's loss (1 s without a heartbeat) comes well inside the 8 s the
+    # resize's generation waits for its nodes
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "gone"), job_path, nodes=3, devices="cpu:1",
+                     token="s3cret", heartbeat_ms=100, timeout_ms=1000,
+                     extra={"rendezvous": {"reform_timeout_s": 8}})
+    n0, n1, n2 = c.nodes
+    ctl = [mtnlgctl, "-e", n0.url(), "--token-file", c.token_file]
+    try:
+        c.node_start(n0)
+        c.node_start(n1)
+        c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "generation 1")
+        c.node_start(n2)
+        c.wait_for(lambda: grep(n0, r"node n2 joined") and last_step(n0) >= 3, 120,
+                   "step 3 and the spare n2")
+        rz = subprocess.run(ctl + ["resize", "--dp", "3"], capture_output=True, text=True,
+                            timeout=60)
+        n2.signal(signal.SIGTERM)  # the spare leaves right after the resize was accepted
+        c.wait_for(lambda: grep(n0, r"generation 1 ended: resize from dp 2 to dp 3"), 120,
+                   "generation 1 ended for the resize")
+        n1.signal(signal.SIGKILL)  # a member of the old generation dies while the new one forms
+        try:
+            code = n0.wait(90)
+        except subprocess.TimeoutExpired:
+            code = None
+        lost = n0.log_time(r"coordinator: node n1 lost")
+        fell_back = n0.log_time(r"coordinator: resize: no dp 3 could be formed")
+        failed = grep(n0, r"generation 2 ended: cannot re-form after a resize from dp 2 to dp 3 "
+                          r"whose nodes went away before its generation formed: pp 1 x dp_min 2 "
+                          r"needs 2 model slot\(s\) in whole nodes, the 1 node\(s\) left "
+                          r"\(n0\) hold 1, and no node joined within "
+                          r"rendezvous.reform_timeout_s \(8 s\)")
+        ok = (rz.returncode == 0 and code == 1 and failed and lost is not None
+              and fell_back is not None and lost < fell_back)
+        return check(name, ok,
+                     "resize exit %d; n0 exit %s; n1 lost logged %s, the resize given up %s; "
+                     "the job's end names the resize and what was missing: %s%s" % (
+                         rz.returncode, code, lost, fell_back, failed,
+                         "" if ok else "\n" + c.logs(12)))
+    except AssertionError as e:
+        return check(name, False, str(e))
+    finally:
+        c.kill_all()
 
 
 def main():
@@ -158,6 +222,8 @@ def main():
                            + ("" if ok else "\n" + c.logs(8)))
         finally:
             c.kill_all()
+
+        fails += test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens)
     print("%d failure(s)" % fails)
     sys.exit(1 if fails else 0)
 
