@@ -14,8 +14,10 @@
  * It can also hold writes, as a stalled disk or NFS server does, so that a
  * test sees a save in progress for as long as it needs, not by timing:
  *
- *   MTNLG_FAULT_HOLD_FILE  a path part ("shard_tp00_pp000.bin"); pwrite and
- *                          pwrite64 of a file whose path contains it wait
+ *   MTNLG_FAULT_HOLD_FILE  a path part ("shard_tp00_pp000.bin"); pwrite,
+ *                          pwrite64 and fsync of a file whose path contains
+ *                          it wait (fsync: a file written with write(), as
+ *                          an export is, held once all of it is written)
  *   MTNLG_FAULT_HOLD_UNTIL until this path exists (polled every 20 ms)
  *
  * The first held write says "fault_preload: holding writes to PATH". */
@@ -134,4 +136,16 @@ ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
 ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
   hold(fd);
   return write_through("pwrite64", fd, buf, n, off);
+}
+
+typedef int (*fsync_fn)(int);
+
+int fsync(int fd) {
+  hold(fd);
+  fsync_fn real = (fsync_fn)dlsym(RTLD_NEXT, "fsync");
+  if (!real) {
+    errno = ENOSYS;
+    return -1;
+  }
+  return real(fd);
 }
