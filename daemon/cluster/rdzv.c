@@ -810,11 +810,13 @@ static int read_node_keys(mt_coord *c, int look, char **vals) {
   return rc;
 }
 
+static int read_member_reports(mt_coord *c);
+
 /* Heartbeats and departures: marks nodes lost or left, and lost nodes that
  * heartbeat again back. The first member of the running generation lost (or
- * gone) is written down in c->loss, which stays until the generation's end
- * is written: a store error on the way cannot make the coordinator forget a
- * node it has already marked lost. */
+ * gone) before its ranks reported done is written down in c->loss, which
+ * stays until the generation's end is written: a store error on the way
+ * cannot make the coordinator forget a node it has already marked lost. */
 static int read_heartbeats(mt_coord *c, int64_t now_ms) {
   char *why = c->loss;
   size_t size = sizeof c->loss;
@@ -822,7 +824,7 @@ static int read_heartbeats(mt_coord *c, int64_t now_ms) {
   if (look < 0) return look;
   char **vals = calloc(2 * (size_t)c->n_nodes + 1, sizeof *vals);
   if (!vals) return mt_seterr(MT_ENOMEM, "coordinator: heartbeats of %d nodes", c->n_nodes);
-  int rc = read_node_keys(c, look, vals);
+  int rc = read_node_keys(c, look, vals), reports_read = 0;
   for (int i = 0; i < c->n_nodes && !rc; i++) {
     coord_node *n = &c->nodes[i];
     if (n->role == ROLE_LEFT) continue;
@@ -831,6 +833,25 @@ static int read_heartbeats(mt_coord *c, int64_t now_ms) {
     n->left = left;
     if (n->role == ROLE_LOST) {
       rc = read_lost(c, n, now_ms, left, v);
+      continue;
+    }
+    /* a member whose ranks reported done finished everything they do in
+     * this generation (the export included: world rank 0 may write it alone
+     * for hours); losing it now loses nothing, and the generation waits for
+     * the other members' reports. Its report may have landed since the last
+     * look, just before its departure: the reports are read again first. */
+    int member = n->role == ROLE_MEMBER && c->state == G_RUNNING;
+    int gone = left || (v == n->hb_value && now_ms - n->hb_changed_ms > c->o.heartbeat_timeout_ms);
+    if (member && gone && !n->reported && !reports_read) {
+      if ((rc = read_member_reports(c))) break;
+      reports_read = 1;
+    }
+    int finished = member && n->reported == 1 + MT_REPORT_DONE;
+    if (left && finished) {
+      n->role = ROLE_LEFT;
+      mt_log_info("coordinator: node %s left after its ranks finished generation %d; waiting for "
+                  "the other members",
+                  n->d.name, c->gen);
       continue;
     }
     if (left && n->role == ROLE_MEMBER && c->state == G_RUNNING) {
@@ -853,7 +874,11 @@ static int read_heartbeats(mt_coord *c, int64_t now_ms) {
       n->role = ROLE_LOST;
       mt_log_warn("coordinator: node %s lost: no heartbeat for %.1f s", n->d.name,
                   (now_ms - n->hb_changed_ms) / 1000.0);
-      if (was_member && c->state == G_RUNNING && !why[0]) {
+      if (finished)
+        mt_log_info("coordinator: node %s was lost after its ranks finished generation %d: not a "
+                    "failure; waiting for the other members",
+                    n->d.name, c->gen);
+      else if (was_member && c->state == G_RUNNING && !why[0]) {
         snprintf(why, size, "node %s lost (no heartbeat for %.1f s, ranks [%d, %d))", n->d.name,
                  (now_ms - n->hb_changed_ms) / 1000.0, n->rank_begin, n->rank_end);
       }
@@ -862,6 +887,13 @@ static int read_heartbeats(mt_coord *c, int64_t now_ms) {
   for (int i = 0; i < 2 * c->n_nodes; i++) free(vals[i]);
   free(vals);
   return rc;
+}
+
+/* A member of the running generation lost or gone after its ranks reported
+ * done (read_heartbeats): still counted as done, not as a loss. Its report
+ * is cleared when the next generation begins forming, or when it is back. */
+static int finished_and_gone(const coord_node *n) {
+  return (n->role == ROLE_LOST || n->role == ROLE_LEFT) && n->reported == 1 + MT_REPORT_DONE;
 }
 
 static int cmp_nodes(const void *a, const void *b) {
@@ -1020,9 +1052,11 @@ static void begin_forming(mt_coord *c) {
   c->formable_since_ms = 0;
   c->loss[0] = 0;
   /* paused stays: a paused job that lost a node re-forms paused (form) */
-  for (int i = 0; i < c->n_nodes; i++)
+  for (int i = 0; i < c->n_nodes; i++) {
+    c->nodes[i].reported = 0; /* the lost and gone too (finished_and_gone) */
     if (c->nodes[i].role == ROLE_MEMBER || c->nodes[i].role == ROLE_SPARE)
       c->nodes[i].role = ROLE_NONE;
+  }
 }
 
 /* job_failed: the job itself failed on a member (its data unreadable, a
@@ -1145,7 +1179,8 @@ static int read_member_reports(mt_coord *c) {
   return rc;
 }
 
-/* Members' reports: all done ends the job well; a failure not explained by a
+/* Members' reports: all done ends the job well (a member lost or gone after
+ * it reported done counts as done); a failure not explained by a
  * lost node within the heartbeat timeout (twice that while a silent member
  * may yet be found lost) ends the generation: a failure on a peer re-forms
  * it (restart_or_end), one on the job ends the job. */
@@ -1164,6 +1199,7 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
   }
   for (int i = 0; i < c->n_nodes; i++) {
     coord_node *n = &c->nodes[i];
+    if (finished_and_gone(n)) members++, done++;
     if (n->role != ROLE_MEMBER) continue;
     members++;
     if (n->reported == 1 + MT_REPORT_DONE) done++;
@@ -1193,7 +1229,7 @@ static int read_reports(mt_coord *c, int64_t now_ms) {
   if (members && done == members) {
     char why[600] = "";
     for (int i = 0; i < c->n_nodes; i++)
-      if (c->nodes[i].role == ROLE_MEMBER) {
+      if (c->nodes[i].role == ROLE_MEMBER || finished_and_gone(&c->nodes[i])) {
         snprintf(why, sizeof why, "%s", c->nodes[i].report);
         break;
       }
@@ -1250,7 +1286,9 @@ static const char *cluster_state(const mt_coord *c) {
     if (!strcmp(o->kind, "pause")) pausing = 1;
   }
   for (int i = 0; i < c->n_nodes; i++)
-    if (c->nodes[i].role == ROLE_MEMBER && c->nodes[i].reported) return "stopping";
+    if ((c->nodes[i].role == ROLE_MEMBER && c->nodes[i].reported) ||
+        finished_and_gone(&c->nodes[i]))
+      return "stopping";
   if (c->paused) return "paused";
   return pausing ? "pausing" : "running";
 }

@@ -1,6 +1,6 @@
 """A lost node: the coordinator re-forms the cluster from the last checkpoint.
 
-usage: test_recovery_cluster.py MTNLGD SOURCE_ROOT
+usage: test_recovery_cluster.py MTNLGD SOURCE_ROOT FAULT_PRELOAD
 
 Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
 4-layer tiny model, heartbeat timeout 2 s:
@@ -68,6 +68,17 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   failed and n0 (the coordinator) exits 2, so systemd does not start it
   again; it exited 1 and was restarted, the stop undone. n1, back after
   SIGCONT, exits too.
+- test_member_lost_after_it_finished_does_not_end_the_generation: 2 daemons,
+  tp 2 x pp 1 x dp 2 (n0 replica 0, n1 replica 1), checkpoint.export to one
+  file, which world rank 0 writes alone after the last step; n0 runs with
+  tests/common/fault_preload.c holding the export's fsync until the test
+  lets it go. n1 finishes and reports done (the status says stopping), is
+  SIGKILLed and declared lost: the coordinator logs it as lost after it
+  finished, not a failure, the nodes list shows n1 lost and the state stays
+  stopping in generation 1 with no restart; let go, the export completes,
+  the job ends "completed" and n0 exits 0. A finished member's loss used to
+  end the generation, abort the export and, with too few nodes left, fail
+  the job.
 """
 import importlib.util
 import json
@@ -537,8 +548,65 @@ def test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload):
+    name = "test_member_lost_after_it_finished_does_not_end_the_generation"
+    steps = 6
+    out = os.path.join(tmp, "finished-export")
+    os.makedirs(out)
+    export, release = os.path.join(out, "final.safetensors"), os.path.join(tmp, "release-export")
+    job = tiny_job(os.path.join(tmp, "finished.json"), tokens, "finished", steps,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
+                   checkpoint={"export": export})
+    # without the fix the job failed once reform_timeout_s passed: soon
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "finished"), job, nodes=2, heartbeat_ms=HB_MS,
+                     timeout_ms=TIMEOUT_MS, extra={"rendezvous": {"reform_timeout_s": 5}})
+    n0, n1 = c.nodes
+    try:
+        c.node_start(n0, {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "final.safetensors",
+                          "MTNLG_FAULT_HOLD_UNTIL": release})
+        c.node_start(n1)
+        # world rank 0 holds in the export; n1 (replica 1) has nothing to
+        # export, ends and reports done, which the coordinator has read once
+        # the status says stopping
+        c.wait_for(lambda: grep(n0, r"fault_preload: holding writes to \S*final\.safetensors")
+                   and grep(n1, r"generation 1: this node's ranks ended: completed %d steps"
+                            % steps)
+                   and status(n0)["state"] == "stopping", 120,
+                   "the export held and n1 done")
+        n1.signal(signal.SIGKILL)
+        n1.wait(10)
+        c.wait_for(lambda: grep(n0, r"coordinator: node n1 lost") and
+                   roles(n0).get("n1", ("",))[0] == "lost", 30, "n1 lost")
+        st = status(n0)
+        listed = {n["name"]: (n["role"], n["member"]) for n in st["nodes"]}
+        open(release, "w").close()
+        try:
+            code = n0.wait(120)
+        except subprocess.TimeoutExpired:
+            code = None
+        said = grep(n0, r"coordinator: node n1 was lost after its ranks finished generation 1: "
+                        r"not a failure; waiting for the other members")
+        ended = grep(n0, r"coordinator: generation 1 ended: completed %d steps" % steps)
+        failed = grep(n0, r"generation 1 ended: node n1 lost")
+        exported = grep(n0, r"exported weights to \S*final\.safetensors") and os.path.isfile(export)
+        ok = (code == 0 and said and ended and not failed and exported
+              and listed.get("n1") == ("lost", False) and st["state"] == "stopping"
+              and st["generation"] == 1 and st["restarts"] == 0)
+        return check(name, ok, "n0 exit %s; loss logged as after its end %s; generation 1 ended "
+                     "completed %s, as a failure %s; exported %s; status while held: state %s, "
+                     "generation %s, restarts %s, n1 %s%s" % (
+                         code, said, ended, failed, exported, st["state"], st["generation"],
+                         st["restarts"], listed.get("n1"), "" if ok else "\n" + c.logs(15)))
+    except AssertionError as e:
+        return check(name, False, str(e))
+    finally:
+        if not os.path.exists(release):
+            open(release, "w").close()
+        c.kill_all()
+
+
 def main():
-    mtnlgd, source_root = sys.argv[1], sys.argv[2]
+    mtnlgd, source_root, preload = sys.argv[1], sys.argv[2], sys.argv[3]
     validate = contract(source_root)
     fails = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -560,6 +628,7 @@ def main():
         t6 = time.time()
         fails += test_paused_job_reforms_paused(mtnlgd, tmp, tokens)
         fails += test_stop_that_meets_a_stalled_node_is_not_restarted(mtnlgd, tmp, tokens)
+        fails += test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload)
         print("# %s s" % ", ".join("%.1f" % t for t in
                                    (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5,
                                     time.time() - t6)))
