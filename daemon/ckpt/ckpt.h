@@ -84,6 +84,12 @@ typedef struct mt_ckpt_meta {
 
 /* ---- writing ---- */
 
+/* Whether checkpoints can go to job_dir, checked before the first step:
+ * makes it (and its parents) and creates and removes a file in it. Found
+ * only at the first save, an unwritable checkpoint.dir let a run train for
+ * hours without a checkpoint. MT_EIO naming the directory and the error. */
+int mt_ckpt_check_dir(const char *job_dir);
+
 /* Claims <job_dir>/step_<08d>/ for a new checkpoint (making directories as
  * needed) and picks a fresh tag. An uncommitted directory of that step is
  * emptied; a committed one is un-committed and emptied, unless `latest` names

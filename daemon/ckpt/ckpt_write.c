@@ -88,6 +88,20 @@ static int make_dirs(const char *dir) {
   return 0;
 }
 
+int mt_ckpt_check_dir(const char *job_dir) {
+  int rc = make_dirs(job_dir);
+  if (rc) return rc;
+  char probe[MT_CKPT_PATH_MAX + 64], suffix[32];
+  mt_tmp_suffix(suffix, sizeof suffix);
+  snprintf(probe, sizeof probe, "%s/.write-check.tmp.%s", job_dir, suffix);
+  int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0)
+    return mt_seterr(MT_EIO, "ckpt: cannot create a file in %s: %s", job_dir, strerror(errno));
+  close(fd);
+  unlink(probe);
+  return 0;
+}
+
 /* Clears the step's leftovers so that stale temp files or shards never mix
  * with the new ones. */
 int mt_ckpt_begin(mt_ckpt_txn *t, const char *job_dir, int64_t step) {

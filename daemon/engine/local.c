@@ -616,6 +616,19 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
     int rc = check_export_path(o->export_path);
     if (rc) return rc;
   }
+  /* every rank writes its slice of each checkpoint: this process checks
+   * before any step that it can write there (an unwritable checkpoint.dir
+   * failed every save of a run that went on to its end) */
+  char ckpt_dir[1200] = "";
+  if (o->checkpoint_dir)
+    snprintf(ckpt_dir, sizeof ckpt_dir, "%s", o->checkpoint_dir);
+  else if (o->job->checkpoint.dir[0])
+    mt_checkpoint_job_dir(o->job, ckpt_dir, sizeof ckpt_dir);
+  if (ckpt_dir[0] && mt_ckpt_check_dir(ckpt_dir)) {
+    char why[1500];
+    snprintf(why, sizeof why, "%s", mt_ckpt_unprefixed(mt_errmsg()));
+    return mt_seterr(MT_EINVAL, "checkpoint.dir %s: %s", o->job->checkpoint.dir, why);
+  }
   if (n < size && !o->store)
     return mt_seterr(MT_EINVAL, "local: ranks spread over processes need a shared store");
   mt_local *l = calloc(1, sizeof *l);

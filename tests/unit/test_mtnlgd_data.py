@@ -7,6 +7,8 @@ every 10 and must: log val_loss at steps 10, 20, 30, 40 (the same batches
 each time, so the values are comparable and finite), report per-dataset
 consumption within one sample of 70/30, refuse a blend weight of 0 with the
 key named, and give the same losses when run twice (cached indices reused).
+An export path or a checkpoint.dir that cannot be written is refused before
+the first step.
 """
 import glob
 import json
@@ -95,6 +97,20 @@ def main():
                 failures += 1
             else:
                 print(f"ok test_bad_export_refused_before_training ({says})")
+        # so is a checkpoint directory that cannot be made or written: every
+        # save of the run failed, and the run went on to its end, exit 0
+        blocked = os.path.join(gen, "ckpt")  # gen is a file: no directory under it
+        out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(data),
+                   "--set", "train.steps=3", "--set", "train.lr.warmup_steps=1",
+                   "--set", "checkpoint.dir=" + blocked, "--set", "checkpoint.interval=1"],
+                  ok=False)
+        if (out.returncode == 0 or "checkpoint.dir " + blocked not in out.stderr
+                or "Not a directory" not in out.stderr or '"step"' in out.stdout):
+            print(f"FAIL test_unwritable_checkpoint_dir_refused_before_training: exit "
+                  f"{out.returncode}\n{out.stderr[-2000:]}")
+            failures += 1
+        else:
+            print("ok test_unwritable_checkpoint_dir_refused_before_training")
     return 1 if failures else 0
 
 
