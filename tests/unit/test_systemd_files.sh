@@ -31,7 +31,8 @@ if [[ -n $out ]]; then
 fi
 echo "ok test_unit_verifies_without_warnings"
 grep -q '^Type=notify' "$tmp/mtnlgd.service" && grep -q '^WatchdogSec=' "$tmp/mtnlgd.service" &&
-  grep -q '^DeviceAllow=char-nvidiactl' "$tmp/mtnlgd.service" && ! grep -q '^PrivateDevices=yes' "$tmp/mtnlgd.service" ||
+  grep -q '^DeviceAllow=char-nvidiactl' "$tmp/mtnlgd.service" && ! grep -q '^PrivateDevices=yes' "$tmp/mtnlgd.service" &&
+  ! grep '^DeviceAllow=' "$tmp/mtnlgd.service" | grep -vq '^DeviceAllow=char-' ||
   { echo "FAIL test_unit_is_notify_with_watchdog_and_gpu_access"; exit 1; }
 echo "ok test_unit_is_notify_with_watchdog_and_gpu_access"
 root=$tmp/root
