@@ -844,7 +844,9 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
                "\"constant\")",
                lr->kind == MT_LR_COSINE ? "cosine" : "linear");
   if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
-  if (lr->warmup_steps > lr->decay_steps)
+  /* a decay that follows train.steps says nothing new when train.steps was
+   * refused itself (its default, 0, stood in) */
+  if (lr->warmup_steps > lr->decay_steps && (g->decay || !seen(pb, "train.steps")))
     check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",
                "warmup of %" PRId64 " steps is longer than the decay, %" PRId64 " steps%s",
                lr->warmup_steps, lr->decay_steps, g->decay ? "" : " (train.steps)");

@@ -277,6 +277,11 @@ static void test_wrong_type_is_named(void) {
   mt_job job;
   CHECK(parse_with(&job, tiny_job, "train.steps=many", NULL) == MT_EINVAL);
   CHECK(has_line(mt_errmsg(), "train.steps: expected an integer, got a string"));
+  /* only that line: not also a warmup "longer than the decay" of the 0 steps
+   * that stood in for the refused value */
+  CHECK(parse_with(&job, tiny_job, "train.steps=many", "train.lr.warmup_steps=5") == MT_EINVAL);
+  CHECK(count_lines(mt_errmsg()) == 1);
+  CHECK(has_line(mt_errmsg(), "train.steps: expected an integer, got a string"));
   CHECK(parse_with(&job, tiny_job, "train.global_batch=2.5", NULL) == MT_EINVAL);
   CHECK(has_line(mt_errmsg(), "train.global_batch: expected an integer"));
   CHECK(parse_with(&job, tiny_job, "train.steps=1e3", NULL) == MT_OK); /* integral real */
