@@ -204,7 +204,8 @@ static void on_resumed(int64_t step, void *arg) {
   pthread_mutex_unlock(&n->mu);
 }
 
-static void on_stopped(int64_t step, int why, void *arg) {
+static void on_stopped(int64_t step, int why, const char *save_failed, int64_t saved, void *arg) {
+  (void)save_failed, (void)saved;
   node *n = arg;
   pthread_mutex_lock(&n->mu);
   n->stopped_step = step;

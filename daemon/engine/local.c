@@ -46,6 +46,7 @@ typedef struct rank_ctx {
   char ckpt_dir[1200];        /* this job's checkpoints, or "" */
   mt_checkpoint_save pending; /* an async save in flight */
   int64_t pending_order_seq;
+  char save_err[1024]; /* why the last save failed (the first rank of a process), or "" */
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -74,6 +75,7 @@ static void report_start(const mt_trainer *tr) {
 static void report_save(rank_ctx *c, int rc, const mt_checkpoint_result *res, int64_t order_seq) {
   const mt_local_opts *o = c->o;
   if (c != c->all) return;
+  snprintf(c->save_err, sizeof c->save_err, "%s", rc ? mt_errmsg() : "");
   if (rc)
     mt_log_error("checkpoint of step %lld failed: %s", (long long)res->step, mt_errmsg());
   else if (c->rank == 0)
@@ -196,22 +198,28 @@ static int64_t job_start_ms(const char *name) {
   return s;
 }
 
-/* The ranks agreed to stop after tr->step (why: MT_STOPPED_*): the first
- * rank of this process says so. */
+/* The ranks agreed to stop after tr->step (why: MT_STOPPED_*), the stop's
+ * save done: the first rank of this process says so, and whether the
+ * steps since the last checkpoint are lost (its save failed: an error,
+ * since the run ends there however it was asked to). */
 static void report_stop(rank_ctx *c, const mt_trainer *tr, int why, int64_t last_saved) {
   const mt_local_opts *o = c->o;
   if (c != c->all) return;
-  if (o->on_stopped) o->on_stopped(tr->step, why, o->arg);
-  const char *resumes = last_saved == tr->step ? "this step's checkpoint resumes it"
-                        : tr->step == 0        ? "nothing was trained"
-                                               : "its checkpoint failed (above): the next run "
-                                                 "resumes from the one `latest` names";
+  int unsaved = c->ckpt_dir[0] && last_saved != tr->step && tr->step > 0;
+  if (o->on_stopped) o->on_stopped(tr->step, why, unsaved ? c->save_err : NULL, last_saved, o->arg);
   char reason[256];
   mt_local_stop_reason(reason, sizeof reason, o->job, tr->step, why);
-  if (why == MT_STOPPED_ASKED)
+  if (unsaved)
+    mt_log_error("%s, but its checkpoint failed (above): the next run resumes from the one "
+                 "`latest` names",
+                 reason);
+  else if (why == MT_STOPPED_ASKED)
     mt_log_info("%s", reason);
   else
-    mt_log_info("%s; %s", reason, resumes);
+    mt_log_info("%s; %s", reason,
+                last_saved == tr->step ? "this step's checkpoint resumes it"
+                : tr->step == 0        ? "nothing was trained"
+                                       : "the job keeps no checkpoints (checkpoint.dir)");
 }
 
 void mt_local_stop_reason(char *buf, size_t size, const mt_job *job, int64_t step, int why) {

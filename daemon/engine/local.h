@@ -69,8 +69,12 @@ typedef struct mt_local_opts {
   /* the first rank of this process, after resuming from a checkpoint at step */
   void (*on_resumed)(int64_t step, void *arg);
   /* the first rank of this process, when the ranks agreed to stop after
-   * step (before the last, or at it), why: MT_STOPPED_* */
-  void (*on_stopped)(int64_t step, int why, void *arg);
+   * step (before the last, or at it), why: MT_STOPPED_*. save_failed: NULL
+   * when a checkpoint holds the state at step (or nothing was trained, or
+   * the job keeps no checkpoints), else why the stop's save failed, and
+   * the steps since saved (the newest checkpoint this run committed or
+   * resumed from, -1: none) are lost */
+  void (*on_stopped)(int64_t step, int why, const char *save_failed, int64_t saved, void *arg);
   void *arg;
 } mt_local_opts;
 

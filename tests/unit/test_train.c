@@ -842,9 +842,13 @@ static void note_checkpoint(int phase, int64_t step, int rc, const char *msg,
   if (phase == 1 && !rc && res) saved_step = step;
 }
 
-static void note_stopped(int64_t step, int why, void *arg) {
-  (void)step, (void)arg;
-  stopped_why = why;
+static int64_t stopped_step, stopped_saved;
+static char stopped_unsaved[300]; /* why the stop's save failed, "-" when it did not */
+
+static void note_stopped(int64_t step, int why, const char *save_failed, int64_t saved, void *arg) {
+  (void)arg;
+  stopped_why = why, stopped_step = step, stopped_saved = saved;
+  snprintf(stopped_unsaved, sizeof stopped_unsaved, "%s", save_failed ? save_failed : "-");
 }
 
 /* A resize that takes effect after step `after` of a job of `steps` with
@@ -892,6 +896,35 @@ static void test_resize_in_the_exit_interval_or_last_step_is_refused(void) {
   printf("  ok test_resize_in_the_exit_interval_or_last_step_is_refused\n");
 }
 
+/* A run that train.exit_interval stops after step 6, saving every 4 steps:
+ * with step 6's save failing (its directory a link to itself, which root
+ * cannot follow either), the stop says why and that step 4 is the newest
+ * checkpoint, so the node reports the steps since it lost; saved, it says
+ * nothing failed. Before, a failed stop's save was told as a clean stop. */
+static void test_a_stop_whose_checkpoint_fails_says_so(void) {
+  for (int fail = 0; fail < 2; fail++) {
+    char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", step6[200];
+    CHECK(!pattern_data(path, dir), "temp files");
+    mt_job job;
+    parse_ckpt_job(&job, "unsaved", path, dir, 40, "\"exit_interval\":6,", "\"interval\":4");
+    snprintf(step6, sizeof step6, "%s/unsaved", dir);
+    CHECK(!mkdir(step6, 0755), "mkdir %s", step6);
+    snprintf(step6, sizeof step6, "%s/unsaved/step_00000006", dir);
+    CHECK(!fail || !symlink("step_00000006", step6), "symlink %s", step6);
+    stopped_why = -1, stopped_step = stopped_saved = -2, stopped_unsaved[0] = 0;
+    mt_local_opts o = {.job = &job, .on_stopped = note_stopped};
+    CHECK(!mt_local_run(&o), "%s", mt_errmsg());
+    int ok = stopped_why == MT_STOPPED_INTERVAL && stopped_step == 6 &&
+             (fail ? strstr(stopped_unsaved, "step_00000006") && stopped_saved == 4
+                   : !strcmp(stopped_unsaved, "-") && stopped_saved == 6);
+    CHECK(ok, "%s: stopped after step %lld for %d, newest checkpoint %lld, save failed: %s",
+          fail ? "step 6 unwritable" : "written", (long long)stopped_step, stopped_why,
+          (long long)stopped_saved, stopped_unsaved);
+    remove_data(path, dir);
+  }
+  printf("  ok test_a_stop_whose_checkpoint_fails_says_so\n");
+}
+
 int main(void) {
   if (mt_device_open(&dev, "cpu:0")) {
     printf("cannot open cpu:0: %s\n", mt_errmsg());
@@ -912,6 +945,7 @@ int main(void) {
   test_another_n_head_is_refused();
   test_pause_at_a_checkpoint_step_commits_it();
   test_resize_in_the_exit_interval_or_last_step_is_refused();
+  test_a_stop_whose_checkpoint_fails_says_so();
   test_resume_step_rolls_back_and_sets_aside_newer();
   test_step_0_checkpoint_is_resumed_and_rolls_back();
   printf("%s\n", failures ? "FAILED" : "all passed");
