@@ -204,12 +204,28 @@ static void on_resumed(int64_t step, void *arg) {
   pthread_mutex_unlock(&n->mu);
 }
 
+/* Cuts s (a string of at most size - 1 bytes) whole: a UTF-8 sequence cut
+ * short by a bounded copy would make every JSON that carries it fail. */
+static void cut_whole(char *s, size_t size) {
+  size_t len = strlen(s);
+  if (len != size - 1) return;
+  while (len && ((unsigned char)s[len - 1] & 0xC0) == 0x80) len--;
+  if (len && (unsigned char)s[len - 1] >= 0xC0) len--;
+  s[len] = 0;
+}
+
 static void on_stopped(int64_t step, int why, const char *save_failed, int64_t saved, void *arg) {
-  (void)save_failed, (void)saved;
   node *n = arg;
   pthread_mutex_lock(&n->mu);
   n->stopped_step = step;
   n->stopped_why = why;
+  /* bounded, so that the report's reason keeps its end ("the newest
+   * checkpoint ...") within what the coordinator keeps of it */
+  snprintf(n->stop_unsaved, sizeof n->stop_unsaved, "%s", save_failed ? save_failed : "");
+  cut_whole(n->stop_unsaved, sizeof n->stop_unsaved);
+  if (save_failed && !n->stop_unsaved[0])
+    snprintf(n->stop_unsaved, sizeof n->stop_unsaved, "(no reason given)");
+  n->stop_saved = saved;
   pthread_mutex_unlock(&n->mu);
 }
 
@@ -231,13 +247,7 @@ static void tell_acted(node *n, int64_t seq, int64_t step, int ok, const char *r
     struct node_acted *a = &n->acted[n->n_acted++];
     a->gen = n->gen, a->ok = ok, a->seq = seq, a->step = step;
     snprintf(a->reason, sizeof a->reason, "%s", reason ? reason : "");
-    /* cut whole: a UTF-8 sequence cut short would fail the JSON every round */
-    size_t len = strlen(a->reason);
-    if (len == sizeof a->reason - 1) {
-      while (len && ((unsigned char)a->reason[len - 1] & 0xC0) == 0x80) len--;
-      if (len && (unsigned char)a->reason[len - 1] >= 0xC0) len--;
-      a->reason[len] = 0;
-    }
+    cut_whole(a->reason, sizeof a->reason); /* else the JSON would fail every round */
   } else {
     mt_log_error("order %lld's word is dropped: %d others wait to be sent", (long long)seq,
                  n->n_acted);
@@ -442,6 +452,8 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   n->resumed_step = -1;
   n->stopped_step = -1;
   n->stopped_why = MT_STOPPED_ASKED;
+  n->stop_unsaved[0] = 0;
+  n->stop_saved = -1;
   n->exit_at = 0.0; /* this generation's world rank 0 says it again at its first step */
   pthread_mutex_unlock(&n->mu);
   mt_log_info("generation %d: ranks [%d, %d) of %d on %s..%s (tp %d x pp %d x dp %d), job %s (%s)",
@@ -521,6 +533,7 @@ static void on_engine_done(uv_async_t *h) {
   n->quiet = n->said_slow = n->was_silent = 0;
   char reason[1200];
   int failed = n->engine_rc != 0;
+  int unsaved = 0;             /* stopped, but the stop's checkpoint failed */
   if (failed && n->end_seen) { /* aborted because the generation ended */
     snprintf(reason, sizeof reason, "%s", n->engine_err);
     mt_log_warn("generation %d: this node's ranks stopped with the generation: %s", n->gen, reason);
@@ -531,8 +544,10 @@ static void on_engine_done(uv_async_t *h) {
     pthread_mutex_lock(&n->mu);
     /* where they agreed to stop, else (the end) the last step */
     int64_t step = n->stopped_step >= 0 ? n->stopped_step : n->last.step;
-    int64_t resumed = n->resumed_step;
+    int64_t resumed = n->resumed_step, saved = n->stop_saved;
     int why = n->stopped_why;
+    char save_failed[sizeof n->stop_unsaved];
+    memcpy(save_failed, n->stop_unsaved, sizeof save_failed);
     pthread_mutex_unlock(&n->mu);
     if (resumed >= n->run_job.train.steps)
       snprintf(reason, sizeof reason,
@@ -542,7 +557,23 @@ static void on_engine_done(uv_async_t *h) {
       mt_local_stop_reason(reason, sizeof reason, &n->run_job, step, why);
     else
       snprintf(reason, sizeof reason, "completed %lld steps", (long long)n->run_job.train.steps);
-    mt_log_info("generation %d: this node's ranks ended: %s", n->gen, reason);
+    /* the steps since the newest checkpoint are lost: the stop stops, but
+     * it is not a clean one (reported failed on the job: the job ends
+     * failed and the nodes exit 2, which systemd does not restart into the
+     * training the operator or the schedule stopped) */
+    unsaved = save_failed[0] != 0;
+    if (unsaved) {
+      size_t len = strlen(reason);
+      if (saved >= 0)
+        snprintf(reason + len, sizeof reason - len,
+                 "; its checkpoint failed: %s; the newest checkpoint is step %lld", save_failed,
+                 (long long)saved);
+      else
+        snprintf(reason + len, sizeof reason - len,
+                 "; its checkpoint failed: %s; no checkpoint was committed", save_failed);
+    }
+    mt_log(unsaved ? MT_LOG_ERROR : MT_LOG_INFO, "generation %d: this node's ranks ended: %s",
+           n->gen, reason);
   }
   if (n->end_seen && (n->store_failing_since_ms || n->coord_lost)) { /* nobody to tell */
     finish(n, 1);
@@ -557,7 +588,11 @@ static void on_engine_done(uv_async_t *h) {
     snprintf(reason + strlen(reason), sizeof reason - strlen(reason),
              " (node %s lost %.400s: it restarts)", n->cfg->name, lost);
   }
-  send_report(n, failed ? report_kind(n->engine_rc) : MT_REPORT_DONE, reason);
+  send_report(n,
+              failed    ? report_kind(n->engine_rc)
+              : unsaved ? MT_REPORT_FAILED
+                        : MT_REPORT_DONE,
+              reason);
   if (lost[0]) {
     leave_and_exit(n, 1);
     return;

@@ -141,6 +141,8 @@ typedef struct node {
   int64_t resumed_step;      /* of this generation's ranks; -1: they did not resume */
   int64_t stopped_step;      /* the step they agreed to stop after; -1: none (yet) */
   int stopped_why;           /* ... and why (MT_STOPPED_*) */
+  char stop_unsaved[256];    /* why the stop's checkpoint failed (its steps are lost), or "" */
+  int64_t stop_saved;        /* ... the newest checkpoint then; -1: none */
   double exit_at;            /* train.exit_duration_mins' deadline as of the last step
                                 (mt_step_stats.exit_at), unix seconds; 0: none */
   node_point *history;       /* ring of NODE_HISTORY */

@@ -26,11 +26,24 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   while generation 2 waits for its nodes: past the timeout the resize
   fails, no dp the job allows is left, and the job ends failed as a re-form
   after a failure does, naming the resize and what was missing; n0 exits 1.
-  It used to stay forming for good.
+  It used to stay forming for good;
+- test_stop_whose_checkpoint_fails_ends_failed: a third cluster is saved
+  by `checkpoint --wait` at step M and paused after step P > M; step P's
+  directory is made a link to itself (which root cannot follow either, so
+  the save surely fails), then `stop --wait`: the job still stops, but
+  the stop fails (exit 1) saying its checkpoint failed and that the
+  newest checkpoint is step M, every node logs that end, and every node
+  exits 2, which systemd's RestartPreventExitStatus does not restart
+  into the stopped training. A failed stop's save was reported as a clean
+  stop (succeeded, exit 0) and the steps since M were silently lost;
+- test_stop_by_sigterm_whose_checkpoint_fails_ends_failed: the same, stopped
+  by SIGTERM to a member instead: every node logs the end naming the failed
+  save and exits 2.
 """
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,8 +52,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from local_cluster import LocalCluster, last_step, check, grep, license_tokens  # noqa: E402
-
-
 
 
 def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
@@ -94,6 +105,53 @@ def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
                          "" if ok else "\n" + c.logs(12)))
     except AssertionError as e:
         return check(name, False, str(e))
+def stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck, by_signal=False):
+    """Stopped by `stop --wait`, or by SIGTERM to member n2 (by_signal)."""
+    name = "unsaved-signal" if by_signal else "unsaved-test"
+    fail_job = dict(job, name=name, train=dict(job["train"], steps=400))
+    with open(job_path, "w") as f:
+        json.dump(fail_job, f)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, name), job_path, nodes=4, token="s3cret",
+                     heartbeat_ms=200, timeout_ms=3000)
+    ctl = [mtnlgctl, "-e", c.nodes[1].url(), "--token-file", c.token_file]
+
+    def run(*args):
+        return subprocess.run(ctl + list(args), capture_output=True, text=True, timeout=120)
+
+    def op_step(kind):  # where the newest operation of kind acted
+        ops = json.loads(run("-o", "json", "ops").stdout)["operations"]
+        return [o["step"] for o in ops if o["kind"] == kind][-1]
+    try:
+        c.start()
+        c.wait_for(lambda: last_step(c.nodes[0]) >= 2, 120, "step 2")
+        ck_run = run("checkpoint", "--wait")
+        saved = op_step("checkpoint")
+        pause = run("pause", "--wait")
+        paused = op_step("pause")
+        # the save the stop makes at step P cannot make its directory
+        os.symlink("step_%08d" % paused, os.path.join(ck, name, "step_%08d" % paused))
+        if by_signal:
+            c.nodes[2].signal(signal.SIGTERM)
+            st = subprocess.CompletedProcess([], "-", "", "")  # no operation to wait on
+        else:
+            st = run("stop", "--wait")
+        codes = c.wait_all(60)
+        said = st.stdout + st.stderr
+        want = ("stopped at step %d of 400 on request; its checkpoint failed: " % paused,
+                "cannot be followed", "the newest checkpoint is step %d" % saved)
+        ended = re.compile(r"generation 1 ended: .*%s.*%s.*%s" % tuple(map(re.escape, want)))
+        logged = [n.name for n in c.nodes if ended.search(n.stderr())]
+        ok = (ck_run.returncode == 0 and pause.returncode == 0 and paused > saved
+              and len(logged) == 4 and codes == [2] * 4
+              and (by_signal or st.returncode == 1 and "failed" in st.stderr
+                   and all(w in said for w in want)))
+        return check("test_stop_by_sigterm_whose_checkpoint_fails_ends_failed" if by_signal
+                     else "test_stop_whose_checkpoint_fails_ends_failed", ok,
+                     "checkpoint exit %d at step %s, pause exit %d at step %s, stop exit %s "
+                     "(%s), the end logged on %s, exit codes %s" % (
+                         ck_run.returncode, saved, pause.returncode, paused, st.returncode,
+                         said.strip()[-400:], logged, codes)
+                     + ("" if ok else "\n" + c.logs(8)))
     finally:
         c.kill_all()
 
@@ -224,6 +282,9 @@ def main():
             c.kill_all()
 
         fails += test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens)
+        fails += stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck)
+        fails += stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck,
+                                             by_signal=True)
     print("%d failure(s)" % fails)
     sys.exit(1 if fails else 0)
 
