@@ -666,16 +666,21 @@ static void test_a_failed_op_does_not_block_its_owner_in_the_abort(void) {
 }
 
 /* Rank 3 joins but does not enter the all-reduce until the others have
- * failed; they must fail by their deadline naming it, and rank 3's late
- * all-reduce must then fail at once (its peers aborted), not at its own. */
+ * failed and one of them has aborted the group (a failed group is aborted
+ * on a thread of its own: before that, the peers' timed-out all-reduce is
+ * still queued, and rank 3 joining completes it, as on a GPU); they must
+ * fail by their deadline naming it, and rank 3's late all-reduce must then
+ * fail at once (its peers aborted), not at its own. */
 static atomic_int stuck_failed;
+static int stuck_aborts0; /* mt_emu_nccl_abort_count() before the test */
 
 static int body_stuck(rank_ctx *x, mt_comm *c) {
   float *buf = mt_device_alloc(&devs[x->rank], 1000 * sizeof(float));
   if (!buf) return MT_ENOMEM;
   int rc;
   if (x->rank == 3) {
-    while (atomic_load(&stuck_failed) < 3) sleep_ms(1);
+    while (atomic_load(&stuck_failed) < 3 || mt_emu_nccl_abort_count() == stuck_aborts0)
+      sleep_ms(1);
     mt_comm_set_timeout(c, 10000);
     double t0 = now_s();
     rc = mt_comm_allreduce(c, buf, buf, 1000, MT_COMM_F32, MT_COMM_SUM);
@@ -699,6 +704,7 @@ static void test_stuck_peer_fails_allreduce_by_deadline(void) {
   rank_ctx ctx[NDEV];
   double late_s = -1;
   atomic_store(&stuck_failed, 0);
+  stuck_aborts0 = mt_emu_nccl_abort_count();
   double t0 = now_s();
   run_ranks(ctx, NDEV, NDEV, "test/stuck", 300, body_stuck, &late_s);
   double took = now_s() - t0;

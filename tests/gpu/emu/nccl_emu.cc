@@ -958,10 +958,15 @@ int mt_emu_nccl_late(int on) {
   return was;
 }
 
+static std::atomic<int> abort_calls;
+
+int mt_emu_nccl_abort_count(void) { return abort_calls.load(); }
+
 ncclResult_t ncclCommAbort(ncclComm_t comm) {
   std::unique_lock<std::mutex> lk(mt_emu::async_mutex());
   ncclComm *c = live(comm, "ncclCommAbort");
   if (c->cl->aborted_by == -1) c->cl->aborted_by = c->rank;
+  abort_calls++;
   drop_items(c);
   mt_emu::async_notify();
   /* as the real one's cudaFree: behind every kernel of the device */

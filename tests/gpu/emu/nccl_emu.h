@@ -170,6 +170,12 @@ ncclResult_t ncclGroupEnd(void);
  * the real one would be. Off by default. */
 void mt_emu_nccl_abort_waits(int on);
 
+/* Test hook: how many times ncclCommAbort has marked a communicator aborted
+ * (its peers' operations fail from then on). mtnlg aborts a failed group on
+ * a thread of its own, so a test that needs the abort to have happened
+ * waits for this to move rather than for the failed operation to return. */
+int mt_emu_nccl_abort_count(void);
+
 /* Test hook: with on (or MT_NCCL_EMU_LATE=1 in the environment), an
  * operation moves its data as late as a GPU may: once every rank has
  * posted it and it heads their streams, and only when some host thread
