@@ -941,6 +941,17 @@ static void on_signal(uv_signal_t *h, int sig) {
   switch (n->state) {
   case N_RUNNING: /* rides the step's all-reduce to every rank */
     __atomic_store_n(&n->stop_flag, 1, __ATOMIC_RELEASE);
+    /* and the coordinator hears of it: a generation that fails before the
+     * stop is done (a node lost meanwhile) ends the job rather than re-form
+     * without this node and train on */
+    if (mt_rdzv_stop_signalled(n->store, n->gen, n->cfg->name))
+      mt_log_warn("could not tell the coordinator of the stop: %s; a failure before the stop "
+                  "is done re-forms the cluster without this node",
+                  mt_errmsg());
+    else
+      mt_log_info("generation %d: the coordinator knows of the stop (a failure before it is done "
+                  "ends the job)",
+                  n->gen);
     break;
   case N_JOINING:
   case N_WAITING:

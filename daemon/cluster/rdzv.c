@@ -306,6 +306,12 @@ int mt_rdzv_leave(mt_store *s, const char *name) {
   return rc ? rc : mt_store_add(s, "nodes/left_count", 1, &count);
 }
 
+int mt_rdzv_stop_signalled(mt_store *s, int gen, const char *name) {
+  char key[64];
+  snprintf(key, sizeof key, "gen/%d/stop_signal", gen);
+  return mt_store_set(s, key, name, strlen(name));
+}
+
 /* ---- operations and status ---- */
 
 int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
@@ -1094,6 +1100,17 @@ static int end_generation(mt_coord *c, int64_t now_ms, int final, int ok, const 
  * precisely when a node hangs). */
 static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
   char why[900];
+  /* a member stopped by a signal (systemctl stop, ^C) is a stop too */
+  char key[64], *who = NULL;
+  snprintf(key, sizeof key, "gen/%d/stop_signal", c->gen);
+  if (get_now(c->o.store, key, &who) > 0) {
+    snprintf(why, sizeof why,
+             "%.600s; node %.100s had been told to stop by a signal, so the job ends here (exit "
+             "2, not restarted: a new start resumes from the last committed checkpoint)",
+             what, who);
+    free(who);
+    return end_generation_as(c, now_ms, 1, 0, 1, why);
+  }
   for (int i = 0; i < c->n_ops; i++)
     if (!strcmp(c->ops[i].kind, "stop") && !strcmp(c->ops[i].state, "running")) {
       snprintf(why, sizeof why,

@@ -109,6 +109,11 @@ int mt_rdzv_report(mt_store *s, int gen, const char *name, int how, const char *
 int mt_rdzv_order(mt_store *s, int gen, int64_t *seq, char *kind, int kind_size);
 /* This node leaves (a spare, or any node once the job ended): nodes/<name>/left. */
 int mt_rdzv_leave(mt_store *s, const char *name);
+/* A member was told to stop by a signal (SIGTERM, SIGINT) in generation gen:
+ * gen/<g>/stop_signal holds its name. The stop rides the step's all-reduce;
+ * this tells the coordinator, so that a generation that fails meanwhile
+ * (a node lost) ends the job as a stop would, not re-forms. */
+int mt_rdzv_stop_signalled(mt_store *s, int gen, const char *name);
 
 /* ---- operations and status (the control plane's cluster side) ---- */
 

@@ -68,6 +68,12 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   failed and n0 (the coordinator) exits 2, so systemd does not start it
   again; it exited 1 and was restarted, the stop undone. n1, back after
   SIGCONT, exits too.
+- test_sigterm_stop_that_meets_a_lost_node_ends_the_job: 3 daemons with
+  cpu:1 at dp 3 (dp_min 2); n2 gets SIGTERM (systemctl stop) and its stop's
+  save is held in its shard write (fault_preload) while n1 is SIGKILLed: the
+  generation fails, and the job ends, as a stop that meets a lost node
+  does (n0 exits 2, naming n2's signal), where the coordinator knew only of
+  stops ordered through it and re-formed without n2 to train on;
 - test_member_lost_after_it_finished_does_not_end_the_generation: 2 daemons,
   tp 2 x pp 1 x dp 2 (n0 replica 0, n1 replica 1), checkpoint.export to one
   file, which world rank 0 writes alone after the last step; n0 runs with
@@ -548,6 +554,49 @@ def test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
+    name = "test_sigterm_stop_that_meets_a_lost_node_ends_the_job"
+    release = os.path.join(tmp, "release-sigstop")
+    job = tiny_job(os.path.join(tmp, "sigstop.json"), tokens, "sigstop", 100000,
+                   parallel={"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 3, "micro_batch": 2},
+                   train={"global_batch": 12, "steps": 100000, "seed": 7,
+                          "lr": {"schedule": "constant", "peak": 1e-3}},
+                   checkpoint={"dir": os.path.join(tmp, "sigstop-ckpt"), "interval": 0})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "sigstop"), job, nodes=3, devices="cpu:1",
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS,
+                     extra={"rendezvous": {"reform_timeout_s": 5}})
+    n0, n1, n2 = c.nodes
+    try:
+        c.node_start(n0)
+        c.node_start(n1)
+        c.node_start(n2, {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
+                          "MTNLG_FAULT_HOLD_UNTIL": release})
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        # systemctl stop on n2: the stop's save holds in n2's shard write,
+        # and n1 is lost before it is done
+        n2.signal(signal.SIGTERM)
+        c.wait_for(lambda: grep(n2, r"the coordinator knows of the stop")
+                   and grep(n2, r"fault_preload: holding writes to"), 60,
+                   "n2's stop known and its save held")
+        n1.signal(signal.SIGKILL)
+        n1.wait(10)
+        code0 = c.wait_all(60, [n0])[0]
+        open(release, "w").close()
+        code2 = c.wait_all(60, [n2])[0]
+        said = grep(n0, r"generation 1 ended: .*node n2 had been told to stop by a signal, so the "
+                        r"job ends here \(exit 2, not restarted")
+        reformed = grep(n0, r"re-forming from")
+        ok = code0 == 2 and said and not reformed and code2 is not None
+        return check(name, ok, "exit codes n0 %s, n2 %s; reason logged %s; re-formed %s%s"
+                     % (code0, code2, said, reformed, "" if ok else "\n" + c.logs(15)))
+    except AssertionError as e:
+        return check(name, False, "%s\n%s" % (e, c.logs(15)))
+    finally:
+        if not os.path.exists(release):
+            open(release, "w").close()
+        c.kill_all()
+
+
 def test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload):
     name = "test_member_lost_after_it_finished_does_not_end_the_generation"
     steps = 6
@@ -629,6 +678,7 @@ def main():
         fails += test_paused_job_reforms_paused(mtnlgd, tmp, tokens)
         fails += test_stop_that_meets_a_stalled_node_is_not_restarted(mtnlgd, tmp, tokens)
         fails += test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload)
+        fails += test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload)
         print("# %s s" % ", ".join("%.1f" % t for t in
                                    (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5,
                                     time.time() - t6)))
