@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "ctl.h"
+#include "fileio.h"
 #include "http.h"
 #include "mt_config.h"
 
@@ -81,21 +82,21 @@ static int read_token(const char *path, const char *source, char **out, char *er
             MAX_TOKEN_BYTES);
     goto cleanup;
   }
-  while (n > 0 && isspace((unsigned char)tok[n - 1])) n--;
-  tok[n] = '\0';
-  if (n == 0) {
+  /* the daemon's rule for control.token_file too */
+  size_t off, len, bad_at;
+  if (mt_token_word(tok, n, &off, &len, &bad_at)) {
+    set_err(err, cap,
+            "%s: the token file %s holds more than one printable word (a space, a line break "
+            "or a control character at byte %zu)",
+            source, path, bad_at);
+    goto cleanup;
+  }
+  if (len == 0) {
     set_err(err, cap, "%s: the token file %s is empty", source, path);
     goto cleanup;
   }
-  for (size_t i = 0; i < n; i++) {
-    if (tok[i] < 0x21 || tok[i] > 0x7e) {
-      set_err(err, cap,
-              "%s: the token file %s holds more than one printable word (a space, a line break "
-              "or a control character at byte %zu)",
-              source, path, i);
-      goto cleanup;
-    }
-  }
+  memmove(tok, tok + off, len);
+  tok[len] = '\0';
   *out = tok;
   tok = NULL;
   ret = 0;

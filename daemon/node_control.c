@@ -732,10 +732,23 @@ static double measure_peak_flops(const char *spec, int devices) {
 static int read_token(node *n) {
   const char *path = n->cfg->token_file;
   if (!path[0]) return 0;
-  /* mtnlgctl strips the same trailing whitespace */
-  size_t len;
+  size_t len, off, bad_at;
   int rc = mt_read_secret_file(path, "control.token_file", "can pause, stop or resize the job",
                                n->token, MT_CONTROL_TOKEN_MAX + 1, &len);
+  /* mtnlgctl's rule (mt_token_word): a token it would refuse to send
+   * would leave nobody able to authenticate */
+  if (!rc && mt_token_word(n->token, len, &off, &len, &bad_at)) {
+    explicit_bzero(n->token, sizeof n->token);
+    return mt_seterr(MT_EINVAL,
+                     "control.token_file %s holds more than one printable word (a space, a line "
+                     "break or a control character at byte %zu), which mtnlgctl refuses to send: "
+                     "write the token alone, on one line",
+                     path, bad_at);
+  }
+  if (!rc) {
+    memmove(n->token, n->token + off, len);
+    n->token[len] = 0;
+  }
   if (n->cfg->reads_need_token && (rc == MT_ENOENT || (!rc && !len)))
     return mt_seterr(MT_EINVAL,
                      "control.reads_need_token is yes but control.token_file %s %s: every read "

@@ -138,6 +138,20 @@ int mt_read_secret_file(const char *path, const char *what, const char *risk, ch
   return rc;
 }
 
+int mt_token_word(const char *buf, size_t n, size_t *off, size_t *len, size_t *bad_at) {
+  size_t b = 0, e = n;
+  while (b < e && isspace((unsigned char)buf[b])) b++;
+  while (e > b && isspace((unsigned char)buf[e - 1])) e--;
+  *off = b, *len = 0, *bad_at = 0;
+  for (size_t i = b; i < e; i++)
+    if ((unsigned char)buf[i] < 0x21 || (unsigned char)buf[i] > 0x7e) {
+      *bad_at = i;
+      return -1;
+    }
+  *len = e - b;
+  return 0;
+}
+
 int mt_atomic_write_file(const char *path, const void *buf, size_t n) {
   mt_atomic_file f;
   int rc = mt_atomic_open(&f, path);

@@ -42,6 +42,15 @@ int mt_atomic_write_file(const char *path, const void *buf, size_t n);
 int mt_read_secret_file(const char *path, const char *what, const char *risk, char *buf, size_t cap,
                         size_t *len);
 
+/* The one rule for a bearer token's file, the daemon's control.token_file
+ * and mtnlgctl's --token-file alike, so a token one takes the other can
+ * give: one word of printable ASCII (0x21..0x7e), whitespace (the newline
+ * an editor or echo leaves) allowed around it. Of buf's n bytes: 0 with the
+ * word at buf + *off, *len bytes (0: the file is blank); -1 with *bad_at
+ * the offset of the first byte that breaks it (a space, a line break, a
+ * control or non-ASCII byte inside the word, or a second word). */
+int mt_token_word(const char *buf, size_t n, size_t *off, size_t *len, size_t *bad_at);
+
 /* write(2) until done, retrying EINTR; `what` names the file in errors. */
 int mt_write_all(int fd, const void *buf, size_t n, const char *what);
 /* Removes dir and all it holds, subdirectories too; links are removed, not

@@ -27,7 +27,10 @@ library) until the test lets them go:
   node and the state metric while it is held, and "running" once it commits.
 Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
-- test_reads_need_token_with_an_empty_token_file_is_refused_at_start.
+- test_reads_need_token_with_an_empty_token_file_is_refused_at_start;
+- test_token_file_of_two_lines_is_refused_at_start: mtnlgctl refuses to send
+  such a token (more than one printable word), so the daemon does not start
+  with it (exit 2, naming control.token_file and the byte).
 Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
 """
 import http.client
@@ -266,8 +269,9 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
         c.kill_all()
 
 
-def refused(mtnlgd, tmp, name, token_file, job):
-    extra = {"control": {"reads_need_token": "yes"}}
+def refused(mtnlgd, tmp, name, token_file, job, reads_need_token=True,
+            says=("control.reads_need_token", "control.token_file")):
+    extra = {"control": {"reads_need_token": "yes"} if reads_need_token else {}}
     if token_file is not None:
         extra["control"]["token_file"] = token_file
     c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=0, devices="cpu:1")
@@ -277,7 +281,7 @@ def refused(mtnlgd, tmp, name, token_file, job):
         c.node_start(n)
         code = c.wait_all(30)[0]
         err = n.stderr()
-        return code == 2 and "control.reads_need_token" in err and "control.token_file" in err, \
+        return code == 2 and all(w in err for w in says), \
             "exit %s: %s" % (code, err[-600:])
     finally:
         c.kill_all()
@@ -300,6 +304,14 @@ def main():
         ok, why = refused(mtnlgd, tmp, "empty", empty, job)
         failures += check("test_reads_need_token_with_an_empty_token_file_is_refused_at_start",
                           ok, why)
+        two = os.path.join(tmp, "two_line_token")
+        with open(two, "w") as f:
+            f.write("secret-token\nline2\n")
+        os.chmod(two, 0o600)
+        ok, why = refused(mtnlgd, tmp, "two", two, job, reads_need_token=False,
+                          says=("control.token_file %s holds more than one printable word" % two,
+                                "at byte 12"))
+        failures += check("test_token_file_of_two_lines_is_refused_at_start", ok, why)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failures else 0

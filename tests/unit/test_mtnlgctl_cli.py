@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """mtnlgctl's control verbs without a daemon: usage errors (exit 2), help for
 every verb, an endpoint nobody listens on (exit 3, with what to do), and token
-files (exit 2 when missing or malformed); and it does not load cuBLAS. The verbs against real daemons are
+files (exit 2 when missing or malformed, by the rule mtnlgd and tools/local-cluster
+share); and it does not load cuBLAS. The verbs against real daemons are
 tests/cluster/test_control_cluster.py's (no stand-in server here: a mock would
 test our idea of the daemon, not the daemon).
 
@@ -19,6 +20,8 @@ VERBS = ["status", "nodes", "watch", "pause", "resume", "stop", "checkpoint", "r
          "checkpoints", "ckpt", "plan", "help"]
 COMPLETION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ctl",
                           "mtnlgctl.bash-completion")
+LOCAL_CLUSTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools",
+                             "local-cluster")
 NETWORK_VERBS = [["status"], ["nodes"], ["watch", "--count", "1"], ["pause"], ["resume"],
                  ["stop"], ["checkpoint"], ["resize", "--dp", "2"], ["ops"], ["ops", "op-1"],
                  ["checkpoints"]]
@@ -165,6 +168,24 @@ def test_token_file():
         p = run("-e", url, "--token-file", two, "pause")
         check(p.returncode == 2 and "more than one printable word" in p.stderr,
               "a token with a space exits 2", p)
+        # mtnlgd's rule for control.token_file (mt_token_word), and tools/local-cluster's
+        lines = os.path.join(d, "two-lines")
+        with open(lines, "w") as f:
+            f.write("secret-token\nline2\n")
+        p = run("-e", url, "--token-file", lines, "pause")
+        check(p.returncode == 2 and "more than one printable word (a space, a line break or a "
+              "control character at byte 12)" in p.stderr, "a token of two lines exits 2", p)
+        lc = subprocess.run([sys.executable, LOCAL_CLUSTER, "--token-file", lines,
+                             "--mtnlgd", "/nonexistent"], capture_output=True, text=True,
+                            timeout=60, env=clean_env())
+        check(lc.returncode == 2 and f"--token-file {lines}: more than one printable word" in
+              lc.stderr and "at byte 12" in lc.stderr,
+              "tools/local-cluster refuses the token file mtnlgctl refuses", lc)
+        spaced = os.path.join(d, "spaced")
+        with open(spaced, "w") as f:
+            f.write("  s3cret \n\n")
+        p = run("-e", url, "--token-file", spaced, "pause")
+        check(p.returncode == 3, "whitespace around the one word is allowed", p)
         good = os.path.join(d, "token")
         with open(good, "w") as f:
             f.write("s3cret\n")
