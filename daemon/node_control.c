@@ -164,8 +164,11 @@ static json_t *build_status(node *n) {
       break;
     }
   json_object_set_new(s, "val_loss", val);
-  /* null, and no metrics sample, until a step ran: not a throughput of 0 */
-  json_object_set_new(s, "tokens_per_s", have ? num_or_null(st->tokens_per_s) : json_null());
+  /* the rates are the last step's: null, and no metrics sample, until a
+   * step ran and while the job is not stepping (paused, stopped, forming...),
+   * so an alert on throughput sees a paused or stalled job, not its last step */
+  int stepping = have && (!strcmp(state, "running") || !strcmp(state, "checkpointing"));
+  json_object_set_new(s, "tokens_per_s", stepping ? num_or_null(st->tokens_per_s) : json_null());
   json_object_set_new(s, "skipped_steps", json_integer(have ? st->skipped_total : 0));
   json_object_set_new(s, "loss_scale",
                       have && st->loss_scaling ? json_real(st->loss_scale) : json_null());
@@ -211,13 +214,14 @@ static json_t *build_status(node *n) {
     const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
     for (int r = me ? me->rank_begin : 0; me && r < me->rank_end; r++) {
       int tp = n->asg.tp, dp = n->asg.dp;
-      double tf = have ? st->tflops : 0.0;
+      double tf = st->tflops;
       json_array_append_new(
-          devs, json_pack("{s:s, s:s, s:i, s:i, s:i, s:f, s:o}", "node", n->cfg->name, "device",
-                          n->specs[r - me->rank_begin], "rank", r, "stage", r / (tp * dp),
-                          "replica", r / tp % dp, "tflops", tf, "mfu",
-                          n->peak_flops > 0 && have ? json_real(tf * 1e12 / n->peak_flops)
-                                                    : json_null()));
+          devs,
+          json_pack("{s:s, s:s, s:i, s:i, s:i, s:o, s:o}", "node", n->cfg->name, "device",
+                    n->specs[r - me->rank_begin], "rank", r, "stage", r / (tp * dp), "replica",
+                    r / tp % dp, "tflops", stepping ? num_or_null(tf) : json_null(), "mfu",
+                    n->peak_flops > 0 && stepping ? num_or_null(tf * 1e12 / n->peak_flops)
+                                                  : json_null()));
     }
   }
   json_object_set_new(s, "devices", devs);

@@ -222,7 +222,10 @@ static void render_cluster(sbuf *b, json_t *st) {
       {"grad_norm",
        {"mtnlg_grad_norm", "gauge", "Global gradient norm of the last step (before clipping).", 0}},
       {"tokens_per_s",
-       {"mtnlg_tokens_per_second", "gauge", "Training throughput in tokens per second.", 0}},
+       {"mtnlg_tokens_per_second", "gauge",
+        "Training throughput of the last step in tokens per second; no sample before the first "
+        "step nor while the job is not running (paused, stopped, re-forming...).",
+        0}},
       {"skipped_steps",
        {"mtnlg_skipped_steps", "gauge",
         "Steps of the run skipped for non-finite gradients as of the last step (back to a "
@@ -321,8 +324,12 @@ static void render_job(sbuf *b, json_t *job) {
 /* Per-device series, labelled node, device, rank (and stage, replica). */
 static void render_devices(sbuf *b, json_t *devs) {
   family flops = {"mtnlg_device_flops_per_second", "gauge",
-                  "Model FLOP/s achieved by one device over the last step.", 0};
-  family mfu = {"mtnlg_device_mfu_ratio", "gauge", "Model FLOP/s utilization of one device (0..1).",
+                  "Model FLOP/s achieved by one device over the last step; no sample before the "
+                  "first step nor while the job is not running.",
+                  0};
+  family mfu = {"mtnlg_device_mfu_ratio", "gauge",
+                "Model FLOP/s utilization of one device (0..1); no sample before the first step "
+                "nor while the job is not running.",
                 0};
   family *fams[] = {&flops, &mfu};
   const char *keys[] = {"tflops", "mfu"};

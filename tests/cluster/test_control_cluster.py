@@ -398,10 +398,13 @@ def test_metrics(c):
                                                                st["step"]))
         if not re.search(r'^mtnlg_state\{state="paused"\} 1$', text, re.M):
             errs.append("%s: mtnlg_state paused is not 1" % n.name)
-        devs = re.findall(r'^mtnlg_device_flops_per_second\{node="([^"]*)",device="([^"]*)"',
-                          text, re.M)
-        if sorted(devs) != [(n.name, "cpu:0"), (n.name, "cpu:1")]:
-            errs.append("%s: device series %s" % (n.name, devs))
+        # paused: no rate of the last step, in the status or as a sample
+        rates = [l for l in text.splitlines() if l.startswith(
+            ("mtnlg_tokens_per_second", "mtnlg_device_flops_per_second", "mtnlg_device_mfu_ratio"))]
+        if st["tokens_per_s"] is not None or rates or any(
+                d["tflops"] is not None or d["mfu"] is not None for d in st["devices"]):
+            errs.append("%s paused: tokens_per_s %s, devices %s, samples %s"
+                        % (n.name, st["tokens_per_s"], st["devices"], rates))
         nodes = re.findall(r'^mtnlg_node_info\{node="([^"]*)"', text, re.M)
         if nodes != ["n0", "n1", "n2", "n3"]:
             errs.append("%s: node series %s" % (n.name, nodes))
@@ -424,9 +427,25 @@ def test_metrics(c):
               "; ".join(lint))
     else:
         print("  skip test_promtool_check_metrics_accepts_live_metrics_of_every_node: no promtool")
-    check("test_metrics_step_equals_status_step_and_devices_carry_node_and_device_labels"
+    check("test_metrics_step_equals_status_step_and_a_paused_job_has_no_rates"
           "_and_the_store_is_on_its_host_only",
           not errs, "; ".join(errs[:6]))
+
+
+def test_metrics_running_have_rates_with_node_and_device_labels(c):
+    errs = []
+    for n in c.nodes:
+        text = get(n, "/v1/metrics").body.decode()
+        st = get(n, "/v1/status").json()
+        devs = re.findall(r'^mtnlg_device_flops_per_second\{node="([^"]*)",device="([^"]*)"',
+                          text, re.M)
+        if st["state"] != "running" or sorted(devs) != [(n.name, "cpu:0"), (n.name, "cpu:1")]:
+            errs.append("%s (%s): device series %s" % (n.name, st["state"], devs))
+        if not re.search(r"^mtnlg_tokens_per_second \S+$", text, re.M) \
+                or not isinstance(st["tokens_per_s"], (int, float)):
+            errs.append("%s: tokens_per_s %s" % (n.name, st["tokens_per_s"]))
+    check("test_metrics_running_have_rates_and_devices_carry_node_and_device_labels", not errs,
+          "; ".join(errs[:6]))
 
 
 def ctl_env():
@@ -561,6 +580,10 @@ def test_mtnlgctl(c, mtnlgctl):
     check("test_mtnlgctl_pause_wait_exits_0_and_every_node_pauses",
           ok and paused and lasts == [at] * 4, "%s; states %s, last steps %s, op step %d" % (
               show(p), states(c), lasts, at))
+    p = ctl(n2, "status")
+    ok = (p.returncode == 0 and re.search(r"^  state +paused$", p.stdout, re.M)
+          and re.search(r"^  tokens/s +-$", p.stdout, re.M) and re.search(r"^  TFLOP/s +-$", p.stdout, re.M))
+    check("test_mtnlgctl_status_of_a_paused_job_shows_no_throughput", bool(ok), show(p))
 
     p = ctl(n3, "resume", "--wait")
     ok = p.returncode == 0 and re.search(r"^op-\d+ resume: succeeded at step %d$" % at,
@@ -598,6 +621,7 @@ def cluster_a(mtnlgd, mtnlgctl, tmp, tokens, doc):
         test_metrics(c)
         test_resume_answers_202_with_location_and_every_node_runs_again(
             c, doc, (op or {}).get("step") or 0)
+        test_metrics_running_have_rates_with_node_and_device_labels(c)
         test_mtnlgctl(c, mtnlgctl)
     finally:
         c.kill_all()

@@ -9,8 +9,9 @@ websocket client below (standard library only). Checks, in the page's DOM:
 - test_dashboard_renders_the_clusters_values: #state, #generation,
   #job-name and one #nodes row per node (data-node n0..n3) while it trains;
   then, with the cluster paused through the API so the values hold still,
-  #state "paused", #step, #skipped-steps and #tflops (the node's devices'
-  mean) as /v1/status says, #val-loss empty without validation;
+  #state "paused", #step and #skipped-steps as /v1/status says, no rate
+  (#tflops and #tokens-per-s "–", the status's null), #val-loss empty
+  without validation;
 - test_pause_button_pauses_the_cluster: a mouse click on #btn-pause, the
   token answered in the prompt(), makes /v1/status report paused and
   #op-status name the pause operation and its success;
@@ -334,7 +335,10 @@ def run(mtnlgd, out_dir, chromium, tmp):
                        10, "the page's first status poll")
         ok = (d["state"] == "running" and d["job"] == want["job"]["name"] == "dashboard-test"
               and d["generation"] == str(want["generation"]) and d["rows"] == NODES
-              and d["step"].isdigit() and int(d["step"]) <= status(n0)["step"])
+              and d["step"].isdigit() and int(d["step"]) <= status(n0)["step"]
+              # a rate while it trains: two decimals, or three significant digits below 1e-3
+              and re.match(r"^(\d+\.\d\d|\d\.\d\de-\d+)$", d["tflops"] or "") is not None
+              and d["tps"] != "–")
         failures += check("test_dashboard_renders_the_clusters_values_while_training", ok,
                           "page %s, /v1/status state %s generation %s step %s" % (
                               d, want["state"], want["generation"], want["step"]))
@@ -347,17 +351,12 @@ def run(mtnlgd, out_dir, chromium, tmp):
         d = wait_until(lambda: (lambda d: d if d["state"] == "paused" and d["step"] == str(want["step"])
                                 else None)(dom(dt)), 10, "the page to show the paused step")
         steps = [status(n)["step"] for n in c.nodes]
-        rates = [x["tflops"] for x in want["devices"] if isinstance(x.get("tflops"), (int, float))]
-        mean = sum(rates) / len(rates) if rates else None
-        try:
-            shown = float(d["tflops"])
-        except ValueError:
-            shown = None
+        rates = [x["tflops"] for x in want["devices"]]
         ok = (d["step"] == str(want["step"]) and len(set(steps)) == 1
               and d["job"] == want["job"]["name"] and d["skipped"] == str(want["skipped_steps"])
-              # two decimals, or three significant digits below 1e-3
-              and mean is not None and shown is not None
-              and abs(shown - mean) <= (0.006 if mean >= 1e-3 else 0.006 * mean)
+              # a paused job has no rate: the status's are null, the page shows none
+              and want["tokens_per_s"] is None and rates and rates == [None] * len(rates)
+              and d["tflops"] == "–" and d["tps"] == "–"
               and d["val"] == "–"
               # n0 hosts the rendezvous store: its card shows what it holds of 16 GiB
               and d["storeShown"] and want.get("store") is not None
@@ -365,10 +364,11 @@ def run(mtnlgd, out_dir, chromium, tmp):
                            d["store"] or "") is not None)
         failures += check("test_dashboard_shows_the_paused_step_of_v1_status", ok,
                           "#step %s, /v1/status step %s on n0..n3 %s; #skipped-steps %s, /v1/status "
-                          "%s; #tflops %s, the devices' mean %s; #val-loss %s (no eval); #store %r "
-                          "(shown %s)"
+                          "%s; #tflops %s, #tokens-per-s %s, the devices' %s, tokens_per_s %s; "
+                          "#val-loss %s (no eval); #store %r (shown %s)"
                           % (d["step"], want["step"], steps, d["skipped"], want["skipped_steps"],
-                             d["tflops"], mean, d["val"], d["store"], d["storeShown"]))
+                             d["tflops"], d["tps"], rates, want["tokens_per_s"], d["val"],
+                             d["store"], d["storeShown"]))
         code, _ = http(n0.url() + "/v1/resume", "POST", TOKEN, b"{}")
         assert code == 202, "POST /v1/resume: %s" % code
         wait_until(lambda: status(n0)["state"] == "running", 20, "running again (API)")
