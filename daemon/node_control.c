@@ -227,6 +227,10 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "devices", devs);
   json_t *nodes = cl ? json_object_get(cl, "nodes") : NULL;
   json_object_set_new(s, "nodes", nodes ? json_deep_copy(nodes) : json_array());
+  /* what the nodes' heartbeat ages are to be read against (the dashboard's
+   * late and lost) */
+  json_object_set_new(s, "heartbeat_interval_ms", json_integer(n->cfg->heartbeat_interval_ms));
+  json_object_set_new(s, "heartbeat_timeout_ms", json_integer(n->cfg->heartbeat_timeout_ms));
   json_object_set_new(s, "last_checkpoint", last);
   /* the writers do not count their bytes as they go: while one writes, its
    * figures are unknown (null), not the previous save's; idle, they are the

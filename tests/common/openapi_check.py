@@ -451,6 +451,7 @@ SAMPLE_STATUS = {
                "devices": ["cpu:0", "cpu:1"], "ranks": [0, 2], "stages": [0], "replicas": [0],
                "heartbeat_age_s": 0.4, "memory_bytes": 123456789,
                "control_url": "http://127.0.0.1:8471"}],
+    "heartbeat_interval_ms": 1000, "heartbeat_timeout_ms": 6000,
     "last_checkpoint": {"step": 10, "path": "/ckpt/job/step_00000010", "time": 1700000000.0,
                         "bytes": 12345},
     "checkpoint_progress": {"state": "idle"},

@@ -71,6 +71,8 @@ static json_t *fake_status(void *arg) {
   if (s) json_object_set_new(s, "restarts", json_integer(1));
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
   if (s) json_object_set_new(s, "exit_step", json_integer(5000));
+  if (s) json_object_set_new(s, "heartbeat_interval_ms", json_integer(1000));
+  if (s) json_object_set_new(s, "heartbeat_timeout_ms", json_integer(6000));
   if (s)
     json_object_set_new(
         s, "store",

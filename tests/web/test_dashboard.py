@@ -21,7 +21,11 @@ websocket client below (standard library only). Checks, in the page's DOM:
   (default: the working directory), its path printed;
 - test_page_says_when_its_daemon_is_gone: once every daemon stopped, the
   page shows #state "unreachable", #conn "no answer since ...", the values
-  greyed out (main.stale), and links to the other nodes' control planes.
+  greyed out (main.stale), and links to the other nodes' control planes;
+- test_heartbeats_are_coloured_against_the_clusters_interval: a daemon
+  heartbeating every 6 s (cluster.heartbeat_interval_ms, which /v1/status
+  publishes with the timeout) shows a heartbeat age past 2 s uncoloured:
+  late is past two intervals, lost past the timeout.
 Exits 77 (skipped) when no Chromium is installed.
 """
 import base64
@@ -250,6 +254,8 @@ DOM_SNAPSHOT = """(function () {
           skipped: t('skipped-steps'), rows: rows, others: t('others'), tflops: t('tflops'),
           val: t('val-loss'), store: t('store'),
           storeShown: !document.getElementById('store-card').hidden,
+          beats: Array.prototype.map.call(document.querySelectorAll('#nodes tr[data-node]'),
+            function (r) { var c = r.cells[8]; return [c.textContent, c.className]; }),
           stale: document.getElementById('main').className};
 })()"""
 
@@ -426,6 +432,7 @@ def run(mtnlgd, out_dir, chromium, tmp):
         failures += check("test_page_says_when_its_daemon_is_gone", ok,
                           "#state %r, #conn %r, main class %r, #others %r"
                           % (d["state"], d["conn"], d["stale"], d["others"]))
+        failures += test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp)
         dt.ws.close()
     except (AssertionError, RuntimeError, TimeoutError, ConnectionError, OSError) as e:
         failures += check("test_dashboard", False, "%s: %s\n%s" % (type(e).__name__, e, c.logs()))
@@ -439,6 +446,37 @@ def run(mtnlgd, out_dir, chromium, tmp):
                 browser.wait()
         c.kill_all()
     return failures
+
+
+def test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp):
+    """One daemon of the 4-node job (so it waits, forming, and trains nothing)
+    heartbeating every 6 s: its heartbeat age runs up to about 6 s, healthy,
+    and the page must not colour it late (past 2 intervals, 12 s) nor lost
+    (past the 60 s timeout), as fixed 2 s and 5 s thresholds did."""
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "slow-heartbeat"), write_job(tmp), nodes=1,
+                     heartbeat_ms=6000, timeout_ms=60000)
+    try:
+        c.start()
+        n0 = c.nodes[0]
+        st = wait_until(lambda: started_step(c) >= 0 and status(n0), 30, "n0's control plane")
+        dt.call("Page.navigate", {"url": n0.url() + "/"})
+        dt.wait_event("Page.loadEventFired", 15)
+
+        def aged():  # the page showing an age past the fixed thresholds' 2 s
+            d = dom(dt)
+            age = (d["beats"] or [["", ""]])[0][0]
+            return d if age.endswith(" s") and float(age[:-2]) > 2.0 else None
+
+        d = wait_until(aged, 90, "the page to show n0's heartbeat older than 2 s")
+        ok = (st.get("heartbeat_interval_ms") == 6000 and st.get("heartbeat_timeout_ms") == 60000
+              and d["rows"] == ["n0"] and d["beats"][0][1] == "")
+        return check("test_heartbeats_are_coloured_against_the_clusters_interval", ok,
+                     "/v1/status heartbeat_interval_ms %s, heartbeat_timeout_ms %s; page rows %s, "
+                     "heartbeat cells (text, class) %s" % (
+                         st.get("heartbeat_interval_ms"), st.get("heartbeat_timeout_ms"),
+                         d["rows"], d["beats"]))
+    finally:
+        c.kill_all()
 
 
 def main():
