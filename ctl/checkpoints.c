@@ -75,8 +75,12 @@ int ctl_verb_checkpoints(const ctl_verb *verb, int argc, char **argv) {
   const json_t *list = json_object_get(answer, "checkpoints");
   if (ctl.output == CTL_OUTPUT_JSON)
     ret = ctl_print_json(answer);
+  else if (!json_array_size(list) && !json_is_string(json_object_get(answer, "dir")))
+    printf("no checkpoints: the job has no checkpoint.dir (nor has this node's config), so none "
+           "is saved and mtnlgctl checkpoint is refused\n");
   else if (!json_array_size(list))
-    printf("no checkpoints yet (mtnlgctl checkpoint writes one)\n");
+    printf("no checkpoints yet in %s (mtnlgctl checkpoint writes one)\n",
+           json_string_value(json_object_get(answer, "dir")));
   else
     ret = print_table(list);
 cleanup:

@@ -3,6 +3,7 @@
  * ckpt export DIR OUT`: a checkpoint's weights as GPT-2 safetensors;
  * `mtnlgctl ckpt reshard DIR OUT --tp T --pp P`: one under another layout. */
 #include <dirent.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -197,6 +198,11 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
     goto cleanup;
   }
   ret = CTL_EXIT_FAILURE;
+  struct stat st;
+  if (stat(dir, &st)) { /* not "holds no committed checkpoint": there is nothing */
+    fprintf(stderr, "mtnlgctl ckpt: %s: %s\n", dir, strerror(errno));
+    goto cleanup;
+  }
   /* one checkpoint, or every committed one of a job directory */
   char **dirs = NULL;
   size_t n = 0;

@@ -36,13 +36,17 @@ typedef struct head {
 } head;
 
 static struct {
-  int tried, init_rc;  /* set up once; init_rc is what every later call returns */
-  char init_err[1024]; /* why setting up failed */
-  int curl_global;     /* curl_global_init succeeded */
-  CURL *curl;          /* reused: keeps the connection between requests */
-  char *base;          /* endpoint without a trailing '/' */
-  char *token;         /* NULL: none given */
-  struct curl_slist *get_headers, *post_headers;
+  int tried, init_rc;        /* set up once; init_rc is what every later call returns */
+  char init_err[1024];       /* why setting up failed */
+  int curl_global;           /* curl_global_init succeeded */
+  CURL *curl;                /* reused: keeps the connection between requests */
+  char *base;                /* endpoint without a trailing '/' */
+  char *token;               /* NULL: none given, or not read yet */
+  int token_tried, token_rc; /* the token file read once; token_rc what it gave */
+  char token_err[1024];      /* why it could not be */
+  int reads_need_token;      /* a read was answered 401: reads send the token too */
+  struct curl_slist *get_headers, *post_headers; /* without the token */
+  struct curl_slist *get_auth, *post_auth;       /* the same with it, once read */
   char errbuf[CURL_ERROR_SIZE];
 } http;
 
@@ -55,8 +59,9 @@ static void set_err(char *err, size_t cap, const char *fmt, ...) {
   va_end(ap);
 }
 
-/* Reads the token: the whole file, trailing whitespace (the newline an editor
- * or `echo` leaves) stripped. Returns 0 or CTL_EXIT_USAGE with err set. */
+/* Reads the token: the whole file, one printable word with the whitespace
+ * around it (the newline an editor or `echo` leaves) stripped, by the
+ * daemon's rule (mt_token_word). Returns 0 or CTL_EXIT_USAGE with err set. */
 static int read_token(const char *path, const char *source, char **out, char *err, size_t cap) {
   int ret = CTL_EXIT_USAGE;
   char *tok = NULL;
@@ -118,7 +123,42 @@ static int has_http_scheme(const char *url) {
   return host && *host && *host != '/';
 }
 
-/* Checks the endpoint, reads the token, makes the handle; once. */
+/* The headers of a GET and of a POST, with the bearer token when given. */
+static int make_headers(const char *token, struct curl_slist **get, struct curl_slist **post) {
+  struct curl_slist *h = NULL, *t;
+  const char *common[] = {"Accept: application/json, application/problem+json", "Expect:"};
+  for (int list = 0; list < 2; list++) {
+    h = NULL;
+    for (size_t i = 0; i < sizeof common / sizeof *common; i++) {
+      if (!(t = curl_slist_append(h, common[i]))) goto oom;
+      h = t;
+    }
+    if (list == 1) {
+      if (!(t = curl_slist_append(h, "Content-Type: application/json"))) goto oom;
+      h = t;
+    }
+    if (token) {
+      size_t len = strlen(token) + 32;
+      char *auth = malloc(len);
+      if (!auth) goto oom;
+      snprintf(auth, len, "Authorization: Bearer %s", token);
+      t = curl_slist_append(h, auth);
+      memset(auth, 0, len);
+      free(auth);
+      if (!t) goto oom;
+      h = t;
+    }
+    *(list ? post : get) = h;
+  }
+  return 0;
+oom:
+  curl_slist_free_all(h);
+  curl_slist_free_all(*get); /* made before the POST's failed; NULL otherwise */
+  *get = NULL;
+  return -1;
+}
+
+/* Checks the endpoint, makes the handle; once. The token is load_token's. */
 static int setup(void) {
   if (http.tried) return http.init_rc;
   http.tried = 1;
@@ -130,11 +170,6 @@ static int setup(void) {
             ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ep, CTL_DEFAULT_ENDPOINT);
     return http.init_rc;
   }
-  if (ctl.token_file &&
-      read_token(ctl.token_file, ctl.token_source ? ctl.token_source : "--token-file", &http.token,
-                 http.init_err, sizeof http.init_err))
-    return http.init_rc;
-
   http.init_rc = CTL_EXIT_FAILURE;
   http.base = strdup(ep);
   if (!http.base) goto oom;
@@ -149,38 +184,31 @@ static int setup(void) {
   http.curl = curl_easy_init();
   if (!http.curl) goto oom;
 
-  struct curl_slist *h = NULL, *t;
-  const char *common[] = {"Accept: application/json, application/problem+json", "Expect:"};
-  for (int list = 0; list < 2; list++) {
-    h = NULL;
-    for (size_t i = 0; i < sizeof common / sizeof *common; i++) {
-      if (!(t = curl_slist_append(h, common[i]))) goto oom_list;
-      h = t;
-    }
-    if (list == 1) {
-      if (!(t = curl_slist_append(h, "Content-Type: application/json"))) goto oom_list;
-      h = t;
-    }
-    if (http.token) {
-      size_t len = strlen(http.token) + 32;
-      char *auth = malloc(len);
-      if (!auth) goto oom_list;
-      snprintf(auth, len, "Authorization: Bearer %s", http.token);
-      t = curl_slist_append(h, auth);
-      memset(auth, 0, len);
-      free(auth);
-      if (!t) goto oom_list;
-      h = t;
-    }
-    *(list ? &http.post_headers : &http.get_headers) = h;
-  }
+  if (make_headers(NULL, &http.get_headers, &http.post_headers)) goto oom;
   http.init_rc = 0;
   return 0;
-oom_list:
-  curl_slist_free_all(h);
 oom:
   set_err(http.init_err, sizeof http.init_err, "out of memory");
   return http.init_rc;
+}
+
+/* The token file (--token-file, MTNLG_TOKEN_FILE), read once, when a request
+ * first needs it: a mutation, or a read the daemon answered 401. A read of a
+ * daemon that takes reads without a token never touches the file, so a
+ * missing or unreadable one does not stop it. */
+static int load_token(void) {
+  if (http.token_tried) return http.token_rc;
+  http.token_tried = 1;
+  if (!ctl.token_file) return 0;
+  http.token_rc = CTL_EXIT_USAGE;
+  if (read_token(ctl.token_file, ctl.token_source ? ctl.token_source : "--token-file", &http.token,
+                 http.token_err, sizeof http.token_err))
+    return http.token_rc;
+  if (make_headers(http.token, &http.get_auth, &http.post_auth)) {
+    set_err(http.token_err, sizeof http.token_err, "out of memory");
+    return http.token_rc = CTL_EXIT_FAILURE;
+  }
+  return http.token_rc = 0;
 }
 
 static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
@@ -322,6 +350,10 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap, "%s", http.init_err);
     goto cleanup;
   }
+  if ((post || http.reads_need_token) && (ret = load_token())) {
+    set_err(err, err_cap, "%s", http.token_err);
+    goto cleanup;
+  }
   ret = CTL_EXIT_FAILURE;
   size_t url_len = strlen(http.base) + strlen(path) + 1;
   if (!(url = malloc(url_len))) {
@@ -346,7 +378,10 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &h);
-  curl_easy_setopt(c, CURLOPT_HTTPHEADER, post ? http.post_headers : http.get_headers);
+  if (http.token)
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, post ? http.post_auth : http.get_auth);
+  else
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, post ? http.post_headers : http.get_headers);
   if (post) {
     payload = body ? json_dumps(body, JSON_COMPACT) : strdup("{}");
     if (!payload) {
@@ -412,6 +447,12 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   }
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
   if (http_status) *http_status = status;
+  if (status == 401 && !post && !http.reads_need_token && ctl.token_file) {
+    /* control.reads_need_token: reads too, from now on, with the token */
+    http.reads_need_token = 1;
+    free(payload), free(url), free(b.data);
+    return ctl_http_request(method, path, body, out, http_status, err, err_cap);
+  }
   if (status < 200 || status >= 300) {
     answer_error(method, path, status, &h, &b, err, err_cap);
     goto cleanup;
@@ -452,6 +493,8 @@ void ctl_http_close(void) {
   if (http.curl) curl_easy_cleanup(http.curl);
   curl_slist_free_all(http.get_headers);
   curl_slist_free_all(http.post_headers);
+  curl_slist_free_all(http.get_auth);
+  curl_slist_free_all(http.post_auth);
   if (http.curl_global) curl_global_cleanup();
   if (http.token) {
     memset(http.token, 0, strlen(http.token));

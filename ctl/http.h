@@ -5,8 +5,12 @@
  * connection), on the endpoint and token file of the global options (ctl.h).
  * Connect timeout 3 s, whole request 10 s. Bodies are JSON both ways; an
  * error answer (4xx/5xx, application/problem+json) becomes one line naming
- * the status and the daemon's detail. The token is sent as a bearer header on
- * every request and never printed. Nothing here exits the process.
+ * the status and the daemon's detail. The token file is read when a request
+ * first needs it: for a mutation (POST), and for a read only once the daemon
+ * answered one 401 (control.reads_need_token), which is then sent again with
+ * the token, as every read after it is; a read of a daemon that does not
+ * ask never reads the file. The token is sent as a bearer header and never
+ * printed. Nothing here exits the process.
  */
 #ifndef MT_CTL_HTTP_H
 #define MT_CTL_HTTP_H
@@ -22,7 +26,8 @@ enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10 };
  * is NULL, err holds one line saying what happened (without a "mtnlgctl: "
  * prefix) and the return is:
  *   CTL_EXIT_USAGE        the endpoint is not an http(s) URL, the token file
- *                         cannot be read or is empty
+ *                         (when the request needs it) cannot be read or is
+ *                         not one printable word
  *   CTL_EXIT_UNREACHABLE  no answer: connection refused, timeout, bad host
  *   CTL_EXIT_FAILURE      the daemon answered with an error, or not with JSON
  * *http_status (when not NULL) gets the HTTP status, 0 when none came. */

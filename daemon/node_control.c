@@ -511,7 +511,10 @@ static json_t *p_checkpoints(void *arg) {
     if (ckpt_scan_wait(cs, CKPT_LIST_WAIT_MS)) list = json_deep_copy(cs->list);
   }
   pthread_mutex_unlock(&cs->mu);
-  return list ? json_pack("{s:o}", "checkpoints", list) : NULL;
+  /* dir null: no checkpoint.dir, so none will come (mtnlgctl checkpoints says so) */
+  return list ? json_pack("{s:o, s:o}", "checkpoints", list, "dir",
+                          dir[0] ? json_string(dir) : json_null())
+              : NULL;
 }
 
 /* The coordinator's list, plus what this node submitted that it does not list yet. */

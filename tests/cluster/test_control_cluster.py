@@ -534,9 +534,25 @@ def test_mtnlgctl(c, mtnlgctl):
     check("test_mtnlgctl_ops_id_shows_one_and_an_unknown_id_exits_1", ok and ok2,
           show(p) + " / " + show(p2))
 
+    # this job has no checkpoint.dir: not "none yet", which mtnlgctl checkpoint cannot change
     p = ctl(n0, "checkpoints")
-    ok = p.returncode == 0 and p.stdout.startswith("no checkpoints yet")
-    check("test_mtnlgctl_checkpoints_says_none_yet", ok, show(p))
+    a = get(n0, "/v1/checkpoints").json() or {}
+    ok = (p.returncode == 0 and a.get("dir", "absent") is None and p.stdout ==
+          "no checkpoints: the job has no checkpoint.dir (nor has this node's config), so none "
+          "is saved and mtnlgctl checkpoint is refused\n")
+    check("test_mtnlgctl_checkpoints_says_the_job_has_no_checkpoint_dir", ok,
+          "%s; /v1/checkpoints %s" % (show(p), a))
+
+    # a read needs no token file: one that is not there is not read
+    env = dict(ctl_env(), MTNLG_TOKEN_FILE="/nonexistent")
+    p = subprocess.run([mtnlgctl, "-e", n1.url(), "status"], capture_output=True, text=True,
+                       timeout=60, env=env)
+    p2 = subprocess.run([mtnlgctl, "-e", n1.url(), "pause"], capture_output=True, text=True,
+                        timeout=60, env=env)
+    ok = (p.returncode == 0 and "job ctl-live" in p.stdout and p2.returncode == 2
+          and "MTNLG_TOKEN_FILE: cannot read the token file /nonexistent" in p2.stderr)
+    check("test_mtnlgctl_status_reads_without_the_token_file_a_mutation_needs", ok,
+          show(p) + " / " + show(p2))
 
     p = ctl(n1, "watch", "--count", "2", "--interval", "0.2")
     lines = p.stdout.splitlines()

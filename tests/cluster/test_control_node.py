@@ -31,12 +31,17 @@ Then two daemons that must not start (exit 2, naming both keys):
 - test_token_file_of_two_lines_is_refused_at_start: mtnlgctl refuses to send
   such a token (more than one printable word), so the daemon does not start
   with it (exit 2, naming control.token_file and the byte).
+- test_mtnlgctl_reads_of_a_daemon_that_wants_the_token_send_it_after_the_401:
+  with control.reads_need_token, mtnlgctl status without a token file exits 1
+  with the 401, and with one it reads the file on the 401 and asks again.
 Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
 """
 import http.client
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -287,9 +292,45 @@ def refused(mtnlgd, tmp, name, token_file, job, reads_need_token=True,
         c.kill_all()
 
 
+def test_reads_with_the_token(mtnlgd, mtnlgctl, tmp):
+    """One daemon of a 4-node job, so it waits forming and trains nothing."""
+    job = tiny_job(os.path.join(tmp, "job_forming.json"), os.path.join(tmp, "tokens.u16"),
+                   "forming", 1000)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "readtoken"), job, nodes=1, devices="cpu:2",
+                     extra={"control": {"reads_need_token": "yes"}}, token="read-token")
+    n = c.nodes[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTNLG_")
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+
+    def ctl(*args):
+        return subprocess.run([mtnlgctl, "-e", n.url(), *args], capture_output=True, text=True,
+                              timeout=60, env=env)
+    try:
+        c.start()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if get(n, "/v1/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        p0 = ctl("status")
+        p1 = ctl("--token-file", c.token_file, "status")
+        ok = (p0.returncode == 1 and "401 Unauthorized" in p0.stderr
+              and p1.returncode == 0 and re.search(r"^  state +forming$", p1.stdout, re.M))
+        return check("test_mtnlgctl_reads_of_a_daemon_that_wants_the_token_send_it_after_the_401",
+                     bool(ok), "without: exit %d %r; with: exit %d %r %r" % (
+                         p0.returncode, p0.stderr[-300:], p1.returncode, p1.stdout[-300:],
+                         p1.stderr[-300:]))
+    finally:
+        c.kill_all()
+
+
 def main():
     global failures
     mtnlgd, preload = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    mtnlgctl = os.path.abspath(sys.argv[3]) if len(sys.argv) > 3 else None
     tmp = tempfile.mkdtemp(prefix="mt_ctlnode_")
     try:
         test_live_node(mtnlgd, tmp)
@@ -312,6 +353,8 @@ def main():
                           says=("control.token_file %s holds more than one printable word" % two,
                                 "at byte 12"))
         failures += check("test_token_file_of_two_lines_is_refused_at_start", ok, why)
+        if mtnlgctl:
+            failures += test_reads_with_the_token(mtnlgd, mtnlgctl, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failures else 0

@@ -99,8 +99,9 @@ static json_t *fake_history(void *arg, int64_t since) {
 
 static json_t *fake_checkpoints(void *arg) {
   (void)arg;
-  return json_pack("{s:[{s:i,s:s,s:i,s:f,s:b}]}", "checkpoints", "step", 10, "path",
-                   "/ckpt/job/step_00000010", "bytes", 12345, "time", 1700000000.0, "latest", 1);
+  return json_pack("{s:[{s:i,s:s,s:i,s:f,s:b}], s:s}", "checkpoints", "step", 10, "path",
+                   "/ckpt/job/step_00000010", "bytes", 12345, "time", 1700000000.0, "latest", 1,
+                   "dir", "/ckpt/job");
 }
 
 static json_t *fake_operations(void *arg) {

@@ -2,7 +2,8 @@
 """mtnlgctl's control verbs without a daemon: usage errors (exit 2), help for
 every verb, an endpoint nobody listens on (exit 3, with what to do), and token
 files (exit 2 when missing or malformed, by the rule mtnlgd and tools/local-cluster
-share); and it does not load cuBLAS. The verbs against real daemons are
+share, read for mutations and not for reads), `ckpt verify` of a directory that
+is not there; and it does not load cuBLAS. The verbs against real daemons are
 tests/cluster/test_control_cluster.py's (no stand-in server here: a mock would
 test our idea of the daemon, not the daemon).
 
@@ -148,11 +149,14 @@ def test_token_file():
     url = f"http://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as d:
         missing = os.path.join(d, "missing-token")
-        for args in (["--token-file", missing, "pause"], ["--token-file", missing, "status"]):
-            p = run("-e", url, *args)
-            check(p.returncode == 2, f"{args} with a missing token file exits 2", p)
-            check(f"--token-file: cannot read the token file {missing}: No such file or "
-                  "directory" in p.stderr, "the message names the file and why", p)
+        p = run("-e", url, "--token-file", missing, "pause")
+        check(p.returncode == 2, "pause with a missing token file exits 2", p)
+        check(f"--token-file: cannot read the token file {missing}: No such file or "
+              "directory" in p.stderr, "the message names the file and why", p)
+        # a read reads the token file only when the daemon answers 401: here none answers
+        p = run("-e", url, "--token-file", missing, "status")
+        check(p.returncode == 3 and "cannot read the token file" not in p.stderr,
+              "status with a missing token file goes to the daemon (exit 3 with none)", p)
         p = run("-e", url, "-o", "json", "pause", env=clean_env(MTNLG_TOKEN_FILE=missing))
         check(p.returncode == 2 and f"MTNLG_TOKEN_FILE: cannot read the token file {missing}"
               in p.stderr, "a missing MTNLG_TOKEN_FILE exits 2 and is named", p)
@@ -209,6 +213,17 @@ def test_token_file():
               "an unknown option names the tool and the verb", p)
 
 
+def test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist():
+    with tempfile.TemporaryDirectory() as d:
+        missing = os.path.join(d, "nonexistent")
+        p = run("ckpt", "verify", missing)
+        check(p.returncode == 1 and p.stderr == f"mtnlgctl ckpt: {missing}: No such file or "
+              "directory\n", "ckpt verify of a missing directory says it does not exist", p)
+        p = run("ckpt", "verify", d)
+        check(p.returncode == 1 and f"{d} holds no committed checkpoint" in p.stderr,
+              "ckpt verify of an empty directory says it holds no checkpoint", p)
+
+
 def test_completion_knows_every_verb():
     with open(COMPLETION) as f:
         text = f.read()
@@ -240,8 +255,9 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     ctl = sys.argv[1]
     for t in (test_usage_errors_exit_2, test_help_for_every_verb,
-              test_unreachable_endpoint_exits_3, test_token_file, test_completion_knows_every_verb,
-              test_no_cublas_loaded):
+              test_unreachable_endpoint_exits_3, test_token_file,
+              test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist,
+              test_completion_knows_every_verb, test_no_cublas_loaded):
         before = failures
         t()
         print(f"  {'ok' if failures == before else 'FAILED'} {t.__name__}")
