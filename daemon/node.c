@@ -682,8 +682,9 @@ static void next_generation(node *n) {
  * was itself silent (note_silence), and so was likely declared lost and
  * left out of the re-formed cluster, waits for its ranks, up to their
  * deadline (cluster.comm_timeout_ms), quiet meanwhile (abort_ranks): it
- * heartbeats again once they stopped, to be placed later as a spare. Ranks
- * past their deadline are stuck for good. */
+ * heartbeats again once they stopped, to be placed later as a spare; so
+ * does the coordinating node, whose exit would end the cluster. Ranks past
+ * their deadline are stuck for good. */
 static void wait_for_aborted_ranks(node *n) {
   int64_t waited = mt_mono_ms() - n->aborted_ms;
   int grace_ms = 2 * n->cfg->heartbeat_interval_ms + 1000;
@@ -705,6 +706,21 @@ static void wait_for_aborted_ranks(node *n) {
                   "heartbeating",
                   n->gen, grace_ms, n->cfg->comm_timeout_ms);
     n->said_slow = 1;
+    return;
+  }
+  /* the node that hosts the store and coordinates: its exit would take the
+   * store down and every node with it (each loses its coordinator), making
+   * one lost node the whole cluster's restart. It goes quiet instead, as a
+   * silent node does: declared lost, it is left out of the next
+   * generation, which the others form, and it waits for its ranks up to
+   * their deadline, heartbeating again (a spare) once they stopped */
+  if (n->coord && !n->end_final && !n->quiet) {
+    mt_log_warn("generation %d: this node's ranks did not stop within %d ms of the abort; it "
+                "coordinates, so it stays rather than take the store down: it stops "
+                "heartbeating, to be left out of the next generation, and waits for them up to "
+                "cluster.comm_timeout_ms (%d ms) more",
+                n->gen, grace_ms, n->cfg->comm_timeout_ms);
+    n->quiet = n->said_slow = 1;
     return;
   }
   mt_log_error("this node's ranks did not stop within %lld ms of the abort; exiting without them",

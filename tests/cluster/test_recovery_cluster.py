@@ -74,6 +74,13 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   generation fails, and the job ends, as a stop that meets a lost node
   does (n0 exits 2, naming n2's signal), where the coordinator knew only of
   stops ordered through it and re-formed without n2 to train on;
+- test_coordinator_whose_ranks_are_stuck_stays_and_the_cluster_reforms: 4
+  daemons with cpu:1 (dp 3 and a spare); n0, which hosts the store and
+  coordinates, has its rank's checkpoint writes held (fault_preload) when n1
+  is SIGKILLed, so its rank cannot stop: it stays, quiet, is declared lost
+  and the others re-form and train; once the writes go on, its rank stops
+  and it is back in the cluster. It used to exit "without them" past the
+  grace, taking the store down and every node with it;
 - test_member_lost_after_it_finished_does_not_end_the_generation: 2 daemons,
   tp 2 x pp 1 x dp 2 (n0 replica 0, n1 replica 1), checkpoint.export to one
   file, which world rank 0 writes alone after the last step; n0 runs with
@@ -597,6 +604,57 @@ def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
         c.kill_all()
 
 
+def test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload):
+    name = "test_coordinator_whose_ranks_are_stuck_stays_and_the_cluster_reforms"
+    release = os.path.join(tmp, "release-coordstuck")
+    job = tiny_job(os.path.join(tmp, "coordstuck.json"), tokens, "coordstuck", 100000,
+                   parallel={"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 3, "micro_batch": 2},
+                   train={"global_batch": 12, "steps": 100000, "seed": 7,
+                          "lr": {"schedule": "constant", "peak": 1e-3}},
+                   checkpoint={"dir": os.path.join(tmp, "coordstuck-ckpt"), "interval": 5})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "coordstuck"), job, nodes=4, devices="cpu:1",
+                     heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
+    n0, n1, n2, n3 = c.nodes
+    try:
+        # n0 hosts the store and coordinates; its rank's writes of the step-5
+        # checkpoint are held, so when n1 is lost its rank cannot stop
+        c.node_start(n0, {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
+                          "MTNLG_FAULT_HOLD_UNTIL": release})
+        for n in (n1, n2, n3):
+            c.node_start(n)
+        c.wait_for(lambda: grep(n0, r"fault_preload: holding writes to"), 120,
+                   "n0's checkpoint writes held")
+        n1.signal(signal.SIGKILL)
+        n1.wait(10)
+        c.wait_for(lambda: grep(n0, r"it coordinates, so it stays"), 60, "n0 staying")
+        # the others form a generation without n0 (declared lost) and train
+        def without_n0():
+            return [ln for ln in n0.stderr().splitlines()
+                    if re.search(r"coordinator: generation \d+ formed", ln) and "n0 [" not in ln]
+        c.wait_for(lambda: without_n0(), 120, "a generation formed without n0")
+        base = len(n2.steps())
+        c.wait_for(lambda: len(n2.steps()) >= base + 3, 120, "steps without n0")
+        alive = n0.running()
+        st = status(n0)
+        formed = without_n0()[0].split("coordinator: ")[-1]
+        open(release, "w").close()
+        # its ranks let go, it heartbeats again and the coordinator places it
+        c.wait_for(lambda: grep(n0, r"this node's ranks stopped .* after the abort; heartbeating "
+                                    r"again"), 120, "n0's ranks stopped")
+        c.wait_for(lambda: roles(n0).get("n0", ("",))[0] in ("coordinator", "spare"), 60,
+                   "n0 back in the cluster")
+        ok = alive and n2.running() and n3.running() and not grep(n0, r"exiting without them")
+        return check(name, ok, "n0 alive while its ranks were stuck %s (%s; status generation "
+                     "%s); roles now %s%s" % (alive, formed, st["generation"], roles(n0),
+                                              "" if ok else "\n" + c.logs(15)))
+    except AssertionError as e:
+        return check(name, False, "%s\n%s" % (e, c.logs(15)))
+    finally:
+        if not os.path.exists(release):
+            open(release, "w").close()
+        c.kill_all()
+
+
 def test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload):
     name = "test_member_lost_after_it_finished_does_not_end_the_generation"
     steps = 6
@@ -679,6 +737,7 @@ def main():
         fails += test_stop_that_meets_a_stalled_node_is_not_restarted(mtnlgd, tmp, tokens)
         fails += test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload)
         fails += test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload)
+        fails += test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload)
         print("# %s s" % ", ".join("%.1f" % t for t in
                                    (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5,
                                     time.time() - t6)))
