@@ -210,6 +210,15 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "exit_step", exit_step);
   /* devices: this node's, with the first local rank's rate for each */
   json_t *devs = json_array();
+  /* the MFU base is the best rate seen: the GEMM rate measured at start-up,
+   * or a step's rate that beat it (measured on a busy machine, the base was
+   * low, and MFU read over 100%) */
+  if (stepping && isfinite(st->tflops) && n->peak_flops > 0 && st->tflops * 1e12 > n->peak_flops) {
+    mt_log_debug("MFU: a step ran at %.4g TFLOP/s per device, past the base of %.4g: the base "
+                 "from now on",
+                 st->tflops, n->peak_flops / 1e12);
+    n->peak_flops = st->tflops * 1e12;
+  }
   if (n->have_run_job) {
     const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
     for (int r = me ? me->rank_begin : 0; me && r < me->rank_end; r++) {
