@@ -79,7 +79,15 @@ typedef struct step_printer {
   int json;
   int64_t steps;
   int log_every;
+  int unsaved; /* the run stopped or ended, but its checkpoint failed */
 } step_printer;
+
+/* A stop (or the end) whose checkpoint failed: the run ends there, but the
+ * steps since the newest checkpoint are lost, which the exit code says. */
+static void on_stopped(int64_t step, int why, const char *save_failed, int64_t saved, void *arg) {
+  (void)step, (void)why, (void)saved;
+  if (save_failed) ((step_printer *)arg)->unsaved = 1;
+}
 
 static void on_step(const mt_step_stats *st, void *arg) {
   const step_printer *p = arg;
@@ -354,9 +362,10 @@ int main(int argc, char **argv) {
                       .export_path = export_path,
                       .stop = &stop_requested,
                       .on_step = proc_rank == 0 ? on_step : NULL,
+                      .on_stopped = on_stopped,
                       .arg = &printer};
   int rc = mt_local_run(&lo);
   if (rc) mt_log_error("%s", mt_errmsg());
   mt_store_free(store);
-  return rc ? 1 : 0;
+  return rc || printer.unsaved ? 1 : 0;
 }

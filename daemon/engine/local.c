@@ -356,6 +356,16 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       report_stop(c, tr, why, last_saved);
       break;
     }
+    /* the run's end: its checkpoint is what a longer run resumes from and,
+     * without an export, the only copy of the trained weights; a failed
+     * one is told as a stop's is (it was a "completed" run, exit 0) */
+    if (tr->step >= job->train.steps && c->ckpt_dir[0] && last_saved != tr->step && c == c->all) {
+      if (o->on_stopped) o->on_stopped(tr->step, MT_STOPPED_ASKED, c->save_err, last_saved, o->arg);
+      mt_log_error("completed %lld steps, but the last step's checkpoint failed (above): a longer "
+                   "run resumes from the one `latest` names%s",
+                   (long long)tr->step,
+                   o->export_path ? "" : ", and no export holds the trained weights");
+    }
   }
   /* the job's own schedule stopped it: the run that ends the job exports */
   int scheduled = why == MT_STOPPED_TIME || why == MT_STOPPED_INTERVAL;

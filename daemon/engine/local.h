@@ -75,6 +75,8 @@ typedef struct mt_local_opts {
    * the steps since saved (the newest checkpoint this run committed or
    * resumed from, -1: none) are lost */
   void (*on_stopped)(int64_t step, int why, const char *save_failed, int64_t saved, void *arg);
+  /* (also called at the job's last step when its checkpoint failed, with
+   * step = train.steps) */
   void *arg;
 } mt_local_opts;
 

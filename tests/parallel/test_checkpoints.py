@@ -48,7 +48,8 @@ lands on.
   reported once, by the rank of tp 1, pp 1, dp 1;
 - test_file_size_limit_fails_the_checkpoint_not_the_run: under RLIMIT_FSIZE
   the checkpoint fails with the file named, training goes on to the end, and
-  the earlier checkpoint still verifies;
+  the earlier checkpoint still verifies; the last step's checkpoint failed
+  too, which the run says and its exit code (1) tells: it used to exit 0;
 - test_sigkill_during_checkpoints_never_breaks_latest: 20 runs checkpointing
   every step, each SIGKILLed at a random moment; after each, `latest` names a
   checkpoint that verifies (mtnlgctl ckpt verify) and resumes.
@@ -415,7 +416,8 @@ def main():
         p7, f7 = run(mtnlgd, job, "checkpoint.interval=10", preexec=limit)
         after = subprocess.run([mtnlgctl, "ckpt", "verify", os.path.join(ck, "ckpt-test")],
                                capture_output=True, text=True)
-        ok = (p7.returncode == 0 and max(f7) == 30 and "checkpoint of step 10 failed" in p7.stderr
+        ok = (p7.returncode == 1 and max(f7) == 30 and "checkpoint of step 10 failed" in p7.stderr
+              and "completed 30 steps, but the last step's checkpoint failed" in p7.stderr
               and ".bin" in p7.stderr and "File too large" in p7.stderr
               and before.returncode == 0 and after.returncode == 0
               and open(os.path.join(ck, "ckpt-test", "latest")).read().strip()

@@ -925,6 +925,34 @@ static void test_a_stop_whose_checkpoint_fails_says_so(void) {
   printf("  ok test_a_stop_whose_checkpoint_fails_says_so\n");
 }
 
+/* The job's last step is a stop too: its checkpoint failing (step 8's
+ * directory a link to itself) is told as a stop's is, with the newest
+ * checkpoint, where the run was reported completed and the steps since it
+ * lost without a word to the owner. */
+static void test_the_last_steps_failed_checkpoint_is_told(void) {
+  for (int fail = 0; fail < 2; fail++) {
+    char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", step8[200];
+    CHECK(!pattern_data(path, dir), "temp files");
+    mt_job job;
+    parse_ckpt_job(&job, "lastunsaved", path, dir, 8, "", "\"interval\":4");
+    snprintf(step8, sizeof step8, "%s/lastunsaved", dir);
+    CHECK(!mkdir(step8, 0755), "mkdir %s", step8);
+    snprintf(step8, sizeof step8, "%s/lastunsaved/step_00000008", dir);
+    CHECK(!fail || !symlink("step_00000008", step8), "symlink %s", step8);
+    stopped_why = -1, stopped_step = stopped_saved = -2, stopped_unsaved[0] = 0;
+    mt_local_opts o = {.job = &job, .on_stopped = note_stopped};
+    CHECK(!mt_local_run(&o), "%s", mt_errmsg());
+    int ok =
+        fail ? stopped_step == 8 && strstr(stopped_unsaved, "step_00000008") && stopped_saved == 4
+             : stopped_step == -2; /* saved: nothing to tell */
+    CHECK(ok, "%s: told after step %lld, newest checkpoint %lld, save failed: %s",
+          fail ? "step 8 unwritable" : "written", (long long)stopped_step, (long long)stopped_saved,
+          stopped_unsaved);
+    remove_data(path, dir);
+  }
+  printf("  ok test_the_last_steps_failed_checkpoint_is_told\n");
+}
+
 int main(void) {
   if (mt_device_open(&dev, "cpu:0")) {
     printf("cannot open cpu:0: %s\n", mt_errmsg());
@@ -946,6 +974,7 @@ int main(void) {
   test_pause_at_a_checkpoint_step_commits_it();
   test_resize_in_the_exit_interval_or_last_step_is_refused();
   test_a_stop_whose_checkpoint_fails_says_so();
+  test_the_last_steps_failed_checkpoint_is_told();
   test_resume_step_rolls_back_and_sets_aside_newer();
   test_step_0_checkpoint_is_resumed_and_rolls_back();
   printf("%s\n", failures ? "FAILED" : "all passed");
