@@ -561,14 +561,20 @@ def test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def replicas_job(tmp, tokens, name, interval):
+    """The tiny model as dp 3 replicas of one rank each (dp_min 2), a long
+    run checkpointing every interval steps (0: only on request and stop)."""
+    return tiny_job(os.path.join(tmp, name + ".json"), tokens, name, 100000,
+                    parallel={"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 3, "micro_batch": 2},
+                    train={"global_batch": 12, "steps": 100000, "seed": 7,
+                           "lr": {"schedule": "constant", "peak": 1e-3}},
+                    checkpoint={"dir": os.path.join(tmp, name + "-ckpt"), "interval": interval})
+
+
 def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
     name = "test_sigterm_stop_that_meets_a_lost_node_ends_the_job"
     release = os.path.join(tmp, "release-sigstop")
-    job = tiny_job(os.path.join(tmp, "sigstop.json"), tokens, "sigstop", 100000,
-                   parallel={"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 3, "micro_batch": 2},
-                   train={"global_batch": 12, "steps": 100000, "seed": 7,
-                          "lr": {"schedule": "constant", "peak": 1e-3}},
-                   checkpoint={"dir": os.path.join(tmp, "sigstop-ckpt"), "interval": 0})
+    job = replicas_job(tmp, tokens, "sigstop", 0)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "sigstop"), job, nodes=3, devices="cpu:1",
                      heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS,
                      extra={"rendezvous": {"reform_timeout_s": 5}})
@@ -607,11 +613,7 @@ def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
 def test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload):
     name = "test_coordinator_whose_ranks_are_stuck_stays_and_the_cluster_reforms"
     release = os.path.join(tmp, "release-coordstuck")
-    job = tiny_job(os.path.join(tmp, "coordstuck.json"), tokens, "coordstuck", 100000,
-                   parallel={"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 3, "micro_batch": 2},
-                   train={"global_batch": 12, "steps": 100000, "seed": 7,
-                          "lr": {"schedule": "constant", "peak": 1e-3}},
-                   checkpoint={"dir": os.path.join(tmp, "coordstuck-ckpt"), "interval": 5})
+    job = replicas_job(tmp, tokens, "coordstuck", 5)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "coordstuck"), job, nodes=4, devices="cpu:1",
                      heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
     n0, n1, n2, n3 = c.nodes
