@@ -433,6 +433,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .rank_count = here,
       .devices = n->dev_ptrs,
       .comm_prefix = n->comm_prefix,
+      .generation = n->gen,
       .omp_threads = n->cfg->cpu_threads,
       .device_kind = "cpu",
       .comm_timeout_ms = n->cfg->comm_timeout_ms,
@@ -712,15 +713,24 @@ static void wait_for_aborted_ranks(node *n) {
    * store down and every node with it (each loses its coordinator), making
    * one lost node the whole cluster's restart. It goes quiet instead, as a
    * silent node does: declared lost, it is left out of the next
-   * generation, which the others form, and it waits for its ranks up to
-   * their deadline, heartbeating again (a spare) once they stopped */
-  if (n->coord && !n->end_final && !n->quiet) {
-    mt_log_warn("generation %d: this node's ranks did not stop within %d ms of the abort; it "
-                "coordinates, so it stays rather than take the store down: it stops "
-                "heartbeating, to be left out of the next generation, and waits for them up to "
-                "cluster.comm_timeout_ms (%d ms) more",
-                n->gen, grace_ms, n->cfg->comm_timeout_ms);
-    n->quiet = n->said_slow = 1;
+   * generation, which the others form, and it waits for its ranks,
+   * heartbeating again (placed again) once they stopped. Past their
+   * deadline they are stuck for good: it coordinates on without them until
+   * the job ends (restarting the daemon gives the node back its devices) */
+  if (n->coord && !n->end_final) {
+    if (!n->quiet) {
+      mt_log_warn("generation %d: this node's ranks did not stop within %d ms of the abort; it "
+                  "coordinates, so it stays rather than take the store down: it stops "
+                  "heartbeating, to be left out of the next generation, and waits for them",
+                  n->gen, grace_ms);
+      n->quiet = n->said_slow = 1;
+    } else if (n->said_slow < 2) { /* quiet and here: past the wait above */
+      mt_log_error("generation %d: this node's ranks are stuck past cluster.comm_timeout_ms (%d "
+                   "ms); it coordinates on without them until the job ends (restart the daemon "
+                   "once it has, to use its devices again)",
+                   n->gen, n->cfg->comm_timeout_ms);
+      n->said_slow = 2;
+    }
     return;
   }
   mt_log_error("this node's ranks did not stop within %lld ms of the abort; exiting without them",

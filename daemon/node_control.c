@@ -182,7 +182,8 @@ static json_t *build_status(node *n) {
    * ramp-up from their time per sample and the samples the steps left read */
   json_t *eta = json_null();
   const mt_job *j = n->have_run_job ? &n->run_job : NULL;
-  if (j && have && n->history_n > n->history_first && !strcmp(state, "running")) {
+  if (j && have && n->history_n > n->history_first &&
+      (!strcmp(state, "running") || !strcmp(state, "checkpointing"))) {
     double sum = 0, samples = 0;
     int k = 0;
     for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++) {
@@ -683,10 +684,10 @@ void node_control_round(node *n, int heartbeat) {
     int paused = n->paused, writing = n->ckpt_writing;
     pthread_mutex_unlock(&n->mu);
     const char *state = mt_node_state_names[n->state];
-    if (n->state == N_RUNNING && writing)
-      state = "checkpointing";
-    else if (n->state == N_RUNNING && paused)
+    if (n->state == N_RUNNING && paused)
       state = "paused";
+    else if (n->state == N_RUNNING && writing)
+      state = "checkpointing"; /* a running job's: a paused one's save shows as paused */
     json_t *me = json_pack("{s:s, s:I, s:I, s:i, s:s}", "state", state, "memory_bytes",
                            (json_int_t)rss_bytes(), "step", (json_int_t)step, "pid", (int)getpid(),
                            "control_url", n->control_url);

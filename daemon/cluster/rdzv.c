@@ -1806,12 +1806,15 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   if (!dp && c->resize_to && now_ms - c->resize_forming_since_ms > c->o.reform_timeout_ms) {
     /* the nodes for the new width went away after the resize was accepted */
     char why[300];
-    snprintf(why, sizeof why,
-             "no dp %d could be formed from the nodes present within %d s; forming the widest "
-             "dp they allow instead",
-             c->resize_to, c->o.reform_timeout_ms / 1000);
-    mt_log_warn("coordinator: resize: %s", why);
     int to = c->resize_to;
+    c->resize_to = 0; /* what the job allows without the resize */
+    int fallback = pick_dp(c, slots);
+    c->resize_to = to;
+    snprintf(why, sizeof why, "no dp %d could be formed from the nodes present within %d s; %s", to,
+             c->o.reform_timeout_ms / 1000,
+             fallback ? "forming the widest dp they allow instead"
+                      : "nor any dp the job allows: the job ends");
+    mt_log_warn("coordinator: resize: %s", why);
     fail_resize(c, why);
     dp = pick_dp(c, slots);
     if (!dp) {

@@ -909,19 +909,6 @@ static void set_aside_rolled_back(const char *job_dir, int64_t loaded) {
   free(e);
 }
 
-/* Whether the checkpoint a resume of the newest would load was trained
- * after a rollback to step (its manifest's rolled_back_to) under the same
- * trajectory as this job's (what changed since its save, if anything, is
- * operational: length, layout, checkpoints; a decay that follows the length
- * counts as length): then that rollback was done,
- * by an earlier start of this job, and this start (a re-formed generation,
- * a restarted daemon, a run given more steps) goes on from the newest
- * rather than set aside the steps trained since. A job that changed what
- * the run computes and names the step again is a retry from it: it rolls
- * back again. World rank 0 reads the manifest; every rank learns the
- * answer (*newest: its step, or -1 when there is a rollback to do). A
- * checkpoint that cannot be read here is left to the resume, which names
- * what is wrong. */
 /* A copy of a resolved job in which a decay length that follows the run's
  * length (train.lr.decay_steps = train.steps, the default) reads as such: a
  * run given more steps changes its length, not its course. */
@@ -935,6 +922,19 @@ static json_t *length_free_job(const json_t *job) {
   return j;
 }
 
+/* Whether the checkpoint a resume of the newest would load was trained
+ * after a rollback to step (its manifest's rolled_back_to) under the same
+ * trajectory as this job's (what changed since its save, if anything, is
+ * operational: length, layout, checkpoints; a decay that follows the length
+ * counts as length): then that rollback was done,
+ * by an earlier start of this job, and this start (a re-formed generation,
+ * a restarted daemon, a run given more steps) goes on from the newest
+ * rather than set aside the steps trained since. A job that changed what
+ * the run computes and names the step again is a retry from it: it rolls
+ * back again. World rank 0 reads the manifest; every rank learns the
+ * answer (*newest: its step, or -1 when there is a rollback to do). A
+ * checkpoint that cannot be read here is left to the resume, which names
+ * what is wrong. */
 static int rollback_done(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *newest) {
   int is0 = !tr->g.world || mt_comm_rank(tr->g.world) == 0;
   int64_t found = -1;
@@ -976,10 +976,12 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
     if (rc) return rc;
     if (newest >= 0) {
       if (is0)
-        mt_log_info("resume: checkpoint.resume_step %lld was done already: the newest checkpoint, "
+        mt_log_warn("resume: checkpoint.resume_step %lld was done already: the newest checkpoint, "
                     "step %lld, was trained after that rollback, on the trajectory this job "
-                    "computes, so the run goes on from it",
-                    (long long)step, (long long)newest);
+                    "computes, so the run goes on from it (to roll back to step %lld again, "
+                    "set aside the newer checkpoints: rename each step_<N> to "
+                    "step_<N>.rolled-back)",
+                    (long long)step, (long long)newest, (long long)step);
       step = -1;
     }
   }

@@ -636,7 +636,10 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
   }
   /* every rank writes its slice of each checkpoint: this process checks
    * before any step that it can write there (an unwritable checkpoint.dir
-   * failed every save of a run that went on to its end) */
+   * failed every save of a run that went on to its end). At a job's start
+   * that is the job's fault (refused: exit 2); in a later generation the
+   * job wrote there before, so it is this node's storage (a mount gone):
+   * the node's failure, which re-forms the cluster rather than end the job */
   char ckpt_dir[1200] = "";
   if (o->checkpoint_dir)
     snprintf(ckpt_dir, sizeof ckpt_dir, "%s", o->checkpoint_dir);
@@ -645,7 +648,8 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
   if (ckpt_dir[0] && mt_ckpt_check_dir(ckpt_dir)) {
     char why[1500];
     snprintf(why, sizeof why, "%s", mt_ckpt_unprefixed(mt_errmsg()));
-    return mt_seterr(MT_EINVAL, "checkpoint.dir %s: %s", o->job->checkpoint.dir, why);
+    return mt_seterr(o->generation > 1 ? MT_EIO : MT_EINVAL, "checkpoint.dir %s: %s",
+                     o->job->checkpoint.dir, why);
   }
   if (n < size && !o->store)
     return mt_seterr(MT_EINVAL, "local: ranks spread over processes need a shared store");

@@ -36,6 +36,8 @@ typedef struct mt_local_opts {
   int rank_begin, rank_count;
   const char *const *devices;
   const char *comm_prefix;
+  int generation;              /* the cluster's (0: standalone); an unwritable checkpoint.dir
+                                  is the job's fault in the first, this node's in a later one */
   int omp_threads;             /* shared by this process's ranks; 0: every core */
   const char *device_kind;     /* "cpu" */
   int comm_timeout_ms;         /* 0: 300000 */

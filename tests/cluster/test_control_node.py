@@ -1,7 +1,7 @@
 """The control plane of one live daemon: what its reads cost and say, and the
 control configs it refuses.
 
-usage: test_control_node.py MTNLGD FAULT_PRELOAD
+usage: test_control_node.py MTNLGD FAULT_PRELOAD [MTNLGCTL]
 
 One mtnlgd on loopback (tools/local_cluster.py, cpu:1, the tiny model at
 tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):

@@ -69,15 +69,15 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   again; it exited 1 and was restarted, the stop undone. n1, back after
   SIGCONT, exits too.
 - test_sigterm_stop_that_meets_a_lost_node_ends_the_job: 3 daemons with
-  cpu:1 at dp 3 (dp_min 2); n2 gets SIGTERM (systemctl stop) and its stop's
+  cpu:1 at dp 3 (dp_min 3); n2 gets SIGTERM (systemctl stop) and its stop's
   save is held in its shard write (fault_preload) while n1 is SIGKILLed: the
   generation fails, and the job ends, as a stop that meets a lost node
   does (n0 exits 2, naming n2's signal), where the coordinator knew only of
   stops ordered through it and re-formed without n2 to train on;
 - test_coordinator_whose_ranks_are_stuck_stays_and_the_cluster_reforms: 4
   daemons with cpu:1 (dp 3 and a spare); n0, which hosts the store and
-  coordinates, has its rank's checkpoint writes held (fault_preload) when n1
-  is SIGKILLed, so its rank cannot stop: it stays, quiet, is declared lost
+  coordinates, has its rank's checkpoint writes held (fault_preload) when
+  another member is SIGKILLed, so its rank cannot stop: it stays, quiet, is declared lost
   and the others re-form and train; once the writes go on, its rank stops
   and it is back in the cluster. It used to exit "without them" past the
   grace, taking the store down and every node with it;
@@ -561,29 +561,42 @@ def test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
-def replicas_job(tmp, tokens, name, interval):
-    """The tiny model as dp 3 replicas of one rank each (dp_min 2), a long
-    run checkpointing every interval steps (0: only on request and stop)."""
+def replicas_job(tmp, tokens, name, interval, dp_min):
+    """The tiny model as up to 3 replicas of one rank each (at least dp_min),
+    a long run checkpointing every interval steps (0: only on request and
+    stop)."""
     return tiny_job(os.path.join(tmp, name + ".json"), tokens, name, 100000,
-                    parallel={"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 3, "micro_batch": 2},
+                    parallel={"tp": 1, "pp": 1, "dp_min": dp_min, "dp_max": 3, "micro_batch": 2},
                     train={"global_batch": 12, "steps": 100000, "seed": 7,
                            "lr": {"schedule": "constant", "peak": 1e-3}},
                     checkpoint={"dir": os.path.join(tmp, name + "-ckpt"), "interval": interval})
 
 
+def start_coordinator_first(c, env0, envs):
+    """Starts n0 (which hosts the store) and, once it has joined, the
+    others; the members of generation 1, from the coordinator's line."""
+    n0 = c.nodes[0]
+    c.node_start(n0, env0)
+    c.wait_for(lambda: grep(n0, r"joined the rendezvous at \S+ as n0"), 60, "n0 joined")
+    for n in c.nodes[1:]:
+        c.node_start(n, envs.get(n.name))
+    c.wait_for(lambda: grep(n0, r"coordinator: generation 1 formed"), 120, "generation 1")
+    line = [ln for ln in n0.stderr().splitlines() if "coordinator: generation 1 formed" in ln][0]
+    return re.findall(r"(n\d+) \[", line)
+
+
 def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
     name = "test_sigterm_stop_that_meets_a_lost_node_ends_the_job"
     release = os.path.join(tmp, "release-sigstop")
-    job = replicas_job(tmp, tokens, "sigstop", 0)
+    job = replicas_job(tmp, tokens, "sigstop", 0, 3)  # all three are members
     c = LocalCluster(mtnlgd, os.path.join(tmp, "sigstop"), job, nodes=3, devices="cpu:1",
                      heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS,
                      extra={"rendezvous": {"reform_timeout_s": 5}})
     n0, n1, n2 = c.nodes
     try:
-        c.node_start(n0)
-        c.node_start(n1)
-        c.node_start(n2, {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
-                          "MTNLG_FAULT_HOLD_UNTIL": release})
+        start_coordinator_first(c, None, {"n2": {
+            "LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
+            "MTNLG_FAULT_HOLD_UNTIL": release}})
         c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
         # systemctl stop on n2: the stop's save holds in n2's shard write,
         # and n1 is lost before it is done
@@ -613,29 +626,35 @@ def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
 def test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload):
     name = "test_coordinator_whose_ranks_are_stuck_stays_and_the_cluster_reforms"
     release = os.path.join(tmp, "release-coordstuck")
-    job = replicas_job(tmp, tokens, "coordstuck", 5)
+    job = replicas_job(tmp, tokens, "coordstuck", 5, 2)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "coordstuck"), job, nodes=4, devices="cpu:1",
                      heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
-    n0, n1, n2, n3 = c.nodes
+    n0 = c.nodes[0]
     try:
         # n0 hosts the store and coordinates; its rank's writes of the step-5
-        # checkpoint are held, so when n1 is lost its rank cannot stop
-        c.node_start(n0, {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
-                          "MTNLG_FAULT_HOLD_UNTIL": release})
-        for n in (n1, n2, n3):
-            c.node_start(n)
+        # checkpoint are held, so when another member is lost its rank cannot
+        # stop
+        members = start_coordinator_first(
+            c, {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
+                "MTNLG_FAULT_HOLD_UNTIL": release}, {})
+        if "n0" not in members or len(members) < 2:
+            raise AssertionError("generation 1 formed of %s: n0 and another member needed"
+                                 % members)
+        victim = [n for n in c.nodes if n.name == [m for m in members if m != "n0"][0]][0]
+        left = [n for n in c.nodes if n not in (n0, victim)]
         c.wait_for(lambda: grep(n0, r"fault_preload: holding writes to"), 120,
                    "n0's checkpoint writes held")
-        n1.signal(signal.SIGKILL)
-        n1.wait(10)
+        victim.signal(signal.SIGKILL)
+        victim.wait(10)
         c.wait_for(lambda: grep(n0, r"it coordinates, so it stays"), 60, "n0 staying")
         # the others form a generation without n0 (declared lost) and train
         def without_n0():
             return [ln for ln in n0.stderr().splitlines()
                     if re.search(r"coordinator: generation \d+ formed", ln) and "n0 [" not in ln]
         c.wait_for(lambda: without_n0(), 120, "a generation formed without n0")
-        base = len(n2.steps())
-        c.wait_for(lambda: len(n2.steps()) >= base + 3, 120, "steps without n0")
+        trainer = [n for n in left if n.name + " [" in without_n0()[0]][0]
+        base = len(trainer.steps())
+        c.wait_for(lambda: len(trainer.steps()) >= base + 3, 120, "steps without n0")
         alive = n0.running()
         st = status(n0)
         formed = without_n0()[0].split("coordinator: ")[-1]
@@ -645,7 +664,7 @@ def test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload):
                                     r"again"), 120, "n0's ranks stopped")
         c.wait_for(lambda: roles(n0).get("n0", ("",))[0] in ("coordinator", "spare"), 60,
                    "n0 back in the cluster")
-        ok = alive and n2.running() and n3.running() and not grep(n0, r"exiting without them")
+        ok = alive and all(n.running() for n in left) and not grep(n0, r"exiting without them")
         return check(name, ok, "n0 alive while its ranks were stuck %s (%s; status generation "
                      "%s); roles now %s%s" % (alive, formed, st["generation"], roles(n0),
                                               "" if ok else "\n" + c.logs(15)))

@@ -105,6 +105,10 @@ def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
                          "" if ok else "\n" + c.logs(12)))
     except AssertionError as e:
         return check(name, False, str(e))
+    finally:
+        c.kill_all()
+
+
 def stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck, by_signal=False):
     """Stopped by `stop --wait`, or by SIGTERM to member n2 (by_signal)."""
     name = "unsaved-signal" if by_signal else "unsaved-test"
