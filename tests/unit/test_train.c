@@ -896,59 +896,57 @@ static void test_resize_in_the_exit_interval_or_last_step_is_refused(void) {
   printf("  ok test_resize_in_the_exit_interval_or_last_step_is_refused\n");
 }
 
+/* Runs job `name` of `steps` (train fields `more`), saving every 4 steps,
+ * with the save of step `bad` failing when fail (its directory a link to
+ * itself, which root cannot follow either); what on_stopped was told is in
+ * stopped_*. */
+static void run_with_unwritable_step(const char *name, int64_t steps, const char *more, int64_t bad,
+                                     int fail) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", link[200], target[32];
+  CHECK(!pattern_data(path, dir), "temp files");
+  mt_job job;
+  parse_ckpt_job(&job, name, path, dir, steps, more, "\"interval\":4");
+  snprintf(link, sizeof link, "%s/%s", dir, name);
+  CHECK(!mkdir(link, 0755), "mkdir %s", link);
+  snprintf(target, sizeof target, "step_%08lld", (long long)bad);
+  snprintf(link, sizeof link, "%s/%s/%s", dir, name, target);
+  CHECK(!fail || !symlink(target, link), "symlink %s", link);
+  stopped_why = -1, stopped_step = stopped_saved = -2, stopped_unsaved[0] = 0;
+  mt_local_opts o = {.job = &job, .on_stopped = note_stopped};
+  CHECK(!mt_local_run(&o), "%s", mt_errmsg());
+  remove_data(path, dir);
+}
+
 /* A run that train.exit_interval stops after step 6, saving every 4 steps:
- * with step 6's save failing (its directory a link to itself, which root
- * cannot follow either), the stop says why and that step 4 is the newest
- * checkpoint, so the node reports the steps since it lost; saved, it says
- * nothing failed. Before, a failed stop's save was told as a clean stop. */
+ * with step 6's save failing, the stop says why and that step 4 is the
+ * newest checkpoint, so the node reports the steps since it lost; saved, it
+ * says nothing failed. Before, a failed stop's save was told as a clean
+ * stop. */
 static void test_a_stop_whose_checkpoint_fails_says_so(void) {
   for (int fail = 0; fail < 2; fail++) {
-    char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", step6[200];
-    CHECK(!pattern_data(path, dir), "temp files");
-    mt_job job;
-    parse_ckpt_job(&job, "unsaved", path, dir, 40, "\"exit_interval\":6,", "\"interval\":4");
-    snprintf(step6, sizeof step6, "%s/unsaved", dir);
-    CHECK(!mkdir(step6, 0755), "mkdir %s", step6);
-    snprintf(step6, sizeof step6, "%s/unsaved/step_00000006", dir);
-    CHECK(!fail || !symlink("step_00000006", step6), "symlink %s", step6);
-    stopped_why = -1, stopped_step = stopped_saved = -2, stopped_unsaved[0] = 0;
-    mt_local_opts o = {.job = &job, .on_stopped = note_stopped};
-    CHECK(!mt_local_run(&o), "%s", mt_errmsg());
+    run_with_unwritable_step("unsaved", 40, "\"exit_interval\":6,", 6, fail);
     int ok = stopped_why == MT_STOPPED_INTERVAL && stopped_step == 6 &&
              (fail ? strstr(stopped_unsaved, "step_00000006") && stopped_saved == 4
                    : !strcmp(stopped_unsaved, "-") && stopped_saved == 6);
     CHECK(ok, "%s: stopped after step %lld for %d, newest checkpoint %lld, save failed: %s",
           fail ? "step 6 unwritable" : "written", (long long)stopped_step, stopped_why,
           (long long)stopped_saved, stopped_unsaved);
-    remove_data(path, dir);
   }
   printf("  ok test_a_stop_whose_checkpoint_fails_says_so\n");
 }
 
-/* The job's last step is a stop too: its checkpoint failing (step 8's
- * directory a link to itself) is told as a stop's is, with the newest
- * checkpoint, where the run was reported completed and the steps since it
- * lost without a word to the owner. */
+/* The job's last step is a stop too: its checkpoint failing is told as a
+ * stop's is, with the newest checkpoint, where the run was reported
+ * completed and the steps since it lost without a word to the owner. */
 static void test_the_last_steps_failed_checkpoint_is_told(void) {
   for (int fail = 0; fail < 2; fail++) {
-    char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", step8[200];
-    CHECK(!pattern_data(path, dir), "temp files");
-    mt_job job;
-    parse_ckpt_job(&job, "lastunsaved", path, dir, 8, "", "\"interval\":4");
-    snprintf(step8, sizeof step8, "%s/lastunsaved", dir);
-    CHECK(!mkdir(step8, 0755), "mkdir %s", step8);
-    snprintf(step8, sizeof step8, "%s/lastunsaved/step_00000008", dir);
-    CHECK(!fail || !symlink("step_00000008", step8), "symlink %s", step8);
-    stopped_why = -1, stopped_step = stopped_saved = -2, stopped_unsaved[0] = 0;
-    mt_local_opts o = {.job = &job, .on_stopped = note_stopped};
-    CHECK(!mt_local_run(&o), "%s", mt_errmsg());
+    run_with_unwritable_step("lastunsaved", 8, "", 8, fail);
     int ok =
         fail ? stopped_step == 8 && strstr(stopped_unsaved, "step_00000008") && stopped_saved == 4
              : stopped_step == -2; /* saved: nothing to tell */
     CHECK(ok, "%s: told after step %lld, newest checkpoint %lld, save failed: %s",
           fail ? "step 8 unwritable" : "written", (long long)stopped_step, (long long)stopped_saved,
           stopped_unsaved);
-    remove_data(path, dir);
   }
   printf("  ok test_the_last_steps_failed_checkpoint_is_told\n");
 }
