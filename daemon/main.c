@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "blas.h"
@@ -218,7 +219,11 @@ int main(int argc, char **argv) {
       char *end;
       long v = strtol(optarg, &end, 10);
       if (*end || end == optarg || v < (c == OPT_PROCS ? 1 : 0) || v > 1000000000) {
-        fprintf(stderr, "mtnlgd: bad number \"%s\"\n", optarg);
+        fprintf(stderr, "mtnlgd: %s \"%s\": want a whole number from %d to 1000000000\n",
+                c == OPT_PROCS       ? "--procs"
+                : c == OPT_PROC_RANK ? "--proc-rank"
+                                     : "--comm-timeout-ms",
+                optarg, c == OPT_PROCS ? 1 : 0);
         return 2;
       }
       if (c == OPT_PROCS)
@@ -253,6 +258,17 @@ int main(int argc, char **argv) {
     return run_node(config_path, overrides, job_sets);
   }
 
+  /* a directory named for presets that is not there is a typo, not "none" */
+  if (extra_presets) {
+    struct stat pst;
+    const char *why = stat(extra_presets, &pst) ? strerror(errno)
+                      : !S_ISDIR(pst.st_mode)   ? "not a directory"
+                                                : NULL;
+    if (why) {
+      fprintf(stderr, "mtnlgd: --presets %s: %s\n", extra_presets, why);
+      return 2;
+    }
+  }
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
   mt_job_preset_dirs(extra_presets, preset_dirs);
 

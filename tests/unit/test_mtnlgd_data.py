@@ -8,7 +8,8 @@ each time, so the values are comparable and finite), report per-dataset
 consumption within one sample of 70/30, refuse a blend weight of 0 with the
 key named, and give the same losses when run twice (cached indices reused).
 An export path or a checkpoint.dir that cannot be written is refused before
-the first step.
+the first step; so are a --presets directory that is not there and a
+--procs of 0, naming the option.
 """
 import glob
 import json
@@ -111,6 +112,20 @@ def main():
             failures += 1
         else:
             print("ok test_unwritable_checkpoint_dir_refused_before_training")
+        # options that cannot be right are refused, naming the option
+        for opts, says in ((["--presets", os.path.join(tmp, "no-presets")],
+                            "--presets %s: No such file or directory"
+                            % os.path.join(tmp, "no-presets")),
+                           (["--procs", "0", "--store", tmp],
+                            '--procs "0": want a whole number from 1')):
+            out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(data)] + opts,
+                      ok=False)
+            if out.returncode != 2 or says not in out.stderr:
+                print(f"FAIL test_bad_option_refused_naming_it ({opts[0]}): exit "
+                      f"{out.returncode}\n{out.stderr[-1000:]}")
+                failures += 1
+            else:
+                print(f"ok test_bad_option_refused_naming_it ({opts[0]})")
     return 1 if failures else 0
 
 
