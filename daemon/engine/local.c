@@ -686,10 +686,7 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
                              .first_failed = &l->first_failed,
                              .cancel = &l->cancel,
                              .running = &l->running};
-    if (o->checkpoint_dir)
-      snprintf(l->ranks[k].ckpt_dir, sizeof l->ranks[k].ckpt_dir, "%s", o->checkpoint_dir);
-    else if (o->job->checkpoint.dir[0])
-      mt_checkpoint_job_dir(o->job, l->ranks[k].ckpt_dir, sizeof l->ranks[k].ckpt_dir);
+    memcpy(l->ranks[k].ckpt_dir, ckpt_dir, sizeof ckpt_dir); /* checked above */
     __atomic_fetch_add(&l->running, 1, __ATOMIC_ACQ_REL);
     if (pthread_create(&l->threads[k], NULL, rank_main, &l->ranks[k]))
       rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k),

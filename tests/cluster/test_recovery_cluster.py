@@ -561,6 +561,13 @@ def test_coordinator_restarted_at_once_is_noticed(mtnlgd, tmp, tokens):
         c.kill_all()
 
 
+def release_and_kill(c, release):
+    """A test's end however it went: held writes let go, the daemons killed."""
+    if not os.path.exists(release):
+        open(release, "w").close()
+    c.kill_all()
+
+
 def replicas_job(tmp, tokens, name, interval, dp_min):
     """The tiny model as up to 3 replicas of one rank each (at least dp_min),
     a long run checkpointing every interval steps (0: only on request and
@@ -618,9 +625,7 @@ def test_sigterm_stop_that_meets_a_lost_node(mtnlgd, tmp, tokens, preload):
     except AssertionError as e:
         return check(name, False, "%s\n%s" % (e, c.logs(15)))
     finally:
-        if not os.path.exists(release):
-            open(release, "w").close()
-        c.kill_all()
+        release_and_kill(c, release)
 
 
 def test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload):
@@ -671,9 +676,7 @@ def test_coordinator_with_stuck_ranks_stays(mtnlgd, tmp, tokens, preload):
     except AssertionError as e:
         return check(name, False, "%s\n%s" % (e, c.logs(15)))
     finally:
-        if not os.path.exists(release):
-            open(release, "w").close()
-        c.kill_all()
+        release_and_kill(c, release)
 
 
 def test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload):
@@ -728,9 +731,7 @@ def test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload):
     except AssertionError as e:
         return check(name, False, str(e))
     finally:
-        if not os.path.exists(release):
-            open(release, "w").close()
-        c.kill_all()
+        release_and_kill(c, release)
 
 
 def main():
