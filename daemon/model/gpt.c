@@ -531,9 +531,12 @@ int mt_gpt_create(mt_gpt *m, const mt_gpt_config *cfg, mt_device *dev, int B, in
       rc = mt_seterr(MT_ENOMEM, "gpt: working copy table");
       goto fail;
     }
+    /* each vector on a 64-byte boundary, as in params: a bias is handed to
+     * cuBLASLt's BIAS epilogue, which wants it aligned (packed end to end, a
+     * width that is not a multiple of 4 left the next only 4-byte aligned) */
     for (int i = 0; i < m->n_tensors; i++) {
       m->vec_offset[i] = mt_gpt_is_matrix(m, i) ? SIZE_MAX : m->vec_floats;
-      if (!mt_gpt_is_matrix(m, i)) m->vec_floats += m->params_table[i].numel;
+      if (!mt_gpt_is_matrix(m, i)) m->vec_floats += align_up(m->params_table[i].numel);
     }
     m->weights = NULL;
     if (!(m->half = mt_device_alloc(dev, m->alloc_params * sizeof(uint16_t))))

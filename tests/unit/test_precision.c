@@ -117,12 +117,18 @@ static int check_working_copy(const mt_gpt *m, mt_precision p, const char *when)
         (int)m->wtype);
   /* the matrices, nearly every parameter, in 16 bits; only vectors and wpe
    * as floats */
-  size_t vec = 0;
+  size_t vec = 0, padded = 0;
   for (int i = 0; i < m->n_tensors; i++)
-    if (!mt_gpt_is_matrix(m, i)) vec += m->params_table[i].numel;
-  CHECK(m->vec_floats == vec && vec < m->num_params / 5,
-        "%s: %zu fp32 working floats (vectors hold %zu) of %zu parameters", name, m->vec_floats,
-        vec, m->num_params);
+    if (!mt_gpt_is_matrix(m, i)) {
+      vec += m->params_table[i].numel;
+      padded += (m->params_table[i].numel + 15) / 16 * 16;
+      /* cuBLASLt's bias epilogue reads the biases from here: 64-byte aligned */
+      CHECK(m->vec_offset[i] % 16 == 0, "%s: tensor %d's fp32 working copy at float %zu", name, i,
+            m->vec_offset[i]);
+    }
+  CHECK(m->vec_floats == padded && vec < m->num_params / 5,
+        "%s: %zu fp32 working floats (vectors hold %zu, %zu padded) of %zu parameters", name,
+        m->vec_floats, vec, padded, m->num_params);
   float *wv = working_values(m);
   REQUIRE(wv, "out of memory");
   size_t not_exact = 0, bad = 0;
