@@ -81,6 +81,7 @@ typedef struct step_printer {
   int64_t steps;
   int log_every;
   int unsaved; /* the run stopped or ended, but its checkpoint failed */
+  mt_steplog_acc acc;
 } step_printer;
 
 /* A stop (or the end) whose checkpoint failed: the run ends there, but the
@@ -91,8 +92,8 @@ static void on_stopped(int64_t step, int why, const char *save_failed, int64_t s
 }
 
 static void on_step(const mt_step_stats *st, void *arg) {
-  const step_printer *p = arg;
-  mt_steplog(st, p->steps, p->log_every, p->json);
+  step_printer *p = arg;
+  mt_steplog(&p->acc, st, p->steps, p->log_every, p->json);
 }
 
 /* The node daemon: the config, then node.c's loop. */

@@ -191,7 +191,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
     free(text);
     json_decref(j);
   }
-  mt_steplog(st, n->run_job.train.steps, n->run_job.train.log_interval,
+  mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
              !strcmp(n->cfg->log_format, "json"));
   sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
              (long long)st->step, (long long)n->run_job.train.steps, st->loss);

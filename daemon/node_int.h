@@ -15,6 +15,7 @@
 #include "local.h"
 #include "node.h"
 #include "rdzv.h"
+#include "steplog.h"
 #include "store.h"
 #include "store_server.h"
 #include "store_wire.h"
@@ -56,6 +57,8 @@ typedef struct node {
   char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */
   size_t cluster_key_bytes;
   const char *version;
+
+  mt_steplog_acc steplog; /* the steps since the last printed line (the reporting rank's) */
 
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;

@@ -20,15 +20,24 @@ static const char *jnum(char *buf, double v) {
   return buf;
 }
 
-static void print_step(const mt_step_stats *st, int64_t steps, int json) {
+/* The line for st, with the means over acc's steps where they differ. */
+static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64_t steps,
+                       int json) {
+  double loss = acc->counted ? acc->loss / acc->counted : st->loss;
+  double ms = acc->ms / acc->steps;
+  double tok_s = acc->ms > 0.0 ? 1e3 * acc->tokens / acc->ms : st->tokens_per_s;
+  double tflops = acc->ms > 0.0 ? acc->flop_ms / acc->ms : st->tflops;
+  double bubble = acc->ms > 0.0 ? acc->bubble_ms / acc->ms : st->bubble;
   if (json) {
-    char loss[32], norm[32];
+    char lbuf[32], norm[32];
     printf("{\"step\":%lld,\"steps\":%lld,\"consumed_tokens\":%lld,\"loss\":%s,\"lr\":%.9g,"
            "\"grad_norm\":%s,\"step_ms\":%.3f,\"tokens_per_s\":%.3f,\"tflops\":%.6f,"
            "\"bubble\":%.4f,\"skipped\":%s,\"skipped_total\":%lld",
-           (long long)st->step, (long long)steps, (long long)st->consumed_tokens,
-           jnum(loss, st->loss), st->lr, jnum(norm, st->grad_norm), st->step_ms, st->tokens_per_s,
-           st->tflops, st->bubble, st->skipped ? "true" : "false", (long long)st->skipped_total);
+           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, jnum(lbuf, loss),
+           st->lr, jnum(norm, st->grad_norm), ms, tok_s, tflops, bubble,
+           st->skipped ? "true" : "false", (long long)st->skipped_total);
+    if (acc->steps > 1)
+      printf(",\"interval_steps\":%d,\"interval_skipped\":%d", acc->steps, acc->skipped);
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
     if (st->rampup) printf(",\"global_batch\":%d", st->global_batch);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
@@ -36,11 +45,15 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
   } else {
     printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | %8.1f ms | "
            "%9.1f tok/s | %.3f TFLOP/s/device | bubble %.1f%%",
-           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, st->loss, st->lr,
-           st->grad_norm, st->step_ms, st->tokens_per_s, st->tflops, 100.0 * st->bubble);
+           (long long)st->step, (long long)steps, (long long)st->consumed_tokens, loss, st->lr,
+           st->grad_norm, ms, tok_s, tflops, 100.0 * bubble);
     if (st->loss_scaling) printf(" | loss scale %g", st->loss_scale);
     if (st->rampup) printf(" | batch %d", st->global_batch);
-    if (st->skipped) printf(" | skipped (%lld in all)", (long long)st->skipped_total);
+    if (acc->skipped && acc->steps > 1)
+      printf(" | skipped %d of %d (%lld in all)", acc->skipped, acc->steps,
+             (long long)st->skipped_total);
+    else if (acc->skipped)
+      printf(" | skipped (%lld in all)", (long long)st->skipped_total);
     printf("\n");
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
@@ -49,10 +62,27 @@ static void print_step(const mt_step_stats *st, int64_t steps, int json) {
   fflush(stdout);
 }
 
-void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json) {
+void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
+                int json) {
   if (log_every < 1) log_every = 1;
-  if (st->step % log_every == 0 || st->step == steps || st->step == 1 || st->has_val || st->stop)
-    print_step(st, steps, json);
+  /* a step that does not follow the last (a re-formed generation trains
+   * again from its checkpoint) starts the sums over */
+  if (acc->steps && st->step != acc->last_step + 1) memset(acc, 0, sizeof *acc);
+  acc->last_step = st->step;
+  acc->steps++;
+  if (st->skipped)
+    acc->skipped++;
+  else if (isfinite(st->loss))
+    acc->counted++, acc->loss += st->loss;
+  acc->ms += st->step_ms;
+  acc->tokens += st->tokens_per_s * st->step_ms / 1e3;
+  acc->flop_ms += st->tflops * st->step_ms;
+  acc->bubble_ms += st->bubble * st->step_ms;
+  if (st->step % log_every == 0 || st->step == steps || st->step == 1 || st->has_val || st->stop) {
+    print_step(st, acc, steps, json);
+    memset(acc, 0, sizeof *acc);
+    acc->last_step = st->step;
+  }
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 

@@ -9,9 +9,24 @@
 #include "job.h"
 #include "train.h"
 
-/* Prints st when it is due: every log_every steps, the first and last, with
- * validation, and the step a stop took effect. */
-void mt_steplog(const mt_step_stats *st, int64_t steps, int log_every, int json);
+/* The steps since the last printed line, which the next one sums up (zero
+ * it before the first step). */
+typedef struct mt_steplog_acc {
+  int64_t last_step; /* the step added last; a step that does not follow it starts over */
+  int steps;         /* steps since the last line */
+  int counted;       /* of them, those not skipped: the loss's mean */
+  int skipped;
+  double loss, ms, tokens, flop_ms, bubble_ms;
+} mt_steplog_acc;
+
+/* Adds st to acc and prints a line when one is due: every log_every steps,
+ * the first and last, with validation, and the step a stop took effect. As
+ * Megatron's training_log, a line gives the means over the steps since the
+ * last one (the loss over those not skipped; time, tokens/s, TFLOP/s and
+ * bubble over their time) and the lr, gradient norm and loss scale of its
+ * own step. */
+void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
+                int json);
 
 /* Checks the job's memory plan, as this engine stores it (weights, grads and
  * Adam fp32; bf16 and fp16 jobs add a 16-bit working copy of the weights and

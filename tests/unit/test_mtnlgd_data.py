@@ -6,7 +6,9 @@ built with mtnlg-preprocess; a 70/30 blend trains 40 steps with validation
 every 10 and must: log val_loss at steps 10, 20, 30, 40 (the same batches
 each time, so the values are comparable and finite), report per-dataset
 consumption within one sample of 70/30, refuse a blend weight of 0 with the
-key named, and give the same losses when run twice (cached indices reused).
+key named, and give the same losses when run twice (cached indices reused);
+run with train.log_interval=4, each line's loss is the mean of the steps
+since the line before.
 An export path or a checkpoint.dir that cannot be written is refused before
 the first step; so are a --presets directory that is not there and a
 --procs of 0, naming the option.
@@ -77,6 +79,26 @@ def main():
             failures += 1
         else:
             print("ok test_rerun_with_cached_indices_is_identical")
+        # a line every 4 steps gives the mean loss of the steps since the
+        # last line, as Megatron's log does (the run is the same one)
+        every4 = run(args + ["--set", "train.log_interval=4"])
+        lines = [json.loads(l) for l in every4.stdout.splitlines() if l.startswith("{")]
+        loss_at = {s["step"]: s["loss"] for s in steps}
+        prev, bad_lines = 0, []
+        for line in lines:
+            covered = range(prev + 1, line["step"] + 1)
+            want = sum(loss_at[k] for k in covered) / len(covered)
+            if (abs(line["loss"] - want) > 1e-6 * abs(want)
+                    or line.get("interval_steps", 1) != len(covered)):
+                bad_lines.append((line["step"], line["loss"], want, line.get("interval_steps")))
+            prev = line["step"]
+        printed = [line["step"] for line in lines]
+        if bad_lines or printed != [1, 4, 8, 10, 12, 16, 20, 24, 28, 30, 32, 36, 40]:
+            print(f"FAIL test_log_interval_prints_the_mean_loss: steps {printed}, "
+                  f"(step, loss, mean, interval_steps) off: {bad_lines}")
+            failures += 1
+        else:
+            print(f"ok test_log_interval_prints_the_mean_loss: {len(lines)} lines")
         bad = dict(data, blend=[{"prefix": a, "weight": 0}])
         out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(bad)], ok=False)
         if out.returncode != 2 or "data.blend[0].weight: 0 must be > 0" not in out.stderr:
