@@ -100,6 +100,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
 static int run_node(const char *config_path, const char *const *overrides,
                     const char *const *job_sets) {
   mt_node_config cfg;
+  mt_device_eager_modules(); /* a node's GPU ranks run collectives; before devices = auto's count */
   if (mt_node_config_load(&cfg, config_path, overrides)) {
     fprintf(stderr, "mtnlgd: config %s cannot run:\n%s\n", config_path, mt_errmsg());
     return 2;
@@ -280,6 +281,7 @@ int main(int argc, char **argv) {
   }
   int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
   int here = procs > 0 ? world / procs : world;
+  if (world > 1) mt_device_eager_modules(); /* before the first CUDA call */
   /* --devices: cpu (cpu:N names the first), cuda:LIST (rank k of this
    * process on the k-th GPU listed), cuda (the first `here` GPUs), or auto */
   char resolved[64];

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <omp.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,6 +65,22 @@ int mt_device_resolve_auto(char *out, size_t len, int want) {
   return w;
 }
 
+static int eager_by_us; /* set before any thread starts: no lock */
+
+void mt_device_eager_modules(void) {
+  if (getenv("CUDA_MODULE_LOADING")) return; /* the operator's choice */
+  if (!setenv("CUDA_MODULE_LOADING", "EAGER", 1)) eager_by_us = 1;
+}
+
+const char *mt_device_cuda_loading(void) {
+  if (eager_by_us) return "eager (set by mtnlg: its GPU ranks run collectives)";
+  const char *v = getenv("CUDA_MODULE_LOADING");
+  if (!v) return "CUDA's default (lazy since CUDA 12.2)";
+  return !strcmp(v, "EAGER")  ? "eager (CUDA_MODULE_LOADING)"
+         : !strcmp(v, "LAZY") ? "lazy (CUDA_MODULE_LOADING)"
+                              : "CUDA_MODULE_LOADING's value";
+}
+
 int mt_device_open(mt_device *d, const char *spec) {
   memset(d, 0, sizeof *d);
   const char *colon = strchr(spec, ':');
@@ -96,6 +113,8 @@ int mt_device_open(mt_device *d, const char *spec) {
       return mt_seterr(MT_ENOTSUP, "device: %s requested but %d CUDA device%s usable here", spec, n,
                        n == 1 ? " is" : "s are");
 #if WITH_CUDA
+    static atomic_int said;
+    if (!atomic_exchange(&said, 1)) mt_log_info("CUDA modules: %s", mt_device_cuda_loading());
     d->kind = MT_DEVICE_CUDA;
     d->index = (int)idx;
     d->threads = 1;

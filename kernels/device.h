@@ -94,6 +94,21 @@ int mt_device_sync(mt_device *d);
  * without opening it. MT_ENOTSUP for a GPU this build or machine lacks. */
 int mt_device_memory(const char *spec, size_t *total, size_t *free_bytes);
 
+/* CUDA loads a kernel's module at its first launch by default (lazy
+ * loading, CUDA 12.2 on), and that load waits for the device's queued work
+ * to drain while it holds a lock of the driver's. Beside an NCCL kernel that
+ * waits for its peers (a receive posted ahead, a started send or bucket
+ * reduce) a rank's first launch of a kernel then stalls until the peers
+ * move, and can deadlock with another rank thread of the process that needs
+ * the lock to launch what those peers wait for (XLA meets it at its first
+ * collective and NVIDIA's torchcomms reproduces it). A process whose GPU
+ * ranks run collectives calls this before its first CUDA call: unless
+ * CUDA_MODULE_LOADING is set, every module then loads when CUDA starts
+ * (some seconds, and device memory that the memory check sees as taken).
+ * mt_device_cuda_loading() says how modules load, for a log line. */
+void mt_device_eager_modules(void);
+const char *mt_device_cuda_loading(void);
+
 /* Number of CUDA devices usable here (0 without a GPU or driver);
  * mt_device_count("cuda"). */
 int mt_cuda_device_count(void);

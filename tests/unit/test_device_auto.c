@@ -3,7 +3,8 @@
  * - mt_device_count("cuda") is 0, not an error (no driver is 0 devices);
  * - mt_device_open("cuda:0") fails with a message a person can act on,
  *   naming CUDA and why (the runtime's error, or a build without CUDA);
- * - devices "auto" resolves to cpu:W.
+ * - devices "auto" resolves to cpu:W;
+ * - CUDA_MODULE_LOADING is made EAGER for ranks that run collectives, unless set.
  * On a machine with a GPU the same calls must find it instead: count > 0,
  * cuda:0 opens, auto resolves to cuda:0-K.
  */
@@ -149,6 +150,40 @@ static void test_blas_kernel_choice(const char *self) {
         "a kernel OpenBLAS does not have is named: %s", out);
 }
 
+/* A process whose GPU ranks run collectives loads CUDA's modules when CUDA
+ * starts (device.h: lazy loading beside NCCL kernels stalls or deadlocks),
+ * unless the operator chose: each case in a child, as the choice is the
+ * process's. */
+static void test_module_loading_eager_unless_set(void) {
+  const char *given[] = {NULL, "LAZY", "EAGER"};
+  const char *want_env[] = {"EAGER", "LAZY", "EAGER"};
+  const char *want_says[] = {"set by mtnlg", "lazy (CUDA_MODULE_LOADING)",
+                             "eager (CUDA_MODULE_LOADING)"};
+  for (int i = 0; i < 3; i++) {
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+      if (given[i])
+        setenv("CUDA_MODULE_LOADING", given[i], 1);
+      else
+        unsetenv("CUDA_MODULE_LOADING");
+      const char *before = mt_device_cuda_loading();
+      mt_device_eager_modules();
+      const char *env = getenv("CUDA_MODULE_LOADING"), *says = mt_device_cuda_loading();
+      int ok = env && !strcmp(env, want_env[i]) && strstr(says, want_says[i]) &&
+               (given[i] || strstr(before, "default"));
+      if (!ok)
+        printf("FAIL: CUDA_MODULE_LOADING %s: after the call %s, said \"%s\" (before: \"%s\")\n",
+               given[i] ? given[i] : "unset", env ? env : "unset", says, before);
+      fflush(stdout);
+      _exit(ok ? 0 : 1);
+    }
+    int st = 0;
+    CHECK(pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+          "module loading with CUDA_MODULE_LOADING %s", given[i] ? given[i] : "unset");
+  }
+}
+
 int main(int argc, char **argv) {
   if (argc == 2 && !strcmp(argv[1], "--blas")) {
     if (mt_blas_load()) return 1;
@@ -158,6 +193,7 @@ int main(int argc, char **argv) {
   test_blas_kernel_choice(argv[0]);
   test_unknown_kind_and_cpu_count();
   test_cublas_loads_on_demand();
+  test_module_loading_eager_unless_set();
   int n = mt_device_count("cuda");
   CHECK(n >= 0, "cuda count %d", n);
   printf("CUDA devices here: %d\n", n);
