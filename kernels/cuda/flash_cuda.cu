@@ -222,7 +222,11 @@ static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint6
   }
 }
 
-/* grid (query tiles, NH, B), 32·W threads */
+/* grid (query tiles, NH, B), 32·W threads; the last query tile (the most
+ * key tiles under the causal mask) in block 0: blocks start in index order,
+ * so the longest go first and the short ones fill the last wave, as in
+ * FlashAttention (in order, the last wave was the heads' longest tiles,
+ * with most SMs idle under it) */
 template <int FP16, int D, int W>
 static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C,
                                    int NH, float scale, float p, uint64_t key, uint64_t sample0,
@@ -232,7 +236,7 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
   uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + R * LDE(D), *Vs = Ks + R * LDE(D);
   float *Ss = (float *)(Vs + R * LDE(D));
   uint16_t *Ps = (uint16_t *)(Ss + W * 16 * LDS(W));
-  int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, HS = C / NH;
+  int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, HS = C / NH;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * R;
   size_t ld = 3 * (size_t)C;
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
@@ -382,10 +386,14 @@ struct bwd_block {
   bwd_smem_of s;
 };
 
+/* last_first: block 0 takes the last tile (dQ: the query tile with the most
+ * key tiles to sweep; the dK/dV kernel's heaviest, key tile 0, is first as
+ * it is), so the longest blocks start first, as in k_flash_fwd */
 template <int D, int W>
-static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem) {
+static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem, int last_first) {
   bwd_block k;
-  k.t0 = blockIdx.x * 16 * W, k.h = blockIdx.y, k.bg = blockIdx.z, k.b = a.b0 + k.bg;
+  int tile = last_first ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+  k.t0 = tile * 16 * W, k.h = blockIdx.y, k.bg = blockIdx.z, k.b = a.b0 + k.bg;
   k.HS = a.C / a.NH, k.warp = threadIdx.x / 32, k.lane = threadIdx.x % 32;
   k.ld = 3 * (size_t)a.C;
   k.head = a.qkv + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
@@ -414,7 +422,7 @@ static __device__ void grad_rows_out(const bwd_args &a, const bwd_block &k, size
 template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args a) {
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
-  bwd_block k = bwd_block_of<D, W>(a, smem);
+  bwd_block k = bwd_block_of<D, W>(a, smem, 0);
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
   /* a lane's run of 4 key rows r4 .. r4 + 3 (keys tk4 ..: one Philox
@@ -465,11 +473,11 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   grad_rows_out<FP16, D>(a, k, 2 * (size_t)C, st, dvv, k0 + 16 * k.warp);
 }
 
-/* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries */
+/* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries, the last tile first */
 template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args a) {
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
-  bwd_block k = bwd_block_of<D, W>(a, smem);
+  bwd_block k = bwd_block_of<D, W>(a, smem, 1);
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, q0 = k.t0;
   /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key
