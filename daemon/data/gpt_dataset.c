@@ -2,7 +2,8 @@
  *
  * After Megatron-LM's GPTDataset and build_sample_idx / build_blending_indices,
  * with the differences gpt_dataset.h states (every epoch's samples are
- * shuffled separately, Philox instead of numpy). As there, a "document" of the
+ * shuffled separately, the one running into the next epoch kept last, Philox
+ * instead of numpy). As there, a "document" of the
  * indices is an .idx sequence; the .idx document index is not read.
  *
  * Cache file <basename>.<hash16>.gptidx, little-endian, every array 8-aligned:
@@ -49,9 +50,12 @@
 #error "the .gptidx cache is written in host order, which must be little-endian"
 #endif
 
-/* 2: doc_idx holds sequence ids and the split is over sequences (1: .idx
- * documents); the version is in the description, so the file name changes too */
-enum { CACHE_VERSION = 2, HEADER_BYTES = 128 };
+/* 3: each epoch's last sample, the one running into the next epoch, is left
+ * out of the epoch's shuffle (2: shuffled in, except in the last epoch, which
+ * lacks it); 2: doc_idx holds sequence ids and the split is over sequences
+ * (1: .idx documents). The version is in the description, so the file name
+ * changes too */
+enum { CACHE_VERSION = 3, HEADER_BYTES = 128 };
 static const char cache_magic[8] = {'M', 'T', 'G', 'P', 'T', 'I', 'D', 'X'};
 static const char *const split_names[3] = {"train", "valid", "test"};
 
@@ -351,9 +355,12 @@ static int build_image(const mt_gpt_dataset *d, const char *desc, uint64_t seed,
     uint64_t sh_key = mt_philox_key(seed, name);
     uint64_t T = d->tokens_per_epoch, S = (uint64_t)d->seq;
     for (uint64_t e = 0; e < d->epochs; e++) {
-      /* samples whose first token k*S lies in [e*T, (e+1)*T) */
-      uint64_t b0 = (e * T + S - 1) / S, b1 = ((e + 1) * T + S - 1) / S;
-      if (b1 > d->n_samples) b1 = d->n_samples;
+      /* Samples whose first token k*S lies in [e*T, (e+1)*T) are
+       * [b0, b1 + 1); the last of them, b1, runs into epoch e+1 and stays
+       * in place after the others. It exists only once epoch e+1 does
+       * (for the last epoch b1 == n_samples), so shuffling it in would
+       * re-permute that epoch when the data is sized for more samples. */
+      uint64_t b0 = (e * T + S - 1) / S, b1 = ((e + 1) * T + S - 1) / S - 1;
       if (b0 < b1) shuffle_range(sh, d->shuffle_width, b0, b1 - b0, sh_key, e);
     }
   }

@@ -14,13 +14,17 @@
  * Order, exactly: epoch e lists the split's sequences, shuffled by a Philox
  * Fisher-Yates keyed by (seed, e); epochs are concatenated into one token
  * stream and sample k is stream tokens [k*seq, k*seq + seq + 1). The samples
- * whose first token lies in epoch e are shuffled among themselves (Philox,
- * (seed, e)) and come after all of epoch e-1's: Megatron's "separate last
- * epoch" rule applied to every epoch, so training sees each epoch whole before
- * the next, and a larger n_samples keeps the order of all but the last epoch.
- * The epoch count E is the smallest with (E*T - 1) / seq >= n_samples (T the
- * split's tokens); len is that whole count, the stream's last < seq tokens
- * are never a sample start. As in Megatron's GPTDataset, the unit split and
+ * whose tokens all lie in epoch e are shuffled among themselves (Philox,
+ * (seed, e)), come after all of epoch e-1's and are followed by the one sample
+ * that starts in epoch e and runs into e+1: Megatron's "separate last epoch"
+ * rule applied to every epoch, so training sees each epoch whole before the
+ * next. The epoch count E is the smallest with (E*T - 1) / seq >= n_samples
+ * (T the split's tokens); len is that whole count, the stream's last < seq
+ * tokens are never a sample start. A larger n_samples only appends: the
+ * sample running into epoch E, then the added epochs; positions [0, len) are
+ * the same for every n_samples, so a run sized for more samples (more steps,
+ * a smaller global batch at resume, a blend's grown share) reads on in the
+ * order it read. As in Megatron's GPTDataset, the unit split and
  * shuffled (its "document") is an .idx sequence: the .idx document index is
  * not read, so a document cut into several sequences has them shuffled apart,
  * empty documents (repeated doc_idx entries) do not move the split

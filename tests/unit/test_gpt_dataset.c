@@ -575,6 +575,89 @@ static int test_epochs_added_when_data_run_out(void) {
   return 0;
 }
 
+/* Sizing a dataset for more samples adds epochs after the ones it has and
+ * changes none of the positions it had: a run given more steps, or resumed
+ * with a smaller global batch, reads on where the shorter one stopped, and
+ * trains on the samples the run planned long from the start would have. The
+ * old last epoch is the one at risk: its sample straddling into the next
+ * epoch exists only once a next epoch does. */
+static int test_sizing_for_more_epochs_keeps_every_earlier_position(void) {
+  static corpus c;
+  if (make_corpus(&c, "grow", 120, 0, len_mixed, 1000)) return 1;
+  const int seqs[] = {16, 23};
+  for (size_t si = 0; si < sizeof seqs / sizeof seqs[0]; si++)
+    for (uint64_t seed = 1; seed <= 4; seed++) {
+      int seq = seqs[si];
+      uint64_t T = corpus_tokens(&c, 0, 108); /* the train split of "9,1" */
+      mt_gpt_dataset *d[3];
+      for (int e = 1; e <= 3; e++) { /* sized for exactly e epochs' samples */
+        mt_gpt_dataset_spec s = spec_of(&c, "9,1", MT_SPLIT_TRAIN, seq, (e * T - 1) / seq, seed, 1);
+        OK(mt_gpt_dataset_open(&d[e - 1], &s));
+        REQUIRE(mt_gpt_dataset_epochs(d[e - 1]) == e, "seq %d: %d epochs, want %d", seq,
+                mt_gpt_dataset_epochs(d[e - 1]), e);
+      }
+      int32_t *all[3];
+      for (int e = 0; e < 3; e++) {
+        all[e] = read_all(d[e], seq);
+        REQUIRE(all[e], "read");
+      }
+      for (int e = 0; e < 2; e++)
+        for (int f = e + 1; f < 3; f++)
+          for (uint64_t i = 0; i < mt_gpt_dataset_len(d[e]); i++)
+            REQUIRE(!memcmp(all[e] + i * (seq + 1), all[f] + i * (seq + 1),
+                            (size_t)(seq + 1) * sizeof(int32_t)),
+                    "seq %d seed %" PRIu64 ": position %" PRIu64 " of %" PRIu64
+                    " differs sized for %d and %d epochs",
+                    seq, seed, i, mt_gpt_dataset_len(d[e]), e + 1, f + 1);
+      for (int e = 0; e < 3; e++) free(all[e]), mt_gpt_dataset_free(d[e]);
+    }
+  return 0;
+}
+
+/* The same across a blend: a blend of n samples, each dataset sized with
+ * mt_blend_counts, is a prefix of the blend of 3n. n is chosen so that dataset
+ * 0 is read to the end of its only epoch. */
+static int test_longer_blend_starts_with_the_shorter_one(void) {
+  static corpus cs[2];
+  const double w[2] = {0.6, 0.4};
+  const int seq = 8;
+  for (int k = 0; k < 2; k++) {
+    char name[32];
+    snprintf(name, sizeof name, "grow_blend%d", k);
+    if (make_corpus(&cs[k], name, 40 + 20 * k, 10000000 * k, len_mixed, 1000)) return 1;
+  }
+  uint64_t len1 = (corpus_tokens(&cs[0], 0, cs[0].n_docs) - 1) / seq, counts[2], n = 1;
+  OK(mt_blend_counts(w, 2, n, counts));
+  while (counts[0] < len1) OK(mt_blend_counts(w, 2, ++n, counts));
+  mt_gpt_dataset *sets[2][2];
+  mt_blend *b[2];
+  for (int r = 0; r < 2; r++) {
+    uint64_t total = r ? 3 * n : n;
+    OK(mt_blend_counts(w, 2, total, counts));
+    for (int k = 0; k < 2; k++) {
+      mt_gpt_dataset_spec s = spec_of(&cs[k], "1", MT_SPLIT_TRAIN, seq, counts[k], 200 + k, 1);
+      OK(mt_gpt_dataset_open(&sets[r][k], &s));
+    }
+    OK(mt_blend_open(&b[r], sets[r], w, 2, total));
+  }
+  REQUIRE(mt_gpt_dataset_epochs(sets[0][0]) == 1 && mt_gpt_dataset_epochs(sets[1][0]) >= 3,
+          "dataset 0 has %d and %d epochs", mt_gpt_dataset_epochs(sets[0][0]),
+          mt_gpt_dataset_epochs(sets[1][0]));
+  int32_t x[9], y[9];
+  for (uint64_t i = 0; i < n; i++) {
+    int kx, ky;
+    OK(mt_blend_sample(b[0], i, x, &kx));
+    OK(mt_blend_sample(b[1], i, y, &ky));
+    REQUIRE(kx == ky && !memcmp(x, y, sizeof x), "global sample %" PRIu64 " of %" PRIu64 " differs",
+            i, n);
+  }
+  for (int r = 0; r < 2; r++) {
+    mt_blend_free(b[r]);
+    for (int k = 0; k < 2; k++) mt_gpt_dataset_free(sets[r][k]);
+  }
+  return 0;
+}
+
 /* ---- cache --------------------------------------------------------------- */
 
 static int file_stat(const char *path, struct stat *st) {
@@ -1041,6 +1124,7 @@ static const struct {
     T(test_doc_idx_of_only_0_reads_every_sequence),
     T(test_split_counts_sequences_not_empty_documents),
     T(test_epochs_added_when_data_run_out),
+    T(test_sizing_for_more_epochs_keeps_every_earlier_position),
     T(test_cache_reused_and_rebuilt_when_description_changes),
     T(test_same_name_size_mtime_in_other_directory_gets_its_own_cache),
     T(test_corrupt_cache_is_rebuilt_with_warning),
@@ -1050,6 +1134,7 @@ static const struct {
     T(test_open_refuses_bad_specs),
     T(test_blend_shares_within_half_percent_over_10000_samples),
     T(test_blend_is_deterministic),
+    T(test_longer_blend_starts_with_the_shorter_one),
 #undef T
 };
 
