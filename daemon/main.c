@@ -73,7 +73,14 @@ static void usage(FILE *out) {
           "  --comm-timeout-ms MS      deadline of every collective (default 300000)\n"
           "  --log-format text|json    per-step lines for people or for programs (stdout)\n"
           "  --log-level LEVEL         error, warn, info (default) or debug (stderr)\n"
-          "  --version, --help\n");
+          "  --version, --help\n"
+          "\n"
+          "Exit status, both modes: 0 finished or stopped; 1 a failure another start may\n"
+          "get past (a lost peer or process, a collective that timed out, storage that\n"
+          "could not be read): start it again (systemd restarts the node daemon); 2 the\n"
+          "job or the command line is at fault (a config or job that cannot run, data\n"
+          "that cannot be read, a stop or last step whose checkpoint failed): the same\n"
+          "start would fail the same way.\n");
 }
 
 typedef struct step_printer {
@@ -360,8 +367,8 @@ int main(int argc, char **argv) {
   }
   mt_store *store = NULL;
   if (store_dir && mt_store_file_new(store_dir, &store)) {
-    mt_log_error("%s", mt_errmsg());
-    return 1;
+    fprintf(stderr, "mtnlgd: --store %s: %s\n", store_dir, mt_errmsg());
+    return 2;
   }
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
@@ -386,5 +393,11 @@ int main(int argc, char **argv) {
   int rc = mt_local_run(&lo);
   if (rc) mt_log_error("%s", mt_errmsg());
   mt_store_free(store);
-  return rc || printer.unsaved ? 1 : 0;
+  /* the node daemon's convention: 1 for what another try may pass (a lost
+   * peer process, a timed-out collective), which a supervisor restarts; 2
+   * for the job's own fault (its data, a checkpoint of another model, a
+   * stop or last step whose checkpoint failed: the steps since are lost),
+   * which a restart would only repeat */
+  if (rc) return mt_err_retryable(rc) ? 1 : 2;
+  return printer.unsaved ? 2 : 0;
 }

@@ -487,11 +487,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
  * did not answer) or one every rank agreed may pass (MT_EAGAIN: a checkpoint
  * that could not be read) may pass in a new generation; anything else (a job
  * that cannot run here, a checkpoint of another layout) would fail again. */
-static int report_kind(int rc) {
-  return rc == MT_EIO || rc == MT_ETIMEDOUT || rc == MT_ECANCELED || rc == MT_EAGAIN
-             ? MT_REPORT_PEER
-             : MT_REPORT_FAILED;
-}
+static int report_kind(int rc) { return mt_err_retryable(rc) ? MT_REPORT_PEER : MT_REPORT_FAILED; }
 
 static void leave_and_exit(node *n, int code);
 static void send_report(node *n, int kind, const char *reason);

@@ -40,6 +40,10 @@ int mt_wraperr(int code, const char *fmt, ...) {
 
 const char *mt_errmsg(void) { return errmsg; }
 
+int mt_err_retryable(int code) {
+  return code == MT_EIO || code == MT_ETIMEDOUT || code == MT_ECANCELED || code == MT_EAGAIN;
+}
+
 const char *mt_strerror(int code) {
   switch (code) {
   case MT_OK: return "OK";

@@ -36,6 +36,13 @@ int mt_wraperr(int code, const char *fmt, ...) __attribute__((format(printf, 2, 
 /* The calling thread's last message ("" if none). Valid until the next mt_seterr. */
 const char *mt_errmsg(void);
 
+/* 1 when a failure with this code may pass on another try of the same job:
+ * a peer or the network (a collective that failed, timed out or was
+ * aborted) or storage that every rank failed to read alike. The node daemon
+ * re-forms on such a failure and otherwise ends the job as failed on its own
+ * (exit 2, not restarted); mtnlgd --standalone exits 1 and 2 the same way. */
+int mt_err_retryable(int code);
+
 /* Short name of a code, e.g. "EINVAL". */
 const char *mt_strerror(int code);
 

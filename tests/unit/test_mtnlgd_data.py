@@ -121,13 +121,15 @@ def main():
             else:
                 print(f"ok test_bad_export_refused_before_training ({says})")
         # so is a checkpoint directory that cannot be made or written: every
-        # save of the run failed, and the run went on to its end, exit 0
+        # save of the run failed, and the run went on to its end, exit 0.
+        # It is the job's fault, exit 2 as on a node (1 would have a
+        # supervisor start it again to fail the same way)
         blocked = os.path.join(gen, "ckpt")  # gen is a file: no directory under it
         out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(data),
                    "--set", "train.steps=3", "--set", "train.lr.warmup_steps=1",
                    "--set", "checkpoint.dir=" + blocked, "--set", "checkpoint.interval=1"],
                   ok=False)
-        if (out.returncode == 0 or "checkpoint.dir " + blocked not in out.stderr
+        if (out.returncode != 2 or "checkpoint.dir " + blocked not in out.stderr
                 or "Not a directory" not in out.stderr or '"step"' in out.stdout):
             print(f"FAIL test_unwritable_checkpoint_dir_refused_before_training: exit "
                   f"{out.returncode}\n{out.stderr[-2000:]}")
