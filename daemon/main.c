@@ -59,7 +59,9 @@ static void usage(FILE *out) {
           "  --standalone JOB.json     job spec (model, parallel, train, data, checkpoint)\n"
           "  --set SECTION.KEY=VALUE   override a job field (repeatable), e.g. train.steps=20\n"
           "  --devices DEVICES         cpu (default): one CPU device per rank, one thread\n"
-          "                            each, sharing this machine's cores; cuda:0-7 or\n"
+          "                            each, sharing this machine's cores; cpu:N the same,\n"
+          "                            N being the ranks this process runs (tp x pp x\n"
+          "                            dp_min, over --procs), which the job sets; cuda:0-7 or\n"
           "                            cuda:0,2: rank k of this process on the k-th GPU\n"
           "                            listed (GPU groups talk over NCCL); cuda: the first\n"
           "                            GPUs; auto: GPUs when there are, else one CPU device\n"
@@ -145,7 +147,7 @@ static void raise_fd_limit(void) {
 }
 
 int main(int argc, char **argv) {
-  const char *job_path = NULL, *devices = "cpu:0", *export_path = NULL, *extra_presets = NULL;
+  const char *job_path = NULL, *devices = "cpu", *export_path = NULL, *extra_presets = NULL;
   const char *overrides[MAX_OVERRIDES + 1] = {0};
   int n_overrides = 0, json = 0;
   enum {
@@ -289,8 +291,9 @@ int main(int argc, char **argv) {
   int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
   int here = procs > 0 ? world / procs : world;
   if (world > 1) mt_device_eager_modules(); /* before the first CUDA call */
-  /* --devices: cpu (cpu:N names the first), cuda:LIST (rank k of this
-   * process on the k-th GPU listed), cuda (the first `here` GPUs), or auto */
+  /* --devices: cpu (a CPU device per rank), cpu:N (the same, N saying how
+   * many: the node config's meaning), cuda:LIST (rank k of this process on
+   * the k-th GPU listed), cuda (the first `here` GPUs), or auto */
   char resolved[64];
   if (!strcmp(devices, "auto") && mt_device_resolve_auto(resolved, sizeof resolved, here) > 0)
     devices = resolved;
@@ -337,6 +340,23 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: --devices %s: want cpu, cpu:N, cuda, cuda:LIST (0-7 or 0,2) or auto\n",
             devices);
     return 2;
+  } else if (strcmp(devices, "cpu")) {
+    /* cpu:N counts devices, as node.devices does; the job sets the ranks
+     * (unlike torchrun's --nproc-per-node), so an N that is not theirs was
+     * taken and ignored: say where the ranks come from instead */
+    char *end;
+    errno = 0;
+    long n = strtol(devices + 4, &end, 10);
+    if (errno || n != here) {
+      fprintf(stderr,
+              "mtnlgd: --devices %s names %s CPU device%s; this process runs %d rank%s (tp %d x "
+              "pp %d x dp %d%s), one device each: give --devices cpu (or cpu:%d), or set "
+              "parallel.tp, parallel.pp and parallel.dp_min for the ranks you want\n",
+              devices, devices + 4, n == 1 && !errno ? "" : "s", here, here == 1 ? "" : "s",
+              job.parallel.tp, job.parallel.pp, job.parallel.dp_min,
+              procs > 1 ? ", over --procs" : "", here);
+      return 2;
+    }
   }
   /* the memory plan: a job that cannot fit is refused with the numbers
    * before anything is allocated */

@@ -10,8 +10,9 @@ key named, and give the same losses when run twice (cached indices reused);
 run with train.log_interval=4, each line's loss is the mean of the steps
 since the line before.
 An export path or a checkpoint.dir that cannot be written is refused before
-the first step; so are a --presets directory that is not there and a
---procs of 0, naming the option.
+the first step; so are a --presets directory that is not there, a
+--procs of 0 and a --devices cpu:N whose N is not the job's ranks, naming
+the option.
 """
 import glob
 import json
@@ -141,15 +142,34 @@ def main():
                             "--presets %s: No such file or directory"
                             % os.path.join(tmp, "no-presets")),
                            (["--procs", "0", "--store", tmp],
-                            '--procs "0": want a whole number from 1')):
-            out = run([mtnlgd, "--standalone", job, "--set", "data=" + json.dumps(data)] + opts,
+                            '--procs "0": want a whole number from 1'),
+                           # cpu:N counts the devices, one per rank: an N that is
+                           # not the job's ranks was taken and ignored (1 rank ran)
+                           (["--devices", "cpu:3"],
+                            "--devices cpu:3 names 3 CPU devices; this process runs 1 rank"),
+                           (["--devices", "cpu:0"],
+                            "--devices cpu:0 names 0 CPU devices; this process runs 1 rank")):
+            out = run([mtnlgd, "--standalone", job, "--log-format", "json",
+                       "--set", "data=" + json.dumps(data), "--set", "model.vocab_size=257",
+                       "--set", "train.steps=2", "--set", "train.lr.warmup_steps=1"] + opts,
                       ok=False)
-            if out.returncode != 2 or says not in out.stderr:
-                print(f"FAIL test_bad_option_refused_naming_it ({opts[0]}): exit "
+            if out.returncode != 2 or says not in out.stderr or '"step"' in out.stdout:
+                print(f"FAIL test_bad_option_refused_naming_it ({' '.join(opts[:2])}): exit "
                       f"{out.returncode}\n{out.stderr[-1000:]}")
                 failures += 1
             else:
-                print(f"ok test_bad_option_refused_naming_it ({opts[0]})")
+                print(f"ok test_bad_option_refused_naming_it ({' '.join(opts[:2])})")
+        # the count of the job's ranks is cpu:N's one meaning: dp 2 on cpu:2
+        out = run([mtnlgd, "--standalone", job, "--log-format", "json",
+                   "--set", "data=" + json.dumps(data), "--set", "model.vocab_size=257",
+                   "--set", "train.steps=2", "--set", "train.lr.warmup_steps=1",
+                   "--set", "parallel.dp_min=2", "--devices", "cpu:2"], ok=False)
+        if out.returncode != 0 or out.stdout.count('"step"') != 2:
+            print(f"FAIL test_devices_cpu_n_of_the_jobs_ranks_runs: exit {out.returncode}\n"
+                  f"{out.stderr[-1000:]}")
+            failures += 1
+        else:
+            print("ok test_devices_cpu_n_of_the_jobs_ranks_runs")
     return 1 if failures else 0
 
 
