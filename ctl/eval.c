@@ -23,6 +23,7 @@
 #include "blas.h"
 #include "ckpt.h"
 #include "ckpt_export.h"
+#include "device.h"
 #include "err.h"
 #include "infer.h"
 #include "log.h"
@@ -63,7 +64,8 @@ static const char usage_text[] =
     "                           bytes for a model of at most 257 tokens, else gpt2\n"
     "  --vocab FILE             GPT-2 vocab.json or encoder.json (gpt2)\n"
     "  --merges FILE            GPT-2 merges.txt or vocab.bpe (gpt2)\n"
-    "  --device SPEC            cpu:0 (default) or cuda:N\n"
+    "  --device SPEC            cpu:0 (default) or cuda:N; opened before any work, so\n"
+    "                           one that cannot run is refused (2) before an export\n"
     "  --batch N                sequences a forward pass (lambada, perplexity; default 8)\n"
     "  --no-cache               generate: no key-value cache, a whole forward per token\n"
     "  -o json                  one JSON object on standard output\n";
@@ -635,10 +637,24 @@ static int export_checkpoint(const char *path) {
   return rc;
 }
 
+/* --device opened and closed before any work: a checkpoint's export comes
+ * first and takes minutes at 530B, and a device that cannot run (a typo, a
+ * GPU this machine or build lacks) was refused only after it. 0 or 2. */
+static int check_device(const char *spec) {
+  mt_device d;
+  if (mt_device_open(&d, spec)) {
+    fprintf(stderr, "mtnlg-eval: --device %s: %s\n", spec, mt_errmsg());
+    return 2;
+  }
+  mt_device_close(&d);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   options o;
   int rc = parse_args(argc, argv, &o);
   if (rc) return rc == 1 ? 0 : 2;
+  if ((rc = check_device(o.device))) return rc;
   int gen = !strcmp(o.task, "generate");
   mt_infer *inf = NULL;
   mt_tokenizer *tok = NULL;
