@@ -36,7 +36,9 @@ static void problem(problems *p, const char *fmt, ...) {
     p->len += (size_t)w < sizeof p->text - p->len ? (size_t)w : sizeof p->text - p->len - 1;
 }
 
-typedef enum { K_STR, K_INT, K_BOOL, K_HOST } key_kind;
+/* K_PATH: a K_STR naming a file or directory; relative in the file, it is
+ * taken from the file's directory (resolve_path) */
+typedef enum { K_STR, K_PATH, K_INT, K_BOOL, K_HOST } key_kind;
 
 /* One row per key: where it lives in the struct and what it accepts. */
 typedef struct key_def {
@@ -48,6 +50,8 @@ typedef struct key_def {
 
 #define STR(sec, key, field)                                                                       \
   { sec, key, K_STR, offsetof(mt_node_config, field), sizeof(((mt_node_config *)0)->field), 0, 0 }
+#define PATH(sec, key, field)                                                                      \
+  { sec, key, K_PATH, offsetof(mt_node_config, field), sizeof(((mt_node_config *)0)->field), 0, 0 }
 #define INT(sec, key, field, lo, hi)                                                               \
   { sec, key, K_INT, offsetof(mt_node_config, field), 0, lo, hi }
 #define BOOL(sec, key, field)                                                                      \
@@ -58,7 +62,7 @@ static const key_def keys[] = {
     STR("node", "devices", devices),
     INT("node", "cpu_threads", cpu_threads, 0, 4096),
     STR("rendezvous", "endpoint", endpoint),
-    STR("rendezvous", "key_file", key_file),
+    PATH("rendezvous", "key_file", key_file),
     {"rendezvous", "host", K_HOST, offsetof(mt_node_config, host), 0, 0, 0},
     INT("rendezvous", "last_call_ms", last_call_ms, 0, 3600000),
     INT("rendezvous", "join_timeout_s", join_timeout_s, 0, 86400 * 30),
@@ -68,15 +72,15 @@ static const key_def keys[] = {
     INT("cluster", "heartbeat_interval_ms", heartbeat_interval_ms, 10, 600000),
     INT("cluster", "heartbeat_timeout_ms", heartbeat_timeout_ms, 50, 3600000),
     INT("cluster", "comm_timeout_ms", comm_timeout_ms, 100, 86400000),
-    STR("job", "path", job_path),
-    STR("job", "presets", presets_dir),
+    PATH("job", "path", job_path),
+    PATH("job", "presets", presets_dir),
     STR("control", "listen", control_listen),
-    STR("control", "token_file", token_file),
+    PATH("control", "token_file", token_file),
     BOOL("control", "reads_need_token", reads_need_token),
-    STR("control", "tls_cert", tls_cert),
-    STR("control", "tls_key", tls_key),
-    STR("paths", "state_dir", state_dir),
-    STR("paths", "checkpoint_dir", checkpoint_dir),
+    PATH("control", "tls_cert", tls_cert),
+    PATH("control", "tls_key", tls_key),
+    PATH("paths", "state_dir", state_dir),
+    PATH("paths", "checkpoint_dir", checkpoint_dir),
     STR("log", "level", log_level),
     STR("log", "format", log_format),
 };
@@ -115,12 +119,13 @@ static int parse_bool(const char *v, int *out) {
   return -1;
 }
 
-static void store_value(mt_node_config *c, problems *p, const char *where, const key_def *k,
-                        const char *value);
+static void store_value(mt_node_config *c, problems *p, const char *where, const char *dir,
+                        const key_def *k, const char *value);
 
-/* Stores one value; a problem names where it came from ("mtnlgd.conf:12" or "--set"). */
-static void set_key(mt_node_config *c, problems *p, const char *where, const char *section,
-                    const char *name, const char *value) {
+/* Stores one value; a problem names where it came from ("mtnlgd.conf:12" or "--set").
+ * dir: what a relative path from there is taken from (resolve_path). */
+static void set_key(mt_node_config *c, problems *p, const char *where, const char *dir,
+                    const char *section, const char *name, const char *value) {
   const key_def *k = NULL;
   int section_known = 0;
   for (size_t i = 0; i < N_KEYS; i++) {
@@ -135,15 +140,48 @@ static void set_key(mt_node_config *c, problems *p, const char *where, const cha
     return;
   }
   int before = p->n;
-  store_value(c, p, where, k, value);
+  store_value(c, p, where, dir, k, value);
   if (p->n > before) p->bad |= 1ull << (k - keys);
 }
 
-static void store_value(mt_node_config *c, problems *p, const char *where, const key_def *k,
-                        const char *value) {
+/* A relative path in the config file is taken from the file's directory,
+ * not from the daemon's working directory (/ under systemd, where
+ * "job.json" beside mtnlgd.conf would be /job.json): dir + "/" + value into
+ * out. dir NULL: the value came from the command line (--set), where a
+ * relative path is the shell's, as any argument's: kept. dir "": a config
+ * that is no file in a directory (a pipe), so there is nothing to take it
+ * from: refused. 0, or -1 with the problem named. */
+static int resolve_path(problems *p, const char *where, const char *dir, const key_def *k,
+                        const char *value, char *out, size_t size) {
+  if (!dir || !value[0] || value[0] == '/') {
+    snprintf(out, size, "%s", value);
+    return 0;
+  }
+  if (!dir[0]) {
+    problem(p,
+            "%s: %s.%s: \"%s\" is a relative path, and this config is not a file in a "
+            "directory to take it from: give an absolute path",
+            where, k->section, k->name, value);
+    return -1;
+  }
+  if ((size_t)snprintf(out, size, "%s/%s", dir, value) >= size) {
+    problem(p, "%s: %s.%s: %s/%s is longer than %zu characters", where, k->section, k->name, dir,
+            value, size - 1);
+    return -1;
+  }
+  return 0;
+}
+
+static void store_value(mt_node_config *c, problems *p, const char *where, const char *dir,
+                        const key_def *k, const char *value) {
   const char *section = k->section, *name = k->name;
   char *field = (char *)c + k->offset;
+  char path[2 * MT_CONF_PATH_MAX];
   switch (k->kind) {
+  case K_PATH:
+    if (resolve_path(p, where, dir, k, value, path, sizeof path)) return;
+    value = path;
+    /* fall through */
   case K_STR:
     if (strlen(value) >= k->size) {
       problem(p, "%s: %s.%s: longer than %zu characters", where, section, name, k->size - 1);
@@ -187,6 +225,7 @@ typedef struct ini_ctx {
   mt_node_config *c;
   problems *p;
   const char *path;
+  const char *dir; /* the file's directory, absolute ("": none, a pipe) */
   FILE *f;
   int line; /* lines read so far: inih's handler is called for the last one */
   int n_seen;
@@ -236,7 +275,7 @@ static int on_ini(void *user, const char *section, const char *name, const char 
     snprintf(x->seen[x->n_seen].key, sizeof x->seen[x->n_seen].key, "%s", key);
     x->seen[x->n_seen++].line = x->line;
   }
-  set_key(x->c, x->p, where, section, name, value);
+  set_key(x->c, x->p, where, x->dir, section, name, value);
   return 1; /* keep going: report every problem, not the first */
 }
 
@@ -366,7 +405,16 @@ int mt_node_config_load(mt_node_config *c, const char *path, const char *const *
       fclose(f);
       return mt_seterr(MT_ENOMEM, "config %s: out of memory", path);
     }
-    *x = (ini_ctx){.c = c, .p = &p, .path = path, .f = f};
+    /* the directory relative paths are taken from: the file's, made
+     * absolute; none for a config that is no file in a directory (a pipe) */
+    char dir[PATH_MAX] = "";
+    if (!fstat(fileno(f), &st) && S_ISREG(st.st_mode)) {
+      char *copy = strdup(path), *slash = copy ? strrchr(copy, '/') : NULL;
+      if (slash) *(slash == copy ? slash + 1 : slash) = 0;
+      if (copy && !realpath(slash ? copy : ".", dir)) dir[0] = 0;
+      free(copy);
+    }
+    *x = (ini_ctx){.c = c, .p = &p, .path = path, .dir = dir, .f = f};
     int rc = ini_parse_stream(read_line, x, on_ini, x);
     int read_error = ferror(f);
     free(x);
@@ -386,7 +434,7 @@ int mt_node_config_load(mt_node_config *c, const char *path, const char *const *
     char section[64], name[64];
     snprintf(section, sizeof section, "%.*s", (int)(dot - o), o);
     snprintf(name, sizeof name, "%.*s", (int)(eq - dot - 1), dot + 1);
-    set_key(c, &p, "--set", section, name, eq + 1);
+    set_key(c, &p, "--set", NULL, section, name, eq + 1);
   }
   check(c, &p);
   if (p.n) return mt_seterr(MT_EINVAL, "%s", p.text);

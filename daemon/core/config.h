@@ -55,7 +55,9 @@ typedef struct mt_node_config {
 } mt_node_config;
 
 /* Defaults, then the file (path may be NULL: defaults only), then the
- * overrides ("section.key=value", NULL-terminated). MT_EINVAL with every
+ * overrides ("section.key=value", NULL-terminated). A relative path in the
+ * file is made the file's directory's (absolute); one in an override is
+ * kept as given (the working directory's). MT_EINVAL with every
  * problem in mt_errmsg(), one per line; MT_EIO when the file cannot be read. */
 int mt_node_config_load(mt_node_config *c, const char *path, const char *const *overrides);
 

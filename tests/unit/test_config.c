@@ -173,6 +173,56 @@ static void test_twice_long_lines_and_directories_refused(void) {
         "a directory as the config: %s", mt_errmsg());
 }
 
+/* A relative path in the file is the file's directory's, not the working
+ * directory's (/ under systemd): a job.json beside mtnlgd.conf is found
+ * however the daemon was started. One given with --set is the shell's, as
+ * any argument's; one in a config without a directory (a pipe) is refused. */
+static void test_relative_paths_are_the_config_files_directorys(void) {
+  char dir[64] = "/tmp/mt_test_config_dir_XXXXXX";
+  CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+  char conf[128], want[256], cwd[4096];
+  snprintf(conf, sizeof conf, "%s/mtnlgd.conf", dir);
+  FILE *f = fopen(conf, "w");
+  CHECK(f != NULL, "fopen %s", conf);
+  if (!f) return;
+  fputs("[job]\npath = job.json\npresets = ./presets\n[control]\ntoken_file = secret/token\n"
+        "[rendezvous]\nkey_file = /etc/mtnlg/cluster.key\n[paths]\nstate_dir = ../state\n",
+        f);
+  fclose(f);
+  mt_node_config c;
+  const char *ov[] = {"paths.checkpoint_dir=ckpt", NULL};
+  /* named relative to the working directory too, which the result must not depend on */
+  CHECK(getcwd(cwd, sizeof cwd) && chdir(dir) == 0, "chdir %s", dir);
+  int rc = mt_node_config_load(&c, "mtnlgd.conf", ov);
+  CHECK(chdir(cwd) == 0, "chdir back");
+  CHECK(rc == 0, "relative paths: %s", mt_errmsg());
+  snprintf(want, sizeof want, "%s/job.json", dir);
+  CHECK(!strcmp(c.job_path, want), "job.path %s, want %s", c.job_path, want);
+  snprintf(want, sizeof want, "%s/./presets", dir);
+  CHECK(!strcmp(c.presets_dir, want), "job.presets %s, want %s", c.presets_dir, want);
+  snprintf(want, sizeof want, "%s/secret/token", dir);
+  CHECK(!strcmp(c.token_file, want), "control.token_file %s, want %s", c.token_file, want);
+  snprintf(want, sizeof want, "%s/../state", dir);
+  CHECK(!strcmp(c.state_dir, want), "paths.state_dir %s, want %s", c.state_dir, want);
+  CHECK(!strcmp(c.key_file, "/etc/mtnlg/cluster.key"), "an absolute path kept: %s", c.key_file);
+  CHECK(!strcmp(c.checkpoint_dir, "ckpt"), "--set's relative path kept: %s", c.checkpoint_dir);
+  unlink(conf);
+  rmdir(dir);
+  /* a pipe (<(...)) has no directory: a relative path in it is refused */
+  int fds[2];
+  CHECK(pipe(fds) == 0, "pipe");
+  const char *text = "[job]\npath = job.json\n";
+  CHECK(write(fds[1], text, strlen(text)) == (ssize_t)strlen(text), "write");
+  close(fds[1]);
+  char via[64];
+  snprintf(via, sizeof via, "/proc/self/fd/%d", fds[0]);
+  rc = mt_node_config_load(&c, via, NULL);
+  CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), ":2: job.path: \"job.json\" is a relative path") &&
+            strstr(mt_errmsg(), "give an absolute path"),
+        "a relative path in a pipe: %d %s", rc, mt_errmsg());
+  close(fds[0]);
+}
+
 int main(void) {
   test_defaults_without_a_file();
   test_twice_long_lines_and_directories_refused();
@@ -184,6 +234,7 @@ int main(void) {
   test_device_lists();
   test_host_port();
   test_shipped_config_loads();
+  test_relative_paths_are_the_config_files_directorys();
   if (failures) fprintf(stderr, "test_config: %d failure(s)\n", failures);
   return failures != 0;
 }
