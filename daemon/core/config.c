@@ -99,7 +99,7 @@ static void set_defaults(mt_node_config *c) {
   c->last_call_ms = 3000;
   c->max_restarts = 3;
   c->reform_timeout_s = 600;
-  c->store_max_mb = 16384; /* MT_STORE_SERVER_MAX_BYTES */
+  c->store_max_mb = 16384; /* MiB: MT_STORE_SERVER_MAX_BYTES, 16 GiB */
   c->heartbeat_interval_ms = 1000;
   c->heartbeat_timeout_ms = 6000;
   c->comm_timeout_ms = 300000;

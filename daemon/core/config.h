@@ -29,7 +29,7 @@ typedef struct mt_node_config {
    * to reform_timeout_s for enough nodes each time */
   int max_restarts;
   int reform_timeout_s;
-  int store_max_mb; /* the store this node hosts holds at most this much */
+  int store_max_mb; /* the store this node hosts holds at most this many MiB (2^20 bytes) */
   /* [cluster] */
   int heartbeat_interval_ms;
   int heartbeat_timeout_ms; /* a node silent this long is lost */
