@@ -90,10 +90,10 @@ static int read_token(const char *path, const char *source, char **out, char *er
   /* the daemon's rule for control.token_file too */
   size_t off, len, bad_at;
   if (mt_token_word(tok, n, &off, &len, &bad_at)) {
-    set_err(err, cap,
-            "%s: the token file %s holds more than one printable word (a space, a line break "
-            "or a control character at byte %zu)",
-            source, path, bad_at);
+    char why[160];
+    mt_token_word_why(tok, bad_at, why, sizeof why);
+    set_err(err, cap, "%s: the token file %s: %s; a token is one word of printable ASCII", source,
+            path, why);
     goto cleanup;
   }
   if (len == 0) {

@@ -27,7 +27,7 @@ enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10 };
  * prefix) and the return is:
  *   CTL_EXIT_USAGE        the endpoint is not an http(s) URL, the token file
  *                         (when the request needs it) cannot be read or is
- *                         not one printable word
+ *                         not one word of printable ASCII
  *   CTL_EXIT_UNREACHABLE  no answer: connection refused, timeout, bad host
  *   CTL_EXIT_FAILURE      the daemon answered with an error, or not with JSON
  * *http_status (when not NULL) gets the HTTP status, 0 when none came. */

@@ -759,12 +759,13 @@ static int read_token(node *n) {
   /* mtnlgctl's rule (mt_token_word): a token it would refuse to send
    * would leave nobody able to authenticate */
   if (!rc && mt_token_word(n->token, len, &off, &len, &bad_at)) {
+    char why[160];
+    mt_token_word_why(n->token, bad_at, why, sizeof why);
     explicit_bzero(n->token, sizeof n->token);
     return mt_seterr(MT_EINVAL,
-                     "control.token_file %s holds more than one printable word (a space, a line "
-                     "break or a control character at byte %zu), which mtnlgctl refuses to send: "
-                     "write the token alone, on one line",
-                     path, bad_at);
+                     "control.token_file %s: %s; mtnlgctl refuses to send such a token: write "
+                     "the token alone, one word of printable ASCII on one line",
+                     path, why);
   }
   if (!rc) {
     memmove(n->token, n->token + off, len);

@@ -152,6 +152,24 @@ int mt_token_word(const char *buf, size_t n, size_t *off, size_t *len, size_t *b
   return 0;
 }
 
+void mt_token_word_why(const char *buf, size_t bad_at, char *out, size_t size) {
+  unsigned char b = (unsigned char)buf[bad_at];
+  if (isspace(b)) /* trailing whitespace was stripped: a word follows */
+    snprintf(out, size,
+             "%s (0x%02x) at byte %zu between two words: the file holds more than one word or "
+             "line",
+             b == ' '                 ? "a space"
+             : b == '\t'              ? "a tab"
+             : b == '\n' || b == '\r' ? "a line break"
+                                      : "whitespace",
+             b, bad_at);
+  else
+    snprintf(out, size, "byte 0x%02x at offset %zu is not printable ASCII (0x21..0x7e): %s", b,
+             bad_at,
+             b >= 0x80 ? "a non-ASCII character (UTF-8 text, a byte-order mark?)"
+                       : "a control character");
+}
+
 int mt_atomic_write_file(const char *path, const void *buf, size_t n) {
   mt_atomic_file f;
   int rc = mt_atomic_open(&f, path);

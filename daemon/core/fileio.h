@@ -50,6 +50,12 @@ int mt_read_secret_file(const char *path, const char *what, const char *risk, ch
  * the offset of the first byte that breaks it (a space, a line break, a
  * control or non-ASCII byte inside the word, or a second word). */
 int mt_token_word(const char *buf, size_t n, size_t *off, size_t *len, size_t *bad_at);
+/* What the byte at bad_at (mt_token_word's) is, for a message, into out:
+ * whitespace inside the text, "a line break (0x0a) at byte 12 between two
+ * words: the file holds more than one word or line"; anything else, "byte
+ * 0xc3 at offset 1 is not printable ASCII (0x21..0x7e)", naming a control
+ * character or a non-ASCII byte (UTF-8 text, a BOM) as such. */
+void mt_token_word_why(const char *buf, size_t bad_at, char *out, size_t size);
 
 /* write(2) until done, retrying EINTR; `what` names the file in errors. */
 int mt_write_all(int fd, const void *buf, size_t n, const char *what);

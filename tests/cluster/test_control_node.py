@@ -29,8 +29,11 @@ Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
 - test_reads_need_token_with_an_empty_token_file_is_refused_at_start;
 - test_token_file_of_two_lines_is_refused_at_start: mtnlgctl refuses to send
-  such a token (more than one printable word), so the daemon does not start
-  with it (exit 2, naming control.token_file and the byte).
+  such a token (more than one word), so the daemon does not start
+  with it (exit 2, naming control.token_file and the byte);
+- test_token_file_not_ascii_is_refused_at_start_naming_the_byte: so with a
+  byte that is not printable ASCII (UTF-8 text), named as that, not as a
+  second word.
 - test_mtnlgctl_reads_of_a_daemon_that_wants_the_token_send_it_after_the_401:
   with control.reads_need_token, mtnlgctl status without a token file exits 1
   with the 401, and with one it reads the file on the 401 and asks again.
@@ -350,9 +353,18 @@ def main():
             f.write("secret-token\nline2\n")
         os.chmod(two, 0o600)
         ok, why = refused(mtnlgd, tmp, "two", two, job, reads_need_token=False,
-                          says=("control.token_file %s holds more than one printable word" % two,
-                                "at byte 12"))
+                          says=("control.token_file %s: a line break (0x0a) at byte 12 between "
+                                "two words" % two, "mtnlgctl refuses to send"))
         failures += check("test_token_file_of_two_lines_is_refused_at_start", ok, why)
+        utf8 = os.path.join(tmp, "utf8_token")
+        with open(utf8, "wb") as f:
+            f.write("s\u00e9cret\n".encode())
+        os.chmod(utf8, 0o600)
+        ok, why = refused(mtnlgd, tmp, "utf8", utf8, job, reads_need_token=False,
+                          says=("control.token_file %s: byte 0xc3 at offset 1 is not printable "
+                                "ASCII" % utf8, "a non-ASCII character"))
+        failures += check("test_token_file_not_ascii_is_refused_at_start_naming_the_byte", ok,
+                          why)
         if mtnlgctl:
             failures += test_reads_with_the_token(mtnlgd, mtnlgctl, tmp)
     finally:

@@ -170,21 +170,38 @@ def test_token_file():
         with open(two, "w") as f:
             f.write("abc def\n")
         p = run("-e", url, "--token-file", two, "pause")
-        check(p.returncode == 2 and "more than one printable word" in p.stderr,
-              "a token with a space exits 2", p)
+        check(p.returncode == 2 and "a space (0x20) at byte 3 between two words: the file holds "
+              "more than one word or line" in p.stderr, "a token with a space exits 2", p)
         # mtnlgd's rule for control.token_file (mt_token_word), and tools/local-cluster's
         lines = os.path.join(d, "two-lines")
         with open(lines, "w") as f:
             f.write("secret-token\nline2\n")
         p = run("-e", url, "--token-file", lines, "pause")
-        check(p.returncode == 2 and "more than one printable word (a space, a line break or a "
-              "control character at byte 12)" in p.stderr, "a token of two lines exits 2", p)
+        check(p.returncode == 2 and f"the token file {lines}: a line break (0x0a) at byte 12 "
+              "between two words" in p.stderr, "a token of two lines exits 2", p)
         lc = subprocess.run([sys.executable, LOCAL_CLUSTER, "--token-file", lines,
                              "--mtnlgd", "/nonexistent"], capture_output=True, text=True,
                             timeout=60, env=clean_env())
-        check(lc.returncode == 2 and f"--token-file {lines}: more than one printable word" in
-              lc.stderr and "at byte 12" in lc.stderr,
+        check(lc.returncode == 2 and f"--token-file {lines}: a line break (0x0a) at byte 12 "
+              "between two words" in lc.stderr,
               "tools/local-cluster refuses the token file mtnlgctl refuses", lc)
+        # a byte that is not printable ASCII is named as such, not as a second word
+        for name, raw, says in (
+                ("utf8", "s\u00e9cret\n".encode(), "byte 0xc3 at offset 1 is not printable ASCII "
+                 "(0x21..0x7e): a non-ASCII character"),
+                ("bel", b"abc\x07def\n", "byte 0x07 at offset 3 is not printable ASCII "
+                 "(0x21..0x7e): a control character")):
+            odd = os.path.join(d, name)
+            with open(odd, "wb") as f:
+                f.write(raw)
+            p = run("-e", url, "--token-file", odd, "pause")
+            lc = subprocess.run([sys.executable, LOCAL_CLUSTER, "--token-file", odd,
+                                 "--mtnlgd", "/nonexistent"], capture_output=True, text=True,
+                                timeout=60, env=clean_env())
+            check(p.returncode == 2 and f"the token file {odd}: {says}" in p.stderr
+                  and "more than one" not in p.stderr
+                  and lc.returncode == 2 and f"--token-file {odd}: {says}" in lc.stderr,
+                  f"a token with a {name} byte is refused naming the byte", p)
         spaced = os.path.join(d, "spaced")
         with open(spaced, "w") as f:
             f.write("  s3cret \n\n")
