@@ -664,6 +664,12 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
         problem(pb, "%s.weight: %g must be > 0", prefix, d->blend[i].weight);
     }
     d->n_blend = (int)json_array_size(blend);
+    /* the weights are normalised by their sum: each may be any finite
+     * positive number, but 1e308 twice sums to inf (every share 0) */
+    double sum = 0;
+    for (int i = 0; i < d->n_blend; i++) sum += d->blend[i].weight;
+    if (!isfinite(sum))
+      problem(pb, "data.blend: the weights sum to %g, past a double's range: scale them down", sum);
   }
   read_str(pb, o, "data", "split", d->split, sizeof d->split);
   read_bool(pb, o, "data", "shuffle", &d->shuffle);

@@ -271,6 +271,13 @@ static void test_data_sources_blend_and_split(void) {
   CHECK(has_line(mt_errmsg(), "eval.interval: validation needs a valid split, and data.split"));
   CHECK(parse_with(&job, tiny_job, "data={\"blend\": []}", NULL) == MT_EINVAL);
   CHECK(has_line(mt_errmsg(), "data.blend: expected an array"));
+  /* each weight finite, their sum not: every share would be 0 at the first step */
+  CHECK(parse_with(&job, tiny_job,
+                   "data={\"blend\": [{\"prefix\": \"/d/a\", \"weight\": 1e308},"
+                   " {\"prefix\": \"/d/b\", \"weight\": 1e308}]}",
+                   NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(),
+                "data.blend: the weights sum to inf, past a double's range: scale them down"));
 }
 
 static void test_wrong_type_is_named(void) {
