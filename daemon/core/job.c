@@ -191,8 +191,27 @@ static bool read_float(problems *pb, json_t *obj, const char *prefix, const char
     problem(pb, "%s: %g is beyond a float's range (%g)", k, d, (double)FLT_MAX);
     return false;
   }
+  /* nor is 1e-50 turned into 0 (to be refused as "0 must be > 0") or a
+   * denormal quietly less precise than the value given */
+  if (d != 0 && fabs(d) < FLT_MIN) {
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: %g is below a float's smallest normal value (%g); give 0 or a larger one", k,
+            d, (double)FLT_MIN);
+    return false;
+  }
   *out = (float)d;
   return true;
+}
+
+/* A dropout probability, a float in [0, 1): a value just below 1 that is
+ * 1.0f (which would drop everything) is named as given, not as "1". Others
+ * out of range are validate's. */
+static void read_dropout(problems *pb, json_t *obj, const char *key, float *out) {
+  if (!read_float(pb, obj, "model", key, out)) return;
+  double d = json_number_value(json_object_get(obj, key));
+  if (d >= 0 && d < 1 && !(*out < 1.0f))
+    problem(pb, "model.%s: %.17g is 1 as a float, not in [0, 1)", key, d);
 }
 
 static bool read_bool(problems *pb, json_t *obj, const char *prefix, const char *key, int *out) {
@@ -496,8 +515,8 @@ static void read_model(problems *pb, json_t *root, mt_model_spec *m) {
   read_int(pb, o, "model", "seq_len", &m->seq_len);
   read_float(pb, o, "model", "ln_eps", &m->ln_eps);
   read_float(pb, o, "model", "init_std", &m->init_std);
-  read_float(pb, o, "model", "hidden_dropout", &m->hidden_dropout);
-  read_float(pb, o, "model", "attention_dropout", &m->attention_dropout);
+  read_dropout(pb, o, "hidden_dropout", &m->hidden_dropout);
+  read_dropout(pb, o, "attention_dropout", &m->attention_dropout);
   read_str(pb, o, "model", "init_from", m->init_from, sizeof m->init_from);
 }
 
@@ -1077,8 +1096,10 @@ static void validate(problems *pb, mt_job *job) {
   if (!(t->adam_eps > 0 && (float)t->adam_eps >= FLT_MIN && t->adam_eps <= 1))
     check_fail(pb, "train.adam.eps", "%g must be in [%g, 1] (a normal float)", t->adam_eps,
                (double)FLT_MIN);
-  if (!(t->weight_decay >= 0))
-    check_fail(pb, "train.weight_decay", "%g must be >= 0", t->weight_decay);
+  /* the AdamW kernel takes it as a float: 1e300 would be inf there */
+  if (!(t->weight_decay >= 0 && t->weight_decay <= FLT_MAX))
+    check_fail(pb, "train.weight_decay", "%g must be >= 0 and at most %g (a float)",
+               t->weight_decay, (double)FLT_MAX);
   if (!(t->clip_grad >= 0))
     check_fail(pb, "train.clip_grad", "%g must be >= 0 (0 = no clipping)", t->clip_grad);
 

@@ -335,6 +335,14 @@ static void test_validation_rules(void) {
       {"train.adam.eps=0", NULL, "train.adam.eps: 0 must be in"},
       {"train.adam.eps=1e-50", NULL, "train.adam.eps: 1e-50 must be in"}, /* 0.0f */
       {"model.ln_eps=1e300", NULL, "model.ln_eps: 1e+300 is beyond a float's range"},
+      /* named as given, not as the 0.0f (or the denormal) a float makes of it */
+      {"model.ln_eps=1e-50", NULL, "model.ln_eps: 1e-50 is below a float's smallest normal"},
+      {"model.init_std=1e-40", NULL, "model.init_std: 1e-40 is below a float's smallest normal"},
+      {"model.hidden_dropout=0.999999999", NULL,
+       "model.hidden_dropout: 0.99999999900000003 is 1 as a float, not in [0, 1)"},
+      {"model.attention_dropout=1", NULL, "model.attention_dropout: 1 is not in [0, 1)"},
+      /* the optimizer's float: 1e300 would decay by inf */
+      {"train.weight_decay=1e300", NULL, "train.weight_decay: 1e+300 must be >= 0 and at most"},
       {"model.n_embd=2147483520", "model.n_head=1", "model.n_embd: 2147483520 is over 1048576"},
       /* each within its bound, the plan's parameter bytes past 2^63 */
       {"model.n_embd=1048576", "model.n_layer=65536", "model: 8.65e+17 parameters"},
