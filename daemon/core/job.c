@@ -122,6 +122,23 @@ static const char *type_name(const json_t *v) {
   return "?";
 }
 
+/* type_name, and for a string its text too: a --set value that is not
+ * JSON ("1e400", "0x10", "NaN") is taken as a string, and "got a string"
+ * alone would not say which. */
+static const char *got(const json_t *v, char *buf, size_t cap) {
+  if (!json_is_string(v)) return type_name(v);
+  char *text = json_dumps(v, JSON_ENCODE_ANY); /* quoted and escaped */
+  size_t n = text ? strlen(text) : 0;
+  if (!text)
+    snprintf(buf, cap, "a string");
+  else if (n <= 64)
+    snprintf(buf, cap, "a string, %s", text);
+  else
+    snprintf(buf, cap, "a string, %.60s...\" (%zu bytes)", text, json_string_length(v));
+  free(text);
+  return buf;
+}
+
 static void full_key(char *buf, size_t cap, const char *prefix, const char *key) {
   if (prefix && *prefix)
     snprintf(buf, cap, "%s.%s", prefix, key);
@@ -147,7 +164,8 @@ static bool read_i64(problems *pb, json_t *obj, const char *prefix, const char *
     }
     x = (int64_t)d;
   } else {
-    problem(pb, "%s: expected an integer, got %s", k, type_name(v));
+    char g[128];
+    problem(pb, "%s: expected an integer, got %s", k, got(v, g, sizeof g));
     return false;
   }
   if (x < lo || x > hi) {
@@ -173,7 +191,8 @@ static bool read_double(problems *pb, json_t *obj, const char *prefix, const cha
   if (!json_is_number(v)) {
     char k[256];
     full_key(k, sizeof k, prefix, key);
-    problem(pb, "%s: expected a number, got %s", k, type_name(v));
+    char g[128];
+    problem(pb, "%s: expected a number, got %s", k, got(v, g, sizeof g));
     return false;
   }
   *out = json_number_value(v);
@@ -220,7 +239,8 @@ static bool read_bool(problems *pb, json_t *obj, const char *prefix, const char 
   if (!json_is_boolean(v)) {
     char k[256];
     full_key(k, sizeof k, prefix, key);
-    problem(pb, "%s: expected true or false, got %s", k, type_name(v));
+    char g[128];
+    problem(pb, "%s: expected true or false, got %s", k, got(v, g, sizeof g));
     return false;
   }
   *out = json_is_true(v);
@@ -259,7 +279,8 @@ static json_t *read_object(problems *pb, json_t *obj, const char *prefix, const 
   if (!json_is_object(v)) {
     char k[256];
     full_key(k, sizeof k, prefix, key);
-    problem(pb, "%s: expected an object, got %s", k, type_name(v));
+    char g[128];
+    problem(pb, "%s: expected an object, got %s", k, got(v, g, sizeof g));
     return NULL;
   }
   return v;

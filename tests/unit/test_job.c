@@ -293,6 +293,12 @@ static void test_wrong_type_is_named(void) {
   CHECK(has_line(mt_errmsg(), "train.global_batch: expected an integer"));
   CHECK(parse_with(&job, tiny_job, "train.steps=1e3", NULL) == MT_OK); /* integral real */
   CHECK(job.train.steps == 1000);
+  /* a --set value that is not JSON is a string: the line says which */
+  CHECK(parse_with(&job, tiny_job, "train.steps=1e400", NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "train.steps: expected an integer, got a string, \"1e400\""));
+  CHECK(parse_with(&job, tiny_job, "parallel.recompute=yes", "train.lr.peak=3e-4,") == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "parallel.recompute: expected true or false, got a string, \"yes\""));
+  CHECK(has_line(mt_errmsg(), "train.lr.peak: expected a number, got a string, \"3e-4,\""));
 }
 
 static void test_every_problem_reported_one_per_line(void) {
