@@ -526,6 +526,10 @@ static void read_model(problems *pb, json_t *root, mt_model_spec *m) {
   if (!o) return;
   check_keys(pb, o, "model", model_keys);
   read_str(pb, o, "model", "preset", m->preset, sizeof m->preset);
+  /* a preset that is not a string (its line says so) would have given the
+   * fields, as one that did not load would (merge_preset mutes them too) */
+  json_t *preset = json_object_get(o, "preset");
+  if (preset && !json_is_string(preset)) mute(pb, "model");
   const char *req[] = {"n_layer", "n_embd", "n_head", "vocab_size", "seq_len"};
   for (size_t i = 0; i < sizeof req / sizeof *req; i++) require(pb, o, "model", req[i], hint);
   read_int(pb, o, "model", "n_layer", &m->n_layer);
@@ -547,7 +551,9 @@ static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
   read_int(pb, o, "parallel", "tp", &p->tp);
   read_int(pb, o, "parallel", "pp", &p->pp);
   read_int(pb, o, "parallel", "dp_min", &p->dp_min);
-  if (!read_int(pb, o, "parallel", "dp_max", &p->dp_max)) p->dp_max = p->dp_min;
+  /* dp_max follows dp_min; a dp_min below 1 is refused on its own line */
+  if (!read_int(pb, o, "parallel", "dp_max", &p->dp_max))
+    p->dp_max = p->dp_min >= 1 ? p->dp_min : 1;
   read_int(pb, o, "parallel", "micro_batch", &p->micro_batch);
   read_bool(pb, o, "parallel", "recompute", &p->recompute);
   read_int(pb, o, "parallel", "recompute_layers", &p->recompute_layers);
@@ -674,11 +680,14 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
             "data: give exactly one of path (token file), prefix (indexed dataset) or "
             "blend (weighted indexed datasets); %d given",
             given);
-  read_str(pb, o, "data", "path", d->path, sizeof d->path);
+  if (read_str(pb, o, "data", "path", d->path, sizeof d->path) && !d->path[0])
+    problem(pb, "data.path: must not be empty");
   if (json_object_get(o, "prefix")) {
     d->n_blend = 1;
     d->blend[0].weight = 1.0;
-    read_str(pb, o, "data", "prefix", d->blend[0].prefix, sizeof d->blend[0].prefix);
+    if (read_str(pb, o, "data", "prefix", d->blend[0].prefix, sizeof d->blend[0].prefix) &&
+        !d->blend[0].prefix[0])
+      problem(pb, "data.prefix: must not be empty");
   }
   json_t *blend = json_object_get(o, "blend");
   if (blend && (!json_is_array(blend) || json_array_size(blend) == 0 ||
@@ -698,7 +707,9 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
       check_keys(pb, e, prefix, blend_keys);
       require(pb, e, prefix, "prefix", NULL);
       require(pb, e, prefix, "weight", NULL);
-      read_str(pb, e, prefix, "prefix", d->blend[i].prefix, sizeof d->blend[i].prefix);
+      if (read_str(pb, e, prefix, "prefix", d->blend[i].prefix, sizeof d->blend[i].prefix) &&
+          !d->blend[i].prefix[0])
+        problem(pb, "%s.prefix: must not be empty", prefix);
       read_double(pb, e, prefix, "weight", &d->blend[i].weight);
       if (json_object_get(e, "weight") && !(d->blend[i].weight > 0))
         problem(pb, "%s.weight: %g must be > 0", prefix, d->blend[i].weight);
@@ -882,9 +893,12 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
   const mt_train_spec *t = &job->train;
   if (!g->decay && ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch)
     lr->decay_steps = ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch);
+  /* a decay length that was refused itself (its default, 0, stood in) says
+   * nothing new about the decay or the warmup */
+  bool decay_refused = seen(pb, "train.lr.decay_steps") || seen(pb, "train.lr.decay_tokens");
   /* Megatron asserts a decay length over 0: a zero one would run every step
    * at the floor */
-  if (g->decay && lr->kind != MT_LR_CONSTANT && lr->decay_steps == 0)
+  if (g->decay && !decay_refused && lr->kind != MT_LR_CONSTANT && lr->decay_steps == 0)
     check_fail(pb, g->decay_tokens >= 0 ? "train.lr.decay_tokens" : "train.lr.decay_steps",
                "a decay of 0 steps: a %s schedule decays over at least one (or set schedule "
                "\"constant\")",
@@ -892,7 +906,8 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
   if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
   /* a decay that follows train.steps says nothing new when train.steps was
    * refused itself (its default, 0, stood in) */
-  if (lr->warmup_steps > lr->decay_steps && (g->decay || !seen(pb, "train.steps")))
+  if (lr->warmup_steps > lr->decay_steps && !decay_refused &&
+      (g->decay || !seen(pb, "train.steps")))
     check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",
                "warmup of %" PRId64 " steps is longer than the decay, %" PRId64 " steps%s",
                lr->warmup_steps, lr->decay_steps, g->decay ? "" : " (train.steps)");
@@ -1141,9 +1156,8 @@ static void validate(problems *pb, mt_job *job) {
     check_fail(pb, "train.loss_scale.hysteresis", "%d must be at least 1", ls->hysteresis);
 
   /* files */
-  if (!job->data.n_blend && !job->data.path[0]) check_fail(pb, "data.path", "must not be empty");
-  for (int i = 0; i < job->data.n_blend; i++)
-    if (!job->data.blend[i].prefix[0]) check_fail(pb, "data.blend", "prefix %d is empty", i);
+  /* an empty data.path, data.prefix or blend prefix is read_data's, named by
+   * the key the job gave it under */
   if (job->eval.interval > 0 && job->data.path[0])
     check_fail(pb, "eval.interval",
                "validation needs a valid split: use data.prefix or data.blend, not data.path");

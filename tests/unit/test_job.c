@@ -357,6 +357,18 @@ static void test_validation_rules(void) {
       {"parallel.schedule=gpipe", NULL, "parallel.schedule: \"gpipe\" is not supported"},
       {"train.precision=fp8", NULL, "train.precision: \"fp8\" is not one of"},
       {"data.path=", NULL, "data.path: must not be empty"},
+      /* one line for one mistake: not also lines about keys the job never
+       * gave, from the defaults that stood in for a refused value */
+      {"data={\"prefix\": \"\"}", NULL, "data.prefix: must not be empty"},
+      {"data={\"blend\": [{\"prefix\": \"\", \"weight\": 1}]}", NULL,
+       "data.blend[0].prefix: must not be empty"},
+      {"data={\"blend\": [5]}", NULL, "data.blend[0]: expected an object, got an integer"},
+      {"data={\"blend\": {}}", NULL, "data.blend: expected an array"},
+      {"model.preset=5", NULL, "model.preset: expected a string, got an integer"},
+      {"parallel.dp_min=0", NULL, "parallel.dp_min: 0 must be at least 1"},
+      {"train.lr.decay_tokens=-5", NULL, "train.lr.decay_tokens: -5 is out of range"},
+      {"train.lr.decay_steps=-1", "train.lr.warmup_steps=5",
+       "train.lr.decay_steps: -1 is out of range"},
       {"checkpoint.interval=10", NULL, "checkpoint.interval: 10 needs checkpoint.dir"},
       {"name=a/b", NULL, "name: \"a/b\" must be"},
       {"model.preset=../tiny", NULL, "model.preset: \"../tiny\" is not a preset name"},
