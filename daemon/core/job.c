@@ -126,6 +126,10 @@ static const char *type_name(const json_t *v) {
  * JSON ("1e400", "0x10", "NaN") is taken as a string, and "got a string"
  * alone would not say which. */
 static const char *got(const json_t *v, char *buf, size_t cap) {
+  if (json_is_real(v)) { /* where an integer or a boolean was expected */
+    snprintf(buf, cap, "%g", json_real_value(v));
+    return buf;
+  }
   if (!json_is_string(v)) return type_name(v);
   char *text = json_dumps(v, JSON_ENCODE_ANY); /* quoted and escaped */
   size_t n = text ? strlen(text) : 0;
@@ -322,6 +326,8 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
+static const char *const preset_int_fields[] = {"n_layer",      "n_embd",  "n_head", "vocab_size",
+                                                "vocab_pad_to", "seq_len", NULL};
 static const char *const parallel_keys[] = {"tp",
                                             "pp",
                                             "dp_min",
@@ -464,6 +470,12 @@ static void merge_preset(problems *pb, json_t *root, const char *const *preset_d
     return;
   }
 
+  struct stat st;
+  if (!fstat(fileno(f), &st) && S_ISDIR(st.st_mode)) { /* fopen opens one for reading */
+    fclose(f);
+    problem(pb, "model.preset: %s is a directory, not a JSON preset", path);
+    return;
+  }
   json_error_t jerr;
   json_t *preset = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
   fclose(f);
@@ -481,11 +493,29 @@ static void merge_preset(problems *pb, json_t *root, const char *const *preset_d
   json_t *v;
   int bad = 0;
   json_object_foreach(preset, key, v) {
-    if (in_list(key, preset_keys)) continue;
-    problem(pb, "model.preset: %s: %s: %s", path, key,
-            in_list(key, model_keys) ? "not allowed in a preset (give it in the job)"
-                                     : "unknown key");
-    bad++;
+    if (!in_list(key, preset_keys)) {
+      problem(pb, "model.preset: %s: %s: %s", path, key,
+              in_list(key, model_keys) ? "not allowed in a preset (give it in the job)"
+                                       : "unknown key");
+      bad++;
+      continue;
+    }
+    /* a mistyped field is the preset file's: as model.<key> it would name a
+     * key the job does not have */
+    bool want_int = in_list(key, preset_int_fields), want_str = !strcmp(key, "description");
+    bool ok = want_str   ? json_is_string(v)
+              : want_int ? json_is_integer(v) ||
+                               (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)))
+                         : json_is_number(v);
+    if (!ok) {
+      char g[128];
+      problem(pb, "model.preset: %s: %s: expected %s, got %s", path, key,
+              want_str   ? "a string"
+              : want_int ? "an integer"
+                         : "a number",
+              got(v, g, sizeof g));
+      bad++;
+    }
   }
   if (!bad) {
     json_object_del(preset, "description");

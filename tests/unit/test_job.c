@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "err.h"
@@ -592,13 +593,35 @@ static void test_preset_dirs_searched_in_order(void) {
   int rc2 = mt_job_parse(&job, tiny_job, NULL, dirs, NULL);
   char msg[1024];
   snprintf(msg, sizeof msg, "%s", mt_errmsg());
+  /* a mistyped field is named in the preset file, not as a model.<key> the
+   * job does not have */
+  FILE *h = fopen(path, "w");
+  if (h) {
+    fputs("{\"n_layer\": \"6\", \"n_embd\": 64.5, \"n_head\": 4, \"vocab_size\": 256,"
+          " \"seq_len\": 64, \"ln_eps\": \"1e-5\"}",
+          h);
+    fclose(h);
+  }
+  int rc3 = mt_job_parse(&job, tiny_job, NULL, dirs, NULL);
+  char msg3[1024];
+  snprintf(msg3, sizeof msg3, "%s", mt_errmsg());
   unlink(path);
+  /* a directory where the preset file would be is not "'[' or '{' expected" */
+  int rc4 = mkdir(path, 0700) ? MT_OK : mt_job_parse(&job, tiny_job, NULL, dirs, NULL);
+  char msg4[1024];
+  snprintf(msg4, sizeof msg4, "%s", mt_errmsg());
+  rmdir(path);
   rmdir(dir);
   CHECK(rc == MT_OK && n_layer == 6); /* the first directory wins */
   CHECK(rc2 == MT_EINVAL);
   CHECK(count_lines(msg) == 2 && has_line(msg, "model.preset: ") &&
         strstr(msg, "n_layres: unknown key"));
   CHECK(strstr(msg, "init_from: not allowed in a preset") != NULL);
+  CHECK(rc3 == MT_EINVAL && count_lines(msg3) == 3);
+  CHECK(strstr(msg3, "tiny.json: n_layer: expected an integer, got a string, \"6\"\n"));
+  CHECK(strstr(msg3, "tiny.json: n_embd: expected an integer, got 64.5\n"));
+  CHECK(strstr(msg3, "tiny.json: ln_eps: expected a number, got a string, \"1e-5\""));
+  CHECK(rc4 == MT_EINVAL && strstr(msg4, "tiny.json is a directory, not a JSON preset"));
 }
 
 static void test_missing_required_fields_are_named(void) {
