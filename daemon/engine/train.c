@@ -147,7 +147,7 @@ static int start_buckets(void *ctx, int l) {
 
 int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   if (tr->data && n_train <= tr->data_train_samples) return 0;
-  if (!tr->model.first && !tr->model.last) return 0; /* a middle stage reads no tokens */
+  if (!tr->reads_tokens) return 0; /* a middle stage reads no tokens */
   const mt_job *job = tr->job;
   uint64_t G = (uint64_t)job->train.global_batch;
   uint64_t n_valid = job->eval.interval > 0 ? (uint64_t)job->eval.iters * G : 0;
@@ -227,8 +227,18 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     o.hysteresis = ls->hysteresis;
     if ((rc = mt_loss_scale_init(&tr->scaler, &o))) return mt_wraperr(rc, "train.loss_scale");
   }
-  rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
-  if (rc) return rc;
+  /* the data before the model: data that cannot serve the job (a wrong
+   * path, too few tokens for a sample) fails it at once, not after every
+   * rank made (and init_from read) its weights, minutes at scale */
+  int first, last;
+  mt_gpt_ends(&cfg, &first, &last);
+  tr->reads_tokens = first || last;
+  rc = mt_trainer_data_reach(tr, (uint64_t)mt_job_samples_of(job, 0, job->train.steps));
+  if (!rc) rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
+  if (rc) {
+    mt_trainer_destroy(tr);
+    return rc;
+  }
   if (tr->g.tp) {
     tr->model.tp_allreduce = tp_allreduce;
     tr->model.tp_allgather = tp_allgather;
@@ -278,7 +288,6 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
                          job->train.beta2, job->train.adam_eps, job->train.weight_decay);
-  if (!rc) rc = mt_trainer_data_reach(tr, (uint64_t)mt_job_samples_of(job, 0, job->train.steps));
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs)

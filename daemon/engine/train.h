@@ -132,6 +132,7 @@ typedef struct mt_trainer {
   int grads_block0; /* during a backward: model's block index of its chunk's block 0 */
   mt_adamw opt;
   mt_data_source *data;        /* first and last stages only (the others read no tokens) */
+  int reads_tokens;            /* the stage is the first or the last: it has data */
   uint64_t data_train_samples; /* training samples data was sized for */
   mt_groups g;
   int64_t step;                   /* steps taken */

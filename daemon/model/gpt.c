@@ -160,6 +160,11 @@ static void model_ends(const mt_gpt_config *c, int *first, int *last, int *n_blo
   }
 }
 
+void mt_gpt_ends(const mt_gpt_config *cfg, int *first, int *last) {
+  int n_blocks;
+  model_ends(cfg, first, last, &n_blocks);
+}
+
 int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *num_params) {
   size_t C = (size_t)c->n_embd;
   int lb, le, n = 0, first, last, n_blocks;

@@ -214,6 +214,10 @@ void mt_stage_layers(int n_layer, int pp, int s, int *begin, int *end);
  * model. */
 void mt_gpt_set_stage(mt_gpt_config *c, int pp, int s, int v);
 
+/* Whether cfg's model (its stage, all its chunks) holds the first block,
+ * which reads the tokens, or the last, which reads the targets. */
+void mt_gpt_ends(const mt_gpt_config *cfg, int *first, int *last);
+
 /* Rounds the master weights into the working copy the forward and backward
  * read (round to nearest even, elementwise, so every tp shard and pipeline
  * stage rounds its part of a tensor as the whole tensor would be rounded).

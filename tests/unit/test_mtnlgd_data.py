@@ -12,7 +12,8 @@ since the line before.
 An export path or a checkpoint.dir that cannot be written is refused before
 the first step; so are a --presets directory that is not there, a
 --procs of 0 and a --devices cpu:N whose N is not the job's ranks, naming
-the option.
+the option. Data too short for one sample is refused before the model's
+weights are made (a model.init_from that is not there goes unread).
 """
 import glob
 import json
@@ -137,6 +138,22 @@ def main():
             failures += 1
         else:
             print("ok test_unwritable_checkpoint_dir_refused_before_training")
+        # data that cannot serve the job is found before the weights are
+        # made and model.init_from is read (minutes at scale): with both
+        # wrong, the data is named
+        few = os.path.join(tmp, "few.u16")
+        with open(few, "wb") as fh:
+            fh.write(bytes(20))  # 10 tokens: not one sample of 64 + 1
+        out = run([mtnlgd, "--standalone", job, "--set", "data.path=" + few,
+                   "--set", "model.init_from=" + os.path.join(tmp, "no-such.safetensors")],
+                  ok=False)
+        if (out.returncode != 2 or "fewer than one sample" not in out.stderr
+                or "init_from" in out.stderr):
+            print(f"FAIL test_data_checked_before_the_model: exit {out.returncode}\n"
+                  f"{out.stderr[-1500:]}")
+            failures += 1
+        else:
+            print("ok test_data_checked_before_the_model")
         # options that cannot be right are refused, naming the option
         for opts, says in ((["--presets", os.path.join(tmp, "no-presets")],
                             "--presets %s: No such file or directory"
