@@ -648,8 +648,14 @@ size_t live;   /* fibers of the block not yet done */
 bool reversed; /* MT_CUDA_EMU_ORDER=reverse */
 barrier blk;
 std::vector<barrier> warps;
-std::vector<uint64_t> slots; /* one per thread: shuffle and ballot exchange */
-unsigned long epoch;         /* counts releases and exits: progress */
+/* Two per thread, by the parity of its warp barrier's generation: a lane
+ * writes its value for barrier g into half g & 1 and reads the others'
+ * there after g; the next write to that half is for g + 2, which no lane
+ * reaches before every lane has passed g + 1, so has read. One barrier per
+ * shuffle or ballot, as on a GPU. */
+std::vector<uint64_t> slots;
+std::vector<float> frags; /* the same for mma_sync: 16 floats a lane, two halves */
+unsigned long epoch;      /* counts releases and exits: progress */
 const std::function<void()> *body;
 
 /* From fiber `from` to fiber `to` (NULL: the scheduler). */
@@ -793,11 +799,12 @@ unsigned lane() { return cur->lane; }
 
 void warp_barrier() { warp_sync(); }
 
-void warp_publish(const void *p, const void **all) {
-  unsigned base = cur->warp * 32;
-  slots[cur->linear] = (uint64_t)(uintptr_t)p;
-  warp_sync();
-  for (unsigned l = 0; l < 32; l++) all[l] = (const void *)(uintptr_t)slots[base + l];
+const float *warp_gather(const float *mine) {
+  barrier &w = warps[cur->warp];
+  float *half = &frags[(w.gen & 1) * fibers.size() * 16];
+  memcpy(half + cur->linear * 16, mine, 16 * sizeof *mine);
+  arrive(w);
+  return half + cur->warp * 32 * 16;
 }
 
 void syncthreads() { arrive(blk); }
@@ -815,21 +822,22 @@ void check_mask(unsigned mask) {
 uint64_t shfl_xor(uint64_t bits, int lane_mask) {
   unsigned base = cur->warp * 32, src = cur->lane ^ (unsigned)lane_mask;
   if (lane_mask < 0 || lane_mask > 31) EMU_DIE("shuffle lane mask %d", lane_mask);
-  slots[cur->linear] = bits;
-  warp_sync();
-  uint64_t r = slots[base + src];
-  warp_sync(); /* nobody overwrites a slot before every lane has read */
-  return r;
+  barrier &w = warps[cur->warp];
+  uint64_t *half = &slots[(w.gen & 1) * fibers.size()];
+  half[cur->linear] = bits;
+  arrive(w);
+  return half[base + src];
 }
 
 unsigned ballot(int pred) {
   unsigned base = cur->warp * 32;
-  slots[cur->linear] = (uint64_t)(pred != 0);
-  warp_sync();
+  barrier &w = warps[cur->warp];
+  uint64_t *half = &slots[(w.gen & 1) * fibers.size()];
+  half[cur->linear] = (uint64_t)(pred != 0);
+  arrive(w);
   unsigned r = 0;
   for (unsigned l = 0; l < 32 && base + l < fibers.size(); l++)
-    if (!fibers[base + l].done && slots[base + l]) r |= 1u << l;
-  warp_sync();
+    if (!fibers[base + l].done && half[base + l]) r |= 1u << l;
   return r;
 }
 
@@ -871,7 +879,8 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
   grid_dim = grid;
   block_dim = block;
   fibers.assign(nthreads, fiber());
-  slots.assign(nthreads, 0);
+  slots.assign(2 * nthreads, 0);
+  frags.assign(2 * nthreads * 16, 0.0f);
   warps.assign((nthreads + 31) / 32, barrier());
   for (unsigned z = 0; z < grid.z; z++)
     for (unsigned y = 0; y < grid.y; y++)

@@ -220,11 +220,12 @@ bool set_smem_limit(const void *k, int bytes);
  * MT_CUDA_EMU_SMEM_OPTIN bytes (101376: an sm_86/sm_89 part) when set. */
 int smem_optin();
 /* Warp-collective helpers for wmma: the calling lane's index in its warp;
- * a barrier of the warp; publish p and learn every lane's (all[32]), after
- * which the warp must pass warp_barrier before any lane publishes again. */
+ * a barrier of the warp; a barrier at which each lane gives 16 floats and
+ * gets the warp's 32 x 16 (lane l's at l * 16), valid until its next
+ * barrier but one (the same buffer is written for that one). */
 unsigned lane();
 void warp_barrier();
-void warp_publish(const void *p, const void **all);
+const float *warp_gather(const float *mine);
 void syncthreads();
 int syncthreads_count(int pred);
 unsigned ballot(int pred);
@@ -371,32 +372,29 @@ inline void fill_fragment(fragment<Use, 16, 16, 16, T, L> &f, float v) {
   for (int i = 0; i < 8; i++) f.x[i] = v;
 }
 
-/* d = a·b + c over the warp: every lane's fragments gathered, each lane
- * computing its own 8 elements (fp32, k in order); d may be c. */
+/* d = a·b + c over the warp: every lane's fragments gathered at one warp
+ * barrier, each lane computing its own 8 elements (fp32, k in order); d
+ * may be c (element i of c is read before element i of d is written). */
 template <class T, class LA, class LB>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
                      const fragment<matrix_a, 16, 16, 16, T, LA> &a,
                      const fragment<matrix_b, 16, 16, 16, T, LB> &b,
                      const fragment<accumulator, 16, 16, 16, float> &c) {
   static_assert(!std::is_same<T, float>::value, "16-bit operands only");
-  const void *as[32], *bs[32];
-  mt_emu::warp_publish(&a, as);
-  mt_emu::warp_barrier();
-  mt_emu::warp_publish(&b, bs);
-  float out[8];
+  float mine[16]; /* lane l's a, then its b: elements l·8.. of each tile */
+  memcpy(mine, a.x, sizeof a.x);
+  memcpy(mine + 8, b.x, sizeof b.x);
+  const float *all = mt_emu::warp_gather(mine);
   unsigned base = mt_emu::lane() * 8;
   for (int i = 0; i < 8; i++) {
     unsigned r = (base + i) / 16, n = (base + i) % 16;
     float s = c.x[i];
     for (unsigned k = 0; k < 16; k++) {
       unsigned ia = r * 16 + k, ib = k * 16 + n;
-      s += ((const fragment<matrix_a, 16, 16, 16, T, LA> *)as[ia / 8])->x[ia % 8] *
-           ((const fragment<matrix_b, 16, 16, 16, T, LB> *)bs[ib / 8])->x[ib % 8];
+      s += all[ia / 8 * 16 + ia % 8] * all[ib / 8 * 16 + 8 + ib % 8];
     }
-    out[i] = s;
+    d.x[i] = s;
   }
-  mt_emu::warp_barrier(); /* every lane has read before any writes d */
-  for (int i = 0; i < 8; i++) d.x[i] = out[i];
 }
 } // namespace wmma
 } // namespace nvcuda
