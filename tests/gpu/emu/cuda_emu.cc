@@ -900,7 +900,9 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
           f.linear = (unsigned)i, f.warp = (unsigned)(i / 32), f.lane = (unsigned)(i % 32);
           f.done = 0;
           f.wait_on = nullptr;
-          start(f, stacks + i * STACK_BYTES, STACK_BYTES);
+          /* the tops of the stacks, 128 KiB apart, would all fall in one
+           * cache set: each is moved down by its own multiple of 64 bytes */
+          start(f, stacks + i * STACK_BYTES, STACK_BYTES - (i * 33 % 256) * 64);
         }
         live = nthreads;
         while (live) {
