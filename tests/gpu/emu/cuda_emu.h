@@ -62,7 +62,9 @@
  * writer's turn comes first: threads take turns in index order, or in
  * reverse with MT_CUDA_EMU_ORDER=reverse, and a test run both ways (a read
  * before the write finds the NaN of fresh memory) catches such a missing
- * barrier either way round.
+ * barrier either way round. A turn ends at a barrier (a shuffle, a ballot
+ * and mma_sync are one warp barrier each, as on a GPU); a thread waiting
+ * for one that has not completed is passed over.
  *
  * What this cannot find: races between blocks (and within one beyond what the
  * two orders show), timing,
