@@ -70,9 +70,11 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   if (acc->steps && st->step != acc->last_step + 1) memset(acc, 0, sizeof *acc);
   acc->last_step = st->step;
   acc->steps++;
+  /* a loss that is not finite on a step that was not skipped stays in the
+   * mean, as in Megatron's: a diverging run shows on its line */
   if (st->skipped)
     acc->skipped++;
-  else if (isfinite(st->loss))
+  else
     acc->counted++, acc->loss += st->loss;
   acc->ms += st->step_ms;
   acc->tokens += st->tokens_per_s * st->step_ms / 1e3;

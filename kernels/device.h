@@ -104,7 +104,8 @@ int mt_device_memory(const char *spec, size_t *total, size_t *free_bytes);
  * collective and NVIDIA's torchcomms reproduces it). A process whose GPU
  * ranks run collectives calls this before its first CUDA call: unless
  * CUDA_MODULE_LOADING is set, every module then loads when CUDA starts
- * (some seconds, and device memory that the memory check sees as taken).
+ * (some seconds, and device memory out of the tenth the memory check
+ * leaves for the CUDA context, the allocator and NCCL).
  * mt_device_cuda_loading() says how modules load, for a log line. */
 void mt_device_eager_modules(void);
 const char *mt_device_cuda_loading(void);

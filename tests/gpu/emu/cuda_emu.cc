@@ -833,11 +833,15 @@ unsigned ballot(int pred) {
   unsigned base = cur->warp * 32;
   barrier &w = warps[cur->warp];
   uint64_t *half = &slots[(w.gen & 1) * fibers.size()];
-  half[cur->linear] = (uint64_t)(pred != 0);
+  /* the vote carries the barrier's generation: a lane that exits after its
+   * vote, before a slower lane reads, still counts, and a lane that exited
+   * before it (its slot holds an older vote) does not */
+  uint64_t tag = (uint64_t)w.gen << 1;
+  half[cur->linear] = tag | (uint64_t)(pred != 0);
   arrive(w);
   unsigned r = 0;
   for (unsigned l = 0; l < 32 && base + l < fibers.size(); l++)
-    if (!fibers[base + l].done && half[base + l]) r |= 1u << l;
+    if (half[base + l] == (tag | 1)) r |= 1u << l;
   return r;
 }
 
@@ -893,6 +897,8 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
           warps[w] = barrier();
           warps[w].live = 32;
         }
+        /* the warps' generations start over: so do the votes they tag */
+        std::fill(slots.begin(), slots.end(), 0);
         for (size_t i = 0; i < nthreads; i++) {
           fiber &f = fibers[i];
           f.tid = {(unsigned)(i % block.x), (unsigned)(i / block.x % block.y),
