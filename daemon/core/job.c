@@ -276,6 +276,17 @@ static bool read_str(problems *pb, json_t *obj, const char *prefix, const char *
   return true;
 }
 
+/* read_str of a file or a dataset prefix, which cannot be empty: refused
+ * under the key the job gave it */
+static void read_path(problems *pb, json_t *obj, const char *prefix, const char *key, char *out,
+                      size_t cap) {
+  if (read_str(pb, obj, prefix, key, out, cap) && !out[0]) {
+    char k[256];
+    full_key(k, sizeof k, prefix, key);
+    problem(pb, "%s: must not be empty", k);
+  }
+}
+
 /* A section that must be an object when present; NULL when absent or wrong. */
 static json_t *read_object(problems *pb, json_t *obj, const char *prefix, const char *key) {
   json_t *v = obj ? json_object_get(obj, key) : NULL;
@@ -710,14 +721,11 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
             "data: give exactly one of path (token file), prefix (indexed dataset) or "
             "blend (weighted indexed datasets); %d given",
             given);
-  if (read_str(pb, o, "data", "path", d->path, sizeof d->path) && !d->path[0])
-    problem(pb, "data.path: must not be empty");
+  read_path(pb, o, "data", "path", d->path, sizeof d->path);
   if (json_object_get(o, "prefix")) {
     d->n_blend = 1;
     d->blend[0].weight = 1.0;
-    if (read_str(pb, o, "data", "prefix", d->blend[0].prefix, sizeof d->blend[0].prefix) &&
-        !d->blend[0].prefix[0])
-      problem(pb, "data.prefix: must not be empty");
+    read_path(pb, o, "data", "prefix", d->blend[0].prefix, sizeof d->blend[0].prefix);
   }
   json_t *blend = json_object_get(o, "blend");
   if (blend && (!json_is_array(blend) || json_array_size(blend) == 0 ||
@@ -737,9 +745,7 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
       check_keys(pb, e, prefix, blend_keys);
       require(pb, e, prefix, "prefix", NULL);
       require(pb, e, prefix, "weight", NULL);
-      if (read_str(pb, e, prefix, "prefix", d->blend[i].prefix, sizeof d->blend[i].prefix) &&
-          !d->blend[i].prefix[0])
-        problem(pb, "%s.prefix: must not be empty", prefix);
+      read_path(pb, e, prefix, "prefix", d->blend[i].prefix, sizeof d->blend[i].prefix);
       read_double(pb, e, prefix, "weight", &d->blend[i].weight);
       if (json_object_get(e, "weight") && !(d->blend[i].weight > 0))
         problem(pb, "%s.weight: %g must be > 0", prefix, d->blend[i].weight);

@@ -643,9 +643,10 @@ ucontext_t sched;
 std::vector<fiber> fibers;
 char *stacks; /* 1024 stacks, mapped once, pages committed as touched */
 fiber *cur;
-size_t turn;   /* cur's place in the pass: fibers in index order, or reversed */
-size_t live;   /* fibers of the block not yet done */
-bool reversed; /* MT_CUDA_EMU_ORDER=reverse */
+size_t turn;          /* cur's place in the pass: fibers in index order, or reversed */
+size_t live;          /* fibers of the block not yet done */
+const bool reversed = /* MT_CUDA_EMU_ORDER=reverse */
+    getenv("MT_CUDA_EMU_ORDER") && !strcmp(getenv("MT_CUDA_EMU_ORDER"), "reverse");
 barrier blk;
 std::vector<barrier> warps;
 /* Two per thread, by the parity of its warp barrier's generation: a lane
@@ -876,9 +877,6 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (stacks == MAP_FAILED) EMU_DIE("cannot map fiber stacks");
   }
-  static const bool reverse =
-      getenv("MT_CUDA_EMU_ORDER") && !strcmp(getenv("MT_CUDA_EMU_ORDER"), "reverse");
-  reversed = reverse;
   body = &b;
   grid_dim = grid;
   block_dim = block;
