@@ -319,6 +319,10 @@ int ctl_verb_plan(const ctl_verb *verb, int argc, char **argv) {
     fprintf(stderr, "mtnlgctl plan: cannot plan %s:\n%s\n", job_path, mt_errmsg());
     goto cleanup;
   }
+  /* what the daemons will warn of, on stderr: stdout stays the plan */
+  char unused[MT_JOB_UNUSED_MAX][256];
+  for (int i = 0, k = mt_job_unused(&job, unused); i < k; i++)
+    fprintf(stderr, "mtnlgctl plan: warning: %s\n", unused[i]);
 
   mt_plan plan;
   int rc = mt_plan_compute(&job, &dev, &plan);

@@ -288,6 +288,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: job %s cannot run:\n%s\n", job_path, mt_errmsg());
     return 2;
   }
+  char unused[MT_JOB_UNUSED_MAX][256];
+  for (int i = 0, k = mt_job_unused(&job, unused); i < k; i++)
+    mt_log_warn("job %s: %s", job_path, unused[i]);
   int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
   int here = procs > 0 ? world / procs : world;
   if (world > 1) mt_device_eager_modules(); /* before the first CUDA call */
@@ -364,11 +367,13 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", job_path, mt_errmsg());
     return 2;
   }
-  /* load OpenBLAS now, so the kernel can be reported before the ranks start */
+  /* load OpenBLAS now, so the kernel can be reported before the ranks
+   * start; without it this machine cannot run the job, and a restart
+   * would only repeat that: 2, not the 1 of a lost peer */
   mt_device probe;
   if (mt_device_open(&probe, "cpu:0")) {
     mt_log_error("%s", mt_errmsg());
-    return 1;
+    return 2;
   }
   mt_log_info("mtnlgd %s: job %s (%s), %d ranks (tp %d x pp %d x dp %d), %d of them on %s "
               "devices in this process, %d threads (OpenMP wait %s), OpenBLAS %s (%s) from %s",

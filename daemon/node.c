@@ -1032,6 +1032,9 @@ static int load_job(node *n) {
   mt_job_preset_dirs(c->presets_dir[0] ? c->presets_dir : NULL, preset_dirs);
   int rc = mt_job_load(&n->job, real, preset_dirs, n->o->job_overrides);
   if (rc) return mt_wraperr(rc, "job %s cannot run", real);
+  char unused[MT_JOB_UNUSED_MAX][256];
+  for (int i = 0, k = mt_job_unused(&n->job, unused); i < k; i++)
+    mt_log_warn("job %s: %s", real, unused[i]);
   if (!(n->job_json = mt_job_to_json(&n->job))) return MT_ENOMEM;
   n->have_job = 1;
   return 0;

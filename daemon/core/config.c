@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "err.h"
+#include "fileio.h"
 #include "log.h"
 
 typedef struct problems {
@@ -406,13 +407,13 @@ int mt_node_config_load(mt_node_config *c, const char *path, const char *const *
       return mt_seterr(MT_ENOMEM, "config %s: out of memory", path);
     }
     /* the directory relative paths are taken from: the file's, made
-     * absolute; none for a config that is no file in a directory (a pipe) */
-    char dir[PATH_MAX] = "";
-    if (!fstat(fileno(f), &st) && S_ISREG(st.st_mode)) {
-      char *copy = strdup(path), *slash = copy ? strrchr(copy, '/') : NULL;
-      if (slash) *(slash == copy ? slash + 1 : slash) = 0;
-      if (copy && !realpath(slash ? copy : ".", dir)) dir[0] = 0;
-      free(copy);
+     * absolute; none for a config that is no file in a directory (a pipe,
+     * /dev/stdin), whose relative paths are refused */
+    char dir[PATH_MAX];
+    if (mt_file_dir(f, path, "config", dir, sizeof dir)) {
+      free(x);
+      fclose(f);
+      return MT_EIO;
     }
     *x = (ini_ctx){.c = c, .p = &p, .path = path, .dir = dir, .f = f};
     int rc = ini_parse_stream(read_line, x, on_ini, x);

@@ -33,6 +33,30 @@ int mt_write_all(int fd, const void *buf, size_t n, const char *what) {
   return 0;
 }
 
+int mt_file_dir(FILE *f, const char *path, const char *what, char *dir, size_t cap) {
+  struct stat st;
+  dir[0] = 0;
+  if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode) || !strncmp(path, "/dev/", 5) ||
+      !strncmp(path, "/proc/", 6))
+    return 0;
+  char *copy = strdup(path);
+  if (!copy) return mt_seterr(MT_ENOMEM, "%s %s: out of memory", what, path);
+  char *slash = strrchr(copy, '/');
+  if (slash) *(slash == copy ? slash + 1 : slash) = 0;
+  char *abs = realpath(slash ? copy : ".", NULL);
+  int rc = 0;
+  if (!abs)
+    rc = mt_seterr(MT_EIO, "%s %s: cannot resolve its directory %s: %s", what, path,
+                   slash ? copy : ".", strerror(errno));
+  else if ((size_t)snprintf(dir, cap, "%s", abs) >= cap)
+    rc = mt_seterr(MT_EIO, "%s %s: its directory %s is longer than %zu bytes", what, path, abs,
+                   cap - 1);
+  if (rc) dir[0] = 0;
+  free(abs);
+  free(copy);
+  return rc;
+}
+
 int mt_fsync_parent_dir(const char *path) {
   char *copy = strdup(path);
   if (!copy) return mt_seterr(MT_ENOMEM, "fsync directory of %s: out of memory", path);

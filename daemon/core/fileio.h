@@ -9,6 +9,7 @@
 #define MT_FILEIO_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 typedef struct mt_atomic_file {
   int fd;
@@ -65,6 +66,13 @@ int mt_write_all(int fd, const void *buf, size_t n, const char *what);
 int mt_remove_tree(const char *dir);
 /* The same, best effort, for cleaning up temporary directories. */
 void mt_remove_dir(const char *dir);
+/* The directory the relative paths in a file read from path are taken
+ * from (f: that file, open): path's directory made absolute, into dir. ""
+ * when the file is no file in a directory: a pipe (`<(...)`), or a
+ * descriptor named under /dev or /proc (`/dev/stdin`, redirected from a
+ * file or not). MT_EIO naming `what` and path when the directory cannot be
+ * resolved (or does not fit in cap), else 0. */
+int mt_file_dir(FILE *f, const char *path, const char *what, char *dir, size_t cap);
 /* fsync of the directory that holds path (path names a file). */
 int mt_fsync_parent_dir(const char *path);
 

@@ -23,8 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "err.h"
+#include "fileio.h"
 #include "mt_config.h"
 
 /* ---- problem list: one line per problem ---- */
@@ -850,6 +852,41 @@ static void set_defaults(mt_job *job) {
   job->eval.iters = 10;
 }
 
+int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
+  mt_job d;
+  memset(&d, 0, sizeof d);
+  set_defaults(&d);
+  int n = 0;
+  const mt_loss_scale_spec *ls = &job->train.loss_scale, *dls = &d.train.loss_scale;
+  if (strcmp(job->train.precision, "fp16") &&
+      (ls->initial != dls->initial || ls->min != dls->min ||
+       ls->growth_interval != dls->growth_interval || ls->hysteresis != dls->hysteresis))
+    snprintf(lines[n++], 256,
+             "train.loss_scale: only fp16 scales its loss; with train.precision = %s it is ignored",
+             job->train.precision);
+  const mt_data_spec *ds = &job->data;
+  const char *given[3];
+  int k = 0;
+  if (ds->path[0] && strcmp(ds->split, d.data.split)) given[k++] = "data.split";
+  if (ds->path[0] && ds->shuffle != d.data.shuffle) given[k++] = "data.shuffle";
+  if (ds->path[0] && ds->cache_dir[0]) given[k++] = "data.cache_dir";
+  if (k)
+    snprintf(lines[n++], 256,
+             "%s%s%s%s%s: data.path is read in order, whole; %s to data.prefix and data.blend "
+             "only, so %s ignored",
+             given[0],
+             k == 2   ? " and "
+             : k == 3 ? ", "
+                      : "",
+             k > 1 ? given[1] : "", k == 3 ? " and " : "", k == 3 ? given[2] : "",
+             k > 1 ? "they apply" : "it applies", k > 1 ? "they are" : "it is");
+  if (job->parallel.sequence_parallel && job->parallel.tp == 1)
+    snprintf(lines[n++], 256,
+             "parallel.sequence_parallel: it splits over tensor-parallel ranks, and parallel.tp "
+             "= 1; it is ignored");
+  return n;
+}
+
 /* A ramp-up that mt_job_batch_at can follow (validate_rampup names what is
  * wrong with another). */
 static bool ramp_ok(const mt_train_spec *t) {
@@ -1415,26 +1452,26 @@ int mt_job_load(mt_job *job, const char *path, const char *const *preset_dirs,
     fclose(f);
     return mt_seterr(MT_EINVAL, "job %s: a directory, not a JSON job spec", path);
   }
+  /* relative paths in the file are relative to the file's directory, made
+   * absolute so that nothing depends on the daemon's working directory; a
+   * job that is no file in a directory (a pipe, /dev/stdin) takes them from
+   * the current one, as any argument */
+  char dir[MT_PATH_MAX];
+  int rc = mt_file_dir(f, path, "job", dir, sizeof dir);
+  if (!rc && !dir[0] && !getcwd(dir, sizeof dir))
+    rc = mt_seterr(MT_EIO, "job %s: relative paths: the current directory: %s", path,
+                   strerror(errno));
+  if (rc) {
+    fclose(f);
+    return rc;
+  }
   json_error_t jerr;
   json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
   fclose(f);
   if (!root)
     return mt_seterr(MT_EINVAL, "job %s: line %d, column %d: %s", path, jerr.line, jerr.column,
                      jerr.text);
-
-  /* relative paths in the file are relative to the file's directory, made
-   * absolute so that nothing depends on the daemon's working directory */
-  char dir[MT_PATH_MAX], *abs = NULL;
-  const char *slash = strrchr(path, '/');
-  if (!slash)
-    snprintf(dir, sizeof dir, ".");
-  else if (slash == path)
-    snprintf(dir, sizeof dir, "/");
-  else
-    snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
-  abs = realpath(dir, NULL);
-  int rc = job_from_tree(job, root, abs ? abs : dir, preset_dirs, overrides);
-  free(abs);
+  rc = job_from_tree(job, root, dir, preset_dirs, overrides);
   json_decref(root);
   return rc;
 }

@@ -173,6 +173,16 @@ int mt_job_load_for_plan(mt_job *job, const char *path, const char *const *prese
 int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
                  const char *const *preset_dirs, const char *const *overrides);
 
+/* Settings the job gives that its configuration never reads, one line each
+ * naming the key and why: train.loss_scale away from its defaults without
+ * fp16; data.split, data.shuffle or data.cache_dir with data.path;
+ * parallel.sequence_parallel with tp = 1. They are accepted, as Megatron
+ * accepts them (refusing them would change what a job that ran before
+ * means); the coordinator, a standalone run and `mtnlgctl plan` warn of
+ * them. Returns how many lines it wrote. */
+#define MT_JOB_UNUSED_MAX 4
+int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]);
+
 /* The resolved job as compact JSON, every default filled in: what the
  * coordinator publishes; mt_job_parse() of it gives the same job and hash.
  * malloc'd (free() it), or NULL with mt_errmsg(). */

@@ -221,6 +221,15 @@ static void test_relative_paths_are_the_config_files_directorys(void) {
             strstr(mt_errmsg(), "give an absolute path"),
         "a relative path in a pipe: %d %s", rc, mt_errmsg());
   close(fds[0]);
+  /* nor does a file read through a descriptor (/dev/stdin redirected from
+   * it): /proc/self/fd is no directory of its relative paths */
+  f = tmpfile();
+  CHECK(f && fputs(text, f) >= 0 && fflush(f) == 0 && fseek(f, 0, SEEK_SET) == 0, "tmpfile");
+  snprintf(via, sizeof via, "/proc/self/fd/%d", fileno(f));
+  rc = mt_node_config_load(&c, via, NULL);
+  CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), "give an absolute path"),
+        "a relative path in a file read as a descriptor: %d %s", rc, mt_errmsg());
+  fclose(f);
 }
 
 int main(void) {

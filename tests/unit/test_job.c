@@ -640,6 +640,51 @@ static void test_missing_required_fields_are_named(void) {
   CHECK(has_line(msg, "data: give exactly one of path"));
 }
 
+/* Settings a job gives that its configuration never reads are accepted
+ * and named, one line each; the defaults and the settings in use are not. */
+static void test_unused_settings_are_named(void) {
+  mt_job job;
+  char lines[MT_JOB_UNUSED_MAX][256];
+  CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 0);
+  CHECK(parse_with(&job, tiny_job, "train.precision=fp16", "train.loss_scale.initial=65536") ==
+        MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 0);
+  CHECK(parse_with(&job, tiny_job, "train.precision=bf16", "train.loss_scale.hysteresis=3") ==
+        MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 1);
+  CHECK(!strcmp(lines[0], "train.loss_scale: only fp16 scales its loss; with train.precision = "
+                          "bf16 it is ignored"));
+  CHECK(parse_with(&job, tiny_job, "data.shuffle=false", NULL) == MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 1);
+  CHECK(!strcmp(lines[0], "data.shuffle: data.path is read in order, whole; it applies to "
+                          "data.prefix and data.blend only, so it is ignored"));
+  CHECK(parse_with(&job, tiny_job, "data.split=98,2,0", "data.cache_dir=idx") == MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 1);
+  CHECK(!strcmp(lines[0], "data.split and data.cache_dir: data.path is read in order, whole; "
+                          "they apply to data.prefix and data.blend only, so they are ignored"));
+  const char *all[] = {"data.split=98,2,0",
+                       "data.cache_dir=idx",
+                       "data.shuffle=false",
+                       "train.loss_scale.min=2",
+                       "parallel.sequence_parallel=true",
+                       NULL};
+  CHECK(mt_job_parse(&job, tiny_job, "/jobs", presets, all) == MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 3);
+  CHECK(!strncmp(lines[0], "train.loss_scale: ", 18));
+  CHECK(!strncmp(lines[1], "data.split, data.shuffle and data.cache_dir: ", 45));
+  CHECK(!strcmp(lines[2], "parallel.sequence_parallel: it splits over tensor-parallel ranks, "
+                          "and parallel.tp = 1; it is ignored"));
+  /* an indexed dataset reads its split, shuffle and cache_dir */
+  const char *indexed =
+      "{\"model\": {\"preset\": \"tiny\"},"
+      " \"train\": {\"global_batch\": 8, \"steps\": 10, \"lr\": {\"peak\": 1e-3}},"
+      " \"data\": {\"prefix\": \"corpus\", \"split\": \"98,2,0\","
+      "           \"shuffle\": false, \"cache_dir\": \"idx\"}}";
+  CHECK(mt_job_parse(&job, indexed, "/jobs", presets, NULL) == MT_OK);
+  CHECK(mt_job_unused(&job, lines) == 0);
+}
+
 static void test_tiny_demo_example_loads(void) {
   mt_job job;
   CHECK(mt_job_load(&job, MT_JOB_DIR "/tiny-demo.json", presets, NULL) == MT_OK);
@@ -768,6 +813,22 @@ static void test_every_preset_is_valid(void) {
   }
 }
 
+/* A job read through a descriptor (a pipe, /dev/stdin redirected from a
+ * file) has no directory of its own: its relative paths are the current
+ * directory's, as any argument's, not /proc/self/fd's. */
+static void test_job_from_a_descriptor_takes_the_current_directory(void) {
+  FILE *f = tmpfile();
+  CHECK(f && fputs(tiny_job, f) >= 0 && fflush(f) == 0 && fseek(f, 0, SEEK_SET) == 0);
+  char via[64], cwd[MT_PATH_MAX], want[MT_PATH_MAX + 16];
+  snprintf(via, sizeof via, "/proc/self/fd/%d", fileno(f));
+  mt_job job;
+  int rc = mt_job_load(&job, via, presets, NULL);
+  fclose(f);
+  CHECK(rc == MT_OK && getcwd(cwd, sizeof cwd));
+  snprintf(want, sizeof want, "%s/tokens.u16", cwd);
+  CHECK(!strcmp(job.data.path, want));
+}
+
 static void test_load_missing_file_is_eio(void) {
   mt_job job;
   CHECK(mt_job_load(&job, "/nonexistent/job.json", presets, NULL) == MT_EIO);
@@ -798,10 +859,12 @@ int main(void) {
   test_missing_preset_lists_search_dirs();
   test_preset_dirs_searched_in_order();
   test_missing_required_fields_are_named();
+  test_unused_settings_are_named();
   test_tiny_demo_example_loads();
   test_530b_example_loads_in_bf16();
   test_every_preset_is_valid();
   test_load_missing_file_is_eio();
+  test_job_from_a_descriptor_takes_the_current_directory();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);
     return 1;
