@@ -4,6 +4,7 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "ctl.h"
 #include "http.h"
@@ -85,9 +86,12 @@ int ctl_verb_nodes(const ctl_verb *verb, int argc, char **argv) {
   }
   if ((ret = ctl_nodes_print(st, stdout, 0))) goto cleanup;
   char gen[32];
-  printf("\n%zu node%s in generation %s.\n", json_array_size(nodes),
-         json_array_size(nodes) == 1 ? "" : "s",
-         ctl_fmt_field(gen, sizeof gen, st, "generation", "%.0f"));
+  const char *state = ctl_jstr(st, "state"), *reason = ctl_jstr(st, "reason");
+  int forming = state && !strcmp(state, "forming");
+  printf("\n%zu node%s %s generation %s%s%s.\n", json_array_size(nodes),
+         json_array_size(nodes) == 1 ? "" : "s", forming ? "present, forming" : "in",
+         ctl_fmt_field(gen, sizeof gen, st, "generation", "%.0f"), forming && reason ? ": " : "",
+         forming && reason ? reason : "");
   ret = CTL_EXIT_OK;
 cleanup:
   json_decref(out);

@@ -468,6 +468,8 @@ struct mt_coord {
   int64_t reform_since_ms;
   char failure[600]; /* what ended the last generation that failed */
   char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
+  char waiting[400]; /* forming with too few slots for any dp: what it waits for ("" once formable)
+                      */
   int unpublished;   /* publishing generation gen failed part way: ended, not formed again */
   int64_t next_op_req;  /* the next ops/req/<n> to read */
   unwritten reqs_gaps;  /* ops/req/<n> below next_op_req numbered but not written */
@@ -648,6 +650,11 @@ static int take_join(mt_coord *c, int64_t seq, int64_t now_ms, int64_t since_ms)
     n->role = newcomer_role(c);
     mt_log_info("coordinator: node %s joined from %s with %d device(s) (%d slot(s)) as join %lld",
                 d.name, d.host, d.n_devices, n->slots, (long long)seq);
+    /* a model slot is tp devices of one node: the rest of its devices idle */
+    if (d.n_devices % c->o.tp)
+      mt_log_warn("coordinator: node %s: %d of its %d device(s) are left idle: a model slot is "
+                  "parallel.tp = %d devices of one node",
+                  d.name, d.n_devices % c->o.tp, d.n_devices, c->o.tp);
   }
   return 1;
 }
@@ -930,6 +937,27 @@ static int fills(mt_coord *c, int need) {
  * (under interleaved 1F1B, a multiple of pp of them each). */
 static int batch_splits(const mt_coord *c, int dp) {
   return batch_quantum(c) % (c->o.micro_batch * dp * (c->o.interleaved ? c->o.pp : 1)) == 0;
+}
+
+/* Says (once, and in the status's reason) what a generation that cannot
+ * form yet waits for: the slots for the narrowest dp it may take, or a
+ * width they fill in whole nodes and that splits every global batch. */
+static void note_waiting(mt_coord *c, int slots) {
+  int dp = c->resize_to ? c->resize_to : c->o.dp_min, need = c->o.pp * dp;
+  char why[sizeof c->waiting];
+  if (slots < need)
+    snprintf(why, sizeof why,
+             "waiting for nodes: %d model slot(s) joined of the %d that dp %d needs (pp %d x dp "
+             "%d; a slot is parallel.tp = %d devices of one node)",
+             slots, need, dp, c->o.pp, dp, c->o.tp);
+  else
+    snprintf(why, sizeof why,
+             "waiting for nodes: the %d model slot(s) joined make no dp from %d to %d that whole "
+             "nodes fill (pp x dp slots) and that splits every global batch into micro-batches",
+             slots, c->resize_to ? c->resize_to : c->o.dp_min,
+             c->resize_to ? c->resize_to : c->o.dp_max);
+  if (strcmp(why, c->waiting)) mt_log_info("coordinator: %s", why);
+  snprintf(c->waiting, sizeof c->waiting, "%s", why);
 }
 
 /* The widest dp in [dp_min, dp_max] the slots allow with every global batch
@@ -1744,10 +1772,14 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   for (int i = 0; i < c->n_ops; i++)
     if (i >= c->n_ops - 200 || !strcmp(c->ops[i].state, "running"))
       json_array_append_new(ops, op_to_json(&c->ops[i]));
-  /* the reason: why the job ended, or why the cluster re-forms */
+  /* the reason: why the job ended, or why the cluster re-forms, or what
+   * a generation forming waits for */
   int why = c->end_reason[0] && (c->state == G_ENDED || c->reforming);
+  const char *reason = why                                      ? c->end_reason
+                       : c->state == G_FORMING && c->waiting[0] ? c->waiting
+                                                                : NULL;
   json_t *st = json_pack("{s:i, s:s, s:o, s:s, s:o, s:o, s:i, s:i}", "generation", c->gen, "state",
-                         shown_state(c), "reason", why ? json_string(c->end_reason) : json_null(),
+                         shown_state(c), "reason", reason ? json_string(reason) : json_null(),
                          "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops,
                          "dp", dp, "restarts", c->restarts);
   int rc = set_json(c->o.store, "cluster/status", st);
@@ -1830,7 +1862,9 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
   }
   if (!dp) {
     c->formable_since_ms = 0;
+    note_waiting(c, slots);
   } else {
+    c->waiting[0] = 0;
     if (!c->formable_since_ms) {
       c->formable_since_ms = now_ms;
       mt_log_info("coordinator: %d slot(s) joined, enough for dp %d; last call for more (up to "

@@ -19,7 +19,9 @@
  *   its 3, and no generation ever formed);
  * - a resize refused by the run it would have ended (its stop step): the
  *   operation fails with the run's reason and the job ends as the members
- *   report, with no generation formed at the new width.
+ *   report, with no generation formed at the new width;
+ * - too few slots for any dp: the status's reason says how many joined of
+ *   how many, until enough have.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,6 +325,59 @@ static int test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one(void) {
   return 0;
 }
 
+/* The status's reason while a generation cannot form: how many model
+ * slots joined of how many (a node of 3 devices at tp 2 gives one slot),
+ * gone once enough have joined. Before, the reason was null and the
+ * cluster waited without a word. */
+static int join_node(cluster *k, int i, int devices) {
+  mt_node_desc d = {.n_devices = devices};
+  snprintf(d.name, sizeof d.name, "n%d", i);
+  snprintf(d.host, sizeof d.host, "host%d", i);
+  snprintf(d.version, sizeof d.version, "test");
+  for (int j = 0; j < devices; j++) snprintf(d.devices[j], sizeof d.devices[j], "cpu:%d", j);
+  return mt_rdzv_join(&k->store.base, &d, &k->seq[i]);
+}
+
+static char *status_reason(cluster *k) {
+  void *v = NULL;
+  size_t n = 0;
+  if (mt_store_get(&k->store.base, "cluster/status", &v, &n, 0)) return NULL;
+  char *r = NULL, *at = strstr(v, "\"reason\":");
+  if (at) r = strndup(at + 9, strcspn(at + 9, ",}"));
+  free(v);
+  return r;
+}
+
+static int test_a_generation_that_cannot_form_says_what_it_waits_for(void) {
+  cluster k;
+  memset(&k, 0, sizeof k);
+  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many};
+  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(&k.store.base);
+  o.last_call_ms = 0, o.tp = 2, o.pp = 2, o.dp_min = o.dp_max = 1;
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  REQUIRE(!join_node(&k, 0, 3), "join: %s", mt_errmsg());
+  int one[] = {1, 0};
+  run(&k, 5, one, 1);
+  char *r = status_reason(&k);
+  CHECK(r && !strcmp(r, "\"waiting for nodes: 1 model slot(s) joined of the 2 that dp 1 needs "
+                        "(pp 2 x dp 1; a slot is parallel.tp = 2 devices of one node)\""),
+        "reason while one slot of two joined: %s", r ? r : "(no status)");
+  free(r);
+  REQUIRE(!join_node(&k, 1, 2), "join: %s", mt_errmsg());
+  int both[] = {1, 1};
+  run(&k, 5, both, 2);
+  int gen;
+  const char *state;
+  role_of(&k, "n0", &gen, &state);
+  r = status_reason(&k);
+  CHECK(!strcmp(state, "running") && r && !strcmp(r, "null"),
+        "formed once two slots joined: state %s, reason %s", state, r ? r : "(no status)");
+  free(r);
+  close_cluster(&k);
+  return 0;
+}
+
 /* World rank 0's node refuses a resize that took effect in the step its
  * run stops after (train.exit_interval; the engine's word, test_train):
  * the operation fails with that reason, and when the members report done
@@ -381,6 +436,7 @@ int main(void) {
   if (test_a_tick_asks_the_store_as_often_at_16_nodes_as_at_2()) failures++;
   if (test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one()) failures++;
   if (test_a_resize_refused_by_the_run_ends_the_job_as_reported()) failures++;
+  if (test_a_generation_that_cannot_form_says_what_it_waits_for()) failures++;
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }
