@@ -195,8 +195,9 @@ static int parse_args(int argc, char **argv, options *o) {
   int gen = !strcmp(o->task, "generate");
   if (!gen && strcmp(o->task, "lambada") && strcmp(o->task, "perplexity"))
     return fail("unknown task '%s': generate, lambada or perplexity", o->task);
-  if (gen && (o->file || !o->prompt))
-    return fail("generate takes a model and --prompt TEXT, no file");
+  if (gen && o->file)
+    return fail("generate takes a model and --prompt TEXT, no file (%s given)", o->file);
+  if (gen && !o->prompt) return fail("generate needs --prompt TEXT: the text to continue");
   if (!gen && !o->file) return fail("%s needs a file to evaluate on", o->task);
   if (!gen && o->prompt) return fail("--prompt is for generate");
   if (!gen && o->no_cache) return fail("--no-cache is for generate");

@@ -407,6 +407,18 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   }
   /* libcurl's own words on what failed, when it left any, else its code's */
   const char *curl_why = http.errbuf[0] ? http.errbuf : curl_easy_strerror(cc);
+  /* libcurl says "unsupported protocol" too of an answer that is no HTTP
+   * (HTTP/0.9): then a server was reached, and the URL was fine */
+  char *peer = NULL;
+  if (cc == CURLE_UNSUPPORTED_PROTOCOL &&
+      curl_easy_getinfo(c, CURLINFO_PRIMARY_IP, &peer) == CURLE_OK && peer && peer[0]) {
+    set_err(err, err_cap,
+            "%s answered, but not in HTTP (%s); is it an mtnlgd's control port (control.listen), "
+            "not the rendezvous store's?",
+            ctl.endpoint, curl_why);
+    ret = CTL_EXIT_UNREACHABLE;
+    goto cleanup;
+  }
   if (cc == CURLE_URL_MALFORMAT || cc == CURLE_UNSUPPORTED_PROTOCOL) {
     set_err(err, err_cap, "%s: \"%s\" is not a URL libcurl can use: %s",
             ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ctl.endpoint, curl_why);

@@ -133,8 +133,8 @@ int ctl_check_args(const ctl_verb *verb, int nargs) {
     return ctl_usage_error(verb, "missing argument (usage: mtnlgctl %s %s)", verb->name,
                            verb->synopsis);
   if (nargs > verb->max_args)
-    return ctl_usage_error(verb, "%d arguments given, at most %d (usage: mtnlgctl %s %s)", nargs,
-                           verb->max_args, verb->name, verb->synopsis);
+    return ctl_usage_error(verb, "%d argument%s given, at most %d (usage: mtnlgctl %s %s)", nargs,
+                           nargs == 1 ? "" : "s", verb->max_args, verb->name, verb->synopsis);
   return 0;
 }
 

@@ -250,6 +250,11 @@ char *ctl_fmt_devices(char *buf, size_t cap, const json_t *a) {
   return buf;
 }
 
+char *ctl_fmt_rate(char *buf, size_t cap, double v) {
+  snprintf(buf, cap, v == 0 || fabs(v) >= 0.1 ? "%.2f" : "%.2g", v);
+  return buf;
+}
+
 char *ctl_fmt_field(char *buf, size_t cap, const json_t *obj, const char *key, const char *fmt) {
   double v;
   if (ctl_jnum(obj, key, &v))

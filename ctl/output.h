@@ -37,6 +37,9 @@ char *ctl_fmt_time(char *buf, size_t cap, double unix_s);   /* local "2024-05-01
 char *ctl_fmt_ints(char *buf, size_t cap, const json_t *a); /* [0,1,2,3,8] -> "0-3,8" */
 /* ["cpu:0","cpu:1","cpu:2"] -> "cpu:0-2"; other lists joined by ','. */
 char *ctl_fmt_devices(char *buf, size_t cap, const json_t *a);
+/* A rate such as TFLOP/s: two decimals, or two significant digits below
+ * 0.1 ("0.0011"), so a small model's rate does not read 0.00. */
+char *ctl_fmt_rate(char *buf, size_t cap, double v);
 /* A number field with printf format fmt, or "-" when absent. */
 char *ctl_fmt_field(char *buf, size_t cap, const json_t *obj, const char *key, const char *fmt);
 

@@ -83,8 +83,12 @@ static void print_throughput(const json_t *st) {
   }
   /* the answering node's devices only: the others' rates are theirs to report */
   const char *node = ctl_jstr(st, "node");
-  printf(LABEL "%.2f per device on %s", "TFLOP/s", sum / (double)n, node ? node : "this node");
-  if (n > 1 && hi > lo) printf(" (mean of %zu; min %.2f, max %.2f)", n, lo, hi);
+  char a[32], b[32];
+  printf(LABEL "%s per device on %s", "TFLOP/s", ctl_fmt_rate(a, sizeof a, sum / (double)n),
+         node ? node : "this node");
+  if (n > 1 && hi > lo)
+    printf(" (mean of %zu; min %s, max %s)", n, ctl_fmt_rate(a, sizeof a, lo),
+           ctl_fmt_rate(b, sizeof b, hi));
   if (n_mfu) printf(", MFU %.1f%%", 100 * mfu_sum / (double)n_mfu);
   printf("\n");
 }
@@ -111,7 +115,7 @@ static void print_store(json_t *store) {
 static void print_step_time(const json_t *st) {
   const json_t *t = json_object_get(st, "step_time");
   double total, compute, bubble, comm;
-  if (!ctl_jnum(t, "total_ms", &total)) {
+  if (!ctl_jnum(t, "total_ms", &total) || total <= 0) { /* 0: no step yet */
     printf(LABEL "-\n", "step time");
     return;
   }
@@ -161,22 +165,28 @@ static int print_devices(const json_t *st) {
   if (!t) goto oom;
   for (size_t i = 0; i < json_array_size(devs); i++) {
     const json_t *d = json_array_get(devs, i);
-    char rank[24], stage[24], replica[24], tflops[24], mfu[24] = "-";
+    char rank[24], stage[24], replica[24], tflops[24] = "-", mfu[24] = "-";
     double m;
     if (ctl_jnum(d, "mfu", &m)) snprintf(mfu, sizeof mfu, "%.1f%%", 100 * m);
+    if (ctl_jnum(d, "tflops", &m)) ctl_fmt_rate(tflops, sizeof tflops, m);
     const char *row[] = {ctl_jstr(d, "node"),
                          ctl_jstr(d, "device"),
                          ctl_fmt_field(rank, sizeof rank, d, "rank", "%.0f"),
                          ctl_fmt_field(stage, sizeof stage, d, "stage", "%.0f"),
                          ctl_fmt_field(replica, sizeof replica, d, "replica", "%.0f"),
-                         ctl_fmt_field(tflops, sizeof tflops, d, "tflops", "%.2f"),
+                         tflops,
                          mfu};
     if (ctl_table_add(t, row)) goto oom;
   }
   const char *node = ctl_jstr(st, "node");
-  printf("\ndevices of %s (the answering daemon; each node lists its own)\n",
-         node ? node : "this node");
-  ctl_table_print(t, stdout, 2);
+  if (!ctl_table_rows(t))
+    printf("\ndevices of %s: none training (the node is a spare, or no generation runs)\n",
+           node ? node : "this node");
+  else {
+    printf("\ndevices of %s (the answering daemon; each node lists its own)\n",
+           node ? node : "this node");
+    ctl_table_print(t, stdout, 2);
+  }
   ctl_table_free(t);
   return CTL_EXIT_OK;
 oom:

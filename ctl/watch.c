@@ -111,12 +111,13 @@ static void render_view(FILE *f, const json_t *st, const char *error, double int
           ctl_fmt_field(d, sizeof d, st, "grad_norm", "%.3f"));
   fprintf(f, "tokens/s %s  TFLOP/s per device ",
           ctl_fmt_field(a, sizeof a, st, "tokens_per_s", "%.0f"));
-  if (n_dev)
-    fprintf(f, "%.2f", tflops / (double)n_dev);
+  fprintf(f, "%s", n_dev ? ctl_fmt_rate(b, sizeof b, tflops / (double)n_dev) : "-");
+  double step_ms;
+  if (ctl_jnum(json_object_get(st, "step_time"), "total_ms", &step_ms) && step_ms > 0)
+    snprintf(a, sizeof a, "%.1f", step_ms);
   else
-    fprintf(f, "-");
-  fprintf(f, "  step %s ms  ETA %s\n",
-          ctl_fmt_field(a, sizeof a, json_object_get(st, "step_time"), "total_ms", "%.1f"),
+    snprintf(a, sizeof a, "-"); /* 0: no step yet */
+  fprintf(f, "  step %s ms  ETA %s\n", a,
           ctl_jnum(st, "eta_s", &eta) ? ctl_fmt_duration(b, sizeof b, eta) : "-");
   fprintf(f, "\n");
   if (json_array_size(json_object_get(st, "nodes")))

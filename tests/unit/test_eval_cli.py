@@ -8,6 +8,8 @@ usage: test_eval_cli.py MTNLG_EVAL MTNLGD JOB.json
   such GPU, or no CUDA in this build) exit 2 naming --device, and no export
   was made ($TMPDIR stays empty, no "exported to" line): the export came
   first and takes minutes at 530B.
+- test_generate_without_a_prompt_says_so: generate with a model and no
+  --prompt exits 2 saying --prompt is needed.
 """
 import array
 import os
@@ -47,6 +49,14 @@ def main():
             print(f"{'ok' if ok else 'FAIL'} test_unusable_device_refused_before_the_export "
                   f"({device}): exit {p.returncode}: {p.stderr.strip()[-400:]}")
             failures += not ok
+        # generate without --prompt is told what is missing, not "no file"
+        p = subprocess.run([evaluator, "generate", os.path.join(ckpt, "tiny-demo")],
+                           capture_output=True, text=True, timeout=60, env=env)
+        ok = (p.returncode == 2 and "mtnlg-eval: generate needs --prompt TEXT" in p.stderr
+              and not os.listdir(scratch))
+        print(f"{'ok' if ok else 'FAIL'} test_generate_without_a_prompt_says_so: "
+              f"exit {p.returncode}: {p.stderr.strip()[-400:]}")
+        failures += not ok
     return 1 if failures else 0
 
 

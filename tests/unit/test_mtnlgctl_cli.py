@@ -145,6 +145,36 @@ def test_unreachable_endpoint_exits_3():
           "an unknown host exits 3", p)
 
 
+def test_a_port_that_answers_no_http_exits_3():
+    """An endpoint copied from the wrong line (the rendezvous store's port):
+    a server that answers in another protocol is a daemon not reached, exit 3
+    naming the control port, not a usage error about the URL."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def answer():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(4096)
+                c.sendall(b"\x00\x00\x00\x05store")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        p = run("-e", f"http://127.0.0.1:{port}", "status")
+        check(p.returncode == 3 and f"http://127.0.0.1:{port} answered, but not in HTTP" in p.stderr
+              and "control port (control.listen)" in p.stderr,
+              "a port that answers no HTTP exits 3 naming the control port", p)
+    finally:
+        srv.close()
+
+
 def test_token_file():
     url = f"http://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as d:
@@ -272,7 +302,8 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     ctl = sys.argv[1]
     for t in (test_usage_errors_exit_2, test_help_for_every_verb,
-              test_unreachable_endpoint_exits_3, test_token_file,
+              test_unreachable_endpoint_exits_3, test_a_port_that_answers_no_http_exits_3,
+              test_token_file,
               test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist,
               test_completion_knows_every_verb, test_no_cublas_loaded):
         before = failures
