@@ -22,26 +22,43 @@ int mt_log_parse_level(const char *s) {
 
 void mt_log(int level, const char *fmt, ...) {
   if (level > log_level) return;
-  char line[4096];
-  int n;
+  char prefix[64];
+  int pn;
   if (getenv("JOURNAL_STREAM")) {
-    n = snprintf(line, sizeof line, "<%d>", level);
+    pn = snprintf(prefix, sizeof prefix, "<%d>", level);
   } else {
     static const char *names[8] = {"", "", "", "error", "warn", "", "info", "debug"};
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s ", tm.tm_year + 1900,
-                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
-                 names[level & 7]);
+    pn = snprintf(prefix, sizeof prefix, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s ",
+                  tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                  ts.tv_nsec / 1000000, names[level & 7]);
   }
+  char msg[4096];
   va_list ap;
   va_start(ap, fmt);
-  n += vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+  vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
-  if (n > (int)sizeof line - 2) n = (int)sizeof line - 2;
-  line[n++] = '\n';
-  ssize_t w = write(STDERR_FILENO, line, (size_t)n);
+  /* every line of a message of several (one problem a line) carries the
+   * prefix: a continuation without it has no level in the journal and no
+   * time for a log shipper, which splits it off */
+  char out[8192];
+  size_t n = 0;
+  for (const char *l = msg;;) {
+    size_t len = strcspn(l, "\n"), room = sizeof out - n;
+    if (room < (size_t)pn + 2) break;
+    memcpy(out + n, prefix, (size_t)pn);
+    n += (size_t)pn;
+    size_t keep = len < room - (size_t)pn - 1 ? len : room - (size_t)pn - 1;
+    memcpy(out + n, l, keep);
+    n += keep;
+    out[n++] = '\n';
+    l += len;
+    if (!*l || !l[1]) break; /* a trailing newline ends the message */
+    l++;
+  }
+  ssize_t w = write(STDERR_FILENO, out, n);
   (void)w;
 }
