@@ -169,9 +169,11 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
         (double)w.activation_bytes / 1e9, (double)w.logits_bytes / 1e9, (double)w.comm_bytes / 1e9,
         per / 1e9, where, plan.usable_bytes / 1e9);
   mt_log_info("plan: %.2f GB per device at most as stored here, %s (stage %d: weights %.2f%s, "
-              "grads %.2f, optimizer %.2f, activations %.2f GB) of %.1f GB %s per device",
+              "grads %.2f, optimizer %.2f, activations %.2f, logits %.2f, comm %.2f GB) of %.1f "
+              "GB %s per device",
               need / 1e9, as, w.stage, (double)(w.weight_bytes + copy + cvt) / 1e9,
               mixed ? " with the working copy" : "", (double)w.grad_bytes / 1e9,
-              (double)w.optimizer_bytes / 1e9, (double)w.activation_bytes / 1e9, per / 1e9, where);
+              (double)w.optimizer_bytes / 1e9, (double)w.activation_bytes / 1e9,
+              (double)w.logits_bytes / 1e9, (double)w.comm_bytes / 1e9, per / 1e9, where);
   return 0;
 }
