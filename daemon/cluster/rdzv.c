@@ -201,8 +201,12 @@ static int assignment_from_json(json_t *j, mt_assignment *a) {
 /* ---- every node ---- */
 
 int mt_rdzv_join(mt_store *s, const mt_node_desc *d, int64_t *seq) {
-  int rc = mt_store_add(s, "nodes/seq", 1, seq);
-  if (rc) return mt_wraperr(rc, "rdzv: join");
+  int rc = 0;
+  if (*seq <= 0) {
+    int64_t drawn = 0;
+    if ((rc = mt_store_add(s, "nodes/seq", 1, &drawn))) return mt_wraperr(rc, "rdzv: join");
+    *seq = drawn;
+  }
   char key[64];
   snprintf(key, sizeof key, "nodes/%lld", (long long)*seq);
   rc = set_json(s, key, desc_to_json(d));
@@ -1147,12 +1151,16 @@ static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
                what);
       return end_generation_as(c, now_ms, 1, 0, 1, why);
     }
+  /* the budget spent ends the job as job_failed too: its count lives in
+   * this coordinator's memory, so nodes exiting 1 would be started again
+   * by systemd into a new budget, and the job would fail round for ever */
   if (c->restarts >= c->o.max_restarts) {
     snprintf(why, sizeof why,
              "%.600s; not re-forming: the restart budget is spent (%d of %d restart(s) used, "
-             "rendezvous.max_restarts)",
+             "rendezvous.max_restarts); exit 2, not restarted: a new start resumes from the last "
+             "committed checkpoint",
              what, c->restarts, c->o.max_restarts);
-    return end_generation(c, now_ms, 1, 0, why);
+    return end_generation_as(c, now_ms, 1, 0, 1, why);
   }
   snprintf(why, sizeof why, "%.600s; re-forming from %s, restart %d of %d", what,
            c->o.has_checkpoint_dir ? "the last checkpoint"
