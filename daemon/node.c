@@ -787,6 +787,7 @@ static void node_round(node *n) {
       mt_log_warn("the coordinator turned this node away for now: %s; joining again in %.1f s",
                   mt_errmsg(), wait_ms / 1000.0);
       n->rejoin_at_ms = mt_mono_ms() + wait_ms;
+      n->seq = 0; /* a fresh join number; one whose write fails is written again */
       rc = 0;
       break;
     }
@@ -1204,9 +1205,21 @@ int mt_node_main(const mt_node_opts *o) {
   if (n->have_job) snprintf(d->job_hash, sizeof d->job_hash, "%s", n->job.hash);
   snprintf(d->control_url, sizeof d->control_url, "%s", n->control_url);
   for (int i = 0; i < n->n_devices; i++) snprintf(d->devices[i], 16, "%s", n->specs[i]);
-  if (mt_rdzv_join(n->store, d, &n->seq)) {
-    mt_log_error("%s", mt_errmsg());
-    goto out;
+  /* a store that answers late (its host busy or stopped a moment) is
+   * waited for as long as the connection was, rendezvous.join_timeout_s,
+   * the write of a numbered join repeated rather than numbered again */
+  int64_t join_deadline =
+      mt_mono_ms() + (n->cfg->join_timeout_s ? n->cfg->join_timeout_s * 1000LL : 600000LL);
+  n->seq = 0;
+  int rc;
+  while ((rc = mt_rdzv_join(n->store, d, &n->seq))) {
+    if (!mt_err_retryable(rc) || mt_mono_ms() > join_deadline) {
+      if (mt_err_retryable(rc)) n->store_unreachable = 1;
+      mt_log_error("%s", mt_errmsg());
+      goto out;
+    }
+    mt_log_warn("%s; joining again", mt_errmsg());
+    usleep(200 * 1000);
   }
   mt_log_info("mtnlgd %s: node %s with %d device(s) (%s..%s) joined %s as join %lld%s", n->version,
               n->cfg->name, n->n_devices, n->specs[0], n->specs[n->n_devices - 1], n->cfg->endpoint,

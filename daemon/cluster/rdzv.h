@@ -74,7 +74,11 @@ const mt_member *mt_assignment_find(const mt_assignment *a, const char *name);
 
 /* ---- every node ---- */
 
-/* Registers d: *seq is its join number (nodes/<seq>). */
+/* Registers d: *seq is its join number (nodes/<seq>). With *seq > 0 on
+ * entry (a join numbered whose write failed: no reply in time) it writes
+ * nodes/<*seq> again, the same entry, rather than numbering another; *seq
+ * is set as soon as the number is drawn, so a caller that tries again after
+ * a failure passes it back. 0 for a fresh join. */
 int mt_rdzv_join(mt_store *s, const mt_node_desc *d, int64_t *seq);
 /* The coordinator's verdict on join seq: 1 accepted (*watch_gen: the
  * generation to wait for or watch), 0 not yet, MT_EINVAL refused (mt_errmsg()

@@ -378,6 +378,29 @@ static int test_a_generation_that_cannot_form_says_what_it_waits_for(void) {
   return 0;
 }
 
+/* A join whose write got no reply (its store's host stopped a moment) is
+ * written again under the number it drew, not numbered anew: the
+ * coordinator takes it as that join, with no gap to pass over after 30 s
+ * and no second entry under the name. */
+static int test_a_join_written_again_keeps_its_number(void) {
+  cluster k;
+  REQUIRE(!open_cluster(&k, "nodes/1", 0), "cluster: %s", mt_errmsg());
+  int rc = join_node(&k, 0, 1);
+  CHECK(rc == MT_EIO && k.seq[0] == 1, "the failed write: rc %d, seq %lld", rc,
+        (long long)k.seq[0]);
+  rc = join_node(&k, 0, 1);
+  int64_t numbered = 0;
+  mt_store_add(&k.store.base, "nodes/seq", 0, &numbered);
+  CHECK(rc == 0 && k.seq[0] == 1 && numbered == 1, "written again: rc %d, seq %lld, numbered %lld",
+        rc, (long long)k.seq[0], (long long)numbered);
+  int one[] = {1};
+  run(&k, 3, one, 1);
+  int watch = 0;
+  CHECK(mt_rdzv_verdict(&k.store.base, 1, &watch) == 1, "join 1 accepted: %s", mt_errmsg());
+  close_cluster(&k);
+  return 0;
+}
+
 /* World rank 0's node refuses a resize that took effect in the step its
  * run stops after (train.exit_interval; the engine's word, test_train):
  * the operation fails with that reason, and when the members report done
@@ -437,6 +460,7 @@ int main(void) {
   if (test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one()) failures++;
   if (test_a_resize_refused_by_the_run_ends_the_job_as_reported()) failures++;
   if (test_a_generation_that_cannot_form_says_what_it_waits_for()) failures++;
+  if (test_a_join_written_again_keeps_its_number()) failures++;
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }

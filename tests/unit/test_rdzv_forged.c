@@ -99,13 +99,19 @@ static int verdict(mt_coord *c, int64_t now_ms, int64_t seq) {
   return mt_rdzv_verdict(store, seq, &watch);
 }
 
+/* A join of its own number, as a daemon's first join draws one. */
+static int fresh_join(const mt_node_desc *d, int64_t *seq) {
+  *seq = 0;
+  return mt_rdzv_join(store, d, seq);
+}
+
 static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
   int64_t seq;
   /* a join that is not JSON */
   REQUIRE(!mt_store_add(store, "nodes/seq", 1, &seq) && seq == 1, "numbering");
   set("nodes/1", "}garbage");
   mt_node_desc a = desc("a", "host-a", 100, "http://127.0.0.1:8470");
-  REQUIRE(!mt_rdzv_join(store, &a, &seq) && seq == 2, "join a: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&a, &seq) && seq == 2, "join a: %s", mt_errmsg());
   int v1 = verdict(c, 0, 1);
   char why1[512]; /* the next tick may set another message on its way */
   snprintf(why1, sizeof why1, "%s", mt_errmsg());
@@ -115,29 +121,29 @@ static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
 
   /* a control URL that is not http(s) */
   mt_node_desc evil = desc("evil", "host-e", 101, "javascript:alert(document.domain)");
-  REQUIRE(!mt_rdzv_join(store, &evil, &seq), "join evil: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&evil, &seq), "join evil: %s", mt_errmsg());
   int ve = verdict(c, 20, seq);
   CHECK(ve == MT_EINVAL && strstr(mt_errmsg(), "control URL"), "javascript: URL: %d", ve);
 
   /* a and another daemon named a: on its host, for now; elsewhere, for good */
   mt_node_desc again = desc("a", "host-a", 200, "http://127.0.0.1:8470");
-  REQUIRE(!mt_rdzv_join(store, &again, &seq), "join a again: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&again, &seq), "join a again: %s", mt_errmsg());
   int va = verdict(c, 30, seq);
   CHECK(va == 2 && strstr(mt_errmsg(), "still counted as the daemon of pid 100 on host-a"),
         "a restarted on its host: %d (%s)", va, mt_errmsg());
   /* in a container the daemon is pid 1 at every start: its instance tells */
   mt_node_desc pid1 = desc("a", "host-a", 100, "http://127.0.0.1:8470");
   snprintf(pid1.instance, sizeof pid1.instance, "0123456789abcdef");
-  REQUIRE(!mt_rdzv_join(store, &pid1, &seq), "join a under its pid: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&pid1, &seq), "join a under its pid: %s", mt_errmsg());
   int vp = verdict(c, 35, seq);
   CHECK(vp == 2 && strstr(mt_errmsg(), "still counted as the daemon of pid 100 on host-a"),
         "a restarted under the same pid: %d (%s)", vp, mt_errmsg());
   mt_node_desc same = desc("a", "host-a", 100, "http://127.0.0.1:8470");
-  REQUIRE(!mt_rdzv_join(store, &same, &seq), "join a twice: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&same, &seq), "join a twice: %s", mt_errmsg());
   int vs = verdict(c, 38, seq);
   CHECK(vs == MT_EINVAL && strstr(mt_errmsg(), "already joined"), "the same daemon twice: %d", vs);
   mt_node_desc other = desc("a", "host-b", 300, "");
-  REQUIRE(!mt_rdzv_join(store, &other, &seq), "join a elsewhere: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&other, &seq), "join a elsewhere: %s", mt_errmsg());
   int vo = verdict(c, 40, seq);
   CHECK(vo == MT_EINVAL && strstr(mt_errmsg(), "already joined"), "a on another host: %d", vo);
 
@@ -149,7 +155,7 @@ static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
   REQUIRE(!mt_store_add(store, "nodes/seq", 1, &seq), "numbering");
   int64_t gap = seq;
   mt_node_desc b = desc("b", "host-b", 400, "");
-  REQUIRE(!mt_rdzv_join(store, &b, &seq) && seq == gap + 1, "join b: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&b, &seq) && seq == gap + 1, "join b: %s", mt_errmsg());
   int vb = verdict(c, 1000, seq);
   CHECK(vb == 1, "b behind an unwritten join: %d (%s)", vb, vb < 0 ? mt_errmsg() : "");
   static const char late_join[] =
@@ -163,7 +169,7 @@ static int test_coordinator_passes_over_what_it_cannot_read(mt_coord *c) {
   REQUIRE(!mt_store_add(store, "nodes/seq", 1, &seq), "numbering");
   int64_t never = seq;
   mt_node_desc e = desc("e", "host-e2", 600, "");
-  REQUIRE(!mt_rdzv_join(store, &e, &seq), "join e: %s", mt_errmsg());
+  REQUIRE(!fresh_join(&e, &seq), "join e: %s", mt_errmsg());
   int ve2 = verdict(c, 3000, seq);
   CHECK(ve2 == 1, "e behind a join never written: %d", ve2);
   CHECK(verdict(c, 40000, never) == 0, "a verdict on the join never written");
