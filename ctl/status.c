@@ -153,6 +153,10 @@ static void print_checkpoint(const json_t *st) {
   char a[32];
   if (state && !strcmp(state, "writing"))
     printf(LABEL "step %s\n", "writing", ctl_fmt_field(a, sizeof a, pr, "step", "%.0f"));
+  else if (state && !strcmp(state, "failed"))
+    printf(LABEL "the save of step %s failed: %s\n", "last save",
+           ctl_fmt_field(a, sizeof a, pr, "step", "%.0f"),
+           ctl_jstr(pr, "error") ? ctl_jstr(pr, "error") : "(no reason given)");
   else if (ctl_jnum(pr, "bytes_per_s", &rate))
     printf(LABEL "%s/s (the last save)\n", "written at", ctl_fmt_bytes(a, sizeof a, rate));
 }

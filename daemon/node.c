@@ -312,6 +312,12 @@ static void on_checkpoint(int phase, int64_t step, int rc, const char *msg,
       n->ckpt_bytes = res->bytes;
       n->ckpt_seconds = res->seconds;
     }
+    /* a save that failed is told as one, not as the last good one's figures */
+    if (phase == 1) {
+      n->ckpt_failed = rc != 0;
+      n->ckpt_failures += rc != 0;
+      snprintf(n->ckpt_error, sizeof n->ckpt_error, "%s", rc && msg ? msg : "");
+    }
     pthread_mutex_unlock(&n->mu);
   }
   if (phase == 1 && order_seq && n->holds_rank0) tell_acted(n, order_seq, step, rc == 0, msg);

@@ -245,14 +245,20 @@ static json_t *build_status(node *n) {
   /* the writers do not count their bytes as they go: while one writes, its
    * figures are unknown (null), not the previous save's; idle, they are the
    * last save's, null before any */
-  int known = !n->ckpt_writing && n->ckpt_seconds > 0;
+  int failed = !n->ckpt_writing && n->ckpt_failed;
+  int known = !n->ckpt_writing && !failed && n->ckpt_seconds > 0;
   json_object_set_new(
       s, "checkpoint_progress",
-      json_pack("{s:s, s:o, s:o, s:o, s:o}", "state", n->ckpt_writing ? "writing" : "idle", "step",
-                n->ckpt_step ? json_integer(n->ckpt_step) : json_null(), "bytes_done",
+      json_pack("{s:s, s:o, s:o, s:o, s:o, s:I, s:o}", "state",
+                n->ckpt_writing ? "writing"
+                : failed        ? "failed"
+                                : "idle",
+                "step", n->ckpt_step ? json_integer(n->ckpt_step) : json_null(), "bytes_done",
                 known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_total",
                 known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_per_s",
-                known ? json_real(n->ckpt_bytes / n->ckpt_seconds) : json_null()));
+                known ? json_real(n->ckpt_bytes / n->ckpt_seconds) : json_null(), "failures",
+                (json_int_t)n->ckpt_failures, "error",
+                failed ? json_string(n->ckpt_error) : json_null()));
   int pending = 0;
   json_t *ops = cl ? json_object_get(cl, "operations") : NULL;
   size_t i;

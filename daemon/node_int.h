@@ -136,6 +136,9 @@ typedef struct node {
   int64_t ckpt_step;
   uint64_t ckpt_bytes;
   double ckpt_seconds;
+  int ckpt_failed;       /* the newest save (ckpt_step) failed: ckpt_error says why */
+  int64_t ckpt_failures; /* saves that failed since the daemon started */
+  char ckpt_error[512];
   int paused; /* orders as they took effect here */
 
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */

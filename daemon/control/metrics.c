@@ -405,6 +405,14 @@ static void render_checkpoints(sbuf *b, json_t *st) {
   family writing = {"mtnlg_checkpoint_writing", "gauge", "1 while a checkpoint is being written.",
                     0};
   if (state) sample(b, &writing, NULL, strcmp(state, "writing") == 0);
+  family failed = {"mtnlg_checkpoint_last_save_failed", "gauge",
+                   "1 while the newest checkpoint save on this node's ranks failed.", 0};
+  if (state) sample(b, &failed, NULL, strcmp(state, "failed") == 0);
+  family failures = {"mtnlg_checkpoint_failures_total", "counter",
+                     "Checkpoint saves on this node's ranks that failed since the daemon started.",
+                     0};
+  json_t *nf = json_object_get(cp, "failures");
+  if (json_is_integer(nf)) sample(b, &failures, NULL, (double)json_integer_value(nf));
   field g[] = {
       {"step",
        {"mtnlg_checkpoint_write_step", "gauge", "Step of the checkpoint being written.", 0}},

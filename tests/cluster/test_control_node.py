@@ -24,7 +24,10 @@ A second daemon, its shard writes held by FAULT_PRELOAD (an LD_PRELOAD
 library) until the test lets them go:
 - test_status_says_checkpointing_while_a_save_writes: an ordered save shows
   as "checkpointing" in the status, the health, the cluster's view of the
-  node and the state metric while it is held, and "running" once it commits.
+  node and the state metric while it is held, and "running" once it commits;
+- test_a_failed_save_is_told_as_one_until_a_save_commits: a save that cannot
+  write shows as "failed" with its error, no byte figures, a failure count
+  and metric, until the next save commits.
 Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
 - test_reads_need_token_with_an_empty_token_file_is_refused_at_start;
@@ -269,6 +272,39 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
                           and after[:3] == ("running", ["running"], "idle") and after[3],
                           "held: %s (status, health, nodes, metric, progress; writes held: %s); "
                           "released: %s" % (held, held_log, after))
+
+        # a save that cannot write (the job's directory a file) is told as a
+        # failure, with its error, not as the last good save's figures; the
+        # next good save clears it and the count stays
+        job_dir = os.path.join(ckdir, "ctlheld")
+        os.rename(job_dir, job_dir + ".away")
+        open(job_dir, "w").close()
+
+        def save_and_wait(want_state):
+            step0 = status_step(n)
+            code, body = post(n, "/v1/checkpoint", token)
+            if code != 202:
+                raise AssertionError("POST /v1/checkpoint: %d %s" % (code, body))
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                st = json.loads(get(n, "/v1/status")[1])
+                cp = st["checkpoint_progress"]
+                if cp["state"] == want_state and (cp["step"] or 0) > step0:
+                    return cp, get(n, "/v1/metrics")[1].splitlines()
+                time.sleep(0.2)
+            return cp, []
+        bad, metrics = save_and_wait("failed")
+        failed_ok = (bad["failures"] == 1 and bad["error"] and job_dir in bad["error"]
+                     and bad["bytes_done"] is None and bad["bytes_per_s"] is None
+                     and "mtnlg_checkpoint_failures_total 1" in metrics
+                     and "mtnlg_checkpoint_last_save_failed 1" in metrics)
+        os.remove(job_dir)
+        os.rename(job_dir + ".away", job_dir)
+        good, metrics = save_and_wait("idle")
+        failures += check("test_a_failed_save_is_told_as_one_until_a_save_commits",
+                          failed_ok and good["failures"] == 1 and good["error"] is None
+                          and good["bytes_done"] and "mtnlg_checkpoint_last_save_failed 0" in metrics,
+                          "failed save: %s; next save: %s" % (bad, good))
     except (AssertionError, OSError, ValueError, KeyError) as e:
         failures += check("test_checkpointing_state_runs", False, "%s\n%s" % (e, c.logs()))
     finally:
@@ -319,9 +355,16 @@ def test_reads_with_the_token(mtnlgd, mtnlgctl, tmp):
                 pass
             time.sleep(0.1)
         p0 = ctl("status")
-        p1 = ctl("--token-file", c.token_file, "status")
+        # forming, and (once the coordinator has seen the join) saying for what
+        waiting = r"^  state +forming: waiting for nodes: 1 model slot\(s\) joined of the 4 "
+        deadline = time.time() + 30
+        while True:
+            p1 = ctl("--token-file", c.token_file, "status")
+            if re.search(waiting, p1.stdout, re.M) or time.time() > deadline:
+                break
+            time.sleep(0.2)
         ok = (p0.returncode == 1 and "401 Unauthorized" in p0.stderr
-              and p1.returncode == 0 and re.search(r"^  state +forming$", p1.stdout, re.M))
+              and p1.returncode == 0 and re.search(waiting, p1.stdout, re.M))
         return check("test_mtnlgctl_reads_of_a_daemon_that_wants_the_token_send_it_after_the_401",
                      bool(ok), "without: exit %d %r; with: exit %d %r %r" % (
                          p0.returncode, p0.stderr[-300:], p1.returncode, p1.stdout[-300:],
