@@ -1780,12 +1780,19 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   for (int i = 0; i < c->n_ops; i++)
     if (i >= c->n_ops - 200 || !strcmp(c->ops[i].state, "running"))
       json_array_append_new(ops, op_to_json(&c->ops[i]));
-  /* the reason: why the job ended, or why the cluster re-forms, or what
-   * a generation forming waits for */
+  /* the reason: why the job ended, or why the cluster re-forms, and what
+   * a generation forming waits for (re-forming: until when) */
   int why = c->end_reason[0] && (c->state == G_ENDED || c->reforming);
-  const char *reason = why                                      ? c->end_reason
-                       : c->state == G_FORMING && c->waiting[0] ? c->waiting
-                                                                : NULL;
+  int waits = c->state == G_FORMING && c->waiting[0];
+  char both[sizeof c->end_reason + sizeof c->waiting + 80];
+  if (why && waits && c->reforming)
+    snprintf(both, sizeof both, "%s; %s, for up to %d s more (rendezvous.reform_timeout_s)",
+             c->end_reason, c->waiting,
+             (int)((c->reform_since_ms + c->o.reform_timeout_ms - now_ms + 999) / 1000));
+  const char *reason = why && waits && c->reforming ? both
+                       : why                        ? c->end_reason
+                       : waits                      ? c->waiting
+                                                    : NULL;
   json_t *st = json_pack("{s:i, s:s, s:o, s:s, s:o, s:o, s:i, s:i}", "generation", c->gen, "state",
                          shown_state(c), "reason", reason ? json_string(reason) : json_null(),
                          "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops,
