@@ -82,6 +82,12 @@ typedef struct mt_adamw_slice {
   float wd; /* weight decay of this tensor (0 for biases and LayerNorm) */
 } mt_adamw_slice;
 
+/* n contiguous floats, one of the spans of a multi-span sumsq. */
+typedef struct mt_sumsq_span {
+  const float *x;
+  size_t n;
+} mt_sumsq_span;
+
 struct mt_ops {
   const char *name;
 
@@ -280,6 +286,13 @@ struct mt_ops {
 
   /* Σ x², accumulated in double. */
   double (*sumsq)(mt_device *d, const float *x, size_t n);
+  /* Σ x² over every one of count spans (empty ones too, whose x is never
+   * read), accumulated in double in a fixed order, so the result does not
+   * depend on the thread count or on timing: on the CPU the sum, in span
+   * order, of sumsq over each span (the same bits); on a GPU few launches
+   * (a pack of up to a hundred-odd spans each) and one read-back, where
+   * sumsq span by span reads back each. NaN when the device failed. */
+  double (*sumsq_multi)(mt_device *d, const mt_sumsq_span *s, int count);
   /* x *= s */
   void (*scale)(mt_device *d, float *x, float s, size_t n);
 

@@ -800,6 +800,16 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
   return acc;
 }
 
+/* sumsq span by span, added in span order: the same bits as the caller's
+ * own loop over sumsq (an empty span adds 0 to a sum of squares, so it is
+ * passed by, and its pointer never read) */
+static double sumsq_multi(mt_device *d, const mt_sumsq_span *s, int count) {
+  double acc = 0.0;
+  for (int i = 0; i < count; i++)
+    if (s[i].n) acc += sumsq(d, s[i].x, s[i].n);
+  return acc;
+}
+
 /* ---- dropout ------------------------------------------------------------ */
 
 #define DROP_CHUNK 4096 /* elements of one sample per loop iteration, a multiple of 4 */
@@ -1060,6 +1070,7 @@ const mt_ops mt_cpu_ops = {
     .adamw = adamw,
     .adamw_multi = adamw_multi,
     .sumsq = sumsq,
+    .sumsq_multi = sumsq_multi,
     .scale = scale,
     .round_half = round_half,
     .to_half = to_half,

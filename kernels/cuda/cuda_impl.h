@@ -41,6 +41,11 @@
 #define MT_CUDA_GEMM_WS_BYTES                                                                      \
   ((size_t)32 << 20)            /* cuBLASLt/cuBLAS: 32 MiB is what Hopper kernels ask */
 #define MT_CUDA_RED_BLOCKS 1024 /* sumsq partials: a fixed count, a fixed order */
+/* sumsq_multi's partials of one launch: 128 KiB a device. A -D overrides it:
+ * the emulator's test shrinks it to fill a launch with small spans. */
+#ifndef MT_CUDA_RED_PARTS
+#define MT_CUDA_RED_PARTS 16384
+#endif
 /* Column reductions' partial sums, one row of columns per group of rows
  * (ops_cuda.cu, col_groups): 4 MiB a device */
 #define MT_CUDA_COL_FLOATS ((size_t)1 << 20)
@@ -52,6 +57,7 @@ typedef struct mt__cuda {
   cublasHandle_t blas; /* fallback when cuBLASLt has no algorithm for a shape */
   void *ws;            /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */
   double *red;         /* MT_CUDA_RED_BLOCKS + 1 */
+  double *red_multi;   /* MT_CUDA_RED_PARTS + 1: sumsq_multi's partials, then its total */
   float *cols;         /* MT_CUDA_COL_FLOATS */
   int sms;             /* streaming multiprocessors */
   int smem_optin;      /* dynamic shared memory a block may opt in to, bytes */

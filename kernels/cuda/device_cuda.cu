@@ -87,6 +87,7 @@ void mt__cuda_close(mt_device *d) {
   if (c->blas) cublasDestroy(c->blas);
   cudaFree(c->ws);
   cudaFree(c->red);
+  cudaFree(c->red_multi);
   cudaFree(c->cols);
   if (c->stream) cudaStreamDestroy(c->stream);
   cudaGetLastError();
@@ -130,6 +131,8 @@ int mt__cuda_open(mt_device *d, int index) {
   TRY_CUDA(cudaMalloc(&c->ws, MT_CUDA_GEMM_WS_BYTES), "allocate the GEMM workspace");
   TRY_CUDA(cudaMalloc((void **)&c->red, (MT_CUDA_RED_BLOCKS + 1) * sizeof(double)),
            "allocate the reduction buffer");
+  TRY_CUDA(cudaMalloc((void **)&c->red_multi, (MT_CUDA_RED_PARTS + 1) * sizeof(double)),
+           "allocate the multi-span reduction buffer");
   TRY_CUDA(cudaMalloc((void **)&c->cols, MT_CUDA_COL_FLOATS * sizeof(float)),
            "allocate the column reductions' buffer");
   TRY_BLAS(cublasLtCreate(&c->lt), "cublasLtCreate");

@@ -1065,6 +1065,86 @@ static double sumsq(mt_device *d, const float *x, size_t n) {
   return red_total(d, c, "sumsq", NAN); /* NaN: no clipping scale can hide a failure */
 }
 
+/* Σ x² over many spans. A span of n elements has min(ceil(n / SUMSQ_CHUNK),
+ * SUMSQ_SPAN_BLOCKS) blocks, each a fixed stride pattern and tree, so its
+ * partials depend on n alone; spans go by value in packs of up to SUMSQ_MAX
+ * (or as many as fill MT_CUDA_RED_PARTS partials), and after each pack's
+ * launch one block adds its partials in order into one total in device
+ * memory, read back once at the end. */
+#define SUMSQ_CHUNK 4096
+#define SUMSQ_SPAN_BLOCKS (MT_CUDA_RED_PARTS / 16) /* at least 16 long spans a launch */
+#define SUMSQ_MAX 128 /* spans a launch: kernel parameters 2.6 KiB, under 4 KiB */
+
+/* block b works on span i with first[i] <= b < first[i+1] */
+typedef struct {
+  int count;
+  unsigned first[SUMSQ_MAX + 1];
+  mt_sumsq_span s[SUMSQ_MAX];
+} sumsq_pack;
+
+static __global__ void k_sumsq_multi_part(double *part, sumsq_pack pk) {
+  int i = 0;
+  while (i + 1 < pk.count && blockIdx.x >= pk.first[i + 1]) i++;
+  const float *x = pk.s[i].x;
+  size_t n = pk.s[i].n, blocks = pk.first[i + 1] - pk.first[i];
+  double a = 0.0;
+  for (size_t j = (size_t)(blockIdx.x - pk.first[i]) * blockDim.x + threadIdx.x; j < n;
+       j += blocks * blockDim.x)
+    a += (double)x[j] * (double)x[j];
+  a = mt__block_sum_d(a);
+  if (threadIdx.x == 0) part[blockIdx.x] = a;
+}
+
+/* *total = (add ? *total : 0) + the parts partials, added in a fixed pattern */
+static __global__ void k_sumsq_multi_total(double *total, const double *part, int parts, int add) {
+  double a = 0.0;
+  for (int i = threadIdx.x; i < parts; i += blockDim.x) a += part[i];
+  a = mt__block_sum_d(a);
+  if (threadIdx.x == 0) *total = add ? *total + a : a;
+}
+
+/* Launches a pack's partials and adds them to the total (add 0: the first
+ * pack, which writes it); the pack is emptied. */
+static void sumsq_flush(mt_device *d, mt__cuda *c, sumsq_pack *pk, int add) {
+  unsigned parts = pk->first[pk->count];
+  MT_LAUNCH(k_sumsq_multi_part, parts, EW, c->stream)(c->red_multi, *pk);
+  mt__cuda_check(d, "sumsq_multi");
+  MT_LAUNCH(k_sumsq_multi_total, 1, EW, c->stream)
+  (c->red_multi + MT_CUDA_RED_PARTS, c->red_multi, (int)parts, add);
+  mt__cuda_check(d, "sumsq_multi");
+  memset(pk, 0, sizeof *pk);
+}
+
+static double sumsq_multi(mt_device *d, const mt_sumsq_span *s, int count) {
+  mt__cuda *c = mt__cuda_enter(d);
+  sumsq_pack pk;
+  memset(&pk, 0, sizeof pk);
+  int packs = 0;
+  for (int i = 0; i < count; i++) {
+    if (!s[i].n) continue; /* adds nothing; its pointer is never read */
+    size_t chunks = (s[i].n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+    unsigned blocks = chunks < SUMSQ_SPAN_BLOCKS ? (unsigned)chunks : SUMSQ_SPAN_BLOCKS;
+    if (pk.count == SUMSQ_MAX || pk.first[pk.count] + blocks > MT_CUDA_RED_PARTS)
+      sumsq_flush(d, c, &pk, packs++);
+    pk.s[pk.count] = s[i];
+    pk.first[pk.count + 1] = pk.first[pk.count] + blocks;
+    pk.count++;
+  }
+  if (pk.count) sumsq_flush(d, c, &pk, packs++);
+  if (!packs) return 0.0;
+  double r = NAN;
+  cudaError_t e = cudaMemcpyAsync(&r, c->red_multi + MT_CUDA_RED_PARTS, sizeof r,
+                                  cudaMemcpyDeviceToHost, c->stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
+  if (e != cudaSuccess) {
+    mt__cuda_fail(d, "sumsq_multi", cudaGetErrorString(e));
+    return NAN;
+  }
+  /* a launch that failed left the total of an earlier call: NaN, which no
+   * clipping scale can hide (the fault itself the device's sync reports) */
+  return c->err ? NAN : r;
+}
+
 /* ---- mixed precision ---------------------------------------------------- */
 
 static __global__ void k_round_half(float *dst, const float *src, size_t n, int fp16) {
@@ -1137,6 +1217,7 @@ static mt_ops make_ops(void) {
   o.adamw = adamw;
   o.adamw_multi = adamw_multi;
   o.sumsq = sumsq;
+  o.sumsq_multi = sumsq_multi;
   o.scale = scale;
   o.round_half = round_half;
   o.pack_half = pack_half;

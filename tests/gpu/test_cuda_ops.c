@@ -1450,6 +1450,75 @@ static void test_adamw(size_t n) {
   arena_reset();
 }
 
+/* kernels/cuda's partials of one sumsq_multi launch (cuda_impl.h); the
+ * emulator's test shrinks them (tests/gpu/meson.build). A span has one
+ * block per 4096 elements, up to a sixteenth of them (ops_cuda.cu). */
+#ifndef MT_CUDA_RED_PARTS
+#define MT_CUDA_RED_PARTS 16384
+#endif
+
+/* sumsq_multi over spans of odd lengths, empty ones among them (one NULL),
+ * more than one launch's count of spans, then spans past a span's cap of
+ * blocks, more than one launch's partials of them, against a sequential
+ * sum in long double. Between the spans lie guards of 1e6, which a read
+ * past a span's end would add. Twice, the same bits; on the emulator, the
+ * launches it took (a few, not one a span), and a failed one read as NaN. */
+static void test_sumsq_multi(void) {
+  enum { SMALL = 200, BIG = 17, K = SMALL + BIG, GUARD = 3 };
+  size_t big = (size_t)MT_CUDA_RED_PARTS * 256 + 4099, *len = halloc(K * sizeof(size_t));
+  size_t total = 0;
+  for (int k = 0; k < K; k++) {
+    len[k] = k >= SMALL ? big + (size_t)k : k % 7 == 3 ? 0 : 1 + rng_u64() % 300;
+    total += len[k] + GUARD;
+  }
+  float *x = H(total, -3, 3);
+  mt_sumsq_span *gs = halloc(K * sizeof *gs);
+  long double ref = 0.0L;
+  size_t off = 0;
+  for (int k = 0; k < K; k++) {
+    for (size_t i = 0; i < len[k]; i++) ref += (long double)x[off + i] * x[off + i];
+    for (int i = 0; i < GUARD; i++) x[off + len[k] + i] = 1e6f;
+    off += len[k] + GUARD;
+  }
+  float *gx = Df(x, total);
+  off = 0;
+  for (int k = 0; k < K; k++) {
+    gs[k] = (mt_sumsq_span){k == 10 ? NULL : gx + off, len[k]}; /* 10 % 7 == 3: empty */
+    off += len[k] + GUARD;
+  }
+#ifdef MT_CUDA_EMU
+  long parts0 = mt_emu_launch_count("k_sumsq_multi_part");
+  long totals0 = mt_emu_launch_count("k_sumsq_multi_total");
+#endif
+  double got = gpu.ops->sumsq_multi(&gpu, gs, K), again = gpu.ops->sumsq_multi(&gpu, gs, K);
+  double rel = fabs(got - (double)ref) / (double)ref;
+  char detail[160];
+  snprintf(detail, sizeof detail, "%d spans, %zu floats: rel %.2e to long double", K, total, rel);
+  check_that("sumsq_multi", "against a sequential sum", rel <= 1e-12, detail);
+  check_that("sumsq_multi", "twice: the same bits", !memcmp(&got, &again, sizeof got), "");
+  double none = gpu.ops->sumsq_multi(&gpu, gs, 0), empty = gpu.ops->sumsq_multi(&gpu, gs + 10, 1);
+  snprintf(detail, sizeof detail, "%g and %g", none, empty);
+  check_that("sumsq_multi", "no spans, one empty span: 0", none == 0.0 && empty == 0.0, detail);
+#ifdef MT_CUDA_EMU
+  long parts = (mt_emu_launch_count("k_sumsq_multi_part") - parts0) / 2;
+  long totals = (mt_emu_launch_count("k_sumsq_multi_total") - totals0) / 2;
+  snprintf(detail, sizeof detail, "%ld partial launches, %ld totals a call", parts, totals);
+  check_that("sumsq_multi", "a launch per pack of spans",
+             parts >= 3 && parts <= 1 + K / 32 && totals == parts, detail);
+  /* a partial launch, then a total, that fail: NaN, and the sync says so */
+  const char *kernels[] = {"k_sumsq_multi_part", "k_sumsq_multi_total"};
+  for (int f = 0; f < 2; f++) {
+    mt_emu_fail_launch(kernels[f], 2);
+    double v = gpu.ops->sumsq_multi(&gpu, gs, K);
+    int rc = mt_device_sync(&gpu);
+    mt_emu_fail_launch(kernels[f], 0);
+    snprintf(detail, sizeof detail, "%g, sync %d", v, rc);
+    check_that("sumsq_multi", label("failed %s: NaN", kernels[f] + 2), isnan(v) && rc, detail);
+  }
+#endif
+  arena_reset();
+}
+
 /* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
  * ops then run GeLU and its gradient as kernels of their own, the values
  * the same within the epilogues' tolerance, which the op checks hold them
@@ -1654,6 +1723,7 @@ int main(int argc, char **argv) {
     test_crossentropy(5, 37, 40);
     test_crossentropy(3, 700, 768);
     test_adamw(5000);
+    test_sumsq_multi();
   } else {
     shape s = {4, 256, 256, 4, 1000, 1024};
     test_embedding(s);
@@ -1715,6 +1785,7 @@ int main(int argc, char **argv) {
     test_dropout(4, (size_t)1 << 20 | 3);
     test_crossentropy(256, 50257, 50304);
     test_adamw((size_t)1 << 22);
+    test_sumsq_multi();
   }
   test_gelu_epilogue_switch();
   int rc = mt_device_sync(&gpu);

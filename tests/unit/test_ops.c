@@ -1016,6 +1016,37 @@ static void test_sumsq_matches_double_sum(void) {
   }
 }
 
+/* sumsq_multi is sumsq span by span, added in span order: the same bits, so
+ * a trainer's gradient norm stays the one it added up tensor by tensor.
+ * Empty spans among them (one of them NULL, which must not be read), spans
+ * on sumsq's parallel path, and no spans at all. */
+static void test_sumsq_multi_is_sumsq_span_by_span(void) {
+  size_t sizes[] = {13, 0, 100003, 1, 0, 4097, 250000, 7, 0};
+  enum { K = sizeof sizes / sizeof *sizes };
+  size_t total = 0;
+  for (int k = 0; k < K; k++) total += sizes[k];
+  float *x = frand(total, -3, 3);
+  mt_sumsq_span s[K];
+  double want = 0.0, ref = 0.0;
+  size_t off = 0;
+  for (int k = 0; k < K; k++) {
+    s[k] = (mt_sumsq_span){k == K - 1 ? NULL : x + off, sizes[k]};
+    if (s[k].x) want += ops->sumsq(&dev, s[k].x, sizes[k]);
+    for (size_t i = 0; i < sizes[k]; i++) ref += (double)x[off + i] * x[off + i];
+    off += sizes[k];
+  }
+  double got = ops->sumsq_multi(&dev, s, K);
+  report(!memcmp(&got, &want, sizeof got), __func__,
+         "%d spans: %.17g, sumsq span by span %.17g (the same bits)", K, got, want);
+  double r = fabs(got - ref) / ref;
+  report(r < 1e-12, __func__, "rel %.2e to a sequential double sum", r);
+  got = ops->sumsq_multi(&dev, s, 0);
+  report(got == 0.0, __func__, "no spans: %g", got);
+  got = ops->sumsq_multi(&dev, s + 1, 1);
+  report(got == 0.0, __func__, "one empty span: %g", got);
+  free(x);
+}
+
 /* ---- dropout ------------------------------------------------------------ */
 
 typedef struct {
@@ -1444,6 +1475,7 @@ int main(void) {
   test_add_inplace_accumulates();
   test_scale_multiplies();
   test_sumsq_matches_double_sum();
+  test_sumsq_multi_is_sumsq_span_by_span();
 
   test_dropout_p0_and_null_are_identity();
   test_dropout_residual_fwd_is_dropout_then_add();
