@@ -129,6 +129,29 @@ static int make_buckets(mt_trainer *tr, int cap_elems) {
   return 0;
 }
 
+/* The spans of this rank's gradient slice that its Σ g² counts, a tensor
+ * (or the part of one in the slice) each: the slice less the last stage's
+ * copy of the tied embedding (the first stage counts it) and, on tp ranks
+ * but the first, the replicated tensors, so every parameter counts once.
+ * None (norm_spans NULL) where nothing is left out: the slice is summed
+ * whole. Made once: the slice and the gradients' buffer stay. */
+static int make_norm_spans(mt_trainer *tr) {
+  mt_gpt *m = &tr->model;
+  size_t lo = tr->shard_lo, hi = lo + tr->shard_n;
+  int skip = m->last && !m->first ? m->i_wte : -1;
+  int skip_replicated = tr->g.tp_rank > 0;
+  if (skip < 0 && !skip_replicated) return 0;
+  tr->norm_spans = calloc((size_t)m->n_tensors, sizeof *tr->norm_spans);
+  if (!tr->norm_spans) return mt_seterr(MT_ENOMEM, "train: %d gradient norm spans", m->n_tensors);
+  for (int i = 0; i < m->n_tensors; i++) {
+    if (i == skip || (skip_replicated && m->params_table[i].shard == MT_SHARD_NONE)) continue;
+    size_t a, b;
+    if (mt_param_overlap(&m->params_table[i], lo, hi, &a, &b))
+      tr->norm_spans[tr->n_norm_spans++] = (mt_sumsq_span){m->grads + a, b - a};
+  }
+  return 0;
+}
+
 /* Starts the reduce of every bucket whose gradients are final once block l
  * of the chunk in its backward has its own (the model's on_block_grads; l =
  * -1: all that are left). */
@@ -288,6 +311,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (!rc)
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
                          job->train.beta2, job->train.adam_eps, job->train.weight_decay);
+  if (!rc) rc = make_norm_spans(tr);
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs)
@@ -312,6 +336,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 
 void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->buckets);
+  free(tr->norm_spans);
   if (tr->chunks != &tr->model) {
     for (int c = 0; c < tr->n_chunks; c++) mt_gpt_destroy(&tr->chunks[c]);
     free(tr->chunks);
@@ -634,24 +659,13 @@ static int other_device_failed(long long step, const char *what, const double vo
                    what);
 }
 
-/* Σ g² over this rank's slice, leaving out the last stage's copy of the
- * tied embedding (the first stage counts it) and, on tp ranks but the first,
- * the replicated tensors, so every parameter counts once. */
+/* Σ g² over this rank's slice, every parameter counted once (the spans of
+ * make_norm_spans): one read-back on a GPU, where a sumsq a tensor took
+ * hundreds a step. */
 static double slice_sumsq(mt_trainer *tr, const float *grad) {
-  mt_gpt *m = &tr->model;
   mt_device *d = tr->dev;
-  size_t lo = tr->shard_lo, hi = lo + tr->shard_n;
-  int skip = m->last && !m->first ? m->i_wte : -1;
-  int skip_replicated = tr->g.tp_rank > 0;
-  if (skip < 0 && !skip_replicated) return d->ops->sumsq(d, grad, tr->shard_n);
-  double sum = 0.0;
-  for (int i = 0; i < m->n_tensors; i++) {
-    if (i == skip || (skip_replicated && m->params_table[i].shard == MT_SHARD_NONE)) continue;
-    size_t a, b;
-    if (mt_param_overlap(&m->params_table[i], lo, hi, &a, &b))
-      sum += d->ops->sumsq(d, grad + (a - lo), b - a);
-  }
-  return sum;
+  if (!tr->norm_spans) return d->ops->sumsq(d, grad, tr->shard_n);
+  return d->ops->sumsq_multi(d, tr->norm_spans, tr->n_norm_spans);
 }
 
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {

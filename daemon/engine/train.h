@@ -152,6 +152,10 @@ typedef struct mt_trainer {
   size_t shard_lo, shard_n;       /* this rank's ZeRO-1 slice of the flat parameters */
   struct mt_grad_bucket *buckets; /* dp > 1: in parameter order */
   int n_buckets, next_bucket;     /* the next to start, counting down; -1 when all are */
+  /* the gradients the step's norm counts, a tensor (or the part of one in
+   * the slice) each in table order; NULL where the whole slice counts */
+  mt_sumsq_span *norm_spans;
+  int n_norm_spans;
   /* receive buffers, two of each so the next operation's can be posted
    * while the stage computes with the current one (a kind's receives take
    * them in turn) */
