@@ -22,6 +22,7 @@ typedef struct rank_log {
   int n; /* steps reported (may exceed RANK_RUNS_MAX_STEPS; the first ones are kept) */
   int skipped[RANK_RUNS_MAX_STEPS];
   double scale[RANK_RUNS_MAX_STEPS], loss[RANK_RUNS_MAX_STEPS];
+  double grad_norm[RANK_RUNS_MAX_STEPS];
   char err[512]; /* the rank's own error, "" when it ended well */
 } rank_log;
 
@@ -31,6 +32,7 @@ static void rank_runs_on_step(const mt_step_stats *st, void *arg) {
     r->skipped[r->n] = st->skipped;
     r->scale[r->n] = st->loss_scale;
     r->loss[r->n] = st->loss;
+    r->grad_norm[r->n] = st->grad_norm;
   }
   r->n++;
 }
@@ -100,6 +102,17 @@ static double rank_runs_worst_rel(const rank_log *a, const rank_log *b, int from
   double worst = 0.0;
   for (int s = from; s < to; s++) {
     double r = (a->loss[s] - b->loss[s]) / b->loss[s];
+    r = r < 0 ? -r : r;
+    worst = r > worst || r != r ? r : worst;
+  }
+  return worst;
+}
+
+/* ... of the gradient norms (before clipping) */
+static double rank_runs_worst_norm_rel(const rank_log *a, const rank_log *b, int from, int to) {
+  double worst = 0.0;
+  for (int s = from; s < to; s++) {
+    double r = (a->grad_norm[s] - b->grad_norm[s]) / b->grad_norm[s];
     r = r < 0 ? -r : r;
     worst = r > worst || r != r ? r : worst;
   }
