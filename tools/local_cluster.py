@@ -6,6 +6,7 @@ node config per daemon into a run directory, starts the daemons as processes
 never fixed. Standard library only.
 """
 
+import fcntl
 import json
 import os
 import random
@@ -86,6 +87,102 @@ def describe_exit(code):
     return str(code)
 
 
+# ---- one cluster to a run directory ----
+
+LOCK_NAME = "lock"
+
+
+class DirInUse(Exception):
+    """lock_run_dir: a cluster started in the directory still runs. holders
+    are the (name, pid) pairs its lock file names that are still alive;
+    gone_tool is the pid of the tool that started it when that one is gone."""
+
+    def __init__(self, run_dir, holders, gone_tool=None):
+        super().__init__(run_dir)
+        self.run_dir, self.holders, self.gone_tool = run_dir, holders, gone_tool
+
+    def stop_pids(self):
+        """The pids to SIGTERM to stop that cluster at a step boundary: the
+        tool's (it stops every daemon), else the daemons left."""
+        tool = [pid for name, pid in self.holders if name == "local-cluster"]
+        return tool or [pid for _, pid in self.holders]
+
+    def __str__(self):
+        daemons = ", ".join("%s %d" % h for h in self.holders if h[0] != "local-cluster")
+        tool = [pid for name, pid in self.holders if name == "local-cluster"]
+        if tool:
+            who = "local-cluster pid %d%s" % (tool[0], "; daemons " + daemons if daemons else "")
+        elif daemons:
+            who = "daemons %s%s" % (daemons, "; local-cluster pid %d is gone" % self.gone_tool
+                                    if self.gone_tool else "")
+        else:
+            who = "its lock file names no live process yet: it is starting"
+        stop = " ".join(map(str, self.stop_pids()))
+        how = ("Ctrl-C in its terminal, or kill %s: every daemon stops at its next step "
+               "boundary" % stop if tool else
+               "kill %s: they stop at their next step boundary" % stop if stop else
+               "Ctrl-C in its terminal")
+        return ("%s is in use by a cluster tools/local-cluster started there, still running "
+                "(%s): stop it first (%s), or give another --dir" % (self.run_dir, who, how))
+
+
+def lock_holders(text):
+    """The (name, pid) pairs a lock file's NAME=PID words name, in order."""
+    out = []
+    for word in text.split():
+        name, _, pid = word.partition("=")
+        if pid.isdigit():
+            out.append((name, int(pid)))
+    return out
+
+
+def _alive(pid):
+    """Whether pid runs: a zombie (dead, not yet waited for) does not."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def lock_run_dir(run_dir):
+    """Locks run_dir for one cluster (flock on run_dir/lock, exclusive, not
+    waiting) before anything in it is written, or raises DirInUse naming the
+    processes of the cluster that holds it. Returns the locked fd: keep it
+    open for the cluster's life and give it to LocalCluster(lock_fd=...),
+    which hands it to every daemon. A second cluster in one directory would
+    truncate the running one's logs (n*.out, n*.err: reopened with "w"),
+    rewrite its configs and token, and follow its step lines as its own.
+
+    The lock is the open file, not a pid written down: the kernel drops it
+    with the last process that holds the fd, however that ended (SIGKILL
+    included), so a dead run leaves nothing stale. The daemons hold it too,
+    by choice: when local-cluster is killed its daemons live on until they
+    reach a step boundary (its death SIGTERMs them, and a stop may write a
+    checkpoint), or longer if they hang, and they still write in the
+    directory meanwhile, so it stays refused until the last of them exits.
+    The file's words (NAME=PID) only say whom a refusal names."""
+    os.makedirs(run_dir, exist_ok=True)
+    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        named = lock_holders(os.pread(fd, 4096, 0).decode("ascii", "replace"))
+        os.close(fd)
+        gone = [pid for name, pid in named if name == "local-cluster" and not _alive(pid)]
+        raise DirInUse(run_dir, [(n, p) for n, p in named if _alive(p)],
+                       gone[0] if gone else None) from None
+    write_lock_holders(fd, [("local-cluster", os.getpid())])
+    return fd
+
+
+def write_lock_holders(fd, holders):
+    """Says in the locked file who holds it: NAME=PID words on one line."""
+    line = " ".join("%s=%d" % h for h in holders) + "\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, line.encode("ascii"), 0)
+
+
 class Node:
     def __init__(self, cluster, name, conf, out, err):
         self.cluster, self.name, self.conf = cluster, name, conf
@@ -154,7 +251,8 @@ class LocalCluster:
 
     def __init__(self, mtnlgd, run_dir, job, nodes=4, devices="cpu:2", job_sets=(),
                  heartbeat_ms=200, timeout_ms=2000, last_call_ms=500, cpu_threads=1,
-                 log_format="json", extra=None, token=None, own_session=False):
+                 log_format="json", extra=None, token=None, own_session=False,
+                 lock_fd=None):
         self.mtnlgd, self.dir, self.job = mtnlgd, run_dir, job
         self.job_sets = list(job_sets)
         self.port = free_port()
@@ -167,6 +265,8 @@ class LocalCluster:
         # terminal's Ctrl-C reaches only the caller, which stops them once
         # (tools/local-cluster); they still get SIGTERM if the caller dies.
         self.own_session = own_session
+        # lock_fd: lock_run_dir's; every daemon inherits it (see there)
+        self.lock_fd = lock_fd
         self.token_file = None
         os.makedirs(run_dir, exist_ok=True)
         if token:
@@ -218,6 +318,7 @@ class LocalCluster:
             node.proc = subprocess.Popen(args, stdout=out, stderr=err, env=e,
                                          stdin=subprocess.DEVNULL,
                                          start_new_session=self.own_session,
+                                         pass_fds=() if self.lock_fd is None else (self.lock_fd,),
                                          preexec_fn=_die_with_parent if self.own_session else None)
         return node
 

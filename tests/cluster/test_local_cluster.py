@@ -1,0 +1,222 @@
+"""tools/local-cluster's hold on its --dir: one cluster to a directory.
+
+usage: test_local_cluster.py MTNLGD
+
+One daemon (cpu:1, the tiny model, a long job) started by tools/local-cluster
+in a temporary --dir:
+- test_second_cluster_in_a_dir_is_refused: a second local-cluster in the
+  same --dir exits 1 with one line naming the first's pid and its daemon's
+  and how to stop it, and touches nothing of it: every file the first wrote
+  (configs, logs, its step log, the lock) keeps its inode and its bytes, no
+  file is added, and the first trains on; a SIGTERM to the first's pid
+  stops it (exit 0);
+- test_lock_of_a_dead_run_does_not_block: a cluster starts in the same
+  --dir after that (the lock file still names the dead run's pids);
+- test_daemons_outliving_their_local_cluster_keep_the_dir: with its daemon
+  stopped (SIGSTOP) and local-cluster SIGKILLed, a second start is refused
+  naming the daemon that still writes there and that local-cluster is gone;
+  once the daemon is continued, it stops (its launcher's death SIGTERMed
+  it) and the directory is free.
+Each check prints `ok NAME` or `FAIL NAME: detail`.
+"""
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOCAL_CLUSTER = os.path.join(HERE, "..", "..", "tools", "local-cluster")
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from local_cluster import check, license_tokens  # noqa: E402
+
+
+def expect(name, ok, detail):
+    """check(), with the detail printed only for a failure."""
+    return check(name, ok, "" if ok else detail)
+
+
+class Run:
+    """One tools/local-cluster process, its output in a file."""
+
+    def __init__(self, tmp, name, mtnlgd, run_dir, job, token_file):
+        self.log = os.path.join(tmp, name + ".log")
+        self.steps = os.path.join(run_dir, "steps.jsonl")
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, LOCAL_CLUSTER, "--nodes", "1", "--devices", "cpu:1",
+                 "--job", job, "--dir", run_dir, "--mtnlgd", mtnlgd,
+                 "--token-file", token_file, "--steps-log", self.steps],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def output(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def daemon_pid(self):
+        m = re.search(r"^  n0\s+pid (\d+)", self.output(), re.M)
+        return int(m.group(1)) if m else None
+
+    def steps_taken(self):
+        return len(self.output().split("\nstep ")) - 1
+
+    def wait_for_steps(self, count, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if self.steps_taken() >= count:
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def snapshot(run_dir):
+    """Every plain file in run_dir: its inode and bytes."""
+    out = {}
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = (os.stat(path).st_ino, f.read())
+    return out
+
+
+def lock_free(run_dir):
+    fd = os.open(os.path.join(run_dir, "lock"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def second_start(mtnlgd, run_dir, job, token_file, refused_within_s=30):
+    """A second local-cluster in run_dir: (exit code, stdout, stderr), the
+    code None when it was not refused within refused_within_s but started
+    (then stopped, its daemons with it)."""
+    p = subprocess.Popen([sys.executable, LOCAL_CLUSTER, "--nodes", "1", "--devices", "cpu:1",
+                          "--job", job, "--dir", run_dir, "--mtnlgd", mtnlgd,
+                          "--token-file", token_file], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        out, err = p.communicate(timeout=refused_within_s)
+        return p.returncode, out, err
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        return None, out[-2000:], err[-2000:]
+
+
+def main():
+    mtnlgd = sys.argv[1]
+    failures = 0
+    tmp = tempfile.mkdtemp(prefix="mtnlg-lc-")
+    runs, daemons = [], []
+    try:
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+        job = os.path.join(tmp, "job.json")
+        with open(job, "w") as f:
+            f.write('{"name": "lock", "model": {"preset": "tiny"}, "parallel": {"micro_batch": 2},'
+                    '"train": {"global_batch": 2, "steps": 100000, "seed": 3,'
+                    '"lr": {"schedule": "constant", "peak": 1e-3}},'
+                    f'"data": {{"path": "{tokens}"}}}}')
+        token_a, token_b = os.path.join(tmp, "token-a"), os.path.join(tmp, "token-b")
+        for path, word in ((token_a, "first-token"), (token_b, "second-token")):
+            with open(path, "w") as f:
+                f.write(word + "\n")
+            os.chmod(path, 0o600)
+        run_dir = os.path.join(tmp, "run")
+
+        # --- a second cluster in the directory of a running one ---
+        a = Run(tmp, "a", mtnlgd, run_dir, job, token_a)
+        runs.append(a)
+        if not a.wait_for_steps(2):
+            raise AssertionError("the first cluster took no step:\n" + a.output())
+        n0 = a.daemon_pid()
+        daemons.append(n0)
+        before = snapshot(run_dir)
+        code, out, err = second_start(mtnlgd, run_dir, job, token_b)
+        after = snapshot(run_dir)
+        line = err.strip()
+        failures += expect(
+            "test_second_cluster_in_a_dir_is_refused",
+            code == 1 and "\n" not in line and
+            "%s is in use by a cluster tools/local-cluster started there, still running" % run_dir
+            in line and "local-cluster pid %d; daemons n0 %d" % (a.proc.pid, n0) in line and
+            "kill %d" % a.proc.pid in line and not out,
+            "exit %s (None: started)\nstdout: %s\nstderr: %s" % (code, out, err))
+        touched = [name for name, (ino, data) in before.items()
+                   if name not in after or after[name][0] != ino or
+                   not after[name][1].startswith(data) or
+                   (name.endswith(".conf") or name in ("lock", "token")) and
+                   after[name][1] != data]
+        failures += expect("test_second_cluster_leaves_the_first_ones_files",
+                           not touched and set(after) == set(before),
+                           "changed: %s; files before %s, after %s" % (
+                               touched, sorted(before), sorted(after)))
+        steps = a.steps_taken()
+        failures += expect("test_first_cluster_trains_on_after_the_refusal",
+                          a.wait_for_steps(steps + 2, timeout=60), a.output()[-2000:])
+        a.proc.send_signal(signal.SIGTERM)
+        try:
+            code = a.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = None
+        failures += expect("test_sigterm_to_local_cluster_stops_it", code == 0,
+                          "exit %s\n%s" % (code, a.output()[-2000:]))
+
+        # --- the lock file of that dead run, its pids in it, blocks nothing ---
+        c = Run(tmp, "c", mtnlgd, run_dir, job, token_a)
+        runs.append(c)
+        failures += expect("test_lock_of_a_dead_run_does_not_block", c.wait_for_steps(1),
+                          c.output()[-2000:])
+        n0 = c.daemon_pid()
+        if n0:
+            daemons.append(n0)
+            # --- a daemon outliving its local-cluster still holds the directory ---
+            os.kill(n0, signal.SIGSTOP)
+            c.proc.kill()
+            c.proc.wait()
+            code, out, err = second_start(mtnlgd, run_dir, job, token_b)
+            line = err.strip()
+            refused = (code == 1 and "daemons n0 %d; local-cluster pid %d is gone"
+                       % (n0, c.proc.pid) in line and "kill %d" % n0 in line)
+            os.kill(n0, signal.SIGCONT)
+            deadline = time.time() + 120
+            while time.time() < deadline and not lock_free(run_dir):
+                time.sleep(0.1)
+            failures += expect("test_daemons_outliving_their_local_cluster_keep_the_dir",
+                              refused and lock_free(run_dir),
+                              "exit %s (None: started)\nstderr: %s" % (code, err))
+    except Exception as e:  # noqa: BLE001 - a harness error is a failure
+        failures += expect("harness", False, "%s: %s" % (type(e).__name__, e))
+    finally:
+        for r in runs:
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
+        for pid in daemons:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+        if failures:
+            for r in runs:
+                print("--- %s\n%s" % (r.log, r.output()[-3000:]))
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("%d failed" % failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
