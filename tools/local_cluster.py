@@ -251,8 +251,8 @@ class LocalCluster:
 
     def __init__(self, mtnlgd, run_dir, job, nodes=4, devices="cpu:2", job_sets=(),
                  heartbeat_ms=200, timeout_ms=2000, last_call_ms=500, cpu_threads=1,
-                 log_format="json", extra=None, token=None, own_session=False,
-                 lock_fd=None):
+                 log_format="json", extra=None, token=None, token_file=None,
+                 own_session=False, lock_fd=None):
         self.mtnlgd, self.dir, self.job = mtnlgd, run_dir, job
         self.job_sets = list(job_sets)
         self.port = free_port()
@@ -267,9 +267,11 @@ class LocalCluster:
         self.own_session = own_session
         # lock_fd: lock_run_dir's; every daemon inherits it (see there)
         self.lock_fd = lock_fd
-        self.token_file = None
+        # token_file: the daemons read the caller's file, which is then the
+        # one file a person is told of (token= writes run_dir/token)
+        self.token_file = token_file
         os.makedirs(run_dir, exist_ok=True)
-        if token:
+        if token and not token_file:
             self.token_file = os.path.join(run_dir, "token")
             with open(self.token_file, "w") as f:
                 f.write(token + "\n")
