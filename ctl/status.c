@@ -136,7 +136,11 @@ static void print_checkpoint(const json_t *st) {
   const json_t *ck = json_object_get(st, "last_checkpoint");
   char size[32], age[32];
   double bytes, time;
-  if (!json_is_object(ck)) {
+  const json_t *job = json_object_get(st, "job");
+  if (!json_is_object(ck) && json_is_object(job) &&
+      json_is_null(json_object_get(job, "checkpoint_dir"))) {
+    printf(LABEL "none: the job has no checkpoint.dir\n", "checkpoint");
+  } else if (!json_is_object(ck)) {
     printf(LABEL "none yet\n", "checkpoint");
   } else {
     printf(LABEL "step %s", "checkpoint", ctl_fmt_field(size, sizeof size, ck, "step", "%.0f"));

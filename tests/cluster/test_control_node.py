@@ -363,8 +363,11 @@ def test_reads_with_the_token(mtnlgd, mtnlgctl, tmp):
             if re.search(waiting, p1.stdout, re.M) or time.time() > deadline:
                 break
             time.sleep(0.2)
+        # and a job with no checkpoint.dir is said to have none, not "none yet"
         ok = (p0.returncode == 1 and "401 Unauthorized" in p0.stderr
-              and p1.returncode == 0 and re.search(waiting, p1.stdout, re.M))
+              and p1.returncode == 0 and re.search(waiting, p1.stdout, re.M)
+              and re.search(r"^  checkpoint +none: the job has no checkpoint.dir$", p1.stdout,
+                            re.M))
         return check("test_mtnlgctl_reads_of_a_daemon_that_wants_the_token_send_it_after_the_401",
                      bool(ok), "without: exit %d %r; with: exit %d %r %r" % (
                          p0.returncode, p0.stderr[-300:], p1.returncode, p1.stdout[-300:],
