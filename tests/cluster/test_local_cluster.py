@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCAL_CLUSTER = os.path.join(HERE, "..", "..", "tools", "local-cluster")
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import check, license_tokens  # noqa: E402
+from local_cluster import check, license_tokens, tiny_job  # noqa: E402
 
 
 def expect(name, ok, detail):
@@ -123,12 +123,11 @@ def main():
     runs, daemons = [], []
     try:
         tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
-        job = os.path.join(tmp, "job.json")
-        with open(job, "w") as f:
-            f.write('{"name": "lock", "model": {"preset": "tiny"}, "parallel": {"micro_batch": 2},'
-                    '"train": {"global_batch": 2, "steps": 100000, "seed": 3,'
-                    '"lr": {"schedule": "constant", "peak": 1e-3}},'
-                    f'"data": {{"path": "{tokens}"}}}}')
+        # one rank (tp, pp, dp 1), trained for longer than the test runs
+        job = tiny_job(os.path.join(tmp, "job.json"), tokens, "lock", 100000,
+                       model={"preset": "tiny"}, parallel={"micro_batch": 2},
+                       train={"global_batch": 2, "steps": 100000, "seed": 3,
+                              "lr": {"schedule": "constant", "peak": 1e-3}})
         token_a, token_b = os.path.join(tmp, "token-a"), os.path.join(tmp, "token-b")
         for path, word in ((token_a, "first-token"), (token_b, "second-token")):
             with open(path, "w") as f:

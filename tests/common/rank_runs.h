@@ -97,26 +97,28 @@ static int rank_runs_token_file(char path[64], const char *tmpl) {
   return ok ? 0 : -1;
 }
 
-/* The worst relative difference of a's losses from b's over steps [from, to). */
-static double rank_runs_worst_rel(const rank_log *a, const rank_log *b, int from, int to) {
+/* The worst relative difference of a[s] from b[s] over steps [from, to); a
+ * NaN is the worst. */
+static double rank_runs_worst_rel_of(const double *a, const double *b, int from, int to) {
   double worst = 0.0;
   for (int s = from; s < to; s++) {
-    double r = (a->loss[s] - b->loss[s]) / b->loss[s];
+    double r = (a[s] - b[s]) / b[s];
     r = r < 0 ? -r : r;
     worst = r > worst || r != r ? r : worst;
   }
   return worst;
 }
 
+/* ... of a's losses from b's */
+__attribute__((unused)) static double rank_runs_worst_rel(const rank_log *a, const rank_log *b,
+                                                          int from, int to) {
+  return rank_runs_worst_rel_of(a->loss, b->loss, from, to);
+}
+
 /* ... of the gradient norms (before clipping) */
-static double rank_runs_worst_norm_rel(const rank_log *a, const rank_log *b, int from, int to) {
-  double worst = 0.0;
-  for (int s = from; s < to; s++) {
-    double r = (a->grad_norm[s] - b->grad_norm[s]) / b->grad_norm[s];
-    r = r < 0 ? -r : r;
-    worst = r > worst || r != r ? r : worst;
-  }
-  return worst;
+__attribute__((unused)) static double rank_runs_worst_norm_rel(const rank_log *a, const rank_log *b,
+                                                               int from, int to) {
+  return rank_runs_worst_rel_of(a->grad_norm, b->grad_norm, from, to);
 }
 
 #endif
