@@ -439,6 +439,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .rank_count = here,
       .devices = n->dev_ptrs,
       .comm_prefix = n->comm_prefix,
+      .node = n->cfg->name,
       .generation = n->gen,
       .omp_threads = n->cfg->cpu_threads,
       .device_kind = "cpu",

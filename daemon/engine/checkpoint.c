@@ -19,6 +19,15 @@ void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size) {
   snprintf(out, size, "%s/%s", job->checkpoint.dir, job->name);
 }
 
+/* How a rank is named in the messages other ranks repeat: "world rank 5
+ * (tp 1, pp 0, dp 1; cpu:1 of node n2)". */
+static void rank_place(const mt_trainer *tr, char *out, size_t size) {
+  const mt_groups *g = &tr->g;
+  snprintf(out, size, "world rank %d (tp %d, pp %d, dp %d; %s%s%s)",
+           g->world ? mt_comm_rank(g->world) : 0, g->tp_rank, g->pp_rank, g->dp_rank,
+           tr->dev ? tr->dev->name : "?", tr->node ? " of node " : "", tr->node ? tr->node : "");
+}
+
 /* Every rank learns whether any rank failed (a sum of failure flags). c is
  * the world group: it moves host memory on every device (the dp group of GPU
  * ranks is NCCL's, device memory only). */
@@ -406,13 +415,45 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
  * pass (a read that failed), the third will not (a damaged file). */
 enum { CHECK_OK = 0, CHECK_FAILED = 1, CHECK_DAMAGED = 2 };
 
+/* "world rank 5", "world ranks 4-5, 9": the ranks whose flag in all is set,
+ * runs joined, cut with "..." past out's size. */
+static void rank_list(const int32_t *all, int size, char *out, size_t out_size) {
+  int n = 0;
+  for (int r = 0; r < size; r++) n += all[r] != 0;
+  size_t len = (size_t)snprintf(out, out_size, "world rank%s ", n > 1 ? "s" : "");
+  for (int r = 0, k = 0; r < size && len < out_size; r++) {
+    if (!all[r]) continue;
+    int last = r;
+    while (last + 1 < size && all[last + 1]) last++;
+    char run[32];
+    if (last > r)
+      snprintf(run, sizeof run, "%s%d-%d", k ? ", " : "", r, last);
+    else
+      snprintf(run, sizeof run, "%s%d", k ? ", " : "", r);
+    if (len + strlen(run) + 4 >= out_size) {
+      snprintf(out + len, out_size - len, "...");
+      return;
+    }
+    len += (size_t)snprintf(out + len, out_size - len, "%s", run);
+    k++;
+    r = last;
+  }
+}
+
 /* After every rank checked or loaded its part of a checkpoint (CHECK_*): how
  * many ranks found a problem, whether one found the worst (CHECK_DAMAGED),
  * and on every rank in msg (RESUME_MSG_BYTES) the first such rank's message,
- * else the first failed one's. */
-static int agree_checked(mt_comm *world, int check, char *msg, int *n_bad, int *damaged) {
+ * else the first failed one's; in who (RESUME_WHO_BYTES) which ranks did and
+ * where the first is ("world ranks 4-5; first, world rank 4 (tp 0, pp 1,
+ * dp 0; cpu:0 of node n2)"), so a failure every node reports names the node
+ * that could not read, not only that node's own log. */
+#define RESUME_WHO_BYTES 512
+static int agree_checked(const mt_trainer *tr, int check, char *msg, int *n_bad, int *damaged,
+                         char *who) {
+  mt_comm *world = tr->g.world;
   *n_bad = check != CHECK_OK;
   *damaged = check == CHECK_DAMAGED;
+  rank_place(tr, who, RESUME_WHO_BYTES);
   if (!world) return 0;
   int size = mt_comm_size(world), first = -1, first_damaged = -1;
   int32_t mine = check, *all = calloc((size_t)size, sizeof *all);
@@ -426,10 +467,24 @@ static int agree_checked(mt_comm *world, int check, char *msg, int *n_bad, int *
     }
     if (all[r] == CHECK_DAMAGED && first_damaged < 0) first_damaged = r;
   }
+  char ranks[RESUME_WHO_BYTES / 2] = "";
+  if (!rc && *n_bad) rank_list(all, size, ranks, sizeof ranks);
   free(all);
   *damaged = first_damaged >= 0;
   if (first_damaged >= 0) first = first_damaged;
-  if (!rc && first >= 0) rc = mt_comm_broadcast(world, msg, RESUME_MSG_BYTES, MT_COMM_U8, first);
+  struct {
+    char place[160];
+    char msg[RESUME_MSG_BYTES];
+  } b;
+  memcpy(b.place, who, sizeof b.place);
+  b.place[sizeof b.place - 1] = 0;
+  memcpy(b.msg, msg, sizeof b.msg);
+  if (!rc && first >= 0) rc = mt_comm_broadcast(world, &b, sizeof b, MT_COMM_U8, first);
+  if (!rc && first >= 0) {
+    b.place[sizeof b.place - 1] = 0;
+    memcpy(msg, b.msg, sizeof b.msg);
+    snprintf(who, RESUME_WHO_BYTES, "%s; first, %s", ranks, b.place);
+  }
   msg[RESUME_MSG_BYTES - 1] = 0;
   return rc;
 }
@@ -669,7 +724,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
       uint64_t ms = (uint64_t)base_ms + most / 100000;
       mt_comm_set_timeout(g->world, ms > INT32_MAX ? INT32_MAX : (int)ms);
     }
-    rc = agree_checked(g->world, check, msg, &n_bad, &found_damaged);
+    char who[RESUME_WHO_BYTES];
+    rc = agree_checked(tr, check, msg, &n_bad, &found_damaged, who);
     if (g->world) mt_comm_set_timeout(g->world, base_ms);
     if (rc) {
       mt_ckpt_close(&c);
@@ -684,13 +740,13 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     if (!found_damaged)
       return mt_seterr(MT_EAGAIN,
                        "resume from %s: step %lld could not be read on %d rank(s) in %d tries, "
-                       "first: %s. " UNREADABLE_ADVICE,
-                       job_dir, (long long)pick.step, n_bad, tries, mt_ckpt_unprefixed(msg));
+                       "%s: %s. " UNREADABLE_ADVICE,
+                       job_dir, (long long)pick.step, n_bad, tries, who, mt_ckpt_unprefixed(msg));
     if (step >= 0)
       return mt_seterr(MT_ECORRUPT,
                        "resume from %s: step %lld failed checksum verification on %d rank(s), "
-                       "first: %s",
-                       job_dir, (long long)pick.step, n_bad, mt_ckpt_unprefixed(msg));
+                       "%s: %s",
+                       job_dir, (long long)pick.step, n_bad, who, mt_ckpt_unprefixed(msg));
     if (is0) {
       mt_log_warn("resume: skipping step %lld: %d rank(s) found problems, first: %s; falling back "
                   "to the previous one",
@@ -818,11 +874,12 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
   char msg[RESUME_MSG_BYTES];
   snprintf(msg, sizeof msg, "%.*s", failed ? (int)sizeof msg - 1 : 0, err);
   int n_failed, worst;
-  if ((rc = agree_checked(g->world, failed, msg, &n_failed, &worst)))
+  char who[RESUME_WHO_BYTES];
+  if ((rc = agree_checked(tr, failed, msg, &n_failed, &worst, who)))
     return mt_wraperr(rc, "resume");
   if (n_failed)
-    return mt_seterr(worst ? MT_EINVAL : MT_EAGAIN,
-                     "resume from %s failed on %d rank(s), first: %s", dir, n_failed, msg);
+    return mt_seterr(worst ? MT_EINVAL : MT_EAGAIN, "resume from %s failed on %d rank(s), %s: %s",
+                     dir, n_failed, who, msg);
   tr->step = saved_step;
   tr->consumed_samples = consumed;
   int64_t G = tr->job->train.global_batch;

@@ -249,6 +249,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   /* read just before each step's all-reduce and each agreement while paused */
   tr->stop_flag = o->stop;
   tr->order_src = c->rank == 0 ? o->order : NULL;
+  tr->node = o->node;
   int why = MT_STOPPED_ASKED; /* of the agreed stop */
   if (c->rank == 0) report_start(tr);
   if (c->ckpt_dir[0]) {

@@ -36,6 +36,8 @@ typedef struct mt_local_opts {
   int rank_begin, rank_count;
   const char *const *devices;
   const char *comm_prefix;
+  const char *node;            /* this node's name, for messages other nodes repeat; NULL:
+                                  standalone */
   int generation;              /* the cluster's (0: standalone); an unwritable checkpoint.dir
                                   is the job's fault in the first, this node's in a later one */
   int omp_threads;             /* shared by this process's ranks; 0: every core */

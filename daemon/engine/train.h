@@ -174,6 +174,8 @@ typedef struct mt_trainer {
    * the next (a step of MT-NLG's size takes tens of seconds) */
   volatile sig_atomic_t *stop_flag; /* the process's stop flag, set by a signal */
   volatile int64_t *order_src;      /* world rank 0 only: the coordinator's latest order */
+  const char *node;                 /* this process's node.name, named in messages other ranks
+                                       repeat (a failed checkpoint's); NULL: standalone */
   int32_t *inputs, *targets;        /* host, (micro_batch, seq) */
   double flops_per_step;            /* model FLOPs of this rank per step (the current step's) */
   double flops_per_micro;           /* ... per micro-batch */
