@@ -19,6 +19,9 @@ void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size) {
   snprintf(out, size, "%s/%s", job->checkpoint.dir, job->name);
 }
 
+/* A save's messages between ranks: why a rank failed, what one is stuck at. */
+#define SAVE_MSG_BYTES 1024
+
 /* How a rank is named in the messages other ranks repeat: "world rank 5
  * (tp 1, pp 0, dp 1; cpu:1 of node n2)". */
 static void rank_place(const mt_trainer *tr, char *out, size_t size) {
@@ -28,17 +31,169 @@ static void rank_place(const mt_trainer *tr, char *out, size_t size) {
            tr->dev ? tr->dev->name : "?", tr->node ? " of node " : "", tr->node ? tr->node : "");
 }
 
-/* Every rank learns whether any rank failed (a sum of failure flags). c is
- * the world group: it moves host memory on every device (the dp group of GPU
- * ranks is NCCL's, device memory only). */
-static int agree(mt_comm *c, int failed, int *any) {
-  int32_t v = failed ? 1 : 0;
-  *any = failed;
-  if (!c) return 0;
-  int rc = mt_comm_allreduce(c, &v, &v, 1, MT_COMM_I32, MT_COMM_SUM);
-  if (rc) return rc;
-  *any = v > 0;
+/* Every rank learns whether any rank failed and, when one did, why: a rank
+ * whose own part failed (failed, its error in err) keeps its own, every
+ * other takes the lowest failing world rank's, with that rank's place, so
+ * each node's log and the reason the job reports name the rank, its node
+ * and the file, not only the failing node's log. On return err holds
+ * "checkpoint of step S: <place> failed[ (and K other rank(s))]: <error>"
+ * when *any, and *first_here says whether this rank is that lowest one.
+ * An allgather of flags and, after a failure, one broadcast; the world
+ * group moves host memory on every device (the dp group of GPU ranks is
+ * NCCL's, device memory only). */
+static int agree(const mt_trainer *tr, int64_t step, int failed, char err[SAVE_MSG_BYTES], int *any,
+                 int *first_here) {
+  mt_comm *c = tr->g.world;
+  struct {
+    char place[160];
+    char why[SAVE_MSG_BYTES];
+  } msg = {"", ""};
+  rank_place(tr, msg.place, sizeof msg.place);
+  if (failed) snprintf(msg.why, sizeof msg.why, "%s", err);
+  int n = failed ? 1 : 0, first = 0, rc = 0;
+  if (c) {
+    int size = mt_comm_size(c);
+    int32_t mine = n, *all = calloc((size_t)size, sizeof *all);
+    if (!all) return mt_seterr(MT_ENOMEM, "checkpoint: %d failure flags", size);
+    rc = mt_comm_allgather(c, &mine, all, 1, MT_COMM_I32);
+    n = 0, first = -1;
+    for (int r = 0; !rc && r < size; r++)
+      if (all[r] && !n++) first = r;
+    free(all);
+    if (rc) return rc;
+  }
+  *any = n > 0;
+  *first_here = failed && (!c || mt_comm_rank(c) == first);
+  if (!n) return 0;
+  char own_place[160], own_why[SAVE_MSG_BYTES];
+  memcpy(own_place, msg.place, sizeof own_place);
+  memcpy(own_why, msg.why, sizeof own_why);
+  if (c && (rc = mt_comm_broadcast(c, &msg, sizeof msg, MT_COMM_U8, first))) return rc;
+  msg.place[sizeof msg.place - 1] = 0, msg.why[sizeof msg.why - 1] = 0;
+  char others[48] = "";
+  if (n > 1) snprintf(others, sizeof others, " (and %d other rank(s))", n - 1);
+  snprintf(err, SAVE_MSG_BYTES, "checkpoint of step %lld: %s failed%s: %.800s", (long long)step,
+           failed ? own_place : msg.place, others, failed ? own_why : msg.why);
   return 0;
+}
+
+/* The bytes of this rank's shard file (its three arrays): the deadline of a
+ * wait for storage grows by the largest at 100 MB/s. */
+static int64_t shard_bytes(const mt_trainer *tr) { return 12 * (int64_t)tr->model.num_params; }
+
+/* Every rank gives up on a storage step together: each learns how many
+ * ranks are still at it and, from the lowest of them, which rank that is
+ * and what it is doing. Collective; the error is MT_ETIMEDOUT, as for a
+ * lost peer, since the generation cannot go on while a rank is stuck. */
+static int gave_up(const mt_trainer *tr, int64_t step, int lowest, int busy, const char *what,
+                   double waited_s, const char *allowed) {
+  mt_comm *w = tr->g.world;
+  int32_t n = busy;
+  char who[SAVE_MSG_BYTES] = "";
+  if (mt_comm_rank(w) == lowest) {
+    char place[160];
+    rank_place(tr, place, sizeof place);
+    snprintf(who, sizeof who, "%s still %s", place, what);
+  }
+  int rc = mt_comm_allreduce(w, &n, &n, 1, MT_COMM_I32, MT_COMM_SUM);
+  if (!rc) rc = mt_comm_broadcast(w, who, sizeof who, MT_COMM_U8, lowest);
+  if (rc)
+    return mt_wraperr(rc, "checkpoint of step %lld: giving up on a rank's storage",
+                      (long long)step);
+  who[sizeof who - 1] = 0;
+  char others[48] = "";
+  if (n > 1) snprintf(others, sizeof others, " (and %d other rank(s) still at theirs)", n - 1);
+  mt_seterr(MT_ETIMEDOUT,
+            "checkpoint of step %lld: %s after %.1f s%s, past the comm deadline (%d ms) plus %s "
+            "at 100 MB/s: given up (its storage is stalled or slower than that)",
+            (long long)step, who, waited_s, others, mt_comm_timeout(w), allowed);
+  /* a rank that returns ends the generation at once, aborting the comms of
+   * its process: none returns before every rank has the message (a barrier
+   * only the late ones may see aborted, after it is theirs) */
+  char msg[2 * SAVE_MSG_BYTES];
+  snprintf(msg, sizeof msg, "%s", mt_errmsg());
+  mt_comm_barrier(w);
+  return mt_seterr(MT_ETIMEDOUT, "%s", msg);
+}
+
+/* A storage step of a save, one rank's part of it: fn(arg) (NULL: none on
+ * this rank), its result in rc and err, what it does in what (for a wait
+ * given up on). */
+typedef struct storage_op {
+  int (*fn)(void *arg);
+  void *arg;
+  char what[SAVE_MSG_BYTES / 2];
+  int done; /* atomic */
+  int rc;
+  char err[SAVE_MSG_BYTES];
+} storage_op;
+
+static void *storage_main(void *p) {
+  storage_op *op = p;
+  op->rc = op->fn(op->arg);
+  if (op->rc) snprintf(op->err, sizeof op->err, "%s", mt_errmsg());
+  __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
+  return NULL;
+}
+
+/* Runs a storage step that may stall on a slow disk or NFS server (making
+ * the step directory, creating or committing a shard file, the manifest and
+ * `latest`) on a thread, while every rank all-reduces about every 20 ms until
+ * every rank's part is done: the rule of the slice writes, so no rank gives
+ * up on a slow writer at the comm deadline. Past the comm deadline plus the
+ * largest shard file at 100 MB/s every rank gives up together, naming the
+ * lowest world rank still at it and what it was doing (MT_ETIMEDOUT). The
+ * thread is always joined before the return (what it was given must
+ * outlive it): a rank stuck on its storage says so and waits for it. 0 when
+ * every rank's part returned; then op->rc and op->err are this rank's. */
+static int storage_wait(mt_trainer *tr, int64_t step, storage_op *op) {
+  mt_comm *w = tr->g.world;
+  pthread_t thread;
+  int threaded = 0;
+  op->rc = 0, op->err[0] = 0, op->done = 0;
+  if (op->fn && w && !pthread_create(&thread, NULL, storage_main, op))
+    threaded = 1;
+  else if (op->fn) /* alone, or no thread to be had: here, as before */
+    storage_main(op);
+  if (!w) return 0;
+  int size = mt_comm_size(w), me = mt_comm_rank(w), rc = 0;
+  double t0 = mt_mono_s(), give_up_ms = 0.0;
+  for (;;) {
+    /* a rank at work gives its thread up to 20 ms before each round; the
+     * others wait for it inside the all-reduce */
+    for (int i = 0; i < 20 && !__atomic_load_n(&op->done, __ATOMIC_ACQUIRE); i++) {
+      struct timespec ts = {0, 1000 * 1000};
+      nanosleep(&ts, NULL);
+    }
+    int busy = op->fn && !__atomic_load_n(&op->done, __ATOMIC_ACQUIRE);
+    int64_t v[3] = {busy ? size - me : 0, give_up_ms > 0.0 && 1e3 * mt_mono_s() > give_up_ms,
+                    shard_bytes(tr)};
+    if ((rc = mt_comm_allreduce(w, v, v, 3, MT_COMM_I64, MT_COMM_MAX))) {
+      rc = mt_wraperr(rc, "checkpoint of step %lld", (long long)step);
+      break;
+    }
+    if (give_up_ms == 0.0) give_up_ms = 1e3 * t0 + mt_comm_timeout(w) + (double)v[2] / 1e5;
+    if (!v[0]) break;
+    if (v[1]) {
+      rc = gave_up(tr, step, size - (int)v[0], busy, op->what, mt_mono_s() - t0,
+                   "the largest shard file");
+      if (busy) { /* its own line, whichever rank the message names */
+        char place[160];
+        rank_place(tr, place, sizeof place);
+        mt_log_error("checkpoint of step %lld: given up on %s, still %s after %.1f s; it waits "
+                     "for its storage to return before it ends",
+                     (long long)step, place, op->what, mt_mono_s() - t0);
+      }
+      break;
+    }
+  }
+  if (threaded) {
+    char msg[2 * SAVE_MSG_BYTES];
+    snprintf(msg, sizeof msg, "%s", rc ? mt_errmsg() : "");
+    pthread_join(thread, NULL);
+    if (rc) mt_seterr(rc, "%s", msg); /* the join may have run on: the message stays */
+  }
+  return rc;
 }
 
 /* This rank's part of its shard's arrays: [lo, lo + n) of the unpadded flat
@@ -50,11 +205,16 @@ static void my_slice(const mt_trainer *tr, uint64_t *lo, uint64_t *n) {
   *n = hi - *lo;
 }
 
+/* "<step dir>/shard_tp01_pp000.bin": this rank's shard file, for messages. */
+static void shard_file(const mt_checkpoint_save *sv, char *out, size_t size) {
+  snprintf(out, size, "%s/shard_tp%02d_pp%03d.bin", sv->res.path, sv->d.tp, sv->d.pp);
+}
+
 /* The slow part of a save, on the background thread in async mode: write
  * this rank's slices from the host copy, fsync, checksum. No collectives. */
 static void *write_slices(void *arg) {
   mt_checkpoint_save *sv = arg;
-  if (sv->n && !sv->failed) {
+  if (sv->n && !sv->failed && !sv->other_failed) {
     const float *src[3] = {sv->host, sv->host + sv->n, sv->host + 2 * sv->n};
     if (mt_ckpt_shard_write(&sv->txn, &sv->d, sv->lo, sv->n, src, 0, &sv->chunks)) {
       sv->failed = 1;
@@ -63,6 +223,21 @@ static void *write_slices(void *arg) {
   }
   __atomic_store_n(&sv->written, 1, __ATOMIC_RELEASE);
   return NULL;
+}
+
+static int claim_step(void *arg) {
+  mt_checkpoint_save *sv = arg;
+  return mt_ckpt_begin(&sv->txn, sv->job_dir, sv->res.step);
+}
+
+static int create_shard(void *arg) {
+  mt_checkpoint_save *sv = arg;
+  return mt_ckpt_shard_create(&sv->txn, &sv->d, &sv->chunks);
+}
+
+static int commit_shard(void *arg) {
+  mt_checkpoint_save *sv = arg;
+  return mt_ckpt_shard_commit(&sv->txn, &sv->d);
 }
 
 int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_save *sv) {
@@ -77,31 +252,37 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_sav
   sv->consumed_samples = tr->consumed_samples;
   sv->scaler = tr->scaler;
   snprintf(sv->job_dir, sizeof sv->job_dir, "%s", job_dir);
+  snprintf(sv->res.path, sizeof sv->res.path, "%s/step_%08lld", job_dir, (long long)tr->step);
   int rc = 0, any = 0;
 
-  /* rank 0 claims the directory; the others learn its tag */
+  /* rank 0 claims the directory (the others poll meanwhile); all learn its tag */
+  storage_op op = {.fn = is0 ? claim_step : NULL, .arg = sv};
+  snprintf(op.what, sizeof op.what, "making the step directory %.400s", sv->res.path);
+  if ((rc = storage_wait(tr, tr->step, &op))) return rc;
   struct {
     int32_t rc;
     char tag[sizeof sv->txn.tag];
-  } begin = {0};
+    char why[SAVE_MSG_BYTES];
+  } begin = {op.rc, "", ""};
   if (is0) {
-    begin.rc = mt_ckpt_begin(&sv->txn, job_dir, tr->step);
-    if (begin.rc) snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
+    char place[160];
+    rank_place(tr, place, sizeof place);
     memcpy(begin.tag, sv->txn.tag, sizeof begin.tag);
+    snprintf(begin.why, sizeof begin.why, "%s failed: %.800s", place, op.err);
   }
   if (g->world && (rc = mt_comm_broadcast(g->world, &begin, sizeof begin, MT_COMM_U8, 0)))
     return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
-  if (begin.rc)
-    return is0 ? mt_seterr(begin.rc, "%s", sv->err)
-               : mt_seterr(begin.rc, "checkpoint of step %lld: rank 0 could not claim %s",
-                           (long long)tr->step, job_dir);
+  begin.why[sizeof begin.why - 1] = 0;
+  if (begin.rc) { /* every rank says rank 0's error */
+    sv->res.failed_here = sv->res.failed_first = is0;
+    return mt_seterr(begin.rc, "checkpoint of step %lld: %s", (long long)tr->step, begin.why);
+  }
   /* a rank that cannot (its node's own checkpoint_dir path) fails the save
    * with the others at the agreement below, not alone before it */
   if (!is0 && mt_ckpt_txn_set(&sv->txn, job_dir, tr->step, begin.tag)) {
     sv->failed = 1;
     snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
   }
-  snprintf(sv->res.path, sizeof sv->res.path, "%s/step_%08lld", job_dir, (long long)tr->step);
 
   sv->d = (mt_ckpt_shard_desc){.tp = g->tp_rank,
                                .pp = g->pp_rank,
@@ -113,29 +294,34 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_sav
    * save fails on every rank before anything is staged */
   if (!sv->failed && mt_device_sync(tr->dev)) {
     sv->failed = 1;
-    snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: %s", (long long)tr->step,
-             mt_errmsg());
+    snprintf(sv->err, sizeof sv->err, "its device: %s", mt_errmsg());
   }
-  /* one dp rank creates the shard file before any dp rank writes into it */
-  if (!sv->failed && g->dp_rank == 0 && mt_ckpt_shard_create(&sv->txn, &sv->d, &sv->chunks)) {
+  /* one dp rank creates the shard file before any dp rank writes into it
+   * (sized and reserved whole: on some storage that takes a while) */
+  char file[1400];
+  shard_file(sv, file, sizeof file);
+  op = (storage_op){.fn = !sv->failed && g->dp_rank == 0 ? create_shard : NULL, .arg = sv};
+  snprintf(op.what, sizeof op.what, "creating its shard file %.400s (%.1f MB)", file,
+           (double)shard_bytes(tr) / 1e6);
+  if ((rc = storage_wait(tr, tr->step, &op))) goto storage_failed;
+  if (op.rc) {
     sv->failed = 1;
-    snprintf(sv->err, sizeof sv->err, "%s", mt_errmsg());
+    snprintf(sv->err, sizeof sv->err, "%s", op.err);
   }
-  if ((rc = agree(g->world, sv->failed, &any))) goto comm_failed;
-  if (any && !sv->failed) {
-    sv->failed = 1;
-    snprintf(sv->err, sizeof sv->err,
-             "checkpoint of step %lld: another rank's device or shard file failed (its log says "
-             "which)",
-             (long long)tr->step);
-  }
+  /* the message of a failure is agreed once, in save_finish: here only
+   * whether to write at all */
+  char ignored[SAVE_MSG_BYTES];
+  int lowest;
+  snprintf(ignored, sizeof ignored, "%s", sv->err);
+  if ((rc = agree(tr, tr->step, sv->failed, ignored, &any, &lowest))) goto comm_failed;
+  if (any && !sv->failed) sv->other_failed = 1;
   /* the state as of this step boundary, in host memory: training may go on */
-  if (!sv->failed && sv->n) {
+  if (!sv->failed && !sv->other_failed && sv->n) {
     uint64_t n = sv->n, lo = sv->lo;
     sv->host = malloc(3 * n * sizeof(float));
     if (!sv->host) {
       sv->failed = 1;
-      snprintf(sv->err, sizeof sv->err, "checkpoint: %llu floats of host staging",
+      snprintf(sv->err, sizeof sv->err, "out of memory for %llu floats of host staging",
                (unsigned long long)(3 * n));
     } else if (mt_device_memcpy_dtoh(tr->dev, sv->host, tr->model.params + lo, n * sizeof(float)) ||
                mt_device_memcpy_dtoh(tr->dev, sv->host + n, tr->opt.m + (lo - tr->shard_lo),
@@ -156,16 +342,46 @@ int mt_trainer_save_begin(mt_trainer *tr, const char *job_dir, mt_checkpoint_sav
   } else { /* fails the save on every rank at its agreement: written here,
             * the others would wait for this rank in one all-reduce */
     if (!sv->failed)
-      snprintf(sv->err, sizeof sv->err, "checkpoint of step %lld: cannot start the writer thread",
-               (long long)tr->step);
+      snprintf(sv->err, sizeof sv->err, "cannot start the writer thread of %.900s", file);
     sv->failed = 1;
     __atomic_store_n(&sv->written, 1, __ATOMIC_RELEASE);
   }
   return 0;
 
 comm_failed:
+  rc = mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
+storage_failed:
   mt_ckpt_chunks_free(&sv->chunks);
-  return mt_wraperr(rc, "checkpoint of step %lld", (long long)tr->step);
+  return rc;
+}
+
+/* World rank 0's commit of a save every rank wrote: the manifest and
+ * `latest` (mt_ckpt_commit), then retention, on a thread while the others
+ * poll (storage_wait). */
+typedef struct manifest_commit {
+  mt_checkpoint_save *sv;
+  const mt_ckpt_meta *meta;
+  const mt_ckpt_shard_desc *ds;
+  int n_shards;
+  const mt_ckpt_chunks *all;
+  int keep, keep_every;
+} manifest_commit;
+
+static int commit_manifest(void *arg) {
+  manifest_commit *m = arg;
+  mt_checkpoint_save *sv = m->sv;
+  int rc = mt_ckpt_commit(&sv->txn, m->meta, m->ds, m->n_shards, m->all);
+  if (rc) {
+    char why[SAVE_MSG_BYTES];
+    snprintf(why, sizeof why, "%s", mt_errmsg());
+    mt_ckpt_abort(&sv->txn);
+    return mt_seterr(rc, "%s", why);
+  }
+  /* keep 0 keeps every committed one, leftovers go either way */
+  int removed = 0;
+  if (mt_ckpt_prune(sv->job_dir, m->keep, m->keep_every, &removed))
+    mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
+  return 0;
 }
 
 /* Every rank's slices are on disk: commit the shards, gather the chunk
@@ -173,22 +389,26 @@ comm_failed:
 static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
   const mt_groups *g = &tr->g;
   int is0 = !g->world || mt_comm_rank(g->world) == 0;
-  int rc = 0, any = 0;
-  char err[1024] = "";
+  int64_t step = sv->res.step;
+  int rc = 0, any = 0, lowest = 0;
+  char err[SAVE_MSG_BYTES] = "";
   int failed = sv->failed;
   if (failed) snprintf(err, sizeof err, "%s", sv->err);
-  if ((rc = agree(g->world, failed, &any))) goto comm_failed;
-  if (!any && g->dp_rank == 0 && mt_ckpt_shard_commit(&sv->txn, &sv->d)) {
-    failed = 1;
-    snprintf(err, sizeof err, "%s", mt_errmsg());
+  if ((rc = agree(tr, step, failed, err, &any, &lowest))) goto comm_failed;
+  if (!any) { /* every shard written: each one's dp rank 0 commits it */
+    char file[1400];
+    shard_file(sv, file, sizeof file);
+    storage_op op = {.fn = g->dp_rank == 0 ? commit_shard : NULL, .arg = sv};
+    snprintf(op.what, sizeof op.what, "committing its shard file %.400s (fsync, rename)", file);
+    if ((rc = storage_wait(tr, step, &op))) return rc;
+    failed = op.rc != 0;
+    if (failed) snprintf(err, sizeof err, "%s", op.err);
+    if ((rc = agree(tr, step, failed, err, &any, &lowest))) goto comm_failed;
   }
-  /* every shard written: world rank 0 gathers the chunk records and commits */
-  if ((rc = agree(g->world, failed || any, &any))) goto comm_failed;
   if (any) {
     if (is0) mt_ckpt_abort(&sv->txn);
-    if (failed) return mt_seterr(MT_EIO, "%s", err);
-    return mt_seterr(MT_EIO, "checkpoint of step %lld failed on another rank (its log says why)",
-                     (long long)tr->step);
+    sv->res.failed_here = failed, sv->res.failed_first = lowest;
+    return mt_seterr(MT_EIO, "%s", err);
   }
   mt_ckpt_chunks all = {0};
   int records_rc = 0; /* rank 0 could not hold every chunk record */
@@ -238,23 +458,32 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
         mt_seterr(MT_ENOMEM, "checkpoint: out of memory for %zu chunk records", sv->chunks.n);
   }
 
-  int32_t commit_rc = 0;
+  /* rank 0 builds the manifest's records here, then commits on a thread
+   * while every rank polls (storage_wait) */
+  struct {
+    int32_t rc;
+    char why[SAVE_MSG_BYTES];
+  } commit = {0, ""};
+  json_t *pos = NULL, *extra = NULL;
+  mt_ckpt_shard_desc *ds = NULL;
+  mt_ckpt_meta meta;
+  manifest_commit mc = {.sv = sv};
   if (is0 && records_rc) {
-    commit_rc = records_rc;
-    snprintf(err, sizeof err, "%s", mt_errmsg());
+    commit.rc = records_rc;
+    snprintf(commit.why, sizeof commit.why, "%s", mt_errmsg());
     mt_ckpt_abort(&sv->txn);
   } else if (is0) {
     const mt_job *job = tr->job;
-    int64_t step = sv->res.step, consumed = sv->consumed_samples;
-    json_t *pos = json_pack("{s:I}", "consumed_samples", (json_int_t)consumed);
+    int64_t consumed = sv->consumed_samples;
+    pos = json_pack("{s:I}", "consumed_samples", (json_int_t)consumed);
     /* what else the next step depends on: Adam's count (skipped steps do
      * not advance it) and the fp16 loss scaler; the same on every rank */
     const mt_loss_scale *ls = &sv->scaler; /* as of the save's step, not of its commit */
-    json_t *extra = json_pack(
-        "{s:I, s:{s:f, s:i, s:i, s:I, s:I, s:I}}", "adam_t", (json_int_t)sv->adam_t, "loss_scale",
-        "scale", (double)ls->scale, "growth_tracker", ls->growth_tracker, "hysteresis_tracker",
-        ls->hysteresis_tracker, "steps", (json_int_t)ls->steps, "skipped", (json_int_t)ls->skipped,
-        "skipped_in_row", (json_int_t)ls->skipped_in_row);
+    extra = json_pack("{s:I, s:{s:f, s:i, s:i, s:I, s:I, s:I}}", "adam_t", (json_int_t)sv->adam_t,
+                      "loss_scale", "scale", (double)ls->scale, "growth_tracker",
+                      ls->growth_tracker, "hysteresis_tracker", ls->hysteresis_tracker, "steps",
+                      (json_int_t)ls->steps, "skipped", (json_int_t)ls->skipped, "skipped_in_row",
+                      (json_int_t)ls->skipped_in_row);
     /* where the LR schedule is under a batch ramp-up (kept by every run) */
     int incomplete =
         !pos || !extra || json_object_set_new(extra, "lr_samples", json_integer(sv->lr_samples));
@@ -278,59 +507,69 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
       json_object_set_new(extra, "job", job_json); /* else only not named */
     else
       json_decref(job_json);
-    mt_ckpt_meta meta = {.job = job->name,
-                         .job_hash = job->hash,
-                         .step = step,
-                         .consumed_samples = consumed,
-                         .consumed_tokens = consumed * job->model.seq_len,
-                         .seed = (int64_t)job->train.seed,
-                         .data_position = pos,
-                         .extra = extra,
-                         .tp = g->tp_size,
-                         .pp = g->pp_size,
-                         .dp = g->dp_size};
-    mt_ckpt_shard_desc *ds = incomplete ? NULL : calloc((size_t)n_shards, sizeof *ds);
+    meta = (mt_ckpt_meta){.job = job->name,
+                          .job_hash = job->hash,
+                          .step = step,
+                          .consumed_samples = consumed,
+                          .consumed_tokens = consumed * job->model.seq_len,
+                          .seed = (int64_t)job->train.seed,
+                          .data_position = pos,
+                          .extra = extra,
+                          .tp = g->tp_size,
+                          .pp = g->pp_size,
+                          .dp = g->dp_size};
+    ds = incomplete ? NULL : calloc((size_t)n_shards, sizeof *ds);
     if (!ds) {
       /* a manifest without Adam's count or the scaler would resume as an
        * older format's, on another trajectory: no commit at all */
-      commit_rc = mt_seterr(MT_ENOMEM, "checkpoint: out of memory for the %s",
+      commit.rc = mt_seterr(MT_ENOMEM, "checkpoint: out of memory for the %s",
                             incomplete ? "manifest's optimizer records" : "shard list");
-      snprintf(err, sizeof err, "%s", mt_errmsg());
+      snprintf(commit.why, sizeof commit.why, "%s", mt_errmsg());
       mt_ckpt_abort(&sv->txn);
     } else {
       for (int p = 0; p < g->pp_size; p++)
         for (int t = 0; t < g->tp_size; t++)
           ds[p * g->tp_size + t] = (mt_ckpt_shard_desc){
               .tp = t, .pp = p, .n = shard_n[p * g->tp_size + t], .n_arrays = 3, .arrays = arrays};
-      commit_rc = mt_ckpt_commit(&sv->txn, &meta, ds, n_shards, &all);
-      if (commit_rc) {
-        snprintf(err, sizeof err, "%s", mt_errmsg());
-        mt_ckpt_abort(&sv->txn);
-      }
-      free(ds);
+      mc = (manifest_commit){.sv = sv,
+                             .meta = &meta,
+                             .ds = ds,
+                             .n_shards = n_shards,
+                             .all = &all,
+                             .keep = tr->job->checkpoint.keep,
+                             .keep_every = tr->job->checkpoint.keep_every};
     }
-    json_decref(pos);
-    json_decref(extra);
   }
+  storage_op op = {.fn = mc.ds ? commit_manifest : NULL, .arg = &mc};
+  snprintf(op.what, sizeof op.what, "committing the manifest and `latest` of %.400s", sv->res.path);
+  rc = storage_wait(tr, step, &op);
+  if (!rc && op.rc) {
+    commit.rc = op.rc;
+    snprintf(commit.why, sizeof commit.why, "%s", op.err);
+  }
+  if (is0 && commit.rc) { /* every rank says rank 0's error */
+    char place[160], why[SAVE_MSG_BYTES];
+    rank_place(tr, place, sizeof place);
+    snprintf(why, sizeof why, "%s", commit.why);
+    snprintf(commit.why, sizeof commit.why, "%s failed: %.800s", place, why);
+  }
+  free(ds);
+  json_decref(pos);
+  json_decref(extra);
   mt_ckpt_chunks_free(&all);
   free(shard_n);
-  if (g->world && (rc = mt_comm_broadcast(g->world, &commit_rc, 1, MT_COMM_I32, 0)))
+  if (rc) return rc;
+  if (g->world && (rc = mt_comm_broadcast(g->world, &commit, sizeof commit, MT_COMM_U8, 0)))
     goto comm_failed;
-  /* retention after the others heard, not while they wait on the broadcast;
-   * keep 0 keeps every committed one, leftovers go either way */
-  int removed = 0;
-  if (is0 && !commit_rc &&
-      mt_ckpt_prune(sv->job_dir, tr->job->checkpoint.keep, tr->job->checkpoint.keep_every,
-                    &removed))
-    mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
-  if (commit_rc)
-    return is0 ? mt_seterr(commit_rc, "%s", err)
-               : mt_seterr(commit_rc, "checkpoint of step %lld: rank 0 could not commit it",
-                           (long long)sv->res.step);
+  commit.why[sizeof commit.why - 1] = 0;
+  if (commit.rc) {
+    sv->res.failed_here = sv->res.failed_first = is0;
+    return mt_seterr(commit.rc, "checkpoint of step %lld: %s", (long long)step, commit.why);
+  }
   return 0;
 
 comm_failed:
-  return mt_wraperr(rc, "checkpoint of step %lld", (long long)sv->res.step);
+  return mt_wraperr(rc, "checkpoint of step %lld", (long long)step);
 }
 
 static void save_release(mt_checkpoint_save *sv) {
@@ -369,18 +608,24 @@ int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *
     if (rc) return poll_failed(sv, rc, finished, res);
     give_up_ms = 1e3 * mt_mono_s() + mt_comm_timeout(w) + (double)most / 1e5;
   }
+  int size = w ? mt_comm_size(w) : 1, me = w ? mt_comm_rank(w) : 0;
+  double t0 = mt_mono_s();
   for (;;) {
-    int32_t v[2] = {!__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE),
-                    give_up_ms > 0.0 && 1e3 * mt_mono_s() > give_up_ms};
-    int rc = w ? mt_comm_allreduce(w, v, v, 2, MT_COMM_I32, MT_COMM_SUM) : 0;
+    /* a max over the world: the lowest rank still writing (size - rank) */
+    int busy = !__atomic_load_n(&sv->written, __ATOMIC_ACQUIRE);
+    int64_t v[2] = {busy ? size - me : 0, give_up_ms > 0.0 && 1e3 * mt_mono_s() > give_up_ms};
+    int rc = w ? mt_comm_allreduce(w, v, v, 2, MT_COMM_I64, MT_COMM_MAX) : 0;
     if (rc) return poll_failed(sv, rc, finished, res);
     if (!v[0]) break;
     if (!wait) return 0;
-    if (v[1])
-      return mt_seterr(MT_ETIMEDOUT,
-                       "checkpoint of step %lld: %d rank(s) still writing past the comm "
-                       "deadline plus the largest slice at 100 MB/s: given up",
-                       (long long)sv->res.step, v[0]);
+    if (v[1]) {
+      char what[SAVE_MSG_BYTES / 2], file[1400];
+      shard_file(sv, file, sizeof file);
+      snprintf(what, sizeof what, "writing its slice of %.400s (%.1f MB)", file,
+               sv->res.bytes / 1e6);
+      return gave_up(tr, sv->res.step, size - (int)v[0], busy, what, mt_mono_s() - t0,
+                     "the largest rank's slice");
+    }
     struct timespec ts = {0, 20 * 1000 * 1000};
     nanosleep(&ts, NULL);
   }
@@ -401,6 +646,7 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
   memset(res, 0, sizeof *res);
   res->step = tr->step;
   int rc = mt_trainer_save_begin(tr, job_dir, &sv);
+  res->failed_here = sv.res.failed_here, res->failed_first = sv.res.failed_first;
   if (rc) return rc;
   int finished;
   rc = mt_trainer_save_poll(tr, &sv, 1, &finished, res);

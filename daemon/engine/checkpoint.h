@@ -26,16 +26,20 @@ void mt_checkpoint_job_dir(const mt_job *job, char *out, size_t size);
 
 typedef struct mt_checkpoint_result {
   int64_t step;
-  uint64_t bytes;  /* written by this rank */
-  double seconds;  /* wall time on this rank */
-  char path[1300]; /* the step directory */
+  uint64_t bytes;   /* written by this rank */
+  double seconds;   /* wall time on this rank */
+  char path[1300];  /* the step directory */
+  int failed_here;  /* a failed save: this rank's own part failed, and the message is its
+                       own (else it names the lowest world rank that failed, and why) */
+  int failed_first; /* ... and this rank is that lowest one: every rank's message is its */
 } mt_checkpoint_result;
 
 /* A save in flight (async mode): begun at a step boundary, the slow writes on
  * a background thread, finished at a later boundary. Owned by its rank. */
 typedef struct mt_checkpoint_save {
-  int active; /* begun and not yet finished */
-  int failed; /* this rank's part failed; err says why */
+  int active;       /* begun and not yet finished */
+  int failed;       /* this rank's own part failed; err says why */
+  int other_failed; /* another rank's did, learnt as the save began: nothing is written */
   char err[1024];
   char job_dir[1200];
   mt_ckpt_txn txn;
@@ -73,7 +77,12 @@ int mt_trainer_save_poll(mt_trainer *tr, mt_checkpoint_save *sv, int wait, int *
 void mt_trainer_save_discard(mt_checkpoint_save *sv);
 
 /* Saves step tr->step under job_dir (begin, then poll waiting). The same return code on every rank;
- * the message names what failed where this rank knows it. */
+ * the message names the world rank that failed (its node and device) and its error, this rank's
+ * own when its part failed (res->failed_here). The storage steps (the step directory, each shard
+ * file's creation and commit, the manifest and `latest`) run on a thread while the other ranks
+ * all-reduce every 20 ms, as the slice writes do: a stalled disk is waited for up to the comm
+ * deadline plus the largest shard file at 100 MB/s, then every rank gives up (MT_ETIMEDOUT)
+ * naming the rank still at it and what it was doing. */
 int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *res);
 
 /* Loads the newest committed checkpoint of job_dir (step < 0), or exactly

@@ -46,7 +46,8 @@ typedef struct rank_ctx {
   char ckpt_dir[1200];        /* this job's checkpoints, or "" */
   mt_checkpoint_save pending; /* an async save in flight */
   int64_t pending_order_seq;
-  char save_err[1024]; /* why the last save failed (the first rank of a process), or "" */
+  char save_err[1024]; /* why the last save failed (the first rank of a process: the lowest
+                          failing world rank's error, or its own), or "" */
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -71,10 +72,17 @@ static void report_start(const mt_trainer *tr) {
                   : "");
 }
 
-/* Logs a finished save and tells the owner (phase 1). */
+/* Logs a finished save and tells the owner (phase 1): the first rank of a
+ * process, and every other rank whose own part failed (its error names its
+ * file) unless its failure is the one every rank repeats (the lowest failing
+ * rank's: the first rank of its process logs that one, not having failed). */
 static void report_save(rank_ctx *c, int rc, const mt_checkpoint_result *res, int64_t order_seq) {
   const mt_local_opts *o = c->o;
-  if (c != c->all) return;
+  if (c != c->all) {
+    if (rc && res->failed_here && !res->failed_first)
+      mt_log_error("checkpoint of step %lld failed: %s", (long long)res->step, mt_errmsg());
+    return;
+  }
   snprintf(c->save_err, sizeof c->save_err, "%s", rc ? mt_errmsg() : "");
   if (rc)
     mt_log_error("checkpoint of step %lld failed: %s", (long long)res->step, mt_errmsg());
@@ -126,6 +134,7 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
   if (allow_async && o->job->checkpoint.async_save) {
     rc = mt_trainer_save_begin(tr, c->ckpt_dir, &c->pending);
     c->pending_order_seq = order_seq;
+    res.failed_here = c->pending.res.failed_here, res.failed_first = c->pending.res.failed_first;
     if (rc) report_save(c, rc, &res, order_seq);
     return save_rc(rc);
   }

@@ -20,7 +20,14 @@
  *                          an export is, held once all of it is written)
  *   MTNLG_FAULT_HOLD_UNTIL until this path exists (polled every 20 ms)
  *
- * The first held write says "fault_preload: holding writes to PATH". */
+ * The first held write says "fault_preload: holding writes to PATH".
+ *
+ * And it can fill the disk for one file, as a checkpoint meets a full one:
+ *
+ *   MTNLG_FAULT_NOSPACE_FILE  a path part ("shard_tp01_pp001.bin"); fallocate
+ *                             of a file whose path contains it fails with
+ *                             ENOSPC (said on stderr as "fault_preload:
+ *                             ENOSPC on PATH") */
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
@@ -148,4 +155,41 @@ int fsync(int fd) {
     return -1;
   }
   return real(fd);
+}
+
+typedef int (*fallocate_fn)(int, int, off_t, off_t);
+
+/* Whether fd's path contains MTNLG_FAULT_NOSPACE_FILE (said if so). */
+static int no_space(int fd) {
+  const char *part = getenv("MTNLG_FAULT_NOSPACE_FILE");
+  if (!part || !*part) return 0;
+  char link[64], path[4096];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t k = readlink(link, path, sizeof path - 1);
+  if (k <= 0) return 0;
+  path[k] = 0;
+  if (!strstr(path, part)) return 0;
+  fprintf(stderr, "fault_preload: ENOSPC on %s\n", path);
+  return 1;
+}
+
+static int fallocate_through(const char *name, int fd, int mode, off_t off, off_t len) {
+  if (no_space(fd)) {
+    errno = ENOSPC;
+    return -1;
+  }
+  fallocate_fn real = (fallocate_fn)dlsym(RTLD_NEXT, name);
+  if (!real) {
+    errno = ENOSYS;
+    return -1;
+  }
+  return real(fd, mode, off, len);
+}
+
+int fallocate(int fd, int mode, off_t off, off_t len) {
+  return fallocate_through("fallocate", fd, mode, off, len);
+}
+
+int fallocate64(int fd, int mode, off64_t off, off64_t len) {
+  return fallocate_through("fallocate64", fd, mode, off, len);
 }
