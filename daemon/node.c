@@ -1213,19 +1213,30 @@ int mt_node_main(const mt_node_opts *o) {
   snprintf(d->control_url, sizeof d->control_url, "%s", n->control_url);
   for (int i = 0; i < n->n_devices; i++) snprintf(d->devices[i], 16, "%s", n->specs[i]);
   /* a store that answers late (its host busy or stopped a moment) is
-   * waited for as long as the connection was, rendezvous.join_timeout_s,
-   * the write of a numbered join repeated rather than numbered again */
+   * waited for as long as the connection was, rendezvous.join_timeout_s;
+   * the write of a numbered join is repeated rather than numbered again
+   * while the coordinator still waits for it (it passes over a number
+   * unwritten for 30 s, and would never read it after), then a fresh
+   * number is drawn */
   int64_t join_deadline =
       mt_mono_ms() + (n->cfg->join_timeout_s ? n->cfg->join_timeout_s * 1000LL : 600000LL);
+  int64_t drawn_ms = 0, said_ms = 0;
   n->seq = 0;
   int rc;
   while ((rc = mt_rdzv_join(n->store, d, &n->seq))) {
-    if (!mt_err_retryable(rc) || mt_mono_ms() > join_deadline) {
+    int64_t now = mt_mono_ms();
+    if (!mt_err_retryable(rc) || now > join_deadline) {
       if (mt_err_retryable(rc)) n->store_unreachable = 1;
       mt_log_error("%s", mt_errmsg());
       goto out;
     }
-    mt_log_warn("%s; joining again", mt_errmsg());
+    if (n->seq > 0 && !drawn_ms) drawn_ms = now;
+    if (n->seq > 0 && now - drawn_ms > 20000) n->seq = 0, drawn_ms = 0;
+    if (!said_ms || now - said_ms >= 5000) {
+      mt_log_warn("%s; joining again (for up to %lld s more)", mt_errmsg(),
+                  (long long)(join_deadline - now) / 1000);
+      said_ms = now;
+    }
     usleep(200 * 1000);
   }
   mt_log_info("mtnlgd %s: node %s with %d device(s) (%s..%s) joined %s as join %lld%s", n->version,

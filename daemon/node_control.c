@@ -101,13 +101,17 @@ static json_t *job_json(node *n) {
     snprintf(n->params_job_hash, sizeof n->params_job_hash, "%s", j->hash);
   }
   json_int_t params = (json_int_t)n->params;
+  /* this node's paths.checkpoint_dir wins over the job's (start_engine),
+   * already in the job it runs, not yet in the one it watches */
+  const char *ckpt_dir =
+      !n->have_run_job && n->cfg->checkpoint_dir[0] ? n->cfg->checkpoint_dir : j->checkpoint.dir;
   return json_pack("{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i, s:o}", "name",
                    j->name, "hash", j->hash, "steps", (json_int_t)j->train.steps, "global_batch",
                    j->train.global_batch, "seq_len", j->model.seq_len, "micro_batch",
                    j->parallel.micro_batch, "params", params, "tp", j->parallel.tp, "pp",
                    j->parallel.pp, "dp", dp, "dp_min", dp_min, "dp_max",
                    j->parallel.dp_max > dp_min ? j->parallel.dp_max : dp_min, "checkpoint_dir",
-                   j->checkpoint.dir[0] ? json_string(j->checkpoint.dir) : json_null());
+                   ckpt_dir[0] ? json_string(ckpt_dir) : json_null());
 }
 
 /* The rendezvous store this daemon hosts, with its limits; null on a node

@@ -1786,9 +1786,11 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   int waits = c->state == G_FORMING && c->waiting[0];
   char both[sizeof c->end_reason + sizeof c->waiting + 80];
   if (why && waits && c->reforming)
-    snprintf(both, sizeof both, "%s; %s, for up to %d s more (rendezvous.reform_timeout_s)",
+    snprintf(both, sizeof both, "%s; %s, for up to %lld s more (rendezvous.reform_timeout_s)",
              c->end_reason, c->waiting,
-             (int)((c->reform_since_ms + c->o.reform_timeout_ms - now_ms + 999) / 1000));
+             (long long)(c->reform_since_ms + c->o.reform_timeout_ms > now_ms
+                             ? (c->reform_since_ms + c->o.reform_timeout_ms - now_ms + 999) / 1000
+                             : 0));
   const char *reason = why && waits && c->reforming ? both
                        : why                        ? c->end_reason
                        : waits                      ? c->waiting

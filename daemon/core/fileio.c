@@ -36,9 +36,11 @@ int mt_write_all(int fd, const void *buf, size_t n, const char *what) {
 int mt_file_dir(FILE *f, const char *path, const char *what, char *dir, size_t cap) {
   struct stat st;
   dir[0] = 0;
-  if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode) || !strncmp(path, "/dev/", 5) ||
-      !strncmp(path, "/proc/", 6))
-    return 0;
+  /* a descriptor's name (/dev/stdin, /dev/fd/N, /proc/self/fd/N) is no
+   * directory of the file behind it; /dev/shm/job.json is a file like any */
+  int descriptor = !strcmp(path, "/dev/stdin") || !strncmp(path, "/dev/fd/", 8) ||
+                   (!strncmp(path, "/proc/", 6) && strstr(path, "/fd/"));
+  if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode) || descriptor) return 0;
   char *copy = strdup(path);
   if (!copy) return mt_seterr(MT_ENOMEM, "%s %s: out of memory", what, path);
   char *slash = strrchr(copy, '/');

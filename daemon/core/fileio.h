@@ -69,8 +69,8 @@ void mt_remove_dir(const char *dir);
 /* The directory the relative paths in a file read from path are taken
  * from (f: that file, open): path's directory made absolute, into dir. ""
  * when the file is no file in a directory: a pipe (`<(...)`), or a
- * descriptor named under /dev or /proc (`/dev/stdin`, redirected from a
- * file or not). MT_EIO naming `what` and path when the directory cannot be
+ * descriptor's name (`/dev/stdin`, `/dev/fd/N`, `/proc/self/fd/N`),
+ * redirected from a file or not. MT_EIO naming `what` and path when the directory cannot be
  * resolved (or does not fit in cap), else 0. */
 int mt_file_dir(FILE *f, const char *path, const char *what, char *dir, size_t cap);
 /* fsync of the directory that holds path (path names a file). */

@@ -178,7 +178,7 @@ int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
  * fp16; data.split, data.shuffle or data.cache_dir with data.path;
  * parallel.sequence_parallel with tp = 1. They are accepted, as Megatron
  * accepts them (refusing them would change what a job that ran before
- * means); the coordinator, a standalone run and `mtnlgctl plan` warn of
+ * means); a daemon given the job file, a standalone run and `mtnlgctl plan` warn of
  * them. Returns how many lines it wrote. */
 #define MT_JOB_UNUSED_MAX 4
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]);

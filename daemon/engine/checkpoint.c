@@ -161,7 +161,7 @@ static int storage_wait(mt_trainer *tr, int64_t step, storage_op *op) {
   for (;;) {
     /* a rank at work gives its thread up to 20 ms before each round; the
      * others wait for it inside the all-reduce */
-    for (int i = 0; i < 20 && !__atomic_load_n(&op->done, __ATOMIC_ACQUIRE); i++) {
+    for (int i = 0; i < 20 && op->fn && !__atomic_load_n(&op->done, __ATOMIC_ACQUIRE); i++) {
       struct timespec ts = {0, 1000 * 1000};
       nanosleep(&ts, NULL);
     }
@@ -364,7 +364,6 @@ typedef struct manifest_commit {
   const mt_ckpt_shard_desc *ds;
   int n_shards;
   const mt_ckpt_chunks *all;
-  int keep, keep_every;
 } manifest_commit;
 
 static int commit_manifest(void *arg) {
@@ -377,10 +376,6 @@ static int commit_manifest(void *arg) {
     mt_ckpt_abort(&sv->txn);
     return mt_seterr(rc, "%s", why);
   }
-  /* keep 0 keeps every committed one, leftovers go either way */
-  int removed = 0;
-  if (mt_ckpt_prune(sv->job_dir, m->keep, m->keep_every, &removed))
-    mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
   return 0;
 }
 
@@ -531,13 +526,7 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
         for (int t = 0; t < g->tp_size; t++)
           ds[p * g->tp_size + t] = (mt_ckpt_shard_desc){
               .tp = t, .pp = p, .n = shard_n[p * g->tp_size + t], .n_arrays = 3, .arrays = arrays};
-      mc = (manifest_commit){.sv = sv,
-                             .meta = &meta,
-                             .ds = ds,
-                             .n_shards = n_shards,
-                             .all = &all,
-                             .keep = tr->job->checkpoint.keep,
-                             .keep_every = tr->job->checkpoint.keep_every};
+      mc = (manifest_commit){.sv = sv, .meta = &meta, .ds = ds, .n_shards = n_shards, .all = &all};
     }
   }
   storage_op op = {.fn = mc.ds ? commit_manifest : NULL, .arg = &mc};
@@ -566,6 +555,14 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
     sv->res.failed_here = sv->res.failed_first = is0;
     return mt_seterr(commit.rc, "checkpoint of step %lld: %s", (long long)step, commit.why);
   }
+  /* retention once every rank knows the commit, on rank 0 alone while the
+   * others train on: a slow delete of an old step is no part of the wait
+   * for the commit (keep 0 keeps every committed one; leftovers go either
+   * way) */
+  int removed = 0;
+  if (is0 && mt_ckpt_prune(sv->job_dir, tr->job->checkpoint.keep, tr->job->checkpoint.keep_every,
+                           &removed))
+    mt_log_warn("checkpoint retention in %s: %s", sv->job_dir, mt_errmsg());
   return 0;
 
 comm_failed:

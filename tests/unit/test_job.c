@@ -827,6 +827,16 @@ static void test_job_from_a_descriptor_takes_the_current_directory(void) {
   CHECK(rc == MT_OK && getcwd(cwd, sizeof cwd));
   snprintf(want, sizeof want, "%s/tokens.u16", cwd);
   CHECK(!strcmp(job.data.path, want));
+  /* a file under /dev that is a file (tmpfs) keeps its own directory */
+  char shm[] = "/dev/shm/mt_test_job_XXXXXX";
+  int fd = mkstemp(shm);
+  if (fd < 0) return; /* no /dev/shm here */
+  FILE *g = fdopen(fd, "w");
+  int wrote = g && fputs(tiny_job, g) >= 0;
+  if (g) fclose(g);
+  rc = wrote ? mt_job_load(&job, shm, presets, NULL) : MT_EIO;
+  unlink(shm);
+  CHECK(rc == MT_OK && !strcmp(job.data.path, "/dev/shm/tokens.u16"));
 }
 
 static void test_load_missing_file_is_eio(void) {
