@@ -958,8 +958,7 @@ static void note_waiting(mt_coord *c, int slots) {
     snprintf(why, sizeof why,
              "waiting for nodes: the %d model slot(s) joined make no dp from %d to %d that whole "
              "nodes fill (pp x dp slots) and that splits every global batch into micro-batches",
-             slots, c->resize_to ? c->resize_to : c->o.dp_min,
-             c->resize_to ? c->resize_to : c->o.dp_max);
+             slots, dp, c->resize_to ? c->resize_to : c->o.dp_max);
   if (strcmp(why, c->waiting)) mt_log_info("coordinator: %s", why);
   snprintf(c->waiting, sizeof c->waiting, "%s", why);
 }

@@ -100,6 +100,16 @@ typedef struct cluster {
   int64_t seq[16];
 } cluster;
 
+/* Node n<i> (host<i>, version "test", cpu:0..) joins with that many devices. */
+static int join_node(cluster *k, int i, int devices) {
+  mt_node_desc d = {.n_devices = devices};
+  snprintf(d.name, sizeof d.name, "n%d", i);
+  snprintf(d.host, sizeof d.host, "host%d", i);
+  snprintf(d.version, sizeof d.version, "test");
+  for (int j = 0; j < devices; j++) snprintf(d.devices[j], sizeof d.devices[j], "cpu:%d", j);
+  return mt_rdzv_join(&k->store.base, &d, &k->seq[i]);
+}
+
 static int open_cluster(cluster *k, const char *fail_key, int nodes) {
   memset(k, 0, sizeof *k);
   k->store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many};
@@ -109,14 +119,8 @@ static int open_cluster(cluster *k, const char *fail_key, int nodes) {
   o.last_call_ms = 0, o.max_restarts = 3, o.reform_timeout_ms = 600000;
   if (resizable) o.has_checkpoint_dir = 1, o.global_batch = 2;
   if (mt_coord_new(&o, &k->coord)) return -1;
-  for (int i = 0; i < nodes; i++) {
-    mt_node_desc d = {.n_devices = 1};
-    snprintf(d.name, sizeof d.name, "n%d", i);
-    snprintf(d.host, sizeof d.host, "host%d", i);
-    snprintf(d.version, sizeof d.version, "test");
-    snprintf(d.devices[0], sizeof d.devices[0], "cpu:0");
-    if (mt_rdzv_join(&k->store.base, &d, &k->seq[i])) return -1;
-  }
+  for (int i = 0; i < nodes; i++)
+    if (join_node(k, i, 1)) return -1;
   return 0;
 }
 
@@ -298,15 +302,7 @@ static int test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one(void) {
   mt_coord_opts o = test_coord_opts(&k.store.base);
   o.last_call_ms = 0, o.dp_max = 3, o.global_batch = 6;
   REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
-  for (int i = 0; i < 2; i++) {
-    mt_node_desc d = {.n_devices = 2};
-    snprintf(d.name, sizeof d.name, "n%d", i);
-    snprintf(d.host, sizeof d.host, "host%d", i);
-    snprintf(d.version, sizeof d.version, "test");
-    snprintf(d.devices[0], sizeof d.devices[0], "cpu:0");
-    snprintf(d.devices[1], sizeof d.devices[1], "cpu:1");
-    REQUIRE(!mt_rdzv_join(&k.store.base, &d, &k.seq[i]), "join: %s", mt_errmsg());
-  }
+  for (int i = 0; i < 2; i++) REQUIRE(!join_node(&k, i, 2), "join: %s", mt_errmsg());
   int both[] = {1, 1};
   run(&k, 10, both, 2);
   int gen;
@@ -325,19 +321,7 @@ static int test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one(void) {
   return 0;
 }
 
-/* The status's reason while a generation cannot form: how many model
- * slots joined of how many (a node of 3 devices at tp 2 gives one slot),
- * gone once enough have joined. Before, the reason was null and the
- * cluster waited without a word. */
-static int join_node(cluster *k, int i, int devices) {
-  mt_node_desc d = {.n_devices = devices};
-  snprintf(d.name, sizeof d.name, "n%d", i);
-  snprintf(d.host, sizeof d.host, "host%d", i);
-  snprintf(d.version, sizeof d.version, "test");
-  for (int j = 0; j < devices; j++) snprintf(d.devices[j], sizeof d.devices[j], "cpu:%d", j);
-  return mt_rdzv_join(&k->store.base, &d, &k->seq[i]);
-}
-
+/* cluster/status's reason, as its JSON text ("null" when null). */
 static char *status_reason(cluster *k) {
   void *v = NULL;
   size_t n = 0;
@@ -348,6 +332,10 @@ static char *status_reason(cluster *k) {
   return r;
 }
 
+/* The status's reason while a generation cannot form: how many model
+ * slots joined of how many (a node of 3 devices at tp 2 gives one slot),
+ * gone once enough have joined. Before, the reason was null and the
+ * cluster waited without a word. */
 static int test_a_generation_that_cannot_form_says_what_it_waits_for(void) {
   cluster k;
   memset(&k, 0, sizeof k);
