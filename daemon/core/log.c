@@ -1,5 +1,7 @@
 #include "log.h"
 
+#include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +61,16 @@ void mt_log(int level, const char *fmt, ...) {
     if (!*l || !l[1]) break; /* a trailing newline ends the message */
     l++;
   }
-  ssize_t w = write(STDERR_FILENO, out, n);
-  (void)w;
+  /* a pipe takes a write of up to 4096 bytes whole; a longer message (the
+   * prefix on every line can make one) goes out under a lock, all of it, so
+   * another thread's message never lands inside it */
+  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&lock);
+  for (size_t done = 0; done < n;) {
+    ssize_t w = write(STDERR_FILENO, out + done, n - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) break;
+    done += (size_t)w;
+  }
+  pthread_mutex_unlock(&lock);
 }

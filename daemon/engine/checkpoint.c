@@ -38,7 +38,7 @@ static void rank_place(const mt_trainer *tr, char *out, size_t size) {
  * and the file, not only the failing node's log. On return err holds
  * "checkpoint of step S: <place> failed[ (and K other rank(s))]: <error>"
  * when *any, and *first_here says whether this rank is that lowest one.
- * An allgather of flags and, after a failure, one broadcast; the world
+ * Two all-reduces of an int and, after a failure, one broadcast; the world
  * group moves host memory on every device (the dp group of GPU ranks is
  * NCCL's, device memory only). */
 static int agree(const mt_trainer *tr, int64_t step, int failed, char err[SAVE_MSG_BYTES], int *any,
@@ -52,15 +52,14 @@ static int agree(const mt_trainer *tr, int64_t step, int failed, char err[SAVE_M
   if (failed) snprintf(msg.why, sizeof msg.why, "%s", err);
   int n = failed ? 1 : 0, first = 0, rc = 0;
   if (c) {
+    /* how many failed, and the lowest failing rank as size - rank under MAX
+     * (0: none), so nothing is allocated on a path a failure may take */
     int size = mt_comm_size(c);
-    int32_t mine = n, *all = calloc((size_t)size, sizeof *all);
-    if (!all) return mt_seterr(MT_ENOMEM, "checkpoint: %d failure flags", size);
-    rc = mt_comm_allgather(c, &mine, all, 1, MT_COMM_I32);
-    n = 0, first = -1;
-    for (int r = 0; !rc && r < size; r++)
-      if (all[r] && !n++) first = r;
-    free(all);
-    if (rc) return rc;
+    int32_t count = n, lowest = failed ? size - mt_comm_rank(c) : 0;
+    if ((rc = mt_comm_allreduce(c, &count, &count, 1, MT_COMM_I32, MT_COMM_SUM)) ||
+        (rc = mt_comm_allreduce(c, &lowest, &lowest, 1, MT_COMM_I32, MT_COMM_MAX)))
+      return rc;
+    n = count, first = lowest ? size - lowest : -1;
   }
   *any = n > 0;
   *first_here = failed && (!c || mt_comm_rank(c) == first);

@@ -1,8 +1,13 @@
 /* test_log.c — the daemon's log lines (daemon/core/log.c): every line of a
  * message of several (a job refused with one problem a line) carries the
  * time and level, or under systemd the journal's priority, so neither the
- * journal nor a log shipper takes a continuation for a line of its own. */
+ * journal nor a log shipper takes a continuation for a line of its own,
+ * and two threads' messages never land inside each other on a pipe, even
+ * past the 4096 bytes a pipe takes whole. */
+#include <errno.h>
+#include <pthread.h>
 #include <regex.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +44,87 @@ static int lines_match(const char *text, const char *pattern, int want) {
   return ok && n == want;
 }
 
+/* Two threads log messages of 40 lines (about 5 KB stamped) to a pipe a
+ * third drains slowly, so writes block part-way; each line says whose
+ * message and which line it is. */
+enum { MSGS = 60, LINES = 40 };
+
+static void *log_many(void *arg) {
+  int who = (int)(intptr_t)arg;
+  char msg[LINES * 128], *p = msg;
+  for (int m = 0; m < MSGS; m++) {
+    p = msg;
+    for (int l = 0; l < LINES; l++)
+      p += sprintf(
+          p, "%s%d %d %d %.80s", l ? "\n" : "", who, m, l,
+          "................................................................................");
+    mt_log(MT_LOG_INFO, "%s", msg);
+  }
+  return NULL;
+}
+
+typedef struct {
+  int fd;
+  char *buf;
+  size_t n, cap;
+} drain;
+
+static void *drain_pipe(void *arg) {
+  drain *d = arg;
+  for (;;) {
+    usleep(200);
+    ssize_t r = read(d->fd, d->buf + d->n, d->cap - d->n < 1000 ? d->cap - d->n : 1000);
+    if (r <= 0) return NULL;
+    d->n += (size_t)r;
+  }
+}
+
+/* Whether every message's lines came out one after another, in order. */
+static int messages_whole(char *text, int *lines_seen) {
+  int ok = 1, prev_who = -1, prev_m = -1, prev_l = LINES - 1;
+  *lines_seen = 0;
+  for (char *save, *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+    const char *body = strstr(l, "info  ");
+    int who, m, line;
+    if (!body || sscanf(body + 6, "%d %d %d", &who, &m, &line) != 3) return 0;
+    if (line == 0 ? prev_l != LINES - 1 : (who != prev_who || m != prev_m || line != prev_l + 1))
+      ok = 0;
+    prev_who = who, prev_m = m, prev_l = line;
+    ++*lines_seen;
+  }
+  return ok && prev_l == LINES - 1;
+}
+
+static void two_threads_on_a_pipe(void) {
+  int fds[2];
+  if (pipe(fds)) {
+    CHECK(0, "pipe: %s", strerror(errno));
+    return;
+  }
+  drain d = {.fd = fds[0], .cap = 2u * MSGS * LINES * 160};
+  d.buf = malloc(d.cap + 1);
+  fflush(stderr);
+  int saved = dup(STDERR_FILENO);
+  dup2(fds[1], STDERR_FILENO);
+  close(fds[1]);
+  pthread_t reader, a, b;
+  pthread_create(&reader, NULL, drain_pipe, &d);
+  pthread_create(&a, NULL, log_many, (void *)(intptr_t)1);
+  pthread_create(&b, NULL, log_many, (void *)(intptr_t)2);
+  pthread_join(a, NULL);
+  pthread_join(b, NULL);
+  dup2(saved, STDERR_FILENO); /* the pipe's last writer closes: the reader sees its end */
+  close(saved);
+  pthread_join(reader, NULL);
+  close(fds[0]);
+  d.buf[d.n] = 0;
+  int seen;
+  CHECK(messages_whole(d.buf, &seen) && seen == 2 * MSGS * LINES,
+        "two threads' 40-line messages each whole on a pipe (%d of %d lines read, %zu bytes)", seen,
+        2 * MSGS * LINES, d.n);
+  free(d.buf);
+}
+
 int main(void) {
   unsetenv("JOURNAL_STREAM");
   const char *two = "job j.json cannot run: train.lr.warmup_stpes: unknown key\n"
@@ -62,6 +148,7 @@ int main(void) {
   CHECK(out && strlen(out) > 4000 && out[strlen(out) - 1] == '\n' && !strncmp(out, "<6>xxx", 6),
         "a long message is cut, one line ending in a newline (%zu bytes)", out ? strlen(out) : 0);
   unsetenv("JOURNAL_STREAM");
+  two_threads_on_a_pipe();
   if (failures) fprintf(stderr, "test_log: %d failure(s)\n", failures);
   return failures != 0;
 }
