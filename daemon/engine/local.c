@@ -107,10 +107,7 @@ static int finish_pending(rank_ctx *c, mt_trainer *tr, int wait, int64_t *last_s
   if (!finished) {
     /* given up on (a writer stuck past the deadline): a failed save, told
      * as one, before the generation ends on it */
-    if (rc && wait) {
-      mt_checkpoint_result failed = c->pending.res;
-      report_save(c, rc, &failed, c->pending_order_seq);
-    }
+    if (rc && wait) report_save(c, rc, &c->pending.res, c->pending_order_seq);
     return save_rc(rc);
   }
   if (!rc) *last_saved = res.step;
