@@ -411,8 +411,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   }
   pthread_mutex_lock(&n->mu);
   n->run_job = *job;
-  n->job_dp_min = n->run_job.parallel.dp_min;
-  n->run_job.parallel.dp_min = n->asg.dp; /* this generation's width */
+  n->run_job.parallel.dp = n->asg.dp; /* this generation's width */
   n->have_run_job = 1;
   if (n->run_job.checkpoint.dir[0])
     mt_checkpoint_job_dir(&n->run_job, n->ckpt_job_dir, sizeof n->ckpt_job_dir);
@@ -855,8 +854,7 @@ static void node_round(node *n) {
       mt_job_preset_dirs(n->cfg->presets_dir[0] ? n->cfg->presets_dir : NULL, preset_dirs);
       pthread_mutex_lock(&n->mu);
       if (!mt_job_parse(&n->run_job, job_json, NULL, preset_dirs, NULL)) { /* for its status */
-        n->job_dp_min = n->run_job.parallel.dp_min;
-        n->run_job.parallel.dp_min = n->asg.dp;
+        n->run_job.parallel.dp = n->asg.dp;
         n->have_run_job = 1;
       }
       pthread_mutex_unlock(&n->mu);

@@ -92,7 +92,6 @@ static json_t *job_json(node *n) {
   const mt_job *j = n->have_run_job ? &n->run_job : n->have_job ? &n->job : NULL;
   if (!j) return json_null();
   int dp = n->have_run_job ? n->asg.dp : j->parallel.dp_min;
-  int dp_min = n->have_run_job ? n->job_dp_min : j->parallel.dp_min;
   /* the parameter count is the plan's; it changes only with the job */
   if (strcmp(n->params_job_hash, j->hash)) {
     mt_plan_device pd = {.memory_bytes = 1e18, .tflops = 1.0};
@@ -105,13 +104,12 @@ static json_t *job_json(node *n) {
    * already in the job it runs, not yet in the one it watches */
   const char *ckpt_dir =
       !n->have_run_job && n->cfg->checkpoint_dir[0] ? n->cfg->checkpoint_dir : j->checkpoint.dir;
-  return json_pack("{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i, s:o}", "name",
-                   j->name, "hash", j->hash, "steps", (json_int_t)j->train.steps, "global_batch",
-                   j->train.global_batch, "seq_len", j->model.seq_len, "micro_batch",
-                   j->parallel.micro_batch, "params", params, "tp", j->parallel.tp, "pp",
-                   j->parallel.pp, "dp", dp, "dp_min", dp_min, "dp_max",
-                   j->parallel.dp_max > dp_min ? j->parallel.dp_max : dp_min, "checkpoint_dir",
-                   ckpt_dir[0] ? json_string(ckpt_dir) : json_null());
+  return json_pack(
+      "{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i, s:o}", "name", j->name, "hash",
+      j->hash, "steps", (json_int_t)j->train.steps, "global_batch", j->train.global_batch,
+      "seq_len", j->model.seq_len, "micro_batch", j->parallel.micro_batch, "params", params, "tp",
+      j->parallel.tp, "pp", j->parallel.pp, "dp", dp, "dp_min", j->parallel.dp_min, "dp_max",
+      j->parallel.dp_max, "checkpoint_dir", ckpt_dir[0] ? json_string(ckpt_dir) : json_null());
 }
 
 /* The rendezvous store this daemon hosts, with its limits; null on a node

@@ -130,7 +130,6 @@ typedef struct node {
   int have_run_job;        /* run_job and asg describe the generation (member or spare) */
   int ran;                 /* this node's ranks ran in some generation of the job */
   int last_gen;            /* the generation of the newest step in the history */
-  int job_dp_min;          /* the job's own, before the generation's dp replaced it */
   char ckpt_job_dir[1200]; /* where this job's checkpoints live, or "" */
   int ckpt_writing;
   int64_t ckpt_step;

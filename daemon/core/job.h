@@ -32,6 +32,10 @@ typedef struct mt_model_spec {
 
 typedef struct mt_parallel_spec {
   int tp, pp, dp_min, dp_max; /* standalone, one device: all 1 */
+  int dp;                     /* the data-parallel width this run trains at: mtnlgd sets its
+                                 generation's, which may lie outside dp_min..dp_max after a
+                                 resize; 0 (as parsed) is dp_min. Not a job key: never
+                                 written out, so a checkpoint records the job as given */
   int micro_batch;            /* sequences per micro-batch */
   int recompute;              /* per-layer activation recomputation */
   int recompute_layers;       /* with recompute: only each stage's first this many layers
@@ -208,5 +212,10 @@ int64_t mt_job_samples_of(const mt_job *job, int64_t consumed, int64_t steps);
  * global_batch, or under a ramp-up gcd(start, increment). micro_batch * dp
  * must divide it. */
 int mt_job_batch_quantum(const mt_job *job);
+
+/* The data-parallel width the job runs at (parallel.dp, else dp_min). */
+static inline int mt_job_dp(const mt_job *job) {
+  return job->parallel.dp > 0 ? job->parallel.dp : job->parallel.dp_min;
+}
 
 #endif

@@ -31,21 +31,37 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
   return cfg;
 }
 
-/* The job a checkpoint was saved under, from its manifest (extra.job). */
-static int saved_job(const mt_ckpt *c, mt_job *job) {
-  const json_t *j = json_object_get(c->extra, "job");
-  if (!json_is_object(j))
+/* A copy of the job a checkpoint records (extra.job), or NULL. mtnlgd
+ * before 2026-12 recorded a generation's data-parallel width as
+ * parallel.dp_min, above dp_max after a resize past it: such a job is read
+ * with dp_max raised to it (the width does not change the model). */
+static json_t *recorded_job(const mt_ckpt *c) {
+  const json_t *saved = json_object_get(c->extra, "job");
+  json_t *j = json_is_object(saved) ? json_deep_copy(saved) : NULL;
+  json_t *par = j ? json_object_get(j, "parallel") : NULL;
+  json_t *lo = json_object_get(par, "dp_min"), *hi = json_object_get(par, "dp_max");
+  if (json_is_integer(lo) && json_is_integer(hi) && json_integer_value(hi) < json_integer_value(lo))
+    json_object_set_new(par, "dp_max", json_integer(json_integer_value(lo)));
+  return j;
+}
+
+/* The job a checkpoint was saved under, from its manifest (extra.job);
+ * verb (export, reshard) begins the messages. */
+static int saved_job(const mt_ckpt *c, const char *verb, mt_job *job) {
+  json_t *j = recorded_job(c);
+  if (!j)
     return mt_seterr(MT_EINVAL,
-                     "export: %s does not record its job (saved by an older mtnlgd), so its "
+                     "%s: %s does not record its job (saved by an older mtnlgd), so its "
                      "model is unknown",
-                     c->dir);
+                     verb, c->dir);
   char *text = json_dumps(j, JSON_COMPACT);
-  if (!text) return mt_seterr(MT_ENOMEM, "export: %s: the job", c->dir);
+  json_decref(j);
+  if (!text) return mt_seterr(MT_ENOMEM, "%s: %s: the job", verb, c->dir);
   int rc = mt_job_parse(job, text, NULL, NULL, NULL);
   free(text);
-  if (rc) return mt_wraperr(rc, "export: %s: the job it records", c->dir);
+  if (rc) return mt_wraperr(rc, "%s: %s: the job it records", verb, c->dir);
   if (job->parallel.tp != c->tp)
-    return mt_seterr(MT_ECORRUPT, "export: %s: its job says tp %d, its layout tp %d", c->dir,
+    return mt_seterr(MT_ECORRUPT, "%s: %s: its job says tp %d, its layout tp %d", verb, c->dir,
                      job->parallel.tp, c->tp);
   return 0;
 }
@@ -90,7 +106,7 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
   int *counts = NULL;
   size_t *sizes = NULL, max_numel = 0;
   float *piece = NULL;
-  int rc = saved_job(c, &job);
+  int rc = saved_job(c, "export", &job);
   if (!rc && (rc = layout_tables(&job, tp, pp, &tables, &counts, &sizes, &max_numel)))
     mt_wraperr(rc, "export: %s", c->dir);
   /* every shard file holds exactly its shard's parameters, "master" among them */
@@ -150,7 +166,7 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
 
 /* The job of the resharded checkpoint: the saved one under tp x pp. */
 static int resharded_job(const mt_ckpt *c, int tp, int pp, int v, mt_job *job, json_t **job_json) {
-  json_t *j = json_deep_copy(json_object_get(c->extra, "job"));
+  json_t *j = recorded_job(c);
   json_t *par = j ? json_object_get(j, "parallel") : NULL;
   if (!json_is_object(par)) {
     json_decref(j);
@@ -189,7 +205,7 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const 
   mt_ckpt_shard_desc *desc = NULL;
   mt_ckpt_chunks chunks = {0};
   mt_ckpt_txn txn;
-  int rc = saved_job(c, &old_job);
+  int rc = saved_job(c, "reshard", &old_job);
   if (!rc) rc = resharded_job(c, tp, pp, virtual_stages, &new_job, &new_job_json);
   if (!rc && !f0) rc = mt_seterr(MT_ECORRUPT, "reshard: %s has no shard tp 0 pp 0", c->dir);
   for (int a = 0; a < A; a++) arrays[a] = f0->arrays[a];

@@ -437,7 +437,7 @@ static int join(rank_ctx *c, int slot, const char *name, int rank, int size, mt_
  * PyTorch keeps a Gloo group beside NCCL. The others move tensors of dev. */
 static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
   const mt_parallel_spec *ps = &c->o->job->parallel;
-  int tp = ps->tp, dp = ps->dp_min, pp = ps->pp;
+  int tp = ps->tp, dp = mt_job_dp(c->o->job), pp = ps->pp;
   *g = (mt_groups){.tp_rank = c->rank % tp,
                    .tp_size = tp,
                    .dp_rank = c->rank / tp % dp,
@@ -618,7 +618,7 @@ static int check_export_path(const char *path) {
 
 int mt_local_start(const mt_local_opts *o, mt_local **out) {
   const mt_parallel_spec *ps = &o->job->parallel;
-  int size = ps->dp_min * ps->pp * ps->tp;
+  int size = mt_job_dp(o->job) * ps->pp * ps->tp;
   int procs = o->procs > 1 ? o->procs : 1;
   *out = NULL;
   if (size < 1) return mt_seterr(MT_EINVAL, "local: %d ranks", size);

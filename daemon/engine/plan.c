@@ -281,7 +281,7 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   mt_plan_device dev = *dev_in;
   if (dev.efficiency == 0) dev.efficiency = 1.0;
   if (dev.usable_fraction == 0) dev.usable_fraction = MT_PLAN_USABLE_FRACTION;
-  int64_t devices = dev.devices ? dev.devices : (int64_t)ps->tp * ps->pp * ps->dp_min;
+  int64_t devices = dev.devices ? dev.devices : (int64_t)ps->tp * ps->pp * mt_job_dp(job);
   if (devices > 0x7fffffff) return mt_seterr(MT_EINVAL, "plan: %lld devices", (long long)devices);
   dev.devices = (int)devices;
   int rc = check_layout(job, &dev, dev.devices);

@@ -199,10 +199,10 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     tr->g = *g;
   else
     tr->g = (mt_groups){.dp_size = 1, .pp_size = 1, .tp_size = 1};
-  if (tr->g.dp_size != ps->dp_min || tr->g.pp_size != ps->pp || tr->g.tp_size != ps->tp)
+  if (tr->g.dp_size != mt_job_dp(job) || tr->g.pp_size != ps->pp || tr->g.tp_size != ps->tp)
     return mt_seterr(MT_EINVAL,
                      "parallel: the job wants tp %d x pp %d x dp %d, the groups are %d x %d x %d",
-                     ps->tp, ps->pp, ps->dp_min, tr->g.tp_size, tr->g.pp_size, tr->g.dp_size);
+                     ps->tp, ps->pp, mt_job_dp(job), tr->g.tp_size, tr->g.pp_size, tr->g.dp_size);
   if (B < 1 || G % (B * tr->g.dp_size))
     return mt_seterr(MT_EINVAL, "train.global_batch: %d is not divisible by micro_batch %d * dp %d",
                      G, B, tr->g.dp_size);

@@ -27,6 +27,13 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   fails, no dp the job allows is left, and the job ends failed as a re-form
   after a failure does, naming the resize and what was missing; n0 exits 1.
   It used to stay forming for good;
+- test_checkpoint_saved_past_dp_max_records_the_job_as_given_and_exports:
+  3 daemons with cpu:1 (dp_min = dp_max = 2, n2 a spare) are resized to
+  dp 3, past dp_max, as an operator may, and stopped: the status says dp 3
+  of dp_min 2 and dp_max 2, the stop's checkpoint records the job as given
+  (dp_min 2), and `mtnlgctl ckpt export` writes its weights. The
+  generation's width was recorded as dp_min, above dp_max, a job that
+  export, reshard and mtnlg-eval refused;
 - test_stop_whose_checkpoint_fails_ends_failed: a third cluster is saved
   by `checkpoint --wait` at step M and paused after step P > M; step P's
   directory is made a link to itself (which root cannot follow either, so
@@ -103,6 +110,61 @@ def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
                      "the job's end names the resize and what was missing: %s%s" % (
                          rz.returncode, code, lost, fell_back, failed,
                          "" if ok else "\n" + c.logs(12)))
+    except AssertionError as e:
+        return check(name, False, str(e))
+    finally:
+        c.kill_all()
+
+
+def test_checkpoint_past_dp_max_exports(mtnlgd, mtnlgctl, tmp, tokens):
+    name = "test_checkpoint_saved_past_dp_max_records_the_job_as_given_and_exports"
+    job = {"name": "past-max", "model": {"preset": "tiny", "n_layer": 2},
+           "parallel": {"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 1},
+           "train": {"global_batch": 6, "steps": 100000, "seed": 7,
+                     "lr": {"schedule": "constant", "peak": 1e-3}},
+           "data": {"path": tokens},
+           "checkpoint": {"dir": os.path.join(tmp, "past-ckpt"), "interval": 0}}
+    job_path = os.path.join(tmp, "past.json")
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "past"), job_path, nodes=3, devices="cpu:1",
+                     token="s3cret", heartbeat_ms=200, timeout_ms=3000)
+    ctl = [mtnlgctl, "-e", c.nodes[1].url(), "--token-file", c.token_file]
+
+    def run(*args):
+        return subprocess.run(ctl + list(args), capture_output=True, text=True, timeout=120)
+    try:
+        c.start()
+        c.wait_for(lambda: grep(c.nodes[0], r"node n2 joined") and last_step(c.nodes[0]) >= 2,
+                   120, "step 2 and the spare n2")
+        rz = run("resize", "--dp", "3", "--wait")  # the operator's width, past dp_max
+        st = {}
+
+        def at_dp3():  # this node's status may take a heartbeat to show the new generation
+            st.update(json.loads(run("-o", "json", "status").stdout or "{}").get("job") or {})
+            return st.get("dp") == 3
+        c.wait_for(at_dp3, 30, "the status at dp 3")
+        stop = run("stop", "--wait")
+        codes = c.wait_all(60)
+        cks = sorted(glob.glob(os.path.join(tmp, "past-ckpt", "past-max", "step_*")))
+        with open(os.path.join(cks[-1], "manifest.json") if cks else os.devnull) as f:
+            saved = (json.load(f) if cks else {}).get("extra", {}).get("job", {})
+        out = os.path.join(tmp, "past.safetensors")
+        ex = subprocess.run([mtnlgctl, "ckpt", "export", cks[-1] if cks else "-", out],
+                            capture_output=True, text=True, timeout=120)
+        par = saved.get("parallel", {})
+        ok = (rz.returncode == 0 and st.get("dp") == 3 and st.get("dp_min") == 2
+              and st.get("dp_max") == 2 and stop.returncode == 0 and codes == [0] * 3
+              and par.get("dp_min") == 2 and par.get("dp_max") == 2 and ex.returncode == 0
+              and os.path.getsize(out) > 0)
+        return check(name, ok,
+                     "resize exit %d; status dp %s (dp_min %s, dp_max %s); stop exit %d, "
+                     "exit codes %s; the last checkpoint's job: dp_min %s dp_max %s; "
+                     "export exit %d %s" % (
+                         rz.returncode, st.get("dp"), st.get("dp_min"), st.get("dp_max"),
+                         stop.returncode, codes, par.get("dp_min"), par.get("dp_max"),
+                         ex.returncode, (ex.stdout + ex.stderr).strip()[-300:])
+                     + ("" if ok else "\n" + c.logs(8)))
     except AssertionError as e:
         return check(name, False, str(e))
     finally:
@@ -286,6 +348,7 @@ def main():
             c.kill_all()
 
         fails += test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens)
+        fails += test_checkpoint_past_dp_max_exports(mtnlgd, mtnlgctl, tmp, tokens)
         fails += stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck)
         fails += stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck,
                                              by_signal=True)
