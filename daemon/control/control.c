@@ -515,6 +515,7 @@ static int host_ok(const char *host) {
 typedef struct {
   const char *name;
   const char *what;
+  const char *length; /* the first Content-Length */
 } bad_header;
 
 static enum MHD_Result find_bad_header(void *cls, enum MHD_ValueKind kind, const char *key,
@@ -528,6 +529,14 @@ static enum MHD_Result find_bad_header(void *cls, enum MHD_ValueKind kind, const
   for (const char *v = value ? value : ""; *v && !b->what; v++)
     if (((unsigned char)*v < 0x20 && *v != '\t') || *v == 0x7f)
       b->what = "a control byte in a header value";
+  /* two lengths that disagree frame the body two ways (RFC 9112 6.3: a
+   * request smuggled past a proxy that reads the other one) */
+  if (!b->what && !strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH)) {
+    if (b->length && strcmp(b->length, value ? value : ""))
+      b->what = "two Content-Length headers that disagree";
+    else
+      b->length = value ? value : "";
+  }
   if (!b->what) return MHD_YES;
   b->name = key;
   return MHD_NO;
@@ -564,9 +573,13 @@ static enum MHD_Result check(struct MHD_Connection *conn, mt_control *c, req *q,
   if (q->r->id == R_ROOT) return MHD_YES; /* the page is static: open even with read tokens */
   int needs_token = m == M_POST || (c->reads_need_token && q->r->id != R_HEALTH);
   if (needs_token && !authorized(c, conn))
-    return problem(conn, c, q, 401, unauthorized_hdr,
-                   c->token ? "this needs Authorization: Bearer <token>"
-                            : "this daemon has no control token: mutations are off");
+    return problem(
+        conn, c, q, 401, unauthorized_hdr,
+        !c->token ? "this daemon has no control token: mutations are off"
+        : MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION)
+            ? "the bearer token sent was not accepted: it is not the one in this "
+              "daemon's control.token_file"
+            : "this needs Authorization: Bearer <token>");
   if (m == M_POST) q->kind = strrchr(q->r->path, '/') + 1;
   const char *cl =
       MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
