@@ -471,6 +471,12 @@ struct mt_coord {
   int reforming;                   /* forming after a failure: bounded by reform_timeout_ms */
   int64_t reform_since_ms;
   char failure[600]; /* what ended the last generation that failed */
+  /* the last re-form after a failure, for cluster/status's last_restart
+   * (the reason is gone from the status once the generation runs) */
+  int restart_gen;          /* the generation it formed; 0: none yet */
+  double restart_time;      /* when the failed generation ended, unix s */
+  int64_t restart_step;     /* the step the ranks resumed from; -1 not known (yet) */
+  char restart_reason[600]; /* what ended the generation before it */
   char loss[512];    /* a member of the running generation was lost or left: why (until acted on) */
   char waiting[400]; /* forming with too few slots for any dp: what it waits for ("" once formable)
                       */
@@ -977,6 +983,7 @@ static int pick_dp(mt_coord *c, int slots) {
 }
 
 static void op_done(coord_op *o, int ok, const char *reason);
+static double wall_s(void);
 
 /* gen/<g>/order of generation c->gen, the next order seq. */
 static int publish_order(mt_coord *c, const char *kind) {
@@ -1178,6 +1185,8 @@ static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
   c->resize_saved = 0;
   snprintf(c->failure, sizeof c->failure, "%s", what);
   begin_forming(c);
+  c->restart_gen = c->gen, c->restart_time = wall_s(), c->restart_step = -1;
+  snprintf(c->restart_reason, sizeof c->restart_reason, "%s", what);
   c->reforming = 1;
   c->reform_since_ms = now_ms;
   mt_log_info("coordinator: forming generation %d from the nodes left and the spares", c->gen);
@@ -1435,11 +1444,25 @@ static void supersede_resize(mt_coord *c) {
   fail_resize(c, "superseded by a stop: the job stops instead of re-forming");
 }
 
+/* The order that has not acted yet, if any: one at a time, each must act
+ * before the next. A resize stays pending until its generation forms. A
+ * stop is left out: the job's state, stopping, says more. */
+static const coord_op *pending_order(const mt_coord *c) {
+  for (int i = 0; i < c->n_ops; i++) {
+    const coord_op *o = &c->ops[i];
+    if (strcmp(o->state, "running") || !strcmp(o->kind, "stop")) continue;
+    if (o->order_seq || (!strcmp(o->kind, "resize") && o->id == c->resize_op && c->resize_to))
+      return o;
+  }
+  return NULL;
+}
+
 /* Decides one request: why it cannot be done now (409), or NULL and the
  * order is issued. */
 static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op **op, char *why,
                           size_t size) {
   const char *st = cluster_state(c);
+  const coord_op *pending;
   int kind_code = mt_order_kind_code(kind);
   /* 64-bit: a dp of 2^30 or 2^32 + 2 is refused as too wide, not wrapped */
   json_int_t want = json_integer_value(json_object_get(args, "dp"));
@@ -1470,8 +1493,35 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
       op_done(*op, 1, NULL);
       return NULL;
     }
+  } else if ((pending = pending_order(c))) {
+    /* before the state: a pause just after a resume is told the resume has
+     * not acted yet, not that the job is paused */
+    char forming[160] = "";
+    if (c->state == G_FORMING && c->resize_to)
+      snprintf(forming, sizeof forming, " (the cluster is re-forming as generation %d with dp %d)",
+               c->gen, c->resize_to);
+    snprintf(why, size, "cannot %s: op-%lld (%s) has not taken effect yet%s; retry when it has",
+             kind, (long long)pending->id, pending->kind, forming);
+    return why;
   } else if (c->state == G_FORMING) {
-    snprintf(why, size, "cannot %s: no generation is running yet (the cluster is forming)", kind);
+    /* a resize is what an operator reaches for when too few nodes came:
+     * say what would let the cluster form instead */
+    char hint[200] = "";
+    if (kind_code == MT_ORDER_KIND_RESIZE && c->waiting[0])
+      snprintf(hint, sizeof hint,
+               "; a resize acts on a running job: to form with fewer replicas lower "
+               "parallel.dp_min in the job file and restart the coordinator, or start more nodes");
+    /* (a control plane's detail holds 511 bytes: what the status's reason
+     * says at length is cut here) */
+    if (c->gen > 1)
+      snprintf(why, size,
+               "cannot %s: the cluster is re-forming as generation %d after %.240s; retry once it "
+               "runs%s",
+               kind, c->gen, c->reforming ? c->failure : c->end_reason, hint);
+    else
+      snprintf(why, size,
+               "cannot %s: no generation is running yet (the cluster is forming%s%.200s)%s", kind,
+               c->waiting[0] ? ": " : "", c->waiting, hint);
     return why;
   } else if (kind_code == MT_ORDER_KIND_PAUSE && strcmp(st, "running")) {
     snprintf(why, size, "cannot pause: the job is %s, not running", st);
@@ -1486,7 +1536,10 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
           c->nodes[i].role == ROLE_NONE)
         slots += c->nodes[i].slots;
     long long w = (long long)want;
-    if (strcmp(st, "running"))
+    if (!strcmp(st, "paused"))
+      snprintf(why, size,
+               "cannot resize: the job is paused; resume it first (mtnlgctl resume), then resize");
+    else if (strcmp(st, "running"))
       snprintf(why, size, "cannot resize: the job is %s, not running", st);
     else if (want < 1)
       snprintf(why, size, "cannot resize: dp must be at least 1");
@@ -1530,13 +1583,6 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
   } else if (kind_code == MT_ORDER_KIND_CHECKPOINT && strcmp(st, "running") &&
              strcmp(st, "paused")) {
     snprintf(why, size, "cannot checkpoint: the job is %s", st);
-    return why;
-  }
-  for (int i = 0; i < c->n_ops; i++) { /* one order at a time: each must act before the next */
-    const coord_op *o = &c->ops[i];
-    if (strcmp(o->state, "running") || !o->order_seq || kind_code == MT_ORDER_KIND_STOP) continue;
-    snprintf(why, size, "cannot %s: op-%lld (%s) has not taken effect yet; retry when it has", kind,
-             (long long)o->id, o->kind);
     return why;
   }
   if (!(*op = new_op(c, kind))) return "out of memory";
@@ -1719,7 +1765,13 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
    * moved megabytes a second through the store) */
   const char *state = cluster_state(c);
   uint64_t sig = 1469598103934665603ull; /* what a change publishes at once */
-  int64_t parts[] = {c->gen, c->dp, c->restarts, c->op_ids, c->n_nodes, (int64_t)(uintptr_t)state};
+  int64_t parts[] = {c->gen,
+                     c->dp,
+                     c->restarts,
+                     c->op_ids,
+                     c->n_nodes,
+                     c->restart_step,
+                     (int64_t)(uintptr_t)state};
   for (size_t k = 0; k < sizeof parts / sizeof *parts; k++)
     sig = (sig ^ (uint64_t)parts[k]) * 1099511628211ull;
   for (int i = 0; i < c->n_ops; i++)
@@ -1734,6 +1786,15 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
   }
   int tp = c->o.tp, dp = c->dp ? c->dp : c->o.dp_min;
   json_t *nodes = json_array();
+  /* the step the restarted generation resumed from, as a member's own
+   * status says once its ranks loaded the checkpoint */
+  for (int i = 0; i < c->n_nodes && c->restart_gen == c->gen && c->restart_step < 0; i++) {
+    json_t *own = json_object_get(c->node_status, c->nodes[i].d.name);
+    json_t *step = json_object_get(own, "resumed_step");
+    if (c->nodes[i].role == ROLE_MEMBER && json_is_integer(step) &&
+        json_integer_value(json_object_get(own, "generation")) == c->gen)
+      c->restart_step = json_integer_value(step);
+  }
   for (int i = 0; i < c->n_nodes; i++) {
     const coord_node *n = &c->nodes[i];
     json_t *devs = json_array(), *stages = json_array(), *replicas = json_array();
@@ -1798,6 +1859,13 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
                          shown_state(c), "reason", reason ? json_string(reason) : json_null(),
                          "coordinator", c->o.coordinator_name, "nodes", nodes, "operations", ops,
                          "dp", dp, "restarts", c->restarts);
+  json_object_set_new(
+      st, "last_restart",
+      c->restart_gen ? json_pack("{s:i, s:s, s:o, s:f}", "generation", c->restart_gen, "reason",
+                                 c->restart_reason, "resumed_from_step",
+                                 c->restart_step >= 0 ? json_integer(c->restart_step) : json_null(),
+                                 "time", c->restart_time)
+                     : json_null());
   int rc = set_json(c->o.store, "cluster/status", st);
   if (!rc) c->status_ms = now_ms, c->status_sig = sig; /* a failed write is tried next tick */
   return rc;

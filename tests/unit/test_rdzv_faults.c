@@ -22,6 +22,17 @@
  *   report, with no generation formed at the new width;
  * - too few slots for any dp: the status's reason says how many joined of
  *   how many, until enough have.
+ *
+ * And how it answers orders while another is in flight or the cluster
+ * re-forms (409s that name the right state):
+ * - a pause right after a resume is told the resume has not acted yet (it
+ *   was told "the job is paused"), and a resize while paused to resume first;
+ * - an order while a resize re-forms the cluster names the resize (it was
+ *   told "no generation is running yet");
+ * - an order while the cluster re-forms after a failure says so and why,
+ *   and cluster/status's last_restart keeps why, when, and the step the
+ *   new generation resumed from once it runs (the reason went null);
+ * - a resize while the first generation waits for slots names dp_min.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -438,6 +449,163 @@ static int test_a_resize_refused_by_the_run_ends_the_job_as_reported(void) {
   return 0;
 }
 
+/* Request kind with args (JSON text) through the store, a tick to decide
+ * it: its answer's status, detail copied into detail. */
+static int ask(cluster *k, const char *kind, const char *args, char *detail, size_t cap) {
+  char req[256], key[64];
+  int64_t n = 0;
+  snprintf(req, sizeof req, "{\"kind\":\"%s\",\"args\":%s}", kind, args ? args : "{}");
+  if (mt_store_add(&k->store.base, "ops/seq", 1, &n)) return -1;
+  snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
+  if (mt_store_set(&k->store.base, key, req, strlen(req))) return -1;
+  mt_coord_tick(k->coord, k->now_ms += 100);
+  snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
+  void *v = NULL;
+  size_t bytes = 0;
+  if (mt_store_get(&k->store.base, key, &v, &bytes, 0)) return -1;
+  json_t *j = json_loadb(v, bytes, 0, NULL);
+  free(v);
+  snprintf(detail, cap, "%s", json_string_value(json_object_get(j, "detail")) ?: "");
+  int status = (int)json_integer_value(json_object_get(j, "status"));
+  json_decref(j);
+  return status;
+}
+
+/* The newest order of generation gen has acted (ok) after step. */
+static int act(cluster *k, int gen, int64_t step) {
+  int64_t seq = 0;
+  char kind[32];
+  if (mt_rdzv_order(&k->store.base, gen, &seq, kind, sizeof kind) != 1) return -1;
+  return mt_rdzv_acted(&k->store.base, gen, seq, step, 1, NULL);
+}
+
+static int test_a_pause_after_a_resume_is_told_the_resume_has_not_acted(void) {
+  cluster k;
+  resizable = 1;
+  int rc = open_running(&k);
+  resizable = 0;
+  if (rc) return 1;
+  int both[] = {1, 1};
+  char d[600];
+  REQUIRE(ask(&k, "pause", NULL, d, sizeof d) == 202, "pause: %s", d);
+  REQUIRE(!act(&k, 1, 5), "pause acts: %s", mt_errmsg());
+  run(&k, 2, both, 2);
+  int st = ask(&k, "resize", "{\"dp\":2}", d, sizeof d);
+  CHECK(st == 409 && strstr(d, "resume it first (mtnlgctl resume), then resize"),
+        "a resize while paused: %d %s", st, d);
+  REQUIRE(ask(&k, "resume", NULL, d, sizeof d) == 202, "resume: %s", d);
+  st = ask(&k, "pause", NULL, d, sizeof d);
+  CHECK(st == 409 && strstr(d, "cannot pause: op-2 (resume) has not taken effect yet; retry when "
+                               "it has"),
+        "a pause right after the resume: %d %s", st, d);
+  close_cluster(&k);
+  return 0;
+}
+
+static int test_an_order_during_a_resize_names_the_resize(void) {
+  cluster k;
+  memset(&k, 0, sizeof k);
+  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many};
+  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(&k.store.base);
+  /* dp 2 (dp_max) forms at once; the resize's dp 1 waits for the last call */
+  o.dp_max = 2, o.global_batch = 2, o.has_checkpoint_dir = 1, o.last_call_ms = 100000;
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  for (int i = 0; i < 2; i++) REQUIRE(!join_node(&k, i, 1), "join: %s", mt_errmsg());
+  int both[] = {1, 1};
+  run(&k, 5, both, 2);
+  char d[600];
+  REQUIRE(ask(&k, "resize", "{\"dp\":1}", d, sizeof d) == 202, "resize: %s", d);
+  REQUIRE(!act(&k, 1, 8), "resize acts: %s", mt_errmsg());
+  run(&k, 1, both, 2);
+  int st = ask(&k, "pause", NULL, d, sizeof d);
+  CHECK(st == 409 && strstr(d, "op-1 (resize) has not taken effect yet"),
+        "a pause after the resize saved: %d %s", st, d);
+  for (int i = 0; i < 2; i++) {
+    char name[8];
+    snprintf(name, sizeof name, "n%d", i);
+    REQUIRE(!mt_rdzv_report(&k.store.base, 1, name, MT_REPORT_DONE, "stopped for a resize"),
+            "report: %s", mt_errmsg());
+  }
+  run(&k, 3, both, 2);
+  int gen;
+  const char *state;
+  role_of(&k, "n0", &gen, &state);
+  REQUIRE(gen == 2 && !strcmp(state, "forming"), "after the resize's stop: generation %d %s", gen,
+          state);
+  st = ask(&k, "checkpoint", NULL, d, sizeof d);
+  CHECK(st == 409 && strstr(d, "cannot checkpoint: op-1 (resize) has not taken effect yet (the "
+                               "cluster is re-forming as generation 2 with dp 1)"),
+        "a checkpoint while the resize re-forms: %d %s", st, d);
+  close_cluster(&k);
+  return 0;
+}
+
+static int test_an_order_during_a_reform_after_a_failure_says_why_and_status_keeps_it(void) {
+  cluster k;
+  resizable = 1;
+  int rc = open_running(&k);
+  resizable = 0;
+  if (rc) return 1;
+  int none[] = {0, 0}, both[] = {1, 1};
+  run(&k, 15, none, 2); /* n0, the member, and n1 lost: nothing left to form from */
+  int gen;
+  const char *state;
+  role_of(&k, "n0", &gen, &state);
+  REQUIRE(gen == 2 && !strcmp(state, "forming"), "after n0 was lost: generation %d %s", gen, state);
+  char d[600];
+  int st = ask(&k, "checkpoint", NULL, d, sizeof d);
+  CHECK(st == 409 &&
+            strstr(d, "cannot checkpoint: the cluster is re-forming as generation 2 "
+                      "after node n0 lost (no heartbeat for") &&
+            strstr(d, "retry once it runs") && !strstr(d, "yet"),
+        "a checkpoint while re-forming: %d %s", st, d);
+  /* n1 comes back; generation 2 forms and its ranks resume from step 12 */
+  run(&k, 3, both, 2);
+  role_of(&k, "n1", &gen, &state);
+  REQUIRE(gen == 2 && !strcmp(state, "running"), "n1 back: generation %d %s", gen, state);
+  json_t *me =
+      json_pack("{s:s, s:i, s:i}", "state", "running", "generation", 2, "resumed_step", 12);
+  REQUIRE(!mt_rdzv_publish_node_status(&k.store.base, "n0", json_deep_copy(me)) &&
+              !mt_rdzv_publish_node_status(&k.store.base, "n1", me),
+          "node status: %s", mt_errmsg());
+  run(&k, 5, both, 2);
+  json_t *cs = mt_rdzv_cluster_status(&k.store.base, &rc);
+  json_t *lr = json_object_get(cs, "last_restart");
+  const char *why = json_string_value(json_object_get(lr, "reason"));
+  CHECK(json_integer_value(json_object_get(lr, "generation")) == 2 && why &&
+            !strncmp(why, "node n0 lost (no heartbeat for", 30) &&
+            json_integer_value(json_object_get(lr, "resumed_from_step")) == 12 &&
+            json_number_value(json_object_get(lr, "time")) > 1e9 &&
+            json_is_null(json_object_get(cs, "reason")),
+        "cluster/status once generation 2 runs: %s", cs ? json_dumps(cs, JSON_COMPACT) : "(none)");
+  json_decref(cs);
+  close_cluster(&k);
+  return 0;
+}
+
+static int test_a_resize_while_short_of_slots_names_dp_min(void) {
+  cluster k;
+  memset(&k, 0, sizeof k);
+  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many};
+  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(&k.store.base);
+  o.dp_min = o.dp_max = 2, o.global_batch = 2, o.has_checkpoint_dir = 1;
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  REQUIRE(!join_node(&k, 0, 1), "join: %s", mt_errmsg());
+  int one[] = {1};
+  run(&k, 3, one, 1);
+  char d[600];
+  int st = ask(&k, "resize", "{\"dp\":1}", d, sizeof d);
+  CHECK(st == 409 &&
+            strstr(d, "no generation is running yet (the cluster is forming: waiting for "
+                      "nodes: 1 model slot(s) joined of the 2") &&
+            strstr(d, "lower parallel.dp_min") && strstr(d, "start more nodes"),
+        "a resize while forming short of slots: %d %s", st, d);
+  close_cluster(&k);
+  return 0;
+}
+
 int main(void) {
   /* REQUIRE returns 1 without counting; CHECK counts as it goes */
   if (test_a_failed_assignment_forms_next_tick()) failures++;
@@ -449,6 +617,10 @@ int main(void) {
   if (test_a_resize_refused_by_the_run_ends_the_job_as_reported()) failures++;
   if (test_a_generation_that_cannot_form_says_what_it_waits_for()) failures++;
   if (test_a_join_written_again_keeps_its_number()) failures++;
+  if (test_a_pause_after_a_resume_is_told_the_resume_has_not_acted()) failures++;
+  if (test_an_order_during_a_resize_names_the_resize()) failures++;
+  if (test_an_order_during_a_reform_after_a_failure_says_why_and_status_keeps_it()) failures++;
+  if (test_a_resize_while_short_of_slots_names_dp_min()) failures++;
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }
