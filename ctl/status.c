@@ -203,6 +203,22 @@ oom:
   return CTL_EXIT_FAILURE;
 }
 
+/* Why the cluster last re-formed after a failure, where it resumed: the
+ * status's reason says it only while the new generation forms. */
+static void print_last_restart(const json_t *lr) {
+  char gen[32], at[64], step[32];
+  double t;
+  if (!json_is_object(lr)) return;
+  printf(LABEL "generation %s", "restarted",
+         ctl_fmt_field(gen, sizeof gen, lr, "generation", "%.0f"));
+  if (ctl_jnum(lr, "time", &t)) printf(" at %s", ctl_fmt_time(at, sizeof at, t));
+  printf(": %s", ctl_jstr(lr, "reason") ? ctl_jstr(lr, "reason") : "(no reason given)");
+  if (ctl_jnum(lr, "resumed_from_step", &t))
+    printf("; resumed from step %s",
+           ctl_fmt_field(step, sizeof step, lr, "resumed_from_step", "%.0f"));
+  printf("\n");
+}
+
 static void print_status(const json_t *st) {
   char a[64], b[64];
   double v, steps = 0;
@@ -223,6 +239,7 @@ static void print_status(const json_t *st) {
 
   const char *state = ctl_jstr(st, "state"), *reason = ctl_jstr(st, "reason");
   printf(LABEL "%s%s%s\n", "state", state ? state : "-", reason ? ": " : "", reason ? reason : "");
+  print_last_restart(json_object_get(st, "last_restart"));
 
   printf(LABEL "%s", "step", ctl_fmt_field(a, sizeof a, st, "step", "%.0f"));
   if (ctl_jnum(json_object_get(st, "job"), "steps", &steps) && steps > 0) {

@@ -148,6 +148,8 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "generation", json_integer(n->gen));
   json_t *restarts = cl ? json_object_get(cl, "restarts") : NULL;
   json_object_set_new(s, "restarts", json_integer(json_integer_value(restarts)));
+  json_t *last_restart = cl ? json_object_get(cl, "last_restart") : NULL;
+  json_object_set_new(s, "last_restart", last_restart ? json_deep_copy(last_restart) : json_null());
   json_object_set_new(s, "state", json_string(state));
   json_object_set_new(s, "reason", reason ? json_string(reason) : json_null());
   const mt_step_stats *st = &n->last;
@@ -691,6 +693,7 @@ void node_control_round(node *n, int heartbeat) {
     pthread_mutex_lock(&n->mu);
     int64_t step = n->have_last ? n->last.step : 0;
     int paused = n->paused, writing = n->ckpt_writing;
+    int64_t resumed = n->engine_running ? n->resumed_step : -1;
     pthread_mutex_unlock(&n->mu);
     const char *state = mt_node_state_names[n->state];
     if (n->state == N_RUNNING && paused)
@@ -700,6 +703,9 @@ void node_control_round(node *n, int heartbeat) {
     json_t *me = json_pack("{s:s, s:I, s:I, s:i, s:s}", "state", state, "memory_bytes",
                            (json_int_t)rss_bytes(), "step", (json_int_t)step, "pid", (int)getpid(),
                            "control_url", n->control_url);
+    /* the coordinator's last_restart says where a restarted generation resumed */
+    json_object_set_new(me, "generation", json_integer(n->gen));
+    if (resumed >= 0) json_object_set_new(me, "resumed_step", json_integer(resumed));
     mt_rdzv_publish_node_status(n->store, n->cfg->name, me);
   }
 }

@@ -10,7 +10,8 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   on every node naming n2 and "restart 1 of 3", generation 2 forms with n4
   in n2's place, its ranks resume from the newest committed checkpoint (the
   first step of generation 2 is that checkpoint's step + 1), /v1/status
-  shows generation 2 and restarts 1 (checked against proto/control-v1.yaml),
+  shows generation 2 and restarts 1 (checked against proto/control-v1.yaml)
+  and last_restart names n2's loss (and the step resumed from, once known),
   and the job completes its 24 steps: every survivor exits 0, and every loss
   printed, before and after the restart, is that of an uninterrupted
   `mtnlgd --standalone` run of the same job.
@@ -157,6 +158,17 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
         c.wait_for(lambda: last_step(spare) > 0, 60, "a step of generation 2")
         st = status(spare)
         st_errors = validate(st)
+        # last_restart keeps why once generation 2 runs; the step it resumed
+        # from comes with a member's next status (the job may end first)
+        lr = st.get("last_restart") or {}
+        for _ in range(40):
+            if lr.get("resumed_from_step") is not None:
+                break
+            time.sleep(0.1)
+            try:
+                lr = status(spare).get("last_restart") or {}
+            except OSError:
+                break
         alive = [n.running() for n in survivors]
         codes = c.wait_all(240, survivors)
 
@@ -184,15 +196,20 @@ def test_sigkill_of_a_member_reforms_onto_the_spare(mtnlgd, tmp, tokens, validat
               and resumed is not None and resumed >= INTERVAL and resumed in newest and said
               and before == list(range(1, last + 1)) and last >= killed_after
               and after == list(range(resumed + 1, STEPS + 1)) and spare_first == resumed + 1
-              and st["generation"] == 2 and st["restarts"] == 1 and not st_errors and exact)
+              and st["generation"] == 2 and st["restarts"] == 1 and not st_errors and exact
+              and lr.get("generation") == 2
+              and (lr.get("reason") or "").startswith("node n2 lost (no heartbeat for")
+              and lr.get("resumed_from_step") in (None, resumed))
         return check("test_sigkill_of_a_member_reforms_onto_the_spare_from_the_last_checkpoint",
                      ok, "killed n2 after step %d; survivors alive after the kill %s, exit codes %s; "
                      "end logged %s, generation 2 formed %s; resumed from step %s (newest "
                      "checkpoint then %s), n0 ran steps 1..%d then %s..%s, the spare from %s; "
-                     "status generation %s restarts %s %s; losses equal the standalone run's: %s%s"
+                     "status generation %s restarts %s %s, last_restart %s; losses equal the "
+                     "standalone run's: %s%s"
                      % (killed_after, alive, codes, ended, formed, resumed, newest, last,
                         after[:1], after[-1:], spare_first, st.get("generation"),
-                        st.get("restarts"), st_errors, exact, "" if ok else "\n" + c.logs(30)))
+                        st.get("restarts"), st_errors, lr, exact,
+                        "" if ok else "\n" + c.logs(30)))
     finally:
         c.kill_all()
 

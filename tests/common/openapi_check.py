@@ -440,7 +440,7 @@ SAMPLE_STATUS = {
     "job": {"name": "tiny-demo", "hash": "abc", "steps": 1000, "global_batch": 8, "seq_len": 128,
             "micro_batch": 2, "params": 1234567, "tp": 1, "pp": 2, "dp": 1, "dp_min": 1,
             "dp_max": 4},
-    "generation": 2, "restarts": 0, "state": "running", "reason": None,
+    "generation": 2, "restarts": 0, "last_restart": None, "state": "running", "reason": None,
     "step": 12, "consumed_tokens": 12288, "global_batch": 8, "loss": 3.21, "lr": 1e-3, "grad_norm": 0.8,
     "val_loss": None, "tokens_per_s": 2830.0, "skipped_steps": 0, "loss_scale": None,
     "step_time": {"total_ms": 45.3, "compute_ms": 38.0, "bubble_ms": 4.1, "comm_ms": 3.2},

@@ -69,6 +69,11 @@ static json_t *fake_status(void *arg) {
       (json_int_t)12345, "checkpoint_progress", "state", "writing", "step", 12, "bytes_done",
       (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6, "operations_pending", 0);
   if (s) json_object_set_new(s, "restarts", json_integer(1));
+  if (s)
+    json_object_set_new(s, "last_restart",
+                        json_pack("{s:i, s:s, s:i, s:f}", "generation", 2, "reason",
+                                  "node n1 lost (no heartbeat for 5.0 s, ranks [1, 2))",
+                                  "resumed_from_step", 8, "time", 1700000000.0));
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
   if (s) json_object_set_new(s, "exit_step", json_integer(5000));
   if (s) json_object_set_new(s, "heartbeat_interval_ms", json_integer(1000));
