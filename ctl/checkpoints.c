@@ -12,7 +12,8 @@
 const char ctl_checkpoints_help[] =
     "The job's committed checkpoints (those with a manifest): step, time written,\n"
     "age, size (1 GB = 10^9 bytes), whether it is the one `latest` points to, and\n"
-    "its directory.\n"
+    "its directory; then each one whose sizes show damage (a truncated shard, a\n"
+    "manifest of another step), and why.\n"
     "\n"
     "Options:\n"
     "  -o, --output FORMAT    table (default) or json (the daemon's /v1/checkpoints)\n"
@@ -46,6 +47,15 @@ static int print_table(const json_t *list) {
   printf("\n%d checkpoint%s", ctl_table_rows(t), ctl_table_rows(t) == 1 ? "" : "s");
   if (latest_step >= 0) printf("; latest is step %.0f", latest_step);
   printf(".\n");
+  /* what the sizes show (the daemon reads no data): a resume passes over these */
+  for (size_t i = 0; i < json_array_size(list); i++) {
+    const json_t *ck = json_array_get(list, i);
+    char step[32];
+    if (ctl_jstr(ck, "damaged"))
+      printf("step %s is damaged: %s (mtnlgctl ckpt verify %s checks every byte)\n",
+             ctl_fmt_field(step, sizeof step, ck, "step", "%.0f"), ctl_jstr(ck, "damaged"),
+             ctl_jstr(ck, "path") ? ctl_jstr(ck, "path") : "DIR");
+  }
   ctl_table_free(t);
   return CTL_EXIT_OK;
 oom:

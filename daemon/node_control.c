@@ -345,19 +345,21 @@ static void ckpt_dir_of(node *n, char *out, size_t size) {
   if (root[0]) snprintf(out, size, "%s/%s", root, j->name);
 }
 
-/* Committed checkpoints of dir from the directory itself (no file is read
- * but `latest`, but every shard is stat'ed), newest last; an empty array
- * when none or dir is "". */
+/* Committed checkpoints of dir from the directory itself (no data is read:
+ * `latest`, each shard's stat and header, each manifest's head), newest
+ * last, each damaged with why when the sizes show it; an empty array when
+ * none or dir is "". */
 static json_t *list_checkpoints_in(const char *dir) {
   json_t *out = json_array();
   mt_ckpt_entry *e = NULL;
   size_t count = 0;
   if (dir[0] && !mt_ckpt_list(dir, &e, &count))
     for (size_t i = 0; i < count; i++)
-      json_array_append_new(out,
-                            json_pack("{s:I, s:s, s:I, s:f, s:b}", "step", (json_int_t)e[i].step,
-                                      "path", e[i].path, "bytes", (json_int_t)e[i].bytes, "time",
-                                      (double)e[i].created, "latest", e[i].latest));
+      json_array_append_new(
+          out, json_pack("{s:I, s:s, s:I, s:f, s:b, s:o}", "step", (json_int_t)e[i].step, "path",
+                         e[i].path, "bytes", (json_int_t)e[i].bytes, "time", (double)e[i].created,
+                         "latest", e[i].latest, "damaged",
+                         e[i].damaged[0] ? json_string(e[i].damaged) : json_null()));
   free(e);
   return out;
 }

@@ -220,13 +220,16 @@ int mt_ckpt_verify(const char *step_dir, mt_ckpt_report_fn report, void *arg);
 typedef struct mt_ckpt_entry {
   int64_t step;
   char path[MT_CKPT_PATH_MAX];
-  uint64_t bytes;  /* shard files and manifest on disk */
-  int64_t created; /* unix seconds: when the manifest was committed */
-  int latest;      /* 1 for the checkpoint `latest` names */
+  uint64_t bytes;    /* shard files and manifest on disk */
+  int64_t created;   /* unix seconds: when the manifest was committed */
+  int latest;        /* 1 for the checkpoint `latest` names */
+  char damaged[256]; /* "" or why it cannot load: "shard_tp00_pp000.bin: 100 of 1446976 bytes" */
 } mt_ckpt_entry;
 
 /* Committed checkpoints of job_dir by ascending step; *out is owned (free()).
- * Cheap: nothing is read but directory entries and `latest`. */
+ * Cheap: nothing is read but directory entries, `latest`, each shard's
+ * 64-byte header (its size against the one it gives) and the first 4 KiB
+ * of each manifest (its step against the directory's); no data. */
 int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n);
 
 /* After a resume passed over the checkpoint of `step` as damaged and every

@@ -300,9 +300,58 @@ int mt__ckpt_remove_step(const char *step_dir) {
   return rc ? mt_wraperr(rc, "ckpt") : 0;
 }
 
+/* A shard file's size against the size its header gives (64 + 4·N·A):
+ * "" when they agree, else why, into why (cap bytes). */
+static void check_shard_size(const char *path, const char *name, uint64_t size, char *why,
+                             size_t cap) {
+  uint8_t h[MT__CKPT_HEADER_BYTES];
+  mt__ckpt_header hd;
+  const char *bad;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    snprintf(why, cap, "%.60s: %s", name, strerror(errno));
+    return;
+  }
+  if (size < sizeof h)
+    snprintf(why, cap, "%.60s: %" PRIu64 " bytes, short of its %d-byte header", name, size,
+             MT__CKPT_HEADER_BYTES);
+  else if (mt__pread_full(fd, h, sizeof h, 0) != (int64_t)sizeof h)
+    snprintf(why, cap, "%.60s: read header: %s", name, strerror(errno));
+  else if ((bad = mt__ckpt_header_decode(h, &hd)))
+    snprintf(why, cap, "%.60s: header: %.120s", name, bad);
+  else if (mt__ckpt_file_bytes(hd.n, (int)hd.n_arrays) != size)
+    snprintf(why, cap, "%.60s: %" PRIu64 " of %" PRIu64 " bytes", name, size,
+             mt__ckpt_file_bytes(hd.n, (int)hd.n_arrays));
+  close(fd);
+}
+
+/* The manifest's step, from its first 4 KiB (the writer puts it near the
+ * top, at indent 1; a manifest can be tens of MB): the disagreement with
+ * the directory's step, into why, or nothing when they agree or the head
+ * does not say. */
+static void check_manifest_step(const char *step_dir, int64_t step, char *why, size_t cap) {
+  char path[MT_CKPT_PATH_MAX + 32], head[4097];
+  snprintf(path, sizeof path, "%s/" MT__CKPT_MANIFEST, step_dir);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  int64_t got = mt__pread_full(fd, head, sizeof head - 1, 0);
+  close(fd);
+  if (got <= 0) return;
+  head[got] = 0;
+  const char *at = strstr(head, "\n \"step\":");
+  char *end;
+  long long said = at ? strtoll(at + 9, &end, 10) : step;
+  if (at && end != at + 9 && said != step)
+    snprintf(why, cap, MT__CKPT_MANIFEST " says step %lld, its directory step %" PRId64, said,
+             step);
+}
+
 /* Bytes of the committed files of one step directory (shards and manifest;
- * temp files left by a crash are not part of the checkpoint). */
-static uint64_t step_bytes(const char *step_dir) {
+ * temp files left by a crash are not part of the checkpoint), and the first
+ * damage the sizes show (a shard not the size its header gives, the
+ * manifest's step not the directory's) into damaged, "" when none. */
+static uint64_t step_bytes(const char *step_dir, int64_t step, char *damaged, size_t cap) {
+  damaged[0] = 0;
   DIR *d = opendir(step_dir);
   if (!d) return 0;
   uint64_t sum = 0;
@@ -314,14 +363,17 @@ static uint64_t step_bytes(const char *step_dir) {
     if (!shard && strcmp(e->d_name, MT__CKPT_MANIFEST)) continue;
     struct stat st;
     snprintf(path, sizeof path, "%s/%s", step_dir, e->d_name);
-    if (!stat(path, &st) && S_ISREG(st.st_mode)) sum += (uint64_t)st.st_size;
+    if (stat(path, &st) || !S_ISREG(st.st_mode)) continue;
+    sum += (uint64_t)st.st_size;
+    if (shard && !damaged[0]) check_shard_size(path, e->d_name, (uint64_t)st.st_size, damaged, cap);
   }
   closedir(d);
+  if (!damaged[0]) check_manifest_step(step_dir, step, damaged, cap);
   return sum;
 }
 
-/* Directory entries and stat only: the control plane polls this, and a
- * manifest can be tens of MB. */
+/* Directory entries, stat, shard headers and manifest heads only: the
+ * control plane polls this, and a manifest can be tens of MB. */
 int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n) {
   *out = NULL;
   *n = 0;
@@ -350,7 +402,7 @@ int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n) {
     snprintf(v[k].path, sizeof v[k].path, "%s/%s", job_dir, name);
     snprintf(manifest, sizeof manifest, "%s/" MT__CKPT_MANIFEST, v[k].path);
     v[k].created = stat(manifest, &st) ? 0 : (int64_t)st.st_mtime;
-    v[k].bytes = step_bytes(v[k].path);
+    v[k].bytes = step_bytes(v[k].path, dirs[i].step, v[k].damaged, sizeof v[k].damaged);
     v[k].latest = dirs[i].step == latest;
     k++;
   }

@@ -483,6 +483,32 @@ static int test_truncated_shard_falls_back_to_previous(void) {
   return 0;
 }
 
+/* The list (what /v1/checkpoints and mtnlgctl checkpoints show) marks a
+ * checkpoint damaged from sizes alone: a shard not the size its header
+ * gives, and a copy of another step's directory, whose manifest says that
+ * step. Before, both were listed as committed checkpoints like any other. */
+static int test_list_marks_a_truncated_shard_or_another_steps_manifest_damaged(void) {
+  const char *job = tmp_path("listdamage");
+  REQUIRE(save_step(job, 10, 1000, 1, 2, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(save_step(job, 20, 1000, 1, 2, 0) == 0, "%s", mt_errmsg());
+  REQUIRE(truncate(step_path(job, 20, "shard_tp00_pp001.bin"), 100) == 0, "truncate");
+  char cmd[1200];
+  snprintf(cmd, sizeof cmd, "cp -r '%s' '%s'", step_path(job, 10, NULL), step_path(job, 99, NULL));
+  REQUIRE(system(cmd) == 0, "%s", cmd);
+  mt_ckpt_entry *e;
+  size_t n;
+  REQUIRE(mt_ckpt_list(job, &e, &n) == 0, "%s", mt_errmsg());
+  REQUIRE(n == 3, "listed %zu", n);
+  CHECK(e[0].step == 10 && !e[0].damaged[0], "step 10: %s", e[0].damaged);
+  CHECK(e[1].step == 20 && !strcmp(e[1].damaged, "shard_tp00_pp001.bin: 100 of 12064 bytes"),
+        "step 20: \"%s\"", e[1].damaged);
+  CHECK(e[2].step == 99 &&
+            !strcmp(e[2].damaged, "manifest.json says step 10, its directory step 99"),
+        "step 99: \"%s\"", e[2].damaged);
+  free(e);
+  return 0;
+}
+
 static int test_missing_shard_falls_back_to_previous(void) {
   const char *job = tmp_path("missing");
   REQUIRE(save_step(job, 10, 100, 2, 1, 0) == 0, "%s", mt_errmsg());
@@ -1154,6 +1180,8 @@ static const struct {
     {"latest_names_the_newest_commit", test_latest_names_the_newest_commit},
     {"flipped_byte_falls_back_to_previous", test_flipped_byte_falls_back_to_previous},
     {"truncated_shard_falls_back_to_previous", test_truncated_shard_falls_back_to_previous},
+    {"list_marks_a_truncated_shard_or_another_steps_manifest_damaged",
+     test_list_marks_a_truncated_shard_or_another_steps_manifest_damaged},
     {"missing_shard_falls_back_to_previous", test_missing_shard_falls_back_to_previous},
     {"dir_without_manifest_is_not_a_checkpoint", test_dir_without_manifest_is_not_a_checkpoint},
     {"corrupt_manifest_json_falls_back_to_previous",
