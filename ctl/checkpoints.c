@@ -4,6 +4,7 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "ctl.h"
 #include "http.h"
@@ -64,6 +65,27 @@ oom:
   return CTL_EXIT_FAILURE;
 }
 
+/* "No checkpoints yet", and what would write one in the job's state:
+ * `mtnlgctl checkpoint` is refused until a generation runs, and after the
+ * job ended. The state is the status's; without it, the hint says when. */
+static void print_none_yet(const char *dir) {
+  json_t *st = NULL;
+  char err[1024];
+  ctl_http_request("GET", "/v1/status", NULL, &st, NULL, NULL, err, sizeof err);
+  const char *state = ctl_jstr(st, "state");
+  if (!state)
+    printf("no checkpoints yet in %s (`mtnlgctl checkpoint` writes one while the job runs)\n", dir);
+  else if (!strcmp(state, "forming") || !strcmp(state, "resizing"))
+    printf("no checkpoints yet in %s; the cluster is %s, and `mtnlgctl checkpoint` is refused "
+           "until a generation runs (`mtnlgctl status` says what it waits for)\n",
+           dir, state);
+  else if (!strcmp(state, "stopping") || !strcmp(state, "stopped") || !strcmp(state, "failed"))
+    printf("no checkpoints in %s; the job has ended (%s)\n", dir, state);
+  else
+    printf("no checkpoints yet in %s (`mtnlgctl checkpoint` writes one)\n", dir);
+  json_decref(st);
+}
+
 int ctl_verb_checkpoints(const ctl_verb *verb, int argc, char **argv) {
   static const struct option opts[] = {
       {"output", required_argument, NULL, 'o'},
@@ -89,8 +111,7 @@ int ctl_verb_checkpoints(const ctl_verb *verb, int argc, char **argv) {
     printf("no checkpoints: the job has no checkpoint.dir (nor has this node's config), so none "
            "is saved and mtnlgctl checkpoint is refused\n");
   else if (!json_array_size(list))
-    printf("no checkpoints yet in %s (mtnlgctl checkpoint writes one)\n",
-           json_string_value(json_object_get(answer, "dir")));
+    print_none_yet(json_string_value(json_object_get(answer, "dir")));
   else
     ret = print_table(list);
 cleanup:

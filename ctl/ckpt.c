@@ -73,9 +73,38 @@ static int open_checkpoint(const char *dir, mt_ckpt *c) {
   return 0;
 }
 
+/* Whether OUT's directory is one to write into; prints why not, naming it
+ * (not the temporary file the export would have made there). Checked before
+ * the checkpoint's checksums are read, which takes a while. */
+static int out_dir_ok(const char *out) {
+  char parent[PATH_MAX];
+  snprintf(parent, sizeof parent, "%s", out);
+  size_t n = strlen(parent);
+  while (n > 1 && parent[n - 1] == '/') parent[--n] = '\0'; /* "out/" names out */
+  char *slash = strrchr(parent, '/');
+  if (!slash)
+    snprintf(parent, sizeof parent, ".");
+  else if (slash == parent)
+    parent[1] = '\0'; /* "/out": the root */
+  else
+    *slash = '\0';
+  struct stat st;
+  if (stat(parent, &st)) {
+    fprintf(stderr, "mtnlgctl ckpt: export to %s: its directory %s: %s\n", out, parent,
+            strerror(errno));
+    return 0;
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    fprintf(stderr, "mtnlgctl ckpt: export to %s: %s is not a directory\n", out, parent);
+    return 0;
+  }
+  return 1;
+}
+
 /* ckpt export DIR OUT */
 static int export_checkpoint(const char *dir, const char *out) {
   mt_ckpt c;
+  if (!out_dir_ok(out)) return CTL_EXIT_FAILURE;
   if (open_checkpoint(dir, &c)) return CTL_EXIT_FAILURE;
   if (mt_ckpt_export(&c, out)) {
     fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());

@@ -64,8 +64,10 @@ void ctl_verb_help(const ctl_verb *verb, FILE *f);
 int ctl_usage_error(const ctl_verb *verb, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
-/* Parses a positive number (a whole one when integer, at most INT_MAX) for
- * option opt; a usage error naming opt otherwise. */
+/* Parses a positive number for option opt; a usage error naming opt
+ * otherwise. With integer, a whole one in decimal digits alone ("0x2",
+ * "2e0", "+2" and "1.0" are refused), at most INT_MAX (a larger one is said
+ * to be over the maximum). */
 int ctl_parse_positive(const ctl_verb *verb, const char *opt, const char *arg, int integer,
                        double *out);
 

@@ -17,6 +17,7 @@
 #include "fileio.h"
 #include "http.h"
 #include "mt_config.h"
+#include "output.h"
 
 enum {
   MAX_ANSWER_BYTES = 64 << 20, /* no control answer comes near this */
@@ -173,8 +174,15 @@ static int setup(void) {
   http.init_rc = CTL_EXIT_FAILURE;
   http.base = strdup(ep);
   if (!http.base) goto oom;
+  /* the base URL, also when given as the API's root (".../v1", ".../v1/", as
+   * the API's paths read): the paths asked for carry /v1 themselves */
   size_t n = strlen(http.base);
   while (n > 0 && http.base[n - 1] == '/') http.base[--n] = '\0';
+  const char *path = strchr(strstr(http.base, "://") + 3, '/');
+  if (path && n >= 3 && !strcmp(http.base + n - 3, "/v1") && http.base + n - 3 >= path) {
+    http.base[n -= 3] = '\0';
+    while (n > 0 && http.base[n - 1] == '/') http.base[--n] = '\0';
+  }
 
   if (curl_global_init(CURL_GLOBAL_DEFAULT)) {
     set_err(http.init_err, sizeof http.init_err, "cannot initialise libcurl");
@@ -300,12 +308,23 @@ static void transport_reason(CURLcode cc, char *why, size_t cap) {
     why[0] = (char)tolower((unsigned char)why[0]);
 }
 
-/* One line for an error answer: "the daemon refused: 409 Conflict: DETAIL". */
+/* Whether a 401's detail says the daemon takes no mutations at all (it has
+ * no control.token_file): then no token the client sends can help. */
+static int mutations_off(const char *detail) {
+  return detail && strstr(detail, "mutations are off");
+}
+
+/* One line for an error answer: "the daemon refused: 409 Conflict: DETAIL".
+ * With out_problem, *out_problem gets the answer's problem+json object, or,
+ * when the answer held none, one made of its status, title and that line. */
 static void answer_error(const char *method, const char *path, long status, const head *h,
-                         const buf *b, char *err, size_t cap) {
+                         const buf *b, char *err, size_t cap, json_t **out_problem) {
   json_t *problem = b->len ? json_loadb(b->data, b->len, 0, NULL) : NULL;
   const char *title = NULL, *detail = NULL;
-  if (json_is_object(problem)) {
+  if (!json_is_object(problem)) {
+    json_decref(problem);
+    problem = NULL;
+  } else {
     title = json_string_value(json_object_get(problem, "title"));
     detail = json_string_value(json_object_get(problem, "detail"));
   }
@@ -318,7 +337,11 @@ static void answer_error(const char *method, const char *path, long status, cons
       if (*p == '\n' || *p == '\r' || *p == '\t') *p = ' ';
   }
   char hint[384] = "";
-  if (status == 401 && !http.token)
+  if (status == 401 && mutations_off(detail))
+    snprintf(hint, sizeof hint,
+             "; no token can change that: set control.token_file in the daemon's config "
+             "(or --set control.token_file=PATH) and restart it");
+  else if (status == 401 && !http.token)
     snprintf(hint, sizeof hint,
              "; give the daemon's control token with --token-file PATH or MTNLG_TOKEN_FILE");
   else if (status == 401)
@@ -333,17 +356,25 @@ static void answer_error(const char *method, const char *path, long status, cons
              method, path);
   set_err(err, cap, "the daemon %s: %ld%s%s%s%s", status >= 500 ? "failed" : "refused", status,
           *title ? " " : "", title, d, hint);
+  if (out_problem && !problem)
+    problem = json_pack("{s:s, s:s, s:I, s:s}", "type", "about:blank", "title", title, "status",
+                        (json_int_t)status, "detail", err);
+  if (out_problem) {
+    *out_problem = problem;
+    problem = NULL;
+  }
   json_decref(problem);
 }
 
 int ctl_http_request(const char *method, const char *path, const json_t *body, json_t **out,
-                     long *http_status, char *err, size_t err_cap) {
+                     json_t **problem, long *http_status, char *err, size_t err_cap) {
   int ret, post = !strcmp(method, "POST");
   char *url = NULL, *payload = NULL;
   buf b = {0};
   head h = {0};
   long status = 0;
   *out = NULL;
+  if (problem) *problem = NULL;
   err[0] = '\0';
   if (http_status) *http_status = 0;
   if ((ret = setup())) {
@@ -463,10 +494,10 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     /* control.reads_need_token: reads too, from now on, with the token */
     http.reads_need_token = 1;
     free(payload), free(url), free(b.data);
-    return ctl_http_request(method, path, body, out, http_status, err, err_cap);
+    return ctl_http_request(method, path, body, out, problem, http_status, err, err_cap);
   }
   if (status < 200 || status >= 300) {
-    answer_error(method, path, status, &h, &b, err, err_cap);
+    answer_error(method, path, status, &h, &b, err, err_cap, problem);
     goto cleanup;
   }
   json_error_t jerr;
@@ -487,18 +518,27 @@ cleanup:
   return ret;
 }
 
-int ctl_http_get(const char *path, json_t **out) {
+void ctl_http_print_error(const char *err, const json_t *problem) {
+  fprintf(stderr, "mtnlgctl: %s\n", err);
+  if (problem && ctl.output == CTL_OUTPUT_JSON) ctl_print_json(problem);
+}
+
+static int request_printing(const char *method, const char *path, const json_t *body,
+                            json_t **out) {
   char err[1024];
-  int rc = ctl_http_request("GET", path, NULL, out, NULL, err, sizeof err);
-  if (rc) fprintf(stderr, "mtnlgctl: %s\n", err);
+  json_t *problem = NULL;
+  int rc = ctl_http_request(method, path, body, out, &problem, NULL, err, sizeof err);
+  if (rc) ctl_http_print_error(err, problem);
+  json_decref(problem);
   return rc;
 }
 
+int ctl_http_get(const char *path, json_t **out) {
+  return request_printing("GET", path, NULL, out);
+}
+
 int ctl_http_post(const char *path, const json_t *body, json_t **out) {
-  char err[1024];
-  int rc = ctl_http_request("POST", path, body, out, NULL, err, sizeof err);
-  if (rc) fprintf(stderr, "mtnlgctl: %s\n", err);
-  return rc;
+  return request_printing("POST", path, body, out);
 }
 
 void ctl_http_close(void) {

@@ -9,7 +9,9 @@
  * first needs it: for a mutation (POST), and for a read only once the daemon
  * answered one 401 (control.reads_need_token), which is then sent again with
  * the token, as every read after it is; a read of a daemon that does not
- * ask never reads the file. The token is sent as a bearer header and never
+ * ask never reads the file. Under -o json a refusal's problem+json object
+ * is printed on stdout as well, so a script reads JSON in every case where
+ * the daemon answered. The token is sent as a bearer header and never
  * printed. Nothing here exits the process.
  */
 #ifndef MT_CTL_HTTP_H
@@ -21,10 +23,13 @@
 enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10 };
 
 /* One request: method "GET" or "POST", path from the endpoint's root
- * ("/v1/status"), body for POST (NULL: "{}"). On a 2xx answer *out gets the
- * parsed JSON (a new reference) and CTL_EXIT_OK is returned. Otherwise *out
- * is NULL, err holds one line saying what happened (without a "mtnlgctl: "
- * prefix) and the return is:
+ * ("/v1/status"; an endpoint given as ".../v1" is taken as its root), body
+ * for POST (NULL: "{}"). On a 2xx answer *out gets the parsed JSON (a new
+ * reference) and CTL_EXIT_OK is returned. Otherwise *out is NULL, err holds
+ * one line saying what happened (without a "mtnlgctl: " prefix), *problem
+ * (when problem is not NULL) gets, when the daemon answered with an error,
+ * its problem+json object (a new reference; made of the status, title and
+ * err when the answer held none), else NULL, and the return is:
  *   CTL_EXIT_USAGE        the endpoint is not an http(s) URL, the token file
  *                         (when the request needs it) cannot be read or is
  *                         not one word of printable ASCII
@@ -32,9 +37,14 @@ enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10 };
  *   CTL_EXIT_FAILURE      the daemon answered with an error, or not with JSON
  * *http_status (when not NULL) gets the HTTP status, 0 when none came. */
 int ctl_http_request(const char *method, const char *path, const json_t *body, json_t **out,
-                     long *http_status, char *err, size_t err_cap);
+                     json_t **problem, long *http_status, char *err, size_t err_cap);
 
-/* ctl_http_request that prints err as "mtnlgctl: <err>" on stderr. */
+/* A request that failed, as every verb prints it: err as "mtnlgctl: <err>"
+ * on stderr and, under -o json, the daemon's problem object (when not NULL)
+ * on stdout, as the answer a script reads (kubectl prints its Status so). */
+void ctl_http_print_error(const char *err, const json_t *problem);
+
+/* ctl_http_request that prints a failure by ctl_http_print_error. */
 int ctl_http_get(const char *path, json_t **out);
 int ctl_http_post(const char *path, const json_t *body, json_t **out);
 

@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -83,7 +84,8 @@ static void usage(FILE *f) {
              "      --cacert PATH     the CA certificate (PEM) an https:// daemon's\n"
              "                        certificate is checked against (default $MTNLG_CACERT,\n"
              "                        else the system's)\n"
-             "  -o, --output FORMAT   table (default) or json: the daemon's JSON as it came\n"
+             "  -o, --output FORMAT   table (default) or json: the daemon's JSON as it came,\n"
+             "                        its problem+json object when it refuses\n"
              "  -h, --help            show this help; `mtnlgctl help VERB` for a verb\n"
              "      --version         print the version\n"
              "\n"
@@ -115,15 +117,32 @@ int ctl_parse_output(const char *arg, ctl_output *out) {
   return 0;
 }
 
+/* A whole number in decimal digits alone (no sign, no 0x, no exponent, no
+ * spaces: what strtol would also take reads as another number than the one
+ * meant), at least 1 and at most INT_MAX. */
+static int parse_positive_int(const ctl_verb *verb, const char *opt, const char *arg, double *out) {
+  const char *p = arg;
+  while (*p >= '0' && *p <= '9') p++;
+  if (p == arg || *p)
+    return ctl_usage_error(verb, "%s: \"%s\" is not a positive integer (decimal digits, like 4)",
+                           opt, arg);
+  errno = 0;
+  long long v = strtoll(arg, NULL, 10);
+  if (errno == ERANGE || v > INT_MAX)
+    return ctl_usage_error(verb, "%s: \"%s\" is larger than the maximum, %d", opt, arg, INT_MAX);
+  if (v < 1) return ctl_usage_error(verb, "%s: \"%s\" is not a positive integer", opt, arg);
+  *out = (double)v;
+  return 0;
+}
+
 int ctl_parse_positive(const ctl_verb *verb, const char *opt, const char *arg, int integer,
                        double *out) {
+  if (integer) return parse_positive_int(verb, opt, arg, out);
   char *end;
   errno = 0;
   double v = strtod(arg, &end);
-  if (errno || end == arg || *end || !isfinite(v) || v <= 0 || (integer && v != floor(v)) ||
-      (integer && v > 2147483647.0))
-    return ctl_usage_error(verb, "%s: \"%s\" is not a positive %s", opt, arg,
-                           integer ? "integer" : "number");
+  if (errno || end == arg || *end || !isfinite(v) || v <= 0)
+    return ctl_usage_error(verb, "%s: \"%s\" is not a positive number", opt, arg);
   *out = v;
   return 0;
 }
@@ -228,6 +247,9 @@ int main(int argc, char **argv) {
   ctl.token_source = "MTNLG_TOKEN_FILE";
   env = getenv("MTNLG_CACERT");
   ctl.cacert = env && *env ? env : NULL;
+  /* getopt names argv[0] in its messages, which would be the path the tool
+   * was run by: "mtnlgctl: unrecognized option '--bogus'", as every other */
+  argv[0] = "mtnlgctl";
   /* '+': stop at the verb; what follows is the verb's to parse */
   while ((c = getopt_long(argc, argv, "+e:o:h", opts, NULL)) != -1) {
     switch (c) {

@@ -26,7 +26,8 @@
   "  --wait                 follow the operation until it ends: exit 0 when it\n"                  \
   "                         succeeded, 1 when it failed (with the reason)\n"                       \
   "  -o, --output FORMAT    table (default) or json (the operation object; with\n"                 \
-  "                         --wait, its final state)\n"                                            \
+  "                         --wait, its final state; when refused, the daemon's\n"                 \
+  "                         problem+json object)\n"                                                \
   "  -h, --help             show this help\n"                                                      \
   "\n"                                                                                             \
   "Needs the daemon's control token: --token-file PATH or MTNLG_TOKEN_FILE.\n"                     \
@@ -112,7 +113,7 @@ static int wait_op(const char *id, json_t **op, int human) {
     sleep_s(POLL_INTERVAL_S);
     json_t *next = NULL;
     long status = 0;
-    int rc = ctl_http_request("GET", path, NULL, &next, &status, err, sizeof err);
+    int rc = ctl_http_request("GET", path, NULL, &next, NULL, &status, err, sizeof err);
     if (rc == CTL_EXIT_UNREACHABLE || (rc == CTL_EXIT_FAILURE && status == 503)) {
       if (now_s() - last_ok > UNREACHABLE_GRACE_S) {
         fprintf(stderr, "mtnlgctl: %s\n", err);
@@ -179,6 +180,12 @@ int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv) {
       break;
     default: fprintf(stderr, "See 'mtnlgctl %s --help'.\n", verb->name); goto cleanup;
     }
+  }
+  if (resize && argc - optind == 1 && dp == 0 && argv[optind][0] >= '0' &&
+      argv[optind][0] <= '9') { /* "mtnlgctl resize 3" */
+    ctl_usage_error(verb, "1 argument given, at most 0; did you mean `mtnlgctl resize --dp %s`?",
+                    argv[optind]);
+    goto cleanup;
   }
   if (ctl_check_args(verb, argc - optind)) goto cleanup;
   if (resize && dp == 0) {

@@ -5,11 +5,9 @@
  * it as a table or JSON. A job whose worst stage does not fit prints the plan
  * and the refusal, and exits 1.
  */
-#include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,20 +44,6 @@ const char ctl_plan_help[] =
     "  --stages               list every pipeline stage (default: first, worst, last)\n"
     "  -o, --output FORMAT    table (default) or json\n"
     "  -h, --help             show this help\n";
-
-/* A positive number (a whole one when integer), or a usage error naming opt. */
-static int parse_number(const ctl_verb *verb, const char *opt, const char *arg, int integer,
-                        double *out) {
-  char *end;
-  errno = 0;
-  double v = strtod(arg, &end);
-  if (errno || end == arg || *end || !isfinite(v) || v <= 0 || (integer && v != floor(v)) ||
-      (integer && v > 2147483647.0))
-    return ctl_usage_error(verb, "%s: \"%s\" is not a positive %s", opt, arg,
-                           integer ? "integer" : "number");
-  *out = v;
-  return 0;
-}
 
 /* Memory in the table's unit: GB, or MB when the largest stage is under 1 GB. */
 typedef struct unit {
@@ -276,17 +260,17 @@ int ctl_verb_plan(const ctl_verb *verb, int argc, char **argv) {
   while ((c = getopt_long(argc, argv, "o:", opts, NULL)) != -1) {
     switch (c) {
     case OPT_DEVICES:
-      if (parse_number(verb, "--devices", optarg, 1, &v)) goto cleanup;
+      if (ctl_parse_positive(verb, "--devices", optarg, 1, &v)) goto cleanup;
       dev.devices = (int)v;
       break;
     case OPT_MEMORY:
-      if (parse_number(verb, "--device-memory", optarg, 0, &memory_gb)) goto cleanup;
+      if (ctl_parse_positive(verb, "--device-memory", optarg, 0, &memory_gb)) goto cleanup;
       break;
     case OPT_TFLOPS:
-      if (parse_number(verb, "--device-tflops", optarg, 0, &dev.tflops)) goto cleanup;
+      if (ctl_parse_positive(verb, "--device-tflops", optarg, 0, &dev.tflops)) goto cleanup;
       break;
     case OPT_EFFICIENCY:
-      if (parse_number(verb, "--efficiency", optarg, 0, &dev.efficiency)) goto cleanup;
+      if (ctl_parse_positive(verb, "--efficiency", optarg, 0, &dev.efficiency)) goto cleanup;
       if (dev.efficiency > 1) {
         ctl_usage_error(verb, "--efficiency: %s is above 1", optarg);
         goto cleanup;

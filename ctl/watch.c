@@ -185,11 +185,18 @@ int ctl_verb_watch(const ctl_verb *verb, int argc, char **argv) {
   json_t *last = NULL; /* the last answer, still shown on a terminal while none comes */
   for (long i = 0; count == 0 || i < (long)count; i++) {
     if (i) sleep_s(interval_s);
-    json_t *st = NULL;
+    json_t *st = NULL, *problem = NULL;
     char err[1024];
-    ret = ctl_http_request("GET", "/v1/status", NULL, &st, NULL, err, sizeof err);
+    ret = ctl_http_request("GET", "/v1/status", NULL, &st, &problem, NULL, err, sizeof err);
     if (ret) {
-      if (i == 0 || !tty) fprintf(stderr, "mtnlgctl: %s\n", err);
+      /* the first answer a refusal (401, say): printed as every verb prints
+       * one, its problem under -o json; later ones go on stderr, between the
+       * statuses of the stream */
+      if (i == 0)
+        ctl_http_print_error(err, problem);
+      else if (!tty)
+        fprintf(stderr, "mtnlgctl: %s\n", err);
+      json_decref(problem);
       if (i == 0) break; /* nothing to watch: a wrong endpoint, most likely */
       if (tty) draw(last, err, interval_s);
       continue;

@@ -3,12 +3,17 @@
 every verb, an endpoint nobody listens on (exit 3, with what to do), and token
 files (exit 2 when missing or malformed, by the rule mtnlgd and tools/local-cluster
 share, read for mutations and not for reads), `ckpt verify` of a directory that
-is not there; and it does not load cuBLAS. The verbs against real daemons are
-tests/cluster/test_control_cluster.py's (no stand-in server here: a mock would
-test our idea of the daemon, not the daemon).
+is not there; integer options (decimal digits alone, at most INT_MAX), the
+`resize 3` hint, getopt's messages named "mtnlgctl:", and `ckpt export` into a
+missing directory; and it does not load cuBLAS. The verbs against real daemons
+are tests/cluster/test_control_cluster.py's and test_mtnlgctl_refusals.py's (no
+stand-in daemon here: a mock would test our idea of the daemon, not the daemon);
+the one socket server here only records the request line mtnlgctl sends (an
+endpoint given as .../v1) or answers what no mtnlgd does (a proxy's 502 page).
 
 Usage: test_mtnlgctl_cli.py MTNLGCTL
 """
+import json
 import os
 import socket
 import subprocess
@@ -97,6 +102,63 @@ def test_usage_errors_exit_2():
     check(p.returncode == 0, "help ignores a bad MTNLG_ENDPOINT and MTNLG_TOKEN_FILE", p)
 
 
+def test_integer_options_take_decimal_digits_up_to_int_max():
+    """Every integer option of mtnlgctl reads decimal digits alone: "0x2" and
+    "2e0" are not read as 2 (strtod took them), and a number over INT_MAX is
+    said to be too large, not "not a positive integer"."""
+    options = ((["resize", "--dp"], []), (["watch", "--count"], []),
+               (["plan", "--devices"], ["job.json"]),
+               (["ckpt", "reshard", "d", "o", "--tp"], ["--pp", "1"]),
+               (["ckpt", "reshard", "d", "o", "--pp"], ["--tp", "1"]),
+               (["ckpt", "reshard", "d", "o", "--tp", "1", "--pp", "1", "--virtual-stages"], []))
+    for before, after in options:
+        opt = before[-1]
+        for value in ("0x2", "2e0", "+2", " 2", "2.0", "0", "-1", "", "2 "):
+            p = run(*before, value, *after)
+            check(p.returncode == 2 and f'{opt}: "{value}" is not a positive integer' in p.stderr,
+                  f"{before[0]} {opt} {value!r} is refused as not a positive integer", p)
+        for value in ("2147483648", "99999999999", "99999999999999999999999"):
+            p = run(*before, value, *after)
+            check(p.returncode == 2 and f'{opt}: "{value}" is larger than the maximum, 2147483647'
+                  in p.stderr, f"{before[0]} {opt} {value} is said to be over the maximum", p)
+    # the largest one is taken: resize goes on to the daemon (none here: exit 3)
+    p = run("-e", f"http://127.0.0.1:{free_port()}", "resize", "--dp", "2147483647")
+    check(p.returncode == 3, "resize --dp 2147483647 is taken", p)
+
+
+def test_resize_with_a_bare_number_suggests_dp():
+    p = run("resize", "3")
+    check(p.returncode == 2 and "did you mean `mtnlgctl resize --dp 3`?" in p.stderr,
+          "resize 3 suggests --dp 3", p)
+    p = run("resize", "x")
+    check(p.returncode == 2 and "did you mean" not in p.stderr and "at most 0" in p.stderr,
+          "resize x does not suggest --dp x", p)
+
+
+def test_unknown_global_option_names_mtnlgctl_not_its_path():
+    """getopt's message names argv[0]: the path mtnlgctl was run by (here the
+    build directory's), where every other message starts "mtnlgctl:"."""
+    for args, says in ((["--bogus"], "mtnlgctl: unrecognized option '--bogus'"),
+                       (["-o"], "mtnlgctl: option requires an argument -- 'o'")):
+        p = run(*args)
+        check(p.returncode == 2 and p.stderr.startswith(says) and ctl not in p.stderr,
+              f"{args} starts {says!r}", p)
+
+
+def test_ckpt_export_into_a_missing_directory_names_the_directory():
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "nonexistent-dir", "out.safetensors")
+        p = run("ckpt", "export", d, out)
+        check(p.returncode == 1 and p.stderr == f"mtnlgctl ckpt: export to {out}: its directory "
+              f"{os.path.dirname(out)}: No such file or directory\n" and ".tmp" not in p.stderr,
+              "ckpt export names OUT's missing directory, not a temporary file", p)
+        afile = os.path.join(d, "afile")
+        open(afile, "w").close()
+        p = run("ckpt", "export", d, os.path.join(afile, "out.safetensors"))
+        check(p.returncode == 1 and f"{afile} is not a directory" in p.stderr,
+              "ckpt export under a file says it is not a directory", p)
+
+
 def test_help_for_every_verb():
     p = run("--help")
     check(p.returncode == 0, "--help exits 0", p)
@@ -173,6 +235,85 @@ def test_a_port_that_answers_no_http_exits_3():
               "a port that answers no HTTP exits 3 naming the control port", p)
     finally:
         srv.close()
+
+
+def answering_server(answer):
+    """A loopback port that answers every request with the bytes answer and
+    keeps each request's first line; (url, request lines, close)."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    lines = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                req = b""
+                while b"\r\n\r\n" not in req:
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    req += chunk
+                lines.append(req.split(b"\r\n")[0].decode())
+                c.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", lines, srv.close
+
+
+def test_endpoint_given_as_the_api_root_is_taken_as_its_base():
+    """-e http://host:port/v1 (the API's root, as its paths read) asks for
+    /v1/status, not /v1/v1/status; the same with a trailing slash."""
+    url, lines, close = answering_server(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    try:
+        for suffix in ("/v1", "/v1/", "/", ""):
+            del lines[:]
+            p = run("-e", url + suffix, "status")
+            check(p.returncode == 1 and lines == ["GET /v1/status HTTP/1.1"],
+                  f"-e URL{suffix} asks for /v1/status (asked: {lines})", p)
+        del lines[:]
+        p = run("-e", url + "/prefix/v1", "status")
+        check(lines == ["GET /prefix/v1/status HTTP/1.1"],
+              f"-e URL/prefix/v1 keeps the prefix (asked: {lines})", p)
+    finally:
+        close()
+
+
+def test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_status():
+    """Under -o json an error answer that is no problem+json (a proxy's HTML
+    page, say) still prints a JSON object on stdout: its status, title and
+    the line said on stderr, so a script's jq reads the same shape as the
+    daemon's refusals; in a table, nothing on stdout."""
+    url, _, close = answering_server(
+        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 6\r\n"
+        b"Connection: close\r\n\r\n<html>")
+    try:
+        for args in (["status"], ["nodes"], ["ops"], ["ops", "op-1"], ["checkpoints"],
+                     ["watch", "--count", "1"], ["pause"], ["resize", "--dp", "2"]):
+            with tempfile.NamedTemporaryFile("w") as tok:
+                tok.write("t0ken\n")
+                tok.flush()
+                p = run("-e", url, "--token-file", tok.name, "-o", "json", *args)
+                t = run("-e", url, "--token-file", tok.name, *args)
+            try:
+                obj = json.loads(p.stdout)
+            except ValueError:
+                obj = None
+            line = p.stderr.strip().splitlines()[0] if p.stderr.strip() else ""
+            check(p.returncode == 1 and isinstance(obj, dict) and obj.get("status") == 502
+                  and obj.get("title") == "Bad Gateway"
+                  and "mtnlgctl: " + obj.get("detail", "") == line,
+                  f"-o json {' '.join(args)} prints a problem object made of the 502", p)
+            check(t.returncode == 1 and t.stdout == "",
+                  f"{' '.join(args)} in a table prints nothing on stdout", t)
+    finally:
+        close()
 
 
 def test_token_file():
@@ -301,8 +442,14 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     ctl = sys.argv[1]
-    for t in (test_usage_errors_exit_2, test_help_for_every_verb,
+    for t in (test_usage_errors_exit_2, test_integer_options_take_decimal_digits_up_to_int_max,
+              test_resize_with_a_bare_number_suggests_dp,
+              test_unknown_global_option_names_mtnlgctl_not_its_path,
+              test_ckpt_export_into_a_missing_directory_names_the_directory,
+              test_help_for_every_verb,
               test_unreachable_endpoint_exits_3, test_a_port_that_answers_no_http_exits_3,
+              test_endpoint_given_as_the_api_root_is_taken_as_its_base,
+              test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_status,
               test_token_file,
               test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist,
               test_completion_knows_every_verb, test_no_cublas_loaded):

@@ -1,0 +1,174 @@
+"""mtnlgctl against live daemons that refuse: what it prints where.
+
+usage: test_mtnlgctl_refusals.py MTNLGD MTNLGCTL
+
+Two daemons, each one node of a 4-node job (so each waits forming and
+trains nothing; cheap), with a checkpoint.dir:
+- one with a control token and control.reads_need_token:
+  - test_json_output_of_a_refusal_is_the_daemons_problem_on_stdout: under
+    -o json every verb the daemon refuses (a 409 for pause, resume,
+    checkpoint and resize while forming, a 404 for an unknown operation,
+    a 401 for status, nodes, watch, ops and checkpoints without the token)
+    prints the daemon's problem+json object on stdout, the one line on
+    stderr and exits 1; in a table nothing goes to stdout;
+  - test_a_wrong_token_is_said_not_accepted: a 401 with a token names the file;
+  - test_checkpoints_while_forming_does_not_offer_mtnlgctl_checkpoint: no
+    checkpoint yet, and `mtnlgctl checkpoint` is refused until a
+    generation runs, so the hint says so rather than offering it;
+  - test_endpoint_given_as_the_api_root_reaches_the_daemon: -e URL/v1.
+- one without a control token (mutations off):
+  - test_a_daemon_without_a_token_is_told_to_get_one: the 401 of a pause,
+    with or without --token-file, says to set control.token_file on the
+    daemon and restart it, not to give a token no daemon would accept.
+Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from local_cluster import LocalCluster, check, license_tokens, tiny_job  # noqa: E402
+
+failures = 0
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("MTNLG_")
+            and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+
+
+def ctl(mtnlgctl, node, *args, endpoint=None):
+    return subprocess.run([mtnlgctl, "-e", endpoint or node.url(), *args], capture_output=True,
+                          text=True, timeout=60, env=clean_env())
+
+
+def wait_health(c, node):
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if node.proc.poll() is not None:
+            raise AssertionError("the daemon exited %s\n%s" % (node.proc.returncode, c.logs()))
+        try:
+            with urllib.request.urlopen(node.url() + "/v1/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("no /v1/health in 60 s\n" + c.logs())
+
+
+def refused_as_json(mtnlgctl, node, args, status, token_file=None):
+    """'' when -o json ARGS exits 1 with the daemon's problem (of status) on
+    stdout and its line on stderr, and ARGS in a table prints nothing on
+    stdout; else what was wrong."""
+    tok = ["--token-file", token_file] if token_file else []
+    p = ctl(mtnlgctl, node, *tok, "-o", "json", *args)
+    t = ctl(mtnlgctl, node, *tok, *args)
+    try:
+        obj = json.loads(p.stdout)
+    except ValueError:
+        obj = None
+    lines = p.stderr.splitlines()
+    ok = (p.returncode == 1 and isinstance(obj, dict) and obj.get("status") == status
+          and obj.get("detail") and len(lines) == 1
+          and lines[0].startswith("mtnlgctl: the daemon refused: %d " % status)
+          and obj["detail"].split("\n")[0] in lines[0]
+          and t.returncode == 1 and t.stdout == "" and t.stderr == p.stderr)
+    return "" if ok else "%s: -o json exit %d stdout %r stderr %r; table exit %d stdout %r" % (
+        " ".join(args), p.returncode, p.stdout[:400], p.stderr[:400], t.returncode, t.stdout[:200])
+
+
+def test_with_token(mtnlgd, mtnlgctl, tmp, job):
+    global failures
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "token"), job, nodes=1, devices="cpu:2",
+                     extra={"control": {"reads_need_token": "yes"}}, token="refusal-token")
+    n = c.nodes[0]
+    try:
+        c.start()
+        wait_health(c, n)
+        bad = []
+        for args in (["pause"], ["resume"], ["checkpoint"], ["resize", "--dp", "1"],
+                     ["pause", "--wait"]):
+            bad.append(refused_as_json(mtnlgctl, n, args, 409, c.token_file))
+        bad.append(refused_as_json(mtnlgctl, n, ["ops", "op-999"], 404, c.token_file))
+        for args in (["status"], ["nodes"], ["watch", "--count", "1"], ["ops"], ["checkpoints"]):
+            bad.append(refused_as_json(mtnlgctl, n, args, 401))
+        bad = [b for b in bad if b]
+        failures += check("test_json_output_of_a_refusal_is_the_daemons_problem_on_stdout",
+                          not bad, "\n".join(bad))
+
+        wrong = os.path.join(tmp, "wrong-token")
+        with open(wrong, "w") as f:
+            f.write("not-the-token\n")
+        p = ctl(mtnlgctl, n, "--token-file", wrong, "pause")
+        failures += check("test_a_wrong_token_is_said_not_accepted",
+                          p.returncode == 1 and "401" in p.stderr
+                          and "the token in %s was not accepted" % wrong in p.stderr
+                          and "control.token_file" not in p.stderr, p.stderr)
+
+        p = ctl(mtnlgctl, n, "--token-file", c.token_file, "checkpoints")
+        failures += check("test_checkpoints_while_forming_does_not_offer_mtnlgctl_checkpoint",
+                          p.returncode == 0 and "no checkpoints yet in" in p.stdout
+                          and "the cluster is forming, and `mtnlgctl checkpoint` is refused "
+                          "until a generation runs" in p.stdout
+                          and "writes one" not in p.stdout, p.stdout + p.stderr)
+
+        outs = [ctl(mtnlgctl, n, "--token-file", c.token_file, "-o", "json", "status",
+                    endpoint=n.url() + suffix) for suffix in ("/v1", "/v1/")]
+        failures += check("test_endpoint_given_as_the_api_root_reaches_the_daemon",
+                          all(p.returncode == 0 and json.loads(p.stdout)["state"] == "forming"
+                              for p in outs),
+                          "; ".join("exit %d %r" % (p.returncode, p.stderr) for p in outs))
+    except (AssertionError, OSError, ValueError, KeyError) as e:
+        failures += check("test_with_token_runs", False, "%s\n%s" % (e, c.logs()))
+    finally:
+        c.kill_all()
+
+
+def test_without_token(mtnlgd, mtnlgctl, tmp, job):
+    global failures
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "notoken"), job, nodes=1, devices="cpu:2")
+    n = c.nodes[0]
+    tok = os.path.join(tmp, "some-token")
+    with open(tok, "w") as f:
+        f.write("some-token\n")
+    try:
+        c.start()
+        wait_health(c, n)
+        ps = [ctl(mtnlgctl, n, "pause"), ctl(mtnlgctl, n, "--token-file", tok, "pause")]
+        says = "set control.token_file in the daemon's config"
+        ok = all(p.returncode == 1 and "401 Unauthorized" in p.stderr and "mutations are off"
+                 in p.stderr and says in p.stderr and "restart it" in p.stderr
+                 and "--token-file PATH" not in p.stderr and "was not accepted" not in p.stderr
+                 for p in ps)
+        bad = refused_as_json(mtnlgctl, n, ["pause"], 401)
+        failures += check("test_a_daemon_without_a_token_is_told_to_get_one", ok and not bad,
+                          " | ".join(p.stderr for p in ps) + bad)
+    except (AssertionError, OSError, ValueError, KeyError) as e:
+        failures += check("test_without_token_runs", False, "%s\n%s" % (e, c.logs()))
+    finally:
+        c.kill_all()
+
+
+def main():
+    mtnlgd, mtnlgctl = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    tmp = tempfile.mkdtemp(prefix="mt_ctlrefuse_")
+    try:
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+        job = tiny_job(os.path.join(tmp, "job.json"), tokens, "refusals", 1000,
+                       checkpoint={"dir": os.path.join(tmp, "ckpt"), "interval": 0})
+        test_with_token(mtnlgd, mtnlgctl, tmp, job)
+        test_without_token(mtnlgd, mtnlgctl, tmp, job)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
