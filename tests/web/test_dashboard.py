@@ -17,15 +17,25 @@ websocket client below (standard library only). Checks, in the page's DOM:
   #op-status name the pause operation and its success;
 - test_resume_button_resumes_without_asking_again: #btn-resume resumes
   (the token is kept in sessionStorage: no second prompt) and steps advance;
+- test_buttons_while_running_are_all_but_resume, _while_paused_are_resume_
+  checkpoint_and_stop: the buttons are enabled by the state, as the
+  coordinator takes the orders;
+- test_resize_prompt_takes_a_positive_decimal_integer_only: "0x3", "1e1",
+  "2.0" and "0" are refused on the page, nothing sent;
 - a screenshot of the page (Page.captureScreenshot), written to OUT_DIR
   (default: the working directory), its path printed;
-- test_page_says_when_its_daemon_is_gone: once every daemon stopped, the
-  page shows #state "unreachable", #conn "no answer since ...", the values
-  greyed out (main.stale), and links to the other nodes' control planes;
+- test_stop_button_stops_the_cluster_cleanly (confirmed; every daemon exits
+  0) and test_page_keeps_the_stopped_state_once_its_daemons_exit: #state
+  "stopped", #reason "stopped at step N ...", not greyed out, no button;
 - test_heartbeats_are_coloured_against_the_clusters_interval: a daemon
   heartbeating every 6 s (cluster.heartbeat_interval_ms, which /v1/status
   publishes with the timeout) shows a heartbeat age past 2 s uncoloured:
-  late is past two intervals, lost past the timeout.
+  late is past two intervals, lost past the timeout; there, while forming,
+  test_buttons_while_forming_are_only_stop;
+- test_page_says_when_its_daemon_is_gone: once its daemon is killed, the
+  page shows #state "unreachable", #conn "no answer since ...", the values
+  greyed out (main.stale), no button, and links to the other node's
+  control plane.
 Exits 77 (skipped) when no Chromium is installed.
 """
 import base64
@@ -256,7 +266,9 @@ DOM_SNAPSHOT = """(function () {
           storeShown: !document.getElementById('store-card').hidden,
           beats: Array.prototype.map.call(document.querySelectorAll('#nodes tr[data-node]'),
             function (r) { var c = r.cells[8]; return [c.textContent, c.className]; }),
-          stale: document.getElementById('main').className};
+          stale: document.getElementById('main').className, reason: t('reason'),
+          enabled: ['pause', 'resume', 'checkpoint', 'resize', 'stop'].filter(function (k) {
+            return !document.getElementById('btn-' + k).disabled; })};
 })()"""
 
 
@@ -315,14 +327,22 @@ def run(mtnlgd, out_dir, chromium, tmp):
                      heartbeat_ms=200, timeout_ms=5000, token=TOKEN)
     browser = None
     dialogs = []
+    answers = {"confirm": False, "resize": None}
 
     def on_event(dt, msg):
         if msg["method"] == "Page.javascriptDialogOpening":
             p = msg["params"]
             dialogs.append((p["type"], p["message"]))
-            # never answer a confirm() (that is Stop): only the token prompt
+            # a confirm() (that is Stop) only once the test stops the cluster;
+            # the prompts: the token, or the resize's replicas
+            resize = p["message"].startswith("Data-parallel")
             dt.send("Page.handleJavaScriptDialog",
-                    {"accept": p["type"] == "prompt", "promptText": TOKEN})
+                    {"accept": p["type"] == "prompt" or answers["confirm"],
+                     "promptText": answers["resize"] if resize else TOKEN})
+
+    def page_shows(state):
+        return wait_until(lambda: (lambda d: d if d["state"] == state else None)(dom(dt)), 10,
+                          "the page to show %s" % state)
 
     try:
         c.start()
@@ -348,6 +368,24 @@ def run(mtnlgd, out_dir, chromium, tmp):
         failures += check("test_dashboard_renders_the_clusters_values_while_training", ok,
                           "page %s, /v1/status state %s generation %s step %s" % (
                               d, want["state"], want["generation"], want["step"]))
+        failures += check("test_buttons_while_running_are_all_but_resume",
+                          d["enabled"] == ["pause", "checkpoint", "resize", "stop"],
+                          "enabled: %s" % d["enabled"])
+
+        # the resize prompt takes decimal digits alone: Number() read 0x3 as 3, 1e1 as 10
+        said = []
+        for value in ("0x3", "1e1", "2.0", "0"):
+            answers["resize"] = value
+            click(dt, "btn-resize")
+            said.append(wait_until(lambda: (lambda d: d["op"] if '"%s"' % value in d["op"]
+                                            else None)(
+                dom(dt)), 10, "#op-status to answer the resize prompt %s" % value))
+        failures += check("test_resize_prompt_takes_a_positive_decimal_integer_only",
+                          all(x.startswith('resize: "') and "is not a positive whole number" in x
+                              for x in said) and dialogs.count(("prompt", "Control token "
+                                                                "(sent as Authorization: Bearer …)")) == 0,
+                          "#op-status: %s; dialogs %s" % (said, dialogs))
+        del dialogs[:]
 
         # (a) paused through the API: #step equals /v1/status's step
         code, op = http(n0.url() + "/v1/pause", "POST", TOKEN, b"{}")
@@ -368,6 +406,9 @@ def run(mtnlgd, out_dir, chromium, tmp):
               and d["storeShown"] and want.get("store") is not None
               and re.match(r"^\d+ keys, [\d.]+ [kMG]?B of 17\.2 GB \(\d+\.\d%\)$",
                            d["store"] or "") is not None)
+        failures += check("test_buttons_while_paused_are_resume_checkpoint_and_stop",
+                          d["enabled"] == ["resume", "checkpoint", "stop"],
+                          "enabled: %s" % d["enabled"])
         failures += check("test_dashboard_shows_the_paused_step_of_v1_status", ok,
                           "#step %s, /v1/status step %s on n0..n3 %s; #skipped-steps %s, /v1/status "
                           "%s; #tflops %s, #tokens-per-s %s, the devices' %s, tokens_per_s %s; "
@@ -378,6 +419,7 @@ def run(mtnlgd, out_dir, chromium, tmp):
         code, _ = http(n0.url() + "/v1/resume", "POST", TOKEN, b"{}")
         assert code == 202, "POST /v1/resume: %s" % code
         wait_until(lambda: status(n0)["state"] == "running", 20, "running again (API)")
+        page_shows("running")
 
         # (b) the Pause button, token answered in the prompt
         click(dt, "btn-pause")
@@ -395,6 +437,7 @@ def run(mtnlgd, out_dir, chromium, tmp):
         held = status(n0)["step"] == st["step"]
 
         # (b) the Resume button: no second prompt, steps advance
+        page_shows("paused")
         click(dt, "btn-resume")
         deadline = time.time() + 20
         while time.time() < deadline and status(n0)["state"] != "running":
@@ -417,21 +460,26 @@ def run(mtnlgd, out_dir, chromium, tmp):
         failures += check("test_screenshot_written", png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000,
                           "%s (%d bytes)" % (shot, len(png)))
 
+        # (d) the Stop button (confirmed) stops the cluster; every daemon exits 0
+        # about 2 s later, and the page keeps the state the job ended in
+        # rather than greying it out as a lost daemon
         alive = [n.running() for n in c.nodes]
-        c.stop()
-        codes = [n.proc.returncode for n in c.nodes]
-        failures += check("test_cluster_stops_cleanly_after", all(alive) and codes == [0] * 4,
-                          "alive %s, exit codes %s" % (alive, codes))
-
-        # (d) its daemon gone: the page says so instead of showing the last values as live
-        d = wait_until(lambda: (lambda d: d if d["state"] == "unreachable" else None)(dom(dt)), 15,
-                       "the page to notice its daemon is gone")
-        ok = (d["conn"].startswith("no answer since") and d["stale"] == "stale"
-              and all(n in (d["others"] or "") for n in ("n1", "n2", "n3"))
-              and "n0" not in (d["others"] or ""))
-        failures += check("test_page_says_when_its_daemon_is_gone", ok,
-                          "#state %r, #conn %r, main class %r, #others %r"
-                          % (d["state"], d["conn"], d["stale"], d["others"]))
+        page_shows("running")
+        answers["confirm"] = True
+        click(dt, "btn-stop")
+        codes = c.wait_all(60)
+        failures += check("test_stop_button_stops_the_cluster_cleanly",
+                          all(alive) and codes == [0] * 4 and ("confirm", "Stop the job on every "
+                          "node? It can be started again from its last checkpoint.") in dialogs,
+                          "alive %s, exit codes %s, dialogs %s" % (alive, codes, dialogs))
+        d = wait_until(lambda: (lambda d: d if d["conn"].startswith("the daemon exited")
+                                else None)(dom(dt)), 20, "the page to notice its daemon exited")
+        ok = (d["state"] == "stopped" and re.match(r"^stopped at step \d+", d["reason"] or "")
+              and d["stale"] != "stale" and d["enabled"] == [] and not d["others"])
+        failures += check("test_page_keeps_the_stopped_state_once_its_daemons_exit", ok,
+                          "#state %r, #reason %r, #conn %r, main class %r, enabled %s, #others %r"
+                          % (d["state"], d["reason"], d["conn"], d["stale"], d["enabled"],
+                             d["others"]))
         failures += test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp)
         dt.ws.close()
     except (AssertionError, RuntimeError, TimeoutError, ConnectionError, OSError) as e:
@@ -449,12 +497,16 @@ def run(mtnlgd, out_dir, chromium, tmp):
 
 
 def test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp):
-    """One daemon of the 4-node job (so it waits, forming, and trains nothing)
-    heartbeating every 6 s: its heartbeat age runs up to about 6 s, healthy,
+    """Two daemons of the 4-node job (so they wait, forming, and train nothing)
+    heartbeating every 6 s: n0's heartbeat age runs up to about 6 s, healthy,
     and the page must not colour it late (past 2 intervals, 12 s) nor lost
-    (past the 60 s timeout), as fixed 2 s and 5 s thresholds did."""
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "slow-heartbeat"), write_job(tmp), nodes=1,
-                     heartbeat_ms=6000, timeout_ms=60000)
+    (past the 60 s timeout), as fixed 2 s and 5 s thresholds did. While
+    forming only Stop is enabled. Then n0 is killed (SIGKILL, while
+    forming: no end of the job): the page says so, greys its values out and
+    links n1's control plane (returns the failures)."""
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "slow-heartbeat"), write_job(tmp), nodes=2,
+                     heartbeat_ms=6000, timeout_ms=60000, token=TOKEN)
+    failures = 0
     try:
         c.start()
         n0 = c.nodes[0]
@@ -469,12 +521,28 @@ def test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp):
 
         d = wait_until(aged, 90, "the page to show n0's heartbeat older than 2 s")
         ok = (st.get("heartbeat_interval_ms") == 6000 and st.get("heartbeat_timeout_ms") == 60000
-              and d["rows"] == ["n0"] and d["beats"][0][1] == "")
-        return check("test_heartbeats_are_coloured_against_the_clusters_interval", ok,
-                     "/v1/status heartbeat_interval_ms %s, heartbeat_timeout_ms %s; page rows %s, "
-                     "heartbeat cells (text, class) %s" % (
-                         st.get("heartbeat_interval_ms"), st.get("heartbeat_timeout_ms"),
-                         d["rows"], d["beats"]))
+              and d["rows"][:1] == ["n0"] and d["beats"][0][1] == "")
+        failures += check("test_heartbeats_are_coloured_against_the_clusters_interval", ok,
+                          "/v1/status heartbeat_interval_ms %s, heartbeat_timeout_ms %s; page rows "
+                          "%s, heartbeat cells (text, class) %s" % (
+                              st.get("heartbeat_interval_ms"), st.get("heartbeat_timeout_ms"),
+                              d["rows"], d["beats"]))
+        d = wait_until(lambda: (lambda d: d if d["rows"] == ["n0", "n1"] else None)(dom(dt)), 30,
+                       "the page to list n0 and n1")
+        failures += check("test_buttons_while_forming_are_only_stop", d["enabled"] == ["stop"],
+                          "#state %r, enabled %s" % (d["state"], d["enabled"]))
+
+        # its daemon killed: the page says so instead of showing the last values as live
+        c.nodes[0].signal(signal.SIGKILL)
+        d = wait_until(lambda: (lambda d: d if d["state"] == "unreachable" else None)(dom(dt)), 15,
+                       "the page to notice its daemon is gone")
+        ok = (d["conn"].startswith("no answer since") and d["stale"] == "stale"
+              and "n1" in (d["others"] or "") and "n0" not in (d["others"] or "")
+              and d["enabled"] == [])
+        failures += check("test_page_says_when_its_daemon_is_gone", ok,
+                          "#state %r, #conn %r, main class %r, #others %r, enabled %s"
+                          % (d["state"], d["conn"], d["stale"], d["others"], d["enabled"]))
+        return failures
     finally:
         c.kill_all()
 
