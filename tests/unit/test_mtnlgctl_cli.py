@@ -207,6 +207,17 @@ def test_unreachable_endpoint_exits_3():
           "an unknown host exits 3", p)
 
 
+def close_server(srv):
+    """Closes a listening socket whose thread waits in accept(): a close alone
+    leaves that accept() holding it, still listening, and a port number used
+    again later reaches it (a later test's connection answered by this one)."""
+    try:
+        srv.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    srv.close()
+
+
 def test_a_port_that_answers_no_http_exits_3():
     """An endpoint copied from the wrong line (the rendezvous store's port):
     a server that answers in another protocol is a daemon not reached, exit 3
@@ -234,7 +245,7 @@ def test_a_port_that_answers_no_http_exits_3():
               and "control port (control.listen)" in p.stderr,
               "a port that answers no HTTP exits 3 naming the control port", p)
     finally:
-        srv.close()
+        close_server(srv)
 
 
 def answering_server(answer):
@@ -263,7 +274,7 @@ def answering_server(answer):
                 c.sendall(answer)
 
     threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{srv.getsockname()[1]}", lines, srv.close
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", lines, lambda: close_server(srv)
 
 
 def test_endpoint_given_as_the_api_root_is_taken_as_its_base():
