@@ -344,6 +344,8 @@ static void answer_error(const char *method, const char *path, long status, cons
   else if (status == 401 && !http.token)
     snprintf(hint, sizeof hint,
              "; give the daemon's control token with --token-file PATH or MTNLG_TOKEN_FILE");
+  else if (status == 401 && detail && strstr(detail, "not accepted"))
+    snprintf(hint, sizeof hint, " (the token sent is the one in %s)", ctl.token_file);
   else if (status == 401)
     snprintf(hint, sizeof hint, "; the token in %s was not accepted", ctl.token_file);
   else if (status == 404 && !json_is_object(problem))

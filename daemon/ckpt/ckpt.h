@@ -227,9 +227,10 @@ typedef struct mt_ckpt_entry {
 } mt_ckpt_entry;
 
 /* Committed checkpoints of job_dir by ascending step; *out is owned (free()).
- * Cheap: nothing is read but directory entries, `latest`, each shard's
- * 64-byte header (its size against the one it gives) and the first 4 KiB
- * of each manifest (its step against the directory's); no data. */
+ * Cheap: nothing is read but directory entries, `latest`, a shard's 64-byte
+ * header (its size against the one it gives) once for each name and size
+ * in the listing, and the first 4 KiB of each manifest (its step against
+ * the directory's); no data. */
 int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n);
 
 /* After a resume passed over the checkpoint of `step` as damaged and every
