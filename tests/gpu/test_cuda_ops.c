@@ -1556,6 +1556,42 @@ static void test_gelu_epilogue_switch(void) {
   gpu.gelu_epilogue = on;
 }
 
+/* A bias and a GeLU input (aux) 4 bytes past an allocation, as a slice of
+ * a packed vector could be: cuBLASLt's heuristic cannot be told their
+ * alignment and its epilogues may fault on one under 16 bytes, so the GPU
+ * takes cuBLAS and its own bias and GeLU kernels there (device_cuda.cu's
+ * gemm_lt). Against the CPU; on the emulator also that no cuBLASLt GEMM ran. */
+static void test_linear_unaligned_bias_and_aux(void) {
+  const int N = 9, C = 20, OC = 16; /* OC a multiple of 8: aligned, both epilogues would serve */
+  const size_t no = (size_t)N * OC;
+  float *x = H((size_t)N * C, -1, 1), *w = H((size_t)OC * C, -0.5f, 0.5f), *b = H(OC, -1, 1);
+  float *dx = Df(x, (size_t)N * C), *dw = Df(w, (size_t)OC * C);
+  float *db = Df(H(OC + 1, -1, 1), OC + 1) + 1; /* 4 bytes past a 256-byte boundary */
+  if (mt_device_memcpy_htod(&gpu, db, b, OC * sizeof(float))) die("copy to the device");
+  float *co = halloc(no * sizeof(float)), *cp = halloc(no * sizeof(float));
+  float *go = DN(no), *gp = DN(no + 1) + 1;
+  long lt0, lt1, gelu, dgelu, blas;
+  (void)lt0, (void)lt1, (void)gelu, (void)dgelu, (void)blas;
+#ifdef MT_CUDA_EMU
+  mt_emu_gemm_counts(&lt0, &gelu, &dgelu, &blas);
+#endif
+  cpu.ops->linear_fwd(&cpu, co, MT_F32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
+  gpu.ops->linear_fwd(&gpu, go, MT_F32, dx, MT_F32, dw, MT_F32, db, NULL, N, C, OC);
+  check("linear_fwd", "bias 4-byte aligned", back(go, no), co, no, prec_tol(MT_MATMUL_FP32));
+  cpu.ops->linear_gelu_fwd(&cpu, co, cp, MT_F32, x, MT_F32, w, MT_F32, b, NULL, N, C, OC);
+  gpu.ops->linear_gelu_fwd(&gpu, go, gp, MT_F32, dx, MT_F32, dw, MT_F32, db, NULL, N, C, OC);
+  check("linear_gelu_fwd", "bias, pre 4-byte aligned: out", back(go, no), co, no,
+        GELU_EPILOGUE_TOL);
+  check("linear_gelu_fwd", "bias, pre 4-byte aligned: pre", back(gp, no), cp, no,
+        prec_tol(MT_MATMUL_FP32));
+#ifdef MT_CUDA_EMU
+  mt_emu_gemm_counts(&lt1, &gelu, &dgelu, &blas);
+  check_that("linear_fwd", "unaligned bias or aux: no cuBLASLt", lt1 == lt0,
+             label("%ld cuBLASLt GEMM(s)", lt1 - lt0));
+#endif
+  arena_reset();
+}
+
 #ifdef MT_CUDA_EMU
 /* On a GPU that gives a block less shared memory than the flash backward at
  * head size 160 takes (an sm_86/sm_89 part: 101376 bytes, emulated through
@@ -1724,6 +1760,7 @@ int main(int argc, char **argv) {
     test_crossentropy(3, 700, 768);
     test_adamw(5000);
     test_sumsq_multi();
+    test_linear_unaligned_bias_and_aux();
   } else {
     shape s = {4, 256, 256, 4, 1000, 1024};
     test_embedding(s);
@@ -1786,6 +1823,7 @@ int main(int argc, char **argv) {
     test_crossentropy(256, 50257, 50304);
     test_adamw((size_t)1 << 22);
     test_sumsq_multi();
+    test_linear_unaligned_bias_and_aux();
   }
   test_gelu_epilogue_switch();
   int rc = mt_device_sync(&gpu);
