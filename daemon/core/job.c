@@ -964,8 +964,9 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
    * batches: the decay ends with the run (Megatron's lr_decay_samples
    * defaults to train_samples) */
   const mt_train_spec *t = &job->train;
-  if (!g->decay && ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch)
-    lr->decay_steps = ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch);
+  bool ramp_decay =
+      !g->decay && ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch;
+  if (ramp_decay) lr->decay_steps = ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch);
   /* a decay length that was refused itself (its default, 0, stood in) says
    * nothing new about the decay or the warmup */
   bool decay_refused = seen(pb, "train.lr.decay_steps") || seen(pb, "train.lr.decay_tokens");
@@ -980,10 +981,19 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
   /* a decay that follows train.steps says nothing new when train.steps was
    * refused itself (its default, 0, stood in) */
   if (lr->warmup_steps > lr->decay_steps && !decay_refused &&
-      (g->decay || !seen(pb, "train.steps")))
+      (g->decay || !seen(pb, "train.steps"))) {
+    char whence[160] = "";
+    if (ramp_decay) /* the run's samples in full batches */
+      snprintf(whence, sizeof whence,
+               " (the %" PRId64 " samples train.steps = %" PRId64
+               " read under train.rampup_batch, in batches of %d)",
+               mt_job_samples_of(job, 0, t->steps), t->steps, t->global_batch);
+    else if (!g->decay)
+      snprintf(whence, sizeof whence, " (train.steps)");
     check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",
                "warmup of %" PRId64 " steps is longer than the decay, %" PRId64 " steps%s",
-               lr->warmup_steps, lr->decay_steps, g->decay ? "" : " (train.steps)");
+               lr->warmup_steps, lr->decay_steps, whence);
+  }
 
   mt_model_spec *m = &job->model;
   if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && job->parallel.tp >= 1) {

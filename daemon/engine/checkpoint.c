@@ -788,24 +788,29 @@ static int operational_field(const char *path) {
   return !strncmp(path, "checkpoint.", 11) || !strncmp(path, "eval.", 5);
 }
 
+/* The fields that changed: in text those the trajectory depends on
+ * (material of them), in other those it does not, each "path was -> now". */
 typedef struct job_changes {
-  char text[1024];
-  size_t len;
-  int n, material; /* fields that changed; of those, ones the trajectory depends on */
+  char text[1024], other[1024];
+  size_t len, other_len;
+  int n, material;
 } job_changes;
 
 static void note_change(job_changes *ch, const char *path, const json_t *was, const json_t *now) {
+  int material = !operational_field(path);
   ch->n++;
-  if (!operational_field(path)) ch->material++;
-  if (ch->len >= sizeof ch->text - 1) return;
+  ch->material += material;
+  char *out = material ? ch->text : ch->other;
+  size_t *len = material ? &ch->len : &ch->other_len, cap = sizeof ch->text;
+  if (*len >= cap - 1) return;
   char *a = was ? json_dumps(was, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(8)) : NULL;
   char *b = now ? json_dumps(now, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(8)) : NULL;
-  int w = snprintf(ch->text + ch->len, sizeof ch->text - ch->len, "%s%s %.40s -> %.40s",
-                   ch->n > 1 ? ", " : "", path, a ? a : "(none)", b ? b : "(none)");
+  /* a key the resolved job leaves out holds its default */
+  int w = snprintf(out + *len, cap - *len, "%s%s %.40s -> %.40s", *len ? ", " : "", path,
+                   a ? a : "(default)", b ? b : "(default)");
   free(a);
   free(b);
-  if (w > 0)
-    ch->len += (size_t)w < sizeof ch->text - ch->len ? (size_t)w : sizeof ch->text - ch->len - 1;
+  if (w > 0) *len += (size_t)w < cap - *len ? (size_t)w : cap - *len - 1;
 }
 
 /* The leaves of two resolved jobs that differ, as dotted paths. */
@@ -845,11 +850,12 @@ static void log_job_changes(const char *dir, const char *saved_hash, const json_
   json_decref(now);
   if (ch.material)
     mt_log_warn("resume: the job changed since %s was saved, so this run departs from the saved "
-                "run's trajectory: %s",
-                dir, ch.text);
+                "run's trajectory: %s%s%s%s",
+                dir, ch.text, ch.other_len ? " (also changed, the trajectory not with them: " : "",
+                ch.other, ch.other_len ? ")" : "");
   else if (ch.n)
     mt_log_info("resume: the job changed since %s was saved (its trajectory does not): %s", dir,
-                ch.text);
+                ch.other);
   else /* the same fields, hashed from another spelling of the spec */
     mt_log_info("resume: %s was saved by job %s, this is job %s, with the same settings", dir,
                 saved_hash, job->hash);

@@ -788,6 +788,11 @@ static void test_rampup_batch(void) {
        "train.rampup_batch.start: missing"},
       {"train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24, \"x\": 1}", NULL,
        "train.rampup_batch.x"},
+      /* the decay the ramp made (its 44 samples in batches of 8), not train.steps' 10 */
+      {"train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24}",
+       "train.lr={\"peak\": 1e-3, \"schedule\": \"cosine\", \"warmup_steps\": 7}",
+       "train.lr.warmup_steps: warmup of 7 steps is longer than the decay, 6 steps (the 44 "
+       "samples train.steps = 10 read under train.rampup_batch, in batches of 8)"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
