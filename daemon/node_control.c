@@ -252,18 +252,31 @@ static json_t *build_status(node *n) {
    * last save's, null before any */
   int failed = !n->ckpt_writing && n->ckpt_failed;
   int known = !n->ckpt_writing && !failed && n->ckpt_seconds > 0;
-  json_object_set_new(
-      s, "checkpoint_progress",
-      json_pack("{s:s, s:o, s:o, s:o, s:o, s:I, s:o}", "state",
-                n->ckpt_writing ? "writing"
-                : failed        ? "failed"
-                                : "idle",
-                "step", n->ckpt_step ? json_integer(n->ckpt_step) : json_null(), "bytes_done",
-                known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_total",
-                known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_per_s",
-                known ? json_real(n->ckpt_bytes / n->ckpt_seconds) : json_null(), "failures",
-                (json_int_t)n->ckpt_failures, "error",
-                failed ? json_string(n->ckpt_error) : json_null()));
+  /* a node that has saved nothing (a spare) shows the cluster's last save,
+   * as the nodes that saved it report it (of: "cluster") */
+  const json_t *cs =
+      cl && !n->ckpt_writing && !n->ckpt_step ? json_object_get(cl, "last_save") : NULL;
+  const json_t *err = json_object_get(cs, "error");
+  json_t *cp;
+  if (json_is_integer(json_object_get(cs, "step")) &&
+      json_is_integer(json_object_get(cs, "failures")) &&
+      (json_is_null(err) || json_is_string(err)))
+    cp = json_pack("{s:s, s:s, s:O, s:n, s:n, s:n, s:O, s:O}", "of", "cluster", "state",
+                   json_is_true(json_object_get(cs, "failed")) ? "failed" : "idle", "step",
+                   json_object_get(cs, "step"), "bytes_done", "bytes_total", "bytes_per_s",
+                   "failures", json_object_get(cs, "failures"), "error", err ? err : json_null());
+  else
+    cp = json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:I, s:o}", "of", "node", "state",
+                   n->ckpt_writing ? "writing"
+                   : failed        ? "failed"
+                                   : "idle",
+                   "step", n->ckpt_step ? json_integer(n->ckpt_step) : json_null(), "bytes_done",
+                   known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_total",
+                   known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_per_s",
+                   known ? json_real(n->ckpt_bytes / n->ckpt_seconds) : json_null(), "failures",
+                   (json_int_t)n->ckpt_failures, "error",
+                   failed ? json_string(n->ckpt_error) : json_null());
+  json_object_set_new(s, "checkpoint_progress", cp);
   int pending = 0;
   json_t *ops = cl ? json_object_get(cl, "operations") : NULL;
   size_t i;
@@ -696,6 +709,14 @@ void node_control_round(node *n, int heartbeat) {
     int64_t step = n->have_last ? n->last.step : 0;
     int paused = n->paused, writing = n->ckpt_writing;
     int64_t resumed = n->engine_running ? n->resumed_step : -1;
+    /* this node's last save, which the coordinator passes on to every node
+     * (a spare's status shows the cluster's) */
+    json_t *save =
+        !writing && n->ckpt_step > 0
+            ? json_pack("{s:I, s:b, s:I, s:o}", "step", (json_int_t)n->ckpt_step, "failed",
+                        n->ckpt_failed, "failures", (json_int_t)n->ckpt_failures, "error",
+                        n->ckpt_failed ? json_string(n->ckpt_error) : json_null())
+            : NULL;
     pthread_mutex_unlock(&n->mu);
     const char *state = mt_node_state_names[n->state];
     if (n->state == N_RUNNING && paused)
@@ -708,6 +729,7 @@ void node_control_round(node *n, int heartbeat) {
     /* the coordinator's last_restart says where a restarted generation resumed */
     json_object_set_new(me, "generation", json_integer(n->gen));
     if (resumed >= 0) json_object_set_new(me, "resumed_step", json_integer(resumed));
+    if (save) json_object_set_new(me, "last_save", save);
     mt_rdzv_publish_node_status(n->store, n->cfg->name, me);
   }
 }

@@ -1758,6 +1758,31 @@ static int read_node_status(mt_coord *c) {
   return rc;
 }
 
+/* The cluster's last save, from what the nodes say of their own: the
+ * newest step any node saved, failed if a node's save of it failed (the
+ * ranks agree on a save's outcome and its error), with the most failures a
+ * node counted; null before any. A spare's status shows it. */
+static json_t *last_save(const mt_coord *c) {
+  json_t *best = NULL;
+  int64_t step = 0, failures = 0;
+  for (int i = 0; i < c->n_nodes; i++) {
+    json_t *own = json_object_get(json_object_get(c->node_status, c->nodes[i].d.name), "last_save");
+    json_t *s = json_object_get(own, "step"), *f = json_object_get(own, "failures");
+    if (!json_is_integer(s) || !json_is_integer(f)) continue;
+    if (json_integer_value(f) > failures) failures = json_integer_value(f);
+    int newer = json_integer_value(s) > step;
+    if (newer || (json_integer_value(s) == step && json_is_true(json_object_get(own, "failed"))))
+      best = own, step = json_integer_value(s);
+  }
+  if (!best) return json_null();
+  const json_t *err = json_object_get(best, "error");
+  int failed = json_is_true(json_object_get(best, "failed"));
+  return json_pack("{s:I, s:b, s:I, s:o}", "step", (json_int_t)step, "failed", failed, "failures",
+                   (json_int_t)failures, "error",
+                   failed && json_is_string(err) ? json_string(json_string_value(err))
+                                                 : json_null());
+}
+
 /* cluster/status: what every node's control plane shows of the cluster. */
 static int publish_status(mt_coord *c, int64_t now_ms) {
   /* at the rate of the nodes' status (every node reads it at its heartbeats,
@@ -1866,6 +1891,7 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
                                  c->restart_step >= 0 ? json_integer(c->restart_step) : json_null(),
                                  "time", c->restart_time)
                      : json_null());
+  json_object_set_new(st, "last_save", last_save(c));
   int rc = set_json(c->o.store, "cluster/status", st);
   if (!rc) c->status_ms = now_ms, c->status_sig = sig; /* a failed write is tried next tick */
   return rc;

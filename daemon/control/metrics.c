@@ -407,12 +407,18 @@ static void render_checkpoints(sbuf *b, json_t *st) {
   if (state) sample(b, &writing, NULL, strcmp(state, "writing") == 0);
   family failed = {"mtnlg_checkpoint_last_save_failed", "gauge",
                    "1 while the newest checkpoint save on this node's ranks failed.", 0};
-  if (state) sample(b, &failed, NULL, strcmp(state, "failed") == 0);
+  /* a spare's status shows the cluster's last save (of: cluster): these
+   * families are this node's ranks', none of which saved, so a sum over
+   * the nodes counts each failure where it happened */
+  const char *of = json_string_value(json_object_get(cp, "of"));
+  int own = !of || strcmp(of, "cluster");
+  if (state) sample(b, &failed, NULL, own && strcmp(state, "failed") == 0);
   family failures = {"mtnlg_checkpoint_failures_total", "counter",
                      "Checkpoint saves on this node's ranks that failed since the daemon started.",
                      0};
   json_t *nf = json_object_get(cp, "failures");
-  if (json_is_integer(nf)) sample(b, &failures, NULL, (double)json_integer_value(nf));
+  if (json_is_integer(nf)) sample(b, &failures, NULL, own ? (double)json_integer_value(nf) : 0.0);
+  if (!own) return;
   field g[] = {
       {"step",
        {"mtnlg_checkpoint_write_step", "gauge", "Step of the checkpoint being written.", 0}},

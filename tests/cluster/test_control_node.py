@@ -27,7 +27,11 @@ library) until the test lets them go:
   node and the state metric while it is held, and "running" once it commits;
 - test_a_failed_save_is_told_as_one_until_a_save_commits: a save that cannot
   write shows as "failed" with its error, no byte figures, a failure count
-  and metric, until the next save commits.
+  and metric, until the next save commits;
+- test_a_spare_shows_the_clusters_last_save: a spare beside it (dp 1), which
+  saves nothing, shows the member's failed save (of "cluster", its error
+  and count) and then the good one, while its own failure metrics stay 0:
+  it showed "idle", 0 failures, while every save of the job failed.
 Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
 - test_reads_need_token_with_an_empty_token_file_is_refused_at_start;
@@ -231,15 +235,16 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
                    parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
                    checkpoint={"dir": ckdir, "interval": 0})
     token = "held-save-token"
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "held"), job, nodes=1, devices="cpu:1",
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "held"), job, nodes=2, devices="cpu:1",
                      token=token)
-    n = c.nodes[0]
+    n, spare = c.nodes  # dp 1: the second waits as a spare
     release = os.path.join(tmp, "release_writes")
     env = {"LD_PRELOAD": preload, "MTNLG_FAULT_HOLD_FILE": "shard_tp00_pp000.bin",
            "MTNLG_FAULT_HOLD_UNTIL": release}
     try:
-        c.start(env=env)
+        c.node_start(n, env)
         c.wait_for(lambda: status_step(n) > 0, 120, "a step")
+        c.node_start(spare, env)
         code, body = post(n, "/v1/checkpoint", token)
         if code != 202:
             raise AssertionError("POST /v1/checkpoint: %d %s" % (code, body))
@@ -248,7 +253,7 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
             st = json.loads(get(n, "/v1/status")[1])
             health = json.loads(get(n, "/v1/health")[1])
             metrics = get(n, "/v1/metrics")[1].splitlines()
-            return (st["state"], health["state"], [x["state"] for x in st["nodes"]],
+            return (st["state"], health["state"], [x["state"] for x in st["nodes"] if x["member"]],
                     'mtnlg_state{state="checkpointing"} 1' in metrics,
                     st["checkpoint_progress"]["state"])
         want = ("checkpointing", "checkpointing", ["checkpointing"], True, "writing")
@@ -262,7 +267,7 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
         while time.time() < deadline:
             st = json.loads(get(n, "/v1/status")[1])
             lc = st["last_checkpoint"]
-            after = (st["state"], [x["state"] for x in st["nodes"]],
+            after = (st["state"], [x["state"] for x in st["nodes"] if x["member"]],
                      st["checkpoint_progress"]["state"], lc and lc["step"])
             if after[:3] == ("running", ["running"], "idle") and after[3]:
                 break
@@ -295,9 +300,24 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
             return cp, []
         bad, metrics = save_and_wait("failed")
         failed_ok = (bad["failures"] == 1 and bad["error"] and job_dir in bad["error"]
+                     and bad["of"] == "node"
                      and bad["bytes_done"] is None and bad["bytes_per_s"] is None
                      and "mtnlg_checkpoint_failures_total 1" in metrics
                      and "mtnlg_checkpoint_last_save_failed 1" in metrics)
+
+        def spare_shows(state, step):  # the cluster's last save, as the member reported it
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                cp = json.loads(get(spare, "/v1/status")[1])["checkpoint_progress"]
+                if cp["state"] == state and cp["step"] == step:
+                    return cp, get(spare, "/v1/metrics")[1].splitlines()
+                time.sleep(0.2)
+            return cp, []
+        spare_bad, spare_metrics = spare_shows("failed", bad["step"])
+        spare_ok = (spare_bad["of"] == "cluster" and spare_bad["error"] == bad["error"]
+                    and spare_bad["failures"] == 1
+                    and "mtnlg_checkpoint_last_save_failed 0" in spare_metrics
+                    and "mtnlg_checkpoint_failures_total 0" in spare_metrics)
         os.remove(job_dir)
         os.rename(job_dir + ".away", job_dir)
         good, metrics = save_and_wait("idle")
@@ -305,6 +325,12 @@ def test_checkpointing_state(mtnlgd, preload, tmp):
                           failed_ok and good["failures"] == 1 and good["error"] is None
                           and good["bytes_done"] and "mtnlg_checkpoint_last_save_failed 0" in metrics,
                           "failed save: %s; next save: %s" % (bad, good))
+        spare_good, _ = spare_shows("idle", good["step"])
+        failures += check("test_a_spare_shows_the_clusters_last_save",
+                          spare_ok and spare_good["of"] == "cluster" and spare_good["error"] is None,
+                          "the spare during the failed save: %s (metrics: %s); after the next: %s"
+                          % (spare_bad, [m for m in spare_metrics if "last_save_failed" in m
+                                         or "failures_total" in m], spare_good))
     except (AssertionError, OSError, ValueError, KeyError) as e:
         failures += check("test_checkpointing_state_runs", False, "%s\n%s" % (e, c.logs()))
     finally:

@@ -454,7 +454,7 @@ SAMPLE_STATUS = {
     "heartbeat_interval_ms": 1000, "heartbeat_timeout_ms": 6000,
     "last_checkpoint": {"step": 10, "path": "/ckpt/job/step_00000010", "time": 1700000000.0,
                         "bytes": 12345},
-    "checkpoint_progress": {"state": "idle"},
+    "checkpoint_progress": {"of": "node", "state": "idle"},
     "operations_pending": 0,
     "store": {"keys": 120, "bytes": 40960, "max_bytes": 17179869184, "transient_bytes": 131072,
               "max_transient_bytes": 4294967296, "clients": 2, "max_clients": 65536,

@@ -49,7 +49,7 @@ static json_t *fake_status(void *arg) {
       "s:[{s:s,s:s,s:i,s:i,s:i,s:f,s:f},{s:s,s:s,s:i,s:i,s:i,s:f,s:n}],"
       "s:[{s:s,s:s,s:s,s:s,s:[s],s:[i],s:[i],s:[i],s:f,s:I,s:s},"
       "{s:s,s:s,s:s,s:s,s:[s],s:[i],s:[i],s:[i],s:n,s:n,s:s}],"
-      "s:{s:i,s:s,s:f,s:I},s:{s:s,s:i,s:I,s:I,s:f},s:i}",
+      "s:{s:i,s:s,s:f,s:I},s:{s:s,s:s,s:i,s:I,s:I,s:f},s:i}",
       "node", "n0", "coordinator", "n0", "version", "0.1.0", "job", "name", "tiny \"demo\"", "hash",
       "abc123", "steps", (json_int_t)1000, "global_batch", 8, "seq_len", 128, "micro_batch", 2,
       "params", (json_int_t)1234567, "tp", 1, "pp", 2, "dp", 1, "dp_min", 1, "dp_max", 4,
@@ -66,8 +66,9 @@ static json_t *fake_status(void *arg) {
       "state", f->state, "devices", "cpu:0", "ranks", 1, "stages", 1, "replicas", 0,
       "heartbeat_age_s", "memory_bytes", "control_url", "http://127.0.0.2:8471", "last_checkpoint",
       "step", 10, "path", "/ckpt/job/step_00000010", "time", 1700000000.0, "bytes",
-      (json_int_t)12345, "checkpoint_progress", "state", "writing", "step", 12, "bytes_done",
-      (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6, "operations_pending", 0);
+      (json_int_t)12345, "checkpoint_progress", "of", "node", "state", "writing", "step", 12,
+      "bytes_done", (json_int_t)100, "bytes_total", (json_int_t)400, "bytes_per_s", 1e6,
+      "operations_pending", 0);
   if (s) json_object_set_new(s, "restarts", json_integer(1));
   if (s)
     json_object_set_new(s, "last_restart",
