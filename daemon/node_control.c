@@ -177,12 +177,15 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "skipped_steps", json_integer(have ? st->skipped_total : 0));
   json_object_set_new(s, "loss_scale",
                       have && st->loss_scaling ? json_real(st->loss_scale) : json_null());
+  /* the last step's phases: null before any (no metrics sample), not 0 */
   double total = have ? st->step_ms : 0, bubble = have ? st->bubble * st->step_ms : 0,
          comm = have ? st->comm_ms : 0;
   double compute = total - bubble - comm;
-  json_object_set_new(s, "step_time",
-                      json_pack("{s:f, s:f, s:f, s:f}", "total_ms", total, "compute_ms",
-                                compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms", comm));
+  json_object_set_new(
+      s, "step_time",
+      have ? json_pack("{s:f, s:f, s:f, s:f}", "total_ms", total, "compute_ms",
+                       compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms", comm)
+           : json_pack("{s:n, s:n, s:n, s:n}", "total_ms", "compute_ms", "bubble_ms", "comm_ms"));
   /* ETA from the mean step time of the last 20 points; under a batch
    * ramp-up from their time per sample and the samples the steps left read */
   json_t *eta = json_null();

@@ -5,8 +5,10 @@ usage: test_control_node.py MTNLGD FAULT_PRELOAD [MTNLGCTL]
 
 One mtnlgd on loopback (tools/local_cluster.py, cpu:1, the tiny model at
 tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
-- test_tokens_per_s_is_null_before_the_first_step: /v1/status says null,
-  and /v1/metrics has no mtnlg_tokens_per_second sample, until a step ran;
+- test_tokens_per_s_is_null_before_the_first_step: /v1/status says null
+  for it and the step_time phases (they said 0), and /v1/metrics has no
+  mtnlg_tokens_per_second or mtnlg_step_time_seconds sample, until a step
+  ran;
 - test_consumed_tokens_and_skipped_steps_are_gauges: they go back when a
   run resumes from an earlier checkpoint, so no counter type;
 - test_health_answers_while_the_checkpoint_directory_hangs: with the job
@@ -125,9 +127,13 @@ def test_live_node(mtnlgd, tmp):
             early += 1
             if s["tokens_per_s"] is not None:
                 bad.append("status tokens_per_s %r at step 0" % s["tokens_per_s"])
-            _, m = get(n, "/v1/metrics")
-            if any(line.startswith("mtnlg_tokens_per_second ") for line in m.splitlines()):
-                bad.append("a mtnlg_tokens_per_second sample at step 0")
+            if s["step"] == 0 and any(v is not None for v in s["step_time"].values()):
+                bad.append("status step_time %r before any step" % s["step_time"])
+            _, m = get(n, "/v1/metrics")  # read on its own: a step may have run since
+            if "mtnlg_step 0" in m.splitlines() and any(
+                    line.startswith(("mtnlg_tokens_per_second ", "mtnlg_step_time_seconds"))
+                    for line in m.splitlines()):
+                bad.append("a mtnlg_tokens_per_second or step_time sample at step 0")
             time.sleep(0.02)
         failures += check("test_tokens_per_s_is_null_before_the_first_step",
                           early > 0 and not bad,
