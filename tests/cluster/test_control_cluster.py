@@ -582,7 +582,8 @@ def test_mtnlgctl(c, mtnlgctl):
                         capture_output=True, text=True, timeout=60, env=ctl_env())
     ok = (p.returncode == 1 and "mtnlgctl: the daemon refused: 401 Unauthorized: " in p.stderr
           and "give the daemon's control token with --token-file PATH" in p.stderr
-          and p2.returncode == 1 and "the token in %s was not accepted" % wrong in p2.stderr
+          and p2.returncode == 1 and "the bearer token sent was not accepted" in p2.stderr
+          and "(the token sent is the one in %s)" % wrong in p2.stderr
           and "not-the-token" not in p2.stderr and states(c) == ["running"] * 4)
     check("test_mtnlgctl_pause_without_or_with_a_wrong_token_exits_1_with_the_401", ok,
           show(p) + " / " + show(p2))
