@@ -146,10 +146,24 @@ static void raise_fd_limit(void) {
                 (unsigned long long)was, (unsigned long long)rl.rlim_max, strerror(errno));
 }
 
-int main(int argc, char **argv) {
-  const char *job_path = NULL, *devices = "cpu", *export_path = NULL, *extra_presets = NULL;
-  const char *overrides[MAX_OVERRIDES + 1] = {0};
-  int n_overrides = 0, json = 0;
+/* What the command line asked for; the strings point into argv. */
+typedef struct cli_opts {
+  const char *job_path;    /* --standalone */
+  const char *config_path; /* --config */
+  const char *devices, *export_path, *extra_presets, *store_dir;
+  const char *overrides[MAX_OVERRIDES + 1]; /* --set, NULL-ended */
+  const char *job_sets[MAX_OVERRIDES + 1];  /* --job-set, NULL-ended */
+  int n_overrides, n_job_sets;
+  int json, procs, proc_rank, comm_timeout_ms;
+} cli_opts;
+
+/* The command line into *o, each option checked on its own (--log-level
+ * takes effect here, so that all that follows logs at it); what the job or
+ * the node config says of them is for the modes to check. Returns -1 to go
+ * on, else the status to exit with: 0 after --help or --version, 2 for a
+ * command line at fault (said on stderr). */
+static int parse_args(int argc, char **argv, cli_opts *o) {
+  *o = (cli_opts){.devices = "cpu", .procs = 1};
   enum {
     OPT_SET = 256,
     OPT_DEVICES,
@@ -163,10 +177,6 @@ int main(int argc, char **argv) {
     OPT_STORE,
     OPT_COMM_TIMEOUT
   };
-  int procs = 1, proc_rank = 0, comm_timeout_ms = 0;
-  const char *store_dir = NULL, *config_path = NULL;
-  const char *job_sets[MAX_OVERRIDES + 1] = {0};
-  int n_job_sets = 0;
   static const struct option opts[] = {
       {"config", required_argument, NULL, 'c'},
       {"job-set", required_argument, NULL, 'j'},
@@ -188,31 +198,31 @@ int main(int argc, char **argv) {
   int c;
   while ((c = getopt_long(argc, argv, "s:c:h", opts, NULL)) != -1) {
     switch (c) {
-    case 's': job_path = optarg; break;
-    case 'c': config_path = optarg; break;
+    case 's': o->job_path = optarg; break;
+    case 'c': o->config_path = optarg; break;
     case 'j':
-      if (n_job_sets == MAX_OVERRIDES) {
+      if (o->n_job_sets == MAX_OVERRIDES) {
         fprintf(stderr, "mtnlgd: more than %d --job-set options\n", MAX_OVERRIDES);
         return 2;
       }
-      job_sets[n_job_sets++] = optarg;
+      o->job_sets[o->n_job_sets++] = optarg;
       break;
     case OPT_SET:
-      if (n_overrides == MAX_OVERRIDES) {
+      if (o->n_overrides == MAX_OVERRIDES) {
         fprintf(stderr, "mtnlgd: more than %d --set options\n", MAX_OVERRIDES);
         return 2;
       }
-      overrides[n_overrides++] = optarg;
+      o->overrides[o->n_overrides++] = optarg;
       break;
-    case OPT_DEVICES: devices = optarg; break;
-    case OPT_EXPORT: export_path = optarg; break;
-    case OPT_PRESETS: extra_presets = optarg; break;
+    case OPT_DEVICES: o->devices = optarg; break;
+    case OPT_EXPORT: o->export_path = optarg; break;
+    case OPT_PRESETS: o->extra_presets = optarg; break;
     case OPT_LOG_FORMAT:
       if (strcmp(optarg, "text") && strcmp(optarg, "json")) {
         fprintf(stderr, "mtnlgd: --log-format must be text or json, not \"%s\"\n", optarg);
         return 2;
       }
-      json = !strcmp(optarg, "json");
+      o->json = !strcmp(optarg, "json");
       break;
     case OPT_LOG_LEVEL: {
       int level = mt_log_parse_level(optarg);
@@ -238,14 +248,14 @@ int main(int argc, char **argv) {
         return 2;
       }
       if (c == OPT_PROCS)
-        procs = (int)v;
+        o->procs = (int)v;
       else if (c == OPT_PROC_RANK)
-        proc_rank = (int)v;
+        o->proc_rank = (int)v;
       else
-        comm_timeout_ms = (int)v;
+        o->comm_timeout_ms = (int)v;
       break;
     }
-    case OPT_STORE: store_dir = optarg; break;
+    case OPT_STORE: o->store_dir = optarg; break;
     case 'h': usage(stdout); return 0;
     default: usage(stderr); return 2;
     }
@@ -255,94 +265,107 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
-  if (config_path && job_path) {
+  if (o->config_path && o->job_path) {
     fprintf(stderr, "mtnlgd: --config and --standalone exclude each other\n");
     return 2;
   }
-  raise_fd_limit();
-  if (!job_path) {
-    if (!config_path) {
-      fprintf(stderr, "mtnlgd: give --config FILE (the node daemon) or --standalone JOB.json\n");
-      usage(stderr);
-      return 2;
-    }
-    return run_node(config_path, overrides, job_sets);
-  }
+  return -1;
+}
 
+/* The job --standalone names, found with --presets and changed by --set,
+ * its unused keys warned about. -1 (said on stderr) for a job that cannot
+ * run. */
+static int load_job(const cli_opts *o, mt_job *job) {
   /* a directory named for presets that is not there is a typo, not "none" */
-  if (extra_presets) {
+  if (o->extra_presets) {
     struct stat pst;
-    const char *why = stat(extra_presets, &pst) ? strerror(errno)
-                      : !S_ISDIR(pst.st_mode)   ? "not a directory"
-                                                : NULL;
+    const char *why = stat(o->extra_presets, &pst) ? strerror(errno)
+                      : !S_ISDIR(pst.st_mode)      ? "not a directory"
+                                                   : NULL;
     if (why) {
-      fprintf(stderr, "mtnlgd: --presets %s: %s\n", extra_presets, why);
-      return 2;
+      fprintf(stderr, "mtnlgd: --presets %s: %s\n", o->extra_presets, why);
+      return -1;
     }
   }
   const char *preset_dirs[MT_PRESET_DIRS_MAX];
-  mt_job_preset_dirs(extra_presets, preset_dirs);
+  mt_job_preset_dirs(o->extra_presets, preset_dirs);
 
-  mt_job job;
-  if (mt_job_load(&job, job_path, preset_dirs, overrides)) {
-    fprintf(stderr, "mtnlgd: job %s cannot run:\n%s\n", job_path, mt_errmsg());
-    return 2;
+  if (mt_job_load(job, o->job_path, preset_dirs, o->overrides)) {
+    fprintf(stderr, "mtnlgd: job %s cannot run:\n%s\n", o->job_path, mt_errmsg());
+    return -1;
   }
   char unused[MT_JOB_UNUSED_MAX][256];
-  for (int i = 0, k = mt_job_unused(&job, unused); i < k; i++)
-    mt_log_warn("job %s: %s", job_path, unused[i]);
-  int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
-  int here = procs > 0 ? world / procs : world;
-  if (world > 1) mt_device_eager_modules(); /* before the first CUDA call */
-  /* --devices: cpu (a CPU device per rank), cpu:N (the same, N saying how
-   * many: the node config's meaning), cuda:LIST (rank k of this process on
-   * the k-th GPU listed), cuda (the first `here` GPUs), or auto */
+  for (int i = 0, k = mt_job_unused(job, unused); i < k; i++)
+    mt_log_warn("job %s: %s", o->job_path, unused[i]);
+  return 0;
+}
+
+/* The devices --devices gives this process's ranks: the spec as resolved
+ * (auto's and cuda's choice in `resolved`), and for GPUs one per rank. */
+typedef struct device_choice {
+  const char *devices; /* the spec: the argument, or resolved */
+  int gpu;             /* cuda:LIST; else CPU devices, one per rank */
   char resolved[64];
-  if (!strcmp(devices, "auto") && mt_device_resolve_auto(resolved, sizeof resolved, here) > 0)
-    devices = resolved;
+  char specs[256][16];   /* gpu: the GPUs listed */
+  const char *list[256]; /* gpu: specs, for mt_local_opts.devices */
+} device_choice;
+
+/* --devices: cpu (a CPU device per rank), cpu:N (the same, N saying how
+ * many: the node config's meaning), cuda:LIST (rank k of this process on
+ * the k-th GPU listed), cuda (the first `here` GPUs), or auto. Checked
+ * against the job's ranks (world, here of them in this process) before
+ * anything is allocated: GPUs that are not there, fewer than the ranks, a
+ * GPU group without NCCL, a cpu:N that is not the ranks. -1 (said on
+ * stderr) when they cannot run the job. */
+static int resolve_devices(device_choice *dc, const char *devices, const mt_job *job, int procs,
+                           int world, int here) {
+  const mt_parallel_spec *p = &job->parallel;
+  if (world > 1) mt_device_eager_modules(); /* before the first CUDA call */
+  if (!strcmp(devices, "auto") &&
+      mt_device_resolve_auto(dc->resolved, sizeof dc->resolved, here) > 0)
+    devices = dc->resolved;
   else if (!strcmp(devices, "cuda")) {
-    snprintf(resolved, sizeof resolved, here > 1 ? "cuda:0-%d" : "cuda:0", here - 1);
-    devices = resolved;
+    snprintf(dc->resolved, sizeof dc->resolved, here > 1 ? "cuda:0-%d" : "cuda:0", here - 1);
+    devices = dc->resolved;
   }
-  int gpu = !strncmp(devices, "cuda:", 5);
-  static char specs[256][16];
-  static const char *dev_list[256];
-  if (gpu) {
-    int n = mt_parse_devices(devices, specs, 256);
+  dc->devices = devices;
+  dc->gpu = !strncmp(devices, "cuda:", 5);
+  if (dc->gpu) {
+    int n = mt_parse_devices(devices, dc->specs, 256);
     if (n < 0) {
       fprintf(stderr, "mtnlgd: --devices: %s\n", mt_errmsg());
-      return 2;
+      return -1;
     }
     if (n < here) {
       fprintf(stderr,
               "mtnlgd: --devices %s names %d GPU%s; this process runs %d ranks (tp %d x pp %d x "
               "dp %d%s) and needs one each\n",
-              devices, n, n == 1 ? "" : "s", here, job.parallel.tp, job.parallel.pp,
-              job.parallel.dp_min, procs > 1 ? ", over --procs" : "");
-      return 2;
+              devices, n, n == 1 ? "" : "s", here, p->tp, p->pp, p->dp_min,
+              procs > 1 ? ", over --procs" : "");
+      return -1;
     }
     for (int i = 0; i < n; i++) {
       size_t total, avail;
-      if (mt_device_memory(specs[i], &total, &avail)) {
+      if (mt_device_memory(dc->specs[i], &total, &avail)) {
         fprintf(stderr, "mtnlgd: --devices %s: %s\n", devices, mt_errmsg());
-        return 2;
+        return -1;
       }
-      dev_list[i] = specs[i];
+      dc->list[i] = dc->specs[i];
     }
     if (!MT_HAVE_NCCL && world > 1) {
       fprintf(stderr,
               "mtnlgd: --devices %s: this build has no NCCL, and the job's %d ranks (tp %d x pp "
               "%d x dp %d) talk over it on GPUs; one rank runs (cuda:N), or install NCCL "
               "and rebuild (-Dnccl_dir=DIR names one)\n",
-              devices, world, job.parallel.tp, job.parallel.pp, job.parallel.dp_min);
-      return 2;
+              devices, world, p->tp, p->pp, p->dp_min);
+      return -1;
     }
   } else if (strcmp(devices, "cpu") &&
              (strncmp(devices, "cpu:", 4) || devices[4] < '0' || devices[4] > '9' ||
               strspn(devices + 4, "0123456789") != strlen(devices + 4))) {
     fprintf(stderr, "mtnlgd: --devices %s: want cpu, cpu:N, cuda, cuda:LIST (0-7 or 0,2) or auto\n",
             devices);
-    return 2;
+    return -1;
   } else if (strcmp(devices, "cpu")) {
     /* cpu:N counts devices, as node.devices does; the job sets the ranks
      * (unlike torchrun's --nproc-per-node), so an N that is not theirs was
@@ -355,64 +378,82 @@ int main(int argc, char **argv) {
               "mtnlgd: --devices %s names %s CPU device%s; this process runs %d rank%s (tp %d x "
               "pp %d x dp %d%s), one device each: give --devices cpu (or cpu:%d), or set "
               "parallel.tp, parallel.pp and parallel.dp_min for the ranks you want\n",
-              devices, devices + 4, n == 1 && !errno ? "" : "s", here, here == 1 ? "" : "s",
-              job.parallel.tp, job.parallel.pp, job.parallel.dp_min,
-              procs > 1 ? ", over --procs" : "", here);
-      return 2;
+              devices, devices + 4, n == 1 && !errno ? "" : "s", here, here == 1 ? "" : "s", p->tp,
+              p->pp, p->dp_min, procs > 1 ? ", over --procs" : "", here);
+      return -1;
     }
   }
-  /* the memory plan: a job that cannot fit is refused with the numbers
-   * before anything is allocated */
-  if (mt_check_memory_plan(&job, here, gpu ? specs[0] : "cpu:0")) {
-    fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", job_path, mt_errmsg());
-    return 2;
-  }
-  /* load OpenBLAS now, so the kernel can be reported before the ranks
-   * start; without it this machine cannot run the job, and a restart
-   * would only repeat that: 2, not the 1 of a lost peer */
+  return 0;
+}
+
+/* Loads OpenBLAS now, so the kernel can be reported before the ranks
+ * start, with the layout and the threads. -1 (logged) without it: this
+ * machine cannot run the job, and a restart would only repeat that. */
+static int report_start(const mt_job *job, int world, int here, const device_choice *dc) {
   mt_device probe;
   if (mt_device_open(&probe, "cpu:0")) {
     mt_log_error("%s", mt_errmsg());
-    return 2;
+    return -1;
   }
   mt_log_info("mtnlgd %s: job %s (%s), %d ranks (tp %d x pp %d x dp %d), %d of them on %s "
               "devices in this process, %d threads (OpenMP wait %s), OpenBLAS %s (%s) from %s",
-              MT_VERSION, job.name, job.hash, world, job.parallel.tp, job.parallel.pp,
-              job.parallel.dp_min, here, gpu ? devices : "cpu", probe.threads, mt_omp_wait_policy(),
-              mt_blas_corename(), mt_blas_choice(), mt_blas_library());
+              MT_VERSION, job->name, job->hash, world, job->parallel.tp, job->parallel.pp,
+              job->parallel.dp_min, here, dc->gpu ? dc->devices : "cpu", probe.threads,
+              mt_omp_wait_policy(), mt_blas_corename(), mt_blas_choice(), mt_blas_library());
   mt_device_close(&probe);
+  return 0;
+}
 
-  if (procs > 1 && !store_dir) {
-    fprintf(stderr, "mtnlgd: --procs %d needs --store DIR shared by the processes\n", procs);
+/* --standalone: the job on this machine alone (this process's share of its
+ * ranks under --procs) until it ends or a signal stops it. Returns the exit
+ * status usage() describes. */
+static int run_standalone(const cli_opts *o) {
+  mt_job job;
+  if (load_job(o, &job)) return 2;
+  int world = job.parallel.tp * job.parallel.pp * job.parallel.dp_min;
+  int here = o->procs > 0 ? world / o->procs : world;
+  device_choice dc;
+  if (resolve_devices(&dc, o->devices, &job, o->procs, world, here)) return 2;
+  /* the memory plan: a job that cannot fit is refused with the numbers
+   * before anything is allocated */
+  if (mt_check_memory_plan(&job, here, dc.gpu ? dc.specs[0] : "cpu:0")) {
+    fprintf(stderr, "mtnlgd: job %s cannot run here:\n%s\n", o->job_path, mt_errmsg());
     return 2;
   }
-  if (proc_rank >= procs) {
-    fprintf(stderr, "mtnlgd: --proc-rank %d is not below --procs %d\n", proc_rank, procs);
+  if (report_start(&job, world, here, &dc)) return 2; /* 2, not the 1 of a lost peer */
+
+  if (o->procs > 1 && !o->store_dir) {
+    fprintf(stderr, "mtnlgd: --procs %d needs --store DIR shared by the processes\n", o->procs);
+    return 2;
+  }
+  if (o->proc_rank >= o->procs) {
+    fprintf(stderr, "mtnlgd: --proc-rank %d is not below --procs %d\n", o->proc_rank, o->procs);
     return 2;
   }
   mt_store *store = NULL;
-  if (store_dir && mt_store_file_new(store_dir, &store)) {
-    fprintf(stderr, "mtnlgd: --store %s: %s\n", store_dir, mt_errmsg());
+  if (o->store_dir && mt_store_file_new(o->store_dir, &store)) {
+    fprintf(stderr, "mtnlgd: --store %s: %s\n", o->store_dir, mt_errmsg());
     return 2;
   }
   signal(SIGINT, on_signal);
   signal(SIGTERM, on_signal);
   signal(SIGPIPE, SIG_IGN); /* a lost peer is an error return, not a signal */
   signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails that write (EFBIG), not the daemon */
+  const char *export_path = o->export_path;
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
-  step_printer printer = {.json = json,
+  step_printer printer = {.json = o->json,
                           .steps = job.train.steps,
                           .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1};
   mt_local_opts lo = {.job = &job,
-                      .procs = procs,
-                      .proc_rank = proc_rank,
+                      .procs = o->procs,
+                      .proc_rank = o->proc_rank,
                       .store = store,
-                      .comm_timeout_ms = comm_timeout_ms,
+                      .comm_timeout_ms = o->comm_timeout_ms,
                       .device_kind = "cpu",
-                      .devices = gpu ? dev_list : NULL,
+                      .devices = dc.gpu ? dc.list : NULL,
                       .export_path = export_path,
                       .stop = &stop_requested,
-                      .on_step = proc_rank == 0 ? on_step : NULL,
+                      .on_step = o->proc_rank == 0 ? on_step : NULL,
                       .on_stopped = on_stopped,
                       .arg = &printer};
   int rc = mt_local_run(&lo);
@@ -425,4 +466,20 @@ int main(int argc, char **argv) {
    * which a restart would only repeat */
   if (rc) return mt_err_retryable(rc) ? 1 : 2;
   return printer.unsaved ? 2 : 0;
+}
+
+/* The command line, then the mode it names: the node daemon (--config) or
+ * a job on this machine alone (--standalone). */
+int main(int argc, char **argv) {
+  cli_opts o;
+  int code = parse_args(argc, argv, &o);
+  if (code >= 0) return code;
+  raise_fd_limit();
+  if (o.job_path) return run_standalone(&o);
+  if (!o.config_path) {
+    fprintf(stderr, "mtnlgd: give --config FILE (the node daemon) or --standalone JOB.json\n");
+    usage(stderr);
+    return 2;
+  }
+  return run_node(o.config_path, o.overrides, o.job_sets);
 }
