@@ -1134,6 +1134,102 @@ static int connect_store(node *n) {
   }
 }
 
+/* The hosting node runs the coordinator: it owns the job, forms the
+ * generations and orders them, in this loop's ticks (on_tick). */
+static int start_coordinator(node *n) {
+  mt_coord_opts co = {.store = n->store,
+                      .coordinator_name = n->cfg->name,
+                      .job_json = n->job_json,
+                      .job_hash = n->job.hash,
+                      .version = MT_VERSION,
+                      .tp = n->job.parallel.tp,
+                      .pp = n->job.parallel.pp,
+                      .dp_min = n->job.parallel.dp_min,
+                      .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min
+                                    ? n->job.parallel.dp_max
+                                    : n->job.parallel.dp_min,
+                      .micro_batch = n->job.parallel.micro_batch,
+                      .global_batch = n->job.train.global_batch,
+                      .batch_quantum = mt_job_batch_quantum(&n->job),
+                      .interleaved = n->job.parallel.virtual_stages > 1,
+                      .last_call_ms = n->cfg->last_call_ms,
+                      .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
+                      .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0],
+                      .max_restarts = n->cfg->max_restarts,
+                      .reform_timeout_ms = n->cfg->reform_timeout_s * 1000};
+  return mt_coord_new(&co, &n->coord);
+}
+
+/* Joins the rendezvous under this start's instance with what the node
+ * brings (its devices, its version, its job's hash), waiting out a store
+ * that answers late up to rendezvous.join_timeout_s. A store that stays
+ * unreachable sets store_unreachable. */
+static int join_rendezvous(node *n, const char *instance) {
+  mt_node_desc *d = &n->desc; /* kept: a node turned away for now joins again with it */
+  *d = (mt_node_desc){.n_devices = n->n_devices, .pid = (int)getpid()};
+  snprintf(d->name, sizeof d->name, "%s", n->cfg->name);
+  memcpy(d->instance, instance, sizeof d->instance);
+  if (gethostname(d->host, sizeof d->host - 1)) snprintf(d->host, sizeof d->host, "unknown");
+  snprintf(d->version, sizeof d->version, "%s", n->version);
+  if (n->have_job) snprintf(d->job_hash, sizeof d->job_hash, "%s", n->job.hash);
+  snprintf(d->control_url, sizeof d->control_url, "%s", n->control_url);
+  for (int i = 0; i < n->n_devices; i++) snprintf(d->devices[i], 16, "%s", n->specs[i]);
+  /* a store that answers late (its host busy or stopped a moment) is
+   * waited for as long as the connection was, rendezvous.join_timeout_s;
+   * the write of a numbered join is repeated rather than numbered again
+   * while the coordinator still waits for it (it passes over a number
+   * unwritten for 30 s, and would never read it after), then a fresh
+   * number is drawn */
+  int64_t join_deadline =
+      mt_mono_ms() + (n->cfg->join_timeout_s ? n->cfg->join_timeout_s * 1000LL : 600000LL);
+  int64_t drawn_ms = 0, said_ms = 0;
+  n->seq = 0;
+  int rc;
+  while ((rc = mt_rdzv_join(n->store, d, &n->seq))) {
+    int64_t now = mt_mono_ms();
+    if (!mt_err_retryable(rc) || now > join_deadline) {
+      if (mt_err_retryable(rc)) n->store_unreachable = 1;
+      return rc;
+    }
+    if (n->seq > 0 && !drawn_ms) drawn_ms = now;
+    if (n->seq > 0 && now - drawn_ms > 20000) n->seq = 0, drawn_ms = 0;
+    if (!said_ms || now - said_ms >= 5000) {
+      mt_log_warn("%s; joining again (for up to %lld s more)", mt_errmsg(),
+                  (long long)(join_deadline - now) / 1000);
+      said_ms = now;
+    }
+    usleep(200 * 1000);
+  }
+  mt_log_info("mtnlgd %s: node %s with %d device(s) (%s..%s) joined %s as join %lld%s", n->version,
+              n->cfg->name, n->n_devices, n->specs[0], n->specs[n->n_devices - 1], n->cfg->endpoint,
+              (long long)n->seq, n->is_host ? ", coordinating" : "");
+  return 0;
+}
+
+/* The node's loop: signals, the round tick, heartbeats, the systemd
+ * watchdog and the engine's end, until finish() stops it. */
+static void run_loop(node *n) {
+  uv_loop_init(&n->loop);
+  uv_signal_init(&n->loop, &n->sigint);
+  uv_signal_init(&n->loop, &n->sigterm);
+  n->sigint.data = n->sigterm.data = n;
+  uv_signal_start(&n->sigint, on_signal, SIGINT);
+  uv_signal_start(&n->sigterm, on_signal, SIGTERM);
+  uv_timer_init(&n->loop, &n->tick);
+  uv_timer_init(&n->loop, &n->heartbeat);
+  uv_timer_init(&n->loop, &n->watchdog);
+  n->tick.data = n->heartbeat.data = n->watchdog.data = n;
+  int tick_ms = n->cfg->heartbeat_interval_ms < 100 ? n->cfg->heartbeat_interval_ms : 100;
+  uv_timer_start(&n->tick, on_tick, 0, (uint64_t)tick_ms);
+  uv_timer_start(&n->heartbeat, on_heartbeat, 0, (uint64_t)n->cfg->heartbeat_interval_ms);
+  uint64_t wd_usec = 0;
+  if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec >= 2000)
+    uv_timer_start(&n->watchdog, on_watchdog, 0, wd_usec / 2000);
+  uv_async_init(&n->loop, &n->engine_done, on_engine_done);
+  n->engine_done.data = n;
+  uv_run(&n->loop, UV_RUN_DEFAULT);
+}
+
 int mt_node_main(const mt_node_opts *o) {
   node *n = calloc(1, sizeof *n);
   if (!n) return 1;
@@ -1175,91 +1271,16 @@ int mt_node_main(const mt_node_opts *o) {
     code = 2;
     goto out;
   }
-  if (n->is_host) {
-    mt_coord_opts co = {.store = n->store,
-                        .coordinator_name = n->cfg->name,
-                        .job_json = n->job_json,
-                        .job_hash = n->job.hash,
-                        .version = MT_VERSION,
-                        .tp = n->job.parallel.tp,
-                        .pp = n->job.parallel.pp,
-                        .dp_min = n->job.parallel.dp_min,
-                        .dp_max = n->job.parallel.dp_max > n->job.parallel.dp_min
-                                      ? n->job.parallel.dp_max
-                                      : n->job.parallel.dp_min,
-                        .micro_batch = n->job.parallel.micro_batch,
-                        .global_batch = n->job.train.global_batch,
-                        .batch_quantum = mt_job_batch_quantum(&n->job),
-                        .interleaved = n->job.parallel.virtual_stages > 1,
-                        .last_call_ms = n->cfg->last_call_ms,
-                        .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
-                        .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0],
-                        .max_restarts = n->cfg->max_restarts,
-                        .reform_timeout_ms = n->cfg->reform_timeout_s * 1000};
-    if (mt_coord_new(&co, &n->coord)) {
-      mt_log_error("%s", mt_errmsg());
-      goto out;
-    }
+  if (n->is_host && start_coordinator(n)) {
+    mt_log_error("%s", mt_errmsg());
+    goto out;
   }
-  mt_node_desc *d = &n->desc; /* kept: a node turned away for now joins again with it */
-  *d = (mt_node_desc){.n_devices = n->n_devices, .pid = (int)getpid()};
-  snprintf(d->name, sizeof d->name, "%s", n->cfg->name);
-  memcpy(d->instance, instance, sizeof d->instance);
-  if (gethostname(d->host, sizeof d->host - 1)) snprintf(d->host, sizeof d->host, "unknown");
-  snprintf(d->version, sizeof d->version, "%s", n->version);
-  if (n->have_job) snprintf(d->job_hash, sizeof d->job_hash, "%s", n->job.hash);
-  snprintf(d->control_url, sizeof d->control_url, "%s", n->control_url);
-  for (int i = 0; i < n->n_devices; i++) snprintf(d->devices[i], 16, "%s", n->specs[i]);
-  /* a store that answers late (its host busy or stopped a moment) is
-   * waited for as long as the connection was, rendezvous.join_timeout_s;
-   * the write of a numbered join is repeated rather than numbered again
-   * while the coordinator still waits for it (it passes over a number
-   * unwritten for 30 s, and would never read it after), then a fresh
-   * number is drawn */
-  int64_t join_deadline =
-      mt_mono_ms() + (n->cfg->join_timeout_s ? n->cfg->join_timeout_s * 1000LL : 600000LL);
-  int64_t drawn_ms = 0, said_ms = 0;
-  n->seq = 0;
-  int rc;
-  while ((rc = mt_rdzv_join(n->store, d, &n->seq))) {
-    int64_t now = mt_mono_ms();
-    if (!mt_err_retryable(rc) || now > join_deadline) {
-      if (mt_err_retryable(rc)) n->store_unreachable = 1;
-      mt_log_error("%s", mt_errmsg());
-      goto out;
-    }
-    if (n->seq > 0 && !drawn_ms) drawn_ms = now;
-    if (n->seq > 0 && now - drawn_ms > 20000) n->seq = 0, drawn_ms = 0;
-    if (!said_ms || now - said_ms >= 5000) {
-      mt_log_warn("%s; joining again (for up to %lld s more)", mt_errmsg(),
-                  (long long)(join_deadline - now) / 1000);
-      said_ms = now;
-    }
-    usleep(200 * 1000);
+  if (join_rendezvous(n, instance)) {
+    mt_log_error("%s", mt_errmsg());
+    goto out;
   }
-  mt_log_info("mtnlgd %s: node %s with %d device(s) (%s..%s) joined %s as join %lld%s", n->version,
-              n->cfg->name, n->n_devices, n->specs[0], n->specs[n->n_devices - 1], n->cfg->endpoint,
-              (long long)n->seq, n->is_host ? ", coordinating" : "");
 
-  uv_loop_init(&n->loop);
-  uv_signal_init(&n->loop, &n->sigint);
-  uv_signal_init(&n->loop, &n->sigterm);
-  n->sigint.data = n->sigterm.data = n;
-  uv_signal_start(&n->sigint, on_signal, SIGINT);
-  uv_signal_start(&n->sigterm, on_signal, SIGTERM);
-  uv_timer_init(&n->loop, &n->tick);
-  uv_timer_init(&n->loop, &n->heartbeat);
-  uv_timer_init(&n->loop, &n->watchdog);
-  n->tick.data = n->heartbeat.data = n->watchdog.data = n;
-  int tick_ms = n->cfg->heartbeat_interval_ms < 100 ? n->cfg->heartbeat_interval_ms : 100;
-  uv_timer_start(&n->tick, on_tick, 0, (uint64_t)tick_ms);
-  uv_timer_start(&n->heartbeat, on_heartbeat, 0, (uint64_t)n->cfg->heartbeat_interval_ms);
-  uint64_t wd_usec = 0;
-  if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec >= 2000)
-    uv_timer_start(&n->watchdog, on_watchdog, 0, wd_usec / 2000);
-  uv_async_init(&n->loop, &n->engine_done, on_engine_done);
-  n->engine_done.data = n;
-  uv_run(&n->loop, UV_RUN_DEFAULT);
+  run_loop(n);
   code = n->exit_code;
 
   if (n->engine_running && !n->abandoned) { /* a stop that skipped the engine's end */
