@@ -320,6 +320,8 @@ typedef struct device_choice {
 static int resolve_devices(device_choice *dc, const char *devices, const mt_job *job, int procs,
                            int world, int here) {
   const mt_parallel_spec *p = &job->parallel;
+  /* list: NULL past the GPUs listed */
+  *dc = (device_choice){0};
   if (world > 1) mt_device_eager_modules(); /* before the first CUDA call */
   if (!strcmp(devices, "auto") &&
       mt_device_resolve_auto(dc->resolved, sizeof dc->resolved, here) > 0)
