@@ -126,6 +126,96 @@ static json_t *store_status(node *n) {
       "refused_clients", (json_int_t)st.refused, "dropped_clients", (json_int_t)st.dropped);
 }
 
+/* The status's eta_s: from the mean step time of the last 20 points;
+ * under a batch ramp-up from their time per sample and the samples the
+ * steps left read. null unless the job runs. Under mu. */
+static json_t *eta_json(node *n, const char *state) {
+  const mt_step_stats *st = &n->last;
+  int have = n->have_last;
+  json_t *eta = json_null();
+  const mt_job *j = n->have_run_job ? &n->run_job : NULL;
+  if (j && have && n->history_n > n->history_first &&
+      (!strcmp(state, "running") || !strcmp(state, "checkpointing"))) {
+    double sum = 0, samples = 0;
+    int k = 0;
+    for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++) {
+      sum += n->history[i % NODE_HISTORY].step_ms;
+      samples += n->history[i % NODE_HISTORY].global_batch;
+    }
+    int64_t steps_left = j->train.steps - st->step;
+    if (j->train.rampup.start && samples > 0 && j->model.seq_len > 0) {
+      int64_t left = mt_job_samples_of(j, st->consumed_tokens / j->model.seq_len, steps_left);
+      eta = json_real((double)left * sum / samples / 1e3);
+    } else {
+      eta = json_real((double)steps_left * sum / k / 1e3);
+    }
+  }
+  return eta;
+}
+
+/* The status's devices: this node's, with the first local rank's rate and
+ * MFU for each while the job steps (stepping). Under mu. */
+static json_t *devices_json(node *n, int stepping) {
+  const mt_step_stats *st = &n->last;
+  json_t *devs = json_array();
+  /* the MFU base is the best rate seen: the GEMM rate measured at start-up,
+   * or a step's rate that beat it (measured on a busy machine, the base was
+   * low, and MFU read over 100%) */
+  if (stepping && isfinite(st->tflops) && n->peak_flops > 0 && st->tflops * 1e12 > n->peak_flops) {
+    mt_log_debug("MFU: a step ran at %.4g TFLOP/s per device, past the base of %.4g: the base "
+                 "from now on",
+                 st->tflops, n->peak_flops / 1e12);
+    n->peak_flops = st->tflops * 1e12;
+  }
+  if (n->have_run_job) {
+    const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
+    for (int r = me ? me->rank_begin : 0; me && r < me->rank_end; r++) {
+      int tp = n->asg.tp, dp = n->asg.dp;
+      double tf = st->tflops;
+      json_array_append_new(
+          devs,
+          json_pack("{s:s, s:s, s:i, s:i, s:i, s:o, s:o}", "node", n->cfg->name, "device",
+                    n->specs[r - me->rank_begin], "rank", r, "stage", r / (tp * dp), "replica",
+                    r / tp % dp, "tflops", stepping ? num_or_null(tf) : json_null(), "mfu",
+                    n->peak_flops > 0 && stepping ? num_or_null(tf * 1e12 / n->peak_flops)
+                                                  : json_null()));
+    }
+  }
+  return devs;
+}
+
+/* The status's checkpoint_progress: this node's save, writing or the
+ * last one. Under mu. */
+static json_t *checkpoint_progress_json(node *n, const json_t *cl) {
+  /* a node that has saved nothing (a spare) shows the cluster's last save,
+   * as the nodes that saved it report it (of: "cluster") */
+  const json_t *cs =
+      cl && !n->ckpt_writing && !n->ckpt_step ? json_object_get(cl, "last_save") : NULL;
+  const json_t *err = json_object_get(cs, "error");
+  if (json_is_integer(json_object_get(cs, "step")) &&
+      json_is_integer(json_object_get(cs, "failures")) &&
+      (json_is_null(err) || json_is_string(err)))
+    return json_pack("{s:s, s:s, s:O, s:n, s:n, s:n, s:O, s:O}", "of", "cluster", "state",
+                     json_is_true(json_object_get(cs, "failed")) ? "failed" : "idle", "step",
+                     json_object_get(cs, "step"), "bytes_done", "bytes_total", "bytes_per_s",
+                     "failures", json_object_get(cs, "failures"), "error", err);
+  /* the writers do not count their bytes as they go: while one writes, its
+   * figures are unknown (null), not the previous save's; idle, they are the
+   * last save's, null before any */
+  int failed = !n->ckpt_writing && n->ckpt_failed;
+  int known = !n->ckpt_writing && !failed && n->ckpt_seconds > 0;
+  return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:I, s:o}", "of", "node", "state",
+                   n->ckpt_writing ? "writing"
+                   : failed        ? "failed"
+                                   : "idle",
+                   "step", n->ckpt_step ? json_integer(n->ckpt_step) : json_null(), "bytes_done",
+                   known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_total",
+                   known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_per_s",
+                   known ? json_real(n->ckpt_bytes / n->ckpt_seconds) : json_null(), "failures",
+                   (json_int_t)n->ckpt_failures, "error",
+                   failed ? json_string(n->ckpt_error) : json_null());
+}
+
 static json_t *build_status(node *n) {
   /* before mu is taken: a wait for the scan must not hold the training
    * thread's on_step, which takes mu too */
@@ -186,27 +276,8 @@ static json_t *build_status(node *n) {
       have ? json_pack("{s:f, s:f, s:f, s:f}", "total_ms", total, "compute_ms",
                        compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms", comm)
            : json_pack("{s:n, s:n, s:n, s:n}", "total_ms", "compute_ms", "bubble_ms", "comm_ms"));
-  /* ETA from the mean step time of the last 20 points; under a batch
-   * ramp-up from their time per sample and the samples the steps left read */
-  json_t *eta = json_null();
   const mt_job *j = n->have_run_job ? &n->run_job : NULL;
-  if (j && have && n->history_n > n->history_first &&
-      (!strcmp(state, "running") || !strcmp(state, "checkpointing"))) {
-    double sum = 0, samples = 0;
-    int k = 0;
-    for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++) {
-      sum += n->history[i % NODE_HISTORY].step_ms;
-      samples += n->history[i % NODE_HISTORY].global_batch;
-    }
-    int64_t steps_left = j->train.steps - st->step;
-    if (j->train.rampup.start && samples > 0 && j->model.seq_len > 0) {
-      int64_t left = mt_job_samples_of(j, st->consumed_tokens / j->model.seq_len, steps_left);
-      eta = json_real((double)left * sum / samples / 1e3);
-    } else {
-      eta = json_real((double)steps_left * sum / k / 1e3);
-    }
-  }
-  json_object_set_new(s, "eta_s", eta);
+  json_object_set_new(s, "eta_s", eta_json(n, state));
   json_object_set_new(s, "exit_at", n->exit_at > 0 ? json_real(n->exit_at) : json_null());
   /* the step train.exit_interval stops the run after: the next multiple,
    * short of the last; null once the job has stopped or ended */
@@ -217,32 +288,7 @@ static json_t *build_status(node *n) {
     if (next < j->train.steps) exit_step = json_integer(next);
   }
   json_object_set_new(s, "exit_step", exit_step);
-  /* devices: this node's, with the first local rank's rate for each */
-  json_t *devs = json_array();
-  /* the MFU base is the best rate seen: the GEMM rate measured at start-up,
-   * or a step's rate that beat it (measured on a busy machine, the base was
-   * low, and MFU read over 100%) */
-  if (stepping && isfinite(st->tflops) && n->peak_flops > 0 && st->tflops * 1e12 > n->peak_flops) {
-    mt_log_debug("MFU: a step ran at %.4g TFLOP/s per device, past the base of %.4g: the base "
-                 "from now on",
-                 st->tflops, n->peak_flops / 1e12);
-    n->peak_flops = st->tflops * 1e12;
-  }
-  if (n->have_run_job) {
-    const mt_member *me = mt_assignment_find(&n->asg, n->cfg->name);
-    for (int r = me ? me->rank_begin : 0; me && r < me->rank_end; r++) {
-      int tp = n->asg.tp, dp = n->asg.dp;
-      double tf = st->tflops;
-      json_array_append_new(
-          devs,
-          json_pack("{s:s, s:s, s:i, s:i, s:i, s:o, s:o}", "node", n->cfg->name, "device",
-                    n->specs[r - me->rank_begin], "rank", r, "stage", r / (tp * dp), "replica",
-                    r / tp % dp, "tflops", stepping ? num_or_null(tf) : json_null(), "mfu",
-                    n->peak_flops > 0 && stepping ? num_or_null(tf * 1e12 / n->peak_flops)
-                                                  : json_null()));
-    }
-  }
-  json_object_set_new(s, "devices", devs);
+  json_object_set_new(s, "devices", devices_json(n, stepping));
   json_t *nodes = cl ? json_object_get(cl, "nodes") : NULL;
   json_object_set_new(s, "nodes", nodes ? json_deep_copy(nodes) : json_array());
   /* what the nodes' heartbeat ages are to be read against (the dashboard's
@@ -250,36 +296,7 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "heartbeat_interval_ms", json_integer(n->cfg->heartbeat_interval_ms));
   json_object_set_new(s, "heartbeat_timeout_ms", json_integer(n->cfg->heartbeat_timeout_ms));
   json_object_set_new(s, "last_checkpoint", last);
-  /* the writers do not count their bytes as they go: while one writes, its
-   * figures are unknown (null), not the previous save's; idle, they are the
-   * last save's, null before any */
-  int failed = !n->ckpt_writing && n->ckpt_failed;
-  int known = !n->ckpt_writing && !failed && n->ckpt_seconds > 0;
-  /* a node that has saved nothing (a spare) shows the cluster's last save,
-   * as the nodes that saved it report it (of: "cluster") */
-  const json_t *cs =
-      cl && !n->ckpt_writing && !n->ckpt_step ? json_object_get(cl, "last_save") : NULL;
-  const json_t *err = json_object_get(cs, "error");
-  json_t *cp;
-  if (json_is_integer(json_object_get(cs, "step")) &&
-      json_is_integer(json_object_get(cs, "failures")) &&
-      (json_is_null(err) || json_is_string(err)))
-    cp = json_pack("{s:s, s:s, s:O, s:n, s:n, s:n, s:O, s:O}", "of", "cluster", "state",
-                   json_is_true(json_object_get(cs, "failed")) ? "failed" : "idle", "step",
-                   json_object_get(cs, "step"), "bytes_done", "bytes_total", "bytes_per_s",
-                   "failures", json_object_get(cs, "failures"), "error", err ? err : json_null());
-  else
-    cp = json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:I, s:o}", "of", "node", "state",
-                   n->ckpt_writing ? "writing"
-                   : failed        ? "failed"
-                                   : "idle",
-                   "step", n->ckpt_step ? json_integer(n->ckpt_step) : json_null(), "bytes_done",
-                   known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_total",
-                   known ? json_integer((json_int_t)n->ckpt_bytes) : json_null(), "bytes_per_s",
-                   known ? json_real(n->ckpt_bytes / n->ckpt_seconds) : json_null(), "failures",
-                   (json_int_t)n->ckpt_failures, "error",
-                   failed ? json_string(n->ckpt_error) : json_null());
-  json_object_set_new(s, "checkpoint_progress", cp);
+  json_object_set_new(s, "checkpoint_progress", checkpoint_progress_json(n, cl));
   int pending = 0;
   json_t *ops = cl ? json_object_get(cl, "operations") : NULL;
   size_t i;
