@@ -222,30 +222,14 @@ def test_a_port_that_answers_no_http_exits_3():
     """An endpoint copied from the wrong line (the rendezvous store's port):
     a server that answers in another protocol is a daemon not reached, exit 3
     naming the control port, not a usage error about the URL."""
-    import threading
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    port = srv.getsockname()[1]
-
-    def answer():
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            with c:
-                c.recv(4096)
-                c.sendall(b"\x00\x00\x00\x05store")
-
-    threading.Thread(target=answer, daemon=True).start()
+    url, _, close = answering_server(b"\x00\x00\x00\x05store")
     try:
-        p = run("-e", f"http://127.0.0.1:{port}", "status")
-        check(p.returncode == 3 and f"http://127.0.0.1:{port} answered, but not in HTTP" in p.stderr
+        p = run("-e", url, "status")
+        check(p.returncode == 3 and f"{url} answered, but not in HTTP" in p.stderr
               and "control port (control.listen)" in p.stderr,
               "a port that answers no HTTP exits 3 naming the control port", p)
     finally:
-        close_server(srv)
+        close()
 
 
 def answering_server(answer):
