@@ -139,7 +139,7 @@ int main(int argc, char **argv) {
   for (int i = 1; i < argc; i++) sizes.push_back(atoi(argv[i]));
   if (sizes.empty()) sizes = {16, 32, 64, 128};
   Counted st;
-  st.base = mt_store{c_set, c_get, c_add, c_check, c_del, c_free, "counted", nullptr};
+  st.base = mt_store{c_set, c_get, c_add, c_check, c_del, c_free, "counted", nullptr, nullptr};
   if (mt_store_mem_new(&st.inner)) {
     fprintf(stderr, "bench_bootstrap: %s\n", mt_errmsg());
     return 1;

@@ -17,6 +17,7 @@ const char *mt_store_op_name(uint8_t op) {
   case MT_STORE_OP_DELETE: return "DELETE";
   case MT_STORE_OP_PING: return "PING";
   case MT_STORE_OP_AUTH: return "AUTH";
+  case MT_STORE_OP_DELETE_PREFIX: return "DELETE_PREFIX";
   case MT_STORE_OP_ERROR: return "ERROR";
   default: return "?";
   }
@@ -37,7 +38,7 @@ const char *mt_store_status_name(uint8_t status) {
   }
 }
 
-static int known_op(uint8_t op) { return op >= MT_STORE_OP_SET && op <= MT_STORE_OP_AUTH; }
+static int known_op(uint8_t op) { return op >= MT_STORE_OP_SET && op <= MT_STORE_OP_DELETE_PREFIX; }
 
 /* ------------------------------------------------------------------ little-endian */
 
@@ -228,7 +229,8 @@ static int decode_request(rd *r, mt_store_msg *m, mt_store_str *keys, uint32_t k
     m->keys = keys;
     break;
   case MT_STORE_OP_CHECK:
-  case MT_STORE_OP_DELETE: rc = take_key(r, &m->key); break;
+  case MT_STORE_OP_DELETE:
+  case MT_STORE_OP_DELETE_PREFIX: rc = take_key(r, &m->key); break;
   case MT_STORE_OP_PING: break;
   case MT_STORE_OP_AUTH:
     if ((rc = take_str(r, MT_STORE_MAX_KEY, &m->value, "cluster key"))) break;
@@ -253,6 +255,14 @@ static int decode_reply(rd *r, mt_store_msg *m) {
   switch (op) {
   case MT_STORE_OP_GET: rc = take_str(r, MT_STORE_MAX_VALUE, &m->value, "value"); break;
   case MT_STORE_OP_ADD: rc = take_i64(r, &m->num, "value"); break;
+  case MT_STORE_OP_DELETE_PREFIX:
+    if ((rc = take_i64(r, &m->num, "deleted"))) break;
+    if (m->num < 0) {
+      if (r->why) *r->why = MT_STORE_MALFORMED;
+      rc =
+          mt_seterr(MT_ECORRUPT, "store frame: DELETE_PREFIX deleted %lld keys", (long long)m->num);
+    }
+    break;
   case MT_STORE_OP_CAS:
     if ((rc = take_bool(r, &m->flag, "swapped")) || (rc = take_bool(r, &m->present, "present")) ||
         (rc = take_str(r, MT_STORE_MAX_VALUE, &m->value, "current value")))
@@ -382,6 +392,7 @@ static int encode_request(const mt_store_msg *m, wr *w) {
     return 0;
   case MT_STORE_OP_CHECK:
   case MT_STORE_OP_DELETE:
+  case MT_STORE_OP_DELETE_PREFIX:
     if ((rc = check_key(m->key, m->op))) return rc;
     put_str(w, m->key);
     return 0;
@@ -425,6 +436,11 @@ static int encode_reply(const mt_store_msg *m, wr *w) {
     put_str(w, m->value);
     return 0;
   case MT_STORE_OP_ADD: put_i64(w, m->num); return 0;
+  case MT_STORE_OP_DELETE_PREFIX:
+    if (m->num < 0)
+      return mt_seterr(MT_EINVAL, "store DELETE_PREFIX reply: %lld keys", (long long)m->num);
+    put_i64(w, m->num);
+    return 0;
   case MT_STORE_OP_CAS:
     if ((rc = check_str(m->value, MT_STORE_MAX_VALUE, "current value", m->op))) return rc;
     if (m->flag > 1 || m->present > 1 || (!m->present && (m->flag || m->value.bytes)))

@@ -31,9 +31,10 @@ enum {
   MT_STORE_OP_CHECK = 6,
   MT_STORE_OP_DELETE = 7,
   MT_STORE_OP_PING = 8,
-  MT_STORE_OP_AUTH = 9,    /* the cluster key, first on a connection to a store that has one */
-  MT_STORE_OP_ERROR = 127, /* replies only: a frame whose header was unusable */
-  MT_STORE_REPLY = 0x80,   /* or'ed into the op of a reply */
+  MT_STORE_OP_AUTH = 9, /* the cluster key, first on a connection to a store that has one */
+  MT_STORE_OP_DELETE_PREFIX = 10, /* every key that starts with the given bytes */
+  MT_STORE_OP_ERROR = 127,        /* replies only: a frame whose header was unusable */
+  MT_STORE_REPLY = 0x80,          /* or'ed into the op of a reply */
 };
 
 enum {
@@ -69,11 +70,13 @@ typedef struct mt_store_msg {
   uint8_t op;     /* MT_STORE_OP_*, with MT_STORE_REPLY in replies */
   uint8_t status; /* replies: MT_STORE_OK...; requests: 0 */
   uint32_t id;
-  mt_store_str key;      /* single-key requests; WAIT's TIMEOUT reply: the missing key */
+  mt_store_str key;      /* single-key requests, DELETE_PREFIX's prefix; WAIT's TIMEOUT reply:
+                            the missing key */
   mt_store_str value;    /* SET, CAS: the new value; GET, CAS replies: the value;
                             AUTH: the cluster key; error replies: the message text */
   mt_store_str expected; /* CAS request, unless expect_absent */
-  int64_t num;           /* ADD: the delta; its reply: the new value */
+  int64_t num;           /* ADD: the delta; its reply: the new value; DELETE_PREFIX reply: the
+                            number of keys deleted */
   int32_t timeout_ms;    /* GET, WAIT: 0 no wait, < 0 no limit */
   uint8_t flag;          /* CAS request: expect_absent; CAS reply: swapped; CHECK reply: exists */
   uint8_t present;       /* CAS reply: the key exists now */

@@ -101,6 +101,7 @@ typedef struct client {
   int fencing; /* loop: this connection's fence GET is not answered yet */
 
   mt_store_tcp_stats stats; /* updated with atomics */
+  int no_del_prefix;        /* the server answered DELETE_PREFIX UNSUPPORTED (atomic) */
 } client;
 
 static const char *op_word(uint8_t op) {
@@ -113,6 +114,7 @@ static const char *op_word(uint8_t op) {
   case MT_STORE_OP_CHECK: return "check";
   case MT_STORE_OP_DELETE: return "delete";
   case MT_STORE_OP_PING: return "ping";
+  case MT_STORE_OP_DELETE_PREFIX: return "delete keys under";
   default: return "?";
   }
 }
@@ -373,7 +375,8 @@ static void on_reply(client *c, creq *r, const mt_store_msg *m) {
     }
     r->out_bytes = m->value.bytes;
     break;
-  case MT_STORE_OP_ADD: r->num = m->num; break;
+  case MT_STORE_OP_ADD:
+  case MT_STORE_OP_DELETE_PREFIX: r->num = m->num; break;
   case MT_STORE_OP_CHECK: r->flag = m->flag; break;
   default: break;
   }
@@ -910,6 +913,26 @@ static int tcp_del(mt_store *s, const char *key) {
   return call(c, &r);
 }
 
+/* DELETE_PREFIX. A server from before the op answers it with an ERROR,
+ * UNSUPPORTED, and closes the connection (taking the client's other
+ * non-idempotent requests in flight with it): the client remembers the
+ * answer and never sends the op to that server again. */
+static int tcp_del_prefix(mt_store *s, const char *prefix, int64_t *deleted) {
+  client *c = (client *)s;
+  int rc = check_key(c, "delete keys under", prefix);
+  if (rc) return rc;
+  if (__atomic_load_n(&c->no_del_prefix, __ATOMIC_RELAXED))
+    return mt_seterr(MT_ENOTSUP,
+                     "store(tcp %s): delete keys under %.300s: the server does not know the op "
+                     "(an mtnlgd from before DELETE_PREFIX)",
+                     c->addr, prefix);
+  creq r = {.op = MT_STORE_OP_DELETE_PREFIX, .key = prefix};
+  rc = call(c, &r);
+  if (rc == MT_ENOTSUP) __atomic_store_n(&c->no_del_prefix, 1, __ATOMIC_RELAXED);
+  if (!rc && deleted) *deleted = r.num;
+  return rc;
+}
+
 static void tcp_free(mt_store *s) {
   client *c = (client *)s;
   pthread_mutex_lock(&c->mu);
@@ -1070,7 +1093,8 @@ int mt_store_tcp_new(const char *host, int port, const mt_store_tcp_opts *opts, 
                        .del = tcp_del,
                        .free = tcp_free,
                        .kind = "tcp",
-                       .get_many = tcp_get_many};
+                       .get_many = tcp_get_many,
+                       .del_prefix = tcp_del_prefix};
   int e = uv_loop_init(&c->loop);
   if (e < 0) {
     free(c->fence_key), free(c->fence_value), free(c->key), free(c);

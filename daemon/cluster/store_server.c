@@ -310,6 +310,28 @@ static int del(mt_store_server *s, mt_store_str k) {
   return 0;
 }
 
+/* Removes every key that starts with prefix and returns how many: the
+ * coordinator drops a past generation's gen/<g>/ keys this way, in one round
+ * trip, so a long job's store does not grow with its generations. A walk of
+ * the whole table: once a generation, over at most a few generations' keys. */
+static int64_t del_prefix(mt_store_server *s, mt_store_str prefix) {
+  int64_t n = 0;
+  for (size_t b = 0; b < s->nbuckets; b++)
+    for (entry **p = &s->table[b]; *p;) {
+      entry *e = *p;
+      if (e->key_bytes < prefix.bytes || memcmp(e->key, prefix.p, prefix.bytes)) {
+        p = &e->next;
+        continue;
+      }
+      *p = e->next;
+      s->bytes -= e->key_bytes + e->bytes + ENTRY_BYTES;
+      free(e->key), free(e->value), free(e);
+      s->nkeys--;
+      n++;
+    }
+  return n;
+}
+
 /* ------------------------------------------------------------------ replies */
 
 typedef struct wreq {
@@ -636,6 +658,10 @@ static void dispatch(conn *c, const mt_store_msg *m) {
     return;
   case MT_STORE_OP_DELETE:
     reply(c, m->op, m->id, del(s, m->key) ? MT_STORE_OK : MT_STORE_NOT_FOUND);
+    return;
+  case MT_STORE_OP_DELETE_PREFIX: /* requests waiting for the keys keep waiting, as for DELETE */
+    r.num = del_prefix(s, m->key);
+    send_msg(c, &r, 0);
     return;
   case MT_STORE_OP_PING: reply(c, m->op, m->id, MT_STORE_OK); return;
   default:

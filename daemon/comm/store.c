@@ -3,6 +3,7 @@
 #include "err.h"
 #include "monotime.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -158,6 +159,32 @@ static int mem_del(mt_store *s, const char *key) {
   return 0;
 }
 
+/* Unlinks every entry under prefix, then frees them outside the lock. */
+static int mem_del_prefix(mt_store *s, const char *prefix, int64_t *deleted) {
+  mem_store *m = (mem_store *)s;
+  size_t n = strlen(prefix);
+  int64_t count = 0;
+  mem_entry *gone = NULL;
+  pthread_mutex_lock(&m->mu);
+  for (mem_entry **p = &m->entries; *p;) {
+    mem_entry *e = *p;
+    if (strncmp(e->key, prefix, n)) {
+      p = &e->next;
+      continue;
+    }
+    *p = e->next;
+    e->next = gone, gone = e;
+    count++;
+  }
+  pthread_mutex_unlock(&m->mu);
+  for (mem_entry *e = gone, *next; e; e = next) {
+    next = e->next;
+    free(e->key), free(e->value), free(e);
+  }
+  if (deleted) *deleted = count;
+  return 0;
+}
+
 static void mem_free(mt_store *s) {
   mem_store *m = (mem_store *)s;
   for (mem_entry *e = m->entries, *next; e; e = next) {
@@ -184,7 +211,8 @@ int mt_store_mem_new(mt_store **out) {
                        .check = mem_check,
                        .del = mem_del,
                        .free = mem_free,
-                       .kind = "mem"};
+                       .kind = "mem",
+                       .del_prefix = mem_del_prefix};
   *out = &m->base;
   return 0;
 }
@@ -374,6 +402,37 @@ static int file_del(mt_store *s, const char *key) {
   return mt_seterr(MT_EIO, "store(file): delete %s: unlink %s: %s", key, path, strerror(errno));
 }
 
+/* Unlinks every key file whose name starts with prefix's: a key's file name
+ * encodes it byte by byte, so a key starts with prefix exactly when its name
+ * starts with prefix's encoding. */
+static int file_del_prefix(mt_store *s, const char *prefix, int64_t *deleted) {
+  file_store *f = (file_store *)s;
+  char path[4096];
+  int rc = key_path(f, prefix, path, sizeof path);
+  if (rc) return rc;
+  const char *name = path + strlen(f->dir) + 1; /* "k=<encoded prefix>" */
+  size_t n = strlen(name);
+  DIR *d = opendir(f->dir);
+  if (!d)
+    return mt_seterr(MT_EIO, "store(file): delete keys under %s: opendir %s: %s", prefix, f->dir,
+                     strerror(errno));
+  int64_t count = 0;
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    if (strncmp(de->d_name, name, n)) continue;
+    if (unlinkat(dirfd(d), de->d_name, 0) == 0) {
+      count++;
+    } else if (errno != ENOENT) {
+      rc = mt_seterr(MT_EIO, "store(file): delete keys under %s: unlink %s/%s: %s", prefix, f->dir,
+                     de->d_name, strerror(errno));
+      break;
+    }
+  }
+  closedir(d);
+  if (deleted) *deleted = count;
+  return rc;
+}
+
 static void file_free(mt_store *s) {
   file_store *f = (file_store *)s;
   free(f->dir);
@@ -399,7 +458,8 @@ int mt_store_file_new(const char *dir, mt_store **out) {
                        .check = file_check,
                        .del = file_del,
                        .free = file_free,
-                       .kind = "file"};
+                       .kind = "file",
+                       .del_prefix = file_del_prefix};
   *out = &f->base;
   return 0;
 }

@@ -50,6 +50,12 @@ struct mt_store {
    * where the key does not exist, bytes[i] its length (bytes may be NULL).
    * On failure no value is returned: every values[i] is NULL. */
   int (*get_many)(mt_store *s, const char *const *keys, size_t n, void **values, size_t *bytes);
+  /* Optional (NULL: mt_store_del_prefix answers MT_ENOTSUP). Removes every
+   * key that starts with prefix (byte for byte: "gen/1/" does not match
+   * "gen/10/x") and sets *deleted (may be NULL) to how many. Requests waiting
+   * for a removed key keep waiting. So a long job's store does not keep every
+   * past generation's keys. */
+  int (*del_prefix)(mt_store *s, const char *prefix, int64_t *deleted);
 };
 
 /* An in-process store: a mutex, a condition variable and a list. */
@@ -91,6 +97,15 @@ static inline int mt_store_get_many(mt_store *s, const char *const *keys, size_t
   }
   for (size_t i = 0; i < n && rc; i++) free(values[i]), values[i] = NULL;
   return rc;
+}
+/* s->del_prefix, or MT_ENOTSUP (with a message naming the store's kind)
+ * where a store has none or its server does not know the op. */
+static inline int mt_store_del_prefix(mt_store *s, const char *prefix, int64_t *deleted) {
+  if (deleted) *deleted = 0;
+  if (!s->del_prefix)
+    return mt_seterr(MT_ENOTSUP, "store(%s): delete keys under %.200s: not supported", s->kind,
+                     prefix);
+  return s->del_prefix(s, prefix, deleted);
 }
 static inline void mt_store_free(mt_store *s) {
   if (s) s->free(s);

@@ -99,6 +99,7 @@ static void test_every_op_round_trips(void) {
       {.op = MT_STORE_OP_DELETE, .id = 10, .key = k},
       {.op = MT_STORE_OP_PING, .id = 0xffffffffu},
       {.op = MT_STORE_OP_AUTH, .id = 0, .value = v},
+      {.op = MT_STORE_OP_DELETE_PREFIX, .id = 12, .key = mt_store_cstr("gen/1/")},
   };
   for (size_t i = 0; i < sizeof reqs / sizeof *reqs; i++) {
     char what[64];
@@ -119,6 +120,11 @@ static void test_every_op_round_trips(void) {
       {.op = MT_STORE_OP_DELETE | R, .id = 10, .status = MT_STORE_NOT_FOUND},
       {.op = MT_STORE_OP_PING | R, .id = 11},
       {.op = MT_STORE_OP_AUTH | R, .id = 0},
+      {.op = MT_STORE_OP_DELETE_PREFIX | R, .id = 12, .num = 39},
+      {.op = MT_STORE_OP_DELETE_PREFIX | R,
+       .id = 12,
+       .status = MT_STORE_UNSUPPORTED,
+       .value = mt_store_cstr("op 10 is unknown")},
       {.op = MT_STORE_OP_AUTH | R,
        .status = MT_STORE_UNAUTHORIZED,
        .value = mt_store_cstr("wrong cluster key")},
@@ -173,8 +179,8 @@ static void test_bad_headers_are_refused(void) {
   expect_refused("version 0", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
   memcpy(g, f, n), g[5] = 0;
   expect_refused("op 0", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
-  memcpy(g, f, n), g[5] = 10;
-  expect_refused("op 10", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
+  memcpy(g, f, n), g[5] = 11;
+  expect_refused("op 11", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
   memcpy(g, f, n), g[5] = MT_STORE_OP_ERROR;
   expect_refused("ERROR as a request", g, n, MT_ENOTSUP, MT_STORE_UNSUPPORTED);
   memcpy(g, f, n), g[6] = 1;
@@ -239,7 +245,11 @@ static void test_bad_bodies_are_refused(void) {
   expect_body_refused("WAIT count past the keys", MT_STORE_OP_WAIT, 0, "\0\0\0\0\2\0\0\0\1\0\0\0k",
                       13, C, M);
   expect_body_refused("PING with a body", MT_STORE_OP_PING, 0, "x", 1, C, M);
+  expect_body_refused("DELETE_PREFIX of an empty prefix", MT_STORE_OP_DELETE_PREFIX, 0, "\0\0\0\0",
+                      4, C, M);
   const uint8_t R = MT_STORE_REPLY;
+  expect_body_refused("DELETE_PREFIX reply of -1 keys", MT_STORE_OP_DELETE_PREFIX | R, 0,
+                      "\xff\xff\xff\xff\xff\xff\xff\xff", 8, C, M);
   expect_body_refused("CHECK reply bool 7", MT_STORE_OP_CHECK | R, 0, "\7", 1, C, M);
   expect_body_refused("CAS reply swapped, absent", MT_STORE_OP_CAS | R, 0, "\1\0\0\0\0\0", 6, C, M);
   expect_body_refused("CAS reply absent with a value", MT_STORE_OP_CAS | R, 0, "\0\0\1\0\0\0x", 7,

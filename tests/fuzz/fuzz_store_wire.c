@@ -124,6 +124,7 @@ static int make_seeds(seed *s, int *count) {
       {.op = MT_STORE_OP_CHECK, .id = 7, .key = k},
       {.op = MT_STORE_OP_DELETE, .id = 8, .key = k},
       {.op = MT_STORE_OP_PING, .id = 9},
+      {.op = MT_STORE_OP_DELETE_PREFIX, .id = 10, .key = mt_store_cstr("gen/1/")},
       {.op = MT_STORE_OP_SET | R, .id = 1},
       {.op = MT_STORE_OP_GET | R, .id = 2, .value = v},
       {.op = MT_STORE_OP_GET | R, .id = 2, .status = MT_STORE_TIMEOUT},
@@ -133,6 +134,7 @@ static int make_seeds(seed *s, int *count) {
       {.op = MT_STORE_OP_CHECK | R, .id = 7, .flag = 1},
       {.op = MT_STORE_OP_DELETE | R, .id = 8, .status = MT_STORE_NOT_FOUND},
       {.op = MT_STORE_OP_PING | R, .id = 9},
+      {.op = MT_STORE_OP_DELETE_PREFIX | R, .id = 10, .num = 21},
       {.op = MT_STORE_OP_ERROR | R, .status = MT_STORE_MALFORMED, .value = mt_store_cstr("bad")},
   };
   for (size_t i = 0; i < sizeof msgs / sizeof *msgs; i++)
