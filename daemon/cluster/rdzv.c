@@ -263,9 +263,31 @@ int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, int *job_failed, ch
                   int reason_size) {
   char key[64];
   snprintf(key, sizeof key, "gen/%d/end", gen);
-  int rc;
-  json_t *j = get_json_now(s, key, &rc);
-  if (rc <= 0) return rc;
+  /* the end and the coordinator's prune mark in one round trip: a node back
+   * from a stall through two re-forms finds its generation's keys gone (see
+   * prune_generations), and takes the generation as ended, not final (a
+   * later one formed), instead of waiting for an end that is not there */
+  const char *keys[2] = {key, MT_RDZV_PRUNED_KEY};
+  void *v[2] = {NULL, NULL};
+  size_t bytes[2];
+  int rc = mt_store_get_many(s, keys, 2, v, bytes);
+  if (rc) return rc;
+  long long pruned = v[1] ? strtoll(v[1], NULL, 10) : 0;
+  free(v[1]);
+  if (!v[0] && pruned >= gen) {
+    *final = *ok = 0;
+    if (job_failed) *job_failed = 0;
+    snprintf(reason, (size_t)reason_size,
+             "generation %d ended while this node was away, and its keys are gone (the "
+             "coordinator keeps the last two generations'; %d and older are pruned)",
+             gen, (int)pruned);
+    return 1;
+  }
+  if (!v[0]) return 0;
+  json_error_t err;
+  json_t *j = json_loadb(v[0], bytes[0], 0, &err);
+  free(v[0]);
+  if (!j) return mt_seterr(MT_ECORRUPT, "rdzv: %s: bad JSON: %s", key, err.text);
   *final = json_is_true(json_object_get(j, "final"));
   *ok = json_is_true(json_object_get(j, "ok"));
   if (job_failed) *job_failed = json_is_true(json_object_get(j, "job_failed"));
@@ -481,9 +503,12 @@ struct mt_coord {
   char waiting[400]; /* forming with too few slots for any dp: what it waits for ("" once formable)
                       */
   int unpublished;   /* publishing generation gen failed part way: ended, not formed again */
-  int64_t next_op_req;  /* the next ops/req/<n> to read */
-  unwritten reqs_gaps;  /* ops/req/<n> below next_op_req numbered but not written */
-  unwritten joins_gaps; /* likewise nodes/<n> below next_seq */
+  int pruned_through;    /* gen/<g>/ keys of every g up to this one are deleted */
+  int prune_warned_gen;  /* the generation a failed prune was last logged in */
+  int prune_unsupported; /* the store has no prefix delete: not tried again */
+  int64_t next_op_req;   /* the next ops/req/<n> to read */
+  unwritten reqs_gaps;   /* ops/req/<n> below next_op_req numbered but not written */
+  unwritten joins_gaps;  /* likewise nodes/<n> below next_seq */
   coord_op *ops;
   int n_ops, cap_ops;
   int64_t op_ids;      /* ids given so far (the table keeps only the newest) */
@@ -993,6 +1018,47 @@ static int publish_order(mt_coord *c, const char *kind) {
                   json_pack("{s:I, s:s}", "seq", (json_int_t)++c->order_seq, "kind", kind));
 }
 
+/* Deletes the gen/<g>/ keys of every generation before the previous one,
+ * once generation c->gen is published: without it the store keeps every
+ * generation's keys (tens of thousands at thousands of ranks) for the life
+ * of the job. Safe because nothing reads them any more: the coordinator
+ * reads the running generation's keys only; members and spares of c->gen
+ * read c->gen's; a node still on c->gen - 1 (its ranks stopping, or back
+ * from a stall) reads that generation's end, order and assignment, which
+ * are kept. A node on an older one was away through two re-forms: its
+ * generation's end is gone, and mt_rdzv_ended takes MT_RDZV_PRUNED_KEY,
+ * written before the keys go, as that end (not final: later ones formed),
+ * so it walks on to the running generation. "gen/<g>/" with its slash, so
+ * generation 1's prune leaves gen/10/. A prune that fails is tried again at
+ * the next generation and never fails the coordinator. */
+static void prune_generations(mt_coord *c) {
+  int upto = c->gen - 2;
+  if (c->pruned_through >= upto || c->prune_unsupported) return;
+  char mark[24], prefix[32];
+  int rc = 0;
+  int64_t total = 0, deleted = 0;
+  int first = c->pruned_through + 1;
+  snprintf(mark, sizeof mark, "%d", upto);
+  rc = mt_store_set(c->o.store, MT_RDZV_PRUNED_KEY, mark, strlen(mark));
+  for (int g = first; !rc && g <= upto; g++) {
+    snprintf(prefix, sizeof prefix, "gen/%d/", g);
+    if (!(rc = mt_store_del_prefix(c->o.store, prefix, &deleted)))
+      c->pruned_through = g, total += deleted;
+  }
+  if (c->pruned_through >= first)
+    mt_log_debug("coordinator: generation %d formed: deleted %lld key(s) of generation(s) %d..%d",
+                 c->gen, (long long)total, first, c->pruned_through);
+  if (rc == MT_ENOTSUP) {
+    c->prune_unsupported = 1;
+    mt_log_warn("coordinator: the store keeps every generation's keys: %s", mt_errmsg());
+  } else if (rc && c->prune_warned_gen != c->gen) {
+    c->prune_warned_gen = c->gen;
+    mt_log_warn("coordinator: cannot delete the keys of generation %d (the store keeps them; "
+                "tried again at the next generation): %s",
+                c->pruned_through + 1, mt_errmsg());
+  }
+}
+
 /* Forms generation c->gen from the nodes present: members in name order,
  * whole nodes, until pp * dp slots; the rest spares. Publishes job, hash and
  * assignment (the assignment last: members wait for it). */
@@ -1072,6 +1138,7 @@ static int form(mt_coord *c, int dp) {
     }
     c->dp = dp;
     c->first_failure_ms = 0;
+    prune_generations(c);
   }
   mt_assignment_free(&a);
   if (rc) {

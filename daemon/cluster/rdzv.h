@@ -36,6 +36,9 @@
  * node whose client reconnected reads it to tell a restarted coordinator
  * (a new, empty store) from a blip */
 #define MT_RDZV_COORD_INSTANCE_KEY "coord/instance"
+/* The newest generation whose gen/<g>/ keys the coordinator deleted (text):
+ * those generations ended, and were not final. */
+#define MT_RDZV_PRUNED_KEY "cluster/pruned_gen"
 
 /* What a node tells the coordinator when it joins. */
 typedef struct mt_node_desc {
@@ -95,7 +98,8 @@ int mt_rdzv_heartbeat(mt_store *s, const char *name);
 /* gen/<g>/end: 1 when the generation ended (*final: no generation follows, *ok:
  * the job ended well, *job_failed (may be NULL): it failed on its own, so
  * running it again would fail the same way; reason filled in), 0 while it
- * runs, < 0 failure. */
+ * runs, < 0 failure. A generation the coordinator pruned (MT_RDZV_PRUNED_KEY)
+ * reads as ended, not final and not ok. */
 int mt_rdzv_ended(mt_store *s, int gen, int *final, int *ok, int *job_failed, char *reason,
                   int reason_size);
 /* How a member's part of a generation ended. */

@@ -100,6 +100,10 @@ static int f_get_many(mt_store *s, const char *const *keys, size_t n, void **val
   for (size_t i = 0; i < n; i++) count_read((flaky_store *)s, keys[i]);
   return mt_store_get_many(((flaky_store *)s)->inner, keys, n, values, bytes);
 }
+static int f_del_prefix(mt_store *s, const char *prefix, int64_t *deleted) {
+  count_request(s);
+  return mt_store_del_prefix(((flaky_store *)s)->inner, prefix, deleted);
+}
 static void f_free(mt_store *s) { mt_store_free(((flaky_store *)s)->inner); }
 
 static int resizable; /* open_cluster: a job with a checkpoint.dir and a batch dp 2 divides */
@@ -124,7 +128,7 @@ static int join_node(cluster *k, int i, int devices) {
 static int open_cluster(cluster *k, const char *fail_key, int nodes) {
   memset(k, 0, sizeof *k);
   k->store.base =
-      (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, NULL};
+      (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, f_del_prefix};
   snprintf(k->store.fail_key, sizeof k->store.fail_key, "%s", fail_key);
   if (mt_store_mem_new(&k->store.inner)) return -1;
   mt_coord_opts o = test_coord_opts(&k->store.base);
@@ -246,6 +250,52 @@ static int test_a_failed_end_is_written_next_tick(void) {
         "generation 2 is restart %d, not 1 (%s)", a.restart, mt_errmsg());
   mt_assignment_free(&a);
   free(job);
+  close_cluster(&k);
+  return 0;
+}
+
+/* After three re-forms (generations 1 to 4) the store holds the gen/ keys of
+ * the last two generations only: each formed generation deletes the keys of
+ * the one two back (before, every generation's stayed for the job's life).
+ * A node still on a pruned generation reads it as ended, not final, so it
+ * walks on rather than waiting for an end that is gone. */
+static int test_reforms_leave_only_the_last_two_generations_keys(void) {
+  cluster k;
+  if (open_running(&k)) return 1;
+  int gen = 1, member = 0;
+  const char *state;
+  for (int g = 1; g <= 4; g++) {
+    if (g > 1) { /* the member stops beating: the spare forms generation g */
+      int beat[2] = {member != 0, member != 1};
+      run(&k, 30, beat, 2);
+      member = !member;
+      int both[] = {1, 1};
+      run(&k, 30, both, 2); /* the lost node is back, as the spare */
+    }
+    const char *role = role_of(&k, member ? "n1" : "n0", &gen, &state);
+    REQUIRE(gen == g && !strcmp(state, "running") && !strcmp(role, "member"),
+            "re-form %d: generation %d %s, member %s", g - 1, gen, state, role);
+    char key[64];
+    snprintf(key, sizeof key, "gen/%d/comm/tp0/join/0", g); /* as a rank writes */
+    REQUIRE(!mt_store_set(&k.store.base, key, "x", 1), "set %s: %s", key, mt_errmsg());
+  }
+  static const char *kinds[] = {"job", "assignment", "end", "comm/tp0/join/0"};
+  for (int g = 1; g <= 4; g++)
+    for (int i = 0; i < 4; i++) {
+      if (g == 4 && !strcmp(kinds[i], "end")) continue; /* running */
+      char key[64];
+      snprintf(key, sizeof key, "gen/%d/%s", g, kinds[i]);
+      int has = mt_store_check(&k.store.base, key);
+      CHECK(has == (g >= 3), "after generation 4 formed, %s is %s", key,
+            has ? "still there" : "gone");
+    }
+  int final = -1, ok = -1;
+  char reason[300] = "";
+  CHECK(mt_rdzv_ended(&k.store.base, 2, &final, &ok, NULL, reason, sizeof reason) == 1 && !final &&
+            !ok && strstr(reason, "keys are gone"),
+        "a node on pruned generation 2: ended final %d ok %d (%s)", final, ok, reason);
+  CHECK(mt_rdzv_ended(&k.store.base, 4, &final, &ok, NULL, reason, sizeof reason) == 0,
+        "the running generation reads as ended");
   close_cluster(&k);
   return 0;
 }
@@ -613,6 +663,7 @@ int main(void) {
   if (test_a_failed_verdict_accepts_next_tick()) failures++;
   if (test_a_failed_end_is_written_next_tick()) failures++;
   if (test_a_steady_tick_reads_only_counts()) failures++;
+  if (test_reforms_leave_only_the_last_two_generations_keys()) failures++;
   if (test_a_tick_asks_the_store_as_often_at_16_nodes_as_at_2()) failures++;
   if (test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one()) failures++;
   if (test_a_resize_refused_by_the_run_ends_the_job_as_reported()) failures++;
