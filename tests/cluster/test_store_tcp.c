@@ -339,6 +339,88 @@ static void test_del_prefix_removes_exactly_the_keys_under_it(mt_store *s) {
   for (size_t i = 0; i < 5; i++) mt_store_del(s, kept[i]);
 }
 
+/* A store server from before DELETE_PREFIX, on a thread: answers PING, and
+ * any other op as such a server answers one it does not know (ERROR,
+ * UNSUPPORTED, then closes the connection). */
+typedef struct old_server {
+  int fd, del_prefix_seen, stop;
+} old_server;
+
+static void *old_server_run(void *arg) {
+  old_server *o = arg;
+  while (!__atomic_load_n(&o->stop, __ATOMIC_RELAXED)) {
+    struct pollfd p = {o->fd, POLLIN, 0};
+    if (poll(&p, 1, 50) <= 0) continue;
+    int c = accept(o->fd, NULL, NULL);
+    if (c < 0) continue;
+    uint8_t f[MT_STORE_HDR_BYTES + 8192], out[256];
+    for (;;) {
+      if (read_full(c, f, MT_STORE_HDR_BYTES)) break;
+      uint32_t id = f[8] | f[9] << 8 | f[10] << 16 | (uint32_t)f[11] << 24;
+      uint32_t body = f[12] | f[13] << 8 | f[14] << 16 | (uint32_t)f[15] << 24;
+      if (body > sizeof f - MT_STORE_HDR_BYTES || read_full(c, f + MT_STORE_HDR_BYTES, body)) break;
+      size_t n;
+      if (f[5] == MT_STORE_OP_PING) {
+        mt_store_msg r = {.op = MT_STORE_OP_PING | MT_STORE_REPLY, .id = id};
+        mt_store_encode(&r, out, sizeof out, &n);
+        if (write(c, out, n) != (ssize_t)n) break;
+        continue;
+      }
+      if (f[5] == MT_STORE_OP_DELETE_PREFIX)
+        __atomic_add_fetch(&o->del_prefix_seen, 1, __ATOMIC_RELAXED);
+      mt_store_msg r = {.op = MT_STORE_OP_ERROR | MT_STORE_REPLY,
+                        .id = id,
+                        .status = MT_STORE_UNSUPPORTED,
+                        .value = mt_store_cstr("store frame: unknown op 10")};
+      mt_store_encode(&r, out, sizeof out, &n);
+      if (write(c, out, n) < 0) break;
+      break;
+    }
+    close(c);
+  }
+  return NULL;
+}
+
+/* A server from before DELETE_PREFIX: the client's prefix delete fails with
+ * MT_ENOTSUP, not as a store failure, is not sent to it again, and the
+ * client goes on (a PING after it is answered). */
+static void test_del_prefix_to_an_old_server_is_not_supported(void) {
+  old_server o = {.fd = socket(AF_INET, SOCK_STREAM, 0)};
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t len = sizeof a;
+  if (bind(o.fd, (struct sockaddr *)&a, sizeof a) || listen(o.fd, 8) ||
+      getsockname(o.fd, (struct sockaddr *)&a, &len)) {
+    CHECK(0, "old server: %s", strerror(errno));
+    close(o.fd);
+    return;
+  }
+  pthread_t th;
+  pthread_create(&th, NULL, old_server_run, &o);
+  mt_store_tcp_opts opts = {.connect_timeout_ms = 3000,
+                            .request_timeout_ms = 3000,
+                            .backoff_min_ms = 20,
+                            .backoff_max_ms = 200};
+  mt_store *s = NULL;
+  int rc = mt_store_tcp_new("127.0.0.1", ntohs(a.sin_port), &opts, &s);
+  CHECK(!rc, "client of the old server: %s", mt_errmsg());
+  if (s) {
+    int64_t n = -1;
+    rc = mt_store_del_prefix(s, "gen/1/", &n);
+    CHECK(rc == MT_ENOTSUP && n == 0 && strstr(mt_errmsg(), "UNSUPPORTED"),
+          "del_prefix on an old server: %s (%s)", mt_strerror(rc), mt_errmsg());
+    rc = mt_store_del_prefix(s, "gen/2/", &n);
+    CHECK(rc == MT_ENOTSUP && strstr(mt_errmsg(), "does not know"), "a second del_prefix: %s (%s)",
+          mt_strerror(rc), mt_errmsg());
+    CHECK(__atomic_load_n(&o.del_prefix_seen, __ATOMIC_RELAXED) == 1,
+          "the old server saw %d DELETE_PREFIX requests, want 1", o.del_prefix_seen);
+    CHECK(!mt_store_tcp_ping(s, NULL), "a ping after: %s", mt_errmsg());
+    mt_store_free(s);
+  }
+  __atomic_store_n(&o.stop, 1, __ATOMIC_RELAXED);
+  pthread_join(th, NULL);
+  close(o.fd);
+}
+
 /* A server that holds at most 4 KB: SETs past it are refused naming the
  * figures, the store and the connection go on, an overwrite with a smaller
  * value and a DELETE still go, and a SET fits again once room is freed. */
@@ -1278,6 +1360,7 @@ int main(int argc, char **argv) {
   test_no_server_fails_naming_address_and_key();
   test_server_on_its_own_thread();
   test_full_store_refuses_writes_and_recovers();
+  test_del_prefix_to_an_old_server_is_not_supported();
   test_cluster_key_is_required();
   test_parked_requests_past_the_transient_limit_are_refused();
   test_a_frame_past_the_transient_limit_closes_its_connection();
