@@ -125,12 +125,18 @@ static int join_node(cluster *k, int i, int devices) {
   return mt_rdzv_join(&k->store.base, &d, &k->seq[i]);
 }
 
-static int open_cluster(cluster *k, const char *fail_key, int nodes) {
+/* A cluster's store, empty: the flaky wrapper (failing nothing yet) over
+ * an in-process store; its coordinator is the test's to make. */
+static int empty_cluster(cluster *k) {
   memset(k, 0, sizeof *k);
   k->store.base =
       (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, f_del_prefix};
+  return mt_store_mem_new(&k->store.inner);
+}
+
+static int open_cluster(cluster *k, const char *fail_key, int nodes) {
+  if (empty_cluster(k)) return -1;
   snprintf(k->store.fail_key, sizeof k->store.fail_key, "%s", fail_key);
-  if (mt_store_mem_new(&k->store.inner)) return -1;
   mt_coord_opts o = test_coord_opts(&k->store.base);
   o.last_call_ms = 0, o.max_restarts = 3, o.reform_timeout_ms = 600000;
   if (resizable) o.has_checkpoint_dir = 1, o.global_batch = 2;
@@ -358,9 +364,7 @@ static int test_a_tick_asks_the_store_as_often_at_16_nodes_as_at_2(void) {
 
 static int test_nodes_that_cannot_fill_the_widest_dp_form_a_narrower_one(void) {
   cluster k;
-  memset(&k, 0, sizeof k);
-  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, NULL};
-  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(&k.store.base);
   o.last_call_ms = 0, o.dp_max = 3, o.global_batch = 6;
   REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
@@ -400,9 +404,7 @@ static char *status_reason(cluster *k) {
  * cluster waited without a word. */
 static int test_a_generation_that_cannot_form_says_what_it_waits_for(void) {
   cluster k;
-  memset(&k, 0, sizeof k);
-  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, NULL};
-  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(&k.store.base);
   o.last_call_ms = 0, o.tp = 2, o.pp = 2, o.dp_min = o.dp_max = 1;
   REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
@@ -555,9 +557,7 @@ static int test_a_pause_after_a_resume_is_told_the_resume_has_not_acted(void) {
 
 static int test_an_order_during_a_resize_names_the_resize(void) {
   cluster k;
-  memset(&k, 0, sizeof k);
-  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, NULL};
-  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(&k.store.base);
   /* dp 2 (dp_max) forms at once; the resize's dp 1 waits for the last call */
   o.dp_max = 2, o.global_batch = 2, o.has_checkpoint_dir = 1, o.last_call_ms = 100000;
@@ -637,9 +637,7 @@ static int test_an_order_during_a_reform_after_a_failure_says_why_and_status_kee
 
 static int test_a_resize_while_short_of_slots_names_dp_min(void) {
   cluster k;
-  memset(&k, 0, sizeof k);
-  k.store.base = (mt_store){f_set, f_get, f_add, f_check, f_del, f_free, "flaky", f_get_many, NULL};
-  REQUIRE(!mt_store_mem_new(&k.store.inner), "store: %s", mt_errmsg());
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(&k.store.base);
   o.dp_min = o.dp_max = 2, o.global_batch = 2, o.has_checkpoint_dir = 1;
   REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
