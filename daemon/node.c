@@ -204,16 +204,6 @@ static void on_resumed(int64_t step, void *arg) {
   pthread_mutex_unlock(&n->mu);
 }
 
-/* Cuts s (a string of at most size - 1 bytes) whole: a UTF-8 sequence cut
- * short by a bounded copy would make every JSON that carries it fail. */
-static void cut_whole(char *s, size_t size) {
-  size_t len = strlen(s);
-  if (len != size - 1) return;
-  while (len && ((unsigned char)s[len - 1] & 0xC0) == 0x80) len--;
-  if (len && (unsigned char)s[len - 1] >= 0xC0) len--;
-  s[len] = 0;
-}
-
 static void on_stopped(int64_t step, int why, const char *save_failed, int64_t saved, void *arg) {
   node *n = arg;
   pthread_mutex_lock(&n->mu);
@@ -222,7 +212,7 @@ static void on_stopped(int64_t step, int why, const char *save_failed, int64_t s
   /* bounded, so that the report's reason keeps its end ("the newest
    * checkpoint ...") within what the coordinator keeps of it */
   snprintf(n->stop_unsaved, sizeof n->stop_unsaved, "%s", save_failed ? save_failed : "");
-  cut_whole(n->stop_unsaved, sizeof n->stop_unsaved);
+  mt_msg_cut_whole(n->stop_unsaved, sizeof n->stop_unsaved);
   if (save_failed && !n->stop_unsaved[0])
     snprintf(n->stop_unsaved, sizeof n->stop_unsaved, "(no reason given)");
   n->stop_saved = saved;
@@ -247,7 +237,7 @@ static void tell_acted(node *n, int64_t seq, int64_t step, int ok, const char *r
     struct node_acted *a = &n->acted[n->n_acted++];
     a->gen = n->gen, a->ok = ok, a->seq = seq, a->step = step;
     snprintf(a->reason, sizeof a->reason, "%s", reason ? reason : "");
-    cut_whole(a->reason, sizeof a->reason); /* else the JSON would fail every round */
+    mt_msg_cut_whole(a->reason, sizeof a->reason); /* else the JSON would fail every round */
   } else {
     mt_log_error("order %lld's word is dropped: %d others wait to be sent", (long long)seq,
                  n->n_acted);
@@ -317,6 +307,7 @@ static void on_checkpoint(int phase, int64_t step, int rc, const char *msg,
       n->ckpt_failed = rc != 0;
       n->ckpt_failures += rc != 0;
       snprintf(n->ckpt_error, sizeof n->ckpt_error, "%s", rc && msg ? msg : "");
+      mt_msg_cut_whole(n->ckpt_error, sizeof n->ckpt_error); /* else no status carries it */
     }
     pthread_mutex_unlock(&n->mu);
   }

@@ -227,10 +227,11 @@ typedef struct mt_ckpt_entry {
 } mt_ckpt_entry;
 
 /* Committed checkpoints of job_dir by ascending step; *out is owned (free()).
- * Cheap: nothing is read but directory entries, `latest`, a shard's 64-byte
- * header (its size against the one it gives) once for each name and size
- * in the listing, and the first 4 KiB of each manifest (its step against
- * the directory's); no data. */
+ * Nothing is read but directory entries (a stat of every file), `latest`,
+ * a shard's 64-byte header (its size against the one it gives) once for
+ * each name and size in the listing, and the first 4 KiB of the newest
+ * checkpoint's manifest and latest's (its step against the directory's,
+ * where a resume looks); no data. */
 int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n);
 
 /* After a resume passed over the checkpoint of `step` as damaged and every

@@ -391,8 +391,8 @@ static void check_manifest_step(const char *step_dir, int64_t step, char *why, s
  * temp files left by a crash are not part of the checkpoint), and the first
  * damage the sizes show (a shard not the size its header gives, the
  * manifest's step not the directory's) into damaged, "" when none. */
-static uint64_t step_bytes(const char *step_dir, int64_t step, shard_memo *memo, char *damaged,
-                           size_t cap) {
+static uint64_t step_bytes(const char *step_dir, int64_t step, int read_manifest, shard_memo *memo,
+                           char *damaged, size_t cap) {
   damaged[0] = 0;
   DIR *d = opendir(step_dir);
   if (!d) return 0;
@@ -414,7 +414,7 @@ static uint64_t step_bytes(const char *step_dir, int64_t step, shard_memo *memo,
     }
   }
   closedir(d);
-  if (!damaged[0]) check_manifest_step(step_dir, step, damaged, cap);
+  if (!damaged[0] && read_manifest) check_manifest_step(step_dir, step, damaged, cap);
   return sum;
 }
 
@@ -432,7 +432,11 @@ int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n) {
   int64_t latest = -1;
   if (mt__ckpt_read_latest(job_dir, &latest)) latest = -1;
   size_t nc = 0;
-  for (size_t i = 0; i < nd; i++) nc += dirs[i].committed;
+  int64_t newest = -1;
+  for (size_t i = 0; i < nd; i++) {
+    nc += dirs[i].committed;
+    if (dirs[i].committed && dirs[i].step > newest) newest = dirs[i].step;
+  }
   mt_ckpt_entry *v = nc ? calloc(nc, sizeof *v) : NULL;
   if (nc && !v) {
     free(dirs);
@@ -449,7 +453,10 @@ int mt_ckpt_list(const char *job_dir, mt_ckpt_entry **out, size_t *n) {
     snprintf(v[k].path, sizeof v[k].path, "%s/%s", job_dir, name);
     snprintf(manifest, sizeof manifest, "%s/" MT__CKPT_MANIFEST, v[k].path);
     v[k].created = stat(manifest, &st) ? 0 : (int64_t)st.st_mtime;
-    v[k].bytes = step_bytes(v[k].path, dirs[i].step, &memo, v[k].damaged, sizeof v[k].damaged);
+    /* a manifest's head only where a resume looks: the newest and latest's */
+    int resumable = dirs[i].step == latest || dirs[i].step == newest;
+    v[k].bytes =
+        step_bytes(v[k].path, dirs[i].step, resumable, &memo, v[k].damaged, sizeof v[k].damaged);
     v[k].latest = dirs[i].step == latest;
     k++;
   }

@@ -1254,6 +1254,7 @@ static int restart_or_end(mt_coord *c, int64_t now_ms, const char *what) {
   begin_forming(c);
   c->restart_gen = c->gen, c->restart_time = wall_s(), c->restart_step = -1;
   snprintf(c->restart_reason, sizeof c->restart_reason, "%s", what);
+  mt_msg_cut_whole(c->restart_reason, sizeof c->restart_reason); /* else no last_restart */
   c->reforming = 1;
   c->reform_since_ms = now_ms;
   mt_log_info("coordinator: forming generation %d from the nodes left and the spares", c->gen);

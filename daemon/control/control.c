@@ -572,14 +572,23 @@ static enum MHD_Result check(struct MHD_Connection *conn, mt_control *c, req *q,
   }
   if (q->r->id == R_ROOT) return MHD_YES; /* the page is static: open even with read tokens */
   int needs_token = m == M_POST || (c->reads_need_token && q->r->id != R_HEALTH);
-  if (needs_token && !authorized(c, conn))
-    return problem(
-        conn, c, q, 401, unauthorized_hdr,
-        !c->token ? "this daemon has no control token: mutations are off"
-        : MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION)
-            ? "the bearer token sent was not accepted: it is not the one in this "
-              "daemon's control.token_file"
-            : "this needs Authorization: Bearer <token>");
+  if (needs_token && !authorized(c, conn)) {
+    /* a token sent and refused is told apart from none, another scheme
+     * (Basic) and an empty one: a stale token file reads otherwise as a
+     * header that never left */
+    const char *auth =
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    const char *token =
+        auth && !strncasecmp(auth, "Bearer", 6) && (!auth[6] || auth[6] == ' ') ? auth + 6 : NULL;
+    if (token) token += strspn(token, " ");
+    return problem(conn, c, q, 401, unauthorized_hdr, "%s",
+                   !c->token ? "this daemon has no control token: mutations are off"
+                   : !auth   ? "this needs Authorization: Bearer <token>"
+                   : !token  ? "this needs Authorization: Bearer <token>, not another scheme"
+                   : !*token ? "this needs Authorization: Bearer <token>: the token sent is empty"
+                             : "the bearer token sent was not accepted: it is not the one in "
+                               "this daemon's control.token_file");
+  }
   if (m == M_POST) q->kind = strrchr(q->r->path, '/') + 1;
   const char *cl =
       MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);

@@ -60,3 +60,13 @@ const char *mt_strerror(int code) {
   default: return "EUNKNOWN";
   }
 }
+
+void mt_msg_cut_whole(char *s, size_t size) {
+  size_t len = strlen(s), lead = len;
+  if (!size || len != size - 1) return; /* not filled: nothing was cut */
+  while (lead && ((unsigned char)s[lead - 1] & 0xC0) == 0x80) lead--;
+  if (!lead--) return;
+  unsigned char b = (unsigned char)s[lead];
+  size_t want = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : b >= 0xC0 ? 2 : 1;
+  if (len - lead < want) s[lead] = 0; /* the last character is cut short */
+}

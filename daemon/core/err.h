@@ -9,6 +9,7 @@
 #define MT_ERR_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 enum {
   MT_OK = 0,
@@ -45,5 +46,10 @@ int mt_err_retryable(int code);
 
 /* Short name of a code, e.g. "EINVAL". */
 const char *mt_strerror(int code);
+
+/* Cuts s (a message of at most size - 1 bytes, copied into a buffer of
+ * size) at a whole UTF-8 character: a sequence a bounded copy cut short
+ * would make every JSON that carries the message fail. */
+void mt_msg_cut_whole(char *s, size_t size);
 
 #endif

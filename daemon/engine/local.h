@@ -1,6 +1,7 @@
 /* local.h — a job on this machine's devices, one thread per device.
  *
- * `mtnlgd --standalone` runs here: parallel.dp_min ranks, each a thread with
+ * `mtnlgd --standalone` runs here: tp * pp * dp ranks (mt_job_dp: the node
+ * daemon's generation's width, else parallel.dp_min), each a thread with
  * its own device ("cpu:0", "cpu:1", …), its own trainer and a data-parallel
  * group over Gloo bootstrapped through an in-process store — the same comm
  * and engine code as ranks spread over nodes. The OpenMP threads of the
@@ -32,7 +33,7 @@ typedef struct mt_local_opts {
    * [rank_begin, rank_begin + rank_count) (rank_count > 0 overrides procs),
    * rank k of them on device devices[k] ("cpu:1", "cuda:3"; NULL: kind:rank),
    * and the groups' store keys start with comm_prefix ("gen/3/comm"; NULL:
-   * "standalone"). The job's parallel.dp_min is the data-parallel width. */
+   * "standalone"). mt_job_dp(job) is the data-parallel width. */
   int rank_begin, rank_count;
   const char *const *devices;
   const char *comm_prefix;

@@ -37,7 +37,7 @@
 typedef struct mt_plan_device {
   double memory_bytes;    /* per device; must be > 0 */
   double tflops;          /* dense TFLOP/s per device; with efficiency 1 the achieved rate */
-  int devices;            /* in all; 0 = tp * pp * parallel.dp_min of the job */
+  int devices;            /* in all; 0 = tp * pp * mt_job_dp(job) */
   double efficiency;      /* fraction of tflops reached; 0 = 1.0 */
   double usable_fraction; /* of memory_bytes the plan may fill; 0 = MT_PLAN_USABLE_FRACTION */
 } mt_plan_device;

@@ -199,7 +199,7 @@ static inline int64_t mt_order_seq(int64_t word) { return word >> 4; }
 
 /* Builds this rank's stage of the model (initialised from seed or
  * model.init_from), its optimizer slice and data reader. g: its groups
- * (sizes must match parallel.pp and dp_min), or NULL for a single device. */
+ * (sizes must match parallel.pp and mt_job_dp), or NULL for a single device. */
 int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const mt_groups *g);
 void mt_trainer_destroy(mt_trainer *tr);
 

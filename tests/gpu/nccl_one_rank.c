@@ -177,7 +177,8 @@ int nccl_one_rank_checks(mt_device *d, mt_store *store, const char *prefix) {
           rc ? mt_errmsg() : "it succeeded", took);
     t0 = now_s();
     mt_comm_destroy(b);
-    check(1, "group two destroyed after its abort (%.3f s)", now_s() - t0);
+    double destroyed = now_s() - t0; /* within the backend's 10 s bound on finalize */
+    check(destroyed < 10.0, "group two destroyed after its abort (%.3f s)", destroyed);
   }
   float y[3] = {5, 6, 7};
   rc = staged_allreduce(a, y, y, 3, MT_COMM_F32, MT_COMM_MAX);

@@ -529,7 +529,10 @@ static int test_mutation_without_or_with_wrong_token_is_401(void) {
     header(&r, "WWW-Authenticate", www, sizeof www);
     /* a token sent and refused is told apart from none sent (a stale
      * token file reads otherwise as a header that never left) */
-    CHECK(is_problem(&r, 401, tokens[i] ? "was not accepted" : "this needs Authorization"),
+    CHECK(is_problem(&r, 401,
+                     !tokens[i]    ? "this needs Authorization: Bearer <token>"
+                     : !*tokens[i] ? "the token sent is empty"
+                                   : "the bearer token sent was not accepted"),
           "token \"%s\"", tokens[i] ? tokens[i] : "(none)");
     record("POST", "/v1/pause", &r);
     CHECK(strcmp(www, "Bearer realm=\"mtnlg\"") == 0, "WWW-Authenticate \"%s\"", www);
@@ -540,7 +543,7 @@ static int test_mutation_without_or_with_wrong_token_is_401(void) {
                     "Authorization: Basic czNjcmV0LXRva2Vu\r\nContent-Length: 0\r\n\r\n";
   resp r;
   REQUIRE(http_raw(port, raw, strlen(raw), &r) == 0, "no answer");
-  CHECK(is_problem(&r, 401, "was not accepted"), "basic auth");
+  CHECK(is_problem(&r, 401, "not another scheme"), "basic auth");
   resp_free(&r);
   pthread_mutex_lock(&F.mu);
   CHECK(strcmp(F.state, "running") == 0, "a refused pause reached the provider");

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "err.h"
 #include "log.h"
 #include "mt_check.h"
 
@@ -125,6 +126,27 @@ static void two_threads_on_a_pipe(void) {
   free(d.buf);
 }
 
+/* A message copied into a bounded buffer is cut at a whole UTF-8
+ * character (mt_msg_cut_whole): half an "é" would fail every JSON that
+ * carries it, a status or a restart's reason. */
+static const char *copied_cut(char s[8], const char *from) {
+  size_t n = strlen(from) < 7 ? strlen(from) : 7; /* what a bounded copy keeps */
+  memcpy(s, from, n);
+  s[n] = 0;
+  mt_msg_cut_whole(s, 8);
+  return s;
+}
+
+static void messages_cut_whole(void) {
+  char s[8];
+  CHECK(!strcmp(copied_cut(s, "abcdef\xc3\xa9"), "abcdef"), "half an e-acute dropped: \"%s\"", s);
+  CHECK(!strcmp(copied_cut(s, "abcde\xc3\xa9z"), "abcde\xc3\xa9"),
+        "a whole character at the end kept: \"%s\"", s);
+  CHECK(!strcmp(copied_cut(s, "abcde\xe2\x82\xac"), "abcde"),
+        "two bytes of a euro's three dropped: \"%s\"", s);
+  CHECK(!strcmp(copied_cut(s, "ab"), "ab"), "a short message untouched");
+}
+
 int main(void) {
   unsetenv("JOURNAL_STREAM");
   const char *two = "job j.json cannot run: train.lr.warmup_stpes: unknown key\n"
@@ -149,6 +171,7 @@ int main(void) {
         "a long message is cut, one line ending in a newline (%zu bytes)", out ? strlen(out) : 0);
   unsetenv("JOURNAL_STREAM");
   two_threads_on_a_pipe();
+  messages_cut_whole();
   if (failures) fprintf(stderr, "test_log: %d failure(s)\n", failures);
   return failures != 0;
 }
