@@ -79,7 +79,9 @@ static void print_none_yet(const char *dir) {
     printf("no checkpoints yet in %s; the cluster is %s, and `mtnlgctl checkpoint` is refused "
            "until a generation runs (`mtnlgctl status` says what it waits for)\n",
            dir, state);
-  else if (!strcmp(state, "stopping") || !strcmp(state, "stopped") || !strcmp(state, "failed"))
+  else if (!strcmp(state, "stopping"))
+    printf("no checkpoints yet in %s; the job is stopping, and its stop saves one\n", dir);
+  else if (!strcmp(state, "stopped") || !strcmp(state, "failed"))
     printf("no checkpoints in %s; the job has ended (%s)\n", dir, state);
   else
     printf("no checkpoints yet in %s (`mtnlgctl checkpoint` writes one)\n", dir);
