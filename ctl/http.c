@@ -257,6 +257,10 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *arg) {
     const char *sp = memchr(data, ' ', n);
     if (sp) sp = memchr(sp + 1, ' ', n - (size_t)(sp + 1 - data));
     if (sp) copy_trimmed(h->reason, sizeof h->reason, sp + 1, n - (size_t)(sp + 1 - data));
+    /* ASCII, as RFC 9112 has it: a proxy's Latin-1 or UTF-8 reaches neither
+     * the terminal nor the JSON a script reads as raw bytes */
+    for (char *p = h->reason; *p; p++)
+      if ((unsigned char)*p >= 0x80 || (unsigned char)*p < 0x20) *p = '?';
   } else if (n > 13 && !strncasecmp(data, "Content-Type:", 13)) {
     const char *v = data + 13;
     while (v < data + n && (*v == ' ' || *v == '\t')) v++;
@@ -361,6 +365,7 @@ static void answer_error(const char *method, const char *path, long status, cons
   if (out_problem && !problem)
     problem = json_pack("{s:s, s:s, s:I, s:s}", "type", "about:blank", "title", title, "status",
                         (json_int_t)status, "detail", err);
+
   if (out_problem) {
     *out_problem = problem;
     problem = NULL;

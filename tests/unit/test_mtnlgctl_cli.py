@@ -309,6 +309,22 @@ def test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_st
                   f"{' '.join(args)} in a table prints nothing on stdout", t)
     finally:
         close()
+    # a reason phrase that is not UTF-8 (a proxy's Latin-1): still an object
+    url, _, close = answering_server(
+        b"HTTP/1.1 502 Mauvaise passerelle \xe9\r\nContent-Length: 0\r\n"
+        b"Connection: close\r\n\r\n")
+    try:
+        p = run("-e", url, "-o", "json", "status")
+        try:
+            obj = json.loads(p.stdout)
+        except ValueError:
+            obj = None
+        check(p.returncode == 1 and isinstance(obj, dict) and obj.get("status") == 502
+              and obj.get("title") == "Mauvaise passerelle ?"
+              and "502 Mauvaise passerelle ?" in p.stderr,
+              "-o json status prints an object for a 502 whose reason is not UTF-8", p)
+    finally:
+        close()
 
 
 def test_token_file():
