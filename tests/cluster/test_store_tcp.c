@@ -41,6 +41,7 @@
 #endif
 
 #include "mt_check.h"
+#include "store_prefix_check.h"
 
 static void sleep_ms(int ms) { usleep((useconds_t)ms * 1000); }
 
@@ -315,28 +316,6 @@ static void test_get_many_reads_present_and_absent_keys(mt_store *s) {
   int rc = mt_store_get_many(s, keys, N, vals, NULL);
   CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), "empty key") && vals[0] == NULL,
         "a batch with an empty key: %s %s", mt_strerror(rc), mt_errmsg());
-}
-
-/* del_prefix removes exactly the keys that start with the prefix: "gen/1/"
- * takes gen/1/... and nothing of gen/10/, of a key "gen/1" or of another
- * prefix, and says how many it took. */
-static void test_del_prefix_removes_exactly_the_keys_under_it(mt_store *s) {
-  static const char *gone[] = {"gen/1/job", "gen/1/comm/tp0/join/3", "gen/1/acted/2"};
-  static const char *kept[] = {"gen/10/job", "gen/1", "gen/2/job", "xgen/1/job", "gen/11/x"};
-  for (size_t i = 0; i < 3; i++) CHECK(!mt_store_set(s, gone[i], "v", 1), "set %s", gone[i]);
-  for (size_t i = 0; i < 5; i++) CHECK(!mt_store_set(s, kept[i], "v", 1), "set %s", kept[i]);
-  int64_t n = -1;
-  int rc = mt_store_del_prefix(s, "gen/1/", &n);
-  CHECK(!rc && n == 3, "%s: del_prefix gen/1/: %s, %" PRId64 " deleted (want 3): %s", s->kind,
-        mt_strerror(rc), n, mt_errmsg());
-  for (size_t i = 0; i < 3; i++)
-    CHECK(mt_store_check(s, gone[i]) == 0, "%s: %s survived", s->kind, gone[i]);
-  for (size_t i = 0; i < 5; i++)
-    CHECK(mt_store_check(s, kept[i]) == 1, "%s: %s was deleted", s->kind, kept[i]);
-  rc = mt_store_del_prefix(s, "gen/1/", &n);
-  CHECK(!rc && n == 0, "%s: del_prefix again: %s, %" PRId64 " deleted", s->kind, mt_strerror(rc),
-        n);
-  for (size_t i = 0; i < 5; i++) mt_store_del(s, kept[i]);
 }
 
 /* A store server from before DELETE_PREFIX, on a thread: answers PING, and

@@ -236,6 +236,14 @@ static int open_running(cluster *k) {
   return 0;
 }
 
+/* open_running, its coordinator taking resizes (a checkpoint dir) */
+static int open_running_resizable(cluster *k) {
+  resizable = 1;
+  int rc = open_running(k);
+  resizable = 0;
+  return rc;
+}
+
 static int test_a_failed_end_is_written_next_tick(void) {
   cluster k;
   if (open_running(&k)) return 1;
@@ -459,9 +467,7 @@ static int test_a_join_written_again_keeps_its_number(void) {
  * the job ends as they say, instead of re-forming with the new width. */
 static int test_a_resize_refused_by_the_run_ends_the_job_as_reported(void) {
   cluster k;
-  resizable = 1;
-  int rc = open_running(&k);
-  resizable = 0;
+  int rc = open_running_resizable(&k);
   if (rc) return 1;
   int both[] = {1, 1};
   const char req[] = "{\"kind\":\"resize\",\"args\":{\"dp\":2}}";
@@ -534,9 +540,7 @@ static int act(cluster *k, int gen, int64_t step) {
 
 static int test_a_pause_after_a_resume_is_told_the_resume_has_not_acted(void) {
   cluster k;
-  resizable = 1;
-  int rc = open_running(&k);
-  resizable = 0;
+  int rc = open_running_resizable(&k);
   if (rc) return 1;
   int both[] = {1, 1};
   char d[600];
@@ -594,9 +598,7 @@ static int test_an_order_during_a_resize_names_the_resize(void) {
 
 static int test_an_order_during_a_reform_after_a_failure_says_why_and_status_keeps_it(void) {
   cluster k;
-  resizable = 1;
-  int rc = open_running(&k);
-  resizable = 0;
+  int rc = open_running_resizable(&k);
   if (rc) return 1;
   int none[] = {0, 0}, both[] = {1, 1};
   run(&k, 15, none, 2); /* n0, the member, and n1 lost: nothing left to form from */
