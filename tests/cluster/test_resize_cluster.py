@@ -61,17 +61,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from local_cluster import LocalCluster, last_step, check, grep, license_tokens  # noqa: E402
 
 
-def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
-    name = "test_resize_whose_nodes_went_away_ends_the_job_after_reform_timeout"
-    job = {"name": "resize-gone", "model": {"preset": "tiny", "n_layer": 2},
+def dp2_job(tmp, tag, name, tokens):
+    """A long tiny job at dp_min = dp_max = 2 (tp 1 x pp 1), its checkpoints
+    under tmp/<tag>-ckpt, written to tmp/<tag>.json: the path."""
+    job = {"name": name, "model": {"preset": "tiny", "n_layer": 2},
            "parallel": {"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 1},
            "train": {"global_batch": 6, "steps": 100000, "seed": 7,
                      "lr": {"schedule": "constant", "peak": 1e-3}},
            "data": {"path": tokens},
-           "checkpoint": {"dir": os.path.join(tmp, "gone-ckpt"), "interval": 0}}
-    job_path = os.path.join(tmp, "gone.json")
+           "checkpoint": {"dir": os.path.join(tmp, tag + "-ckpt"), "interval": 0}}
+    job_path = os.path.join(tmp, tag + ".json")
     with open(job_path, "w") as f:
         json.dump(job, f)
+    return job_path
+
+
+def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
+    name = "test_resize_whose_nodes_went_away_ends_the_job_after_reform_timeout"
+    job_path = dp2_job(tmp, "gone", "resize-gone", tokens)
     # n1's loss (1 s without a heartbeat) comes well inside the 8 s the
     # resize's generation waits for its nodes
     c = LocalCluster(mtnlgd, os.path.join(tmp, "gone"), job_path, nodes=3, devices="cpu:1",
@@ -118,15 +125,7 @@ def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
 
 def test_checkpoint_past_dp_max_exports(mtnlgd, mtnlgctl, tmp, tokens):
     name = "test_checkpoint_saved_past_dp_max_records_the_job_as_given_and_exports"
-    job = {"name": "past-max", "model": {"preset": "tiny", "n_layer": 2},
-           "parallel": {"tp": 1, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 1},
-           "train": {"global_batch": 6, "steps": 100000, "seed": 7,
-                     "lr": {"schedule": "constant", "peak": 1e-3}},
-           "data": {"path": tokens},
-           "checkpoint": {"dir": os.path.join(tmp, "past-ckpt"), "interval": 0}}
-    job_path = os.path.join(tmp, "past.json")
-    with open(job_path, "w") as f:
-        json.dump(job, f)
+    job_path = dp2_job(tmp, "past", "past-max", tokens)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "past"), job_path, nodes=3, devices="cpu:1",
                      token="s3cret", heartbeat_ms=200, timeout_ms=3000)
     ctl = [mtnlgctl, "-e", c.nodes[1].url(), "--token-file", c.token_file]

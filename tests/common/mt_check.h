@@ -6,6 +6,7 @@
 #ifndef MT_CHECK_H
 #define MT_CHECK_H
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <time.h>
 
@@ -39,6 +40,22 @@ static inline const char *tmp_path(const char *name) {
   k = (k + 1) % 8;
   snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
   return buf[k];
+}
+
+/* A check that lists itself: "ok  what" or "FAIL what" on stdout, a line
+ * each (the GPU tests' listing, which tests/gpu/run filters for FAIL), the
+ * failures counted in *failed. */
+static inline void check_line(int *failed, int ok, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static inline void check_line(int *failed, int ok, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  printf("%s ", ok ? "ok  " : "FAIL");
+  vprintf(fmt, ap);
+  printf("\n");
+  va_end(ap);
+  fflush(stdout);
+  if (!ok) ++*failed;
 }
 
 static inline double now_s(void) {

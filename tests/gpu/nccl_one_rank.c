@@ -12,6 +12,7 @@
 #include "comm_check.h"
 #include "comm_impl.h"
 #include "err.h"
+#include "mt_check.h"
 #include "ops.h"
 #include "staged_comm.h"
 
@@ -23,24 +24,7 @@
 #include <time.h>
 
 static int failed;
-
-static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void check(int ok, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  printf("%s ", ok ? "ok  " : "FAIL");
-  vprintf(fmt, ap);
-  printf("\n");
-  va_end(ap);
-  fflush(stdout);
-  if (!ok) failed++;
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#define check(...) check_line(&failed, __VA_ARGS__)
 
 static int create(mt_comm **c, mt_device *d, mt_store *store, const char *prefix,
                   const char *name) {

@@ -21,6 +21,7 @@
 #include "comm_check.h"
 #include "device.h"
 #include "err.h"
+#include "mt_check.h"
 #include "nccl_one_rank.h"
 #include "ops.h"
 #include "staged_comm.h"
@@ -44,27 +45,9 @@
 
 #define NDEV 4
 
-static int failures;
-static mt_store *store;
+static mt_store *store; /* failures: mt_check.h's */
 static mt_device devs[NDEV];
-
-static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void check(int ok, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  printf("%s ", ok ? "ok  " : "FAIL");
-  vprintf(fmt, ap);
-  printf("\n");
-  va_end(ap);
-  fflush(stdout);
-  if (!ok) failures++;
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#define check(...) check_line(&failures, __VA_ARGS__)
 
 static void sleep_ms(int ms) { usleep((useconds_t)ms * 1000); }
 
