@@ -360,7 +360,9 @@ def run(mtnlgd, out_dir, chromium, tmp):
         d = wait_until(lambda: (lambda d: d if d["conn"] == "live" and d["rows"] else None)(dom(dt)),
                        10, "the page's first status poll")
         ok = (d["state"] == "running" and d["job"] == want["job"]["name"] == "dashboard-test"
-              and d["generation"] == str(want["generation"]) and d["rows"] == NODES
+              and d["generation"] == str(want["generation"])
+              and d["rows"] == [n["name"] for n in want["nodes"]]  # in /v1/status's order
+              and sorted(d["rows"]) == NODES
               and d["step"].isdigit() and int(d["step"]) <= status(n0)["step"]
               # a rate while it trains: two decimals, or three significant digits below 1e-3
               and re.match(r"^(\d+\.\d\d|\d\.\d\de-\d+)$", d["tflops"] or "") is not None
@@ -514,21 +516,24 @@ def test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp):
         dt.call("Page.navigate", {"url": n0.url() + "/"})
         dt.wait_event("Page.loadEventFired", 15)
 
+        def n0_beat(d):  # n0's heartbeat cell (text, class); rows are in join order
+            return dict(zip(d["rows"], d["beats"])).get("n0", ["", ""])
+
         def aged():  # the page showing an age past the fixed thresholds' 2 s
             d = dom(dt)
-            age = (d["beats"] or [["", ""]])[0][0]
+            age = n0_beat(d)[0]
             return d if age.endswith(" s") and float(age[:-2]) > 2.0 else None
 
         d = wait_until(aged, 90, "the page to show n0's heartbeat older than 2 s")
         ok = (st.get("heartbeat_interval_ms") == 6000 and st.get("heartbeat_timeout_ms") == 60000
-              and d["rows"][:1] == ["n0"] and d["beats"][0][1] == "")
+              and n0_beat(d)[1] == "")
         failures += check("test_heartbeats_are_coloured_against_the_clusters_interval", ok,
                           "/v1/status heartbeat_interval_ms %s, heartbeat_timeout_ms %s; page rows "
                           "%s, heartbeat cells (text, class) %s" % (
                               st.get("heartbeat_interval_ms"), st.get("heartbeat_timeout_ms"),
                               d["rows"], d["beats"]))
-        d = wait_until(lambda: (lambda d: d if d["rows"] == ["n0", "n1"] else None)(dom(dt)), 30,
-                       "the page to list n0 and n1")
+        d = wait_until(lambda: (lambda d: d if sorted(d["rows"]) == ["n0", "n1"] else None)(
+            dom(dt)), 30, "the page to list n0 and n1")
         failures += check("test_buttons_while_forming_are_only_stop", d["enabled"] == ["stop"],
                           "#state %r, enabled %s" % (d["state"], d["enabled"]))
 
