@@ -635,6 +635,10 @@ static int forget_left(mt_coord *c, const char *name) {
   return rc == MT_ENOENT ? 0 : rc;
 }
 
+static int cmp_nodes(const void *a, const void *b) {
+  return strcmp(((const coord_node *)a)->d.name, ((const coord_node *)b)->d.name);
+}
+
 /* One numbered join: 1 when it was decided (or passed over, unwritten
  * since since_ms for UNWRITTEN_GAP_MS), 0 while it is not written, < 0 when
  * the store failed (it is read again next tick). */
@@ -690,6 +694,10 @@ static int take_join(mt_coord *c, int64_t seq, int64_t now_ms, int64_t since_ms)
       mt_log_warn("coordinator: node %s: %d of its %d device(s) are left idle: a model slot is "
                   "parallel.tp = %d devices of one node",
                   d.name, d.n_devices % c->o.tp, d.n_devices, c->o.tp);
+    /* kept in name order, as form() takes them: the status lists nodes in
+     * one order from the first join on, not in the order they happened to
+     * join until the generation forms */
+    qsort(c->nodes, (size_t)c->n_nodes, sizeof *c->nodes, cmp_nodes);
   }
   return 1;
 }
@@ -942,10 +950,6 @@ static int read_heartbeats(mt_coord *c, int64_t now_ms) {
  * is cleared when the next generation begins forming, or when it is back. */
 static int finished_and_gone(const coord_node *n) {
   return (n->role == ROLE_LOST || n->role == ROLE_LEFT) && n->reported == 1 + MT_REPORT_DONE;
-}
-
-static int cmp_nodes(const void *a, const void *b) {
-  return strcmp(((const coord_node *)a)->d.name, ((const coord_node *)b)->d.name);
 }
 
 /* What micro_batch * dp must divide: the global batch, or the quantum of

@@ -438,6 +438,34 @@ static int test_a_generation_that_cannot_form_says_what_it_waits_for(void) {
   return 0;
 }
 
+/* Nodes joining out of name order (n2, n0, n1) are listed in name order
+ * while the generation still forms, as they are once it has formed. Before,
+ * the listing was in join order until the generation formed, and a
+ * dashboard test that took the first row for n0 failed in CI. */
+static int test_nodes_are_listed_in_name_order_while_forming(void) {
+  cluster k;
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(&k.store.base);
+  o.last_call_ms = 0, o.dp_min = o.dp_max = 4, o.global_batch = 4; /* 3 slots: never forms */
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  int beating[] = {1, 1, 1};
+  const int order[] = {2, 0, 1};
+  for (int i = 0; i < 3; i++) {
+    REQUIRE(!join_node(&k, order[i], 1), "join: %s", mt_errmsg());
+    run(&k, 2, beating, 3);
+  }
+  int gen;
+  const char *state;
+  mt_coord_node_info info[4];
+  int n = mt_coord_snapshot(k.coord, k.now_ms, &gen, &state, info, 4);
+  CHECK(n == 3 && !strcmp(info[0].name, "n0") && !strcmp(info[1].name, "n1") &&
+            !strcmp(info[2].name, "n2") && !strcmp(state, "forming"),
+        "listed while %s: %d node(s): %s %s %s", state, n, n > 0 ? info[0].name : "-",
+        n > 1 ? info[1].name : "-", n > 2 ? info[2].name : "-");
+  close_cluster(&k);
+  return 0;
+}
+
 /* A join whose write got no reply (its store's host stopped a moment) is
  * written again under the number it drew, not numbered anew: the
  * coordinator takes it as that join, with no gap to pass over after 30 s
@@ -669,6 +697,7 @@ int main(void) {
   if (test_a_resize_refused_by_the_run_ends_the_job_as_reported()) failures++;
   if (test_a_generation_that_cannot_form_says_what_it_waits_for()) failures++;
   if (test_a_join_written_again_keeps_its_number()) failures++;
+  if (test_nodes_are_listed_in_name_order_while_forming()) failures++;
   if (test_a_pause_after_a_resume_is_told_the_resume_has_not_acted()) failures++;
   if (test_an_order_during_a_resize_names_the_resize()) failures++;
   if (test_an_order_during_a_reform_after_a_failure_says_why_and_status_keeps_it()) failures++;
