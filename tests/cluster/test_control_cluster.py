@@ -8,10 +8,10 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 - A runs a long job: the reads (checked against proto/control-v1.yaml with
   tests/common/openapi_check.py), the error answers, pause and resume by HTTP,
   /v1/metrics (promtool), then mtnlgctl's verbs, ending with stop --wait.
-- B runs a 60-step job: paused through member n3 near step 5 for 1.5 s,
+- B runs a 120-step job: paused through member n3 near step 5 for 1.5 s,
   resumed through member n2, stopped through member n1 past step 25; its
   losses are those of `mtnlgd --standalone` of the same job.
-- C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 12 s,
+- C, 2 nodes running tp 2 x pp 2 with train.exit_duration_mins of 18 s,
   paused at its second step: /v1/status and mtnlgctl status on both nodes
   say when it exits (and after which step its train.exit_interval of 50000
   would stop it); the deadline passes while it is paused, and it stops
@@ -198,6 +198,7 @@ def test_every_read_answers_200_per_the_yaml_on_every_node(c, doc):
 def test_status_step_and_loss_match_the_printed_step_lines(c):
     errs = []
     for n in c.nodes:
+        time.sleep(0.11)  # past the 100 ms an answered snapshot is served again
         before = last_step(n)
         st = get(n, "/v1/status").json()
         printed = printed_steps(n)
@@ -471,6 +472,7 @@ def test_mtnlgctl(c, mtnlgctl):
     def show(p):
         return "exit %d, stdout %r, stderr %r" % (p.returncode, p.stdout[-1500:], p.stderr[-600:])
 
+    time.sleep(0.11)  # past the 100 ms an answered snapshot is served again
     before = last_step(n1)
     p = ctl(n1, "status")
     after = last_step(n1)
@@ -599,6 +601,9 @@ def test_mtnlgctl(c, mtnlgctl):
     ok = p.returncode == 0 and m is not None and p.stdout.startswith(m.group(1) + " pause: ")
     paused = ok and wait_until(lambda: states(c) == ["paused"] * 4, 10)
     at = int(m.group(2)) if m else -1
+    # every member's line for step `at` printed (a loaded machine may take a
+    # moment), then no step past it
+    wait_until(lambda: [last_step(n) for n in c.nodes] == [at] * 4, 5)
     time.sleep(0.5)
     lasts = [last_step(n) for n in c.nodes]
     check("test_mtnlgctl_pause_wait_exits_0_and_every_node_pauses",
@@ -655,8 +660,8 @@ def cluster_a(mtnlgd, mtnlgctl, tmp, tokens, doc):
 
 
 def cluster_b(mtnlgd, tmp, tokens, doc):
-    steps = 60  # room for a pause or a stop that a loaded machine delays by 20 steps
-    job = write_job(os.path.join(tmp, "job-60.json"), tokens, steps, "ctl-pause")
+    steps = 120  # room for a pause or a stop that a loaded machine delays by 50 steps
+    job = write_job(os.path.join(tmp, "job-120.json"), tokens, steps, "ctl-pause")
     one = subprocess.run([mtnlgd, "--standalone", job, "--log-format", "json"],
                          capture_output=True, text=True, timeout=300)
     ref = [json.loads(l)["loss"] for l in one.stdout.splitlines() if l.startswith("{")]
@@ -681,7 +686,7 @@ def cluster_b(mtnlgd, tmp, tokens, doc):
         # the pause lands some steps after step 4 (the poll, a member's
         # request through the store, the coordinator's tick); it must land
         # early enough for the resume and the stop after it
-        ok = (a.status == 202 and op and op["state"] == "succeeded" and 5 <= at <= 30
+        ok = (a.status == 202 and op and op["state"] == "succeeded" and 5 <= at <= steps // 2
               and first == second == [at] * 4 and states(c) == ["paused"] * 4)
         check("test_pause_sent_to_member_n3_stops_all_four_nodes_at_one_step", ok,
               "%r, op %s, last steps %s then %s, states %s" % (a, op, first, second, states(c)))
@@ -721,7 +726,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
     with open(write_job(job, tokens, 100000, "ctl-deadline")) as f:
         j = json.load(f)
     j["parallel"].update(dp_min=1, dp_max=1)
-    j["train"]["exit_duration_mins"] = 0.2
+    j["train"]["exit_duration_mins"] = 0.3  # 18 s: room to start and pause on a loaded machine
     j["train"]["exit_interval"] = 50000  # never reached: shown in the status as the step it stops after
     j["checkpoint"] = {"dir": ckpt}
     with open(job, "w") as f:
@@ -745,7 +750,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         m = re.search(r"^mtnlg_exit_time_seconds(\{[^}]*\})? (\S+)$", get(n0, "/v1/metrics").body
                       .decode(), re.M)
         check("test_status_says_when_train_exit_duration_mins_stops_the_run",
-              all(isinstance(e, float) and now < e < now + 13 for e in exits)
+              all(isinstance(e, float) and now < e < now + 19 for e in exits)
               and m and abs(float(m.group(2)) - exits[0]) < 1
               and all(re.search(r"exits at +\S+ \S+ \(in .*, train.exit_duration_mins\)", t)
                       for t in shown),
@@ -764,7 +769,7 @@ def cluster_c(mtnlgd, mtnlgctl, tmp, tokens):
         codes = c.wait_all(60)
         lasts = [last_step(n) for n in c.nodes]
         manifest = os.path.join(ckpt, "ctl-deadline", "step_%08d" % (at or 0), "manifest.json")
-        said = all(grep(n, r"train.exit_duration_mins \(0.2\) has passed") for n in c.nodes)
+        said = all(grep(n, r"train.exit_duration_mins \(0.3\) has passed") for n in c.nodes)
         check("test_deadline_passing_while_paused_stops_with_the_paused_steps_checkpoint",
               a.status == 202 and op and op["state"] == "succeeded" and paused
               and codes == [0, 0] and lasts == [at, at] and os.path.exists(manifest) and said,

@@ -79,10 +79,11 @@ def dp2_job(tmp, tag, name, tokens):
 def test_resize_whose_nodes_went_away(mtnlgd, mtnlgctl, tmp, tokens):
     name = "test_resize_whose_nodes_went_away_ends_the_job_after_reform_timeout"
     job_path = dp2_job(tmp, "gone", "resize-gone", tokens)
-    # n1's loss (1 s without a heartbeat) comes well inside the 8 s the
-    # resize's generation waits for its nodes
+    # n1's loss (3 s without a heartbeat) comes well inside the 8 s the
+    # resize's generation waits for its nodes; a 1 s timeout could lose a
+    # node of a loaded 2-core machine before the resize
     c = LocalCluster(mtnlgd, os.path.join(tmp, "gone"), job_path, nodes=3, devices="cpu:1",
-                     token="s3cret", heartbeat_ms=100, timeout_ms=1000,
+                     token="s3cret", heartbeat_ms=200, timeout_ms=3000,
                      extra={"rendezvous": {"reform_timeout_s": 8}})
     n0, n1, n2 = c.nodes
     ctl = [mtnlgctl, "-e", n0.url(), "--token-file", c.token_file]
@@ -259,6 +260,18 @@ def main():
 
         def status():
             return json.loads(run("-o", "json", "status").stdout)
+
+        def status_at(gen):
+            """n2's status once it shows generation gen (for up to 10 s; the
+            last one read after that): a resize succeeds in the coordinator's
+            tick that forms the generation, and n2 reads its new assignment in
+            its own next tick, after `resize --wait` may have returned"""
+            deadline = time.time() + 10
+            while True:
+                s = status()
+                if s.get("generation") == gen or time.time() > deadline:
+                    return s
+                time.sleep(0.1)
         try:
             c.start()
             c.wait_for(lambda: last_step(c.nodes[0]) >= 4, 120, "step 4")
@@ -280,7 +293,7 @@ def main():
             t0 = time.time()
             r1 = run("resize", "--dp", "1", "--wait")
             took1 = time.time() - t0
-            s1 = status()
+            s1 = status_at(2)
             members1 = sorted(n["name"] for n in s1["nodes"] if n.get("member"))
             # refused while the job surely runs (generation 2 at dp 1 has most
             # of its 110 steps ahead): a job that has ended refuses every
@@ -290,7 +303,7 @@ def main():
             alive = run("status")
             c.wait_for(lambda: last_step(c.nodes[0]) >= s1["step"] + 4, 120, "steps on dp 1")
             r2 = run("resize", "--dp", "2", "--wait")
-            s2 = status()
+            s2 = status_at(3)
             codes = c.wait_all(240)
             got = {}
             for n in c.nodes:

@@ -65,7 +65,7 @@ static void test_get_waits_for_a_later_set(mt_store *s) {
   double took = now_s() - t0;
   pthread_join(th, NULL);
   CHECK(rc == 0 && v && !strcmp(v, "late"), "%s: get of a later set: %s", s->kind, mt_errmsg());
-  CHECK(took >= 0.09 && took < 1.0, "%s: get waited %.3f s for a set after 0.1 s", s->kind, took);
+  CHECK(took >= 0.09 && took < 3.0, "%s: get waited %.3f s for a set after 0.1 s", s->kind, took);
   free(v);
 }
 
@@ -77,7 +77,7 @@ static void test_get_times_out_naming_key(mt_store *s) {
   CHECK(rc == MT_ETIMEDOUT, "%s: rc %s", s->kind, mt_strerror(rc));
   CHECK(strstr(mt_errmsg(), "gen/0/never") && strstr(mt_errmsg(), "200 ms"),
         "%s: message names no key or timeout: %s", s->kind, mt_errmsg());
-  CHECK(took >= 0.19 && took < 1.0, "%s: a 200 ms get took %.3f s", s->kind, took);
+  CHECK(took >= 0.19 && took < 3.0, "%s: a 200 ms get took %.3f s", s->kind, took);
   CHECK(mt_store_get(s, "gen/0/never", &v, NULL, 0) == MT_ETIMEDOUT, "%s: get without wait",
         s->kind);
 }

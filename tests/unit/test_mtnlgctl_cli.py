@@ -57,13 +57,17 @@ def run(*args, env=None, timeout=60):
                           env=env if env is not None else clean_env())
 
 
+_held = []  # the sockets behind free_port()'s ports, bound until the test exits
+
+
 def free_port():
-    """A loopback port nobody listens on (bound, then released)."""
+    """A loopback port nobody listens on: bound and never listened on, and
+    held for the whole test, so a connection to it is refused every time
+    (a port released again could be taken by another test's listener)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    _held.append(s)
+    return s.getsockname()[1]
 
 
 def test_usage_errors_exit_2():
