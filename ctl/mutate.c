@@ -1,7 +1,8 @@
 /* mutate.c — `mtnlgctl pause|resume|stop|checkpoint|resize`: the cluster-wide
  * orders, POST /v1/<verb>, each answered 202 with an operation; with --wait,
  * the operation is polled (GET /v1/operations/{id}) until it succeeds or
- * fails, printing each change of state or progress.
+ * fails, printing each change of state or progress; a resize then until the
+ * daemon asked shows the new width in its status.
  *
  * The verb's name is the operation's kind and the last segment of the path.
  * While waiting, a daemon that stops answering (or that cannot reach its
@@ -21,6 +22,7 @@
 
 #define POLL_INTERVAL_S 0.5
 #define UNREACHABLE_GRACE_S 30.0
+#define SETTLE_S 5.0
 
 #define MUTATION_OPTIONS                                                                           \
   "  --wait                 follow the operation until it ends: exit 0 when it\n"                  \
@@ -154,6 +156,25 @@ static int wait_op(const char *id, json_t **op, int human) {
   return CTL_EXIT_OK;
 }
 
+/* After a resize succeeded: until the daemon asked shows the new width in
+ * its own status (for up to SETTLE_S). The coordinator marks the resize
+ * done in the tick that forms its generation, and a node takes the new
+ * assignment in its own next tick, so without this a `status` right after
+ * `resize --wait` could still show the old width. Quiet: the operation
+ * succeeded either way. */
+static void settle_resize(int dp) {
+  double until = now_s() + SETTLE_S;
+  for (;;) {
+    json_t *st = NULL;
+    char err[256];
+    int shown = !ctl_http_request("GET", "/v1/status", NULL, &st, NULL, NULL, err, sizeof err) &&
+                json_integer_value(json_object_get(json_object_get(st, "job"), "dp")) == dp;
+    json_decref(st);
+    if (shown || now_s() > until) return;
+    sleep_s(0.05);
+  }
+}
+
 int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv) {
   enum { OPT_WAIT = 256, OPT_DP };
   static const struct option opts[] = {
@@ -218,6 +239,7 @@ int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv) {
     snprintf(id_copy, sizeof id_copy, "%s", id);
     if ((ret = wait_op(id_copy, &op, human))) goto cleanup;
     ret = CTL_EXIT_FAILURE;
+    if (resize && !is_failed(op)) settle_resize((int)dp);
   }
   if (!human && ctl_print_json(op)) goto cleanup;
   if (is_failed(op)) {

@@ -265,7 +265,8 @@ def main():
             """n2's status once it shows generation gen (for up to 10 s; the
             last one read after that): a resize succeeds in the coordinator's
             tick that forms the generation, and n2 reads its new assignment in
-            its own next tick, after `resize --wait` may have returned"""
+            its own next tick; `resize --wait` waits for that up to 5 s, which
+            a loaded machine may exceed"""
             deadline = time.time() + 10
             while True:
                 s = status()

@@ -237,8 +237,9 @@ def test_a_port_that_answers_no_http_exits_3():
 
 
 def answering_server(answer):
-    """A loopback port that answers every request with the bytes answer and
-    keeps each request's first line; (url, request lines, close)."""
+    """A loopback port that answers every request with the bytes answer (or
+    answer(request line) when it is a function) and keeps each request's
+    first line; (url, request lines, close)."""
     import threading
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -259,7 +260,7 @@ def answering_server(answer):
                         break
                     req += chunk
                 lines.append(req.split(b"\r\n")[0].decode())
-                c.sendall(answer)
+                c.sendall(answer(lines[-1]) if callable(answer) else answer)
 
     threading.Thread(target=serve, daemon=True).start()
     return f"http://127.0.0.1:{srv.getsockname()[1]}", lines, lambda: close_server(srv)
@@ -327,6 +328,40 @@ def test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_st
               and obj.get("title") == "Mauvaise passerelle ?"
               and "502 Mauvaise passerelle ?" in p.stderr,
               "-o json status prints an object for a 502 whose reason is not UTF-8", p)
+    finally:
+        close()
+
+
+def json_answer(code, obj):
+    body = json.dumps(obj).encode()
+    return (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (code, len(body))) + body
+
+
+def test_resize_wait_returns_once_the_daemon_shows_the_new_width():
+    """The coordinator marks a resize done in the tick that forms its
+    generation; the node asked takes the new assignment a tick later. So
+    `resize --wait` returns only once that node's /v1/status shows the new
+    dp (here on the third read), and a `status` right after it never shows
+    the old width."""
+    reads = []
+
+    def answer(line):
+        if line.startswith("POST /v1/resize"):
+            return json_answer(202, {"id": "op-1", "kind": "resize", "state": "succeeded",
+                                     "reason": None, "step": 8, "args": {"dp": 1}})
+        reads.append(line)
+        return json_answer(200, {"generation": 1 if len(reads) < 3 else 2,
+                                 "job": {"dp": 2 if len(reads) < 3 else 1}})
+    url, lines, close = answering_server(answer)
+    try:
+        with tempfile.NamedTemporaryFile("w") as tok:
+            tok.write("t0ken\n")
+            tok.flush()
+            p = run("-e", url, "--token-file", tok.name, "resize", "--dp", "1", "--wait")
+        check(p.returncode == 0 and lines == ["POST /v1/resize HTTP/1.1"]
+              + ["GET /v1/status HTTP/1.1"] * 3 and "op-1 resize dp=1: succeeded at step 8" in p.stdout,
+              f"resize --wait reads the status until it shows dp 1 (asked: {lines})", p)
     finally:
         close()
 
@@ -465,6 +500,7 @@ if __name__ == "__main__":
               test_unreachable_endpoint_exits_3, test_a_port_that_answers_no_http_exits_3,
               test_endpoint_given_as_the_api_root_is_taken_as_its_base,
               test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_status,
+              test_resize_wait_returns_once_the_daemon_shows_the_new_width,
               test_token_file,
               test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist,
               test_completion_knows_every_verb, test_no_cublas_loaded):
