@@ -182,6 +182,9 @@ static void on_step(const mt_step_stats *st, void *arg) {
                   st->step_ms, "tokens_per_s", st->tokens_per_s, "tflops", st->tflops, "bubble",
                   st->bubble, "comm_ms", st->comm_ms);
     if (st->has_val) json_object_set_new(j, "val_loss", json_real(st->val_loss));
+    if (st->has_params_norm)
+      json_object_set_new(j, "params_norm",
+                          isfinite(st->params_norm) ? json_real(st->params_norm) : json_null());
     json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
     json_object_set_new(j, "global_batch", json_integer(st->global_batch));
     if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));

@@ -251,6 +251,8 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "loss", have ? num_or_null(st->loss) : json_null());
   json_object_set_new(s, "lr", have ? num_or_null(st->lr) : json_null());
   json_object_set_new(s, "grad_norm", have ? num_or_null(st->grad_norm) : json_null());
+  json_object_set_new(s, "params_norm",
+                      have && st->has_params_norm ? num_or_null(st->params_norm) : json_null());
   /* the newest validation loss in the ring */
   json_t *val = json_null();
   for (int64_t i = n->history_n - 1; i >= n->history_first; i--)
@@ -713,6 +715,10 @@ void node_control_round(node *n, int heartbeat) {
           st.comm_ms = json_number_value(json_object_get(j, "comm_ms"));
           json_t *vl = json_object_get(j, "val_loss");
           if (vl) st.has_val = 1, st.val_loss = json_number_value(vl);
+          json_t *pn = json_object_get(j, "params_norm"); /* null: not finite */
+          if (pn)
+            st.has_params_norm = 1,
+            st.params_norm = json_is_number(pn) ? json_number_value(pn) : NAN;
           st.skipped_total = json_integer_value(json_object_get(j, "skipped_total"));
           st.global_batch = (int)json_integer_value(json_object_get(j, "global_batch"));
           json_t *ls = json_object_get(j, "loss_scale");

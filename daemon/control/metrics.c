@@ -221,6 +221,10 @@ static void render_cluster(sbuf *b, json_t *st) {
       {"lr", {"mtnlg_learning_rate", "gauge", "Learning rate of the last step.", 0}},
       {"grad_norm",
        {"mtnlg_grad_norm", "gauge", "Global gradient norm of the last step (before clipping).", 0}},
+      {"params_norm",
+       {"mtnlg_params_norm", "gauge",
+        "Norm of the fp32 master weights after the last step's update (train.log_params_norm).",
+        0}},
       {"tokens_per_s",
        {"mtnlg_tokens_per_second", "gauge",
         "Training throughput of the last step in tokens per second; no sample before the first "

@@ -354,13 +354,21 @@ static const char *const parallel_keys[] = {"tp",
                                             "sequence_parallel",
                                             "virtual_stages",
                                             NULL};
-static const char *const train_keys[] = {"global_batch",  "steps",
-                                         "seed",          "lr",
-                                         "adam",          "weight_decay",
-                                         "clip_grad",     "precision",
-                                         "loss_scale",    "log_interval",
-                                         "rampup_batch",  "exit_duration_mins",
-                                         "exit_interval", NULL};
+static const char *const train_keys[] = {"global_batch",
+                                         "steps",
+                                         "seed",
+                                         "lr",
+                                         "adam",
+                                         "weight_decay",
+                                         "clip_grad",
+                                         "precision",
+                                         "loss_scale",
+                                         "log_interval",
+                                         "rampup_batch",
+                                         "exit_duration_mins",
+                                         "exit_interval",
+                                         "log_params_norm",
+                                         NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
@@ -704,6 +712,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_int(pb, ls, "train.loss_scale", "growth_interval", &t->loss_scale.growth_interval);
   read_int(pb, ls, "train.loss_scale", "hysteresis", &t->loss_scale.hysteresis);
   read_int(pb, o, "train", "log_interval", &t->log_interval);
+  read_bool(pb, o, "train", "log_params_norm", &t->log_params_norm);
   read_double(pb, o, "train", "exit_duration_mins", &t->exit_duration_mins);
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
 }
@@ -1342,6 +1351,8 @@ static json_t *job_to_json(const mt_job *job) {
   if (job->train.exit_interval > 0)
     json_object_set_new(json_object_get(root, "train"), "exit_interval",
                         json_integer(job->train.exit_interval));
+  if (job->train.log_params_norm)
+    json_object_set_new(json_object_get(root, "train"), "log_params_norm", json_true());
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

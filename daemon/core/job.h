@@ -101,6 +101,8 @@ typedef struct mt_train_spec {
                                     the weights in; the master weights stay fp32 */
   mt_loss_scale_spec loss_scale; /* used by fp16 only */
   int log_interval;              /* steps between log lines (1) */
+  int log_params_norm;           /* Megatron's --log-params-norm: the norm of the fp32 master
+                                    weights after each update, on the step line (off) */
   double exit_duration_mins;     /* Megatron's --exit-duration-in-mins: once a run has trained
                                     this long, it saves a checkpoint and stops (0: never) */
   int64_t exit_interval;         /* Megatron's --exit-interval: after a step that is a multiple

@@ -149,6 +149,27 @@ static int make_norm_spans(mt_trainer *tr) {
     if (mt_param_overlap(&m->params_table[i], lo, hi, &a, &b))
       tr->norm_spans[tr->n_norm_spans++] = (mt_sumsq_span){m->grads + a, b - a};
   }
+  if (!tr->job->train.log_params_norm) return 0;
+  tr->pnorm_spans = calloc((size_t)tr->n_norm_spans + 1, sizeof *tr->pnorm_spans);
+  if (!tr->pnorm_spans) return mt_seterr(MT_ENOMEM, "train: %d params norm spans", m->n_tensors);
+  for (int i = 0; i < tr->n_norm_spans; i++)
+    tr->pnorm_spans[i] =
+        (mt_sumsq_span){m->params + (tr->norm_spans[i].x - m->grads), tr->norm_spans[i].n};
+  return 0;
+}
+
+/* The norm of the master weights after an update (Megatron's
+ * --log-params-norm), summed as the gradient norm is: this rank's slice
+ * less what another rank counts, then over the world. */
+static int params_norm(mt_trainer *tr, double *norm) {
+  mt_device *d = tr->dev;
+  double sumsq = tr->pnorm_spans ? d->ops->sumsq_multi(d, tr->pnorm_spans, tr->n_norm_spans)
+                                 : d->ops->sumsq(d, tr->model.params + tr->shard_lo, tr->shard_n);
+  if (tr->g.world) {
+    int rc = mt_comm_allreduce(tr->g.world, &sumsq, &sumsq, 1, MT_COMM_F64, MT_COMM_SUM);
+    if (rc) return rc;
+  }
+  *norm = sqrt(sumsq);
   return 0;
 }
 
@@ -337,6 +358,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
 void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->buckets);
   free(tr->norm_spans);
+  free(tr->pnorm_spans);
   if (tr->chunks != &tr->model) {
     for (int c = 0; c < tr->n_chunks; c++) mt_gpt_destroy(&tr->chunks[c]);
     free(tr->chunks);
@@ -808,6 +830,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     if (!upd_rc && bad[0] > 0) return other_device_failed(sn, " in the update", bad);
   }
   if (upd_rc) return mt_wraperr(upd_rc, "step %lld: the update", sn);
+  if ((st->has_params_norm = job->train.log_params_norm)) {
+    double c0 = 1e3 * mt_mono_s();
+    if ((rc = params_norm(tr, &st->params_norm)))
+      return mt_wraperr(rc, "step %lld: params norm all-reduce", sn);
+    comm_ms += 1e3 * mt_mono_s() - c0;
+  }
   tr->step++;
   tr->consumed_samples += G;
 

@@ -48,7 +48,10 @@ typedef struct mt_step_stats {
   int rampup;              /* the job ramps its batch up (train.rampup_batch) */
   double loss;             /* mean over the global batch */
   double lr;
-  double grad_norm; /* before clipping */
+  double grad_norm;    /* before clipping */
+  int has_params_norm; /* train.log_params_norm: params_norm was taken */
+  double params_norm;  /* of the fp32 master weights after this step's update, every
+                          parameter counted once */
   double step_ms;
   double comm_ms; /* this rank's time in the step's data-parallel and world collectives */
   double tokens_per_s;
@@ -156,6 +159,7 @@ typedef struct mt_trainer {
    * the slice) each in table order; NULL where the whole slice counts */
   mt_sumsq_span *norm_spans;
   int n_norm_spans;
+  mt_sumsq_span *pnorm_spans; /* the same spans over the master weights (log_params_norm) */
   /* receive buffers, two of each so the next operation's can be posted
    * while the stage computes with the current one (a kind's receives take
    * them in turn) */

@@ -107,6 +107,11 @@ def test_live_node(mtnlgd, tmp):
     job = tiny_job(os.path.join(tmp, "job.json"), tokens, "ctlnode", 1000000,
                    parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
                    checkpoint={"dir": ckdir, "interval": 0})
+    with open(job) as f:
+        j = json.load(f)
+    j["train"]["log_params_norm"] = True
+    with open(job, "w") as f:
+        json.dump(j, f)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "cluster"), job, nodes=1, devices="cpu:1")
     n = c.nodes[0]
     try:
@@ -139,7 +144,13 @@ def test_live_node(mtnlgd, tmp):
                           early > 0 and not bad,
                           "; ".join(bad[:3]) or "%d statuses before the first step" % early)
         c.wait_for(lambda: status_step(n) > 0, 120, "a step")
+        st = json.loads(get(n, "/v1/status")[1])
         _, m = get(n, "/v1/metrics")
+        norm = [x for x in m.splitlines() if x.startswith("mtnlg_params_norm ")]
+        failures += check("test_status_and_metrics_show_the_params_norm_when_asked",
+                          isinstance(st.get("params_norm"), float) and st["params_norm"] > 0
+                          and len(norm) == 1 and float(norm[0].split()[1]) > 0,
+                          "status params_norm %r, metric %s" % (st.get("params_norm"), norm))
         lines = m.splitlines()
         ok = ("# TYPE mtnlg_consumed_tokens gauge" in lines
               and "# TYPE mtnlg_skipped_steps gauge" in lines
