@@ -356,6 +356,8 @@ static const char *const parallel_keys[] = {"tp",
                                             NULL};
 static const char *const train_keys[] = {"global_batch",
                                          "steps",
+                                         "samples",
+                                         "tokens",
                                          "seed",
                                          "lr",
                                          "adam",
@@ -445,6 +447,21 @@ static bool overridden(const char *const *overrides, const char *key) {
     if (k <= n && !strncmp(ov, key, k) && (k == n || key[k] == '.')) return true;
   }
   return false;
+}
+
+/* An override of the run's length (train.steps, train.samples or
+ * train.tokens) replaces the length the job gives as another of them:
+ * --set train.steps=10 on a job in tokens is a shorter run, not a job that
+ * gives its length twice. Two overrides of it are refused as two keys in
+ * the file are. */
+static void drop_overridden_length(json_t *root, const char *const *overrides) {
+  static const char *const keys[] = {"train.steps", "train.samples", "train.tokens"};
+  json_t *train = json_object_get(root, "train");
+  if (!json_is_object(train)) return;
+  for (int i = 0; i < 3; i++)
+    if (overridden(overrides, keys[i]))
+      for (int j = 0; j < 3; j++)
+        if (j != i) json_object_del(train, keys[j] + strlen("train."));
 }
 
 /* ---- model preset ---- */
@@ -643,17 +660,51 @@ static void read_length(problems *pb, json_t *lr, const char *what, int64_t *ste
   read_i64(pb, lr, "train.lr", kt, 0, INT64_MAX, tokens_out);
 }
 
+/* The run's length: exactly one of train.steps, train.samples (Megatron's
+ * --train-samples) and train.tokens. Samples and tokens are kept as given
+ * for derive, which turns them into steps; their ranges are checked there,
+ * where a problem can name them with what they come to. */
+static void read_run_length(problems *pb, json_t *o, mt_train_spec *t) {
+  static const char *const keys[] = {"steps", "samples", "tokens"};
+  const char *given[3];
+  int n = 0;
+  for (int i = 0; i < 3; i++)
+    if (o && json_object_get(o, keys[i])) given[n++] = keys[i];
+  if (o && n == 0)
+    check_fail(pb, "train.steps",
+               "missing (or give the run's length as train.samples or "
+               "train.tokens)");
+  if (n > 1) {
+    /* named after the last of them; the line names every one given */
+    problem(pb,
+            "train.%s: the run's length is given %s, as train.%s%s%s and train.%s: give one of "
+            "train.steps, train.samples or train.tokens",
+            given[n - 1], n == 2 ? "twice" : "three times", given[0], n == 3 ? ", train." : "",
+            n == 3 ? given[1] : "", given[n - 1]);
+    mute(pb, "train.steps"); /* whatever it would say follows from the line above */
+    return;
+  }
+  if (n == 1 && strcmp(given[0], "steps")) {
+    if (read_i64(pb, o, "train", given[0], INT64_MIN, INT64_MAX, &t->length_given))
+      snprintf(t->length_key, sizeof t->length_key, "%s", given[0]);
+    else
+      mute(pb, "train.steps"); /* the steps it would have come to */
+    return;
+  }
+  read_i64(pb, o, "train", "steps", INT64_MIN, INT64_MAX, &t->steps);
+}
+
 static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g) {
   json_t *o = read_object(pb, root, "", "train");
   if (!json_object_get(root, "train")) {
-    problem(pb, "train: missing (needs at least global_batch, steps and lr.peak)");
+    problem(pb, "train: missing (needs at least global_batch, steps (or samples or tokens) and "
+                "lr.peak)");
     return;
   }
   check_keys(pb, o, "train", train_keys);
   require(pb, o, "train", "global_batch", NULL);
-  require(pb, o, "train", "steps", NULL);
   read_int(pb, o, "train", "global_batch", &t->global_batch);
-  read_i64(pb, o, "train", "steps", INT64_MIN, INT64_MAX, &t->steps);
+  read_run_length(pb, o, t);
   int64_t seed;
   if (read_i64(pb, o, "train", "seed", 0, INT64_MAX, &seed)) t->seed = (uint64_t)seed;
 
@@ -915,28 +966,58 @@ int mt_job_batch_at(const mt_job *job, int64_t consumed) {
   return r->start + (int)((k < n ? k : n) * r->increment);
 }
 
+/* The steps that start at `consumed` or after it while the ramp-up's batch
+ * is still b = mt_job_batch_at(job, consumed) < global_batch: b holds until
+ * the first count it does not (found by bisection: mt_job_batch_at does not
+ * decrease), and a step reads b while it starts before that. */
+static int64_t ramp_stage_steps(const mt_job *job, int64_t consumed, int b) {
+  int64_t lo = consumed, hi = job->train.rampup.samples + 1; /* batch_at(lo) == b, (hi) != b */
+  while (hi - lo > 1) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (mt_job_batch_at(job, mid) == b)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return ceil_div(hi - consumed, b);
+}
+
 int64_t mt_job_samples_of(const mt_job *job, int64_t consumed, int64_t steps) {
   const mt_train_spec *t = &job->train;
   int64_t total = 0;
-  /* stage by stage through the ramp: the batch b holds until the first
-   * count it does not (found by bisection: mt_job_batch_at does not
-   * decrease), and a step reads b while it starts before that */
+  /* stage by stage through the ramp */
   while (steps > 0 && ramp_ok(t) && consumed <= t->rampup.samples) {
     int b = mt_job_batch_at(job, consumed);
     if (b == t->global_batch) break;
-    int64_t lo = consumed, hi = t->rampup.samples + 1; /* batch_at(lo) == b, batch_at(hi) != b */
-    while (hi - lo > 1) {
-      int64_t mid = lo + (hi - lo) / 2;
-      if (mt_job_batch_at(job, mid) == b)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    int64_t j = ceil_div(hi - consumed, b);
+    int64_t j = ramp_stage_steps(job, consumed, b);
     if (j > steps) j = steps;
     total += j * b, consumed += j * b, steps -= j;
   }
   return total + (steps > 0 ? steps * (int64_t)t->global_batch : 0);
+}
+
+/* The steps a run of `samples` samples takes (samples >= 0): the most
+ * updates whose batches the samples hold whole, a partial last batch
+ * dropped. That is Megatron-LM's rule for --train-samples
+ * (update_train_iters in megatron/training/training.py, "Note that we throw
+ * away any partial last batch"): samples // global_batch without a ramp-up;
+ * under one, the ramp's updates counted one by one while consumed <=
+ * rampup_samples, then (train_samples - consumed) // global_batch more.
+ * For a run longer than the ramp (the runs Megatron's loop is written for)
+ * the two are the same count; for a shorter one Megatron's loop runs the
+ * whole ramp regardless and adds a negative count, and this keeps to the
+ * rule: the updates mt_job_samples_of counts that fit. */
+static int64_t steps_in(const mt_job *job, int64_t samples) {
+  const mt_train_spec *t = &job->train;
+  int64_t steps = 0, consumed = 0;
+  while (ramp_ok(t) && consumed <= t->rampup.samples) {
+    int b = mt_job_batch_at(job, consumed);
+    if (b == t->global_batch) break;
+    int64_t j = ramp_stage_steps(job, consumed, b), fit = (samples - consumed) / b;
+    if (fit < j) return steps + fit;
+    steps += j, consumed += j * b;
+  }
+  return steps + (samples - consumed) / t->global_batch;
 }
 
 static int64_t gcd64(int64_t a, int64_t b) {
@@ -952,6 +1033,45 @@ int mt_job_batch_quantum(const mt_job *job) {
   return ramp_ok(t) ? (int)gcd64(t->rampup.start, t->rampup.increment) : t->global_batch;
 }
 
+/* train.samples or train.tokens (tokens: samples of seq_len, rounded up, as
+ * for the ramp-up's length) in steps, by steps_in. A length that cannot be
+ * resolved because the batch, the ramp-up or seq_len is wrong leaves steps
+ * 0: their own lines say why, and validate names no train.steps. */
+static void resolve_run_length(problems *pb, mt_job *job) {
+  mt_train_spec *t = &job->train;
+  if (!t->length_key[0]) return;
+  char key[16];
+  snprintf(key, sizeof key, "train.%s", t->length_key);
+  bool tokens = !strcmp(t->length_key, "tokens");
+  int64_t given = t->length_given, seq = job->model.seq_len;
+  if (given < 1) {
+    check_fail(pb, key, "%" PRId64 " must be at least 1", given);
+    return;
+  }
+  if (tokens && seq < 1) return;
+  int64_t samples = tokens ? ceil_div(given, seq) : given;
+  if (samples > (int64_t)1 << 50) {
+    if (tokens)
+      check_fail(pb, key,
+                 "%" PRId64 " samples of model.seq_len %" PRId64 " tokens are over 2^50, "
+                 "the most this version takes",
+                 samples, seq);
+    else
+      check_fail(pb, key, "%" PRId64 " is over 2^50, the most this version takes", samples);
+    return;
+  }
+  const mt_rampup_spec *r = &t->rampup;
+  bool ramp_given = r->start || r->increment || r->samples;
+  if (t->global_batch < 1 || (ramp_given && !ramp_ok(t))) return;
+  t->steps = steps_in(job, samples);
+  if (t->steps < 1)
+    check_fail(pb, key,
+               "%" PRId64 "%s hold no whole batch (the first is %d samples%s): the run would "
+               "have no step",
+               given, tokens ? " tokens" : " samples", mt_job_batch_at(job, 0),
+               tokens ? " of model.seq_len tokens" : "");
+}
+
 /* Values that follow from others: token lengths in steps (ceil: never less
  * than the tokens asked for), LR defaults, the padded vocabulary. */
 static void derive(problems *pb, mt_job *job, const lr_given *g) {
@@ -963,6 +1083,7 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
       check_fail(pb, "train.rampup_batch.tokens", "%" PRId64 " samples of %d tokens are over 2^50",
                  ramp->samples, job->model.seq_len);
   }
+  resolve_run_length(pb, job);
   int64_t tokens_per_step = mt_job_tokens_per_step(job);
   if (tokens_per_step > 0) {
     if (g->warmup_tokens >= 0) lr->warmup_steps = ceil_div(g->warmup_tokens, tokens_per_step);
@@ -991,14 +1112,20 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
    * refused itself (its default, 0, stood in) */
   if (lr->warmup_steps > lr->decay_steps && !decay_refused &&
       (g->decay || !seen(pb, "train.steps"))) {
-    char whence[160] = "";
+    char whence[224] = "", steps[96];
+    if (t->length_key[0]) /* the steps it was resolved to */
+      snprintf(steps, sizeof steps, "the %" PRId64 " steps of train.%s = %" PRId64, t->steps,
+               t->length_key, t->length_given);
+    else if (ramp_decay)
+      snprintf(steps, sizeof steps, "train.steps = %" PRId64, t->steps);
+    else
+      snprintf(steps, sizeof steps, "train.steps");
     if (ramp_decay) /* the run's samples in full batches */
       snprintf(whence, sizeof whence,
-               " (the %" PRId64 " samples train.steps = %" PRId64
-               " read under train.rampup_batch, in batches of %d)",
-               mt_job_samples_of(job, 0, t->steps), t->steps, t->global_batch);
+               " (the %" PRId64 " samples %s read under train.rampup_batch, in batches of %d)",
+               mt_job_samples_of(job, 0, t->steps), steps, t->global_batch);
     else if (!g->decay)
-      snprintf(whence, sizeof whence, " (train.steps)");
+      snprintf(whence, sizeof whence, " (%s)", steps);
     check_fail(pb, g->warmup_tokens >= 0 ? "train.lr.warmup_tokens" : "train.lr.warmup_steps",
                "warmup of %" PRId64 " steps is longer than the decay, %" PRId64 " steps%s",
                lr->warmup_steps, lr->decay_steps, whence);
@@ -1082,7 +1209,9 @@ static void validate(problems *pb, mt_job *job) {
       {"train.log_interval", t->log_interval},
   };
   for (size_t i = 0; i < sizeof pos / sizeof *pos; i++)
-    if (pos[i].v < 1) check_fail(pb, pos[i].key, "%" PRId64 " must be at least 1", pos[i].v);
+    /* steps resolved from train.samples or train.tokens: resolve_run_length's */
+    if (pos[i].v < 1 && !(t->length_key[0] && !strcmp(pos[i].key, "train.steps")))
+      check_fail(pb, pos[i].key, "%" PRId64 " must be at least 1", pos[i].v);
 
   /* sizes past any model's, so the planning and the index arithmetic
    * (12 h^2 per layer, steps x global batch samples) stay in 64 bits: MT-NLG
@@ -1119,10 +1248,13 @@ static void validate(problems *pb, mt_job *job) {
                  "%d x seq_len %d x n_embd %d activations a layer are over 2^40", p->micro_batch,
                  m->seq_len, m->n_embd);
   }
-  if (t->steps >= 1 && t->global_batch >= 1 && t->steps > ((int64_t)1 << 50) / t->global_batch)
-    check_fail(pb, "train.steps",
+  if (t->steps >= 1 && t->global_batch >= 1 && t->steps > ((int64_t)1 << 50) / t->global_batch) {
+    char key[16];
+    snprintf(key, sizeof key, "train.%s", t->length_key[0] ? t->length_key : "steps");
+    check_fail(pb, key,
                "%" PRId64 " steps of %d samples are over 2^50 samples, the most this version takes",
                (int64_t)t->steps, t->global_batch);
+  }
 
   /* shapes and their split over the parallel layout, on positive sizes only */
   if (m->n_embd >= 1 && m->n_head >= 1 && m->n_embd % m->n_head)
@@ -1403,6 +1535,7 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
     return rc;
   }
 
+  drop_overridden_length(root, overrides);
   for (const char *const *ov = overrides; ov && *ov; ov++) apply_override(&pb, root, *ov);
   int before = pb.n;
   merge_preset(&pb, root, preset_dirs);

@@ -92,7 +92,17 @@ typedef struct mt_rampup_spec {
 typedef struct mt_train_spec {
   int global_batch; /* sequences per step, whatever the split; under a ramp-up, the last */
   mt_rampup_spec rampup;
-  int64_t steps; /* optimizer steps to run */
+  int64_t steps; /* optimizer steps to run: as given, or resolved from train.samples or
+                    train.tokens (below) */
+  /* The run's length when the job gave it in samples or tokens rather than
+   * steps: length_key "samples" or "tokens" and length_given the number
+   * given ("" and 0 for train.steps). mt_job_load resolves it to steps (the
+   * most updates whose batches it holds whole: Megatron's --train-samples);
+   * everything else reads steps. Not written out: the resolved job, its
+   * hash and a checkpoint's record of it are the same however the length
+   * was spelled. */
+  char length_key[8];
+  int64_t length_given;
   uint64_t seed;
   mt_lr_spec lr;
   double beta1, beta2, adam_eps, weight_decay;

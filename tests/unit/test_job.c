@@ -701,6 +701,44 @@ static void test_tiny_demo_example_loads(void) {
   CHECK(!strcmp(job.data.path, "/tmp/bytes.u16"));
 }
 
+/* ---- the run's length in samples or tokens ----
+ * Megatron-LM's update_train_iters (megatron/training/training.py), written
+ * out here apart from job.c: --train-samples to --train-iters, dropping a
+ * partial last batch. megatron_batch is RampupBatchsizeNumMicroBatches.update
+ * (the batch of a step that starts with `consumed` samples read). */
+static int megatron_batch(int64_t consumed, int start, int inc, int gbs, int64_t ramp) {
+  if (!ramp || consumed > ramp) return gbs;
+  double per = (double)ramp / (double)((gbs - start) / inc); /* rampup_samples_per_increment */
+  int64_t k = (int64_t)((double)consumed / per);
+  int b = start + (int)k * inc;
+  return b < gbs ? b : gbs;
+}
+
+static int64_t megatron_train_iters(int64_t train_samples, int start, int inc, int gbs,
+                                    int64_t ramp) {
+  if (!ramp) return train_samples / gbs;
+  int64_t iterations = 0, consumed = 0;
+  while (consumed <= ramp) { /* rampup phase */
+    consumed += megatron_batch(consumed, start, inc, gbs, ramp);
+    iterations++;
+  }
+  /* constant phase: "we throw away any partial last batch"; Python's //
+   * floors (a run ending inside the ramp's last batch gives -1) */
+  int64_t rest = train_samples - consumed;
+  return iterations + (rest >= 0 ? rest / gbs : -((-rest + gbs - 1) / gbs));
+}
+
+/* The same rule for a run shorter than the ramp, where Megatron's loop
+ * would still run the whole ramp: the most steps whose batches fit. */
+static int64_t whole_steps(int64_t samples, int start, int inc, int gbs, int64_t ramp) {
+  int64_t steps = 0, consumed = 0;
+  for (;;) {
+    int b = megatron_batch(consumed, start, inc, gbs, ramp);
+    if (consumed + b > samples) return steps;
+    consumed += b, steps++;
+  }
+}
+
 static void test_530b_example_loads_in_bf16(void) {
   mt_job job;
   CHECK(mt_job_load(&job, MT_JOB_DIR "/mtnlg-530b.json", presets, NULL) == MT_OK);
@@ -804,6 +842,135 @@ static void test_rampup_batch(void) {
   }
 }
 
+/* tiny with its length left to the test's overrides */
+static const char *tiny_no_length = "{\"model\": {\"preset\": \"tiny\"},"
+                                    " \"train\": {\"global_batch\": 8, \"lr\": {\"peak\": 1e-3}},"
+                                    " \"data\": {\"path\": \"tokens.u16\"}}";
+
+static void test_run_length_in_samples_or_tokens_is_megatrons_steps(void) {
+  mt_job job, steps_job, back;
+  char ov[64], ramp[96];
+  /* without a ramp-up: whole batches of 8, a partial last one dropped */
+  for (int64_t n = 8; n <= 200; n++) {
+    snprintf(ov, sizeof ov, "train.samples=%lld", (long long)n);
+    CHECK(parse_with(&job, tiny_no_length, ov, NULL) == MT_OK);
+    CHECK(job.train.steps == megatron_train_iters(n, 0, 0, 8, 0) && job.train.steps == n / 8);
+    CHECK(!strcmp(job.train.length_key, "samples") && job.train.length_given == n);
+    CHECK(job.train.lr.decay_steps == job.train.steps); /* the default follows the run */
+  }
+  /* tokens: samples of seq_len (tiny: 64) rounded up, then the same rule */
+  CHECK(parse_with(&job, tiny_no_length, "train.tokens=5120", NULL) == MT_OK);
+  CHECK(job.train.steps == 10 && !strcmp(job.train.length_key, "tokens")); /* 80 samples */
+  CHECK(parse_with(&job, tiny_no_length, "train.tokens=5567", NULL) == MT_OK);
+  CHECK(job.train.steps == 10); /* ceil(5567 / 64) = 87 samples: 10 whole batches */
+  CHECK(parse_with(&job, tiny_no_length, "train.tokens=5569", NULL) == MT_OK);
+  CHECK(job.train.steps == 11); /* ceil(5569 / 64) = 88 samples */
+  CHECK(parse_with(&job, tiny_no_length, "train.tokens=5.632e3", NULL) == MT_OK);
+  CHECK(job.train.steps == 11); /* an integral real, as token counts are written */
+
+  /* under a ramp-up: 2, 2, 2, 2, 4, 4, 6, 6, then 8 (24 samples of ramp) */
+  snprintf(ramp, sizeof ramp,
+           "train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24}");
+  for (int64_t n = 2; n <= 300; n++) {
+    snprintf(ov, sizeof ov, "train.samples=%lld", (long long)n);
+    CHECK(parse_with(&job, tiny_no_length, ov, ramp) == MT_OK);
+    int64_t want = n > 24 ? megatron_train_iters(n, 2, 2, 8, 24) : whole_steps(n, 2, 2, 8, 24);
+    if (job.train.steps != want) {
+      fprintf(stderr, "%s: %lld samples: %lld steps, want %lld\n", __func__, (long long)n,
+              (long long)job.train.steps, (long long)want);
+      failures++;
+      return;
+    }
+    CHECK(n <= 24 || want == whole_steps(n, 2, 2, 8, 24)); /* one rule past the ramp */
+    CHECK(mt_job_samples_of(&job, 0, job.train.steps) <= n);
+    CHECK(mt_job_samples_of(&job, 0, job.train.steps + 1) > n);
+  }
+  /* a ramp-up in tokens and a length in tokens */
+  CHECK(parse_with(&job, tiny_no_length, "train.tokens=6400",
+                   "train.rampup_batch={\"start\": 2, \"increment\": 2, \"tokens\": 1536}") ==
+        MT_OK);
+  CHECK(job.train.steps == megatron_train_iters(100, 2, 2, 8, 24)); /* 6400 / 64, 1536 / 64 */
+  CHECK(job.train.steps == 17); /* 2+2+2+2+4+4+6+6 = 28, then 9 of 8: 100 */
+
+  /* an override of the length replaces the file's, in whichever unit */
+  CHECK(parse_with(&job, tiny_job, "train.samples=96", NULL) == MT_OK); /* tiny_job: steps 10 */
+  CHECK(job.train.steps == 12 && !strcmp(job.train.length_key, "samples"));
+  CHECK(parse_with(&job, tiny_no_length, "train.tokens=5120", NULL) == MT_OK);
+  CHECK(mt_job_parse(&back,
+                     "{\"model\": {\"preset\": \"tiny\"}, \"train\": {\"global_batch\": 8, "
+                     "\"tokens\": 5120, \"lr\": {\"peak\": 1e-3}}, \"data\": {\"path\": \"t\"}}",
+                     "/jobs", presets, (const char *const[]){"train.steps=3", NULL}) == MT_OK);
+  CHECK(back.train.steps == 3 && !back.train.length_key[0]);
+
+  /* the resolved job is in steps: the same job, hash and JSON as the steps
+   * it came to, so a checkpoint of one resumes as the other */
+  CHECK(parse_with(&job, tiny_no_length, "train.samples=100", ramp) == MT_OK);
+  CHECK(parse_with(&steps_job, tiny_no_length, "train.steps=17", ramp) == MT_OK);
+  CHECK(!strcmp(job.hash, steps_job.hash) &&
+        job.train.lr.decay_steps == steps_job.train.lr.decay_steps);
+  char *json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"steps\":17") && !strstr(json, "\"samples\":100") &&
+        !strstr(json, "\"tokens\""));
+  int rc = mt_job_parse(&back, json, "/jobs", presets, NULL);
+  free(json);
+  CHECK(rc == MT_OK && !strcmp(back.hash, job.hash) && back.train.steps == 17);
+}
+
+static void test_run_length_refusals_name_the_key_given(void) {
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"train.steps=10", "train.samples=80",
+       "train.samples: the run's length is given twice, as train.steps and train.samples: give "
+       "one of train.steps, train.samples or train.tokens"},
+      {"train.samples=80", "train.tokens=5120",
+       "train.tokens: the run's length is given twice, as train.samples and train.tokens"},
+      {"train={\"global_batch\": 8, \"steps\": 1, \"samples\": 8, \"tokens\": 512, \"lr\": "
+       "{\"peak\": 1e-3}}",
+       NULL,
+       "train.tokens: the run's length is given three times, as train.steps, train.samples and "
+       "train.tokens"},
+      {"train.samples=0", NULL, "train.samples: 0 must be at least 1"},
+      {"train.samples=-8", NULL, "train.samples: -8 must be at least 1"},
+      {"train.tokens=0", NULL, "train.tokens: 0 must be at least 1"},
+      {"train.samples=80.5", NULL, "train.samples: expected an integer, got 80.5"},
+      {"train.tokens=lots", NULL, "train.tokens: expected an integer, got a string, \"lots\""},
+      {"train.samples=1125899906842625", NULL,
+       "train.samples: 1125899906842625 is over 2^50, the most this version takes"},
+      {"train.tokens=9e18", NULL,
+       "train.tokens: 140625000000000000 samples of model.seq_len 64 tokens are over 2^50"},
+      {"train.samples=7", NULL,
+       "train.samples: 7 samples hold no whole batch (the first is 8 samples): the run would "
+       "have no step"},
+      {"train.tokens=448", NULL, /* 7 samples; 449 tokens would be 8 */
+       "train.tokens: 448 tokens hold no whole batch (the first is 8 samples of model.seq_len "
+       "tokens)"},
+      {"train.samples=1", "train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24}",
+       "train.samples: 1 samples hold no whole batch (the first is 2 samples)"},
+      /* the default decay, resolved from samples, named as such */
+      {"train.samples=80", "train.lr={\"peak\": 1e-3, \"warmup_steps\": 11}",
+       "train.lr.warmup_steps: warmup of 11 steps is longer than the decay, 10 steps (the 10 "
+       "steps of train.samples = 80)"},
+  };
+  mt_job job;
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    int rc = parse_with(&job, tiny_no_length, cases[i].ov0, cases[i].ov1);
+    /* one line: no "train.steps" line besides the one about the key given */
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: case %zu: want the one line \"%s\", got (%d):\n%s\n", __func__, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+  /* none of them: the missing length names all three */
+  CHECK(parse_with(&job, tiny_no_length, NULL, NULL) == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "train.steps: missing (or give the run's length as train.samples "
+                             "or train.tokens)"));
+  /* a length a wrong batch cannot resolve leaves it to the batch's line */
+  CHECK(parse_with(&job, tiny_no_length, "train.samples=80", "train.global_batch=0") == MT_EINVAL);
+  CHECK(!strcmp(mt_errmsg(), "train.global_batch: 0 must be at least 1"));
+}
+
 static void test_every_preset_is_valid(void) {
   const char *names[] = {"tiny", "gpt2-124m", "gpt3-1.3b", "mtnlg-530b"};
   for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
@@ -870,6 +1037,8 @@ int main(void) {
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_rampup_batch();
+  test_run_length_in_samples_or_tokens_is_megatrons_steps();
+  test_run_length_refusals_name_the_key_given();
   test_bad_json_reports_line_and_column();
   test_missing_preset_lists_search_dirs();
   test_preset_dirs_searched_in_order();
