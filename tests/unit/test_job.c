@@ -762,12 +762,21 @@ static void test_530b_example_loads_in_bf16(void) {
   CHECK(mt_job_batch_at(&job, 99312) == 64);
   CHECK(mt_job_batch_at(&job, 5859374) == 1888 && mt_job_batch_at(&job, 5859375) == 1920);
   CHECK(mt_job_batch_at(&job, 5859376) == 1920 && mt_job_batch_quantum(&job) == 32);
-  /* 80087 steps read the 270e9 tokens: the ramp's steps read fewer */
-  int64_t c = 0, steps = 0;
-  while (c < 131835938) c += mt_job_batch_at(&job, c), steps++; /* ceil(270e9 / 2048) */
-  CHECK(steps == 80087 && mt_job_samples_of(&job, 0, steps) == c);
+  /* train.tokens 270e9: ceil(270e9 / 2048) = 131835938 samples, in steps
+   * by Megatron's rule: 80086 whole batches, 131834240 samples (269.9965e9
+   * tokens), 1698 short of them; the 80087 the file gave by hand read past
+   * them (to 270.0005e9 tokens) */
+  CHECK(!strcmp(job.train.length_key, "tokens") && job.train.length_given == 270000000000);
+  CHECK(megatron_train_iters(131835938, 32, 32, 1920, 5859375) == 80086);
+  CHECK(job.train.steps == 80086);
+  int64_t c = mt_job_samples_of(&job, 0, job.train.steps);
+  CHECK(c == 131834240);
+  int64_t walked = 0;
+  for (int64_t i = 0; i < job.train.steps; i++)
+    walked += megatron_batch(walked, 32, 32, 1920, 5859375);
+  CHECK(walked == c);
   CHECK(mt_job_samples_of(&job, 0, 79000) +
-            mt_job_samples_of(&job, mt_job_samples_of(&job, 0, 79000), 1087) ==
+            mt_job_samples_of(&job, mt_job_samples_of(&job, 0, 79000), 1086) ==
         c);
   /* the decay, given in tokens, is in steps of the final batch */
   CHECK(job.train.lr.decay_steps == 86467);
