@@ -105,6 +105,15 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
          " tokens per step\n",
          job->train.global_batch, plan->micro_batch, plan->micro_batches, plan->dp,
          plan->tokens_per_step);
+  const mt_train_spec *t = &job->train;
+  int64_t run_samples = mt_job_samples_of(job, 0, t->steps);
+  if (t->length_key[0])
+    printf("  run        %" PRId64 " steps (train.%s = %" PRId64 " in whole batches): %" PRId64
+           " samples, %" PRId64 " tokens\n",
+           t->steps, t->length_key, t->length_given, run_samples, run_samples * m->seq_len);
+  else
+    printf("  run        %" PRId64 " steps: %" PRId64 " samples, %" PRId64 " tokens\n", t->steps,
+           run_samples, run_samples * m->seq_len);
   printf("  precision  %s: %s\n", job->train.precision,
          plan->mixed ? "16-bit weights and activations; fp32 grads, masters and Adam"
                      : "fp32 weights, activations, grads and Adam");
@@ -214,6 +223,15 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
     return CTL_EXIT_FAILURE;
   }
   json_object_set_new(root, "refusal", refusal ? json_string(refusal) : json_null());
+  /* the run's length as resolved, and as the job gave it */
+  const mt_train_spec *t = &job->train;
+  int64_t run_samples = mt_job_samples_of(job, 0, t->steps);
+  json_object_set_new(root, "run",
+                      json_pack("{s:I, s:I, s:I, s:s, s:I}", "steps", (json_int_t)t->steps,
+                                "samples", (json_int_t)run_samples, "tokens",
+                                (json_int_t)(run_samples * m->seq_len), "given_as",
+                                t->length_key[0] ? t->length_key : "steps", "given",
+                                (json_int_t)(t->length_key[0] ? t->length_given : t->steps)));
   json_object_set_new(json_object_get(root, "layout"), "virtual_stages",
                       json_integer(plan->virtual_stages));
   int rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(10));

@@ -53,6 +53,10 @@ def test_530b_json_has_the_fields():
     check(d["flops"]["model_per_step"] < d["flops"]["executed_per_step"], "model < executed")
     check(abs(d["bubble_fraction"] - 34 / 154) < 1e-9, "bubble")
     check(d["refusal"] is None, "no refusal")
+    # the run's length: train.tokens 270e9 resolved to whole batches (Megatron's
+    # --train-samples rule; test_job checks the count against its loop)
+    check(d["run"] == {"steps": 80086, "samples": 131834240, "tokens": 131834240 * 2048,
+                       "given_as": "tokens", "given": 270000000000}, f"run {d.get('run')}")
     for k in ("step_time_s", "step_time_with_bubble_s", "tokens_per_s",
               "model_tflops_per_device"):
         check(d[k] > 0, f"{k} > 0")
@@ -69,6 +73,11 @@ def test_table_names_its_unit():
     p = run("plan", f"{jobs}/mtnlg-530b.json")
     check(p.returncode == 0, "plan mtnlg-530b exits 0", p)
     check("1 GB = 10^9 bytes" in p.stdout and "step time" in p.stdout, "table header", p)
+    check("\n  run        80086 steps (train.tokens = 270000000000 in whole batches): "
+          "131834240 samples, 269996523520 tokens\n" in p.stdout, "the resolved steps", p)
+    p = run("plan", f"{jobs}/mtnlg-530b.json", "--set", "train.steps=100")
+    check(p.returncode == 0 and "\n  run        100 steps: 3200 samples, 6553600 tokens\n"
+          in p.stdout, "--set train.steps replaces train.tokens", p)
     p = run("plan", f"{jobs}/mtnlg-530b.json", "--stages")
     check(p.stdout.count("\n  3 ") == 1 and "34 head" in p.stdout, "--stages lists all", p)
 
