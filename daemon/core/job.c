@@ -376,8 +376,8 @@ static const char *const lr_keys[] = {
     "schedule",      "peak",        "min",          "warmup_steps",
     "warmup_tokens", "decay_steps", "decay_tokens", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
-static const char *const loss_scale_keys[] = {"initial", "min", "growth_interval", "hysteresis",
-                                              NULL};
+static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_interval",
+                                              "hysteresis", "dynamic", NULL};
 static const char *const data_keys[] = {"path",    "prefix",    "blend", "split",
                                         "shuffle", "cache_dir", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
@@ -761,6 +761,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_double(pb, ls, "train.loss_scale", "initial", &t->loss_scale.initial);
   read_double(pb, ls, "train.loss_scale", "min", &t->loss_scale.min);
   read_int(pb, ls, "train.loss_scale", "growth_interval", &t->loss_scale.growth_interval);
+  read_bool(pb, ls, "train.loss_scale", "dynamic", &t->loss_scale.dynamic);
   read_int(pb, ls, "train.loss_scale", "hysteresis", &t->loss_scale.hysteresis);
   read_int(pb, o, "train", "log_interval", &t->log_interval);
   read_bool(pb, o, "train", "log_params_norm", &t->log_params_norm);
@@ -902,6 +903,7 @@ static void set_defaults(mt_job *job) {
   t->loss_scale.initial = 4294967296.0; /* 2^32, Megatron's --initial-loss-scale */
   t->loss_scale.min = 1.0;
   t->loss_scale.growth_interval = 1000;
+  t->loss_scale.dynamic = 1;
   t->loss_scale.hysteresis = 2;
   t->log_interval = 1;
   snprintf(job->data.split, sizeof job->data.split, "949,50,1");
@@ -920,10 +922,18 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
   const mt_loss_scale_spec *ls = &job->train.loss_scale, *dls = &d.train.loss_scale;
   if (strcmp(job->train.precision, "fp16") &&
       (ls->initial != dls->initial || ls->min != dls->min ||
-       ls->growth_interval != dls->growth_interval || ls->hysteresis != dls->hysteresis))
+       ls->growth_interval != dls->growth_interval || ls->hysteresis != dls->hysteresis ||
+       ls->dynamic != dls->dynamic))
     snprintf(lines[n++], 256,
              "train.loss_scale: only fp16 scales its loss; with train.precision = %s it is ignored",
              job->train.precision);
+  else if (!ls->dynamic && (ls->min != dls->min || ls->growth_interval != dls->growth_interval ||
+                            ls->hysteresis != dls->hysteresis))
+    snprintf(lines[n++], 256,
+             "train.loss_scale: min, growth_interval and hysteresis move a dynamic scale; with "
+             "train.loss_scale.dynamic = false the scale stays at initial = %g and they are "
+             "ignored",
+             ls->initial);
   const mt_data_spec *ds = &job->data;
   const char *given[3];
   int k = 0;
@@ -1461,6 +1471,9 @@ static json_t *job_to_json(const mt_job *job) {
                       json_pack("{s:f, s:f, s:I, s:I}", "initial", ls->initial, "min", ls->min,
                                 "growth_interval", (json_int_t)ls->growth_interval, "hysteresis",
                                 (json_int_t)ls->hysteresis));
+  if (!ls->dynamic) /* only when off: the jobs from before it keep their hash */
+    json_object_set_new(json_object_get(json_object_get(root, "train"), "loss_scale"), "dynamic",
+                        json_false());
   const mt_rampup_spec *ramp = &job->train.rampup;
   if (ramp->start || ramp->increment || ramp->samples)
     json_object_set_new(json_object_get(root, "train"), "rampup_batch",

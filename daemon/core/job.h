@@ -78,6 +78,7 @@ typedef struct mt_loss_scale_spec {
   double min;          /* 1 */
   int growth_interval; /* 1000 */
   int hysteresis;      /* 2 */
+  int dynamic;         /* 1; 0: a static scale, initial throughout (Megatron's --loss-scale) */
 } mt_loss_scale_spec;
 
 /* Megatron's --rampup-batch-size: the global batch starts at start and

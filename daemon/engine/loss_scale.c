@@ -7,7 +7,7 @@
 #include "err.h"
 
 mt_loss_scale_opts mt_loss_scale_defaults(void) {
-  mt_loss_scale_opts o = {65536.0f, 1.0f, 2.0f, 0.5f, 1000, 2};
+  mt_loss_scale_opts o = {65536.0f, 1.0f, 2.0f, 0.5f, 1000, 2, 0};
   return o;
 }
 
@@ -42,6 +42,11 @@ int mt_loss_scale_init(mt_loss_scale *s, const mt_loss_scale_opts *o) {
  * did. */
 int mt_loss_scale_update(mt_loss_scale *s, int found_inf) {
   s->steps++;
+  if (s->o.fixed) { /* the scale never moves: only the skips are counted */
+    s->skipped += found_inf;
+    s->skipped_in_row = found_inf ? s->skipped_in_row + 1 : 0;
+    return found_inf;
+  }
   if (found_inf) {
     s->growth_tracker = 0;
     s->hysteresis_tracker--;

@@ -21,6 +21,8 @@ typedef struct mt_loss_scale_opts {
   float backoff_factor; /* 0.5 */
   int growth_interval;  /* clean steps in a row before growing: 1000 (--loss-scale-window) */
   int hysteresis;       /* overflows tolerated before backing off: 2 */
+  int fixed;            /* a static scale (Megatron's --loss-scale, its ConstantGradScaler):
+                           it stays at initial; an overflowed step is still skipped */
 } mt_loss_scale_opts;
 
 typedef struct mt_loss_scale {

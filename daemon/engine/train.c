@@ -269,6 +269,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     o.min = (float)ls->min;
     o.growth_interval = ls->growth_interval;
     o.hysteresis = ls->hysteresis;
+    o.fixed = !ls->dynamic;
     if ((rc = mt_loss_scale_init(&tr->scaler, &o))) return mt_wraperr(rc, "train.loss_scale");
   }
   /* the data before the model: data that cannot serve the job (a wrong

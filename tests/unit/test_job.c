@@ -482,7 +482,9 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "train.loss_scale.min=2",
       "train.loss_scale.growth_interval=10",
       "train.loss_scale.hysteresis=1",
+      "train.loss_scale.dynamic=false",
       "train.log_interval=10",
+      "train.log_params_norm=true",
       "data.path=other.u16",
       "checkpoint.dir=ck",
       "checkpoint.interval=5",
@@ -521,6 +523,24 @@ static void test_loss_scale_defaults_checks_and_round_trip(void) {
   free(json);
   CHECK(rc == MT_OK && !strcmp(back.hash, job.hash));
   CHECK(back.train.loss_scale.min == 0.5 && back.train.loss_scale.hysteresis == 3);
+  CHECK(job.train.loss_scale.dynamic == 1);
+  /* a static scale (Megatron's --loss-scale): carried back; the dynamic
+   * scale's other keys are told unused */
+  CHECK(parse_with(&job, tiny_job, "train.precision=fp16", "train.loss_scale.dynamic=false") ==
+        MT_OK);
+  CHECK(job.train.loss_scale.dynamic == 0);
+  json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"dynamic\":false"));
+  rc = mt_job_parse(&back, json, "/jobs", presets, NULL);
+  free(json);
+  CHECK(rc == MT_OK && !strcmp(back.hash, job.hash) && back.train.loss_scale.dynamic == 0);
+  char unused[MT_JOB_UNUSED_MAX][256];
+  CHECK(mt_job_unused(&job, unused) == 0);
+  CHECK(parse_with(&job, tiny_job, "train.precision=fp16", "train.loss_scale.dynamic=false") ==
+        MT_OK);
+  job.train.loss_scale.hysteresis = 5;
+  CHECK(mt_job_unused(&job, unused) == 1 &&
+        strstr(unused[0], "with train.loss_scale.dynamic = false the scale stays at initial"));
 
   struct {
     const char *ov0, *ov1, *line;
@@ -535,6 +555,7 @@ static void test_loss_scale_defaults_checks_and_round_trip(void) {
       {"train.loss_scale.hysteresis=0", NULL, "train.loss_scale.hysteresis: 0 must be at least 1"},
       {"train.loss_scale.window=5", NULL, "train.loss_scale.window: unknown key"},
       {"train.loss_scale.hysteresis=\"2\"", NULL, "train.loss_scale.hysteresis: expected an"},
+      {"train.loss_scale.dynamic=0", NULL, "train.loss_scale.dynamic: expected"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);

@@ -47,7 +47,7 @@ static void run_trace(const char *name, const mt_loss_scale_opts *o, const step 
  * none left every overflow halves; three clean steps grow and restore the
  * hysteresis, so the next overflow is tolerated again. */
 static void test_hysteresis_consumes_overflows_before_backoff(void) {
-  mt_loss_scale_opts o = {1024.0f, 1.0f, 2.0f, 0.5f, 3, 2};
+  mt_loss_scale_opts o = {1024.0f, 1.0f, 2.0f, 0.5f, 3, 2, 0};
   static const step t[] = {
       {0, 1024, 0, 1, 2}, {1, 1024, 1, 0, 1},                    /* tolerated */
       {0, 1024, 0, 1, 1}, {0, 1024, 0, 2, 1}, {1, 512, 1, 0, 0}, /* hysteresis used up */
@@ -61,7 +61,7 @@ static void test_hysteresis_consumes_overflows_before_backoff(void) {
 
 /* An overflow in the middle of a clean run restarts the count to growth. */
 static void test_growth_needs_interval_clean_steps_in_a_row(void) {
-  mt_loss_scale_opts o = {8.0f, 1.0f, 2.0f, 0.5f, 3, 2};
+  mt_loss_scale_opts o = {8.0f, 1.0f, 2.0f, 0.5f, 3, 2, 0};
   static const step t[] = {
       {0, 8, 0, 1, 2}, {0, 8, 0, 2, 2},  {1, 8, 1, 0, 1},  {0, 8, 0, 1, 1},
       {0, 8, 0, 2, 1}, {0, 16, 0, 0, 2}, {0, 16, 0, 1, 2},
@@ -69,9 +69,21 @@ static void test_growth_needs_interval_clean_steps_in_a_row(void) {
   run_trace(__func__, &o, t, (int)(sizeof t / sizeof t[0]));
 }
 
+/* A static scale (Megatron's --loss-scale, its ConstantGradScaler): an
+ * overflow skips the step and the scale stays; clean steps past the growth
+ * interval grow nothing, and the trackers never move. */
+static void test_a_fixed_scale_skips_overflows_and_never_moves(void) {
+  mt_loss_scale_opts o = {1024.0f, 1.0f, 2.0f, 0.5f, 2, 1, 1};
+  static const step t[] = {
+      {1, 1024, 1, 0, 1}, {1, 1024, 1, 0, 1}, {0, 1024, 0, 0, 1},
+      {0, 1024, 0, 0, 1}, {0, 1024, 0, 0, 1}, {1, 1024, 1, 0, 1},
+  };
+  run_trace(__func__, &o, t, (int)(sizeof t / sizeof t[0]));
+}
+
 /* Backoff stops at min; growth starts again from there. */
 static void test_backoff_stops_at_min(void) {
-  mt_loss_scale_opts o = {4.0f, 1.0f, 2.0f, 0.5f, 2, 1};
+  mt_loss_scale_opts o = {4.0f, 1.0f, 2.0f, 0.5f, 2, 1, 0};
   static const step t[] = {
       {1, 2, 1, 0, 0}, {1, 1, 1, 0, -1}, {1, 1, 1, 0, -2}, {0, 1, 0, 1, -2}, {0, 2, 0, 0, 1},
   };
@@ -113,14 +125,14 @@ static void test_bad_options_are_refused_by_name(void) {
     mt_loss_scale_opts o;
     const char *word;
   } bad[] = {
-      {{0.0f, 1.0f, 2.0f, 0.5f, 1000, 2}, "initial"},
-      {{INFINITY, 1.0f, 2.0f, 0.5f, 1000, 2}, "initial"},
-      {{4.0f, 8.0f, 2.0f, 0.5f, 1000, 2}, "min"},
-      {{4.0f, 1.0f, 1.0f, 0.5f, 1000, 2}, "growth_factor"},
-      {{4.0f, 1.0f, 2.0f, 1.0f, 1000, 2}, "backoff_factor"},
-      {{4.0f, 1.0f, 2.0f, NAN, 1000, 2}, "backoff_factor"},
-      {{4.0f, 1.0f, 2.0f, 0.5f, 0, 2}, "growth_interval"},
-      {{4.0f, 1.0f, 2.0f, 0.5f, 1000, 0}, "hysteresis"},
+      {{0.0f, 1.0f, 2.0f, 0.5f, 1000, 2, 0}, "initial"},
+      {{INFINITY, 1.0f, 2.0f, 0.5f, 1000, 2, 0}, "initial"},
+      {{4.0f, 8.0f, 2.0f, 0.5f, 1000, 2, 0}, "min"},
+      {{4.0f, 1.0f, 1.0f, 0.5f, 1000, 2, 0}, "growth_factor"},
+      {{4.0f, 1.0f, 2.0f, 1.0f, 1000, 2, 0}, "backoff_factor"},
+      {{4.0f, 1.0f, 2.0f, NAN, 1000, 2, 0}, "backoff_factor"},
+      {{4.0f, 1.0f, 2.0f, 0.5f, 0, 2, 0}, "growth_interval"},
+      {{4.0f, 1.0f, 2.0f, 0.5f, 1000, 0, 0}, "hysteresis"},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     mt_loss_scale s;
@@ -155,6 +167,7 @@ int main(void) {
   test_hysteresis_consumes_overflows_before_backoff();
   test_growth_needs_interval_clean_steps_in_a_row();
   test_backoff_stops_at_min();
+  test_a_fixed_scale_skips_overflows_and_never_moves();
   test_overflow_burst_then_recovery();
   test_defaults_are_megatrons_with_initial_2_16();
   test_bad_options_are_refused_by_name();
