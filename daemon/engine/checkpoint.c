@@ -1145,6 +1145,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
       tr->scaler.hysteresis_tracker = (int)ls_hyst;
       tr->scaler.steps = ls_steps;
       tr->scaler.skipped_in_row = ls_in_row;
+      if (tr->scaler.o.fixed) /* a static scale is the job's, whatever the saving run's was */
+        tr->scaler.scale = tr->scaler.o.initial;
     } else if (is0 && tr->precision == MT_PREC_FP16) {
       mt_log_info("resume: %s was saved by a run without loss scaling: the scale starts at the "
                   "job's %g",
