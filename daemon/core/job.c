@@ -382,8 +382,9 @@ static const char *const data_keys[] = {"path",    "prefix",    "blend", "split"
                                         "shuffle", "cache_dir", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", NULL};
-static const char *const checkpoint_keys[] = {"dir",   "interval",    "keep",   "keep_every",
-                                              "async", "resume_step", "export", NULL};
+static const char *const checkpoint_keys[] = {
+    "dir",         "interval", "keep", "keep_every",     "async",
+    "resume_step", "export",   "load", "load_optimizer", NULL};
 
 /* ---- overrides: "a.b.c=value" set in the tree before it is read ---- */
 
@@ -873,6 +874,8 @@ static void read_checkpoint(problems *pb, json_t *root, mt_checkpoint_spec *c) {
   read_bool(pb, o, "checkpoint", "async", &c->async_save);
   read_i64(pb, o, "checkpoint", "resume_step", -1, INT64_MAX, &c->resume_step);
   read_str(pb, o, "checkpoint", "export", c->export_path, sizeof c->export_path);
+  read_str(pb, o, "checkpoint", "load", c->load, sizeof c->load);
+  read_bool(pb, o, "checkpoint", "load_optimizer", &c->load_optimizer);
 }
 
 static void set_defaults(mt_job *job) {
@@ -1412,6 +1415,13 @@ static void validate(problems *pb, mt_job *job) {
                (long long)c->resume_step);
   if (c->interval > 0 && !c->dir[0])
     check_fail(pb, "checkpoint.interval", "%d needs checkpoint.dir", c->interval);
+  /* two sources of the starting weights: which one wins would be a guess */
+  if (c->load[0] && job->model.init_from[0])
+    check_fail(pb, "checkpoint.load",
+               "%s and model.init_from %s both give the weights to start from: name one", c->load,
+               job->model.init_from);
+  if (c->load_optimizer && !c->load[0])
+    check_fail(pb, "checkpoint.load_optimizer", "needs checkpoint.load");
 }
 
 /* ---- canonical form and hash ---- */
@@ -1502,6 +1512,10 @@ static json_t *job_to_json(const mt_job *job) {
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));
   json_object_set_new(ck, "resume_step", json_integer(job->checkpoint.resume_step));
+  if (job->checkpoint.load[0]) { /* only when given: other jobs keep their hashes */
+    json_object_set_new(ck, "load", json_string(job->checkpoint.load));
+    json_object_set_new(ck, "load_optimizer", json_boolean(job->checkpoint.load_optimizer));
+  }
   json_object_set_new(root, "eval",
                       json_pack("{s:I, s:I}", "interval", (json_int_t)job->eval.interval, "iters",
                                 (json_int_t)job->eval.iters));
@@ -1582,6 +1596,7 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
   resolve_path(&pb, "model.init_from", job->model.init_from, base_dir, overrides);
   resolve_path(&pb, "checkpoint.dir", job->checkpoint.dir, base_dir, overrides);
   resolve_path(&pb, "checkpoint.export", job->checkpoint.export_path, base_dir, overrides);
+  resolve_path(&pb, "checkpoint.load", job->checkpoint.load, base_dir, overrides);
 
   validate(&pb, job);
 

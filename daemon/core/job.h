@@ -155,6 +155,10 @@ typedef struct mt_checkpoint_spec {
   int async_save;                /* copy to host at the boundary, write in the background */
   int64_t resume_step;           /* -1: the newest committed checkpoint; else exactly this step */
   char export_path[MT_PATH_MAX]; /* safetensors written at the end, or "" */
+  char load[MT_PATH_MAX];        /* another job's native checkpoint to start from (a step or a
+                                    job directory, Megatron's --load with --finetune), or "";
+                                    ignored once this job has a checkpoint of its own */
+  int load_optimizer;            /* with load: take Adam's moments too (default 0) */
 } mt_checkpoint_spec;
 
 typedef struct mt_job {

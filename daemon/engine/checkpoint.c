@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "ckpt.h"
+#include "ckpt_export.h"
 #include "err.h"
 #include "log.h"
 #include "monotime.h"
@@ -1304,4 +1305,204 @@ int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t
     if (is0) set_aside_rolled_back(job_dir, step);
   }
   return rc;
+}
+
+/* ---- checkpoint.load: another job's checkpoint as the starting point ---- */
+
+/* The first field of the model that differs between the job's and the
+ * checkpoint's (Megatron's check_checkpoint_args), in what; 0 when none.
+ * vocab_pad_to, not the padded size: that follows tp, which may differ. */
+static int model_differs(const mt_model_spec *want, const mt_model_spec *got, char *what,
+                         size_t size) {
+  const struct {
+    const char *key;
+    int want, got;
+  } f[] = {{"n_layer", want->n_layer, got->n_layer},
+           {"n_embd", want->n_embd, got->n_embd},
+           {"n_head", want->n_head, got->n_head},
+           {"vocab_size", want->vocab_size, got->vocab_size},
+           {"vocab_pad_to", want->vocab_pad_to, got->vocab_pad_to},
+           {"seq_len", want->seq_len, got->seq_len}};
+  for (size_t k = 0; k < sizeof f / sizeof *f; k++)
+    if (f[k].want != f[k].got) {
+      snprintf(what, size, "model.%s: the checkpoint's model has %d, the job's %d", f[k].key,
+               f[k].got, f[k].want);
+      return 1;
+    }
+  if (want->ln_eps != got->ln_eps) {
+    snprintf(what, size, "model.ln_eps: the checkpoint's model has %g, the job's %g",
+             (double)got->ln_eps, (double)want->ln_eps);
+    return 1;
+  }
+  return 0;
+}
+
+/* This rank's part of a load: the whole shard's master weights into
+ * master (num_params floats) and, when m, the moments of its ZeRO slice
+ * [lo, lo + n) into m and v. */
+static int load_shard(mt_trainer *tr, mt_ckpt_tensors *rd, float *master, float *m, float *v,
+                      uint64_t lo, uint64_t n) {
+  const mt_gpt *model = &tr->model;
+  size_t most = 1;
+  for (int i = 0; i < model->n_tensors; i++)
+    if (model->params_table[i].numel > most) most = model->params_table[i].numel;
+  float *piece = m ? malloc(most * sizeof *piece) : NULL;
+  if (m && !piece) return mt_seterr(MT_ENOMEM, "load: a buffer of %zu floats", most);
+  int rc = 0;
+  for (int i = 0; i < model->n_tensors && !rc; i++) {
+    const mt_param *p = &model->params_table[i];
+    rc = mt_ckpt_tensors_read(rd, "master", p, master + p->offset);
+    size_t a, b;
+    if (rc || !m || !mt_param_overlap(p, lo, lo + n, &a, &b)) continue;
+    for (int k = 0; k < 2 && !rc; k++) {
+      rc = mt_ckpt_tensors_read(rd, k ? "adam_v" : "adam_m", p, piece);
+      if (!rc) memcpy((k ? v : m) + (a - lo), piece + (a - p->offset), (b - a) * sizeof(float));
+    }
+  }
+  free(piece);
+  return rc;
+}
+
+int mt_trainer_load_from(mt_trainer *tr, const char *path, int load_optimizer) {
+  const mt_groups *g = &tr->g;
+  int is0 = !g->world || mt_comm_rank(g->world) == 0;
+  int size = g->world ? mt_comm_size(g->world) : 1, me = g->world ? mt_comm_rank(g->world) : 0;
+  struct {
+    int64_t rc;
+    char dir[MT_CKPT_PATH_MAX];
+    char why[RESUME_MSG_BYTES];
+  } pick;
+  memset(&pick, 0, sizeof pick);
+  mt_ckpt c;
+  int opened = 0, rc;
+  /* rank 0 picks the checkpoint (the one a resume of that job would take,
+   * never an older one in place of a damaged newer), every rank opens it */
+  if (is0) {
+    rc = mt_ckpt_open_path(path, MT_CKPT_VERIFY_SIZES, &c);
+    if (!rc && c.skipped) {
+      snprintf(pick.why, sizeof pick.why, "%.700s", c.skipped);
+      mt_ckpt_close(&c);
+      rc = MT_ECORRUPT;
+    } else if (!rc) {
+      snprintf(pick.dir, sizeof pick.dir, "%s", c.dir);
+      mt_ckpt_close(&c);
+    } else {
+      snprintf(pick.why, sizeof pick.why, "%s", mt_ckpt_unprefixed(mt_errmsg()));
+    }
+    pick.rc = rc;
+  }
+  if (g->world && (rc = mt_comm_broadcast(g->world, &pick, sizeof pick, MT_COMM_U8, 0)))
+    return mt_wraperr(rc, "checkpoint.load");
+  pick.dir[sizeof pick.dir - 1] = 0, pick.why[sizeof pick.why - 1] = 0;
+  if (pick.rc)
+    return mt_seterr(pick.rc == MT_EIO || pick.rc == MT_ENOMEM ? MT_EAGAIN : MT_EINVAL,
+                     "checkpoint.load %s: %s", path, pick.why);
+
+  /* every checksum, each file by one rank, before any rank loads a byte */
+  int check = CHECK_OK;
+  char msg[RESUME_MSG_BYTES] = "", err[RESUME_MSG_BYTES] = "";
+  if ((rc = mt_ckpt_open_path(pick.dir, MT_CKPT_VERIFY_SIZES, &c))) {
+    check = rc == MT_EIO || rc == MT_ENOMEM ? CHECK_FAILED : CHECK_DAMAGED;
+    snprintf(msg, sizeof msg, "%s", mt_ckpt_unprefixed(mt_errmsg()));
+  } else {
+    opened = 1;
+    for (int k = me; k < c.n_files && check == CHECK_OK; k += size)
+      if ((rc = mt_ckpt_verify_file(&c, c.files[k].tp, c.files[k].pp))) {
+        check = rc == MT_ECORRUPT ? CHECK_DAMAGED : CHECK_FAILED;
+        snprintf(msg, sizeof msg, "%s", mt_ckpt_unprefixed(mt_errmsg()));
+      }
+  }
+  int n_bad, damaged, base_ms = g->world ? mt_comm_timeout(g->world) : 0;
+  if (g->world && opened) { /* as a resume: the slowest check is waited for */
+    uint64_t most = 0;
+    for (int i = 0; i < c.n_files; i++) most += c.files[i].bytes;
+    uint64_t ms = (uint64_t)base_ms + most / 100000;
+    mt_comm_set_timeout(g->world, ms > INT32_MAX ? INT32_MAX : (int)ms);
+  }
+  char who[RESUME_WHO_BYTES];
+  rc = agree_checked(tr, check, msg, &n_bad, &damaged, who);
+  if (g->world) mt_comm_set_timeout(g->world, base_ms);
+  if (!rc && n_bad)
+    rc = mt_seterr(damaged ? MT_EINVAL : MT_EAGAIN, "checkpoint.load %s: %s (found by %s)",
+                   pick.dir, msg, who);
+  else if (rc)
+    rc = mt_wraperr(rc, "checkpoint.load");
+  if (rc) {
+    if (opened) mt_ckpt_close(&c);
+    return rc;
+  }
+
+  /* the same model (any layout), then this rank's slices */
+  int failed = CHECK_OK;
+  mt_job saved;
+  mt_ckpt_tensors *rd = NULL;
+  if ((rc = mt_ckpt_tensors_open(&c, &saved, &rd))) {
+    failed = CHECK_DAMAGED;
+    snprintf(err, sizeof err, "%s", mt_errmsg());
+  } else if (model_differs(&tr->job->model, &saved.model, err, sizeof err)) {
+    failed = CHECK_DAMAGED;
+  }
+  uint64_t lo, n;
+  my_slice(tr, &lo, &n);
+  size_t total = tr->model.num_params;
+  float *host = NULL;
+  if (!failed && !(host = calloc(total + (load_optimizer ? 2 * n : 0) + 1, sizeof *host))) {
+    failed = CHECK_DAMAGED;
+    snprintf(err, sizeof err, "out of memory for %zu floats", total + 2 * n);
+  }
+  if (!failed && (rc = load_shard(tr, rd, host, load_optimizer ? host + total : NULL,
+                                  host + total + n, lo, n))) {
+    failed = rc == MT_EIO || rc == MT_ENOMEM ? CHECK_FAILED : CHECK_DAMAGED;
+    snprintf(err, sizeof err, "%s", mt_ckpt_unprefixed(mt_errmsg()));
+  }
+  mt_ckpt_tensors_close(rd);
+  if (!failed && (mt_device_memcpy_htod(tr->dev, tr->model.params, host, total * sizeof(float)) ||
+                  mt_device_memset0(tr->dev, tr->opt.m, tr->shard_n * sizeof(float)) ||
+                  mt_device_memset0(tr->dev, tr->opt.v, tr->shard_n * sizeof(float)) ||
+                  (load_optimizer && n &&
+                   (mt_device_memcpy_htod(tr->dev, tr->opt.m + (lo - tr->shard_lo), host + total,
+                                          n * sizeof(float)) ||
+                    mt_device_memcpy_htod(tr->dev, tr->opt.v + (lo - tr->shard_lo),
+                                          host + total + n, n * sizeof(float)))))) {
+    failed = CHECK_DAMAGED;
+    snprintf(err, sizeof err, "%s", mt_errmsg());
+  }
+  free(host);
+  /* Adam's count goes with its moments (bias correction); the fp16 scaler
+   * is part of Megatron's optimizer state too */
+  json_t *ls = json_object_get(c.extra, "loss_scale");
+  json_t *at = json_object_get(c.extra, "adam_t");
+  int64_t adam_t = json_is_integer(at) ? json_integer_value(at) : c.step;
+  double ls_scale = json_number_value(json_object_get(ls, "scale"));
+  int ls_growth = (int)json_integer_value(json_object_get(ls, "growth_tracker"));
+  int ls_hyst = (int)json_integer_value(json_object_get(ls, "hysteresis_tracker"));
+  int64_t saved_step = c.step;
+  char saved_name[64];
+  snprintf(saved_name, sizeof saved_name, "%s", c.job ? c.job : "?");
+  mt_ckpt_close(&c);
+  snprintf(msg, sizeof msg, "%.*s", failed ? (int)sizeof msg - 1 : 0, err);
+  if ((rc = agree_checked(tr, failed, msg, &n_bad, &damaged, who)))
+    return mt_wraperr(rc, "checkpoint.load");
+  if (n_bad)
+    return mt_seterr(damaged ? MT_EINVAL : MT_EAGAIN, "checkpoint.load %s: %s (%s)", pick.dir, msg,
+                     who);
+  /* a fresh run in every other respect */
+  tr->step = 0;
+  tr->consumed_samples = 0;
+  tr->lr_samples = 0;
+  tr->rolled_back_to = -1;
+  tr->opt.t = load_optimizer ? adam_t : 0;
+  if (load_optimizer && ls_scale > 0 && tr->precision == MT_PREC_FP16) {
+    tr->scaler.scale = (float)ls_scale;
+    tr->scaler.growth_tracker = ls_growth;
+    tr->scaler.hysteresis_tracker = ls_hyst;
+  }
+  if (is0)
+    mt_log_info("checkpoint.load: starting from %s (step %lld of job %s), saved as tp %d x pp %d: "
+                "its master weights%s; step 0, data from the start, a fresh learning-rate "
+                "schedule",
+                pick.dir, (long long)saved_step, saved_name, saved.parallel.tp, saved.parallel.pp,
+                load_optimizer ? " and Adam's moments and count (checkpoint.load_optimizer)"
+                               : ", Adam's moments at zero");
+  return 0;
 }

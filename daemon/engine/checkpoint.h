@@ -97,4 +97,18 @@ int mt_trainer_save(mt_trainer *tr, const char *job_dir, mt_checkpoint_result *r
  * if that fails, it logs why and the run goes on. */
 int mt_trainer_resume(mt_trainer *tr, const char *job_dir, int64_t step, int64_t *resumed_step);
 
+/* Starts the run from another job's committed checkpoint (checkpoint.load:
+ * a step directory, or a job directory for the checkpoint its resume would
+ * take), as Megatron's --load with --finetune: the fp32 master weights of
+ * the same model, saved under any tp x pp (read as `ckpt export` reads
+ * them); with load_optimizer Adam's moments and count too, and an fp16
+ * run's loss scale (Megatron's optimizer state), else they start afresh.
+ * Step 0, data from the start, a fresh learning-rate schedule. Every
+ * checksum is checked before a byte loads (each file by one rank); a
+ * newer checkpoint there that fails its checks is not passed over. Nothing
+ * under path is written. Collective, the same return on every rank:
+ * MT_EINVAL for a source the job cannot use (another model, damaged,
+ * missing; named), MT_EAGAIN for one that could not be read. */
+int mt_trainer_load_from(mt_trainer *tr, const char *path, int load_optimizer);
+
 #endif

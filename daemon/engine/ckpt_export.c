@@ -162,6 +162,114 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
   return rc;
 }
 
+/* Tensor `name` of one array of c, whole (row-major; only rows below
+ * `rows`: padding is the caller's), from each tp slice of the first stage
+ * holding it, through piece (the largest slice). tables and counts: c's
+ * layout, [s * tp + q]. verb begins the messages. */
+static int gather_tensor(const mt_ckpt *c, mt_param **tables, const int *counts, const char *name,
+                         const char *array, size_t rows, size_t cols, float *piece, float *whole,
+                         const char *verb) {
+  int tp = c->tp, s = 0;
+  while (s < c->pp && !table_find(tables[s * tp], counts[s * tp], name)) s++;
+  for (int q = 0; q < tp; q++) {
+    const mt_param *p = s < c->pp ? table_find(tables[s * tp + q], counts[s * tp + q], name) : NULL;
+    if (!p) return mt_seterr(MT_ECORRUPT, "%s: no stage holds tensor %s", verb, name);
+    if (q > 0 && p->shard == MT_SHARD_NONE) continue; /* replicated: shard 0's */
+    int rc = mt_ckpt_read(c, q, s, array, p->offset, p->numel, piece);
+    if (rc) return rc;
+    for (size_t e = 0; e < p->numel; e++) {
+      size_t g = mt_param_global_index(p, e);
+      if (g / cols < rows) whole[g] = piece[e];
+    }
+  }
+  return 0;
+}
+
+/* ---- a tensor at a time, for a shard of another layout ----------------- */
+
+struct mt_ckpt_tensors {
+  const mt_ckpt *c;
+  mt_job job; /* the one c records */
+  mt_param **tables;
+  int *counts;
+  size_t *sizes, max_numel;
+  float *whole, *piece; /* a whole tensor and one slice of it, made on first need */
+  size_t whole_cap;
+};
+
+void mt_ckpt_tensors_close(mt_ckpt_tensors *r) {
+  if (!r) return;
+  free_tables(r->tables, r->counts, r->sizes, r->c->tp * r->c->pp);
+  free(r->whole);
+  free(r->piece);
+  free(r);
+}
+
+int mt_ckpt_tensors_open(const mt_ckpt *c, mt_job *job, mt_ckpt_tensors **out) {
+  *out = NULL;
+  mt_ckpt_tensors *r = calloc(1, sizeof *r);
+  if (!r) return mt_seterr(MT_ENOMEM, "ckpt: a tensor reader");
+  r->c = c;
+  int rc = saved_job(c, "load", &r->job);
+  if (!rc &&
+      (rc = layout_tables(&r->job, c->tp, c->pp, &r->tables, &r->counts, &r->sizes, &r->max_numel)))
+    mt_wraperr(rc, "load: %s", c->dir);
+  for (int k = 0; k < c->tp * c->pp && !rc; k++) {
+    const mt_ckpt_file *f = mt_ckpt_file_of(c, k % c->tp, k / c->tp);
+    if (!f || f->n != r->sizes[k])
+      rc = mt_seterr(MT_ECORRUPT, "load: %s: shard tp %d pp %d %s; its job's model has %zu there",
+                     c->dir, k % c->tp, k / c->tp,
+                     f ? "holds another number of parameters" : "is missing", r->sizes[k]);
+  }
+  if (rc) {
+    mt_ckpt_tensors_close(r);
+    return rc;
+  }
+  *job = r->job;
+  *out = r;
+  return 0;
+}
+
+int mt_ckpt_tensors_read(mt_ckpt_tensors *r, const char *array, const mt_param *p, float *out) {
+  const mt_ckpt *c = r->c;
+  int tp = c->tp, s = 0;
+  while (s < c->pp && !table_find(r->tables[s * tp], r->counts[s * tp], p->name)) s++;
+  if (s == c->pp)
+    return mt_seterr(MT_ECORRUPT, "load: %s: no stage holds tensor %s", c->dir, p->name);
+  /* the same slice in one of the stage's files: read as it is */
+  for (int q = 0; q < tp; q++) {
+    const mt_param *o = table_find(r->tables[s * tp + q], r->counts[s * tp + q], p->name);
+    if (o && o->shard == p->shard && o->numel == p->numel && o->shard_off == p->shard_off &&
+        o->full[0] == p->full[0] && o->full[1] == p->full[1] && o->shape[0] == p->shape[0] &&
+        o->shape[1] == p->shape[1])
+      return mt_ckpt_read(c, q, s, array, o->offset, p->numel, out);
+  }
+  /* else the whole tensor from the stage's tp slices, then this one's
+   * elements; rows past the real vocabulary (padding) are zero */
+  const mt_param *o0 = table_find(r->tables[s * tp], r->counts[s * tp], p->name);
+  size_t cols = p->ndim == 2 ? p->full[1] : 1;
+  size_t rows = strcmp(p->name, "wte.weight") ? p->full[0] : (size_t)r->job.model.vocab_size;
+  if ((o0->ndim == 2 ? o0->full[1] : 1) != cols || (rows > o0->full[0]))
+    return mt_seterr(MT_ECORRUPT, "load: %s: tensor %s has another shape", c->dir, p->name);
+  size_t need = p->full[0] * cols;
+  if (need > r->whole_cap) {
+    free(r->whole);
+    free(r->piece);
+    r->whole = malloc(need * sizeof(float));
+    r->piece = malloc((r->max_numel ? r->max_numel : 1) * sizeof(float));
+    r->whole_cap = r->whole && r->piece ? need : 0;
+    if (!r->whole_cap) return mt_seterr(MT_ENOMEM, "load: a buffer of %zu floats", need);
+  }
+  int rc = gather_tensor(c, r->tables, r->counts, p->name, array, rows, cols, r->piece, r->whole,
+                         "load");
+  if (rc) return rc;
+  for (size_t e = 0; e < p->numel; e++) {
+    size_t g = mt_param_global_index(p, e);
+    out[e] = g / cols < rows ? r->whole[g] : 0.0f;
+  }
+  return 0;
+}
+
 /* ---- resharding ---------------------------------------------------------- */
 
 /* The job of the resharded checkpoint: the saved one under tp x pp. */
@@ -248,22 +356,8 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const 
     const mt_param *t = &wt[i];
     size_t cols = t->ndim == 2 ? t->full[1] : 1;
     size_t rows = strcmp(t->name, "wte.weight") ? t->full[0] : V; /* padding: zero either way */
-    /* gather: the first old stage holding it, each tp shard's slice */
-    int s = 0;
-    while (s < c->pp && !table_find(ot[s * c->tp], oc[s * c->tp], t->name)) s++;
-    if (s == c->pp) rc = mt_seterr(MT_ECORRUPT, "reshard: no stage holds tensor %s", t->name);
-    for (int q = 0; q < c->tp && !rc; q++) {
-      const mt_param *p = table_find(ot[s * c->tp + q], oc[s * c->tp + q], t->name);
-      if (!p) rc = mt_seterr(MT_ECORRUPT, "reshard: no stage holds tensor %s", t->name);
-      if (rc || (q > 0 && p->shard == MT_SHARD_NONE)) continue;
-      for (int a = 0; a < A && !rc; a++) {
-        rc = mt_ckpt_read(c, q, s, arrays[a], p->offset, p->numel, piece[a]);
-        for (size_t e = 0; e < p->numel && !rc; e++) {
-          size_t g = mt_param_global_index(p, e);
-          if (g / cols < rows) whole[a][g] = piece[a][e];
-        }
-      }
-    }
+    for (int a = 0; a < A && !rc; a++)
+      rc = gather_tensor(c, ot, oc, t->name, arrays[a], rows, cols, piece[a], whole[a], "reshard");
     /* scatter: every new shard holding it (the last stage's tied copy too),
      * with the zeros that align the next tensor: the file is covered whole */
     for (int k = 0; k < n_new && !rc; k++) {

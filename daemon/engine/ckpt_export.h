@@ -11,6 +11,8 @@
 #define MT_CKPT_EXPORT_H
 
 #include "ckpt.h"
+#include "gpt.h"
+#include "job.h"
 
 /* c: opened with mt_ckpt_find. MT_EINVAL when its manifest records no job,
  * MT_ECORRUPT when the shards do not hold the job's model. */
@@ -28,5 +30,20 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path);
  * The caller keeps out_job_dir apart from c's own directory (a begin there
  * could replace checkpoints). */
 int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const char *out_job_dir);
+
+/* A checkpoint's tensors read for a shard of the same model under any
+ * layout (checkpoint.load): export's reader, a tensor at a time. */
+typedef struct mt_ckpt_tensors mt_ckpt_tensors;
+
+/* Opens c's tensors (c outlives *out) and gives the job c records in *job:
+ * MT_EINVAL when c records none, MT_ECORRUPT when its files do not hold
+ * that job's model. */
+int mt_ckpt_tensors_open(const mt_ckpt *c, mt_job *job, mt_ckpt_tensors **out);
+/* Reads the elements of p (an entry of any shard table of the same model,
+ * any tp and pp) from `array` into out (p->numel floats): straight from the
+ * file of the shard that holds the same slice, else gathered whole from the
+ * tp slices of the first stage holding it (padded vocabulary rows zero). */
+int mt_ckpt_tensors_read(mt_ckpt_tensors *r, const char *array, const mt_param *p, float *out);
+void mt_ckpt_tensors_close(mt_ckpt_tensors *r);
 
 #endif

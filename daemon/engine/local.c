@@ -266,16 +266,26 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   tr->node = o->node;
   int why = MT_STOPPED_ASKED; /* of the agreed stop */
   if (c->rank == 0) report_start(tr);
+  int64_t resumed = -1; /* -1: a fresh start */
   if (c->ckpt_dir[0]) {
-    int64_t resumed;
     int rc = mt_trainer_resume(tr, c->ckpt_dir, job->checkpoint.resume_step, &resumed);
     if (rc) return rc;
-    if (resumed >= 0) last_saved = resumed; /* -1: a fresh start */
+    if (resumed >= 0) last_saved = resumed;
     if (resumed >= 0 && c == c->all && o->on_resumed) o->on_resumed(resumed, o->arg);
     if (c->rank == 0 && resumed >= job->train.steps)
       mt_log_info("the checkpoint at step %lld is at or past train.steps = %lld: nothing to train "
                   "(raise train.steps to train on)",
                   (long long)resumed, (long long)job->train.steps);
+  }
+  /* checkpoint.load starts a fresh run only: once the job has checkpoints of
+   * its own it resumes from them (Megatron's --load of the save directory),
+   * so a restart does not go back to the base weights */
+  if (job->checkpoint.load[0] && resumed >= 0 && c->rank == 0)
+    mt_log_info("checkpoint.load %s ignored: the job resumed from its own checkpoint of step %lld",
+                job->checkpoint.load, (long long)resumed);
+  if (job->checkpoint.load[0] && resumed < 0) {
+    int rc = mt_trainer_load_from(tr, job->checkpoint.load, job->checkpoint.load_optimizer);
+    if (rc) return rc;
   }
   /* a pause already ordered when the ranks start (a generation that formed
    * while the job was paused) holds them before their first step */

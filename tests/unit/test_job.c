@@ -374,6 +374,10 @@ static void test_validation_rules(void) {
       {"name=a/b", NULL, "name: \"a/b\" must be"},
       {"model.preset=../tiny", NULL, "model.preset: \"../tiny\" is not a preset name"},
       {"train.clip_grad=-1", NULL, "train.clip_grad: -1 must be >= 0"},
+      /* two starting points: which one wins would be a guess */
+      {"checkpoint.load=ck/a", "model.init_from=w.st",
+       "checkpoint.load: ck/a and model.init_from w.st both give the weights"},
+      {"checkpoint.load_optimizer=true", NULL, "checkpoint.load_optimizer: needs checkpoint.load"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
@@ -490,6 +494,7 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "checkpoint.interval=5",
       "checkpoint.keep=2",
       "checkpoint.export=out.safetensors",
+      "checkpoint.load=ck/a",
   };
   for (size_t i = 0; i < sizeof changes / sizeof *changes; i++) {
     const char *ov1 = !strncmp(changes[i], "checkpoint.interval", 19) ? "checkpoint.dir=ck" : NULL;
@@ -1050,6 +1055,34 @@ static void test_load_missing_file_is_eio(void) {
   CHECK(strstr(mt_errmsg(), "job /tmp: a directory, not a JSON job spec") != NULL);
 }
 
+/* checkpoint.load and load_optimizer: read, resolved against the job's
+ * directory (an override stays as given, as every path does), carried by the canonical JSON (the
+ * published job) and left out of it when not given, so the hash of every other job stays as it was.
+ */
+static void test_checkpoint_load_round_trip(void) {
+  mt_job a, b, plain;
+  const char *with_load = "{\"model\": {\"preset\": \"tiny\"},"
+                          " \"train\": {\"global_batch\": 8, \"steps\": 10,"
+                          "             \"lr\": {\"peak\": 1e-3}},"
+                          " \"checkpoint\": {\"load\": \"ck/base\"},"
+                          " \"data\": {\"path\": \"tokens.u16\"}}";
+  CHECK(parse_with(&a, with_load, "checkpoint.load_optimizer=true", NULL) == MT_OK);
+  CHECK(!strcmp(a.checkpoint.load, "/jobs/ck/base") && a.checkpoint.load_optimizer == 1);
+  char *text = mt_job_to_json(&a);
+  CHECK(text != NULL);
+  int rc = mt_job_parse(&b, text, NULL, presets, NULL);
+  free(text);
+  CHECK(rc == MT_OK && !strcmp(b.checkpoint.load, a.checkpoint.load) &&
+        b.checkpoint.load_optimizer == 1 && !strcmp(a.hash, b.hash));
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.checkpoint.load[0] &&
+        !plain.checkpoint.load_optimizer);
+  text = mt_job_to_json(&plain);
+  CHECK(text != NULL);
+  int absent = strstr(text, "\"load") == NULL;
+  free(text);
+  CHECK(absent);
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1078,6 +1111,7 @@ int main(void) {
   test_530b_example_loads_in_bf16();
   test_every_preset_is_valid();
   test_load_missing_file_is_eio();
+  test_checkpoint_load_round_trip();
   test_job_from_a_descriptor_takes_the_current_directory();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);

@@ -951,6 +951,65 @@ static void test_the_last_steps_failed_checkpoint_is_told(void) {
   printf("  ok test_the_last_steps_failed_checkpoint_is_told\n");
 }
 
+/* checkpoint.load (Megatron's --load with --finetune): another job's
+ * checkpoint gives the master weights and nothing else (step 0, no data
+ * read, Adam's moments zero and its count 0), or with load_optimizer its
+ * moments and count too; the trainer's state is the checkpoint's arrays
+ * exactly. */
+static void test_load_from_takes_weights_and_optionally_the_moments(void) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", dir2[] = "/tmp/mtnlg-test-ckpt-XXXXXX";
+  char job_dir[128];
+  CHECK(!pattern_data(path, dir) && mkdtemp(dir2), "temp files");
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  CHECK(!tiny_trainer(&job, &tr, path, 4, dir, "fp32"), "%s", mt_errmsg());
+  mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+  for (int s = 0; s < 3; s++) CHECK(!mt_trainer_step(&tr, &st), "%s", mt_errmsg());
+  CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+  mt_trainer_destroy(&tr);
+  mt_ckpt c;
+  CHECK(!mt_ckpt_open_path(job_dir, MT_CKPT_VERIFY_CHECKSUMS, &c), "%s", mt_errmsg());
+  size_t n = c.files[0].n;
+  float *want = malloc(3 * n * sizeof(float)), *got = malloc(3 * n * sizeof(float));
+  CHECK(want && got, "memory");
+  const char *arrays[3] = {"master", "adam_m", "adam_v"};
+  for (int a = 0; a < 3; a++)
+    CHECK(!mt_ckpt_read(&c, 0, 0, arrays[a], 0, n, want + a * n), "%s", mt_errmsg());
+  mt_ckpt_close(&c);
+  for (int opt = 0; opt < 2; opt++) {
+    CHECK(!tiny_trainer(&job, &tr, path, 4, dir2, "fp32"), "%s", mt_errmsg());
+    CHECK(tr.model.num_params == n, "model of %zu, checkpoint of %zu", tr.model.num_params, n);
+    CHECK(!mt_trainer_load_from(&tr, job_dir, opt), "load (optimizer %d): %s", opt, mt_errmsg());
+    CHECK(!mt_device_memcpy_dtoh(&dev, got, tr.model.params, n * sizeof(float)) &&
+              !mt_device_memcpy_dtoh(&dev, got + n, tr.opt.m, n * sizeof(float)) &&
+              !mt_device_memcpy_dtoh(&dev, got + 2 * n, tr.opt.v, n * sizeof(float)),
+          "%s", mt_errmsg());
+    CHECK(!memcmp(got, want, n * sizeof(float)), "optimizer %d: master weights not loaded", opt);
+    size_t nonzero = 0;
+    for (size_t i = n; i < 3 * n; i++) nonzero += got[i] != 0.0f;
+    if (opt)
+      CHECK(!memcmp(got + n, want + n, 2 * n * sizeof(float)), "moments not the checkpoint's");
+    else
+      CHECK(!nonzero, "load_optimizer false: %zu moments not zero", nonzero);
+    CHECK(tr.step == 0 && tr.consumed_samples == 0 && tr.lr_samples == 0 &&
+              tr.opt.t == (opt ? 3 : 0),
+          "optimizer %d: step %lld, sample %lld, lr samples %lld, Adam's count %lld", opt,
+          (long long)tr.step, (long long)tr.consumed_samples, (long long)tr.lr_samples,
+          (long long)tr.opt.t);
+    CHECK(!mt_trainer_step(&tr, &st) && st.step == 1 && st.consumed_tokens == 4 * 16,
+          "first step after the load: step %lld, %lld tokens", (long long)st.step,
+          (long long)st.consumed_tokens);
+    mt_trainer_destroy(&tr);
+  }
+  free(want);
+  free(got);
+  remove_data(path, dir);
+  remove_data(path, dir2);
+  printf("  ok test_load_from_takes_weights_and_optionally_the_moments\n");
+}
+
 int main(void) {
   if (mt_device_open(&dev, "cpu:0")) {
     printf("cannot open cpu:0: %s\n", mt_errmsg());
@@ -975,6 +1034,7 @@ int main(void) {
   test_the_last_steps_failed_checkpoint_is_told();
   test_resume_step_rolls_back_and_sets_aside_newer();
   test_step_0_checkpoint_is_resumed_and_rolls_back();
+  test_load_from_takes_weights_and_optionally_the_moments();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }
