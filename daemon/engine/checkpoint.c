@@ -1379,8 +1379,11 @@ int mt_trainer_load_from(mt_trainer *tr, const char *path, int load_optimizer) {
    * never an older one in place of a damaged newer), every rank opens it */
   if (is0) {
     rc = mt_ckpt_open_path(path, MT_CKPT_VERIFY_SIZES, &c);
-    if (!rc && c.skipped) {
-      snprintf(pick.why, sizeof pick.why, "%.700s", c.skipped);
+    if (!rc && c.skipped) { /* an older one would start from other weights than named */
+      snprintf(pick.why, sizeof pick.why,
+               "its newest checkpoint failed its checks, and no older one is taken in its "
+               "place (name a step directory to start from it): %.500s",
+               mt_ckpt_unprefixed(c.skipped));
       mt_ckpt_close(&c);
       rc = MT_ECORRUPT;
     } else if (!rc) {
