@@ -1454,7 +1454,7 @@ int mt_trainer_load_from(mt_trainer *tr, const char *path, int load_optimizer) {
     snprintf(err, sizeof err, "out of memory for %zu floats", total + 2 * n);
   }
   if (!failed && (rc = load_shard(tr, rd, host, load_optimizer ? host + total : NULL,
-                                  host + total + n, lo, n))) {
+                                  load_optimizer ? host + total + n : NULL, lo, n))) {
     failed = rc == MT_EIO || rc == MT_ENOMEM ? CHECK_FAILED : CHECK_DAMAGED;
     snprintf(err, sizeof err, "%s", mt_ckpt_unprefixed(mt_errmsg()));
   }
