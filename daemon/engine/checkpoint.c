@@ -1495,7 +1495,7 @@ int mt_trainer_load_from(mt_trainer *tr, const char *path, int load_optimizer) {
   tr->lr_samples = 0;
   tr->rolled_back_to = -1;
   tr->opt.t = load_optimizer ? adam_t : 0;
-  if (load_optimizer && ls_scale > 0 && tr->precision == MT_PREC_FP16) {
+  if (load_optimizer && ls_scale > 0 && tr->precision == MT_PREC_FP16 && !tr->scaler.o.fixed) {
     tr->scaler.scale = (float)ls_scale;
     tr->scaler.growth_tracker = ls_growth;
     tr->scaler.hysteresis_tracker = ls_hyst;
