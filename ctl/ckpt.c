@@ -16,6 +16,7 @@
 #include "err.h"
 #include "log.h"
 #include "output.h"
+#include "safetensors.h"
 
 const char ctl_ckpt_help[] =
     "Checks checkpoints offline, or exports one's weights. DIR is one checkpoint (a\n"
@@ -26,11 +27,18 @@ const char ctl_ckpt_help[] =
     "part of its job's directory: name it as DIR.\n"
     "\n"
     "  verify DIR       exit 0 when every checksum matches, 1 when anything is wrong\n"
-    "  export DIR OUT   write the checkpoint's fp32 master weights to OUT as Hugging Face\n"
-    "                   GPT-2 safetensors (what --export writes at that step), whatever its\n"
+    "  export DIR OUT [--dtype fp32|bf16|fp16]\n"
+    "                   write the checkpoint's master weights to OUT as Hugging Face GPT-2\n"
+    "                   safetensors (what --export writes at that step), whatever its\n"
     "                   tp x pp layout; a job directory as DIR exports the checkpoint a\n"
     "                   resume would load. Every checksum is checked first; the file is\n"
-    "                   written a tensor at a time and appears only once complete.\n"
+    "                   written a tensor at a time and appears only once complete. OUT\n"
+    "                   a directory (or ending in /): Hugging Face's sharded layout and\n"
+    "                   config.json, which transformers' from_pretrained loads; one file:\n"
+    "                   config.json beside it unless another's is there. --dtype: fp32\n"
+    "                   (default: the master weights as they are), or rounded to nearest\n"
+    "                   even into bf16 or fp16 (half the bytes; a weight past fp16's\n"
+    "                   65504 is refused, naming its tensor)\n"
     "  reshard DIR OUT --tp T --pp P [--virtual-stages V]\n"
     "                   write the checkpoint (master weights and Adam moments) under tensor\n"
     "                   parallelism T and P pipeline stages, as step N of the job directory\n"
@@ -102,11 +110,11 @@ static int out_dir_ok(const char *out) {
 }
 
 /* ckpt export DIR OUT */
-static int export_checkpoint(const char *dir, const char *out) {
+static int export_checkpoint(const char *dir, const char *out, mt_st_dtype dtype) {
   mt_ckpt c;
   if (!out_dir_ok(out)) return CTL_EXIT_FAILURE;
   if (open_checkpoint(dir, &c)) return CTL_EXIT_FAILURE;
-  if (mt_ckpt_export(&c, out)) {
+  if (mt_ckpt_export(&c, out, dtype)) {
     fprintf(stderr, "mtnlgctl ckpt: %s\n", mt_errmsg());
     mt_ckpt_close(&c);
     return CTL_EXIT_FAILURE;
@@ -121,13 +129,14 @@ static int export_checkpoint(const char *dir, const char *out) {
     json_decref(j);
   }
   if (ctl.output == CTL_OUTPUT_JSON) {
-    json_t *j = json_pack("{s:s, s:I, s:s, s:I}", "checkpoint", c.dir, "step", (json_int_t)c.step,
-                          "path", out, "bytes", (json_int_t)bytes);
+    json_t *j =
+        json_pack("{s:s, s:I, s:s, s:I, s:s}", "checkpoint", c.dir, "step", (json_int_t)c.step,
+                  "path", out, "bytes", (json_int_t)bytes, "dtype", mt_st_dtype_name(dtype));
     ctl_print_json(j);
     json_decref(j);
   } else {
-    printf("exported step %lld of %s (tp %d x pp %d) to %s: %.1f MB\n", (long long)c.step, c.dir,
-           c.tp, c.pp, out, bytes / 1e6);
+    printf("exported step %lld of %s (tp %d x pp %d) to %s: %.1f MB %s\n", (long long)c.step, c.dir,
+           c.tp, c.pp, out, bytes / 1e6, mt_st_dtype_name(dtype));
   }
   mt_ckpt_close(&c);
   return CTL_EXIT_OK;
@@ -174,6 +183,8 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
   const char *dir = NULL, *out = NULL;
   int reshard = 0;
   double tp = 0, pp = 0, vs = 0;
+  const char *dtype_name = NULL;
+  mt_st_dtype dtype = MT_ST_FP32;
   for (int i = 1; i < argc; i++) {
     if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
       if (ctl_parse_output(argv[++i], &ctl.output)) goto cleanup;
@@ -187,6 +198,19 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
       double *v = argv[i][2] == 't' ? &tp : &pp;
       if (ctl_parse_positive(verb, argv[i], argv[i + 1], 1, v)) goto cleanup;
       i++;
+    } else if (!strcmp(argv[i], "--dtype") || !strncmp(argv[i], "--dtype=", 8)) {
+      if (argv[i][7] == '=')
+        dtype_name = argv[i] + 8;
+      else if (i + 1 < argc)
+        dtype_name = argv[++i];
+      else {
+        ret = ctl_usage_error(verb, "--dtype needs one of fp32, bf16, fp16");
+        goto cleanup;
+      }
+      if (mt_st_dtype_parse(dtype_name, &dtype)) {
+        ret = ctl_usage_error(verb, "--dtype: %s", mt_errmsg());
+        goto cleanup;
+      }
     } else if (!strcmp(argv[i], "--virtual-stages") && i + 1 < argc) {
       if (ctl_parse_positive(verb, argv[i], argv[i + 1], 1, &vs)) goto cleanup;
       i++;
@@ -221,9 +245,14 @@ int ctl_verb_ckpt(const ctl_verb *verb, int argc, char **argv) {
     ret = ctl_usage_error(verb, "--tp, --pp and --virtual-stages go with reshard");
     goto cleanup;
   }
+  if (dtype_name && (reshard || !out)) {
+    ret =
+        ctl_usage_error(verb, "--dtype goes with export (a checkpoint keeps fp32 master weights)");
+    goto cleanup;
+  }
   if (out) {
     ret = reshard ? reshard_checkpoint(dir, out, (int)tp, (int)pp, (int)vs)
-                  : export_checkpoint(dir, out);
+                  : export_checkpoint(dir, out, dtype);
     goto cleanup;
   }
   ret = CTL_EXIT_FAILURE;

@@ -631,7 +631,7 @@ static int export_checkpoint(const char *path) {
   mt_log_set_level(MT_LOG_WARN); /* a resume's notes on passed-over checkpoints stay */
   int rc = mt_ckpt_open_path(path, MT_CKPT_VERIFY_CHECKSUMS, &c);
   if (rc) return rc;
-  if (!(rc = mt_ckpt_export(&c, file)))
+  if (!(rc = mt_ckpt_export(&c, file, MT_ST_FP32)))
     fprintf(stderr, "mtnlg-eval: %s: step %lld's weights (tp %d x pp %d) exported to %s\n", path,
             (long long)c.step, c.tp, c.pp, file);
   mt_ckpt_close(&c);

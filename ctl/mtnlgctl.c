@@ -46,7 +46,8 @@ static const ctl_verb verbs[] = {
     {"checkpoints", 0, 0, ctl_verb_checkpoints, "[OPTIONS]", "the committed checkpoints",
      ctl_checkpoints_help},
     {"ckpt", 2, 3, ctl_verb_ckpt,
-     "verify DIR | export DIR OUT.safetensors | reshard DIR OUT --tp T --pp P [--virtual-stages V] "
+     "verify DIR | export DIR OUT.safetensors [--dtype fp32|bf16|fp16] | reshard DIR OUT --tp T "
+     "--pp P [--virtual-stages V] "
      "[-o json]",
      "check, export or reshard checkpoints on disk (offline)", ctl_ckpt_help},
     {"plan", 1, 1, ctl_verb_plan, "JOB.json [OPTIONS]",

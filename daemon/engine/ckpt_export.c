@@ -25,6 +25,9 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
                        .padded_vocab = ms->padded_vocab,
                        .max_seq = ms->seq_len,
                        .ln_eps = ms->ln_eps,
+                       .init_std = ms->init_std,
+                       .hidden_dropout = ms->hidden_dropout,
+                       .attention_dropout = ms->attention_dropout,
                        .tp_size = tp,
                        .tp_rank = q};
   mt_gpt_set_stage(&cfg, pp, s, job->parallel.virtual_stages);
@@ -99,7 +102,7 @@ static const mt_param *table_find(const mt_param *t, int n, const char *name) {
   return i < 0 ? NULL : &t[i];
 }
 
-int mt_ckpt_export(const mt_ckpt *c, const char *path) {
+int mt_ckpt_export(const mt_ckpt *c, const char *path, mt_st_dtype dtype) {
   mt_job job;
   int tp = c->tp, pp = c->pp, n = tp * pp;
   mt_param **tables = NULL;
@@ -136,7 +139,7 @@ int mt_ckpt_export(const mt_ckpt *c, const char *path) {
     int *begin = calloc((size_t)parts, sizeof *begin), end;
     for (int s = 0; begin && s < parts; s++)
       mt_stage_layers(job.model.n_layer, parts, s, &begin[s], &end);
-    mt_gpt_export_plan plan = {.pp = parts, .stage_begin = begin, .part = -1};
+    mt_gpt_export_plan plan = {.pp = parts, .stage_begin = begin, .part = -1, .dtype = dtype};
     if (mt_st_export_dir(path, dir, sizeof dir)) plan.dir = dir;
     rc = begin ? mt_gpt_export_open_sharded(&e, &whole, plan.dir ? NULL : path, &plan)
                : mt_seterr(MT_ENOMEM, "export: %d stages", pp);

@@ -13,10 +13,14 @@
 #include "ckpt.h"
 #include "gpt.h"
 #include "job.h"
+#include "safetensors.h"
 
-/* c: opened with mt_ckpt_find. MT_EINVAL when its manifest records no job,
+/* c: opened with mt_ckpt_find; the weights stored as dtype (fp32: the
+ * master weights as they are; bf16, fp16: rounded to nearest even, a
+ * value past fp16's range refused naming its tensor), with config.json
+ * (safetensors.h). MT_EINVAL when its manifest records no job,
  * MT_ECORRUPT when the shards do not hold the job's model. */
-int mt_ckpt_export(const mt_ckpt *c, const char *path);
+int mt_ckpt_export(const mt_ckpt *c, const char *path, mt_st_dtype dtype);
 
 /* Writes c under layout tp x pp as step c->step of out_job_dir (a job's
  * checkpoint directory, made if missing; `latest` names it), as Megatron's

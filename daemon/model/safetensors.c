@@ -20,6 +20,7 @@
 
 #include "err.h"
 #include "fileio.h"
+#include "half.h"
 #include "log.h"
 
 /* A header larger than this is refused before parsing (the reference
@@ -40,6 +41,29 @@ static const struct {
     {"I32", 4}, {"I16", 2}, {"I8", 1},   {"U64", 8},     {"U32", 4},
     {"U16", 2}, {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1},
 };
+
+/* An export's dtypes: the job's and mtnlgctl's name, the file's, torch's. */
+static const struct {
+  const char *name, *st, *torch;
+  size_t bytes;
+} st_export_dtypes[] = {
+    [MT_ST_FP32] = {"fp32", "F32", "float32", 4},
+    [MT_ST_BF16] = {"bf16", "BF16", "bfloat16", 2},
+    [MT_ST_FP16] = {"fp16", "F16", "float16", 2},
+};
+
+int mt_st_dtype_parse(const char *name, mt_st_dtype *dtype) {
+  for (int i = 0; i < 3; i++)
+    if (name && !strcmp(name, st_export_dtypes[i].name)) {
+      *dtype = (mt_st_dtype)i;
+      return 0;
+    }
+  return mt_seterr(MT_EINVAL, "dtype \"%s\" is not one of fp32, bf16, fp16", name ? name : "");
+}
+
+const char *mt_st_dtype_name(mt_st_dtype dtype) {
+  return (unsigned)dtype < 3 ? st_export_dtypes[dtype].name : "?";
+}
 
 /* Bytes per element of a dtype name, 0 if unknown. */
 static size_t st_dtype_bytes(const char *dtype) {
@@ -378,19 +402,24 @@ typedef struct st_wtensor {
   char *name;
   int ndim;
   int64_t shape[8];
-  size_t bytes;
+  size_t numel;
   const float *data; /* borrowed until commit */
 } st_wtensor;
+
+/* Elements converted to 16 bits per write. */
+#define ST_CONVERT_CHUNK 8192
 
 struct mt_st_writer {
   st_wtensor *t;
   int n, cap;
   json_t *meta;
+  mt_st_dtype dtype; /* of every tensor */
   /* streaming (mt_st_writer_begin): the open temp file, the tensor being
-   * written and its bytes so far */
+   * written and its elements so far */
   mt_atomic_file file;
   int streaming, cur;
-  size_t cur_bytes;
+  size_t cur_numel;
+  uint8_t *conv; /* ST_CONVERT_CHUNK converted elements (16-bit dtypes) */
 };
 
 mt_st_writer *mt_st_writer_new(void) {
@@ -408,8 +437,18 @@ void mt_st_writer_free(mt_st_writer *w) {
   if (w->streaming) mt_atomic_abort(&w->file);
   for (int i = 0; i < w->n; i++) free(w->t[i].name);
   free(w->t);
+  free(w->conv);
   json_decref(w->meta);
   free(w);
+}
+
+int mt_st_writer_dtype(mt_st_writer *w, mt_st_dtype dtype) {
+  if ((unsigned)dtype > MT_ST_FP16)
+    return mt_seterr(MT_EINVAL, "safetensors: writer: dtype %d is not fp32, bf16 or fp16",
+                     (int)dtype);
+  if (w->streaming) return mt_seterr(MT_EINVAL, "safetensors: writer: dtype set after the header");
+  w->dtype = dtype;
+  return 0;
 }
 
 int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t *shape,
@@ -443,7 +482,7 @@ int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t 
   if (!(t->name = strdup(name))) return mt_seterr(MT_ENOMEM, "safetensors: writer: out of memory");
   t->ndim = ndim;
   for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
-  t->bytes = numel * sizeof(float);
+  t->numel = numel;
   t->data = data;
   w->n++;
   return 0;
@@ -463,22 +502,23 @@ static char *st_build_header(const mt_st_writer *w, size_t *len_out) {
   char *text = NULL, *padded = NULL;
   if (!root) goto done;
   if (json_object_size(w->meta) && json_object_set(root, "__metadata__", w->meta)) goto done;
-  size_t off = 0;
+  size_t off = 0, eb = st_export_dtypes[w->dtype].bytes;
   for (int i = 0; i < w->n; i++) {
     const st_wtensor *t = &w->t[i];
+    size_t bytes = t->numel * eb;
     json_t *shape = json_array();
-    json_t *offs = json_pack("[II]", (json_int_t)off, (json_int_t)(off + t->bytes));
+    json_t *offs = json_pack("[II]", (json_int_t)off, (json_int_t)(off + bytes));
     json_t *e = json_object();
     if (!shape || !offs || !e) {
       json_decref(shape), json_decref(offs), json_decref(e);
       goto done;
     }
     for (int d = 0; d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
-    json_object_set_new(e, "dtype", json_string("F32"));
+    json_object_set_new(e, "dtype", json_string(st_export_dtypes[w->dtype].st));
     json_object_set_new(e, "shape", shape);
     json_object_set_new(e, "data_offsets", offs);
     if (json_object_set_new(root, t->name, e)) goto done;
-    off += t->bytes;
+    off += bytes;
   }
   text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
   if (!text) goto done;
@@ -516,12 +556,11 @@ int mt_st_writer_commit(mt_st_writer *w, const char *path) {
     return mt_seterr(MT_EINVAL, "safetensors: %s: the writer is streaming (use mt_st_writer_end)",
                      path);
   for (int i = 0; i < w->n; i++)
-    if (w->t[i].bytes && !w->t[i].data)
+    if (w->t[i].numel && !w->t[i].data)
       return mt_seterr(MT_EINVAL, "safetensors: %s: tensor \"%s\" has no data", path, w->t[i].name);
   /* the stream, fed from the tensors' own data */
   int rc = mt_st_writer_begin(w, path);
-  for (int i = 0; i < w->n && !rc; i++)
-    rc = mt_st_writer_append(w, w->t[i].data, w->t[i].bytes / sizeof(float));
+  for (int i = 0; i < w->n && !rc; i++) rc = mt_st_writer_append(w, w->t[i].data, w->t[i].numel);
   if (!rc) return mt_st_writer_end(w);
   if (w->streaming) mt_atomic_abort(&w->file), w->streaming = 0; /* nothing is left behind */
   return rc;
@@ -533,34 +572,88 @@ int mt_st_writer_begin(mt_st_writer *w, const char *path) {
   if (rc) return mt_wraperr(rc, "safetensors");
   w->streaming = 1;
   w->cur = 0;
-  w->cur_bytes = 0;
+  w->cur_numel = 0;
+  return 0;
+}
+
+/* Element k (row-major) of tensor t as its index, "[i, j]". */
+static void st_fmt_index(char *buf, size_t cap, const st_wtensor *t, size_t k) {
+  size_t idx[8] = {0};
+  for (int d = t->ndim - 1; d >= 0; d--) {
+    size_t dim = t->shape[d] > 0 ? (size_t)t->shape[d] : 1;
+    idx[d] = k % dim;
+    k /= dim;
+  }
+  size_t len = (size_t)snprintf(buf, cap, "[");
+  for (int d = 0; d < t->ndim && len < cap; d++)
+    len += (size_t)snprintf(buf + len, cap - len, "%s%zu", d ? ", " : "", idx[d]);
+  if (len < cap) snprintf(buf + len, cap - len, "]");
+}
+
+/* n floats of tensor t, from its element `first` on, as 16 bits each
+ * (little-endian) into w->conv; refuses a finite value that becomes
+ * infinite, and anything not finite in fp16, naming the element. */
+static int st_convert_half(mt_st_writer *w, const st_wtensor *t, size_t first, const float *src,
+                           size_t n) {
+  int fp16 = w->dtype == MT_ST_FP16;
+  for (size_t i = 0; i < n; i++) {
+    float f = src[i];
+    uint16_t bits = mt_half_pack(f, fp16);
+    int finite = isfinite(f);
+    if (fp16 ? mt_fp16_overflows(f) : finite && isinf(mt_half_unpack(bits, 0))) {
+      char at[160];
+      st_fmt_index(at, sizeof at, t, first + i);
+      return mt_seterr(MT_EINVAL,
+                       "safetensors: %s: tensor \"%s\": element %s is %g, which %s %s: export it "
+                       "in %s",
+                       w->file.path, t->name, at, (double)f,
+                       finite ? "is past the largest finite value of" : "has no place in",
+                       fp16 ? "fp16 (65504)" : "bf16", fp16 ? "bf16 or fp32" : "fp32");
+    }
+    w->conv[2 * i] = (uint8_t)bits;
+    w->conv[2 * i + 1] = (uint8_t)(bits >> 8);
+  }
   return 0;
 }
 
 int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n) {
   if (!w->streaming) return mt_seterr(MT_EINVAL, "safetensors: writer: append before begin");
   if (!n) return 0;
-  size_t bytes = n * sizeof(float);
-  while (w->cur < w->n && w->cur_bytes == w->t[w->cur].bytes) w->cur++, w->cur_bytes = 0;
+  while (w->cur < w->n && w->cur_numel == w->t[w->cur].numel) w->cur++, w->cur_numel = 0;
   if (w->cur == w->n)
     return mt_seterr(MT_EINVAL, "safetensors: %s: %zu floats past the last tensor", w->file.path,
                      n);
-  if (bytes > w->t[w->cur].bytes - w->cur_bytes)
+  const st_wtensor *t = &w->t[w->cur];
+  if (n > t->numel - w->cur_numel)
     return mt_seterr(MT_EINVAL, "safetensors: %s: %zu floats past the end of tensor \"%s\"",
-                     w->file.path, n, w->t[w->cur].name);
-  int rc = mt_atomic_write(&w->file, data, bytes);
-  if (rc) return mt_wraperr(rc, "safetensors");
-  w->cur_bytes += bytes;
+                     w->file.path, n, t->name);
+  if (w->dtype == MT_ST_FP32) {
+    int rc = mt_atomic_write(&w->file, data, n * sizeof(float));
+    if (rc) return mt_wraperr(rc, "safetensors");
+    w->cur_numel += n;
+    return 0;
+  }
+  if (!w->conv && !(w->conv = malloc(2 * ST_CONVERT_CHUNK)))
+    return mt_seterr(MT_ENOMEM, "safetensors: %s: a conversion buffer", w->file.path);
+  for (size_t done = 0; done < n;) {
+    size_t k = n - done < ST_CONVERT_CHUNK ? n - done : ST_CONVERT_CHUNK;
+    int rc = st_convert_half(w, t, w->cur_numel, data + done, k);
+    if (!rc && (rc = mt_atomic_write(&w->file, w->conv, 2 * k))) mt_wraperr(rc, "safetensors");
+    if (rc) return rc;
+    done += k;
+    w->cur_numel += k;
+  }
   return 0;
 }
 
 int mt_st_writer_end(mt_st_writer *w) {
   if (!w->streaming) return mt_seterr(MT_EINVAL, "safetensors: writer: end before begin");
-  while (w->cur < w->n && w->cur_bytes == w->t[w->cur].bytes) w->cur++, w->cur_bytes = 0;
+  while (w->cur < w->n && w->cur_numel == w->t[w->cur].numel) w->cur++, w->cur_numel = 0;
   if (w->cur < w->n)
-    return mt_seterr(MT_EINVAL,
-                     "safetensors: %s: tensor \"%s\" has %zu of its %zu bytes; nothing written",
-                     w->file.path, w->t[w->cur].name, w->cur_bytes, w->t[w->cur].bytes);
+    return mt_seterr(
+        MT_EINVAL, "safetensors: %s: tensor \"%s\" has %zu of its %zu bytes; nothing written",
+        w->file.path, w->t[w->cur].name, w->cur_numel * st_export_dtypes[w->dtype].bytes,
+        w->t[w->cur].numel * st_export_dtypes[w->dtype].bytes);
   w->streaming = 0;
   int rc = mt_atomic_commit(&w->file);
   if (rc) return mt_wraperr(rc, "safetensors");
@@ -1037,6 +1130,8 @@ struct mt_gpt_export {
   int n, next;       /* tensors; the one being filled */
   int *stage_of;     /* tensor i is in pipeline stage stage_of[i] */
   int part;          /* -1: every tensor is written here, else stage part's */
+  mt_st_dtype dtype; /* what the files store */
+  int no_config;     /* no config.json (gradients) */
   float *hf;         /* that tensor in the file's layout */
   size_t placed;     /* of its elements, filled so far */
   /* one file, or Hugging Face's sharded layout in directory `dir`:
@@ -1077,7 +1172,8 @@ static int st_new_writer(mt_gpt_export *e, int k) {
               {"n_head", e->cfg.n_head},
               {"vocab_size", e->cfg.vocab_size},
               {"seq", e->cfg.max_seq}};
-  int rc = mt_st_writer_meta(w, "format", "pt");
+  int rc = mt_st_writer_dtype(w, e->dtype);
+  if (!rc) rc = mt_st_writer_meta(w, "format", "pt");
   for (size_t m = 0; m < sizeof meta / sizeof meta[0] && !rc; m++) {
     snprintf(num, sizeof num, "%d", meta[m].value);
     rc = mt_st_writer_meta(w, meta[m].key, num);
@@ -1167,13 +1263,18 @@ int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, co
   mt_gpt_set_stage(&e->cfg, 1, 0, 1);
   e->cfg.tp_size = 1, e->cfg.tp_rank = 0;
   e->part = plan->part;
-  size_t count, max_numel = 0;
+  e->dtype = plan->dtype;
+  size_t count, max_numel = 0,
+                eb = st_export_dtypes[(unsigned)e->dtype <= MT_ST_FP16 ? e->dtype : 0].bytes;
   int rc = mt_gpt_table(&e->cfg, &e->table, &e->n, &count);
   if (!rc && (!(e->file_of = calloc((size_t)e->n + 1, sizeof *e->file_of)) ||
               !(e->stage_of = calloc((size_t)e->n + 1, sizeof *e->stage_of)) ||
               !(e->path = strdup(what)) || (dir && !(e->dir = strdup(dir)))))
     rc = mt_seterr(MT_ENOMEM, "safetensors: export %s: out of memory", what);
   if (!rc) st_stages(e, plan);
+  if (!rc && (unsigned)e->dtype > MT_ST_FP16)
+    rc = mt_seterr(MT_EINVAL, "safetensors: export %s: dtype %d is not fp32, bf16 or fp16", what,
+                   (int)e->dtype);
   if (!rc && e->part >= 0 && (!dir || e->part >= (plan->pp > 1 ? plan->pp : 1)))
     rc = mt_seterr(MT_EINVAL, "safetensors: export %s: part %d of %d stages%s", what, e->part,
                    plan->pp, dir ? "" : " (parts are written to a directory)");
@@ -1183,7 +1284,7 @@ int mt_gpt_export_open_sharded(mt_gpt_export **out, const mt_gpt_config *cfg, co
   uint64_t in_file = 0;
   e->n_files = 1;
   for (int i = 0; i < e->n && !rc; i++) {
-    uint64_t bytes = (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * sizeof(float);
+    uint64_t bytes = (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * eb;
     int new_stage = i > 0 && e->stage_of[i] != e->stage_of[i - 1];
     if (dir && in_file && (in_file + bytes > max_bytes || new_stage)) e->n_files++, in_file = 0;
     e->file_of[i] = e->n_files - 1;
@@ -1262,6 +1363,97 @@ int mt_gpt_export_next(mt_gpt_export *e) {
   return 0;
 }
 
+/* A float as the shortest decimal that reads back as it (1e-05, not
+ * 9.99999975e-06), for a JSON file a person reads. */
+static json_t *st_json_float(float f) {
+  char buf[32];
+  for (int prec = 6; prec <= 9; prec++) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+    if ((float)strtod(buf, NULL) == f) break;
+  }
+  return json_real(strtod(buf, NULL));
+}
+
+/* Hugging Face's GPT2Config of the exported model, as transformers names
+ * its fields. vocab_size is the file's wte rows (the real vocabulary: the
+ * padding is not exported); GeLU is the tanh approximation (mt_gelu),
+ * transformers' "gelu_new"; the GPT-2 BPE's <|endoftext|> (50256) is the
+ * bos and eos of a model with that vocabulary. weights: the single file it
+ * describes ("mtnlg_weights"), or NULL in a directory. */
+static json_t *st_hf_config(const mt_gpt_export *e, const char *weights) {
+  const mt_gpt_config *c = &e->cfg;
+  json_t *eos = c->vocab_size > 50256 ? json_integer(50256) : json_null();
+  json_t *j = json_pack(
+      "{s:[s], s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:n, s:s, s:o, s:o, s:o, s:o, s:o, s:b, s:s, "
+      "s:O, s:o}",
+      "architectures", "GPT2LMHeadModel", "model_type", "gpt2", "vocab_size", c->vocab_size,
+      "n_positions", c->max_seq, "n_ctx", c->max_seq, "n_embd", c->n_embd, "n_layer", c->n_layer,
+      "n_head", c->n_head, "n_inner", "activation_function", "gelu_new", "layer_norm_epsilon",
+      st_json_float(c->ln_eps > 0 ? c->ln_eps : 1e-5f), "initializer_range",
+      st_json_float(c->init_std), "resid_pdrop", st_json_float(c->hidden_dropout), "embd_pdrop",
+      st_json_float(c->hidden_dropout), "attn_pdrop", st_json_float(c->attention_dropout),
+      "tie_word_embeddings", 1, "torch_dtype", st_export_dtypes[e->dtype].torch, "bos_token_id",
+      eos, "eos_token_id", eos);
+  if (j && weights) json_object_set_new(j, "mtnlg_weights", json_string(weights));
+  return j;
+}
+
+/* <dir>/config.json (durable), describing this export; weights as in
+ * st_hf_config. */
+static int st_write_config(const mt_gpt_export *e, const char *dir, const char *weights) {
+  char path[4096 + 16];
+  json_t *j = st_hf_config(e, weights);
+  char *text =
+      j ? json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9)) : NULL;
+  json_decref(j);
+  if (!text) return mt_seterr(MT_ENOMEM, "safetensors: export %s: config.json", e->path);
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  size_t len = strlen(text);
+  text[len] = '\n'; /* jansson's buffer has the terminator's byte to spare */
+  int rc = mt_atomic_write_file(path, text, len + 1);
+  free(text);
+  return rc ? mt_wraperr(rc, "safetensors: export: config.json") : 0;
+}
+
+/* A directory export's config.json: the directory's own. */
+static int st_write_hf_config(const mt_gpt_export *e, const char *dir) {
+  return st_write_config(e, dir, NULL);
+}
+
+/* A single file's config.json beside it: where there is none, or the one
+ * there is an earlier export's of a file of this name. Another's (a
+ * Hugging Face model's, or an export's of another file) is kept: the
+ * export's own metadata says its model to mtnlg either way. */
+static int st_config_beside_file(const mt_gpt_export *e) {
+  char dir[4096], cfg[4096 + 16];
+  snprintf(dir, sizeof dir, "%s", e->path);
+  char *slash = strrchr(dir, '/');
+  const char *base = strrchr(e->path, '/') ? strrchr(e->path, '/') + 1 : e->path;
+  if (!slash)
+    snprintf(dir, sizeof dir, ".");
+  else if (slash == dir)
+    dir[1] = 0;
+  else
+    *slash = 0;
+  snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+  struct stat st;
+  if (!lstat(cfg, &st)) {
+    json_t *old = S_ISREG(st.st_mode) ? json_load_file(cfg, 0, NULL) : NULL;
+    const char *of = json_string_value(json_object_get(old, "mtnlg_weights"));
+    int ours = of && !strcmp(of, base);
+    json_decref(old);
+    if (!ours) {
+      mt_log_warn("export %s: no config.json written: %s is another model's or another "
+                  "file's; an export to a directory (DIR/) has a config.json of its own",
+                  e->path, cfg);
+      return 0;
+    }
+  } else if (errno != ENOENT) {
+    return mt_seterr(MT_EIO, "safetensors: export %s: %s: %s", e->path, cfg, strerror(errno));
+  }
+  return st_write_config(e, dir, base);
+}
+
 /* <dir>/model.safetensors.index.json, durably: what Hugging Face reads. */
 int mt_gpt_export_write_index(const mt_gpt_export *e) {
   if (!e->dir)
@@ -1279,13 +1471,15 @@ int mt_gpt_export_write_index(const mt_gpt_export *e) {
                        "must be one shared directory at the same path on every node",
                        e->dir, path);
   }
+  int crc = e->no_config ? 0 : st_write_hf_config(e, e->dir);
+  if (crc) return crc;
   json_t *map = json_object(), *root = NULL;
   uint64_t total = 0;
   char name[64], path[4096];
   for (int i = 0; map && i < e->n; i++) {
     snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", e->file_of[i] + 1, e->n_files);
     json_object_set_new(map, e->table[i].name, json_string(name));
-    total += (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * sizeof(float);
+    total += (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * st_export_dtypes[e->dtype].bytes;
   }
   if (map)
     root =
@@ -1305,7 +1499,8 @@ int mt_gpt_export_commit(mt_gpt_export *e) {
     return mt_seterr(MT_EINVAL, "safetensors: export: tensor %s was not written; nothing is",
                      t->name);
   /* each file was committed with its last tensor; a part's index is its caller's */
-  return e->dir && e->part < 0 ? mt_gpt_export_write_index(e) : 0;
+  if (e->dir) return e->part < 0 ? mt_gpt_export_write_index(e) : 0;
+  return e->no_config ? 0 : st_config_beside_file(e);
 }
 
 void mt_gpt_export_free(mt_gpt_export *e) {
@@ -1323,8 +1518,8 @@ void mt_gpt_export_free(mt_gpt_export *e) {
 
 /* Writes one of a whole model's buffers (params or grads, device) in HF
  * names and layouts, one tensor at a time. */
-static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *path,
-                          const char *what) {
+static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *path, const char *what,
+                          mt_st_dtype dtype) {
   if (m->cfg.tp_size > 1 || !(m->first && m->last))
     return mt_seterr(MT_EINVAL,
                      "safetensors: save %s %s: the model is a shard or a stage (exports of "
@@ -1337,7 +1532,11 @@ static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *pat
   if (!piece) return mt_seterr(MT_ENOMEM, "safetensors: save %s %s: out of memory", what, path);
   mt_gpt_export *e = NULL;
   int rc = mt_device_sync(m->dev);
-  if (!rc) rc = mt_gpt_export_open(&e, &m->cfg, path);
+  char dir[4096];
+  mt_gpt_export_plan plan = {.part = -1, .dtype = dtype};
+  if (mt_st_export_dir(path, dir, sizeof dir)) plan.dir = dir;
+  if (!rc) rc = mt_gpt_export_open_sharded(&e, &m->cfg, plan.dir ? NULL : path, &plan);
+  if (!rc) e->no_config = dev_buf != m->params; /* gradients are no model */
   const mt_param *t;
   while (!rc && (t = mt_gpt_export_tensor(e))) {
     int j = mt_gpt_find(m, t->name);
@@ -1358,9 +1557,13 @@ static int st_save_buffer(const mt_gpt *m, const float *dev_buf, const char *pat
 }
 
 int mt_gpt_save_safetensors(const mt_gpt *m, const char *path) {
-  return st_save_buffer(m, m->params, path, "weights");
+  return st_save_buffer(m, m->params, path, "weights", MT_ST_FP32);
+}
+
+int mt_gpt_save_safetensors_as(const mt_gpt *m, const char *path, mt_st_dtype dtype) {
+  return st_save_buffer(m, m->params, path, "weights", dtype);
 }
 
 int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path) {
-  return st_save_buffer(m, m->grads, path, "gradients");
+  return st_save_buffer(m, m->grads, path, "gradients", MT_ST_FP32);
 }

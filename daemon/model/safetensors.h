@@ -49,7 +49,14 @@ int mt_st_read_f32(const mt_st_file *f, const mt_st_tensor *t, float *out);
 int mt_st_read_range_f32(const mt_st_file *f, const mt_st_tensor *t, size_t first, size_t n,
                          float *out);
 
-/* Writer: add F32 tensors (data copied by reference until commit), then
+/* What a writer stores its tensors as: fp32 (the floats as given), or
+ * each rounded to nearest even into bf16 or IEEE fp16 ("BF16", "F16"). */
+typedef enum { MT_ST_FP32 = 0, MT_ST_BF16, MT_ST_FP16 } mt_st_dtype;
+/* "fp32", "bf16" or "fp16" to *dtype; MT_EINVAL naming what is accepted. */
+int mt_st_dtype_parse(const char *name, mt_st_dtype *dtype);
+const char *mt_st_dtype_name(mt_st_dtype dtype); /* "fp32", "bf16", "fp16" */
+
+/* Writer: add tensors (data copied by reference until commit), then
  * commit. Or stream a file larger than memory: add every tensor with data
  * NULL, begin (writes the header to a temp file), append the floats of the
  * tensors in the order added, end (durable, like commit). Freeing a writer
@@ -59,9 +66,14 @@ mt_st_writer *mt_st_writer_new(void);
 int mt_st_writer_add(mt_st_writer *w, const char *name, int ndim, const int64_t *shape,
                      const float *data);
 int mt_st_writer_meta(mt_st_writer *w, const char *key, const char *value);
+/* Stores every tensor as dtype (default fp32); before begin. The floats
+ * given are converted as they are appended: a value that becomes infinite
+ * (fp16 past 65504, or NaN or infinite already in fp16; bf16 past its
+ * largest finite) is refused, naming the tensor and the element. */
+int mt_st_writer_dtype(mt_st_writer *w, mt_st_dtype dtype);
 int mt_st_writer_commit(mt_st_writer *w, const char *path); /* durable */
 int mt_st_writer_begin(mt_st_writer *w, const char *path);
-int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n);
+int mt_st_writer_append(mt_st_writer *w, const float *data, size_t n); /* n floats */
 int mt_st_writer_end(mt_st_writer *w); /* refuses a tensor short of its bytes */
 void mt_st_writer_free(mt_st_writer *w);
 
@@ -74,6 +86,8 @@ void mt_st_writer_free(mt_st_writer *w);
  * model (one stage, no shards); a sharded one exports with mt_gpt_export. */
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path);
 int mt_gpt_save_safetensors(const mt_gpt *m, const char *path);
+/* The same in another dtype (mt_gpt_save_safetensors is fp32). */
+int mt_gpt_save_safetensors_as(const mt_gpt *m, const char *path, mt_st_dtype dtype);
 /* The whole model a file (or sharded directory, or index) holds, from its
  * tensors' shapes (layers, width, vocabulary, positions) and its heads from
  * the file's metadata (an mtnlg export's "n_head") or Hugging Face's
@@ -92,7 +106,16 @@ int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
  * replicated tensor once); next writes it, refusing one with elements
  * missing, and moves on. Commit is durable and refuses an incomplete file;
  * free without commit removes it. A path that is a directory (or ends in
- * '/') gets Hugging Face's sharded layout (below). */
+ * '/') gets Hugging Face's sharded layout (below).
+ *
+ * Beside the weights goes Hugging Face's config.json for GPT2LMHeadModel
+ * (model_type "gpt2", the sizes, gelu_new, layer_norm_epsilon,
+ * initializer_range, the dropouts, tied embeddings, torch_dtype), so
+ * transformers' from_pretrained loads the directory. In a directory export
+ * it is the directory's (replaced, as save_pretrained does). Beside one
+ * file X it is written only where no config.json is, or where the one
+ * there is an earlier export's of a file named X ("mtnlg_weights": "X"):
+ * another's config.json is kept, with a warning. */
 typedef struct mt_gpt_export mt_gpt_export;
 int mt_gpt_export_open(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path);
 /* Whether an export to path writes the sharded layout: path is a
@@ -123,10 +146,13 @@ typedef struct mt_gpt_export_plan {
    * writes the index once every part has committed
    * (mt_gpt_export_write_index, from any part's exporter). */
   int part;
+  mt_st_dtype dtype; /* what the files store (0: fp32) */
 } mt_gpt_export_plan;
 int mt_gpt_export_open_sharded(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path,
                                const mt_gpt_export_plan *plan);
 int mt_gpt_export_prepare_dir(const char *dir);
+/* config.json (below), then the index, written last: a directory with an
+ * index holds a whole export. */
 int mt_gpt_export_write_index(const mt_gpt_export *e);
 const mt_param *mt_gpt_export_tensor(const mt_gpt_export *e);
 int mt_gpt_export_put(mt_gpt_export *e, const mt_param *p, const float *data);

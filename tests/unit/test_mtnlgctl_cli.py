@@ -93,7 +93,15 @@ def test_usage_errors_exit_2():
             (["-e", "127.0.0.1:8470", "status"], "endpoint without scheme", "not an http://"),
             (["--nope"], "unknown global option", ""),
             ([], "no verb", "no verb given"),
-            (["frobnicate"], "unknown verb", 'unknown verb "frobnicate"')):
+            (["frobnicate"], "unknown verb", 'unknown verb "frobnicate"'),
+            (["ckpt", "export", "d", "o", "--dtype", "f16"], "ckpt export --dtype f16",
+             '--dtype: dtype "f16" is not one of fp32, bf16, fp16'),
+            (["ckpt", "export", "d", "o", "--dtype"], "ckpt export --dtype without a name",
+             "--dtype needs one of fp32, bf16, fp16"),
+            (["ckpt", "verify", "d", "--dtype", "bf16"], "--dtype on verify",
+             "--dtype goes with export"),
+            (["ckpt", "reshard", "d", "o", "--tp", "1", "--pp", "1", "--dtype=bf16"],
+             "--dtype on reshard", "--dtype goes with export")):
         p = run(*args)
         check(p.returncode == 2, f"{what} exits 2", p)
         check(says in p.stderr, f"{what} says {says!r}", p)
@@ -471,11 +479,14 @@ def test_completion_knows_every_verb():
     # and the completion runs: 'mtnlgctl ck<TAB>' offers ckpt and checkpoint(s)
     script = (f"source {COMPLETION}; COMP_WORDS=(mtnlgctl ck); COMP_CWORD=1; _mtnlgctl; "
               "echo \"${COMPREPLY[*]}\"; COMP_WORDS=(mtnlgctl ckpt ''); COMP_CWORD=2; "
+              "_mtnlgctl; echo \"${COMPREPLY[*]}\"; "
+              "COMP_WORDS=(mtnlgctl ckpt export d o --dtype ''); COMP_CWORD=6; "
               "_mtnlgctl; echo \"${COMPREPLY[*]}\"")
     p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     lines = p.stdout.splitlines()
-    check(p.returncode == 0 and len(lines) == 2 and "ckpt" in lines[0].split()
-          and lines[1].split() == ["verify", "export", "reshard"], "completing ck and ckpt", p)
+    check(p.returncode == 0 and len(lines) == 3 and "ckpt" in lines[0].split()
+          and lines[1].split() == ["verify", "export", "reshard"]
+          and lines[2].split() == ["fp32", "bf16", "fp16"], "completing ck, ckpt and --dtype", p)
 
 
 def test_no_cublas_loaded():

@@ -934,7 +934,7 @@ static int test_export_in_stage_parts_is_the_whole_export(void) {
     free(ba);
     free(bb);
     files++;
-    if (strstr(de->d_name, ".index.json")) continue;
+    if (strstr(de->d_name, ".index.json") || !strcmp(de->d_name, "config.json")) continue;
     mt_st_file f;
     REQUIRE(!mt_st_open(&f, pa), "open %s: %s", pa, mt_errmsg());
     int stage0 = 0, stage1 = 0;
