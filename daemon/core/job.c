@@ -382,9 +382,9 @@ static const char *const data_keys[] = {"path",    "prefix",    "blend", "split"
                                         "shuffle", "cache_dir", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", NULL};
-static const char *const checkpoint_keys[] = {
-    "dir",         "interval", "keep", "keep_every",     "async",
-    "resume_step", "export",   "load", "load_optimizer", NULL};
+static const char *const checkpoint_keys[] = {"dir",   "interval",       "keep",   "keep_every",
+                                              "async", "resume_step",    "export", "export_dtype",
+                                              "load",  "load_optimizer", NULL};
 
 /* ---- overrides: "a.b.c=value" set in the tree before it is read ---- */
 
@@ -876,6 +876,12 @@ static void read_checkpoint(problems *pb, json_t *root, mt_checkpoint_spec *c) {
   read_str(pb, o, "checkpoint", "export", c->export_path, sizeof c->export_path);
   read_str(pb, o, "checkpoint", "load", c->load, sizeof c->load);
   read_bool(pb, o, "checkpoint", "load_optimizer", &c->load_optimizer);
+  char dtype[64] = "fp32";
+  read_str(pb, o, "checkpoint", "export_dtype", dtype, sizeof dtype);
+  if (!strcmp(dtype, "fp32") || !strcmp(dtype, "bf16") || !strcmp(dtype, "fp16"))
+    memcpy(c->export_dtype, dtype, 5);
+  else
+    problem(pb, "checkpoint.export_dtype: \"%s\" is not one of fp32, bf16, fp16", dtype);
 }
 
 static void set_defaults(mt_job *job) {
@@ -1516,6 +1522,9 @@ static json_t *job_to_json(const mt_job *job) {
     json_object_set_new(ck, "load", json_string(job->checkpoint.load));
     json_object_set_new(ck, "load_optimizer", json_boolean(job->checkpoint.load_optimizer));
   }
+  /* only when not the default: the jobs from before it keep their hash */
+  if (job->checkpoint.export_dtype[0] && strcmp(job->checkpoint.export_dtype, "fp32"))
+    json_object_set_new(ck, "export_dtype", json_string(job->checkpoint.export_dtype));
   json_object_set_new(root, "eval",
                       json_pack("{s:I, s:I}", "interval", (json_int_t)job->eval.interval, "iters",
                                 (json_int_t)job->eval.iters));

@@ -159,6 +159,7 @@ typedef struct mt_checkpoint_spec {
                                     job directory, Megatron's --load with --finetune), or "";
                                     ignored once this job has a checkpoint of its own */
   int load_optimizer;            /* with load: take Adam's moments too (default 0) */
+  char export_dtype[8];          /* what the export stores: "fp32" (default), "bf16", "fp16" */
 } mt_checkpoint_spec;
 
 typedef struct mt_job {

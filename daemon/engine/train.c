@@ -1063,10 +1063,11 @@ static int export_gather(const mt_trainer *tr, const export_layout *x, int part,
 
 /* One file: world rank 0 writes it all. */
 static int export_one_file(const mt_trainer *tr, const export_layout *x, const char *path,
-                           float *piece) {
+                           mt_st_dtype dtype, float *piece) {
   export_err w = {0};
   mt_gpt_export *e = NULL;
-  export_failed(&w, mt_gpt_export_open(&e, &tr->model.cfg, path));
+  mt_gpt_export_plan plan = {.part = -1, .dtype = dtype};
+  export_failed(&w, mt_gpt_export_open_sharded(&e, &tr->model.cfg, path, &plan));
   int rc = export_gather(tr, x, -1, e, piece, &w);
   mt_gpt_export_free(e);
   if (!rc && w.rc) rc = mt_seterr(w.rc, "%s", w.msg);
@@ -1079,14 +1080,17 @@ static int export_one_file(const mt_trainer *tr, const export_layout *x, const c
  * stages at once, and tells world rank 0 how it went; world rank 0 writes
  * the index once every stage's files are in. */
 static int export_stage(const mt_trainer *tr, const export_layout *x, const char *dir,
-                        float *piece) {
+                        mt_st_dtype dtype, float *piece) {
   int pp = tr->g.pp_size, s = tr->g.pp_rank, me = mt_comm_rank(tr->g.world);
   export_err w = {0};
   mt_gpt_export *e = NULL; /* its first part's: world rank 0 writes the index with it */
   int rc = 0;
   for (int c = 0; c < x->parts / pp && !rc; c++) {
-    mt_gpt_export_plan plan = {
-        .dir = dir, .pp = x->parts, .stage_begin = x->stage_begin, .part = c * pp + s};
+    mt_gpt_export_plan plan = {.dir = dir,
+                               .pp = x->parts,
+                               .stage_begin = x->stage_begin,
+                               .part = c * pp + s,
+                               .dtype = dtype};
     mt_gpt_export *part = NULL;
     export_failed(&w, mt_gpt_export_open_sharded(&part, &tr->model.cfg, NULL, &plan));
     rc = export_gather(tr, x, plan.part, part, piece, &w);
@@ -1131,8 +1135,12 @@ static int export_stage(const mt_trainer *tr, const export_layout *x, const char
 int mt_trainer_export(mt_trainer *tr, const char *path) {
   mt_gpt *m = &tr->model;
   int world_rank = tr->g.world ? mt_comm_rank(tr->g.world) : 0;
+  mt_st_dtype dtype = MT_ST_FP32; /* checkpoint.export_dtype, checked with the job */
+  const char *dt = tr->job ? tr->job->checkpoint.export_dtype : "";
+  if (dt[0] && mt_st_dtype_parse(dt, &dtype))
+    return mt_wraperr(MT_EINVAL, "checkpoint.export_dtype");
   if (tr->g.pp_size == 1 && tr->g.tp_size == 1)
-    return world_rank == 0 ? mt_gpt_save_safetensors(m, path) : 0;
+    return world_rank == 0 ? mt_gpt_save_safetensors_as(m, path, dtype) : 0;
   /* Replica 0's stages and shards stream their tensors to the writers,
    * which write each as it completes: no rank holds more than its own
    * weights and one tensor. One file is world rank 0's to write; a
@@ -1175,9 +1183,9 @@ int mt_trainer_export(mt_trainer *tr, const char *path) {
   if (!rc && !how[1])
     rc = world_rank == 0 ? prep : 0; /* the directory's error is rank 0's */
   else if (!rc && !how[0])
-    rc = world_rank == 0 ? export_one_file(tr, &x, path, piece) : export_send(tr, piece, 0);
+    rc = world_rank == 0 ? export_one_file(tr, &x, path, dtype, piece) : export_send(tr, piece, 0);
   else if (!rc)
-    rc = tr->g.tp_rank ? export_send(tr, piece, writer) : export_stage(tr, &x, dir, piece);
+    rc = tr->g.tp_rank ? export_send(tr, piece, writer) : export_stage(tr, &x, dir, dtype, piece);
   mt_comm_set_timeout(tr->g.world, base_ms);
   export_layout_free(&x, pp * tp);
   free(piece);

@@ -79,6 +79,7 @@ static void test_tiny_preset_loads(void) {
   CHECK(!strcmp(job.train.precision, "fp32") && job.train.log_interval == 1);
   CHECK(!strcmp(job.data.path, "/jobs/tokens.u16"));
   CHECK(job.checkpoint.dir[0] == '\0' && job.checkpoint.interval == 0);
+  CHECK(!strcmp(job.checkpoint.export_dtype, "fp32"));
   CHECK(strlen(job.hash) == 16);
 }
 
@@ -357,6 +358,8 @@ static void test_validation_rules(void) {
       {"train.lr.schedule=step", NULL, "train.lr.schedule: \"step\" is not one of"},
       {"parallel.schedule=gpipe", NULL, "parallel.schedule: \"gpipe\" is not supported"},
       {"train.precision=fp8", NULL, "train.precision: \"fp8\" is not one of"},
+      {"checkpoint.export_dtype=f16", NULL,
+       "checkpoint.export_dtype: \"f16\" is not one of fp32, bf16, fp16"},
       {"data.path=", NULL, "data.path: must not be empty"},
       /* one line for one mistake: not also lines about keys the job never
        * gave, from the defaults that stood in for a refused value */
@@ -495,6 +498,7 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "checkpoint.keep=2",
       "checkpoint.export=out.safetensors",
       "checkpoint.load=ck/a",
+      "checkpoint.export_dtype=bf16",
   };
   for (size_t i = 0; i < sizeof changes / sizeof *changes; i++) {
     const char *ov1 = !strncmp(changes[i], "checkpoint.interval", 19) ? "checkpoint.dir=ck" : NULL;
@@ -509,6 +513,22 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
 
 /* train.loss_scale: Megatron's defaults, every key read, every bad value one
  * line naming its key, and the canonical JSON carries it back. */
+static void test_export_dtype_round_trips_and_fp32_keeps_the_hash(void) {
+  mt_job plain, fp32, bf16, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK);
+  CHECK(parse_with(&fp32, tiny_job, "checkpoint.export_dtype=fp32", NULL) == MT_OK);
+  CHECK(!strcmp(plain.hash, fp32.hash)); /* the default: jobs from before it keep their hash */
+  CHECK(parse_with(&bf16, tiny_job, "checkpoint.export_dtype=bf16", NULL) == MT_OK);
+  CHECK(!strcmp(bf16.checkpoint.export_dtype, "bf16"));
+  char *text = mt_job_to_json(&bf16), *text32 = mt_job_to_json(&fp32);
+  CHECK(text && strstr(text, "\"export_dtype\":\"bf16\""));
+  CHECK(text32 && !strstr(text32, "export_dtype"));
+  CHECK(text && mt_job_parse(&back, text, "/jobs", presets, NULL) == MT_OK);
+  CHECK(!strcmp(back.checkpoint.export_dtype, "bf16") && !strcmp(back.hash, bf16.hash));
+  free(text);
+  free(text32);
+}
+
 static void test_loss_scale_defaults_checks_and_round_trip(void) {
   mt_job job, back;
   CHECK(parse_with(&job, tiny_job, "train.precision=fp16", NULL) == MT_OK);
@@ -1099,6 +1119,7 @@ int main(void) {
   test_lr_min_defaults_by_schedule();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
+  test_export_dtype_round_trips_and_fp32_keeps_the_hash();
   test_rampup_batch();
   test_run_length_in_samples_or_tokens_is_megatrons_steps();
   test_run_length_refusals_name_the_key_given();
