@@ -16,6 +16,7 @@
 #include "err.h"
 #include "fileio.h"
 #include "gpt.h"
+#include "half.h"
 #include "safetensors.h"
 
 static mt_device dev;
@@ -1045,6 +1046,265 @@ static int test_config_of_file_reads_the_shape(void) {
   return 0;
 }
 
+/* ---- export dtypes and config.json ---------------------------------------- */
+
+/* The model's parameters after a round trip through 16 bits (fp16 != 0:
+ * binary16), rounded to nearest even by kernels/common/half.h. */
+static float *rounded(const mt_gpt *m, int fp16) {
+  float *h = download(m, m->params);
+  for (size_t i = 0; h && i < m->num_params; i++) h[i] = mt_round_half(h[i], fp16);
+  return h;
+}
+
+/* A bf16 and an fp16 export (a file, and a directory of 20 KB files) hold
+ * every tensor as BF16 / F16, each value the fp32 one rounded to nearest
+ * even, in half the bytes (the index's total_size too); loading either
+ * (init_from) gives those rounded weights bit for bit. */
+static int test_bf16_and_fp16_exports_round_and_load_back(void) {
+  mt_gpt a, b;
+  REQUIRE(!make_model(&a) && !make_model(&b), "create");
+  REQUIRE(!fill_random(&a, a.params), "fill");
+  const char *f32 = tmp_path("dt32.safetensors");
+  REQUIRE(!mt_gpt_save_safetensors(&a, f32), "save fp32: %s", mt_errmsg());
+  struct stat st32;
+  REQUIRE(!stat(f32, &st32), "stat %s", f32);
+  for (int fp16 = 0; fp16 < 2; fp16++) {
+    mt_st_dtype dt = fp16 ? MT_ST_FP16 : MT_ST_BF16;
+    const char *want = fp16 ? "F16" : "BF16";
+    const char *one = tmp_path(fp16 ? "dt16.safetensors" : "dtbf.safetensors");
+    const char *dir = tmp_path(fp16 ? "dt16-dir" : "dtbf-dir");
+    REQUIRE(!mt_gpt_save_safetensors_as(&a, one, dt), "save %s: %s", want, mt_errmsg());
+    int begin[1] = {0};
+    mt_gpt_export_plan plan = {
+        .dir = dir, .max_bytes = 20000, .pp = 1, .stage_begin = begin, .part = -1, .dtype = dt};
+    mt_gpt_export *e;
+    REQUIRE(!mt_gpt_export_open_sharded(&e, &a.cfg, NULL, &plan), "open: %s", mt_errmsg());
+    REQUIRE(!export_all(&a, e), "the %s export", want);
+    mt_gpt_export_free(e);
+    mt_st_file f, g;
+    REQUIRE(!mt_st_open(&f, one) && !mt_st_open(&g, f32), "open: %s", mt_errmsg());
+    size_t data16 = 0, data32 = 0;
+    for (int i = 0; i < f.n; i++) {
+      const mt_st_tensor *t = &f.tensors[i], *u = mt_st_find(&g, t->name);
+      REQUIRE(!strcmp(t->dtype, want), "%s is %s, not %s", t->name, t->dtype, want);
+      REQUIRE(u && t->bytes * 2 == u->bytes, "%s: %zu bytes, fp32 %zu", t->name, t->bytes,
+              u ? u->bytes : 0);
+      /* each stored value is the fp32 one rounded, bit for bit */
+      const uint8_t *p16 = f.data + t->offset;
+      for (size_t k = 0; k < t->bytes / 2; k++) {
+        float x;
+        memcpy(&x, g.data + u->offset + 4 * k, 4);
+        uint16_t bits = (uint16_t)(p16[2 * k] | p16[2 * k + 1] << 8);
+        REQUIRE(bits == mt_half_pack(x, fp16), "%s[%zu]: %04x, %g rounds to %04x", t->name, k, bits,
+                (double)x, mt_half_pack(x, fp16));
+      }
+      data16 += t->bytes, data32 += u->bytes;
+    }
+    mt_st_close(&f);
+    mt_st_close(&g);
+    REQUIRE(data16 * 2 == data32 && data16 > 0, "%zu bytes in %s, %zu in fp32", data16, want,
+            data32);
+    char index[300];
+    snprintf(index, sizeof index, "%s/model.safetensors.index.json", dir);
+    json_t *ij = json_load_file(index, 0, NULL);
+    json_int_t total =
+        json_integer_value(json_object_get(json_object_get(ij, "metadata"), "total_size"));
+    json_decref(ij);
+    REQUIRE(total == (json_int_t)data16, "the index says %lld bytes, the tensors have %zu",
+            (long long)total, data16);
+    /* init_from of either: the rounded weights */
+    float *r = rounded(&a, fp16);
+    REQUIRE(r, "download");
+    const char *paths[] = {one, dir};
+    for (int k = 0; k < 2; k++) {
+      REQUIRE(!mt_gpt_load_safetensors(&b, paths[k]), "load %s: %s", paths[k], mt_errmsg());
+      float *hb = download(&b, b.params);
+      REQUIRE(hb, "download");
+      size_t diff = 0;
+      for (size_t i = 0; i < a.num_params; i++) diff += memcmp(&r[i], &hb[i], sizeof(float)) != 0;
+      free(hb);
+      REQUIRE(!diff, "%s: %zu of %zu weights are not the %s-rounded ones", paths[k], diff,
+              a.num_params, want);
+    }
+    free(r);
+  }
+  mt_gpt_destroy(&a);
+  mt_gpt_destroy(&b);
+  return 0;
+}
+
+/* An fp16 export of a weight past fp16's range (70000) is refused naming
+ * the tensor, the element and what to do, and writes nothing (no file, no
+ * config.json); bf16 holds it. Unknown dtype names are refused naming the
+ * accepted ones. */
+static int test_fp16_overflow_is_refused_naming_the_tensor(void) {
+  mt_gpt a;
+  REQUIRE(!make_model(&a), "create");
+  REQUIRE(!fill_random(&a, a.params), "fill");
+  const mt_param *p = &a.params_table[mt_gpt_find(&a, "h.1.mlp.c_fc.weight")];
+  float big = 70000.0f; /* our (4C, C) row 3, column 5: the file's Conv1D [5, 3] */
+  REQUIRE(
+      !mt_device_memcpy_htod(a.dev, a.params + p->offset + 3 * p->shape[1] + 5, &big, sizeof big),
+      "poke");
+  const char *dir = tmp_path("overflow"), *out = tmp_path("overflow/w.safetensors");
+  REQUIRE(!mkdir(dir, 0755), "mkdir %s", dir);
+  REQUIRE(mt_gpt_save_safetensors_as(&a, out, MT_ST_FP16) == MT_EINVAL, "fp16 export of 70000");
+  const char *msg = mt_errmsg();
+  REQUIRE(strstr(msg, "tensor \"h.1.mlp.c_fc.weight\"") && strstr(msg, "[5, 3]") &&
+              strstr(msg, "70000") && strstr(msg, "65504") && strstr(msg, "bf16 or fp32"),
+          "the message: %s", msg);
+  printf("  refused as expected: %s\n", msg);
+  DIR *d = opendir(dir);
+  REQUIRE(d, "opendir %s", dir);
+  int left = 0;
+  for (struct dirent *de; (de = readdir(d));) left += de->d_name[0] != '.';
+  closedir(d);
+  REQUIRE(!left, "%d files left in %s", left, dir);
+  REQUIRE(!mt_gpt_save_safetensors_as(&a, out, MT_ST_BF16), "bf16: %s", mt_errmsg());
+  mt_st_dtype dt;
+  REQUIRE(mt_st_dtype_parse("f16", &dt) == MT_EINVAL &&
+              strstr(mt_errmsg(), "\"f16\" is not one of fp32, bf16, fp16"),
+          "parse f16: %s", mt_errmsg());
+  REQUIRE(!mt_st_dtype_parse("bf16", &dt) && dt == MT_ST_BF16, "parse bf16");
+  mt_gpt_destroy(&a);
+  return 0;
+}
+
+/* Reads dir/config.json. */
+static json_t *config_json(const char *dir) {
+  char path[400];
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  return json_load_file(path, JSON_REJECT_DUPLICATES, NULL);
+}
+
+/* config.json of a directory export says the model as transformers'
+ * GPT2Config names it (its sizes, gelu_new, epsilon, init std, dropouts,
+ * tied embeddings, the dtype), and reads back through
+ * mt_gpt_config_of_file with no metadata in the file. Beside one file it
+ * is written where none is and names the file; one of another file, or of
+ * another model, is kept as it was. */
+static int test_export_writes_config_json_of_the_model(void) {
+  mt_gpt_config c = tiny_config();
+  c.ln_eps = 1e-6f, c.init_std = 0.006f, c.hidden_dropout = 0.1f, c.attention_dropout = 0.05f;
+  mt_gpt a;
+  REQUIRE(!mt_gpt_create(&a, &c, &dev, 2, 8), "create: %s", mt_errmsg());
+  REQUIRE(!fill_random(&a, a.params), "fill");
+  const char *dir = tmp_path("hf-config");
+  REQUIRE(!mt_gpt_save_safetensors_as(&a, tmp_path("hf-config/"), MT_ST_BF16), "save: %s",
+          mt_errmsg());
+  json_t *j = config_json(dir);
+  REQUIRE(j, "no config.json in %s", dir);
+  const struct {
+    const char *key;
+    long want;
+  } ints[] = {{"vocab_size", 250}, {"n_positions", 16}, {"n_ctx", 16},
+              {"n_embd", 32},      {"n_layer", 2},      {"n_head", 4}};
+  for (size_t k = 0; k < sizeof ints / sizeof *ints; k++) {
+    json_t *v = json_object_get(j, ints[k].key);
+    REQUIRE(json_is_integer(v) && json_integer_value(v) == ints[k].want, "%s: want %ld",
+            ints[k].key, ints[k].want);
+  }
+  const struct {
+    const char *key;
+    double want;
+  } reals[] = {{"layer_norm_epsilon", 1e-6},
+               {"initializer_range", 0.006},
+               {"resid_pdrop", 0.1},
+               {"embd_pdrop", 0.1},
+               {"attn_pdrop", 0.05}};
+  for (size_t k = 0; k < sizeof reals / sizeof *reals; k++) {
+    json_t *v = json_object_get(j, reals[k].key);
+    /* the decimal the job gave, not the float's 9.99999997e-07 */
+    REQUIRE(json_is_real(v) && json_real_value(v) == reals[k].want, "%s: %.17g, want %g",
+            reals[k].key, json_number_value(v), reals[k].want);
+  }
+  json_t *arch = json_object_get(j, "architectures");
+  REQUIRE(json_array_size(arch) == 1 &&
+              !strcmp(json_string_value(json_array_get(arch, 0)), "GPT2LMHeadModel"),
+          "architectures");
+  REQUIRE(!strcmp(json_string_value(json_object_get(j, "model_type")), "gpt2"), "model_type");
+  /* kernels/common/mtmath.h's mt_gelu is the tanh approximation */
+  REQUIRE(!strcmp(json_string_value(json_object_get(j, "activation_function")), "gelu_new"),
+          "activation_function");
+  REQUIRE(!strcmp(json_string_value(json_object_get(j, "torch_dtype")), "bfloat16"), "torch_dtype");
+  REQUIRE(json_is_true(json_object_get(j, "tie_word_embeddings")), "tie_word_embeddings");
+  REQUIRE(json_is_null(json_object_get(j, "n_inner")), "n_inner: 4 n_embd, as GPT-2's null");
+  /* a byte vocabulary has no <|endoftext|> */
+  REQUIRE(json_is_null(json_object_get(j, "eos_token_id")), "eos_token_id");
+  json_decref(j);
+
+  /* the file without its metadata: config.json alone says the heads and epsilon */
+  char bare_dir[300], src[300], cfg_src[300], cfg_dst[300];
+  snprintf(bare_dir, sizeof bare_dir, "%s", tmp_path("hf-config-bare"));
+  REQUIRE(!mkdir(bare_dir, 0755), "mkdir");
+  snprintf(src, sizeof src, "%s/model-00001-of-00001.safetensors", dir);
+  mt_st_file f;
+  REQUIRE(!mt_st_open(&f, src), "open %s: %s", src, mt_errmsg());
+  mt_st_writer *w = mt_st_writer_new();
+  REQUIRE(w && !mt_st_writer_dtype(w, MT_ST_FP32), "writer");
+  float *vals[64] = {0};
+  REQUIRE(f.n <= 64, "%d tensors", f.n);
+  for (int i = 0; i < f.n; i++) {
+    const mt_st_tensor *t = &f.tensors[i];
+    vals[i] = malloc(t->bytes * 2);
+    REQUIRE(vals[i] && !mt_st_read_f32(&f, t, vals[i]), "read %s", t->name);
+    REQUIRE(!mt_st_writer_add(w, t->name, t->ndim, t->shape, vals[i]), "add %s", t->name);
+  }
+  char bare[400];
+  snprintf(bare, sizeof bare, "%s/model.safetensors", bare_dir);
+  REQUIRE(!mt_st_writer_commit(w, bare), "commit: %s", mt_errmsg());
+  mt_st_writer_free(w);
+  for (int i = 0; i < f.n; i++) free(vals[i]);
+  mt_st_close(&f);
+  snprintf(cfg_src, sizeof cfg_src, "%s/config.json", dir);
+  snprintf(cfg_dst, sizeof cfg_dst, "%s/config.json", bare_dir);
+  REQUIRE(!link(cfg_src, cfg_dst), "link config.json");
+  mt_gpt_config back;
+  REQUIRE(!mt_gpt_config_of_file(bare, &back), "config of %s: %s", bare, mt_errmsg());
+  REQUIRE(back.n_head == 4 && back.ln_eps == 1e-6f && back.n_layer == 2 && back.n_embd == 32 &&
+              back.vocab_size == 250 && back.max_seq == 16,
+          "read back: %d heads, eps %g", back.n_head, (double)back.ln_eps);
+
+  /* one file: config.json beside it names it; another file's is kept */
+  const char *one_dir = tmp_path("hf-one");
+  REQUIRE(!mkdir(one_dir, 0755), "mkdir");
+  REQUIRE(!mt_gpt_save_safetensors(&a, tmp_path("hf-one/a.safetensors")), "save a: %s",
+          mt_errmsg());
+  j = config_json(one_dir);
+  REQUIRE(j && !strcmp(json_string_value(json_object_get(j, "mtnlg_weights")), "a.safetensors") &&
+              !strcmp(json_string_value(json_object_get(j, "torch_dtype")), "float32"),
+          "config.json beside a.safetensors");
+  json_decref(j);
+  REQUIRE(!mt_gpt_save_safetensors_as(&a, tmp_path("hf-one/b.safetensors"), MT_ST_FP16),
+          "save b: %s", mt_errmsg());
+  j = config_json(one_dir);
+  REQUIRE(j && !strcmp(json_string_value(json_object_get(j, "mtnlg_weights")), "a.safetensors") &&
+              !strcmp(json_string_value(json_object_get(j, "torch_dtype")), "float32"),
+          "b's export replaced a's config.json");
+  json_decref(j);
+  REQUIRE(!mt_gpt_save_safetensors_as(&a, tmp_path("hf-one/a.safetensors"), MT_ST_FP16),
+          "save a again: %s", mt_errmsg());
+  j = config_json(one_dir);
+  REQUIRE(j && !strcmp(json_string_value(json_object_get(j, "torch_dtype")), "float16"),
+          "a's export again did not update its config.json");
+  json_decref(j);
+  /* another model's config.json stays byte for byte */
+  const char *theirs = "{\"model_type\": \"bert\"}\n";
+  char their_cfg[300];
+  snprintf(their_cfg, sizeof their_cfg, "%s/config.json", tmp_path("hf-theirs"));
+  REQUIRE(!mkdir(tmp_path("hf-theirs"), 0755), "mkdir");
+  FILE *fp = fopen(their_cfg, "w");
+  REQUIRE(fp && fputs(theirs, fp) >= 0 && !fclose(fp), "write %s", their_cfg);
+  REQUIRE(!mt_gpt_save_safetensors(&a, tmp_path("hf-theirs/model.safetensors")), "save: %s",
+          mt_errmsg());
+  size_t n;
+  char *kept = slurp(their_cfg, &n);
+  REQUIRE(kept && n == strlen(theirs) && !memcmp(kept, theirs, n), "another's config.json changed");
+  free(kept);
+  mt_gpt_destroy(&a);
+  return 0;
+}
+
 static const struct {
   const char *name;
   int (*fn)(void);
@@ -1052,6 +1312,9 @@ static const struct {
 #define T(f)                                                                                       \
   { #f, f }
     T(test_two_writers_of_one_path_do_not_mix),
+    T(test_bf16_and_fp16_exports_round_and_load_back),
+    T(test_fp16_overflow_is_refused_naming_the_tensor),
+    T(test_export_writes_config_json_of_the_model),
     T(test_reads_hand_written_f16_bf16_f32_f64),
     T(test_refuses_integer_dtype_as_floats),
     T(test_writer_output_is_valid_and_padded),
