@@ -1422,8 +1422,9 @@ static int st_write_hf_config(const mt_gpt_export *e, const char *dir) {
 
 /* A single file's config.json beside it: where there is none, or the one
  * there is an earlier export's of a file of this name. Another's (a
- * Hugging Face model's, or an export's of another file) is kept: the
- * export's own metadata says its model to mtnlg either way. */
+ * Hugging Face model's, or an export's of another file) is kept, said at
+ * info level (exports of several files into one directory are common, and
+ * the export's own metadata says its model to mtnlg either way). */
 static int st_config_beside_file(const mt_gpt_export *e) {
   char dir[4096], cfg[4096 + 16];
   snprintf(dir, sizeof dir, "%s", e->path);
@@ -1443,7 +1444,7 @@ static int st_config_beside_file(const mt_gpt_export *e) {
     int ours = of && !strcmp(of, base);
     json_decref(old);
     if (!ours) {
-      mt_log_warn("export %s: no config.json written: %s is another model's or another "
+      mt_log_info("export %s: no config.json written: %s is another model's or another "
                   "file's; an export to a directory (DIR/) has a config.json of its own",
                   e->path, cfg);
       return 0;

@@ -115,7 +115,7 @@ int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
  * it is the directory's (replaced, as save_pretrained does). Beside one
  * file X it is written only where no config.json is, or where the one
  * there is an earlier export's of a file named X ("mtnlg_weights": "X"):
- * another's config.json is kept, with a warning. */
+ * another's config.json is kept (logged at info level). */
 typedef struct mt_gpt_export mt_gpt_export;
 int mt_gpt_export_open(mt_gpt_export **e, const mt_gpt_config *cfg, const char *path);
 /* Whether an export to path writes the sharded layout: path is a

@@ -25,8 +25,9 @@ at steps 3 and 6, and --export's its weights at the end.
   still takes) end with it rather than at their deadline;
 - test_export_to_a_directory_is_written_by_every_stage: the resumed run
   below exports to DIR/, each stage's tp rank 0 writing its stage's
-  files; they and the index are `ckpt export`'s of the same checkpoint
-  to a directory, byte for byte, and no file holds two stages' tensors;
+  files; they, config.json and the index are `ckpt export`'s of the same
+  checkpoint to a directory, byte for byte, and no file holds two stages'
+  tensors;
 - test_stage_that_cannot_write_fails_the_export_without_an_index: with
   stage 1's file name taken by a directory, the run's export to DIR/
   fails naming stage 1 and the file, every rank ends with it rather than
@@ -364,7 +365,8 @@ def main():
         r = run([ctl, "ckpt", "export", os.path.join(ref_ckpt, "export-test"), offline + "/"])
         names = sorted(os.listdir(ref_export)) if os.path.isdir(ref_export) else []
         ok = ref.returncode == 0 and r.returncode == 0 and \
-            names == sorted(os.listdir(offline)) and len(names) == 3 and \
+            names == sorted(os.listdir(offline)) and len(names) == 4 and \
+            "config.json" in names and \
             all(open(os.path.join(ref_export, n), "rb").read() ==
                 open(os.path.join(offline, n), "rb").read() for n in names)
         detail = f"run's files {names}, offline {r.stdout.strip()[-300:]}"
