@@ -48,7 +48,7 @@ const char ctl_ckpt_help[] =
     "                   virtual stages (the chunks a stage holds) stay the checkpoint's\n"
     "                   unless --virtual-stages V sets them (1: plain 1F1B).\n"
     "  -o json          one object: {\"checked\": [...], \"problems\": [...]} (verify),\n"
-    "                   {\"checkpoint\", \"step\", \"path\", \"bytes\"} (export),\n"
+    "                   {\"checkpoint\", \"step\", \"path\", \"bytes\", \"dtype\"} (export),\n"
     "                   {\"checkpoint\", \"step\", \"path\", \"tp\", \"pp\"} (reshard)\n";
 
 typedef struct verify_ctx {
