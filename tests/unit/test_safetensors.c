@@ -1234,7 +1234,7 @@ static int test_export_writes_config_json_of_the_model(void) {
   json_decref(j);
 
   /* the file without its metadata: config.json alone says the heads and epsilon */
-  char bare_dir[300], src[300], cfg_src[300], cfg_dst[300];
+  char bare_dir[300], src[300], cfg_src[320], cfg_dst[320];
   snprintf(bare_dir, sizeof bare_dir, "%s", tmp_path("hf-config-bare"));
   REQUIRE(!mkdir(bare_dir, 0755), "mkdir");
   snprintf(src, sizeof src, "%s/model-00001-of-00001.safetensors", dir);
