@@ -67,6 +67,20 @@ def _step_records(lines):
     return out
 
 
+def output_losses(out):
+    """(step, loss) of each JSON step record in a process's output text
+    (--log-format json), other lines (stderr's, when merged) passed over."""
+    got = []
+    for line in out.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "loss" in rec and "step" in rec:
+            got.append((rec["step"], rec["loss"]))
+    return got
+
+
 def _die_with_parent():
     """In the child before exec: SIGTERM when the process that started it dies
     (prctl PR_SET_PDEATHSIG), so a daemon in a session of its own is not left

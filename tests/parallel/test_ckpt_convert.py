@@ -65,7 +65,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import check, license_tokens  # noqa: E402
+from local_cluster import check, license_tokens, output_losses as losses  # noqa: E402
 
 
 def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="export-test",
@@ -87,18 +87,6 @@ def write_job(path, tokens, ckpt, tp=2, pp=2, steps=6, init_from=None, name="exp
     with open(path, "w") as f:
         json.dump(job, f)
     return path
-
-
-def losses(out):
-    got = []
-    for line in out.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "loss" in rec and "step" in rec:
-            got.append((rec["step"], rec["loss"]))
-    return got
 
 
 def st_tensors(path):

@@ -37,7 +37,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import check, license_tokens  # noqa: E402
+from local_cluster import check, license_tokens, output_losses as losses  # noqa: E402
 
 BETA1, BETA2, EPS, LR = 0.9, 0.95, 1e-8, 3e-3
 
@@ -71,18 +71,6 @@ def write_job(path, tokens, ckpt, name, tp=1, pp=1, dp=1, steps=6, interval=3, l
 def run(cmd):
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300)
-
-
-def losses(out):
-    got = []
-    for line in out.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "loss" in rec and "step" in rec:
-            got.append((rec["step"], rec["loss"]))
-    return got
 
 
 def shard_arrays(path, names=("master", "adam_m", "adam_v")):

@@ -11,13 +11,14 @@ Checked, on the tiny model at tp 2 x dp 2 (ranks as threads):
   - a run saved by a dynamic scaler and resumed with a static scale goes on
     at the job's static scale, not at the saving run's.
 """
-import array
-import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from local_cluster import check, license_tokens  # noqa: E402
 
 
 def run(mtnlgd, job, tokens, steps, *sets):
@@ -34,22 +35,11 @@ def run(mtnlgd, job, tokens, steps, *sets):
     return out, lines
 
 
-def check(name, ok, detail):
-    print(f"{'ok' if ok else 'FAIL'} {name}: {detail}")
-    return 0 if ok else 1
-
-
 def main():
     mtnlgd, job = sys.argv[1], sys.argv[2]
-    data = b""
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f) and not os.path.islink(f):
-            data += open(f, "rb").read()
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = os.path.join(tmp, "tokens.u16")
-        with open(tokens, "wb") as fh:
-            fh.write(array.array("H", list(data[:100000])).tobytes())
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"), 100000)
         static = "train.loss_scale.dynamic=false"
 
         out, lines = run(mtnlgd, job, tokens, 4, static, "train.loss_scale.initial=1.2676506e30")
