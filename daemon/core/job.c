@@ -278,6 +278,21 @@ static bool read_str(problems *pb, json_t *obj, const char *prefix, const char *
   return true;
 }
 
+/* One of the float formats (train.precision, checkpoint.export_dtype):
+ * "fp32", "bf16" or "fp16" into out (8 bytes), left as it is when absent. */
+static void read_float_format(problems *pb, json_t *obj, const char *prefix, const char *key,
+                              char out[8]) {
+  char v[64] = "";
+  if (!read_str(pb, obj, prefix, key, v, sizeof v)) return;
+  if (!strcmp(v, "fp32") || !strcmp(v, "bf16") || !strcmp(v, "fp16")) {
+    memcpy(out, v, 5);
+    return;
+  }
+  char k[256];
+  full_key(k, sizeof k, prefix, key);
+  problem(pb, "%s: \"%s\" is not one of fp32, bf16, fp16", k, v);
+}
+
 /* read_str of a file or a dataset prefix, which cannot be empty: refused
  * under the key the job gave it */
 static void read_path(problems *pb, json_t *obj, const char *prefix, const char *key, char *out,
@@ -751,12 +766,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
     read_i64(pb, ramp, "train.rampup_batch", "tokens", 1, INT64_MAX, &g->rampup_tokens);
   }
   read_double(pb, o, "train", "clip_grad", &t->clip_grad);
-  char prec[64] = "fp32";
-  read_str(pb, o, "train", "precision", prec, sizeof prec);
-  if (!strcmp(prec, "fp32") || !strcmp(prec, "bf16") || !strcmp(prec, "fp16"))
-    memcpy(t->precision, prec, 5);
-  else
-    problem(pb, "train.precision: \"%s\" is not one of fp32, bf16, fp16", prec);
+  read_float_format(pb, o, "train", "precision", t->precision);
   json_t *ls = read_object(pb, o, "train", "loss_scale");
   check_keys(pb, ls, "train.loss_scale", loss_scale_keys);
   read_double(pb, ls, "train.loss_scale", "initial", &t->loss_scale.initial);
@@ -876,12 +886,7 @@ static void read_checkpoint(problems *pb, json_t *root, mt_checkpoint_spec *c) {
   read_str(pb, o, "checkpoint", "export", c->export_path, sizeof c->export_path);
   read_str(pb, o, "checkpoint", "load", c->load, sizeof c->load);
   read_bool(pb, o, "checkpoint", "load_optimizer", &c->load_optimizer);
-  char dtype[64] = "fp32";
-  read_str(pb, o, "checkpoint", "export_dtype", dtype, sizeof dtype);
-  if (!strcmp(dtype, "fp32") || !strcmp(dtype, "bf16") || !strcmp(dtype, "fp16"))
-    memcpy(c->export_dtype, dtype, 5);
-  else
-    problem(pb, "checkpoint.export_dtype: \"%s\" is not one of fp32, bf16, fp16", dtype);
+  read_float_format(pb, o, "checkpoint", "export_dtype", c->export_dtype);
 }
 
 static void set_defaults(mt_job *job) {
@@ -920,6 +925,7 @@ static void set_defaults(mt_job *job) {
   job->data.shuffle = 1;
   job->eval.interval = 0;
   job->checkpoint.resume_step = -1;
+  snprintf(job->checkpoint.export_dtype, sizeof job->checkpoint.export_dtype, "fp32");
   job->eval.iters = 10;
 }
 
@@ -1065,9 +1071,9 @@ static void resolve_run_length(problems *pb, mt_job *job) {
   int64_t given = t->length_given, seq = job->model.seq_len;
   if (given < 1) {
     check_fail(pb, key, "%" PRId64 " must be at least 1", given);
-    return;
+    goto unresolved;
   }
-  if (tokens && seq < 1) return;
+  if (tokens && seq < 1) goto unresolved;
   int64_t samples = tokens ? ceil_div(given, seq) : given;
   if (samples > (int64_t)1 << 50) {
     if (tokens)
@@ -1077,18 +1083,22 @@ static void resolve_run_length(problems *pb, mt_job *job) {
                  samples, seq);
     else
       check_fail(pb, key, "%" PRId64 " is over 2^50, the most this version takes", samples);
-    return;
+    goto unresolved;
   }
   const mt_rampup_spec *r = &t->rampup;
   bool ramp_given = r->start || r->increment || r->samples;
-  if (t->global_batch < 1 || (ramp_given && !ramp_ok(t))) return;
+  if (t->global_batch < 1 || (ramp_given && !ramp_ok(t))) goto unresolved;
   t->steps = steps_in(job, samples);
-  if (t->steps < 1)
-    check_fail(pb, key,
-               "%" PRId64 "%s hold no whole batch (the first is %d samples%s): the run would "
-               "have no step",
-               given, tokens ? " tokens" : " samples", mt_job_batch_at(job, 0),
-               tokens ? " of model.seq_len tokens" : "");
+  if (t->steps >= 1) return;
+  check_fail(pb, key,
+             "%" PRId64 "%s hold no whole batch (the first is %d samples%s): the run would "
+             "have no step",
+             given, tokens ? " tokens" : " samples", mt_job_batch_at(job, 0),
+             tokens ? " of model.seq_len tokens" : "");
+unresolved:
+  /* steps stays 0: what follows from train.steps (the decay, the warmup
+   * against it) would say nothing new */
+  mute(pb, "train.steps");
 }
 
 /* Values that follow from others: token lengths in steps (ceil: never less
@@ -1389,7 +1399,7 @@ static void validate(problems *pb, mt_job *job) {
                ls->initial, (double)FLT_MAX);
   if (!(ls->min > 0))
     check_fail(pb, "train.loss_scale.min", "%g must be > 0", ls->min);
-  else if (ls->initial > 0 && ls->min > ls->initial)
+  else if (ls->dynamic && ls->initial > 0 && ls->min > ls->initial) /* a static scale has no min */
     check_fail(pb, "train.loss_scale.min", "%g is above train.loss_scale.initial = %g", ls->min,
                ls->initial);
   if (ls->growth_interval < 1)
@@ -1421,6 +1431,13 @@ static void validate(problems *pb, mt_job *job) {
                (long long)c->resume_step);
   if (c->interval > 0 && !c->dir[0])
     check_fail(pb, "checkpoint.interval", "%d needs checkpoint.dir", c->interval);
+  /* an fp16 export refuses a weight past fp16's range, at the end of the
+   * run: without a checkpoint nothing would keep the trained weights */
+  if (!strcmp(c->export_dtype, "fp16") && !c->dir[0])
+    check_fail(pb, "checkpoint.export_dtype",
+               "fp16 needs checkpoint.dir: a weight past fp16's range fails the export at the end "
+               "of the run, and without a checkpoint the trained weights would be lost (export "
+               "bf16, or set checkpoint.dir and export fp16 from it with mtnlgctl ckpt export)");
   /* two sources of the starting weights: which one wins would be a guess */
   if (c->load[0] && job->model.init_from[0])
     check_fail(pb, "checkpoint.load",

@@ -771,6 +771,7 @@ static int operational_field(const char *path) {
                                       "train.exit_duration_mins",
                                       "train.exit_interval",
                                       "train.log_interval",
+                                      "train.log_params_norm",
                                       "parallel.dp_min",
                                       "parallel.dp_max",
                                       "parallel.micro_batch",

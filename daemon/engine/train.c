@@ -266,7 +266,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     const mt_loss_scale_spec *ls = &job->train.loss_scale;
     mt_loss_scale_opts o = mt_loss_scale_defaults();
     o.initial = (float)ls->initial;
-    o.min = (float)ls->min;
+    o.min = (float)(ls->dynamic ? ls->min : ls->initial); /* a static scale never backs off */
     o.growth_interval = ls->growth_interval;
     o.hysteresis = ls->hysteresis;
     o.fixed = !ls->dynamic;

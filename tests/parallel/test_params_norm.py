@@ -13,10 +13,10 @@ The tiny model trains 4 steps on real text at (tp, pp, dp) = (1, 1, 1) and
     on tp ranks but the first, the replicated tensors, so no parameter is
     counted twice or left out;
   - the text step line says "params norm X" after the grad norm;
-  - a job without the key prints no params norm (JSON nor text).
+  - a job without the key prints no params norm (JSON nor text);
+  - turning it on for a resume is no change to the run (the resume's log
+    does not say the run departs from the saved one's trajectory).
 """
-import array
-import glob
 import json
 import math
 import os
@@ -26,10 +26,13 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from local_cluster import check, license_tokens  # noqa: E402
 from test_layouts import st_load  # noqa: E402
 
 
-def run(mtnlgd, job, tokens, export, tp, pp, dp, log_format="json", norm=True):
+def run(mtnlgd, job, tokens, export, tp, pp, dp, log_format="json", norm=True, extra=(),
+        full=False):
     cmd = [mtnlgd, "--standalone", job, "--log-format", log_format,
            "--set", f"data.path={tokens}", "--set", "train.steps=4",
            "--set", "train.lr.warmup_steps=1", "--set", "model.n_layer=4",
@@ -38,29 +41,20 @@ def run(mtnlgd, job, tokens, export, tp, pp, dp, log_format="json", norm=True):
            "--set", f"parallel.dp_min={dp}", "--export", export]
     if norm:
         cmd += ["--set", "train.log_params_norm=true"]
+    for s in extra:
+        cmd += ["--set", s]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         print(out.stderr)
         raise SystemExit(f"tp {tp} pp {pp} dp {dp}: mtnlgd exited {out.returncode}")
-    return out.stdout
-
-
-def check(name, ok, detail):
-    print(f"{'ok' if ok else 'FAIL'} {name}: {detail}")
-    return 0 if ok else 1
+    return out if full else out.stdout
 
 
 def main():
     mtnlgd, job = sys.argv[1], sys.argv[2]
-    data = b""
-    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
-        if os.path.isfile(f) and not os.path.islink(f):
-            data += open(f, "rb").read()
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = os.path.join(tmp, "tokens.u16")
-        with open(tokens, "wb") as fh:
-            fh.write(array.array("H", list(data[:200000])).tobytes())
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
         norms = {}
         for layout in ((1, 1, 1), (2, 2, 2)):
             export = os.path.join(tmp, "w-%d-%d-%d.safetensors" % layout)
@@ -87,7 +81,7 @@ def main():
         failures += check("test_text_line_says_params_norm_after_the_grad_norm",
                           len(steps) == 4 and all(re.search(
                               r"\| grad norm [\d.]+ \| params norm [\d.]+ \| +[\d.]+ ms \|", l)
-                              for l in steps), steps[-1:])
+                              for l in steps), str(steps[-1:]))
         plain = run(mtnlgd, job, tokens, os.path.join(tmp, "p.safetensors"), 1, 1, 1, norm=False)
         text = run(mtnlgd, job, tokens, os.path.join(tmp, "q.safetensors"), 1, 1, 1, "text",
                    norm=False)
@@ -95,6 +89,17 @@ def main():
                           "params_norm" not in plain and "params norm" not in text
                           and plain.count('"step"') == 4, "json %r, text %r"
                           % (plain.splitlines()[-1:], text.splitlines()[-1:]))
+        # (the decay given: by default it follows train.steps, which the resume lengthens)
+        ck = ["checkpoint.dir=" + os.path.join(tmp, "ck"), "train.lr.decay_steps=6"]
+        run(mtnlgd, job, tokens, os.path.join(tmp, "r1.safetensors"), 1, 1, 1, norm=False,
+            extra=ck)
+        resumed = run(mtnlgd, job, tokens, os.path.join(tmp, "r2.safetensors"), 1, 1, 1,
+                      extra=ck + ["train.steps=6"], full=True)
+        said = [l for l in resumed.stderr.splitlines() if "resume: the job changed" in l]
+        failures += check("test_turning_it_on_for_a_resume_is_no_change_to_the_run",
+                          len(said) == 1 and "its trajectory does not" in said[0]
+                          and "log_params_norm" in said[0] and '"params_norm"' in resumed.stdout,
+                          str(said))
     print("%d failure(s)" % failures)
     sys.exit(1 if failures else 0)
 

@@ -360,6 +360,9 @@ static void test_validation_rules(void) {
       {"train.precision=fp8", NULL, "train.precision: \"fp8\" is not one of"},
       {"checkpoint.export_dtype=f16", NULL,
        "checkpoint.export_dtype: \"f16\" is not one of fp32, bf16, fp16"},
+      /* the end-of-run export could refuse a weight with nothing kept */
+      {"checkpoint.export_dtype=fp16", NULL,
+       "checkpoint.export_dtype: fp16 needs checkpoint.dir: a weight past fp16's range fails"},
       {"data.path=", NULL, "data.path: must not be empty"},
       /* one line for one mistake: not also lines about keys the job never
        * gave, from the defaults that stood in for a refused value */
@@ -527,6 +530,7 @@ static void test_export_dtype_round_trips_and_fp32_keeps_the_hash(void) {
   CHECK(!strcmp(back.checkpoint.export_dtype, "bf16") && !strcmp(back.hash, bf16.hash));
   free(text);
   free(text32);
+  CHECK(parse_with(&back, tiny_job, "checkpoint.export_dtype=fp16", "checkpoint.dir=ck") == MT_OK);
 }
 
 static void test_loss_scale_defaults_checks_and_round_trip(void) {
@@ -561,6 +565,9 @@ static void test_loss_scale_defaults_checks_and_round_trip(void) {
   CHECK(rc == MT_OK && !strcmp(back.hash, job.hash) && back.train.loss_scale.dynamic == 0);
   char unused[MT_JOB_UNUSED_MAX][256];
   CHECK(mt_job_unused(&job, unused) == 0);
+  /* a static scale below the dynamic one's min: no min to be above */
+  CHECK(parse_with(&job, tiny_job, "train.precision=fp16",
+                   "train.loss_scale={\"dynamic\": false, \"initial\": 0.5}") == MT_OK);
   CHECK(parse_with(&job, tiny_job, "train.precision=fp16", "train.loss_scale.dynamic=false") ==
         MT_OK);
   job.train.loss_scale.hysteresis = 5;
@@ -986,6 +993,9 @@ static void test_run_length_refusals_name_the_key_given(void) {
        "train.tokens: the run's length is given three times, as train.steps, train.samples and "
        "train.tokens"},
       {"train.samples=0", NULL, "train.samples: 0 must be at least 1"},
+      /* with a warmup: no second line comparing it with the 0 steps left */
+      {"train.samples=0", "train.lr={\"peak\": 1e-3, \"warmup_steps\": 3}",
+       "train.samples: 0 must be at least 1"},
       {"train.samples=-8", NULL, "train.samples: -8 must be at least 1"},
       {"train.tokens=0", NULL, "train.tokens: 0 must be at least 1"},
       {"train.samples=80.5", NULL, "train.samples: expected an integer, got 80.5"},

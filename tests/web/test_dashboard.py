@@ -516,7 +516,7 @@ def test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp):
         dt.call("Page.navigate", {"url": n0.url() + "/"})
         dt.wait_event("Page.loadEventFired", 15)
 
-        def n0_beat(d):  # n0's heartbeat cell (text, class); rows are in join order
+        def n0_beat(d):  # n0's heartbeat cell (text, class), found by name
             return dict(zip(d["rows"], d["beats"])).get("n0", ["", ""])
 
         def aged():  # the page showing an age past the fixed thresholds' 2 s
