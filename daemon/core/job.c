@@ -349,13 +349,13 @@ static void require(problems *pb, json_t *obj, const char *prefix, const char *k
 static const char *const top_keys[] = {"name", "description", "model", "parallel", "train",
                                        "data", "checkpoint",  "eval",  NULL};
 #define MODEL_FIELDS                                                                               \
-  "n_layer", "n_embd", "n_head", "vocab_size", "vocab_pad_to", "seq_len", "ln_eps", "init_std",    \
-      "hidden_dropout", "attention_dropout"
+  "n_layer", "n_embd", "n_head", "vocab_size", "vocab_pad_to", "seq_len", "max_positions",         \
+      "ln_eps", "init_std", "hidden_dropout", "attention_dropout"
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
-static const char *const preset_int_fields[] = {"n_layer",      "n_embd",  "n_head", "vocab_size",
-                                                "vocab_pad_to", "seq_len", NULL};
+static const char *const preset_int_fields[] = {
+    "n_layer", "n_embd", "n_head", "vocab_size", "vocab_pad_to", "seq_len", "max_positions", NULL};
 static const char *const parallel_keys[] = {"tp",
                                             "pp",
                                             "dp_min",
@@ -622,6 +622,7 @@ static void read_model(problems *pb, json_t *root, mt_model_spec *m) {
   read_int(pb, o, "model", "vocab_size", &m->vocab_size);
   read_int(pb, o, "model", "vocab_pad_to", &m->vocab_pad_to);
   read_int(pb, o, "model", "seq_len", &m->seq_len);
+  read_int(pb, o, "model", "max_positions", &m->max_positions);
   read_float(pb, o, "model", "ln_eps", &m->ln_eps);
   read_float(pb, o, "model", "init_std", &m->init_std);
   read_dropout(pb, o, "hidden_dropout", &m->hidden_dropout);
@@ -1104,6 +1105,13 @@ unresolved:
 /* Values that follow from others: token lengths in steps (ceil: never less
  * than the tokens asked for), LR defaults, the padded vocabulary. */
 static void derive(problems *pb, mt_job *job, const lr_given *g) {
+  mt_model_spec *m = &job->model;
+  if (m->max_positions == 0)
+    m->max_positions = m->seq_len; /* one position per token */
+  else if (m->max_positions < m->seq_len && m->seq_len >= 1)
+    check_fail(pb, "model.max_positions",
+               "%d is below model.seq_len %d: a sample's tokens past it would have no position",
+               m->max_positions, m->seq_len);
   mt_lr_spec *lr = &job->train.lr;
   mt_rampup_spec *ramp = &job->train.rampup;
   if (g->rampup_tokens >= 0 && job->model.seq_len >= 1) {
@@ -1160,7 +1168,6 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
                lr->warmup_steps, lr->decay_steps, whence);
   }
 
-  mt_model_spec *m = &job->model;
   if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && job->parallel.tp >= 1) {
     int64_t mult = (int64_t)m->vocab_pad_to * job->parallel.tp;
     int64_t padded = ceil_div(m->vocab_size, mult) * mult;
@@ -1253,6 +1260,7 @@ static void validate(problems *pb, mt_job *job) {
       {"model.n_embd", m->n_embd, 1 << 20},
       {"model.n_head", m->n_head, 1 << 16},
       {"model.seq_len", m->seq_len, 1 << 20},
+      {"model.max_positions", m->max_positions, 1 << 20},
       {"model.vocab_size", m->vocab_size, 1 << 26},
       {"train.global_batch", t->global_batch, 1 << 26},
   };
@@ -1268,7 +1276,7 @@ static void validate(problems *pb, mt_job *job) {
    * times 16 bytes, and a micro-batch's B x T x C (530B: 4.2e7) */
   if (in_bounds && m->n_layer >= 1 && m->n_embd >= 1 && m->vocab_size >= 1 && m->seq_len >= 1) {
     double h = m->n_embd,
-           params = 12.0 * m->n_layer * h * h + ((double)m->vocab_size + m->seq_len) * h;
+           params = 12.0 * m->n_layer * h * h + ((double)m->vocab_size + m->max_positions) * h;
     if (params > 1e15)
       check_fail(pb, "model", "%.3g parameters (n_layer %d, n_embd %d) are over 1e15", params,
                  m->n_layer, m->n_embd);
@@ -1531,6 +1539,10 @@ static json_t *job_to_json(const mt_job *job) {
                         json_integer(job->train.exit_interval));
   if (job->train.log_params_norm)
     json_object_set_new(json_object_get(root, "train"), "log_params_norm", json_true());
+  /* only when past seq_len: the jobs from before it keep their hash */
+  if (job->model.max_positions != job->model.seq_len)
+    json_object_set_new(json_object_get(root, "model"), "max_positions",
+                        json_integer(job->model.max_positions));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

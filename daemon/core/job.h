@@ -22,7 +22,9 @@ typedef struct mt_model_spec {
   int vocab_size;       /* real tokens */
   int vocab_pad_to;     /* pad vocab to a multiple of this (default 128) */
   int padded_vocab;     /* derived: roundup(vocab_size, vocab_pad_to * tp) */
-  int seq_len;          /* context length = learned positions */
+  int seq_len;          /* context length: the tokens of a sample */
+  int max_positions;    /* learned positions, rows of wpe (Megatron's --max-position-embeddings);
+                           at least seq_len; 0 as parsed: seq_len */
   float ln_eps;         /* LayerNorm epsilon (1e-5) */
   float init_std;       /* normal(0, init_std); output projections / sqrt(2 L) */
   float hidden_dropout; /* dropout on embeddings and residual branches */

@@ -492,8 +492,9 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
     if (!incomplete)
       incomplete = json_object_set_new(
           extra, "model",
-          json_pack("{s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd", ms->n_embd,
-                    "n_head", ms->n_head, "vocab_size", ms->vocab_size, "seq_len", ms->seq_len));
+          json_pack("{s:i, s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd", ms->n_embd,
+                    "n_head", ms->n_head, "vocab_size", ms->vocab_size, "seq_len", ms->seq_len,
+                    "max_positions", ms->max_positions));
     /* the whole resolved job: a resume names what changed since */
     char *job_text = mt_job_to_json(job);
     json_t *job_json = job_text ? json_loads(job_text, 0, NULL) : NULL;
@@ -1042,11 +1043,9 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     const struct {
       const char *key;
       int want;
-    } arch[] = {{"n_layer", ms->n_layer},
-                {"n_embd", ms->n_embd},
-                {"n_head", ms->n_head},
-                {"vocab_size", ms->vocab_size},
-                {"seq_len", ms->seq_len}};
+    } arch[] = {{"n_layer", ms->n_layer}, {"n_embd", ms->n_embd},
+                {"n_head", ms->n_head},   {"vocab_size", ms->vocab_size},
+                {"seq_len", ms->seq_len}, {"max_positions", ms->max_positions}};
     for (size_t k = 0; saved && k < sizeof arch / sizeof *arch && !failed; k++) {
       const json_t *v = json_object_get(saved, arch[k].key);
       if (json_is_integer(v) && json_integer_value(v) != arch[k].want) {
@@ -1323,7 +1322,7 @@ static int model_differs(const mt_model_spec *want, const mt_model_spec *got, ch
            {"n_head", want->n_head, got->n_head},
            {"vocab_size", want->vocab_size, got->vocab_size},
            {"vocab_pad_to", want->vocab_pad_to, got->vocab_pad_to},
-           {"seq_len", want->seq_len, got->seq_len}};
+           {"max_positions", want->max_positions, got->max_positions}};
   for (size_t k = 0; k < sizeof f / sizeof *f; k++)
     if (f[k].want != f[k].got) {
       snprintf(what, size, "model.%s: the checkpoint's model has %d, the job's %d", f[k].key,

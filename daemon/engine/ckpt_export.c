@@ -23,7 +23,7 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
                        .n_head = ms->n_head,
                        .vocab_size = ms->vocab_size,
                        .padded_vocab = ms->padded_vocab,
-                       .max_seq = ms->seq_len,
+                       .max_seq = ms->max_positions,
                        .ln_eps = ms->ln_eps,
                        .init_std = ms->init_std,
                        .hidden_dropout = ms->hidden_dropout,

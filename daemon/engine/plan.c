@@ -141,7 +141,7 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
   out->has_embedding = s == 0;
 
   int64_t params = out->n_layers * layer_params(h, t);
-  if (out->has_embedding) params += Vp * h / t + (int64_t)m->seq_len * h;
+  if (out->has_embedding) params += Vp * h / t + (int64_t)m->max_positions * h;
   if (out->has_head) params += 2 * h + (p > 1 ? Vp * h / t : 0);
   out->params = params;
   out->optimizer_params = ceil_div64(params, plan->dp);
@@ -301,7 +301,8 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
   out->padded_vocab = (int)padded_vocab_of(m, ps->tp);
   int64_t h = m->n_embd, Vp = out->padded_vocab;
-  out->model_params = Vp * h + (int64_t)m->seq_len * h + m->n_layer * layer_params(h, 1) + 2 * h;
+  out->model_params =
+      Vp * h + (int64_t)m->max_positions * h + m->n_layer * layer_params(h, 1) + 2 * h;
   out->usable_bytes = dev.memory_bytes * dev.usable_fraction;
   out->computed = 1;
 

@@ -80,6 +80,7 @@ static void test_tiny_preset_loads(void) {
   CHECK(!strcmp(job.data.path, "/jobs/tokens.u16"));
   CHECK(job.checkpoint.dir[0] == '\0' && job.checkpoint.interval == 0);
   CHECK(!strcmp(job.checkpoint.export_dtype, "fp32"));
+  CHECK(job.model.max_positions == job.model.seq_len); /* one position per token */
   CHECK(strlen(job.hash) == 16);
 }
 
@@ -358,6 +359,9 @@ static void test_validation_rules(void) {
       {"train.lr.schedule=step", NULL, "train.lr.schedule: \"step\" is not one of"},
       {"parallel.schedule=gpipe", NULL, "parallel.schedule: \"gpipe\" is not supported"},
       {"train.precision=fp8", NULL, "train.precision: \"fp8\" is not one of"},
+      {"model.max_positions=16", NULL,
+       "model.max_positions: 16 is below model.seq_len 64: a sample's tokens past it would have "
+       "no position"},
       {"checkpoint.export_dtype=f16", NULL,
        "checkpoint.export_dtype: \"f16\" is not one of fp32, bf16, fp16"},
       /* the end-of-run export could refuse a weight with nothing kept */
@@ -495,6 +499,7 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "train.loss_scale.dynamic=false",
       "train.log_interval=10",
       "train.log_params_norm=true",
+      "model.max_positions=128",
       "data.path=other.u16",
       "checkpoint.dir=ck",
       "checkpoint.interval=5",
