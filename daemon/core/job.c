@@ -388,8 +388,9 @@ static const char *const train_keys[] = {"global_batch",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {
-    "schedule",      "peak",        "min",          "warmup_steps",
-    "warmup_tokens", "decay_steps", "decay_tokens", NULL};
+    "schedule",        "peak",        "min",          "warmup_steps",
+    "warmup_tokens",   "decay_steps", "decay_tokens", "wsd_decay_steps",
+    "wsd_decay_style", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
 static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_interval",
                                               "hysteresis", "dynamic", NULL};
@@ -729,7 +730,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   if (o && !json_object_get(o, "lr")) problem(pb, "train.lr: missing (needs at least peak)");
   check_keys(pb, lr, "train.lr", lr_keys);
   if (lr) require(pb, lr, "train.lr", "peak", NULL);
-  char sched[16] = "cosine";
+  char sched[32] = "cosine";
   read_str(pb, lr, "train.lr", "schedule", sched, sizeof sched);
   if (!strcmp(sched, "constant"))
     t->lr.kind = MT_LR_CONSTANT;
@@ -737,8 +738,35 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
     t->lr.kind = MT_LR_COSINE;
   else if (!strcmp(sched, "linear"))
     t->lr.kind = MT_LR_LINEAR;
+  else if (!strcmp(sched, "inverse-square-root"))
+    t->lr.kind = MT_LR_INVERSE_SQRT;
+  else if (!strcmp(sched, "WSD"))
+    t->lr.kind = MT_LR_WSD;
   else
-    problem(pb, "train.lr.schedule: \"%s\" is not one of constant, cosine, linear", sched);
+    problem(pb,
+            "train.lr.schedule: \"%s\" is not one of constant, cosine, linear, "
+            "inverse-square-root, WSD",
+            sched);
+  bool wsd_steps =
+      read_i64(pb, lr, "train.lr", "wsd_decay_steps", 1, INT64_MAX, &t->lr.wsd_decay_steps);
+  char wsd[16] = "linear";
+  bool wsd_style = read_str(pb, lr, "train.lr", "wsd_decay_style", wsd, sizeof wsd);
+  static const char *const wsd_styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
+  int k = 0;
+  while (k < 4 && strcmp(wsd, wsd_styles[k])) k++;
+  if (k < 4)
+    t->lr.wsd_style = (mt_wsd_style)k;
+  else
+    problem(pb,
+            "train.lr.wsd_decay_style: \"%s\" is not one of linear, cosine, exponential, "
+            "minus_sqrt",
+            wsd);
+  if (t->lr.kind == MT_LR_WSD && !wsd_steps && !seen(pb, "train.lr.wsd_decay_steps"))
+    problem(pb, "train.lr.wsd_decay_steps: missing: the WSD schedule decays over the last "
+                "wsd_decay_steps of its decay (Megatron's --lr-wsd-decay-iters)");
+  else if (t->lr.kind != MT_LR_WSD && (wsd_steps || wsd_style) && !seen(pb, "train.lr.schedule"))
+    problem(pb, "train.lr.%s: only the WSD schedule reads it (train.lr.schedule is \"%s\")",
+            wsd_steps ? "wsd_decay_steps" : "wsd_decay_style", sched);
   read_double(pb, lr, "train.lr", "peak", &t->lr.peak);
   g->min = read_double(pb, lr, "train.lr", "min", &t->lr.min);
   read_length(pb, lr, "warmup", &t->lr.warmup_steps, &g->warmup_tokens);
@@ -1143,8 +1171,15 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
     check_fail(pb, g->decay_tokens >= 0 ? "train.lr.decay_tokens" : "train.lr.decay_steps",
                "a decay of 0 steps: a %s schedule decays over at least one (or set schedule "
                "\"constant\")",
-               lr->kind == MT_LR_COSINE ? "cosine" : "linear");
+               lr->kind == MT_LR_COSINE   ? "cosine"
+               : lr->kind == MT_LR_LINEAR ? "linear"
+                                          : "decaying");
   if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
+  if (lr->kind == MT_LR_WSD && lr->wsd_decay_steps > lr->decay_steps && lr->decay_steps > 0)
+    check_fail(pb, "train.lr.wsd_decay_steps",
+               "%" PRId64 " is past the decay's %" PRId64 " steps: WSD decays over the last "
+               "wsd_decay_steps of them",
+               lr->wsd_decay_steps, lr->decay_steps);
   /* a decay that follows train.steps says nothing new when train.steps was
    * refused itself (its default, 0, stood in) */
   if (lr->warmup_steps > lr->decay_steps && !decay_refused &&
@@ -1466,7 +1501,7 @@ static json_t *job_to_json_core(const mt_job *job) {
   const mt_parallel_spec *p = &job->parallel;
   const mt_train_spec *t = &job->train;
   const mt_checkpoint_spec *c = &job->checkpoint;
-  static const char *const kinds[] = {"constant", "cosine", "linear"};
+  static const char *const kinds[] = {"constant", "cosine", "linear", "inverse-square-root", "WSD"};
   return json_pack(
       "{s:s, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:s},"
       " s:{s:I, s:I, s:I, s:I, s:I, s:b, s:s, s:I},"
@@ -1539,6 +1574,12 @@ static json_t *job_to_json(const mt_job *job) {
                         json_integer(job->train.exit_interval));
   if (job->train.log_params_norm)
     json_object_set_new(json_object_get(root, "train"), "log_params_norm", json_true());
+  if (job->train.lr.kind == MT_LR_WSD) {
+    static const char *const styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
+    json_t *lr = json_object_get(json_object_get(root, "train"), "lr");
+    json_object_set_new(lr, "wsd_decay_steps", json_integer(job->train.lr.wsd_decay_steps));
+    json_object_set_new(lr, "wsd_decay_style", json_string(styles[job->train.lr.wsd_style]));
+  }
   /* only when past seq_len: the jobs from before it keep their hash */
   if (job->model.max_positions != job->model.seq_len)
     json_object_set_new(json_object_get(root, "model"), "max_positions",

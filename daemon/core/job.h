@@ -57,7 +57,22 @@ typedef struct mt_parallel_spec {
                                  before the next compute. Default 1. */
 } mt_parallel_spec;
 
-typedef enum { MT_LR_CONSTANT = 0, MT_LR_COSINE = 1, MT_LR_LINEAR = 2 } mt_lr_kind;
+typedef enum {
+  MT_LR_CONSTANT = 0,
+  MT_LR_COSINE = 1,
+  MT_LR_LINEAR = 2,
+  MT_LR_INVERSE_SQRT = 3, /* Megatron's inverse-square-root */
+  MT_LR_WSD = 4           /* warmup, stable at peak, then wsd_decay_steps of decay to min */
+} mt_lr_kind;
+
+/* How WSD's last wsd_decay_steps go from peak to min (Megatron's
+ * --lr-wsd-decay-style). */
+typedef enum {
+  MT_WSD_LINEAR = 0,
+  MT_WSD_COSINE = 1,
+  MT_WSD_EXPONENTIAL = 2,
+  MT_WSD_MINUS_SQRT = 3
+} mt_wsd_style;
 
 typedef struct mt_lr_spec {
   mt_lr_kind kind;
@@ -69,6 +84,8 @@ typedef struct mt_lr_spec {
    * schedule moves on by the samples of each applied update over
    * global_batch, as Megatron's sample-based schedule does. */
   int64_t warmup_steps, decay_steps;
+  int64_t wsd_decay_steps; /* WSD: the decay at the end of decay_steps (0 otherwise) */
+  mt_wsd_style wsd_style;
 } mt_lr_spec;
 
 /* Dynamic loss scaling of fp16 training (Megatron's DynamicGradScaler, its

@@ -437,6 +437,49 @@ static void test_lr_min_defaults_by_schedule(void) {
   CHECK(job.train.lr.kind == MT_LR_LINEAR && fabs(job.train.lr.min - 1e-4) < 1e-12);
 }
 
+/* Megatron's inverse-square-root and WSD schedules: read, carried back in
+ * the canonical JSON (WSD's keys only under WSD, so other jobs keep their
+ * hash), and each mistake one line naming its key. */
+static void test_lr_inverse_square_root_and_wsd(void) {
+  mt_job job, back;
+  CHECK(parse_with(&job, tiny_job, "train.lr.schedule=inverse-square-root", NULL) == MT_OK);
+  CHECK(job.train.lr.kind == MT_LR_INVERSE_SQRT);
+  CHECK(parse_with(&job, tiny_job, "train.lr.schedule=WSD",
+                   "train.lr={\"peak\": 1e-3, \"schedule\": \"WSD\", \"wsd_decay_steps\": 4, "
+                   "\"wsd_decay_style\": \"minus_sqrt\"}") == MT_OK);
+  CHECK(job.train.lr.kind == MT_LR_WSD && job.train.lr.wsd_decay_steps == 4 &&
+        job.train.lr.wsd_style == MT_WSD_MINUS_SQRT);
+  char *json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"wsd_decay_steps\":4") && strstr(json, "\"minus_sqrt\""));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        !strcmp(back.hash, job.hash) && back.train.lr.wsd_style == MT_WSD_MINUS_SQRT);
+  free(json);
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"train.lr.schedule=WSD", NULL, "train.lr.wsd_decay_steps: missing: the WSD schedule"},
+      {"train.lr.wsd_decay_steps=4", NULL,
+       "train.lr.wsd_decay_steps: only the WSD schedule reads it (train.lr.schedule is "
+       "\"cosine\")"},
+      {"train.lr={\"peak\": 1e-3, \"schedule\": \"WSD\", \"wsd_decay_steps\": 11}", NULL,
+       "train.lr.wsd_decay_steps: 11 is past the decay's 10 steps"},
+      {"train.lr={\"peak\": 1e-3, \"schedule\": \"WSD\", \"wsd_decay_steps\": 2, "
+       "\"wsd_decay_style\": \"sqrt\"}",
+       NULL, "train.lr.wsd_decay_style: \"sqrt\" is not one of linear, cosine, exponential"},
+      {"train.lr.schedule=wsd", NULL,
+       "train.lr.schedule: \"wsd\" is not one of constant, cosine, linear, inverse-square-root, "
+       "WSD"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
 static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
   mt_job a, b;
   const char *reordered = "{\"data\": {\"path\": \"tokens.u16\"},"
@@ -1132,6 +1175,7 @@ int main(void) {
   test_long_string_is_an_error_not_truncated();
   test_tokens_lengths_convert_to_steps();
   test_lr_min_defaults_by_schedule();
+  test_lr_inverse_square_root_and_wsd();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();

@@ -336,6 +336,53 @@ static void test_lr_warmup_then_cosine_to_min(void) {
   printf("  ok test_lr_warmup_then_cosine_to_min\n");
 }
 
+/* Megatron's get_lr for the two other decay styles, written out:
+ *   inverse-square-root: lr = max(min, peak * sqrt(max(warmup, 1)) / sqrt(max(n, 1)))
+ *   WSD: anneal = decay - wsd_decay; coeff 1 up to anneal, then over
+ *        r = (n - anneal) / wsd_decay: linear 1 - r, cosine (cos(pi r) + 1) / 2,
+ *        exponential 2 * 0.5^r - 1, minus_sqrt 1 - sqrt(r); lr = min + coeff (peak - min)
+ * both after the linear warmup, and min past the decay steps. */
+static void test_lr_inverse_square_root_and_wsd_are_megatrons(void) {
+  mt_lr_spec s = {.kind = MT_LR_INVERSE_SQRT,
+                  .peak = 1.0,
+                  .min = 0.01,
+                  .warmup_steps = 4,
+                  .decay_steps = 1000000};
+  const double isr[][2] = {{2, 0.5}, {4, 1.0}, {16, 0.5}, {64, 0.25}, {100, 0.2}, {1e5, 0.01}};
+  for (size_t i = 0; i < sizeof isr / sizeof *isr; i++)
+    CHECK(fabs(mt_lr_at(&s, isr[i][0]) - isr[i][1]) < 1e-12, "inverse-sqrt at %g: %g, want %g",
+          isr[i][0], mt_lr_at(&s, isr[i][0]), isr[i][1]);
+  s.decay_steps = 100;
+  CHECK(mt_lr_at(&s, 101) == 0.01, "inverse-sqrt past the decay: %g", mt_lr_at(&s, 101));
+  mt_lr_spec w = {.kind = MT_LR_WSD,
+                  .peak = 1.0,
+                  .min = 0.1,
+                  .warmup_steps = 10,
+                  .decay_steps = 110,
+                  .wsd_decay_steps = 20};
+  const struct {
+    mt_wsd_style style;
+    double at, want;
+  } wsd[] = {
+      {MT_WSD_LINEAR, 5, 0.5},
+      {MT_WSD_LINEAR, 50, 1.0},
+      {MT_WSD_LINEAR, 90, 1.0},
+      {MT_WSD_LINEAR, 100, 0.55},
+      {MT_WSD_LINEAR, 110, 0.1},
+      {MT_WSD_LINEAR, 111, 0.1},
+      {MT_WSD_COSINE, 100, 0.55},
+      {MT_WSD_COSINE, 95, 0.1 + 0.9 * 0.5 * (cos(M_PI / 4) + 1)},
+      {MT_WSD_EXPONENTIAL, 100, 0.1 + 0.9 * (2 * sqrt(0.5) - 1)},
+      {MT_WSD_MINUS_SQRT, 100, 0.1 + 0.9 * (1 - sqrt(0.5))},
+  };
+  for (size_t i = 0; i < sizeof wsd / sizeof *wsd; i++) {
+    w.wsd_style = wsd[i].style;
+    CHECK(fabs(mt_lr_at(&w, wsd[i].at) - wsd[i].want) < 1e-12, "WSD style %d at %g: %g, want %g",
+          (int)wsd[i].style, wsd[i].at, mt_lr_at(&w, wsd[i].at), wsd[i].want);
+  }
+  printf("  ok test_lr_inverse_square_root_and_wsd_are_megatrons\n");
+}
+
 static int write_tokens(char *path, const uint16_t *t, size_t n) {
   strcpy(path, "/tmp/mtnlg-test-XXXXXX");
   int fd = mkstemp(path);
@@ -1022,6 +1069,7 @@ int main(void) {
   test_bad_tokens_are_refused_with_position();
   test_decode_matches_the_whole_forward();
   test_lr_warmup_then_cosine_to_min();
+  test_lr_inverse_square_root_and_wsd_are_megatrons();
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
