@@ -186,6 +186,12 @@ int mt_ckpt_find(const char *job_dir, int64_t step, int verify, mt_ckpt *out);
  * exactly that step of its job), or a job's directory (the one a resume
  * would load, as mt_ckpt_find with step < 0). */
 int mt_ckpt_open_path(const char *dir, int verify, mt_ckpt *out);
+/* As mt_ckpt_open_path, but a job's directory means exactly the checkpoint
+ * its `latest` names (the newest committed step directory when it has no
+ * `latest`): one that fails its checks is the error, never passed over for
+ * an older one, and nothing is logged. For a caller that must start from
+ * the weights it was named (checkpoint.load), not from older ones. */
+int mt_ckpt_open_named(const char *dir, int verify, mt_ckpt *out);
 /* As mt_ckpt_find with step < 0 (which is below = INT64_MAX), among the
  * checkpoints older than step `below`: for a caller whose own checks failed
  * the one it was given. Never newer than latest's target. MT_ENOENT when no

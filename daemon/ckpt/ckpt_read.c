@@ -525,6 +525,18 @@ int mt_ckpt_open_path(const char *dir, int verify, mt_ckpt *out) {
   return mt_ckpt_find(job_dir, step, verify, out);
 }
 
+int mt_ckpt_open_named(const char *dir, int verify, mt_ckpt *out) {
+  char manifest[MT_CKPT_PATH_MAX + 16];
+  struct stat st;
+  snprintf(manifest, sizeof manifest, "%s/manifest.json", dir);
+  if (!stat(manifest, &st) && S_ISREG(st.st_mode)) return mt_ckpt_open_path(dir, verify, out);
+  int64_t latest = -1;
+  int rc = mt__ckpt_read_latest(dir, &latest);
+  if (rc == MT_ENOENT) return mt_ckpt_find(dir, -1, verify, out); /* no latest: the newest */
+  if (rc) return rc;
+  return mt_ckpt_find(dir, latest, verify, out);
+}
+
 /* A check that could not read a checkpoint (an I/O error, no memory) says
  * nothing of the checkpoint: a find stops there rather than take an older one,
  * which would train the steps between again for what may be a passing fault. */

@@ -1378,7 +1378,7 @@ int mt_trainer_load_from(mt_trainer *tr, const char *path, int load_optimizer) {
   /* rank 0 picks the checkpoint (the one a resume of that job would take,
    * never an older one in place of a damaged newer), every rank opens it */
   if (is0) {
-    rc = mt_ckpt_open_path(path, MT_CKPT_VERIFY_SIZES, &c);
+    rc = mt_ckpt_open_named(path, MT_CKPT_VERIFY_SIZES, &c);
     if (!rc && c.skipped) { /* an older one would start from other weights than named */
       snprintf(pick.why, sizeof pick.why,
                "its newest checkpoint failed its checks, and no older one is taken in its "

@@ -232,7 +232,9 @@ def main():
         def refused(name, job, *want):
             nonlocal ok, detail
             r = run([mtnlgd, "--standalone", job, "--log-format", "json"])
-            if r.returncode == 0 or losses(r.stdout) or not all(w in r.stdout for w in want):
+            # (and no "falling back" to an older checkpoint told before the refusal)
+            if r.returncode == 0 or losses(r.stdout) or not all(w in r.stdout for w in want) \
+                    or "falling back" in r.stdout or "instead of a newer" in r.stdout:
                 ok = False
                 detail += f"{name}: exit {r.returncode}, want {want}: {r.stdout[-1000:]}; "
 
