@@ -70,15 +70,8 @@ def _step_records(lines):
 def output_losses(out):
     """(step, loss) of each JSON step record in a process's output text
     (--log-format json), other lines (stderr's, when merged) passed over."""
-    got = []
-    for line in out.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "loss" in rec and "step" in rec:
-            got.append((rec["step"], rec["loss"]))
-    return got
+    return [(r["step"], r["loss"]) for r in _step_records(out.splitlines())
+            if isinstance(r, dict) and "loss" in r and "step" in r]
 
 
 def _die_with_parent():

@@ -158,13 +158,21 @@ static int make_norm_spans(mt_trainer *tr) {
   return 0;
 }
 
+/* Σ x² over this rank's slice of the gradients or the master weights
+ * (slice), every parameter counted once (spans: make_norm_spans's over
+ * that array; NULL where the slice counts whole): one read-back on a GPU,
+ * where a sumsq a tensor took hundreds a step. */
+static double slice_sumsq(mt_trainer *tr, const mt_sumsq_span *spans, const float *slice) {
+  mt_device *d = tr->dev;
+  if (!spans) return d->ops->sumsq(d, slice, tr->shard_n);
+  return d->ops->sumsq_multi(d, spans, tr->n_norm_spans);
+}
+
 /* The norm of the master weights after an update (Megatron's
  * --log-params-norm), summed as the gradient norm is: this rank's slice
  * less what another rank counts, then over the world. */
 static int params_norm(mt_trainer *tr, double *norm) {
-  mt_device *d = tr->dev;
-  double sumsq = tr->pnorm_spans ? d->ops->sumsq_multi(d, tr->pnorm_spans, tr->n_norm_spans)
-                                 : d->ops->sumsq(d, tr->model.params + tr->shard_lo, tr->shard_n);
+  double sumsq = slice_sumsq(tr, tr->pnorm_spans, tr->model.params + tr->shard_lo);
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, &sumsq, &sumsq, 1, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return rc;
@@ -682,15 +690,6 @@ static int other_device_failed(long long step, const char *what, const double vo
                    what);
 }
 
-/* Σ g² over this rank's slice, every parameter counted once (the spans of
- * make_norm_spans): one read-back on a GPU, where a sumsq a tensor took
- * hundreds a step. */
-static double slice_sumsq(mt_trainer *tr, const float *grad) {
-  mt_device *d = tr->dev;
-  if (!tr->norm_spans) return d->ops->sumsq(d, grad, tr->shard_n);
-  return d->ops->sumsq_multi(d, tr->norm_spans, tr->n_norm_spans);
-}
-
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
@@ -760,7 +759,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   double comm_ms = pipe_ms - (comm_t0 - t0);
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
-  double sumsq = slice_sumsq(tr, grad);
+  double sumsq = slice_sumsq(tr, tr->norm_spans, grad);
   if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
   /* ops cannot fail, so a fault one of this step's kernels met (a failed
    * launch or GEMM) is recorded on the device and told here; counted in the

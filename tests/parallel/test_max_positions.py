@@ -18,13 +18,14 @@ given A's 64-row export is refused naming wpe.
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import torch_gpt  # noqa: E402
 from local_cluster import check, license_tokens, output_losses  # noqa: E402
 from test_layouts import st_load  # noqa: E402
 
@@ -41,28 +42,9 @@ def run(mtnlgd, job, tokens, steps, *sets):
 
 def cut_wpe(src, dst, rows):
     """src's safetensors with wpe.weight cut to its first `rows` rows."""
-    with open(src, "rb") as f:
-        blob = f.read()
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    meta = header.pop("__metadata__", None)
-    out_header, parts, off = {}, [], 0
-    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        a, b = e["data_offsets"]
-        data = blob[8 + n + a: 8 + n + b]
-        shape = list(e["shape"])
-        if name == "wpe.weight":
-            data, shape = data[:rows * shape[1] * 4], [rows, shape[1]]
-        out_header[name] = {"dtype": e["dtype"], "shape": shape,
-                            "data_offsets": [off, off + len(data)]}
-        parts.append(data)
-        off += len(data)
-    if meta is not None:
-        out_header["__metadata__"] = meta
-    text = json.dumps(out_header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(dst, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(parts))
+    tensors, meta = torch_gpt.st_load(src)
+    tensors["wpe.weight"] = tensors["wpe.weight"][:rows]
+    torch_gpt.st_save(dst, tensors, meta)
 
 
 def main():
