@@ -24,6 +24,7 @@
 #include "plan.h"
 #include "safetensors.h"
 #include "steplog.h"
+#include "tboard.h"
 #include "threads.h"
 #include "train.h"
 
@@ -93,6 +94,7 @@ typedef struct step_printer {
   int log_every;
   int unsaved; /* the run stopped or ended, but its checkpoint failed */
   mt_steplog_acc acc;
+  mt_tboard *tboard; /* train.tensorboard_dir's writer, or NULL */
 } step_printer;
 
 /* A stop (or the end) whose checkpoint failed: the run ends there, but the
@@ -105,6 +107,7 @@ static void on_stopped(int64_t step, int why, const char *save_failed, int64_t s
 static void on_step(const mt_step_stats *st, void *arg) {
   step_printer *p = arg;
   mt_steplog(&p->acc, st, p->steps, p->log_every, p->json);
+  mt_tboard_step(p->tboard, st);
 }
 
 /* The node daemon: the config, then node.c's loop. */
@@ -447,7 +450,9 @@ static int run_standalone(const cli_opts *o) {
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
   step_printer printer = {.json = o->json,
                           .steps = job.train.steps,
-                          .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1};
+                          .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1,
+                          .tboard =
+                              o->proc_rank == 0 ? mt_tboard_new(job.train.tensorboard_dir) : NULL};
   mt_local_opts lo = {.job = &job,
                       .procs = o->procs,
                       .proc_rank = o->proc_rank,
@@ -462,6 +467,7 @@ static int run_standalone(const cli_opts *o) {
                       .arg = &printer};
   int rc = mt_local_run(&lo);
   if (rc) mt_log_error("%s", mt_errmsg());
+  mt_tboard_free(printer.tboard);
   mt_store_free(store);
   /* the node daemon's convention: 1 for what another try may pass (a lost
    * peer process, a timed-out collective), which a supervisor restarts; 2

@@ -194,6 +194,15 @@ static void on_step(const mt_step_stats *st, void *arg) {
     free(text);
     json_decref(j);
   }
+  if (n->holds_rank0) {
+    const char *tb = n->run_job.train.tensorboard_dir;
+    if (n->tboard && strcmp(mt_tboard_dir(n->tboard), tb)) { /* another job, or none */
+      mt_tboard_free(n->tboard);
+      n->tboard = NULL;
+    }
+    if (!n->tboard) n->tboard = mt_tboard_new(tb);
+    mt_tboard_step(n->tboard, st);
+  }
   mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
              !strcmp(n->cfg->log_format, "json"));
   sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
@@ -1302,6 +1311,7 @@ int mt_node_main(const mt_node_opts *o) {
 out:
   node_control_stop(n);
   mt_assignment_free(&n->asg);
+  mt_tboard_free(n->tboard);
   mt_coord_free(n->coord);
   mt_store_free(n->store);
   if (n->server) mt_store_server_thread_stop(n->server);

@@ -19,6 +19,7 @@
 #include "store.h"
 #include "store_server.h"
 #include "store_wire.h"
+#include "tboard.h"
 #include "train.h"
 
 extern const char *const mt_node_state_names[];
@@ -59,6 +60,7 @@ typedef struct node {
   const char *version;
 
   mt_steplog_acc steplog; /* the steps since the last printed line (the reporting rank's) */
+  mt_tboard *tboard;      /* train.tensorboard_dir's writer (world rank 0's node), or NULL */
 
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;

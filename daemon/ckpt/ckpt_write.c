@@ -64,33 +64,9 @@ int mt_ckpt_txn_set(mt_ckpt_txn *t, const char *job_dir, int64_t step, const cha
   return 0;
 }
 
-/* mkdir -p: the checkpoint root may not exist yet on a fresh node. A
- * directory made here is fsynced into its parent, so the first committed
- * checkpoint and its `latest` cannot vanish with it in a power cut. */
-static int make_dirs(const char *dir) {
-  char path[MT_CKPT_PATH_MAX];
-  snprintf(path, sizeof path, "%s", dir);
-  for (char *p = path + 1;; p++) {
-    if (*p != '/' && *p) continue;
-    char c = *p;
-    *p = 0;
-    int made = mkdir(path, 0755) == 0;
-    if (!made && errno != EEXIST)
-      return mt_seterr(MT_EIO, "ckpt: make directory %s: %s", path, strerror(errno));
-    int rc = made ? mt_fsync_parent_dir(path) : 0;
-    if (rc) return mt_wraperr(rc, "ckpt: made directory %s", path);
-    if (!c) break;
-    *p = c;
-  }
-  struct stat st;
-  if (stat(dir, &st) || !S_ISDIR(st.st_mode))
-    return mt_seterr(MT_EIO, "ckpt: %s is not a directory", dir);
-  return 0;
-}
-
 int mt_ckpt_check_dir(const char *job_dir) {
-  int rc = make_dirs(job_dir);
-  if (rc) return rc;
+  int rc = mt_make_dirs(job_dir);
+  if (rc) return mt_wraperr(rc, "ckpt");
   char probe[MT_CKPT_PATH_MAX + 64], suffix[32];
   mt_tmp_suffix(suffix, sizeof suffix);
   snprintf(probe, sizeof probe, "%s/.write-check.tmp.%s", job_dir, suffix);
@@ -112,7 +88,7 @@ int mt_ckpt_begin(mt_ckpt_txn *t, const char *job_dir, int64_t step) {
   snprintf(tag, sizeof tag, "%ld-%08x", (long)getpid(), r);
   int rc = mt_ckpt_txn_set(t, job_dir, step, tag);
   if (rc) return rc;
-  if ((rc = make_dirs(job_dir))) return rc;
+  if ((rc = mt_make_dirs(job_dir))) return mt_wraperr(rc, "ckpt");
 
   char dir[MT_CKPT_PATH_MAX + 32];
   step_dir_of(t, dir);

@@ -251,3 +251,25 @@ static int remove_dir_at(int dir_fd, const char *name, const char *shown, int de
 int mt_remove_tree(const char *dir) { return remove_dir_at(AT_FDCWD, dir, dir, 0); }
 
 void mt_remove_dir(const char *dir) { (void)mt_remove_tree(dir); }
+
+int mt_make_dirs(const char *dir) {
+  char path[4096];
+  if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path)
+    return mt_seterr(MT_EINVAL, "make directory %.200s...: the path is too long", dir);
+  for (char *p = path + 1;; p++) {
+    if (*p != '/' && *p) continue;
+    char c = *p;
+    *p = 0;
+    int made = mkdir(path, 0755) == 0;
+    if (!made && errno != EEXIST)
+      return mt_seterr(MT_EIO, "make directory %s: %s", path, strerror(errno));
+    int rc = made ? mt_fsync_parent_dir(path) : 0;
+    if (rc) return mt_wraperr(rc, "made directory %s", path);
+    if (!c) break;
+    *p = c;
+  }
+  struct stat st;
+  if (stat(dir, &st) || !S_ISDIR(st.st_mode))
+    return mt_seterr(MT_EIO, "%s is not a directory", dir);
+  return 0;
+}

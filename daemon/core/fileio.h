@@ -75,5 +75,10 @@ void mt_remove_dir(const char *dir);
 int mt_file_dir(FILE *f, const char *path, const char *what, char *dir, size_t cap);
 /* fsync of the directory that holds path (path names a file). */
 int mt_fsync_parent_dir(const char *path);
+/* mkdir -p: every directory made is fsynced into its parent, so what is
+ * committed under it later cannot vanish with it in a power cut. MT_EIO
+ * naming the directory that could not be made, or dir when it is no
+ * directory. */
+int mt_make_dirs(const char *dir);
 
 #endif

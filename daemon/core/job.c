@@ -385,6 +385,7 @@ static const char *const train_keys[] = {"global_batch",
                                          "exit_duration_mins",
                                          "exit_interval",
                                          "log_params_norm",
+                                         "tensorboard_dir",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {
@@ -805,6 +806,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_int(pb, ls, "train.loss_scale", "hysteresis", &t->loss_scale.hysteresis);
   read_int(pb, o, "train", "log_interval", &t->log_interval);
   read_bool(pb, o, "train", "log_params_norm", &t->log_params_norm);
+  read_path(pb, o, "train", "tensorboard_dir", t->tensorboard_dir, sizeof t->tensorboard_dir);
   read_double(pb, o, "train", "exit_duration_mins", &t->exit_duration_mins);
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
 }
@@ -1574,6 +1576,9 @@ static json_t *job_to_json(const mt_job *job) {
                         json_integer(job->train.exit_interval));
   if (job->train.log_params_norm)
     json_object_set_new(json_object_get(root, "train"), "log_params_norm", json_true());
+  if (job->train.tensorboard_dir[0]) /* only when given: other jobs keep their hash */
+    json_object_set_new(json_object_get(root, "train"), "tensorboard_dir",
+                        json_string(job->train.tensorboard_dir));
   if (job->train.lr.kind == MT_LR_WSD) {
     static const char *const styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
     json_t *lr = json_object_get(json_object_get(root, "train"), "lr");
@@ -1676,6 +1681,7 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
   resolve_path(&pb, "checkpoint.dir", job->checkpoint.dir, base_dir, overrides);
   resolve_path(&pb, "checkpoint.export", job->checkpoint.export_path, base_dir, overrides);
   resolve_path(&pb, "checkpoint.load", job->checkpoint.load, base_dir, overrides);
+  resolve_path(&pb, "train.tensorboard_dir", job->train.tensorboard_dir, base_dir, overrides);
 
   validate(&pb, job);
 

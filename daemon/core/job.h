@@ -137,6 +137,10 @@ typedef struct mt_train_spec {
                                     this long, it saves a checkpoint and stops (0: never) */
   int64_t exit_interval;         /* Megatron's --exit-interval: after a step that is a multiple
                                     of it (short of the last), saves and stops (0: never) */
+
+  /* Megatron's --tensorboard-dir: world rank 0's process writes each step's
+   * scalars there ("": none) */
+  char tensorboard_dir[MT_PATH_MAX];
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

@@ -773,6 +773,7 @@ static int operational_field(const char *path) {
                                       "train.exit_interval",
                                       "train.log_interval",
                                       "train.log_params_norm",
+                                      "train.tensorboard_dir",
                                       "parallel.dp_min",
                                       "parallel.dp_max",
                                       "parallel.micro_batch",

@@ -542,6 +542,7 @@ static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
       "train.loss_scale.dynamic=false",
       "train.log_interval=10",
       "train.log_params_norm=true",
+      "train.tensorboard_dir=tb",
       "model.max_positions=128",
       "data.path=other.u16",
       "checkpoint.dir=ck",
@@ -1161,6 +1162,32 @@ static void test_checkpoint_load_round_trip(void) {
   CHECK(absent);
 }
 
+/* train.tensorboard_dir: resolved against the job file's directory, written
+ * back only when given (other jobs keep their hash), empty refused. */
+static void test_tensorboard_dir_resolves_and_round_trips(void) {
+  mt_job a, b, plain;
+  const char *with_tb = "{\"model\": {\"preset\": \"tiny\"},"
+                        " \"train\": {\"global_batch\": 8, \"steps\": 10,"
+                        "             \"lr\": {\"peak\": 1e-3}, \"tensorboard_dir\": \"tb/run1\"},"
+                        " \"data\": {\"path\": \"tokens.u16\"}}";
+  CHECK(parse_with(&a, with_tb, NULL, NULL) == MT_OK);
+  CHECK(!strcmp(a.train.tensorboard_dir, "/jobs/tb/run1"));
+  char *text = mt_job_to_json(&a);
+  CHECK(text != NULL);
+  int rc = mt_job_parse(&b, text, NULL, presets, NULL);
+  free(text);
+  CHECK(rc == MT_OK && !strcmp(b.train.tensorboard_dir, a.train.tensorboard_dir) &&
+        !strcmp(a.hash, b.hash));
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.train.tensorboard_dir[0]);
+  text = mt_job_to_json(&plain);
+  CHECK(text != NULL);
+  int absent = strstr(text, "tensorboard") == NULL;
+  free(text);
+  CHECK(absent);
+  CHECK(parse_with(&b, tiny_job, "train.tensorboard_dir=", NULL) == MT_EINVAL);
+  CHECK(has_line(mt_errmsg(), "train.tensorboard_dir: must not be empty"));
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1192,6 +1219,7 @@ int main(void) {
   test_every_preset_is_valid();
   test_load_missing_file_is_eio();
   test_checkpoint_load_round_trip();
+  test_tensorboard_dir_resolves_and_round_trips();
   test_job_from_a_descriptor_takes_the_current_directory();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);

@@ -1,0 +1,39 @@
+/* tboard.h — the run's scalars as TensorBoard event files, as Megatron's
+ * --tensorboard-dir writes them: learning rate, batch size, loss, loss
+ * scale, gradient and params norms, step time, throughput and validation
+ * loss, one event per step. Only the process holding world rank 0 writes.
+ * Like the step line, writing never fails or stops a run: a directory or
+ * file that cannot be written is said once and the run goes on without it.
+ */
+#ifndef MT_TBOARD_H
+#define MT_TBOARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "train.h"
+
+typedef struct mt_tboard mt_tboard;
+
+/* A writer for dir (made if missing); nothing is opened before the first
+ * step. NULL when out of memory or dir is "" (no TensorBoard). */
+mt_tboard *mt_tboard_new(const char *dir);
+
+/* Appends st's scalars to this process's events file, opened on the first
+ * call (events.out.tfevents.<unix s>.<host>.<pid>.<n>). A step that does
+ * not follow the last one written (a resume, a rollback, a re-formed
+ * generation) starts a new session at it first, so TensorBoard drops the
+ * points past it that an earlier run wrote and the curve is the one the
+ * model followed. */
+void mt_tboard_step(mt_tboard *t, const mt_step_stats *st);
+
+/* The directory t writes to. */
+const char *mt_tboard_dir(const mt_tboard *t);
+
+/* Flushes to the disk and closes; t may be NULL. */
+void mt_tboard_free(mt_tboard *t);
+
+/* The masked CRC-32C of TFRecord framing, for tests. */
+uint32_t mt_tboard_masked_crc(const void *data, size_t n);
+
+#endif
