@@ -28,9 +28,10 @@
 
 struct mt_tboard {
   char dir[4096];
-  int fd;            /* -1 before the first step, or after a failure */
-  int failed;        /* said once; nothing more is written */
-  int64_t last_step; /* the last step written; -1 before any */
+  char path[4096 + 400]; /* the events file, once open */
+  int fd;                /* -1 before the first step, or after a failure */
+  int failed;            /* said once; nothing more is written */
+  int64_t last_step;     /* the last step written; -1 before any */
 };
 
 /* ---- CRC-32C (Castagnoli), reflected, as TFRecord frames its records ---- */
@@ -154,7 +155,7 @@ static void write_record(mt_tboard *t, const pbuf *e) {
   memcpy(rec + 12, e->b, e->n);
   uint32_t dc = mt_tboard_masked_crc(e->b, e->n);
   for (int i = 0; i < 4; i++) rec[12 + e->n + i] = (unsigned char)(dc >> (8 * i));
-  if (mt_write_all(t->fd, rec, e->n + 16, t->dir)) fail(t, mt_errmsg());
+  if (mt_write_all(t->fd, rec, e->n + 16, t->path)) fail(t, mt_errmsg());
 }
 
 static void open_file(mt_tboard *t) {
@@ -168,10 +169,11 @@ static void open_file(mt_tboard *t) {
   char host[256] = "localhost";
   if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "localhost");
   host[sizeof host - 1] = 0;
-  char path[4096 + 400];
+  char *path = t->path;
+  size_t cap = sizeof t->path;
   for (int k = 0; k < 100; k++) {
-    snprintf(path, sizeof path, "%s/events.out.tfevents.%lld.%s.%d.%d", t->dir,
-             (long long)time(NULL), host, (int)getpid(), k);
+    snprintf(path, cap, "%s/events.out.tfevents.%lld.%s.%d.%d", t->dir, (long long)time(NULL), host,
+             (int)getpid(), k);
     t->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0644);
     if (t->fd >= 0 || errno != EEXIST) break;
   }
