@@ -386,12 +386,21 @@ static const char *const train_keys[] = {"global_batch",
                                          "exit_interval",
                                          "log_params_norm",
                                          "tensorboard_dir",
+                                         "weight_decay_schedule",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
-static const char *const lr_keys[] = {
-    "schedule",        "peak",        "min",          "warmup_steps",
-    "warmup_tokens",   "decay_steps", "decay_tokens", "wsd_decay_steps",
-    "wsd_decay_style", NULL};
+static const char *const lr_keys[] = {"schedule",
+                                      "peak",
+                                      "min",
+                                      "warmup_steps",
+                                      "warmup_tokens",
+                                      "decay_steps",
+                                      "decay_tokens",
+                                      "wsd_decay_steps",
+                                      "wsd_decay_style",
+                                      "warmup_init",
+                                      NULL};
+static const char *const wd_schedule_keys[] = {"style", "start", "end", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
 static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_interval",
                                               "hysteresis", "dynamic", NULL};
@@ -713,6 +722,57 @@ static void read_run_length(problems *pb, json_t *o, mt_train_spec *t) {
   read_i64(pb, o, "train", "steps", INT64_MIN, INT64_MAX, &t->steps);
 }
 
+/* train.weight_decay_schedule, Megatron's weight-decay increment: style
+ * (constant, linear, cosine), start, and end, which is train.weight_decay
+ * (given as either, or as both alike). wd_given: train.weight_decay was. */
+static void read_wd_schedule(problems *pb, json_t *o, mt_train_spec *t, bool wd_given) {
+  static const char *const K = "train.weight_decay_schedule";
+  json_t *ws = read_object(pb, o, "train", "weight_decay_schedule");
+  if (!ws) return;
+  check_keys(pb, ws, K, wd_schedule_keys);
+  require(pb, ws, K, "style", ": one of constant, linear, cosine");
+  char style[16] = "";
+  bool style_ok = false;
+  if (read_str(pb, ws, K, "style", style, sizeof style)) {
+    static const char *const styles[] = {"constant", "linear", "cosine"};
+    int k = 0;
+    while (k < 3 && strcmp(style, styles[k])) k++;
+    if (k < 3)
+      t->wd.style = (mt_wd_style)k, style_ok = true;
+    else
+      problem(pb, "%s.style: \"%s\" is not one of constant, linear, cosine", K, style);
+  }
+  double end = t->weight_decay;
+  bool has_end = read_double(pb, ws, K, "end", &end);
+  bool has_start = read_double(pb, ws, K, "start", &t->wd.start);
+  if (has_end && !(end >= 0 && end <= FLT_MAX)) {
+    problem(pb, "%s.end: %g must be >= 0 and at most %g (a float)", K, end, (double)FLT_MAX);
+    mute(pb, "train.weight_decay"); /* it is end */
+    return;
+  }
+  if (has_end && wd_given && end != t->weight_decay) {
+    problem(pb,
+            "%s.end: %g is not train.weight_decay = %g: the schedule ends at the job's weight "
+            "decay (give one of them, or both alike)",
+            K, end, t->weight_decay);
+    return;
+  }
+  t->weight_decay = end;
+  if (has_start && !(t->wd.start >= 0 && t->wd.start <= FLT_MAX))
+    problem(pb, "%s.start: %g must be >= 0 and at most %g (a float)", K, t->wd.start,
+            (double)FLT_MAX);
+  else if (style_ok && t->wd.style != MT_WD_CONSTANT && !has_start && !json_object_get(ws, "start"))
+    problem(pb,
+            "%s.start: missing: the %s schedule goes from start to end (%s = %g) over the "
+            "run (Megatron's --start-weight-decay)",
+            K, style, has_end ? "its end" : "train.weight_decay", end);
+  else if (style_ok && t->wd.style == MT_WD_CONSTANT && has_start && t->wd.start != end)
+    problem(pb,
+            "%s.start: %g is not its end %g: a constant schedule holds one weight decay "
+            "(Megatron asserts start == end; linear or cosine moves it)",
+            K, t->wd.start, end);
+}
+
 static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g) {
   json_t *o = read_object(pb, root, "", "train");
   if (!json_object_get(root, "train")) {
@@ -770,6 +830,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
             wsd_steps ? "wsd_decay_steps" : "wsd_decay_style", sched);
   read_double(pb, lr, "train.lr", "peak", &t->lr.peak);
   g->min = read_double(pb, lr, "train.lr", "min", &t->lr.min);
+  read_double(pb, lr, "train.lr", "warmup_init", &t->lr.warmup_init);
   read_length(pb, lr, "warmup", &t->lr.warmup_steps, &g->warmup_tokens);
   read_length(pb, lr, "decay", &t->lr.decay_steps, &g->decay_tokens);
   g->decay = lr && (json_object_get(lr, "decay_steps") || json_object_get(lr, "decay_tokens"));
@@ -779,7 +840,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_double(pb, adam, "train.adam", "beta1", &t->beta1);
   read_double(pb, adam, "train.adam", "beta2", &t->beta2);
   read_double(pb, adam, "train.adam", "eps", &t->adam_eps);
-  read_double(pb, o, "train", "weight_decay", &t->weight_decay);
+  read_wd_schedule(pb, o, t, read_double(pb, o, "train", "weight_decay", &t->weight_decay));
 
   json_t *ramp = read_object(pb, o, "train", "rampup_batch");
   check_keys(pb, ramp, "train.rampup_batch", rampup_keys);
@@ -1156,14 +1217,19 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
     if (g->warmup_tokens >= 0) lr->warmup_steps = ceil_div(g->warmup_tokens, tokens_per_step);
     if (g->decay_tokens >= 0) lr->decay_steps = ceil_div(g->decay_tokens, tokens_per_step);
   }
-  if (!g->decay) lr->decay_steps = job->train.steps;
-  /* under a ramp-up the run's steps read fewer samples than as many full
-   * batches: the decay ends with the run (Megatron's lr_decay_samples
-   * defaults to train_samples) */
-  const mt_train_spec *t = &job->train;
-  bool ramp_decay =
-      !g->decay && ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch;
-  if (ramp_decay) lr->decay_steps = ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch);
+  /* the run's length in steps of global_batch: under a ramp-up the run's
+   * steps read fewer samples than as many full batches, and the default
+   * decay and the weight decay's increment end with the run (Megatron's
+   * lr_decay_samples defaults to train_samples, wd_incr_steps is it) */
+  mt_train_spec *t = &job->train;
+  bool ramp_run = ramp_ok(t) && t->steps >= 1 && t->steps <= ((int64_t)1 << 50) / t->global_batch;
+  int64_t run_steps =
+      ramp_run ? ceil_div(mt_job_samples_of(job, 0, t->steps), t->global_batch) : t->steps;
+  bool ramp_decay = !g->decay && ramp_run;
+  if (!g->decay) lr->decay_steps = run_steps;
+  t->wd.incr_steps = run_steps;
+  t->wd.end = t->weight_decay;
+  if (t->wd.style == MT_WD_CONSTANT) t->wd.start = t->wd.end;
   /* a decay length that was refused itself (its default, 0, stood in) says
    * nothing new about the decay or the warmup */
   bool decay_refused = seen(pb, "train.lr.decay_steps") || seen(pb, "train.lr.decay_tokens");
@@ -1177,6 +1243,17 @@ static void derive(problems *pb, mt_job *job, const lr_given *g) {
                : lr->kind == MT_LR_LINEAR ? "linear"
                                           : "decaying");
   if (!g->min) lr->min = lr->kind == MT_LR_CONSTANT ? lr->peak : 0.1 * lr->peak;
+  if (lr->warmup_init != 0 &&
+      !(lr->warmup_init >= 0 && (lr->warmup_init <= lr->peak || !(lr->peak > 0 && lr->peak < 1e6))))
+    check_fail(pb, "train.lr.warmup_init",
+               "%g must be >= 0 and at most train.lr.peak = %g: the "
+               "warmup rises from it to peak",
+               lr->warmup_init, lr->peak);
+  else if (lr->warmup_init != 0 && lr->warmup_steps == 0 && !seen(pb, "train.lr.warmup_steps") &&
+           !seen(pb, "train.lr.warmup_tokens"))
+    check_fail(pb, "train.lr.warmup_init",
+               "%g starts a warmup, and the job has none (train.lr.warmup_steps is 0)",
+               lr->warmup_init);
   if (lr->kind == MT_LR_WSD && lr->wsd_decay_steps > lr->decay_steps && lr->decay_steps > 0)
     check_fail(pb, "train.lr.wsd_decay_steps",
                "%" PRId64 " is past the decay's %" PRId64 " steps: WSD decays over the last "
@@ -1584,6 +1661,17 @@ static json_t *job_to_json(const mt_job *job) {
     json_t *lr = json_object_get(json_object_get(root, "train"), "lr");
     json_object_set_new(lr, "wsd_decay_steps", json_integer(job->train.lr.wsd_decay_steps));
     json_object_set_new(lr, "wsd_decay_style", json_string(styles[job->train.lr.wsd_style]));
+  }
+  /* only when set: the jobs from before them keep their hash */
+  if (job->train.lr.warmup_init != 0)
+    json_object_set_new(json_object_get(json_object_get(root, "train"), "lr"), "warmup_init",
+                        json_real(job->train.lr.warmup_init));
+  if (job->train.wd.style != MT_WD_CONSTANT) {
+    static const char *const styles[] = {"constant", "linear", "cosine"};
+    const mt_wd_spec *wd = &job->train.wd;
+    json_object_set_new(json_object_get(root, "train"), "weight_decay_schedule",
+                        json_pack("{s:s, s:f, s:f}", "style", styles[wd->style], "start", wd->start,
+                                  "end", wd->end));
   }
   /* only when past seq_len: the jobs from before it keep their hash */
   if (job->model.max_positions != job->model.seq_len)

@@ -86,7 +86,25 @@ typedef struct mt_lr_spec {
   int64_t warmup_steps, decay_steps;
   int64_t wsd_decay_steps; /* WSD: the decay at the end of decay_steps (0 otherwise) */
   mt_wsd_style wsd_style;
+  double warmup_init; /* the lr the warmup rises from to peak (Megatron's --lr-warmup-init; 0) */
 } mt_lr_spec;
+
+/* How the weight decay goes from start to end over the run (Megatron's
+ * --weight-decay-incr-style). */
+typedef enum { MT_WD_CONSTANT = 0, MT_WD_LINEAR = 1, MT_WD_COSINE = 2 } mt_wd_style;
+
+/* Megatron's weight-decay increment (--start-weight-decay,
+ * --end-weight-decay): from start at the first update to end at the end of
+ * the run. Constant (the default): end, which is train.weight_decay,
+ * throughout. */
+typedef struct mt_wd_spec {
+  mt_wd_style style;
+  double start, end;
+  /* The run's length in steps of global_batch, the span of the increment
+   * (derived: under a batch ramp-up the run's samples over global_batch,
+   * rounded up, as the lr's default decay; not written out) */
+  int64_t incr_steps;
+} mt_wd_spec;
 
 /* Dynamic loss scaling of fp16 training (Megatron's DynamicGradScaler, its
  * flags' defaults): the scale starts at initial, halves once hysteresis
@@ -125,8 +143,9 @@ typedef struct mt_train_spec {
   int64_t length_given;
   uint64_t seed;
   mt_lr_spec lr;
-  double beta1, beta2, adam_eps, weight_decay;
-  double clip_grad;              /* global norm; 0 = off */
+  double beta1, beta2, adam_eps, weight_decay; /* weight_decay: wd.end under a schedule */
+  mt_wd_spec wd;                               /* train.weight_decay_schedule */
+  double clip_grad;                            /* global norm; 0 = off */
   char precision[8];             /* "fp32", "bf16" or "fp16": what the forward and backward read
                                     the weights in; the master weights stay fp32 */
   mt_loss_scale_spec loss_scale; /* used by fp16 only */

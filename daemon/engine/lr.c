@@ -1,15 +1,16 @@
-/* lr.c — Megatron's schedule (OptimizerParamScheduler.get_lr): linear warmup
- * from 0 to peak over warmup steps, then cosine (or linear) decay from peak
- * to min over the rest of the decay steps, then min; inverse-square-root
- * (peak * sqrt(warmup / step), not below min); WSD (warmup, stable at peak,
- * then its own decay over the last wsd_decay_steps of the decay). */
+/* lr.c — Megatron's schedules (OptimizerParamScheduler): get_lr, linear
+ * warmup from warmup_init (0) to peak over warmup steps, then cosine (or
+ * linear) decay from peak to min over the rest of the decay steps, then min;
+ * inverse-square-root (peak * sqrt(warmup / step), not below min); WSD
+ * (warmup, stable at peak, then its own decay over the last wsd_decay_steps
+ * of the decay). get_wd: the weight decay from start to end over the run. */
 #include "lr.h"
 
 #include <math.h>
 
 double mt_lr_at(const mt_lr_spec *s, double done) {
   if (s->warmup_steps > 0 && done <= (double)s->warmup_steps)
-    return s->peak * done / (double)s->warmup_steps;
+    return s->warmup_init + (s->peak - s->warmup_init) * done / (double)s->warmup_steps;
   if (s->kind == MT_LR_CONSTANT) return s->peak;
   if (done > (double)s->decay_steps && s->kind != MT_LR_COSINE && s->kind != MT_LR_LINEAR)
     return s->min;
@@ -34,4 +35,12 @@ double mt_lr_at(const mt_lr_spec *s, double done) {
   double ratio = (done - (double)s->warmup_steps) / (double)span;
   double coeff = s->kind == MT_LR_COSINE ? 0.5 * (cos(M_PI * ratio) + 1.0) : 1.0 - ratio;
   return s->min + coeff * (s->peak - s->min);
+}
+
+double mt_wd_at(const mt_wd_spec *w, double done) {
+  if (w->style == MT_WD_CONSTANT || w->incr_steps <= 0 || done > (double)w->incr_steps)
+    return w->end;
+  double ratio = done / (double)w->incr_steps;
+  double coeff = w->style == MT_WD_COSINE ? 0.5 * (cos(M_PI * (1.0 - ratio)) + 1.0) : ratio;
+  return w->start + coeff * (w->end - w->start);
 }

@@ -1,5 +1,6 @@
 /* lr.h — learning-rate schedules: constant, or linear warmup then cosine or
- * linear decay to min, as Megatron's OptimizerParamScheduler. Lengths are in
+ * linear decay to min, and the weight decay's, as Megatron's
+ * OptimizerParamScheduler. Lengths are in
  * steps (the job spec converts token lengths). Pure functions of their
  * arguments: no state, so every rank and a resumed run agree. */
 #ifndef MT_LR_H
@@ -16,5 +17,10 @@
  * overflow, a non-finite norm) applies no update, so it moves the schedule
  * on no more than Megatron's train_step does. */
 double mt_lr_at(const mt_lr_spec *s, double done);
+
+/* Weight decay of the update made after `done` updates (counted as for
+ * mt_lr_at): Megatron's get_wd, start at done = 0, end from done =
+ * incr_steps (the run's end) on; end throughout for a constant one. */
+double mt_wd_at(const mt_wd_spec *w, double done);
 
 #endif

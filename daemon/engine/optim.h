@@ -10,10 +10,11 @@
 #include "gpt.h"
 
 typedef struct mt_adamw {
-  double beta1, beta2, eps, weight_decay;
-  int64_t t;    /* steps taken */
-  size_t lo, n; /* the slice [lo, lo + n) of the flat parameters it updates */
-  float *m, *v; /* device, n floats each: 1/dp of the model under ZeRO-1 */
+  double beta1, beta2, eps;
+  double weight_decay; /* of the next update: the trainer sets it from the schedule each step */
+  int64_t t;           /* steps taken */
+  size_t lo, n;        /* the slice [lo, lo + n) of the flat parameters it updates */
+  float *m, *v;        /* device, n floats each: 1/dp of the model under ZeRO-1 */
   mt_device *dev;
   mt_adamw_slice *slices; /* host: one per tensor the slice meets, for adamw_multi */
   int n_slices;

@@ -792,7 +792,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * position is in steps of the job's global batch now, as its lengths are
    * (under a ramp-up, or resumed with another global batch, that is not
    * Adam's t) */
-  double lr = mt_lr_at(&job->train.lr, (double)tr->lr_samples / job->train.global_batch);
+  double done = (double)tr->lr_samples / job->train.global_batch;
+  double lr = mt_lr_at(&job->train.lr, done);
+  /* and the weight decay the same way: a resume recomputes it from there */
+  tr->opt.weight_decay = mt_wd_at(&job->train.wd, done);
   if (fp16) {
     /* every rank holds the same scaler and sees the same norm: all skip alike */
     st->skipped = mt_loss_scale_update(&tr->scaler, !isfinite(norm));

@@ -31,6 +31,10 @@ static int failures;
 
 static const char *const presets[] = {MT_PRESET_DIR, NULL};
 
+/* tiny_job's hash from before train.lr.warmup_init and
+ * train.weight_decay_schedule: a job without them keeps its hash */
+#define TINY_JOB_HASH "ada038af3160cc86"
+
 /* A small valid job; tests edit it through overrides. */
 static const char *tiny_job = "{\"model\": {\"preset\": \"tiny\"},"
                               " \"train\": {\"global_batch\": 8, \"steps\": 10,"
@@ -469,6 +473,107 @@ static void test_lr_inverse_square_root_and_wsd(void) {
       {"train.lr.schedule=wsd", NULL,
        "train.lr.schedule: \"wsd\" is not one of constant, cosine, linear, inverse-square-root, "
        "WSD"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
+/* Megatron's weight-decay increment (train.weight_decay_schedule, its end
+ * train.weight_decay) and --lr-warmup-init (train.lr.warmup_init): read,
+ * the increment spanning the run (its samples under a ramp-up, as the
+ * default decay), carried back in the canonical JSON only when set, so a
+ * job without them keeps its hash, and each mistake one line naming its
+ * key. */
+static void test_weight_decay_schedule_and_warmup_init(void) {
+  mt_job job, back, plain;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK);
+  CHECK(plain.train.wd.style == MT_WD_CONSTANT && plain.train.wd.start == 0.1 &&
+        plain.train.wd.end == 0.1 && plain.train.lr.warmup_init == 0.0);
+  /* the hash tiny_job had before these keys existed */
+  CHECK(!strcmp(plain.hash, TINY_JOB_HASH));
+  char *json = mt_job_to_json(&plain);
+  CHECK(json && !strstr(json, "weight_decay_schedule") && !strstr(json, "warmup_init"));
+  free(json);
+  /* the defaults given explicitly, and a constant schedule (start == end),
+   * are that job */
+  CHECK(parse_with(&job, tiny_job, "train.lr.warmup_init=0",
+                   "train.weight_decay_schedule={\"style\": \"constant\", \"start\": 0.1}") ==
+        MT_OK);
+  CHECK(!strcmp(job.hash, plain.hash));
+
+  CHECK(parse_with(&job, tiny_job,
+                   "train.weight_decay_schedule={\"style\": \"cosine\", \"start\": 0.01, "
+                   "\"end\": 0.2}",
+                   "train.lr={\"peak\": 1e-3, \"warmup_steps\": 2, \"warmup_init\": 1e-4}") ==
+        MT_OK);
+  CHECK(job.train.wd.style == MT_WD_COSINE && job.train.wd.start == 0.01 &&
+        job.train.wd.end == 0.2 && job.train.weight_decay == 0.2 && job.train.wd.incr_steps == 10);
+  CHECK(job.train.lr.warmup_init == 1e-4);
+  json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"weight_decay_schedule\":{\"end\":0.2") &&
+        strstr(json, "\"style\":\"cosine\"") && strstr(json, "\"warmup_init\":0.0001"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        !strcmp(back.hash, job.hash) && back.train.wd.style == MT_WD_COSINE &&
+        back.train.wd.start == 0.01 && back.train.wd.end == 0.2 &&
+        back.train.lr.warmup_init == 1e-4);
+  free(json);
+  CHECK(strcmp(job.hash, plain.hash));
+  /* end is train.weight_decay when not given, and both may be given alike */
+  CHECK(parse_with(&job, tiny_job,
+                   "train.weight_decay_schedule={\"style\": \"linear\", \"start\": 0}",
+                   "train.weight_decay=0.3") == MT_OK);
+  CHECK(job.train.wd.style == MT_WD_LINEAR && job.train.wd.start == 0.0 && job.train.wd.end == 0.3);
+  CHECK(parse_with(&back, tiny_job,
+                   "train.weight_decay_schedule={\"style\": \"linear\", \"start\": 0, \"end\": "
+                   "0.3}",
+                   "train.weight_decay=0.3") == MT_OK);
+  CHECK(!strcmp(back.hash, job.hash));
+  /* under a ramp-up the increment spans the run's samples in full batches,
+   * as the default decay does: ceil(60 / 8) */
+  CHECK(parse_with(&job, tiny_job,
+                   "train.rampup_batch={\"start\": 2, \"increment\": 2, \"samples\": 24}",
+                   "train.steps=12") == MT_OK);
+  CHECK(job.train.wd.incr_steps == 8 && job.train.lr.decay_steps == 8);
+  /* a decay given in steps leaves the increment at the run's length */
+  CHECK(parse_with(&job, tiny_job, "train.lr.decay_steps=4", NULL) == MT_OK);
+  CHECK(job.train.wd.incr_steps == 10);
+
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"train.weight_decay_schedule={\"style\": \"linear\", \"end\": 0.1}", NULL,
+       "train.weight_decay_schedule.start: missing: the linear schedule goes from start to end"},
+      {"train.weight_decay_schedule={\"start\": 0, \"end\": 0.1}", NULL,
+       "train.weight_decay_schedule.style: missing: one of constant, linear, cosine"},
+      {"train.weight_decay_schedule={\"style\": \"exponential\", \"start\": 0}", NULL,
+       "train.weight_decay_schedule.style: \"exponential\" is not one of constant, linear, cosine"},
+      {"train.weight_decay_schedule={\"style\": \"linear\", \"start\": -0.1}", NULL,
+       "train.weight_decay_schedule.start: -0.1 must be >= 0"},
+      {"train.weight_decay_schedule={\"style\": \"linear\", \"start\": 0, \"end\": -1}", NULL,
+       "train.weight_decay_schedule.end: -1 must be >= 0"},
+      {"train.weight_decay_schedule={\"style\": \"linear\", \"start\": 0, \"end\": 0.2}",
+       "train.weight_decay=0.1",
+       "train.weight_decay_schedule.end: 0.2 is not train.weight_decay = 0.1"},
+      {"train.weight_decay_schedule={\"style\": \"constant\", \"start\": 0.01}", NULL,
+       "train.weight_decay_schedule.start: 0.01 is not its end 0.1: a constant schedule"},
+      {"train.weight_decay_schedule={\"style\": \"linear\", \"start\": 0, \"steps\": 3}", NULL,
+       "train.weight_decay_schedule.steps: unknown key"},
+      {"train.weight_decay_schedule=0.1", NULL, "train.weight_decay_schedule: expected an object"},
+      {"train.weight_decay=-0.5", NULL, "train.weight_decay: -0.5 must be >= 0"},
+      {"train.lr={\"peak\": 1e-3, \"warmup_steps\": 2, \"warmup_init\": 2e-3}", NULL,
+       "train.lr.warmup_init: 0.002 must be >= 0 and at most train.lr.peak = 0.001"},
+      {"train.lr={\"peak\": 1e-3, \"warmup_steps\": 2, \"warmup_init\": -1e-4}", NULL,
+       "train.lr.warmup_init: -0.0001 must be >= 0"},
+      {"train.lr.warmup_init=1e-4", NULL,
+       "train.lr.warmup_init: 0.0001 starts a warmup, and the job has none"},
+      {"train.lr={\"peak\": 1e-3, \"warmup_steps\": 2, \"warmup_init\": \"0\"}", NULL,
+       "train.lr.warmup_init: expected a number"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
@@ -1203,6 +1308,7 @@ int main(void) {
   test_tokens_lengths_convert_to_steps();
   test_lr_min_defaults_by_schedule();
   test_lr_inverse_square_root_and_wsd();
+  test_weight_decay_schedule_and_warmup_init();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();

@@ -383,6 +383,98 @@ static void test_lr_inverse_square_root_and_wsd_are_megatrons(void) {
   printf("  ok test_lr_inverse_square_root_and_wsd_are_megatrons\n");
 }
 
+/* Megatron's OptimizerParamScheduler.get_wd, written out: num_steps and
+ * wd_incr_steps in samples; end past the increment and for constant (which
+ * asserts start == end), then start + coeff (end - start) over ratio =
+ * num_steps / wd_incr_steps: linear ratio, cosine (cos(pi (1 - ratio)) + 1) / 2. */
+static double megatron_get_wd(double start, double end, const char *style, double num_steps,
+                              double wd_incr_steps) {
+  if (num_steps > wd_incr_steps || !strcmp(style, "constant")) return end;
+  double ratio = num_steps / wd_incr_steps;
+  double coeff = !strcmp(style, "linear") ? ratio : 0.5 * (cos(M_PI * (1.0 - ratio)) + 1.0);
+  return start + coeff * (end - start);
+}
+
+/* get_lr's warmup with --lr-warmup-init: init + (max - init) n / warmup. */
+static double megatron_warmup_lr(double init, double max, double num_steps, double warmup) {
+  return init + (max - init) * num_steps / warmup;
+}
+
+/* mt_wd_at is Megatron's get_wd for every style, over the whole run (in
+ * samples under a batch ramp-up, as the lr counts them), and mt_lr_at's
+ * warmup starts at warmup_init under every schedule, as get_lr's does. */
+static void test_wd_schedule_and_warmup_init_are_megatrons(void) {
+  const char *styles[] = {"constant", "linear", "cosine"};
+  const double at[] = {0, 1, 25, 50, 62.5, 99, 100, 101, 1000};
+  for (int k = 0; k < 3; k++) {
+    mt_wd_spec w = {.style = (mt_wd_style)k, .start = 0.01, .end = 0.1, .incr_steps = 100};
+    if (k == MT_WD_CONSTANT) w.start = w.end;
+    for (size_t i = 0; i < sizeof at / sizeof *at; i++) {
+      /* Megatron counts samples: global batch 8, 800 samples over the run */
+      double want = megatron_get_wd(w.start, w.end, styles[k], 8 * at[i], 800);
+      CHECK(fabs(mt_wd_at(&w, at[i]) - want) < 1e-15, "wd %s at %g: %.17g, want %.17g", styles[k],
+            at[i], mt_wd_at(&w, at[i]), want);
+    }
+  }
+  mt_wd_spec c = {.style = MT_WD_COSINE, .start = 0.0, .end = 0.1, .incr_steps = 100};
+  CHECK(fabs(mt_wd_at(&c, 50) - 0.05) < 1e-15 &&
+            fabs(mt_wd_at(&c, 25) - 0.05 * (1 - sqrt(0.5))) < 1e-15,
+        "cosine: %g at the middle, %g at a quarter", mt_wd_at(&c, 50), mt_wd_at(&c, 25));
+
+  /* under a ramp-up (batches 4 until 16 samples are read, then 8) the
+   * increment runs over the run's samples: Megatron's wd_incr_steps is
+   * train_samples, 16 + 4 x 8 = 48 for 8 steps */
+  char json[512];
+  for (int k = 0; k < 3; k++) {
+    snprintf(json, sizeof json,
+             "{\"model\":{\"preset\":\"tiny\"},\"parallel\":{\"micro_batch\":4},"
+             "\"train\":{\"global_batch\":8,\"steps\":8,\"rampup_batch\":{\"start\":4,"
+             "\"increment\":4,\"samples\":16},\"weight_decay_schedule\":{\"style\":\"%s\","
+             "\"start\":%s,\"end\":0.3},\"lr\":{\"peak\":1e-3}},\"data\":{\"path\":\"t.u16\"}}",
+             styles[k], k ? "0.02" : "0.3");
+    mt_job job;
+    CHECK(!mt_job_parse(&job, json, "/tmp", preset_dirs, NULL), "%s", mt_errmsg());
+    CHECK(mt_job_samples_of(&job, 0, 8) == 48, "the ramp-up run reads %lld samples",
+          (long long)mt_job_samples_of(&job, 0, 8));
+    int64_t num = 0; /* Megatron's num_steps: the samples of the updates applied */
+    for (int s = 0; s <= 9; s++) {
+      double got = mt_wd_at(&job.train.wd, (double)num / 8);
+      double want = megatron_get_wd(k ? 0.02 : 0.3, 0.3, styles[k], (double)num, 48);
+      CHECK(fabs(got - want) < 1e-15,
+            "ramp-up, %s: update %d after %lld samples at wd %.17g, "
+            "want %.17g",
+            styles[k], s + 1, (long long)num, got, want);
+      num += mt_job_batch_at(&job, num);
+    }
+  }
+
+  mt_lr_spec kinds[] = {
+      {.kind = MT_LR_COSINE, .peak = 1.0, .min = 0.1, .warmup_steps = 10, .decay_steps = 110},
+      {.kind = MT_LR_LINEAR, .peak = 1.0, .min = 0.1, .warmup_steps = 10, .decay_steps = 110},
+      {.kind = MT_LR_CONSTANT, .peak = 1.0, .min = 1.0, .warmup_steps = 10},
+      {.kind = MT_LR_INVERSE_SQRT, .peak = 1.0, .min = 0.1, .warmup_steps = 10, .decay_steps = 110},
+      {.kind = MT_LR_WSD,
+       .peak = 1.0,
+       .min = 0.1,
+       .warmup_steps = 10,
+       .decay_steps = 110,
+       .wsd_decay_steps = 20},
+  };
+  const double warm[] = {0, 0.5, 1, 5, 9, 10};
+  for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+    mt_lr_spec s = kinds[k];
+    double after = mt_lr_at(&s, 60);
+    s.warmup_init = 0.2;
+    for (size_t i = 0; i < sizeof warm / sizeof *warm; i++)
+      CHECK(fabs(mt_lr_at(&s, warm[i]) - megatron_warmup_lr(0.2, 1.0, warm[i], 10)) < 1e-15,
+            "schedule %d, warmup from 0.2 at %g: %.17g, want %.17g", (int)s.kind, warm[i],
+            mt_lr_at(&s, warm[i]), megatron_warmup_lr(0.2, 1.0, warm[i], 10));
+    CHECK(mt_lr_at(&s, 60) == after, "schedule %d after the warmup: %g, was %g", (int)s.kind,
+          mt_lr_at(&s, 60), after);
+  }
+  printf("  ok test_wd_schedule_and_warmup_init_are_megatrons\n");
+}
+
 static int write_tokens(char *path, const uint16_t *t, size_t n) {
   strcpy(path, "/tmp/mtnlg-test-XXXXXX");
   int fd = mkstemp(path);
@@ -1057,6 +1149,105 @@ static void test_load_from_takes_weights_and_optionally_the_moments(void) {
   printf("  ok test_load_from_takes_weights_and_optionally_the_moments\n");
 }
 
+/* Copies this (dp 1) trainer's master weights and Adam's moments. */
+static int snapshot_update_state(mt_trainer *tr, float *p, float *m, float *v) {
+  size_t n = tr->opt.n, bytes = n * sizeof(float);
+  return mt_device_memcpy_dtoh(tr->dev, p, tr->model.params, bytes) ||
+         mt_device_memcpy_dtoh(tr->dev, m, tr->opt.m, bytes) ||
+         mt_device_memcpy_dtoh(tr->dev, v, tr->opt.v, bytes);
+}
+
+/* The largest |p1 - AdamW's update of p0| over the trainer's tensors, in
+ * float roundings (of the weight's magnitude, and of the step: lr x 1e-6),
+ * the update written out (torch.optim.AdamW's: p (1 - lr wd) - lr m^ /
+ * (sqrt(v^) + eps), wd only on the tensors that decay) with Adam's new
+ * moments m1, v1 at its count t: the gradient needs no recomputing. */
+static double adamw_mismatch(const mt_trainer *tr, const float *p0, const float *p1,
+                             const float *m1, const float *v1, double lr, double wd) {
+  const mt_job *job = tr->job;
+  double t = (double)tr->opt.t, worst = 0.0;
+  double bc1 = 1.0 - pow(job->train.beta1, t), bc2 = 1.0 - pow(job->train.beta2, t);
+  for (int k = 0; k < tr->model.n_tensors; k++) {
+    const mt_param *q = &tr->model.params_table[k];
+    double d = q->decay ? wd : 0.0;
+    for (size_t i = q->offset; i < q->offset + q->numel; i++) {
+      double want = (double)p0[i] * (1.0 - lr * d) -
+                    lr * (m1[i] / bc1) / (sqrt(v1[i] / bc2) + job->train.adam_eps);
+      double e = fabs(p1[i] - want) / (2e-7 * fabs(want) + 1e-6 * lr);
+      if (e > worst) worst = e;
+    }
+  }
+  return worst;
+}
+
+/* The trainer's updates apply Megatron's weight decay of each step
+ * (train.weight_decay_schedule, cosine from 0.02 to 0.5 here) and the lr of
+ * a warmup from train.lr.warmup_init, both at the samples of the updates
+ * applied under a batch ramp-up (batches 2, 2, 2, 2, then 4: the run's 16
+ * samples are 4 steps of global_batch 4), before and after a resume (which
+ * recomputes them from the checkpoint's count). Every step is checked
+ * against AdamW with get_wd's and get_lr's values, and would not pass at the
+ * job's constant end value (what a schedule that never reached the
+ * optimizer would leave). */
+static void test_trainer_applies_the_scheduled_weight_decay_and_warmup_lr(void) {
+  char path[64], dir[] = "/tmp/mtnlg-test-ckpt-XXXXXX", job_dir[128], json[1024];
+  CHECK(!pattern_data(path, dir), "temp files");
+  snprintf(json, sizeof json,
+           "{\"name\":\"wd\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16},"
+           "\"parallel\":{\"micro_batch\":2},\"train\":{\"global_batch\":4,\"steps\":6,"
+           "\"seed\":5,\"clip_grad\":0,\"rampup_batch\":{\"start\":2,\"increment\":2,"
+           "\"samples\":8},\"weight_decay_schedule\":{\"style\":\"cosine\",\"start\":0.02,"
+           "\"end\":0.5},\"lr\":{\"schedule\":\"constant\",\"peak\":2e-3,\"warmup_steps\":2,"
+           "\"warmup_init\":5e-4}},\"data\":{\"path\":\"%s\"},\"checkpoint\":{\"dir\":\"%s\"}}",
+           path, dir);
+  mt_job job;
+  mt_trainer tr;
+  mt_step_stats st;
+  mt_checkpoint_result res;
+  int64_t resumed = -1;
+  CHECK(!mt_job_parse(&job, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
+  CHECK(!mt_trainer_create(&tr, &job, &dev, NULL), "%s", mt_errmsg());
+  mt_checkpoint_job_dir(&job, job_dir, sizeof job_dir);
+  size_t n = tr.opt.n;
+  float *buf = malloc(6 * n * sizeof(float));
+  CHECK(buf, "memory");
+  float *p0 = buf, *m0 = buf + n, *v0 = buf + 2 * n, *p1 = buf + 3 * n, *m1 = buf + 4 * n,
+        *v1 = buf + 5 * n;
+  int64_t num = 0; /* Megatron's num_steps: samples of the updates applied; 16 in all */
+  for (int s = 1; s <= 6; s++) {
+    if (s == 4) { /* a resume recomputes both from its step */
+      CHECK(!mt_trainer_save(&tr, job_dir, &res), "save: %s", mt_errmsg());
+      mt_trainer_destroy(&tr);
+      CHECK(!mt_trainer_create(&tr, &job, &dev, NULL), "%s", mt_errmsg());
+      CHECK(!mt_trainer_resume(&tr, job_dir, -1, &resumed) && resumed == 3, "resume: %s",
+            mt_errmsg());
+    }
+    CHECK(!snapshot_update_state(&tr, p0, m0, v0), "%s", mt_errmsg());
+    CHECK(!mt_trainer_step(&tr, &st) && !st.skipped, "step %d: %s", s, mt_errmsg());
+    CHECK(!snapshot_update_state(&tr, p1, m1, v1), "%s", mt_errmsg());
+    double wd = megatron_get_wd(0.02, 0.5, "cosine", (double)num, 16);
+    double lr = num <= 8 ? megatron_warmup_lr(5e-4, 2e-3, (double)num, 8) : 2e-3;
+    CHECK(fabs(st.lr - lr) < 1e-15, "step %d: lr %.17g, want %.17g", s, st.lr, lr);
+    double err = adamw_mismatch(&tr, p0, p1, m1, v1, lr, wd);
+    double at_end = adamw_mismatch(&tr, p0, p1, m1, v1, lr, 0.5);
+    printf("    step %d: wd %.6f, lr %.6g: %.3g roundings from AdamW's update, %.3g at wd 0.5\n", s,
+           wd, lr, err, at_end);
+    CHECK(err < 1.0,
+          "step %d (%lld samples applied): %.3g roundings from AdamW at wd %.6g, lr %.6g", s,
+          (long long)num, err, wd, lr);
+    /* the check tells the scheduled decay from the constant one */
+    CHECK(wd > 0.49 || at_end > 20,
+          "step %d: wd 0.5 for %.6g gives updates only %.3g roundings off", s, wd, at_end);
+    num += mt_job_batch_at(&job, num);
+  }
+  CHECK(num == 16 && tr.lr_samples == 16, "samples applied %lld, the trainer's %lld",
+        (long long)num, (long long)tr.lr_samples);
+  mt_trainer_destroy(&tr);
+  free(buf);
+  remove_data(path, dir);
+  printf("  ok test_trainer_applies_the_scheduled_weight_decay_and_warmup_lr\n");
+}
+
 int main(void) {
   if (mt_device_open(&dev, "cpu:0")) {
     printf("cannot open cpu:0: %s\n", mt_errmsg());
@@ -1070,6 +1261,7 @@ int main(void) {
   test_decode_matches_the_whole_forward();
   test_lr_warmup_then_cosine_to_min();
   test_lr_inverse_square_root_and_wsd_are_megatrons();
+  test_wd_schedule_and_warmup_init_are_megatrons();
   test_samples_overlap_by_one_token_and_wrap();
   test_microbatch_split_keeps_trajectory();
   test_resume_with_another_global_batch_reads_on();
@@ -1083,6 +1275,7 @@ int main(void) {
   test_resume_step_rolls_back_and_sets_aside_newer();
   test_step_0_checkpoint_is_resumed_and_rolls_back();
   test_load_from_takes_weights_and_optionally_the_moments();
+  test_trainer_applies_the_scheduled_weight_decay_and_warmup_lr();
   printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }
