@@ -798,10 +798,11 @@ typedef struct job_changes {
   char text[1024], other[1024];
   size_t len, other_len;
   int n, material;
+  int steps_material; /* a weight-decay schedule runs over train.steps (either job's) */
 } job_changes;
 
 static void note_change(job_changes *ch, const char *path, const json_t *was, const json_t *now) {
-  int material = !operational_field(path);
+  int material = !operational_field(path) || (ch->steps_material && !strcmp(path, "train.steps"));
   ch->n++;
   ch->material += material;
   char *out = material ? ch->text : ch->other;
@@ -850,6 +851,12 @@ static void log_job_changes(const char *dir, const char *saved_hash, const json_
     return;
   }
   job_changes ch = {0};
+  /* the weight decay's increment spans the run (Megatron's wd_incr_steps is
+   * the run's length): another length moves it, as it does a decay that
+   * follows train.steps (train.lr.decay_steps changes with it) */
+  ch.steps_material =
+      json_object_get(json_object_get(saved_job, "train"), "weight_decay_schedule") ||
+      json_object_get(json_object_get(now, "train"), "weight_decay_schedule");
   diff_job(&ch, "", saved_job, now);
   json_decref(now);
   if (ch.material)

@@ -1149,6 +1149,30 @@ static void test_load_from_takes_weights_and_optionally_the_moments(void) {
   printf("  ok test_load_from_takes_weights_and_optionally_the_moments\n");
 }
 
+/* Runs fn(arg) with this process's stderr (where the log goes) into out. */
+static int with_stderr_captured(char *out, size_t cap, int (*fn)(void *), void *arg) {
+  char path[] = "/tmp/mtnlg-test-stderr-XXXXXX";
+  int fd = mkstemp(path), saved = dup(2);
+  if (fd < 0 || saved < 0) return -1;
+  dup2(fd, 2);
+  int rc = fn(arg);
+  dup2(saved, 2);
+  close(saved);
+  ssize_t n = pread(fd, out, cap - 1, 0);
+  out[n > 0 ? n : 0] = '\0';
+  close(fd);
+  unlink(path);
+  return rc;
+}
+
+static int resume_newest(void *arg) {
+  mt_trainer *tr = arg;
+  char job_dir[128];
+  int64_t resumed;
+  mt_checkpoint_job_dir(tr->job, job_dir, sizeof job_dir);
+  return mt_trainer_resume(tr, job_dir, -1, &resumed);
+}
+
 /* Copies this (dp 1) trainer's master weights and Adam's moments. */
 static int snapshot_update_state(mt_trainer *tr, float *p, float *m, float *v) {
   size_t n = tr->opt.n, bytes = n * sizeof(float);
@@ -1243,6 +1267,23 @@ static void test_trainer_applies_the_scheduled_weight_decay_and_warmup_lr(void) 
   CHECK(num == 16 && tr.lr_samples == 16, "samples applied %lld, the trainer's %lld",
         (long long)num, (long long)tr.lr_samples);
   mt_trainer_destroy(&tr);
+  /* resumed under another run length, the increment spans another run: the
+   * resume says the run departs from the saved trajectory with train.steps
+   * (without a schedule, a length is no change of course) */
+  char said[4096] = "", *at = strstr(json, "\"steps\":6");
+  CHECK(at, "the job's steps");
+  at[8] = '8';
+  mt_job longer;
+  CHECK(!mt_job_parse(&longer, json, NULL, preset_dirs, NULL), "%s", mt_errmsg());
+  CHECK(!mt_trainer_create(&tr, &longer, &dev, NULL), "%s", mt_errmsg());
+  int rc = with_stderr_captured(said, sizeof said, resume_newest, &tr);
+  mt_trainer_destroy(&tr);
+  CHECK(!rc, "resume under 8 steps: %s", said);
+  const char *line = strstr(said, "departs from the saved run's trajectory: ");
+  const char *also = line ? strstr(line, "(also changed") : NULL;
+  const char *steps = line ? strstr(line, "train.steps 6 -> 8") : NULL;
+  CHECK(steps && (!also || steps < also),
+        "a resume under 8 steps of a 6-step weight-decay schedule said:\n%s", said);
   free(buf);
   remove_data(path, dir);
   printf("  ok test_trainer_applies_the_scheduled_weight_decay_and_warmup_lr\n");
