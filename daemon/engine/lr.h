@@ -12,10 +12,10 @@
 
 /* LR of the update made after `done` updates were applied (Megatron's
  * num_steps, in steps; fractional under a batch ramp-up, where an update of
- * b samples moves it on by b / global_batch): the first update, done = 0, is at 0 under a warmup,
- * and peak comes with done = warmup_steps. A skipped step (an fp16
- * overflow, a non-finite norm) applies no update, so it moves the schedule
- * on no more than Megatron's train_step does. */
+ * b samples moves it on by b / global_batch): the first update, done = 0, is
+ * at warmup_init (0) under a warmup, and peak comes with done = warmup_steps.
+ * A skipped step (an fp16 overflow, a non-finite norm) applies no update, so
+ * it moves the schedule on no more than Megatron's train_step does. */
 double mt_lr_at(const mt_lr_spec *s, double done);
 
 /* Weight decay of the update made after `done` updates (counted as for
