@@ -726,27 +726,27 @@ static void read_run_length(problems *pb, json_t *o, mt_train_spec *t) {
  * (constant, linear, cosine), start, and end, which is train.weight_decay
  * (given as either, or as both alike). wd_given: train.weight_decay was. */
 static void read_wd_schedule(problems *pb, json_t *o, mt_train_spec *t, bool wd_given) {
-  static const char *const K = "train.weight_decay_schedule";
+  static const char *const key = "train.weight_decay_schedule";
   json_t *ws = read_object(pb, o, "train", "weight_decay_schedule");
   if (!ws) return;
-  check_keys(pb, ws, K, wd_schedule_keys);
-  require(pb, ws, K, "style", ": one of constant, linear, cosine");
+  check_keys(pb, ws, key, wd_schedule_keys);
+  require(pb, ws, key, "style", ": one of constant, linear, cosine");
   char style[16] = "";
   bool style_ok = false;
-  if (read_str(pb, ws, K, "style", style, sizeof style)) {
+  if (read_str(pb, ws, key, "style", style, sizeof style)) {
     static const char *const styles[] = {"constant", "linear", "cosine"};
     int k = 0;
     while (k < 3 && strcmp(style, styles[k])) k++;
     if (k < 3)
       t->wd.style = (mt_wd_style)k, style_ok = true;
     else
-      problem(pb, "%s.style: \"%s\" is not one of constant, linear, cosine", K, style);
+      problem(pb, "%s.style: \"%s\" is not one of constant, linear, cosine", key, style);
   }
   double end = t->weight_decay;
-  bool has_end = read_double(pb, ws, K, "end", &end);
-  bool has_start = read_double(pb, ws, K, "start", &t->wd.start);
+  bool has_end = read_double(pb, ws, key, "end", &end);
+  bool has_start = read_double(pb, ws, key, "start", &t->wd.start);
   if (has_end && !(end >= 0 && end <= FLT_MAX)) {
-    problem(pb, "%s.end: %g must be >= 0 and at most %g (a float)", K, end, (double)FLT_MAX);
+    problem(pb, "%s.end: %g must be >= 0 and at most %g (a float)", key, end, (double)FLT_MAX);
     mute(pb, "train.weight_decay"); /* it is end */
     return;
   }
@@ -754,23 +754,23 @@ static void read_wd_schedule(problems *pb, json_t *o, mt_train_spec *t, bool wd_
     problem(pb,
             "%s.end: %g is not train.weight_decay = %g: the schedule ends at the job's weight "
             "decay (give one of them, or both alike)",
-            K, end, t->weight_decay);
+            key, end, t->weight_decay);
     return;
   }
   t->weight_decay = end;
   if (has_start && !(t->wd.start >= 0 && t->wd.start <= FLT_MAX))
-    problem(pb, "%s.start: %g must be >= 0 and at most %g (a float)", K, t->wd.start,
+    problem(pb, "%s.start: %g must be >= 0 and at most %g (a float)", key, t->wd.start,
             (double)FLT_MAX);
   else if (style_ok && t->wd.style != MT_WD_CONSTANT && !has_start && !json_object_get(ws, "start"))
     problem(pb,
             "%s.start: missing: the %s schedule goes from start to end (%s = %g) over the "
             "run (Megatron's --start-weight-decay)",
-            K, style, has_end ? "its end" : "train.weight_decay", end);
+            key, style, has_end ? "its end" : "train.weight_decay", end);
   else if (style_ok && t->wd.style == MT_WD_CONSTANT && has_start && t->wd.start != end)
     problem(pb,
             "%s.start: %g is not its end %g: a constant schedule holds one weight decay "
             "(Megatron asserts start == end; linear or cosine moves it)",
-            K, t->wd.start, end);
+            key, t->wd.start, end);
 }
 
 static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g) {
