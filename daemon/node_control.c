@@ -61,7 +61,11 @@ void node_history_add(node *n, const mt_step_stats *st) {
                       .tflops = st->tflops,
                       .bubble = st->bubble,
                       .comm_ms = st->comm_ms,
-                      .val_loss = st->has_val ? st->val_loss : NAN,
+                      /* the step's newest validation: at a completed run's
+                         last step the one at the end of training */
+                      .val_loss = st->has_final_val ? st->final_val_loss
+                                  : st->has_val     ? st->val_loss
+                                                    : NAN,
                       .global_batch = st->global_batch};
     n->history_n++;
     if (n->history_n - n->history_first > NODE_HISTORY)
@@ -715,6 +719,8 @@ void node_control_round(node *n, int heartbeat) {
           st.comm_ms = json_number_value(json_object_get(j, "comm_ms"));
           json_t *vl = json_object_get(j, "val_loss");
           if (vl) st.has_val = 1, st.val_loss = json_number_value(vl);
+          json_t *fv = json_object_get(j, "final_val_loss");
+          if (fv) st.has_final_val = 1, st.final_val_loss = json_number_value(fv);
           json_t *pn = json_object_get(j, "params_norm"); /* null: not finite */
           if (pn)
             st.has_params_norm = 1,

@@ -42,6 +42,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
     if (st->rampup) printf(",\"global_batch\":%d", st->global_batch);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
+    if (st->has_final_val) printf(",\"final_val_loss\":%s", jnum(lbuf, st->final_val_loss));
     printf("}\n");
   } else {
     printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | ",
@@ -61,6 +62,11 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
              (long long)steps, st->val_loss, exp(st->val_loss));
+    /* Megatron's words, so its log parsers find them */
+    if (st->has_final_val)
+      printf("validation loss at the end of training for val data | lm loss value: %.6E | lm "
+             "loss PPL: %.6E |\n",
+             st->final_val_loss, exp(st->final_val_loss));
   }
   fflush(stdout);
 }

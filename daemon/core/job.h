@@ -186,7 +186,8 @@ typedef struct mt_data_spec {
 
 typedef struct mt_eval_spec {
   int interval; /* steps between validation runs; 0 = never */
-  int iters;    /* global batches of the valid split per run (the same ones each time) */
+  int iters;    /* global batches of the valid split per run (each run reads the next ones,
+                   mt_eval_first_batch) */
 } mt_eval_spec;
 
 typedef struct mt_checkpoint_spec {
@@ -244,7 +245,7 @@ int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
  * accepts them (refusing them would change what a job that ran before
  * means); a daemon given the job file, a standalone run and `mtnlgctl plan` warn of
  * them. Returns how many lines it wrote. */
-#define MT_JOB_UNUSED_MAX 4
+#define MT_JOB_UNUSED_MAX 6
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]);
 
 /* The resolved job as compact JSON, every default filled in: what the

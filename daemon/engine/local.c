@@ -248,6 +248,18 @@ void mt_local_stop_reason(char *buf, size_t size, const mt_job *job, int64_t ste
     snprintf(buf, size, "stopped at step %lld of %lld on request", s, n);
 }
 
+/* After the last step of a completed run: eval.iters batches of the valid
+ * split on from the interval's runs (Megatron's "validation loss at the end
+ * of training for val data"). */
+static int end_of_training(rank_ctx *c, mt_trainer *tr, mt_step_stats *st) {
+  const mt_job *job = c->o->job;
+  int rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st->step, 1),
+                           &st->final_val_loss);
+  if (rc) return rc;
+  st->has_final_val = 1;
+  return 0;
+}
+
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
@@ -316,12 +328,21 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     int64_t every = job->train.exit_interval;
     if (!st.stop && every > 0 && st.step % every == 0 && st.step < job->train.steps)
       st.stop = 1, why = MT_STOPPED_INTERVAL;
-    /* out of time: straight to the checkpoint, as Megatron's exit */
-    if (job->eval.interval > 0 && why != MT_STOPPED_TIME &&
-        (st.step % job->eval.interval == 0 || st.step == job->train.steps || st.stop)) {
-      if ((rc = mt_trainer_eval(tr, &st.val_loss))) return rc;
+    /* out of time: straight to the checkpoint, as Megatron's exit; each
+     * validation reads the valid batches its step calls for
+     * (mt_eval_first_batch) */
+    int64_t every_eval = job->eval.interval;
+    if (every_eval > 0 && why != MT_STOPPED_TIME &&
+        (st.step % every_eval == 0 || (st.stop && st.step < job->train.steps))) {
+      rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st.step, 0), &st.val_loss);
+      if (rc) return rc;
       st.has_val = 1;
     }
+    /* the run trained its last step (not out of time): Megatron's
+     * validation at the end of training */
+    if (every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps &&
+        (rc = end_of_training(c, tr, &st)))
+      return rc;
     /* every rank learned the loss in the step's all-reduce */
     if (c == c->all && o->on_step) o->on_step(&st, o->arg);
     int ordered_save = 0, pause = 0;

@@ -202,7 +202,11 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   if (!tr->reads_tokens) return 0; /* a middle stage reads no tokens */
   const mt_job *job = tr->job;
   uint64_t G = (uint64_t)job->train.global_batch;
-  uint64_t n_valid = job->eval.interval > 0 ? (uint64_t)job->eval.iters * G : 0;
+  /* Megatron's sizes: eval.iters batches for each validation in the run
+   * (steps / interval of them) and the one at its end */
+  uint64_t n_valid = 0;
+  if (job->eval.interval > 0)
+    n_valid = mt_eval_first_batch(job, job->train.steps, 1) * G + (uint64_t)job->eval.iters * G;
   mt_data_source *d = NULL;
   int rc = mt_data_source_open(&d, &job->data, job->model.seq_len, job->model.vocab_size,
                                job->train.seed, n_train, n_valid);
@@ -864,20 +868,30 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   return 0;
 }
 
-int mt_trainer_eval(mt_trainer *tr, double *loss) {
+uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_training) {
+  uint64_t I = job->eval.interval > 0 ? (uint64_t)job->eval.interval : 1;
+  uint64_t iters = (uint64_t)job->eval.iters, s = step > 0 ? (uint64_t)step : 0;
+  /* Megatron's valid iterator after step s has read s / interval runs; a
+   * run between them (a stop's) reads what the next one will */
+  if (end_of_training) return s / I * iters;
+  return s > 0 ? (s - 1) / I * iters : 0;
+}
+
+int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double *loss) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
   int G = job->train.global_batch; /* validation batches are full ones, ramp-up or not */
   int micro = G / (m->B * tr->g.dp_size);
+  const char *what = which == MT_SPLIT_TEST ? "test" : "validation";
   double sum = 0.0;
   int rc = mt_gpt_round_weights(m);
-  if (rc) return mt_wraperr(rc, "validation: rounding the weights");
+  if (rc) return mt_wraperr(rc, "%s: rounding the weights", what);
   for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 0;
   m->training = 0;
   for (int e = 0; e < job->eval.iters && !rc; e++) {
     pipe_run r = {.tr = tr,
-                  .split = MT_SPLIT_VALID,
-                  .first = (uint64_t)e * (uint64_t)G +
+                  .split = which,
+                  .first = (first_batch + (uint64_t)e) * (uint64_t)G +
                            (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                   .micro = micro,
                   .overlap = tr->job->parallel.overlap_p2p};
@@ -894,8 +908,10 @@ int mt_trainer_eval(mt_trainer *tr, double *loss) {
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 3, MT_COMM_F64, MT_COMM_SUM);
   if (!rc && dev_rc) rc = dev_rc; /* its message names the device */
   if (!rc && agreed[1] > 0)
-    rc = other_device_failed((long long)tr->step, " in validation", agreed + 1);
-  if (rc) return mt_wraperr(rc, "validation");
+    rc = other_device_failed((long long)tr->step,
+                             which == MT_SPLIT_TEST ? " in the test pass" : " in validation",
+                             agreed + 1);
+  if (rc) return mt_wraperr(rc, "%s", what);
   sum = agreed[0];
   *loss = sum / ((double)job->eval.iters * (G / m->B));
   return 0;

@@ -70,8 +70,12 @@ typedef struct mt_step_stats {
                             neighbours (mean over ranks; 0 without pp) */
   int64_t order;         /* the coordinator's order word as every rank agreed on it
                             (mt_order_word: seq << 4 | kind), 0 when none */
-  int has_val;           /* validation ran after this step */
+  int has_val;           /* validation ran after this step (its interval's, or a stop's) */
   double val_loss;       /* mean over eval.iters global batches of the valid split */
+  /* the last step of a completed run: Megatron's validation "at the end of
+   * training" (on from the interval's, mt_eval_first_batch) */
+  int has_final_val;
+  double final_val_loss;
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =
@@ -227,10 +231,20 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st);
  * (reopens the source larger; a no-op when it already reaches). */
 int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train);
 
-/* Mean loss over the first eval.iters global batches of the valid split,
- * without dropout; the same batches every time, so runs compare. Collective
- * over every rank. */
-int mt_trainer_eval(mt_trainer *tr, double *loss);
+/* The first of the eval.iters global batches of the valid split that the
+ * validation after step `step` reads: Megatron's valid iterator moving on by
+ * eval.iters batches a run, as a pure function of the step (a resumed,
+ * re-formed or resized run reads what an uninterrupted one does). The run
+ * after step k * eval.interval reads from (k - 1) * iters, one between them
+ * (a stop's) what the next would; the run at the end of a completed run
+ * (end_of_training), Megatron's "at the end of training" one, reads on from
+ * (steps / interval) * iters, after the interval's run at the last step. */
+uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_training);
+
+/* Mean loss over eval.iters global batches of split `which` (valid or
+ * test) from global batch first_batch, without dropout. Collective over
+ * every rank. */
+int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double *loss);
 
 /* Writes the whole model as GPT-2 safetensors from world rank 0, which
  * gathers replica 0's stages and shards one tensor at a time and writes

@@ -3,8 +3,8 @@
 usage: test_mtnlgd_data.py MTNLGD MTNLG_PREPROCESS JOB.json
 Two byte-level datasets (license texts, fortunes-like generated text) are
 built with mtnlg-preprocess; a 70/30 blend trains 40 steps with validation
-every 10 and must: log val_loss at steps 10, 20, 30, 40 (the same batches
-each time, so the values are comparable and finite), report per-dataset
+every 10 and must: log val_loss at steps 10, 20, 30, 40 (each on the next
+batches of the valid split, test_eval_splits checks which), report per-dataset
 consumption within one sample of 70/30, refuse a blend weight of 0 with the
 key named, and give the same losses when run twice (cached indices reused);
 run with train.log_interval=4, each line's loss is the mean of the steps

@@ -1,0 +1,200 @@
+"""Megatron-LM's validation against PyTorch (torch_gpt.py,
+float64) on the samples each must read.
+
+usage: test_eval_splits.py MTNLGD MTNLGCTL
+A byte-level indexed dataset of 100 sequences is written here (split
+"60,30,10", data.shuffle false, so sample i of a split is tokens
+[i*seq, i*seq + seq + 1) of its sequences laid end to end, epoch after
+epoch: the valid and test splits are smaller than the runs ask for and
+wrap around). A tiny model trains 6 steps, validating every 3 with 2
+batches of 4 samples, a checkpoint at every step; each loss is checked
+against torch_gpt's on the step's exported checkpoint:
+- test_validation_reads_on: the validation after step 3 reads the valid
+  split's batches 0-1, the one after step 6 batches 2-3 (Megatron's valid
+  iterator moving on, not the same batches each time);
+- test_end_of_training_validation: at the last step (a multiple of the
+  interval) the validation at the end of training reads on, batches 4-5;
+- test_resumed_run_reads_the_same: a run stopped by train.exit_interval
+  after step 4 validates batches 2-3 (what the next interval's will), with
+  no end-of-training validation, and resumed to the end logs bit for bit
+  the uninterrupted run's losses;
+- test_end_of_training_text_line: the text log has Megatron's "at the end
+  of training for val data" line.
+"""
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_gpt  # noqa: E402
+
+SEQ, G, MICRO, ITERS, INTERVAL, STEPS = 64, 4, 2, 2, 3, 6
+REL = 2e-5  # fp32 engine against float64 torch
+
+
+def write_dataset(prefix, seqs):
+    """Megatron's MMIDIDX index (uint16 tokens, one document per sequence)."""
+    body, sizes, pointers = bytearray(), [], []
+    for s in seqs:
+        pointers.append(len(body))
+        sizes.append(len(s))
+        body += struct.pack("<%dH" % len(s), *s)
+    doc_idx = list(range(len(seqs) + 1))
+    idx = bytearray(b"MMIDIDX\x00\x00") + struct.pack("<QBQQ", 1, 8, len(sizes), len(doc_idx))
+    idx += struct.pack("<%di" % len(sizes), *sizes)
+    idx += struct.pack("<%dq" % len(pointers), *pointers)
+    idx += struct.pack("<%dq" % len(doc_idx), *doc_idx)
+    with open(prefix + ".idx", "wb") as f:
+        f.write(idx)
+    with open(prefix + ".bin", "wb") as f:
+        f.write(body)
+
+
+def split_range(split, n, which):
+    """Megatron's get_train_valid_test_split_."""
+    w = [float(x) for x in split.split(",")]
+    w += [0.0] * (3 - len(w))
+    w = [x / sum(w) for x in w]
+    idx = [0]
+    for x in w:
+        idx.append(idx[-1] + int(round(x * float(n))))
+    diff = idx[-1] - n
+    idx = [idx[0]] + [i - diff for i in idx[1:]]
+    return idx[which], idx[which + 1]
+
+
+def samples(seqs, split, which, first, count):
+    """Samples first..first+count-1 of a split read in file order, in epochs."""
+    lo, hi = split_range(split, len(seqs), which)
+    epoch = [t for s in seqs[lo:hi] for t in s]
+    need = (first + count) * SEQ + 1
+    stream = epoch * (need // len(epoch) + 1)
+    return [stream[i * SEQ:i * SEQ + SEQ + 1] for i in range(first, first + count)]
+
+
+def ref_loss(weights, cfg, batch):
+    """Mean over the samples of each's mean token loss, as the engine's."""
+    t = torch.tensor(batch, dtype=torch.int64)
+    with torch.no_grad():
+        _, loss = torch_gpt.forward(weights, cfg, t[:, :-1], t[:, 1:])
+    return loss.item()
+
+
+def run(cmd, ok=True):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if ok and out.returncode != 0:
+        print(out.stdout[-3000:], out.stderr[-3000:])
+        raise SystemExit(f"{cmd[0]} exited {out.returncode}")
+    return out
+
+
+def lines(out):
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+failures = 0
+
+
+def check(name, ok, detail):
+    global failures
+    print(("ok " if ok else "FAIL ") + name + ": " + detail)
+    if not ok:
+        failures += 1
+
+
+def close(a, b):
+    return a is not None and b is not None and abs(a - b) <= REL * abs(b)
+
+
+def main():
+    mtnlgd, ctl = sys.argv[1:3]
+    rng = random.Random(5)
+    # text-like bytes: a few words in random order, so training moves the loss
+    words = [w.encode() for w in "the quick brown fox jumps over a lazy dog and cat".split()]
+    seqs = []
+    for _ in range(100):
+        s = b" ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        seqs.append(list(s))
+    split = "60,30,10"
+    with tempfile.TemporaryDirectory(prefix="mt_eval_splits.") as tmp:
+        prefix = os.path.join(tmp, "words")
+        write_dataset(prefix, seqs)
+        job = {
+            "name": "evals",
+            "model": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256,
+                      "seq_len": SEQ},
+            "parallel": {"micro_batch": MICRO},
+            "train": {"global_batch": G, "steps": STEPS, "seed": 7,
+                      "lr": {"schedule": "constant", "peak": 3e-3, "warmup_steps": 0}},
+            "data": {"prefix": prefix, "split": split, "shuffle": False,
+                     "cache_dir": os.path.join(tmp, "cache")},
+            "eval": {"interval": INTERVAL, "iters": ITERS},
+        }
+        path = os.path.join(tmp, "job.json")
+        with open(path, "w") as f:
+            json.dump(job, f)
+
+        def mtnlgd_run(ckpt, *sets, ok=True, fmt="json"):
+            args = [mtnlgd, "--standalone", path, "--log-format", fmt,
+                    "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.interval=1"]
+            for s in sets:
+                args += ["--set", s]
+            return run(args, ok)
+
+        def weights_at(ckpt, step):
+            out = os.path.join(tmp, f"w{step}.safetensors")
+            run([ctl, "ckpt", "export", os.path.join(ckpt, "evals", "step_%08d" % step), out])
+            w, _ = torch_gpt.st_load(out)
+            os.remove(out)
+            return {k: v.double() for k, v in w.items()}
+
+        cfg = torch_gpt.Config(2, 64, 4, 256, SEQ)
+
+        def ref(ckpt, step, which, first_batch):
+            batch = samples(seqs, split, which, first_batch * G, ITERS * G)
+            return ref_loss(weights_at(ckpt, step), cfg, batch)
+
+        a_dir = os.path.join(tmp, "a")
+        a = {l["step"]: l for l in lines(mtnlgd_run(a_dir))}
+        val3, val6 = a[3].get("val_loss"), a[6].get("val_loss")
+        want3, want6 = ref(a_dir, 3, 1, 0), ref(a_dir, 6, 1, 2)
+        same6 = ref(a_dir, 6, 1, 0)  # what reading the same batches again would give
+        check("test_validation_reads_on",
+              close(val3, want3) and close(val6, want6) and not close(val6, same6),
+              f"step 3 {val3} (torch {want3}), step 6 {val6} (torch batches 2-3 {want6}, "
+              f"batches 0-1 {same6})")
+        final, want_final = a[6].get("final_val_loss"), ref(a_dir, 6, 1, 4)
+        check("test_end_of_training_validation",
+              close(final, want_final) and
+              [s for s, l in sorted(a.items()) if "final_val_loss" in l] == [STEPS],
+              f"{final} (torch batches 4-5 {want_final})")
+        # stopped after step 4 by exit_interval, then resumed to the end
+        b_dir = os.path.join(tmp, "b")
+        first = {l["step"]: l for l in lines(mtnlgd_run(b_dir, "train.exit_interval=4"))}
+        second = {l["step"]: l for l in lines(mtnlgd_run(b_dir))}
+        val4, want4 = first[4].get("val_loss"), ref(b_dir, 4, 1, 2)
+        keys = ("loss", "val_loss", "final_val_loss")
+        got = [(s, [second[s].get(k) for k in keys]) for s in (5, 6)]
+        want = [(s, [a[s].get(k) for k in keys]) for s in (5, 6)]
+        check("test_resumed_run_reads_the_same",
+              max(first) == 4 and close(val4, want4) and "final_val_loss" not in first[4] and
+              got == want,
+              f"stop's validation {val4} (torch batches 2-3 {want4}); resumed {got}, "
+              f"uninterrupted {want}")
+
+        c = mtnlgd_run(os.path.join(tmp, "c"), "train.steps=3", fmt="text")
+        check("test_end_of_training_text_line",
+              "validation loss at the end of training for val data | lm loss value:" in c.stdout,
+              f"{[l for l in c.stdout.splitlines() if 'end of' in l]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
