@@ -256,6 +256,7 @@ static void print_status(const json_t *st) {
 
   printf(LABEL "%s", "loss", ctl_fmt_field(a, sizeof a, st, "loss", "%.4f"));
   if (ctl_jnum(st, "val_loss", &v)) printf(" (validation %.4f)", v);
+  if (ctl_jnum(st, "test_loss", &v)) printf(" (test %.4f)", v);
   printf("\n");
   printf(LABEL "%s\n", "lr", ctl_fmt_field(a, sizeof a, st, "lr", "%.3e"));
   printf(LABEL "%s", "grad norm", ctl_fmt_field(a, sizeof a, st, "grad_norm", "%.3f"));

@@ -183,6 +183,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
                   st->bubble, "comm_ms", st->comm_ms);
     if (st->has_val) json_object_set_new(j, "val_loss", json_real(st->val_loss));
     if (st->has_final_val) json_object_set_new(j, "final_val_loss", json_real(st->final_val_loss));
+    if (st->has_test) json_object_set_new(j, "test_loss", json_real(st->test_loss));
     if (st->has_params_norm)
       json_object_set_new(j, "params_norm",
                           isfinite(st->params_norm) ? json_real(st->params_norm) : json_null());

@@ -66,6 +66,7 @@ void node_history_add(node *n, const mt_step_stats *st) {
                       .val_loss = st->has_final_val ? st->final_val_loss
                                   : st->has_val     ? st->val_loss
                                                     : NAN,
+                      .test_loss = st->has_test ? st->test_loss : NAN,
                       .global_batch = st->global_batch};
     n->history_n++;
     if (n->history_n - n->history_first > NODE_HISTORY)
@@ -84,6 +85,7 @@ static json_t *point_json(const node_point *p) {
                         p->step_ms, "tokens_per_s", p->tokens_per_s, "tflops", p->tflops, "bubble",
                         p->bubble, "consumed_tokens", (json_int_t)p->consumed_tokens);
   if (isfinite(p->val_loss)) json_object_set_new(j, "val_loss", json_real(p->val_loss));
+  if (isfinite(p->test_loss)) json_object_set_new(j, "test_loss", json_real(p->test_loss));
   return j;
 }
 
@@ -265,6 +267,14 @@ static json_t *build_status(node *n) {
       break;
     }
   json_object_set_new(s, "val_loss", val);
+  /* the test pass's loss: the newest in the ring (a completed run's last step) */
+  json_t *test = json_null();
+  for (int64_t i = n->history_n - 1; i >= n->history_first; i--)
+    if (isfinite(n->history[i % NODE_HISTORY].test_loss)) {
+      test = json_real(n->history[i % NODE_HISTORY].test_loss);
+      break;
+    }
+  json_object_set_new(s, "test_loss", test);
   /* the rates are the last step's: null, and no metrics sample, until a
    * step ran and while the job is not stepping (paused, stopped, forming...),
    * so an alert on throughput sees a paused or stalled job, not its last step */
@@ -719,8 +729,9 @@ void node_control_round(node *n, int heartbeat) {
           st.comm_ms = json_number_value(json_object_get(j, "comm_ms"));
           json_t *vl = json_object_get(j, "val_loss");
           if (vl) st.has_val = 1, st.val_loss = json_number_value(vl);
-          json_t *fv = json_object_get(j, "final_val_loss");
+          json_t *fv = json_object_get(j, "final_val_loss"), *tl = json_object_get(j, "test_loss");
           if (fv) st.has_final_val = 1, st.final_val_loss = json_number_value(fv);
+          if (tl) st.has_test = 1, st.test_loss = json_number_value(tl);
           json_t *pn = json_object_get(j, "params_norm"); /* null: not finite */
           if (pn)
             st.has_params_norm = 1,

@@ -29,6 +29,7 @@ typedef struct node_point {
   int64_t step, consumed_tokens;
   double time, loss, lr, grad_norm, step_ms, tokens_per_s, tflops, bubble, comm_ms;
   double val_loss;  /* the step's newest validation; NAN when none */
+  double test_loss; /* the test pass after a completed run's last step; NAN when none */
   int global_batch; /* the step's samples; 0 when not known */
 } node_point;
 

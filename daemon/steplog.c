@@ -43,6 +43,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     if (st->rampup) printf(",\"global_batch\":%d", st->global_batch);
     if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
     if (st->has_final_val) printf(",\"final_val_loss\":%s", jnum(lbuf, st->final_val_loss));
+    if (st->has_test) printf(",\"test_loss\":%s", jnum(lbuf, st->test_loss));
     printf("}\n");
   } else {
     printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | ",
@@ -67,6 +68,10 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
       printf("validation loss at the end of training for val data | lm loss value: %.6E | lm "
              "loss PPL: %.6E |\n",
              st->final_val_loss, exp(st->final_val_loss));
+    if (st->has_test)
+      printf("validation loss at the end of training for test data | lm loss value: %.6E | lm "
+             "loss PPL: %.6E |\n",
+             st->test_loss, exp(st->test_loss));
   }
   fflush(stdout);
 }

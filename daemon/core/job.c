@@ -407,7 +407,7 @@ static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_i
 static const char *const data_keys[] = {"path",    "prefix",    "blend", "split",
                                         "shuffle", "cache_dir", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
-static const char *const eval_keys[] = {"interval", "iters", NULL};
+static const char *const eval_keys[] = {"interval", "iters", "test", NULL};
 static const char *const checkpoint_keys[] = {"dir",   "interval",       "keep",   "keep_every",
                                               "async", "resume_step",    "export", "export_dtype",
                                               "load",  "load_optimizer", NULL};
@@ -962,6 +962,7 @@ static void read_eval(problems *pb, json_t *root, mt_eval_spec *e) {
   check_keys(pb, o, "eval", eval_keys);
   read_int(pb, o, "eval", "interval", &e->interval);
   read_int(pb, o, "eval", "iters", &e->iters);
+  read_bool(pb, o, "eval", "test", &e->test);
   if (e->interval < 0) problem(pb, "eval.interval: %d must be >= 0 (0 = never)", e->interval);
   if (e->iters < 1) problem(pb, "eval.iters: %d must be at least 1", e->iters);
 }
@@ -1019,6 +1020,7 @@ static void set_defaults(mt_job *job) {
   job->checkpoint.resume_step = -1;
   snprintf(job->checkpoint.export_dtype, sizeof job->checkpoint.export_dtype, "fp32");
   job->eval.iters = 10;
+  job->eval.test = 1;
 }
 
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
@@ -1061,6 +1063,10 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
     snprintf(lines[n++], 256,
              "parallel.sequence_parallel: it splits over tensor-parallel ranks, and parallel.tp "
              "= 1; it is ignored");
+  if (!job->eval.test && job->eval.interval == 0)
+    snprintf(lines[n++], 256,
+             "eval.test: false turns off the test pass, and eval.interval = 0 runs no "
+             "evaluation; it is ignored");
   return n;
 }
 
@@ -1688,9 +1694,11 @@ static json_t *job_to_json(const mt_job *job) {
   /* only when not the default: the jobs from before it keep their hash */
   if (job->checkpoint.export_dtype[0] && strcmp(job->checkpoint.export_dtype, "fp32"))
     json_object_set_new(ck, "export_dtype", json_string(job->checkpoint.export_dtype));
-  json_object_set_new(root, "eval",
-                      json_pack("{s:I, s:I}", "interval", (json_int_t)job->eval.interval, "iters",
-                                (json_int_t)job->eval.iters));
+  json_t *ev = json_pack("{s:I, s:I}", "interval", (json_int_t)job->eval.interval, "iters",
+                         (json_int_t)job->eval.iters);
+  /* only when off: the jobs from before it keep their hash */
+  if (!job->eval.test) json_object_set_new(ev, "test", json_false());
+  json_object_set_new(root, "eval", ev);
   return root;
 }
 

@@ -185,9 +185,11 @@ typedef struct mt_data_spec {
 } mt_data_spec;
 
 typedef struct mt_eval_spec {
-  int interval; /* steps between validation runs; 0 = never */
+  int interval; /* steps between validation runs; 0 = never (nor the test pass) */
   int iters;    /* global batches of the valid split per run (each run reads the next ones,
-                   mt_eval_first_batch) */
+                   mt_eval_first_batch), and of the test split in the test pass */
+  int test;     /* the test pass at the end of a completed run (default 1); written to the
+                   resolved job only when 0, so the jobs from before it keep their hash */
 } mt_eval_spec;
 
 typedef struct mt_checkpoint_spec {

@@ -13,8 +13,8 @@ struct mt_data_source {
   mt_token_file flat; /* when spec->path is set */
   int is_flat;
   int n;                                 /* datasets in the blend */
-  mt_gpt_dataset *sets[2][MT_MAX_BLEND]; /* [train|valid][k] */
-  mt_blend *blend[2];
+  mt_gpt_dataset *sets[3][MT_MAX_BLEND]; /* [train|valid|test][k] */
+  mt_blend *blend[3];
   char names[MT_MAX_BLEND][MT_PATH_MAX];
   int32_t *sample; /* seq + 1 */
 };
@@ -22,7 +22,7 @@ struct mt_data_source {
 void mt_data_source_free(mt_data_source *s) {
   if (!s) return;
   if (s->is_flat) mt_tokens_close(&s->flat);
-  for (int w = 0; w < 2; w++) {
+  for (int w = 0; w < 3; w++) {
     mt_blend_free(s->blend[w]);
     for (int k = 0; k < s->n; k++) mt_gpt_dataset_free(s->sets[w][k]);
   }
@@ -60,8 +60,28 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
   return 0;
 }
 
+/* Whether every dataset of the blend has tokens in its share of the test
+ * split: only then is there a test pass (Megatron's do_test). 0 or 1, or a
+ * negative code for an index that cannot be read. */
+static int test_split_present(const mt_data_spec *spec) {
+  double w[3];
+  if (mt_job_split_weights(spec->split, w) || !(w[2] > 0)) return 0;
+  for (int k = 0; k < spec->n_blend; k++) {
+    mt_indexed d;
+    uint64_t first = 0, end = 0, tokens = 0;
+    int rc = mt_indexed_open(&d, spec->blend[k].prefix);
+    if (rc) return rc;
+    rc = mt_gpt_split_seqs(spec->split, d.n_seqs, MT_SPLIT_TEST, &first, &end);
+    for (uint64_t q = first; !rc && q < end && !tokens; q++) tokens += mt_indexed_seq_len(&d, q);
+    mt_indexed_close(&d);
+    if (rc) return rc;
+    if (!tokens) return 0;
+  }
+  return 1;
+}
+
 int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq, int vocab,
-                        uint64_t seed, uint64_t n_train, uint64_t n_valid) {
+                        uint64_t seed, uint64_t n_train, uint64_t n_valid, uint64_t n_test) {
   *out = NULL;
   mt_data_source *s = calloc(1, sizeof *s);
   if (!s) return mt_seterr(MT_ENOMEM, "data: source");
@@ -87,6 +107,9 @@ int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq,
     }
     rc = open_split(s, spec, MT_SPLIT_TRAIN, seed, n_train);
     if (!rc && n_valid) rc = open_split(s, spec, MT_SPLIT_VALID, seed, n_valid);
+    int present = !rc && n_test ? test_split_present(spec) : 0;
+    if (present < 0) rc = present;
+    if (present > 0) rc = open_split(s, spec, MT_SPLIT_TEST, seed, n_test);
   }
   if (rc) {
     mt_data_source_free(s);
@@ -122,6 +145,7 @@ int mt_data_source_read(mt_data_source *s, mt_split which, uint64_t first, int c
 }
 
 int mt_data_source_count(const mt_data_source *s) { return s->n; }
+int mt_data_source_has_test(const mt_data_source *s) { return s->blend[MT_SPLIT_TEST] != NULL; }
 const char *mt_data_source_name(const mt_data_source *s, int k) { return s->names[k]; }
 
 uint64_t mt_data_source_consumed(const mt_data_source *s, int k, uint64_t n) {

@@ -15,10 +15,15 @@
 
 typedef struct mt_data_source mt_data_source;
 
-/* Sized for n_train training samples and n_valid validation samples (0: no
- * validation). Token ids must be below vocab. */
+/* Sized for n_train training samples, n_valid validation samples (0: no
+ * validation) and n_test test samples (0: none). A split smaller than its
+ * count is read in epochs, as the training split is. The test split is
+ * opened only where every dataset of the blend has tokens in it (the
+ * default "949,50,1" gives a small dataset none): mt_data_source_has_test
+ * says whether it was. Token ids must be below vocab. */
 int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq, int vocab,
-                        uint64_t seed, uint64_t n_train, uint64_t n_valid);
+                        uint64_t seed, uint64_t n_train, uint64_t n_valid, uint64_t n_test);
+int mt_data_source_has_test(const mt_data_source *s);
 void mt_data_source_free(mt_data_source *s);
 
 /* Samples first .. first+count-1 of a split as (count, seq) inputs and targets. */

@@ -249,14 +249,23 @@ void mt_local_stop_reason(char *buf, size_t size, const mt_job *job, int64_t ste
 }
 
 /* After the last step of a completed run: eval.iters batches of the valid
- * split on from the interval's runs (Megatron's "validation loss at the end
- * of training for val data"). */
+ * split on from the interval's runs, and, with eval.test and a test split,
+ * the test split's first eval.iters batches (Megatron's "validation loss at
+ * the end of training for val data" and "... for test data"). */
 static int end_of_training(rank_ctx *c, mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = c->o->job;
   int rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st->step, 1),
                            &st->final_val_loss);
   if (rc) return rc;
   st->has_final_val = 1;
+  int has_test = 0;
+  if (job->eval.test && (rc = mt_trainer_has_test(tr, &has_test))) return rc;
+  if (has_test) {
+    if ((rc = mt_trainer_eval(tr, MT_SPLIT_TEST, 0, &st->test_loss))) return rc;
+    st->has_test = 1;
+  } else if (job->eval.test && c->rank == 0)
+    mt_log_info("no test pass: data.split \"%s\" gives the test split no tokens%s", job->data.split,
+                job->data.n_blend > 1 ? " in some dataset of the blend" : "");
   return 0;
 }
 
@@ -339,7 +348,7 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       st.has_val = 1;
     }
     /* the run trained its last step (not out of time): Megatron's
-     * validation at the end of training */
+     * validation at the end of training and its test pass */
     if (every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps &&
         (rc = end_of_training(c, tr, &st)))
       return rc;

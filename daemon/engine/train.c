@@ -203,13 +203,15 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   const mt_job *job = tr->job;
   uint64_t G = (uint64_t)job->train.global_batch;
   /* Megatron's sizes: eval.iters batches for each validation in the run
-   * (steps / interval of them) and the one at its end */
-  uint64_t n_valid = 0;
-  if (job->eval.interval > 0)
+   * (steps / interval of them) and the one at its end, and for the test pass */
+  uint64_t n_valid = 0, n_test = 0;
+  if (job->eval.interval > 0) {
     n_valid = mt_eval_first_batch(job, job->train.steps, 1) * G + (uint64_t)job->eval.iters * G;
+    if (job->eval.test) n_test = (uint64_t)job->eval.iters * G;
+  }
   mt_data_source *d = NULL;
   int rc = mt_data_source_open(&d, &job->data, job->model.seq_len, job->model.vocab_size,
-                               job->train.seed, n_train, n_valid);
+                               job->train.seed, n_train, n_valid, n_test);
   /* data that cannot be read fails the job, not a peer (node.c report_kind):
    * a new generation would fail on it again */
   if (rc == MT_EIO || rc == MT_ENOENT) rc = MT_EINVAL;
@@ -875,6 +877,16 @@ uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_trainin
    * run between them (a stop's) reads what the next one will */
   if (end_of_training) return s / I * iters;
   return s > 0 ? (s - 1) / I * iters : 0;
+}
+
+int mt_trainer_has_test(mt_trainer *tr, int *has) {
+  /* only the first and last stages open the data; they open it alike */
+  double v[2] = {tr->data && mt_data_source_has_test(tr->data), tr->data != NULL};
+  int rc = 0;
+  if (tr->g.world) rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);
+  if (rc) return mt_wraperr(rc, "test split");
+  *has = v[1] > 0 && v[0] == v[1];
+  return 0;
 }
 
 int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double *loss) {

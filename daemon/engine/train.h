@@ -73,9 +73,10 @@ typedef struct mt_step_stats {
   int has_val;           /* validation ran after this step (its interval's, or a stop's) */
   double val_loss;       /* mean over eval.iters global batches of the valid split */
   /* the last step of a completed run: Megatron's validation "at the end of
-   * training" (on from the interval's, mt_eval_first_batch) */
-  int has_final_val;
-  double final_val_loss;
+   * training" (on from the interval's, mt_eval_first_batch) and the test
+   * pass over the test split's first eval.iters batches */
+  int has_final_val, has_test;
+  double final_val_loss, test_loss;
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =
@@ -240,6 +241,10 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train);
  * (end_of_training), Megatron's "at the end of training" one, reads on from
  * (steps / interval) * iters, after the interval's run at the last step. */
 uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_training);
+
+/* Whether the data has a test split to run the test pass on (every rank
+ * learns it alike). Collective over every rank. */
+int mt_trainer_has_test(mt_trainer *tr, int *has);
 
 /* Mean loss over eval.iters global batches of split `which` (valid or
  * test) from global batch first_batch, without dropout. Collective over

@@ -1,4 +1,4 @@
-"""Megatron-LM's validation against PyTorch (torch_gpt.py,
+"""Megatron-LM's validation and test passes against PyTorch (torch_gpt.py,
 float64) on the samples each must read.
 
 usage: test_eval_splits.py MTNLGD MTNLGCTL
@@ -14,12 +14,14 @@ against torch_gpt's on the step's exported checkpoint:
   iterator moving on, not the same batches each time);
 - test_end_of_training_validation: at the last step (a multiple of the
   interval) the validation at the end of training reads on, batches 4-5;
+- test_test_pass: the test split's batches 0-1, after the last step;
 - test_resumed_run_reads_the_same: a run stopped by train.exit_interval
   after step 4 validates batches 2-3 (what the next interval's will), with
-  no end-of-training validation, and resumed to the end logs bit for bit
-  the uninterrupted run's losses;
-- test_end_of_training_text_line: the text log has Megatron's "at the end
-  of training for val data" line.
+  no end-of-training validation or test pass, and resumed to the end logs
+  bit for bit the uninterrupted run's losses;
+- test_eval_test_false: eval.test false runs no test pass, and the text
+  log has Megatron's "at the end of training for val data" line but not
+  the test data one; a split without a test share runs none either.
 """
 import json
 import math
@@ -175,24 +177,36 @@ def main():
               close(final, want_final) and
               [s for s, l in sorted(a.items()) if "final_val_loss" in l] == [STEPS],
               f"{final} (torch batches 4-5 {want_final})")
+        test, want_test = a[6].get("test_loss"), ref(a_dir, 6, 2, 0)
+        check("test_test_pass",
+              close(test, want_test) and
+              [s for s, l in sorted(a.items()) if "test_loss" in l] == [STEPS],
+              f"{test} (torch, test split batches 0-1: {want_test})")
+
         # stopped after step 4 by exit_interval, then resumed to the end
         b_dir = os.path.join(tmp, "b")
         first = {l["step"]: l for l in lines(mtnlgd_run(b_dir, "train.exit_interval=4"))}
         second = {l["step"]: l for l in lines(mtnlgd_run(b_dir))}
         val4, want4 = first[4].get("val_loss"), ref(b_dir, 4, 1, 2)
-        keys = ("loss", "val_loss", "final_val_loss")
+        keys = ("loss", "val_loss", "final_val_loss", "test_loss")
         got = [(s, [second[s].get(k) for k in keys]) for s in (5, 6)]
         want = [(s, [a[s].get(k) for k in keys]) for s in (5, 6)]
         check("test_resumed_run_reads_the_same",
               max(first) == 4 and close(val4, want4) and "final_val_loss" not in first[4] and
-              got == want,
+              "test_loss" not in first[4] and got == want,
               f"stop's validation {val4} (torch batches 2-3 {want4}); resumed {got}, "
               f"uninterrupted {want}")
 
-        c = mtnlgd_run(os.path.join(tmp, "c"), "train.steps=3", fmt="text")
-        check("test_end_of_training_text_line",
-              "validation loss at the end of training for val data | lm loss value:" in c.stdout,
-              f"{[l for l in c.stdout.splitlines() if 'end of' in l]}")
+        # eval.test false; a split without a test share
+        c_dir = os.path.join(tmp, "c")
+        c = mtnlgd_run(c_dir, "eval.test=false", "train.steps=3", fmt="text")
+        d = lines(mtnlgd_run(os.path.join(tmp, "d"), "data.split=70,30", "train.steps=3"))
+        check("test_eval_test_false",
+              "at the end of training for val data | lm loss value:" in c.stdout and
+              "for test data" not in c.stdout and
+              "test_loss" not in d[-1] and "final_val_loss" in d[-1],
+              f"text log's end lines {[l for l in c.stdout.splitlines() if 'end of' in l]}; "
+              f"split 70,30's last line {d[-1]}")
     return 1 if failures else 0
 
 

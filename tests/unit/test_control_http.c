@@ -77,6 +77,7 @@ static json_t *fake_status(void *arg) {
                                   "resumed_from_step", 8, "time", 1700000000.0));
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
   if (s) json_object_set_new(s, "exit_step", json_integer(5000));
+  if (s) json_object_set_new(s, "test_loss", json_real(3.5)); /* a completed run's test pass */
   if (s) json_object_set_new(s, "heartbeat_interval_ms", json_integer(1000));
   if (s) json_object_set_new(s, "heartbeat_timeout_ms", json_integer(6000));
   if (s)
@@ -902,6 +903,8 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_consumed_tokens 12288\n",
       "mtnlg_step_global_batch 8\n",
       "mtnlg_loss 3.21\n",
+      "# TYPE mtnlg_test_loss gauge\n",
+      "mtnlg_test_loss 3.5\n",
       "mtnlg_learning_rate 0.001\n",
       "mtnlg_grad_norm 0.8\n",
       "mtnlg_tokens_per_second 2830\n",

@@ -585,6 +585,34 @@ static void test_weight_decay_schedule_and_warmup_init(void) {
   }
 }
 
+/* eval.test: on by default and then absent from the canonical JSON (the
+ * jobs from before it keep their hash); false is carried back and hashed;
+ * anything but a boolean is one line naming the key; false without
+ * validation is warned of as unread. */
+static void test_eval_test_key(void) {
+  mt_job def, on, off, back;
+  char unused[MT_JOB_UNUSED_MAX][256];
+  CHECK(parse_with(&def, tiny_job, NULL, NULL) == MT_OK && def.eval.test == 1);
+  char *json = mt_job_to_json(&def);
+  CHECK(json && !strstr(json, "\"test\""));
+  free(json);
+  CHECK(parse_with(&on, tiny_job, "eval.test=true", NULL) == MT_OK && on.eval.test == 1 &&
+        !strcmp(on.hash, def.hash));
+  CHECK(parse_with(&off, tiny_job, "eval.test=false", NULL) == MT_OK && off.eval.test == 0 &&
+        strcmp(off.hash, def.hash));
+  json = mt_job_to_json(&off);
+  CHECK(json && strstr(json, "\"test\":false"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK && back.eval.test == 0 &&
+        !strcmp(back.hash, off.hash));
+  free(json);
+  int n = mt_job_unused(&off, unused);
+  CHECK(n == 1 && !strncmp(unused[0], "eval.test: false turns off the test pass", 40));
+  CHECK(mt_job_unused(&def, unused) == 0);
+  int rc = parse_with(&off, tiny_job, "eval.test=1", NULL);
+  CHECK(rc == MT_EINVAL && has_line(mt_errmsg(), "eval.test: expected true or false, got") &&
+        count_lines(mt_errmsg()) == 1);
+}
+
 static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
   mt_job a, b;
   const char *reordered = "{\"data\": {\"path\": \"tokens.u16\"},"
@@ -1309,6 +1337,7 @@ int main(void) {
   test_lr_min_defaults_by_schedule();
   test_lr_inverse_square_root_and_wsd();
   test_weight_decay_schedule_and_warmup_init();
+  test_eval_test_key();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();
