@@ -19,6 +19,9 @@ against torch_gpt's on the step's exported checkpoint:
   after step 4 validates batches 2-3 (what the next interval's will), with
   no end-of-training validation or test pass, and resumed to the end logs
   bit for bit the uninterrupted run's losses;
+- test_layouts_read_the_same_samples: pp 3 (a middle stage, which opens no
+  data, agrees on the test pass) x dp 2 logs the validations and the test
+  pass of pp 1 x dp 1 (3 layers);
 - test_eval_test_false: eval.test false runs no test pass, and the text
   log has Megatron's "at the end of training for val data" line but not
   the test data one; a split without a test share runs none either.
@@ -147,7 +150,7 @@ def main():
             args = [mtnlgd, "--standalone", path, "--log-format", fmt,
                     "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.interval=1"]
             for s in sets:
-                args += ["--set", s]
+                args += s.split(" ", 1) if s.startswith("-") else ["--set", s]
             return run(args, ok)
 
         def weights_at(ckpt, step):
@@ -196,6 +199,19 @@ def main():
               "test_loss" not in first[4] and got == want,
               f"stop's validation {val4} (torch batches 2-3 {want4}); resumed {got}, "
               f"uninterrupted {want}")
+
+        # the same samples under pp 3 (a middle stage opens no data) x dp 2
+        e = {l["step"]: l for l in lines(mtnlgd_run(
+            os.path.join(tmp, "e"), "parallel={\"pp\": 3, \"dp_min\": 2, \"dp_max\": 2, "
+            "\"micro_batch\": 1}", "model.n_layer=3", "--devices cpu:6"))}
+        f = {l["step"]: l for l in lines(mtnlgd_run(os.path.join(tmp, "f"), "model.n_layer=3"))}
+        keys = ("val_loss", "final_val_loss", "test_loss")
+        got = [(s, k, e[s].get(k)) for s in (3, 6) for k in keys]
+        want = [(s, k, f[s].get(k)) for s in (3, 6) for k in keys]
+        check("test_layouts_read_the_same_samples",
+              all((g is None and w is None) or close(g, w) for (_, _, g), (_, _, w) in
+                  zip(got, want)) and e[6].get("test_loss") is not None,
+              f"pp 3 x dp 2 {got}, pp 1 x dp 1 {want}")
 
         # eval.test false; a split without a test share
         c_dir = os.path.join(tmp, "c")
