@@ -404,8 +404,8 @@ static const char *const wd_schedule_keys[] = {"style", "start", "end", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
 static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_interval",
                                               "hysteresis", "dynamic", NULL};
-static const char *const data_keys[] = {"path",    "prefix",    "blend", "split",
-                                        "shuffle", "cache_dir", NULL};
+static const char *const data_keys[] = {"path",      "prefix", "blend", "split", "shuffle",
+                                        "cache_dir", "valid",  "test",  NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", "test", NULL};
 static const char *const checkpoint_keys[] = {"dir",   "interval",       "keep",   "keep_every",
@@ -872,6 +872,65 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
 }
 
+/* data.valid or data.test (Megatron's --valid-data-path, --test-data-path):
+ * a prefix, or a blend as data.blend's. */
+static void read_split_data(problems *pb, json_t *o, const char *key, mt_blend_spec *b, int *n) {
+  json_t *v = o ? json_object_get(o, key) : NULL;
+  if (!v) return;
+  char k[64];
+  snprintf(k, sizeof k, "data.%s", key);
+  if (json_is_string(v)) {
+    read_path(pb, o, "data", key, b[0].prefix, sizeof b[0].prefix);
+    b[0].weight = 1.0;
+    *n = 1;
+    return;
+  }
+  if (!json_is_array(v) || json_array_size(v) == 0 || json_array_size(v) > MT_MAX_BLEND) {
+    char g[128];
+    problem(pb,
+            "%s: expected a prefix or an array of 1 to %d {\"prefix\", \"weight\"} objects, "
+            "got %s",
+            k, MT_MAX_BLEND, got(v, g, sizeof g));
+    return;
+  }
+  size_t i;
+  json_t *e;
+  double sum = 0;
+  json_array_foreach(v, i, e) {
+    char at[96];
+    snprintf(at, sizeof at, "%s[%d]", k, (int)i);
+    if (!json_is_object(e)) {
+      problem(pb, "%s: expected an object, got %s", at, type_name(e));
+      continue;
+    }
+    check_keys(pb, e, at, blend_keys);
+    require(pb, e, at, "prefix", NULL);
+    require(pb, e, at, "weight", NULL);
+    read_path(pb, e, at, "prefix", b[i].prefix, sizeof b[i].prefix);
+    read_double(pb, e, at, "weight", &b[i].weight);
+    if (json_object_get(e, "weight") && !(b[i].weight > 0))
+      problem(pb, "%s.weight: %g must be > 0", at, b[i].weight);
+    sum += b[i].weight;
+  }
+  *n = (int)json_array_size(v);
+  if (!isfinite(sum))
+    problem(pb, "%s: the weights sum to %g, past a double's range: scale them down", k, sum);
+}
+
+/* Resolves data.valid's or data.test's prefixes against the job's directory
+ * (not when --set gave them). */
+static void resolve_split_data(problems *pb, const char *key, mt_blend_spec *b, int n,
+                               const char *base_dir, const char *const *overrides) {
+  char k[64];
+  snprintf(k, sizeof k, "data.%s", key);
+  if (overridden(overrides, k)) return;
+  for (int i = 0; i < n; i++) {
+    char at[96];
+    snprintf(at, sizeof at, "%s[%d].prefix", k, i);
+    resolve_path(pb, at, b[i].prefix, base_dir, overrides);
+  }
+}
+
 static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   json_t *o = read_object(pb, root, "", "data");
   if (!json_object_get(root, "data")) {
@@ -935,6 +994,8 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   else if (w[0] <= 0)
     problem(pb, "data.split: \"%s\" gives the train split no documents", d->split);
   d->split_valid_weight = bad ? 0 : w[1];
+  read_split_data(pb, o, "valid", d->valid, &d->n_valid);
+  read_split_data(pb, o, "test", d->test, &d->n_test);
 }
 
 int mt_job_split_weights(const char *split, double w[3]) {
@@ -1047,8 +1108,10 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
   const char *given[3];
   int k = 0;
   if (ds->path[0] && strcmp(ds->split, d.data.split)) given[k++] = "data.split";
-  if (ds->path[0] && ds->shuffle != d.data.shuffle) given[k++] = "data.shuffle";
-  if (ds->path[0] && ds->cache_dir[0]) given[k++] = "data.cache_dir";
+  /* data.valid and data.test are indexed datasets: they read these two */
+  int indexed = ds->n_valid || ds->n_test;
+  if (ds->path[0] && !indexed && ds->shuffle != d.data.shuffle) given[k++] = "data.shuffle";
+  if (ds->path[0] && !indexed && ds->cache_dir[0]) given[k++] = "data.cache_dir";
   if (k)
     snprintf(lines[n++], 256,
              "%s%s%s%s%s: data.path is read in order, whole; %s to data.prefix and data.blend "
@@ -1063,6 +1126,13 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
     snprintf(lines[n++], 256,
              "parallel.sequence_parallel: it splits over tensor-parallel ranks, and parallel.tp "
              "= 1; it is ignored");
+  if ((job->data.n_valid || job->data.n_test) && job->eval.interval == 0)
+    snprintf(lines[n++], 256,
+             "%s: validation and the test pass read it, and eval.interval = 0 runs no "
+             "evaluation; it is ignored",
+             job->data.n_valid && job->data.n_test ? "data.valid and data.test"
+             : job->data.n_valid                   ? "data.valid"
+                                                   : "data.test");
   if (!job->eval.test && job->eval.interval == 0)
     snprintf(lines[n++], 256,
              "eval.test: false turns off the test pass, and eval.interval = 0 runs no "
@@ -1539,10 +1609,11 @@ static void validate(problems *pb, mt_job *job) {
   /* files */
   /* an empty data.path, data.prefix or blend prefix is read_data's, named by
    * the key the job gave it under */
-  if (job->eval.interval > 0 && job->data.path[0])
+  if (job->eval.interval > 0 && job->data.path[0] && !job->data.n_valid)
     check_fail(pb, "eval.interval",
-               "validation needs a valid split: use data.prefix or data.blend, not data.path");
-  else if (job->eval.interval > 0 && !(job->data.split_valid_weight > 0))
+               "validation needs a valid split: use data.prefix or data.blend, not data.path, "
+               "or give data.valid");
+  else if (job->eval.interval > 0 && !job->data.n_valid && !(job->data.split_valid_weight > 0))
     check_fail(pb, "eval.interval",
                "validation needs a valid split, and data.split \"%s\" gives it nothing",
                job->data.split);
@@ -1625,6 +1696,18 @@ static json_t *job_to_json(const mt_job *job) {
       json_array_append_new(blend, json_pack("{s:s, s:f}", "prefix", d->blend[i].prefix, "weight",
                                              d->blend[i].weight));
     json_object_set_new(data, "blend", blend);
+  }
+  /* only when given: the jobs from before them keep their hash */
+  const char *split_keys[2] = {"valid", "test"};
+  const mt_blend_spec *split_sets[2] = {d->valid, d->test};
+  int split_n[2] = {d->n_valid, d->n_test};
+  for (int w = 0; w < 2; w++) {
+    if (!split_n[w]) continue;
+    json_t *a = json_array();
+    for (int i = 0; i < split_n[w]; i++)
+      json_array_append_new(a, json_pack("{s:s, s:f}", "prefix", split_sets[w][i].prefix, "weight",
+                                         split_sets[w][i].weight));
+    json_object_set_new(data, split_keys[w], a);
   }
   json_object_set_new(root, "data", data);
   const mt_loss_scale_spec *ls = &job->train.loss_scale;
@@ -1772,6 +1855,8 @@ static int job_from_tree(mt_job *job, json_t *root, const char *base_dir,
       snprintf(key, sizeof key, "data.blend[%d].prefix", i);
     resolve_path(&pb, key, job->data.blend[i].prefix, base_dir, overrides);
   }
+  resolve_split_data(&pb, "valid", job->data.valid, job->data.n_valid, base_dir, overrides);
+  resolve_split_data(&pb, "test", job->data.test, job->data.n_test, base_dir, overrides);
   resolve_path(&pb, "data.cache_dir", job->data.cache_dir, base_dir, overrides);
   resolve_path(&pb, "model.init_from", job->model.init_from, base_dir, overrides);
   resolve_path(&pb, "checkpoint.dir", job->checkpoint.dir, base_dir, overrides);

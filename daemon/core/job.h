@@ -179,6 +179,10 @@ typedef struct mt_data_spec {
   double split_valid_weight;   /* derived: split's valid weight (0: no valid split) */
   int shuffle;                 /* default 1 */
   char cache_dir[MT_PATH_MAX]; /* sample indices; "" = beside each dataset */
+  /* Megatron's --valid-data-path / --test-data-path: datasets read whole as
+   * the valid / test split in place of data.split's share (n 0: none given) */
+  int n_valid, n_test;
+  mt_blend_spec valid[MT_MAX_BLEND], test[MT_MAX_BLEND];
   /* where they go when that cannot take them (the node's state_dir, set by
    * the daemon; not part of the job's JSON or hash); "" = kept in memory */
   char cache_fallback[MT_PATH_MAX];

@@ -12,7 +12,8 @@ struct mt_data_source {
   int seq, vocab;
   mt_token_file flat; /* when spec->path is set */
   int is_flat;
-  int n;                                 /* datasets in the blend */
+  int n;                                 /* datasets in the training blend */
+  int n_sets[3];                         /* datasets in each split's blend */
   mt_gpt_dataset *sets[3][MT_MAX_BLEND]; /* [train|valid|test][k] */
   mt_blend *blend[3];
   char names[MT_MAX_BLEND][MT_PATH_MAX];
@@ -24,25 +25,34 @@ void mt_data_source_free(mt_data_source *s) {
   if (s->is_flat) mt_tokens_close(&s->flat);
   for (int w = 0; w < 3; w++) {
     mt_blend_free(s->blend[w]);
-    for (int k = 0; k < s->n; k++) mt_gpt_dataset_free(s->sets[w][k]);
+    for (int k = 0; k < s->n_sets[w]; k++) mt_gpt_dataset_free(s->sets[w][k]);
   }
   free(s->sample);
   free(s);
 }
 
-/* The blend of one split: each dataset sized for its share of n samples. */
+/* The blend of one split: each dataset sized for its share of n samples.
+ * data.valid and data.test are read whole (Megatron's --valid-data-path and
+ * --test-data-path), the others' share of data.split. */
 static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split which, uint64_t seed,
                       uint64_t n) {
   static const char *split_names[] = {"train", "valid", "test"};
-  double weights[MT_MAX_BLEND];
+  const mt_blend_spec *b = spec->blend;
+  const char *split = spec->split, *key = NULL;
+  int nb = spec->n_blend;
+  if (which == MT_SPLIT_VALID && spec->n_valid)
+    b = spec->valid, nb = spec->n_valid, split = "0,1,0", key = "data.valid";
+  if (which == MT_SPLIT_TEST && spec->n_test)
+    b = spec->test, nb = spec->n_test, split = "0,0,1", key = "data.test";
+  double weights[MT_MAX_BLEND] = {0};
   uint64_t counts[MT_MAX_BLEND];
-  for (int k = 0; k < s->n; k++) weights[k] = spec->blend[k].weight;
-  int rc = mt_blend_counts(weights, s->n, n, counts);
+  for (int k = 0; k < nb; k++) weights[k] = b[k].weight;
+  int rc = mt_blend_counts(weights, nb, n, counts);
   if (rc) return rc;
-  for (int k = 0; k < s->n; k++) {
+  for (int k = 0; k < nb; k++) {
     mt_gpt_dataset_spec ds = {
-        .prefix = spec->blend[k].prefix,
-        .split = spec->split,
+        .prefix = b[k].prefix,
+        .split = split,
         .which = which,
         .seq = s->seq,
         .n_samples = counts[k] ? counts[k] : 1,
@@ -52,10 +62,11 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
         .cache_fallback = spec->cache_fallback[0] ? spec->cache_fallback : NULL,
     };
     rc = mt_gpt_dataset_open(&s->sets[which][k], &ds);
-    if (rc)
-      return mt_wraperr(rc, "data: %s split of %s", split_names[which], spec->blend[k].prefix);
+    if (rc && key) return mt_wraperr(rc, "%s: %s", key, b[k].prefix);
+    if (rc) return mt_wraperr(rc, "data: %s split of %s", split_names[which], b[k].prefix);
+    s->n_sets[which] = k + 1;
   }
-  rc = mt_blend_open(&s->blend[which], s->sets[which], weights, s->n, n);
+  rc = mt_blend_open(&s->blend[which], s->sets[which], weights, nb, n);
   if (rc) return mt_wraperr(rc, "data: %s blend", split_names[which]);
   return 0;
 }
@@ -64,6 +75,8 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
  * split: only then is there a test pass (Megatron's do_test). 0 or 1, or a
  * negative code for an index that cannot be read. */
 static int test_split_present(const mt_data_spec *spec) {
+  if (spec->n_test) return 1; /* data.test: read whole, and an empty one is refused */
+  if (spec->path[0]) return 0;
   double w[3];
   if (mt_job_split_weights(spec->split, w) || !(w[2] > 0)) return 0;
   for (int k = 0; k < spec->n_blend; k++) {
@@ -97,8 +110,11 @@ int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq,
     if (!rc && mt_tokens_samples(&s->flat, seq) == 0)
       rc = mt_seterr(MT_EINVAL, "data: %s has %zu tokens, fewer than one sample of %d + 1",
                      spec->path, s->flat.n_tokens, seq);
-    if (!rc && n_valid)
+    if (!rc && n_valid && !spec->n_valid)
       rc = mt_seterr(MT_EINVAL, "data: %s is a flat token file without a valid split", spec->path);
+    if (!rc && n_valid) rc = open_split(s, spec, MT_SPLIT_VALID, seed, n_valid);
+    int present = !rc && n_test ? test_split_present(spec) : 0;
+    if (present > 0) rc = open_split(s, spec, MT_SPLIT_TEST, seed, n_test);
   } else if (!rc) {
     s->n = spec->n_blend;
     for (int k = 0; k < s->n; k++) {
@@ -122,11 +138,10 @@ int mt_data_source_open(mt_data_source **out, const mt_data_spec *spec, int seq,
 int mt_data_source_read(mt_data_source *s, mt_split which, uint64_t first, int count,
                         int32_t *inputs, int32_t *targets) {
   int seq = s->seq;
-  if (s->is_flat) {
-    if (which != MT_SPLIT_TRAIN)
-      return mt_seterr(MT_EINVAL, "data: a flat token file has only a train split");
+  if (s->is_flat && which == MT_SPLIT_TRAIN)
     return mt_tokens_read(&s->flat, first, count, seq, s->vocab, inputs, targets);
-  }
+  if (s->is_flat && !s->blend[which]) /* data.valid and data.test are indexed datasets */
+    return mt_seterr(MT_EINVAL, "data: a flat token file has only a train split");
   if (!s->blend[which]) return mt_seterr(MT_EINVAL, "data: split %d was not opened", which);
   for (int i = 0; i < count; i++) {
     int k;

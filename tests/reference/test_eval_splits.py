@@ -22,6 +22,12 @@ against torch_gpt's on the step's exported checkpoint:
 - test_layouts_read_the_same_samples: pp 3 (a middle stage, which opens no
   data, agrees on the test pass) x dp 2 logs the validations and the test
   pass of pp 1 x dp 1 (3 layers);
+- test_data_valid_and_test_read_whole: data.valid (a prefix) and data.test
+  (a blend of one) are Megatron's --valid-data-path and --test-data-path:
+  each dataset read whole, on from sample 0, in place of data.split's
+  shares;
+- test_flat_file_validates_on_data_valid: data.path with data.valid
+  validates, and has no test pass;
 - test_eval_test_false: eval.test false runs no test pass, and the text
   log has Megatron's "at the end of training for val data" line but not
   the test data one; a split without a test share runs none either.
@@ -212,6 +218,38 @@ def main():
               all((g is None and w is None) or close(g, w) for (_, _, g), (_, _, w) in
                   zip(got, want)) and e[6].get("test_loss") is not None,
               f"pp 3 x dp 2 {got}, pp 1 x dp 1 {want}")
+
+        # data.valid and data.test: other datasets, read whole
+        held = [list(b" ".join(rng.choice(words[:5]) for _ in range(rng.randint(3, 9))))
+                for _ in range(20)]
+        other = [list(b" ".join(rng.choice(words[5:]) for _ in range(rng.randint(3, 9))))
+                 for _ in range(15)]
+        write_dataset(os.path.join(tmp, "held"), held)
+        write_dataset(os.path.join(tmp, "other"), other)
+        g_dir = os.path.join(tmp, "g")
+        g = {l["step"]: l for l in lines(mtnlgd_run(
+            g_dir, "data.valid=" + os.path.join(tmp, "held"),
+            "data.test=" + json.dumps([{"prefix": os.path.join(tmp, "other"), "weight": 1}])))}
+        whole = "1"  # all of a dataset's sequences
+        got = [g[3].get("val_loss"), g[6].get("val_loss"), g[6].get("final_val_loss"),
+               g[6].get("test_loss")]
+        want = [ref_loss(weights_at(g_dir, 3), cfg, samples(held, whole, 0, 0, ITERS * G)),
+                ref_loss(weights_at(g_dir, 6), cfg, samples(held, whole, 0, 2 * G, ITERS * G)),
+                ref_loss(weights_at(g_dir, 6), cfg, samples(held, whole, 0, 4 * G, ITERS * G)),
+                ref_loss(weights_at(g_dir, 6), cfg, samples(other, whole, 0, 0, ITERS * G))]
+        check("test_data_valid_and_test_read_whole",
+              all(close(x, y) for x, y in zip(got, want)),
+              f"valid at 3, 6, the end and test {got}, torch on data.valid, data.test {want}")
+        # a flat token file validates on data.valid, and has no test pass
+        flat = os.path.join(tmp, "tokens.u16")
+        with open(flat, "wb") as fh:
+            toks = [t for q in seqs for t in q]
+            fh.write(struct.pack("<%dH" % len(toks), *toks))
+        h = lines(mtnlgd_run(os.path.join(tmp, "h"), "data=" + json.dumps(
+            {"path": flat, "valid": os.path.join(tmp, "held")})))
+        check("test_flat_file_validates_on_data_valid",
+              [l["step"] for l in h if "val_loss" in l] == [3, 6] and "final_val_loss" in h[-1]
+              and "test_loss" not in h[-1], f"last line {h[-1]}")
 
         # eval.test false; a split without a test share
         c_dir = os.path.join(tmp, "c")

@@ -613,6 +613,72 @@ static void test_eval_test_key(void) {
         count_lines(mt_errmsg()) == 1);
 }
 
+/* data.valid and data.test (Megatron's --valid-data-path and
+ * --test-data-path): a prefix or a blend, carried back as a blend and hashed
+ * only when given; validation with data.path needs data.valid; a prefix
+ * relative to the job file is resolved against its directory; each mistake
+ * is one line naming its key. */
+static void test_data_valid_and_test(void) {
+  mt_job def, job, back;
+  char unused[MT_JOB_UNUSED_MAX][256];
+  CHECK(parse_with(&def, tiny_job, NULL, NULL) == MT_OK && !def.data.n_valid && !def.data.n_test);
+  char *json = mt_job_to_json(&def);
+  CHECK(json && !strstr(json, "\"valid\"") && !strstr(json, "\"test\""));
+  free(json);
+  CHECK(parse_with(&job, tiny_job, "data.valid=/d/heldout",
+                   "data.test=[{\"prefix\": \"/d/t1\", \"weight\": 3}, "
+                   "{\"prefix\": \"/d/t2\", \"weight\": 1}]") == MT_OK);
+  CHECK(job.data.n_valid == 1 && !strcmp(job.data.valid[0].prefix, "/d/heldout") &&
+        job.data.valid[0].weight == 1.0);
+  CHECK(job.data.n_test == 2 && !strcmp(job.data.test[1].prefix, "/d/t2") &&
+        job.data.test[0].weight == 3.0 && strcmp(job.hash, def.hash));
+  json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"valid\":[{\"prefix\":\"/d/heldout\""));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        back.data.n_test == 2 && !strcmp(back.hash, job.hash));
+  free(json);
+  /* unread without validation */
+  CHECK(mt_job_unused(&job, unused) == 1 && !strncmp(unused[0], "data.valid and data.test:", 25));
+  /* a flat token file validates on data.valid */
+  CHECK(parse_with(&job, tiny_job, "data.valid=/d/heldout", "eval.interval=5") == MT_OK);
+  CHECK(mt_job_unused(&job, unused) == 0);
+  /* which reads data.shuffle and data.cache_dir (data.split stays unread) */
+  CHECK(parse_with(&job, tiny_job,
+                   "data={\"path\": \"t.u16\", \"valid\": \"/d/h\", \"shuffle\": "
+                   "false, \"cache_dir\": \"/c\", \"split\": \"1,1\"}",
+                   "eval.interval=5") == MT_OK);
+  CHECK(mt_job_unused(&job, unused) == 1 && !strncmp(unused[0], "data.split: data.path", 21));
+  const char *rel = "{\"model\": {\"preset\": \"tiny\"}, \"train\": {\"global_batch\": 8, "
+                    "\"steps\": 10, \"lr\": {\"peak\": 1e-3}}, \"data\": {\"path\": \"t.u16\", "
+                    "\"valid\": [{\"prefix\": \"held/out\", \"weight\": 1}]}}";
+  CHECK(parse_with(&job, rel, NULL, NULL) == MT_OK &&
+        !strcmp(job.data.valid[0].prefix, "/jobs/held/out"));
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"data.valid=5", NULL,
+       "data.valid: expected a prefix or an array of 1 to 32 {\"prefix\", \"weight\"} objects"},
+      {"data.test=[]", NULL, "data.test: expected a prefix or an array of 1 to 32"},
+      {"data.valid=\"\"", NULL, "data.valid: must not be empty"},
+      {"data.valid=[{\"prefix\": \"/d/a\"}]", NULL, "data.valid[0].weight: missing"},
+      {"data.test=[{\"prefix\": \"/d/a\", \"weight\": 0}]", NULL,
+       "data.test[0].weight: 0 must be > 0"},
+      {"data.valid=[{\"prefix\": \"/d/a\", \"weight\": 1, \"wieght\": 1}]", NULL,
+       "data.valid[0].wieght: unknown key"},
+      {"eval.interval=5", NULL,
+       "eval.interval: validation needs a valid split: use data.prefix or "
+       "data.blend, not data.path, or give data.valid"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
 static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
   mt_job a, b;
   const char *reordered = "{\"data\": {\"path\": \"tokens.u16\"},"
@@ -1338,6 +1404,7 @@ int main(void) {
   test_lr_inverse_square_root_and_wsd();
   test_weight_decay_schedule_and_warmup_init();
   test_eval_test_key();
+  test_data_valid_and_test();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();
