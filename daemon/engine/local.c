@@ -263,7 +263,10 @@ static int end_of_training(rank_ctx *c, mt_trainer *tr, mt_step_stats *st) {
   if (has_test) {
     if ((rc = mt_trainer_eval(tr, MT_SPLIT_TEST, 0, &st->test_loss))) return rc;
     st->has_test = 1;
-  } else if (job->eval.test && c->rank == 0)
+  } else if (job->eval.test && c->rank == 0 && job->data.path[0])
+    mt_log_info("no test pass: data.path %s has no test split (data.test names one)",
+                job->data.path);
+  else if (job->eval.test && c->rank == 0)
     mt_log_info("no test pass: data.split \"%s\" gives the test split no tokens%s", job->data.split,
                 job->data.n_blend > 1 ? " in some dataset of the blend" : "");
   return 0;
