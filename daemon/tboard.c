@@ -224,9 +224,17 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   put_scalar(&s, "throughput", st->tflops);
   put_scalar(&s, "tokens-per-second", st->tokens_per_s);
   put_scalar(&s, "skipped-iterations", (double)st->skipped);
-  if (st->has_val) {
-    put_scalar(&s, "lm loss validation", st->val_loss);
-    put_scalar(&s, "lm loss validation ppl", exp(fmin(st->val_loss, 20.0)));
+  /* Megatron writes its validation at the end of training under the same
+   * tag; at a step that had its own, that one stands */
+  int has_val = st->has_val || st->has_final_val;
+  double val = st->has_val ? st->val_loss : st->final_val_loss;
+  if (has_val) {
+    put_scalar(&s, "lm loss validation", val);
+    put_scalar(&s, "lm loss validation ppl", exp(fmin(val, 20.0)));
+  }
+  if (st->has_test) {
+    put_scalar(&s, "lm loss test", st->test_loss);
+    put_scalar(&s, "lm loss test ppl", exp(fmin(st->test_loss, 20.0)));
   }
   pbuf e = {.n = 0};
   event_head(&e, st->step);

@@ -12,7 +12,8 @@ check value). Checked:
     whose learning-rate, lm loss, grad-norm, params-norm, loss-scale,
     batch-size and iteration-time equal the step's JSON line (float32
     rounding), with "lm loss validation" and its perplexity where the line
-    has val_loss;
+    has val_loss (or only the end of training's, final_val_loss), and "lm
+    loss test" where it has test_loss;
   - a rollback to an earlier checkpoint (checkpoint.resume_step 3) that
     stops at step 5 (train.exit_interval) writes a second file that starts a
     session at step 4: read as TensorBoard reads a directory (files in name
@@ -175,9 +176,13 @@ def mismatches(curve, lines, global_batch):
             want["params-norm"] = s["params_norm"]
         if "loss_scale" in s:
             want["loss-scale"] = s["loss_scale"]
-        if "val_loss" in s:
-            want["lm loss validation"] = s["val_loss"]
-            want["lm loss validation ppl"] = math.exp(min(s["val_loss"], 20.0))
+        val = s.get("val_loss", s.get("final_val_loss"))  # the step's own first
+        if val is not None:
+            want["lm loss validation"] = val
+            want["lm loss validation ppl"] = math.exp(min(val, 20.0))
+        if "test_loss" in s:
+            want["lm loss test"] = s["test_loss"]
+            want["lm loss test ppl"] = math.exp(min(s["test_loss"], 20.0))
         if s["grad_norm"] is None:
             del want["grad-norm"]
         for tag, v in want.items():
@@ -211,7 +216,7 @@ def standalone(mtnlgd, prep, job, tmp):
     run([prep, "--quiet", "--tokenizer", "bytes", "--format", "text", "--text-docs",
          "paragraph", "--input", *lic, "--output-prefix", prefix])
     tb = os.path.join(tmp, "tb", "run")  # two levels made
-    data = {"prefix": prefix, "split": "90,10,0", "cache_dir": os.path.join(tmp, "cache")}
+    data = {"prefix": prefix, "split": "90,8,2", "cache_dir": os.path.join(tmp, "cache")}
     base = [mtnlgd, "--standalone", job, "--log-format", "json",
             "--set", "data=" + json.dumps(data), "--set", "model.vocab_size=257",
             "--set", "train.steps=8", "--set", "train.lr.warmup_steps=2",
@@ -234,7 +239,8 @@ def standalone(mtnlgd, prep, job, tmp):
     bad = mismatches(scalars(events), lines, gb)
     failures += check("test_scalars_equal_the_step_lines",
                       not bad and len(lines) == 8 and any("val_loss" in s for s in lines)
-                      and any("loss_scale" in s for s in lines), "; ".join(bad[:6]))
+                      and "test_loss" in lines[-1] and any("loss_scale" in s for s in lines),
+                      "; ".join(bad[:6]))
     failures += check("test_steps_in_order_one_event_each",
                       [e.step for e in events if e.HasField("summary")] == list(range(1, 9)))
 
