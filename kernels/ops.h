@@ -56,6 +56,11 @@ typedef struct mt_dropout {
                        a sample, as sequence parallelism gives a rank); 0: whole samples */
 } mt_dropout;
 
+/* A cross-entropy target that is no token: the row is left out of the loss
+ * (loss 0, gradient 0). Any negative target is; this is the one callers
+ * write. */
+#define MT_TARGET_IGNORE (-1)
+
 /* How a weight tensor is stored. */
 typedef enum mt_dtype { MT_F32 = 0, MT_BF16 = 1, MT_F16 = 2 } mt_dtype;
 
@@ -246,7 +251,10 @@ struct mt_ops {
    * not part of the softmax). losses(N) = -log softmax(logits)[target].
    * If dlogits is non-NULL it is WRITTEN (not accumulated) with
    * dloss * (softmax - onehot), zero in padded columns; dlogits may alias
-   * logits. dloss is d(total loss)/d(loss of one token). losses may be NULL. */
+   * logits. dloss is d(total loss)/d(loss of one token). losses may be NULL.
+   * A row whose target is MT_TARGET_IGNORE (any negative id) is masked out:
+   * its loss is 0 and its dlogits row all 0 (the caller normalises by the
+   * rows it did not mask). */
   void (*crossentropy)(mt_device *d, float *losses, float *dlogits, const float *logits,
                        const int32_t *targets, float dloss, int N, int V, int Vp);
 
@@ -263,12 +271,14 @@ struct mt_ops {
   void (*crossentropy_shard_max)(mt_device *d, float *rowmax, const float *logits, int N, int real,
                                  int Vl);
   /* rowsum(N) = Σ exp(x - gmax) over the shard's real columns; xt(N) = the
-   * target's logit when the target is in the shard, else 0 */
+   * target's logit when the target is in the shard, else 0 (and 0 for an
+   * ignored target: the caller leaves that row out of the loss) */
   void (*crossentropy_shard_sum)(mt_device *d, float *rowsum, float *xt, const float *logits,
                                  const int32_t *targets, const float *gmax, int N, int real, int Vl,
                                  int v0);
   /* dlogits (may alias logits) = dloss * (exp(x - gmax) / gsum - onehot), 0 in
-   * padded columns; WRITTEN, not accumulated */
+   * padded columns and in the whole row of an ignored target; WRITTEN, not
+   * accumulated */
   void (*crossentropy_shard_grad)(mt_device *d, float *dlogits, const float *logits,
                                   const int32_t *targets, const float *gmax, const float *gsum,
                                   float dloss, int N, int real, int Vl, int v0);

@@ -45,6 +45,7 @@ typedef struct act_plan {
   int32_t *inputs, *targets; /* (B,T) device copies of the micro-batch */
   uint64_t sample0;          /* global sample of row 0: dropout masks */
   int has_targets;           /* forward computed losses; backward may run */
+  int loss_tokens;           /* targets in the loss: not MT_TARGET_IGNORE (the loss mask) */
   float **resid;             /* L+1 of (R,C): resid[0] stage input, resid[l+1] block l out */
   uint16_t **resid_h; /* 16-bit jobs: resid[1..L-1] kept in 16 bits here instead (resid[l] NULL) */
   uint16_t *out_h;    /* 16-bit jobs, a non-last stage: resid[L] as it travels on */
@@ -1035,16 +1036,20 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     if (inputs && (inputs[i] < 0 || inputs[i] >= c->vocab_size))
       return mt_seterr(MT_EINVAL, "gpt: input token %d at position %zu outside vocab %d", inputs[i],
                        i, c->vocab_size);
-    if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size))
+    if (targets && targets[i] != MT_TARGET_IGNORE &&
+        (targets[i] < 0 || targets[i] >= c->vocab_size))
       return mt_seterr(MT_EINVAL, "gpt: target token %d at position %zu outside vocab %d",
                        targets[i], i, c->vocab_size);
   }
+  size_t n_loss = 0; /* the loss is the mean over the targets not masked out */
+  for (size_t i = 0; targets && i < BT; i++) n_loss += targets[i] != MT_TARGET_IGNORE;
   int rc = 0;
   if (inputs) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
   if (!rc && targets) rc = mt_device_memcpy_htod(d, p->targets, targets, BT * sizeof(int32_t));
   if (rc) return rc;
   p->sample0 = sample0;
   p->has_targets = m->last && targets;
+  p->loss_tokens = (int)n_loss;
 
   int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
   size_t R = mt_gpt_stream_rows(m), r0 = stream_row0(m);
@@ -1109,16 +1114,18 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     if (rc) return rc;
     double sum = 0.0;
     for (size_t i = 0; i < BT; i++)
-      sum += (double)host[i] + log((double)host[BT + i]) - (double)host[2 * BT + i];
-    m->last_loss = (float)(sum / (double)BT);
+      if (targets[i] != MT_TARGET_IGNORE)
+        sum += (double)host[i] + log((double)host[BT + i]) - (double)host[2 * BT + i];
+    /* every target masked: a loss of 0, not 0/0 (Megatron's would be NaN) */
+    m->last_loss = n_loss ? (float)(sum / (double)n_loss) : 0.0f;
   } else if (targets) {
     ops->crossentropy(d, p->losses, NULL, p->logits, p->targets, 0.0f, N, c->vocab_size,
                       c->padded_vocab);
     rc = mt_device_memcpy_dtoh(d, m->host_losses, p->losses, BT * sizeof(float));
     if (rc) return rc;
-    double sum = 0.0;
+    double sum = 0.0; /* a masked target's loss is 0 */
     for (size_t i = 0; i < BT; i++) sum += m->host_losses[i];
-    m->last_loss = (float)(sum / (double)BT);
+    m->last_loss = n_loss ? (float)(sum / (double)n_loss) : 0.0f;
   }
   return 0;
 }
@@ -1138,8 +1145,9 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     if (!p->has_targets)
       return mt_seterr(MT_EINVAL, "gpt: backward needs a forward with targets first");
     p->has_targets = 0; /* logits become dlogits below */
-    /* loss = mean over the B*T tokens, times loss_scale */
-    float dloss = loss_scale / (float)N;
+    /* loss = mean over the tokens not masked out (all B*T without a loss
+     * mask), times loss_scale; none left: no gradient at all */
+    float dloss = p->loss_tokens ? loss_scale / (float)p->loss_tokens : 0.0f;
     if (tp > 1) {
       int real = c->vocab_size - v0 < 0 ? 0 : c->vocab_size - v0 > Vl ? Vl : c->vocab_size - v0;
       ops->crossentropy_shard_grad(d, p->logits, p->logits, p->targets, p->rowmax, p->rowsum, dloss,

@@ -157,7 +157,8 @@ typedef struct mt_gpt {
   size_t acts_floats;
   void *act_plan; /* internal: n_slots plans of pointers into acts */
   int n_slots;
-  float last_loss;                   /* mean loss of the last forward (last stage) */
+  float last_loss;                   /* mean loss of the last forward (last stage) over
+                                        its unmasked targets */
   float *host_losses;                /* host, 3 * B * T: the losses read back each forward */
   uint64_t seed;                     /* dropout masks derive from it (set by init_weights) */
   int training;                      /* 1: dropout on (default); 0: evaluation */
@@ -237,14 +238,18 @@ int mt_param_find(const mt_param *table, int n, const char *name);
 int mt_gpt_init_weights(mt_gpt *m, uint64_t seed);
 
 /* Forward over one micro-batch; inputs/targets are host (B,T) token ids.
- * targets may be NULL (logits only). sample0 is the global index of row 0
- * (dropout masks) and step is unused by the math but kept for logs.
- * Returns 0; the mean loss over B*T tokens lands in m->last_loss. */
+ * targets may be NULL (logits only); a target of MT_TARGET_IGNORE (ops.h)
+ * is masked out of the loss (Megatron's loss mask). sample0 is the global
+ * index of row 0 (dropout masks) and step is unused by the math but kept
+ * for logs. Returns 0; the mean loss over the targets not masked out (all
+ * B*T without a mask; 0 when every one is) lands in m->last_loss. */
 int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uint64_t sample0);
 
 /* Backward of the last forward; ACCUMULATES into m->grads. loss_scale is
  * d(objective)/d(mean loss of this micro-batch), e.g. 1/micro_batches for an
- * objective that is the mean over the global batch. */
+ * objective that is the mean over the global batch. Each unmasked token's
+ * loss counts loss_scale / (unmasked tokens); a micro-batch whose targets
+ * are all masked adds no gradient. */
 int mt_gpt_backward(mt_gpt *m, float loss_scale);
 
 /* Pipeline stages. Forward of the micro-batch in activation slot `slot`:

@@ -27,6 +27,11 @@ static inline MT_HD float mt_gelu_grad(float x) {
   return 0.5f * (1.0f + th) + 0.5f * x * sech2 * MT_GELU_SCALE * (1.0f + 3.0f * 0.044715f * x2);
 }
 
+/* A cross-entropy row whose target is negative (MT_TARGET_IGNORE, ops.h)
+ * is left out of the loss: its loss and its whole gradient row are 0
+ * (Megatron's loss mask, --eod-mask-loss). */
+static inline MT_HD int mt_target_ignored(int target) { return target < 0; }
+
 /* Dropout keep-scale of one element: 0 or 1/(1-p). */
 static inline MT_HD float mt_dropout_scale(float p, uint64_t key, uint64_t sample, uint64_t e) {
   return mt_philox_uniform(key, sample, e) >= p ? 1.0f / (1.0f - p) : 0.0f;

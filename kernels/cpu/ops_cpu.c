@@ -878,6 +878,11 @@ static void crossentropy(mt_device *d, float *losses, float *dlogits, const floa
     const float *x = logits + (size_t)n * Vp;
     float *dx = dlogits ? dlogits + (size_t)n * Vp : NULL;
     int tg = targets[n];
+    if (mt_target_ignored(tg)) { /* masked out: no loss, no gradient */
+      if (losses) losses[n] = 0.0f;
+      if (dx) memset(dx, 0, (size_t)Vp * sizeof(float));
+      continue;
+    }
     float xt = x[tg]; /* before dlogits, which may alias logits, overwrites it */
     float mx = -FLT_MAX;
 #pragma omp simd reduction(max : mx)
@@ -984,7 +989,7 @@ static void crossentropy_shard_sum(mt_device *d, float *rowsum, float *xt, const
     for (int j = 0; j < real; j++) sum += expf(x[j] - mx);
     rowsum[n] = (float)sum;
     int k = targets[n] - v0;
-    xt[n] = k >= 0 && k < real ? x[k] : 0.0f;
+    xt[n] = !mt_target_ignored(targets[n]) && k >= 0 && k < real ? x[k] : 0.0f;
   }
 }
 
@@ -995,6 +1000,10 @@ static void crossentropy_shard_grad(mt_device *d, float *dlogits, const float *l
   for (int n = 0; n < N; n++) {
     const float *x = logits + (size_t)n * Vl;
     float *dx = dlogits + (size_t)n * Vl;
+    if (mt_target_ignored(targets[n])) {
+      memset(dx, 0, (size_t)Vl * sizeof(float));
+      continue;
+    }
     float mx = gmax[n], f = (float)((double)dloss / (double)gsum[n]);
 #pragma omp simd
     for (int j = 0; j < real; j++) dx[j] = expf(x[j] - mx) * f;

@@ -788,7 +788,7 @@ static __global__ void k_dropout(float *out, uint16_t *h, int fp16, const float 
   if (lo >= hi) return;
   mt_philox_out o = mt_philox_block(key, sample0 + blockIdx.y, blk);
   size_t row = (size_t)blockIdx.y * per_sample - elem0; /* wraps: row + e is the index */
-  for (int k = 0; k < 4; k++) { /* constant lanes: o stays in registers */
+  for (int k = 0; k < 4; k++) {                         /* constant lanes: o stays in registers */
     size_t e = blk * 4 + k;
     if (e < lo || e >= hi) continue;
     float v = inp[row + e] * mt_dropout_keep(p, o.v[k]);
@@ -858,6 +858,12 @@ static __global__ void k_crossentropy(float *losses, float *dlogits, const float
   const float *x = logits + n * Vp;
   float *dx = dlogits ? dlogits + n * Vp : NULL;
   int tg = targets[n];
+  if (mt_target_ignored(tg)) { /* masked out, the whole block alike: no loss, no gradient */
+    if (losses && threadIdx.x == 0) losses[n] = 0.0f;
+    if (dx)
+      for (int j = threadIdx.x; j < Vp; j += blockDim.x) dx[j] = 0.0f;
+    return;
+  }
   float xt = x[tg];
   float mx = -FLT_MAX;
   for (int j = threadIdx.x; j < V; j += blockDim.x) mx = x[j] > mx ? x[j] : mx;
@@ -907,7 +913,7 @@ static __global__ void k_ce_shard_sum(float *rowsum, float *xt, const float *log
   if (threadIdx.x == 0) {
     rowsum[n] = (float)sum;
     int k = targets[n] - v0;
-    xt[n] = k >= 0 && k < real ? x[k] : 0.0f;
+    xt[n] = !mt_target_ignored(targets[n]) && k >= 0 && k < real ? x[k] : 0.0f;
   }
 }
 
@@ -917,6 +923,10 @@ static __global__ void k_ce_shard_grad(float *dlogits, const float *logits, cons
   size_t n = blockIdx.x;
   const float *x = logits + n * Vl;
   float *dx = dlogits + n * Vl;
+  if (mt_target_ignored(targets[n])) { /* the whole block alike */
+    for (int j = threadIdx.x; j < Vl; j += blockDim.x) dx[j] = 0.0f;
+    return;
+  }
   float mx = gmax[n], f = (float)((double)dloss / (double)gsum[n]);
   int k = targets[n] - v0;
   for (int j = threadIdx.x; j < real; j += blockDim.x) {

@@ -1375,10 +1375,14 @@ static void test_dropout(int B, size_t per) {
   arena_reset();
 }
 
-static void test_crossentropy(int N, int V, int Vp) {
+/* With ignore, rows 0, N/2 and N-1 have ignored targets (Megatron's loss
+ * mask): both backends give them loss 0 and a gradient row of 0. */
+static void test_crossentropy(int N, int V, int Vp, int ignore) {
   size_t n = (size_t)N * Vp;
   float *x = H(n, -4, 4), *gx = Df(x, n);
-  int32_t *t = tokens((size_t)N, V), *gt = D(t, (size_t)N * sizeof(int32_t));
+  int32_t *t = tokens((size_t)N, V);
+  if (ignore) t[0] = t[N - 1] = MT_TARGET_IGNORE, t[N / 2] = -5;
+  int32_t *gt = D(t, (size_t)N * sizeof(int32_t));
   float dloss = 1.0f / (float)N;
   float *cl = halloc(N * sizeof(float)), *cd = halloc(n * sizeof(float));
   float *gl = DN((size_t)N), *gd = DN(n);
@@ -1387,6 +1391,15 @@ static void test_crossentropy(int N, int V, int Vp) {
   check("crossentropy", label("N=%d V=%d Vp=%d losses", N, V, Vp), back(gl, (size_t)N), cl,
         (size_t)N, 1e-5);
   check("crossentropy", "dlogits", back(gd, n), cd, n, 1e-5);
+  if (ignore) {
+    float *bl = back(gl, (size_t)N), *bd = back(gd, n), *zero = halloc((size_t)Vp * sizeof(float));
+    int rows[3] = {0, N / 2, N - 1};
+    for (int i = 0; i < 3; i++) {
+      check("crossentropy", label("ignored row %d: loss", rows[i]), bl + rows[i], zero, 1, 0.0);
+      check("crossentropy", label("ignored row %d: dlogits", rows[i]), bd + (size_t)rows[i] * Vp,
+            zero, (size_t)Vp, 0.0);
+    }
+  }
   float *ca = hcopy(x, n), *ga = Df(x, n); /* dlogits aliasing logits, no losses */
   cpu.ops->crossentropy(&cpu, NULL, ca, ca, t, dloss, N, V, Vp);
   gpu.ops->crossentropy(&gpu, NULL, ga, ga, gt, dloss, N, V, Vp);
@@ -1415,7 +1428,18 @@ static void test_crossentropy(int N, int V, int Vp) {
   cpu.ops->crossentropy_shard_grad(&cpu, cg, sx, t, cmax, csum, dloss, N, real, Vl, v0);
   gpu.ops->crossentropy_shard_grad(&gpu, gg, gsx, gt, dmax, Df(csum, (size_t)N), dloss, N, real, Vl,
                                    v0);
-  check("crossentropy_shard_grad", "dlogits", back(gg, (size_t)N * Vl), cg, (size_t)N * Vl, 1e-5);
+  float *ggb = back(gg, (size_t)N * Vl);
+  check("crossentropy_shard_grad", "dlogits", ggb, cg, (size_t)N * Vl, 1e-5);
+  if (ignore) {
+    float *zero = halloc((size_t)Vl * sizeof(float));
+    int rows[3] = {0, N / 2, N - 1};
+    for (int i = 0; i < 3; i++) {
+      check("crossentropy_shard_sum", label("ignored row %d: target logit", rows[i]),
+            gsb + N + rows[i], zero, 1, 0.0);
+      check("crossentropy_shard_grad", label("ignored row %d: dlogits", rows[i]),
+            ggb + (size_t)rows[i] * Vl, zero, (size_t)Vl, 0.0);
+    }
+  }
   arena_reset();
 }
 
@@ -1756,8 +1780,10 @@ int main(int argc, char **argv) {
 #endif
     test_elementwise(1000);
     test_dropout(3, 101);
-    test_crossentropy(5, 37, 40);
-    test_crossentropy(3, 700, 768);
+    test_crossentropy(5, 37, 40, 0);
+    test_crossentropy(3, 700, 768, 0);
+    test_crossentropy(5, 37, 40, 1);
+    test_crossentropy(7, 700, 768, 1);
     test_adamw(5000);
     test_sumsq_multi();
     test_linear_unaligned_bias_and_aux();
@@ -1820,7 +1846,7 @@ int main(int argc, char **argv) {
     test_to_half((size_t)1 << 20);
     test_elementwise((size_t)3 << 20);
     test_dropout(4, (size_t)1 << 20 | 3);
-    test_crossentropy(256, 50257, 50304);
+    test_crossentropy(256, 50257, 50304, 1);
     test_adamw((size_t)1 << 22);
     test_sumsq_multi();
     test_linear_unaligned_bias_and_aux();

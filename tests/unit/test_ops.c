@@ -1367,6 +1367,89 @@ static void test_crossentropy_ignores_padded_columns(void) {
   free(x), free(huge), free(tg), free(l1), free(l2), free(d1), free(d2), free(inplace), free(l3);
 }
 
+/* Targets of MT_TARGET_IGNORE (Megatron's loss mask): those rows' losses are
+ * 0 and their dlogits rows all 0, written over whatever was there (in place
+ * too); every other row is bit for bit what it is with a real target there,
+ * rows being independent. The vocabulary-parallel pieces alike: the ignored
+ * row's target logit 0 and gradient row 0 in each of two shards, the other
+ * rows unchanged. */
+static void test_crossentropy_ignored_targets_give_no_loss_and_no_gradient(int N, int V, int Vp) {
+  float *x = ce_logits(N, V, Vp, 0.5f);
+  int32_t *tg = ce_targets(N, V), *masked = xmalloc((size_t)N * sizeof(int32_t));
+  int ignored[3] = {0, N / 2, N - 1};
+  memcpy(masked, tg, (size_t)N * sizeof(int32_t));
+  for (int i = 0; i < 3; i++) masked[ignored[i]] = MT_TARGET_IGNORE;
+  masked[N / 2] = -7; /* any negative id is ignored */
+  float *l1 = fzeros((size_t)N), *l2 = frand((size_t)N, -9, 9);
+  float *d1 = frand((size_t)N * Vp, -9, 9), *d2 = frand((size_t)N * Vp, -9, 9);
+  ops->crossentropy(&dev, l1, d1, x, tg, 0.37f, N, V, Vp);
+  ops->crossentropy(&dev, l2, d2, x, masked, 0.37f, N, V, Vp);
+  int zero = 1, same = 1;
+  for (int n = 0; n < N; n++) {
+    int ign = masked[n] < 0;
+    const float *a = d1 + (size_t)n * Vp, *b = d2 + (size_t)n * Vp;
+    if (ign) {
+      zero &= l2[n] == 0.0f;
+      for (int j = 0; j < Vp; j++) zero &= b[j] == 0.0f;
+    } else {
+      same &= l1[n] == l2[n] && bits_equal(a, b, (size_t)Vp);
+    }
+  }
+  report(zero && same, __func__,
+         "N=%d V=%d Vp=%d: ignored rows loss 0 and dlogits 0 (%s), the others unchanged (%s)", N, V,
+         Vp, zero ? "yes" : "NO", same ? "yes" : "NO");
+  float *inplace = fcopy(x, (size_t)N * Vp), *l3 = fzeros((size_t)N);
+  ops->crossentropy(&dev, l3, inplace, inplace, masked, 0.37f, N, V, Vp);
+  report(bits_equal(l3, l2, (size_t)N) && bits_equal(inplace, d2, (size_t)N * Vp), __func__,
+         "N=%d: dlogits aliasing logits gives the same with ignored rows", N);
+  float *l4 = frand((size_t)N, -9, 9);
+  ops->crossentropy(&dev, l4, NULL, x, masked, 0.0f, N, V, Vp);
+  report(bits_equal(l4, l2, (size_t)N), __func__, "N=%d: losses alone the same", N);
+
+  /* two vocabulary shards of Vl = Vp / 2 columns */
+  int Vl = Vp / 2, ok = 1;
+  float *gmax = fzeros((size_t)N), *mx = fzeros((size_t)N), *gsum = fzeros((size_t)N);
+  float *sum = fzeros(2 * (size_t)N), *xt = fzeros((size_t)N);
+  float *shard = fzeros((size_t)N * Vl), *g1 = fzeros((size_t)N * Vl);
+  float *g2 = frand((size_t)N * Vl, -9, 9);
+  for (int pass = 0; pass < 2; pass++) /* the global max, then the global sum */
+    for (int s = 0; s < 2; s++) {
+      int v0 = s * Vl, real = V - v0 < 0 ? 0 : V - v0 > Vl ? Vl : V - v0;
+      for (int n = 0; n < N; n++)
+        memcpy(shard + (size_t)n * Vl, x + (size_t)n * Vp + v0, (size_t)Vl * sizeof(float));
+      if (pass == 0) {
+        ops->crossentropy_shard_max(&dev, mx, shard, N, real, Vl);
+        for (int n = 0; n < N; n++) gmax[n] = s == 0 || mx[n] > gmax[n] ? mx[n] : gmax[n];
+      } else {
+        ops->crossentropy_shard_sum(&dev, sum, sum + N, shard, masked, gmax, N, real, Vl, v0);
+        for (int n = 0; n < N; n++) gsum[n] += sum[n];
+        for (int n = 0; n < N; n++)
+          if (masked[n] < 0) ok &= sum[N + n] == 0.0f;
+      }
+    }
+  for (int s = 0; s < 2; s++) {
+    int v0 = s * Vl, real = V - v0 < 0 ? 0 : V - v0 > Vl ? Vl : V - v0;
+    for (int n = 0; n < N; n++)
+      memcpy(shard + (size_t)n * Vl, x + (size_t)n * Vp + v0, (size_t)Vl * sizeof(float));
+    ops->crossentropy_shard_grad(&dev, g1, shard, tg, gmax, gsum, 0.37f, N, real, Vl, v0);
+    ops->crossentropy_shard_grad(&dev, g2, shard, masked, gmax, gsum, 0.37f, N, real, Vl, v0);
+    for (int n = 0; n < N; n++) {
+      const float *a = g1 + (size_t)n * Vl, *b = g2 + (size_t)n * Vl;
+      if (masked[n] < 0)
+        for (int j = 0; j < Vl; j++) ok &= b[j] == 0.0f;
+      else
+        ok &= bits_equal(a, b, (size_t)Vl);
+    }
+  }
+  report(ok, __func__,
+         "N=%d V=%d Vp=%d: two vocabulary shards: ignored rows' target logit and gradient 0, the "
+         "others unchanged",
+         N, V, Vp);
+  free(x), free(tg), free(masked), free(l1), free(l2), free(d1), free(d2), free(inplace);
+  free(l3), free(l4), free(gmax), free(mx), free(gsum), free(sum), free(xt), free(shard);
+  free(g1), free(g2);
+}
+
 /* ---- adamw -------------------------------------------------------------- */
 
 static void test_adamw_matches_reference_over_three_steps(size_t n, float wd) {
@@ -1493,6 +1576,8 @@ int main(void) {
   test_crossentropy_bwd_is_softmax_minus_onehot(13, 37, 40);
   test_crossentropy_bwd_is_softmax_minus_onehot(33, 1000, 1024);
   test_crossentropy_ignores_padded_columns();
+  test_crossentropy_ignored_targets_give_no_loss_and_no_gradient(13, 37, 40);
+  test_crossentropy_ignored_targets_give_no_loss_and_no_gradient(33, 1000, 1024);
 
   test_adamw_matches_reference_over_three_steps(1000, 0.0f);
   test_adamw_matches_reference_over_three_steps(1000, 0.1f);
