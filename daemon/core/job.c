@@ -404,8 +404,9 @@ static const char *const wd_schedule_keys[] = {"style", "start", "end", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
 static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_interval",
                                               "hysteresis", "dynamic", NULL};
-static const char *const data_keys[] = {"path",      "prefix", "blend", "split", "shuffle",
-                                        "cache_dir", "valid",  "test",  NULL};
+static const char *const data_keys[] = {"path",          "prefix",    "blend", "split",
+                                        "shuffle",       "cache_dir", "valid", "test",
+                                        "eod_mask_loss", "eod_token", NULL};
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", "test", NULL};
 static const char *const checkpoint_keys[] = {"dir",   "interval",       "keep",   "keep_every",
@@ -986,6 +987,13 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   read_str(pb, o, "data", "split", d->split, sizeof d->split);
   read_bool(pb, o, "data", "shuffle", &d->shuffle);
   read_str(pb, o, "data", "cache_dir", d->cache_dir, sizeof d->cache_dir);
+  read_bool(pb, o, "data", "eod_mask_loss", &d->eod_mask_loss);
+  int64_t eod;
+  if (read_i64(pb, o, "data", "eod_token", 0, INT32_MAX, &eod)) d->eod_token = (int)eod;
+  if (d->eod_mask_loss && d->eod_token < 0 && !seen(pb, "data.eod_token"))
+    problem(pb, "data.eod_token: missing: data.eod_mask_loss masks the loss at the "
+                "end-of-document token, and the data does not say which id that is (50256 for "
+                "GPT-2's BPE, 256 for mtnlg-preprocess --tokenizer bytes)");
   double w[3];
   int bad = !d->split[0] || mt_job_split_weights(d->split, w);
   if (bad || !(w[0] + w[1] + w[2] > 0))
@@ -1077,6 +1085,7 @@ static void set_defaults(mt_job *job) {
   snprintf(job->data.split, sizeof job->data.split, "949,50,1");
   job->data.split_valid_weight = 50;
   job->data.shuffle = 1;
+  job->data.eod_token = -1;
   job->eval.interval = 0;
   job->checkpoint.resume_step = -1;
   snprintf(job->checkpoint.export_dtype, sizeof job->checkpoint.export_dtype, "fp32");
@@ -1137,6 +1146,9 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
     snprintf(lines[n++], 256,
              "eval.test: false turns off the test pass, and eval.interval = 0 runs no "
              "evaluation; it is ignored");
+  if (ds->eod_token >= 0 && !ds->eod_mask_loss)
+    snprintf(lines[n++], 256,
+             "data.eod_token: only data.eod_mask_loss reads it, and that is false; it is ignored");
   return n;
 }
 
@@ -1554,6 +1566,11 @@ static void validate(problems *pb, mt_job *job) {
   if (m->vocab_size > 65536 && job->data.path[0])
     check_fail(pb, "model.vocab_size",
                "%d does not fit the uint16 tokens of data.path (at most 65536)", m->vocab_size);
+  /* a data token past the vocabulary is refused where it is read; an id
+   * that no token can be would mask nothing */
+  if (job->data.eod_mask_loss && job->data.eod_token >= m->vocab_size && m->vocab_size >= 1)
+    check_fail(pb, "data.eod_token", "%d is no token of model.vocab_size %d", job->data.eod_token,
+               m->vocab_size);
   if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && p->tp >= 1 && m->padded_vocab == 0)
     check_fail(pb, "model.vocab_pad_to", "%d * parallel.tp = %d pads model.vocab_size past 2^31",
                m->vocab_pad_to, p->tp);
@@ -1690,6 +1707,10 @@ static json_t *job_to_json(const mt_job *job) {
   json_t *data = json_pack("{s:s, s:b}", "split", d->split, "shuffle", d->shuffle);
   if (d->path[0]) json_object_set_new(data, "path", json_string(d->path));
   if (d->cache_dir[0]) json_object_set_new(data, "cache_dir", json_string(d->cache_dir));
+  if (d->eod_mask_loss) { /* only when on: the jobs from before it keep their hash */
+    json_object_set_new(data, "eod_mask_loss", json_true());
+    json_object_set_new(data, "eod_token", json_integer(d->eod_token));
+  }
   if (d->n_blend) {
     json_t *blend = json_array();
     for (int i = 0; i < d->n_blend; i++)

@@ -183,6 +183,9 @@ typedef struct mt_data_spec {
    * the valid / test split in place of data.split's share (n 0: none given) */
   int n_valid, n_test;
   mt_blend_spec valid[MT_MAX_BLEND], test[MT_MAX_BLEND];
+  int eod_mask_loss; /* Megatron's --eod-mask-loss: a position whose input token is
+                        eod_token is left out of the loss (default 0) */
+  int eod_token;     /* the end-of-document id; -1 when not given */
   /* where they go when that cannot take them (the node's state_dir, set by
    * the daemon; not part of the job's JSON or hash); "" = kept in memory */
   char cache_fallback[MT_PATH_MAX];
@@ -247,11 +250,12 @@ int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
 /* Settings the job gives that its configuration never reads, one line each
  * naming the key and why: train.loss_scale away from its defaults without
  * fp16; data.split, data.shuffle or data.cache_dir with data.path;
- * parallel.sequence_parallel with tp = 1. They are accepted, as Megatron
+ * parallel.sequence_parallel with tp = 1; data.eod_token without
+ * data.eod_mask_loss. They are accepted, as Megatron
  * accepts them (refusing them would change what a job that ran before
  * means); a daemon given the job file, a standalone run and `mtnlgctl plan` warn of
  * them. Returns how many lines it wrote. */
-#define MT_JOB_UNUSED_MAX 6
+#define MT_JOB_UNUSED_MAX 8
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]);
 
 /* The resolved job as compact JSON, every default filled in: what the

@@ -571,6 +571,17 @@ static int start_send(pipe_run *r, const mt_pipe_op *o) {
                                 0, -1, MT_COMM_U8, &r->grad_send, NULL);
 }
 
+/* Megatron's --eod-mask-loss (data.eod_mask_loss): a position whose input
+ * token ends a document does not predict the next document's first token,
+ * so its target leaves the loss (the model takes the mean over the rest).
+ * Every tensor-parallel rank reads the same tokens, so masks alike. */
+static void mask_eod_targets(const mt_trainer *tr, size_t n) {
+  const mt_data_spec *ds = &tr->job->data;
+  if (!ds->eod_mask_loss) return;
+  for (size_t i = 0; i < n; i++)
+    if (tr->inputs[i] == ds->eod_token) tr->targets[i] = MT_TARGET_IGNORE;
+}
+
 /* Forward of o's micro-batch through its chunk, from tokens or the
  * received input (x). */
 static int stage_forward(pipe_run *r, const mt_pipe_op *o, const void *x_wire) {
@@ -582,6 +593,7 @@ static int stage_forward(pipe_run *r, const mt_pipe_op *o, const void *x_wire) {
   int rc = wait_act_sends(r, o->chunk, j - m->n_slots, ACT_SENDS);
   if (!rc && (m->first || m->last))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
+  if (!rc && m->last) mask_eod_targets(tr, (size_t)m->B * m->T);
   const float *x = NULL;
   if (!rc && !m->first && !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, x_wire)))
     rc = MT_EIO; /* a device copy failed: the message is set */

@@ -1387,6 +1387,57 @@ static void test_tensorboard_dir_resolves_and_round_trips(void) {
   CHECK(has_line(mt_errmsg(), "train.tensorboard_dir: must not be empty"));
 }
 
+/* data.eod_mask_loss (Megatron's --eod-mask-loss) with data.eod_token:
+ * read, carried back in the canonical JSON only when on (so other jobs keep
+ * their hash, the key given false included), the hash changing with either,
+ * and each mistake one line naming its key. */
+static void test_eod_mask_loss_keys_round_trip_and_hash(void) {
+  mt_job plain, off, job, back, other;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK);
+  CHECK(!plain.data.eod_mask_loss && plain.data.eod_token == -1);
+  CHECK(parse_with(&off, tiny_job, "data.eod_mask_loss=false", NULL) == MT_OK);
+  CHECK(!strcmp(off.hash, plain.hash));
+  char *json = mt_job_to_json(&plain);
+  CHECK(json && !strstr(json, "eod"));
+  free(json);
+  CHECK(parse_with(&job, tiny_job, "data.eod_mask_loss=true", "data.eod_token=10") == MT_OK);
+  CHECK(job.data.eod_mask_loss == 1 && job.data.eod_token == 10 && strcmp(job.hash, plain.hash));
+  json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"eod_mask_loss\":true") && strstr(json, "\"eod_token\":10"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        !strcmp(back.hash, job.hash) && back.data.eod_mask_loss && back.data.eod_token == 10);
+  free(json);
+  CHECK(parse_with(&other, tiny_job, "data.eod_mask_loss=true", "data.eod_token=11") == MT_OK);
+  CHECK(strcmp(other.hash, job.hash));
+  const char *indexed =
+      "{\"model\": {\"preset\": \"tiny\"},"
+      " \"train\": {\"global_batch\": 8, \"steps\": 10, \"lr\": {\"peak\": 1e-3}},"
+      " \"data\": {\"prefix\": \"corpus\", \"eod_mask_loss\": true,"
+      " \"eod_token\": 255}}";
+  CHECK(mt_job_parse(&job, indexed, "/jobs", presets, NULL) == MT_OK && job.data.eod_mask_loss &&
+        job.data.eod_token == 255);
+  struct {
+    const char *ov0, *ov1, *line;
+  } cases[] = {
+      {"data.eod_mask_loss=true", NULL,
+       "data.eod_token: missing: data.eod_mask_loss masks the loss at the end-of-document token"},
+      {"data.eod_mask_loss=true", "data.eod_token=256",
+       "data.eod_token: 256 is no token of model.vocab_size 256"},
+      {"data.eod_mask_loss=true", "data.eod_token=-1",
+       "data.eod_token: -1 is out of range [0, 2147483647]"},
+      {"data.eod_mask_loss=1", "data.eod_token=10",
+       "data.eod_mask_loss: expected true or false, got an integer"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1405,6 +1456,7 @@ int main(void) {
   test_weight_decay_schedule_and_warmup_init();
   test_eval_test_key();
   test_data_valid_and_test();
+  test_eod_mask_loss_keys_round_trip_and_hash();
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();
