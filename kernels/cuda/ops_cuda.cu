@@ -788,7 +788,7 @@ static __global__ void k_dropout(float *out, uint16_t *h, int fp16, const float 
   if (lo >= hi) return;
   mt_philox_out o = mt_philox_block(key, sample0 + blockIdx.y, blk);
   size_t row = (size_t)blockIdx.y * per_sample - elem0; /* wraps: row + e is the index */
-  for (int k = 0; k < 4; k++) {                         /* constant lanes: o stays in registers */
+  for (int k = 0; k < 4; k++) { /* constant lanes: o stays in registers */
     size_t e = blk * 4 + k;
     if (e < lo || e >= hi) continue;
     float v = inp[row + e] * mt_dropout_keep(p, o.v[k]);
