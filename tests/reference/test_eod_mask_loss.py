@@ -4,9 +4,9 @@
 usage: test_eod_mask_loss.py MTNLGD JOB.json MTNLG-PREPROCESS
 The tiny model starts from random weights (torch_gpt.random_weights, given
 as model.init_from) and trains 4 steps of 4 micro-batches of 2 samples on a
-flat token file whose end-of-document id (255) is 5% of the tokens, half of
-them in one micro-batch and every input token in another (that micro-batch
-has no target left). torch_gpt.py does the same in float64 with Megatron's
+flat token file where the end-of-document id (255) is about 5% of the
+tokens, about half the input tokens of one micro-batch and every input
+token of another (that micro-batch has no target left). torch_gpt.py does the same in float64 with Megatron's
 loss: each micro-batch's loss is sum(loss * mask) / sum(mask), the mask 0
 where the input token is the end-of-document id (0 for a micro-batch with
 nothing left, where Megatron would divide by zero), averaged over the
@@ -26,9 +26,10 @@ stage's loss) and (2,2,2):
   - test_..._dataset_train_and_validation_losses_are_masked: on an indexed
     dataset from mtnlg-preprocess --tokenizer bytes (EOD 256), a step's loss
     and the validation loss are torch's masked ones (dataset_checks).
-Adam's eps is 1e-3, about the size of the gradients, so an update follows
-the gradient's size, not only its sign: a normalization by all B*T tokens
-instead of the unmasked ones moves the weights past the tolerance.
+Adam's eps is 1e-3, not far below the gradients' elements, so an update
+follows the gradient's size as well as its sign: a normalization by all
+B*T tokens instead of the unmasked ones moves the weights 25% of the update
+away from torch's (seen by breaking it), far past the tolerance.
 Exit 77 (skip) without torch.
 """
 import array
@@ -54,7 +55,9 @@ from local_cluster import check, output_losses  # noqa: E402
 
 
 def losses_of(out):
+    """The losses of a run's JSON step records, in step order."""
     return [loss for _, loss in output_losses(out)]
+
 
 EOD = 255
 N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ = 2, 64, 4, 256, 64
