@@ -532,6 +532,14 @@ static void on_engine_done(uv_async_t *h) {
   mt_local_free(n->local);
   n->local = NULL;
   n->engine_running = 0;
+  /* the events file closes with its generation: the next generation this
+   * node holds world rank 0 in opens one of its own, which sorts after what
+   * other nodes wrote meanwhile (TensorBoard reads a directory's files in
+   * name order and never goes back to an earlier one), starts its session
+   * at its first step, and tries again a directory an earlier one could not
+   * write */
+  mt_tboard_free(n->tboard);
+  n->tboard = NULL;
   mt_store_free(n->engine_store);
   n->engine_store = NULL;
   if (n->said_slow)

@@ -192,7 +192,12 @@ static void open_file(mt_tboard *t) {
 mt_tboard *mt_tboard_new(const char *dir) {
   if (!dir || !*dir) return NULL;
   mt_tboard *t = calloc(1, sizeof *t);
-  if (!t) return NULL;
+  if (!t) {
+    mt_log_warn("tensorboard: out of memory for the writer of %s; training goes on without "
+                "TensorBoard events",
+                dir);
+    return NULL;
+  }
   snprintf(t->dir, sizeof t->dir, "%s", dir);
   t->fd = -1;
   t->last_step = -1;
@@ -203,7 +208,7 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   if (!t || t->failed) return;
   if (t->fd < 0) open_file(t);
   if (t->fd < 0) return;
-  if (st->step != t->last_step + 1) {
+  if (st->step != t->last_step + 1) { /* every file's first step, too */
     /* SessionLog START at step s: TensorBoard discards the points at s and
      * past it that this directory's files hold from before */
     pbuf e = {.n = 0};

@@ -19,12 +19,14 @@ typedef struct mt_tboard mt_tboard;
  * step. NULL when out of memory or dir is "" (no TensorBoard). */
 mt_tboard *mt_tboard_new(const char *dir);
 
-/* Appends st's scalars to this process's events file, opened on the first
- * call (events.out.tfevents.<unix s>.<host>.<pid>.<n>). A step that does
- * not follow the last one written (a resume, a rollback, a re-formed
- * generation) starts a new session at it first, so TensorBoard drops the
- * points past it that an earlier run wrote and the curve is the one the
- * model followed. */
+/* Appends st's scalars to t's events file, opened on the first call
+ * (events.out.tfevents.<unix s>.<host>.<pid>.<n>). The file's first step,
+ * and a step that does not follow the last one written, starts a new
+ * session at it first, so TensorBoard drops the points at and past it that
+ * an earlier run (a resume, a rollback, a re-formed generation) wrote and
+ * the curve is the one the model followed. Runs on world rank 0's thread:
+ * a write that hangs (a stuck network mount) holds its step as a stuck
+ * checkpoint write would. */
 void mt_tboard_step(mt_tboard *t, const mt_step_stats *st);
 
 /* The directory t writes to. */

@@ -253,6 +253,7 @@ int mt_remove_tree(const char *dir) { return remove_dir_at(AT_FDCWD, dir, dir, 0
 void mt_remove_dir(const char *dir) { (void)mt_remove_tree(dir); }
 
 int mt_make_dirs(const char *dir) {
+  if (!*dir) return mt_seterr(MT_EINVAL, "make directory: the path is empty");
   char path[4096];
   if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path)
     return mt_seterr(MT_EINVAL, "make directory %.200s...: the path is too long", dir);

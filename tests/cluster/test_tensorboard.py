@@ -306,7 +306,7 @@ def cluster(mtnlgd, tmp):
     c = LocalCluster(mtnlgd, os.path.join(tmp, "nodes"), job, nodes=2, devices="cpu:4")
     try:
         c.start()
-        codes = c.wait_all(240)
+        codes = c.wait_all(120)  # under meson's 180 s, so a hang shows the logs
     finally:
         c.stop()
     ran = all(code == 0 for code in codes)
