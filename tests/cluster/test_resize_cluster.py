@@ -11,6 +11,12 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   as generation 3 with all four members; the status keeps the global batch;
   every step's loss stays within 1e-5 (relative) of an uninterrupted
   single-process run of the same job, and no step is lost or repeated;
+- test_tensorboard_file_per_generation_reads_as_one_curve: the job's
+  train.tensorboard_dir gets a file from n0 (world rank 0) for each of the
+  three generations, each starting a session at its first step, and the
+  directory read as TensorBoard reads it holds every step once with the
+  losses the nodes printed (one writer for the daemon's life appended to
+  its first file, which sorts before what another node would have written);
 - test_impossible_resize_is_refused: dp 3 (the global batch does not divide)
   exits 1 with the coordinator's reason, and so does dp 2^30 (a product
   with the micro-batch that wrapped to 0 once killed the coordinator);
@@ -59,6 +65,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from local_cluster import LocalCluster, last_step, check, grep, license_tokens  # noqa: E402
+import test_tensorboard as tensorboard  # noqa: E402  (the events reader)
 
 
 def dp2_job(tmp, tag, name, tokens):
@@ -242,11 +249,14 @@ def main():
                          "lr": {"schedule": "cosine", "peak": 1e-3, "min": 1e-4,
                                 "warmup_steps": 3}},
                "data": {"path": tokens}, "checkpoint": {"dir": ck}}
+        tb = os.path.join(tmp, "tb")
+        job["train"]["tensorboard_dir"] = tb
         job_path = os.path.join(tmp, "job.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
         ref_run = subprocess.run([mtnlgd, "--standalone", job_path, "--log-format", "json",
-                                  "--set", "checkpoint.dir=" + os.path.join(tmp, "refck")],
+                                  "--set", "checkpoint.dir=" + os.path.join(tmp, "refck"),
+                                  "--set", "train.tensorboard_dir=" + os.path.join(tmp, "reftb")],
                                  capture_output=True, text=True, timeout=300)
         ref = {json.loads(l)["step"]: json.loads(l)["loss"]
                for l in ref_run.stdout.splitlines() if l.startswith("{")}
@@ -326,6 +336,24 @@ def main():
                                s2["job"]["dp"], members1, codes, len(got), worst)
                            + ("" if ok else "\n" + r1.stdout + r1.stderr + r2.stdout + r2.stderr
                               + c.logs(8)))
+            # TensorBoard: n0 holds world rank 0 in all three generations and
+            # writes a file for each, every later one sorting after the one
+            # before and starting a session at its generation's first step;
+            # read as TensorBoard reads the directory, the curve is every step
+            # once, with the losses the nodes printed
+            files = sorted(glob.glob(os.path.join(tb, "events.out.tfevents.*")))
+            curve = tensorboard.as_tensorboard(files)
+            starts = [[e.step for e in tensorboard.read_events(f)
+                       if e.HasField("session_log") and e.session_log.status == 1] for f in files]
+            tb_ok = (len(files) == 3 and all(f.split(".")[-2] == str(c.nodes[0].pid) for f in files)
+                     and [len(x) for x in starts] == [1, 1, 1] and starts[0] == [1]
+                     and sorted(curve) == sorted(got)
+                     and all(tensorboard.close(curve[s]["lm loss"], tensorboard.f32(got[s]), 1e-6)
+                             for s in got))
+            fails += check("test_tensorboard_file_per_generation_reads_as_one_curve", tb_ok,
+                           "%d file(s) %s, session starts %s, %d step(s) in the curve" % (
+                               len(files), [os.path.basename(f) for f in files], starts,
+                               len(curve)))
             fails += check("test_impossible_resize_is_refused",
                            r3.returncode == 1 and "does not divide" in r3.stderr + r3.stdout
                            and r4.returncode == 1 and "model slot(s)" in r4.stderr + r4.stdout
