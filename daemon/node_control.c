@@ -267,13 +267,12 @@ static json_t *build_status(node *n) {
       break;
     }
   json_object_set_new(s, "val_loss", val);
-  /* the test pass's loss: the newest in the ring (a completed run's last step) */
+  /* the test pass's loss: the newest step's (a completed run's last), so a
+   * job given more steps after it does not show the old model's as current */
   json_t *test = json_null();
-  for (int64_t i = n->history_n - 1; i >= n->history_first; i--)
-    if (isfinite(n->history[i % NODE_HISTORY].test_loss)) {
-      test = json_real(n->history[i % NODE_HISTORY].test_loss);
-      break;
-    }
+  if (n->history_n > n->history_first &&
+      isfinite(n->history[(n->history_n - 1) % NODE_HISTORY].test_loss))
+    test = json_real(n->history[(n->history_n - 1) % NODE_HISTORY].test_loss);
   json_object_set_new(s, "test_loss", test);
   /* the rates are the last step's: null, and no metrics sample, until a
    * step ran and while the job is not stepping (paused, stopped, forming...),

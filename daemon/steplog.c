@@ -63,15 +63,16 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
              (long long)steps, st->val_loss, exp(st->val_loss));
-    /* Megatron's words, so its log parsers find them */
+    /* Megatron's words, so its log parsers find them, and its perplexity
+     * (e^loss, capped at e^20) */
     if (st->has_final_val)
       printf("validation loss at the end of training for val data | lm loss value: %.6E | lm "
              "loss PPL: %.6E |\n",
-             st->final_val_loss, exp(st->final_val_loss));
+             st->final_val_loss, exp(fmin(st->final_val_loss, 20.0)));
     if (st->has_test)
       printf("validation loss at the end of training for test data | lm loss value: %.6E | lm "
              "loss PPL: %.6E |\n",
-             st->test_loss, exp(st->test_loss));
+             st->test_loss, exp(fmin(st->test_loss, 20.0)));
   }
   fflush(stdout);
 }

@@ -17,6 +17,9 @@ struct mt_data_source {
   mt_gpt_dataset *sets[3][MT_MAX_BLEND]; /* [train|valid|test][k] */
   mt_blend *blend[3];
   char names[MT_MAX_BLEND][MT_PATH_MAX];
+  /* each split's datasets, for its errors: data.valid and data.test are
+   * others than the training blend's */
+  char split_sets[3][MT_MAX_BLEND][MT_PATH_MAX];
   int32_t *sample; /* seq + 1 */
 };
 
@@ -61,6 +64,7 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
         .cache_dir = spec->cache_dir[0] ? spec->cache_dir : NULL,
         .cache_fallback = spec->cache_fallback[0] ? spec->cache_fallback : NULL,
     };
+    snprintf(s->split_sets[which][k], sizeof s->split_sets[which][k], "%s", b[k].prefix);
     rc = mt_gpt_dataset_open(&s->sets[which][k], &ds);
     if (rc && key) return mt_wraperr(rc, "%s: %s", key, b[k].prefix);
     if (rc) return mt_wraperr(rc, "data: %s split of %s", split_names[which], b[k].prefix);
@@ -140,18 +144,22 @@ int mt_data_source_read(mt_data_source *s, mt_split which, uint64_t first, int c
   int seq = s->seq;
   if (s->is_flat && which == MT_SPLIT_TRAIN)
     return mt_tokens_read(&s->flat, first, count, seq, s->vocab, inputs, targets);
+  static const char *const split_names[] = {"train", "valid", "test"};
   if (s->is_flat && !s->blend[which]) /* data.valid and data.test are indexed datasets */
-    return mt_seterr(MT_EINVAL, "data: a flat token file has only a train split");
-  if (!s->blend[which]) return mt_seterr(MT_EINVAL, "data: split %d was not opened", which);
+    return mt_seterr(MT_EINVAL, "data: %s is a flat token file, with no %s split (give data.%s)",
+                     s->names[0], split_names[which], split_names[which]);
+  if (!s->blend[which])
+    return mt_seterr(MT_EINVAL, "data: the %s split was not opened", split_names[which]);
   for (int i = 0; i < count; i++) {
     int k;
     int rc = mt_blend_sample(s->blend[which], first + (uint64_t)i, s->sample, &k);
     if (rc) return rc;
     for (int t = 0; t <= seq; t++) {
       if (s->sample[t] < 0 || s->sample[t] >= s->vocab)
-        return mt_seterr(MT_ECORRUPT, "data: %s: token %d in sample %llu is outside vocab %d",
-                         s->names[k], s->sample[t], (unsigned long long)(first + (uint64_t)i),
-                         s->vocab);
+        return mt_seterr(MT_ECORRUPT,
+                         "data: %s: token %d in sample %llu of the %s split is outside vocab %d",
+                         s->split_sets[which][k], s->sample[t],
+                         (unsigned long long)(first + (uint64_t)i), split_names[which], s->vocab);
     }
     memcpy(inputs + (size_t)i * seq, s->sample, (size_t)seq * sizeof(int32_t));
     memcpy(targets + (size_t)i * seq, s->sample + 1, (size_t)seq * sizeof(int32_t));

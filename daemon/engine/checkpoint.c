@@ -789,7 +789,9 @@ static int operational_field(const char *path) {
                                       "model.init_from"};
   for (size_t i = 0; i < sizeof exact / sizeof *exact; i++)
     if (!strcmp(path, exact[i])) return 1;
-  return !strncmp(path, "checkpoint.", 11) || !strncmp(path, "eval.", 5);
+  /* data.valid and data.test feed validation and the test pass, never training */
+  return !strncmp(path, "checkpoint.", 11) || !strncmp(path, "eval.", 5) ||
+         !strncmp(path, "data.valid", 10) || !strncmp(path, "data.test", 9);
 }
 
 /* The fields that changed: in text those the trajectory depends on
@@ -799,10 +801,25 @@ typedef struct job_changes {
   size_t len, other_len;
   int n, material;
   int steps_material; /* a weight-decay schedule runs over train.steps (either job's) */
+  int micro_material; /* data.eod_mask_loss (either job's): each micro-batch's loss is the
+                         mean over its own unmasked tokens, so their grouping counts */
 } job_changes;
 
+/* Sets what makes operational fields material for these two jobs. */
+static void material_length_and_split(job_changes *ch, const json_t *was, const json_t *now) {
+  /* the weight decay's increment spans the run (Megatron's wd_incr_steps is
+   * the run's length): another length moves it, as it does a decay that
+   * follows train.steps (train.lr.decay_steps changes with it) */
+  ch->steps_material = json_object_get(json_object_get(was, "train"), "weight_decay_schedule") ||
+                       json_object_get(json_object_get(now, "train"), "weight_decay_schedule");
+  ch->micro_material =
+      json_is_true(json_object_get(json_object_get(was, "data"), "eod_mask_loss")) ||
+      json_is_true(json_object_get(json_object_get(now, "data"), "eod_mask_loss"));
+}
+
 static void note_change(job_changes *ch, const char *path, const json_t *was, const json_t *now) {
-  int material = !operational_field(path) || (ch->steps_material && !strcmp(path, "train.steps"));
+  int material = !operational_field(path) || (ch->steps_material && !strcmp(path, "train.steps")) ||
+                 (ch->micro_material && !strcmp(path, "parallel.micro_batch"));
   ch->n++;
   ch->material += material;
   char *out = material ? ch->text : ch->other;
@@ -851,12 +868,7 @@ static void log_job_changes(const char *dir, const char *saved_hash, const json_
     return;
   }
   job_changes ch = {0};
-  /* the weight decay's increment spans the run (Megatron's wd_incr_steps is
-   * the run's length): another length moves it, as it does a decay that
-   * follows train.steps (train.lr.decay_steps changes with it) */
-  ch.steps_material =
-      json_object_get(json_object_get(saved_job, "train"), "weight_decay_schedule") ||
-      json_object_get(json_object_get(now, "train"), "weight_decay_schedule");
+  material_length_and_split(&ch, saved_job, now);
   diff_job(&ch, "", saved_job, now);
   json_decref(now);
   if (ch.material)
@@ -1265,6 +1277,7 @@ static int rollback_done(mt_trainer *tr, const char *job_dir, int64_t step, int6
       json_t *now = parsed ? length_free_job(parsed) : NULL, *was = length_free_job(saved_job);
       json_decref(parsed);
       job_changes ch = {0};
+      if (now && was) material_length_and_split(&ch, was, now);
       if (now && was) diff_job(&ch, "", was, now);
       if (now && was && !ch.material)
         found = c.step;

@@ -351,10 +351,14 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       st.has_val = 1;
     }
     /* the run trained its last step (not out of time): Megatron's
-     * validation at the end of training and its test pass */
-    if (every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps &&
-        (rc = end_of_training(c, tr, &st)))
-      return rc;
+     * validation at the end of training and its test pass, after the step's
+     * checkpoint (Megatron saves before its test pass too): the test split
+     * was never read before, and a bad token or a fault there must not cost
+     * the steps since the last checkpoint. The save below finds it done. */
+    if (every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps) {
+      if ((rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
+      if ((rc = end_of_training(c, tr, &st))) return rc;
+    }
     /* every rank learned the loss in the step's all-reduce */
     if (c == c->all && o->on_step) o->on_step(&st, o->arg);
     int ordered_save = 0, pause = 0;
