@@ -23,6 +23,9 @@ stage's loss) and (2,2,2):
     the masked run's by far more than the tolerance (the test can see it);
   - test_a_resume_that_turns_the_mask_on_departs: a checkpoint saved
     without it, resumed with it, is warned of naming data.eod_mask_loss;
+  - a resume under another parallel.micro_batch is warned of as a departure
+    with the mask (each micro-batch's masked mean is over its own tokens)
+    and only noted without it;
   - test_..._dataset_train_and_validation_losses_are_masked: on an indexed
     dataset from mtnlg-preprocess --tokenizer bytes (EOD 256), a step's loss
     and the validation loss are torch's masked ones (dataset_checks).
@@ -291,6 +294,24 @@ def main():
                           and any("data.eod_mask_loss" in l for l in warned),
                           f"exits {first.returncode} {second.returncode}; warned: {warned} "
                           f"{second.stderr[-600:] if second.returncode else ''}")
+        # with the mask each micro-batch's mean is over its own tokens, so the
+        # micro-batch size is part of the trajectory: a resume under another
+        # is warned of, naming it; without the mask it stays a note
+        for masked in (True, False):
+            ck2 = os.path.join(tmp, "ck-micro-%d" % masked)
+            extra = list(mask) if masked else []
+            a = run(mtnlgd, job, tpath, init, 1, 1, 1, f"checkpoint.dir={ck2}", "train.steps=2",
+                    *extra)
+            b = run(mtnlgd, job, tpath, init, 1, 1, 1, f"checkpoint.dir={ck2}",
+                    "parallel.micro_batch=4", *extra)
+            warned = [l for l in b.stderr.splitlines() if "departs from the saved" in l]
+            noted = [l for l in b.stderr.splitlines() if "its trajectory does not" in l]
+            name = ("test_a_resume_under_another_micro_batch_departs_with_the_mask" if masked
+                    else "test_a_resume_under_another_micro_batch_is_a_note_without_it")
+            failures += check(name, a.returncode == 0 and b.returncode == 0 and (
+                any("parallel.micro_batch" in l for l in warned) if masked
+                else not warned and any("parallel.micro_batch" in l for l in noted)),
+                f"exits {a.returncode} {b.returncode}; warned {warned}; noted {noted}")
     failures += dataset_checks(mtnlgd, job, preprocess)
     print(f"{failures} failure(s)")
     return 1 if failures else 0

@@ -15,6 +15,11 @@ against torch_gpt's on the step's exported checkpoint:
 - test_end_of_training_validation: at the last step (a multiple of the
   interval) the validation at the end of training reads on, batches 4-5;
 - test_test_pass: the test split's batches 0-1, after the last step;
+- test_failed_test_pass_keeps_the_last_checkpoint: a data.test holding a
+  token past the vocabulary fails the run at the test pass (exit 2, naming
+  the dataset and the split), after the last step's checkpoint committed
+  (it used to run before that save, losing every step since the last
+  interval checkpoint);
 - test_resumed_run_reads_the_same: a run stopped by train.exit_interval
   after step 4 validates batches 2-3 (what the next interval's will), with
   no end-of-training validation or test pass, and resumed to the end logs
@@ -191,6 +196,22 @@ def main():
               close(test, want_test) and
               [s for s, l in sorted(a.items()) if "test_loss" in l] == [STEPS],
               f"{test} (torch, test split batches 0-1: {want_test})")
+
+        # a test split with a token past the vocabulary, which nothing read
+        # before the test pass: the run fails there naming it, but only after
+        # the last step's checkpoint (checkpoints every 4 steps: step 6's is
+        # the end's) was committed, so no trained step is lost
+        bad = os.path.join(tmp, "bad-test")
+        write_dataset(bad, [s[:20] + [300] + s[20:] for s in seqs[:10]])
+        e_dir = os.path.join(tmp, "e")
+        out = mtnlgd_run(e_dir, "checkpoint.interval=4", "data.test=" + json.dumps(bad), ok=False)
+        latest = os.path.join(e_dir, "evals", "latest")
+        held = open(latest).read().strip() if os.path.exists(latest) else None
+        check("test_failed_test_pass_keeps_the_last_checkpoint",
+              out.returncode == 2 and bad in out.stderr and "test split" in out.stderr
+              and "outside vocab" in out.stderr and held == "step_%08d" % STEPS,
+              f"exit {out.returncode}, latest {held}: " + out.stderr.strip().splitlines()[-1][:300]
+              if out.stderr.strip() else f"exit {out.returncode}, latest {held}")
 
         # stopped after step 4 by exit_interval, then resumed to the end
         b_dir = os.path.join(tmp, "b")
