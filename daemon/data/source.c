@@ -64,7 +64,7 @@ static int open_split(mt_data_source *s, const mt_data_spec *spec, mt_split whic
         .cache_dir = spec->cache_dir[0] ? spec->cache_dir : NULL,
         .cache_fallback = spec->cache_fallback[0] ? spec->cache_fallback : NULL,
     };
-    snprintf(s->split_sets[which][k], sizeof s->split_sets[which][k], "%s", b[k].prefix);
+    memcpy(s->split_sets[which][k], b[k].prefix, sizeof s->split_sets[which][k]);
     rc = mt_gpt_dataset_open(&s->sets[which][k], &ds);
     if (rc && key) return mt_wraperr(rc, "%s: %s", key, b[k].prefix);
     if (rc) return mt_wraperr(rc, "data: %s split of %s", split_names[which], b[k].prefix);

@@ -300,8 +300,9 @@ def main():
         for masked in (True, False):
             ck2 = os.path.join(tmp, "ck-micro-%d" % masked)
             extra = list(mask) if masked else []
-            a = run(mtnlgd, job, tpath, init, 1, 1, 1, f"checkpoint.dir={ck2}", "train.steps=2",
-                    *extra)
+            # stopped after step 2 by exit_interval: the length stays the job's
+            a = run(mtnlgd, job, tpath, init, 1, 1, 1, f"checkpoint.dir={ck2}",
+                    "train.exit_interval=2", *extra)
             b = run(mtnlgd, job, tpath, init, 1, 1, 1, f"checkpoint.dir={ck2}",
                     "parallel.micro_batch=4", *extra)
             warned = [l for l in b.stderr.splitlines() if "departs from the saved" in l]

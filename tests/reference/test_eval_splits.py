@@ -203,9 +203,10 @@ def main():
         # the end's) was committed, so no trained step is lost
         bad = os.path.join(tmp, "bad-test")
         write_dataset(bad, [s[:20] + [300] + s[20:] for s in seqs[:10]])
-        e_dir = os.path.join(tmp, "e")
-        out = mtnlgd_run(e_dir, "checkpoint.interval=4", "data.test=" + json.dumps(bad), ok=False)
-        latest = os.path.join(e_dir, "evals", "latest")
+        bad_dir = os.path.join(tmp, "bad")
+        out = mtnlgd_run(bad_dir, "checkpoint.interval=4", "data.test=" + json.dumps(bad),
+                         ok=False)
+        latest = os.path.join(bad_dir, "evals", "latest")
         held = open(latest).read().strip() if os.path.exists(latest) else None
         check("test_failed_test_pass_keeps_the_last_checkpoint",
               out.returncode == 2 and bad in out.stderr and "test split" in out.stderr
