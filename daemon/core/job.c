@@ -873,27 +873,11 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
 }
 
-/* data.valid or data.test (Megatron's --valid-data-path, --test-data-path):
- * a prefix, or a blend as data.blend's. */
-static void read_split_data(problems *pb, json_t *o, const char *key, mt_blend_spec *b, int *n) {
-  json_t *v = o ? json_object_get(o, key) : NULL;
-  if (!v) return;
-  char k[64];
-  snprintf(k, sizeof k, "data.%s", key);
-  if (json_is_string(v)) {
-    read_path(pb, o, "data", key, b[0].prefix, sizeof b[0].prefix);
-    b[0].weight = 1.0;
-    *n = 1;
-    return;
-  }
-  if (!json_is_array(v) || json_array_size(v) == 0 || json_array_size(v) > MT_MAX_BLEND) {
-    char g[128];
-    problem(pb,
-            "%s: expected a prefix or an array of 1 to %d {\"prefix\", \"weight\"} objects, "
-            "got %s",
-            k, MT_MAX_BLEND, got(v, g, sizeof g));
-    return;
-  }
+/* The entries of a blend array v (1 to MT_MAX_BLEND, checked by the
+ * caller) under key k: each {"prefix", "weight"} into b, *n of them, one
+ * line per mistake; weights past a double's sum are refused (normalised by
+ * their sum, 1e308 twice would make every share 0). */
+static void read_blend_entries(problems *pb, json_t *v, const char *k, mt_blend_spec *b, int *n) {
   size_t i;
   json_t *e;
   double sum = 0;
@@ -916,6 +900,30 @@ static void read_split_data(problems *pb, json_t *o, const char *key, mt_blend_s
   *n = (int)json_array_size(v);
   if (!isfinite(sum))
     problem(pb, "%s: the weights sum to %g, past a double's range: scale them down", k, sum);
+}
+
+/* data.valid or data.test (Megatron's --valid-data-path, --test-data-path):
+ * a prefix, or a blend as data.blend's. */
+static void read_split_data(problems *pb, json_t *o, const char *key, mt_blend_spec *b, int *n) {
+  json_t *v = o ? json_object_get(o, key) : NULL;
+  if (!v) return;
+  char k[64];
+  snprintf(k, sizeof k, "data.%s", key);
+  if (json_is_string(v)) {
+    read_path(pb, o, "data", key, b[0].prefix, sizeof b[0].prefix);
+    b[0].weight = 1.0;
+    *n = 1;
+    return;
+  }
+  if (!json_is_array(v) || json_array_size(v) == 0 || json_array_size(v) > MT_MAX_BLEND) {
+    char g[128];
+    problem(pb,
+            "%s: expected a prefix or an array of 1 to %d {\"prefix\", \"weight\"} objects, "
+            "got %s",
+            k, MT_MAX_BLEND, got(v, g, sizeof g));
+    return;
+  }
+  read_blend_entries(pb, v, k, b, n);
 }
 
 /* Resolves data.valid's or data.test's prefixes against the job's directory
@@ -959,30 +967,7 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
     problem(pb, "data.blend: expected an array of 1 to %d {\"prefix\", \"weight\"} objects",
             MT_MAX_BLEND);
   } else if (blend) {
-    size_t i;
-    json_t *e;
-    json_array_foreach(blend, i, e) {
-      char prefix[64];
-      snprintf(prefix, sizeof prefix, "data.blend[%zu]", i);
-      if (!json_is_object(e)) {
-        problem(pb, "%s: expected an object, got %s", prefix, type_name(e));
-        continue;
-      }
-      check_keys(pb, e, prefix, blend_keys);
-      require(pb, e, prefix, "prefix", NULL);
-      require(pb, e, prefix, "weight", NULL);
-      read_path(pb, e, prefix, "prefix", d->blend[i].prefix, sizeof d->blend[i].prefix);
-      read_double(pb, e, prefix, "weight", &d->blend[i].weight);
-      if (json_object_get(e, "weight") && !(d->blend[i].weight > 0))
-        problem(pb, "%s.weight: %g must be > 0", prefix, d->blend[i].weight);
-    }
-    d->n_blend = (int)json_array_size(blend);
-    /* the weights are normalised by their sum: each may be any finite
-     * positive number, but 1e308 twice sums to inf (every share 0) */
-    double sum = 0;
-    for (int i = 0; i < d->n_blend; i++) sum += d->blend[i].weight;
-    if (!isfinite(sum))
-      problem(pb, "data.blend: the weights sum to %g, past a double's range: scale them down", sum);
+    read_blend_entries(pb, blend, "data.blend", d->blend, &d->n_blend);
   }
   read_str(pb, o, "data", "split", d->split, sizeof d->split);
   read_bool(pb, o, "data", "shuffle", &d->shuffle);
