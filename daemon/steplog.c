@@ -41,7 +41,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
       printf(",\"interval_steps\":%d,\"interval_skipped\":%d", acc->steps, acc->skipped);
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
     if (st->rampup) printf(",\"global_batch\":%d", st->global_batch);
-    if (st->has_val) printf(",\"val_loss\":%.9g", st->val_loss);
+    if (st->has_val) printf(",\"val_loss\":%s", jnum(lbuf, st->val_loss));
     if (st->has_final_val) printf(",\"final_val_loss\":%s", jnum(lbuf, st->final_val_loss));
     if (st->has_test) printf(",\"test_loss\":%s", jnum(lbuf, st->test_loss));
     printf("}\n");

@@ -12,6 +12,7 @@
  */
 #include "tboard.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -158,6 +159,25 @@ static void write_record(mt_tboard *t, const pbuf *e) {
   if (mt_write_all(t->fd, rec, e->n + 16, t->path)) fail(t, mt_errmsg());
 }
 
+/* The time the new file is named by: now, or past the newest events file
+ * already in dir when that is not older (another node's clock ahead of
+ * this one's, or a file opened this second), so the new file sorts after
+ * it and TensorBoard, reading the files in name order, reads it last. */
+static long long file_time(const char *dir) {
+  long long now = (long long)time(NULL), newest = -1;
+  DIR *d = opendir(dir);
+  struct dirent *e;
+  while (d && (e = readdir(d))) {
+    static const char head[] = "events.out.tfevents.";
+    char *end;
+    if (strncmp(e->d_name, head, sizeof head - 1)) continue;
+    long long ts = strtoll(e->d_name + sizeof head - 1, &end, 10);
+    if (*end == '.' && ts > newest) newest = ts;
+  }
+  if (d) closedir(d);
+  return newest >= now ? newest + 1 : now;
+}
+
 static void open_file(mt_tboard *t) {
   char why[4700];
   int rc = mt_make_dirs(t->dir);
@@ -171,9 +191,10 @@ static void open_file(mt_tboard *t) {
   host[sizeof host - 1] = 0;
   char *path = t->path;
   size_t cap = sizeof t->path;
+  long long when = file_time(t->dir);
   for (int k = 0; k < 100; k++) {
-    snprintf(path, cap, "%s/events.out.tfevents.%lld.%s.%d.%d", t->dir, (long long)time(NULL), host,
-             (int)getpid(), k);
+    snprintf(path, cap, "%s/events.out.tfevents.%lld.%s.%d.%d", t->dir, when, host, (int)getpid(),
+             k);
     t->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0644);
     if (t->fd >= 0 || errno != EEXIST) break;
   }

@@ -1278,6 +1278,7 @@ static int rollback_done(mt_trainer *tr, const char *job_dir, int64_t step, int6
       json_decref(parsed);
       job_changes ch = {0};
       if (now && was) material_length_and_split(&ch, was, now);
+      ch.steps_material = 0; /* length is operational here, a decay that follows it too */
       if (now && was) diff_job(&ch, "", was, now);
       if (now && was && !ch.material)
         found = c.step;

@@ -355,9 +355,16 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
      * checkpoint (Megatron saves before its test pass too): the test split
      * was never read before, and a bad token or a fault there must not cost
      * the steps since the last checkpoint. The save below finds it done. */
+    int end_saved = 0; /* the last step's save was made (or tried) before the passes */
     if (every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps) {
       if ((rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
-      if ((rc = end_of_training(c, tr, &st))) return rc;
+      end_saved = 1;
+      if ((rc = end_of_training(c, tr, &st))) {
+        /* the step itself trained and is saved: it is reported, without them */
+        st.has_final_val = st.has_test = 0;
+        if (c == c->all && o->on_step) o->on_step(&st, o->arg);
+        return rc;
+      }
     }
     /* every rank learned the loss in the step's all-reduce */
     if (c == c->all && o->on_step) o->on_step(&st, o->arg);
@@ -393,8 +400,10 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     if (c->pending.active && (rc = finish_pending(c, tr, 0, &last_saved))) return rc;
     /* every rank decides alike: the interval, an order, a stop, the end */
     int interval = job->checkpoint.interval;
-    if (ordered_save || (interval > 0 && st.step % interval == 0) || st.stop ||
-        st.step == job->train.steps) {
+    /* (a last-step save that failed above is not tried again: its failure
+     * was told once; an order's save still gets its answer) */
+    if (ordered_save || (!end_saved && ((interval > 0 && st.step % interval == 0) || st.stop ||
+                                        st.step == job->train.steps))) {
       int saved = 0;
       /* in the background only when training goes on after it */
       int async = ordered_save != MT_ORDER_RESIZE && !st.stop && st.step < job->train.steps;

@@ -19,7 +19,7 @@ against torch_gpt's on the step's exported checkpoint:
   token past the vocabulary fails the run at the test pass (exit 2, naming
   the dataset and the split), after the last step's checkpoint committed
   (it used to run before that save, losing every step since the last
-  interval checkpoint);
+  interval checkpoint), the last step still reported on its step line;
 - test_resumed_run_reads_the_same: a run stopped by train.exit_interval
   after step 4 validates batches 2-3 (what the next interval's will), with
   no end-of-training validation or test pass, and resumed to the end logs
@@ -210,7 +210,9 @@ def main():
         held = open(latest).read().strip() if os.path.exists(latest) else None
         check("test_failed_test_pass_keeps_the_last_checkpoint",
               out.returncode == 2 and bad in out.stderr and "test split" in out.stderr
-              and "outside vocab" in out.stderr and held == "step_%08d" % STEPS,
+              and "outside vocab" in out.stderr and held == "step_%08d" % STEPS
+              and [l["step"] for l in lines(out)] == list(range(1, STEPS + 1))
+              and "test_loss" not in lines(out)[-1],
               f"exit {out.returncode}, latest {held}: " + out.stderr.strip().splitlines()[-1][:300]
               if out.stderr.strip() else f"exit {out.returncode}, latest {held}")
 
