@@ -2,6 +2,7 @@
 #include "local.h"
 
 #include <errno.h>
+#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -437,6 +438,23 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
                    (long long)tr->step,
                    o->export_path ? "" : ", and no export holds the trained weights");
     }
+  }
+  /* nothing to train (resumed at or past train.steps): the passes at the end
+   * of training still run, as Megatron's pretrain runs them after a train()
+   * with no iteration left, so a finished model gets its validation and test
+   * losses, and a test pass that failed on its data runs once it is mended */
+  if (resumed >= job->train.steps && !stopped && job->eval.interval > 0) {
+    mt_step_stats st = {.step = tr->step};
+    int rc = end_of_training(c, tr, &st);
+    if (rc) return rc;
+    if (c->rank == 0)
+      mt_log_info("validation loss at the end of training for val data | lm loss value: %.6E | "
+                  "lm loss PPL: %.6E |",
+                  st.final_val_loss, exp(fmin(st.final_val_loss, 20.0)));
+    if (c->rank == 0 && st.has_test)
+      mt_log_info("validation loss at the end of training for test data | lm loss value: %.6E | "
+                  "lm loss PPL: %.6E |",
+                  st.test_loss, exp(fmin(st.test_loss, 20.0)));
   }
   /* the job's own schedule stopped it: the run that ends the job exports */
   int scheduled = why == MT_STOPPED_TIME || why == MT_STOPPED_INTERVAL;

@@ -15,6 +15,10 @@ against torch_gpt's on the step's exported checkpoint:
 - test_end_of_training_validation: at the last step (a multiple of the
   interval) the validation at the end of training reads on, batches 4-5;
 - test_test_pass: the test split's batches 0-1, after the last step;
+- test_nothing_to_train_still_runs_the_end_passes: run again after its
+  last step, the job resumes with nothing to train and, as Megatron's,
+  still logs the validation at the end of training and the test pass,
+  with the losses the run had;
 - test_failed_test_pass_keeps_the_last_checkpoint: a data.test holding a
   token past the vocabulary fails the run at the test pass (exit 2, naming
   the dataset and the split), after the last step's checkpoint committed
@@ -41,6 +45,7 @@ import json
 import math
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -196,6 +201,21 @@ def main():
               close(test, want_test) and
               [s for s, l in sorted(a.items()) if "test_loss" in l] == [STEPS],
               f"{test} (torch, test split batches 0-1: {want_test})")
+
+        # run again with nothing to train (resumed at step 6 of 6): the passes
+        # at the end of training still run, as Megatron's, and give the same
+        # losses from the same checkpoint
+        again = mtnlgd_run(a_dir)
+        said = {}
+        for which in ("val", "test"):
+            m = re.search(r"at the end of training for %s data \| lm loss value: (\S+) \|" % which,
+                          again.stderr)
+            said[which] = float(m.group(1)) if m else None
+        check("test_nothing_to_train_still_runs_the_end_passes",
+              "nothing to train" in again.stderr and lines(again) == []
+              and said["val"] is not None and abs(said["val"] - final) <= 1e-6 * abs(final)
+              and said["test"] is not None and abs(said["test"] - test) <= 1e-6 * abs(test),
+              f"val {said['val']} (the run's {final}), test {said['test']} (the run's {test})")
 
         # a test split with a token past the vocabulary, which nothing read
         # before the test pass: the run fails there naming it, but only after
