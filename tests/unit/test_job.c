@@ -62,6 +62,26 @@ static int has_line(const char *msg, const char *prefix) {
   return 0;
 }
 
+/* A job the parser must refuse with one line: overrides ov0 and ov1 on
+ * tiny_job, and the start of the line. */
+typedef struct refusal {
+  const char *ov0, *ov1, *line;
+} refusal;
+
+/* Each case refused (MT_EINVAL) with exactly its one line; fn names the
+ * test in what a failure prints. */
+static void one_line_refusals(const refusal *cases, size_t n, const char *fn) {
+  mt_job job;
+  for (size_t i = 0; i < n; i++) {
+    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
+    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
+      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", fn, i,
+              cases[i].line, rc, mt_errmsg());
+      failures++;
+    }
+  }
+}
+
 static void test_tiny_preset_loads(void) {
   mt_job job;
   CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK);
@@ -458,9 +478,7 @@ static void test_lr_inverse_square_root_and_wsd(void) {
   CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
         !strcmp(back.hash, job.hash) && back.train.lr.wsd_style == MT_WSD_MINUS_SQRT);
   free(json);
-  struct {
-    const char *ov0, *ov1, *line;
-  } cases[] = {
+  refusal cases[] = {
       {"train.lr.schedule=WSD", NULL, "train.lr.wsd_decay_steps: missing: the WSD schedule"},
       {"train.lr.wsd_decay_steps=4", NULL,
        "train.lr.wsd_decay_steps: only the WSD schedule reads it (train.lr.schedule is "
@@ -474,14 +492,7 @@ static void test_lr_inverse_square_root_and_wsd(void) {
        "train.lr.schedule: \"wsd\" is not one of constant, cosine, linear, inverse-square-root, "
        "WSD"},
   };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
-    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
-      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
-              cases[i].line, rc, mt_errmsg());
-      failures++;
-    }
-  }
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
 /* Megatron's weight-decay increment (train.weight_decay_schedule, its end
@@ -544,9 +555,7 @@ static void test_weight_decay_schedule_and_warmup_init(void) {
   CHECK(parse_with(&job, tiny_job, "train.lr.decay_steps=4", NULL) == MT_OK);
   CHECK(job.train.wd.incr_steps == 10);
 
-  struct {
-    const char *ov0, *ov1, *line;
-  } cases[] = {
+  refusal cases[] = {
       {"train.weight_decay_schedule={\"style\": \"linear\", \"end\": 0.1}", NULL,
        "train.weight_decay_schedule.start: missing: the linear schedule goes from start to end"},
       {"train.weight_decay_schedule={\"start\": 0, \"end\": 0.1}", NULL,
@@ -575,14 +584,7 @@ static void test_weight_decay_schedule_and_warmup_init(void) {
       {"train.lr={\"peak\": 1e-3, \"warmup_steps\": 2, \"warmup_init\": \"0\"}", NULL,
        "train.lr.warmup_init: expected a number"},
   };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
-    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
-      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
-              cases[i].line, rc, mt_errmsg());
-      failures++;
-    }
-  }
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
 /* eval.test: on by default and then absent from the canonical JSON (the
@@ -653,9 +655,7 @@ static void test_data_valid_and_test(void) {
                     "\"valid\": [{\"prefix\": \"held/out\", \"weight\": 1}]}}";
   CHECK(parse_with(&job, rel, NULL, NULL) == MT_OK &&
         !strcmp(job.data.valid[0].prefix, "/jobs/held/out"));
-  struct {
-    const char *ov0, *ov1, *line;
-  } cases[] = {
+  refusal cases[] = {
       {"data.valid=5", NULL,
        "data.valid: expected a prefix or an array of 1 to 32 {\"prefix\", \"weight\"} objects"},
       {"data.test=[]", NULL, "data.test: expected a prefix or an array of 1 to 32"},
@@ -669,14 +669,7 @@ static void test_data_valid_and_test(void) {
        "eval.interval: validation needs a valid split: use data.prefix or "
        "data.blend, not data.path, or give data.valid"},
   };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
-    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
-      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
-              cases[i].line, rc, mt_errmsg());
-      failures++;
-    }
-  }
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
 static void test_hash_changes_with_any_field_and_not_with_key_order(void) {
@@ -1416,9 +1409,7 @@ static void test_eod_mask_loss_keys_round_trip_and_hash(void) {
       " \"eod_token\": 255}}";
   CHECK(mt_job_parse(&job, indexed, "/jobs", presets, NULL) == MT_OK && job.data.eod_mask_loss &&
         job.data.eod_token == 255);
-  struct {
-    const char *ov0, *ov1, *line;
-  } cases[] = {
+  refusal cases[] = {
       {"data.eod_mask_loss=true", NULL,
        "data.eod_token: missing: data.eod_mask_loss masks the loss at the end-of-document token"},
       {"data.eod_mask_loss=true", "data.eod_token=256",
@@ -1428,14 +1419,7 @@ static void test_eod_mask_loss_keys_round_trip_and_hash(void) {
       {"data.eod_mask_loss=1", "data.eod_token=10",
        "data.eod_mask_loss: expected true or false, got an integer"},
   };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-    int rc = parse_with(&job, tiny_job, cases[i].ov0, cases[i].ov1);
-    if (rc != MT_EINVAL || !has_line(mt_errmsg(), cases[i].line) || count_lines(mt_errmsg()) != 1) {
-      fprintf(stderr, "%s: case %zu: want the one line \"%s...\", got rc %d:\n%s\n", __func__, i,
-              cases[i].line, rc, mt_errmsg());
-      failures++;
-    }
-  }
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
 int main(void) {
