@@ -196,15 +196,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
     free(text);
     json_decref(j);
   }
-  if (n->holds_rank0) {
-    const char *tb = n->run_job.train.tensorboard_dir;
-    if (n->tboard && strcmp(mt_tboard_dir(n->tboard), tb)) { /* another job, or none */
-      mt_tboard_free(n->tboard);
-      n->tboard = NULL;
-    }
-    if (!n->tboard) n->tboard = mt_tboard_new(tb);
-    mt_tboard_step(n->tboard, st);
-  }
+  mt_tboard_step(n->tboard, st); /* NULL without one */
   mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
              !strcmp(n->cfg->log_format, "json"));
   sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
@@ -423,6 +415,10 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   pthread_mutex_unlock(&n->mu);
   free(job);
   n->holds_rank0 = me->rank_begin == 0;
+  /* world rank 0's node writes the generation's TensorBoard events (closed
+   * with the generation, on_engine_done) */
+  mt_tboard_free(n->tboard); /* a start that failed before its ranks ran left one */
+  n->tboard = n->holds_rank0 ? mt_tboard_new(n->run_job.train.tensorboard_dir) : NULL;
   read_order(n); /* one already there (a generation formed paused) holds step one */
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];

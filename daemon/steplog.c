@@ -63,16 +63,15 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
              (long long)steps, st->val_loss, exp(st->val_loss));
-    /* Megatron's words, so its log parsers find them, and its perplexity
-     * (e^loss, capped at e^20) */
-    if (st->has_final_val)
-      printf("validation loss at the end of training for val data | lm loss value: %.6E | lm "
-             "loss PPL: %.6E |\n",
-             st->final_val_loss, exp(fmin(st->final_val_loss, 20.0)));
-    if (st->has_test)
-      printf("validation loss at the end of training for test data | lm loss value: %.6E | lm "
-             "loss PPL: %.6E |\n",
-             st->test_loss, exp(fmin(st->test_loss, 20.0)));
+    char line[256]; /* Megatron's words, so its log parsers find them */
+    if (st->has_final_val) {
+      mt_end_of_training_line(line, sizeof line, "val", st->final_val_loss);
+      printf("%s\n", line);
+    }
+    if (st->has_test) {
+      mt_end_of_training_line(line, sizeof line, "test", st->test_loss);
+      printf("%s\n", line);
+    }
   }
   fflush(stdout);
 }

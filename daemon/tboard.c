@@ -54,7 +54,8 @@ static uint32_t crc32c(const void *data, size_t n) {
   return c ^ 0xFFFFFFFFu;
 }
 
-uint32_t mt_tboard_masked_crc(const void *data, size_t n) {
+/* TFRecord's mask over the CRC, so a CRC of data holding CRCs stays strong */
+static uint32_t masked_crc(const void *data, size_t n) {
   uint32_t c = crc32c(data, n);
   return ((c >> 15) | (c << 17)) + 0xA282EAD8u;
 }
@@ -151,10 +152,10 @@ static void write_record(mt_tboard *t, const pbuf *e) {
   unsigned char rec[sizeof e->b + 16];
   uint64_t len = e->n;
   for (int i = 0; i < 8; i++) rec[i] = (unsigned char)(len >> (8 * i));
-  uint32_t hc = mt_tboard_masked_crc(rec, 8);
+  uint32_t hc = masked_crc(rec, 8);
   for (int i = 0; i < 4; i++) rec[8 + i] = (unsigned char)(hc >> (8 * i));
   memcpy(rec + 12, e->b, e->n);
-  uint32_t dc = mt_tboard_masked_crc(e->b, e->n);
+  uint32_t dc = masked_crc(e->b, e->n);
   for (int i = 0; i < 4; i++) rec[12 + e->n + i] = (unsigned char)(dc >> (8 * i));
   if (mt_write_all(t->fd, rec, e->n + 16, t->path)) fail(t, mt_errmsg());
 }
@@ -256,11 +257,11 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   double val = st->has_val ? st->val_loss : st->final_val_loss;
   if (has_val) {
     put_scalar(&s, "lm loss validation", val);
-    put_scalar(&s, "lm loss validation ppl", exp(fmin(val, 20.0)));
+    put_scalar(&s, "lm loss validation ppl", mt_ppl(val));
   }
   if (st->has_test) {
     put_scalar(&s, "lm loss test", st->test_loss);
-    put_scalar(&s, "lm loss test ppl", exp(fmin(st->test_loss, 20.0)));
+    put_scalar(&s, "lm loss test ppl", mt_ppl(st->test_loss));
   }
   pbuf e = {.n = 0};
   event_head(&e, st->step);
@@ -272,8 +273,6 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   write_record(t, &e);
   t->last_step = st->step;
 }
-
-const char *mt_tboard_dir(const mt_tboard *t) { return t->dir; }
 
 void mt_tboard_free(mt_tboard *t) {
   if (!t) return;

@@ -27,15 +27,9 @@ mt_tboard *mt_tboard_new(const char *dir);
  * the curve is the one the model followed. Runs on world rank 0's thread:
  * a write that hangs (a stuck network mount) holds its step as a stuck
  * checkpoint write would. */
-void mt_tboard_step(mt_tboard *t, const mt_step_stats *st);
-
-/* The directory t writes to. */
-const char *mt_tboard_dir(const mt_tboard *t);
+void mt_tboard_step(mt_tboard *t, const mt_step_stats *st); /* t may be NULL: none */
 
 /* Flushes to the disk and closes; t may be NULL. */
 void mt_tboard_free(mt_tboard *t);
-
-/* The masked CRC-32C of TFRecord framing, for tests. */
-uint32_t mt_tboard_masked_crc(const void *data, size_t n);
 
 #endif

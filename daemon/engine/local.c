@@ -2,7 +2,6 @@
 #include "local.h"
 
 #include <errno.h>
-#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -447,14 +446,15 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     mt_step_stats st = {.step = tr->step};
     int rc = end_of_training(c, tr, &st);
     if (rc) return rc;
-    if (c->rank == 0)
-      mt_log_info("validation loss at the end of training for val data | lm loss value: %.6E | "
-                  "lm loss PPL: %.6E |",
-                  st.final_val_loss, exp(fmin(st.final_val_loss, 20.0)));
-    if (c->rank == 0 && st.has_test)
-      mt_log_info("validation loss at the end of training for test data | lm loss value: %.6E | "
-                  "lm loss PPL: %.6E |",
-                  st.test_loss, exp(fmin(st.test_loss, 20.0)));
+    char line[256];
+    if (c->rank == 0) {
+      mt_end_of_training_line(line, sizeof line, "val", st.final_val_loss);
+      mt_log_info("%s", line);
+    }
+    if (c->rank == 0 && st.has_test) {
+      mt_end_of_training_line(line, sizeof line, "test", st.test_loss);
+      mt_log_info("%s", line);
+    }
   }
   /* the job's own schedule stopped it: the run that ends the job exports */
   int scheduled = why == MT_STOPPED_TIME || why == MT_STOPPED_INTERVAL;

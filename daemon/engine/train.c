@@ -882,6 +882,15 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   return 0;
 }
 
+double mt_ppl(double loss) { return exp(fmin(loss, 20.0)); }
+
+void mt_end_of_training_line(char *buf, size_t cap, const char *data, double loss) {
+  snprintf(buf, cap,
+           "validation loss at the end of training for %s data | lm loss value: %.6E | lm loss "
+           "PPL: %.6E |",
+           data, loss, mt_ppl(loss));
+}
+
 uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_training) {
   uint64_t I = job->eval.interval > 0 ? (uint64_t)job->eval.interval : 1;
   uint64_t iters = (uint64_t)job->eval.iters, s = step > 0 ? (uint64_t)step : 0;

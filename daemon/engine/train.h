@@ -242,6 +242,14 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train);
  * (steps / interval) * iters, after the interval's run at the last step. */
 uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_training);
 
+/* Megatron's perplexity of a mean loss: e^loss, capped at e^20. */
+double mt_ppl(double loss);
+
+/* Megatron's line for a pass at the end of training (data "val" or
+ * "test"), so its log parsers find it: "validation loss at the end of
+ * training for val data | lm loss value: ... | lm loss PPL: ... |". */
+void mt_end_of_training_line(char *buf, size_t cap, const char *data, double loss);
+
 /* Whether the data has a test split to run the test pass on (every rank
  * learns it alike). Collective over every rank. */
 int mt_trainer_has_test(mt_trainer *tr, int *has);
