@@ -404,9 +404,14 @@ static const char *const wd_schedule_keys[] = {"style", "start", "end", NULL};
 static const char *const adam_keys[] = {"beta1", "beta2", "eps", NULL};
 static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_interval",
                                               "hysteresis", "dynamic", NULL};
+/* the document keys on a line of their own (clang-format would set the
+ * whole list one key a line) */
+/* clang-format off */
 static const char *const data_keys[] = {"path",          "prefix",    "blend", "split",
                                         "shuffle",       "cache_dir", "valid", "test",
-                                        "eod_mask_loss", "eod_token", NULL};
+                                        "eod_mask_loss", "eod_token",
+                                        "reset_position_ids", NULL};
+/* clang-format on */
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", "test", NULL};
 static const char *const checkpoint_keys[] = {"dir",   "interval",       "keep",   "keep_every",
@@ -979,6 +984,10 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
     problem(pb, "data.eod_token: missing: data.eod_mask_loss masks the loss at the "
                 "end-of-document token, and the data does not say which id that is (50256 for "
                 "GPT-2's BPE, 256 for mtnlg-preprocess --tokenizer bytes)");
+  read_bool(pb, o, "data", "reset_position_ids", &d->reset_position_ids);
+  if (d->reset_position_ids && !d->eod_mask_loss && d->eod_token < 0 && !seen(pb, "data.eod_token"))
+    problem(pb, "data.eod_token: missing: data.reset_position_ids starts the positions again after "
+                "the end-of-document token, and the data does not say which id that is");
   double w[3];
   int bad = !d->split[0] || mt_job_split_weights(d->split, w);
   if (bad || !(w[0] + w[1] + w[2] > 0))
@@ -1078,6 +1087,10 @@ static void set_defaults(mt_job *job) {
   job->eval.test = 1;
 }
 
+int mt_job_reads_eod(const mt_job *job) {
+  return job->data.eod_mask_loss || job->data.reset_position_ids;
+}
+
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
   mt_job d;
   memset(&d, 0, sizeof d);
@@ -1131,9 +1144,10 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
     snprintf(lines[n++], 256,
              "eval.test: false turns off the test pass, and eval.interval = 0 runs no "
              "evaluation; it is ignored");
-  if (ds->eod_token >= 0 && !ds->eod_mask_loss)
+  if (ds->eod_token >= 0 && !mt_job_reads_eod(job))
     snprintf(lines[n++], 256,
-             "data.eod_token: only data.eod_mask_loss reads it, and that is false; it is ignored");
+             "data.eod_token: only data.eod_mask_loss and data.reset_position_ids read it, and "
+             "they are false; it is ignored");
   return n;
 }
 
@@ -1553,7 +1567,7 @@ static void validate(problems *pb, mt_job *job) {
                "%d does not fit the uint16 tokens of data.path (at most 65536)", m->vocab_size);
   /* a data token past the vocabulary is refused where it is read; an id
    * that no token can be would mask nothing */
-  if (job->data.eod_mask_loss && job->data.eod_token >= m->vocab_size && m->vocab_size >= 1)
+  if (mt_job_reads_eod(job) && job->data.eod_token >= m->vocab_size && m->vocab_size >= 1)
     check_fail(pb, "data.eod_token", "%d is no token of model.vocab_size %d", job->data.eod_token,
                m->vocab_size);
   if (m->vocab_size >= 1 && m->vocab_pad_to >= 1 && p->tp >= 1 && m->padded_vocab == 0)
@@ -1692,10 +1706,11 @@ static json_t *job_to_json(const mt_job *job) {
   json_t *data = json_pack("{s:s, s:b}", "split", d->split, "shuffle", d->shuffle);
   if (d->path[0]) json_object_set_new(data, "path", json_string(d->path));
   if (d->cache_dir[0]) json_object_set_new(data, "cache_dir", json_string(d->cache_dir));
-  if (d->eod_mask_loss) { /* only when on: the jobs from before it keep their hash */
+  if (d->eod_mask_loss) /* only when on: the jobs from before it keep their hash */
     json_object_set_new(data, "eod_mask_loss", json_true());
-    json_object_set_new(data, "eod_token", json_integer(d->eod_token));
-  }
+  if (d->reset_position_ids) /* likewise */
+    json_object_set_new(data, "reset_position_ids", json_true());
+  if (mt_job_reads_eod(job)) json_object_set_new(data, "eod_token", json_integer(d->eod_token));
   if (d->n_blend) {
     json_t *blend = json_array();
     for (int i = 0; i < d->n_blend; i++)

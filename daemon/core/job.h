@@ -186,6 +186,9 @@ typedef struct mt_data_spec {
   int eod_mask_loss; /* Megatron's --eod-mask-loss: a position whose input token is
                         eod_token is left out of the loss (default 0) */
   int eod_token;     /* the end-of-document id; -1 when not given */
+  /* Megatron's --reset-position-ids: the position after an eod_token input
+   * is 0 again (default 0) */
+  int reset_position_ids;
   /* where they go when that cannot take them (the node's state_dir, set by
    * the daemon; not part of the job's JSON or hash); "" = kept in memory */
   char cache_fallback[MT_PATH_MAX];
@@ -256,6 +259,9 @@ int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
  * means); a daemon given the job file, a standalone run and `mtnlgctl plan` warn of
  * them. Returns how many lines it wrote. */
 #define MT_JOB_UNUSED_MAX 8
+/* Whether a setting of the job reads data.eod_token (the loss mask, the
+ * document positions or the document attention mask). */
+int mt_job_reads_eod(const mt_job *job);
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]);
 
 /* The resolved job as compact JSON, every default filled in: what the

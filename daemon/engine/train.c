@@ -80,6 +80,8 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .tp_size = g->tp_size,
       .tp_rank = g->tp_rank,
       .precision = precision_of(job),
+      .eod_token = job->data.eod_token,
+      .reset_position_ids = job->data.reset_position_ids,
   };
   mt_gpt_set_stage(&cfg, g->pp_size, g->pp_rank, job->parallel.virtual_stages);
   return cfg;

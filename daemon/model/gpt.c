@@ -43,6 +43,8 @@ typedef struct block_acts {
  * parallelism this rank's B·T/tp; (B,T,…) buffers hold all rows. */
 typedef struct act_plan {
   int32_t *inputs, *targets; /* (B,T) device copies of the micro-batch */
+  int32_t *pos_ids;          /* (B,T) reset_position_ids, first stage: each input's position
+                                in its document (mt_gpt_documents) */
   uint64_t sample0;          /* global sample of row 0: dropout masks */
   int has_targets;           /* forward computed losses; backward may run */
   int loss_tokens;           /* targets in the loss: not MT_TARGET_IGNORE (the loss mask) */
@@ -374,6 +376,11 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
     if (base) {
       p->inputs = (int32_t *)ids;
       p->targets = p->inputs + BT;
+    }
+    if (c->reset_position_ids && m->first) {
+      float *pos = NULL;
+      carve(&pos, base, &off, BT); /* int32, as the tokens */
+      if (base) p->pos_ids = (int32_t *)pos;
     }
     for (int l = 0; l <= m->n_layers; l++) {
       if (half && l > 0 && l < m->n_layers)
@@ -1019,6 +1026,29 @@ static uint16_t *stream_keep(const mt_gpt *m, const act_plan *p, int l, mt_dtype
   return l == m->n_layers - 1 ? p->out_h : p->resid_h[l + 1];
 }
 
+void mt_gpt_documents(const int32_t *tokens, int T, int32_t eod, int32_t *pos, int32_t *start) {
+  int32_t s = 0;
+  for (int t = 0; t < T; t++) {
+    if (pos) pos[t] = t - s;
+    if (start) start[t] = s;
+    if (tokens[t] == eod) s = t + 1; /* Megatron's: the rows after an eod at t */
+  }
+}
+
+/* The document positions of the micro-batch's B samples of inputs (host)
+ * into p's device buffer. */
+static int upload_documents(mt_gpt *m, act_plan *p, const int32_t *inputs) {
+  size_t BT = (size_t)m->B * m->T;
+  int32_t *host = malloc(BT * sizeof *host);
+  if (!host) return mt_seterr(MT_ENOMEM, "gpt: %zu document positions", BT);
+  for (int b = 0; b < m->B; b++)
+    mt_gpt_documents(inputs + (size_t)b * m->T, m->T, m->cfg.eod_token, host + (size_t)b * m->T,
+                     NULL);
+  int rc = mt_device_memcpy_htod(m->dev, p->pos_ids, host, BT * sizeof *host);
+  free(host);
+  return rc;
+}
+
 int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float *x_in,
                          const int32_t *targets, uint64_t sample0) {
   mt_device *d = m->dev;
@@ -1047,13 +1077,14 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   if (inputs) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
   if (!rc && targets) rc = mt_device_memcpy_htod(d, p->targets, targets, BT * sizeof(int32_t));
   if (rc) return rc;
+  if (inputs && p->pos_ids && (rc = upload_documents(m, p, inputs))) return rc;
   p->sample0 = sample0;
   p->has_targets = m->last && targets;
   p->loss_tokens = (int)n_loss;
 
   int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
   size_t R = mt_gpt_stream_rows(m), r0 = stream_row0(m);
-  if (m->first && tp == 1) {
+  if (m->first && tp == 1 && !p->pos_ids) {
     ops->embedding_fwd(d, p->resid[0], p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype,
                        W(m, m->i_wpe), B, T, C);
   } else if (m->first) {
@@ -1065,7 +1096,15 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     ops->embedding_shard_fwd(d, e, p->inputs, mt_gpt_matrix(m, m->i_wte), m->wtype, v0, Vl, N, C);
     if ((rc = tp_sum_rows(m, e))) return rc;
     e += r0 * C;
-    for (size_t row = r0, t0, rows; row < r0 + R; row += rows) {
+    /* positions in their documents (reset_position_ids): the lookup of the
+     * stream's rows' position ids in wpe, into the backward's scratch, then
+     * added as the rows of positions 0..T-1 are (the same sums) */
+    if (p->pos_ids) {
+      ops->embedding_shard_fwd(d, p->dbtc, p->pos_ids + r0, W(m, m->i_wpe), MT_F32, 0, c->max_seq,
+                               (int)R, C);
+      ops->residual_fwd(d, p->resid[0], e, p->dbtc, R * C);
+    }
+    for (size_t row = r0, t0, rows; !p->pos_ids && row < r0 + R; row += rows) {
       rows = sample_piece(m, row, r0 + R, &t0);
       size_t o = (row - r0) * C;
       ops->residual_fwd(d, p->resid[0] + o, e + o, W(m, m->i_wpe) + t0 * C, rows * C);
@@ -1194,13 +1233,17 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   const float *demb = NULL; /* all rows */
   int rc = branch_grad(m, p, edrop, &demb);
   if (rc) return rc;
-  if (tp == 1) {
+  if (tp == 1 && !p->pos_ids) {
     ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
                        C);
     return 0;
   }
   ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wte), demb, p->inputs, v0, Vl, N, C);
-  for (int b = 0; b < B; b++)
+  /* positions in their documents: wpe's gradient scattered by position id,
+   * in order of the rows as embedding_bwd sums it */
+  if (p->pos_ids)
+    ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wpe), demb, p->pos_ids, 0, c->max_seq, N, C);
+  for (int b = 0; b < B && !p->pos_ids; b++)
     ops->add_inplace(d, mt_gpt_grad(m, m->i_wpe), demb + (size_t)b * T * C, (size_t)T * C);
   return 0;
 }

@@ -73,6 +73,13 @@ typedef struct mt_gpt_config {
    * micro-batch. B T must be divisible by tp. */
   int sequence_parallel;
   mt_precision precision; /* 0: fp32 */
+  /* Documents inside a sample (Megatron's --reset-position-ids): with
+   * reset_position_ids the position of an input after one equal to
+   * eod_token is 0 again, and counts on from there; the end-of-document
+   * token itself keeps the position of the document it ends. The
+   * positions come from the input tokens a forward is given. */
+  int eod_token;
+  int reset_position_ids;
 } mt_gpt_config;
 
 /* How a tensor-parallel shard maps onto the full tensor. */
@@ -236,6 +243,12 @@ int mt_param_find(const mt_param *table, int n, const char *name);
  * (attn.c_proj, mlp.c_proj) N(0, init_std / sqrt(2 n_layer)), biases 0,
  * LayerNorm weight 1 and bias 0. Rounds the working copy too. */
 int mt_gpt_init_weights(mt_gpt *m, uint64_t seed);
+
+/* The documents of one sample of T input tokens (host): pos[t] = t -
+ * start[t], start[t] the first position of the document row t belongs to
+ * (one past the last eod token before t, 0 when none; an eod token belongs
+ * to the document it ends). Either may be NULL. */
+void mt_gpt_documents(const int32_t *tokens, int T, int32_t eod, int32_t *pos, int32_t *start);
 
 /* Forward over one micro-batch; inputs/targets are host (B,T) token ids.
  * targets may be NULL (logits only); a target of MT_TARGET_IGNORE (ops.h)

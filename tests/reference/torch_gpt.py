@@ -117,7 +117,7 @@ def same(x):
     return x
 
 
-def attention(x, w, b, wp, bp, n_head, keep=same, keep_grad=same):
+def attention(x, w, b, wp, bp, n_head, keep=same, keep_grad=same, attn_mask=None):
     B, T, C = x.shape
     hs = C // n_head
     qkv = keep_grad(keep(x @ w + b))  # (B, T, 3C)
@@ -125,6 +125,8 @@ def attention(x, w, b, wp, bp, n_head, keep=same, keep_grad=same):
     q, k, v = (t.reshape(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    if attn_mask is not None:  # (B, T, T), True where a row may attend
+        causal = (causal & attn_mask).unsqueeze(1)  # (B, 1, T, T)
     att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     y = keep((att @ v).transpose(1, 2).reshape(B, T, C))
     return y @ wp + bp
@@ -159,7 +161,8 @@ def gradient_rounded_to(half):
     return keep_grad
 
 
-def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same):
+def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same, position_ids=None,
+            attn_mask=None):
     """p: {HF name: tensor}; idx, targets: (B, T) int64. Returns (logits, loss).
     keep: applied where mtnlg's blocks keep an activation for the backward
     pass (in a 16-bit job rounded there, rounded_to): Q/K/V, the attention
@@ -168,15 +171,19 @@ def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same):
     is made, as autocast rounds it: the LayerNorms' outputs and GeLU's.
     keep_grad: applied where a 16-bit job keeps a gradient in 16 bits
     (gradient_rounded_to): QKV's (attention's backward writes it so) and
-    c_fc's output's, the GeLU's input."""
+    c_fc's output's, the GeLU's input.
+    position_ids: (B, T) int64, each token's row of wpe (default 0..T-1);
+    attn_mask: (B, T, T) bool, True where row t may attend to column j, and
+    with the causal mask (default: causal only) — documents_of makes both."""
     B, T = idx.shape
-    x = p["wte.weight"][idx] + p["wpe.weight"][:T]  # (B, T, C)
+    pos = position_ids if position_ids is not None else torch.arange(T)
+    x = p["wte.weight"][idx] + p["wpe.weight"][pos]  # (B, T, C)
     for l in range(cfg.n_layer):
         h = f"h.{l}."
         a = keep(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"]))
         x = keep(x + attention(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
                                p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"],
-                               cfg.n_head, keep, keep_grad))
+                               cfg.n_head, keep, keep_grad, attn_mask))
         m = keep(layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"]))
         m = keep(gelu_tanh(keep_grad(keep(m @ p[h + "mlp.c_fc.weight"] + p[h + "mlp.c_fc.bias"]))))
         x = x + (m @ p[h + "mlp.c_proj.weight"] + p[h + "mlp.c_proj.bias"])
@@ -212,3 +219,21 @@ def random_weights(cfg, seed):
 def decays(name, shape):
     """AdamW weight decay applies to 2-D tensors (matrices, wte, wpe) only."""
     return len(shape) == 2
+
+
+def documents_of(idx, eod):
+    """Megatron's get_ltor_masks_and_position_ids with --reset-position-ids
+    and --reset-attention-mask, for idx (B, T): (position_ids (B, T), mask
+    (B, T, T) True where allowed, causal included). After an eod at i the
+    positions start again at i + 1 and rows > i see no column <= i; the eod
+    token itself belongs to the document it ends."""
+    B, T = idx.shape
+    pos = torch.arange(T).repeat(B, 1)
+    mask = torch.ones(B, T, T, dtype=torch.bool).tril()
+    for b in range(B):
+        prev = 0
+        for i in (idx[b] == eod).nonzero().flatten().tolist():
+            mask[b, i + 1:, :i + 1] = False
+            pos[b, i + 1:] -= i + 1 - prev
+            prev = i + 1
+    return pos, mask

@@ -1422,6 +1422,40 @@ static void test_eod_mask_loss_keys_round_trip_and_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* data.reset_position_ids (Megatron's --reset-position-ids): needs
+ * data.eod_token as the loss mask does, carried back (with the id) only
+ * when true, so the jobs without it keep their hash; either changes it. */
+static void test_reset_position_ids_keys_round_trip_and_hash(void) {
+  mt_job plain, off, job, back, both;
+  char unused[MT_JOB_UNUSED_MAX][256];
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.data.reset_position_ids);
+  CHECK(parse_with(&off, tiny_job, "data.reset_position_ids=false", NULL) == MT_OK);
+  CHECK(!strcmp(off.hash, plain.hash) && !strcmp(plain.hash, "ada038af3160cc86"));
+  CHECK(parse_with(&job, tiny_job, "data.reset_position_ids=true", "data.eod_token=10") == MT_OK);
+  CHECK(job.data.reset_position_ids && !job.data.eod_mask_loss && strcmp(job.hash, plain.hash));
+  CHECK(mt_job_unused(&job, unused) == 0);
+  char *json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"reset_position_ids\":true") && strstr(json, "\"eod_token\":10") &&
+        !strstr(json, "eod_mask_loss"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        !strcmp(back.hash, job.hash) && back.data.reset_position_ids && back.data.eod_token == 10);
+  free(json);
+  CHECK(parse_with(&both, tiny_job, "data.reset_position_ids=true", "data.eod_mask_loss=true") ==
+            MT_EINVAL &&
+        count_lines(mt_errmsg()) == 1); /* one missing eod_token, not two */
+  CHECK(parse_with(&off, tiny_job, "data.eod_token=10", NULL) == MT_OK &&
+        mt_job_unused(&off, unused) == 1 && !strncmp(unused[0], "data.eod_token: only", 20));
+  refusal cases[] = {
+      {"data.reset_position_ids=true", NULL,
+       "data.eod_token: missing: data.reset_position_ids starts the positions again"},
+      {"data.reset_position_ids=true", "data.eod_token=256",
+       "data.eod_token: 256 is no token of model.vocab_size 256"},
+      {"data.reset_position_ids=yes", "data.eod_token=10",
+       "data.reset_position_ids: expected true or false, got a string"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1455,6 +1489,7 @@ int main(void) {
   test_tiny_demo_example_loads();
   test_530b_example_loads_in_bf16();
   test_every_preset_is_valid();
+  test_reset_position_ids_keys_round_trip_and_hash();
   test_load_missing_file_is_eio();
   test_checkpoint_load_round_trip();
   test_tensorboard_dir_resolves_and_round_trips();

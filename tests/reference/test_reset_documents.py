@@ -1,0 +1,188 @@
+#!/usr/bin/python3
+"""data.reset_position_ids (Megatron's --reset-position-ids) in mtnlgd
+against PyTorch.
+
+usage: test_reset_documents.py MTNLGD JOB.json
+A 3-layer tiny model starts from random weights (torch_gpt.random_weights,
+given as model.init_from) and trains 3 steps of 4 micro-batches of 2
+samples on a flat token file where the end-of-document id (255) is about
+6% of the tokens (several in most samples, two adjacent ones, one at a
+sample's first and last position). torch_gpt.py does the same in float64
+with Megatron's get_ltor_masks_and_position_ids (torch_gpt.documents_of):
+the positions start again after each end-of-document token;
+torch.optim.AdamW with mtnlgd's settings (constant lr, no clipping, weight
+decay on the matrices). Checked under (tp, pp, dp) = (1,1,1), (2,3,1) with
+sequence parallelism (a middle stage) and (2,2,2):
+  - test_..._losses_match_torch: every step's loss within 1e-5 relative;
+  - test_..._weights_match_torch: the exported weights' update (trained
+    minus initial) within 1e-3 of torch's, relative over the whole model;
+  - test_tp2_pp2_bf16_follows_torch: bf16, every step's loss within 2e-2
+    of torch's float64 (bf16's rounding; the unreset run is far further);
+  - test_the_reset_changes_the_run: without the key the run is torch's
+    plain one, and far from the reset one (the checks above can see it).
+Exit 77 (skip) without torch.
+"""
+import array
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+try:
+    import torch
+except ImportError as e:
+    print(f"SKIP: PyTorch not importable ({e})")
+    sys.exit(77)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import torch_gpt  # noqa: E402
+from local_cluster import check, output_losses  # noqa: E402
+
+EOD = 255
+N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ = 3, 32, 4, 256, 32
+G, B, STEPS = 8, 2, 3
+LR, BETAS, EPS, WD = 2e-3, (0.9, 0.95), 1e-3, 0.1
+LOSS_TOL, WEIGHT_TOL, HALF_TOL = 1e-5, 1e-3, 1e-4
+# each mode: the job's settings and what torch applies
+MODES = {"positions": (["data.reset_position_ids=true"], True, False)}
+
+
+def losses_of(out):
+    return [loss for _, loss in output_losses(out)]
+
+
+def make_tokens():
+    """STEPS * G samples of SEQ + 1 tokens overlapping by one: random ids
+    below EOD with 6% EOD, and in sample 0 an EOD first, two adjacent ones
+    and one last."""
+    r = random.Random(11)
+    n = STEPS * G * SEQ + 1
+    t = [EOD if r.random() < 0.06 else r.randrange(EOD) for _ in range(n)]
+    for i in (0, 9, 10, SEQ - 1):
+        t[i] = EOD
+    return t
+
+
+def torch_run(weights, cfg, tokens, reset_pos, reset_mask):
+    """Losses of STEPS steps and the final weights, in float64."""
+    p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
+    groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
+               "weight_decay": WD},
+              {"params": [t for k, t in p.items() if not torch_gpt.decays(k, t.shape)],
+               "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    tok = torch.tensor(tokens, dtype=torch.long)
+    losses = []
+    for s in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(G // B):
+            k0 = s * G + m * B
+            rows = torch.stack([tok[k * SEQ:k * SEQ + SEQ + 1] for k in range(k0, k0 + B)])
+            idx, tgt = rows[:, :-1], rows[:, 1:]
+            pos, mask = torch_gpt.documents_of(idx, EOD)
+            _, loss = torch_gpt.forward(p, cfg, idx, tgt, position_ids=pos if reset_pos else None,
+                                        attn_mask=mask if reset_mask else None)
+            total = total + loss / (G // B)
+        total.backward()
+        opt.step()
+        losses.append(total.item())
+    return losses, {k: v.detach() for k, v in p.items()}
+
+
+def run(mtnlgd, job, tokens, init, tp, pp, dp, *sets):
+    cmd = [mtnlgd, "--standalone", job, "--log-format", "json",
+           "--set", f"data.path={tokens}", "--set", f"model.init_from={init}",
+           "--set", f"model.n_layer={N_LAYER}", "--set", f"model.n_embd={N_EMBD}",
+           "--set", f"model.n_head={N_HEAD}", "--set", f"model.seq_len={SEQ}",
+           "--set", f"model.max_positions={SEQ}",
+           "--set", f"train.steps={STEPS}", "--set", f"train.global_batch={G}",
+           "--set", f"parallel.micro_batch={B}", "--set", f"parallel.tp={tp}",
+           "--set", f"parallel.pp={pp}", "--set", f"parallel.dp_min={dp}",
+           "--set", "train.lr.schedule=constant", "--set", f"train.lr.peak={LR}",
+           "--set", "train.lr.warmup_steps=0", "--set", f"train.adam.eps={EPS}",
+           "--set", f"train.adam.beta1={BETAS[0]}", "--set", f"train.adam.beta2={BETAS[1]}",
+           "--set", f"train.weight_decay={WD}", "--set", "train.clip_grad=0",
+           "--set", f"data.eod_token={EOD}"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def update_rel(ours, ref, init):
+    """||ours - ref|| / ||ref - init|| over every tensor."""
+    num = den = 0.0
+    for k, w0 in init.items():
+        a = ours[k].to(torch.float64).reshape(-1)
+        b = ref[k].reshape(-1)
+        num += float(((a - b) ** 2).sum())
+        den += float(((b - w0.to(torch.float64).reshape(-1)) ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else float("inf")
+
+
+def worst_of(losses, ref):
+    return max((abs(a - b) / abs(b) for a, b in zip(losses, ref)), default=float("inf"))
+
+
+def main():
+    mtnlgd, job = sys.argv[1], sys.argv[2]
+    failures = 0
+    cfg = torch_gpt.Config(N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ)
+    weights = torch_gpt.random_weights(cfg, 5)
+    # positions far apart, so a wrong position shows in the loss
+    weights["wpe.weight"] = weights["wpe.weight"] * 50.0
+    tokens = make_tokens()
+    plain_losses, plain_w = torch_run(weights, cfg, tokens, False, False)
+    with tempfile.TemporaryDirectory(prefix="mtnlg-docs-") as tmp:
+        tpath = os.path.join(tmp, "tokens.u16")
+        with open(tpath, "wb") as f:
+            f.write(array.array("H", tokens).tobytes())
+        init = os.path.join(tmp, "init.safetensors")
+        torch_gpt.st_save(init, weights, cfg.metadata())
+        for mode, (sets, reset_pos, reset_mask) in MODES.items():
+            ref_losses, ref_w = torch_run(weights, cfg, tokens, reset_pos, reset_mask)
+            gap = worst_of(plain_losses, ref_losses)
+            wgap = update_rel(plain_w, ref_w, weights)
+            print(f"torch, {mode}: {ref_losses}; plain {plain_losses}")
+            failures += check(f"test_{mode}_torch_runs_differ",
+                              gap > 5 * HALF_TOL and wgap > 100 * WEIGHT_TOL,
+                              f"losses {gap:.2e} apart, weights {wgap:.2e}")
+            for tp, pp, dp, extra in ((1, 1, 1, []), (2, 3, 1, ["parallel.sequence_parallel=true"]),
+                                      (2, 2, 2, [])):
+                export = os.path.join(tmp, f"{mode}-{tp}-{pp}-{dp}.safetensors")
+                out = run(mtnlgd, job, tpath, init, tp, pp, dp, *sets, *extra,
+                          f"checkpoint.export={export}")
+                losses = losses_of(out.stdout)
+                if out.returncode != 0:
+                    print(out.stderr[-2000:])
+                worst = worst_of(losses, ref_losses)
+                name = f"test_{mode}_tp{tp}_pp{pp}_dp{dp}"
+                failures += check(f"{name}_losses_match_torch",
+                                  out.returncode == 0 and len(losses) == STEPS
+                                  and worst <= LOSS_TOL,
+                                  f"exit {out.returncode}, worst step {worst:.2e}: {losses}")
+                w = torch_gpt.st_load(export)[0] if os.path.exists(export) else {}
+                rel = update_rel(w, ref_w, weights) if set(w) >= set(weights) else float("inf")
+                failures += check(f"{name}_weights_match_torch", rel <= WEIGHT_TOL,
+                                  f"update off by {rel:.2e} relative")
+            out = run(mtnlgd, job, tpath, init, 2, 2, 1, *sets, "train.precision=bf16")
+            half = losses_of(out.stdout)
+            worst = worst_of(half, ref_losses)
+            failures += check(f"test_{mode}_tp2_pp2_bf16_follows_torch",
+                              out.returncode == 0 and len(half) == STEPS and worst <= HALF_TOL,
+                              f"exit {out.returncode}, worst step {worst:.2e}: {half}")
+        out = run(mtnlgd, job, tpath, init, 1, 1, 1)
+        plain = losses_of(out.stdout)
+        failures += check("test_without_the_keys_the_run_is_torchs_plain_one",
+                          out.returncode == 0 and worst_of(plain, plain_losses) <= LOSS_TOL,
+                          f"{plain} vs {plain_losses}")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
