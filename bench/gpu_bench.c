@@ -281,7 +281,7 @@ static void layer_fwd(layer *L) {
   mt_dtype wt = L->wt, at = wt;
   o->layernorm_fwd(&dev, L->ln1, at, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
   o->linear_fwd(&dev, L->qkv, at, L->ln1, at, L->qkvw_h, wt, L->qkvb_h, L->cvt, N, C, 3 * C);
-  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, at, B, T, C, L->NH, NULL);
+  o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, at, B, T, C, L->NH, NULL, NULL);
   o->linear_fwd(&dev, L->branch, MT_F32, L->atty, at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
   mt_dtype st = wt == MT_F32 ? MT_F32 : at; /* how the stream is kept */
   o->dropout_residual_fwd(&dev, L->resid2, L->resid2_h, st, L->inp, L->branch, B, T * C, NULL);
@@ -310,7 +310,7 @@ static void layer_bwd(layer *L) {
                 C, C);
   if (at == MT_F32) mt_device_memset0(&dev, L->dqkv, 3 * NC * 4); /* 16-bit: written */
   o->attention_bwd(&dev, L->dqkv, at, L->att_scratch, L->dbtc2, L->atty, L->qkv, at, L->lse, B, T,
-                   C, L->NH, NULL);
+                   C, L->NH, NULL, NULL);
   mt_device_memset0(&dev, L->dbtc, NC * 4);
   o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, at, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C,
                 3 * C);
@@ -411,9 +411,9 @@ typedef struct attn_run {
 static void attn_step(void *arg) {
   attn_run *a = arg;
   dev.ops->attention_fwd(&dev, a->out, a->lse, a->scratch, a->in, a->qt, a->B, a->T, a->C, a->NH,
-                         NULL);
+                         NULL, NULL);
   dev.ops->attention_bwd(&dev, a->dqkv, a->qt, a->scratch, a->dout, a->out, a->in, a->qt, a->lse,
-                         a->B, a->T, a->C, a->NH, NULL);
+                         a->B, a->T, a->C, a->NH, NULL, NULL);
 }
 
 static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {

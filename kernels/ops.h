@@ -187,9 +187,16 @@ struct mt_ops {
    * their fp32 matmul mode; a 16-bit qkv (HS <= MT_FLASH_MAX_HS) by a fused flash
    * kernel on the tensor cores in qt's type, which rounds the (dropped)
    * probabilities, dout and the scores' gradient to it as well, as
-   * FlashAttention does, accumulating in fp32. */
+   * FlashAttention does, accumulating in fp32.
+   * doc_start (B,T) int32 (may be NULL: plain causal) masks attention
+   * across documents (Megatron's --reset-attention-mask): row t of sample
+   * b sees columns doc_start[b,t]..t only, doc_start[b,t] in [0, t] and
+   * never decreasing along t (the first position of the row's document,
+   * mt_gpt_documents); lse and the dropout's element indices are as above,
+   * over those columns. */
   void (*attention_fwd)(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
-                        mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
+                        mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
+                        const int32_t *doc_start);
   /* dqkv(B,T,3C) stored as gt: fp32, += the gradient; or qkv's own 16-bit
    * type (GPUs refuse any other 16-bit gt, the CPU leaves dqkv as it was),
    * the gradient written, not accumulated, rounded to
@@ -197,10 +204,10 @@ struct mt_ops {
    * autocast's attention backward returns it). lse as attention_fwd left
    * it; out(B,T,C) the forward's output as it stored it, read only by the
    * flash kernel (rowsum(dout ∘ out), FlashAttention's D); scratch as
-   * there */
+   * there; doc_start as the forward was given it */
   void (*attention_bwd)(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
                         const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
-                        int T, int C, int NH, const mt_dropout *drop);
+                        int T, int C, int NH, const mt_dropout *drop, const int32_t *doc_start);
   /* Floats of scratch the attention pair needs on d for (T, C, NH) and qkv
    * stored as qt, any B: blocks of query rows (and, on GPUs, of heads) with
    * their scores and probabilities, far below one sample's NH·T² when T is

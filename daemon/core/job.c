@@ -410,7 +410,7 @@ static const char *const loss_scale_keys[] = {"initial",    "min",     "growth_i
 static const char *const data_keys[] = {"path",          "prefix",    "blend", "split",
                                         "shuffle",       "cache_dir", "valid", "test",
                                         "eod_mask_loss", "eod_token",
-                                        "reset_position_ids", NULL};
+                                        "reset_position_ids", "reset_attention_mask", NULL};
 /* clang-format on */
 static const char *const blend_keys[] = {"prefix", "weight", NULL};
 static const char *const eval_keys[] = {"interval", "iters", "test", NULL};
@@ -988,6 +988,12 @@ static void read_data(problems *pb, json_t *root, mt_data_spec *d) {
   if (d->reset_position_ids && !d->eod_mask_loss && d->eod_token < 0 && !seen(pb, "data.eod_token"))
     problem(pb, "data.eod_token: missing: data.reset_position_ids starts the positions again after "
                 "the end-of-document token, and the data does not say which id that is");
+  read_bool(pb, o, "data", "reset_attention_mask", &d->reset_attention_mask);
+  if (d->reset_attention_mask && !d->eod_mask_loss && !d->reset_position_ids && d->eod_token < 0 &&
+      !seen(pb, "data.eod_token"))
+    problem(pb, "data.eod_token: missing: data.reset_attention_mask keeps attention within the "
+                "documents the end-of-document token ends, and the data does not say which id "
+                "that is");
   double w[3];
   int bad = !d->split[0] || mt_job_split_weights(d->split, w);
   if (bad || !(w[0] + w[1] + w[2] > 0))
@@ -1088,7 +1094,7 @@ static void set_defaults(mt_job *job) {
 }
 
 int mt_job_reads_eod(const mt_job *job) {
-  return job->data.eod_mask_loss || job->data.reset_position_ids;
+  return job->data.eod_mask_loss || job->data.reset_position_ids || job->data.reset_attention_mask;
 }
 
 int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
@@ -1146,8 +1152,8 @@ int mt_job_unused(const mt_job *job, char lines[MT_JOB_UNUSED_MAX][256]) {
              "evaluation; it is ignored");
   if (ds->eod_token >= 0 && !mt_job_reads_eod(job))
     snprintf(lines[n++], 256,
-             "data.eod_token: only data.eod_mask_loss and data.reset_position_ids read it, and "
-             "they are false; it is ignored");
+             "data.eod_token: only data.eod_mask_loss, data.reset_position_ids and "
+             "data.reset_attention_mask read it, and they are false; it is ignored");
   return n;
 }
 
@@ -1710,6 +1716,8 @@ static json_t *job_to_json(const mt_job *job) {
     json_object_set_new(data, "eod_mask_loss", json_true());
   if (d->reset_position_ids) /* likewise */
     json_object_set_new(data, "reset_position_ids", json_true());
+  if (d->reset_attention_mask) /* likewise */
+    json_object_set_new(data, "reset_attention_mask", json_true());
   if (mt_job_reads_eod(job)) json_object_set_new(data, "eod_token", json_integer(d->eod_token));
   if (d->n_blend) {
     json_t *blend = json_array();

@@ -189,6 +189,10 @@ typedef struct mt_data_spec {
   /* Megatron's --reset-position-ids: the position after an eod_token input
    * is 0 again (default 0) */
   int reset_position_ids;
+  /* Megatron's --reset-attention-mask: a position attends only to the
+   * positions of its own document, the one an eod_token input ends
+   * (default 0) */
+  int reset_attention_mask;
   /* where they go when that cannot take them (the node's state_dir, set by
    * the daemon; not part of the job's JSON or hash); "" = kept in memory */
   char cache_fallback[MT_PATH_MAX];
@@ -254,7 +258,8 @@ int mt_job_parse(mt_job *job, const char *json, const char *base_dir,
  * naming the key and why: train.loss_scale away from its defaults without
  * fp16; data.split, data.shuffle or data.cache_dir with data.path;
  * parallel.sequence_parallel with tp = 1; data.eod_token without
- * data.eod_mask_loss. They are accepted, as Megatron
+ * data.eod_mask_loss, data.reset_position_ids or data.reset_attention_mask
+ * (mt_job_reads_eod). They are accepted, as Megatron
  * accepts them (refusing them would change what a job that ran before
  * means); a daemon given the job file, a standalone run and `mtnlgctl plan` warn of
  * them. Returns how many lines it wrote. */

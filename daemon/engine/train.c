@@ -82,6 +82,7 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .precision = precision_of(job),
       .eod_token = job->data.eod_token,
       .reset_position_ids = job->data.reset_position_ids,
+      .reset_attention_mask = job->data.reset_attention_mask,
   };
   mt_gpt_set_stage(&cfg, g->pp_size, g->pp_rank, job->parallel.virtual_stages);
   return cfg;
@@ -293,7 +294,9 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
    * rank made (and init_from read) its weights, minutes at scale */
   int first, last;
   mt_gpt_ends(&cfg, &first, &last);
-  tr->reads_tokens = first || last;
+  /* with documents in the attention every stage needs its micro-batches'
+   * tokens (see stage_forward) */
+  tr->reads_tokens = first || last || job->data.reset_attention_mask;
   rc = mt_trainer_data_reach(tr, (uint64_t)mt_job_samples_of(job, 0, job->train.steps));
   if (!rc) rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
   if (rc) {
@@ -593,14 +596,21 @@ static int stage_forward(pipe_run *r, const mt_pipe_op *o, const void *x_wire) {
   uint64_t sample0 = r->first + (uint64_t)j * (uint64_t)m->B;
   /* its output slot may still be on its way to the next stage */
   int rc = wait_act_sends(r, o->chunk, j - m->n_slots, ACT_SENDS);
-  if (!rc && (m->first || m->last))
+  /* data.reset_attention_mask: every stage's attention needs the documents
+   * of its micro-batch, and each stage reads its tokens itself, as every
+   * stage of Megatron's pipeline builds its own attention mask from them
+   * (get_batch): which samples a micro-batch holds is a function of the
+   * step alone, so nothing more travels with the activations (whose wire
+   * format, 16-bit or not, sequence-parallel or not, stays as it is) */
+  int docs = m->cfg.reset_attention_mask;
+  if (!rc && (m->first || m->last || docs))
     rc = mt_data_source_read(tr->data, r->split, sample0, m->B, tr->inputs, tr->targets);
   if (!rc && m->last) mask_eod_targets(tr, (size_t)m->B * m->T);
   const float *x = NULL;
   if (!rc && !m->first && !(x = mt_gpt_stage_input_from_wire(m, j % m->n_slots, x_wire)))
     rc = MT_EIO; /* a device copy failed: the message is set */
   if (!rc)
-    rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first ? tr->inputs : NULL, x,
+    rc = mt_gpt_forward_stage(m, j % m->n_slots, m->first || docs ? tr->inputs : NULL, x,
                               m->last ? tr->targets : NULL, sample0);
   if (!rc && m->last) r->loss_sum += m->last_loss;
   if (rc && tr->n_chunks > 1)

@@ -45,6 +45,8 @@ typedef struct act_plan {
   int32_t *inputs, *targets; /* (B,T) device copies of the micro-batch */
   int32_t *pos_ids;          /* (B,T) reset_position_ids, first stage: each input's position
                                 in its document (mt_gpt_documents) */
+  int32_t *doc_start;        /* (B,T) reset_attention_mask: each row's first key, the first
+                                position of its document (mt_gpt_documents); NULL: causal */
   uint64_t sample0;          /* global sample of row 0: dropout masks */
   int has_targets;           /* forward computed losses; backward may run */
   int loss_tokens;           /* targets in the loss: not MT_TARGET_IGNORE (the loss mask) */
@@ -381,6 +383,11 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
       float *pos = NULL;
       carve(&pos, base, &off, BT); /* int32, as the tokens */
       if (base) p->pos_ids = (int32_t *)pos;
+    }
+    if (c->reset_attention_mask) {
+      float *start = NULL;
+      carve(&start, base, &off, BT); /* int32 */
+      if (base) p->doc_start = (int32_t *)start;
     }
     for (int l = 0; l <= m->n_layers; l++) {
       if (half && l > 0 && l < m->n_layers)
@@ -913,7 +920,8 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   if (rc) return rc;
   ops->linear_fwd(d, a->qkv, at, p->ln, at, M(m, l, MT_P_QKV_W), wt, bias_for(m, l, MT_P_QKV_B, at),
                   m->cvt, N, C, 3 * t.Cl);
-  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, at, B, T, t.Cl, t.NHl, attn_drop);
+  ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, at, B, T, t.Cl, t.NHl, attn_drop,
+                     p->doc_start);
   ops->linear_fwd(d, p->branch, MT_F32, a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
   if ((rc = tp_sum_rows(m, p->branch))) return rc;
@@ -1002,7 +1010,7 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
    * returns it: the QKV GEMMs multiply it as it is */
   if (at == MT_F32) mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
   ops->attention_bwd(d, p->dqkv, at, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T,
-                     t.Cl, t.NHl, attn_drop);
+                     t.Cl, t.NHl, attn_drop, p->doc_start);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
   if ((rc = layernorm(m, p, l, MT_P_LN1_W, in))) return rc;
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, at, p->ln, at,
@@ -1035,16 +1043,19 @@ void mt_gpt_documents(const int32_t *tokens, int T, int32_t eod, int32_t *pos, i
   }
 }
 
-/* The document positions of the micro-batch's B samples of inputs (host)
- * into p's device buffer. */
+/* The documents of the micro-batch's B samples of inputs (host): their
+ * positions and starts into p's device buffers, those it has. */
 static int upload_documents(mt_gpt *m, act_plan *p, const int32_t *inputs) {
   size_t BT = (size_t)m->B * m->T;
-  int32_t *host = malloc(BT * sizeof *host);
+  int32_t *host = malloc(2 * BT * sizeof *host); /* positions, then starts */
   if (!host) return mt_seterr(MT_ENOMEM, "gpt: %zu document positions", BT);
   for (int b = 0; b < m->B; b++)
     mt_gpt_documents(inputs + (size_t)b * m->T, m->T, m->cfg.eod_token, host + (size_t)b * m->T,
-                     NULL);
-  int rc = mt_device_memcpy_htod(m->dev, p->pos_ids, host, BT * sizeof *host);
+                     host + BT + (size_t)b * m->T);
+  int rc = 0;
+  if (p->pos_ids) rc = mt_device_memcpy_htod(m->dev, p->pos_ids, host, BT * sizeof *host);
+  if (!rc && p->doc_start)
+    rc = mt_device_memcpy_htod(m->dev, p->doc_start, host + BT, BT * sizeof *host);
   free(host);
   return rc;
 }
@@ -1062,6 +1073,9 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     return mt_seterr(MT_EINVAL, "gpt: the %s stage needs %s", m->first ? "first" : "middle",
                      m->first ? "input tokens" : "the previous stage's activations");
   act_plan *p = &((act_plan *)m->act_plan)[slot];
+  if (p->doc_start && !inputs)
+    return mt_seterr(MT_EINVAL, "gpt: attention within documents (reset_attention_mask) needs "
+                                "the input tokens on every stage");
   for (size_t i = 0; i < BT; i++) {
     if (inputs && (inputs[i] < 0 || inputs[i] >= c->vocab_size))
       return mt_seterr(MT_EINVAL, "gpt: input token %d at position %zu outside vocab %d", inputs[i],
@@ -1077,7 +1091,7 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   if (inputs) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
   if (!rc && targets) rc = mt_device_memcpy_htod(d, p->targets, targets, BT * sizeof(int32_t));
   if (rc) return rc;
-  if (inputs && p->pos_ids && (rc = upload_documents(m, p, inputs))) return rc;
+  if (inputs && (p->pos_ids || p->doc_start) && (rc = upload_documents(m, p, inputs))) return rc;
   p->sample0 = sample0;
   p->has_targets = m->last && targets;
   p->loss_tokens = (int)n_loss;

@@ -73,13 +73,16 @@ typedef struct mt_gpt_config {
    * micro-batch. B T must be divisible by tp. */
   int sequence_parallel;
   mt_precision precision; /* 0: fp32 */
-  /* Documents inside a sample (Megatron's --reset-position-ids): with
-   * reset_position_ids the position of an input after one equal to
-   * eod_token is 0 again, and counts on from there; the end-of-document
-   * token itself keeps the position of the document it ends. The
-   * positions come from the input tokens a forward is given. */
+  /* Documents inside a sample (Megatron's --reset-position-ids and
+   * --reset-attention-mask): with reset_position_ids the position of an
+   * input after one equal to eod_token is 0 again, and counts on from
+   * there; with reset_attention_mask a row attends only to the rows of its
+   * own document (and causally). The end-of-document token itself belongs
+   * to the document it ends. Both come from the input tokens a forward is
+   * given, which every stage then needs for reset_attention_mask. */
   int eod_token;
   int reset_position_ids;
+  int reset_attention_mask;
 } mt_gpt_config;
 
 /* How a tensor-parallel shard maps onto the full tensor. */
@@ -266,7 +269,8 @@ int mt_gpt_forward(mt_gpt *m, const int32_t *inputs, const int32_t *targets, uin
 int mt_gpt_backward(mt_gpt *m, float loss_scale);
 
 /* Pipeline stages. Forward of the micro-batch in activation slot `slot`:
- * the first stage embeds inputs (host tokens), any other stage starts from
+ * the first stage embeds inputs (host tokens; with reset_attention_mask
+ * every stage needs them, for the documents), any other stage starts from
  * x_in (mt_gpt_stream_rows, C) received from the previous stage; the last stage needs targets
  * (host) and sets last_loss. mt_gpt_stage_output() is what a non-last stage
  * sends on. Backward: the last stage starts from its loss (loss_scale), any

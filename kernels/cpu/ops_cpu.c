@@ -440,9 +440,12 @@ static void att_scores(float *p, const float *Q, const float *K, int ld, int r0,
 
 /* One (b, h) pair. qkv holds its head (see att_head), o points at row 0 of
  * the head's output (row stride ldo), lse at the pair's T entries; blk
- * holds one block (ATT_RB rows, ld T). */
+ * holds one block (ATT_RB rows, ld T); ds the sample's T document starts
+ * (NULL: 0), before which a row's probabilities are 0, so the products
+ * over columns 0.. and the dropout of those zeros leave them out. */
 static void attention_fwd_head(float *o, int ldo, float *lse, float *blk, att_head qkv, int T,
-                               int HS, int h, uint64_t sample, const mt_dropout *drop) {
+                               int HS, int h, uint64_t sample, const mt_dropout *drop,
+                               const int32_t *ds) {
   int ld = qkv.ld;
   for (int r0 = 0; r0 < T; r0 += ATT_RB) {
     int rb = T - r0 < ATT_RB ? T - r0 : ATT_RB, r1 = r0 + rb;
@@ -450,19 +453,21 @@ static void attention_fwd_head(float *o, int ldo, float *lse, float *blk, att_he
     for (int i = 0; i < rb; i++) {
       int t = r0 + i;
       float *row = blk + (size_t)i * T;
+      int s0 = ds ? ds[t] : 0;
       float mx = -FLT_MAX;
 #pragma omp simd reduction(max : mx)
-      for (int j = 0; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
+      for (int j = s0; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int j = 0; j <= t; j++) {
+      for (int j = s0; j <= t; j++) {
         float e = expf(row[j] - mx);
         row[j] = e;
         sum += e;
       }
       float inv = 1.0f / sum;
 #pragma omp simd
-      for (int j = 0; j <= t; j++) row[j] *= inv;
+      for (int j = s0; j <= t; j++) row[j] *= inv;
+      memset(row, 0, (size_t)s0 * sizeof(float));
       memset(row + t + 1, 0, (size_t)(r1 - t - 1) * sizeof(float));
       lse[t] = mx + logf(sum);
     }
@@ -485,7 +490,8 @@ static void attention_fwd_head(float *o, int ldo, float *lse, float *blk, att_he
 /* A 16-bit qkv's head writes its output in fp32 after the unpacked head,
  * then rounds it into out row by row. */
 static void attention_fwd(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
-                          mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop) {
+                          mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
+                          const int32_t *doc_start) {
   if (drop && drop->p == 0.0f) drop = NULL;
   int HS = C / NH;
   size_t blk = att_block_floats(T), slot = att_slot_floats(T, C, NH, qt);
@@ -497,7 +503,8 @@ static void attention_fwd(mt_device *d, void *out, float *lse, float *scratch, c
       att_head a = att_head_of(mine + 2 * blk, qkv, qt, b, h, T, C, HS);
       float *o = qt == MT_F32 ? (float *)out + off : mine + 2 * blk + (size_t)T * 3 * HS;
       attention_fwd_head(o, qt == MT_F32 ? C : HS, lse + ((size_t)b * NH + h) * T, mine, a, T, HS,
-                         h, drop ? drop->sample0 + (uint64_t)b : 0, drop);
+                         h, drop ? drop->sample0 + (uint64_t)b : 0, drop,
+                         doc_start ? doc_start + (size_t)b * T : NULL);
       if (qt == MT_F32) continue;
       for (int t = 0; t < T; t++)
         pack_row((uint16_t *)out + off + (size_t)t * C, o + (size_t)t * HS, (size_t)HS,
@@ -516,7 +523,7 @@ static void attention_fwd(mt_device *d, void *out, float *lse, float *scratch, c
  * head's own room), g (dout) row stride C. */
 static void attention_bwd_head(float *dq, float *dk, float *dv, int ld3, float *blk, float *s,
                                const float *g, att_head qkv, const float *lse, int T, int C, int HS,
-                               int h, uint64_t sample, const mt_dropout *drop) {
+                               int h, uint64_t sample, const mt_dropout *drop, const int32_t *ds) {
   int ld = qkv.ld;
   float scale = 1.0f / sqrtf((float)HS);
   float tile[ATT_RB * ATT_CB];
@@ -527,8 +534,10 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, int ld3, float *
     for (int i = 0; i < rb; i++) {
       int t = r0 + i;
       float *row = blk + (size_t)i * T, l = lse[t];
+      int s0 = ds ? ds[t] : 0; /* as the forward: 0 before the document */
 #pragma omp simd
-      for (int j = 0; j <= t; j++) row[j] = expf(row[j] - l);
+      for (int j = s0; j <= t; j++) row[j] = expf(row[j] - l);
+      memset(row, 0, (size_t)s0 * sizeof(float));
       memset(row + t + 1, 0, (size_t)(r1 - t - 1) * sizeof(float));
     }
     float rowsum[ATT_RB] = {0};
@@ -586,7 +595,7 @@ static void attention_bwd_head(float *dq, float *dk, float *dv, int ld3, float *
  * head's gradient summed from zero in fp32, then rounded into place. */
 static void attention_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
                           const void *out, const void *qkv, mt_dtype qt, const float *lse, int B,
-                          int T, int C, int NH, const mt_dropout *drop) {
+                          int T, int C, int NH, const mt_dropout *drop, const int32_t *doc_start) {
   (void)out;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (gt != MT_F32 && qt == MT_F32) return; /* no room: ops.h allows it with a 16-bit qkv only */
@@ -607,7 +616,8 @@ static void attention_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
       attention_bwd_head(dq, dq + step, dq + 2 * step, ldd, mine, mine + blk,
                          dout + (size_t)b * T * C + (size_t)h * HS, a,
                          lse + ((size_t)b * NH + h) * T, T, C, HS, h,
-                         drop ? drop->sample0 + (uint64_t)b : 0, drop);
+                         drop ? drop->sample0 + (uint64_t)b : 0, drop,
+                         doc_start ? doc_start + (size_t)b * T : NULL);
       if (gt == MT_F32) continue;
       for (int t = 0; t < T; t++) {
         uint16_t *r = (uint16_t *)dqkv + off + (size_t)t * 3 * C;

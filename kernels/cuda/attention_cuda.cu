@@ -71,36 +71,42 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
   return 2 * (size_t)hc * rc * T;
 }
 
-/* Row (hh, i) of a chunk: the softmax over columns 0..t of the scaled scores
- * in place, zero beyond to r1, and lse of (head h0 + hh, row t) — lse_b is
- * the sample's (NH, T). The CPU backend's three passes. */
-static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int r0, int rn,
-                                     int r1) {
-  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
+/* Row (hh, i) of a chunk: the softmax over columns s0..t of the scaled
+ * scores in place, zero before s0 and beyond to r1, and lse of (head h0 +
+ * hh, row t) — lse_b is the sample's (NH, T), ds_b its document starts
+ * (NULL: s0 = 0). The CPU backend's three passes. Zero probabilities stay
+ * zero through the dropout and the softmax backward, so only this kernel
+ * and k_att_probs see the documents. */
+static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int r0, int rn, int r1,
+                                     const int32_t *ds_b) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
   float *r = P + (size_t)row * r1;
   float mx = -FLT_MAX;
-  for (int j = threadIdx.x; j <= t; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
   mx = mt__block_max(mx);
   float s = 0.0f;
-  for (int j = threadIdx.x; j <= t; j += blockDim.x) {
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
     float e = expf(r[j] - mx);
     r[j] = e;
     s += e;
   }
   float sum = mt__block_sum(s), inv = 1.0f / sum;
-  for (int j = threadIdx.x; j <= t; j += blockDim.x) r[j] *= inv;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) r[j] *= inv;
+  for (int j = threadIdx.x; j < s0; j += blockDim.x) r[j] = 0.0f;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
   if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx + logf(sum);
 }
 
 /* Row (hh, i) of a chunk in the backward pass: the probabilities again,
- * exp(s - lse) on columns 0..t of the scaled scores, zero beyond to r1. */
+ * exp(s - lse) on columns s0..t of the scaled scores, zero before s0 and
+ * beyond to r1. */
 static __global__ void k_att_probs(float *P, const float *lse_b, int T, int h0, int r0, int rn,
-                                   int r1) {
-  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
+                                   int r1, const int32_t *ds_b) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
   float *r = P + (size_t)row * r1;
   float l = lse_b[(size_t)(h0 + hh) * T + t];
-  for (int j = threadIdx.x; j <= t; j += blockDim.x) r[j] = expf(r[j] - l);
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) r[j] = expf(r[j] - l);
+  for (int j = threadIdx.x; j < s0; j += blockDim.x) r[j] = 0.0f;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
 }
 
@@ -191,9 +197,11 @@ static void chunk_dropout(mt_device *d, float *dst, const float *P, const chunk 
 }
 
 void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch, const void *qkv_,
-                            mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop) {
+                            mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
+                            const int32_t *doc_start) {
   if (qt != MT_F32) {
-    mt__cuda_flash_fwd(d, (uint16_t *)out_, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop);
+    mt__cuda_flash_fwd(d, (uint16_t *)out_, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop,
+                       doc_start);
     return;
   }
   float *out = (float *)out_;
@@ -208,7 +216,8 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
     chunk k = chunk_of(i, qkv, T, C, NH, rc, hc);
     chunk_scores(d, "attention_fwd scores", P, &k, C, HS);
     MT_LAUNCH(k_att_softmax, (unsigned)(k.hn * k.rn), ATT_THREADS, c->stream)
-    (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1);
+    (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1,
+     doc_start ? doc_start + (size_t)k.b * T : NULL);
     mt__cuda_check(d, "attention_fwd softmax");
     const float *pv = P;
     if (drop) {
@@ -228,10 +237,12 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
  * chunk's P and S/dS (Pd before it) fill the scratch. */
 void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scratch,
                             const float *dout, const void *out, const void *qkv_, mt_dtype qt,
-                            const float *lse, int B, int T, int C, int NH, const mt_dropout *drop) {
+                            const float *lse, int B, int T, int C, int NH, const mt_dropout *drop,
+                            const int32_t *doc_start) {
   if (qt != MT_F32) {
     mt__cuda_flash_bwd(d, dqkv_, gt, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
-                       (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse, B, T, C, NH, drop);
+                       (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse, B, T, C, NH, drop,
+                       doc_start);
     return;
   }
   if (gt != MT_F32) {
@@ -256,7 +267,8 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
     uint64_t sample = drop ? drop->sample0 + (uint64_t)k.b : 0;
     chunk_scores(d, "attention_bwd scores", P, &k, C, HS);
     MT_LAUNCH(k_att_probs, (unsigned)(hn * rn), ATT_THREADS, c->stream)
-    (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1);
+    (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1,
+     doc_start ? doc_start + (size_t)k.b * T : NULL);
     mt__cuda_check(d, "attention_bwd probabilities");
     const float *pd = P;
     if (drop) {

@@ -115,10 +115,12 @@ int mt__cuda_gemm_dgelu(mt_device *d, const char *what, const mt__gemm *g, const
 
 /* attention_cuda.cu: the ops.h attention ops */
 void mt__cuda_attention_fwd(mt_device *d, void *out, float *lse, float *scratch, const void *qkv,
-                            mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop);
+                            mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
+                            const int32_t *doc_start);
 void mt__cuda_attention_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
                             const float *dout, const void *out, const void *qkv, mt_dtype qt,
-                            const float *lse, int B, int T, int C, int NH, const mt_dropout *drop);
+                            const float *lse, int B, int T, int C, int NH, const mt_dropout *drop,
+                            const int32_t *doc_start);
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt);
 void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n, int C, int NH);
 
@@ -127,11 +129,12 @@ void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n
  * floats of scratch at most (it goes by groups of samples otherwise). A
  * head size over MT_FLASH_MAX_HS (ops.h) records an error on d. */
 void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
-                        int B, int T, int C, int NH, const mt_dropout *drop);
+                        int B, int T, int C, int NH, const mt_dropout *drop,
+                        const int32_t *doc_start);
 void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
                         size_t scratch_floats, const float *dout, const uint16_t *out,
                         const uint16_t *qkv, mt_dtype qt, const float *lse, int B, int T, int C,
-                        int NH, const mt_dropout *drop);
+                        int NH, const mt_dropout *drop, const int32_t *doc_start);
 
 /* Launch helpers: blocks for n items at `threads` per block; grid-stride
  * loops take care of the rest past the cap. */

@@ -29,6 +29,15 @@
  * diagonal and accumulates dQ += dS·K. With dP = dO·Vᵀ and m the dropout
  * scale, dS = P ∘ (dP·m - D)·scale; Pd, dO and dS are rounded to the 16-bit
  * type for their products. Each block adds its finished rows into dqkv.
+ *
+ * Documents (doc_start, Megatron's --reset-attention-mask): a row t sees
+ * keys doc_start[t]..t only, and the starts never decrease along t, so a
+ * query tile's first row has the smallest: key tiles wholly before it are
+ * not swept (forward, dQ), and a key tile's sweep of the query tiles ends
+ * at the first tile whose first row starts past the key tile (dK/dV). In
+ * a tile that is swept, the keys before a row's start count as the keys
+ * past its diagonal do (no score, probability 0, dS 0); every row keeps
+ * its own key, so no row is ever wholly masked.
  */
 #include <float.h>
 #include <math.h>
@@ -230,7 +239,7 @@ static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint6
 template <int FP16, int D, int W>
 static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C,
                                    int NH, float scale, float p, uint64_t key, uint64_t sample0,
-                                   uint32_t head0) {
+                                   uint32_t head0, const int32_t *docs) {
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
   uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + R * LDE(D), *Vs = Ks + R * LDE(D);
@@ -247,13 +256,17 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
   int rr = lane >> 1, j0 = lane & 1, tq = q0 + 16 * warp + rr;
   const float *srow = Sw + rr * LDS(W);
   uint64_t sample = sample0 + (uint64_t)b;
+  /* the row's first key (its document's start) and the first key tile any
+   * row of the tile sees */
+  const int32_t *ds = docs ? docs + (size_t)b * T : NULL;
+  int ts = ds && tq < T ? ds[tq] : 0, kt0 = ds ? ds[q0] / R : 0;
 
   load_tile<D>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
   const uint16_t *Qw = Qs + 16 * warp * LDE(D);
 
   /* sweep 1: the row's max m and sum l of exp(s - m), online */
   float m = -FLT_MAX, l = 0.0f;
-  for (int kt = 0; kt <= qt; kt++) {
+  for (int kt = kt0; kt <= qt; kt++) {
     __syncthreads(); /* Ks free */
     load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
     __syncthreads();
@@ -261,11 +274,11 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
     __syncwarp();
     float tm = -FLT_MAX;
     for (int j = j0; j < R; j += 2)
-      if (kt * R + j <= tq) tm = fmaxf(tm, srow[j] * scale);
+      if (kt * R + j <= tq && kt * R + j >= ts) tm = fmaxf(tm, srow[j] * scale);
     tm = fmaxf(tm, __shfl_xor_sync(FULL_MASK, tm, 1));
     float mn = fmaxf(m, tm), s = 0.0f;
     for (int j = j0; j < R; j += 2)
-      if (kt * R + j <= tq) s += expf(srow[j] * scale - mn);
+      if (kt * R + j <= tq && kt * R + j >= ts) s += expf(srow[j] * scale - mn);
     s += __shfl_xor_sync(FULL_MASK, s, 1);
     l = l * expf(m - mn) + s;
     m = mn;
@@ -277,7 +290,7 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
   /* sweep 2: O = Σ drop(exp(s - lse)) · V */
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.0f);
-  for (int kt = 0; kt <= qt; kt++) {
+  for (int kt = kt0; kt <= qt; kt++) {
     __syncthreads();
     load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
     load_tile<D>(Vs, head + 2 * C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
@@ -290,7 +303,8 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
       drop_scale4(keep, p, key, sample, head0 + h, T, tq, kt * R + j4);
       for (int u = 0; u < 4; u++) {
         int j = j4 + u;
-        float pv = kt * R + j <= tq ? expf(srow[j] * scale - lse_r) * keep[u] : 0.0f;
+        int in = kt * R + j <= tq && kt * R + j >= ts;
+        float pv = in ? expf(srow[j] * scale - lse_r) * keep[u] : 0.0f;
         Pw[rr * LDP(W) + j] = mt_half_pack(pv, FP16);
       }
     }
@@ -371,6 +385,7 @@ struct bwd_args {
   float scale, p;
   uint64_t key, sample0;
   uint32_t head0;
+  const int32_t *docs; /* (B,T) document starts; NULL: none */
 };
 
 /* Where a backward block works: head h of sample b (the group's bg-th),
@@ -383,6 +398,7 @@ struct bwd_block {
   const float *g, *lse_h, *dv_h;
   size_t dhead; /* element offset of the head's row 0 in dqkv */
   uint64_t sample;
+  const int32_t *ds; /* the sample's T document starts; NULL: none */
   bwd_smem_of s;
 };
 
@@ -402,6 +418,7 @@ static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem,
   k.lse_h = a.lse + ((size_t)k.b * a.NH + k.h) * a.T;
   k.dv_h = a.dv + ((size_t)k.bg * a.NH + k.h) * a.T;
   k.sample = a.sample0 + (uint64_t)k.b;
+  k.ds = a.docs ? a.docs + (size_t)k.b * a.T : NULL;
   k.s = bwd_layout<D, W>(smem, k.warp);
   return k;
 }
@@ -439,6 +456,8 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
     wmma::fill_fragment(dvv[n], 0.0f);
   }
   for (int q0 = k0; q0 < nt * R; q0 += R) {
+    /* this query tile's rows, and every later tile's, start past these keys */
+    if (k.ds && k.ds[q0] >= k0 + R) break;
     __syncthreads(); /* Qs, dOs free */
     load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
     __syncthreads();
@@ -447,13 +466,13 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
       warp_score_block<FP16, D>(s.dPc, LDC, Vw, s.dOs + cb * LDE(D)); /* dPᵀ = V·dOᵀ */
       __syncwarp();
       for (int j = c; j < 16; j += 8) {
-        int tq = q0 + cb + j;
+        int tq = q0 + cb + j, ts = k.ds && tq < T ? k.ds[tq] : 0;
         float keep[4];
         drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, tk4);
         for (int u = 0; u < 4; u++) {
           int r = r4 + u;
           float pf = 0.0f, ds = 0.0f, m = 1.0f;
-          if (tq >= tk4 + u && tq < T) {
+          if (tq >= tk4 + u && tq < T && tk4 + u >= ts) {
             pf = expf(s.Sc[r * LDC + j] * a.scale - s.lse_s[cb + j]);
             m = keep[u];
             ds = pf * (s.dPc[r * LDC + j] * m - s.D_s[cb + j]) * a.scale;
@@ -483,12 +502,14 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key
    * columns in runs of 4 from 4·j0, every 8 */
   int rr = k.lane >> 1, j0 = k.lane & 1, row = 16 * k.warp + rr, tq = q0 + row;
+  int ts = k.ds && tq < T ? k.ds[tq] : 0; /* the row's first key */
 
   load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
   const uint16_t *Qw = s.Qs + 16 * k.warp * LDE(D), *dOw = s.dOs + 16 * k.warp * LDE(D);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[D / 16];
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
-  for (int k0 = 0; k0 <= q0; k0 += R) {
+  /* from the key tile of the tile's first row's start */
+  for (int k0 = k.ds ? k.ds[q0] / R * R : 0; k0 <= q0; k0 += R) {
     __syncthreads(); /* Ks, Vs free; the query tile loaded */
     load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
     load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
@@ -505,7 +526,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
         for (int u = 0; u < 4; u++) {
           int j = j4 + u;
           float ds = 0.0f;
-          if (k0 + cb + j <= tq && tq < T) {
+          if (k0 + cb + j <= tq && tq < T && k0 + cb + j >= ts) {
             float pf = expf(srow[j] * a.scale - l);
             ds = pf * (prow[j] * keep[u] - dd) * a.scale;
           }
@@ -557,12 +578,12 @@ static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const ch
 
 /* The forward kernel's type (k_flash_fwd<FP16, D, W>) */
 typedef void flash_fwd_kernel(uint16_t *, float *, const uint16_t *, int, int, int, float, float,
-                              uint64_t, uint64_t, uint32_t);
+                              uint64_t, uint64_t, uint32_t, const int32_t *);
 
 /* The kernels of one (FP16, D, W), launched with the shared memory they take. */
 template <int FP16, int D, int W> struct flash {
   static void fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C,
-                  int NH, float scale, const mt_dropout *drop) {
+                  int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = fwd_smem(D, W);
@@ -571,11 +592,11 @@ template <int FP16, int D, int W> struct flash {
     MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)B), 32 * W,
                    smem, c->stream)
     (out, lse, qkv, T, C, NH, scale, drop ? drop->p : 0.0f, drop ? drop->key : 0,
-     drop ? drop->sample0 : 0, drop ? drop->head0 : 0);
+     drop ? drop->sample0 : 0, drop ? drop->head0 : 0, docs);
   }
   static void bwd(mt_device *d, void *dqkv, int half_out, const float *dout, const uint16_t *qkv,
                   const float *lse, const float *dv, int b0, int Bg, int T, int C, int NH,
-                  float scale, const mt_dropout *drop) {
+                  float scale, const mt_dropout *drop, const int32_t *docs) {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = bwd_smem(D, W);
@@ -599,7 +620,8 @@ template <int FP16, int D, int W> struct flash {
                   drop ? drop->p : 0.0f,
                   drop ? drop->key : 0,
                   drop ? drop->sample0 : 0,
-                  drop ? drop->head0 : 0};
+                  drop ? drop->head0 : 0,
+                  docs};
     MT_LAUNCH_SMEM(flash_bwd_kv, grid, 32 * W, smem, c->stream)(a);
     MT_LAUNCH_SMEM(flash_bwd_q, grid, 32 * W, smem, c->stream)(a);
   }
@@ -657,19 +679,21 @@ static int flash_fits(mt_device *d, const char *what, int HS) {
 }
 
 void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
-                        int B, int T, int C, int NH, const mt_dropout *drop) {
+                        int B, int T, int C, int NH, const mt_dropout *drop,
+                        const int32_t *doc_start) {
   int HS = C / NH, fp16 = qt == MT_F16;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || !flash_fits(d, "attention_fwd", HS)) return;
   float scale = 1.0f / sqrtf((float)HS);
-  with_flash(HS, fp16, [&](auto f) { f.fwd(d, out, lse, qkv, B, T, C, NH, scale, drop); });
+  with_flash(HS, fp16,
+             [&](auto f) { f.fwd(d, out, lse, qkv, B, T, C, NH, scale, drop, doc_start); });
   mt__cuda_check(d, "attention_fwd (flash)");
 }
 
 void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
                         size_t scratch_floats, const float *dout, const uint16_t *out,
                         const uint16_t *qkv, mt_dtype qt, const float *lse, int B, int T, int C,
-                        int NH, const mt_dropout *drop) {
+                        int NH, const mt_dropout *drop, const int32_t *doc_start) {
   int HS = C / NH, fp16 = qt == MT_F16, half = gt != MT_F32;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || !flash_fits(d, "attention_bwd", HS)) return;
@@ -694,7 +718,7 @@ void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
     else MT_LAUNCH(k_flash_dot<0>, dim3((unsigned)T, (unsigned)Bg), 128,
                    c->stream)(scratch, dout, out, T, C, NH, b0);
     with_flash(HS, fp16, [&](auto f) {
-      f.bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop);
+      f.bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop, doc_start);
     });
   }
   mt__cuda_check(d, "attention_bwd (flash)");

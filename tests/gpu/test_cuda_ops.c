@@ -1070,6 +1070,26 @@ static void test_to_half(size_t n) {
   arena_reset();
 }
 
+/* Attention within documents (ops.h's doc_start): with_docs set, the
+ * attention tests below give both backends these starts: in sample 0 ends
+ * at rows 5 and 6 (adjacent), 30 and 63 (so rows from 64 start past a
+ * whole flash tile of keys: skipped, and the dK/dV sweep of keys 0..63
+ * stops before the queries from 64), in sample 1 at row 0 and every 17th,
+ * in a third sample none. */
+static int with_docs;
+static int32_t *doc_starts(int B, int T) {
+  int32_t *ds = halloc((size_t)B * T * sizeof(int32_t));
+  for (int b = 0; b < B; b++) {
+    int32_t st = 0;
+    for (int t = 0; t < T; t++) {
+      ds[(size_t)b * T + t] = st;
+      int end = b % 3 == 0 ? t == 5 || t == 6 || t == 30 || t == 63 : b % 3 == 1 ? t % 17 == 0 : 0;
+      if (end) st = t + 1;
+    }
+  }
+  return ds;
+}
+
 static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   gpu.matmul = p;
   double tol = prec_tol(p);
@@ -1079,22 +1099,24 @@ static void test_attention(shape s, mt_matmul_precision p, int with_dropout) {
   size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, MT_F32);
   mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2, 0};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
-  const char *tag =
-      label("%s B=%d T=%d C=%d NH=%d%s", prec_name(p), B, T, C, NH, with_dropout ? " drop" : "");
+  const char *tag = label("%s B=%d T=%d C=%d NH=%d%s%s", prec_name(p), B, T, C, NH,
+                          with_dropout ? " drop" : "", with_docs ? " docs" : "");
+  int32_t *cds = with_docs ? doc_starts(B, T) : NULL;
+  int32_t *gds = cds ? D(cds, (size_t)B * T * sizeof(int32_t)) : NULL;
   float *qkv = H(nq, -1.5f, 1.5f), *gqkv = Df(qkv, nq);
   float *co = halloc(no * sizeof(float)), *cl = halloc(nl * sizeof(float));
   float *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
-  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, MT_F32, B, T, C, NH, dp);
+  cpu.ops->attention_fwd(&cpu, co, cl, cs, qkv, MT_F32, B, T, C, NH, dp, cds);
   float *go = DN(no), *gl = DN(nl);
-  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, MT_F32, B, T, C, NH, dp);
+  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, MT_F32, B, T, C, NH, dp, gds);
   check("attention_fwd", label("%s out", tag), back(go, no), co, no, tol);
   check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, tol);
 
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
   /* both backward passes take the CPU's lse, so only the backward differs */
-  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp);
+  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, co, qkv, MT_F32, cl, B, T, C, NH, dp, cds);
   gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, Df(dout, no), Df(co, no), gqkv, MT_F32, Df(cl, nl),
-                         B, T, C, NH, dp);
+                         B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, tol);
   gpu.matmul = MT_MATMUL_FP32;
   arena_reset();
@@ -1131,19 +1153,21 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, qt);
   mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2, 0};
   const mt_dropout *dp = with_dropout ? &drop : NULL;
-  const char *tag = label("%s B=%d T=%d HS=%d NH=%d%s", fp16 ? "fp16" : "bf16", B, T, C / NH, NH,
-                          with_dropout ? " drop" : "");
+  const char *tag = label("%s B=%d T=%d HS=%d NH=%d%s%s", fp16 ? "fp16" : "bf16", B, T, C / NH, NH,
+                          with_dropout ? " drop" : "", with_docs ? " docs" : "");
+  int32_t *cds = with_docs ? doc_starts(B, T) : NULL;
+  int32_t *gds = cds ? D(cds, (size_t)B * T * sizeof(int32_t)) : NULL;
   const void *qh; /* qkv in 16 bits, on the host and (gqkv) the device */
   void *gqkv = stored(H(nq, -1.5f, 1.5f), nq, qt, &qh);
   uint16_t *oh = halloc(no * sizeof(uint16_t));
   float *cl = halloc(nl * sizeof(float)), *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
-  cpu.ops->attention_fwd(&cpu, oh, cl, cs, qh, qt, B, T, C, NH, dp);
+  cpu.ops->attention_fwd(&cpu, oh, cl, cs, qh, qt, B, T, C, NH, dp, cds);
   void *go = DP(no * sizeof(uint16_t));
   float *gl = DN(nl);
 #ifdef MT_CUDA_EMU
   long flash0 = mt_emu_launch_count("flash_fwd");
 #endif
-  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp);
+  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp, gds);
   check("attention_fwd", label("%s out", tag), back_half(go, no, qt), as_floats(oh, no, qt), no,
         1e-2);
   check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, 1e-2);
@@ -1155,21 +1179,21 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq);
   void *goh = D(oh, no * sizeof(uint16_t));
   float *gdout = Df(dout, no), *gcl = Df(cl, nl);
-  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp);
-  gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp);
+  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp, cds);
+  gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, 1e-2);
 
   /* dqkv in qkv's own type, as a 16-bit job keeps it: written (every value
    * poisoned first), against the CPU's, which is its fp32 sum rounded */
   uint16_t *cdh = halloc(nq * sizeof(uint16_t));
   void *gdh = DP(nq * sizeof(uint16_t));
-  cpu.ops->attention_bwd(&cpu, cdh, qt, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp);
-  gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp);
+  cpu.ops->attention_bwd(&cpu, cdh, qt, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp, cds);
+  gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv in 16 bits (written)", tag), back_half(gdh, nq, qt),
         as_floats(cdh, nq, qt), nq, 1e-2);
   if (!with_dropout) { /* the other 16-bit type: refused, naming it, dqkv left alone */
     mt_dtype other = fp16 ? MT_BF16 : MT_F16;
-    gpu.ops->attention_bwd(&gpu, gdh, other, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp);
+    gpu.ops->attention_bwd(&gpu, gdh, other, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, NULL);
     int rc = mt_device_sync(&gpu);
     check_that("attention_bwd", label("%s dqkv of the other 16-bit type: an error", tag),
                rc && strstr(mt_errmsg(), "dqkv"), rc ? mt_errmsg() : "no error");
@@ -1639,11 +1663,11 @@ static void test_flash_shared_memory_limit(void) {
     mt_device_memset0(&small, qkv, nq * 2);
     mt_device_memset0(&small, dout, no * 4);
     char what[96];
-    small.ops->attention_fwd(&small, out, lse, s, qkv, MT_BF16, B, T, C, NH, NULL);
+    small.ops->attention_fwd(&small, out, lse, s, qkv, MT_BF16, B, T, C, NH, NULL, NULL);
     int frc = mt_device_sync(&small);
     snprintf(what, sizeof what, "HS=%d bf16 within 99 KB of shared memory", C);
     check_that("attention_fwd", what, !frc, frc ? mt_errmsg() : "ran");
-    small.ops->attention_bwd(&small, dq, MT_F32, s, dout, out, qkv, MT_BF16, lse, B, T, C, NH,
+    small.ops->attention_bwd(&small, dq, MT_F32, s, dout, out, qkv, MT_BF16, lse, B, T, C, NH, NULL,
                              NULL);
     int brc = mt_device_sync(&small);
     if (fits) {
@@ -1771,6 +1795,19 @@ int main(int argc, char **argv) {
     test_flash_attention(fgroups, MT_BF16, 1);
     shape fodd = {2, 33, 20, 2, 37, 40}; /* head size 10: tiles load element by element */
     test_flash_attention(fodd, MT_BF16, 1);
+    /* the same within documents (doc_start): the fp32 chunks, and the flash
+     * kernels with whole key tiles before a query tile's rows (T 70 in
+     * tiles of 64 and of 32 rows) */
+    with_docs = 1;
+    shape docs3 = {3, 70, 32, 2, 37, 40};
+    test_attention(docs3, MT_MATMUL_FP32, 0);
+    test_attention(docs3, MT_MATMUL_FP32, 1);
+    test_attention(rows, MT_MATMUL_FP32, 1);
+    test_flash_attention(docs3, MT_BF16, 0);
+    test_flash_attention(docs3, MT_F16, 1);
+    shape d256 = {3, 70, 200, 1, 37, 40};
+    test_flash_attention(d256, MT_BF16, 1);
+    with_docs = 0;
     test_attention_decode(300, 64, 4);
     test_attention_decode(17, 20, 2);
     test_attention_decode(2300, 48, 3);  /* three tiles of keys, the last one partial */

@@ -1,25 +1,41 @@
 #!/usr/bin/python3
-"""data.reset_position_ids (Megatron's --reset-position-ids) in mtnlgd
-against PyTorch.
+"""data.reset_position_ids and data.reset_attention_mask (Megatron's
+--reset-position-ids and --reset-attention-mask) in mtnlgd against PyTorch.
 
 usage: test_reset_documents.py MTNLGD JOB.json
 A 3-layer tiny model starts from random weights (torch_gpt.random_weights,
-given as model.init_from) and trains 3 steps of 4 micro-batches of 2
-samples on a flat token file where the end-of-document id (255) is about
-6% of the tokens (several in most samples, two adjacent ones, one at a
-sample's first and last position). torch_gpt.py does the same in float64
-with Megatron's get_ltor_masks_and_position_ids (torch_gpt.documents_of):
-the positions start again after each end-of-document token;
-torch.optim.AdamW with mtnlgd's settings (constant lr, no clipping, weight
-decay on the matrices). Checked under (tp, pp, dp) = (1,1,1), (2,3,1) with
-sequence parallelism (a middle stage) and (2,2,2):
-  - test_..._losses_match_torch: every step's loss within 1e-5 relative;
-  - test_..._weights_match_torch: the exported weights' update (trained
-    minus initial) within 1e-3 of torch's, relative over the whole model;
-  - test_tp2_pp2_bf16_follows_torch: bf16, every step's loss within 2e-2
-    of torch's float64 (bf16's rounding; the unreset run is far further);
-  - test_the_reset_changes_the_run: without the key the run is torch's
-    plain one, and far from the reset one (the checks above can see it).
+given as model.init_from; wpe and the attention's matrices scaled up so
+that positions and what a row attends to weigh) and trains
+3 steps of 4 micro-batches of 2 samples on a flat token file where the
+end-of-document id (255) is about 6% of the tokens (several in most
+samples, two adjacent ones, one at a sample's first and last position).
+torch_gpt.py does the same in float64 with Megatron's
+get_ltor_masks_and_position_ids (torch_gpt.documents_of): the positions
+start again after each end-of-document token, and a row attends to no
+position before its document's first; each key alone and both together
+(modes positions, mask, both). torch.optim.AdamW with mtnlgd's settings
+(constant lr, no clipping, weight decay on the matrices). Checked under
+(tp, pp, dp) = (1,1,1), (2,3,1) with sequence parallelism (a middle stage)
+and (2,2,2) for each key alone, and at (2,3,1) for both (bf16: each
+alone):
+  - test_<mode>_..._losses_match_torch: every step's loss within 1e-5
+    relative;
+  - test_<mode>_..._weights_match_torch: the exported weights' update
+    (trained minus initial) within 1e-3 of torch's, relative over the
+    whole model;
+  - test_<mode>_tp2_pp2_bf16_follows_torch: bf16, every step's loss within
+    1e-4 of torch's float64;
+  - test_<mode>_torch_runs_differ: torch's run without the keys is far from
+    the mode's: its losses more than 5 times the bf16 tolerance apart and
+    its trained weights more than 100 times the weights' tolerance, so the
+    checks above see a key dropped;
+and:
+  - test_without_the_keys_the_run_is_torchs_plain_one;
+  - test_mask_with_attention_dropout_agrees_across_layouts: with attention
+    dropout 0.1 and the document mask, the losses at tp 2 x pp 3 and
+    tp 2 x pp 2 x dp 2 are tp 1's within 1e-5 (the dropout masks are drawn
+    per (seed, step, sample, layer, element) whatever the layout, and the
+    documents cut the same rows), and far from the plain run's.
 Exit 77 (skip) without torch.
 """
 import array
@@ -48,7 +64,9 @@ G, B, STEPS = 8, 2, 3
 LR, BETAS, EPS, WD = 2e-3, (0.9, 0.95), 1e-3, 0.1
 LOSS_TOL, WEIGHT_TOL, HALF_TOL = 1e-5, 1e-3, 1e-4
 # each mode: the job's settings and what torch applies
-MODES = {"positions": (["data.reset_position_ids=true"], True, False)}
+MODES = {"positions": (["data.reset_position_ids=true"], True, False),
+         "mask": (["data.reset_attention_mask=true"], False, True),
+         "both": (["data.reset_position_ids=true", "data.reset_attention_mask=true"], True, True)}
 
 
 def losses_of(out):
@@ -135,6 +153,10 @@ def main():
     weights = torch_gpt.random_weights(cfg, 5)
     # positions far apart, so a wrong position shows in the loss
     weights["wpe.weight"] = weights["wpe.weight"] * 50.0
+    # and sharp attention with a large branch, so what a row sees weighs
+    for k in weights:
+        if k.endswith("attn.c_attn.weight") or k.endswith("attn.c_proj.weight"):
+            weights[k] = weights[k] * 10.0
     tokens = make_tokens()
     plain_losses, plain_w = torch_run(weights, cfg, tokens, False, False)
     with tempfile.TemporaryDirectory(prefix="mtnlg-docs-") as tmp:
@@ -151,8 +173,11 @@ def main():
             failures += check(f"test_{mode}_torch_runs_differ",
                               gap > 5 * HALF_TOL and wgap > 100 * WEIGHT_TOL,
                               f"losses {gap:.2e} apart, weights {wgap:.2e}")
-            for tp, pp, dp, extra in ((1, 1, 1, []), (2, 3, 1, ["parallel.sequence_parallel=true"]),
-                                      (2, 2, 2, [])):
+            layouts = ((1, 1, 1, []), (2, 3, 1, ["parallel.sequence_parallel=true"]),
+                       (2, 2, 2, []))
+            if mode == "both":  # each key is checked alone at every layout
+                layouts = layouts[1:2]
+            for tp, pp, dp, extra in layouts:
                 export = os.path.join(tmp, f"{mode}-{tp}-{pp}-{dp}.safetensors")
                 out = run(mtnlgd, job, tpath, init, tp, pp, dp, *sets, *extra,
                           f"checkpoint.export={export}")
@@ -169,6 +194,8 @@ def main():
                 rel = update_rel(w, ref_w, weights) if set(w) >= set(weights) else float("inf")
                 failures += check(f"{name}_weights_match_torch", rel <= WEIGHT_TOL,
                                   f"update off by {rel:.2e} relative")
+            if mode == "both":
+                continue
             out = run(mtnlgd, job, tpath, init, 2, 2, 1, *sets, "train.precision=bf16")
             half = losses_of(out.stdout)
             worst = worst_of(half, ref_losses)
@@ -180,6 +207,16 @@ def main():
         failures += check("test_without_the_keys_the_run_is_torchs_plain_one",
                           out.returncode == 0 and worst_of(plain, plain_losses) <= LOSS_TOL,
                           f"{plain} vs {plain_losses}")
+        drop = ["data.reset_attention_mask=true", "model.attention_dropout=0.1"]
+        runs = [losses_of(run(mtnlgd, job, tpath, init, tp, pp, dp, *drop, *extra).stdout)
+                for tp, pp, dp, extra in ((1, 1, 1, []),
+                                          (2, 3, 1, ["parallel.sequence_parallel=true"]),
+                                          (2, 2, 2, []))]
+        worst = max(worst_of(r, runs[0]) for r in runs[1:])
+        failures += check("test_mask_with_attention_dropout_agrees_across_layouts",
+                          all(len(r) == STEPS for r in runs) and worst <= LOSS_TOL
+                          and worst_of(runs[0], plain_losses) > 5 * HALF_TOL,
+                          f"worst {worst:.2e}: {runs}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

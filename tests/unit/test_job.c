@@ -1456,6 +1456,44 @@ static void test_reset_position_ids_keys_round_trip_and_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* data.reset_attention_mask (Megatron's --reset-attention-mask): the same
+ * rules, alone and with the position reset, each key hashed on its own. */
+static void test_reset_attention_mask_keys_round_trip_and_hash(void) {
+  mt_job plain, off, job, back, pos, both;
+  char unused[MT_JOB_UNUSED_MAX][256];
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.data.reset_attention_mask);
+  CHECK(parse_with(&off, tiny_job, "data.reset_attention_mask=false", NULL) == MT_OK);
+  CHECK(!strcmp(off.hash, plain.hash) && !strcmp(plain.hash, "ada038af3160cc86"));
+  CHECK(parse_with(&job, tiny_job, "data.reset_attention_mask=true", "data.eod_token=10") == MT_OK);
+  CHECK(job.data.reset_attention_mask && !job.data.reset_position_ids &&
+        strcmp(job.hash, plain.hash) && mt_job_unused(&job, unused) == 0);
+  char *json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"reset_attention_mask\":true") && strstr(json, "\"eod_token\":10") &&
+        !strstr(json, "reset_position_ids"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        !strcmp(back.hash, job.hash) && back.data.reset_attention_mask &&
+        back.data.eod_token == 10);
+  free(json);
+  CHECK(parse_with(&pos, tiny_job, "data.reset_position_ids=true", "data.eod_token=10") == MT_OK);
+  const char *both_keys[] = {"data.reset_position_ids=true", "data.reset_attention_mask=true",
+                             "data.eod_token=10", NULL};
+  CHECK(mt_job_parse(&both, tiny_job, "/jobs", presets, both_keys) == MT_OK &&
+        both.data.reset_position_ids && both.data.reset_attention_mask &&
+        strcmp(both.hash, job.hash) && strcmp(both.hash, pos.hash) && strcmp(pos.hash, job.hash));
+  CHECK(parse_with(&both, tiny_job, "data.reset_position_ids=true",
+                   "data.reset_attention_mask=true") == MT_EINVAL &&
+        count_lines(mt_errmsg()) == 1); /* one missing eod_token */
+  refusal cases[] = {
+      {"data.reset_attention_mask=true", NULL,
+       "data.eod_token: missing: data.reset_attention_mask keeps attention within the documents"},
+      {"data.reset_attention_mask=true", "data.eod_token=256",
+       "data.eod_token: 256 is no token of model.vocab_size 256"},
+      {"data.reset_attention_mask=1", "data.eod_token=10",
+       "data.reset_attention_mask: expected true or false, got an integer"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1490,6 +1528,7 @@ int main(void) {
   test_530b_example_loads_in_bf16();
   test_every_preset_is_valid();
   test_reset_position_ids_keys_round_trip_and_hash();
+  test_reset_attention_mask_keys_round_trip_and_hash();
   test_load_missing_file_is_eio();
   test_checkpoint_load_round_trip();
   test_tensorboard_dir_resolves_and_round_trips();

@@ -513,12 +513,14 @@ typedef struct {
   const mt_dropout *drop;
   float *qkv, *r;
   double *dqkv, *dr, *out, *lse;
+  int32_t *ds; /* (B,T) document starts (att_docs); NULL: plain causal */
 } att_case;
 
-/* Straight from the definition: per (b, h, t) the scores of keys 0..t, their
- * log-sum-exp (lse) and softmax, the dropped probabilities times the values. */
+/* Straight from the definition: per (b, h, t) the scores of keys s0..t
+ * (s0 = ds[b, t], 0 without documents), their log-sum-exp (lse) and
+ * softmax, the dropped probabilities times the values. */
 static void att_ref(double *out, double *lse, const double *qkv, int B, int T, int C, int NH,
-                    const mt_dropout *drop) {
+                    const mt_dropout *drop, const int32_t *ds) {
   int HS = C / NH;
   double sc = 1.0 / sqrt((double)HS);
   double *s = dzeros((size_t)T), *a = dzeros((size_t)T);
@@ -527,19 +529,20 @@ static void att_ref(double *out, double *lse, const double *qkv, int B, int T, i
       for (int t = 0; t < T; t++) {
         const double *q = qkv + ((size_t)b * T + t) * 3 * C + (size_t)h * HS;
         double mx = -INFINITY, sum = 0.0;
-        for (int j = 0; j <= t; j++) {
+        int s0 = ds ? ds[(size_t)b * T + t] : 0;
+        for (int j = s0; j <= t; j++) {
           const double *k = qkv + ((size_t)b * T + j) * 3 * C + C + (size_t)h * HS;
           s[j] = 0.0;
           for (int i = 0; i < HS; i++) s[j] += q[i] * k[i];
           s[j] *= sc;
           if (s[j] > mx) mx = s[j];
         }
-        for (int j = 0; j <= t; j++) sum += exp(s[j] - mx);
+        for (int j = s0; j <= t; j++) sum += exp(s[j] - mx);
         lse[((size_t)b * NH + h) * T + t] = mx + log(sum);
-        for (int j = 0; j <= t; j++) a[j] = exp(s[j] - mx) / sum;
+        for (int j = s0; j <= t; j++) a[j] = exp(s[j] - mx) / sum;
         double *o = out + ((size_t)b * T + t) * C + (size_t)h * HS;
         for (int i = 0; i < HS; i++) o[i] = 0.0;
-        for (int j = 0; j <= t; j++) {
+        for (int j = s0; j <= t; j++) {
           double m = 1.0;
           if (drop && drop->p > 0.0f)
             m = mt_dropout_scale(drop->p, drop->key, drop->sample0 + (uint64_t)b,
@@ -553,12 +556,12 @@ static void att_ref(double *out, double *lse, const double *qkv, int B, int T, i
 
 static double att_loss(void *p) {
   att_case *a = p;
-  att_ref(a->out, a->lse, a->dqkv, a->B, a->T, a->C, a->NH, a->drop);
+  att_ref(a->out, a->lse, a->dqkv, a->B, a->T, a->C, a->NH, a->drop, a->ds);
   return dot(a->out, a->dr, (size_t)a->B * a->T * a->C);
 }
 
 static att_case att_make(int B, int T, int C, int NH, const mt_dropout *drop) {
-  att_case a = {B, T, C, NH, drop, NULL, NULL, NULL, NULL, NULL, NULL};
+  att_case a = {B, T, C, NH, drop, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
   size_t N = (size_t)B * T;
   a.qkv = frand(N * 3 * C, -1.5, 1.5);
   a.r = frand(N * C, -1, 1);
@@ -570,7 +573,23 @@ static att_case att_make(int B, int T, int C, int NH, const mt_dropout *drop) {
 }
 
 static void att_free(att_case *a) {
-  free(a->qkv), free(a->r), free(a->dqkv), free(a->dr), free(a->out), free(a->lse);
+  free(a->qkv), free(a->r), free(a->dqkv), free(a->dr), free(a->out), free(a->lse), free(a->ds);
+}
+
+/* Documents for a (Megatron's --reset-attention-mask): ends (end-of-document
+ * inputs) at rows 0, 3 and 4 of sample 0 (one first, two adjacent), every
+ * 5th row of sample 1, and row T - 1 of each; a row's start is one past the
+ * last end before it. */
+static void att_docs(att_case *a) {
+  a->ds = malloc((size_t)a->B * a->T * sizeof *a->ds);
+  for (int b = 0; b < a->B; b++) {
+    int32_t s = 0;
+    for (int t = 0; t < a->T; t++) {
+      a->ds[(size_t)b * a->T + t] = s;
+      int end = t == a->T - 1 || (b % 2 == 0 ? t == 0 || t == 3 || t == 4 : t % 5 == 4);
+      if (end) s = t + 1;
+    }
+  }
 }
 
 static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
@@ -581,8 +600,8 @@ static void test_attention_fwd_matches_reference(int B, int T, int C, int NH,
   /* every element must be written; the scratch's contents are undefined */
   float *out = frand(N * C, -9, 9), *lse = frand(nl, -9, 9), *scratch = fzeros(ns);
   ffill(scratch, ns, NAN);
-  ops->attention_fwd(&dev, out, lse, scratch, a.qkv, MT_F32, B, T, C, NH, drop);
-  att_ref(a.out, a.lse, a.dqkv, B, T, C, NH, drop);
+  ops->attention_fwd(&dev, out, lse, scratch, a.qkv, MT_F32, B, T, C, NH, drop, NULL);
+  att_ref(a.out, a.lse, a.dqkv, B, T, C, NH, drop, NULL);
   char what[96];
   snprintf(what, sizeof what, "B=%d T=%d C=%d NH=%d dropout %.2f out", B, T, C, NH,
            drop ? drop->p : 0.0);
@@ -599,7 +618,7 @@ static void test_attention_decode_matches_reference(int T, int C, int NH) {
   att_case a = att_make(1, T, C, NH, NULL);
   for (int i = 0; i < C / NH; i++) a.qkv[(size_t)(T / 2) * 3 * C + C + i] = 4.0f; /* a big key */
   for (size_t i = 0; i < (size_t)T * 3 * C; i++) a.dqkv[i] = a.qkv[i];
-  att_ref(a.out, a.lse, a.dqkv, 1, T, C, NH, NULL);
+  att_ref(a.out, a.lse, a.dqkv, 1, T, C, NH, NULL, NULL);
   float *out = frand((size_t)C, -9, 9);
   double worst = 0.0;
   for (int n = 1; n <= T; n++) {
@@ -620,10 +639,11 @@ static void att_run_bwd(att_case *a, float *dqkv) {
   size_t ns = ops->attention_scratch(&dev, a->T, a->C, a->NH, MT_F32);
   float *out = fzeros(N * a->C), *lse = fzeros(nl), *scratch = fzeros(ns);
   ffill(scratch, ns, NAN);
-  ops->attention_fwd(&dev, out, lse, scratch, a->qkv, MT_F32, a->B, a->T, a->C, a->NH, a->drop);
+  ops->attention_fwd(&dev, out, lse, scratch, a->qkv, MT_F32, a->B, a->T, a->C, a->NH, a->drop,
+                     a->ds);
   ffill(scratch, ns, NAN);
   ops->attention_bwd(&dev, dqkv, MT_F32, scratch, a->r, out, a->qkv, MT_F32, lse, a->B, a->T, a->C,
-                     a->NH, a->drop);
+                     a->NH, a->drop, a->ds);
   free(out), free(lse), free(scratch);
 }
 
@@ -638,6 +658,34 @@ static void test_attention_bwd_matches_finite_differences(int B, int T, int C, i
            drop ? drop->p : 0.0);
   check_grad(__func__, what, att_loss, &a, a.dqkv, n, g);
   free(g);
+  att_free(&a);
+}
+
+/* Attention within documents (doc_start): the forward against the
+ * reference over each row's document only, the backward against finite
+ * differences of it, with and without dropout, over one row block and
+ * several (and several dropout column tiles). */
+static void test_attention_documents_match_reference(int B, int T, int C, int NH,
+                                                     const mt_dropout *drop) {
+  att_case a = att_make(B, T, C, NH, drop);
+  att_docs(&a);
+  size_t N = (size_t)B * T, nl = (size_t)B * NH * T, n = N * 3 * C;
+  size_t ns = ops->attention_scratch(&dev, T, C, NH, MT_F32);
+  float *out = frand(N * C, -9, 9), *lse = frand(nl, -9, 9), *scratch = fzeros(ns);
+  ffill(scratch, ns, NAN);
+  ops->attention_fwd(&dev, out, lse, scratch, a.qkv, MT_F32, B, T, C, NH, drop, a.ds);
+  att_ref(a.out, a.lse, a.dqkv, B, T, C, NH, drop, a.ds);
+  char what[112];
+  snprintf(what, sizeof what, "documents, B=%d T=%d C=%d NH=%d dropout %.2f out", B, T, C, NH,
+           drop ? drop->p : 0.0);
+  check_fwd(__func__, what, out, a.out, N * C);
+  check_fwd(__func__, "documents, lse", lse, a.lse, nl);
+  float *g = fzeros(n);
+  att_run_bwd(&a, g);
+  snprintf(what, sizeof what, "documents, B=%d T=%d C=%d NH=%d dropout %.2f dqkv", B, T, C, NH,
+           drop ? drop->p : 0.0);
+  check_grad(__func__, what, att_loss, &a, a.dqkv, n, g);
+  free(out), free(lse), free(scratch), free(g);
   att_free(&a);
 }
 
@@ -685,9 +733,9 @@ static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int
     for (size_t i = 0; i < no; i++) oh[i] = 0x7fc1; /* every value must be written */
     float *o32 = fzeros(no), *l16 = frand(nl, -9, 9), *l32 = fzeros(nl);
     ffill(s16, n16, NAN);
-    ops->attention_fwd(&dev, oh, l16, s16, qh, qt, B, T, C, NH, drop);
+    ops->attention_fwd(&dev, oh, l16, s16, qh, qt, B, T, C, NH, drop, NULL);
     ffill(s32, n32, NAN);
-    ops->attention_fwd(&dev, o32, l32, s32, q, MT_F32, B, T, C, NH, drop);
+    ops->attention_fwd(&dev, o32, l32, s32, q, MT_F32, B, T, C, NH, drop, NULL);
     char what[96];
     snprintf(what, sizeof what, "%s B=%d T=%d C=%d NH=%d dropout %.2f", fp16 ? "fp16" : "bf16", B,
              T, C, NH, drop ? drop->p : 0.0);
@@ -699,9 +747,9 @@ static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int
     for (size_t i = 0; i < no; i++) o32[i] = mt_half_unpack(oh[i], fp16);
     float *g16 = frand(nq, -1, 1), *g32 = fcopy(g16, nq); /* accumulated into */
     ffill(s16, n16, NAN);
-    ops->attention_bwd(&dev, g16, MT_F32, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop);
+    ops->attention_bwd(&dev, g16, MT_F32, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop, NULL);
     ffill(s32, n32, NAN);
-    ops->attention_bwd(&dev, g32, MT_F32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
+    ops->attention_bwd(&dev, g32, MT_F32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop, NULL);
     report(bits_equal(g16, g32, nq), __func__, "%s attention_bwd dqkv", what);
 
     /* a dqkv in qkv's own type: written (poisoned first), each value the
@@ -710,9 +758,9 @@ static void test_attention_16bit_qkv_read_as_its_floats(int B, int T, int C, int
     uint16_t *dh = xmalloc(nq * sizeof(uint16_t));
     for (size_t i = 0; i < nq; i++) dh[i] = 0x7fc1;
     ffill(s16, n16, NAN);
-    ops->attention_bwd(&dev, dh, qt, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop);
+    ops->attention_bwd(&dev, dh, qt, s16, dout, oh, qh, qt, l16, B, T, C, NH, drop, NULL);
     ffill(s32, n32, NAN);
-    ops->attention_bwd(&dev, z32, MT_F32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop);
+    ops->attention_bwd(&dev, z32, MT_F32, s32, dout, o32, q, MT_F32, l32, B, T, C, NH, drop, NULL);
     off = not_rounded(dh, z32, nq, fp16);
     report(off == 0, __func__, "%s attention_bwd 16-bit dqkv (%zu of %zu not fp32's rounded)", what,
            off, nq);
@@ -1536,6 +1584,10 @@ int main(void) {
   test_attention_bwd_matches_finite_differences(1, 200, 16, 2, &attn_drop);
   test_attention_bwd_accumulates(NULL);
   test_attention_bwd_accumulates(&attn_drop);
+  test_attention_documents_match_reference(2, 7, 12, 3, NULL);
+  test_attention_documents_match_reference(2, 70, 32, 2, NULL);
+  test_attention_documents_match_reference(2, 7, 12, 3, &attn_drop);
+  test_attention_documents_match_reference(2, 200, 16, 2, &attn_drop);
   test_attention_16bit_qkv_read_as_its_floats(2, 70, 32, 2, NULL); /* T past one row block */
   test_attention_16bit_qkv_read_as_its_floats(2, 70, 32, 2, &attn_drop);
   test_attention_16bit_qkv_read_as_its_floats(1, 200, 16, 2, &attn_drop); /* column tiles */
