@@ -263,6 +263,7 @@ static void print_status(const json_t *st) {
   if (ctl_jnum(st, "loss_scale", &v)) printf(" (fp16 loss scale %g)", v);
   printf("\n");
   if (ctl_jnum(st, "params_norm", &v)) printf(LABEL "%.3f\n", "params norm", v);
+  if (ctl_jnum(st, "num_zeros", &v)) printf(LABEL "%.0f\n", "num zeros", v);
   printf(LABEL "%s\n", "tokens/s", ctl_fmt_field(a, sizeof a, st, "tokens_per_s", "%.0f"));
   print_throughput(st);
   print_step_time(st);

@@ -187,6 +187,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
     if (st->has_params_norm)
       json_object_set_new(j, "params_norm",
                           isfinite(st->params_norm) ? json_real(st->params_norm) : json_null());
+    if (st->has_num_zeros) json_object_set_new(j, "num_zeros", json_integer(st->num_zeros));
     json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
     json_object_set_new(j, "global_batch", json_integer(st->global_batch));
     if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));

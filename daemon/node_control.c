@@ -67,7 +67,8 @@ void node_history_add(node *n, const mt_step_stats *st) {
                                   : st->has_val     ? st->val_loss
                                                     : NAN,
                       .test_loss = st->has_test ? st->test_loss : NAN,
-                      .global_batch = st->global_batch};
+                      .global_batch = st->global_batch,
+                      .num_zeros = st->has_num_zeros ? st->num_zeros : -1};
     n->history_n++;
     if (n->history_n - n->history_first > NODE_HISTORY)
       n->history_first = n->history_n - NODE_HISTORY;
@@ -86,6 +87,7 @@ static json_t *point_json(const node_point *p) {
                         p->bubble, "consumed_tokens", (json_int_t)p->consumed_tokens);
   if (isfinite(p->val_loss)) json_object_set_new(j, "val_loss", json_real(p->val_loss));
   if (isfinite(p->test_loss)) json_object_set_new(j, "test_loss", json_real(p->test_loss));
+  if (p->num_zeros >= 0) json_object_set_new(j, "num_zeros", json_integer(p->num_zeros));
   return j;
 }
 
@@ -259,6 +261,8 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "grad_norm", have ? num_or_null(st->grad_norm) : json_null());
   json_object_set_new(s, "params_norm",
                       have && st->has_params_norm ? num_or_null(st->params_norm) : json_null());
+  json_object_set_new(s, "num_zeros",
+                      have && st->has_num_zeros ? json_integer(st->num_zeros) : json_null());
   /* the newest validation loss in the ring */
   json_t *val = json_null();
   for (int64_t i = n->history_n - 1; i >= n->history_first; i--)
@@ -735,6 +739,8 @@ void node_control_round(node *n, int heartbeat) {
           if (pn)
             st.has_params_norm = 1,
             st.params_norm = json_is_number(pn) ? json_number_value(pn) : NAN;
+          json_t *nz = json_object_get(j, "num_zeros");
+          if (nz) st.has_num_zeros = 1, st.num_zeros = json_integer_value(nz);
           st.skipped_total = json_integer_value(json_object_get(j, "skipped_total"));
           st.global_batch = (int)json_integer_value(json_object_get(j, "global_batch"));
           json_t *ls = json_object_get(j, "loss_scale");

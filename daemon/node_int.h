@@ -31,6 +31,8 @@ typedef struct node_point {
   double val_loss;  /* the step's newest validation; NAN when none */
   double test_loss; /* the test pass after a completed run's last step; NAN when none */
   int global_batch; /* the step's samples; 0 when not known */
+  /* train.log_num_zeros_in_grad's count; -1 when none */
+  int64_t num_zeros;
 } node_point;
 
 #define NODE_HISTORY 10000

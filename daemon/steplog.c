@@ -37,6 +37,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
            st->lr, jnum(norm, st->grad_norm), ms, tok_s, tflops, bubble,
            st->skipped ? "true" : "false", (long long)st->skipped_total);
     if (st->has_params_norm) printf(",\"params_norm\":%s", jnum(norm, st->params_norm));
+    if (st->has_num_zeros) printf(",\"num_zeros\":%lld", (long long)st->num_zeros);
     if (acc->steps > 1)
       printf(",\"interval_steps\":%d,\"interval_skipped\":%d", acc->steps, acc->skipped);
     if (st->loss_scaling) printf(",\"loss_scale\":%.9g", st->loss_scale);
@@ -49,6 +50,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | ",
            (long long)st->step, (long long)steps, (long long)st->consumed_tokens, loss, st->lr,
            st->grad_norm);
+    if (st->has_num_zeros) printf("num zeros %lld | ", (long long)st->num_zeros);
     if (st->has_params_norm) printf("params norm %.3f | ", st->params_norm);
     printf("%8.1f ms | %9.1f tok/s | %.3f TFLOP/s/device | bubble %.1f%%", ms, tok_s, tflops,
            100.0 * bubble);

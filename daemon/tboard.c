@@ -246,6 +246,7 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   put_scalar(&s, "lm loss", st->loss);
   if (st->loss_scaling) put_scalar(&s, "loss-scale", st->loss_scale);
   if (isfinite(st->grad_norm)) put_scalar(&s, "grad-norm", st->grad_norm);
+  if (st->has_num_zeros) put_scalar(&s, "num-zeros", (double)st->num_zeros);
   if (st->has_params_norm) put_scalar(&s, "params-norm", st->params_norm);
   put_scalar(&s, "iteration-time", st->step_ms / 1e3);
   put_scalar(&s, "throughput", st->tflops);

@@ -331,6 +331,13 @@ struct mt_ops {
   /* 1 when every x[i] stays finite in fp16 (no NaN, inf or |x| >= 65520:
    * mt_fp16_overflows), else 0: the loss scaler's overflow test. */
   int (*fits_fp16)(mt_device *d, const float *x, size_t n);
+
+  /* The elements equal to zero (+0 or -0; NaN is not) over every one of
+   * count spans (empty ones too, whose x is never read): Megatron's
+   * count_zeros_fp32 of the gradients, for train.log_num_zeros_in_grad. An
+   * exact count whatever the thread count; on a GPU few launches and one
+   * read-back. -1 when the device failed. */
+  int64_t (*count_zeros)(mt_device *d, const mt_sumsq_span *s, int count);
 };
 
 /* The CPU backend's table (kernels/cpu). */

@@ -228,6 +228,9 @@ static void render_cluster(sbuf *b, json_t *st) {
        {"mtnlg_params_norm", "gauge",
         "Norm of the fp32 master weights after the last step's update (train.log_params_norm).",
         0}},
+      {"num_zeros",
+       {"mtnlg_grad_num_zeros", "gauge",
+        "Zero elements of the last applied step's gradients (train.log_num_zeros_in_grad).", 0}},
       {"tokens_per_s",
        {"mtnlg_tokens_per_second", "gauge",
         "Training throughput of the last step in tokens per second; no sample before the first "

@@ -387,6 +387,7 @@ static const char *const train_keys[] = {"global_batch",
                                          "log_params_norm",
                                          "tensorboard_dir",
                                          "weight_decay_schedule",
+                                         "log_num_zeros_in_grad",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {"schedule",
@@ -876,6 +877,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_path(pb, o, "train", "tensorboard_dir", t->tensorboard_dir, sizeof t->tensorboard_dir);
   read_double(pb, o, "train", "exit_duration_mins", &t->exit_duration_mins);
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
+  read_bool(pb, o, "train", "log_num_zeros_in_grad", &t->log_num_zeros_in_grad);
 }
 
 /* The entries of a blend array v (1 to MT_MAX_BLEND, checked by the
@@ -1774,6 +1776,8 @@ static json_t *job_to_json(const mt_job *job) {
   if (job->train.tensorboard_dir[0]) /* only when given: other jobs keep their hash */
     json_object_set_new(json_object_get(root, "train"), "tensorboard_dir",
                         json_string(job->train.tensorboard_dir));
+  if (job->train.log_num_zeros_in_grad) /* only when set: other jobs keep their hash */
+    json_object_set_new(json_object_get(root, "train"), "log_num_zeros_in_grad", json_true());
   if (job->train.lr.kind == MT_LR_WSD) {
     static const char *const styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
     json_t *lr = json_object_get(json_object_get(root, "train"), "lr");

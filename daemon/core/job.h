@@ -160,6 +160,9 @@ typedef struct mt_train_spec {
   /* Megatron's --tensorboard-dir: world rank 0's process writes each step's
    * scalars there ("": none) */
   char tensorboard_dir[MT_PATH_MAX];
+  /* Megatron's --log-num-zeros-in-grad: the gradients' zero elements on
+   * each step's line (off) */
+  int log_num_zeros_in_grad;
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

@@ -171,6 +171,19 @@ static double slice_sumsq(mt_trainer *tr, const mt_sumsq_span *spans, const floa
   return d->ops->sumsq_multi(d, spans, tr->n_norm_spans);
 }
 
+/* The zeros of this rank's gradient slice (train.log_num_zeros_in_grad),
+ * over the spans its Σ g² counts, so every parameter counts once over the
+ * world as in Megatron's count_zeros_fp32: the tied embedding's second
+ * copy and tp-replicated tensors left out. A count in double, exact below
+ * 2^53, so it rides in the step's all-reduce; a failed device's -1 is
+ * told by its sync. */
+static double slice_zeros(mt_trainer *tr, const float *grad) {
+  mt_device *d = tr->dev;
+  mt_sumsq_span whole = {grad, tr->shard_n};
+  if (!tr->norm_spans) return (double)d->ops->count_zeros(d, &whole, 1);
+  return (double)d->ops->count_zeros(d, tr->norm_spans, tr->n_norm_spans);
+}
+
 /* The norm of the master weights after an update (Megatron's
  * --log-params-norm), summed as the gradient norm is: this rank's slice
  * less what another rank counts, then over the world. */
@@ -791,12 +804,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
   double sumsq = slice_sumsq(tr, tr->norm_spans, grad);
   if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
+  double zeros = job->train.log_num_zeros_in_grad ? slice_zeros(tr, grad) : 0.0;
   /* ops cannot fail, so a fault one of this step's kernels met (a failed
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
   mt_trainer_poll(tr);
-  double agreed[9] = {
+  double agreed[10] = {
       tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
       sumsq,
       mt_trainer_stop_vote(tr),
@@ -805,11 +819,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
       (double)tr->order_word,
       0.0,
       0.0,
-      tr->stop_at_ms > 0 ? wall_s() + ((double)tr->stop_at_ms - 1e3 * mt_mono_s()) / 1e3 : 0.0};
+      tr->stop_at_ms > 0 ? wall_s() + ((double)tr->stop_at_ms - 1e3 * mt_mono_s()) / 1e3 : 0.0,
+      zeros};
   device_vote(agreed + 6, tr, dev_rc);
   if (tr->g.world) {
     double c0 = 1e3 * mt_mono_s();
-    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 9, MT_COMM_F64, MT_COMM_SUM);
+    rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 10, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
   }
@@ -886,6 +901,9 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->timed = mt_stop_vote_timed(agreed[2]);
   st->order = (int64_t)agreed[5];
   st->exit_at = agreed[8];
+  /* as Megatron's, none for a skipped step (its optimizer returns no count) */
+  st->has_num_zeros = job->train.log_num_zeros_in_grad && !st->skipped;
+  st->num_zeros = (int64_t)agreed[9];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
   st->step_ms = 1e3 * mt_mono_s() - t0;
   st->comm_ms = comm_ms;

@@ -77,6 +77,11 @@ typedef struct mt_step_stats {
    * pass over the test split's first eval.iters batches */
   int has_final_val, has_test;
   double final_val_loss, test_loss;
+  /* train.log_num_zeros_in_grad (Megatron's --log-num-zeros-in-grad): the
+   * zero elements of the gradients the update used (after the dp reduce,
+   * before clipping), every parameter counted once; none on a skipped step */
+  int has_num_zeros;
+  int64_t num_zeros;
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =

@@ -820,6 +820,20 @@ static double sumsq_multi(mt_device *d, const mt_sumsq_span *s, int count) {
   return acc;
 }
 
+/* zeros span by span; a count, so no order to keep */
+static int64_t count_zeros(mt_device *d, const mt_sumsq_span *s, int count) {
+  int64_t zeros = 0;
+  for (int i = 0; i < count; i++) {
+    const float *x = s[i].x;
+    size_t n = s[i].n;
+    int64_t z = 0;
+#pragma omp parallel for simd num_threads(nthreads(d)) if (n >= PAR_MIN) reduction(+ : z)
+    for (size_t j = 0; j < n; j++) z += x[j] == 0.0f;
+    zeros += z;
+  }
+  return zeros;
+}
+
 /* ---- dropout ------------------------------------------------------------ */
 
 #define DROP_CHUNK 4096 /* elements of one sample per loop iteration, a multiple of 4 */
@@ -1096,4 +1110,5 @@ const mt_ops mt_cpu_ops = {
     .pack_half = pack_half,
     .unpack_half = unpack_half,
     .fits_fp16 = fits_fp16,
+    .count_zeros = count_zeros,
 };

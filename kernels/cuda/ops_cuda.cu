@@ -1113,19 +1113,42 @@ static __global__ void k_sumsq_multi_total(double *total, const double *part, in
   if (threadIdx.x == 0) *total = add ? *total + a : a;
 }
 
-/* Launches a pack's partials and adds them to the total (add 0: the first
- * pack, which writes it); the pack is emptied. */
-static void sumsq_flush(mt_device *d, mt__cuda *c, sumsq_pack *pk, int add) {
+/* The zeros (+0 or -0) of a pack's spans, blocks laid out as
+ * k_sumsq_multi_part's; a block's count in double (exact below 2^53), so
+ * the total reuses k_sumsq_multi_total. */
+static __global__ void k_zeros_multi_part(double *part, sumsq_pack pk) {
+  int i = 0;
+  while (i + 1 < pk.count && blockIdx.x >= pk.first[i + 1]) i++;
+  const float *x = pk.s[i].x;
+  size_t n = pk.s[i].n, blocks = pk.first[i + 1] - pk.first[i];
+  double a = 0.0;
+  for (size_t j = (size_t)(blockIdx.x - pk.first[i]) * blockDim.x + threadIdx.x; j < n;
+       j += blocks * blockDim.x)
+    a += x[j] == 0.0f ? 1.0 : 0.0;
+  a = mt__block_sum_d(a);
+  if (threadIdx.x == 0) part[blockIdx.x] = a;
+}
+
+/* Launches a pack's partials (Σ x², or with zeros the zeros counted) and
+ * adds them to the total (add 0: the first pack, which writes it); the
+ * pack is emptied. */
+static void sumsq_flush(mt_device *d, mt__cuda *c, sumsq_pack *pk, int add, int zeros) {
+  const char *what = zeros ? "count_zeros" : "sumsq_multi";
   unsigned parts = pk->first[pk->count];
-  MT_LAUNCH(k_sumsq_multi_part, parts, EW, c->stream)(c->red_multi, *pk);
-  mt__cuda_check(d, "sumsq_multi");
+  if (zeros)
+    MT_LAUNCH(k_zeros_multi_part, parts, EW, c->stream)(c->red_multi, *pk);
+  else
+    MT_LAUNCH(k_sumsq_multi_part, parts, EW, c->stream)(c->red_multi, *pk);
+  mt__cuda_check(d, what);
   MT_LAUNCH(k_sumsq_multi_total, 1, EW, c->stream)
   (c->red_multi + MT_CUDA_RED_PARTS, c->red_multi, (int)parts, add);
-  mt__cuda_check(d, "sumsq_multi");
+  mt__cuda_check(d, what);
   memset(pk, 0, sizeof *pk);
 }
 
-static double sumsq_multi(mt_device *d, const mt_sumsq_span *s, int count) {
+/* sumsq_multi's Σ x² (zeros 0) or count_zeros' count (zeros 1) */
+static double spans_total(mt_device *d, const mt_sumsq_span *s, int count, int zeros) {
+  const char *what = zeros ? "count_zeros" : "sumsq_multi";
   mt__cuda *c = mt__cuda_enter(d);
   sumsq_pack pk;
   memset(&pk, 0, sizeof pk);
@@ -1135,24 +1158,34 @@ static double sumsq_multi(mt_device *d, const mt_sumsq_span *s, int count) {
     size_t chunks = (s[i].n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
     unsigned blocks = chunks < SUMSQ_SPAN_BLOCKS ? (unsigned)chunks : SUMSQ_SPAN_BLOCKS;
     if (pk.count == SUMSQ_MAX || pk.first[pk.count] + blocks > MT_CUDA_RED_PARTS)
-      sumsq_flush(d, c, &pk, packs++);
+      sumsq_flush(d, c, &pk, packs++, zeros);
     pk.s[pk.count] = s[i];
     pk.first[pk.count + 1] = pk.first[pk.count] + blocks;
     pk.count++;
   }
-  if (pk.count) sumsq_flush(d, c, &pk, packs++);
+  if (pk.count) sumsq_flush(d, c, &pk, packs++, zeros);
   if (!packs) return 0.0;
   double r = NAN;
   cudaError_t e = cudaMemcpyAsync(&r, c->red_multi + MT_CUDA_RED_PARTS, sizeof r,
                                   cudaMemcpyDeviceToHost, c->stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
   if (e != cudaSuccess) {
-    mt__cuda_fail(d, "sumsq_multi", cudaGetErrorString(e));
+    mt__cuda_fail(d, what, cudaGetErrorString(e));
     return NAN;
   }
   /* a launch that failed left the total of an earlier call: NaN, which no
    * clipping scale can hide (the fault itself the device's sync reports) */
   return c->err ? NAN : r;
+}
+
+static double sumsq_multi(mt_device *d, const mt_sumsq_span *s, int count) {
+  return spans_total(d, s, count, 0);
+}
+
+/* -1 when the device failed (the total's NaN) */
+static int64_t count_zeros(mt_device *d, const mt_sumsq_span *s, int count) {
+  double n = spans_total(d, s, count, 1);
+  return isnan(n) ? -1 : (int64_t)n;
 }
 
 /* ---- mixed precision ---------------------------------------------------- */
@@ -1234,6 +1267,7 @@ static mt_ops make_ops(void) {
   o.to_half = to_half;
   o.unpack_half = unpack_half;
   o.fits_fp16 = fits_fp16;
+  o.count_zeros = count_zeros;
   return o;
 }
 

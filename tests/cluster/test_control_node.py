@@ -110,6 +110,7 @@ def test_live_node(mtnlgd, tmp):
     with open(job) as f:
         j = json.load(f)
     j["train"]["log_params_norm"] = True
+    j["train"]["log_num_zeros_in_grad"] = True
     with open(job, "w") as f:
         json.dump(j, f)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "cluster"), job, nodes=1, devices="cpu:1")
@@ -151,6 +152,14 @@ def test_live_node(mtnlgd, tmp):
                           isinstance(st.get("params_norm"), float) and st["params_norm"] > 0
                           and len(norm) == 1 and float(norm[0].split()[1]) > 0,
                           "status params_norm %r, metric %s" % (st.get("params_norm"), norm))
+        hist = json.loads(get(n, "/v1/history")[1])["steps"]
+        zeros = [x for x in m.splitlines() if x.startswith("mtnlg_grad_num_zeros ")]
+        failures += check("test_status_history_and_metrics_show_num_zeros_when_asked",
+                          isinstance(st.get("num_zeros"), int) and st["num_zeros"] >= 0
+                          and len(zeros) == 1 and hist
+                          and all(isinstance(p.get("num_zeros"), int) for p in hist),
+                          "status num_zeros %r, metric %s, history %s"
+                          % (st.get("num_zeros"), zeros, hist[-1:]))
         lines = m.splitlines()
         ok = ("# TYPE mtnlg_consumed_tokens gauge" in lines
               and "# TYPE mtnlg_skipped_steps gauge" in lines

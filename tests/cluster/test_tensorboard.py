@@ -179,6 +179,8 @@ def mismatches(curve, lines, global_batch):
                 "skipped-iterations": 1.0 if s["skipped"] else 0.0}
         if "params_norm" in s:
             want["params-norm"] = s["params_norm"]
+        if "num_zeros" in s:
+            want["num-zeros"] = s["num_zeros"]
         if "loss_scale" in s:
             want["loss-scale"] = s["loss_scale"]
         val = s.get("val_loss", s.get("final_val_loss"))  # the step's own first
@@ -227,6 +229,7 @@ def standalone(mtnlgd, prep, job, tmp):
             "--set", "train.steps=8", "--set", "train.lr.warmup_steps=2",
             "--set", "train.log_interval=1", "--set", "train.precision=fp16",
             "--set", "train.log_params_norm=true", "--set", "parallel.tp=2",
+            "--set", "train.log_num_zeros_in_grad=true",
             "--set", 'eval={"interval": 4, "iters": 1}',
             "--set", f"checkpoint.dir={tmp}/ckpt", "--set", "checkpoint.interval=3",
             "--set", f"train.tensorboard_dir={tb}"]

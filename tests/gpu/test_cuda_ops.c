@@ -1567,6 +1567,62 @@ static void test_sumsq_multi(void) {
   arena_reset();
 }
 
+/* count_zeros against the CPU's and a count here: spans of odd lengths,
+ * empty ones among them (one NULL), more than one launch's count of spans
+ * and spans past a span's cap of blocks, holding +0, -0 (zeros), the
+ * smallest subnormal and NaN (not zeros) among random values, with guards
+ * of zeros between the spans that a read past a span's end would count.
+ * Twice, the same count; a failed launch on the emulator reads as -1. */
+static void test_count_zeros(void) {
+  enum { SMALL = 200, BIG = 5, K = SMALL + BIG, GUARD = 3 };
+  size_t big = (size_t)MT_CUDA_RED_PARTS * 256 + 4099, *len = halloc(K * sizeof(size_t));
+  size_t total = 0;
+  for (int k = 0; k < K; k++) {
+    len[k] = k >= SMALL ? big + (size_t)k : k % 7 == 3 ? 0 : 1 + rng_u64() % 300;
+    total += len[k] + GUARD;
+  }
+  float *x = H(total, -3, 3);
+  mt_sumsq_span *cs = halloc(K * sizeof *cs), *gs = halloc(K * sizeof *gs);
+  int64_t want = 0;
+  size_t off = 0;
+  for (int k = 0; k < K; k++) {
+    for (size_t i = 0; i < len[k]; i++) {
+      uint64_t r = rng_u64() % 16;
+      x[off + i] = r == 0 ? 0.0f : r == 1 ? -0.0f : r == 2 ? 1e-45f : r == 3 ? NAN : x[off + i];
+      want += x[off + i] == 0.0f;
+    }
+    for (int i = 0; i < GUARD; i++) x[off + len[k] + i] = 0.0f;
+    cs[k] = (mt_sumsq_span){k == 10 ? NULL : x + off, len[k]}; /* 10 % 7 == 3: empty */
+    off += len[k] + GUARD;
+  }
+  float *gx = Df(x, total);
+  off = 0;
+  for (int k = 0; k < K; k++) {
+    gs[k] = (mt_sumsq_span){k == 10 ? NULL : gx + off, len[k]};
+    off += len[k] + GUARD;
+  }
+  int64_t c = cpu.ops->count_zeros(&cpu, cs, K), g = gpu.ops->count_zeros(&gpu, gs, K),
+          again = gpu.ops->count_zeros(&gpu, gs, K);
+  char detail[160];
+  snprintf(detail, sizeof detail, "%d spans, %zu floats: cuda %lld, cpu %lld, here %lld", K, total,
+           (long long)g, (long long)c, (long long)want);
+  check_that("count_zeros", "the cpu's and a count here", g == want && c == want && want > 0,
+             detail);
+  check_that("count_zeros", "twice: the same count", g == again, "");
+  int64_t none = gpu.ops->count_zeros(&gpu, gs, 0), empty = gpu.ops->count_zeros(&gpu, gs + 10, 1);
+  snprintf(detail, sizeof detail, "%lld and %lld", (long long)none, (long long)empty);
+  check_that("count_zeros", "no spans, one empty span: 0", none == 0 && empty == 0, detail);
+#ifdef MT_CUDA_EMU
+  mt_emu_fail_launch("k_zeros_multi_part", 1);
+  int64_t v = gpu.ops->count_zeros(&gpu, gs, K);
+  int rc = mt_device_sync(&gpu);
+  mt_emu_fail_launch("k_zeros_multi_part", 0);
+  snprintf(detail, sizeof detail, "%lld, sync %d", (long long)v, rc);
+  check_that("count_zeros", "a failed launch: -1", v == -1 && rc, detail);
+#endif
+  arena_reset();
+}
+
 /* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
  * ops then run GeLU and its gradient as kernels of their own, the values
  * the same within the epilogues' tolerance, which the op checks hold them
@@ -1824,6 +1880,7 @@ int main(int argc, char **argv) {
     test_adamw(5000);
     test_sumsq_multi();
     test_linear_unaligned_bias_and_aux();
+    test_count_zeros();
   } else {
     shape s = {4, 256, 256, 4, 1000, 1024};
     test_embedding(s);
@@ -1887,6 +1944,7 @@ int main(int argc, char **argv) {
     test_adamw((size_t)1 << 22);
     test_sumsq_multi();
     test_linear_unaligned_bias_and_aux();
+    test_count_zeros();
   }
   test_gelu_epilogue_switch();
   int rc = mt_device_sync(&gpu);

@@ -1494,6 +1494,33 @@ static void test_reset_attention_mask_keys_round_trip_and_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* train.log_num_zeros_in_grad: off by default, so jobs without it keep
+ * their hash (the key is written only when on); on, carried back through
+ * the canonical JSON with the same hash; anything but a bool one line
+ * naming the key. */
+static void test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, off, on, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.train.log_num_zeros_in_grad);
+  CHECK(parse_with(&off, tiny_job, "train.log_num_zeros_in_grad=false", NULL) == MT_OK);
+  CHECK(!strcmp(plain.hash, off.hash) && !strcmp(plain.hash, TINY_JOB_HASH));
+  CHECK(parse_with(&on, tiny_job, "train.log_num_zeros_in_grad=true", NULL) == MT_OK);
+  CHECK(on.train.log_num_zeros_in_grad && strcmp(on.hash, plain.hash));
+  char *json = mt_job_to_json(&on), *plain_json = mt_job_to_json(&plain);
+  CHECK(json && strstr(json, "\"log_num_zeros_in_grad\":true"));
+  CHECK(plain_json && !strstr(plain_json, "log_num_zeros_in_grad"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        back.train.log_num_zeros_in_grad && !strcmp(back.hash, on.hash));
+  free(json);
+  free(plain_json);
+  refusal cases[] = {
+      {"train.log_num_zeros_in_grad=1", NULL,
+       "train.log_num_zeros_in_grad: expected true or false, got an integer"},
+      {"train.log_num_zeros_in_grad=\"yes\"", NULL,
+       "train.log_num_zeros_in_grad: expected true or false, got a string"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1533,6 +1560,7 @@ int main(void) {
   test_checkpoint_load_round_trip();
   test_tensorboard_dir_resolves_and_round_trips();
   test_job_from_a_descriptor_takes_the_current_directory();
+  test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);
     return 1;

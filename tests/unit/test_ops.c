@@ -1095,6 +1095,37 @@ static void test_sumsq_multi_is_sumsq_span_by_span(void) {
   free(x);
 }
 
+/* count_zeros counts +0 and -0, not NaN or the smallest subnormal, over
+ * spans on the serial and the parallel path, an empty (NULL) one among
+ * them, with zeros between the spans that a read past a span would count. */
+static void test_count_zeros_counts_both_signed_zeros(void) {
+  size_t sizes[] = {13, 0, 100003, 1, 250000};
+  enum { K = sizeof sizes / sizeof *sizes };
+  size_t total = 0;
+  for (int k = 0; k < K; k++) total += sizes[k] + 1;
+  float *x = frand(total, -3, 3);
+  mt_sumsq_span s[K];
+  int64_t want = 0;
+  size_t off = 0;
+  for (int k = 0; k < K; k++) {
+    for (size_t i = 0; i < sizes[k]; i++) {
+      int r = (int)((off + i) * 2654435761u % 11);
+      float *v = &x[off + i];
+      *v = r == 0 ? 0.0f : r == 1 ? -0.0f : r == 2 ? 1e-45f : r == 3 ? NAN : *v;
+      want += r < 2;
+    }
+    x[off + sizes[k]] = 0.0f; /* between the spans: not counted */
+    s[k] = (mt_sumsq_span){k == 1 ? NULL : x + off, sizes[k]};
+    off += sizes[k] + 1;
+  }
+  int64_t got = ops->count_zeros(&dev, s, K);
+  report(got == want && want > 0, __func__, "%d spans: %lld zeros, counted here %lld", K,
+         (long long)got, (long long)want);
+  got = ops->count_zeros(&dev, s, 0);
+  report(got == 0, __func__, "no spans: %lld", (long long)got);
+  free(x);
+}
+
 /* ---- dropout ------------------------------------------------------------ */
 
 typedef struct {
@@ -1611,6 +1642,7 @@ int main(void) {
   test_scale_multiplies();
   test_sumsq_matches_double_sum();
   test_sumsq_multi_is_sumsq_span_by_span();
+  test_count_zeros_counts_both_signed_zeros();
 
   test_dropout_p0_and_null_are_identity();
   test_dropout_residual_fwd_is_dropout_then_add();
