@@ -136,6 +136,14 @@ static void put_scalar(pbuf *summary, const char *tag, double v) {
   put_len(summary, 1, value.b, value.n);
 }
 
+/* tag's scalar into summary, and under "<tag> vs samples" into vs */
+static void put_pair(pbuf *summary, pbuf *vs, const char *tag, double v) {
+  char vs_tag[96];
+  put_scalar(summary, tag, v);
+  snprintf(vs_tag, sizeof vs_tag, "%s vs samples", tag);
+  put_scalar(vs, vs_tag, v);
+}
+
 /* ---- the file ---- */
 
 static void fail(mt_tboard *t, const char *what) {
@@ -239,15 +247,18 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
     put_len(&e, 7, start, sizeof start);
     write_record(t, &e);
   }
-  pbuf s = {.n = 0};
-  /* Megatron's tags, so its users' dashboards read these runs unchanged */
-  put_scalar(&s, "learning-rate", st->lr);
-  put_scalar(&s, "batch-size", st->global_batch);
-  put_scalar(&s, "lm loss", st->loss);
-  if (st->loss_scaling) put_scalar(&s, "loss-scale", st->loss_scale);
-  if (isfinite(st->grad_norm)) put_scalar(&s, "grad-norm", st->grad_norm);
-  if (st->has_num_zeros) put_scalar(&s, "num-zeros", (double)st->num_zeros);
-  if (st->has_params_norm) put_scalar(&s, "params-norm", st->params_norm);
+  /* Megatron's tags, so its users' dashboards read these runs unchanged:
+   * each per-step tag (s, at the step) and, where Megatron writes one, its
+   * "<tag> vs samples" (vs, at the samples consumed after the step) */
+  pbuf s = {.n = 0}, vs = {.n = 0};
+  put_pair(&s, &vs, "learning-rate", st->lr);
+  put_pair(&s, &vs, "batch-size", st->global_batch);
+  put_pair(&s, &vs, "lm loss", st->loss);
+  if (st->loss_scaling) put_pair(&s, &vs, "loss-scale", st->loss_scale);
+  put_pair(&s, &vs, "world-size", st->world_size);
+  if (isfinite(st->grad_norm)) put_pair(&s, &vs, "grad-norm", st->grad_norm);
+  if (st->has_num_zeros) put_pair(&s, &vs, "num-zeros", (double)st->num_zeros);
+  if (st->has_params_norm) put_pair(&s, &vs, "params-norm", st->params_norm);
   put_scalar(&s, "iteration-time", st->step_ms / 1e3);
   put_scalar(&s, "throughput", st->tflops);
   put_scalar(&s, "tokens-per-second", st->tokens_per_s);
@@ -257,21 +268,24 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   int has_val = st->has_val || st->has_final_val;
   double val = st->has_val ? st->val_loss : st->final_val_loss;
   if (has_val) {
-    put_scalar(&s, "lm loss validation", val);
-    put_scalar(&s, "lm loss validation ppl", mt_ppl(val));
+    put_pair(&s, &vs, "lm loss validation", val);
+    put_pair(&s, &vs, "lm loss validation ppl", mt_ppl(val));
   }
   if (st->has_test) {
-    put_scalar(&s, "lm loss test", st->test_loss);
-    put_scalar(&s, "lm loss test ppl", mt_ppl(st->test_loss));
+    put_pair(&s, &vs, "lm loss test", st->test_loss);
+    put_pair(&s, &vs, "lm loss test ppl", mt_ppl(st->test_loss));
   }
-  pbuf e = {.n = 0};
+  pbuf e = {.n = 0}, ev = {.n = 0};
   event_head(&e, st->step);
   put_len(&e, 5, s.b, s.n);
-  if (s.over || e.over) {
+  event_head(&ev, st->consumed_samples);
+  put_len(&ev, 5, vs.b, vs.n);
+  if (s.over || e.over || vs.over || ev.over) {
     fail(t, "an event did not fit its buffer");
     return;
   }
   write_record(t, &e);
+  write_record(t, &ev);
   t->last_step = st->step;
 }
 

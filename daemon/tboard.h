@@ -1,7 +1,9 @@
 /* tboard.h — the run's scalars as TensorBoard event files, as Megatron's
  * --tensorboard-dir writes them: learning rate, batch size, loss, loss
- * scale, gradient and params norms, step time, throughput and validation
- * loss, one event per step. Only the process holding world rank 0 writes.
+ * scale, world size, gradient and params norms, the gradients' zeros, step
+ * time, throughput and validation loss, one event per step, and one at the
+ * samples read so far with Megatron's "<tag> vs samples" series. Only the
+ * process holding world rank 0 writes.
  * Like the step line, writing never fails or stops a run: a directory or
  * file that cannot be written is said once and the run goes on without it.
  */
@@ -24,9 +26,10 @@ mt_tboard *mt_tboard_new(const char *dir);
  * and a step that does not follow the last one written, starts a new
  * session at it first, so TensorBoard drops the points at and past it that
  * an earlier run (a resume, a rollback, a re-formed generation) wrote and
- * the curve is the one the model followed. Runs on world rank 0's thread:
- * a write that hangs (a stuck network mount) holds its step as a stuck
- * checkpoint write would. */
+ * the curve is the one the model followed (the "vs samples" series, whose
+ * steps are samples, lose their points at and past that many samples:
+ * README). Runs on world rank 0's thread: a write that hangs (a stuck
+ * network mount) holds its step as a stuck checkpoint write would. */
 void mt_tboard_step(mt_tboard *t, const mt_step_stats *st); /* t may be NULL: none */
 
 /* Flushes to the disk and closes; t may be NULL. */

@@ -888,6 +888,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   tr->consumed_samples += G;
 
   st->step = tr->step;
+  st->consumed_samples = tr->consumed_samples;
+  st->world_size = tr->g.world ? mt_comm_size(tr->g.world) : 1;
   st->consumed_tokens = tr->consumed_samples * job->model.seq_len;
   st->global_batch = G;
   st->rampup = job->train.rampup.start > 0;

@@ -82,6 +82,8 @@ typedef struct mt_step_stats {
    * before clipping), every parameter counted once; none on a skipped step */
   int has_num_zeros;
   int64_t num_zeros;
+  int64_t consumed_samples; /* after this step (TensorBoard's "... vs samples" step) */
+  int world_size;           /* the ranks this step ran on */
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =

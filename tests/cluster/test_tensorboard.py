@@ -7,23 +7,37 @@ declared here from tensorboard's event.proto and summary.proto (field
 numbers and types as published), and every record's framing is checked
 with a CRC-32C computed bit by bit here (itself checked on the standard
 check value). Checked:
-  - standalone, fp16 with validation and params norm, 8 steps: one file
-    per process, its first event the file version, then one event per step
-    whose learning-rate, lm loss, grad-norm, params-norm, loss-scale,
-    batch-size and iteration-time equal the step's JSON line (float32
-    rounding), with "lm loss validation" and its perplexity where the line
-    has val_loss (or only the end of training's, final_val_loss), and "lm
-    loss test" where it has test_loss;
+  - standalone, fp16 with validation, params norm and num zeros, 8 steps
+    (the first 4 overflowing): one file per process, its first event the
+    file version, then for each step one event whose learning-rate, lm
+    loss, grad-norm, num-zeros, params-norm, loss-scale, batch-size,
+    world-size (2) and iteration-time equal the step's JSON line (float32
+    rounding; grad-norm and num-zeros only where the line has them), with
+    "lm loss validation" and its perplexity where the line has val_loss (or
+    only the end of training's, final_val_loss), and "lm loss test" where
+    it has test_loss; and after it one event at the samples read so far
+    (the lines' batches added up) holding Megatron's "<tag> vs samples" of
+    each of those tags but iteration-time (ours, tokens-per-second and
+    skipped-iterations, have none either), with the same values;
+  - under a batch ramp-up (4, 4, 8, 12, 16) the batch-size tag follows the
+    lines and the "vs samples" events are at 4, 8, 16, 28, 44;
   - a rollback to an earlier checkpoint (checkpoint.resume_step 3) that
     stops at step 5 (train.exit_interval) writes a second file that starts a
     session at step 4, named to sort after the first even when that one's
-    name is 1000 s ahead (another node's clock): read as TensorBoard reads a directory (files in name
-    order, a session start dropping the points at and past its step), the
-    curve is the first run's to step 3, then the second run's, and the first
-    run's steps 6 to 8 are gone;
+    name is 1000 s ahead (another node's clock): read as TensorBoard's
+    Python loader reads a directory (files in name order, a session start
+    dropping every tag's points at and past its step), the per-step curve
+    is the first run's to step 3, then the second run's, and the first
+    run's steps 6 to 8 are gone; the "vs samples" series read as the Rust
+    data server reads them (a tag's point below its last dropping its
+    points past it) are the first run's to step 3, then the second run's,
+    the first run's later points staying only under tags the second run
+    wrote nothing under; read as the Python loader reads them, they are
+    the second run's alone (the session start at step 4 drops every point
+    at samples 4 and past), never a point the rollback discarded;
   - a local cluster of 2 node daemons (tp 2 x pp 2 x dp 2 over their 8
     ranks) writes exactly one file, from n0 (world rank 0), whose losses
-    are n0's step lines;
+    are n0's step lines and whose world-size is 8;
   - a tensorboard_dir that cannot be made is warned of and the run trains
     on to the end (exit 0); an empty tensorboard_dir is refused naming the
     key; a job without it writes nothing.
@@ -130,26 +144,60 @@ def read_events(path):
     return events
 
 
-def scalars(events):
-    """{step: {tag: value}} of the events' summaries."""
+VS = " vs samples"
+# Megatron's training_log and evaluate_and_print_results write these beside
+# their per-step tag as "<tag> vs samples", at the samples consumed so far
+VS_TAGS = {"learning-rate", "batch-size", "lm loss", "loss-scale", "world-size", "grad-norm",
+           "num-zeros", "params-norm", "lm loss validation", "lm loss validation ppl",
+           "lm loss test", "lm loss test ppl"}
+
+
+def is_vs(e):
+    return any(v.tag.endswith(VS) for v in e.summary.value)
+
+
+def scalars(events, vs=False):
+    """{step: {tag: value}} of the events' summaries: the per-step tags', or
+    with vs the "vs samples" ones' (step: the samples)."""
     out = {}
     for e in events:
-        if e.HasField("summary"):
+        if e.HasField("summary") and is_vs(e) == vs:
             out.setdefault(e.step, {}).update({v.tag: v.simple_value for v in e.summary.value})
     return out
 
 
-def as_tensorboard(files):
-    """The directory as TensorBoard shows it: files in name order, and a
-    SessionLog START at step s purges the points at s and past it."""
+def as_tensorboard(files, vs=False):
+    """The directory as TensorBoard's Python loader shows it: files in name
+    order, and a SessionLog START at step s purges every tag's points at s
+    and past it (the "vs samples" tags' too, at samples s)."""
     curve = {}
     for path in sorted(files):
         for e in read_events(path):
             if e.HasField("session_log") and e.session_log.status == 1:
                 curve = {s: v for s, v in curve.items() if s < e.step}
-            elif e.HasField("summary"):
+            elif e.HasField("summary") and is_vs(e) == vs:
                 curve.setdefault(e.step, {}).update(
                     {v.tag: v.simple_value for v in e.summary.value})
+    return curve
+
+
+def per_tag(files, vs=True):
+    """The directory as TensorBoard's Rust data server shows it: session
+    starts skipped, and a tag's point at or below the tag's last step drops
+    that tag's points at and past it."""
+    tags = {}
+    for path in sorted(files):
+        for e in read_events(path):
+            if e.HasField("summary") and is_vs(e) == vs:
+                for v in e.summary.value:
+                    pts = tags.setdefault(v.tag, {})
+                    if pts and e.step <= max(pts):
+                        pts = tags[v.tag] = {s: x for s, x in pts.items() if s < e.step}
+                    pts[e.step] = v.simple_value
+    curve = {}
+    for tag, pts in tags.items():
+        for s, x in pts.items():
+            curve.setdefault(s, {})[tag] = x
     return curve
 
 
@@ -165,16 +213,24 @@ def json_steps(stdout):
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def mismatches(curve, lines, global_batch):
-    """Where curve's scalars differ from the JSON step lines (log_interval 1)."""
+def mismatches(curve, lines, global_batch, world, vs_curve=None):
+    """Where curve's scalars differ from the JSON step lines (log_interval 1,
+    from step 1); with vs_curve, also where its "vs samples" points differ
+    from the lines' at the samples read by the end of each line's step (the
+    lines' batches added up), one is missing, or one is at no line's
+    samples."""
     bad = []
+    samples, at = 0, set()
     for s in lines:
+        samples += s.get("global_batch", global_batch)
+        at.add(samples)
         got = curve.get(s["step"])
         if got is None:
             bad.append(f"step {s['step']}: no event")
             continue
         want = {"learning-rate": s["lr"], "lm loss": s["loss"], "grad-norm": s["grad_norm"],
-                "batch-size": global_batch, "iteration-time": s["step_ms"] / 1e3,
+                "batch-size": s.get("global_batch", global_batch), "world-size": world,
+                "iteration-time": s["step_ms"] / 1e3,
                 "throughput": s["tflops"], "tokens-per-second": s["tokens_per_s"],
                 "skipped-iterations": 1.0 if s["skipped"] else 0.0}
         if "params_norm" in s:
@@ -192,6 +248,15 @@ def mismatches(curve, lines, global_batch):
             want["lm loss test ppl"] = math.exp(min(s["test_loss"], 20.0))
         if s["grad_norm"] is None:
             del want["grad-norm"]
+        if vs_curve is not None:
+            vs_want = {t + VS: v for t, v in want.items() if t in VS_TAGS}
+            vs_got = vs_curve.get(samples, {})
+            if set(vs_got) != set(vs_want):
+                bad.append(f"step {s['step']} at {samples} samples: vs samples tags "
+                           f"{sorted(vs_got)}, want {sorted(vs_want)}")
+            for tag, v in vs_want.items():
+                if tag in vs_got and not close(vs_got[tag], f32(v), 1e-6):
+                    bad.append(f"{tag} at {samples}: event {vs_got[tag]} line {v}")
         for tag, v in want.items():
             # the step line prints 9 significant digits (step_ms 3 decimals,
             # tflops 6, tokens_per_s 3), the event holds a float32
@@ -202,6 +267,8 @@ def mismatches(curve, lines, global_batch):
         extra = set(got) - set(want)
         if extra:
             bad.append(f"step {s['step']}: tags not on the line {sorted(extra)}")
+    if vs_curve is not None and set(vs_curve) - at:
+        bad.append(f"vs samples points at {sorted(set(vs_curve) - at)}, no step's samples")
     return bad
 
 
@@ -230,6 +297,8 @@ def standalone(mtnlgd, prep, job, tmp):
             "--set", "train.log_interval=1", "--set", "train.precision=fp16",
             "--set", "train.log_params_norm=true", "--set", "parallel.tp=2",
             "--set", "train.log_num_zeros_in_grad=true",
+            # steps 1 to 4 overflow (no grad-norm or num-zeros), 5 to 8 apply
+            "--set", "train.loss_scale.initial=1048576",
             "--set", 'eval={"interval": 4, "iters": 1}',
             "--set", f"checkpoint.dir={tmp}/ckpt", "--set", "checkpoint.interval=3",
             "--set", f"train.tensorboard_dir={tb}"]
@@ -244,13 +313,15 @@ def standalone(mtnlgd, prep, job, tmp):
     events = read_events(files[0])
     failures += check("test_first_event_is_the_file_version",
                       events[0].file_version == "brain.Event:2", str(events[0]))
-    bad = mismatches(scalars(events), lines, gb)
-    failures += check("test_scalars_equal_the_step_lines",
+    bad = mismatches(scalars(events), lines, gb, 2, scalars(events, vs=True))
+    failures += check("test_scalars_and_vs_samples_equal_the_step_lines",
                       not bad and len(lines) == 8 and any("val_loss" in s for s in lines)
+                      and any(s["skipped"] for s in lines) and any("num_zeros" in s for s in lines)
                       and "test_loss" in lines[-1] and any("loss_scale" in s for s in lines),
                       "; ".join(bad[:6]))
-    failures += check("test_steps_in_order_one_event_each",
-                      [e.step for e in events if e.HasField("summary")] == list(range(1, 9)))
+    failures += check("test_steps_in_order_one_event_each_then_its_vs_samples",
+                      [e.step for e in events if e.HasField("summary")] ==
+                      [x for k in range(1, 9) for x in (k, k * gb)])
 
     # a rollback to step 3 (interval 3) that stops after step 5
     # (train.exit_interval): the second file starts a session at 4, and steps
@@ -271,12 +342,58 @@ def standalone(mtnlgd, prep, job, tmp):
                           str(starts))
         curve = as_tensorboard(files)
         merged = [s for s in lines if s["step"] <= 3] + again
-        bad = mismatches(curve, merged, gb)
+        # the "vs samples" tags as the Rust data server reads them: each
+        # tag's first point below its last drops its points past it, so the
+        # first run's points past the rollback stay only for tags the second
+        # run wrote nothing under (its test pass at step 8; grad-norm and
+        # num-zeros, when the second run's steps overflowed), as the
+        # per-step tags' do there (README)
+        vs = per_tag(files)
+        past = {t for s, v in vs.items() if s > 5 * gb for t in v}
+        second = set(t for v in scalars(read_events(files[1]), vs=True).values() for t in v)
+        vs = {s: v for s, v in vs.items() if s <= 5 * gb}
+        bad = mismatches(curve, merged, gb, 2, vs)
         failures += check("test_directory_reads_as_the_run_rolled_back",
                           not bad and sorted(curve) == list(range(1, 6))
+                          and sorted(vs) == [k * gb for k in range(1, 6)]
+                          and {"lm loss test" + VS, "lm loss test ppl" + VS} <= past
+                          and not past & second
                           and [s["step"] for s in again] == [4, 5],
-                          "; ".join(bad[:6]) + f" steps {sorted(curve)}")
+                          "; ".join(bad[:6]) + f" steps {sorted(curve)}, samples {sorted(vs)}, "
+                          f"past the rollback {sorted(past)}")
+        # the Python loader's session start at step 4 drops the "vs samples"
+        # points at samples 4 and past (all the first run's): what it shows
+        # is the second run's, never a point the rollback discarded
+        py = as_tensorboard(files, vs=True)
+        failures += check("test_python_loader_shows_no_discarded_vs_samples_point",
+                          sorted(py) == [4 * gb, 5 * gb] and all(py[s] == vs[s] for s in py),
+                          f"samples {sorted(py)}")
     return failures
+
+
+def rampup(mtnlgd, job, tmp):
+    """A batch ramped up (train.rampup_batch, Megatron's --rampup-batch-size
+    4 4 24 to the job's 16): the batch-size tag follows the lines' global
+    batch and every "vs samples" point is at the samples read so far."""
+    os.makedirs(tmp)
+    tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+    tb = os.path.join(tmp, "tb")
+    out = run([mtnlgd, "--standalone", job, "--log-format", "json",
+               "--set", f"data.path={tokens}", "--set", "train.steps=5",
+               "--set", "train.lr.warmup_steps=1", "--set", "train.log_interval=1",
+               "--set", "parallel.micro_batch=4",
+               "--set", 'train.rampup_batch={"start": 4, "increment": 4, "samples": 24}',
+               "--set", f"train.tensorboard_dir={tb}"])
+    lines = json_steps(out.stdout)
+    files = sorted(glob.glob(os.path.join(tb, "events.out.tfevents.*")))
+    events = read_events(files[0]) if len(files) == 1 else []
+    with open(job) as f:
+        gb = json.load(f)["train"]["global_batch"]
+    bad = mismatches(scalars(events), lines, gb, 1, scalars(events, vs=True))
+    batches = [s.get("global_batch") for s in lines]
+    return check("test_rampup_vs_samples_at_the_samples_read",
+                 len(files) == 1 and not bad and len(set(batches)) > 2,
+                 "; ".join(bad[:6]) + f" batches {batches}")
 
 
 def refusals(mtnlgd, job, tmp):
@@ -338,6 +455,8 @@ def cluster(mtnlgd, tmp):
                           sorted(got) == list(range(1, 7)) and
                           all(close(got[s], f32(want[s]), 1e-6) for s in want),
                           f"{got} {want}")
+        worlds = {v.get("world-size") for v in curve.values()}
+        failures += check("test_cluster_world_size_is_its_8_ranks", worlds == {8.0}, str(worlds))
     return failures
 
 
@@ -347,6 +466,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         try:
             failures += standalone(mtnlgd, prep, job, os.path.join(tmp, "standalone"))
+            failures += rampup(mtnlgd, job, os.path.join(tmp, "rampup"))
             failures += refusals(mtnlgd, job, os.path.join(tmp, "refusals"))
             failures += cluster(mtnlgd, os.path.join(tmp, "cluster"))
         except ValueError as e:  # an events file that does not read back
