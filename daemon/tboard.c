@@ -144,6 +144,200 @@ static void put_pair(pbuf *summary, pbuf *vs, const char *tag, double v) {
   put_scalar(vs, vs_tag, v);
 }
 
+/* ---- the "vs samples" points a session start would drop ---- */
+
+/* A session start at step s drops, in TensorBoard's Python loader, every
+ * tag's points at s and past it. The "vs samples" series' steps are
+ * samples, at least the step numbers, so the start drops their points from
+ * s samples on, too: those of the steps before s that read more than s
+ * samples, which the model did follow. Those points, read back from the
+ * directory's files as the loader reads them, are written again after the
+ * start. */
+
+#define CARRY_TAGS 32
+#define VS_SUFFIX " vs samples"
+
+typedef struct vs_point {
+  int64_t step; /* samples */
+  float v;
+  int tag; /* index into carry.tags */
+} vs_point;
+
+typedef struct carry {
+  int64_t lo, hi; /* the samples kept: [lo, hi] */
+  char tags[CARRY_TAGS][64];
+  int n_tags;
+  vs_point *p;
+  size_t n, cap;
+  int failed; /* out of memory: nothing is written again */
+} carry;
+
+/* A varint at *at (before end), moved past; -1 past the end or too long. */
+static int get_varint(const unsigned char **at, const unsigned char *end, uint64_t *v) {
+  *v = 0;
+  for (int sh = 0; sh < 64 && *at < end; sh += 7) {
+    unsigned char b = *(*at)++;
+    *v |= (uint64_t)(b & 0x7F) << sh;
+    if (!(b & 0x80)) return 0;
+  }
+  return -1;
+}
+
+/* The next field of the message [*at, end): its number, wire type and, for
+ * a length-delimited one, its bytes (*val, *len), for a varint its value
+ * (*num); -1 when the message is malformed. */
+static int next_field(const unsigned char **at, const unsigned char *end, int *field, int *wire,
+                      const unsigned char **val, size_t *len, uint64_t *num) {
+  uint64_t key;
+  if (get_varint(at, end, &key)) return -1;
+  *field = (int)(key >> 3), *wire = (int)(key & 7);
+  *val = *at, *len = 0, *num = 0;
+  switch (*wire) {
+  case 0: return get_varint(at, end, num);
+  case 1: *len = 8; break;
+  case 5: *len = 4; break;
+  case 2:
+    if (get_varint(at, end, num) || *num > (uint64_t)(end - *at)) return -1;
+    *val = *at, *len = (size_t)*num;
+    break;
+  default: return -1;
+  }
+  if (*len > (size_t)(end - *at)) return -1;
+  *at += *len;
+  return 0;
+}
+
+static void carry_add(carry *c, int64_t step, const unsigned char *tag, size_t n, float v) {
+  int k = 0;
+  while (k < c->n_tags && (strlen(c->tags[k]) != n || memcmp(c->tags[k], tag, n))) k++;
+  if (k == c->n_tags) {
+    if (k == CARRY_TAGS || n >= sizeof c->tags[0]) return; /* none of ours */
+    memcpy(c->tags[k], tag, n);
+    c->tags[k][n] = 0;
+    c->n_tags++;
+  }
+  if (c->n == c->cap) {
+    size_t cap = c->cap ? 2 * c->cap : 1024;
+    vs_point *p = realloc(c->p, cap * sizeof *p);
+    if (!p) {
+      c->failed = 1;
+      return;
+    }
+    c->p = p, c->cap = cap;
+  }
+  c->p[c->n++] = (vs_point){step, v, k};
+}
+
+/* One Event: a session start drops the points at and past its step, a
+ * summary adds its "vs samples" values in [lo, hi]. */
+static void carry_event(carry *c, const unsigned char *at, const unsigned char *end) {
+  int64_t step = 0;
+  const unsigned char *summary = NULL, *session = NULL;
+  size_t summary_n = 0, session_n = 0;
+  int field, wire;
+  const unsigned char *val;
+  size_t len;
+  uint64_t num;
+  while (at < end) {
+    if (next_field(&at, end, &field, &wire, &val, &len, &num)) return;
+    if (field == 2 && wire == 0) step = (int64_t)num;
+    if (field == 5 && wire == 2) summary = val, summary_n = len;
+    if (field == 7 && wire == 2) session = val, session_n = len;
+  }
+  if (session) {
+    const unsigned char *s = session, *s_end = session + session_n;
+    while (s < s_end && !next_field(&s, s_end, &field, &wire, &val, &len, &num))
+      if (field == 1 && wire == 0 && num == 1) { /* START */
+        size_t kept = 0;
+        for (size_t i = 0; i < c->n; i++)
+          if (c->p[i].step < step) c->p[kept++] = c->p[i];
+        c->n = kept;
+      }
+  }
+  if (!summary || step < c->lo || step > c->hi) return;
+  const unsigned char *s = summary, *s_end = summary + summary_n;
+  while (s < s_end && !next_field(&s, s_end, &field, &wire, &val, &len, &num)) {
+    if (field != 1 || wire != 2) continue;
+    const unsigned char *v = val, *v_end = val + len, *tag = NULL, *tv;
+    size_t tag_n = 0, tl;
+    float x = 0.0f;
+    int has_x = 0, f, w;
+    uint64_t u;
+    while (v < v_end && !next_field(&v, v_end, &f, &w, &tv, &tl, &u)) {
+      if (f == 1 && w == 2) tag = tv, tag_n = tl;
+      if (f == 2 && w == 5) {
+        uint32_t bits =
+            (uint32_t)tv[0] | (uint32_t)tv[1] << 8 | (uint32_t)tv[2] << 16 | (uint32_t)tv[3] << 24;
+        memcpy(&x, &bits, 4);
+        has_x = 1;
+      }
+    }
+    size_t sl = sizeof VS_SUFFIX - 1;
+    if (tag && has_x && tag_n > sl && !memcmp(tag + tag_n - sl, VS_SUFFIX, sl))
+      carry_add(c, step, tag, tag_n, x);
+  }
+}
+
+/* The records of one events file, in order; a torn or bad record ends it
+ * (as TensorBoard stops reading a file there). */
+static void carry_file(carry *c, const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return;
+  unsigned char head[12], *data = NULL;
+  size_t cap = 0;
+  while (!c->failed && fread(head, 1, 12, f) == 12) {
+    uint64_t n = 0;
+    for (int i = 0; i < 8; i++) n |= (uint64_t)head[i] << (8 * i);
+    if (n > (1u << 26)) break;
+    if (n + 4 > cap) {
+      unsigned char *d = realloc(data, n + 4);
+      if (!d) break;
+      data = d, cap = n + 4;
+    }
+    if (fread(data, 1, n + 4, f) != n + 4) break;
+    uint32_t dc = 0;
+    for (int i = 0; i < 4; i++) dc |= (uint32_t)data[n + i] << (8 * i);
+    if (dc != masked_crc(data, n)) break;
+    carry_event(c, data, data + n);
+  }
+  free(data);
+  fclose(f);
+}
+
+static int by_name(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The "vs samples" points in [lo, hi] that dir's events files leave, read
+ * in name order (TensorBoard's), each file's session starts applied. */
+static void carry_read(carry *c, const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  char **names = NULL;
+  size_t n = 0, cap = 0;
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    static const char head[] = "events.out.tfevents.";
+    if (strncmp(e->d_name, head, sizeof head - 1)) continue;
+    if (n == cap) {
+      char **m = realloc(names, (cap = cap ? 2 * cap : 16) * sizeof *m);
+      if (!m) break;
+      names = m;
+    }
+    if (!(names[n] = strdup(e->d_name))) break;
+    n++;
+  }
+  closedir(d);
+  qsort(names, n, sizeof *names, by_name);
+  char path[4096 + 300];
+  for (size_t i = 0; i < n; i++) {
+    snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+    carry_file(c, path);
+    free(names[i]);
+  }
+  free(names);
+}
+
 /* ---- the file ---- */
 
 static void fail(mt_tboard *t, const char *what) {
@@ -185,6 +379,22 @@ static long long file_time(const char *dir) {
   }
   if (d) closedir(d);
   return newest >= now ? newest + 1 : now;
+}
+
+/* The "vs samples" points of c written again, an event for each run of
+ * points at one step (more when they do not fit one). */
+static void carry_write(mt_tboard *t, const carry *c) {
+  size_t i = 0;
+  while (i < c->n) {
+    pbuf s = {.n = 0};
+    int64_t step = c->p[i].step;
+    for (; i < c->n && c->p[i].step == step && s.n < sizeof s.b / 2; i++)
+      put_scalar(&s, c->tags[c->p[i].tag], c->p[i].v);
+    pbuf e = {.n = 0};
+    event_head(&e, step);
+    put_len(&e, 5, s.b, s.n);
+    if (!s.over && !e.over) write_record(t, &e);
+  }
 }
 
 static void open_file(mt_tboard *t) {
@@ -240,12 +450,22 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   if (t->fd < 0) return;
   if (st->step != t->last_step + 1) { /* every file's first step, too */
     /* SessionLog START at step s: TensorBoard discards the points at s and
-     * past it that this directory's files hold from before */
+     * past it that this directory's files hold from before; the "vs
+     * samples" points from s to the samples read before this step are the
+     * model's, and are written again after it */
+    carry c = {.lo = st->step, .hi = st->consumed_samples - st->global_batch};
+    if (c.hi >= c.lo) carry_read(&c, t->dir);
+    if (c.failed)
+      mt_log_warn("tensorboard: out of memory for the \"vs samples\" points before "
+                  "step %lld; TensorBoard's Python loader shows them no more",
+                  (long long)st->step);
     pbuf e = {.n = 0};
     event_head(&e, st->step);
     unsigned char start[] = {0x08, 0x01}; /* status = START */
     put_len(&e, 7, start, sizeof start);
     write_record(t, &e);
+    if (!c.failed) carry_write(t, &c);
+    free(c.p);
   }
   /* Megatron's tags, so its users' dashboards read these runs unchanged:
    * each per-step tag (s, at the step) and, where Megatron writes one, its

@@ -26,10 +26,11 @@ mt_tboard *mt_tboard_new(const char *dir);
  * and a step that does not follow the last one written, starts a new
  * session at it first, so TensorBoard drops the points at and past it that
  * an earlier run (a resume, a rollback, a re-formed generation) wrote and
- * the curve is the one the model followed (the "vs samples" series, whose
- * steps are samples, lose their points at and past that many samples:
- * README). Runs on world rank 0's thread: a write that hangs (a stuck
- * network mount) holds its step as a stuck checkpoint write would. */
+ * the curve is the one the model followed; the "vs samples" points that
+ * start also drops (their steps are samples, at least the step numbers)
+ * are read back from the directory's files and written again after it.
+ * Runs on world rank 0's thread: a write that hangs (a stuck network
+ * mount) holds its step as a stuck checkpoint write would. */
 void mt_tboard_step(mt_tboard *t, const mt_step_stats *st); /* t may be NULL: none */
 
 /* Flushes to the disk and closes; t may be NULL. */

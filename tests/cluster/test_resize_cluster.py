@@ -15,7 +15,9 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   train.tensorboard_dir gets a file from n0 (world rank 0) for each of the
   three generations, each starting a session at its first step, and the
   directory read as TensorBoard reads it holds every step once with the
-  losses the nodes printed (one writer for the daemon's life appended to
+  losses the nodes printed, and "lm loss vs samples" at 8 samples a step
+  the same, each point once (each generation's file wrote again the
+  earlier ones its session start drops) (one writer for the daemon's life appended to
   its first file, which sorts before what another node would have written);
 - test_impossible_resize_is_refused: dp 3 (the global batch does not divide)
   exits 1 with the coordinator's reason, and so does dp 2^30 (a product
@@ -239,14 +241,24 @@ def tensorboard_check(tensorboard, files, c, got):
     curve = tensorboard.as_tensorboard(files)
     starts = [[e.step for e in tensorboard.read_events(f)
                if e.HasField("session_log") and e.session_log.status == 1] for f in files]
+    # "lm loss vs samples", at 8 samples a step (the global batch): each
+    # generation's session start dropped the earlier points past its step
+    # number in samples, and its file wrote them again, once
+    vs = tensorboard.as_tensorboard(files, vs=True)
+    pts = tensorboard.python_points(files)
     tb_ok = (len(files) == 3 and all(f.split(".")[-2] == str(c.nodes[0].pid) for f in files)
              and [len(x) for x in starts] == [1, 1, 1] and starts[0] == [1]
              and sorted(curve) == sorted(got)
              and all(tensorboard.close(curve[s]["lm loss"], tensorboard.f32(got[s]), 1e-6)
-                     for s in got))
+                     for s in got)
+             and sorted(vs) == [8 * s for s in sorted(got)] and len(pts) == len(set(pts))
+             and all(tensorboard.close(vs[8 * s]["lm loss vs samples"],
+                                       tensorboard.f32(got[s]), 1e-6) for s in got))
     return check("test_tensorboard_file_per_generation_reads_as_one_curve", tb_ok,
-                 "%d file(s) %s, session starts %s, %d step(s) in the curve" % (
-                     len(files), [os.path.basename(f) for f in files], starts, len(curve)))
+                 "%d file(s) %s, session starts %s, %d step(s) in the curve, %d vs samples "
+                 "point(s) at %d samples (%d kept, %d distinct)" % (
+                     len(files), [os.path.basename(f) for f in files], starts, len(curve),
+                     len(vs), len(set(s for s, _ in pts)), len(pts), len(set(pts))))
 
 
 def main():

@@ -32,9 +32,10 @@ check value). Checked:
     data server reads them (a tag's point below its last dropping its
     points past it) are the first run's to step 3, then the second run's,
     the first run's later points staying only under tags the second run
-    wrote nothing under; read as the Python loader reads them, they are
-    the second run's alone (the session start at step 4 drops every point
-    at samples 4 and past), never a point the rollback discarded;
+    wrote nothing under; read as the Python loader reads them (whose
+    session start at step 4 drops the first run's points at 4 samples and
+    past, all of them), the same, each point once: the second file writes
+    steps 1 to 3's points again after its start;
   - a local cluster of 2 node daemons (tp 2 x pp 2 x dp 2 over their 8
     ranks) writes exactly one file, from n0 (world rank 0), whose losses
     are n0's step lines and whose world-size is 8;
@@ -179,6 +180,19 @@ def as_tensorboard(files, vs=False):
                 curve.setdefault(e.step, {}).update(
                     {v.tag: v.simple_value for v in e.summary.value})
     return curve
+
+
+def python_points(files):
+    """The (step, tag) of every "vs samples" point the Python loader keeps,
+    duplicates kept as its reservoirs keep them."""
+    pts = []
+    for path in sorted(files):
+        for e in read_events(path):
+            if e.HasField("session_log") and e.session_log.status == 1:
+                pts = [p for p in pts if p[0] < e.step]
+            elif e.HasField("summary") and is_vs(e):
+                pts += [(e.step, v.tag) for v in e.summary.value]
+    return pts
 
 
 def per_tag(files, vs=True):
@@ -361,13 +375,20 @@ def standalone(mtnlgd, prep, job, tmp):
                           and [s["step"] for s in again] == [4, 5],
                           "; ".join(bad[:6]) + f" steps {sorted(curve)}, samples {sorted(vs)}, "
                           f"past the rollback {sorted(past)}")
-        # the Python loader's session start at step 4 drops the "vs samples"
-        # points at samples 4 and past (all the first run's): what it shows
-        # is the second run's, never a point the rollback discarded
+        # the Python loader's session start at step 4 drops every tag's
+        # points at 4 and past, the "vs samples" ones at 4 samples and past
+        # too (all the first run's): the second file writes those of steps 1
+        # to 3 again after it, so they read as the run rolled back there too
         py = as_tensorboard(files, vs=True)
-        failures += check("test_python_loader_shows_no_discarded_vs_samples_point",
-                          sorted(py) == [4 * gb, 5 * gb] and all(py[s] == vs[s] for s in py),
-                          f"samples {sorted(py)}")
+        bad = mismatches(curve, merged, gb, 2, py)
+        again_vs = [e.step for e in read_events(files[1]) if e.HasField("summary") and is_vs(e)]
+        pts = python_points(files)
+        failures += check("test_python_loader_reads_vs_samples_as_the_run_rolled_back",
+                          not bad and sorted(py) == [k * gb for k in range(1, 6)]
+                          and len(pts) == len(set(pts))
+                          and again_vs == [gb, 2 * gb, 3 * gb, 4 * gb, 5 * gb],
+                          "; ".join(bad[:6]) + f" samples {sorted(py)}, the second file's "
+                          f"{again_vs}")
     return failures
 
 
