@@ -98,7 +98,9 @@ static void print_table(const mt_job *job, const mt_plan *plan, int all_stages) 
   printf("job %s (hash %s)\n", job->name, job->hash);
   printf("  model      %d layers, hidden %d, %d heads, seq %d, vocab %d padded to %d\n", m->n_layer,
          m->n_embd, m->n_head, m->seq_len, m->vocab_size, plan->padded_vocab);
-  printf("             %s parameters (tied embedding counted once)\n", params);
+  printf("             %s parameters (%s)\n", params,
+         m->untie_embeddings ? "untied: embedding and output layer"
+                             : "tied embedding counted once");
   printf("  layout     tp %d x pp %d x dp %d = %d devices\n", plan->tp, plan->pp, plan->dp,
          plan->devices);
   printf("  batch      %d sequences = micro-batch %d x %d micro-batches x dp %d; %" PRId64

@@ -350,7 +350,7 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
                                        "data", "checkpoint",  "eval",  NULL};
 #define MODEL_FIELDS                                                                               \
   "n_layer", "n_embd", "n_head", "vocab_size", "vocab_pad_to", "seq_len", "max_positions",         \
-      "ln_eps", "init_std", "hidden_dropout", "attention_dropout"
+      "ln_eps", "init_std", "hidden_dropout", "attention_dropout", "untie_embeddings"
 static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
@@ -575,14 +575,17 @@ static void merge_preset(problems *pb, json_t *root, const char *const *preset_d
     /* a mistyped field is the preset file's: as model.<key> it would name a
      * key the job does not have */
     bool want_int = in_list(key, preset_int_fields), want_str = !strcmp(key, "description");
-    bool ok = want_str   ? json_is_string(v)
+    bool want_bool = !strcmp(key, "untie_embeddings");
+    bool ok = want_bool  ? json_is_boolean(v)
+              : want_str ? json_is_string(v)
               : want_int ? json_is_integer(v) ||
                                (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)))
                          : json_is_number(v);
     if (!ok) {
       char g[128];
       problem(pb, "model.preset: %s: %s: expected %s, got %s", path, key,
-              want_str   ? "a string"
+              want_bool  ? "true or false"
+              : want_str ? "a string"
               : want_int ? "an integer"
                          : "a number",
               got(v, g, sizeof g));
@@ -646,6 +649,7 @@ static void read_model(problems *pb, json_t *root, mt_model_spec *m) {
   read_dropout(pb, o, "hidden_dropout", &m->hidden_dropout);
   read_dropout(pb, o, "attention_dropout", &m->attention_dropout);
   read_str(pb, o, "model", "init_from", m->init_from, sizeof m->init_from);
+  read_bool(pb, o, "model", "untie_embeddings", &m->untie_embeddings);
 }
 
 static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
@@ -1799,6 +1803,9 @@ static json_t *job_to_json(const mt_job *job) {
   if (job->model.max_positions != job->model.seq_len)
     json_object_set_new(json_object_get(root, "model"), "max_positions",
                         json_integer(job->model.max_positions));
+  /* only when untied: the jobs from before it keep their hash */
+  if (job->model.untie_embeddings)
+    json_object_set_new(json_object_get(root, "model"), "untie_embeddings", json_true());
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

@@ -30,6 +30,8 @@ typedef struct mt_model_spec {
   float hidden_dropout; /* dropout on embeddings and residual branches */
   float attention_dropout;
   char init_from[MT_PATH_MAX]; /* safetensors with HF GPT-2 names, or "" */
+  int untie_embeddings;        /* the LM head a weight of its own, not wte (Megatron's
+                                  --untie-embeddings-and-output-weights); default 0: tied */
 } mt_model_spec;
 
 typedef struct mt_parallel_spec {

@@ -495,6 +495,10 @@ static int save_finish(mt_trainer *tr, mt_checkpoint_save *sv) {
           json_pack("{s:i, s:i, s:i, s:i, s:i, s:i}", "n_layer", ms->n_layer, "n_embd", ms->n_embd,
                     "n_head", ms->n_head, "vocab_size", ms->vocab_size, "seq_len", ms->seq_len,
                     "max_positions", ms->max_positions));
+    /* only untied: a tied model's record is as before (a record without it is tied) */
+    if (!incomplete && ms->untie_embeddings)
+      incomplete =
+          json_object_set_new(json_object_get(extra, "model"), "untie_embeddings", json_true());
     /* the whole resolved job: a resume names what changed since */
     char *job_text = mt_job_to_json(job);
     json_t *job_json = job_text ? json_loads(job_text, 0, NULL) : NULL;
@@ -1077,6 +1081,18 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                  c.dir, arch[k].key, (long long)json_integer_value(v), arch[k].want);
       }
     }
+    /* at pp > 1 the last stage's lm_head is where its tied copy of wte was,
+     * of the same size: only the record tells them apart */
+    int was_untied = json_is_true(json_object_get(saved, "untie_embeddings"));
+    if (saved && !failed && was_untied != ms->untie_embeddings) {
+      failed = CHECK_DAMAGED;
+      snprintf(err, sizeof err,
+               "resume: %s was saved by a model with %s embeddings, the job's model.%s is %s: "
+               "another model (start it with a checkpoint.dir of its own, or model.init_from an "
+               "export)",
+               c.dir, was_untied ? "untied" : "tied", "untie_embeddings",
+               ms->untie_embeddings ? "true" : "false");
+    }
   }
   uint64_t lo, n;
   my_slice(tr, &lo, &n);
@@ -1352,6 +1368,12 @@ static int model_differs(const mt_model_spec *want, const mt_model_spec *got, ch
                f[k].got, f[k].want);
       return 1;
     }
+  if (want->untie_embeddings != got->untie_embeddings) {
+    snprintf(what, size,
+             "model.untie_embeddings: the checkpoint's model has %s embeddings, the job's %s",
+             got->untie_embeddings ? "untied" : "tied", want->untie_embeddings ? "untied" : "tied");
+    return 1;
+  }
   if (want->ln_eps != got->ln_eps) {
     snprintf(what, size, "model.ln_eps: the checkpoint's model has %g, the job's %g",
              (double)got->ln_eps, (double)want->ln_eps);

@@ -28,6 +28,7 @@ static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int 
                        .init_std = ms->init_std,
                        .hidden_dropout = ms->hidden_dropout,
                        .attention_dropout = ms->attention_dropout,
+                       .untie_embeddings = ms->untie_embeddings,
                        .tp_size = tp,
                        .tp_rank = q};
   mt_gpt_set_stage(&cfg, pp, s, job->parallel.virtual_stages);
@@ -251,7 +252,7 @@ int mt_ckpt_tensors_read(mt_ckpt_tensors *r, const char *array, const mt_param *
    * elements; rows past the real vocabulary (padding) are zero */
   const mt_param *o0 = table_find(r->tables[s * tp], r->counts[s * tp], p->name);
   size_t cols = p->ndim == 2 ? p->full[1] : 1;
-  size_t rows = strcmp(p->name, "wte.weight") ? p->full[0] : (size_t)r->job.model.vocab_size;
+  size_t rows = mt_param_is_vocab(p->name) ? (size_t)r->job.model.vocab_size : p->full[0];
   if ((o0->ndim == 2 ? o0->full[1] : 1) != cols || (rows > o0->full[0]))
     return mt_seterr(MT_ECORRUPT, "load: %s: tensor %s has another shape", c->dir, p->name);
   size_t need = p->full[0] * cols;
@@ -358,7 +359,7 @@ int mt_ckpt_reshard(const mt_ckpt *c, int tp, int pp, int virtual_stages, const 
   for (int i = 0; i < wn && !rc; i++) {
     const mt_param *t = &wt[i];
     size_t cols = t->ndim == 2 ? t->full[1] : 1;
-    size_t rows = strcmp(t->name, "wte.weight") ? t->full[0] : V; /* padding: zero either way */
+    size_t rows = mt_param_is_vocab(t->name) ? V : t->full[0]; /* padding: zero either way */
     for (int a = 0; a < A && !rc; a++)
       rc = gather_tensor(c, ot, oc, t->name, arrays[a], rows, cols, piece[a], whole[a], "reshard");
     /* scatter: every new shard holding it (the last stage's tied copy too),

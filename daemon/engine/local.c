@@ -546,7 +546,9 @@ static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
     snprintf(name, sizeof name, "pp.grad.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);
     if (!rc) rc = join(c, up ? COMM_GRAD_OUT : COMM_GRAD_IN, name, up, 2, dev);
   }
-  if (!rc && pp > 1 && (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
+  /* the tied embedding's two copies (untied: no copy, no group) */
+  if (!rc && pp > 1 && !c->o->job->model.untie_embeddings &&
+      (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
     snprintf(name, sizeof name, "embed.dp%d.tp%d", g->dp_rank, g->tp_rank);
     rc = join(c, COMM_EMBED, name, g->pp_rank == 0 ? 0 : 1, 2, dev);
   }

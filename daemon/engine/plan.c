@@ -62,6 +62,10 @@
  *   one gradient bucket of MT_PLAN_DP_BUCKET_ELEMS fp32 elements is being
  *   reduce-scattered and one of model weights all-gathered after the update.
  *   tp all-reduces and the tied-embedding all-reduce work in place.
+ * - Untied embeddings (model.untie_embeddings): the last stage's head is
+ *   lm_head (Vp/t rows of h) at any pp, in place of wte's copy; the model
+ *   has Vp h parameters more. The FLOPs are the same: eq. 3 counts the
+ *   head's GEMM either way.
  * - FLOPs are Megatron's eq. 3 (Narayanan et al. 2021). The attention
  *   scores this engine's backward recomputes, 2 b s² h per layer, are not
  *   counted: s/36h of the whole, 0.3% at 530B's shapes.
@@ -142,7 +146,9 @@ int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stag
 
   int64_t params = out->n_layers * layer_params(h, t);
   if (out->has_embedding) params += Vp * h / t + (int64_t)m->max_positions * h;
-  if (out->has_head) params += 2 * h + (p > 1 ? Vp * h / t : 0);
+  /* the head's weight: the tied embedding's copy when pp > 1, or untied
+   * (model.untie_embeddings) lm_head, at any pp */
+  if (out->has_head) params += 2 * h + (p > 1 || m->untie_embeddings ? Vp * h / t : 0);
   out->params = params;
   out->optimizer_params = ceil_div64(params, plan->dp);
 
@@ -301,8 +307,8 @@ int mt_plan_compute(const mt_job *job, const mt_plan_device *dev_in, mt_plan *ou
   out->mixed = !strcmp(job->train.precision, "bf16") || !strcmp(job->train.precision, "fp16");
   out->padded_vocab = (int)padded_vocab_of(m, ps->tp);
   int64_t h = m->n_embd, Vp = out->padded_vocab;
-  out->model_params =
-      Vp * h + (int64_t)m->max_positions * h + m->n_layer * layer_params(h, 1) + 2 * h;
+  out->model_params = Vp * h * (m->untie_embeddings ? 2 : 1) + (int64_t)m->max_positions * h +
+                      m->n_layer * layer_params(h, 1) + 2 * h;
   out->usable_bytes = dev.memory_bytes * dev.usable_fraction;
   out->computed = 1;
 

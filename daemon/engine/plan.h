@@ -17,7 +17,8 @@
  *   and position embeddings are replicated; the word embedding is
  *   vocab-parallel over the padded vocabulary Vp = roundup(V, 128 tp).
  * - pp: stage 0 holds the embeddings, the last stage the final LayerNorm and
- *   the LM head, tied to the word embedding: a second copy of it when pp > 1.
+ *   the LM head, tied to the word embedding: a second copy of it when pp > 1
+ *   (untied, model.untie_embeddings: a weight of its own, lm_head, at any pp).
  *   L layers over p stages: the first L mod p stages hold one layer more.
  * - dp: ZeRO stage 1: fp32 master weights (mixed precision) and Adam m, v are
  *   sharded over dp; model weights and gradients are not.
@@ -49,7 +50,8 @@ typedef struct mt_plan_stage {
   int first_layer, n_layers; /* with virtual stages: its first chunk's first layer, and
                                 the layers of all its chunks */
   int has_embedding;         /* word (its vocab shard) and position embeddings */
-  int has_head;              /* final LayerNorm, LM head (tied; a copy when pp > 1), logits */
+  int has_head;              /* final LayerNorm, LM head (tied: a copy when pp > 1;
+                                untied: lm_head), logits */
   int64_t params;            /* held by one device: its tp shard of the stage */
   int64_t optimizer_params;  /* its ZeRO-1 slice: ceil(params / dp) */
   int inflight;              /* micro-batches whose activations it holds at the 1F1B peak
@@ -73,7 +75,8 @@ typedef struct mt_plan {
   int sequence_parallel; /* on and tp > 1: the stream's rows split over tp */
   int mixed;             /* bf16 or fp16: 16-bit model copy and activations */
   int padded_vocab;      /* Vp */
-  int64_t model_params;  /* of the whole model, Vp rows of wte, tied embedding once */
+  int64_t model_params;  /* of the whole model, Vp rows of wte, tied embedding once
+                            (untied: and Vp rows of lm_head) */
   mt_plan_device dev;    /* as given, defaults filled in */
   double usable_bytes;   /* dev.memory_bytes * dev.usable_fraction */
 

@@ -83,6 +83,7 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .eod_token = job->data.eod_token,
       .reset_position_ids = job->data.reset_position_ids,
       .reset_attention_mask = job->data.reset_attention_mask,
+      .untie_embeddings = ms->untie_embeddings,
   };
   mt_gpt_set_stage(&cfg, g->pp_size, g->pp_rank, job->parallel.virtual_stages);
   return cfg;
@@ -90,9 +91,10 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
 
 /* Whether this rank holds a copy of the tied embedding that a stage at the
  * other end of the pipeline holds too: its gradient is reduced over dp
- * whole, not in the buckets (mt_trainer_step). */
+ * whole, not in the buckets (mt_trainer_step). Untied, the first stage's
+ * wte and the last's lm_head are two parameters, reduced as any other. */
 static int tied_copy(const mt_trainer *tr) {
-  return tr->g.embed && (tr->model.first || tr->model.last);
+  return tr->g.embed && !tr->model.cfg.untie_embeddings && (tr->model.first || tr->model.last);
 }
 
 /* The dp buckets: each rank's slice cut into pieces of at most cap
@@ -1040,10 +1042,12 @@ static void export_layout_free(export_layout *x, int n_tables) {
   free(x->stage_begin);
 }
 
-/* The part whose files hold whole tensor t: wte and wpe the first, ln_f the
- * last, a block's tensors the part holding its layer. */
+/* The part whose files hold whole tensor t: wte and wpe the first, ln_f
+ * (and an untied lm_head) the last, a block's tensors the part holding its
+ * layer. */
 static int export_part_of(const export_layout *x, const mt_param *t) {
-  if (t->layer < 0) return strncmp(t->name, "ln_f.", 5) ? 0 : x->parts - 1;
+  if (t->layer < 0)
+    return strncmp(t->name, "ln_f.", 5) && strcmp(t->name, "lm_head.weight") ? 0 : x->parts - 1;
   int s = 0;
   while (s + 1 < x->parts && x->stage_begin[s + 1] <= t->layer) s++;
   return s;

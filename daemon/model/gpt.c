@@ -176,12 +176,13 @@ int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *n
   model_ends(c, &first, &last, &n_blocks);
   int tp = c->tp_size > 1 ? c->tp_size : 1, r = c->tp_rank;
   size_t off = 0;
-  int max = 2 + n_blocks * MT_P_PER_LAYER + 2;
+  int max = 2 + n_blocks * MT_P_PER_LAYER + 3;
   mt_param *t = calloc((size_t)max, sizeof(mt_param));
   if (!t) return mt_seterr(MT_ENOMEM, "gpt: parameter table");
   char name[48];
   /* the last stage holds its own copy of the tied embedding for the head */
-  if (first || last)
+  int untie = c->untie_embeddings;
+  if (first || (last && !untie))
     add_param(t, &n, &off, "wte.weight", -1, (size_t)c->padded_vocab, C, MT_SHARD_ROWS, tp, r);
   if (first) add_param(t, &n, &off, "wpe.weight", -1, (size_t)c->max_seq, C, MT_SHARD_NONE, tp, r);
   for (int k = 0; k < n_chunks(c); k++) {
@@ -211,6 +212,9 @@ int mt_gpt_table(const mt_gpt_config *c, mt_param **table, int *count, size_t *n
     add_param(t, &n, &off, "ln_f.weight", -1, C, 0, MT_SHARD_NONE, tp, r);
     add_param(t, &n, &off, "ln_f.bias", -1, C, 0, MT_SHARD_NONE, tp, r);
   }
+  /* untied: the head's own weight, last, so a tied table keeps its layout */
+  if (last && untie)
+    add_param(t, &n, &off, "lm_head.weight", -1, (size_t)c->padded_vocab, C, MT_SHARD_ROWS, tp, r);
   *table = t;
   *count = n;
   *num_params = off;
@@ -221,11 +225,17 @@ static int build_table(mt_gpt *m) {
   int rc = mt_gpt_table(&m->cfg, &m->params_table, &m->n_tensors, &m->num_params);
   if (rc) return rc;
   model_ends(&m->cfg, &m->first, &m->last, &m->n_layers);
-  m->i_wte = m->first || m->last ? 0 : -1;
+  int untie = m->cfg.untie_embeddings;
+  m->i_wte = m->first || (m->last && !untie) ? 0 : -1;
   m->i_wpe = m->first ? 1 : -1;
-  m->i_block0 = (m->first ? 2 : m->last ? 1 : 0);
+  m->i_block0 = m->first ? 2 : m->i_wte + 1;
   m->i_lnf = m->last ? m->i_block0 + m->n_layers * MT_P_PER_LAYER : -1;
+  m->i_head = !m->last ? -1 : untie ? m->i_lnf + 2 : m->i_wte;
   return 0;
+}
+
+int mt_param_is_vocab(const char *name) {
+  return !strcmp(name, "wte.weight") || !strcmp(name, "lm_head.weight");
 }
 
 int mt_param_find(const mt_param *table, int n, const char *name) {
@@ -684,7 +694,7 @@ int mt_gpt_init_weights(mt_gpt *m, uint64_t seed) {
       uint64_t key = mt_philox_key(seed, t->name);
       /* each shard draws its own elements of the full tensor; the padding
        * rows of the vocabulary stay zero */
-      size_t real = i == m->i_wte ? (size_t)c->vocab_size * c->n_embd : SIZE_MAX;
+      size_t real = mt_param_is_vocab(t->name) ? (size_t)c->vocab_size * c->n_embd : SIZE_MAX;
       /* every element is a pure function of (key, index): any split is fine */
 #pragma omp parallel for schedule(static) if (t->numel >= 65536)
       for (size_t e = 0; e < t->numel; e++) {
@@ -718,7 +728,7 @@ int mt_gpt_round_weights(mt_gpt *m) {
 }
 
 int mt_gpt_is_matrix(const mt_gpt *m, int i) {
-  if (i == m->i_wte) return 1;
+  if (i == m->i_wte || i == m->i_head) return 1;
   if (i < m->i_block0 || i >= m->i_block0 + m->n_layers * MT_P_PER_LAYER) return 0;
   int which = (i - m->i_block0) % MT_P_PER_LAYER;
   return which == MT_P_QKV_W || which == MT_P_ATTPROJ_W || which == MT_P_FC_W ||
@@ -1147,8 +1157,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   rc =
       ln_rows(m, p->lnf, p->lnf_mean, p->lnf_rstd, p->resid[L], W(m, m->i_lnf), W(m, m->i_lnf + 1));
   if (rc) return rc;
-  /* tied LM head: logits(B,T,Vp) = lnf · wteᵀ */
-  ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype,
+  /* LM head: logits(B,T,Vp) = lnf · headᵀ, head wte (tied) or lm_head */
+  ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_head), m->wtype,
                   NULL, m->cvt, N, C, Vl);
   m->last_loss = 0.0f;
   if (targets && tp > 1) {
@@ -1210,8 +1220,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
                         c->padded_vocab);
     }
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_wte), NULL, p->logits, MT_F32, p->lnf,
-                    act_type(m), mt_gpt_matrix(m, m->i_wte), m->wtype, m->cvt, N, C, Vl);
+    ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_head), NULL, p->logits, MT_F32, p->lnf,
+                    act_type(m), mt_gpt_matrix(m, m->i_head), m->wtype, m->cvt, N, C, Vl);
     int rc = tp_sum_rows(m, p->dbtc);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, RC * sizeof(float));
@@ -1309,7 +1319,7 @@ int mt_gpt_decode(mt_gpt *m, int pos, int32_t token) {
                      p->resid[m->n_layers] + at, W(m, m->i_lnf), W(m, m->i_lnf + 1), 1, (int)C,
                      c->ln_eps);
   ops->linear_fwd(d, p->logits + (size_t)pos * c->padded_vocab, MT_F32, lnf, MT_F32,
-                  mt_gpt_matrix(m, m->i_wte), m->wtype, NULL, m->cvt, 1, (int)C, c->padded_vocab);
+                  mt_gpt_matrix(m, m->i_head), m->wtype, NULL, m->cvt, 1, (int)C, c->padded_vocab);
   return mt_device_sync(d); /* a GPU op that failed says so here, not in a later token */
 }
 

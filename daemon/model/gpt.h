@@ -2,8 +2,10 @@
  *
  * Pre-LayerNorm blocks (ln_1 -> attention -> residual, ln_2 -> MLP(4C, GeLU)
  * -> residual), learned positions, final LayerNorm, LM head tied to the token
- * embedding. Parameters, gradients and activations each live in one large
- * device buffer laid out from the parameter table and the activation plan.
+ * embedding (or with untie_embeddings an output weight of its own,
+ * lm_head, Megatron's output_layer). Parameters, gradients and activations
+ * each live in one large device buffer laid out from the parameter table
+ * and the activation plan.
  * Parameter names are Hugging Face GPT-2's ("h.3.attn.c_attn.weight"); the
  * layouts are ours: linear weights are (out, in) and the embedding has the
  * padded vocabulary (safetensors.c converts on the way in and out).
@@ -83,6 +85,12 @@ typedef struct mt_gpt_config {
   int eod_token;
   int reset_position_ids;
   int reset_attention_mask;
+  /* Megatron's --untie-embeddings-and-output-weights: the head is
+   * lm_head.weight (Vp, C), vocabulary-split over tp as wte is, the last
+   * entry of the last stage's table (after ln_f), initialised as wte is
+   * from its own name; wte is then the first stage's only. 0: the head
+   * reads wte (the last stage's own copy of it when pp > 1). */
+  int untie_embeddings;
 } mt_gpt_config;
 
 /* How a tensor-parallel shard maps onto the full tensor. */
@@ -139,7 +147,8 @@ typedef struct mt_gpt {
   mt_device *dev;
   int B, T; /* micro-batch shape the activations are planned for */
 
-  mt_param *params_table; /* wte, wpe, then per block MT_P_PER_LAYER, then ln_f w, b */
+  mt_param *params_table; /* wte, wpe, then per block MT_P_PER_LAYER, then ln_f w, b
+                             (untied: then lm_head) */
   int n_tensors;
   size_t num_params;   /* floats in params (== grads), table layout */
   size_t alloc_params; /* num_params padded to zero_shards equal slices */
@@ -179,6 +188,7 @@ typedef struct mt_gpt {
                                         and backward scratch it uses (NULL: its own) */
   int n_layers;                      /* blocks on this stage */
   int i_wte, i_wpe, i_block0, i_lnf; /* table indices, -1 when absent here */
+  int i_head;                        /* the LM head's weight: i_wte, or untied lm_head */
   /* tensor parallelism: sum (or max) of buf over the tp group, set by the
    * engine when cfg.tp_size > 1; the model never knows the comm layer */
   int (*tp_allreduce)(void *ctx, float *buf, size_t n, int max);
@@ -235,6 +245,11 @@ void mt_gpt_ends(const mt_gpt_config *cfg, int *first, int *last);
  * A no-op for fp32. Call it whenever params changed before the next forward:
  * the engine does at the start of every step and evaluation. */
 int mt_gpt_round_weights(mt_gpt *m);
+
+/* Whether tensor `name` is (Vp, C) with a row per token: wte.weight or an
+ * untied lm_head.weight, whose rows past the real vocabulary are padding
+ * (zero, and not in an export). */
+int mt_param_is_vocab(const char *name);
 
 /* Index of a named tensor in the table, or -1. */
 int mt_gpt_find(const mt_gpt *m, const char *name);

@@ -681,8 +681,7 @@ static int st_ends_with(const char *s, const char *suffix) {
 
 /* Buffers HF keeps in its state dicts that carry no parameters of ours. */
 static int st_is_ignored(const char *name) {
-  return st_ends_with(name, ".attn.bias") || st_ends_with(name, ".attn.masked_bias") ||
-         !strcmp(name, "lm_head.weight");
+  return st_ends_with(name, ".attn.bias") || st_ends_with(name, ".attn.masked_bias");
 }
 
 /* The file-side (Hugging Face) shape of the whole tensor that table entry
@@ -692,7 +691,7 @@ static int st_hf_shape(const mt_gpt_config *c, const mt_param *p, int64_t shape[
     shape[0] = (int64_t)p->full[0];
     return 1;
   }
-  if (!strcmp(p->name, "wte.weight")) {
+  if (mt_param_is_vocab(p->name)) {
     shape[0] = c->vocab_size;
     shape[1] = (int64_t)p->full[1];
   } else if (st_is_conv1d(p->name)) {
@@ -733,7 +732,7 @@ static int st_shard_rects(const mt_param *p, st_rect r[3]) {
 static void st_file_layout(const mt_gpt_config *c, const mt_param *p, int *transposed,
                            size_t *file_rows) {
   *transposed = p->ndim == 2 && st_is_conv1d(p->name);
-  *file_rows = !strcmp(p->name, "wte.weight") ? (size_t)c->vocab_size : p->full[0];
+  *file_rows = mt_param_is_vocab(p->name) ? (size_t)c->vocab_size : p->full[0];
 }
 
 /* File rows converted per pass when transposing on load. */
@@ -922,6 +921,46 @@ static long st_json_int(const json_t *v) {
   return s && *s && !*end ? x : -1;
 }
 
+/* Hugging Face's config.json of the model at path: beside a file, in a
+ * directory. */
+static void st_config_json_path(const char *path, char *buf, size_t cap) {
+  snprintf(buf, cap, "%s", path);
+  struct stat st;
+  if (stat(path, &st) || !S_ISDIR(st.st_mode)) {
+    char *slash = strrchr(buf, '/');
+    if (slash)
+      *slash = 0;
+    else
+      snprintf(buf, cap, ".");
+  }
+  snprintf(buf + strlen(buf), cap - strlen(buf), "/config.json");
+}
+
+/* Whether the model at path (its files opened) has an untied head: an
+ * lm_head.weight that the model says is its own, not wte's copy (an
+ * mtnlg export's metadata "tie_word_embeddings": "false", or Hugging
+ * Face's config.json beside it, whose default is tied). transformers
+ * writes a tied model's lm_head.weight at times: that is wte again. */
+static int st_untied(const mt_st_file *files, int n_files, const char *path) {
+  int head = 0, said = -1; /* said: 1 untied, 0 tied, -1 not said */
+  for (int k = 0; k < n_files; k++) {
+    for (int i = 0; i < files[k].n; i++) {
+      const char *name = files[k].tensors[i].name;
+      head |= !strcmp(strncmp(name, "transformer.", 12) ? name : name + 12, "lm_head.weight");
+    }
+    const char *v = json_string_value(json_object_get(files[k].meta, "tie_word_embeddings"));
+    if (v && said < 0) said = !strcmp(v, "false");
+  }
+  if (!head) return 0;
+  if (said >= 0) return said;
+  char cfg_path[4096];
+  st_config_json_path(path, cfg_path, sizeof cfg_path);
+  json_t *hf = json_load_file(cfg_path, 0, NULL);
+  int untied = json_is_false(json_object_get(hf, "tie_word_embeddings"));
+  json_decref(hf);
+  return untied;
+}
+
 int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
   mt_st_file *files = NULL;
   int n_files = 0, rc = st_open_model(path, &files, &n_files);
@@ -949,20 +988,12 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
     double e = eps ? strtod(eps, &end) : 0.0;
     if (eps && !*end && e > 0 && isfinite(e)) c->ln_eps = (float)e, have_eps = 1;
   }
+  c->untie_embeddings = st_untied(files, n_files, path);
   for (int k = 0; k < n_files; k++) mt_st_close(&files[k]);
   free(files);
   /* Hugging Face keeps the heads in config.json beside the weights */
   char cfg_path[4096];
-  snprintf(cfg_path, sizeof cfg_path, "%s", path);
-  struct stat st;
-  if (stat(path, &st) || !S_ISDIR(st.st_mode)) {
-    char *slash = strrchr(cfg_path, '/');
-    if (slash)
-      *slash = 0;
-    else
-      snprintf(cfg_path, sizeof cfg_path, ".");
-  }
-  snprintf(cfg_path + strlen(cfg_path), sizeof cfg_path - strlen(cfg_path), "/config.json");
+  st_config_json_path(path, cfg_path, sizeof cfg_path);
   json_t *hf = n_head < 0 || !have_eps ? json_load_file(cfg_path, 0, NULL) : NULL;
   if (hf) {
     if (n_head < 0) n_head = st_json_int(json_object_get(hf, "n_head"));
@@ -1019,6 +1050,16 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     if ((rc = mt_gpt_table(&full, &whole, &n_whole, &count))) goto done;
   }
 
+  /* the head: a tied model reads wte, an untied one its own lm_head, and
+   * a file of the other kind is no start for it */
+  int untie = m->cfg.untie_embeddings, file_untied = st_untied(files, n_files, path);
+  if (untie && !file_untied)
+    st_problem(pr,
+               "the job's model has an output layer of its own (model.untie_embeddings), the "
+               "file's embeddings are tied (no lm_head.weight of its own, tie_word_embeddings)");
+  else if (!untie && file_untied)
+    st_problem(pr, "the file's lm_head.weight is an output layer of its own (tie_word_embeddings "
+                   "false), the job's model ties it to wte: set model.untie_embeddings");
   for (int k = 0; k < n_files; k++)
     for (int i = 0; i < files[k].n; i++) {
       const mt_st_file *fk = &files[k];
@@ -1026,6 +1067,8 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
       const char *name = t->name;
       if (!strncmp(name, "transformer.", 12)) name += 12;
       if (st_is_ignored(name)) continue;
+      if (!strcmp(name, "lm_head.weight") && untie != file_untied) continue; /* said above */
+      if (!strcmp(name, "lm_head.weight") && !untie) continue; /* a tied copy of wte */
       int j = mt_gpt_find(m, name);
       if (j < 0 && mt_param_find(whole, n_whole, name) >= 0) continue; /* another stage's */
       if (j < 0) {
@@ -1056,7 +1099,8 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
                    t->dtype);
     }
   for (int j = 0; j < m->n_tensors; j++)
-    if (!src[j]) st_problem(pr, "missing tensor \"%s\"", m->params_table[j].name);
+    if (!src[j] && (j != m->i_head || !untie || file_untied))
+      st_problem(pr, "missing tensor \"%s\"", m->params_table[j].name);
   /* shapes do not tell every model apart: n_head splits the same matrices
    * another way, and a vocabulary within one padding step pads alike. A
    * file that says its model (mtnlg writes these; Hugging Face's say only
@@ -1181,6 +1225,8 @@ static int st_new_writer(mt_gpt_export *e, int k) {
   /* Hugging Face's name for it (config.json's); the shapes say the rest */
   snprintf(num, sizeof num, "%.9g", e->cfg.ln_eps > 0 ? e->cfg.ln_eps : 1e-5f);
   if (!rc) rc = mt_st_writer_meta(w, "layer_norm_epsilon", num);
+  /* only untied (config.json's name): a tied export's header is as before */
+  if (!rc && e->cfg.untie_embeddings) rc = mt_st_writer_meta(w, "tie_word_embeddings", "false");
   for (int i = 0; i < e->n && !rc; i++) {
     if (e->file_of[i] != k) continue;
     int64_t shape[2];
@@ -1392,8 +1438,8 @@ static json_t *st_hf_config(const mt_gpt_export *e, const char *weights) {
       st_json_float(c->ln_eps > 0 ? c->ln_eps : 1e-5f), "initializer_range",
       st_json_float(c->init_std), "resid_pdrop", st_json_float(c->hidden_dropout), "embd_pdrop",
       st_json_float(c->hidden_dropout), "attn_pdrop", st_json_float(c->attention_dropout),
-      "tie_word_embeddings", 1, "torch_dtype", st_export_dtypes[e->dtype].torch, "bos_token_id",
-      eos, "eos_token_id", eos);
+      "tie_word_embeddings", !c->untie_embeddings, "torch_dtype", st_export_dtypes[e->dtype].torch,
+      "bos_token_id", eos, "eos_token_id", eos);
   if (j && weights) json_object_set_new(j, "mtnlg_weights", json_string(weights));
   return j;
 }

@@ -10,8 +10,11 @@
  * padded rows beyond V are zero on load and dropped on save; wpe.weight;
  * h.N.{ln_1,ln_2}.{weight,bias}; h.N.attn.c_attn.weight (C, 3C) Conv1D, i.e.
  * the transpose of our (3C, C); attn.c_proj, mlp.c_fc, mlp.c_proj likewise;
- * ln_f.{weight,bias}. On load a "transformer." prefix is accepted and the
- * attn.bias / attn.masked_bias buffers and a tied lm_head.weight are ignored.
+ * ln_f.{weight,bias}; an untied model's lm_head.weight (V, C) as wte, with
+ * "tie_word_embeddings": "false" in the metadata and config.json. On load a
+ * "transformer." prefix is accepted and the attn.bias / attn.masked_bias
+ * buffers and a tied model's lm_head.weight (wte's copy) are ignored; a
+ * file whose head is tied the other way than the model's is refused.
  * A write never leaves a partial file under the final name.
  */
 #ifndef MT_SAFETENSORS_H
@@ -92,7 +95,8 @@ int mt_gpt_save_safetensors_as(const mt_gpt *m, const char *path, mt_st_dtype dt
  * tensors' shapes (layers, width, vocabulary, positions) and its heads from
  * the file's metadata (an mtnlg export's "n_head") or Hugging Face's
  * config.json beside it, and so LayerNorm's epsilon ("layer_norm_epsilon";
- * 1e-5 when neither says); padded_vocab rounded up to 128. */
+ * 1e-5 when neither says) and an untied head (an lm_head.weight with
+ * "tie_word_embeddings" false); padded_vocab rounded up to 128. */
 int mt_gpt_config_of_file(const char *path, mt_gpt_config *c);
 /* Gradients under the same names and layouts (for reference tests). */
 int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
@@ -110,7 +114,7 @@ int mt_gpt_save_grads_safetensors(const mt_gpt *m, const char *path);
  *
  * Beside the weights goes Hugging Face's config.json for GPT2LMHeadModel
  * (model_type "gpt2", the sizes, gelu_new, layer_norm_epsilon,
- * initializer_range, the dropouts, tied embeddings, torch_dtype), so
+ * initializer_range, the dropouts, tie_word_embeddings, torch_dtype), so
  * transformers' from_pretrained loads the directory. In a directory export
  * it is the directory's (replaced, as save_pretrained does). Beside one
  * file X it is written only where no config.json is, or where the one

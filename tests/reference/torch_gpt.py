@@ -3,7 +3,9 @@
 Written from the architecture, not from mtnlg's code: pre-LayerNorm blocks
 (x + attn(ln_1(x)), x + mlp(ln_2(x))), causal multi-head attention scaled by
 1/sqrt(head size), GeLU with the tanh approximation, a final ln_f, and an LM
-head tied to the token embedding; the loss is the cross-entropy averaged over
+head tied to the token embedding (or with untie=True an output weight of its
+own, lm_head.weight (V, C), as Megatron's --untie-embeddings-and-output-weights
+and Hugging Face's tie_word_embeddings false); the loss is the cross-entropy averaged over
 all B*T tokens. Weights carry Hugging Face GPT-2 names and Conv1D layouts
 (h.N.attn.c_attn.weight is (C, 3C) and a layer computes x @ W + b).
 
@@ -84,8 +86,9 @@ class Config:
                 "n_head": self.n_head, "vocab_size": self.vocab_size, "seq": self.seq}
 
 
-def param_shapes(cfg):
-    """Hugging Face GPT-2 names and shapes, in the order of the state dict."""
+def param_shapes(cfg, untie=False):
+    """Hugging Face GPT-2 names and shapes, in the order of the state dict;
+    untie: and the untied head's lm_head.weight (V, C), last."""
     C, V = cfg.n_embd, cfg.vocab_size
     shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.seq, C)}
     for l in range(cfg.n_layer):
@@ -100,6 +103,8 @@ def param_shapes(cfg):
         })
     shapes["ln_f.weight"] = (C,)
     shapes["ln_f.bias"] = (C,)
+    if untie:
+        shapes["lm_head.weight"] = (V, C)
     return shapes
 
 
@@ -162,7 +167,7 @@ def gradient_rounded_to(half):
 
 
 def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same, position_ids=None,
-            attn_mask=None):
+            attn_mask=None, untie=False):
     """p: {HF name: tensor}; idx, targets: (B, T) int64. Returns (logits, loss).
     keep: applied where mtnlg's blocks keep an activation for the backward
     pass (in a 16-bit job rounded there, rounded_to): Q/K/V, the attention
@@ -174,7 +179,8 @@ def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same, position_ids=N
     c_fc's output's, the GeLU's input.
     position_ids: (B, T) int64, each token's row of wpe (default 0..T-1);
     attn_mask: (B, T, T) bool, True where row t may attend to column j, and
-    with the causal mask (default: causal only) — documents_of makes both."""
+    with the causal mask (default: causal only) — documents_of makes both;
+    untie: the head is p["lm_head.weight"], not the token embedding."""
     B, T = idx.shape
     pos = position_ids if position_ids is not None else torch.arange(T)
     x = p["wte.weight"][idx] + p["wpe.weight"][pos]  # (B, T, C)
@@ -190,7 +196,8 @@ def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same, position_ids=N
         if l < cfg.n_layer - 1:
             x = keep(x)
     x = keep(layer_norm(x, p["ln_f.weight"], p["ln_f.bias"]))
-    logits = x @ p["wte.weight"].t()  # (B, T, V), tied head
+    head = p["lm_head.weight"] if untie else p["wte.weight"]  # (V, C)
+    logits = x @ head.t()  # (B, T, V)
     loss = None
     if targets is not None:
         logp = logits.log_softmax(dim=-1)
@@ -198,13 +205,13 @@ def forward(p, cfg, idx, targets=None, keep=same, keep_grad=same, position_ids=N
     return logits, loss
 
 
-def random_weights(cfg, seed):
+def random_weights(cfg, seed, untie=False):
     """fp32 weights: matrices N(0, 0.02); LayerNorm weights 1 + N(0, 0.1),
     every bias (LayerNorm and linear) N(0, 0.05), so every path of the backward
     pass carries a non-trivial value."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in param_shapes(cfg).items():
+    for name, shape in param_shapes(cfg, untie).items():
         r = torch.randn(shape, generator=g, dtype=torch.float64)
         if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
             t = 1.0 + 0.1 * r
@@ -217,7 +224,8 @@ def random_weights(cfg, seed):
 
 
 def decays(name, shape):
-    """AdamW weight decay applies to 2-D tensors (matrices, wte, wpe) only."""
+    """AdamW weight decay applies to 2-D tensors (matrices, wte, wpe, an
+    untied lm_head) only."""
     return len(shape) == 2
 
 

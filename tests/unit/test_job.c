@@ -1521,6 +1521,69 @@ static void test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* model.untie_embeddings: off by default and when false (the hash of a
+ * job from before it), material when on (another hash, in the canonical
+ * form, which reads back to it), a preset may say it (an architecture),
+ * and a value not a boolean is refused naming the key, in a job or in a
+ * preset. */
+static void test_untie_embeddings_key_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, off, job, back, preset_job;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.model.untie_embeddings);
+  CHECK(!strcmp(plain.hash, TINY_JOB_HASH));
+  CHECK(parse_with(&off, tiny_job, "model.untie_embeddings=false", NULL) == MT_OK);
+  CHECK(!strcmp(off.hash, TINY_JOB_HASH));
+  char *json = mt_job_to_json(&off);
+  CHECK(json && !strstr(json, "untie"));
+  free(json);
+  CHECK(parse_with(&job, tiny_job, "model.untie_embeddings=true", NULL) == MT_OK);
+  CHECK(job.model.untie_embeddings == 1 && strcmp(job.hash, TINY_JOB_HASH));
+  json = mt_job_to_json(&job);
+  CHECK(json && strstr(json, "\"untie_embeddings\":true"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        !strcmp(back.hash, job.hash) && back.model.untie_embeddings);
+  free(json);
+  /* in a preset: the same job as given in the job */
+  char dir[] = "/tmp/test_job_untie_XXXXXX", path[256];
+  CHECK(mkdtemp(dir) != NULL);
+  snprintf(path, sizeof path, "%s/untied.json", dir);
+  FILE *f = fopen(path, "w");
+  CHECK(f != NULL);
+  fputs("{\"n_layer\": 2, \"n_embd\": 64, \"n_head\": 4, \"vocab_size\": 256,"
+        " \"seq_len\": 64, \"init_std\": 0.02, \"untie_embeddings\": true}",
+        f);
+  fclose(f);
+  const char *dirs[] = {dir, MT_PRESET_DIR, NULL};
+  const char *untied_job = "{\"model\": {\"preset\": \"untied\"},"
+                           " \"train\": {\"global_batch\": 8, \"steps\": 10,"
+                           "             \"lr\": {\"peak\": 1e-3}},"
+                           " \"data\": {\"path\": \"tokens.u16\"}}";
+  int rc = mt_job_parse(&preset_job, untied_job, "/jobs", dirs, NULL);
+  int untied = preset_job.model.untie_embeddings;
+  f = fopen(path, "w");
+  if (f) {
+    fputs("{\"n_layer\": 2, \"n_embd\": 64, \"n_head\": 4, \"vocab_size\": 256,"
+          " \"seq_len\": 64, \"untie_embeddings\": 1}",
+          f);
+    fclose(f);
+  }
+  mt_job bad;
+  int rc2 = mt_job_parse(&bad, untied_job, "/jobs", dirs, NULL);
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", mt_errmsg());
+  unlink(path);
+  rmdir(dir);
+  CHECK(rc == MT_OK && untied && !strcmp(preset_job.hash, job.hash));
+  CHECK(rc2 == MT_EINVAL && count_lines(msg) == 1 &&
+        strstr(msg, "untied.json: untie_embeddings: expected true or false, got an integer"));
+  refusal cases[] = {
+      {"model.untie_embeddings=1", NULL,
+       "model.untie_embeddings: expected true or false, got an integer"},
+      {"model.untie_embeddings=\"yes\"", NULL,
+       "model.untie_embeddings: expected true or false, got a string"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 int main(void) {
   test_tiny_preset_loads();
   test_job_fields_override_preset_fields();
@@ -1561,6 +1624,7 @@ int main(void) {
   test_tensorboard_dir_resolves_and_round_trips();
   test_job_from_a_descriptor_takes_the_current_directory();
   test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash();
+  test_untie_embeddings_key_round_trips_and_keeps_the_hash();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);
     return 1;

@@ -1,0 +1,367 @@
+#!/usr/bin/python3
+"""model.untie_embeddings (Megatron's --untie-embeddings-and-output-weights)
+end to end: mtnlgd, mtnlgctl ckpt and mtnlg-eval against PyTorch.
+
+usage: test_untie_embeddings.py MTNLGD JOB.json MTNLGCTL MTNLG-EVAL
+The tiny model (2 layers, 64 wide, vocab 256) with an output layer of its
+own, lm_head.weight, beside the token embedding wte.weight:
+  - test_tpT_ppP_dpD_losses_match_torch / _weights_match_torch: from random
+    weights (torch_gpt.random_weights with untie, given as model.init_from;
+    lm_head is not wte) 3 steps of AdamW (constant lr, no clipping, weight
+    decay on the matrices, wte and lm_head among them) at (tp, pp, dp) =
+    (1,1,1), (1,2,1) (the last stage holds lm_head, no copy of wte) and
+    (2,2,2) (both vocabulary-split, ZeRO slices): every step's loss within
+    1e-5 relative of torch_gpt.py's untied float64 run, the first step's
+    gradient norm within 1e-5 (lm_head and wte each counted once), the
+    exported update within 1e-3 of torch's relative over the whole model and
+    over lm_head and wte each;
+  - test_the_head_is_untied: the trained lm_head and wte are far apart, and
+    torch's tied run from the same wte gives losses far from these (a head
+    still reading wte could not pass the checks above);
+  - test_export_says_untied: the export holds lm_head.weight (256, 64) and
+    says "tie_word_embeddings" false in its metadata and config.json;
+  - test_philox_init_layouts_agree: without init_from, the project's Philox
+    init at tp 1 and at tp 2 x pp 2 x dp 2 trains alike (losses within 1e-5,
+    exports within 1e-5 of the update), and the initial lm_head (step 0
+    export after a step at lr 0) is N(0, init_std) and not wte;
+  - test_resume_is_bit_exact: stopped after step 2 (exit_interval) at
+    tp 1 x pp 2 x dp 2 and resumed, the export is the straight run's bit for
+    bit; resumed under dp 1 (the ZeRO slices read under another width) it
+    follows within 1e-5;
+  - test_reshard_and_export_round_trip: `mtnlgctl ckpt reshard` to
+    tp 2 x pp 1 and back to tp 1 x pp 2: `mtnlgctl ckpt export` of each is
+    the original's export bit for bit (lm_head too), and the tp 2 one
+    resumes to the straight run's losses;
+  - test_eval_reads_the_head: mtnlg-eval's perplexity of the untied export
+    is torch's with lm_head (1e-6), far from torch's with wte;
+  - refusals, each naming model.untie_embeddings: an untied export as
+    init_from of a tied job and a tied file of an untied one, a tied
+    checkpoint resumed by an untied job, and an untied checkpoint given as
+    checkpoint.load to a tied job.
+Exit 77 (skip) without torch.
+"""
+import array
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+try:
+    import torch
+    torch.set_num_threads(1)
+except ImportError as e:
+    print(f"SKIP: PyTorch not importable ({e})")
+    sys.exit(77)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import torch_gpt  # noqa: E402
+from local_cluster import check, output_losses  # noqa: E402
+
+N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ = 2, 64, 4, 256, 64
+G, B, STEPS = 8, 2, 3
+LR, BETAS, EPS, WD = 2e-3, (0.9, 0.95), 1e-3, 0.1
+LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-3
+UNTIE = "model.untie_embeddings=true"
+
+
+def records(out):
+    return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+
+
+def losses_of(out):
+    return [loss for _, loss in output_losses(out)]
+
+
+def torch_run(weights, cfg, tokens, untie):
+    """Losses, the first step's gradient norm and the final weights of
+    STEPS steps, in float64."""
+    p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
+    groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
+               "weight_decay": WD},
+              {"params": [t for k, t in p.items() if not torch_gpt.decays(k, t.shape)],
+               "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    tok = torch.tensor(tokens, dtype=torch.long)
+    losses, gnorm = [], None
+    for s in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        rows = torch.stack([tok[k * SEQ:k * SEQ + SEQ + 1] for k in range(s * G, s * G + G)])
+        _, loss = torch_gpt.forward(p, cfg, rows[:, :-1], rows[:, 1:], untie=untie)
+        loss.backward()
+        if s == 0:
+            gnorm = math.sqrt(sum(float((t.grad ** 2).sum()) for t in p.values()))
+        opt.step()
+        losses.append(loss.item())
+    return losses, gnorm, {k: v.detach() for k, v in p.items()}
+
+
+def run(mtnlgd, job, tokens, tp, pp, dp, *sets, steps=STEPS):
+    cmd = [mtnlgd, "--standalone", job, "--log-format", "json",
+           "--set", f"data.path={tokens}", "--set", f"train.steps={steps}",
+           "--set", f"train.global_batch={G}", "--set", f"parallel.micro_batch={B}",
+           "--set", f"parallel.tp={tp}", "--set", f"parallel.pp={pp}",
+           "--set", f"parallel.dp_min={dp}", "--set", "train.lr.schedule=constant",
+           "--set", f"train.lr.peak={LR}", "--set", "train.lr.warmup_steps=0",
+           "--set", f"train.adam.eps={EPS}", "--set", f"train.adam.beta1={BETAS[0]}",
+           "--set", f"train.adam.beta2={BETAS[1]}", "--set", f"train.weight_decay={WD}",
+           "--set", "train.clip_grad=0"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def rel_update(ours, ref, init, names):
+    """||ours - ref|| / ||ref - init|| over the named tensors."""
+    num = den = 0.0
+    for k in names:
+        a, b = ours[k].to(torch.float64).reshape(-1), ref[k].to(torch.float64).reshape(-1)
+        num += float(((a - b) ** 2).sum())
+        den += float(((b - init[k].to(torch.float64).reshape(-1)) ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else float("inf")
+
+
+def worst_rel(a, b):
+    if len(a) != len(b) or not a:
+        return float("inf")
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def load(path):
+    return torch_gpt.st_load(path) if os.path.exists(path) else ({}, {})
+
+
+def same_tensors(a, b):
+    return bool(a) and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def torch_checks(mtnlgd, job, tmp, tpath, tokens):
+    failures = 0
+    cfg = torch_gpt.Config(N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ)
+    weights = torch_gpt.random_weights(cfg, 2024, untie=True)
+    ref_losses, ref_gnorm, ref_w = torch_run(weights, cfg, tokens, True)
+    tied_w = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    tied_losses, _, _ = torch_run(tied_w, cfg, tokens, False)
+    print(f"torch, untied: {ref_losses} (first grad norm {ref_gnorm:.9g})\n"
+          f"torch, tied from the same wte: {tied_losses}")
+    init = os.path.join(tmp, "init.safetensors")
+    torch_gpt.st_save(init, weights, {**cfg.metadata(), "tie_word_embeddings": "false"})
+    tied_init = os.path.join(tmp, "tied", "init.safetensors")
+    os.makedirs(os.path.dirname(tied_init))
+    torch_gpt.st_save(tied_init, tied_w, cfg.metadata())
+    exports = {}
+    for tp, pp, dp in ((1, 1, 1), (1, 2, 1), (2, 2, 2)):
+        name = f"test_tp{tp}_pp{pp}_dp{dp}"
+        export = os.path.join(tmp, f"untied-{tp}-{pp}-{dp}.safetensors")
+        out = run(mtnlgd, job, tpath, tp, pp, dp, UNTIE, f"model.init_from={init}",
+                  f"checkpoint.export={export}")
+        if out.returncode != 0:
+            print(out.stderr[-2000:])
+        recs = [r for r in records(out.stdout) if "loss" in r]
+        losses = [r["loss"] for r in recs]
+        gnorm = recs[0].get("grad_norm", float("nan")) if recs else float("nan")
+        worst = worst_rel(losses, ref_losses)
+        failures += check(f"{name}_losses_match_torch",
+                          out.returncode == 0 and worst <= LOSS_TOL
+                          and abs(gnorm - ref_gnorm) <= LOSS_TOL * ref_gnorm,
+                          f"exit {out.returncode}, worst step {worst:.2e}: {losses}; grad norm "
+                          f"{gnorm} vs torch {ref_gnorm:.9g}")
+        w = load(export)[0]
+        ok = set(w) == set(weights)
+        rel = rel_update(w, ref_w, weights, weights) if ok else float("inf")
+        rel_head = rel_update(w, ref_w, weights, ["lm_head.weight"]) if ok else float("inf")
+        rel_wte = rel_update(w, ref_w, weights, ["wte.weight"]) if ok else float("inf")
+        failures += check(f"{name}_weights_match_torch",
+                          max(rel, rel_head, rel_wte) <= WEIGHT_TOL,
+                          f"update off by {rel:.2e} (lm_head {rel_head:.2e}, wte {rel_wte:.2e})"
+                          f" relative; tensors {sorted(set(w) ^ set(weights))} differ")
+        exports[(tp, pp, dp)] = export
+    w, meta = load(exports[(1, 1, 1)])
+    apart = (float((w["lm_head.weight"] - w["wte.weight"]).norm() / w["wte.weight"].norm())
+             if "lm_head.weight" in w else 0.0)
+    gap = worst_rel(tied_losses, ref_losses)
+    failures += check("test_the_head_is_untied", apart > 0.5 and gap > 100 * LOSS_TOL,
+                      f"lm_head - wte is {apart:.3g} of wte; tied run {gap:.2e} from untied")
+    hf = json.load(open(os.path.join(tmp, "config.json")))
+    failures += check("test_export_says_untied",
+                      tuple(w.get("lm_head.weight", torch.empty(0)).shape) == (VOCAB, N_EMBD)
+                      and meta.get("tie_word_embeddings") == "false"
+                      and hf.get("tie_word_embeddings") is False,
+                      f"metadata {meta}; config.json tie_word_embeddings "
+                      f"{hf.get('tie_word_embeddings')}")
+
+    # refusals of a file whose head is tied the other way
+    out = run(mtnlgd, job, tpath, 1, 1, 1, f"model.init_from={exports[(1, 1, 1)]}")
+    out2 = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"model.init_from={tied_init}")
+    failures += check("test_init_from_refuses_the_other_head",
+                      out.returncode != 0 and "model.untie_embeddings" in out.stderr
+                      and out2.returncode != 0 and "model.untie_embeddings" in out2.stderr,
+                      f"untied into tied: exit {out.returncode} {out.stderr[-300:]}; tied into "
+                      f"untied: exit {out2.returncode} {out2.stderr[-300:]}")
+    return failures, exports[(1, 1, 1)]
+
+
+def philox_checks(mtnlgd, job, tmp, tpath):
+    failures = 0
+    runs = {}
+    for tp, pp, dp in ((1, 1, 1), (2, 2, 2)):
+        export = os.path.join(tmp, "philox", f"p-{tp}-{pp}-{dp}.safetensors")
+        os.makedirs(os.path.dirname(export), exist_ok=True)
+        out = run(mtnlgd, job, tpath, tp, pp, dp, UNTIE, f"checkpoint.export={export}")
+        runs[(tp, pp, dp)] = (out, losses_of(out.stdout), load(export)[0])
+    zero = os.path.join(tmp, "philox", "step0.safetensors")
+    # one step at lr 0 (the first of a warmup): the initial weights
+    out0 = run(mtnlgd, job, tpath, 2, 2, 1, UNTIE, "train.lr.warmup_steps=1",
+               f"checkpoint.export={zero}", steps=1)
+    w0 = load(zero)[0]
+    (o1, l1, w1), (o2, l2, w2) = runs[(1, 1, 1)], runs[(2, 2, 2)]
+    ok = o1.returncode == 0 and o2.returncode == 0 and out0.returncode == 0 and set(w1) == set(w2)
+    ok = ok and "lm_head.weight" in w0
+    rel = rel_update(w2, w1, w0, w1) if ok else float("inf")
+    head0 = w0.get("lm_head.weight", torch.zeros(1))
+    std = float(head0.std())
+    apart = float((head0 - w0["wte.weight"]).norm() / w0["wte.weight"].norm()) if ok else 0.0
+    failures += check("test_philox_init_layouts_agree",
+                      ok and worst_rel(l2, l1) <= LOSS_TOL and rel <= 1e-5
+                      and abs(std - 0.02) < 0.002 and apart > 1.0,
+                      f"exits {o1.returncode} {o2.returncode} {out0.returncode}; losses {l1} vs "
+                      f"{l2}; exports {rel:.2e} of the update apart; initial lm_head std "
+                      f"{std:.4g}, {apart:.3g} of wte from it {o2.stderr[-400:]}")
+    return failures
+
+
+def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
+    failures = 0
+    straight_e = os.path.join(tmp, "ck", "straight.safetensors")
+    os.makedirs(os.path.dirname(straight_e))
+    steps = 4
+    straight = run(mtnlgd, job, tpath, 1, 2, 2, UNTIE, f"checkpoint.export={straight_e}",
+                   steps=steps)
+    ck = os.path.join(tmp, "ck", "a")
+    a = run(mtnlgd, job, tpath, 1, 2, 2, UNTIE, f"checkpoint.dir={ck}", "train.exit_interval=2",
+            steps=steps)
+    job_dir = os.path.join(ck, "tiny-demo")
+    saved = os.path.join(tmp, "ck", "saved")  # the step-2 checkpoint, before the resume
+    shutil.copytree(job_dir, saved, symlinks=True)
+    resumed_e = os.path.join(tmp, "ck", "resumed.safetensors")
+    b = run(mtnlgd, job, tpath, 1, 2, 2, UNTIE, f"checkpoint.dir={ck}",
+            f"checkpoint.export={resumed_e}", steps=steps)
+    want = losses_of(straight.stdout)
+    got = losses_of(a.stdout) + losses_of(b.stdout)
+    ws, wr = load(straight_e)[0], load(resumed_e)[0]
+    failures += check("test_resume_is_bit_exact",
+                      straight.returncode == 0 and a.returncode == 0 and b.returncode == 0
+                      and len(want) == steps and got == want and "lm_head.weight" in ws
+                      and same_tensors(ws, wr),
+                      f"exits {straight.returncode} {a.returncode} {b.returncode}: straight "
+                      f"{want}, stopped and resumed {got}; exports equal {same_tensors(ws, wr)} "
+                      f"{b.stderr[-400:]}")
+    # the step-2 checkpoint under dp 1: each rank reads the whole shard's slices
+    ck1 = os.path.join(tmp, "ck", "dp1")
+    shutil.copytree(saved, os.path.join(ck1, "tiny-demo"), symlinks=True)
+    c = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"checkpoint.dir={ck1}", steps=steps)
+    lc = losses_of(c.stdout)
+    failures += check("test_resume_under_another_dp_follows",
+                      c.returncode == 0 and worst_rel(lc, want[2:]) <= LOSS_TOL,
+                      f"exit {c.returncode}: {lc} vs {want[2:]} {c.stderr[-400:]}")
+
+    # reshard to tp 2 x pp 1, and from there back to tp 1 x pp 2: the same tensors
+    r2 = os.path.join(tmp, "ck", "tp2", "tiny-demo")
+    r3 = os.path.join(tmp, "ck", "back", "tiny-demo")
+    x = subprocess.run([ctl, "ckpt", "reshard", saved, r2, "--tp", "2", "--pp", "1"],
+                       capture_output=True, text=True)
+    y = subprocess.run([ctl, "ckpt", "reshard", r2, r3, "--tp", "1", "--pp", "2"],
+                       capture_output=True, text=True)
+    ex = {}
+    for name, d in (("saved", saved), ("tp2", r2), ("back", r3)):
+        path = os.path.join(tmp, "ck", f"export-{name}", "w.safetensors")
+        os.makedirs(os.path.dirname(path))
+        e = subprocess.run([ctl, "ckpt", "export", d, path], capture_output=True, text=True)
+        ex[name] = load(path)[0] if e.returncode == 0 else {}
+        if e.returncode:
+            print(e.stderr[-400:])
+    d = run(mtnlgd, job, tpath, 2, 1, 1, UNTIE, f"checkpoint.dir={os.path.dirname(r2)}",
+            steps=steps)
+    ld = losses_of(d.stdout)
+    failures += check("test_reshard_and_export_round_trip",
+                      x.returncode == 0 and y.returncode == 0 and "lm_head.weight" in ex["saved"]
+                      and same_tensors(ex["saved"], ex["tp2"])
+                      and same_tensors(ex["saved"], ex["back"]) and d.returncode == 0
+                      and worst_rel(ld, want[2:]) <= LOSS_TOL,
+                      f"reshard exits {x.returncode} {y.returncode} {x.stderr[-300:]}"
+                      f"{y.stderr[-300:]}; exports equal {same_tensors(ex['saved'], ex['tp2'])} "
+                      f"{same_tensors(ex['saved'], ex['back'])}; tp 2 resumed {ld} vs "
+                      f"{want[2:]} {d.stderr[-300:]}")
+
+    # a tied job on the untied checkpoint, resumed or loaded, and the reverse
+    flip = run(mtnlgd, job, tpath, 1, 2, 2, "model.untie_embeddings=false",
+               f"checkpoint.dir={ck1}", steps=steps + 1)
+    ckt = os.path.join(tmp, "ck", "tied")
+    tied = run(mtnlgd, job, tpath, 1, 2, 1, f"checkpoint.dir={ckt}", steps=1)
+    back = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"checkpoint.dir={ckt}", steps=2)
+    load_ = run(mtnlgd, job, tpath, 1, 2, 1, f"checkpoint.load={saved}", steps=1)
+    failures += check("test_checkpoints_refuse_the_other_head",
+                      all(o.returncode != 0 and "untie_embeddings" in o.stderr
+                          for o in (flip, back, load_)) and tied.returncode == 0,
+                      f"untied resumed tied: exit {flip.returncode} {flip.stderr[-300:]}; tied "
+                      f"resumed untied: exit {back.returncode} {back.stderr[-300:]}; untied "
+                      f"loaded by tied: exit {load_.returncode} {load_.stderr[-300:]}")
+    return failures
+
+
+def eval_checks(evaluator, export, tmp):
+    cfg = torch_gpt.Config(N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ)
+    w = {k: v.to(torch.float64) for k, v in load(export)[0].items()}
+    doc = os.path.join(tmp, "doc.txt")
+    r = random.Random(5)
+    raw = bytes(r.randrange(32, 127) for _ in range(1000))
+    with open(doc, "wb") as f:
+        f.write(raw)
+    ids = list(raw)
+
+    def nll_of(untie):
+        nll = 0.0
+        with torch.no_grad():
+            for a in range(0, len(ids) - 1, SEQ):
+                win = ids[a:a + SEQ + 1]
+                logits, _ = torch_gpt.forward(w, cfg, torch.tensor([win[:-1]]), untie=untie)
+                logp = logits[0].log_softmax(-1)
+                nll -= float(logp[torch.arange(len(win) - 1), torch.tensor(win[1:])].sum())
+        return nll
+
+    want, tied = nll_of(True), nll_of(False)
+    out = subprocess.run([evaluator, "perplexity", export, doc, "--batch", "4", "-o", "json"],
+                         capture_output=True, text=True, timeout=120)
+    ours = json.loads(out.stdout) if out.returncode == 0 else {}
+    rel = abs(ours.get("nll", 0.0) - want) / want
+    return check("test_eval_reads_the_head",
+                 out.returncode == 0 and rel <= 1e-6 and abs(tied - want) / want > 1e-3,
+                 f"exit {out.returncode}: nll {ours.get('nll')} vs torch's {want:.10g} with "
+                 f"lm_head ({rel:.2e}), {tied:.10g} with wte {out.stderr[-300:]}")
+
+
+def main():
+    mtnlgd, job, ctl, evaluator = sys.argv[1:5]
+    failures = 0
+    r = random.Random(11)
+    tokens = [r.randrange(VOCAB) for _ in range(5 * G * SEQ + 1)]
+    with tempfile.TemporaryDirectory(prefix="mtnlg-untie-") as tmp:
+        tpath = os.path.join(tmp, "tokens.u16")
+        with open(tpath, "wb") as f:
+            f.write(array.array("H", tokens).tobytes())
+        n, export = torch_checks(mtnlgd, job, tmp, tpath, tokens)
+        failures += n
+        failures += philox_checks(mtnlgd, job, tmp, tpath)
+        failures += checkpoint_checks(mtnlgd, job, ctl, tmp, tpath)
+        failures += eval_checks(evaluator, export, tmp)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
