@@ -56,6 +56,7 @@ typedef struct layout {
   int seq_par;             /* parallel.sequence_parallel = true */
   int virtual_stages;      /* parallel.virtual_stages, 0: none */
   int global_batch;        /* 0: 8 */
+  int untie;               /* model.untie_embeddings = true */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
@@ -79,6 +80,8 @@ static int run(const layout *l, rank_log *logs) {
              l->dropout);
   if (l->n_layer)
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"n_layer\":%d", l->n_layer);
+  if (l->untie)
+    snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"untie_embeddings\":true");
   snprintf(json, sizeof json,
            "{\"name\":\"emu\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16%s},"
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
@@ -479,6 +482,44 @@ static int test_a_device_lost_to_a_fault_is_found(void) {
 }
 
 /* Arguments, if any, pick the tests whose names contain one of them. */
+/* Untied embeddings (model.untie_embeddings) in bf16 on eight emulated
+ * GPUs: the last stage's lm_head (its 16-bit working copy, vocabulary-split
+ * over tp, reduced over dp in the buckets with no tied all-reduce and no
+ * embed group) follows one CPU device's untied run as the tied model's
+ * tp 2 x pp 2 x dp 2 does, gradient norms included (each tensor counted
+ * once, lm_head on the last stage). */
+static int test_bf16_untied_3d_layout_on_gpus_follows_one_cpu(void) {
+  enum { N = 4 };
+  static rank_log cpu[1], gpu[MAX_RANKS];
+  layout l = {
+      .kind = "cpu", .precision = "bf16", .steps = N, .tp = 1, .pp = 1, .dp = 1, .untie = 1};
+  REQUIRE(!run(&l, cpu), "cpu: %s", mt_errmsg());
+  layout g = {.kind = "cuda",
+              .precision = "bf16",
+              .steps = N,
+              .tp = 2,
+              .pp = 2,
+              .dp = 2,
+              .bucket_size = 3000,
+              .untie = 1};
+  int rc = run(&g, gpu);
+  CHECK(!rc, "cuda untied tp2 pp2 dp2: %s", mt_errmsg());
+  if (rc) return 0;
+  double worst = 0.0, worst_norm = 0.0;
+  for (int w = 0; w < MAX_RANKS; w++) {
+    double r = worst_rel(&gpu[w], cpu, 0, N), nr = rank_runs_worst_norm_rel(&gpu[w], cpu, 0, N);
+    CHECK(gpu[w].n == N && r < 1e-4 && nr < 2e-3,
+          "untied rank %d: %d steps, worst loss rel %.2e, gradient norm rel %.2e vs one cpu", w,
+          gpu[w].n, r, nr);
+    if (r > worst) worst = r;
+    if (nr > worst_norm) worst_norm = nr;
+  }
+  printf("  bf16 untied tp2 pp2 dp2 on cuda:0-7 vs cpu:0: worst loss rel %.2e, gradient norm rel "
+         "%.2e\n",
+         worst, worst_norm);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   setenv("MT_CUDA_EMU_DEVICES", "8", 1);
   if (mt_device_count("cuda") < 8) {
@@ -499,6 +540,8 @@ int main(int argc, char **argv) {
       {"test_bf16_sequence_parallel_on_gpus_follows_one_cpu",
        test_bf16_sequence_parallel_on_gpus_follows_one_cpu},
       {"test_checkpoint_resume_on_gpus_is_exact", test_checkpoint_resume_on_gpus_is_exact},
+      {"test_bf16_untied_3d_layout_on_gpus_follows_one_cpu",
+       test_bf16_untied_3d_layout_on_gpus_follows_one_cpu},
       {"test_pp4_overlapped_p2p_on_gpus_matches_blocking",
        test_pp4_overlapped_p2p_on_gpus_matches_blocking},
       {"test_bf16_interleaved_on_gpus_matches_plain_1f1b",
