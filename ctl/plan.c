@@ -236,6 +236,8 @@ static int print_json(const mt_job *job, const mt_plan *plan, const char *refusa
                                 (json_int_t)(t->length_key[0] ? t->length_given : t->steps)));
   json_object_set_new(json_object_get(root, "layout"), "virtual_stages",
                       json_integer(plan->virtual_stages));
+  json_object_set_new(json_object_get(root, "model"), "untie_embeddings",
+                      json_boolean(m->untie_embeddings));
   int rc = json_dumpf(root, stdout, JSON_INDENT(2) | JSON_REAL_PRECISION(10));
   json_decref(root);
   if (rc) {

@@ -331,6 +331,54 @@ static void test_parameter_count_matches_model_table(void) {
   printf("  ok test_parameter_count_matches_model_table\n");
 }
 
+/* model.untie_embeddings: each stage of tp 2 x pp 2 (and the one stage of
+ * pp 1) holds the plan's parameters as mt_gpt_table lays them out, lm_head
+ * on the last stage in place of wte's copy (at pp 1 beside wte); the model
+ * has Vp h more than tied, and the FLOPs are the same (eq. 3 counts the
+ * head's GEMM either way). */
+static void test_untied_parameter_count_matches_model_tables(void) {
+  mt_job tied, job;
+  mt_plan tplan, plan;
+  for (int pp = 1; pp <= 2; pp++) {
+    char o_pp[32];
+    snprintf(o_pp, sizeof o_pp, "parallel.pp=%d", pp);
+    CHECK(load_tiny(&tied, o_pp, "parallel.tp=2") == MT_OK);
+    CHECK(mt_plan_compute(&tied, &a100, &tplan) == MT_OK);
+    const char *ovs[] = {o_pp, "parallel.tp=2", "model.untie_embeddings=true", NULL};
+    CHECK(mt_job_parse(&job,
+                       "{\"model\": {\"preset\": \"tiny\"}, \"parallel\": {\"micro_batch\": 2},"
+                       " \"train\": {\"global_batch\": 16, \"steps\": 1, \"lr\": {\"peak\": 1e-3}},"
+                       " \"data\": {\"path\": \"tokens.u16\"}}",
+                       "/jobs", presets, ovs) == MT_OK);
+    CHECK(mt_plan_compute(&job, &a100, &plan) == MT_OK);
+    int64_t Vh = (int64_t)plan.padded_vocab * job.model.n_embd;
+    CHECK(plan.model_params == tplan.model_params + Vh);
+    CHECK(plan.model_flops == tplan.model_flops);
+    for (int s = 0; s < pp; s++) {
+      mt_plan_stage st;
+      CHECK(mt_plan_stage_of(&job, &plan, s, &st) == MT_OK);
+      mt_gpt_config cfg = config_of(&job.model);
+      cfg.max_seq = job.model.max_positions;
+      cfg.padded_vocab = plan.padded_vocab;
+      cfg.tp_size = 2;
+      cfg.untie_embeddings = 1;
+      mt_gpt_set_stage(&cfg, pp, s, 1);
+      mt_param *t = NULL;
+      int n = 0, head = 0;
+      size_t count;
+      CHECK(mt_gpt_table(&cfg, &t, &n, &count) == MT_OK);
+      int64_t numel = 0;
+      for (int i = 0; i < n; i++) numel += (int64_t)t[i].numel;
+      head = mt_param_find(t, n, "lm_head.weight") >= 0;
+      int wte = mt_param_find(t, n, "wte.weight") >= 0;
+      free(t);
+      CHECK(st.params == numel);
+      CHECK(head == (s == pp - 1) && wte == (s == 0));
+    }
+  }
+  printf("  ok test_untied_parameter_count_matches_model_tables\n");
+}
+
 /* Activation floats a model of cfg at (B, T) lays out with n slots. */
 static int64_t model_act_bytes(mt_gpt_config cfg, mt_device *dev, int B, int T, int slots) {
   cfg.micro_slots = slots;
@@ -442,6 +490,7 @@ int main(void) {
   test_recompute_cuts_activation_memory();
   test_job_that_does_not_fit_is_refused_with_numbers();
   test_parameter_count_matches_model_table();
+  test_untied_parameter_count_matches_model_tables();
   test_plan_loader_keeps_mixed_precision();
   test_working_set_matches_model_layout();
   if (failures) {
