@@ -25,6 +25,9 @@ own, lm_head.weight, beside the token embedding wte.weight:
     init at tp 1 and at tp 2 x pp 2 x dp 2 trains alike (losses within 1e-5,
     exports within 1e-5 of the update), and the initial lm_head (step 0
     export after a step at lr 0) is N(0, init_std) and not wte;
+  - test_interleaved_layout_agrees: 4 layers in interleaved 1F1B (tp 2 x
+    pp 2, 2 virtual stages) train as on one device, the directory export's
+    lm_head in the last stage's files (each element within 1e-5);
   - test_resume_is_bit_exact: stopped after step 2 (exit_interval) at
     tp 1 x pp 2 x dp 2 and resumed, the export is the straight run's bit for
     bit; resumed under dp 1 (the ZeRO slices read under another width) it
@@ -217,8 +220,10 @@ def torch_checks(mtnlgd, job, tmp, tpath, tokens):
     out = run(mtnlgd, job, tpath, 1, 1, 1, f"model.init_from={exports[(1, 1, 1)]}")
     out2 = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"model.init_from={tied_init}")
     failures += check("test_init_from_refuses_the_other_head",
-                      out.returncode != 0 and "model.untie_embeddings" in out.stderr
-                      and out2.returncode != 0 and "model.untie_embeddings" in out2.stderr,
+                      out.returncode != 0 and "the job's model ties it to wte: set "
+                      "model.untie_embeddings" in out.stderr
+                      and out2.returncode != 0 and "an output layer of its own "
+                      "(model.untie_embeddings), the file's embeddings are tied" in out2.stderr,
                       f"untied into tied: exit {out.returncode} {out.stderr[-300:]}; tied into "
                       f"untied: exit {out2.returncode} {out2.stderr[-300:]}")
     return failures, exports[(1, 1, 1)]
@@ -250,6 +255,20 @@ def philox_checks(mtnlgd, job, tmp, tpath):
                       f"exits {o1.returncode} {o2.returncode} {out0.returncode}; losses {l1} vs "
                       f"{l2}; exports {rel:.2e} of the update apart; initial lm_head std "
                       f"{std:.4g}, {apart:.3g} of wte from it {o2.stderr[-400:]}")
+    # interleaved 1F1B: 4 layers in 4 chunks over pp 2, lm_head in the last
+    # stage's last chunk and its part of a directory export
+    four = {}
+    for tp, pp, v in ((1, 1, 1), (2, 2, 2)):
+        export = os.path.join(tmp, "philox", f"v-{tp}-{pp}-{v}/")
+        out = run(mtnlgd, job, tpath, tp, pp, 1, UNTIE, "model.n_layer=4",
+                  f"parallel.virtual_stages={v}", f"checkpoint.export={export}")
+        four[v] = (out.returncode, losses_of(out.stdout), load(export)[0], out.stderr[-400:])
+    (r1, l1, w1, _), (r2, l2, w2, err) = four[1], four[2]
+    ok = r1 == 0 and r2 == 0 and "lm_head.weight" in w2 and set(w1) == set(w2)
+    diff = max((float((w1[k] - w2[k]).abs().max()) for k in w1), default=1.0) if ok else 1.0
+    failures += check("test_interleaved_layout_agrees",
+                      ok and worst_rel(l2, l1) <= LOSS_TOL and diff < 1e-5,
+                      f"exits {r1} {r2}; losses {l1} vs {l2}; exports {diff:.2e} apart {err}")
     return failures
 
 
@@ -324,8 +343,11 @@ def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
     back = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"checkpoint.dir={ckt}", steps=2)
     load_ = run(mtnlgd, job, tpath, 1, 2, 1, f"checkpoint.load={saved}", steps=1)
     failures += check("test_checkpoints_refuse_the_other_head",
-                      all(o.returncode != 0 and "untie_embeddings" in o.stderr
-                          for o in (flip, back, load_)) and tied.returncode == 0,
+                      all(o.returncode != 0 and f"embeddings, the job's model.untie_embeddings is "
+                          f"{v}" in o.stderr for o, v in ((flip, "false"), (back, "true")))
+                      and load_.returncode != 0 and "model.untie_embeddings: the checkpoint's "
+                      "model has untied embeddings, the job's tied" in load_.stderr
+                      and tied.returncode == 0,
                       f"untied resumed tied: exit {flip.returncode} {flip.stderr[-300:]}; tied "
                       f"resumed untied: exit {back.returncode} {back.stderr[-300:]}; untied "
                       f"loaded by tied: exit {load_.returncode} {load_.stderr[-300:]}")
