@@ -38,6 +38,8 @@ own, lm_head.weight, beside the token embedding wte.weight:
     resumes to the straight run's losses;
   - test_eval_reads_the_head: mtnlg-eval's perplexity of the untied export
     is torch's with lm_head (1e-6), far from torch's with wte;
+    test_eval_generates_with_the_head: its greedy generation (the key-value
+    cache's decode) is torch's with lm_head, token for token;
   - refusals, each naming model.untie_embeddings: an untied export as
     init_from of a tied job and a tied file of an untied one, a tied
     checkpoint resumed by an untied job, and an untied checkpoint given as
@@ -379,10 +381,42 @@ def eval_checks(evaluator, export, tmp):
                          capture_output=True, text=True, timeout=120)
     ours = json.loads(out.stdout) if out.returncode == 0 else {}
     rel = abs(ours.get("nll", 0.0) - want) / want
-    return check("test_eval_reads_the_head",
-                 out.returncode == 0 and rel <= 1e-6 and abs(tied - want) / want > 1e-3,
-                 f"exit {out.returncode}: nll {ours.get('nll')} vs torch's {want:.10g} with "
-                 f"lm_head ({rel:.2e}), {tied:.10g} with wte {out.stderr[-300:]}")
+    failures = check("test_eval_reads_the_head",
+                     out.returncode == 0 and rel <= 1e-6 and abs(tied - want) / want > 1e-3,
+                     f"exit {out.returncode}: nll {ours.get('nll')} vs torch's {want:.10g} with "
+                     f"lm_head ({rel:.2e}), {tied:.10g} with wte {out.stderr[-300:]}")
+    # greedy generation with the key-value cache (mt_gpt_decode's head):
+    # torch's tokens with lm_head, up to a near tie of its two best logits.
+    # A random model whose blocks' matrices are 10 times GPT-2's initial
+    # scale (as test_eval's), so it does not repeat one token
+    rand = torch_gpt.random_weights(cfg, 31, untie=True)
+    for k, v in rand.items():
+        if k.startswith("h.") and v.dim() == 2:
+            rand[k] = v * 10.0
+    gen = os.path.join(tmp, "gen", "random.safetensors")
+    os.makedirs(os.path.dirname(gen))
+    torch_gpt.st_save(gen, rand, {**cfg.metadata(), "tie_word_embeddings": "false"})
+    w = {k: v.to(torch.float64) for k, v in rand.items()}
+    prompt, n = "The untied head", 24
+    g = subprocess.run([evaluator, "generate", gen, "--prompt", prompt, "--tokens", str(n),
+                        "--temperature", "0", "-o", "json"], capture_output=True, text=True,
+                       timeout=120)
+    got = json.loads(g.stdout)["tokens"] if g.returncode == 0 else []
+    ids, want_ids, upto = list(prompt.encode()), [], n
+    with torch.no_grad():
+        for step in range(n):
+            logits, _ = torch_gpt.forward(w, cfg, torch.tensor([ids[-SEQ:]]), untie=True)
+            top = logits[0, -1].topk(2).values
+            if upto == n and float(top[0] - top[1]) < 1e-4:
+                upto = step
+            ids.append(int(logits[0, -1].argmax()))
+            want_ids.append(ids[-1])
+    failures += check("test_eval_generates_with_the_head",
+                      g.returncode == 0 and upto >= 12 and got[:upto] == want_ids[:upto]
+                      and len(set(want_ids)) > 4,
+                      f"exit {g.returncode}: {got} vs torch's {want_ids} (compared {upto}) "
+                      f"{g.stderr[-300:]}")
+    return failures
 
 
 def main():
