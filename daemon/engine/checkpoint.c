@@ -1087,11 +1087,10 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
     if (saved && !failed && was_untied != ms->untie_embeddings) {
       failed = CHECK_DAMAGED;
       snprintf(err, sizeof err,
-               "resume: %s was saved by a model with %s embeddings, the job's model.%s is %s: "
-               "another model (start it with a checkpoint.dir of its own, or model.init_from an "
-               "export)",
-               c.dir, was_untied ? "untied" : "tied", "untie_embeddings",
-               ms->untie_embeddings ? "true" : "false");
+               "resume: %s was saved by a model with %s embeddings, the job's "
+               "model.untie_embeddings is %s: another model (start it with a checkpoint.dir of "
+               "its own, or model.init_from an export)",
+               c.dir, was_untied ? "untied" : "tied", ms->untie_embeddings ? "true" : "false");
     }
   }
   uint64_t lo, n;

@@ -99,7 +99,8 @@ typedef struct mt_groups {
    * the ends of the pipeline. */
   mt_comm *act_in, *grad_out; /* with the stage before: its output, our input's gradient */
   mt_comm *act_out, *grad_in; /* with the stage after: our output, its gradient */
-  mt_comm *embed;             /* first and last stage of a replica: the tied embedding's gradient */
+  mt_comm *embed;             /* first and last stage of a replica: the tied embedding's gradient
+                                 (NULL with model.untie_embeddings: no copy to sum) */
   int dp_rank, dp_size, pp_rank, pp_size, tp_rank, tp_size;
 } mt_groups;
 

@@ -1237,7 +1237,7 @@ static int st_new_writer(mt_gpt_export *e, int k) {
 }
 
 /* The stage of each of the whole model's tensors (table order: wte and
- * wpe, the blocks, ln_f): a block's is the stage its layer begins in;
+ * wpe, the blocks, ln_f, an untied lm_head): a block's is the stage its layer begins in;
  * before the first block stage 0, after the last the last stage. */
 static void st_stages(mt_gpt_export *e, const mt_gpt_export_plan *plan) {
   int pp = plan->pp > 1 && plan->stage_begin ? plan->pp : 1, blocks = 0;

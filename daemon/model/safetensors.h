@@ -140,7 +140,7 @@ typedef struct mt_gpt_export_plan {
   /* pipeline stages (0 or 1: none); with more, no file holds tensors of
    * two stages, so each stage's files can be written by a rank of that
    * stage. stage_begin[s]: stage s's first block; wte and wpe are stage
-   * 0's, ln_f the last stage's. */
+   * 0's, ln_f (and an untied lm_head) the last stage's. */
   int pp;
   const int *stage_begin;
   /* -1: every tensor; open prepares the directory (the old index removed

@@ -32,6 +32,9 @@ own, lm_head.weight, beside the token embedding wte.weight:
     tp 1 x pp 2 x dp 2 and resumed, the export is the straight run's bit for
     bit; resumed under dp 1 (the ZeRO slices read under another width) it
     follows within 1e-5;
+  - test_checkpoint_load_under_another_layout_is_init_from_its_export:
+    checkpoint.load of the tp 1 x pp 2 checkpoint by an untied job at
+    tp 2 x pp 1 trains as model.init_from its `ckpt export` does;
   - test_reshard_and_export_round_trip: `mtnlgctl ckpt reshard` to
     tp 2 x pp 1 and back to tp 1 x pp 2: `mtnlgctl ckpt export` of each is
     the original's export bit for bit (lm_head too), and the tp 2 one
@@ -317,6 +320,7 @@ def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
     y = subprocess.run([ctl, "ckpt", "reshard", r2, r3, "--tp", "1", "--pp", "2"],
                        capture_output=True, text=True)
     ex = {}
+    saved_export = os.path.join(tmp, "ck", "export-saved", "w.safetensors")
     for name, d in (("saved", saved), ("tp2", r2), ("back", r3)):
         path = os.path.join(tmp, "ck", f"export-{name}", "w.safetensors")
         os.makedirs(os.path.dirname(path))
@@ -336,6 +340,18 @@ def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
                       f"{y.stderr[-300:]}; exports equal {same_tensors(ex['saved'], ex['tp2'])} "
                       f"{same_tensors(ex['saved'], ex['back'])}; tp 2 resumed {ld} vs "
                       f"{want[2:]} {d.stderr[-300:]}")
+
+    # checkpoint.load of the untied checkpoint (tp 1 x pp 2) by an untied job
+    # at tp 2 x pp 1: each rank reads its lm_head slice from the saved
+    # layout's files; the same run as model.init_from its export
+    ld = run(mtnlgd, job, tpath, 2, 1, 1, UNTIE, f"checkpoint.load={saved}", steps=2)
+    ie = run(mtnlgd, job, tpath, 2, 1, 1, UNTIE, f"model.init_from={saved_export}", steps=2)
+    failures += check("test_checkpoint_load_under_another_layout_is_init_from_its_export",
+                      ld.returncode == 0 and ie.returncode == 0
+                      and len(losses_of(ld.stdout)) == 2
+                      and losses_of(ld.stdout) == losses_of(ie.stdout),
+                      f"exits {ld.returncode} {ie.returncode}: load {losses_of(ld.stdout)}, "
+                      f"init_from {losses_of(ie.stdout)} {ld.stderr[-300:]}")
 
     # a tied job on the untied checkpoint, resumed or loaded, and the reverse
     flip = run(mtnlgd, job, tpath, 1, 2, 2, "model.untie_embeddings=false",
