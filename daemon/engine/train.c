@@ -217,7 +217,7 @@ static int start_buckets(void *ctx, int l) {
 
 int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   if (tr->data && n_train <= tr->data_train_samples) return 0;
-  if (!tr->reads_tokens) return 0; /* a middle stage reads no tokens */
+  if (!tr->reads_tokens) return 0; /* a middle stage reads no tokens without the mask key */
   const mt_job *job = tr->job;
   uint64_t G = (uint64_t)job->train.global_batch;
   /* Megatron's sizes: eval.iters batches for each validation in the run
@@ -233,6 +233,12 @@ int mt_trainer_data_reach(mt_trainer *tr, uint64_t n_train) {
   /* data that cannot be read fails the job, not a peer (node.c report_kind):
    * a new generation would fail on it again */
   if (rc == MT_EIO || rc == MT_ENOENT) rc = MT_EINVAL;
+  if (rc && tr->reads_for_documents) { /* why a middle stage opened it at all */
+    char why[512];
+    snprintf(why, sizeof why, "%s", mt_errmsg());
+    return mt_seterr(rc, "%s (every pipeline stage reads the data with data.reset_attention_mask)",
+                     why);
+  }
   if (rc) return rc;
   mt_data_source_free(tr->data);
   tr->data = d;
@@ -312,6 +318,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   /* with documents in the attention every stage needs its micro-batches'
    * tokens (see stage_forward) */
   tr->reads_tokens = first || last || job->data.reset_attention_mask;
+  tr->reads_for_documents = !first && !last && job->data.reset_attention_mask;
   rc = mt_trainer_data_reach(tr, (uint64_t)mt_job_samples_of(job, 0, job->train.steps));
   if (!rc) rc = mt_gpt_create(&tr->model, &cfg, dev, B, T);
   if (rc) {
@@ -613,8 +620,10 @@ static int stage_forward(pipe_run *r, const mt_pipe_op *o, const void *x_wire) {
   int rc = wait_act_sends(r, o->chunk, j - m->n_slots, ACT_SENDS);
   /* data.reset_attention_mask: every stage's attention needs the documents
    * of its micro-batch, and each stage reads its tokens itself, as every
-   * stage of Megatron's pipeline builds its own attention mask from them
-   * (get_batch): which samples a micro-batch holds is a function of the
+   * stage of Megatron's pipeline built its own attention mask from them
+   * (get_batch) in MT-NLG's time; current Megatron-LM's get_batch passes no
+   * mask to middle pipeline stages (the key is silently lost there), while
+   * mtnlg masks on every stage. Which samples a micro-batch holds is a function of the
    * step alone, so nothing more travels with the activations (whose wire
    * format, 16-bit or not, sequence-parallel or not, stays as it is) */
   int docs = m->cfg.reset_attention_mask;
@@ -935,7 +944,8 @@ uint64_t mt_eval_first_batch(const mt_job *job, int64_t step, int end_of_trainin
 }
 
 int mt_trainer_has_test(mt_trainer *tr, int *has) {
-  /* only the first and last stages open the data; they open it alike */
+  /* only the stages that read tokens open the data (the first and the last,
+   * every stage with data.reset_attention_mask); they open it alike */
   double v[2] = {tr->data && mt_data_source_has_test(tr->data), tr->data != NULL};
   int rc = 0;
   if (tr->g.world) rc = mt_comm_allreduce(tr->g.world, v, v, 2, MT_COMM_F64, MT_COMM_SUM);

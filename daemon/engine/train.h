@@ -148,7 +148,9 @@ typedef struct mt_trainer {
   int grads_block0; /* during a backward: model's block index of its chunk's block 0 */
   mt_adamw opt;
   mt_data_source *data;        /* first and last stages only (the others read no tokens) */
-  int reads_tokens;            /* the stage is the first or the last: it has data */
+  int reads_tokens;            /* the stage opens the data: the first or the last, or any
+                                  with data.reset_attention_mask */
+  int reads_for_documents;     /* a middle stage that opens it for reset_attention_mask alone */
   uint64_t data_train_samples; /* training samples data was sized for */
   mt_groups g;
   int64_t step;                   /* steps taken */

@@ -527,6 +527,12 @@ static int alloc_acts(mt_gpt *m) {
   m->host_losses = malloc(3 * (size_t)m->B * m->T * sizeof(float));
   if (!m->host_losses)
     return mt_seterr(MT_ENOMEM, "gpt: host copies of %zu losses", 3 * (size_t)m->B * m->T);
+  if (m->cfg.reset_attention_mask || (m->cfg.reset_position_ids && m->first)) {
+    m->host_docs = malloc(2 * (size_t)m->B * m->T * sizeof *m->host_docs);
+    if (!m->host_docs)
+      return mt_seterr(MT_ENOMEM, "gpt: host copies of %zu document positions",
+                       2 * (size_t)m->B * m->T);
+  }
   plan_acts(m, m->act_plan, m->n_slots, m->acts, lent(m));
   return 0;
 }
@@ -656,6 +662,7 @@ void mt_gpt_destroy(mt_gpt *m) {
     mt_device_free(m->dev, m->acts);
   }
   free(m->host_losses);
+  free(m->host_docs);
   free(m->vec_offset);
   act_plan *slots = m->act_plan;
   for (int k = 0; slots && k < m->n_slots; k++) {
@@ -1053,20 +1060,18 @@ void mt_gpt_documents(const int32_t *tokens, int T, int32_t eod, int32_t *pos, i
   }
 }
 
-/* The documents of the micro-batch's B samples of inputs (host): their
- * positions and starts into p's device buffers, those it has. */
+/* The documents of the micro-batch's B samples of inputs (host), into those
+ * of p's device buffers it has: the position ids (the first stage) and the
+ * rows' starts (every stage), through the model's host buffer. */
 static int upload_documents(mt_gpt *m, act_plan *p, const int32_t *inputs) {
   size_t BT = (size_t)m->B * m->T;
-  int32_t *host = malloc(2 * BT * sizeof *host); /* positions, then starts */
-  if (!host) return mt_seterr(MT_ENOMEM, "gpt: %zu document positions", BT);
-  for (int b = 0; b < m->B; b++)
-    mt_gpt_documents(inputs + (size_t)b * m->T, m->T, m->cfg.eod_token, host + (size_t)b * m->T,
-                     host + BT + (size_t)b * m->T);
+  int32_t *pos = p->pos_ids ? m->host_docs : NULL, *start = p->doc_start ? m->host_docs + BT : NULL;
+  for (size_t o = 0; o < BT; o += (size_t)m->T)
+    mt_gpt_documents(inputs + o, m->T, m->cfg.eod_token, pos ? pos + o : NULL,
+                     start ? start + o : NULL);
   int rc = 0;
-  if (p->pos_ids) rc = mt_device_memcpy_htod(m->dev, p->pos_ids, host, BT * sizeof *host);
-  if (!rc && p->doc_start)
-    rc = mt_device_memcpy_htod(m->dev, p->doc_start, host + BT, BT * sizeof *host);
-  free(host);
+  if (pos) rc = mt_device_memcpy_htod(m->dev, p->pos_ids, pos, BT * sizeof *pos);
+  if (!rc && start) rc = mt_device_memcpy_htod(m->dev, p->doc_start, start, BT * sizeof *start);
   return rc;
 }
 
@@ -1098,7 +1103,9 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   size_t n_loss = 0; /* the loss is the mean over the targets not masked out */
   for (size_t i = 0; targets && i < BT; i++) n_loss += targets[i] != MT_TARGET_IGNORE;
   int rc = 0;
-  if (inputs) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
+  /* only the first stage reads the tokens on the device; a stage after it is
+   * given them (reset_attention_mask) for the starts alone */
+  if (m->first) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
   if (!rc && targets) rc = mt_device_memcpy_htod(d, p->targets, targets, BT * sizeof(int32_t));
   if (rc) return rc;
   if (inputs && (p->pos_ids || p->doc_start) && (rc = upload_documents(m, p, inputs))) return rc;

@@ -179,6 +179,8 @@ typedef struct mt_gpt {
   float last_loss;                   /* mean loss of the last forward (last stage) over
                                         its unmasked targets */
   float *host_losses;                /* host, 3 * B * T: the losses read back each forward */
+  int32_t *host_docs;                /* host, 2 * B * T: the position ids, then the
+                                        starts, a forward uploads (NULL: no reset key) */
   uint64_t seed;                     /* dropout masks derive from it (set by init_weights) */
   int training;                      /* 1: dropout on (default); 0: evaluation */
   int first, last;                   /* this stage holds the embeddings / the head */
