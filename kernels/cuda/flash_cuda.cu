@@ -11,7 +11,12 @@
  * padded with zeros to D (64, 128, 160 or 256) in shared memory: 160 is
  * MT-NLG 530B's head size, which 256 would pad with 60% more products;
  * and the dK/dV kernel's accumulators, D floats a lane, fit the registers
- * at 160 (no spills) where at 256 they spill. Row work on a
+ * at 160 (no spills) where at 256 they spill. ptxas -v (CUDA 13, -O3) with
+ * the documents' per-row starts: k_flash_bwd_kv<·,160,4> uses 253/254
+ * registers (bf16, sm_80/sm_90; 254/254 before them) and 244/244 (fp16;
+ * 244/242 before), no spill stores or loads (the bf16 build's 16-byte
+ * stack frame was there before them too); <·,256,2> spills 356-576 bytes.
+ * Row work on a
  * warp's 16 × R scores goes through shared memory, a lane pair per row.
  *
  * Forward (k_flash_fwd): two sweeps over the key tiles up to the diagonal:

@@ -1853,7 +1853,7 @@ int main(int argc, char **argv) {
     test_flash_attention(fodd, MT_BF16, 1);
     /* the same within documents (doc_start): the fp32 chunks, and the flash
      * kernels with whole key tiles before a query tile's rows (T 70 in
-     * tiles of 64 and of 32 rows) */
+     * tiles of 64 and of 32 rows), at head sizes 32, 144 and 200 */
     with_docs = 1;
     shape docs3 = {3, 70, 32, 2, 37, 40};
     test_attention(docs3, MT_MATMUL_FP32, 0);
@@ -1861,6 +1861,8 @@ int main(int argc, char **argv) {
     test_attention(rows, MT_MATMUL_FP32, 1);
     test_flash_attention(docs3, MT_BF16, 0);
     test_flash_attention(docs3, MT_F16, 1);
+    shape d160 = {3, 70, 144, 1, 37, 40}; /* MT-NLG's width padded to 160, in tiles of 64 */
+    test_flash_attention(d160, MT_F16, 1);
     shape d256 = {3, 70, 200, 1, 37, 40};
     test_flash_attention(d256, MT_BF16, 1);
     with_docs = 0;
