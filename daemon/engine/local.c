@@ -42,6 +42,7 @@ typedef struct rank_ctx {
   int *first_failed;          /* local index of the rank whose failure came first, -1 while none */
   volatile int *cancel;       /* set on a failure: waits for peers in the store give up */
   int *running;               /* ranks of this process still running */
+  int *joining;               /* ranks of this process still making their groups */
   int n_local;                /* ranks of this process: all[0 .. n_local) */
   char ckpt_dir[1200];        /* this job's checkpoints, or "" */
   mt_checkpoint_save pending; /* an async save in flight */
@@ -575,6 +576,8 @@ static void *rank_main(void *arg) {
   int rc = mt_device_open(&dev, spec);
   have_dev = !rc;
   if (!rc) rc = make_groups(c, &g, &dev);
+  int joined = !rc;
+  __atomic_fetch_sub(c->joining, 1, __ATOMIC_ACQ_REL);
   if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, &g);
   have_tr = !rc;
   if (!rc) rc = rank_loop(c, &tr);
@@ -584,6 +587,18 @@ static void *rank_main(void *arg) {
     int none = -1;
     __atomic_compare_exchange_n(c->first_failed, &none, (int)(c - c->all), 0, __ATOMIC_ACQ_REL,
                                 __ATOMIC_ACQUIRE);
+    /* a rank of this process still making its groups may be past the
+     * store, in gloo's connect to a peer whose own join the flag below
+     * would cut short: that connect waits out the whole deadline, as
+     * nothing wakes it. A rank that made its groups (so no peer here
+     * waits for its keys) lets the others finish theirs first, a bounded
+     * while: one still waiting for a node that never comes is cancelled. */
+    for (int waited = 0;
+         joined && waited < 10000 && __atomic_load_n(c->joining, __ATOMIC_ACQUIRE) > 0;
+         waited += 10) {
+      struct timespec ts = {0, 10 * 1000 * 1000};
+      nanosleep(&ts, NULL);
+    }
     /* the others would wait for this rank until their deadline. Many
      * failures are agreed on by every rank (a checkpoint that cannot load):
      * let the others leave their last collective on their own first, since
@@ -656,6 +671,7 @@ struct mt_local {
   cancel_store cs; /* what the ranks use: store, cancelled when a rank fails */
   volatile int cancel;
   int running; /* ranks not yet ended */
+  int joining; /* ranks not yet past making their groups */
   /* held by mt_local_abort while it touches the ranks' comms, and by
    * mt_local_close while it takes one out to destroy it */
   pthread_mutex_t comms_mu;
@@ -776,12 +792,15 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
                              .omp_threads = cores / n > 0 ? cores / n : 1,
                              .first_failed = &l->first_failed,
                              .cancel = &l->cancel,
-                             .running = &l->running};
+                             .running = &l->running,
+                             .joining = &l->joining};
     memcpy(l->ranks[k].ckpt_dir, ckpt_dir, sizeof ckpt_dir); /* checked above */
     __atomic_fetch_add(&l->running, 1, __ATOMIC_ACQ_REL);
+    __atomic_fetch_add(&l->joining, 1, __ATOMIC_ACQ_REL);
     if (pthread_create(&l->threads[k], NULL, rank_main, &l->ranks[k]))
       rc = mt_seterr(MT_ENOMEM, "local: cannot start the thread of rank %d", r0 + k),
-      __atomic_fetch_sub(&l->running, 1, __ATOMIC_ACQ_REL);
+      __atomic_fetch_sub(&l->running, 1, __ATOMIC_ACQ_REL),
+      __atomic_fetch_sub(&l->joining, 1, __ATOMIC_ACQ_REL);
     else
       l->started++;
   }
