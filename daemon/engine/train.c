@@ -173,17 +173,49 @@ static double slice_sumsq(mt_trainer *tr, const mt_sumsq_span *spans, const floa
   return d->ops->sumsq_multi(d, spans, tr->n_norm_spans);
 }
 
-/* The zeros of this rank's gradient slice (train.log_num_zeros_in_grad),
- * over the spans its Σ g² counts, so every parameter counts once over the
- * world as in Megatron's count_zeros_fp32: the tied embedding's second
- * copy and tp-replicated tensors left out. A count in double, exact below
- * 2^53, so it rides in the step's all-reduce; a failed device's -1 is
- * told by its sync. */
-static double slice_zeros(mt_trainer *tr, const float *grad) {
+/* The spans of this rank's gradient slice the zero count reads
+ * (train.log_num_zeros_in_grad), so that every real parameter counts once
+ * over the world, whatever the layout, as Megatron's count_zeros_fp32 over
+ * its parameters: a tensor (or its part in the slice) each, never the whole
+ * slice, so the 16-float alignment gaps between tensors and the ZeRO tail
+ * are not counted; the norm's tensors (the tied embedding's second copy and
+ * tp-replicated tensors left out), and of the vocabulary tensors (wte, an
+ * untied lm_head) only the rows of real tokens: the softmax runs over the
+ * vocabulary's V tokens, so the padded rows' gradient is always 0, and
+ * their number depends on tp (Vp a multiple of vocab_pad_to tp). Each tp
+ * rank holds rows [shard_off, shard_off + Vp / tp), a prefix of which is
+ * real. Made once, as the norm's. */
+static int make_zero_spans(mt_trainer *tr) {
+  mt_gpt *m = &tr->model;
+  size_t lo = tr->shard_lo, hi = lo + tr->shard_n;
+  int skip = m->last && !m->first ? m->i_wte : -1;
+  int skip_replicated = tr->g.tp_rank > 0;
+  size_t V = (size_t)m->cfg.vocab_size;
+  tr->zero_spans = calloc((size_t)m->n_tensors + 1, sizeof *tr->zero_spans);
+  if (!tr->zero_spans) return mt_seterr(MT_ENOMEM, "train: %d gradient zero spans", m->n_tensors);
+  for (int i = 0; i < m->n_tensors; i++) {
+    const mt_param *p = &m->params_table[i];
+    if (i == skip || (skip_replicated && p->shard == MT_SHARD_NONE)) continue;
+    mt_param real = *p;
+    if (i == m->i_wte || i == m->i_head) {
+      size_t rows = V > p->shard_off ? V - p->shard_off : 0;
+      if (rows < p->shape[0]) real.numel = rows * p->shape[1];
+    }
+    size_t a, b;
+    if (mt_param_overlap(&real, lo, hi, &a, &b))
+      tr->zero_spans[tr->n_zero_spans++] = (mt_sumsq_span){m->grads + a, b - a};
+  }
+  return 0;
+}
+
+/* The zeros of this rank's gradient slice (train.log_num_zeros_in_grad)
+ * over make_zero_spans' spans. A count in double, exact below 2^53, so it
+ * rides in the step's all-reduce; a failed device's -1 is told by its
+ * sync. */
+static double slice_zeros(mt_trainer *tr) {
   mt_device *d = tr->dev;
-  mt_sumsq_span whole = {grad, tr->shard_n};
-  if (!tr->norm_spans) return (double)d->ops->count_zeros(d, &whole, 1);
-  return (double)d->ops->count_zeros(d, tr->norm_spans, tr->n_norm_spans);
+  if (!tr->n_zero_spans) return 0.0;
+  return (double)d->ops->count_zeros(d, tr->zero_spans, tr->n_zero_spans);
 }
 
 /* The norm of the master weights after an update (Megatron's
@@ -375,6 +407,7 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
     rc = mt_adamw_create(&tr->opt, &tr->model, tr->shard_lo, tr->shard_n, job->train.beta1,
                          job->train.beta2, job->train.adam_eps, job->train.weight_decay);
   if (!rc) rc = make_norm_spans(tr);
+  if (!rc && job->train.log_num_zeros_in_grad) rc = make_zero_spans(tr);
   if (!rc) {
     tr->inputs = malloc(2 * (size_t)B * T * sizeof(int32_t));
     if (!tr->inputs)
@@ -401,6 +434,7 @@ void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->buckets);
   free(tr->norm_spans);
   free(tr->pnorm_spans);
+  free(tr->zero_spans);
   if (tr->chunks != &tr->model) {
     for (int c = 0; c < tr->n_chunks; c++) mt_gpt_destroy(&tr->chunks[c]);
     free(tr->chunks);
@@ -815,7 +849,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
   double sumsq = slice_sumsq(tr, tr->norm_spans, grad);
   if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
-  double zeros = job->train.log_num_zeros_in_grad ? slice_zeros(tr, grad) : 0.0;
+  double zeros = job->train.log_num_zeros_in_grad ? slice_zeros(tr) : 0.0;
   /* ops cannot fail, so a fault one of this step's kernels met (a failed
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */

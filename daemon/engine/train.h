@@ -175,6 +175,11 @@ typedef struct mt_trainer {
   mt_sumsq_span *norm_spans;
   int n_norm_spans;
   mt_sumsq_span *pnorm_spans; /* the same spans over the master weights (log_params_norm) */
+  /* train.log_num_zeros_in_grad: the gradients the zero count reads, a
+   * tensor's real elements in the slice each (never the whole slice: no
+   * alignment gap, ZeRO tail or padded vocabulary row) */
+  mt_sumsq_span *zero_spans;
+  int n_zero_spans;
   /* receive buffers, two of each so the next operation's can be posted
    * while the stage computes with the current one (a kind's receives take
    * them in turn) */

@@ -30,6 +30,17 @@ the runs are set) and counts each step's zero gradient elements. Checked:
     optimizer returns no count for a skipped step) their lines say nothing,
     the applied steps' do;
   - test_turning_it_on_for_a_resume_is_no_change_to_the_run.
+A second model has what the tiny one lacks, a padded vocabulary (250 real
+tokens, 256 rows of wte at tp 1 and at tp 2) and alignment gaps (n_embd
+40: every vector of 40 or 120 floats is followed by a gap to the next 16,
+and the ZeRO slices end in a tail): the padded rows' gradient is always 0
+(the softmax is over the 250 real tokens) and torch's model has no such
+rows or gaps, so a count that read them would differ with the layout:
+  - test_padded_tp1_..., test_padded_tp2_pp2_dp2_..., test_padded_tp1_pp1_dp3_
+    num_zeros_are_torchs: every step's count equals torch's float64 count
+    over the real parameters;
+  - test_padded_untied_tp2_pp2_dp1_num_zeros_are_torchs: with
+    model.untie_embeddings lm_head's padded rows (on the last stage) too.
 Exit 77 (skip) without torch.
 """
 import array
@@ -89,7 +100,7 @@ def make_tokens():
     return [r.randrange(USED) for _ in range(STEPS * G * SEQ + 1)]
 
 
-def torch_zeros(weights, cfg, tokens):
+def torch_zeros(weights, cfg, tokens, g=G, untie=False):
     """Each step's zero gradient elements, in float64 (AdamW as the runs)."""
     p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
     groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
@@ -102,22 +113,22 @@ def torch_zeros(weights, cfg, tokens):
     for s in range(STEPS):
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for m in range(G // B):
-            k0 = s * G + m * B
+        for m in range(g // B):
+            k0 = s * g + m * B
             rows = torch.stack([tok[k * SEQ:k * SEQ + SEQ + 1] for k in range(k0, k0 + B)])
-            _, loss = torch_gpt.forward(p, cfg, rows[:, :-1], rows[:, 1:])
-            total = total + loss / (G // B)
+            _, loss = torch_gpt.forward(p, cfg, rows[:, :-1], rows[:, 1:], untie=untie)
+            total = total + loss / (g // B)
         total.backward()
         counts.append(sum(int((t.grad == 0).sum()) for t in p.values()))
         opt.step()
     return counts
 
 
-def run(mtnlgd, job, tokens, init, tp, pp, dp, *sets, fmt="json", zeros=True):
+def run(mtnlgd, job, tokens, init, tp, pp, dp, *sets, fmt="json", zeros=True, g=G):
     cmd = [mtnlgd, "--standalone", job, "--log-format", fmt,
            "--set", f"data.path={tokens}", "--set", f"model.init_from={init}",
            "--set", f"model.max_positions={MAXPOS}",
-           "--set", f"train.steps={STEPS}", "--set", f"train.global_batch={G}",
+           "--set", f"train.steps={STEPS}", "--set", f"train.global_batch={g}",
            "--set", f"parallel.micro_batch={B}", "--set", f"parallel.tp={tp}",
            "--set", f"parallel.pp={pp}", "--set", f"parallel.dp_min={dp}",
            "--set", "train.lr.schedule=constant", "--set", f"train.lr.peak={LR}",
@@ -137,6 +148,40 @@ def run(mtnlgd, job, tokens, init, tp, pp, dp, *sets, fmt="json", zeros=True):
 
 def records(out):
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+PAD_EMBD, PAD_VOCAB, PAD_G = 40, 250, 12  # 250 pads to 256; 40-float vectors leave gaps
+
+
+def padded_case(mtnlgd, job, tmp):
+    """The padded vocabulary and alignment gaps at three layouts (tp, dp
+    and the ZeRO slices differ), and the untied head once."""
+    failures = 0
+    cfg = torch_gpt.Config(N_LAYER, PAD_EMBD, N_HEAD, PAD_VOCAB, SEQ)
+    r = random.Random(12)
+    tokens = [r.randrange(PAD_VOCAB) for _ in range(STEPS * PAD_G * SEQ + 1)]
+    tpath = os.path.join(tmp, "tokens-250.u16")
+    with open(tpath, "wb") as f:
+        f.write(array.array("H", tokens).tobytes())
+    sets = (f"model.n_embd={PAD_EMBD}", f"model.vocab_size={PAD_VOCAB}")
+    for untie, layouts in ((False, ((1, 1, 1), (2, 2, 2), (1, 1, 3))), (True, ((2, 2, 1),))):
+        w = torch_gpt.random_weights(cfg, 98, untie=untie)
+        g = torch.Generator().manual_seed(6)
+        extra = (0.02 * torch.randn(MAXPOS - SEQ, PAD_EMBD, generator=g)).to(torch.float32)
+        w["wpe.weight"] = torch.cat([w["wpe.weight"], extra])
+        want = torch_zeros(w, cfg, tokens, PAD_G, untie)
+        init = os.path.join(tmp, f"init-250-{int(untie)}.safetensors")
+        torch_gpt.st_save(init, w, {**cfg.metadata(), **({"tie_word_embeddings": "false"}
+                                                         if untie else {})})
+        name = "padded_untied" if untie else "padded"
+        more = sets + (("model.untie_embeddings=true",) if untie else ())
+        for tp, pp, dp in layouts:
+            out = run(mtnlgd, job, tpath, init, tp, pp, dp, *more, g=PAD_G)
+            got = [r.get("num_zeros") for r in records(out)]
+            failures += check(f"test_{name}_tp{tp}_pp{pp}_dp{dp}_num_zeros_are_torchs",
+                              out.returncode == 0 and got == want,
+                              f"exit {out.returncode}: mtnlgd {got}, torch {want}")
+    return failures
 
 
 def main():
@@ -194,6 +239,7 @@ def main():
                           and "log_num_zeros_in_grad" in said[0]
                           and [r.get("num_zeros") for r in records(second)] == want[2:],
                           f"{said} {[r.get('num_zeros') for r in records(second)]}")
+        failures += padded_case(mtnlgd, job, tmp)
     print("%d failure(s)" % failures)
     sys.exit(1 if failures else 0)
 
