@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -152,21 +153,43 @@ static void put_pair(pbuf *summary, pbuf *vs, const char *tag, double v) {
  * s samples on, too: those of the steps before s that read more than s
  * samples, which the model did follow. Those points, read back from the
  * directory's files as the loader reads them, are written again after the
- * start. */
+ * start. A start is written only on a rollback: where the directory, read
+ * so, shows a per-step point at s or past it. */
 
-#define CARRY_TAGS 32
 #define VS_SUFFIX " vs samples"
+
+/* The "vs samples" tags this writer writes (put_pair's), the only ones
+ * carried: a foreign file's tags are never written again. */
+static const char *const vs_tags[] = {
+    "learning-rate" VS_SUFFIX,
+    "batch-size" VS_SUFFIX,
+    "lm loss" VS_SUFFIX,
+    "loss-scale" VS_SUFFIX,
+    "world-size" VS_SUFFIX,
+    "grad-norm" VS_SUFFIX,
+    "num-zeros" VS_SUFFIX,
+    "params-norm" VS_SUFFIX,
+    "lm loss validation" VS_SUFFIX,
+    "lm loss validation ppl" VS_SUFFIX,
+    "lm loss test" VS_SUFFIX,
+    "lm loss test ppl" VS_SUFFIX,
+};
+#define N_VS_TAGS ((int)(sizeof vs_tags / sizeof vs_tags[0]))
+/* the per-step tag every step's event holds: its step is a step's */
+#define STEP_TAG "learning-rate"
 
 typedef struct vs_point {
   int64_t step; /* samples */
   float v;
-  int tag; /* index into carry.tags */
+  int tag; /* index into vs_tags */
 } vs_point;
 
 typedef struct carry {
   int64_t lo, hi; /* the samples kept: [lo, hi] */
-  char tags[CARRY_TAGS][64];
-  int n_tags;
+  int collect;    /* 0: only last_step is read */
+  /* the last per-step point the loader shows (STEP_TAG's step), at most:
+   * a session start at t leaves it below t; -1: none */
+  int64_t last_step;
   vs_point *p;
   size_t n, cap;
   int failed; /* out of memory: nothing is written again */
@@ -209,13 +232,8 @@ static int next_field(const unsigned char **at, const unsigned char *end, int *f
 
 static void carry_add(carry *c, int64_t step, const unsigned char *tag, size_t n, float v) {
   int k = 0;
-  while (k < c->n_tags && (strlen(c->tags[k]) != n || memcmp(c->tags[k], tag, n))) k++;
-  if (k == c->n_tags) {
-    if (k == CARRY_TAGS || n >= sizeof c->tags[0]) return; /* none of ours */
-    memcpy(c->tags[k], tag, n);
-    c->tags[k][n] = 0;
-    c->n_tags++;
-  }
+  while (k < N_VS_TAGS && (strlen(vs_tags[k]) != n || memcmp(vs_tags[k], tag, n))) k++;
+  if (k == N_VS_TAGS) return; /* none of ours */
   if (c->n == c->cap) {
     size_t cap = c->cap ? 2 * c->cap : 1024;
     vs_point *p = realloc(c->p, cap * sizeof *p);
@@ -229,7 +247,8 @@ static void carry_add(carry *c, int64_t step, const unsigned char *tag, size_t n
 }
 
 /* One Event: a session start drops the points at and past its step, a
- * summary adds its "vs samples" values in [lo, hi]. */
+ * summary adds its "vs samples" values in [lo, hi] (collecting) and moves
+ * last_step to a per-step event's step. */
 static void carry_event(carry *c, const unsigned char *at, const unsigned char *end) {
   int64_t step = 0;
   const unsigned char *summary = NULL, *session = NULL;
@@ -248,13 +267,15 @@ static void carry_event(carry *c, const unsigned char *at, const unsigned char *
     const unsigned char *s = session, *s_end = session + session_n;
     while (s < s_end && !next_field(&s, s_end, &field, &wire, &val, &len, &num))
       if (field == 1 && wire == 0 && num == 1) { /* START */
+        if (c->last_step >= step) c->last_step = step - 1;
         size_t kept = 0;
         for (size_t i = 0; i < c->n; i++)
           if (c->p[i].step < step) c->p[kept++] = c->p[i];
         c->n = kept;
       }
   }
-  if (!summary || step < c->lo || step > c->hi) return;
+  if (!summary) return;
+  int in_range = c->collect && step >= c->lo && step <= c->hi;
   const unsigned char *s = summary, *s_end = summary + summary_n;
   while (s < s_end && !next_field(&s, s_end, &field, &wire, &val, &len, &num)) {
     if (field != 1 || wire != 2) continue;
@@ -272,23 +293,37 @@ static void carry_event(carry *c, const unsigned char *at, const unsigned char *
         has_x = 1;
       }
     }
-    size_t sl = sizeof VS_SUFFIX - 1;
-    if (tag && has_x && tag_n > sl && !memcmp(tag + tag_n - sl, VS_SUFFIX, sl))
-      carry_add(c, step, tag, tag_n, x);
+    if (tag && tag_n == sizeof STEP_TAG - 1 && !memcmp(tag, STEP_TAG, tag_n) && step > c->last_step)
+      c->last_step = step;
+    if (in_range && tag && has_x) carry_add(c, step, tag, tag_n, x);
   }
 }
 
 /* The records of one events file, in order; a torn or bad record ends it
- * (as TensorBoard stops reading a file there). */
+ * (as TensorBoard stops reading a file there), one too long to be ours is
+ * passed over. Opened without blocking and read only if it is a regular
+ * file: a FIFO of that name would hold the writer's thread. */
 static void carry_file(carry *c, const char *path) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return;
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return;
+  struct stat sb;
+  FILE *f = fstat(fd, &sb) || !S_ISREG(sb.st_mode) ? NULL : fdopen(fd, "rb");
+  if (!f) {
+    close(fd);
+    return;
+  }
   unsigned char head[12], *data = NULL;
   size_t cap = 0;
   while (!c->failed && fread(head, 1, 12, f) == 12) {
     uint64_t n = 0;
+    uint32_t hc = 0;
     for (int i = 0; i < 8; i++) n |= (uint64_t)head[i] << (8 * i);
-    if (n > (1u << 26)) break;
+    for (int i = 0; i < 4; i++) hc |= (uint32_t)head[8 + i] << (8 * i);
+    if (hc != masked_crc(head, 8)) break; /* the length's own CRC, as TensorBoard checks */
+    if (n > (1u << 26)) {
+      if (fseeko(f, (off_t)(n + 4), SEEK_CUR)) break;
+      continue;
+    }
     if (n + 4 > cap) {
       unsigned char *d = realloc(data, n + 4);
       if (!d) break;
@@ -308,8 +343,9 @@ static int by_name(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* The "vs samples" points in [lo, hi] that dir's events files leave, read
- * in name order (TensorBoard's), each file's session starts applied. */
+/* The last per-step point and (collecting) the "vs samples" points in
+ * [lo, hi] that dir's events files leave, read in name order
+ * (TensorBoard's), each file's session starts applied. */
 static void carry_read(carry *c, const char *dir) {
   DIR *d = opendir(dir);
   if (!d) return;
@@ -389,7 +425,7 @@ static void carry_write(mt_tboard *t, const carry *c) {
     pbuf s = {.n = 0};
     int64_t step = c->p[i].step;
     for (; i < c->n && c->p[i].step == step && s.n < sizeof s.b / 2; i++)
-      put_scalar(&s, c->tags[c->p[i].tag], c->p[i].v);
+      put_scalar(&s, vs_tags[c->p[i].tag], c->p[i].v);
     pbuf e = {.n = 0};
     event_head(&e, step);
     put_len(&e, 5, s.b, s.n);
@@ -449,22 +485,28 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   if (t->fd < 0) open_file(t);
   if (t->fd < 0) return;
   if (st->step != t->last_step + 1) { /* every file's first step, too */
-    /* SessionLog START at step s: TensorBoard discards the points at s and
-     * past it that this directory's files hold from before; the "vs
-     * samples" points from s to the samples read before this step are the
-     * model's, and are written again after it */
-    carry c = {.lo = st->step, .hi = st->consumed_samples - st->global_batch};
-    if (c.hi >= c.lo) carry_read(&c, t->dir);
-    if (c.failed)
-      mt_log_warn("tensorboard: out of memory for the \"vs samples\" points before "
-                  "step %lld; TensorBoard's Python loader shows them no more",
-                  (long long)st->step);
-    pbuf e = {.n = 0};
-    event_head(&e, st->step);
-    unsigned char start[] = {0x08, 0x01}; /* status = START */
-    put_len(&e, 7, start, sizeof start);
-    write_record(t, &e);
-    if (!c.failed) carry_write(t, &c);
+    /* a rollback, where the directory shows a step at or past this one:
+     * SessionLog START at step s, so that TensorBoard discards the points
+     * at s and past it that this directory's files hold from before; the
+     * "vs samples" points from s to the samples read before this step are
+     * the model's, and are written again after it. A resize or a resume
+     * that goes on where the files end writes neither. */
+    carry c = {.lo = st->step, .hi = st->consumed_samples - st->global_batch, .last_step = -1};
+    carry_read(&c, t->dir);
+    if (c.last_step >= st->step) {
+      c.collect = 1, c.last_step = -1;
+      if (c.hi >= c.lo) carry_read(&c, t->dir);
+      if (c.failed)
+        mt_log_warn("tensorboard: out of memory for the \"vs samples\" points before "
+                    "step %lld; TensorBoard's Python loader shows them no more",
+                    (long long)st->step);
+      pbuf e = {.n = 0};
+      event_head(&e, st->step);
+      unsigned char start[] = {0x08, 0x01}; /* status = START */
+      put_len(&e, 7, start, sizeof start);
+      write_record(t, &e);
+      if (!c.failed) carry_write(t, &c);
+    }
     free(c.p);
   }
   /* Megatron's tags, so its users' dashboards read these runs unchanged:

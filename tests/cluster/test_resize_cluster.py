@@ -13,12 +13,13 @@ usage: test_resize_cluster.py MTNLGD MTNLGCTL
   single-process run of the same job, and no step is lost or repeated;
 - test_tensorboard_file_per_generation_reads_as_one_curve: the job's
   train.tensorboard_dir gets a file from n0 (world rank 0) for each of the
-  three generations, each starting a session at its first step, and the
-  directory read as TensorBoard reads it holds every step once with the
-  losses the nodes printed, and "lm loss vs samples" at 8 samples a step
-  the same, each point once (each generation's file wrote again the
-  earlier ones its session start drops) (one writer for the daemon's life appended to
-  its first file, which sorts before what another node would have written);
+  three generations, none starting a session (each resize goes on where
+  the files end: no rollback, so no session start and no point written
+  again), and the directory read as TensorBoard reads it holds every step
+  once with the losses the nodes printed, and "lm loss vs samples" at 8
+  samples a step the same, each point once (one writer for the daemon's
+  life appended to its first file, which sorts before what another node
+  would have written);
 - test_impossible_resize_is_refused: dp 3 (the global batch does not divide)
   exits 1 with the coordinator's reason, and so does dp 2^30 (a product
   with the micro-batch that wrapped to 0 once killed the coordinator);
@@ -236,18 +237,17 @@ def stop_whose_checkpoint_fails(mtnlgd, mtnlgctl, tmp, job, job_path, ck, by_sig
 
 def tensorboard_check(tensorboard, files, c, got):
     """n0's events files of the three generations, read as TensorBoard reads
-    the directory: a session start in each at its first step, every step
+    the directory: no session start (no generation rolls back), every step
     once, with the losses the nodes printed."""
     curve = tensorboard.as_tensorboard(files)
     starts = [[e.step for e in tensorboard.read_events(f)
                if e.HasField("session_log") and e.session_log.status == 1] for f in files]
-    # "lm loss vs samples", at 8 samples a step (the global batch): each
-    # generation's session start dropped the earlier points past its step
-    # number in samples, and its file wrote them again, once
+    # "lm loss vs samples", at 8 samples a step (the global batch), each
+    # once: no generation wrote an earlier point again
     vs = tensorboard.as_tensorboard(files, vs=True)
     pts = tensorboard.python_points(files)
     tb_ok = (len(files) == 3 and all(f.split(".")[-2] == str(c.nodes[0].pid) for f in files)
-             and [len(x) for x in starts] == [1, 1, 1] and starts[0] == [1]
+             and starts == [[], [], []]
              and sorted(curve) == sorted(got)
              and all(tensorboard.close(curve[s]["lm loss"], tensorboard.f32(got[s]), 1e-6)
                      for s in got)

@@ -36,6 +36,11 @@ check value). Checked:
     session start at step 4 drops the first run's points at 4 samples and
     past, all of them), the same, each point once: the second file writes
     steps 1 to 3's points again after its start;
+  - the job finished by a third run resuming at step 6 (where the files
+    end, as a resize goes on) writes neither a session start nor an old
+    "vs samples" point: its file holds steps 6 to 8 and their samples only,
+    and the directory reads as steps 1 to 8, each "vs samples" point once
+    (a FIFO named as an events file in the directory meanwhile, not read);
   - a local cluster of 2 node daemons (tp 2 x pp 2 x dp 2 over their 8
     ranks) writes exactly one file, from n0 (world rank 0), whose losses
     are n0's step lines and whose world-size is 8;
@@ -389,6 +394,36 @@ def standalone(mtnlgd, prep, job, tmp):
                           and again_vs == [gb, 2 * gb, 3 * gb, 4 * gb, 5 * gb],
                           "; ".join(bad[:6]) + f" samples {sorted(py)}, the second file's "
                           f"{again_vs}")
+        # the job finished from the second run's step 5: a resume that goes
+        # on where the files end (as a resize does) is no rollback, and
+        # writes no session start and no "vs samples" point again
+        # a FIFO of an events file's name, which a blocking open would wait
+        # on for ever, is passed over
+        fifo = os.path.join(tb, "events.out.tfevents.0.fifo.1.0")
+        os.mkfifo(fifo)
+        third = run(base)
+        os.unlink(fifo)
+        files = sorted(glob.glob(os.path.join(tb, "events.out.tfevents.*")))
+        rest = json_steps(third.stdout)
+        if len(files) == 3:
+            ev = read_events(files[2])
+            starts = [e.step for e in ev if e.HasField("session_log")]
+            steps = [e.step for e in ev if e.HasField("summary")]
+            merged = merged + rest
+            curve = as_tensorboard(files)
+            py = as_tensorboard(files, vs=True)
+            bad = mismatches(curve, merged, gb, 2, py)
+            pts = python_points(files)
+        failures += check("test_a_continuing_run_writes_no_session_start_nor_old_points",
+                          len(files) == 3 and not starts
+                          and steps == [x for k in (6, 7, 8) for x in (k, k * gb)]
+                          and [s["step"] for s in rest] == [6, 7, 8]
+                          and not bad and sorted(curve) == list(range(1, 9))
+                          and sorted(py) == [k * gb for k in range(1, 9)]
+                          and len(pts) == len(set(pts)),
+                          f"{len(files)} files; third: starts {starts if len(files) == 3 else ''} "
+                          f"steps {steps if len(files) == 3 else ''} lines "
+                          f"{[s['step'] for s in rest]}; " + "; ".join(bad[:6]))
     return failures
 
 
