@@ -35,7 +35,8 @@ check value). Checked:
     wrote nothing under; read as the Python loader reads them (whose
     session start at step 4 drops the first run's points at 4 samples and
     past, all of them), the same, each point once: the second file writes
-    steps 1 to 3's points again after its start;
+    steps 1 to 3's points again after its start, and none of a foreign
+    file's 40 other "vs samples" tags (planted in the directory for it);
   - the job finished by a third run resuming at step 6 (where the files
     end, as a resize goes on) writes neither a session start nor an old
     "vs samples" point: its file holds steps 6 to 8 and their samples only,
@@ -124,6 +125,15 @@ def crc32c(data):
 def masked(data):
     c = crc32c(data)
     return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def write_events(path, events):
+    """events framed as TFRecords."""
+    with open(path, "wb") as f:
+        for e in events:
+            data = e.SerializeToString()
+            head = struct.pack("<Q", len(data))
+            f.write(head + struct.pack("<I", masked(head)) + data + struct.pack("<I", masked(data)))
 
 
 def read_events(path):
@@ -349,7 +359,15 @@ def standalone(mtnlgd, prep, job, tmp):
     # named it: the second must still sort after it, read last
     ahead = os.path.join(tb, "events.out.tfevents.%d.ahead.1.0" % (int(time.time()) + 1000))
     os.rename(files[0], ahead)
+    # a foreign file (sorting first) whose 40 "vs samples" tags are none of
+    # ours, at samples the rollback carries: none of them is written again
+    foreign = os.path.join(tb, "events.out.tfevents.0.foreign.1.0")
+    e = Event(step=2 * gb)
+    for k in range(40):
+        e.summary.value.add(tag=f"foreign-{k}" + VS, simple_value=float(k))
+    write_events(foreign, [Event(file_version="brain.Event:2"), e])
     second = run(base + ["--set", "checkpoint.resume_step=3", "--set", "train.exit_interval=5"])
+    os.unlink(foreign)
     files = sorted(glob.glob(os.path.join(tb, "events.out.tfevents.*")))
     failures += check("test_resume_writes_a_second_file_sorting_after_the_first",
                       len(files) == 2 and files[0] == ahead, str(files))
@@ -388,9 +406,12 @@ def standalone(mtnlgd, prep, job, tmp):
         bad = mismatches(curve, merged, gb, 2, py)
         again_vs = [e.step for e in read_events(files[1]) if e.HasField("summary") and is_vs(e)]
         pts = python_points(files)
+        tags2 = {v.tag for e in read_events(files[1]) if e.HasField("summary") and is_vs(e)
+                 for v in e.summary.value}
         failures += check("test_python_loader_reads_vs_samples_as_the_run_rolled_back",
                           not bad and sorted(py) == [k * gb for k in range(1, 6)]
                           and len(pts) == len(set(pts))
+                          and tags2 <= {t + VS for t in VS_TAGS}
                           and again_vs == [gb, 2 * gb, 3 * gb, 4 * gb, 5 * gb],
                           "; ".join(bad[:6]) + f" samples {sorted(py)}, the second file's "
                           f"{again_vs}")
