@@ -182,7 +182,7 @@ static double slice_sumsq(mt_trainer *tr, const mt_sumsq_span *spans, const floa
  * tp-replicated tensors left out), and of the vocabulary tensors (wte, an
  * untied lm_head) only the rows of real tokens: the softmax runs over the
  * vocabulary's V tokens, so the padded rows' gradient is always 0, and
- * their number depends on tp (Vp a multiple of vocab_pad_to tp). Each tp
+ * their number depends on tp (Vp a multiple of vocab_pad_to x tp). Each tp
  * rank holds rows [shard_off, shard_off + Vp / tp), a prefix of which is
  * real. Made once, as the norm's. */
 static int make_zero_spans(mt_trainer *tr) {
