@@ -1042,6 +1042,14 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
       json_object_get(json_object_get(c.extra, "job"), "parallel"), "virtual_stages");
   int was_v = json_is_integer(saved_v) ? (int)json_integer_value(saved_v) : 1;
   int now_v = tr->job->parallel.virtual_stages > 1 ? tr->job->parallel.virtual_stages : 1;
+  /* the head before the parameter count: at pp 1 an untied model's one
+   * stage has lm_head's parameters more than a tied one's, and the count's
+   * message would not name the key; at pp > 1 the last stage's lm_head is
+   * where its tied copy of wte was, of the same size. Only the record
+   * tells them apart (a record without the key is tied; checkpoints from
+   * before the model was recorded pass, as below) */
+  const json_t *saved_model = json_object_get(c.extra, "model");
+  int was_untied = json_is_true(json_object_get(saved_model, "untie_embeddings"));
   if (c.tp == g->tp_size && c.pp == g->pp_size && f && was_v != now_v && g->pp_size > 1) {
     failed = CHECK_DAMAGED;
     snprintf(err, sizeof err,
@@ -1055,6 +1063,14 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
              "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (`mtnlgctl "
              "ckpt reshard` writes it under another layout)",
              c.dir, c.tp, c.pp, g->tp_size, g->pp_size);
+  } else if (saved_model && was_untied != tr->job->model.untie_embeddings) {
+    failed = CHECK_DAMAGED;
+    snprintf(err, sizeof err,
+             "resume: %s was saved by a model with %s embeddings, the job's "
+             "model.untie_embeddings is %s: another model (set model.untie_embeddings to %s, or "
+             "give the job a checkpoint.dir of its own)",
+             c.dir, was_untied ? "untied" : "tied",
+             tr->job->model.untie_embeddings ? "true" : "false", was_untied ? "true" : "false");
   } else if (f->n != tr->model.num_params) {
     failed = CHECK_DAMAGED;
     snprintf(err, sizeof err,
@@ -1080,17 +1096,6 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
                  "(start it with a checkpoint.dir of its own, or model.init_from an export)",
                  c.dir, arch[k].key, (long long)json_integer_value(v), arch[k].want);
       }
-    }
-    /* at pp > 1 the last stage's lm_head is where its tied copy of wte was,
-     * of the same size: only the record tells them apart */
-    int was_untied = json_is_true(json_object_get(saved, "untie_embeddings"));
-    if (saved && !failed && was_untied != ms->untie_embeddings) {
-      failed = CHECK_DAMAGED;
-      snprintf(err, sizeof err,
-               "resume: %s was saved by a model with %s embeddings, the job's "
-               "model.untie_embeddings is %s: another model (start it with a checkpoint.dir of "
-               "its own, or model.init_from an export)",
-               c.dir, was_untied ? "untied" : "tied", ms->untie_embeddings ? "true" : "false");
     }
   }
   uint64_t lo, n;

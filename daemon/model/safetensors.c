@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -948,8 +949,9 @@ static int st_untied(const mt_st_file *files, int n_files, const char *path) {
       const char *name = files[k].tensors[i].name;
       head |= !strcmp(strncmp(name, "transformer.", 12) ? name : name + 12, "lm_head.weight");
     }
+    /* Python writers say "False" and "True" too; another value says nothing */
     const char *v = json_string_value(json_object_get(files[k].meta, "tie_word_embeddings"));
-    if (v && said < 0) said = !strcmp(v, "false");
+    if (v && said < 0) said = !strcasecmp(v, "false") ? 1 : !strcasecmp(v, "true") ? 0 : -1;
   }
   if (!head) return 0;
   if (said >= 0) return said;
@@ -1056,7 +1058,10 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   if (untie && !file_untied)
     st_problem(pr,
                "the job's model has an output layer of its own (model.untie_embeddings), the "
-               "file's embeddings are tied (no lm_head.weight of its own, tie_word_embeddings)");
+               "file's embeddings are tied (no lm_head.weight of its own, tie_word_embeddings): "
+               "train it with model.untie_embeddings false, or give a file whose lm_head.weight "
+               "is its own (e.g. a copy of wte.weight, with \"tie_word_embeddings\": \"false\" "
+               "in its metadata or config.json)");
   else if (!untie && file_untied)
     st_problem(pr, "the file's lm_head.weight is an output layer of its own (tie_word_embeddings "
                    "false), the job's model ties it to wte: set model.untie_embeddings");
@@ -1202,6 +1207,21 @@ static void st_shard_path(const mt_gpt_export *e, int k, char *buf, size_t cap) 
     snprintf(buf, cap, "%s/model-%05d-of-%05d.safetensors", e->dir, k + 1, e->n_files);
 }
 
+/* Tensor i's name in the files: a tied model's as before, without
+ * Hugging Face's "transformer." prefix (GPT2LMHeadModel's from_pretrained
+ * maps such a state dict onto its base model, transformer); an untied
+ * one's as GPT2LMHeadModel's own state dict names it, the base model's
+ * tensors as transformer.<name> and the head beside it as lm_head.weight
+ * (an unprefixed file with a top-level lm_head.weight is neither layout:
+ * transformers would prefix every key and leave lm_head random). mtnlg's
+ * loader takes both. */
+static const char *st_file_name(const mt_gpt_export *e, int i, char *buf, size_t cap) {
+  const char *name = e->table[i].name;
+  if (!e->cfg.untie_embeddings || !strcmp(name, "lm_head.weight")) return name;
+  snprintf(buf, cap, "transformer.%s", name);
+  return buf;
+}
+
 /* A writer for file k: its tensors declared, the model's metadata. */
 static int st_new_writer(mt_gpt_export *e, int k) {
   mt_st_writer *w = mt_st_writer_new();
@@ -1231,7 +1251,8 @@ static int st_new_writer(mt_gpt_export *e, int k) {
     if (e->file_of[i] != k) continue;
     int64_t shape[2];
     int nd = st_hf_shape(&e->cfg, &e->table[i], shape);
-    rc = mt_st_writer_add(w, e->table[i].name, nd, shape, NULL);
+    char name[128];
+    rc = mt_st_writer_add(w, st_file_name(e, i, name, sizeof name), nd, shape, NULL);
   }
   return rc;
 }
@@ -1525,7 +1546,8 @@ int mt_gpt_export_write_index(const mt_gpt_export *e) {
   char name[64], path[4096];
   for (int i = 0; map && i < e->n; i++) {
     snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", e->file_of[i] + 1, e->n_files);
-    json_object_set_new(map, e->table[i].name, json_string(name));
+    char key[128];
+    json_object_set_new(map, st_file_name(e, i, key, sizeof key), json_string(name));
     total += (uint64_t)st_file_numel(&e->cfg, &e->table[i]) * st_export_dtypes[e->dtype].bytes;
   }
   if (map)

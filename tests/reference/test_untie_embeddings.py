@@ -20,7 +20,11 @@ own, lm_head.weight, beside the token embedding wte.weight:
     torch's tied run from the same wte gives losses far from these (a head
     still reading wte could not pass the checks above);
   - test_export_says_untied: the export holds lm_head.weight (250, 64) and
-    says "tie_word_embeddings" false in its metadata and config.json;
+    says "tie_word_embeddings" false in its metadata and config.json; its
+    files (and at pp 2 the directory's index) name the tensors as Hugging
+    Face's GPT2LMHeadModel state dict does, transformer.<name> and a
+    top-level lm_head.weight (transformers itself is not run here). The
+    init file says "False" (Python's spelling): read without regard to case;
   - test_philox_init_layouts_agree: without init_from, the project's Philox
     init at tp 1 and at tp 2 x pp 2 x dp 2 trains alike (losses within 1e-5,
     exports within 1e-5 of the update), and the initial lm_head (step 0
@@ -37,15 +41,20 @@ own, lm_head.weight, beside the token embedding wte.weight:
     tp 2 x pp 1 trains as model.init_from its `ckpt export` does;
   - test_reshard_and_export_round_trip: `mtnlgctl ckpt reshard` to
     tp 2 x pp 1 and back to tp 1 x pp 2: `mtnlgctl ckpt export` of each is
-    the original's export bit for bit (lm_head too), and the tp 2 one
-    resumes to the straight run's losses;
+    the original's export bit for bit (lm_head too; the original's a
+    directory in GPT2LMHeadModel's names, read back by model.init_from
+    below), and the tp 2 one resumes to the straight run's losses;
   - test_eval_reads_the_head: mtnlg-eval's perplexity of the untied export
     is torch's with lm_head (1e-6), far from torch's with wte;
     test_eval_generates_with_the_head: its greedy generation (the key-value
-    cache's decode) is torch's with lm_head, token for token;
+    cache's decode) is torch's with lm_head, token for token (its file's
+    metadata says "tie_word_embeddings": "0", no word either way, and the
+    config.json beside it false);
   - refusals, each naming model.untie_embeddings: an untied export as
-    init_from of a tied job and a tied file of an untied one, a tied
-    checkpoint resumed by an untied job, and an untied checkpoint given as
+    init_from of a tied job and a tied file of an untied one, an untied
+    checkpoint resumed by a tied job at pp 2 and a tied one by an untied job
+    at pp 1 (where the parameter counts differ too: the key is named first,
+    with the value to set), and an untied checkpoint given as
     checkpoint.load to a tied job.
 Exit 77 (skip) without torch.
 """
@@ -158,6 +167,30 @@ def load(path):
     return torch_gpt.st_load(path) if os.path.exists(path) else ({}, {})
 
 
+def file_names(path):
+    """The tensor names as the export's files (and a directory's index)
+    hold them, Hugging Face's "transformer." prefix kept: {name}, or None
+    where the index and the files disagree."""
+    if not os.path.isdir(path):
+        return set(torch_gpt.st_load(path, raw=True)[0]) if os.path.exists(path) else set()
+    names = set()
+    for name in sorted(os.listdir(path)):
+        if name.startswith("model-") and name.endswith(".safetensors"):
+            names |= set(torch_gpt.st_load(os.path.join(path, name), raw=True)[0])
+    index = os.path.join(path, "model.safetensors.index.json")
+    mapped = set(json.load(open(index))["weight_map"]) if os.path.exists(index) else set()
+    return names if names == mapped else None
+
+
+def gpt2_lm_head_layout(names, n_layer=N_LAYER):
+    """Whether names are Hugging Face GPT2LMHeadModel's state dict with an
+    untied head: the base model's tensors under transformer., lm_head.weight
+    at the top level (what its from_pretrained loads without a missing or
+    unexpected key)."""
+    base = torch_gpt.param_shapes(torch_gpt.Config(n_layer, N_EMBD, N_HEAD, VOCAB, SEQ))
+    return names == {"transformer." + k for k in base} | {"lm_head.weight"}
+
+
 def same_tensors(a, b):
     return bool(a) and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -172,7 +205,8 @@ def torch_checks(mtnlgd, job, tmp, tpath, tokens):
     print(f"torch, untied: {ref_losses} (first grad norm {ref_gnorm:.9g})\n"
           f"torch, tied from the same wte: {tied_losses}")
     init = os.path.join(tmp, "init.safetensors")
-    torch_gpt.st_save(init, weights, {**cfg.metadata(), "tie_word_embeddings": "false"})
+    # "False" as Python writers spell it: read without regard to case
+    torch_gpt.st_save(init, weights, {**cfg.metadata(), "tie_word_embeddings": "False"})
     tied_init = os.path.join(tmp, "tied", "init.safetensors")
     os.makedirs(os.path.dirname(tied_init))
     torch_gpt.st_save(tied_init, tied_w, cfg.metadata())
@@ -214,12 +248,15 @@ def torch_checks(mtnlgd, job, tmp, tpath, tokens):
     failures += check("test_the_head_is_untied", apart > 0.5 and gap > 10 * LOSS_TOL,
                       f"lm_head - wte is {apart:.3g} of wte; tied run {gap:.2e} from untied")
     hf = json.load(open(os.path.join(tmp, "config.json")))
+    layouts = {k: file_names(e) for k, e in exports.items()}
     failures += check("test_export_says_untied",
                       tuple(w.get("lm_head.weight", torch.empty(0)).shape) == (VOCAB, N_EMBD)
                       and meta.get("tie_word_embeddings") == "false"
-                      and hf.get("tie_word_embeddings") is False,
+                      and hf.get("tie_word_embeddings") is False
+                      and all(gpt2_lm_head_layout(n) for n in layouts.values()),
                       f"metadata {meta}; config.json tie_word_embeddings "
-                      f"{hf.get('tie_word_embeddings')}")
+                      f"{hf.get('tie_word_embeddings')}; names in the files (and index) "
+                      f"{ {k: sorted(v or [])[:4] for k, v in layouts.items()} }")
 
     # refusals of a file whose head is tied the other way
     out = run(mtnlgd, job, tpath, 1, 1, 1, f"model.init_from={exports[(1, 1, 1)]}")
@@ -320,10 +357,13 @@ def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
     y = subprocess.run([ctl, "ckpt", "reshard", r2, r3, "--tp", "1", "--pp", "2"],
                        capture_output=True, text=True)
     ex = {}
-    saved_export = os.path.join(tmp, "ck", "export-saved", "w.safetensors")
+    # the saved one to a directory (its index and files in GPT2LMHeadModel's
+    # names, read back by model.init_from below), the others to one file
+    saved_export = os.path.join(tmp, "ck", "export-saved") + "/"
     for name, d in (("saved", saved), ("tp2", r2), ("back", r3)):
-        path = os.path.join(tmp, "ck", f"export-{name}", "w.safetensors")
-        os.makedirs(os.path.dirname(path))
+        path = saved_export if name == "saved" else os.path.join(tmp, "ck", f"export-{name}",
+                                                                  "w.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         e = subprocess.run([ctl, "ckpt", "export", d, path], capture_output=True, text=True)
         ex[name] = load(path)[0] if e.returncode == 0 else {}
         if e.returncode:
@@ -333,6 +373,7 @@ def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
     ld = losses_of(d.stdout)
     failures += check("test_reshard_and_export_round_trip",
                       x.returncode == 0 and y.returncode == 0 and "lm_head.weight" in ex["saved"]
+                      and gpt2_lm_head_layout(file_names(saved_export))
                       and same_tensors(ex["saved"], ex["tp2"])
                       and same_tensors(ex["saved"], ex["back"]) and d.returncode == 0
                       and worst_rel(ld, want[2:]) <= LOSS_TOL,
@@ -353,16 +394,21 @@ def checkpoint_checks(mtnlgd, job, ctl, tmp, tpath):
                       f"exits {ld.returncode} {ie.returncode}: load {losses_of(ld.stdout)}, "
                       f"init_from {losses_of(ie.stdout)} {ld.stderr[-300:]}")
 
-    # a tied job on the untied checkpoint, resumed or loaded, and the reverse
+    # a tied job on the untied checkpoint, resumed (pp 2: the last stage's
+    # lm_head is the size of its tied wte) or loaded, and an untied job
+    # resuming a tied checkpoint at pp 1 (the sizes differ: the key is
+    # named all the same, before the parameter count)
     flip = run(mtnlgd, job, tpath, 1, 2, 2, "model.untie_embeddings=false",
                f"checkpoint.dir={ck1}", steps=steps + 1)
     ckt = os.path.join(tmp, "ck", "tied")
-    tied = run(mtnlgd, job, tpath, 1, 2, 1, f"checkpoint.dir={ckt}", steps=1)
-    back = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"checkpoint.dir={ckt}", steps=2)
+    tied = run(mtnlgd, job, tpath, 1, 1, 1, f"checkpoint.dir={ckt}", steps=1)
+    back = run(mtnlgd, job, tpath, 1, 1, 1, UNTIE, f"checkpoint.dir={ckt}", steps=2)
     load_ = run(mtnlgd, job, tpath, 1, 2, 1, f"checkpoint.load={saved}", steps=1)
     failures += check("test_checkpoints_refuse_the_other_head",
                       all(o.returncode != 0 and f"embeddings, the job's model.untie_embeddings is "
-                          f"{v}" in o.stderr for o, v in ((flip, "false"), (back, "true")))
+                          f"{v}: another model (set model.untie_embeddings to {was}, or give the "
+                          f"job a checkpoint.dir of its own)" in o.stderr
+                          for o, v, was in ((flip, "false", "true"), (back, "true", "false")))
                       and load_.returncode != 0 and "model.untie_embeddings: the checkpoint's "
                       "model has untied embeddings, the job's tied" in load_.stderr
                       and tied.returncode == 0,
@@ -411,7 +457,10 @@ def eval_checks(evaluator, export, tmp):
             rand[k] = v * 10.0
     gen = os.path.join(tmp, "gen", "random.safetensors")
     os.makedirs(os.path.dirname(gen))
-    torch_gpt.st_save(gen, rand, {**cfg.metadata(), "tie_word_embeddings": "false"})
+    # metadata that says neither true nor false is no word on it: config.json beside it says
+    torch_gpt.st_save(gen, rand, {**cfg.metadata(), "tie_word_embeddings": "0"})
+    with open(os.path.join(os.path.dirname(gen), "config.json"), "w") as f:
+        json.dump({"model_type": "gpt2", "tie_word_embeddings": False}, f)
     w = {k: v.to(torch.float64) for k, v in rand.items()}
     prompt, n = "The untied head", 24
     g = subprocess.run([evaluator, "generate", gen, "--prompt", prompt, "--tokens", str(n),

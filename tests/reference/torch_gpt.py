@@ -29,8 +29,11 @@ _DTYPES = {  # safetensors dtype -> (torch dtype, bytes per element)
 _NAMES = {v[0]: k for k, v in _DTYPES.items()}
 
 
-def st_load(path):
-    """Returns ({name: tensor}, {metadata}) from a .safetensors file."""
+def st_load(path, raw=False):
+    """Returns ({name: tensor}, {metadata}) from a .safetensors file, the
+    names without Hugging Face's "transformer." prefix (an untied export
+    names its base model's tensors as GPT2LMHeadModel's state dict does,
+    transformer.wte.weight beside lm_head.weight); raw: as in the file."""
     with open(path, "rb") as f:
         blob = f.read()
     (hlen,) = struct.unpack("<Q", blob[:8])
@@ -47,6 +50,8 @@ def st_load(path):
         if b - a != numel * size or b > len(data):
             raise ValueError(f"{path}: tensor {name}: bad data_offsets {a, b}")
         t = torch.frombuffer(bytearray(data[a:b]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        if not raw and name.startswith("transformer."):
+            name = name[len("transformer."):]
         out[name] = t.reshape(e["shape"]).clone()
     return out, meta
 
