@@ -481,7 +481,6 @@ static int test_a_device_lost_to_a_fault_is_found(void) {
   return 0;
 }
 
-/* Arguments, if any, pick the tests whose names contain one of them. */
 /* Untied embeddings (model.untie_embeddings) in bf16 on eight emulated
  * GPUs: the last stage's lm_head (its 16-bit working copy, vocabulary-split
  * over tp, reduced over dp in the buckets with no tied all-reduce and no
@@ -520,6 +519,7 @@ static int test_bf16_untied_3d_layout_on_gpus_follows_one_cpu(void) {
   return 0;
 }
 
+/* Arguments, if any, pick the tests whose names contain one of them. */
 int main(int argc, char **argv) {
   setenv("MT_CUDA_EMU_DEVICES", "8", 1);
   if (mt_device_count("cuda") < 8) {
