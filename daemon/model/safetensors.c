@@ -1024,6 +1024,23 @@ int mt_gpt_config_of_file(const char *path, mt_gpt_config *c) {
 
 /* Validates every name and shape first (collecting all problems), then copies,
  * so a refused file leaves the model untouched. */
+/* Whether the file's tensor t fits table entry j: its shape, a dtype we read. */
+static void st_check_tensor(const mt_gpt *m, st_problems *pr, int j, const mt_st_tensor *t) {
+  int64_t want[2];
+  int wnd = st_hf_shape(&m->cfg, &m->params_table[j], want);
+  int same = t->ndim == wnd;
+  for (int d = 0; same && d < wnd; d++) same = t->shape[d] == want[d];
+  if (!same) {
+    char got_s[96], want_s[64];
+    st_fmt_shape(got_s, sizeof got_s, t->ndim, t->shape);
+    st_fmt_shape(want_s, sizeof want_s, wnd, want);
+    st_problem(pr, "tensor \"%s\" has shape %s, want %s", t->name, got_s, want_s);
+  }
+  if (strcmp(t->dtype, "F32") && strcmp(t->dtype, "F16") && strcmp(t->dtype, "BF16") &&
+      strcmp(t->dtype, "F64"))
+    st_problem(pr, "tensor \"%s\" has dtype %s (want F32, F16, BF16 or F64)", t->name, t->dtype);
+}
+
 int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
   mt_st_file *files = NULL;
   int n_files = 0;
@@ -1052,17 +1069,17 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
     if ((rc = mt_gpt_table(&full, &whole, &n_whole, &count))) goto done;
   }
 
-  /* the head: a tied model reads wte, an untied one its own lm_head, and
-   * a file of the other kind is no start for it */
+  /* the head: a tied model reads wte, an untied one its own lm_head; an
+   * untied model from a tied file (the usual way to untie GPT-2 for
+   * fine-tuning) starts its lm_head as a copy of the file's wte, and a
+   * tied model is no place for a file's own lm_head */
   int untie = m->cfg.untie_embeddings, file_untied = st_untied(files, n_files, path);
-  if (untie && !file_untied)
-    st_problem(pr,
-               "the job's model has an output layer of its own (model.untie_embeddings), the "
-               "file's embeddings are tied (no lm_head.weight of its own, tie_word_embeddings): "
-               "train it with model.untie_embeddings false, or give a file whose lm_head.weight "
-               "is its own (e.g. a copy of wte.weight, with \"tie_word_embeddings\": \"false\" "
-               "in its metadata or config.json)");
-  else if (!untie && file_untied)
+  int head_from_wte = untie && !file_untied;
+  if (head_from_wte && m->last)
+    mt_log_info("%s: the file's embeddings are tied: lm_head.weight (model.untie_embeddings) "
+                "starts as a copy of its wte.weight",
+                path);
+  if (!untie && file_untied)
     st_problem(pr, "the file's lm_head.weight is an output layer of its own (tie_word_embeddings "
                    "false), the job's model ties it to wte: set model.untie_embeddings");
   for (int k = 0; k < n_files; k++)
@@ -1074,6 +1091,13 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
       if (st_is_ignored(name)) continue;
       if (!strcmp(name, "lm_head.weight") && untie != file_untied) continue; /* said above */
       if (!strcmp(name, "lm_head.weight") && !untie) continue; /* a tied copy of wte */
+      if (head_from_wte && m->last && !strcmp(name, "wte.weight")) {
+        int h = m->i_head; /* checked as the file's wte below, or here where it is no
+                            * tensor of this stage's */
+        if (!src[h] && mt_gpt_find(m, name) < 0) st_check_tensor(m, pr, h, t);
+        src[h] = src[h] ? src[h] : t;
+        src_file[h] = src_file[h] ? src_file[h] : fk;
+      }
       int j = mt_gpt_find(m, name);
       if (j < 0 && mt_param_find(whole, n_whole, name) >= 0) continue; /* another stage's */
       if (j < 0) {
@@ -1087,25 +1111,12 @@ int mt_gpt_load_safetensors(mt_gpt *m, const char *path) {
       }
       src[j] = t;
       src_file[j] = fk;
-      const mt_param *p = &m->params_table[j];
-      int64_t want[2];
-      int wnd = st_hf_shape(&m->cfg, p, want);
-      int same = t->ndim == wnd;
-      for (int d = 0; same && d < wnd; d++) same = t->shape[d] == want[d];
-      if (!same) {
-        char got_s[96], want_s[64];
-        st_fmt_shape(got_s, sizeof got_s, t->ndim, t->shape);
-        st_fmt_shape(want_s, sizeof want_s, wnd, want);
-        st_problem(pr, "tensor \"%s\" has shape %s, want %s", t->name, got_s, want_s);
-      }
-      if (strcmp(t->dtype, "F32") && strcmp(t->dtype, "F16") && strcmp(t->dtype, "BF16") &&
-          strcmp(t->dtype, "F64"))
-        st_problem(pr, "tensor \"%s\" has dtype %s (want F32, F16, BF16 or F64)", t->name,
-                   t->dtype);
+      st_check_tensor(m, pr, j, t);
     }
   for (int j = 0; j < m->n_tensors; j++)
-    if (!src[j] && (j != m->i_head || !untie || file_untied))
-      st_problem(pr, "missing tensor \"%s\"", m->params_table[j].name);
+    if (!src[j])
+      st_problem(pr, "missing tensor \"%s\"%s", m->params_table[j].name,
+                 head_from_wte && j == m->i_head ? " (nor a wte.weight to copy it from)" : "");
   /* shapes do not tell every model apart: n_head splits the same matrices
    * another way, and a vocabulary within one padding step pads alike. A
    * file that says its model (mtnlg writes these; Hugging Face's say only

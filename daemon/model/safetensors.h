@@ -11,10 +11,13 @@
  * h.N.{ln_1,ln_2}.{weight,bias}; h.N.attn.c_attn.weight (C, 3C) Conv1D, i.e.
  * the transpose of our (3C, C); attn.c_proj, mlp.c_fc, mlp.c_proj likewise;
  * ln_f.{weight,bias}; an untied model's lm_head.weight (V, C) as wte, with
- * "tie_word_embeddings": "false" in the metadata and config.json. On load a
- * "transformer." prefix is accepted and the attn.bias / attn.masked_bias
- * buffers and a tied model's lm_head.weight (wte's copy) are ignored; a
- * file whose head is tied the other way than the model's is refused.
+ * "tie_word_embeddings": "false" in the metadata and config.json, and the
+ * other tensors under "transformer." (GPT2LMHeadModel's state dict; a tied
+ * export has no prefix). On load a "transformer." prefix is accepted and
+ * the attn.bias / attn.masked_bias buffers and a tied model's
+ * lm_head.weight (wte's copy) are ignored; an untied model from a tied
+ * file starts lm_head as a copy of its wte, and an untied file is refused
+ * by a tied model.
  * A write never leaves a partial file under the final name.
  */
 #ifndef MT_SAFETENSORS_H

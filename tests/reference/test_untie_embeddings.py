@@ -50,8 +50,13 @@ own, lm_head.weight, beside the token embedding wte.weight:
     cache's decode) is torch's with lm_head, token for token (its file's
     metadata says "tie_word_embeddings": "0", no word either way, and the
     config.json beside it false);
+  - test_untied_job_from_a_tied_file_copies_wte: a tied file (no
+    lm_head.weight) as init_from of an untied job at tp 1 and tp 2 x pp 2
+    (the last stage holds no wte) starts lm_head as a copy of the file's
+    wte, saying so: losses within 1e-5 of torch's untied run from that copy,
+    lm_head and wte within 1e-3 of its update;
   - refusals, each naming model.untie_embeddings: an untied export as
-    init_from of a tied job and a tied file of an untied one, an untied
+    init_from of a tied job, an untied
     checkpoint resumed by a tied job at pp 2 and a tied one by an untied job
     at pp 1 (where the parameter counts differ too: the key is named first,
     with the value to set), and an untied checkpoint given as
@@ -258,16 +263,36 @@ def torch_checks(mtnlgd, job, tmp, tpath, tokens):
                       f"{hf.get('tie_word_embeddings')}; names in the files (and index) "
                       f"{ {k: sorted(v or [])[:4] for k, v in layouts.items()} }")
 
-    # refusals of a file whose head is tied the other way
+    # an untied file is refused by a tied job
     out = run(mtnlgd, job, tpath, 1, 1, 1, f"model.init_from={exports[(1, 1, 1)]}")
-    out2 = run(mtnlgd, job, tpath, 1, 2, 1, UNTIE, f"model.init_from={tied_init}")
     failures += check("test_init_from_refuses_the_other_head",
                       out.returncode != 0 and "the job's model ties it to wte: set "
-                      "model.untie_embeddings" in out.stderr
-                      and out2.returncode != 0 and "an output layer of its own "
-                      "(model.untie_embeddings), the file's embeddings are tied" in out2.stderr,
-                      f"untied into tied: exit {out.returncode} {out.stderr[-300:]}; tied into "
-                      f"untied: exit {out2.returncode} {out2.stderr[-300:]}")
+                      "model.untie_embeddings" in out.stderr,
+                      f"untied into tied: exit {out.returncode} {out.stderr[-300:]}")
+    # a tied file (no lm_head.weight) starts an untied job with lm_head a
+    # copy of its wte: torch's untied run from those weights, at pp 1 (wte
+    # on the same stage) and tp 2 x pp 2 (the last stage holds no wte: it
+    # reads the file's for its vocabulary slice of lm_head)
+    copied = {**tied_w, "lm_head.weight": tied_w["wte.weight"].clone()}
+    copy_losses, _, _, copy_w = torch_run(copied, cfg, tokens, True)
+    details, ok = [], True
+    for tp, pp in ((1, 1), (2, 2)):
+        export = os.path.join(tmp, f"copied-{tp}-{pp}.safetensors")
+        o = run(mtnlgd, job, tpath, tp, pp, 1, UNTIE, f"model.init_from={tied_init}",
+                f"checkpoint.export={export}")
+        w = load(export)[0]
+        worst = worst_rel(losses_of(o.stdout), copy_losses)
+        rel = (rel_update(w, copy_w, copied, ["lm_head.weight", "wte.weight"])
+               if set(w) == set(copied) else float("inf"))
+        said = "lm_head.weight (model.untie_embeddings) starts as a copy of its wte.weight"
+        ok = ok and o.returncode == 0 and worst <= LOSS_TOL and rel <= WEIGHT_TOL \
+            and said in o.stderr
+        details.append(f"tp {tp} x pp {pp}: exit {o.returncode}, losses {worst:.2e} from "
+                       f"torch's, lm_head and wte {rel:.2e} of the update, said "
+                       f"{said in o.stderr} {o.stderr[-300:] if o.returncode else ''}")
+    failures += check("test_untied_job_from_a_tied_file_copies_wte",
+                      ok and worst_rel(copy_losses, ref_losses) > 10 * LOSS_TOL,
+                      "; ".join(details))
     return failures, exports[(1, 1, 1)]
 
 
