@@ -22,13 +22,15 @@ typedef struct mt_tboard mt_tboard;
 mt_tboard *mt_tboard_new(const char *dir);
 
 /* Appends st's scalars to t's events file, opened on the first call
- * (events.out.tfevents.<unix s>.<host>.<pid>.<n>). The file's first step,
- * and a step that does not follow the last one written, starts a new
- * session at it first, so TensorBoard drops the points at and past it that
- * an earlier run (a resume, a rollback, a re-formed generation) wrote and
- * the curve is the one the model followed; the "vs samples" points that
- * start also drops (their steps are samples, at least the step numbers)
- * are read back from the directory's files and written again after it.
+ * (events.out.tfevents.<unix s>.<host>.<pid>.<n>). A rollback (the
+ * directory, read as TensorBoard reads it, already shows a step at or past
+ * this file's first, or a step that does not follow the last one written)
+ * starts a new session at that step first, so TensorBoard drops the points
+ * at and past it that the earlier run wrote and the curve is the one the
+ * model followed; the "vs samples" points that start also drops (their
+ * steps are samples, at least the step numbers) are read back from the
+ * directory's files and written again after it. A file that continues
+ * where the directory ends (a resize, a resume) starts no session.
  * Runs on world rank 0's thread: a write that hangs (a stuck network
  * mount) holds its step as a stuck checkpoint write would. */
 void mt_tboard_step(mt_tboard *t, const mt_step_stats *st); /* t may be NULL: none */

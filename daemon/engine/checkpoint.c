@@ -1046,8 +1046,8 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
    * stage has lm_head's parameters more than a tied one's, and the count's
    * message would not name the key; at pp > 1 the last stage's lm_head is
    * where its tied copy of wte was, of the same size. Only the record
-   * tells them apart (a record without the key is tied; checkpoints from
-   * before the model was recorded pass, as below) */
+   * tells them apart (a record without the key is tied, and so is a
+   * checkpoint from before the model was recorded: it predates the key) */
   const json_t *saved_model = json_object_get(c.extra, "model");
   int was_untied = json_is_true(json_object_get(saved_model, "untie_embeddings"));
   if (c.tp == g->tp_size && c.pp == g->pp_size && f && was_v != now_v && g->pp_size > 1) {
@@ -1063,7 +1063,7 @@ static int resume_load(mt_trainer *tr, const char *job_dir, int64_t step, int64_
              "resume: %s was saved with tp %d x pp %d, the job runs tp %d x pp %d (`mtnlgctl "
              "ckpt reshard` writes it under another layout)",
              c.dir, c.tp, c.pp, g->tp_size, g->pp_size);
-  } else if (saved_model && was_untied != tr->job->model.untie_embeddings) {
+  } else if (was_untied != tr->job->model.untie_embeddings) {
     failed = CHECK_DAMAGED;
     snprintf(err, sizeof err,
              "resume: %s was saved by a model with %s embeddings, the job's "

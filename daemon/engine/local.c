@@ -594,7 +594,8 @@ static void *rank_main(void *arg) {
      * waits for its keys) lets the others finish theirs first, a bounded
      * while: one still waiting for a node that never comes is cancelled. */
     for (int waited = 0;
-         joined && waited < 10000 && __atomic_load_n(c->joining, __ATOMIC_ACQUIRE) > 0;
+         joined && waited < 10000 && __atomic_load_n(c->joining, __ATOMIC_ACQUIRE) > 0 &&
+         !__atomic_load_n(c->cancel, __ATOMIC_SEQ_CST);
          waited += 10) {
       struct timespec ts = {0, 10 * 1000 * 1000};
       nanosleep(&ts, NULL);

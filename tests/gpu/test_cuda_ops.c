@@ -1937,6 +1937,13 @@ int main(int argc, char **argv) {
     shape xl = {1, 2048, 2048, 16, 37, 40}, mtnlg = {1, 512, 640, 4, 37, 40};
     test_flash_attention(xl, MT_BF16, 1);
     test_flash_attention(mtnlg, MT_BF16, 1);
+    /* within documents (doc_start): the fp32 chunks and the flash kernels'
+     * skipped and masked key tiles at GPT-2's and MT-NLG's head sizes */
+    with_docs = 1;
+    test_attention(gpt, MT_MATMUL_FP32, 1);
+    test_flash_attention(gpt, MT_BF16, 1);
+    test_flash_attention(mtnlg, MT_F16, 1);
+    with_docs = 0;
     test_embedding(gpt);
     test_linear_scratch();
     test_to_half((size_t)1 << 20);

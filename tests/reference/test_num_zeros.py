@@ -100,8 +100,25 @@ def make_tokens():
     return [r.randrange(USED) for _ in range(STEPS * G * SEQ + 1)]
 
 
+def noisy_zeros(cfg):
+    """The elements whose gradient is 0 in exact arithmetic but rounding
+    noise in any float: the key bias (softmax is the same when every score
+    of a query moves by q.b), C a layer. Whether such an element comes out
+    exactly 0 is decided by the rounding, so neither side's count of them is
+    the other's: torch's leaves them out, and mtnlgd's may count up to this
+    many more (a count that read padding or gaps is off by more: 68 to 400
+    at these shapes)."""
+    return cfg.n_layer * cfg.n_embd
+
+
+def matches(got, want, cfg):
+    return len(got) == len(want) and all(
+        isinstance(x, int) and w <= x <= w + noisy_zeros(cfg) for x, w in zip(got, want))
+
+
 def torch_zeros(weights, cfg, tokens, g=G, untie=False):
-    """Each step's zero gradient elements, in float64 (AdamW as the runs)."""
+    """Each step's zero gradient elements, in float64 (AdamW as the runs),
+    but the key bias's (noisy_zeros)."""
     p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
     groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
                "weight_decay": WD},
@@ -119,7 +136,10 @@ def torch_zeros(weights, cfg, tokens, g=G, untie=False):
             _, loss = torch_gpt.forward(p, cfg, rows[:, :-1], rows[:, 1:], untie=untie)
             total = total + loss / (g // B)
         total.backward()
-        counts.append(sum(int((t.grad == 0).sum()) for t in p.values()))
+        C = cfg.n_embd
+        counts.append(sum(int((t.grad == 0).sum()) - (int((t.grad[C:2 * C] == 0).sum())
+                                                      if k.endswith("attn.c_attn.bias") else 0)
+                          for k, t in p.items()))
         opt.step()
     return counts
 
@@ -179,8 +199,9 @@ def padded_case(mtnlgd, job, tmp):
             out = run(mtnlgd, job, tpath, init, tp, pp, dp, *more, g=PAD_G)
             got = [r.get("num_zeros") for r in records(out)]
             failures += check(f"test_{name}_tp{tp}_pp{pp}_dp{dp}_num_zeros_are_torchs",
-                              out.returncode == 0 and got == want,
-                              f"exit {out.returncode}: mtnlgd {got}, torch {want}")
+                              out.returncode == 0 and matches(got, want, cfg),
+                              f"exit {out.returncode}: mtnlgd {got}, torch {want} "
+                              f"(+{noisy_zeros(cfg)} at most)")
     return failures
 
 
@@ -204,14 +225,16 @@ def main():
             out = run(mtnlgd, job, tpath, init, tp, pp, dp)
             got = [r.get("num_zeros") for r in records(out)]
             failures += check(f"test_tp{tp}_pp{pp}_dp{dp}_num_zeros_are_torchs",
-                              out.returncode == 0 and got == want,
-                              f"exit {out.returncode}: mtnlgd {got}, torch {want}")
+                              out.returncode == 0 and matches(got, want, cfg),
+                              f"exit {out.returncode}: mtnlgd {got}, torch {want} "
+                              f"(+{noisy_zeros(cfg)} at most)")
         out = run(mtnlgd, job, tpath, init, 1, 1, 1, fmt="text")
         steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
         failures += check("test_text_line_says_num_zeros_after_the_grad_norm",
-                          len(steps) == STEPS and all(
-                              re.search(r"\| grad norm [\d.]+ \| num zeros %d \| " % n, line)
-                              for n, line in zip(want, steps)), str(steps[:1]))
+                          len(steps) == STEPS and matches(
+                              [int(m.group(1)) if m else None for m in
+                               (re.search(r"\| grad norm [\d.]+ \| num zeros (\d+) \| ", line)
+                                for line in steps)], want, cfg), str(steps[:1]))
         out = run(mtnlgd, job, tpath, init, 1, 1, 1, zeros=False)
         failures += check("test_no_num_zeros_unless_asked",
                           out.returncode == 0 and len(records(out)) == STEPS
@@ -237,7 +260,7 @@ def main():
                           first.returncode == 0 and second.returncode == 0 and len(said) == 1
                           and "its trajectory does not" in said[0]
                           and "log_num_zeros_in_grad" in said[0]
-                          and [r.get("num_zeros") for r in records(second)] == want[2:],
+                          and matches([r.get("num_zeros") for r in records(second)], want[2:], cfg),
                           f"{said} {[r.get('num_zeros') for r in records(second)]}")
         failures += padded_case(mtnlgd, job, tmp)
     print("%d failure(s)" % failures)

@@ -52,6 +52,8 @@ def st_load(path, raw=False):
         t = torch.frombuffer(bytearray(data[a:b]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         if not raw and name.startswith("transformer."):
             name = name[len("transformer."):]
+        if name in out:
+            raise ValueError(f"{path}: tensor {name} twice (with and without 'transformer.')")
         out[name] = t.reshape(e["shape"]).clone()
     return out, meta
 
