@@ -1092,7 +1092,10 @@ typedef struct {
   mt_sumsq_span s[SUMSQ_MAX];
 } sumsq_pack;
 
-static __global__ void k_sumsq_multi_part(double *part, sumsq_pack pk) {
+/* A pack's partials: each block's Σ x² over its part of its span, or with
+ * zeros the zeros (+0 or -0) it holds, counted in double (exact below
+ * 2^53) so that k_sumsq_multi_total adds either. */
+static __global__ void k_sumsq_multi_part(double *part, sumsq_pack pk, int zeros) {
   int i = 0;
   while (i + 1 < pk.count && blockIdx.x >= pk.first[i + 1]) i++;
   const float *x = pk.s[i].x;
@@ -1100,7 +1103,7 @@ static __global__ void k_sumsq_multi_part(double *part, sumsq_pack pk) {
   double a = 0.0;
   for (size_t j = (size_t)(blockIdx.x - pk.first[i]) * blockDim.x + threadIdx.x; j < n;
        j += blocks * blockDim.x)
-    a += (double)x[j] * (double)x[j];
+    a += zeros ? (x[j] == 0.0f ? 1.0 : 0.0) : (double)x[j] * (double)x[j];
   a = mt__block_sum_d(a);
   if (threadIdx.x == 0) part[blockIdx.x] = a;
 }
@@ -1113,32 +1116,13 @@ static __global__ void k_sumsq_multi_total(double *total, const double *part, in
   if (threadIdx.x == 0) *total = add ? *total + a : a;
 }
 
-/* The zeros (+0 or -0) of a pack's spans, blocks laid out as
- * k_sumsq_multi_part's; a block's count in double (exact below 2^53), so
- * the total reuses k_sumsq_multi_total. */
-static __global__ void k_zeros_multi_part(double *part, sumsq_pack pk) {
-  int i = 0;
-  while (i + 1 < pk.count && blockIdx.x >= pk.first[i + 1]) i++;
-  const float *x = pk.s[i].x;
-  size_t n = pk.s[i].n, blocks = pk.first[i + 1] - pk.first[i];
-  double a = 0.0;
-  for (size_t j = (size_t)(blockIdx.x - pk.first[i]) * blockDim.x + threadIdx.x; j < n;
-       j += blocks * blockDim.x)
-    a += x[j] == 0.0f ? 1.0 : 0.0;
-  a = mt__block_sum_d(a);
-  if (threadIdx.x == 0) part[blockIdx.x] = a;
-}
-
 /* Launches a pack's partials (Σ x², or with zeros the zeros counted) and
  * adds them to the total (add 0: the first pack, which writes it); the
  * pack is emptied. */
 static void sumsq_flush(mt_device *d, mt__cuda *c, sumsq_pack *pk, int add, int zeros) {
   const char *what = zeros ? "count_zeros" : "sumsq_multi";
   unsigned parts = pk->first[pk->count];
-  if (zeros)
-    MT_LAUNCH(k_zeros_multi_part, parts, EW, c->stream)(c->red_multi, *pk);
-  else
-    MT_LAUNCH(k_sumsq_multi_part, parts, EW, c->stream)(c->red_multi, *pk);
+  MT_LAUNCH(k_sumsq_multi_part, parts, EW, c->stream)(c->red_multi, *pk, zeros);
   mt__cuda_check(d, what);
   MT_LAUNCH(k_sumsq_multi_total, 1, EW, c->stream)
   (c->red_multi + MT_CUDA_RED_PARTS, c->red_multi, (int)parts, add);

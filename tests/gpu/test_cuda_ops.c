@@ -1613,10 +1613,10 @@ static void test_count_zeros(void) {
   snprintf(detail, sizeof detail, "%lld and %lld", (long long)none, (long long)empty);
   check_that("count_zeros", "no spans, one empty span: 0", none == 0 && empty == 0, detail);
 #ifdef MT_CUDA_EMU
-  mt_emu_fail_launch("k_zeros_multi_part", 1);
+  mt_emu_fail_launch("k_sumsq_multi_part", 1);
   int64_t v = gpu.ops->count_zeros(&gpu, gs, K);
   int rc = mt_device_sync(&gpu);
-  mt_emu_fail_launch("k_zeros_multi_part", 0);
+  mt_emu_fail_launch("k_sumsq_multi_part", 0);
   snprintf(detail, sizeof detail, "%lld, sync %d", (long long)v, rc);
   check_that("count_zeros", "a failed launch: -1", v == -1 && rc, detail);
 #endif

@@ -119,12 +119,7 @@ def matches(got, want, cfg):
 def torch_zeros(weights, cfg, tokens, g=G, untie=False):
     """Each step's zero gradient elements, in float64 (AdamW as the runs),
     but the key bias's (noisy_zeros)."""
-    p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
-    groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
-               "weight_decay": WD},
-              {"params": [t for k, t in p.items() if not torch_gpt.decays(k, t.shape)],
-               "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    p, opt = torch_gpt.adamw64(weights, LR, WD, (0.9, 0.95), 1e-8)
     tok = torch.tensor(tokens, dtype=torch.long)
     counts = []
     for s in range(STEPS):

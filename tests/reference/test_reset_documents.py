@@ -130,12 +130,7 @@ def json_lines(out):
 
 def torch_run(weights, cfg, tokens, reset_pos, reset_mask):
     """Losses of STEPS steps and the final weights, in float64."""
-    p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
-    groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
-               "weight_decay": WD},
-              {"params": [t for k, t in p.items() if not torch_gpt.decays(k, t.shape)],
-               "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    p, opt = torch_gpt.adamw64(weights, LR, WD, BETAS, EPS)
     tok = torch.tensor(tokens, dtype=torch.long)
     losses = []
     for s in range(STEPS):

@@ -105,12 +105,7 @@ def losses_of(out):
 def torch_run(weights, cfg, tokens, untie):
     """Losses, the first step's gradient norm and parameter norm after its
     update, and the final weights of STEPS steps, in float64."""
-    p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
-    groups = [{"params": [t for k, t in p.items() if torch_gpt.decays(k, t.shape)],
-               "weight_decay": WD},
-              {"params": [t for k, t in p.items() if not torch_gpt.decays(k, t.shape)],
-               "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    p, opt = torch_gpt.adamw64(weights, LR, WD, BETAS, EPS)
     tok = torch.tensor(tokens, dtype=torch.long)
     losses, gnorm, pnorm = [], None, None
     for s in range(STEPS):

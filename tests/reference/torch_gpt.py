@@ -236,6 +236,17 @@ def decays(name, shape):
     return len(shape) == 2
 
 
+def adamw64(weights, lr, wd, betas, eps):
+    """The float64 copy of weights that trains, and torch's AdamW over it
+    as mtnlgd's: decay wd on the 2-D tensors (decays), none on the rest.
+    Returns (params {name: leaf tensor}, optimizer)."""
+    p = {k: v.to(torch.float64).clone().requires_grad_(True) for k, v in weights.items()}
+    groups = [{"params": [t for k, t in p.items() if decays(k, t.shape)], "weight_decay": wd},
+              {"params": [t for k, t in p.items() if not decays(k, t.shape)],
+               "weight_decay": 0.0}]
+    return p, torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
 def documents_of(idx, eod):
     """Megatron's get_ltor_masks_and_position_ids with --reset-position-ids
     and --reset-attention-mask, for idx (B, T): (position_ids (B, T), mask
