@@ -39,6 +39,7 @@
 enum { MAX_RANKS = RANK_RUNS_MAX_RANKS };
 
 static char data_path[64];
+static char docs_path[64]; /* tokens with an end of document (id 0) every 5 */
 static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
 
 typedef struct layout {
@@ -57,6 +58,7 @@ typedef struct layout {
   int virtual_stages;      /* parallel.virtual_stages, 0: none */
   int global_batch;        /* 0: 8 */
   int untie;               /* model.untie_embeddings = true */
+  int docs; /* docs_path with data.eod_token 0, reset_position_ids and reset_attention_mask */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
@@ -87,10 +89,13 @@ static int run(const layout *l, rank_log *logs) {
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
            "\"train\":{\"global_batch\":%d,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s,"
            "\"lr\":{\"schedule\":\"cosine\",\"peak\":3e-3,\"warmup_steps\":2,\"decay_steps\":12}},"
-           "\"data\":{\"path\":\"%s\"}%s}",
+           "\"data\":{\"path\":\"%s\"%s}%s}",
            drop, l->tp, l->pp, l->dp, l->dp, bucket, l->global_batch ? l->global_batch : 8,
            l->steps, l->precision, l->loss_scale ? ",\"loss_scale\":" : "",
-           l->loss_scale ? l->loss_scale : "", data_path, ckpt);
+           l->loss_scale ? l->loss_scale : "", l->docs ? docs_path : data_path,
+           l->docs ? ",\"eod_token\":0,\"reset_position_ids\":true,\"reset_attention_mask\":true"
+                   : "",
+           ckpt);
   return run_ranks(json, preset_dirs, l->kind, l->export_path, logs);
 }
 
@@ -519,6 +524,52 @@ static int test_bf16_untied_3d_layout_on_gpus_follows_one_cpu(void) {
   return 0;
 }
 
+/* Documents inside the samples (data.reset_position_ids and
+ * reset_attention_mask) in bf16 on six emulated GPUs, tp 2 x pp 3 with a
+ * middle stage that reads the tokens for the starts alone: the position
+ * lookup, the flash kernels' skipped and masked key tiles and the starts
+ * uploaded on every stage follow one CPU device's run with the documents,
+ * which itself is far from the run without them (the keys do something
+ * here). */
+static int test_bf16_documents_on_gpus_follow_one_cpu(void) {
+  enum { N = 4 };
+  static rank_log cpu[1], plain[1], gpu[MAX_RANKS];
+  layout l = {.kind = "cpu",
+              .precision = "bf16",
+              .steps = N,
+              .tp = 1,
+              .pp = 1,
+              .dp = 1,
+              .n_layer = 3,
+              .docs = 1};
+  REQUIRE(!run(&l, cpu), "cpu: %s", mt_errmsg());
+  l.docs = 0;
+  REQUIRE(!run(&l, plain), "cpu without documents: %s", mt_errmsg());
+  layout g = {.kind = "cuda",
+              .precision = "bf16",
+              .steps = N,
+              .tp = 2,
+              .pp = 3,
+              .dp = 1,
+              .n_layer = 3,
+              .docs = 1};
+  int rc = run(&g, gpu);
+  CHECK(!rc, "cuda documents tp2 pp3: %s", mt_errmsg());
+  if (rc) return 0;
+  double worst = 0.0, apart = worst_rel(cpu, plain, 0, N);
+  for (int w = 0; w < 6; w++) {
+    double r = worst_rel(&gpu[w], cpu, 0, N);
+    CHECK(gpu[w].n == N && r < 1e-4, "documents rank %d: %d steps, worst loss rel %.2e vs one cpu",
+          w, gpu[w].n, r);
+    if (r > worst) worst = r;
+  }
+  CHECK(apart > 1e-3, "the documents moved the cpu's losses only %.2e", apart);
+  printf("  bf16 documents tp2 pp3 on cuda:0-5 vs cpu:0: worst loss rel %.2e (%.2e without "
+         "the documents)\n",
+         worst, apart);
+  return 0;
+}
+
 /* Arguments, if any, pick the tests whose names contain one of them. */
 int main(int argc, char **argv) {
   setenv("MT_CUDA_EMU_DEVICES", "8", 1);
@@ -527,6 +578,15 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (rank_runs_token_file(data_path, "/tmp/mtnlg-engine-emu-XXXXXX")) return 1;
+  {
+    uint16_t t[20000];
+    for (int i = 0; i < 20000; i++) t[i] = i % 5 == 4 ? 0 : (uint16_t)(1 + (i * 7 + i / 13) % 255);
+    snprintf(docs_path, sizeof docs_path, "/tmp/mtnlg-engine-emu-docs-XXXXXX");
+    int fd = mkstemp(docs_path);
+    int ok = fd >= 0 && write(fd, t, sizeof t) == (ssize_t)sizeof t;
+    if (fd >= 0) close(fd);
+    if (!ok) return fprintf(stderr, "cannot write %s\n", docs_path), 1;
+  }
   mt_emu_nccl_late(1);
   struct {
     const char *name;
@@ -542,6 +602,7 @@ int main(int argc, char **argv) {
       {"test_checkpoint_resume_on_gpus_is_exact", test_checkpoint_resume_on_gpus_is_exact},
       {"test_bf16_untied_3d_layout_on_gpus_follows_one_cpu",
        test_bf16_untied_3d_layout_on_gpus_follows_one_cpu},
+      {"test_bf16_documents_on_gpus_follow_one_cpu", test_bf16_documents_on_gpus_follow_one_cpu},
       {"test_pp4_overlapped_p2p_on_gpus_matches_blocking",
        test_pp4_overlapped_p2p_on_gpus_matches_blocking},
       {"test_bf16_interleaved_on_gpus_matches_plain_1f1b",
@@ -561,5 +622,6 @@ int main(int argc, char **argv) {
     failures += rc;
   }
   unlink(data_path);
+  unlink(docs_path);
   return failures ? 1 : 0;
 }
