@@ -486,6 +486,25 @@ static int test_a_device_lost_to_a_fault_is_found(void) {
   return 0;
 }
 
+/* Whether each of the first `ranks` GPU ranks logged `steps` steps whose
+ * losses are within loss_tol (relative) of one CPU device's, and with
+ * norm_tol >= 0 their gradient norms within it; the worst of each come
+ * back for the test's summary line. */
+static void ranks_follow_cpu(const rank_log *gpu, int ranks, const rank_log *cpu, int steps,
+                             double loss_tol, double norm_tol, const char *what, double *worst,
+                             double *worst_norm) {
+  *worst = *worst_norm = 0.0;
+  for (int w = 0; w < ranks; w++) {
+    double r = worst_rel(&gpu[w], cpu, 0, steps);
+    double nr = norm_tol >= 0 ? rank_runs_worst_norm_rel(&gpu[w], cpu, 0, steps) : 0.0;
+    CHECK(gpu[w].n == steps && r < loss_tol && (norm_tol < 0 || nr < norm_tol),
+          "%s rank %d: %d steps, worst loss rel %.2e, gradient norm rel %.2e vs one cpu", what, w,
+          gpu[w].n, r, nr);
+    if (r > *worst) *worst = r;
+    if (nr > *worst_norm) *worst_norm = nr;
+  }
+}
+
 /* Untied embeddings (model.untie_embeddings) in bf16 on eight emulated
  * GPUs: the last stage's lm_head (its 16-bit working copy, vocabulary-split
  * over tp, reduced over dp in the buckets with no tied all-reduce and no
@@ -509,15 +528,8 @@ static int test_bf16_untied_3d_layout_on_gpus_follows_one_cpu(void) {
   int rc = run(&g, gpu);
   CHECK(!rc, "cuda untied tp2 pp2 dp2: %s", mt_errmsg());
   if (rc) return 0;
-  double worst = 0.0, worst_norm = 0.0;
-  for (int w = 0; w < MAX_RANKS; w++) {
-    double r = worst_rel(&gpu[w], cpu, 0, N), nr = rank_runs_worst_norm_rel(&gpu[w], cpu, 0, N);
-    CHECK(gpu[w].n == N && r < 1e-4 && nr < 2e-3,
-          "untied rank %d: %d steps, worst loss rel %.2e, gradient norm rel %.2e vs one cpu", w,
-          gpu[w].n, r, nr);
-    if (r > worst) worst = r;
-    if (nr > worst_norm) worst_norm = nr;
-  }
+  double worst, worst_norm;
+  ranks_follow_cpu(gpu, MAX_RANKS, cpu, N, 1e-4, 2e-3, "untied", &worst, &worst_norm);
   printf("  bf16 untied tp2 pp2 dp2 on cuda:0-7 vs cpu:0: worst loss rel %.2e, gradient norm rel "
          "%.2e\n",
          worst, worst_norm);
@@ -556,13 +568,8 @@ static int test_bf16_documents_on_gpus_follow_one_cpu(void) {
   int rc = run(&g, gpu);
   CHECK(!rc, "cuda documents tp2 pp3: %s", mt_errmsg());
   if (rc) return 0;
-  double worst = 0.0, apart = worst_rel(cpu, plain, 0, N);
-  for (int w = 0; w < 6; w++) {
-    double r = worst_rel(&gpu[w], cpu, 0, N);
-    CHECK(gpu[w].n == N && r < 1e-4, "documents rank %d: %d steps, worst loss rel %.2e vs one cpu",
-          w, gpu[w].n, r);
-    if (r > worst) worst = r;
-  }
+  double worst, unused, apart = worst_rel(cpu, plain, 0, N);
+  ranks_follow_cpu(gpu, 6, cpu, N, 1e-4, -1.0, "documents", &worst, &unused);
   CHECK(apart > 1e-3, "the documents moved the cpu's losses only %.2e", apart);
   printf("  bf16 documents tp2 pp3 on cuda:0-5 vs cpu:0: worst loss rel %.2e (%.2e without "
          "the documents)\n",
