@@ -633,14 +633,15 @@ static json_t *p_operation(void *arg, const char *id) {
   return found;
 }
 
-static void p_submit(void *arg, const char *kind, json_t *args, mt_control_reply *reply) {
+static void p_submit(void *arg, const char *kind, json_t *args, const char *key,
+                     mt_control_reply *reply) {
   node *n = arg;
   json_t *op = NULL;
   int status = 0;
   /* the coordinator answers within one round (~0.1 s); a dead one must not
    * hold the HTTP thread long */
-  if (mt_rdzv_submit_op(n->store, kind, args, 2000, &status, &op, reply->detail,
-                        sizeof reply->detail)) {
+  if (mt_rdzv_submit_op(n->store, kind, args, key, 2000, &status, &op, &reply->replayed,
+                        reply->detail, sizeof reply->detail)) {
     reply->status = 503;
     /* mt_rdzv_submit_op's message says what failed, the coordinator named */
     snprintf(reply->detail, sizeof reply->detail, "%.400s", mt_errmsg());
@@ -649,10 +650,21 @@ static void p_submit(void *arg, const char *kind, json_t *args, mt_control_reply
   reply->status = status;
   reply->op = op;
   if (status == 202 && op) {
+    /* a retry's answer (the same Idempotency-Key) names an operation this
+     * node may list already: listed once, as it stands now */
     pthread_mutex_lock(&n->mu);
+    size_t i;
+    json_t *mine;
+    json_array_foreach(n->extra_ops, i, mine) {
+      if (json_equal(json_object_get(mine, "id"), json_object_get(op, "id"))) {
+        json_array_remove(n->extra_ops, i);
+        break;
+      }
+    }
     json_array_append(n->extra_ops, op);
     pthread_mutex_unlock(&n->mu);
-    mt_log_info("control: %s accepted as %s", kind, json_string_value(json_object_get(op, "id")));
+    mt_log_info("control: %s %s %s", kind, reply->replayed ? "answered again as" : "accepted as",
+                json_string_value(json_object_get(op, "id")));
   }
 }
 

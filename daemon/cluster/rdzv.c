@@ -340,28 +340,33 @@ int mt_rdzv_stop_signalled(mt_store *s, int gen, const char *name) {
 
 /* ---- operations and status ---- */
 
-int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
-                      json_t **op, char *detail, int detail_size) {
+int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, const char *key, int timeout_ms,
+                      int *http_status, json_t **op, int *replayed, char *detail, int detail_size) {
   *op = NULL;
+  if (replayed) *replayed = 0;
+  /* what a caller may do when the answer is lost: with a key, ask again */
+  const char *retry = key ? "retry with the same Idempotency-Key, which orders it at most once"
+                          : "see GET /v1/operations before retrying";
   int64_t n, claims;
   int rc = mt_store_add(s, "ops/seq", 1, &n);
   if (rc) return mt_wraperr(rc, "cannot reach the coordinator");
-  char key[64], resp_key[64], claim_key[64];
-  snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
+  char req_key[64], resp_key[64], claim_key[64];
+  snprintf(req_key, sizeof req_key, "ops/req/%lld", (long long)n);
   snprintf(resp_key, sizeof resp_key, "ops/resp/%lld", (long long)n);
   snprintf(claim_key, sizeof claim_key, "ops/claim/%lld", (long long)n);
   /* "o" takes the reference: args borrowed (incref), or a new {} */
-  rc = set_json(
-      s, key,
-      json_pack("{s:s, s:o}", "kind", kind, "args", args ? json_incref(args) : json_object()));
+  json_t *req =
+      json_pack("{s:s, s:o}", "kind", kind, "args", args ? json_incref(args) : json_object());
+  if (req && key) json_object_set_new(req, "idempotency_key", json_string(key));
+  rc = set_json(s, req_key, req);
   void *v;
   size_t bytes;
   if (!rc) rc = mt_store_get(s, resp_key, &v, &bytes, timeout_ms);
   if (rc) {
     /* give up on it, unless the coordinator took it first (read_op_requests) */
     if (mt_store_add(s, claim_key, 1, &claims))
-      return mt_wraperr(rc, "cannot reach the coordinator (the request may still be acted on: "
-                            "see GET /v1/operations before retrying)");
+      return mt_wraperr(rc, "cannot reach the coordinator (the request may still be acted on: %s)",
+                        retry);
     if (claims == 1)
       return mt_wraperr(rc,
                         "the coordinator did not take the request within %d ms; it will "
@@ -370,13 +375,13 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
     if ((rc = mt_store_get(s, resp_key, &v, &bytes, timeout_ms)))
       return mt_wraperr(rc,
                         "the coordinator took the request but did not answer within %d ms "
-                        "more: see GET /v1/operations before retrying",
-                        2 * timeout_ms);
+                        "more: %s",
+                        2 * timeout_ms, retry);
   }
   /* answered: the coordinator is done with the request's keys (it reads
    * each number once), so they go rather than pile up in the store with
    * every order, refusals included (best effort) */
-  const char *done_keys[3] = {key, claim_key, resp_key};
+  const char *done_keys[3] = {req_key, claim_key, resp_key};
   for (int i = 0; i < 3; i++)
     if (mt_store_del(s, done_keys[i]))
       mt_log_debug("operation request %lld: remove %s: %s", (long long)n, done_keys[i],
@@ -390,6 +395,7 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_m
   snprintf(detail, (size_t)detail_size, "%s", d ? d : "");
   json_t *o = json_object_get(j, "op");
   if (o) *op = json_incref(o);
+  if (replayed) *replayed = json_is_true(json_object_get(j, "replayed"));
   json_decref(j);
   return 0;
 }
@@ -456,6 +462,17 @@ typedef struct coord_op {
   int dp;                  /* resize */
 } coord_op;
 
+/* A request's Idempotency-Key the coordinator answered: what was asked
+ * with it and what it was told, so that a retry of that request (its answer
+ * lost on the way back) is told the same and orders nothing. */
+typedef struct op_key {
+  char *key; /* malloc'd; NULL: an empty slot */
+  char kind[16];
+  json_t *args;  /* as asked ({} when none) */
+  json_t *resp;  /* the answer: {"status": 202, "op"} or {"status": 4xx, "detail"} */
+  int64_t op_id; /* 202: its operation (0: a refusal) */
+} op_key;
+
 /* Queued or running: not finished yet. */
 static int op_pending(const coord_op *o) {
   return !strcmp(o->state, "running") || !strcmp(o->state, "queued");
@@ -512,6 +529,8 @@ struct mt_coord {
   coord_op *ops;
   int n_ops, cap_ops;
   int64_t op_ids;      /* ids given so far (the table keeps only the newest) */
+  op_key *keys;        /* MT_RDZV_IDEM_KEYS slots, a ring (NULL until a key came) */
+  int next_key;        /* the slot the next key takes: the oldest's, once full */
   int64_t status_ms;   /* when cluster/status was last written */
   uint64_t status_sig; /* of what it said then that a change must publish at once */
   json_t *node_status; /* name -> the node's own status, refreshed each heartbeat */
@@ -539,6 +558,12 @@ void mt_coord_free(mt_coord *c) {
   if (!c) return;
   free(c->nodes);
   free(c->ops);
+  for (int i = 0; c->keys && i < MT_RDZV_IDEM_KEYS; i++) {
+    free(c->keys[i].key);
+    json_decref(c->keys[i].args);
+    json_decref(c->keys[i].resp);
+  }
+  free(c->keys);
   json_decref(c->node_status);
   free(c->job_json);
   free(c);
@@ -1673,6 +1698,64 @@ static const char *decide(mt_coord *c, const char *kind, json_t *args, coord_op 
   return NULL;
 }
 
+/* An Idempotency-Key as the control plane takes it: 1 to
+ * MT_RDZV_IDEM_KEY_MAX printable ASCII characters (another process may
+ * write any JSON into the store). */
+static int idem_key_ok(const char *key) {
+  size_t n = key ? strlen(key) : 0;
+  if (n < 1 || n > MT_RDZV_IDEM_KEY_MAX) return 0;
+  for (; *key; key++)
+    if ((unsigned char)*key < 0x20 || (unsigned char)*key > 0x7e) return 0;
+  return 1;
+}
+
+static op_key *find_key(mt_coord *c, const char *key) {
+  for (int i = 0; c->keys && i < MT_RDZV_IDEM_KEYS; i++)
+    if (c->keys[i].key && !strcmp(c->keys[i].key, key)) return &c->keys[i];
+  return NULL;
+}
+
+/* Keeps key with its request and answer, in the oldest slot once all are
+ * taken. Best effort: out of memory, the key is not kept (a retry is
+ * decided again, as one without a key). */
+static void remember_key(mt_coord *c, const char *key, const char *kind, json_t *args, json_t *resp,
+                         const coord_op *op) {
+  if (!c->keys && !(c->keys = calloc(MT_RDZV_IDEM_KEYS, sizeof *c->keys))) return;
+  op_key *k = &c->keys[c->next_key];
+  char *copy = strdup(key);
+  json_t *a = json_deep_copy(args), *r = json_deep_copy(resp);
+  if (!copy || !a || !r) {
+    free(copy), json_decref(a), json_decref(r);
+    return;
+  }
+  free(k->key), json_decref(k->args), json_decref(k->resp);
+  k->key = copy, k->args = a, k->resp = r;
+  snprintf(k->kind, sizeof k->kind, "%s", kind);
+  k->op_id = op ? op->id : 0;
+  c->next_key = (c->next_key + 1) % MT_RDZV_IDEM_KEYS;
+}
+
+/* The answer to a request whose key k was answered before: the same
+ * answer, marked replayed (an operation as it stands now, while the table
+ * keeps it), or 422 when the key came with another request. */
+static json_t *replay_key(mt_coord *c, const op_key *k, const char *kind, json_t *args) {
+  if (!kind || strcmp(kind, k->kind) || !json_equal(args, k->args)) {
+    char *was = json_dumps(k->args, JSON_COMPACT | JSON_SORT_KEYS);
+    char detail[512];
+    snprintf(detail, sizeof detail,
+             "Idempotency-Key \"%.200s\" was used for another request (%s %s); send this one "
+             "with a new key",
+             k->key, k->kind, was ? was : "{}");
+    free(was);
+    return json_pack("{s:i, s:s}", "status", 422, "detail", detail);
+  }
+  json_t *resp = json_deep_copy(k->resp);
+  for (int i = 0; resp && k->op_id && i < c->n_ops; i++)
+    if (c->ops[i].id == k->op_id) json_object_set_new(resp, "op", op_to_json(&c->ops[i]));
+  if (resp) json_object_set_new(resp, "replayed", json_true());
+  return resp;
+}
+
 /* New requests from any node's control plane, answered through the store.
  * Each is claimed first (ops/claim/<n>, an atomic add): a node that gave up
  * waiting claims it too, and whoever comes first decides whether it is
@@ -1709,17 +1792,39 @@ static int take_op_request(mt_coord *c, int64_t n, int64_t now_ms, int64_t since
     return 1;
   }
   const char *kind = json_string_value(json_object_get(req, "kind"));
+  json_t *args = json_object_get(req, "args"), *none = json_object();
+  if (!json_is_object(args)) args = none;
+  json_t *key_value = json_object_get(req, "idempotency_key");
+  const char *idem = json_string_value(key_value);
+  const op_key *seen = idem_key_ok(idem) ? find_key(c, idem) : NULL;
   coord_op *op = NULL;
   char why[600];
-  const char *no = kind ? decide(c, kind, json_object_get(req, "args"), &op, why, sizeof why)
-                        : "the request names no operation";
-  json_t *resp = no ? json_pack("{s:i, s:s}", "status",
-                                !strncmp(no, "cannot", 6)      ? 409
-                                : !strcmp(no, "out of memory") ? 500
-                                                               : 501,
-                                "detail", no)
-                    : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
-  if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
+  const char *no = NULL;
+  json_t *resp;
+  if (key_value && !idem_key_ok(idem)) {
+    resp = json_pack("{s:i, s:s}", "status", 400, "detail",
+                     "the request's Idempotency-Key is not 1 to 255 printable ASCII characters");
+  } else if (seen) { /* a retry: told what it was told, nothing ordered */
+    resp = replay_key(c, seen, kind, args);
+    mt_log_info("coordinator: request %lld repeats Idempotency-Key \"%.64s\": answered %s",
+                (long long)n, idem,
+                json_integer_value(json_object_get(resp, "status")) == 422 ? "422 (another request)"
+                                                                           : "as before");
+  } else {
+    no = kind ? decide(c, kind, args, &op, why, sizeof why) : "the request names no operation";
+    resp = no ? json_pack("{s:i, s:s}", "status",
+                          !strncmp(no, "cannot", 6)      ? 409
+                          : !strcmp(no, "out of memory") ? 500
+                                                         : 501,
+                          "detail", no)
+              : json_pack("{s:i, s:o}", "status", 202, "op", op_to_json(op));
+    if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
+    /* answers and refusals alike; not a 5xx, which ordered nothing and
+     * that a retry may get past */
+    if (idem && resp && json_integer_value(json_object_get(resp, "status")) < 500)
+      remember_key(c, idem, kind, args, resp, op);
+  }
+  json_decref(none);
   json_decref(req);
   snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
   if ((rc = set_json(c->o.store, key, resp))) return rc;

@@ -125,12 +125,27 @@ int mt_rdzv_stop_signalled(mt_store *s, int gen, const char *name);
 
 /* ---- operations and status (the control plane's cluster side) ---- */
 
+/* The longest Idempotency-Key a request may carry (1 to this many printable
+ * ASCII characters), and how many keys the coordinator remembers: the
+ * newest, the oldest forgotten first, for its own process's life (a
+ * restarted coordinator starts with none). A retry comes within seconds or
+ * minutes of the request it repeats; 1024 orders are weeks of a job's
+ * operations, and at most ~2 MB. */
+#define MT_RDZV_IDEM_KEY_MAX 255
+#define MT_RDZV_IDEM_KEYS 1024
+
 /* Hands a mutation (kind "pause", "resume", "stop", "checkpoint", "resize";
  * args {} or {"dp": N}) to the coordinator through the store and waits up to
  * timeout_ms for its answer: *http_status 202 with *op (new reference), or
- * an error status with detail. < 0 when the store failed or no answer came. */
-int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, int timeout_ms, int *http_status,
-                      json_t **op, char *detail, int detail_size);
+ * an error status with detail. < 0 when the store failed or no answer came.
+ * key: the request's Idempotency-Key, or NULL. A key the coordinator
+ * answered before is answered again as it was then (the same operation,
+ * as it stands now, or the same refusal) and orders nothing, *replayed
+ * (may be NULL) set to 1; the same key with another kind or args is
+ * refused, 422. Whichever node the retry reaches: the key travels with the
+ * request (ops/req/<n>, "idempotency_key"). */
+int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, const char *key, int timeout_ms,
+                      int *http_status, json_t **op, int *replayed, char *detail, int detail_size);
 /* World rank 0's node: order seq took effect after step (ok), or failed there
  * (a checkpoint that could not be written: reason). */
 int mt_rdzv_acted(mt_store *s, int gen, int64_t seq, int64_t step, int ok, const char *reason);

@@ -130,6 +130,7 @@ static const char *reason_phrase(int status) {
   case 405: return "Method Not Allowed";
   case 409: return "Conflict";
   case 413: return "Content Too Large";
+  case 422: return "Unprocessable Content";
   case 421: return "Misdirected Request";
   case 500: return "Internal Server Error";
   case 501: return "Not Implemented";
@@ -148,6 +149,7 @@ static const char *problem_type(int status) {
   case 409: return "https://mtnlg.dev/problems/conflict";
   case 413: return "https://mtnlg.dev/problems/body-too-large";
   case 421: return "https://mtnlg.dev/problems/misdirected";
+  case 422: return "https://mtnlg.dev/problems/idempotency-key-reused";
   case 503: return "https://mtnlg.dev/problems/unavailable";
   default: return "about:blank";
   }
@@ -417,12 +419,57 @@ static json_t *check_body(const req *q, char *why, size_t why_bytes) {
   return args;
 }
 
+/* Counts the Idempotency-Key headers (libmicrohttpd matches names without
+ * regard to case). */
+static enum MHD_Result count_idem_keys(void *cls, enum MHD_ValueKind kind, const char *key,
+                                       const char *value) {
+  (void)kind, (void)value;
+  if (!strcasecmp(key, "Idempotency-Key")) ++*(int *)cls;
+  return MHD_YES;
+}
+
+/* The request's Idempotency-Key: 0 with *key NULL when none came, or the
+ * header's value; -1 with why when it is not 1 to MT_CONTROL_IDEM_KEY_MAX
+ * printable ASCII characters (control bytes never get here: check()), or
+ * came twice. */
+static int check_idem_key(struct MHD_Connection *conn, const char **key, char *why,
+                          size_t why_bytes) {
+  int count = 0;
+  MHD_get_connection_values(conn, MHD_HEADER_KIND, count_idem_keys, &count);
+  *key = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Idempotency-Key");
+  if (!*key) return 0;
+  size_t n = strlen(*key);
+  if (count > 1)
+    snprintf(why, why_bytes, "header Idempotency-Key: %d of them; send one", count);
+  else if (n == 0)
+    snprintf(why, why_bytes,
+             "header Idempotency-Key: empty; it takes 1 to %d printable ASCII "
+             "characters",
+             MT_CONTROL_IDEM_KEY_MAX);
+  else if (n > MT_CONTROL_IDEM_KEY_MAX)
+    snprintf(why, why_bytes, "header Idempotency-Key: %zu characters, over %d", n,
+             MT_CONTROL_IDEM_KEY_MAX);
+  else {
+    for (size_t i = 0; i < n; i++)
+      if ((unsigned char)(*key)[i] < 0x20 || (unsigned char)(*key)[i] > 0x7e) {
+        snprintf(why, why_bytes,
+                 "header Idempotency-Key: byte 0x%02x at offset %zu is not printable ASCII",
+                 (unsigned char)(*key)[i], i);
+        return -1;
+      }
+    return 0;
+  }
+  return -1;
+}
+
 /* POST /v1/<kind> once the whole body is in: check it, hand it to the
  * provider, answer 202 + Location or the provider's error. */
 static enum MHD_Result post_mutation(struct MHD_Connection *conn, mt_control *c, req *q) {
   if (q->too_large)
     return problem(conn, c, q, 413, NULL, "the body is over %d bytes", MAX_BODY_BYTES);
   char why[256];
+  const char *key;
+  if (check_idem_key(conn, &key, why, sizeof why)) return problem(conn, c, q, 400, NULL, "%s", why);
   json_t *args = check_body(q, why, sizeof why);
   if (!args) return problem(conn, c, q, 400, NULL, "%s", why);
   if (!c->p.submit) {
@@ -431,7 +478,7 @@ static enum MHD_Result post_mutation(struct MHD_Connection *conn, mt_control *c,
   }
   mt_control_reply reply;
   memset(&reply, 0, sizeof reply);
-  c->p.submit(c->p.arg, q->kind, args, &reply);
+  c->p.submit(c->p.arg, q->kind, args, key, &reply);
   json_decref(args);
   reply.detail[sizeof reply.detail - 1] = '\0';
   if (reply.status == 202) {
@@ -442,7 +489,9 @@ static enum MHD_Result post_mutation(struct MHD_Connection *conn, mt_control *c,
     }
     char location[300];
     snprintf(location, sizeof location, "/v1/operations/%s", id);
-    const char *const hdr[] = {MHD_HTTP_HEADER_LOCATION, location, NULL};
+    /* Idempotent-Replayed (Stripe's header): the answer a retry repeats */
+    const char *const hdr[] = {MHD_HTTP_HEADER_LOCATION, location,
+                               reply.replayed ? "Idempotent-Replayed" : NULL, "true", NULL};
     return answer_json(conn, c, q, 202, reply.op, hdr);
   }
   json_decref(reply.op);

@@ -22,6 +22,7 @@ typedef struct mt_control_reply {
   int status;       /* 202 with op set, or an error status (400, 404, 409, 503) */
   json_t *op;       /* new reference: the operation (202) */
   char detail[512]; /* why, for an error status: becomes problem+json "detail" */
+  int replayed;     /* the answer a request with the same Idempotency-Key got before */
 } mt_control_reply;
 
 typedef struct mt_control_provider {
@@ -35,14 +36,20 @@ typedef struct mt_control_provider {
   json_t *(*operations)(void *arg);
   json_t *(*operation)(void *arg, const char *id);
   /* POST /v1/{pause,resume,stop,checkpoint,resize}: kind is the last path
-   * segment; args the checked body ({} or {"dp": N}). Fills *reply. */
-  void (*submit)(void *arg, const char *kind, json_t *args, mt_control_reply *reply);
+   * segment; args the checked body ({} or {"dp": N}); key the checked
+   * Idempotency-Key header (MT_CONTROL_IDEM_KEY_MAX printable ASCII
+   * characters at most), or NULL. Fills *reply. */
+  void (*submit)(void *arg, const char *kind, json_t *args, const char *key,
+                 mt_control_reply *reply);
   void *arg;
 } mt_control_provider;
 
 /* The longest bearer token, in bytes; mtnlgctl reads token files up to
  * this too (ctl/http.c), so a token one accepts the other does. */
 #define MT_CONTROL_TOKEN_MAX 4096
+/* The longest Idempotency-Key header a mutation may carry (the
+ * coordinator's MT_RDZV_IDEM_KEY_MAX, mtnlgctl's --idempotency-key). */
+#define MT_CONTROL_IDEM_KEY_MAX 255
 
 typedef struct mt_control_opts {
   const char *listen;   /* "HOST:PORT"; PORT 0 picks a free one; default "127.0.0.1:0" */

@@ -36,6 +36,12 @@ typedef struct fake {
   int next_id;
   int unreachable; /* 1: mutations answer 503 */
   int64_t step;
+  /* the Idempotency-Key the last mutation came with ("" none), and, as the
+   * coordinator keeps them (one here), the last key given, its kind and op */
+  char got_key[300];
+  int submits;
+  char key[300], key_kind[16];
+  json_t *key_op;
 } fake;
 
 static fake F = {.mu = PTHREAD_MUTEX_INITIALIZER, .state = "running", .step = 12};
@@ -133,10 +139,21 @@ static json_t *fake_operation(void *arg, const char *id) {
 
 /* pause/resume change the state at once; resume refuses unless paused and
  * resize refuses dp > 4, the way the daemon's coordinator would. */
-static void fake_submit(void *arg, const char *kind, json_t *args, mt_control_reply *reply) {
+static void fake_submit(void *arg, const char *kind, json_t *args, const char *key,
+                        mt_control_reply *reply) {
   fake *f = arg;
   pthread_mutex_lock(&f->mu);
-  if (f->unreachable) {
+  f->submits++;
+  snprintf(f->got_key, sizeof f->got_key, "%s", key ? key : "");
+  if (key && !strcmp(key, f->key) && !strcmp(kind, f->key_kind)) {
+    reply->status = 202;
+    reply->op = json_incref(f->key_op);
+    reply->replayed = 1;
+  } else if (key && !strcmp(key, f->key)) {
+    reply->status = 422;
+    snprintf(reply->detail, sizeof reply->detail,
+             "Idempotency-Key \"%.200s\" was used for another request (%s {})", key, f->key_kind);
+  } else if (f->unreachable) {
     reply->status = 503;
     snprintf(reply->detail, sizeof reply->detail, "cannot reach the coordinator");
   } else if (!strcmp(kind, "resume") && strcmp(f->state, "paused") != 0) {
@@ -158,6 +175,12 @@ static void fake_submit(void *arg, const char *kind, json_t *args, mt_control_re
     json_array_append(f->ops, op);
     reply->status = 202;
     reply->op = op;
+    if (key) {
+      snprintf(f->key, sizeof f->key, "%s", key);
+      snprintf(f->key_kind, sizeof f->key_kind, "%s", kind);
+      json_decref(f->key_op);
+      f->key_op = json_incref(op);
+    }
   }
   pthread_mutex_unlock(&f->mu);
 }
@@ -734,6 +757,89 @@ static int test_provider_errors_pass_through(void) {
   return 0;
 }
 
+/* POST path with the token and extra header lines ("Name: value\r\n"...). */
+static int post_with(int port, const char *path, const char *extra, resp *r) {
+  char req[4096];
+  int n = snprintf(req, sizeof req,
+                   "POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                   "Authorization: Bearer " TOKEN "\r\n%sContent-Length: 0\r\n\r\n",
+                   path, extra);
+  return http_raw(port, req, (size_t)n, r);
+}
+
+/* The provider's count of mutations and the key the last came with. */
+static int fake_submits(char *key, size_t cap) {
+  pthread_mutex_lock(&F.mu);
+  int n = F.submits;
+  if (key) snprintf(key, cap, "%s", F.got_key);
+  pthread_mutex_unlock(&F.mu);
+  return n;
+}
+
+/* Idempotency-Key: 1 to 255 printable ASCII characters, once, else 400
+ * naming the header and what is wrong, the provider never asked; a good one
+ * reaches the provider as sent, and none as none; the provider's replay is
+ * 202 with Idempotent-Replayed and the same Location, its 422 a problem. */
+static int test_idempotency_key_is_checked_and_passed_on(void) {
+  char k255[256], k256[300], line[400];
+  memset(k255, 'k', 255), k255[255] = '\0';
+  memset(k256, 'k', 256), k256[256] = '\0';
+  snprintf(line, sizeof line, "Idempotency-Key: %s\r\n", k256);
+  static const char *const bad_needles[] = {"empty", "256 characters, over 255",
+                                            "byte 0xc3 at offset 3 is not printable ASCII",
+                                            "2 of them"};
+  const char *bad[] = {"Idempotency-Key:\r\n", line, "Idempotency-Key: caf\xc3\xa9\r\n",
+                       "Idempotency-Key: a\r\nidempotency-key: a\r\n"};
+  int before = fake_submits(NULL, 0);
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    resp r;
+    REQUIRE(post_with(port, "/v1/checkpoint", bad[i], &r) == 0, "no answer");
+    char needle[128];
+    snprintf(needle, sizeof needle, "header Idempotency-Key: %s", bad_needles[i]);
+    CHECK(is_problem(&r, 400, needle), "bad key %zu", i);
+    record("POST", "/v1/checkpoint", &r);
+    resp_free(&r);
+  }
+  CHECK(fake_submits(NULL, 0) == before, "a bad key reached the provider (%d mutations, was %d)",
+        fake_submits(NULL, 0), before);
+
+  char got[300], loc[128] = "", loc2[128] = "", replayed[16] = "";
+  resp r;
+  snprintf(line, sizeof line, "Idempotency-Key: %s\r\n", k255);
+  REQUIRE(post_with(port, "/v1/checkpoint", line, &r) == 0, "no answer");
+  header(&r, "Location", loc, sizeof loc);
+  int first_replayed = header(&r, "Idempotent-Replayed", replayed, sizeof replayed);
+  fake_submits(got, sizeof got);
+  CHECK(r.status == 202 && !strcmp(got, k255) && !first_replayed,
+        "a 255-character key: %d, provider got %zu characters, replayed header %d: %s", r.status,
+        strlen(got), first_replayed, r.body);
+  resp_free(&r);
+  REQUIRE(post_with(port, "/v1/checkpoint", line, &r) == 0, "no answer");
+  header(&r, "Location", loc2, sizeof loc2);
+  CHECK(r.status == 202 && header(&r, "Idempotent-Replayed", replayed, sizeof replayed) &&
+            !strcmp(replayed, "true") && loc[0] && !strcmp(loc, loc2),
+        "the same key again: %d, Idempotent-Replayed \"%s\", Location %s then %s", r.status,
+        replayed, loc, loc2);
+  record("POST", "/v1/checkpoint", &r);
+  resp_free(&r);
+  REQUIRE(post_with(port, "/v1/stop", line, &r) == 0, "no answer");
+  CHECK(is_problem(&r, 422, "was used for another request (checkpoint {})"),
+        "the key with another request");
+  char type[128] = "";
+  json_t *p = json_loads(r.body, 0, NULL);
+  snprintf(type, sizeof type, "%s", json_string_value(json_object_get(p, "type")) ?: "");
+  json_decref(p);
+  CHECK(!strcmp(type, "https://mtnlg.dev/problems/idempotency-key-reused"), "422 type %s", type);
+  record("POST", "/v1/stop", &r);
+  resp_free(&r);
+  REQUIRE(post_with(port, "/v1/checkpoint", "", &r) == 0, "no answer");
+  fake_submits(got, sizeof got);
+  CHECK(r.status == 202 && !got[0] && !header(&r, "Idempotent-Replayed", replayed, 16),
+        "no key: %d, provider got \"%s\"", r.status, got);
+  resp_free(&r);
+  return 0;
+}
+
 /* Answered within budget_s, measured from the call. */
 static int quick_status_200(double budget_s) {
   double t0 = now_s();
@@ -1105,6 +1211,7 @@ static const struct {
     TEST(test_body_over_64k_is_413),
     TEST(test_accepted_mutation_is_202_with_location),
     TEST(test_provider_errors_pass_through),
+    TEST(test_idempotency_key_is_checked_and_passed_on),
     TEST(test_stalled_and_half_closed_clients_do_not_block_others),
     TEST(test_connection_limit_holds_the_excess_until_a_slot_frees),
     TEST(test_trickled_request_is_cut_at_the_request_deadline),
@@ -1141,6 +1248,7 @@ int main(void) {
   }
   mt_control_stop(srv);
   json_decref(F.ops);
+  json_decref(F.key_op);
   char cmd[128];
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
   if (system(cmd)) fprintf(stderr, "could not remove %s\n", tmpdir);

@@ -14,6 +14,18 @@
  *   read the answer.
  * The coordinator is still forming, so a pause is refused (409) and a stop
  * ends the job: either answer shows the request was decided.
+ *
+ * Then, with a generation running, requests with an Idempotency-Key (a
+ * retry whose first answer was lost):
+ * - the same key with the same request answers the same operation again,
+ *   marked replayed, and orders nothing: one operation, one order;
+ * - the same key with another request is refused, 422, naming the key;
+ * - a refusal (409) is answered again as it was, though the request would
+ *   now be taken, and a new key is decided afresh;
+ * - the coordinator keeps the newest MT_RDZV_IDEM_KEYS keys, the oldest
+ *   forgotten first: a retry of a forgotten key is decided afresh;
+ * - a key that is not 1 to 255 printable ASCII characters (another process
+ *   wrote it into the store) is refused, 400.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -44,7 +56,8 @@ static void *ticker(void *arg) {
 
 static int submit(const char *kind, int timeout_ms, int *status, char *detail, size_t cap) {
   json_t *op = NULL;
-  int rc = mt_rdzv_submit_op(store, kind, NULL, timeout_ms, status, &op, detail, (int)cap);
+  int rc =
+      mt_rdzv_submit_op(store, kind, NULL, NULL, timeout_ms, status, &op, NULL, detail, (int)cap);
   json_decref(op);
   return rc;
 }
@@ -133,11 +146,208 @@ static int test_requests_given_up_or_never_written_are_passed_over(void) {
   return 0;
 }
 
+/* ---- Idempotency-Key ---- */
+
+/* One request with key through mt_rdzv_submit_op, the ticker answering.
+ * What it was answered: the status, the operation's id ("" when none),
+ * whether replayed, and the detail. */
+typedef struct answer {
+  int rc, status, replayed;
+  char id[32], detail[512];
+} answer;
+
+static answer ask(const char *kind, json_t *args, const char *key) {
+  answer a = {0};
+  json_t *op = NULL;
+  a.rc = mt_rdzv_submit_op(store, kind, args, key, 2000, &a.status, &op, &a.replayed, a.detail,
+                           sizeof a.detail);
+  const char *id = json_string_value(json_object_get(op, "id"));
+  snprintf(a.id, sizeof a.id, "%s", id ? id : "");
+  json_decref(op);
+  return a;
+}
+
+/* Writes request n (numbered here) as another process would, unanswered. */
+static int64_t put_request(const char *json) {
+  int64_t n;
+  if (mt_store_add(store, "ops/seq", 1, &n)) return -1;
+  char key[64];
+  snprintf(key, sizeof key, "ops/req/%lld", (long long)n);
+  return mt_store_set(store, key, json, strlen(json)) ? -1 : n;
+}
+
+/* The coordinator's published state and number of operations. */
+static const char *cluster_state_now(int *n_ops) {
+  static char state[32];
+  int rc;
+  json_t *st = mt_rdzv_cluster_status(store, &rc);
+  snprintf(state, sizeof state, "%s",
+           st && json_string_value(json_object_get(st, "state"))
+               ? json_string_value(json_object_get(st, "state"))
+               : "");
+  if (n_ops) *n_ops = (int)json_array_size(json_object_get(st, "operations"));
+  json_decref(st);
+  return state;
+}
+
+static void start_ticking(pthread_t *th) {
+  atomic_store(&ticking, 1);
+  pthread_create(th, NULL, ticker, NULL);
+}
+
+static void stop_ticking(pthread_t th) {
+  atomic_store(&ticking, 0);
+  pthread_join(th, NULL);
+}
+
+/* A coordinator of its own store whose generation 1 runs on n0 (one
+ * device), with a checkpoint dir; the globals point at it. 0 when so. */
+static int open_running(void) {
+  REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(store);
+  o.last_call_ms = 0, o.has_checkpoint_dir = 1;
+  REQUIRE(!mt_coord_new(&o, &coord), "coordinator: %s", mt_errmsg());
+  mt_node_desc d = {.n_devices = 1, .name = "n0", .host = "host0", .version = "test"};
+  snprintf(d.devices[0], sizeof d.devices[0], "cpu:0");
+  int64_t seq = 0;
+  REQUIRE(!mt_rdzv_join(store, &d, &seq), "join: %s", mt_errmsg());
+  for (int t = 1; t <= 5; t++) {
+    mt_coord_tick(coord, t * 100);
+    mt_rdzv_heartbeat(store, "n0");
+  }
+  atomic_store(&clock_ms, 500); /* from here the clock stands: n0 is never late */
+  mt_coord_tick(coord, 500);
+  const char *state = cluster_state_now(NULL);
+  REQUIRE(!strcmp(state, "running"), "generation 1 is %s, not running", state);
+  return 0;
+}
+
+static int test_a_retried_request_with_its_key_orders_once(void) {
+  pthread_t th;
+  start_ticking(&th);
+  answer first = ask("pause", NULL, "key-pause");
+  CHECK(!first.rc && first.status == 202 && !first.replayed && first.id[0],
+        "pause with a key: rc %d, status %d, replayed %d, id %s: %s", first.rc, first.status,
+        first.replayed, first.id, first.detail);
+  /* its answer lost: the retry, the same request with the same key (from
+   * any node: the key rides in the request through the store) */
+  answer again = ask("pause", NULL, "key-pause");
+  CHECK(!again.rc && again.status == 202 && again.replayed && !strcmp(again.id, first.id),
+        "the retry: rc %d, status %d, replayed %d, id %s (first %s): %s", again.rc, again.status,
+        again.replayed, again.id, first.id, again.detail);
+  int64_t seq = 0;
+  char kind[16] = "";
+  int ordered = mt_rdzv_order(store, 1, &seq, kind, sizeof kind);
+  usleep(20000);
+  int n_ops = 0;
+  cluster_state_now(&n_ops);
+  CHECK(ordered == 1 && seq == 1 && !strcmp(kind, "pause") && n_ops == 1,
+        "after a pause and its retry: order %d seq %lld (%s), %d operation(s); want 1 of each",
+        ordered, (long long)seq, kind, n_ops);
+
+  /* the key again, with another request: refused, naming the key */
+  answer other = ask("resume", NULL, "key-pause");
+  CHECK(!other.rc && other.status == 422 && strstr(other.detail, "Idempotency-Key \"key-pause\"") &&
+            strstr(other.detail, "another request (pause {})"),
+        "a resume with the pause's key: rc %d, status %d: %s", other.rc, other.status,
+        other.detail);
+  json_t *dp2 = json_pack("{s:i}", "dp", 2), *dp3 = json_pack("{s:i}", "dp", 3);
+  answer resize = ask("resize", dp2, "key-resize");
+  answer resize_other = ask("resize", dp3, "key-resize");
+  CHECK(resize.status == 409 && resize_other.status == 422 &&
+            strstr(resize_other.detail, "(resize {\"dp\":2})"),
+        "a resize to dp 3 with the key of one to dp 2: %d then %d: %s", resize.status,
+        resize_other.status, resize_other.detail);
+  json_decref(dp2), json_decref(dp3);
+
+  /* a refusal (the pause has not acted yet) is answered again as it was */
+  answer refused = ask("resume", NULL, "key-resume");
+  CHECK(refused.status == 409 && strstr(refused.detail, "has not taken effect yet"),
+        "a resume before the pause acted: %d: %s", refused.status, refused.detail);
+  REQUIRE(!mt_rdzv_acted(store, 1, seq, 7, 1, ""), "acted: %s", mt_errmsg());
+  const char *state = "";
+  for (int i = 0; i < 400 && strcmp(state = cluster_state_now(NULL), "paused"); i++) usleep(5000);
+  CHECK(!strcmp(state, "paused"), "after the pause acted the job is %s", state);
+  answer replayed = ask("resume", NULL, "key-resume");
+  CHECK(replayed.status == 409 && replayed.replayed && !strcmp(replayed.detail, refused.detail),
+        "the resume's retry, now the job is paused: %d (replayed %d): %s", replayed.status,
+        replayed.replayed, replayed.detail);
+  answer fresh = ask("resume", NULL, "key-resume-2");
+  CHECK(fresh.status == 202 && !fresh.replayed && strcmp(fresh.id, first.id),
+        "a resume with a new key: %d (replayed %d), id %s: %s", fresh.status, fresh.replayed,
+        fresh.id, fresh.detail);
+  stop_ticking(th);
+  return 0;
+}
+
+/* Keys so far: key-pause (oldest), key-resize, key-resume, key-resume-2. */
+static int test_the_oldest_key_is_forgotten_first(void) {
+  char req[128];
+  int64_t last = 0;
+  /* fill the table: key-pause is still the oldest kept */
+  for (int i = 0; i < MT_RDZV_IDEM_KEYS - 4; i++) {
+    snprintf(req, sizeof req,
+             "{\"kind\":\"checkpoint\",\"args\":{},\"idempotency_key\":\"bulk-%d\"}", i);
+    last = put_request(req);
+  }
+  mt_coord_tick(coord, atomic_load(&clock_ms));
+  CHECK(answered(last) == 409, "bulk request %lld (while the resume has not acted): %d",
+        (long long)last, answered(last));
+  pthread_t th;
+  start_ticking(&th);
+  answer kept = ask("pause", NULL, "key-pause");
+  CHECK(kept.status == 202 && kept.replayed && !strcmp(kept.id, "op-1"),
+        "key-pause with %d newer keys: %d (replayed %d) %s: %s", MT_RDZV_IDEM_KEYS - 1, kept.status,
+        kept.replayed, kept.id, kept.detail);
+  stop_ticking(th);
+  /* one more key: key-pause, the oldest, goes; key-resize, the next, stays */
+  last = put_request("{\"kind\":\"checkpoint\",\"args\":{},\"idempotency_key\":\"bulk-last\"}");
+  mt_coord_tick(coord, atomic_load(&clock_ms));
+  start_ticking(&th);
+  /* (key-resize first: key-pause, decided afresh, is then kept again, in
+   * the oldest slot, key-resize's) */
+  answer next = ask("resize", NULL, "key-resize");
+  answer forgotten = ask("pause", NULL, "key-pause");
+  stop_ticking(th);
+  CHECK(forgotten.status == 409 && !forgotten.replayed &&
+            strstr(forgotten.detail, "has not taken effect yet"),
+        "key-pause once %d newer keys came: %d (replayed %d): %s", MT_RDZV_IDEM_KEYS,
+        forgotten.status, forgotten.replayed, forgotten.detail);
+  CHECK(next.status == 422 && strstr(next.detail, "\"key-resize\""),
+        "key-resize, the next oldest, with another request: %d: %s", next.status, next.detail);
+  return 0;
+}
+
+static int test_a_key_that_is_not_printable_ascii_is_refused(void) {
+  char longkey[300], req[400];
+  memset(longkey, 'k', 256);
+  longkey[256] = '\0';
+  const char *bad[] = {"\"\"", "\"a\\u0001b\"", "\"caf\\u00e9\"", "42", NULL};
+  int64_t n[5];
+  for (int i = 0; bad[i]; i++) {
+    snprintf(req, sizeof req, "{\"kind\":\"pause\",\"args\":{},\"idempotency_key\":%s}", bad[i]);
+    n[i] = put_request(req);
+  }
+  snprintf(req, sizeof req, "{\"kind\":\"pause\",\"args\":{},\"idempotency_key\":\"%s\"}", longkey);
+  n[4] = put_request(req);
+  mt_coord_tick(coord, atomic_load(&clock_ms));
+  for (int i = 0; i < 5; i++)
+    CHECK(answered(n[i]) == 400, "request %d with a bad key: %d", i, answered(n[i]));
+  return 0;
+}
+
 int main(void) {
   REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(store);
   REQUIRE(!mt_coord_new(&o, &coord), "coordinator: %s", mt_errmsg());
   test_requests_given_up_or_never_written_are_passed_over();
+  mt_coord_free(coord);
+  mt_store_free(store);
+  if (!open_running()) {
+    test_a_retried_request_with_its_key_orders_once();
+    test_the_oldest_key_is_forgotten_first();
+    test_a_key_that_is_not_printable_ascii_is_refused();
+  }
   mt_coord_free(coord);
   mt_store_free(store);
   printf("test_rdzv_ops: %s\n", failures ? "FAILED" : "ok");
