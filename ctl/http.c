@@ -49,6 +49,8 @@ static struct {
   struct curl_slist *get_headers, *post_headers; /* without the token */
   struct curl_slist *get_auth, *post_auth;       /* the same with it, once read */
   char errbuf[CURL_ERROR_SIZE];
+  char idem_header[300]; /* "Idempotency-Key: K" for every POST, or "" */
+  int sent;              /* the last request went out (a connection, TLS done) */
 } http;
 
 static void set_err(char *err, size_t cap, const char *fmt, ...)
@@ -377,6 +379,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
                      json_t **problem, long *http_status, char *err, size_t err_cap) {
   int ret, post = !strcmp(method, "POST");
   char *url = NULL, *payload = NULL;
+  struct curl_slist *keyed = NULL; /* the headers with the Idempotency-Key */
   buf b = {0};
   head h = {0};
   long status = 0;
@@ -416,10 +419,19 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &h);
-  if (http.token)
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, post ? http.post_auth : http.get_auth);
-  else
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, post ? http.post_headers : http.get_headers);
+  struct curl_slist *hdrs = http.token ? (post ? http.post_auth : http.get_auth)
+                                       : (post ? http.post_headers : http.get_headers);
+  if (post && http.idem_header[0]) { /* the list with the key: this request's own */
+    for (struct curl_slist *h = hdrs; h; h = h->next)
+      if (!(keyed = curl_slist_append(keyed, h->data))) break;
+    struct curl_slist *t = keyed ? curl_slist_append(keyed, http.idem_header) : NULL;
+    if (!t) {
+      set_err(err, err_cap, "out of memory");
+      goto cleanup;
+    }
+    hdrs = keyed = t;
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
   if (post) {
     payload = body ? json_dumps(body, JSON_COMPACT) : strdup("{}");
     if (!payload) {
@@ -433,7 +445,11 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
   }
 
+  http.sent = 0;
   CURLcode cc = curl_easy_perform(c);
+  curl_off_t pretransfer = 0;
+  http.sent = curl_easy_getinfo(c, CURLINFO_PRETRANSFER_TIME_T, &pretransfer) == CURLE_OK &&
+              pretransfer > 0;
   if (cc == CURLE_WRITE_ERROR && b.too_large) {
     set_err(err, err_cap, "the answer to %s %s from %s is over %d MiB; is it an mtnlgd?", method,
             path, ctl.endpoint, MAX_ANSWER_BYTES >> 20);
@@ -501,6 +517,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     /* control.reads_need_token: reads too, from now on, with the token */
     http.reads_need_token = 1;
     free(payload), free(url), free(b.data);
+    curl_slist_free_all(keyed);
     return ctl_http_request(method, path, body, out, problem, http_status, err, err_cap);
   }
   if (status < 200 || status >= 300) {
@@ -519,6 +536,8 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   *out = root;
   ret = CTL_EXIT_OK;
 cleanup:
+  if (keyed) curl_easy_setopt(http.curl, CURLOPT_HTTPHEADER, NULL); /* freed here */
+  curl_slist_free_all(keyed);
   free(payload);
   free(url);
   free(b.data);
@@ -562,3 +581,9 @@ void ctl_http_close(void) {
   free(http.base);
   memset(&http, 0, sizeof http);
 }
+
+void ctl_http_set_idempotency_key(const char *key) {
+  snprintf(http.idem_header, sizeof http.idem_header, key ? "Idempotency-Key: %s" : "", key);
+}
+
+int ctl_http_sent(void) { return http.sent; }

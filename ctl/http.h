@@ -48,6 +48,14 @@ void ctl_http_print_error(const char *err, const json_t *problem);
 int ctl_http_get(const char *path, json_t **out);
 int ctl_http_post(const char *path, const json_t *body, json_t **out);
 
+/* Every POST after this carries "Idempotency-Key: key" (NULL: none); key
+ * is 1 to 255 printable ASCII characters (proto/control-v1.yaml). */
+void ctl_http_set_idempotency_key(const char *key);
+/* Whether the last request went out: a connection (and its TLS handshake)
+ * was made, so the daemon may have acted on it even when no answer came;
+ * 0 when it was refused, timed out connecting, or never started. */
+int ctl_http_sent(void);
+
 /* Frees the handle and libcurl's global state; safe to call when unused. */
 void ctl_http_close(void);
 

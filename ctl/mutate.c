@@ -8,12 +8,21 @@
  * While waiting, a daemon that stops answering (or that cannot reach its
  * coordinator, 503) is retried for UNREACHABLE_GRACE_S before giving up
  * with exit 3: a resize or a coordinator restart may take a moment.
+ *
+ * Every POST carries an Idempotency-Key (128 random bits in hex, or the
+ * one given with --idempotency-key): when its answer is lost after the
+ * request went out (no answer, a reset connection, a 503 or a proxy's 504)
+ * the same POST with the same key is sent again for UNREACHABLE_GRACE_S,
+ * and the coordinator answers a key it has seen as it did, so the order
+ * is given once. A connection refused before the request went out is not
+ * sent again: nothing can have been ordered, and the daemon is not there.
  */
 #include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #include "ctl.h"
@@ -27,12 +36,21 @@
 #define MUTATION_OPTIONS                                                                           \
   "  --wait                 follow the operation until it ends: exit 0 when it\n"                  \
   "                         succeeded, 1 when it failed (with the reason)\n"                       \
+  "  --idempotency-key KEY  send KEY (1 to 255 printable ASCII characters, no\n"                   \
+  "                         spaces) as the request's Idempotency-Key instead of\n"                 \
+  "                         a random one: a script run again with the same KEY\n"                  \
+  "                         is answered the first run's operation (or refusal),\n"                 \
+  "                         not ordered twice (the coordinator keeps its newest\n"                 \
+  "                         1024 keys while it runs)\n"                                            \
   "  -o, --output FORMAT    table (default) or json (the operation object; with\n"                 \
   "                         --wait, its final state; when refused, the daemon's\n"                 \
   "                         problem+json object)\n"                                                \
   "  -h, --help             show this help\n"                                                      \
   "\n"                                                                                             \
   "Needs the daemon's control token: --token-file PATH or MTNLG_TOKEN_FILE.\n"                     \
+  "When the answer is lost after the request went out (no answer, a reset\n"                       \
+  "connection, 503, 504), the same request is sent again with the same\n"                          \
+  "Idempotency-Key for up to 30 s: the coordinator orders it once.\n"                              \
   "Without --wait, prints the operation id and state and returns; `mtnlgctl ops ID`\n"             \
   "shows it later. Interrupting --wait does not cancel the operation.\n"
 
@@ -175,20 +193,109 @@ static void settle_resize(int dp) {
   }
 }
 
+/* The longest Idempotency-Key (the daemon's MT_CONTROL_IDEM_KEY_MAX). */
+#define IDEM_KEY_MAX 255
+
+/* Why key cannot be an Idempotency-Key (1 to IDEM_KEY_MAX printable ASCII
+ * characters; no spaces, which a header's value loses at either end), or
+ * NULL when it can. */
+static const char *idem_key_problem(const char *key, char *why, size_t cap) {
+  size_t n = strlen(key);
+  if (n == 0) return "it is empty";
+  if (n > IDEM_KEY_MAX) {
+    snprintf(why, cap, "%zu characters, over %d", n, IDEM_KEY_MAX);
+    return why;
+  }
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)key[i] <= 0x20 || (unsigned char)key[i] > 0x7e) {
+      snprintf(why, cap, "byte 0x%02x at offset %zu is not printable ASCII other than a space",
+               (unsigned char)key[i], i);
+      return why;
+    }
+  return NULL;
+}
+
+/* 128 random bits in hex: a key no other request has. */
+static int draw_idem_key(char out[33]) {
+  unsigned char r[16];
+  size_t got = 0;
+  while (got < sizeof r) {
+    ssize_t n = getrandom(r + got, sizeof r - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return -1;
+    got += (size_t)n;
+  }
+  for (int i = 0; i < 16; i++) snprintf(out + 2 * i, 3, "%02x", r[i]);
+  return 0;
+}
+
+/* POST path with the key set (ctl_http_set_idempotency_key). When the
+ * answer is lost after the request went out, sends it again, saying so
+ * once, until an answer comes or UNREACHABLE_GRACE_S passed since the
+ * first was lost. Prints a failure as ctl_http_post does. */
+static int post_order(const char *path, const json_t *body, const char *key, json_t **op) {
+  char err[1024];
+  double lost_since = 0;
+  int retrying = 0;
+  for (;;) {
+    json_t *problem = NULL;
+    long status = 0;
+    int rc = ctl_http_request("POST", path, body, op, &problem, &status, err, sizeof err);
+    int lost = (rc == CTL_EXIT_UNREACHABLE && (retrying || ctl_http_sent())) ||
+               (rc == CTL_EXIT_FAILURE && (status == 503 || status == 504));
+    if (lost && !retrying) {
+      lost_since = now_s();
+      retrying = 1;
+      char *hint = strstr(err, "; is mtnlgd running?"); /* it answered before: it runs */
+      if (hint) *hint = '\0';
+      fprintf(stderr,
+              "mtnlgctl: %s; sending the same request again (Idempotency-Key %s) for up to "
+              "%.0f s: the daemon orders it once\n",
+              err, key, UNREACHABLE_GRACE_S);
+    } else if (lost && now_s() - lost_since > UNREACHABLE_GRACE_S) {
+      ctl_http_print_error(err, problem);
+      fprintf(stderr,
+              "mtnlgctl: gave up after %.0f s; the order may have been taken: `mtnlgctl ops` "
+              "shows it, and the same command with --idempotency-key %s within the "
+              "coordinator's life does not order it twice\n",
+              UNREACHABLE_GRACE_S, key);
+      json_decref(problem);
+      return rc;
+    } else if (!lost) {
+      if (rc) ctl_http_print_error(err, problem);
+      json_decref(problem);
+      return rc;
+    }
+    json_decref(problem);
+    sleep_s(POLL_INTERVAL_S);
+  }
+}
+
 int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv) {
-  enum { OPT_WAIT = 256, OPT_DP };
+  enum { OPT_WAIT = 256, OPT_DP, OPT_IDEM_KEY };
   static const struct option opts[] = {
       {"wait", no_argument, NULL, OPT_WAIT},
       {"dp", required_argument, NULL, OPT_DP},
       {"output", required_argument, NULL, 'o'},
+      {"idempotency-key", required_argument, NULL, OPT_IDEM_KEY},
       {0},
   };
   int ret = CTL_EXIT_USAGE, wait = 0, c, resize = !strcmp(verb->name, "resize");
   double dp = 0;
   json_t *body = NULL, *op = NULL;
+  char key[IDEM_KEY_MAX + 1] = "", why[128];
   while ((c = getopt_long(argc, argv, "o:", opts, NULL)) != -1) {
     switch (c) {
     case OPT_WAIT: wait = 1; break;
+    case OPT_IDEM_KEY: {
+      const char *problem = idem_key_problem(optarg, why, sizeof why);
+      if (problem) {
+        ctl_usage_error(verb, "--idempotency-key: %s", problem);
+        goto cleanup;
+      }
+      snprintf(key, sizeof key, "%s", optarg);
+      break;
+    }
     case OPT_DP:
       if (!resize) {
         ctl_usage_error(verb, "--dp is an option of resize, not of %s", verb->name);
@@ -218,9 +325,18 @@ int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv) {
     goto cleanup;
   }
 
+  if (!key[0] && draw_idem_key(key)) {
+    fprintf(stderr,
+            "mtnlgctl: cannot draw a random Idempotency-Key (getrandom: %s); give one with "
+            "--idempotency-key KEY\n",
+            strerror(errno));
+    ret = CTL_EXIT_FAILURE;
+    goto cleanup;
+  }
+  ctl_http_set_idempotency_key(key);
   char path[64];
   snprintf(path, sizeof path, "/v1/%s", verb->name);
-  if ((ret = ctl_http_post(path, body, &op))) goto cleanup;
+  if ((ret = post_order(path, body, key, &op))) goto cleanup;
   ret = CTL_EXIT_FAILURE;
   const char *id = ctl_jstr(op, "id");
   if (!id) {

@@ -16,7 +16,11 @@ trains nothing; cheap), with a checkpoint.dir:
   - test_checkpoints_while_forming_does_not_offer_mtnlgctl_checkpoint: no
     checkpoint yet, and `mtnlgctl checkpoint` is refused until a
     generation runs, so the hint says so rather than offering it;
-  - test_endpoint_given_as_the_api_root_reaches_the_daemon: -e URL/v1.
+  - test_endpoint_given_as_the_api_root_reaches_the_daemon: -e URL/v1;
+  - test_a_stop_whose_answer_was_lost_is_ordered_once: through a proxy
+    that drops the first POST's answer, mtnlgctl stop sends the POST again
+    with the same Idempotency-Key and is answered the operation the first
+    one made (the job ended with it: a new order would be a 409).
 - one without a control token (mutations off):
   - test_a_daemon_without_a_token_is_told_to_get_one: the 401 of a pause,
     with or without --token-file, says to set control.token_file on the
@@ -127,10 +131,100 @@ def test_with_token(mtnlgd, mtnlgctl, tmp, job):
                           all(p.returncode == 0 and json.loads(p.stdout)["state"] == "forming"
                               for p in outs),
                           "; ".join("exit %d %r" % (p.returncode, p.stderr) for p in outs))
+
+        # last: the stop ends the job (the daemon exits 2 s after)
+        failures += check("test_a_stop_whose_answer_was_lost_is_ordered_once",
+                          *stop_through_a_proxy_that_loses_the_answer(mtnlgctl, c, n))
     except (AssertionError, OSError, ValueError, KeyError) as e:
         failures += check("test_with_token_runs", False, "%s\n%s" % (e, c.logs()))
     finally:
         c.kill_all()
+
+
+def lossy_proxy(upstream_port):
+    """A loopback port in front of the daemon that passes each request on
+    and its answer back, but the first POST's answer it drops: it closes the
+    client's connection once the daemon has answered, as a proxy losing its
+    client, or a reset connection, would. (url, the request heads, close)."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    heads = []
+
+    def handle(client):
+        with client:
+            req = b""
+            while b"\r\n\r\n" not in req:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                req += chunk
+            head, body = req.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            length = next((int(l.split(":", 1)[1]) for l in lines
+                           if l.lower().startswith("content-length:")), 0)
+            while len(body) < length:
+                body += client.recv(65536)
+            lines = [l for l in lines if not l.lower().startswith("connection:")]
+            heads.append("\r\n".join(lines))
+            with socket.create_connection(("127.0.0.1", upstream_port), timeout=10) as up:
+                up.sendall(("\r\n".join(lines + ["Connection: close"]) + "\r\n\r\n")
+                           .encode("latin-1") + body)
+                answer = b""
+                while True:
+                    chunk = up.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+            posts = [h for h in heads if h.startswith("POST ")]
+            if lines[0].startswith("POST ") and len(posts) == 1:
+                return  # the order reached the daemon; its answer is lost
+            client.sendall(answer)
+
+    def serve():
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(client,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def close():
+        try:
+            srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        srv.close()
+    return "http://127.0.0.1:%d" % srv.getsockname()[1], heads, close
+
+
+def stop_through_a_proxy_that_loses_the_answer(mtnlgctl, c, n):
+    """mtnlgctl stop through lossy_proxy: the daemon takes the stop, which
+    ends the forming job, and its answer is lost; mtnlgctl sends the POST
+    again with the same Idempotency-Key and is answered the same operation
+    (exit 0). Without the key the retry would be refused, 409: the job has
+    ended. (ok, detail) for check()."""
+    port = int(n.url().rsplit(":", 1)[1])
+    url, heads, close = lossy_proxy(port)
+    try:
+        p = ctl(mtnlgctl, n, "--token-file", c.token_file, "stop", endpoint=url)
+    finally:
+        close()
+    posts = [h for h in heads if h.startswith("POST /v1/stop ")]
+    keys = [l.split(":", 1)[1].strip() for h in posts for l in h.split("\r\n")
+            if l.lower().startswith("idempotency-key:")]
+    logs = n.stderr()
+    ok = (p.returncode == 0 and "op-" in p.stdout and len(posts) == 2 and len(keys) == 2
+          and keys[0] == keys[1]
+          and p.stderr.count("sending the same request again (Idempotency-Key %s)" % keys[0]) == 1
+          and logs.count("repeats Idempotency-Key \"%s\": answered as before" % keys[0]) == 1
+          and logs.count("(stop) accepted") == 1)
+    return ok, "exit %d, %d POSTs, keys %s\nstdout %r\nstderr %r\n%s" % (
+        p.returncode, len(posts), keys, p.stdout, p.stderr, "" if ok else logs[-3000:])
 
 
 def test_without_token(mtnlgd, mtnlgctl, tmp, job):

@@ -9,7 +9,9 @@ missing directory; and it does not load cuBLAS. The verbs against real daemons
 are tests/cluster/test_control_cluster.py's and test_mtnlgctl_refusals.py's (no
 stand-in daemon here: a mock would test our idea of the daemon, not the daemon);
 the one socket server here only records the request line mtnlgctl sends (an
-endpoint given as .../v1) or answers what no mtnlgd does (a proxy's 502 page).
+endpoint given as .../v1) or answers what no mtnlgd does (a proxy's 502 page,
+a connection closed before its answer, after which mtnlgctl sends the POST
+again with the same Idempotency-Key).
 
 Usage: test_mtnlgctl_cli.py MTNLGCTL
 """
@@ -374,6 +376,104 @@ def test_resize_wait_returns_once_the_daemon_shows_the_new_width():
         close()
 
 
+def scripted_server(answers):
+    """A loopback port whose i-th connection reads one request and answers
+    answers[i] (the last one again past the end), or, where answers[i] is
+    None, closes without a word (the answer lost on the way, as a reset
+    connection or a proxy's lost upstream); (url, request heads, close)."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    heads = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                req = b""
+                while b"\r\n\r\n" not in req:
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    req += chunk
+                heads.append(req.split(b"\r\n\r\n")[0].decode())
+                a = answers[min(len(heads), len(answers)) - 1]
+                if a is not None:
+                    c.sendall(a)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", heads, lambda: close_server(srv)
+
+
+def idem_keys(heads):
+    return [l.split(":", 1)[1].strip() for h in heads for l in h.split("\r\n")
+            if l.lower().startswith("idempotency-key:")]
+
+
+def test_a_lost_answer_is_asked_again_with_the_same_idempotency_key():
+    """Every mutation carries an Idempotency-Key, 32 hex digits drawn per
+    command; an answer lost after the request went out (the connection
+    closed without one, then a 503) is asked again with the same key, said
+    once on stderr, and the answer that comes is taken; --idempotency-key
+    sends the key given; a refusal (409) is not asked again."""
+    op = {"id": "op-4", "kind": "checkpoint", "state": "running", "reason": None, "step": None,
+          "args": {}}
+    unavailable = json.dumps({"type": "about:blank", "title": "Service Unavailable", "status": 503,
+                              "detail": "cannot reach the coordinator"}).encode()
+    answers = [None, (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json"
+                      b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(unavailable))
+               + unavailable, json_answer(202, op)]
+    with tempfile.NamedTemporaryFile("w") as tok:
+        tok.write("t0ken\n")
+        tok.flush()
+        url, heads, close = scripted_server(answers)
+        try:
+            p = run("-e", url, "--token-file", tok.name, "checkpoint")
+            keys = idem_keys(heads)
+            check(p.returncode == 0 and "op-4" in p.stdout and len(heads) == 3
+                  and all(h.startswith("POST /v1/checkpoint ") for h in heads)
+                  and len(keys) == 3 and len(set(keys)) == 1
+                  and len(keys[0]) == 32 and all(c in "0123456789abcdef" for c in keys[0])
+                  and p.stderr.count("sending the same request again (Idempotency-Key "
+                                     f"{keys[0]})") == 1,
+                  f"a checkpoint whose answer was lost twice is asked again with its key "
+                  f"(keys {keys})", p)
+        finally:
+            close()
+        url, heads, close = scripted_server([json_answer(202, op)])
+        try:
+            run("-e", url, "--token-file", tok.name, "checkpoint")
+            run("-e", url, "--token-file", tok.name, "checkpoint")
+            p = run("-e", url, "--token-file", tok.name, "resize", "--dp", "2",
+                    "--idempotency-key", "nightly-resize-2026-12-04")
+            keys = idem_keys(heads)
+            check(p.returncode == 0 and len(keys) == 3 and keys[0] != keys[1]
+                  and keys[2] == "nightly-resize-2026-12-04",
+                  f"a key per command, and --idempotency-key's (keys {keys})", p)
+        finally:
+            close()
+        conflict = json.dumps({"type": "about:blank", "title": "Conflict", "status": 409,
+                               "detail": "cannot pause: the job is paused, not running"}).encode()
+        url, heads, close = scripted_server([
+            (b"HTTP/1.1 409 Conflict\r\nContent-Type: application/problem+json\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(conflict)) + conflict])
+        try:
+            p = run("-e", url, "--token-file", tok.name, "pause")
+            check(p.returncode == 1 and len(heads) == 1 and "again" not in p.stderr,
+                  f"a 409 is not asked again ({len(heads)} requests)", p)
+        finally:
+            close()
+    for key, says in (("", "it is empty"), ("k" * 256, "256 characters, over 255"),
+                      ("a b", "byte 0x20 at offset 1"), ("caf\u00e9", "byte 0xc3 at offset 3")):
+        p = run("pause", "--idempotency-key", key)
+        check(p.returncode == 2 and f"mtnlgctl pause: --idempotency-key: {says}" in p.stderr,
+              f"--idempotency-key {key[:20]!r} is a usage error saying {says!r}", p)
+
+
 def test_token_file():
     url = f"http://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as d:
@@ -512,6 +612,7 @@ if __name__ == "__main__":
               test_endpoint_given_as_the_api_root_is_taken_as_its_base,
               test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_status,
               test_resize_wait_returns_once_the_daemon_shows_the_new_width,
+              test_a_lost_answer_is_asked_again_with_the_same_idempotency_key,
               test_token_file,
               test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist,
               test_completion_knows_every_verb, test_no_cublas_loaded):
