@@ -280,6 +280,9 @@ static int test_a_retried_request_with_its_key_orders_once(void) {
   return 0;
 }
 
+/* README and proto/control-v1.yaml give the number */
+_Static_assert(MT_RDZV_IDEM_KEYS == 1024, "the documented number of keys kept");
+
 /* Keys so far: key-pause (oldest), key-resize, key-resume, key-resume-2. */
 static int test_the_oldest_key_is_forgotten_first(void) {
   char req[128];
