@@ -651,7 +651,12 @@ static void p_submit(void *arg, const char *kind, json_t *args, const char *key,
   reply->op = op;
   if (status == 202 && op) {
     /* a retry's answer (the same Idempotency-Key) names an operation this
-     * node may list already: listed once, as it stands now */
+     * node may list already: listed once, as it stands now. One that has
+     * ended is not kept to be listed: the coordinator may list it no more
+     * (it keeps the newest), and an entry it never lists would stay here,
+     * shown as it was, for good */
+    const char *st = json_string_value(json_object_get(op, "state"));
+    int pending = st && (!strcmp(st, "queued") || !strcmp(st, "running"));
     pthread_mutex_lock(&n->mu);
     size_t i;
     json_t *mine;
@@ -661,7 +666,7 @@ static void p_submit(void *arg, const char *kind, json_t *args, const char *key,
         break;
       }
     }
-    json_array_append(n->extra_ops, op);
+    if (!reply->replayed || pending) json_array_append(n->extra_ops, op);
     pthread_mutex_unlock(&n->mu);
     mt_log_info("control: %s %s %s", kind, reply->replayed ? "answered again as" : "accepted as",
                 json_string_value(json_object_get(op, "id")));

@@ -1485,11 +1485,23 @@ static json_t *op_to_json(const coord_op *o) {
  * weeks of operations do not grow the table every tick scans. */
 #define OPS_KEPT 256
 
+/* A finished operation leaves the table: a key kept for it keeps its
+ * final state, so that a retry of its request is told how it ended (not
+ * the "running" it was told at acceptance). */
+static void keep_final_op(mt_coord *c, const coord_op *o) {
+  for (int k = 0; c->keys && k < MT_RDZV_IDEM_KEYS; k++) {
+    json_t *op;
+    if (!c->keys[k].key || c->keys[k].op_id != o->id || !(op = op_to_json(o))) continue;
+    json_object_set_new(c->keys[k].resp, "op", op);
+  }
+}
+
 static void drop_old_ops(mt_coord *c) {
   int finished = 0, out = 0;
   for (int i = 0; i < c->n_ops; i++) finished += !op_pending(&c->ops[i]);
   for (int i = 0; i < c->n_ops; i++) {
     if (!op_pending(&c->ops[i]) && finished > OPS_KEPT) {
+      keep_final_op(c, &c->ops[i]);
       finished--;
       continue;
     }
@@ -1736,8 +1748,9 @@ static void remember_key(mt_coord *c, const char *key, const char *kind, json_t 
 }
 
 /* The answer to a request whose key k was answered before: the same
- * answer, marked replayed (an operation as it stands now, while the table
- * keeps it), or 422 when the key came with another request. */
+ * answer, marked replayed (an operation as it stands now while the table
+ * keeps it, as it ended once it left: keep_final_op), or 422 when the key
+ * came with another request. */
 static json_t *replay_key(mt_coord *c, const op_key *k, const char *kind, json_t *args) {
   if (!kind || strcmp(kind, k->kind) || !json_equal(args, k->args)) {
     char *was = json_dumps(k->args, JSON_COMPACT | JSON_SORT_KEYS);

@@ -140,8 +140,9 @@ int mt_rdzv_stop_signalled(mt_store *s, int gen, const char *name);
  * an error status with detail. < 0 when the store failed or no answer came.
  * key: the request's Idempotency-Key, or NULL. A key the coordinator
  * answered before is answered again as it was then (the same operation,
- * as it stands now, or the same refusal) and orders nothing, *replayed
- * (may be NULL) set to 1; the same key with another kind or args is
+ * as it stands now or, once the coordinator's table dropped it, as it
+ * ended; or the same refusal) and orders nothing, *replayed (may be NULL)
+ * set to 1; the same key with another kind or args is
  * refused, 422. Whichever node the retry reaches: the key travels with the
  * request (ops/req/<n>, "idempotency_key"). */
 int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, const char *key, int timeout_ms,

@@ -25,7 +25,10 @@
  * - the coordinator keeps the newest MT_RDZV_IDEM_KEYS keys, the oldest
  *   forgotten first: a retry of a forgotten key is decided afresh;
  * - a key that is not 1 to 255 printable ASCII characters (another process
- *   wrote it into the store) is refused, 400.
+ *   wrote it into the store) is refused, 400;
+ * - a retry of a key whose operation ended and left the coordinator's table
+ *   (the newest 256 finished ones) is told how it ended, not the "running"
+ *   it was told at acceptance.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -339,17 +342,77 @@ static int test_a_key_that_is_not_printable_ascii_is_refused(void) {
   return 0;
 }
 
+/* The running order (the newest) acted: its operation succeeds. */
+static int act_on_order(void) {
+  int64_t seq = 0;
+  char kind[16];
+  REQUIRE(mt_rdzv_order(store, 1, &seq, kind, sizeof kind) == 1, "no order: %s", mt_errmsg());
+  REQUIRE(!mt_rdzv_acted(store, 1, seq, 7, 1, ""), "acted: %s", mt_errmsg());
+  mt_coord_tick(coord, atomic_load(&clock_ms));
+  return 0;
+}
+
+/* A key whose operation ended and left the table (the coordinator keeps
+ * the newest OPS_KEPT finished ones, 256, and lists 200): a retry is told
+ * how it ended, not the "running" it was told at acceptance, which a node
+ * would show, and mtnlgctl --wait follow, for good. The resume ordered
+ * before (key-resume-2) still runs. */
+static int test_a_retry_after_its_operation_left_the_table(void) {
+  if (act_on_order()) return 1;
+  pthread_t th;
+  start_ticking(&th);
+  answer first = ask("checkpoint", NULL, "key-old");
+  stop_ticking(th);
+  REQUIRE(first.status == 202, "a checkpoint: %d: %s", first.status, first.detail);
+  if (act_on_order()) return 1;
+  /* 511 more operations, each ended before the next: the table's drop
+   * (at 512) leaves the newest 256, key-old's gone */
+  for (int i = 0; i < 511; i++) {
+    int64_t n = put_request("{\"kind\":\"checkpoint\",\"args\":{}}");
+    mt_coord_tick(coord, atomic_load(&clock_ms));
+    REQUIRE(answered(n) == 202, "checkpoint %d: %d", i, answered(n));
+    if (act_on_order()) return 1;
+  }
+  /* the coordinator lists the newest 200: key-old's is not among them */
+  int rc;
+  json_t *st = mt_rdzv_cluster_status(store, &rc);
+  json_t *ops = json_object_get(st, "operations"), *op;
+  size_t i, n_listed = json_array_size(ops);
+  int listed = 0;
+  json_array_foreach(ops, i, op) listed |=
+      !strcmp(json_string_value(json_object_get(op, "id")), first.id);
+  json_decref(st);
+  REQUIRE(!listed && n_listed > 0, "%s is still listed after 511 newer operations (%zu listed)",
+          first.id, n_listed);
+  start_ticking(&th);
+  json_t *got = NULL;
+  int status = 0, replayed = 0;
+  char detail[512];
+  rc = mt_rdzv_submit_op(store, "checkpoint", NULL, "key-old", 2000, &status, &got, &replayed,
+                         detail, sizeof detail);
+  stop_ticking(th);
+  const char *id = json_string_value(json_object_get(got, "id"));
+  const char *state = json_string_value(json_object_get(got, "state"));
+  CHECK(!rc && status == 202 && replayed && id && !strcmp(id, first.id) && state &&
+            !strcmp(state, "succeeded") && json_integer_value(json_object_get(got, "step")) == 7,
+        "key-old's retry once %s left the table: rc %d, status %d, replayed %d, %s %s: %s",
+        first.id, rc, status, replayed, id ? id : "(no id)", state ? state : "(no state)", detail);
+  json_decref(got);
+  return 0;
+}
+
 int main(void) {
   REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(store);
   REQUIRE(!mt_coord_new(&o, &coord), "coordinator: %s", mt_errmsg());
-  test_requests_given_up_or_never_written_are_passed_over();
+  failures += test_requests_given_up_or_never_written_are_passed_over();
   mt_coord_free(coord);
   mt_store_free(store);
   if (!open_running()) {
-    test_a_retried_request_with_its_key_orders_once();
-    test_the_oldest_key_is_forgotten_first();
-    test_a_key_that_is_not_printable_ascii_is_refused();
+    failures += test_a_retried_request_with_its_key_orders_once();
+    failures += test_the_oldest_key_is_forgotten_first();
+    failures += test_a_key_that_is_not_printable_ascii_is_refused();
+    failures += test_a_retry_after_its_operation_left_the_table();
   }
   mt_coord_free(coord);
   mt_store_free(store);
