@@ -34,6 +34,7 @@ typedef struct buf {
 typedef struct head {
   char reason[64];        /* "Conflict" from "HTTP/1.1 409 Conflict" (empty on HTTP/2) */
   char content_type[128]; /* "application/problem+json" */
+  char idem_key[300];     /* the Idempotency-Key the daemon echoed, or "" */
 } head;
 
 static struct {
@@ -51,6 +52,7 @@ static struct {
   char errbuf[CURL_ERROR_SIZE];
   char idem_header[300]; /* "Idempotency-Key: K" for every POST, or "" */
   int sent;              /* the last request went out (a connection, TLS done) */
+  int key_echoed;        /* the last answer echoed the request's Idempotency-Key */
 } http;
 
 static void set_err(char *err, size_t cap, const char *fmt, ...)
@@ -267,6 +269,10 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *arg) {
     const char *v = data + 13;
     while (v < data + n && (*v == ' ' || *v == '\t')) v++;
     copy_trimmed(h->content_type, sizeof h->content_type, v, n - (size_t)(v - data));
+  } else if (n > 16 && !strncasecmp(data, "Idempotency-Key:", 16)) {
+    const char *v = data + 16;
+    while (v < data + n && (*v == ' ' || *v == '\t')) v++;
+    copy_trimmed(h->idem_key, sizeof h->idem_key, v, n - (size_t)(v - data));
   }
   return n;
 }
@@ -387,6 +393,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   if (problem) *problem = NULL;
   err[0] = '\0';
   if (http_status) *http_status = 0;
+  http.sent = http.key_echoed = 0; /* this request's, whatever way it ends */
   if ((ret = setup())) {
     set_err(err, err_cap, "%s", http.init_err);
     goto cleanup;
@@ -422,9 +429,14 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   struct curl_slist *hdrs = http.token ? (post ? http.post_auth : http.get_auth)
                                        : (post ? http.post_headers : http.get_headers);
   if (post && http.idem_header[0]) { /* the list with the key: this request's own */
-    for (struct curl_slist *h = hdrs; h; h = h->next)
-      if (!(keyed = curl_slist_append(keyed, h->data))) break;
-    struct curl_slist *t = keyed ? curl_slist_append(keyed, http.idem_header) : NULL;
+    /* curl_slist_append returns NULL, the list kept, when it fails: the
+     * list so far is freed then */
+    struct curl_slist *t = NULL;
+    for (struct curl_slist *h = hdrs; h; h = h->next) {
+      if (!(t = curl_slist_append(keyed, h->data))) break;
+      keyed = t;
+    }
+    if (t || !hdrs) t = curl_slist_append(keyed, http.idem_header);
     if (!t) {
       set_err(err, err_cap, "out of memory");
       goto cleanup;
@@ -445,11 +457,12 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
   }
 
-  http.sent = 0;
   CURLcode cc = curl_easy_perform(c);
   curl_off_t pretransfer = 0;
   http.sent = curl_easy_getinfo(c, CURLINFO_PRETRANSFER_TIME_T, &pretransfer) == CURLE_OK &&
               pretransfer > 0;
+  /* "Idempotency-Key: " is 17 bytes: the key follows */
+  http.key_echoed = post && http.idem_header[0] && !strcmp(h.idem_key, http.idem_header + 17);
   if (cc == CURLE_WRITE_ERROR && b.too_large) {
     set_err(err, err_cap, "the answer to %s %s from %s is over %d MiB; is it an mtnlgd?", method,
             path, ctl.endpoint, MAX_ANSWER_BYTES >> 20);
@@ -587,3 +600,5 @@ void ctl_http_set_idempotency_key(const char *key) {
 }
 
 int ctl_http_sent(void) { return http.sent; }
+
+int ctl_http_key_echoed(void) { return http.key_echoed; }

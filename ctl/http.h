@@ -55,6 +55,11 @@ void ctl_http_set_idempotency_key(const char *key);
  * was made, so the daemon may have acted on it even when no answer came;
  * 0 when it was refused, timed out connecting, or never started. */
 int ctl_http_sent(void);
+/* Whether the last answer echoed the request's Idempotency-Key (a header
+ * of the same name and value): a daemon that honours the key says so on
+ * every answer to a keyed mutation, a 503 included; an older one, or a
+ * proxy's own answer, does not. */
+int ctl_http_key_echoed(void);
 
 /* Frees the handle and libcurl's global state; safe to call when unused. */
 void ctl_http_close(void);

@@ -14,8 +14,11 @@
  * request went out (no answer, a reset connection, a 503 or a proxy's 504)
  * the same POST with the same key is sent again for UNREACHABLE_GRACE_S,
  * and the coordinator answers a key it has seen as it did, so the order
- * is given once. A connection refused before the request went out is not
- * sent again: nothing can have been ordered, and the daemon is not there.
+ * is given at most once while the coordinator runs (it forgets its keys
+ * when it restarts). Only to a daemon that honours the key: one whose
+ * answer echoes it, or whose GET /v1/health says "idempotency_keys"; an
+ * older mtnlgd ignores the header and would order again. A connection refused before the request
+ * went out is not sent again: nothing can have been ordered, and the daemon is not there.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -50,7 +53,9 @@
   "Needs the daemon's control token: --token-file PATH or MTNLG_TOKEN_FILE.\n"                     \
   "When the answer is lost after the request went out (no answer, a reset\n"                       \
   "connection, 503, 504), the same request is sent again with the same\n"                          \
-  "Idempotency-Key for up to 30 s: the coordinator orders it once.\n"                              \
+  "Idempotency-Key for up to 30 s, to a daemon that honours the key (its 503\n"                    \
+  "echoes it, or its /v1/health says so): the coordinator orders it at most\n"                     \
+  "once while it runs.\n"                                                                          \
   "Without --wait, prints the operation id and state and returns; `mtnlgctl ops ID`\n"             \
   "shows it later. Interrupting --wait does not cancel the operation.\n"
 
@@ -229,43 +234,86 @@ static int draw_idem_key(char out[33]) {
   return 0;
 }
 
+/* Whether the daemon honours Idempotency-Key, asked with GET /v1/health
+ * ("idempotency_keys": true): 1 yes, 0 no (an older mtnlgd, which would
+ * order a resent request again), -1 it did not say (no answer). */
+static int health_says_keys(void) {
+  char err[1024];
+  json_t *h = NULL;
+  long status = 0;
+  int rc = ctl_http_request("GET", "/v1/health", NULL, &h, NULL, &status, err, sizeof err);
+  int says = rc ? -1 : json_is_true(json_object_get(h, "idempotency_keys"));
+  json_decref(h);
+  return says;
+}
+
 /* POST path with the key set (ctl_http_set_idempotency_key). When the
  * answer is lost after the request went out, sends it again, saying so
  * once, until an answer comes or UNREACHABLE_GRACE_S passed since the
- * first was lost. Prints a failure as ctl_http_post does. */
+ * first was lost; but only to a daemon that honours the key: one whose
+ * answer (a 503) echoed it, or whose GET /v1/health says so, asked once
+ * before the first resend. An older mtnlgd ignores the header and would
+ * order it again, so when the daemon does not say, nothing is resent.
+ * Prints a failure as ctl_http_post does. */
 static int post_order(const char *path, const json_t *body, const char *key, json_t **op) {
   char err[1024];
   double lost_since = 0;
-  int retrying = 0;
+  int retrying = 0, honoured = -1; /* the daemon honours the key: 1, 0, -1 not known yet */
   for (;;) {
     json_t *problem = NULL;
     long status = 0;
     int rc = ctl_http_request("POST", path, body, op, &problem, &status, err, sizeof err);
     int lost = (rc == CTL_EXIT_UNREACHABLE && (retrying || ctl_http_sent())) ||
                (rc == CTL_EXIT_FAILURE && (status == 503 || status == 504));
-    if (lost && !retrying) {
-      lost_since = now_s();
-      retrying = 1;
-      char *hint = strstr(err, "; is mtnlgd running?"); /* it answered before: it runs */
-      if (hint) *hint = '\0';
-      fprintf(stderr,
-              "mtnlgctl: %s; sending the same request again (Idempotency-Key %s) for up to "
-              "%.0f s: the daemon orders it once\n",
-              err, key, UNREACHABLE_GRACE_S);
-    } else if (lost && now_s() - lost_since > UNREACHABLE_GRACE_S) {
-      ctl_http_print_error(err, problem);
-      fprintf(stderr,
-              "mtnlgctl: gave up after %.0f s; the order may have been taken: `mtnlgctl ops` "
-              "shows it, and the same command with --idempotency-key %s within the "
-              "coordinator's life does not order it twice\n",
-              UNREACHABLE_GRACE_S, key);
-      json_decref(problem);
-      return rc;
-    } else if (!lost) {
+    if (rc != CTL_EXIT_UNREACHABLE && ctl_http_key_echoed()) honoured = 1;
+    if (!lost) {
       if (rc) ctl_http_print_error(err, problem);
       json_decref(problem);
       return rc;
     }
+    if (!retrying) {
+      lost_since = now_s();
+      char *hint = strstr(err, "; is mtnlgd running?"); /* it answered before: it runs */
+      if (hint) *hint = '\0';
+    }
+    /* before the first resend: whether the daemon honours the key */
+    while (honoured < 0 && now_s() - lost_since <= UNREACHABLE_GRACE_S) {
+      if ((honoured = health_says_keys()) < 0) sleep_s(POLL_INTERVAL_S);
+    }
+    if (honoured == 0) {
+      ctl_http_print_error(err, problem);
+      fprintf(stderr,
+              "mtnlgctl: the daemon at %s does not say it honours Idempotency-Key (its GET "
+              "/v1/health has no \"idempotency_keys\": true: an older mtnlgd?), so the request "
+              "is not sent again, which could order it twice; `mtnlgctl ops` shows whether it "
+              "was taken\n",
+              ctl.endpoint);
+      json_decref(problem);
+      return rc;
+    }
+    if (now_s() - lost_since > UNREACHABLE_GRACE_S) {
+      ctl_http_print_error(err, problem);
+      if (honoured < 0)
+        fprintf(stderr,
+                "mtnlgctl: gave up after %.0f s: GET /v1/health did not answer, so whether the "
+                "daemon honours Idempotency-Key is not known and the request was not sent "
+                "again; the order may have been taken: `mtnlgctl ops` shows it\n",
+                UNREACHABLE_GRACE_S);
+      else
+        fprintf(stderr,
+                "mtnlgctl: gave up after %.0f s; the order may have been taken: `mtnlgctl ops` "
+                "shows it, and the same command with --idempotency-key %s while the same "
+                "coordinator runs does not order it twice\n",
+                UNREACHABLE_GRACE_S, key);
+      json_decref(problem);
+      return rc;
+    }
+    if (!retrying)
+      fprintf(stderr,
+              "mtnlgctl: %s; sending the same request again (Idempotency-Key %s) for up to "
+              "%.0f s: the daemon orders it at most once while its coordinator runs\n",
+              err, key, UNREACHABLE_GRACE_S);
+    retrying = 1;
     json_decref(problem);
     sleep_s(POLL_INTERVAL_S);
   }

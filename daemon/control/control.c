@@ -130,8 +130,8 @@ static const char *reason_phrase(int status) {
   case 405: return "Method Not Allowed";
   case 409: return "Conflict";
   case 413: return "Content Too Large";
-  case 422: return "Unprocessable Content";
   case 421: return "Misdirected Request";
+  case 422: return "Unprocessable Content";
   case 500: return "Internal Server Error";
   case 501: return "Not Implemented";
   case 503: return "Service Unavailable";
@@ -307,6 +307,9 @@ static enum MHD_Result get_health(struct MHD_Connection *conn, mt_control *c, re
   /* whether a token can make a mutation here: a page or a script can say
    * why its buttons do nothing instead of asking for a token in vain */
   json_object_set_new(h, "mutations", json_boolean(c->token != NULL));
+  /* a mutation's Idempotency-Key is honoured here (an older daemon ignores
+   * the header): mtnlgctl resends a lost order only to a daemon that says so */
+  json_object_set_new(h, "idempotency_keys", json_true());
   return answer_json(conn, c, q, 200, h, NULL);
 }
 
@@ -430,8 +433,8 @@ static enum MHD_Result count_idem_keys(void *cls, enum MHD_ValueKind kind, const
 
 /* The request's Idempotency-Key: 0 with *key NULL when none came, or the
  * header's value; -1 with why when it is not 1 to MT_CONTROL_IDEM_KEY_MAX
- * printable ASCII characters (control bytes never get here: check()), or
- * came twice. */
+ * printable ASCII characters (a tab, which find_bad_header lets through in
+ * any header, is refused here), or came twice. */
 static int check_idem_key(struct MHD_Connection *conn, const char **key, char *why,
                           size_t why_bytes) {
   int count = 0;
@@ -463,40 +466,46 @@ static int check_idem_key(struct MHD_Connection *conn, const char **key, char *w
 }
 
 /* POST /v1/<kind> once the whole body is in: check it, hand it to the
- * provider, answer 202 + Location or the provider's error. */
+ * provider, answer 202 + Location or the provider's error. Once the
+ * Idempotency-Key is checked, every answer echoes it (as a sign that the
+ * key was honoured: mtnlgctl resends a lost order only then), and a
+ * retry's answer, 202 or a refusal, says Idempotent-Replayed: true. */
 static enum MHD_Result post_mutation(struct MHD_Connection *conn, mt_control *c, req *q) {
   if (q->too_large)
     return problem(conn, c, q, 413, NULL, "the body is over %d bytes", MAX_BODY_BYTES);
   char why[256];
   const char *key;
   if (check_idem_key(conn, &key, why, sizeof why)) return problem(conn, c, q, 400, NULL, "%s", why);
+  /* name-value pairs, NULL-ended: [Location,] Idempotency-Key, Idempotent-Replayed */
+  const char *hdr[7] = {NULL}, **more = hdr + 2;
+  if (key) more[0] = "Idempotency-Key", more[1] = key;
   json_t *args = check_body(q, why, sizeof why);
-  if (!args) return problem(conn, c, q, 400, NULL, "%s", why);
+  if (!args) return problem(conn, c, q, 400, more, "%s", why);
   if (!c->p.submit) {
     json_decref(args);
-    return problem(conn, c, q, 503, NULL, "this daemon does not take orders yet");
+    return problem(conn, c, q, 503, more, "this daemon does not take orders yet");
   }
   mt_control_reply reply;
   memset(&reply, 0, sizeof reply);
   c->p.submit(c->p.arg, q->kind, args, key, &reply);
   json_decref(args);
   reply.detail[sizeof reply.detail - 1] = '\0';
+  /* Idempotent-Replayed (Stripe's header): the answer a retry repeats */
+  if (key && reply.replayed) more[2] = "Idempotent-Replayed", more[3] = "true";
   if (reply.status == 202) {
     const char *id = json_string_value(json_object_get(reply.op, "id"));
     if (!id) {
       json_decref(reply.op);
-      return problem(conn, c, q, 500, NULL, "%s: the operation has no id", q->kind);
+      return problem(conn, c, q, 500, more, "%s: the operation has no id", q->kind);
     }
     char location[300];
     snprintf(location, sizeof location, "/v1/operations/%s", id);
-    /* Idempotent-Replayed (Stripe's header): the answer a retry repeats */
-    const char *const hdr[] = {MHD_HTTP_HEADER_LOCATION, location,
-                               reply.replayed ? "Idempotent-Replayed" : NULL, "true", NULL};
+    hdr[0] = MHD_HTTP_HEADER_LOCATION, hdr[1] = location;
     return answer_json(conn, c, q, 202, reply.op, hdr);
   }
   json_decref(reply.op);
   int status = reply.status >= 400 && reply.status < 600 ? reply.status : 500;
-  return problem(conn, c, q, status, NULL, "%s", reply.detail[0] ? reply.detail : q->kind);
+  return problem(conn, c, q, status, more, "%s", reply.detail[0] ? reply.detail : q->kind);
 }
 
 /* ----------------------------------------------------------------- routing */

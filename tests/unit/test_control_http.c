@@ -145,7 +145,11 @@ static void fake_submit(void *arg, const char *kind, json_t *args, const char *k
   pthread_mutex_lock(&f->mu);
   f->submits++;
   snprintf(f->got_key, sizeof f->got_key, "%s", key ? key : "");
-  if (key && !strcmp(key, f->key) && !strcmp(kind, f->key_kind)) {
+  if (key && !strncmp(key, "refused-", 8)) { /* a refusal the coordinator repeats */
+    reply->status = 409;
+    reply->replayed = 1;
+    snprintf(reply->detail, sizeof reply->detail, "cannot %s: as before", kind);
+  } else if (key && !strcmp(key, f->key) && !strcmp(kind, f->key_kind)) {
     reply->status = 202;
     reply->op = json_incref(f->key_op);
     reply->replayed = 1;
@@ -394,7 +398,7 @@ static int test_every_read_is_200_with_its_content_type(void) {
   REQUIRE(http(port, "GET", "/v1/health", NULL, NULL, &r) == 0, "no answer");
   CHECK(strstr(r.body, "\"status\":\"ok\"") && strstr(r.body, "\"node\":\"n0\"") &&
             strstr(r.body, "\"state\":\"running\"") && strstr(r.body, "\"version\":\"0.1.0\"") &&
-            strstr(r.body, "\"mutations\":true"),
+            strstr(r.body, "\"mutations\":true") && strstr(r.body, "\"idempotency_keys\":true"),
         "health: %s", r.body);
   resp_free(&r);
   REQUIRE(http(port, "GET", "/", NULL, NULL, &r) == 0, "no answer");
@@ -810,9 +814,12 @@ static int test_idempotency_key_is_checked_and_passed_on(void) {
   header(&r, "Location", loc, sizeof loc);
   int first_replayed = header(&r, "Idempotent-Replayed", replayed, sizeof replayed);
   fake_submits(got, sizeof got);
-  CHECK(r.status == 202 && !strcmp(got, k255) && !first_replayed,
-        "a 255-character key: %d, provider got %zu characters, replayed header %d: %s", r.status,
-        strlen(got), first_replayed, r.body);
+  char echo[300] = "";
+  header(&r, "Idempotency-Key", echo, sizeof echo);
+  CHECK(r.status == 202 && !strcmp(got, k255) && !first_replayed && !strcmp(echo, k255),
+        "a 255-character key: %d, provider got %zu characters, replayed header %d, echoed %zu "
+        "characters: %s",
+        r.status, strlen(got), first_replayed, strlen(echo), r.body);
   resp_free(&r);
   REQUIRE(post_with(port, "/v1/checkpoint", line, &r) == 0, "no answer");
   header(&r, "Location", loc2, sizeof loc2);
@@ -825,6 +832,10 @@ static int test_idempotency_key_is_checked_and_passed_on(void) {
   REQUIRE(post_with(port, "/v1/stop", line, &r) == 0, "no answer");
   CHECK(is_problem(&r, 422, "was used for another request (checkpoint {})"),
         "the key with another request");
+  echo[0] = '\0';
+  CHECK(header(&r, "Idempotency-Key", echo, sizeof echo) && !strcmp(echo, k255) &&
+            !header(&r, "Idempotent-Replayed", replayed, sizeof replayed),
+        "the 422 echoes the key (%zu characters) and is no replay", strlen(echo));
   char type[128] = "";
   json_t *p = json_loads(r.body, 0, NULL);
   snprintf(type, sizeof type, "%s", json_string_value(json_object_get(p, "type")) ?: "");
@@ -834,8 +845,33 @@ static int test_idempotency_key_is_checked_and_passed_on(void) {
   resp_free(&r);
   REQUIRE(post_with(port, "/v1/checkpoint", "", &r) == 0, "no answer");
   fake_submits(got, sizeof got);
-  CHECK(r.status == 202 && !got[0] && !header(&r, "Idempotent-Replayed", replayed, 16),
+  CHECK(r.status == 202 && !got[0] && !header(&r, "Idempotent-Replayed", replayed, 16) &&
+            !header(&r, "Idempotency-Key", echo, sizeof echo),
         "no key: %d, provider got \"%s\"", r.status, got);
+  resp_free(&r);
+  /* a refusal repeated for a retry says so too, and echoes the key */
+  REQUIRE(post_with(port, "/v1/resume", "Idempotency-Key: refused-1\r\n", &r) == 0, "no answer");
+  echo[0] = replayed[0] = '\0';
+  header(&r, "Idempotency-Key", echo, sizeof echo);
+  CHECK(is_problem(&r, 409, "as before") &&
+            header(&r, "Idempotent-Replayed", replayed, sizeof replayed) &&
+            !strcmp(replayed, "true") && !strcmp(echo, "refused-1"),
+        "a replayed refusal: Idempotent-Replayed \"%s\", Idempotency-Key \"%s\"", replayed, echo);
+  record("POST", "/v1/resume", &r);
+  resp_free(&r);
+  /* the coordinator out of reach: the 503 echoes the key (mtnlgctl resends
+   * only to a daemon that honours it) */
+  pthread_mutex_lock(&F.mu);
+  F.unreachable = 1;
+  pthread_mutex_unlock(&F.mu);
+  REQUIRE(post_with(port, "/v1/checkpoint", "Idempotency-Key: k503\r\n", &r) == 0, "no answer");
+  pthread_mutex_lock(&F.mu);
+  F.unreachable = 0;
+  pthread_mutex_unlock(&F.mu);
+  echo[0] = '\0';
+  header(&r, "Idempotency-Key", echo, sizeof echo);
+  CHECK(is_problem(&r, 503, "coordinator") && !strcmp(echo, "k503"), "a 503 echoes \"%s\"", echo);
+  record("POST", "/v1/checkpoint", &r);
   resp_free(&r);
   return 0;
 }

@@ -376,16 +376,25 @@ def test_resize_wait_returns_once_the_daemon_shows_the_new_width():
         close()
 
 
-def scripted_server(answers):
-    """A loopback port whose i-th connection reads one request and answers
+HEALTH_KEYS = {"status": "ok", "node": "n0", "state": "running", "version": "0.1.0",
+               "mutations": True, "idempotency_keys": True}
+
+
+def scripted_server(answers, health=None):
+    """A loopback port whose i-th POST reads one request and answers
     answers[i] (the last one again past the end), or, where answers[i] is
     None, closes without a word (the answer lost on the way, as a reset
-    connection or a proxy's lost upstream); (url, request heads, close)."""
+    connection or a proxy's lost upstream); a GET /v1/health is answered
+    health (a JSON object), or closed when None; (url, request heads, close).
+    The heads are the POSTs'; heads.gets counts the health reads."""
     import threading
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(4)
-    heads = []
+
+    class Heads(list):
+        gets = 0
+    heads = Heads()
 
     def serve():
         while True:
@@ -400,6 +409,11 @@ def scripted_server(answers):
                     if not chunk:
                         break
                     req += chunk
+                if req.startswith(b"GET /v1/health "):
+                    heads.gets += 1
+                    if health is not None:
+                        c.sendall(json_answer(200, health))
+                    continue
                 heads.append(req.split(b"\r\n\r\n")[0].decode())
                 a = answers[min(len(heads), len(answers)) - 1]
                 if a is not None:
@@ -430,11 +444,11 @@ def test_a_lost_answer_is_asked_again_with_the_same_idempotency_key():
     with tempfile.NamedTemporaryFile("w") as tok:
         tok.write("t0ken\n")
         tok.flush()
-        url, heads, close = scripted_server(answers)
+        url, heads, close = scripted_server(answers, HEALTH_KEYS)
         try:
             p = run("-e", url, "--token-file", tok.name, "checkpoint")
             keys = idem_keys(heads)
-            check(p.returncode == 0 and "op-4" in p.stdout and len(heads) == 3
+            check(p.returncode == 0 and "op-4" in p.stdout and len(heads) == 3 and heads.gets == 1
                   and all(h.startswith("POST /v1/checkpoint ") for h in heads)
                   and len(keys) == 3 and len(set(keys)) == 1
                   and len(keys[0]) == 32 and all(c in "0123456789abcdef" for c in keys[0])
@@ -472,6 +486,52 @@ def test_a_lost_answer_is_asked_again_with_the_same_idempotency_key():
         p = run("pause", "--idempotency-key", key)
         check(p.returncode == 2 and f"mtnlgctl pause: --idempotency-key: {says}" in p.stderr,
               f"--idempotency-key {key[:20]!r} is a usage error saying {says!r}", p)
+
+
+def test_a_lost_answer_is_not_asked_again_of_a_daemon_that_ignores_the_key():
+    """An older mtnlgd ignores Idempotency-Key: a resend would order again.
+    So mtnlgctl resends only when the daemon honours the key: a 503 that
+    echoes it is enough (no health read); otherwise one GET /v1/health
+    before the first resend must say "idempotency_keys": true. A daemon
+    whose health says nothing of keys, after a lost answer or a 503 without
+    the echo, is sent the order once, and mtnlgctl says what to check. (One
+    whose health does not answer is asked again for 30 s, then the same:
+    not tested here, for the time.)"""
+    op = {"id": "op-4", "kind": "checkpoint", "state": "running", "reason": None, "step": None,
+          "args": {}}
+    old_health = {k: v for k, v in HEALTH_KEYS.items() if k != "idempotency_keys"}
+    unavailable = json.dumps({"type": "about:blank", "title": "Service Unavailable", "status": 503,
+                              "detail": "cannot reach the coordinator"}).encode()
+
+    def answer_503(echo):
+        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
+                + (b"Idempotency-Key: k-echo\r\n" if echo else b"")
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(unavailable)
+                + unavailable)
+    with tempfile.NamedTemporaryFile("w") as tok:
+        tok.write("t0ken\n")
+        tok.flush()
+        for first, health, why in ((None, old_health, "a lost answer, health without the key"),
+                                   (answer_503(False), old_health, "a 503 without the echo")):
+            url, heads, close = scripted_server([first, json_answer(202, op)], health)
+            try:
+                p = run("-e", url, "--token-file", tok.name, "checkpoint", "--idempotency-key",
+                        "k-echo")
+                check(p.returncode != 0 and len(heads) == 1 and heads.gets >= 1
+                      and "not sent again" in p.stderr and "mtnlgctl ops" in p.stderr
+                      and "sending the same request again" not in p.stderr,
+                      f"{why}: sent once ({len(heads)} POSTs, {heads.gets} health reads)", p)
+            finally:
+                close()
+        url, heads, close = scripted_server([answer_503(True), json_answer(202, op)], None)
+        try:
+            p = run("-e", url, "--token-file", tok.name, "checkpoint", "--idempotency-key",
+                    "k-echo")
+            check(p.returncode == 0 and len(heads) == 2 and heads.gets == 0 and "op-4" in p.stdout,
+                  f"a 503 echoing the key is sent again, no health read ({len(heads)} POSTs, "
+                  f"{heads.gets} health reads)", p)
+        finally:
+            close()
 
 
 def test_token_file():
@@ -613,6 +673,7 @@ if __name__ == "__main__":
               test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_status,
               test_resize_wait_returns_once_the_daemon_shows_the_new_width,
               test_a_lost_answer_is_asked_again_with_the_same_idempotency_key,
+              test_a_lost_answer_is_not_asked_again_of_a_daemon_that_ignores_the_key,
               test_token_file,
               test_ckpt_verify_of_a_missing_dir_says_it_does_not_exist,
               test_completion_knows_every_verb, test_no_cublas_loaded):
