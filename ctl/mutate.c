@@ -44,7 +44,8 @@
   "                         a random one: a script run again with the same KEY\n"                  \
   "                         is answered the first run's operation (or refusal),\n"                 \
   "                         not ordered twice (the coordinator keeps its newest\n"                 \
-  "                         1024 keys while it runs)\n"                                            \
+  "                         1024 keyed requests, refusals included, while it\n"                    \
+  "                         runs)\n"                                                               \
   "  -o, --output FORMAT    table (default) or json (the operation object; with\n"                 \
   "                         --wait, its final state; when refused, the daemon's\n"                 \
   "                         problem+json object)\n"                                                \

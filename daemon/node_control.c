@@ -633,6 +633,10 @@ static json_t *p_operation(void *arg, const char *id) {
   return found;
 }
 
+/* the control plane checks the header to the length the coordinator takes */
+_Static_assert(MT_CONTROL_IDEM_KEY_MAX == MT_RDZV_IDEM_KEY_MAX,
+               "an Idempotency-Key the control plane takes, the coordinator keeps");
+
 static void p_submit(void *arg, const char *kind, json_t *args, const char *key,
                      mt_control_reply *reply) {
   node *n = arg;

@@ -345,7 +345,8 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, const char *k
   *op = NULL;
   if (replayed) *replayed = 0;
   /* what a caller may do when the answer is lost: with a key, ask again */
-  const char *retry = key ? "retry with the same Idempotency-Key, which orders it at most once"
+  const char *retry = key ? "retry with the same Idempotency-Key, which orders it at most once "
+                            "while the coordinator runs (a restarted one forgets its keys)"
                           : "see GET /v1/operations before retrying";
   int64_t n, claims;
   int rc = mt_store_add(s, "ops/seq", 1, &n);
@@ -376,7 +377,7 @@ int mt_rdzv_submit_op(mt_store *s, const char *kind, json_t *args, const char *k
       return mt_wraperr(rc,
                         "the coordinator took the request but did not answer within %d ms "
                         "more: %s",
-                        2 * timeout_ms, retry);
+                        timeout_ms, retry);
   }
   /* answered: the coordinator is done with the request's keys (it reads
    * each number once), so they go rather than pile up in the store with
@@ -1727,21 +1728,15 @@ static op_key *find_key(mt_coord *c, const char *key) {
   return NULL;
 }
 
-/* Keeps key with its request and answer, in the oldest slot once all are
- * taken. Best effort: out of memory, the key is not kept (a retry is
- * decided again, as one without a key). */
-static void remember_key(mt_coord *c, const char *key, const char *kind, json_t *args, json_t *resp,
+/* Keeps key (malloc'd) with args and resp (references), all taken, in the
+ * oldest slot once all are taken. The copies are made before the request
+ * is decided (take_op_request), so that once it orders, keeping its key
+ * cannot fail: nothing is allocated here but the ring, made then too. */
+static void remember_key(mt_coord *c, char *key, const char *kind, json_t *args, json_t *resp,
                          const coord_op *op) {
-  if (!c->keys && !(c->keys = calloc(MT_RDZV_IDEM_KEYS, sizeof *c->keys))) return;
   op_key *k = &c->keys[c->next_key];
-  char *copy = strdup(key);
-  json_t *a = json_deep_copy(args), *r = json_deep_copy(resp);
-  if (!copy || !a || !r) {
-    free(copy), json_decref(a), json_decref(r);
-    return;
-  }
   free(k->key), json_decref(k->args), json_decref(k->resp);
-  k->key = copy, k->args = a, k->resp = r;
+  k->key = key, k->args = args, k->resp = resp;
   snprintf(k->kind, sizeof k->kind, "%s", kind);
   k->op_id = op ? op->id : 0;
   c->next_key = (c->next_key + 1) % MT_RDZV_IDEM_KEYS;
@@ -1815,8 +1810,11 @@ static int take_op_request(mt_coord *c, int64_t n, int64_t now_ms, int64_t since
   const char *no = NULL;
   json_t *resp;
   if (key_value && !idem_key_ok(idem)) {
-    resp = json_pack("{s:i, s:s}", "status", 400, "detail",
-                     "the request's Idempotency-Key is not 1 to 255 printable ASCII characters");
+    char bad[96];
+    snprintf(bad, sizeof bad,
+             "the request's Idempotency-Key is not 1 to %d printable ASCII characters",
+             MT_RDZV_IDEM_KEY_MAX);
+    resp = json_pack("{s:i, s:s}", "status", 400, "detail", bad);
   } else if (seen) { /* a retry: told what it was told, nothing ordered */
     resp = replay_key(c, seen, kind, args);
     mt_log_info("coordinator: request %lld repeats Idempotency-Key \"%.64s\": answered %s",
@@ -1824,7 +1822,19 @@ static int take_op_request(mt_coord *c, int64_t n, int64_t now_ms, int64_t since
                 json_integer_value(json_object_get(resp, "status")) == 422 ? "422 (another request)"
                                                                            : "as before");
   } else {
-    no = kind ? decide(c, kind, args, &op, why, sizeof why) : "the request names no operation";
+    /* what keeping the key takes, had before deciding: once the request
+     * orders, its key must be kept, or a retry would order again */
+    char *key_copy = NULL;
+    json_t *args_copy = NULL;
+    if (idem && !c->keys) c->keys = calloc(MT_RDZV_IDEM_KEYS, sizeof *c->keys);
+    if (idem && c->keys) key_copy = strdup(idem), args_copy = json_deep_copy(args);
+    if (idem && (!key_copy || !args_copy)) { /* ordered nothing: a 500, not kept */
+      mt_log_warn("coordinator: request %lld (Idempotency-Key \"%.64s\"): out of memory to keep "
+                  "its key; answered 500",
+                  (long long)n, idem);
+      no = "out of memory";
+    } else
+      no = kind ? decide(c, kind, args, &op, why, sizeof why) : "the request names no operation";
     resp = no ? json_pack("{s:i, s:s}", "status",
                           !strncmp(no, "cannot", 6)      ? 409
                           : !strcmp(no, "out of memory") ? 500
@@ -1834,8 +1844,14 @@ static int take_op_request(mt_coord *c, int64_t n, int64_t now_ms, int64_t since
     if (!no) mt_log_info("coordinator: operation op-%lld (%s) accepted", (long long)op->id, kind);
     /* answers and refusals alike; not a 5xx, which ordered nothing and
      * that a retry may get past */
-    if (idem && resp && json_integer_value(json_object_get(resp, "status")) < 500)
-      remember_key(c, idem, kind, args, resp, op);
+    if (idem && resp && json_integer_value(json_object_get(resp, "status")) < 500) {
+      remember_key(c, key_copy, kind, args_copy, json_incref(resp), op);
+      key_copy = NULL, args_copy = NULL; /* kept */
+    } else if (idem && !resp)
+      mt_log_warn("coordinator: request %lld (%s, Idempotency-Key \"%.64s\"): out of memory "
+                  "for its answer; the key is not kept, and a retry is decided again",
+                  (long long)n, kind ? kind : "?", idem);
+    free(key_copy), json_decref(args_copy);
   }
   json_decref(none);
   json_decref(req);

@@ -129,8 +129,11 @@ int mt_rdzv_stop_signalled(mt_store *s, int gen, const char *name);
  * ASCII characters), and how many keys the coordinator remembers: the
  * newest, the oldest forgotten first, for its own process's life (a
  * restarted coordinator starts with none). A retry comes within seconds or
- * minutes of the request it repeats; 1024 orders are weeks of a job's
- * operations, and at most ~2 MB. */
+ * minutes of the request it repeats; refusals take a slot too (a retried
+ * 409 must stay a 409), so a script retrying a refused order every minute
+ * fills the ring in ~17 h. One ring all the same, at most ~2 MB: a
+ * separate one for refusals would forget a refusal sooner, and a retried
+ * refusal that became an order is what the key is there to prevent. */
 #define MT_RDZV_IDEM_KEY_MAX 255
 #define MT_RDZV_IDEM_KEYS 1024
 
