@@ -28,7 +28,10 @@
  *   wrote it into the store) is refused, 400;
  * - a retry of a key whose operation ended and left the coordinator's table
  *   (the newest 256 finished ones) is told how it ended, not the "running"
- *   it was told at acceptance.
+ *   it was told at acceptance;
+ * - a keyed request its node gave up on is not kept: its resend orders,
+ *   once; one numbered but written only after its resend was decided is
+ *   answered the resend's operation, replayed, and orders nothing.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -401,6 +404,77 @@ static int test_a_retry_after_its_operation_left_the_table(void) {
   return 0;
 }
 
+/* The coordinator's answer to request n, whole (NULL when none). */
+static json_t *answer_of(int64_t n) {
+  char key[64];
+  snprintf(key, sizeof key, "ops/resp/%lld", (long long)n);
+  void *v;
+  size_t bytes;
+  if (mt_store_get(store, key, &v, &bytes, 0)) return NULL;
+  json_t *j = json_loadb(v, bytes, 0, NULL);
+  free(v);
+  return j;
+}
+
+/* The newest order's seq (0: none yet). */
+static int64_t order_seq(void) {
+  int64_t seq = 0;
+  char kind[16];
+  return mt_rdzv_order(store, 1, &seq, kind, sizeof kind) == 1 ? seq : 0;
+}
+
+/* A keyed request its node gave up on (the coordinator did not take it in
+ * time: claims 1, a 503 saying it will not be acted on) is not kept: its
+ * resend is decided, once, one order. A keyed request numbered but not
+ * written yet while its resend (another node's) is decided is answered,
+ * when it lands, the resend's operation, replayed: one order. The job
+ * runs, nothing pending (the checkpoints before all acted). */
+static int test_a_given_up_or_late_keyed_request_orders_once(void) {
+  int64_t seq0 = order_seq();
+  json_t *op = NULL;
+  int status = 0, replayed = 0;
+  char detail[512];
+  int rc = mt_rdzv_submit_op(store, "checkpoint", NULL, "key-given-up", 50, &status, &op, &replayed,
+                             detail, sizeof detail);
+  json_decref(op);
+  CHECK(rc != 0 && strstr(mt_errmsg(), "will not be acted on"),
+        "a keyed request nobody took: rc %d, %s", rc, mt_errmsg());
+  mt_coord_tick(coord, atomic_load(&clock_ms)); /* sees it claimed: passes over */
+  pthread_t th;
+  start_ticking(&th);
+  answer resent = ask("checkpoint", NULL, "key-given-up");
+  stop_ticking(th);
+  CHECK(resent.status == 202 && !resent.replayed && order_seq() == seq0 + 1,
+        "its resend: %d (replayed %d), orders %lld after %lld: %s", resent.status, resent.replayed,
+        (long long)order_seq(), (long long)seq0, resent.detail);
+  if (act_on_order()) return 1;
+
+  int64_t late;
+  REQUIRE(!mt_store_add(store, "ops/seq", 1, &late), "numbering: %s", mt_errmsg());
+  start_ticking(&th);
+  answer first = ask("pause", NULL, "key-late"); /* the resend, through another node */
+  stop_ticking(th);
+  CHECK(first.status == 202 && !first.replayed, "the resend of the late one: %d: %s", first.status,
+        first.detail);
+  int64_t seq1 = order_seq();
+  char req[128], key[64];
+  snprintf(req, sizeof req, "{\"kind\":\"pause\",\"args\":{},\"idempotency_key\":\"key-late\"}");
+  snprintf(key, sizeof key, "ops/req/%lld", (long long)late);
+  REQUIRE(!mt_store_set(store, key, req, strlen(req)), "write %lld", (long long)late);
+  mt_coord_tick(coord, atomic_load(&clock_ms));
+  json_t *a = answer_of(late);
+  const char *id = json_string_value(json_object_get(json_object_get(a, "op"), "id"));
+  CHECK(json_integer_value(json_object_get(a, "status")) == 202 &&
+            json_is_true(json_object_get(a, "replayed")) && id && !strcmp(id, first.id) &&
+            order_seq() == seq1,
+        "the late request, landed after its resend was decided: %s (resend %s); orders %lld, "
+        "was %lld",
+        a ? json_dumps(a, JSON_COMPACT) : "(no answer)", first.id, (long long)order_seq(),
+        (long long)seq1);
+  json_decref(a);
+  return 0;
+}
+
 int main(void) {
   REQUIRE(!mt_store_mem_new(&store), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(store);
@@ -413,6 +487,7 @@ int main(void) {
     failures += test_the_oldest_key_is_forgotten_first();
     failures += test_a_key_that_is_not_printable_ascii_is_refused();
     failures += test_a_retry_after_its_operation_left_the_table();
+    failures += test_a_given_up_or_late_keyed_request_orders_once();
   }
   mt_coord_free(coord);
   mt_store_free(store);
