@@ -6,7 +6,8 @@ usage: test_control_cluster.py MTNLGD MTNLGCTL SOURCE_ROOT
 Two clusters of 4 mtnlgd on loopback (tools/local_cluster.py), cpu:2 each,
 tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 - A runs a long job: the reads (checked against proto/control-v1.yaml with
-  tests/common/openapi_check.py), the error answers, pause and resume by HTTP,
+  tests/common/openapi_check.py), the error answers, pause (with an
+  Idempotency-Key, retried through two other nodes) and resume by HTTP,
   /v1/metrics (promtool), then mtnlgctl's verbs, ending with stop --wait.
 - B runs a 120-step job: paused through member n3 near step 5 for 1.5 s,
   resumed through member n2, stopped through member n1 past step 25; its
@@ -89,10 +90,11 @@ class Answer:
         return "%d %s %s" % (self.status, self.content_type, self.body[:300])
 
 
-def request(node, method, path, body=None, token=None, timeout=15):
-    """One request on a fresh connection; the answer with lower-cased headers."""
+def request(node, method, path, body=None, token=None, timeout=15, extra=None):
+    """One request on a fresh connection (extra: more headers); the answer
+    with lower-cased headers."""
     conn = http.client.HTTPConnection("127.0.0.1", node.control_port, timeout=timeout)
-    headers = {}
+    headers = dict(extra or {})
     if token is not None:
         headers["Authorization"] = "Bearer " + token
     if body is not None:
@@ -114,8 +116,8 @@ def get(node, path, token=None):
     return request(node, "GET", path, token=token)
 
 
-def post(node, path, body=None, token=TOKEN):
-    return request(node, "POST", path, body=body, token=token)
+def post(node, path, body=None, token=TOKEN, extra=None):
+    return request(node, "POST", path, body=body, token=token, extra=extra)
 
 
 class Contract:
@@ -342,7 +344,7 @@ def test_pause_and_resume_answer_202_with_location_and_their_ops_succeed(c, doc)
     """Leaves the cluster paused (pause through n1) for what follows, then resume() resumes it."""
     errs = []
     n1 = c.nodes[1]
-    a = post(n1, "/v1/pause", "{}")
+    a = post(n1, "/v1/pause", "{}", extra={"Idempotency-Key": PAUSE_KEY})
     loc = a.headers.get("location", "")
     errs += ["pause: %s" % e for e in doc.errors("POST", "/v1/pause", a)]
     op = a.json() or {}
@@ -364,6 +366,38 @@ def test_pause_and_resume_answer_202_with_location_and_their_ops_succeed(c, doc)
     check("test_pause_through_n1_answers_202_with_location_and_pauses_every_node", not errs,
           "; ".join(errs[:6]))
     return final
+
+
+PAUSE_KEY = "live-pause-1"
+
+
+def test_the_pause_retried_with_its_key_through_other_nodes_is_answered_again(c, doc, op):
+    """The pause went through n1 with an Idempotency-Key; its answer lost,
+    a client sends it again, here to n2 and n3 (the key rides through the
+    store to the coordinator): each answers 202 with the same operation as
+    it stands (succeeded), Idempotent-Replayed: true and the key echoed,
+    and orders nothing: the job stays paused, each node lists it once."""
+    errs = []
+    for n in (c.nodes[2], c.nodes[3], c.nodes[2]):
+        a = post(n, "/v1/pause", "{}", extra={"Idempotency-Key": PAUSE_KEY})
+        errs += ["%s: %s" % (n.name, e) for e in doc.errors("POST", "/v1/pause", a)]
+        got = a.json() or {}
+        if (a.status != 202 or got.get("id") != (op or {}).get("id")
+                or got.get("state") != "succeeded"
+                or a.headers.get("idempotent-replayed") != "true"
+                or a.headers.get("idempotency-key") != PAUSE_KEY):
+            errs.append("%s: %r, headers %s" % (n.name, a, a.headers))
+        ids = [o.get("id") for o in (get(n, "/v1/operations").json() or {}).get("operations", [])]
+        if ids.count((op or {}).get("id")) != 1:
+            errs.append("%s lists %s %d times" % (n.name, (op or {}).get("id"),
+                                                  ids.count((op or {}).get("id"))))
+    if states(c) != ["paused"] * 4:
+        errs.append("states after the retries: %s" % states(c))
+    health = get(c.nodes[0], "/v1/health").json() or {}
+    if health.get("idempotency_keys") is not True:
+        errs.append("health: %s" % health)
+    check("test_the_pause_retried_with_its_key_through_other_nodes_is_answered_again", not errs,
+          "; ".join(errs[:6]))
 
 
 def test_pause_while_paused_answers_409(c, doc):
@@ -646,6 +680,7 @@ def cluster_a(mtnlgd, mtnlgctl, tmp, tokens, doc):
         test_history_holds_the_printed_losses_and_since_filters(c)
         test_error_answers(c, doc)
         op = test_pause_and_resume_answer_202_with_location_and_their_ops_succeed(c, doc)
+        test_the_pause_retried_with_its_key_through_other_nodes_is_answered_again(c, doc, op)
         test_pause_while_paused_answers_409(c, doc)
         test_metrics(c)
         test_resume_answers_202_with_location_and_every_node_runs_again(
