@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,13 +28,67 @@
 #include "err.h"
 #include "fileio.h"
 #include "log.h"
+#include "monotime.h"
 
+/* Points queued for the writer at most: some thousands of steps, so a
+ * rollback's rewrite of the older files' "vs samples" points (1.4 s at
+ * 300,000 steps) loses nothing even at a step every 10 ms, nor a file
+ * system that stalls for 40 s there (for hours at a large model's seconds
+ * a step), in about a megabyte (a point is a step's mt_step_stats and its
+ * time). A stall longer than that drops the newest
+ * points; the oldest stay, since the first queued point is the one that
+ * decides whether the file rolls back. */
+#define TB_QUEUE MT_TBOARD_QUEUE
+/* How long mt_tboard_free waits for the writer to drain and fsync: enough
+ * for a healthy disk to append a full queue (a few MB) and fsync it, and
+ * well under the default cluster.heartbeat_timeout_ms (6 s), since the
+ * node's loop thread is the one waiting and sends no heartbeat meanwhile. */
+#define TB_FREE_WAIT_MS 2000
+/* A full queue is said at most this often (the first drop, then a count). */
+#define TB_DROP_LOG_MS 60000
+
+typedef struct tb_point {
+  mt_step_stats st;
+  double when; /* the step's wall time (unix s): its events' wall_time */
+} tb_point;
+
+/* Shared by the step thread (mt_tboard_step, mt_tboard_free) and the
+ * writer thread; the writer alone touches the file state. After
+ * mt_tboard_free gives up waiting, the writer owns it all and frees it when
+ * it ends. */
 struct mt_tboard {
+  /* the writer's own: the file */
   char dir[4096];
   char path[4096 + 400]; /* the events file, once open */
   int fd;                /* -1 before the first step, or after a failure */
-  int failed;            /* said once; nothing more is written */
+  int given_fd;          /* mt_tboard_new_fd's, written to instead of a file; -1: none */
+  int failed;            /* said once; nothing more is written (also read by
+                            mt_tboard_step, atomically, to queue no more) */
   int64_t last_step;     /* the last step written; -1 before any */
+
+  /* under mu: the queue, a ring of TB_QUEUE points */
+  pthread_mutex_t mu;
+  pthread_cond_t more; /* a point queued, or closing */
+  pthread_cond_t done; /* exited */
+  tb_point *q;
+  size_t head, n;
+  int writing;          /* the writer holds a point it took off the queue ... */
+  int64_t writing_step; /* ... of this step */
+  int closing;          /* mt_tboard_free: drain, fsync, close, end */
+  int exited;           /* the writer ended (not detached): mt_tboard_free frees */
+  int abandoned;        /* mt_tboard_free gave up waiting: the writer frees */
+  pthread_t thread;
+
+  /* the step thread's own: the drop count said so far */
+  uint64_t dropped;      /* also read atomically by anyone */
+  uint64_t dropped_said; /* as of the last line about it */
+  int64_t drop_said_ms;  /* when; 0: never */
+
+  /* the writers' registry (reg_mu): a writer opens its file only after
+   * every older writer of the same directory has ended, so its rollback
+   * decision reads what they wrote, all of it */
+  uint64_t seq;
+  struct mt_tboard *reg_next;
 };
 
 /* ---- CRC-32C (Castagnoli), reflected, as TFRecord frames its records ---- */
@@ -119,11 +174,9 @@ static void put_len(pbuf *p, int field, const void *v, size_t n) {
   put_bytes(p, v, n);
 }
 
-/* Event's head: wall_time and step. */
-static void event_head(pbuf *e, int64_t step) {
-  struct timeval tv;
-  gettimeofday(&tv, NULL);
-  put_double(e, 1, (double)tv.tv_sec + tv.tv_usec / 1e6);
+/* Event's head: wall_time (unix s) and step. */
+static void event_head(pbuf *e, double when, int64_t step) {
+  put_double(e, 1, when);
   put_key(e, 2, 0);
   put_varint(e, (uint64_t)step);
 }
@@ -380,7 +433,7 @@ static void fail(mt_tboard *t, const char *what) {
   mt_log_warn("tensorboard: %s; training goes on without TensorBoard events", what);
   if (t->fd >= 0) close(t->fd);
   t->fd = -1;
-  t->failed = 1;
+  __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
 }
 
 /* One framed record, in a single write so a reader never sees half of one
@@ -418,8 +471,9 @@ static long long file_time(const char *dir) {
 }
 
 /* The "vs samples" points of c written again, an event for each run of
- * points at one step (more when they do not fit one). */
-static void carry_write(mt_tboard *t, const carry *c) {
+ * points at one step (more when they do not fit one), at the wall time
+ * when of the step whose rollback carries them. */
+static void carry_write(mt_tboard *t, const carry *c, double when) {
   size_t i = 0;
   while (i < c->n) {
     pbuf s = {.n = 0};
@@ -427,14 +481,19 @@ static void carry_write(mt_tboard *t, const carry *c) {
     for (; i < c->n && c->p[i].step == step && s.n < sizeof s.b / 2; i++)
       put_scalar(&s, vs_tags[c->p[i].tag], c->p[i].v);
     pbuf e = {.n = 0};
-    event_head(&e, step);
+    event_head(&e, when, step);
     put_len(&e, 5, s.b, s.n);
     if (!s.over && !e.over) write_record(t, &e);
   }
 }
 
-static void open_file(mt_tboard *t) {
+static void open_file(mt_tboard *t, double when) {
   char why[4700];
+  if (t->given_fd >= 0) {
+    snprintf(t->path, sizeof t->path, "%s's given descriptor %d", t->dir, t->given_fd);
+    t->fd = t->given_fd, t->given_fd = -1;
+    goto version;
+  }
   int rc = mt_make_dirs(t->dir);
   if (rc) {
     snprintf(why, sizeof why, "cannot make the directory: %s", mt_errmsg());
@@ -446,10 +505,10 @@ static void open_file(mt_tboard *t) {
   host[sizeof host - 1] = 0;
   char *path = t->path;
   size_t cap = sizeof t->path;
-  long long when = file_time(t->dir);
+  long long name_time = file_time(t->dir);
   for (int k = 0; k < 100; k++) {
-    snprintf(path, cap, "%s/events.out.tfevents.%lld.%s.%d.%d", t->dir, when, host, (int)getpid(),
-             k);
+    snprintf(path, cap, "%s/events.out.tfevents.%lld.%s.%d.%d", t->dir, name_time, host,
+             (int)getpid(), k);
     t->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0644);
     if (t->fd >= 0 || errno != EEXIST) break;
   }
@@ -459,30 +518,21 @@ static void open_file(mt_tboard *t) {
     return;
   }
   mt_log_info("tensorboard: writing %s", path);
+version:;
   pbuf e = {.n = 0};
-  event_head(&e, 0);
+  event_head(&e, when, 0);
   put_len(&e, 3, "brain.Event:2", 13);
   write_record(t, &e);
 }
 
-mt_tboard *mt_tboard_new(const char *dir) {
-  if (!dir || !*dir) return NULL;
-  mt_tboard *t = calloc(1, sizeof *t);
-  if (!t) {
-    mt_log_warn("tensorboard: out of memory for the writer of %s; training goes on without "
-                "TensorBoard events",
-                dir);
-    return NULL;
-  }
-  snprintf(t->dir, sizeof t->dir, "%s", dir);
-  t->fd = -1;
-  t->last_step = -1;
-  return t;
-}
-
-void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
-  if (!t || t->failed) return;
-  if (t->fd < 0) open_file(t);
+/* One step's events (on the writer's thread, in step order): the file
+ * opened on the first, a rollback's session start, the step's event and its
+ * "vs samples" event. */
+static void write_step(mt_tboard *t, const tb_point *pt) {
+  const mt_step_stats *st = &pt->st;
+  double when = pt->when;
+  if (t->failed) return;
+  if (t->fd < 0) open_file(t, when);
   if (t->fd < 0) return;
   if (st->step != t->last_step + 1) { /* every file's first step, too */
     /* a rollback, where the directory shows a step at or past this one:
@@ -501,11 +551,11 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
                     "step %lld; TensorBoard's Python loader shows them no more",
                     (long long)st->step);
       pbuf e = {.n = 0};
-      event_head(&e, st->step);
+      event_head(&e, when, st->step);
       unsigned char start[] = {0x08, 0x01}; /* status = START */
       put_len(&e, 7, start, sizeof start);
       write_record(t, &e);
-      if (!c.failed) carry_write(t, &c);
+      if (!c.failed) carry_write(t, &c, when);
     }
     free(c.p);
   }
@@ -538,9 +588,9 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
     put_pair(&s, &vs, "lm loss test ppl", mt_ppl(st->test_loss));
   }
   pbuf e = {.n = 0}, ev = {.n = 0};
-  event_head(&e, st->step);
+  event_head(&e, when, st->step);
   put_len(&e, 5, s.b, s.n);
-  event_head(&ev, st->consumed_samples);
+  event_head(&ev, when, st->consumed_samples);
   put_len(&ev, 5, vs.b, vs.n);
   if (s.over || e.over || vs.over || ev.over) {
     fail(t, "an event did not fit its buffer");
@@ -551,11 +601,223 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   t->last_step = st->step;
 }
 
-void mt_tboard_free(mt_tboard *t) {
-  if (!t) return;
+/* ---- the writer thread ---- */
+
+/* The writers of this process not yet ended, newest first. */
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t reg_gone = PTHREAD_COND_INITIALIZER;
+static mt_tboard *reg_live;
+static uint64_t reg_seq;
+/* points dropped for a full queue since the process started, all writers */
+static uint64_t dropped_total;
+
+static void reg_add(mt_tboard *t) {
+  pthread_mutex_lock(&reg_mu);
+  t->seq = ++reg_seq;
+  t->reg_next = reg_live;
+  reg_live = t;
+  pthread_mutex_unlock(&reg_mu);
+}
+
+static void reg_remove(mt_tboard *t) {
+  pthread_mutex_lock(&reg_mu);
+  for (mt_tboard **p = &reg_live; *p; p = &(*p)->reg_next)
+    if (*p == t) {
+      *p = t->reg_next;
+      break;
+    }
+  pthread_cond_broadcast(&reg_gone);
+  pthread_mutex_unlock(&reg_mu);
+}
+
+/* Waits until no older writer of t's directory is left: one a generation
+ * ended while its disk hung, still draining on its own. Its queued points
+ * land in its file, which sorts before t's; were t to read the directory
+ * before they did, a rollback into them would go unseen and TensorBoard
+ * would show both runs' points at those steps. t's own points queue (and,
+ * past TB_QUEUE, drop) meanwhile. */
+static void reg_wait_older(mt_tboard *t) {
+  pthread_mutex_lock(&reg_mu);
+  for (;;) {
+    mt_tboard *o = reg_live;
+    while (o && !(o->seq < t->seq && !strcmp(o->dir, t->dir))) o = o->reg_next;
+    if (!o) break;
+    pthread_cond_wait(&reg_gone, &reg_mu);
+  }
+  pthread_mutex_unlock(&reg_mu);
+}
+
+static void destroy(mt_tboard *t) {
+  pthread_cond_destroy(&t->more);
+  pthread_cond_destroy(&t->done);
+  pthread_mutex_destroy(&t->mu);
+  free(t->q);
+  free(t);
+}
+
+/* The writer: every file and directory operation of t, in step order, off
+ * the step thread; at closing, what is queued, then fsync and close. */
+static void *writer_main(void *arg) {
+  mt_tboard *t = arg;
+  reg_wait_older(t);
+  pthread_mutex_lock(&t->mu);
+  for (;;) {
+    while (!t->n && !t->closing) pthread_cond_wait(&t->more, &t->mu);
+    if (!t->n) break; /* closing, and all written */
+    tb_point pt = t->q[t->head];
+    t->head = (t->head + 1) % TB_QUEUE;
+    t->n--;
+    t->writing = 1, t->writing_step = pt.st.step;
+    pthread_mutex_unlock(&t->mu);
+    write_step(t, &pt);
+    pthread_mutex_lock(&t->mu);
+    t->writing = 0;
+  }
+  int abandoned = t->abandoned;
+  pthread_mutex_unlock(&t->mu);
+  if (t->given_fd >= 0) close(t->given_fd); /* never opened: failed, or no step */
   if (t->fd >= 0) {
     fsync(t->fd);
     close(t->fd);
+    t->fd = -1;
   }
-  free(t);
+  if (abandoned)
+    mt_log_info("tensorboard: %s's writer caught up after its run ended: the points it still "
+                "held are written",
+                t->dir);
+  reg_remove(t);
+  pthread_mutex_lock(&t->mu);
+  if (t->abandoned) { /* also when it came while fsync ran */
+    pthread_mutex_unlock(&t->mu);
+    destroy(t);
+    return NULL;
+  }
+  t->exited = 1;
+  pthread_cond_signal(&t->done);
+  pthread_mutex_unlock(&t->mu);
+  return NULL;
+}
+
+mt_tboard *mt_tboard_new(const char *dir) { return mt_tboard_new_fd(dir, -1); }
+
+mt_tboard *mt_tboard_new_fd(const char *dir, int fd) {
+  if (!dir || !*dir) {
+    if (fd >= 0) close(fd);
+    return NULL;
+  }
+  mt_tboard *t = calloc(1, sizeof *t);
+  tb_point *q = t ? malloc(TB_QUEUE * sizeof *q) : NULL;
+  if (!q) {
+    if (fd >= 0) close(fd);
+    mt_log_warn("tensorboard: out of memory for the writer of %s; training goes on without "
+                "TensorBoard events",
+                dir);
+    free(t);
+    return NULL;
+  }
+  snprintf(t->dir, sizeof t->dir, "%s", dir);
+  t->fd = -1;
+  t->given_fd = fd;
+  t->last_step = -1;
+  t->q = q;
+  pthread_mutex_init(&t->mu, NULL);
+  pthread_cond_init(&t->more, NULL);
+  pthread_cond_init(&t->done, NULL);
+  reg_add(t);
+  int rc = pthread_create(&t->thread, NULL, writer_main, t);
+  if (rc) {
+    mt_log_warn("tensorboard: cannot start the writer thread of %s: %s; training goes on "
+                "without TensorBoard events",
+                dir, strerror(rc));
+    reg_remove(t);
+    if (fd >= 0) close(fd);
+    destroy(t);
+    return NULL;
+  }
+  return t;
+}
+
+/* A full queue, said on the first drop and then at most every
+ * TB_DROP_LOG_MS with the count since (the step thread's, outside mu). */
+static void say_dropped(mt_tboard *t, int64_t step) {
+  int64_t now = mt_mono_ms();
+  if (t->drop_said_ms && now - t->drop_said_ms < TB_DROP_LOG_MS) return;
+  uint64_t n = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
+  if (!t->drop_said_ms)
+    mt_log_warn("tensorboard: the writer of %s is %d steps behind (a slow or stuck file "
+                "system); step %lld's points and those after it are dropped until it catches up",
+                t->dir, TB_QUEUE, (long long)step);
+  else
+    mt_log_warn("tensorboard: %llu more steps' points dropped (%llu in all) as of step %lld: "
+                "the writer of %s is still behind",
+                (unsigned long long)(n - t->dropped_said), (unsigned long long)n, (long long)step,
+                t->dir);
+  t->drop_said_ms = now, t->dropped_said = n;
+}
+
+void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
+  if (!t || __atomic_load_n(&t->failed, __ATOMIC_RELAXED)) return;
+  struct timeval tv;
+  gettimeofday(&tv, NULL);
+  pthread_mutex_lock(&t->mu);
+  int full = t->n == TB_QUEUE;
+  if (!full) {
+    t->q[(t->head + t->n) % TB_QUEUE] = (tb_point){*st, (double)tv.tv_sec + tv.tv_usec / 1e6};
+    t->n++;
+    pthread_cond_signal(&t->more);
+  }
+  pthread_mutex_unlock(&t->mu);
+  if (full) {
+    __atomic_add_fetch(&t->dropped, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&dropped_total, 1, __ATOMIC_RELAXED);
+    say_dropped(t, st->step);
+  }
+}
+
+uint64_t mt_tboard_dropped(const mt_tboard *t) {
+  return t ? __atomic_load_n(&t->dropped, __ATOMIC_RELAXED) : 0;
+}
+
+uint64_t mt_tboard_dropped_total(void) { return __atomic_load_n(&dropped_total, __ATOMIC_RELAXED); }
+
+void mt_tboard_free(mt_tboard *t) {
+  if (!t) return;
+  uint64_t dropped = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
+  if (dropped)
+    mt_log_warn("tensorboard: %llu steps' points were dropped in all for %s's writer falling "
+                "behind",
+                (unsigned long long)dropped, t->dir);
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += TB_FREE_WAIT_MS / 1000;
+  until.tv_nsec += (long)(TB_FREE_WAIT_MS % 1000) * 1000000;
+  if (until.tv_nsec >= 1000000000) until.tv_sec++, until.tv_nsec -= 1000000000;
+  pthread_mutex_lock(&t->mu);
+  t->closing = 1;
+  pthread_cond_signal(&t->more);
+  while (!t->exited)
+    if (pthread_cond_timedwait(&t->done, &t->mu, &until) == ETIMEDOUT) break;
+  if (!t->exited) {
+    /* the disk holds the writer: it is left to finish on its own (and
+     * then frees t) or to end with the process; a file system that hangs
+     * for good loses these points */
+    size_t held = t->n + (size_t)t->writing;
+    int64_t first = t->writing ? t->writing_step : t->n ? t->q[t->head].st.step : -1;
+    t->abandoned = 1;
+    pthread_mutex_unlock(&t->mu);
+    pthread_detach(t->thread);
+    if (held)
+      mt_log_warn("tensorboard: %s's writer did not finish within %d ms (a slow or stuck file "
+                  "system); it goes on alone with %zu steps' points from step %lld on not yet "
+                  "written, lost if the daemon exits first",
+                  t->dir, TB_FREE_WAIT_MS, held, (long long)first);
+    else
+      mt_log_warn("tensorboard: %s's writer did not finish its fsync within %d ms (a slow or "
+                  "stuck file system); it goes on alone",
+                  t->dir, TB_FREE_WAIT_MS);
+    return;
+  }
+  pthread_mutex_unlock(&t->mu);
+  pthread_join(t->thread, NULL);
+  destroy(t);
 }
