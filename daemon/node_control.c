@@ -327,6 +327,10 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "operations_pending", json_integer(pending));
   pthread_mutex_unlock(&n->mu);
   json_object_set_new(s, "store", store_status(n));
+  /* world rank 0's TensorBoard writer fell behind (a slow or hung disk):
+   * every writer this daemon ran, as its step thread dropped them */
+  json_object_set_new(s, "tensorboard_dropped_points",
+                      json_integer((json_int_t)mt_tboard_dropped_total()));
   return s;
 }
 
