@@ -1,7 +1,7 @@
 """train.tensorboard_dir (Megatron's --tensorboard-dir): TensorBoard event
 files of the run's scalars, read back here with Google's protobuf runtime.
 
-usage: test_tensorboard.py MTNLGD MTNLG_PREPROCESS JOB.json
+usage: test_tensorboard.py MTNLGD MTNLG_PREPROCESS JOB.json [FAULT_PRELOAD]
 The event files are parsed with python3-protobuf against message types
 declared here from tensorboard's event.proto and summary.proto (field
 numbers and types as published), and every record's framing is checked
@@ -47,7 +47,11 @@ check value). Checked:
     are n0's step lines and whose world-size is 8;
   - a tensorboard_dir that cannot be made is warned of and the run trains
     on to the end (exit 0); an empty tensorboard_dir is refused naming the
-    key; a job without it writes nothing.
+    key; a job without it writes nothing;
+  - with FAULT_PRELOAD holding every write(2) to the events file for good
+    (a hung mount), a standalone run still logs all its steps and exits 0
+    within the writer's 2 s after the last, saying it left the writer with
+    every step's points from step 1 on; the file made, nothing in it.
 """
 import glob
 import json
@@ -537,8 +541,41 @@ def cluster(mtnlgd, tmp):
     return failures
 
 
+def held_disk(mtnlgd, job, tmp, preload):
+    """The events file's write(2) held for good by fault_preload: the steps
+    go on (before the writer thread, step 1's write held the run), and the
+    run ends 2 s after its last step, leaving the writer."""
+    os.makedirs(tmp)
+    tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+    tb = os.path.join(tmp, "tb")
+    env = dict(os.environ, LD_PRELOAD=preload, MTNLG_FAULT_HOLD_WRITE_FILE="events.out.tfevents.",
+               MTNLG_FAULT_HOLD_UNTIL=os.path.join(tmp, "never"))
+    cmd = [mtnlgd, "--standalone", job, "--log-format", "json", "--set", f"data.path={tokens}",
+           "--set", "train.steps=6", "--set", "train.lr.warmup_steps=1",
+           "--set", "train.log_interval=1", "--set", f"train.tensorboard_dir={tb}"]
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+    except subprocess.TimeoutExpired as e:  # its output comes as bytes
+        so = (e.stdout or b"").decode("utf-8", "replace")
+        return check("test_a_held_events_write_holds_no_step", False,
+                     f"no exit in 30 s; steps {[s['step'] for s in json_steps(so)]}")
+    took = time.monotonic() - t0
+    steps = [s["step"] for s in json_steps(out.stdout)]
+    files = glob.glob(os.path.join(tb, "events.out.tfevents.*"))
+    left = [x for x in out.stderr.splitlines() if "did not finish within 2000 ms" in x]
+    return check("test_a_held_events_write_holds_no_step",
+                 out.returncode == 0 and steps == list(range(1, 7))
+                 and "fault_preload: holding write(2) to" in out.stderr
+                 and len(left) == 1 and "6 steps' points from step 1 on" in left[0]
+                 and len(files) == 1 and os.path.getsize(files[0]) == 0,
+                 f"exit {out.returncode} in {took:.1f} s, steps {steps}, {left} "
+                 f"{[(f, os.path.getsize(f)) for f in files]}" + out.stderr[-600:] * (not left))
+
+
 def main():
     mtnlgd, prep, job = sys.argv[1:4]
+    preload = sys.argv[4] if len(sys.argv) > 4 else None
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -546,6 +583,8 @@ def main():
             failures += rampup(mtnlgd, job, os.path.join(tmp, "rampup"))
             failures += refusals(mtnlgd, job, os.path.join(tmp, "refusals"))
             failures += cluster(mtnlgd, os.path.join(tmp, "cluster"))
+            if preload:
+                failures += held_disk(mtnlgd, job, os.path.join(tmp, "held"), preload)
         except ValueError as e:  # an events file that does not read back
             failures += check("test_events_files_read_back", False, str(e))
     print("FAILED" if failures else "all passed", failures)

@@ -193,3 +193,42 @@ int fallocate(int fd, int mode, off_t off, off_t len) {
 int fallocate64(int fd, int mode, off64_t off, off64_t len) {
   return fallocate_through("fallocate64", fd, mode, off, len);
 }
+
+/* And it can hold write(2) itself, as a hung NFS mount holds an append
+ * (the writes above are pwrite's and fsync's):
+ *
+ *   MTNLG_FAULT_HOLD_WRITE_FILE  a path part ("events.out.tfevents."); write
+ *                                of a file whose path contains it waits until
+ *                                MTNLG_FAULT_HOLD_UNTIL exists
+ *
+ * The first held write says "fault_preload: holding write(2) to PATH". */
+typedef ssize_t (*write_fn)(int, const void *, size_t);
+
+ssize_t write(int fd, const void *buf, size_t n) {
+  const char *part = getenv("MTNLG_FAULT_HOLD_WRITE_FILE"),
+             *until = getenv("MTNLG_FAULT_HOLD_UNTIL");
+  if (part && *part && until && *until) {
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t k = readlink(link, path, sizeof path - 1);
+    if (k > 0) {
+      path[k] = 0;
+      static int told; /* atomic */
+      if (strstr(path, part) && access(until, F_OK) != 0) {
+        if (!__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+          fprintf(stderr, "fault_preload: holding write(2) to %s\n", path);
+        struct timespec pause = {0, 20 * 1000 * 1000};
+        while (access(until, F_OK) != 0) nanosleep(&pause, NULL);
+      }
+    }
+  }
+  static write_fn real_write; /* atomic: every write comes here, so looked up once */
+  write_fn real = __atomic_load_n(&real_write, __ATOMIC_RELAXED);
+  if (!real)
+    __atomic_store_n(&real_write, real = (write_fn)dlsym(RTLD_NEXT, "write"), __ATOMIC_RELAXED);
+  if (!real) {
+    errno = ENOSYS;
+    return -1;
+  }
+  return real(fd, buf, n);
+}
