@@ -61,7 +61,6 @@ struct mt_tboard {
   char dir[4096];
   char path[4096 + 400]; /* the events file, once open */
   int fd;                /* -1 before the first step, or after a failure */
-  int given_fd;          /* mt_tboard_new_fd's, written to instead of a file; -1: none */
   int failed;            /* said once; nothing more is written (also read by
                             mt_tboard_step, atomically, to queue no more) */
   int64_t last_step;     /* the last step written; -1 before any */
@@ -489,11 +488,6 @@ static void carry_write(mt_tboard *t, const carry *c, double when) {
 
 static void open_file(mt_tboard *t, double when) {
   char why[4700];
-  if (t->given_fd >= 0) {
-    snprintf(t->path, sizeof t->path, "%s's given descriptor %d", t->dir, t->given_fd);
-    t->fd = t->given_fd, t->given_fd = -1;
-    goto version;
-  }
   int rc = mt_make_dirs(t->dir);
   if (rc) {
     snprintf(why, sizeof why, "cannot make the directory: %s", mt_errmsg());
@@ -518,7 +512,6 @@ static void open_file(mt_tboard *t, double when) {
     return;
   }
   mt_log_info("tensorboard: writing %s", path);
-version:;
   pbuf e = {.n = 0};
   event_head(&e, when, 0);
   put_len(&e, 3, "brain.Event:2", 13);
@@ -675,7 +668,6 @@ static void *writer_main(void *arg) {
   }
   int abandoned = t->abandoned;
   pthread_mutex_unlock(&t->mu);
-  if (t->given_fd >= 0) close(t->given_fd); /* never opened: failed, or no step */
   if (t->fd >= 0) {
     fsync(t->fd);
     close(t->fd);
@@ -698,17 +690,11 @@ static void *writer_main(void *arg) {
   return NULL;
 }
 
-mt_tboard *mt_tboard_new(const char *dir) { return mt_tboard_new_fd(dir, -1); }
-
-mt_tboard *mt_tboard_new_fd(const char *dir, int fd) {
-  if (!dir || !*dir) {
-    if (fd >= 0) close(fd);
-    return NULL;
-  }
+mt_tboard *mt_tboard_new(const char *dir) {
+  if (!dir || !*dir) return NULL;
   mt_tboard *t = calloc(1, sizeof *t);
   tb_point *q = t ? malloc(TB_QUEUE * sizeof *q) : NULL;
   if (!q) {
-    if (fd >= 0) close(fd);
     mt_log_warn("tensorboard: out of memory for the writer of %s; training goes on without "
                 "TensorBoard events",
                 dir);
@@ -717,7 +703,6 @@ mt_tboard *mt_tboard_new_fd(const char *dir, int fd) {
   }
   snprintf(t->dir, sizeof t->dir, "%s", dir);
   t->fd = -1;
-  t->given_fd = fd;
   t->last_step = -1;
   t->q = q;
   pthread_mutex_init(&t->mu, NULL);
@@ -730,7 +715,6 @@ mt_tboard *mt_tboard_new_fd(const char *dir, int fd) {
                 "without TensorBoard events",
                 dir, strerror(rc));
     reg_remove(t);
-    if (fd >= 0) close(fd);
     destroy(t);
     return NULL;
   }

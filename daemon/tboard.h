@@ -34,12 +34,6 @@ typedef struct mt_tboard mt_tboard;
  * when out of memory or dir is "" (no TensorBoard). */
 mt_tboard *mt_tboard_new(const char *dir);
 
-/* For tests: as mt_tboard_new, but the events go to fd (taken over and
- * closed; a pipe, say, whose full buffer holds the writer as a hung file
- * system would) instead of a file it makes in dir, whose files it still
- * reads for its rollback decisions. */
-mt_tboard *mt_tboard_new_fd(const char *dir, int fd);
-
 /* Queues st's scalars for the writer and returns at once; t may be NULL
  * (none). The writer appends them, in step order, to t's events file,
  * opened for the first (events.out.tfevents.<unix s>.<host>.<pid>.<n>). A

@@ -1,32 +1,40 @@
 #!/usr/bin/python3
 """test_tboard.py — TensorBoard's file work is off the step thread.
 
-usage: test_tboard.py path/to/tboard_stuck
-tboard_stuck (tests/unit/tboard_stuck.c) points a writer at a pipe whose
-buffer is full, so the writer thread's first write(2) blocks in the kernel
-as one to a hung network mount does, steps it MT_TBOARD_QUEUE (4096) + 1000
-times, frees it, starts a second writer for the same directory, and only
-then drains the pipe. Checked here, from what it prints and the bytes the
-pipe carried (read with tests/cluster/test_tensorboard.py's reader, every
-record's CRCs checked):
+usage: test_tboard.py path/to/tboard_stuck path/to/fault_preload.so
+tboard_stuck (tests/unit/tboard_stuck.c) runs under fault_preload, which
+holds every write(2) to the first writer's events file (named for unix time
+4000000001, past a file planted here for 4000000000) until a release file
+exists, as a hung network mount holds an append. It steps that writer
+MT_TBOARD_QUEUE (4096) + 1000 times, frees it, starts a second writer for
+the same directory with steps 5 to 7 of a run rolled back to step 4, and
+only then releases the disk and frees the second. Checked here, from what
+it prints and the files it leaves (read with
+tests/cluster/test_tensorboard.py's reader, every record's CRCs checked):
   - test_steps_return_while_the_disk_holds_the_writer: no mt_tboard_step
     call took 100 ms (a blocking one would never return: SIGALRM at 60 s);
   - test_the_newest_points_past_the_queue_are_dropped_and_counted: 1000
-    dropped (1001 when the writer had not yet taken the first point), the
-    process-wide count the same;
+    dropped (999 when the writer had taken the first point off the queue
+    before it filled), the process-wide count the same;
   - test_the_drop_is_said_once: one line for 1000 drops in well under a
     minute, one total at the free;
   - test_free_returns_within_its_bound: mt_tboard_free waited its 2 s, not
     more, and said what the left writer still held;
   - test_a_new_writer_opens_nothing_while_an_older_one_is_held: the second
-    writer for the directory made no file while the first was held, then
-    its file (steps 1 to 3) once the first had ended;
-  - test_the_left_writer_writes_its_points_in_order_once_released: the pipe
-    carried the file version, then for each step kept, in order, its event
-    (lm loss the step's, as float32) and its vs-samples event at 8 samples a
-    step, and no session start; the steps kept are 1..4096 and, when the
-    writer took step 1 off the queue before it filled, one step after them
-    (the newest are dropped, never the oldest), 5096 - dropped in all.
+    writer made no file while the first was held, and its own once the
+    first had ended, its free then within the bound;
+  - test_the_left_writer_writes_its_points_in_order_once_released: the
+    first file holds the file version, then for each step kept, in order,
+    its event (lm loss the step's, as float32) and its vs-samples event at
+    8 samples a step, and no session start; the steps kept are 1..4096 and,
+    when the writer took step 1 off the queue before it filled, one step
+    after them (the newest are dropped, never the oldest), 5096 - dropped;
+  - test_the_new_writers_rollback_reads_the_left_writers_points: the
+    second file starts a session at step 5 (the directory, once the first
+    writer has ended, shows steps past it), writes again the first run's
+    "vs samples" points at 8 to 32 samples (steps 1 to 4), then steps 5 to
+    7; read as TensorBoard's Python loader reads the directory, steps 1 to 4
+    are the first run's, 5 to 7 the second's, and nothing past 7.
 """
 import os
 import struct
@@ -49,6 +57,32 @@ def f32(x):
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
+def kinds(events, loss0, bad):
+    """[(kind, step)] of a file's events; a per-step event's lm loss not
+    f32(loss0 - 1e-3 * step) goes to bad."""
+    got = []
+    for e in events:
+        if e.file_version:
+            got.append(("version", e.step))
+        elif e.HasField("session_log"):
+            got.append(("session", e.step))
+        elif tb.is_vs(e):
+            got.append(("vs", e.step))
+        else:
+            got.append(("step", e.step))
+            loss = {v.tag: v.simple_value for v in e.summary.value}.get("lm loss")
+            if loss != f32(loss0 - 1e-3 * e.step):
+                bad.append((e.step, loss))
+    return got
+
+
+def first_difference(got, want):
+    for i, (g, w) in enumerate(zip(got + [None], want + [None])):
+        if g != w:
+            return i, g, w
+    return None
+
+
 def main():
     failures = 0
 
@@ -59,20 +93,27 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         d = os.path.join(tmp, "tb")
-        p = subprocess.run([sys.argv[1], d], capture_output=True, text=True, timeout=90)
+        os.makedirs(d)
+        open(os.path.join(d, "events.out.tfevents.4000000000.planted.0.0"), "wb").close()
+        env = dict(os.environ, LD_PRELOAD=sys.argv[2],
+                   MTNLG_FAULT_HOLD_WRITE_FILE="tfevents.4000000001.",
+                   MTNLG_FAULT_HOLD_UNTIL=os.path.join(tmp, "release"))
+        p = subprocess.run([sys.argv[1], d, os.path.join(tmp, "release")], capture_output=True,
+                           text=True, timeout=90, env=env)
         if p.returncode:
             print(f"FAIL tboard_stuck exited {p.returncode}\n{p.stdout}\n{p.stderr}")
             return 1
         r = dict(line.split("=", 1) for line in p.stdout.splitlines())
         steps, dropped = int(r["steps"]), int(r["dropped"])
         print(p.stdout.strip())
+        log = p.stderr.splitlines()
         check("test_steps_return_while_the_disk_holds_the_writer",
-              float(r["max_step_us"]) < 100e3,
+              float(r["max_step_us"]) < 100e3
+              and any("fault_preload: holding write(2) to" in x for x in log),
               f"slowest of {steps} steps {r['max_step_us']} us, all {r['all_steps_ms']} ms")
         check("test_the_newest_points_past_the_queue_are_dropped_and_counted",
               steps - QUEUE - 1 <= dropped <= steps - QUEUE
               and int(r["dropped_total"]) == dropped, f"{dropped} of {steps}")
-        log = p.stderr.splitlines()
         behind = [x for x in log if "steps behind" in x or "still behind" in x]
         total = [x for x in log if "were dropped in all" in x]
         check("test_the_drop_is_said_once", len(behind) == 1 and len(total) == 1
@@ -82,26 +123,20 @@ def main():
               2000 <= float(r["free_ms"]) < 2500 and len(left) == 1
               and f"{steps - dropped} steps' points from step 1 on" in left[0],
               f"{r['free_ms']} ms; {left}")
-        files = sorted(f for f in os.listdir(d) if f.startswith("events.out.tfevents."))
-        ev2 = tb.read_events(os.path.join(d, files[0])) if len(files) == 1 else []
+        files = sorted(os.path.join(d, f) for f in os.listdir(d)
+                       if f.startswith("events.out.tfevents."))
+        old = [f for f in files if ".4000000001." in f]
+        new = [f for f in files if ".4000000002." in f]
         check("test_a_new_writer_opens_nothing_while_an_older_one_is_held",
-              r["files_while_held"] == "0" and
-              [e.step for e in ev2 if e.HasField("summary") and not tb.is_vs(e)] == [1, 2, 3],
-              f"{r['files_while_held']} files while held, then {files}")
-        ev = tb.read_events(r["stuck_file"])
-        got, bad = [], []
-        for e in ev:
-            if e.file_version:
-                got.append(("version", e.step))
-            elif e.HasField("session_log"):
-                got.append(("session", e.step))
-            elif tb.is_vs(e):
-                got.append(("vs", e.step))
-            else:
-                got.append(("step", e.step))
-                loss = {v.tag: v.simple_value for v in e.summary.value}.get("lm loss")
-                if loss != f32(10.0 - 1e-3 * e.step):
-                    bad.append((e.step, loss))
+              r["files_while_held"] == "2" and r["files_after"] == "3" and len(old) == 1
+              and len(new) == 1 and float(r["free2_ms"]) < 2000,
+              f"{r['files_while_held']} files while held (the planted and the held one), "
+              f"then {[os.path.basename(f) for f in files]}; the second free {r['free2_ms']} ms")
+        if len(old) != 1 or len(new) != 1:
+            return 1
+
+        bad = []
+        got = kinds(tb.read_events(old[0]), 10.0, bad)
         # the newest dropped: steps 1..QUEUE, and one step past them when the
         # writer took step 1 off the queue before the steps ran past it
         kept = [s for kind, s in got if kind == "step"]
@@ -112,11 +147,27 @@ def main():
         for s in want_kept:
             want += [("step", s), ("vs", 8 * s)]
         check("test_the_left_writer_writes_its_points_in_order_once_released",
-              got == want and len(want_kept) == k and not bad
-              and ev[0].file_version == "brain.Event:2",
+              got == want and len(want_kept) == k and not bad,
               f"{len(got)} events, {k} steps, the last {kept[-1:]}; first differing "
-              f"{next((i, g, w) for i, (g, w) in enumerate(zip(got + [None], want + [None])) if g != w) if got != want else None}; "
-              f"bad losses {bad[:3]}; drained in {r['drain_ms']} ms")
+              f"{first_difference(got, want)}; bad losses {bad[:3]}")
+
+        bad2 = []
+        ev2 = tb.read_events(new[0])
+        got2 = kinds(ev2, 20.0, bad2)
+        want2 = [("version", 0), ("session", 5)] + [("vs", 8 * s) for s in range(1, 5)]
+        for s in range(5, 8):
+            want2 += [("step", s), ("vs", 8 * s)]
+        carried = tb.scalars(ev2, vs=True)
+        carried_ok = all(carried.get(8 * s, {}).get("lm loss vs samples") == f32(10.0 - 1e-3 * s)
+                         for s in range(1, 5))
+        curve = tb.as_tensorboard(files)
+        losses = {s: v.get("lm loss") for s, v in curve.items()}
+        want_losses = {s: f32((10.0 if s < 5 else 20.0) - 1e-3 * s) for s in range(1, 8)}
+        check("test_the_new_writers_rollback_reads_the_left_writers_points",
+              got2 == want2 and not bad2 and carried_ok and losses == want_losses,
+              f"first differing {first_difference(got2, want2)}; bad losses {bad2[:3]}; "
+              f"carried {carried_ok}; the directory's steps {sorted(losses)[:10]}"
+              f"{'...' if len(losses) > 10 else ''}")
     return 1 if failures else 0
 
 
