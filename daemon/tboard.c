@@ -673,7 +673,7 @@ static void *writer_main(void *arg) {
     close(t->fd);
     t->fd = -1;
   }
-  if (abandoned)
+  if (abandoned && !t->failed) /* a failure said so itself */
     mt_log_info("tensorboard: %s's writer caught up after its run ended: the points it still "
                 "held are written",
                 t->dir);

@@ -29,6 +29,7 @@ tests/cluster/test_tensorboard.py's reader, every record's CRCs checked):
     8 samples a step, and no session start; the steps kept are 1..4096 and,
     when the writer took step 1 off the queue before it filled, one step
     after them (the newest are dropped, never the oldest), 5096 - dropped;
+    and the log says it caught up;
   - test_the_new_writers_rollback_reads_the_left_writers_points: the
     second file starts a session at step 5 (the directory, once the first
     writer has ended, shows steps past it), writes again the first run's
@@ -147,7 +148,8 @@ def main():
         for s in want_kept:
             want += [("step", s), ("vs", 8 * s)]
         check("test_the_left_writer_writes_its_points_in_order_once_released",
-              got == want and len(want_kept) == k and not bad,
+              got == want and len(want_kept) == k and not bad
+              and sum("writer caught up after its run ended" in x for x in log) == 1,
               f"{len(got)} events, {k} steps, the last {kept[-1:]}; first differing "
               f"{first_difference(got, want)}; bad losses {bad[:3]}")
 
