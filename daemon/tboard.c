@@ -782,23 +782,29 @@ void mt_tboard_free(mt_tboard *t) {
   while (!t->exited)
     if (pthread_cond_timedwait(&t->done, &t->mu, &until) == ETIMEDOUT) break;
   if (!t->exited) {
-    /* the disk holds the writer: it is left to finish on its own (and
-     * then frees t) or to end with the process; a file system that hangs
-     * for good loses these points */
+    /* the disk holds the writer: it is left to finish on its own or to
+     * end with the process; a file system that hangs for good loses these
+     * points. Once mu is let go the writer may free t at any time: what is
+     * said of it is put together first. */
     size_t held = t->n + (size_t)t->writing;
     int64_t first = t->writing ? t->writing_step : t->n ? t->q[t->head].st.step : -1;
+    char what[4096 + 300];
+    if (held)
+      snprintf(what, sizeof what,
+               "tensorboard: %s's writer did not finish within %d ms (a slow or stuck file "
+               "system); it goes on alone with %zu steps' points from step %lld on not yet "
+               "written, lost if the daemon exits first",
+               t->dir, TB_FREE_WAIT_MS, held, (long long)first);
+    else
+      snprintf(what, sizeof what,
+               "tensorboard: %s's writer did not finish its fsync within %d ms (a slow or stuck "
+               "file system); it goes on alone",
+               t->dir, TB_FREE_WAIT_MS);
+    pthread_t writer = t->thread;
     t->abandoned = 1;
     pthread_mutex_unlock(&t->mu);
-    pthread_detach(t->thread);
-    if (held)
-      mt_log_warn("tensorboard: %s's writer did not finish within %d ms (a slow or stuck file "
-                  "system); it goes on alone with %zu steps' points from step %lld on not yet "
-                  "written, lost if the daemon exits first",
-                  t->dir, TB_FREE_WAIT_MS, held, (long long)first);
-    else
-      mt_log_warn("tensorboard: %s's writer did not finish its fsync within %d ms (a slow or "
-                  "stuck file system); it goes on alone",
-                  t->dir, TB_FREE_WAIT_MS);
+    pthread_detach(writer);
+    mt_log_warn("%s", what);
     return;
   }
   pthread_mutex_unlock(&t->mu);
