@@ -30,15 +30,6 @@
 #include "log.h"
 #include "monotime.h"
 
-/* Points queued for the writer at most: some thousands of steps, so a
- * rollback's rewrite of the older files' "vs samples" points (1.4 s at
- * 300,000 steps) loses nothing even at a step every 10 ms, nor a file
- * system that stalls for 40 s there (for hours at a large model's seconds
- * a step), in about a megabyte (a point is a step's mt_step_stats and its
- * time). A stall longer than that drops the newest
- * points; the oldest stay, since the first queued point is the one that
- * decides whether the file rolls back. */
-#define TB_QUEUE MT_TBOARD_QUEUE
 /* How long mt_tboard_free waits for the writer to drain and fsync: enough
  * for a healthy disk to append a full queue (a few MB) and fsync it, and
  * well under the default cluster.heartbeat_timeout_ms (6 s), since the
@@ -46,6 +37,10 @@
 #define TB_FREE_WAIT_MS 2000
 /* A full queue is said at most this often (the first drop, then a count). */
 #define TB_DROP_LOG_MS 60000
+
+/* The writers' rollback decisions (a directory read each) since the
+ * process started: mt_tboard_dir_reads, for the test. */
+static uint64_t dir_reads;
 
 typedef struct tb_point {
   mt_step_stats st;
@@ -65,7 +60,7 @@ struct mt_tboard {
                             mt_tboard_step, atomically, to queue no more) */
   int64_t last_step;     /* the last step written; -1 before any */
 
-  /* under mu: the queue, a ring of TB_QUEUE points */
+  /* under mu: the queue, a ring of MT_TBOARD_QUEUE points */
   pthread_mutex_t mu;
   pthread_cond_t more; /* a point queued, or closing */
   pthread_cond_t done; /* exited */
@@ -74,6 +69,9 @@ struct mt_tboard {
   int writing;          /* the writer holds a point it took off the queue ... */
   int64_t writing_step; /* ... of this step */
   int closing;          /* mt_tboard_free: drain, fsync, close, end */
+  int started;          /* past reg_wait_older: no older writer of dir is left */
+  int shedding;         /* the queue was full and has not yet drained to half:
+                           steps are still dropped */
   int exited;           /* the writer ended (not detached): mt_tboard_free frees */
   int abandoned;        /* mt_tboard_free gave up waiting: the writer frees */
   pthread_t thread;
@@ -527,7 +525,12 @@ static void write_step(mt_tboard *t, const tb_point *pt) {
   if (t->failed) return;
   if (t->fd < 0) open_file(t, when);
   if (t->fd < 0) return;
-  if (st->step != t->last_step + 1) { /* every file's first step, too */
+  /* The directory is read on the file's first step and on a step that goes
+   * back, never on one that skips ahead: within one writer that is only a
+   * full queue's drop, and a slow disk would otherwise re-read the whole
+   * directory (1.4 s at 300,000 steps) for each step after a gap. */
+  if (t->last_step < 0 || st->step <= t->last_step) {
+    __atomic_add_fetch(&dir_reads, 1, __ATOMIC_RELAXED);
     /* a rollback, where the directory shows a step at or past this one:
      * SessionLog START at step s, so that TensorBoard discards the points
      * at s and past it that this directory's files hold from before; the
@@ -596,15 +599,28 @@ static void write_step(mt_tboard *t, const tb_point *pt) {
 
 /* ---- the writer thread ---- */
 
-/* The writers of this process not yet ended, newest first. */
+/* The writers of this process not yet ended, newest first: a new writer
+ * waits on it for the older ones of its directory (reg_wait_older), and
+ * the exit waits on it for every one left (mt_tboard_wait_left). */
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t reg_gone = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t reg_gone; /* a writer ended; on the monotonic clock */
+static pthread_once_t reg_once = PTHREAD_ONCE_INIT;
 static mt_tboard *reg_live;
 static uint64_t reg_seq;
-/* points dropped for a full queue since the process started, all writers */
+/* steps dropped for a full queue since the process started, all writers */
 static uint64_t dropped_total;
 
+/* reg_gone's timed waits (mt_tboard_wait_left) must not stretch with a
+ * wall-clock step; PTHREAD_COND_INITIALIZER would count on that clock. A
+ * failure leaves the default clock, which only a clock step would show. */
+static void reg_init(void) {
+  if (mt_mono_cond_init(&reg_gone)) pthread_cond_init(&reg_gone, NULL);
+}
+
+/* t joins the live writers, numbered after every one before it, so that
+ * reg_wait_older can tell which of its directory's writers came first. */
 static void reg_add(mt_tboard *t) {
+  pthread_once(&reg_once, reg_init);
   pthread_mutex_lock(&reg_mu);
   t->seq = ++reg_seq;
   t->reg_next = reg_live;
@@ -612,6 +628,8 @@ static void reg_add(mt_tboard *t) {
   pthread_mutex_unlock(&reg_mu);
 }
 
+/* t has ended (its file closed, or never opened): the newer writers of
+ * its directory and an exit waiting for the last writer are woken. */
 static void reg_remove(mt_tboard *t) {
   pthread_mutex_lock(&reg_mu);
   for (mt_tboard **p = &reg_live; *p; p = &(*p)->reg_next)
@@ -628,18 +646,22 @@ static void reg_remove(mt_tboard *t) {
  * land in its file, which sorts before t's; were t to read the directory
  * before they did, a rollback into them would go unseen and TensorBoard
  * would show both runs' points at those steps. t's own points queue (and,
- * past TB_QUEUE, drop) meanwhile. */
+ * past MT_TBOARD_QUEUE, drop) meanwhile. Only this process's writers are
+ * known: one left on another node (world rank 0 moved) is not waited for. */
+static int older_live(const mt_tboard *t) { /* under reg_mu */
+  const mt_tboard *o = reg_live;
+  while (o && !(o->seq < t->seq && !strcmp(o->dir, t->dir))) o = o->reg_next;
+  return o != NULL;
+}
+
 static void reg_wait_older(mt_tboard *t) {
   pthread_mutex_lock(&reg_mu);
-  for (;;) {
-    mt_tboard *o = reg_live;
-    while (o && !(o->seq < t->seq && !strcmp(o->dir, t->dir))) o = o->reg_next;
-    if (!o) break;
-    pthread_cond_wait(&reg_gone, &reg_mu);
-  }
+  while (older_live(t)) pthread_cond_wait(&reg_gone, &reg_mu);
   pthread_mutex_unlock(&reg_mu);
 }
 
+/* Frees t, whose writer thread has ended (or never ran): by mt_tboard_free
+ * after the join, or by the writer itself once it was left. */
 static void destroy(mt_tboard *t) {
   pthread_cond_destroy(&t->more);
   pthread_cond_destroy(&t->done);
@@ -654,11 +676,12 @@ static void *writer_main(void *arg) {
   mt_tboard *t = arg;
   reg_wait_older(t);
   pthread_mutex_lock(&t->mu);
+  t->started = 1;
   for (;;) {
     while (!t->n && !t->closing) pthread_cond_wait(&t->more, &t->mu);
     if (!t->n) break; /* closing, and all written */
     tb_point pt = t->q[t->head];
-    t->head = (t->head + 1) % TB_QUEUE;
+    t->head = (t->head + 1) % MT_TBOARD_QUEUE;
     t->n--;
     t->writing = 1, t->writing_step = pt.st.step;
     pthread_mutex_unlock(&t->mu);
@@ -666,34 +689,39 @@ static void *writer_main(void *arg) {
     pthread_mutex_lock(&t->mu);
     t->writing = 0;
   }
-  int abandoned = t->abandoned;
   pthread_mutex_unlock(&t->mu);
   if (t->fd >= 0) {
-    fsync(t->fd);
+    if (fsync(t->fd))
+      mt_log_warn("tensorboard: fsync of %s failed: %s; its last points may not be on disk",
+                  t->path, strerror(errno));
     close(t->fd);
     t->fd = -1;
   }
-  if (abandoned && !t->failed) /* a failure said so itself */
-    mt_log_info("tensorboard: %s's writer caught up after its run ended: the points it still "
-                "held are written",
-                t->dir);
-  reg_remove(t);
+  /* abandoned is read after the fsync, which mt_tboard_free may have
+   * given up on; the writer leaves the registry last, so an exit waiting
+   * for it (mt_tboard_wait_left) never runs under its log line */
   pthread_mutex_lock(&t->mu);
-  if (t->abandoned) { /* also when it came while fsync ran */
+  if (t->abandoned) {
     pthread_mutex_unlock(&t->mu);
+    if (!t->failed) /* a failure said so itself */
+      mt_log_info("tensorboard: %s's writer caught up after its run ended: the points it still "
+                  "held are written",
+                  t->dir);
+    reg_remove(t);
     destroy(t);
     return NULL;
   }
-  t->exited = 1;
+  t->exited = 1; /* mt_tboard_free joins this thread before it frees t */
   pthread_cond_signal(&t->done);
   pthread_mutex_unlock(&t->mu);
+  reg_remove(t);
   return NULL;
 }
 
 mt_tboard *mt_tboard_new(const char *dir) {
   if (!dir || !*dir) return NULL;
   mt_tboard *t = calloc(1, sizeof *t);
-  tb_point *q = t ? malloc(TB_QUEUE * sizeof *q) : NULL;
+  tb_point *q = t ? malloc(MT_TBOARD_QUEUE * sizeof *q) : NULL;
   if (!q) {
     mt_log_warn("tensorboard: out of memory for the writer of %s; training goes on without "
                 "TensorBoard events",
@@ -705,11 +733,24 @@ mt_tboard *mt_tboard_new(const char *dir) {
   t->fd = -1;
   t->last_step = -1;
   t->q = q;
-  pthread_mutex_init(&t->mu, NULL);
-  pthread_cond_init(&t->more, NULL);
-  pthread_cond_init(&t->done, NULL);
+  /* done counts on the monotonic clock: mt_tboard_free's bound is the
+   * heartbeat's, which a wall-clock step back must not stretch */
+  int rc = pthread_mutex_init(&t->mu, NULL);
+  if (!rc && (rc = pthread_cond_init(&t->more, NULL))) pthread_mutex_destroy(&t->mu);
+  if (!rc && (rc = mt_mono_cond_init(&t->done))) {
+    pthread_cond_destroy(&t->more);
+    pthread_mutex_destroy(&t->mu);
+  }
+  if (rc) {
+    mt_log_warn("tensorboard: cannot set up the writer of %s: %s; training goes on without "
+                "TensorBoard events",
+                dir, strerror(rc));
+    free(q);
+    free(t);
+    return NULL;
+  }
   reg_add(t);
-  int rc = pthread_create(&t->thread, NULL, writer_main, t);
+  rc = pthread_create(&t->thread, NULL, writer_main, t);
   if (rc) {
     mt_log_warn("tensorboard: cannot start the writer thread of %s: %s; training goes on "
                 "without TensorBoard events",
@@ -730,7 +771,7 @@ static void say_dropped(mt_tboard *t, int64_t step) {
   if (!t->drop_said_ms)
     mt_log_warn("tensorboard: the writer of %s is %d steps behind (a slow or stuck file "
                 "system); step %lld's points and those after it are dropped until it catches up",
-                t->dir, TB_QUEUE, (long long)step);
+                t->dir, MT_TBOARD_QUEUE, (long long)step);
   else
     mt_log_warn("tensorboard: %llu more steps' points dropped (%llu in all) as of step %lld: "
                 "the writer of %s is still behind",
@@ -744,14 +785,20 @@ void mt_tboard_step(mt_tboard *t, const mt_step_stats *st) {
   struct timeval tv;
   gettimeofday(&tv, NULL);
   pthread_mutex_lock(&t->mu);
-  int full = t->n == TB_QUEUE;
-  if (!full) {
-    t->q[(t->head + t->n) % TB_QUEUE] = (tb_point){*st, (double)tv.tv_sec + tv.tv_usec / 1e6};
+  /* Once full, steps are dropped until the writer is down to half the
+   * queue: each slow spell leaves one gap, not a comb of single steps let
+   * in as single slots free, each one more gap in the curve. */
+  if (t->n == MT_TBOARD_QUEUE) t->shedding = 1;
+  if (t->shedding && t->n <= MT_TBOARD_QUEUE / 2) t->shedding = 0;
+  int drop = t->shedding;
+  if (!drop) {
+    t->q[(t->head + t->n) % MT_TBOARD_QUEUE] =
+        (tb_point){*st, (double)tv.tv_sec + tv.tv_usec / 1e6};
     t->n++;
     pthread_cond_signal(&t->more);
   }
   pthread_mutex_unlock(&t->mu);
-  if (full) {
+  if (drop) {
     __atomic_add_fetch(&t->dropped, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&dropped_total, 1, __ATOMIC_RELAXED);
     say_dropped(t, st->step);
@@ -764,6 +811,16 @@ uint64_t mt_tboard_dropped(const mt_tboard *t) {
 
 uint64_t mt_tboard_dropped_total(void) { return __atomic_load_n(&dropped_total, __ATOMIC_RELAXED); }
 
+uint64_t mt_tboard_dir_reads(void) { return __atomic_load_n(&dir_reads, __ATOMIC_RELAXED); }
+
+size_t mt_tboard_queued(mt_tboard *t) {
+  if (!t) return 0;
+  pthread_mutex_lock(&t->mu);
+  size_t n = t->n;
+  pthread_mutex_unlock(&t->mu);
+  return n;
+}
+
 void mt_tboard_free(mt_tboard *t) {
   if (!t) return;
   uint64_t dropped = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
@@ -771,15 +828,18 @@ void mt_tboard_free(mt_tboard *t) {
     mt_log_warn("tensorboard: %llu steps' points were dropped in all for %s's writer falling "
                 "behind",
                 (unsigned long long)dropped, t->dir);
-  struct timespec until;
-  clock_gettime(CLOCK_REALTIME, &until);
-  until.tv_sec += TB_FREE_WAIT_MS / 1000;
-  until.tv_nsec += (long)(TB_FREE_WAIT_MS % 1000) * 1000000;
-  if (until.tv_nsec >= 1000000000) until.tv_sec++, until.tv_nsec -= 1000000000;
+  struct timespec until = mt_mono_deadline(TB_FREE_WAIT_MS);
+  pthread_mutex_lock(&reg_mu);
+  int behind = older_live(t);
+  pthread_mutex_unlock(&reg_mu);
   pthread_mutex_lock(&t->mu);
   t->closing = 1;
   pthread_cond_signal(&t->more);
-  while (!t->exited)
+  /* a writer still waiting for an older one of its directory (whose disk
+   * hangs) cannot finish within any bound: it is left at once, not after
+   * 2 s of the loop thread's (every generation again while the disk hangs) */
+  int waits = behind && !t->started;
+  while (!t->exited && !waits)
     if (pthread_cond_timedwait(&t->done, &t->mu, &until) == ETIMEDOUT) break;
   if (!t->exited) {
     /* the disk holds the writer: it is left to finish on its own or to
@@ -789,7 +849,13 @@ void mt_tboard_free(mt_tboard *t) {
     size_t held = t->n + (size_t)t->writing;
     int64_t first = t->writing ? t->writing_step : t->n ? t->q[t->head].st.step : -1;
     char what[4096 + 300];
-    if (held)
+    if (waits)
+      snprintf(what, sizeof what,
+               "tensorboard: %s's writer waits for an older writer of the directory (a slow or "
+               "stuck file system); it goes on alone with %zu steps' points from step %lld on "
+               "not yet written, lost if the daemon exits first",
+               t->dir, held, (long long)first);
+    else if (held)
       snprintf(what, sizeof what,
                "tensorboard: %s's writer did not finish within %d ms (a slow or stuck file "
                "system); it goes on alone with %zu steps' points from step %lld on not yet "
@@ -810,4 +876,26 @@ void mt_tboard_free(mt_tboard *t) {
   pthread_mutex_unlock(&t->mu);
   pthread_join(t->thread, NULL);
   destroy(t);
+}
+
+int mt_tboard_wait_left(int timeout_ms) {
+  pthread_once(&reg_once, reg_init);
+  struct timespec until = mt_mono_deadline(timeout_ms);
+  pthread_mutex_lock(&reg_mu);
+  int n = 0;
+  for (;;) {
+    n = 0;
+    for (mt_tboard *o = reg_live; o; o = o->reg_next) n++;
+    if (!n || pthread_cond_timedwait(&reg_gone, &reg_mu, &until) == ETIMEDOUT) break;
+  }
+  if (n) { /* recount: one may have ended as the wait ran out */
+    n = 0;
+    for (mt_tboard *o = reg_live; o; o = o->reg_next) n++;
+  }
+  pthread_mutex_unlock(&reg_mu);
+  if (n)
+    mt_log_warn("tensorboard: %d writer%s still held by the file system after %d ms; the points "
+                "%s held are lost",
+                n, n == 1 ? " is" : "s are", timeout_ms, n == 1 ? "it" : "they");
+  return n;
 }

@@ -27,7 +27,10 @@
  *   MTNLG_FAULT_NOSPACE_FILE  a path part ("shard_tp01_pp001.bin"); fallocate
  *                             of a file whose path contains it fails with
  *                             ENOSPC (said on stderr as "fault_preload:
- *                             ENOSPC on PATH") */
+ *                             ENOSPC on PATH")
+ *
+ * And hold or slow write(2) to one file (MTNLG_FAULT_HOLD_WRITE_FILE,
+ * MTNLG_FAULT_WRITE_DELAY_US, with MTNLG_FAULT_HOLD_UNTIL): below. */
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
@@ -195,30 +198,50 @@ int fallocate64(int fd, int mode, off64_t off, off64_t len) {
 }
 
 /* And it can hold write(2) itself, as a hung NFS mount holds an append
- * (the writes above are pwrite's and fsync's):
+ * (the writes above are pwrite's and fsync's), or slow it down:
  *
  *   MTNLG_FAULT_HOLD_WRITE_FILE  a path part ("events.out.tfevents."); write
  *                                of a file whose path contains it waits until
- *                                MTNLG_FAULT_HOLD_UNTIL exists
+ *                                MTNLG_FAULT_HOLD_UNTIL exists (none: no hold)
+ *   MTNLG_FAULT_WRITE_DELAY_US   then each such write sleeps this long first,
+ *                                as a slow disk's (default 0)
  *
- * The first held write says "fault_preload: holding write(2) to PATH". */
+ * The first held write says "fault_preload: holding write(2) to PATH".
+ * Read once, as the library loads: write(2) is every daemon's hottest call
+ * under this library. */
 typedef ssize_t (*write_fn)(int, const void *, size_t);
 
-ssize_t write(int fd, const void *buf, size_t n) {
+static const char *write_part, *write_until;
+static long write_delay_us;
+
+__attribute__((constructor)) static void setup_write(void) {
   const char *part = getenv("MTNLG_FAULT_HOLD_WRITE_FILE"),
              *until = getenv("MTNLG_FAULT_HOLD_UNTIL");
-  if (part && *part && until && *until) {
+  const char *delay = getenv("MTNLG_FAULT_WRITE_DELAY_US");
+  write_part = part && *part ? part : NULL;
+  write_until = until && *until ? until : NULL;
+  write_delay_us = delay ? atol(delay) : 0;
+}
+
+ssize_t write(int fd, const void *buf, size_t n) {
+  if (write_part) {
     char link[64], path[4096];
     snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
     ssize_t k = readlink(link, path, sizeof path - 1);
     if (k > 0) {
       path[k] = 0;
       static int told; /* atomic */
-      if (strstr(path, part) && access(until, F_OK) != 0) {
-        if (!__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
-          fprintf(stderr, "fault_preload: holding write(2) to %s\n", path);
-        struct timespec pause = {0, 20 * 1000 * 1000};
-        while (access(until, F_OK) != 0) nanosleep(&pause, NULL);
+      if (strstr(path, write_part)) {
+        if (write_until && access(write_until, F_OK) != 0) {
+          if (!__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+            fprintf(stderr, "fault_preload: holding write(2) to %s\n", path);
+          struct timespec pause = {0, 20 * 1000 * 1000};
+          while (access(write_until, F_OK) != 0) nanosleep(&pause, NULL);
+        }
+        if (write_delay_us > 0) {
+          struct timespec d = {write_delay_us / 1000000, write_delay_us % 1000000 * 1000};
+          nanosleep(&d, NULL);
+        }
       }
     }
   }

@@ -14,11 +14,24 @@
  *   - a second writer for the same directory gets steps 5 to 7 of a run
  *     rolled back to step 4 (losses of its own), and must open nothing
  *     while the first one is held.
+ *   - mt_tboard_wait_left(200) finds the left writer still live;
+ *   - a second writer for the same directory gets steps 5 to 7 of a run
+ *     rolled back to step 4 (losses of its own), and must open nothing
+ *     while the first one is held, and its free must leave it at once.
  * Then RELEASE is made: the left writer writes what it holds and ends, and
- * only then does the second one read the directory for its rollback and
- * write; its free is timed too.
+ * only then does the left second one read the directory for its rollback
+ * and write (its file appears, waited for up to 30 s); then
+ * mt_tboard_wait_left(30000) finds both ended.
  * Prints key=value lines: steps, dropped, dropped_total, max_step_us,
- * all_steps_ms, free_ms, files_while_held, free2_ms, files_after.
+ * all_steps_ms, free_ms, left_held, files_while_held, free2_ms,
+ * second_wrote_ms, left_end, files_after.
+ *
+ * usage: tboard_stuck slow DIR
+ * The writer's disk is slow, not stuck (fault_preload's write delay on the
+ * file for 4000000001): MT_TBOARD_QUEUE steps are queued at once, 3000
+ * more at about one every 100 us, faster than the writer writes, then,
+ * once the writer is down to half the queue, 10 more; freed, then
+ * mt_tboard_wait_left(30000). Prints steps, dropped, dir_reads, left.
  * Exits 1 on a failure of its own (a file); the checks are the Python
  * side's. SIGALRM ends it after 60 s, should a step or a free hang.
  */
@@ -56,12 +69,43 @@ static int events_files(const char *dir) {
   return n;
 }
 
+/* A slow disk: the queue stays full while the writer frees a slot at a
+ * time; the steps it lets in are the test's (test_tboard.py). */
+static int slow(const char *dir) {
+  mt_tboard *t = mt_tboard_new(dir);
+  if (!t) return 1;
+  uint64_t reads0 = mt_tboard_dir_reads();
+  int64_t k = 1;
+  while (!mt_tboard_dropped(t) && k < 100000) {
+    mt_step_stats st = stats(k++, 10.0);
+    mt_tboard_step(t, &st);
+  }
+  for (int i = 0; i < 3000; i++) {
+    mt_step_stats st = stats(k++, 10.0);
+    mt_tboard_step(t, &st);
+    usleep(100);
+  }
+  int64_t until = mt_mono_ms() + 20000;
+  while (mt_tboard_queued(t) > MT_TBOARD_QUEUE / 2 && mt_mono_ms() < until) usleep(10 * 1000);
+  for (int i = 0; i < 10; i++) {
+    mt_step_stats st = stats(k++, 10.0);
+    mt_tboard_step(t, &st);
+  }
+  uint64_t dropped = mt_tboard_dropped(t);
+  mt_tboard_free(t);
+  int left = mt_tboard_wait_left(30000);
+  printf("steps=%lld\ndropped=%llu\ndir_reads=%llu\nleft=%d\n", (long long)(k - 1),
+         (unsigned long long)dropped, (unsigned long long)(mt_tboard_dir_reads() - reads0), left);
+  return 0;
+}
+
 int main(int argc, char **argv) {
+  alarm(60);
+  if (argc == 3 && !strcmp(argv[1], "slow")) return slow(argv[2]);
   if (argc != 3) {
-    fprintf(stderr, "usage: tboard_stuck DIR RELEASE\n");
+    fprintf(stderr, "usage: tboard_stuck DIR RELEASE | tboard_stuck slow DIR\n");
     return 2;
   }
-  alarm(60);
   const char *dir = argv[1], *release = argv[2];
 
   mt_tboard *t = mt_tboard_new(dir);
@@ -79,6 +123,7 @@ int main(int argc, char **argv) {
   int64_t f0 = mt_mono_ns();
   mt_tboard_free(t); /* the writer is still held: left to go on alone */
   int64_t free_ns = mt_mono_ns() - f0;
+  int left_held = mt_tboard_wait_left(200);
 
   /* a new generation's writer for the directory, resumed from step 4's
    * checkpoint, while the old one is held */
@@ -91,20 +136,27 @@ int main(int argc, char **argv) {
   usleep(300 * 1000);
   int files_while_held = events_files(dir);
 
+  int64_t f2 = mt_mono_ns();
+  mt_tboard_free(t2); /* still behind the old writer: left at once */
+  int64_t free2_ns = mt_mono_ns() - f2;
   int fd = open(release, O_WRONLY | O_CREAT | O_EXCL, 0644);
   if (fd < 0) {
     perror(release);
     return 1;
   }
   close(fd);
-  int64_t f2 = mt_mono_ns();
-  mt_tboard_free(t2); /* the old writer ends, then this one writes all */
-  int64_t free2_ns = mt_mono_ns() - f2;
+  /* the old writer ends, then the second one opens its file and writes */
+  int64_t w0 = mt_mono_ms();
+  while (events_files(dir) < 3 && mt_mono_ms() - w0 < 30000) usleep(10 * 1000);
+  int64_t second_wrote_ms = mt_mono_ms() - w0;
+  int left_end = mt_tboard_wait_left(30000);
 
   printf("steps=%lld\ndropped=%llu\ndropped_total=%llu\nmax_step_us=%.1f\nall_steps_ms=%.1f\n"
-         "free_ms=%.1f\nfiles_while_held=%d\nfree2_ms=%.1f\nfiles_after=%d\n",
+         "free_ms=%.1f\nleft_held=%d\nfiles_while_held=%d\nfree2_ms=%.1f\nsecond_wrote_ms=%lld\n"
+         "left_end=%d\nfiles_after=%d\n",
          (long long)steps, (unsigned long long)dropped,
          (unsigned long long)mt_tboard_dropped_total(), max_ns / 1e3, all_ns / 1e6, free_ns / 1e6,
-         files_while_held, free2_ns / 1e6, events_files(dir));
+         left_held, files_while_held, free2_ns / 1e6, (long long)second_wrote_ms, left_end,
+         events_files(dir));
   return 0;
 }
