@@ -110,6 +110,15 @@ static void on_step(const mt_step_stats *st, void *arg) {
   mt_tboard_step(p->tboard, st);
 }
 
+/* At the exit, TensorBoard writers mt_tboard_free left (their disk slow
+ * at the run's end) get TB_EXIT_WAIT_MS to write their last points: no
+ * heartbeat waits now, and a healthy but large network directory can
+ * take longer than the 2 s a generation's end gives them. Whether one is
+ * still left, inside a write or stdio: the exit must then not unwind
+ * under it. */
+#define TB_EXIT_WAIT_MS 30000
+static int tboard_left(void) { return mt_tboard_wait_left(TB_EXIT_WAIT_MS) > 0; }
+
 /* The node daemon: the config, then node.c's loop. */
 static int run_node(const char *config_path, const char *const *overrides,
                     const char *const *job_sets) {
@@ -128,7 +137,9 @@ static int run_node(const char *config_path, const char *const *overrides,
                      .config_path = config_path,
                      .abandoned = &abandoned};
   int code = mt_node_main(&no);
-  if (abandoned) { /* device threads are still blocked in a collective: do not unwind under them */
+  if (tboard_left()) abandoned = 1;
+  if (abandoned) { /* device threads blocked in a collective, or a TensorBoard writer still held by
+                      its disk: do not unwind under them */
     fflush(stdout);
     fflush(stderr);
     _exit(code);
@@ -485,7 +496,15 @@ int main(int argc, char **argv) {
   int code = parse_args(argc, argv, &o);
   if (code >= 0) return code;
   raise_fd_limit();
-  if (o.job_path) return run_standalone(&o);
+  if (o.job_path) {
+    code = run_standalone(&o);
+    if (tboard_left()) { /* a writer is still held: do not unwind under it */
+      fflush(stdout);
+      fflush(stderr);
+      _exit(code);
+    }
+    return code;
+  }
   if (!o.config_path) {
     fprintf(stderr, "mtnlgd: give --config FILE (the node daemon) or --standalone JOB.json\n");
     usage(stderr);
