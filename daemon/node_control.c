@@ -328,8 +328,9 @@ static json_t *build_status(node *n) {
   pthread_mutex_unlock(&n->mu);
   json_object_set_new(s, "store", store_status(n));
   /* world rank 0's TensorBoard writer fell behind (a slow or hung disk):
-   * every writer this daemon ran, as its step thread dropped them */
-  json_object_set_new(s, "tensorboard_dropped_points",
+   * the steps every writer this daemon ran dropped, as its step thread
+   * dropped them */
+  json_object_set_new(s, "tensorboard_dropped_steps",
                       json_integer((json_int_t)mt_tboard_dropped_total()));
   return s;
 }

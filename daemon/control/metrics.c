@@ -251,10 +251,11 @@ static void render_cluster(sbuf *b, json_t *st) {
        {"mtnlg_exit_step", "gauge", "The step after which train.exit_interval stops the run.", 0}},
       {"operations_pending",
        {"mtnlg_operations_pending", "gauge", "Operations queued or running.", 0}},
-      {"tensorboard_dropped_points",
-       {"mtnlg_tensorboard_dropped_points_total", "counter",
+      {"tensorboard_dropped_steps",
+       {"mtnlg_tensorboard_dropped_steps_total", "counter",
         "Steps whose TensorBoard points this daemon dropped since it started: its writer was "
-        "4096 steps behind (a slow or hung file system under train.tensorboard_dir).",
+        "4096 steps behind (a slow or hung file system under train.tensorboard_dir), and until "
+        "it was down to half of that. Not counted: what a writer held at the exit.",
         0}},
   };
   sample_fields(b, f, sizeof f / sizeof f[0], st);

@@ -84,7 +84,7 @@ static json_t *fake_status(void *arg) {
   if (s) json_object_set_new(s, "exit_at", json_real(1700003600.0));
   if (s) json_object_set_new(s, "exit_step", json_integer(5000));
   if (s) json_object_set_new(s, "test_loss", json_real(3.5)); /* a completed run's test pass */
-  if (s) json_object_set_new(s, "tensorboard_dropped_points", json_integer(7));
+  if (s) json_object_set_new(s, "tensorboard_dropped_steps", json_integer(7));
   if (s) json_object_set_new(s, "heartbeat_interval_ms", json_integer(1000));
   if (s) json_object_set_new(s, "heartbeat_timeout_ms", json_integer(6000));
   if (s)
@@ -1086,8 +1086,8 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_http_requests_total{code=\"200\"} ",
       "mtnlg_http_requests_total{code=\"404\"} ",
       "mtnlg_http_requests_total{code=\"413\"} 2\n",
-      "# TYPE mtnlg_tensorboard_dropped_points_total counter\n",
-      "mtnlg_tensorboard_dropped_points_total 7\n",
+      "# TYPE mtnlg_tensorboard_dropped_steps_total counter\n",
+      "mtnlg_tensorboard_dropped_steps_total 7\n",
   };
   for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
     CHECK(strstr(r.body, want[i]), "metrics lack %s", want[i]);
