@@ -641,6 +641,13 @@ static void reg_remove(mt_tboard *t) {
   pthread_mutex_unlock(&reg_mu);
 }
 
+/* Whether an older writer of t's directory is still live (under reg_mu). */
+static int older_live(const mt_tboard *t) {
+  const mt_tboard *o = reg_live;
+  while (o && !(o->seq < t->seq && !strcmp(o->dir, t->dir))) o = o->reg_next;
+  return o != NULL;
+}
+
 /* Waits until no older writer of t's directory is left: one a generation
  * ended while its disk hung, still draining on its own. Its queued points
  * land in its file, which sorts before t's; were t to read the directory
@@ -648,12 +655,6 @@ static void reg_remove(mt_tboard *t) {
  * would show both runs' points at those steps. t's own points queue (and,
  * past MT_TBOARD_QUEUE, drop) meanwhile. Only this process's writers are
  * known: one left on another node (world rank 0 moved) is not waited for. */
-static int older_live(const mt_tboard *t) { /* under reg_mu */
-  const mt_tboard *o = reg_live;
-  while (o && !(o->seq < t->seq && !strcmp(o->dir, t->dir))) o = o->reg_next;
-  return o != NULL;
-}
-
 static void reg_wait_older(mt_tboard *t) {
   pthread_mutex_lock(&reg_mu);
   while (older_live(t)) pthread_cond_wait(&reg_gone, &reg_mu);
