@@ -95,6 +95,19 @@ def first_difference(got, want):
     return None
 
 
+def preload_list(exe, preload):
+    """LD_PRELOAD for exe under fault_preload: in an ASan build (tools/test's
+    build-asan) exe links libasan, whose runtime must come first in the
+    library list or it refuses to start, so it goes ahead of the preload."""
+    try:
+        ldd = subprocess.run(["ldd", exe], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        ldd = ""
+    asan = [f.split("=>")[1].split()[0] for f in ldd.splitlines()
+            if "libasan.so" in f and "=>" in f]
+    return ":".join(asan[:1] + [preload])
+
+
 def main():
     failures = 0
 
@@ -107,7 +120,7 @@ def main():
         d = os.path.join(tmp, "tb")
         os.makedirs(d)
         open(os.path.join(d, "events.out.tfevents.4000000000.planted.0.0"), "wb").close()
-        env = dict(os.environ, LD_PRELOAD=sys.argv[2],
+        env = dict(os.environ, LD_PRELOAD=preload_list(sys.argv[1], sys.argv[2]),
                    MTNLG_FAULT_HOLD_WRITE_FILE="tfevents.4000000001.",
                    MTNLG_FAULT_HOLD_UNTIL=os.path.join(tmp, "release"))
         p = subprocess.run([sys.argv[1], d, os.path.join(tmp, "release")], capture_output=True,
@@ -204,7 +217,8 @@ def slow_disk(stuck, preload, d, check):
     directory once, for its first step, not again past each gap."""
     os.makedirs(d)
     open(os.path.join(d, "events.out.tfevents.4000000000.planted.0.0"), "wb").close()
-    env = dict(os.environ, LD_PRELOAD=preload, MTNLG_FAULT_HOLD_WRITE_FILE="tfevents.4000000001.",
+    env = dict(os.environ, LD_PRELOAD=preload_list(stuck, preload),
+               MTNLG_FAULT_HOLD_WRITE_FILE="tfevents.4000000001.",
                MTNLG_FAULT_WRITE_DELAY_US="100")
     env.pop("MTNLG_FAULT_HOLD_UNTIL", None)
     p = subprocess.run([stuck, "slow", d], capture_output=True, text=True, timeout=90, env=env)
