@@ -416,7 +416,14 @@ static void attn_step(void *arg) {
                          a->B, a->T, a->C, a->NH, NULL, NULL);
 }
 
-static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {
+static void attn_fwd_step(void *arg) {
+  attn_run *a = arg;
+  dev.ops->attention_fwd(&dev, a->out, a->lse, a->scratch, a->in, a->qt, a->B, a->T, a->C, a->NH,
+                         NULL, NULL);
+}
+
+/* fwd_ms: the forward alone, timed apart (NULL: not timed) */
+static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
@@ -430,6 +437,7 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt) {
   }
   attn_run a = {B, T, C, NH, qt, out, in, dqkv, lse, scratch, dout};
   double ms = time_ms(attn_step, &a, "attention");
+  if (fwd_ms) *fwd_ms = time_ms(attn_fwd_step, &a, "attention forward");
   void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
   free_all(bufs, sizeof bufs / sizeof *bufs);
   dev.matmul = MT_MATMUL_FP32;
@@ -444,13 +452,16 @@ static double attention_flops(int B, int T, int C) { return 3.0 * 2.0 * B * (dou
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
   int T = 2048, C = 2048, NH = 16;
-  double chunked = attention_ms(B, T, C, NH, MT_F32), flash = attention_ms(B, T, C, NH, MT_BF16);
+  double fwd = 0.0, chunked = attention_ms(B, T, C, NH, MT_F32, NULL);
+  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd);
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
-         "ms (%.1f TFLOP/s), %.2fx\n",
-         B, T, chunked, flash, tflops, chunked / flash);
+         "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
+         B, T, chunked, flash, tflops, fwd, attention_flops(B, T, C) / 3.0 / (fwd * 1e-3) / 1e12,
+         chunked / flash);
   printf("RESULT attention_chunked_ms %.3f\n", chunked);
   printf("RESULT attention_flash_ms %.3f\n", flash);
+  printf("RESULT attention_flash_fwd_ms %.3f\n", fwd);
   printf("RESULT attention_flash_tflops %.2f\n", tflops);
   fflush(stdout);
 }
@@ -461,10 +472,10 @@ static void bench_attention(int B) {
  * in the same run: the head width's cost per FLOP. */
 static void bench_flash_widths(void) {
   int T = 2048, NH = 16;
-  double w160 =
-      attention_flops(1, T, NH * 160) / (attention_ms(1, T, NH * 160, NH, MT_BF16) * 1e-3) / 1e12;
-  double w128 =
-      attention_flops(1, T, NH * 128) / (attention_ms(1, T, NH * 128, NH, MT_BF16) * 1e-3) / 1e12;
+  double w160 = attention_flops(1, T, NH * 160) /
+                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL) * 1e-3) / 1e12;
+  double w128 = attention_flops(1, T, NH * 128) /
+                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL) * 1e-3) / 1e12;
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);

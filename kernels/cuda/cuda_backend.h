@@ -52,6 +52,12 @@ int mt__cuda_sync(mt_device *d);
  * emulator. (flash_cuda.cu) */
 int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]);
 
+/* Loads a known 16 × 16 fp32 accumulator on d's GPU and counts into
+ * *misplaced its elements that are not where the flash kernels' row work
+ * assumes (mma.m16n8k16's layout, flash_cuda.cu's acc_row and acc_col):
+ * 0 on sm_80 and later, and on the emulator. (flash_cuda.cu) */
+int mt__cuda_acc_layout_check(mt_device *d, int *misplaced);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,16 +16,25 @@
  * registers (bf16, sm_80/sm_90; 254/254 before them) and 244/244 (fp16;
  * 244/242 before), no spill stores or loads (the bf16 build's 16-byte
  * stack frame was there before them too); <·,256,2> spills 356-576 bytes.
- * Row work on a
- * warp's 16 × R scores goes through shared memory, a lane pair per row.
  *
- * Forward (k_flash_fwd): two sweeps over the key tiles up to the diagonal:
- * the first finds each row's max and sum (online), so lse; the second
- * forms P = exp(s - lse) exactly normalised, drops it out, rounds it to the
- * 16-bit type and accumulates P·V in fragments. The extra Q·Kᵀ costs a
- * third more forward matmuls but needs no rescaling of the output rows,
- * whose fragment layout is the hardware's own; and the backward recomputes
- * the same P from lse.
+ * Row work happens in registers, on the score fragments themselves: an
+ * sm_80+ GPU places a 16 × 16 fp32 accumulator's elements as mma.m16n8k16
+ * does (acc_row, acc_col below), so a lane holds two rows' elements and the
+ * four lanes of a quad share those rows (a row's max and sum: two
+ * shuffles). The emulator places them so too, and mt__cuda_acc_layout_check
+ * proves it of the GPU a run is on (tests/gpu/test_cuda_ops). The 16-bit
+ * operands of the second products (P, dS) go through shared memory, a
+ * warp's 16 rows, since an operand fragment's layout is not the
+ * accumulator's. A warp's scores against 16·NB keys (or queries) come
+ * from one pass over the head's width, loading its own operand once per
+ * 16 columns for all NB blocks.
+ *
+ * Forward (k_flash_fwd): one sweep over the key tiles up to the diagonal,
+ * FlashAttention-2's online softmax: a row's running max m and sum l of
+ * exp(s - m), the output fragments rescaled by exp(m_old - m_new) as m
+ * grows, P = exp(s - m) dropped out, rounded to the 16-bit type and
+ * accumulated as P·V; at the end O = acc / l and lse = m + log l, from
+ * which the backward recomputes the normalised P.
  *
  * Backward, deterministic (no atomics): k_flash_dot writes FlashAttention's
  * D = rowsum(dout ∘ out) per row; k_flash_bwd_kv, per key tile, sweeps the
@@ -59,6 +68,14 @@ extern "C" {
 using namespace nvcuda;
 
 #define FULL_MASK 0xffffffffu
+/* the small loops over fragments and their elements unrolled, so that
+ * fragment arrays stay in registers (an index known only at run time puts
+ * an array in local memory) */
+#ifdef MT_CUDA_EMU
+#define UNROLL
+#else
+#define UNROLL _Pragma("unroll")
+#endif
 
 template <int FP16> struct elem { typedef __nv_bfloat16 t; };
 template <> struct elem<1> { typedef __half t; };
@@ -68,23 +85,19 @@ template <> struct elem<1> { typedef __half t; };
  * 16-bit elements, 4 floats), which also staggers the banks of a warp's
  * row loops. */
 #define LDE(D) ((D) + 8)      /* 16-bit Q/K/V/dO tiles, R rows */
-#define LDS(W) (16 * (W) + 4) /* fp32 scores of a warp, 16 rows */
 #define LDP(W) (16 * (W) + 8) /* 16-bit probabilities (or dS) of a warp, 16 rows */
 #define LDO(D) ((D) + 4)      /* fp32 output staging of a warp, 16 rows */
-#define LDC 20                /* fp32 16 × 16 block of a warp's scores (the backward) */
 static size_t tile_bytes(int D, int W) { return (size_t)16 * W * LDE(D) * 2; }
-static size_t scores_bytes(int W) { return (size_t)W * 16 * LDS(W) * 4; }
 static size_t probs_bytes(int W) { return (size_t)W * 16 * LDP(W) * 2; }
-static size_t fwd_smem(int D, int W) {
-  return 3 * tile_bytes(D, W) + scores_bytes(W) + probs_bytes(W);
-}
-/* The backward holds a warp's scores and dP a 16 × 16 block at a time
- * (fp32), and its two 16-bit products' operands whole: at head size 160
- * 115,200 bytes, under half an H100/H200 SM's 233,472 less 1 KB a block,
- * so two blocks share an SM (with whole fp32 rows it took 130,560: one). */
+/* Q, K and V tiles and the warps' P (the output's fp32 staging, W·16 ×
+ * LDO(D), fits in the three tiles at every D and W here) */
+static size_t fwd_smem(int D, int W) { return 3 * tile_bytes(D, W) + probs_bytes(W); }
+/* K, V, Q and dO tiles, the warps' two 16-bit operands, and the query
+ * tile's lse, D and document starts: at head size 160 105,216 bytes,
+ * under half an H100/H200 SM's 233,472 less 1 KB a block, so two blocks
+ * share an SM. */
 static size_t bwd_smem(int D, int W) {
-  return 4 * tile_bytes(D, W) + 2 * (size_t)W * 16 * LDC * 4 + 2 * probs_bytes(W) +
-         2 * (size_t)16 * W * 4;
+  return 4 * tile_bytes(D, W) + 2 * probs_bytes(W) + 3 * (size_t)16 * W * 4;
 }
 
 /* 16 bytes from src (NULL: zeros) to dst, both 16-byte aligned: one vector
@@ -146,39 +159,60 @@ static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int
   }
 }
 
-/* S(16 × 16, ld lds) = A(16 × D) · Bᵀ, A a warp's 16 rows of a tile and
- * B 16 rows of a tile, both ld LDE(D): one block of scores. */
-template <int FP16, int D>
-static __device__ void warp_score_block(float *S, int lds, const uint16_t *A, const uint16_t *B) {
-  typedef typename elem<FP16>::t E;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
-  for (int kk = 0; kk < D / 16; kk++) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
-    wmma::load_matrix_sync(a, (const E *)(A + 16 * kk), LDE(D));
-    wmma::load_matrix_sync(b, (const E *)(B + 16 * kk), LDE(D));
-    wmma::mma_sync(acc, a, b, acc);
-  }
-  wmma::store_matrix_sync(S, acc, lds, wmma::mem_row_major);
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_frag;
+
+/* Element i (0..7) of a lane's 16 × 16 fp32 accumulator: row lane/4, + 8
+ * for elements 2, 3, 6 and 7; column 2·(lane%4) + i%2, + 8 for elements
+ * 4..7 (on sm_80 and later wmma's m16n16k16 accumulator is two of the PTX
+ * ISA's mma.m16n8k16 "C" fragments, columns 0-7 then 8-15). */
+static __device__ __forceinline__ int acc_row(int lane, int i) {
+  return (lane >> 2) + 8 * ((i >> 1) & 1);
+}
+static __device__ __forceinline__ int acc_col(int lane, int i) {
+  return 2 * (lane & 3) + (i & 1) + 8 * (i >> 2);
 }
 
-/* S(16 × R, ld LDS) = A(16 × D) · Bᵀ, B a whole tile (R rows): the scores
- * of a warp's rows against the other side's tile, a block at a time. */
-template <int FP16, int D, int W>
-static __device__ void warp_scores(float *S, const uint16_t *A, const uint16_t *B) {
-  for (int c = 0; c < W; c++) /* R / 16 = W column blocks */
-    warp_score_block<FP16, D>(S + 16 * c, LDS(W), A, B + 16 * c * LDE(D));
+/* The two rows a lane holds (0: acc_row's lane/4, 1: 8 below) reduced over
+ * the quad that shares them */
+static __device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, 1));
+  return fmaxf(v, __shfl_xor_sync(FULL_MASK, v, 2));
+}
+static __device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(FULL_MASK, v, 1);
+  return v + __shfl_xor_sync(FULL_MASK, v, 2);
+}
+
+/* S[c] (c < NB, 16 × 16 each) = A(16 × D) · B_cᵀ, A a warp's 16 rows of a
+ * tile, B_c the 16 rows from B + 16·c·LDE(D), both ld LDE(D): A's fragment
+ * loaded once per 16 columns of the head for all NB blocks. */
+template <int FP16, int D, int NB>
+static __device__ void warp_scores(acc_frag *S, const uint16_t *A, const uint16_t *B) {
+  typedef typename elem<FP16>::t E;
+  UNROLL
+  for (int c = 0; c < NB; c++) wmma::fill_fragment(S[c], 0.0f);
+  UNROLL
+  for (int kk = 0; kk < D / 16; kk++) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
+    wmma::load_matrix_sync(a, (const E *)(A + 16 * kk), LDE(D));
+    UNROLL
+    for (int c = 0; c < NB; c++) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
+      wmma::load_matrix_sync(b, (const E *)(B + 16 * c * LDE(D) + 16 * kk), LDE(D));
+      wmma::mma_sync(S[c], a, b, S[c]);
+    }
+  }
 }
 
 /* acc[n] (16 × D in D/16 fragments) += P(16 × R, ld LDP(W), 16-bit) · B(R × D) */
 template <int FP16, int D, int W>
-static __device__ void warp_accumulate(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
-                                       const uint16_t *P, const uint16_t *B) {
+static __device__ void warp_accumulate(acc_frag *acc, const uint16_t *P, const uint16_t *B) {
   typedef typename elem<FP16>::t E;
+  UNROLL
   for (int kk = 0; kk < W; kk++) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
     wmma::load_matrix_sync(a, (const E *)(P + 16 * kk), LDP(W));
+    UNROLL
     for (int n = 0; n < D / 16; n++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> b;
       wmma::load_matrix_sync(b, (const E *)(B + 16 * kk * LDE(D) + 16 * n), LDE(D));
@@ -201,10 +235,10 @@ static __device__ __forceinline__ void put_out(uint16_t *o, float v, int, int fp
  * ld; floats, or 16-bit values of FP16's type, written) through the staging
  * st (16 × LDO(D) floats). */
 template <int D, int ADD, int FP16 = 0, class O = float>
-static __device__ void warp_rows_out(O *dst, size_t ld, float *st,
-                                     wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
-                                     int row0, int T, int HS) {
+static __device__ void warp_rows_out(O *dst, size_t ld, float *st, acc_frag *acc, int row0, int T,
+                                     int HS) {
   int lane = threadIdx.x % 32;
+  UNROLL
   for (int n = 0; n < D / 16; n++)
     wmma::store_matrix_sync(st + 16 * n, acc[n], LDO(D), wmma::mem_row_major);
   __syncwarp();
@@ -248,75 +282,96 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
   uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + R * LDE(D), *Vs = Ks + R * LDE(D);
-  float *Ss = (float *)(Vs + R * LDE(D));
-  uint16_t *Ps = (uint16_t *)(Ss + W * 16 * LDS(W));
+  uint16_t *Ps = Vs + R * LDE(D);
   int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, HS = C / NH;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * R;
   size_t ld = 3 * (size_t)C;
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
-  float *Sw = Ss + warp * 16 * LDS(W);
   uint16_t *Pw = Ps + warp * 16 * LDP(W);
-  /* the lane pair of row rr: query tq, the lanes on even and odd columns
-   * (sweep 2: on alternate runs of 4 columns) */
-  int rr = lane >> 1, j0 = lane & 1, tq = q0 + 16 * warp + rr;
-  const float *srow = Sw + rr * LDS(W);
   uint64_t sample = sample0 + (uint64_t)b;
-  /* the row's first key (its document's start) and the first key tile any
-   * row of the tile sees */
+  /* the lane's two rows (acc_row): queries tq, their first keys (their
+   * documents' starts) ts; the first key tile any row of the tile sees */
   const int32_t *ds = docs ? docs + (size_t)b * T : NULL;
-  int ts = ds && tq < T ? ds[tq] : 0, kt0 = ds ? ds[q0] / R : 0;
+  int tq[2], ts[2], kt0 = ds ? ds[q0] / R : 0;
+  UNROLL
+  for (int r = 0; r < 2; r++) {
+    tq[r] = q0 + 16 * warp + (lane >> 2) + 8 * r;
+    ts[r] = ds && tq[r] < T ? ds[tq[r]] : 0;
+  }
 
   load_tile<D>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
   const uint16_t *Qw = Qs + 16 * warp * LDE(D);
 
-  /* sweep 1: the row's max m and sum l of exp(s - m), online */
-  float m = -FLT_MAX, l = 0.0f;
-  for (int kt = kt0; kt <= qt; kt++) {
-    __syncthreads(); /* Ks free */
-    load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
-    __syncthreads();
-    warp_scores<FP16, D, W>(Sw, Qw, Ks);
-    __syncwarp();
-    float tm = -FLT_MAX;
-    for (int j = j0; j < R; j += 2)
-      if (kt * R + j <= tq && kt * R + j >= ts) tm = fmaxf(tm, srow[j] * scale);
-    tm = fmaxf(tm, __shfl_xor_sync(FULL_MASK, tm, 1));
-    float mn = fmaxf(m, tm), s = 0.0f;
-    for (int j = j0; j < R; j += 2)
-      if (kt * R + j <= tq && kt * R + j >= ts) s += expf(srow[j] * scale - mn);
-    s += __shfl_xor_sync(FULL_MASK, s, 1);
-    l = l * expf(m - mn) + s;
-    m = mn;
-    __syncwarp(); /* every lane has read Sw */
-  }
-  float lse_r = m + logf(l);
-  if (!(lane & 1) && tq < T) lse[((size_t)b * NH + h) * T + tq] = lse_r;
-
-  /* sweep 2: O = Σ drop(exp(s - lse)) · V */
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+  float m[2] = {-FLT_MAX, -FLT_MAX}, l[2] = {0.0f, 0.0f};
+  acc_frag o[D / 16];
+  UNROLL
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.0f);
   for (int kt = kt0; kt <= qt; kt++) {
-    __syncthreads();
+    __syncthreads(); /* Ks, Vs free */
     load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
     load_tile<D>(Vs, head + 2 * C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
     __syncthreads();
-    warp_scores<FP16, D, W>(Sw, Qw, Ks);
-    __syncwarp();
-    /* the lane pair takes runs of 4 keys in turn: one Philox block a run */
-    for (int j4 = 4 * j0; j4 < R; j4 += 8) {
-      float keep[4];
-      drop_scale4(keep, p, key, sample, head0 + h, T, tq, kt * R + j4);
-      for (int u = 0; u < 4; u++) {
-        int j = j4 + u;
-        int in = kt * R + j <= tq && kt * R + j >= ts;
-        float pv = in ? expf(srow[j] * scale - lse_r) * keep[u] : 0.0f;
-        Pw[rr * LDP(W) + j] = mt_half_pack(pv, FP16);
+    acc_frag sc[W];
+    warp_scores<FP16, D, W>(sc, Qw, Ks);
+    /* the scaled scores of the keys a row sees (the rest: -FLT_MAX) and
+     * each row's max over the tile */
+    float tm[2] = {-FLT_MAX, -FLT_MAX};
+    UNROLL
+    for (int c = 0; c < W; c++) UNROLL
+    for (int i = 0; i < 8; i++) {
+      int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
+      float v = tk <= tq[r] && tk >= ts[r] ? sc[c].x[i] * scale : -FLT_MAX;
+      sc[c].x[i] = v;
+      tm[r] = fmaxf(tm[r], v);
+    }
+    float mn[2], alpha[2], rs[2] = {0.0f, 0.0f};
+    UNROLL
+    for (int r = 0; r < 2; r++) {
+      mn[r] = fmaxf(m[r], quad_max(tm[r]));
+      alpha[r] = expf(m[r] - mn[r]); /* 1 while the row has seen no key */
+    }
+    /* P = exp(s - m): summed undropped into l, written dropped and
+     * rounded for P·V; a lane's elements 2r + e of column half hh are keys
+     * col0 + e of one run of 4 (one Philox block of the row, as the
+     * backward draws them) */
+    UNROLL
+    for (int c = 0; c < W; c++) UNROLL
+    for (int hh = 0; hh < 2; hh++) {
+      int col0 = 16 * c + 8 * hh + 2 * (lane & 3), tk0 = kt * R + col0;
+      UNROLL
+      for (int r = 0; r < 2; r++) {
+        float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        if (p > 0.0f) drop_scale4(keep, p, key, sample, head0 + h, T, tq[r], tk0 & ~3);
+        UNROLL
+        for (int e = 0; e < 2; e++) {
+          float v = sc[c].x[4 * hh + 2 * r + e];
+          float pv = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
+          rs[r] += pv;
+          Pw[((lane >> 2) + 8 * r) * LDP(W) + col0 + e] =
+              mt_half_pack(pv * (tk0 & 2 ? keep[2 + e] : keep[e]), FP16);
+        }
       }
     }
-    __syncwarp();
+    UNROLL
+    for (int r = 0; r < 2; r++) {
+      l[r] = l[r] * alpha[r] + quad_sum(rs[r]);
+      m[r] = mn[r];
+    }
+    UNROLL
+    for (int n = 0; n < D / 16; n++) UNROLL
+    for (int i = 0; i < 8; i++) o[n].x[i] *= alpha[(i >> 1) & 1];
+    __syncwarp(); /* Pw written */
     warp_accumulate<FP16, D, W>(o, Pw, Vs);
   }
-  __syncthreads(); /* Qs and Ks become the output's staging */
+  /* every row sees its own key, so l > 0 */
+  UNROLL
+  for (int r = 0; r < 2; r++)
+    if (!(lane & 3) && tq[r] < T) lse[((size_t)b * NH + h) * T + tq[r]] = m[r] + logf(l[r]);
+  float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+  UNROLL
+  for (int n = 0; n < D / 16; n++) UNROLL
+  for (int i = 0; i < 8; i++) o[n].x[i] *= inv[(i >> 1) & 1];
+  __syncthreads(); /* the tiles become the output's staging */
   warp_rows_out<D, 0, FP16>(out + (size_t)b * T * C + (size_t)h * HS, C,
                             (float *)smem + warp * 16 * LDO(D), o, q0 + 16 * warp, T, HS);
 }
@@ -338,12 +393,13 @@ static __global__ void k_flash_dot(float *dv, const float *dout, const uint16_t 
   }
 }
 
-/* The backward's shared memory: K, V, Q and dO tiles, a warp's 16 × 16
- * block of scores and of dP (fp32), its 16-bit products' operands (P
- * dropped and dS: dK/dV; dS: dQ), lse and D of the query tile. */
+/* The backward's shared memory: K, V, Q and dO tiles, a warp's 16-bit
+ * products' operands (P dropped and dS: dK/dV; dS: dQ), and the query
+ * tile's lse, D and document starts. */
 struct bwd_smem_of {
   uint16_t *Ks, *Vs, *Qs, *dOs, *Pw, *dSw;
-  float *Sc, *dPc, *lse_s, *D_s;
+  float *lse_s, *D_s;
+  int32_t *ts_s;
 };
 template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *smem, int warp) {
   const int R = 16 * W;
@@ -352,29 +408,28 @@ template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *
   s.Vs = s.Ks + R * LDE(D);
   s.Qs = s.Vs + R * LDE(D);
   s.dOs = s.Qs + R * LDE(D);
-  float *Ss = (float *)(s.dOs + R * LDE(D)), *dPs = Ss + W * 16 * LDC;
-  uint16_t *Ps = (uint16_t *)(dPs + W * 16 * LDC), *dSs = Ps + W * 16 * LDP(W);
-  s.Sc = Ss + warp * 16 * LDC;
-  s.dPc = dPs + warp * 16 * LDC;
+  uint16_t *Ps = s.dOs + R * LDE(D), *dSs = Ps + W * 16 * LDP(W);
   s.Pw = Ps + warp * 16 * LDP(W);
   s.dSw = dSs + warp * 16 * LDP(W);
   s.lse_s = (float *)(dSs + W * 16 * LDP(W));
   s.D_s = s.lse_s + R;
+  s.ts_s = (int32_t *)(s.D_s + R);
   return s;
 }
 
-/* The query tile q0.. of head h into Qs, dOs (rounded), lse_s and D_s
- * (rows past T: zero). */
+/* The query tile q0.. of head h into Qs, dOs (rounded), lse_s, D_s and
+ * ts_s (the rows' first keys; rows past T: zero). */
 template <int FP16, int D, int W>
 static __device__ void load_query_tile(const bwd_smem_of &s, const uint16_t *head, size_t ld,
                                        const float *g, int C, const float *lse_h, const float *dv_h,
-                                       int q0, int T, int HS) {
+                                       const int32_t *ds, int q0, int T, int HS) {
   const int R = 16 * W;
   load_tile<D>(s.Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
   load_tile_f32<D, FP16>(s.dOs, g + (size_t)q0 * C, R, T - q0, HS, C);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     s.lse_s[r] = q0 + r < T ? lse_h[q0 + r] : 0.0f;
     s.D_s[r] = q0 + r < T ? dv_h[q0 + r] : 0.0f;
+    s.ts_s[r] = ds && q0 + r < T ? ds[q0 + r] : 0;
   }
 }
 
@@ -432,30 +487,35 @@ static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem,
  * head's dqkv rows): added into fp32, or written in the 16-bit type */
 template <int FP16, int D>
 static __device__ void grad_rows_out(const bwd_args &a, const bwd_block &k, size_t col, float *st,
-                                     wmma::fragment<wmma::accumulator, 16, 16, 16, float> *acc,
-                                     int row0) {
+                                     acc_frag *acc, int row0) {
   if (a.half_out)
     warp_rows_out<D, 0, FP16>((uint16_t *)a.dqkv + k.dhead + col, k.ld, st, acc, row0, a.T, k.HS);
   else
     warp_rows_out<D, 1>((float *)a.dqkv + k.dhead + col, k.ld, st, acc, row0, a.T, k.HS);
 }
 
+/* Query blocks of 16 whose scores a dK/dV warp holds at once: its dK and
+ * dV fragments take 2·D/2 registers a lane, so fewer at the wider heads */
+template <int D, int W> struct kv_blocks {
+  enum { n = D <= 64 ? W : D <= 128 ? 2 : 1 };
+};
+
 /* grid (key tiles, NH, Bg), 32·W threads: dK and dV of R keys */
 template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args a) {
-  const int R = 16 * W;
+  const int R = 16 * W, NB = kv_blocks<D, W>::n;
   MT_DYN_SMEM(smem);
   bwd_block k = bwd_block_of<D, W>(a, smem, 0);
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
-  /* a lane's run of 4 key rows r4 .. r4 + 3 (keys tk4 ..: one Philox
-   * block of dropout a query, as the forward draws them), columns c and
-   * c + 8 of each block of 16 queries */
-  int r4 = 4 * (k.lane & 3), c = k.lane >> 2, tk4 = k0 + 16 * k.warp + r4;
+  /* the lane's two key rows (acc_row) */
+  int tk[2] = {k0 + 16 * k.warp + (k.lane >> 2), k0 + 16 * k.warp + (k.lane >> 2) + 8};
+  uint64_t hrow = (uint64_t)(a.head0 + k.h) * T; /* the dropout index's head part */
 
   load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
   load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
   const uint16_t *Kw = s.Ks + 16 * k.warp * LDE(D), *Vw = s.Vs + 16 * k.warp * LDE(D);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[D / 16], dvv[D / 16];
+  acc_frag dk[D / 16], dvv[D / 16];
+  UNROLL
   for (int n = 0; n < D / 16; n++) {
     wmma::fill_fragment(dk[n], 0.0f);
     wmma::fill_fragment(dvv[n], 0.0f);
@@ -464,30 +524,30 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
     /* this query tile's rows, and every later tile's, start past these keys */
     if (k.ds && k.ds[q0] >= k0 + R) break;
     __syncthreads(); /* Qs, dOs free */
-    load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
+    load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, k.ds, q0, T, k.HS);
     __syncthreads();
-    for (int cb = 0; cb < R; cb += 16) { /* Sᵀ and dPᵀ 16 queries at a time */
-      warp_score_block<FP16, D>(s.Sc, LDC, Kw, s.Qs + cb * LDE(D));   /* Sᵀ: keys × queries */
-      warp_score_block<FP16, D>(s.dPc, LDC, Vw, s.dOs + cb * LDE(D)); /* dPᵀ = V·dOᵀ */
-      __syncwarp();
-      for (int j = c; j < 16; j += 8) {
-        int tq = q0 + cb + j, ts = k.ds && tq < T ? k.ds[tq] : 0;
-        float keep[4];
-        drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, tk4);
-        for (int u = 0; u < 4; u++) {
-          int r = r4 + u;
-          float pf = 0.0f, ds = 0.0f, m = 1.0f;
-          if (tq >= tk4 + u && tq < T && tk4 + u >= ts) {
-            pf = expf(s.Sc[r * LDC + j] * a.scale - s.lse_s[cb + j]);
-            m = keep[u];
-            ds = pf * (s.dPc[r * LDC + j] * m - s.D_s[cb + j]) * a.scale;
-          }
-          s.Pw[r * LDP(W) + cb + j] = mt_half_pack(pf * m, FP16);
-          s.dSw[r * LDP(W) + cb + j] = mt_half_pack(ds, FP16);
+    UNROLL
+    for (int cb = 0; cb < W; cb += NB) { /* Sᵀ and dPᵀ, 16·NB queries at a time */
+      acc_frag st[NB], dpt[NB];
+      warp_scores<FP16, D, NB>(st, Kw, s.Qs + 16 * cb * LDE(D));   /* Sᵀ: keys × queries */
+      warp_scores<FP16, D, NB>(dpt, Vw, s.dOs + 16 * cb * LDE(D)); /* dPᵀ = V·dOᵀ */
+      UNROLL
+      for (int c = 0; c < NB; c++) UNROLL
+      for (int i = 0; i < 8; i++) {
+        int r = (i >> 1) & 1, j = 16 * (cb + c) + acc_col(k.lane, i), tq = q0 + j;
+        float pf = 0.0f, ds = 0.0f, m = 1.0f;
+        if (tq >= tk[r] && tq < T && tk[r] >= s.ts_s[j]) {
+          pf = expf(st[c].x[i] * a.scale - s.lse_s[j]);
+          if (a.p > 0.0f)
+            m = mt_dropout_scale(a.p, a.key, k.sample, (hrow + tq) * T + (uint64_t)tk[r]);
+          ds = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
         }
+        int at = acc_row(k.lane, i) * LDP(W) + j;
+        s.Pw[at] = mt_half_pack(pf * m, FP16);
+        s.dSw[at] = mt_half_pack(ds, FP16);
       }
-      __syncwarp(); /* every lane has read the block */
     }
+    __syncwarp();                                  /* Pw, dSw written */
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
     warp_accumulate<FP16, D, W>(dk, s.dSw, s.Qs);  /* dK += dSᵀ·Q */
   }
@@ -504,42 +564,52 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   bwd_block k = bwd_block_of<D, W>(a, smem, 1);
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, q0 = k.t0;
-  /* the lane pair of query row rr (tile row 16·warp + rr): query tq, key
-   * columns in runs of 4 from 4·j0, every 8 */
-  int rr = k.lane >> 1, j0 = k.lane & 1, row = 16 * k.warp + rr, tq = q0 + row;
-  int ts = k.ds && tq < T ? k.ds[tq] : 0; /* the row's first key */
-
-  load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, q0, T, k.HS);
+  load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, k.ds, q0, T, k.HS);
+  __syncthreads();
+  /* the lane's two query rows (acc_row): tq, first key ts, lse, D */
+  int tq[2], ts[2];
+  float lr[2], dd[2];
+  UNROLL
+  for (int r = 0; r < 2; r++) {
+    int row = 16 * k.warp + (k.lane >> 2) + 8 * r;
+    tq[r] = q0 + row, ts[r] = s.ts_s[row], lr[r] = s.lse_s[row], dd[r] = s.D_s[row];
+  }
   const uint16_t *Qw = s.Qs + 16 * k.warp * LDE(D), *dOw = s.dOs + 16 * k.warp * LDE(D);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[D / 16];
+  acc_frag dq[D / 16];
+  UNROLL
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
   /* from the key tile of the tile's first row's start */
   for (int k0 = k.ds ? k.ds[q0] / R * R : 0; k0 <= q0; k0 += R) {
-    __syncthreads(); /* Ks, Vs free; the query tile loaded */
+    __syncthreads(); /* Ks, Vs free */
     load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
     load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
     __syncthreads();
-    float l = s.lse_s[row], dd = s.D_s[row];
-    for (int cb = 0; cb < R; cb += 16) {                            /* S and dP 16 keys at a time */
-      warp_score_block<FP16, D>(s.Sc, LDC, Qw, s.Ks + cb * LDE(D)); /* S: queries × keys */
-      warp_score_block<FP16, D>(s.dPc, LDC, dOw, s.Vs + cb * LDE(D)); /* dP = dO·Vᵀ */
-      __syncwarp();
-      const float *srow = s.Sc + rr * LDC, *prow = s.dPc + rr * LDC;
-      for (int j4 = 4 * j0; j4 < 16; j4 += 8) { /* runs of 4 keys, as the forward's */
-        float keep[4];
-        drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, k0 + cb + j4);
-        for (int u = 0; u < 4; u++) {
-          int j = j4 + u;
+    acc_frag sc[W], dp[W];
+    warp_scores<FP16, D, W>(sc, Qw, s.Ks);  /* S: queries × keys */
+    warp_scores<FP16, D, W>(dp, dOw, s.Vs); /* dP = dO·Vᵀ */
+    /* a lane's elements 2r + e of column half hh: keys col0 + e of one run
+     * of 4 (one Philox block of the row, as the forward draws them) */
+    UNROLL
+    for (int c = 0; c < W; c++) UNROLL
+    for (int hh = 0; hh < 2; hh++) {
+      int col0 = 16 * c + 8 * hh + 2 * (k.lane & 3), tk0 = k0 + col0;
+      UNROLL
+      for (int r = 0; r < 2; r++) {
+        float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        if (a.p > 0.0f) drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq[r], tk0 & ~3);
+        UNROLL
+        for (int e = 0; e < 2; e++) {
+          int i = 4 * hh + 2 * r + e, tkk = tk0 + e;
           float ds = 0.0f;
-          if (k0 + cb + j <= tq && tq < T && k0 + cb + j >= ts) {
-            float pf = expf(srow[j] * a.scale - l);
-            ds = pf * (prow[j] * keep[u] - dd) * a.scale;
+          if (tkk <= tq[r] && tq[r] < T && tkk >= ts[r]) {
+            float pf = expf(sc[c].x[i] * a.scale - lr[r]);
+            ds = pf * (dp[c].x[i] * (tk0 & 2 ? keep[2 + e] : keep[e]) - dd[r]) * a.scale;
           }
-          s.Pw[rr * LDP(W) + cb + j] = mt_half_pack(ds, FP16);
+          s.Pw[((k.lane >> 2) + 8 * r) * LDP(W) + col0 + e] = mt_half_pack(ds, FP16);
         }
       }
-      __syncwarp(); /* every lane has read the block */
     }
+    __syncwarp();                                /* Pw written */
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
   }
   __syncthreads();
@@ -550,7 +620,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
 /* ---- host side ------------------------------------------------------------ */
 
 /* Whether k may take smem bytes of dynamic shared memory on this GPU: the
- * backward at head sizes 129..160 takes 115,200 bytes, which an A100 or
+ * backward at head sizes 129..160 takes 105,216 bytes, which an A100 or
  * H100 gives a block and an sm_86/sm_89 part (A10, A40, L40S: 99 KB) does not.
  * Refused with the figures rather than launched to fail unexplained. */
 template <class K>
@@ -574,7 +644,7 @@ static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const ch
   }
   /* the SM's whole shared memory for k's blocks, as a hint: two backward
    * blocks at head size 160 fit an H100/H200 SM only in its largest split
-   * (2 x (115,200 + 1,024) of 233,472 bytes) */
+   * (2 x (105,216 + 1,024) of 233,472 bytes) */
   if (cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     cudaGetLastError(); /* a hint refused: the launch still runs */
@@ -667,6 +737,36 @@ template <class Fn> static auto with_flash(int HS, int fp16, Fn fn) {
   if (HS <= 128) return fp16 ? fn(flash<1, 128, 4>()) : fn(flash<0, 128, 4>());
   if (HS <= 160) return fp16 ? fn(flash<1, 160, 4>()) : fn(flash<0, 160, 4>());
   return fp16 ? fn(flash<1, 256, 2>()) : fn(flash<0, 256, 2>());
+}
+
+/* One warp loads a 16 × 16 accumulator whose element (r, c) holds 16·r + c
+ * and counts, a lane each, its elements not where acc_row and acc_col
+ * place them. */
+static __global__ void k_acc_layout(int *misplaced) {
+  MT_DYN_SMEM(smem);
+  float *m = (float *)smem;
+  int lane = threadIdx.x % 32, n = 0;
+  for (int i = lane; i < 256; i += 32) m[i] = (float)i;
+  __syncwarp();
+  acc_frag f;
+  wmma::load_matrix_sync(f, m, 16, wmma::mem_row_major);
+  for (int i = 0; i < 8; i++) n += f.x[i] != (float)(16 * acc_row(lane, i) + acc_col(lane, i));
+  misplaced[lane] = n;
+}
+
+int mt__cuda_acc_layout_check(mt_device *d, int *misplaced) {
+  int *dev = (int *)mt_device_alloc(d, 32 * sizeof(int)), host[32];
+  if (!dev) return -1;
+  mt__cuda *c = mt__cuda_enter(d);
+  MT_LAUNCH_SMEM(k_acc_layout, dim3(1), 32, 256 * sizeof(float), c->stream)(dev);
+  mt__cuda_check(d, "accumulator layout");
+  int rc = mt_device_memcpy_dtoh(d, host, dev, sizeof host);
+  if (!rc) rc = mt_device_sync(d);
+  mt_device_free(d, dev);
+  if (rc) return rc;
+  *misplaced = 0;
+  for (int i = 0; i < 32; i++) *misplaced += host[i];
+  return 0;
 }
 
 int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]) {

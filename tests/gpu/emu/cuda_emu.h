@@ -54,8 +54,13 @@
  * warp-collective here as there: each lane holds 8 of a tile's elements,
  * mma_sync gathers the warp's fragments at a warp barrier, products summed
  * in fp32 in k order; loads and stores check the 256-bit alignment and the
- * ldm multiple that CUDA requires. Kernels must not read a fragment's
- * elements (their mapping is the emulator's own).
+ * ldm multiple that CUDA requires. An accumulator's elements are where an
+ * sm_80 or later GPU has them (mma.m16n8k16's C layout for columns 0-7,
+ * then for 8-15: element i of lane l at row l/4 + 8·(i/2 % 2), column
+ * 2·(l%4) + i%2 + 8·(i/4)), which the flash kernels read in registers
+ * (cuda_impl.h: mt_acc_row, mt_acc_col; test_cuda_ops checks the GPU's);
+ * a matrix_a or matrix_b fragment's mapping is the emulator's own, which
+ * kernels must not read.
  *
  * Between barriers a thread runs alone, so a kernel that reads what another
  * thread wrote without a barrier between them sees the write only when the
@@ -312,8 +317,9 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
-/* Element i of lane l is element l·8 + i of the tile in row-major order:
- * A (m×k), B (k×n) or the accumulator (m×n), all 16×16. */
+/* Element i of lane l of A (m×k) or B (k×n) is element l·8 + i of the
+ * tile in row-major order; of the accumulator (m×n), element (acc_row,
+ * acc_col) below, as on an sm_80 GPU. All 16×16. */
 template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 tiles are emulated");
   enum { num_elements = 8 };
@@ -321,6 +327,8 @@ template <class Use, int M, int N, int K, class T, class Layout = void> struct f
 };
 
 namespace detail {
+inline unsigned acc_row(unsigned lane, int i) { return (lane >> 2) + 8u * ((i >> 1) & 1); }
+inline unsigned acc_col(unsigned lane, int i) { return 2u * (lane & 3) + (i & 1) + 8u * (i >> 2); }
 inline float to_float(const __nv_bfloat16 &h) {
   uint32_t u = (uint32_t)h.x << 16;
   float f;
@@ -352,9 +360,9 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L> &f, const T *p, uns
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p,
                              unsigned ldm, layout_t l) {
   detail::check(p, ldm, 4, "load_matrix_sync");
-  unsigned base = mt_emu::lane() * 8;
+  unsigned lane = mt_emu::lane();
   for (int i = 0; i < 8; i++) {
-    unsigned r = (base + i) / 16, c = (base + i) % 16;
+    unsigned r = detail::acc_row(lane, i), c = detail::acc_col(lane, i);
     f.x[i] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
   }
 }
@@ -362,9 +370,9 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const 
 inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f,
                               unsigned ldm, layout_t l) {
   detail::check(p, ldm, 4, "store_matrix_sync");
-  unsigned base = mt_emu::lane() * 8;
+  unsigned lane = mt_emu::lane();
   for (int i = 0; i < 8; i++) {
-    unsigned r = (base + i) / 16, c = (base + i) % 16;
+    unsigned r = detail::acc_row(lane, i), c = detail::acc_col(lane, i);
     (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
   }
 }
@@ -375,7 +383,8 @@ inline void fill_fragment(fragment<Use, 16, 16, 16, T, L> &f, float v) {
 }
 
 /* d = a·b + c over the warp: every lane's fragments gathered at one warp
- * barrier, each lane computing its own 8 elements (fp32, k in order); d
+ * barrier, each lane computing its own 8 elements (fp32, k in order; a's
+ * and b's elements at the emulator's places, d's and c's at the GPU's); d
  * may be c (element i of c is read before element i of d is written). */
 template <class T, class LA, class LB>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
@@ -387,9 +396,9 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
   memcpy(mine, a.x, sizeof a.x);
   memcpy(mine + 8, b.x, sizeof b.x);
   const float *all = mt_emu::warp_gather(mine);
-  unsigned base = mt_emu::lane() * 8;
+  unsigned lane = mt_emu::lane();
   for (int i = 0; i < 8; i++) {
-    unsigned r = (base + i) / 16, n = (base + i) % 16;
+    unsigned r = detail::acc_row(lane, i), n = detail::acc_col(lane, i);
     float s = c.x[i];
     for (unsigned k = 0; k < 16; k++) {
       unsigned ia = r * 16 + k, ib = k * 16 + n;
