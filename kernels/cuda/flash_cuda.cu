@@ -68,13 +68,16 @@ extern "C" {
 using namespace nvcuda;
 
 #define FULL_MASK 0xffffffffu
-/* the small loops over fragments and their elements unrolled, so that
- * fragment arrays stay in registers (an index known only at run time puts
- * an array in local memory) */
+/* The small loops over fragments and their elements are unrolled (#pragma
+ * unroll), so that fragment arrays stay in registers: an index known only
+ * at run time puts an array in local memory. */
 #ifdef MT_CUDA_EMU
-#define UNROLL
+#define MT_LAUNCH_BOUNDS(threads, blocks)
 #else
-#define UNROLL _Pragma("unroll")
+/* registers enough for that many blocks an SM: the forward's 3 (ptxas then
+ * holds it to 168 a thread at head size 128 and 160, unspilled; its shared
+ * memory allows 3 as well) */
+#define MT_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
 #endif
 
 template <int FP16> struct elem { typedef __nv_bfloat16 t; };
@@ -132,6 +135,74 @@ static __device__ void load_tile(uint16_t *dst, const uint16_t *src, int R, int 
   }
 }
 
+/* v rounded to nearest even into the 16-bit type, as mt_half_pack does:
+ * on a GPU by its conversion instruction (one, where half.h's portable
+ * code takes a dozen integer operations, branches for binary16) */
+template <int FP16> static __device__ __forceinline__ uint16_t pack16(float v) {
+#ifdef MT_CUDA_EMU
+  return mt_half_pack(v, FP16);
+#else
+  if (FP16) return __half_as_ushort(__float2half_rn(v));
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#endif
+}
+/* two adjacent 16-bit values (lo first) into shared memory as one 32-bit
+ * store; p 4-byte aligned */
+template <int FP16>
+static __device__ __forceinline__ void store_pair(uint16_t *p, float lo, float hi) {
+  uint32_t w = (uint32_t)pack16<FP16>(lo) | (uint32_t)pack16<FP16>(hi) << 16;
+#ifdef MT_CUDA_EMU
+  memcpy(p, &w, 4);
+#else
+  *(uint32_t *)p = w;
+#endif
+}
+
+/* cp.async (sm_80+): 16 bytes from global src to shared dst without
+ * passing through registers, there once a later cp_async_wait allows and
+ * shown to the block by a barrier after it; src NULL writes zeros (a
+ * source size of 0 bytes reads nothing at base, any address of the
+ * tensor). The emulator copies at once. */
+static __device__ __forceinline__ void copy16_async(void *dst, const void *src, const void *base) {
+#ifdef MT_CUDA_EMU
+  (void)base;
+  copy16(dst, src);
+#else
+  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src ? src : base),
+               "r"(src ? 16 : 0)
+               : "memory");
+#endif
+}
+/* closes the copies this thread issued since its last commit into a group */
+static __device__ __forceinline__ void cp_async_commit() {
+#ifndef MT_CUDA_EMU
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+/* waits until at most N of this thread's groups are in flight */
+template <int N> static __device__ __forceinline__ void cp_async_wait() {
+#ifndef MT_CUDA_EMU
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+/* load_tile through cp.async where its 16-byte path applies (else as
+ * load_tile does, at once); the caller commits, waits and syncs */
+template <int D>
+static __device__ void load_tile_async(uint16_t *dst, const uint16_t *src, int R, int valid, int HS,
+                                       size_t ld) {
+  if (HS % 8 == 0 && ld % 8 == 0 && (uintptr_t)src % 16 == 0) {
+    for (int i = threadIdx.x; i < R * (D / 8); i += blockDim.x) {
+      int r = i / (D / 8), c = i % (D / 8) * 8;
+      copy16_async(dst + r * LDE(D) + c, r < valid && c < HS ? src + (size_t)r * ld + c : NULL,
+                   src);
+    }
+    return;
+  }
+  load_tile<D>(dst, src, R, valid, HS, ld);
+}
+
 /* the same from fp32 (dout, row stride ld), rounded to the 16-bit type;
  * four at a time where HS and src allow */
 template <int D, int FP16>
@@ -149,13 +220,13 @@ static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int
         v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
 #endif
       }
-      for (int k = 0; k < 4; k++) dst[r * LDE(D) + c + k] = mt_half_pack(v[k], FP16);
+      for (int k = 0; k < 4; k++) dst[r * LDE(D) + c + k] = pack16<FP16>(v[k]);
     }
     return;
   }
   for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
     int r = i / D, c = i % D;
-    dst[r * LDE(D) + c] = r < valid && c < HS ? mt_half_pack(src[(size_t)r * ld + c], FP16) : 0;
+    dst[r * LDE(D) + c] = r < valid && c < HS ? pack16<FP16>(src[(size_t)r * ld + c]) : 0;
   }
 }
 
@@ -189,13 +260,13 @@ static __device__ __forceinline__ float quad_sum(float v) {
 template <int FP16, int D, int NB>
 static __device__ void warp_scores(acc_frag *S, const uint16_t *A, const uint16_t *B) {
   typedef typename elem<FP16>::t E;
-  UNROLL
+#pragma unroll
   for (int c = 0; c < NB; c++) wmma::fill_fragment(S[c], 0.0f);
-  UNROLL
+#pragma unroll
   for (int kk = 0; kk < D / 16; kk++) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
     wmma::load_matrix_sync(a, (const E *)(A + 16 * kk), LDE(D));
-    UNROLL
+#pragma unroll
     for (int c = 0; c < NB; c++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
       wmma::load_matrix_sync(b, (const E *)(B + 16 * c * LDE(D) + 16 * kk), LDE(D));
@@ -208,11 +279,11 @@ static __device__ void warp_scores(acc_frag *S, const uint16_t *A, const uint16_
 template <int FP16, int D, int W>
 static __device__ void warp_accumulate(acc_frag *acc, const uint16_t *P, const uint16_t *B) {
   typedef typename elem<FP16>::t E;
-  UNROLL
+#pragma unroll
   for (int kk = 0; kk < W; kk++) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
     wmma::load_matrix_sync(a, (const E *)(P + 16 * kk), LDP(W));
-    UNROLL
+#pragma unroll
     for (int n = 0; n < D / 16; n++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> b;
       wmma::load_matrix_sync(b, (const E *)(B + 16 * kk * LDE(D) + 16 * n), LDE(D));
@@ -238,7 +309,7 @@ template <int D, int ADD, int FP16 = 0, class O = float>
 static __device__ void warp_rows_out(O *dst, size_t ld, float *st, acc_frag *acc, int row0, int T,
                                      int HS) {
   int lane = threadIdx.x % 32;
-  UNROLL
+#pragma unroll
   for (int n = 0; n < D / 16; n++)
     wmma::store_matrix_sync(st + 16 * n, acc[n], LDO(D), wmma::mem_row_major);
   __syncwarp();
@@ -276,9 +347,9 @@ static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint6
  * FlashAttention (in order, the last wave was the heads' longest tiles,
  * with most SMs idle under it) */
 template <int FP16, int D, int W>
-static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C,
-                                   int NH, float scale, float p, uint64_t key, uint64_t sample0,
-                                   uint32_t head0, const int32_t *docs) {
+static __global__ void MT_LAUNCH_BOUNDS(32 * W, 3)
+    k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C, int NH, float scale,
+                float p, uint64_t key, uint64_t sample0, uint32_t head0, const int32_t *docs) {
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
   uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + R * LDE(D), *Vs = Ks + R * LDE(D);
@@ -293,39 +364,50 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
    * documents' starts) ts; the first key tile any row of the tile sees */
   const int32_t *ds = docs ? docs + (size_t)b * T : NULL;
   int tq[2], ts[2], kt0 = ds ? ds[q0] / R : 0;
-  UNROLL
+#pragma unroll
   for (int r = 0; r < 2; r++) {
     tq[r] = q0 + 16 * warp + (lane >> 2) + 8 * r;
     ts[r] = ds && tq[r] < T ? ds[tq[r]] : 0;
   }
 
-  load_tile<D>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
+  /* Q, then each key tile's K and V as two groups of copies in flight (a
+   * buffer each): the next tile's K loads while this tile's softmax and
+   * P·V run, its V while the next Q·Kᵀ does */
+  const uint16_t *kv0 = head + C + (size_t)kt0 * R * ld;
+  load_tile_async<D>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
+  load_tile_async<D>(Ks, kv0, R, T - kt0 * R, HS, ld);
+  cp_async_commit();
+  load_tile_async<D>(Vs, kv0 + C, R, T - kt0 * R, HS, ld);
+  cp_async_commit();
   const uint16_t *Qw = Qs + 16 * warp * LDE(D);
 
   float m[2] = {-FLT_MAX, -FLT_MAX}, l[2] = {0.0f, 0.0f};
   acc_frag o[D / 16];
-  UNROLL
+#pragma unroll
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.0f);
   for (int kt = kt0; kt <= qt; kt++) {
-    __syncthreads(); /* Ks, Vs free */
-    load_tile<D>(Ks, head + C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
-    load_tile<D>(Vs, head + 2 * C + (size_t)kt * R * ld, R, T - kt * R, HS, ld);
+    const uint16_t *next = head + C + (size_t)(kt + 1) * R * ld; /* its K; V at + C */
+    cp_async_wait<1>(); /* this tile's K (and Q): all but its V */
     __syncthreads();
     acc_frag sc[W];
     warp_scores<FP16, D, W>(sc, Qw, Ks);
+    __syncthreads(); /* every warp has read Ks: the next tile's K */
+    if (kt < qt) load_tile_async<D>(Ks, next, R, T - (kt + 1) * R, HS, ld);
+    cp_async_commit(); /* (empty after the last tile: the waits count groups) */
     /* the scaled scores of the keys a row sees (the rest: -FLT_MAX) and
      * each row's max over the tile */
     float tm[2] = {-FLT_MAX, -FLT_MAX};
-    UNROLL
-    for (int c = 0; c < W; c++) UNROLL
-    for (int i = 0; i < 8; i++) {
-      int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
-      float v = tk <= tq[r] && tk >= ts[r] ? sc[c].x[i] * scale : -FLT_MAX;
-      sc[c].x[i] = v;
-      tm[r] = fmaxf(tm[r], v);
-    }
+#pragma unroll
+    for (int c = 0; c < W; c++)
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
+        float v = tk <= tq[r] && tk >= ts[r] ? sc[c].x[i] * scale : -FLT_MAX;
+        sc[c].x[i] = v;
+        tm[r] = fmaxf(tm[r], v);
+      }
     float mn[2], alpha[2], rs[2] = {0.0f, 0.0f};
-    UNROLL
+#pragma unroll
     for (int r = 0; r < 2; r++) {
       mn[r] = fmaxf(m[r], quad_max(tm[r]));
       alpha[r] = expf(m[r] - mn[r]); /* 1 while the row has seen no key */
@@ -334,43 +416,52 @@ static __global__ void k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qk
      * rounded for P·V; a lane's elements 2r + e of column half hh are keys
      * col0 + e of one run of 4 (one Philox block of the row, as the
      * backward draws them) */
-    UNROLL
-    for (int c = 0; c < W; c++) UNROLL
-    for (int hh = 0; hh < 2; hh++) {
-      int col0 = 16 * c + 8 * hh + 2 * (lane & 3), tk0 = kt * R + col0;
-      UNROLL
-      for (int r = 0; r < 2; r++) {
-        float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-        if (p > 0.0f) drop_scale4(keep, p, key, sample, head0 + h, T, tq[r], tk0 & ~3);
-        UNROLL
-        for (int e = 0; e < 2; e++) {
-          float v = sc[c].x[4 * hh + 2 * r + e];
-          float pv = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
-          rs[r] += pv;
-          Pw[((lane >> 2) + 8 * r) * LDP(W) + col0 + e] =
-              mt_half_pack(pv * (tk0 & 2 ? keep[2 + e] : keep[e]), FP16);
+#pragma unroll
+    for (int c = 0; c < W; c++)
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        int col0 = 16 * c + 8 * hh + 2 * (lane & 3), tk0 = kt * R + col0;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+          if (p > 0.0f) drop_scale4(keep, p, key, sample, head0 + h, T, tq[r], tk0 & ~3);
+          float pv[2];
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            float v = sc[c].x[4 * hh + 2 * r + e];
+            pv[e] = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
+            rs[r] += pv[e];
+            pv[e] *= tk0 & 2 ? keep[2 + e] : keep[e];
+          }
+          store_pair<FP16>(Pw + ((lane >> 2) + 8 * r) * LDP(W) + col0, pv[0], pv[1]);
         }
       }
-    }
-    UNROLL
+#pragma unroll
     for (int r = 0; r < 2; r++) {
       l[r] = l[r] * alpha[r] + quad_sum(rs[r]);
       m[r] = mn[r];
     }
-    UNROLL
-    for (int n = 0; n < D / 16; n++) UNROLL
-    for (int i = 0; i < 8; i++) o[n].x[i] *= alpha[(i >> 1) & 1];
-    __syncwarp(); /* Pw written */
+#pragma unroll
+    for (int n = 0; n < D / 16; n++)
+#pragma unroll
+      for (int i = 0; i < 8; i++) o[n].x[i] *= alpha[(i >> 1) & 1];
+    cp_async_wait<1>(); /* this tile's V: all but the next K */
+    __syncthreads();    /* (and this warp's Pw written) */
     warp_accumulate<FP16, D, W>(o, Pw, Vs);
+    __syncthreads(); /* every warp has read Vs: the next tile's V */
+    if (kt < qt) load_tile_async<D>(Vs, next + C, R, T - (kt + 1) * R, HS, ld);
+    cp_async_commit();
   }
+  cp_async_wait<0>(); /* (only empty groups are left) */
   /* every row sees its own key, so l > 0 */
-  UNROLL
+#pragma unroll
   for (int r = 0; r < 2; r++)
     if (!(lane & 3) && tq[r] < T) lse[((size_t)b * NH + h) * T + tq[r]] = m[r] + logf(l[r]);
   float inv[2] = {1.0f / l[0], 1.0f / l[1]};
-  UNROLL
-  for (int n = 0; n < D / 16; n++) UNROLL
-  for (int i = 0; i < 8; i++) o[n].x[i] *= inv[(i >> 1) & 1];
+#pragma unroll
+  for (int n = 0; n < D / 16; n++)
+#pragma unroll
+    for (int i = 0; i < 8; i++) o[n].x[i] *= inv[(i >> 1) & 1];
   __syncthreads(); /* the tiles become the output's staging */
   warp_rows_out<D, 0, FP16>(out + (size_t)b * T * C + (size_t)h * HS, C,
                             (float *)smem + warp * 16 * LDO(D), o, q0 + 16 * warp, T, HS);
@@ -515,7 +606,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
   const uint16_t *Kw = s.Ks + 16 * k.warp * LDE(D), *Vw = s.Vs + 16 * k.warp * LDE(D);
   acc_frag dk[D / 16], dvv[D / 16];
-  UNROLL
+#pragma unroll
   for (int n = 0; n < D / 16; n++) {
     wmma::fill_fragment(dk[n], 0.0f);
     wmma::fill_fragment(dvv[n], 0.0f);
@@ -526,26 +617,33 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
     __syncthreads(); /* Qs, dOs free */
     load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, k.ds, q0, T, k.HS);
     __syncthreads();
-    UNROLL
+#pragma unroll 1 /* (unrolled, the blocks' loads crowd out registers: spills) */
     for (int cb = 0; cb < W; cb += NB) { /* Sᵀ and dPᵀ, 16·NB queries at a time */
       acc_frag st[NB], dpt[NB];
       warp_scores<FP16, D, NB>(st, Kw, s.Qs + 16 * cb * LDE(D));   /* Sᵀ: keys × queries */
       warp_scores<FP16, D, NB>(dpt, Vw, s.dOs + 16 * cb * LDE(D)); /* dPᵀ = V·dOᵀ */
-      UNROLL
-      for (int c = 0; c < NB; c++) UNROLL
-      for (int i = 0; i < 8; i++) {
-        int r = (i >> 1) & 1, j = 16 * (cb + c) + acc_col(k.lane, i), tq = q0 + j;
-        float pf = 0.0f, ds = 0.0f, m = 1.0f;
-        if (tq >= tk[r] && tq < T && tk[r] >= s.ts_s[j]) {
-          pf = expf(st[c].x[i] * a.scale - s.lse_s[j]);
-          if (a.p > 0.0f)
-            m = mt_dropout_scale(a.p, a.key, k.sample, (hrow + tq) * T + (uint64_t)tk[r]);
-          ds = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
+#pragma unroll
+      for (int c = 0; c < NB; c++)
+#pragma unroll
+        for (int i0 = 0; i0 < 8; i0 += 2) { /* elements i0, i0 + 1: adjacent queries */
+          float pd[2], ds[2];
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            int i = i0 + e, r = (i >> 1) & 1, j = 16 * (cb + c) + acc_col(k.lane, i), tq = q0 + j;
+            float pf = 0.0f, m = 1.0f;
+            ds[e] = 0.0f;
+            if (tq >= tk[r] && tq < T && tk[r] >= s.ts_s[j]) {
+              pf = expf(st[c].x[i] * a.scale - s.lse_s[j]);
+              if (a.p > 0.0f)
+                m = mt_dropout_scale(a.p, a.key, k.sample, (hrow + tq) * T + (uint64_t)tk[r]);
+              ds[e] = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
+            }
+            pd[e] = pf * m;
+          }
+          int at = acc_row(k.lane, i0) * LDP(W) + 16 * (cb + c) + acc_col(k.lane, i0);
+          store_pair<FP16>(s.Pw + at, pd[0], pd[1]);
+          store_pair<FP16>(s.dSw + at, ds[0], ds[1]);
         }
-        int at = acc_row(k.lane, i) * LDP(W) + j;
-        s.Pw[at] = mt_half_pack(pf * m, FP16);
-        s.dSw[at] = mt_half_pack(ds, FP16);
-      }
     }
     __syncwarp();                                  /* Pw, dSw written */
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
@@ -569,50 +667,65 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   /* the lane's two query rows (acc_row): tq, first key ts, lse, D */
   int tq[2], ts[2];
   float lr[2], dd[2];
-  UNROLL
+#pragma unroll
   for (int r = 0; r < 2; r++) {
     int row = 16 * k.warp + (k.lane >> 2) + 8 * r;
     tq[r] = q0 + row, ts[r] = s.ts_s[row], lr[r] = s.lse_s[row], dd[r] = s.D_s[row];
   }
   const uint16_t *Qw = s.Qs + 16 * k.warp * LDE(D), *dOw = s.dOs + 16 * k.warp * LDE(D);
   acc_frag dq[D / 16];
-  UNROLL
+#pragma unroll
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
-  /* from the key tile of the tile's first row's start */
-  for (int k0 = k.ds ? k.ds[q0] / R * R : 0; k0 <= q0; k0 += R) {
-    __syncthreads(); /* Ks, Vs free */
-    load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
-    load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
-    __syncthreads();
+  /* from the key tile of the tile's first row's start; a key tile's K and
+   * V load by cp.async, the next tile's V while this tile's dS and dS·K
+   * are formed (its K once dS·K has read this one) */
+  int kfirst = k.ds ? k.ds[q0] / R * R : 0;
+  load_tile_async<D>(s.Ks, k.head + C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
+  load_tile_async<D>(s.Vs, k.head + 2 * C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
+  cp_async_commit();
+  for (int k0 = kfirst; k0 <= q0; k0 += R) {
+    const uint16_t *next = k.head + C + (size_t)(k0 + R) * k.ld; /* its K; V at + C */
+    cp_async_wait<0>();
+    __syncthreads(); /* Ks, Vs loaded */
     acc_frag sc[W], dp[W];
     warp_scores<FP16, D, W>(sc, Qw, s.Ks);  /* S: queries × keys */
     warp_scores<FP16, D, W>(dp, dOw, s.Vs); /* dP = dO·Vᵀ */
+    __syncthreads();                        /* every warp has read Vs */
+    if (k0 + R <= q0) load_tile_async<D>(s.Vs, next + C, R, T - (k0 + R), k.HS, k.ld);
+    cp_async_commit();
     /* a lane's elements 2r + e of column half hh: keys col0 + e of one run
      * of 4 (one Philox block of the row, as the forward draws them) */
-    UNROLL
-    for (int c = 0; c < W; c++) UNROLL
-    for (int hh = 0; hh < 2; hh++) {
-      int col0 = 16 * c + 8 * hh + 2 * (k.lane & 3), tk0 = k0 + col0;
-      UNROLL
-      for (int r = 0; r < 2; r++) {
-        float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-        if (a.p > 0.0f) drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq[r], tk0 & ~3);
-        UNROLL
-        for (int e = 0; e < 2; e++) {
-          int i = 4 * hh + 2 * r + e, tkk = tk0 + e;
-          float ds = 0.0f;
-          if (tkk <= tq[r] && tq[r] < T && tkk >= ts[r]) {
-            float pf = expf(sc[c].x[i] * a.scale - lr[r]);
-            ds = pf * (dp[c].x[i] * (tk0 & 2 ? keep[2 + e] : keep[e]) - dd[r]) * a.scale;
+#pragma unroll
+    for (int c = 0; c < W; c++)
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        int col0 = 16 * c + 8 * hh + 2 * (k.lane & 3), tk0 = k0 + col0;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+          if (a.p > 0.0f)
+            drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq[r], tk0 & ~3);
+          float ds[2];
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            int i = 4 * hh + 2 * r + e, tkk = tk0 + e;
+            ds[e] = 0.0f;
+            if (tkk <= tq[r] && tq[r] < T && tkk >= ts[r]) {
+              float pf = expf(sc[c].x[i] * a.scale - lr[r]);
+              ds[e] = pf * (dp[c].x[i] * (tk0 & 2 ? keep[2 + e] : keep[e]) - dd[r]) * a.scale;
+            }
           }
-          s.Pw[((k.lane >> 2) + 8 * r) * LDP(W) + col0 + e] = mt_half_pack(ds, FP16);
+          store_pair<FP16>(s.Pw + ((k.lane >> 2) + 8 * r) * LDP(W) + col0, ds[0], ds[1]);
         }
       }
-    }
     __syncwarp();                                /* Pw written */
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
+    __syncthreads();                             /* every warp has read Ks */
+    if (k0 + R <= q0) load_tile_async<D>(s.Ks, next, R, T - (k0 + R), k.HS, k.ld);
+    cp_async_commit();
   }
-  __syncthreads();
+  cp_async_wait<0>(); /* (only empty groups are left) */
+  __syncthreads();    /* Qs and dOs become the staging */
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
   grad_rows_out<FP16, D>(a, k, 0, st, dq, q0 + 16 * k.warp);
 }
@@ -775,7 +888,29 @@ int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int bloc
   return with_flash(head_size, fp16, [&](auto f) { return f.blocks(d, blocks); });
 }
 
+/* The flash kernels' row work assumes mma.m16n8k16's accumulator layout
+ * (acc_row, acc_col), which every sm_80+ GPU has: proven once per device,
+ * at its first flash launch, so that a GPU placing them otherwise fails
+ * with a message instead of training on wrong attention. */
+static int flash_layout_ok(mt_device *d, const char *what) {
+  mt__cuda *c = mt__cuda_of(d);
+  if (!c->acc_layout) {
+    int misplaced = 0;
+    if (mt__cuda_acc_layout_check(d, &misplaced)) {
+      mt__cuda_fail(d, what, mt_errmsg());
+      return 0;
+    }
+    c->acc_layout = misplaced ? -1 : 1;
+  }
+  if (c->acc_layout > 0) return 1;
+  mt__cuda_fail(d, what,
+                "this GPU places a wmma accumulator's elements otherwise than mma.m16n8k16 does, "
+                "which the flash kernels assume; use fp32 attention (train.precision fp32)");
+  return 0;
+}
+
 static int flash_fits(mt_device *d, const char *what, int HS) {
+  if (!flash_layout_ok(d, what)) return 0;
   if (HS <= MT_FLASH_MAX_HS) return 1;
   char msg[128];
   snprintf(msg, sizeof msg, "head size %d over %d with a 16-bit qkv", HS, MT_FLASH_MAX_HS);

@@ -1711,6 +1711,37 @@ static void test_linear_unaligned_bias_and_aux(void) {
  * (105216) is refused naming both figures, instead of a launch failing with
  * "invalid argument"; at head size 128 both passes run (61440 and 88832
  * bytes). */
+/* A GPU placing a wmma accumulator's elements otherwise than the flash
+ * kernels assume (emulated: mt_emu_set_acc_layout(0)) gets a message from
+ * a 16-bit attention, at its first flash launch, not wrong attention; the
+ * layout is read once per device, at that launch. */
+static void test_flash_other_layout(void) {
+  mt_emu_set_acc_layout(0);
+  mt_device other;
+  int rc = mt_device_open(&other, "cuda:0");
+  if (!rc) {
+    int B = 1, T = 16, C = 64, NH = 1;
+    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
+    uint16_t *qkv = mt_device_alloc(&other, nq * 2), *out = mt_device_alloc(&other, no * 2);
+    float *lse = mt_device_alloc(&other, (size_t)T * 4);
+    float *s = mt_device_alloc(&other, other.ops->attention_scratch(&other, T, C, NH, MT_BF16) * 4);
+    mt_device_memset0(&other, qkv, nq * 2);
+    long launches = mt_emu_launch_count("flash_fwd");
+    other.ops->attention_fwd(&other, out, lse, s, qkv, MT_BF16, B, T, C, NH, NULL, NULL);
+    int frc = mt_device_sync(&other);
+    check_that("attention_fwd", "bf16, another accumulator layout: refused",
+               frc && strstr(mt_errmsg(), "otherwise than mma.m16n8k16") &&
+                   mt_emu_launch_count("flash_fwd") == launches,
+               frc ? mt_errmsg() : "ran");
+    mt_device_free(&other, qkv), mt_device_free(&other, out), mt_device_free(&other, lse);
+    mt_device_free(&other, s);
+    mt_device_close(&other);
+  }
+  check_that("device_open", "a GPU with another accumulator layout", !rc,
+             rc ? mt_errmsg() : "opened");
+  mt_emu_set_acc_layout(1);
+}
+
 static void test_flash_shared_memory_limit(void) {
   setenv("MT_CUDA_EMU_SMEM_OPTIN", "101376", 1);
   mt_device small;
@@ -1753,8 +1784,28 @@ static void test_flash_shared_memory_limit(void) {
 }
 #endif
 
+/* The flash kernels at GPT-2's (HS 64), GPT-3 1.3B's (HS 128, T 2048) and
+ * MT-NLG 530B's (HS 160) head sizes; then within documents (doc_start):
+ * their skipped and masked key tiles at GPT-2's and MT-NLG's. */
+static void flash_full_shapes(void) {
+  shape gpt = {2, 1024, 512, 8, 50257, 50304};
+  test_flash_attention(gpt, MT_BF16, 1);
+  test_flash_attention(gpt, MT_F16, 0);
+  shape xl = {1, 2048, 2048, 16, 37, 40}, mtnlg = {1, 512, 640, 4, 37, 40};
+  test_flash_attention(xl, MT_BF16, 1);
+  test_flash_attention(mtnlg, MT_BF16, 1);
+  with_docs = 1;
+  test_flash_attention(gpt, MT_BF16, 1);
+  test_flash_attention(mtnlg, MT_F16, 1);
+  with_docs = 0;
+}
+
+/* test_cuda_ops [--small | --flash]: every op at small shapes, or the flash
+ * kernels alone at the full ones (a change to them, on the emulator in
+ * minutes), or everything at the full shapes */
 int main(int argc, char **argv) {
   int small = argc > 1 && !strcmp(argv[1], "--small");
+  int flash_only = argc > 1 && !strcmp(argv[1], "--flash");
   if (mt_device_open(&cpu, "cpu:0")) die("open cpu:0");
   if (mt_device_open(&gpu, "cuda:0")) die("open cuda:0");
   printf("test_cuda_ops: %s against %s, %s shapes\n", gpu.name, cpu.name, small ? "small" : "full");
@@ -1767,7 +1818,9 @@ int main(int argc, char **argv) {
   check_that("flash", "accumulator layout: mma.m16n8k16's", !lrc && misplaced == 0,
              lrc ? mt_errmsg() : label("%d of 256 elements elsewhere", misplaced));
 
-  if (small) {
+  if (flash_only) {
+    flash_full_shapes();
+  } else if (small) {
     shape s = {2, 13, 24, 3, 37, 40};
     test_embedding(s);
     test_layernorm(7, 24);
@@ -1887,6 +1940,7 @@ int main(int argc, char **argv) {
     test_attention_decode(1100, 320, 2); /* head size 160: columns past the block's threads */
 #ifdef MT_CUDA_EMU
     test_flash_shared_memory_limit();
+    test_flash_other_layout();
 #endif
     test_elementwise(1000);
     test_dropout(3, 101);
@@ -1945,19 +1999,9 @@ int main(int argc, char **argv) {
     test_attention(odd, MT_MATMUL_FP32, 1);
     shape gpt = {2, 1024, 512, 8, 50257, 50304}; /* GPT-2 vocabulary, longer rows */
     test_attention(gpt, MT_MATMUL_BF16, 1);
-    /* the flash kernels at GPT-2's (HS 64), GPT-3 1.3B's (HS 128, T 2048)
-     * and MT-NLG 530B's (HS 160) head sizes */
-    test_flash_attention(gpt, MT_BF16, 1);
-    test_flash_attention(gpt, MT_F16, 0);
-    shape xl = {1, 2048, 2048, 16, 37, 40}, mtnlg = {1, 512, 640, 4, 37, 40};
-    test_flash_attention(xl, MT_BF16, 1);
-    test_flash_attention(mtnlg, MT_BF16, 1);
-    /* within documents (doc_start): the fp32 chunks and the flash kernels'
-     * skipped and masked key tiles at GPT-2's and MT-NLG's head sizes */
+    flash_full_shapes();
     with_docs = 1;
     test_attention(gpt, MT_MATMUL_FP32, 1);
-    test_flash_attention(gpt, MT_BF16, 1);
-    test_flash_attention(mtnlg, MT_F16, 1);
     with_docs = 0;
     test_embedding(gpt);
     test_linear_scratch();

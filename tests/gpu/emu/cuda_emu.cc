@@ -932,6 +932,9 @@ void nvcuda::wmma::detail::check(const void *p, unsigned ldm, unsigned multiple,
   if (ldm % multiple) EMU_DIE("wmma::%s: ldm %u is not a multiple of %u", what, ldm, multiple);
 }
 
+int nvcuda::wmma::detail::acc_sm80 = 1;
+void mt_emu_set_acc_layout(int sm80) { nvcuda::wmma::detail::acc_sm80 = sm80 != 0; }
+
 void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
   *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *lt_dgelu = mt_emu::gemms_lt_dgelu;
   *blas = mt_emu::gemms_blas;

@@ -170,6 +170,11 @@ long mt_emu_gemm16_count(void);
 /* Launches so far, process-wide, of the kernel of that name (as MT_LAUNCH
  * spells it: "k_to_half"), whether or not they ran. */
 long mt_emu_launch_count(const char *kernel);
+/* Places a wmma accumulator's elements from now on as an sm_80+ GPU does
+ * (sm80 nonzero, the default) or otherwise (0: element i of lane l at
+ * l·8 + i in row-major order), as a GPU whose layout the flash kernels do
+ * not assume would: process-wide, for a test of their refusal. */
+void mt_emu_set_acc_layout(int sm80);
 /* Arms a fault: the nth launch from now (1: the next) of that kernel, on
  * whichever device and thread, fails as a faulting kernel would: it does not
  * run, and the launching thread's cudaGetLastError says
@@ -327,8 +332,13 @@ template <class Use, int M, int N, int K, class T, class Layout = void> struct f
 };
 
 namespace detail {
-inline unsigned acc_row(unsigned lane, int i) { return (lane >> 2) + 8u * ((i >> 1) & 1); }
-inline unsigned acc_col(unsigned lane, int i) { return 2u * (lane & 3) + (i & 1) + 8u * (i >> 2); }
+extern int acc_sm80; /* mt_emu_set_acc_layout's */
+inline unsigned acc_row(unsigned lane, int i) {
+  return acc_sm80 ? (lane >> 2) + 8u * ((i >> 1) & 1) : (lane * 8 + i) / 16;
+}
+inline unsigned acc_col(unsigned lane, int i) {
+  return acc_sm80 ? 2u * (lane & 3) + (i & 1) + 8u * (i >> 2) : (lane * 8 + i) % 16;
+}
 inline float to_float(const __nv_bfloat16 &h) {
   uint32_t u = (uint32_t)h.x << 16;
   float f;
