@@ -321,23 +321,83 @@ static __device__ void warp_rows_out(O *dst, size_t ld, float *st, acc_frag *acc
   __syncwarp();
 }
 
-/* The dropout scales of elements (t1, t2 .. t2 + 3) of head h (ops.h's
- * index), t2 a multiple of 4, into keep (1s without dropout): where T is a
- * multiple of 4 they are one Philox block (mtmath.h: the same bits as
- * element by element), drawn once, where element by element costs a whole
- * block per value. Keys past t1 (masked: causal) are not drawn, but for
- * a block partly under the diagonal, nor is a query past the sequence
- * (t1 >= T: never stored). Every pass draws its scales this way. */
-static __device__ __forceinline__ void drop_scale4(float keep[4], float p, uint64_t key,
-                                                   uint64_t sample, uint32_t head, int T, int t1,
-                                                   int t2) {
-  uint64_t e = ((uint64_t)head * T + t1) * T + t2;
-  if (p > 0.0f && T % 4 == 0 && t2 <= t1 && t1 < T) {
-    mt_philox_out blk = mt_philox_block(key, sample, e >> 2);
-    for (int u = 0; u < 4; u++) keep[u] = mt_dropout_keep(p, blk.v[u]);
-  } else {
-    for (int u = 0; u < 4; u++)
-      keep[u] = p > 0.0f && t2 + u <= t1 && t1 < T ? mt_dropout_scale(p, key, sample, e + u) : 1.0f;
+/* Attention dropout: element (t1, t2) of head h (ops.h's index: query t1,
+ * key t2) keeps with scale mt_dropout_scale(p, key, sample, (h·T + t1)·T +
+ * t2). Where T is a multiple of 4 that is value t2 % 4 of the Philox block
+ * of keys t2 & ~3 (mtmath.h: the same bits), so a block drawn once serves
+ * four elements, where element by element costs a whole block (about 80
+ * integer operations) each. The lanes that share a block draw it once
+ * between them and trade values by shuffles: all 32 lanes call these
+ * (p > 0 is the same for the warp). */
+
+/* Rows are queries (the forward, dQ): a lane's elements 2r + e of one
+ * column half are keys tk0 + e (tk0 even) of rows tq[r]. Lanes l and l ^ 1
+ * hold the same rows and the two halves of one run of 4 keys: each draws
+ * one row's block (row l % 2) and takes the other's from its partner. */
+static __device__ __forceinline__ void row_keep(float keep[2][2], float p, uint64_t key,
+                                                uint64_t sample, uint32_t head, int T,
+                                                const int tq[2], int tk0, int lane) {
+  if (T % 4 == 0) {
+    int own = lane & 1; /* the row drawn here; tk0 % 4 == 2·own */
+    mt_philox_out b =
+        mt_philox_block(key, sample, (((uint64_t)head * T + tq[own]) * T + (tk0 & ~3)) >> 2);
+    uint32_t x[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) x[k] = __shfl_xor_sync(FULL_MASK, b.v[k], 1);
+    uint32_t mine[2] = {own ? b.v[2] : b.v[0], own ? b.v[3] : b.v[1]};
+    uint32_t theirs[2] = {own ? x[2] : x[0], own ? x[3] : x[1]};
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) keep[r][e] = mt_dropout_keep(p, r == own ? mine[e] : theirs[e]);
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; r++)
+#pragma unroll
+    for (int e = 0; e < 2; e++)
+      keep[r][e] =
+          tk0 + e <= tq[r] && tq[r] < T
+              ? mt_dropout_scale(p, key, sample, ((uint64_t)head * T + tq[r]) * T + tk0 + e)
+              : 1.0f;
+}
+
+/* Rows are keys (dK/dV), a warp's 16 from tk_row0 (a multiple of 16), columns
+ * queries from tq_col0: a lane's 8 elements of the block (acc_row,
+ * acc_col) into keep. Element (key row g + 8r, query column c) is value g % 4
+ * of its block, and the four lanes of rows 4a..4a+3 (one lane % 4) need the
+ * same 8 blocks: each draws 2 and takes its values of the other 6 by
+ * shuffles. */
+static __device__ __forceinline__ void col_keep(float keep[8], float p, uint64_t key,
+                                                uint64_t sample, uint32_t head, int T, int tk_row0,
+                                                int tq_col0, int lane) {
+  if (T % 4 == 0) {
+    int u = (lane >> 2) & 3, quad0 = (lane & ~15) | (lane & 3); /* lane of u = 0 */
+    mt_philox_out b[2]; /* elements 2u and 2u + 1's blocks */
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      int i = 2 * u + e, tq = tq_col0 + acc_col(lane, i);
+      int run = tk_row0 + 4 * (lane >> 4) + 8 * (u & 1); /* the keys of acc_row(lane, i) & ~3 */
+      b[e] = mt_philox_block(key, sample, (((uint64_t)head * T + tq) * T + run) >> 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      uint32_t v = 0;
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        uint32_t x = __shfl_sync(FULL_MASK, b[i & 1].v[k], quad0 + 4 * (i >> 1));
+        v = k == u ? x : v;
+      }
+      keep[i] = mt_dropout_keep(p, v);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    int tq = tq_col0 + acc_col(lane, i), tk = tk_row0 + acc_row(lane, i);
+    keep[i] = tk <= tq && tq < T
+                  ? mt_dropout_scale(p, key, sample, ((uint64_t)head * T + tq) * T + tk)
+                  : 1.0f;
   }
 }
 
@@ -414,24 +474,23 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, 3)
     }
     /* P = exp(s - m): summed undropped into l, written dropped and
      * rounded for P·V; a lane's elements 2r + e of column half hh are keys
-     * col0 + e of one run of 4 (one Philox block of the row, as the
-     * backward draws them) */
+     * tk0 + e of rows r */
 #pragma unroll
     for (int c = 0; c < W; c++)
 #pragma unroll
       for (int hh = 0; hh < 2; hh++) {
         int col0 = 16 * c + 8 * hh + 2 * (lane & 3), tk0 = kt * R + col0;
+        float keep[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
+        if (p > 0.0f) row_keep(keep, p, key, sample, head0 + h, T, tq, tk0, lane);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-          float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-          if (p > 0.0f) drop_scale4(keep, p, key, sample, head0 + h, T, tq[r], tk0 & ~3);
           float pv[2];
 #pragma unroll
           for (int e = 0; e < 2; e++) {
             float v = sc[c].x[4 * hh + 2 * r + e];
             pv[e] = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
             rs[r] += pv[e];
-            pv[e] *= tk0 & 2 ? keep[2 + e] : keep[e];
+            pv[e] *= keep[r][e];
           }
           store_pair<FP16>(Pw + ((lane >> 2) + 8 * r) * LDP(W) + col0, pv[0], pv[1]);
         }
@@ -600,7 +659,6 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
   /* the lane's two key rows (acc_row) */
   int tk[2] = {k0 + 16 * k.warp + (k.lane >> 2), k0 + 16 * k.warp + (k.lane >> 2) + 8};
-  uint64_t hrow = (uint64_t)(a.head0 + k.h) * T; /* the dropout index's head part */
 
   load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
   load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
@@ -623,19 +681,21 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
       warp_scores<FP16, D, NB>(st, Kw, s.Qs + 16 * cb * LDE(D));   /* Sᵀ: keys × queries */
       warp_scores<FP16, D, NB>(dpt, Vw, s.dOs + 16 * cb * LDE(D)); /* dPᵀ = V·dOᵀ */
 #pragma unroll
-      for (int c = 0; c < NB; c++)
+      for (int c = 0; c < NB; c++) {
+        float keep[8] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+        if (a.p > 0.0f)
+          col_keep(keep, a.p, a.key, k.sample, a.head0 + k.h, T, k0 + 16 * k.warp,
+                   q0 + 16 * (cb + c), k.lane);
 #pragma unroll
         for (int i0 = 0; i0 < 8; i0 += 2) { /* elements i0, i0 + 1: adjacent queries */
           float pd[2], ds[2];
 #pragma unroll
           for (int e = 0; e < 2; e++) {
             int i = i0 + e, r = (i >> 1) & 1, j = 16 * (cb + c) + acc_col(k.lane, i), tq = q0 + j;
-            float pf = 0.0f, m = 1.0f;
+            float pf = 0.0f, m = keep[i];
             ds[e] = 0.0f;
             if (tq >= tk[r] && tq < T && tk[r] >= s.ts_s[j]) {
               pf = expf(st[c].x[i] * a.scale - s.lse_s[j]);
-              if (a.p > 0.0f)
-                m = mt_dropout_scale(a.p, a.key, k.sample, (hrow + tq) * T + (uint64_t)tk[r]);
               ds[e] = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
             }
             pd[e] = pf * m;
@@ -644,6 +704,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
           store_pair<FP16>(s.Pw + at, pd[0], pd[1]);
           store_pair<FP16>(s.dSw + at, ds[0], ds[1]);
         }
+      }
     }
     __syncwarp();                                  /* Pw, dSw written */
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
@@ -693,18 +754,16 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
     __syncthreads();                        /* every warp has read Vs */
     if (k0 + R <= q0) load_tile_async<D>(s.Vs, next + C, R, T - (k0 + R), k.HS, k.ld);
     cp_async_commit();
-    /* a lane's elements 2r + e of column half hh: keys col0 + e of one run
-     * of 4 (one Philox block of the row, as the forward draws them) */
+    /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r */
 #pragma unroll
     for (int c = 0; c < W; c++)
 #pragma unroll
       for (int hh = 0; hh < 2; hh++) {
         int col0 = 16 * c + 8 * hh + 2 * (k.lane & 3), tk0 = k0 + col0;
+        float keep[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
+        if (a.p > 0.0f) row_keep(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq, tk0, k.lane);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-          float keep[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-          if (a.p > 0.0f)
-            drop_scale4(keep, a.p, a.key, k.sample, a.head0 + k.h, T, tq[r], tk0 & ~3);
           float ds[2];
 #pragma unroll
           for (int e = 0; e < 2; e++) {
@@ -712,7 +771,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
             ds[e] = 0.0f;
             if (tkk <= tq[r] && tq[r] < T && tkk >= ts[r]) {
               float pf = expf(sc[c].x[i] * a.scale - lr[r]);
-              ds[e] = pf * (dp[c].x[i] * (tk0 & 2 ? keep[2 + e] : keep[e]) - dd[r]) * a.scale;
+              ds[e] = pf * (dp[c].x[i] * keep[r][e] - dd[r]) * a.scale;
             }
           }
           store_pair<FP16>(s.Pw + ((k.lane >> 2) + 8 * r) * LDP(W) + col0, ds[0], ds[1]);

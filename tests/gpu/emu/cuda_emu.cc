@@ -830,6 +830,16 @@ uint64_t shfl_xor(uint64_t bits, int lane_mask) {
   return half[base + src];
 }
 
+uint64_t shfl_idx(uint64_t bits, int src_lane) {
+  unsigned base = cur->warp * 32;
+  if (src_lane < 0 || src_lane > 31) EMU_DIE("shuffle source lane %d", src_lane);
+  barrier &w = warps[cur->warp];
+  uint64_t *half = &slots[(w.gen & 1) * fibers.size()];
+  half[cur->linear] = bits;
+  arrive(w);
+  return half[base + (unsigned)src_lane];
+}
+
 unsigned ballot(int pred) {
   unsigned base = cur->warp * 32;
   barrier &w = warps[cur->warp];

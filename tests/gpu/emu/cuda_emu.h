@@ -242,6 +242,7 @@ void syncthreads();
 int syncthreads_count(int pred);
 unsigned ballot(int pred);
 uint64_t shfl_xor(uint64_t bits, int lane_mask);
+uint64_t shfl_idx(uint64_t bits, int src_lane);
 void check_mask(unsigned mask);
 
 template <class... P> struct launcher {
@@ -297,6 +298,17 @@ template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   uint64_t bits = 0;
   memcpy(&bits, &v, sizeof v);
   bits = mt_emu::shfl_xor(bits, lane_mask);
+  T r;
+  memcpy(&r, &bits, sizeof r);
+  return r;
+}
+
+template <class T> inline T __shfl_sync(unsigned mask, T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+  mt_emu::check_mask(mask);
+  uint64_t bits = 0;
+  memcpy(&bits, &v, sizeof v);
+  bits = mt_emu::shfl_idx(bits, src_lane);
   T r;
   memcpy(&r, &bits, sizeof r);
   return r;
