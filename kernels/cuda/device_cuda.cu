@@ -150,6 +150,19 @@ int mt__cuda_open(mt_device *d, int index) {
           cudaSuccess ||
       c->smem_optin < 48 * 1024)
     c->smem_optin = 48 * 1024;
+  /* the flash kernels' fragment layout (flash_cuda.cu), read now rather
+   * than at the first attention, mid-step; a GPU that cannot run this
+   * kernel runs none of them */
+  {
+    int misplaced = 0;
+    if (mt__cuda_acc_layout_check(d, &misplaced)) {
+      char why[256];
+      snprintf(why, sizeof why, "%s", mt_errmsg());
+      mt__cuda_close(d);
+      return mt_seterr(MT_EIO, "device %s: its first kernel: %s", d->name, why);
+    }
+    c->acc_layout = misplaced ? -1 : 1;
+  }
   mt_log_debug("device %s: %d SMs, compute stream %p", d->name, c->sms, (void *)c->stream);
   return 0;
 fail:

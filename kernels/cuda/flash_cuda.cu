@@ -948,9 +948,10 @@ int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int bloc
 }
 
 /* The flash kernels' row work assumes mma.m16n8k16's accumulator layout
- * (acc_row, acc_col), which every sm_80+ GPU has: proven once per device,
- * at its first flash launch, so that a GPU placing them otherwise fails
- * with a message instead of training on wrong attention. */
+ * (acc_row, acc_col), which every sm_80+ GPU has: read once per device,
+ * when it opens (device_cuda.cu; here where it was not), so that a GPU
+ * placing them otherwise fails with a message instead of training on
+ * wrong attention. */
 static int flash_layout_ok(mt_device *d, const char *what) {
   mt__cuda *c = mt__cuda_of(d);
   if (!c->acc_layout) {
