@@ -116,16 +116,51 @@ static __device__ __forceinline__ void copy16(void *dst, const void *src) {
 #endif
 }
 
+/* cp.async (sm_80+): 16 bytes from global src to shared dst without
+ * passing through registers, there once a later cp_async_wait allows and
+ * shown to the block by a barrier after it; src NULL writes zeros (a
+ * source size of 0 bytes reads nothing at base, any address of the
+ * tensor). The emulator copies at once. */
+static __device__ __forceinline__ void copy16_async(void *dst, const void *src, const void *base) {
+#ifdef MT_CUDA_EMU
+  (void)base;
+  copy16(dst, src);
+#else
+  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src ? src : base),
+               "r"(src ? 16 : 0)
+               : "memory");
+#endif
+}
+/* closes the copies this thread issued since its last commit into a group */
+static __device__ __forceinline__ void cp_async_commit() {
+#ifndef MT_CUDA_EMU
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+/* waits until at most N of this thread's groups are in flight */
+template <int N> static __device__ __forceinline__ void cp_async_wait() {
+#ifndef MT_CUDA_EMU
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 /* rows 0..R-1 of a tile from src (row 0 of the tile, element 0 of the head;
  * row stride ld): rows at or past `valid` and columns at or past HS are 0.
- * Eight elements at a time where HS and src allow (16-byte rows). */
-template <int D>
+ * Eight elements at a time where HS and src allow (16-byte rows), then
+ * (ASYNC) by cp.async, which the caller commits, waits for and syncs;
+ * otherwise element by element, at once. */
+template <int D, int ASYNC = 0>
 static __device__ void load_tile(uint16_t *dst, const uint16_t *src, int R, int valid, int HS,
                                  size_t ld) {
   if (HS % 8 == 0 && ld % 8 == 0 && (uintptr_t)src % 16 == 0) {
     for (int i = threadIdx.x; i < R * (D / 8); i += blockDim.x) {
       int r = i / (D / 8), c = i % (D / 8) * 8;
-      copy16(dst + r * LDE(D) + c, r < valid && c < HS ? src + (size_t)r * ld + c : NULL);
+      const uint16_t *from = r < valid && c < HS ? src + (size_t)r * ld + c : NULL;
+      if (ASYNC)
+        copy16_async(dst + r * LDE(D) + c, from, src);
+      else
+        copy16(dst + r * LDE(D) + c, from);
     }
     return;
   }
@@ -158,52 +193,7 @@ static __device__ __forceinline__ void store_pair(uint16_t *p, float lo, float h
 #endif
 }
 
-/* cp.async (sm_80+): 16 bytes from global src to shared dst without
- * passing through registers, there once a later cp_async_wait allows and
- * shown to the block by a barrier after it; src NULL writes zeros (a
- * source size of 0 bytes reads nothing at base, any address of the
- * tensor). The emulator copies at once. */
-static __device__ __forceinline__ void copy16_async(void *dst, const void *src, const void *base) {
-#ifdef MT_CUDA_EMU
-  (void)base;
-  copy16(dst, src);
-#else
-  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src ? src : base),
-               "r"(src ? 16 : 0)
-               : "memory");
-#endif
-}
-/* closes the copies this thread issued since its last commit into a group */
-static __device__ __forceinline__ void cp_async_commit() {
-#ifndef MT_CUDA_EMU
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-/* waits until at most N of this thread's groups are in flight */
-template <int N> static __device__ __forceinline__ void cp_async_wait() {
-#ifndef MT_CUDA_EMU
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-/* load_tile through cp.async where its 16-byte path applies (else as
- * load_tile does, at once); the caller commits, waits and syncs */
-template <int D>
-static __device__ void load_tile_async(uint16_t *dst, const uint16_t *src, int R, int valid, int HS,
-                                       size_t ld) {
-  if (HS % 8 == 0 && ld % 8 == 0 && (uintptr_t)src % 16 == 0) {
-    for (int i = threadIdx.x; i < R * (D / 8); i += blockDim.x) {
-      int r = i / (D / 8), c = i % (D / 8) * 8;
-      copy16_async(dst + r * LDE(D) + c, r < valid && c < HS ? src + (size_t)r * ld + c : NULL,
-                   src);
-    }
-    return;
-  }
-  load_tile<D>(dst, src, R, valid, HS, ld);
-}
-
-/* the same from fp32 (dout, row stride ld), rounded to the 16-bit type;
+/* load_tile from fp32 (dout, row stride ld), rounded to the 16-bit type;
  * four at a time where HS and src allow */
 template <int D, int FP16>
 static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int valid, int HS,
@@ -434,10 +424,10 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, 3)
    * buffer each): the next tile's K loads while this tile's softmax and
    * P·V run, its V while the next Q·Kᵀ does */
   const uint16_t *kv0 = head + C + (size_t)kt0 * R * ld;
-  load_tile_async<D>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
-  load_tile_async<D>(Ks, kv0, R, T - kt0 * R, HS, ld);
+  load_tile<D, 1>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
+  load_tile<D, 1>(Ks, kv0, R, T - kt0 * R, HS, ld);
   cp_async_commit();
-  load_tile_async<D>(Vs, kv0 + C, R, T - kt0 * R, HS, ld);
+  load_tile<D, 1>(Vs, kv0 + C, R, T - kt0 * R, HS, ld);
   cp_async_commit();
   const uint16_t *Qw = Qs + 16 * warp * LDE(D);
 
@@ -452,7 +442,7 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, 3)
     acc_frag sc[W];
     warp_scores<FP16, D, W>(sc, Qw, Ks);
     __syncthreads(); /* every warp has read Ks: the next tile's K */
-    if (kt < qt) load_tile_async<D>(Ks, next, R, T - (kt + 1) * R, HS, ld);
+    if (kt < qt) load_tile<D, 1>(Ks, next, R, T - (kt + 1) * R, HS, ld);
     cp_async_commit(); /* (empty after the last tile: the waits count groups) */
     /* the scaled scores of the keys a row sees (the rest: -FLT_MAX) and
      * each row's max over the tile */
@@ -508,7 +498,7 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, 3)
     __syncthreads();    /* (and this warp's Pw written) */
     warp_accumulate<FP16, D, W>(o, Pw, Vs);
     __syncthreads(); /* every warp has read Vs: the next tile's V */
-    if (kt < qt) load_tile_async<D>(Vs, next + C, R, T - (kt + 1) * R, HS, ld);
+    if (kt < qt) load_tile<D, 1>(Vs, next + C, R, T - (kt + 1) * R, HS, ld);
     cp_async_commit();
   }
   cp_async_wait<0>(); /* (only empty groups are left) */
@@ -741,8 +731,8 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
    * V load by cp.async, the next tile's V while this tile's dS and dS·K
    * are formed (its K once dS·K has read this one) */
   int kfirst = k.ds ? k.ds[q0] / R * R : 0;
-  load_tile_async<D>(s.Ks, k.head + C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
-  load_tile_async<D>(s.Vs, k.head + 2 * C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
+  load_tile<D, 1>(s.Ks, k.head + C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
+  load_tile<D, 1>(s.Vs, k.head + 2 * C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
   cp_async_commit();
   for (int k0 = kfirst; k0 <= q0; k0 += R) {
     const uint16_t *next = k.head + C + (size_t)(k0 + R) * k.ld; /* its K; V at + C */
@@ -752,7 +742,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
     warp_scores<FP16, D, W>(sc, Qw, s.Ks);  /* S: queries × keys */
     warp_scores<FP16, D, W>(dp, dOw, s.Vs); /* dP = dO·Vᵀ */
     __syncthreads();                        /* every warp has read Vs */
-    if (k0 + R <= q0) load_tile_async<D>(s.Vs, next + C, R, T - (k0 + R), k.HS, k.ld);
+    if (k0 + R <= q0) load_tile<D, 1>(s.Vs, next + C, R, T - (k0 + R), k.HS, k.ld);
     cp_async_commit();
     /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r */
 #pragma unroll
@@ -780,7 +770,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
     __syncwarp();                                /* Pw written */
     warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
     __syncthreads();                             /* every warp has read Ks */
-    if (k0 + R <= q0) load_tile_async<D>(s.Ks, next, R, T - (k0 + R), k.HS, k.ld);
+    if (k0 + R <= q0) load_tile<D, 1>(s.Ks, next, R, T - (k0 + R), k.HS, k.ld);
     cp_async_commit();
   }
   cp_async_wait<0>(); /* (only empty groups are left) */

@@ -292,26 +292,22 @@ template <class F> inline cudaError_t cudaFuncSetAttribute(F *k, cudaFuncAttribu
   return mt_emu::set_smem_limit((const void *)k, v) ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+/* v's bits (at most 8 bytes) moved between lanes by move(bits) */
+template <class T, class F> inline T shfl_bits(unsigned mask, T v, F move) {
   static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
   mt_emu::check_mask(mask);
   uint64_t bits = 0;
   memcpy(&bits, &v, sizeof v);
-  bits = mt_emu::shfl_xor(bits, lane_mask);
+  bits = move(bits);
   T r;
   memcpy(&r, &bits, sizeof r);
   return r;
 }
-
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  return shfl_bits(mask, v, [&](uint64_t b) { return mt_emu::shfl_xor(b, lane_mask); });
+}
 template <class T> inline T __shfl_sync(unsigned mask, T v, int src_lane) {
-  static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
-  mt_emu::check_mask(mask);
-  uint64_t bits = 0;
-  memcpy(&bits, &v, sizeof v);
-  bits = mt_emu::shfl_idx(bits, src_lane);
-  T r;
-  memcpy(&r, &bits, sizeof r);
-  return r;
+  return shfl_bits(mask, v, [&](uint64_t b) { return mt_emu::shfl_idx(b, src_lane); });
 }
 
 /* ---- 16-bit types and warp matrix multiplies (mma.h) --------------------- */
