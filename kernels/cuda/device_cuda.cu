@@ -159,7 +159,7 @@ int mt__cuda_open(mt_device *d, int index) {
       char why[256];
       snprintf(why, sizeof why, "%s", mt_errmsg());
       mt__cuda_close(d);
-      return mt_seterr(MT_EIO, "device %s: its first kernel: %s", d->name, why);
+      return mt_seterr(MT_EIO, "%s (the first kernel a GPU runs when it opens)", why);
     }
     c->acc_layout = misplaced ? -1 : 1;
   }

@@ -74,10 +74,16 @@ using namespace nvcuda;
 #ifdef MT_CUDA_EMU
 #define MT_LAUNCH_BOUNDS(threads, blocks)
 #else
-/* registers enough for that many blocks an SM: the forward's 3 (ptxas then
- * holds it to 168 a thread at head size 128 and 160, unspilled; its shared
- * memory allows 3 as well) */
+/* registers enough for that many blocks an SM */
 #define MT_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
+#endif
+/* The forward's blocks an SM: 3 where its shared memory allows them (an
+ * H100/H200's 228 KiB; ptxas then holds it to 168 registers a thread), 2
+ * on an A100 (164 KiB), which then leaves it more registers */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MT_FLASH_FWD_BLOCKS 2
+#else
+#define MT_FLASH_FWD_BLOCKS 3
 #endif
 
 template <int FP16> struct elem { typedef __nv_bfloat16 t; };
@@ -328,9 +334,10 @@ static __device__ __forceinline__ void row_keep(float keep[2][2], float p, uint6
                                                 uint64_t sample, uint32_t head, int T,
                                                 const int tq[2], int tk0, int lane) {
   if (T % 4 == 0) {
-    int own = lane & 1; /* the row drawn here; tk0 % 4 == 2·own */
-    mt_philox_out b =
-        mt_philox_block(key, sample, (((uint64_t)head * T + tq[own]) * T + (tk0 & ~3)) >> 2);
+    int own = lane & 1; /* the row drawn here (selected, not indexed: an index known
+                           only at run time puts tq in local memory); tk0 % 4 == 2·own */
+    mt_philox_out b = mt_philox_block(
+        key, sample, (((uint64_t)head * T + (own ? tq[1] : tq[0])) * T + (tk0 & ~3)) >> 2);
     uint32_t x[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) x[k] = __shfl_xor_sync(FULL_MASK, b.v[k], 1);
@@ -397,7 +404,7 @@ static __device__ __forceinline__ void col_keep(float keep[8], float p, uint64_t
  * FlashAttention (in order, the last wave was the heads' longest tiles,
  * with most SMs idle under it) */
 template <int FP16, int D, int W>
-static __global__ void MT_LAUNCH_BOUNDS(32 * W, 3)
+static __global__ void MT_LAUNCH_BOUNDS(32 * W, MT_FLASH_FWD_BLOCKS)
     k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C, int NH, float scale,
                 float p, uint64_t key, uint64_t sample0, uint32_t head0, const int32_t *docs) {
   const int R = 16 * W;
@@ -727,23 +734,27 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   acc_frag dq[D / 16];
 #pragma unroll
   for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq[n], 0.0f);
-  /* from the key tile of the tile's first row's start; a key tile's K and
-   * V load by cp.async, the next tile's V while this tile's dS and dS·K
-   * are formed (its K once dS·K has read this one) */
+  /* from the key tile of the tile's first row's start; a key tile's V and
+   * K load by cp.async as two groups in flight, V first: the next tile's V
+   * while this tile's Q·Kᵀ, dS and dS·K are formed, its K while its dO·Vᵀ
+   * is (a buffer each) */
   int kfirst = k.ds ? k.ds[q0] / R * R : 0;
-  load_tile<D, 1>(s.Ks, k.head + C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
   load_tile<D, 1>(s.Vs, k.head + 2 * C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
+  cp_async_commit();
+  load_tile<D, 1>(s.Ks, k.head + C + (size_t)kfirst * k.ld, R, T - kfirst, k.HS, k.ld);
   cp_async_commit();
   for (int k0 = kfirst; k0 <= q0; k0 += R) {
     const uint16_t *next = k.head + C + (size_t)(k0 + R) * k.ld; /* its K; V at + C */
-    cp_async_wait<0>();
-    __syncthreads(); /* Ks, Vs loaded */
+    cp_async_wait<1>();                                          /* this tile's V: all but its K */
+    __syncthreads();
     acc_frag sc[W], dp[W];
-    warp_scores<FP16, D, W>(sc, Qw, s.Ks);  /* S: queries × keys */
     warp_scores<FP16, D, W>(dp, dOw, s.Vs); /* dP = dO·Vᵀ */
     __syncthreads();                        /* every warp has read Vs */
     if (k0 + R <= q0) load_tile<D, 1>(s.Vs, next + C, R, T - (k0 + R), k.HS, k.ld);
     cp_async_commit();
+    cp_async_wait<1>(); /* this tile's K: all but the next V */
+    __syncthreads();
+    warp_scores<FP16, D, W>(sc, Qw, s.Ks); /* S: queries × keys */
     /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r */
 #pragma unroll
     for (int c = 0; c < W; c++)

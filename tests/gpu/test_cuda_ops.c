@@ -1705,16 +1705,10 @@ static void test_linear_unaligned_bias_and_aux(void) {
 }
 
 #ifdef MT_CUDA_EMU
-/* On a GPU that gives a block less shared memory than the flash backward at
- * head size 160 takes (an sm_86/sm_89 part: 101376 bytes, emulated through
- * MT_CUDA_EMU_SMEM_OPTIN), the forward (73728 bytes) runs and the backward
- * (105216) is refused naming both figures, instead of a launch failing with
- * "invalid argument"; at head size 128 both passes run (61440 and 88832
- * bytes). */
 /* A GPU placing a wmma accumulator's elements otherwise than the flash
  * kernels assume (emulated: mt_emu_set_acc_layout(0)) gets a message from
- * a 16-bit attention, at its first flash launch, not wrong attention; the
- * layout is read once per device, at that launch. */
+ * a 16-bit attention, not wrong attention: the layout is read once per
+ * device, when it opens, and no flash kernel is launched. */
 static void test_flash_other_layout(void) {
   mt_emu_set_acc_layout(0);
   mt_device other;
@@ -1742,6 +1736,12 @@ static void test_flash_other_layout(void) {
   mt_emu_set_acc_layout(1);
 }
 
+/* On a GPU that gives a block less shared memory than the flash backward at
+ * head size 160 takes (an sm_86/sm_89 part: 101376 bytes, emulated through
+ * MT_CUDA_EMU_SMEM_OPTIN), the forward (73728 bytes) runs and the backward
+ * (105216) is refused naming both figures, instead of a launch failing with
+ * "invalid argument"; at head size 128 both passes run (61440 and 88832
+ * bytes). */
 static void test_flash_shared_memory_limit(void) {
   setenv("MT_CUDA_EMU_SMEM_OPTIN", "101376", 1);
   mt_device small;
