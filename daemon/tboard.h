@@ -76,7 +76,7 @@ size_t mt_tboard_queued(mt_tboard *t);
 void mt_tboard_free(mt_tboard *t);
 
 /* Waits at most timeout_ms until every writer mt_tboard_free left has
- * ended, for the exit (which needs no heartbeat); returns how many are
+ * ended, before the daemon exits (no heartbeat needed then); returns how many are
  * still live, said as a warning: their points are lost, and the caller
  * must leave with _exit, since a writer may be inside stdio or a write. */
 int mt_tboard_wait_left(int timeout_ms);

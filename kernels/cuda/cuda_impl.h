@@ -61,8 +61,8 @@ typedef struct mt__cuda {
   float *cols;         /* MT_CUDA_COL_FLOATS */
   int sms;             /* streaming multiprocessors */
   int smem_optin;      /* dynamic shared memory a block may opt in to, bytes */
-  int acc_layout;      /* the flash kernels' fragment layout on this GPU: 0 unchecked,
-                          1 as they assume, -1 not (flash_cuda.cu) */
+  int acc_layout;      /* the flash kernels' fragment layout on this GPU, read when it
+                          opens: 1 as they assume, -1 not (flash_cuda.cu) */
   int err;             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;

@@ -950,20 +950,10 @@ int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int bloc
 
 /* The flash kernels' row work assumes mma.m16n8k16's accumulator layout
  * (acc_row, acc_col), which every sm_80+ GPU has: read once per device,
- * when it opens (device_cuda.cu; here where it was not), so that a GPU
- * placing them otherwise fails with a message instead of training on
- * wrong attention. */
+ * when it opens (device_cuda.cu), so that a GPU placing them otherwise
+ * fails with a message instead of training on wrong attention. */
 static int flash_layout_ok(mt_device *d, const char *what) {
-  mt__cuda *c = mt__cuda_of(d);
-  if (!c->acc_layout) {
-    int misplaced = 0;
-    if (mt__cuda_acc_layout_check(d, &misplaced)) {
-      mt__cuda_fail(d, what, mt_errmsg());
-      return 0;
-    }
-    c->acc_layout = misplaced ? -1 : 1;
-  }
-  if (c->acc_layout > 0) return 1;
+  if (mt__cuda_of(d)->acc_layout > 0) return 1;
   mt__cuda_fail(d, what,
                 "this GPU places a wmma accumulator's elements otherwise than mma.m16n8k16 does, "
                 "which the flash kernels assume; use fp32 attention (train.precision fp32)");
