@@ -11,18 +11,16 @@
  * padded with zeros to D (64, 128, 160 or 256) in shared memory: 160 is
  * MT-NLG 530B's head size, which 256 would pad with 60% more products;
  * and the dK/dV kernel's accumulators, D floats a lane, fit the registers
- * at 160 (no spills) where at 256 they spill. ptxas -v (CUDA 13, -O3) with
- * the documents' per-row starts: k_flash_bwd_kv<·,160,4> uses 253/254
- * registers (bf16, sm_80/sm_90; 254/254 before them) and 244/244 (fp16;
- * 244/242 before), no spill stores or loads (the bf16 build's 16-byte
- * stack frame was there before them too); <·,256,2> spills 356-576 bytes.
+ * at 160 (a few dozen bytes spilled in the bf16 build) where at 256 they
+ * spill 0.5-0.7 KB (ptxas -v, CUDA 13, -O3: bench/RESULTS.md has every
+ * kernel's registers and spills).
  *
  * Row work happens in registers, on the score fragments themselves: an
  * sm_80+ GPU places a 16 × 16 fp32 accumulator's elements as mma.m16n8k16
  * does (acc_row, acc_col below), so a lane holds two rows' elements and the
  * four lanes of a quad share those rows (a row's max and sum: two
  * shuffles). The emulator places them so too, and mt__cuda_acc_layout_check
- * proves it of the GPU a run is on (tests/gpu/test_cuda_ops). The 16-bit
+ * proves it of each GPU when it opens (and tests/gpu/test_cuda_ops). The 16-bit
  * operands of the second products (P, dS) go through shared memory, a
  * warp's 16 rows, since an operand fragment's layout is not the
  * accumulator's. A warp's scores against 16·NB keys (or queries) come
