@@ -287,12 +287,12 @@ static __device__ void warp_accumulate(acc_frag *acc, const uint16_t *P, const u
 }
 
 /* One output value: added to or written into a float, or rounded into a
- * 16-bit one (bf16, or binary16 when fp16) */
-static __device__ __forceinline__ void put_out(float *o, float v, int add, int) {
+ * 16-bit one (bf16, or binary16 when FP16) */
+template <int FP16> static __device__ __forceinline__ void put_out(float *o, float v, int add) {
   *o = add ? *o + v : v;
 }
-static __device__ __forceinline__ void put_out(uint16_t *o, float v, int, int fp16) {
-  *o = mt_half_pack(v, fp16);
+template <int FP16> static __device__ __forceinline__ void put_out(uint16_t *o, float v, int) {
+  *o = pack16<FP16>(v);
 }
 
 /* A warp's D/16 accumulators, rows row0.. of the head (16 of them, those
@@ -310,7 +310,7 @@ static __device__ void warp_rows_out(O *dst, size_t ld, float *st, acc_frag *acc
   for (int i = lane; i < 16 * HS; i += 32) {
     int r = i / HS, c = i % HS;
     if (row0 + r >= T) continue;
-    put_out(dst + (size_t)(row0 + r) * ld + c, st[r * LDO(D) + c], ADD, FP16);
+    put_out<FP16>(dst + (size_t)(row0 + r) * ld + c, st[r * LDO(D) + c], ADD);
   }
   __syncwarp();
 }

@@ -58,7 +58,7 @@
  * sm_80 or later GPU has them (mma.m16n8k16's C layout for columns 0-7,
  * then for 8-15: element i of lane l at row l/4 + 8·(i/2 % 2), column
  * 2·(l%4) + i%2 + 8·(i/4)), which the flash kernels read in registers
- * (cuda_impl.h: mt_acc_row, mt_acc_col; test_cuda_ops checks the GPU's);
+ * (flash_cuda.cu: acc_row, acc_col; test_cuda_ops checks the GPU's);
  * a matrix_a or matrix_b fragment's mapping is the emulator's own, which
  * kernels must not read.
  *
