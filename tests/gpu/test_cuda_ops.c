@@ -362,13 +362,15 @@ static void linear_scratch_pair(int N, int C, int OC, mt_dtype it, mt_dtype wt, 
 
 /* ---- GEMM paths (the emulator counts them) ------------------------------ */
 
-#ifdef MT_CUDA_EMU
-/* The conversion budget ops_cuda.cu was built with (tests/gpu/meson.build) */
+/* The conversion budget ops_cuda.cu was built with (tests/gpu/meson.build;
+ * its default elsewhere) */
 #ifdef MT_CUDA_CVT_BYTES
 #define CVT_BUDGET ((size_t)MT_CUDA_CVT_BYTES)
 #else
 #define CVT_BUDGET ((size_t)128 << 20)
 #endif
+
+#ifdef MT_CUDA_EMU
 
 /* GEMMs run since the last call: all of them, with the GeLU epilogue, with
  * the DGELU one, with 16-bit A and B; and conversion kernels launched
@@ -905,8 +907,13 @@ static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const c
 
 /* bf16 weights in native bf16 GEMMs against fp32 weights holding the same
  * values in FAST_16BF GEMMs (fp32 inputs both): both round every operand to
- * bf16 (nearest even) and accumulate in fp32. */
-static void test_linear_bf16_native(int N, int C, int OC, int blocked) {
+ * bf16 (nearest even) and accumulate in fp32. The native call rounds the
+ * rows of inp and dout into the conversion budget, 2·(C + OC) bytes a row
+ * (ops_cuda.cu's lin_plan_of): past it, in blocks of rows, its dw a sum of
+ * the blocks' sums (the emulator's budget is 2 KB: its 1024 × 768 × 3072
+ * case goes in blocks, a GPU's does not). */
+static void test_linear_bf16_native(int N, int C, int OC) {
+  int blocked = (size_t)N * 2 * ((size_t)C + OC) > CVT_BUDGET;
   gpu.matmul = MT_MATMUL_BF16;
   size_t ni = (size_t)N * C, nw = (size_t)OC * C;
   float *w = round_to(H(nw, -0.5f, 0.5f), nw, MT_BF16), *x = Df(H(ni, -1, 1), ni);
@@ -1858,8 +1865,8 @@ int main(int argc, char **argv) {
       test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_BF16, MT_BF16, bf_in);
       test_linear_bwd_dgelu(5, 3, 7, MT_MATMUL_TF32, MT_F16, fp_in);
     }
-    test_linear_bf16_native(9, 20, 16, 0);
-    test_linear_bf16_native(5, 7, 3, 0);
+    test_linear_bf16_native(9, 20, 16);
+    test_linear_bf16_native(5, 7, 3);
     test_linear_typed_input(9, 20, 16, MT_MATMUL_BF16, MT_BF16, 0);
     test_linear_typed_input(9, 20, 16, MT_MATMUL_FP32, MT_BF16, 0);
     test_linear_typed_input(9, 20, 16, MT_MATMUL_TF32, MT_F16, 0);
@@ -1884,7 +1891,7 @@ int main(int argc, char **argv) {
       test_linear_blocks(64, 24, 40, MT_MATMUL_FP32, MT_BF16, bf_in);
       test_linear_blocks(64, 24, 40, MT_MATMUL_TF32, MT_F16, fp_in);
     }
-    test_linear_bf16_native(64, 24, 40, 1);
+    test_linear_bf16_native(64, 24, 40);
     test_linear_typed_input(64, 24, 40, MT_MATMUL_BF16, MT_BF16, 1);
     test_linear_typed_input(64, 24, 40, MT_MATMUL_TF32, MT_F16, 1);
 #endif
@@ -1979,7 +1986,7 @@ int main(int argc, char **argv) {
       test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_BF16, MT_BF16, bf_in);
       test_linear_bwd_dgelu(1024, 3072, 768, MT_MATMUL_TF32, MT_F16, fp_in);
     }
-    test_linear_bf16_native(1024, 768, 3072, 0);
+    test_linear_bf16_native(1024, 768, 3072);
     test_linear_typed_input(1024, 768, 3072, MT_MATMUL_BF16, MT_BF16, 0);
     test_linear_typed_input(1024, 768, 3072, MT_MATMUL_TF32, MT_F16, 0);
     /* past the default 128 MiB budget: bf16 weights under TF32 unpacked in
@@ -1987,7 +1994,7 @@ int main(int argc, char **argv) {
      * (192 MiB), of dout alone (256 MiB); fp16 rows of dout alone in blocks
      * (256 MiB) */
     test_linear(64, 8192, 8192, MT_MATMUL_TF32, MT_BF16, MT_F32);
-    test_linear_bf16_native(16384, 2048, 4096, 1);
+    test_linear_bf16_native(16384, 2048, 4096);
     test_linear_typed_input(32768, 2048, 4096, MT_MATMUL_BF16, MT_BF16, 1);
     test_linear_typed_input(32768, 2048, 4096, MT_MATMUL_TF32, MT_F16, 1);
     test_linear_bad_types();
