@@ -7,7 +7,8 @@ softmax attention, output projection, residual; LayerNorm, 4h MLP with GeLU
 (tanh), residual. fp32 parameters and inputs under bf16 autocast, the usual
 mixed-precision setup. Two forms of the attention: written out, with the
 probabilities materialised as mtnlg's backend does ("eager"), and
-F.scaled_dot_product_attention (flash kernels, "sdpa") where this torch has it.
+F.scaled_dot_product_attention (flash kernels, "sdpa") where this torch has it,
+which is also timed alone (the first shape's B) beside gpu_bench's flash row.
 TFLOP/s count the same model FLOPs as gpu_bench, 72·B·s·h²·(1 + s/6h).
 
 Prints "RESULT key value" lines for tests/gpu/run; "RESULT torch n/a" (exit 0)
@@ -99,6 +100,47 @@ def bench(B, T, C, NH, sdpa, iters, device):
     return ms, flops / (ms * 1e-3) / 1e12
 
 
+def bench_attention(B, T, C, NH, iters, device):
+    """Milliseconds of SDPA attention alone on a bf16 qkv (B,T,3C), forward +
+    backward and forward alone: the peer of gpu_bench's flash row (its qkv
+    16-bit, its output gradient fp32 as mtnlg's is, its D = rowsum(dO ∘ O)
+    pass counted)."""
+    gen = torch.Generator().manual_seed(7)
+    qkv = (torch.randn(B, T, 3 * C, generator=gen) * 2.0).to(device, torch.bfloat16)
+    qkv.requires_grad_()
+    dout = (torch.randn(B, T, C, generator=gen) * 0.02).to(device)
+    cuda = device == "cuda"
+
+    def fwd():
+        return attention(qkv, B, T, C, NH, True)
+
+    def step():
+        qkv.grad = None  # written afresh, as mtnlg's dqkv is, not added to
+        fwd().backward(dout.to(torch.bfloat16))
+
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / iters
+        return (time.perf_counter() - t0) * 1e3 / iters
+
+    ms = timed(step)
+    with torch.no_grad():
+        fwd_ms = timed(fwd)
+    flops = 3.0 * 2.0 * B * T * T * C  # gpu_bench's attention_flops: causal half, bwd 2x fwd
+    return ms, fwd_ms, flops / (ms * 1e-3) / 1e12
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -131,6 +173,18 @@ def main():
             print(f"RESULT torch_{tag}_b{B}_ms {ms:.3f}")
             print(f"RESULT torch_{tag}_b{B}_tflops {tflops:.2f}")
             sys.stdout.flush()
+    if hasattr(F, "scaled_dot_product_attention"):
+        B, T, C, NH = shapes[0]
+        try:
+            ms, fwd_ms, tflops = bench_attention(B, T, C, NH, iters, a.device)
+        except RuntimeError as e:
+            print(f"torch_layer: sdpa attention B={B}: {str(e).splitlines()[0]}")
+        else:
+            print(f"torch sdpa attention alone B={B}: {ms:.2f} ms fwd+bwd ({tflops:.1f} TFLOP/s), "
+                  f"forward {fwd_ms:.2f} ms")
+            print(f"RESULT torch_sdpa_attention_b{B}_ms {ms:.3f}")
+            print(f"RESULT torch_sdpa_attention_fwd_b{B}_ms {fwd_ms:.3f}")
+            print(f"RESULT torch_sdpa_attention_b{B}_tflops {tflops:.2f}")
     return 0
 
 
