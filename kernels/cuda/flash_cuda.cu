@@ -124,11 +124,13 @@ static __device__ __forceinline__ void copy16(void *dst, const void *src) {
  * passing through registers, there once a later cp_async_wait allows and
  * shown to the block by a barrier after it; src NULL writes zeros (a
  * source size of 0 bytes reads nothing at base, any address of the
- * tensor). The emulator copies at once. */
+ * tensor). The emulator lands it at once, or (MT_CUDA_EMU_CP_ASYNC=late)
+ * only at the wait that completes it: a read before then finds the old
+ * contents. */
 static __device__ __forceinline__ void copy16_async(void *dst, const void *src, const void *base) {
 #ifdef MT_CUDA_EMU
   (void)base;
-  copy16(dst, src);
+  mt_emu::cp_async(dst, src);
 #else
   unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src ? src : base),
@@ -138,13 +140,17 @@ static __device__ __forceinline__ void copy16_async(void *dst, const void *src, 
 }
 /* closes the copies this thread issued since its last commit into a group */
 static __device__ __forceinline__ void cp_async_commit() {
-#ifndef MT_CUDA_EMU
+#ifdef MT_CUDA_EMU
+  mt_emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 /* waits until at most N of this thread's groups are in flight */
 template <int N> static __device__ __forceinline__ void cp_async_wait() {
-#ifndef MT_CUDA_EMU
+#ifdef MT_CUDA_EMU
+  mt_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

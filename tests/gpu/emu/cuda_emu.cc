@@ -621,6 +621,16 @@ __asm__(".text\n"
 #define FAST_SWITCH 0
 #endif
 
+/* A cp.async copy: its 16 bytes read at issue (the source is global memory,
+ * which no kernel here writes while it copies from it), written to dst when
+ * it lands; group 0 until committed, then the thread's group count. */
+struct async_copy {
+  unsigned char *dst;
+  unsigned char bytes[16];
+  unsigned long group;
+  bool landed;
+};
+
 struct fiber {
 #if FAST_SWITCH
   void *sp;
@@ -630,8 +640,10 @@ struct fiber {
   uint3 tid;
   unsigned linear, warp, lane;
   int done;
-  const barrier *wait_on; /* the barrier it waits at, or NULL */
-  unsigned wait_gen;      /* for that barrier's generation to pass */
+  const barrier *wait_on;         /* the barrier it waits at, or NULL */
+  unsigned wait_gen;              /* for that barrier's generation to pass */
+  std::vector<async_copy> copies; /* its cp.async copies not waited for */
+  unsigned long groups;           /* its cp.async groups committed */
 };
 
 const size_t STACK_BYTES = 128 << 10;
@@ -647,6 +659,10 @@ size_t turn;          /* cur's place in the pass: fibers in index order, or reve
 size_t live;          /* fibers of the block not yet done */
 const bool reversed = /* MT_CUDA_EMU_ORDER=reverse */
     getenv("MT_CUDA_EMU_ORDER") && !strcmp(getenv("MT_CUDA_EMU_ORDER"), "reverse");
+/* MT_CUDA_EMU_CP_ASYNC=late: cp.async copies land at their wait */
+std::atomic<bool> cp_late{getenv("MT_CUDA_EMU_CP_ASYNC") &&
+                          !strcmp(getenv("MT_CUDA_EMU_CP_ASYNC"), "late")};
+const char *kernel_name; /* the launch running */
 barrier blk;
 std::vector<barrier> warps;
 /* Two per thread, by the parity of its warp barrier's generation: a lane
@@ -729,6 +745,11 @@ void leave(barrier &b) {
 
 void entry() {
   (*body)();
+  if (!cur->copies.empty())
+    EMU_DIE("kernel %s block (%u,%u,%u) thread (%u,%u,%u): it ends with %zu cp.async copies "
+            "not waited for (cp.async.wait_group)",
+            kernel_name, block_idx.x, block_idx.y, block_idx.z, cur->tid.x, cur->tid.y, cur->tid.z,
+            cur->copies.size());
   cur->done = 1;
   live--;
   leave(blk);
@@ -840,6 +861,43 @@ uint64_t shfl_idx(uint64_t bits, int src_lane) {
   return half[base + (unsigned)src_lane];
 }
 
+void cp_async(void *dst, const void *src) {
+  if ((uintptr_t)dst % 16 || (uintptr_t)src % 16)
+    EMU_DIE("kernel %s: cp.async of 16 bytes from %p to %p, not 16-byte aligned", kernel_name, src,
+            dst);
+  async_copy c;
+  c.dst = (unsigned char *)dst;
+  if (src)
+    memcpy(c.bytes, src, 16);
+  else
+    memset(c.bytes, 0, 16);
+  c.group = 0;
+  c.landed = !cp_late;
+  if (c.landed) memcpy(c.dst, c.bytes, 16);
+  cur->copies.push_back(c);
+}
+
+void cp_async_commit() {
+  cur->groups++;
+  for (async_copy &c : cur->copies)
+    if (!c.group) c.group = cur->groups;
+}
+
+void cp_async_wait(int n) {
+  if (n < 0) EMU_DIE("kernel %s: cp.async.wait_group %d", kernel_name, n);
+  std::vector<async_copy> &v = cur->copies;
+  size_t kept = 0;
+  for (size_t i = 0; i < v.size(); i++) {
+    async_copy &c = v[i];
+    if (c.group && c.group + (unsigned long)n <= cur->groups) {
+      if (!c.landed) memcpy(c.dst, c.bytes, 16);
+    } else {
+      v[kept++] = c;
+    }
+  }
+  v.resize(kept);
+}
+
 unsigned ballot(int pred) {
   unsigned base = cur->warp * 32;
   barrier &w = warps[cur->warp];
@@ -888,6 +946,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
     if (stacks == MAP_FAILED) EMU_DIE("cannot map fiber stacks");
   }
   body = &b;
+  kernel_name = name;
   grid_dim = grid;
   block_dim = block;
   fibers.assign(nthreads, fiber());
@@ -914,6 +973,8 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
           f.linear = (unsigned)i, f.warp = (unsigned)(i / 32), f.lane = (unsigned)(i % 32);
           f.done = 0;
           f.wait_on = nullptr;
+          f.copies.clear();
+          f.groups = 0;
           /* the tops of the stacks, 128 KiB apart, would all fall in one
            * cache set: each is moved down by its own multiple of 64 bytes */
           start(f, stacks + i * STACK_BYTES, STACK_BYTES - (i * 33 % 256) * 64);
@@ -944,6 +1005,8 @@ void nvcuda::wmma::detail::check(const void *p, unsigned ldm, unsigned multiple,
 
 int nvcuda::wmma::detail::acc_sm80 = 1;
 void mt_emu_set_acc_layout(int sm80) { nvcuda::wmma::detail::acc_sm80 = sm80 != 0; }
+
+void mt_emu_set_cp_async_late(int late) { mt_emu::cp_late = late != 0; }
 
 void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
   *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *lt_dgelu = mt_emu::gemms_lt_dgelu;

@@ -69,7 +69,11 @@
  * before the write finds the NaN of fresh memory) catches such a missing
  * barrier either way round. A turn ends at a barrier (a shuffle, a ballot
  * and mma_sync are one warp barrier each, as on a GPU); a thread waiting
- * for one that has not completed is passed over.
+ * for one that has not completed is passed over. cp.async copies land at
+ * once, or with MT_CUDA_EMU_CP_ASYNC=late at the wait that completes them:
+ * a read of the copy's destination before that wait (and the barrier after
+ * it, for other threads) finds the old contents one way, and a copy into a
+ * buffer other threads still read shows in one of the two orders the other.
  *
  * What this cannot find: races between blocks (and within one beyond what the
  * two orders show), timing,
@@ -175,6 +179,10 @@ long mt_emu_launch_count(const char *kernel);
  * l·8 + i in row-major order), as a GPU whose layout the flash kernels do
  * not assume would: process-wide, for a test of their refusal. */
 void mt_emu_set_acc_layout(int sm80);
+/* Lands cp.async copies from now on at the wait that completes them (late
+ * nonzero) or at once (0), process-wide: MT_CUDA_EMU_CP_ASYNC=late sets it
+ * at start. */
+void mt_emu_set_cp_async_late(int late);
 /* Arms a fault: the nth launch from now (1: the next) of that kernel, on
  * whichever device and thread, fails as a faulting kernel would: it does not
  * run, and the launching thread's cudaGetLastError says
@@ -244,6 +252,17 @@ unsigned ballot(int pred);
 uint64_t shfl_xor(uint64_t bits, int lane_mask);
 uint64_t shfl_idx(uint64_t bits, int src_lane);
 void check_mask(unsigned mask);
+/* cp.async (sm_80+), a thread's copies of 16 bytes from global to shared
+ * memory (src NULL: zeros), gathered into groups by cp_async_commit and
+ * waited for by cp_async_wait(n) (all but the n newest groups, as
+ * cp.async.wait_group n); copies not yet committed are in no group, and no
+ * wait completes them. When a copy lands is MT_CUDA_EMU_CP_ASYNC's: at
+ * once (the default), or "late", at the wait that completes it, the latest
+ * a GPU may land it. A thread that ends with copies not waited for stops
+ * the test, naming the kernel. */
+void cp_async(void *dst, const void *src);
+void cp_async_commit();
+void cp_async_wait(int n);
 
 template <class... P> struct launcher {
   const char *name;

@@ -1,0 +1,139 @@
+/* test_emu_cp_async.cc — the emulator's cp.async (cuda_emu.h), which the
+ * flash kernels' prefetching rests on: where a copy lands, at once or, in
+ * the late mode, at the wait that completes it (not before, and not for a
+ * copy no commit has put in a group), and that a thread ending with copies
+ * not waited for stops the program with a message. The flash kernels' own
+ * waits and barriers are checked by test_cuda_emu_cp_async_late, which runs
+ * them in the late mode; this test keeps that mode from going vacuous. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cuda_emu.h"
+
+enum { THREADS = 64, SLOTS = 3, PROBES = 6 };
+
+static int failures, checks;
+
+static void expect(int ok, const char *what) {
+  checks++;
+  if (!ok) {
+    failures++;
+    printf("FAIL %s\n", what);
+  }
+}
+
+/* Thread t copies src[4t..4t+3] into its slot of each of three 16-byte
+ * buffers, and records what the slots hold along the way (probe k of
+ * thread t at out[t·PROBES + k]). */
+static void k_probe(float *out, const float *src) {
+  float *smem = (float *)mt_emu::dyn_smem();
+  unsigned t = threadIdx.x;
+  float *slot[SLOTS];
+  for (int s = 0; s < SLOTS; s++) slot[s] = smem + (s * THREADS + t) * 4;
+  float *o = out + t * PROBES;
+  mt_emu::cp_async(slot[0], src + 4 * t);
+  mt_emu::cp_async_commit(); /* group 1 */
+  o[0] = slot[0][0];         /* issued, not waited for */
+  mt_emu::cp_async(slot[1], src + 4 * t);
+  mt_emu::cp_async_commit(); /* group 2 */
+  mt_emu::cp_async_wait(1);  /* group 1 */
+  o[1] = slot[0][0], o[2] = slot[1][0];
+  mt_emu::cp_async(slot[2], nullptr); /* zeros, in no group yet */
+  mt_emu::cp_async_wait(0);           /* group 2, not the uncommitted copy */
+  o[3] = slot[1][0], o[4] = slot[2][0];
+  mt_emu::cp_async_commit(); /* group 3 */
+  mt_emu::cp_async_wait(0);
+  __syncthreads();
+  o[5] = smem[(2 * THREADS + (t + 1) % THREADS) * 4]; /* the next thread's zeros */
+}
+
+static void k_unwaited(const float *src) {
+  mt_emu::cp_async(mt_emu::dyn_smem() + 16 * threadIdx.x, src + 4 * threadIdx.x);
+  mt_emu::cp_async_commit();
+}
+
+static void run_probe(int late) {
+  mt_emu_set_cp_async_late(late);
+  float host[THREADS * 4], got[THREADS * PROBES];
+  for (int i = 0; i < THREADS * 4; i++) host[i] = (float)(i + 1);
+  float *src = nullptr, *out = nullptr;
+  if (cudaMalloc((void **)&src, sizeof host) || cudaMalloc((void **)&out, sizeof got) ||
+      cudaMemcpyAsync(src, host, sizeof host, cudaMemcpyHostToDevice, 0)) {
+    printf("FAIL cudaMalloc/cudaMemcpyAsync\n");
+    exit(1);
+  }
+  mt_emu::launch("k_probe", k_probe, dim3(1), dim3(THREADS), 0, SLOTS * THREADS * 16)(out, src);
+  cudaMemcpyAsync(got, out, sizeof got, cudaMemcpyDeviceToHost, 0);
+  cudaStreamSynchronize(0);
+  int before = 1, landed = 1, uncommitted = 1, shared = 1;
+  for (int t = 0; t < THREADS; t++) {
+    const float *o = got + t * PROBES, want = (float)(4 * t + 1);
+    /* shared memory starts as NaN bytes: a copy that has not landed reads NaN */
+    before &= late ? isnan(o[0]) && isnan(o[2]) : o[0] == want && o[2] == want;
+    landed &= o[1] == want && o[3] == want;
+    uncommitted &= late ? isnan(o[4]) : o[4] == 0.0f;
+    shared &= o[5] == 0.0f;
+  }
+  char what[160];
+  snprintf(what, sizeof what, "%s: copies not yet waited for %s", late ? "late" : "at once",
+           late ? "leave the old contents" : "have landed");
+  expect(before, what);
+  snprintf(what, sizeof what, "%s: a wait lands every group but the newest n",
+           late ? "late" : "at once");
+  expect(landed, what);
+  snprintf(what, sizeof what, "%s: a copy in no group %s", late ? "late" : "at once",
+           late ? "is not landed by a wait" : "has landed");
+  expect(uncommitted, what);
+  snprintf(what, sizeof what, "%s: after the waits and a barrier, other threads see the copies",
+           late ? "late" : "at once");
+  expect(shared, what);
+  cudaFree(src);
+  cudaFree(out);
+}
+
+/* A block whose threads end with a copy not waited for: the child stops
+ * with SIGABRT, its message naming the kernel. */
+static void run_unwaited(void) {
+  int fd[2];
+  if (pipe(fd)) {
+    perror("pipe");
+    exit(1);
+  }
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fd[1], 2);
+    close(fd[0]);
+    float *src = nullptr;
+    if (cudaMalloc((void **)&src, THREADS * 16)) _exit(3);
+    cudaMemsetAsync(src, 0, THREADS * 16, 0);
+    mt_emu::launch("k_unwaited", k_unwaited, dim3(1), dim3(THREADS), 0, THREADS * 16)(src);
+    _exit(0);
+  }
+  close(fd[1]);
+  char msg[1024] = "";
+  size_t n = 0;
+  ssize_t r;
+  while (n < sizeof msg - 1 && (r = read(fd[0], msg + n, sizeof msg - 1 - n)) > 0) n += (size_t)r;
+  msg[n] = 0;
+  close(fd[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
+         "a thread ending with a copy not waited for stops the program");
+  expect(strstr(msg, "k_unwaited") && strstr(msg, "not waited for"),
+         "its message names the kernel and the copies not waited for");
+  if (!strstr(msg, "not waited for")) printf("  child's stderr: %s\n", msg);
+}
+
+int main(void) {
+  run_probe(0);
+  run_probe(1);
+  run_unwaited();
+  printf("test_emu_cp_async: %d checks, %d failed\n", checks, failures);
+  return failures != 0;
+}
