@@ -40,7 +40,11 @@
  * dSᵀ·Q; k_flash_bwd_q, per query tile, sweeps the key tiles up to the
  * diagonal and accumulates dQ += dS·K. With dP = dO·Vᵀ and m the dropout
  * scale, dS = P ∘ (dP·m - D)·scale; Pd, dO and dS are rounded to the 16-bit
- * type for their products. Each block adds its finished rows into dqkv.
+ * type for their products: dO once, by k_flash_dot, into a 16-bit dqkv's Q
+ * columns, where the dK/dV and dQ kernels load it as they load Q (an fp32
+ * dqkv: as each tile loads). The dK/dV kernel loads the next query tile's
+ * Q while dV accumulates and its dO while the next scores start. Each
+ * block adds (fp32) or writes (16-bit) its finished rows into dqkv.
  *
  * Documents (doc_start, Megatron's --reset-attention-mask): a row t sees
  * keys doc_start[t]..t only, and the starts never decrease along t, so a
@@ -528,17 +532,22 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MT_FLASH_FWD_BLOCKS)
 }
 
 /* dv[(b, h, t)] (rows of the group b0.., (Bg, NH, T)) = Σ_c dout·out over
- * the head; grid (T, Bg), a warp per head in turn */
+ * the head; and, with dO16 (not NULL), dout rounded to the 16-bit type
+ * into dO16's rows of stride 3C (dqkv's Q columns), which the dK/dV and dQ
+ * kernels then load as they are; grid (T, Bg), a warp per head in turn */
 template <int FP16>
-static __global__ void k_flash_dot(float *dv, const float *dout, const uint16_t *out, int T, int C,
-                                   int NH, int b0) {
+static __global__ void k_flash_dot(float *dv, uint16_t *dO16, const float *dout,
+                                   const uint16_t *out, int T, int C, int NH, int b0) {
   int t = blockIdx.x, bg = blockIdx.y, HS = C / NH;
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-  size_t row = ((size_t)(b0 + bg) * T + t) * C;
+  size_t row = ((size_t)(b0 + bg) * T + t) * C, row16 = row * 3;
   for (int h = warp; h < NH; h += nw) {
     float s = 0.0f;
-    for (int c = lane; c < HS; c += 32)
-      s += dout[row + (size_t)h * HS + c] * mt_half_unpack(out[row + (size_t)h * HS + c], FP16);
+    for (int c = lane; c < HS; c += 32) {
+      float g = dout[row + (size_t)h * HS + c];
+      s += g * mt_half_unpack(out[row + (size_t)h * HS + c], FP16);
+      if (dO16) dO16[row16 + (size_t)h * HS + c] = pack16<FP16>(g);
+    }
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
     if (lane == 0) dv[((size_t)bg * NH + h) * T + t] = s;
   }
@@ -568,28 +577,16 @@ template <int D, int W> static __device__ bwd_smem_of bwd_layout(unsigned char *
   return s;
 }
 
-/* The query tile q0.. of head h into Qs, dOs (rounded), lse_s, D_s and
- * ts_s (the rows' first keys; rows past T: zero). */
-template <int FP16, int D, int W>
-static __device__ void load_query_tile(const bwd_smem_of &s, const uint16_t *head, size_t ld,
-                                       const float *g, int C, const float *lse_h, const float *dv_h,
-                                       const int32_t *ds, int q0, int T, int HS) {
-  const int R = 16 * W;
-  load_tile<D>(s.Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
-  load_tile_f32<D, FP16>(s.dOs, g + (size_t)q0 * C, R, T - q0, HS, C);
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    s.lse_s[r] = q0 + r < T ? lse_h[q0 + r] : 0.0f;
-    s.D_s[r] = q0 + r < T ? dv_h[q0 + r] : 0.0f;
-    s.ts_s[r] = ds && q0 + r < T ? ds[q0 + r] : 0;
-  }
-}
-
 /* The backward kernels' arguments: samples b0.. (dv holds their D rows,
  * (Bg, NH, T)), the dropout as mt_dropout's fields (p 0: none). */
 struct bwd_args {
   void *dqkv; /* fp32, added into; or (half_out) qkv's 16-bit type, written */
   int half_out;
   const float *dout;
+  /* dout rounded to qkv's type by k_flash_dot, rows of stride 3C (in a
+   * 16-bit dqkv's Q columns, which the dQ kernel writes last); NULL: the
+   * kernels round dout's fp32 as they load it */
+  const uint16_t *dO16;
   const uint16_t *qkv;
   const float *lse, *dv;
   int T, C, NH, b0;
@@ -606,6 +603,7 @@ struct bwd_block {
   int t0, h, bg, b, HS, warp, lane;
   size_t ld; /* qkv's and dqkv's row stride */
   const uint16_t *head;
+  const uint16_t *g16; /* the head's row 0 in dO16, or NULL */
   const float *g, *lse_h, *dv_h;
   size_t dhead; /* element offset of the head's row 0 in dqkv */
   uint64_t sample;
@@ -626,12 +624,35 @@ static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem,
   k.head = a.qkv + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
   k.dhead = (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS;
   k.g = a.dout + (size_t)k.b * a.T * a.C + (size_t)k.h * k.HS;
+  k.g16 = a.dO16 ? a.dO16 + (size_t)k.b * a.T * k.ld + (size_t)k.h * k.HS : NULL;
   k.lse_h = a.lse + ((size_t)k.b * a.NH + k.h) * a.T;
   k.dv_h = a.dv + ((size_t)k.bg * a.NH + k.h) * a.T;
   k.sample = a.sample0 + (uint64_t)k.b;
   k.ds = a.docs ? a.docs + (size_t)k.b * a.T : NULL;
   k.s = bwd_layout<D, W>(smem, k.warp);
   return k;
+}
+
+/* A query tile's parts, from its first row q0: Q into Qs by cp.async; dO
+ * into dOs by cp.async from the 16-bit copy, else rounded from dout's fp32
+ * at once; the rows' lse, D and first keys (rows past T: zero) into lse_s,
+ * D_s and ts_s, at once. The caller commits, waits and syncs. */
+template <int D, int W> static __device__ void load_q_tile(const bwd_block &k, int q0, int T) {
+  load_tile<D, 1>(k.s.Qs, k.head + (size_t)q0 * k.ld, 16 * W, T - q0, k.HS, k.ld);
+}
+template <int FP16, int D, int W>
+static __device__ void load_dout_tile(const bwd_block &k, int C, int q0, int T) {
+  if (k.g16)
+    load_tile<D, 1>(k.s.dOs, k.g16 + (size_t)q0 * k.ld, 16 * W, T - q0, k.HS, k.ld);
+  else
+    load_tile_f32<D, FP16>(k.s.dOs, k.g + (size_t)q0 * C, 16 * W, T - q0, k.HS, C);
+}
+template <int W> static __device__ void load_row_data(const bwd_block &k, int q0, int T) {
+  for (int r = threadIdx.x; r < 16 * W; r += blockDim.x) {
+    k.s.lse_s[r] = q0 + r < T ? k.lse_h[q0 + r] : 0.0f;
+    k.s.D_s[r] = q0 + r < T ? k.dv_h[q0 + r] : 0.0f;
+    k.s.ts_s[r] = k.ds && q0 + r < T ? k.ds[q0 + r] : 0;
+  }
 }
 
 /* A warp's finished gradient rows (16 from row0, columns col.. of the
@@ -661,8 +682,18 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   /* the lane's two key rows (acc_row) */
   int tk[2] = {k0 + 16 * k.warp + (k.lane >> 2), k0 + 16 * k.warp + (k.lane >> 2) + 8};
 
-  load_tile<D>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
-  load_tile<D>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
+  /* The next query tile loads while this one's products run: its Q (and
+   * rows' data) once every warp's dK += dSᵀ·Q has read Qs, during dV +=
+   * Pdᵀ·dO; its dO once dV has read dOs, during the next tile's scores
+   * Sᵀ = K·Qᵀ of the first queries. Two groups of copies in flight, Q's
+   * then dO's; the first tile's Q goes with K and V. */
+  load_tile<D, 1>(s.Ks, k.head + C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
+  load_tile<D, 1>(s.Vs, k.head + 2 * C + (size_t)k0 * k.ld, R, T - k0, k.HS, k.ld);
+  load_q_tile<D, W>(k, k0, T);
+  load_row_data<W>(k, k0, T);
+  cp_async_commit();
+  load_dout_tile<FP16, D, W>(k, C, k0, T);
+  cp_async_commit();
   const uint16_t *Kw = s.Ks + 16 * k.warp * LDE(D), *Vw = s.Vs + 16 * k.warp * LDE(D);
   acc_frag dk[D / 16], dvv[D / 16];
 #pragma unroll
@@ -670,16 +701,20 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
     wmma::fill_fragment(dk[n], 0.0f);
     wmma::fill_fragment(dvv[n], 0.0f);
   }
-  for (int q0 = k0; q0 < nt * R; q0 += R) {
-    /* this query tile's rows, and every later tile's, start past these keys */
-    if (k.ds && k.ds[q0] >= k0 + R) break;
-    __syncthreads(); /* Qs, dOs free */
-    load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, k.ds, q0, T, k.HS);
+  for (int q0 = k0;;) {
+    /* the next query tile, unless past T or (documents) its rows, and
+     * every later tile's, start past these keys */
+    int nq = q0 + R, more = nq < nt * R && !(k.ds && k.ds[nq] >= k0 + R);
+    cp_async_wait<1>(); /* this tile's Q: all but its dO */
     __syncthreads();
 #pragma unroll 1 /* (unrolled, the blocks' loads crowd out registers: spills) */
     for (int cb = 0; cb < W; cb += NB) { /* Sᵀ and dPᵀ, 16·NB queries at a time */
       acc_frag st[NB], dpt[NB];
-      warp_scores<FP16, D, NB>(st, Kw, s.Qs + 16 * cb * LDE(D));   /* Sᵀ: keys × queries */
+      warp_scores<FP16, D, NB>(st, Kw, s.Qs + 16 * cb * LDE(D)); /* Sᵀ: keys × queries */
+      if (cb == 0) {
+        cp_async_wait<0>(); /* this tile's dO */
+        __syncthreads();
+      }
       warp_scores<FP16, D, NB>(dpt, Vw, s.dOs + 16 * cb * LDE(D)); /* dPᵀ = V·dOᵀ */
 #pragma unroll
       for (int c = 0; c < NB; c++) {
@@ -707,11 +742,23 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
         }
       }
     }
-    __syncwarp();                                  /* Pw, dSw written */
+    __syncwarp();                                 /* Pw, dSw written */
+    warp_accumulate<FP16, D, W>(dk, s.dSw, s.Qs); /* dK += dSᵀ·Q */
+    __syncthreads(); /* every warp has read Qs and the rows' data: the next tile's */
+    if (more) {
+      load_q_tile<D, W>(k, nq, T);
+      load_row_data<W>(k, nq, T);
+    }
+    cp_async_commit();
     warp_accumulate<FP16, D, W>(dvv, s.Pw, s.dOs); /* dV += Pdᵀ·dO */
-    warp_accumulate<FP16, D, W>(dk, s.dSw, s.Qs);  /* dK += dSᵀ·Q */
+    __syncthreads();                               /* every warp has read dOs: the next tile's */
+    if (more) load_dout_tile<FP16, D, W>(k, C, nq, T);
+    cp_async_commit();
+    if (!more) break;
+    q0 = nq;
   }
-  __syncthreads(); /* Qs and dOs become the staging */
+  cp_async_wait<0>(); /* (only empty groups are left) */
+  __syncthreads();    /* Qs and dOs become the staging */
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
   grad_rows_out<FP16, D>(a, k, C, st, dk, k0 + 16 * k.warp);
   grad_rows_out<FP16, D>(a, k, 2 * (size_t)C, st, dvv, k0 + 16 * k.warp);
@@ -724,7 +771,11 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
   bwd_block k = bwd_block_of<D, W>(a, smem, 1);
   const bwd_smem_of &s = k.s;
   int T = a.T, C = a.C, q0 = k.t0;
-  load_query_tile<FP16, D, W>(s, k.head, k.ld, k.g, C, k.lse_h, k.dv_h, k.ds, q0, T, k.HS);
+  /* Q and dO by cp.async, in the first key tile's V group (waited for
+   * before the first products) */
+  load_q_tile<D, W>(k, q0, T);
+  load_dout_tile<FP16, D, W>(k, C, q0, T);
+  load_row_data<W>(k, q0, T);
   __syncthreads();
   /* the lane's two query rows (acc_row): tq, first key ts, lse, D */
   int tq[2], ts[2];
@@ -846,9 +897,9 @@ template <int FP16, int D, int W> struct flash {
     (out, lse, qkv, T, C, NH, scale, drop ? drop->p : 0.0f, drop ? drop->key : 0,
      drop ? drop->sample0 : 0, drop ? drop->head0 : 0, docs);
   }
-  static void bwd(mt_device *d, void *dqkv, int half_out, const float *dout, const uint16_t *qkv,
-                  const float *lse, const float *dv, int b0, int Bg, int T, int C, int NH,
-                  float scale, const mt_dropout *drop, const int32_t *docs) {
+  static void bwd(mt_device *d, void *dqkv, int half_out, const float *dout, const uint16_t *dO16,
+                  const uint16_t *qkv, const float *lse, const float *dv, int b0, int Bg, int T,
+                  int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = bwd_smem(D, W);
@@ -861,6 +912,7 @@ template <int FP16, int D, int W> struct flash {
     bwd_args a = {dqkv,
                   half_out,
                   dout,
+                  dO16,
                   qkv,
                   lse,
                   dv,
@@ -1006,14 +1058,20 @@ void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
     mt__cuda_fail(d, "attention_bwd", "scratch below one sample's rows");
     return;
   }
+  /* A 16-bit dqkv's Q columns, which only the dQ kernel writes, last,
+   * each block the rows whose dO it has loaded, first hold dO rounded to
+   * the 16-bit type: the dK/dV kernel loads every query tile's dO once per
+   * key tile, half the bytes of fp32 and by cp.async. An fp32 dqkv is added
+   * into: its dO is rounded as loaded. */
+  uint16_t *dO16 = half ? (uint16_t *)dqkv : NULL;
   for (int b0 = 0; b0 < B; b0 += per) {
     int Bg = B - b0 < per ? B - b0 : per;
     if (fp16) MT_LAUNCH(k_flash_dot<1>, dim3((unsigned)T, (unsigned)Bg), 128, c->stream)
-    (scratch, dout, out, T, C, NH, b0);
+    (scratch, dO16, dout, out, T, C, NH, b0);
     else MT_LAUNCH(k_flash_dot<0>, dim3((unsigned)T, (unsigned)Bg), 128,
-                   c->stream)(scratch, dout, out, T, C, NH, b0);
+                   c->stream)(scratch, dO16, dout, out, T, C, NH, b0);
     with_flash(HS, fp16, [&](auto f) {
-      f.bwd(d, dqkv, half, dout, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop, doc_start);
+      f.bwd(d, dqkv, half, dout, dO16, qkv, lse, scratch, b0, Bg, T, C, NH, scale, drop, doc_start);
     });
   }
   mt__cuda_check(d, "attention_bwd (flash)");

@@ -655,10 +655,17 @@ ucontext_t sched;
 std::vector<fiber> fibers;
 char *stacks; /* 1024 stacks, mapped once, pages committed as touched */
 fiber *cur;
-size_t turn;          /* cur's place in the pass: fibers in index order, or reversed */
-size_t live;          /* fibers of the block not yet done */
-const bool reversed = /* MT_CUDA_EMU_ORDER=reverse */
-    getenv("MT_CUDA_EMU_ORDER") && !strcmp(getenv("MT_CUDA_EMU_ORDER"), "reverse");
+size_t turn; /* cur's place in the pass: fibers in index order, or reversed */
+size_t live; /* fibers of the block not yet done */
+/* MT_CUDA_EMU_ORDER: "reverse" (fibers in reverse index order), "warps"
+ * (a warp runs alone until it waits at a block barrier or ends: warps in
+ * index order) or "warps-reverse" (the same, warps and lanes in reverse) */
+const char *order_env = getenv("MT_CUDA_EMU_ORDER");
+bool reversed = order_env && (!strcmp(order_env, "reverse") || !strcmp(order_env, "warps-reverse"));
+bool warp_serial =
+    order_env && (!strcmp(order_env, "warps") || !strcmp(order_env, "warps-reverse"));
+bool order_known =
+    !order_env || !*order_env || !strcmp(order_env, "forward") || reversed || warp_serial;
 /* MT_CUDA_EMU_CP_ASYNC=late: cp.async copies land at their wait */
 std::atomic<bool> cp_late{getenv("MT_CUDA_EMU_CP_ASYNC") &&
                           !strcmp(getenv("MT_CUDA_EMU_CP_ASYNC"), "late")};
@@ -708,7 +715,21 @@ fiber *next_in_pass(size_t after, size_t *t) {
 void yield() {
   fiber *from = cur;
   size_t t;
-  fiber *to = next_in_pass(turn + 1, &t);
+  fiber *to = nullptr;
+  if (warp_serial) {
+    /* the next lane of this warp that can run, in the pass's order, round
+     * the warp: the warp goes on alone while it can */
+    size_t n = fibers.size(), w0 = (size_t)cur->warp * 32, wn = n - w0 < 32 ? n - w0 : 32;
+    for (size_t k = 1; k <= wn && !to; k++) {
+      size_t l = reversed ? (cur->lane + wn - k) % wn : (cur->lane + k) % wn;
+      fiber &f = fibers[w0 + l];
+      if (runnable(f)) {
+        to = &f;
+        t = reversed ? n - 1 - (w0 + l) : w0 + l;
+      }
+    }
+  }
+  if (!to) to = next_in_pass(turn + 1, &t);
   if (to) {
     turn = t;
     cur = to;
@@ -945,6 +966,8 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (stacks == MAP_FAILED) EMU_DIE("cannot map fiber stacks");
   }
+  if (!order_known)
+    EMU_DIE("MT_CUDA_EMU_ORDER=%s: not forward, reverse, warps or warps-reverse", order_env);
   body = &b;
   kernel_name = name;
   grid_dim = grid;
@@ -1007,6 +1030,11 @@ int nvcuda::wmma::detail::acc_sm80 = 1;
 void mt_emu_set_acc_layout(int sm80) { nvcuda::wmma::detail::acc_sm80 = sm80 != 0; }
 
 void mt_emu_set_cp_async_late(int late) { mt_emu::cp_late = late != 0; }
+
+void mt_emu_set_order(int reverse, int warps) {
+  std::lock_guard<std::mutex> lk(launch_mu); /* not while a kernel runs */
+  mt_emu::reversed = reverse != 0, mt_emu::warp_serial = warps != 0;
+}
 
 void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
   *lt = mt_emu::gemms_lt, *lt_gelu = mt_emu::gemms_lt_gelu, *lt_dgelu = mt_emu::gemms_lt_dgelu;

@@ -69,7 +69,12 @@
  * before the write finds the NaN of fresh memory) catches such a missing
  * barrier either way round. A turn ends at a barrier (a shuffle, a ballot
  * and mma_sync are one warp barrier each, as on a GPU); a thread waiting
- * for one that has not completed is passed over. cp.async copies land at
+ * for one that has not completed is passed over. So warps keep in step,
+ * one warp barrier at a time, and one warp's write to a buffer another
+ * still reads (a block barrier missing between them) goes unseen when both
+ * do the same work: MT_CUDA_EMU_ORDER=warps (or warps-reverse) lets a warp
+ * run alone until it waits at a block barrier, as far ahead of the others
+ * as CUDA allows. cp.async copies land at
  * once, or with MT_CUDA_EMU_CP_ASYNC=late at the wait that completes them:
  * a read of the copy's destination before that wait (and the barrier after
  * it, for other threads) finds the old contents one way, and a copy into a
@@ -183,6 +188,10 @@ void mt_emu_set_acc_layout(int sm80);
  * nonzero) or at once (0), process-wide: MT_CUDA_EMU_CP_ASYNC=late sets it
  * at start. */
 void mt_emu_set_cp_async_late(int late);
+/* The order threads take their turns in from now on (MT_CUDA_EMU_ORDER's,
+ * process-wide): reverse nonzero, in reverse; warps nonzero, each warp
+ * alone until it waits at a block barrier or ends. */
+void mt_emu_set_order(int reverse, int warps);
 /* Arms a fault: the nth launch from now (1: the next) of that kernel, on
  * whichever device and thread, fails as a faulting kernel would: it does not
  * run, and the launching thread's cudaGetLastError says

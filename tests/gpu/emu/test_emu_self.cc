@@ -1,10 +1,13 @@
-/* test_emu_cp_async.cc — the emulator's cp.async (cuda_emu.h), which the
- * flash kernels' prefetching rests on: where a copy lands, at once or, in
- * the late mode, at the wait that completes it (not before, and not for a
- * copy no commit has put in a group), and that a thread ending with copies
- * not waited for stops the program with a message. The flash kernels' own
- * waits and barriers are checked by test_cuda_emu_cp_async_late, which runs
- * them in the late mode; this test keeps that mode from going vacuous. */
+/* test_emu_self.cc — the emulator's own behaviour that the kernel tests'
+ * modes rest on (cuda_emu.h), so that none of them goes vacuous:
+ * - cp.async, which the flash kernels' prefetching uses: where a copy
+ *   lands, at once or, in the late mode, at the wait that completes it
+ *   (not before, and not for a copy no commit has put in a group), and a
+ *   thread ending with copies not waited for stopping the program with a
+ *   message (test_cuda_emu_cp_async_late runs the kernels late);
+ * - the order threads take turns in: warps in step by default, and with
+ *   the warps order a warp running alone until it waits at a block barrier
+ *   (test_cuda_emu_warps runs the kernels so). */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +52,55 @@ static void k_probe(float *out, const float *src) {
   mt_emu::cp_async_wait(0);
   __syncthreads();
   o[5] = smem[(2 * THREADS + (t + 1) % THREADS) * 4]; /* the next thread's zeros */
+}
+
+/* Two warps, four warp barriers each (shuffles) after one block barrier:
+ * after barrier k lane 0 of each warp records its progress k + 1 and every
+ * lane notes the other warp's at that step (seen[t·4 + k]). */
+static void k_progress(int *seen) {
+  int *progress = (int *)mt_emu::dyn_smem();
+  unsigned t = threadIdx.x, w = t / 32;
+  if (t == 0) progress[0] = progress[1] = 0;
+  __syncthreads();
+  for (int k = 0; k < 4; k++) {
+    (void)__shfl_xor_sync(0xffffffffu, k, 1);
+    if (t % 32 == 0) progress[w] = k + 1;
+    seen[t * 4 + k] = progress[1 - w];
+  }
+}
+
+static void run_order(int reverse, int warps) {
+  mt_emu_set_order(reverse, warps);
+  int *seen = nullptr, got[64 * 4];
+  if (cudaMalloc((void **)&seen, sizeof got)) {
+    printf("FAIL cudaMalloc\n");
+    exit(1);
+  }
+  mt_emu::launch("k_progress", k_progress, dim3(1), dim3(64), 0, 128)(seen);
+  cudaMemcpyAsync(got, seen, sizeof got, cudaMemcpyDeviceToHost, 0);
+  cudaStreamSynchronize(0);
+  /* per warp: every view 0 (the other had not started), every view 4 (it
+   * had ended), some view between (the two ran in turns) */
+  int none[2] = {1, 1}, all[2] = {1, 1}, between[2] = {0, 0};
+  for (int t = 0; t < 64; t++)
+    for (int k = 0; k < 4; k++) {
+      int v = got[t * 4 + k], w = t / 32;
+      none[w] &= v == 0;
+      all[w] &= v == 4;
+      between[w] |= v > 0 && v < 4;
+    }
+  char what[160];
+  const char *order = reverse ? "reverse" : "index";
+  if (warps) {
+    snprintf(what, sizeof what,
+             "warps order (%s): one warp runs to its end before the other starts", order);
+    expect((none[0] && all[1]) || (all[0] && none[1]), what);
+  } else {
+    snprintf(what, sizeof what, "%s order: the warps take turns, a warp barrier at a time", order);
+    expect(between[0] && between[1], what);
+  }
+  cudaFree(seen);
+  mt_emu_set_order(0, 0);
 }
 
 static void k_unwaited(const float *src) {
@@ -133,7 +185,12 @@ static void run_unwaited(void) {
 int main(void) {
   run_probe(0);
   run_probe(1);
+  mt_emu_set_cp_async_late(0);
+  run_order(0, 0);
+  run_order(1, 0);
+  run_order(0, 1);
+  run_order(1, 1);
   run_unwaited();
-  printf("test_emu_cp_async: %d checks, %d failed\n", checks, failures);
+  printf("test_emu_self: %d checks, %d failed\n", checks, failures);
   return failures != 0;
 }
