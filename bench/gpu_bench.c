@@ -422,8 +422,34 @@ static void attn_fwd_step(void *arg) {
                          NULL, NULL);
 }
 
-/* fwd_ms: the forward alone, timed apart (NULL: not timed) */
-static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms) {
+/* The flash backward's kernels, timed by the events it records
+ * (mt__cuda_flash_bwd_timing) over `iters` forward+backward runs after two
+ * warm-up ones: ms[0] k_flash_dot (D, and dO rounded), ms[1] dK/dV, ms[2]
+ * dQ, each the mean of a run. */
+static void flash_bwd_parts(attn_run *a, double ms[3]) {
+  cudaEvent_t ev[4];
+  void *evp[4];
+  for (int i = 0; i < 4; i++) {
+    CK(cudaEventCreate(&ev[i]));
+    evp[i] = ev[i];
+  }
+  ms[0] = ms[1] = ms[2] = 0.0;
+  mt__cuda_flash_bwd_timing(&dev, evp);
+  for (int i = -2; i < iters; i++) {
+    attn_step(a);
+    CK(cudaEventSynchronize(ev[3]));
+    if (i < 0) continue;
+    for (int k = 0; k < 3; k++) ms[k] += elapsed_ms(ev[k], ev[k + 1]) / iters;
+  }
+  mt__cuda_flash_bwd_timing(&dev, NULL);
+  sync_or_die("attention backward, by kernel");
+  for (int i = 0; i < 4; i++) cudaEventDestroy(ev[i]);
+}
+
+/* fwd_ms: the forward alone, timed apart (NULL: not timed); parts: the
+ * flash backward's kernels (a 16-bit qkv; NULL: not timed) */
+static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms,
+                           double parts[3]) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
@@ -438,6 +464,7 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd
   attn_run a = {B, T, C, NH, qt, out, in, dqkv, lse, scratch, dout};
   double ms = time_ms(attn_step, &a, "attention");
   if (fwd_ms) *fwd_ms = time_ms(attn_fwd_step, &a, "attention forward");
+  if (parts && qt != MT_F32) flash_bwd_parts(&a, parts);
   void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
   free_all(bufs, sizeof bufs / sizeof *bufs);
   dev.matmul = MT_MATMUL_FP32;
@@ -452,8 +479,9 @@ static double attention_flops(int B, int T, int C) { return 3.0 * 2.0 * B * (dou
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
   int T = 2048, C = 2048, NH = 16;
-  double fwd = 0.0, chunked = attention_ms(B, T, C, NH, MT_F32, NULL);
-  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd);
+  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0},
+         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL);
+  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts);
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
          "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
@@ -463,6 +491,18 @@ static void bench_attention(int B) {
   printf("RESULT attention_flash_ms %.3f\n", flash);
   printf("RESULT attention_flash_fwd_ms %.3f\n", fwd);
   printf("RESULT attention_flash_tflops %.2f\n", tflops);
+  /* the backward's kernels, in the FLOPs they run: over the causal half,
+   * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
+  double prod = (double)B * T * T * C;
+  printf("attention B=%d backward by kernel: D rows and dO in 16 bits %.3f ms, dK/dV %.3f ms "
+         "(%.1f TFLOP/s run), dQ %.3f ms (%.1f TFLOP/s run)\n",
+         B, parts[0], parts[1], 4.0 * prod / (parts[1] * 1e-3) / 1e12, parts[2],
+         3.0 * prod / (parts[2] * 1e-3) / 1e12);
+  printf("RESULT attention_flash_bwd_dot_ms %.3f\n", parts[0]);
+  printf("RESULT attention_flash_bwd_kv_ms %.3f\n", parts[1]);
+  printf("RESULT attention_flash_bwd_kv_tflops %.2f\n", 4.0 * prod / (parts[1] * 1e-3) / 1e12);
+  printf("RESULT attention_flash_bwd_q_ms %.3f\n", parts[2]);
+  printf("RESULT attention_flash_bwd_q_tflops %.2f\n", 3.0 * prod / (parts[2] * 1e-3) / 1e12);
   fflush(stdout);
 }
 
@@ -473,9 +513,9 @@ static void bench_attention(int B) {
 static void bench_flash_widths(void) {
   int T = 2048, NH = 16;
   double w160 = attention_flops(1, T, NH * 160) /
-                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL) * 1e-3) / 1e12;
   double w128 = attention_flops(1, T, NH * 128) /
-                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL) * 1e-3) / 1e12;
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);

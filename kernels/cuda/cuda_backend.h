@@ -52,6 +52,13 @@ int mt__cuda_sync(mt_device *d);
  * emulator. (flash_cuda.cu) */
 int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]);
 
+/* For bench/gpu_bench: from now on each flash backward on d records
+ * events[0..3] (cudaEvent_t, created by the caller on d's GPU) on d's
+ * stream around the kernels of its first group of samples (all of them
+ * up to mt_flash_bwd_samples): before k_flash_dot, after it, after the
+ * dK/dV kernel, after the dQ kernel. events NULL: no more. (flash_cuda.cu) */
+void mt__cuda_flash_bwd_timing(mt_device *d, void *const events[4]);
+
 /* Loads a known 16 × 16 fp32 accumulator on d's GPU and counts into
  * *misplaced its elements that are not where the flash kernels' row work
  * assumes (mma.m16n8k16's layout, flash_cuda.cu's acc_row and acc_col):

@@ -54,16 +54,17 @@ typedef struct mt__cuda {
   int index;
   cudaStream_t stream;
   cublasLtHandle_t lt;
-  cublasHandle_t blas; /* fallback when cuBLASLt has no algorithm for a shape */
-  void *ws;            /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */
-  double *red;         /* MT_CUDA_RED_BLOCKS + 1 */
-  double *red_multi;   /* MT_CUDA_RED_PARTS + 1: sumsq_multi's partials, then its total */
-  float *cols;         /* MT_CUDA_COL_FLOATS */
-  int sms;             /* streaming multiprocessors */
-  int smem_optin;      /* dynamic shared memory a block may opt in to, bytes */
-  int acc_layout;      /* the flash kernels' fragment layout on this GPU, read when it
-                          opens: 1 as they assume, -1 not (flash_cuda.cu) */
-  int err;             /* first error an op met: MT_EIO, 0 when none */
+  cublasHandle_t blas;         /* fallback when cuBLASLt has no algorithm for a shape */
+  void *ws;                    /* GEMM workspace, MT_CUDA_GEMM_WS_BYTES */
+  double *red;                 /* MT_CUDA_RED_BLOCKS + 1 */
+  double *red_multi;           /* MT_CUDA_RED_PARTS + 1: sumsq_multi's partials, then its total */
+  float *cols;                 /* MT_CUDA_COL_FLOATS */
+  int sms;                     /* streaming multiprocessors */
+  int smem_optin;              /* dynamic shared memory a block may opt in to, bytes */
+  int acc_layout;              /* the flash kernels' fragment layout on this GPU, read when it
+                                  opens: 1 as they assume, -1 not (flash_cuda.cu) */
+  cudaEvent_t flash_events[4]; /* mt__cuda_flash_bwd_timing's, or NULL */
+  int err;                     /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;
 
