@@ -406,20 +406,21 @@ typedef struct attn_run {
   mt_dtype qt;
   void *out, *in, *dqkv;
   float *lse, *scratch, *dout;
+  const mt_dropout *drop; /* NULL: none */
 } attn_run;
 
 static void attn_step(void *arg) {
   attn_run *a = arg;
   dev.ops->attention_fwd(&dev, a->out, a->lse, a->scratch, a->in, a->qt, a->B, a->T, a->C, a->NH,
-                         NULL, NULL);
+                         a->drop, NULL);
   dev.ops->attention_bwd(&dev, a->dqkv, a->qt, a->scratch, a->dout, a->out, a->in, a->qt, a->lse,
-                         a->B, a->T, a->C, a->NH, NULL, NULL);
+                         a->B, a->T, a->C, a->NH, a->drop, NULL);
 }
 
 static void attn_fwd_step(void *arg) {
   attn_run *a = arg;
   dev.ops->attention_fwd(&dev, a->out, a->lse, a->scratch, a->in, a->qt, a->B, a->T, a->C, a->NH,
-                         NULL, NULL);
+                         a->drop, NULL);
 }
 
 /* The flash backward's kernels, timed by the events it records
@@ -447,9 +448,10 @@ static void flash_bwd_parts(attn_run *a, double ms[3]) {
 }
 
 /* fwd_ms: the forward alone, timed apart (NULL: not timed); parts: the
- * flash backward's kernels (a 16-bit qkv; NULL: not timed) */
+ * flash backward's kernels (a 16-bit qkv; NULL: not timed); p_drop: the
+ * attention dropout's probability (0: none) */
 static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms,
-                           double parts[3]) {
+                           double parts[3], float p_drop) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
@@ -461,7 +463,8 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd
     in = qkv_h = dmalloc(nq * 2);
     dev.ops->to_half(&dev, qkv_h, qkv, nq, qt == MT_F16);
   }
-  attn_run a = {B, T, C, NH, qt, out, in, dqkv, lse, scratch, dout};
+  mt_dropout drop = {p_drop, 0x6d746e6c67ULL, 0, 0, 0};
+  attn_run a = {B, T, C, NH, qt, out, in, dqkv, lse, scratch, dout, p_drop > 0.0f ? &drop : NULL};
   double ms = time_ms(attn_step, &a, "attention");
   if (fwd_ms) *fwd_ms = time_ms(attn_fwd_step, &a, "attention forward");
   if (parts && qt != MT_F32) flash_bwd_parts(&a, parts);
@@ -480,8 +483,11 @@ static double attention_flops(int B, int T, int C) { return 3.0 * 2.0 * B * (dou
 static void bench_attention(int B) {
   int T = 2048, C = 2048, NH = 16;
   double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0},
-         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL);
-  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts);
+         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL, 0.0f);
+  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts, 0.0f);
+  /* with attention dropout 0.1 (GPT-3's and Megatron's default): the
+   * Philox draws and the kept-or-dropped products */
+  double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, 0.1f);
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
          "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
@@ -491,6 +497,9 @@ static void bench_attention(int B) {
   printf("RESULT attention_flash_ms %.3f\n", flash);
   printf("RESULT attention_flash_fwd_ms %.3f\n", fwd);
   printf("RESULT attention_flash_tflops %.2f\n", tflops);
+  printf("attention B=%d, bf16 qkv (flash) with dropout 0.1: %.2f ms, %.2fx the time without\n", B,
+         dropped, dropped / flash);
+  printf("RESULT attention_flash_dropout_ms %.3f\n", dropped);
   /* the backward's kernels, in the FLOPs they run: over the causal half,
    * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
   double prod = (double)B * T * T * C;
@@ -513,9 +522,9 @@ static void bench_attention(int B) {
 static void bench_flash_widths(void) {
   int T = 2048, NH = 16;
   double w160 = attention_flops(1, T, NH * 160) /
-                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, 0.0f) * 1e-3) / 1e12;
   double w128 = attention_flops(1, T, NH * 128) /
-                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL, 0.0f) * 1e-3) / 1e12;
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);
