@@ -69,6 +69,25 @@ def layer_fwd(P, x, NH, sdpa):
     return x + F.linear(h, P["fcpw"], P["fcpb"])
 
 
+def timed_ms(fn, iters, cuda):
+    """Milliseconds of one fn(), the mean of iters calls after two warm-up
+    ones: CUDA events on the GPU, the wall clock on the CPU."""
+    for _ in range(2):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
 def bench(B, T, C, NH, sdpa, iters, device):
     gen = torch.Generator().manual_seed(42)
     P = make_layer(C, device, gen)
@@ -81,21 +100,7 @@ def bench(B, T, C, NH, sdpa, iters, device):
             out = layer_fwd(P, x, NH, sdpa)
         out.backward(dout)
 
-    for _ in range(2):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if cuda:
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / iters
-    else:
-        ms = (time.perf_counter() - t0) * 1e3 / iters
+    ms = timed_ms(step, iters, cuda)
     flops = 72.0 * B * T * C * C * (1.0 + T / (6.0 * C))
     return ms, flops / (ms * 1e-3) / 1e12
 
@@ -118,25 +123,9 @@ def bench_attention(B, T, C, NH, iters, device):
         qkv.grad = None  # written afresh, as mtnlg's dqkv is, not added to
         fwd().backward(dout.to(torch.bfloat16))
 
-    def timed(fn):
-        for _ in range(2):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / iters
-        return (time.perf_counter() - t0) * 1e3 / iters
-
-    ms = timed(step)
+    ms = timed_ms(step, iters, cuda)
     with torch.no_grad():
-        fwd_ms = timed(fwd)
+        fwd_ms = timed_ms(fwd, iters, cuda)
     flops = 3.0 * 2.0 * B * T * T * C  # gpu_bench's attention_flops: causal half, bwd 2x fwd
     return ms, fwd_ms, flops / (ms * 1e-3) / 1e12
 

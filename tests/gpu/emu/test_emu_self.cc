@@ -9,6 +9,7 @@
  *   the warps order a warp running alone until it waits at a block barrier
  *   (test_cuda_emu_warps runs the kernels so). */
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,16 @@ static void expect(int ok, const char *what) {
     failures++;
     printf("FAIL %s\n", what);
   }
+}
+
+/* expect with the check's name made as printf makes it */
+__attribute__((format(printf, 2, 3))) static void expectf(int ok, const char *fmt, ...) {
+  char what[200];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  expect(ok, what);
 }
 
 /* Thread t copies src[4t..4t+3] into its slot of each of three 16-byte
@@ -89,16 +100,13 @@ static void run_order(int reverse, int warps) {
       all[w] &= v == 4;
       between[w] |= v > 0 && v < 4;
     }
-  char what[160];
   const char *order = reverse ? "reverse" : "index";
-  if (warps) {
-    snprintf(what, sizeof what,
-             "warps order (%s): one warp runs to its end before the other starts", order);
-    expect((none[0] && all[1]) || (all[0] && none[1]), what);
-  } else {
-    snprintf(what, sizeof what, "%s order: the warps take turns, a warp barrier at a time", order);
-    expect(between[0] && between[1], what);
-  }
+  if (warps)
+    expectf((none[0] && all[1]) || (all[0] && none[1]),
+            "warps order (%s): one warp runs to its end before the other starts", order);
+  else
+    expectf(between[0] && between[1], "%s order: the warps take turns, a warp barrier at a time",
+            order);
   cudaFree(seen);
   mt_emu_set_order(0, 0);
 }
@@ -130,19 +138,13 @@ static void run_probe(int late) {
     uncommitted &= late ? isnan(o[4]) : o[4] == 0.0f;
     shared &= o[5] == 0.0f;
   }
-  char what[160];
-  snprintf(what, sizeof what, "%s: copies not yet waited for %s", late ? "late" : "at once",
-           late ? "leave the old contents" : "have landed");
-  expect(before, what);
-  snprintf(what, sizeof what, "%s: a wait lands every group but the newest n",
-           late ? "late" : "at once");
-  expect(landed, what);
-  snprintf(what, sizeof what, "%s: a copy in no group %s", late ? "late" : "at once",
-           late ? "is not landed by a wait" : "has landed");
-  expect(uncommitted, what);
-  snprintf(what, sizeof what, "%s: after the waits and a barrier, other threads see the copies",
-           late ? "late" : "at once");
-  expect(shared, what);
+  const char *mode = late ? "late" : "at once";
+  expectf(before, "%s: copies not yet waited for %s", mode,
+          late ? "leave the old contents" : "have landed");
+  expectf(landed, "%s: a wait lands every group but the newest n", mode);
+  expectf(uncommitted, "%s: a copy in no group %s", mode,
+          late ? "is not landed by a wait" : "has landed");
+  expectf(shared, "%s: after the waits and a barrier, other threads see the copies", mode);
   cudaFree(src);
   cudaFree(out);
 }
