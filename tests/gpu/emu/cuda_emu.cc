@@ -622,8 +622,9 @@ __asm__(".text\n"
 #endif
 
 /* A cp.async copy: its 16 bytes read at issue (the source is global memory,
- * which no kernel here writes while it copies from it), written to dst when
- * it lands; group 0 until committed, then the thread's group count. */
+ * which no kernel here writes before the copy's wait: the dQ kernel writes
+ * where it loaded dO from, after it), written to dst when it lands; group 0
+ * until committed, then the thread's group count. */
 struct async_copy {
   unsigned char *dst;
   unsigned char bytes[16];
