@@ -676,6 +676,15 @@ int main(int argc, char **argv) {
   double f32 = gemm_rate(8192, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF);
   printf("GEMM 8192³ fp32 in/out, bf16 compute: %.1f TFLOP/s (the ops' GEMMs in bf16 mode)\n", f32);
   printf("RESULT gemm_f32io_bf16_tflops %.2f\n", f32);
+  /* whether the forward's P could go from its score fragments to P·V in
+   * registers (a bf16 matrix_a fragment laid out as the accumulator) */
+  int a_misplaced = -1;
+  if (mt__cuda_a_layout_check(&dev, &a_misplaced))
+    printf("wmma bf16 matrix_a layout: %s\n", mt_errmsg());
+  else
+    printf("wmma bf16 matrix_a fragment: %d of 256 elements away from mma.m16n8k16's A places\n",
+           a_misplaced);
+  printf("RESULT wmma_a_bf16_misplaced %d\n", a_misplaced);
   fflush(stdout);
 
   bench_attention(4);

@@ -64,6 +64,11 @@ void mt__cuda_flash_bwd_timing(mt_device *d, void *const events[4]);
  * assumes (mma.m16n8k16's layout, flash_cuda.cu's acc_row and acc_col):
  * 0 on sm_80 and later, and on the emulator. (flash_cuda.cu) */
 int mt__cuda_acc_layout_check(mt_device *d, int *misplaced);
+/* The same for a bf16 row-major wmma matrix_a fragment against
+ * mma.m16n8k16's A operand (the accumulator's places): a fact for
+ * bench/gpu_bench to report, which no kernel relies on yet. The emulator
+ * keeps its own matrix_a order: it counts elements misplaced. */
+int mt__cuda_a_layout_check(mt_device *d, int *misplaced);
 
 #ifdef __cplusplus
 }

@@ -986,12 +986,38 @@ static __global__ void k_acc_layout(int *misplaced) {
   misplaced[lane] = n;
 }
 
-int mt__cuda_acc_layout_check(mt_device *d, int *misplaced) {
+/* The same for a bf16 row-major matrix_a fragment (16 × 16, element (r, c)
+ * holding 16·r + c, exact in bf16): its elements not where mma.m16n8k16
+ * places the A operand's, which is where acc_row and acc_col place the
+ * accumulator's. Where none are, the forward's P could pass from its score
+ * fragments to P·V in registers, not through shared memory. */
+/* a fragment element's value: a GPU's bf16 elements, the emulator's floats */
+#ifdef MT_CUDA_EMU
+static __device__ __forceinline__ float frag_float(float v) { return v; }
+#else
+static __device__ __forceinline__ float frag_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+#endif
+
+static __global__ void k_a_layout(int *misplaced) {
+  MT_DYN_SMEM(smem);
+  uint16_t *m = (uint16_t *)smem;
+  int lane = threadIdx.x % 32, n = 0;
+  for (int i = lane; i < 256; i += 32) m[i] = pack16<0>((float)i);
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> f;
+  wmma::load_matrix_sync(f, (const __nv_bfloat16 *)m, 16);
+  for (int i = 0; i < f.num_elements; i++)
+    n += i >= 8 || frag_float(f.x[i]) != (float)(16 * acc_row(lane, i) + acc_col(lane, i));
+  misplaced[lane] = n;
+}
+
+/* 32 lanes' counts from k (one warp, 512 bytes of shared memory) summed */
+static int layout_probe(mt_device *d, void (*k)(int *), const char *what, int *misplaced) {
   int *dev = (int *)mt_device_alloc(d, 32 * sizeof(int)), host[32];
   if (!dev) return -1;
   mt__cuda *c = mt__cuda_enter(d);
-  MT_LAUNCH_SMEM(k_acc_layout, dim3(1), 32, 256 * sizeof(float), c->stream)(dev);
-  mt__cuda_check(d, "accumulator layout");
+  MT_LAUNCH_SMEM(k, dim3(1), 32, 256 * sizeof(float), c->stream)(dev);
+  mt__cuda_check(d, what);
   int rc = mt_device_memcpy_dtoh(d, host, dev, sizeof host);
   if (!rc) rc = mt_device_sync(d);
   mt_device_free(d, dev);
@@ -999,6 +1025,14 @@ int mt__cuda_acc_layout_check(mt_device *d, int *misplaced) {
   *misplaced = 0;
   for (int i = 0; i < 32; i++) *misplaced += host[i];
   return 0;
+}
+
+int mt__cuda_a_layout_check(mt_device *d, int *misplaced) {
+  return layout_probe(d, k_a_layout, "matrix_a layout", misplaced);
+}
+
+int mt__cuda_acc_layout_check(mt_device *d, int *misplaced) {
+  return layout_probe(d, k_acc_layout, "accumulator layout", misplaced);
 }
 
 void mt__cuda_flash_bwd_timing(mt_device *d, void *const events[4]) {

@@ -1824,6 +1824,14 @@ int main(int argc, char **argv) {
   int lrc = mt__cuda_acc_layout_check(&gpu, &misplaced);
   check_that("flash", "accumulator layout: mma.m16n8k16's", !lrc && misplaced == 0,
              lrc ? mt_errmsg() : label("%d of 256 elements elsewhere", misplaced));
+#ifdef MT_CUDA_EMU
+  /* the matrix_a probe (gpu_bench reports a GPU's): the emulator keeps its
+   * own order there, which the probe must tell from mma.m16n8k16's */
+  int a_misplaced = -1, arc = mt__cuda_a_layout_check(&gpu, &a_misplaced);
+  check_that("flash", "matrix_a layout probe: tells the emulator's order apart",
+             !arc && a_misplaced > 0,
+             arc ? mt_errmsg() : label("%d of 256 elements elsewhere", a_misplaced));
+#endif
 
   if (flash_only) {
     flash_full_shapes();
