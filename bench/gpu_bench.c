@@ -502,16 +502,16 @@ static void bench_attention(int B) {
   printf("RESULT attention_flash_dropout_ms %.3f\n", dropped);
   /* the backward's kernels, in the FLOPs they run: over the causal half,
    * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
-  double prod = (double)B * T * T * C;
+  double prod = (double)B * T * T * C, kv_tflops = 4.0 * prod / (parts[1] * 1e-3) / 1e12,
+         q_tflops = 3.0 * prod / (parts[2] * 1e-3) / 1e12;
   printf("attention B=%d backward by kernel: D rows and dO in 16 bits %.3f ms, dK/dV %.3f ms "
          "(%.1f TFLOP/s run), dQ %.3f ms (%.1f TFLOP/s run)\n",
-         B, parts[0], parts[1], 4.0 * prod / (parts[1] * 1e-3) / 1e12, parts[2],
-         3.0 * prod / (parts[2] * 1e-3) / 1e12);
+         B, parts[0], parts[1], kv_tflops, parts[2], q_tflops);
   printf("RESULT attention_flash_bwd_dot_ms %.3f\n", parts[0]);
   printf("RESULT attention_flash_bwd_kv_ms %.3f\n", parts[1]);
-  printf("RESULT attention_flash_bwd_kv_tflops %.2f\n", 4.0 * prod / (parts[1] * 1e-3) / 1e12);
+  printf("RESULT attention_flash_bwd_kv_tflops %.2f\n", kv_tflops);
   printf("RESULT attention_flash_bwd_q_ms %.3f\n", parts[2]);
-  printf("RESULT attention_flash_bwd_q_tflops %.2f\n", 3.0 * prod / (parts[2] * 1e-3) / 1e12);
+  printf("RESULT attention_flash_bwd_q_tflops %.2f\n", q_tflops);
   fflush(stdout);
 }
 

@@ -974,44 +974,49 @@ template <class Fn> static auto with_flash(int HS, int fp16, Fn fn) {
 /* One warp loads a 16 × 16 accumulator whose element (r, c) holds 16·r + c
  * and counts, a lane each, its elements not where acc_row and acc_col
  * place them. */
+/* a fragment element's value: a GPU's bf16 elements, the emulator's floats */
+static __device__ __forceinline__ float frag_float(float v) { return v; }
+#ifndef MT_CUDA_EMU
+static __device__ __forceinline__ float frag_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+#endif
+
+/* f's elements (element (r, c) of the tile holding 16·r + c) not where
+ * acc_row and acc_col place element i of this lane; past the 8 those
+ * place, every one */
+template <class Frag> static __device__ int misplaced_in(const Frag &f, int lane) {
+  int n = 0;
+  for (int i = 0; i < f.num_elements; i++)
+    n += i >= 8 || frag_float(f.x[i]) != (float)(16 * acc_row(lane, i) + acc_col(lane, i));
+  return n;
+}
+
 static __global__ void k_acc_layout(int *misplaced) {
   MT_DYN_SMEM(smem);
   float *m = (float *)smem;
-  int lane = threadIdx.x % 32, n = 0;
+  int lane = threadIdx.x % 32;
   for (int i = lane; i < 256; i += 32) m[i] = (float)i;
   __syncwarp();
   acc_frag f;
   wmma::load_matrix_sync(f, m, 16, wmma::mem_row_major);
-  for (int i = 0; i < 8; i++) n += f.x[i] != (float)(16 * acc_row(lane, i) + acc_col(lane, i));
-  misplaced[lane] = n;
+  misplaced[lane] = misplaced_in(f, lane);
 }
 
-/* The same for a bf16 row-major matrix_a fragment (16 × 16, element (r, c)
- * holding 16·r + c, exact in bf16): its elements not where mma.m16n8k16
- * places the A operand's, which is where acc_row and acc_col place the
- * accumulator's. Where none are, the forward's P could pass from its score
+/* The same for a bf16 row-major matrix_a fragment (values exact in bf16)
+ * against mma.m16n8k16's A operand, whose places are the accumulator's:
+ * where none is misplaced, the forward's P could pass from its score
  * fragments to P·V in registers, not through shared memory. */
-/* a fragment element's value: a GPU's bf16 elements, the emulator's floats */
-#ifdef MT_CUDA_EMU
-static __device__ __forceinline__ float frag_float(float v) { return v; }
-#else
-static __device__ __forceinline__ float frag_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-#endif
-
 static __global__ void k_a_layout(int *misplaced) {
   MT_DYN_SMEM(smem);
   uint16_t *m = (uint16_t *)smem;
-  int lane = threadIdx.x % 32, n = 0;
+  int lane = threadIdx.x % 32;
   for (int i = lane; i < 256; i += 32) m[i] = pack16<0>((float)i);
   __syncwarp();
   wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> f;
   wmma::load_matrix_sync(f, (const __nv_bfloat16 *)m, 16);
-  for (int i = 0; i < f.num_elements; i++)
-    n += i >= 8 || frag_float(f.x[i]) != (float)(16 * acc_row(lane, i) + acc_col(lane, i));
-  misplaced[lane] = n;
+  misplaced[lane] = misplaced_in(f, lane);
 }
 
-/* 32 lanes' counts from k (one warp, 512 bytes of shared memory) summed */
+/* 32 lanes' counts from k (one warp, 1 KiB of shared memory) summed */
 static int layout_probe(mt_device *d, void (*k)(int *), const char *what, int *misplaced) {
   int *dev = (int *)mt_device_alloc(d, 32 * sizeof(int)), host[32];
   if (!dev) return -1;

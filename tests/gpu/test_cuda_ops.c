@@ -370,6 +370,16 @@ static void linear_scratch_pair(int N, int C, int OC, mt_dtype it, mt_dtype wt, 
 #define CVT_BUDGET ((size_t)128 << 20)
 #endif
 
+/* Blocks of `all` rows of row_bytes each that fit CVT_BUDGET: ops_cuda.cu's
+ * rows_in: the GEMMs a blocked op runs, and whether its rows go in blocks */
+static long blocks_of(int all, size_t row_bytes) {
+  size_t r = row_bytes ? CVT_BUDGET / row_bytes : (size_t)all;
+  if (r >= (size_t)all) return all ? 1 : 0;
+  if (r > 8) r &= ~(size_t)7;
+  if (!r) r = 1;
+  return (long)((all + r - 1) / r);
+}
+
 #ifdef MT_CUDA_EMU
 
 /* GEMMs run since the last call: all of them, with the GeLU epilogue, with
@@ -412,16 +422,6 @@ static int fwd_path_ok(gemm_tally t, mt_dtype it, mt_dtype wt, mt_matmul_precisi
   if (it != MT_F32) return t.gemms == 1 && t.half == 1 && t.conv == 0;
   if (wt == MT_F32) return t.gemms == 1 && t.half == 0 && t.conv == 0;
   return t.gemms >= 1 && t.half == (native_16(wt, p) ? t.gemms : 0) && t.conv == t.gemms;
-}
-
-/* Blocks of `all` rows of row_bytes each that fit CVT_BUDGET: ops_cuda.cu's
- * rows_in, for counting the GEMMs a blocked op runs */
-static long blocks_of(int all, size_t row_bytes) {
-  size_t r = row_bytes ? CVT_BUDGET / row_bytes : (size_t)all;
-  if (r >= (size_t)all) return all ? 1 : 0;
-  if (r > 8) r &= ~(size_t)7;
-  if (!r) r = 1;
-  return (long)((all + r - 1) / r);
 }
 
 /* The backward's dw GEMMs: one per block of rows where the rows go in
@@ -913,7 +913,7 @@ static void compare_linear_calls(const lin_call *ca, const lin_call *cb, const c
  * the blocks' sums (the emulator's budget is 2 KB: its 1024 × 768 × 3072
  * case goes in blocks, a GPU's does not). */
 static void test_linear_bf16_native(int N, int C, int OC) {
-  int blocked = (size_t)N * 2 * ((size_t)C + OC) > CVT_BUDGET;
+  int blocked = blocks_of(N, 2 * ((size_t)C + OC)) > 1;
   gpu.matmul = MT_MATMUL_BF16;
   size_t ni = (size_t)N * C, nw = (size_t)OC * C;
   float *w = round_to(H(nw, -0.5f, 0.5f), nw, MT_BF16), *x = Df(H(ni, -1, 1), ni);
