@@ -447,11 +447,27 @@ static void flash_bwd_parts(attn_run *a, double ms[3]) {
   for (int i = 0; i < 4; i++) cudaEventDestroy(ev[i]);
 }
 
+/* The flash forward at 16 and 32 query rows a warp (ms[0], ms[1]), each
+ * set for its timing; then back to each shape's timed choice, which
+ * *chosen gets (mt__cuda_flash_fwd_rows_of) */
+static void flash_fwd_rows_ms(attn_run *a, double ms[2], int *chosen) {
+  for (int i = 0; i < 2; i++) {
+    mt__cuda_flash_fwd_rows(&dev, i ? 32 : 16);
+    ms[i] = time_ms(attn_fwd_step, a,
+                    i ? "attention forward, 32 rows a warp" : "attention forward, 16 rows a warp");
+  }
+  mt__cuda_flash_fwd_rows(&dev, 0);
+  *chosen = mt__cuda_flash_fwd_rows_of(&dev, a->C / a->NH, a->qt == MT_F16, a->B, a->T, a->NH,
+                                       a->drop != NULL, 0);
+}
+
 /* fwd_ms: the forward alone, timed apart (NULL: not timed); parts: the
- * flash backward's kernels (a 16-bit qkv; NULL: not timed); p_drop: the
- * attention dropout's probability (0: none) */
+ * flash backward's kernels (a 16-bit qkv; NULL: not timed); rows_ms: the
+ * flash forward at 16 and 32 rows a warp, and rows_ms[2] the rows its
+ * first call timed faster (NULL: not timed); p_drop: the attention
+ * dropout's probability (0: none) */
 static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms,
-                           double parts[3], float p_drop) {
+                           double parts[3], double rows_ms[3], float p_drop) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
@@ -468,6 +484,11 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd
   double ms = time_ms(attn_step, &a, "attention");
   if (fwd_ms) *fwd_ms = time_ms(attn_fwd_step, &a, "attention forward");
   if (parts && qt != MT_F32) flash_bwd_parts(&a, parts);
+  if (rows_ms && qt != MT_F32) {
+    int chosen = 0;
+    flash_fwd_rows_ms(&a, rows_ms, &chosen);
+    rows_ms[2] = chosen;
+  }
   void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
   free_all(bufs, sizeof bufs / sizeof *bufs);
   dev.matmul = MT_MATMUL_FP32;
@@ -482,12 +503,12 @@ static double attention_flops(int B, int T, int C) { return 3.0 * 2.0 * B * (dou
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
   int T = 2048, C = 2048, NH = 16;
-  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0},
-         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL, 0.0f);
-  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts, 0.0f);
+  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0}, rows[3] = {0.0, 0.0, 0.0},
+         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL, NULL, 0.0f);
+  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts, rows, 0.0f);
   /* with attention dropout 0.1 (GPT-3's and Megatron's default): the
    * Philox draws and the kept-or-dropped products */
-  double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, 0.1f);
+  double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, 0.1f);
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
          "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
@@ -500,6 +521,12 @@ static void bench_attention(int B) {
   printf("attention B=%d, bf16 qkv (flash) with dropout 0.1: %.2f ms, %.2fx the time without\n", B,
          dropped, dropped / flash);
   printf("RESULT attention_flash_dropout_ms %.3f\n", dropped);
+  printf("attention B=%d, flash forward by query rows a warp: 16 %.3f ms, 32 %.3f ms (%.2fx); "
+         "the first call's timing chose %d\n",
+         B, rows[0], rows[1], rows[0] / rows[1], (int)rows[2]);
+  printf("RESULT attention_flash_fwd_rows16_ms %.3f\n", rows[0]);
+  printf("RESULT attention_flash_fwd_rows32_ms %.3f\n", rows[1]);
+  printf("RESULT attention_flash_fwd_rows_chosen %d\n", (int)rows[2]);
   /* the backward's kernels, in the FLOPs they run: over the causal half,
    * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
   double prod = (double)B * T * T * C, kv_tflops = 4.0 * prod / (parts[1] * 1e-3) / 1e12,
@@ -521,26 +548,34 @@ static void bench_attention(int B) {
  * in the same run: the head width's cost per FLOP. */
 static void bench_flash_widths(void) {
   int T = 2048, NH = 16;
+  double rows[3] = {0.0, 0.0, 0.0};
   double w160 = attention_flops(1, T, NH * 160) /
-                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, 0.0f) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, rows, 0.0f) * 1e-3) / 1e12;
   double w128 = attention_flops(1, T, NH * 128) /
-                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL, 0.0f) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL, NULL, 0.0f) * 1e-3) / 1e12;
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);
   printf("RESULT flash_hs160_tflops %.2f\n", w160);
   printf("RESULT flash_hs128_tflops %.2f\n", w128);
+  printf("flash forward at head 160, B=1, by query rows a warp: 16 %.3f ms, 32 %.3f ms (%.2fx); "
+         "the first call's timing chose %d\n",
+         rows[0], rows[1], rows[0] / rows[1], (int)rows[2]);
+  printf("RESULT flash_hs160_fwd_rows16_ms %.3f\n", rows[0]);
+  printf("RESULT flash_hs160_fwd_rows32_ms %.3f\n", rows[1]);
+  printf("RESULT flash_hs160_fwd_rows_chosen %d\n", (int)rows[2]);
   /* the blocks an SM holds: the backward at 160 is sized for two on an
    * H100/H200 (kernels/cuda/flash_cuda.cu, bwd_smem) */
   for (int hs = 160; hs >= 128; hs -= 32) {
-    int b[3];
+    int b[4];
     if (mt__cuda_flash_blocks_per_sm(&dev, hs, 0, b)) {
       printf("flash blocks per SM, head %d: %s\n", hs, mt_errmsg());
       continue;
     }
-    printf("flash blocks per SM, head %d, bf16: forward %d, dK/dV %d, dQ %d\n", hs, b[0], b[1],
-           b[2]);
+    printf("flash blocks per SM, head %d, bf16: forward %d (32 rows a warp: %d), dK/dV %d, dQ %d\n",
+           hs, b[0], b[3], b[1], b[2]);
     printf("RESULT flash_hs%d_blocks_per_sm %d/%d/%d\n", hs, b[0], b[1], b[2]);
+    printf("RESULT flash_hs%d_fwd32_blocks_per_sm %d\n", hs, b[3]);
   }
   fflush(stdout);
 }

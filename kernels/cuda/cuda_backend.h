@@ -47,10 +47,11 @@ int mt__cuda_memset0(mt_device *d, void *p, size_t bytes);
 int mt__cuda_sync(mt_device *d);
 
 /* Blocks an SM of d's GPU holds of the flash kernels for head_size (the
- * forward, dK/dV and dQ, into blocks[0..2]), bf16 or (fp16) binary16, set
- * up as the launches set them up: for bench/gpu_bench. MT_ENOTSUP on the
- * emulator. (flash_cuda.cu) */
-int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]);
+ * forward, dK/dV and dQ, into blocks[0..2]; the forward of 32 query rows a
+ * warp into blocks[3], 0 where it does not run), bf16 or (fp16) binary16,
+ * set up as the launches set them up: for bench/gpu_bench. MT_ENOTSUP on
+ * the emulator. (flash_cuda.cu) */
+int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[4]);
 
 /* For bench/gpu_bench: from now on each flash backward on d records
  * events[0..3] (cudaEvent_t, created by the caller on d's GPU) on d's
@@ -58,6 +59,17 @@ int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int bloc
  * up to mt_flash_bwd_samples): before k_flash_dot, after it, after the
  * dK/dV kernel, after the dQ kernel. events NULL: no more. (flash_cuda.cu) */
 void mt__cuda_flash_bwd_timing(mt_device *d, void *const events[4]);
+
+/* The flash forward's query rows a warp on d from now on: 16 or 32 (32
+ * at head sizes to 160; at 256, 16 whatever is asked), or 0: for each new
+ * shape, both timed on its first call and the faster kept. Their outputs
+ * are the same bits. Returns MT_EINVAL for any other value. Set from
+ * MTNLG_FLASH_FWD_ROWS when the device opens. (flash_cuda.cu) */
+int mt__cuda_flash_fwd_rows(mt_device *d, int rows);
+/* The rows d's flash forward runs with for this shape: those set, else
+ * those timed faster for it, 0 while it has not run */
+int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
+                               int dropout, int docs);
 
 /* Loads a known 16 × 16 fp32 accumulator on d's GPU and counts into
  * *misplaced its elements that are not where the flash kernels' row work

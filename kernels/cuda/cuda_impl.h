@@ -50,6 +50,9 @@
  * (ops_cuda.cu, col_groups): 4 MiB a device */
 #define MT_CUDA_COL_FLOATS ((size_t)1 << 20)
 
+/* The flash forward's shapes whose rows a warp were timed, kept a device */
+#define MT_CUDA_FLASH_TUNED 16
+
 typedef struct mt__cuda {
   int index;
   cudaStream_t stream;
@@ -64,7 +67,13 @@ typedef struct mt__cuda {
   int acc_layout;              /* the flash kernels' fragment layout on this GPU, read when it
                                   opens: 1 as they assume, -1 not (flash_cuda.cu) */
   cudaEvent_t flash_events[4]; /* mt__cuda_flash_bwd_timing's, or NULL */
-  int err;                     /* first error an op met: MT_EIO, 0 when none */
+  int flash_fwd_rows;          /* query rows a warp of the flash forward: 16 or 32, 0 timed per
+                                  shape (MTNLG_FLASH_FWD_ROWS, mt__cuda_flash_fwd_rows) */
+  struct mt__flash_tuned {     /* the shapes timed, and the rows found faster */
+    int HS, fp16, B, T, NH, drop, docs, rows;
+  } flash_tuned[MT_CUDA_FLASH_TUNED];
+  int flash_tuned_n; /* entries filled, round robin past MT_CUDA_FLASH_TUNED */
+  int err;           /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;
 

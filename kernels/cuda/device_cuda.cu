@@ -106,6 +106,16 @@ int mt__cuda_open(mt_device *d, int index) {
                      "device %s: MTNLG_GELU_EPILOGUE=\"%s\": 0 (GeLU and its gradient as "
                      "kernels of their own) or 1 (in cuBLASLt's epilogues, the default)",
                      d->name, ge);
+  const char *fr = getenv("MTNLG_FLASH_FWD_ROWS");
+  int flash_rows = !fr || !strcmp(fr, "auto") ? 0
+                   : !strcmp(fr, "16")        ? 16
+                   : !strcmp(fr, "32")        ? 32
+                                              : -1;
+  if (flash_rows < 0)
+    return mt_seterr(MT_EINVAL,
+                     "device %s: MTNLG_FLASH_FWD_ROWS=\"%s\": 16 or 32 (query rows a warp of the "
+                     "flash forward), or auto (each shape's first call times both, the default)",
+                     d->name, fr);
 #ifndef MT_CUDA_EMU
   if (mt__cuda_blas_load()) return mt_wraperr(MT_EIO, "device %s", d->name); /* before any call */
 #endif
@@ -143,6 +153,7 @@ int mt__cuda_open(mt_device *d, int index) {
   d->matmul = MT_MATMUL_FP32;
   d->ops = &mt_cuda_ops;
   d->gelu_epilogue = !ge || ge[0] == '1';
+  c->flash_fwd_rows = flash_rows;
   if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
       c->sms < 1)
     c->sms = 1;

@@ -65,6 +65,7 @@
 
 extern "C" {
 #include "err.h"
+#include "log.h"
 }
 
 using namespace nvcuda;
@@ -100,9 +101,12 @@ template <> struct elem<1> { typedef __half t; };
 #define LDO(D) ((D) + 4)      /* fp32 output staging of a warp, 16 rows */
 static size_t tile_bytes(int D, int W) { return (size_t)16 * W * LDE(D) * 2; }
 static size_t probs_bytes(int W) { return (size_t)W * 16 * LDP(W) * 2; }
-/* Q, K and V tiles and the warps' P (the output's fp32 staging, W·16 ×
- * LDO(D), fits in the three tiles at every D and W here) */
-static size_t fwd_smem(int D, int W) { return 3 * tile_bytes(D, W) + probs_bytes(W); }
+/* The forward's (MF row blocks a warp): Q (MF tiles of 16·W rows), K and V
+ * tiles and the warps' P (the output's fp32 staging, W·16 × LDO(D), fits
+ * in the three tiles at every D and W here) */
+static size_t fwd_smem(int D, int W, int MF) {
+  return (size_t)(MF + 2) * tile_bytes(D, W) + (size_t)MF * probs_bytes(W);
+}
 /* K, V, Q and dO tiles, the warps' two 16-bit operands, and the query
  * tile's lse, D and document starts: at head size 160 105,216 bytes,
  * under half an H100/H200 SM's 233,472 less 1 KB a block, so two blocks
@@ -279,19 +283,25 @@ static __device__ void warp_scores(acc_frag *S, const uint16_t *A, const uint16_
   }
 }
 
-/* acc[n] (16 × D in D/16 fragments) += P(16 × R, ld LDP(W), 16-bit) · B(R × D) */
-template <int FP16, int D, int W>
+/* acc[f·D/16 + n] (f < MF; 16 × D each in D/16 fragments) += P_f(16 × R,
+ * 16-bit, from P + 16·f·LDP(W), ld LDP(W)) · B(R × D): each fragment of B
+ * loaded once for all MF row blocks */
+template <int FP16, int D, int W, int MF = 1>
 static __device__ void warp_accumulate(acc_frag *acc, const uint16_t *P, const uint16_t *B) {
   typedef typename elem<FP16>::t E;
 #pragma unroll
   for (int kk = 0; kk < W; kk++) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
-    wmma::load_matrix_sync(a, (const E *)(P + 16 * kk), LDP(W));
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a[MF];
+#pragma unroll
+    for (int f = 0; f < MF; f++)
+      wmma::load_matrix_sync(a[f], (const E *)(P + 16 * f * LDP(W) + 16 * kk), LDP(W));
 #pragma unroll
     for (int n = 0; n < D / 16; n++) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> b;
       wmma::load_matrix_sync(b, (const E *)(B + 16 * kk * LDE(D) + 16 * n), LDE(D));
-      wmma::mma_sync(acc[n], a, b, acc[n]);
+#pragma unroll
+      for (int f = 0; f < MF; f++)
+        wmma::mma_sync(acc[f * (D / 16) + n], a[f], b, acc[f * (D / 16) + n]);
     }
   }
 }
@@ -410,125 +420,175 @@ static __device__ __forceinline__ void col_keep(float keep[8], float p, uint64_t
  * key tiles under the causal mask) in block 0: blocks start in index order,
  * so the longest go first and the short ones fill the last wave, as in
  * FlashAttention (in order, the last wave was the heads' longest tiles,
- * with most SMs idle under it) */
-template <int FP16, int D, int W>
-static __global__ void MT_LAUNCH_BOUNDS(32 * W, MT_FLASH_FWD_BLOCKS)
+ * with most SMs idle under it).
+ *
+ * A warp takes MF blocks of 16 query rows, a block's query tile 16·MF·W
+ * rows; key tiles stay R = 16·W. With MF 2 (FlashAttention-2's 32 rows a
+ * warp) each V fragment a warp loads from shared memory serves both row
+ * blocks' P·V, and a block loads K and V tiles for twice the rows, at the
+ * cost of registers (255 a thread, two blocks an SM). A row sees the same
+ * key tiles in the same order at either MF, and its arithmetic is the
+ * same, so the outputs are the same bits: a warp skips only tiles that
+ * hold no key its rows see, which would leave its m, l and output as they
+ * were (at MF 1 a warp sees every tile its block sweeps but those before
+ * its documents; it sweeps them all, as it did before MF 2, which keeps
+ * its registers as few). */
+template <int FP16, int D, int W, int MF>
+static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 2)
     k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C, int NH, float scale,
                 float p, uint64_t key, uint64_t sample0, uint32_t head0, const int32_t *docs) {
-  const int R = 16 * W;
+  const int R = 16 * W, QR = MF * R, NO = D / 16;
   MT_DYN_SMEM(smem);
-  uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + R * LDE(D), *Vs = Ks + R * LDE(D);
+  uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + QR * LDE(D), *Vs = Ks + R * LDE(D);
   uint16_t *Ps = Vs + R * LDE(D);
   int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, HS = C / NH;
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * R;
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q0 = qt * QR, w0 = q0 + 16 * MF * warp;
   size_t ld = 3 * (size_t)C;
   const uint16_t *head = qkv + (size_t)b * T * ld + (size_t)h * HS;
-  uint16_t *Pw = Ps + warp * 16 * LDP(W);
+  uint16_t *Pw = Ps + warp * 16 * MF * LDP(W);
   uint64_t sample = sample0 + (uint64_t)b;
-  /* the lane's two rows (acc_row): queries tq, their first keys (their
-   * documents' starts) ts; the first key tile any row of the tile sees */
+  /* the lane's two rows (acc_row) of each row block f: queries tq, their
+   * first keys (their documents' starts) ts; the first key tile any row of
+   * the tile sees, and the last (its last row's, or T's) */
   const int32_t *ds = docs ? docs + (size_t)b * T : NULL;
-  int tq[2], ts[2], kt0 = ds ? ds[q0] / R : 0;
+  int tq[MF][2], ts[MF][2], kt0 = ds ? ds[q0] / R : 0;
+  int kt1 = MF == 1 ? qt : ((q0 + QR < T ? q0 + QR : T) - 1) / R;
 #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    tq[r] = q0 + 16 * warp + (lane >> 2) + 8 * r;
-    ts[r] = ds && tq[r] < T ? ds[tq[r]] : 0;
-  }
+  for (int f = 0; f < MF; f++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      tq[f][r] = w0 + 16 * f + (lane >> 2) + 8 * r;
+      ts[f][r] = ds && tq[f][r] < T ? ds[tq[f][r]] : 0;
+    }
+  /* the warp's keys: from its first row's start to its last row (rows
+   * past T see none) */
+  int wk0 = ds && w0 < T ? ds[w0] : 0, wk1 = w0 < T ? w0 + 16 * MF - 1 : -1;
 
   /* Q, then each key tile's K and V as two groups of copies in flight (a
    * buffer each): the next tile's K loads while this tile's softmax and
    * P·V run, its V while the next Q·Kᵀ does */
   const uint16_t *kv0 = head + C + (size_t)kt0 * R * ld;
-  load_tile<D, 1>(Qs, head + (size_t)q0 * ld, R, T - q0, HS, ld);
+  load_tile<D, 1>(Qs, head + (size_t)q0 * ld, QR, T - q0, HS, ld);
   load_tile<D, 1>(Ks, kv0, R, T - kt0 * R, HS, ld);
   cp_async_commit();
   load_tile<D, 1>(Vs, kv0 + C, R, T - kt0 * R, HS, ld);
   cp_async_commit();
-  const uint16_t *Qw = Qs + 16 * warp * LDE(D);
+  const uint16_t *Qw = Qs + 16 * MF * warp * LDE(D);
 
-  float m[2] = {-FLT_MAX, -FLT_MAX}, l[2] = {0.0f, 0.0f};
-  acc_frag o[D / 16];
+  float m[MF][2], l[MF][2];
+  acc_frag o[MF * NO];
 #pragma unroll
-  for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.0f);
-  for (int kt = kt0; kt <= qt; kt++) {
+  for (int f = 0; f < MF; f++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) m[f][r] = -FLT_MAX, l[f][r] = 0.0f;
+#pragma unroll
+  for (int n = 0; n < MF * NO; n++) wmma::fill_fragment(o[n], 0.0f);
+  for (int kt = kt0; kt <= kt1; kt++) {
     const uint16_t *next = head + C + (size_t)(kt + 1) * R * ld; /* its K; V at + C */
+    /* whether any of the warp's rows sees a key of this tile (the same for
+     * the whole warp) */
+    int seen = MF == 1 || (kt * R <= wk1 && (kt + 1) * R > wk0);
     cp_async_wait<1>(); /* this tile's K (and Q): all but its V */
     __syncthreads();
+    /* one row block's scores live at a time: two spill the 32-row warp's
+     * registers (hundreds of bytes at head size 128), so its second
+     * block's scores are taken after the first's softmax, and K is free
+     * for the next tile's only after both */
     acc_frag sc[W];
-    warp_scores<FP16, D, W>(sc, Qw, Ks);
-    __syncthreads(); /* every warp has read Ks: the next tile's K */
-    if (kt < qt) load_tile<D, 1>(Ks, next, R, T - (kt + 1) * R, HS, ld);
-    cp_async_commit(); /* (empty after the last tile: the waits count groups) */
-    /* the scaled scores of the keys a row sees (the rest: -FLT_MAX) and
-     * each row's max over the tile */
-    float tm[2] = {-FLT_MAX, -FLT_MAX};
-#pragma unroll
-    for (int c = 0; c < W; c++)
-#pragma unroll
-      for (int i = 0; i < 8; i++) {
-        int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
-        float v = tk <= tq[r] && tk >= ts[r] ? sc[c].x[i] * scale : -FLT_MAX;
-        sc[c].x[i] = v;
-        tm[r] = fmaxf(tm[r], v);
-      }
-    float mn[2], alpha[2], rs[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      mn[r] = fmaxf(m[r], quad_max(tm[r]));
-      alpha[r] = expf(m[r] - mn[r]); /* 1 while the row has seen no key */
+    if (MF == 1) {
+      if (seen) warp_scores<FP16, D, W>(sc, Qw, Ks);
+      __syncthreads(); /* every warp has read Ks: the next tile's K */
+      if (kt < kt1) load_tile<D, 1>(Ks, next, R, T - (kt + 1) * R, HS, ld);
+      cp_async_commit(); /* (empty after the last tile: the waits count groups) */
     }
-    /* P = exp(s - m): summed undropped into l, written dropped and
-     * rounded for P·V; a lane's elements 2r + e of column half hh are keys
-     * tk0 + e of rows r */
+    if (seen) {
 #pragma unroll
-    for (int c = 0; c < W; c++)
+      for (int f = 0; f < MF; f++) {
+        if (MF > 1) warp_scores<FP16, D, W>(sc, Qw + 16 * f * LDE(D), Ks);
+        /* the scaled scores of the keys a row sees (the rest: -FLT_MAX)
+         * and each row's max over the tile */
+        float tm[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
-      for (int hh = 0; hh < 2; hh++) {
-        int col0 = 16 * c + 8 * hh + 2 * (lane & 3), tk0 = kt * R + col0;
-        float keep[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
-        if (p > 0.0f) row_keep(keep, p, key, sample, head0 + h, T, tq, tk0, lane);
+        for (int c = 0; c < W; c++)
+#pragma unroll
+          for (int i = 0; i < 8; i++) {
+            int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
+            float v = tk <= tq[f][r] && tk >= ts[f][r] ? sc[c].x[i] * scale : -FLT_MAX;
+            sc[c].x[i] = v;
+            tm[r] = fmaxf(tm[r], v);
+          }
+        float mn[2], alpha[2], rs[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-          float pv[2];
-#pragma unroll
-          for (int e = 0; e < 2; e++) {
-            float v = sc[c].x[4 * hh + 2 * r + e];
-            pv[e] = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
-            rs[r] += pv[e];
-            pv[e] *= keep[r][e];
-          }
-          store_pair<FP16>(Pw + ((lane >> 2) + 8 * r) * LDP(W) + col0, pv[0], pv[1]);
+          mn[r] = fmaxf(m[f][r], quad_max(tm[r]));
+          alpha[r] = expf(m[f][r] - mn[r]); /* 1 while the row has seen no key */
         }
+        /* P = exp(s - m): summed undropped into l, written dropped and
+         * rounded for P·V; a lane's elements 2r + e of column half hh are
+         * keys tk0 + e of rows r */
+        uint16_t *Pf = Pw + 16 * f * LDP(W);
+#pragma unroll
+        for (int c = 0; c < W; c++)
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++) {
+            int col0 = 16 * c + 8 * hh + 2 * (lane & 3), tk0 = kt * R + col0;
+            float keep[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
+            if (p > 0.0f) row_keep(keep, p, key, sample, head0 + h, T, tq[f], tk0, lane);
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+              float pv[2];
+#pragma unroll
+              for (int e = 0; e < 2; e++) {
+                float v = sc[c].x[4 * hh + 2 * r + e];
+                pv[e] = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
+                rs[r] += pv[e];
+                pv[e] *= keep[r][e];
+              }
+              store_pair<FP16>(Pf + ((lane >> 2) + 8 * r) * LDP(W) + col0, pv[0], pv[1]);
+            }
+          }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+          l[f][r] = l[f][r] * alpha[r] + quad_sum(rs[r]);
+          m[f][r] = mn[r];
+        }
+#pragma unroll
+        for (int n = 0; n < NO; n++)
+#pragma unroll
+          for (int i = 0; i < 8; i++) o[f * NO + n].x[i] *= alpha[(i >> 1) & 1];
       }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      l[r] = l[r] * alpha[r] + quad_sum(rs[r]);
-      m[r] = mn[r];
     }
-#pragma unroll
-    for (int n = 0; n < D / 16; n++)
-#pragma unroll
-      for (int i = 0; i < 8; i++) o[n].x[i] *= alpha[(i >> 1) & 1];
+    if (MF > 1) {
+      __syncthreads();
+      if (kt < kt1) load_tile<D, 1>(Ks, next, R, T - (kt + 1) * R, HS, ld);
+      cp_async_commit();
+    }
     cp_async_wait<1>(); /* this tile's V: all but the next K */
     __syncthreads();    /* (and this warp's Pw written) */
-    warp_accumulate<FP16, D, W>(o, Pw, Vs);
+    if (seen) warp_accumulate<FP16, D, W, MF>(o, Pw, Vs);
     __syncthreads(); /* every warp has read Vs: the next tile's V */
-    if (kt < qt) load_tile<D, 1>(Vs, next + C, R, T - (kt + 1) * R, HS, ld);
+    if (kt < kt1) load_tile<D, 1>(Vs, next + C, R, T - (kt + 1) * R, HS, ld);
     cp_async_commit();
   }
   cp_async_wait<0>(); /* (only empty groups are left) */
-  /* every row sees its own key, so l > 0 */
+  __syncthreads();    /* the tiles become the output's staging */
+  float *st = (float *)smem + warp * 16 * LDO(D);
 #pragma unroll
-  for (int r = 0; r < 2; r++)
-    if (!(lane & 3) && tq[r] < T) lse[((size_t)b * NH + h) * T + tq[r]] = m[r] + logf(l[r]);
-  float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+  for (int f = 0; f < MF; f++) {
+    /* every row sees its own key, so l > 0 */
 #pragma unroll
-  for (int n = 0; n < D / 16; n++)
+    for (int r = 0; r < 2; r++)
+      if (!(lane & 3) && tq[f][r] < T)
+        lse[((size_t)b * NH + h) * T + tq[f][r]] = m[f][r] + logf(l[f][r]);
+    /* (a warp wholly past T saw no key: l 0, its rows not written) */
+    float inv[2] = {l[f][0] > 0.0f ? 1.0f / l[f][0] : 0.0f, l[f][1] > 0.0f ? 1.0f / l[f][1] : 0.0f};
 #pragma unroll
-    for (int i = 0; i < 8; i++) o[n].x[i] *= inv[(i >> 1) & 1];
-  __syncthreads(); /* the tiles become the output's staging */
-  warp_rows_out<D, 0, FP16>(out + (size_t)b * T * C + (size_t)h * HS, C,
-                            (float *)smem + warp * 16 * LDO(D), o, q0 + 16 * warp, T, HS);
+    for (int n = 0; n < NO; n++)
+#pragma unroll
+      for (int i = 0; i < 8; i++) o[f * NO + n].x[i] *= inv[(i >> 1) & 1];
+    warp_rows_out<D, 0, FP16>(out + (size_t)b * T * C + (size_t)h * HS, C, st, o + f * NO,
+                              w0 + 16 * f, T, HS);
+  }
 }
 
 /* dv[(b, h, t)] (rows of the group b0.., (Bg, NH, T)) = Σ_c dout·out over
@@ -879,23 +939,41 @@ static int smem_ok(mt_device *d, mt__cuda *c, K *k, size_t smem, int D, const ch
   return 1;
 }
 
-/* The forward kernel's type (k_flash_fwd<FP16, D, W>) */
+/* The forward kernel's type (k_flash_fwd<FP16, D, W, MF>) */
 typedef void flash_fwd_kernel(uint16_t *, float *, const uint16_t *, int, int, int, float, float,
                               uint64_t, uint64_t, uint32_t, const int32_t *);
 
 /* The kernels of one (FP16, D, W), launched with the shared memory they take. */
 template <int FP16, int D, int W> struct flash {
-  static void fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C,
-                  int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
+  /* the forward's row blocks a warp it is built with besides 1: 2 where a
+   * block has 4 warps (head sizes to 160), 1 (no other) at 256 */
+  enum { MF2 = W == 4 ? 2 : 1 };
+  template <int MF>
+  static void fwd_as(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T,
+                     int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
     mt__cuda *c = mt__cuda_enter(d);
-    const int R = 16 * W;
-    size_t smem = fwd_smem(D, W);
-    flash_fwd_kernel *flash_fwd = k_flash_fwd<FP16, D, W>;
+    const int QR = 16 * W * MF;
+    size_t smem = fwd_smem(D, W, MF);
+    flash_fwd_kernel *flash_fwd = k_flash_fwd<FP16, D, W, MF>;
     if (!smem_ok(d, c, flash_fwd, smem, D, "attention_fwd (flash)")) return;
-    MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + R - 1) / R), (unsigned)NH, (unsigned)B), 32 * W,
-                   smem, c->stream)
+    MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + QR - 1) / QR), (unsigned)NH, (unsigned)B),
+                   32 * W, smem, c->stream)
     (out, lse, qkv, T, C, NH, scale, drop ? drop->p : 0.0f, drop ? drop->key : 0,
      drop ? drop->sample0 : 0, drop ? drop->head0 : 0, docs);
+  }
+  /* whether the forward of 32 rows a warp runs here: built, and its
+   * shared memory within the GPU's (an sm_86 GPU's 99 KiB hold it at head
+   * size 128, not 160) */
+  static int has32(const mt__cuda *c) {
+    return MF2 == 2 && fwd_smem(D, W, MF2) <= (size_t)c->smem_optin;
+  }
+  /* rows: 16 or 32 a warp (32 only where has32) */
+  static void fwd(mt_device *d, int rows, uint16_t *out, float *lse, const uint16_t *qkv, int B,
+                  int T, int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
+    if (rows == 32 && has32(mt__cuda_of(d)))
+      fwd_as<MF2>(d, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+    else
+      fwd_as<1>(d, out, lse, qkv, B, T, C, NH, scale, drop, docs);
   }
   static void bwd(mt_device *d, void *dqkv, int half_out, const float *dout, const uint16_t *dO16,
                   const uint16_t *qkv, const float *lse, const float *dv, int b0, int Bg, int T,
@@ -932,27 +1010,35 @@ template <int FP16, int D, int W> struct flash {
     MT_LAUNCH_SMEM(flash_bwd_q, grid, 32 * W, smem, c->stream)(a);
     if (ev) cudaEventRecord(ev[3], c->stream);
   }
-  /* blocks an SM holds of the forward, dK/dV and dQ kernels, set up as
-   * their launches are */
-  static int blocks(mt_device *d, int out[3]) {
+  /* blocks an SM holds of the forward, dK/dV and dQ kernels and of the
+   * forward of 32 rows a warp (0 where it does not run), set up as their
+   * launches are */
+  static int blocks(mt_device *d, int out[4]) {
 #ifdef MT_CUDA_EMU
     (void)d, (void)out;
     return mt_seterr(MT_ENOTSUP, "flash occupancy: not on the emulator");
 #else
     mt__cuda *c = mt__cuda_enter(d);
-    flash_fwd_kernel *f = k_flash_fwd<FP16, D, W>;
+    flash_fwd_kernel *f = k_flash_fwd<FP16, D, W, 1>;
     void (*kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
     void (*q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
     const char *what = "flash occupancy";
-    if (!smem_ok(d, c, f, fwd_smem(D, W), D, what) || !smem_ok(d, c, kv, bwd_smem(D, W), D, what) ||
-        !smem_ok(d, c, q, bwd_smem(D, W), D, what))
+    if (!smem_ok(d, c, f, fwd_smem(D, W, 1), D, what) ||
+        !smem_ok(d, c, kv, bwd_smem(D, W), D, what) || !smem_ok(d, c, q, bwd_smem(D, W), D, what))
       return mt_seterr(MT_EIO, "%s", c->errmsg);
     cudaError_t e =
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[0], f, 32 * W, fwd_smem(D, W));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[0], f, 32 * W, fwd_smem(D, W, 1));
     if (e == cudaSuccess)
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[1], kv, 32 * W, bwd_smem(D, W));
     if (e == cudaSuccess)
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[2], q, 32 * W, bwd_smem(D, W));
+    out[3] = 0;
+    if (e == cudaSuccess && has32(c)) {
+      flash_fwd_kernel *f2 = k_flash_fwd<FP16, D, W, MF2>;
+      if (!smem_ok(d, c, f2, fwd_smem(D, W, MF2), D, what))
+        return mt_seterr(MT_EIO, "%s", c->errmsg);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[3], f2, 32 * W, fwd_smem(D, W, MF2));
+    }
     if (e != cudaSuccess) {
       cudaGetLastError();
       return mt_seterr(MT_EIO, "%s: %s", what, cudaGetErrorString(e));
@@ -1045,7 +1131,7 @@ void mt__cuda_flash_bwd_timing(mt_device *d, void *const events[4]) {
   for (int i = 0; i < 4; i++) c->flash_events[i] = events ? (cudaEvent_t)events[i] : NULL;
 }
 
-int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[3]) {
+int mt__cuda_flash_blocks_per_sm(mt_device *d, int head_size, int fp16, int blocks[4]) {
   if (head_size < 1 || head_size > MT_FLASH_MAX_HS)
     return mt_seterr(MT_EINVAL, "flash occupancy: head size %d", head_size);
   return with_flash(head_size, fp16, [&](auto f) { return f.blocks(d, blocks); });
@@ -1072,6 +1158,75 @@ static int flash_fits(mt_device *d, const char *what, int HS) {
   return 0;
 }
 
+int mt__cuda_flash_fwd_rows(mt_device *d, int rows) {
+  if (rows != 0 && rows != 16 && rows != 32)
+    return mt_seterr(MT_EINVAL, "device %s: flash forward rows a warp %d: 16, 32 or 0 (timed)",
+                     d->name, rows);
+  mt__cuda_of(d)->flash_fwd_rows = rows;
+  return 0;
+}
+
+static mt__cuda::mt__flash_tuned *tuned_of(mt__cuda *c, const mt__cuda::mt__flash_tuned &k) {
+  int n = c->flash_tuned_n < MT_CUDA_FLASH_TUNED ? c->flash_tuned_n : MT_CUDA_FLASH_TUNED;
+  for (int i = 0; i < n; i++) {
+    mt__cuda::mt__flash_tuned *t = &c->flash_tuned[i];
+    if (t->HS == k.HS && t->fp16 == k.fp16 && t->B == k.B && t->T == k.T && t->NH == k.NH &&
+        t->drop == k.drop && t->docs == k.docs)
+      return t;
+  }
+  return NULL;
+}
+
+int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
+                               int dropout, int docs) {
+  mt__cuda *c = mt__cuda_of(d);
+  if (head_size < 1 || head_size > MT_FLASH_MAX_HS) return 0;
+  if (!with_flash(head_size, fp16, [&](auto f) { return f.has32(c); })) return 16;
+  if (c->flash_fwd_rows) return c->flash_fwd_rows;
+  mt__cuda::mt__flash_tuned k = {head_size, !!fp16, B, T, NH, !!dropout, !!docs, 0};
+  mt__cuda::mt__flash_tuned *t = tuned_of(c, k);
+  return t ? t->rows : 0;
+}
+
+/* Which of the forward's variants (16 or 32 query rows a warp) is faster
+ * depends on the GPU and the shape: more warps an SM against fewer shared
+ * memory loads a product. As cuDNN's benchmark mode does, the first call
+ * of a shape times both, twice each, on the caller's own tensors (their
+ * outputs are the same bits, so the last run leaves the right ones), and
+ * keeps the faster. A timing that fails keeps 16 rows. */
+template <class F>
+static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_tuned &k,
+                      uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C, int NH,
+                      float scale, const mt_dropout *drop, const int32_t *docs) {
+  cudaEvent_t ev[2] = {NULL, NULL};
+  float best[2] = {FLT_MAX, FLT_MAX};
+  int ok = cudaEventCreate(&ev[0]) == cudaSuccess && cudaEventCreate(&ev[1]) == cudaSuccess;
+  for (int round = 0; ok && round < 2; round++)
+    for (int v = 0; ok && v < 2; v++) {
+      float ms = 0.0f;
+      ok = cudaEventRecord(ev[0], c->stream) == cudaSuccess;
+      f.fwd(d, v ? 32 : 16, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+      ok = ok && cudaEventRecord(ev[1], c->stream) == cudaSuccess &&
+           cudaEventSynchronize(ev[1]) == cudaSuccess &&
+           cudaEventElapsedTime(&ms, ev[0], ev[1]) == cudaSuccess;
+      if (ok && ms < best[v]) best[v] = ms;
+    }
+  for (int i = 0; i < 2; i++)
+    if (ev[i]) cudaEventDestroy(ev[i]);
+  /* a failed launch is the launch check's to report; a failed timing
+   * (an event) keeps 16 rows and runs them, so the outputs are written */
+  mt__cuda::mt__flash_tuned t = k;
+  t.rows = ok && best[1] < best[0] ? 32 : 16;
+  if (!ok) {
+    cudaGetLastError();
+    f.fwd(d, 16, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+  }
+  c->flash_tuned[c->flash_tuned_n++ % MT_CUDA_FLASH_TUNED] = t;
+  mt_log_debug("device %s: flash forward, head size %d, B %d, T %d, %d heads: 16 rows a warp "
+               "%.3f ms, 32 rows %.3f ms: %d kept",
+               d->name, k.HS, B, T, NH, best[0], best[1], t.rows);
+}
+
 void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
                         int B, int T, int C, int NH, const mt_dropout *drop,
                         const int32_t *doc_start) {
@@ -1079,8 +1234,16 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || !flash_fits(d, "attention_fwd", HS)) return;
   float scale = 1.0f / sqrtf((float)HS);
-  with_flash(HS, fp16,
-             [&](auto f) { f.fwd(d, out, lse, qkv, B, T, C, NH, scale, drop, doc_start); });
+  mt__cuda *c = mt__cuda_enter(d);
+  int rows = mt__cuda_flash_fwd_rows_of(d, HS, fp16, B, T, NH, drop != NULL, doc_start != NULL);
+  with_flash(HS, fp16, [&](auto f) {
+    if (rows) {
+      f.fwd(d, rows, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
+      return;
+    }
+    mt__cuda::mt__flash_tuned k = {HS, fp16, B, T, NH, drop != NULL, doc_start != NULL, 0};
+    fwd_timed(d, c, f, k, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
+  });
   mt__cuda_check(d, "attention_fwd (flash)");
 }
 
