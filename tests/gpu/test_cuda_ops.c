@@ -1670,6 +1670,48 @@ static void test_count_zeros(void) {
   arena_reset();
 }
 
+/* MTNLG_FLASH_FWD_ROWS at open: 16 or 32 sets the flash forward's query
+ * rows a warp for every shape, auto (as unset) times each shape's first
+ * call; anything else refuses the device, naming the variable. So does
+ * mt__cuda_flash_fwd_rows with any other count. The environment is put
+ * back as it was. */
+static void test_flash_rows_switch(void) {
+  const char *was = getenv("MTNLG_FLASH_FWD_ROWS");
+  char *saved = was ? strdup(was) : NULL;
+  static const char *vals[] = {"33", "16", "32", "auto"};
+  static const int rows[] = {0, 16, 32, 0};
+  for (int k = 0; k < 4; k++) {
+    mt_device d;
+    setenv("MTNLG_FLASH_FWD_ROWS", vals[k], 1);
+    int rc = mt_device_open(&d, "cuda:0");
+    const char *what = label("MTNLG_FLASH_FWD_ROWS=%s", vals[k]);
+    if (!k) {
+      check_that("device_open", label("%s: refused", what),
+                 rc && strstr(mt_errmsg(), "MTNLG_FLASH_FWD_ROWS=\"33\""),
+                 rc ? mt_errmsg() : "opened");
+      continue;
+    }
+    int got = rc ? -1 : mt__cuda_flash_fwd_rows_of(&d, 64, 0, 2, 70, 2, 0, 0);
+    check_that("device_open", label("%s: %d rows a warp", what, rows[k]), !rc && got == rows[k],
+               rc ? mt_errmsg() : label("%d", got));
+    if (rc) continue;
+    if (k == 3) { /* head size 256 has 16 rows a warp alone */
+      got = mt__cuda_flash_fwd_rows_of(&d, 200, 0, 2, 70, 2, 0, 0);
+      check_that("device_open", label("%s: head size 200, 16 rows", what), got == 16,
+                 label("%d", got));
+      int bad = mt__cuda_flash_fwd_rows(&d, 24);
+      check_that("flash_fwd_rows", "24 rows a warp: refused",
+                 bad == MT_EINVAL && strstr(mt_errmsg(), "24"), bad ? mt_errmsg() : "taken");
+    }
+    mt_device_close(&d);
+  }
+  if (saved)
+    setenv("MTNLG_FLASH_FWD_ROWS", saved, 1);
+  else
+    unsetenv("MTNLG_FLASH_FWD_ROWS");
+  free(saved);
+}
+
 /* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
  * ops then run GeLU and its gradient as kernels of their own, the values
  * the same within the epilogues' tolerance, which the op checks hold them
@@ -2066,6 +2108,7 @@ int main(int argc, char **argv) {
     test_count_zeros();
   }
   test_gelu_epilogue_switch();
+  test_flash_rows_switch();
   int rc = mt_device_sync(&gpu);
   if (rc) {
     printf("FAIL device sync: %s\n", mt_errmsg());
