@@ -208,8 +208,15 @@ void mt__cuda_free(mt_device *d, void *p) {
   cudaFree(p); /* waits for work in flight on the device */
 }
 
-/* Copies from and to the host wait for the stream (the host buffer is free
- * when they return, as on the CPU backend); device-to-device copies queue. */
+/* The host buffer is free when a copy returns, as on the CPU backend.
+ * Copies to the host wait for the stream. Copies from it queue: nothing
+ * here pins host memory, and from pageable memory cudaMemcpyAsync returns
+ * once the driver has staged the bytes (CUDA's "API synchronization
+ * behavior"), so the host may go on writing the buffer while the copy
+ * waits for the kernels before it. Waiting for the stream there stopped
+ * the host before every micro-batch's token upload until the GPU had
+ * finished the last one's work, and the first kernels of the next then
+ * ran at the pace the host launched them. Device-to-device copies queue. */
 int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__cuda_copy kind) {
   mt__cuda *c = mt__cuda_enter(d);
   if (!bytes) return 0;
@@ -218,7 +225,7 @@ int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__
                      : kind == MT__CUDA_DTOH ? cudaMemcpyDeviceToHost
                                              : cudaMemcpyDeviceToDevice;
   cudaError_t e = cudaMemcpyAsync(dst, src, bytes, k, c->stream);
-  if (e == cudaSuccess && kind != MT__CUDA_DTOD) e = cudaStreamSynchronize(c->stream);
+  if (e == cudaSuccess && kind == MT__CUDA_DTOH) e = cudaStreamSynchronize(c->stream);
   if (e != cudaSuccess) {
     cudaGetLastError(); /* the caller is told: not the next launch's error */
     return mt_seterr(MT_EIO, "device %s: copy %zu bytes %s: %s", d->name, bytes, names[kind],

@@ -1250,6 +1250,29 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   arena_reset();
 }
 
+/* An upload returns with the host buffer free (mt__cuda_memcpy queues
+ * copies from the host, which from pageable memory the driver stages
+ * before it returns): the buffer overwritten at once, while the copy
+ * still waits behind queued GEMMs, and the device holds the old values. */
+static void test_upload_queued(void) {
+#ifdef MT_CUDA_EMU
+  const int S = 64, reps = 1; /* the emulator runs each op as it is issued */
+#else
+  const int S = 2048, reps = 8; /* milliseconds of queued work on a GPU */
+#endif
+  size_t n = (size_t)S * S, big = (size_t)4 << 20;
+  float *x = Df(H(n, -1, 1), n), *w = Df(H(n, -1, 1), n), *y = DN(n);
+  float *h = H(big, -1, 1), *want = hcopy(h, big), *d = DN(big);
+  if (mt_device_sync(&gpu)) die("device sync");
+  for (int i = 0; i < reps; i++)
+    gpu.ops->linear_fwd(&gpu, y, MT_F32, x, MT_F32, w, MT_F32, NULL, NULL, S, S, S);
+  int rc = mt_device_memcpy_htod(&gpu, d, h, big * sizeof(float));
+  for (size_t i = 0; i < big; i++) h[i] = 7.0f;
+  check_that("memcpy_htod", "behind queued work", !rc, rc ? mt_errmsg() : "queued");
+  check("memcpy_htod", "host buffer written after the call", back(d, big), want, big, 0.0);
+  arena_reset();
+}
+
 static void test_elementwise(size_t n) {
   float *x = H(n, -4, 4), *y = H(n, -1, 1), *gx = Df(x, n), *gy = Df(y, n);
   float *c = halloc(n * sizeof(float)), *g = DN(n);
@@ -2035,6 +2058,7 @@ int main(int argc, char **argv) {
     test_flash_shared_memory_limit();
     test_flash_other_layout();
 #endif
+    test_upload_queued();
     test_elementwise(1000);
     test_dropout(3, 101);
     test_crossentropy(5, 37, 40, 0);
