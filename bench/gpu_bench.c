@@ -25,7 +25,9 @@
  *    the other way (dev.gelu_epilogue; MTNLG_GELU_EPILOGUE=0 sets it off
  *    for a job): GeLU and its gradient as kernels of their own against
  *    cuBLASLt's GELU_AUX_BIAS and DGELU epilogues.
- * 5. The layer's MLP backward in a bf16 job with its inner gradient in bf16
+ * 5. The bf16 layer at micro-batch 4 op by op (an event after each op):
+ *    each op's milliseconds and share of the layer.
+ * 6. The layer's MLP backward in a bf16 job with its inner gradient in bf16
  *    (as the model keeps it: the DGELU epilogue, 16-bit operands) beside
  *    fp32 (the unfused path before it), last, after the layer figures.
  * Each figure is also printed as "RESULT key value" for the script.
@@ -270,6 +272,22 @@ static void layer_free(layer *L) {
   for (int i = 0; i < 12; i++) mt_device_free(&dev, L->g[i]);
 }
 
+/* When set, layer_fwd and layer_bwd record an event on the device's
+ * stream after each op (bench_layer_ops): where a layer's time goes. */
+#define LAYER_OPS 24
+typedef struct op_marks {
+  cudaEvent_t ev[LAYER_OPS + 1]; /* ev[0] before the first op */
+  const char *name[LAYER_OPS + 1];
+  int n; /* events recorded this run, ev[0] included */
+} op_marks;
+static op_marks *marks;
+
+static void mark(const char *name) {
+  if (!marks || marks->n > LAYER_OPS) return;
+  CK(cudaEventRecord(marks->ev[marks->n], dev.stream));
+  marks->name[marks->n++] = name;
+}
+
 /* model/gpt.c's layer: pre-LN attention block, then the MLP block. In a
  * 16-bit layer the GEMMs' inputs are 16-bit (at = wt), and so are the
  * outputs of all but the two projections, which join the fp32 stream; the
@@ -280,16 +298,25 @@ static void layer_fwd(layer *L) {
   int B = L->B, T = L->T, C = L->C, N = B * T;
   mt_dtype wt = L->wt, at = wt;
   o->layernorm_fwd(&dev, L->ln1, at, L->m1, L->r1, L->inp, L->ln1w, L->ln1b, N, C, 1e-5f);
+  mark("fwd layernorm 1");
   o->linear_fwd(&dev, L->qkv, at, L->ln1, at, L->qkvw_h, wt, L->qkvb_h, L->cvt, N, C, 3 * C);
+  mark("fwd qkv GEMM");
   o->attention_fwd(&dev, L->atty, L->lse, L->att_scratch, L->qkv, at, B, T, C, L->NH, NULL, NULL);
+  mark("fwd attention");
   o->linear_fwd(&dev, L->branch, MT_F32, L->atty, at, L->projw_h, wt, L->projb, L->cvt, N, C, C);
+  mark("fwd projection GEMM");
   mt_dtype st = wt == MT_F32 ? MT_F32 : at; /* how the stream is kept */
   o->dropout_residual_fwd(&dev, L->resid2, L->resid2_h, st, L->inp, L->branch, B, T * C, NULL);
+  mark("fwd residual 1");
   o->layernorm_fwd(&dev, L->ln2, at, L->m2, L->r2, L->resid2, L->ln2w, L->ln2b, N, C, 1e-5f);
+  mark("fwd layernorm 2");
   o->linear_gelu_fwd(&dev, L->fchg, L->fch, at, L->ln2, at, L->fcw_h, wt, L->fcb_h, L->cvt, N, C,
                      4 * C);
+  mark("fwd fc GEMM + GeLU");
   o->linear_fwd(&dev, L->branch, MT_F32, L->fchg, at, L->fcpw_h, wt, L->fcpb, L->cvt, N, 4 * C, C);
+  mark("fwd fc proj GEMM");
   o->dropout_residual_fwd(&dev, L->out, L->out_h, st, L->resid2, L->branch, B, T * C, NULL);
+  mark("fwd residual 2");
 }
 
 /* dres holds d(out) on entry and d(inp) on return, as in model/gpt.c */
@@ -301,20 +328,27 @@ static void layer_bwd(layer *L) {
   mt_dtype wt = L->wt, at = wt;
   o->linear_bwd_dgelu(&dev, L->dfch2, at, L->dfch, g[10], g[11], L->dres, L->fchg, at, L->fch,
                       L->fcpw_h, wt, L->cvt, N, 4 * C, C);
+  mark("bwd fc proj GEMMs + dGeLU");
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
   o->linear_bwd(&dev, L->dbtc2, g[8], g[9], L->dfch2, at, L->ln2, at, L->fcw_h, wt, L->cvt, N, C,
                 4 * C);
+  mark("bwd fc GEMMs (+ zeroing)");
   o->layernorm_bwd(&dev, L->dres, g[6], g[7], L->dbtc2, L->resid2, L->ln2w, L->m2, L->r2, N, C);
+  mark("bwd layernorm 2");
   mt_device_memset0(&dev, L->dbtc2, NC * 4);
   o->linear_bwd(&dev, L->dbtc2, g[4], g[5], L->dres, MT_F32, L->atty, at, L->projw_h, wt, L->cvt, N,
                 C, C);
+  mark("bwd projection GEMMs (+ zeroing)");
   if (at == MT_F32) mt_device_memset0(&dev, L->dqkv, 3 * NC * 4); /* 16-bit: written */
   o->attention_bwd(&dev, L->dqkv, at, L->att_scratch, L->dbtc2, L->atty, L->qkv, at, L->lse, B, T,
                    C, L->NH, NULL, NULL);
+  mark("bwd attention");
   mt_device_memset0(&dev, L->dbtc, NC * 4);
   o->linear_bwd(&dev, L->dbtc, g[2], g[3], L->dqkv, at, L->ln1, at, L->qkvw_h, wt, L->cvt, N, C,
                 3 * C);
+  mark("bwd qkv GEMMs (+ zeroing)");
   o->layernorm_bwd(&dev, L->dres, g[0], g[1], L->dbtc, L->inp, L->ln1w, L->m1, L->r1, N, C);
+  mark("bwd layernorm 1");
 }
 
 static float elapsed_ms(cudaEvent_t a, cudaEvent_t b) {
@@ -395,6 +429,47 @@ static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const ch
   layer_free(&L);
   dev.matmul = MT_MATMUL_FP32;
   return tflops;
+}
+
+/* The bf16 layer at micro-batch B op by op: an event after each op, each
+ * op's milliseconds the mean over `iters` forward+backward runs after two
+ * warm-up ones (the gaps between ops fall to the op after them). Printed
+ * with each op's share of the layer, and as RESULT layer_op_<i> "name" ms
+ * for the table. */
+static void bench_layer_ops(int B) {
+  int T = 2048, C = 2048, NH = 16;
+  layer L;
+  dev.matmul = MT_MATMUL_BF16;
+  layer_make(&L, B, T, C, NH, MT_BF16);
+  static op_marks m;
+  double ms[LAYER_OPS + 1] = {0.0};
+  for (int i = 0; i <= LAYER_OPS; i++) CK(cudaEventCreate(&m.ev[i]));
+  size_t NC = (size_t)B * T * C;
+  int n = 0;
+  for (int i = -2; i < iters; i++) {
+    mt_device_memcpy_dtod(&dev, L.dres, L.inp, NC * 4); /* some d(out) */
+    marks = &m, m.n = 0;
+    mark("start");
+    layer_fwd(&L);
+    layer_bwd(&L);
+    marks = NULL;
+    CK(cudaEventSynchronize(m.ev[m.n - 1]));
+    n = m.n;
+    if (i < 0) continue;
+    for (int k = 1; k < n; k++) ms[k] += elapsed_ms(m.ev[k - 1], m.ev[k]) / iters;
+  }
+  sync_or_die("layer, op by op");
+  double total = 0.0;
+  for (int k = 1; k < n; k++) total += ms[k];
+  printf("layer bf16 B=%d op by op (%.2f ms in all):\n", B, total);
+  for (int k = 1; k < n; k++) {
+    printf("  %-34s %7.3f ms %5.1f%%\n", m.name[k], ms[k], 100.0 * ms[k] / total);
+    printf("RESULT layer_op_%02d \"%s\" %.3f\n", k, m.name[k], ms[k]);
+  }
+  fflush(stdout);
+  for (int i = 0; i <= LAYER_OPS; i++) cudaEventDestroy(m.ev[i]);
+  layer_free(&L);
+  dev.matmul = MT_MATMUL_FP32;
 }
 
 /* Milliseconds of one attention forward + backward of a qkv (B,T,3C) of
@@ -734,6 +809,7 @@ int main(int argc, char **argv) {
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, epilogue ? "bf16_gelu_kernels" : "bf16_gelu_epilogue",
               bf16);
   dev.gelu_epilogue = epilogue;
+  bench_layer_ops(4);
   bench_mlp_grad(4);
   bench_layernorm_bwd(4);
   mt_device_close(&dev);
