@@ -2031,9 +2031,11 @@ int main(int argc, char **argv) {
     test_flash_attention(fgroups, MT_BF16, 1);
     shape fodd = {2, 33, 20, 2, 37, 40}; /* head size 10: tiles load element by element */
     test_flash_attention(fodd, MT_BF16, 1);
-    /* three query tiles of 128 rows (32 rows a warp), the last partial */
-    shape f300 = {1, 300, 32, 2, 37, 40};
+    /* three query tiles of 128 rows (32 rows a warp), the last partial;
+     * two at MT-NLG's width */
+    shape f300 = {1, 300, 32, 2, 37, 40}, f200 = {1, 200, 144, 1, 37, 40};
     test_flash_attention(f300, MT_BF16, 1);
+    test_flash_attention(f200, MT_BF16, 1);
     /* the same within documents (doc_start): the fp32 chunks, and the flash
      * kernels with whole key tiles before a query tile's rows (T 70 in
      * tiles of 64 and of 32 rows), at head sizes 32, 144 and 200 */
@@ -2049,6 +2051,7 @@ int main(int argc, char **argv) {
     shape d256 = {3, 70, 200, 1, 37, 40};
     test_flash_attention(d256, MT_BF16, 1);
     test_flash_attention(f300, MT_F16, 0); /* warps whose rows start past a key tile */
+    test_flash_attention(f200, MT_F16, 1);
     with_docs = 0;
     test_attention_decode(300, 64, 4);
     test_attention_decode(17, 20, 2);
