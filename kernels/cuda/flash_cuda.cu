@@ -1213,8 +1213,10 @@ static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_
     }
   for (int i = 0; i < 2; i++)
     if (ev[i]) cudaEventDestroy(ev[i]);
-  /* a failed launch is the launch check's to report; a failed timing
-   * (an event) keeps 16 rows and runs them, so the outputs are written */
+  /* a launch that fails while the timing works is left for the op's
+   * launch check to report; a timing that fails (an event) keeps 16 rows,
+   * clears its error and runs them once more, so the outputs are written
+   * and a launch that fails again is still reported */
   mt__cuda::mt__flash_tuned t = k;
   t.rows = ok && best[1] < best[0] ? 32 : 16;
   if (!ok) {
