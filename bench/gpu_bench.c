@@ -25,8 +25,8 @@
  *    the other way (dev.gelu_epilogue; MTNLG_GELU_EPILOGUE=0 sets it off
  *    for a job): GeLU and its gradient as kernels of their own against
  *    cuBLASLt's GELU_AUX_BIAS and DGELU epilogues.
- * 5. The bf16 layer at micro-batch 4 op by op (an event after each op):
- *    each op's milliseconds and share of the layer.
+ * 5. The bf16 layer at micro-batch 4 op by op (an event after each op of
+ *    its timed steps in 2.): each op's milliseconds and share of the layer.
  * 6. The layer's MLP backward in a bf16 job with its inner gradient in bf16
  *    (as the model keeps it: the DGELU epilogue, 16-bit operands) beside
  *    fp32 (the unfused path before it), last, after the layer figures.
@@ -273,7 +273,7 @@ static void layer_free(layer *L) {
 }
 
 /* When set, layer_fwd and layer_bwd record an event on the device's
- * stream after each op (bench_layer_ops): where a layer's time goes. */
+ * stream after each op (bench_layer's by_op): where a layer's time goes. */
 #define LAYER_OPS 24
 typedef struct op_marks {
   cudaEvent_t ev[LAYER_OPS + 1]; /* ev[0] before the first op */
@@ -382,10 +382,25 @@ static void free_all(void **bufs, size_t n) {
     if (bufs[i]) mt_device_free(&dev, bufs[i]);
 }
 
+/* Each op's mean milliseconds over the timed runs of bench_layer's by_op
+ * (the gap before an op falls to it), printed with its share of the
+ * layer, and as RESULT layer_op_<i> "name" ms for the table */
+static void print_layer_ops(const op_marks *m, const double *ms, int B) {
+  double total = 0.0;
+  for (int k = 1; k < m->n; k++) total += ms[k];
+  printf("layer bf16 B=%d op by op (%.2f ms in all):\n", B, total);
+  for (int k = 1; k < m->n; k++) {
+    printf("  %-34s %7.3f ms %5.1f%%\n", m->name[k], ms[k], 100.0 * ms[k] / total);
+    printf("RESULT layer_op_%02d \"%s\" %.3f\n", k, m->name[k], ms[k]);
+  }
+}
+
 /* Times `iters` forward+backward steps after two warm-up ones; prints and
- * returns TFLOP/s. */
+ * returns TFLOP/s. by_op: an event after each op of the timed steps too
+ * (17 records, microseconds of a 12 ms layer), and each op's time printed
+ * (print_layer_ops). */
 static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const char *tag,
-                          double ceiling) {
+                          double ceiling, int by_op) {
   int T = 2048, C = 2048, NH = 16;
   layer L;
   dev.matmul = prec;
@@ -403,18 +418,29 @@ static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const ch
   }
   sync_or_die("warm-up");
   float fwd = 0.0f, bwd = 0.0f;
+  static op_marks m;
+  double op_ms[LAYER_OPS + 1] = {0.0};
+  for (int i = 0; by_op && i <= LAYER_OPS; i++) CK(cudaEventCreate(&m.ev[i]));
   for (int i = 0; i < iters; i++) {
     mt_device_memcpy_dtod(&dev, L.dres, L.inp, NC * 4);
     CK(cudaEventRecord(e0, s));
+    marks = by_op ? &m : NULL, m.n = 0;
+    mark("start");
     layer_fwd(&L);
     CK(cudaEventRecord(e1, s));
     layer_bwd(&L);
+    marks = NULL;
     CK(cudaEventRecord(e2, s));
     CK(cudaEventSynchronize(e2));
     fwd += elapsed_ms(e0, e1);
     bwd += elapsed_ms(e1, e2);
+    for (int k = 1; by_op && k < m.n; k++) op_ms[k] += elapsed_ms(m.ev[k - 1], m.ev[k]) / iters;
   }
   sync_or_die("layer");
+  if (by_op) {
+    print_layer_ops(&m, op_ms, B);
+    for (int i = 0; i <= LAYER_OPS; i++) cudaEventDestroy(m.ev[i]);
+  }
   fwd /= iters, bwd /= iters;
   double flops = 72.0 * B * T * (double)C * C * (1.0 + T / (6.0 * C));
   double tflops = flops / ((fwd + bwd) * 1e-3) / 1e12;
@@ -429,47 +455,6 @@ static double bench_layer(int B, mt_matmul_precision prec, mt_dtype wt, const ch
   layer_free(&L);
   dev.matmul = MT_MATMUL_FP32;
   return tflops;
-}
-
-/* The bf16 layer at micro-batch B op by op: an event after each op, each
- * op's milliseconds the mean over `iters` forward+backward runs after two
- * warm-up ones (the gaps between ops fall to the op after them). Printed
- * with each op's share of the layer, and as RESULT layer_op_<i> "name" ms
- * for the table. */
-static void bench_layer_ops(int B) {
-  int T = 2048, C = 2048, NH = 16;
-  layer L;
-  dev.matmul = MT_MATMUL_BF16;
-  layer_make(&L, B, T, C, NH, MT_BF16);
-  static op_marks m;
-  double ms[LAYER_OPS + 1] = {0.0};
-  for (int i = 0; i <= LAYER_OPS; i++) CK(cudaEventCreate(&m.ev[i]));
-  size_t NC = (size_t)B * T * C;
-  int n = 0;
-  for (int i = -2; i < iters; i++) {
-    mt_device_memcpy_dtod(&dev, L.dres, L.inp, NC * 4); /* some d(out) */
-    marks = &m, m.n = 0;
-    mark("start");
-    layer_fwd(&L);
-    layer_bwd(&L);
-    marks = NULL;
-    CK(cudaEventSynchronize(m.ev[m.n - 1]));
-    n = m.n;
-    if (i < 0) continue;
-    for (int k = 1; k < n; k++) ms[k] += elapsed_ms(m.ev[k - 1], m.ev[k]) / iters;
-  }
-  sync_or_die("layer, op by op");
-  double total = 0.0;
-  for (int k = 1; k < n; k++) total += ms[k];
-  printf("layer bf16 B=%d op by op (%.2f ms in all):\n", B, total);
-  for (int k = 1; k < n; k++) {
-    printf("  %-34s %7.3f ms %5.1f%%\n", m.name[k], ms[k], 100.0 * ms[k] / total);
-    printf("RESULT layer_op_%02d \"%s\" %.3f\n", k, m.name[k], ms[k]);
-  }
-  fflush(stdout);
-  for (int i = 0; i <= LAYER_OPS; i++) cudaEventDestroy(m.ev[i]);
-  layer_free(&L);
-  dev.matmul = MT_MATMUL_FP32;
 }
 
 /* Milliseconds of one attention forward + backward of a qkv (B,T,3C) of
@@ -799,17 +784,16 @@ int main(int argc, char **argv) {
 
   bench_attention(4);
   bench_flash_widths();
-  bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
-  bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16);
-  bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16);
+  bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16, 1);
+  bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16, 0);
+  bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16, 0);
   /* GeLU and its gradient as kernels of their own (MTNLG_GELU_EPILOGUE=0)
    * beside cuBLASLt's epilogues above: which is faster depends on the GPU */
   int epilogue = dev.gelu_epilogue;
   dev.gelu_epilogue = !epilogue;
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, epilogue ? "bf16_gelu_kernels" : "bf16_gelu_epilogue",
-              bf16);
+              bf16, 0);
   dev.gelu_epilogue = epilogue;
-  bench_layer_ops(4);
   bench_mlp_grad(4);
   bench_layernorm_bwd(4);
   mt_device_close(&dev);
