@@ -77,10 +77,19 @@ int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int
  * 0 on sm_80 and later, and on the emulator. (flash_cuda.cu) */
 int mt__cuda_acc_layout_check(mt_device *d, int *misplaced);
 /* The same for a bf16 row-major wmma matrix_a fragment against
- * mma.m16n8k16's A operand (the accumulator's places): a fact for
- * bench/gpu_bench to report, which no kernel relies on yet. The emulator
- * keeps its own matrix_a order: it counts elements misplaced. */
+ * mma.m16n8k16's A operand (the accumulator's places), read when the
+ * device opens: where none is misplaced, the flash forward's P and the dQ
+ * kernel's dS pass to their products in registers. The emulator places
+ * them so, or in its own order after mt_emu_set_a_layout(0).
+ * (flash_cuda.cu) */
 int mt__cuda_a_layout_check(mt_device *d, int *misplaced);
+/* Whether d's flash kernels pass P and dS (bf16) in registers from now
+ * on (on nonzero) or through shared memory: the same bits either way, for
+ * tests and bench/gpu_bench. MT_EINVAL for on where d's probe found the
+ * matrix_a fragment laid out otherwise. (flash_cuda.cu) */
+int mt__cuda_flash_p_regs(mt_device *d, int on);
+/* 1 when d's flash kernels pass P and dS in registers, else 0 */
+int mt__cuda_flash_p_regs_of(mt_device *d);
 
 #ifdef __cplusplus
 }

@@ -173,6 +173,20 @@ int mt__cuda_open(mt_device *d, int index) {
       return mt_seterr(MT_EIO, "%s (the first kernel a GPU runs when it opens)", why);
     }
     c->acc_layout = misplaced ? -1 : 1;
+    /* and whether P and dS may pass to their products in registers */
+    int a_misplaced = 0;
+    if (mt__cuda_a_layout_check(d, &a_misplaced)) {
+      char why[256];
+      snprintf(why, sizeof why, "%s", mt_errmsg());
+      mt__cuda_close(d);
+      return mt_seterr(MT_EIO, "%s (when the device opens)", why);
+    }
+    c->a_layout = a_misplaced ? -1 : 1;
+    c->flash_p_regs = c->a_layout > 0;
+    mt_log_debug("device %s: bf16 matrix_a fragment %s the accumulator: the flash kernels' P and "
+                 "dS through %s",
+                 d->name, a_misplaced ? "not laid out as" : "laid out as",
+                 a_misplaced ? "shared memory" : "registers");
   }
   mt_log_debug("device %s: %d SMs, compute stream %p", d->name, c->sms, (void *)c->stream);
   return 0;

@@ -22,8 +22,11 @@
  * shuffles). The emulator places them so too, and mt__cuda_acc_layout_check
  * proves it of each GPU when it opens (and tests/gpu/test_cuda_ops). The 16-bit
  * operands of the second products (P, dS) go through shared memory, a
- * warp's 16 rows, since an operand fragment's layout is not the
- * accumulator's. A warp's scores against 16·NB keys (or queries) come
+ * warp's 16 rows, since wmma does not say where an operand fragment's
+ * elements are; where a GPU's probe, when it opens, finds a bf16 A
+ * fragment's at the accumulator's places (mma.m16n8k16's A layout), the
+ * forward at 16 rows a warp and the dQ kernel pass theirs in registers
+ * (a_put). A warp's scores against 16·NB keys (or queries) come
  * from one pass over the head's width, loading its own operand once per
  * 16 columns for all NB blocks.
  *
@@ -102,10 +105,11 @@ template <> struct elem<1> { typedef __half t; };
 static size_t tile_bytes(int D, int W) { return (size_t)16 * W * LDE(D) * 2; }
 static size_t probs_bytes(int W) { return (size_t)W * 16 * LDP(W) * 2; }
 /* The forward's (MF row blocks a warp): Q (MF tiles of 16·W rows), K and V
- * tiles and the warps' P (the output's fp32 staging, W·16 × LDO(D), fits
- * in the three tiles at every D and W here) */
-static size_t fwd_smem(int D, int W, int MF) {
-  return (size_t)(MF + 2) * tile_bytes(D, W) + (size_t)MF * probs_bytes(W);
+ * tiles and the warps' P, unless P stays in registers (PR) (the output's
+ * fp32 staging, W·16 × LDO(D), fits in the three tiles at every D and W
+ * here) */
+static size_t fwd_smem(int D, int W, int MF, int PR = 0) {
+  return (size_t)(MF + 2) * tile_bytes(D, W) + (PR ? 0 : (size_t)MF * probs_bytes(W));
 }
 /* K, V, Q and dO tiles, the warps' two 16-bit operands, and the query
  * tile's lse, D and document starts: at head size 160 105,216 bytes,
@@ -239,6 +243,8 @@ static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int
 }
 
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_frag;
+/* a bf16 operand of the second products (P, dS) as the A of 16 × 16 × 16 */
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a16_frag;
 
 /* Element i (0..7) of a lane's 16 × 16 fp32 accumulator: row lane/4, + 8
  * for elements 2, 3, 6 and 7; column 2·(lane%4) + i%2, + 8 for elements
@@ -249,6 +255,22 @@ static __device__ __forceinline__ int acc_row(int lane, int i) {
 }
 static __device__ __forceinline__ int acc_col(int lane, int i) {
   return 2 * (lane & 3) + (i & 1) + 8 * (i >> 2);
+}
+
+/* Element i of a bf16 A fragment: v rounded to nearest even (pack16's
+ * bits), held at the accumulator's element i's place, (acc_row, acc_col),
+ * where mma.m16n8k16 holds A's. Used only where the device's probe found
+ * a matrix_a fragment laid out so (mt__cuda's a_layout): the 16-bit
+ * operand of a second product then goes from the score fragments that
+ * make it to the product in registers, not through shared memory. Its
+ * values are the same bits either way, and so are the products. */
+static __device__ __forceinline__ void a_put(a16_frag &f, int i, float v) {
+#ifdef MT_CUDA_EMU
+  f.x[i] = mt_half_unpack(pack16<0>(v), 0);
+#else
+  static_assert(a16_frag::num_elements == 8, "a bf16 matrix_a fragment of 8 elements a lane");
+  f.x[i] = __float2bfloat16_rn(v);
+#endif
 }
 
 /* The two rows a lane holds (0: acc_row's lane/4, 1: 8 below) reduced over
@@ -303,6 +325,19 @@ static __device__ void warp_accumulate(acc_frag *acc, const uint16_t *P, const u
       for (int f = 0; f < MF; f++)
         wmma::mma_sync(acc[f * (D / 16) + n], a[f], b, acc[f * (D / 16) + n]);
     }
+  }
+}
+
+/* acc[n] (16 × D in D/16 fragments) += a(16 × 16, bf16, in registers) ·
+ * B's 16 rows (ld LDE(D)): one step of warp_accumulate's sum, the 16 keys
+ * of a */
+template <int D>
+static __device__ void warp_accumulate_a(acc_frag *acc, const a16_frag &a, const uint16_t *B) {
+#pragma unroll
+  for (int n = 0; n < D / 16; n++) {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+    wmma::load_matrix_sync(b, (const __nv_bfloat16 *)(B + 16 * n), LDE(D));
+    wmma::mma_sync(acc[n], a, b, acc[n]);
   }
 }
 
@@ -432,11 +467,17 @@ static __device__ __forceinline__ void col_keep(float keep[8], float p, uint64_t
  * hold no key its rows see, which would leave its m, l and output as they
  * were (at MF 1 a warp sees every tile its block sweeps but those before
  * its documents; it sweeps them all, as it did before MF 2, which keeps
- * its registers as few). */
-template <int FP16, int D, int W, int MF>
+ * its registers as few).
+ *
+ * PR (bf16, MF 1, where the device's probe allows: a_put): P goes to P·V
+ * as A fragments in registers, not through the warp's shared memory; no
+ * Ps then. The 32-row warp keeps shared memory: its two row blocks' P
+ * would stay live across its V wait, in a kernel at 255 registers. */
+template <int FP16, int D, int W, int MF, int PR = 0>
 static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 2)
     k_flash_fwd(uint16_t *out, float *lse, const uint16_t *qkv, int T, int C, int NH, float scale,
                 float p, uint64_t key, uint64_t sample0, uint32_t head0, const int32_t *docs) {
+  static_assert(!PR || (MF == 1 && !FP16), "P in registers: bf16, 16 rows a warp");
   const int R = 16 * W, QR = MF * R, NO = D / 16;
   MT_DYN_SMEM(smem);
   uint16_t *Qs = (uint16_t *)smem, *Ks = Qs + QR * LDE(D), *Vs = Ks + R * LDE(D);
@@ -477,6 +518,7 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
 
   float m[MF][2], l[MF][2];
   acc_frag o[MF * NO];
+  a16_frag pa[PR ? W : 1]; /* PR: P, a fragment per 16 keys */
 #pragma unroll
   for (int f = 0; f < MF; f++)
 #pragma unroll
@@ -544,7 +586,12 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
                 rs[r] += pv[e];
                 pv[e] *= keep[r][e];
               }
-              store_pair<FP16>(Pf + ((lane >> 2) + 8 * r) * LDP(W) + col0, pv[0], pv[1]);
+              if (PR) {
+                a_put(pa[c], 4 * hh + 2 * r, pv[0]);
+                a_put(pa[c], 4 * hh + 2 * r + 1, pv[1]);
+              } else {
+                store_pair<FP16>(Pf + ((lane >> 2) + 8 * r) * LDP(W) + col0, pv[0], pv[1]);
+              }
             }
           }
 #pragma unroll
@@ -565,7 +612,10 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
     }
     cp_async_wait<1>(); /* this tile's V: all but the next K */
     __syncthreads();    /* (and this warp's Pw written) */
-    if (seen) warp_accumulate<FP16, D, W, MF>(o, Pw, Vs);
+    if (seen && PR)
+#pragma unroll
+      for (int kk = 0; kk < W; kk++) warp_accumulate_a<D>(o, pa[kk], Vs + 16 * kk * LDE(D));
+    if (seen && !PR) warp_accumulate<FP16, D, W, MF>(o, Pw, Vs);
     __syncthreads(); /* every warp has read Vs: the next tile's V */
     if (kt < kt1) load_tile<D, 1>(Vs, next + C, R, T - (kt + 1) * R, HS, ld);
     cp_async_commit();
@@ -824,8 +874,11 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
   grad_rows_out<FP16, D>(a, k, 2 * (size_t)C, st, dvv, k0 + 16 * k.warp);
 }
 
-/* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries, the last tile first */
-template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args a) {
+/* grid (query tiles, NH, Bg), 32·W threads: dQ of R queries, the last tile
+ * first. PR (bf16, where the device's probe allows: a_put): dS goes to
+ * dS·K as A fragments in registers, not through the warp's shared memory. */
+template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd_q(bwd_args a) {
+  static_assert(!PR || !FP16, "dS in registers: bf16");
   const int R = 16 * W;
   MT_DYN_SMEM(smem);
   bwd_block k = bwd_block_of<D, W>(a, smem, 1);
@@ -870,9 +923,11 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
     cp_async_wait<1>(); /* this tile's K: all but the next V */
     __syncthreads();
     warp_scores<FP16, D, W>(sc, Qw, s.Ks); /* S: queries × keys */
-    /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r */
+    /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r;
+     * PR: each 16 keys' dS (dsa) into dQ as soon as made */
 #pragma unroll
-    for (int c = 0; c < W; c++)
+    for (int c = 0; c < W; c++) {
+      a16_frag dsa;
 #pragma unroll
       for (int hh = 0; hh < 2; hh++) {
         int col0 = 16 * c + 8 * hh + 2 * (k.lane & 3), tk0 = k0 + col0;
@@ -890,12 +945,21 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_q(bwd_args 
               ds[e] = pf * (dp[c].x[i] * keep[r][e] - dd[r]) * a.scale;
             }
           }
-          store_pair<FP16>(s.Pw + ((k.lane >> 2) + 8 * r) * LDP(W) + col0, ds[0], ds[1]);
+          if (PR) {
+            a_put(dsa, 4 * hh + 2 * r, ds[0]);
+            a_put(dsa, 4 * hh + 2 * r + 1, ds[1]);
+          } else {
+            store_pair<FP16>(s.Pw + ((k.lane >> 2) + 8 * r) * LDP(W) + col0, ds[0], ds[1]);
+          }
         }
       }
-    __syncwarp();                                /* Pw written */
-    warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
-    __syncthreads();                             /* every warp has read Ks */
+      if (PR) warp_accumulate_a<D>(dq, dsa, s.Ks + 16 * c * LDE(D)); /* dQ += dS·K */
+    }
+    if (!PR) {
+      __syncwarp();                                /* Pw written */
+      warp_accumulate<FP16, D, W>(dq, s.Pw, s.Ks); /* dQ += dS·K */
+    }
+    __syncthreads(); /* every warp has read Ks */
     if (k0 + R <= q0) load_tile<D, 1>(s.Ks, next, R, T - (k0 + R), k.HS, k.ld);
     cp_async_commit();
   }
@@ -948,13 +1012,26 @@ template <int FP16, int D, int W> struct flash {
   /* the forward's row blocks a warp it is built with besides 1: 2 where a
    * block has 4 warps (head sizes to 160), 1 (no other) at 256 */
   enum { MF2 = W == 4 ? 2 : 1 };
+  /* whether P (the forward of MF rows blocks a warp) or dS (MF 0: the dQ
+   * kernel) passes in registers on c: bf16, the forward at 16 rows */
+  static int regs(const mt__cuda *c, int MF) { return !FP16 && MF <= 1 && c->flash_p_regs; }
+  /* the forward kernel of MF row blocks a warp that runs on c, and its
+   * shared memory */
+  template <int MF> static flash_fwd_kernel *fwd_kernel(const mt__cuda *c, size_t *smem) {
+    const int PR = MF == 1 && !FP16; /* the variant with P in registers, if any */
+    *smem = fwd_smem(D, W, MF, regs(c, MF));
+    return regs(c, MF) ? k_flash_fwd<FP16, D, W, MF, PR> : k_flash_fwd<FP16, D, W, MF, 0>;
+  }
+  static void (*bwd_q_kernel(const mt__cuda *c))(bwd_args) {
+    return regs(c, 0) ? k_flash_bwd_q<FP16, D, W, !FP16> : k_flash_bwd_q<FP16, D, W, 0>;
+  }
   template <int MF>
   static void fwd_as(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T,
                      int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
     mt__cuda *c = mt__cuda_enter(d);
     const int QR = 16 * W * MF;
-    size_t smem = fwd_smem(D, W, MF);
-    flash_fwd_kernel *flash_fwd = k_flash_fwd<FP16, D, W, MF>;
+    size_t smem;
+    flash_fwd_kernel *flash_fwd = fwd_kernel<MF>(c, &smem);
     if (!smem_ok(d, c, flash_fwd, smem, D, "attention_fwd (flash)")) return;
     MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + QR - 1) / QR), (unsigned)NH, (unsigned)B),
                    32 * W, smem, c->stream)
@@ -983,7 +1060,7 @@ template <int FP16, int D, int W> struct flash {
     const int R = 16 * W;
     size_t smem = bwd_smem(D, W);
     void (*flash_bwd_kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
-    void (*flash_bwd_q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
+    void (*flash_bwd_q)(bwd_args) = bwd_q_kernel(c);
     if (!smem_ok(d, c, flash_bwd_kv, smem, D, "attention_bwd (flash)") ||
         !smem_ok(d, c, flash_bwd_q, smem, D, "attention_bwd (flash)"))
       return;
@@ -1019,25 +1096,24 @@ template <int FP16, int D, int W> struct flash {
     return mt_seterr(MT_ENOTSUP, "flash occupancy: not on the emulator");
 #else
     mt__cuda *c = mt__cuda_enter(d);
-    flash_fwd_kernel *f = k_flash_fwd<FP16, D, W, 1>;
+    size_t fsmem, fsmem2;
+    flash_fwd_kernel *f = fwd_kernel<1>(c, &fsmem);
     void (*kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
-    void (*q)(bwd_args) = k_flash_bwd_q<FP16, D, W>;
+    void (*q)(bwd_args) = bwd_q_kernel(c);
     const char *what = "flash occupancy";
-    if (!smem_ok(d, c, f, fwd_smem(D, W, 1), D, what) ||
-        !smem_ok(d, c, kv, bwd_smem(D, W), D, what) || !smem_ok(d, c, q, bwd_smem(D, W), D, what))
+    if (!smem_ok(d, c, f, fsmem, D, what) || !smem_ok(d, c, kv, bwd_smem(D, W), D, what) ||
+        !smem_ok(d, c, q, bwd_smem(D, W), D, what))
       return mt_seterr(MT_EIO, "%s", c->errmsg);
-    cudaError_t e =
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[0], f, 32 * W, fwd_smem(D, W, 1));
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[0], f, 32 * W, fsmem);
     if (e == cudaSuccess)
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[1], kv, 32 * W, bwd_smem(D, W));
     if (e == cudaSuccess)
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[2], q, 32 * W, bwd_smem(D, W));
     out[3] = 0;
     if (e == cudaSuccess && has32(c)) {
-      flash_fwd_kernel *f2 = k_flash_fwd<FP16, D, W, MF2>;
-      if (!smem_ok(d, c, f2, fwd_smem(D, W, MF2), D, what))
-        return mt_seterr(MT_EIO, "%s", c->errmsg);
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[3], f2, 32 * W, fwd_smem(D, W, MF2));
+      flash_fwd_kernel *f2 = fwd_kernel<MF2>(c, &fsmem2);
+      if (!smem_ok(d, c, f2, fsmem2, D, what)) return mt_seterr(MT_EIO, "%s", c->errmsg);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[3], f2, 32 * W, fsmem2);
     }
     if (e != cudaSuccess) {
       cudaGetLastError();
@@ -1089,8 +1165,8 @@ static __global__ void k_acc_layout(int *misplaced) {
 
 /* The same for a bf16 row-major matrix_a fragment (values exact in bf16)
  * against mma.m16n8k16's A operand, whose places are the accumulator's:
- * where none is misplaced, the forward's P could pass from its score
- * fragments to P·V in registers, not through shared memory. */
+ * where none is misplaced, the forward's P and the dQ kernel's dS pass
+ * from their score fragments to their products in registers (a_put). */
 static __global__ void k_a_layout(int *misplaced) {
   MT_DYN_SMEM(smem);
   uint16_t *m = (uint16_t *)smem;
@@ -1157,6 +1233,20 @@ static int flash_fits(mt_device *d, const char *what, int HS) {
   mt__cuda_fail(d, what, msg);
   return 0;
 }
+
+int mt__cuda_flash_p_regs(mt_device *d, int on) {
+  mt__cuda *c = mt__cuda_of(d);
+  if (on && c->a_layout <= 0)
+    return mt_seterr(MT_EINVAL,
+                     "device %s: flash P in registers: this GPU's bf16 matrix_a fragment is not "
+                     "laid out as its accumulator",
+                     d->name);
+  if (c->flash_p_regs != !!on) c->flash_tuned_n = 0; /* the 16-row forward changed: time again */
+  c->flash_p_regs = !!on;
+  return 0;
+}
+
+int mt__cuda_flash_p_regs_of(mt_device *d) { return mt__cuda_of(d)->flash_p_regs; }
 
 int mt__cuda_flash_fwd_rows(mt_device *d, int rows) {
   if (rows != 0 && rows != 16 && rows != 32)

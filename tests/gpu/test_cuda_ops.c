@@ -1235,6 +1235,24 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
   gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv in 16 bits (written)", tag), back_half(gdh, nq, qt),
         as_floats(cdh, nq, qt), nq, 1e-2);
+  /* bf16 on a GPU whose matrix_a fragment is laid out as the accumulator
+   * (the emulator's, unless told otherwise): P and dS pass in registers;
+   * through shared memory instead, the same bits, into poisoned outputs */
+  if (!fp16 && mt__cuda_flash_p_regs_of(&gpu)) {
+    mt__cuda_flash_p_regs(&gpu, 0);
+    mt__cuda_flash_fwd_rows(&gpu, 16);
+    void *go3 = DP(no * sizeof(uint16_t)), *gdh3 = DP(nq * sizeof(uint16_t));
+    float *gl3 = DN(nl);
+    gpu.ops->attention_fwd(&gpu, go3, gl3, gs, gqkv, qt, B, T, C, NH, dp, gds);
+    gpu.ops->attention_bwd(&gpu, gdh3, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
+    check("attention_fwd", label("%s out, P through shared memory", tag), back_half(go3, no, qt),
+          go16, no, 0.0);
+    check("attention_fwd", label("%s lse, P through shared memory", tag), back(gl3, nl), gl16, nl,
+          0.0);
+    check("attention_bwd", label("%s dqkv, dS through shared memory", tag), back_half(gdh3, nq, qt),
+          back_half(gdh, nq, qt), nq, 0.0);
+    mt__cuda_flash_p_regs(&gpu, 1);
+  }
   if (!with_dropout) { /* the other 16-bit type: refused, naming it, dqkv left alone */
     mt_dtype other = fp16 ? MT_BF16 : MT_F16;
     gpu.ops->attention_bwd(&gpu, gdh, other, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, NULL);
@@ -1840,6 +1858,76 @@ static void test_flash_other_layout(void) {
   mt_emu_set_acc_layout(1);
 }
 
+/* A GPU whose bf16 matrix_a fragment is not laid out as the accumulator
+ * (emulated: mt_emu_set_a_layout(0)): the probe tells it when the device
+ * opens, P and dS go through shared memory there (asking for registers is
+ * refused), and the attention is the same bits as the main device's, where
+ * they pass in registers. */
+typedef struct {
+  uint16_t *out, *dqkv;
+  float *lse;
+} attn_bits;
+/* a bf16 attention forward and backward of qkv qh (host bf16) and dout on
+ * d (B 2, T 70, head size 32, dropout), its outputs' bits */
+static attn_bits attention_on(mt_device *d, const void *qh, const float *dout) {
+  int B = 2, T = 70, C = 64, NH = 2;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+  size_t ns = d->ops->attention_scratch(d, T, C, NH, MT_BF16);
+  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2, 0};
+  void *q = mt_device_alloc(d, nq * 2), *o = mt_device_alloc(d, no * 2);
+  void *dq = mt_device_alloc(d, nq * 2);
+  float *l = mt_device_alloc(d, nl * 4), *gs = mt_device_alloc(d, ns * 4);
+  float *gd = mt_device_alloc(d, no * 4);
+  if (!q || !o || !dq || !l || !gs || !gd) die("device alloc");
+  mt_device_memcpy_htod(d, q, qh, nq * 2);
+  mt_device_memcpy_htod(d, gd, dout, no * 4);
+  mt__cuda_flash_fwd_rows(d, 16);
+  d->ops->attention_fwd(d, o, l, gs, q, MT_BF16, B, T, C, NH, &drop, NULL);
+  d->ops->attention_bwd(d, dq, MT_BF16, gs, gd, o, q, MT_BF16, l, B, T, C, NH, &drop, NULL);
+  attn_bits r = {halloc(no * 2), halloc(nq * 2), halloc(nl * 4)};
+  mt_device_memcpy_dtoh(d, r.out, o, no * 2);
+  mt_device_memcpy_dtoh(d, r.lse, l, nl * 4);
+  mt_device_memcpy_dtoh(d, r.dqkv, dq, nq * 2);
+  if (mt_device_sync(d)) die("attention, P in registers or not");
+  void *bufs[6] = {q, o, dq, l, gs, gd};
+  for (int i = 0; i < 6; i++) mt_device_free(d, bufs[i]);
+  return r;
+}
+
+static void test_flash_other_a_layout(void) {
+  int B = 2, T = 70, C = 64, NH = 2;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+  int regs = mt__cuda_flash_p_regs_of(&gpu);
+  const void *qh;
+  stored(H(nq, -1.5f, 1.5f), nq, MT_BF16, &qh);
+  float *dout = H(no, -1, 1);
+  attn_bits want = attention_on(&gpu, qh, dout); /* before the emulated layout changes */
+  mt_emu_set_a_layout(0);
+  mt_device other;
+  int rc = mt_device_open(&other, "cuda:0");
+  check_that("device_open", "a GPU with another matrix_a layout", !rc, rc ? mt_errmsg() : "opened");
+  if (!rc) {
+    int a_misplaced = -1, arc = mt__cuda_a_layout_check(&other, &a_misplaced);
+    check_that("flash", "matrix_a probe: the emulator's own order told apart",
+               !arc && a_misplaced > 0, label("%d of 256 elements elsewhere", a_misplaced));
+    int on = mt__cuda_flash_p_regs(&other, 1);
+    check_that("flash", "P in registers there: refused",
+               on == MT_EINVAL && strstr(mt_errmsg(), "matrix_a") &&
+                   !mt__cuda_flash_p_regs_of(&other),
+               on ? mt_errmsg() : "allowed");
+    attn_bits got = attention_on(&other, qh, dout);
+    check_that("attention",
+               label("bf16, through shared memory there against %s here: the same bits",
+                     regs ? "registers" : "shared memory"),
+               !memcmp(got.out, want.out, no * 2) && !memcmp(got.lse, want.lse, nl * 4) &&
+                   !memcmp(got.dqkv, want.dqkv, nq * 2),
+               "out, lse and dqkv");
+    mt_device_close(&other);
+  }
+  mt_emu_set_a_layout(1);
+  arena_reset();
+}
+
 /* On a GPU that gives a block less shared memory than the flash backward at
  * head size 160 takes (an sm_86/sm_89 part: 101376 bytes, emulated through
  * MT_CUDA_EMU_SMEM_OPTIN), the forward (73728 bytes) runs and the backward
@@ -1921,13 +2009,18 @@ int main(int argc, char **argv) {
   int lrc = mt__cuda_acc_layout_check(&gpu, &misplaced);
   check_that("flash", "accumulator layout: mma.m16n8k16's", !lrc && misplaced == 0,
              lrc ? mt_errmsg() : label("%d of 256 elements elsewhere", misplaced));
-#ifdef MT_CUDA_EMU
-  /* the matrix_a probe (gpu_bench reports a GPU's): the emulator keeps its
-   * own order there, which the probe must tell from mma.m16n8k16's */
+  /* the matrix_a probe, whose answer when the device opened decides
+   * whether P and dS pass in registers (test_flash_other_a_layout: the
+   * other answer) */
   int a_misplaced = -1, arc = mt__cuda_a_layout_check(&gpu, &a_misplaced);
-  check_that("flash", "matrix_a layout probe: tells the emulator's order apart",
-             !arc && a_misplaced > 0,
-             arc ? mt_errmsg() : label("%d of 256 elements elsewhere", a_misplaced));
+  check_that("flash", "matrix_a probe: P and dS in registers where it finds none misplaced",
+             !arc && mt__cuda_flash_p_regs_of(&gpu) == !a_misplaced,
+             arc ? mt_errmsg()
+                 : label("%d of 256 elements elsewhere, in registers %d", a_misplaced,
+                         mt__cuda_flash_p_regs_of(&gpu)));
+#ifdef MT_CUDA_EMU
+  check_that("flash", "matrix_a layout on the emulator: mma.m16n8k16's A", !arc && !a_misplaced,
+             label("%d of 256 elements elsewhere", a_misplaced));
 #endif
 
   if (flash_only) {
@@ -2060,6 +2153,7 @@ int main(int argc, char **argv) {
 #ifdef MT_CUDA_EMU
     test_flash_shared_memory_limit();
     test_flash_other_layout();
+    test_flash_other_a_layout();
 #endif
     test_upload_queued();
     test_elementwise(1000);

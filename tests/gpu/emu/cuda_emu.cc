@@ -1029,6 +1029,8 @@ void nvcuda::wmma::detail::check(const void *p, unsigned ldm, unsigned multiple,
 
 int nvcuda::wmma::detail::acc_sm80 = 1;
 void mt_emu_set_acc_layout(int sm80) { nvcuda::wmma::detail::acc_sm80 = sm80 != 0; }
+int nvcuda::wmma::detail::a_mma = 1;
+void mt_emu_set_a_layout(int mma) { nvcuda::wmma::detail::a_mma = mma != 0; }
 
 void mt_emu_set_cp_async_late(int late) { mt_emu::cp_late = late != 0; }
 

@@ -58,9 +58,13 @@
  * sm_80 or later GPU has them (mma.m16n8k16's C layout for columns 0-7,
  * then for 8-15: element i of lane l at row l/4 + 8·(i/2 % 2), column
  * 2·(l%4) + i%2 + 8·(i/4)), which the flash kernels read in registers
- * (flash_cuda.cu: acc_row, acc_col; test_cuda_ops checks the GPU's);
- * a matrix_a or matrix_b fragment's mapping is the emulator's own, which
- * kernels must not read.
+ * (flash_cuda.cu: acc_row, acc_col; test_cuda_ops checks the GPU's).
+ * A matrix_a fragment's elements are at those places too (mma.m16n8k16's A
+ * layout, the k index as the column), where the flash kernels write P and
+ * dS in registers on a GPU whose probe finds them so; mt_emu_set_a_layout(0)
+ * gives it the emulator's own order (element i of lane l at l·8 + i,
+ * row-major), as a GPU that places them otherwise would. A matrix_b
+ * fragment's mapping is the emulator's own, which kernels must not read.
  *
  * Between barriers a thread runs alone, so a kernel that reads what another
  * thread wrote without a barrier between them sees the write only when the
@@ -184,6 +188,10 @@ long mt_emu_launch_count(const char *kernel);
  * l·8 + i in row-major order), as a GPU whose layout the flash kernels do
  * not assume would: process-wide, for a test of their refusal. */
 void mt_emu_set_acc_layout(int sm80);
+/* Places a bf16 or binary16 matrix_a fragment's elements from now on as
+ * mma.m16n8k16's A operand (mma nonzero, the default: the accumulator's
+ * places) or in the emulator's own order (0), process-wide. */
+void mt_emu_set_a_layout(int mma);
 /* Lands cp.async copies from now on at the wait that completes them (late
  * nonzero) or at once (0), process-wide: MT_CUDA_EMU_CP_ASYNC=late sets it
  * at start. */
@@ -358,9 +366,9 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
-/* Element i of lane l of A (m×k) or B (k×n) is element l·8 + i of the
- * tile in row-major order; of the accumulator (m×n), element (acc_row,
- * acc_col) below, as on an sm_80 GPU. All 16×16. */
+/* Element i of lane l of the accumulator (m×n) is element (acc_row,
+ * acc_col) below, as on an sm_80 GPU, and so of A (m×k, a_row and a_col);
+ * of B (k×n), element l·8 + i of the tile in row-major order. All 16×16. */
 template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 tiles are emulated");
   enum { num_elements = 8 };
@@ -369,11 +377,26 @@ template <class Use, int M, int N, int K, class T, class Layout = void> struct f
 
 namespace detail {
 extern int acc_sm80; /* mt_emu_set_acc_layout's */
+extern int a_mma;    /* mt_emu_set_a_layout's */
+inline unsigned mma_row(unsigned lane, int i) { return (lane >> 2) + 8u * ((i >> 1) & 1); }
+inline unsigned mma_col(unsigned lane, int i) { return 2u * (lane & 3) + (i & 1) + 8u * (i >> 2); }
 inline unsigned acc_row(unsigned lane, int i) {
-  return acc_sm80 ? (lane >> 2) + 8u * ((i >> 1) & 1) : (lane * 8 + i) / 16;
+  return acc_sm80 ? mma_row(lane, i) : (lane * 8 + i) / 16;
 }
 inline unsigned acc_col(unsigned lane, int i) {
-  return acc_sm80 ? 2u * (lane & 3) + (i & 1) + 8u * (i >> 2) : (lane * 8 + i) % 16;
+  return acc_sm80 ? mma_col(lane, i) : (lane * 8 + i) % 16;
+}
+/* element i of lane l of a matrix_a fragment: row a_row, column (k) a_col */
+inline unsigned a_row(unsigned lane, int i) {
+  return a_mma ? mma_row(lane, i) : (lane * 8 + i) / 16;
+}
+inline unsigned a_col(unsigned lane, int i) {
+  return a_mma ? mma_col(lane, i) : (lane * 8 + i) % 16;
+}
+/* the lane·8 + element holding A's (r, k): a_row and a_col inverted */
+inline unsigned a_slot(unsigned r, unsigned k) {
+  if (!a_mma) return r * 16 + k;
+  return ((r & 7) * 4 + (k & 7) / 2) * 8 + (k & 1) + 2 * (r >> 3) + 4 * (k >> 3);
 }
 inline float to_float(const __nv_bfloat16 &h) {
   uint32_t u = (uint32_t)h.x << 16;
@@ -396,9 +419,11 @@ template <class Use, class T, class L>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L> &f, const T *p, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout");
   detail::check(p, ldm, 8, "load_matrix_sync");
-  unsigned base = mt_emu::lane() * 8;
+  unsigned lane = mt_emu::lane(), base = lane * 8;
+  const bool a = std::is_same<Use, matrix_a>::value;
   for (int i = 0; i < 8; i++) {
-    unsigned r = (base + i) / 16, c = (base + i) % 16;
+    unsigned r = a ? detail::a_row(lane, i) : (base + i) / 16;
+    unsigned c = a ? detail::a_col(lane, i) : (base + i) % 16;
     f.x[i] = detail::to_float(std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
   }
 }
@@ -429,9 +454,9 @@ inline void fill_fragment(fragment<Use, 16, 16, 16, T, L> &f, float v) {
 }
 
 /* d = a·b + c over the warp: every lane's fragments gathered at one warp
- * barrier, each lane computing its own 8 elements (fp32, k in order; a's
- * and b's elements at the emulator's places, d's and c's at the GPU's); d
- * may be c (element i of c is read before element i of d is written). */
+ * barrier, each lane computing its own 8 elements (fp32, k in order; a's,
+ * c's and d's elements at the GPU's places, b's at the emulator's); d may
+ * be c (element i of c is read before element i of d is written). */
 template <class T, class LA, class LB>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
                      const fragment<matrix_a, 16, 16, 16, T, LA> &a,
@@ -447,7 +472,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float> &d,
     unsigned r = detail::acc_row(lane, i), n = detail::acc_col(lane, i);
     float s = c.x[i];
     for (unsigned k = 0; k < 16; k++) {
-      unsigned ia = r * 16 + k, ib = k * 16 + n;
+      unsigned ia = detail::a_slot(r, k), ib = k * 16 + n;
       s += all[ia / 8 * 16 + ia % 8] * all[ib / 8 * 16 + 8 + ib % 8];
     }
     d.x[i] = s;
