@@ -521,13 +521,36 @@ static void flash_fwd_rows_ms(attn_run *a, double ms[2], int *chosen) {
                                        a->drop != NULL, 0);
 }
 
+/* The flash kernels with P and dS in registers (the device's choice where
+ * its matrix_a probe allows) and through shared memory, the forward at 16
+ * rows a warp (the kernel that changes): ms[0] the forward, ms[1]
+ * forward + backward, in registers; ms[2], ms[3] the same through shared
+ * memory. All 0 where the registers are not allowed. */
+static void flash_p_regs_ms(attn_run *a, double ms[4]) {
+  ms[0] = ms[1] = ms[2] = ms[3] = 0.0;
+  if (!mt__cuda_flash_p_regs_of(&dev)) return;
+  mt__cuda_flash_fwd_rows(&dev, 16);
+  for (int smem = 0; smem < 2; smem++) {
+    mt__cuda_flash_p_regs(&dev, !smem);
+    ms[2 * smem] = time_ms(attn_fwd_step, a,
+                           smem ? "attention forward, P through shared memory"
+                                : "attention forward, P in registers");
+    ms[2 * smem + 1] = time_ms(attn_step, a,
+                               smem ? "attention, P and dS through shared memory"
+                                    : "attention, P and dS in registers");
+  }
+  mt__cuda_flash_p_regs(&dev, 1);
+  mt__cuda_flash_fwd_rows(&dev, 0);
+}
+
 /* fwd_ms: the forward alone, timed apart (NULL: not timed); parts: the
  * flash backward's kernels (a 16-bit qkv; NULL: not timed); rows_ms: the
  * flash forward at 16 and 32 rows a warp, and rows_ms[2] the rows its
- * first call timed faster (NULL: not timed); p_drop: the attention
- * dropout's probability (0: none) */
+ * first call timed faster (NULL: not timed); regs_ms: flash_p_regs_ms's
+ * (NULL: not timed); p_drop: the attention dropout's probability (0:
+ * none) */
 static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms,
-                           double parts[3], double rows_ms[3], float p_drop) {
+                           double parts[3], double rows_ms[3], double regs_ms[4], float p_drop) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
@@ -549,6 +572,7 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd
     flash_fwd_rows_ms(&a, rows_ms, &chosen);
     rows_ms[2] = chosen;
   }
+  if (regs_ms && qt != MT_F32) flash_p_regs_ms(&a, regs_ms);
   void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
   free_all(bufs, sizeof bufs / sizeof *bufs);
   dev.matmul = MT_MATMUL_FP32;
@@ -559,16 +583,32 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd
  * of Q·Kᵀ and P·V, forward 1×, backward 2× */
 static double attention_flops(int B, int T, int C) { return 3.0 * 2.0 * B * (double)T * T * C; }
 
+/* flash_p_regs_ms's figures, as RESULT <key>_flash_fwd16_regs_ms and the like */
+static void print_p_regs(const char *key, const double ms[4]) {
+  printf("%s: P and dS in registers %s", key,
+         mt__cuda_flash_p_regs_of(&dev) ? "(this GPU's choice)" : "not allowed here");
+  if (ms[0] > 0.0)
+    printf(": forward at 16 rows %.3f ms against %.3f through shared memory (%.2fx), fwd+bwd "
+           "%.3f against %.3f (%.2fx)",
+           ms[0], ms[2], ms[2] / ms[0], ms[1], ms[3], ms[3] / ms[1]);
+  printf("\n");
+  printf("RESULT %s_flash_p_regs %d\n", key, mt__cuda_flash_p_regs_of(&dev));
+  printf("RESULT %s_flash_fwd16_regs_ms %.3f\n", key, ms[0]);
+  printf("RESULT %s_flash_regs_ms %.3f\n", key, ms[1]);
+  printf("RESULT %s_flash_fwd16_smem_ms %.3f\n", key, ms[2]);
+  printf("RESULT %s_flash_smem_ms %.3f\n", key, ms[3]);
+}
+
 /* Attention alone at the layer's shapes: the fp32 qkv of an fp32 job beside
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
   int T = 2048, C = 2048, NH = 16;
-  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0}, rows[3] = {0.0, 0.0, 0.0},
-         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL, NULL, 0.0f);
-  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts, rows, 0.0f);
+  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0}, rows[3] = {0.0, 0.0, 0.0}, regs[4],
+         chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL, NULL, NULL, 0.0f);
+  double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts, rows, regs, 0.0f);
   /* with attention dropout 0.1 (GPT-3's and Megatron's default): the
    * Philox draws and the kept-or-dropped products */
-  double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, 0.1f);
+  double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.1f);
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
          "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
@@ -587,6 +627,7 @@ static void bench_attention(int B) {
   printf("RESULT attention_flash_fwd_rows16_ms %.3f\n", rows[0]);
   printf("RESULT attention_flash_fwd_rows32_ms %.3f\n", rows[1]);
   printf("RESULT attention_flash_fwd_rows_chosen %d\n", (int)rows[2]);
+  print_p_regs("attention", regs);
   /* the backward's kernels, in the FLOPs they run: over the causal half,
    * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
   double prod = (double)B * T * T * C, kv_tflops = 4.0 * prod / (parts[1] * 1e-3) / 1e12,
@@ -608,11 +649,13 @@ static void bench_attention(int B) {
  * in the same run: the head width's cost per FLOP. */
 static void bench_flash_widths(void) {
   int T = 2048, NH = 16;
-  double rows[3] = {0.0, 0.0, 0.0};
+  double rows[3] = {0.0, 0.0, 0.0}, regs[4];
   double w160 = attention_flops(1, T, NH * 160) /
-                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, rows, 0.0f) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, rows, regs, 0.0f) * 1e-3) /
+                1e12;
   double w128 = attention_flops(1, T, NH * 128) /
-                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL, NULL, 0.0f) * 1e-3) / 1e12;
+                (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.0f) * 1e-3) /
+                1e12;
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);
@@ -624,6 +667,7 @@ static void bench_flash_widths(void) {
   printf("RESULT flash_hs160_fwd_rows16_ms %.3f\n", rows[0]);
   printf("RESULT flash_hs160_fwd_rows32_ms %.3f\n", rows[1]);
   printf("RESULT flash_hs160_fwd_rows_chosen %d\n", (int)rows[2]);
+  print_p_regs("hs160", regs);
   /* the blocks an SM holds: the backward at 160 is sized for two on an
    * H100/H200 (kernels/cuda/flash_cuda.cu, bwd_smem) */
   for (int hs = 160; hs >= 128; hs -= 32) {
@@ -771,8 +815,9 @@ int main(int argc, char **argv) {
   double f32 = gemm_rate(8192, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF);
   printf("GEMM 8192³ fp32 in/out, bf16 compute: %.1f TFLOP/s (the ops' GEMMs in bf16 mode)\n", f32);
   printf("RESULT gemm_f32io_bf16_tflops %.2f\n", f32);
-  /* whether the forward's P could go from its score fragments to P·V in
-   * registers (a bf16 matrix_a fragment laid out as the accumulator) */
+  /* whether P and dS go from their score fragments to their products in
+   * registers (a bf16 matrix_a fragment laid out as the accumulator: the
+   * device's probe when it opened decides) */
   int a_misplaced = -1;
   if (mt__cuda_a_layout_check(&dev, &a_misplaced))
     printf("wmma bf16 matrix_a layout: %s\n", mt_errmsg());

@@ -46,7 +46,9 @@
  * type for their products: dO once, by k_flash_dot, into a 16-bit dqkv's Q
  * columns, where the dK/dV and dQ kernels load it as they load Q (an fp32
  * dqkv: as each tile loads). The dK/dV kernel loads the next query tile's
- * Q while dV accumulates and its dO while the next scores start. Each
+ * Q while dV accumulates (with dS and P in registers, each 16 queries'
+ * products follow their scores, and Q loads during the last 16·NB's dV)
+ * and its dO while the next scores start. Each
  * block adds (fp32) or writes (16-bit) its finished rows into dqkv.
  *
  * Documents (doc_start, Megatron's --reset-attention-mask): a row t sees
@@ -782,8 +784,13 @@ template <int D, int W> struct kv_blocks {
   enum { n = D <= 64 ? W : D <= 128 ? 2 : 1 };
 };
 
-/* grid (key tiles, NH, Bg), 32·W threads: dK and dV of R keys */
-template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args a) {
+/* grid (key tiles, NH, Bg), 32·W threads: dK and dV of R keys. PR (bf16,
+ * where the device's probe allows: a_put): dSᵀ and Pdᵀ go to their
+ * products in registers, each 16 queries' as soon as made, not through
+ * the warp's shared memory; the next tile's Q then loads during the last
+ * 16·NB queries' dV. */
+template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd_kv(bwd_args a) {
+  static_assert(!PR || !FP16, "dS and P in registers: bf16");
   const int R = 16 * W, NB = kv_blocks<D, W>::n;
   MT_DYN_SMEM(smem);
   bwd_block k = bwd_block_of<D, W>(a, smem, 0);
@@ -820,6 +827,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
 #pragma unroll 1 /* (unrolled, the blocks' loads crowd out registers: spills) */
     for (int cb = 0; cb < W; cb += NB) { /* Sᵀ and dPᵀ, 16·NB queries at a time */
       acc_frag st[NB], dpt[NB];
+      a16_frag pda[PR ? NB : 1];                                 /* PR: Pdᵀ of each 16 queries */
       warp_scores<FP16, D, NB>(st, Kw, s.Qs + 16 * cb * LDE(D)); /* Sᵀ: keys × queries */
       if (cb == 0) {
         cp_async_wait<0>(); /* this tile's dO */
@@ -828,6 +836,7 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
       warp_scores<FP16, D, NB>(dpt, Vw, s.dOs + 16 * cb * LDE(D)); /* dPᵀ = V·dOᵀ */
 #pragma unroll
       for (int c = 0; c < NB; c++) {
+        a16_frag dsa; /* PR: dSᵀ */
         float keep[8] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
         if (a.p > 0.0f)
           col_keep(keep, a.p, a.key, k.sample, a.head0 + k.h, T, k0 + 16 * k.warp,
@@ -846,11 +855,38 @@ template <int FP16, int D, int W> static __global__ void k_flash_bwd_kv(bwd_args
             }
             pd[e] = pf * m;
           }
-          int at = acc_row(k.lane, i0) * LDP(W) + 16 * (cb + c) + acc_col(k.lane, i0);
-          store_pair<FP16>(s.Pw + at, pd[0], pd[1]);
-          store_pair<FP16>(s.dSw + at, ds[0], ds[1]);
+          if (PR) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) a_put(pda[c], i0 + e, pd[e]), a_put(dsa, i0 + e, ds[e]);
+          } else {
+            int at = acc_row(k.lane, i0) * LDP(W) + 16 * (cb + c) + acc_col(k.lane, i0);
+            store_pair<FP16>(s.Pw + at, pd[0], pd[1]);
+            store_pair<FP16>(s.dSw + at, ds[0], ds[1]);
+          }
         }
+        if (PR) warp_accumulate_a<D>(dk, dsa, s.Qs + 16 * (cb + c) * LDE(D)); /* dK += dSᵀ·Q */
       }
+      if (PR) {
+        if (cb + NB >= W) {
+          __syncthreads(); /* every warp has read Qs and the rows' data: the next tile's */
+          if (more) {
+            load_q_tile<D, W>(k, nq, T);
+            load_row_data<W>(k, nq, T);
+          }
+          cp_async_commit();
+        }
+#pragma unroll
+        for (int c = 0; c < NB; c++) /* dV += Pdᵀ·dO */
+          warp_accumulate_a<D>(dvv, pda[c], s.dOs + 16 * (cb + c) * LDE(D));
+      }
+    }
+    if (PR) {
+      __syncthreads(); /* every warp has read dOs: the next tile's */
+      if (more) load_dout_tile<FP16, D, W>(k, C, nq, T);
+      cp_async_commit();
+      if (!more) break;
+      q0 = nq;
+      continue;
     }
     __syncwarp();                                 /* Pw, dSw written */
     warp_accumulate<FP16, D, W>(dk, s.dSw, s.Qs); /* dK += dSᵀ·Q */
@@ -1025,6 +1061,9 @@ template <int FP16, int D, int W> struct flash {
   static void (*bwd_q_kernel(const mt__cuda *c))(bwd_args) {
     return regs(c, 0) ? k_flash_bwd_q<FP16, D, W, !FP16> : k_flash_bwd_q<FP16, D, W, 0>;
   }
+  static void (*bwd_kv_kernel(const mt__cuda *c))(bwd_args) {
+    return regs(c, 0) ? k_flash_bwd_kv<FP16, D, W, !FP16> : k_flash_bwd_kv<FP16, D, W, 0>;
+  }
   template <int MF>
   static void fwd_as(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T,
                      int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
@@ -1059,7 +1098,7 @@ template <int FP16, int D, int W> struct flash {
     mt__cuda *c = mt__cuda_enter(d);
     const int R = 16 * W;
     size_t smem = bwd_smem(D, W);
-    void (*flash_bwd_kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
+    void (*flash_bwd_kv)(bwd_args) = bwd_kv_kernel(c);
     void (*flash_bwd_q)(bwd_args) = bwd_q_kernel(c);
     if (!smem_ok(d, c, flash_bwd_kv, smem, D, "attention_bwd (flash)") ||
         !smem_ok(d, c, flash_bwd_q, smem, D, "attention_bwd (flash)"))
@@ -1098,7 +1137,7 @@ template <int FP16, int D, int W> struct flash {
     mt__cuda *c = mt__cuda_enter(d);
     size_t fsmem, fsmem2;
     flash_fwd_kernel *f = fwd_kernel<1>(c, &fsmem);
-    void (*kv)(bwd_args) = k_flash_bwd_kv<FP16, D, W>;
+    void (*kv)(bwd_args) = bwd_kv_kernel(c);
     void (*q)(bwd_args) = bwd_q_kernel(c);
     const char *what = "flash occupancy";
     if (!smem_ok(d, c, f, fsmem, D, what) || !smem_ok(d, c, kv, bwd_smem(D, W), D, what) ||
