@@ -78,8 +78,8 @@ int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int
 int mt__cuda_acc_layout_check(mt_device *d, int *misplaced);
 /* The same for a bf16 row-major wmma matrix_a fragment against
  * mma.m16n8k16's A operand (the accumulator's places), read when the
- * device opens: where none is misplaced, the flash forward's P and the dQ
- * kernel's dS pass to their products in registers. The emulator places
+ * device opens: where none is misplaced, the bf16 flash kernels' P and dS
+ * pass to their products in registers. The emulator places
  * them so, or in its own order after mt_emu_set_a_layout(0).
  * (flash_cuda.cu) */
 int mt__cuda_a_layout_check(mt_device *d, int *misplaced);

@@ -68,9 +68,9 @@ typedef struct mt__cuda {
                                   opens: 1 as they assume, -1 not (flash_cuda.cu) */
   int a_layout;                /* a bf16 matrix_a fragment's, read when it opens: 1 laid out as
                                   the accumulator (mma.m16n8k16's A), -1 not */
-  int flash_p_regs;            /* the flash forward's P and the dQ kernel's dS pass to their
-                                  products in registers (bf16; a_layout 1), or 0 through shared
-                                  memory (mt__cuda_flash_p_regs) */
+  int flash_p_regs;            /* the flash kernels' P and dS pass to their products in
+                                  registers (bf16; a_layout 1), or 0 through shared memory
+                                  (mt__cuda_flash_p_regs) */
   cudaEvent_t flash_events[4]; /* mt__cuda_flash_bwd_timing's, or NULL */
   int flash_fwd_rows;          /* query rows a warp of the flash forward: 16 or 32, 0 timed per
                                   shape (MTNLG_FLASH_FWD_ROWS, mt__cuda_flash_fwd_rows) */

@@ -25,8 +25,8 @@
  * warp's 16 rows, since wmma does not say where an operand fragment's
  * elements are; where a GPU's probe, when it opens, finds a bf16 A
  * fragment's at the accumulator's places (mma.m16n8k16's A layout), the
- * forward at 16 rows a warp and the dQ kernel pass theirs in registers
- * (a_put). A warp's scores against 16·NB keys (or queries) come
+ * bf16 forward at 16 rows a warp and both backward kernels pass theirs in
+ * registers (a_put). A warp's scores against 16·NB keys (or queries) come
  * from one pass over the head's width, loading its own operand once per
  * 16 columns for all NB blocks.
  *
@@ -1048,8 +1048,8 @@ template <int FP16, int D, int W> struct flash {
   /* the forward's row blocks a warp it is built with besides 1: 2 where a
    * block has 4 warps (head sizes to 160), 1 (no other) at 256 */
   enum { MF2 = W == 4 ? 2 : 1 };
-  /* whether P (the forward of MF rows blocks a warp) or dS (MF 0: the dQ
-   * kernel) passes in registers on c: bf16, the forward at 16 rows */
+  /* whether P (the forward of MF row blocks a warp) or dS and P (MF 0: the
+   * backward kernels) pass in registers on c: bf16, the forward at 16 rows */
   static int regs(const mt__cuda *c, int MF) { return !FP16 && MF <= 1 && c->flash_p_regs; }
   /* the forward kernel of MF row blocks a warp that runs on c, and its
    * shared memory */
@@ -1204,8 +1204,8 @@ static __global__ void k_acc_layout(int *misplaced) {
 
 /* The same for a bf16 row-major matrix_a fragment (values exact in bf16)
  * against mma.m16n8k16's A operand, whose places are the accumulator's:
- * where none is misplaced, the forward's P and the dQ kernel's dS pass
- * from their score fragments to their products in registers (a_put). */
+ * where none is misplaced, the bf16 kernels' P and dS pass from their
+ * score fragments to their products in registers (a_put). */
 static __global__ void k_a_layout(int *misplaced) {
   MT_DYN_SMEM(smem);
   uint16_t *m = (uint16_t *)smem;
