@@ -275,6 +275,23 @@ static __device__ __forceinline__ void a_put(a16_frag &f, int i, float v) {
 #endif
 }
 
+/* 2^x in one instruction on a GPU (ex2.approx.ftz: relative error about
+ * 2^-22, results under 2^-126 flushed to 0; -inf gives 0), where expf
+ * takes about eight. The row work takes its exponentials base 2, with
+ * log2(e) folded into the softmax scale (one FFMA before each), as
+ * FlashAttention does: with a few instructions an element besides, they
+ * were most of its cost. */
+#define MT_LOG2E 1.4426950408889634f
+static __device__ __forceinline__ float exp2_fast(float x) {
+#ifdef MT_CUDA_EMU
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 /* The two rows a lane holds (0: acc_row's lane/4, 1: 8 below) reduced over
  * the quad that shares them */
 static __device__ __forceinline__ float quad_max(float v) {
@@ -506,6 +523,16 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
   /* the warp's keys: from its first row's start to its last row (rows
    * past T see none) */
   int wk0 = ds && w0 < T ? ds[w0] : 0, wk1 = w0 < T ? w0 + 16 * MF - 1 : -1;
+  /* each row block's last first key (its last row's under T, the starts
+   * never decreasing): a key tile from there to the block's first row is
+   * seen whole by every row of the block, and needs no mask */
+  int tsx[MF];
+#pragma unroll
+  for (int f = 0; f < MF; f++) {
+    int r0 = w0 + 16 * f, r1 = r0 + 15 < T ? r0 + 15 : T - 1;
+    tsx[f] = ds && r1 >= r0 ? ds[r1] : 0;
+  }
+  const float c2 = scale * MT_LOG2E; /* scores to base-2 exponents */
 
   /* Q, then each key tile's K and V as two groups of copies in flight (a
    * buffer each): the next tile's K loads while this tile's softmax and
@@ -549,27 +576,35 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
 #pragma unroll
       for (int f = 0; f < MF; f++) {
         if (MF > 1) warp_scores<FP16, D, W>(sc, Qw + 16 * f * LDE(D), Ks);
-        /* the scaled scores of the keys a row sees (the rest: -FLT_MAX)
-         * and each row's max over the tile */
+        /* the keys a row does not see out (-inf: P 0), unless every row of
+         * the block sees the whole tile (the tiles below the diagonal
+         * past the documents' starts: most of them; the 32-row warp masks
+         * every tile: the branch spilled 350-1,200 bytes of its registers
+         * on sm_80); then each row's max of its raw scores over the tile
+         * (the scale is positive) */
+        if (MF > 1 || !((kt + 1) * R - 1 <= w0 + 16 * f && kt * R >= tsx[f]))
+#pragma unroll
+          for (int c = 0; c < W; c++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+              int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
+              if (!(tk <= tq[f][r] && tk >= ts[f][r])) sc[c].x[i] = -INFINITY;
+            }
         float tm[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
         for (int c = 0; c < W; c++)
 #pragma unroll
-          for (int i = 0; i < 8; i++) {
-            int r = (i >> 1) & 1, tk = kt * R + 16 * c + acc_col(lane, i);
-            float v = tk <= tq[f][r] && tk >= ts[f][r] ? sc[c].x[i] * scale : -FLT_MAX;
-            sc[c].x[i] = v;
-            tm[r] = fmaxf(tm[r], v);
-          }
-        float mn[2], alpha[2], rs[2] = {0.0f, 0.0f};
+          for (int i = 0; i < 8; i++) tm[(i >> 1) & 1] = fmaxf(tm[(i >> 1) & 1], sc[c].x[i]);
+        float mn[2], alpha[2], mc[2], rs[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-          mn[r] = fmaxf(m[f][r], quad_max(tm[r]));
-          alpha[r] = expf(m[f][r] - mn[r]); /* 1 while the row has seen no key */
+          mn[r] = fmaxf(m[f][r], quad_max(tm[r]));      /* -FLT_MAX while the row has seen no key */
+          alpha[r] = exp2_fast((m[f][r] - mn[r]) * c2); /* then 1 */
+          mc[r] = mn[r] * c2;
         }
-        /* P = exp(s - m): summed undropped into l, written dropped and
-         * rounded for P·V; a lane's elements 2r + e of column half hh are
-         * keys tk0 + e of rows r */
+        /* P = exp((s - m)·scale) = 2^(s·c2 - m·c2), finite m: summed
+         * undropped into l, written dropped and rounded for P·V; a lane's
+         * elements 2r + e of column half hh are keys tk0 + e of rows r */
         uint16_t *Pf = Pw + 16 * f * LDP(W);
 #pragma unroll
         for (int c = 0; c < W; c++)
@@ -583,8 +618,7 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
               float pv[2];
 #pragma unroll
               for (int e = 0; e < 2; e++) {
-                float v = sc[c].x[4 * hh + 2 * r + e];
-                pv[e] = v > -FLT_MAX ? expf(v - mn[r]) : 0.0f;
+                pv[e] = exp2_fast(fmaf(sc[c].x[4 * hh + 2 * r + e], c2, -mc[r]));
                 rs[r] += pv[e];
                 pv[e] *= keep[r][e];
               }
@@ -631,7 +665,7 @@ static __global__ void MT_LAUNCH_BOUNDS(32 * W, MF == 1 ? MT_FLASH_FWD_BLOCKS : 
 #pragma unroll
     for (int r = 0; r < 2; r++)
       if (!(lane & 3) && tq[f][r] < T)
-        lse[((size_t)b * NH + h) * T + tq[f][r]] = m[f][r] + logf(l[f][r]);
+        lse[((size_t)b * NH + h) * T + tq[f][r]] = m[f][r] * scale + logf(l[f][r]);
     /* (a warp wholly past T saw no key: l 0, its rows not written) */
     float inv[2] = {l[f][0] > 0.0f ? 1.0f / l[f][0] : 0.0f, l[f][1] > 0.0f ? 1.0f / l[f][1] : 0.0f};
 #pragma unroll
@@ -747,7 +781,8 @@ static __device__ bwd_block bwd_block_of(const bwd_args &a, unsigned char *smem,
 
 /* A query tile's parts, from its first row q0: Q into Qs by cp.async; dO
  * into dOs by cp.async from the 16-bit copy, else rounded from dout's fp32
- * at once; the rows' lse, D and first keys (rows past T: zero) into lse_s,
+ * at once; the rows' lse (times log2(e)), D and first keys (rows past T:
+ * zero) into lse_s,
  * D_s and ts_s, at once. The caller commits, waits and syncs. */
 template <int D, int W> static __device__ void load_q_tile(const bwd_block &k, int q0, int T) {
   load_tile<D, 1>(k.s.Qs, k.head + (size_t)q0 * k.ld, 16 * W, T - q0, k.HS, k.ld);
@@ -761,7 +796,7 @@ static __device__ void load_dout_tile(const bwd_block &k, int C, int q0, int T) 
 }
 template <int W> static __device__ void load_row_data(const bwd_block &k, int q0, int T) {
   for (int r = threadIdx.x; r < 16 * W; r += blockDim.x) {
-    k.s.lse_s[r] = q0 + r < T ? k.lse_h[q0 + r] : 0.0f;
+    k.s.lse_s[r] = q0 + r < T ? k.lse_h[q0 + r] * MT_LOG2E : 0.0f; /* base 2 (exp2_fast) */
     k.s.D_s[r] = q0 + r < T ? k.dv_h[q0 + r] : 0.0f;
     k.s.ts_s[r] = k.ds && q0 + r < T ? k.ds[q0 + r] : 0;
   }
@@ -798,6 +833,7 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
   int T = a.T, C = a.C, k0 = k.t0, nt = (T + R - 1) / R;
   /* the lane's two key rows (acc_row) */
   int tk[2] = {k0 + 16 * k.warp + (k.lane >> 2), k0 + 16 * k.warp + (k.lane >> 2) + 8};
+  const float c2 = a.scale * MT_LOG2E; /* scores to base-2 exponents */
 
   /* The next query tile loads while this one's products run: its Q (and
    * rows' data) once every warp's dK += dSᵀ·Q has read Qs, during dV +=
@@ -841,18 +877,24 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
         if (a.p > 0.0f)
           col_keep(keep, a.p, a.key, k.sample, a.head0 + k.h, T, k0 + 16 * k.warp,
                    q0 + 16 * (cb + c), k.lane);
+        /* the pairs a query does not see out (-inf: P 0, dS 0), unless all
+         * 16 queries (under T, after the warp's last key, their documents
+         * started by its first) see all the warp's keys */
+        int qf = q0 + 16 * (cb + c), kw = k0 + 16 * k.warp;
+        if (!(qf >= kw + 15 && qf + 15 < T && s.ts_s[16 * (cb + c) + 15] <= kw))
+#pragma unroll
+          for (int i = 0; i < 8; i++) {
+            int r = (i >> 1) & 1, j = 16 * (cb + c) + acc_col(k.lane, i), tq = q0 + j;
+            if (!(tq >= tk[r] && tq < T && tk[r] >= s.ts_s[j])) st[c].x[i] = -INFINITY;
+          }
 #pragma unroll
         for (int i0 = 0; i0 < 8; i0 += 2) { /* elements i0, i0 + 1: adjacent queries */
           float pd[2], ds[2];
 #pragma unroll
           for (int e = 0; e < 2; e++) {
-            int i = i0 + e, r = (i >> 1) & 1, j = 16 * (cb + c) + acc_col(k.lane, i), tq = q0 + j;
-            float pf = 0.0f, m = keep[i];
-            ds[e] = 0.0f;
-            if (tq >= tk[r] && tq < T && tk[r] >= s.ts_s[j]) {
-              pf = expf(st[c].x[i] * a.scale - s.lse_s[j]);
-              ds[e] = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
-            }
+            int i = i0 + e, j = 16 * (cb + c) + acc_col(k.lane, i);
+            float pf = exp2_fast(fmaf(st[c].x[i], c2, -s.lse_s[j])), m = keep[i];
+            ds[e] = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
             pd[e] = pf * m;
           }
           if (PR) {
@@ -934,6 +976,9 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
     int row = 16 * k.warp + (k.lane >> 2) + 8 * r;
     tq[r] = q0 + row, ts[r] = s.ts_s[row], lr[r] = s.lse_s[row], dd[r] = s.D_s[row];
   }
+  /* the warp's rows: under T, and the last one's first key (the largest) */
+  int qw = q0 + 16 * k.warp, rows_in = qw + 15 < T, tsx = s.ts_s[16 * k.warp + 15];
+  const float c2 = a.scale * MT_LOG2E; /* scores to base-2 exponents */
   const uint16_t *Qw = s.Qs + 16 * k.warp * LDE(D), *dOw = s.dOs + 16 * k.warp * LDE(D);
   acc_frag dq[D / 16];
 #pragma unroll
@@ -959,8 +1004,18 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
     cp_async_wait<1>(); /* this tile's K: all but the next V */
     __syncthreads();
     warp_scores<FP16, D, W>(sc, Qw, s.Ks); /* S: queries × keys */
-    /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r;
-     * PR: each 16 keys' dS (dsa) into dQ as soon as made */
+    /* the keys a row does not see out (-inf: P 0, dS 0), unless every row
+     * of the warp sees the whole tile */
+    if (!(k0 + R - 1 <= qw && rows_in && k0 >= tsx))
+#pragma unroll
+      for (int c = 0; c < W; c++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+          int r = (i >> 1) & 1, tkk = k0 + 16 * c + acc_col(k.lane, i);
+          if (!(tkk <= tq[r] && tq[r] < T && tkk >= ts[r])) sc[c].x[i] = -INFINITY;
+        }
+        /* a lane's elements 2r + e of column half hh: keys tk0 + e of rows r;
+         * PR: each 16 keys' dS (dsa) into dQ as soon as made */
 #pragma unroll
     for (int c = 0; c < W; c++) {
       a16_frag dsa;
@@ -974,12 +1029,9 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
           float ds[2];
 #pragma unroll
           for (int e = 0; e < 2; e++) {
-            int i = 4 * hh + 2 * r + e, tkk = tk0 + e;
-            ds[e] = 0.0f;
-            if (tkk <= tq[r] && tq[r] < T && tkk >= ts[r]) {
-              float pf = expf(sc[c].x[i] * a.scale - lr[r]);
-              ds[e] = pf * (dp[c].x[i] * keep[r][e] - dd[r]) * a.scale;
-            }
+            int i = 4 * hh + 2 * r + e;
+            float pf = exp2_fast(fmaf(sc[c].x[i], c2, -lr[r]));
+            ds[e] = pf * (dp[c].x[i] * keep[r][e] - dd[r]) * a.scale;
           }
           if (PR) {
             a_put(dsa, 4 * hh + 2 * r, ds[0]);
