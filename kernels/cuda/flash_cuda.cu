@@ -813,6 +813,23 @@ static __device__ void grad_rows_out(const bwd_args &a, const bwd_block &k, size
     warp_rows_out<D, 1>((float *)a.dqkv + k.dhead + col, k.ld, st, acc, row0, a.T, k.HS);
 }
 
+/* dS = P ∘ (dP·m - D) · scale feeds dK and dQ. In bf16 the scale
+ * multiplies their finished rows instead, once, as FlashAttention-2 does,
+ * not each element of dS (one instruction of the few an element's row
+ * work takes); binary16 keeps it in dS, whose values it keeps sqrt(HS)
+ * times smaller (11 at head size 128), further from binary16's largest,
+ * 65504, under a loss scale. */
+template <int FP16> static __device__ __forceinline__ float ds_scale(float scale) {
+  return FP16 ? scale : 1.0f;
+}
+template <int FP16, int D> static __device__ void scale_rows(acc_frag *acc, float scale) {
+  if (FP16) return;
+#pragma unroll
+  for (int n = 0; n < D / 16; n++)
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[n].x[i] *= scale;
+}
+
 /* Query blocks of 16 whose scores a dK/dV warp holds at once: its dK and
  * dV fragments take 2·D/2 registers a lane, so fewer at the wider heads */
 template <int D, int W> struct kv_blocks {
@@ -894,7 +911,7 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
           for (int e = 0; e < 2; e++) {
             int i = i0 + e, j = 16 * (cb + c) + acc_col(k.lane, i);
             float pf = exp2_fast(fmaf(st[c].x[i], c2, -s.lse_s[j])), m = keep[i];
-            ds[e] = pf * (dpt[c].x[i] * m - s.D_s[j]) * a.scale;
+            ds[e] = pf * (dpt[c].x[i] * m - s.D_s[j]) * ds_scale<FP16>(a.scale);
             pd[e] = pf * m;
           }
           if (PR) {
@@ -948,6 +965,7 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
   cp_async_wait<0>(); /* (only empty groups are left) */
   __syncthreads();    /* Qs and dOs become the staging */
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
+  scale_rows<FP16, D>(dk, a.scale);
   grad_rows_out<FP16, D>(a, k, C, st, dk, k0 + 16 * k.warp);
   grad_rows_out<FP16, D>(a, k, 2 * (size_t)C, st, dvv, k0 + 16 * k.warp);
 }
@@ -1031,7 +1049,7 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
           for (int e = 0; e < 2; e++) {
             int i = 4 * hh + 2 * r + e;
             float pf = exp2_fast(fmaf(sc[c].x[i], c2, -lr[r]));
-            ds[e] = pf * (dp[c].x[i] * keep[r][e] - dd[r]) * a.scale;
+            ds[e] = pf * (dp[c].x[i] * keep[r][e] - dd[r]) * ds_scale<FP16>(a.scale);
           }
           if (PR) {
             a_put(dsa, 4 * hh + 2 * r, ds[0]);
@@ -1054,6 +1072,7 @@ template <int FP16, int D, int W, int PR = 0> static __global__ void k_flash_bwd
   cp_async_wait<0>(); /* (only empty groups are left) */
   __syncthreads();    /* Qs and dOs become the staging */
   float *st = (float *)s.Qs + k.warp * 16 * LDO(D);
+  scale_rows<FP16, D>(dq, a.scale);
   grad_rows_out<FP16, D>(a, k, 0, st, dq, q0 + 16 * k.warp);
 }
 
