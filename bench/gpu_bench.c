@@ -627,6 +627,8 @@ static void bench_attention(int B) {
   printf("RESULT attention_flash_fwd_rows16_ms %.3f\n", rows[0]);
   printf("RESULT attention_flash_fwd_rows32_ms %.3f\n", rows[1]);
   printf("RESULT attention_flash_fwd_rows_chosen %d\n", (int)rows[2]);
+  printf("RESULT attention_flash_fwd_p_regs_chosen %d\n",
+         mt__cuda_flash_fwd_p_regs_of(&dev, C / NH, 0, B, T, NH, 0, 0));
   print_p_regs("attention", regs);
   /* the backward's kernels, in the FLOPs they run: over the causal half,
    * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
@@ -667,6 +669,8 @@ static void bench_flash_widths(void) {
   printf("RESULT flash_hs160_fwd_rows16_ms %.3f\n", rows[0]);
   printf("RESULT flash_hs160_fwd_rows32_ms %.3f\n", rows[1]);
   printf("RESULT flash_hs160_fwd_rows_chosen %d\n", (int)rows[2]);
+  printf("RESULT flash_hs160_fwd_p_regs_chosen %d\n",
+         mt__cuda_flash_fwd_p_regs_of(&dev, 160, 0, 1, T, NH, 0, 0));
   print_p_regs("hs160", regs);
   /* the blocks an SM holds: the backward at 160 is sized for two on an
    * H100/H200 (kernels/cuda/flash_cuda.cu, bwd_smem) */

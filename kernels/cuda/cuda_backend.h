@@ -70,6 +70,12 @@ int mt__cuda_flash_fwd_rows(mt_device *d, int rows);
  * those timed faster for it, 0 while it has not run */
 int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
                                int dropout, int docs);
+/* Whether d's flash forward of this shape passes P in registers: at 16
+ * rows a warp, bf16, where the device allows it, unless the shape's first
+ * call timed it faster through shared memory (MTNLG_FLASH_FWD_ROWS=16
+ * leaves registers, untimed); 0 at 32 rows or before the timing */
+int mt__cuda_flash_fwd_p_regs_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
+                                 int dropout, int docs);
 
 /* Loads a known 16 × 16 fp32 accumulator on d's GPU and counts into
  * *misplaced its elements that are not where the flash kernels' row work

@@ -74,8 +74,9 @@ typedef struct mt__cuda {
   cudaEvent_t flash_events[4]; /* mt__cuda_flash_bwd_timing's, or NULL */
   int flash_fwd_rows;          /* query rows a warp of the flash forward: 16 or 32, 0 timed per
                                   shape (MTNLG_FLASH_FWD_ROWS, mt__cuda_flash_fwd_rows) */
-  struct mt__flash_tuned {     /* the shapes timed, and the rows found faster */
-    int HS, fp16, B, T, NH, drop, docs, rows;
+  struct mt__flash_tuned {     /* the shapes timed, and the rows found faster; p_smem: the
+                                  16-row forward faster with P through shared memory */
+    int HS, fp16, B, T, NH, drop, docs, rows, p_smem;
   } flash_tuned[MT_CUDA_FLASH_TUNED];
   int flash_tuned_n; /* entries filled, round robin past MT_CUDA_FLASH_TUNED */
   int err;           /* first error an op met: MT_EIO, 0 when none */

@@ -1122,12 +1122,15 @@ template <int FP16, int D, int W> struct flash {
   /* whether P (the forward of MF row blocks a warp) or dS and P (MF 0: the
    * backward kernels) pass in registers on c: bf16, the forward at 16 rows */
   static int regs(const mt__cuda *c, int MF) { return !FP16 && MF <= 1 && c->flash_p_regs; }
-  /* the forward kernel of MF row blocks a warp that runs on c, and its
-   * shared memory */
-  template <int MF> static flash_fwd_kernel *fwd_kernel(const mt__cuda *c, size_t *smem) {
+  /* the forward kernel of MF row blocks a warp that runs on c (p_smem:
+   * with P through shared memory even where registers may take it), and
+   * its shared memory */
+  template <int MF>
+  static flash_fwd_kernel *fwd_kernel(const mt__cuda *c, int p_smem, size_t *smem) {
     const int PR = MF == 1 && !FP16; /* the variant with P in registers, if any */
-    *smem = fwd_smem(D, W, MF, regs(c, MF));
-    return regs(c, MF) ? k_flash_fwd<FP16, D, W, MF, PR> : k_flash_fwd<FP16, D, W, MF, 0>;
+    int pr = regs(c, MF) && !p_smem;
+    *smem = fwd_smem(D, W, MF, pr);
+    return pr ? k_flash_fwd<FP16, D, W, MF, PR> : k_flash_fwd<FP16, D, W, MF, 0>;
   }
   static void (*bwd_q_kernel(const mt__cuda *c))(bwd_args) {
     return regs(c, 0) ? k_flash_bwd_q<FP16, D, W, !FP16> : k_flash_bwd_q<FP16, D, W, 0>;
@@ -1136,12 +1139,13 @@ template <int FP16, int D, int W> struct flash {
     return regs(c, 0) ? k_flash_bwd_kv<FP16, D, W, !FP16> : k_flash_bwd_kv<FP16, D, W, 0>;
   }
   template <int MF>
-  static void fwd_as(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, int B, int T,
-                     int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
+  static void fwd_as(mt_device *d, int p_smem, uint16_t *out, float *lse, const uint16_t *qkv,
+                     int B, int T, int C, int NH, float scale, const mt_dropout *drop,
+                     const int32_t *docs) {
     mt__cuda *c = mt__cuda_enter(d);
     const int QR = 16 * W * MF;
     size_t smem;
-    flash_fwd_kernel *flash_fwd = fwd_kernel<MF>(c, &smem);
+    flash_fwd_kernel *flash_fwd = fwd_kernel<MF>(c, p_smem, &smem);
     if (!smem_ok(d, c, flash_fwd, smem, D, "attention_fwd (flash)")) return;
     MT_LAUNCH_SMEM(flash_fwd, dim3((unsigned)((T + QR - 1) / QR), (unsigned)NH, (unsigned)B),
                    32 * W, smem, c->stream)
@@ -1154,13 +1158,15 @@ template <int FP16, int D, int W> struct flash {
   static int has32(const mt__cuda *c) {
     return MF2 == 2 && fwd_smem(D, W, MF2) <= (size_t)c->smem_optin;
   }
-  /* rows: 16 or 32 a warp (32 only where has32) */
-  static void fwd(mt_device *d, int rows, uint16_t *out, float *lse, const uint16_t *qkv, int B,
-                  int T, int C, int NH, float scale, const mt_dropout *drop, const int32_t *docs) {
+  /* rows: 16 or 32 a warp (32 only where has32); p_smem: at 16 rows, P
+   * through shared memory even where registers may take it */
+  static void fwd(mt_device *d, int rows, int p_smem, uint16_t *out, float *lse,
+                  const uint16_t *qkv, int B, int T, int C, int NH, float scale,
+                  const mt_dropout *drop, const int32_t *docs) {
     if (rows == 32 && has32(mt__cuda_of(d)))
-      fwd_as<MF2>(d, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+      fwd_as<MF2>(d, 0, out, lse, qkv, B, T, C, NH, scale, drop, docs);
     else
-      fwd_as<1>(d, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+      fwd_as<1>(d, p_smem, out, lse, qkv, B, T, C, NH, scale, drop, docs);
   }
   static void bwd(mt_device *d, void *dqkv, int half_out, const float *dout, const uint16_t *dO16,
                   const uint16_t *qkv, const float *lse, const float *dv, int b0, int Bg, int T,
@@ -1207,7 +1213,7 @@ template <int FP16, int D, int W> struct flash {
 #else
     mt__cuda *c = mt__cuda_enter(d);
     size_t fsmem, fsmem2;
-    flash_fwd_kernel *f = fwd_kernel<1>(c, &fsmem);
+    flash_fwd_kernel *f = fwd_kernel<1>(c, 0, &fsmem);
     void (*kv)(bwd_args) = bwd_kv_kernel(c);
     void (*q)(bwd_args) = bwd_q_kernel(c);
     const char *what = "flash occupancy";
@@ -1221,7 +1227,7 @@ template <int FP16, int D, int W> struct flash {
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[2], q, 32 * W, bwd_smem(D, W));
     out[3] = 0;
     if (e == cudaSuccess && has32(c)) {
-      flash_fwd_kernel *f2 = fwd_kernel<MF2>(c, &fsmem2);
+      flash_fwd_kernel *f2 = fwd_kernel<MF2>(c, 0, &fsmem2);
       if (!smem_ok(d, c, f2, fsmem2, D, what)) return mt_seterr(MT_EIO, "%s", c->errmsg);
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&out[3], f2, 32 * W, fsmem2);
     }
@@ -1383,29 +1389,44 @@ int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int
   if (head_size < 1 || head_size > MT_FLASH_MAX_HS) return 0;
   if (!with_flash(head_size, fp16, [&](auto f) { return f.has32(c); })) return 16;
   if (c->flash_fwd_rows) return c->flash_fwd_rows;
-  mt__cuda::mt__flash_tuned k = {head_size, !!fp16, B, T, NH, !!dropout, !!docs, 0};
+  mt__cuda::mt__flash_tuned k = {head_size, !!fp16, B, T, NH, !!dropout, !!docs, 0, 0};
   mt__cuda::mt__flash_tuned *t = tuned_of(c, k);
   return t ? t->rows : 0;
 }
 
-/* Which of the forward's variants (16 or 32 query rows a warp) is faster
- * depends on the GPU and the shape: more warps an SM against fewer shared
- * memory loads a product. As cuDNN's benchmark mode does, the first call
- * of a shape times both, twice each, on the caller's own tensors (their
- * outputs are the same bits, so the last run leaves the right ones), and
- * keeps the faster. A timing that fails keeps 16 rows. */
+int mt__cuda_flash_fwd_p_regs_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
+                                 int dropout, int docs) {
+  mt__cuda *c = mt__cuda_of(d);
+  if (head_size < 1 || head_size > MT_FLASH_MAX_HS || fp16 || !c->flash_p_regs) return 0;
+  int rows = mt__cuda_flash_fwd_rows_of(d, head_size, fp16, B, T, NH, dropout, docs);
+  if (rows != 16) return 0; /* 32, or not yet timed */
+  mt__cuda::mt__flash_tuned k = {head_size, 0, B, T, NH, !!dropout, !!docs, 0, 0};
+  mt__cuda::mt__flash_tuned *t = c->flash_fwd_rows ? NULL : tuned_of(c, k);
+  return !(t && t->p_smem);
+}
+
+/* Which of the forward's variants (16 or 32 query rows a warp; at 16, P
+ * in registers where the device allows it, or through shared memory) is
+ * faster depends on the GPU and the shape: more warps an SM against fewer
+ * shared memory loads a product, and the registers each variant spills
+ * under its bound. As cuDNN's benchmark mode does, the first call of a
+ * shape times each, twice, on the caller's own tensors (their outputs are
+ * the same bits, so the last run leaves the right ones), and keeps the
+ * fastest. A timing that fails keeps 16 rows, P as the device allows. */
 template <class F>
 static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_tuned &k,
                       uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C, int NH,
                       float scale, const mt_dropout *drop, const int32_t *docs) {
+  static const int rows[3] = {16, 32, 16}, p_smem[3] = {0, 0, 1};
+  int n = f.regs(c, 1) ? 3 : 2; /* the third: 16 rows, P through shared memory */
   cudaEvent_t ev[2] = {NULL, NULL};
-  float best[2] = {FLT_MAX, FLT_MAX};
+  float best[3] = {FLT_MAX, FLT_MAX, FLT_MAX};
   int ok = cudaEventCreate(&ev[0]) == cudaSuccess && cudaEventCreate(&ev[1]) == cudaSuccess;
   for (int round = 0; ok && round < 2; round++)
-    for (int v = 0; ok && v < 2; v++) {
+    for (int v = 0; ok && v < n; v++) {
       float ms = 0.0f;
       ok = cudaEventRecord(ev[0], c->stream) == cudaSuccess;
-      f.fwd(d, v ? 32 : 16, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+      f.fwd(d, rows[v], p_smem[v], out, lse, qkv, B, T, C, NH, scale, drop, docs);
       ok = ok && cudaEventRecord(ev[1], c->stream) == cudaSuccess &&
            cudaEventSynchronize(ev[1]) == cudaSuccess &&
            cudaEventElapsedTime(&ms, ev[0], ev[1]) == cudaSuccess;
@@ -1417,16 +1438,21 @@ static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_
    * launch check to report; a timing that fails (an event) keeps 16 rows,
    * clears its error and runs them once more, so the outputs are written
    * and a launch that fails again is still reported */
+  int v = 0;
+  for (int i = 1; ok && i < n; i++)
+    if (best[i] < best[v]) v = i;
   mt__cuda::mt__flash_tuned t = k;
-  t.rows = ok && best[1] < best[0] ? 32 : 16;
+  t.rows = rows[v], t.p_smem = p_smem[v];
   if (!ok) {
     cudaGetLastError();
-    f.fwd(d, 16, out, lse, qkv, B, T, C, NH, scale, drop, docs);
+    f.fwd(d, 16, 0, out, lse, qkv, B, T, C, NH, scale, drop, docs);
   }
   c->flash_tuned[c->flash_tuned_n++ % MT_CUDA_FLASH_TUNED] = t;
   mt_log_debug("device %s: flash forward, head size %d, B %d, T %d, %d heads: 16 rows a warp "
-               "%.3f ms, 32 rows %.3f ms: %d kept",
-               d->name, k.HS, B, T, NH, best[0], best[1], t.rows);
+               "%.3f ms%s, 32 rows %.3f ms, 16 rows with P through shared memory %.3f ms: "
+               "%d rows%s kept",
+               d->name, k.HS, B, T, NH, best[0], n == 3 ? " (P in registers)" : "", best[1],
+               n == 3 ? best[2] : 0.0, t.rows, t.p_smem ? ", P through shared memory," : "");
 }
 
 void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
@@ -1438,12 +1464,13 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
   float scale = 1.0f / sqrtf((float)HS);
   mt__cuda *c = mt__cuda_enter(d);
   int rows = mt__cuda_flash_fwd_rows_of(d, HS, fp16, B, T, NH, drop != NULL, doc_start != NULL);
+  int p_regs = mt__cuda_flash_fwd_p_regs_of(d, HS, fp16, B, T, NH, drop != NULL, doc_start != NULL);
   with_flash(HS, fp16, [&](auto f) {
     if (rows) {
-      f.fwd(d, rows, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
+      f.fwd(d, rows, rows == 16 && !p_regs, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
       return;
     }
-    mt__cuda::mt__flash_tuned k = {HS, fp16, B, T, NH, drop != NULL, doc_start != NULL, 0};
+    mt__cuda::mt__flash_tuned k = {HS, fp16, B, T, NH, drop != NULL, doc_start != NULL, 0, 0};
     fwd_timed(d, c, f, k, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
   });
   mt__cuda_check(d, "attention_fwd (flash)");

@@ -1193,8 +1193,9 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
              mt_emu_launch_count("flash_fwd") == flash0 + 1, "one launch");
 #endif
   /* 32 query rows a warp (where built: head sizes to 160) and the choice
-   * timed on the shape's first call (4 launches then, 1 after): the same
-   * bits as 16, each into poisoned outputs */
+   * timed on the shape's first call (4 launches then, 6 where P may also
+   * pass in registers at 16 rows; 1 after): the same bits as 16, each into
+   * poisoned outputs */
   int fwd_rows[2] = {32, 0};
   for (int i = 0; i < 2; i++) {
     mt__cuda_flash_fwd_rows(&gpu, fwd_rows[i]);
@@ -1212,8 +1213,16 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
     int set = C / NH > 160 ? 16 : fwd_rows[i]; /* 0: either, as timed */
     check_that("attention_fwd", label("%s rows a warp, %s", tag, how),
                set ? rows == set : rows == 16 || rows == 32, label("%d", rows));
+    /* P in registers: bf16 at 16 rows where the device allows it, unless
+     * timed slower (either then); at 32 rows or in fp16 not */
+    int pr = mt__cuda_flash_fwd_p_regs_of(&gpu, C / NH, fp16, B, T, NH, with_dropout, !!gds);
+    int regs_here = rows == 16 && !fp16 && mt__cuda_flash_p_regs_of(&gpu);
+    int timed = !set && C / NH <= 160; /* (head size 256: 16 rows, not timed) */
+    if (!(regs_here && timed))
+      check_that("attention_fwd", label("%s P in registers, %s", tag, how), pr == regs_here,
+                 label("%d at %d rows", pr, rows));
 #ifdef MT_CUDA_EMU
-    long want = known ? 1 : 4;
+    long want = known ? 1 : !fp16 && mt__cuda_flash_p_regs_of(&gpu) ? 6 : 4;
     check_that("attention_fwd", label("%s launches, %s", tag, how),
                mt_emu_launch_count("flash_fwd") == launches + want,
                label("%ld of %ld", mt_emu_launch_count("flash_fwd") - launches, want));
