@@ -823,11 +823,11 @@ template <int FP16> static __device__ __forceinline__ float ds_scale(float scale
   return FP16 ? scale : 1.0f;
 }
 template <int FP16, int D> static __device__ void scale_rows(acc_frag *acc, float scale) {
-  if (FP16) return;
+  const float m = FP16 ? 1.0f : scale; /* (binary16: already in dS) */
 #pragma unroll
   for (int n = 0; n < D / 16; n++)
 #pragma unroll
-    for (int i = 0; i < 8; i++) acc[n].x[i] *= scale;
+    for (int i = 0; i < 8; i++) acc[n].x[i] *= m;
 }
 
 /* Query blocks of 16 whose scores a dK/dV warp holds at once: its dK and
