@@ -545,12 +545,13 @@ static void flash_p_regs_ms(attn_run *a, double ms[4]) {
 
 /* fwd_ms: the forward alone, timed apart (NULL: not timed); parts: the
  * flash backward's kernels (a 16-bit qkv; NULL: not timed); rows_ms: the
- * flash forward at 16 and 32 rows a warp, and rows_ms[2] the rows its
- * first call timed faster (NULL: not timed); regs_ms: flash_p_regs_ms's
+ * flash forward at 16 and 32 rows a warp, rows_ms[2] the rows its first
+ * call timed faster and rows_ms[3] 1 where that kept P in registers (NULL:
+ * not timed); regs_ms: flash_p_regs_ms's
  * (NULL: not timed); p_drop: the attention dropout's probability (0:
  * none) */
 static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd_ms,
-                           double parts[3], double rows_ms[3], double regs_ms[4], float p_drop) {
+                           double parts[3], double rows_ms[4], double regs_ms[4], float p_drop) {
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
   uint64_t st = 7;
   float *qkv = rnd(nq, 2.0f, &st), *dout = rnd(no, 0.02f, &st);
@@ -571,6 +572,9 @@ static double attention_ms(int B, int T, int C, int NH, mt_dtype qt, double *fwd
     int chosen = 0;
     flash_fwd_rows_ms(&a, rows_ms, &chosen);
     rows_ms[2] = chosen;
+    /* (read before flash_p_regs_ms, whose switching times the shape anew) */
+    rows_ms[3] =
+        mt__cuda_flash_fwd_p_regs_of(&dev, C / NH, qt == MT_F16, B, T, NH, p_drop > 0.0f, 0);
   }
   if (regs_ms && qt != MT_F32) flash_p_regs_ms(&a, regs_ms);
   void *bufs[] = {qkv, dout, lse, dqkv, out, scratch, qkv_h};
@@ -603,7 +607,7 @@ static void print_p_regs(const char *key, const double ms[4]) {
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
   int T = 2048, C = 2048, NH = 16;
-  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0}, rows[3] = {0.0, 0.0, 0.0}, regs[4],
+  double fwd = 0.0, parts[3] = {0.0, 0.0, 0.0}, rows[4] = {0.0, 0.0, 0.0, 0.0}, regs[4],
          chunked = attention_ms(B, T, C, NH, MT_F32, NULL, NULL, NULL, NULL, 0.0f);
   double flash = attention_ms(B, T, C, NH, MT_BF16, &fwd, parts, rows, regs, 0.0f);
   /* with attention dropout 0.1 (GPT-3's and Megatron's default): the
@@ -627,8 +631,7 @@ static void bench_attention(int B) {
   printf("RESULT attention_flash_fwd_rows16_ms %.3f\n", rows[0]);
   printf("RESULT attention_flash_fwd_rows32_ms %.3f\n", rows[1]);
   printf("RESULT attention_flash_fwd_rows_chosen %d\n", (int)rows[2]);
-  printf("RESULT attention_flash_fwd_p_regs_chosen %d\n",
-         mt__cuda_flash_fwd_p_regs_of(&dev, C / NH, 0, B, T, NH, 0, 0));
+  printf("RESULT attention_flash_fwd_p_regs_chosen %d\n", (int)rows[3]);
   print_p_regs("attention", regs);
   /* the backward's kernels, in the FLOPs they run: over the causal half,
    * dK/dV four products (S, dP, dV, dK), dQ three (S, dP, dQ), each B·T²·C */
@@ -651,7 +654,7 @@ static void bench_attention(int B) {
  * in the same run: the head width's cost per FLOP. */
 static void bench_flash_widths(void) {
   int T = 2048, NH = 16;
-  double rows[3] = {0.0, 0.0, 0.0}, regs[4];
+  double rows[4] = {0.0, 0.0, 0.0, 0.0}, regs[4];
   double w160 = attention_flops(1, T, NH * 160) /
                 (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, rows, regs, 0.0f) * 1e-3) /
                 1e12;
@@ -669,8 +672,7 @@ static void bench_flash_widths(void) {
   printf("RESULT flash_hs160_fwd_rows16_ms %.3f\n", rows[0]);
   printf("RESULT flash_hs160_fwd_rows32_ms %.3f\n", rows[1]);
   printf("RESULT flash_hs160_fwd_rows_chosen %d\n", (int)rows[2]);
-  printf("RESULT flash_hs160_fwd_p_regs_chosen %d\n",
-         mt__cuda_flash_fwd_p_regs_of(&dev, 160, 0, 1, T, NH, 0, 0));
+  printf("RESULT flash_hs160_fwd_p_regs_chosen %d\n", (int)rows[3]);
   print_p_regs("hs160", regs);
   /* the blocks an SM holds: the backward at 160 is sized for two on an
    * H100/H200 (kernels/cuda/flash_cuda.cu, bwd_smem) */
