@@ -99,6 +99,21 @@ void mt__cuda_close(mt_device *d) {
 /* Blocking streams (not cudaStreamNonBlocking): work that other code queues
  * on the legacy default stream (cudaMemcpy, a library's memset) stays
  * ordered with ours. */
+
+/* One of flash_cuda.cu's layout probes on d, when it opens: *layout 1
+ * where no element is misplaced, -1 where some are. A probe that cannot
+ * run closes d and returns MT_EIO, the reason set. */
+static int layout_at_open(mt_device *d, int (*check)(mt_device *, int *), int *layout) {
+  int misplaced = 0;
+  if (check(d, &misplaced)) {
+    char why[256];
+    snprintf(why, sizeof why, "%s", mt_errmsg());
+    mt__cuda_close(d);
+    return mt_seterr(MT_EIO, "%s (the first kernels a GPU runs when it opens)", why);
+  }
+  *layout = misplaced ? -1 : 1;
+  return 0;
+}
 int mt__cuda_open(mt_device *d, int index) {
   const char *ge = getenv("MTNLG_GELU_EPILOGUE");
   if (ge && strcmp(ge, "0") && strcmp(ge, "1"))
@@ -161,33 +176,19 @@ int mt__cuda_open(mt_device *d, int index) {
           cudaSuccess ||
       c->smem_optin < 48 * 1024)
     c->smem_optin = 48 * 1024;
-  /* the flash kernels' fragment layout (flash_cuda.cu), read now rather
-   * than at the first attention, mid-step; a GPU that cannot run this
-   * kernel runs none of them */
-  {
-    int misplaced = 0;
-    if (mt__cuda_acc_layout_check(d, &misplaced)) {
-      char why[256];
-      snprintf(why, sizeof why, "%s", mt_errmsg());
-      mt__cuda_close(d);
-      return mt_seterr(MT_EIO, "%s (the first kernel a GPU runs when it opens)", why);
-    }
-    c->acc_layout = misplaced ? -1 : 1;
-    /* and whether P and dS may pass to their products in registers */
-    int a_misplaced = 0;
-    if (mt__cuda_a_layout_check(d, &a_misplaced)) {
-      char why[256];
-      snprintf(why, sizeof why, "%s", mt_errmsg());
-      mt__cuda_close(d);
-      return mt_seterr(MT_EIO, "%s (when the device opens)", why);
-    }
-    c->a_layout = a_misplaced ? -1 : 1;
-    c->flash_p_regs = c->a_layout > 0;
-    mt_log_debug("device %s: bf16 matrix_a fragment %s the accumulator: the flash kernels' P and "
-                 "dS through %s",
-                 d->name, a_misplaced ? "not laid out as" : "laid out as",
-                 a_misplaced ? "shared memory" : "registers");
-  }
+  /* the flash kernels' fragment layouts (flash_cuda.cu), read now rather
+   * than at the first attention, mid-step: the accumulator's, which they
+   * assume, and a bf16 A fragment's, which decides whether P and dS pass
+   * to their products in registers; a GPU that cannot run these kernels
+   * runs none of them */
+  if (layout_at_open(d, mt__cuda_acc_layout_check, &c->acc_layout) ||
+      layout_at_open(d, mt__cuda_a_layout_check, &c->a_layout))
+    return MT_EIO;
+  c->flash_p_regs = c->a_layout > 0;
+  mt_log_debug("device %s: bf16 matrix_a fragment %s the accumulator: the flash kernels' P and "
+               "dS through %s",
+               d->name, c->a_layout > 0 ? "laid out as" : "not laid out as",
+               c->a_layout > 0 ? "registers" : "shared memory");
   mt_log_debug("device %s: %d SMs, compute stream %p", d->name, c->sms, (void *)c->stream);
   return 0;
 fail:

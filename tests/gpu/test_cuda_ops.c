@@ -1903,6 +1903,24 @@ static attn_bits attention_on(mt_device *d, const void *qh, const float *dout) {
   return r;
 }
 
+/* A GPU that cannot run the layout probes when it opens (emulated: the
+ * accumulator's probe faulting, then the A fragment's; both launch as
+ * "k", layout_probe's parameter): the device does not open, and says
+ * why. */
+static void test_probe_fault_at_open(void) {
+  for (long n = 1; n <= 2; n++) {
+    mt_emu_fail_launch("k", n);
+    mt_device d;
+    int rc = mt_device_open(&d, "cuda:0");
+    mt_emu_fail_launch("k", 0);
+    check_that("device_open",
+               label("the %s probe faulting: not opened", n == 1 ? "accumulator" : "matrix_a"),
+               rc && strstr(mt_errmsg(), "layout") && strstr(mt_errmsg(), "when it opens"),
+               rc ? mt_errmsg() : "opened");
+    if (!rc) mt_device_close(&d);
+  }
+}
+
 static void test_flash_other_a_layout(void) {
   int B = 2, T = 70, C = 64, NH = 2;
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
@@ -2163,6 +2181,7 @@ int main(int argc, char **argv) {
     test_flash_shared_memory_limit();
     test_flash_other_layout();
     test_flash_other_a_layout();
+    test_probe_fault_at_open();
 #endif
     test_upload_queued();
     test_elementwise(1000);
