@@ -1867,11 +1867,26 @@ static void test_flash_other_layout(void) {
   mt_emu_set_acc_layout(1);
 }
 
-/* A GPU whose bf16 matrix_a fragment is not laid out as the accumulator
- * (emulated: mt_emu_set_a_layout(0)): the probe tells it when the device
- * opens, P and dS go through shared memory there (asking for registers is
- * refused), and the attention is the same bits as the main device's, where
- * they pass in registers. */
+/* A GPU that cannot run the layout probes when it opens (emulated: the
+ * accumulator's probe faulting, then the A fragment's; both launch as
+ * "k", layout_probe's parameter): the device does not open, and says
+ * why. */
+static void test_probe_fault_at_open(void) {
+  for (long n = 1; n <= 2; n++) {
+    mt_emu_fail_launch("k", n);
+    mt_device d;
+    int rc = mt_device_open(&d, "cuda:0");
+    mt_emu_fail_launch("k", 0);
+    check_that("device_open",
+               label("the %s probe faulting: not opened", n == 1 ? "accumulator" : "matrix_a"),
+               rc && strstr(mt_errmsg(), n == 1 ? "accumulator layout" : "matrix_a layout") &&
+                   strstr(mt_errmsg(), "when it opens"),
+               rc ? mt_errmsg() : "opened");
+    if (!rc) mt_device_close(&d);
+  }
+}
+
+/* an attention's outputs, their bits on the host */
 typedef struct {
   uint16_t *out, *dqkv;
   float *lse;
@@ -1903,24 +1918,11 @@ static attn_bits attention_on(mt_device *d, const void *qh, const float *dout) {
   return r;
 }
 
-/* A GPU that cannot run the layout probes when it opens (emulated: the
- * accumulator's probe faulting, then the A fragment's; both launch as
- * "k", layout_probe's parameter): the device does not open, and says
- * why. */
-static void test_probe_fault_at_open(void) {
-  for (long n = 1; n <= 2; n++) {
-    mt_emu_fail_launch("k", n);
-    mt_device d;
-    int rc = mt_device_open(&d, "cuda:0");
-    mt_emu_fail_launch("k", 0);
-    check_that("device_open",
-               label("the %s probe faulting: not opened", n == 1 ? "accumulator" : "matrix_a"),
-               rc && strstr(mt_errmsg(), "layout") && strstr(mt_errmsg(), "when it opens"),
-               rc ? mt_errmsg() : "opened");
-    if (!rc) mt_device_close(&d);
-  }
-}
-
+/* A GPU whose bf16 matrix_a fragment is not laid out as the accumulator
+ * (emulated: mt_emu_set_a_layout(0)): the probe tells it when the device
+ * opens, P and dS go through shared memory there (asking for registers is
+ * refused), and the attention is the same bits as the main device's, where
+ * they pass in registers. */
 static void test_flash_other_a_layout(void) {
   int B = 2, T = 70, C = 64, NH = 2;
   size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
