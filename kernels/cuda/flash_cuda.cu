@@ -1383,26 +1383,41 @@ static mt__cuda::mt__flash_tuned *tuned_of(mt__cuda *c, const mt__cuda::mt__flas
   return NULL;
 }
 
+/* The forward d runs for this shape: its rows a warp (0 while the shape
+ * has not been timed) and, in *p_regs, 1 where it passes P in registers
+ * (bf16 at 16 rows where the device allows it, unless the shape's timing
+ * found shared memory faster); one look at the timed shapes */
+static int fwd_choice(mt_device *d, int HS, int fp16, int B, int T, int NH, int dropout, int docs,
+                      int *p_regs) {
+  mt__cuda *c = mt__cuda_of(d);
+  int regs = !fp16 && c->flash_p_regs, rows;
+  *p_regs = 0;
+  if (HS < 1 || HS > MT_FLASH_MAX_HS) return 0;
+  if (!with_flash(HS, fp16, [&](auto f) { return f.has32(c); }))
+    rows = 16;
+  else if (c->flash_fwd_rows)
+    rows = c->flash_fwd_rows;
+  else {
+    mt__cuda::mt__flash_tuned k = {HS, !!fp16, B, T, NH, !!dropout, !!docs, 0, 0};
+    mt__cuda::mt__flash_tuned *t = tuned_of(c, k);
+    if (!t) return 0;
+    rows = t->rows, regs = regs && !t->p_smem;
+  }
+  *p_regs = rows == 16 && regs;
+  return rows;
+}
+
 int mt__cuda_flash_fwd_rows_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
                                int dropout, int docs) {
-  mt__cuda *c = mt__cuda_of(d);
-  if (head_size < 1 || head_size > MT_FLASH_MAX_HS) return 0;
-  if (!with_flash(head_size, fp16, [&](auto f) { return f.has32(c); })) return 16;
-  if (c->flash_fwd_rows) return c->flash_fwd_rows;
-  mt__cuda::mt__flash_tuned k = {head_size, !!fp16, B, T, NH, !!dropout, !!docs, 0, 0};
-  mt__cuda::mt__flash_tuned *t = tuned_of(c, k);
-  return t ? t->rows : 0;
+  int p_regs;
+  return fwd_choice(d, head_size, fp16, B, T, NH, dropout, docs, &p_regs);
 }
 
 int mt__cuda_flash_fwd_p_regs_of(mt_device *d, int head_size, int fp16, int B, int T, int NH,
                                  int dropout, int docs) {
-  mt__cuda *c = mt__cuda_of(d);
-  if (head_size < 1 || head_size > MT_FLASH_MAX_HS || fp16 || !c->flash_p_regs) return 0;
-  int rows = mt__cuda_flash_fwd_rows_of(d, head_size, fp16, B, T, NH, dropout, docs);
-  if (rows != 16) return 0; /* 32, or not yet timed */
-  mt__cuda::mt__flash_tuned k = {head_size, 0, B, T, NH, !!dropout, !!docs, 0, 0};
-  mt__cuda::mt__flash_tuned *t = c->flash_fwd_rows ? NULL : tuned_of(c, k);
-  return !(t && t->p_smem);
+  int p_regs;
+  fwd_choice(d, head_size, fp16, B, T, NH, dropout, docs, &p_regs);
+  return p_regs;
 }
 
 /* Which of the forward's variants (16 or 32 query rows a warp; at 16, P
@@ -1463,8 +1478,7 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
   if (B < 1 || T < 1 || !flash_fits(d, "attention_fwd", HS)) return;
   float scale = 1.0f / sqrtf((float)HS);
   mt__cuda *c = mt__cuda_enter(d);
-  int rows = mt__cuda_flash_fwd_rows_of(d, HS, fp16, B, T, NH, drop != NULL, doc_start != NULL);
-  int p_regs = mt__cuda_flash_fwd_p_regs_of(d, HS, fp16, B, T, NH, drop != NULL, doc_start != NULL);
+  int p_regs, rows = fwd_choice(d, HS, fp16, B, T, NH, drop != NULL, doc_start != NULL, &p_regs);
   with_flash(HS, fp16, [&](auto f) {
     if (rows) {
       f.fwd(d, rows, rows == 16 && !p_regs, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
