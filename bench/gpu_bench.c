@@ -613,6 +613,32 @@ static void bench_attention(int B) {
   /* with attention dropout 0.1 (GPT-3's and Megatron's default): the
    * Philox draws and the kept-or-dropped products */
   double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.1f);
+  /* the other path of a 16-bit qkv: the same chunks as fp32's with bf16
+   * GEMMs (Megatron's unfused attention); then auto, as mtnlgd runs by
+   * default: each pass's first call times both and keeps the faster */
+  double g16_fwd = 0.0, auto_fwd = 0.0;
+  mt__cuda_attention_path(&dev, MT__CUDA_ATT_CHUNKED);
+  double g16 = attention_ms(B, T, C, NH, MT_BF16, &g16_fwd, NULL, NULL, NULL, 0.0f);
+  mt__cuda_attention_path(&dev, MT__CUDA_ATT_AUTO);
+  double autom = attention_ms(B, T, C, NH, MT_BF16, &auto_fwd, NULL, NULL, NULL, 0.0f);
+  int fwd_path = mt__cuda_attention_path_of(&dev, 0, C / NH, 0, B, T, NH, 0, 0);
+  int bwd_path = mt__cuda_attention_path_of(&dev, 1, C / NH, 0, B, T, NH, 0, 0);
+  mt__cuda_attention_path(&dev, MT__CUDA_ATT_FLASH);
+  printf("attention B=%d, bf16 qkv by chunked bf16 GEMMs: %.2f ms (%.1f TFLOP/s; forward %.2f "
+         "ms), %.2fx flash's time; auto %.2f ms (forward %.2f ms), keeping %s forward, %s "
+         "backward\n",
+         B, g16, attention_flops(B, T, C) / (g16 * 1e-3) / 1e12, g16_fwd, g16 / flash, autom,
+         auto_fwd, fwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash",
+         bwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash");
+  printf("RESULT attention_chunked16_ms %.3f\n", g16);
+  printf("RESULT attention_chunked16_tflops %.2f\n",
+         attention_flops(B, T, C) / (g16 * 1e-3) / 1e12);
+  printf("RESULT attention_chunked16_fwd_ms %.3f\n", g16_fwd);
+  printf("RESULT attention_auto_ms %.3f\n", autom);
+  printf("RESULT attention_auto_fwd_path %s\n",
+         fwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash");
+  printf("RESULT attention_auto_bwd_path %s\n",
+         bwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash");
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
          "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
@@ -661,6 +687,14 @@ static void bench_flash_widths(void) {
   double w128 = attention_flops(1, T, NH * 128) /
                 (attention_ms(1, T, NH * 128, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.0f) * 1e-3) /
                 1e12;
+  mt__cuda_attention_path(&dev, MT__CUDA_ATT_CHUNKED);
+  double g160 = attention_flops(1, T, NH * 160) /
+                (attention_ms(1, T, NH * 160, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.0f) * 1e-3) /
+                1e12;
+  mt__cuda_attention_path(&dev, MT__CUDA_ATT_FLASH);
+  printf("chunked bf16 GEMMs at head 160, B=1: %.1f TFLOP/s (%.2fx flash's rate)\n", g160,
+         g160 / w160);
+  printf("RESULT chunked16_hs160_tflops %.2f\n", g160);
   printf("flash attention, 16 heads, T=2048, B=1, fwd+bwd: head 160 (MT-NLG) %.1f TFLOP/s, head "
          "128 %.1f TFLOP/s, %.2fx\n",
          w160, w128, w160 / w128);
@@ -833,8 +867,13 @@ int main(int argc, char **argv) {
   printf("RESULT wmma_a_bf16_misplaced %d\n", a_misplaced);
   fflush(stdout);
 
+  /* the flash kernels' figures with the flash path set; the layers as
+   * mtnlgd runs them (MTNLG_ATTENTION, by default auto) */
+  int att_path = mt__cuda_attention_path_mode(&dev);
+  mt__cuda_attention_path(&dev, MT__CUDA_ATT_FLASH);
   bench_attention(4);
   bench_flash_widths();
+  mt__cuda_attention_path(&dev, att_path);
   bench_layer(4, MT_MATMUL_BF16, MT_BF16, "bf16", bf16, 1);
   bench_layer(8, MT_MATMUL_BF16, MT_BF16, "bf16", bf16, 0);
   bench_layer(4, MT_MATMUL_TF32, MT_F32, "tf32", bf16, 0);

@@ -104,10 +104,7 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
-/* Before the memory: a 16-bit job on GPUs needs a head size their flash
- * attention takes (ops.h).
- *
- * The plan counts Megatron's storage of the weights (a 16-bit copy, the
+/* The plan counts Megatron's storage of the weights (a 16-bit copy, the
  * fp32 master in the ZeRO slice); this engine keeps weights, gradients and
  * Adam in fp32 and, in a bf16 or fp16 job, a 16-bit working copy of the
  * weights beside the master (2 bytes per parameter: the matrices are nearly
@@ -122,11 +119,9 @@ int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device) 
   int gpu = device && !strncmp(device, "cuda", 4);
   int hs = job->model.n_head > 0 ? job->model.n_embd / job->model.n_head : 0;
   if (gpu && strcmp(job->train.precision, "fp32") && hs > MT_FLASH_MAX_HS)
-    return mt_seterr(MT_EINVAL,
-                     "model: head size %d (n_embd %d / n_head %d) is over %d, the most the "
-                     "GPUs' flash attention takes in a %s job; use more heads or fp32",
-                     hs, job->model.n_embd, job->model.n_head, MT_FLASH_MAX_HS,
-                     job->train.precision);
+    mt_log_info("model: head size %d (n_embd %d / n_head %d) is over %d, the most the GPUs' "
+                "flash attention takes: this %s job's attention runs as chunked 16-bit GEMMs",
+                hs, job->model.n_embd, job->model.n_head, MT_FLASH_MAX_HS, job->train.precision);
   int rc = mt_device_memory(gpu ? device : "cpu:0", &total, &avail);
   if (rc) return rc;
   /* CPU devices of this process share its RAM; a GPU has its own */

@@ -33,9 +33,9 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
  * keep their blocks' activations in 16 bits), against the
  * devices of this process: a GPU's own memory when device is "cuda:N" (the
  * first of them), else this machine's RAM shared by ranks_here CPU devices.
- * MT_EINVAL with the numbers when it cannot fit; logs the plan otherwise.
- * Before that, MT_EINVAL for a 16-bit job on GPUs whose head size is over
- * MT_FLASH_MAX_HS (ops.h). */
+ * MT_EINVAL with the numbers when it cannot fit; logs the plan otherwise
+ * (and, for a 16-bit job on GPUs whose head size is over MT_FLASH_MAX_HS,
+ * ops.h, that its attention takes the chunked GEMMs). */
 int mt_check_memory_plan(const mt_job *job, int ranks_here, const char *device);
 
 #endif

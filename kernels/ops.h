@@ -64,8 +64,9 @@ typedef struct mt_dropout {
 /* How a weight tensor is stored. */
 typedef enum mt_dtype { MT_F32 = 0, MT_BF16 = 1, MT_F16 = 2 } mt_dtype;
 
-/* The largest head size GPUs take a 16-bit qkv's attention at (their flash
- * kernels pad it to 64, 128 or 256 columns); jobs check it before they start. */
+/* The largest head size GPUs' flash kernels take a 16-bit qkv's attention
+ * at (they pad it to 64, 128, 160 or 256 columns); wider heads take the
+ * chunked 16-bit GEMMs (mt_att16_chunk). */
 #define MT_FLASH_MAX_HS 256
 
 /* Samples a GPU's flash backward takes in one launch: their row sums (NH·T
@@ -76,6 +77,30 @@ typedef enum mt_dtype { MT_F32 = 0, MT_BF16 = 1, MT_F16 = 2 } mt_dtype;
 static inline int mt_flash_bwd_samples(int T, int NH) {
   long long per = (long long)T * NH, n = per > 0 ? (16LL << 20) / per : 1;
   return n < 1 ? 1 : n > 8 ? 8 : (int)n;
+}
+
+/* A GPU's other way with a 16-bit qkv: chunked GEMMs, as the fp32 one
+ * (kernels/cuda/attention_cuda.cu), over chunks of `*heads` heads and
+ * `*rows` query rows of one sample. Rows up to max_rows, heads as many as
+ * fit `budget` floats of the chunk's three score-sized tensors (fp32
+ * scores, fp32 gradient of the probabilities, and the 16-bit probabilities
+ * and scores' gradient), at least one; returns the floats of scratch the
+ * chunks take: those tensors, dout rounded to 16 bits, and fp32 sums of dK
+ * and dV for the chunk's heads, each region rounded up to 64 floats. GPUs
+ * ask max_rows 512, budget 64M floats (256 MiB); mtnlgctl plan counts
+ * the same. */
+static inline long long mt_att16_chunk(int T, int NH, int HS, int max_rows, long long budget,
+                                       int *rows, int *heads) {
+  long long r = T < max_rows ? T : max_rows, h;
+  if (r > 0 && 3 * r * T > budget) r = budget / (3LL * T);
+  if (r < 1) r = 1;
+  h = budget / (3 * r * (T > 0 ? T : 1));
+  h = h < 1 ? 1 : h > NH ? NH : h;
+  *rows = (int)r, *heads = (int)h;
+#define MT_ATT16_UP(n) (((n) + 63) / 64 * 64)
+  return 2 * MT_ATT16_UP(h * r * T) + 2 * MT_ATT16_UP((h * r * T + 1) / 2) +
+         MT_ATT16_UP((h * r * HS + 1) / 2) + 2 * MT_ATT16_UP(h * T * HS);
+#undef MT_ATT16_UP
 }
 
 /* One tensor, or slice of one, for a multi-tensor AdamW step. */
@@ -185,9 +210,10 @@ struct mt_ops {
    * C, NH) floats, contents undefined; one scratch serves every layer.
    * The CPU computes in fp32 whatever qt is. GPUs compute an fp32 qkv in
    * their fp32 matmul mode; a 16-bit qkv (HS <= MT_FLASH_MAX_HS) by a fused flash
-   * kernel on the tensor cores in qt's type, which rounds the (dropped)
-   * probabilities, dout and the scores' gradient to it as well, as
-   * FlashAttention does, accumulating in fp32.
+   * kernel on the tensor cores in qt's type, or by chunked GEMMs in qt's
+   * type (mt_att16_chunk), whichever each shape's first call timed faster,
+   * both of which round the (dropped) probabilities, dout and the scores'
+   * gradient to it as well, as FlashAttention does, accumulating in fp32.
    * doc_start (B,T) int32 (may be NULL: plain causal) masks attention
    * across documents (Megatron's --reset-attention-mask): row t of sample
    * b sees columns doc_start[b,t]..t only, doc_start[b,t] in [0, t] and
@@ -213,8 +239,9 @@ struct mt_ops {
    * their scores and probabilities, far below one sample's NH·T² when T is
    * large; on the CPU, per thread, and for a 16-bit qkv with its head
    * unpacked, its output before rounding and its gradient before rounding
-   * (for a 16-bit dqkv); on GPUs, for a 16-bit qkv,
-   * the flash backward's D (NH·T a sample) of mt_flash_bwd_samples samples. */
+   * (for a 16-bit dqkv); on GPUs, for a 16-bit qkv, the larger of the
+   * flash backward's D (NH·T a sample) of mt_flash_bwd_samples samples and
+   * the chunked GEMMs' tensors (mt_att16_chunk). */
   size_t (*attention_scratch)(mt_device *d, int T, int C, int NH, mt_dtype qt);
   /* Attention for one new position (inference with a key-value cache):
    * out(C) = attention_fwd's output row n - 1 of an fp32 qkv(n,3C) (laid

@@ -12,17 +12,28 @@
  * stride 3C — a column-major (HS, T) matrix with ld 3C, which is how the
  * GEMMs below take it (shapes in comments are row-major).
  *
- * This is the attention of an fp32 qkv; a 16-bit one (a bf16 or fp16 job's)
- * goes to the fused kernels of flash_cuda.cu.
+ * An fp32 qkv's GEMMs run in the device's fp32 matmul mode. A 16-bit one
+ * (a bf16 or fp16 job's) goes either to the fused kernels of flash_cuda.cu
+ * or to the same chunks with 16-bit GEMMs (fp32 scores and products of
+ * dout, 16-bit probabilities and scores' gradient, as Megatron's unfused
+ * attention with its fused softmax), whichever each shape's first call
+ * timed faster (mt__cuda_attention_path).
  */
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
 
+#include "cuda_backend.h"
 #include "cuda_impl.h"
+#include "half.h"
 #include "mtmath.h"
 #include "ops.h"
 #include "reduce.cuh"
+
+extern "C" {
+#include "err.h"
+#include "log.h"
+}
 
 #define ATT_THREADS 256
 
@@ -58,14 +69,17 @@ static void att_chunk(int T, int NH, int *rc, int *hc) {
 }
 
 /* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
- * (flash_cuda.cu) one sample's rows, as many samples at a time as fit. */
+ * (flash_cuda.cu) one sample's rows, as many samples at a time as fit, or
+ * its chunks (mt_att16_chunk), whichever is larger. */
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
-  (void)d, (void)C;
+  (void)d;
   int rc, hc;
   if (T < 1 || NH < 1) return 1;
   if (qt != MT_F32) {
-    int n = mt_flash_bwd_samples(T, NH);
-    return (size_t)(n < MT_CUDA_FLASH_SAMPLES ? n : MT_CUDA_FLASH_SAMPLES) * NH * T;
+    int n = mt_flash_bwd_samples(T, NH), HS = C / NH > 0 ? C / NH : 1;
+    size_t flash = (size_t)(n < MT_CUDA_FLASH_SAMPLES ? n : MT_CUDA_FLASH_SAMPLES) * NH * T;
+    size_t gemm = (size_t)mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, &rc, &hc);
+    return flash > gemm ? flash : gemm;
   }
   att_chunk(T, NH, &rc, &hc);
   return 2 * (size_t)hc * rc * T;
@@ -152,15 +166,15 @@ static unsigned col_blocks(int cols) { return (unsigned)((cols + ATT_THREADS - 1
  * blocks, in that order: where it sits and what its GEMMs read. */
 typedef struct chunk {
   int b, h0, hn, r0, rn, r1;
-  const float *q, *k, *v; /* sample b, head h0: Q from row r0, K and V from row 0 */
-  long long sP;           /* elements between heads of a chunk tensor: rn·r1 */
+  size_t q, k, v; /* elements into qkv: sample b, head h0; Q from row r0, K and V from row 0 */
+  long long sP;   /* elements between heads of a chunk tensor: rn·r1 */
 } chunk;
 
 static int chunk_count(int B, int T, int NH, int rc, int hc) {
   return B * ((NH + hc - 1) / hc) * ((T + rc - 1) / rc);
 }
 
-static chunk chunk_of(int i, const float *qkv, int T, int C, int NH, int rc, int hc) {
+static chunk chunk_of(int i, int T, int C, int NH, int rc, int hc) {
   int nr = (T + rc - 1) / rc, nh = (NH + hc - 1) / hc, HS = C / NH, ld3 = 3 * C;
   chunk k;
   k.b = i / (nr * nh);
@@ -169,7 +183,7 @@ static chunk chunk_of(int i, const float *qkv, int T, int C, int NH, int rc, int
   k.hn = NH - k.h0 < hc ? NH - k.h0 : hc;
   k.rn = T - k.r0 < rc ? T - k.r0 : rc;
   k.r1 = k.r0 + k.rn;
-  const float *head = qkv + (size_t)k.b * T * ld3 + (size_t)k.h0 * HS;
+  size_t head = (size_t)k.b * T * ld3 + (size_t)k.h0 * HS;
   k.q = head + (size_t)k.r0 * ld3;
   k.k = head + C;
   k.v = head + 2 * C;
@@ -179,11 +193,29 @@ static chunk chunk_of(int i, const float *qkv, int T, int C, int NH, int rc, int
 
 /* P(hn, rn, r1) = scale · Q[r0:r1] · K[0:r1]ᵀ per head; column-major Pᵀ =
  * K·Qᵀ: A = K (HS, r1) transposed, B = Q (HS, rn). */
-static void chunk_scores(mt_device *d, const char *what, float *P, const chunk *k, int C, int HS) {
-  int ld3 = 3 * C;
-  mt__gemm g = {1,    0,    k->r1, k->rn, HS, k->hn, k->k,  ld3,
-                HS,   k->q, ld3,   HS,    P,  k->r1, k->sP, 1.0f / sqrtf((float)HS),
-                0.0f, NULL};
+static void chunk_scores(mt_device *d, const char *what, float *P, const void *qkv, mt_dtype qt,
+                         const chunk *k, int C, int HS) {
+  int ld3 = 3 * C, es = qt == MT_F32 ? 4 : 2;
+  const char *base = (const char *)qkv;
+  mt__gemm g = {1,
+                0,
+                k->r1,
+                k->rn,
+                HS,
+                k->hn,
+                base + k->k * es,
+                ld3,
+                HS,
+                base + k->q * es,
+                ld3,
+                HS,
+                P,
+                k->r1,
+                k->sP,
+                1.0f / sqrtf((float)HS),
+                0.0f,
+                NULL};
+  g.at = g.bt = qt; /* D fp32 */
   mt__cuda_gemm(d, what, &g);
 }
 
@@ -196,12 +228,338 @@ static void chunk_dropout(mt_device *d, float *dst, const float *P, const chunk 
   mt__cuda_check(d, "attention dropout");
 }
 
+/* ---- a 16-bit qkv by chunked GEMMs -------------------------------------- */
+
+/* The chunks of a 16-bit qkv and where their tensors sit in the scratch
+ * (mt_att16_chunk's regions, in its order): S the fp32 scores (then the
+ * probabilities' exponentials), G the fp32 dout·Vᵀ (then its product with
+ * the dropped probabilities), P and dS the 16-bit (dropped) probabilities
+ * and scores' gradient, all (hn, rn, r1); dO a chunk's dout rows in 16
+ * bits (rn, hn·HS); acc fp32 sums of dK then dV over the row blocks of
+ * one group of heads, (hn, T, HS) each, for a 16-bit dqkv. */
+typedef struct att16_layout {
+  int rc, hc;
+  float *S, *G, *acc;
+  uint16_t *P, *dS, *dO;
+} att16_layout;
+
+static size_t up64(size_t n) { return (n + 63) / 64 * 64; }
+
+static att16_layout att16_layout_of(float *scratch, int T, int NH, int HS) {
+  att16_layout l;
+  mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, &l.rc, &l.hc);
+  size_t e = (size_t)l.hc * l.rc * T, o = 0;
+  l.S = scratch + o, o += up64(e);
+  l.G = scratch + o, o += up64(e);
+  l.P = (uint16_t *)(scratch + o), o += up64((e + 1) / 2);
+  l.dS = (uint16_t *)(scratch + o), o += up64((e + 1) / 2);
+  l.dO = (uint16_t *)(scratch + o), o += up64(((size_t)l.hc * l.rc * HS + 1) / 2);
+  l.acc = scratch + o;
+  return l;
+}
+
+/* Row (hh, i) of a chunk, forward: the softmax over columns s0..t of the
+ * scaled scores in S (left holding exponentials), lse of (head h0 + hh,
+ * row t), and into P the probabilities times the dropout's keep/(1 - p),
+ * rounded to the 16-bit type, zero before s0 and beyond to r1. */
+static __global__ void k_att16_softmax(float *S, uint16_t *P, float *lse_b, int T, int h0, int r0,
+                                       int rn, int r1, const int32_t *ds_b, int fp16, int drop,
+                                       float p, uint64_t key, uint64_t sample, uint32_t head0) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
+  float *r = S + (size_t)row * r1;
+  uint16_t *o = P + (size_t)row * r1;
+  uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
+  float mx = -FLT_MAX;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
+  mx = mt__block_max(mx);
+  float s = 0.0f;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+    float e = expf(r[j] - mx);
+    r[j] = e;
+    s += e;
+  }
+  float sum = mt__block_sum(s), inv = 1.0f / sum;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+    float v = r[j] * inv;
+    if (drop) v *= mt_dropout_scale(p, key, sample, e0 + j);
+    o[j] = mt_half_pack(v, fp16);
+  }
+  for (int j = threadIdx.x; j < s0; j += blockDim.x) o[j] = 0;
+  for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) o[j] = 0;
+  if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx + logf(sum);
+}
+
+/* Row (hh, i) of a chunk, backward: on entry S the scaled scores, G =
+ * dout·Vᵀ. The probabilities again, p = exp(s - lse), and pd = p ·
+ * keep/(1 - p) into P (16 bits); G = G ∘ pd, and dS = (G - p·ΣG)·scale
+ * into dS (16 bits); both zero before s0 and beyond t to r1. */
+static __global__ void k_att16_softmax_bwd(const float *S, float *G, uint16_t *P, uint16_t *dS,
+                                           const float *lse_b, int T, int h0, int r0, int rn,
+                                           int r1, const int32_t *ds_b, float scale, int fp16,
+                                           int drop, float p, uint64_t key, uint64_t sample,
+                                           uint32_t head0) {
+  int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
+  size_t at = (size_t)row * r1;
+  const float *s = S + at;
+  float *g = G + at;
+  uint16_t *pd16 = P + at, *ds16 = dS + at;
+  float l = lse_b[(size_t)(h0 + hh) * T + t], acc = 0.0f;
+  uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+    float pd = expf(s[j] - l);
+    if (drop) pd *= mt_dropout_scale(p, key, sample, e0 + j);
+    pd16[j] = mt_half_pack(pd, fp16);
+    float v = g[j] * pd;
+    g[j] = v;
+    acc += v;
+  }
+  float rs = mt__block_sum(acc);
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x)
+    ds16[j] = mt_half_pack((g[j] - expf(s[j] - l) * rs) * scale, fp16);
+  for (int j = threadIdx.x; j < s0; j += blockDim.x) pd16[j] = ds16[j] = 0;
+  for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) pd16[j] = ds16[j] = 0;
+}
+
+/* A chunk's dout rows in 16 bits: dO(rn, w) = dout rows (ld C), w = hn·HS
+ * columns from the chunk's first head. */
+static __global__ void k_att16_dout(uint16_t *dO, const float *dout, int rn, int w, int C,
+                                    int fp16) {
+  size_t n = (size_t)rn * w;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x)
+    dO[i] = mt_half_pack(dout[i / w * C + i % w], fp16);
+}
+
+/* A group of heads' dK and dV, summed over its row blocks in acc ((hn, T,
+ * HS) each), into a 16-bit dqkv: dst is dK's row 0 of the group's first
+ * head (ld 3C), dV C columns on. */
+static __global__ void k_att16_kv_store(uint16_t *dst, const float *acc, int T, int hn, int HS,
+                                        int C, int fp16) {
+  size_t per = (size_t)hn * T * HS, n = 2 * per;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    size_t kv = i / per, r = i % per, hh = r / ((size_t)T * HS), t = r / HS % T, c = r % HS;
+    dst[t * 3 * C + kv * C + hh * HS + c] = mt_half_pack(acc[i], fp16);
+  }
+}
+
+static void att16_gemm(mt_device *d, const char *what, mt__gemm g, mt_dtype ab, mt_dtype dt) {
+  g.at = g.bt = ab, g.dt = dt;
+  mt__cuda_gemm(d, what, &g);
+}
+
+static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratch,
+                          const uint16_t *qkv, mt_dtype qt, int B, int T, int C, int NH,
+                          const mt_dropout *drop, const int32_t *doc_start) {
+  mt__cuda *c = mt__cuda_enter(d);
+  int HS = C / NH, fp16 = qt == MT_F16;
+  att16_layout l = att16_layout_of(scratch, T, NH, HS);
+  for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
+    chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
+    chunk_scores(d, "attention_fwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
+    MT_LAUNCH(k_att16_softmax, (unsigned)(k.hn * k.rn), ATT_THREADS, c->stream)
+    (l.S, l.P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1,
+     doc_start ? doc_start + (size_t)k.b * T : NULL, fp16, drop != NULL, drop ? drop->p : 0.0f,
+     drop ? drop->key : 0, drop ? drop->sample0 + (uint64_t)k.b : 0, drop ? drop->head0 : 0);
+    mt__cuda_check(d, "attention_fwd softmax (16-bit GEMMs)");
+    // out rows r0..r1 = P(rn, r1) · V[0:r1]; column-major (HS, rn) = V(HS, r1) · Pᵀ(r1, rn)
+    uint16_t *o = out + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS;
+    att16_gemm(d, "attention_fwd out (16-bit GEMMs)",
+               {0, 0, HS, k.rn, k.r1, k.hn, qkv + k.v, 3 * C, HS, l.P, k.r1, k.sP, o, C, HS, 1.0f,
+                0.0f, NULL},
+               qt, qt);
+  }
+}
+
+/* Per chunk, as the fp32 backward: dout's rows rounded; S and P again; G =
+ * dout·Vᵀ; the softmax backward; dV += Pᵀ·dout, dQ = dS·K, dK += dSᵀ·Q. An
+ * fp32 dqkv is added into; a 16-bit one gets dQ written by its GEMM (a
+ * chunk holds every key of its rows) and dK, dV summed in acc over the
+ * group's row blocks (the chunks' innermost order), then rounded once. */
+static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
+                          const uint16_t *qkv, mt_dtype qt, const float *lse, int B, int T, int C,
+                          int NH, const mt_dropout *drop, const int32_t *doc_start) {
+  mt__cuda *c = mt__cuda_enter(d);
+  int HS = C / NH, ld3 = 3 * C, fp16 = qt == MT_F16, half = gt != MT_F32;
+  float scale = 1.0f / sqrtf((float)HS);
+  att16_layout l = att16_layout_of(scratch, T, NH, HS);
+  for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
+    chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
+    int hn = k.hn, rn = k.rn, r1 = k.r1, w = hn * HS;
+    size_t head = (size_t)k.b * T * ld3 + (size_t)k.h0 * HS; /* this group's row 0 in dqkv */
+    MT_LAUNCH(k_att16_dout, mt__cuda_blocks((size_t)rn * w, ATT_THREADS), ATT_THREADS, c->stream)
+    (l.dO, dout + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS, rn, w, C, fp16);
+    mt__cuda_check(d, "attention_bwd dout (16-bit GEMMs)");
+    chunk_scores(d, "attention_bwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
+    // G(hn, rn, r1) = dout[r0:r1] · V[0:r1]ᵀ; column-major Gᵀ = V·doutᵀ
+    att16_gemm(
+        d, "attention_bwd scores of dout (16-bit GEMMs)",
+        {1, 0, r1, rn, HS, hn, qkv + k.v, ld3, HS, l.dO, w, HS, l.G, r1, k.sP, 1.0f, 0.0f, NULL},
+        qt, MT_F32);
+    MT_LAUNCH(k_att16_softmax_bwd, (unsigned)(hn * rn), ATT_THREADS, c->stream)
+    (l.S, l.G, l.P, l.dS, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1,
+     doc_start ? doc_start + (size_t)k.b * T : NULL, scale, fp16, drop != NULL,
+     drop ? drop->p : 0.0f, drop ? drop->key : 0, drop ? drop->sample0 + (uint64_t)k.b : 0,
+     drop ? drop->head0 : 0);
+    mt__cuda_check(d, "attention_bwd softmax (16-bit GEMMs)");
+    /* dK and dV: into an fp32 dqkv (ld 3C), or acc (ld HS, a head T·HS) */
+    float *dk = half ? l.acc : (float *)dqkv + head + C;
+    float *dv = half ? l.acc + (size_t)hn * T * HS : dk + C;
+    int ldkv = half ? HS : ld3;
+    long long skv = half ? (long long)T * HS : HS;
+    if (half && k.r0 == 0 &&
+        cudaMemsetAsync(l.acc, 0, 2 * (size_t)hn * T * HS * sizeof(float), c->stream) !=
+            cudaSuccess)
+      mt__cuda_fail(d, "attention_bwd (16-bit GEMMs)", "cudaMemsetAsync of dK and dV's sums");
+    // dV[0:r1] += Pᵀ · dout[r0:r1]; column-major dVᵀ(HS, r1) += doutᵀ(HS, rn) · P(rn, r1)
+    att16_gemm(d, "attention_bwd dv (16-bit GEMMs)",
+               {0, 1, HS, r1, rn, hn, l.dO, w, HS, l.P, r1, k.sP, dv, ldkv, skv, 1.0f, 1.0f, NULL},
+               qt, MT_F32);
+    // dQ[r0:r1] (+)= dS · K[0:r1]; column-major dQᵀ(HS, rn) = Kᵀ(HS, r1) · dSᵀ
+    mt__gemm gq = {0,    0,  HS,   rn,   r1,  hn, qkv + k.k, ld3,  HS,
+                   l.dS, r1, k.sP, NULL, ld3, HS, 1.0f,      0.0f, NULL};
+    if (half)
+      gq.D = (uint16_t *)dqkv + head + (size_t)k.r0 * ld3;
+    else
+      gq.D = (float *)dqkv + head + (size_t)k.r0 * ld3, gq.beta = 1.0f;
+    att16_gemm(d, "attention_bwd dq (16-bit GEMMs)", gq, qt, gt);
+    // dK[0:r1] += dSᵀ · Q[r0:r1]; column-major dKᵀ(HS, r1) += Qᵀ(HS, rn) · dS(rn, r1)
+    att16_gemm(
+        d, "attention_bwd dk (16-bit GEMMs)",
+        {0, 1, HS, r1, rn, hn, qkv + k.q, ld3, HS, l.dS, r1, k.sP, dk, ldkv, skv, 1.0f, 1.0f, NULL},
+        qt, MT_F32);
+    if (half && r1 == T) {
+      MT_LAUNCH(k_att16_kv_store, mt__cuda_blocks(2 * (size_t)hn * T * HS, ATT_THREADS),
+                ATT_THREADS, c->stream)
+      ((uint16_t *)dqkv + head + C, l.acc, T, hn, HS, C, fp16);
+      mt__cuda_check(d, "attention_bwd dK and dV (16-bit GEMMs)");
+    }
+  }
+}
+
+/* ---- which way a 16-bit qkv goes ----------------------------------------- */
+
+int mt__cuda_attention_path(mt_device *d, int path) {
+  if (path != MT__CUDA_ATT_AUTO && path != MT__CUDA_ATT_FLASH && path != MT__CUDA_ATT_CHUNKED)
+    return mt_seterr(MT_EINVAL,
+                     "device %s: attention path %d: auto (%d), flash (%d) or chunked (%d)", d->name,
+                     path, MT__CUDA_ATT_AUTO, MT__CUDA_ATT_FLASH, MT__CUDA_ATT_CHUNKED);
+  mt__cuda *c = mt__cuda_of(d);
+  if (c->att_path != path) c->att_tuned_n = 0;
+  c->att_path = path;
+  return 0;
+}
+
+int mt__cuda_attention_path_mode(mt_device *d) { return mt__cuda_of(d)->att_path; }
+
+static mt__cuda::mt__att_tuned *att_tuned_of(mt__cuda *c, const mt__cuda::mt__att_tuned &k) {
+  int n = c->att_tuned_n < MT_CUDA_FLASH_TUNED ? c->att_tuned_n : MT_CUDA_FLASH_TUNED;
+  for (int i = 0; i < n; i++) {
+    mt__cuda::mt__att_tuned *t = &c->att_tuned[i];
+    if (t->HS == k.HS && t->fp16 == k.fp16 && t->B == k.B && t->T == k.T && t->NH == k.NH &&
+        t->drop == k.drop && t->docs == k.docs && t->bwd == k.bwd)
+      return t;
+  }
+  return NULL;
+}
+
+/* The path of a pass of this shape: set, or forced (a head size the flash
+ * kernels do not take; an fp32 dqkv's backward, auto: flash), or as timed
+ * (MT__CUDA_ATT_AUTO while not) */
+static int att_path_of(mt__cuda *c, const mt__cuda::mt__att_tuned &k, int adds) {
+  if (k.HS > MT_FLASH_MAX_HS) return MT__CUDA_ATT_CHUNKED;
+  if (c->att_path != MT__CUDA_ATT_AUTO) return c->att_path;
+  if (adds) return MT__CUDA_ATT_FLASH;
+  mt__cuda::mt__att_tuned *t = att_tuned_of(c, k);
+  return t ? t->path : MT__CUDA_ATT_AUTO;
+}
+
+int mt__cuda_attention_path_of(mt_device *d, int bwd, int head_size, int fp16, int B, int T, int NH,
+                               int dropout, int docs) {
+  mt__cuda::mt__att_tuned k = {head_size, !!fp16, B, T, NH, !!dropout, !!docs, !!bwd, 0};
+  return att_path_of(mt__cuda_of(d), k, 0);
+}
+
+/* Auto, a pass's first call of a shape: runs the flash kernels once (so
+ * that their own first-call timing, flash_cuda.cu's, is not counted), then
+ * times both paths (mt__cuda_time_variants, chunked last: both write every
+ * output, so the last run leaves valid ones) and keeps the faster. A
+ * timing that fails keeps flash and runs it once more. */
+template <class F>
+static void att_timed(mt_device *d, mt__cuda *c, mt__cuda::mt__att_tuned k, F run) {
+  run(MT__CUDA_ATT_FLASH);
+  float best[2];
+  int ok = mt__cuda_time_variants(
+      c, 2, best, [&](int v) { run(v ? MT__CUDA_ATT_CHUNKED : MT__CUDA_ATT_FLASH); });
+  k.path = ok && best[1] < best[0] ? MT__CUDA_ATT_CHUNKED : MT__CUDA_ATT_FLASH;
+  if (!ok) {
+    cudaGetLastError();
+    run(MT__CUDA_ATT_FLASH);
+  }
+  c->att_tuned[c->att_tuned_n++ % MT_CUDA_FLASH_TUNED] = k;
+  mt_log_info("device %s: attention %s of a %s qkv, head size %d, B %d, T %d, %d heads: flash "
+              "%.3f ms, chunked 16-bit GEMMs %.3f ms: %s kept",
+              d->name, k.bwd ? "backward" : "forward", k.fp16 ? "binary16" : "bf16", k.HS, k.B, k.T,
+              k.NH, best[0], best[1], k.path == MT__CUDA_ATT_FLASH ? "flash" : "chunked");
+}
+
+static void att16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratch, const uint16_t *qkv,
+                      mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
+                      const int32_t *doc_start) {
+  if (drop && drop->p == 0.0f) drop = NULL;
+  if (B < 1 || T < 1 || C < 1 || NH < 1) return;
+  mt__cuda *c = mt__cuda_enter(d);
+  mt__cuda::mt__att_tuned k = {C / NH,       qt == MT_F16,      B, T, NH,
+                               drop != NULL, doc_start != NULL, 0, 0};
+  auto run = [&](int path) {
+    if (path == MT__CUDA_ATT_CHUNKED)
+      chunked16_fwd(d, out, lse, scratch, qkv, qt, B, T, C, NH, drop, doc_start);
+    else
+      mt__cuda_flash_fwd(d, out, lse, qkv, qt, B, T, C, NH, drop, doc_start);
+  };
+  int path = att_path_of(c, k, 0);
+  if (path == MT__CUDA_ATT_AUTO)
+    att_timed(d, c, k, run);
+  else
+    run(path);
+}
+
+static void att16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
+                      const uint16_t *out, const uint16_t *qkv, mt_dtype qt, const float *lse,
+                      int B, int T, int C, int NH, const mt_dropout *drop,
+                      const int32_t *doc_start) {
+  if (drop && drop->p == 0.0f) drop = NULL;
+  if (B < 1 || T < 1 || C < 1 || NH < 1) return;
+  if (gt != MT_F32 && gt != qt) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "a %s dqkv with a %s qkv (ops.h: fp32, or qkv's own type)",
+             gt == MT_F16 ? "binary16" : "bf16", qt == MT_F16 ? "binary16" : "bf16");
+    mt__cuda_fail(d, "attention_bwd", msg);
+    return;
+  }
+  mt__cuda *c = mt__cuda_enter(d);
+  mt__cuda::mt__att_tuned k = {C / NH,       qt == MT_F16,      B, T, NH,
+                               drop != NULL, doc_start != NULL, 1, 0};
+  auto run = [&](int path) {
+    if (path == MT__CUDA_ATT_CHUNKED)
+      chunked16_bwd(d, dqkv, gt, scratch, dout, qkv, qt, lse, B, T, C, NH, drop, doc_start);
+    else
+      mt__cuda_flash_bwd(d, dqkv, gt, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
+                         out, qkv, qt, lse, B, T, C, NH, drop, doc_start);
+  };
+  int path = att_path_of(c, k, gt == MT_F32);
+  if (path == MT__CUDA_ATT_AUTO)
+    att_timed(d, c, k, run);
+  else
+    run(path);
+}
+
 void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch, const void *qkv_,
                             mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
                             const int32_t *doc_start) {
   if (qt != MT_F32) {
-    mt__cuda_flash_fwd(d, (uint16_t *)out_, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop,
-                       doc_start);
+    att16_fwd(d, (uint16_t *)out_, lse, scratch, (const uint16_t *)qkv_, qt, B, T, C, NH, drop,
+              doc_start);
     return;
   }
   float *out = (float *)out_;
@@ -213,8 +571,8 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
   att_chunk(T, NH, &rc, &hc);
   float *P = scratch, *Pd = scratch + (size_t)hc * rc * T;
   for (int i = 0, n = chunk_count(B, T, NH, rc, hc); i < n; i++) {
-    chunk k = chunk_of(i, qkv, T, C, NH, rc, hc);
-    chunk_scores(d, "attention_fwd scores", P, &k, C, HS);
+    chunk k = chunk_of(i, T, C, NH, rc, hc);
+    chunk_scores(d, "attention_fwd scores", P, qkv, MT_F32, &k, C, HS);
     MT_LAUNCH(k_att_softmax, (unsigned)(k.hn * k.rn), ATT_THREADS, c->stream)
     (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL);
@@ -226,8 +584,8 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
     }
     // out rows r0..r1 = Pd(rn, r1) · V[0:r1]; column-major (HS, rn) = V(HS, r1) · Pdᵀ(r1, rn)
     float *o = out + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS;
-    mt__gemm g = {0,  0,    HS,   k.rn, k.r1, k.hn, k.v,  3 * C, HS,
-                  pv, k.r1, k.sP, o,    C,    HS,   1.0f, 0.0f,  NULL};
+    mt__gemm g = {0,  0,    HS,   k.rn, k.r1, k.hn, qkv + k.v, 3 * C, HS,
+                  pv, k.r1, k.sP, o,    C,    HS,   1.0f,      0.0f,  NULL};
     mt__cuda_gemm(d, "attention_fwd out", &g);
   }
 }
@@ -240,9 +598,8 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
                             const float *lse, int B, int T, int C, int NH, const mt_dropout *drop,
                             const int32_t *doc_start) {
   if (qt != MT_F32) {
-    mt__cuda_flash_bwd(d, dqkv_, gt, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
-                       (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse, B, T, C, NH, drop,
-                       doc_start);
+    att16_bwd(d, dqkv_, gt, scratch, dout, (const uint16_t *)out, (const uint16_t *)qkv_, qt, lse,
+              B, T, C, NH, drop, doc_start);
     return;
   }
   if (gt != MT_F32) {
@@ -260,12 +617,12 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
   float scale = 1.0f / sqrtf((float)HS);
   float *P = scratch, *S = scratch + (size_t)hc * rc * T;
   for (int i = 0, n = chunk_count(B, T, NH, rc, hc); i < n; i++) {
-    chunk k = chunk_of(i, qkv, T, C, NH, rc, hc);
+    chunk k = chunk_of(i, T, C, NH, rc, hc);
     int hn = k.hn, rn = k.rn, r1 = k.r1;
     float *dq = dqkv + (size_t)k.b * T * ld3 + (size_t)k.h0 * HS; /* this head's row 0 */
     const float *g = dout + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS;
     uint64_t sample = drop ? drop->sample0 + (uint64_t)k.b : 0;
-    chunk_scores(d, "attention_bwd scores", P, &k, C, HS);
+    chunk_scores(d, "attention_bwd scores", P, qkv, MT_F32, &k, C, HS);
     MT_LAUNCH(k_att_probs, (unsigned)(hn * rn), ATT_THREADS, c->stream)
     (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL);
@@ -280,19 +637,21 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
                    pd, r1, k.sP, dq + 2 * C, ld3, HS, 1.0f, 1.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd dv", &gv);
     // S(hn, rn, r1) = dout[r0:r1] · V[0:r1]ᵀ; column-major Sᵀ = V·doutᵀ
-    mt__gemm gs = {1, 0, r1, rn, HS, hn, k.v, ld3, HS, g, C, HS, S, r1, k.sP, 1.0f, 0.0f, NULL};
+    mt__gemm gs = {1, 0, r1, rn, HS, hn,   qkv + k.v, ld3,  HS,
+                   g, C, HS, S,  r1, k.sP, 1.0f,      0.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd scores of dout", &gs);
     MT_LAUNCH(k_att_softmax_bwd, (unsigned)(hn * rn), ATT_THREADS, c->stream)
     (S, P, T, k.h0, k.r0, rn, r1, scale, drop != NULL, drop ? drop->p : 0.0f, drop ? drop->key : 0,
      sample, drop ? drop->head0 : 0);
     mt__cuda_check(d, "attention_bwd softmax");
     // dQ[r0:r1] += dS · K[0:r1]; column-major dQᵀ(HS, rn) += Kᵀ(HS, r1) · dSᵀ, dSᵀ = S's layout
-    mt__gemm gq = {0,   0,  HS,   rn,   r1,  hn, k.k, ld3, HS, S, r1, k.sP, dq + (size_t)k.r0 * ld3,
-                   ld3, HS, 1.0f, 1.0f, NULL};
+    mt__gemm gq = {
+        0,   0,  HS,   rn,   r1,  hn, qkv + k.k, ld3, HS, S, r1, k.sP, dq + (size_t)k.r0 * ld3,
+        ld3, HS, 1.0f, 1.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd dq", &gq);
     // dK[0:r1] += dSᵀ · Q[r0:r1]; column-major dKᵀ(HS, r1) += Qᵀ(HS, rn) · dS(rn, r1)
-    mt__gemm gk = {0, 1,  HS,   r1,     rn,  hn, k.q,  ld3,  HS,
-                   S, r1, k.sP, dq + C, ld3, HS, 1.0f, 1.0f, NULL};
+    mt__gemm gk = {0, 1,  HS,   r1,     rn,  hn, qkv + k.q, ld3,  HS,
+                   S, r1, k.sP, dq + C, ld3, HS, 1.0f,      1.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd dk", &gk);
   }
 }

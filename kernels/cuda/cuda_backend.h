@@ -97,6 +97,27 @@ int mt__cuda_flash_p_regs(mt_device *d, int on);
 /* 1 when d's flash kernels pass P and dS in registers, else 0 */
 int mt__cuda_flash_p_regs_of(mt_device *d);
 
+/* How d computes the attention of a 16-bit qkv from now on: by the flash
+ * kernels (flash_cuda.cu), by chunked GEMMs in the 16-bit type around row
+ * kernels (attention_cuda.cu, Megatron's unfused path), or auto: each
+ * shape's first forward, and first backward with a 16-bit dqkv, time both
+ * and keep the faster for that pass (a backward into an fp32 dqkv, which
+ * adds, is not timed: flash). The two round differently, so auto, like
+ * cuDNN's benchmark mode, makes a run's bits depend on its timings (a
+ * resumed run may differ from a straight one in the last bits); flash and
+ * chunked do not. Head sizes over MT_FLASH_MAX_HS always take the GEMMs.
+ * MT_EINVAL for any other value. Set from MTNLG_ATTENTION (flash, the
+ * default; chunked; auto) when the device opens. (attention_cuda.cu) */
+enum { MT__CUDA_ATT_AUTO = 0, MT__CUDA_ATT_FLASH = 1, MT__CUDA_ATT_CHUNKED = 2 };
+int mt__cuda_attention_path(mt_device *d, int path);
+/* What mt__cuda_attention_path last set on d (or MTNLG_ATTENTION did) */
+int mt__cuda_attention_path_mode(mt_device *d);
+/* The path d's attention of a 16-bit qkv of this shape takes in its
+ * forward (bwd 0) or backward (bwd 1): MT__CUDA_ATT_FLASH or _CHUNKED, or
+ * MT__CUDA_ATT_AUTO while auto has not timed it */
+int mt__cuda_attention_path_of(mt_device *d, int bwd, int head_size, int fp16, int B, int T, int NH,
+                               int dropout, int docs);
+
 #ifdef __cplusplus
 }
 #endif

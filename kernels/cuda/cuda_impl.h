@@ -78,12 +78,41 @@ typedef struct mt__cuda {
                                   16-row forward faster with P through shared memory */
     int HS, fp16, B, T, NH, drop, docs, rows, p_smem;
   } flash_tuned[MT_CUDA_FLASH_TUNED];
-  int flash_tuned_n; /* entries filled, round robin past MT_CUDA_FLASH_TUNED */
-  int err;           /* first error an op met: MT_EIO, 0 when none */
+  int flash_tuned_n;     /* entries filled, round robin past MT_CUDA_FLASH_TUNED */
+  int att_path;          /* a 16-bit qkv's attention: MT__CUDA_ATT_AUTO, _FLASH or _CHUNKED
+                            (MTNLG_ATTENTION, mt__cuda_attention_path) */
+  struct mt__att_tuned { /* auto: the shapes timed, each pass's faster path */
+    int HS, fp16, B, T, NH, drop, docs, bwd, path;
+  } att_tuned[MT_CUDA_FLASH_TUNED];
+  int att_tuned_n;
+  int err; /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;
 
 static inline mt__cuda *mt__cuda_of(mt_device *d) { return (mt__cuda *)d->impl; }
+
+/* Times n variants of one op on c's stream, as cuDNN's benchmark mode
+ * does: run(v) queues variant v; each runs twice, in turn, and best[v]
+ * gets the faster of its two runs in ms (FLT_MAX when not timed). 1, or 0
+ * when an event failed, which leaves the rest untimed. */
+template <class F> static int mt__cuda_time_variants(mt__cuda *c, int n, float *best, F run) {
+  cudaEvent_t ev[2] = {NULL, NULL};
+  for (int v = 0; v < n; v++) best[v] = 3.4e38f;
+  int ok = cudaEventCreate(&ev[0]) == cudaSuccess && cudaEventCreate(&ev[1]) == cudaSuccess;
+  for (int round = 0; ok && round < 2; round++)
+    for (int v = 0; ok && v < n; v++) {
+      float ms = 0.0f;
+      ok = cudaEventRecord(ev[0], c->stream) == cudaSuccess;
+      run(v);
+      ok = ok && cudaEventRecord(ev[1], c->stream) == cudaSuccess &&
+           cudaEventSynchronize(ev[1]) == cudaSuccess &&
+           cudaEventElapsedTime(&ms, ev[0], ev[1]) == cudaSuccess;
+      if (ok && ms < best[v]) best[v] = ms;
+    }
+  for (int i = 0; i < 2; i++)
+    if (ev[i]) cudaEventDestroy(ev[i]);
+  return ok;
+}
 
 /* Makes d's GPU current on the calling thread and returns its state. */
 mt__cuda *mt__cuda_enter(mt_device *d);

@@ -131,6 +131,18 @@ int mt__cuda_open(mt_device *d, int index) {
                      "device %s: MTNLG_FLASH_FWD_ROWS=\"%s\": 16 or 32 (query rows a warp of the "
                      "flash forward), or auto (each shape's first call times both, the default)",
                      d->name, fr);
+  const char *ap = getenv("MTNLG_ATTENTION");
+  int att_path = !ap || !strcmp(ap, "flash") ? MT__CUDA_ATT_FLASH
+                 : !strcmp(ap, "chunked")    ? MT__CUDA_ATT_CHUNKED
+                 : !strcmp(ap, "auto")       ? MT__CUDA_ATT_AUTO
+                                             : -1;
+  if (att_path < 0)
+    return mt_seterr(MT_EINVAL,
+                     "device %s: MTNLG_ATTENTION=\"%s\": flash (the fused kernels, the "
+                     "default), chunked (16-bit GEMMs around row kernels) or auto (each shape's "
+                     "first call times both and keeps the faster), for a bf16 or fp16 job's "
+                     "attention",
+                     d->name, ap);
 #ifndef MT_CUDA_EMU
   if (mt__cuda_blas_load()) return mt_wraperr(MT_EIO, "device %s", d->name); /* before any call */
 #endif
@@ -169,6 +181,7 @@ int mt__cuda_open(mt_device *d, int index) {
   d->ops = &mt_cuda_ops;
   d->gelu_epilogue = !ge || ge[0] == '1';
   c->flash_fwd_rows = flash_rows;
+  c->att_path = att_path;
   if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
       c->sms < 1)
     c->sms = 1;

@@ -1434,21 +1434,10 @@ static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_
                       float scale, const mt_dropout *drop, const int32_t *docs) {
   static const int rows[3] = {16, 32, 16}, p_smem[3] = {0, 0, 1};
   int n = f.regs(c, 1) ? 3 : 2; /* the third: 16 rows, P through shared memory */
-  cudaEvent_t ev[2] = {NULL, NULL};
-  float best[3] = {FLT_MAX, FLT_MAX, FLT_MAX};
-  int ok = cudaEventCreate(&ev[0]) == cudaSuccess && cudaEventCreate(&ev[1]) == cudaSuccess;
-  for (int round = 0; ok && round < 2; round++)
-    for (int v = 0; ok && v < n; v++) {
-      float ms = 0.0f;
-      ok = cudaEventRecord(ev[0], c->stream) == cudaSuccess;
-      f.fwd(d, rows[v], p_smem[v], out, lse, qkv, B, T, C, NH, scale, drop, docs);
-      ok = ok && cudaEventRecord(ev[1], c->stream) == cudaSuccess &&
-           cudaEventSynchronize(ev[1]) == cudaSuccess &&
-           cudaEventElapsedTime(&ms, ev[0], ev[1]) == cudaSuccess;
-      if (ok && ms < best[v]) best[v] = ms;
-    }
-  for (int i = 0; i < 2; i++)
-    if (ev[i]) cudaEventDestroy(ev[i]);
+  float best[3];
+  int ok = mt__cuda_time_variants(c, n, best, [&](int v) {
+    f.fwd(d, rows[v], p_smem[v], out, lse, qkv, B, T, C, NH, scale, drop, docs);
+  });
   /* a launch that fails while the timing works is left for the op's
    * launch check to report; a timing that fails (an event) keeps 16 rows,
    * clears its error and runs them once more, so the outputs are written

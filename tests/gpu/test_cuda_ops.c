@@ -1173,6 +1173,7 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
            NH, with_dropout ? " drop" : "", with_docs ? " docs" : "");
   int32_t *cds = with_docs ? doc_starts(B, T) : NULL;
   int32_t *gds = cds ? D(cds, (size_t)B * T * sizeof(int32_t)) : NULL;
+  mt__cuda_attention_path(&gpu, MT__CUDA_ATT_FLASH); /* (test_chunked16_attention: the other) */
   const void *qh; /* qkv in 16 bits, on the host and (gqkv) the device */
   void *gqkv = stored(H(nq, -1.5f, 1.5f), nq, qt, &qh);
   uint16_t *oh = halloc(no * sizeof(uint16_t));
@@ -1271,6 +1272,128 @@ static void test_flash_attention(shape s, mt_dtype qt, int with_dropout) {
     check("attention_bwd", label("%s: dqkv left alone", tag), back_half(gdh, nq, qt),
           as_floats(cdh, nq, qt), nq, 1e-2);
   }
+  arena_reset();
+}
+
+/* A 16-bit qkv by chunked 16-bit GEMMs (mt__cuda_attention_path chunked),
+ * against the CPU's attention of the same values: out and lse, dqkv added
+ * into fp32 and written in qkv's type, each into poisoned outputs, within
+ * the 16-bit bound. Then auto, on a fresh shape: the forward's first call
+ * runs the flash kernels once and both paths twice (their timing), keeps
+ * one, and later calls run that one alone; the backward with a 16-bit dqkv
+ * the same; with an fp32 dqkv (added into) flash, untimed. Head sizes over
+ * MT_FLASH_MAX_HS take the GEMMs whatever is set. */
+static void test_chunked16_attention(shape s, mt_dtype qt, int with_dropout) {
+  int B = s.B, T = s.T, C = s.C, NH = s.NH, HS = C / NH, fp16 = qt == MT_F16;
+  int wide = HS > MT_FLASH_MAX_HS, docs = with_docs;
+  size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+  size_t ncs = cpu.ops->attention_scratch(&cpu, T, C, NH, qt);
+  size_t ngs = gpu.ops->attention_scratch(&gpu, T, C, NH, qt);
+  mt_dropout drop = {0.2f, 0x1234567887654321ull, 11, 2, 0};
+  const mt_dropout *dp = with_dropout ? &drop : NULL;
+  char tag[112];
+  snprintf(tag, sizeof tag, "%s B=%d T=%d HS=%d NH=%d%s%s, 16-bit GEMMs", fp16 ? "fp16" : "bf16", B,
+           T, HS, NH, with_dropout ? " drop" : "", docs ? " docs" : "");
+  int32_t *cds = docs ? doc_starts(B, T) : NULL;
+  int32_t *gds = cds ? D(cds, (size_t)B * T * sizeof(int32_t)) : NULL;
+  const void *qh;
+  void *gqkv = stored(H(nq, -1.5f, 1.5f), nq, qt, &qh);
+  uint16_t *oh = halloc(no * sizeof(uint16_t)), *cdh = halloc(nq * sizeof(uint16_t));
+  float *cl = halloc(nl * sizeof(float)), *cs = halloc(ncs * sizeof(float)), *gs = DN(ngs);
+  float *dout = H(no, -1, 1), *cdq = H(nq, -1, 1), *gdq = Df(cdq, nq), *gdout = Df(dout, no);
+  float *cdq0 = hcopy(cdq, nq);
+  cpu.ops->attention_fwd(&cpu, oh, cl, cs, qh, qt, B, T, C, NH, dp, cds);
+  cpu.ops->attention_bwd(&cpu, cdq, MT_F32, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp, cds);
+  cpu.ops->attention_bwd(&cpu, cdh, qt, cs, dout, oh, qh, qt, cl, B, T, C, NH, dp, cds);
+  void *goh = D(oh, no * sizeof(uint16_t));
+  float *gcl = Df(cl, nl);
+
+  mt__cuda_attention_path(&gpu, MT__CUDA_ATT_CHUNKED);
+  void *go = DP(no * sizeof(uint16_t)), *gdh = DP(nq * sizeof(uint16_t));
+  float *gl = DN(nl);
+  gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp, gds);
+  check("attention_fwd", label("%s out", tag), back_half(go, no, qt), as_floats(oh, no, qt), no,
+        1e-2);
+  check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, 1e-2);
+  gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
+  check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, 1e-2);
+  gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
+  check("attention_bwd", label("%s dqkv in 16 bits (written)", tag), back_half(gdh, nq, qt),
+        as_floats(cdh, nq, qt), nq, 1e-2);
+
+  /* auto; B + 1 samples (the first B as above): a shape not yet timed */
+  mt__cuda_attention_path(&gpu, MT__CUDA_ATT_AUTO);
+  int B2 = B + 1;
+  size_t nq2 = nq / B * B2, no2 = no / B * B2, nl2 = nl / B * B2;
+  void *gqkv2 = DP(nq2 * 2), *go2 = DP(no2 * 2), *gdh2 = DP(nq2 * 2);
+  float *gl2 = DN(nl2), *gdout2 = DN(no2);
+  int32_t *gds2 = NULL;
+  if (docs) {
+    int32_t *c2 = doc_starts(B2, T);
+    memcpy(c2, cds, (size_t)B * T * sizeof(int32_t)); /* the first B samples as above */
+    gds2 = D(c2, (size_t)B2 * T * sizeof(int32_t));
+  }
+  mt_device_memcpy_dtod(&gpu, gqkv2, gqkv, nq * 2);
+  mt_device_memcpy_dtod(&gpu, gdout2, gdout, no * sizeof(float));
+  const char *pass[2] = {"attention_fwd", "attention_bwd"};
+#ifdef MT_CUDA_EMU
+  const char *kern[2][2] = {{"flash_fwd", "k_att16_softmax"},
+                            {"flash_bwd_kv", "k_att16_softmax_bwd"}};
+#endif
+  for (int call = 0; call < 2; call++)
+    for (int bwd = 0; bwd < 2; bwd++) {
+      int before = mt__cuda_attention_path_of(&gpu, bwd, HS, fp16, B2, T, NH, with_dropout, docs);
+#ifdef MT_CUDA_EMU
+      long f0 = mt_emu_launch_count(kern[bwd][0]), g0 = mt_emu_launch_count(kern[bwd][1]);
+#endif
+      if (bwd)
+        gpu.ops->attention_bwd(&gpu, gdh2, qt, gs, gdout2, go2, gqkv2, qt, gl2, B2, T, C, NH, dp,
+                               gds2);
+      else
+        gpu.ops->attention_fwd(&gpu, go2, gl2, gs, gqkv2, qt, B2, T, C, NH, dp, gds2);
+      int after = mt__cuda_attention_path_of(&gpu, bwd, HS, fp16, B2, T, NH, with_dropout, docs);
+      const char *how = call ? "auto, kept" : "auto, timed";
+      check_that(pass[bwd], label("%s path, %s", tag, how),
+                 wide   ? before == MT__CUDA_ATT_CHUNKED && after == before
+                 : call ? before == after && before != MT__CUDA_ATT_AUTO
+                        : before == MT__CUDA_ATT_AUTO && after != MT__CUDA_ATT_AUTO,
+                 label("%d then %d", before, after));
+      if (bwd)
+        check("attention_bwd", label("%s dqkv in 16 bits, %s", tag, how), back_half(gdh2, nq, qt),
+              as_floats(cdh, nq, qt), nq, 1e-2);
+      else {
+        check("attention_fwd", label("%s out, %s", tag, how), back_half(go2, no, qt),
+              as_floats(oh, no, qt), no, 1e-2);
+        check("attention_fwd", label("%s lse, %s", tag, how), back(gl2, nl), cl, nl, 1e-2);
+      }
+#ifdef MT_CUDA_EMU
+      /* the chunks' row kernel launches once a chunk */
+      long f = mt_emu_launch_count(kern[bwd][0]) - f0, g = mt_emu_launch_count(kern[bwd][1]) - g0;
+      int flash = after == MT__CUDA_ATT_FLASH;
+      int ok = wide ? !f && g > 0 : call ? (flash ? f >= 1 && !g : !f && g > 0) : f >= 3 && g > 0;
+      check_that(pass[bwd], label("%s launches, %s", tag, how), ok,
+                 label("flash %ld, row kernel %ld", f, g));
+#endif
+    }
+  /* an fp32 dqkv (added into) in auto: flash, untimed (a head size the
+   * flash kernels take) */
+  float *gdq2 = DN(nq2), *want = halloc(nq * sizeof(float));
+  mt_device_memset0(&gpu, gdq2, nq2 * sizeof(float));
+#ifdef MT_CUDA_EMU
+  long g0 = mt_emu_launch_count("k_att16_softmax_bwd"), f0 = mt_emu_launch_count("flash_bwd_kv");
+#endif
+  gpu.ops->attention_bwd(&gpu, gdq2, MT_F32, gs, gdout2, go2, gqkv2, qt, gl2, B2, T, C, NH, dp,
+                         gds2);
+  for (size_t i = 0; i < nq; i++) want[i] = cdq[i] - cdq0[i]; /* the CPU's gradient alone */
+  check("attention_bwd", label("%s fp32 dqkv from 0, auto", tag), back(gdq2, nq), want, nq, 1e-2);
+#ifdef MT_CUDA_EMU
+  long g = mt_emu_launch_count("k_att16_softmax_bwd") - g0;
+  long f = mt_emu_launch_count("flash_bwd_kv") - f0;
+  check_that("attention_bwd",
+             label("%s fp32 dqkv in auto: %s, untimed", tag, wide ? "the GEMMs" : "flash"),
+             wide ? !f && g > 0 : f >= 1 && !g, label("flash %ld, row kernel %ld", f, g));
+#endif
+  mt__cuda_attention_path(&gpu, MT__CUDA_ATT_FLASH);
   arena_reset();
 }
 
@@ -1936,6 +2059,7 @@ static void test_flash_other_a_layout(void) {
   int rc = mt_device_open(&other, "cuda:0");
   check_that("device_open", "a GPU with another matrix_a layout", !rc, rc ? mt_errmsg() : "opened");
   if (!rc) {
+    mt__cuda_attention_path(&other, MT__CUDA_ATT_FLASH);
     int a_misplaced = -1, arc = mt__cuda_a_layout_check(&other, &a_misplaced);
     check_that("flash", "matrix_a probe: the emulator's own order told apart",
                !arc && a_misplaced > 0, label("%d of 256 elements elsewhere", a_misplaced));
@@ -2018,7 +2142,9 @@ static void flash_full_shapes(void) {
   with_docs = 1;
   test_flash_attention(gpt, MT_BF16, 1);
   test_flash_attention(mtnlg, MT_F16, 1);
+  test_chunked16_attention(mtnlg, MT_F16, 1);
   with_docs = 0;
+  test_chunked16_attention(gpt, MT_BF16, 1);
 }
 
 /* test_cuda_ops [--small | --flash]: every op at small shapes, or the flash
@@ -2029,6 +2155,8 @@ int main(int argc, char **argv) {
   int flash_only = argc > 1 && !strcmp(argv[1], "--flash");
   if (mt_device_open(&cpu, "cpu:0")) die("open cpu:0");
   if (mt_device_open(&gpu, "cuda:0")) die("open cuda:0");
+  /* each 16-bit attention test sets the path it tests; until then, flash */
+  mt__cuda_attention_path(&gpu, MT__CUDA_ATT_FLASH);
   printf("test_cuda_ops: %s against %s, %s shapes\n", gpu.name, cpu.name, small ? "small" : "full");
   static const mt_matmul_precision precs[] = {MT_MATMUL_FP32, MT_MATMUL_TF32, MT_MATMUL_BF16};
 
@@ -2174,7 +2302,19 @@ int main(int argc, char **argv) {
     test_flash_attention(d256, MT_BF16, 1);
     test_flash_attention(f300, MT_F16, 0); /* warps whose rows start past a key tile */
     test_flash_attention(f200, MT_F16, 1);
+    test_chunked16_attention(docs3, MT_BF16, 1);
+    test_chunked16_attention(docs3, MT_F16, 0);
     with_docs = 0;
+    /* the same with 16-bit GEMMs (the emulator's chunks: 2 rows and 1 head
+     * of f64's; 4 rows and groups of 3 heads, then 2, of heads'); head size
+     * 3 (every slice misaligned, the GEMMs not cuBLASLt's); 300, over what
+     * the flash kernels take */
+    test_chunked16_attention(f64, MT_BF16, 1);
+    test_chunked16_attention(f64, MT_F16, 0);
+    test_chunked16_attention(heads, MT_F16, 1);
+    test_chunked16_attention(odd, MT_BF16, 1);
+    shape wide = {1, 20, 600, 2, 37, 40};
+    test_chunked16_attention(wide, MT_BF16, 1);
     test_attention_decode(300, 64, 4);
     test_attention_decode(17, 20, 2);
     test_attention_decode(2300, 48, 3);  /* three tiles of keys, the last one partial */

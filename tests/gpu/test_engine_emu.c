@@ -574,6 +574,22 @@ static int test_bf16_documents_on_gpus_follow_one_cpu(void) {
   printf("  bf16 documents tp2 pp3 on cuda:0-5 vs cpu:0: worst loss rel %.2e (%.2e without "
          "the documents)\n",
          worst, apart);
+  /* the same with attention as chunked 16-bit GEMMs (MTNLG_ATTENTION,
+   * read as each device opens) */
+  long rows0 = mt_emu_launch_count("k_att16_softmax_bwd"),
+       flash0 = mt_emu_launch_count("flash_fwd");
+  setenv("MTNLG_ATTENTION", "chunked", 1);
+  rc = run(&g, gpu);
+  unsetenv("MTNLG_ATTENTION");
+  CHECK(!rc, "cuda documents tp2 pp3, chunked attention: %s", mt_errmsg());
+  if (rc) return 0;
+  CHECK(mt_emu_launch_count("k_att16_softmax_bwd") > rows0 &&
+            mt_emu_launch_count("flash_fwd") == flash0,
+        "chunked attention: %ld backward row kernels, %ld flash forwards",
+        mt_emu_launch_count("k_att16_softmax_bwd") - rows0,
+        mt_emu_launch_count("flash_fwd") - flash0);
+  ranks_follow_cpu(gpu, 6, cpu, N, 1e-4, -1.0, "documents, chunked attention", &worst, &unused);
+  printf("  the same with MTNLG_ATTENTION=chunked: worst loss rel %.2e\n", worst);
   return 0;
 }
 

@@ -218,10 +218,17 @@ static void test_recompute_cuts_activation_memory(void) {
   /* per layer and micro-batch, 16-bit, t = 8: s b h (4 + 16/8) = 6 sbh, plus
    * the fp32 log-sum-exp of each row (4 a s / 8); once per device the
    * working set, s b h (1 + 11/8) 16-bit values and s b h (7 + 4/8) fp32
-   * ones, and the flash backward's scratch, (a/8) s fp32 values for each of
-   * the 8 samples a launch takes */
+   * ones, and attention's scratch: the larger of the flash backward's, (a/8)
+   * s fp32 values for each of the 8 samples a launch takes, and the chunked
+   * 16-bit GEMMs' (mt_att16_chunk: 16 heads of 512 query rows, their fp32
+   * scores and products of dout, their 16-bit probabilities and scores'
+   * gradient, dout's rows in 16 bits, and fp32 dK and dV of 16 heads of
+   * 160 columns, 246 MB) */
   int64_t sbh = 2048LL * 20480, lse = 4 * 128 * 2048 / 8, full = 6 * sbh + lse;
-  int64_t once = 2 * (sbh + sbh * 11 / 8) + 4 * (7 * sbh + sbh * 4 / 8) + 8 * (128 / 8) * 2048 * 4;
+  int64_t chunk = 16LL * 512 * 2048, flash = 8 * (128 / 8) * 2048 * 4;
+  int64_t att16 = 4 * (3 * chunk + 16 * 512 * 160 / 2 + 2 * 16LL * 2048 * 160);
+  int64_t once =
+      2 * (sbh + sbh * 11 / 8) + 4 * (7 * sbh + sbh * 4 / 8) + (att16 > flash ? att16 : flash);
   CHECK(off.first.activation_bytes == 35 * 3 * full + once);
   /* recomputation: each layer's input (2 sbh) and one layer's working set */
   CHECK(on.first.activation_bytes == 35 * 3 * 2 * sbh + full + once);
@@ -422,7 +429,11 @@ static void test_working_set_matches_model_layout(void) {
     CHECK(mt_plan_stage_of(&job, &two, 0, &s2) == MT_OK && s2.inflight == 2);
     const mt_model_spec *ms = &job.model;
     int64_t s = ms->seq_len, rows = s < 512 ? s : 512;
-    int64_t plan_scratch = (int64_t)(ms->n_head / tp) * s * 4 * (k % 2 ? 1 : 2 * rows);
+    int rc16, hc16, nh = ms->n_head / tp;
+    int64_t g16 =
+                mt_att16_chunk((int)s, nh, ms->n_embd / ms->n_head, 512, 64LL << 20, &rc16, &hc16),
+            f16 = (int64_t)mt_flash_bwd_samples((int)s, nh) * nh * s;
+    int64_t plan_scratch = k % 2 ? 4 * (g16 > f16 ? g16 : f16) : (int64_t)nh * s * 4 * 2 * rows;
     int64_t plan_work = 2 * s1.activation_bytes - s2.activation_bytes - plan_scratch;
 
     mt_gpt_config cfg = config_of(ms);

@@ -1,7 +1,9 @@
-/* test_start_checks.c — what mtnlgd refuses before a job starts, on the
+/* test_start_checks.c — what mtnlgd checks before a job starts, on the
  * devices it is given (daemon/steplog.c): a 16-bit job on GPUs whose head
- * size the flash attention does not take, named with its keys. No GPU is
- * needed: the head size is checked before the devices are asked anything. */
+ * size the flash attention does not take is no longer refused (its
+ * attention takes the chunked 16-bit GEMMs), so the check goes on to the
+ * devices' memory. No GPU is needed: without one that question fails, and
+ * not on the head size. */
 #include <string.h>
 
 #include "err.h"
@@ -32,14 +34,17 @@ static void job_with(mt_job *job, int hs, const char *precision) {
 
 static int names_head_size(void) { return strstr(mt_errmsg(), "head size") != NULL; }
 
-static void test_16bit_job_over_the_flash_head_size_is_refused_on_gpus(void) {
+/* Over the flash kernels' head size in bf16: the check goes past the head
+ * size to the devices (this machine may lack cuda:0: any error but the
+ * head size's) and, on the CPU, passes. */
+static void test_16bit_job_over_the_flash_head_size_passes(void) {
   mt_job job;
   job_with(&job, MT_FLASH_MAX_HS + 64, "bf16");
-  int rc = mt_check_memory_plan(&job, 1, "cuda:0");
-  CHECK(rc == MT_EINVAL && names_head_size() && strstr(mt_errmsg(), "n_head 2") &&
-            strstr(mt_errmsg(), "bf16 job"),
-        "rc %d: %s", rc, mt_errmsg());
-  printf("ok: %s\n", mt_errmsg());
+  mt_seterr(0, "%s", "no error");
+  mt_check_memory_plan(&job, 1, "cuda:0");
+  CHECK(!names_head_size(), "head size %d refused: %s", MT_FLASH_MAX_HS + 64, mt_errmsg());
+  int rc = mt_check_memory_plan(&job, 1, "cpu:0");
+  CHECK(rc == 0, "a bf16 job on the CPU refused: %s", mt_errmsg());
 }
 
 static void test_what_the_flash_kernels_take_passes(void) {
@@ -55,13 +60,10 @@ static void test_what_the_flash_kernels_take_passes(void) {
   mt_seterr(0, "%s", "no error");
   mt_check_memory_plan(&job, 1, "cuda:0");
   CHECK(!names_head_size(), "an fp32 job refused: %s", mt_errmsg());
-  job_with(&job, MT_FLASH_MAX_HS + 64, "bf16");
-  int rc = mt_check_memory_plan(&job, 1, "cpu:0");
-  CHECK(rc == 0, "a bf16 job on the CPU refused: %s", mt_errmsg());
 }
 
 int main(void) {
-  test_16bit_job_over_the_flash_head_size_is_refused_on_gpus();
+  test_16bit_job_over_the_flash_head_size_passes();
   test_what_the_flash_kernels_take_passes();
   printf("%s\n", failures ? "FAIL" : "ok");
   return failures ? 1 : 0;
