@@ -85,30 +85,42 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
   return 2 * (size_t)hc * rc * T;
 }
 
+/* The softmax statistics of a row's scores r[s0..t], a block a row: its
+ * max *m and 1 / the sum of exp(r - m), *inv, in one read of the row
+ * (each thread's running max and sum, the sum rescaled as its max grows,
+ * FlashAttention's online softmax), leaving a second read to write the
+ * probabilities exp(r - m) · inv. Every row has t >= s0, so m is finite. */
+static __device__ void row_softmax_stats(const float *r, int s0, int t, float *m, float *inv) {
+  float mx = -FLT_MAX, s = 0.0f;
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+    float v = r[j];
+    if (v > mx) {
+      s = s * expf(mx - v) + 1.0f;
+      mx = v;
+    } else {
+      s += expf(v - mx);
+    }
+  }
+  float M = mt__block_max(mx);
+  float sum = mt__block_sum(s == 0.0f ? 0.0f : s * expf(mx - M));
+  *m = M, *inv = 1.0f / sum;
+}
+
 /* Row (hh, i) of a chunk: the softmax over columns s0..t of the scaled
  * scores in place, zero before s0 and beyond to r1, and lse of (head h0 +
  * hh, row t) — lse_b is the sample's (NH, T), ds_b its document starts
- * (NULL: s0 = 0). The CPU backend's three passes. Zero probabilities stay
- * zero through the dropout and the softmax backward, so only this kernel
- * and k_att_probs see the documents. */
+ * (NULL: s0 = 0). Zero probabilities stay zero through the dropout and
+ * the softmax backward, so only this kernel and k_att_probs see the
+ * documents. */
 static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int r0, int rn, int r1,
                                      const int32_t *ds_b) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
-  float *r = P + (size_t)row * r1;
-  float mx = -FLT_MAX;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
-  mx = mt__block_max(mx);
-  float s = 0.0f;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
-    float e = expf(r[j] - mx);
-    r[j] = e;
-    s += e;
-  }
-  float sum = mt__block_sum(s), inv = 1.0f / sum;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) r[j] *= inv;
+  float *r = P + (size_t)row * r1, mx, inv;
+  row_softmax_stats(r, s0, t, &mx, &inv);
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) r[j] = expf(r[j] - mx) * inv;
   for (int j = threadIdx.x; j < s0; j += blockDim.x) r[j] = 0.0f;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
-  if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx + logf(sum);
+  if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx - logf(inv);
 }
 
 /* Row (hh, i) of a chunk in the backward pass: the probabilities again,
@@ -231,9 +243,8 @@ static void chunk_dropout(mt_device *d, float *dst, const float *P, const chunk 
 /* ---- a 16-bit qkv by chunked GEMMs -------------------------------------- */
 
 /* The chunks of a 16-bit qkv and where their tensors sit in the scratch
- * (mt_att16_chunk's regions, in its order): S the fp32 scores (then the
- * probabilities' exponentials), G the fp32 dout·Vᵀ (then its product with
- * the dropped probabilities), P and dS the 16-bit (dropped) probabilities
+ * (mt_att16_chunk's regions, in its order): S the fp32 scores, G the fp32
+ * dout·Vᵀ, P and dS the 16-bit (dropped) probabilities
  * and scores' gradient, all (hn, rn, r1); dO a chunk's dout rows in 16
  * bits (rn, hn·HS); acc fp32 sums of dK then dV over the row blocks of
  * one group of heads, (hn, T, HS) each, for a 16-bit dqkv. */
@@ -259,49 +270,42 @@ static att16_layout att16_layout_of(float *scratch, int T, int NH, int HS) {
 }
 
 /* Row (hh, i) of a chunk, forward: the softmax over columns s0..t of the
- * scaled scores in S (left holding exponentials), lse of (head h0 + hh,
- * row t), and into P the probabilities times the dropout's keep/(1 - p),
- * rounded to the 16-bit type, zero before s0 and beyond to r1. */
-static __global__ void k_att16_softmax(float *S, uint16_t *P, float *lse_b, int T, int h0, int r0,
-                                       int rn, int r1, const int32_t *ds_b, int fp16, int drop,
-                                       float p, uint64_t key, uint64_t sample, uint32_t head0) {
+ * scaled scores in S, lse of (head h0 + hh, row t), and into P the
+ * probabilities times the dropout's keep/(1 - p), rounded to the 16-bit
+ * type, zero before s0 and beyond to r1. */
+static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b, int T, int h0,
+                                       int r0, int rn, int r1, const int32_t *ds_b, int fp16,
+                                       int drop, float p, uint64_t key, uint64_t sample,
+                                       uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
-  float *r = S + (size_t)row * r1;
+  const float *r = S + (size_t)row * r1;
   uint16_t *o = P + (size_t)row * r1;
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
-  float mx = -FLT_MAX;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
-  mx = mt__block_max(mx);
-  float s = 0.0f;
+  float mx, inv;
+  row_softmax_stats(r, s0, t, &mx, &inv);
   for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
-    float e = expf(r[j] - mx);
-    r[j] = e;
-    s += e;
-  }
-  float sum = mt__block_sum(s), inv = 1.0f / sum;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
-    float v = r[j] * inv;
+    float v = expf(r[j] - mx) * inv;
     if (drop) v *= mt_dropout_scale(p, key, sample, e0 + j);
     o[j] = mt_half_pack(v, fp16);
   }
   for (int j = threadIdx.x; j < s0; j += blockDim.x) o[j] = 0;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) o[j] = 0;
-  if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx + logf(sum);
+  if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx - logf(inv);
 }
 
-/* Row (hh, i) of a chunk, backward: on entry S the scaled scores, G =
- * dout·Vᵀ. The probabilities again, p = exp(s - lse), and pd = p ·
- * keep/(1 - p) into P (16 bits); G = G ∘ pd, and dS = (G - p·ΣG)·scale
- * into dS (16 bits); both zero before s0 and beyond t to r1. */
-static __global__ void k_att16_softmax_bwd(const float *S, float *G, uint16_t *P, uint16_t *dS,
-                                           const float *lse_b, int T, int h0, int r0, int rn,
-                                           int r1, const int32_t *ds_b, float scale, int fp16,
-                                           int drop, float p, uint64_t key, uint64_t sample,
-                                           uint32_t head0) {
+/* Row (hh, i) of a chunk, backward: S the scaled scores, G = dout·Vᵀ.
+ * The probabilities again, p = exp(s - lse), and pd = p · keep/(1 - p)
+ * into P (16 bits); with g = G ∘ pd, dS = (g - p·Σg)·scale into dS (16
+ * bits); both zero before s0 and beyond t to r1. Two reads of S and G,
+ * the second making pd again (its dropout draw too) rather than storing g. */
+static __global__ void k_att16_softmax_bwd(const float *S, const float *G, uint16_t *P,
+                                           uint16_t *dS, const float *lse_b, int T, int h0, int r0,
+                                           int rn, int r1, const int32_t *ds_b, float scale,
+                                           int fp16, int drop, float p, uint64_t key,
+                                           uint64_t sample, uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
   size_t at = (size_t)row * r1;
-  const float *s = S + at;
-  float *g = G + at;
+  const float *s = S + at, *g = G + at;
   uint16_t *pd16 = P + at, *ds16 = dS + at;
   float l = lse_b[(size_t)(h0 + hh) * T + t], acc = 0.0f;
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
@@ -309,37 +313,37 @@ static __global__ void k_att16_softmax_bwd(const float *S, float *G, uint16_t *P
     float pd = expf(s[j] - l);
     if (drop) pd *= mt_dropout_scale(p, key, sample, e0 + j);
     pd16[j] = mt_half_pack(pd, fp16);
-    float v = g[j] * pd;
-    g[j] = v;
-    acc += v;
+    acc += g[j] * pd;
   }
   float rs = mt__block_sum(acc);
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x)
-    ds16[j] = mt_half_pack((g[j] - expf(s[j] - l) * rs) * scale, fp16);
+  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+    float pv = expf(s[j] - l), pd = drop ? pv * mt_dropout_scale(p, key, sample, e0 + j) : pv;
+    ds16[j] = mt_half_pack((g[j] * pd - pv * rs) * scale, fp16);
+  }
   for (int j = threadIdx.x; j < s0; j += blockDim.x) pd16[j] = ds16[j] = 0;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) pd16[j] = ds16[j] = 0;
 }
 
 /* A chunk's dout rows in 16 bits: dO(rn, w) = dout rows (ld C), w = hn·HS
- * columns from the chunk's first head. */
+ * columns from the chunk's first head. A block a row at a time. */
 static __global__ void k_att16_dout(uint16_t *dO, const float *dout, int rn, int w, int C,
                                     int fp16) {
-  size_t n = (size_t)rn * w;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x)
-    dO[i] = mt_half_pack(dout[i / w * C + i % w], fp16);
+  for (int i = blockIdx.x; i < rn; i += gridDim.x)
+    for (int c = threadIdx.x; c < w; c += blockDim.x)
+      dO[(size_t)i * w + c] = mt_half_pack(dout[(size_t)i * C + c], fp16);
 }
 
 /* A group of heads' dK and dV, summed over its row blocks in acc ((hn, T,
  * HS) each), into a 16-bit dqkv: dst is dK's row 0 of the group's first
- * head (ld 3C), dV C columns on. */
+ * head (ld 3C), dV C columns on. A block a row (of dK or dV, of one head)
+ * at a time. */
 static __global__ void k_att16_kv_store(uint16_t *dst, const float *acc, int T, int hn, int HS,
                                         int C, int fp16) {
-  size_t per = (size_t)hn * T * HS, n = 2 * per;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x) {
-    size_t kv = i / per, r = i % per, hh = r / ((size_t)T * HS), t = r / HS % T, c = r % HS;
-    dst[t * 3 * C + kv * C + hh * HS + c] = mt_half_pack(acc[i], fp16);
+  for (int r = blockIdx.x; r < 2 * hn * T; r += gridDim.x) {
+    int kv = r / (hn * T), hh = r / T % hn, t = r % T;
+    const float *a = acc + (size_t)r * HS;
+    uint16_t *o = dst + (size_t)t * 3 * C + (size_t)kv * C + (size_t)hh * HS;
+    for (int c = threadIdx.x; c < HS; c += blockDim.x) o[c] = mt_half_pack(a[c], fp16);
   }
 }
 
@@ -387,7 +391,7 @@ static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     int hn = k.hn, rn = k.rn, r1 = k.r1, w = hn * HS;
     size_t head = (size_t)k.b * T * ld3 + (size_t)k.h0 * HS; /* this group's row 0 in dqkv */
-    MT_LAUNCH(k_att16_dout, mt__cuda_blocks((size_t)rn * w, ATT_THREADS), ATT_THREADS, c->stream)
+    MT_LAUNCH(k_att16_dout, mt__cuda_blocks((size_t)rn, 1), ATT_THREADS, c->stream)
     (l.dO, dout + ((size_t)k.b * T + k.r0) * C + (size_t)k.h0 * HS, rn, w, C, fp16);
     mt__cuda_check(d, "attention_bwd dout (16-bit GEMMs)");
     chunk_scores(d, "attention_bwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
@@ -429,8 +433,7 @@ static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
         {0, 1, HS, r1, rn, hn, qkv + k.q, ld3, HS, l.dS, r1, k.sP, dk, ldkv, skv, 1.0f, 1.0f, NULL},
         qt, MT_F32);
     if (half && r1 == T) {
-      MT_LAUNCH(k_att16_kv_store, mt__cuda_blocks(2 * (size_t)hn * T * HS, ATT_THREADS),
-                ATT_THREADS, c->stream)
+      MT_LAUNCH(k_att16_kv_store, mt__cuda_blocks(2 * (size_t)hn * T, 1), 128, c->stream)
       ((uint16_t *)dqkv + head + C, l.acc, T, hn, HS, C, fp16);
       mt__cuda_check(d, "attention_bwd dK and dV (16-bit GEMMs)");
     }

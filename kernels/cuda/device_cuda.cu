@@ -182,6 +182,13 @@ int mt__cuda_open(mt_device *d, int index) {
   d->gelu_epilogue = !ge || ge[0] == '1';
   c->flash_fwd_rows = flash_rows;
   c->att_path = att_path;
+  if (att_path != MT__CUDA_ATT_FLASH)
+    mt_log_info("device %s: a 16-bit qkv's attention %s (MTNLG_ATTENTION=%s)", d->name,
+                att_path == MT__CUDA_ATT_CHUNKED
+                    ? "by chunked 16-bit GEMMs"
+                    : "by the flash kernels or chunked 16-bit GEMMs, each shape's first call "
+                      "timing both",
+                ap);
   if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
       c->sms < 1)
     c->sms = 1;

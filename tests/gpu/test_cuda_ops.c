@@ -1890,6 +1890,48 @@ static void test_flash_rows_switch(void) {
   env_put_back("MTNLG_FLASH_FWD_ROWS", saved);
 }
 
+/* MTNLG_ATTENTION at open: flash (as unset), chunked or auto sets how a
+ * 16-bit qkv's attention runs; anything else refuses the device, naming
+ * the variable, as mt__cuda_attention_path refuses any other value. A
+ * head size over MT_FLASH_MAX_HS takes the chunked GEMMs whatever is set.
+ * The environment is put back as it was. */
+static void test_attention_path_switch(void) {
+  char *saved = env_saved("MTNLG_ATTENTION");
+  static const char *vals[] = {"fast", NULL, "flash", "chunked", "auto"};
+  static const int want[] = {-1, MT__CUDA_ATT_FLASH, MT__CUDA_ATT_FLASH, MT__CUDA_ATT_CHUNKED,
+                             MT__CUDA_ATT_AUTO};
+  for (int k = 0; k < 5; k++) {
+    mt_device d;
+    if (vals[k])
+      setenv("MTNLG_ATTENTION", vals[k], 1);
+    else
+      unsetenv("MTNLG_ATTENTION");
+    int rc = mt_device_open(&d, "cuda:0");
+    const char *what = label("MTNLG_ATTENTION=%s", vals[k] ? vals[k] : "(unset)");
+    if (!k) {
+      check_that("device_open", label("%s: refused", what),
+                 rc && strstr(mt_errmsg(), "MTNLG_ATTENTION=\"fast\""),
+                 rc ? mt_errmsg() : "opened");
+      continue;
+    }
+    int got = rc ? -1 : mt__cuda_attention_path_mode(&d);
+    int fwd = rc ? -1 : mt__cuda_attention_path_of(&d, 0, 64, 0, 2, 70, 2, 0, 0);
+    check_that("device_open", label("%s: path %d", what, want[k]),
+               !rc && got == want[k] && fwd == want[k], rc ? mt_errmsg() : label("%d", got));
+    if (rc) continue;
+    int wide = mt__cuda_attention_path_of(&d, 1, 300, 0, 2, 70, 2, 0, 0);
+    check_that("attention_path", label("%s: head size 300 chunked", what),
+               wide == MT__CUDA_ATT_CHUNKED, label("%d", wide));
+    if (k == 4) {
+      int bad = mt__cuda_attention_path(&d, 7);
+      check_that("attention_path", "path 7: refused", bad == MT_EINVAL && strstr(mt_errmsg(), "7"),
+                 bad ? mt_errmsg() : "taken");
+    }
+    mt_device_close(&d);
+  }
+  env_put_back("MTNLG_ATTENTION", saved);
+}
+
 /* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
  * ops then run GeLU and its gradient as kernels of their own, the values
  * the same within the epilogues' tolerance, which the op checks hold them
@@ -2313,6 +2355,10 @@ int main(int argc, char **argv) {
     test_chunked16_attention(f64, MT_F16, 0);
     test_chunked16_attention(heads, MT_F16, 1);
     test_chunked16_attention(odd, MT_BF16, 1);
+    /* rows past a row kernel's 256 threads: each thread's online softmax
+     * sums more than one score */
+    test_attention(f300, MT_MATMUL_FP32, 0);
+    test_chunked16_attention(f300, MT_BF16, 0);
     shape wide = {1, 20, 600, 2, 37, 40};
     test_chunked16_attention(wide, MT_BF16, 1);
     test_attention_decode(300, 64, 4);
@@ -2400,6 +2446,7 @@ int main(int argc, char **argv) {
   }
   test_gelu_epilogue_switch();
   test_flash_rows_switch();
+  test_attention_path_switch();
   int rc = mt_device_sync(&gpu);
   if (rc) {
     printf("FAIL device sync: %s\n", mt_errmsg());
