@@ -174,7 +174,8 @@ void mt__cuda_attention_decode(mt_device *d, float *out, const float *qkv, int n
 /* flash_cuda.cu: the attention of a 16-bit qkv (qt MT_BF16 or MT_F16), one
  * fused kernel per pass on the tensor cores. The backward needs B·NH·T
  * floats of scratch at most (it goes by groups of samples otherwise). A
- * head size over MT_FLASH_MAX_HS (ops.h) records an error on d. */
+ * head size over MT_FLASH_MAX_HS (ops.h) records an error on d. Called
+ * by attention_cuda.cu's ops, which check dqkv's type first. */
 void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
                         int B, int T, int C, int NH, const mt_dropout *drop,
                         const int32_t *doc_start);

@@ -1486,13 +1486,6 @@ void mt__cuda_flash_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
   int HS = C / NH, fp16 = qt == MT_F16, half = gt != MT_F32;
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || !flash_fits(d, "attention_bwd", HS)) return;
-  if (half && gt != qt) {
-    char msg[128];
-    snprintf(msg, sizeof msg, "a %s dqkv with a %s qkv (ops.h: fp32, or qkv's own type)",
-             gt == MT_F16 ? "binary16" : "bf16", qt == MT_F16 ? "binary16" : "bf16");
-    mt__cuda_fail(d, "attention_bwd", msg);
-    return;
-  }
   mt__cuda *c = mt__cuda_enter(d);
   float scale = 1.0f / sqrtf((float)HS);
   int per = (int)(scratch_floats / ((size_t)NH * T)); /* samples whose D fit the scratch */
