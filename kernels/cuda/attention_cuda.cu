@@ -208,25 +208,10 @@ static chunk chunk_of(int i, int T, int C, int NH, int rc, int hc) {
 static void chunk_scores(mt_device *d, const char *what, float *P, const void *qkv, mt_dtype qt,
                          const chunk *k, int C, int HS) {
   int ld3 = 3 * C, es = qt == MT_F32 ? 4 : 2;
-  const char *base = (const char *)qkv;
-  mt__gemm g = {1,
-                0,
-                k->r1,
-                k->rn,
-                HS,
-                k->hn,
-                base + k->k * es,
-                ld3,
-                HS,
-                base + k->q * es,
-                ld3,
-                HS,
-                P,
-                k->r1,
-                k->sP,
-                1.0f / sqrtf((float)HS),
-                0.0f,
-                NULL};
+  const char *K = (const char *)qkv + k->k * es, *Q = (const char *)qkv + k->q * es;
+  float scale = 1.0f / sqrtf((float)HS);
+  mt__gemm g = {1, 0,   k->r1, k->rn, HS,    k->hn, K,     ld3,  HS,
+                Q, ld3, HS,    P,     k->r1, k->sP, scale, 0.0f, NULL};
   g.at = g.bt = qt; /* D fp32 */
   mt__cuda_gemm(d, what, &g);
 }
