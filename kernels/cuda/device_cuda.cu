@@ -327,9 +327,13 @@ static uint32_t alignment(const void *p, int ld, long long stride, int batch, ui
   return a;
 }
 
-/* The last few shapes' algorithms: a layer repeats the same dozen GEMMs, and
- * the heuristic query costs more than creating the descriptors. */
-#define ALGO_CACHE 32
+/* The last shapes' algorithms: a layer repeats the same dozen GEMMs, and
+ * the heuristic query costs more than creating the descriptors. A 16-bit
+ * job's chunked attention adds 28 more at T 2048 (7 GEMMs of each of 4
+ * row blocks' widths), and a step visits its shapes in a cycle, which an
+ * LRU cache smaller than the cycle misses on every call: 128 keeps a step's
+ * shapes with room to spare (a look-up scans them, about a microsecond). */
+#define ALGO_CACHE 128
 
 /* The GeLU epilogues gemm_lt runs: the forward's writes aux = the result
  * (bias included) and D = gelu(aux); the backward's reads aux, the forward's

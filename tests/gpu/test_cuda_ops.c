@@ -1320,6 +1320,18 @@ static void test_chunked16_attention(shape s, mt_dtype qt, int with_dropout) {
   gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv in 16 bits (written)", tag), back_half(gdh, nq, qt),
         as_floats(cdh, nq, qt), nq, 1e-2);
+#ifdef MT_CUDA_EMU
+  /* the shapes' algorithms kept (ALGO_CACHE): the same calls again query
+   * cuBLASLt's heuristic no more, where the chunks' GEMM shapes are few
+   * (row blocks of distinct widths, 7 GEMMs each) */
+  if ((T + 3) / 4 <= 8) {
+    long q0 = mt_emu_heuristic_count();
+    gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp, gds);
+    gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
+    check_that("attention", label("%s again: no heuristic query", tag),
+               mt_emu_heuristic_count() == q0, label("%ld", mt_emu_heuristic_count() - q0));
+  }
+#endif
 
   /* auto; B + 1 samples (the first B as above): a shape not yet timed */
   mt__cuda_attention_path(&gpu, MT__CUDA_ATT_AUTO);

@@ -1017,7 +1017,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
       }
 }
 
-std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas, gemms_16bit;
+std::atomic<long> gemms_lt, gemms_lt_gelu, gemms_lt_dgelu, gemms_blas, gemms_16bit, heuristics;
 int lt_disabled;
 
 } // namespace mt_emu
@@ -1045,6 +1045,8 @@ void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas) {
 }
 
 long mt_emu_gemm16_count(void) { return mt_emu::gemms_16bit; }
+
+long mt_emu_heuristic_count(void) { return mt_emu::heuristics; }
 
 void mt_emu_fail_launch(const char *kernel, long n) {
   std::lock_guard<std::mutex> lk(launch_mu);
@@ -1398,6 +1400,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
                                               cublasLtMatmulPreference_t pref, int requested,
                                               cublasLtMatmulHeuristicResult_t *res, int *returned) {
   *returned = 0;
+  mt_emu::heuristics++;
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
   if (mt_emu::lt_disabled || getenv("MT_CUDA_EMU_NO_LT")) return CUBLAS_STATUS_NOT_SUPPORTED;
   cublasStatus_t st = check_types(op->compute, a->type, b->type, c->type, d->type);

@@ -180,6 +180,8 @@ const char *cudaGetErrorName(cudaError_t e);
  * 16-bit (bf16 or binary16). */
 void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas);
 long mt_emu_gemm16_count(void);
+/* cublasLtMatmulAlgoGetHeuristic's calls so far, process-wide */
+long mt_emu_heuristic_count(void);
 /* Launches so far, process-wide, of the kernel of that name (as MT_LAUNCH
  * spells it: "k_to_half"), whether or not they ran. */
 long mt_emu_launch_count(const char *kernel);
