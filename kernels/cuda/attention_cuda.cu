@@ -71,13 +71,20 @@ static void att_chunk(int T, int NH, int *rc, int *hc) {
 /* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
  * (flash_cuda.cu) one sample's rows, as many samples at a time as fit, or
  * its chunks (mt_att16_chunk), whichever is larger. */
+/* The flash backward's share: its D rows (NH·T floats a sample) of up to
+ * MT_CUDA_FLASH_SAMPLES samples, which sets how many a launch takes */
+static size_t flash_scratch(int T, int NH) {
+  int n = mt_flash_bwd_samples(T, NH);
+  return (size_t)(n < MT_CUDA_FLASH_SAMPLES ? n : MT_CUDA_FLASH_SAMPLES) * NH * T;
+}
+
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
   (void)d;
   int rc, hc;
   if (T < 1 || NH < 1) return 1;
   if (qt != MT_F32) {
-    int n = mt_flash_bwd_samples(T, NH), HS = C / NH > 0 ? C / NH : 1;
-    size_t flash = (size_t)(n < MT_CUDA_FLASH_SAMPLES ? n : MT_CUDA_FLASH_SAMPLES) * NH * T;
+    int HS = C / NH > 0 ? C / NH : 1;
+    size_t flash = flash_scratch(T, NH);
     size_t gemm = (size_t)mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, &rc, &hc);
     return flash > gemm ? flash : gemm;
   }
@@ -532,8 +539,8 @@ static void att16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, con
     if (path == MT__CUDA_ATT_CHUNKED)
       chunked16_bwd(d, dqkv, gt, scratch, dout, qkv, qt, lse, B, T, C, NH, drop, doc_start);
     else
-      mt__cuda_flash_bwd(d, dqkv, gt, scratch, mt__cuda_attention_scratch(d, T, C, NH, qt), dout,
-                         out, qkv, qt, lse, B, T, C, NH, drop, doc_start);
+      mt__cuda_flash_bwd(d, dqkv, gt, scratch, flash_scratch(T, NH), dout, out, qkv, qt, lse, B, T,
+                         C, NH, drop, doc_start);
   };
   int path = att_path_of(c, k, gt == MT_F32);
   if (path == MT__CUDA_ATT_AUTO)
