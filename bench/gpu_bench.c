@@ -603,6 +603,11 @@ static void print_p_regs(const char *key, const double ms[4]) {
   printf("RESULT %s_flash_smem_ms %.3f\n", key, ms[3]);
 }
 
+/* A 16-bit qkv's attention path, as MTNLG_ATTENTION names it */
+static const char *path_name(int path) {
+  return path == MT__CUDA_ATT_CHUNKED ? "chunked" : path == MT__CUDA_ATT_AUTO ? "auto" : "flash";
+}
+
 /* Attention alone at the layer's shapes: the fp32 qkv of an fp32 job beside
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
@@ -614,8 +619,8 @@ static void bench_attention(int B) {
    * Philox draws and the kept-or-dropped products */
   double dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.1f);
   /* the other path of a 16-bit qkv: the same chunks as fp32's with bf16
-   * GEMMs (Megatron's unfused attention); then auto, as mtnlgd runs by
-   * default: each pass's first call times both and keeps the faster */
+   * GEMMs (Megatron's unfused attention); then auto (MTNLG_ATTENTION=auto):
+   * each pass's first call times both and keeps the faster */
   double g16_fwd = 0.0, auto_fwd = 0.0;
   mt__cuda_attention_path(&dev, MT__CUDA_ATT_CHUNKED);
   double g16 = attention_ms(B, T, C, NH, MT_BF16, &g16_fwd, NULL, NULL, NULL, 0.0f);
@@ -628,17 +633,14 @@ static void bench_attention(int B) {
          "ms), %.2fx flash's time; auto %.2f ms (forward %.2f ms), keeping %s forward, %s "
          "backward\n",
          B, g16, attention_flops(B, T, C) / (g16 * 1e-3) / 1e12, g16_fwd, g16 / flash, autom,
-         auto_fwd, fwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash",
-         bwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash");
+         auto_fwd, path_name(fwd_path), path_name(bwd_path));
   printf("RESULT attention_chunked16_ms %.3f\n", g16);
   printf("RESULT attention_chunked16_tflops %.2f\n",
          attention_flops(B, T, C) / (g16 * 1e-3) / 1e12);
   printf("RESULT attention_chunked16_fwd_ms %.3f\n", g16_fwd);
   printf("RESULT attention_auto_ms %.3f\n", autom);
-  printf("RESULT attention_auto_fwd_path %s\n",
-         fwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash");
-  printf("RESULT attention_auto_bwd_path %s\n",
-         bwd_path == MT__CUDA_ATT_CHUNKED ? "chunked" : "flash");
+  printf("RESULT attention_auto_fwd_path %s\n", path_name(fwd_path));
+  printf("RESULT attention_auto_bwd_path %s\n", path_name(bwd_path));
   double tflops = attention_flops(B, T, C) / (flash * 1e-3) / 1e12;
   printf("attention B=%d T=%d, fwd+bwd: fp32 qkv (chunked GEMMs) %.2f ms, bf16 qkv (flash) %.2f "
          "ms (%.1f TFLOP/s; forward %.2f ms, %.1f TFLOP/s), %.2fx\n",
@@ -868,7 +870,7 @@ int main(int argc, char **argv) {
   fflush(stdout);
 
   /* the flash kernels' figures with the flash path set; the layers as
-   * mtnlgd runs them (MTNLG_ATTENTION, by default auto) */
+   * mtnlgd runs them (MTNLG_ATTENTION, by default flash) */
   int att_path = mt__cuda_attention_path_mode(&dev);
   mt__cuda_attention_path(&dev, MT__CUDA_ATT_FLASH);
   bench_attention(4);
