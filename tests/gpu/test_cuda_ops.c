@@ -1323,8 +1323,9 @@ static void test_chunked16_attention(shape s, mt_dtype qt, int with_dropout) {
 #ifdef MT_CUDA_EMU
   /* the shapes' algorithms kept (ALGO_CACHE): the same calls again query
    * cuBLASLt's heuristic no more, where the chunks' GEMM shapes are few
-   * (row blocks of distinct widths, 7 GEMMs each) */
-  if ((T + 3) / 4 <= 8) {
+   * (row blocks of distinct widths, 7 GEMMs each); not with cuBLASLt
+   * off (MT_CUDA_EMU_NO_LT), whose refusals are not kept */
+  if ((T + 3) / 4 <= 8 && !getenv("MT_CUDA_EMU_NO_LT")) {
     long q0 = mt_emu_heuristic_count();
     gpu.ops->attention_fwd(&gpu, go, gl, gs, gqkv, qt, B, T, C, NH, dp, gds);
     gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
