@@ -87,8 +87,10 @@ static inline int mt_flash_bwd_samples(int T, int NH) {
  * and scores' gradient), at least one; returns the floats of scratch the
  * chunks take: those tensors, dout rounded to 16 bits, and fp32 sums of dK
  * and dV for the chunk's heads, each region rounded up to 64 floats. GPUs
- * ask max_rows 512, budget 64M floats (256 MiB); mtnlgctl plan counts
- * the same. */
+ * ask MT_GPU_ATT_ROWS and MT_GPU_ATT_FLOATS (an fp32 qkv's chunks too);
+ * mtnlgctl plan counts the same. */
+#define MT_GPU_ATT_ROWS 512            /* a GPU's chunks of query rows, at most */
+#define MT_GPU_ATT_FLOATS (64LL << 20) /* and the scratch floats they aim at: 256 MiB */
 static inline long long mt_att16_chunk(int T, int NH, int HS, int max_rows, long long budget,
                                        int *rows, int *heads) {
   long long r = T < max_rows ? T : max_rows, h;

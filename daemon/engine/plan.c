@@ -112,7 +112,8 @@ static int64_t layer_act_bytes(const mt_model_spec *m, int b, int t, int mixed, 
 /* Once per device: a block's working buffers and attention's scratch (see
  * the top). */
 static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed, int sp) {
-  int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h, rows = s < 512 ? s : 512;
+  int64_t s = m->seq_len, h = m->n_embd, sbh = s * b * h,
+          rows = s < MT_GPU_ATT_ROWS ? s : MT_GPU_ATT_ROWS;
   int64_t lng = sp ? 4 * h * 4 : 0;
   if (!mixed) {
     int64_t whole = sp ? 4 * sbh + 16 * sbh / t : 5 * sbh + 15 * sbh / t;
@@ -121,7 +122,8 @@ static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed
   int64_t nh = m->n_head / t, f32 = sp ? 3 * sbh + 8 * sbh / t : 7 * sbh + 4 * sbh / t;
   int rc, hc;
   int64_t flash = mt_flash_bwd_samples((int)s, (int)nh) * nh * s,
-          gemm = mt_att16_chunk((int)s, (int)nh, (int)(h / m->n_head), 512, 64LL << 20, &rc, &hc);
+          gemm = mt_att16_chunk((int)s, (int)nh, (int)(h / m->n_head), MT_GPU_ATT_ROWS,
+                                MT_GPU_ATT_FLOATS, &rc, &hc);
   return 2 * (sbh + sbh * 11 / t) + 4 * f32 + lng + 4 * (flash > gemm ? flash : gemm);
 }
 

@@ -41,11 +41,11 @@ extern "C" {
  * and value GEMMs' work against whole T×T blocks. The emulator test shrinks
  * both this and the budget to reach every chunking path. */
 #ifndef MT_CUDA_ATT_ROWS
-#define MT_CUDA_ATT_ROWS 512
+#define MT_CUDA_ATT_ROWS MT_GPU_ATT_ROWS
 #endif
 /* Scratch floats a chunk aims at (two chunk tensors): 256 MiB. */
 #ifndef MT_CUDA_ATT_FLOATS
-#define MT_CUDA_ATT_FLOATS ((size_t)64 << 20)
+#define MT_CUDA_ATT_FLOATS ((size_t)MT_GPU_ATT_FLOATS)
 #endif
 
 /* At most this many samples a flash backward launch (mt_flash_bwd_samples);
@@ -440,62 +440,57 @@ int mt__cuda_attention_path(mt_device *d, int path) {
                      "device %s: attention path %d: auto (%d), flash (%d) or chunked (%d)", d->name,
                      path, MT__CUDA_ATT_AUTO, MT__CUDA_ATT_FLASH, MT__CUDA_ATT_CHUNKED);
   mt__cuda *c = mt__cuda_of(d);
-  if (c->att_path != path) c->att_tuned_n = 0;
+  if (c->att_path != path) c->att_tuned.n = 0;
   c->att_path = path;
   return 0;
 }
 
 int mt__cuda_attention_path_mode(mt_device *d) { return mt__cuda_of(d)->att_path; }
 
-static mt__cuda::mt__att_tuned *att_tuned_of(mt__cuda *c, const mt__cuda::mt__att_tuned &k) {
-  int n = c->att_tuned_n < MT_CUDA_FLASH_TUNED ? c->att_tuned_n : MT_CUDA_FLASH_TUNED;
-  for (int i = 0; i < n; i++) {
-    mt__cuda::mt__att_tuned *t = &c->att_tuned[i];
-    if (t->HS == k.HS && t->fp16 == k.fp16 && t->B == k.B && t->T == k.T && t->NH == k.NH &&
-        t->drop == k.drop && t->docs == k.docs && t->bwd == k.bwd)
-      return t;
-  }
-  return NULL;
-}
-
-/* The path of a pass of this shape: set, or forced (a head size the flash
- * kernels do not take; an fp32 dqkv's backward, auto: flash), or as timed
- * (MT__CUDA_ATT_AUTO while not) */
-static int att_path_of(mt__cuda *c, const mt__cuda::mt__att_tuned &k, int adds) {
+/* The path of a pass (bwd 0 or 1) of shape k: set, or forced (a head size
+ * the flash kernels do not take; an fp32 dqkv's backward, which adds, in
+ * auto: flash), or as timed (MT__CUDA_ATT_AUTO while not) */
+static int att_path_of(mt__cuda *c, const mt__att_shape &k, int bwd, int adds) {
   if (k.HS > MT_FLASH_MAX_HS) return MT__CUDA_ATT_CHUNKED;
   if (c->att_path != MT__CUDA_ATT_AUTO) return c->att_path;
   if (adds) return MT__CUDA_ATT_FLASH;
-  mt__cuda::mt__att_tuned *t = att_tuned_of(c, k);
-  return t ? t->path : MT__CUDA_ATT_AUTO;
+  mt__att_choice *t = c->att_tuned.find(k);
+  return t ? t->path[bwd] : MT__CUDA_ATT_AUTO;
 }
 
 int mt__cuda_attention_path_of(mt_device *d, int bwd, int head_size, int fp16, int B, int T, int NH,
                                int dropout, int docs) {
-  mt__cuda::mt__att_tuned k = {head_size, !!fp16, B, T, NH, !!dropout, !!docs, !!bwd, 0};
-  return att_path_of(mt__cuda_of(d), k, 0);
+  return att_path_of(mt__cuda_of(d), {head_size, !!fp16, B, T, NH, !!dropout, !!docs}, !!bwd, 0);
 }
 
-/* Auto, a pass's first call of a shape: runs the flash kernels once (so
- * that their own first-call timing, flash_cuda.cu's, is not counted), then
- * times both paths (mt__cuda_time_variants, chunked last: both write every
- * output, so the last run leaves valid ones) and keeps the faster. A
- * timing that fails keeps flash and runs it once more. */
+/* Runs a pass (bwd 0 or 1) of shape k by its path: run(path) queues it.
+ * Auto, the pass's first call of the shape: runs the flash kernels once
+ * (so that their own first-call timing, flash_cuda.cu's, is not counted),
+ * then times both paths (mt__cuda_time_variants, chunked last: both write
+ * every output, so the last run leaves valid ones) and keeps the faster.
+ * A timing that fails keeps flash and runs it once more. */
 template <class F>
-static void att_timed(mt_device *d, mt__cuda *c, mt__cuda::mt__att_tuned k, F run) {
+static void att_run(mt_device *d, const mt__att_shape &k, int bwd, int adds, F run) {
+  mt__cuda *c = mt__cuda_enter(d);
+  int path = att_path_of(c, k, bwd, adds);
+  if (path != MT__CUDA_ATT_AUTO) {
+    run(path);
+    return;
+  }
   run(MT__CUDA_ATT_FLASH);
   float best[2];
   int ok = mt__cuda_time_variants(
       c, 2, best, [&](int v) { run(v ? MT__CUDA_ATT_CHUNKED : MT__CUDA_ATT_FLASH); });
-  k.path = ok && best[1] < best[0] ? MT__CUDA_ATT_CHUNKED : MT__CUDA_ATT_FLASH;
+  path = ok && best[1] < best[0] ? MT__CUDA_ATT_CHUNKED : MT__CUDA_ATT_FLASH;
   if (!ok) {
     cudaGetLastError();
     run(MT__CUDA_ATT_FLASH);
   }
-  c->att_tuned[c->att_tuned_n++ % MT_CUDA_FLASH_TUNED] = k;
+  c->att_tuned.get(k)->path[bwd] = path;
   mt_log_info("device %s: attention %s of a %s qkv, head size %d, B %d, T %d, %d heads: flash "
               "%.3f ms, chunked 16-bit GEMMs %.3f ms: %s kept",
-              d->name, k.bwd ? "backward" : "forward", k.fp16 ? "binary16" : "bf16", k.HS, k.B, k.T,
-              k.NH, best[0], best[1], k.path == MT__CUDA_ATT_FLASH ? "flash" : "chunked");
+              d->name, bwd ? "backward" : "forward", k.fp16 ? "binary16" : "bf16", k.HS, k.B, k.T,
+              k.NH, best[0], best[1], path == MT__CUDA_ATT_FLASH ? "flash" : "chunked");
 }
 
 static void att16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratch, const uint16_t *qkv,
@@ -503,20 +498,13 @@ static void att16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratch, c
                       const int32_t *doc_start) {
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || C < 1 || NH < 1) return;
-  mt__cuda *c = mt__cuda_enter(d);
-  mt__cuda::mt__att_tuned k = {C / NH,       qt == MT_F16,      B, T, NH,
-                               drop != NULL, doc_start != NULL, 0, 0};
-  auto run = [&](int path) {
+  mt__att_shape k = {C / NH, qt == MT_F16, B, T, NH, drop != NULL, doc_start != NULL};
+  att_run(d, k, 0, 0, [&](int path) {
     if (path == MT__CUDA_ATT_CHUNKED)
       chunked16_fwd(d, out, lse, scratch, qkv, qt, B, T, C, NH, drop, doc_start);
     else
       mt__cuda_flash_fwd(d, out, lse, qkv, qt, B, T, C, NH, drop, doc_start);
-  };
-  int path = att_path_of(c, k, 0);
-  if (path == MT__CUDA_ATT_AUTO)
-    att_timed(d, c, k, run);
-  else
-    run(path);
+  });
 }
 
 static void att16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
@@ -532,21 +520,14 @@ static void att16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, con
     mt__cuda_fail(d, "attention_bwd", msg);
     return;
   }
-  mt__cuda *c = mt__cuda_enter(d);
-  mt__cuda::mt__att_tuned k = {C / NH,       qt == MT_F16,      B, T, NH,
-                               drop != NULL, doc_start != NULL, 1, 0};
-  auto run = [&](int path) {
+  mt__att_shape k = {C / NH, qt == MT_F16, B, T, NH, drop != NULL, doc_start != NULL};
+  att_run(d, k, 1, gt == MT_F32, [&](int path) {
     if (path == MT__CUDA_ATT_CHUNKED)
       chunked16_bwd(d, dqkv, gt, scratch, dout, qkv, qt, lse, B, T, C, NH, drop, doc_start);
     else
       mt__cuda_flash_bwd(d, dqkv, gt, scratch, flash_scratch(T, NH), dout, out, qkv, qt, lse, B, T,
                          C, NH, drop, doc_start);
-  };
-  int path = att_path_of(c, k, gt == MT_F32);
-  if (path == MT__CUDA_ATT_AUTO)
-    att_timed(d, c, k, run);
-  else
-    run(path);
+  });
 }
 
 void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch, const void *qkv_,

@@ -33,6 +33,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "device.h"
 #include "ops.h"
@@ -52,6 +53,47 @@
 
 /* The flash forward's shapes whose rows a warp were timed, kept a device */
 #define MT_CUDA_FLASH_TUNED 16
+
+/* A 16-bit qkv's attention shape, as a timed choice is kept for it */
+typedef struct mt__att_shape {
+  int HS, fp16, B, T, NH, drop, docs;
+} mt__att_shape;
+
+/* The flash forward's variant a shape's timing kept: 16 or 32 query rows a
+ * warp; p_smem, the 16-row forward faster with P through shared memory */
+typedef struct mt__flash_choice {
+  int rows, p_smem;
+} mt__flash_choice;
+
+/* The attention path (MT__CUDA_ATT_FLASH or _CHUNKED) a shape's timing
+ * kept for its forward (path[0]) and backward (path[1]); 0 not yet */
+typedef struct mt__att_choice {
+  int path[2];
+} mt__att_choice;
+
+/* The shapes a device timed a choice for, the last MT_CUDA_FLASH_TUNED
+ * of them (round robin); zeroed, empty */
+template <class V> struct mt__tuned {
+  struct {
+    mt__att_shape shape;
+    V v;
+  } e[MT_CUDA_FLASH_TUNED];
+  int n;
+  /* the choice kept for s, or NULL */
+  V *find(const mt__att_shape &s) {
+    for (int i = 0; i < (n < MT_CUDA_FLASH_TUNED ? n : MT_CUDA_FLASH_TUNED); i++)
+      if (!memcmp(&e[i].shape, &s, sizeof s)) return &e[i].v;
+    return NULL;
+  }
+  /* s's choice, a zeroed one taking the oldest place where s has none */
+  V *get(const mt__att_shape &s) {
+    V *v = find(s);
+    if (v) return v;
+    auto &x = e[n++ % MT_CUDA_FLASH_TUNED];
+    x.shape = s, x.v = V();
+    return &x.v;
+  }
+};
 
 typedef struct mt__cuda {
   int index;
@@ -74,18 +116,11 @@ typedef struct mt__cuda {
   cudaEvent_t flash_events[4]; /* mt__cuda_flash_bwd_timing's, or NULL */
   int flash_fwd_rows;          /* query rows a warp of the flash forward: 16 or 32, 0 timed per
                                   shape (MTNLG_FLASH_FWD_ROWS, mt__cuda_flash_fwd_rows) */
-  struct mt__flash_tuned {     /* the shapes timed, and the rows found faster; p_smem: the
-                                  16-row forward faster with P through shared memory */
-    int HS, fp16, B, T, NH, drop, docs, rows, p_smem;
-  } flash_tuned[MT_CUDA_FLASH_TUNED];
-  int flash_tuned_n;     /* entries filled, round robin past MT_CUDA_FLASH_TUNED */
-  int att_path;          /* a 16-bit qkv's attention: MT__CUDA_ATT_AUTO, _FLASH or _CHUNKED
-                            (MTNLG_ATTENTION, mt__cuda_attention_path) */
-  struct mt__att_tuned { /* auto: the shapes timed, each pass's faster path */
-    int HS, fp16, B, T, NH, drop, docs, bwd, path;
-  } att_tuned[MT_CUDA_FLASH_TUNED];
-  int att_tuned_n;
-  int err; /* first error an op met: MT_EIO, 0 when none */
+  mt__tuned<mt__flash_choice> flash_tuned; /* the forward's variant each shape timed */
+  int att_path; /* a 16-bit qkv's attention: MT__CUDA_ATT_AUTO, _FLASH or _CHUNKED
+                   (MTNLG_ATTENTION, mt__cuda_attention_path) */
+  mt__tuned<mt__att_choice> att_tuned; /* auto: each shape's faster path, per pass */
+  int err;                             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;
 

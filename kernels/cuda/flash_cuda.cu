@@ -1357,7 +1357,7 @@ int mt__cuda_flash_p_regs(mt_device *d, int on) {
                      "device %s: flash P in registers: this GPU's bf16 matrix_a fragment is not "
                      "laid out as its accumulator",
                      d->name);
-  if (c->flash_p_regs != !!on) c->flash_tuned_n = 0; /* the 16-row forward changed: time again */
+  if (c->flash_p_regs != !!on) c->flash_tuned.n = 0; /* the 16-row forward changed: time again */
   c->flash_p_regs = !!on;
   return 0;
 }
@@ -1370,17 +1370,6 @@ int mt__cuda_flash_fwd_rows(mt_device *d, int rows) {
                      d->name, rows);
   mt__cuda_of(d)->flash_fwd_rows = rows;
   return 0;
-}
-
-static mt__cuda::mt__flash_tuned *tuned_of(mt__cuda *c, const mt__cuda::mt__flash_tuned &k) {
-  int n = c->flash_tuned_n < MT_CUDA_FLASH_TUNED ? c->flash_tuned_n : MT_CUDA_FLASH_TUNED;
-  for (int i = 0; i < n; i++) {
-    mt__cuda::mt__flash_tuned *t = &c->flash_tuned[i];
-    if (t->HS == k.HS && t->fp16 == k.fp16 && t->B == k.B && t->T == k.T && t->NH == k.NH &&
-        t->drop == k.drop && t->docs == k.docs)
-      return t;
-  }
-  return NULL;
 }
 
 /* The forward d runs for this shape: its rows a warp (0 while the shape
@@ -1398,8 +1387,7 @@ static int fwd_choice(mt_device *d, int HS, int fp16, int B, int T, int NH, int 
   else if (c->flash_fwd_rows)
     rows = c->flash_fwd_rows;
   else {
-    mt__cuda::mt__flash_tuned k = {HS, !!fp16, B, T, NH, !!dropout, !!docs, 0, 0};
-    mt__cuda::mt__flash_tuned *t = tuned_of(c, k);
+    mt__flash_choice *t = c->flash_tuned.find({HS, !!fp16, B, T, NH, !!dropout, !!docs});
     if (!t) return 0;
     rows = t->rows, regs = regs && !t->p_smem;
   }
@@ -1429,9 +1417,9 @@ int mt__cuda_flash_fwd_p_regs_of(mt_device *d, int head_size, int fp16, int B, i
  * the same bits, so the last run leaves the right ones), and keeps the
  * fastest. A timing that fails keeps 16 rows, P as the device allows. */
 template <class F>
-static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_tuned &k,
-                      uint16_t *out, float *lse, const uint16_t *qkv, int B, int T, int C, int NH,
-                      float scale, const mt_dropout *drop, const int32_t *docs) {
+static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__att_shape &k, uint16_t *out,
+                      float *lse, const uint16_t *qkv, int B, int T, int C, int NH, float scale,
+                      const mt_dropout *drop, const int32_t *docs) {
   static const int rows[3] = {16, 32, 16}, p_smem[3] = {0, 0, 1};
   int n = f.regs(c, 1) ? 3 : 2; /* the third: 16 rows, P through shared memory */
   float best[3];
@@ -1445,13 +1433,12 @@ static void fwd_timed(mt_device *d, mt__cuda *c, F f, const mt__cuda::mt__flash_
   int v = 0;
   for (int i = 1; ok && i < n; i++)
     if (best[i] < best[v]) v = i;
-  mt__cuda::mt__flash_tuned t = k;
-  t.rows = rows[v], t.p_smem = p_smem[v];
+  mt__flash_choice t = {rows[v], p_smem[v]};
   if (!ok) {
     cudaGetLastError();
     f.fwd(d, 16, 0, out, lse, qkv, B, T, C, NH, scale, drop, docs);
   }
-  c->flash_tuned[c->flash_tuned_n++ % MT_CUDA_FLASH_TUNED] = t;
+  *c->flash_tuned.get(k) = t;
   mt_log_debug("device %s: flash forward, head size %d, B %d, T %d, %d heads: 16 rows a warp "
                "%.3f ms%s, 32 rows %.3f ms, 16 rows with P through shared memory %.3f ms: "
                "%d rows%s kept",
@@ -1473,7 +1460,7 @@ void mt__cuda_flash_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t 
       f.fwd(d, rows, rows == 16 && !p_regs, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
       return;
     }
-    mt__cuda::mt__flash_tuned k = {HS, fp16, B, T, NH, drop != NULL, doc_start != NULL, 0, 0};
+    mt__att_shape k = {HS, fp16, B, T, NH, drop != NULL, doc_start != NULL};
     fwd_timed(d, c, f, k, out, lse, qkv, B, T, C, NH, scale, drop, doc_start);
   });
   mt__cuda_check(d, "attention_fwd (flash)");
