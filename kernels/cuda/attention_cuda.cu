@@ -36,6 +36,9 @@ extern "C" {
 }
 
 #define ATT_THREADS 256
+/* The softmax backward kernels' blocks an SM, to which ptxas holds their
+ * registers (sm_90: 52 and 64 a thread, no spills; 76 and 77 unbounded) */
+#define ATT_BWD_BLOCKS 4
 
 /* Query rows per chunk: a quarter of T = 2048, which skips 3/8 of the score
  * and value GEMMs' work against whole T×T blocks. The emulator test shrinks
@@ -92,20 +95,49 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
   return 2 * (size_t)hc * rc * T;
 }
 
+/* Scores a row kernel's thread keeps in registers: columns s0 + threadIdx.x
+ * + u·blockDim.x for u < ATT_CACHE, rows of up to 2048 columns at 256
+ * threads, read from memory once; a longer row's further columns are read
+ * again where a second pass needs them. The emulator test lowers it to
+ * reach those columns at its shapes. */
+#ifndef MT_CUDA_ATT_CACHE
+#define MT_CUDA_ATT_CACHE 8
+#endif
+#define ATT_CACHE MT_CUDA_ATT_CACHE
+
+/* The column of a row kernel's thread's u-th element: those past
+ * ATT_CACHE·blockDim.x are the ones not kept */
+static __device__ __forceinline__ int row_col(int s0, int u) {
+  return s0 + (int)threadIdx.x + u * (int)blockDim.x;
+}
+
 /* The softmax statistics of a row's scores r[s0..t], a block a row: its
- * max *m and 1 / the sum of exp(r - m), *inv, in one read of the row
- * (each thread's running max and sum, the sum rescaled as its max grows,
- * FlashAttention's online softmax), leaving a second read to write the
- * probabilities exp(r - m) · inv. Every row has t >= s0, so m is finite. */
-static __device__ void row_softmax_stats(const float *r, int s0, int t, float *m, float *inv) {
+ * max *m and 1 / the sum of exp(r - m), *inv, in one read of the row. A
+ * thread's first ATT_CACHE scores go into v (the probabilities' pass
+ * takes them from there), their max and sum taken in registers; any
+ * further ones fold in with a running max and sum, the sum rescaled as
+ * the max grows (FlashAttention's online softmax), and are read again to
+ * write the probabilities exp(r - m) · inv. Every row has t >= s0, so m
+ * is finite; a NaN never wins a comparison. */
+static __device__ void row_softmax_stats(const float *r, int s0, int t, float (&v)[ATT_CACHE],
+                                         float *m, float *inv) {
   float mx = -FLT_MAX, s = 0.0f;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
-    float v = r[j];
-    if (v > mx) {
-      s = s * expf(mx - v) + 1.0f;
-      mx = v;
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++) {
+    int j = row_col(s0, u);
+    v[u] = j <= t ? r[j] : -FLT_MAX;
+    mx = v[u] > mx ? v[u] : mx;
+  }
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++)
+    if (row_col(s0, u) <= t) s += expf(v[u] - mx);
+  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
+    float x = r[j];
+    if (x > mx) {
+      s = s * expf(mx - x) + 1.0f;
+      mx = x;
     } else {
-      s += expf(v - mx);
+      s += expf(x - mx);
     }
   }
   float M = mt__block_max(mx);
@@ -122,9 +154,12 @@ static __device__ void row_softmax_stats(const float *r, int s0, int t, float *m
 static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int r0, int rn, int r1,
                                      const int32_t *ds_b) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
-  float *r = P + (size_t)row * r1, mx, inv;
-  row_softmax_stats(r, s0, t, &mx, &inv);
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) r[j] = expf(r[j] - mx) * inv;
+  float *r = P + (size_t)row * r1, mx, inv, v[ATT_CACHE];
+  row_softmax_stats(r, s0, t, v, &mx, &inv);
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++)
+    if (row_col(s0, u) <= t) r[row_col(s0, u)] = expf(v[u] - mx) * inv;
+  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) r[j] = expf(r[j] - mx) * inv;
   for (int j = threadIdx.x; j < s0; j += blockDim.x) r[j] = 0.0f;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
   if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx - logf(inv);
@@ -159,23 +194,38 @@ static __global__ void k_att_dropout(float *dst, const float *P, int T, int h0, 
 
 /* Softmax backward of a chunk row, in place in S: on entry S = dout·Vᵀ;
  * G = S ∘ Pd (Pd the dropped probabilities, P without dropout); leaves
- * dS = (G - P·ΣG)·scale on columns 0..t and zero beyond to r1. */
-static __global__ void k_att_softmax_bwd(float *S, const float *P, int T, int h0, int r0, int rn,
-                                         int r1, float scale, int drop, float p, uint64_t key,
-                                         uint64_t sample, uint32_t head0) {
+ * dS = (G - P·ΣG)·scale on columns 0..t and zero beyond to r1. A
+ * thread's first ATT_CACHE of G and P stay in registers between the two
+ * passes; only a longer row's further G goes through S. */
+static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
+    k_att_softmax_bwd(float *S, const float *P, int T, int h0, int r0, int rn, int r1, float scale,
+                      int drop, float p, uint64_t key, uint64_t sample, uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
   float *s = S + (size_t)row * r1;
   const float *a = P + (size_t)row * r1;
-  float acc = 0.0f;
-  for (int j = threadIdx.x; j <= t; j += blockDim.x) {
+  float acc = 0.0f, gk[ATT_CACHE], ak[ATT_CACHE]; /* a thread's first g and P, kept */
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++) {
+    int j = row_col(0, u);
+    gk[u] = ak[u] = 0.0f;
+    if (j <= t) {
+      ak[u] = a[j];
+      gk[u] = s[j] * (drop ? ak[u] * mt_dropout_scale(p, key, sample, e0 + j) : ak[u]);
+      acc += gk[u];
+    }
+  }
+  for (int j = row_col(0, ATT_CACHE); j <= t; j += blockDim.x) {
     float pd = drop ? a[j] * mt_dropout_scale(p, key, sample, e0 + j) : a[j];
     float g = s[j] * pd;
     s[j] = g;
     acc += g;
   }
   float rs = mt__block_sum(acc);
-  for (int j = threadIdx.x; j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++)
+    if (row_col(0, u) <= t) s[row_col(0, u)] = (gk[u] - ak[u] * rs) * scale;
+  for (int j = row_col(0, ATT_CACHE); j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) s[j] = 0.0f;
 }
 
@@ -273,12 +323,20 @@ static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b
   const float *r = S + (size_t)row * r1;
   uint16_t *o = P + (size_t)row * r1;
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
-  float mx, inv;
-  row_softmax_stats(r, s0, t, &mx, &inv);
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
-    float v = expf(r[j] - mx) * inv;
-    if (drop) v *= mt_dropout_scale(p, key, sample, e0 + j);
-    o[j] = mt_half_pack(v, fp16);
+  float mx, inv, v[ATT_CACHE];
+  row_softmax_stats(r, s0, t, v, &mx, &inv);
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++) {
+    int j = row_col(s0, u);
+    if (j > t) continue;
+    float x = expf(v[u] - mx) * inv;
+    if (drop) x *= mt_dropout_scale(p, key, sample, e0 + j);
+    o[j] = mt_half_pack(x, fp16);
+  }
+  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
+    float x = expf(r[j] - mx) * inv;
+    if (drop) x *= mt_dropout_scale(p, key, sample, e0 + j);
+    o[j] = mt_half_pack(x, fp16);
   }
   for (int j = threadIdx.x; j < s0; j += blockDim.x) o[j] = 0;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) o[j] = 0;
@@ -288,27 +346,44 @@ static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b
 /* Row (hh, i) of a chunk, backward: S the scaled scores, G = dout·Vᵀ.
  * The probabilities again, p = exp(s - lse), and pd = p · keep/(1 - p)
  * into P (16 bits); with g = G ∘ pd, dS = (g - p·Σg)·scale into dS (16
- * bits); both zero before s0 and beyond t to r1. Two reads of S and G,
- * the second making pd again (its dropout draw too) rather than storing g. */
-static __global__ void k_att16_softmax_bwd(const float *S, const float *G, uint16_t *P,
-                                           uint16_t *dS, const float *lse_b, int T, int h0, int r0,
-                                           int rn, int r1, const int32_t *ds_b, float scale,
-                                           int fp16, int drop, float p, uint64_t key,
-                                           uint64_t sample, uint32_t head0) {
+ * bits); both zero before s0 and beyond t to r1. S and G are read once,
+ * a thread's first ATT_CACHE of p and g kept in registers for dS (each
+ * dropout keep drawn once); a longer row's further columns are read
+ * again, making pd again (its dropout draw too) rather than storing g. */
+static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
+    k_att16_softmax_bwd(const float *S, const float *G, uint16_t *P, uint16_t *dS,
+                        const float *lse_b, int T, int h0, int r0, int rn, int r1,
+                        const int32_t *ds_b, float scale, int fp16, int drop, float p, uint64_t key,
+                        uint64_t sample, uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
   size_t at = (size_t)row * r1;
   const float *s = S + at, *g = G + at;
   uint16_t *pd16 = P + at, *ds16 = dS + at;
   float l = lse_b[(size_t)(h0 + hh) * T + t], acc = 0.0f;
+  float pk[ATT_CACHE], gk[ATT_CACHE]; /* a thread's first p and g ∘ pd, kept */
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++) {
+    int j = row_col(s0, u);
+    pk[u] = gk[u] = 0.0f;
+    if (j > t) continue;
+    float pd = pk[u] = expf(s[j] - l);
+    if (drop) pd *= mt_dropout_scale(p, key, sample, e0 + j);
+    pd16[j] = mt_half_pack(pd, fp16);
+    acc += gk[u] = g[j] * pd;
+  }
+  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
     float pd = expf(s[j] - l);
     if (drop) pd *= mt_dropout_scale(p, key, sample, e0 + j);
     pd16[j] = mt_half_pack(pd, fp16);
     acc += g[j] * pd;
   }
   float rs = mt__block_sum(acc);
-  for (int j = s0 + threadIdx.x; j <= t; j += blockDim.x) {
+#pragma unroll
+  for (int u = 0; u < ATT_CACHE; u++)
+    if (row_col(s0, u) <= t)
+      ds16[row_col(s0, u)] = mt_half_pack((gk[u] - pk[u] * rs) * scale, fp16);
+  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
     float pv = expf(s[j] - l), pd = drop ? pv * mt_dropout_scale(p, key, sample, e0 + j) : pv;
     ds16[j] = mt_half_pack((g[j] * pd - pv * rs) * scale, fp16);
   }

@@ -17,6 +17,7 @@
 #define MT_LAUNCH_SMEM(k, grid, block, smem, stream)                                               \
   mt_emu::launch(#k, k, (grid), (block), (stream), (smem))
 #define MT_DYN_SMEM(name) unsigned char *name = mt_emu::dyn_smem()
+#define MT_LAUNCH_BOUNDS(threads, blocks)
 #else
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -29,6 +30,8 @@
  * names with MT_DYN_SMEM(name) (128-byte aligned). */
 #define MT_LAUNCH_SMEM(k, grid, block, smem, stream) k<<<(grid), (block), (smem), (stream)>>>
 #define MT_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+/* registers enough for that many blocks an SM */
+#define MT_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
 #endif
 
 #include <stddef.h>

@@ -79,12 +79,6 @@ using namespace nvcuda;
 /* The small loops over fragments and their elements are unrolled (#pragma
  * unroll), so that fragment arrays stay in registers: an index known only
  * at run time puts an array in local memory. */
-#ifdef MT_CUDA_EMU
-#define MT_LAUNCH_BOUNDS(threads, blocks)
-#else
-/* registers enough for that many blocks an SM */
-#define MT_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
-#endif
 /* The forward's blocks an SM: 3 where its shared memory allows them (an
  * H100/H200's 228 KiB; ptxas then holds it to 168 registers a thread), 2
  * on an A100 (164 KiB), which then leaves it more registers */

@@ -2373,10 +2373,14 @@ int main(int argc, char **argv) {
     test_chunked16_attention(f64, MT_F16, 0);
     test_chunked16_attention(heads, MT_F16, 1);
     test_chunked16_attention(odd, MT_BF16, 1);
-    /* rows past a row kernel's 256 threads: each thread's online softmax
-     * sums more than one score */
+    /* rows past a row kernel's 256 threads: each thread keeps more than one
+     * score in registers; past the 512 the emulator's keep (2 a thread,
+     * MT_CUDA_ATT_CACHE), the rest read again and summed online */
     test_attention(f300, MT_MATMUL_FP32, 0);
     test_chunked16_attention(f300, MT_BF16, 0);
+    shape f600 = {1, 600, 16, 1, 37, 40};
+    test_attention(f600, MT_MATMUL_FP32, 1);
+    test_chunked16_attention(f600, MT_BF16, 1);
     shape wide = {1, 20, 600, 2, 37, 40};
     test_chunked16_attention(wide, MT_BF16, 1);
     test_attention_decode(300, 64, 4);
