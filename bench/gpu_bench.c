@@ -608,6 +608,41 @@ static const char *path_name(int path) {
   return path == MT__CUDA_ATT_CHUNKED ? "chunked" : path == MT__CUDA_ATT_AUTO ? "auto" : "flash";
 }
 
+/* The chunked bf16 GEMMs (the path set) in smaller chunks than the
+ * scratch budget's (mt__cuda_attention_chunk): their score tensors (at
+ * 512 rows × 16 heads of T 2048, 64 MB of fp32 scores, and as much again
+ * of their gradient in the backward; 8 to 32 MB each here) may stay in
+ * the GPU's L2 cache (50 MB on an H100/H200, 40 MB on an A100) between
+ * the GEMM that writes them and the kernels that read them, at the cost
+ * of more, smaller launches. Each variant's ms as RESULT
+ * attention_chunked16_<rows>x<heads>_ms; the fastest of them and of the
+ * budget's (ms_budget) as attention_chunked16_fastest. */
+static void chunk_sizes_ms(int B, int T, int C, int NH, double ms_budget) {
+  static const int sizes[][2] = {{512, 8}, {512, 4}, {256, 8}, {256, 4}, {128, 4}};
+  enum { N = sizeof sizes / sizeof sizes[0] };
+  int r0, h0, rows[N], heads[N], best = -1;
+  double ms[N], best_ms = ms_budget;
+  mt__cuda_attention_chunk_of(&dev, T, NH, C / NH, &r0, &h0);
+  for (int i = 0; i < N; i++) {
+    mt__cuda_attention_chunk(&dev, sizes[i][0], sizes[i][1]);
+    mt__cuda_attention_chunk_of(&dev, T, NH, C / NH, &rows[i], &heads[i]);
+    ms[i] = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.0f);
+    if (ms[i] < best_ms) best_ms = ms[i], best = i;
+  }
+  mt__cuda_attention_chunk(&dev, 0, 0);
+  printf("attention B=%d, chunked bf16 GEMMs by chunk (rows x heads): %dx%d %.3f ms (the "
+         "budget's)",
+         B, r0, h0, ms_budget);
+  for (int i = 0; i < N; i++) printf(", %dx%d %.3f ms", rows[i], heads[i], ms[i]);
+  printf("; fastest %dx%d\n", best < 0 ? r0 : rows[best], best < 0 ? h0 : heads[best]);
+  for (int i = 0; i < N; i++)
+    printf("RESULT attention_chunked16_%dx%d_ms %.3f\n", rows[i], heads[i], ms[i]);
+  printf("RESULT attention_chunked16_budget_chunk %dx%d\n", r0, h0);
+  printf("RESULT attention_chunked16_fastest %dx%d\n", best < 0 ? r0 : rows[best],
+         best < 0 ? h0 : heads[best]);
+  printf("RESULT attention_chunked16_fastest_ms %.3f\n", best_ms);
+}
+
 /* Attention alone at the layer's shapes: the fp32 qkv of an fp32 job beside
  * the bf16 qkv of a bf16 job. */
 static void bench_attention(int B) {
@@ -624,6 +659,7 @@ static void bench_attention(int B) {
   double g16_fwd = 0.0, auto_fwd = 0.0;
   mt__cuda_attention_path(&dev, MT__CUDA_ATT_CHUNKED);
   double g16 = attention_ms(B, T, C, NH, MT_BF16, &g16_fwd, NULL, NULL, NULL, 0.0f);
+  chunk_sizes_ms(B, T, C, NH, g16);
   mt__cuda_attention_path(&dev, MT__CUDA_ATT_AUTO);
   double autom = attention_ms(B, T, C, NH, MT_BF16, &auto_fwd, NULL, NULL, NULL, 0.0f);
   int fwd_path = mt__cuda_attention_path_of(&dev, 0, C / NH, 0, B, T, NH, 0, 0);

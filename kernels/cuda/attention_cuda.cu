@@ -298,9 +298,15 @@ typedef struct att16_layout {
 
 static size_t up64(size_t n) { return (n + 63) / 64 * 64; }
 
-static att16_layout att16_layout_of(float *scratch, int T, int NH, int HS) {
+static att16_layout att16_layout_of(const mt__cuda *c, float *scratch, int T, int NH, int HS) {
   att16_layout l;
+  int rows = c->att_chunk_rows, heads = c->att_chunk_heads;
+  /* the budget's chunks, then any smaller ones asked: no region grows (a
+   * chunk of fewer rows must not take more heads, whose dK and dV sums
+   * would outgrow the scratch) */
   mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, &l.rc, &l.hc);
+  if (rows && rows < l.rc) l.rc = rows;
+  if (heads && heads < l.hc) l.hc = heads;
   size_t e = (size_t)l.hc * l.rc * T, o = 0;
   l.S = scratch + o, o += up64(e);
   l.G = scratch + o, o += up64(e);
@@ -424,7 +430,7 @@ static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratc
                           const mt_dropout *drop, const int32_t *doc_start) {
   mt__cuda *c = mt__cuda_enter(d);
   int HS = C / NH, fp16 = qt == MT_F16;
-  att16_layout l = att16_layout_of(scratch, T, NH, HS);
+  att16_layout l = att16_layout_of(c, scratch, T, NH, HS);
   for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     chunk_scores(d, "attention_fwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
@@ -453,7 +459,7 @@ static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
   mt__cuda *c = mt__cuda_enter(d);
   int HS = C / NH, ld3 = 3 * C, fp16 = qt == MT_F16, half = gt != MT_F32;
   float scale = 1.0f / sqrtf((float)HS);
-  att16_layout l = att16_layout_of(scratch, T, NH, HS);
+  att16_layout l = att16_layout_of(c, scratch, T, NH, HS);
   for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     int hn = k.hn, rn = k.rn, r1 = k.r1, w = hn * HS;
@@ -521,6 +527,21 @@ int mt__cuda_attention_path(mt_device *d, int path) {
 }
 
 int mt__cuda_attention_path_mode(mt_device *d) { return mt__cuda_of(d)->att_path; }
+
+int mt__cuda_attention_chunk(mt_device *d, int rows, int heads) {
+  if (rows < 0 || heads < 0)
+    return mt_seterr(MT_EINVAL, "device %s: attention chunks of %d rows and %d heads: counts, or 0",
+                     d->name, rows, heads);
+  mt__cuda *c = mt__cuda_of(d);
+  c->att_chunk_rows = rows, c->att_chunk_heads = heads;
+  return 0;
+}
+
+void mt__cuda_attention_chunk_of(mt_device *d, int T, int NH, int HS, int *rows, int *heads) {
+  static float none[1];
+  att16_layout l = att16_layout_of(mt__cuda_of(d), none, T, NH, HS);
+  *rows = l.rc, *heads = l.hc;
+}
 
 /* The path of a pass (bwd 0 or 1) of shape k: set, or forced (a head size
  * the flash kernels do not take; an fp32 dqkv's backward, which adds, in

@@ -123,6 +123,8 @@ typedef struct mt__cuda {
   int att_path; /* a 16-bit qkv's attention: MT__CUDA_ATT_AUTO, _FLASH or _CHUNKED
                    (MTNLG_ATTENTION, mt__cuda_attention_path) */
   mt__tuned<mt__att_choice> att_tuned; /* auto: each shape's faster path, per pass */
+  int att_chunk_rows, att_chunk_heads; /* the chunked 16-bit path's chunks at most, 0 the
+                                          scratch budget's (mt__cuda_attention_chunk) */
   int err;                             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;

@@ -143,6 +143,16 @@ int mt__cuda_open(mt_device *d, int index) {
                      "first call times both and keeps the faster), for a bf16 or fp16 job's "
                      "attention",
                      d->name, ap);
+  /* the chunked path's chunks at most ROWSxHEADS (mt__cuda_attention_chunk) */
+  const char *ac = getenv("MTNLG_ATTENTION_CHUNK");
+  int chunk_rows = 0, chunk_heads = 0, chunk_end = 0;
+  if (ac && (sscanf(ac, "%dx%d%n", &chunk_rows, &chunk_heads, &chunk_end) != 2 || ac[chunk_end] ||
+             chunk_rows < 1 || chunk_heads < 1))
+    return mt_seterr(MT_EINVAL,
+                     "device %s: MTNLG_ATTENTION_CHUNK=\"%s\": ROWSxHEADS, two positive counts "
+                     "(e.g. 256x8): the most query rows and heads a chunk of the chunked "
+                     "attention path takes",
+                     d->name, ac);
 #ifndef MT_CUDA_EMU
   if (mt__cuda_blas_load()) return mt_wraperr(MT_EIO, "device %s", d->name); /* before any call */
 #endif
@@ -182,6 +192,11 @@ int mt__cuda_open(mt_device *d, int index) {
   d->gelu_epilogue = !ge || ge[0] == '1';
   c->flash_fwd_rows = flash_rows;
   c->att_path = att_path;
+  c->att_chunk_rows = chunk_rows, c->att_chunk_heads = chunk_heads;
+  if (ac)
+    mt_log_info("device %s: chunked attention in chunks of at most %d rows and %d heads "
+                "(MTNLG_ATTENTION_CHUNK)",
+                d->name, chunk_rows, chunk_heads);
   if (att_path != MT__CUDA_ATT_FLASH)
     mt_log_info("device %s: a 16-bit qkv's attention %s (MTNLG_ATTENTION=%s)", d->name,
                 att_path == MT__CUDA_ATT_CHUNKED

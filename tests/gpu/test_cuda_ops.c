@@ -1333,6 +1333,48 @@ static void test_chunked16_attention(shape s, mt_dtype qt, int with_dropout) {
                mt_emu_heuristic_count() == q0, label("%ld", mt_emu_heuristic_count() - q0));
   }
 #endif
+  /* smaller chunks (mt__cuda_attention_chunk, gpu_bench's timing of
+   * them): rows 1 to 3 at a time, heads one or two, the same within the
+   * bound; a negative count refused */
+  if (NH > 1) {
+    int rows0, heads0, rows, heads, cr = 1 + T % 3, ch = 1 + NH % 2;
+    mt__cuda_attention_chunk_of(&gpu, T, NH, HS, &rows0, &heads0);
+    mt__cuda_attention_chunk(&gpu, cr, ch);
+    mt__cuda_attention_chunk_of(&gpu, T, NH, HS, &rows, &heads);
+    check_that("attention", label("%s, chunks of at most %d rows and %d heads", tag, cr, ch),
+               rows == (cr < rows0 ? cr : rows0) && heads == (ch < heads0 ? ch : heads0),
+               label("%d rows and %d heads, from %d and %d", rows, heads, rows0, heads0));
+    void *go4 = DP(no * sizeof(uint16_t)), *gdh4 = DP(nq * sizeof(uint16_t));
+    float *gl4 = DN(nl);
+#ifdef MT_CUDA_EMU
+    long k0 = mt_emu_launch_count("k_att16_softmax");
+#endif
+    gpu.ops->attention_fwd(&gpu, go4, gl4, gs, gqkv, qt, B, T, C, NH, dp, gds);
+#ifdef MT_CUDA_EMU
+    long kn = mt_emu_launch_count("k_att16_softmax") - k0;
+    long want = (long)B * ((NH + heads - 1) / heads) * ((T + rows - 1) / rows);
+    check_that("attention_fwd", label("%s, a row kernel a chunk", tag), kn == want,
+               label("%ld launches for %ld chunks", kn, want));
+#endif
+    gpu.ops->attention_bwd(&gpu, gdh4, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
+    char sm[160];
+    snprintf(sm, sizeof sm, "%s, chunks of %d rows and %d heads", tag, rows, heads);
+    check("attention_fwd", label("%s out", sm), back_half(go4, no, qt), as_floats(oh, no, qt), no,
+          1e-2);
+    check("attention_fwd", label("%s lse", sm), back(gl4, nl), cl, nl, 1e-2);
+    check("attention_bwd", label("%s dqkv in 16 bits (written)", sm), back_half(gdh4, nq, qt),
+          as_floats(cdh, nq, qt), nq, 1e-2);
+    /* fewer rows take no more heads than the budget's: their dK and dV
+     * sums would outgrow the scratch */
+    mt__cuda_attention_chunk(&gpu, 1, 0);
+    mt__cuda_attention_chunk_of(&gpu, T, NH, HS, &rows, &heads);
+    check_that("attention", label("%s, chunks of 1 row: %d heads, the budget's", tag, heads0),
+               rows == 1 && heads == heads0, label("%d rows and %d heads", rows, heads));
+    int crc = mt__cuda_attention_chunk(&gpu, -1, 0);
+    check_that("attention", label("%s: chunks of -1 rows refused", tag),
+               crc == MT_EINVAL && strstr(mt_errmsg(), "-1 rows"), mt_errmsg());
+    mt__cuda_attention_chunk(&gpu, 0, 0);
+  }
 
   /* auto; B + 1 samples (the first B as above): a shape not yet timed */
   mt__cuda_attention_path(&gpu, MT__CUDA_ATT_AUTO);
@@ -1943,6 +1985,35 @@ static void test_attention_path_switch(void) {
     mt_device_close(&d);
   }
   env_put_back("MTNLG_ATTENTION", saved);
+
+  /* MTNLG_ATTENTION_CHUNK: the chunked path's chunks at most ROWSxHEADS;
+   * anything else refuses the device, naming the variable */
+  saved = env_saved("MTNLG_ATTENTION_CHUNK");
+  static const char *chunks[] = {"256", "0x4", "2x3x", "8x-1", "2x1", NULL};
+  for (int k = 0; k < 6; k++) {
+    mt_device d;
+    if (chunks[k])
+      setenv("MTNLG_ATTENTION_CHUNK", chunks[k], 1);
+    else
+      unsetenv("MTNLG_ATTENTION_CHUNK");
+    int rc = mt_device_open(&d, "cuda:0"), rows = 0, heads = 0, rows0, heads0;
+    const char *what = label("MTNLG_ATTENTION_CHUNK=%s", chunks[k] ? chunks[k] : "(unset)");
+    if (k < 4) {
+      check_that("device_open", label("%s: refused", what),
+                 rc && strstr(mt_errmsg(), label("MTNLG_ATTENTION_CHUNK=\"%s\"", chunks[k])),
+                 rc ? mt_errmsg() : "opened");
+      if (!rc) mt_device_close(&d);
+      continue;
+    }
+    if (!rc) mt__cuda_attention_chunk_of(&d, 13, 5, 4, &rows, &heads);
+    mt__cuda_attention_chunk_of(&gpu, 13, 5, 4, &rows0, &heads0); /* the budget's */
+    int want_r = k == 4 && rows0 > 2 ? 2 : rows0, want_h = k == 4 ? 1 : heads0;
+    check_that("device_open", label("%s: chunks of %d rows and %d heads", what, want_r, want_h),
+               !rc && rows == want_r && heads == want_h,
+               rc ? mt_errmsg() : label("%d rows and %d heads", rows, heads));
+    if (!rc) mt_device_close(&d);
+  }
+  env_put_back("MTNLG_ATTENTION_CHUNK", saved);
 }
 
 /* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
