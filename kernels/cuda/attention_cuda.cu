@@ -36,8 +36,9 @@ extern "C" {
 }
 
 #define ATT_THREADS 256
-/* The softmax backward kernels' blocks an SM, to which ptxas holds their
- * registers (sm_90: 52 and 64 a thread, no spills; 76 and 77 unbounded) */
+/* The 16-bit softmax backward kernel's blocks an SM, to which ptxas holds
+ * its registers (sm_90: 52 a thread, no spills; 76 unbounded); the fp32
+ * one's one fewer (76 a thread: at 4 blocks, 64, it spilled) */
 #define ATT_BWD_BLOCKS 4
 
 /* Query rows per chunk: a quarter of T = 2048, which skips 3/8 of the score
@@ -95,43 +96,69 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
   return 2 * (size_t)hc * rc * T;
 }
 
-/* Scores a row kernel's thread keeps in registers: columns s0 + threadIdx.x
- * + u·blockDim.x for u < ATT_CACHE, rows of up to 2048 columns at 256
- * threads, read from memory once; a longer row's further columns are read
- * again where a second pass needs them. The emulator test lowers it to
- * reach those columns at its shapes. */
-#ifndef MT_CUDA_ATT_CACHE
-#define MT_CUDA_ATT_CACHE 8
+/* The row kernels' columns. A thread takes quads of 4 adjacent columns,
+ * quad q = threadIdx.x + i·blockDim.x, and keeps its first ATT_QUADS of
+ * them in registers between a row's passes (8 columns a thread: rows up to
+ * 2048 at 256 threads, every row of T 2048, read from memory once); a
+ * longer row's further columns, from 4·ATT_QUADS·blockDim.x on, go one at
+ * a time and are read again where a second pass needs them. A quad is one
+ * Philox block of the dropout's element indices where they are 4-aligned
+ * (T a multiple of 4): drawn once for four columns. The emulator test
+ * runs them in blocks of fewer threads, to reach every kind of column at
+ * its shapes. */
+#ifndef MT_CUDA_ATT_ROW_THREADS
+#define MT_CUDA_ATT_ROW_THREADS 256
 #endif
-#define ATT_CACHE MT_CUDA_ATT_CACHE
+#define ATT_ROW_THREADS MT_CUDA_ATT_ROW_THREADS
+#define ATT_QUADS 2
+#define ATT_KEPT (4 * ATT_QUADS)
 
-/* The column of a row kernel's thread's u-th element: those past
- * ATT_CACHE·blockDim.x are the ones not kept */
-static __device__ __forceinline__ int row_col(int s0, int u) {
-  return s0 + (int)threadIdx.x + u * (int)blockDim.x;
+/* The column of a thread's kept element u < ATT_KEPT */
+static __device__ __forceinline__ int kept_col(int u) {
+  return 4 * ((int)threadIdx.x + (u >> 2) * (int)blockDim.x) + (u & 3);
+}
+
+/* A thread's first column past those kept */
+static __device__ __forceinline__ int rest_col(void) {
+  return ATT_KEPT * (int)blockDim.x + (int)threadIdx.x;
+}
+
+/* The dropout keep-scales of elements e..e+3: one Philox block where e is
+ * 4-aligned, else each its own draw (the same values: mt_dropout_keep) */
+static __device__ __forceinline__ void quad_keeps(float (&kq)[4], float p, uint64_t key,
+                                                  uint64_t sample, uint64_t e) {
+  if ((e & 3) == 0) {
+    mt_philox_out o = mt_philox_block(key, sample, e >> 2);
+#pragma unroll
+    for (int k = 0; k < 4; k++) kq[k] = mt_dropout_keep(p, o.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; k++) kq[k] = mt_dropout_scale(p, key, sample, e + k);
+  }
 }
 
 /* The softmax statistics of a row's scores r[s0..t], a block a row: its
  * max *m and 1 / the sum of exp(r - m), *inv, in one read of the row. A
- * thread's first ATT_CACHE scores go into v (the probabilities' pass
- * takes them from there), their max and sum taken in registers; any
- * further ones fold in with a running max and sum, the sum rescaled as
- * the max grows (FlashAttention's online softmax), and are read again to
- * write the probabilities exp(r - m) · inv. Every row has t >= s0, so m
- * is finite; a NaN never wins a comparison. */
-static __device__ void row_softmax_stats(const float *r, int s0, int t, float (&v)[ATT_CACHE],
+ * thread's kept scores go into v (-FLT_MAX outside s0..t; the
+ * probabilities' pass takes them from there), their max and sum taken in
+ * registers; any further ones fold in with a running max and sum, the sum
+ * rescaled as the max grows (FlashAttention's online softmax), and are
+ * read again to write the probabilities exp(r - m) · inv. Every row has
+ * t >= s0, so m is finite; a NaN never wins a comparison. */
+static __device__ void row_softmax_stats(const float *r, int s0, int t, float (&v)[ATT_KEPT],
                                          float *m, float *inv) {
   float mx = -FLT_MAX, s = 0.0f;
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++) {
-    int j = row_col(s0, u);
-    v[u] = j <= t ? r[j] : -FLT_MAX;
+  for (int u = 0; u < ATT_KEPT; u++) {
+    int j = kept_col(u);
+    v[u] = j >= s0 && j <= t ? r[j] : -FLT_MAX;
     mx = v[u] > mx ? v[u] : mx;
   }
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++)
-    if (row_col(s0, u) <= t) s += expf(v[u] - mx);
-  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
+  for (int u = 0; u < ATT_KEPT; u++)
+    if (kept_col(u) >= s0 && kept_col(u) <= t) s += expf(v[u] - mx);
+  for (int j = rest_col(); j <= t; j += blockDim.x) {
+    if (j < s0) continue;
     float x = r[j];
     if (x > mx) {
       s = s * expf(mx - x) + 1.0f;
@@ -154,12 +181,13 @@ static __device__ void row_softmax_stats(const float *r, int s0, int t, float (&
 static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int r0, int rn, int r1,
                                      const int32_t *ds_b) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
-  float *r = P + (size_t)row * r1, mx, inv, v[ATT_CACHE];
+  float *r = P + (size_t)row * r1, mx, inv, v[ATT_KEPT];
   row_softmax_stats(r, s0, t, v, &mx, &inv);
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++)
-    if (row_col(s0, u) <= t) r[row_col(s0, u)] = expf(v[u] - mx) * inv;
-  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) r[j] = expf(r[j] - mx) * inv;
+  for (int u = 0; u < ATT_KEPT; u++)
+    if (kept_col(u) >= s0 && kept_col(u) <= t) r[kept_col(u)] = expf(v[u] - mx) * inv;
+  for (int j = rest_col(); j <= t; j += blockDim.x)
+    if (j >= s0) r[j] = expf(r[j] - mx) * inv;
   for (int j = threadIdx.x; j < s0; j += blockDim.x) r[j] = 0.0f;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) r[j] = 0.0f;
   if (threadIdx.x == 0) lse_b[(size_t)(h0 + hh) * T + t] = mx - logf(inv);
@@ -195,27 +223,33 @@ static __global__ void k_att_dropout(float *dst, const float *P, int T, int h0, 
 /* Softmax backward of a chunk row, in place in S: on entry S = dout·Vᵀ;
  * G = S ∘ Pd (Pd the dropped probabilities, P without dropout); leaves
  * dS = (G - P·ΣG)·scale on columns 0..t and zero beyond to r1. A
- * thread's first ATT_CACHE of G and P stay in registers between the two
- * passes; only a longer row's further G goes through S. */
-static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
+ * thread's kept G and P stay in registers between the two passes; only a
+ * longer row's further G goes through S. */
+static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS - 1)
     k_att_softmax_bwd(float *S, const float *P, int T, int h0, int r0, int rn, int r1, float scale,
                       int drop, float p, uint64_t key, uint64_t sample, uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
   float *s = S + (size_t)row * r1;
   const float *a = P + (size_t)row * r1;
-  float acc = 0.0f, gk[ATT_CACHE], ak[ATT_CACHE]; /* a thread's first g and P, kept */
+  float acc = 0.0f, gk[ATT_KEPT], ak[ATT_KEPT]; /* a thread's kept g and P */
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++) {
-    int j = row_col(0, u);
-    gk[u] = ak[u] = 0.0f;
-    if (j <= t) {
-      ak[u] = a[j];
-      gk[u] = s[j] * (drop ? ak[u] * mt_dropout_scale(p, key, sample, e0 + j) : ak[u]);
-      acc += gk[u];
+  for (int i = 0; i < ATT_QUADS; i++) {
+    int j0 = kept_col(4 * i);
+    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (drop && j0 <= t) quad_keeps(kq, p, key, sample, e0 + j0);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      int u = 4 * i + k, j = j0 + k;
+      gk[u] = ak[u] = 0.0f;
+      if (j <= t) {
+        ak[u] = a[j];
+        gk[u] = s[j] * (ak[u] * kq[k]);
+        acc += gk[u];
+      }
     }
   }
-  for (int j = row_col(0, ATT_CACHE); j <= t; j += blockDim.x) {
+  for (int j = rest_col(); j <= t; j += blockDim.x) {
     float pd = drop ? a[j] * mt_dropout_scale(p, key, sample, e0 + j) : a[j];
     float g = s[j] * pd;
     s[j] = g;
@@ -223,9 +257,9 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
   }
   float rs = mt__block_sum(acc);
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++)
-    if (row_col(0, u) <= t) s[row_col(0, u)] = (gk[u] - ak[u] * rs) * scale;
-  for (int j = row_col(0, ATT_CACHE); j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
+  for (int u = 0; u < ATT_KEPT; u++)
+    if (kept_col(u) <= t) s[kept_col(u)] = (gk[u] - ak[u] * rs) * scale;
+  for (int j = rest_col(); j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) s[j] = 0.0f;
 }
 
@@ -329,17 +363,21 @@ static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b
   const float *r = S + (size_t)row * r1;
   uint16_t *o = P + (size_t)row * r1;
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
-  float mx, inv, v[ATT_CACHE];
+  float mx, inv, v[ATT_KEPT];
   row_softmax_stats(r, s0, t, v, &mx, &inv);
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++) {
-    int j = row_col(s0, u);
-    if (j > t) continue;
-    float x = expf(v[u] - mx) * inv;
-    if (drop) x *= mt_dropout_scale(p, key, sample, e0 + j);
-    o[j] = mt_half_pack(x, fp16);
+  for (int i = 0; i < ATT_QUADS; i++) {
+    int j0 = kept_col(4 * i);
+    if (j0 > t || j0 + 3 < s0) continue;
+    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (drop) quad_keeps(kq, p, key, sample, e0 + j0);
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (j0 + k >= s0 && j0 + k <= t)
+        o[j0 + k] = mt_half_pack(expf(v[4 * i + k] - mx) * inv * kq[k], fp16);
   }
-  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
+  for (int j = rest_col(); j <= t; j += blockDim.x) {
+    if (j < s0) continue;
     float x = expf(r[j] - mx) * inv;
     if (drop) x *= mt_dropout_scale(p, key, sample, e0 + j);
     o[j] = mt_half_pack(x, fp16);
@@ -353,10 +391,11 @@ static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b
  * The probabilities again, p = exp(s - lse), and pd = p · keep/(1 - p)
  * into P (16 bits); with g = G ∘ pd, dS = (g - p·Σg)·scale into dS (16
  * bits); both zero before s0 and beyond t to r1. S and G are read once,
- * a thread's first ATT_CACHE of p and g kept in registers for dS (each
- * dropout keep drawn once); a longer row's further columns are read
- * again, making pd again (its dropout draw too) rather than storing g. */
-static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
+ * a thread's kept p and g staying in registers for dS (each dropout keep
+ * drawn once, a Philox block a quad); a longer row's further columns are
+ * read again, making pd again (its dropout draw too) rather than storing
+ * g. */
+static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS)
     k_att16_softmax_bwd(const float *S, const float *G, uint16_t *P, uint16_t *dS,
                         const float *lse_b, int T, int h0, int r0, int rn, int r1,
                         const int32_t *ds_b, float scale, int fp16, int drop, float p, uint64_t key,
@@ -366,19 +405,25 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
   const float *s = S + at, *g = G + at;
   uint16_t *pd16 = P + at, *ds16 = dS + at;
   float l = lse_b[(size_t)(h0 + hh) * T + t], acc = 0.0f;
-  float pk[ATT_CACHE], gk[ATT_CACHE]; /* a thread's first p and g ∘ pd, kept */
+  float pk[ATT_KEPT], gk[ATT_KEPT]; /* a thread's kept p and g ∘ pd */
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++) {
-    int j = row_col(s0, u);
-    pk[u] = gk[u] = 0.0f;
-    if (j > t) continue;
-    float pd = pk[u] = expf(s[j] - l);
-    if (drop) pd *= mt_dropout_scale(p, key, sample, e0 + j);
-    pd16[j] = mt_half_pack(pd, fp16);
-    acc += gk[u] = g[j] * pd;
+  for (int i = 0; i < ATT_QUADS; i++) {
+    int j0 = kept_col(4 * i);
+    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (drop && j0 <= t && j0 + 3 >= s0) quad_keeps(kq, p, key, sample, e0 + j0);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      int u = 4 * i + k, j = j0 + k;
+      pk[u] = gk[u] = 0.0f;
+      if (j < s0 || j > t) continue;
+      float pd = (pk[u] = expf(s[j] - l)) * kq[k];
+      pd16[j] = mt_half_pack(pd, fp16);
+      acc += gk[u] = g[j] * pd;
+    }
   }
-  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
+  for (int j = rest_col(); j <= t; j += blockDim.x) {
+    if (j < s0) continue;
     float pd = expf(s[j] - l);
     if (drop) pd *= mt_dropout_scale(p, key, sample, e0 + j);
     pd16[j] = mt_half_pack(pd, fp16);
@@ -386,10 +431,11 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_THREADS, ATT_BWD_BLOCKS)
   }
   float rs = mt__block_sum(acc);
 #pragma unroll
-  for (int u = 0; u < ATT_CACHE; u++)
-    if (row_col(s0, u) <= t)
-      ds16[row_col(s0, u)] = mt_half_pack((gk[u] - pk[u] * rs) * scale, fp16);
-  for (int j = row_col(s0, ATT_CACHE); j <= t; j += blockDim.x) {
+  for (int u = 0; u < ATT_KEPT; u++)
+    if (kept_col(u) >= s0 && kept_col(u) <= t)
+      ds16[kept_col(u)] = mt_half_pack((gk[u] - pk[u] * rs) * scale, fp16);
+  for (int j = rest_col(); j <= t; j += blockDim.x) {
+    if (j < s0) continue;
     float pv = expf(s[j] - l), pd = drop ? pv * mt_dropout_scale(p, key, sample, e0 + j) : pv;
     ds16[j] = mt_half_pack((g[j] * pd - pv * rs) * scale, fp16);
   }
@@ -434,7 +480,7 @@ static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratc
   for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     chunk_scores(d, "attention_fwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
-    MT_LAUNCH(k_att16_softmax, (unsigned)(k.hn * k.rn), ATT_THREADS, c->stream)
+    MT_LAUNCH(k_att16_softmax, (unsigned)(k.hn * k.rn), ATT_ROW_THREADS, c->stream)
     (l.S, l.P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL, fp16, drop != NULL, drop ? drop->p : 0.0f,
      drop ? drop->key : 0, drop ? drop->sample0 + (uint64_t)k.b : 0, drop ? drop->head0 : 0);
@@ -473,7 +519,7 @@ static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
         d, "attention_bwd scores of dout (16-bit GEMMs)",
         {1, 0, r1, rn, HS, hn, qkv + k.v, ld3, HS, l.dO, w, HS, l.G, r1, k.sP, 1.0f, 0.0f, NULL},
         qt, MT_F32);
-    MT_LAUNCH(k_att16_softmax_bwd, (unsigned)(hn * rn), ATT_THREADS, c->stream)
+    MT_LAUNCH(k_att16_softmax_bwd, (unsigned)(hn * rn), ATT_ROW_THREADS, c->stream)
     (l.S, l.G, l.P, l.dS, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL, scale, fp16, drop != NULL,
      drop ? drop->p : 0.0f, drop ? drop->key : 0, drop ? drop->sample0 + (uint64_t)k.b : 0,
@@ -645,7 +691,7 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
   for (int i = 0, n = chunk_count(B, T, NH, rc, hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, rc, hc);
     chunk_scores(d, "attention_fwd scores", P, qkv, MT_F32, &k, C, HS);
-    MT_LAUNCH(k_att_softmax, (unsigned)(k.hn * k.rn), ATT_THREADS, c->stream)
+    MT_LAUNCH(k_att_softmax, (unsigned)(k.hn * k.rn), ATT_ROW_THREADS, c->stream)
     (P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL);
     mt__cuda_check(d, "attention_fwd softmax");
@@ -712,7 +758,7 @@ void mt__cuda_attention_bwd(mt_device *d, void *dqkv_, mt_dtype gt, float *scrat
     mt__gemm gs = {1, 0, r1, rn, HS, hn,   qkv + k.v, ld3,  HS,
                    g, C, HS, S,  r1, k.sP, 1.0f,      0.0f, NULL};
     mt__cuda_gemm(d, "attention_bwd scores of dout", &gs);
-    MT_LAUNCH(k_att_softmax_bwd, (unsigned)(hn * rn), ATT_THREADS, c->stream)
+    MT_LAUNCH(k_att_softmax_bwd, (unsigned)(hn * rn), ATT_ROW_THREADS, c->stream)
     (S, P, T, k.h0, k.r0, rn, r1, scale, drop != NULL, drop ? drop->p : 0.0f, drop ? drop->key : 0,
      sample, drop ? drop->head0 : 0);
     mt__cuda_check(d, "attention_bwd softmax");
