@@ -332,15 +332,19 @@ typedef struct att16_layout {
 
 static size_t up64(size_t n) { return (n + 63) / 64 * 64; }
 
+/* The chunks' rows *rc and heads *hc on c: the budget's, then any smaller
+ * ones asked (mt__cuda_attention_chunk). No region of the layout grows: a
+ * chunk of fewer rows must not take more heads, whose dK and dV sums
+ * would outgrow the scratch. */
+static void att16_chunk_of(const mt__cuda *c, int T, int NH, int HS, int *rc, int *hc) {
+  mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, rc, hc);
+  if (c->att_chunk_rows && c->att_chunk_rows < *rc) *rc = c->att_chunk_rows;
+  if (c->att_chunk_heads && c->att_chunk_heads < *hc) *hc = c->att_chunk_heads;
+}
+
 static att16_layout att16_layout_of(const mt__cuda *c, float *scratch, int T, int NH, int HS) {
   att16_layout l;
-  int rows = c->att_chunk_rows, heads = c->att_chunk_heads;
-  /* the budget's chunks, then any smaller ones asked: no region grows (a
-   * chunk of fewer rows must not take more heads, whose dK and dV sums
-   * would outgrow the scratch) */
-  mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, &l.rc, &l.hc);
-  if (rows && rows < l.rc) l.rc = rows;
-  if (heads && heads < l.hc) l.hc = heads;
+  att16_chunk_of(c, T, NH, HS, &l.rc, &l.hc);
   size_t e = (size_t)l.hc * l.rc * T, o = 0;
   l.S = scratch + o, o += up64(e);
   l.G = scratch + o, o += up64(e);
@@ -584,9 +588,7 @@ int mt__cuda_attention_chunk(mt_device *d, int rows, int heads) {
 }
 
 void mt__cuda_attention_chunk_of(mt_device *d, int T, int NH, int HS, int *rows, int *heads) {
-  static float none[1];
-  att16_layout l = att16_layout_of(mt__cuda_of(d), none, T, NH, HS);
-  *rows = l.rc, *heads = l.hc;
+  att16_chunk_of(mt__cuda_of(d), T, NH, HS, rows, heads);
 }
 
 /* The path of a pass (bwd 0 or 1) of shape k: set, or forced (a head size
