@@ -1334,11 +1334,13 @@ static void test_chunked16_attention(shape s, mt_dtype qt, int with_dropout) {
   }
 #endif
   /* smaller chunks (mt__cuda_attention_chunk, gpu_bench's timing of
-   * them): rows 1 to 3 at a time, heads one or two, the same within the
-   * bound; a negative count refused */
+   * them): the emulator's rows 1 to 3 at a time and heads one or two, a
+   * GPU's half the budget's and one more (the last block partial), the
+   * same within the bound; a negative count refused */
   if (NH > 1) {
-    int rows0, heads0, rows, heads, cr = 1 + T % 3, ch = 1 + NH % 2;
+    int rows0, heads0, rows, heads;
     mt__cuda_attention_chunk_of(&gpu, T, NH, HS, &rows0, &heads0);
+    int cr = rows0 > 4 ? rows0 / 2 + 1 : 1 + T % 3, ch = heads0 > 2 ? heads0 / 2 : 1 + NH % 2;
     mt__cuda_attention_chunk(&gpu, cr, ch);
     mt__cuda_attention_chunk_of(&gpu, T, NH, HS, &rows, &heads);
     check_that("attention", label("%s, chunks of at most %d rows and %d heads", tag, cr, ch),
