@@ -113,9 +113,75 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
 #define ATT_QUADS 2
 #define ATT_KEPT (4 * ATT_QUADS)
 
-/* The column of a thread's kept element u < ATT_KEPT */
-static __device__ __forceinline__ int kept_col(int u) {
-  return 4 * ((int)threadIdx.x + (u >> 2) * (int)blockDim.x) + (u & 3);
+/* The first column of a thread's kept quad i < ATT_QUADS */
+static __device__ __forceinline__ int quad_col(int i) {
+  return 4 * ((int)threadIdx.x + i * (int)blockDim.x);
+}
+
+/* A quad moves as one 16-byte load or store of fp32 values (8 bytes of
+ * 16-bit ones), a warp's 32 quads then 512 contiguous bytes, where all
+ * four of its columns are in the row's range lo..hi and the address is
+ * aligned (a row of r1 columns, r1 a multiple of 4, from an aligned
+ * start); otherwise column by column. */
+struct alignas(16) att_f4 {
+  float v[4];
+};
+struct alignas(8) att_h4 {
+  uint16_t v[4];
+};
+
+static __device__ __forceinline__ int quad_whole(const void *at, int j0, int lo, int hi,
+                                                 unsigned align) {
+  return j0 >= lo && j0 + 3 <= hi && ((uintptr_t)at & (align - 1)) == 0;
+}
+
+/* q[k] = r[j0 + k] for the columns in lo..hi, `fill` for the others */
+static __device__ __forceinline__ void quad_load(float (&q)[4], const float *r, int j0, int lo,
+                                                 int hi, float fill) {
+  if (quad_whole(r + j0, j0, lo, hi, 16)) {
+    att_f4 x = *MT_VEC_AT(const att_f4, r + j0);
+#pragma unroll
+    for (int k = 0; k < 4; k++) q[k] = x.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; k++) q[k] = j0 + k >= lo && j0 + k <= hi ? r[j0 + k] : fill;
+  }
+}
+
+/* o[j0 + k] = q[k] for the columns in lo..hi */
+static __device__ __forceinline__ void quad_store(float *o, int j0, int lo, int hi,
+                                                  const float (&q)[4]) {
+  if (quad_whole(o + j0, j0, lo, hi, 16)) {
+    att_f4 x;
+#pragma unroll
+    for (int k = 0; k < 4; k++) x.v[k] = q[k];
+    *MT_VEC_AT(att_f4, o + j0) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (j0 + k >= lo && j0 + k <= hi) o[j0 + k] = q[k];
+  }
+}
+
+/* The same, each value rounded to the 16-bit type */
+static __device__ __forceinline__ void quad_store16(uint16_t *o, int j0, int lo, int hi,
+                                                    const float (&q)[4], int fp16) {
+  if (quad_whole(o + j0, j0, lo, hi, 8)) {
+    att_h4 x;
+#pragma unroll
+    for (int k = 0; k < 4; k++) x.v[k] = mt_half_pack(q[k], fp16);
+    *MT_VEC_AT(att_h4, o + j0) = x;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (j0 + k >= lo && j0 + k <= hi) o[j0 + k] = mt_half_pack(q[k], fp16);
+  }
+}
+
+/* Whether column u % 4 of kept quad u / 4 lies in lo..hi */
+static __device__ __forceinline__ int kept_in(int u, int lo, int hi) {
+  int j = quad_col(u >> 2) + (u & 3);
+  return j >= lo && j <= hi;
 }
 
 /* A thread's first column past those kept */
@@ -149,14 +215,18 @@ static __device__ void row_softmax_stats(const float *r, int s0, int t, float (&
                                          float *m, float *inv) {
   float mx = -FLT_MAX, s = 0.0f;
 #pragma unroll
-  for (int u = 0; u < ATT_KEPT; u++) {
-    int j = kept_col(u);
-    v[u] = j >= s0 && j <= t ? r[j] : -FLT_MAX;
-    mx = v[u] > mx ? v[u] : mx;
+  for (int i = 0; i < ATT_QUADS; i++) {
+    float q[4];
+    quad_load(q, r, quad_col(i), s0, t, -FLT_MAX);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      v[4 * i + k] = q[k];
+      mx = q[k] > mx ? q[k] : mx;
+    }
   }
 #pragma unroll
   for (int u = 0; u < ATT_KEPT; u++)
-    if (kept_col(u) >= s0 && kept_col(u) <= t) s += expf(v[u] - mx);
+    if (kept_in(u, s0, t)) s += expf(v[u] - mx);
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;
     float x = r[j];
@@ -184,8 +254,12 @@ static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int 
   float *r = P + (size_t)row * r1, mx, inv, v[ATT_KEPT];
   row_softmax_stats(r, s0, t, v, &mx, &inv);
 #pragma unroll
-  for (int u = 0; u < ATT_KEPT; u++)
-    if (kept_col(u) >= s0 && kept_col(u) <= t) r[kept_col(u)] = expf(v[u] - mx) * inv;
+  for (int i = 0; i < ATT_QUADS; i++) {
+    float q[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) q[k] = expf(v[4 * i + k] - mx) * inv;
+    quad_store(r, quad_col(i), s0, t, q);
+  }
   for (int j = rest_col(); j <= t; j += blockDim.x)
     if (j >= s0) r[j] = expf(r[j] - mx) * inv;
   for (int j = threadIdx.x; j < s0; j += blockDim.x) r[j] = 0.0f;
@@ -232,21 +306,18 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS - 1)
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
   float *s = S + (size_t)row * r1;
   const float *a = P + (size_t)row * r1;
-  float acc = 0.0f, gk[ATT_KEPT], ak[ATT_KEPT]; /* a thread's kept g and P */
+  float acc = 0.0f, gk[ATT_KEPT], ak[ATT_KEPT]; /* a thread's kept g and P, 0 past t */
 #pragma unroll
   for (int i = 0; i < ATT_QUADS; i++) {
-    int j0 = kept_col(4 * i);
-    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    int j0 = quad_col(i);
+    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f}, aq[4], sq[4];
     if (drop && j0 <= t) quad_keeps(kq, p, key, sample, e0 + j0);
+    quad_load(aq, a, j0, 0, t, 0.0f);
+    quad_load(sq, s, j0, 0, t, 0.0f);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-      int u = 4 * i + k, j = j0 + k;
-      gk[u] = ak[u] = 0.0f;
-      if (j <= t) {
-        ak[u] = a[j];
-        gk[u] = s[j] * (ak[u] * kq[k]);
-        acc += gk[u];
-      }
+      ak[4 * i + k] = aq[k];
+      acc += gk[4 * i + k] = sq[k] * (aq[k] * kq[k]);
     }
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
@@ -257,8 +328,12 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS - 1)
   }
   float rs = mt__block_sum(acc);
 #pragma unroll
-  for (int u = 0; u < ATT_KEPT; u++)
-    if (kept_col(u) <= t) s[kept_col(u)] = (gk[u] - ak[u] * rs) * scale;
+  for (int i = 0; i < ATT_QUADS; i++) {
+    float q[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) q[k] = (gk[4 * i + k] - ak[4 * i + k] * rs) * scale;
+    quad_store(s, quad_col(i), 0, t, q);
+  }
   for (int j = rest_col(); j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) s[j] = 0.0f;
 }
@@ -371,14 +446,13 @@ static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b
   row_softmax_stats(r, s0, t, v, &mx, &inv);
 #pragma unroll
   for (int i = 0; i < ATT_QUADS; i++) {
-    int j0 = kept_col(4 * i);
+    int j0 = quad_col(i);
     if (j0 > t || j0 + 3 < s0) continue;
-    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f}, q[4];
     if (drop) quad_keeps(kq, p, key, sample, e0 + j0);
 #pragma unroll
-    for (int k = 0; k < 4; k++)
-      if (j0 + k >= s0 && j0 + k <= t)
-        o[j0 + k] = mt_half_pack(expf(v[4 * i + k] - mx) * inv * kq[k], fp16);
+    for (int k = 0; k < 4; k++) q[k] = expf(v[4 * i + k] - mx) * inv * kq[k];
+    quad_store16(o, j0, s0, t, q, fp16);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;
@@ -413,18 +487,19 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS)
   uint64_t e0 = ((uint64_t)(head0 + h0 + hh) * T + t) * T;
 #pragma unroll
   for (int i = 0; i < ATT_QUADS; i++) {
-    int j0 = kept_col(4 * i);
-    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    int j0 = quad_col(i);
+    float kq[4] = {1.0f, 1.0f, 1.0f, 1.0f}, sq[4], gq[4], pdq[4];
     if (drop && j0 <= t && j0 + 3 >= s0) quad_keeps(kq, p, key, sample, e0 + j0);
+    quad_load(sq, s, j0, s0, t, 0.0f);
+    quad_load(gq, g, j0, s0, t, 0.0f);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-      int u = 4 * i + k, j = j0 + k;
-      pk[u] = gk[u] = 0.0f;
-      if (j < s0 || j > t) continue;
-      float pd = (pk[u] = expf(s[j] - l)) * kq[k];
-      pd16[j] = mt_half_pack(pd, fp16);
-      acc += gk[u] = g[j] * pd;
+      int u = 4 * i + k;
+      pk[u] = kept_in(u, s0, t) ? expf(sq[k] - l) : 0.0f;
+      pdq[k] = pk[u] * kq[k];
+      acc += gk[u] = gq[k] * pdq[k];
     }
+    quad_store16(pd16, j0, s0, t, pdq, fp16);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;
@@ -435,9 +510,12 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS)
   }
   float rs = mt__block_sum(acc);
 #pragma unroll
-  for (int u = 0; u < ATT_KEPT; u++)
-    if (kept_col(u) >= s0 && kept_col(u) <= t)
-      ds16[kept_col(u)] = mt_half_pack((gk[u] - pk[u] * rs) * scale, fp16);
+  for (int i = 0; i < ATT_QUADS; i++) {
+    float q[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) q[k] = (gk[4 * i + k] - pk[4 * i + k] * rs) * scale;
+    quad_store16(ds16, quad_col(i), s0, t, q, fp16);
+  }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;
     float pv = expf(s[j] - l), pd = drop ? pv * mt_dropout_scale(p, key, sample, e0 + j) : pv;

@@ -18,6 +18,7 @@
   mt_emu::launch(#k, k, (grid), (block), (stream), (smem))
 #define MT_DYN_SMEM(name) unsigned char *name = mt_emu::dyn_smem()
 #define MT_LAUNCH_BOUNDS(threads, blocks)
+#define MT_VEC_AT(type, p) ((type *)mt_emu::vec_at((p), alignof(type), #type))
 #else
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -32,6 +33,10 @@
 #define MT_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 /* registers enough for that many blocks an SM */
 #define MT_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
+/* p as a pointer to a vector type (a 16-byte float quad, say): one load or
+ * store instruction, which faults where p is not aligned to the type (the
+ * emulator stops the test there, naming it) */
+#define MT_VEC_AT(type, p) ((type *)(p))
 #endif
 
 #include <stddef.h>

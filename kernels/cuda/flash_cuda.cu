@@ -118,11 +118,12 @@ static size_t bwd_smem(int D, int W) {
 /* 16 bytes from src (NULL: zeros) to dst, both 16-byte aligned: one vector
  * load and store on a GPU */
 static __device__ __forceinline__ void copy16(void *dst, const void *src) {
-#ifdef MT_CUDA_EMU
+#ifdef MT_CUDA_EMU /* aligned as a GPU's vector access must be, or the test stops */
+  void *d = (void *)mt_emu::vec_at(dst, 16, "16-byte copy's destination");
   if (src)
-    memcpy(dst, src, 16);
+    memcpy(d, mt_emu::vec_at(src, 16, "16-byte copy's source"), 16);
   else
-    memset(dst, 0, 16);
+    memset(d, 0, 16);
 #else
   *(uint4 *)dst = src ? *(const uint4 *)src : make_uint4(0, 0, 0, 0);
 #endif
@@ -205,7 +206,7 @@ template <int FP16>
 static __device__ __forceinline__ void store_pair(uint16_t *p, float lo, float hi) {
   uint32_t w = (uint32_t)pack16<FP16>(lo) | (uint32_t)pack16<FP16>(hi) << 16;
 #ifdef MT_CUDA_EMU
-  memcpy(p, &w, 4);
+  memcpy((void *)mt_emu::vec_at(p, 4, "pair of 16-bit values"), &w, 4);
 #else
   *(uint32_t *)p = w;
 #endif
@@ -222,7 +223,7 @@ static __device__ void load_tile_f32(uint16_t *dst, const float *src, int R, int
       float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (r < valid && c < HS) {
 #ifdef MT_CUDA_EMU
-        memcpy(v, src + (size_t)r * ld + c, 16);
+        memcpy(v, mt_emu::vec_at(src + (size_t)r * ld + c, 16, "float4"), 16);
 #else
         float4 f = *(const float4 *)(src + (size_t)r * ld + c);
         v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;

@@ -826,6 +826,13 @@ const size_t SMEM_DEFAULT = 48 << 10, SMEM_MAX = 227 << 10;
 
 unsigned char *dyn_smem() { return smem_ptr; }
 
+const void *vec_at(const void *p, size_t align, const char *type) {
+  if ((uintptr_t)p % align)
+    EMU_DIE("kernel %s: a %s (%zu bytes aligned) at %p: misaligned (a GPU faults)", kernel_name,
+            type, align, p);
+  return p;
+}
+
 int smem_optin() {
   const char *e = getenv("MT_CUDA_EMU_SMEM_OPTIN");
   long v = e && *e ? strtol(e, NULL, 10) : 0;

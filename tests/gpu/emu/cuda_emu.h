@@ -252,6 +252,10 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
          const void *kernel = nullptr, size_t smem = 0);
 /* The launch's dynamic shared memory (MT_DYN_SMEM). */
 unsigned char *dyn_smem();
+/* A vector access's address p (MT_VEC_AT): a GPU faults on one not
+ * aligned to the vector's size, align bytes; the emulator stops the test,
+ * naming the type and the address. */
+const void *vec_at(const void *p, size_t align, const char *type);
 /* cudaFuncSetAttribute's record: the dynamic shared memory allowed to k;
  * false (cudaErrorInvalidValue) over the device's opt-in limit. */
 bool set_smem_limit(const void *k, int bytes);
