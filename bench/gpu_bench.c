@@ -659,6 +659,7 @@ static void bench_attention(int B) {
   double g16_fwd = 0.0, auto_fwd = 0.0;
   mt__cuda_attention_path(&dev, MT__CUDA_ATT_CHUNKED);
   double g16 = attention_ms(B, T, C, NH, MT_BF16, &g16_fwd, NULL, NULL, NULL, 0.0f);
+  double g16_dropped = attention_ms(B, T, C, NH, MT_BF16, NULL, NULL, NULL, NULL, 0.1f);
   chunk_sizes_ms(B, T, C, NH, g16);
   mt__cuda_attention_path(&dev, MT__CUDA_ATT_AUTO);
   double autom = attention_ms(B, T, C, NH, MT_BF16, &auto_fwd, NULL, NULL, NULL, 0.0f);
@@ -674,6 +675,9 @@ static void bench_attention(int B) {
   printf("RESULT attention_chunked16_tflops %.2f\n",
          attention_flops(B, T, C) / (g16 * 1e-3) / 1e12);
   printf("RESULT attention_chunked16_fwd_ms %.3f\n", g16_fwd);
+  printf("attention B=%d, chunked bf16 GEMMs with dropout 0.1: %.2f ms, %.2fx the time without\n",
+         B, g16_dropped, g16_dropped / g16);
+  printf("RESULT attention_chunked16_dropout_ms %.3f\n", g16_dropped);
   printf("RESULT attention_auto_ms %.3f\n", autom);
   printf("RESULT attention_auto_fwd_path %s\n", path_name(fwd_path));
   printf("RESULT attention_auto_bwd_path %s\n", path_name(bwd_path));
