@@ -36,10 +36,6 @@ extern "C" {
 }
 
 #define ATT_THREADS 256
-/* The 16-bit softmax backward kernel's blocks an SM, to which ptxas holds
- * its registers (sm_90: 52 a thread, no spills; 76 unbounded); the fp32
- * one's one fewer (76 a thread: at 4 blocks, 64, it spilled) */
-#define ATT_BWD_BLOCKS 4
 
 /* Query rows per chunk: a quarter of T = 2048, which skips 3/8 of the score
  * and value GEMMs' work against whole T×T blocks. The emulator test shrinks
@@ -98,20 +94,35 @@ size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype q
 
 /* The row kernels' columns. A thread takes quads of 4 adjacent columns,
  * quad q = threadIdx.x + i·blockDim.x, and keeps its first ATT_QUADS of
- * them in registers between a row's passes (8 columns a thread: rows up to
- * 2048 at 256 threads, every row of T 2048, read from memory once); a
- * longer row's further columns, from 4·ATT_QUADS·blockDim.x on, go one at
- * a time and are read again where a second pass needs them. A quad is one
- * Philox block of the dropout's element indices where they are 4-aligned
- * (T a multiple of 4): drawn once for four columns. The emulator test
- * runs them in blocks of fewer threads, to reach every kind of column at
- * its shapes. */
+ * them in registers between a row's passes (8 columns a thread, read from
+ * memory once); a longer row's further columns, from 4·ATT_QUADS·blockDim.x
+ * on, go one at a time and are read again where a second pass needs them.
+ * A quad is one Philox block of the dropout's element indices where they
+ * are 4-aligned (T a multiple of 4): drawn once for four columns. The fp32
+ * path's kernels run ATT_ROW_THREADS a block (rows up to 2048 kept); the
+ * 16-bit path's as many as keep the whole row, up to ATT_ROW_THREADS_MAX
+ * (rows up to 8192 kept; row_threads). The emulator test runs them in
+ * blocks of fewer threads, to reach every kind of column at its shapes. */
 #ifndef MT_CUDA_ATT_ROW_THREADS
 #define MT_CUDA_ATT_ROW_THREADS 256
 #endif
+#ifndef MT_CUDA_ATT_ROW_THREADS_MAX
+#define MT_CUDA_ATT_ROW_THREADS_MAX 1024
+#endif
 #define ATT_ROW_THREADS MT_CUDA_ATT_ROW_THREADS
+#define ATT_ROW_THREADS_MAX MT_CUDA_ATT_ROW_THREADS_MAX
 #define ATT_QUADS 2
 #define ATT_KEPT (4 * ATT_QUADS)
+
+/* A 16-bit row kernel's threads for rows of up to r1 columns: whole warps
+ * enough to keep every column, at least ATT_ROW_THREADS, at most
+ * ATT_ROW_THREADS_MAX */
+static unsigned row_threads(int r1) {
+  int n = ((r1 + ATT_KEPT - 1) / ATT_KEPT + 31) / 32 * 32;
+  return (unsigned)(n < ATT_ROW_THREADS       ? ATT_ROW_THREADS
+                    : n > ATT_ROW_THREADS_MAX ? ATT_ROW_THREADS_MAX
+                                              : n);
+}
 
 /* The first column of a thread's kept quad i < ATT_QUADS */
 static __device__ __forceinline__ int quad_col(int i) {
@@ -298,8 +309,9 @@ static __global__ void k_att_dropout(float *dst, const float *P, int T, int h0, 
  * G = S ∘ Pd (Pd the dropped probabilities, P without dropout); leaves
  * dS = (G - P·ΣG)·scale on columns 0..t and zero beyond to r1. A
  * thread's kept G and P stay in registers between the two passes; only a
- * longer row's further G goes through S. */
-static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS - 1)
+ * longer row's further G goes through S. Registers for 3 blocks an SM
+ * (76 a thread; held to 64 for 4, it spilled). */
+static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, 3)
     k_att_softmax_bwd(float *S, const float *P, int T, int h0, int r0, int rn, int r1, float scale,
                       int drop, float p, uint64_t key, uint64_t sample, uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn;
@@ -433,11 +445,13 @@ static att16_layout att16_layout_of(const mt__cuda *c, float *scratch, int T, in
 /* Row (hh, i) of a chunk, forward: the softmax over columns s0..t of the
  * scaled scores in S, lse of (head h0 + hh, row t), and into P the
  * probabilities times the dropout's keep/(1 - p), rounded to the 16-bit
- * type, zero before s0 and beyond to r1. */
-static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b, int T, int h0,
-                                       int r0, int rn, int r1, const int32_t *ds_b, int fp16,
-                                       int drop, float p, uint64_t key, uint64_t sample,
-                                       uint32_t head0) {
+ * type, zero before s0 and beyond to r1. Blocks of up to
+ * ATT_ROW_THREADS_MAX threads (row_threads), so registers held to 64 a
+ * thread, as the backward's. */
+static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS_MAX, 1)
+    k_att16_softmax(const float *S, uint16_t *P, float *lse_b, int T, int h0, int r0, int rn,
+                    int r1, const int32_t *ds_b, int fp16, int drop, float p, uint64_t key,
+                    uint64_t sample, uint32_t head0) {
   int row = blockIdx.x, hh = row / rn, t = r0 + row % rn, s0 = ds_b ? ds_b[t] : 0;
   const float *r = S + (size_t)row * r1;
   uint16_t *o = P + (size_t)row * r1;
@@ -473,7 +487,7 @@ static __global__ void k_att16_softmax(const float *S, uint16_t *P, float *lse_b
  * drawn once, a Philox block a quad); a longer row's further columns are
  * read again, making pd again (its dropout draw too) rather than storing
  * g. */
-static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, ATT_BWD_BLOCKS)
+static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS_MAX, 1)
     k_att16_softmax_bwd(const float *S, const float *G, uint16_t *P, uint16_t *dS,
                         const float *lse_b, int T, int h0, int r0, int rn, int r1,
                         const int32_t *ds_b, float scale, int fp16, int drop, float p, uint64_t key,
@@ -562,7 +576,7 @@ static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratc
   for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     chunk_scores(d, "attention_fwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
-    MT_LAUNCH(k_att16_softmax, (unsigned)(k.hn * k.rn), ATT_ROW_THREADS, c->stream)
+    MT_LAUNCH(k_att16_softmax, (unsigned)(k.hn * k.rn), row_threads(k.r1), c->stream)
     (l.S, l.P, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, k.rn, k.r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL, fp16, drop != NULL, drop ? drop->p : 0.0f,
      drop ? drop->key : 0, drop ? drop->sample0 + (uint64_t)k.b : 0, drop ? drop->head0 : 0);
@@ -601,7 +615,7 @@ static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch,
         d, "attention_bwd scores of dout (16-bit GEMMs)",
         {1, 0, r1, rn, HS, hn, qkv + k.v, ld3, HS, l.dO, w, HS, l.G, r1, k.sP, 1.0f, 0.0f, NULL},
         qt, MT_F32);
-    MT_LAUNCH(k_att16_softmax_bwd, (unsigned)(hn * rn), ATT_ROW_THREADS, c->stream)
+    MT_LAUNCH(k_att16_softmax_bwd, (unsigned)(hn * rn), row_threads(r1), c->stream)
     (l.S, l.G, l.P, l.dS, lse + (size_t)k.b * NH * T, T, k.h0, k.r0, rn, r1,
      doc_start ? doc_start + (size_t)k.b * T : NULL, scale, fp16, drop != NULL,
      drop ? drop->p : 0.0f, drop ? drop->key : 0, drop ? drop->sample0 + (uint64_t)k.b : 0,

@@ -1317,6 +1317,18 @@ static void test_chunked16_attention(shape s, mt_dtype qt, int with_dropout) {
   check("attention_fwd", label("%s lse", tag), back(gl, nl), cl, nl, 1e-2);
   gpu.ops->attention_bwd(&gpu, gdq, MT_F32, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv (+=)", tag), back(gdq, nq), cdq, nq, 1e-2);
+#ifdef MT_CUDA_EMU
+  /* the last chunk's rows (T columns) in blocks of threads enough to keep
+   * every column, 8 a thread, within the row kernels' bounds (meson.build) */
+  long want_threads = ((T + 7) / 8 + 31) / 32 * 32;
+  if (want_threads < MT_CUDA_ATT_ROW_THREADS) want_threads = MT_CUDA_ATT_ROW_THREADS;
+  if (want_threads > MT_CUDA_ATT_ROW_THREADS_MAX) want_threads = MT_CUDA_ATT_ROW_THREADS_MAX;
+  check_that("attention_bwd", label("%s rows of %d in blocks of %ld threads", tag, T, want_threads),
+             mt_emu_launch_threads("k_att16_softmax") == want_threads &&
+                 mt_emu_launch_threads("k_att16_softmax_bwd") == want_threads,
+             label("forward %ld, backward %ld", mt_emu_launch_threads("k_att16_softmax"),
+                   mt_emu_launch_threads("k_att16_softmax_bwd")));
+#endif
   gpu.ops->attention_bwd(&gpu, gdh, qt, gs, gdout, goh, gqkv, qt, gcl, B, T, C, NH, dp, gds);
   check("attention_bwd", label("%s dqkv in 16 bits (written)", tag), back_half(gdh, nq, qt),
         as_floats(cdh, nq, qt), nq, 1e-2);
@@ -2446,14 +2458,17 @@ int main(int argc, char **argv) {
     test_chunked16_attention(f64, MT_F16, 0);
     test_chunked16_attention(heads, MT_F16, 1);
     test_chunked16_attention(odd, MT_BF16, 1);
-    /* rows past a row kernel's 256 threads: each thread keeps more than one
-     * score in registers; past the 512 the emulator's keep (2 a thread,
-     * MT_CUDA_ATT_CACHE), the rest read again and summed online */
+    /* rows past a row kernel's first quads (the emulator's blocks of 64
+     * threads keep 256 columns in each thread's first quad, 512 in both);
+     * rows of 800 past what the fp32 kernels' 64 threads and the 16-bit
+     * ones' 96 keep (512 and 768 columns), the rest read again and summed
+     * online */
     test_attention(f300, MT_MATMUL_FP32, 0);
     test_chunked16_attention(f300, MT_BF16, 0);
-    shape f600 = {1, 600, 16, 1, 37, 40};
-    test_attention(f600, MT_MATMUL_FP32, 1);
-    test_chunked16_attention(f600, MT_BF16, 1);
+    shape f800 = {1, 800, 16, 1, 37, 40}, f600 = {1, 600, 16, 1, 37, 40};
+    test_attention(f800, MT_MATMUL_FP32, 1);
+    test_chunked16_attention(f800, MT_BF16, 1);
+    test_chunked16_attention(f600, MT_F16, 0); /* 75 threads' worth, in 96 that keep it all */
     shape wide = {1, 20, 600, 2, 37, 40};
     test_chunked16_attention(wide, MT_BF16, 1);
     test_attention_decode(300, 64, 4);

@@ -264,9 +264,10 @@ void wait_idle(cudaStream_t s, const char *what) {
 
 /* One kernel at a time: its blocks use the emulator's globals. */
 std::mutex launch_mu;
-std::map<std::string, long> launches; /* by kernel name, under launch_mu */
-std::string fail_name;                /* mt_emu_fail_launch's kernel, under launch_mu */
-long fail_at;                         /* and its launch count then: 0, none armed */
+std::map<std::string, long> launches;     /* by kernel name, under launch_mu */
+std::map<std::string, long> last_threads; /* the last launch's threads a block, by name */
+std::string fail_name;                    /* mt_emu_fail_launch's kernel, under launch_mu */
+long fail_at;                             /* and its launch count then: 0, none armed */
 
 void before_launch(cudaStream_t s, const char *name) {
   std::string what = std::string("kernel ") + name;
@@ -948,6 +949,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
   before_launch(s, name);
   std::lock_guard<std::mutex> one_at_a_time(launch_mu);
   long nth = ++launches[name];
+  last_threads[name] = (long)block.x * block.y * block.z;
   if (fail_at && nth == fail_at && fail_name == name) {
     fail_at = 0;
     last_error = cudaErrorLaunchFailure;
@@ -1065,6 +1067,12 @@ long mt_emu_launch_count(const char *kernel) {
   std::lock_guard<std::mutex> lk(launch_mu);
   auto it = launches.find(kernel);
   return it == launches.end() ? 0 : it->second;
+}
+
+long mt_emu_launch_threads(const char *kernel) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  auto it = last_threads.find(kernel);
+  return it == last_threads.end() ? 0 : it->second;
 }
 
 /* ---- GEMM --------------------------------------------------------------- */

@@ -185,6 +185,8 @@ long mt_emu_heuristic_count(void);
 /* Launches so far, process-wide, of the kernel of that name (as MT_LAUNCH
  * spells it: "k_to_half"), whether or not they ran. */
 long mt_emu_launch_count(const char *kernel);
+/* Threads a block of that kernel's last launch, 0 before any */
+long mt_emu_launch_threads(const char *kernel);
 /* Places a wmma accumulator's elements from now on as an sm_80+ GPU does
  * (sm80 nonzero, the default) or otherwise (0: element i of lane l at
  * l·8 + i in row-major order), as a GPU whose layout the flash kernels do
