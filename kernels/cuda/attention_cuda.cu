@@ -68,9 +68,6 @@ static void att_chunk(int T, int NH, int *rc, int *hc) {
   *hc = h < 1 ? 1 : h > (size_t)NH ? NH : (int)h;
 }
 
-/* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
- * (flash_cuda.cu) one sample's rows, as many samples at a time as fit, or
- * its chunks (mt_att16_chunk), whichever is larger. */
 /* The flash backward's share: its D rows (NH·T floats a sample) of up to
  * MT_CUDA_FLASH_SAMPLES samples, which sets how many a launch takes */
 static size_t flash_scratch(int T, int NH) {
@@ -78,6 +75,9 @@ static size_t flash_scratch(int T, int NH) {
   return (size_t)(n < MT_CUDA_FLASH_SAMPLES ? n : MT_CUDA_FLASH_SAMPLES) * NH * T;
 }
 
+/* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
+ * (flash_cuda.cu) one sample's rows, as many samples at a time as fit, or
+ * its chunks (mt_att16_chunk), whichever is larger. */
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
   (void)d;
   int rc, hc;
@@ -129,17 +129,12 @@ static __device__ __forceinline__ int quad_col(int i) {
   return 4 * ((int)threadIdx.x + i * (int)blockDim.x);
 }
 
-/* A quad moves as one 16-byte load or store of fp32 values (8 bytes of
- * 16-bit ones), a warp's 32 quads then 512 contiguous bytes, where all
+/* A quad moves as one load or store of its four elements (16 bytes of
+ * fp32, 8 of 16-bit values), a warp's 32 quads then contiguous, where all
  * four of its columns are in the row's range lo..hi and the address is
  * aligned (a row of r1 columns, r1 a multiple of 4, from an aligned
  * start); otherwise column by column. */
-struct alignas(16) att_f4 {
-  float v[4];
-};
-struct alignas(8) att_h4 {
-  uint16_t v[4];
-};
+template <class E> struct alignas(4 * sizeof(E)) att_quad { E v[4]; };
 
 static __device__ __forceinline__ int quad_whole(const void *at, int j0, int lo, int hi,
                                                  unsigned align) {
@@ -149,8 +144,8 @@ static __device__ __forceinline__ int quad_whole(const void *at, int j0, int lo,
 /* q[k] = r[j0 + k] for the columns in lo..hi, `fill` for the others */
 static __device__ __forceinline__ void quad_load(float (&q)[4], const float *r, int j0, int lo,
                                                  int hi, float fill) {
-  if (quad_whole(r + j0, j0, lo, hi, 16)) {
-    att_f4 x = *MT_VEC_AT(const att_f4, r + j0);
+  if (quad_whole(r + j0, j0, lo, hi, sizeof(att_quad<float>))) {
+    att_quad<float> x = *MT_VEC_AT(const att_quad<float>, r + j0);
 #pragma unroll
     for (int k = 0; k < 4; k++) q[k] = x.v[k];
   } else {
@@ -159,33 +154,25 @@ static __device__ __forceinline__ void quad_load(float (&q)[4], const float *r, 
   }
 }
 
-/* o[j0 + k] = q[k] for the columns in lo..hi */
-static __device__ __forceinline__ void quad_store(float *o, int j0, int lo, int hi,
-                                                  const float (&q)[4]) {
-  if (quad_whole(o + j0, j0, lo, hi, 16)) {
-    att_f4 x;
-#pragma unroll
-    for (int k = 0; k < 4; k++) x.v[k] = q[k];
-    *MT_VEC_AT(att_f4, o + j0) = x;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; k++)
-      if (j0 + k >= lo && j0 + k <= hi) o[j0 + k] = q[k];
-  }
+/* A value as a row's element: fp32 as it is, 16-bit rounded (fp16: binary16) */
+static __device__ __forceinline__ void att_put(float *o, float x, int) { *o = x; }
+static __device__ __forceinline__ void att_put(uint16_t *o, float x, int fp16) {
+  *o = mt_half_pack(x, fp16);
 }
 
-/* The same, each value rounded to the 16-bit type */
-static __device__ __forceinline__ void quad_store16(uint16_t *o, int j0, int lo, int hi,
-                                                    const float (&q)[4], int fp16) {
-  if (quad_whole(o + j0, j0, lo, hi, 8)) {
-    att_h4 x;
+/* o[j0 + k] = q[k] for the columns in lo..hi, fp32 or rounded to 16 bits */
+template <class E>
+static __device__ __forceinline__ void quad_store(E *o, int j0, int lo, int hi, const float (&q)[4],
+                                                  int fp16) {
+  if (quad_whole(o + j0, j0, lo, hi, sizeof(att_quad<E>))) {
+    att_quad<E> x;
 #pragma unroll
-    for (int k = 0; k < 4; k++) x.v[k] = mt_half_pack(q[k], fp16);
-    *MT_VEC_AT(att_h4, o + j0) = x;
+    for (int k = 0; k < 4; k++) att_put(&x.v[k], q[k], fp16);
+    *MT_VEC_AT(att_quad<E>, o + j0) = x;
   } else {
 #pragma unroll
     for (int k = 0; k < 4; k++)
-      if (j0 + k >= lo && j0 + k <= hi) o[j0 + k] = mt_half_pack(q[k], fp16);
+      if (j0 + k >= lo && j0 + k <= hi) att_put(&o[j0 + k], q[k], fp16);
   }
 }
 
@@ -269,7 +256,7 @@ static __global__ void k_att_softmax(float *P, float *lse_b, int T, int h0, int 
     float q[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) q[k] = expf(v[4 * i + k] - mx) * inv;
-    quad_store(r, quad_col(i), s0, t, q);
+    quad_store(r, quad_col(i), s0, t, q, 0);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x)
     if (j >= s0) r[j] = expf(r[j] - mx) * inv;
@@ -344,7 +331,7 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS, 3)
     float q[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) q[k] = (gk[4 * i + k] - ak[4 * i + k] * rs) * scale;
-    quad_store(s, quad_col(i), 0, t, q);
+    quad_store(s, quad_col(i), 0, t, q, 0);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) s[j] = (s[j] - a[j] * rs) * scale;
   for (int j = t + 1 + threadIdx.x; j < r1; j += blockDim.x) s[j] = 0.0f;
@@ -466,7 +453,7 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS_MAX, 1)
     if (drop) quad_keeps(kq, p, key, sample, e0 + j0);
 #pragma unroll
     for (int k = 0; k < 4; k++) q[k] = expf(v[4 * i + k] - mx) * inv * kq[k];
-    quad_store16(o, j0, s0, t, q, fp16);
+    quad_store(o, j0, s0, t, q, fp16);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;
@@ -513,7 +500,7 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS_MAX, 1)
       pdq[k] = pk[u] * kq[k];
       acc += gk[u] = gq[k] * pdq[k];
     }
-    quad_store16(pd16, j0, s0, t, pdq, fp16);
+    quad_store(pd16, j0, s0, t, pdq, fp16);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;
@@ -528,7 +515,7 @@ static __global__ void MT_LAUNCH_BOUNDS(ATT_ROW_THREADS_MAX, 1)
     float q[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) q[k] = (gk[4 * i + k] - pk[4 * i + k] * rs) * scale;
-    quad_store16(ds16, quad_col(i), s0, t, q, fp16);
+    quad_store(ds16, quad_col(i), s0, t, q, fp16);
   }
   for (int j = rest_col(); j <= t; j += blockDim.x) {
     if (j < s0) continue;

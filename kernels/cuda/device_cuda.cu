@@ -192,7 +192,7 @@ int mt__cuda_open(mt_device *d, int index) {
   d->gelu_epilogue = !ge || ge[0] == '1';
   c->flash_fwd_rows = flash_rows;
   c->att_path = att_path;
-  c->att_chunk_rows = chunk_rows, c->att_chunk_heads = chunk_heads;
+  mt__cuda_attention_chunk(d, chunk_rows, chunk_heads); /* both checked positive above */
   if (ac)
     mt_log_info("device %s: chunked attention in chunks of at most %d rows and %d heads "
                 "(MTNLG_ATTENTION_CHUNK)",
