@@ -20,6 +20,31 @@ static const char *jnum(char *buf, double v) {
   return buf;
 }
 
+/* train.timing_log_level's timers, means per step over acc's steps: a JSON
+ * member, or Megatron's lines (its timers.log format, so its log parsers
+ * read them). A timer no rank ran in those steps is left out. */
+static void print_timers(const mt_step_stats *st, const mt_steplog_acc *acc, int json) {
+  if (st->timing_level < 1 || acc->steps < 1) return;
+  int n = 0;
+  for (int i = 0; i < MT_TM_COUNT; i++) {
+    if (mt_timer_level(i) > st->timing_level || !(acc->timer_max[i] > 0.0)) continue;
+    double lo = acc->timer_min[i] / acc->steps, hi = acc->timer_max[i] / acc->steps;
+    if (json) {
+      printf("%s\"%s\":[%.3f,%.3f]", n ? "," : ",\"timers\":{", mt_timer_name(i), lo, hi);
+    } else {
+      char name[64];
+      snprintf(name, sizeof name, "%s ", mt_timer_name(i));
+      size_t len = strlen(name);
+      while (len < 48) name[len++] = '.';
+      name[len] = 0;
+      printf("%s\n    %s: (%.2f, %.2f)", n ? "" : "(min, max) time across ranks (ms):", name, lo,
+             hi);
+    }
+    n++;
+  }
+  if (n) printf(json ? "}" : "\n");
+}
+
 /* The line for st, with the means over acc's steps where they differ. */
 static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64_t steps,
                        int json) {
@@ -45,6 +70,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     if (st->has_val) printf(",\"val_loss\":%s", jnum(lbuf, st->val_loss));
     if (st->has_final_val) printf(",\"final_val_loss\":%s", jnum(lbuf, st->final_val_loss));
     if (st->has_test) printf(",\"test_loss\":%s", jnum(lbuf, st->test_loss));
+    print_timers(st, acc, 1);
     printf("}\n");
   } else {
     printf("step %6lld/%lld | tokens %lld | loss %.6f | lr %.3e | grad norm %.3f | ",
@@ -62,6 +88,7 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
     else if (acc->skipped)
       printf(" | skipped (%lld in all)", (long long)st->skipped_total);
     printf("\n");
+    print_timers(st, acc, 0);
     if (st->has_val)
       printf("step %6lld/%lld | validation loss %.6f | perplexity %.3f\n", (long long)st->step,
              (long long)steps, st->val_loss, exp(st->val_loss));
@@ -96,6 +123,8 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   acc->tokens += st->tokens_per_s * st->step_ms / 1e3;
   acc->flop_ms += st->tflops * st->step_ms;
   acc->bubble_ms += st->bubble * st->step_ms;
+  for (int i = 0; i < MT_TM_COUNT && st->timing_level > 0; i++)
+    acc->timer_min[i] += st->timer_min[i], acc->timer_max[i] += st->timer_max[i];
   if (st->step % log_every == 0 || st->step == steps || st->step == 1 || st->has_val || st->stop) {
     print_step(st, acc, steps, json);
     memset(acc, 0, sizeof *acc);

@@ -17,6 +17,7 @@ typedef struct mt_steplog_acc {
   int counted;       /* of them, those not skipped: the loss's mean */
   int skipped;
   double loss, ms, tokens, flop_ms, bubble_ms;
+  double timer_min[MT_TM_COUNT], timer_max[MT_TM_COUNT]; /* train.timing_log_level's sums */
 } mt_steplog_acc;
 
 /* Adds st to acc and prints a line when one is due: every log_every steps,
@@ -24,7 +25,10 @@ typedef struct mt_steplog_acc {
  * Megatron's training_log, a line gives the means over the steps since the
  * last one (the loss over those not skipped; time, tokens/s, TFLOP/s and
  * bubble over their time) and the lr, gradient norm and loss scale of its
- * own step. */
+ * own step. Under train.timing_log_level the line is followed (text) or
+ * joined ("timers" in JSON: name to [min, max]) by Megatron's "(min, max)
+ * time across ranks (ms)", each timer's mean per step over those steps,
+ * every timer of the job's level that some rank ran. */
 void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
                 int json);
 

@@ -241,3 +241,10 @@ int mt_device_sync(mt_device *d) {
   IF_CUDA(d, mt__cuda_sync(d));
   return 0;
 }
+
+void mt_device_wait(mt_device *d) {
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA) mt__cuda_wait(d);
+#endif
+  (void)d; /* a CPU device's ops are done when they return */
+}

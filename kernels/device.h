@@ -88,6 +88,11 @@ int mt_device_memset0(mt_device *d, void *p, size_t bytes);
  * ops.h), so the first error one met on a CUDA device (a failed launch or
  * GEMM, a fault) is reported here, once, with MT_EIO. */
 int mt_device_sync(mt_device *d);
+/* Waits for everything queued on the device, as mt_device_sync, but reports
+ * nothing: an error it meets is kept for the next mt_device_sync, which
+ * still tells it once. For timers (train.timing_log_level), whose waits
+ * must not take a step's fault from the step's own sync. */
+void mt_device_wait(mt_device *d);
 
 /* Memory of the device `spec` names ("cpu:N": the machine's RAM, shared by
  * every cpu device; "cuda:N": the GPU's, total and free now), in bytes,

@@ -388,6 +388,7 @@ static const char *const train_keys[] = {"global_batch",
                                          "tensorboard_dir",
                                          "weight_decay_schedule",
                                          "log_num_zeros_in_grad",
+                                         "timing_log_level",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {"schedule",
@@ -882,6 +883,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_double(pb, o, "train", "exit_duration_mins", &t->exit_duration_mins);
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
   read_bool(pb, o, "train", "log_num_zeros_in_grad", &t->log_num_zeros_in_grad);
+  read_int(pb, o, "train", "timing_log_level", &t->timing_log_level);
 }
 
 /* The entries of a blend array v (1 to MT_MAX_BLEND, checked by the
@@ -1512,6 +1514,10 @@ static void validate(problems *pb, mt_job *job) {
                m->n_head);
   if (m->n_head >= 1 && p->tp >= 1 && m->n_head % p->tp)
     check_fail(pb, "model.n_head", "%d is not divisible by parallel.tp = %d", m->n_head, p->tp);
+  if (t->timing_log_level < 0 || t->timing_log_level > 2)
+    check_fail(pb, "train.timing_log_level",
+               "%d must be 0 (no timers), 1 (the step's phases) or 2 (and the model's pieces)",
+               t->timing_log_level);
   if (!(t->exit_duration_mins >= 0.0 && t->exit_duration_mins <= 1e7))
     check_fail(pb, "train.exit_duration_mins", "%g must be from 0 (never) to 1e7",
                t->exit_duration_mins);
@@ -1782,6 +1788,9 @@ static json_t *job_to_json(const mt_job *job) {
                         json_string(job->train.tensorboard_dir));
   if (job->train.log_num_zeros_in_grad) /* only when set: other jobs keep their hash */
     json_object_set_new(json_object_get(root, "train"), "log_num_zeros_in_grad", json_true());
+  if (job->train.timing_log_level) /* only when set: other jobs keep their hash */
+    json_object_set_new(json_object_get(root, "train"), "timing_log_level",
+                        json_integer(job->train.timing_log_level));
   if (job->train.lr.kind == MT_LR_WSD) {
     static const char *const styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
     json_t *lr = json_object_get(json_object_get(root, "train"), "lr");

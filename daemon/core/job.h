@@ -165,6 +165,10 @@ typedef struct mt_train_spec {
   /* Megatron's --log-num-zeros-in-grad: the gradients' zero elements on
    * each step's line (off) */
   int log_num_zeros_in_grad;
+  /* Megatron's --timing-log-level: 0 none (default), 1 the step's phases, 2
+   * also the model's pieces, as min and max across ranks with each step
+   * line (daemon/model/timers.h) */
+  int timing_log_level;
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

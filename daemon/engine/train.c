@@ -385,6 +385,10 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
       if (!rc) tr->n_chunks = c + 1;
     }
   }
+  tr->timers.level = job->train.timing_log_level;
+  tr->timers.dev = dev;
+  tr->model.timers = &tr->timers;
+  for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].timers = &tr->timers;
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
   tr->shard_lo = (size_t)tr->g.dp_rank * tr->shard_n;
   size_t act = mt_gpt_stream_rows(&tr->model) * ms->n_embd;
@@ -778,6 +782,21 @@ static int other_device_failed(long long step, const char *what, const double vo
                    what);
 }
 
+/* train.timing_log_level: this step's timers, the least and the most of
+ * any rank, into st (one all-reduce of the maxima of ms and -ms) */
+static int timers_across_ranks(mt_trainer *tr, mt_step_stats *st) {
+  double mm[2 * MT_TM_COUNT];
+  for (int i = 0; i < MT_TM_COUNT; i++) mm[i] = tr->timers.ms[i], mm[MT_TM_COUNT + i] = -mm[i];
+  if (tr->g.world) {
+    int rc = mt_comm_allreduce(tr->g.world, mm, mm, 2 * MT_TM_COUNT, MT_COMM_F64, MT_COMM_MAX);
+    if (rc) return rc;
+  }
+  st->timing_level = tr->timers.level;
+  for (int i = 0; i < MT_TM_COUNT; i++)
+    st->timer_max[i] = mm[i], st->timer_min[i] = -mm[MT_TM_COUNT + i];
+  return 0;
+}
+
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
@@ -791,10 +810,17 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   long long sn = (long long)tr->step + 1;
   double t0 = 1e3 * mt_mono_s();
   memset(st, 0, sizeof *st);
+  /* train.timing_log_level: each phase from ph (mt_timers_now, after the
+   * device's queued work) to its end */
+  mt_timers *tm = &tr->timers;
+  memset(tm->ms, 0, sizeof tm->ms);
+  double ph = mt_timers_now(tm);
 
   /* the weights this step computes with: the master's, rounded (mixed precision) */
   int rc = mt_gpt_round_weights(m);
   if (rc) return mt_wraperr(rc, "step %lld: rounding the weights", sn);
+  mt_timers_add(tm, MT_TM_WEIGHTS_ROUND, ph);
+  ph = mt_timers_now(tm);
   mt_gpt_zero_grad(m);
   /* objective: the mean loss over the global batch, times the loss scale
    * (fp16; 1 otherwise, which leaves every product exact) */
@@ -810,8 +836,11 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                 .overlap = job->parallel.overlap_p2p};
   rc = run_pipeline(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
+  mt_timers_add(tm, MT_TM_FORWARD_BACKWARD, ph);
+  if (tm->level >= 1) tm->ms[MT_TM_PIPELINE_WAIT] = r.wait_ms;
 
   double comm_t0 = 1e3 * mt_mono_s();
+  ph = mt_timers_now(tm);
   /* ZeRO-1: each rank's slice holds the sum over replicas of its gradients
    * once the buckets the backward did not start yet are reduced too */
   const float *grad = m->grads + tr->shard_lo;
@@ -819,6 +848,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     rc = start_buckets(tr, -1);
     if (!rc) rc = mt_comm_wait(tr->g.dp);
     if (rc) return mt_wraperr(rc, "step %lld: gradient reduction over dp", sn);
+    mt_timers_add(tm, MT_TM_ALL_GRADS_SYNC, ph);
   }
   /* the two copies of the tied embedding get the sum of both gradients, in
    * Megatron's order: over dp first, whole (every replica of a stage then
@@ -829,6 +859,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * after its root), and the owners differ between the stages: the copies
    * drifted apart by rounding at dp >= 3. */
   if (tied_copy(tr)) {
+    ph = mt_timers_now(tm);
     const mt_param *wte = &m->params_table[m->i_wte];
     float *g = m->grads + wte->offset;
     if (tr->g.dp) {
@@ -837,6 +868,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     }
     rc = mt_comm_allreduce(tr->g.embed, g, g, wte->numel, MT_COMM_F32, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
+    mt_timers_add(tm, MT_TM_EMBEDDING_GRADS, ph);
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
    * the pipeline's wait (for the bubble), the devices' faults, and the
@@ -847,9 +879,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   double comm_ms = pipe_ms - (comm_t0 - t0);
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
+  ph = mt_timers_now(tm);
   double sumsq = slice_sumsq(tr, tr->norm_spans, grad);
   if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
+  mt_timers_add(tm, MT_TM_GRAD_NORM, ph);
+  ph = mt_timers_now(tm);
   double zeros = job->train.log_num_zeros_in_grad ? slice_zeros(tr) : 0.0;
+  if (job->train.log_num_zeros_in_grad) mt_timers_add(tm, MT_TM_COUNT_ZEROS, ph);
   /* ops cannot fail, so a fault one of this step's kernels met (a failed
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
@@ -872,6 +908,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 10, MT_COMM_F64, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
+    mt_timers_add(tm, MT_TM_STEP_ALL_REDUCE, c0);
   }
   if (dev_rc) return mt_wraperr(dev_rc, "step %lld", sn); /* names the device */
   if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed + 6);
@@ -898,14 +935,18 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
   if (!st->skipped) {
+    ph = mt_timers_now(tm);
     mt_adamw_step(&tr->opt, m, grad, lr, mt_clip_scale(norm, job->train.clip_grad) / scale);
     tr->lr_samples += G;
+    mt_timers_add(tm, MT_TM_OPTIMIZER, ph);
   }
   if (tr->g.dp) {
     double c0 = 1e3 * mt_mono_s();
+    ph = mt_timers_now(tm);
     rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
+    mt_timers_add(tm, MT_TM_PARAMS_ALL_GATHER, ph);
   }
   /* the update's own faults (AdamW, the all-gather's copies) are agreed on
    * too: a rank whose update failed may have sent the others a stale slice,
@@ -929,6 +970,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
       return mt_wraperr(rc, "step %lld: params norm all-reduce", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
   }
+  if (tm->level > 0 && (rc = timers_across_ranks(tr, st)))
+    return mt_wraperr(rc, "step %lld: timers all-reduce", sn);
   tr->step++;
   tr->consumed_samples += G;
 
@@ -999,6 +1042,8 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double
   if (rc) return mt_wraperr(rc, "%s: rounding the weights", what);
   for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 0;
   m->training = 0;
+  int timing = tr->timers.level; /* the timers time training steps */
+  tr->timers.level = 0;
   for (int e = 0; e < job->eval.iters && !rc; e++) {
     pipe_run r = {.tr = tr,
                   .split = which,
@@ -1011,6 +1056,7 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double
   }
   for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 1;
   m->training = 1;
+  tr->timers.level = timing;
   /* a device fault in the forwards fails validation on every rank alike */
   int dev_rc = rc ? 0 : mt_device_sync(tr->dev);
   double agreed[3] = {sum};

@@ -84,6 +84,11 @@ typedef struct mt_step_stats {
   int64_t num_zeros;
   int64_t consumed_samples; /* after this step (TensorBoard's "... vs samples" step) */
   int world_size;           /* the ranks this step ran on */
+  /* train.timing_log_level > 0: each timer's ms in this step (timers.h), the
+   * least and the most of any rank; a timer of a higher level than the
+   * job's, or that no rank ran, is 0 on both */
+  int timing_level;
+  double timer_min[MT_TM_COUNT], timer_max[MT_TM_COUNT];
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =
@@ -146,6 +151,8 @@ typedef struct mt_trainer {
   mt_gpt *chunks;
   int n_chunks;
   int grads_block0; /* during a backward: model's block index of its chunk's block 0 */
+  mt_timers timers; /* train.timing_log_level's, of the step being taken; the chunks'
+                       forward and backward time their pieces into it at level 2 */
   mt_adamw opt;
   mt_data_source *data;        /* first and last stages only (the others read no tokens) */
   int reads_tokens;            /* the stage opens the data: the first or the last, or any

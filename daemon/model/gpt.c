@@ -781,12 +781,18 @@ static float *G(const mt_gpt *m, int l, int which) {
   return mt_gpt_grad(m, m->i_block0 + l * MT_P_PER_LAYER + which);
 }
 
+/* train.timing_log_level 2: the time since the last lap to timer id
+ * (timers.h; a piece both passes run under its forward id) */
+static void lap(const mt_gpt *m, mt_timer_id id) { mt_timers_lap(m->timers, id); }
+
 /* The g and f operators of Megatron: a sum over the tp group (identity
  * without tensor parallelism). */
 static int tp_sum(mt_gpt *m, float *buf, size_t n) {
   if (m->cfg.tp_size <= 1) return 0;
   if (!m->tp_allreduce) return mt_seterr(MT_EINVAL, "gpt: tensor parallel without a tp group");
-  return m->tp_allreduce(m->tp_ctx, buf, n, 0);
+  int rc = m->tp_allreduce(m->tp_ctx, buf, n, 0);
+  lap(m, MT_TM_FWD_TP_COMM);
+  return rc;
 }
 
 /* Sequence parallelism's all-gather (Megatron's g in the forward, the
@@ -797,7 +803,9 @@ static int sp_gather(mt_gpt *m, const void *mine, void *x, mt_dtype t, size_t wi
   if (!m->tp_allgather) return mt_seterr(MT_EINVAL, "gpt: sequence parallel without a tp group");
   size_t bytes = mt_gpt_stream_rows(m) * width * elt_bytes(t);
   if (!mine) mine = (char *)x + (size_t)m->cfg.tp_rank * bytes;
-  return m->tp_allgather(m->tp_ctx, mine, x, bytes);
+  int rc = m->tp_allgather(m->tp_ctx, mine, x, bytes);
+  lap(m, MT_TM_FWD_TP_COMM);
+  return rc;
 }
 
 /* The sum over tp of a row-parallel GEMM's output buf (B T rows of C): in
@@ -808,7 +816,9 @@ static int tp_sum_rows(mt_gpt *m, float *buf) {
   if (!seq_par(m)) return tp_sum(m, buf, n);
   if (!m->tp_reduce_scatter)
     return mt_seterr(MT_EINVAL, "gpt: sequence parallel without a tp group");
-  return m->tp_reduce_scatter(m->tp_ctx, buf, n);
+  int rc = m->tp_reduce_scatter(m->tp_ctx, buf, n);
+  lap(m, MT_TM_FWD_TP_COMM);
+  return rc;
 }
 
 /* The piece of one sample that starts at row `row` of the stream's rows
@@ -843,10 +853,12 @@ static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_
   size_t r0 = stream_row0(m);
   if (!seq_par(m)) { /* whole samples */
     rows_call(m, op, out, out_h, ht, resid, x, m->B, T * C, drop);
+    lap(m, MT_TM_FWD_ELEMENTWISE);
     return;
   }
   if (!drop) { /* no masks: all rows at once */
     rows_call(m, op, out, out_h, ht, resid, x, 1, R * C, NULL);
+    lap(m, MT_TM_FWD_ELEMENTWISE);
     return;
   }
   for (size_t row = r0, t0, rows; row < r0 + R; row += rows) {
@@ -857,6 +869,7 @@ static void rows_dropout(mt_gpt *m, rows_op op, float *out, uint16_t *out_h, mt_
     rows_call(m, op, out + o, out_h ? out_h + o : NULL, ht, resid ? resid + o : NULL, x + o, 1,
               rows * C, &piece);
   }
+  lap(m, MT_TM_FWD_ELEMENTWISE);
 }
 
 /* LayerNorm (weights w, bias b) over x (the stream's rows) into out (all
@@ -869,6 +882,7 @@ static int ln_rows(mt_gpt *m, void *out, float *mean, float *rstd, const float *
   void *mine = (char *)out + stream_row0(m) * C * elt_bytes(act_type(m));
   m->dev->ops->layernorm_fwd(m->dev, mine, act_type(m), mean, rstd, x, w, b,
                              (int)mt_gpt_stream_rows(m), (int)C, m->cfg.ln_eps);
+  lap(m, MT_TM_FWD_LAYERNORM);
   return seq_par(m) ? sp_gather(m, NULL, out, act_type(m), C) : 0;
 }
 
@@ -887,6 +901,7 @@ static void lngrad_dst(mt_gpt *m, act_plan *p, float *const *lng, float **dst, i
   size_t C = (size_t)m->cfg.n_embd;
   for (int k = 0; k < n; k++) dst[k] = seq_par(m) ? p->lngrad + (size_t)k * C : lng[k];
   if (seq_par(m)) mt_device_memset0(m->dev, p->lngrad, (size_t)n * C * sizeof(float));
+  lap(m, MT_TM_FWD_ELEMENTWISE);
 }
 
 /* With sequence parallelism the LayerNorm gradients of this rank's rows,
@@ -896,6 +911,7 @@ static int lngrad_join(mt_gpt *m, act_plan *p, float *const *dst, int n) {
   size_t C = (size_t)m->cfg.n_embd;
   int rc = tp_sum(m, p->lngrad, (size_t)n * C);
   for (int k = 0; k < n && !rc; k++) m->dev->ops->add_inplace(m->dev, dst[k], p->lngrad + k * C, C);
+  lap(m, MT_TM_FWD_ELEMENTWISE);
   return rc;
 }
 
@@ -909,6 +925,7 @@ static const void *bias_for(const mt_gpt *m, int l, int which, mt_dtype ot) {
 /* In a 16-bit job: x (n floats) = the kept activation the forward stored in h. */
 static void unkeep(mt_gpt *m, float *x, const uint16_t *h, size_t n) {
   if (half_acts(m)) m->dev->ops->unpack_half(m->dev, x, h, n, m->cfg.precision == MT_PREC_FP16);
+  lap(m, MT_TM_FWD_ELEMENTWISE);
 }
 
 /* Block l of the stage forward: out(R,C) = block(in(R,C)) (the stream's rows), activations
@@ -937,10 +954,13 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
   if (rc) return rc;
   ops->linear_fwd(d, a->qkv, at, p->ln, at, M(m, l, MT_P_QKV_W), wt, bias_for(m, l, MT_P_QKV_B, at),
                   m->cvt, N, C, 3 * t.Cl);
+  lap(m, MT_TM_FWD_LINEAR);
   ops->attention_fwd(d, a->atty, a->lse, p->att_scratch, a->qkv, at, B, T, t.Cl, t.NHl, attn_drop,
                      p->doc_start);
+  lap(m, MT_TM_FWD_ATTENTION);
   ops->linear_fwd(d, p->branch, MT_F32, a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_ATTPROJ_B) : NULL, m->cvt, N, t.Cl, C);
+  lap(m, MT_TM_FWD_LINEAR);
   if ((rc = tp_sum_rows(m, p->branch))) return rc;
   /* in a 16-bit job resid2 is kept, rounded, in resid2_h */
   rows_dropout(m, ROWS_DROPOUT_RESIDUAL, a->resid2, a->resid2_h, half_acts(m) ? at : MT_F32, in,
@@ -954,6 +974,7 @@ static int block_forward(mt_gpt *m, act_plan *p, int l, block_acts *a, const flo
                        bias_for(m, l, MT_P_FC_B, at), m->cvt, N, C, 4 * t.Cl);
   ops->linear_fwd(d, p->branch, MT_F32, p->gelu, at, M(m, l, MT_P_FCPROJ_W), wt,
                   t.owns_bias ? P(m, l, MT_P_FCPROJ_B) : NULL, m->cvt, N, 4 * t.Cl, C);
+  lap(m, MT_TM_FWD_LINEAR);
   if ((rc = tp_sum_rows(m, p->branch))) return rc;
   rows_dropout(m, ROWS_DROPOUT_RESIDUAL, out, out_h, out_t, a->resid2, mine, drop2);
   return 0;
@@ -971,7 +992,7 @@ static int branch_grad(mt_gpt *m, act_plan *p, const mt_dropout *drop, const flo
   if (!drop) /* gathered straight from the stream's gradient */
     return sp_gather(m, p->dres, p->dbtc, MT_F32, C);
   mt_device_memset0(m->dev, mine, n * sizeof(float));
-  rows_dropout(m, ROWS_DROPOUT_BWD, mine, NULL, MT_F32, NULL, p->dres, drop);
+  rows_dropout(m, ROWS_DROPOUT_BWD, mine, NULL, MT_F32, NULL, p->dres, drop); /* lapped there */
   return seq_par(m) ? sp_gather(m, NULL, p->dbtc, MT_F32, C) : 0;
 }
 
@@ -1007,34 +1028,46 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   int rc = branch_grad(m, p, drop2, &dbranch);
   if (rc) return rc;
   ops->gelu_fwd(d, p->gelu, at, a->fch, at, (size_t)N * 4 * t.Cl);
+  lap(m, MT_TM_FWD_ELEMENTWISE);
   ops->linear_bwd_dgelu(d, p->dfch2, at, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
                         dbranch, p->gelu, at, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N,
                         4 * t.Cl, C);
+  lap(m, MT_TM_BWD_LINEAR);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
+  lap(m, MT_TM_FWD_ELEMENTWISE);
   if ((rc = layernorm(m, p, l, MT_P_LN2_W, a->resid2))) return rc;
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, at, p->ln, at,
                   M(m, l, MT_P_FC_W), wt, m->cvt, N, C, 4 * t.Cl);
+  lap(m, MT_TM_BWD_LINEAR);
   if ((rc = tp_sum_rows(m, p->dbtc2))) return rc;
   ops->layernorm_bwd(d, p->dres, lnd[0], lnd[1], p->dbtc2 + r0C, a->resid2, P(m, l, MT_P_LN2_W),
                      p->ln_mean, p->ln_rstd, R, C);
+  lap(m, MT_TM_FWD_LAYERNORM);
 
   /* attention branch; d(in) = dres + LayerNorm path */
   if ((rc = branch_grad(m, p, drop1, &dbranch))) return rc;
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
+  lap(m, MT_TM_FWD_ELEMENTWISE);
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, MT_F32,
                   a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
+  lap(m, MT_TM_BWD_LINEAR);
   /* in a 16-bit job written in act_type, as autocast's attention backward
    * returns it: the QKV GEMMs multiply it as it is */
   if (at == MT_F32) mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
+  lap(m, MT_TM_FWD_ELEMENTWISE);
   ops->attention_bwd(d, p->dqkv, at, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T,
                      t.Cl, t.NHl, attn_drop, p->doc_start);
+  lap(m, MT_TM_BWD_ATTENTION);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
+  lap(m, MT_TM_FWD_ELEMENTWISE);
   if ((rc = layernorm(m, p, l, MT_P_LN1_W, in))) return rc;
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, at, p->ln, at,
                   M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
+  lap(m, MT_TM_BWD_LINEAR);
   if ((rc = tp_sum_rows(m, p->dbtc))) return rc;
   ops->layernorm_bwd(d, p->dres, lnd[2], lnd[3], p->dbtc + r0C, in, P(m, l, MT_P_LN1_W), p->ln_mean,
                      p->ln_rstd, R, C);
+  lap(m, MT_TM_FWD_LAYERNORM);
   return seq_par(m) ? lngrad_join(m, p, lng, 4) : 0;
 }
 
@@ -1103,6 +1136,8 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   size_t n_loss = 0; /* the loss is the mean over the targets not masked out */
   for (size_t i = 0; targets && i < BT; i++) n_loss += targets[i] != MT_TARGET_IGNORE;
   int rc = 0;
+  if (m->timers) m->timers->backward = 0;
+  mt_timers_mark(m->timers);
   /* only the first stage reads the tokens on the device; a stage after it is
    * given them (reset_attention_mask) for the starts alone */
   if (m->first) rc = mt_device_memcpy_htod(d, p->inputs, inputs, BT * sizeof(int32_t));
@@ -1145,10 +1180,12 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     mt_dropout de;
     const mt_dropout *edrop = dropout_of(m, &de, c->hidden_dropout, -1, "embedding", sample0);
     if (edrop) rows_dropout(m, ROWS_DROPOUT, p->resid[0], NULL, MT_F32, NULL, p->resid[0], edrop);
+    lap(m, MT_TM_FWD_EMBEDDING); /* the uploads, lookups and dropout since the mark */
   } else {
     if (x_in != p->resid[0]) /* mt_gpt_stage_input_from_wire decoded it there */
       rc = mt_device_memcpy_dtod(d, p->resid[0], x_in, R * C * sizeof(float));
     if (rc) return rc;
+    lap(m, MT_TM_FWD_ELEMENTWISE);
   }
 
   const float *in = p->resid[0];
@@ -1167,16 +1204,20 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
   /* LM head: logits(B,T,Vp) = lnf · headᵀ, head wte (tied) or lm_head */
   ops->linear_fwd(d, p->logits, MT_F32, p->lnf, act_type(m), mt_gpt_matrix(m, m->i_head), m->wtype,
                   NULL, m->cvt, N, C, Vl);
+  lap(m, MT_TM_FWD_HEAD);
   m->last_loss = 0.0f;
   if (targets && tp > 1) {
     /* vocabulary-parallel cross-entropy: the max, the sum of exponentials
      * and the target's logit reduced over tp; the logits never gathered */
     int real = c->vocab_size - v0 < 0 ? 0 : c->vocab_size - v0 > Vl ? Vl : c->vocab_size - v0;
     ops->crossentropy_shard_max(d, p->rowmax, p->logits, N, real, Vl);
+    lap(m, MT_TM_FWD_LOSS);
     if (!m->tp_allreduce) return mt_seterr(MT_EINVAL, "gpt: tensor parallel without a tp group");
     if ((rc = m->tp_allreduce(m->tp_ctx, p->rowmax, BT, 1))) return rc;
+    lap(m, MT_TM_FWD_TP_COMM);
     ops->crossentropy_shard_sum(d, p->rowsum, p->rowsum + BT, p->logits, p->targets, p->rowmax, N,
                                 real, Vl, v0);
+    lap(m, MT_TM_FWD_LOSS);
     if ((rc = tp_sum(m, p->rowsum, 2 * BT))) return rc;
     float *host = m->host_losses;
     rc = mt_device_memcpy_dtoh(d, host, p->rowmax, BT * sizeof(float));
@@ -1188,6 +1229,7 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
         sum += (double)host[i] + log((double)host[BT + i]) - (double)host[2 * BT + i];
     /* every target masked: a loss of 0, not 0/0 (Megatron's would be NaN) */
     m->last_loss = n_loss ? (float)(sum / (double)n_loss) : 0.0f;
+    lap(m, MT_TM_FWD_LOSS);
   } else if (targets) {
     ops->crossentropy(d, p->losses, NULL, p->logits, p->targets, 0.0f, N, c->vocab_size,
                       c->padded_vocab);
@@ -1196,6 +1238,7 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     double sum = 0.0; /* a masked target's loss is 0 */
     for (size_t i = 0; i < BT; i++) sum += m->host_losses[i];
     m->last_loss = n_loss ? (float)(sum / (double)n_loss) : 0.0f;
+    lap(m, MT_TM_FWD_LOSS);
   }
   return 0;
 }
@@ -1211,6 +1254,8 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     return mt_seterr(MT_EINVAL, "gpt: activation slot %d of %d", slot, m->n_slots);
   act_plan *p = &((act_plan *)m->act_plan)[slot];
   int tp = c->tp_size > 1 ? c->tp_size : 1, Vl = c->padded_vocab / tp, v0 = c->tp_rank * Vl;
+  if (m->timers) m->timers->backward = 1;
+  mt_timers_mark(m->timers);
   if (m->last) {
     if (!p->has_targets)
       return mt_seterr(MT_EINVAL, "gpt: backward needs a forward with targets first");
@@ -1226,9 +1271,11 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
       ops->crossentropy(d, NULL, p->logits, p->logits, p->targets, dloss, N, c->vocab_size,
                         c->padded_vocab);
     }
+    lap(m, MT_TM_FWD_LOSS);
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
     ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_head), NULL, p->logits, MT_F32, p->lnf,
                     act_type(m), mt_gpt_matrix(m, m->i_head), m->wtype, m->cvt, N, C, Vl);
+    lap(m, MT_TM_FWD_HEAD);
     int rc = tp_sum_rows(m, p->dbtc);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, RC * sizeof(float));
@@ -1236,11 +1283,13 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     lngrad_dst(m, p, lng, lnd, 2);
     ops->layernorm_bwd(d, p->dres, lnd[0], lnd[1], p->dbtc + stream_row0(m) * C, p->resid[L],
                        W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, R, C);
+    lap(m, MT_TM_FWD_LAYERNORM);
     if (seq_par(m) && (rc = lngrad_join(m, p, lng, 2))) return rc;
   } else {
     if (!dout) return mt_seterr(MT_EINVAL, "gpt: a non-last stage needs the next stage's gradient");
     int rc = mt_device_memcpy_dtod(d, p->dres, dout, RC * sizeof(float));
     if (rc) return rc;
+    lap(m, MT_TM_FWD_ELEMENTWISE);
   }
 
   for (int l = L - 1; l >= 0; l--) {
@@ -1252,9 +1301,17 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     }
     /* the recomputed output is not needed, and in a 16-bit job is not rounded */
     float *out = half_acts(m) || !p->resid[l + 1] ? p->stream[1] : p->resid[l + 1];
-    int rc = recomputes(m, l) ? block_forward(m, p, l, a, in, out, NULL, MT_F32) : 0;
+    int rc = 0;
+    if (recomputes(m, l)) {
+      if (m->timers) m->timers->recompute = 1;
+      rc = block_forward(m, p, l, a, in, out, NULL, MT_F32);
+      if (m->timers) m->timers->recompute = 0;
+    }
     if (!rc) rc = block_backward(m, p, l, a, in);
-    if (!rc && m->on_block_grads) rc = m->on_block_grads(m->grads_ctx, l);
+    if (!rc && m->on_block_grads) {
+      rc = m->on_block_grads(m->grads_ctx, l);
+      lap(m, MT_TM_BWD_DP_COMM);
+    }
     if (rc) return rc;
   }
   if (!m->first) return 0; /* p->dres is d(stage input): mt_gpt_stage_input_grad */
@@ -1267,6 +1324,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   if (tp == 1 && !p->pos_ids) {
     ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
                        C);
+    lap(m, MT_TM_FWD_EMBEDDING);
     return 0;
   }
   ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wte), demb, p->inputs, v0, Vl, N, C);
@@ -1276,6 +1334,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wpe), demb, p->pos_ids, 0, c->max_seq, N, C);
   for (int b = 0; b < B && !p->pos_ids; b++)
     ops->add_inplace(d, mt_gpt_grad(m, m->i_wpe), demb + (size_t)b * T * C, (size_t)T * C);
+  lap(m, MT_TM_FWD_EMBEDDING);
   return 0;
 }
 

@@ -26,6 +26,7 @@
 
 #include "device.h"
 #include "ops.h"
+#include "timers.h"
 
 /* What the forward and backward read the weights in. */
 typedef enum { MT_PREC_FP32 = 0, MT_PREC_BF16 = 1, MT_PREC_FP16 = 2 } mt_precision;
@@ -206,6 +207,9 @@ typedef struct mt_gpt {
    * the backward with that code. */
   int (*on_block_grads)(void *ctx, int l);
   void *grads_ctx;
+  /* train.timing_log_level's timers, set by the engine (NULL: none): at
+   * level 2 the forward and backward time their pieces into it */
+  mt_timers *timers;
 } mt_gpt;
 
 /* Builds the parameter table and allocates params, grads and activations for

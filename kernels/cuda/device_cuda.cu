@@ -310,6 +310,12 @@ int mt__cuda_sync(mt_device *d) {
   return mt_seterr(MT_EIO, "%s", c->errmsg);
 }
 
+void mt__cuda_wait(mt_device *d) {
+  mt__cuda *c = mt__cuda_enter(d);
+  cudaError_t e = cudaStreamSynchronize(c->stream);
+  if (e != cudaSuccess) mt__cuda_fail(d, "synchronize", cudaGetErrorString(e));
+}
+
 /* ---- GEMM --------------------------------------------------------------- */
 
 /* 16-bit operands compute in fp32 from the values they hold: cuBLAS(Lt)

@@ -23,7 +23,9 @@ typedef struct rank_log {
   int skipped[RANK_RUNS_MAX_STEPS];
   double scale[RANK_RUNS_MAX_STEPS], loss[RANK_RUNS_MAX_STEPS];
   double grad_norm[RANK_RUNS_MAX_STEPS];
-  char err[512]; /* the rank's own error, "" when it ended well */
+  char err[512];                 /* the rank's own error, "" when it ended well */
+  int timing_level;              /* train.timing_log_level of the last step reported */
+  double timer_max[MT_TM_COUNT]; /* and its timers' maxima across ranks */
 } rank_log;
 
 static void rank_runs_on_step(const mt_step_stats *st, void *arg) {
@@ -34,6 +36,8 @@ static void rank_runs_on_step(const mt_step_stats *st, void *arg) {
     r->loss[r->n] = st->loss;
     r->grad_norm[r->n] = st->grad_norm;
   }
+  r->timing_level = st->timing_level;
+  memcpy(r->timer_max, st->timer_max, sizeof r->timer_max);
   r->n++;
 }
 

@@ -58,13 +58,14 @@ typedef struct layout {
   int virtual_stages;      /* parallel.virtual_stages, 0: none */
   int global_batch;        /* 0: 8 */
   int untie;               /* model.untie_embeddings = true */
-  int docs; /* docs_path with data.eod_token 0, reset_position_ids and reset_attention_mask */
+  int docs;   /* docs_path with data.eod_token 0, reset_position_ids and reset_attention_mask */
+  int timing; /* train.timing_log_level */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
  * of 2; logs[w] receives world rank w's steps. */
 static int run(const layout *l, rank_log *logs) {
-  char json[1400], ckpt[400] = "", bucket[192] = "", drop[160] = "";
+  char json[1400], ckpt[400] = "", bucket[192] = "", drop[160] = "", timing[40] = "";
   if (l->ckpt_dir)
     snprintf(ckpt, sizeof ckpt, ",\"checkpoint\":{\"dir\":\"%s\",\"interval\":%d}", l->ckpt_dir,
              l->ckpt_interval);
@@ -84,15 +85,16 @@ static int run(const layout *l, rank_log *logs) {
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"n_layer\":%d", l->n_layer);
   if (l->untie)
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"untie_embeddings\":true");
+  if (l->timing) snprintf(timing, sizeof timing, ",\"timing_log_level\":%d", l->timing);
   snprintf(json, sizeof json,
            "{\"name\":\"emu\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16%s},"
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
-           "\"train\":{\"global_batch\":%d,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s,"
+           "\"train\":{\"global_batch\":%d,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s%s,"
            "\"lr\":{\"schedule\":\"cosine\",\"peak\":3e-3,\"warmup_steps\":2,\"decay_steps\":12}},"
            "\"data\":{\"path\":\"%s\"%s}%s}",
            drop, l->tp, l->pp, l->dp, l->dp, bucket, l->global_batch ? l->global_batch : 8,
            l->steps, l->precision, l->loss_scale ? ",\"loss_scale\":" : "",
-           l->loss_scale ? l->loss_scale : "", l->docs ? docs_path : data_path,
+           l->loss_scale ? l->loss_scale : "", timing, l->docs ? docs_path : data_path,
            l->docs ? ",\"eod_token\":0,\"reset_position_ids\":true,\"reset_attention_mask\":true"
                    : "",
            ckpt);
@@ -466,6 +468,60 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
   return 0;
 }
 
+/* train.timing_log_level 2 on GPUs: the timers wait for the devices at
+ * every op (mt_device_wait) and change nothing, the losses of tp 2 x pp 2 x
+ * dp 2 in bf16 with dropout are those of the run without them, bit for bit,
+ * and every rank has the pieces; a fault in a step still fails it on every
+ * rank, the waits leaving it to the step's own sync. */
+static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void) {
+  enum { N = 2 };
+  static rank_log plain[8], timed[8];
+  layout l = {
+      .kind = "cuda", .precision = "bf16", .steps = N, .tp = 2, .pp = 2, .dp = 2, .dropout = 0.1f};
+  REQUIRE(!run(&l, plain), "without timers: %s", mt_errmsg());
+  l.timing = 2;
+  REQUIRE(!run(&l, timed), "timing_log_level 2: %s", mt_errmsg());
+  int same = 1, timed_all = 1;
+  static const int pieces[] = {MT_TM_FORWARD_BACKWARD, MT_TM_FWD_LINEAR,    MT_TM_FWD_ATTENTION,
+                               MT_TM_BWD_LINEAR,       MT_TM_BWD_ATTENTION, MT_TM_FWD_TP_COMM,
+                               MT_TM_BWD_TP_COMM,      MT_TM_FWD_HEAD,      MT_TM_PIPELINE_WAIT};
+  for (int w = 0; w < 8; w++) {
+    same &= timed[w].n == N && plain[w].n == N;
+    for (int s = 0; s < N && same; s++)
+      same &=
+          timed[w].loss[s] == plain[w].loss[s] && timed[w].grad_norm[s] == plain[w].grad_norm[s];
+    timed_all &= timed[w].timing_level == 2 && plain[w].timing_level == 0;
+    for (size_t k = 0; k < sizeof pieces / sizeof *pieces; k++)
+      timed_all &= timed[w].timer_max[pieces[k]] > 0.0;
+  }
+  CHECK(same,
+        "the losses or norms with timers differ from those without (rank 0: %.9g against %.9g)",
+        timed[0].loss[N - 1], plain[0].loss[N - 1]);
+  CHECK(timed_all, "a rank lacks a timer (rank 0: forward-backward %.3f, attention %.3f ms)",
+        timed[0].timer_max[MT_TM_FORWARD_BACKWARD], timed[0].timer_max[MT_TM_FWD_ATTENTION]);
+  printf("  bf16 tp2 pp2 dp2 with timers: the same losses; forward-backward %.1f ms, "
+         "attention %.3f + %.3f ms (emulated)\n",
+         timed[0].timer_max[MT_TM_FORWARD_BACKWARD], timed[0].timer_max[MT_TM_FWD_ATTENTION],
+         timed[0].timer_max[MT_TM_BWD_ATTENTION]);
+
+  static rank_log logs[2];
+  layout f = {
+      .kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2, .timing = 2};
+  long ln0 = mt_emu_launch_count("k_layernorm_fwd");
+  REQUIRE(!run(&f, logs), "one step: %s", mt_errmsg());
+  long per_step = mt_emu_launch_count("k_layernorm_fwd") - ln0;
+  f.steps = 3;
+  mt_emu_fail_launch("k_layernorm_fwd", per_step + per_step / 2);
+  int rc = run(&f, logs);
+  mt_emu_fail_launch("k_layernorm_fwd", 0);
+  int named = 0;
+  for (int w = 0; w < 2; w++) named += strstr(logs[w].err, "cudaErrorLaunchFailure") != NULL;
+  CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && named == 1,
+        "fault in step 2 under timers: rc %d, steps reported %d and %d; rank 0: %s; rank 1: %s", rc,
+        logs[0].n, logs[1].n, logs[0].err, logs[1].err);
+  return 0;
+}
+
 /* mt_device_lost, which a node asks after its ranks failed: a GPU whose
  * context a fault corrupted (every later sync answers it) is lost, its
  * neighbours and CPU devices are not, and a device found again is not. */
@@ -633,6 +689,8 @@ int main(int argc, char **argv) {
       {"test_device_fault_fails_the_step_on_every_rank",
        test_device_fault_fails_the_step_on_every_rank},
       {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
+      {"test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step",
+       test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
     int run = argc < 2;

@@ -1521,6 +1521,35 @@ static void test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* train.timing_log_level: 0 by default and written only when set, so jobs
+ * without it keep their hash; 2 carried back through the canonical JSON
+ * with the same hash; a level past 0..2 or not an integer one line naming
+ * the key. */
+static void test_timing_log_level_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, zero, two, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && plain.train.timing_log_level == 0);
+  CHECK(parse_with(&zero, tiny_job, "train.timing_log_level=0", NULL) == MT_OK);
+  CHECK(!strcmp(plain.hash, zero.hash) && !strcmp(plain.hash, TINY_JOB_HASH));
+  CHECK(parse_with(&two, tiny_job, "train.timing_log_level=2", NULL) == MT_OK);
+  CHECK(two.train.timing_log_level == 2);
+  char *json = mt_job_to_json(&two), *plain_json = mt_job_to_json(&plain);
+  CHECK(json && strstr(json, "\"timing_log_level\":2"));
+  CHECK(plain_json && !strstr(plain_json, "timing_log_level"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        back.train.timing_log_level == 2 && !strcmp(back.hash, two.hash));
+  free(json);
+  free(plain_json);
+  refusal cases[] = {
+      {"train.timing_log_level=3", NULL,
+       "train.timing_log_level: 3 must be 0 (no timers), 1 (the step's phases) or 2 (and the "
+       "model's pieces)"},
+      {"train.timing_log_level=-1", NULL, "train.timing_log_level: -1 must be 0"},
+      {"train.timing_log_level=1.5", NULL, "train.timing_log_level: expected an integer"},
+      {"train.timing_log_level=true", NULL, "train.timing_log_level: expected an integer"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 /* model.untie_embeddings: off by default and when false (the hash of a
  * job from before it), material when on (another hash, in the canonical
  * form, which reads back to it), a preset may say it (an architecture),
@@ -1624,6 +1653,7 @@ int main(void) {
   test_tensorboard_dir_resolves_and_round_trips();
   test_job_from_a_descriptor_takes_the_current_directory();
   test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash();
+  test_timing_log_level_round_trips_and_keeps_the_hash();
   test_untie_embeddings_key_round_trips_and_keeps_the_hash();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);

@@ -1,0 +1,188 @@
+"""train.timing_log_level (Megatron's --timing-log-level): where a step's time
+goes, as (min, max) across ranks with each step line.
+
+usage: test_timers.py MTNLGD JOB.json
+The tiny model trains a few steps on real text. Checked (on what the timers
+must be, never on how long anything took):
+  - level 2 on one device: every step's JSON line has the level-1 phases and
+    the model's pieces that ran (GEMMs, attention, LayerNorm, head, loss),
+    min equal to max (one rank), and the pieces, laps inside the
+    forward-backward phase, sum to no more than it;
+  - the timers change nothing: the losses and norms of level 2 are those of
+    a run without timers, bit for bit, at one device and at tp 2 x pp 2 x
+    dp 2 with sequence parallelism and recomputation;
+  - at tp 2 x pp 2 x dp 2 the timers of one stage's pieces (the head, the
+    embedding) have min 0 and max above it, the tensor- and
+    pipeline-parallel ones are there, recomputation is timed, and min <= max
+    everywhere;
+  - level 1 prints the phases only; a job without the key prints no timers
+    (JSON nor text);
+  - the text log has Megatron's "(min, max) time across ranks (ms):" block
+    in its format after each step line;
+  - a level past 2, or not an integer, is refused naming the key;
+  - turning it on for a resume is no change to the run.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from local_cluster import check, license_tokens  # noqa: E402
+
+PHASES = {"weights-round", "forward-backward", "pipeline-wait", "all-grads-sync",
+          "embedding-grads-all-reduce", "grad-norm", "optimizer-count-zeros", "step-all-reduce",
+          "optimizer-inner-step", "params-all-gather"}
+# the pieces one device runs on every step of the tiny model
+PIECES_ONE = {"forward-embedding", "forward-layernorm", "forward-linear", "forward-attention",
+              "forward-elementwise", "forward-head", "forward-loss", "backward-loss",
+              "backward-head", "backward-layernorm", "backward-linear", "backward-attention",
+              "backward-elementwise", "backward-embedding"}
+
+
+def run(mtnlgd, job, tokens, level=None, log_format="json", layout=(1, 1, 1), steps=3,
+        extra=(), full=False):
+    tp, pp, dp = layout
+    cmd = [mtnlgd, "--standalone", job, "--log-format", log_format,
+           "--set", f"data.path={tokens}", "--set", f"train.steps={steps}",
+           "--set", "train.lr.warmup_steps=1", "--set", "model.n_layer=4",
+           "--set", "parallel.micro_batch=2", "--set", "train.global_batch=8",
+           "--set", f"parallel.tp={tp}", "--set", f"parallel.pp={pp}",
+           "--set", f"parallel.dp_min={dp}"]
+    if level is not None:
+        cmd += ["--set", f"train.timing_log_level={level}"]
+    for s in extra:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if full:
+        return out
+    if out.returncode != 0:
+        print(out.stderr)
+        raise SystemExit(f"level {level} {layout}: mtnlgd exited {out.returncode}")
+    return out.stdout
+
+
+def lines(stdout):
+    return [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+
+
+def trajectory(ls):
+    return [(l["loss"], l["grad_norm"]) for l in ls]
+
+
+def main():
+    mtnlgd, job = sys.argv[1], sys.argv[2]
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+
+        plain = lines(run(mtnlgd, job, tokens))
+        timed = lines(run(mtnlgd, job, tokens, level=2))
+        timers = [l.get("timers", {}) for l in timed]
+        names = set().union(*timers) if timers else set()
+        failures += check("test_level2_times_the_phases_and_the_pieces_one_device_runs",
+                          len(timed) == 3 and all({"forward-backward", "weights-round",
+                                                   "grad-norm", "optimizer-inner-step"} |
+                                                  PIECES_ONE <= set(t) for t in timers)
+                          and names <= PHASES | PIECES_ONE,
+                          "names %s" % sorted(names))
+        worst = None
+        for t in timers:
+            for lo, hi in t.values():
+                if lo != hi or lo < 0:
+                    worst = (lo, hi)
+        failures += check("test_one_rank_has_min_equal_to_max", timers and worst is None,
+                          str(worst))
+        over = []
+        for t in timers:
+            pieces = sum(t[k][1] for k in t if k not in PHASES)
+            # laps inside the phase: each printed to 0.001 ms, so up to that much apiece
+            if not 0 < pieces <= t["forward-backward"][1] + 0.001 * len(t):
+                over.append((pieces, t["forward-backward"][1]))
+        failures += check("test_the_pieces_are_laps_inside_forward_backward",
+                          timers and not over, str(over))
+        failures += check("test_timers_change_nothing_one_device",
+                          trajectory(plain) == trajectory(timed) and len(plain) == 3,
+                          "%s against %s" % (trajectory(timed), trajectory(plain)))
+
+        layout = (2, 2, 2)
+        extra = ["parallel.recompute=true", "parallel.sequence_parallel=true"]
+        plain8 = lines(run(mtnlgd, job, tokens, layout=layout, extra=extra))
+        timed8 = lines(run(mtnlgd, job, tokens, level=2, layout=layout, extra=extra))
+        t8 = timed8[-1].get("timers", {}) if timed8 else {}
+        want = {"forward-tp-comm", "backward-tp-comm", "backward-recompute", "pipeline-wait",
+                "params-all-gather", "all-grads-sync", "embedding-grads-all-reduce",
+                "step-all-reduce"}
+        failures += check("test_tp2_pp2_dp2_times_the_parallel_phases",
+                          want <= set(t8) and all(t8[k][1] > 0 for k in want),
+                          "missing %s of %s" % (sorted(want - set(t8)), sorted(t8)))
+        one_stage = ["forward-head", "forward-loss", "backward-head", "forward-embedding",
+                     "backward-embedding"]
+        failures += check("test_a_stages_own_pieces_have_min_0_across_ranks",
+                          all(k in t8 and t8[k][0] == 0 and t8[k][1] > 0 for k in one_stage),
+                          str({k: t8.get(k) for k in one_stage}))
+        failures += check("test_min_is_at_most_max",
+                          t8 and all(0 <= lo <= hi for t in timed8
+                                     for lo, hi in t.get("timers", {}).values()), str(t8))
+        failures += check("test_timers_change_nothing_tp2_pp2_dp2",
+                          trajectory(plain8) == trajectory(timed8) and len(plain8) == 3,
+                          "%s against %s" % (trajectory(timed8), trajectory(plain8)))
+
+        level1 = lines(run(mtnlgd, job, tokens, level=1))
+        n1 = set().union(*(l.get("timers", {}) for l in level1)) if level1 else set()
+        failures += check("test_level1_times_the_phases_only",
+                          len(level1) == 3 and "forward-backward" in n1 and n1 <= PHASES,
+                          str(sorted(n1)))
+        text_plain = run(mtnlgd, job, tokens, log_format="text")
+        failures += check("test_no_timers_unless_asked",
+                          all("timers" not in l for l in plain)
+                          and "time across ranks" not in text_plain,
+                          str(plain[-1:]))
+
+        text = run(mtnlgd, job, tokens, level=2, log_format="text").splitlines()
+        row = re.compile(r"^    ([a-z-]+) \.+: \((\d+\.\d\d), (\d+\.\d\d)\)$")
+        blocks, bad = 0, []
+        for i, l in enumerate(text):
+            if not l.startswith("step "):
+                continue
+            if i + 1 >= len(text) or text[i + 1] != "(min, max) time across ranks (ms):":
+                bad.append(l)
+                continue
+            blocks += 1
+            j = i + 2
+            while j < len(text) and text[j].startswith("    "):
+                m = row.match(text[j])
+                if not m or len(text[j]) - len(text[j].split(":")[-1]) != 4 + 48 + 1:
+                    bad.append(text[j])
+                j += 1
+            if j - (i + 2) < len(PIECES_ONE):
+                bad.append("%d rows after %r" % (j - i - 2, l))
+        failures += check("test_text_has_megatrons_block_after_each_step_line",
+                          blocks == 3 and not bad, str(bad[:3]))
+
+        for value, words in (("3", "train.timing_log_level: 3 must be 0"),
+                             ("-1", "train.timing_log_level: -1 must be 0"),
+                             ('"2"', "train.timing_log_level: expected an integer")):
+            out = run(mtnlgd, job, tokens, level=value, full=True)
+            failures += check("test_level_%s_is_refused" % value.strip('"').replace("-", "minus"),
+                              out.returncode != 0 and words in out.stderr,
+                              "exit %d: %s" % (out.returncode, out.stderr[-300:]))
+
+        # (the decay given: by default it follows train.steps, which the resume lengthens)
+        ck = ["checkpoint.dir=" + os.path.join(tmp, "ck"), "train.lr.decay_steps=6"]
+        run(mtnlgd, job, tokens, steps=3, extra=ck)
+        resumed = run(mtnlgd, job, tokens, level=1, steps=5, extra=ck, full=True)
+        said = [l for l in resumed.stderr.splitlines() if "resume: the job changed" in l]
+        failures += check("test_turning_it_on_for_a_resume_is_no_change_to_the_run",
+                          resumed.returncode == 0 and len(said) == 1
+                          and "its trajectory does not" in said[0]
+                          and "timing_log_level" in said[0] and '"timers"' in resumed.stdout,
+                          str(said) + resumed.stderr[-300:])
+    print("%d failure(s)" % failures)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
