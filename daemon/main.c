@@ -459,11 +459,13 @@ static int run_standalone(const cli_opts *o) {
   signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails that write (EFBIG), not the daemon */
   const char *export_path = o->export_path;
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
-  step_printer printer = {.json = o->json,
-                          .steps = job.train.steps,
-                          .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1,
-                          .tboard =
-                              o->proc_rank == 0 ? mt_tboard_new(job.train.tensorboard_dir) : NULL};
+  step_printer printer = {
+      .json = o->json,
+      .steps = job.train.steps,
+      .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1,
+      .tboard = o->proc_rank == 0
+                    ? mt_tboard_new(job.train.tensorboard_dir, job.train.log_timers_to_tensorboard)
+                    : NULL};
   mt_local_opts lo = {.job = &job,
                       .procs = o->procs,
                       .proc_rank = o->proc_rank,

@@ -419,7 +419,9 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   /* world rank 0's node writes the generation's TensorBoard events (closed
    * with the generation, on_engine_done) */
   mt_tboard_free(n->tboard); /* a start that failed before its ranks ran left one */
-  n->tboard = n->holds_rank0 ? mt_tboard_new(n->run_job.train.tensorboard_dir) : NULL;
+  n->tboard = n->holds_rank0 ? mt_tboard_new(n->run_job.train.tensorboard_dir,
+                                             n->run_job.train.log_timers_to_tensorboard)
+                             : NULL;
   read_order(n); /* one already there (a generation formed paused) holds step one */
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];

@@ -59,6 +59,7 @@ struct mt_tboard {
   int failed;            /* said once; nothing more is written (also read by
                             mt_tboard_step, atomically, to queue no more) */
   int64_t last_step;     /* the last step written; -1 before any */
+  int timers;            /* each step's timers too (train.log_timers_to_tensorboard) */
 
   /* under mu: the queue, a ring of MT_TBOARD_QUEUE points */
   pthread_mutex_t mu;
@@ -116,7 +117,7 @@ static uint32_t masked_crc(const void *data, size_t n) {
 /* ---- protocol buffer encoding into a bounded buffer ---- */
 
 typedef struct pbuf {
-  unsigned char b[2048];
+  unsigned char b[4096]; /* a step's tags, its 28 timers' too, take under 2 KB */
   size_t n;
   int over; /* ran past b: the event is dropped, never cut */
 } pbuf;
@@ -571,6 +572,12 @@ static void write_step(mt_tboard *t, const tb_point *pt) {
   put_scalar(&s, "throughput", st->tflops);
   put_scalar(&s, "tokens-per-second", st->tokens_per_s);
   put_scalar(&s, "skipped-iterations", (double)st->skipped);
+  for (int i = 0; t->timers && i < MT_TM_COUNT; i++) {
+    if (mt_timer_level(i) > st->timing_level || !(st->timer_max[i] > 0.0)) continue;
+    char tag[64];
+    snprintf(tag, sizeof tag, "%s-time", mt_timer_name(i));
+    put_scalar(&s, tag, st->timer_max[i] / 1e3);
+  }
   /* Megatron writes its validation at the end of training under the same
    * tag; at a step that had its own, that one stands */
   int has_val = st->has_val || st->has_final_val;
@@ -719,7 +726,7 @@ static void *writer_main(void *arg) {
   return NULL;
 }
 
-mt_tboard *mt_tboard_new(const char *dir) {
+mt_tboard *mt_tboard_new(const char *dir, int timers) {
   if (!dir || !*dir) return NULL;
   mt_tboard *t = calloc(1, sizeof *t);
   tb_point *q = t ? malloc(MT_TBOARD_QUEUE * sizeof *q) : NULL;
@@ -733,6 +740,7 @@ mt_tboard *mt_tboard_new(const char *dir) {
   snprintf(t->dir, sizeof t->dir, "%s", dir);
   t->fd = -1;
   t->last_step = -1;
+  t->timers = timers;
   t->q = q;
   /* done counts on the monotonic clock: mt_tboard_free's bound is the
    * heartbeat's, which a wall-clock step back must not stretch */

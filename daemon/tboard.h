@@ -25,19 +25,24 @@ typedef struct mt_tboard mt_tboard;
  * newest: some thousands of steps, so a rollback's rewrite (1.4 s at
  * 300,000 steps) loses nothing even at 100 steps a second, nor a file
  * system stalled for 40 s there, or for hours at a large model's pace, in
- * about a megabyte (a point is a step's mt_step_stats and its time). The
+ * under 3 MB (a point is a step's mt_step_stats, its timers included, and
+ * its time). The
  * oldest stay: the first queued point decides whether the file rolls back.
  * Once full, steps are dropped until the writer is down to half of it. */
 #define MT_TBOARD_QUEUE 4096
 
-/* A writer for dir (made if missing) and its thread; nothing is opened
+/* A writer for dir (made if missing) and its thread; with timers
+ * (train.log_timers_to_tensorboard, Megatron's --log-timers-to-tensorboard)
+ * each step's event also holds "<timer>-time": a timer's most of any rank,
+ * in seconds, as Megatron's timers.write puts them, for every timer of the
+ * step's train.timing_log_level that some rank ran. Nothing is opened
  * before the first step, and not before every older writer of this daemon
  * (this process) for the same dir (one a generation ended while the disk
  * hung) has ended, so this one's rollback decision reads all they wrote.
  * A writer left on another node (world rank 0 moved since) is not known
  * here: its tail can land after this one's files, at the same steps. NULL
  * when out of memory or dir is "" (no TensorBoard). */
-mt_tboard *mt_tboard_new(const char *dir);
+mt_tboard *mt_tboard_new(const char *dir, int timers);
 
 /* Queues st's scalars for the writer and returns at once; t may be NULL
  * (none). The writer appends them, in step order, to t's events file,

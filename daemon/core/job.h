@@ -169,6 +169,9 @@ typedef struct mt_train_spec {
    * also the model's pieces, as min and max across ranks with each step
    * line (daemon/model/timers.h) */
   int timing_log_level;
+  /* Megatron's --log-timers-to-tensorboard: those timers' maxima in the
+   * TensorBoard events too (off; needs tensorboard_dir and a level) */
+  int log_timers_to_tensorboard;
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

@@ -20,6 +20,10 @@ must be, never on how long anything took):
   - the text log has Megatron's "(min, max) time across ranks (ms):" block
     in its format after each step line;
   - a level past 2, or not an integer, is refused naming the key;
+  - train.log_timers_to_tensorboard (Megatron's --log-timers-to-tensorboard)
+    writes each step's "<timer>-time" tags, the JSON line's max in seconds,
+    every timer the line has and no other; without it, none; without a
+    level or a tensorboard_dir it is refused naming what it needs;
   - turning it on for a resume is no change to the run.
 """
 import json
@@ -30,6 +34,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cluster"))
 from local_cluster import check, license_tokens  # noqa: E402
 
 PHASES = {"weights-round", "forward-backward", "pipeline-wait", "all-grads-sync",
@@ -70,6 +75,55 @@ def lines(stdout):
 
 def trajectory(ls):
     return [(l["loss"], l["grad_norm"]) for l in ls]
+
+
+def tensorboard(mtnlgd, job, tokens, tmp):
+    """train.log_timers_to_tensorboard: the events against the step lines."""
+    try:
+        import test_tensorboard as tb
+    except ImportError as e:  # tools/test installs python3-protobuf
+        print(f"SKIP the TensorBoard checks: the events reader needs python3-protobuf ({e})")
+        return 0
+    failures = 0
+    runs = {}
+    for on in (True, False):
+        d = os.path.join(tmp, "tb-%s" % on)
+        extra = ["train.tensorboard_dir=" + d]
+        if on:
+            extra.append("train.log_timers_to_tensorboard=true")
+        runs[on] = (lines(run(mtnlgd, job, tokens, level=2, extra=extra)),
+                    tb.scalars([e for f in sorted(os.listdir(d))
+                                for e in tb.read_events(os.path.join(d, f))]))
+    ls, events = runs[True]
+    bad = []
+    for l in ls:
+        got = {k[:-5]: v for k, v in events.get(l["step"], {}).items()
+               if k.endswith("-time") and k != "iteration-time"}
+        want = {k: hi / 1e3 for k, (lo, hi) in l.get("timers", {}).items()}
+        # the line prints ms to 0.001; the event holds seconds as float32
+        if set(got) != set(want) or any(abs(got[k] - want[k]) > 6e-7 + 1e-7 * want[k]
+                                        for k in want):
+            bad.append((l["step"], sorted(set(got) ^ set(want)),
+                        [(k, got.get(k), want[k]) for k in want
+                         if k in got and abs(got[k] - want[k]) > 6e-7 + 1e-7 * want[k]][:3]))
+    failures += check("test_timers_to_tensorboard_are_the_lines_max_in_seconds",
+                      len(ls) == 3 and len(events) == 3 and not bad, str(bad[:2]))
+    _, quiet = runs[False]
+    extra_tags = sorted({k for v in quiet.values() for k in v
+                         if k.endswith("-time") and k != "iteration-time"})
+    failures += check("test_no_timers_in_tensorboard_unless_asked",
+                      len(quiet) == 3 and not extra_tags, str(extra_tags))
+    for sets, words in ((["train.log_timers_to_tensorboard=true",
+                          "train.tensorboard_dir=" + os.path.join(tmp, "tb-x")],
+                         "train.log_timers_to_tensorboard: needs train.timing_log_level 1 or 2"),
+                        (["train.log_timers_to_tensorboard=true", "train.timing_log_level=1"],
+                         "train.log_timers_to_tensorboard: needs train.tensorboard_dir")):
+        out = run(mtnlgd, job, tokens, extra=sets, full=True)
+        failures += check("test_log_timers_to_tensorboard_refused_%s" %
+                          ("without_a_level" if "dir" in sets[1] else "without_a_dir"),
+                          out.returncode != 0 and words in out.stderr,
+                          "exit %d: %s" % (out.returncode, out.stderr[-300:]))
+    return failures
 
 
 def main():
@@ -169,6 +223,8 @@ def main():
             failures += check("test_level_%s_is_refused" % value.strip('"').replace("-", "minus"),
                               out.returncode != 0 and words in out.stderr,
                               "exit %d: %s" % (out.returncode, out.stderr[-300:]))
+
+        failures += tensorboard(mtnlgd, job, tokens, tmp)
 
         # (the decay given: by default it follows train.steps, which the resume lengthens)
         ck = ["checkpoint.dir=" + os.path.join(tmp, "ck"), "train.lr.decay_steps=6"]

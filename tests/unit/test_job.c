@@ -1546,6 +1546,12 @@ static void test_timing_log_level_round_trips_and_keeps_the_hash(void) {
       {"train.timing_log_level=-1", NULL, "train.timing_log_level: -1 must be 0"},
       {"train.timing_log_level=1.5", NULL, "train.timing_log_level: expected an integer"},
       {"train.timing_log_level=true", NULL, "train.timing_log_level: expected an integer"},
+      {"train.log_timers_to_tensorboard=true", "train.tensorboard_dir=\"tb\"",
+       "train.log_timers_to_tensorboard: needs train.timing_log_level 1 or 2"},
+      {"train.log_timers_to_tensorboard=true", "train.timing_log_level=1",
+       "train.log_timers_to_tensorboard: needs train.tensorboard_dir"},
+      {"train.log_timers_to_tensorboard=1", NULL,
+       "train.log_timers_to_tensorboard: expected true or false, got an integer"},
   };
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
