@@ -21,8 +21,9 @@ const char ctl_status_help[] =
     "why, when failed or re-forming), step of steps, loss, learning rate, gradient\n"
     "norm, tokens/s, model TFLOP/s per device of the answering node (MFU when the\n"
     "daemon knows the peak; ask each node's endpoint for its own), the step time\n"
-    "split into compute, pipeline bubble and communication, the ETA, and the last\n"
-    "checkpoint.\n"
+    "split into compute, pipeline bubble and communication (and, under\n"
+    "train.timing_log_level, the last step's timers, min and max across ranks),\n"
+    "the ETA, and the last checkpoint.\n"
     "\n"
     "Options:\n"
     "  --devices              also list the answering node's devices: rank, stage,\n"
@@ -130,6 +131,17 @@ static void print_step_time(const json_t *st) {
     printf(" ms");
   }
   printf("\n");
+  /* train.timing_log_level: the last step's timers, Megatron's (min, max) */
+  const json_t *timers = json_object_get(t, "timers");
+  const char *name;
+  const json_t *v;
+  if (json_is_object(timers) && json_object_size(timers)) {
+    printf(LABEL "(min, max) across ranks, ms\n", "timers");
+    json_object_foreach((json_t *)timers, name, v) {
+      printf("    %-28s (%.2f, %.2f)\n", name, json_number_value(json_array_get(v, 0)),
+             json_number_value(json_array_get(v, 1)));
+    }
+  }
 }
 
 static void print_checkpoint(const json_t *st) {

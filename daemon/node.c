@@ -188,6 +188,10 @@ static void on_step(const mt_step_stats *st, void *arg) {
       json_object_set_new(j, "params_norm",
                           isfinite(st->params_norm) ? json_real(st->params_norm) : json_null());
     if (st->has_num_zeros) json_object_set_new(j, "num_zeros", json_integer(st->num_zeros));
+    if (st->timing_level > 0) {
+      json_object_set_new(j, "timing_level", json_integer(st->timing_level));
+      json_object_set_new(j, "timers", node_timers_json(st));
+    }
     json_object_set_new(j, "skipped_total", json_integer(st->skipped_total));
     json_object_set_new(j, "global_batch", json_integer(st->global_batch));
     if (st->loss_scaling) json_object_set_new(j, "loss_scale", json_real(st->loss_scale));

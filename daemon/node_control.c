@@ -40,6 +40,29 @@ static int64_t rss_bytes(void) {
 
 static json_t *num_or_null(double v) { return isfinite(v) ? json_real(v) : json_null(); }
 
+json_t *node_timers_json(const mt_step_stats *st) {
+  if (st->timing_level < 1) return json_null();
+  json_t *t = json_object();
+  for (int i = 0; t && i < MT_TM_COUNT; i++)
+    if (mt_timer_level(i) <= st->timing_level && st->timer_max[i] > 0.0)
+      json_object_set_new(t, mt_timer_name(i),
+                          json_pack("[f, f]", st->timer_min[i], st->timer_max[i]));
+  return t ? t : json_null();
+}
+
+void node_timers_from_json(mt_step_stats *st, int level, const json_t *timers) {
+  const char *name;
+  json_t *v;
+  if (level < 1 || !json_is_object(timers)) return;
+  st->timing_level = level;
+  json_object_foreach((json_t *)timers, name, v) {
+    int id = mt_timer_find(name);
+    if (id >= 0 && json_is_array(v) && json_array_size(v) == 2)
+      st->timer_min[id] = json_number_value(json_array_get(v, 0)),
+      st->timer_max[id] = json_number_value(json_array_get(v, 1));
+  }
+}
+
 void node_history_add(node *n, const mt_step_stats *st) {
   pthread_mutex_lock(&n->mu);
   /* a generation re-formed after a failure resumes from an earlier step:
@@ -290,11 +313,12 @@ static json_t *build_status(node *n) {
   double total = have ? st->step_ms : 0, bubble = have ? st->bubble * st->step_ms : 0,
          comm = have ? st->comm_ms : 0;
   double compute = total - bubble - comm;
-  json_object_set_new(
-      s, "step_time",
-      have ? json_pack("{s:f, s:f, s:f, s:f}", "total_ms", total, "compute_ms",
-                       compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms", comm)
-           : json_pack("{s:n, s:n, s:n, s:n}", "total_ms", "compute_ms", "bubble_ms", "comm_ms"));
+  json_object_set_new(s, "step_time",
+                      have ? json_pack("{s:f, s:f, s:f, s:f, s:o}", "total_ms", total, "compute_ms",
+                                       compute > 0 ? compute : 0.0, "bubble_ms", bubble, "comm_ms",
+                                       comm, "timers", node_timers_json(st))
+                           : json_pack("{s:n, s:n, s:n, s:n, s:n}", "total_ms", "compute_ms",
+                                       "bubble_ms", "comm_ms", "timers"));
   const mt_job *j = n->have_run_job ? &n->run_job : NULL;
   json_object_set_new(s, "eta_s", eta_json(n, state));
   json_object_set_new(s, "exit_at", n->exit_at > 0 ? json_real(n->exit_at) : json_null());
@@ -767,6 +791,8 @@ void node_control_round(node *n, int heartbeat) {
             st.params_norm = json_is_number(pn) ? json_number_value(pn) : NAN;
           json_t *nz = json_object_get(j, "num_zeros");
           if (nz) st.has_num_zeros = 1, st.num_zeros = json_integer_value(nz);
+          node_timers_from_json(&st, (int)json_integer_value(json_object_get(j, "timing_level")),
+                                json_object_get(j, "timers"));
           st.skipped_total = json_integer_value(json_object_get(j, "skipped_total"));
           st.global_batch = (int)json_integer_value(json_object_get(j, "global_batch"));
           json_t *ls = json_object_get(j, "loss_scale");

@@ -185,6 +185,11 @@ int node_control_start(node *n);
 void node_control_stop(node *n);
 /* Appends a step (from on_step, or polled for a non-member). */
 void node_history_add(node *n, const mt_step_stats *st);
+/* train.timing_log_level's timers of st as {"name": [min, max]} (ms), every
+ * timer of its level that some rank ran; null when it has none. And back,
+ * from that object (and the level beside it) as the store carries them. */
+json_t *node_timers_json(const mt_step_stats *st);
+void node_timers_from_json(mt_step_stats *st, int level, const json_t *timers);
 /* The loop's round of status work: publish this node's status, fetch the
  * coordinator's cluster view, follow the steps when not a member. */
 void node_control_round(node *n, int heartbeat);

@@ -270,6 +270,23 @@ static void render_cluster(sbuf *b, json_t *st) {
     label(&s, "phase", phases[i]);
     sample_json(b, &phase, &s, path(st, "step_time", key), 1, 1000);
   }
+
+  /* train.timing_log_level: the last step's timers, the least and the most
+   * of any rank */
+  json_t *timers = path(st, "step_time", "timers");
+  family tmin = {"mtnlg_step_timer_min_seconds", "gauge",
+                 "train.timing_log_level's timers of the last step: the least of any rank.", 0};
+  family tmax = {"mtnlg_step_timer_max_seconds", "gauge",
+                 "train.timing_log_level's timers of the last step: the most of any rank.", 0};
+  for (int k = 0; k < 2 && json_is_object(timers); k++) {
+    const char *name;
+    json_t *v;
+    json_object_foreach(timers, name, v) {
+      labels s = {0};
+      label(&s, "timer", name);
+      sample_json(b, k ? &tmax : &tmin, &s, json_array_get(v, (size_t)k), 1, 1000);
+    }
+  }
 }
 
 /* The rendezvous store this daemon hosts (none on the other daemons): what

@@ -1,6 +1,8 @@
 /* timers.c — train.timing_log_level's timers. */
 #include "timers.h"
 
+#include <string.h>
+
 #include "monotime.h"
 
 static const char *const names[MT_TM_COUNT] = {
@@ -35,6 +37,12 @@ static const char *const names[MT_TM_COUNT] = {
 };
 
 const char *mt_timer_name(int id) { return id >= 0 && id < MT_TM_COUNT ? names[id] : "?"; }
+
+int mt_timer_find(const char *name) {
+  for (int i = 0; name && i < MT_TM_COUNT; i++)
+    if (!strcmp(names[i], name)) return i;
+  return -1;
+}
 
 int mt_timer_level(int id) { return id < MT_TM_FWD_EMBEDDING ? 1 : 2; }
 

@@ -70,6 +70,8 @@ typedef struct mt_timers {
 
 /* The timer's name as the step log prints it ("forward-backward", ...). */
 const char *mt_timer_name(int id);
+/* The id of the timer named name; -1 for none. */
+int mt_timer_find(const char *name);
 /* The lowest train.timing_log_level that keeps timer id. */
 int mt_timer_level(int id);
 

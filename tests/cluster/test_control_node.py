@@ -21,7 +21,13 @@ tp 1 x pp 1 x dp 1, checkpoint.dir set, no periodic checkpoint):
 - test_status_last_checkpoint_sees_another_writers_commit_within_the_rescan:
   a checkpoint committed by someone else shows within 10 s (plus slack);
 - test_checkpoint_progress_has_no_byte_figures_before_any_save: null, not
-  0 (and while a save writes, null too: the writers do not count bytes).
+  0 (and while a save writes, null too: the writers do not count bytes);
+- test_status_and_metrics_show_the_steps_timers_when_asked: under
+  train.timing_log_level 2, /v1/status's step_time.timers has the last
+  step's [min, max] (equal on one rank), the status still conforms to
+  proto/control-v1.yaml, and /v1/metrics has a mtnlg_step_timer_max_seconds
+  sample for each; test_mtnlgctl_status_lists_the_timers: and
+  `mtnlgctl status` prints them.
 A second daemon, its shard writes held by FAULT_PRELOAD (an LD_PRELOAD
 library) until the test lets them go:
 - test_status_says_checkpointing_while_a_save_writes: an ordered save shows
@@ -60,7 +66,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+sys.path.insert(0, os.path.join(HERE, "..", "common"))
 from local_cluster import LocalCluster, check, license_tokens, tiny_job  # noqa: E402
+import openapi_check as oc  # noqa: E402
+
+SPEC = os.path.join(HERE, "..", "..", "proto", "control-v1.yaml")
 
 failures = 0
 
@@ -100,7 +110,7 @@ def fake_checkpoints(job_dir, steps, shards):
     os.rename(os.path.join(job_dir, "latest.tmp"), os.path.join(job_dir, "latest"))
 
 
-def test_live_node(mtnlgd, tmp):
+def test_live_node(mtnlgd, tmp, mtnlgctl=None):
     global failures
     tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
     ckdir = os.path.join(tmp, "ckpt")
@@ -111,6 +121,7 @@ def test_live_node(mtnlgd, tmp):
         j = json.load(f)
     j["train"]["log_params_norm"] = True
     j["train"]["log_num_zeros_in_grad"] = True
+    j["train"]["timing_log_level"] = 2
     with open(job, "w") as f:
         json.dump(j, f)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "cluster"), job, nodes=1, devices="cpu:1")
@@ -160,6 +171,25 @@ def test_live_node(mtnlgd, tmp):
                           and all(isinstance(p.get("num_zeros"), int) for p in hist),
                           "status num_zeros %r, metric %s, history %s"
                           % (st.get("num_zeros"), zeros, hist[-1:]))
+        timers = (st.get("step_time") or {}).get("timers")
+        fb = (timers or {}).get("forward-backward")
+        tmax = {x.split('"')[1]: float(x.split()[-1]) for x in m.splitlines()
+                if x.startswith("mtnlg_step_timer_max_seconds{timer=")}
+        errs = oc.check_response(oc.load(SPEC), "GET", "/v1/status", 200, json.dumps(st),
+                                 "application/json")
+        failures += check("test_status_and_metrics_show_the_steps_timers_when_asked",
+                          isinstance(fb, list) and len(fb) == 2 and 0 < fb[0] == fb[1]
+                          and "backward-attention" in timers and not errs
+                          and set(tmax) == set(timers) and tmax["forward-backward"] > 0
+                          and "mtnlg_step_timer_min_seconds" in m,
+                          "status timers %r, metrics %s, spec %s" % (timers, tmax, errs[:3]))
+        if mtnlgctl:
+            out = subprocess.run([mtnlgctl, "-e", n.url(), "status"], capture_output=True,
+                                 text=True, timeout=30)
+            failures += check("test_mtnlgctl_status_lists_the_timers",
+                              out.returncode == 0 and "(min, max) across ranks, ms" in out.stdout
+                              and re.search(r"\n    forward-backward +\([\d.]+, [\d.]+\)\n",
+                                            out.stdout) is not None, out.stdout[-900:])
         lines = m.splitlines()
         ok = ("# TYPE mtnlg_consumed_tokens gauge" in lines
               and "# TYPE mtnlg_skipped_steps gauge" in lines
@@ -434,7 +464,7 @@ def main():
     mtnlgctl = os.path.abspath(sys.argv[3]) if len(sys.argv) > 3 else None
     tmp = tempfile.mkdtemp(prefix="mt_ctlnode_")
     try:
-        test_live_node(mtnlgd, tmp)
+        test_live_node(mtnlgd, tmp, mtnlgctl)
         test_checkpointing_state(mtnlgd, preload, tmp)
         job = tiny_job(os.path.join(tmp, "job_nockpt.json"), os.path.join(tmp, "tokens.u16"),
                        "refused", 10)

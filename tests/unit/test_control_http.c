@@ -85,6 +85,10 @@ static json_t *fake_status(void *arg) {
   if (s) json_object_set_new(s, "exit_step", json_integer(5000));
   if (s) json_object_set_new(s, "test_loss", json_real(3.5)); /* a completed run's test pass */
   if (s) json_object_set_new(s, "tensorboard_dropped_steps", json_integer(7));
+  if (s) /* train.timing_log_level's timers of the last step */
+    json_object_set_new(json_object_get(s, "step_time"), "timers",
+                        json_pack("{s:[f,f], s:[f,f]}", "forward-backward", 40.5, 41.25,
+                                  "optimizer-inner-step", 0.5, 0.75));
   if (s) json_object_set_new(s, "heartbeat_interval_ms", json_integer(1000));
   if (s) json_object_set_new(s, "heartbeat_timeout_ms", json_integer(6000));
   if (s)
@@ -1060,6 +1064,9 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_loss_scale 65536\n",
       "mtnlg_step_time_seconds{phase=\"total\"} 0.0453\n",
       "mtnlg_step_time_seconds{phase=\"comm\"} 0.0032\n",
+      "mtnlg_step_timer_min_seconds{timer=\"forward-backward\"} 0.0405\n",
+      "mtnlg_step_timer_max_seconds{timer=\"forward-backward\"} 0.04125\n",
+      "mtnlg_step_timer_max_seconds{timer=\"optimizer-inner-step\"} 0.00075\n",
       "mtnlg_checkpoint_last_step 10\n",
       "mtnlg_checkpoint_last_bytes 12345\n",
       "mtnlg_device_flops_per_second{node=\"n0\",device=\"cpu:0\",rank=\"0\",stage=\"0\","
