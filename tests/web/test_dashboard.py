@@ -12,6 +12,10 @@ websocket client below (standard library only). Checks, in the page's DOM:
   #state "paused", #step and #skipped-steps as /v1/status says, no rate
   (#tflops and #tokens-per-s "–", the status's null), #val-loss empty
   without validation;
+- test_step_time_card_shows_the_longest_timers: the job sets
+  train.timing_log_level 2; paused, #step-timers names the three longest
+  timers of /v1/status's step_time.timers (forward-backward, which holds
+  most of them, aside) and its title lists every one of them;
 - test_pause_button_pauses_the_cluster: a mouse click on #btn-pause, the
   token answered in the prompt(), makes /v1/status report paused and
   #op-status name the pause operation and its success;
@@ -262,7 +266,8 @@ DOM_SNAPSHOT = """(function () {
   return {state: t('state'), generation: t('generation'), step: t('step'), job: t('job-name'),
           loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
           skipped: t('skipped-steps'), rows: rows, others: t('others'), tflops: t('tflops'),
-          val: t('val-loss'), store: t('store'),
+          val: t('val-loss'), store: t('store'), timers: t('step-timers'),
+          timersTitle: document.getElementById('step-timers').title,
           storeShown: !document.getElementById('store-card').hidden,
           beats: Array.prototype.map.call(document.querySelectorAll('#nodes tr[data-node]'),
             function (r) { var c = r.cells[8]; return [c.textContent, c.className]; }),
@@ -291,7 +296,13 @@ def click(dt, element_id):
 
 def write_job(tmp):
     tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
-    return tiny_job(os.path.join(tmp, "job.json"), tokens, "dashboard-test", 100000)
+    job = tiny_job(os.path.join(tmp, "job.json"), tokens, "dashboard-test", 100000)
+    with open(job) as f:
+        j = json.load(f)
+    j["train"]["timing_log_level"] = 2  # the step-time card's timers
+    with open(job, "w") as f:
+        json.dump(j, f)
+    return job
 
 
 def start_browser(chromium, tmp):
@@ -418,6 +429,17 @@ def run(mtnlgd, out_dir, chromium, tmp):
                           % (d["step"], want["step"], steps, d["skipped"], want["skipped_steps"],
                              d["tflops"], d["tps"], rates, want["tokens_per_s"], d["val"],
                              d["store"], d["storeShown"]))
+        timers = (want.get("step_time") or {}).get("timers") or {}
+        longest = sorted((k for k in timers if k != "forward-backward"),
+                         key=lambda k: -timers[k][1])[:3]
+        title_rows = (d["timersTitle"] or "").split("\n")
+        failures += check("test_step_time_card_shows_the_longest_timers",
+                          len(timers) > 10 and d["timers"] and
+                          [x.rsplit(" ", 1)[0] for x in d["timers"].split(" · ")] == longest
+                          and title_rows[0] == "(min, max) time across ranks (ms):"
+                          and {r.split(":")[0] for r in title_rows[1:]} == set(timers),
+                          "#step-timers %r (title %d rows), /v1/status timers %s"
+                          % (d["timers"], len(title_rows), sorted(timers)))
         code, _ = http(n0.url() + "/v1/resume", "POST", TOKEN, b"{}")
         assert code == 202, "POST /v1/resume: %s" % code
         wait_until(lambda: status(n0)["state"] == "running", 20, "running again (API)")
