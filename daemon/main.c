@@ -94,7 +94,10 @@ typedef struct step_printer {
   int log_every;
   int unsaved; /* the run stopped or ended, but its checkpoint failed */
   mt_steplog_acc acc;
-  mt_tboard *tboard; /* train.tensorboard_dir's writer, or NULL */
+  mt_tboard *tboard;       /* train.tensorboard_dir's writer, or NULL */
+  const char *const *gpus; /* this process's GPUs' specs (n_gpus of them) */
+  int n_gpus;
+  int memory_logged; /* mt_log_memory, after the first step */
 } step_printer;
 
 /* A stop (or the end) whose checkpoint failed: the run ends there, but the
@@ -108,6 +111,8 @@ static void on_step(const mt_step_stats *st, void *arg) {
   step_printer *p = arg;
   mt_steplog(&p->acc, st, p->steps, p->log_every, p->json);
   mt_tboard_step(p->tboard, st);
+  if (!p->memory_logged) mt_log_memory(p->gpus, p->n_gpus, st->step);
+  p->memory_logged = 1;
 }
 
 /* At the exit, TensorBoard writers mt_tboard_free left (their disk slow
@@ -465,7 +470,9 @@ static int run_standalone(const cli_opts *o) {
       .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1,
       .tboard = o->proc_rank == 0
                     ? mt_tboard_new(job.train.tensorboard_dir, job.train.log_timers_to_tensorboard)
-                    : NULL};
+                    : NULL,
+      .gpus = dc.list};
+  while (dc.gpu && printer.n_gpus < here && dc.list[printer.n_gpus]) printer.n_gpus++;
   mt_local_opts lo = {.job = &job,
                       .procs = o->procs,
                       .proc_rank = o->proc_rank,

@@ -170,6 +170,12 @@ static int fence_to_coordinator(node *n) {
 static void on_step(const mt_step_stats *st, void *arg) {
   node *n = arg;
   node_history_add(n, st);
+  if (!n->memory_logged) {
+    const char *gpus[MT_RDZV_MAX_DEVICES];
+    for (int i = 0; i < n->n_devices; i++) gpus[i] = n->specs[i];
+    mt_log_memory(gpus, n->n_devices, st->step);
+    n->memory_logged = 1;
+  }
   if (n->holds_rank0) { /* nodes without ranks follow the steps from here */
     char key[64];
     snprintf(key, sizeof key, "gen/%d/step", n->gen);

@@ -54,6 +54,7 @@ typedef struct node {
   const mt_node_opts *o;
   const mt_node_config *cfg;
   char specs[MT_RDZV_MAX_DEVICES][16];
+  int memory_logged; /* mt_log_memory, after this process's first step */
   int n_devices;
   char store_host[256];
   int store_port;

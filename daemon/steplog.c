@@ -133,6 +133,35 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
+/* kB of `key` in /proc/self/status ("VmRSS:"), 0 when unknown */
+static double status_kb(const char *key) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  double kb = 0.0;
+  size_t n = strlen(key);
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, key, n)) {
+      kb = strtod(line + n, NULL);
+      break;
+    }
+  if (f) fclose(f);
+  return kb;
+}
+
+void mt_log_memory(const char *const *specs, int n, int64_t step) {
+  char gpus[1024] = "";
+  size_t len = 0;
+  for (int i = 0; i < n && len < sizeof gpus - 80; i++) {
+    size_t total = 0, avail = 0;
+    if (strncmp(specs[i], "cuda:", 5) || mt_device_memory(specs[i], &total, &avail)) continue;
+    len += (size_t)snprintf(gpus + len, sizeof gpus - len, "%s%s %.2f of %.2f GB", len ? ", " : "",
+                            specs[i], (double)(total - avail) / 1e9, (double)total / 1e9);
+  }
+  mt_log_info("memory after step %lld: %s%sthis process holds %.2f GB of RAM (%.2f GB at most)",
+              (long long)step, gpus, len ? " in use (every process's on them); " : "",
+              status_kb("VmRSS:") * 1e3 / 1e9, status_kb("VmHWM:") * 1e3 / 1e9);
+}
+
 /* The plan counts Megatron's storage of the weights (a 16-bit copy, the
  * fp32 master in the ZeRO slice); this engine keeps weights, gradients and
  * Adam in fp32 and, in a bf16 or fp16 job, a 16-bit working copy of the

@@ -32,6 +32,13 @@ typedef struct mt_steplog_acc {
 void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
                 int json);
 
+/* Megatron's report_memory, for a process's first step: what its GPUs
+ * (specs[0..n), "cuda:N"; CPU devices are skipped) have in use now, every
+ * process's on them (cudaMemGetInfo), and what this process holds in RAM
+ * now and at most (VmRSS, VmHWM), beside what the plan said (the line
+ * mt_check_memory_plan logs). One log line; never fails. */
+void mt_log_memory(const char *const *specs, int n, int64_t step);
+
 /* Checks the job's memory plan, as this engine stores it (weights, grads and
  * Adam fp32; bf16 and fp16 jobs add a 16-bit working copy of the weights and
  * keep their blocks' activations in 16 bits), against the

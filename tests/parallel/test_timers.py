@@ -24,7 +24,9 @@ must be, never on how long anything took):
     writes each step's "<timer>-time" tags, the JSON line's max in seconds,
     every timer the line has and no other; without it, none; without a
     level or a tensorboard_dir it is refused naming what it needs;
-  - turning it on for a resume is no change to the run.
+  - turning it on for a resume is no change to the run;
+  - after its first step a run logs its memory once (Megatron's
+    report_memory): the RAM this process holds, now and at most.
 """
 import json
 import os
@@ -225,6 +227,14 @@ def main():
                               "exit %d: %s" % (out.returncode, out.stderr[-300:]))
 
         failures += tensorboard(mtnlgd, job, tokens, tmp)
+
+        out = run(mtnlgd, job, tokens, full=True)
+        said = re.findall(r"memory after step (\d+): this process holds ([\d.]+) GB of RAM "
+                          r"\(([\d.]+) GB at most\)", out.stderr)
+        failures += check("test_memory_is_logged_once_after_the_first_step",
+                          out.returncode == 0 and len(said) == 1 and said[0][0] == "1"
+                          and 0 < float(said[0][1]) <= float(said[0][2]),
+                          str(said) + out.stderr[-300:])
 
         # (the decay given: by default it follows train.steps, which the resume lengthens)
         ck = ["checkpoint.dir=" + os.path.join(tmp, "ck"), "train.lr.decay_steps=6"]
