@@ -242,6 +242,21 @@ int mt_device_sync(mt_device *d) {
   return 0;
 }
 
+int mt_device_set_attention(mt_device *d, const char *backend) {
+  if (!backend || !*backend) return 0;
+  int path = !strcmp(backend, "flash")     ? 0
+             : !strcmp(backend, "chunked") ? 1
+             : !strcmp(backend, "auto")    ? 2
+                                           : -1;
+  if (path < 0)
+    return mt_seterr(MT_EINVAL, "device %s: attention backend \"%s\": flash, chunked or auto",
+                     d->name, backend);
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA) return mt__cuda_attention_backend(d, path);
+#endif
+  return 0;
+}
+
 void mt_device_wait(mt_device *d) {
 #if WITH_CUDA
   if (d->kind == MT_DEVICE_CUDA) mt__cuda_wait(d);

@@ -88,6 +88,13 @@ int mt_device_memset0(mt_device *d, void *p, size_t bytes);
  * ops.h), so the first error one met on a CUDA device (a failed launch or
  * GEMM, a fault) is reported here, once, with MT_EIO. */
 int mt_device_sync(mt_device *d);
+/* How a GPU computes a 16-bit job's attention from now on (the job's
+ * model.attention_backend): "flash", "chunked" or "auto"
+ * (mt__cuda_attention_path, kernels/cuda/cuda_backend.h); NULL or "": as
+ * it is. A CPU device has one way and takes any of them as it is. MT_EINVAL
+ * for another name. */
+int mt_device_set_attention(mt_device *d, const char *backend);
+
 /* Waits for everything queued on the device, as mt_device_sync, but reports
  * nothing: an error it meets is kept for the next mt_device_sync, which
  * still tells it once. For timers (train.timing_log_level), whose waits

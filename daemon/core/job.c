@@ -351,7 +351,8 @@ static const char *const top_keys[] = {"name", "description", "model", "parallel
 #define MODEL_FIELDS                                                                               \
   "n_layer", "n_embd", "n_head", "vocab_size", "vocab_pad_to", "seq_len", "max_positions",         \
       "ln_eps", "init_std", "hidden_dropout", "attention_dropout", "untie_embeddings"
-static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", NULL};
+static const char *const model_keys[] = {"preset", MODEL_FIELDS, "init_from", "attention_backend",
+                                         NULL};
 /* A preset describes an architecture: no weights to start from, no nesting. */
 static const char *const preset_keys[] = {"description", MODEL_FIELDS, NULL};
 static const char *const preset_int_fields[] = {
@@ -652,6 +653,15 @@ static void read_model(problems *pb, json_t *root, mt_model_spec *m) {
   read_dropout(pb, o, "attention_dropout", &m->attention_dropout);
   read_str(pb, o, "model", "init_from", m->init_from, sizeof m->init_from);
   read_bool(pb, o, "model", "untie_embeddings", &m->untie_embeddings);
+  if (read_str(pb, o, "model", "attention_backend", m->attention_backend,
+               sizeof m->attention_backend) &&
+      strcmp(m->attention_backend, "flash") && strcmp(m->attention_backend, "chunked") &&
+      strcmp(m->attention_backend, "auto"))
+    problem(pb,
+            "model.attention_backend: \"%s\" is not one of flash (the fused kernels), chunked "
+            "(16-bit GEMMs around row kernels: Megatron's unfused) or auto (each shape's first "
+            "call times both)",
+            m->attention_backend);
 }
 
 static void read_parallel(problems *pb, json_t *root, mt_parallel_spec *p) {
@@ -1825,6 +1835,9 @@ static json_t *job_to_json(const mt_job *job) {
   /* only when untied: the jobs from before it keep their hash */
   if (job->model.untie_embeddings)
     json_object_set_new(json_object_get(root, "model"), "untie_embeddings", json_true());
+  if (job->model.attention_backend[0]) /* only when given: other jobs keep their hash */
+    json_object_set_new(json_object_get(root, "model"), "attention_backend",
+                        json_string(job->model.attention_backend));
   json_t *ck = json_object_get(root, "checkpoint");
   json_object_set_new(ck, "keep_every", json_integer(job->checkpoint.keep_every));
   json_object_set_new(ck, "async", json_boolean(job->checkpoint.async_save));

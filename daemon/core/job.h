@@ -32,6 +32,10 @@ typedef struct mt_model_spec {
   char init_from[MT_PATH_MAX]; /* safetensors with HF GPT-2 names, or "" */
   int untie_embeddings;        /* the LM head a weight of its own, not wte (Megatron's
                                   --untie-embeddings-and-output-weights); default 0: tied */
+  char attention_backend[16];  /* Megatron's --attention-backend: how GPUs compute a 16-bit
+                                  job's attention, "flash", "chunked" (its unfused) or
+                                  "auto"; "" (default): the devices' own (MTNLG_ATTENTION,
+                                  else flash). CPU devices have one way. */
 } mt_model_spec;
 
 typedef struct mt_parallel_spec {

@@ -793,7 +793,8 @@ static int operational_field(const char *path) {
                                       "model.init_from",
                                       "train.log_num_zeros_in_grad",
                                       "train.timing_log_level",
-                                      "train.log_timers_to_tensorboard"};
+                                      "train.log_timers_to_tensorboard",
+                                      "model.attention_backend"};
   for (size_t i = 0; i < sizeof exact / sizeof *exact; i++)
     if (!strcmp(path, exact[i])) return 1;
   /* data.valid and data.test feed validation and the test pass, never training */

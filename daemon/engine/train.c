@@ -385,6 +385,8 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
       if (!rc) tr->n_chunks = c + 1;
     }
   }
+  /* model.attention_backend: how the GPU computes a 16-bit job's attention */
+  if (!rc) rc = mt_device_set_attention(dev, ms->attention_backend);
   tr->timers.level = job->train.timing_log_level;
   tr->timers.dev = dev;
   tr->model.timers = &tr->timers;

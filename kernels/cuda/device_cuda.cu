@@ -310,6 +310,19 @@ int mt__cuda_sync(mt_device *d) {
   return mt_seterr(MT_EIO, "%s", c->errmsg);
 }
 
+int mt__cuda_attention_backend(mt_device *d, int path) {
+  static const int paths[] = {MT__CUDA_ATT_FLASH, MT__CUDA_ATT_CHUNKED, MT__CUDA_ATT_AUTO};
+  static const char *const how[] = {"by the flash kernels", "by chunked 16-bit GEMMs",
+                                    "by the flash kernels or chunked 16-bit GEMMs, each shape's "
+                                    "first call timing both"};
+  if (path < 0 || path > 2)
+    return mt_seterr(MT_EINVAL, "device %s: attention backend %d", d->name, path);
+  if (mt__cuda_attention_path_mode(d) == paths[path]) return 0;
+  mt_log_info("device %s: a 16-bit qkv's attention %s (model.attention_backend)", d->name,
+              how[path]);
+  return mt__cuda_attention_path(d, paths[path]);
+}
+
 void mt__cuda_wait(mt_device *d) {
   mt__cuda *c = mt__cuda_enter(d);
   cudaError_t e = cudaStreamSynchronize(c->stream);

@@ -60,6 +60,7 @@ typedef struct layout {
   int untie;               /* model.untie_embeddings = true */
   int docs;   /* docs_path with data.eod_token 0, reset_position_ids and reset_attention_mask */
   int timing; /* train.timing_log_level */
+  const char *attention; /* model.attention_backend, or NULL */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
@@ -86,6 +87,9 @@ static int run(const layout *l, rank_log *logs) {
   if (l->untie)
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"untie_embeddings\":true");
   if (l->timing) snprintf(timing, sizeof timing, ",\"timing_log_level\":%d", l->timing);
+  if (l->attention)
+    snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"attention_backend\":\"%s\"",
+             l->attention);
   snprintf(json, sizeof json,
            "{\"name\":\"emu\",\"model\":{\"preset\":\"tiny\",\"seq_len\":16%s},"
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
@@ -522,6 +526,35 @@ static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void)
   return 0;
 }
 
+/* model.attention_backend: a bf16 job on one emulated GPU runs its
+ * attention by the flash kernels (the default, and "flash") or by the
+ * chunked 16-bit GEMMs ("chunked") and no launch of the other, and both
+ * follow the CPU within bf16's rounding. */
+static int test_attention_backend_picks_the_gpus_path(void) {
+  enum { N = 2 };
+  static rank_log cpu[1], gpu[1];
+  layout l = {.kind = "cpu", .precision = "bf16", .steps = N, .tp = 1, .pp = 1, .dp = 1};
+  REQUIRE(!run(&l, cpu), "cpu: %s", mt_errmsg());
+  const char *backends[] = {NULL, "flash", "chunked"};
+  for (int b = 0; b < 3; b++) {
+    l.kind = "cuda", l.attention = backends[b];
+    long flash0 = mt_emu_launch_count("flash_fwd"), chunk0 = mt_emu_launch_count("k_att16_softmax");
+    REQUIRE(!run(&l, gpu), "cuda, attention_backend %s: %s", backends[b] ? backends[b] : "unset",
+            mt_errmsg());
+    long flash = mt_emu_launch_count("flash_fwd") - flash0,
+         chunked = mt_emu_launch_count("k_att16_softmax") - chunk0;
+    double w = worst_rel(gpu, cpu, 0, N);
+    int want_chunked = b == 2;
+    CHECK(gpu[0].n == N && w < 2e-2 &&
+              (want_chunked ? chunked > 0 && !flash : flash > 0 && !chunked),
+          "attention_backend %s: %ld flash and %ld chunked launches; worst loss rel %.2e vs cpu",
+          backends[b] ? backends[b] : "unset", flash, chunked, w);
+    printf("  attention_backend %s: %ld flash forwards, %ld chunked softmaxes; loss rel %.2e\n",
+           backends[b] ? backends[b] : "unset", flash, chunked, w);
+  }
+  return 0;
+}
+
 /* mt_device_lost, which a node asks after its ranks failed: a GPU whose
  * context a fault corrupted (every later sync answers it) is lost, its
  * neighbours and CPU devices are not, and a device found again is not. */
@@ -691,6 +724,7 @@ int main(int argc, char **argv) {
       {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
       {"test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step",
        test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step},
+      {"test_attention_backend_picks_the_gpus_path", test_attention_backend_picks_the_gpus_path},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
     int run = argc < 2;

@@ -1556,6 +1556,37 @@ static void test_timing_log_level_round_trips_and_keeps_the_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* model.attention_backend: unset by default and written only when given
+ * (jobs without it keep their hash); flash, chunked and auto carried back
+ * through the canonical JSON; another name, a non-string or a preset
+ * saying it refused naming the key. */
+static void test_attention_backend_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, job, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.model.attention_backend[0]);
+  CHECK(!strcmp(plain.hash, TINY_JOB_HASH));
+  const char *names[] = {"flash", "chunked", "auto"};
+  for (int i = 0; i < 3; i++) {
+    char set[64];
+    snprintf(set, sizeof set, "model.attention_backend=\"%s\"", names[i]);
+    CHECK(parse_with(&job, tiny_job, set, NULL) == MT_OK &&
+          !strcmp(job.model.attention_backend, names[i]));
+    char *json = mt_job_to_json(&job);
+    CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+          !strcmp(back.model.attention_backend, names[i]) && !strcmp(back.hash, job.hash));
+    free(json);
+  }
+  char *plain_json = mt_job_to_json(&plain);
+  CHECK(plain_json && !strstr(plain_json, "attention_backend"));
+  free(plain_json);
+  refusal cases[] = {
+      {"model.attention_backend=\"fused\"", NULL,
+       "model.attention_backend: \"fused\" is not one of flash (the fused kernels), chunked"},
+      {"model.attention_backend=\"\"", NULL, "model.attention_backend: \"\" is not one of"},
+      {"model.attention_backend=1", NULL, "model.attention_backend: expected a string"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 /* model.untie_embeddings: off by default and when false (the hash of a
  * job from before it), material when on (another hash, in the canonical
  * form, which reads back to it), a preset may say it (an architecture),
@@ -1660,6 +1691,7 @@ int main(void) {
   test_job_from_a_descriptor_takes_the_current_directory();
   test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash();
   test_timing_log_level_round_trips_and_keeps_the_hash();
+  test_attention_backend_round_trips_and_keeps_the_hash();
   test_untie_embeddings_key_round_trips_and_keeps_the_hash();
   if (failures) {
     fprintf(stderr, "test_job: %d failure(s)\n", failures);
