@@ -782,7 +782,8 @@ static float *G(const mt_gpt *m, int l, int which) {
 }
 
 /* train.timing_log_level 2: the time since the last lap to timer id
- * (timers.h; a piece both passes run under its forward id) */
+ * (timers.h). The helpers both passes call lap under the forward's id,
+ * which the backward's timers take as their own. */
 static void lap(const mt_gpt *m, mt_timer_id id) { mt_timers_lap(m->timers, id); }
 
 /* The g and f operators of Megatron: a sum over the tp group (identity
@@ -1028,13 +1029,13 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   int rc = branch_grad(m, p, drop2, &dbranch);
   if (rc) return rc;
   ops->gelu_fwd(d, p->gelu, at, a->fch, at, (size_t)N * 4 * t.Cl);
-  lap(m, MT_TM_FWD_ELEMENTWISE);
+  lap(m, MT_TM_BWD_ELEMENTWISE);
   ops->linear_bwd_dgelu(d, p->dfch2, at, p->dfch, G(m, l, MT_P_FCPROJ_W), G(m, l, MT_P_FCPROJ_B),
                         dbranch, p->gelu, at, a->fch, M(m, l, MT_P_FCPROJ_W), wt, m->cvt, N,
                         4 * t.Cl, C);
   lap(m, MT_TM_BWD_LINEAR);
   mt_device_memset0(d, p->dbtc2, NC * sizeof(float));
-  lap(m, MT_TM_FWD_ELEMENTWISE);
+  lap(m, MT_TM_BWD_ELEMENTWISE);
   if ((rc = layernorm(m, p, l, MT_P_LN2_W, a->resid2))) return rc;
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_FC_W), G(m, l, MT_P_FC_B), p->dfch2, at, p->ln, at,
                   M(m, l, MT_P_FC_W), wt, m->cvt, N, C, 4 * t.Cl);
@@ -1042,24 +1043,24 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   if ((rc = tp_sum_rows(m, p->dbtc2))) return rc;
   ops->layernorm_bwd(d, p->dres, lnd[0], lnd[1], p->dbtc2 + r0C, a->resid2, P(m, l, MT_P_LN2_W),
                      p->ln_mean, p->ln_rstd, R, C);
-  lap(m, MT_TM_FWD_LAYERNORM);
+  lap(m, MT_TM_BWD_LAYERNORM);
 
   /* attention branch; d(in) = dres + LayerNorm path */
   if ((rc = branch_grad(m, p, drop1, &dbranch))) return rc;
   mt_device_memset0(d, p->dbtc2, NCl * sizeof(float));
-  lap(m, MT_TM_FWD_ELEMENTWISE);
+  lap(m, MT_TM_BWD_ELEMENTWISE);
   ops->linear_bwd(d, p->dbtc2, G(m, l, MT_P_ATTPROJ_W), G(m, l, MT_P_ATTPROJ_B), dbranch, MT_F32,
                   a->atty, at, M(m, l, MT_P_ATTPROJ_W), wt, m->cvt, N, t.Cl, C);
   lap(m, MT_TM_BWD_LINEAR);
   /* in a 16-bit job written in act_type, as autocast's attention backward
    * returns it: the QKV GEMMs multiply it as it is */
   if (at == MT_F32) mt_device_memset0(d, p->dqkv, 3 * NCl * sizeof(float));
-  lap(m, MT_TM_FWD_ELEMENTWISE);
+  lap(m, MT_TM_BWD_ELEMENTWISE);
   ops->attention_bwd(d, p->dqkv, at, p->att_scratch, p->dbtc2, a->atty, a->qkv, at, a->lse, B, T,
                      t.Cl, t.NHl, attn_drop, p->doc_start);
   lap(m, MT_TM_BWD_ATTENTION);
   mt_device_memset0(d, p->dbtc, NC * sizeof(float));
-  lap(m, MT_TM_FWD_ELEMENTWISE);
+  lap(m, MT_TM_BWD_ELEMENTWISE);
   if ((rc = layernorm(m, p, l, MT_P_LN1_W, in))) return rc;
   ops->linear_bwd(d, p->dbtc, G(m, l, MT_P_QKV_W), G(m, l, MT_P_QKV_B), p->dqkv, at, p->ln, at,
                   M(m, l, MT_P_QKV_W), wt, m->cvt, N, C, 3 * t.Cl);
@@ -1067,7 +1068,7 @@ static int block_backward(mt_gpt *m, act_plan *p, int l, const block_acts *a, co
   if ((rc = tp_sum_rows(m, p->dbtc))) return rc;
   ops->layernorm_bwd(d, p->dres, lnd[2], lnd[3], p->dbtc + r0C, in, P(m, l, MT_P_LN1_W), p->ln_mean,
                      p->ln_rstd, R, C);
-  lap(m, MT_TM_FWD_LAYERNORM);
+  lap(m, MT_TM_BWD_LAYERNORM);
   return seq_par(m) ? lngrad_join(m, p, lng, 4) : 0;
 }
 
@@ -1271,11 +1272,11 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
       ops->crossentropy(d, NULL, p->logits, p->logits, p->targets, dloss, N, c->vocab_size,
                         c->padded_vocab);
     }
-    lap(m, MT_TM_FWD_LOSS);
+    lap(m, MT_TM_BWD_LOSS);
     mt_device_memset0(d, p->dbtc, NC * sizeof(float));
     ops->linear_bwd(d, p->dbtc, mt_gpt_grad(m, m->i_head), NULL, p->logits, MT_F32, p->lnf,
                     act_type(m), mt_gpt_matrix(m, m->i_head), m->wtype, m->cvt, N, C, Vl);
-    lap(m, MT_TM_FWD_HEAD);
+    lap(m, MT_TM_BWD_HEAD);
     int rc = tp_sum_rows(m, p->dbtc);
     if (rc) return rc;
     mt_device_memset0(d, p->dres, RC * sizeof(float));
@@ -1283,13 +1284,13 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     lngrad_dst(m, p, lng, lnd, 2);
     ops->layernorm_bwd(d, p->dres, lnd[0], lnd[1], p->dbtc + stream_row0(m) * C, p->resid[L],
                        W(m, m->i_lnf), p->lnf_mean, p->lnf_rstd, R, C);
-    lap(m, MT_TM_FWD_LAYERNORM);
+    lap(m, MT_TM_BWD_LAYERNORM);
     if (seq_par(m) && (rc = lngrad_join(m, p, lng, 2))) return rc;
   } else {
     if (!dout) return mt_seterr(MT_EINVAL, "gpt: a non-last stage needs the next stage's gradient");
     int rc = mt_device_memcpy_dtod(d, p->dres, dout, RC * sizeof(float));
     if (rc) return rc;
-    lap(m, MT_TM_FWD_ELEMENTWISE);
+    lap(m, MT_TM_BWD_ELEMENTWISE);
   }
 
   for (int l = L - 1; l >= 0; l--) {
@@ -1324,7 +1325,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
   if (tp == 1 && !p->pos_ids) {
     ops->embedding_bwd(d, mt_gpt_grad(m, m->i_wte), mt_gpt_grad(m, m->i_wpe), demb, p->inputs, B, T,
                        C);
-    lap(m, MT_TM_FWD_EMBEDDING);
+    lap(m, MT_TM_BWD_EMBEDDING);
     return 0;
   }
   ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wte), demb, p->inputs, v0, Vl, N, C);
@@ -1334,7 +1335,7 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     ops->embedding_shard_bwd(d, mt_gpt_grad(m, m->i_wpe), demb, p->pos_ids, 0, c->max_seq, N, C);
   for (int b = 0; b < B && !p->pos_ids; b++)
     ops->add_inplace(d, mt_gpt_grad(m, m->i_wpe), demb + (size_t)b * T * C, (size_t)T * C);
-  lap(m, MT_TM_FWD_EMBEDDING);
+  lap(m, MT_TM_BWD_EMBEDDING);
   return 0;
 }
 
