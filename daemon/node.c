@@ -169,6 +169,10 @@ static int fence_to_coordinator(node *n) {
 
 static void on_step(const mt_step_stats *st, void *arg) {
   node *n = arg;
+  /* the line first: a status read while the store write below is on its
+   * way then never shows a step whose line is not out yet */
+  mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
+             !strcmp(n->cfg->log_format, "json"));
   node_history_add(n, st);
   if (!n->memory_logged) {
     const char *gpus[MT_RDZV_MAX_DEVICES];
@@ -208,8 +212,6 @@ static void on_step(const mt_step_stats *st, void *arg) {
     json_decref(j);
   }
   mt_tboard_step(n->tboard, st); /* NULL without one */
-  mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
-             !strcmp(n->cfg->log_format, "json"));
   sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
              (long long)st->step, (long long)n->run_job.train.steps, st->loss);
 }

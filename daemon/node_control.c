@@ -28,16 +28,6 @@ static double wall_s(void) {
   return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Resident memory of this process, in bytes (0 when unknown). */
-static int64_t rss_bytes(void) {
-  FILE *f = fopen("/proc/self/statm", "r");
-  long pages = 0, rss = 0;
-  if (!f) return 0;
-  if (fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = 0;
-  fclose(f);
-  return (int64_t)rss * sysconf(_SC_PAGESIZE);
-}
-
 static json_t *num_or_null(double v) { return isfinite(v) ? json_real(v) : json_null(); }
 
 json_t *node_timers_json(const mt_step_stats *st) {
@@ -824,8 +814,8 @@ void node_control_round(node *n, int heartbeat) {
     else if (n->state == N_RUNNING && writing)
       state = "checkpointing"; /* a running job's: a paused one's save shows as paused */
     json_t *me = json_pack("{s:s, s:I, s:I, s:i, s:s}", "state", state, "memory_bytes",
-                           (json_int_t)rss_bytes(), "step", (json_int_t)step, "pid", (int)getpid(),
-                           "control_url", n->control_url);
+                           (json_int_t)mt_proc_memory(NULL), "step", (json_int_t)step, "pid",
+                           (int)getpid(), "control_url", n->control_url);
     /* the coordinator's last_restart says where a restarted generation resumed */
     json_object_set_new(me, "generation", json_integer(n->gen));
     if (resumed >= 0) json_object_set_new(me, "resumed_step", json_integer(resumed));

@@ -133,19 +133,17 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
-/* kB of `key` in /proc/self/status ("VmRSS:"), 0 when unknown */
-static double status_kb(const char *key) {
+int64_t mt_proc_memory(int64_t *peak) {
   FILE *f = fopen("/proc/self/status", "r");
   char line[256];
-  double kb = 0.0;
-  size_t n = strlen(key);
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, key, n)) {
-      kb = strtod(line + n, NULL);
-      break;
-    }
+  long long rss = 0, hwm = 0;
+  while (f && fgets(line, sizeof line, f)) {
+    if (!strncmp(line, "VmRSS:", 6)) rss = strtoll(line + 6, NULL, 10);
+    if (!strncmp(line, "VmHWM:", 6)) hwm = strtoll(line + 6, NULL, 10);
+  }
   if (f) fclose(f);
-  return kb;
+  if (peak) *peak = (int64_t)hwm * 1024;
+  return (int64_t)rss * 1024;
 }
 
 void mt_log_memory(const char *const *specs, int n, int64_t step) {
@@ -157,9 +155,10 @@ void mt_log_memory(const char *const *specs, int n, int64_t step) {
     len += (size_t)snprintf(gpus + len, sizeof gpus - len, "%s%s %.2f of %.2f GB", len ? ", " : "",
                             specs[i], (double)(total - avail) / 1e9, (double)total / 1e9);
   }
+  int64_t peak, now = mt_proc_memory(&peak);
   mt_log_info("memory after step %lld: %s%sthis process holds %.2f GB of RAM (%.2f GB at most)",
               (long long)step, gpus, len ? " in use (every process's on them); " : "",
-              status_kb("VmRSS:") * 1e3 / 1e9, status_kb("VmHWM:") * 1e3 / 1e9);
+              (double)now / 1e9, (double)peak / 1e9);
 }
 
 /* The plan counts Megatron's storage of the weights (a 16-bit copy, the

@@ -32,6 +32,10 @@ typedef struct mt_steplog_acc {
 void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
                 int json);
 
+/* The RAM this process holds now (VmRSS), in bytes, and at most so far
+ * (VmHWM) into *peak unless NULL; 0 when unknown. */
+int64_t mt_proc_memory(int64_t *peak);
+
 /* Megatron's report_memory, for a process's first step: what its GPUs
  * (specs[0..n), "cuda:N"; CPU devices are skipped) have in use now, every
  * process's on them (cudaMemGetInfo), and what this process holds in RAM
