@@ -34,7 +34,7 @@ json_t *node_timers_json(const mt_step_stats *st) {
   if (st->timing_level < 1) return json_null();
   json_t *t = json_object();
   for (int i = 0; t && i < MT_TM_COUNT; i++)
-    if (mt_timer_level(i) <= st->timing_level && st->timer_max[i] > 0.0)
+    if (mt_timer_reported(i, st->timing_level, st->timer_max[i]))
       json_object_set_new(t, mt_timer_name(i),
                           json_pack("[f, f]", st->timer_min[i], st->timer_max[i]));
   return t ? t : json_null();

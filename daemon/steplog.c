@@ -27,7 +27,7 @@ static void print_timers(const mt_step_stats *st, const mt_steplog_acc *acc, int
   if (st->timing_level < 1 || acc->steps < 1) return;
   int n = 0;
   for (int i = 0; i < MT_TM_COUNT; i++) {
-    if (mt_timer_level(i) > st->timing_level || !(acc->timer_max[i] > 0.0)) continue;
+    if (!mt_timer_reported(i, st->timing_level, acc->timer_max[i])) continue;
     double lo = acc->timer_min[i] / acc->steps, hi = acc->timer_max[i] / acc->steps;
     if (json) {
       printf("%s\"%s\":[%.3f,%.3f]", n ? "," : ",\"timers\":{", mt_timer_name(i), lo, hi);

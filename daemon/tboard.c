@@ -573,7 +573,7 @@ static void write_step(mt_tboard *t, const tb_point *pt) {
   put_scalar(&s, "tokens-per-second", st->tokens_per_s);
   put_scalar(&s, "skipped-iterations", (double)st->skipped);
   for (int i = 0; t->timers && i < MT_TM_COUNT; i++) {
-    if (mt_timer_level(i) > st->timing_level || !(st->timer_max[i] > 0.0)) continue;
+    if (!mt_timer_reported(i, st->timing_level, st->timer_max[i])) continue;
     char tag[64];
     snprintf(tag, sizeof tag, "%s-time", mt_timer_name(i));
     put_scalar(&s, tag, st->timer_max[i] / 1e3);

@@ -244,17 +244,13 @@ int mt_device_sync(mt_device *d) {
 
 int mt_device_set_attention(mt_device *d, const char *backend) {
   if (!backend || !*backend) return 0;
-  int path = !strcmp(backend, "flash")     ? 0
-             : !strcmp(backend, "chunked") ? 1
-             : !strcmp(backend, "auto")    ? 2
-                                           : -1;
-  if (path < 0)
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA) return mt__cuda_attention_backend(d, backend);
+#endif
+  if (strcmp(backend, "flash") && strcmp(backend, "chunked") && strcmp(backend, "auto"))
     return mt_seterr(MT_EINVAL, "device %s: attention backend \"%s\": flash, chunked or auto",
                      d->name, backend);
-#if WITH_CUDA
-  if (d->kind == MT_DEVICE_CUDA) return mt__cuda_attention_backend(d, path);
-#endif
-  return 0;
+  return 0; /* a CPU device's one way */
 }
 
 void mt_device_wait(mt_device *d) {

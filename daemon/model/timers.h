@@ -75,6 +75,12 @@ int mt_timer_find(const char *name);
 /* The lowest train.timing_log_level that keeps timer id. */
 int mt_timer_level(int id);
 
+/* Whether a step at train.timing_log_level `level` reports timer id, whose
+ * most of any rank was max_ms: of that level, and some rank ran it */
+static inline int mt_timer_reported(int id, int level, double max_ms) {
+  return mt_timer_level(id) <= level && max_ms > 0.0;
+}
+
 /* Milliseconds now, on mt_mono_s's clock, once d's queued work is done
  * when t keeps level-1 timers (else the clock alone, no wait). */
 double mt_timers_now(mt_timers *t);

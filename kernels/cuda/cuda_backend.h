@@ -111,9 +111,9 @@ int mt__cuda_flash_p_regs_of(mt_device *d);
  * default; chunked; auto) when the device opens. (attention_cuda.cu) */
 enum { MT__CUDA_ATT_AUTO = 0, MT__CUDA_ATT_FLASH = 1, MT__CUDA_ATT_CHUNKED = 2 };
 int mt__cuda_attention_path(mt_device *d, int path);
-/* mt_device_set_attention's: path 0 flash, 1 chunked, 2 auto, set and
- * logged when it changes what d does (device_cuda.cu) */
-int mt__cuda_attention_backend(mt_device *d, int path);
+/* mt_device_set_attention's: the path named "flash", "chunked" or "auto",
+ * set and logged when it changes what d does (device_cuda.cu) */
+int mt__cuda_attention_backend(mt_device *d, const char *name);
 /* What mt__cuda_attention_path last set on d (or MTNLG_ATTENTION did) */
 int mt__cuda_attention_path_mode(mt_device *d);
 /* The path d's attention of a 16-bit qkv of this shape takes in its

@@ -114,6 +114,22 @@ static int layout_at_open(mt_device *d, int (*check)(mt_device *, int *), int *l
   *layout = misplaced ? -1 : 1;
   return 0;
 }
+/* The attention paths by the names MTNLG_ATTENTION and the job's
+ * model.attention_backend give them (-1: none), and how the log says them */
+static int att_path_named(const char *name) {
+  return !strcmp(name, "flash")     ? MT__CUDA_ATT_FLASH
+         : !strcmp(name, "chunked") ? MT__CUDA_ATT_CHUNKED
+         : !strcmp(name, "auto")    ? MT__CUDA_ATT_AUTO
+                                    : -1;
+}
+
+static const char *att_path_words(int path) {
+  return path == MT__CUDA_ATT_FLASH     ? "by the flash kernels"
+         : path == MT__CUDA_ATT_CHUNKED ? "by chunked 16-bit GEMMs"
+                                        : "by the flash kernels or chunked 16-bit GEMMs, each "
+                                          "shape's first call timing both";
+}
+
 int mt__cuda_open(mt_device *d, int index) {
   const char *ge = getenv("MTNLG_GELU_EPILOGUE");
   if (ge && strcmp(ge, "0") && strcmp(ge, "1"))
@@ -132,10 +148,7 @@ int mt__cuda_open(mt_device *d, int index) {
                      "flash forward), or auto (each shape's first call times both, the default)",
                      d->name, fr);
   const char *ap = getenv("MTNLG_ATTENTION");
-  int att_path = !ap || !strcmp(ap, "flash") ? MT__CUDA_ATT_FLASH
-                 : !strcmp(ap, "chunked")    ? MT__CUDA_ATT_CHUNKED
-                 : !strcmp(ap, "auto")       ? MT__CUDA_ATT_AUTO
-                                             : -1;
+  int att_path = att_path_named(ap ? ap : "flash");
   if (att_path < 0)
     return mt_seterr(MT_EINVAL,
                      "device %s: MTNLG_ATTENTION=\"%s\": flash (the fused kernels, the "
@@ -199,11 +212,7 @@ int mt__cuda_open(mt_device *d, int index) {
                 d->name, chunk_rows, chunk_heads);
   if (att_path != MT__CUDA_ATT_FLASH)
     mt_log_info("device %s: a 16-bit qkv's attention %s (MTNLG_ATTENTION=%s)", d->name,
-                att_path == MT__CUDA_ATT_CHUNKED
-                    ? "by chunked 16-bit GEMMs"
-                    : "by the flash kernels or chunked 16-bit GEMMs, each shape's first call "
-                      "timing both",
-                ap);
+                att_path_words(att_path), ap);
   if (cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
       c->sms < 1)
     c->sms = 1;
@@ -310,17 +319,15 @@ int mt__cuda_sync(mt_device *d) {
   return mt_seterr(MT_EIO, "%s", c->errmsg);
 }
 
-int mt__cuda_attention_backend(mt_device *d, int path) {
-  static const int paths[] = {MT__CUDA_ATT_FLASH, MT__CUDA_ATT_CHUNKED, MT__CUDA_ATT_AUTO};
-  static const char *const how[] = {"by the flash kernels", "by chunked 16-bit GEMMs",
-                                    "by the flash kernels or chunked 16-bit GEMMs, each shape's "
-                                    "first call timing both"};
-  if (path < 0 || path > 2)
-    return mt_seterr(MT_EINVAL, "device %s: attention backend %d", d->name, path);
-  if (mt__cuda_attention_path_mode(d) == paths[path]) return 0;
+int mt__cuda_attention_backend(mt_device *d, const char *name) {
+  int path = att_path_named(name);
+  if (path < 0)
+    return mt_seterr(MT_EINVAL, "device %s: attention backend \"%s\": flash, chunked or auto",
+                     d->name, name);
+  if (mt__cuda_attention_path_mode(d) == path) return 0;
   mt_log_info("device %s: a 16-bit qkv's attention %s (model.attention_backend)", d->name,
-              how[path]);
-  return mt__cuda_attention_path(d, paths[path]);
+              att_path_words(path));
+  return mt__cuda_attention_path(d, path);
 }
 
 void mt__cuda_wait(mt_device *d) {
