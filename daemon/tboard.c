@@ -572,6 +572,12 @@ static void write_step(mt_tboard *t, const tb_point *pt) {
   put_scalar(&s, "throughput", st->tflops);
   put_scalar(&s, "tokens-per-second", st->tokens_per_s);
   put_scalar(&s, "skipped-iterations", (double)st->skipped);
+  if (st->has_memory) { /* Megatron's names, torch.cuda.memory_stats' figures as ours have them */
+    put_scalar(&s, "mem-reserved-bytes", (double)st->memory.reserved);
+    put_scalar(&s, "mem-allocated-bytes", (double)st->memory.allocated);
+    put_scalar(&s, "mem-max-allocated-bytes", (double)st->memory.max_allocated);
+    put_scalar(&s, "mem-allocated-count", (double)st->memory.count);
+  }
   for (int i = 0; t->timers && i < MT_TM_COUNT; i++) {
     if (!mt_timer_reported(i, st->timing_level, st->timer_max[i])) continue;
     char tag[64];

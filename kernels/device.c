@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -81,6 +82,64 @@ const char *mt_device_cuda_loading(void) {
                               : "CUDA_MODULE_LOADING's value";
 }
 
+/* mt_device_alloc's ledger: each live allocation's size, so a free can
+ * take it back off the total (a device makes a few hundred: its arenas and
+ * buffers; a free looks its pointer up from the newest). One lock, as the
+ * threads of a checkpoint or an export may allocate beside the rank's. */
+struct mt_device_ledger {
+  pthread_mutex_t mu;
+  void **ptr;
+  size_t *bytes;
+  size_t n, cap;
+  size_t total, peak;
+};
+
+static struct mt_device_ledger *ledger_new(void) {
+  struct mt_device_ledger *l = calloc(1, sizeof *l);
+  if (l) pthread_mutex_init(&l->mu, NULL);
+  return l;
+}
+
+static void ledger_free(struct mt_device_ledger *l) {
+  if (!l) return;
+  pthread_mutex_destroy(&l->mu);
+  free(l->ptr);
+  free(l->bytes);
+  free(l);
+}
+
+/* Notes p's bytes; a ledger out of memory stops counting that one (the
+ * figures are for people, the allocation stands) */
+static void ledger_add(struct mt_device_ledger *l, void *p, size_t bytes) {
+  if (!l || !p) return;
+  pthread_mutex_lock(&l->mu);
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? 2 * l->cap : 64;
+    void **ptr = realloc(l->ptr, cap * sizeof *ptr);
+    if (ptr) l->ptr = ptr;
+    size_t *b = ptr ? realloc(l->bytes, cap * sizeof *b) : NULL;
+    if (b) l->bytes = b, l->cap = cap;
+  }
+  if (l->n < l->cap) {
+    l->ptr[l->n] = p, l->bytes[l->n++] = bytes;
+    l->total += bytes;
+    if (l->total > l->peak) l->peak = l->total;
+  }
+  pthread_mutex_unlock(&l->mu);
+}
+
+static void ledger_remove(struct mt_device_ledger *l, void *p) {
+  if (!l || !p) return;
+  pthread_mutex_lock(&l->mu);
+  for (size_t i = l->n; i-- > 0;)
+    if (l->ptr[i] == p) {
+      l->total -= l->bytes[i];
+      l->ptr[i] = l->ptr[--l->n], l->bytes[i] = l->bytes[l->n];
+      break;
+    }
+  pthread_mutex_unlock(&l->mu);
+}
+
 int mt_device_open(mt_device *d, const char *spec) {
   memset(d, 0, sizeof *d);
   const char *colon = strchr(spec, ':');
@@ -129,6 +188,10 @@ int mt_device_open(mt_device *d, const char *spec) {
     return mt_seterr(MT_EINVAL, "device: unknown kind in \"%s\" (want cpu:N or cuda:N)", spec);
   }
   snprintf(d->name, sizeof d->name, "%s:%d", d->kind == MT_DEVICE_CPU ? "cpu" : "cuda", d->index);
+  if (!(d->ledger = ledger_new())) {
+    mt_device_close(d);
+    return mt_seterr(MT_ENOMEM, "device: %s: out of memory", spec);
+  }
   return 0;
 }
 
@@ -173,6 +236,7 @@ int mt_device_lost(const char *spec, char *why, size_t why_len) {
 }
 
 void mt_device_close(mt_device *d) {
+  ledger_free(d->ledger);
   if (d->kind == MT_DEVICE_CPU && d->ops) mt_blas_cpu_devices(-1);
 #if WITH_CUDA
   if (d->kind == MT_DEVICE_CUDA && d->impl) mt__cuda_close(d);
@@ -187,7 +251,7 @@ void mt_device_close(mt_device *d) {
 #define IF_CUDA(d, call) (void)(d)
 #endif
 
-void *mt_device_alloc(mt_device *d, size_t bytes) {
+static void *alloc_on(mt_device *d, size_t bytes) {
   IF_CUDA(d, mt__cuda_alloc(d, bytes));
   if (bytes > SIZE_MAX - 63) { /* rounded up, it would wrap to a tiny buffer */
     mt_seterr(MT_ENOMEM, "device %s: cannot allocate %zu bytes", d->name, bytes);
@@ -203,7 +267,14 @@ void *mt_device_alloc(mt_device *d, size_t bytes) {
   return p;
 }
 
+void *mt_device_alloc(mt_device *d, size_t bytes) {
+  void *p = alloc_on(d, bytes);
+  ledger_add(d->ledger, p, bytes);
+  return p;
+}
+
 void mt_device_free(mt_device *d, void *p) {
+  ledger_remove(d->ledger, p);
   if (d->kind == MT_DEVICE_CUDA) {
 #if WITH_CUDA
     mt__cuda_free(d, p);
@@ -211,6 +282,26 @@ void mt_device_free(mt_device *d, void *p) {
     return;
   }
   free(p);
+}
+
+int mt_device_mem_stats(mt_device *d, mt_device_mem *m) {
+  *m = (mt_device_mem){0};
+  struct mt_device_ledger *l = d->ledger;
+  if (l) {
+    pthread_mutex_lock(&l->mu);
+    m->allocated = l->total, m->max_allocated = l->peak, m->count = (int64_t)l->n;
+    pthread_mutex_unlock(&l->mu);
+  }
+  m->reserved = m->allocated;
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA) {
+    size_t total = 0, avail = 0;
+    int rc = mt__cuda_memory(d->index, &total, &avail);
+    if (rc) return rc;
+    m->reserved = total - avail;
+  }
+#endif
+  return 0;
 }
 
 int mt_device_memcpy_htod(mt_device *d, void *dst, const void *src, size_t bytes) {

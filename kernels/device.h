@@ -48,6 +48,7 @@ typedef struct mt_device {
    * send and a receive on different links overlap compute and each other,
    * where one shared communication stream would queue them in turn. */
   struct CUstream_st *stream;
+  struct mt_device_ledger *ledger; /* what mt_device_alloc holds (mt_device_mem_stats) */
 } mt_device;
 
 /* Opens "cpu:N" or "cuda:N". cuda is refused with a clear message when this
@@ -80,6 +81,20 @@ int mt_device_lost(const char *spec, char *why, size_t why_len);
  * are ordered with the ops on the device's stream. */
 void *mt_device_alloc(mt_device *d, size_t bytes);
 void mt_device_free(mt_device *d, void *p);
+/* What a device's allocations hold, Megatron's memory scalars
+ * (--log-memory-to-tensorboard, from torch.cuda.memory_stats): allocated,
+ * the bytes mt_device_alloc handed out and mt_device_free has not taken
+ * back, as asked (before alignment); max_allocated, the most of that since
+ * the device opened; count, those allocations; reserved, what the device
+ * has in use: a GPU's memory less its free memory (cudaMemGetInfo: the
+ * CUDA context, cuBLAS's workspaces and NCCL's buffers beside ours, and
+ * any other process's), on a CPU device allocated again (it reserves
+ * nothing beyond what it hands out). MT_EIO when a GPU cannot say. */
+typedef struct mt_device_mem {
+  size_t allocated, max_allocated, reserved;
+  int64_t count;
+} mt_device_mem;
+int mt_device_mem_stats(mt_device *d, mt_device_mem *m);
 int mt_device_memcpy_htod(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memcpy_dtoh(mt_device *d, void *dst, const void *src, size_t bytes);
 int mt_device_memcpy_dtod(mt_device *d, void *dst, const void *src, size_t bytes);

@@ -391,6 +391,7 @@ static const char *const train_keys[] = {"global_batch",
                                          "log_num_zeros_in_grad",
                                          "timing_log_level",
                                          "log_timers_to_tensorboard",
+                                         "log_memory_to_tensorboard",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
 static const char *const lr_keys[] = {"schedule",
@@ -896,6 +897,7 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_bool(pb, o, "train", "log_num_zeros_in_grad", &t->log_num_zeros_in_grad);
   read_int(pb, o, "train", "timing_log_level", &t->timing_log_level);
   read_bool(pb, o, "train", "log_timers_to_tensorboard", &t->log_timers_to_tensorboard);
+  read_bool(pb, o, "train", "log_memory_to_tensorboard", &t->log_memory_to_tensorboard);
 }
 
 /* The entries of a blend array v (1 to MT_MAX_BLEND, checked by the
@@ -1536,6 +1538,9 @@ static void validate(problems *pb, mt_job *job) {
   if (t->log_timers_to_tensorboard && !t->tensorboard_dir[0])
     check_fail(pb, "train.log_timers_to_tensorboard",
                "needs train.tensorboard_dir: where the events go");
+  if (t->log_memory_to_tensorboard && !t->tensorboard_dir[0])
+    check_fail(pb, "train.log_memory_to_tensorboard",
+               "needs train.tensorboard_dir: where the events go");
   if (!(t->exit_duration_mins >= 0.0 && t->exit_duration_mins <= 1e7))
     check_fail(pb, "train.exit_duration_mins", "%g must be from 0 (never) to 1e7",
                t->exit_duration_mins);
@@ -1811,6 +1816,8 @@ static json_t *job_to_json(const mt_job *job) {
                         json_integer(job->train.timing_log_level));
   if (job->train.log_timers_to_tensorboard) /* only when set: other jobs keep their hash */
     json_object_set_new(json_object_get(root, "train"), "log_timers_to_tensorboard", json_true());
+  if (job->train.log_memory_to_tensorboard) /* only when set: other jobs keep their hash */
+    json_object_set_new(json_object_get(root, "train"), "log_memory_to_tensorboard", json_true());
   if (job->train.lr.kind == MT_LR_WSD) {
     static const char *const styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
     json_t *lr = json_object_get(json_object_get(root, "train"), "lr");

@@ -176,6 +176,10 @@ typedef struct mt_train_spec {
   /* Megatron's --log-timers-to-tensorboard: those timers' maxima in the
    * TensorBoard events too (off; needs tensorboard_dir and a level) */
   int log_timers_to_tensorboard;
+  /* Megatron's --log-memory-to-tensorboard: world rank 0's device memory in
+   * the TensorBoard events (mem-reserved-bytes, mem-allocated-bytes,
+   * mem-max-allocated-bytes, mem-allocated-count; off; needs tensorboard_dir) */
+  int log_memory_to_tensorboard;
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

@@ -794,6 +794,7 @@ static int operational_field(const char *path) {
                                       "train.log_num_zeros_in_grad",
                                       "train.timing_log_level",
                                       "train.log_timers_to_tensorboard",
+                                      "train.log_memory_to_tensorboard",
                                       "model.attention_backend"};
   for (size_t i = 0; i < sizeof exact / sizeof *exact; i++)
     if (!strcmp(path, exact[i])) return 1;

@@ -89,6 +89,11 @@ typedef struct mt_step_stats {
    * job's, or that no rank ran, is 0 on both */
   int timing_level;
   double timer_min[MT_TM_COUNT], timer_max[MT_TM_COUNT];
+  /* train.log_memory_to_tensorboard: this rank's device memory after the
+   * step's update (mt_device_mem_stats); has_memory 0 when off or when the
+   * device could not say */
+  int has_memory;
+  mt_device_mem memory;
 } mt_step_stats;
 
 /* The groups one rank belongs to. Rank order is Megatron's: world rank =

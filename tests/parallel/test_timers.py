@@ -25,6 +25,14 @@ must be, never on how long anything took):
     every timer the line has and no other; without it, none; without a
     level or a tensorboard_dir it is refused naming what it needs;
   - turning it on for a resume is no change to the run;
+  - train.log_memory_to_tensorboard (Megatron's --log-memory-to-tensorboard)
+    writes mem-reserved-bytes, mem-allocated-bytes, mem-max-allocated-bytes
+    and mem-allocated-count on every step: on one CPU device the allocated
+    bytes hold the plan's activations, the weights, their gradients and
+    Adam's two moments (fp32: two times the moments the plan line gives),
+    and not a third more; they do not grow from step to step; reserved
+    equals allocated (a CPU device reserves nothing more); without it,
+    none; without a tensorboard_dir it is refused;
   - after its first step a run logs its memory once (Megatron's
     report_memory): the RAM this process holds, now and at most.
 """
@@ -92,10 +100,18 @@ def tensorboard(mtnlgd, job, tokens, tmp):
         d = os.path.join(tmp, "tb-%s" % on)
         extra = ["train.tensorboard_dir=" + d]
         if on:
-            extra.append("train.log_timers_to_tensorboard=true")
-        runs[on] = (lines(run(mtnlgd, job, tokens, level=2, extra=extra)),
+            extra += ["train.log_timers_to_tensorboard=true",
+                      "train.log_memory_to_tensorboard=true"]
+        out = run(mtnlgd, job, tokens, level=2, extra=extra, full=True)
+        if out.returncode != 0:
+            print(out.stderr)
+            raise SystemExit(f"tensorboard run {on}: mtnlgd exited {out.returncode}")
+        runs[on] = (lines(out.stdout),
                     tb.scalars([e for f in sorted(os.listdir(d))
                                 for e in tb.read_events(os.path.join(d, f))]))
+        if on:
+            plan = re.search(r"Adam moments (\d+) bytes per rank .*activations (\d+) bytes per rank",
+                             out.stderr)
     ls, events = runs[True]
     bad = []
     for l in ls:
@@ -115,16 +131,53 @@ def tensorboard(mtnlgd, job, tokens, tmp):
                          if k.endswith("-time") and k != "iteration-time"})
     failures += check("test_no_timers_in_tensorboard_unless_asked",
                       len(quiet) == 3 and not extra_tags, str(extra_tags))
-    for sets, words in ((["train.log_timers_to_tensorboard=true",
+    failures += memory_in_tensorboard(events, quiet, plan)
+    for sets, words in ((["train.log_memory_to_tensorboard=true"],
+                         "train.log_memory_to_tensorboard: needs train.tensorboard_dir"),
+                        (["train.log_timers_to_tensorboard=true",
                           "train.tensorboard_dir=" + os.path.join(tmp, "tb-x")],
                          "train.log_timers_to_tensorboard: needs train.timing_log_level 1 or 2"),
                         (["train.log_timers_to_tensorboard=true", "train.timing_log_level=1"],
                          "train.log_timers_to_tensorboard: needs train.tensorboard_dir")):
         out = run(mtnlgd, job, tokens, extra=sets, full=True)
-        failures += check("test_log_timers_to_tensorboard_refused_%s" %
-                          ("without_a_level" if "dir" in sets[1] else "without_a_dir"),
+        failures += check("test_log_%s_to_tensorboard_refused_%s" %
+                          ("memory" if "memory" in sets[0] else "timers",
+                           "without_a_level" if "dir" in sets[-1] else "without_a_dir"),
                           out.returncode != 0 and words in out.stderr,
                           "exit %d: %s" % (out.returncode, out.stderr[-300:]))
+    return failures
+
+
+MEMORY_TAGS = ("mem-reserved-bytes", "mem-allocated-bytes", "mem-max-allocated-bytes",
+               "mem-allocated-count")
+
+
+def memory_in_tensorboard(events, quiet, plan):
+    """train.log_memory_to_tensorboard's tags against the plan line."""
+    failures = 0
+    steps = sorted(events)
+    mem = [{k: events[s].get(k) for k in MEMORY_TAGS} for s in steps]
+    ok = plan is not None and len(mem) == 3 and all(None not in m.values() for m in mem)
+    why = "plan line %s; tags %s" % (plan and plan.groups(), mem)
+    if ok:
+        adam, acts = int(plan.group(1)), int(plan.group(2))
+        # weights and gradients are as large as the two moments in an fp32 job
+        floor = acts + 2 * adam
+        a = [m["mem-allocated-bytes"] for m in mem]
+        ok = (all(floor <= x <= 1.34 * floor for x in a)
+              and all(m["mem-max-allocated-bytes"] >= m["mem-allocated-bytes"] for m in mem)
+              and all(m["mem-reserved-bytes"] == m["mem-allocated-bytes"] for m in mem)
+              and all(m["mem-allocated-count"] >= 1 for m in mem))
+        why = "allocated %s against at least %d; %s" % (a, floor, mem)
+        failures += check("test_memory_to_tensorboard_holds_the_plan", ok, why)
+        grow = [(steps[i], a[i]) for i in range(1, len(a)) if a[i] != a[1]]
+        failures += check("test_memory_to_tensorboard_does_not_grow_step_to_step", not grow,
+                          str(grow))
+    else:
+        failures += check("test_memory_to_tensorboard_holds_the_plan", False, why)
+    stray = sorted({k for v in quiet.values() for k in v if k.startswith("mem-")})
+    failures += check("test_no_memory_in_tensorboard_unless_asked", len(quiet) == 3 and not stray,
+                      str(stray))
     return failures
 
 

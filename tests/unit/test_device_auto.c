@@ -4,7 +4,10 @@
  * - mt_device_open("cuda:0") fails with a message a person can act on,
  *   naming CUDA and why (the runtime's error, or a build without CUDA);
  * - devices "auto" resolves to cpu:W;
- * - CUDA_MODULE_LOADING is made EAGER for ranks that run collectives, unless set.
+ * - CUDA_MODULE_LOADING is made EAGER for ranks that run collectives, unless set;
+ * - mt_device_mem_stats follows allocations and frees: bytes as asked, the
+ *   most at once, the count, and on a CPU device reserved equal to allocated
+ *   (on a GPU, when one is here, reserved at least allocated).
  * On a machine with a GPU the same calls must find it instead: count > 0,
  * cuda:0 opens, auto resolves to cuda:0-K.
  */
@@ -94,6 +97,52 @@ static void test_with_gpu_cuda_opens_and_auto_is_cuda(int n) {
   CHECK(rc == n && !strncmp(out, "cuda:0", 6), "auto: %d \"%s\"", rc, out);
   rc = mt_device_resolve_auto(out, sizeof out, 1);
   CHECK(rc == 1 && !strcmp(out, "cuda:0"), "auto, want 1: %d \"%s\"", rc, out);
+}
+
+/* The ledger behind train.log_memory_to_tensorboard, on spec's device */
+static void test_memory_stats_follow_allocations(const char *spec) {
+  mt_device d;
+  if (mt_device_open(&d, spec)) {
+    CHECK(0, "open %s: %s", spec, mt_errmsg());
+    return;
+  }
+  mt_device_mem m0, m;
+  CHECK(!mt_device_mem_stats(&d, &m0), "%s: stats: %s", spec, mt_errmsg());
+  CHECK(m0.allocated == 0 && m0.count == 0 && m0.max_allocated == 0,
+        "%s: a new device holds %zu bytes in %lld", spec, m0.allocated, (long long)m0.count);
+  enum { N = 100 }; /* past the ledger's first 64 entries */
+  void *p[N];
+  size_t want = 0;
+  for (int i = 0; i < N; i++) {
+    p[i] = mt_device_alloc(&d, (size_t)1000 + i);
+    want += p[i] ? (size_t)1000 + i : 0;
+  }
+  mt_device_mem_stats(&d, &m);
+  CHECK(m.allocated == want && m.count == N && m.max_allocated == want,
+        "%s: %d allocations: %zu bytes (want %zu) in %lld, most %zu", spec, N, m.allocated, want,
+        (long long)m.count, m.max_allocated);
+  size_t peak = want;
+  for (int i = 0; i < N; i += 2) { /* every other one, out of order of their making */
+    mt_device_free(&d, p[i]);
+    want -= (size_t)1000 + i;
+  }
+  mt_device_free(&d, NULL); /* nothing, and not counted */
+  mt_device_mem_stats(&d, &m);
+  CHECK(m.allocated == want && m.count == N / 2 && m.max_allocated == peak,
+        "%s: half freed: %zu bytes (want %zu) in %lld, most %zu (want %zu)", spec, m.allocated,
+        want, (long long)m.count, m.max_allocated, peak);
+  if (d.kind == MT_DEVICE_CPU)
+    CHECK(m.reserved == m.allocated, "%s: reserved %zu, allocated %zu", spec, m.reserved,
+          m.allocated);
+  else
+    CHECK(m.reserved >= m.allocated, "%s: reserved %zu under allocated %zu", spec, m.reserved,
+          m.allocated);
+  for (int i = 1; i < N; i += 2) mt_device_free(&d, p[i]);
+  mt_device_mem_stats(&d, &m);
+  CHECK(m.allocated == 0 && m.count == 0 && m.max_allocated == peak,
+        "%s: all freed: %zu bytes in %lld, most %zu", spec, m.allocated, (long long)m.count,
+        m.max_allocated);
+  mt_device_close(&d);
 }
 
 /* The OpenBLAS kernel this process loaded, and why, run again as a child
@@ -194,13 +243,14 @@ int main(int argc, char **argv) {
   test_unknown_kind_and_cpu_count();
   test_cublas_loads_on_demand();
   test_module_loading_eager_unless_set();
+  test_memory_stats_follow_allocations("cpu:0");
   int n = mt_device_count("cuda");
   CHECK(n >= 0, "cuda count %d", n);
   printf("CUDA devices here: %d\n", n);
   if (n == 0)
     test_without_gpu_cuda_is_refused_and_auto_is_cpu();
   else
-    test_with_gpu_cuda_opens_and_auto_is_cuda(n);
+    test_with_gpu_cuda_opens_and_auto_is_cuda(n), test_memory_stats_follow_allocations("cuda:0");
   printf("test_device_auto: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }

@@ -1556,6 +1556,35 @@ static void test_timing_log_level_round_trips_and_keeps_the_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* train.log_memory_to_tensorboard: off by default and written only when
+ * on (jobs without it keep their hash), carried back through the
+ * canonical JSON; without a tensorboard_dir, or not a boolean, refused
+ * naming the key. */
+static void test_log_memory_to_tensorboard_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, off, on, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK &&
+        !plain.train.log_memory_to_tensorboard);
+  CHECK(parse_with(&off, tiny_job, "train.log_memory_to_tensorboard=false", NULL) == MT_OK);
+  CHECK(!strcmp(off.hash, TINY_JOB_HASH));
+  CHECK(parse_with(&on, tiny_job, "train.log_memory_to_tensorboard=true",
+                   "train.tensorboard_dir=\"/runs/tb\"") == MT_OK &&
+        on.train.log_memory_to_tensorboard);
+  char *json = mt_job_to_json(&on), *plain_json = mt_job_to_json(&plain);
+  CHECK(json && strstr(json, "\"log_memory_to_tensorboard\":true"));
+  CHECK(plain_json && !strstr(plain_json, "log_memory_to_tensorboard"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        back.train.log_memory_to_tensorboard && !strcmp(back.hash, on.hash));
+  free(json);
+  free(plain_json);
+  refusal cases[] = {
+      {"train.log_memory_to_tensorboard=true", NULL,
+       "train.log_memory_to_tensorboard: needs train.tensorboard_dir"},
+      {"train.log_memory_to_tensorboard=\"yes\"", "train.tensorboard_dir=\"tb\"",
+       "train.log_memory_to_tensorboard: expected true or false, got a string"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 /* model.attention_backend: unset by default and written only when given
  * (jobs without it keep their hash); flash, chunked and auto carried back
  * through the canonical JSON; another name, a non-string or a preset
@@ -1691,6 +1720,7 @@ int main(void) {
   test_job_from_a_descriptor_takes_the_current_directory();
   test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash();
   test_timing_log_level_round_trips_and_keeps_the_hash();
+  test_log_memory_to_tensorboard_round_trips_and_keeps_the_hash();
   test_attention_backend_round_trips_and_keeps_the_hash();
   test_untie_embeddings_key_round_trips_and_keeps_the_hash();
   if (failures) {
