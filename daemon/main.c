@@ -488,6 +488,7 @@ static int run_standalone(const cli_opts *o) {
   int rc = mt_local_run(&lo);
   if (rc) mt_log_error("%s", mt_errmsg());
   mt_tboard_free(printer.tboard);
+  mt_steplog_acc_free(&printer.acc);
   mt_store_free(store);
   /* the node daemon's convention: 1 for what another try may pass (a lost
    * peer process, a timed-out collective), which a supervisor restarts; 2

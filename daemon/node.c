@@ -1333,6 +1333,7 @@ out:
   node_control_stop(n);
   mt_assignment_free(&n->asg);
   mt_tboard_free(n->tboard);
+  mt_steplog_acc_free(&n->steplog);
   mt_coord_free(n->coord);
   mt_store_free(n->store);
   if (n->server) mt_store_server_thread_stop(n->server);

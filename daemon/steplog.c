@@ -20,27 +20,54 @@ static const char *jnum(char *buf, double v) {
   return buf;
 }
 
+/* A timer's name as Megatron pads it for its rows: a space, then dots to 48 */
+static const char *padded(char name[64], int id) {
+  snprintf(name, 64, "%s ", mt_timer_name(id));
+  size_t len = strlen(name);
+  while (len < 48) name[len++] = '.';
+  name[len] = 0;
+  return name;
+}
+
 /* train.timing_log_level's timers, means per step over acc's steps: a JSON
- * member, or Megatron's lines (its timers.log format, so its log parsers
- * read them). A timer no rank ran in those steps is left out. */
+ * member, or Megatron's lines (its timers.log format for the job's
+ * train.timing_log_option, so its log parsers read them). A timer no rank
+ * ran in those steps is left out; under all, so is a rank that did not run
+ * it. */
 static void print_timers(const mt_step_stats *st, const mt_steplog_acc *acc, int json) {
   if (st->timing_level < 1 || acc->steps < 1) return;
+  int all = st->timing_option == MT_TIMING_ALL && acc->rank_steps > 0;
+  const char *head = all                                  ? "times across ranks (ms):"
+                     : st->timing_option == MT_TIMING_MAX ? "max time across ranks (ms):"
+                                                          : "(min, max) time across ranks (ms):";
   int n = 0;
+  char name[64];
   for (int i = 0; i < MT_TM_COUNT; i++) {
     if (!mt_timer_reported(i, st->timing_level, acc->timer_max[i])) continue;
     double lo = acc->timer_min[i] / acc->steps, hi = acc->timer_max[i] / acc->steps;
-    if (json) {
+    if (json)
       printf("%s\"%s\":[%.3f,%.3f]", n ? "," : ",\"timers\":{", mt_timer_name(i), lo, hi);
-    } else {
-      char name[64];
-      snprintf(name, sizeof name, "%s ", mt_timer_name(i));
-      size_t len = strlen(name);
-      while (len < 48) name[len++] = '.';
-      name[len] = 0;
-      printf("%s\n    %s: (%.2f, %.2f)", n ? "" : "(min, max) time across ranks (ms):", name, lo,
-             hi);
-    }
+    else if (all) {
+      printf("%s\n  %s:", n ? "" : head, mt_timer_name(i));
+      for (int r = 0; r < acc->rank_n; r++) {
+        double ms = acc->rank_ms[(size_t)r * MT_TM_COUNT + i];
+        if (ms > 0.0) printf("\n     rank %2d: %.2f", r, ms / acc->rank_steps);
+      }
+    } else if (st->timing_option == MT_TIMING_MAX)
+      printf("%s\n    %s: %.2f", n ? "" : head, padded(name, i), hi);
+    else
+      printf("%s\n    %s: (%.2f, %.2f)", n ? "" : head, padded(name, i), lo, hi);
     n++;
+  }
+  if (n && json && all) {
+    n = 0;
+    for (int i = 0; i < MT_TM_COUNT; i++) {
+      if (!mt_timer_reported(i, st->timing_level, acc->timer_max[i])) continue;
+      printf("%s\"%s\":[", n++ ? "]," : "},\"timers_by_rank\":{", mt_timer_name(i));
+      for (int r = 0; r < acc->rank_n; r++)
+        printf("%s%.3f", r ? "," : "", acc->rank_ms[(size_t)r * MT_TM_COUNT + i] / acc->rank_steps);
+    }
+    printf("]");
   }
   if (n) printf(json ? "}" : "\n");
 }
@@ -105,12 +132,47 @@ static void print_step(const mt_step_stats *st, const mt_steplog_acc *acc, int64
   fflush(stdout);
 }
 
+/* Zeroes acc's sums, keeping its buffer for every rank's */
+static void restart(mt_steplog_acc *acc) {
+  double *ms = acc->rank_ms;
+  int cap = acc->rank_cap;
+  memset(acc, 0, sizeof *acc);
+  acc->rank_ms = ms, acc->rank_cap = cap;
+}
+
+/* train.timing_log_option all: st's every rank's timers into acc's sums.
+ * Another world size (a resize) starts them over; out of memory, the line
+ * shows min and max alone. */
+static void add_ranks(mt_steplog_acc *acc, const mt_step_stats *st) {
+  int n = st->timer_ranks ? st->timer_ranks_n : 0;
+  if (n < 1) return;
+  if (n != acc->rank_n) {
+    if (n > acc->rank_cap) {
+      double *ms = realloc(acc->rank_ms, (size_t)n * MT_TM_COUNT * sizeof *ms);
+      if (!ms) {
+        acc->rank_n = acc->rank_steps = 0;
+        return;
+      }
+      acc->rank_ms = ms, acc->rank_cap = n;
+    }
+    memset(acc->rank_ms, 0, (size_t)n * MT_TM_COUNT * sizeof *acc->rank_ms);
+    acc->rank_n = n, acc->rank_steps = 0;
+  }
+  for (size_t k = 0; k < (size_t)n * MT_TM_COUNT; k++) acc->rank_ms[k] += st->timer_ranks[k];
+  acc->rank_steps++;
+}
+
+void mt_steplog_acc_free(mt_steplog_acc *acc) {
+  free(acc->rank_ms);
+  memset(acc, 0, sizeof *acc);
+}
+
 void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
                 int json) {
   if (log_every < 1) log_every = 1;
   /* a step that does not follow the last (a re-formed generation trains
    * again from its checkpoint) starts the sums over */
-  if (acc->steps && st->step != acc->last_step + 1) memset(acc, 0, sizeof *acc);
+  if (acc->steps && st->step != acc->last_step + 1) restart(acc);
   acc->last_step = st->step;
   acc->steps++;
   /* a loss that is not finite on a step that was not skipped stays in the
@@ -125,9 +187,10 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   acc->bubble_ms += st->bubble * st->step_ms;
   for (int i = 0; i < MT_TM_COUNT && st->timing_level > 0; i++)
     acc->timer_min[i] += st->timer_min[i], acc->timer_max[i] += st->timer_max[i];
+  add_ranks(acc, st);
   if (st->step % log_every == 0 || st->step == steps || st->step == 1 || st->has_val || st->stop) {
     print_step(st, acc, steps, json);
-    memset(acc, 0, sizeof *acc);
+    restart(acc);
     acc->last_step = st->step;
   }
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);

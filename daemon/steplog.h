@@ -18,7 +18,15 @@ typedef struct mt_steplog_acc {
   int skipped;
   double loss, ms, tokens, flop_ms, bubble_ms;
   double timer_min[MT_TM_COUNT], timer_max[MT_TM_COUNT]; /* train.timing_log_level's sums */
+  /* train.timing_log_option all: each rank's sums, rank-major (rank_n
+   * ranks), over rank_steps of the steps; the buffer (rank_cap ranks) stays
+   * from line to line until mt_steplog_acc_free */
+  double *rank_ms;
+  int rank_n, rank_cap, rank_steps;
 } mt_steplog_acc;
+
+/* Frees what acc holds and zeroes it. */
+void mt_steplog_acc_free(mt_steplog_acc *acc);
 
 /* Adds st to acc and prints a line when one is due: every log_every steps,
  * the first and last, with validation, and the step a stop took effect. As
@@ -28,7 +36,11 @@ typedef struct mt_steplog_acc {
  * own step. Under train.timing_log_level the line is followed (text) or
  * joined ("timers" in JSON: name to [min, max]) by Megatron's "(min, max)
  * time across ranks (ms)", each timer's mean per step over those steps,
- * every timer of the job's level that some rank ran. */
+ * every timer of the job's level that some rank ran; under
+ * train.timing_log_option max by its "max time across ranks (ms)", and
+ * under all by its "times across ranks (ms)", a line for each rank that
+ * ran the timer, and in JSON "timers_by_rank" too (name to each rank's
+ * ms). */
 void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
                 int json);
 

@@ -390,6 +390,7 @@ static const char *const train_keys[] = {"global_batch",
                                          "weight_decay_schedule",
                                          "log_num_zeros_in_grad",
                                          "timing_log_level",
+                                         "timing_log_option",
                                          "log_timers_to_tensorboard",
                                          "log_memory_to_tensorboard",
                                          NULL};
@@ -797,6 +798,11 @@ static void read_wd_schedule(problems *pb, json_t *o, mt_train_spec *t, bool wd_
             key, t->wd.start, end);
 }
 
+const char *mt_job_timing_option_name(int option) {
+  static const char *const names[] = {"minmax", "max", "all"};
+  return option >= MT_TIMING_MINMAX && option <= MT_TIMING_ALL ? names[option] : "?";
+}
+
 static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g) {
   json_t *o = read_object(pb, root, "", "train");
   if (!json_object_get(root, "train")) {
@@ -896,6 +902,17 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   read_i64(pb, o, "train", "exit_interval", 0, INT64_MAX, &t->exit_interval);
   read_bool(pb, o, "train", "log_num_zeros_in_grad", &t->log_num_zeros_in_grad);
   read_int(pb, o, "train", "timing_log_level", &t->timing_log_level);
+  char option[64] = "";
+  if (read_str(pb, o, "train", "timing_log_option", option, sizeof option)) {
+    t->timing_log_option = -1;
+    for (int i = MT_TIMING_MINMAX; i <= MT_TIMING_ALL; i++)
+      if (!strcmp(option, mt_job_timing_option_name(i))) t->timing_log_option = i;
+    if (t->timing_log_option < 0)
+      problem(pb,
+              "train.timing_log_option: \"%s\" is not one of minmax (the least and the most "
+              "of any rank), max (the most) or all (every rank's)",
+              option);
+  }
   read_bool(pb, o, "train", "log_timers_to_tensorboard", &t->log_timers_to_tensorboard);
   read_bool(pb, o, "train", "log_memory_to_tensorboard", &t->log_memory_to_tensorboard);
 }
@@ -1535,6 +1552,10 @@ static void validate(problems *pb, mt_job *job) {
   else if (t->log_timers_to_tensorboard && !t->timing_log_level)
     check_fail(pb, "train.log_timers_to_tensorboard",
                "needs train.timing_log_level 1 or 2: the timers it writes are off");
+  if (t->timing_log_option > 0 && !t->timing_log_level)
+    check_fail(pb, "train.timing_log_option",
+               "%s needs train.timing_log_level 1 or 2: the timers it shows are off",
+               mt_job_timing_option_name(t->timing_log_option));
   if (t->log_timers_to_tensorboard && !t->tensorboard_dir[0])
     check_fail(pb, "train.log_timers_to_tensorboard",
                "needs train.tensorboard_dir: where the events go");
@@ -1814,6 +1835,9 @@ static json_t *job_to_json(const mt_job *job) {
   if (job->train.timing_log_level) /* only when set: other jobs keep their hash */
     json_object_set_new(json_object_get(root, "train"), "timing_log_level",
                         json_integer(job->train.timing_log_level));
+  if (job->train.timing_log_option) /* only when not minmax: other jobs keep their hash */
+    json_object_set_new(json_object_get(root, "train"), "timing_log_option",
+                        json_string(mt_job_timing_option_name(job->train.timing_log_option)));
   if (job->train.log_timers_to_tensorboard) /* only when set: other jobs keep their hash */
     json_object_set_new(json_object_get(root, "train"), "log_timers_to_tensorboard", json_true());
   if (job->train.log_memory_to_tensorboard) /* only when set: other jobs keep their hash */

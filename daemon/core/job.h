@@ -133,6 +133,12 @@ typedef struct mt_rampup_spec {
   int64_t samples; /* given in samples, or in tokens (samples of seq_len, rounded up) */
 } mt_rampup_spec;
 
+/* train.timing_log_option's values, Megatron's names (mt_job_timing_option_name):
+ * the least and the most of any rank (minmax, the default), the most
+ * alone (max), or every rank's own (all) */
+typedef enum { MT_TIMING_MINMAX = 0, MT_TIMING_MAX, MT_TIMING_ALL } mt_timing_option;
+const char *mt_job_timing_option_name(int option);
+
 typedef struct mt_train_spec {
   int global_batch; /* sequences per step, whatever the split; under a ramp-up, the last */
   mt_rampup_spec rampup;
@@ -173,6 +179,9 @@ typedef struct mt_train_spec {
    * also the model's pieces, as min and max across ranks with each step
    * line (daemon/model/timers.h) */
   int timing_log_level;
+  /* Megatron's --timing-log-option: how a step line shows each timer across
+   * ranks, mt_timing_option (default minmax) */
+  int timing_log_option;
   /* Megatron's --log-timers-to-tensorboard: those timers' maxima in the
    * TensorBoard events too (off; needs tensorboard_dir and a level) */
   int log_timers_to_tensorboard;

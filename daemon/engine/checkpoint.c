@@ -793,6 +793,7 @@ static int operational_field(const char *path) {
                                       "model.init_from",
                                       "train.log_num_zeros_in_grad",
                                       "train.timing_log_level",
+                                      "train.timing_log_option",
                                       "train.log_timers_to_tensorboard",
                                       "train.log_memory_to_tensorboard",
                                       "model.attention_backend"};

@@ -389,6 +389,11 @@ int mt_trainer_create(mt_trainer *tr, const mt_job *job, mt_device *dev, const m
   if (!rc) rc = mt_device_set_attention(dev, ms->attention_backend);
   tr->timers.level = job->train.timing_log_level;
   tr->timers.dev = dev;
+  if (!rc && tr->timers.level > 0 && job->train.timing_log_option == MT_TIMING_ALL) {
+    int world = tr->g.world ? mt_comm_size(tr->g.world) : 1;
+    tr->timer_ranks = calloc((size_t)world * MT_TM_COUNT, sizeof *tr->timer_ranks);
+    if (!tr->timer_ranks) rc = mt_seterr(MT_ENOMEM, "train: every rank's timers (%d ranks)", world);
+  }
   tr->model.timers = &tr->timers;
   for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].timers = &tr->timers;
   tr->shard_n = tr->model.alloc_params / (size_t)tr->g.dp_size;
@@ -441,6 +446,7 @@ void mt_trainer_destroy(mt_trainer *tr) {
   free(tr->norm_spans);
   free(tr->pnorm_spans);
   free(tr->zero_spans);
+  free(tr->timer_ranks);
   if (tr->chunks != &tr->model) {
     for (int c = 0; c < tr->n_chunks; c++) mt_gpt_destroy(&tr->chunks[c]);
     free(tr->chunks);
@@ -785,15 +791,37 @@ static int other_device_failed(long long step, const char *what, const double vo
 }
 
 /* train.timing_log_level: this step's timers, the least and the most of
- * any rank, into st (one all-reduce of the maxima of ms and -ms) */
+ * any rank, into st: one all-reduce of the maxima of ms and -ms, or under
+ * train.timing_log_option all one all-gather of every rank's ms, which st
+ * then points at too */
 static int timers_across_ranks(mt_trainer *tr, mt_step_stats *st) {
+  st->timing_level = tr->timers.level;
+  st->timing_option = tr->job->train.timing_log_option;
+  if (tr->timer_ranks) {
+    int n = tr->g.world ? mt_comm_size(tr->g.world) : 1;
+    int rc = 0;
+    if (tr->g.world)
+      rc = mt_comm_allgather(tr->g.world, tr->timers.ms, tr->timer_ranks, MT_TM_COUNT, MT_COMM_F64);
+    else
+      memcpy(tr->timer_ranks, tr->timers.ms, sizeof tr->timers.ms);
+    if (rc) return rc;
+    for (int i = 0; i < MT_TM_COUNT; i++) {
+      st->timer_min[i] = st->timer_max[i] = tr->timer_ranks[i];
+      for (int r = 1; r < n; r++) {
+        double v = tr->timer_ranks[(size_t)r * MT_TM_COUNT + i];
+        st->timer_min[i] = v < st->timer_min[i] ? v : st->timer_min[i];
+        st->timer_max[i] = v > st->timer_max[i] ? v : st->timer_max[i];
+      }
+    }
+    st->timer_ranks = tr->timer_ranks, st->timer_ranks_n = n;
+    return 0;
+  }
   double mm[2 * MT_TM_COUNT];
   for (int i = 0; i < MT_TM_COUNT; i++) mm[i] = tr->timers.ms[i], mm[MT_TM_COUNT + i] = -mm[i];
   if (tr->g.world) {
     int rc = mt_comm_allreduce(tr->g.world, mm, mm, 2 * MT_TM_COUNT, MT_COMM_F64, MT_COMM_MAX);
     if (rc) return rc;
   }
-  st->timing_level = tr->timers.level;
   for (int i = 0; i < MT_TM_COUNT; i++)
     st->timer_max[i] = mm[i], st->timer_min[i] = -mm[MT_TM_COUNT + i];
   return 0;
@@ -973,7 +1001,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     comm_ms += 1e3 * mt_mono_s() - c0;
   }
   if (tm->level > 0 && (rc = timers_across_ranks(tr, st)))
-    return mt_wraperr(rc, "step %lld: timers all-reduce", sn);
+    return mt_wraperr(rc, "step %lld: the timers across ranks", sn);
   tr->step++;
   tr->consumed_samples += G;
 

@@ -89,6 +89,13 @@ typedef struct mt_step_stats {
    * job's, or that no rank ran, is 0 on both */
   int timing_level;
   double timer_min[MT_TM_COUNT], timer_max[MT_TM_COUNT];
+  /* train.timing_log_option (mt_timing_option); under all, every rank's
+   * ms of each timer in this step, timer_ranks[r * MT_TM_COUNT + id] for
+   * world rank r < timer_ranks_n: the trainer's, valid until its next step
+   * (read it in the step's callback, never from a copy); NULL otherwise */
+  int timing_option;
+  const double *timer_ranks;
+  int timer_ranks_n;
   /* train.log_memory_to_tensorboard: this rank's device memory after the
    * step's update (mt_device_mem_stats); has_memory 0 when off or when the
    * device could not say */
@@ -155,9 +162,11 @@ typedef struct mt_trainer {
    * with one chunk, &model itself */
   mt_gpt *chunks;
   int n_chunks;
-  int grads_block0; /* during a backward: model's block index of its chunk's block 0 */
-  mt_timers timers; /* train.timing_log_level's, of the step being taken; the chunks'
-                       forward and backward time their pieces into it at level 2 */
+  int grads_block0;    /* during a backward: model's block index of its chunk's block 0 */
+  mt_timers timers;    /* train.timing_log_level's, of the step being taken; the chunks'
+                          forward and backward time their pieces into it at level 2 */
+  double *timer_ranks; /* train.timing_log_option all: every rank's timers of the last
+                          step, rank-major (world size x MT_TM_COUNT); NULL otherwise */
   mt_adamw opt;
   mt_data_source *data;        /* first and last stages only (the others read no tokens) */
   int reads_tokens;            /* the stage opens the data: the first or the last, or any

@@ -20,6 +20,15 @@ must be, never on how long anything took):
   - the text log has Megatron's "(min, max) time across ranks (ms):" block
     in its format after each step line;
   - a level past 2, or not an integer, is refused naming the key;
+  - train.timing_log_option (Megatron's --timing-log-option): all gives
+    every rank's own timers, in JSON ("timers_by_rank") whose least and
+    most are the line's min and max, at tp 2 x pp 2 x dp 2 in Megatron's
+    rank order (the head's and the loss's pieces on ranks 4-7, the last
+    stage's, and nowhere else; the embedding's on ranks 0-3), with the
+    losses of a run without timers; in text Megatron's "times across ranks
+    (ms):" block, a rank's line under each timer; max Megatron's "max time
+    across ranks (ms):" block; another name, or max or all without a
+    level, refused naming the key;
   - train.log_timers_to_tensorboard (Megatron's --log-timers-to-tensorboard)
     writes each step's "<timer>-time" tags, the JSON line's max in seconds,
     every timer the line has and no other; without it, none; without a
@@ -148,6 +157,88 @@ def tensorboard(mtnlgd, job, tokens, tmp):
     return failures
 
 
+def timing_log_option(mtnlgd, job, tokens, layout, extra, plain8):
+    """train.timing_log_option: max and all against minmax's numbers."""
+    failures = 0
+    all8 = lines(run(mtnlgd, job, tokens, level=2, layout=layout,
+                     extra=extra + ["train.timing_log_option=all"]))
+    bad = []
+    last, first = {4, 5, 6, 7}, {0, 1, 2, 3}  # world rank = tp + 2 (dp + 2 pp)
+    for l in all8:
+        t, by = l.get("timers", {}), l.get("timers_by_rank", {})
+        if set(t) != set(by) or not t:
+            bad.append(("names", sorted(set(t) ^ set(by))))
+            continue
+        for k, v in by.items():
+            # each printed to 0.001 ms, min and max summed over the same step
+            if len(v) != 8 or abs(min(v) - t[k][0]) > 0.0015 or abs(max(v) - t[k][1]) > 0.0015:
+                bad.append((l["step"], k, t[k], v))
+        for k, ranks in (("forward-head", last), ("forward-loss", last),
+                         ("backward-head", last), ("backward-loss", last),
+                         ("forward-embedding", first), ("backward-embedding", first)):
+            ran = {r for r, ms in enumerate(by.get(k, [])) if ms > 0}
+            if ran != ranks:
+                bad.append((l["step"], k, sorted(ran)))
+    failures += check("test_option_all_gives_every_ranks_timers_in_megatrons_rank_order",
+                      len(all8) == 3 and not bad, str(bad[:3]))
+    failures += check("test_option_all_changes_nothing_tp2_pp2_dp2",
+                      trajectory(plain8) == trajectory(all8),
+                      "%s against %s" % (trajectory(all8), trajectory(plain8)))
+
+    two = (1, 1, 2)
+    text = run(mtnlgd, job, tokens, level=1, layout=two, log_format="text",
+               extra=["train.timing_log_option=all"]).splitlines()
+    heads = [i for i, l in enumerate(text) if l == "times across ranks (ms):"]
+    steps = [i for i, l in enumerate(text) if l.startswith("step ")]
+    bad = [] if [i - 1 for i in heads] == steps and len(steps) == 3 else ["heads %s, steps %s" %
+                                                                          (heads, steps)]
+    for h in heads:
+        j, timer, ranks = h + 1, None, {}
+        while j < len(text) and text[j].startswith("  "):
+            m = re.match(r"^  ([a-z-]+):$", text[j])
+            r = re.match(r"^     rank ([ \d]\d): (\d+\.\d\d)$", text[j])
+            if m:
+                timer = m.group(1)
+            elif r and timer:
+                ranks.setdefault(timer, []).append(int(r.group(1)))
+            else:
+                bad.append(text[j])
+            j += 1
+        if ranks.get("forward-backward") != [0, 1] or ranks.get("all-grads-sync") != [0, 1]:
+            bad.append(ranks)
+    failures += check("test_option_all_prints_megatrons_block_a_rank_a_line",
+                      not bad, str(bad[:3]))
+
+    text = run(mtnlgd, job, tokens, level=1, layout=two, log_format="text",
+               extra=["train.timing_log_option=max"]).splitlines()
+    row = re.compile(r"^    ([a-z-]+) \.+: (\d+\.\d\d)$")
+    blocks, bad = 0, []
+    for i, l in enumerate(text):
+        if l.startswith("step "):
+            if i + 1 >= len(text) or text[i + 1] != "max time across ranks (ms):":
+                bad.append(l)
+                continue
+            blocks += 1
+            j = i + 2
+            while j < len(text) and text[j].startswith("    "):
+                if not row.match(text[j]) or len(text[j].split(": ")[0]) != 4 + 48:
+                    bad.append(text[j])
+                j += 1
+    failures += check("test_option_max_prints_megatrons_max_block",
+                      blocks == 3 and not bad, str(bad[:3]))
+
+    for sets, words in ((["train.timing_log_option=most", "train.timing_log_level=1"],
+                         'train.timing_log_option: "most" is not one of minmax'),
+                        (["train.timing_log_option=all"],
+                         "train.timing_log_option: all needs train.timing_log_level 1 or 2")):
+        out = run(mtnlgd, job, tokens, extra=sets, full=True)
+        failures += check("test_option_%s_is_refused" %
+                          ("most" if "most" in sets[0] else "all_without_a_level"),
+                          out.returncode != 0 and words in out.stderr,
+                          "exit %d: %s" % (out.returncode, out.stderr[-300:]))
+    return failures
+
+
 MEMORY_TAGS = ("mem-reserved-bytes", "mem-allocated-bytes", "mem-max-allocated-bytes",
                "mem-allocated-count")
 
@@ -238,6 +329,8 @@ def main():
         failures += check("test_timers_change_nothing_tp2_pp2_dp2",
                           trajectory(plain8) == trajectory(timed8) and len(plain8) == 3,
                           "%s against %s" % (trajectory(timed8), trajectory(plain8)))
+
+        failures += timing_log_option(mtnlgd, job, tokens, layout, extra, plain8)
 
         level1 = lines(run(mtnlgd, job, tokens, level=1))
         n1 = set().union(*(l.get("timers", {}) for l in level1)) if level1 else set()

@@ -1556,6 +1556,45 @@ static void test_timing_log_level_round_trips_and_keeps_the_hash(void) {
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* train.timing_log_option: minmax by default and written only when
+ * another (jobs without it, or saying minmax, keep their hash); max and
+ * all carried back through the canonical JSON; another name, not a
+ * string, or max/all without a level refused naming the key. */
+static void test_timing_log_option_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, minmax, job, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK &&
+        plain.train.timing_log_option == MT_TIMING_MINMAX);
+  CHECK(parse_with(&minmax, tiny_job, "train.timing_log_option=\"minmax\"", NULL) == MT_OK);
+  CHECK(!strcmp(minmax.hash, TINY_JOB_HASH));
+  const char *names[] = {"max", "all"};
+  const int want[] = {MT_TIMING_MAX, MT_TIMING_ALL};
+  for (int i = 0; i < 2; i++) {
+    char set[64];
+    snprintf(set, sizeof set, "train.timing_log_option=\"%s\"", names[i]);
+    CHECK(parse_with(&job, tiny_job, set, "train.timing_log_level=1") == MT_OK &&
+          job.train.timing_log_option == want[i]);
+    CHECK(!strcmp(mt_job_timing_option_name(want[i]), names[i]));
+    char *json = mt_job_to_json(&job);
+    CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+          back.train.timing_log_option == want[i] && !strcmp(back.hash, job.hash));
+    free(json);
+  }
+  char *plain_json = mt_job_to_json(&minmax);
+  CHECK(plain_json && !strstr(plain_json, "timing_log_option"));
+  free(plain_json);
+  refusal cases[] = {
+      {"train.timing_log_option=\"most\"", "train.timing_log_level=1",
+       "train.timing_log_option: \"most\" is not one of minmax (the least and the most of any "
+       "rank), max (the most) or all (every rank's)"},
+      {"train.timing_log_option=2", NULL, "train.timing_log_option: expected a string"},
+      {"train.timing_log_option=\"all\"", NULL,
+       "train.timing_log_option: all needs train.timing_log_level 1 or 2"},
+      {"train.timing_log_option=\"max\"", "train.timing_log_level=0",
+       "train.timing_log_option: max needs train.timing_log_level 1 or 2"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 /* train.log_memory_to_tensorboard: off by default and written only when
  * on (jobs without it keep their hash), carried back through the
  * canonical JSON; without a tensorboard_dir, or not a boolean, refused
@@ -1720,6 +1759,7 @@ int main(void) {
   test_job_from_a_descriptor_takes_the_current_directory();
   test_log_num_zeros_in_grad_round_trips_and_keeps_the_hash();
   test_timing_log_level_round_trips_and_keeps_the_hash();
+  test_timing_log_option_round_trips_and_keeps_the_hash();
   test_log_memory_to_tensorboard_round_trips_and_keeps_the_hash();
   test_attention_backend_round_trips_and_keeps_the_hash();
   test_untie_embeddings_key_round_trips_and_keeps_the_hash();
