@@ -54,7 +54,10 @@ const char *mt_comm_dtype_name(mt_comm_dtype dt) {
 }
 
 const char *mt_comm_backend_name(mt_comm_backend b) {
-  return b == MT_COMM_GLOO ? "gloo" : b == MT_COMM_NCCL ? "nccl" : "?";
+  return b == MT_COMM_GLOO         ? "gloo"
+         : b == MT_COMM_NCCL       ? "nccl"
+         : b == MT_COMM_GLOO_PROCS ? "gloo-procs"
+                                   : "?";
 }
 
 /* bf16 and f16 reduce in f32 and round to nearest even, as NCCL does. */
@@ -237,6 +240,8 @@ int mt_comm_create(mt_comm **out, const mt_comm_opts *o) {
   const mt__comm_backend *be = NULL;
   if (o->backend == MT_COMM_GLOO) {
     be = &mt__comm_gloo;
+  } else if (o->backend == MT_COMM_GLOO_PROCS) {
+    be = &mt__comm_gloo_procs;
   } else if (o->backend == MT_COMM_NCCL) {
 #if MT_HAVE_NCCL || defined(MT_CUDA_EMU) /* the emulator test builds nccl.c on the CPU */
     be = &mt__comm_nccl;

@@ -4,7 +4,9 @@
  *
  * A group (mt_comm) is size ranks that bootstrap through an mt_store under a
  * key prefix, then move typed buffers: Gloo over TCP for CPU devices (host
- * memory), NCCL for CUDA devices (device memory). Every operation is blocking
+ * memory), NCCL for CUDA devices (device memory), and for the world group's
+ * host values Gloo between processes with each process's threads meeting
+ * in its memory (MT_COMM_GLOO_PROCS). Every operation is blocking
  * and has a deadline: a dead, stuck or missing peer makes it fail with an
  * error naming the group, the operation and the peer when known — it never
  * hangs. After any failure but a bad argument the group is broken: every later
@@ -26,7 +28,12 @@
 
 typedef struct mt_comm mt_comm;
 
-typedef enum { MT_COMM_GLOO = 0, MT_COMM_NCCL = 1 } mt_comm_backend;
+/* GLOO_PROCS: host buffers, as GLOO, for a group whose ranks are threads of
+ * a few processes (the world group): the threads of a process meet in its
+ * memory and one of them (its lowest rank) talks to the other processes
+ * over a Gloo group of the processes (daemon/comm/procs.c); sendrecv and
+ * started point to point are not carried. */
+typedef enum { MT_COMM_GLOO = 0, MT_COMM_NCCL = 1, MT_COMM_GLOO_PROCS = 2 } mt_comm_backend;
 
 typedef enum {
   MT_COMM_F32 = 0,
@@ -51,9 +58,13 @@ typedef struct mt_comm_opts {
   mt_comm_backend backend; /* GLOO (host buffers) or NCCL (device buffers) */
   mt_device *device;       /* NCCL: this rank's CUDA device; Gloo: unused */
   const char *addr;        /* Gloo: address to listen on; NULL: "127.0.0.1" */
-  volatile int *cancel;    /* NCCL: non-zero (another thread sets it) gives up an init still
-                              waiting for its peers, with MT_ECANCELED; NULL: none. (The
-                              store waits before it are the store's to cancel.) */
+  int local_begin;         /* GLOO_PROCS: this process's ranks of the group are [local_begin,
+                              local_begin + local_count), each a thread of it that joins;
+                              local_count 0: this rank alone */
+  int local_count;
+  volatile int *cancel; /* NCCL: non-zero (another thread sets it) gives up an init still
+                           waiting for its peers, with MT_ECANCELED; NULL: none. (The
+                           store waits before it are the store's to cancel.) */
 } mt_comm_opts;
 
 /* Joins the group: waits (until the deadline) for every rank to join under

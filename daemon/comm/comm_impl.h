@@ -60,6 +60,7 @@ typedef struct mt__comm_backend {
 } mt__comm_backend;
 
 extern const mt__comm_backend mt__comm_gloo;
+extern const mt__comm_backend mt__comm_gloo_procs;
 #if MT_HAVE_NCCL || defined(MT_CUDA_EMU)
 extern const mt__comm_backend mt__comm_nccl;
 #endif

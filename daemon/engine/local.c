@@ -480,7 +480,8 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
 /* Joins group `name` (key prefix "<comm_prefix>/<name>") as rank `rank` of
  * `size`: over NCCL when dev is a GPU (the group moves device tensors),
  * else (and dev NULL: host values) over Gloo. */
-static int join(rank_ctx *c, int slot, const char *name, int rank, int size, mt_device *dev) {
+static int join(rank_ctx *c, int slot, const char *name, int rank, int size, mt_device *dev,
+                mt_comm_backend backend) {
   char prefix[192];
   snprintf(prefix, sizeof prefix, "%s/%s", c->o->comm_prefix ? c->o->comm_prefix : "standalone",
            name);
@@ -490,8 +491,10 @@ static int join(rank_ctx *c, int slot, const char *name, int rank, int size, mt_
                      .rank = rank,
                      .size = size,
                      .timeout_ms = c->o->comm_timeout_ms ? c->o->comm_timeout_ms : 300000,
-                     .backend = dev && dev->kind == MT_DEVICE_CUDA ? MT_COMM_NCCL : MT_COMM_GLOO,
+                     .backend = dev && dev->kind == MT_DEVICE_CUDA ? MT_COMM_NCCL : backend,
                      .device = dev,
+                     .local_begin = c->all[0].rank,
+                     .local_count = c->n_local,
                      .cancel = c->cancel};
   mt_comm *comm = NULL;
   int rc = mt_comm_create(&comm, &co);
@@ -521,14 +524,14 @@ static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
                    .pp_size = pp};
   char name[64];
   int rc = 0;
-  if (c->size > 1) rc = join(c, COMM_WORLD, "world", c->rank, c->size, NULL);
+  if (c->size > 1) rc = join(c, COMM_WORLD, "world", c->rank, c->size, NULL, MT_COMM_GLOO_PROCS);
   if (!rc && tp > 1) {
     snprintf(name, sizeof name, "tp.pp%d.dp%d", g->pp_rank, g->dp_rank);
-    rc = join(c, COMM_TP, name, g->tp_rank, tp, dev);
+    rc = join(c, COMM_TP, name, g->tp_rank, tp, dev, MT_COMM_GLOO);
   }
   if (!rc && dp > 1) {
     snprintf(name, sizeof name, "dp.pp%d.tp%d", g->pp_rank, g->tp_rank);
-    rc = join(c, COMM_DP, name, g->dp_rank, dp, dev);
+    rc = join(c, COMM_DP, name, g->dp_rank, dp, dev, MT_COMM_GLOO);
   }
   /* the links to the stages before and after, lower link first on every
    * stage so no two stages wait for each other; the lower stage is rank 0.
@@ -543,15 +546,15 @@ static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
     /* this stage is the link's upper end (it receives the activations) */
     int up = (link + 1) % pp == g->pp_rank;
     snprintf(name, sizeof name, "pp.act.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);
-    rc = join(c, up ? COMM_ACT_IN : COMM_ACT_OUT, name, up, 2, dev);
+    rc = join(c, up ? COMM_ACT_IN : COMM_ACT_OUT, name, up, 2, dev, MT_COMM_GLOO);
     snprintf(name, sizeof name, "pp.grad.s%d.dp%d.tp%d", link, g->dp_rank, g->tp_rank);
-    if (!rc) rc = join(c, up ? COMM_GRAD_OUT : COMM_GRAD_IN, name, up, 2, dev);
+    if (!rc) rc = join(c, up ? COMM_GRAD_OUT : COMM_GRAD_IN, name, up, 2, dev, MT_COMM_GLOO);
   }
   /* the tied embedding's two copies (untied: no copy, no group) */
   if (!rc && pp > 1 && !c->o->job->model.untie_embeddings &&
       (g->pp_rank == 0 || g->pp_rank == pp - 1)) {
     snprintf(name, sizeof name, "embed.dp%d.tp%d", g->dp_rank, g->tp_rank);
-    rc = join(c, COMM_EMBED, name, g->pp_rank == 0 ? 0 : 1, 2, dev);
+    rc = join(c, COMM_EMBED, name, g->pp_rank == 0 ? 0 : 1, 2, dev, MT_COMM_GLOO);
   }
   g->world = c->comms[COMM_WORLD], g->dp = c->comms[COMM_DP], g->tp = c->comms[COMM_TP];
   g->embed = c->comms[COMM_EMBED];
