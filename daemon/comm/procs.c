@@ -278,6 +278,10 @@ static int setup(procs_impl *h, const mt_comm_opts *o, int64_t deadline) {
                      .addr = o->addr};
   mt_comm *nodes = NULL;
   if ((rc = mt_comm_create(&nodes, &no))) return rc;
+  /* every leader has read every process's ranks once all have formed the
+   * processes' group: this one's key is no one's to read any more */
+  snprintf(suffix, sizeof suffix, "procs/%d", l->begin);
+  if (!mt__comm_key(key, sizeof key, h->prefix, suffix)) o->store->del(o->store, key);
   pthread_mutex_lock(&l->mu);
   l->nodes = nodes;
   int aborted = l->broken == MT_ECANCELED;
