@@ -111,7 +111,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
   step_printer *p = arg;
   mt_steplog(&p->acc, st, p->steps, p->log_every, p->json);
   mt_tboard_step(p->tboard, st);
-  if (!p->memory_logged) mt_log_memory(p->gpus, p->n_gpus, st->step);
+  if (!p->memory_logged) mt_log_memory(p->gpus, p->n_gpus, st);
   p->memory_logged = 1;
 }
 
@@ -464,14 +464,15 @@ static int run_standalone(const cli_opts *o) {
   signal(SIGXFSZ, SIG_IGN); /* a file-size limit fails that write (EFBIG), not the daemon */
   const char *export_path = o->export_path;
   if (!export_path && job.checkpoint.export_path[0]) export_path = job.checkpoint.export_path;
-  step_printer printer = {
-      .json = o->json,
-      .steps = job.train.steps,
-      .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1,
-      .tboard = o->proc_rank == 0
-                    ? mt_tboard_new(job.train.tensorboard_dir, job.train.log_timers_to_tensorboard)
-                    : NULL,
-      .gpus = dc.list};
+  step_printer printer = {.json = o->json,
+                          .steps = job.train.steps,
+                          .log_every = job.train.log_interval > 0 ? job.train.log_interval : 1,
+                          .tboard = o->proc_rank == 0
+                                        ? mt_tboard_new(job.train.tensorboard_dir,
+                                                        job.train.log_timers_to_tensorboard,
+                                                        job.train.log_memory_to_tensorboard)
+                                        : NULL,
+                          .gpus = dc.list};
   while (dc.gpu && printer.n_gpus < here && dc.list[printer.n_gpus]) printer.n_gpus++;
   mt_local_opts lo = {.job = &job,
                       .procs = o->procs,

@@ -177,7 +177,7 @@ static void on_step(const mt_step_stats *st, void *arg) {
   if (!n->memory_logged) {
     const char *gpus[MT_RDZV_MAX_DEVICES];
     for (int i = 0; i < n->n_devices; i++) gpus[i] = n->specs[i];
-    mt_log_memory(gpus, n->n_devices, st->step);
+    mt_log_memory(gpus, n->n_devices, st);
     n->memory_logged = 1;
   }
   if (n->holds_rank0) { /* nodes without ranks follow the steps from here */
@@ -432,7 +432,8 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
    * with the generation, on_engine_done) */
   mt_tboard_free(n->tboard); /* a start that failed before its ranks ran left one */
   n->tboard = n->holds_rank0 ? mt_tboard_new(n->run_job.train.tensorboard_dir,
-                                             n->run_job.train.log_timers_to_tensorboard)
+                                             n->run_job.train.log_timers_to_tensorboard,
+                                             n->run_job.train.log_memory_to_tensorboard)
                              : NULL;
   read_order(n); /* one already there (a generation formed paused) holds step one */
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;

@@ -209,7 +209,7 @@ int64_t mt_proc_memory(int64_t *peak) {
   return (int64_t)rss * 1024;
 }
 
-void mt_log_memory(const char *const *specs, int n, int64_t step) {
+void mt_log_memory(const char *const *specs, int n, const mt_step_stats *st) {
   char gpus[1024] = "";
   size_t len = 0;
   for (int i = 0; i < n && len < sizeof gpus - 80; i++) {
@@ -219,9 +219,16 @@ void mt_log_memory(const char *const *specs, int n, int64_t step) {
                             specs[i], (double)(total - avail) / 1e9, (double)total / 1e9);
   }
   int64_t peak, now = mt_proc_memory(&peak);
-  mt_log_info("memory after step %lld: %s%sthis process holds %.2f GB of RAM (%.2f GB at most)",
-              (long long)step, gpus, len ? " in use (every process's on them); " : "",
-              (double)now / 1e9, (double)peak / 1e9);
+  char mine[160] = "";
+  if (st->has_memory)
+    snprintf(mine, sizeof mine,
+             "; its first rank's device holds %.2f GB of the engine's allocations (%.2f GB at "
+             "most, %lld of them)",
+             (double)st->memory.allocated / 1e9, (double)st->memory.max_allocated / 1e9,
+             (long long)st->memory.count);
+  mt_log_info("memory after step %lld: %s%sthis process holds %.2f GB of RAM (%.2f GB at most)%s",
+              (long long)st->step, gpus, len ? " in use (every process's on them); " : "",
+              (double)now / 1e9, (double)peak / 1e9, mine);
 }
 
 /* The plan counts Megatron's storage of the weights (a 16-bit copy, the

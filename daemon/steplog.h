@@ -48,12 +48,14 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
  * (VmHWM) into *peak unless NULL; 0 when unknown. */
 int64_t mt_proc_memory(int64_t *peak);
 
-/* Megatron's report_memory, for a process's first step: what its GPUs
+/* Megatron's report_memory, for a process's first step st: what its GPUs
  * (specs[0..n), "cuda:N"; CPU devices are skipped) have in use now, every
- * process's on them (cudaMemGetInfo), and what this process holds in RAM
- * now and at most (VmRSS, VmHWM), beside what the plan said (the line
- * mt_check_memory_plan logs). One log line; never fails. */
-void mt_log_memory(const char *const *specs, int n, int64_t step);
+ * process's on them (cudaMemGetInfo), what this process holds in RAM now
+ * and at most (VmRSS, VmHWM), and what the engine's allocations on the
+ * device of st's rank hold (st->memory: now, at most, how many), beside
+ * what the plan said (the line mt_check_memory_plan logs). One log line;
+ * never fails. */
+void mt_log_memory(const char *const *specs, int n, const mt_step_stats *st);
 
 /* Checks the job's memory plan, as this engine stores it (weights, grads and
  * Adam fp32; bf16 and fp16 jobs add a 16-bit working copy of the weights and

@@ -60,6 +60,7 @@ struct mt_tboard {
                             mt_tboard_step, atomically, to queue no more) */
   int64_t last_step;     /* the last step written; -1 before any */
   int timers;            /* each step's timers too (train.log_timers_to_tensorboard) */
+  int memory;            /* and its device memory (train.log_memory_to_tensorboard) */
 
   /* under mu: the queue, a ring of MT_TBOARD_QUEUE points */
   pthread_mutex_t mu;
@@ -572,7 +573,8 @@ static void write_step(mt_tboard *t, const tb_point *pt) {
   put_scalar(&s, "throughput", st->tflops);
   put_scalar(&s, "tokens-per-second", st->tokens_per_s);
   put_scalar(&s, "skipped-iterations", (double)st->skipped);
-  if (st->has_memory) { /* Megatron's names, torch.cuda.memory_stats' figures as ours have them */
+  if (t->memory &&
+      st->has_memory) { /* Megatron's names, torch.cuda.memory_stats' figures as ours have them */
     put_scalar(&s, "mem-reserved-bytes", (double)st->memory.reserved);
     put_scalar(&s, "mem-allocated-bytes", (double)st->memory.allocated);
     put_scalar(&s, "mem-max-allocated-bytes", (double)st->memory.max_allocated);
@@ -732,7 +734,7 @@ static void *writer_main(void *arg) {
   return NULL;
 }
 
-mt_tboard *mt_tboard_new(const char *dir, int timers) {
+mt_tboard *mt_tboard_new(const char *dir, int timers, int memory) {
   if (!dir || !*dir) return NULL;
   mt_tboard *t = calloc(1, sizeof *t);
   tb_point *q = t ? malloc(MT_TBOARD_QUEUE * sizeof *q) : NULL;
@@ -747,6 +749,7 @@ mt_tboard *mt_tboard_new(const char *dir, int timers) {
   t->fd = -1;
   t->last_step = -1;
   t->timers = timers;
+  t->memory = memory;
   t->q = q;
   /* done counts on the monotonic clock: mt_tboard_free's bound is the
    * heartbeat's, which a wall-clock step back must not stretch */

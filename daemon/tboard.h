@@ -35,14 +35,17 @@ typedef struct mt_tboard mt_tboard;
  * (train.log_timers_to_tensorboard, Megatron's --log-timers-to-tensorboard)
  * each step's event also holds "<timer>-time": a timer's most of any rank,
  * in seconds, as Megatron's timers.write puts them, for every timer of the
- * step's train.timing_log_level that some rank ran. Nothing is opened
+ * step's train.timing_log_level that some rank ran; with memory
+ * (train.log_memory_to_tensorboard, Megatron's --log-memory-to-tensorboard)
+ * mem-reserved-bytes, mem-allocated-bytes, mem-max-allocated-bytes and
+ * mem-allocated-count of the step's device memory. Nothing is opened
  * before the first step, and not before every older writer of this daemon
  * (this process) for the same dir (one a generation ended while the disk
  * hung) has ended, so this one's rollback decision reads all they wrote.
  * A writer left on another node (world rank 0 moved since) is not known
  * here: its tail can land after this one's files, at the same steps. NULL
  * when out of memory or dir is "" (no TensorBoard). */
-mt_tboard *mt_tboard_new(const char *dir, int timers);
+mt_tboard *mt_tboard_new(const char *dir, int timers, int memory);
 
 /* Queues st's scalars for the writer and returns at once; t may be NULL
  * (none). The writer appends them, in step order, to t's events file,

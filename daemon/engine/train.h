@@ -96,9 +96,10 @@ typedef struct mt_step_stats {
   int timing_option;
   const double *timer_ranks;
   int timer_ranks_n;
-  /* train.log_memory_to_tensorboard: this rank's device memory after the
-   * step's update (mt_device_mem_stats); has_memory 0 when off or when the
-   * device could not say */
+  /* this rank's device memory after the step's update (mt_device_mem_stats,
+   * a lock and on a GPU cudaMemGetInfo: microseconds), for the memory line
+   * and train.log_memory_to_tensorboard; has_memory 0 when the device could
+   * not say */
   int has_memory;
   mt_device_mem memory;
 } mt_step_stats;

@@ -43,7 +43,8 @@ must be, never on how long anything took):
     equals allocated (a CPU device reserves nothing more); without it,
     none; without a tensorboard_dir it is refused;
   - after its first step a run logs its memory once (Megatron's
-    report_memory): the RAM this process holds, now and at most.
+    report_memory): the RAM this process holds, now and at most, and what
+    the engine's allocations on its first rank's device hold.
 """
 import json
 import os
@@ -376,10 +377,13 @@ def main():
 
         out = run(mtnlgd, job, tokens, full=True)
         said = re.findall(r"memory after step (\d+): this process holds ([\d.]+) GB of RAM "
-                          r"\(([\d.]+) GB at most\)", out.stderr)
+                          r"\(([\d.]+) GB at most\); its first rank's device holds ([\d.]+) GB "
+                          r"of the engine's allocations \(([\d.]+) GB at most, (\d+) of them\)",
+                          out.stderr)
         failures += check("test_memory_is_logged_once_after_the_first_step",
                           out.returncode == 0 and len(said) == 1 and said[0][0] == "1"
-                          and 0 < float(said[0][1]) <= float(said[0][2]),
+                          and 0 < float(said[0][1]) <= float(said[0][2])
+                          and float(said[0][3]) <= float(said[0][4]) and int(said[0][5]) >= 1,
                           str(said) + out.stderr[-300:])
 
         # (the decay given: by default it follows train.steps, which the resume lengthens)

@@ -72,7 +72,7 @@ static int events_files(const char *dir) {
 /* A slow disk: the queue stays full while the writer frees a slot at a
  * time; the steps it lets in are the test's (test_tboard.py). */
 static int slow(const char *dir) {
-  mt_tboard *t = mt_tboard_new(dir, 0);
+  mt_tboard *t = mt_tboard_new(dir, 0, 0);
   if (!t) return 1;
   uint64_t reads0 = mt_tboard_dir_reads();
   int64_t k = 1;
@@ -108,7 +108,7 @@ int main(int argc, char **argv) {
   }
   const char *dir = argv[1], *release = argv[2];
 
-  mt_tboard *t = mt_tboard_new(dir, 0);
+  mt_tboard *t = mt_tboard_new(dir, 0, 0);
   if (!t) return 1;
   int64_t steps = MT_TBOARD_QUEUE + 1000, max_ns = 0, all0 = mt_mono_ns();
   for (int64_t k = 1; k <= steps; k++) {
@@ -127,7 +127,7 @@ int main(int argc, char **argv) {
 
   /* a new generation's writer for the directory, resumed from step 4's
    * checkpoint, while the old one is held */
-  mt_tboard *t2 = mt_tboard_new(dir, 0);
+  mt_tboard *t2 = mt_tboard_new(dir, 0, 0);
   if (!t2) return 1;
   for (int64_t k = 5; k <= 7; k++) {
     mt_step_stats st = stats(k, 20.0);
