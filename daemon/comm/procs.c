@@ -406,12 +406,11 @@ static int collective(procs_impl *h, const void *send, void *recv, body_fn body,
     pthread_mutex_unlock(&l->mu);
     rc = body(h, arg, deadline);
     pthread_mutex_lock(&l->mu);
+    l->op_rc = rc;
     if (rc) {
-      l->op_rc = rc;
       snprintf(l->op_err, sizeof l->op_err, "%s", mt_errmsg());
       break_locked(l, rc, l->op_err);
     }
-    l->op_rc = rc;
     l->arrived = 0;
     l->seq++;
     pthread_cond_broadcast(&l->cv);
@@ -669,28 +668,28 @@ static int is_local(const procs_impl *h, int peer) {
   return peer >= h->l->begin && peer < h->l->begin + h->l->n;
 }
 
+/* A message to (send) or from another process's rank over their pair */
+static int pair_message(procs_impl *h, int send, void *buf, size_t bytes, int peer,
+                        int timeout_ms) {
+  mt_comm *c = NULL;
+  int rc = pair_with(h, peer, timeout_ms, &c);
+  if (rc) return rc;
+  mt_comm_set_timeout(c, timeout_ms);
+  int other = h->rank < peer ? 1 : 0;
+  return send ? mt_comm_send(c, buf, bytes, MT_COMM_U8, other)
+              : mt_comm_recv(c, buf, bytes, MT_COMM_U8, other);
+}
+
 static int procs_send(void *impl, const void *buf, size_t bytes, int peer, int timeout_ms) {
   procs_impl *h = impl;
   if (is_local(h, peer)) return local_send(h, buf, bytes, peer, timeout_ms);
-  mt_comm *c = NULL;
-  int rc = pair_with(h, peer, timeout_ms, &c);
-  if (!rc) {
-    mt_comm_set_timeout(c, timeout_ms);
-    rc = mt_comm_send(c, buf, bytes, MT_COMM_U8, h->rank < peer ? 1 : 0);
-  }
-  return rc;
+  return pair_message(h, 1, (void *)buf, bytes, peer, timeout_ms);
 }
 
 static int procs_recv(void *impl, void *buf, size_t bytes, int peer, int timeout_ms) {
   procs_impl *h = impl;
   if (is_local(h, peer)) return local_recv(h, buf, bytes, peer, timeout_ms);
-  mt_comm *c = NULL;
-  int rc = pair_with(h, peer, timeout_ms, &c);
-  if (!rc) {
-    mt_comm_set_timeout(c, timeout_ms);
-    rc = mt_comm_recv(c, buf, bytes, MT_COMM_U8, h->rank < peer ? 1 : 0);
-  }
-  return rc;
+  return pair_message(h, 0, buf, bytes, peer, timeout_ms);
 }
 
 /* The pipeline's exchanges and started requests move tensors between

@@ -158,6 +158,30 @@ def tensorboard(mtnlgd, job, tokens, tmp):
     return failures
 
 
+def megatron_blocks(text, head, row, least):
+    """Megatron's timers blocks in a text log: after every step line its
+    head, then at least `least` rows matching row, each timer's name padded
+    with dots to 48 columns after a 4-space indent. The blocks found and
+    what was wrong."""
+    row = re.compile(row)
+    blocks, bad = 0, []
+    for i, l in enumerate(text):
+        if not l.startswith("step "):
+            continue
+        if i + 1 >= len(text) or text[i + 1] != head:
+            bad.append(l)
+            continue
+        blocks += 1
+        j = i + 2
+        while j < len(text) and text[j].startswith("    "):
+            if not row.match(text[j]) or len(text[j].split(": ")[0]) != 4 + 48:
+                bad.append(text[j])
+            j += 1
+        if j - (i + 2) < least:
+            bad.append("%d rows after %r" % (j - i - 2, l))
+    return blocks, bad
+
+
 def timing_log_option(mtnlgd, job, tokens, layout, extra, plain8):
     """train.timing_log_option: max and all against minmax's numbers."""
     failures = 0
@@ -212,19 +236,8 @@ def timing_log_option(mtnlgd, job, tokens, layout, extra, plain8):
 
     text = run(mtnlgd, job, tokens, level=1, layout=two, log_format="text",
                extra=["train.timing_log_option=max"]).splitlines()
-    row = re.compile(r"^    ([a-z-]+) \.+: (\d+\.\d\d)$")
-    blocks, bad = 0, []
-    for i, l in enumerate(text):
-        if l.startswith("step "):
-            if i + 1 >= len(text) or text[i + 1] != "max time across ranks (ms):":
-                bad.append(l)
-                continue
-            blocks += 1
-            j = i + 2
-            while j < len(text) and text[j].startswith("    "):
-                if not row.match(text[j]) or len(text[j].split(": ")[0]) != 4 + 48:
-                    bad.append(text[j])
-                j += 1
+    blocks, bad = megatron_blocks(text, "max time across ranks (ms):",
+                                  r"^    ([a-z-]+) \.+: (\d+\.\d\d)$", 1)
     failures += check("test_option_max_prints_megatrons_max_block",
                       blocks == 3 and not bad, str(bad[:3]))
 
@@ -345,23 +358,9 @@ def main():
                           str(plain[-1:]))
 
         text = run(mtnlgd, job, tokens, level=2, log_format="text").splitlines()
-        row = re.compile(r"^    ([a-z-]+) \.+: \((\d+\.\d\d), (\d+\.\d\d)\)$")
-        blocks, bad = 0, []
-        for i, l in enumerate(text):
-            if not l.startswith("step "):
-                continue
-            if i + 1 >= len(text) or text[i + 1] != "(min, max) time across ranks (ms):":
-                bad.append(l)
-                continue
-            blocks += 1
-            j = i + 2
-            while j < len(text) and text[j].startswith("    "):
-                m = row.match(text[j])
-                if not m or len(text[j]) - len(text[j].split(":")[-1]) != 4 + 48 + 1:
-                    bad.append(text[j])
-                j += 1
-            if j - (i + 2) < len(PIECES_ONE):
-                bad.append("%d rows after %r" % (j - i - 2, l))
+        blocks, bad = megatron_blocks(
+            text, "(min, max) time across ranks (ms):",
+            r"^    ([a-z-]+) \.+: \((\d+\.\d\d), (\d+\.\d\d)\)$", len(PIECES_ONE))
         failures += check("test_text_has_megatrons_block_after_each_step_line",
                           blocks == 3 and not bad, str(bad[:3]))
 
