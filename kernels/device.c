@@ -88,8 +88,10 @@ const char *mt_device_cuda_loading(void) {
  * threads of a checkpoint or an export may allocate beside the rank's. */
 struct mt_device_ledger {
   pthread_mutex_t mu;
-  void **ptr;
-  size_t *bytes;
+  struct {
+    void *p;
+    size_t bytes;
+  } * e; /* the live allocations */
   size_t n, cap;
   size_t total, peak;
 };
@@ -103,8 +105,7 @@ static struct mt_device_ledger *ledger_new(void) {
 static void ledger_free(struct mt_device_ledger *l) {
   if (!l) return;
   pthread_mutex_destroy(&l->mu);
-  free(l->ptr);
-  free(l->bytes);
+  free(l->e);
   free(l);
 }
 
@@ -115,13 +116,11 @@ static void ledger_add(struct mt_device_ledger *l, void *p, size_t bytes) {
   pthread_mutex_lock(&l->mu);
   if (l->n == l->cap) {
     size_t cap = l->cap ? 2 * l->cap : 64;
-    void **ptr = realloc(l->ptr, cap * sizeof *ptr);
-    if (ptr) l->ptr = ptr;
-    size_t *b = ptr ? realloc(l->bytes, cap * sizeof *b) : NULL;
-    if (b) l->bytes = b, l->cap = cap;
+    void *e = realloc(l->e, cap * sizeof *l->e);
+    if (e) l->e = e, l->cap = cap;
   }
   if (l->n < l->cap) {
-    l->ptr[l->n] = p, l->bytes[l->n++] = bytes;
+    l->e[l->n].p = p, l->e[l->n++].bytes = bytes;
     l->total += bytes;
     if (l->total > l->peak) l->peak = l->total;
   }
@@ -132,9 +131,9 @@ static void ledger_remove(struct mt_device_ledger *l, void *p) {
   if (!l || !p) return;
   pthread_mutex_lock(&l->mu);
   for (size_t i = l->n; i-- > 0;)
-    if (l->ptr[i] == p) {
-      l->total -= l->bytes[i];
-      l->ptr[i] = l->ptr[--l->n], l->bytes[i] = l->bytes[l->n];
+    if (l->e[i].p == p) {
+      l->total -= l->e[i].bytes;
+      l->e[i] = l->e[--l->n];
       break;
     }
   pthread_mutex_unlock(&l->mu);

@@ -88,11 +88,9 @@ typedef struct procs_impl {
 static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
 static procs_local *registry;
 
-static int64_t now_ms(void) { return mt_mono_ms(); }
-
 /* Waits on l->cv until deadline (monotonic ms); 1 when it passed */
 static int wait_until(procs_local *l, int64_t deadline) {
-  int64_t left = deadline - now_ms();
+  int64_t left = deadline - mt_mono_ms();
   if (left <= 0) return 1;
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -231,7 +229,7 @@ static int setup(procs_impl *h, const mt_comm_opts *o, int64_t deadline) {
     snprintf(suffix, sizeof suffix, "procs/%d", b);
     if ((rc = mt__comm_key(key, sizeof key, h->prefix, suffix))) break;
     void *v = NULL;
-    int64_t left = deadline - now_ms();
+    int64_t left = deadline - mt_mono_ms();
     rc = o->store->get(o->store, key, &v, NULL, left > 0 ? (int)left : 0);
     if (rc) {
       rc = mt_wraperr(rc, "the process holding world rank %d did not say its ranks", b);
@@ -267,7 +265,7 @@ static int setup(procs_impl *h, const mt_comm_opts *o, int64_t deadline) {
   char name[64], prefix[300];
   snprintf(name, sizeof name, "%.48s.processes", h->name);
   snprintf(prefix, sizeof prefix, "%s/processes", h->prefix);
-  int64_t left = deadline - now_ms();
+  int64_t left = deadline - mt_mono_ms();
   mt_comm_opts no = {.store = o->store,
                      .name = name,
                      .prefix = prefix,
@@ -308,7 +306,7 @@ static int procs_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
     return rc;
   }
   procs_local *l = h->l;
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = mt_mono_ms() + timeout_ms;
   if (h->me == 0) {
     rc = setup(h, o, deadline);
     pthread_mutex_lock(&l->mu);
@@ -366,7 +364,7 @@ typedef int (*body_fn)(procs_impl *h, void *arg, int64_t deadline);
 
 /* The processes' group's deadline: what is left of ours */
 static mt_comm *nodes_until(procs_local *l, int64_t deadline) {
-  int64_t left = deadline - now_ms();
+  int64_t left = deadline - mt_mono_ms();
   mt_comm_set_timeout(l->nodes, left > 1 ? (int)left : 1);
   return l->nodes;
 }
@@ -377,7 +375,7 @@ static mt_comm *nodes_until(procs_local *l, int64_t deadline) {
 static int collective(procs_impl *h, const void *send, void *recv, body_fn body, void *arg,
                       int timeout_ms) {
   procs_local *l = h->l;
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = mt_mono_ms() + timeout_ms;
   pthread_mutex_lock(&l->mu);
   if (l->broken || l->leader_gone) {
     int rc = l->broken ? broken_error(l) : leader_gone_error(l);
@@ -574,7 +572,7 @@ static int procs_barrier(void *impl, int timeout_ms) {
 static int local_send(procs_impl *h, const void *buf, size_t bytes, int peer, int timeout_ms) {
   procs_local *l = h->l;
   mailbox *b = &l->box[(size_t)(peer - l->begin) * l->n + h->me];
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = mt_mono_ms() + timeout_ms;
   pthread_mutex_lock(&l->mu);
   while (b->state != 0 && !l->broken && !wait_until(l, deadline)) {
   }
@@ -605,7 +603,7 @@ static int local_send(procs_impl *h, const void *buf, size_t bytes, int peer, in
 static int local_recv(procs_impl *h, void *buf, size_t bytes, int peer, int timeout_ms) {
   procs_local *l = h->l;
   mailbox *b = &l->box[(size_t)h->me * l->n + (peer - l->begin)];
-  int64_t deadline = now_ms() + timeout_ms;
+  int64_t deadline = mt_mono_ms() + timeout_ms;
   pthread_mutex_lock(&l->mu);
   while (b->state != 1 && !l->broken && !wait_until(l, deadline)) {
   }

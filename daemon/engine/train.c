@@ -1025,10 +1025,12 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   st->has_num_zeros = job->train.log_num_zeros_in_grad && !st->skipped;
   st->num_zeros = (int64_t)agreed[9];
   st->bubble = tr->g.pp_size > 1 && agreed[4] > 0 ? agreed[3] / agreed[4] : 0.0;
-  /* what this rank's device holds after the update, for the memory line
-   * and train.log_memory_to_tensorboard (none when the device cannot say:
-   * a figure, not the step's) */
-  st->has_memory = !mt_device_mem_stats(d, &st->memory);
+  /* what this rank's device holds after the update, where it is read: the
+   * memory line (a trainer's first step) and train.log_memory_to_tensorboard
+   * (every step); none when the device cannot say (a figure, not the step's) */
+  if (job->train.log_memory_to_tensorboard || !tr->memory_taken)
+    st->has_memory = !mt_device_mem_stats(d, &st->memory);
+  tr->memory_taken = 1;
   st->step_ms = 1e3 * mt_mono_s() - t0;
   st->comm_ms = comm_ms;
   st->tokens_per_s = (double)G * job->model.seq_len / (st->step_ms / 1e3);

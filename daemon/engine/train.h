@@ -96,10 +96,10 @@ typedef struct mt_step_stats {
   int timing_option;
   const double *timer_ranks;
   int timer_ranks_n;
-  /* this rank's device memory after the step's update (mt_device_mem_stats,
-   * a lock and on a GPU cudaMemGetInfo: microseconds), for the memory line
-   * and train.log_memory_to_tensorboard; has_memory 0 when the device could
-   * not say */
+  /* this rank's device memory after the step's update (mt_device_mem_stats)
+   * on the trainer's first step, for the memory line, and on every step
+   * under train.log_memory_to_tensorboard; has_memory 0 on the others and
+   * when the device could not say */
   int has_memory;
   mt_device_mem memory;
 } mt_step_stats;
@@ -166,6 +166,7 @@ typedef struct mt_trainer {
   int grads_block0;    /* during a backward: model's block index of its chunk's block 0 */
   mt_timers timers;    /* train.timing_log_level's, of the step being taken; the chunks'
                           forward and backward time their pieces into it at level 2 */
+  int memory_taken;    /* a step has taken the device's memory figures (mt_step_stats) */
   double *timer_ranks; /* train.timing_log_option all: every rank's timers of the last
                           step, rank-major (world size x MT_TM_COUNT); NULL otherwise */
   mt_adamw opt;
