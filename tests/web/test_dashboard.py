@@ -281,17 +281,35 @@ def dom(dt):
     return dt.eval(DOM_SNAPSHOT)
 
 
-def click(dt, element_id):
-    """A real mouse click (press and release) at the middle of the element."""
-    r = dt.eval("(function () { var b = document.getElementById('%s').getBoundingClientRect();"
-                " return [b.left + b.width / 2, b.top + b.height / 2]; })()" % element_id)
-    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-        p = {"type": kind, "x": r[0], "y": r[1]}
-        if kind != "mouseMoved":
-            p.update(button="left", clickCount=1)
-        dt.call("Input.dispatchMouseEvent", p)
-
-
+def click(dt, element_id, tries=5):
+    """A real mouse click (press and release) at the middle of the element.
+    The page's layout can move between measuring the element and the click
+    (a status poll that wraps a card's text to another line moves the
+    controls down), so the page notes which element each click landed on
+    and a click that landed elsewhere is made again at the new place. A
+    disabled button is an error, not a miss."""
+    for attempt in range(tries):
+        r = dt.eval(
+            "(function () {"
+            " if (!window.__mtClicks) { window.__mtClicks = [];"
+            "  document.addEventListener('click', function (e) {"
+            "   window.__mtClicks.push(e.target.id || e.target.tagName); }, true); }"
+            " var e = document.getElementById('%s'), b = e.getBoundingClientRect();"
+            " return [b.left + b.width / 2, b.top + b.height / 2, e.disabled === true,"
+            "  window.__mtClicks.length]; })()" % element_id)
+        if r[2]:
+            raise AssertionError("#%s is disabled: %r" % (element_id, dom(dt)))
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            p = {"type": kind, "x": r[0], "y": r[1]}
+            if kind != "mouseMoved":
+                p.update(button="left", clickCount=1)
+            dt.call("Input.dispatchMouseEvent", p)
+        landed = dt.eval("window.__mtClicks.slice(%d)" % r[3])
+        if element_id in landed:
+            return
+        print("note: the click meant for #%s at (%.0f, %.0f) landed on %s; clicking again"
+              % (element_id, r[0], r[1], landed or "nothing"))
+    raise AssertionError("#%s: no click of %d landed on it" % (element_id, tries))
 
 
 def write_job(tmp):
