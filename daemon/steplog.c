@@ -209,6 +209,19 @@ int64_t mt_proc_memory(int64_t *peak) {
   return (int64_t)rss * 1024;
 }
 
+/* Bytes with the unit that shows them: GB on a GPU, kB on a tiny model's
+ * CPU device, where "0.00 GB" would say nothing. Decimal units, as the
+ * plan line's GB. */
+static const char *bytes_text(char *buf, size_t n, double bytes) {
+  if (bytes >= 1e9)
+    snprintf(buf, n, "%.2f GB", bytes / 1e9);
+  else if (bytes >= 1e6)
+    snprintf(buf, n, "%.1f MB", bytes / 1e6);
+  else
+    snprintf(buf, n, "%.1f kB", bytes / 1e3);
+  return buf;
+}
+
 void mt_log_memory(const char *const *specs, int n, const mt_step_stats *st) {
   char gpus[1024] = "";
   size_t len = 0;
@@ -219,16 +232,18 @@ void mt_log_memory(const char *const *specs, int n, const mt_step_stats *st) {
                             specs[i], (double)(total - avail) / 1e9, (double)total / 1e9);
   }
   int64_t peak, now = mt_proc_memory(&peak);
-  char mine[160] = "";
+  char mine[192] = "", a[32], b[32];
   if (st->has_memory)
     snprintf(mine, sizeof mine,
-             "; its first rank's device holds %.2f GB of the engine's allocations (%.2f GB at "
-             "most, %lld of them)",
-             (double)st->memory.allocated / 1e9, (double)st->memory.max_allocated / 1e9,
+             "; its first rank's device holds %s of the engine's allocations (%s at most, %lld "
+             "of them)",
+             bytes_text(a, sizeof a, (double)st->memory.allocated),
+             bytes_text(b, sizeof b, (double)st->memory.max_allocated),
              (long long)st->memory.count);
-  mt_log_info("memory after step %lld: %s%sthis process holds %.2f GB of RAM (%.2f GB at most)%s",
+  char c[32], d[32];
+  mt_log_info("memory after step %lld: %s%sthis process holds %s of RAM (%s at most)%s",
               (long long)st->step, gpus, len ? " in use (every process's on them); " : "",
-              (double)now / 1e9, (double)peak / 1e9, mine);
+              bytes_text(c, sizeof c, (double)now), bytes_text(d, sizeof d, (double)peak), mine);
 }
 
 /* The plan counts Megatron's storage of the weights (a 16-bit copy, the
