@@ -87,8 +87,10 @@ static inline int mt_flash_bwd_samples(int T, int NH) {
  * and scores' gradient), at least one; returns the floats of scratch the
  * chunks take: those tensors, dout rounded to 16 bits, and fp32 sums of dK
  * and dV for the chunk's heads, each region rounded up to 64 floats. GPUs
- * ask MT_GPU_ATT_ROWS and MT_GPU_ATT_FLOATS (an fp32 qkv's chunks too);
- * mtnlgctl plan counts the same. */
+ * ask MT_GPU_ATT_ROWS and MT_GPU_ATT_FLOATS (an fp32 qkv's chunks too) and
+ * keep this scratch of their own, made when the path first runs (not in
+ * attention_scratch); mtnlgctl plan counts it where a job may take the
+ * path (engine/plan.c). */
 #define MT_GPU_ATT_ROWS 512            /* a GPU's chunks of query rows, at most */
 #define MT_GPU_ATT_FLOATS (64LL << 20) /* and the scratch floats they aim at: 256 MiB */
 static inline long long mt_att16_chunk(int T, int NH, int HS, int max_rows, long long budget,
@@ -241,9 +243,10 @@ struct mt_ops {
    * their scores and probabilities, far below one sample's NH·T² when T is
    * large; on the CPU, per thread, and for a 16-bit qkv with its head
    * unpacked, its output before rounding and its gradient before rounding
-   * (for a 16-bit dqkv); on GPUs, for a 16-bit qkv, the larger of the
-   * flash backward's D (NH·T a sample) of mt_flash_bwd_samples samples and
-   * the chunked GEMMs' tensors (mt_att16_chunk). */
+   * (for a 16-bit dqkv); on GPUs, for a 16-bit qkv, the flash backward's D
+   * (NH·T a sample) of mt_flash_bwd_samples samples (the chunked GEMMs'
+   * tensors, mt_att16_chunk, are the device's own, made if that path
+   * runs). */
   size_t (*attention_scratch)(mt_device *d, int T, int C, int NH, mt_dtype qt);
   /* Attention for one new position (inference with a key-value cache):
    * out(C) = attention_fwd's output row n - 1 of an fp32 qkv(n,3C) (laid

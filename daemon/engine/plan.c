@@ -34,11 +34,12 @@
  *   them, s b h (7 + 4/t) fp32
  *   values in all, as model/gpt.c lays them out), and attention's scratch: in fp32 2 (a/t) s min(s,
  * 512) values (the chunk of query rows a GPU works on, scores and their gradient; the CPU's is
- * smaller), in a 16-bit job the larger of the (a/t) s of the flash backward's row sums, for
- * up to 8 samples (mt_flash_bwd_samples), and the chunked 16-bit GEMMs' tensors
- * (mt_att16_chunk: about 3 (a/t) s min(s, 512) values, with dK and dV's sums, about
- * 236 MiB at GPT-3 1.3B's shapes), either of which a GPU may run. Counted with the
- * activations.
+ * smaller), in a 16-bit job the (a/t) s of the flash backward's row sums, for
+ * up to 8 samples (mt_flash_bwd_samples), and, where the job may take the chunked
+ * path (model.attention_backend chunked or auto, or a head over MT_FLASH_MAX_HS), the
+ * chunked 16-bit GEMMs' tensors beside them (mt_att16_chunk: about 3 (a/t) s min(s, 512)
+ * values, with dK and dV's sums, about 236 MiB at GPT-3 1.3B's shapes), which a GPU
+ * makes when that path first runs. Counted with the activations.
  * - Full per-layer recomputation keeps only each layer's input, 2 s b h bytes
  *   (4 in fp32; replicated over tp), plus one layer's whole working set for
  *   one micro-batch while it is recomputed and run backward. With
@@ -120,11 +121,16 @@ static int64_t working_set_bytes(const mt_model_spec *m, int b, int t, int mixed
     return 4 * whole + lng + 2 * ((int64_t)m->n_head / t) * s * rows * 4;
   }
   int64_t nh = m->n_head / t, f32 = sp ? 3 * sbh + 8 * sbh / t : 7 * sbh + 4 * sbh / t;
-  int rc, hc;
-  int64_t flash = mt_flash_bwd_samples((int)s, (int)nh) * nh * s,
-          gemm = mt_att16_chunk((int)s, (int)nh, (int)(h / m->n_head), MT_GPU_ATT_ROWS,
-                                MT_GPU_ATT_FLOATS, &rc, &hc);
-  return 2 * (sbh + sbh * 11 / t) + 4 * f32 + lng + 4 * (flash > gemm ? flash : gemm);
+  int rc, hc, hs = (int)(h / m->n_head);
+  int64_t att = mt_flash_bwd_samples((int)s, (int)nh) * nh * s;
+  /* the chunked path's own scratch, where the job may take it: a head too
+   * wide for the flash kernels, or the job's chunked or auto (a job that
+   * leaves it to the devices gets flash, unless MTNLG_ATTENTION, a
+   * developer's switch, says otherwise: not counted) */
+  if (hs > MT_FLASH_MAX_HS || !strcmp(m->attention_backend, "chunked") ||
+      !strcmp(m->attention_backend, "auto"))
+    att += mt_att16_chunk((int)s, (int)nh, hs, MT_GPU_ATT_ROWS, MT_GPU_ATT_FLOATS, &rc, &hc);
+  return 2 * (sbh + sbh * 11 / t) + 4 * f32 + lng + 4 * att;
 }
 
 int mt_plan_stage_of(const mt_job *job, const mt_plan *plan, int s, mt_plan_stage *out) {

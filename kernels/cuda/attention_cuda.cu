@@ -76,18 +76,15 @@ static size_t flash_scratch(int T, int NH) {
 }
 
 /* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
- * (flash_cuda.cu) one sample's rows, as many samples at a time as fit, or
- * its chunks (mt_att16_chunk), whichever is larger. */
+ * (flash_cuda.cu) one sample's rows, as many samples at a time as fit. A
+ * 16-bit qkv's chunked path keeps its tensors in the device's own scratch
+ * (att16_scratch), made the first time that path runs: a job on the flash
+ * kernels, the default, holds none of its 256 MiB. */
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
-  (void)d;
+  (void)d, (void)C;
   int rc, hc;
   if (T < 1 || NH < 1) return 1;
-  if (qt != MT_F32) {
-    int HS = C / NH > 0 ? C / NH : 1;
-    size_t flash = flash_scratch(T, NH);
-    size_t gemm = (size_t)mt_att16_chunk(T, NH, HS, MT_CUDA_ATT_ROWS, MT_CUDA_ATT_FLOATS, &rc, &hc);
-    return flash > gemm ? flash : gemm;
-  }
+  if (qt != MT_F32) return flash_scratch(T, NH);
   att_chunk(T, NH, &rc, &hc);
   return 2 * (size_t)hc * rc * T;
 }
@@ -416,17 +413,43 @@ static void att16_chunk_of(const mt__cuda *c, int T, int NH, int HS, int *rc, in
   if (c->att_chunk_heads && c->att_chunk_heads < *hc) *hc = c->att_chunk_heads;
 }
 
-static att16_layout att16_layout_of(const mt__cuda *c, float *scratch, int T, int NH, int HS) {
-  att16_layout l;
-  att16_chunk_of(c, T, NH, HS, &l.rc, &l.hc);
-  size_t e = (size_t)l.hc * l.rc * T, o = 0;
-  l.S = scratch + o, o += up64(e);
-  l.G = scratch + o, o += up64(e);
-  l.P = (uint16_t *)(scratch + o), o += up64((e + 1) / 2);
-  l.dS = (uint16_t *)(scratch + o), o += up64((e + 1) / 2);
-  l.dO = (uint16_t *)(scratch + o), o += up64(((size_t)l.hc * l.rc * HS + 1) / 2);
-  l.acc = scratch + o;
-  return l;
+/* The layout in scratch (NULL: only counted); returns its floats */
+static size_t att16_lay(att16_layout *l, float *scratch, int T, int HS) {
+  size_t e = (size_t)l->hc * l->rc * T, o = 0;
+  l->S = scratch + o, o += up64(e);
+  l->G = scratch + o, o += up64(e);
+  l->P = (uint16_t *)(scratch + o), o += up64((e + 1) / 2);
+  l->dS = (uint16_t *)(scratch + o), o += up64((e + 1) / 2);
+  l->dO = (uint16_t *)(scratch + o), o += up64(((size_t)l->hc * l->rc * HS + 1) / 2);
+  l->acc = scratch + o, o += 2 * (size_t)l->hc * T * HS;
+  return o;
+}
+
+/* The chunks of a 16-bit qkv of this shape on d, laid out in d's chunked
+ * scratch, which grows to hold them (freeing the smaller one waits for the
+ * work in flight on it). The flash kernels never touch it, so a device
+ * that never takes this path never makes it. -1, with d failed, when
+ * the GPU has no room for it. */
+static int att16_layout_of(mt_device *d, mt__cuda *c, int T, int NH, int HS, att16_layout *l) {
+  att16_chunk_of(c, T, NH, HS, &l->rc, &l->hc);
+  size_t need = att16_lay(l, NULL, T, HS);
+  if (need > c->att16_floats) {
+    cudaFree(c->att16_buf);
+    c->att16_buf = NULL, c->att16_floats = 0;
+    if (cudaMalloc((void **)&c->att16_buf, need * sizeof(float)) != cudaSuccess) {
+      cudaGetLastError();
+      char msg[160];
+      snprintf(msg, sizeof msg,
+               "no room for the chunked path's scratch, %.1f MiB (MTNLG_ATTENTION_CHUNK makes "
+               "smaller chunks; model.attention_backend flash needs none)",
+               (double)need * sizeof(float) / (1 << 20));
+      mt__cuda_fail(d, "attention (16-bit GEMMs)", msg);
+      return -1;
+    }
+    c->att16_floats = need;
+  }
+  att16_lay(l, c->att16_buf, T, HS);
+  return 0;
 }
 
 /* Row (hh, i) of a chunk, forward: the softmax over columns s0..t of the
@@ -554,12 +577,13 @@ static void att16_gemm(mt_device *d, const char *what, mt__gemm g, mt_dtype ab, 
   mt__cuda_gemm(d, what, &g);
 }
 
-static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratch,
-                          const uint16_t *qkv, mt_dtype qt, int B, int T, int C, int NH,
-                          const mt_dropout *drop, const int32_t *doc_start) {
+static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
+                          int B, int T, int C, int NH, const mt_dropout *drop,
+                          const int32_t *doc_start) {
   mt__cuda *c = mt__cuda_enter(d);
   int HS = C / NH, fp16 = qt == MT_F16;
-  att16_layout l = att16_layout_of(c, scratch, T, NH, HS);
+  att16_layout l;
+  if (att16_layout_of(d, c, T, NH, HS, &l)) return;
   for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     chunk_scores(d, "attention_fwd scores (16-bit GEMMs)", l.S, qkv, qt, &k, C, HS);
@@ -582,13 +606,14 @@ static void chunked16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratc
  * fp32 dqkv is added into; a 16-bit one gets dQ written by its GEMM (a
  * chunk holds every key of its rows) and dK, dV summed in acc over the
  * group's row blocks (the chunks' innermost order), then rounded once. */
-static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, const float *dout,
+static void chunked16_bwd(mt_device *d, void *dqkv, mt_dtype gt, const float *dout,
                           const uint16_t *qkv, mt_dtype qt, const float *lse, int B, int T, int C,
                           int NH, const mt_dropout *drop, const int32_t *doc_start) {
   mt__cuda *c = mt__cuda_enter(d);
   int HS = C / NH, ld3 = 3 * C, fp16 = qt == MT_F16, half = gt != MT_F32;
   float scale = 1.0f / sqrtf((float)HS);
-  att16_layout l = att16_layout_of(c, scratch, T, NH, HS);
+  att16_layout l;
+  if (att16_layout_of(d, c, T, NH, HS, &l)) return;
   for (int i = 0, n = chunk_count(B, T, NH, l.rc, l.hc); i < n; i++) {
     chunk k = chunk_of(i, T, C, NH, l.rc, l.hc);
     int hn = k.hn, rn = k.rn, r1 = k.r1, w = hn * HS;
@@ -666,6 +691,10 @@ int mt__cuda_attention_chunk(mt_device *d, int rows, int heads) {
   return 0;
 }
 
+size_t mt__cuda_attention_chunked_bytes(mt_device *d) {
+  return mt__cuda_of(d)->att16_floats * sizeof(float);
+}
+
 void mt__cuda_attention_chunk_of(mt_device *d, int T, int NH, int HS, int *rows, int *heads) {
   att16_chunk_of(mt__cuda_of(d), T, NH, HS, rows, heads);
 }
@@ -716,15 +745,15 @@ static void att_run(mt_device *d, const mt__att_shape &k, int bwd, int adds, F r
               k.NH, best[0], best[1], path == MT__CUDA_ATT_FLASH ? "flash" : "chunked");
 }
 
-static void att16_fwd(mt_device *d, uint16_t *out, float *lse, float *scratch, const uint16_t *qkv,
-                      mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
+static void att16_fwd(mt_device *d, uint16_t *out, float *lse, const uint16_t *qkv, mt_dtype qt,
+                      int B, int T, int C, int NH, const mt_dropout *drop,
                       const int32_t *doc_start) {
   if (drop && drop->p == 0.0f) drop = NULL;
   if (B < 1 || T < 1 || C < 1 || NH < 1) return;
   mt__att_shape k = {C / NH, qt == MT_F16, B, T, NH, drop != NULL, doc_start != NULL};
   att_run(d, k, 0, 0, [&](int path) {
     if (path == MT__CUDA_ATT_CHUNKED)
-      chunked16_fwd(d, out, lse, scratch, qkv, qt, B, T, C, NH, drop, doc_start);
+      chunked16_fwd(d, out, lse, qkv, qt, B, T, C, NH, drop, doc_start);
     else
       mt__cuda_flash_fwd(d, out, lse, qkv, qt, B, T, C, NH, drop, doc_start);
   });
@@ -746,7 +775,7 @@ static void att16_bwd(mt_device *d, void *dqkv, mt_dtype gt, float *scratch, con
   mt__att_shape k = {C / NH, qt == MT_F16, B, T, NH, drop != NULL, doc_start != NULL};
   att_run(d, k, 1, gt == MT_F32, [&](int path) {
     if (path == MT__CUDA_ATT_CHUNKED)
-      chunked16_bwd(d, dqkv, gt, scratch, dout, qkv, qt, lse, B, T, C, NH, drop, doc_start);
+      chunked16_bwd(d, dqkv, gt, dout, qkv, qt, lse, B, T, C, NH, drop, doc_start);
     else
       mt__cuda_flash_bwd(d, dqkv, gt, scratch, flash_scratch(T, NH), dout, out, qkv, qt, lse, B, T,
                          C, NH, drop, doc_start);
@@ -757,8 +786,7 @@ void mt__cuda_attention_fwd(mt_device *d, void *out_, float *lse, float *scratch
                             mt_dtype qt, int B, int T, int C, int NH, const mt_dropout *drop,
                             const int32_t *doc_start) {
   if (qt != MT_F32) {
-    att16_fwd(d, (uint16_t *)out_, lse, scratch, (const uint16_t *)qkv_, qt, B, T, C, NH, drop,
-              doc_start);
+    att16_fwd(d, (uint16_t *)out_, lse, (const uint16_t *)qkv_, qt, B, T, C, NH, drop, doc_start);
     return;
   }
   float *out = (float *)out_;

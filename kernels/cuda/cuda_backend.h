@@ -124,13 +124,16 @@ int mt__cuda_attention_path_of(mt_device *d, int bwd, int head_size, int fp16, i
 /* The chunked path's chunks of a 16-bit qkv on d from now on: at most
  * `rows` query rows and `heads` heads each, 0 for the scratch budget's
  * (MT_GPU_ATT_ROWS rows, as many heads as fit MT_GPU_ATT_FLOATS). Chunks
- * only shrink (each count at most the budget's), so the scratch sized for
- * the budget's still holds them. Also set from MTNLG_ATTENTION_CHUNK
+ * only shrink (each count at most the budget's), and with them the
+ * device's own scratch the path makes. Also set from MTNLG_ATTENTION_CHUNK
  * (ROWSxHEADS) when the device opens.
  * gpu_bench times smaller chunks, whose score tensors a GPU's L2 cache
  * may hold between the kernels that write and read them. MT_EINVAL for a
  * negative count. (attention_cuda.cu) */
 int mt__cuda_attention_chunk(mt_device *d, int rows, int heads);
+/* Bytes of the chunked 16-bit path's own scratch d holds: 0 until that
+ * path first runs (attention_cuda.cu) */
+size_t mt__cuda_attention_chunked_bytes(mt_device *d);
 /* The chunks d's chunked path takes a 16-bit qkv of this shape in now:
  * *rows query rows and *heads heads */
 void mt__cuda_attention_chunk_of(mt_device *d, int T, int NH, int head_size, int *rows, int *heads);

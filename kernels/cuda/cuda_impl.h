@@ -130,7 +130,9 @@ typedef struct mt__cuda {
   mt__tuned<mt__att_choice> att_tuned; /* auto: each shape's faster path, per pass */
   int att_chunk_rows, att_chunk_heads; /* the chunked 16-bit path's chunks at most, 0 the
                                           scratch budget's (mt__cuda_attention_chunk) */
-  int err;                             /* first error an op met: MT_EIO, 0 when none */
+  float *att16_buf;    /* the chunked 16-bit path's scratch, made when it first runs */
+  size_t att16_floats; /* and its floats */
+  int err;             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
 } mt__cuda;
 

@@ -89,6 +89,7 @@ void mt__cuda_close(mt_device *d) {
   cudaFree(c->red);
   cudaFree(c->red_multi);
   cudaFree(c->cols);
+  cudaFree(c->att16_buf);
   if (c->stream) cudaStreamDestroy(c->stream);
   cudaGetLastError();
   free(c);

@@ -2030,6 +2030,52 @@ static void test_attention_path_switch(void) {
   env_put_back("MTNLG_ATTENTION_CHUNK", saved);
 }
 
+/* A 16-bit qkv's attention scratch is the flash backward's alone (its row
+ * sums, NH·T floats for each of up to 8 samples); the chunked path's
+ * tensors are the device's own, made the first time that path runs and
+ * grown for a longer sequence: a device on the flash kernels holds none.
+ * A fresh device, so that no other test's chunked run has made them. */
+static void test_chunked16_scratch_is_the_devices(void) {
+  mt_device d;
+  int rc = mt_device_open(&d, "cuda:0");
+  check_that("device_open", "a fresh device for the chunked path's scratch", !rc,
+             rc ? mt_errmsg() : "opened");
+  if (rc) return;
+  int B = 2, C = 64, NH = 2;
+  size_t held[2] = {0, 0};
+  for (int k = 0; k < 2; k++) {
+    int T = k ? 140 : 70;
+    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, nl = (size_t)B * NH * T;
+    size_t ns = d.ops->attention_scratch(&d, T, C, NH, MT_BF16);
+    if (!k)
+      check_that("attention_scratch", "bf16 T=70: the flash backward's row sums alone",
+                 ns >= (size_t)NH * T && ns <= 8 * (size_t)NH * T, label("%zu floats", ns));
+    void *q = mt_device_alloc(&d, nq * 2), *o = mt_device_alloc(&d, no * 2);
+    void *dq = mt_device_alloc(&d, nq * 2);
+    float *l = mt_device_alloc(&d, nl * 4), *sc = mt_device_alloc(&d, ns * 4);
+    float *dout = mt_device_alloc(&d, no * 4);
+    if (!q || !o || !dq || !l || !sc || !dout) die("device alloc");
+    mt_device_memset0(&d, q, nq * 2);
+    mt_device_memset0(&d, dout, no * 4);
+    for (int path = 0; path < 2; path++) {
+      mt__cuda_attention_path(&d, path ? MT__CUDA_ATT_CHUNKED : MT__CUDA_ATT_FLASH);
+      d.ops->attention_fwd(&d, o, l, sc, q, MT_BF16, B, T, C, NH, NULL, NULL);
+      d.ops->attention_bwd(&d, dq, MT_BF16, sc, dout, o, q, MT_BF16, l, B, T, C, NH, NULL, NULL);
+      int src = mt_device_sync(&d);
+      size_t bytes = mt__cuda_attention_chunked_bytes(&d);
+      if (!k && !path)
+        check_that("attention_fwd", "bf16 T=70 by the flash kernels: no chunked scratch made",
+                   !src && bytes == 0, src ? mt_errmsg() : label("%zu bytes", bytes));
+      if (path) held[k] = bytes;
+    }
+    mt_device_free(&d, q), mt_device_free(&d, o), mt_device_free(&d, dq);
+    mt_device_free(&d, l), mt_device_free(&d, sc), mt_device_free(&d, dout);
+  }
+  check_that("attention_fwd", "bf16 chunked: its scratch made at T=70, grown at T=140",
+             held[0] > 0 && held[1] > held[0], label("%zu, then %zu bytes", held[0], held[1]));
+  mt_device_close(&d);
+}
+
 /* MTNLG_GELU_EPILOGUE at open: 0 turns cuBLASLt's GeLU epilogues off (the
  * ops then run GeLU and its gradient as kernels of their own, the values
  * the same within the epilogues' tolerance, which the op checks hold them
@@ -2475,6 +2521,7 @@ int main(int argc, char **argv) {
     test_attention_decode(17, 20, 2);
     test_attention_decode(2300, 48, 3);  /* three tiles of keys, the last one partial */
     test_attention_decode(1100, 320, 2); /* head size 160: columns past the block's threads */
+    test_chunked16_scratch_is_the_devices();
 #ifdef MT_CUDA_EMU
     test_flash_shared_memory_limit();
     test_flash_other_layout();

@@ -218,18 +218,31 @@ static void test_recompute_cuts_activation_memory(void) {
   /* per layer and micro-batch, 16-bit, t = 8: s b h (4 + 16/8) = 6 sbh, plus
    * the fp32 log-sum-exp of each row (4 a s / 8); once per device the
    * working set, s b h (1 + 11/8) 16-bit values and s b h (7 + 4/8) fp32
-   * ones, and attention's scratch: the larger of the flash backward's, (a/8)
-   * s fp32 values for each of the 8 samples a launch takes, and the chunked
-   * 16-bit GEMMs' (mt_att16_chunk: 16 heads of 512 query rows, their fp32
-   * scores and products of dout, their 16-bit probabilities and scores'
-   * gradient, dout's rows in 16 bits, and fp32 dK and dV of 16 heads of
-   * 160 columns, 246 MB) */
+   * ones, and attention's scratch: the flash backward's, (a/8) s fp32
+   * values for each of the 8 samples a launch takes (the job leaves the
+   * path to the devices: flash) */
   int64_t sbh = 2048LL * 20480, lse = 4 * 128 * 2048 / 8, full = 6 * sbh + lse;
   int64_t chunk = 16LL * 512 * 2048, flash = 8 * (128 / 8) * 2048 * 4;
-  int64_t att16 = 4 * (3 * chunk + 16 * 512 * 160 / 2 + 2 * 16LL * 2048 * 160);
-  int64_t once =
-      2 * (sbh + sbh * 11 / 8) + 4 * (7 * sbh + sbh * 4 / 8) + (att16 > flash ? att16 : flash);
+  int64_t once = 2 * (sbh + sbh * 11 / 8) + 4 * (7 * sbh + sbh * 4 / 8) + flash;
   CHECK(off.first.activation_bytes == 35 * 3 * full + once);
+  /* a job that may take the chunked path (chunked, or auto) adds the
+   * chunked 16-bit GEMMs' scratch a GPU then makes (mt_att16_chunk: 16
+   * heads of 512 query rows, their fp32 scores and products of dout, their
+   * 16-bit probabilities and scores' gradient, dout's rows in 16 bits, and
+   * fp32 dK and dV of 16 heads of 160 columns, 246 MB) */
+  int64_t att16 = 4 * (3 * chunk + 16 * 512 * 160 / 2 + 2 * 16LL * 2048 * 160);
+  static const char *const may_chunk[] = {"model.attention_backend=chunked",
+                                          "model.attention_backend=auto"};
+  for (int k = 0; k < 2; k++) {
+    mt_plan chunked;
+    CHECK(load_530b(&job, "parallel.recompute=false", may_chunk[k]) == MT_OK);
+    CHECK(mt_plan_compute(&job, &a100, &chunked) == MT_OK);
+    CHECK(chunked.first.activation_bytes == off.first.activation_bytes + att16);
+  }
+  CHECK(load_530b(&job, "parallel.recompute=false", "model.attention_backend=flash") == MT_OK);
+  mt_plan flash_only;
+  CHECK(mt_plan_compute(&job, &a100, &flash_only) == MT_OK);
+  CHECK(flash_only.first.activation_bytes == off.first.activation_bytes);
   /* recomputation: each layer's input (2 sbh) and one layer's working set */
   CHECK(on.first.activation_bytes == 35 * 3 * 2 * sbh + full + once);
   CHECK(on.first.activation_bytes * 2 < off.first.activation_bytes);
@@ -429,11 +442,10 @@ static void test_working_set_matches_model_layout(void) {
     CHECK(mt_plan_stage_of(&job, &two, 0, &s2) == MT_OK && s2.inflight == 2);
     const mt_model_spec *ms = &job.model;
     int64_t s = ms->seq_len, rows = s < 512 ? s : 512;
-    int rc16, hc16, nh = ms->n_head / tp;
-    int64_t g16 =
-                mt_att16_chunk((int)s, nh, ms->n_embd / ms->n_head, 512, 64LL << 20, &rc16, &hc16),
-            f16 = (int64_t)mt_flash_bwd_samples((int)s, nh) * nh * s;
-    int64_t plan_scratch = k % 2 ? 4 * (g16 > f16 ? g16 : f16) : (int64_t)nh * s * 4 * 2 * rows;
+    int nh = ms->n_head / tp;
+    /* a 16-bit job on the flash kernels: their backward's row sums */
+    int64_t f16 = (int64_t)mt_flash_bwd_samples((int)s, nh) * nh * s;
+    int64_t plan_scratch = k % 2 ? 4 * f16 : (int64_t)nh * s * 4 * 2 * rows;
     int64_t plan_work = 2 * s1.activation_bytes - s2.activation_bytes - plan_scratch;
 
     mt_gpt_config cfg = config_of(ms);
