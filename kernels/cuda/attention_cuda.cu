@@ -78,7 +78,7 @@ static size_t flash_scratch(int T, int NH) {
 /* An fp32 qkv's chunks, two tensors; a 16-bit one's flash backward
  * (flash_cuda.cu) one sample's rows, as many samples at a time as fit. A
  * 16-bit qkv's chunked path keeps its tensors in the device's own scratch
- * (att16_scratch), made the first time that path runs: a job on the flash
+ * (att16_layout_of), made the first time that path runs: a job on the flash
  * kernels, the default, holds none of its 256 MiB. */
 size_t mt__cuda_attention_scratch(mt_device *d, int T, int C, int NH, mt_dtype qt) {
   (void)d, (void)C;
