@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "comm.h"
+#include "counting_store.h"
 #include "err.h"
 #include "store.h"
 #include "store_client.h"
@@ -35,25 +36,6 @@ static double now_s(void) {
 }
 
 /* ---- one process: T rank threads ---------------------------------------- */
-
-typedef struct counting {
-  mt_store base;
-  mt_store *inner;
-  atomic_long requests;
-} counting;
-
-#define COUNTED(name, ret, params, args)                                                           \
-  static ret cs_##name params {                                                                    \
-    counting *c = (counting *)s;                                                                   \
-    atomic_fetch_add(&c->requests, 1);                                                             \
-    return c->inner->name args;                                                                    \
-  }
-COUNTED(set, int, (mt_store * s, const char *k, const void *v, size_t n), (c->inner, k, v, n))
-COUNTED(get, int, (mt_store * s, const char *k, void **v, size_t *n, int t), (c->inner, k, v, n, t))
-COUNTED(add, int, (mt_store * s, const char *k, int64_t d, int64_t *r), (c->inner, k, d, r))
-COUNTED(check, int, (mt_store * s, const char *k), (c->inner, k))
-COUNTED(del, int, (mt_store * s, const char *k), (c->inner, k))
-static void cs_free(mt_store *s) { (void)s; }
 
 typedef struct rank {
   mt_store *store;
@@ -115,14 +97,13 @@ static void *rank_main(void *p) {
 
 static int child(int port, int P, int T, int index, int be, const char *prefix) {
   (void)P;
-  counting cs = {.inner = NULL};
-  if (mt_store_tcp_new("127.0.0.1", port, NULL, &cs.inner)) {
+  mt_store *tcp = NULL;
+  if (mt_store_tcp_new("127.0.0.1", port, NULL, &tcp)) {
     fprintf(stderr, "child %d: %s\n", index, mt_errmsg());
     return 1;
   }
-  cs.base = *cs.inner;
-  cs.base.set = cs_set, cs.base.get = cs_get, cs.base.add = cs_add, cs.base.check = cs_check;
-  cs.base.del = cs_del, cs.base.free = cs_free, cs.base.get_many = NULL, cs.base.del_prefix = NULL;
+  mt_counting_store cs;
+  mt_counting_store_init(&cs, tcp);
   rank *r = calloc((size_t)T, sizeof *r);
   pthread_t *th = calloc((size_t)T, sizeof *th);
   pthread_barrier_t formed;

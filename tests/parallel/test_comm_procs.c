@@ -36,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "counting_store.h"
 #include "mt_check.h"
 
 #define MAX_THREADS 16
@@ -381,40 +382,6 @@ static void test_a_thread_that_never_comes_and_an_abort_fail_the_others(void) {
   s->free(s);
 }
 
-/* A store that counts requests, over a file store */
-typedef struct counting {
-  mt_store base;
-  mt_store *inner;
-  atomic_long requests;
-} counting;
-
-static int cs_set(mt_store *s, const char *k, const void *v, size_t n) {
-  counting *c = (counting *)s;
-  atomic_fetch_add(&c->requests, 1);
-  return c->inner->set(c->inner, k, v, n);
-}
-static int cs_get(mt_store *s, const char *k, void **v, size_t *n, int t) {
-  counting *c = (counting *)s;
-  atomic_fetch_add(&c->requests, 1);
-  return c->inner->get(c->inner, k, v, n, t);
-}
-static int cs_add(mt_store *s, const char *k, int64_t d, int64_t *r) {
-  counting *c = (counting *)s;
-  atomic_fetch_add(&c->requests, 1);
-  return c->inner->add(c->inner, k, d, r);
-}
-static int cs_check(mt_store *s, const char *k) {
-  counting *c = (counting *)s;
-  atomic_fetch_add(&c->requests, 1);
-  return c->inner->check(c->inner, k);
-}
-static int cs_del(mt_store *s, const char *k) {
-  counting *c = (counting *)s;
-  atomic_fetch_add(&c->requests, 1);
-  return c->inner->del(c->inner, k);
-}
-static void cs_free(mt_store *s) { (void)s; }
-
 static int body_none(rank_ctx *x, mt_comm *c) {
   (void)x, (void)c;
   return 0;
@@ -435,12 +402,10 @@ static long formation_requests(mt_comm_backend be, const char *prefix) {
     if (pid == 0) {
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != parent) _exit(127);
-      counting cs = {.inner = NULL};
-      if (mt_store_file_new(dir, &cs.inner)) _exit(126);
-      cs.base = *cs.inner;
-      cs.base.set = cs_set, cs.base.get = cs_get, cs.base.add = cs_add, cs.base.check = cs_check;
-      cs.base.del = cs_del, cs.base.free = cs_free, cs.base.get_many = NULL;
-      cs.base.del_prefix = NULL;
+      mt_store *files = NULL;
+      if (mt_store_file_new(dir, &files)) _exit(126);
+      mt_counting_store cs;
+      mt_counting_store_init(&cs, files);
       rank_ctx x[8];
       run_threads(x, &cs.base, prefix, be, 8 * p, 8, 8, 16, 30000, body_none);
       long n = atomic_load(&cs.requests);
