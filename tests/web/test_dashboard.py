@@ -323,6 +323,16 @@ def write_job(tmp):
     return job
 
 
+def stop_browser(proc):
+    """Chromium and its helpers: they run in a session of their own."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def start_browser(chromium, tmp):
     port = free_port()
     log = open(os.path.join(tmp, "chromium.log"), "w")
@@ -332,19 +342,29 @@ def start_browser(chromium, tmp):
          "--user-data-dir=" + os.path.join(tmp, "profile"), "--window-size=1280,1000",
          "--remote-debugging-port=%d" % port, "about:blank"],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-    page = None
-    deadline = time.time() + 20
+    page, targets = None, "no answer"
+    # a loaded 2-core machine (four daemons training beside it) can take
+    # Chromium long to start; one that does not start is stopped, with its
+    # processes, not left to slow the next run
+    deadline = time.time() + 60
     while time.time() < deadline and page is None:
         if proc.poll() is not None:
             raise RuntimeError("chromium exited %s:\n%s" % (
                 proc.returncode, open(os.path.join(tmp, "chromium.log")).read()[-2000:]))
         try:
             with urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port, timeout=2) as r:
-                page = next((t for t in json.load(r) if t.get("type") == "page"), None)
-        except (OSError, ValueError):
-            time.sleep(0.1)
+                listed = json.load(r)
+            targets = [t.get("type") for t in listed]
+            page = next((t for t in listed if t.get("type") == "page"), None)
+        except (OSError, ValueError) as e:
+            targets = str(e)
+        if page is None:
+            time.sleep(0.2)
     if page is None:
-        raise RuntimeError("chromium: no page target on DevTools port %d" % port)
+        stop_browser(proc)
+        raise RuntimeError("chromium: no page target on DevTools port %d in 60 s (targets: %s):\n%s"
+                           % (port, targets,
+                              open(os.path.join(tmp, "chromium.log")).read()[-1500:]))
     return proc, page["webSocketDebuggerUrl"]
 
 
@@ -528,12 +548,7 @@ def run(mtnlgd, out_dir, chromium, tmp):
         failures += check("test_dashboard", False, "%s: %s\n%s" % (type(e).__name__, e, c.logs()))
     finally:
         if browser:
-            os.killpg(browser.pid, signal.SIGTERM)
-            try:
-                browser.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(browser.pid, signal.SIGKILL)
-                browser.wait()
+            stop_browser(browser)
         c.kill_all()
     return failures
 
