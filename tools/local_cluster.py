@@ -259,8 +259,11 @@ class LocalCluster:
     def __init__(self, mtnlgd, run_dir, job, nodes=4, devices="cpu:2", job_sets=(),
                  heartbeat_ms=200, timeout_ms=2000, last_call_ms=500, cpu_threads=1,
                  log_format="json", extra=None, token=None, token_file=None,
-                 own_session=False, lock_fd=None):
+                 own_session=False, lock_fd=None, nice=0):
         self.mtnlgd, self.dir, self.job = mtnlgd, run_dir, job
+        # nice: the daemons' niceness, so that a test's own processes (a
+        # browser driven beside them) are not starved by their training
+        self.nice = nice
         self.job_sets = list(job_sets)
         self.port = free_port()
         self.endpoint = "127.0.0.1:%d" % self.port
@@ -328,8 +331,20 @@ class LocalCluster:
                                          stdin=subprocess.DEVNULL,
                                          start_new_session=self.own_session,
                                          pass_fds=() if self.lock_fd is None else (self.lock_fd,),
-                                         preexec_fn=_die_with_parent if self.own_session else None)
+                                         preexec_fn=self._preexec())
         return node
+
+    def _preexec(self):
+        """What a daemon's child runs before exec, or None."""
+        if not self.own_session and not self.nice:
+            return None
+
+        def run():
+            if self.nice:
+                os.nice(self.nice)
+            if self.own_session:
+                _die_with_parent()
+        return run
 
     def start(self, env=None):
         for n in self.nodes:

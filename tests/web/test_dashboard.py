@@ -372,8 +372,10 @@ def start_browser(chromium, tmp):
 
 def run(mtnlgd, out_dir, chromium, tmp):
     failures = 0
+    # the daemons train at niceness 10: on 2 cores their 8 ranks would
+    # otherwise starve Chromium (its DevTools once gave no answer in 15 s)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "cluster"), write_job(tmp), nodes=4,
-                     heartbeat_ms=200, timeout_ms=5000, token=TOKEN)
+                     heartbeat_ms=200, timeout_ms=5000, token=TOKEN, nice=10)
     browser = None
     dialogs = []
     answers = {"confirm": False, "resize": None}
