@@ -325,7 +325,7 @@ int mt_parse_devices(const char *s, char specs[][16], int max) {
     }
     for (long i = a; i <= b; i++) {
       if (n == max) return mt_seterr(MT_EINVAL, "devices \"%s\": more than %d devices", s, max);
-      snprintf(specs[n++], 16, "cuda:%ld", i);
+      snprintf(specs[n++], 16, "cuda:%hu", (unsigned short)i); /* i <= 1023 */
     }
     if (*q == ',')
       q++;

@@ -72,7 +72,9 @@ static int agree(const mt_trainer *tr, int64_t step, int failed, char err[SAVE_M
   msg.place[sizeof msg.place - 1] = 0, msg.why[sizeof msg.why - 1] = 0;
   char others[48] = "";
   if (n > 1) snprintf(others, sizeof others, " (and %d other rank(s))", n - 1);
-  snprintf(err, SAVE_MSG_BYTES, "checkpoint of step %lld: %s failed%s: %.800s", (long long)step,
+  /* the reason cut to what is left of the message's bytes after the rest
+   * (at most 19 + 20 + 2 + 159 + 7 + 47 + 2) */
+  snprintf(err, SAVE_MSG_BYTES, "checkpoint of step %lld: %s failed%s: %.760s", (long long)step,
            failed ? own_place : msg.place, others, failed ? own_why : msg.why);
   return 0;
 }
@@ -93,7 +95,7 @@ static int gave_up(const mt_trainer *tr, int64_t step, int lowest, int busy, con
   if (mt_comm_rank(w) == lowest) {
     char place[160];
     rank_place(tr, place, sizeof place);
-    snprintf(who, sizeof who, "%s still %s", place, what);
+    snprintf(who, sizeof who, "%s still %.800s", place, what);
   }
   int rc = mt_comm_allreduce(w, &n, &n, 1, MT_COMM_I32, MT_COMM_SUM);
   if (!rc) rc = mt_comm_broadcast(w, who, sizeof who, MT_COMM_U8, lowest);
