@@ -70,7 +70,7 @@ static int agree(const mt_trainer *tr, int64_t step, int failed, char err[SAVE_M
   memcpy(own_why, msg.why, sizeof own_why);
   if (c && (rc = mt_comm_broadcast(c, &msg, sizeof msg, MT_COMM_U8, first))) return rc;
   msg.place[sizeof msg.place - 1] = 0, msg.why[sizeof msg.why - 1] = 0;
-  char others[48] = "";
+  char others[64] = "";
   if (n > 1) snprintf(others, sizeof others, " (and %d other rank(s))", n - 1);
   /* the reason cut to what is left of the message's bytes after the rest
    * (at most 19 + 20 + 2 + 159 + 7 + 47 + 2) */
@@ -103,7 +103,7 @@ static int gave_up(const mt_trainer *tr, int64_t step, int lowest, int busy, con
     return mt_wraperr(rc, "checkpoint of step %lld: giving up on a rank's storage",
                       (long long)step);
   who[sizeof who - 1] = 0;
-  char others[48] = "";
+  char others[64] = "";
   if (n > 1) snprintf(others, sizeof others, " (and %d other rank(s) still at theirs)", n - 1);
   mt_seterr(MT_ETIMEDOUT,
             "checkpoint of step %lld: %s after %.1f s%s, past the comm deadline (%d ms) plus %s "
