@@ -780,8 +780,15 @@ static void abort_ranks(node *n) {
   mt_local_abort(n->local);
   n->aborted_ms = mt_mono_ms();
   /* back from a stop, the tick that finds the end can run before the
-   * heartbeat timer that would notice the silence (note_silence) */
-  if (n->last_hb_ms && n->aborted_ms - n->last_hb_ms > n->cfg->heartbeat_timeout_ms)
+   * heartbeat timer that would notice the silence (note_silence). The
+   * coordinator counts from the last heartbeat that reached the store, which
+   * may be the round before the last one begun here: a stop that lands
+   * while a heartbeat is on its way holds it until the node runs again. So
+   * one interval short of the timeout is silent enough to have been
+   * declared lost (a node that took itself for present exited, its ranks
+   * stuck, and a cluster of two failed). */
+  if (n->last_hb_ms &&
+      n->aborted_ms - n->last_hb_ms > n->cfg->heartbeat_timeout_ms - n->cfg->heartbeat_interval_ms)
     n->was_silent = 1;
   n->quiet = !n->end_final && n->was_silent;
 }
@@ -967,7 +974,18 @@ static void on_heartbeat(uv_timer_t *t) {
   /* back from a silence with ranks running: the next round first learns
    * whether their generation went on without this node (abort_ranks) */
   int silent = note_silence(n);
-  if (silent && n->state == N_RUNNING) n->was_silent = 1;
+  if (silent && n->state == N_RUNNING) {
+    n->was_silent = 1;
+    /* the silence found after the abort: the coordinator may have declared
+     * this node lost, so it waits for its ranks quietly, as abort_ranks
+     * would have had it, rather than be placed again with them stuck */
+    if (n->aborted_ms && !n->end_final && !n->quiet) {
+      mt_log_info("generation %d: this node was silent before its ranks were aborted: it stops "
+                  "heartbeating until they stopped",
+                  n->gen);
+      n->quiet = 1;
+    }
+  }
   /* not before its join is accepted: a daemon started again under its name
    * would keep the entry of the one it replaces alive (the same hb/<name>) */
   int hold = (silent && n->state == N_RUNNING && !n->aborted_ms) || n->state == N_JOINING;
