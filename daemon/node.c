@@ -702,9 +702,9 @@ static void next_generation(node *n) {
   set_state(n, N_WAITING);
 }
 
-/* The generation ended and this node's ranks were aborted, but gloo wakes a
- * collective blocked mid-transfer only at its deadline (a rank stopped in
- * the middle of one with another rank of this node is one). A stuck rank
+/* The generation ended and this node's ranks were aborted, but a rank may
+ * not stop at once: held in a write to stalled storage, or in a collective
+ * the abort cannot wake (an NCCL kernel). A stuck rank
  * must not hold the node: it exits without it (systemd restarts it, and it
  * joins again), as a survivor of a lost peer always has. Only a node that
  * was itself silent (note_silence), and so was likely declared lost and

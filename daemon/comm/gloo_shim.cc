@@ -20,8 +20,9 @@
 // Deadlines: gloo's collectives apply the timeout to each wait inside the
 // algorithm, so a stuck or dead peer fails them within the timeout of the
 // moment progress stopped; our own waits share one deadline per operation.
-// An abort that lands while a gloo collective waits for a segment already
-// half transferred takes effect at that wait's timeout at the latest.
+// An abort wakes every wait, gloo's collectives' own among them (Waits): a
+// shut-down connection alone leaves a wait on a message already half
+// received asleep until its timeout.
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -168,6 +169,110 @@ private:
   std::vector<std::string> written_;
 };
 
+// ------------------------------------------------------------------ waits
+
+// Every unbound buffer of a group, gloo's own among them: its collectives
+// make their buffers through the context (ContextOfWaits), so an abort can
+// wake each wait. A failed connection wakes only the operations gloo has
+// not begun to move; a wait on a message half received when it failed
+// (a peer's abort shut the connection mid-transfer) slept to its deadline.
+class Waits {
+public:
+  // Throws once aborted: a buffer made after the abort would wait unwoken.
+  void add(gloo::transport::UnboundBuffer *b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (aborted_) throw ShimError(MT_ECANCELED, "aborted");
+    live_.push_back(b);
+  }
+  void remove(gloo::transport::UnboundBuffer *b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = std::find(live_.begin(), live_.end(), b);
+    if (it != live_.end()) live_.erase(it);
+  }
+  // Wakes every wait; from now on none waits (WaitedBuffer), as gloo's
+  // collectives go on past a woken wait to the next.
+  void abort() {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    for (auto *b : live_) {
+      b->abortWaitRecv();
+      b->abortWaitSend();
+    }
+  }
+
+  bool aborted() const { return aborted_; }
+
+private:
+  std::mutex mu_; // a buffer leaves the list before it is freed, under it
+  std::atomic<bool> aborted_{false};
+  std::vector<gloo::transport::UnboundBuffer *> live_;
+};
+
+// A TCP unbound buffer in its group's Waits for its lifetime.
+class WaitedBuffer final : public gloo::transport::UnboundBuffer {
+public:
+  WaitedBuffer(std::shared_ptr<Waits> waits, std::unique_ptr<gloo::transport::UnboundBuffer> in)
+      : UnboundBuffer(in->ptr, in->size), waits_(std::move(waits)), in_(std::move(in)) {
+    waits_->add(in_.get());
+  }
+  ~WaitedBuffer() override { waits_->remove(in_.get()); } // then in_ waits for gloo's loop
+  WaitedBuffer(const WaitedBuffer &) = delete;
+  WaitedBuffer &operator=(const WaitedBuffer &) = delete;
+
+  // Past the abort a wait returns at once (aborted), and nothing is posted:
+  // a wait the abort set out to wake is woken (abortWait*) or returns here
+  bool waitRecv(int *rank, ms timeout) override {
+    return !waits_->aborted() && in_->waitRecv(rank, timeout);
+  }
+  bool waitSend(int *rank, ms timeout) override {
+    return !waits_->aborted() && in_->waitSend(rank, timeout);
+  }
+  void abortWaitRecv() override { in_->abortWaitRecv(); }
+  void abortWaitSend() override { in_->abortWaitSend(); }
+  void send(int dst, uint64_t slot, size_t offset, size_t nbytes) override {
+    refuse_if_aborted();
+    in_->send(dst, slot, offset, nbytes);
+  }
+  void recv(int src, uint64_t slot, size_t offset, size_t nbytes) override {
+    refuse_if_aborted();
+    in_->recv(src, slot, offset, nbytes);
+  }
+  void recv(std::vector<int> srcs, uint64_t slot, size_t offset, size_t nbytes) override {
+    refuse_if_aborted();
+    in_->recv(std::move(srcs), slot, offset, nbytes);
+  }
+
+private:
+  void refuse_if_aborted() const {
+    if (waits_->aborted()) throw ShimError(MT_ECANCELED, "aborted");
+  }
+
+  std::shared_ptr<Waits> waits_;
+  std::unique_ptr<gloo::transport::UnboundBuffer> in_;
+};
+
+// The TCP context, with every buffer it makes a WaitedBuffer; pairs are
+// the TCP context's own.
+class ContextOfWaits final : public gloo::transport::Context {
+public:
+  ContextOfWaits(std::shared_ptr<gloo::transport::Context> in, std::shared_ptr<Waits> waits)
+      : Context(in->rank, in->size), in_(std::move(in)), waits_(std::move(waits)) {
+    setTimeout(in_->getTimeout());
+  }
+  std::unique_ptr<gloo::transport::Pair> &getPair(int rank) override { return in_->getPair(rank); }
+  std::unique_ptr<gloo::transport::Pair> &createPair(int rank) override {
+    return in_->createPair(rank);
+  }
+  std::unique_ptr<gloo::transport::UnboundBuffer> createUnboundBuffer(void *ptr,
+                                                                      size_t size) override {
+    return std::make_unique<WaitedBuffer>(waits_, in_->createUnboundBuffer(ptr, size));
+  }
+
+private:
+  std::shared_ptr<gloo::transport::Context> in_;
+  std::shared_ptr<Waits> waits_;
+};
+
 // ------------------------------------------------------------------ mesh
 
 // gloo's full mesh (rendezvous::Context::connectFullMesh), with a key per
@@ -187,7 +292,8 @@ public:
   // the connection when this rank was the side that connected.
   std::vector<sockaddr_storage> peer_listener;
 
-  void connect_mesh(StoreAdapter &store, std::shared_ptr<gloo::transport::Device> &dev) {
+  void connect_mesh(StoreAdapter &store, std::shared_ptr<gloo::transport::Device> &dev,
+                    std::shared_ptr<Waits> waits) {
     auto tc = dev->createContext(rank, size);
     tc->setTimeout(getTimeout());
     const std::string me = std::to_string(rank);
@@ -204,7 +310,7 @@ public:
       tc->getPair(i)->connect(addr);
     }
     device_ = dev;
-    transportContext_ = std::move(tc);
+    transportContext_ = std::make_shared<ContextOfWaits>(std::move(tc), std::move(waits));
   }
 };
 
@@ -223,10 +329,9 @@ struct Group {
   uint32_t seq = 0; // tag of the next collective; every rank counts alike
   std::atomic<bool> aborted{false};
   std::atomic<bool> closed{false};
-  std::mutex live_mu; // guards live: the unbound buffers our own waits block on
-  std::vector<gloo::transport::UnboundBuffer *> live;
-  // Started point-to-point requests by slot (sendrecv_start), null when free;
-  // each is in live while it is pending.
+  // Every unbound buffer of the group while it lives, ours and gloo's
+  std::shared_ptr<Waits> waits = std::make_shared<Waits>();
+  // Started point-to-point requests by slot (sendrecv_start), null when free.
   std::unique_ptr<gloo::transport::UnboundBuffer> p2p[MT_COMM_P2P_MAX];
   bool p2p_is_send[MT_COMM_P2P_MAX] = {};
 
@@ -236,10 +341,7 @@ struct Group {
     bool pending = false;
     for (auto &b : p2p) pending = pending || b;
     if (pending) close_all();
-    for (auto &b : p2p) {
-      if (b) unlist(b.get());
-      b.reset();
-    }
+    for (auto &b : p2p) b.reset();
     context.reset(); // gloo closes its sockets first: ours are the last references
     for (int fd : sock)
       if (fd >= 0) ::close(fd);
@@ -252,24 +354,9 @@ struct Group {
       if (fd >= 0) shutdown(fd, SHUT_RDWR);
   }
 
-  // Registers a buffer whose waits abort must wake; throws once aborted
-  // (abort sets the flag before it walks the list).
-  void list(gloo::transport::UnboundBuffer *b);
-  void unlist(gloo::transport::UnboundBuffer *b) {
-    std::lock_guard<std::mutex> lock(live_mu);
-    auto it = std::find(live.begin(), live.end(), b);
-    if (it != live.end()) live.erase(it);
-  }
-
   void abort() { // exit-ok: closes this group's sockets, not abort(3)
     aborted = true;
-    {
-      std::lock_guard<std::mutex> lock(live_mu);
-      for (auto *b : live) {
-        b->abortWaitRecv();
-        b->abortWaitSend();
-      }
-    }
+    waits->abort();
     close_all();
   }
 
@@ -409,28 +496,6 @@ void find_sockets(Group *g) {
                       "gloo: no socket found for the connection to rank " + std::to_string(r));
 }
 
-void Group::list(gloo::transport::UnboundBuffer *b) {
-  std::lock_guard<std::mutex> lock(live_mu);
-  live.push_back(b);
-  if (aborted) {
-    live.pop_back();
-    throw ShimError(MT_ECANCELED, "aborted");
-  }
-}
-
-// A buffer in the group's live list for the scope of one operation.
-class Live {
-public:
-  Live(Group *g, gloo::transport::UnboundBuffer *b) : g_(g), b_(b) { g_->list(b_); }
-  ~Live() { g_->unlist(b_); }
-  Live(const Live &) = delete;
-  Live &operator=(const Live &) = delete;
-
-private:
-  Group *g_;
-  gloo::transport::UnboundBuffer *b_;
-};
-
 ms left_until(clk::time_point deadline) {
   return ms(std::max<ms::rep>(1, std::chrono::duration_cast<ms>(deadline - clk::now()).count()));
 }
@@ -511,7 +576,6 @@ void run_reduce_scatter(Group *g, const void *send, void *recv, size_t count, mt
   std::unique_ptr<gloo::transport::UnboundBuffer> tmp[2] = {
       g->context->createUnboundBuffer(scratch.get(), chunk),
       g->context->createUnboundBuffer(scratch.get() + chunk, chunk)};
-  Live l0(g, in_buf.get()), l1(g, tmp[0].get()), l2(g, tmp[1].get());
 
   for (int s = 0; s < n - 1; s++) {
     const int send_idx = (r - s - 1 + 2 * n) % n, recv_idx = (r - s - 2 + 2 * n) % n;
@@ -549,7 +613,6 @@ void run_reduce(Group *g, const void *send, void *recv, size_t count, mt_comm_dt
 
   if (pos == n - 1) { // the chain's head: its own segments, as they are
     auto b = g->context->createUnboundBuffer(const_cast<char *>(in), total);
-    Live l(g, b.get());
     for (size_t k = 0; k < nseg; k++) {
       b->send(to, slot, k * seg, len(k));
       wait_send(b.get(), deadline);
@@ -560,7 +623,6 @@ void run_reduce(Group *g, const void *send, void *recv, size_t count, mt_comm_dt
   std::unique_ptr<gloo::transport::UnboundBuffer> tmp[2] = {
       g->context->createUnboundBuffer(scratch.get(), seg),
       g->context->createUnboundBuffer(scratch.get() + seg, seg)};
-  Live l0(g, tmp[0].get()), l1(g, tmp[1].get());
   bool sending[2] = {false, false};
   tmp[0]->recv(from, slot, 0, len(0));
   for (size_t k = 0; k < nseg; k++) {
@@ -599,7 +661,7 @@ Group *create_group(const mt_comm_opts *o, int timeout_ms) {
   // within our deadline. Operations pass their own timeouts.
   g->context->setTimeout(ms(std::max(1, timeout_ms / 5)));
   StoreAdapter store(o->store, o->prefix, deadline);
-  g->context->connect_mesh(store, g->device);
+  g->context->connect_mesh(store, g->device, g->waits);
   {
     // a rank past its mesh has read every rank's addresses; once all are
     // past it (a barrier) none reads this rank's again
@@ -668,6 +730,9 @@ template <typename F> int guarded(void *impl, int timeout_ms, F body) {
   try {
     if (g->closed) throw ShimError(MT_EIO, "the group's connections are closed");
     body(g);
+    // a wait the abort woke lets gloo's collectives run on to their end
+    // over what had arrived: not a result
+    if (g->aborted) throw ShimError(MT_ECANCELED, "aborted");
     return 0;
   } catch (...) {
     return fail(g, timeout_ms);
@@ -750,7 +815,6 @@ int gloo_send(void *impl, const void *buf, size_t bytes, int peer, int timeout_m
   return guarded(impl, timeout_ms, [&](Group *g) {
     auto deadline = clk::now() + ms(timeout_ms);
     auto b = g->context->createUnboundBuffer(const_cast<void *>(buf), bytes);
-    Live live(g, b.get());
     b->send(peer, kSlotP2P);
     wait_send(b.get(), deadline);
   });
@@ -760,7 +824,6 @@ int gloo_recv(void *impl, void *buf, size_t bytes, int peer, int timeout_ms) {
   return guarded(impl, timeout_ms, [&](Group *g) {
     auto deadline = clk::now() + ms(timeout_ms);
     auto b = g->context->createUnboundBuffer(buf, bytes);
-    Live live(g, b.get());
     b->recv(peer, kSlotP2P);
     wait_recv(b.get(), deadline);
   });
@@ -771,15 +834,12 @@ int gloo_sendrecv(void *impl, const void *send, size_t send_bytes, int dst, void
   return guarded(impl, timeout_ms, [&](Group *g) {
     auto deadline = clk::now() + ms(timeout_ms);
     std::unique_ptr<gloo::transport::UnboundBuffer> sb, rb;
-    std::unique_ptr<Live> sl, rl;
     if (recv_bytes) {
       rb = g->context->createUnboundBuffer(recv, recv_bytes);
-      rl = std::make_unique<Live>(g, rb.get());
       rb->recv(src, kSlotP2P);
     }
     if (send_bytes) {
       sb = g->context->createUnboundBuffer(const_cast<void *>(send), send_bytes);
-      sl = std::make_unique<Live>(g, sb.get());
       sb->send(dst, kSlotP2P);
     }
     if (rb) wait_recv(rb.get(), deadline);
@@ -794,13 +854,11 @@ int gloo_sendrecv_start(void *impl, int send_slot, const void *send, size_t send
   Group *group = static_cast<Group *>(impl);
   int rc = guarded(impl, timeout_ms, [&](Group *g) {
     // The buffer is in its slot before anything can throw, so the failure
-    // path below finds it and takes it off the live list before freeing it
-    // (a freed buffer left there would be what the next abort touches).
+    // path below frees it.
     auto post = [&](int slot, bool is_send, void *buf, size_t bytes, int peer) {
       g->p2p[slot] = g->context->createUnboundBuffer(buf, bytes);
       g->p2p_is_send[slot] = is_send;
       gloo::transport::UnboundBuffer *b = g->p2p[slot].get();
-      g->list(b);
       if (is_send)
         b->send(peer, kSlotP2P);
       else
@@ -812,10 +870,7 @@ int gloo_sendrecv_start(void *impl, int send_slot, const void *send, size_t send
   });
   if (rc) // the connections are shut (fail): release what was posted
     for (int slot : {send_slot, recv_slot})
-      if (slot >= 0 && group->p2p[slot]) {
-        group->unlist(group->p2p[slot].get());
-        group->p2p[slot].reset();
-      }
+      if (slot >= 0) group->p2p[slot].reset();
   return rc;
 }
 
@@ -831,7 +886,6 @@ int gloo_p2p_wait(void *impl, int slot, int timeout_ms) {
       wait_recv(b.get(), deadline);
   });
   // a failure shut the connections (fail), so nothing moves into b any more
-  g->unlist(b.get());
   return rc;
 }
 

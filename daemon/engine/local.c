@@ -605,8 +605,8 @@ static void *rank_main(void *arg) {
     }
     /* the others would wait for this rank until their deadline. Many
      * failures are agreed on by every rank (a checkpoint that cannot load):
-     * let the others leave their last collective on their own first, since
-     * gloo cannot always wake a collective that is mid-transfer. */
+     * let the others leave their last collective on their own first, so
+     * that each ends with the failure, not with an abort. */
     __atomic_store_n(c->cancel, 1, __ATOMIC_SEQ_CST);
     int agreed = rc != MT_EIO && rc != MT_ETIMEDOUT && rc != MT_ECANCELED; /* not a comm failure */
     for (int waited = 0;

@@ -1,7 +1,8 @@
 /* test_comm — the comm layer with ranks as threads of this process, through
  * the in-process store and Gloo over loopback: every collective against a
  * serial reference for 1..8 ranks, 16 MB buffers, send/recv rings, abort from
- * another thread, a missing and a stuck peer. */
+ * another thread (of one rank blocked, and of both ranks in the middle of an
+ * all-reduce), a missing and a stuck peer. */
 #include "comm.h"
 #include "comm_check.h"
 #include "err.h"
@@ -195,6 +196,71 @@ static void test_abort_from_another_thread_fails_blocked_op_promptly(void) {
     CHECK(strstr(ctx[1].err, "rank 0"), "peer's message does not name rank 0: %s", ctx[1].err);
     printf("abort in %s: failed %.3f s after abort; peer: %s\n", what, late, ctx[1].err);
   }
+}
+
+/* Two ranks all-reduce over and over while both their groups are aborted,
+ * as a node aborts all its ranks' groups when their generation ends: each
+ * all-reduce must fail at once. The first abort shuts its rank's
+ * connections in the middle of a transfer, and gloo does not wake a wait
+ * on a message that was half received when its connection failed: the
+ * other rank's all-reduce waited for its deadline (20 s here) unless the
+ * abort wakes every buffer gloo's collectives made. */
+typedef struct both_arg {
+  rank_ctx *ctx;
+  atomic_int started, done; /* done: both aborted (a rank keeps its comm until then) */
+  int delay_us;
+  double aborted_at, failed_at[2];
+} both_arg;
+
+static int body_allreduce_until_aborted(rank_ctx *x, mt_comm *c) {
+  both_arg *a = x->arg;
+  enum { N = 1 << 18 }; /* 1 MB of f32 */
+  float *v = malloc(N * sizeof *v);
+  if (!v) return mt_seterr(MT_ENOMEM, "1 MB");
+  for (int i = 0; i < N; i++) v[i] = 1.0f;
+  atomic_fetch_add(&a->started, 1);
+  int rc = 0;
+  while (!rc) rc = mt_comm_allreduce(c, v, v, N, MT_COMM_F32, MT_COMM_MAX);
+  a->failed_at[x->rank] = now_s();
+  free(v);
+  snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
+  while (!atomic_load(&a->done)) usleep(1000);
+  return rc;
+}
+
+static void *both_aborter(void *p) {
+  both_arg *a = p;
+  while (atomic_load(&a->started) < 2) usleep(1000);
+  usleep((useconds_t)a->delay_us);
+  a->aborted_at = now_s();
+  for (int r = 0; r < 2; r++) mt_comm_abort(a->ctx[r].comm);
+  atomic_store(&a->done, 1);
+  return NULL;
+}
+
+static void test_aborting_both_ranks_mid_allreduce_fails_both_at_once(void) {
+  double worst = 0;
+  for (int round = 0; round < 20; round++) {
+    rank_ctx ctx[2];
+    both_arg a = {.ctx = ctx, .delay_us = 20000 + 7919 * round % 80000};
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "test/abort-both/%d", round);
+    pthread_t t;
+    pthread_create(&t, NULL, both_aborter, &a);
+    run_ranks(ctx, 2, 2, prefix, 20000, body_allreduce_until_aborted, &a);
+    pthread_join(t, NULL);
+    for (int r = 0; r < 2; r++) {
+      double late = a.failed_at[r] - a.aborted_at;
+      worst = late > worst ? late : worst;
+      /* aborted, or its peer's abort closed the connection first */
+      CHECK((ctx[r].rc == MT_ECANCELED || ctx[r].rc == MT_EIO) && late < 2.0,
+            "round %d, rank %d: failed %.2f s after the abort: %s %s", round, r, late,
+            mt_strerror(ctx[r].rc), ctx[r].err);
+    }
+  }
+  printf("both ranks aborted mid-allreduce, 20 rounds: the later failed %.3f s after the abort "
+         "at worst\n",
+         worst);
 }
 
 static int body_never(rank_ctx *x, mt_comm *c) {
@@ -463,6 +529,7 @@ int main(void) {
   test_allreduce_and_reduce_scatter_of_16mb_match_reference();
   test_max_propagates_nan_from_any_rank();
   test_abort_from_another_thread_fails_blocked_op_promptly();
+  test_aborting_both_ranks_mid_allreduce_fails_both_at_once();
   test_group_with_started_requests_destroys_without_waiting();
   test_started_send_to_a_gone_peer_fails_and_abort_after_is_safe();
   test_missing_peer_fails_create_within_deadline_naming_rank();
