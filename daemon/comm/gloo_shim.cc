@@ -178,7 +178,7 @@ private:
 // (a peer's abort shut the connection mid-transfer) slept to its deadline.
 class Waits {
 public:
-  // Throws once aborted: a buffer made after the abort would wait unwoken.
+  // Throws once woken for the abort: a buffer made after it would wait unwoken.
   void add(gloo::transport::UnboundBuffer *b) {
     std::lock_guard<std::mutex> lock(mu_);
     if (aborted_) throw ShimError(MT_ECANCELED, "aborted");
@@ -189,9 +189,9 @@ public:
     auto it = std::find(live_.begin(), live_.end(), b);
     if (it != live_.end()) live_.erase(it);
   }
-  // Wakes every wait; from now on none waits (WaitedBuffer), as gloo's
-  // collectives go on past a woken wait to the next.
-  void abort() {
+  // The group's abort: wakes every wait, and from now on none waits
+  // (WaitedBuffer), as gloo's collectives go on past a woken wait to the next.
+  void wake_all() {
     std::lock_guard<std::mutex> lock(mu_);
     aborted_ = true;
     for (auto *b : live_) {
@@ -356,7 +356,7 @@ struct Group {
 
   void abort() { // exit-ok: closes this group's sockets, not abort(3)
     aborted = true;
-    waits->abort();
+    waits->wake_all();
     close_all();
   }
 
