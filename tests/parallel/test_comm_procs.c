@@ -410,7 +410,12 @@ static long formation_requests(mt_comm_backend be, const char *prefix) {
       run_threads(x, &cs.base, prefix, be, 8 * p, 8, 8, 16, 30000, body_none);
       long n = atomic_load(&cs.requests);
       int bad = 0;
-      for (int i = 0; i < 8; i++) bad |= x[i].rc != 0;
+      for (int i = 0; i < 8; i++)
+        if (x[i].rc) { /* the parent sees only the exit status: say why here */
+          bad = 1;
+          fprintf(stderr, "forming %s, rank %d (%.1f s): %s\n", prefix, x[i].rank, x[i].elapsed_s,
+                  x[i].err);
+        }
       if (write(fds[p][1], &n, sizeof n) != sizeof n) bad = 1;
       _exit(bad);
     }
@@ -424,7 +429,10 @@ static long formation_requests(mt_comm_backend be, const char *prefix) {
   }
   reap(c, 2, now_s() + 60);
   for (int p = 0; p < 2; p++)
-    if (!WIFEXITED(c[p].status) || WEXITSTATUS(c[p].status)) total = -1;
+    if (!WIFEXITED(c[p].status) || WEXITSTATUS(c[p].status)) {
+      fprintf(stderr, "forming %s: process %d ended with status %#x\n", prefix, p, c[p].status);
+      total = -1;
+    }
   rmdir_all(dir);
   return total;
 }
