@@ -327,7 +327,6 @@ struct Group {
   std::vector<int> sock;
   std::vector<std::string> peer;
   uint32_t seq = 0; // tag of the next collective; every rank counts alike
-  std::atomic<bool> aborted{false};
   std::atomic<bool> closed{false};
   // Every unbound buffer of the group while it lives, ours and gloo's
   std::shared_ptr<Waits> waits = std::make_shared<Waits>();
@@ -354,8 +353,9 @@ struct Group {
       if (fd >= 0) shutdown(fd, SHUT_RDWR);
   }
 
+  bool aborted() const { return waits->aborted(); }
+
   void abort() { // exit-ok: closes this group's sockets, not abort(3)
-    aborted = true;
     waits->wake_all();
     close_all();
   }
@@ -533,7 +533,7 @@ int fail(Group *g, int timeout_ms) {
   }
   std::string peers = g->broken_peers();
   g->close_all();
-  if (g->aborted) return mt_seterr(MT_ECANCELED, "aborted");
+  if (g->aborted()) return mt_seterr(MT_ECANCELED, "aborted");
   if (!peers.empty()) msg = code == MT_ETIMEDOUT ? msg + "; " + peers : peers;
   return mt_seterr(code, "%s", msg.c_str());
 }
@@ -726,13 +726,13 @@ void gloo_abort(void *impl) {
 // exceptions become codes.
 template <typename F> int guarded(void *impl, int timeout_ms, F body) {
   Group *g = static_cast<Group *>(impl);
-  if (g->aborted) return mt_seterr(MT_ECANCELED, "aborted");
+  if (g->aborted()) return mt_seterr(MT_ECANCELED, "aborted");
   try {
     if (g->closed) throw ShimError(MT_EIO, "the group's connections are closed");
     body(g);
     // a wait the abort woke lets gloo's collectives run on to their end
     // over what had arrived: not a result
-    if (g->aborted) throw ShimError(MT_ECANCELED, "aborted");
+    if (g->aborted()) throw ShimError(MT_ECANCELED, "aborted");
     return 0;
   } catch (...) {
     return fail(g, timeout_ms);
