@@ -47,7 +47,9 @@ typedef struct mailbox {
 typedef struct procs_local {
   struct procs_local *next; /* the registry's */
   char prefix[256];
-  int refs; /* threads attached */
+  int refs;   /* threads attached now */
+  int joined; /* threads that ever attached: the share is full at n, and no
+                 thread leaves creation before it is (procs_create) */
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int begin, n; /* this process's ranks [begin, begin + n) */
@@ -158,11 +160,13 @@ static void local_free(procs_local *l) {
 
 /* The process's share for prefix, made by the first thread to come. The
  * ranks [begin, begin + n) name it too: the engine's tests run several
- * "processes" (mt_local instances) in one, each its own share. */
+ * "processes" (mt_local instances) in one, each its own share. A full share
+ * (all n came) takes no one more: a thread with its prefix is of a later
+ * group of the same name, whose share is its own. */
 static int attach(procs_impl *h, const char *prefix, int begin, int n) {
   pthread_mutex_lock(&registry_mu);
   procs_local *l = registry;
-  while (l && (strcmp(l->prefix, prefix) || l->begin != begin)) l = l->next;
+  while (l && (strcmp(l->prefix, prefix) || l->begin != begin || l->joined == l->n)) l = l->next;
   if (l && l->n != n) {
     pthread_mutex_unlock(&registry_mu);
     return mt_seterr(MT_EINVAL,
@@ -177,6 +181,10 @@ static int attach(procs_impl *h, const char *prefix, int begin, int n) {
     l->next = registry, registry = l;
   }
   l->refs++;
+  pthread_mutex_lock(&l->mu);
+  l->joined++;
+  pthread_cond_broadcast(&l->cv); /* the threads waiting for the share to fill */
+  pthread_mutex_unlock(&l->mu);
   h->l = l;
   pthread_mutex_unlock(&registry_mu);
   return 0;
@@ -313,7 +321,6 @@ static int procs_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
     l->ready = 1, l->setup_rc = rc;
     if (rc) snprintf(l->setup_err, sizeof l->setup_err, "%s", mt_errmsg());
     pthread_cond_broadcast(&l->cv);
-    pthread_mutex_unlock(&l->mu);
   } else {
     pthread_mutex_lock(&l->mu);
     while (!l->ready && !l->broken && !wait_until(l, deadline)) {
@@ -327,8 +334,27 @@ static int procs_create(const mt_comm_opts *o, int timeout_ms, void **impl) {
                      "this process's leading rank %d did not form the processes' group within "
                      "%d ms",
                      l->begin, timeout_ms);
-    pthread_mutex_unlock(&l->mu);
   }
+  /* No thread leaves before every thread of the process has come. Every
+   * rank passed the store's join (mt_comm_create) before any came here, but
+   * a thread can still be slow from there to its attach: the others could
+   * make the group, destroy it and drop the last reference to the share
+   * meanwhile, and the slow one would make a new share and wait in it for a
+   * leader that has gone (test_comm_procs saw it on 2 loaded cores). */
+  while (!rc && l->joined < l->n && !l->broken && !wait_until(l, deadline)) {
+  }
+  if (!rc && l->broken) {
+    rc = broken_error(l);
+  } else if (!rc && l->joined < l->n) {
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "%d of this process's %d ranks (world ranks from %d) did not come to form the group "
+             "within %d ms",
+             l->n - l->joined, l->n, l->begin, timeout_ms);
+    break_locked(l, MT_ETIMEDOUT, msg); /* the others fail now, not each at its deadline */
+    rc = broken_error(l);
+  }
+  pthread_mutex_unlock(&l->mu);
   if (rc) {
     detach(h);
     free(h);

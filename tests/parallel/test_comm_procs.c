@@ -14,6 +14,8 @@
  *   - a thread that never comes to a collective fails its process's others
  *     within the deadline naming how many did not come; an abort from
  *     another thread fails them at once;
+ *   - a thread slow from the store's join to its process's share finds the
+ *     group formed, though the others made it and would have left it;
  *   - forming the group of 2 processes of 8 threads asks the store a
  *     fraction of what a Gloo mesh of the same 16 ranks asks.
  * Children are forked before any thread starts, stopped by pid, reaped, and
@@ -55,9 +57,24 @@ typedef struct rank_ctx {
   _Atomic(mt_comm *) comm; /* while body runs, for a thread that aborts it */
 } rank_ctx;
 
+/* The rank whose thread is slow (late_ms) from the store's join to its
+ * share, through late_store: its get of the join's "all" key returns late */
+static int late_rank = -1, late_ms;
+static __thread int thread_rank = -1;
+
+static int late_get(mt_store *s, const char *key, void **value, size_t *bytes, int timeout_ms) {
+  mt_counting_store *c = (mt_counting_store *)s;
+  int rc = c->inner->get(c->inner, key, value, bytes, timeout_ms);
+  size_t n = strlen(key);
+  if (thread_rank == late_rank && n > 4 && !strcmp(key + n - 4, "/all"))
+    usleep((useconds_t)late_ms * 1000);
+  return rc;
+}
+
 static void *rank_main(void *p) {
   rank_ctx *x = p;
   double t0 = now_s();
+  thread_rank = x->rank;
   mt_comm_opts o = {.store = x->store,
                     .name = "world",
                     .prefix = x->prefix,
@@ -437,6 +454,29 @@ static long formation_requests(mt_comm_backend be, const char *prefix) {
   return total;
 }
 
+/* The others create and destroy at once: before, a rank slow from the
+ * store's join to its share came after they had all left it, made a share
+ * of its own and waited there for a leader that had gone */
+static void test_a_slow_thread_finds_the_group_formed(void) {
+  mt_store *mem;
+  CHECK(!mt_store_mem_new(&mem), "mem store: %s", mt_errmsg());
+  mt_counting_store late;
+  mt_counting_store_init(&late, mem);
+  late.base.get = late_get;
+  rank_ctx x[4];
+  late_rank = 3, late_ms = 300;
+  run_threads(x, &late.base, "late/world", MT_COMM_GLOO_PROCS, 0, 4, 4, 4, 3000, body_none);
+  late_rank = -1;
+  for (int i = 0; i < 4; i++)
+    CHECK(x[i].rc == 0, "rank %d (%.1f s): %d %s", i, x[i].elapsed_s, x[i].rc, x[i].err);
+  CHECK(x[0].elapsed_s >= 0.25, "rank 0 left the create after %.2f s, before rank 3 came",
+        x[0].elapsed_s);
+  printf("rank 3 came to its share 300 ms after the join: every rank formed the group (%.2f s, "
+         "%.2f s)\n",
+         x[0].elapsed_s, x[3].elapsed_s);
+  mem->free(mem);
+}
+
 static void test_forming_asks_the_store_a_fraction_of_a_mesh(void) {
   long procs = formation_requests(MT_COMM_GLOO_PROCS, "form/procs");
   long mesh = formation_requests(MT_COMM_GLOO, "form/mesh");
@@ -455,6 +495,7 @@ int main(void) {
   test_one_process_of_6_threads_matches_the_reference();
   test_a_size_the_receiver_does_not_expect_is_refused();
   test_a_thread_that_never_comes_and_an_abort_fail_the_others();
+  test_a_slow_thread_finds_the_group_formed();
   printf("test_comm_procs: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
