@@ -193,26 +193,25 @@ static int attach(procs_impl *h, const char *prefix, int begin, int n) {
 static void detach(procs_impl *h) {
   procs_local *l = h->l;
   if (!l) return;
+  /* the share is touched only under registry_mu, which its last thread
+   * needs to free it: once this one let go, another could free it */
   pthread_mutex_lock(&registry_mu);
   int last = --l->refs == 0;
-  if (last)
+  if (last) {
     for (procs_local **p = &registry; *p; p = &(*p)->next)
       if (*p == l) {
         *p = l->next;
         break;
       }
-  pthread_mutex_unlock(&registry_mu);
-  if (last) {
-    local_free(l);
-  } else {
+  } else if (h->me == 0) { /* the others' collectives cannot finish without it; their
+                              messages to each other and to other processes still can */
     pthread_mutex_lock(&l->mu);
-    if (h->me == 0) { /* the others' collectives cannot finish without it; their
-                         messages to each other and to other processes still can */
-      l->leader_gone = 1;
-      pthread_cond_broadcast(&l->cv);
-    }
+    l->leader_gone = 1;
+    pthread_cond_broadcast(&l->cv);
     pthread_mutex_unlock(&l->mu);
   }
+  pthread_mutex_unlock(&registry_mu);
+  if (last) local_free(l);
   h->l = NULL;
 }
 

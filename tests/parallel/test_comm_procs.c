@@ -71,6 +71,12 @@ static int late_get(mt_store *s, const char *key, void **value, size_t *bytes, i
   return rc;
 }
 
+/* The rank a test's aborter aborts (set before its thread starts), and its
+ * comm while its body runs: run_threads writes the whole rank_ctx, so the
+ * aborter does not read it there */
+static rank_ctx *abort_target;
+static _Atomic(mt_comm *) abort_comm;
+
 static void *rank_main(void *p) {
   rank_ctx *x = p;
   double t0 = now_s();
@@ -90,11 +96,13 @@ static void *rank_main(void *p) {
     snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
   } else {
     atomic_store(&x->comm, c);
+    if (x == abort_target) atomic_store(&abort_comm, c);
     x->rc = x->body(x, c);
     if (x->rc && !x->err[0]) snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
   }
   x->elapsed_s = now_s() - t0;
   atomic_store(&x->comm, NULL);
+  if (x == abort_target) atomic_store(&abort_comm, NULL);
   mt_comm_destroy(c);
   return NULL;
 }
@@ -350,7 +358,6 @@ static void test_a_killed_process_fails_every_thread_of_the_others_within_deadli
 }
 
 static atomic_int aborted;
-static rank_ctx *abort_target;
 
 /* Ranks 0-2 all-reduce; rank 3 stays away: 3 s, or until the abort */
 static int body_rank3_away(rank_ctx *x, mt_comm *c) {
@@ -363,7 +370,7 @@ static void *aborter(void *p) {
   (void)p;
   mt_comm *c = NULL;
   for (double until = now_s() + 10; !c && now_s() < until; usleep(10000))
-    c = atomic_load(&abort_target->comm);
+    c = atomic_load(&abort_comm);
   usleep(300000); /* its all-reduce is waiting for rank 3 by now */
   if (c) mt_comm_abort(c);
   atomic_store(&aborted, 1);
