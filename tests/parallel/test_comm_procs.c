@@ -54,11 +54,11 @@ typedef struct rank_ctx {
   int rc;
   char err[2048];
   double elapsed_s;
-  _Atomic(mt_comm *) comm; /* while body runs, for a thread that aborts it */
 } rank_ctx;
 
 /* The rank whose thread is slow (late_ms) from the store's join to its
- * share, through late_store: its get of the join's "all" key returns late */
+ * share: late_get, a store's get that returns late for that thread's read
+ * of the join's "all" key */
 static int late_rank = -1, late_ms;
 static __thread int thread_rank = -1;
 
@@ -95,13 +95,11 @@ static void *rank_main(void *p) {
   if (x->rc) {
     snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
   } else {
-    atomic_store(&x->comm, c);
     if (x == abort_target) atomic_store(&abort_comm, c);
     x->rc = x->body(x, c);
     if (x->rc && !x->err[0]) snprintf(x->err, sizeof x->err, "%s", mt_errmsg());
   }
   x->elapsed_s = now_s() - t0;
-  atomic_store(&x->comm, NULL);
   if (x == abort_target) atomic_store(&abort_comm, NULL);
   mt_comm_destroy(c);
   return NULL;
