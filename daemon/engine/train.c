@@ -790,6 +790,27 @@ static int other_device_failed(long long step, const char *what, const double vo
                    what);
 }
 
+/* The error of a rank whose own device failed in a step and whose vote on
+ * it then failed too: its fault is the step's cause and stays first in the
+ * message. The vote fails so when a rank that had the sum already failed
+ * its step and the generation was ended under this one (a node aborts its
+ * ranks' groups once one fails): "aborted" alone would hide which device
+ * failed. dev_msg is the device's message, kept from before the vote. */
+static int own_fault_first(int dev_rc, long long step, const char *where, const char *dev_msg,
+                           const char *vote) {
+  char comm[512];
+  snprintf(comm, sizeof comm, "%s", mt_errmsg());
+  mt_msg_cut_whole(comm, sizeof comm);
+  return mt_seterr(dev_rc, "step %lld: %s%s; then %s: %s", step, where, dev_msg, vote, comm);
+}
+
+/* The calling thread's message, kept in buf (a failed device's, before a
+ * collective that may fail too overwrites it). */
+static void keep_errmsg(char *buf, size_t size) {
+  snprintf(buf, size, "%s", mt_errmsg());
+  mt_msg_cut_whole(buf, size);
+}
+
 /* train.timing_log_level: this step's timers, the least and the most of
  * any rank, into st: one all-reduce of the maxima of ms and -ms, or under
  * train.timing_log_option all one all-gather of every rank's ms, which st
@@ -920,6 +941,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
+  char dev_msg[1024] = "";
+  if (dev_rc) keep_errmsg(dev_msg, sizeof dev_msg);
   mt_trainer_poll(tr);
   double agreed[10] = {
       tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
@@ -936,6 +959,8 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   if (tr->g.world) {
     double c0 = 1e3 * mt_mono_s();
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 10, MT_COMM_F64, MT_COMM_SUM);
+    if (rc && dev_rc)
+      return own_fault_first(dev_rc, sn, "", dev_msg, "the loss and norm all-reduce");
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
     mt_timers_add(tm, MT_TM_STEP_ALL_REDUCE, c0);
@@ -987,8 +1012,11 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   int upd_rc = mt_device_sync(d);
   if (tr->g.world && d->kind != MT_DEVICE_CPU) {
     double c0 = 1e3 * mt_mono_s(), bad[2];
+    if (upd_rc) keep_errmsg(dev_msg, sizeof dev_msg);
     device_vote(bad, tr, upd_rc);
     rc = mt_comm_allreduce(tr->g.world, bad, bad, 2, MT_COMM_F64, MT_COMM_SUM);
+    if (rc && upd_rc)
+      return own_fault_first(upd_rc, sn, "the update: ", dev_msg, "agreeing on the update");
     if (rc) return mt_wraperr(rc, "step %lld: agreeing on the update", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
     if (!upd_rc && bad[0] > 0) return other_device_failed(sn, " in the update", bad);

@@ -476,7 +476,10 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
  * every op (mt_device_wait) and change nothing, the losses of tp 2 x pp 2 x
  * dp 2 in bf16 with dropout are those of the run without them, bit for bit,
  * and every rank has the pieces; a fault in a step still fails it on every
- * rank, the waits leaving it to the step's own sync. */
+ * rank, the waits leaving it to the step's own sync. The faulting rank
+ * names its device even when the vote that tells the other is cut short
+ * under it: the other rank, done first, fails and the run aborts the rest
+ * (under load it did, and the rank said only "allreduce ...: aborted"). */
 static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void) {
   enum { N = 2 };
   static rank_log plain[8], timed[8];
@@ -523,6 +526,8 @@ static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void)
   CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && named == 1,
         "fault in step 2 under timers: rc %d, steps reported %d and %d; rank 0: %s; rank 1: %s", rc,
         logs[0].n, logs[1].n, logs[0].err, logs[1].err);
+  printf("  a LayerNorm fault in step 2 under timers:\n    rank 0: %s\n    rank 1: %s\n",
+         logs[0].err, logs[1].err);
   return 0;
 }
 
