@@ -46,6 +46,10 @@ static void rank_runs_on_step(const mt_step_stats *st, void *arg) {
 
 enum { RANK_RUNS_GRACE_MS = 3000 };
 
+/* run_ranks' ranks while it runs, by world rank (NULL otherwise): a test's
+ * hook may end one's generation (mt_local_abort) as its node would. */
+static mt_local *rank_runs_live[RANK_RUNS_MAX_RANKS] __attribute__((unused));
+
 typedef struct rank_join {
   mt_local *l;
   rank_log *log;
@@ -158,11 +162,13 @@ static int run_ranks(const char *json, const char *const *preset_dirs, const cha
                               .on_step = rank_runs_on_step,
                               .arg = &logs[w]};
     rc = mt_local_start(&opts[w], &ranks[w]);
+    __atomic_store_n(&rank_runs_live[w], ranks[w], __ATOMIC_RELEASE);
   }
   if (rc) /* a rank that did not start: the others wait for it in vain */
     for (int w = 0; w < world; w++)
       if (ranks[w]) mt_local_abort(ranks[w]);
   rank_runs_join(ranks, world, logs, &rc);
+  for (int w = 0; w < world; w++) __atomic_store_n(&rank_runs_live[w], NULL, __ATOMIC_RELEASE);
   for (int w = 0; w < world; w++) mt_local_free(ranks[w]);
   mt_store_free(store);
   return rc;

@@ -560,6 +560,54 @@ static int test_attention_backend_picks_the_gpus_path(void) {
   return 0;
 }
 
+/* The emulator's hook on the faulting rank's first sync after its fault
+ * (the step's own, before the vote): ends that rank's generation there. */
+static void end_the_faulting_ranks_generation(int dev, void *arg) {
+  (void)arg;
+  mt_local *l =
+      dev >= 0 && dev < MAX_RANKS ? __atomic_load_n(&rank_runs_live[dev], __ATOMIC_ACQUIRE) : NULL;
+  if (l) mt_local_abort(l);
+}
+
+/* A rank whose device faulted (the gradient norm's kernel failed), and
+ * whose generation ends under it before the vote that would tell the others (as when the healthy
+ * rank, done with that vote first, failed and its node aborted the rest), still names its device's
+ * fault first and the vote's failure after. Before, it said only "loss and norm all-reduce: ...:
+ * aborted", which CI met once by chance. */
+static int test_a_fault_is_named_when_the_generation_ends_in_the_vote(void) {
+  /* the gradient norm's kernel: the last before the step's sync, after the
+   * dp reduction, so the hook (at the norm's copy to the host) ends the
+   * generation between the fault and the vote and nowhere else */
+  static const char SUMSQ[] = "k_sumsq_part";
+  static rank_log logs[2];
+  layout l = {.kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2};
+  long n0 = mt_emu_launch_count(SUMSQ);
+  REQUIRE(!run(&l, logs), "one step: %s", mt_errmsg());
+  long per_step = mt_emu_launch_count(SUMSQ) - n0;
+  REQUIRE(per_step >= 2, "%ld launches of %s in a step of 2 ranks", per_step, SUMSQ);
+  l.steps = 3;
+  mt_emu_on_fault_sync(end_the_faulting_ranks_generation, NULL);
+  mt_emu_fail_launch(SUMSQ, per_step + 1); /* step 2's first, on either rank */
+  int rc = run(&l, logs);
+  mt_emu_fail_launch(SUMSQ, 0);
+  mt_emu_on_fault_sync(NULL, NULL);
+  int faulted = -1;
+  for (int w = 0; w < 2; w++)
+    if (strstr(logs[w].err, "cudaErrorLaunchFailure")) faulted = faulted < 0 ? w : 2;
+  const char *e = faulted == 0 || faulted == 1 ? logs[faulted].err : "";
+  const char *fault = strstr(e, "step 2: device cuda:"),
+             *vote = strstr(e, "; then the loss and norm all-reduce: ");
+  CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && fault && vote && fault < vote &&
+            strstr(vote, "aborted"),
+        "a fault, then the generation ended before the vote: rc %d, steps reported %d and %d; "
+        "rank 0: %s; rank 1: %s",
+        rc, logs[0].n, logs[1].n, logs[0].err, logs[1].err);
+  printf("  a gradient norm fault, the generation ended before the vote:\n    rank 0: %s\n"
+         "    rank 1: %s\n",
+         logs[0].err, logs[1].err);
+  return 0;
+}
+
 /* mt_device_lost, which a node asks after its ranks failed: a GPU whose
  * context a fault corrupted (every later sync answers it) is lost, its
  * neighbours and CPU devices are not, and a device found again is not. */
@@ -726,6 +774,8 @@ int main(int argc, char **argv) {
        test_bf16_interleaved_on_gpus_matches_plain_1f1b},
       {"test_device_fault_fails_the_step_on_every_rank",
        test_device_fault_fails_the_step_on_every_rank},
+      {"test_a_fault_is_named_when_the_generation_ends_in_the_vote",
+       test_a_fault_is_named_when_the_generation_ends_in_the_vote},
       {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
       {"test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step",
        test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step},

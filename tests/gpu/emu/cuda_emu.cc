@@ -268,6 +268,9 @@ std::map<std::string, long> launches;     /* by kernel name, under launch_mu */
 std::map<std::string, long> last_threads; /* the last launch's threads a block, by name */
 std::string fail_name;                    /* mt_emu_fail_launch's kernel, under launch_mu */
 long fail_at;                             /* and its launch count then: 0, none armed */
+void (*fault_sync_fn)(int, void *);       /* mt_emu_on_fault_sync's, under launch_mu */
+void *fault_sync_arg;
+thread_local cudaStream_t faulted_stream; /* the failed launch's, on its thread, until it syncs */
 
 void before_launch(cudaStream_t s, const char *name) {
   std::string what = std::string("kernel ") + name;
@@ -357,6 +360,17 @@ static std::map<int, cudaError_t> lost_devices; /* mt_emu_lose_device's, under a
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   wait_idle(s, "cudaStreamSynchronize");
+  if (s && s == faulted_stream) {
+    faulted_stream = NULL;
+    void (*fn)(int, void *);
+    void *arg;
+    {
+      std::lock_guard<std::mutex> lk(launch_mu);
+      fn = fault_sync_fn, arg = fault_sync_arg;
+      fault_sync_fn = NULL;
+    }
+    if (fn) fn(s->device, arg);
+  }
   return cudaSuccess;
 }
 
@@ -952,6 +966,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
   last_threads[name] = (long)block.x * block.y * block.z;
   if (fail_at && nth == fail_at && fail_name == name) {
     fail_at = 0;
+    faulted_stream = s;
     last_error = cudaErrorLaunchFailure;
     return;
   }
@@ -1061,6 +1076,11 @@ void mt_emu_fail_launch(const char *kernel, long n) {
   std::lock_guard<std::mutex> lk(launch_mu);
   fail_name = kernel;
   fail_at = n > 0 ? launches[kernel] + n : 0;
+}
+
+void mt_emu_on_fault_sync(void (*fn)(int dev, void *arg), void *arg) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  fault_sync_fn = fn, fault_sync_arg = arg;
 }
 
 long mt_emu_launch_count(const char *kernel) {

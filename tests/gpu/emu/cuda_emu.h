@@ -209,6 +209,13 @@ void mt_emu_set_order(int reverse, int warps);
  * run, and the launching thread's cudaGetLastError says
  * cudaErrorLaunchFailure. One fault armed at a time; n 0 disarms. */
 void mt_emu_fail_launch(const char *kernel, long n);
+/* Calls fn(dev, arg) once, on the thread whose launch the armed fault
+ * failed, at its first cudaStreamSynchronize of that launch's stream after
+ * the fault (in the engine, the sync that finds it: the step's own, before
+ * its vote), dev being the stream's device: a test's way to end a
+ * generation under that rank right there. Set before mt_emu_fail_launch;
+ * fn NULL clears. */
+void mt_emu_on_fault_sync(void (*fn)(int dev, void *arg), void *arg);
 /* Loses device dev as a GPU's context is lost to a fault that corrupts it
  * (an illegal address): from now on cudaStreamQuery of its streams and of
  * the legacy one answers e, every time (cudaSuccess: the device is found
