@@ -211,10 +211,11 @@ void mt_emu_set_order(int reverse, int warps);
 void mt_emu_fail_launch(const char *kernel, long n);
 /* Calls fn(dev, arg) once, on the thread whose launch the armed fault
  * failed, at its first cudaStreamSynchronize of that launch's stream after
- * the fault (in the engine, the sync that finds it: the step's own, before
- * its vote), dev being the stream's device: a test's way to end a
- * generation under that rank right there. Set before mt_emu_fail_launch;
- * fn NULL clears. */
+ * the fault, dev being the stream's device: a test's way to end a
+ * generation under that rank right there. A copy to the host syncs too, so
+ * the test picks a kernel whose next sync is the one it means (the
+ * gradient norm's: its copy, then the step's own sync and vote). Set
+ * before mt_emu_fail_launch; fn NULL clears. */
 void mt_emu_on_fault_sync(void (*fn)(int dev, void *arg), void *arg);
 /* Loses device dev as a GPU's context is lost to a fault that corrupts it
  * (an illegal address): from now on cudaStreamQuery of its streams and of
