@@ -790,6 +790,13 @@ static int other_device_failed(long long step, const char *what, const double vo
                    what);
 }
 
+/* The calling thread's message, kept in buf (a failed device's, before a
+ * collective that may fail too overwrites it). */
+static void keep_errmsg(char *buf, size_t size) {
+  snprintf(buf, size, "%s", mt_errmsg());
+  mt_msg_cut_whole(buf, size);
+}
+
 /* The error of a rank whose own device failed in a step and whose vote on
  * it then failed too: its fault is the step's cause and stays first in the
  * message. The vote fails so when a rank that had the sum already failed
@@ -799,16 +806,8 @@ static int other_device_failed(long long step, const char *what, const double vo
 static int own_fault_first(int dev_rc, long long step, const char *where, const char *dev_msg,
                            const char *vote) {
   char comm[512];
-  snprintf(comm, sizeof comm, "%s", mt_errmsg());
-  mt_msg_cut_whole(comm, sizeof comm);
+  keep_errmsg(comm, sizeof comm);
   return mt_seterr(dev_rc, "step %lld: %s%s; then %s: %s", step, where, dev_msg, vote, comm);
-}
-
-/* The calling thread's message, kept in buf (a failed device's, before a
- * collective that may fail too overwrites it). */
-static void keep_errmsg(char *buf, size_t size) {
-  snprintf(buf, size, "%s", mt_errmsg());
-  mt_msg_cut_whole(buf, size);
 }
 
 /* train.timing_log_level: this step's timers, the least and the most of

@@ -93,19 +93,20 @@ static void rank_runs_join(mt_local **ranks, int world, rank_log *logs, int *rc)
       rank_runs_wait(&j[w]); /* no thread: wait here, as before */
   }
   struct timespec deadline = {0};
-  int aborted = 0;
+  int graced = 0, aborted = 0; /* the grace started; the rest aborted */
   pthread_mutex_lock(&mu);
   for (;;) {
     int running = 0, failed = 0;
     for (int w = 0; w < world; w++) running += !j[w].done, failed |= j[w].done && j[w].rc;
     if (!running) break;
-    if (failed && !aborted && !deadline.tv_sec) {
+    if (failed && !graced) {
+      graced = 1;
       clock_gettime(CLOCK_MONOTONIC, &deadline);
       deadline.tv_sec += RANK_RUNS_GRACE_MS / 1000;
       deadline.tv_nsec += (RANK_RUNS_GRACE_MS % 1000) * 1000000L;
       if (deadline.tv_nsec >= 1000000000L) deadline.tv_sec++, deadline.tv_nsec -= 1000000000L;
     }
-    if (deadline.tv_sec && !aborted) {
+    if (graced && !aborted) {
       if (pthread_cond_timedwait(&cv, &mu, &deadline) == ETIMEDOUT) {
         aborted = 1; /* mt_local_abort: any thread, any time */
         for (int w = 0; w < world; w++)
