@@ -416,6 +416,15 @@ static int test_checkpoint_resume_on_gpus_is_exact(void) {
   return 0;
 }
 
+/* Runs l and returns how many launches of kernel a step took, all ranks
+ * together (l->steps of them), or -1 with the run's error: where a test
+ * aims mt_emu_fail_launch. */
+static long launches_per_step(const layout *l, const char *kernel, rank_log *logs) {
+  long n0 = mt_emu_launch_count(kernel);
+  if (run(l, logs)) return -1;
+  return (mt_emu_launch_count(kernel) - n0) / l->steps;
+}
+
 /* A kernel that faults mid-step (the emulator fails one launch of the
  * LayerNorm forward in step 2 on one of two dp ranks) fails that step on
  * both ranks, with the fault named on its rank and the other told why, and
@@ -426,9 +435,8 @@ static int test_checkpoint_resume_on_gpus_is_exact(void) {
 static int test_device_fault_fails_the_step_on_every_rank(void) {
   static rank_log logs[2];
   layout l = {.kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2};
-  long ln0 = mt_emu_launch_count("k_layernorm_fwd");
-  REQUIRE(!run(&l, logs), "one step: %s", mt_errmsg());
-  long per_step = mt_emu_launch_count("k_layernorm_fwd") - ln0; /* both ranks */
+  long per_step = launches_per_step(&l, "k_layernorm_fwd", logs); /* both ranks */
+  REQUIRE(per_step >= 0, "one step: %s", mt_errmsg());
   REQUIRE(per_step >= 4, "%ld LayerNorm forwards in a step of 2 ranks", per_step);
   l.steps = 3;
   mt_emu_fail_launch("k_layernorm_fwd", per_step + per_step / 2);
@@ -449,9 +457,8 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
          logs[0].n, logs[1].n, logs[0].err, logs[1].err);
 
   layout u = {.kind = "cuda", .precision = "fp32", .steps = 3, .tp = 1, .pp = 1, .dp = 2};
-  long a0 = mt_emu_launch_count("k_adamw_multi");
-  REQUIRE(!run(&u, logs), "three steps: %s", mt_errmsg());
-  long adam_per_step = (mt_emu_launch_count("k_adamw_multi") - a0) / 3; /* both ranks */
+  long adam_per_step = launches_per_step(&u, "k_adamw_multi", logs); /* both ranks */
+  REQUIRE(adam_per_step >= 0, "three steps: %s", mt_errmsg());
   REQUIRE(adam_per_step >= 2, "%ld AdamW launches in a step of 2 ranks", adam_per_step);
   mt_emu_fail_launch("k_adamw_multi", adam_per_step + 1); /* step 2's first, on either rank */
   rc = run(&u, logs);
@@ -478,8 +485,8 @@ static int test_device_fault_fails_the_step_on_every_rank(void) {
  * and every rank has the pieces; a fault in a step still fails it on every
  * rank, the waits leaving it to the step's own sync. The faulting rank
  * names its device even when the vote that tells the other is cut short
- * under it: the other rank, done first, fails and the run aborts the rest
- * (under load it did, and the rank said only "allreduce ...: aborted"). */
+ * under it (test_a_fault_is_named_when_the_generation_ends_in_the_vote
+ * makes that happen every run; here it did under load by chance). */
 static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void) {
   enum { N = 2 };
   static rank_log plain[8], timed[8];
@@ -514,9 +521,8 @@ static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void)
   static rank_log logs[2];
   layout f = {
       .kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2, .timing = 2};
-  long ln0 = mt_emu_launch_count("k_layernorm_fwd");
-  REQUIRE(!run(&f, logs), "one step: %s", mt_errmsg());
-  long per_step = mt_emu_launch_count("k_layernorm_fwd") - ln0;
+  long per_step = launches_per_step(&f, "k_layernorm_fwd", logs);
+  REQUIRE(per_step >= 0, "one step: %s", mt_errmsg());
   f.steps = 3;
   mt_emu_fail_launch("k_layernorm_fwd", per_step + per_step / 2);
   int rc = run(&f, logs);
@@ -560,8 +566,8 @@ static int test_attention_backend_picks_the_gpus_path(void) {
   return 0;
 }
 
-/* The emulator's hook on the faulting rank's first sync after its fault
- * (the step's own, before the vote): ends that rank's generation there. */
+/* The emulator's hook on the faulting rank's first sync after its fault:
+ * ends that rank's generation there, as its node would. */
 static void end_the_faulting_ranks_generation(int dev, void *arg) {
   (void)arg;
   mt_local *l =
@@ -570,10 +576,11 @@ static void end_the_faulting_ranks_generation(int dev, void *arg) {
 }
 
 /* A rank whose device faulted (the gradient norm's kernel failed), and
- * whose generation ends under it before the vote that would tell the others (as when the healthy
- * rank, done with that vote first, failed and its node aborted the rest), still names its device's
- * fault first and the vote's failure after. Before, it said only "loss and norm all-reduce: ...:
- * aborted", which CI met once by chance. */
+ * whose generation ends under it before the vote that would tell the
+ * others (as when the healthy rank, done with that vote first, failed and
+ * its node aborted the rest), still names its device's fault first and the
+ * vote's failure after. Before, it said only "loss and norm all-reduce:
+ * ...: aborted", which CI met once by chance. */
 static int test_a_fault_is_named_when_the_generation_ends_in_the_vote(void) {
   /* the gradient norm's kernel: the last before the step's sync, after the
    * dp reduction, so the hook (at the norm's copy to the host) ends the
@@ -581,9 +588,8 @@ static int test_a_fault_is_named_when_the_generation_ends_in_the_vote(void) {
   static const char SUMSQ[] = "k_sumsq_part";
   static rank_log logs[2];
   layout l = {.kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2};
-  long n0 = mt_emu_launch_count(SUMSQ);
-  REQUIRE(!run(&l, logs), "one step: %s", mt_errmsg());
-  long per_step = mt_emu_launch_count(SUMSQ) - n0;
+  long per_step = launches_per_step(&l, SUMSQ, logs);
+  REQUIRE(per_step >= 0, "one step: %s", mt_errmsg());
   REQUIRE(per_step >= 2, "%ld launches of %s in a step of 2 ranks", per_step, SUMSQ);
   l.steps = 3;
   mt_emu_on_fault_sync(end_the_faulting_ranks_generation, NULL);
