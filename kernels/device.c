@@ -343,6 +343,14 @@ int mt_device_set_attention(mt_device *d, const char *backend) {
   return 0; /* a CPU device's one way */
 }
 
+int mt_device_fault_pending(mt_device *d, char *msg, size_t len) {
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA) return mt__cuda_fault_pending(d, msg, len);
+#endif
+  (void)d, (void)msg, (void)len; /* a CPU op cannot fault */
+  return 0;
+}
+
 void mt_device_wait(mt_device *d) {
 #if WITH_CUDA
   if (d->kind == MT_DEVICE_CUDA) mt__cuda_wait(d);

@@ -46,6 +46,7 @@ int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__
 int mt__cuda_memset0(mt_device *d, void *p, size_t bytes);
 int mt__cuda_sync(mt_device *d);
 void mt__cuda_wait(mt_device *d); /* the wait of mt__cuda_sync, its error kept */
+int mt__cuda_fault_pending(mt_device *d, char *msg, size_t len); /* mt_device_fault_pending */
 
 /* Blocks an SM of d's GPU holds of the flash kernels for head_size (the
  * forward, dK/dV and dQ, into blocks[0..2]; the forward of 32 query rows a

@@ -337,6 +337,18 @@ void mt__cuda_wait(mt_device *d) {
   if (e != cudaSuccess) mt__cuda_fail(d, "synchronize", cudaGetErrorString(e));
 }
 
+/* A query, not a wait: cudaStreamQuery answers at once, with the context's
+ * fault when a kernel has corrupted it (cudaErrorNotReady is work still
+ * queued, not a fault). What it finds is recorded as a sync's would be. */
+int mt__cuda_fault_pending(mt_device *d, char *msg, size_t len) {
+  mt__cuda *c = mt__cuda_enter(d);
+  cudaError_t e = cudaStreamQuery(c->stream);
+  if (e != cudaSuccess && e != cudaErrorNotReady) mt__cuda_fail(d, "stream", cudaGetErrorString(e));
+  if (!c->err) return 0;
+  if (msg && len) snprintf(msg, len, "%s", c->errmsg);
+  return 1;
+}
+
 /* ---- GEMM --------------------------------------------------------------- */
 
 /* 16-bit operands compute in fp32 from the values they hold: cuBLAS(Lt)

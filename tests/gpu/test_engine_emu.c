@@ -18,6 +18,7 @@
  *
  * MT_CUDA_EMU_DEVICES is set to 8 before anything asks for the count.
  */
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +29,7 @@
 #include "device.h"
 #include "err.h"
 #include "gpt.h"
+#include "indexed.h"
 #include "job.h"
 #include "local.h"
 #include "mt_check.h"
@@ -39,7 +41,8 @@
 enum { MAX_RANKS = RANK_RUNS_MAX_RANKS };
 
 static char data_path[64];
-static char docs_path[64]; /* tokens with an end of document (id 0) every 5 */
+static char docs_path[64];    /* tokens with an end of document (id 0) every 5 */
+static char valid_prefix[80]; /* data_path's tokens as a .bin/.idx dataset, for data.valid */
 static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
 
 typedef struct layout {
@@ -61,12 +64,14 @@ typedef struct layout {
   int docs;   /* docs_path with data.eod_token 0, reset_position_ids and reset_attention_mask */
   int timing; /* train.timing_log_level */
   const char *attention; /* model.attention_backend, or NULL */
+  int eval;              /* validation on the training tokens after every step, 1 batch */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
  * of 2; logs[w] receives world rank w's steps. */
 static int run(const layout *l, rank_log *logs) {
-  char json[1400], ckpt[400] = "", bucket[192] = "", drop[160] = "", timing[40] = "";
+  char json[1600], ckpt[400] = "", bucket[192] = "", drop[160] = "", timing[40] = "",
+                   valid[128] = "", eval[64] = "";
   if (l->ckpt_dir)
     snprintf(ckpt, sizeof ckpt, ",\"checkpoint\":{\"dir\":\"%s\",\"interval\":%d}", l->ckpt_dir,
              l->ckpt_interval);
@@ -87,6 +92,10 @@ static int run(const layout *l, rank_log *logs) {
   if (l->untie)
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"untie_embeddings\":true");
   if (l->timing) snprintf(timing, sizeof timing, ",\"timing_log_level\":%d", l->timing);
+  if (l->eval) {
+    snprintf(valid, sizeof valid, ",\"valid\":\"%s\"", valid_prefix);
+    snprintf(eval, sizeof eval, ",\"eval\":{\"interval\":1,\"iters\":1,\"test\":false}");
+  }
   if (l->attention)
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"attention_backend\":\"%s\"",
              l->attention);
@@ -95,13 +104,13 @@ static int run(const layout *l, rank_log *logs) {
            "\"parallel\":{\"tp\":%d,\"pp\":%d,\"dp_min\":%d,\"dp_max\":%d,\"micro_batch\":2%s},"
            "\"train\":{\"global_batch\":%d,\"steps\":%d,\"seed\":5,\"precision\":\"%s\"%s%s%s,"
            "\"lr\":{\"schedule\":\"cosine\",\"peak\":3e-3,\"warmup_steps\":2,\"decay_steps\":12}},"
-           "\"data\":{\"path\":\"%s\"%s}%s}",
+           "\"data\":{\"path\":\"%s\"%s%s}%s%s}",
            drop, l->tp, l->pp, l->dp, l->dp, bucket, l->global_batch ? l->global_batch : 8,
            l->steps, l->precision, l->loss_scale ? ",\"loss_scale\":" : "",
            l->loss_scale ? l->loss_scale : "", timing, l->docs ? docs_path : data_path,
            l->docs ? ",\"eod_token\":0,\"reset_position_ids\":true,\"reset_attention_mask\":true"
                    : "",
-           ckpt);
+           valid, ckpt, eval);
   return run_ranks(json, preset_dirs, l->kind, l->export_path, logs);
 }
 
@@ -575,43 +584,79 @@ static void end_the_faulting_ranks_generation(int dev, void *arg) {
   if (l) mt_local_abort(l);
 }
 
-/* A rank whose device faulted (the gradient norm's kernel failed), and
- * whose generation ends under it before the vote that would tell the
- * others (as when the healthy rank, done with that vote first, failed and
- * its node aborted the rest), still names its device's fault first and the
- * vote's failure after. Before, it said only "loss and norm all-reduce:
- * ...: aborted", which CI met once by chance. */
-static int test_a_fault_is_named_when_the_generation_ends_in_the_vote(void) {
-  /* the gradient norm's kernel: the last before the step's sync, after the
-   * dp reduction, so the hook (at the norm's copy to the host) ends the
-   * generation between the fault and the vote and nowhere else */
-  static const char SUMSQ[] = "k_sumsq_part";
+/* Runs 3 steps of bf16 dp 2 on emulated GPUs with the first launch of
+ * `kernel` in step 2 failing (in_validation: in the validation pass after
+ * step 1), on whichever rank launches it first, and that
+ * rank's generation ended (its groups aborted) at its first sync after the
+ * fault, as its node ends it once another rank failed. Checks the run
+ * failed after step 1 on both ranks (before step 1 was reported, in
+ * validation) and that the faulting rank's message names the fault (after
+ * `fault`) before what then failed under it (`then`, and after it
+ * "aborted"). */
+static int fault_then_generation_ended(const char *kernel, const char *fault, const char *then,
+                                       int in_validation) {
   static rank_log logs[2];
   layout l = {.kind = "cuda", .precision = "bf16", .steps = 1, .tp = 1, .pp = 1, .dp = 2};
-  long per_step = launches_per_step(&l, SUMSQ, logs);
+  long per_step = launches_per_step(&l, kernel, logs);
   REQUIRE(per_step >= 0, "one step: %s", mt_errmsg());
-  REQUIRE(per_step >= 2, "%ld launches of %s in a step of 2 ranks", per_step, SUMSQ);
-  l.steps = 3;
+  REQUIRE(per_step >= 2, "%ld launches of %s in a step of 2 ranks", per_step, kernel);
+  l.steps = 3, l.eval = in_validation;
   mt_emu_on_fault_sync(end_the_faulting_ranks_generation, NULL);
-  mt_emu_fail_launch(SUMSQ, per_step + 1); /* step 2's first, on either rank */
+  /* step 2's first, on either rank; with validation, the first of the
+   * validation after step 1 (both ranks' training launches of step 1 come
+   * before its vote, and its update launches no LayerNorm) */
+  mt_emu_fail_launch(kernel, per_step + 1);
   int rc = run(&l, logs);
-  mt_emu_fail_launch(SUMSQ, 0);
+  mt_emu_fail_launch(kernel, 0);
   mt_emu_on_fault_sync(NULL, NULL);
   int faulted = -1;
   for (int w = 0; w < 2; w++)
     if (strstr(logs[w].err, "cudaErrorLaunchFailure")) faulted = faulted < 0 ? w : 2;
   const char *e = faulted == 0 || faulted == 1 ? logs[faulted].err : "";
-  const char *fault = strstr(e, "step 2: device cuda:"),
-             *vote = strstr(e, "; then the loss and norm all-reduce: ");
-  CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && fault && vote && fault < vote &&
-            strstr(vote, "aborted"),
-        "a fault, then the generation ended before the vote: rc %d, steps reported %d and %d; "
-        "rank 0: %s; rank 1: %s",
-        rc, logs[0].n, logs[1].n, logs[0].err, logs[1].err);
-  printf("  a gradient norm fault, the generation ended before the vote:\n    rank 0: %s\n"
-         "    rank 1: %s\n",
-         logs[0].err, logs[1].err);
+  const char *f = strstr(e, fault), *t = strstr(e, then);
+  int reported = in_validation ? 0 : 1; /* a step is reported after its validation */
+  CHECK(rc && logs[0].n == reported && logs[1].n == reported && f && t && f < t &&
+            strstr(t, "aborted"),
+        "%s faulted, then the generation ended: rc %d, steps reported %d and %d; rank 0: %s; "
+        "rank 1: %s",
+        kernel, rc, logs[0].n, logs[1].n, logs[0].err, logs[1].err);
+  printf("  %s faulted in %s, then the generation ended:\n    rank 0: %s\n    rank 1: %s\n", kernel,
+         in_validation ? "validation" : "step 2", logs[0].err, logs[1].err);
   return 0;
+}
+
+/* A rank whose device faulted (the gradient norm's kernel failed), and
+ * whose generation ends under it before the vote that would tell the
+ * others (as when the healthy rank, done with that vote first, failed and
+ * its node aborted the rest), still names its device's fault first and the
+ * vote's failure after. Before, it said only "loss and norm all-reduce:
+ * ...: aborted", which CI met once by chance. The gradient norm's kernel is
+ * the last before the step's sync, after the dp reduction, so the hook (at
+ * the norm's copy to the host) ends the generation between the fault and
+ * the vote and nowhere else. */
+static int test_a_fault_is_named_when_the_generation_ends_in_the_vote(void) {
+  return fault_then_generation_ended(
+      "k_sumsq_part", "step 2: device cuda:", "; then the loss and norm all-reduce: ", 0);
+}
+
+/* The same when the generation ends under the faulting rank earlier in
+ * the step, before its sync: a LayerNorm forward fails, the hook ends the
+ * generation at the loss's copy to the host, and the backward's bucket
+ * reduce over dp fails "aborted". The rank asks its device for a fault
+ * without waiting (mt_device_fault_pending) and names it first. Before, it
+ * said only the reduce's error. */
+static int test_a_fault_is_named_when_the_generation_ends_before_the_sync(void) {
+  return fault_then_generation_ended("k_layernorm_fwd", "step 2, pipeline stage 0: device cuda:",
+                                     "cudaErrorLaunchFailure; then ", 0);
+}
+
+/* And in validation, whose vote tells a device's fault as a step's does:
+ * the faulting rank's generation ends at the validation loss's copy to
+ * the host, its vote fails "aborted", and its device's fault comes first.
+ * Before, it said only "validation: comm world: allreduce ...: aborted". */
+static int test_a_fault_is_named_when_the_generation_ends_in_validation(void) {
+  return fault_then_generation_ended("k_layernorm_fwd", "validation: step 1: device cuda:",
+                                     "; then the validation all-reduce: ", 1);
 }
 
 /* mt_device_lost, which a node asks after its ranks failed: a GPU whose
@@ -758,6 +803,24 @@ int main(int argc, char **argv) {
     if (fd >= 0) close(fd);
     if (!ok) return fprintf(stderr, "cannot write %s\n", docs_path), 1;
   }
+  {
+    /* a validation set: the training tokens, 40 documents of 500 */
+    uint16_t t[20000];
+    int32_t ids[500];
+    int fd = open(data_path, O_RDONLY);
+    int ok = fd >= 0 && read(fd, t, sizeof t) == (ssize_t)sizeof t;
+    if (fd >= 0) close(fd);
+    snprintf(valid_prefix, sizeof valid_prefix, "%s.valid", data_path);
+    mt_indexed_writer *w = NULL;
+    ok = ok && !mt_indexed_writer_open(&w, valid_prefix, MT_IDX_U16);
+    for (int d = 0; ok && d < 40; d++) {
+      for (int i = 0; i < 500; i++) ids[i] = t[d * 500 + i];
+      ok = !mt_indexed_writer_add_seq(w, ids, 500) && !mt_indexed_writer_end_doc(w);
+    }
+    if (w && !ok) mt_indexed_writer_abort(w);
+    if (!ok || mt_indexed_writer_finish(w))
+      return fprintf(stderr, "cannot write %s: %s\n", valid_prefix, mt_errmsg()), 1;
+  }
   mt_emu_nccl_late(1);
   struct {
     const char *name;
@@ -782,6 +845,10 @@ int main(int argc, char **argv) {
        test_device_fault_fails_the_step_on_every_rank},
       {"test_a_fault_is_named_when_the_generation_ends_in_the_vote",
        test_a_fault_is_named_when_the_generation_ends_in_the_vote},
+      {"test_a_fault_is_named_when_the_generation_ends_before_the_sync",
+       test_a_fault_is_named_when_the_generation_ends_before_the_sync},
+      {"test_a_fault_is_named_when_the_generation_ends_in_validation",
+       test_a_fault_is_named_when_the_generation_ends_in_validation},
       {"test_a_device_lost_to_a_fault_is_found", test_a_device_lost_to_a_fault_is_found},
       {"test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step",
        test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step},
@@ -799,5 +866,8 @@ int main(int argc, char **argv) {
   }
   unlink(data_path);
   unlink(docs_path);
+  char f[96];
+  snprintf(f, sizeof f, "%s.bin", valid_prefix), unlink(f);
+  snprintf(f, sizeof f, "%s.idx", valid_prefix), unlink(f);
   return failures ? 1 : 0;
 }
