@@ -17,20 +17,8 @@
 
 /* The shard model of (tp rank q, stage s) under the checkpoint's layout. */
 static mt_gpt_config shard_config(const mt_job *job, int tp, int pp, int q, int s) {
-  const mt_model_spec *ms = &job->model;
-  mt_gpt_config cfg = {.n_layer = ms->n_layer,
-                       .n_embd = ms->n_embd,
-                       .n_head = ms->n_head,
-                       .vocab_size = ms->vocab_size,
-                       .padded_vocab = ms->padded_vocab,
-                       .max_seq = ms->max_positions,
-                       .ln_eps = ms->ln_eps,
-                       .init_std = ms->init_std,
-                       .hidden_dropout = ms->hidden_dropout,
-                       .attention_dropout = ms->attention_dropout,
-                       .untie_embeddings = ms->untie_embeddings,
-                       .tp_size = tp,
-                       .tp_rank = q};
+  mt_gpt_config cfg = mt_trainer_model_shape(job);
+  cfg.tp_size = tp, cfg.tp_rank = q;
   mt_gpt_set_stage(&cfg, pp, s, job->parallel.virtual_stages);
   return cfg;
 }

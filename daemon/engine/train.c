@@ -59,9 +59,9 @@ static mt_precision precision_of(const mt_job *job) {
   return !strcmp(p, "bf16") ? MT_PREC_BF16 : !strcmp(p, "fp16") ? MT_PREC_FP16 : MT_PREC_FP32;
 }
 
-static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slots) {
+mt_gpt_config mt_trainer_model_shape(const mt_job *job) {
   const mt_model_spec *ms = &job->model;
-  mt_gpt_config cfg = {
+  return (mt_gpt_config){
       .n_layer = ms->n_layer,
       .n_embd = ms->n_embd,
       .n_head = ms->n_head,
@@ -72,19 +72,23 @@ static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slo
       .init_std = ms->init_std,
       .hidden_dropout = ms->hidden_dropout,
       .attention_dropout = ms->attention_dropout,
-      .recompute = job->parallel.recompute,
-      .recompute_layers = job->parallel.recompute_layers,
-      .sequence_parallel = job->parallel.sequence_parallel,
-      .zero_shards = g->dp_size,
-      .micro_slots = slots,
-      .tp_size = g->tp_size,
-      .tp_rank = g->tp_rank,
-      .precision = precision_of(job),
-      .eod_token = job->data.eod_token,
-      .reset_position_ids = job->data.reset_position_ids,
-      .reset_attention_mask = job->data.reset_attention_mask,
       .untie_embeddings = ms->untie_embeddings,
   };
+}
+
+static mt_gpt_config model_config(const mt_job *job, const mt_groups *g, int slots) {
+  mt_gpt_config cfg = mt_trainer_model_shape(job);
+  cfg.recompute = job->parallel.recompute;
+  cfg.recompute_layers = job->parallel.recompute_layers;
+  cfg.sequence_parallel = job->parallel.sequence_parallel;
+  cfg.zero_shards = g->dp_size;
+  cfg.micro_slots = slots;
+  cfg.tp_size = g->tp_size;
+  cfg.tp_rank = g->tp_rank;
+  cfg.precision = precision_of(job);
+  cfg.eod_token = job->data.eod_token;
+  cfg.reset_position_ids = job->data.reset_position_ids;
+  cfg.reset_attention_mask = job->data.reset_attention_mask;
   mt_gpt_set_stage(&cfg, g->pp_size, g->pp_rank, job->parallel.virtual_stages);
   return cfg;
 }

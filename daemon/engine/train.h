@@ -244,6 +244,13 @@ static inline int64_t mt_order_word(int64_t seq, int kind) { return seq << 4 | k
 static inline int mt_order_kind(int64_t word) { return (int)(word & 15); }
 static inline int64_t mt_order_seq(int64_t word) { return word >> 4; }
 
+/* The model's shape as the job gives it (layers, widths, vocabulary,
+ * positions, LayerNorm's epsilon, initialisation, dropout, untied head):
+ * what every copy of the model shares, whatever its layout. The layout's
+ * fields (tp, stage, ZeRO shards, micro-batch slots) and the run's
+ * (precision, recomputation, documents) are the caller's. */
+mt_gpt_config mt_trainer_model_shape(const mt_job *job);
+
 /* Builds this rank's stage of the model (initialised from seed or
  * model.init_from), its optimizer slice and data reader. g: its groups
  * (sizes must match parallel.pp and mt_job_dp), or NULL for a single device. */
