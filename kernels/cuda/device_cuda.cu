@@ -343,7 +343,10 @@ void mt__cuda_wait(mt_device *d) {
 int mt__cuda_fault_pending(mt_device *d, char *msg, size_t len) {
   mt__cuda *c = mt__cuda_enter(d);
   cudaError_t e = cudaStreamQuery(c->stream);
-  if (e != cudaSuccess && e != cudaErrorNotReady) mt__cuda_fail(d, "stream", cudaGetErrorString(e));
+  if (e != cudaSuccess && e != cudaErrorNotReady) {
+    cudaGetLastError(); /* recorded here: not the next launch's error too */
+    mt__cuda_fail(d, "stream", cudaGetErrorString(e));
+  }
   if (!c->err) return 0;
   if (msg && len) snprintf(msg, len, "%s", c->errmsg);
   return 1;

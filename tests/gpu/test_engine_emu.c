@@ -661,7 +661,8 @@ static int test_a_fault_is_named_when_the_generation_ends_in_validation(void) {
 
 /* mt_device_lost, which a node asks after its ranks failed: a GPU whose
  * context a fault corrupted (every later sync answers it) is lost, its
- * neighbours and CPU devices are not, and a device found again is not. */
+ * neighbours and CPU devices are not, and a device found again is not.
+ * And mt_device_fault_pending, which a failing step asks. */
 static int test_a_device_lost_to_a_fault_is_found(void) {
   char why[256];
   CHECK(!mt_device_lost("cuda:3", why, sizeof why) && !why[0], "cuda:3 lost before any fault: %s",
@@ -676,6 +677,28 @@ static int test_a_device_lost_to_a_fault_is_found(void) {
   CHECK(!mt_device_lost("cuda:99", why, sizeof why), "cuda:99, no such device, lost");
   mt_emu_lose_device(3, cudaSuccess);
   CHECK(!mt_device_lost("cuda:3", why, sizeof why), "cuda:3 found again still lost: %s", why);
+
+  /* an open device asked for a pending fault without waiting: none on a
+   * GPU that answers; its context's fault once it is lost, which the next
+   * sync still reports, once; none on a CPU device */
+  mt_device g, cpu;
+  REQUIRE(!mt_device_open(&g, "cuda:3"), "open cuda:3: %s", mt_errmsg());
+  CHECK(!mt_device_fault_pending(&g, why, sizeof why), "cuda:3 answers, yet a fault: %s", why);
+  mt_emu_lose_device(3, cudaErrorIllegalAddress);
+  why[0] = 0;
+  int pending = mt_device_fault_pending(&g, why, sizeof why);
+  CHECK(pending && strstr(why, "cudaErrorIllegalAddress") && strstr(why, "cuda:3"),
+        "lost cuda:3: pending %d (%s)", pending, why);
+  mt_emu_lose_device(3, cudaSuccess);
+  int rc = mt_device_sync(&g);
+  CHECK(rc && strstr(mt_errmsg(), "cudaErrorIllegalAddress"),
+        "the sync after the query: rc %d (%s)", rc, mt_errmsg());
+  CHECK(!mt_device_fault_pending(&g, why, sizeof why) && !mt_device_sync(&g),
+        "cuda:3 found again after its fault was told: %s", why);
+  mt_device_close(&g);
+  REQUIRE(!mt_device_open(&cpu, "cpu:0"), "open cpu:0: %s", mt_errmsg());
+  CHECK(!mt_device_fault_pending(&cpu, why, sizeof why), "cpu:0 has a fault: %s", why);
+  mt_device_close(&cpu);
   return 0;
 }
 
