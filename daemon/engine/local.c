@@ -348,7 +348,12 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     if (every_eval > 0 && why != MT_STOPPED_TIME &&
         (st.step % every_eval == 0 || (st.stop && st.step < job->train.steps))) {
       rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st.step, 0), &st.val_loss);
-      if (rc) return rc;
+      if (rc) {
+        /* the step itself trained: it is reported, without its validation
+         * (Megatron logs a step before it validates) */
+        if (c == c->all && o->on_step) o->on_step(&st, o->arg);
+        return rc;
+      }
       st.has_val = 1;
     }
     /* the run trained its last step (not out of time): Megatron's

@@ -589,9 +589,9 @@ static void end_the_faulting_ranks_generation(int dev, void *arg) {
  * step 1), on whichever rank launches it first, and that
  * rank's generation ended (its groups aborted) at its first sync after the
  * fault, as its node ends it once another rank failed. Checks the run
- * failed after step 1 on both ranks (before step 1 was reported, in
- * validation) and that the faulting rank's message names the fault (after
- * `fault`) before what then failed under it (`then`, and after it
+ * failed after step 1 on both ranks (step 1 reported, even when its
+ * validation failed) and that the faulting rank's message names the fault
+ * (after `fault`) before what then failed under it (`then`, and after it
  * "aborted"). */
 static int fault_then_generation_ended(const char *kernel, const char *fault, const char *then,
                                        int in_validation) {
@@ -614,9 +614,7 @@ static int fault_then_generation_ended(const char *kernel, const char *fault, co
     if (strstr(logs[w].err, "cudaErrorLaunchFailure")) faulted = faulted < 0 ? w : 2;
   const char *e = faulted == 0 || faulted == 1 ? logs[faulted].err : "";
   const char *f = strstr(e, fault), *t = strstr(e, then);
-  int reported = in_validation ? 0 : 1; /* a step is reported after its validation */
-  CHECK(rc && logs[0].n == reported && logs[1].n == reported && f && t && f < t &&
-            strstr(t, "aborted"),
+  CHECK(rc && logs[0].n == 1 && logs[1].n == 1 && f && t && f < t && strstr(t, "aborted"),
         "%s faulted, then the generation ended: rc %d, steps reported %d and %d; rank 0: %s; "
         "rank 1: %s",
         kernel, rc, logs[0].n, logs[1].n, logs[0].err, logs[1].err);
