@@ -118,10 +118,11 @@ void mt_device_wait(mt_device *d);
 
 /* Whether a fault waits to be told by the next mt_device_sync (a failed
  * launch or GEMM recorded on a CUDA device, or a fault its stream has met
- * by now), without waiting for the device: 1, with the fault's message in
- * msg (len bytes; may be NULL), or 0. The fault stays for mt_device_sync.
- * For a step that fails before its sync, which has a fault of its own
- * device to name first. A CPU device has none: 0. */
+ * by now that no sync reported yet), without waiting for the device: 1,
+ * with the fault's message in msg (len bytes; may be NULL), or 0. The
+ * fault stays for mt_device_sync. For a rank that fails before its step's
+ * sync, which has a fault of its own device to name first. A CPU device
+ * has none: 0. */
 int mt_device_fault_pending(mt_device *d, char *msg, size_t len);
 
 /* Memory of the device `spec` names ("cpu:N": the machine's RAM, shared by

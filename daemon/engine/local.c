@@ -568,6 +568,21 @@ static int make_groups(rank_ctx *c, mt_groups *g, mt_device *dev) {
   return rc;
 }
 
+/* A rank that failed while its device held a fault not told yet: the
+ * generation ended under it (a rank that failed first, and its node
+ * aborting the rest) before its step's sync could tell the fault, in a
+ * bucket's reduce, a pipeline exchange or a tensor-parallel all-reduce,
+ * which say only "aborted". The device is asked without waiting; a fault
+ * comes first, with the device's code, then what failed. */
+static int pending_fault_first(mt_device *dev, int rc) {
+  char fault[512], then[1024];
+  if (!mt_device_fault_pending(dev, fault, sizeof fault)) return rc;
+  mt_msg_cut_whole(fault, sizeof fault);
+  snprintf(then, sizeof then, "%s", mt_errmsg());
+  mt_msg_cut_whole(then, sizeof then);
+  return mt_seterr(MT_EIO, "%s; then %s", fault, then);
+}
+
 static void *rank_main(void *arg) {
   rank_ctx *c = arg;
   const mt_local_opts *o = c->o;
@@ -589,6 +604,7 @@ static void *rank_main(void *arg) {
   if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, &g);
   have_tr = !rc;
   if (!rc) rc = rank_loop(c, &tr);
+  if (rc && have_dev) rc = pending_fault_first(&dev, rc);
   if (rc) {
     snprintf(c->err, sizeof c->err, "rank %d (%s): %s", c->rank, spec, mt_errmsg());
     c->rc = rc;

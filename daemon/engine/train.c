@@ -814,21 +814,6 @@ static int own_fault_first(int dev_rc, long long step, const char *where, const 
   return mt_seterr(dev_rc, "step %lld: %s%s; then %s: %s", step, where, dev_msg, vote, comm);
 }
 
-/* The error of a rank whose step (or validation pass) failed before its
- * sync while its own device held a fault not told yet: the generation
- * ended under it (a rank that failed first, and its node aborting the
- * rest) in a tensor-parallel all-reduce, a pipeline exchange or a bucket's
- * reduce, which says only "aborted". The fault is asked for without waiting
- * for the device and, when there is one, comes first, with the device's
- * code; otherwise rc and its message stand. */
-static int pending_fault_first(mt_trainer *tr, int rc) {
-  char dev_msg[1024], then[1024];
-  if (!mt_device_fault_pending(tr->dev, dev_msg, sizeof dev_msg)) return rc;
-  mt_msg_cut_whole(dev_msg, sizeof dev_msg);
-  keep_errmsg(then, sizeof then);
-  return mt_seterr(MT_EIO, "%s; then %s", dev_msg, then);
-}
-
 /* train.timing_log_level: this step's timers, the least and the most of
  * any rank, into st: one all-reduce of the maxima of ms and -ms, or under
  * train.timing_log_option all one all-gather of every rank's ms, which st
@@ -904,9 +889,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                 .loss_scale = scale / (float)total_micro,
                 .overlap = job->parallel.overlap_p2p};
   rc = run_pipeline(&r);
-  if (rc)
-    return mt_wraperr(pending_fault_first(tr, rc), "step %lld, pipeline stage %d", sn,
-                      tr->g.pp_rank);
+  if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
   mt_timers_add(tm, MT_TM_FORWARD_BACKWARD, ph);
   if (tm->level >= 1) tm->ms[MT_TM_PIPELINE_WAIT] = r.wait_ms;
 
@@ -918,8 +901,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   if (tr->g.dp) {
     rc = start_buckets(tr, -1);
     if (!rc) rc = mt_comm_wait(tr->g.dp);
-    if (rc)
-      return mt_wraperr(pending_fault_first(tr, rc), "step %lld: gradient reduction over dp", sn);
+    if (rc) return mt_wraperr(rc, "step %lld: gradient reduction over dp", sn);
     mt_timers_add(tm, MT_TM_ALL_GRADS_SYNC, ph);
   }
   /* the two copies of the tied embedding get the sum of both gradients, in
@@ -936,13 +918,10 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     float *g = m->grads + wte->offset;
     if (tr->g.dp) {
       rc = mt_comm_allreduce(tr->g.dp, g, g, wte->numel, MT_COMM_F32, MT_COMM_SUM);
-      if (rc)
-        return mt_wraperr(pending_fault_first(tr, rc),
-                          "step %lld: tied embedding all-reduce over dp", sn);
+      if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce over dp", sn);
     }
     rc = mt_comm_allreduce(tr->g.embed, g, g, wte->numel, MT_COMM_F32, MT_COMM_SUM);
-    if (rc)
-      return mt_wraperr(pending_fault_first(tr, rc), "step %lld: tied embedding all-reduce", sn);
+    if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
     mt_timers_add(tm, MT_TM_EMBEDDING_GRADS, ph);
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
@@ -1145,7 +1124,6 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double
   for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 1;
   m->training = 1;
   tr->timers.level = timing;
-  if (rc) rc = pending_fault_first(tr, rc);
   /* a device fault in the forwards fails validation on every rank alike */
   int dev_rc = rc ? 0 : mt_device_sync(tr->dev);
   char dev_msg[1024] = "";

@@ -134,6 +134,7 @@ typedef struct mt__cuda {
   size_t att16_floats; /* and its floats */
   int err;             /* first error an op met: MT_EIO, 0 when none */
   char errmsg[384];
+  cudaError_t told; /* the stream's fault a sync last reported (a context's stays) */
 } mt__cuda;
 
 static inline mt__cuda *mt__cuda_of(mt_device *d) { return (mt__cuda *)d->impl; }

@@ -314,7 +314,10 @@ int mt__cuda_memset0(mt_device *d, void *p, size_t bytes) {
 int mt__cuda_sync(mt_device *d) {
   mt__cuda *c = mt__cuda_enter(d);
   cudaError_t e = cudaStreamSynchronize(c->stream);
-  if (e != cudaSuccess) mt__cuda_fail(d, "synchronize", cudaGetErrorString(e));
+  if (e != cudaSuccess) {
+    mt__cuda_fail(d, "synchronize", cudaGetErrorString(e));
+    c->told = e; /* a lost context answers it again: mt__cuda_fault_pending passes it over */
+  }
   if (!c->err) return 0;
   c->err = 0; /* reported once; a fault of the context itself keeps failing every call */
   return mt_seterr(MT_EIO, "%s", c->errmsg);
@@ -339,11 +342,13 @@ void mt__cuda_wait(mt_device *d) {
 
 /* A query, not a wait: cudaStreamQuery answers at once, with the context's
  * fault when a kernel has corrupted it (cudaErrorNotReady is work still
- * queued, not a fault). What it finds is recorded as a sync's would be. */
+ * queued, not a fault). What it finds is recorded as a sync's would be,
+ * unless a sync told it already: a corrupted context answers every call
+ * with the same fault. */
 int mt__cuda_fault_pending(mt_device *d, char *msg, size_t len) {
   mt__cuda *c = mt__cuda_enter(d);
   cudaError_t e = cudaStreamQuery(c->stream);
-  if (e != cudaSuccess && e != cudaErrorNotReady) {
+  if (e != cudaSuccess && e != cudaErrorNotReady && e != c->told) {
     cudaGetLastError(); /* recorded here: not the next launch's error too */
     mt__cuda_fail(d, "stream", cudaGetErrorString(e));
   }

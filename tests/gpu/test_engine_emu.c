@@ -586,13 +586,12 @@ static void end_the_faulting_ranks_generation(int dev, void *arg) {
 
 /* Runs 3 steps of bf16 dp 2 on emulated GPUs with the first launch of
  * `kernel` in step 2 failing (in_validation: in the validation pass after
- * step 1), on whichever rank launches it first, and that
- * rank's generation ended (its groups aborted) at its first sync after the
- * fault, as its node ends it once another rank failed. Checks the run
- * failed after step 1 on both ranks (step 1 reported, even when its
- * validation failed) and that the faulting rank's message names the fault
- * (after `fault`) before what then failed under it (`then`, and after it
- * "aborted"). */
+ * step 1) on whichever rank launches it first, and that rank's generation
+ * ended (its groups aborted) at its first sync after the fault, as its
+ * node ends it once another rank failed. Checks that the run failed after
+ * step 1 on both ranks (step 1 reported, even when its validation failed)
+ * and that the faulting rank's message names the fault (after `fault`)
+ * before what then failed under it (`then`, and after it "aborted"). */
 static int fault_then_generation_ended(const char *kernel, const char *fault, const char *then,
                                        int in_validation) {
   static rank_log logs[2];
@@ -640,12 +639,12 @@ static int test_a_fault_is_named_when_the_generation_ends_in_the_vote(void) {
 /* The same when the generation ends under the faulting rank earlier in
  * the step, before its sync: a LayerNorm forward fails, the hook ends the
  * generation at the loss's copy to the host, and the backward's bucket
- * reduce over dp fails "aborted". The rank asks its device for a fault
- * without waiting (mt_device_fault_pending) and names it first. Before, it
- * said only the reduce's error. */
+ * reduce over dp fails "aborted". The failing rank asks its device for a
+ * fault without waiting (mt_device_fault_pending) and names it first, then
+ * the step's failure. Before, it said only the reduce's error. */
 static int test_a_fault_is_named_when_the_generation_ends_before_the_sync(void) {
-  return fault_then_generation_ended("k_layernorm_fwd", "step 2, pipeline stage 0: device cuda:",
-                                     "cudaErrorLaunchFailure; then ", 0);
+  return fault_then_generation_ended("k_layernorm_fwd", "): device cuda:",
+                                     "cudaErrorLaunchFailure; then step 2, pipeline stage 0: ", 0);
 }
 
 /* And in validation, whose vote tells a device's fault as a step's does:
@@ -693,6 +692,15 @@ static int test_a_device_lost_to_a_fault_is_found(void) {
         "the sync after the query: rc %d (%s)", rc, mt_errmsg());
   CHECK(!mt_device_fault_pending(&g, why, sizeof why) && !mt_device_sync(&g),
         "cuda:3 found again after its fault was told: %s", why);
+  /* a context that stays lost answers every call with its fault: once a
+   * sync told it, it is not pending again */
+  mt_emu_lose_device(3, cudaErrorIllegalAddress);
+  rc = mt_device_sync(&g);
+  CHECK(rc && strstr(mt_errmsg(), "cudaErrorIllegalAddress"), "the sync of a lost cuda:3: rc %d",
+        rc);
+  CHECK(!mt_device_fault_pending(&g, why, sizeof why), "lost cuda:3's fault pending again: %s",
+        why);
+  mt_emu_lose_device(3, cudaSuccess);
   mt_device_close(&g);
   REQUIRE(!mt_device_open(&cpu, "cpu:0"), "open cpu:0: %s", mt_errmsg());
   CHECK(!mt_device_fault_pending(&cpu, why, sizeof why), "cpu:0 has a fault: %s", why);

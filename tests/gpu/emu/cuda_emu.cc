@@ -360,6 +360,11 @@ static std::map<int, cudaError_t> lost_devices; /* mt_emu_lose_device's, under a
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   wait_idle(s, "cudaStreamSynchronize");
+  {
+    std::lock_guard<std::mutex> lk(amu);
+    auto lost = lost_devices.find(s ? s->device : current_dev);
+    if (lost != lost_devices.end()) return last_error = lost->second;
+  }
   if (s && s == faulted_stream) {
     faulted_stream = NULL;
     void (*fn)(int, void *);

@@ -218,10 +218,11 @@ void mt_emu_fail_launch(const char *kernel, long n);
  * before mt_emu_fail_launch; fn NULL clears. */
 void mt_emu_on_fault_sync(void (*fn)(int dev, void *arg), void *arg);
 /* Loses device dev as a GPU's context is lost to a fault that corrupts it
- * (an illegal address): from now on cudaStreamQuery of its streams and of
- * the legacy one answers e, every time (cudaSuccess: the device is found
- * again, for the next test). Only that call is emulated so: what
- * mt_device_lost asks. */
+ * (an illegal address): from now on cudaStreamQuery and
+ * cudaStreamSynchronize of its streams and of the legacy one answer e,
+ * every time (cudaSuccess: the device is found again, for the next test).
+ * Only those calls are emulated so: what mt_device_lost,
+ * mt_device_fault_pending and mt_device_sync ask. */
 void mt_emu_lose_device(int dev, cudaError_t e);
 
 #ifdef __cplusplus
