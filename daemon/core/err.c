@@ -70,3 +70,9 @@ void mt_msg_cut_whole(char *s, size_t size) {
   size_t want = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : b >= 0xC0 ? 2 : 1;
   if (len - lead < want) s[lead] = 0; /* the last character is cut short */
 }
+
+void mt_errmsg_keep(char *buf, size_t size) {
+  if (!size) return;
+  snprintf(buf, size, "%s", mt_errmsg());
+  mt_msg_cut_whole(buf, size);
+}

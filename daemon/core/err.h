@@ -52,4 +52,8 @@ const char *mt_strerror(int code);
  * would make every JSON that carries the message fail. */
 void mt_msg_cut_whole(char *s, size_t size);
 
+/* Copies the calling thread's message into buf (size bytes), cut at a whole
+ * character: a message kept before a call that may fail too overwrites it. */
+void mt_errmsg_keep(char *buf, size_t size);
+
 #endif

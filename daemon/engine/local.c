@@ -578,8 +578,7 @@ static int pending_fault_first(mt_device *dev, int rc) {
   char fault[512], then[1024];
   if (!mt_device_fault_pending(dev, fault, sizeof fault)) return rc;
   mt_msg_cut_whole(fault, sizeof fault);
-  snprintf(then, sizeof then, "%s", mt_errmsg());
-  mt_msg_cut_whole(then, sizeof then);
+  mt_errmsg_keep(then, sizeof then);
   return mt_seterr(MT_EIO, "%s; then %s", fault, then);
 }
 

@@ -794,13 +794,6 @@ static int other_device_failed(long long step, const char *what, const double vo
                    what);
 }
 
-/* The calling thread's message, kept in buf (a failed device's, before a
- * collective that may fail too overwrites it). */
-static void keep_errmsg(char *buf, size_t size) {
-  snprintf(buf, size, "%s", mt_errmsg());
-  mt_msg_cut_whole(buf, size);
-}
-
 /* The error of a rank whose own device failed in a step and whose vote on
  * it then failed too: its fault is the step's cause and stays first in the
  * message. The vote fails so when a rank that had the sum already failed
@@ -810,7 +803,7 @@ static void keep_errmsg(char *buf, size_t size) {
 static int own_fault_first(int dev_rc, long long step, const char *where, const char *dev_msg,
                            const char *vote) {
   char comm[512];
-  keep_errmsg(comm, sizeof comm);
+  mt_errmsg_keep(comm, sizeof comm);
   return mt_seterr(dev_rc, "step %lld: %s%s; then %s: %s", step, where, dev_msg, vote, comm);
 }
 
@@ -945,7 +938,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * all-reduce, it fails the step on every rank alike, before any update */
   int dev_rc = mt_device_sync(d);
   char dev_msg[1024] = "";
-  if (dev_rc) keep_errmsg(dev_msg, sizeof dev_msg);
+  if (dev_rc) mt_errmsg_keep(dev_msg, sizeof dev_msg);
   mt_trainer_poll(tr);
   double agreed[10] = {
       tr->g.tp_rank == 0 ? r.loss_sum : 0.0,
@@ -1015,7 +1008,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   int upd_rc = mt_device_sync(d);
   if (tr->g.world && d->kind != MT_DEVICE_CPU) {
     double c0 = 1e3 * mt_mono_s(), bad[2];
-    if (upd_rc) keep_errmsg(dev_msg, sizeof dev_msg);
+    if (upd_rc) mt_errmsg_keep(dev_msg, sizeof dev_msg);
     device_vote(bad, tr, upd_rc);
     rc = mt_comm_allreduce(tr->g.world, bad, bad, 2, MT_COMM_F64, MT_COMM_SUM);
     if (rc && upd_rc)
@@ -1127,7 +1120,7 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double
   /* a device fault in the forwards fails validation on every rank alike */
   int dev_rc = rc ? 0 : mt_device_sync(tr->dev);
   char dev_msg[1024] = "";
-  if (dev_rc) keep_errmsg(dev_msg, sizeof dev_msg);
+  if (dev_rc) mt_errmsg_keep(dev_msg, sizeof dev_msg);
   double agreed[3] = {sum};
   device_vote(agreed + 1, tr, dev_rc);
   if (!rc && tr->g.world) {

@@ -358,12 +358,19 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 
 static std::map<int, cudaError_t> lost_devices; /* mt_emu_lose_device's, under amu */
 
+/* The error device dev answers every call with once lost, cudaSuccess while
+ * it is not; under amu */
+static cudaError_t lost_error(int dev) {
+  auto lost = lost_devices.find(dev);
+  return lost == lost_devices.end() ? cudaSuccess : lost->second;
+}
+
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
   wait_idle(s, "cudaStreamSynchronize");
   {
     std::lock_guard<std::mutex> lk(amu);
-    auto lost = lost_devices.find(s ? s->device : current_dev);
-    if (lost != lost_devices.end()) return last_error = lost->second;
+    cudaError_t e = lost_error(s ? s->device : current_dev);
+    if (e != cudaSuccess) return last_error = e;
   }
   if (s && s == faulted_stream) {
     faulted_stream = NULL;
@@ -390,8 +397,8 @@ void mt_emu_lose_device(int dev, cudaError_t e) {
 cudaError_t cudaStreamQuery(cudaStream_t s) {
   std::lock_guard<std::mutex> lk(amu);
   CUstream_st *st = live_stream(s, "cudaStreamQuery");
-  auto lost = lost_devices.find(st ? st->device : current_dev);
-  if (lost != lost_devices.end()) return last_error = lost->second;
+  cudaError_t e = lost_error(st ? st->device : current_dev);
+  if (e != cudaSuccess) return last_error = e;
   if (!idle(st)) demand_now(st, UINT64_MAX);
   return idle(st) ? cudaSuccess : cudaErrorNotReady;
 }
