@@ -18,6 +18,7 @@
  *
  * MT_CUDA_EMU_DEVICES is set to 8 before anything asks for the count.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -42,6 +43,7 @@ enum { MAX_RANKS = RANK_RUNS_MAX_RANKS };
 
 static char data_path[64];
 static char docs_path[64];    /* tokens with an end of document (id 0) every 5 */
+static char valid_dir[64];    /* holds valid_prefix's files and its sample index caches */
 static char valid_prefix[80]; /* data_path's tokens as a .bin/.idx dataset, for data.valid */
 static const char *preset_dirs[] = {MT_PRESET_DIR, NULL};
 
@@ -839,7 +841,11 @@ int main(int argc, char **argv) {
     int fd = open(data_path, O_RDONLY);
     int ok = fd >= 0 && read(fd, t, sizeof t) == (ssize_t)sizeof t;
     if (fd >= 0) close(fd);
-    snprintf(valid_prefix, sizeof valid_prefix, "%s.valid", data_path);
+    /* in a directory of its own: validation caches its sample index
+     * (<prefix>.<hash>.gptidx) beside the data, and the directory goes whole */
+    snprintf(valid_dir, sizeof valid_dir, "/tmp/mtnlg-engine-emu-valid-XXXXXX");
+    if (!mkdtemp(valid_dir)) return fprintf(stderr, "mkdtemp: %s\n", strerror(errno)), 1;
+    snprintf(valid_prefix, sizeof valid_prefix, "%s/valid", valid_dir);
     mt_indexed_writer *w = NULL;
     ok = ok && !mt_indexed_writer_open(&w, valid_prefix, MT_IDX_U16);
     for (int d = 0; ok && d < 40; d++) {
@@ -895,8 +901,8 @@ int main(int argc, char **argv) {
   }
   unlink(data_path);
   unlink(docs_path);
-  char f[96];
-  snprintf(f, sizeof f, "%s.bin", valid_prefix), unlink(f);
-  snprintf(f, sizeof f, "%s.idx", valid_prefix), unlink(f);
+  char cmd[96];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", valid_dir);
+  if (system(cmd)) fprintf(stderr, "warning: could not remove %s\n", valid_dir);
   return failures ? 1 : 0;
 }

@@ -336,12 +336,15 @@ def stop_browser(proc):
 def start_browser(chromium, tmp):
     port = free_port()
     log = open(os.path.join(tmp, "chromium.log"), "w")
+    # its singleton socket's directory (org.chromium.Chromium.*) goes under
+    # TMPDIR and outlives a stopped browser: kept in tmp, it goes with it
     proc = subprocess.Popen(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
          "--user-data-dir=" + os.path.join(tmp, "profile"), "--window-size=1280,1000",
          "--remote-debugging-port=%d" % port, "about:blank"],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        env=dict(os.environ, TMPDIR=tmp))
     page, targets = None, "no answer"
     # a loaded 2-core machine (four daemons training beside it) can take
     # Chromium long to start; one that does not start is stopped, with its
