@@ -6,6 +6,20 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+/* Under AddressSanitizer every switch between fibers is announced to it, so
+ * that it knows which stack runs (kernels' local arrays, a thread's
+ * "registers", are checked like any other stack object). */
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_ASAN 1
+#endif
+#endif
+#ifdef EMU_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -665,6 +679,9 @@ struct fiber {
 #else
   ucontext_t ctx;
 #endif
+  char *stack_lo; /* its stack: [stack_lo, stack_lo + stack_bytes) */
+  size_t stack_bytes;
+  void *asan_fake; /* AddressSanitizer's fake stack while it is switched out */
   uint3 tid;
   unsigned linear, warp, lane;
   int done;
@@ -674,11 +691,23 @@ struct fiber {
   unsigned long groups;           /* its cp.async groups committed */
 };
 
+#ifdef EMU_ASAN
+const size_t STACK_BYTES = 256 << 10; /* instrumented frames, with their redzones */
+#else
 const size_t STACK_BYTES = 128 << 10;
+#endif
 #if FAST_SWITCH
 void *sched_sp;
 #else
 ucontext_t sched;
+#endif
+#ifdef EMU_ASAN
+/* The scheduler's stack (the launching thread's), learnt from
+ * AddressSanitizer at the first switch from it of each launch */
+const void *sched_stack_lo;
+size_t sched_stack_bytes;
+void *sched_asan_fake;
+bool from_sched;
 #endif
 std::vector<fiber> fibers;
 char *stacks; /* 1024 stacks, mapped once, pages committed as touched */
@@ -710,13 +739,32 @@ std::vector<float> frags; /* the same for mma_sync: 16 floats a lane, two halves
 unsigned long epoch;      /* counts releases and exits: progress */
 const std::function<void()> *body;
 
-/* From fiber `from` to fiber `to` (NULL: the scheduler). */
+/* AddressSanitizer: a fiber's code runs again, after a switch to it */
+void switched_in(void *fake) {
+#ifdef EMU_ASAN
+  const void *lo;
+  size_t bytes;
+  __sanitizer_finish_switch_fiber(fake, &lo, &bytes);
+  if (from_sched) sched_stack_lo = lo, sched_stack_bytes = bytes, from_sched = false;
+#else
+  (void)fake;
+#endif
+}
+
+/* From fiber `from` to fiber `to` (NULL: the scheduler). A finished fiber
+ * leaves for good: AddressSanitizer drops its fake stack. */
 void switch_to(fiber *from, fiber *to) {
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(from->done ? NULL : &from->asan_fake,
+                                 to ? to->stack_lo : sched_stack_lo,
+                                 to ? to->stack_bytes : sched_stack_bytes);
+#endif
 #if FAST_SWITCH
   mt_emu_swap(&from->sp, to ? to->sp : sched_sp);
 #else
   swapcontext(&from->ctx, to ? &to->ctx : &sched);
 #endif
+  switched_in(from->asan_fake);
 }
 
 bool runnable(const fiber &f) { return !f.done && (!f.wait_on || f.wait_on->gen != f.wait_gen); }
@@ -793,6 +841,7 @@ void leave(barrier &b) {
 }
 
 void entry() {
+  switched_in(NULL);
   (*body)();
   if (!cur->copies.empty())
     EMU_DIE("kernel %s block (%u,%u,%u) thread (%u,%u,%u): it ends with %zu cp.async copies "
@@ -810,6 +859,7 @@ void entry() {
 
 /* A new fiber on stack [lo, lo + bytes), starting in entry(). */
 void start(fiber &f, char *lo, size_t bytes) {
+  f.stack_lo = lo, f.stack_bytes = bytes, f.asan_fake = NULL;
 #if FAST_SWITCH
   /* what mt_emu_swap pops: six registers, then entry() as the return
    * address; entry() then starts with rsp = 8 mod 16, as after a call */
@@ -833,18 +883,26 @@ void resume(fiber &f, size_t t) {
   turn = t;
   cur = &f;
   cur_tid = &f.tid;
+#ifdef EMU_ASAN
+  from_sched = true;
+  __sanitizer_start_switch_fiber(&sched_asan_fake, f.stack_lo, f.stack_bytes);
+#endif
 #if FAST_SWITCH
   mt_emu_swap(&sched_sp, f.sp);
 #else
   swapcontext(&sched, &f.ctx);
 #endif
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(sched_asan_fake, NULL, NULL);
+#endif
 }
 
 void warp_sync() { arrive(warps[cur->warp]); }
 
-/* Dynamic shared memory: the launch's buffer, 128-byte aligned, and the
- * limits cudaFuncSetAttribute raised (by kernel, under launch_mu). */
-std::vector<unsigned char> smem_buf;
+/* Dynamic shared memory: the launch's buffer, 128-byte aligned and of the
+ * launch's size exactly (AddressSanitizer stops a read or write past its
+ * end), and the limits cudaFuncSetAttribute raised (by kernel, under
+ * launch_mu). */
 unsigned char *smem_ptr;
 std::map<const void *, int> smem_limits;
 const size_t SMEM_DEFAULT = 48 << 10, SMEM_MAX = 227 << 10;
@@ -989,8 +1047,10 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
               "cudaFuncAttributeMaxDynamicSharedMemorySize set that high",
               name, smem);
   }
-  smem_buf.assign(smem + 128, 0);
-  smem_ptr = smem ? (unsigned char *)(((uintptr_t)smem_buf.data() + 127) & ~(uintptr_t)127) : NULL;
+  free(smem_ptr);
+  smem_ptr = NULL;
+  if (smem && posix_memalign((void **)&smem_ptr, 128, smem))
+    EMU_DIE("kernel %s: cannot allocate %zu bytes of shared memory", name, smem);
   size_t nthreads = (size_t)block.x * block.y * block.z;
   if (!grid.x || !grid.y || !grid.z || !nthreads || nthreads > 1024 || block.z > 64 ||
       grid.y > 65535 || grid.z > 65535) {

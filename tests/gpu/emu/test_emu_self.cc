@@ -7,7 +7,12 @@
  *   message (test_cuda_emu_cp_async_late runs the kernels late);
  * - the order threads take turns in: warps in step by default, and with
  *   the warps order a warp running alone until it waits at a block barrier
- *   (test_cuda_emu_warps runs the kernels so). */
+ *   (test_cuda_emu_warps runs the kernels so);
+ * - under AddressSanitizer (the build-asan tree), a kernel's thread reading
+ *   past its dynamic shared memory, or past a local array (a thread's
+ *   "registers", on its fiber's stack, after a barrier switched fibers), is
+ *   stopped with AddressSanitizer's report: test_cuda_emu_asan's kernels
+ *   are checked, not merely run. */
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -149,9 +154,9 @@ static void run_probe(int late) {
   cudaFree(out);
 }
 
-/* A block whose threads end with a copy not waited for: the child stops
- * with SIGABRT, its message naming the kernel. */
-static void run_unwaited(void) {
+/* Runs fn in a child process; its exit status, and the start of what it
+ * wrote to stderr in msg. */
+static int in_child(void (*fn)(void), char *msg, size_t cap) {
   int fd[2];
   if (pipe(fd)) {
     perror("pipe");
@@ -162,27 +167,106 @@ static void run_unwaited(void) {
   if (pid == 0) {
     dup2(fd[1], 2);
     close(fd[0]);
-    float *src = nullptr;
-    if (cudaMalloc((void **)&src, THREADS * 16)) _exit(3);
-    cudaMemsetAsync(src, 0, THREADS * 16, 0);
-    mt_emu::launch("k_unwaited", k_unwaited, dim3(1), dim3(THREADS), 0, THREADS * 16)(src);
+    fn();
     _exit(0);
   }
   close(fd[1]);
-  char msg[1024] = "";
   size_t n = 0;
   ssize_t r;
-  while (n < sizeof msg - 1 && (r = read(fd[0], msg + n, sizeof msg - 1 - n)) > 0) n += (size_t)r;
+  char rest[4096];
+  while (n < cap - 1 && (r = read(fd[0], msg + n, cap - 1 - n)) > 0) n += (size_t)r;
   msg[n] = 0;
+  while (read(fd[0], rest, sizeof rest) > 0) { /* the rest of a long report */
+  }
   close(fd[0]);
   int status = 0;
   waitpid(pid, &status, 0);
+  return status;
+}
+
+static void launch_unwaited(void) {
+  float *src = nullptr;
+  if (cudaMalloc((void **)&src, THREADS * 16)) _exit(3);
+  cudaMemsetAsync(src, 0, THREADS * 16, 0);
+  mt_emu::launch("k_unwaited", k_unwaited, dim3(1), dim3(THREADS), 0, THREADS * 16)(src);
+}
+
+/* A block whose threads end with a copy not waited for: the child stops
+ * with SIGABRT, its message naming the kernel. */
+static void run_unwaited(void) {
+  char msg[1024];
+  int status = in_child(launch_unwaited, msg, sizeof msg);
   expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
          "a thread ending with a copy not waited for stops the program");
   expect(strstr(msg, "k_unwaited") && strstr(msg, "not waited for"),
          "its message names the kernel and the copies not waited for");
   if (!strstr(msg, "not waited for")) printf("  child's stderr: %s\n", msg);
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SELF_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SELF_ASAN 1
+#endif
+#endif
+
+#ifdef SELF_ASAN
+enum { SHARED_FLOATS = 2 * THREADS };
+
+/* Thread t reads shared float t + past (after a barrier, so that every
+ * thread has been switched out and in). */
+static void k_shared_read(float *out, int past) {
+  const float *smem = (const float *)mt_emu::dyn_smem();
+  __syncthreads();
+  out[threadIdx.x] = smem[threadIdx.x + past];
+}
+
+/* Thread t keeps 8 "registers" in a local array and reads number t % 8 +
+ * past of them, after barriers. */
+static void k_local_read(float *out, int past) {
+  float r[8];
+  for (int i = 0; i < 8; i++) r[i] = (float)(threadIdx.x * 8 + i);
+  __syncthreads();
+  (void)__shfl_xor_sync(0xffffffffu, 0, 1);
+  volatile int k = (int)(threadIdx.x % 8) + past;
+  out[threadIdx.x] = r[k];
+}
+
+static int g_past; /* what the children's kernels read past their arrays */
+
+static void launch_shared_read(void) {
+  float *out = nullptr;
+  if (cudaMalloc((void **)&out, THREADS * sizeof(float))) _exit(3);
+  mt_emu::launch("k_shared_read", k_shared_read, dim3(1), dim3(THREADS), 0,
+                 SHARED_FLOATS * sizeof(float))(out, g_past);
+  cudaStreamSynchronize(0);
+}
+
+static void launch_local_read(void) {
+  float *out = nullptr;
+  if (cudaMalloc((void **)&out, THREADS * sizeof(float))) _exit(3);
+  mt_emu::launch("k_local_read", k_local_read, dim3(1), dim3(THREADS), 0, 0)(out, g_past);
+  cudaStreamSynchronize(0);
+}
+
+/* The same kernel in bounds passes, one element past the end is stopped
+ * with the report naming the overflow. */
+static void run_asan(const char *what, void (*launch)(void), int in_bounds, int past,
+                     const char *kind) {
+  char msg[4096];
+  g_past = in_bounds;
+  int status = in_child(launch, msg, sizeof msg);
+  expectf(WIFEXITED(status) && WEXITSTATUS(status) == 0 && !strstr(msg, "AddressSanitizer"),
+          "AddressSanitizer: %s in bounds runs clean", what);
+  if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) printf("  child's stderr: %.1500s\n", msg);
+  g_past = past;
+  status = in_child(launch, msg, sizeof msg);
+  expectf(!(WIFEXITED(status) && WEXITSTATUS(status) == 0) && strstr(msg, kind),
+          "AddressSanitizer: %s one element past the end is stopped (%s)", what, kind);
+  if (!strstr(msg, kind)) printf("  child's stderr: %.1500s\n", msg);
+}
+#endif
 
 int main(void) {
   run_probe(0);
@@ -193,6 +277,12 @@ int main(void) {
   run_order(0, 1);
   run_order(1, 1);
   run_unwaited();
+#ifdef SELF_ASAN
+  /* the last thread's read: SHARED_FLOATS - THREADS + 63 in bounds, one more past */
+  run_asan("a read of dynamic shared memory", launch_shared_read, SHARED_FLOATS - THREADS,
+           SHARED_FLOATS - THREADS + 1, "heap-buffer-overflow");
+  run_asan("a read of a thread's local array", launch_local_read, 0, 1, "stack-buffer-overflow");
+#endif
   printf("test_emu_self: %d checks, %d failed\n", checks, failures);
   return failures != 0;
 }
