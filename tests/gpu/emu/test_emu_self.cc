@@ -223,14 +223,16 @@ static void k_shared_read(float *out, int past) {
 }
 
 /* Thread t keeps 8 "registers" in a local array and reads number t % 8 +
- * past of them, after barriers. */
+ * past of them, after barriers, through a pointer (UBSan's bounds check,
+ * which sees an array's index, would stop it first: ASan is checked). */
 static void k_local_read(float *out, int past) {
   float r[8];
   for (int i = 0; i < 8; i++) r[i] = (float)(threadIdx.x * 8 + i);
   __syncthreads();
   (void)__shfl_xor_sync(0xffffffffu, 0, 1);
   volatile int k = (int)(threadIdx.x % 8) + past;
-  out[threadIdx.x] = r[k];
+  const float *p = r;
+  out[threadIdx.x] = p[k];
 }
 
 static int g_past; /* what the children's kernels read past their arrays */
