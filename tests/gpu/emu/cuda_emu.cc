@@ -9,14 +9,7 @@
 /* Under AddressSanitizer every switch between fibers is announced to it, so
  * that it knows which stack runs (kernels' local arrays, a thread's
  * "registers", are checked like any other stack object). */
-#if defined(__SANITIZE_ADDRESS__)
-#define EMU_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define EMU_ASAN 1
-#endif
-#endif
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -691,7 +684,7 @@ struct fiber {
   unsigned long groups;           /* its cp.async groups committed */
 };
 
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
 const size_t STACK_BYTES = 256 << 10; /* instrumented frames, with their redzones */
 #else
 const size_t STACK_BYTES = 128 << 10;
@@ -701,7 +694,7 @@ void *sched_sp;
 #else
 ucontext_t sched;
 #endif
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
 /* The scheduler's stack (the launching thread's), learnt from
  * AddressSanitizer at the first switch from it of each launch */
 const void *sched_stack_lo;
@@ -741,7 +734,7 @@ const std::function<void()> *body;
 
 /* AddressSanitizer: a fiber's code runs again, after a switch to it */
 void switched_in(void *fake) {
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
   const void *lo;
   size_t bytes;
   __sanitizer_finish_switch_fiber(fake, &lo, &bytes);
@@ -754,7 +747,7 @@ void switched_in(void *fake) {
 /* From fiber `from` to fiber `to` (NULL: the scheduler). A finished fiber
  * leaves for good: AddressSanitizer drops its fake stack. */
 void switch_to(fiber *from, fiber *to) {
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
   __sanitizer_start_switch_fiber(from->done ? NULL : &from->asan_fake,
                                  to ? to->stack_lo : sched_stack_lo,
                                  to ? to->stack_bytes : sched_stack_bytes);
@@ -883,7 +876,7 @@ void resume(fiber &f, size_t t) {
   turn = t;
   cur = &f;
   cur_tid = &f.tid;
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
   from_sched = true;
   __sanitizer_start_switch_fiber(&sched_asan_fake, f.stack_lo, f.stack_bytes);
 #endif
@@ -892,7 +885,7 @@ void resume(fiber &f, size_t t) {
 #else
   swapcontext(&sched, &f.ctx);
 #endif
-#ifdef EMU_ASAN
+#ifdef MT_EMU_ASAN
   __sanitizer_finish_switch_fiber(sched_asan_fake, NULL, NULL);
 #endif
 }

@@ -98,6 +98,16 @@
 #include <stdint.h>
 #include <string.h>
 
+/* MT_EMU_ASAN: built under AddressSanitizer (GCC's macro, or clang's
+ * feature), where the fibers tell it of every switch of stacks */
+#if defined(__SANITIZE_ADDRESS__)
+#define MT_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MT_EMU_ASAN 1
+#endif
+#endif
+
 /* ---- runtime (C and C++) ------------------------------------------------ */
 
 #ifdef __cplusplus

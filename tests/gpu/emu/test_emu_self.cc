@@ -203,15 +203,7 @@ static void run_unwaited(void) {
   if (!strstr(msg, "not waited for")) printf("  child's stderr: %s\n", msg);
 }
 
-#if defined(__SANITIZE_ADDRESS__)
-#define SELF_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SELF_ASAN 1
-#endif
-#endif
-
-#ifdef SELF_ASAN
+#ifdef MT_EMU_ASAN
 enum { SHARED_FLOATS = 2 * THREADS };
 
 /* Thread t reads shared float t + past (after a barrier, so that every
@@ -279,7 +271,7 @@ int main(void) {
   run_order(0, 1);
   run_order(1, 1);
   run_unwaited();
-#ifdef SELF_ASAN
+#ifdef MT_EMU_ASAN
   /* the last thread's read: SHARED_FLOATS - THREADS + 63 in bounds, one more past */
   run_asan("a read of dynamic shared memory", launch_shared_read, SHARED_FLOATS - THREADS,
            SHARED_FLOATS - THREADS + 1, "heap-buffer-overflow");
