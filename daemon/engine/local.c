@@ -343,37 +343,17 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       st.stop = 1, why = MT_STOPPED_INTERVAL;
     /* out of time: straight to the checkpoint, as Megatron's exit; each
      * validation reads the valid batches its step calls for
-     * (mt_eval_first_batch) */
+     * (mt_eval_first_batch). The run trained its last step (not out of
+     * time): Megatron's validation at the end of training and its test
+     * pass follow. */
     int64_t every_eval = job->eval.interval;
-    if (every_eval > 0 && why != MT_STOPPED_TIME &&
-        (st.step % every_eval == 0 || (st.stop && st.step < job->train.steps))) {
-      rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st.step, 0), &st.val_loss);
-      if (rc) {
-        /* the step itself trained: it is reported, without its validation
-         * (Megatron logs a step before it validates) */
-        if (c == c->all && o->on_step) o->on_step(&st, o->arg);
-        return rc;
-      }
-      st.has_val = 1;
-    }
-    /* the run trained its last step (not out of time): Megatron's
-     * validation at the end of training and its test pass, after the step's
-     * checkpoint (Megatron saves before its test pass too): the test split
-     * was never read before, and a bad token or a fault there must not cost
-     * the steps since the last checkpoint. The save below finds it done. */
-    int end_saved = 0; /* the last step's save was made (or tried) before the passes */
-    if (every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps) {
-      if ((rc = save_checkpoint(c, tr, 0, &last_saved, NULL, 0))) return rc;
-      end_saved = 1;
-      if ((rc = end_of_training(c, tr, &st))) {
-        /* the step itself trained and is saved: it is reported, without them */
-        st.has_final_val = st.has_test = 0;
-        if (c == c->all && o->on_step) o->on_step(&st, o->arg);
-        return rc;
-      }
-    }
-    /* every rank learned the loss in the step's all-reduce */
-    if (c == c->all && o->on_step) o->on_step(&st, o->arg);
+    int validate = every_eval > 0 && why != MT_STOPPED_TIME &&
+                   (st.step % every_eval == 0 || (st.stop && st.step < job->train.steps));
+    int end_passes = every_eval > 0 && why != MT_STOPPED_TIME && st.step == job->train.steps;
+    /* every rank learned the loss in the step's all-reduce; a step with
+     * passes after it is reported once they have run (their losses are on
+     * its line) */
+    if (!validate && !end_passes && c == c->all && o->on_step) o->on_step(&st, o->arg);
     int ordered_save = 0, pause = 0;
     if (st.order && mt_order_seq(st.order) > order_seq) {
       order_seq = mt_order_seq(st.order);
@@ -404,15 +384,20 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     }
     /* a save in flight commits once every rank's writes are done */
     if (c->pending.active && (rc = finish_pending(c, tr, 0, &last_saved))) return rc;
-    /* every rank decides alike: the interval, an order, a stop, the end */
+    /* every rank decides alike: the interval, an order, a stop, the end.
+     * The step's save comes before its validation and the passes at the
+     * end of training, and before a validation it is made whole (not in
+     * the background): those passes read data nothing read before and
+     * run for eval.iters batches, and a bad token, a device fault or a
+     * node lost in them must not cost the steps since the last
+     * checkpoint (Megatron validates first, then saves) */
     int interval = job->checkpoint.interval;
-    /* (a last-step save that failed above is not tried again: its failure
-     * was told once; an order's save still gets its answer) */
-    if (ordered_save || (!end_saved && ((interval > 0 && st.step % interval == 0) || st.stop ||
-                                        st.step == job->train.steps))) {
+    if (ordered_save || (interval > 0 && st.step % interval == 0) || st.stop ||
+        st.step == job->train.steps) {
       int saved = 0;
-      /* in the background only when training goes on after it */
-      int async = ordered_save != MT_ORDER_RESIZE && !st.stop && st.step < job->train.steps;
+      /* in the background only when training goes on right after it */
+      int async =
+          ordered_save != MT_ORDER_RESIZE && !st.stop && st.step < job->train.steps && !validate;
       if ((rc = save_checkpoint(c, tr, ordered_save ? order_seq : 0, &last_saved, &saved, async)))
         return rc;
       /* a resize stops this generation once its state is saved; unsaved, it trains on */
@@ -421,6 +406,15 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
         if (c == c->all) mt_log_info("stopping after step %lld for a resize", (long long)tr->step);
       }
     }
+    /* a pass that fails ends the run; the step, trained and saved, is
+     * still reported, without the passes' losses */
+    if (validate) {
+      rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st.step, 0), &st.val_loss);
+      st.has_val = !rc;
+    }
+    if (!rc && end_passes && (rc = end_of_training(c, tr, &st))) st.has_final_val = st.has_test = 0;
+    if ((validate || end_passes) && c == c->all && o->on_step) o->on_step(&st, o->arg);
+    if (rc) return rc;
     /* a pause holds back nothing of this step: its scheduled save was
      * started above, and the one in flight commits before the wait, so a
      * node lost while paused costs no work */

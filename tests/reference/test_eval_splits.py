@@ -24,6 +24,12 @@ against torch_gpt's on the step's exported checkpoint:
   the dataset and the split), after the last step's checkpoint committed
   (it used to run before that save, losing every step since the last
   interval checkpoint), the last step still reported on its step line;
+- test_failed_validation_keeps_its_steps_checkpoint: a data.valid holding
+  a token past the vocabulary fails the run at the first validation (step
+  3, exit 2, naming the dataset and the split), after step 3's checkpoint
+  committed, with checkpoint.async false and true (a save on a validation
+  step is made whole before it; Megatron validates, then saves, and the
+  step's work was lost), step 3 still reported without a validation loss;
 - test_resumed_run_reads_the_same: a run stopped by train.exit_interval
   after step 4 validates batches 2-3 (what the next interval's will), with
   no end-of-training validation or test pass, and resumed to the end logs
@@ -235,6 +241,28 @@ def main():
               and "test_loss" not in lines(out)[-1],
               f"exit {out.returncode}, latest {held}: " + out.stderr.strip().splitlines()[-1][:300]
               if out.stderr.strip() else f"exit {out.returncode}, latest {held}")
+
+        # a data.valid holding a token past the vocabulary in its first
+        # sample: the first validation (after step 3, a checkpoint interval)
+        # fails the run, after step 3's checkpoint committed, in the
+        # background mode too (a save before a validation is made whole)
+        bad_valid = os.path.join(tmp, "bad-valid")
+        write_dataset(bad_valid, [s[:5] + [300] + s[5:] for s in seqs[:10]])
+        for mode in ("false", "true"):
+            v_dir = os.path.join(tmp, "bad-valid-" + mode)
+            out = mtnlgd_run(v_dir, "checkpoint.interval=3", "checkpoint.async=" + mode,
+                             "data.valid=" + bad_valid, ok=False)
+            latest = os.path.join(v_dir, "evals", "latest")
+            held = open(latest).read().strip() if os.path.exists(latest) else None
+            said = lines(out)
+            check("test_failed_validation_keeps_its_steps_checkpoint (async %s)" % mode,
+                  out.returncode == 2 and bad_valid in out.stderr and "valid split" in out.stderr
+                  and "outside vocab" in out.stderr and held == "step_%08d" % INTERVAL
+                  and [l["step"] for l in said] == list(range(1, INTERVAL + 1))
+                  and "val_loss" not in said[-1],
+                  f"exit {out.returncode}, latest {held}: " +
+                  out.stderr.strip().splitlines()[-1][:300]
+                  if out.stderr.strip() else f"exit {out.returncode}, latest {held}")
 
         # stopped after step 4 by exit_interval, then resumed to the end
         b_dir = os.path.join(tmp, "b")
