@@ -48,8 +48,11 @@ static size_t emu_memory_bytes(void) {
 /* ---- memory ------------------------------------------------------------- */
 
 struct allocation {
-  size_t bytes; /* rounded to 256 */
+  size_t bytes;   /* as asked, rounded up to 32: the end abuts the guard page */
+  size_t charged; /* rounded up to 256, as a GPU's allocator counts it */
   int device;
+  char *map; /* the mapping: the buffer, then the guard page */
+  size_t map_bytes;
 };
 
 static std::mutex mem_mu;                           /* never held while taking async_mutex() */
@@ -515,29 +518,35 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
 }
 
 /* Each allocation ends at an inaccessible page, so a kernel that writes or
- * reads past the end of a buffer (by more than the rounding to 256 bytes)
- * faults at once instead of corrupting a neighbour. */
+ * reads past the end of a buffer faults at once instead of corrupting a
+ * neighbour. The buffer ends where its size, rounded up to 32 bytes, ends
+ * (not where cudaMalloc's 256-byte rounding would: on a GPU an overrun
+ * into that slack goes unseen, here it faults), so it
+ * starts aligned to 256 bytes, as cudaMalloc's, when that size is a
+ * multiple of 256, else to the largest power of two dividing it (at least
+ * 32: a wmma pointer's alignment). */
 cudaError_t cudaMalloc(void **p, size_t bytes) {
-  size_t rounded = (bytes + 255) & ~(size_t)255, page = 4096;
-  if (!rounded) rounded = 256;
-  size_t map = (rounded + page - 1) / page * page + page;
+  size_t charged = (bytes + 255) & ~(size_t)255, page = 4096;
+  size_t tight = (bytes + 31) & ~(size_t)31;
+  if (!charged) charged = 256, tight = 32;
+  size_t map = (tight + page - 1) / page * page + page;
   {
     std::lock_guard<std::mutex> lk(mem_mu);
-    if (device_bytes[current_dev] + rounded > emu_memory_bytes())
+    if (device_bytes[current_dev] + charged > emu_memory_bytes())
       return last_error = cudaErrorMemoryAllocation;
-    device_bytes[current_dev] += rounded;
+    device_bytes[current_dev] += charged;
   }
   char *m = (char *)mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) {
     std::lock_guard<std::mutex> lk(mem_mu);
-    device_bytes[current_dev] -= rounded;
+    device_bytes[current_dev] -= charged;
     return last_error = cudaErrorMemoryAllocation;
   }
   mprotect(m + map - page, page, PROT_NONE);
-  *p = m + map - page - rounded;
-  memset(*p, 0xFF, rounded); /* NaN in every float: reading unwritten memory shows */
+  *p = m + map - page - tight;
+  memset(*p, 0xFF, tight); /* NaN in every float: reading unwritten memory shows */
   std::lock_guard<std::mutex> lk(mem_mu);
-  allocations[(uintptr_t)*p] = allocation{rounded, current_dev};
+  allocations[(uintptr_t)*p] = allocation{tight, charged, current_dev, m, map};
   return cudaSuccess;
 }
 
@@ -566,10 +575,10 @@ cudaError_t cudaFree(void *p) {
   std::lock_guard<std::mutex> lk(mem_mu);
   auto it = allocations.find((uintptr_t)p);
   if (it == allocations.end()) EMU_DIE("cudaFree(%p): freed twice at once", p);
-  size_t rounded = it->second.bytes, page = 4096, map = (rounded + page - 1) / page * page + page;
-  device_bytes[it->second.device] -= rounded;
+  allocation a = it->second;
+  device_bytes[a.device] -= a.charged;
   allocations.erase(it);
-  munmap((char *)p + rounded + page - map, map);
+  munmap(a.map, a.map_bytes);
   return cudaSuccess;
 }
 

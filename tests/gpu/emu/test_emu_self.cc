@@ -8,6 +8,8 @@
  * - the order threads take turns in: warps in step by default, and with
  *   the warps order a warp running alone until it waits at a block barrier
  *   (test_cuda_emu_warps runs the kernels so);
+ * - a device buffer ending at the guard page, so that a write one element
+ *   past its end faults even where cudaMalloc's rounding would hide it;
  * - under AddressSanitizer (the build-asan tree), a kernel's thread reading
  *   past its dynamic shared memory, or past a local array (a thread's
  *   "registers", on its fiber's stack, after a barrier switched fibers), is
@@ -203,6 +205,44 @@ static void run_unwaited(void) {
   if (!strstr(msg, "not waited for")) printf("  child's stderr: %s\n", msg);
 }
 
+/* A buffer's end abuts the guard page: one thread writes element `at`. */
+static void k_write_at(float *buf, int at) {
+  if (threadIdx.x == 0) buf[at] = 1.0f;
+}
+
+enum { GUARDED_FLOATS = 1000 }; /* 4000 bytes: 96 of cudaMalloc's rounding after it */
+
+static int g_at;
+
+static void launch_write_at(void) {
+  float *buf = nullptr;
+  if (cudaMalloc((void **)&buf, GUARDED_FLOATS * sizeof(float))) _exit(3);
+  mt_emu::launch("k_write_at", k_write_at, dim3(1), dim3(32), 0, 0)(buf, g_at);
+  cudaStreamSynchronize(0);
+}
+
+/* The last element is written; one past it, in what cudaMalloc's rounding
+ * to 256 bytes would leave unseen on a GPU, faults. Buffers start aligned
+ * as cudaMalloc's when their size allows (a multiple of 256 bytes). */
+static void run_guard(void) {
+  char msg[4096];
+  g_at = GUARDED_FLOATS - 1;
+  int status = in_child(launch_write_at, msg, sizeof msg);
+  expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a write to a buffer's last element runs");
+  g_at = GUARDED_FLOATS;
+  status = in_child(launch_write_at, msg, sizeof msg);
+  int faulted = (WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV) || strstr(msg, "SEGV");
+  expect(faulted, "a write one element past a buffer's end (inside cudaMalloc's rounding) faults");
+  if (!faulted) printf("  child's status %d, stderr: %.1500s\n", status, msg);
+  float *a = nullptr, *b = nullptr;
+  cudaMalloc((void **)&a, 1024 * sizeof(float));
+  cudaMalloc((void **)&b, GUARDED_FLOATS * sizeof(float));
+  expect((uintptr_t)a % 256 == 0, "a buffer of a multiple of 256 bytes is 256-byte aligned");
+  expect((uintptr_t)b % 32 == 0, "any buffer is at least 32-byte aligned (wmma's pointers)");
+  cudaFree(a);
+  cudaFree(b);
+}
+
 #ifdef MT_EMU_ASAN
 enum { SHARED_FLOATS = 2 * THREADS };
 
@@ -271,6 +311,7 @@ int main(void) {
   run_order(0, 1);
   run_order(1, 1);
   run_unwaited();
+  run_guard();
 #ifdef MT_EMU_ASAN
   /* the last thread's read: SHARED_FLOATS - THREADS + 63 in bounds, one more past */
   run_asan("a read of dynamic shared memory", launch_shared_read, SHARED_FLOATS - THREADS,
