@@ -145,6 +145,23 @@ char *ctl_fmt_duration(char *buf, size_t cap, double s) {
   return buf;
 }
 
+char *ctl_fmt_evaluation(char *buf, size_t cap, const json_t *ev) {
+  double done, total, after, secs;
+  if (!json_is_object(ev) || !ctl_jnum(ev, "batches_done", &done) ||
+      !ctl_jnum(ev, "batches", &total) || !ctl_jnum(ev, "after_step", &after))
+    return NULL;
+  const char *split = ctl_jstr(ev, "split");
+  int test = split && !strcmp(split, "test");
+  int end = json_is_true(json_object_get(ev, "end_of_training"));
+  int len = snprintf(buf, cap, "%s%s after step %.0f: batch %.0f of %.0f",
+                     test ? "the test pass" : "validation",
+                     end && !test ? " at the end of training" : "", after, done, total);
+  char d[32];
+  if (len > 0 && (size_t)len < cap && ctl_jnum(ev, "elapsed_s", &secs))
+    snprintf(buf + len, cap - (size_t)len, ", %s so far", ctl_fmt_duration(d, sizeof d, secs));
+  return buf;
+}
+
 char *ctl_fmt_age(char *buf, size_t cap, double unix_s) {
   struct timespec now;
   clock_gettime(CLOCK_REALTIME, &now);

@@ -40,6 +40,9 @@ char *ctl_fmt_devices(char *buf, size_t cap, const json_t *a);
 /* A rate such as TFLOP/s: two decimals, or two significant digits below
  * 0.1 ("0.0011"), so a small model's rate does not read 0.00. */
 char *ctl_fmt_rate(char *buf, size_t cap, double v);
+/* A status's evaluation (a pass under way): "validation after step 5:
+ * batch 26 of 600, 0.3 s so far"; NULL (buf untouched) when there is none. */
+char *ctl_fmt_evaluation(char *buf, size_t cap, const json_t *ev);
 /* A number field with printf format fmt, or "-" when absent. */
 char *ctl_fmt_field(char *buf, size_t cap, const json_t *obj, const char *key, const char *fmt);
 

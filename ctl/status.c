@@ -23,7 +23,7 @@ const char ctl_status_help[] =
     "daemon knows the peak; ask each node's endpoint for its own), the step time\n"
     "split into compute, pipeline bubble and communication (and, under\n"
     "train.timing_log_level, the last step's timers, min and max across ranks),\n"
-    "the ETA, and the last checkpoint.\n"
+    "the ETA, the last checkpoint, and a validation or test pass under way.\n"
     "\n"
     "Options:\n"
     "  --devices              also list the answering node's devices: rank, stage,\n"
@@ -252,6 +252,10 @@ static void print_status(const json_t *st) {
   const char *state = ctl_jstr(st, "state"), *reason = ctl_jstr(st, "reason");
   printf(LABEL "%s%s%s\n", "state", state ? state : "-", reason ? ": " : "", reason ? reason : "");
   print_last_restart(json_object_get(st, "last_restart"));
+  /* a validation or test pass under way: its step's line waits for it */
+  char ev[160];
+  if (ctl_fmt_evaluation(ev, sizeof ev, json_object_get(st, "evaluation")))
+    printf(LABEL "%s\n", "evaluating", ev);
 
   printf(LABEL "%s", "step", ctl_fmt_field(a, sizeof a, st, "step", "%.0f"));
   if (ctl_jnum(json_object_get(st, "job"), "steps", &steps) && steps > 0) {

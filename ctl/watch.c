@@ -98,6 +98,9 @@ static void render_view(FILE *f, const json_t *st, const char *error, double int
           ctl_jstr(job, "name") ? ctl_jstr(job, "name") : "-",
           ctl_fmt_field(a, sizeof a, st, "generation", "%.0f"), state ? state : "-",
           reason ? ": " : "", reason ? reason : "");
+  char ev[160];
+  if (ctl_fmt_evaluation(ev, sizeof ev, json_object_get(st, "evaluation")))
+    fprintf(f, "evaluating %s\n", ev);
   double eta, tflops = 0;
   size_t n_dev = 0;
   const json_t *devs = json_object_get(st, "devices");

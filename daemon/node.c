@@ -174,6 +174,9 @@ static void on_step(const mt_step_stats *st, void *arg) {
   mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
              !strcmp(n->cfg->log_format, "json"));
   node_history_add(n, st);
+  pthread_mutex_lock(&n->mu);
+  n->evaluating = 0; /* its passes, if any, are on its line */
+  pthread_mutex_unlock(&n->mu);
   if (!n->memory_logged) {
     const char *gpus[MT_RDZV_MAX_DEVICES];
     for (int i = 0; i < n->n_devices; i++) gpus[i] = n->specs[i];
@@ -214,6 +217,18 @@ static void on_step(const mt_step_stats *st, void *arg) {
   mt_tboard_step(n->tboard, st); /* NULL without one */
   sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
              (long long)st->step, (long long)n->run_job.train.steps, st->loss);
+}
+
+/* A validation or test pass of this node's ranks goes on: the status
+ * shows it until the step it follows is reported (on_step) or the
+ * generation ends. */
+static void on_eval(const mt_eval_progress *p, void *arg) {
+  node *n = arg;
+  pthread_mutex_lock(&n->mu);
+  if (!p->done) n->eval_started_ms = mt_mono_ms();
+  n->eval = *p;
+  n->evaluating = 1;
+  pthread_mutex_unlock(&n->mu);
 }
 
 static void on_resumed(int64_t step, void *arg) {
@@ -468,6 +483,7 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
       .checkpoint_dir = n->ckpt_job_dir[0] ? n->ckpt_job_dir : NULL,
       .on_checkpoint = on_checkpoint,
       .on_step = on_step,
+      .on_eval = on_eval,
       .on_resumed = on_resumed,
       .on_stopped = on_stopped,
       .arg = n,
@@ -698,6 +714,7 @@ static void next_generation(node *n) {
   n->report_pending = 0;
   pthread_mutex_lock(&n->mu);
   n->ckpt_writing = 0; /* an async save the ended generation dropped */
+  n->evaluating = 0;   /* a pass it ended */
   pthread_mutex_unlock(&n->mu);
   set_state(n, N_WAITING);
 }

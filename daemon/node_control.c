@@ -291,6 +291,16 @@ static json_t *build_status(node *n) {
       isfinite(n->history[(n->history_n - 1) % NODE_HISTORY].test_loss))
     test = json_real(n->history[(n->history_n - 1) % NODE_HISTORY].test_loss);
   json_object_set_new(s, "test_loss", test);
+  /* a validation or test pass this node's ranks are in: the step line
+   * comes once it ends (at scale, minutes of forward passes) */
+  json_t *ev = json_null();
+  if (n->evaluating)
+    ev = json_pack("{s:s, s:b, s:I, s:i, s:i, s:f}", "split",
+                   n->eval.split == MT_SPLIT_TEST ? "test" : "valid", "end_of_training",
+                   n->eval.end_of_training, "after_step", (json_int_t)n->eval.step, "batches_done",
+                   n->eval.done, "batches", n->eval.total, "elapsed_s",
+                   (mt_mono_ms() - n->eval_started_ms) / 1e3);
+  json_object_set_new(s, "evaluation", ev ? ev : json_null());
   /* the rates are the last step's: null, and no metrics sample, until a
    * step ran and while the job is not stepping (paused, stopped, forming...),
    * so an alert on throughput sees a paused or stalled job, not its last step */

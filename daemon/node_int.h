@@ -145,6 +145,10 @@ typedef struct node {
   int64_t ckpt_failures; /* saves that failed since the daemon started */
   char ckpt_error[512];
   int paused; /* orders as they took effect here */
+  /* a validation or test pass this node's ranks are in (under mu) */
+  int evaluating;
+  mt_eval_progress eval;
+  int64_t eval_started_ms; /* monotonic */
 
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
   mt_step_stats last;

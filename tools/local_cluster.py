@@ -430,6 +430,27 @@ def license_tokens(path, count=200000):
     return path
 
 
+def indexed_dataset(prefix, seqs):
+    """Megatron's MMIDIDX dataset (prefix.bin, prefix.idx) of uint16 tokens,
+    one document per sequence of seqs."""
+    import struct
+    body, sizes, pointers = bytearray(), [], []
+    for s in seqs:
+        pointers.append(len(body))
+        sizes.append(len(s))
+        body += struct.pack("<%dH" % len(s), *s)
+    doc_idx = list(range(len(seqs) + 1))
+    idx = bytearray(b"MMIDIDX\x00\x00") + struct.pack("<QBQQ", 1, 8, len(sizes), len(doc_idx))
+    idx += struct.pack("<%di" % len(sizes), *sizes)
+    idx += struct.pack("<%dq" % len(pointers), *pointers)
+    idx += struct.pack("<%dq" % len(doc_idx), *doc_idx)
+    with open(prefix + ".idx", "wb") as f:
+        f.write(idx)
+    with open(prefix + ".bin", "wb") as f:
+        f.write(body)
+    return prefix
+
+
 def tiny_job(path, tokens, name, steps, **sections):
     """The tiny byte-level model as tp 2 x pp 2 x dp 2 (4 layers, global batch
     8 in micro-batches of 2): the layout the cluster tests run. sections

@@ -255,14 +255,14 @@ void mt_local_stop_reason(char *buf, size_t size, const mt_job *job, int64_t ste
  * the end of training for val data" and "... for test data"). */
 static int end_of_training(rank_ctx *c, mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = c->o->job;
-  int rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st->step, 1),
+  int rc = mt_trainer_eval(tr, MT_SPLIT_VALID, 1, mt_eval_first_batch(job, st->step, 1),
                            &st->final_val_loss);
   if (rc) return rc;
   st->has_final_val = 1;
   int has_test = 0;
   if (job->eval.test && (rc = mt_trainer_has_test(tr, &has_test))) return rc;
   if (has_test) {
-    if ((rc = mt_trainer_eval(tr, MT_SPLIT_TEST, 0, &st->test_loss))) return rc;
+    if ((rc = mt_trainer_eval(tr, MT_SPLIT_TEST, 1, 0, &st->test_loss))) return rc;
     st->has_test = 1;
   } else if (job->eval.test && c->rank == 0 && job->data.path[0])
     mt_log_info("no test pass: data.path %s has no test split (data.test names one)",
@@ -289,6 +289,8 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   tr->stop_flag = o->stop;
   tr->order_src = c->rank == 0 ? o->order : NULL;
   tr->node = o->node;
+  tr->on_eval = c == c->all ? o->on_eval : NULL;
+  tr->eval_arg = o->arg;
   int why = MT_STOPPED_ASKED; /* of the agreed stop */
   if (c->rank == 0) report_start(tr);
   int64_t resumed = -1; /* -1: a fresh start */
@@ -409,7 +411,8 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
     /* a pass that fails ends the run; the step, trained and saved, is
      * still reported, without the passes' losses */
     if (validate) {
-      rc = mt_trainer_eval(tr, MT_SPLIT_VALID, mt_eval_first_batch(job, st.step, 0), &st.val_loss);
+      rc = mt_trainer_eval(tr, MT_SPLIT_VALID, 0, mt_eval_first_batch(job, st.step, 0),
+                           &st.val_loss);
       st.has_val = !rc;
     }
     if (!rc && end_passes && (rc = end_of_training(c, tr, &st))) st.has_final_val = st.has_test = 0;

@@ -71,6 +71,10 @@ typedef struct mt_local_opts {
   /* the first rank of this process, after each step (validation filled in
    * when it ran): every rank learns the loss in the step's all-reduce */
   void (*on_step)(const mt_step_stats *st, void *arg);
+  /* the first rank of this process, as a validation or test pass goes:
+   * before its first batch and after each (the step it follows is then
+   * reported by on_step, a pass that fails ends the run) */
+  void (*on_eval)(const mt_eval_progress *p, void *arg);
   /* the first rank of this process, after resuming from a checkpoint at step */
   void (*on_resumed)(int64_t step, void *arg);
   /* the first rank of this process, when the ranks agreed to stop after

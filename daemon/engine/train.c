@@ -1091,7 +1091,8 @@ int mt_trainer_has_test(mt_trainer *tr, int *has) {
   return 0;
 }
 
-int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double *loss) {
+int mt_trainer_eval(mt_trainer *tr, mt_split which, int end_of_training, uint64_t first_batch,
+                    double *loss) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
   int G = job->train.global_batch; /* validation batches are full ones, ramp-up or not */
@@ -1104,6 +1105,11 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double
   m->training = 0;
   int timing = tr->timers.level; /* the timers time training steps */
   tr->timers.level = 0;
+  mt_eval_progress pr = {.split = which,
+                         .end_of_training = end_of_training,
+                         .step = tr->step,
+                         .total = job->eval.iters};
+  if (tr->on_eval) tr->on_eval(&pr, tr->eval_arg);
   for (int e = 0; e < job->eval.iters && !rc; e++) {
     pipe_run r = {.tr = tr,
                   .split = which,
@@ -1113,6 +1119,8 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double
                   .overlap = tr->job->parallel.overlap_p2p};
     rc = run_pipeline(&r);
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
+    pr.done = e + 1;
+    if (!rc && tr->on_eval) tr->on_eval(&pr, tr->eval_arg);
   }
   for (int c = 0; c < tr->n_chunks; c++) tr->chunks[c].training = 1;
   m->training = 1;

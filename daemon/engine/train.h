@@ -154,6 +154,14 @@ int mt_pipe_schedule(int pp, int s, int v, int micro, int forward_only, mt_pipe_
  * any count (v = 1) of micro-batches up to micro: into inflight[v]. */
 int mt_pipe_inflight(int pp, int s, int v, int micro, int *inflight);
 
+/* A validation or test pass under way. */
+typedef struct mt_eval_progress {
+  mt_split split;      /* MT_SPLIT_VALID or MT_SPLIT_TEST */
+  int end_of_training; /* one of Megatron's passes after the last step */
+  int64_t step;        /* the step it follows */
+  int done, total;     /* global batches (eval.iters) */
+} mt_eval_progress;
+
 typedef struct mt_trainer {
   const mt_job *job;
   mt_device *dev;
@@ -228,6 +236,10 @@ typedef struct mt_trainer {
   double flops_per_micro;           /* ... per micro-batch */
   mt_precision precision;           /* of the job's train.precision */
   mt_loss_scale scaler;             /* fp16 only; the same state on every rank */
+  /* a validation or test pass's progress, on the rank that reports (NULL:
+   * none): before its first batch and after each */
+  void (*on_eval)(const mt_eval_progress *p, void *arg);
+  void *eval_arg;
 } mt_trainer;
 
 /* Orders from the coordinator, numbered by seq, agreed on by every rank in
@@ -300,9 +312,12 @@ void mt_end_of_training_line(char *buf, size_t cap, const char *data, double los
 int mt_trainer_has_test(mt_trainer *tr, int *has);
 
 /* Mean loss over eval.iters global batches of split `which` (valid or
- * test) from global batch first_batch, without dropout. Collective over
- * every rank. */
-int mt_trainer_eval(mt_trainer *tr, mt_split which, uint64_t first_batch, double *loss);
+ * test) from global batch first_batch, without dropout; end_of_training:
+ * one of Megatron's passes after the last step (for tr->on_eval). Calls
+ * tr->on_eval, when set, before the first batch and after each. Collective
+ * over every rank. */
+int mt_trainer_eval(mt_trainer *tr, mt_split which, int end_of_training, uint64_t first_batch,
+                    double *loss);
 
 /* Writes the whole model as GPT-2 safetensors from world rank 0, which
  * gathers replica 0's stages and shards one tensor at a time and writes

@@ -40,6 +40,14 @@ library) until the test lets them go:
   saves nothing, shows the member's failed save (of "cluster", its error
   and count) and then the good one, while its own failure metrics stay 0:
   it showed "idle", 0 failures, while every save of the job failed.
+A third (cpu:1, 6 steps, validating after step 5 and at the end on 600
+batches of a data.valid, about 2 s each):
+- test_status_shows_a_validation_under_way_until_its_step_is_reported:
+  /v1/status's evaluation names each pass (valid, after step 5, then the
+  end of training's after step 6) with its batches counting up while the
+  status's step is still the one before, conforms to
+  proto/control-v1.yaml, `mtnlgctl status` prints its "evaluating" line,
+  and the steps come with their losses once the passes end.
 Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
 - test_reads_need_token_with_an_empty_token_file_is_refused_at_start;
@@ -54,6 +62,7 @@ Then two daemons that must not start (exit 2, naming both keys):
   with the 401, and with one it reads the file on the 401 and asks again.
 Each check prints `ok NAME` or `FAIL NAME: detail`; exit 1 when any failed.
 """
+import array
 import http.client
 import json
 import os
@@ -67,7 +76,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
 sys.path.insert(0, os.path.join(HERE, "..", "common"))
-from local_cluster import LocalCluster, check, license_tokens, tiny_job  # noqa: E402
+from local_cluster import LocalCluster, check, indexed_dataset, license_tokens, tiny_job  # noqa: E402
 import openapi_check as oc  # noqa: E402
 
 SPEC = os.path.join(HERE, "..", "..", "proto", "control-v1.yaml")
@@ -458,6 +467,67 @@ def test_reads_with_the_token(mtnlgd, mtnlgctl, tmp):
         c.kill_all()
 
 
+def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
+    """One daemon (cpu:1), 6 steps validating after step 5 (600 batches of
+    data.valid, about 2 s here) and at the end."""
+    tokens = os.path.join(tmp, "tokens.u16")
+    toks = array.array("H")
+    with open(tokens, "rb") as f:
+        toks.frombytes(f.read())
+    valid = indexed_dataset(os.path.join(tmp, "valid"),
+                            [list(toks[i:i + 400]) for i in range(0, 40000, 400)])
+    job = tiny_job(os.path.join(tmp, "job_eval.json"), tokens, "ctleval", 6,
+                   parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   data={"path": tokens, "valid": valid},
+                   eval={"interval": 5, "iters": 600, "test": False})
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "evaluation"), job, nodes=1, devices="cpu:1")
+    n = c.nodes[0]
+    doc = oc.load(SPEC)
+    try:
+        c.start()
+        seen, during, printed, deadline = [], None, None, time.time() + 120
+        while time.time() < deadline and n.running():
+            try:
+                st = json.loads(get(n, "/v1/status", timeout=2)[1])
+            except (OSError, ValueError):
+                time.sleep(0.05)
+                continue
+            ev = st.get("evaluation")
+            if ev is not None:
+                seen.append((st["step"], ev["split"], ev["end_of_training"], ev["after_step"],
+                             ev["batches_done"], ev["batches"]))
+                if during is None and ev["batches_done"] < 300:
+                    during = st
+                    if mtnlgctl:
+                        printed = subprocess.run([mtnlgctl, "-e", n.url(), "status"],
+                                                 capture_output=True, text=True, timeout=30)
+            time.sleep(0.02)
+        code = c.wait_all(60)
+        steps = n.steps()
+        errors = oc.check_response(doc, "GET", "/v1/status", 200, json.dumps(during),
+                                   "application/json") if during else ["never seen"]
+        # the interval's validation after step 5 (step 4 the last reported
+        # meanwhile), then the end of training's after step 6 (step 5 reported)
+        mid = [s for s in seen if not s[2]]
+        end = [s for s in seen if s[2]]
+        counts = [s[4] for s in mid]
+        line = re.search(r"^  evaluating +validation after step 5: batch \d+ of 600, .* so far$",
+                         printed.stdout, re.M) if printed else True
+        ok = (code == [0] and mid and end and all(s[:4] == (4, "valid", False, 5) for s in mid)
+              and all(s[:4] == (5, "valid", True, 6) for s in end)
+              and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen)
+              and counts == sorted(counts) and len(set(counts)) > 1 and not errors and line
+              and [s["step"] for s in steps] == list(range(1, 7))
+              and "val_loss" in steps[4] and "final_val_loss" in steps[5])
+        return check("test_status_shows_a_validation_under_way_until_its_step_is_reported", bool(ok),
+                     "exit %s; seen %d statuses in a pass: first %s, last %s; contract %s; "
+                     "mtnlgctl status: %r" % (
+                         code, len(seen), seen[:1], seen[-1:], errors[:3],
+                         printed.stdout[-600:] if printed else None))
+    finally:
+        c.kill_all()
+
+
 def main():
     global failures
     mtnlgd, preload = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
@@ -466,6 +536,7 @@ def main():
     try:
         test_live_node(mtnlgd, tmp, mtnlgctl)
         test_checkpointing_state(mtnlgd, preload, tmp)
+        failures += test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp)
         job = tiny_job(os.path.join(tmp, "job_nockpt.json"), os.path.join(tmp, "tokens.u16"),
                        "refused", 10)
         ok, why = refused(mtnlgd, tmp, "nofile", None, job)

@@ -445,7 +445,7 @@ SAMPLE_STATUS = {
             "dp_max": 4},
     "generation": 2, "restarts": 0, "last_restart": None, "state": "running", "reason": None,
     "step": 12, "consumed_tokens": 12288, "global_batch": 8, "loss": 3.21, "lr": 1e-3, "grad_norm": 0.8,
-    "val_loss": None, "tokens_per_s": 2830.0, "skipped_steps": 0, "loss_scale": None,
+    "val_loss": None, "evaluation": None, "tokens_per_s": 2830.0, "skipped_steps": 0, "loss_scale": None,
     "step_time": {"total_ms": 45.3, "compute_ms": 38.0, "bubble_ms": 4.1, "comm_ms": 3.2,
                   "timers": {"forward-backward": [40.5, 41.25]}},
     "eta_s": 120.5, "exit_at": None, "exit_step": None,
@@ -464,6 +464,8 @@ SAMPLE_STATUS = {
               "max_transient_bytes": 4294967296, "clients": 2, "max_clients": 65536,
               "waiters": 3, "refused_clients": 0, "dropped_clients": 0},
 }
+SAMPLE_EVALUATION = {"split": "valid", "end_of_training": False, "after_step": 12,
+                     "batches_done": 40, "batches": 100, "elapsed_s": 12.5}
 SAMPLE_OP = {"id": "op-7", "kind": "resize", "state": "queued", "reason": None,
              "created": 1700000000.0, "updated": 1700000000.5, "step": None, "args": {"dp": 2},
              "progress": None}
@@ -496,6 +498,8 @@ def self_test(spec_path):
     j = json.dumps
     good = [
         ("GET", "/v1/status", 200, j(SAMPLE_STATUS), "application/json", {}),
+        ("GET", "/v1/status", 200, j(dict(SAMPLE_STATUS, evaluation=SAMPLE_EVALUATION)),
+         "application/json", {}),
         ("GET", "/v1/health", 200, j({"status": "ok", "node": "n0", "state": "running",
                                       "version": "0.1.0", "mutations": True}), "application/json", {}),
         ("GET", "/v1/history?since=2", 200, j({"steps": [SAMPLE_POINT, dict(SAMPLE_POINT,
@@ -541,6 +545,10 @@ def self_test(spec_path):
         ("job not object", status_with(lambda s: s.update(job=[]))),
         ("ckpt missing bytes", status_with(lambda s: s["last_checkpoint"].pop("bytes"))),
         ("progress bad state", status_with(lambda s: s["checkpoint_progress"].update(state="x"))),
+        ("evaluation of the train split",
+         status_with(lambda s: s.update(evaluation=dict(SAMPLE_EVALUATION, split="train")))),
+        ("evaluation without its batches",
+         status_with(lambda s: s.update(evaluation={"split": "test"}))),
         ("not JSON", "{"),
     ]
     for name, body in bad:

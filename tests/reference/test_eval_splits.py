@@ -60,28 +60,12 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
 import torch_gpt  # noqa: E402
+from local_cluster import indexed_dataset  # noqa: E402
 
 SEQ, G, MICRO, ITERS, INTERVAL, STEPS = 64, 4, 2, 2, 3, 6
 REL = 2e-5  # fp32 engine against float64 torch
-
-
-def write_dataset(prefix, seqs):
-    """Megatron's MMIDIDX index (uint16 tokens, one document per sequence)."""
-    body, sizes, pointers = bytearray(), [], []
-    for s in seqs:
-        pointers.append(len(body))
-        sizes.append(len(s))
-        body += struct.pack("<%dH" % len(s), *s)
-    doc_idx = list(range(len(seqs) + 1))
-    idx = bytearray(b"MMIDIDX\x00\x00") + struct.pack("<QBQQ", 1, 8, len(sizes), len(doc_idx))
-    idx += struct.pack("<%di" % len(sizes), *sizes)
-    idx += struct.pack("<%dq" % len(pointers), *pointers)
-    idx += struct.pack("<%dq" % len(doc_idx), *doc_idx)
-    with open(prefix + ".idx", "wb") as f:
-        f.write(idx)
-    with open(prefix + ".bin", "wb") as f:
-        f.write(body)
 
 
 def split_range(split, n, which):
@@ -152,7 +136,7 @@ def main():
     split = "60,30,10"
     with tempfile.TemporaryDirectory(prefix="mt_eval_splits.") as tmp:
         prefix = os.path.join(tmp, "words")
-        write_dataset(prefix, seqs)
+        indexed_dataset(prefix, seqs)
         job = {
             "name": "evals",
             "model": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256,
@@ -228,7 +212,7 @@ def main():
         # the last step's checkpoint (checkpoints every 4 steps: step 6's is
         # the end's) was committed, so no trained step is lost
         bad = os.path.join(tmp, "bad-test")
-        write_dataset(bad, [s[:20] + [300] + s[20:] for s in seqs[:10]])
+        indexed_dataset(bad, [s[:20] + [300] + s[20:] for s in seqs[:10]])
         bad_dir = os.path.join(tmp, "bad")
         out = mtnlgd_run(bad_dir, "checkpoint.interval=4", "data.test=" + json.dumps(bad),
                          ok=False)
@@ -247,7 +231,7 @@ def main():
         # fails the run, after step 3's checkpoint committed, in the
         # background mode too (a save before a validation is made whole)
         bad_valid = os.path.join(tmp, "bad-valid")
-        write_dataset(bad_valid, [s[:5] + [300] + s[5:] for s in seqs[:10]])
+        indexed_dataset(bad_valid, [s[:5] + [300] + s[5:] for s in seqs[:10]])
         for mode in ("false", "true"):
             v_dir = os.path.join(tmp, "bad-valid-" + mode)
             out = mtnlgd_run(v_dir, "checkpoint.interval=3", "checkpoint.async=" + mode,
@@ -296,8 +280,8 @@ def main():
                 for _ in range(20)]
         other = [list(b" ".join(rng.choice(words[5:]) for _ in range(rng.randint(3, 9))))
                  for _ in range(15)]
-        write_dataset(os.path.join(tmp, "held"), held)
-        write_dataset(os.path.join(tmp, "other"), other)
+        indexed_dataset(os.path.join(tmp, "held"), held)
+        indexed_dataset(os.path.join(tmp, "other"), other)
         g_dir = os.path.join(tmp, "g")
         g = {l["step"]: l for l in lines(mtnlgd_run(
             g_dir, "data.valid=" + os.path.join(tmp, "held"),

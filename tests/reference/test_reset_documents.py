@@ -55,7 +55,6 @@ import json
 import math
 import os
 import random
-import struct
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ except ImportError as e:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 import torch_gpt  # noqa: E402
-from local_cluster import check, output_losses  # noqa: E402
+from local_cluster import check, indexed_dataset, output_losses  # noqa: E402
 
 EOD = 255
 N_LAYER, N_EMBD, N_HEAD, VOCAB, SEQ = 4, 32, 4, 256, 32
@@ -97,17 +96,6 @@ def make_tokens(seed=11, n=STEPS * G * SEQ + 1):
     for i in (0, 9, 10, SEQ - 1):
         t[i] = EOD
     return t
-
-
-def write_dataset(prefix, seq):
-    """Megatron's MMIDIDX index of one sequence (uint16 tokens), as
-    test_eval_splits.py writes it."""
-    idx = bytearray(b"MMIDIDX\x00\x00") + struct.pack("<QBQQ", 1, 8, 1, 2)
-    idx += struct.pack("<i", len(seq)) + struct.pack("<q", 0) + struct.pack("<2q", 0, 1)
-    with open(prefix + ".idx", "wb") as f:
-        f.write(idx)
-    with open(prefix + ".bin", "wb") as f:
-        f.write(struct.pack("<%dH" % len(seq), *seq))
 
 
 def valid_loss(weights, cfg, tokens, first, reset_pos, reset_mask):
@@ -206,7 +194,7 @@ def main():
         # data.valid: a dataset of its own, read whole in order (shuffle off)
         vtokens = make_tokens(12, 3 * G * SEQ + 1)
         vprefix = os.path.join(tmp, "valid")
-        write_dataset(vprefix, vtokens)
+        indexed_dataset(vprefix, [vtokens])
         validate = ["eval.interval=3", "eval.iters=1", f"data.valid={vprefix}",
                     "data.shuffle=false"]
         for mode, (sets, reset_pos, reset_mask) in MODES.items():

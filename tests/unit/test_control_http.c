@@ -85,6 +85,11 @@ static json_t *fake_status(void *arg) {
   if (s) json_object_set_new(s, "exit_step", json_integer(5000));
   if (s) json_object_set_new(s, "test_loss", json_real(3.5)); /* a completed run's test pass */
   if (s) json_object_set_new(s, "tensorboard_dropped_steps", json_integer(7));
+  if (s) /* a validation under way */
+    json_object_set_new(s, "evaluation",
+                        json_pack("{s:s, s:b, s:i, s:i, s:i, s:f}", "split", "valid",
+                                  "end_of_training", 0, "after_step", 12, "batches_done", 40,
+                                  "batches", 100, "elapsed_s", 12.5));
   if (s) /* train.timing_log_level's timers of the last step */
     json_object_set_new(json_object_get(s, "step_time"), "timers",
                         json_pack("{s:[f,f], s:[f,f]}", "forward-backward", 40.5, 41.25,
