@@ -260,6 +260,28 @@ static void render_cluster(sbuf *b, json_t *st) {
   };
   sample_fields(b, f, sizeof f / sizeof f[0], st);
 
+  /* a validation or test pass under way, during which mtnlg_step stays: an
+   * alert on a step that does not move can leave those minutes out */
+  json_t *ev = json_object_get(st, "evaluation");
+  family evaluating = {"mtnlg_evaluating", "gauge",
+                       "1 while the answering daemon's ranks run a validation or test pass "
+                       "(mtnlg_step moves on once it ends), else 0.",
+                       0};
+  sample(b, &evaluating, NULL, json_is_object(ev));
+  family ev_done = {"mtnlg_evaluation_batches_done", "gauge",
+                    "Global batches of the validation or test pass under way run so far; no "
+                    "sample without one.",
+                    0};
+  family ev_total = {"mtnlg_evaluation_batches", "gauge",
+                     "Global batches of the pass under way (eval.iters); no sample without one.",
+                     0};
+  if (json_is_object(ev)) {
+    labels s = {0};
+    label_json(&s, "split", json_object_get(ev, "split"));
+    sample_json(b, &ev_done, &s, json_object_get(ev, "batches_done"), 1, 1);
+    sample_json(b, &ev_total, &s, json_object_get(ev, "batches"), 1, 1);
+  }
+
   family phase = {"mtnlg_step_time_seconds", "gauge",
                   "Time of the last step, split by phase (total = compute + bubble + comm).", 0};
   const char *phases[] = {"total", "compute", "bubble", "comm"};

@@ -1100,6 +1100,9 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       "mtnlg_http_requests_total{code=\"413\"} 2\n",
       "# TYPE mtnlg_tensorboard_dropped_steps_total counter\n",
       "mtnlg_tensorboard_dropped_steps_total 7\n",
+      "mtnlg_evaluating 1\n",
+      "mtnlg_evaluation_batches_done{split=\"valid\"} 40\n",
+      "mtnlg_evaluation_batches{split=\"valid\"} 100\n",
   };
   for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
     CHECK(strstr(r.body, want[i]), "metrics lack %s", want[i]);
@@ -1119,7 +1122,8 @@ static int test_metrics_pass_promtool_and_count_requests(void) {
       json_pack("{s:s,s:n,s:n,s:[],s:[]}", "state", "forming", "job", "loss", "devices", "nodes");
   text = mt_control_metrics_text(NULL, partial);
   CHECK(text && strstr(text, "mtnlg_state{state=\"forming\"} 1") && !strstr(text, "mtnlg_loss") &&
-            !strstr(text, "mtnlg_job_info"),
+            !strstr(text, "mtnlg_job_info") && strstr(text, "mtnlg_evaluating 0\n") &&
+            !strstr(text, "mtnlg_evaluation_batches"),
         "forming status: %s", text ? text : "(null)");
   if (text && promtool_check(text) > 0) CHECK(0, "promtool refused the forming status: %s", text);
   free(text);
