@@ -400,17 +400,17 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
       /* in the background only when training goes on right after it */
       int async =
           ordered_save != MT_ORDER_RESIZE && !st.stop && st.step < job->train.steps && !validate;
-      if ((rc = save_checkpoint(c, tr, ordered_save ? order_seq : 0, &last_saved, &saved, async)))
-        return rc;
+      rc = save_checkpoint(c, tr, ordered_save ? order_seq : 0, &last_saved, &saved, async);
       /* a resize stops this generation once its state is saved; unsaved, it trains on */
-      if (ordered_save == MT_ORDER_RESIZE && saved) {
+      if (!rc && ordered_save == MT_ORDER_RESIZE && saved) {
         st.stop = 1;
         if (c == c->all) mt_log_info("stopping after step %lld for a resize", (long long)tr->step);
       }
     }
-    /* a pass that fails ends the run; the step, trained and saved, is
-     * still reported, without the passes' losses */
-    if (validate) {
+    /* a pass that fails ends the run, as a save whose generation ends
+     * does; the step, trained, is still reported, without the passes'
+     * losses */
+    if (!rc && validate) {
       rc = mt_trainer_eval(tr, MT_SPLIT_VALID, 0, mt_eval_first_batch(job, st.step, 0),
                            &st.val_loss);
       st.has_val = !rc;
