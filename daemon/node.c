@@ -173,10 +173,12 @@ static void on_step(const mt_step_stats *st, void *arg) {
    * way then never shows a step whose line is not out yet */
   mt_steplog(&n->steplog, st, n->run_job.train.steps, n->run_job.train.log_interval,
              !strcmp(n->cfg->log_format, "json"));
-  node_history_add(n, st);
+  /* its passes, if any, are on its line; cleared first, so that no status
+   * shows this step still evaluating */
   pthread_mutex_lock(&n->mu);
-  n->evaluating = 0; /* its passes, if any, are on its line */
+  n->evaluating = 0;
   pthread_mutex_unlock(&n->mu);
+  node_history_add(n, st);
   if (!n->memory_logged) {
     const char *gpus[MT_RDZV_MAX_DEVICES];
     for (int i = 0; i < n->n_devices; i++) gpus[i] = n->specs[i];

@@ -521,10 +521,10 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
  * reads past the end of a buffer faults at once instead of corrupting a
  * neighbour. The buffer ends where its size, rounded up to 32 bytes, ends
  * (not where cudaMalloc's 256-byte rounding would: on a GPU an overrun
- * into that slack goes unseen, here it faults), so it
- * starts aligned to 256 bytes, as cudaMalloc's, when that size is a
- * multiple of 256, else to the largest power of two dividing it (at least
- * 32: a wmma pointer's alignment). */
+ * into that slack goes unseen, here it faults), so it starts aligned to
+ * 256 bytes, as cudaMalloc's, when that size is a multiple of 256, else to
+ * the largest power of two dividing it (at least 32: a wmma pointer's
+ * alignment). */
 cudaError_t cudaMalloc(void **p, size_t bytes) {
   size_t charged = (bytes + 255) & ~(size_t)255, page = 4096;
   size_t tight = (bytes + 31) & ~(size_t)31;
