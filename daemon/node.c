@@ -226,11 +226,25 @@ static void on_step(const mt_step_stats *st, void *arg) {
  * generation ends. */
 static void on_eval(const mt_eval_progress *p, void *arg) {
   node *n = arg;
+  int64_t now = mt_mono_ms();
   pthread_mutex_lock(&n->mu);
-  if (!p->done) n->eval_started_ms = mt_mono_ms();
+  if (!p->done) n->eval_started_ms = now;
   n->eval = *p;
   n->evaluating = 1;
+  double elapsed_s = (now - n->eval_started_ms) / 1e3;
   pthread_mutex_unlock(&n->mu);
+  /* nodes without ranks show it from the store: at its start, its end and
+   * at most once a second between */
+  if (n->holds_rank0 && (!p->done || p->done == p->total || now - n->eval_published_ms >= 1000)) {
+    n->eval_published_ms = now;
+    char key[64];
+    snprintf(key, sizeof key, "gen/%d/eval", n->gen);
+    json_t *j = node_eval_json(p, elapsed_s);
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (text) mt_store_set(n->store, key, text, strlen(text));
+    free(text);
+    json_decref(j);
+  }
 }
 
 static void on_resumed(int64_t step, void *arg) {

@@ -3,6 +3,7 @@
  * mutations handed to the coordinator. The HTTP thread only reads snapshots
  * under n->mu (and, for a mutation, waits on the store: never the loop). */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -237,6 +238,33 @@ static json_t *checkpoint_progress_json(node *n, const json_t *cl) {
                    failed ? json_string(n->ckpt_error) : json_null());
 }
 
+json_t *node_eval_json(const mt_eval_progress *p, double elapsed_s) {
+  return json_pack("{s:s, s:b, s:I, s:i, s:i, s:f}", "split",
+                   p->split == MT_SPLIT_TEST ? "test" : "valid", "end_of_training",
+                   p->end_of_training, "after_step", (json_int_t)p->step, "batches_done", p->done,
+                   "batches", p->total, "elapsed_s", elapsed_s);
+}
+
+int node_eval_from_json(const json_t *ev, mt_eval_progress *p, double *elapsed_s) {
+  const char *split = json_string_value(json_object_get(ev, "split"));
+  json_t *step = json_object_get(ev, "after_step"), *done = json_object_get(ev, "batches_done"),
+         *total = json_object_get(ev, "batches"), *secs = json_object_get(ev, "elapsed_s");
+  /* what the status's schema allows: a value out of it is none */
+  if (!split || !json_is_integer(step) || !json_is_integer(done) || !json_is_integer(total) ||
+      !json_is_number(secs) || json_integer_value(step) < 0 || json_integer_value(total) < 1 ||
+      json_integer_value(total) > INT_MAX || json_integer_value(done) < 0 ||
+      json_integer_value(done) > json_integer_value(total) || !isfinite(json_number_value(secs)) ||
+      json_number_value(secs) < 0)
+    return -1;
+  *p = (mt_eval_progress){.split = strcmp(split, "test") ? MT_SPLIT_VALID : MT_SPLIT_TEST,
+                          .end_of_training = json_is_true(json_object_get(ev, "end_of_training")),
+                          .step = json_integer_value(step),
+                          .done = (int)json_integer_value(done),
+                          .total = (int)json_integer_value(total)};
+  *elapsed_s = json_number_value(secs);
+  return 0;
+}
+
 static json_t *build_status(node *n) {
   /* before mu is taken: a wait for the scan must not hold the training
    * thread's on_step, which takes mu too */
@@ -293,13 +321,8 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "test_loss", test);
   /* a validation or test pass this node's ranks are in: the step line
    * comes once it ends (at scale, minutes of forward passes) */
-  json_t *ev = json_null();
-  if (n->evaluating)
-    ev = json_pack("{s:s, s:b, s:I, s:i, s:i, s:f}", "split",
-                   n->eval.split == MT_SPLIT_TEST ? "test" : "valid", "end_of_training",
-                   n->eval.end_of_training, "after_step", (json_int_t)n->eval.step, "batches_done",
-                   n->eval.done, "batches", n->eval.total, "elapsed_s",
-                   (mt_mono_ms() - n->eval_started_ms) / 1e3);
+  json_t *ev =
+      n->evaluating ? node_eval_json(&n->eval, (mt_mono_ms() - n->eval_started_ms) / 1e3) : NULL;
   json_object_set_new(s, "evaluation", ev ? ev : json_null());
   /* the rates are the last step's: null, and no metrics sample, until a
    * step ran and while the job is not stepping (paused, stopped, forming...),
@@ -803,6 +826,26 @@ void node_control_round(node *n, int heartbeat) {
         json_decref(j);
       }
     }
+    /* and the pass under way, until the step it follows comes */
+    snprintf(key, sizeof key, "gen/%d/eval", n->gen);
+    json_t *ev = NULL;
+    void *v;
+    size_t bytes;
+    if (mt_store_check(n->store, key) == 1 && !mt_store_get(n->store, key, &v, &bytes, 500)) {
+      ev = json_loadb(v, bytes, 0, NULL);
+      free(v);
+    }
+    mt_eval_progress p;
+    double elapsed;
+    pthread_mutex_lock(&n->mu);
+    int64_t shown = n->have_last && n->last_gen == n->gen ? n->last.step : 0;
+    n->evaluating = ev && !node_eval_from_json(ev, &p, &elapsed) && p.step > shown;
+    if (n->evaluating) {
+      n->eval = p;
+      n->eval_started_ms = mt_mono_ms() - (int64_t)(elapsed * 1e3);
+    }
+    pthread_mutex_unlock(&n->mu);
+    json_decref(ev);
   }
   if (heartbeat) {
     pthread_mutex_lock(&n->mu);

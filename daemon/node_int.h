@@ -148,7 +148,8 @@ typedef struct node {
   /* a validation or test pass this node's ranks are in (under mu) */
   int evaluating;
   mt_eval_progress eval;
-  int64_t eval_started_ms; /* monotonic */
+  int64_t eval_started_ms;   /* monotonic */
+  int64_t eval_published_ms; /* world rank 0's node: the pass's last store write */
 
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
   mt_step_stats last;
@@ -195,6 +196,11 @@ void node_history_add(node *n, const mt_step_stats *st);
  * from that object (and the level beside it) as the store carries them. */
 json_t *node_timers_json(const mt_step_stats *st);
 void node_timers_from_json(mt_step_stats *st, int level, const json_t *timers);
+/* A pass under way as the status's evaluation object (elapsed_s since it
+ * began), and back (0, or -1 when ev is not one), as the store carries it
+ * to the nodes without ranks. */
+json_t *node_eval_json(const mt_eval_progress *p, double elapsed_s);
+int node_eval_from_json(const json_t *ev, mt_eval_progress *p, double *elapsed_s);
 /* The loop's round of status work: publish this node's status, fetch the
  * coordinator's cluster view, follow the steps when not a member. */
 void node_control_round(node *n, int heartbeat);

@@ -40,14 +40,16 @@ library) until the test lets them go:
   saves nothing, shows the member's failed save (of "cluster", its error
   and count) and then the good one, while its own failure metrics stay 0:
   it showed "idle", 0 failures, while every save of the job failed.
-A third (cpu:1, 6 steps, validating after step 5 and at the end on 600
-batches of a data.valid, about 2 s each):
+A member and a spare (cpu:1 each; 81 steps, validating after step 80 and
+at the end on 600 batches of a data.valid, about 2 s each; paused after
+its first step until the spare is in):
 - test_status_shows_a_validation_under_way_until_its_step_is_reported:
-  /v1/status's evaluation names each pass (valid, after step 5, then the
-  end of training's after step 6) with its batches counting up while the
-  status's step is still the one before, conforms to
+  the member's /v1/status's evaluation names each pass (valid, after step
+  80, then the end of training's after step 81) with its batches counting
+  up while the status's step is still the one before, conforms to
   proto/control-v1.yaml, `mtnlgctl status` prints its "evaluating" line,
-  and the steps come with their losses once the passes end.
+  the steps come with their losses once the passes end, and the spare's
+  status shows the validation after step 80 too (from the store).
 Then two daemons that must not start (exit 2, naming both keys):
 - test_reads_need_token_without_token_file_is_refused_at_start;
 - test_reads_need_token_with_an_empty_token_file_is_refused_at_start;
@@ -468,61 +470,89 @@ def test_reads_with_the_token(mtnlgd, mtnlgctl, tmp):
 
 
 def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
-    """One daemon (cpu:1), 6 steps validating after step 5 (600 batches of
-    data.valid, about 2 s here) and at the end."""
+    """A member and a spare (cpu:1 each), 81 steps validating after step 80
+    (600 batches of data.valid, about 2 s here) and at the end; paused
+    after its first step until the spare is in (the pause acted at step 13
+    here)."""
     tokens = os.path.join(tmp, "tokens.u16")
     toks = array.array("H")
     with open(tokens, "rb") as f:
         toks.frombytes(f.read())
     valid = indexed_dataset(os.path.join(tmp, "valid"),
                             [list(toks[i:i + 400]) for i in range(0, 40000, 400)])
-    job = tiny_job(os.path.join(tmp, "job_eval.json"), tokens, "ctleval", 6,
+    steps, every = 81, 80
+    job = tiny_job(os.path.join(tmp, "job_eval.json"), tokens, "ctleval", steps,
                    parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
                    data={"path": tokens, "valid": valid},
-                   eval={"interval": 5, "iters": 600, "test": False})
-    c = LocalCluster(mtnlgd, os.path.join(tmp, "evaluation"), job, nodes=1, devices="cpu:1")
-    n = c.nodes[0]
+                   eval={"interval": every, "iters": 600, "test": False})
+    token = "eval-token"
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "evaluation"), job, nodes=2, devices="cpu:1",
+                     token=token)
+    n, spare = c.nodes  # dp 1: the second waits as a spare
     doc = oc.load(SPEC)
+
+    def status(node):
+        try:
+            return json.loads(get(node, "/v1/status", timeout=2)[1])
+        except (OSError, ValueError):
+            return None
+
     try:
-        c.start()
-        seen, during, printed, deadline = [], None, None, time.time() + 120
+        c.node_start(n)
+        c.wait_for(lambda: status_step(n) > 0, 120, "a step")
+        code, body = post(n, "/v1/pause", token)
+        if code != 202:
+            raise AssertionError("POST /v1/pause: %d %s" % (code, body))
+        c.node_start(spare)
+        c.wait_for(lambda: [x["role"] for x in (status(n) or {}).get("nodes", [])
+                            if x["name"] == spare.name] == ["spare"], 60, "the spare")
+        c.wait_for(lambda: (status(n) or {}).get("state") == "paused", 60, "the pause")
+        paused_at = status_step(n)
+        code, body = post(n, "/v1/resume", token)
+        if code != 202:
+            raise AssertionError("POST /v1/resume: %d %s" % (code, body))
+        seen, at_spare, during, printed = [], [], None, None
+        deadline = time.time() + 120
         while time.time() < deadline and n.running():
-            try:
-                st = json.loads(get(n, "/v1/status", timeout=2)[1])
-            except (OSError, ValueError):
-                time.sleep(0.05)
-                continue
-            ev = st.get("evaluation")
-            if ev is not None:
-                seen.append((st["step"], ev["split"], ev["end_of_training"], ev["after_step"],
+            for node, into in ((n, seen), (spare, at_spare)):
+                st = status(node)
+                ev = st.get("evaluation") if st else None
+                if ev is None:
+                    continue
+                into.append((st["step"], ev["split"], ev["end_of_training"], ev["after_step"],
                              ev["batches_done"], ev["batches"]))
-                if during is None and ev["batches_done"] < 300:
+                if node is n and during is None and ev["batches_done"] < 300:
                     during = st
                     if mtnlgctl:
                         printed = subprocess.run([mtnlgctl, "-e", n.url(), "status"],
                                                  capture_output=True, text=True, timeout=30)
             time.sleep(0.02)
-        code = c.wait_all(60)
-        steps = n.steps()
+        codes = c.wait_all(60)
+        done = n.steps()
         errors = oc.check_response(doc, "GET", "/v1/status", 200, json.dumps(during),
                                    "application/json") if during else ["never seen"]
-        # the interval's validation after step 5 (step 4 the last reported
-        # meanwhile), then the end of training's after step 6 (step 5 reported)
+        # the interval's validation after step 80 (step 79 the last reported
+        # meanwhile), then the end of training's after step 81 (step 80)
         mid = [s for s in seen if not s[2]]
         end = [s for s in seen if s[2]]
         counts = [s[4] for s in mid]
-        line = re.search(r"^  evaluating +validation after step 5: batch \d+ of 600, .* so far$",
-                         printed.stdout, re.M) if printed else True
-        ok = (code == [0] and mid and end and all(s[:4] == (4, "valid", False, 5) for s in mid)
-              and all(s[:4] == (5, "valid", True, 6) for s in end)
-              and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen)
+        line = re.search(r"^  evaluating +validation after step %d: batch \d+ of 600, .* so far$"
+                         % every, printed.stdout, re.M) if printed else True
+        ok = (codes == [0, 0] and paused_at < every and mid and end
+              and all(s[:4] == (every - 1, "valid", False, every) for s in mid)
+              and all(s[:4] == (every, "valid", True, steps) for s in end)
+              and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen + at_spare)
               and counts == sorted(counts) and len(set(counts)) > 1 and not errors and line
-              and [s["step"] for s in steps] == list(range(1, 7))
-              and "val_loss" in steps[4] and "final_val_loss" in steps[5])
+              and [s["step"] for s in done] == list(range(1, steps + 1))
+              and "val_loss" in done[every - 1] and "final_val_loss" in done[steps - 1]
+              and (every - 1, "valid", False, every) in [s[:4] for s in at_spare]
+              and all(s[0] < s[3] for s in at_spare))
         return check("test_status_shows_a_validation_under_way_until_its_step_is_reported", bool(ok),
-                     "exit %s; seen %d statuses in a pass: first %s, last %s; contract %s; "
-                     "mtnlgctl status: %r" % (
-                         code, len(seen), seen[:1], seen[-1:], errors[:3],
+                     "exit %s; paused at step %s; the member saw %d statuses in a pass: first "
+                     "%s, last %s; the spare %d: first %s, last %s; contract %s; mtnlgctl "
+                     "status: %r" % (
+                         codes, paused_at, len(seen), seen[:1], seen[-1:], len(at_spare),
+                         at_spare[:1], at_spare[-1:], errors[:3],
                          printed.stdout[-600:] if printed else None))
     finally:
         c.kill_all()
