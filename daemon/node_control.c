@@ -320,9 +320,12 @@ static json_t *build_status(node *n) {
     test = json_real(n->history[(n->history_n - 1) % NODE_HISTORY].test_loss);
   json_object_set_new(s, "test_loss", test);
   /* a validation or test pass this node's ranks are in: the step line
-   * comes once it ends (at scale, minutes of forward passes) */
-  json_t *ev =
-      n->evaluating ? node_eval_json(&n->eval, (mt_mono_ms() - n->eval_started_ms) / 1e3) : NULL;
+   * comes once it ends (at scale, minutes of forward passes); none once
+   * the generation has failed or ended under it */
+  int passes = strcmp(state, "failed") && strcmp(state, "forming") && strcmp(state, "stopped");
+  json_t *ev = n->evaluating && passes
+                   ? node_eval_json(&n->eval, (mt_mono_ms() - n->eval_started_ms) / 1e3)
+                   : NULL;
   json_object_set_new(s, "evaluation", ev ? ev : json_null());
   /* the rates are the last step's: null, and no metrics sample, until a
    * step ran and while the job is not stepping (paused, stopped, forming...),
