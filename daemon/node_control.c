@@ -829,12 +829,15 @@ void node_control_round(node *n, int heartbeat) {
         json_decref(j);
       }
     }
-    /* and the pass under way, until the step it follows comes */
+    /* and the pass under way, until the step it follows comes (a job
+     * that validates: the others' nodes ask the store nothing more) */
     snprintf(key, sizeof key, "gen/%d/eval", n->gen);
     json_t *ev = NULL;
     void *v;
     size_t bytes;
-    if (mt_store_check(n->store, key) == 1 && !mt_store_get(n->store, key, &v, &bytes, 500)) {
+    int validates = n->have_run_job && n->run_job.eval.interval > 0;
+    if (validates && mt_store_check(n->store, key) == 1 &&
+        !mt_store_get(n->store, key, &v, &bytes, 500)) {
       ev = json_loadb(v, bytes, 0, NULL);
       free(v);
     }
