@@ -232,6 +232,7 @@ static void on_eval(const mt_eval_progress *p, void *arg) {
   n->eval = *p;
   n->evaluating = 1;
   double elapsed_s = (now - n->eval_started_ms) / 1e3;
+  if (p->done > 0) n->eval_batch_ms = 1e3 * elapsed_s / p->done;
   pthread_mutex_unlock(&n->mu);
   /* nodes without ranks show it from the store: at its start, its end and
    * at most once a second between */

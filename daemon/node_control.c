@@ -148,31 +148,59 @@ static json_t *store_status(node *n) {
       "refused_clients", (json_int_t)st.refused, "dropped_clients", (json_int_t)st.dropped);
 }
 
-/* The status's eta_s: from the mean step time of the last 20 points;
- * under a batch ramp-up from their time per sample and the samples the
- * steps left read. null unless the job runs. Under mu. */
+/* Batches of the passes after step p->step - 1 that a pass under way has
+ * read, in the engine's order: the interval's validation, then at the end
+ * the valid and the test pass (mt_job_left_after counts them all). A stop's
+ * validation is not among them: 0. */
+static int64_t eval_batches_read(const mt_job *j, const mt_eval_progress *p) {
+  int64_t ev = j->eval.interval, iters = j->eval.iters;
+  int64_t interval = ev > 0 && p->step % ev == 0 ? iters : 0;
+  if (!p->end_of_training) return interval ? p->done : 0;
+  return interval + (p->split == MT_SPLIT_TEST ? iters : 0) + p->done;
+}
+
+/* The status's eta_s, what the run has left: its steps at the mean step
+ * time of the last 20 points (under a batch ramp-up, the samples they read
+ * at those points' time per sample); its validation and test batches at
+ * the newest pass's time per batch (before one ran here, a third of a
+ * training step's global batch: its forward pass); and the saves training
+ * waits for at the newest save's time (once one ran here). A pass under
+ * way follows a step not reported yet: that step is trained. null unless
+ * the job runs. Under mu. */
 static json_t *eta_json(node *n, const char *state) {
   const mt_step_stats *st = &n->last;
-  int have = n->have_last;
-  json_t *eta = json_null();
   const mt_job *j = n->have_run_job ? &n->run_job : NULL;
-  if (j && have && n->history_n > n->history_first &&
-      (!strcmp(state, "running") || !strcmp(state, "checkpointing"))) {
-    double sum = 0, samples = 0;
-    int k = 0;
-    for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++) {
-      sum += n->history[i % NODE_HISTORY].step_ms;
-      samples += n->history[i % NODE_HISTORY].global_batch;
-    }
-    int64_t steps_left = j->train.steps - st->step;
-    if (j->train.rampup.start && samples > 0 && j->model.seq_len > 0) {
-      int64_t left = mt_job_samples_of(j, st->consumed_tokens / j->model.seq_len, steps_left);
-      eta = json_real((double)left * sum / samples / 1e3);
-    } else {
-      eta = json_real((double)steps_left * sum / k / 1e3);
+  if (!j || !n->have_last || n->history_n <= n->history_first ||
+      (strcmp(state, "running") && strcmp(state, "checkpointing")))
+    return json_null();
+  double sum = 0, samples = 0;
+  int k = 0;
+  for (int64_t i = n->history_n - 1; i >= n->history_first && k < 20; i--, k++) {
+    sum += n->history[i % NODE_HISTORY].step_ms;
+    samples += n->history[i % NODE_HISTORY].global_batch;
+  }
+  mt_job_left left = mt_job_left_after(j, st->step);
+  int64_t trained = 0, read = 0;
+  if (n->evaluating && n->eval.step > st->step) {
+    trained = n->eval.step - st->step;
+    read = eval_batches_read(j, &n->eval);
+  }
+  int64_t steps = left.steps > trained ? left.steps - trained : 0;
+  double ms = 0, batch_ms = sum / k; /* a full batch's step */
+  if (samples > 0 && j->model.seq_len > 0) {
+    batch_ms = sum / samples * j->train.global_batch;
+    if (j->train.rampup.start) {
+      int64_t done = st->consumed_tokens / j->model.seq_len;
+      done += mt_job_samples_of(j, done, trained);
+      ms += (double)mt_job_samples_of(j, done, steps) * sum / samples;
     }
   }
-  return eta;
+  if (!ms) ms = (double)steps * sum / k;
+  int64_t batches = left.eval_batches - read;
+  if (batches > 0) ms += (double)batches * (n->eval_batch_ms > 0 ? n->eval_batch_ms : batch_ms / 3);
+  if (left.whole_saves > 0 && n->ckpt_seconds > 0)
+    ms += (double)left.whole_saves * n->ckpt_seconds * 1e3;
+  return json_real(ms / 1e3);
 }
 
 /* The status's devices: this node's, with the first local rank's rate and
@@ -849,6 +877,7 @@ void node_control_round(node *n, int heartbeat) {
     if (n->evaluating) {
       n->eval = p;
       n->eval_started_ms = mt_mono_ms() - (int64_t)(elapsed * 1e3);
+      if (p.done > 0) n->eval_batch_ms = 1e3 * elapsed / p.done;
     }
     pthread_mutex_unlock(&n->mu);
     json_decref(ev);

@@ -1277,6 +1277,26 @@ static int64_t gcd64(int64_t a, int64_t b) {
   return a;
 }
 
+mt_job_left mt_job_left_after(const mt_job *job, int64_t step) {
+  mt_job_left l = {0, 0, 0, 0};
+  int64_t n = job->train.steps, ev = job->eval.interval, ci = job->checkpoint.interval;
+  if (step < 0) step = 0;
+  if (step >= n) return l;
+  l.steps = n - step;
+  if (ev > 0 && job->eval.iters > 0)
+    l.eval_batches = (n / ev - step / ev + 1 + (job->eval.test != 0)) * job->eval.iters;
+  if (!job->checkpoint.dir[0]) return l;
+  l.saves = (ci > 0 ? n / ci - step / ci : 0) + (ci <= 0 || n % ci != 0);
+  l.whole_saves = l.saves;
+  if (job->checkpoint.async_save) {
+    /* the interval's saves in the background but on validation steps:
+     * multiples of both intervals short of the last step */
+    int64_t both = ci > 0 && ev > 0 ? ci / gcd64(ci, ev) * ev : 0;
+    l.whole_saves = 1 + (both > 0 ? (n - 1) / both - step / both : 0);
+  }
+  return l;
+}
+
 int mt_job_batch_quantum(const mt_job *job) {
   const mt_train_spec *t = &job->train;
   return ramp_ok(t) ? (int)gcd64(t->rampup.start, t->rampup.increment) : t->global_batch;

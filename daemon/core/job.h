@@ -319,6 +319,20 @@ static inline int64_t mt_job_tokens_per_step(const mt_job *job) {
 int mt_job_batch_at(const mt_job *job, int64_t consumed);
 /* The samples that `steps` steps read from `consumed` on. */
 int64_t mt_job_samples_of(const mt_job *job, int64_t consumed, int64_t steps);
+
+/* What a run still does after its step `step` besides training (the
+ * status's ETA): the global batches its validation and test passes read
+ * (eval.iters after every eval.interval-th step, then at the end of the
+ * run the valid pass and, with eval.test, the test pass, as the engine
+ * runs them; a job whose data has no test split runs one fewer) and its
+ * checkpoint saves (every checkpoint.interval-th step and the last, with
+ * a checkpoint.dir). whole_saves are those made before training goes on:
+ * every one, or under checkpoint.async the last and those on a step that
+ * validates. Zero after the last step. */
+typedef struct mt_job_left {
+  int64_t steps, eval_batches, saves, whole_saves;
+} mt_job_left;
+mt_job_left mt_job_left_after(const mt_job *job, int64_t step);
 /* The largest number that divides every global batch the job runs:
  * global_batch, or under a ramp-up gcd(start, increment). micro_batch * dp
  * must divide it. */

@@ -46,7 +46,8 @@ its first step until the spare is in):
 - test_status_shows_a_validation_under_way_until_its_step_is_reported:
   the member's /v1/status's evaluation names each pass (valid, after step
   80, then the end of training's after step 81) with its batches counting
-  up while the status's step is still the one before, conforms to
+  up while the status's step is still the one before, its eta_s counts
+  the batches left in this pass and the next at the pass's pace, conforms to
   proto/control-v1.yaml, `mtnlgctl status` prints its "evaluating" line,
   the steps come with their losses once the passes end, and the spare's
   status shows the validation after step 80 too (from the store).
@@ -520,7 +521,8 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                 if ev is None:
                     continue
                 into.append((st["step"], ev["split"], ev["end_of_training"], ev["after_step"],
-                             ev["batches_done"], ev["batches"]))
+                             ev["batches_done"], ev["batches"], st.get("eta_s"),
+                             ev["elapsed_s"]))
                 if node is n and during is None and ev["batches_done"] < 300:
                     during = st
                     if mtnlgctl:
@@ -536,6 +538,12 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         mid = [s for s in seen if not s[2]]
         end = [s for s in seen if s[2]]
         counts = [s[4] for s in mid]
+        # the ETA counts the batches left, the end's pass's too, at the
+        # pass's pace (half of it, for slack: a pace taken over 50 batches
+        # or more); it used to count the steps alone, 2 and then 1
+        slow = [s for s in seen if s[4] >= 50 and not (
+            s[6] is not None and s[6] >= 0.5 * s[7] / s[4] * (600 - s[4] + (0 if s[2] else 600)))]
+        paced = [s for s in seen if s[4] >= 50]
         line = re.search(r"^  evaluating +validation after step %d: batch \d+ of 600, .* so far$"
                          % every, printed.stdout, re.M) if printed else True
         ok = (codes == [0, 0] and paused_at < every and mid and end
@@ -543,15 +551,17 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
               and all(s[:4] == (every, "valid", True, steps) for s in end)
               and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen + at_spare)
               and counts == sorted(counts) and len(set(counts)) > 1 and not errors and line
+              and paced and not slow
               and [s["step"] for s in done] == list(range(1, steps + 1))
               and "val_loss" in done[every - 1] and "final_val_loss" in done[steps - 1]
               and (every - 1, "valid", False, every) in [s[:4] for s in at_spare]
               and all(s[0] < s[3] for s in at_spare))
         return check("test_status_shows_a_validation_under_way_until_its_step_is_reported", bool(ok),
                      "exit %s; paused at step %s; the member saw %d statuses in a pass: first "
-                     "%s, last %s; the spare %d: first %s, last %s; contract %s; mtnlgctl "
-                     "status: %r" % (
-                         codes, paused_at, len(seen), seen[:1], seen[-1:], len(at_spare),
+                     "%s, last %s; ETA short of the batches left in %d of %d: %s; the spare "
+                     "%d: first %s, last %s; contract %s; mtnlgctl status: %r" % (
+                         codes, paused_at, len(seen), seen[:1], seen[-1:], len(slow),
+                         len(paced), slow[:3], len(at_spare),
                          at_spare[:1], at_spare[-1:], errors[:3],
                          printed.stdout[-600:] if printed else None))
     finally:

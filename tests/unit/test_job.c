@@ -1076,6 +1076,58 @@ static void test_530b_example_loads_in_bf16(void) {
   CHECK(job.train.lr.decay_steps == 86467);
 }
 
+/* What mt_job_left_after counts (the status's ETA) is what the engine's
+ * loop does after a step, walked step by step as daemon/engine/local.c
+ * decides: a validation after every eval.interval-th step, the valid and
+ * the test pass after the last; a save at every checkpoint.interval-th
+ * step and the last, made whole unless async, or on a step that validates
+ * or the last. */
+static void test_what_a_run_has_left_is_what_the_engine_walks(void) {
+  mt_job job;
+  CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK);
+  int cases = 0;
+  for (int n = 1; n <= 13; n++)
+    for (int ev = 0; ev <= 5; ev++)
+      for (int ci = 0; ci <= 4; ci++)
+        for (int flags = 0; flags < 8; flags++) {
+          job.train.steps = n;
+          job.eval.interval = ev;
+          job.eval.iters = 3;
+          job.eval.test = flags & 1;
+          job.checkpoint.interval = ci;
+          job.checkpoint.async_save = (flags >> 1) & 1;
+          snprintf(job.checkpoint.dir, sizeof job.checkpoint.dir, "%s", flags & 4 ? "/ckpt" : "");
+          for (int step = 0; step <= n; step++) {
+            mt_job_left want = {0, 0, 0, 0};
+            for (int s = step + 1; s <= n; s++) {
+              int validate = ev > 0 && s % ev == 0;
+              want.steps++;
+              want.eval_batches += (validate + (ev > 0 && s == n) * (1 + job.eval.test)) * 3;
+              if ((flags & 4) && ((ci > 0 && s % ci == 0) || s == n)) {
+                want.saves++;
+                want.whole_saves += !job.checkpoint.async_save || validate || s == n;
+              }
+            }
+            mt_job_left got = mt_job_left_after(&job, step);
+            cases++;
+            if (got.steps != want.steps || got.eval_batches != want.eval_batches ||
+                got.saves != want.saves || got.whole_saves != want.whole_saves) {
+              fprintf(stderr,
+                      "    steps %d, eval.interval %d, test %d, checkpoint.interval %d, async %d, "
+                      "dir %d, after step %d: got %lld/%lld/%lld/%lld, walked "
+                      "%lld/%lld/%lld/%lld (steps/eval batches/saves/whole saves)\n",
+                      n, ev, flags & 1, ci, (flags >> 1) & 1, flags >> 2, step,
+                      (long long)got.steps, (long long)got.eval_batches, (long long)got.saves,
+                      (long long)got.whole_saves, (long long)want.steps,
+                      (long long)want.eval_batches, (long long)want.saves,
+                      (long long)want.whole_saves);
+              CHECK(!"what is left after the step differs from the engine's walk");
+            }
+          }
+        }
+  printf("  %d runs and steps walked\n", cases);
+}
+
 /* train.rampup_batch: Megatron's --rampup-batch-size, its checks, the
  * run-long decay default, and the canonical JSON carrying it back. */
 static void test_rampup_batch(void) {
@@ -1740,6 +1792,7 @@ int main(void) {
   test_hash_changes_with_any_field_and_not_with_key_order();
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();
+  test_what_a_run_has_left_is_what_the_engine_walks();
   test_rampup_batch();
   test_run_length_in_samples_or_tokens_is_megatrons_steps();
   test_run_length_refusals_name_the_key_given();
