@@ -19,6 +19,7 @@
 #include "job.h"
 #include "local.h"
 #include "log.h"
+#include "monotime.h"
 #include "mt_config.h"
 #include "node.h"
 #include "plan.h"
@@ -97,7 +98,8 @@ typedef struct step_printer {
   mt_tboard *tboard;       /* train.tensorboard_dir's writer, or NULL */
   const char *const *gpus; /* this process's GPUs' specs (n_gpus of them) */
   int n_gpus;
-  int memory_logged; /* mt_log_memory, after the first step */
+  int memory_logged;  /* mt_log_memory, after the first step */
+  mt_evallog evallog; /* a long validation or test pass's progress lines */
 } step_printer;
 
 /* A stop (or the end) whose checkpoint failed: the run ends there, but the
@@ -113,6 +115,10 @@ static void on_step(const mt_step_stats *st, void *arg) {
   mt_tboard_step(p->tboard, st);
   if (!p->memory_logged) mt_log_memory(p->gpus, p->n_gpus, st);
   p->memory_logged = 1;
+}
+
+static void on_eval(const mt_eval_progress *pr, void *arg) {
+  mt_evallog_progress(&((step_printer *)arg)->evallog, pr, mt_mono_ms(), MT_EVALLOG_EVERY_MS);
 }
 
 /* At the exit, TensorBoard writers mt_tboard_free left (their disk slow
@@ -484,6 +490,7 @@ static int run_standalone(const cli_opts *o) {
                       .export_path = export_path,
                       .stop = &stop_requested,
                       .on_step = o->proc_rank == 0 ? on_step : NULL,
+                      .on_eval = o->proc_rank == 0 ? on_eval : NULL,
                       .on_stopped = on_stopped,
                       .arg = &printer};
   int rc = mt_local_run(&lo);

@@ -234,6 +234,7 @@ static void on_eval(const mt_eval_progress *p, void *arg) {
   double elapsed_s = (now - n->eval_started_ms) / 1e3;
   if (p->done > 0) n->eval_batch_ms = 1e3 * elapsed_s / p->done;
   pthread_mutex_unlock(&n->mu);
+  mt_evallog_progress(&n->evallog, p, now, MT_EVALLOG_EVERY_MS);
   /* nodes without ranks show it from the store: at its start, its end and
    * at most once a second between */
   if (n->holds_rank0 && (!p->done || p->done == p->total || now - n->eval_published_ms >= 1000)) {

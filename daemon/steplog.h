@@ -44,6 +44,24 @@ void mt_steplog_acc_free(mt_steplog_acc *acc);
 void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int log_every,
                 int json);
 
+/* A validation or test pass in the log, for a pass that runs long: a line
+ * every every_ms of it (MT_EVALLOG_EVERY_MS in the daemons) with the
+ * batches done, the time so far and the time left at its pace, and, for a
+ * pass that logged one, a line at its end with its time. Megatron prints
+ * "Evaluating iter k/n" at every batch when verbose; at scale a pass takes
+ * minutes, and the journal otherwise shows nothing between its step's
+ * save and its step's line. A shorter pass logs nothing (its loss is on
+ * the step's line). Call with each progress report of the pass (the
+ * engine's on_eval: done 0 at its start, then after each batch) and now_ms
+ * on the monotonic clock; zero e before the first. */
+#define MT_EVALLOG_EVERY_MS 30000
+typedef struct mt_evallog {
+  int64_t started_ms, next_ms;
+  int logged; /* the pass under way logged a line */
+} mt_evallog;
+void mt_evallog_progress(mt_evallog *e, const mt_eval_progress *p, int64_t now_ms,
+                         int64_t every_ms);
+
 /* The RAM this process holds now (VmRSS), in bytes, and at most so far
  * (VmHWM) into *peak unless NULL; 0 when unknown. */
 int64_t mt_proc_memory(int64_t *peak);
