@@ -84,6 +84,8 @@ extern const char ctl_nodes_help[];
 int ctl_nodes_print(const json_t *status, FILE *f, int indent);
 int ctl_verb_watch(const ctl_verb *verb, int argc, char **argv); /* watch.c */
 extern const char ctl_watch_help[];
+int ctl_verb_history(const ctl_verb *verb, int argc, char **argv); /* history.c */
+extern const char ctl_history_help[];
 /* mutate.c: pause, resume, stop, checkpoint, resize (the verb name is the kind) */
 int ctl_verb_mutate(const ctl_verb *verb, int argc, char **argv);
 extern const char ctl_pause_help[], ctl_resume_help[], ctl_stop_help[], ctl_checkpoint_help[],

@@ -33,6 +33,8 @@ static const ctl_verb verbs[] = {
      "the nodes: role, state, ranks, devices, heartbeat, memory", ctl_nodes_help},
     {"watch", 0, 0, ctl_verb_watch, "[--interval S] [--count N] [OPTIONS]",
      "follow the job and its nodes, refreshed in place", ctl_watch_help},
+    {"history", 0, 0, ctl_verb_history, "[--since STEP] [--last N] [OPTIONS]",
+     "the steps: loss, validation loss, lr, gradient norm, time", ctl_history_help},
     {"pause", 0, 0, ctl_verb_mutate, "[--wait] [--idempotency-key KEY] [OPTIONS]",
      "pause training at the next step boundary", ctl_pause_help},
     {"resume", 0, 0, ctl_verb_mutate, "[--wait] [--idempotency-key KEY] [OPTIONS]",

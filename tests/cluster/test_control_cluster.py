@@ -8,7 +8,8 @@ tp 2 x pp 2 x dp 2 of a 4-layer tiny model, with a control token:
 - A runs a long job: the reads (checked against proto/control-v1.yaml with
   tests/common/openapi_check.py), the error answers, pause (with an
   Idempotency-Key, retried through two other nodes) and resume by HTTP,
-  /v1/metrics (promtool), then mtnlgctl's verbs, ending with stop --wait.
+  /v1/metrics (promtool), then mtnlgctl's verbs (history's rows against
+  /v1/history's points), ending with stop --wait.
 - B runs a 120-step job: paused through member n3 near step 5 for 1.5 s,
   resumed through member n2, stopped through member n1 past step 25; its
   losses are those of `mtnlgd --standalone` of the same job.
@@ -569,6 +570,33 @@ def test_mtnlgctl(c, mtnlgctl):
     ok2 = p2.returncode == 1 and "404 Not Found: no operation op-999" in p2.stderr
     check("test_mtnlgctl_ops_id_shows_one_and_an_unknown_id_exits_1", ok and ok2,
           show(p) + " / " + show(p2))
+
+    # the steps as /v1/history has them, the newest N of those after a step
+    p = ctl(n2, "history", "--since", "3", "--last", "4")
+    pts = {x["step"]: x for x in get(n2, "/v1/history").json()["steps"]}
+    rows = [l.split() for l in p.stdout.splitlines()[1:] if l[:1] == " " or l[:1].isdigit()]
+    rows = [r for r in rows if len(r) == 9 and r[0].isdigit()]
+
+    def cells(x):
+        f = lambda k, fmt: fmt % x[k] if x.get(k) is not None else "-"  # noqa: E731
+        return [str(x["step"]), f("loss", "%.4f"), f("val_loss", "%.4f"), f("lr", "%.3e"),
+                f("grad_norm", "%.3f"), f("step_ms", "%.1f"), f("tokens_per_s", "%.0f"),
+                *time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["time"])).split()]
+    steps_shown = [int(r[0]) for r in rows]
+    ok = (p.returncode == 0 and p.stdout.split()[:8] ==
+          ["STEP", "LOSS", "VAL", "LOSS", "LR", "GRAD", "NORM", "STEP"] and len(rows) == 4
+          and steps_shown[0] > 3 and steps_shown == list(range(steps_shown[0], steps_shown[0] + 4))
+          and all(r == cells(pts[int(r[0])]) for r in rows)
+          and "4 steps, %d to %d." % (steps_shown[0], steps_shown[-1]) in p.stdout)
+    p2 = ctl(n2, "-o", "json", "history", "--last", "2")
+    h = json.loads(p2.stdout) if p2.returncode == 0 else {}
+    ok2 = (len(h.get("steps", [])) == 2 and isinstance(h.get("last_step"), int)
+           and h["steps"][1]["step"] == h["steps"][0]["step"] + 1
+           and all(pts.get(x["step"], x) == x for x in h["steps"]))
+    p3 = ctl(n2, "history", "--since", "-1")
+    ok3 = p3.returncode == 2 and '--since: "-1" is not a step number' in p3.stderr
+    check("test_mtnlgctl_history_prints_the_daemons_steps_the_newest_after_a_step", ok and ok2
+          and ok3, "%s; json %s; since -1 %s" % (show(p), show(p2), show(p3)))
 
     # this job has no checkpoint.dir: not "none yet", which mtnlgctl checkpoint cannot change
     p = ctl(n0, "checkpoints")

@@ -47,7 +47,8 @@ its first step until the spare is in):
   the member's /v1/status's evaluation names each pass (valid, after step
   80, then the end of training's after step 81) with its batches counting
   up while the status's step is still the one before, its eta_s counts
-  the batches left in this pass and the next at the pass's pace, conforms to
+  the batches left in this pass and the next at the pass's pace, `mtnlgctl
+  history` shows step 80's validation loss during the end's pass, conforms to
   proto/control-v1.yaml, `mtnlgctl status` prints its "evaluating" line,
   the steps come with their losses once the passes end, and the spare's
   status shows the validation after step 80 too (from the store).
@@ -512,7 +513,7 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         code, body = post(n, "/v1/resume", token)
         if code != 202:
             raise AssertionError("POST /v1/resume: %d %s" % (code, body))
-        seen, at_spare, during, printed = [], [], None, None
+        seen, at_spare, during, printed, history = [], [], None, None, None
         deadline = time.time() + 120
         while time.time() < deadline and n.running():
             for node, into in ((n, seen), (spare, at_spare)):
@@ -523,6 +524,9 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                 into.append((st["step"], ev["split"], ev["end_of_training"], ev["after_step"],
                              ev["batches_done"], ev["batches"], st.get("eta_s"),
                              ev["elapsed_s"]))
+                if node is n and history is None and ev["end_of_training"] and mtnlgctl:
+                    history = subprocess.run([mtnlgctl, "-e", n.url(), "history", "--last", "2"],
+                                             capture_output=True, text=True, timeout=30)
                 if node is n and during is None and ev["batches_done"] < 300:
                     during = st
                     if mtnlgctl:
@@ -546,11 +550,19 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         paced = [s for s in seen if s[4] >= 50]
         line = re.search(r"^  evaluating +validation after step %d: batch \d+ of 600, .* so far$"
                          % every, printed.stdout, re.M) if printed else True
+        # mtnlgctl history during the end's pass: step 80 with its validation
+        rows = [l.split()[:3] for l in history.stdout.splitlines()[1:3]] if history else []
+        shown = (rows == [[str(every - 1), "%.4f" % done[every - 2]["loss"], "-"],
+                          [str(every), "%.4f" % done[every - 1]["loss"],
+                           "%.4f" % done[every - 1]["val_loss"]]]
+                 if history and len(done) == steps and "val_loss" in done[every - 1] else
+                 not mtnlgctl)
         ok = (codes == [0, 0] and paused_at < every and mid and end
               and all(s[:4] == (every - 1, "valid", False, every) for s in mid)
               and all(s[:4] == (every, "valid", True, steps) for s in end)
               and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen + at_spare)
               and counts == sorted(counts) and len(set(counts)) > 1 and not errors and line
+              and shown
               and paced and not slow
               and [s["step"] for s in done] == list(range(1, steps + 1))
               and "val_loss" in done[every - 1] and "final_val_loss" in done[steps - 1]
@@ -559,10 +571,12 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         return check("test_status_shows_a_validation_under_way_until_its_step_is_reported", bool(ok),
                      "exit %s; paused at step %s; the member saw %d statuses in a pass: first "
                      "%s, last %s; ETA short of the batches left in %d of %d: %s; the spare "
-                     "%d: first %s, last %s; contract %s; mtnlgctl status: %r" % (
+                     "%d: first %s, last %s; contract %s; mtnlgctl history %r; mtnlgctl "
+                     "status: %r" % (
                          codes, paused_at, len(seen), seen[:1], seen[-1:], len(slow),
                          len(paced), slow[:3], len(at_spare),
                          at_spare[:1], at_spare[-1:], errors[:3],
+                         history.stdout if history else None,
                          printed.stdout[-600:] if printed else None))
     finally:
         c.kill_all()

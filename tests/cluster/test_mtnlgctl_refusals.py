@@ -8,11 +8,14 @@ trains nothing; cheap), with a checkpoint.dir:
   - test_json_output_of_a_refusal_is_the_daemons_problem_on_stdout: under
     -o json every verb the daemon refuses (a 409 for pause, resume,
     checkpoint and resize while forming, a 404 for an unknown operation,
-    a 401 for status, nodes, watch, ops and checkpoints without the token)
+    a 401 for status, nodes, watch, history, ops and checkpoints without
+    the token)
     prints the daemon's problem+json object on stdout, the one line on
     stderr and exits 1; in a table nothing goes to stdout;
   - test_a_wrong_token_is_said_not_accepted: a 401 with a token says the
     daemon did not accept it and names the file it came from, once;
+  - test_history_before_any_step_says_there_is_none_yet: `mtnlgctl history`,
+    with and without --since;
   - test_checkpoints_while_forming_does_not_offer_mtnlgctl_checkpoint: no
     checkpoint yet, and `mtnlgctl checkpoint` is refused until a
     generation runs, so the hint says so rather than offering it;
@@ -106,7 +109,8 @@ def test_with_token(mtnlgd, mtnlgctl, tmp, job):
                      ["pause", "--wait"]):
             bad.append(refused_as_json(mtnlgctl, n, args, 409, c.token_file))
         bad.append(refused_as_json(mtnlgctl, n, ["ops", "op-999"], 404, c.token_file))
-        for args in (["status"], ["nodes"], ["watch", "--count", "1"], ["ops"], ["checkpoints"]):
+        for args in (["status"], ["nodes"], ["watch", "--count", "1"], ["history"], ["ops"],
+                     ["checkpoints"]):
             bad.append(refused_as_json(mtnlgctl, n, args, 401))
         bad = [b for b in bad if b]
         failures += check("test_json_output_of_a_refusal_is_the_daemons_problem_on_stdout",
@@ -121,6 +125,13 @@ def test_with_token(mtnlgd, mtnlgctl, tmp, job):
                           and "the bearer token sent was not accepted" in p.stderr
                           and "(the token sent is the one in %s)" % wrong in p.stderr
                           and "restart it" not in p.stderr, p.stderr)
+
+        p = ctl(mtnlgctl, n, "--token-file", c.token_file, "history")
+        p2 = ctl(mtnlgctl, n, "--token-file", c.token_file, "history", "--since", "5")
+        failures += check("test_history_before_any_step_says_there_is_none_yet",
+                          p.returncode == 0 and p.stdout == "no steps yet\n"
+                          and p2.returncode == 0 and p2.stdout == "no steps after step 5 yet\n",
+                          p.stdout + p.stderr + p2.stdout + p2.stderr)
 
         p = ctl(mtnlgctl, n, "--token-file", c.token_file, "checkpoints")
         failures += check("test_checkpoints_while_forming_does_not_offer_mtnlgctl_checkpoint",

@@ -24,15 +24,15 @@ import tempfile
 
 failures = 0
 
-VERBS = ["status", "nodes", "watch", "pause", "resume", "stop", "checkpoint", "resize", "ops",
-         "checkpoints", "ckpt", "plan", "help"]
+VERBS = ["status", "nodes", "watch", "history", "pause", "resume", "stop", "checkpoint", "resize",
+         "ops", "checkpoints", "ckpt", "plan", "help"]
 COMPLETION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ctl",
                           "mtnlgctl.bash-completion")
 LOCAL_CLUSTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools",
                              "local-cluster")
-NETWORK_VERBS = [["status"], ["nodes"], ["watch", "--count", "1"], ["pause"], ["resume"],
-                 ["stop"], ["checkpoint"], ["resize", "--dp", "2"], ["ops"], ["ops", "op-1"],
-                 ["checkpoints"]]
+NETWORK_VERBS = [["status"], ["nodes"], ["watch", "--count", "1"], ["history"], ["pause"],
+                 ["resume"], ["stop"], ["checkpoint"], ["resize", "--dp", "2"], ["ops"],
+                 ["ops", "op-1"], ["checkpoints"]]
 
 
 def check(cond, what, proc=None):
@@ -86,6 +86,12 @@ def test_usage_errors_exit_2():
             (["watch", "--interval", "0"], "watch --interval 0", "not a positive number"),
             (["watch", "--interval", "0.01"], "watch --interval 0.01", "under 0.1 s"),
             (["watch", "--count", "-1"], "watch --count -1", "not a positive integer"),
+            (["history", "--last", "0"], "history --last 0", "not a positive integer"),
+            (["history", "--since", "x"], "history --since x",
+             '--since: "x" is not a step number (0 or more'),
+            (["history", "--since", "-1"], "history --since -1",
+             '--since: "-1" is not a step number (0 or more'),
+            (["history", "extra"], "history with an argument", "at most 0"),
             (["status", "--frobnicate"], "unknown verb option", "See 'mtnlgctl status --help'"),
             (["-o", "yaml", "status"], "bad global format", "not one of table, json"),
             (["status", "-o", "yaml"], "bad verb format", "not one of table, json"),
@@ -191,7 +197,8 @@ def test_help_for_every_verb():
         check(outs[0] == outs[1] == outs[2], f"help {v}, {v} --help and {v} -h agree")
     for v, opts in (("status", ["--devices", "--output"]), ("watch", ["--interval", "--count"]),
                     ("resize", ["--dp", "--wait", "token"]), ("pause", ["--wait", "token"]),
-                    ("ops", ["ID"]), ("checkpoints", ["--output"])):
+                    ("ops", ["ID"]), ("checkpoints", ["--output"]),
+                    ("history", ["--since", "--last"])):
         p = run("help", v)
         for o in opts:
             check(o in p.stdout, f"help {v} mentions {o}", p)
