@@ -196,9 +196,7 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
   if (!isfinite(st->loss)) mt_log_warn("step %lld: loss is %g", (long long)st->step, st->loss);
 }
 
-/* "validation after step 80", "validation at the end of training after
- * step 81", "the test pass after step 81": mtnlgctl status's words */
-static const char *pass_name(char *buf, size_t cap, const mt_eval_progress *p) {
+const char *mt_eval_pass_name(char *buf, size_t cap, const mt_eval_progress *p) {
   int test = p->split == MT_SPLIT_TEST;
   snprintf(buf, cap, "%s%s after step %lld", test ? "the test pass" : "validation",
            p->end_of_training && !test ? " at the end of training" : "", (long long)p->step);
@@ -215,8 +213,8 @@ void mt_evallog_progress(mt_evallog *e, const mt_eval_progress *p, int64_t now_m
   double secs = (now_ms - e->started_ms) / 1e3;
   if (p->done >= p->total) {
     if (e->logged)
-      mt_log_info("%s: %d batches in %.1f s (%.3f s a batch)", pass_name(name, sizeof name, p),
-                  p->total, secs, secs / p->total);
+      mt_log_info("%s: %d batches in %.1f s (%.3f s a batch)",
+                  mt_eval_pass_name(name, sizeof name, p), p->total, secs, secs / p->total);
     e->logged = 0;
     return;
   }
@@ -226,7 +224,7 @@ void mt_evallog_progress(mt_evallog *e, const mt_eval_progress *p, int64_t now_m
       every_ms > 0 ? e->next_ms + ((now_ms - e->next_ms) / every_ms + 1) * every_ms : now_ms;
   e->logged = 1;
   mt_log_info("%s: batch %d of %d, %.1f s so far, about %.1f s left",
-              pass_name(name, sizeof name, p), p->done, p->total, secs,
+              mt_eval_pass_name(name, sizeof name, p), p->done, p->total, secs,
               secs / p->done * (p->total - p->done));
 }
 

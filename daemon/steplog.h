@@ -54,6 +54,11 @@ void mt_steplog(mt_steplog_acc *acc, const mt_step_stats *st, int64_t steps, int
  * the step's line). Call with each progress report of the pass (the
  * engine's on_eval: done 0 at its start, then after each batch) and now_ms
  * on the monotonic clock; zero e before the first. */
+/* The pass in mtnlgctl status's words, into buf: "validation after step
+ * 80", "validation at the end of training after step 81", "the test pass
+ * after step 81". */
+const char *mt_eval_pass_name(char *buf, size_t cap, const mt_eval_progress *p);
+
 #define MT_EVALLOG_EVERY_MS 30000
 typedef struct mt_evallog {
   int64_t started_ms, next_ms;

@@ -243,7 +243,11 @@ static void render_cluster(sbuf *b, json_t *st) {
         0}},
       {"loss_scale",
        {"mtnlg_loss_scale", "gauge", "fp16's dynamic loss scale after the last step.", 0}},
-      {"eta_s", {"mtnlg_eta_seconds", "gauge", "Estimated time until the last step.", 0}},
+      {"eta_s",
+       {"mtnlg_eta_seconds", "gauge",
+        "Estimated time until the run ends: its steps, validation and test passes and the saves "
+        "training waits for.",
+        0}},
       {"exit_at",
        {"mtnlg_exit_time_seconds", "gauge",
         "When train.exit_duration_mins stops the run, in seconds since the epoch.", 0}},

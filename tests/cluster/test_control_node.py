@@ -48,7 +48,8 @@ its first step until the spare is in):
   80, then the end of training's after step 81) with its batches counting
   up while the status's step is still the one before, its eta_s counts
   the batches left in this pass and the next at the pass's pace, `mtnlgctl
-  history` shows step 80's validation loss during the end's pass, conforms to
+  history` shows step 80's validation loss during the end's pass, systemd's
+  STATUS= tells the passes' batches before the step's line, conforms to
   proto/control-v1.yaml, `mtnlgctl status` prints its "evaluating" line,
   the steps come with their losses once the passes end, and the spare's
   status shows the validation after step 80 too (from the store).
@@ -72,6 +73,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -499,8 +501,21 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         except (OSError, ValueError):
             return None
 
+    # the member's systemd notifications (sd_notify), read as the loop polls
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(tmp, "eval-notify.sock"))
+    notify.setblocking(False)
+    notes = []
+
+    def read_notes():
+        while True:
+            try:
+                notes.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                return
+
     try:
-        c.node_start(n)
+        c.node_start(n, env={"NOTIFY_SOCKET": os.path.join(tmp, "eval-notify.sock")})
         c.wait_for(lambda: status_step(n) > 0, 120, "a step")
         code, body = post(n, "/v1/pause", token)
         if code != 202:
@@ -532,8 +547,10 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                     if mtnlgctl:
                         printed = subprocess.run([mtnlgctl, "-e", n.url(), "status"],
                                                  capture_output=True, text=True, timeout=30)
+            read_notes()
             time.sleep(0.02)
         codes = c.wait_all(60)
+        read_notes()
         done = n.steps()
         errors = oc.check_response(doc, "GET", "/v1/status", 200, json.dumps(during),
                                    "application/json") if during else ["never seen"]
@@ -557,12 +574,23 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                            "%.4f" % done[every - 1]["val_loss"]]]
                  if history and len(done) == steps and "val_loss" in done[every - 1] else
                  not mtnlgctl)
+        # systemctl status says the pass, then the step its line reports
+        told = [m for m in notes if m.startswith("STATUS=")]
+        passes = [m for m in told if "validation after step %d: batch" % every in m]
+        notified = (passes and "STATUS=running generation 1: validation after step %d: batch 0 "
+                    "of 600" % every in passes and any(m.endswith("batch 600 of 600")
+                                                       for m in passes)
+                    and any("validation at the end of training after step %d" % steps in m
+                            for m in told)
+                    and told.index(passes[-1]) < told.index(next(
+                        m for m in told if m.startswith("STATUS=running generation 1: step %d/"
+                                                        % every))))
         ok = (codes == [0, 0] and paused_at < every and mid and end
               and all(s[:4] == (every - 1, "valid", False, every) for s in mid)
               and all(s[:4] == (every, "valid", True, steps) for s in end)
               and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen + at_spare)
               and counts == sorted(counts) and len(set(counts)) > 1 and not errors and line
-              and shown
+              and shown and notified
               and paced and not slow
               and [s["step"] for s in done] == list(range(1, steps + 1))
               and "val_loss" in done[every - 1] and "final_val_loss" in done[steps - 1]
@@ -571,15 +599,16 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         return check("test_status_shows_a_validation_under_way_until_its_step_is_reported", bool(ok),
                      "exit %s; paused at step %s; the member saw %d statuses in a pass: first "
                      "%s, last %s; ETA short of the batches left in %d of %d: %s; the spare "
-                     "%d: first %s, last %s; contract %s; mtnlgctl history %r; mtnlgctl "
-                     "status: %r" % (
+                     "%d: first %s, last %s; contract %s; systemd told %d passes' "
+                     "statuses of %d: %s; mtnlgctl history %r; mtnlgctl status: %r" % (
                          codes, paused_at, len(seen), seen[:1], seen[-1:], len(slow),
                          len(paced), slow[:3], len(at_spare),
-                         at_spare[:1], at_spare[-1:], errors[:3],
-                         history.stdout if history else None,
+                         at_spare[:1], at_spare[-1:], errors[:3], len(passes), len(told),
+                         passes[:1] + passes[-1:], history.stdout if history else None,
                          printed.stdout[-600:] if printed else None))
     finally:
         c.kill_all()
+        notify.close()
 
 
 def main():
