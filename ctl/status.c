@@ -283,7 +283,12 @@ static void print_status(const json_t *st) {
   printf(LABEL "%s\n", "tokens/s", ctl_fmt_field(a, sizeof a, st, "tokens_per_s", "%.0f"));
   print_throughput(st);
   print_step_time(st);
-  printf(LABEL "%s\n", "ETA", ctl_jnum(st, "eta_s", &v) ? ctl_fmt_duration(b, sizeof b, v) : "-");
+  /* and, past a minute, when on this machine's clock */
+  if (ctl_jnum(st, "eta_s", &v) && v >= 60)
+    printf(LABEL "%s (about %s)\n", "ETA", ctl_fmt_duration(b, sizeof b, v),
+           ctl_fmt_time(a, sizeof a, (double)time(NULL) + v));
+  else
+    printf(LABEL "%s\n", "ETA", ctl_jnum(st, "eta_s", &v) ? ctl_fmt_duration(b, sizeof b, v) : "-");
   if (ctl_jnum(st, "exit_at", &v)) {
     double left = v - (double)time(NULL);
     printf(LABEL "%s (%s%s, train.exit_duration_mins)\n", "exits at", ctl_fmt_time(a, sizeof a, v),

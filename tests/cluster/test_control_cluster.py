@@ -518,6 +518,15 @@ def test_mtnlgctl(c, mtnlgctl):
           and re.search(r"^  state +running$", p.stdout, re.M) is not None
           and re.search(r"^  loss +\d+\.\d{4}$", p.stdout, re.M) is not None)
     check("test_mtnlgctl_status_names_job_state_step_and_coordinator", ok, show(p))
+    # an ETA of hours (100000 steps) says when too, on this machine's clock
+    eta = get(n1, "/v1/status").json().get("eta_s")
+    m = re.search(r"^  ETA +\d.* \(about (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)$", p.stdout,
+                  re.M)
+    at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) - time.time() if m else None
+    ok = (isinstance(eta, (int, float)) and eta > 3600 and at is not None
+          and 0.5 * eta - 60 < at < 2 * eta + 60)
+    check("test_mtnlgctl_status_says_when_the_run_ends", ok,
+          "eta_s %s, ETA line's time %s s from now; %s" % (eta, at, show(p)))
     p0 = ctl(n0, "status")
     ok = (p0.returncode == 0 and "  store " not in p.stdout
           and re.search(r"^  store +\d+ keys, \S+ \S+ of 17\.\d GB \(\d+\.\d%\); \d+ clients, "
