@@ -15,6 +15,7 @@
 #include "err.h"
 #include "log.h"
 #include "monotime.h"
+#include "range.h"
 #include "safetensors.h"
 #include "store.h"
 
@@ -138,13 +139,17 @@ static int save_checkpoint(rank_ctx *c, mt_trainer *tr, int64_t order_seq, int64
     o->on_checkpoint(0, tr->step, 0, NULL, NULL, order_seq, o->arg);
   mt_checkpoint_result res = {.step = tr->step};
   if (allow_async && o->job->checkpoint.async_save) {
+    mt_range_push("checkpoint step %lld, to host memory", (long long)tr->step);
     rc = mt_trainer_save_begin(tr, c->ckpt_dir, &c->pending);
+    mt_range_pop();
     c->pending_order_seq = order_seq;
     res.failed_here = c->pending.res.failed_here, res.failed_first = c->pending.res.failed_first;
     if (rc) report_save(c, rc, &res, order_seq);
     return save_rc(rc);
   }
+  mt_range_push("checkpoint step %lld", (long long)tr->step);
   rc = mt_trainer_save(tr, c->ckpt_dir, &res);
+  mt_range_pop();
   if (!rc) *last_saved = tr->step;
   if (saved) *saved = !rc;
   report_save(c, rc, &res, order_seq);

@@ -14,6 +14,7 @@
 #include "log.h"
 #include "lr.h"
 #include "monotime.h"
+#include "range.h"
 #include "safetensors.h"
 
 static double wall_s(void) {
@@ -753,7 +754,16 @@ static int run_pipeline(pipe_run *r) {
     if (r->overlap) rc = wait_recv(r, o);
     const void *in = !rc && receives(tr, o) ? received(r, o) : NULL;
     if (!rc && r->overlap) rc = post_recv(r, next);
-    if (!rc) rc = o->kind == MT_PIPE_FWD ? stage_forward(r, o, in) : stage_backward(r, o, in);
+    if (!rc) {
+      /* "forward 3", "backward 3" (with virtual stages "forward 3, chunk 1") */
+      if (tr->n_chunks > 1)
+        mt_range_push("%s %d, chunk %d", o->kind == MT_PIPE_FWD ? "forward" : "backward", o->micro,
+                      o->chunk);
+      else
+        mt_range_push("%s %d", o->kind == MT_PIPE_FWD ? "forward" : "backward", o->micro);
+      rc = o->kind == MT_PIPE_FWD ? stage_forward(r, o, in) : stage_backward(r, o, in);
+      mt_range_pop();
+    }
     if (!rc) rc = start_send(r, o);
     if (!rc && !r->overlap) {
       rc = post_recv(r, next);
@@ -844,7 +854,31 @@ static int timers_across_ranks(mt_trainer *tr, mt_step_stats *st) {
   return 0;
 }
 
+/* A phase of the step: its timer (train.timing_log_level) and its range on
+ * a profiler's timeline (range.h), both by the timer's name. */
+static double phase_begin(mt_timers *tm, int id) {
+  mt_range_push("%s", mt_timer_name(id));
+  return mt_timers_now(tm);
+}
+
+static void phase_end(mt_timers *tm, int id, double since) {
+  mt_timers_add(tm, id, since);
+  mt_range_pop();
+}
+
+static int trainer_step(mt_trainer *tr, mt_step_stats *st);
+
+/* The step in a range of its own ("step N"); a phase that failed is closed
+ * with it. */
 int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
+  int depth = mt_range_depth();
+  mt_range_push("step %lld", (long long)tr->step + 1);
+  int rc = trainer_step(tr, st);
+  mt_range_pop_to(depth);
+  return rc;
+}
+
+static int trainer_step(mt_trainer *tr, mt_step_stats *st) {
   const mt_job *job = tr->job;
   mt_gpt *m = &tr->model;
   mt_device *d = tr->dev;
@@ -861,13 +895,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * device's queued work) to its end */
   mt_timers *tm = &tr->timers;
   memset(tm->ms, 0, sizeof tm->ms);
-  double ph = mt_timers_now(tm);
+  double ph = phase_begin(tm, MT_TM_WEIGHTS_ROUND);
 
   /* the weights this step computes with: the master's, rounded (mixed precision) */
   int rc = mt_gpt_round_weights(m);
   if (rc) return mt_wraperr(rc, "step %lld: rounding the weights", sn);
-  mt_timers_add(tm, MT_TM_WEIGHTS_ROUND, ph);
-  ph = mt_timers_now(tm);
+  phase_end(tm, MT_TM_WEIGHTS_ROUND, ph);
+  ph = phase_begin(tm, MT_TM_FORWARD_BACKWARD);
   mt_gpt_zero_grad(m);
   /* objective: the mean loss over the global batch, times the loss scale
    * (fp16; 1 otherwise, which leaves every product exact) */
@@ -883,19 +917,19 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
                 .overlap = job->parallel.overlap_p2p};
   rc = run_pipeline(&r);
   if (rc) return mt_wraperr(rc, "step %lld, pipeline stage %d", sn, tr->g.pp_rank);
-  mt_timers_add(tm, MT_TM_FORWARD_BACKWARD, ph);
+  phase_end(tm, MT_TM_FORWARD_BACKWARD, ph);
   if (tm->level >= 1) tm->ms[MT_TM_PIPELINE_WAIT] = r.wait_ms;
 
   double comm_t0 = 1e3 * mt_mono_s();
-  ph = mt_timers_now(tm);
   /* ZeRO-1: each rank's slice holds the sum over replicas of its gradients
    * once the buckets the backward did not start yet are reduced too */
   const float *grad = m->grads + tr->shard_lo;
   if (tr->g.dp) {
+    ph = phase_begin(tm, MT_TM_ALL_GRADS_SYNC);
     rc = start_buckets(tr, -1);
     if (!rc) rc = mt_comm_wait(tr->g.dp);
     if (rc) return mt_wraperr(rc, "step %lld: gradient reduction over dp", sn);
-    mt_timers_add(tm, MT_TM_ALL_GRADS_SYNC, ph);
+    phase_end(tm, MT_TM_ALL_GRADS_SYNC, ph);
   }
   /* the two copies of the tied embedding get the sum of both gradients, in
    * Megatron's order: over dp first, whole (every replica of a stage then
@@ -906,7 +940,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
    * after its root), and the owners differ between the stages: the copies
    * drifted apart by rounding at dp >= 3. */
   if (tied_copy(tr)) {
-    ph = mt_timers_now(tm);
+    ph = phase_begin(tm, MT_TM_EMBEDDING_GRADS);
     const mt_param *wte = &m->params_table[m->i_wte];
     float *g = m->grads + wte->offset;
     if (tr->g.dp) {
@@ -915,7 +949,7 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     }
     rc = mt_comm_allreduce(tr->g.embed, g, g, wte->numel, MT_COMM_F32, MT_COMM_SUM);
     if (rc) return mt_wraperr(rc, "step %lld: tied embedding all-reduce", sn);
-    mt_timers_add(tm, MT_TM_EMBEDDING_GRADS, ph);
+    phase_end(tm, MT_TM_EMBEDDING_GRADS, ph);
   }
   /* one all-reduce carries the loss, the squared norm, the stop request,
    * the pipeline's wait (for the bubble), the devices' faults, and the
@@ -926,13 +960,16 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   double comm_ms = pipe_ms - (comm_t0 - t0);
   /* fp16: a scaled gradient out of fp16's range is an overflow, as it would
    * be inf in an fp16 backward; an infinite norm carries it to every rank */
-  ph = mt_timers_now(tm);
+  ph = phase_begin(tm, MT_TM_GRAD_NORM);
   double sumsq = slice_sumsq(tr, tr->norm_spans, grad);
   if (fp16 && !d->ops->fits_fp16(d, grad, tr->shard_n)) sumsq = INFINITY;
-  mt_timers_add(tm, MT_TM_GRAD_NORM, ph);
-  ph = mt_timers_now(tm);
-  double zeros = job->train.log_num_zeros_in_grad ? slice_zeros(tr) : 0.0;
-  if (job->train.log_num_zeros_in_grad) mt_timers_add(tm, MT_TM_COUNT_ZEROS, ph);
+  phase_end(tm, MT_TM_GRAD_NORM, ph);
+  double zeros = 0.0;
+  if (job->train.log_num_zeros_in_grad) {
+    ph = phase_begin(tm, MT_TM_COUNT_ZEROS);
+    zeros = slice_zeros(tr);
+    phase_end(tm, MT_TM_COUNT_ZEROS, ph);
+  }
   /* ops cannot fail, so a fault one of this step's kernels met (a failed
    * launch or GEMM) is recorded on the device and told here; counted in the
    * all-reduce, it fails the step on every rank alike, before any update */
@@ -954,12 +991,13 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
   device_vote(agreed + 6, tr, dev_rc);
   if (tr->g.world) {
     double c0 = 1e3 * mt_mono_s();
+    mt_range_push("%s", mt_timer_name(MT_TM_STEP_ALL_REDUCE));
     rc = mt_comm_allreduce(tr->g.world, agreed, agreed, 10, MT_COMM_F64, MT_COMM_SUM);
     if (rc && dev_rc)
       return own_fault_first(dev_rc, sn, "", dev_msg, "the loss and norm all-reduce");
     if (rc) return mt_wraperr(rc, "step %lld: loss and norm all-reduce", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
-    mt_timers_add(tm, MT_TM_STEP_ALL_REDUCE, c0);
+    phase_end(tm, MT_TM_STEP_ALL_REDUCE, c0);
   }
   if (dev_rc) return mt_wraperr(dev_rc, "step %lld", sn); /* names the device */
   if (agreed[6] > 0) return other_device_failed(sn, "; no update applied", agreed + 6);
@@ -986,18 +1024,18 @@ int mt_trainer_step(mt_trainer *tr, mt_step_stats *st) {
     mt_log_warn("step %lld: gradient norm is %g; update skipped", sn, norm);
   }
   if (!st->skipped) {
-    ph = mt_timers_now(tm);
+    ph = phase_begin(tm, MT_TM_OPTIMIZER);
     mt_adamw_step(&tr->opt, m, grad, lr, mt_clip_scale(norm, job->train.clip_grad) / scale);
     tr->lr_samples += G;
-    mt_timers_add(tm, MT_TM_OPTIMIZER, ph);
+    phase_end(tm, MT_TM_OPTIMIZER, ph);
   }
   if (tr->g.dp) {
     double c0 = 1e3 * mt_mono_s();
-    ph = mt_timers_now(tm);
+    ph = phase_begin(tm, MT_TM_PARAMS_ALL_GATHER);
     rc = mt_comm_allgather(tr->g.dp, m->params + tr->shard_lo, m->params, tr->shard_n, MT_COMM_F32);
     if (rc) return mt_wraperr(rc, "step %lld: parameter all-gather", sn);
     comm_ms += 1e3 * mt_mono_s() - c0;
-    mt_timers_add(tm, MT_TM_PARAMS_ALL_GATHER, ph);
+    phase_end(tm, MT_TM_PARAMS_ALL_GATHER, ph);
   }
   /* the update's own faults (AdamW, the all-gather's copies) are agreed on
    * too: a rank whose update failed may have sent the others a stale slice,
@@ -1109,6 +1147,10 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, int end_of_training, uint64_
                          .end_of_training = end_of_training,
                          .step = tr->step,
                          .total = job->eval.iters};
+  /* the pass in a range of its own, each batch in one inside it */
+  int depth = mt_range_depth();
+  mt_range_push("%s after step %lld", which == MT_SPLIT_TEST ? "test" : "validation",
+                (long long)tr->step);
   if (tr->on_eval) tr->on_eval(&pr, tr->eval_arg);
   for (int e = 0; e < job->eval.iters && !rc; e++) {
     pipe_run r = {.tr = tr,
@@ -1117,7 +1159,9 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, int end_of_training, uint64_
                            (uint64_t)tr->g.dp_rank * (uint64_t)(G / tr->g.dp_size),
                   .micro = micro,
                   .overlap = tr->job->parallel.overlap_p2p};
+    mt_range_push("%s batch %d", what, e);
     rc = run_pipeline(&r);
+    mt_range_pop();
     if (tr->g.tp_rank == 0) sum += r.loss_sum;
     pr.done = e + 1;
     if (!rc && tr->on_eval) tr->on_eval(&pr, tr->eval_arg);
@@ -1142,6 +1186,7 @@ int mt_trainer_eval(mt_trainer *tr, mt_split which, int end_of_training, uint64_
     rc = other_device_failed((long long)tr->step,
                              which == MT_SPLIT_TEST ? " in the test pass" : " in validation",
                              agreed + 1);
+  mt_range_pop_to(depth);
   if (rc) return mt_wraperr(rc, "%s", what);
   sum = agreed[0];
   *loss = sum / ((double)job->eval.iters * (G / m->B));
