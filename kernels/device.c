@@ -343,6 +343,14 @@ int mt_device_set_attention(mt_device *d, const char *backend) {
   return 0; /* a CPU device's one way */
 }
 
+int mt_device_profiler(mt_device *d, int on) {
+#if WITH_CUDA
+  if (d->kind == MT_DEVICE_CUDA) return mt__cuda_profiler(d, on);
+#endif
+  (void)on;
+  return mt_seterr(MT_ENOTSUP, "device %s: no CUDA profiler on a CPU device", d->name);
+}
+
 int mt_device_fault_pending(mt_device *d, char *msg, size_t len) {
 #if WITH_CUDA
   if (d->kind == MT_DEVICE_CUDA) return mt__cuda_fault_pending(d, msg, len);

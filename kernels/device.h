@@ -110,6 +110,13 @@ int mt_device_sync(mt_device *d);
  * for another name. */
 int mt_device_set_attention(mt_device *d, const char *backend);
 
+/* Starts (on nonzero) or stops the CUDA profiler's capture on a GPU
+ * (cudaProfilerStart, cudaProfilerStop: `nsys profile
+ * --capture-range=cudaProfilerApi` records what runs between; without a
+ * profiler attached nothing happens). MT_ENOTSUP on a CPU device, MT_EIO
+ * when the runtime refuses. */
+int mt_device_profiler(mt_device *d, int on);
+
 /* Waits for everything queued on the device, as mt_device_sync, but reports
  * nothing: an error it meets is kept for the next mt_device_sync, which
  * still tells it once. For timers (train.timing_log_level), whose waits

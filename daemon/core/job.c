@@ -393,8 +393,10 @@ static const char *const train_keys[] = {"global_batch",
                                          "timing_log_option",
                                          "log_timers_to_tensorboard",
                                          "log_memory_to_tensorboard",
+                                         "profile",
                                          NULL};
 static const char *const rampup_keys[] = {"start", "increment", "samples", "tokens", NULL};
+static const char *const profile_keys[] = {"step_start", "step_end", "ranks", NULL};
 static const char *const lr_keys[] = {"schedule",
                                       "peak",
                                       "min",
@@ -915,6 +917,35 @@ static void read_train(problems *pb, json_t *root, mt_train_spec *t, lr_given *g
   }
   read_bool(pb, o, "train", "log_timers_to_tensorboard", &t->log_timers_to_tensorboard);
   read_bool(pb, o, "train", "log_memory_to_tensorboard", &t->log_memory_to_tensorboard);
+  json_t *prof = read_object(pb, o, "train", "profile");
+  check_keys(pb, prof, "train.profile", profile_keys);
+  if (prof) { /* every key optional: Megatron's defaults */
+    t->profile.on = 1;
+    read_i64(pb, prof, "train.profile", "step_start", 0, INT64_MAX, &t->profile.step_start);
+    read_i64(pb, prof, "train.profile", "step_end", 0, INT64_MAX, &t->profile.step_end);
+    json_t *ranks = json_object_get(prof, "ranks");
+    if (ranks && (!json_is_array(ranks) || !json_array_size(ranks) ||
+                  json_array_size(ranks) > MT_PROFILE_MAX_RANKS)) {
+      char g[128];
+      problem(pb, "train.profile.ranks: expected an array of 1 to %d world ranks, got %s",
+              MT_PROFILE_MAX_RANKS,
+              json_is_array(ranks) ? (json_array_size(ranks) ? "more" : "an empty array")
+                                   : got(ranks, g, sizeof g));
+    } else if (ranks) {
+      size_t i;
+      json_t *r;
+      t->profile.n_ranks = 0;
+      json_array_foreach(ranks, i, r) {
+        if (!json_is_integer(r) || json_integer_value(r) < 0 || json_integer_value(r) > INT_MAX) {
+          char g[128];
+          problem(pb, "train.profile.ranks[%zu]: expected a world rank (0 or more), got %s", i,
+                  json_is_integer(r) ? "a negative integer" : got(r, g, sizeof g));
+          break;
+        }
+        t->profile.ranks[t->profile.n_ranks++] = (int)json_integer_value(r);
+      }
+    }
+  }
 }
 
 /* The entries of a blend array v (1 to MT_MAX_BLEND, checked by the
@@ -1121,6 +1152,9 @@ static void set_defaults(mt_job *job) {
   t->loss_scale.dynamic = 1;
   t->loss_scale.hysteresis = 2;
   t->log_interval = 1;
+  /* Megatron's --profile-step-start, --profile-step-end, --profile-ranks */
+  t->profile.step_start = 10, t->profile.step_end = 12;
+  t->profile.n_ranks = 1, t->profile.ranks[0] = 0;
   snprintf(job->data.split, sizeof job->data.split, "949,50,1");
   job->data.split_valid_weight = 50;
   job->data.shuffle = 1;
@@ -1582,6 +1616,21 @@ static void validate(problems *pb, mt_job *job) {
   if (t->log_memory_to_tensorboard && !t->tensorboard_dir[0])
     check_fail(pb, "train.log_memory_to_tensorboard",
                "needs train.tensorboard_dir: where the events go");
+  if (t->profile.on && t->profile.step_end <= t->profile.step_start)
+    check_fail(pb, "train.profile.step_end",
+               "%" PRId64 " is not after step_start = %" PRId64
+               ": the capture runs from after step step_start to after step step_end",
+               t->profile.step_end, t->profile.step_start);
+  const mt_parallel_spec *pa = &job->parallel;
+  int64_t world = (int64_t)pa->tp * pa->pp * (pa->dp_max > pa->dp_min ? pa->dp_max : pa->dp_min);
+  for (int i = 0; t->profile.on && i < t->profile.n_ranks && world > 0; i++)
+    if (t->profile.ranks[i] >= world) {
+      check_fail(pb, "train.profile.ranks",
+                 "world rank %d is not in the job: it runs at most tp %d x pp %d x dp_max %d = "
+                 "%" PRId64 " ranks, 0 to %" PRId64,
+                 t->profile.ranks[i], pa->tp, pa->pp, pa->dp_max, world, world - 1);
+      break;
+    }
   if (!(t->exit_duration_mins >= 0.0 && t->exit_duration_mins <= 1e7))
     check_fail(pb, "train.exit_duration_mins", "%g must be from 0 (never) to 1e7",
                t->exit_duration_mins);
@@ -1862,6 +1911,15 @@ static json_t *job_to_json(const mt_job *job) {
     json_object_set_new(json_object_get(root, "train"), "log_timers_to_tensorboard", json_true());
   if (job->train.log_memory_to_tensorboard) /* only when set: other jobs keep their hash */
     json_object_set_new(json_object_get(root, "train"), "log_memory_to_tensorboard", json_true());
+  if (job->train.profile.on) { /* only when given: other jobs keep their hash */
+    json_t *ranks = json_array();
+    for (int i = 0; i < job->train.profile.n_ranks; i++)
+      json_array_append_new(ranks, json_integer(job->train.profile.ranks[i]));
+    json_object_set_new(json_object_get(root, "train"), "profile",
+                        json_pack("{s:I, s:I, s:o}", "step_start",
+                                  (json_int_t)job->train.profile.step_start, "step_end",
+                                  (json_int_t)job->train.profile.step_end, "ranks", ranks));
+  }
   if (job->train.lr.kind == MT_LR_WSD) {
     static const char *const styles[] = {"linear", "cosine", "exponential", "minus_sqrt"};
     json_t *lr = json_object_get(json_object_get(root, "train"), "lr");

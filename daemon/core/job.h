@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #define MT_PATH_MAX 1024
+#define MT_PROFILE_MAX_RANKS 64 /* train.profile.ranks */
 
 typedef struct mt_model_spec {
   char preset[64]; /* "" if the model is given field by field */
@@ -189,6 +190,17 @@ typedef struct mt_train_spec {
    * the TensorBoard events (mem-reserved-bytes, mem-allocated-bytes,
    * mem-max-allocated-bytes, mem-allocated-count; off; needs tensorboard_dir) */
   int log_memory_to_tensorboard;
+  /* Megatron's --profile, --profile-step-start, --profile-step-end and
+   * --profile-ranks (train.profile): the CUDA profiler's capture
+   * (cudaProfilerStart) runs from after step step_start to after step
+   * step_end on the GPUs of the listed world ranks, for `nsys profile
+   * --capture-range=cudaProfilerApi`; on 0: none */
+  struct {
+    int on;
+    int64_t step_start, step_end; /* 10 and 12: Megatron's */
+    int n_ranks;
+    int ranks[MT_PROFILE_MAX_RANKS]; /* [0]: Megatron's */
+  } profile;
 } mt_train_spec;
 
 #define MT_MAX_BLEND 32

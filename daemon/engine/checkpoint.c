@@ -802,8 +802,10 @@ static int operational_field(const char *path) {
   for (size_t i = 0; i < sizeof exact / sizeof *exact; i++)
     if (!strcmp(path, exact[i])) return 1;
   /* data.valid and data.test feed validation and the test pass, never training */
+  /* train.profile: what a profiler records, as the log fields */
   return !strncmp(path, "checkpoint.", 11) || !strncmp(path, "eval.", 5) ||
-         !strncmp(path, "data.valid", 10) || !strncmp(path, "data.test", 9);
+         !strncmp(path, "train.profile", 13) || !strncmp(path, "data.valid", 10) ||
+         !strncmp(path, "data.test", 9);
 }
 
 /* The fields that changed: in text those the trajectory depends on

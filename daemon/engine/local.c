@@ -50,6 +50,7 @@ typedef struct rank_ctx {
   int64_t pending_order_seq;
   char save_err[1024]; /* why the last save failed (the first rank of a process: the lowest
                           failing world rank's error, or its own), or "" */
+  int profiling;       /* train.profile: this rank's GPU's capture is on */
 } rank_ctx;
 
 /* Rank 0's report: the model once, then steps, validation and the end. */
@@ -278,6 +279,42 @@ static int end_of_training(rank_ctx *c, mt_trainer *tr, mt_step_stats *st) {
   return 0;
 }
 
+/* train.profile (Megatron's --profile): on the listed world ranks, the
+ * CUDA profiler's capture starts before the step after step_start (called
+ * with the steps done, before a step and after it; Megatron's test on its
+ * iteration count, so a run resumed past step_start takes no capture) and
+ * stops after step_end, or where the ranks stop training (ending). A rank
+ * on a CPU device says once that it has no capture. Never fails a step: a
+ * capture that does not start is said and training goes on. */
+static void profile_window(rank_ctx *c, mt_trainer *tr, int ending) {
+  const mt_job *job = c->o->job;
+  const mt_train_spec *t = &job->train;
+  int listed = 0;
+  for (int i = 0; t->profile.on && i < t->profile.n_ranks; i++)
+    listed |= t->profile.ranks[i] == c->rank;
+  if (!listed) return;
+  long long from = (long long)t->profile.step_start + 1, to = (long long)t->profile.step_end;
+  if (!c->profiling && !ending && tr->step == t->profile.step_start) {
+    if (mt_device_profiler(tr->dev, 1))
+      mt_log_info("train.profile: world rank %d takes no capture of steps %lld to %lld: %s (its "
+                  "NVTX ranges mark them still)",
+                  c->rank, from, to, mt_errmsg());
+    else {
+      c->profiling = 1;
+      mt_log_info("train.profile: the CUDA profiler captures steps %lld to %lld on world rank %d "
+                  "(%s)",
+                  from, to, c->rank, tr->dev->name);
+    }
+  } else if (c->profiling && (ending || tr->step >= t->profile.step_end)) {
+    c->profiling = 0;
+    if (mt_device_profiler(tr->dev, 0))
+      mt_log_warn("train.profile: world rank %d: %s", c->rank, mt_errmsg());
+    else
+      mt_log_info("train.profile: the capture on world rank %d (%s) stopped after step %lld",
+                  c->rank, tr->dev->name, (long long)tr->step);
+  }
+}
+
 static int rank_loop(rank_ctx *c, mt_trainer *tr) {
   const mt_local_opts *o = c->o;
   const mt_job *job = o->job;
@@ -339,7 +376,9 @@ static int rank_loop(rank_ctx *c, mt_trainer *tr) {
      * all-reduce (tr->stop_flag, tr->order_src): any process signalled, all
      * stop together after that step */
     mt_step_stats st;
+    profile_window(c, tr, 0);
     int rc = mt_trainer_step(tr, &st);
+    profile_window(c, tr, 0);
     if (rc) return rc;
     why = st.stop && st.timed ? MT_STOPPED_TIME : MT_STOPPED_ASKED;
     /* train.exit_interval (Megatron's --exit-interval): every rank counts
@@ -605,6 +644,7 @@ static void *rank_main(void *arg) {
   if (!rc) rc = mt_trainer_create(&tr, o->job, &dev, &g);
   have_tr = !rc;
   if (!rc) rc = rank_loop(c, &tr);
+  if (have_tr) profile_window(c, &tr, 1); /* a capture the run ended in */
   if (rc && have_dev) rc = pending_fault_first(&dev, rc);
   if (rc) {
     snprintf(c->err, sizeof c->err, "rank %d (%s): %s", c->rank, spec, mt_errmsg());

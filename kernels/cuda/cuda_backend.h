@@ -45,7 +45,8 @@ typedef enum { MT__CUDA_HTOD, MT__CUDA_DTOH, MT__CUDA_DTOD } mt__cuda_copy;
 int mt__cuda_memcpy(mt_device *d, void *dst, const void *src, size_t bytes, mt__cuda_copy kind);
 int mt__cuda_memset0(mt_device *d, void *p, size_t bytes);
 int mt__cuda_sync(mt_device *d);
-void mt__cuda_wait(mt_device *d); /* the wait of mt__cuda_sync, its error kept */
+int mt__cuda_profiler(mt_device *d, int on); /* mt_device_profiler */
+void mt__cuda_wait(mt_device *d);            /* the wait of mt__cuda_sync, its error kept */
 int mt__cuda_fault_pending(mt_device *d, char *msg, size_t len); /* mt_device_fault_pending */
 
 /* Blocks an SM of d's GPU holds of the flash kernels for head_size (the

@@ -24,6 +24,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 #define MT_LAUNCH(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>

@@ -334,6 +334,15 @@ int mt__cuda_attention_backend(mt_device *d, const char *name) {
   return mt__cuda_attention_path(d, path);
 }
 
+int mt__cuda_profiler(mt_device *d, int on) {
+  mt__cuda_enter(d); /* the capture is the context's: this device's */
+  cudaError_t e = on ? cudaProfilerStart() : cudaProfilerStop();
+  if (e != cudaSuccess)
+    return mt_seterr(MT_EIO, "device %s: %s: %s", d->name,
+                     on ? "cudaProfilerStart" : "cudaProfilerStop", cudaGetErrorString(e));
+  return 0;
+}
+
 void mt__cuda_wait(mt_device *d) {
   mt__cuda *c = mt__cuda_enter(d);
   cudaError_t e = cudaStreamSynchronize(c->stream);

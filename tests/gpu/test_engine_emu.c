@@ -67,12 +67,13 @@ typedef struct layout {
   int timing; /* train.timing_log_level */
   const char *attention; /* model.attention_backend, or NULL */
   int eval;              /* validation on the training tokens after every step, 1 batch */
+  const char *profile;   /* train.profile's JSON object, or NULL */
 } layout;
 
 /* A 2-layer tiny model (n_embd 64, seq 16), global batch 8 in micro-batches
  * of 2; logs[w] receives world rank w's steps. */
 static int run(const layout *l, rank_log *logs) {
-  char json[1600], ckpt[400] = "", bucket[192] = "", drop[160] = "", timing[40] = "",
+  char json[1600], ckpt[400] = "", bucket[192] = "", drop[160] = "", timing[160] = "",
                    valid[128] = "", eval[64] = "";
   if (l->ckpt_dir)
     snprintf(ckpt, sizeof ckpt, ",\"checkpoint\":{\"dir\":\"%s\",\"interval\":%d}", l->ckpt_dir,
@@ -94,6 +95,9 @@ static int run(const layout *l, rank_log *logs) {
   if (l->untie)
     snprintf(drop + strlen(drop), sizeof drop - strlen(drop), ",\"untie_embeddings\":true");
   if (l->timing) snprintf(timing, sizeof timing, ",\"timing_log_level\":%d", l->timing);
+  if (l->profile)
+    snprintf(timing + strlen(timing), sizeof timing - strlen(timing), ",\"profile\":%s",
+             l->profile);
   if (l->eval) {
     snprintf(valid, sizeof valid, ",\"valid\":\"%s\"", valid_prefix);
     snprintf(eval, sizeof eval, ",\"eval\":{\"interval\":1,\"iters\":1,\"test\":false}");
@@ -548,6 +552,41 @@ static int test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step(void)
   return 0;
 }
 
+/* train.profile: the CUDA profiler's capture runs on the listed ranks'
+ * GPUs alone, from after step_start to after step_end (Megatron's), and is
+ * off once the run ends, also when it ends inside the window: on rank 1 of
+ * dp 2, a window of steps 2 and 3 takes twice the launches of a window of
+ * step 2, rank 0 takes none, and neither changes a loss. */
+static int test_profile_captures_the_listed_ranks_steps(void) {
+  static rank_log plain[2], one[2], two[2], cut[2];
+  layout l = {.kind = "cuda", .precision = "bf16", .steps = 4, .tp = 1, .pp = 1, .dp = 2};
+  REQUIRE(!run(&l, plain), "without train.profile: %s", mt_errmsg());
+  long d0 = mt_emu_profiled_launches(0), d1 = mt_emu_profiled_launches(1);
+  l.profile = "{\"step_start\":1,\"step_end\":2,\"ranks\":[1]}";
+  REQUIRE(!run(&l, one), "steps 2 to 2: %s", mt_errmsg());
+  long step = mt_emu_profiled_launches(1) - d1;
+  l.profile = "{\"step_start\":1,\"step_end\":3,\"ranks\":[1]}";
+  REQUIRE(!run(&l, two), "steps 2 to 3: %s", mt_errmsg());
+  long steps = mt_emu_profiled_launches(1) - d1 - step;
+  CHECK(step > 0 && steps == 2 * step && mt_emu_profiled_launches(0) == d0,
+        "launches captured: step 2 %ld, steps 2-3 %ld (want twice), on rank 0 %ld (want 0)", step,
+        steps, mt_emu_profiled_launches(0) - d0);
+  l.profile = "{\"step_start\":2,\"step_end\":9,\"ranks\":[0,1]}";
+  REQUIRE(!run(&l, cut), "steps 3 to 9 of 4: %s", mt_errmsg());
+  CHECK(!mt_emu_profiler_on(0) && !mt_emu_profiler_on(1),
+        "a capture the run ended in is stopped: on %d and %d", mt_emu_profiler_on(0),
+        mt_emu_profiler_on(1));
+  int same = 1;
+  for (int w = 0; w < 2; w++)
+    for (int s = 0; s < 4; s++)
+      same &= one[w].loss[s] == plain[w].loss[s] && two[w].loss[s] == plain[w].loss[s] &&
+              cut[w].loss[s] == plain[w].loss[s];
+  CHECK(same, "train.profile changed a loss");
+  printf("  rank 1's GPU captured %ld launches for step 2, %ld for steps 2 and 3; rank 0's none\n",
+         step, steps);
+  return 0;
+}
+
 /* model.attention_backend: a bf16 job on one emulated GPU runs its
  * attention by the flash kernels (the default, and "flash") or by the
  * chunked 16-bit GEMMs ("chunked") and no launch of the other, and both
@@ -888,6 +927,8 @@ int main(int argc, char **argv) {
       {"test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step",
        test_timers_on_gpus_change_nothing_and_leave_faults_to_the_step},
       {"test_attention_backend_picks_the_gpus_path", test_attention_backend_picks_the_gpus_path},
+      {"test_profile_captures_the_listed_ranks_steps",
+       test_profile_captures_the_listed_ranks_steps},
   };
   for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
     int run = argc < 2;

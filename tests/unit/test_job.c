@@ -1676,6 +1676,51 @@ static void test_log_memory_to_tensorboard_round_trips_and_keeps_the_hash(void) 
   one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
 }
 
+/* train.profile (Megatron's --profile and its --profile-step-start, -end
+ * and -ranks): off by default and written only when given (jobs without it
+ * keep their hash); {} takes Megatron's 10, 12 and [0]; the keys carried
+ * back through the canonical JSON; an end not after the start, a rank the
+ * job cannot have, an empty or mistyped rank list and an unknown key
+ * refused naming the key. */
+static void test_profile_defaults_round_trips_and_keeps_the_hash(void) {
+  mt_job plain, dflt, job, back;
+  CHECK(parse_with(&plain, tiny_job, NULL, NULL) == MT_OK && !plain.train.profile.on);
+  CHECK(!strcmp(plain.hash, TINY_JOB_HASH));
+  CHECK(parse_with(&dflt, tiny_job, "train.profile={}", NULL) == MT_OK && dflt.train.profile.on &&
+        dflt.train.profile.step_start == 10 && dflt.train.profile.step_end == 12 &&
+        dflt.train.profile.n_ranks == 1 && dflt.train.profile.ranks[0] == 0);
+  CHECK(parse_with(&job, tiny_job,
+                   "train.profile={\"step_start\": 100, \"step_end\": 105, \"ranks\": [0, 3]}",
+                   "parallel.dp_min=4") == MT_OK);
+  CHECK(job.train.profile.step_start == 100 && job.train.profile.step_end == 105 &&
+        job.train.profile.n_ranks == 2 && job.train.profile.ranks[1] == 3);
+  char *json = mt_job_to_json(&job), *plain_json = mt_job_to_json(&plain);
+  CHECK(json && strstr(json, "\"profile\":{\"ranks\":[0,3],\"step_end\":105,\"step_start\":100}"));
+  CHECK(plain_json && !strstr(plain_json, "profile"));
+  CHECK(json && mt_job_parse(&back, json, "/jobs", presets, NULL) == MT_OK &&
+        back.train.profile.on && back.train.profile.step_end == 105 &&
+        back.train.profile.n_ranks == 2 && !strcmp(back.hash, job.hash));
+  free(json);
+  free(plain_json);
+  refusal cases[] = {
+      {"train.profile={\"step_start\": 5, \"step_end\": 5}", NULL,
+       "train.profile.step_end: 5 is not after step_start = 5"},
+      {"train.profile={\"ranks\": [1]}", NULL,
+       "train.profile.ranks: world rank 1 is not in the job: it runs at most tp 1 x pp 1 x dp_max "
+       "1 = 1 ranks, 0 to 0"},
+      {"train.profile={\"ranks\": []}", NULL,
+       "train.profile.ranks: expected an array of 1 to 64 world ranks, got an empty array"},
+      {"train.profile={\"ranks\": 0}", NULL,
+       "train.profile.ranks: expected an array of 1 to 64 world ranks, got an integer"},
+      {"train.profile={\"ranks\": [-1]}", NULL,
+       "train.profile.ranks[0]: expected a world rank (0 or more), got a negative integer"},
+      {"train.profile={\"step_start\": -1}", NULL, "train.profile.step_start: -1 is out of range"},
+      {"train.profile={\"start\": 3}", NULL, "train.profile.start"},
+      {"train.profile=true", NULL, "train.profile: expected an object"},
+  };
+  one_line_refusals(cases, sizeof cases / sizeof *cases, __func__);
+}
+
 /* model.attention_backend: unset by default and written only when given
  * (jobs without it keep their hash); flash, chunked and auto carried back
  * through the canonical JSON; another name, a non-string or a preset
@@ -1793,6 +1838,7 @@ int main(void) {
   test_loss_scale_defaults_checks_and_round_trip();
   test_export_dtype_round_trips_and_fp32_keeps_the_hash();
   test_what_a_run_has_left_is_what_the_engine_walks();
+  test_profile_defaults_round_trips_and_keeps_the_hash();
   test_rampup_batch();
   test_run_length_in_samples_or_tokens_is_megatrons_steps();
   test_run_length_refusals_name_the_key_given();

@@ -276,6 +276,8 @@ void wait_idle(cudaStream_t s, const char *what) {
 std::mutex launch_mu;
 std::map<std::string, long> launches;     /* by kernel name, under launch_mu */
 std::map<std::string, long> last_threads; /* the last launch's threads a block, by name */
+std::map<int, int> profiling;             /* cudaProfilerStart's capture on, by device */
+std::map<int, long> profiled;             /* launches made with it on, by device */
 std::string fail_name;                    /* mt_emu_fail_launch's kernel, under launch_mu */
 long fail_at;                             /* and its launch count then: 0, none armed */
 void (*fault_sync_fn)(int, void *);       /* mt_emu_on_fault_sync's, under launch_mu */
@@ -1036,6 +1038,7 @@ void run(const char *name, dim3 grid, dim3 block, cudaStream_t s, const std::fun
   std::lock_guard<std::mutex> one_at_a_time(launch_mu);
   long nth = ++launches[name];
   last_threads[name] = (long)block.x * block.y * block.z;
+  if (profiling[current_dev]) profiled[current_dev]++;
   if (fail_at && nth == fail_at && fail_name == name) {
     fail_at = 0;
     faulted_stream = s;
@@ -1155,6 +1158,28 @@ void mt_emu_fail_launch(const char *kernel, long n) {
 void mt_emu_on_fault_sync(void (*fn)(int dev, void *arg), void *arg) {
   std::lock_guard<std::mutex> lk(launch_mu);
   fault_sync_fn = fn, fault_sync_arg = arg;
+}
+
+cudaError_t cudaProfilerStart(void) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  profiling[current_dev] = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaProfilerStop(void) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  profiling[current_dev] = 0;
+  return cudaSuccess;
+}
+
+long mt_emu_profiled_launches(int dev) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  return profiled[dev];
+}
+
+int mt_emu_profiler_on(int dev) {
+  std::lock_guard<std::mutex> lk(launch_mu);
+  return profiling[dev];
 }
 
 long mt_emu_launch_count(const char *kernel) {

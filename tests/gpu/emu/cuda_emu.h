@@ -184,6 +184,12 @@ cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
 const char *cudaGetErrorName(cudaError_t e);
 
+/* The CUDA profiler's capture (cuda_profiler_api.h): the emulator keeps,
+ * per device, whether it is on and the kernel launches made while it was
+ * (mt_emu_profiled_launches). */
+cudaError_t cudaProfilerStart(void);
+cudaError_t cudaProfilerStop(void);
+
 /* Test hooks (C too): GEMMs run so far, process-wide: by cuBLASLt (lt), of
  * those with the GeLU epilogue (lt_gelu) and with the DGELU one (lt_dgelu),
  * and by cuBLAS (blas); and of all of those, the ones whose A and B were
@@ -192,6 +198,10 @@ void mt_emu_gemm_counts(long *lt, long *lt_gelu, long *lt_dgelu, long *blas);
 long mt_emu_gemm16_count(void);
 /* cublasLtMatmulAlgoGetHeuristic's calls so far, process-wide */
 long mt_emu_heuristic_count(void);
+/* Launches on device dev so far while its profiler capture was on
+ * (cudaProfilerStart to cudaProfilerStop), and whether it is on now. */
+long mt_emu_profiled_launches(int dev);
+int mt_emu_profiler_on(int dev);
 /* Launches so far, process-wide, of the kernel of that name (as MT_LAUNCH
  * spells it: "k_to_half"), whether or not they ran. */
 long mt_emu_launch_count(const char *kernel);
