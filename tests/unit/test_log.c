@@ -16,21 +16,15 @@
 #include "err.h"
 #include "log.h"
 #include "mt_check.h"
+#include "stderr_capture.h"
 
 /* What mt_log writes to stderr for one message, read back from a file. */
 static char *logged(int level, const char *msg) {
   static char buf[16384];
-  fflush(stderr);
-  FILE *f = tmpfile();
-  int saved = dup(STDERR_FILENO);
-  if (!f || saved < 0 || dup2(fileno(f), STDERR_FILENO) < 0) return NULL;
+  stderr_capture c;
+  if (stderr_capture_begin(&c)) return NULL;
   mt_log(level, "%s", msg);
-  dup2(saved, STDERR_FILENO);
-  close(saved);
-  size_t n = fseek(f, 0, SEEK_SET) ? 0 : fread(buf, 1, sizeof buf - 1, f);
-  buf[n] = 0;
-  fclose(f);
-  return buf;
+  return stderr_capture_end(&c, buf, sizeof buf);
 }
 
 static int lines_match(const char *text, const char *pattern, int want) {

@@ -14,6 +14,7 @@
 #include "steplog.h"
 
 #include "mt_check.h"
+#include "stderr_capture.h"
 
 /* A pass's reports (the engine's on_eval: done 0, then after each batch)
  * at the times given (ms; at[0] the start), as mt_log writes them to stderr ("" if that cannot be
@@ -21,11 +22,9 @@
 static char *pass_log(mt_evallog *e, mt_eval_progress p, const int64_t *at, int reports,
                       int64_t every_ms) {
   static char buf[16384];
-  fflush(stderr);
-  FILE *f = tmpfile();
-  int saved = dup(STDERR_FILENO);
+  stderr_capture c;
   buf[0] = 0;
-  if (!f || saved < 0 || dup2(fileno(f), STDERR_FILENO) < 0) {
+  if (stderr_capture_begin(&c)) {
     CHECK(0, "stderr to a temporary file");
     return buf;
   }
@@ -33,13 +32,7 @@ static char *pass_log(mt_evallog *e, mt_eval_progress p, const int64_t *at, int 
     p.done = k;
     mt_evallog_progress(e, &p, at[k], every_ms);
   }
-  fflush(stderr);
-  dup2(saved, STDERR_FILENO);
-  close(saved);
-  size_t n = fseek(f, 0, SEEK_SET) ? 0 : fread(buf, 1, sizeof buf - 1, f);
-  buf[n] = 0;
-  fclose(f);
-  return buf;
+  return stderr_capture_end(&c, buf, sizeof buf);
 }
 
 static int count_lines(const char *s) {
