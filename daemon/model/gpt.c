@@ -12,6 +12,7 @@
 #include "err.h"
 #include "half.h"
 #include "philox.h"
+#include "range.h"
 
 #define ALIGN_FLOATS 16 /* every tensor starts on a 64-byte boundary */
 
@@ -1194,7 +1195,9 @@ int mt_gpt_forward_stage(mt_gpt *m, int slot, const int32_t *inputs, const float
     float *out = p->resid[l + 1] ? p->resid[l + 1] : p->stream[l % 2];
     mt_dtype kt;
     uint16_t *kh = stream_keep(m, p, l, &kt);
+    mt_range_push("layer %d", m->cfg.layer_begin + l); /* the model's number */
     rc = block_forward(m, p, l, acts_of(m, p, l), in, out, kh, kt);
+    mt_range_pop();
     in = out;
   }
   if (rc || !m->last) return rc;
@@ -1303,12 +1306,16 @@ int mt_gpt_backward_stage(mt_gpt *m, int slot, const float *dout, float loss_sca
     /* the recomputed output is not needed, and in a 16-bit job is not rounded */
     float *out = half_acts(m) || !p->resid[l + 1] ? p->stream[1] : p->resid[l + 1];
     int rc = 0;
+    mt_range_push("layer %d", m->cfg.layer_begin + l);
     if (recomputes(m, l)) {
       if (m->timers) m->timers->recompute = 1;
+      mt_range_push("recompute");
       rc = block_forward(m, p, l, a, in, out, NULL, MT_F32);
+      mt_range_pop();
       if (m->timers) m->timers->recompute = 0;
     }
     if (!rc) rc = block_backward(m, p, l, a, in);
+    mt_range_pop();
     if (!rc && m->on_block_grads) {
       rc = m->on_block_grads(m->grads_ctx, l);
       lap(m, MT_TM_BWD_DP_COMM);

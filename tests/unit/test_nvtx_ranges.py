@@ -12,7 +12,8 @@ steps 2 and 3) on CPU devices:
   embedding-grads-all-reduce (the tied embedding's two copies at pp 2),
   grad-norm, step-all-reduce, optimizer-inner-step, params-all-gather), and the
   forward-backward each micro-batch's "forward J" and "backward J" in its
-  stage's 1F1B order;
+  stage's 1F1B order, each holding its stage's "layer L" (the model's
+  number: 0 on the first stage, 1 on the last);
 - test_validation_and_checkpoints_have_ranges: "validation after step 2"
   holds "validation batch 0" and "validation batch 1", each with its
   forwards, and "checkpoint step 2" and "checkpoint step 3" on every rank
@@ -114,6 +115,13 @@ def main():
                 if fb not in (["forward 0", "forward 1", "backward 0", "backward 1"],
                               ["forward 0", "backward 0", "forward 1", "backward 1"]):
                     bad.append("%s %s: forward-backward %s" % (t, s[0], fb))
+                    continue
+                # each micro-batch's pass through the stage's one layer, by
+                # the model's number: 0 on the first stage, 1 on the last
+                layer = "layer %d" % (fb[1] == "backward 0")
+                inner = [names(mb[1]) for mb in s[1][1][1]]
+                if inner != [[layer]] * 4:
+                    bad.append("%s %s: the micro-batches hold %s, not %s" % (t, s[0], inner, layer))
         orders = sorted(names(s[1][1][1]) == ["forward 0", "backward 0", "forward 1", "backward 1"]
                         for r in ranks.values() for s in r if s[0] == "step 1")
         failures += check("test_each_rank_thread_marks_its_steps_and_their_phases",
