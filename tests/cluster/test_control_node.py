@@ -77,6 +77,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -501,18 +502,23 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         except (OSError, ValueError):
             return None
 
-    # the member's systemd notifications (sd_notify), read as the loop polls
+    # the member's systemd notifications (sd_notify), read all along by a
+    # thread of their own as systemd reads them: sd_notify blocks its
+    # sender once a datagram socket's queue (10 by default) is full
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(os.path.join(tmp, "eval-notify.sock"))
-    notify.setblocking(False)
-    notes = []
+    notify.settimeout(0.1)
+    notes, reading = [], threading.Event()
 
     def read_notes():
-        while True:
+        while not reading.is_set():
             try:
                 notes.append(notify.recv(4096).decode())
-            except BlockingIOError:
-                return
+            except socket.timeout:
+                pass
+
+    reader = threading.Thread(target=read_notes)
+    reader.start()
 
     try:
         c.node_start(n, env={"NOTIFY_SOCKET": os.path.join(tmp, "eval-notify.sock")})
@@ -547,10 +553,11 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                     if mtnlgctl:
                         printed = subprocess.run([mtnlgctl, "-e", n.url(), "status"],
                                                  capture_output=True, text=True, timeout=30)
-            read_notes()
             time.sleep(0.02)
         codes = c.wait_all(60)
-        read_notes()
+        time.sleep(0.2)  # the last datagrams in
+        reading.set()
+        reader.join()
         done = n.steps()
         errors = oc.check_response(doc, "GET", "/v1/status", 200, json.dumps(during),
                                    "application/json") if during else ["never seen"]
@@ -609,6 +616,8 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                          passes[:1] + passes[-1:], history.stdout if history else None,
                          printed.stdout[-600:] if printed else None))
     finally:
+        reading.set()
+        reader.join()
         c.kill_all()
         notify.close()
 
