@@ -28,14 +28,6 @@ const char ctl_history_help[] =
     "                         steps cut to the newest N with --last)\n"
     "  -h, --help             show this help\n";
 
-/* "3.1721", or "-" where the point has no number under key */
-static const char *cell(char *buf, size_t cap, const json_t *pt, const char *key, const char *fmt) {
-  double v;
-  if (!ctl_jnum(pt, key, &v)) return "-";
-  snprintf(buf, cap, fmt, v);
-  return buf;
-}
-
 static int print_table(const json_t *steps, size_t from) {
   static const char *const headers[] = {">STEP",      ">LOSS",    ">VAL LOSS", ">LR",
                                         ">GRAD NORM", ">STEP MS", ">TOKENS/S", "ENDED"};
@@ -48,13 +40,13 @@ static int print_table(const json_t *steps, size_t from) {
     double v;
     if (ctl_jnum(pt, "time", &v)) ctl_fmt_time(ended, sizeof ended, v);
     if (ctl_jnum(pt, "test_loss", &v)) test = pt;
-    const char *row[] = {cell(step, sizeof step, pt, "step", "%.0f"),
-                         cell(loss, sizeof loss, pt, "loss", "%.4f"),
-                         cell(val, sizeof val, pt, "val_loss", "%.4f"),
-                         cell(lr, sizeof lr, pt, "lr", "%.3e"),
-                         cell(norm, sizeof norm, pt, "grad_norm", "%.3f"),
-                         cell(ms, sizeof ms, pt, "step_ms", "%.1f"),
-                         cell(tps, sizeof tps, pt, "tokens_per_s", "%.0f"),
+    const char *row[] = {ctl_fmt_field(step, sizeof step, pt, "step", "%.0f"),
+                         ctl_fmt_field(loss, sizeof loss, pt, "loss", "%.4f"),
+                         ctl_fmt_field(val, sizeof val, pt, "val_loss", "%.4f"),
+                         ctl_fmt_field(lr, sizeof lr, pt, "lr", "%.3e"),
+                         ctl_fmt_field(norm, sizeof norm, pt, "grad_norm", "%.3f"),
+                         ctl_fmt_field(ms, sizeof ms, pt, "step_ms", "%.1f"),
+                         ctl_fmt_field(tps, sizeof tps, pt, "tokens_per_s", "%.0f"),
                          ended};
     if (ctl_table_add(t, row)) goto oom;
   }
@@ -70,7 +62,8 @@ static int print_table(const json_t *steps, size_t from) {
   printf(".\n");
   if (test) {
     char loss[32], step[32];
-    printf("test loss %s after step %s\n", cell(loss, sizeof loss, test, "test_loss", "%.4f"),
+    printf("test loss %s after step %s\n",
+           ctl_fmt_field(loss, sizeof loss, test, "test_loss", "%.4f"),
            ctl_fmt_field(step, sizeof step, test, "step", "%.0f"));
   }
   ctl_table_free(t);

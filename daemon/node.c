@@ -235,18 +235,15 @@ static void on_eval(const mt_eval_progress *p, void *arg) {
   if (p->done > 0) n->eval_batch_ms = 1e3 * elapsed_s / p->done;
   pthread_mutex_unlock(&n->mu);
   mt_evallog_progress(&n->evallog, p, now, MT_EVALLOG_EVERY_MS);
-  /* systemctl status: the pass, at its start, its end and at most once a
-   * second between (the step's line takes over once it is reported) */
-  if (!p->done || p->done == p->total || now - n->eval_notified_ms >= 1000) {
-    char name[96];
-    n->eval_notified_ms = now;
-    sd_notifyf(0, "STATUS=running generation %d: %s: batch %d of %d", n->gen,
-               mt_eval_pass_name(name, sizeof name, p), p->done, p->total);
-  }
-  /* nodes without ranks show it from the store: at its start, its end and
-   * at most once a second between */
-  if (n->holds_rank0 && (!p->done || p->done == p->total || now - n->eval_published_ms >= 1000)) {
-    n->eval_published_ms = now;
+  /* told at the pass's start, its end and at most once a second between */
+  if (p->done && p->done < p->total && now - n->eval_told_ms < 1000) return;
+  n->eval_told_ms = now;
+  /* systemctl status (the step's line takes over once it is reported) */
+  char name[96];
+  sd_notifyf(0, "STATUS=running generation %d: %s: batch %d of %d", n->gen,
+             mt_eval_pass_name(name, sizeof name, p), p->done, p->total);
+  /* and nodes without ranks show it from the store */
+  if (n->holds_rank0) {
     char key[64];
     snprintf(key, sizeof key, "gen/%d/eval", n->gen);
     json_t *j = node_eval_json(p, elapsed_s);

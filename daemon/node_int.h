@@ -148,11 +148,10 @@ typedef struct node {
   /* a validation or test pass this node's ranks are in (under mu) */
   int evaluating;
   mt_eval_progress eval;
-  int64_t eval_started_ms;   /* monotonic */
-  int64_t eval_published_ms; /* world rank 0's node: the pass's last store write */
-  double eval_batch_ms;      /* a pass's time per batch as last seen, for the ETA; 0: none */
-  mt_evallog evallog;        /* its progress lines in the log (the engine's thread) */
-  int64_t eval_notified_ms;  /* the pass's last STATUS= to systemd (the engine's thread) */
+  int64_t eval_started_ms; /* monotonic */
+  int64_t eval_told_ms;    /* the pass's last STATUS= and (world rank 0's node) store write */
+  double eval_batch_ms;    /* a pass's time per batch as last seen, for the ETA; 0: none */
+  mt_evallog evallog;      /* its progress lines in the log (the engine's thread) */
 
   pthread_mutex_t mu; /* guards last, the history ring, cluster and the caches below */
   mt_step_stats last;

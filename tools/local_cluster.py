@@ -417,6 +417,37 @@ def grep(node, pattern):
 
 # ---- what the tests of a local cluster share ----
 
+class NotifySocket:
+    """A systemd notification socket for daemons started with
+    NOTIFY_SOCKET=path: a thread reads every datagram as it comes (as
+    systemd does; sd_notify blocks its sender once the socket's queue, 10
+    datagrams by default, is full) into messages, until close()."""
+
+    def __init__(self, path):
+        import threading
+        self.path, self.messages = path, []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(path)
+        self._sock.settimeout(0.1)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._read)
+        self._thread.start()
+
+    def _read(self):
+        while not self._done.is_set():
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+    def close(self):
+        """Stops reading (what came by then is in messages); idempotent."""
+        if not self._done.is_set():
+            self._done.set()
+            self._thread.join()
+            self._sock.close()
+
+
 def license_tokens(path, count=200000):
     """Byte-level tokens of the licence texts every Debian has, as the flat
     uint16 file a job's data.path names; the same file on every machine."""

@@ -73,17 +73,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
 sys.path.insert(0, os.path.join(HERE, "..", "common"))
-from local_cluster import LocalCluster, check, indexed_dataset, license_tokens, tiny_job  # noqa: E402
+from local_cluster import (LocalCluster, NotifySocket, check, indexed_dataset,  # noqa: E402
+                           license_tokens, tiny_job)
 import openapi_check as oc  # noqa: E402
 
 SPEC = os.path.join(HERE, "..", "..", "proto", "control-v1.yaml")
@@ -502,26 +501,12 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
         except (OSError, ValueError):
             return None
 
-    # the member's systemd notifications (sd_notify), read all along by a
-    # thread of their own as systemd reads them: sd_notify blocks its
-    # sender once a datagram socket's queue (10 by default) is full
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(os.path.join(tmp, "eval-notify.sock"))
-    notify.settimeout(0.1)
-    notes, reading = [], threading.Event()
-
-    def read_notes():
-        while not reading.is_set():
-            try:
-                notes.append(notify.recv(4096).decode())
-            except socket.timeout:
-                pass
-
-    reader = threading.Thread(target=read_notes)
-    reader.start()
+    # the member's systemd notifications (sd_notify), read all along
+    notify = NotifySocket(os.path.join(tmp, "eval-notify.sock"))
+    notes = notify.messages
 
     try:
-        c.node_start(n, env={"NOTIFY_SOCKET": os.path.join(tmp, "eval-notify.sock")})
+        c.node_start(n, env={"NOTIFY_SOCKET": notify.path})
         c.wait_for(lambda: status_step(n) > 0, 120, "a step")
         code, body = post(n, "/v1/pause", token)
         if code != 202:
@@ -556,8 +541,7 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
             time.sleep(0.02)
         codes = c.wait_all(60)
         time.sleep(0.2)  # the last datagrams in
-        reading.set()
-        reader.join()
+        notify.close()
         done = n.steps()
         errors = oc.check_response(doc, "GET", "/v1/status", 200, json.dumps(during),
                                    "application/json") if during else ["never seen"]
@@ -616,10 +600,8 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                          passes[:1] + passes[-1:], history.stdout if history else None,
                          printed.stdout[-600:] if printed else None))
     finally:
-        reading.set()
-        reader.join()
-        c.kill_all()
         notify.close()
+        c.kill_all()
 
 
 def main():

@@ -29,15 +29,14 @@ configs in a temp dir and stops them by pid:
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster, step_losses, last_step, grep, check, license_tokens  # noqa: E402
+from local_cluster import (LocalCluster, NotifySocket, step_losses, last_step, grep, check,  # noqa: E402
+                           license_tokens)
 
 HB_MS, TIMEOUT_MS = 200, 2000
 
@@ -152,25 +151,11 @@ def test_sigterm_and_notify(mtnlgd, tmp, tokens):
     job = write_job(os.path.join(tmp, "joblong2.json"), tokens, 100000)
     c = LocalCluster(mtnlgd, os.path.join(tmp, "c4"), job, nodes=4,
                      heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS)
-    sock_path = os.path.join(tmp, "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(sock_path)
-    sock.settimeout(0.2)
-    messages = []
-    done = threading.Event()
-
-    def listen():
-        while not done.is_set():
-            try:
-                messages.append(sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-
-    t = threading.Thread(target=listen)
-    t.start()
+    notify = NotifySocket(os.path.join(tmp, "notify.sock"))
+    messages = notify.messages
     try:
         for i, n in enumerate(c.nodes):
-            c.node_start(n, env={"NOTIFY_SOCKET": sock_path} if i == 1 else None)
+            c.node_start(n, env={"NOTIFY_SOCKET": notify.path} if i == 1 else None)
         c.wait_for(lambda: last_step(c.nodes[0]) >= 3, 120, "step 3")
         c.nodes[3].signal(signal.SIGTERM)
         codes = c.wait_all(60)
@@ -178,17 +163,15 @@ def test_sigterm_and_notify(mtnlgd, tmp, tokens):
         ok = codes == [0] * 4 and len(set(lasts)) == 1 and grep(c.nodes[0], r"stopped at step")
         fails = check("test_sigterm_to_a_member_stops_every_node_at_one_step", ok,
                       "exit codes %s, last steps %s%s" % (codes, lasts, "" if ok else "\n" + c.logs()))
-        done.set()
-        t.join()
+        notify.close()
         ready = any("READY=1" in m for m in messages)
         status = any("STATUS=running generation 1: step" in m for m in messages)
         fails += check("test_ready_and_status_reach_notify_socket", ready and status,
                        "%d messages, e.g. %s" % (len(messages), messages[:3]))
         return fails
     finally:
-        done.set()
+        notify.close()
         c.kill_all()
-        sock.close()
 
 
 def test_checkpoint_past_the_end(mtnlgd, tmp, tokens):
