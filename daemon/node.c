@@ -28,10 +28,16 @@
 #include "log.h"
 #include "monotime.h"
 #include "mt_config.h"
+#include "notify.h"
 #include "rdzv.h"
 #include "steplog.h"
 #include "store_client.h"
 #include "store_server.h"
+
+/* How long a node's end waits for systemd to take its last notifications
+ * (its status and STOPPING=1); a PID 1 held up longer does not hold the
+ * exit. */
+#define NODE_NOTIFY_FLUSH_MS 1000
 
 const char *const mt_node_state_names[] = {"joining", "waiting",  "spare",  "running",
                                            "ending",  "draining", "exiting"};
@@ -40,7 +46,7 @@ static void set_state(node *n, node_state s) {
   if (n->state == s) return;
   n->state = s;
   mt_log_debug("node %s: %s", n->cfg->name, mt_node_state_names[s]);
-  sd_notifyf(0, "STATUS=%s, generation %d", mt_node_state_names[s], n->gen);
+  mt_notify_status(n->notify, "%s, generation %d", mt_node_state_names[s], n->gen);
 }
 
 static void finish(node *n, int code) {
@@ -217,8 +223,8 @@ static void on_step(const mt_step_stats *st, void *arg) {
     json_decref(j);
   }
   mt_tboard_step(n->tboard, st); /* NULL without one */
-  sd_notifyf(0, "STATUS=running generation %d: step %lld/%lld, loss %.4f", n->gen,
-             (long long)st->step, (long long)n->run_job.train.steps, st->loss);
+  mt_notify_status(n->notify, "running generation %d: step %lld/%lld, loss %.4f", n->gen,
+                   (long long)st->step, (long long)n->run_job.train.steps, st->loss);
 }
 
 /* A validation or test pass of this node's ranks goes on: the status
@@ -240,8 +246,8 @@ static void on_eval(const mt_eval_progress *p, void *arg) {
   n->eval_told_ms = now;
   /* systemctl status (the step's line takes over once it is reported) */
   char name[96];
-  sd_notifyf(0, "STATUS=running generation %d: %s: batch %d of %d", n->gen,
-             mt_eval_pass_name(name, sizeof name, p), p->done, p->total);
+  mt_notify_status(n->notify, "running generation %d: %s: batch %d of %d", n->gen,
+                   mt_eval_pass_name(name, sizeof name, p), p->done, p->total);
   /* and nodes without ranks show it from the store */
   if (n->holds_rank0) {
     char key[64];
@@ -337,11 +343,11 @@ static void on_order(int kind, int64_t seq, int64_t step, void *arg) {
   if (kind == MT_ORDER_PAUSE) n->paused = 1;
   if (kind == MT_ORDER_RESUME) n->paused = 0;
   pthread_mutex_unlock(&n->mu);
-  sd_notifyf(0, "STATUS=%s after step %lld, generation %d",
-             kind == MT_ORDER_PAUSE  ? "paused"
-             : kind == MT_ORDER_STOP ? "stopping"
-                                     : "running",
-             (long long)step, n->gen);
+  mt_notify_status(n->notify, "%s after step %lld, generation %d",
+                   kind == MT_ORDER_PAUSE  ? "paused"
+                   : kind == MT_ORDER_STOP ? "stopping"
+                                           : "running",
+                   (long long)step, n->gen);
   /* a checkpoint is reported when it is committed (on_checkpoint) */
   if (kind != MT_ORDER_CHECKPOINT && kind != MT_ORDER_RESIZE && n->holds_rank0)
     tell_acted(n, seq, step, 1, NULL);
@@ -714,7 +720,7 @@ static int poll_end(node *n) {
            : final ? MT_LOG_ERROR
                    : MT_LOG_WARN,
            "generation %d ended: %s", n->gen, reason);
-    sd_notifyf(0, "STATUS=generation %d ended: %s", n->gen, reason);
+    mt_notify_status(n->notify, "generation %d ended: %s", n->gen, reason);
   }
   return 1;
 }
@@ -873,14 +879,14 @@ static void node_round(node *n) {
       mt_log_error("the coordinator at %s:%d still counts another daemon named %s after %d tries: "
                    "%s",
                    n->store_host, n->store_port, n->cfg->name, n->turned_away, mt_errmsg());
-      sd_notifyf(0, "STATUS=refused: %s", mt_errmsg());
+      mt_notify_status(n->notify, "refused: %s", mt_errmsg());
       finish(n, 2);
       return;
     }
     if (rc == MT_EINVAL) {
       mt_log_error("the coordinator at %s:%d refused this node: %s", n->store_host, n->store_port,
                    mt_errmsg());
-      sd_notifyf(0, "STATUS=refused: %s", mt_errmsg());
+      mt_notify_status(n->notify, "refused: %s", mt_errmsg());
       finish(n, 2);
       return;
     }
@@ -890,7 +896,7 @@ static void node_round(node *n) {
       pthread_mutex_unlock(&n->mu);
       mt_log_info("joined the rendezvous at %s:%d as %s; waiting for generation %d", n->store_host,
                   n->store_port, n->cfg->name, watch);
-      sd_notify(0, "READY=1");
+      mt_notify_flags(n->notify, MT_NOTIFY_READY);
       set_state(n, N_WAITING);
     }
     break;
@@ -1033,9 +1039,10 @@ static void on_heartbeat(uv_timer_t *t) {
   node_control_round(n, 1);
 }
 
+/* queued like every notification: the loop never waits on PID 1 */
 static void on_watchdog(uv_timer_t *t) {
-  (void)t;
-  sd_notify(0, "WATCHDOG=1");
+  node *n = t->data;
+  mt_notify_flags(n->notify, MT_NOTIFY_WATCHDOG);
 }
 
 static void on_signal(uv_signal_t *h, int sig) {
@@ -1048,7 +1055,7 @@ static void on_signal(uv_signal_t *h, int sig) {
   }
   mt_log_info("%s: stopping at the next step boundary (again to stop now)",
               sig == SIGINT ? "SIGINT" : "SIGTERM");
-  sd_notify(0, "STOPPING=1");
+  mt_notify_flags(n->notify, MT_NOTIFY_STOPPING);
   switch (n->state) {
   case N_RUNNING: /* rides the step's all-reduce to every rank */
     __atomic_store_n(&n->stop_flag, 1, __ATOMIC_RELEASE);
@@ -1319,6 +1326,7 @@ int mt_node_main(const mt_node_opts *o) {
   n->o = o;
   n->cfg = o->config;
   pthread_mutex_init(&n->mu, NULL);
+  n->notify = mt_notify_new(); /* NULL (none sent) if its thread cannot start */
   n->version =
       getenv("MTNLG_TEST_ADVERTISE_VERSION") ? getenv("MTNLG_TEST_ADVERTISE_VERSION") : MT_VERSION;
   int code = 2;
@@ -1397,6 +1405,7 @@ out:
   mt_store_free(n->store);
   if (n->server) mt_store_server_thread_stop(n->server);
   free(n->job_json);
+  mt_notify_free(n->notify, NODE_NOTIFY_FLUSH_MS); /* the last status and STOPPING=1 */
   pthread_mutex_destroy(&n->mu);
   free(n);
   return code;

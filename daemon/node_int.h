@@ -14,6 +14,7 @@
 #include "job.h"
 #include "local.h"
 #include "node.h"
+#include "notify.h"
 #include "rdzv.h"
 #include "steplog.h"
 #include "store.h"
@@ -65,6 +66,7 @@ typedef struct node {
 
   mt_steplog_acc steplog; /* the steps since the last printed line (the reporting rank's) */
   mt_tboard *tboard;      /* train.tensorboard_dir's writer (world rank 0's node), or NULL */
+  mt_notify *notify;      /* systemd's notifications, sent by a thread of their own */
 
   uv_loop_t loop;
   uv_signal_t sigint, sigterm;
