@@ -12,6 +12,9 @@ websocket client below (standard library only). Checks, in the page's DOM:
   #state "paused", #step and #skipped-steps as /v1/status says, no rate
   (#tflops and #tokens-per-s "–", the status's null), #val-loss empty
   without validation;
+- test_eta_card_shows_the_duration_and_when_the_run_ends: #eta, and
+  #eta-at "about <time>" whose moment (its data-t) is /v1/status's eta_s
+  from now, within a quarter of it (the pace moves between the polls);
 - test_step_time_card_shows_the_longest_timers: the job sets
   train.timing_log_level 2; paused, #step-timers names the three longest
   timers of /v1/status's step_time.timers (forward-backward, which holds
@@ -267,6 +270,7 @@ DOM_SNAPSHOT = """(function () {
           loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
           skipped: t('skipped-steps'), rows: rows, others: t('others'), tflops: t('tflops'),
           val: t('val-loss'), store: t('store'), timers: t('step-timers'),
+          eta: t('eta'), etaAt: t('eta-at'), etaT: document.getElementById('eta-at').getAttribute('data-t'),
           timersTitle: document.getElementById('step-timers').title,
           storeShown: !document.getElementById('store-card').hidden,
           beats: Array.prototype.map.call(document.querySelectorAll('#nodes tr[data-node]'),
@@ -424,6 +428,20 @@ def run(mtnlgd, out_dir, chromium, tmp):
         failures += check("test_dashboard_renders_the_clusters_values_while_training", ok,
                           "page %s, /v1/status state %s generation %s step %s" % (
                               d, want["state"], want["generation"], want["step"]))
+        # the ETA, and when the run ends on the browser's clock (100000 steps:
+        # past a minute); the page's end against /v1/status's ETA from now
+        want = status(n0)
+        end = time.time() + want["eta_s"] if want.get("eta_s") is not None else None
+        page_end = int(d["etaT"]) if (d["etaT"] or "").isdigit() else None
+        failures += check("test_eta_card_shows_the_duration_and_when_the_run_ends",
+                          end is not None and want["eta_s"] >= 60 and page_end is not None
+                          and abs(page_end - end) <= 0.25 * want["eta_s"] + 30
+                          and re.match(r"^(\d+d \d+h|\d+h \d\dm|\d+m \d\ds)$",
+                                       d["eta"] or "") is not None
+                          and (d["etaAt"] or "").startswith("about ")
+                          and any(ch.isdigit() for ch in d["etaAt"]),
+                          "#eta %r, #eta-at %r (data-t %s); /v1/status eta_s %s (ends %s)"
+                          % (d["eta"], d["etaAt"], d["etaT"], want.get("eta_s"), end))
         failures += check("test_buttons_while_running_are_all_but_resume",
                           d["enabled"] == ["pause", "checkpoint", "resize", "stop"],
                           "enabled: %s" % d["enabled"])
