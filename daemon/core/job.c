@@ -1311,6 +1311,13 @@ static int64_t gcd64(int64_t a, int64_t b) {
   return a;
 }
 
+int mt_job_names_test_split(const mt_job *job) {
+  if (job->data.n_test) return 1;
+  if (job->data.path[0]) return 0; /* a flat file is all training */
+  double w[3];
+  return !mt_job_split_weights(job->data.split, w) && w[2] > 0;
+}
+
 mt_job_left mt_job_left_after(const mt_job *job, int64_t step) {
   mt_job_left l = {0, 0, 0, 0};
   int64_t n = job->train.steps, ev = job->eval.interval, ci = job->checkpoint.interval;
@@ -1318,7 +1325,8 @@ mt_job_left mt_job_left_after(const mt_job *job, int64_t step) {
   if (step >= n) return l;
   l.steps = n - step;
   if (ev > 0 && job->eval.iters > 0)
-    l.eval_batches = (n / ev - step / ev + 1 + (job->eval.test != 0)) * job->eval.iters;
+    l.eval_batches = (n / ev - step / ev + 1 + (job->eval.test && mt_job_names_test_split(job))) *
+                     job->eval.iters;
   if (!job->checkpoint.dir[0]) return l;
   l.saves = (ci > 0 ? n / ci - step / ci : 0) + (ci <= 0 || n % ci != 0);
   l.whole_saves = l.saves;

@@ -332,11 +332,18 @@ int mt_job_batch_at(const mt_job *job, int64_t consumed);
 /* The samples that `steps` steps read from `consumed` on. */
 int64_t mt_job_samples_of(const mt_job *job, int64_t consumed, int64_t steps);
 
+/* Whether the job's data has a test split by its spec: data.test, or
+ * datasets whose data.split gives the test split a weight (data.path alone
+ * has none). A weight whose share of a small dataset holds no whole sample
+ * leaves the split empty all the same, which only the engine sees when it
+ * reads the data (mt_trainer_has_test). */
+int mt_job_names_test_split(const mt_job *job);
+
 /* What a run still does after its step `step` besides training (the
  * status's ETA): the global batches its validation and test passes read
  * (eval.iters after every eval.interval-th step, then at the end of the
- * run the valid pass and, with eval.test, the test pass, as the engine
- * runs them; a job whose data has no test split runs one fewer) and its
+ * run the valid pass and, with eval.test and a test split named
+ * (mt_job_names_test_split), the test pass, as the engine runs them) and its
  * checkpoint saves (every checkpoint.interval-th step and the last, with
  * a checkpoint.dir). whole_saves are those made before training goes on:
  * every one, or under checkpoint.async the last and those on a step that

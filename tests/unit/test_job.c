@@ -1079,9 +1079,10 @@ static void test_530b_example_loads_in_bf16(void) {
 /* What mt_job_left_after counts (the status's ETA) is what the engine's
  * loop does after a step, walked step by step as daemon/engine/local.c
  * decides: a validation after every eval.interval-th step, the valid and
- * the test pass after the last; a save at every checkpoint.interval-th
- * step and the last, made whole unless async, or on a step that validates
- * or the last. */
+ * (where the data has a test split: data.test, or datasets whose data.split
+ * weighs it, not data.path alone) the test pass after the last; a save at every
+ * checkpoint.interval-th step and the last, made whole unless async, or on a step that validates or
+ * the last. */
 static void test_what_a_run_has_left_is_what_the_engine_walks(void) {
   mt_job job;
   CHECK(parse_with(&job, tiny_job, NULL, NULL) == MT_OK);
@@ -1089,7 +1090,15 @@ static void test_what_a_run_has_left_is_what_the_engine_walks(void) {
   for (int n = 1; n <= 13; n++)
     for (int ev = 0; ev <= 5; ev++)
       for (int ci = 0; ci <= 4; ci++)
-        for (int flags = 0; flags < 8; flags++) {
+        for (int flags = 0; flags < 32; flags++) {
+          /* the data: data.path alone, data.path with data.test, datasets
+           * whose data.split gives the test split a weight, or none */
+          int data = flags >> 3;
+          snprintf(job.data.path, sizeof job.data.path, "%s", data < 2 ? "/data/tokens.u16" : "");
+          job.data.n_blend = data < 2 ? 0 : 1;
+          job.data.n_test = data == 1;
+          snprintf(job.data.split, sizeof job.data.split, "%s", data == 3 ? "98,2,0" : "949,50,1");
+          int tests = (flags & 1) && (data == 1 || data == 2);
           job.train.steps = n;
           job.eval.interval = ev;
           job.eval.iters = 3;
@@ -1102,7 +1111,7 @@ static void test_what_a_run_has_left_is_what_the_engine_walks(void) {
             for (int s = step + 1; s <= n; s++) {
               int validate = ev > 0 && s % ev == 0;
               want.steps++;
-              want.eval_batches += (validate + (ev > 0 && s == n) * (1 + job.eval.test)) * 3;
+              want.eval_batches += (validate + (ev > 0 && s == n) * (1 + tests)) * 3;
               if ((flags & 4) && ((ci > 0 && s % ci == 0) || s == n)) {
                 want.saves++;
                 want.whole_saves += !job.checkpoint.async_save || validate || s == n;
@@ -1114,9 +1123,9 @@ static void test_what_a_run_has_left_is_what_the_engine_walks(void) {
                 got.saves != want.saves || got.whole_saves != want.whole_saves) {
               fprintf(stderr,
                       "    steps %d, eval.interval %d, test %d, checkpoint.interval %d, async %d, "
-                      "dir %d, after step %d: got %lld/%lld/%lld/%lld, walked "
+                      "dir %d, data %d, after step %d: got %lld/%lld/%lld/%lld, walked "
                       "%lld/%lld/%lld/%lld (steps/eval batches/saves/whole saves)\n",
-                      n, ev, flags & 1, ci, (flags >> 1) & 1, flags >> 2, step,
+                      n, ev, flags & 1, ci, (flags >> 1) & 1, (flags >> 2) & 1, data, step,
                       (long long)got.steps, (long long)got.eval_batches, (long long)got.saves,
                       (long long)got.whole_saves, (long long)want.steps,
                       (long long)want.eval_batches, (long long)want.saves,
