@@ -12,6 +12,24 @@
 #ifdef MT_EMU_ASAN
 #include <sanitizer/common_interface_defs.h>
 #endif
+/* Under ThreadSanitizer the fibers are not its fibers: a block's threads
+ * run one at a time on the launching thread, so to it they are that thread,
+ * as they are to the kernels' results (which the thread orders and their
+ * guards check), and a switch costs nothing. (Its fibers, one per thread
+ * slot, cost a synchronisation of vector clocks as wide as the fibers at
+ * every switch: half of the engine's time.) The call stack it keeps for
+ * the thread must still come out even: a fiber's last switch (a finished
+ * thread's) never returns, so the functions on that path keep out of its
+ * call stack altogether, and the frames of the fibers of a block, which
+ * interleave on the one stack while they are switched out, are all gone
+ * when the block ends. */
+#if defined(MT_EMU_TSAN) && defined(__clang__)
+#define EMU_TSAN_OFF __attribute__((disable_sanitizer_instrumentation))
+#elif defined(MT_EMU_TSAN)
+#define EMU_TSAN_OFF __attribute__((no_sanitize_thread, noinline))
+#else
+#define EMU_TSAN_OFF
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -757,7 +775,7 @@ void switched_in(void *fake) {
 
 /* From fiber `from` to fiber `to` (NULL: the scheduler). A finished fiber
  * leaves for good: AddressSanitizer drops its fake stack. */
-void switch_to(fiber *from, fiber *to) {
+EMU_TSAN_OFF void switch_to(fiber *from, fiber *to) {
 #ifdef MT_EMU_ASAN
   __sanitizer_start_switch_fiber(from->done ? NULL : &from->asan_fake,
                                  to ? to->stack_lo : sched_stack_lo,
@@ -792,7 +810,7 @@ fiber *next_in_pass(size_t after, size_t *t) {
  * barrier that has not completed is passed over: resumed, it would only
  * yield again, so the order of what runs is that of resuming every fiber
  * in turn, at one switch a turn instead of two per fiber. */
-void yield() {
+EMU_TSAN_OFF void yield() {
   fiber *from = cur;
   size_t t;
   fiber *to = nullptr;
@@ -844,7 +862,7 @@ void leave(barrier &b) {
   if (b.arrived && b.arrived == b.live) release(b);
 }
 
-void entry() {
+EMU_TSAN_OFF void entry() {
   switched_in(NULL);
   (*body)();
   if (!cur->copies.empty())

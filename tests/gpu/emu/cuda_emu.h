@@ -108,6 +108,16 @@
 #endif
 #endif
 
+/* MT_EMU_TSAN: built under ThreadSanitizer, where the fibers are its
+ * fibers too (__tsan_switch_to_fiber at every switch of stacks) */
+#if defined(__SANITIZE_THREAD__)
+#define MT_EMU_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MT_EMU_TSAN 1
+#endif
+#endif
+
 /* ---- runtime (C and C++) ------------------------------------------------ */
 
 #ifdef __cplusplus
