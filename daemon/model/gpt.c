@@ -16,6 +16,22 @@
 
 #define ALIGN_FLOATS 16 /* every tensor starts on a 64-byte boundary */
 
+/* Under AddressSanitizer, each activation tensor a CPU device's arena holds
+ * is followed by a poisoned gap (its rounding up, then ALIGN_FLOATS more),
+ * so an op that reads or writes past the end of its tensor is stopped there
+ * rather than reaching the next one, as a tensor of its own allocation
+ * would be. Other builds, and GPUs' arenas, have no gap. */
+#if defined(__SANITIZE_ADDRESS__)
+#define ACT_GUARDS 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ACT_GUARDS 1
+#endif
+#endif
+#ifdef ACT_GUARDS
+#include <sanitizer/asan_interface.h>
+#endif
+
 /* Activations a block keeps for its backward pass (its input is the
  * stream's resid[l]). What is cheap to recompute is not kept: both
  * LayerNorms' outputs (from the block's input and resid2), GeLU's output
@@ -292,15 +308,25 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
   return 0;
 }
 
-static void carve(float **dst, float *base, size_t *off, size_t n) {
+/* n floats of m's activations at *off of base (NULL: planning, sizes only) */
+static void carve(const mt_gpt *m, float **dst, float *base, size_t *off, size_t n) {
   if (base) *dst = base + *off;
-  *off += align_up(n);
+  size_t gap = align_up(n) - n;
+#ifdef ACT_GUARDS
+  if (m->dev->kind == MT_DEVICE_CPU) {
+    gap += ALIGN_FLOATS;
+    if (base) ASAN_POISON_MEMORY_REGION(base + *off + n, gap * sizeof(float));
+  }
+#else
+  (void)m;
+#endif
+  *off += n + gap;
 }
 
 /* n 16-bit values, in the float-aligned layout */
-static void carve_half(uint16_t **dst, float *base, size_t *off, size_t n) {
+static void carve_half(const mt_gpt *m, uint16_t **dst, float *base, size_t *off, size_t n) {
   float *f = NULL;
-  carve(&f, base, off, (n + 1) / 2);
+  carve(m, &f, base, off, (n + 1) / 2);
   if (base) *dst = (uint16_t *)f;
 }
 
@@ -349,7 +375,7 @@ static size_t stream_row0(const mt_gpt *m) {
 /* n values stored as act_type */
 static void carve_act(const mt_gpt *m, void **dst, float *base, size_t *off, size_t n) {
   float *f = NULL;
-  carve(&f, base, off, act_type(m) == MT_F32 ? n : (n + 1) / 2);
+  carve(m, &f, base, off, act_type(m) == MT_F32 ? n : (n + 1) / 2);
   if (base) *dst = f;
 }
 
@@ -385,50 +411,50 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
   for (int k = 0; k < n; k++) {
     act_plan *p = &slots[k];
     float *ids = NULL;
-    carve(&ids, base, &off, 2 * BT); /* int32 tokens, same size as floats */
+    carve(m, &ids, base, &off, 2 * BT); /* int32 tokens, same size as floats */
     if (base) {
       p->inputs = (int32_t *)ids;
       p->targets = p->inputs + BT;
     }
     if (c->reset_position_ids && m->first) {
       float *pos = NULL;
-      carve(&pos, base, &off, BT); /* int32, as the tokens */
+      carve(m, &pos, base, &off, BT); /* int32, as the tokens */
       if (base) p->pos_ids = (int32_t *)pos;
     }
     if (c->reset_attention_mask) {
       float *start = NULL;
-      carve(&start, base, &off, BT); /* int32 */
+      carve(m, &start, base, &off, BT); /* int32 */
       if (base) p->doc_start = (int32_t *)start;
     }
     for (int l = 0; l <= m->n_layers; l++) {
       if (half && l > 0 && l < m->n_layers)
-        carve_half(&p->resid_h[l], base, &off, R * C);
+        carve_half(m, &p->resid_h[l], base, &off, R * C);
       else
-        carve(&p->resid[l], base, &off, R * C);
+        carve(m, &p->resid[l], base, &off, R * C);
     }
-    if (half && !m->last) carve_half(&p->out_h, base, &off, R * C);
+    if (half && !m->last) carve_half(m, &p->out_h, base, &off, R * C);
     /* the recomputing blocks' set (blocks[0]) holds nothing between a
      * block's forward and its own backward: one set serves every slot */
     for (int b = (k > 0 || shared) && n_recomputed(m) > 0; b < p->n_blocks; b++) {
       block_acts *a = &p->blocks[b];
-      carve(&a->lse, base, &off, BHT);
+      carve(m, &a->lse, base, &off, BHT);
       carve_act(m, &a->qkv, base, &off, BT * 3 * Cl);
       carve_act(m, &a->atty, base, &off, BT * Cl);
       if (half)
-        carve_half(&a->resid2_h, base, &off, R * C);
+        carve_half(m, &a->resid2_h, base, &off, R * C);
       else
-        carve(&a->resid2, base, &off, R * C);
+        carve(m, &a->resid2, base, &off, R * C);
       carve_act(m, &a->fch, base, &off, BT * 4 * Cl);
     }
     if (m->last) {
       carve_act(m, &p->lnf, base, &off, BT * C); /* all rows: the LM head's input */
-      carve(&p->lnf_mean, base, &off, R);
-      carve(&p->lnf_rstd, base, &off, R);
-      carve(&p->logits, base, &off, BT * Vl);
-      carve(&p->losses, base, &off, BT);
+      carve(m, &p->lnf_mean, base, &off, R);
+      carve(m, &p->lnf_rstd, base, &off, R);
+      carve(m, &p->logits, base, &off, BT * Vl);
+      carve(m, &p->losses, base, &off, BT);
       if (tp > 1) {
-        carve(&p->rowmax, base, &off, BT);
-        carve(&p->rowsum, base, &off, 2 * BT);
+        carve(m, &p->rowmax, base, &off, BT);
+        carve(m, &p->rowsum, base, &off, 2 * BT);
       }
     }
   }
@@ -439,22 +465,22 @@ static size_t plan_acts(const mt_gpt *m, act_plan *slots, int n, float *base,
     if (base && half) resid2 = shared->blocks[0].resid2;
   } else {
     carve_act(m, &p->ln, base, &off, BT * C); /* all rows: a GEMM's input */
-    carve(&p->ln_mean, base, &off, R);
-    carve(&p->ln_rstd, base, &off, R);
+    carve(m, &p->ln_mean, base, &off, R);
+    carve(m, &p->ln_rstd, base, &off, R);
     carve_act(m, &p->gelu, base, &off, BT * 4 * Cl);
-    carve(&p->dres, base, &off, R * C);
-    carve(&p->dbtc, base, &off, BT * C);
-    carve(&p->dbtc2, base, &off, BT * C);
+    carve(m, &p->dres, base, &off, R * C);
+    carve(m, &p->dbtc, base, &off, BT * C);
+    carve(m, &p->dbtc2, base, &off, BT * C);
     carve_act(m, &p->dqkv, base, &off, BT * 3 * Cl);
-    carve(&p->dfch, base, &off, BT * 4 * Cl);
+    carve(m, &p->dfch, base, &off, BT * 4 * Cl);
     carve_act(m, &p->dfch2, base, &off, BT * 4 * Cl);
-    carve(&p->att_scratch, base, &off, att_scratch);
-    carve(&p->branch, base, &off, BT * C);
-    if (seq_par(m)) carve(&p->lngrad, base, &off, 4 * C);
+    carve(m, &p->att_scratch, base, &off, att_scratch);
+    carve(m, &p->branch, base, &off, BT * C);
+    if (seq_par(m)) carve(m, &p->lngrad, base, &off, 4 * C);
     if (half) { /* the stream and resid2 in fp32, unpacked from 16 bits */
-      carve(&p->stream[0], base, &off, R * C);
-      carve(&p->stream[1], base, &off, R * C);
-      carve(&resid2, base, &off, R * C);
+      carve(m, &p->stream[0], base, &off, R * C);
+      carve(m, &p->stream[1], base, &off, R * C);
+      carve(m, &resid2, base, &off, R * C);
     }
   }
   for (int k = 1; k < n && base; k++) share_working_set(&slots[k], p, n_recomputed(m) > 0);
