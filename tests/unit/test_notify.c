@@ -58,6 +58,13 @@ static int pid1_fill(pid1 *p) {
   return -1;
 }
 
+/* A socket at tmpdir/name, filled; CHECKs and returns -1 if it cannot be. */
+static int pid1_open_full(pid1 *p, const char *name) {
+  if (!pid1_open(p, name) && !pid1_fill(p)) return 0;
+  CHECK(0, "a notification socket %s, filled: %s", name, strerror(errno));
+  return -1;
+}
+
 /* The next datagram that is not the filler's, waiting up to ms for it;
  * NULL if none came. */
 static const char *pid1_next(pid1 *p, int ms) {
@@ -101,10 +108,7 @@ static int comes_true(const int *flag, int ms) {
 
 static void test_a_full_socket_holds_no_caller_and_the_newest_status_arrives(void) {
   pid1 p;
-  if (pid1_open(&p, "notify-full") || pid1_fill(&p)) {
-    CHECK(0, "a notification socket, filled: %s", strerror(errno));
-    return;
-  }
+  if (pid1_open_full(&p, "notify-full")) return;
   mt_notify *nt = mt_notify_new();
   CHECK(nt, "a notifier");
   caller c = {.nt = nt, .calls = 10000};
@@ -135,13 +139,10 @@ static void test_a_full_socket_holds_no_caller_and_the_newest_status_arrives(voi
 
 static void test_pending_flags_and_status_go_in_one_datagram_in_order(void) {
   pid1 p;
-  if (pid1_open(&p, "notify-order") || pid1_fill(&p)) {
-    CHECK(0, "a notification socket, filled: %s", strerror(errno));
-    return;
-  }
+  if (pid1_open_full(&p, "notify-order")) return;
   mt_notify *nt = mt_notify_new();
   mt_notify_status(nt, "held"); /* the notifier waits in this one's send */
-  for (int k = 0; k < 200 && mt_notify_sent(nt) == 0; k++) usleep(1000);
+  usleep(200000);               /* time for it to take this one first */
   mt_notify_flags(nt, MT_NOTIFY_STOPPING);
   mt_notify_status(nt, "stopping after step 7,\ngeneration 2");
   mt_notify_flags(nt, MT_NOTIFY_WATCHDOG);
@@ -168,10 +169,7 @@ static void test_pending_flags_and_status_go_in_one_datagram_in_order(void) {
 
 static void test_an_end_held_by_pid1_returns_and_sends_later(void) {
   pid1 p;
-  if (pid1_open(&p, "notify-end") || pid1_fill(&p)) {
-    CHECK(0, "a notification socket, filled: %s", strerror(errno));
-    return;
-  }
+  if (pid1_open_full(&p, "notify-end")) return;
   mt_notify *nt = mt_notify_new();
   mt_notify_status(nt, "generation 3 ended: stopped");
   mt_notify_flags(nt, MT_NOTIFY_STOPPING);
