@@ -34,6 +34,12 @@ void mt_range_pop(void) {
 #endif
 }
 
+void mt_range_init(void) {
+#if MT_HAVE_NVTX
+  nvtxInitialize(NULL);
+#endif
+}
+
 int mt_range_depth(void) { return depth; }
 
 void mt_range_pop_to(int d) {

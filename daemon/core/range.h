@@ -19,6 +19,13 @@ void mt_range_pop(void);
  * that returns early on an error closes what it opened in one place. */
 int mt_range_depth(void);
 void mt_range_pop_to(int depth);
+/* Loads the profiler's tool (or settles on none) now, on the calling
+ * thread: call it before starting the threads that push ranges. NVTX does
+ * it at a process's first call on whichever thread makes it, and threads
+ * whose first calls meet then read its table of functions while another
+ * writes it (one wins NVTX's compare-and-swap and the others wait, but the
+ * table itself is plain memory: ThreadSanitizer reports it). */
+void mt_range_init(void);
 /* 1 when this build emits NVTX ranges. */
 int mt_range_enabled(void);
 

@@ -848,6 +848,7 @@ int mt_local_start(const mt_local_opts *o, mt_local **out) {
     store = &l->cs.base;
   }
   int cores = o->omp_threads > 0 ? o->omp_threads : omp_get_max_threads();
+  mt_range_init(); /* NVTX's tool, before the rank threads' first ranges */
   for (int k = 0; !rc && k < n; k++) {
     l->ranks[k] = (rank_ctx){.o = o,
                              .rank = r0 + k,
