@@ -492,8 +492,9 @@ void find_sockets(Group *g) {
   }
   for (int r = 0; r < g->size; r++)
     if (r != g->rank && g->sock[r] < 0)
-      throw ShimError(MT_EIO,
-                      "gloo: no socket found for the connection to rank " + std::to_string(r));
+      throw ShimError(MT_EIO, "gloo: no socket found for the connection to rank " +
+                                  std::to_string(r) +
+                                  " (gone already: did that rank leave as the group formed?)");
 }
 
 ms left_until(clk::time_point deadline) {
