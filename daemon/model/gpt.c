@@ -21,14 +21,8 @@
  * so an op that reads or writes past the end of its tensor is stopped there
  * rather than reaching the next one, as a tensor of its own allocation
  * would be. Other builds, and GPUs' arenas, have no gap. */
-#if defined(__SANITIZE_ADDRESS__)
-#define ACT_GUARDS 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define ACT_GUARDS 1
-#endif
-#endif
-#ifdef ACT_GUARDS
+#include "sanitizer.h"
+#ifdef MT_ASAN
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -312,7 +306,7 @@ static int check_config(const mt_gpt_config *c, int B, int T) {
 static void carve(const mt_gpt *m, float **dst, float *base, size_t *off, size_t n) {
   if (base) *dst = base + *off;
   size_t gap = align_up(n) - n;
-#ifdef ACT_GUARDS
+#ifdef MT_ASAN
   if (m->dev->kind == MT_DEVICE_CPU) {
     gap += ALIGN_FLOATS;
     if (base) ASAN_POISON_MEMORY_REGION(base + *off + n, gap * sizeof(float));

@@ -46,7 +46,7 @@
 /* Under ThreadSanitizer (build-tsan): race_child's child starts threads
  * after forking a process that has some, which the sanitizer refuses unless
  * told; TSAN_OPTIONS given still override it. */
-#ifdef MT_EMU_TSAN
+#ifdef MT_TSAN
 const char *__tsan_default_options(void);
 const char *__tsan_default_options(void) { return "die_after_fork=0"; }
 #endif

@@ -6,6 +6,7 @@
 #include "comm.h"
 #include "comm_check.h"
 #include "err.h"
+#include "sanitizer.h"
 #include "store.h"
 
 #include <math.h>
@@ -39,14 +40,9 @@ static mt_store *store;
  * after the costly work of making it, which held a woken rank for up to
  * 33 s (two such tests at once on 2 cores). Not waking would still take
  * the whole deadline. */
-#if defined(__SANITIZE_THREAD__)
+#ifdef MT_TSAN
 #define SANITIZER_SLOWDOWN 30
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define SANITIZER_SLOWDOWN 30
-#endif
-#endif
-#ifndef SANITIZER_SLOWDOWN
+#else
 #define SANITIZER_SLOWDOWN 1
 #endif
 

@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#if defined(__SANITIZE_ADDRESS__)
+
+#include "sanitizer.h"
+#ifdef MT_ASAN
 #include <sanitizer/asan_interface.h>
 #endif
 
@@ -432,7 +434,7 @@ static int test_fp32_has_no_working_copy_or_scale(void) {
  * 16-bit element count is odd: its last float is half used) is poisoned,
  * their last element is not. Elsewhere there is nothing to check. */
 static int test_activation_tensors_end_in_a_poisoned_gap_under_asan(void) {
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef MT_ASAN
   int B = 1, T = 9;
   int32_t in[9], tg[9];
   for (int i = 0; i < 9; i++) in[i] = (i * 7 + 2) % 61, tg[i] = (i * 3 + 1) % 61;

@@ -9,7 +9,7 @@
 /* Under AddressSanitizer every switch between fibers is announced to it, so
  * that it knows which stack runs (kernels' local arrays, a thread's
  * "registers", are checked like any other stack object). */
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
 #include <sanitizer/common_interface_defs.h>
 #endif
 /* Under ThreadSanitizer the fibers are not its fibers: a block's threads
@@ -23,9 +23,9 @@
  * call stack altogether, and the frames of the fibers of a block, which
  * interleave on the one stack while they are switched out, are all gone
  * when the block ends. */
-#if defined(MT_EMU_TSAN) && defined(__clang__)
+#if defined(MT_TSAN) && defined(__clang__)
 #define EMU_TSAN_OFF __attribute__((disable_sanitizer_instrumentation))
-#elif defined(MT_EMU_TSAN)
+#elif defined(MT_TSAN)
 #define EMU_TSAN_OFF __attribute__((no_sanitize_thread, noinline))
 #else
 #define EMU_TSAN_OFF
@@ -713,7 +713,7 @@ struct fiber {
   unsigned long groups;           /* its cp.async groups committed */
 };
 
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
 const size_t STACK_BYTES = 256 << 10; /* instrumented frames, with their redzones */
 #else
 const size_t STACK_BYTES = 128 << 10;
@@ -723,7 +723,7 @@ void *sched_sp;
 #else
 ucontext_t sched;
 #endif
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
 /* The scheduler's stack (the launching thread's), learnt from
  * AddressSanitizer at the first switch from it of each launch */
 const void *sched_stack_lo;
@@ -763,7 +763,7 @@ const std::function<void()> *body;
 
 /* AddressSanitizer: a fiber's code runs again, after a switch to it */
 void switched_in(void *fake) {
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
   const void *lo;
   size_t bytes;
   __sanitizer_finish_switch_fiber(fake, &lo, &bytes);
@@ -776,7 +776,7 @@ void switched_in(void *fake) {
 /* From fiber `from` to fiber `to` (NULL: the scheduler). A finished fiber
  * leaves for good: AddressSanitizer drops its fake stack. */
 EMU_TSAN_OFF void switch_to(fiber *from, fiber *to) {
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
   __sanitizer_start_switch_fiber(from->done ? NULL : &from->asan_fake,
                                  to ? to->stack_lo : sched_stack_lo,
                                  to ? to->stack_bytes : sched_stack_bytes);
@@ -905,7 +905,7 @@ void resume(fiber &f, size_t t) {
   turn = t;
   cur = &f;
   cur_tid = &f.tid;
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
   from_sched = true;
   __sanitizer_start_switch_fiber(&sched_asan_fake, f.stack_lo, f.stack_bytes);
 #endif
@@ -914,7 +914,7 @@ void resume(fiber &f, size_t t) {
 #else
   swapcontext(&sched, &f.ctx);
 #endif
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
   __sanitizer_finish_switch_fiber(sched_asan_fake, NULL, NULL);
 #endif
 }

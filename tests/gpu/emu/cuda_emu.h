@@ -98,25 +98,9 @@
 #include <stdint.h>
 #include <string.h>
 
-/* MT_EMU_ASAN: built under AddressSanitizer (GCC's macro, or clang's
- * feature), where the fibers tell it of every switch of stacks */
-#if defined(__SANITIZE_ADDRESS__)
-#define MT_EMU_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MT_EMU_ASAN 1
-#endif
-#endif
-
-/* MT_EMU_TSAN: built under ThreadSanitizer, where the fibers are its
- * fibers too (__tsan_switch_to_fiber at every switch of stacks) */
-#if defined(__SANITIZE_THREAD__)
-#define MT_EMU_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define MT_EMU_TSAN 1
-#endif
-#endif
+/* MT_ASAN: built under AddressSanitizer, where the fibers tell it of every
+ * switch of stacks; MT_TSAN: under ThreadSanitizer (cuda_emu.cc) */
+#include "sanitizer.h"
 
 /* ---- runtime (C and C++) ------------------------------------------------ */
 

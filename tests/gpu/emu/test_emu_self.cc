@@ -243,7 +243,7 @@ static void run_guard(void) {
   cudaFree(b);
 }
 
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
 enum { SHARED_FLOATS = 2 * THREADS };
 
 /* Thread t reads shared float t + past (after a barrier, so that every
@@ -312,7 +312,7 @@ int main(void) {
   run_order(1, 1);
   run_unwaited();
   run_guard();
-#ifdef MT_EMU_ASAN
+#ifdef MT_ASAN
   /* the last thread's read: SHARED_FLOATS - THREADS + 63 in bounds, one more past */
   run_asan("a read of dynamic shared memory", launch_shared_read, SHARED_FLOATS - THREADS,
            SHARED_FLOATS - THREADS + 1, "heap-buffer-overflow");
