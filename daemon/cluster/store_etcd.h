@@ -1,0 +1,44 @@
+/* store_etcd.h — an mt_store kept in an etcd cluster (etcd v3, through the
+ * JSON gateway every member serves on its client URL).
+ *
+ * For clusters that want the rendezvous to outlive any one machine: the keys
+ * live in etcd's replicated log, so losing an etcd member (even the leader)
+ * loses nothing while a quorum is left, and the client goes on through the
+ * members that answer. Calls block and are safe from any number of threads
+ * (each takes a libcurl handle of its own from a small pool). A get that
+ * waits watches its key; an add is a compare-and-swap on the key's revision.
+ *
+ * What is retried after a request may have reached etcd, as the TCP store's
+ * client does (proto/store-v1.md, "Client behaviour"): set, get, check and
+ * get_many go to the next member; add, del and del_prefix fail with MT_EIO
+ * ("may or may not have been applied") unless etcd said it did not apply them
+ * (no leader yet, or a member that could not be reached at all).
+ *
+ * Errors name the endpoints and the key. Nothing here exits.
+ */
+#ifndef MT_STORE_ETCD_H
+#define MT_STORE_ETCD_H
+
+#include "store.h"
+
+typedef struct mt_store_etcd_opts {
+  /* Every key is kept as prefix + key, so that jobs share an etcd cluster
+   * without seeing each other's keys ("/mtnlg/<job>/"); NULL: none. */
+  const char *prefix;
+  int dial_timeout_ms;    /* one member's connect; default 1000 */
+  int request_timeout_ms; /* a request gets an answer from some member within this long, beyond
+                             its own wait; default 10000 */
+  /* etcd's users (`etcdctl auth enable`): both or neither. A refused name
+   * or password fails every request with MT_EPERM. */
+  const char *user, *password;
+  const char *cacert; /* https:// endpoints: the CA's PEM file; NULL: the system's */
+} mt_store_etcd_opts;
+
+/* endpoints: the members' client URLs, comma-separated
+ * ("http://10.0.0.1:2379,http://10.0.0.2:2379"; a bare host:port is http).
+ * Reaches one of them (each within dial_timeout_ms, the whole within
+ * request_timeout_ms) and returns a store whose kind is "etcd". opts may be
+ * NULL; a field left 0 takes its default. */
+int mt_store_etcd_new(const char *endpoints, const mt_store_etcd_opts *opts, mt_store **out);
+
+#endif
