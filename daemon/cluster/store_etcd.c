@@ -677,6 +677,95 @@ static void es_free(mt_store *b) {
   free(s);
 }
 
+/* ---- an election ---- */
+
+static int lease_call(etcd_store *s, const char *path, int64_t lease, int ttl_s, const char *what,
+                      json_t **j) {
+  char id[32], ttl[32];
+  snprintf(id, sizeof id, "%" PRId64, lease);
+  snprintf(ttl, sizeof ttl, "%d", ttl_s);
+  char *body = pack_body(lease ? json_pack("{s:s}", "ID", id) : json_pack("{s:s}", "TTL", ttl));
+  if (!body) return mt_seterr(MT_ENOMEM, "store(etcd): %s: out of memory", what);
+  int rc = etcd_call(s, path, body, SAFE_TO_RETRY, what, j);
+  free(body);
+  return rc;
+}
+
+int mt_store_etcd_campaign(mt_store *b, const char *key, const char *value, int ttl_s,
+                           int64_t *lease, char *holder, size_t holder_size) {
+  etcd_store *s = of(b);
+  *lease = 0;
+  if (holder_size) holder[0] = 0;
+  char what[300];
+  snprintf(what, sizeof what, "campaign for %.200s", key);
+  json_t *j;
+  int rc = lease_call(s, "/v3/lease/grant", 0, ttl_s > 0 ? ttl_s : 1, what, &j);
+  if (rc) return rc;
+  int64_t id = json_i64(json_object_get(j, "ID"));
+  json_decref(j);
+  if (!id) return mt_seterr(MT_EIO, "store(etcd %s): %s: etcd granted no lease", s->names, what);
+  char idtext[32];
+  snprintf(idtext, sizeof idtext, "%" PRId64, id);
+  char *k = key64(s, key), *v = b64_encode(value, strlen(value));
+  /* put it only where nobody has: the key's create revision is 0 */
+  char *body = k && v ? pack_body(json_pack(
+                            "{s:[{s:s, s:s, s:s, s:s}], s:[{s:{s:s, s:s, s:s}}], s:[{s:{s:s}}]}",
+                            "compare", "key", k, "target", "CREATE", "result", "EQUAL",
+                            "create_revision", "0", "success", "request_put", "key", k, "value", v,
+                            "lease", idtext, "failure", "request_range", "key", k))
+                      : NULL;
+  free(k), free(v);
+  if (!body) return mt_seterr(MT_ENOMEM, "store(etcd): %s: out of memory", what);
+  rc = etcd_call(s, "/v3/kv/txn", body, 0, what, &j);
+  free(body);
+  if (rc) return rc; /* the lease runs out by itself */
+  if (json_is_true(json_object_get(j, "succeeded"))) {
+    json_decref(j);
+    *lease = id;
+    return 1;
+  }
+  json_t *kv = json_array_get(
+      json_object_get(
+          json_object_get(json_array_get(json_object_get(j, "responses"), 0), "response_range"),
+          "kvs"),
+      0);
+  void *held = NULL;
+  size_t n = 0;
+  if (kv && !b64_decode(json_string_value(json_object_get(kv, "value")), &held, &n) && holder_size)
+    snprintf(holder, holder_size, "%s", (char *)held);
+  free(held);
+  json_decref(j);
+  mt_store_etcd_resign(b, id); /* not needed: the leader's lease holds the key */
+  return 0;
+}
+
+int mt_store_etcd_keepalive(mt_store *b, int64_t lease) {
+  etcd_store *s = of(b);
+  char what[64];
+  snprintf(what, sizeof what, "keep lease %" PRIx64 " alive", (uint64_t)lease);
+  json_t *j;
+  int rc = lease_call(s, "/v3/lease/keepalive", lease, 0, what, &j);
+  if (rc) return rc;
+  json_t *res = json_object_get(j, "result");
+  int64_t ttl = json_i64(json_object_get(res ? res : j, "TTL"));
+  json_decref(j);
+  if (ttl <= 0)
+    return mt_seterr(MT_ENOENT, "store(etcd %s): lease %" PRIx64 " had expired", s->names,
+                     (uint64_t)lease);
+  return 0;
+}
+
+int mt_store_etcd_resign(mt_store *b, int64_t lease) {
+  etcd_store *s = of(b);
+  char what[64];
+  snprintf(what, sizeof what, "revoke lease %" PRIx64, (uint64_t)lease);
+  json_t *j;
+  int rc = lease_call(s, "/v3/lease/revoke", lease, 0, what, &j);
+  json_decref(j);
+  if (rc && strstr(mt_errmsg(), "not found")) rc = 0; /* gone already */
+  return rc;
+}
+
 /* ---- making one ---- */
 
 static pthread_once_t curl_once = PTHREAD_ONCE_INIT;

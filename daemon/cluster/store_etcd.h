@@ -41,4 +41,23 @@ typedef struct mt_store_etcd_opts {
  * NULL; a field left 0 takes its default. */
 int mt_store_etcd_new(const char *endpoints, const mt_store_etcd_opts *opts, mt_store **out);
 
+/* ---- an election (which node coordinates) ----
+ *
+ * A key held under an etcd lease: whoever puts it first leads, for as long
+ * as it keeps its lease alive; a leader that dies (or stalls past the TTL)
+ * loses the key with its lease, and the next campaign wins. s must be an
+ * etcd store (kind "etcd"). */
+
+/* Puts value at key under a new lease of ttl_s seconds, unless the key
+ * exists. 1: this caller leads, *lease its lease; 0: another does, holder
+ * (holder_size bytes, may be NULL) its value; < 0 a failure. */
+int mt_store_etcd_campaign(mt_store *s, const char *key, const char *value, int ttl_s,
+                           int64_t *lease, char *holder, size_t holder_size);
+/* Renews the lease for another TTL: 0, MT_ENOENT when it had expired (the
+ * key is gone and another may lead), < 0 a failure. */
+int mt_store_etcd_keepalive(mt_store *s, int64_t lease);
+/* Ends the lease now, and with it the key (a leader that is done): 0, or
+ * < 0 a failure (the key then goes when the lease expires). */
+int mt_store_etcd_resign(mt_store *s, int64_t lease);
+
 #endif

@@ -444,6 +444,47 @@ static void test_a_gloo_group_forms_through_etcd(void) {
   }
 }
 
+/* ------------------------------------------------------------------ an election */
+
+/* Two campaign: one leads; it keeps the key past its TTL by renewing its
+ * lease; left to lapse, the key goes and the other's next campaign wins;
+ * a leader that resigns frees the key at once. */
+static void test_an_election_has_one_leader_until_its_lease_ends(void) {
+  mt_store *a = store_on(NULL, "/mtnlg/elect/", 10), *b = store_on(NULL, "/mtnlg/elect/", 10);
+  if (!a || !b) {
+    CHECK(0, "stores: %s", mt_errmsg());
+    mt_store_free(a), mt_store_free(b);
+    return;
+  }
+  int64_t la = 0, lb = 0;
+  char held[64];
+  int ra = mt_store_etcd_campaign(a, "coord/leader", "A", 1, &la, held, sizeof held);
+  int rb = mt_store_etcd_campaign(b, "coord/leader", "B", 1, &lb, held, sizeof held);
+  CHECK(ra == 1 && la && rb == 0 && !lb && !strcmp(held, "A"),
+        "first campaign %d, second %d (holder \"%s\"): %s", ra, rb, held, mt_errmsg());
+  for (int i = 0; i < 8; i++) { /* 2 s: twice the TTL */
+    CHECK(!mt_store_etcd_keepalive(a, la), "keepalive %d: %s", i, mt_errmsg());
+    sleep_ms(250);
+  }
+  rb = mt_store_etcd_campaign(b, "coord/leader", "B", 1, &lb, held, sizeof held);
+  CHECK(rb == 0 && !strcmp(held, "A"), "a kept lease lost the key: %d, holder \"%s\"", rb, held);
+  double t0 = now_s();
+  while ((rb = mt_store_etcd_campaign(b, "coord/leader", "B", 1, &lb, held, sizeof held)) == 0 &&
+         now_s() - t0 < 10)
+    sleep_ms(100);
+  double took = now_s() - t0;
+  CHECK(rb == 1, "a lapsed lease still holds the key after %.1f s: %s", took, mt_errmsg());
+  CHECK(took < 5, "the 1 s lease lapsed only after %.1f s", took);
+  int rc = mt_store_etcd_keepalive(a, la);
+  CHECK(rc == MT_ENOENT, "the lapsed lease's keepalive: %s (%s)", mt_strerror(rc), mt_errmsg());
+  CHECK(!mt_store_etcd_resign(b, lb), "resign: %s", mt_errmsg());
+  ra = mt_store_etcd_campaign(a, "coord/leader", "A2", 5, &la, held, sizeof held);
+  CHECK(ra == 1, "after the leader resigned: %d (holder \"%s\") %s", ra, held, mt_errmsg());
+  mt_store_etcd_resign(a, la);
+  mt_store_free(a);
+  mt_store_free(b);
+}
+
 /* ------------------------------------------------------------------ losing members */
 
 typedef struct waiter {
@@ -682,6 +723,7 @@ int main(void) {
   mt_store_free(other);
   test_prefixes_keep_jobs_apart();
   test_a_gloo_group_forms_through_etcd();
+  test_an_election_has_one_leader_until_its_lease_ends();
   test_no_etcd_and_bad_endpoints_are_named();
   test_losing_the_leader_it_talks_to_stops_nothing();
   test_without_a_quorum_requests_fail_and_nothing_is_lost();
