@@ -32,6 +32,7 @@
 #include "rdzv.h"
 #include "steplog.h"
 #include "store_client.h"
+#include "store_etcd.h"
 #include "store_server.h"
 
 /* How long a node's end waits for systemd to take its last notifications
@@ -85,12 +86,12 @@ static void store_result(node *n, int rc) {
   n->store_failed = 1; /* the next round reads coord/instance first (check_coordinator) */
   if (!n->store_failing_since_ms) {
     n->store_failing_since_ms = t;
-    mt_log_warn("store at %s:%d: %s", n->store_host, n->store_port, mt_errmsg());
+    mt_log_warn("store at %s: %s", n->store_name, mt_errmsg());
   }
   if (t - n->store_failing_since_ms > n->cfg->heartbeat_timeout_ms) {
-    char why[400];
-    snprintf(why, sizeof why, "the store at %s:%d did not answer for %.1f s", n->store_host,
-             n->store_port, (t - n->store_failing_since_ms) / 1000.0);
+    char why[800];
+    snprintf(why, sizeof why, "the store at %s did not answer for %.1f s", n->store_name,
+             (t - n->store_failing_since_ms) / 1000.0);
     coordinator_lost(n, why);
   }
 }
@@ -109,15 +110,21 @@ static void store_result(node *n, int rc) {
  * middle of a round checks it before anything is sent on it, so no write of
  * this node lands in the new store, and a fenced client is the coordinator
  * lost here. */
+static void check_etcd_term(node *n);
+
 static void check_coordinator(node *n) {
+  if (n->etcd_root) {
+    check_etcd_term(n);
+    return;
+  }
   mt_store_tcp_stats st;
   if (n->coord_lost || mt_store_tcp_get_stats(n->store, &st)) return;
   if (st.fenced) { /* a new connection found another instance before it wrote */
-    char why[400];
+    char why[800];
     snprintf(why, sizeof why,
-             "the coordinator at %s:%d restarted (its store is not instance %s): generation %d "
+             "the coordinator at %s restarted (its store is not instance %s): generation %d "
              "is gone with its store",
-             n->store_host, n->store_port, n->coord_instance, n->gen);
+             n->store_name, n->coord_instance, n->gen);
     coordinator_lost(n, why);
     return;
   }
@@ -132,11 +139,11 @@ static void check_coordinator(node *n) {
   free(v);
   n->coord_connects = st.connects;
   if (strcmp(got, n->coord_instance)) { /* read before joining (fence_to_coordinator) */
-    char why[400];
+    char why[800];
     snprintf(why, sizeof why,
-             "the coordinator at %s:%d restarted (instance %s, not %s): generation %d is gone "
+             "the coordinator at %s restarted (instance %s, not %s): generation %d is gone "
              "with its store",
-             n->store_host, n->store_port, got, n->coord_instance, n->gen);
+             n->store_name, got, n->coord_instance, n->gen);
     coordinator_lost(n, why);
   }
 }
@@ -152,23 +159,217 @@ static int fence_to_coordinator(node *n) {
       mt_store_get(n->store, MT_RDZV_COORD_INSTANCE_KEY, &v, &bytes, n->cfg->heartbeat_timeout_ms);
   if (rc == MT_ETIMEDOUT)
     return mt_seterr(MT_EIO,
-                     "the store at %s:%d has no %s after %d ms: its coordinator has not written "
+                     "the store at %s has no %s after %d ms: its coordinator has not written "
                      "it (an mtnlgd that does not, or not an mtnlgd store)",
-                     n->store_host, n->store_port, MT_RDZV_COORD_INSTANCE_KEY,
-                     n->cfg->heartbeat_timeout_ms);
+                     n->store_name, MT_RDZV_COORD_INSTANCE_KEY, n->cfg->heartbeat_timeout_ms);
   if (rc) return mt_wraperr(rc, "reading %s", MT_RDZV_COORD_INSTANCE_KEY);
   if (!bytes || bytes >= sizeof n->coord_instance) {
     free(v);
-    return mt_seterr(MT_ECORRUPT, "the store at %s:%d holds a %s of %zu bytes, not 16",
-                     n->store_host, n->store_port, MT_RDZV_COORD_INSTANCE_KEY, bytes);
+    return mt_seterr(MT_ECORRUPT, "the store at %s holds a %s of %zu bytes, not 16", n->store_name,
+                     MT_RDZV_COORD_INSTANCE_KEY, bytes);
   }
   memcpy(n->coord_instance, v, bytes);
   n->coord_instance[bytes] = 0;
+  if (n->etcd_root) { /* the term's keys are the fence (check_etcd_term) */
+    free(v);
+    return 0;
+  }
   rc = mt_store_tcp_fence(n->store, MT_RDZV_COORD_INSTANCE_KEY, v, bytes);
   free(v);
   mt_store_tcp_stats st;
   if (!rc && !mt_store_tcp_get_stats(n->store, &st)) n->coord_connects = st.connects;
   return rc;
+}
+
+/* ---- a rendezvous kept in etcd (rendezvous.etcd) ----
+ *
+ * The node that holds coord/leader under its lease coordinates, in a term
+ * of its own: the generations' keys go under terms/<term>/, so nothing a
+ * node of an earlier term still writes reaches this one, as nothing reaches
+ * a restarted coordinator's new store. Nodes with the job campaign; the
+ * others follow the term they read there. When the coordinator's node is
+ * lost its lease lapses, the other nodes find no coordinator (or another
+ * term) and exit 1, and, started again by systemd, elect another, which
+ * re-forms the job from its last checkpoint: losing the coordinator's node
+ * does not end the job. */
+#define ETCD_LEADER_KEY "coord/leader"
+
+static int etcd_opts(node *n, const char *prefix, mt_store_etcd_opts *o) {
+  const mt_node_config *c = n->cfg;
+  int hb = c->heartbeat_interval_ms;
+  /* an election among etcd's members takes a second or so: ride it out */
+  *o = (mt_store_etcd_opts){.prefix = prefix,
+                            .dial_timeout_ms = hb < 1000 ? hb : 1000,
+                            .request_timeout_ms = 2 * hb > 2000 ? 2 * hb : 2000,
+                            .user = c->etcd_user[0] ? c->etcd_user : NULL,
+                            .password = c->etcd_user[0] ? n->etcd_password : NULL,
+                            .cacert = c->etcd_cacert[0] ? c->etcd_cacert : NULL};
+  return 0;
+}
+
+/* A store of the term's keys (terms/<term>/ under rendezvous.etcd_prefix). */
+static int etcd_term_store(node *n, mt_store **out) {
+  char prefix[sizeof n->cfg->etcd_prefix + 32];
+  snprintf(prefix, sizeof prefix, "%sterms/%s/", n->cfg->etcd_prefix, n->term);
+  mt_store_etcd_opts o;
+  etcd_opts(n, prefix, &o);
+  return mt_store_etcd_new(n->cfg->etcd, &o, out);
+}
+
+/* The coordinator's term is the one coord/leader names, checked every
+ * round. Another term there is a coordinator elected since (this one was
+ * lost, or stalled past its lease): the generation is gone with the old
+ * term. None there (the coordinator's lease lapsed, or it resigned at its
+ * end) is a coordinator that does not answer: lost past the heartbeat
+ * timeout, and meanwhile the old term's keys (a job's final end) still
+ * read. The coordinator keeps its own lease (keep_lease). */
+static void check_etcd_term(node *n) {
+  if (n->coord_lost || n->is_host) return;
+  void *v = NULL;
+  size_t bytes = 0;
+  int rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &bytes, 0);
+  if (rc && rc != MT_ETIMEDOUT) {
+    store_result(n, rc);
+    return;
+  }
+  int64_t now = mt_mono_ms();
+  if (rc == MT_ETIMEDOUT) {
+    if (!n->leader_gone_since_ms) {
+      n->leader_gone_since_ms = now;
+      mt_log_warn("%s: no coordinator holds %s (its lease lapsed, or it ended)", n->store_name,
+                  ETCD_LEADER_KEY);
+    } else if (now - n->leader_gone_since_ms > n->cfg->heartbeat_timeout_ms) {
+      char why[800];
+      snprintf(why, sizeof why,
+               "no coordinator held %s in %s for %.1f s (term %s's lease lapsed): generation %d "
+               "is gone with its term",
+               ETCD_LEADER_KEY, n->store_name, (now - n->leader_gone_since_ms) / 1000.0, n->term,
+               n->gen);
+      coordinator_lost(n, why);
+    }
+    return;
+  }
+  n->leader_gone_since_ms = 0;
+  if (bytes != 16 || memcmp(v, n->term, 16)) {
+    char why[800];
+    snprintf(why, sizeof why,
+             "another coordinator was elected in %s (term %.*s, not %s): generation %d is gone "
+             "with the old term",
+             n->store_name, (int)(bytes < 64 ? bytes : 64), (char *)v, n->term, n->gen);
+    coordinator_lost(n, why);
+  }
+  free(v);
+}
+
+/* The coordinator's lease on coord/leader, renewed every heartbeat. One
+ * that lapsed (this process stalled past its TTL) may have another
+ * coordinator by now, so this one is lost, as a restarted one would be. */
+static void keep_lease(node *n) {
+  if (!n->lease || n->coord_lost) return;
+  int rc = mt_store_etcd_keepalive(n->etcd_root, n->lease);
+  if (rc == MT_ENOENT) {
+    char why[800];
+    snprintf(why, sizeof why,
+             "this node's lease on %s in %s lapsed (it was silent past %d ms): another node may "
+             "coordinate now, and generation %d is gone with term %s",
+             ETCD_LEADER_KEY, n->store_name, n->cfg->heartbeat_timeout_ms, n->gen, n->term);
+    n->lease = 0;
+    coordinator_lost(n, why);
+    return;
+  }
+  store_result(n, rc < 0 ? rc : 0);
+}
+
+/* Reaches etcd and elects: this node coordinates when it wins (a node
+ * with the job and rendezvous.host auto or yes campaigns; yes waits to
+ * win), and otherwise follows the term it reads. Waits for etcd and for a
+ * coordinator up to rendezvous.join_timeout_s. */
+static int connect_etcd(node *n) {
+  const mt_node_config *c = n->cfg;
+  snprintf(n->store_name, sizeof n->store_name, "etcd(%.280s)", c->etcd);
+  if (c->etcd_user[0]) {
+    size_t len;
+    int rc = mt_read_secret_file(c->etcd_password_file, "rendezvous.etcd_password_file",
+                                 "can write the job's rendezvous", n->etcd_password,
+                                 sizeof n->etcd_password, &len);
+    if (rc) return rc == MT_ENOENT ? mt_seterr(MT_EINVAL, "%s", mt_errmsg()) : rc;
+  }
+  if (c->host == 1 && !n->have_job)
+    return mt_seterr(MT_EINVAL,
+                     "rendezvous.host = yes: this node would coordinate the job in %s, "
+                     "but has no job: set job.path",
+                     n->store_name);
+  int campaign = c->host != 0 && n->have_job;
+  uint64_t draw;
+  if (getrandom(&draw, sizeof draw, GRND_NONBLOCK) != sizeof draw)
+    draw = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32;
+  char mine[17];
+  snprintf(mine, sizeof mine, "%016llx", (unsigned long long)draw);
+  int ttl_s = (c->heartbeat_timeout_ms + 999) / 1000;
+  int64_t deadline = mt_mono_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
+  mt_store_etcd_opts o;
+  etcd_opts(n, c->etcd_prefix, &o);
+  char said[600] = "";
+  for (;;) {
+    int rc = n->etcd_root ? 0 : mt_store_etcd_new(c->etcd, &o, &n->etcd_root);
+    char holder[64] = "";
+    if (!rc && campaign) {
+      rc = mt_store_etcd_campaign(n->etcd_root, ETCD_LEADER_KEY, mine, ttl_s, &n->lease, holder,
+                                  sizeof holder);
+      if (rc == 1) {
+        n->is_host = 1;
+        snprintf(n->term, sizeof n->term, "%s", mine);
+        break;
+      }
+    } else if (!rc) {
+      void *v = NULL;
+      size_t b = 0;
+      rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &b, c->heartbeat_interval_ms);
+      if (!rc) snprintf(holder, sizeof holder, "%.*s", (int)(b < 63 ? b : 63), (char *)v);
+      if (rc == MT_ETIMEDOUT) rc = 0;
+      free(v);
+    }
+    if (rc == MT_EPERM || rc == MT_EINVAL) return mt_wraperr(rc, "the rendezvous in etcd");
+    if (!rc && holder[0] && strlen(holder) != 16)
+      return mt_seterr(MT_ECORRUPT,
+                       "%s holds a %s of \"%s\", not a term of 16 hex digits: not "
+                       "an mtnlg rendezvous under rendezvous.etcd_prefix %s",
+                       n->store_name, ETCD_LEADER_KEY, holder, c->etcd_prefix);
+    if (!rc && holder[0] && c->host != 1) {
+      snprintf(n->term, sizeof n->term, "%s", holder);
+      break;
+    }
+    char now_says[600];
+    if (rc)
+      snprintf(now_says, sizeof now_says, "waiting for etcd: %s", mt_errmsg());
+    else if (holder[0])
+      snprintf(now_says, sizeof now_says,
+               "rendezvous.host = yes: waiting for term %s's lease on %s to end", holder,
+               ETCD_LEADER_KEY);
+    else
+      snprintf(now_says, sizeof now_says,
+               "waiting for a node with the job to be elected "
+               "coordinator");
+    if (mt_mono_ms() > deadline) {
+      n->store_unreachable = rc != 0;
+      return mt_seterr(rc ? rc : MT_ETIMEDOUT, "the rendezvous in %s: still %s after %d s",
+                       n->store_name, now_says, c->join_timeout_s ? c->join_timeout_s : 600);
+    }
+    if (strcmp(now_says, said)) mt_log_info("%s: %s", n->store_name, now_says);
+    snprintf(said, sizeof said, "%s", now_says);
+    if (rc || campaign) usleep((useconds_t)c->heartbeat_interval_ms * 1000);
+  }
+  if (n->is_host) { /* earlier terms' keys: their generations ended with them */
+    int64_t gone = 0;
+    int rc = mt_store_del_prefix(n->etcd_root, "terms/", &gone);
+    if (rc) mt_log_warn("%s: deleting earlier terms' keys: %s", n->store_name, mt_errmsg());
+    mt_log_info("%s: elected coordinator of job %s (term %s, lease %d s); %lld keys of earlier "
+                "terms deleted",
+                n->store_name, n->job.name, n->term, ttl_s, (long long)gone);
+  } else {
+    mt_log_info("%s: following the coordinator of term %s", n->store_name, n->term);
+  }
+  return etcd_term_store(n, &n->store);
 }
 
 /* ---- the engine ---- */
@@ -483,12 +684,17 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
   /* fenced to the coordinator this node joined from the first connection */
+  if (n->etcd_root) {
+    rc = etcd_term_store(n, &n->engine_store);
+    goto have_engine_store;
+  }
   mt_store_tcp_opts eo = {.key = n->cluster_key,
                           .key_bytes = n->cluster_key_bytes,
                           .fence_key = MT_RDZV_COORD_INSTANCE_KEY,
                           .fence_value = n->coord_instance,
                           .fence_bytes = strlen(n->coord_instance)};
   rc = mt_store_tcp_new(n->store_host, n->store_port, &eo, &n->engine_store);
+have_engine_store:
   if (rc) return rc;
   snprintf(n->comm_prefix, sizeof n->comm_prefix, "gen/%d/comm", n->gen);
   __atomic_store_n(&n->stop_flag, 0, __ATOMIC_RELEASE);
@@ -876,16 +1082,15 @@ static void node_round(node *n) {
       break;
     }
     if (rc == 2) {
-      mt_log_error("the coordinator at %s:%d still counts another daemon named %s after %d tries: "
+      mt_log_error("the coordinator at %s still counts another daemon named %s after %d tries: "
                    "%s",
-                   n->store_host, n->store_port, n->cfg->name, n->turned_away, mt_errmsg());
+                   n->store_name, n->cfg->name, n->turned_away, mt_errmsg());
       mt_notify_status(n->notify, "refused: %s", mt_errmsg());
       finish(n, 2);
       return;
     }
     if (rc == MT_EINVAL) {
-      mt_log_error("the coordinator at %s:%d refused this node: %s", n->store_host, n->store_port,
-                   mt_errmsg());
+      mt_log_error("the coordinator at %s refused this node: %s", n->store_name, mt_errmsg());
       mt_notify_status(n->notify, "refused: %s", mt_errmsg());
       finish(n, 2);
       return;
@@ -894,8 +1099,8 @@ static void node_round(node *n) {
       pthread_mutex_lock(&n->mu);
       n->gen = watch;
       pthread_mutex_unlock(&n->mu);
-      mt_log_info("joined the rendezvous at %s:%d as %s; waiting for generation %d", n->store_host,
-                  n->store_port, n->cfg->name, watch);
+      mt_log_info("joined the rendezvous at %s as %s; waiting for generation %d", n->store_name,
+                  n->cfg->name, watch);
       mt_notify_flags(n->notify, MT_NOTIFY_READY);
       set_state(n, N_WAITING);
     }
@@ -1016,6 +1221,7 @@ static int note_silence(node *n) {
 
 static void on_heartbeat(uv_timer_t *t) {
   node *n = t->data;
+  if (n->state != N_EXITING) keep_lease(n); /* draining too: the followers still read it */
   if (n->state == N_EXITING || n->state == N_DRAINING) return;
   /* back from a silence with ranks running: the next round first learns
    * whether their generation went on without this node (abort_ranks) */
@@ -1179,6 +1385,8 @@ static int read_cluster_key(node *n) {
  * endpoint is ours and free), then dials it. */
 static int connect_store(node *n) {
   const mt_node_config *c = n->cfg;
+  if (c->etcd[0]) return connect_etcd(n);
+  snprintf(n->store_name, sizeof n->store_name, "%s", c->endpoint);
   int rc = mt_parse_host_port(c->endpoint, n->store_host, sizeof n->store_host, &n->store_port);
   if (rc || (rc = read_cluster_key(n))) return rc;
   n->is_host = c->host == 1;
@@ -1291,7 +1499,7 @@ static int join_rendezvous(node *n, const char *instance) {
     usleep(200 * 1000);
   }
   mt_log_info("mtnlgd %s: node %s with %d device(s) (%s..%s) joined %s as join %lld%s", n->version,
-              n->cfg->name, n->n_devices, n->specs[0], n->specs[n->n_devices - 1], n->cfg->endpoint,
+              n->cfg->name, n->n_devices, n->specs[0], n->specs[n->n_devices - 1], n->store_name,
               (long long)n->seq, n->is_host ? ", coordinating" : "");
   return 0;
 }
@@ -1384,6 +1592,7 @@ int mt_node_main(const mt_node_opts *o) {
     mt_log_info("node %s exits (%d)%s%s", n->cfg->name, code, n->end_reason[0] ? ": " : "",
                 n->end_reason);
     if (o->abandoned) *o->abandoned = 1;
+    if (n->lease) mt_store_etcd_resign(n->etcd_root, n->lease); /* the next one elects at once */
     return code; /* n stays allocated: the blocked ranks still point into it */
   }
   uv_close((uv_handle_t *)&n->sigint, NULL);
@@ -1403,6 +1612,9 @@ out:
   mt_steplog_acc_free(&n->steplog);
   mt_coord_free(n->coord);
   mt_store_free(n->store);
+  if (n->lease && mt_store_etcd_resign(n->etcd_root, n->lease)) /* or it lapses */
+    mt_log_warn("%s: %s", n->store_name, mt_errmsg());
+  mt_store_free(n->etcd_root);
   if (n->server) mt_store_server_thread_stop(n->server);
   free(n->job_json);
   mt_notify_free(n->notify, NODE_NOTIFY_FLUSH_MS); /* the last status and STOPPING=1 */

@@ -70,6 +70,11 @@ static const key_def keys[] = {
     INT("rendezvous", "max_restarts", max_restarts, 0, 1000000),
     INT("rendezvous", "reform_timeout_s", reform_timeout_s, 0, 86400 * 7),
     INT("rendezvous", "store_max_mb", store_max_mb, 1, 1 << 30),
+    STR("rendezvous", "etcd", etcd),
+    STR("rendezvous", "etcd_prefix", etcd_prefix),
+    STR("rendezvous", "etcd_user", etcd_user),
+    PATH("rendezvous", "etcd_password_file", etcd_password_file),
+    PATH("rendezvous", "etcd_cacert", etcd_cacert),
     INT("cluster", "heartbeat_interval_ms", heartbeat_interval_ms, 10, 600000),
     INT("cluster", "heartbeat_timeout_ms", heartbeat_timeout_ms, 50, 3600000),
     INT("cluster", "comm_timeout_ms", comm_timeout_ms, 100, 86400000),
@@ -97,6 +102,7 @@ static void set_defaults(mt_node_config *c) {
   snprintf(c->devices, sizeof c->devices, "auto");
   snprintf(c->endpoint, sizeof c->endpoint, "127.0.0.1:29400");
   c->host = -1;
+  snprintf(c->etcd_prefix, sizeof c->etcd_prefix, "/mtnlg/");
   c->last_call_ms = 3000;
   c->max_restarts = 3;
   c->reform_timeout_s = 600;
@@ -356,6 +362,21 @@ static void check(const mt_node_config *c, problems *p) {
   else if (endpoint_ok && port == 0)
     problem(p, "rendezvous.endpoint: \"%s\": the port must be set (the followers dial it)",
             c->endpoint);
+  if (!refused(p, "rendezvous", "etcd") && c->etcd[0]) {
+    if (!refused(p, "rendezvous", "key_file") && c->key_file[0])
+      problem(p, "rendezvous.key_file is the coordinator's store's key: an etcd rendezvous "
+                 "(rendezvous.etcd) is guarded by etcd's users (rendezvous.etcd_user and "
+                 "etcd_password_file) instead");
+    if (!refused(p, "rendezvous", "etcd_prefix") &&
+        (!c->etcd_prefix[0] || c->etcd_prefix[strlen(c->etcd_prefix) - 1] != '/'))
+      problem(p, "rendezvous.etcd_prefix: \"%s\": must end with '/' (the job's keys go under it)",
+              c->etcd_prefix);
+  }
+  if (!refused(p, "rendezvous", "etcd_user") && !refused(p, "rendezvous", "etcd_password_file") &&
+      !c->etcd_user[0] != !c->etcd_password_file[0])
+    problem(p, "rendezvous.%s is set but rendezvous.%s is not: etcd's users need both",
+            c->etcd_user[0] ? "etcd_user" : "etcd_password_file",
+            c->etcd_user[0] ? "etcd_password_file" : "etcd_user");
   if (!refused(p, "control", "listen") &&
       mt_parse_host_port(c->control_listen, host, sizeof host, &port))
     problem(p, "control.listen: %s", mt_errmsg());

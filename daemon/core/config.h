@@ -30,6 +30,13 @@ typedef struct mt_node_config {
   int max_restarts;
   int reform_timeout_s;
   int store_max_mb; /* the store this node hosts holds at most this many MiB (2^20 bytes) */
+  /* The store kept in etcd instead (endpoint and key_file then unused): the
+   * members' client URLs, comma-separated, or "" for the coordinator's own */
+  char etcd[1024];
+  char etcd_prefix[256];                     /* the job's keys in etcd; default "/mtnlg/" */
+  char etcd_user[128];                       /* etcd's users: a name and the file of its */
+  char etcd_password_file[MT_CONF_PATH_MAX]; /* password, both or neither */
+  char etcd_cacert[MT_CONF_PATH_MAX];        /* https:// members: their CA's PEM file */
   /* [cluster] */
   int heartbeat_interval_ms;
   int heartbeat_timeout_ms; /* a node silent this long is lost */

@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Node daemons whose rendezvous is kept in etcd (rendezvous.etcd), on
+loopback: a three-member etcd cluster (Debian's etcd-server, started here)
+and three mtnlgd, every one with the job and rendezvous.host auto, so each
+may be elected to coordinate.
+
+- test_losing_the_coordinators_node_does_not_end_the_job: n0 is elected
+  coordinator (started first); generation 1 trains on n0 and n1 (dp 2), n2
+  waits as a spare. The etcd member that leads is SIGKILLed: training goes
+  on in generation 1, nobody notices beyond a warning. Then n0, the
+  coordinator's node, is SIGKILLed: its lease on coord/leader lapses, n1
+  and n2 end their generation ("coordinator lost: no coordinator held
+  coord/leader …") and exit 1; started again, as systemd would, one of them
+  is elected, deletes the old term's keys, forms a generation on n1 and n2
+  that resumes from the newest checkpoint, and the job completes. Every
+  loss printed, before the kill and after the resume, equals a standalone
+  run's, and the steps after the resume follow the checkpoint's.
+- test_a_config_that_cannot_use_etcd_is_refused: rendezvous.key_file with
+  etcd, an etcd_prefix without its '/', a user without a password file: one
+  line each, exit 2.
+- test_no_etcd_is_waited_for_then_exit_1: endpoints where no etcd listens:
+  the daemon waits, saying so, and exits 1 (worth a restart) after
+  rendezvous.join_timeout_s.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from local_cluster import (LocalCluster, check, free_port, grep, last_step,  # noqa: E402
+                           license_tokens, tiny_job)
+
+HB_MS, TIMEOUT_MS = 200, 4000
+STEPS, INTERVAL = 60, 6
+
+
+class Etcd:
+    """Three etcd members on loopback, in dir; stopped by their pids."""
+
+    def __init__(self, binary, dir):
+        self.binary, self.dir = binary, dir
+        self.client = [free_port() for _ in range(3)]
+        self.peer = [free_port() for _ in range(3)]
+        self.procs = [None] * 3
+        self.urls = ["http://127.0.0.1:%d" % p for p in self.client]
+        self.endpoints = ",".join(self.urls)
+
+    def start(self, i):
+        cluster = ",".join("m%d=http://127.0.0.1:%d" % (k, p) for k, p in enumerate(self.peer))
+        log = open(os.path.join(self.dir, "m%d.log" % i), "a")
+        self.procs[i] = subprocess.Popen(
+            [self.binary, "--name", "m%d" % i, "--data-dir", os.path.join(self.dir, "m%d" % i),
+             "--listen-client-urls", self.urls[i], "--advertise-client-urls", self.urls[i],
+             "--listen-peer-urls", "http://127.0.0.1:%d" % self.peer[i],
+             "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % self.peer[i],
+             "--initial-cluster", cluster, "--initial-cluster-token", "mtnlg-etcd-cluster",
+             "--initial-cluster-state", "new", "--heartbeat-interval", "50",
+             "--election-timeout", "500", "--logger", "zap", "--log-outputs", "stderr",
+             "--log-level", "error"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def start_all(self):
+        for i in range(3):
+            self.start(i)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.leader() is not None:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the etcd cluster elected no leader in 30 s (logs in %s)" % self.dir)
+
+    def _status(self, i):
+        req = urllib.request.Request(self.urls[i] + "/v3/maintenance/status", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return json.loads(r.read())
+
+    def leader(self):
+        """The index of the member that leads, or None."""
+        ids, lead = {}, None
+        for i, p in enumerate(self.procs):
+            if p is None or p.poll() is not None:
+                continue
+            try:
+                st = self._status(i)
+            except OSError:
+                continue
+            ids[st["header"]["member_id"]] = i
+            lead = st.get("leader", lead)
+        return ids.get(lead)
+
+    def kill(self, i):
+        p = self.procs[i]
+        if p and p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+    def stop(self):
+        for i in range(3):
+            self.kill(i)
+
+
+def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3, **extra):
+    rdzv = {"etcd": etcd.endpoints, "host": "auto", "etcd_prefix": "/mtnlg/%s/" % name}
+    rdzv.update(extra.pop("rendezvous", {}))
+    return LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=nodes, heartbeat_ms=HB_MS,
+                        timeout_ms=TIMEOUT_MS, extra=dict(rendezvous=rdzv, **extra))
+
+
+def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
+    name = "test_losing_the_coordinators_node_does_not_end_the_job"
+    ck = os.path.join(tmp, "etcd-ckpt")
+    job = tiny_job(os.path.join(tmp, "etcd.json"), tokens, "etcd-job", STEPS,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
+                   checkpoint={"dir": ck, "interval": INTERVAL})
+    one = subprocess.run([mtnlgd, "--standalone", job, "--log-format", "json", "--devices",
+                          "cpu:4", "--set", "checkpoint.dir=" + os.path.join(tmp, "etcd-refck")],
+                         capture_output=True, text=True, timeout=300)
+    ref = {json.loads(ln)["step"]: json.loads(ln)["loss"]
+           for ln in one.stdout.splitlines() if ln.startswith("{")}
+    c = etcd_cluster(mtnlgd, tmp, "etcd-c1", job, etcd)
+    n0, n1, n2 = c.nodes
+    try:
+        c.node_start(n0)  # elected first: it coordinates, and holds world rank 0
+        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-job"), 60, "n0 elected")
+        c.node_start(n1)
+        c.node_start(n2)
+        c.wait_for(lambda: grep(n0, r"coordinator: generation 1 formed"), 60, "generation 1")
+        c.wait_for(lambda: last_step(n0) >= 4, 120, "step 4")
+        followed = [bool(grep(n, r"following the coordinator of term [0-9a-f]{16}"))
+                    for n in (n1, n2)]
+
+        # etcd's leader lost: nothing of mtnlg notices beyond a slow request
+        lead = etcd.leader()
+        etcd.kill(lead)
+        at_kill = last_step(n0)
+        c.wait_for(lambda: last_step(n0) >= at_kill + 6, 120, "6 steps after etcd's leader died")
+        etcd.start(lead)
+        same_gen = not any(grep(n, r"coordinator lost|generation 1 ended") for n in c.nodes)
+
+        # the coordinator's node lost: the job goes on under another
+        c.wait_for(lambda: last_step(n0) >= 2 * INTERVAL + 2, 120, "two checkpoints")
+        killed_after = last_step(n0)
+        t0 = time.time()
+        n0.signal(signal.SIGKILL)
+        n0.wait(10)
+        codes1 = c.wait_all(60, [n1, n2])
+        took = time.time() - t0
+        lost = [bool(grep(n, r"coordinator lost: no coordinator held coord/leader in "
+                             r"etcd\(\S+\) for [0-9.]+ s \(term [0-9a-f]{16}'s lease lapsed\): "
+                             r"generation 1 is gone with its term")) for n in (n1, n2)]
+        for n in (n1, n2):  # systemd's Restart=on-failure
+            c.node_start(n)
+        codes2 = c.wait_all(240, [n1, n2])
+        elected = [n for n in (n1, n2) if grep(n, r"elected coordinator of job etcd-job")]
+        coord = elected[0] if len(elected) == 1 else None
+        deleted = re.search(r"(\d+) keys of earlier terms deleted", coord.stderr()) if coord else None
+        rank0 = n1  # n1 sorts first: world rank 0 of the new generation
+        m = re.search(r"resumed from \S+: step (\d+)", rank0.stderr())
+        resumed = int(m.group(1)) if m else None
+        before = n0.steps()
+        after = rank0.steps()
+        got = [(s["step"], s["loss"]) for s in before + after]
+        exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
+        ok = (all(followed) and same_gen and codes1 == [1, 1] and all(lost)
+              and codes2 == [0, 0] and coord is not None and deleted and int(deleted.group(1)) > 0
+              and resumed is not None and resumed >= INTERVAL and resumed % INTERVAL == 0
+              and resumed <= killed_after
+              and [s["step"] for s in after] == list(range(resumed + 1, STEPS + 1)) and exact)
+        return check(name, ok,
+                     "followers said so %s; etcd leader m%s killed after step %d, generation 1 "
+                     "went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
+                     "lost logged %s; started again: exit %s, elected %s (earlier terms' keys "
+                     "deleted: %s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
+                     "the standalone run's: %s (%d compared)%s"
+                     % (followed, lead, at_kill, same_gen, killed_after, codes1, took, lost,
+                        codes2, [n.name for n in elected], deleted and deleted.group(1), resumed,
+                        after[:1] and after[0]["step"], after[-1:] and after[-1]["step"], exact,
+                        len(got), "" if ok else "\n" + c.logs(30)))
+    finally:
+        c.kill_all()
+
+
+def run_refused(mtnlgd, conf_sets, tmp, job):
+    conf = os.path.join(tmp, "refused.conf")
+    with open(conf, "w") as f:
+        f.write("[node]\nname = r0\ndevices = cpu:1\n[job]\npath = %s\n[paths]\nstate_dir = %s\n"
+                "[control]\nlisten = 127.0.0.1:%d\n"
+                % (job, os.path.join(tmp, "refused.state"), free_port()))
+    args = [mtnlgd, "--config", conf]
+    for s in conf_sets:
+        args += ["--set", s]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def test_a_config_that_cannot_use_etcd_is_refused(mtnlgd, tmp, tokens, etcd):
+    job = tiny_job(os.path.join(tmp, "refused.json"), tokens, "refused", 4)
+    key = os.path.join(tmp, "cluster.key")
+    with open(key, "w") as f:
+        f.write("k" * 32)
+    os.chmod(key, 0o600)
+    r = run_refused(mtnlgd, ["rendezvous.etcd=" + etcd.endpoints, "rendezvous.key_file=" + key,
+                             "rendezvous.etcd_prefix=/mtnlg", "rendezvous.etcd_user=trainer"],
+                    tmp, job)
+    said = [bool(re.search(p, r.stderr)) for p in (
+        r"rendezvous\.key_file is the coordinator's store's key: an etcd rendezvous",
+        r"rendezvous\.etcd_prefix: \"/mtnlg\": must end with '/'",
+        r"rendezvous\.etcd_user is set but rendezvous\.etcd_password_file is not")]
+    ok = r.returncode == 2 and all(said)
+    return check(name="test_a_config_that_cannot_use_etcd_is_refused", ok=ok,
+                 detail="exit %s, named %s\n%s" % (r.returncode, said, r.stderr[-1500:]))
+
+
+def test_no_etcd_is_waited_for(mtnlgd, tmp, tokens, etcd):
+    job = tiny_job(os.path.join(tmp, "noetcd.json"), tokens, "noetcd", 4)
+    eps = "http://127.0.0.1:%d,127.0.0.1:%d" % (free_port(), free_port())
+    t0 = time.time()
+    r = run_refused(mtnlgd, ["rendezvous.etcd=" + eps, "rendezvous.join_timeout_s=3",
+                             "cluster.heartbeat_interval_ms=200"], tmp, job)
+    took = time.time() - t0
+    waiting = re.search(r"etcd\(%s\): waiting for etcd: store\(etcd [^)]*\): reach the cluster: "
+                        r"no member answered" % re.escape(eps), r.stderr)
+    gave_up = re.search(r"the rendezvous in etcd\(\S+\): still waiting for etcd: .* after 3 s",
+                        r.stderr)
+    ok = r.returncode == 1 and waiting and gave_up and 3 <= took < 20
+    return check("test_no_etcd_is_waited_for_then_exit_1", ok,
+                 "exit %s after %.1f s, waiting logged %s, gave up logged %s\n%s"
+                 % (r.returncode, took, bool(waiting), bool(gave_up), r.stderr[-1500:]))
+
+
+def main():
+    mtnlgd, etcd_bin = sys.argv[1], sys.argv[2]
+    if not shutil.which(etcd_bin) and not os.access(etcd_bin, os.X_OK):
+        print("no etcd at %s: install Debian's etcd-server (tools/test does)" % etcd_bin)
+        sys.exit(1)
+    fails, took = 0, []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = license_tokens(os.path.join(tmp, "tokens.u16"))
+        etcd = Etcd(etcd_bin, tmp)
+        try:
+            etcd.start_all()
+            for fn in (test_a_config_that_cannot_use_etcd_is_refused, test_no_etcd_is_waited_for,
+                       test_losing_the_coordinators_node):
+                t0 = time.time()
+                try:
+                    fails += fn(mtnlgd, tmp, tokens, etcd)
+                except Exception:
+                    fails += check(fn.__name__, False, traceback.format_exc())
+                took.append("%s %.1f" % (fn.__name__[len("test_"):], time.time() - t0))
+        finally:
+            etcd.stop()
+    print("# seconds: %s" % ", ".join(took))
+    print("%d failure(s)" % fails)
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()
