@@ -110,13 +110,10 @@ static void store_result(node *n, int rc) {
  * middle of a round checks it before anything is sent on it, so no write of
  * this node lands in the new store, and a fenced client is the coordinator
  * lost here. */
-static void check_etcd_term(node *n);
+static int check_etcd_term(node *n);
 
 static void check_coordinator(node *n) {
-  if (n->etcd_root) {
-    check_etcd_term(n);
-    return;
-  }
+  if (n->etcd_root && check_etcd_term(n)) return;
   mt_store_tcp_stats st;
   if (n->coord_lost || mt_store_tcp_get_stats(n->store, &st)) return;
   if (st.fenced) { /* a new connection found another instance before it wrote */
@@ -170,10 +167,6 @@ static int fence_to_coordinator(node *n) {
   }
   memcpy(n->coord_instance, v, bytes);
   n->coord_instance[bytes] = 0;
-  if (n->etcd_root) { /* the term's keys are the fence (check_etcd_term) */
-    free(v);
-    return 0;
-  }
   rc = mt_store_tcp_fence(n->store, MT_RDZV_COORD_INSTANCE_KEY, v, bytes);
   free(v);
   mt_store_tcp_stats st;
@@ -181,84 +174,80 @@ static int fence_to_coordinator(node *n) {
   return rc;
 }
 
-/* ---- a rendezvous kept in etcd (rendezvous.etcd) ----
+/* ---- a coordinator elected through etcd (rendezvous.etcd) ----
  *
- * The node that holds coord/leader under its lease coordinates, in a term
- * of its own: the generations' keys go under terms/<term>/, so nothing a
- * node of an earlier term still writes reaches this one, as nothing reaches
- * a restarted coordinator's new store. Nodes with the job campaign; the
- * others follow the term they read there. When the coordinator's node is
- * lost its lease lapses, the other nodes find no coordinator (or another
- * term) and exit 1, and, started again by systemd, elect another, which
- * re-forms the job from its last checkpoint: losing the coordinator's node
- * does not end the job. */
+ * Which node coordinates is decided in etcd: the node that holds
+ * coord/leader under its lease does, hosting the rendezvous store on its
+ * own rendezvous.endpoint as a coordinator always has, and the key's value
+ * ("<term> <host:port>") tells the others where to dial. Nodes with the job
+ * campaign; the rest follow. When the coordinator's node is lost, its store
+ * goes with it and its lease lapses: the other nodes find the coordinator
+ * lost (exit 1) and, started again by systemd, elect another among them,
+ * which re-forms the job from its last checkpoint. Losing the coordinator's
+ * node no longer ends the job. etcd holds that one key, whatever the size of
+ * the job: the generations' keys stay in the coordinator's store. */
 #define ETCD_LEADER_KEY "coord/leader"
 
-static int etcd_opts(node *n, const char *prefix, mt_store_etcd_opts *o) {
-  const mt_node_config *c = n->cfg;
-  int hb = c->heartbeat_interval_ms;
-  /* an election among etcd's members takes a second or so: ride it out */
-  *o = (mt_store_etcd_opts){.prefix = prefix,
-                            .dial_timeout_ms = hb < 1000 ? hb : 1000,
-                            .request_timeout_ms = 2 * hb > 2000 ? 2 * hb : 2000,
-                            .user = c->etcd_user[0] ? c->etcd_user : NULL,
-                            .password = c->etcd_user[0] ? n->etcd_password : NULL,
-                            .cacert = c->etcd_cacert[0] ? c->etcd_cacert : NULL};
+/* The leader key's value: 16 hex digits of term, a space, the endpoint. */
+static int parse_leader(const char *v, size_t bytes, char *term, char *endpoint, size_t ep_size) {
+  if (bytes < 18 || bytes - 17 >= ep_size || v[16] != ' ') return -1;
+  for (int i = 0; i < 16; i++)
+    if (!strchr("0123456789abcdef", v[i]) || !v[i]) return -1;
+  memcpy(term, v, 16);
+  term[16] = 0;
+  memcpy(endpoint, v + 17, bytes - 17);
+  endpoint[bytes - 17] = 0;
   return 0;
 }
 
-/* A store of the term's keys (terms/<term>/ under rendezvous.etcd_prefix). */
-static int etcd_term_store(node *n, mt_store **out) {
-  char prefix[sizeof n->cfg->etcd_prefix + 32];
-  snprintf(prefix, sizeof prefix, "%sterms/%s/", n->cfg->etcd_prefix, n->term);
-  mt_store_etcd_opts o;
-  etcd_opts(n, prefix, &o);
-  return mt_store_etcd_new(n->cfg->etcd, &o, out);
-}
-
-/* The coordinator's term is the one coord/leader names, checked every
- * round. Another term there is a coordinator elected since (this one was
- * lost, or stalled past its lease): the generation is gone with the old
- * term. None there (the coordinator's lease lapsed, or it resigned at its
- * end) is a coordinator that does not answer: lost past the heartbeat
- * timeout, and meanwhile the old term's keys (a job's final end) still
- * read. The coordinator keeps its own lease (keep_lease). */
-static void check_etcd_term(node *n) {
-  if (n->coord_lost || n->is_host) return;
+/* The coordinator this node works under is the one coord/leader names,
+ * checked every round besides the store's own fence (check_coordinator).
+ * Another term there is a coordinator elected since (this one was lost, or
+ * stalled past its lease): the generation is gone with it. None there (its
+ * lease lapsed, or it resigned at its end) is a coordinator that does not
+ * answer: lost past the heartbeat timeout, as a silent store is. The
+ * coordinator keeps its own lease (keep_lease). Returns 1 when lost. */
+static int check_etcd_term(node *n) {
+  if (n->coord_lost) return 1;
+  /* once a heartbeat, not every round: one read a second per node is what
+   * a few hundred nodes cost etcd */
+  int64_t t = mt_mono_ms();
+  if (n->is_host || t - n->leader_checked_ms < n->cfg->heartbeat_interval_ms) return 0;
+  n->leader_checked_ms = t;
   void *v = NULL;
   size_t bytes = 0;
   int rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &bytes, 0);
   if (rc && rc != MT_ETIMEDOUT) {
     store_result(n, rc);
-    return;
+    return n->coord_lost;
   }
   int64_t now = mt_mono_ms();
   if (rc == MT_ETIMEDOUT) {
     if (!n->leader_gone_since_ms) {
       n->leader_gone_since_ms = now;
-      mt_log_warn("%s: no coordinator holds %s (its lease lapsed, or it ended)", n->store_name,
-                  ETCD_LEADER_KEY);
+      mt_log_warn("etcd: no coordinator holds %s (term %s's lease lapsed, or it ended)",
+                  ETCD_LEADER_KEY, n->term);
     } else if (now - n->leader_gone_since_ms > n->cfg->heartbeat_timeout_ms) {
       char why[800];
       snprintf(why, sizeof why,
-               "no coordinator held %s in %s for %.1f s (term %s's lease lapsed): generation %d "
-               "is gone with its term",
-               ETCD_LEADER_KEY, n->store_name, (now - n->leader_gone_since_ms) / 1000.0, n->term,
-               n->gen);
+               "no coordinator held %s in etcd for %.1f s (term %s's lease lapsed): generation %d "
+               "is gone with it",
+               ETCD_LEADER_KEY, (now - n->leader_gone_since_ms) / 1000.0, n->term, n->gen);
       coordinator_lost(n, why);
     }
-    return;
+    return n->coord_lost;
   }
   n->leader_gone_since_ms = 0;
-  if (bytes != 16 || memcmp(v, n->term, 16)) {
+  if (bytes < 16 || memcmp(v, n->term, 16)) {
     char why[800];
     snprintf(why, sizeof why,
-             "another coordinator was elected in %s (term %.*s, not %s): generation %d is gone "
-             "with the old term",
-             n->store_name, (int)(bytes < 64 ? bytes : 64), (char *)v, n->term, n->gen);
+             "another coordinator was elected in etcd (%.*s, not term %s at %s): generation %d "
+             "is gone with the old one",
+             (int)(bytes < 300 ? bytes : 300), (char *)v, n->term, n->store_name, n->gen);
     coordinator_lost(n, why);
   }
   free(v);
+  return n->coord_lost;
 }
 
 /* The coordinator's lease on coord/leader, renewed every heartbeat. One
@@ -270,9 +259,9 @@ static void keep_lease(node *n) {
   if (rc == MT_ENOENT) {
     char why[800];
     snprintf(why, sizeof why,
-             "this node's lease on %s in %s lapsed (it was silent past %d ms): another node may "
+             "this node's lease on %s in etcd lapsed (it was silent past %d ms): another node may "
              "coordinate now, and generation %d is gone with term %s",
-             ETCD_LEADER_KEY, n->store_name, n->cfg->heartbeat_timeout_ms, n->gen, n->term);
+             ETCD_LEADER_KEY, n->cfg->heartbeat_timeout_ms, n->gen, n->term);
     n->lease = 0;
     coordinator_lost(n, why);
     return;
@@ -280,13 +269,12 @@ static void keep_lease(node *n) {
   store_result(n, rc < 0 ? rc : 0);
 }
 
-/* Reaches etcd and elects: this node coordinates when it wins (a node
- * with the job and rendezvous.host auto or yes campaigns; yes waits to
- * win), and otherwise follows the term it reads. Waits for etcd and for a
- * coordinator up to rendezvous.join_timeout_s. */
-static int connect_etcd(node *n) {
+/* Reaches etcd and elects: a node with the job and rendezvous.host auto
+ * or yes campaigns (yes waits to win), and one that wins coordinates; the
+ * others follow the leader they read. Fills in the store's endpoint and
+ * is_host; waits for etcd and for a leader up to rendezvous.join_timeout_s. */
+static int elect_through_etcd(node *n) {
   const mt_node_config *c = n->cfg;
-  snprintf(n->store_name, sizeof n->store_name, "etcd(%.280s)", c->etcd);
   if (c->etcd_user[0]) {
     size_t len;
     int rc = mt_read_secret_file(c->etcd_password_file, "rendezvous.etcd_password_file",
@@ -295,81 +283,82 @@ static int connect_etcd(node *n) {
     if (rc) return rc == MT_ENOENT ? mt_seterr(MT_EINVAL, "%s", mt_errmsg()) : rc;
   }
   if (c->host == 1 && !n->have_job)
-    return mt_seterr(MT_EINVAL,
-                     "rendezvous.host = yes: this node would coordinate the job in %s, "
-                     "but has no job: set job.path",
-                     n->store_name);
+    return mt_seterr(MT_EINVAL, "rendezvous.host = yes: this node would coordinate the job, but "
+                                "has no job: set job.path");
   int campaign = c->host != 0 && n->have_job;
   uint64_t draw;
   if (getrandom(&draw, sizeof draw, GRND_NONBLOCK) != sizeof draw)
     draw = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32;
-  char mine[17];
-  snprintf(mine, sizeof mine, "%016llx", (unsigned long long)draw);
+  char mine[320];
+  snprintf(mine, sizeof mine, "%016llx %s", (unsigned long long)draw, c->endpoint);
   int ttl_s = (c->heartbeat_timeout_ms + 999) / 1000;
   int64_t deadline = mt_mono_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
-  mt_store_etcd_opts o;
-  etcd_opts(n, c->etcd_prefix, &o);
-  char said[600] = "";
+  int hb = c->heartbeat_interval_ms;
+  /* an election among etcd's own members takes a second or so: ride it out */
+  mt_store_etcd_opts o = {.prefix = c->etcd_prefix,
+                          .dial_timeout_ms = hb < 1000 ? hb : 1000,
+                          .request_timeout_ms = 2 * hb > 2000 ? 2 * hb : 2000,
+                          .user = c->etcd_user[0] ? c->etcd_user : NULL,
+                          .password = c->etcd_user[0] ? n->etcd_password : NULL,
+                          .cacert = c->etcd_cacert[0] ? c->etcd_cacert : NULL};
+  char said[700] = "", leader[320] = "";
   for (;;) {
     int rc = n->etcd_root ? 0 : mt_store_etcd_new(c->etcd, &o, &n->etcd_root);
-    char holder[64] = "";
+    leader[0] = 0;
     if (!rc && campaign) {
-      rc = mt_store_etcd_campaign(n->etcd_root, ETCD_LEADER_KEY, mine, ttl_s, &n->lease, holder,
-                                  sizeof holder);
+      rc = mt_store_etcd_campaign(n->etcd_root, ETCD_LEADER_KEY, mine, ttl_s, &n->lease, leader,
+                                  sizeof leader);
       if (rc == 1) {
         n->is_host = 1;
-        snprintf(n->term, sizeof n->term, "%s", mine);
+        snprintf(leader, sizeof leader, "%s", mine);
         break;
       }
     } else if (!rc) {
       void *v = NULL;
       size_t b = 0;
-      rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &b, c->heartbeat_interval_ms);
-      if (!rc) snprintf(holder, sizeof holder, "%.*s", (int)(b < 63 ? b : 63), (char *)v);
+      rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &b, hb);
+      if (!rc) snprintf(leader, sizeof leader, "%.*s", (int)(b < 319 ? b : 319), (char *)v);
       if (rc == MT_ETIMEDOUT) rc = 0;
       free(v);
     }
-    if (rc == MT_EPERM || rc == MT_EINVAL) return mt_wraperr(rc, "the rendezvous in etcd");
-    if (!rc && holder[0] && strlen(holder) != 16)
-      return mt_seterr(MT_ECORRUPT,
-                       "%s holds a %s of \"%s\", not a term of 16 hex digits: not "
-                       "an mtnlg rendezvous under rendezvous.etcd_prefix %s",
-                       n->store_name, ETCD_LEADER_KEY, holder, c->etcd_prefix);
-    if (!rc && holder[0] && c->host != 1) {
-      snprintf(n->term, sizeof n->term, "%s", holder);
-      break;
-    }
-    char now_says[600];
+    if (rc == MT_EPERM || rc == MT_EINVAL)
+      return mt_wraperr(rc, "the rendezvous in etcd (%s)", c->etcd);
+    if (!rc && leader[0] && c->host != 1) break;
+    char now_says[700];
     if (rc)
       snprintf(now_says, sizeof now_says, "waiting for etcd: %s", mt_errmsg());
-    else if (holder[0])
+    else if (leader[0])
       snprintf(now_says, sizeof now_says,
-               "rendezvous.host = yes: waiting for term %s's lease on %s to end", holder,
-               ETCD_LEADER_KEY);
+               "rendezvous.host = yes: waiting for the lease of %s (%s) to end", ETCD_LEADER_KEY,
+               leader);
     else
       snprintf(now_says, sizeof now_says,
-               "waiting for a node with the job to be elected "
-               "coordinator");
+               "waiting for a node with the job to be elected coordinator");
     if (mt_mono_ms() > deadline) {
       n->store_unreachable = rc != 0;
-      return mt_seterr(rc ? rc : MT_ETIMEDOUT, "the rendezvous in %s: still %s after %d s",
-                       n->store_name, now_says, c->join_timeout_s ? c->join_timeout_s : 600);
+      return mt_seterr(rc ? rc : MT_ETIMEDOUT, "the rendezvous in etcd(%s): still %s after %d s",
+                       c->etcd, now_says, c->join_timeout_s ? c->join_timeout_s : 600);
     }
-    if (strcmp(now_says, said)) mt_log_info("%s: %s", n->store_name, now_says);
+    if (strcmp(now_says, said)) mt_log_info("etcd(%s): %s", c->etcd, now_says);
     snprintf(said, sizeof said, "%s", now_says);
-    if (rc || campaign) usleep((useconds_t)c->heartbeat_interval_ms * 1000);
+    if (rc || campaign) usleep((useconds_t)hb * 1000);
   }
-  if (n->is_host) { /* earlier terms' keys: their generations ended with them */
-    int64_t gone = 0;
-    int rc = mt_store_del_prefix(n->etcd_root, "terms/", &gone);
-    if (rc) mt_log_warn("%s: deleting earlier terms' keys: %s", n->store_name, mt_errmsg());
-    mt_log_info("%s: elected coordinator of job %s (term %s, lease %d s); %lld keys of earlier "
-                "terms deleted",
-                n->store_name, n->job.name, n->term, ttl_s, (long long)gone);
-  } else {
-    mt_log_info("%s: following the coordinator of term %s", n->store_name, n->term);
+  char endpoint[300];
+  if (parse_leader(leader, strlen(leader), n->term, endpoint, sizeof endpoint) ||
+      mt_parse_host_port(endpoint, n->store_host, sizeof n->store_host, &n->store_port)) {
+    if (n->lease) mt_store_etcd_resign(n->etcd_root, n->lease), n->lease = 0;
+    return mt_seterr(MT_ECORRUPT,
+                     "etcd(%s) holds a %s of \"%s\", not \"<term> <host:port>\": not an mtnlg "
+                     "rendezvous under rendezvous.etcd_prefix %s",
+                     c->etcd, ETCD_LEADER_KEY, leader, c->etcd_prefix);
   }
-  return etcd_term_store(n, &n->store);
+  snprintf(n->store_name, sizeof n->store_name, "%s", endpoint);
+  if (n->is_host)
+    mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)", c->etcd,
+                n->job.name, n->term, ttl_s);
+  else
+    mt_log_info("etcd(%s): following the coordinator of term %s at %s", c->etcd, n->term, endpoint);
+  return 0;
 }
 
 /* ---- the engine ---- */
@@ -684,17 +673,12 @@ static int start_engine(node *n, const mt_member *me, const char *job_json) {
   if ((rc = mt_check_memory_plan(&n->run_job, here, n->specs[0]))) return rc;
   for (int i = 0; i < here; i++) n->dev_ptrs[i] = n->specs[i];
   /* fenced to the coordinator this node joined from the first connection */
-  if (n->etcd_root) {
-    rc = etcd_term_store(n, &n->engine_store);
-    goto have_engine_store;
-  }
   mt_store_tcp_opts eo = {.key = n->cluster_key,
                           .key_bytes = n->cluster_key_bytes,
                           .fence_key = MT_RDZV_COORD_INSTANCE_KEY,
                           .fence_value = n->coord_instance,
                           .fence_bytes = strlen(n->coord_instance)};
   rc = mt_store_tcp_new(n->store_host, n->store_port, &eo, &n->engine_store);
-have_engine_store:
   if (rc) return rc;
   snprintf(n->comm_prefix, sizeof n->comm_prefix, "gen/%d/comm", n->gen);
   __atomic_store_n(&n->stop_flag, 0, __ATOMIC_RELEASE);
@@ -1383,14 +1367,30 @@ static int read_cluster_key(node *n) {
 
 /* Hosts the store when this node should (explicitly, or auto and the
  * endpoint is ours and free), then dials it. */
+static int dial_store(node *n);
+
 static int connect_store(node *n) {
   const mt_node_config *c = n->cfg;
-  if (c->etcd[0]) return connect_etcd(n);
   snprintf(n->store_name, sizeof n->store_name, "%s", c->endpoint);
-  int rc = mt_parse_host_port(c->endpoint, n->store_host, sizeof n->store_host, &n->store_port);
+elect:;
+  int rc = c->etcd[0] ? elect_through_etcd(n)
+                      : mt_parse_host_port(c->endpoint, n->store_host, sizeof n->store_host,
+                                           &n->store_port);
   if (rc || (rc = read_cluster_key(n))) return rc;
-  n->is_host = c->host == 1;
-  if (c->host != 0) {
+  if (!c->etcd[0]) n->is_host = c->host == 1;
+  if (c->etcd[0] && n->is_host) { /* elected: it hosts the store, on its own endpoint */
+    mt_store_server_limits lim = {.max_bytes = (uint64_t)c->store_max_mb << 20,
+                                  .key = n->cluster_key,
+                                  .key_bytes = n->cluster_key_bytes};
+    rc = mt_store_server_run_thread(n->store_host, n->store_port, &lim, &n->server);
+    if (rc) {
+      mt_store_etcd_resign(n->etcd_root, n->lease), n->lease = 0; /* another may do better */
+      return mt_wraperr(rc,
+                        "elected to coordinate, but cannot host the store on "
+                        "rendezvous.endpoint %s",
+                        c->endpoint);
+    }
+  } else if (c->host != 0 && !c->etcd[0]) {
     mt_store_server_limits lim = {.max_bytes = (uint64_t)c->store_max_mb << 20,
                                   .key = n->cluster_key,
                                   .key_bytes = n->cluster_key_bytes};
@@ -1413,6 +1413,32 @@ static int connect_store(node *n) {
     mt_log_info("hosting the rendezvous store on %s and coordinating job %s (%s)", c->endpoint,
                 n->job.name, n->job.hash);
   }
+  rc = dial_store(n);
+  if (rc == MT_EAGAIN) goto elect; /* the leader it read went away first */
+  return rc;
+}
+
+/* etcd's leader still the one this node read (its term at its endpoint)?
+ * 1 yes, or when etcd cannot say; 0 when another leads or none does. */
+static int etcd_leader_stays(node *n) {
+  void *v = NULL;
+  size_t bytes = 0;
+  int rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &bytes, 0);
+  if (rc && rc != MT_ETIMEDOUT) return 1;
+  char term[17] = "", endpoint[300] = "";
+  int same = !rc && !parse_leader(v, bytes, term, endpoint, sizeof endpoint) &&
+             !strcmp(term, n->term) && !strcmp(endpoint, n->store_name);
+  free(v);
+  return same;
+}
+
+/* Connects to the coordinator's store (n->store_host:port), waiting up to
+ * rendezvous.join_timeout_s for it to answer. Elected through etcd, a
+ * follower whose leader is gone before its store answered (a lease that
+ * had not lapsed yet when it read it) gets MT_EAGAIN: elect again. */
+static int dial_store(node *n) {
+  const mt_node_config *c = n->cfg;
+  int rc;
   mt_store_tcp_opts so = {.connect_timeout_ms = c->heartbeat_interval_ms,
                           .request_timeout_ms = c->heartbeat_interval_ms * 2,
                           .key = n->cluster_key,
@@ -1422,12 +1448,18 @@ static int connect_store(node *n) {
     rc = mt_store_tcp_new(n->store_host, n->store_port, &so, &n->store);
     if (!rc) return 0;
     if (rc == MT_EPERM) /* the key will not become right by waiting */
-      return mt_wraperr(rc, "the rendezvous at %s", c->endpoint);
+      return mt_wraperr(rc, "the rendezvous at %s", n->store_name);
     if (mt_mono_ms() > deadline) {
       n->store_unreachable = 1;
-      return mt_wraperr(rc, "cannot reach the rendezvous at %s", c->endpoint);
+      return mt_wraperr(rc, "cannot reach the rendezvous at %s", n->store_name);
     }
-    mt_log_info("waiting for the rendezvous at %s: %s", c->endpoint, mt_errmsg());
+    mt_log_info("waiting for the rendezvous at %s: %s", n->store_name, mt_errmsg());
+    if (n->etcd_root && !n->is_host && !etcd_leader_stays(n)) {
+      mt_log_info("etcd: the coordinator of term %s at %s is gone before its store answered: "
+                  "electing again",
+                  n->term, n->store_name);
+      return MT_EAGAIN;
+    }
     sleep(1);
   }
 }

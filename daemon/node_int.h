@@ -59,7 +59,7 @@ typedef struct node {
   int n_devices;
   char store_host[256];
   int store_port;
-  char store_name[300];  /* for messages: "host:port", or "etcd(http://…,…)" */
+  char store_name[300]; /* for messages: "host:port", or "etcd(http://…,…)" */
   int is_host;
   /* rendezvous.etcd: the store is etcd's. etcd_root holds the election
    * (coord/leader); store and engine_store keep the term's keys, under
@@ -68,6 +68,7 @@ typedef struct node {
   int64_t lease;                /* this coordinator's lease on coord/leader; 0: none */
   char term[17];                /* the coordinator's term this node works in */
   int64_t leader_gone_since_ms; /* coord/leader read absent since; 0: it was there */
+  int64_t leader_checked_ms;    /* when it was last read */
   char etcd_password[256];
   char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */
   size_t cluster_key_bytes;

@@ -363,10 +363,13 @@ static void check(const mt_node_config *c, problems *p) {
     problem(p, "rendezvous.endpoint: \"%s\": the port must be set (the followers dial it)",
             c->endpoint);
   if (!refused(p, "rendezvous", "etcd") && c->etcd[0]) {
-    if (!refused(p, "rendezvous", "key_file") && c->key_file[0])
-      problem(p, "rendezvous.key_file is the coordinator's store's key: an etcd rendezvous "
-                 "(rendezvous.etcd) is guarded by etcd's users (rendezvous.etcd_user and "
-                 "etcd_password_file) instead");
+    if (endpoint_ok && !mt_parse_host_port(c->endpoint, host, sizeof host, &port) &&
+        (!strcmp(host, "0.0.0.0") || !strcmp(host, "::")))
+      problem(p,
+              "rendezvous.endpoint: \"%s\": with rendezvous.etcd, the address this node "
+              "hosts the store on when it is elected, which the others dial: name this "
+              "node's address, not a wildcard",
+              c->endpoint);
     if (!refused(p, "rendezvous", "etcd_prefix") &&
         (!c->etcd_prefix[0] || c->etcd_prefix[strlen(c->etcd_prefix) - 1] != '/'))
       problem(p, "rendezvous.etcd_prefix: \"%s\": must end with '/' (the job's keys go under it)",

@@ -15,9 +15,9 @@ may be elected to coordinate.
   that resumes from the newest checkpoint, and the job completes. Every
   loss printed, before the kill and after the resume, equals a standalone
   run's, and the steps after the resume follow the checkpoint's.
-- test_a_config_that_cannot_use_etcd_is_refused: rendezvous.key_file with
-  etcd, an etcd_prefix without its '/', a user without a password file: one
-  line each, exit 2.
+- test_a_config_that_cannot_use_etcd_is_refused: a wildcard endpoint (the
+  others could not dial it), an etcd_prefix without its '/', a user without
+  a password file: one line each, exit 2.
 - test_no_etcd_is_waited_for_then_exit_1: endpoints where no etcd listens:
   the daemon waits, saying so, and exits 1 (worth a restart) after
   rendezvous.join_timeout_s.
@@ -110,11 +110,19 @@ class Etcd:
             self.kill(i)
 
 
-def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3, **extra):
+def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3):
+    """nodes daemons, each with the job and an endpoint of its own (where it
+    hosts the store when elected)."""
     rdzv = {"etcd": etcd.endpoints, "host": "auto", "etcd_prefix": "/mtnlg/%s/" % name}
-    rdzv.update(extra.pop("rendezvous", {}))
-    return LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=nodes, heartbeat_ms=HB_MS,
-                        timeout_ms=TIMEOUT_MS, extra=dict(rendezvous=rdzv, **extra))
+    c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=0, heartbeat_ms=HB_MS,
+                     timeout_ms=TIMEOUT_MS, extra={"rendezvous": rdzv})
+    c.nodes = []
+    for i in range(nodes):
+        port = free_port()
+        c.nodes.append(c.add_node("n%d" % i, extra={"rendezvous": {
+            "endpoint": "127.0.0.1:%d" % port}}))
+        c.nodes[-1].endpoint_port = port
+    return c
 
 
 def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
@@ -137,8 +145,9 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
         c.node_start(n2)
         c.wait_for(lambda: grep(n0, r"coordinator: generation 1 formed"), 60, "generation 1")
         c.wait_for(lambda: last_step(n0) >= 4, 120, "step 4")
-        followed = [bool(grep(n, r"following the coordinator of term [0-9a-f]{16}"))
-                    for n in (n1, n2)]
+        endpoint0 = "127.0.0.1:%d" % n0.endpoint_port
+        followed = [bool(grep(n, r"following the coordinator of term [0-9a-f]{16} at %s"
+                                 % re.escape(endpoint0))) for n in (n1, n2)]
 
         # etcd's leader lost: nothing of mtnlg notices beyond a slow request
         lead = etcd.leader()
@@ -151,42 +160,60 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
         # the coordinator's node lost: the job goes on under another
         c.wait_for(lambda: last_step(n0) >= 2 * INTERVAL + 2, 120, "two checkpoints")
         killed_after = last_step(n0)
+        port3 = free_port()
         t0 = time.time()
         n0.signal(signal.SIGKILL)
         n0.wait(10)
+        # a node started at once reads n0's lease, not lapsed yet: it finds
+        # n0's store gone, waits for the key to go, and campaigns
+        n3 = c.add_node("n3", extra={"rendezvous": {"endpoint": "127.0.0.1:%d" % port3}})
+        n3.endpoint_port = port3
+        c.nodes.append(n3)
+        c.node_start(n3)
         codes1 = c.wait_all(60, [n1, n2])
         took = time.time() - t0
-        lost = [bool(grep(n, r"coordinator lost: no coordinator held coord/leader in "
-                             r"etcd\(\S+\) for [0-9.]+ s \(term [0-9a-f]{16}'s lease lapsed\): "
-                             r"generation 1 is gone with its term")) for n in (n1, n2)]
+        # its store went with it, and its lease lapsed: whichever they found first
+        lost = [bool(grep(n, r"coordinator lost: (the store at %s did not answer for [0-9.]+ s"
+                             r"|no coordinator held coord/leader in etcd for [0-9.]+ s \(term "
+                             r"[0-9a-f]{16}'s lease lapsed\): generation 1 is gone with it)"
+                          % re.escape(endpoint0))) for n in (n1, n2)]
         for n in (n1, n2):  # systemd's Restart=on-failure
             c.node_start(n)
-        codes2 = c.wait_all(240, [n1, n2])
-        elected = [n for n in (n1, n2) if grep(n, r"elected coordinator of job etcd-job")]
+        codes2 = c.wait_all(240, [n1, n2, n3])
+        stale = grep(n3, r"following the coordinator of term [0-9a-f]{16} at %s" % re.escape(
+            endpoint0)) and grep(n3, r"etcd: the coordinator of term [0-9a-f]{16} at %s is gone "
+                                     r"before its store answered: electing again"
+                                 % re.escape(endpoint0))
+        elected = [n for n in (n1, n2, n3) if grep(n, r"elected coordinator of job etcd-job")]
         coord = elected[0] if len(elected) == 1 else None
-        deleted = re.search(r"(\d+) keys of earlier terms deleted", coord.stderr()) if coord else None
-        rank0 = n1  # n1 sorts first: world rank 0 of the new generation
-        m = re.search(r"resumed from \S+: step (\d+)", rank0.stderr())
+        hosted = coord and grep(coord, r"hosting the rendezvous store on 127\.0\.0\.1:%d and "
+                                       r"coordinating job etcd-job" % coord.endpoint_port)
+        # world rank 0's node says where it resumed
+        m = re.search(r"resumed from \S+: step (\d+)", n1.stderr() + n2.stderr() + n3.stderr())
         resumed = int(m.group(1)) if m else None
         before = n0.steps()
-        after = rank0.steps()
+        # every node of a generation prints its steps: one node's are the run's
+        after = next((n.steps() for n in (n1, n2, n3) if n.steps()), [])
         got = [(s["step"], s["loss"]) for s in before + after]
         exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
         ok = (all(followed) and same_gen and codes1 == [1, 1] and all(lost)
-              and codes2 == [0, 0] and coord is not None and deleted and int(deleted.group(1)) > 0
+              and codes2 == [0, 0, 0] and stale and coord is not None and hosted
               and resumed is not None and resumed >= INTERVAL and resumed % INTERVAL == 0
               and resumed <= killed_after
               and [s["step"] for s in after] == list(range(resumed + 1, STEPS + 1)) and exact)
         return check(name, ok,
                      "followers said so %s; etcd leader m%s killed after step %d, generation 1 "
                      "went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
-                     "lost logged %s; started again: exit %s, elected %s (earlier terms' keys "
-                     "deleted: %s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
+                     "lost logged %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
+                     "exit %s, elected %s (hosting its store: "
+                     "%s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
                      "the standalone run's: %s (%d compared)%s"
                      % (followed, lead, at_kill, same_gen, killed_after, codes1, took, lost,
-                        codes2, [n.name for n in elected], deleted and deleted.group(1), resumed,
+                        bool(stale), codes2, [n.name for n in elected], bool(hosted), resumed,
                         after[:1] and after[0]["step"], after[-1:] and after[-1]["step"], exact,
-                        len(got), "" if ok else "\n" + c.logs(30)))
+                        len(got), "" if ok else "\nsteps after by node: %s\n%s" % (
+                            [(n.name, [x["step"] for x in n.steps()][:3]) for n in (n1, n2, n3)],
+                            c.logs(40))))
     finally:
         c.kill_all()
 
@@ -205,15 +232,12 @@ def run_refused(mtnlgd, conf_sets, tmp, job):
 
 def test_a_config_that_cannot_use_etcd_is_refused(mtnlgd, tmp, tokens, etcd):
     job = tiny_job(os.path.join(tmp, "refused.json"), tokens, "refused", 4)
-    key = os.path.join(tmp, "cluster.key")
-    with open(key, "w") as f:
-        f.write("k" * 32)
-    os.chmod(key, 0o600)
-    r = run_refused(mtnlgd, ["rendezvous.etcd=" + etcd.endpoints, "rendezvous.key_file=" + key,
+    r = run_refused(mtnlgd, ["rendezvous.etcd=" + etcd.endpoints, "rendezvous.endpoint=0.0.0.0:4",
                              "rendezvous.etcd_prefix=/mtnlg", "rendezvous.etcd_user=trainer"],
                     tmp, job)
     said = [bool(re.search(p, r.stderr)) for p in (
-        r"rendezvous\.key_file is the coordinator's store's key: an etcd rendezvous",
+        r"rendezvous\.endpoint: \"0\.0\.0\.0:4\": with rendezvous\.etcd, the address this node "
+        r"hosts the store on when it is elected, which the others dial",
         r"rendezvous\.etcd_prefix: \"/mtnlg\": must end with '/'",
         r"rendezvous\.etcd_user is set but rendezvous\.etcd_password_file is not")]
     ok = r.returncode == 2 and all(said)

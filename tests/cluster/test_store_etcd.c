@@ -27,6 +27,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "mt_check.h"
@@ -48,17 +49,35 @@ static member m[MEMBERS];
 static char all_endpoints[256];
 static const char *etcd_bin;
 
-/* A port nothing listens on now (the kernel's pick for port 0). */
+/* A port nothing listens on now, below the kernel's ephemeral range when
+ * that is known (as tools/local_cluster.py's free_port: a port from the
+ * range could go to an outgoing connection before etcd binds it), and not
+ * handed out before by this process. */
 static int free_port(void) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  socklen_t len = sizeof a;
-  int port = -1;
-  if (fd >= 0 && !bind(fd, (struct sockaddr *)&a, sizeof a) &&
-      !getsockname(fd, (struct sockaddr *)&a, &len))
-    port = ntohs(a.sin_port);
-  if (fd >= 0) close(fd);
-  return port;
+  static int given[64], n_given;
+  int low = 0;
+  FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+  if (f && fscanf(f, "%d", &low) != 1) low = 0;
+  if (f) fclose(f);
+  for (int attempt = 0; attempt < 1000; attempt++) {
+    int want = low > 11000 ? 10000 + rand() % (low - 10000) : 0;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)want),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    int port = -1;
+    if (fd >= 0 && !bind(fd, (struct sockaddr *)&a, sizeof a) &&
+        !getsockname(fd, (struct sockaddr *)&a, &len))
+      port = ntohs(a.sin_port);
+    if (fd >= 0) close(fd);
+    int seen = port < 0;
+    for (int i = 0; i < n_given && !seen; i++) seen = given[i] == port;
+    if (seen) continue;
+    if (n_given < 64) given[n_given++] = port;
+    return port;
+  }
+  return -1;
 }
 
 static int member_start(int i) {
@@ -702,6 +721,7 @@ int main(void) {
   snprintf(tmpdir, sizeof tmpdir, "/tmp/test_store_etcd.XXXXXX");
   if (!mkdtemp(tmpdir)) return 1;
   curl_global_init(CURL_GLOBAL_DEFAULT);
+  srand((unsigned)getpid() ^ (unsigned)time(NULL));
   if (cluster_start()) {
     fprintf(stderr, "the etcd cluster did not start (logs in %s)\n", tmpdir);
     for (int i = 0; i < MEMBERS; i++) member_kill(i);

@@ -232,8 +232,35 @@ static void test_relative_paths_are_the_config_files_directorys(void) {
   fclose(f);
 }
 
+/* rendezvous.etcd: the keys read, the prefix's default, and what cannot
+ * work refused: a wildcard endpoint (the others dial the elected node's), a
+ * prefix that does not end a path, a user without a password file. Without
+ * etcd the endpoint may be a wildcard (the hosting node binds it). */
+static void test_etcd_keys(void) {
+  mt_node_config c;
+  const char *ok[] = {"rendezvous.etcd=http://10.0.0.1:2379,http://10.0.0.2:2379",
+                      "rendezvous.endpoint=10.0.0.7:29400", "rendezvous.etcd_user=mtnlg",
+                      "rendezvous.etcd_password_file=/etc/mtnlg/etcd.password", NULL};
+  int rc = mt_node_config_load(&c, NULL, ok);
+  CHECK(!rc && !strcmp(c.etcd, "http://10.0.0.1:2379,http://10.0.0.2:2379") &&
+            !strcmp(c.etcd_prefix, "/mtnlg/") && !strcmp(c.etcd_user, "mtnlg") &&
+            !strcmp(c.etcd_password_file, "/etc/mtnlg/etcd.password"),
+        "etcd keys: %s (prefix \"%s\")", rc ? mt_errmsg() : "read", c.etcd_prefix);
+  const char *bad[] = {"rendezvous.etcd=http://10.0.0.1:2379", "rendezvous.endpoint=0.0.0.0:29400",
+                       "rendezvous.etcd_prefix=/mtnlg", "rendezvous.etcd_user=mtnlg", NULL};
+  CHECK(mt_node_config_load(&c, NULL, bad) == MT_EINVAL, "a config that cannot use etcd loaded");
+  const char *m = mt_errmsg();
+  CHECK(strstr(m, "rendezvous.endpoint: \"0.0.0.0:29400\": with rendezvous.etcd") &&
+            strstr(m, "rendezvous.etcd_prefix: \"/mtnlg\": must end with '/'") &&
+            strstr(m, "rendezvous.etcd_user is set but rendezvous.etcd_password_file is not"),
+        "etcd refusals: %s", m);
+  const char *wild[] = {"rendezvous.endpoint=0.0.0.0:29400", NULL};
+  CHECK(!mt_node_config_load(&c, NULL, wild), "a wildcard endpoint without etcd: %s", mt_errmsg());
+}
+
 int main(void) {
   test_defaults_without_a_file();
+  test_etcd_keys();
   test_twice_long_lines_and_directories_refused();
   test_file_then_overrides_win();
   test_every_problem_named_with_its_line();
