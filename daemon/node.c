@@ -201,7 +201,7 @@ static int parse_leader(const char *v, size_t bytes, char *term, char *endpoint,
 }
 
 /* The coordinator this node works under is the one coord/leader names,
- * checked every round besides the store's own fence (check_coordinator).
+ * read once a heartbeat besides the store's own fence (check_coordinator).
  * Another term there is a coordinator elected since (this one was lost, or
  * stalled past its lease): the generation is gone with it. None there (its
  * lease lapsed, or it resigned at its end) is a coordinator that does not
@@ -1365,10 +1365,11 @@ static int read_cluster_key(node *n) {
   return 0;
 }
 
-/* Hosts the store when this node should (explicitly, or auto and the
- * endpoint is ours and free), then dials it. */
 static int dial_store(node *n);
 
+/* Hosts the store when this node should (explicitly, or auto and the
+ * endpoint is ours and free; through etcd, when it was elected), then
+ * dials it (through etcd, the elected node's). */
 static int connect_store(node *n) {
   const mt_node_config *c = n->cfg;
   snprintf(n->store_name, sizeof n->store_name, "%s", c->endpoint);

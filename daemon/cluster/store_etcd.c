@@ -556,10 +556,13 @@ static int es_add(mt_store *b, const char *key, int64_t delta, int64_t *result) 
                                     "result", "EQUAL", "mod_revision", modtext)
                         : json_pack("{s:s, s:s, s:s, s:s}", "key", k ? k : "", "target", "CREATE",
                                     "result", "EQUAL", "create_revision", "0");
-    char *body = k && tv ? pack_body(json_pack("{s:[o], s:[{s:{s:s, s:s}}]}", "compare", cmp,
-                                               "success", "request_put", "key", k, "value", tv))
-                         : NULL;
-    if (!body) json_decref(cmp);
+    json_t *req = NULL; /* "o" takes cmp, on failure too */
+    if (k && tv)
+      req = json_pack("{s:[o], s:[{s:{s:s, s:s}}]}", "compare", cmp, "success", "request_put",
+                      "key", k, "value", tv);
+    else
+      json_decref(cmp);
+    char *body = pack_body(req);
     free(k), free(tv);
     if (!body) return mt_seterr(MT_ENOMEM, "store(etcd): %s: out of memory", what);
     json_t *j;
