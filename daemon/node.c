@@ -250,6 +250,50 @@ static int check_etcd_term(node *n) {
   return n->coord_lost;
 }
 
+/* The restart budget spans coordinators: coord/restarts in etcd holds
+ * what the coordinator has spent ({"restarts": r, "coordinator": name}),
+ * written when it is elected and whenever it changes, and deleted when it
+ * ends the job. A coordinator elected while it is there counts its
+ * predecessor's loss as one more (read_restarts), so a job whose
+ * coordinator keeps being lost ends once rendezvous.max_restarts is spent
+ * rather than failing round for ever. */
+#define ETCD_RESTARTS_KEY "coord/restarts"
+
+static void read_restarts(node *n) {
+  void *v = NULL;
+  size_t bytes = 0;
+  int rc = mt_store_get(n->etcd_root, ETCD_RESTARTS_KEY, &v, &bytes, 0);
+  if (rc) { /* none: no coordinator was lost in this job (or etcd cannot say) */
+    if (rc != MT_ETIMEDOUT) mt_log_warn("etcd: reading %s: %s", ETCD_RESTARTS_KEY, mt_errmsg());
+    return;
+  }
+  json_t *j = json_loadb(v, bytes, 0, NULL);
+  free(v);
+  json_t *r = json_object_get(j, "restarts");
+  const char *who = json_string_value(json_object_get(j, "coordinator"));
+  if (json_is_integer(r) && json_integer_value(r) >= 0 && json_integer_value(r) < 1000000) {
+    n->restarts_spent = (int)json_integer_value(r) + 1;
+    snprintf(n->restart_reason, sizeof n->restart_reason,
+             "the coordinator %s was lost (its lease on %s in etcd lapsed)", who ? who : "?",
+             ETCD_LEADER_KEY);
+  } else {
+    mt_log_warn("etcd: %s is not {\"restarts\": N, ...}: the restart budget starts afresh",
+                ETCD_RESTARTS_KEY);
+  }
+  json_decref(j);
+}
+
+static void write_restarts(node *n) {
+  int r = n->coord ? mt_coord_restarts(n->coord) : n->restarts_spent;
+  if (r == n->restarts_written) return;
+  char text[200];
+  snprintf(text, sizeof text, "{\"restarts\": %d, \"coordinator\": \"%s\"}", r, n->cfg->name);
+  if (!mt_store_set(n->etcd_root, ETCD_RESTARTS_KEY, text, strlen(text)))
+    n->restarts_written = r;
+  else
+    mt_log_warn("etcd: writing %s: %s", ETCD_RESTARTS_KEY, mt_errmsg());
+}
+
 /* The coordinator's lease on coord/leader, renewed every heartbeat. One
  * that lapsed (this process stalled past its TTL) may have another
  * coordinator by now, so this one is lost, as a restarted one would be. */
@@ -267,6 +311,7 @@ static void keep_lease(node *n) {
     return;
   }
   store_result(n, rc < 0 ? rc : 0);
+  if (!rc) write_restarts(n);
 }
 
 /* Reaches etcd and elects: a node with the job and rendezvous.host auto
@@ -353,9 +398,15 @@ static int elect_through_etcd(node *n) {
                      c->etcd, ETCD_LEADER_KEY, leader, c->etcd_prefix);
   }
   snprintf(n->store_name, sizeof n->store_name, "%s", endpoint);
+  if (n->is_host) {
+    read_restarts(n);
+    n->restarts_written = -1;
+    write_restarts(n);
+  }
   if (n->is_host)
-    mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)", c->etcd,
-                n->job.name, n->term, ttl_s);
+    mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)%s%s", c->etcd,
+                n->job.name, n->term, ttl_s, n->restarts_spent ? ": " : "",
+                n->restarts_spent ? n->restart_reason : "");
   else
     mt_log_info("etcd(%s): following the coordinator of term %s at %s", c->etcd, n->term, endpoint);
   return 0;
@@ -1487,7 +1538,9 @@ static int start_coordinator(node *n) {
                       .heartbeat_timeout_ms = n->cfg->heartbeat_timeout_ms,
                       .has_checkpoint_dir = n->job.checkpoint.dir[0] || n->cfg->checkpoint_dir[0],
                       .max_restarts = n->cfg->max_restarts,
-                      .reform_timeout_ms = n->cfg->reform_timeout_s * 1000};
+                      .reform_timeout_ms = n->cfg->reform_timeout_s * 1000,
+                      .restarts_spent = n->restarts_spent,
+                      .restart_reason = n->restart_reason};
   return mt_coord_new(&co, &n->coord);
 }
 
@@ -1645,6 +1698,10 @@ out:
   mt_steplog_acc_free(&n->steplog);
   mt_coord_free(n->coord);
   mt_store_free(n->store);
+  /* the job ended under this coordinator: the next start has a budget of its own */
+  if (n->lease && n->coord && !n->coord_lost && n->end_final &&
+      mt_store_del(n->etcd_root, ETCD_RESTARTS_KEY) && !strstr(mt_errmsg(), "no such key"))
+    mt_log_warn("etcd: deleting %s: %s", ETCD_RESTARTS_KEY, mt_errmsg());
   if (n->lease && mt_store_etcd_resign(n->etcd_root, n->lease)) /* or it lapses */
     mt_log_warn("%s: %s", n->store_name, mt_errmsg());
   mt_store_free(n->etcd_root);

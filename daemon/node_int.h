@@ -69,6 +69,9 @@ typedef struct node {
   char term[17];                /* the coordinator's term this node works in */
   int64_t leader_gone_since_ms; /* coord/leader read absent since; 0: it was there */
   int64_t leader_checked_ms;    /* when it was last read */
+  int restarts_spent;           /* elected after a coordinator was lost: the budget spent */
+  char restart_reason[300];     /* and why */
+  int restarts_written;         /* the count coord/restarts holds (-1: not written yet) */
   char etcd_password[256];
   char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */
   size_t cluster_key_bytes;

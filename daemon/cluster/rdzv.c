@@ -509,6 +509,7 @@ struct mt_coord {
                                       the job ends when none is left) */
   int restarts;                    /* generations ended by a failure and re-formed */
   int reforming;                   /* forming after a failure: bounded by reform_timeout_ms */
+  int first_restart; /* the first generation re-forms the job after the predecessor was lost */
   int64_t reform_since_ms;
   char failure[600]; /* what ended the last generation that failed */
   /* the last re-form after a failure, for cluster/status's last_restart
@@ -538,6 +539,8 @@ struct mt_coord {
   int64_t node_status_ms;
 };
 
+static double wall_s(void);
+
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
   mt_coord *c = calloc(1, sizeof *c);
   if (!c || !(c->job_json = strdup(o->job_json))) {
@@ -551,9 +554,21 @@ int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
   c->state = G_FORMING;
   c->next_op_req = 1;
   c->node_status = json_object();
+  if (o->restarts_spent > 0) { /* the predecessor's loss ended its generation */
+    c->restarts = o->restarts_spent;
+    c->first_restart = 1;
+    c->restart_gen = c->gen, c->restart_time = wall_s(), c->restart_step = -1;
+    snprintf(c->restart_reason, sizeof c->restart_reason, "%s",
+             o->restart_reason ? o->restart_reason : "the coordinator was lost");
+    mt_msg_cut_whole(c->restart_reason, sizeof c->restart_reason);
+    snprintf(c->failure, sizeof c->failure, "%s", c->restart_reason);
+  }
+  c->o.restart_reason = NULL; /* kept in restart_reason */
   *out = c;
   return 0;
 }
+
+int mt_coord_restarts(const mt_coord *c) { return c->restarts; }
 
 void mt_coord_free(mt_coord *c) {
   if (!c) return;
@@ -1100,7 +1115,7 @@ static int form(mt_coord *c, int dp) {
                      .pp = c->o.pp,
                      .dp = dp,
                      .world = c->o.tp * c->o.pp * dp,
-                     .restart = c->reforming ? c->restarts : 0};
+                     .restart = c->reforming || c->first_restart ? c->restarts : 0};
   snprintf(a.job_hash, sizeof a.job_hash, "%s", c->o.job_hash);
   a.members = calloc((size_t)c->n_nodes + 1, sizeof *a.members);
   a.spares = calloc((size_t)c->n_nodes + 1, sizeof *a.spares);
@@ -1149,13 +1164,13 @@ static int form(mt_coord *c, int dp) {
       len += (size_t)snprintf(members + len, sizeof members - len, "%s%s [%d,%d)", i ? ", " : "",
                               a.members[i].name, a.members[i].rank_begin, a.members[i].rank_end);
     char restart[64] = "";
-    if (c->reforming)
+    if (c->reforming || c->first_restart)
       snprintf(restart, sizeof restart, " (restart %d of %d)", c->restarts, c->o.max_restarts);
     mt_log_info("coordinator: generation %d formed%s: tp %d x pp %d x dp %d = %d ranks on %d "
                 "node(s): %s; %d spare(s)",
                 c->gen, restart, a.tp, a.pp, a.dp, a.world, a.n_members, members, a.n_spares);
     c->state = G_RUNNING;
-    c->reforming = 0;
+    c->reforming = c->first_restart = 0;
     if (c->paused)
       mt_log_info("coordinator: generation %d starts paused, as the job was: mtnlgctl resume "
                   "goes on",
@@ -2104,6 +2119,20 @@ static int publish_status(mt_coord *c, int64_t now_ms) {
 }
 
 int mt_coord_tick(mt_coord *c, int64_t now_ms) {
+  /* elected after a coordinator was lost, with the budget spent: the job
+   * ends here, as restart_or_end ends it (exit 2: a new start resumes) */
+  if (c->first_restart && c->restarts > c->o.max_restarts && c->state != G_ENDED) {
+    char why[900];
+    snprintf(why, sizeof why,
+             "%.600s; not re-forming: the restart budget is spent (%d of %d restart(s) used, "
+             "rendezvous.max_restarts); exit 2, not restarted: a new start resumes from the last "
+             "committed checkpoint",
+             c->restart_reason, c->restarts - 1, c->o.max_restarts);
+    c->first_restart = 0;
+    int rc = end_generation_as(c, now_ms, 1, 0, 1, why);
+    if (rc) c->first_restart = 1; /* tried again next tick */
+    return rc;
+  }
   int rc = mt_coord_tick_membership(c, now_ms);
   if (!rc) rc = read_op_requests(c, now_ms);
   if (!rc) rc = read_acted(c);

@@ -192,6 +192,12 @@ typedef struct mt_coord_opts {
   int has_checkpoint_dir; /* checkpoint and resize orders need somewhere to save */
   int max_restarts;       /* generations re-formed after failures, at most */
   int reform_timeout_ms;  /* after a failure, how long to wait for enough nodes */
+  /* A coordinator elected after another was lost (rendezvous.etcd): the
+   * restarts spent so far, the predecessor's loss counted among them, and
+   * what it was. Past max_restarts the job ends failed at the first tick, as
+   * a failure with the budget spent does. 0/NULL: none. */
+  int restarts_spent;
+  const char *restart_reason;
 } mt_coord_opts;
 
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out);
@@ -206,6 +212,8 @@ int mt_coord_order(mt_coord *c, const char *kind);
 /* Ends the job without a generation (the coordinator stops while none runs,
  * or gives up): a final gen/<g>/end every waiting node sees. */
 int mt_coord_finish(mt_coord *c, int ok, const char *reason);
+/* The restarts spent in this job so far (its predecessors' included). */
+int mt_coord_restarts(const mt_coord *c);
 /* 1 once the job ended and every node still alive has left (or timeout_ms
  * passed since the end), and, after a stop operation, 2 s have passed for
  * its pollers: the store may go. */

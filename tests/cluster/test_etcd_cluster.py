@@ -15,6 +15,10 @@ may be elected to coordinate.
   that resumes from the newest checkpoint, and the job completes. Every
   loss printed, before the kill and after the resume, equals a standalone
   run's, and the steps after the resume follow the checkpoint's.
+  The new coordinator counts n0's loss as restart 1 of the job's budget.
+- test_a_lost_coordinator_spends_the_restart_budget: with
+  rendezvous.max_restarts = 0, the node elected after the coordinator's
+  node was lost ends the job instead of re-forming it.
 - test_a_config_that_cannot_use_etcd_is_refused: a wildcard endpoint (the
   others could not dial it), an etcd_prefix without its '/', a user without
   a password file: one line each, exit 2.
@@ -192,6 +196,11 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
         coord = elected[0] if len(elected) == 1 else None
         hosted = coord and grep(coord, r"hosting the rendezvous store on 127\.0\.0\.1:%d and "
                                        r"coordinating job etcd-job" % coord.endpoint_port)
+        # the budget spans coordinators: n0's loss is restart 1
+        counted = coord and grep(coord, r"elected coordinator of job etcd-job \(term [0-9a-f]{16}, "
+                                        r"lease 4 s\): the coordinator n0 was lost \(its lease on "
+                                        r"coord/leader in etcd lapsed\)") and grep(
+            coord, r"coordinator: generation 1 formed \(restart 1 of 3\)")
         # world rank 0's node says where it resumed
         m = re.search(r"resumed from \S+: step (\d+)", n1.stderr() + n2.stderr() + n3.stderr())
         resumed = int(m.group(1)) if m else None
@@ -201,7 +210,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
         got = [(s["step"], s["loss"]) for s in before + after]
         exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
         ok = (all(followed) and same_gen and codes1 == [1, 1] and all(lost)
-              and codes2 == [0, 0, 0] and stale and coord is not None and hosted
+              and codes2 == [0, 0, 0] and stale and coord is not None and hosted and counted
               and resumed is not None and resumed >= INTERVAL and resumed % INTERVAL == 0
               and resumed <= killed_after
               and [s["step"] for s in after] == list(range(resumed + 1, STEPS + 1)) and exact)
@@ -209,17 +218,61 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
                      "followers said so %s; etcd leader m%s killed after step %d, generation 1 "
                      "went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
                      "lost logged %s %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
-                     "exit %s, elected %s (hosting its store: "
+                     "exit %s, elected %s (hosting its store: %s, n0's loss counted as restart 1: "
                      "%s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
                      "the standalone run's: %s (%d compared)%s"
                      % (followed, lead, at_kill, same_gen, killed_after, codes1, took, lost, why,
-                        bool(stale), codes2, [n.name for n in elected], bool(hosted), resumed,
+                        bool(stale), codes2, [n.name for n in elected], bool(hosted),
+                        bool(counted), resumed,
                         after[:1] and after[0]["step"], after[-1:] and after[-1]["step"], exact,
                         len(got), "" if ok else "\nsteps after by node: %s\n%s" % (
                             [(n.name, [x["step"] for x in n.steps()][:3]) for n in (n1, n2, n3)],
                             c.logs(40))))
     finally:
         c.kill_all()
+
+
+def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
+    """rendezvous.max_restarts = 0: the coordinator's node lost, the node
+    elected in its place ends the job rather than re-forming it on a budget
+    of its own."""
+    name = "test_a_lost_coordinator_spends_the_restart_budget"
+    job = tiny_job(os.path.join(tmp, "etcd-budget.json"), tokens, "etcd-budget", 100000,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   checkpoint={"dir": os.path.join(tmp, "etcd-budget-ck"), "interval": 5})
+    c = etcd_cluster(mtnlgd, tmp, "etcd-budget", job, etcd, nodes=2)
+    for n in c.nodes:
+        add_conf(n, "rendezvous", "max_restarts", 0)
+    n0, n1 = c.nodes
+    try:
+        c.node_start(n0)
+        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-budget"), 60, "n0 elected")
+        c.node_start(n1)
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        n0.signal(signal.SIGKILL)
+        n0.wait(10)
+        first = c.wait_all(60, [n1])
+        c.node_start(n1)  # systemd's restart: n1 is elected
+        second = c.wait_all(60, [n1])
+        said = grep(n1, r"coordinator: generation 1 ended: the coordinator n0 was lost \(its lease "
+                        r"on coord/leader in etcd lapsed\); not re-forming: the restart budget is "
+                        r"spent \(0 of 0 restart\(s\) used, rendezvous\.max_restarts\); exit 2")
+        # it trained nothing in this start, so it exits as a spare of a job
+        # that ended without it does (0); systemd restarts neither 0 nor 2
+        ok = first == [1] and second in ([0], [2]) and said
+        return check(name, ok, "n1 exit %s after n0's loss, %s once elected; budget named %s%s"
+                     % (first, second, bool(said), "" if ok else "\n" + c.logs(20)))
+    finally:
+        c.kill_all()
+
+
+def add_conf(node, section, key, value):
+    """Sets one more key in a node's config file (before it starts)."""
+    with open(node.conf) as f:
+        text = f.read()
+    text = text.replace("[%s]\n" % section, "[%s]\n%s = %s\n" % (section, key, value), 1)
+    with open(node.conf, "w") as f:
+        f.write(text)
 
 
 def run_refused(mtnlgd, conf_sets, tmp, job):
@@ -278,7 +331,7 @@ def main():
         try:
             etcd.start_all()
             for fn in (test_a_config_that_cannot_use_etcd_is_refused, test_no_etcd_is_waited_for,
-                       test_losing_the_coordinators_node):
+                       test_losing_the_coordinators_node, test_budget_spans_coordinators):
                 t0 = time.time()
                 try:
                     fails += fn(mtnlgd, tmp, tokens, etcd)
