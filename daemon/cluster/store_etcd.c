@@ -422,24 +422,19 @@ static int es_set(mt_store *b, const char *key, const void *value, size_t bytes)
 
 /* A watch's wait for the first PUT of its key. */
 typedef struct watch_wait {
-  int put, canceled, created;
+  int put;
   void *value;
   size_t bytes;
   int rc;
 } watch_wait;
 
+/* One message of the watch's stream; nonzero ends the watch. */
 static int on_watch_message(json_t *m, void *arg) {
   watch_wait *w = arg;
   json_t *res = json_object_get(m, "result");
-  if (!res) { /* an error message of the stream: this watch is over */
-    w->canceled = 1;
-    return 1;
-  }
-  if (json_is_true(json_object_get(res, "created"))) w->created = 1;
-  if (json_is_true(json_object_get(res, "canceled"))) {
-    w->canceled = 1; /* compacted past its revision, or the member went away */
-    return 1;
-  }
+  /* an error message, or a watch etcd canceled (compacted past its
+   * revision): over; the caller reads the key again */
+  if (!res || json_is_true(json_object_get(res, "canceled"))) return 1;
   size_t i;
   json_t *ev;
   json_array_foreach(json_object_get(res, "events"), i, ev) {
