@@ -94,6 +94,15 @@ static void print_throughput(const json_t *st) {
   printf("\n");
 }
 
+/* A coordinator elected through etcd: which term, where its store is. */
+static void print_election(json_t *e) {
+  const char *term = ctl_jstr(e, "term"), *at = ctl_jstr(e, "coordinator_endpoint");
+  double lease;
+  if (!json_is_object(e) || !term || !at || !ctl_jnum(e, "lease_s", &lease)) return;
+  printf(LABEL "through etcd: term %s, store at %s, lease %.0f s%s\n", "elected", term, at, lease,
+         json_is_true(json_object_get(e, "elected_here")) ? " (this node)" : "");
+}
+
 /* On the daemon that hosts the rendezvous store: what it holds of its limit,
  * its connections and parked requests. */
 static void print_store(json_t *store) {
@@ -248,6 +257,7 @@ static void print_status(const json_t *st) {
     printf(")");
   }
   printf("\n");
+  print_election(json_object_get(st, "election"));
 
   const char *state = ctl_jstr(st, "state"), *reason = ctl_jstr(st, "reason");
   printf(LABEL "%s%s%s\n", "state", state ? state : "-", reason ? ": " : "", reason ? reason : "");

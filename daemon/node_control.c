@@ -405,6 +405,13 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "operations_pending", json_integer(pending));
   pthread_mutex_unlock(&n->mu);
   json_object_set_new(s, "store", store_status(n));
+  json_object_set_new(s, "election",
+                      n->cfg->etcd[0] && n->term[0]
+                          ? json_pack("{s:s, s:s, s:s, s:b, s:i}", "etcd", n->cfg->etcd, "term",
+                                      n->term, "coordinator_endpoint", n->store_name,
+                                      "elected_here", n->is_host, "lease_s",
+                                      (n->cfg->heartbeat_timeout_ms + 999) / 1000)
+                          : json_null());
   /* world rank 0's TensorBoard writer fell behind (a slow or hung disk):
    * the steps every writer this daemon ran dropped, as its step thread
    * dropped them */

@@ -6,7 +6,8 @@ may be elected to coordinate.
 
 - test_losing_the_coordinators_node_does_not_end_the_job: n0 is elected
   coordinator (started first); generation 1 trains on n0 and n1 (dp 2), n2
-  waits as a spare. The etcd member that leads is SIGKILLed: training goes
+  waits as a spare. /v1/status (against proto/control-v1.yaml) and
+  mtnlgctl status say which term and store, and whether it was elected there. The etcd member that leads is SIGKILLed: training goes
   on in generation 1, nobody notices beyond a warning. Then n0, the
   coordinator's node, is SIGKILLed: its lease on coord/leader lapses, n1
   and n2 end their generation ("coordinator lost: no coordinator held
@@ -26,6 +27,7 @@ may be elected to coordinate.
   the daemon waits, saying so, and exits 1 (worth a restart) after
   rendezvous.join_timeout_s.
 """
+import importlib.util
 import json
 import os
 import re
@@ -129,7 +131,21 @@ def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3):
     return c
 
 
-def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
+def status(node):
+    with urllib.request.urlopen(node.url() + "/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def contract(source_root):
+    spec = importlib.util.spec_from_file_location(
+        "openapi_check", os.path.join(source_root, "tests", "common", "openapi_check.py"))
+    oc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oc)
+    doc = oc.load(os.path.join(source_root, "proto", "control-v1.yaml"))
+    return lambda st: oc.validate(doc, {"$ref": "#/components/schemas/Status"}, st)
+
+
+def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, validate):
     name = "test_losing_the_coordinators_node_does_not_end_the_job"
     ck = os.path.join(tmp, "etcd-ckpt")
     job = tiny_job(os.path.join(tmp, "etcd.json"), tokens, "etcd-job", STEPS,
@@ -152,6 +168,19 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
         endpoint0 = "127.0.0.1:%d" % n0.endpoint_port
         followed = [bool(grep(n, r"following the coordinator of term [0-9a-f]{16} at %s"
                                  % re.escape(endpoint0))) for n in (n1, n2)]
+        # /v1/status and mtnlgctl status say how the coordinator was chosen
+        elections = [status(n).get("election") for n in (n0, n1)]
+        schema_errors = [e for n in (n0, n1) for e in validate(status(n))]
+        term0 = (elections[0] or {}).get("term")
+        shown = (elections[0] == {"etcd": etcd.endpoints, "term": term0,
+                                  "coordinator_endpoint": endpoint0, "elected_here": True,
+                                  "lease_s": 4}
+                 and elections[1] == dict(elections[0], elected_here=False)
+                 and term0 and grep(n0, r"elected coordinator of job etcd-job \(term %s," % term0))
+        ctl = subprocess.run([mtnlgctl, "--endpoint", n1.url(), "status"], capture_output=True,
+                             text=True, timeout=30)
+        ctl_says = re.search(r"elected\s+through etcd: term %s, store at %s, lease 4 s\n"
+                             % (term0, re.escape(endpoint0)), ctl.stdout)
 
         # etcd's leader lost: nothing of mtnlg notices beyond a slow request
         lead = etcd.leader()
@@ -209,19 +238,22 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd):
         after = next((n.steps() for n in (n1, n2, n3) if n.steps()), [])
         got = [(s["step"], s["loss"]) for s in before + after]
         exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
-        ok = (all(followed) and same_gen and codes1 == [1, 1] and all(lost)
+        ok = (all(followed) and shown and not schema_errors and ctl_says and same_gen and codes1 == [1, 1] and all(lost)
               and codes2 == [0, 0, 0] and stale and coord is not None and hosted and counted
               and resumed is not None and resumed >= INTERVAL and resumed % INTERVAL == 0
               and resumed <= killed_after
               and [s["step"] for s in after] == list(range(resumed + 1, STEPS + 1)) and exact)
         return check(name, ok,
-                     "followers said so %s; etcd leader m%s killed after step %d, generation 1 "
+                     "followers said so %s; status's election %s (schema errors %s), mtnlgctl "
+                     "status says it %s%s; etcd leader m%s killed after step %d, generation 1 "
                      "went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
                      "lost logged %s %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
                      "exit %s, elected %s (hosting its store: %s, n0's loss counted as restart 1: "
                      "%s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
                      "the standalone run's: %s (%d compared)%s"
-                     % (followed, lead, at_kill, same_gen, killed_after, codes1, took, lost, why,
+                     % (followed, elections, schema_errors, bool(ctl_says),
+                        "" if ctl_says else " (%s%s)" % (ctl.stdout[-600:], ctl.stderr[-300:]),
+                        lead, at_kill, same_gen, killed_after, codes1, took, lost, why,
                         bool(stale), codes2, [n.name for n in elected], bool(hosted),
                         bool(counted), resumed,
                         after[:1] and after[0]["step"], after[-1:] and after[-1]["step"], exact,
@@ -320,7 +352,8 @@ def test_no_etcd_is_waited_for(mtnlgd, tmp, tokens, etcd):
 
 
 def main():
-    mtnlgd, etcd_bin = sys.argv[1], sys.argv[2]
+    mtnlgd, etcd_bin, source_root, mtnlgctl = sys.argv[1:5]
+    validate = contract(source_root)
     if not shutil.which(etcd_bin) and not os.access(etcd_bin, os.X_OK):
         print("no etcd at %s: install Debian's etcd-server (tools/test does)" % etcd_bin)
         sys.exit(1)
@@ -330,11 +363,13 @@ def main():
         etcd = Etcd(etcd_bin, tmp)
         try:
             etcd.start_all()
-            for fn in (test_a_config_that_cannot_use_etcd_is_refused, test_no_etcd_is_waited_for,
-                       test_losing_the_coordinators_node, test_budget_spans_coordinators):
+            for fn, *extra in ((test_a_config_that_cannot_use_etcd_is_refused,),
+                               (test_no_etcd_is_waited_for,),
+                               (test_losing_the_coordinators_node, mtnlgctl, validate),
+                               (test_budget_spans_coordinators,)):
                 t0 = time.time()
                 try:
-                    fails += fn(mtnlgd, tmp, tokens, etcd)
+                    fails += fn(mtnlgd, tmp, tokens, etcd, *extra)
                 except Exception:
                     fails += check(fn.__name__, False, traceback.format_exc())
                 took.append("%s %.1f" % (fn.__name__[len("test_"):], time.time() - t0))
