@@ -497,6 +497,25 @@ def tiny_job(path, tokens, name, steps, **sections):
     return path
 
 
+def status(node):
+    """A node's /v1/status, parsed."""
+    import urllib.request
+    with urllib.request.urlopen(node.url() + "/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def status_contract(source_root):
+    """A function that lists how a /v1/status answer departs from
+    proto/control-v1.yaml's Status schema (tests/common/openapi_check.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "openapi_check", os.path.join(source_root, "tests", "common", "openapi_check.py"))
+    oc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oc)
+    doc = oc.load(os.path.join(source_root, "proto", "control-v1.yaml"))
+    return lambda st: oc.validate(doc, {"$ref": "#/components/schemas/Status"}, st)
+
+
 def check(name, ok, detail=""):
     """Prints `ok NAME` or `FAIL NAME: detail`; returns the failure count (0 or 1)."""
     print("%s %s%s" % ("ok" if ok else "FAIL", name, (": " + detail) if detail else ""), flush=True)

@@ -27,7 +27,6 @@ may be elected to coordinate.
   the daemon waits, saying so, and exits 1 (worth a restart) after
   rendezvous.join_timeout_s.
 """
-import importlib.util
 import json
 import os
 import re
@@ -43,7 +42,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
 from local_cluster import (LocalCluster, check, free_port, grep, last_step,  # noqa: E402
-                           license_tokens, tiny_job)
+                           license_tokens, status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 4000
 STEPS, INTERVAL = 60, 6
@@ -129,20 +128,6 @@ def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3):
             "endpoint": "127.0.0.1:%d" % port}}))
         c.nodes[-1].endpoint_port = port
     return c
-
-
-def status(node):
-    with urllib.request.urlopen(node.url() + "/v1/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def contract(source_root):
-    spec = importlib.util.spec_from_file_location(
-        "openapi_check", os.path.join(source_root, "tests", "common", "openapi_check.py"))
-    oc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oc)
-    doc = oc.load(os.path.join(source_root, "proto", "control-v1.yaml"))
-    return lambda st: oc.validate(doc, {"$ref": "#/components/schemas/Status"}, st)
 
 
 def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, validate):
@@ -353,7 +338,7 @@ def test_no_etcd_is_waited_for(mtnlgd, tmp, tokens, etcd):
 
 def main():
     mtnlgd, etcd_bin, source_root, mtnlgctl = sys.argv[1:5]
-    validate = contract(source_root)
+    validate = status_contract(source_root)
     if not shutil.which(etcd_bin) and not os.access(etcd_bin, os.X_OK):
         print("no etcd at %s: install Debian's etcd-server (tools/test does)" % etcd_bin)
         sys.exit(1)

@@ -94,7 +94,6 @@ Daemons on loopback (tools/local_cluster.py), cpu:2 each, tp 2 x pp 2 of a
   end the generation, abort the export and, with too few nodes left, fail
   the job.
 """
-import importlib.util
 import json
 import os
 import re
@@ -108,24 +107,11 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import LocalCluster, last_step, grep, check, license_tokens, tiny_job  # noqa: E402
+from local_cluster import (LocalCluster, last_step, grep, check, license_tokens,  # noqa: E402
+                           status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 2000
 STEPS, INTERVAL = 24, 4
-
-
-def status(node):
-    with urllib.request.urlopen(node.url() + "/v1/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-def contract(source_root):
-    spec = importlib.util.spec_from_file_location(
-        "openapi_check", os.path.join(source_root, "tests", "common", "openapi_check.py"))
-    oc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oc)
-    doc = oc.load(os.path.join(source_root, "proto", "control-v1.yaml"))
-    return lambda st: oc.validate(doc, {"$ref": "#/components/schemas/Status"}, st)
 
 
 def members_then_spare(c, n0, spare):
@@ -754,7 +740,7 @@ def test_member_lost_after_it_finished(mtnlgd, tmp, tokens, preload):
 
 def main():
     mtnlgd, source_root, preload = sys.argv[1], sys.argv[2], sys.argv[3]
-    validate = contract(source_root)
+    validate = status_contract(source_root)
     cases = [
         (test_sigkill_of_a_member_reforms_onto_the_spare, validate),
         (test_restarted_node_rejoins,),

@@ -30,6 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "gloo_rank_check.h"
 #include "mt_check.h"
 #include "store_prefix_check.h"
 
@@ -420,32 +421,10 @@ typedef struct rank_job {
 static void *run_rank(void *p) {
   rank_job *j = p;
   mt_store *s = store_on(NULL, "/mtnlg/comm/", 10);
-  mt_comm *c = NULL;
-  if (!s) goto fail;
-  mt_comm_opts o = {.store = s,
-                    .name = "dp.pp0.tp0",
-                    .prefix = "gen/0/comm/dp.pp0.tp0",
-                    .rank = j->rank,
-                    .size = RANKS,
-                    .timeout_ms = 30000,
-                    .backend = MT_COMM_GLOO};
-  if (mt_comm_create(&c, &o)) goto fail;
-  float x[1031];
-  for (int i = 0; i < 1031; i++) x[i] = (float)(j->rank + 1) * (float)(i % 7);
-  if (mt_comm_allreduce(c, x, x, 1031, MT_COMM_F32, MT_COMM_SUM)) goto fail;
-  for (int i = 0; i < 1031; i++)
-    if (x[i] != 10.0f * (float)(i % 7)) {
-      snprintf(j->err, sizeof j->err, "rank %d: element %d is %g, not %g", j->rank, i, x[i],
-               10.0 * (i % 7));
-      break;
-    }
-  if (mt_comm_barrier(c)) goto fail;
-  mt_comm_destroy(c);
-  mt_store_free(s);
-  return NULL;
-fail:
-  snprintf(j->err, sizeof j->err, "rank %d: %s", j->rank, mt_errmsg());
-  if (c) mt_comm_destroy(c);
+  if (!s)
+    snprintf(j->err, sizeof j->err, "rank %d: %s", j->rank, mt_errmsg());
+  else
+    gloo_rank_check(s, "gen/0/comm/dp.pp0.tp0", j->rank, RANKS, j->err, sizeof j->err);
   mt_store_free(s);
   return NULL;
 }
