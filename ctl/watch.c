@@ -120,8 +120,12 @@ static void render_view(FILE *f, const json_t *st, const char *error, double int
     snprintf(a, sizeof a, "%.1f", step_ms);
   else
     snprintf(a, sizeof a, "-"); /* 0: no step yet */
-  fprintf(f, "  step %s ms  ETA %s\n", a,
+  fprintf(f, "  step %s ms  ETA %s", a,
           ctl_jnum(st, "eta_s", &eta) ? ctl_fmt_duration(b, sizeof b, eta) : "-");
+  /* past a minute, when on this machine's clock, as mtnlgctl status says */
+  if (ctl_jnum(st, "eta_s", &eta) && eta >= 60)
+    fprintf(f, " (about %s)", ctl_fmt_time(c, sizeof c, (double)time(NULL) + eta));
+  fprintf(f, "\n");
   fprintf(f, "\n");
   if (json_array_size(json_object_get(st, "nodes")))
     ctl_nodes_print(st, f, 0);

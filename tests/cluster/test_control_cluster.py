@@ -497,6 +497,27 @@ def ctl_env():
             ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
 
 
+def watch_on_a_terminal(argv):
+    """What argv writes to a pseudo-terminal (mtnlgctl watch draws its full
+    view only on one), and its exit status."""
+    import pty
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=ctl_env())
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every writer closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return out.decode(errors="replace"), proc.wait(60)
+
+
 def test_mtnlgctl(c, mtnlgctl):
     n0, n1, n2, n3 = c.nodes
 
@@ -638,6 +659,17 @@ def test_mtnlgctl(c, mtnlgctl):
     js = [json.loads(l) for l in p.stdout.splitlines()] if p.returncode == 0 else []
     ok = len(js) == 2 and all(j["node"] == "n1" and j["state"] == "running" for j in js)
     check("test_mtnlgctl_watch_json_prints_two_status_lines", ok, show(p))
+    # on a terminal, the full view, whose ETA of hours says when too
+    screen, code = watch_on_a_terminal(
+        [mtnlgctl, "-e", n1.url(), "--token-file", c.token_file, "watch", "--count", "1"])
+    m = re.search(r"  step \S+ ms  ETA \d[^\n]* \(about (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)(\x1b\[K)?\r?\n",
+                  screen)
+    at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) - time.time() if m else None
+    eta = get(n1, "/v1/status").json().get("eta_s")
+    ok = (code == 0 and "mtnlgctl watch: " in screen and at is not None
+          and isinstance(eta, (int, float)) and 0.5 * eta - 60 < at < 2 * eta + 60)
+    check("test_mtnlgctl_watch_on_a_terminal_says_when_the_run_ends", ok,
+          "exit %s, ETA %s s from now (eta_s %s); screen %r" % (code, at, eta, screen[-1500:]))
 
     p = ctl(n0, "-o", "json", "status")
     st = json.loads(p.stdout) if p.returncode == 0 else {}
