@@ -250,21 +250,22 @@ static int check_etcd_term(node *n) {
   return n->coord_lost;
 }
 
-/* The restart budget spans coordinators: coord/restarts in etcd holds
- * what the coordinator has spent ({"restarts": r, "coordinator": name}),
- * written when it is elected and whenever it changes, and deleted when it
- * ends the job. A coordinator elected while it is there counts its
- * predecessor's loss as one more (read_restarts), so a job whose
- * coordinator keeps being lost ends once rendezvous.max_restarts is spent
- * rather than failing round for ever. */
-#define ETCD_RESTARTS_KEY "coord/restarts"
+/* What outlives a coordinator: coord/state in etcd holds the restarts it
+ * has spent and whether the job is paused ({"restarts": r, "paused": b,
+ * "coordinator": name}), written when it is elected and whenever they
+ * change, and deleted when it ends the job. A coordinator elected while it
+ * is there counts its predecessor's loss as one more restart and starts
+ * paused if the job was (read_coord_state): a job whose coordinator keeps
+ * being lost ends once rendezvous.max_restarts is spent rather than
+ * failing round for ever, and an operator's pause holds. */
+#define ETCD_STATE_KEY "coord/state"
 
-static void read_restarts(node *n) {
+static void read_coord_state(node *n) {
   void *v = NULL;
   size_t bytes = 0;
-  int rc = mt_store_get(n->etcd_root, ETCD_RESTARTS_KEY, &v, &bytes, 0);
+  int rc = mt_store_get(n->etcd_root, ETCD_STATE_KEY, &v, &bytes, 0);
   if (rc) { /* none: no coordinator was lost in this job (or etcd cannot say) */
-    if (rc != MT_ETIMEDOUT) mt_log_warn("etcd: reading %s: %s", ETCD_RESTARTS_KEY, mt_errmsg());
+    if (rc != MT_ETIMEDOUT) mt_log_warn("etcd: reading %s: %s", ETCD_STATE_KEY, mt_errmsg());
     return;
   }
   json_t *j = json_loadb(v, bytes, 0, NULL);
@@ -273,25 +274,28 @@ static void read_restarts(node *n) {
   const char *who = json_string_value(json_object_get(j, "coordinator"));
   if (json_is_integer(r) && json_integer_value(r) >= 0 && json_integer_value(r) < 1000000) {
     n->restarts_spent = (int)json_integer_value(r) + 1;
+    n->start_paused = json_is_true(json_object_get(j, "paused"));
     snprintf(n->restart_reason, sizeof n->restart_reason,
              "the coordinator %s was lost (its lease on %s in etcd lapsed)", who ? who : "?",
              ETCD_LEADER_KEY);
   } else {
     mt_log_warn("etcd: %s is not {\"restarts\": N, ...}: the restart budget starts afresh",
-                ETCD_RESTARTS_KEY);
+                ETCD_STATE_KEY);
   }
   json_decref(j);
 }
 
-static void write_restarts(node *n) {
+static void write_coord_state(node *n) {
   int r = n->coord ? mt_coord_restarts(n->coord) : n->restarts_spent;
-  if (r == n->restarts_written) return;
+  int paused = n->coord ? mt_coord_paused(n->coord) : n->start_paused;
+  if (r == n->restarts_written && paused == n->paused_written) return;
   char text[200];
-  snprintf(text, sizeof text, "{\"restarts\": %d, \"coordinator\": \"%s\"}", r, n->cfg->name);
-  if (!mt_store_set(n->etcd_root, ETCD_RESTARTS_KEY, text, strlen(text)))
-    n->restarts_written = r;
+  snprintf(text, sizeof text, "{\"restarts\": %d, \"paused\": %s, \"coordinator\": \"%s\"}", r,
+           paused ? "true" : "false", n->cfg->name);
+  if (!mt_store_set(n->etcd_root, ETCD_STATE_KEY, text, strlen(text)))
+    n->restarts_written = r, n->paused_written = paused;
   else
-    mt_log_warn("etcd: writing %s: %s", ETCD_RESTARTS_KEY, mt_errmsg());
+    mt_log_warn("etcd: writing %s: %s", ETCD_STATE_KEY, mt_errmsg());
 }
 
 /* The coordinator's lease on coord/leader, renewed every heartbeat. One
@@ -311,7 +315,7 @@ static void keep_lease(node *n) {
     return;
   }
   store_result(n, rc < 0 ? rc : 0);
-  if (!rc) write_restarts(n);
+  if (!rc) write_coord_state(n);
 }
 
 /* Reaches etcd and elects: a node with the job and rendezvous.host auto
@@ -399,14 +403,17 @@ static int elect_through_etcd(node *n) {
   }
   snprintf(n->store_name, sizeof n->store_name, "%s", endpoint);
   if (n->is_host) {
-    read_restarts(n);
-    n->restarts_written = -1;
-    write_restarts(n);
+    read_coord_state(n);
+    n->restarts_written = n->paused_written = -1;
+    write_coord_state(n);
   }
   if (n->is_host)
     mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)%s%s", c->etcd,
                 n->job.name, n->term, ttl_s, n->restarts_spent ? ": " : "",
                 n->restarts_spent ? n->restart_reason : "");
+  if (n->is_host && n->start_paused)
+    mt_log_info("etcd: the job was paused under the coordinator before: it stays paused "
+                "(mtnlgctl resume)");
   else
     mt_log_info("etcd(%s): following the coordinator of term %s at %s", c->etcd, n->term, endpoint);
   return 0;
@@ -1540,7 +1547,8 @@ static int start_coordinator(node *n) {
                       .max_restarts = n->cfg->max_restarts,
                       .reform_timeout_ms = n->cfg->reform_timeout_s * 1000,
                       .restarts_spent = n->restarts_spent,
-                      .restart_reason = n->restart_reason};
+                      .restart_reason = n->restart_reason,
+                      .paused = n->start_paused};
   return mt_coord_new(&co, &n->coord);
 }
 
@@ -1700,8 +1708,8 @@ out:
   mt_store_free(n->store);
   /* the job ended under this coordinator: the next start has a budget of its own */
   if (n->lease && n->coord && !n->coord_lost && n->end_final &&
-      mt_store_del(n->etcd_root, ETCD_RESTARTS_KEY) && !strstr(mt_errmsg(), "no such key"))
-    mt_log_warn("etcd: deleting %s: %s", ETCD_RESTARTS_KEY, mt_errmsg());
+      mt_store_del(n->etcd_root, ETCD_STATE_KEY) && !strstr(mt_errmsg(), "no such key"))
+    mt_log_warn("etcd: deleting %s: %s", ETCD_STATE_KEY, mt_errmsg());
   if (n->lease && mt_store_etcd_resign(n->etcd_root, n->lease)) /* or it lapses */
     mt_log_warn("%s: %s", n->store_name, mt_errmsg());
   mt_store_free(n->etcd_root);

@@ -71,7 +71,9 @@ typedef struct node {
   int64_t leader_checked_ms;    /* when it was last read */
   int restarts_spent;           /* elected after a coordinator was lost: the budget spent */
   char restart_reason[300];     /* and why */
-  int restarts_written;         /* the count coord/restarts holds (-1: not written yet) */
+  int start_paused;             /* and the job was paused then */
+  int restarts_written;         /* what coord/state holds (-1: not written yet) */
+  int paused_written;
   char etcd_password[256];
   char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */
   size_t cluster_key_bytes;

@@ -504,6 +504,16 @@ def status(node):
         return json.loads(r.read())
 
 
+def post(node, path, token):
+    """POSTs {} to a node's control plane with the token: the HTTP status."""
+    import urllib.request
+    req = urllib.request.Request(node.url() + path, data=b"{}", method="POST",
+                                 headers={"Authorization": "Bearer " + token,
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status
+
+
 def status_contract(source_root):
     """A function that lists how a /v1/status answer departs from
     proto/control-v1.yaml's Status schema (tests/common/openapi_check.py)."""

@@ -564,11 +564,13 @@ int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
     snprintf(c->failure, sizeof c->failure, "%s", c->restart_reason);
   }
   c->o.restart_reason = NULL; /* kept in restart_reason */
+  c->paused = o->paused;      /* published with the first generation (form) */
   *out = c;
   return 0;
 }
 
 int mt_coord_restarts(const mt_coord *c) { return c->restarts; }
+int mt_coord_paused(const mt_coord *c) { return c->paused; }
 
 void mt_coord_free(mt_coord *c) {
   if (!c) return;

@@ -198,6 +198,7 @@ typedef struct mt_coord_opts {
    * a failure with the budget spent does. 0/NULL: none. */
   int restarts_spent;
   const char *restart_reason;
+  int paused; /* the job was paused under the predecessor: its first generation starts paused */
 } mt_coord_opts;
 
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out);
@@ -214,6 +215,8 @@ int mt_coord_order(mt_coord *c, const char *kind);
 int mt_coord_finish(mt_coord *c, int ok, const char *reason);
 /* The restarts spent in this job so far (its predecessors' included). */
 int mt_coord_restarts(const mt_coord *c);
+/* 1 while the job is paused (a pause acted on, no resume since). */
+int mt_coord_paused(const mt_coord *c);
 /* 1 once the job ended and every node still alive has left (or timeout_ms
  * passed since the end), and, after a stop operation, 2 s have passed for
  * its pollers: the store may go. */

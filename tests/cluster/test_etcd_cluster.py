@@ -16,7 +16,9 @@ may be elected to coordinate.
   that resumes from the newest checkpoint, and the job completes. Every
   loss printed, before the kill and after the resume, equals a standalone
   run's, and the steps after the resume follow the checkpoint's.
-  The new coordinator counts n0's loss as restart 1 of the job's budget.
+  The new coordinator counts n0's loss as restart 1 of the job's budget,
+  and the job, paused before n0 was killed, forms paused under it (no step
+  in 2 s) until resumed.
 - test_a_lost_coordinator_spends_the_restart_budget: with
   rendezvous.max_restarts = 0, the node elected after the coordinator's
   node was lost ends the job instead of re-forming it.
@@ -42,7 +44,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
 from local_cluster import (LocalCluster, check, free_port, grep, last_step,  # noqa: E402
-                           license_tokens, status, status_contract, tiny_job)
+                           license_tokens, post, status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 4000
 STEPS, INTERVAL = 60, 6
@@ -115,12 +117,15 @@ class Etcd:
             self.kill(i)
 
 
+TOKEN = "etcd-cluster-token"
+
+
 def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3):
     """nodes daemons, each with the job and an endpoint of its own (where it
     hosts the store when elected)."""
     rdzv = {"etcd": etcd.endpoints, "host": "auto", "etcd_prefix": "/mtnlg/%s/" % name}
     c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=0, heartbeat_ms=HB_MS,
-                     timeout_ms=TIMEOUT_MS, extra={"rendezvous": rdzv})
+                     timeout_ms=TIMEOUT_MS, extra={"rendezvous": rdzv}, token=TOKEN)
     c.nodes = []
     for i in range(nodes):
         port = free_port()
@@ -177,6 +182,9 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
 
         # the coordinator's node lost: the job goes on under another
         c.wait_for(lambda: last_step(n0) >= 2 * INTERVAL + 2, 120, "two checkpoints")
+        # paused by the operator: the pause outlives the coordinator
+        paused = post(n1, "/v1/pause", TOKEN)
+        c.wait_for(lambda: status(n0)["state"] == "paused", 30, "paused")
         killed_after = last_step(n0)
         port3 = free_port()
         t0 = time.time()
@@ -201,6 +209,14 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                           % (re.escape(endpoint0), re.escape(endpoint0)))) for n in (n1, n2)]
         for n in (n1, n2):  # systemd's Restart=on-failure
             c.node_start(n)
+        c.wait_for(lambda: any(grep(n, r"coordinator: generation 1 starts paused")
+                               for n in (n1, n2, n3)), 120, "the new coordinator's generation")
+        printed = sum(len(n.steps()) for n in (n1, n2, n3))
+        time.sleep(2.0)
+        held = sum(len(n.steps()) for n in (n1, n2, n3)) == printed
+        head = next(n for n in (n1, n2, n3) if grep(n, r"generation 1 starts paused"))
+        st = status(head)
+        resume_code = post(head, "/v1/resume", TOKEN)
         codes2 = c.wait_all(240, [n1, n2, n3])
         stale = grep(n3, r"following the coordinator of term [0-9a-f]{16} at %s" % re.escape(
             endpoint0)) and grep(n3, r"etcd: the coordinator of term [0-9a-f]{16} at %s is gone "
@@ -224,7 +240,11 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         got = [(s["step"], s["loss"]) for s in before + after]
         exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
         ok = (all(followed) and shown and not schema_errors and ctl_says and same_gen and codes1 == [1, 1] and all(lost)
-              and codes2 == [0, 0, 0] and stale and coord is not None and hosted and counted
+              and paused == 202 and held and st["state"] == "paused" and st["restarts"] == 1
+              and (st.get("last_restart") or {}).get("reason", "").startswith(
+                  "the coordinator n0 was lost") and resume_code == 202
+              and codes2 == [0, 0, 0] and stale and coord is not None and coord is head
+              and hosted and counted
               and resumed is not None and resumed >= INTERVAL and resumed % INTERVAL == 0
               and resumed <= killed_after
               and [s["step"] for s in after] == list(range(resumed + 1, STEPS + 1)) and exact)
@@ -232,13 +252,16 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                      "followers said so %s; status's election %s (schema errors %s), mtnlgctl "
                      "status says it %s%s; etcd leader m%s killed after step %d, generation 1 "
                      "went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
-                     "lost logged %s %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
+                     "lost logged %s %s; paused before %s, after: no step in 2 s %s, status %s restarts %s "
+                     "last_restart %s, resume %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
                      "exit %s, elected %s (hosting its store: %s, n0's loss counted as restart 1: "
                      "%s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
                      "the standalone run's: %s (%d compared)%s"
                      % (followed, elections, schema_errors, bool(ctl_says),
                         "" if ctl_says else " (%s%s)" % (ctl.stdout[-600:], ctl.stderr[-300:]),
                         lead, at_kill, same_gen, killed_after, codes1, took, lost, why,
+                        paused, held, st.get("state"), st.get("restarts"), st.get("last_restart"),
+                        resume_code,
                         bool(stale), codes2, [n.name for n in elected], bool(hosted),
                         bool(counted), resumed,
                         after[:1] and after[0]["step"], after[-1:] and after[-1]["step"], exact,

@@ -103,12 +103,11 @@ import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
 from local_cluster import (LocalCluster, last_step, grep, check, license_tokens,  # noqa: E402
-                           status, status_contract, tiny_job)
+                           post, status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 2000
 STEPS, INTERVAL = 24, 4
@@ -403,14 +402,6 @@ def test_node_restarted_at_once_waits_for_its_old_entry(mtnlgd, tmp, tokens):
                                          "" if ok else "\n" + c.logs(15)))
     finally:
         c.kill_all()
-
-
-def post(node, path, token):
-    req = urllib.request.Request(node.url() + path, data=b"{}", method="POST",
-                                 headers={"Authorization": "Bearer " + token,
-                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.status
 
 
 def test_paused_job_reforms_paused(mtnlgd, tmp, tokens):
