@@ -184,8 +184,9 @@ static int fence_to_coordinator(node *n) {
  * goes with it and its lease lapses: the other nodes find the coordinator
  * lost (exit 1) and, started again by systemd, elect another among them,
  * which re-forms the job from its last checkpoint. Losing the coordinator's
- * node no longer ends the job. etcd holds that one key, whatever the size of
- * the job: the generations' keys stay in the coordinator's store. */
+ * node no longer ends the job. etcd holds that key and coord/state (below),
+ * whatever the size of the job: the generations' keys stay in the
+ * coordinator's store. */
 #define ETCD_LEADER_KEY "coord/leader"
 
 /* The leader key's value: 16 hex digits of term, a space, the endpoint. */
