@@ -463,6 +463,8 @@ SAMPLE_STATUS = {
     "store": {"keys": 120, "bytes": 40960, "max_bytes": 17179869184, "transient_bytes": 131072,
               "max_transient_bytes": 4294967296, "clients": 2, "max_clients": 65536,
               "waiters": 3, "refused_clients": 0, "dropped_clients": 0},
+    "election": {"etcd": "http://10.0.0.1:2379,http://10.0.0.2:2379", "term": "0123456789abcdef",
+                 "coordinator_endpoint": "10.0.0.7:29400", "elected_here": True, "lease_s": 6},
 }
 SAMPLE_EVALUATION = {"split": "valid", "end_of_training": False, "after_step": 12,
                      "batches_done": 40, "batches": 100, "elapsed_s": 12.5}

@@ -103,6 +103,7 @@ static json_t *fake_status(void *arg) {
                   (json_int_t)40960, "max_bytes", (json_int_t)17179869184LL, "transient_bytes",
                   (json_int_t)131072, "max_transient_bytes", (json_int_t)4294967296LL, "clients", 2,
                   "max_clients", 65536, "waiters", 3, "refused_clients", 1, "dropped_clients", 4));
+  if (s) json_object_set_new(s, "election", json_null()); /* the endpoint's node coordinates */
   pthread_mutex_unlock(&f->mu);
   if (!s) fprintf(stderr, "fake_status: json_pack failed\n");
   return s;
