@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "device.h"
+#include "election.h"
 #include "err.h"
 #include "fileio.h"
 #include "job.h"
@@ -201,53 +202,49 @@ static int parse_leader(const char *v, size_t bytes, char *term, char *endpoint,
   return 0;
 }
 
-/* The coordinator this node works under is the one coord/leader names,
- * read once a heartbeat besides the store's own fence (check_coordinator).
- * Another term there is a coordinator elected since (this one was lost, or
+/* The coordinator this node works under is the one coord/leader names.
+ * The election's thread (election.c) reads it, or on the coordinator keeps
+ * its lease, every heartbeat; here the loop looks at what it found.
+ * Another coordinator there is one elected since (this one was lost, or
  * stalled past its lease): the generation is gone with it. None there (its
  * lease lapsed, or it resigned at its end) is a coordinator that does not
- * answer: lost past the heartbeat timeout, as a silent store is. The
- * coordinator keeps its own lease (keep_lease). Returns 1 when lost. */
+ * answer: lost past the heartbeat timeout, as a silent store is, while the
+ * old store's keys (a job's final end) still read. An etcd that does not
+ * answer costs nothing here: the generation does not need it. Returns 1
+ * when lost. */
 static int check_etcd_term(node *n) {
   if (n->coord_lost) return 1;
-  /* once a heartbeat, not every round: one read a second per node is what
-   * a few hundred nodes cost etcd */
-  int64_t t = mt_mono_ms();
-  if (n->is_host || t - n->leader_checked_ms < n->cfg->heartbeat_interval_ms) return 0;
-  n->leader_checked_ms = t;
-  void *v = NULL;
-  size_t bytes = 0;
-  int rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &bytes, 0);
-  if (rc && rc != MT_ETIMEDOUT) {
-    store_result(n, rc);
-    return n->coord_lost;
-  }
+  if (!n->election) return 0;
+  mt_election_view v;
+  mt_election_view_get(n->election, &v);
   int64_t now = mt_mono_ms();
-  if (rc == MT_ETIMEDOUT) {
-    if (!n->leader_gone_since_ms) {
-      n->leader_gone_since_ms = now;
-      mt_log_warn("etcd: no coordinator holds %s (term %s's lease lapsed, or it ended)",
-                  ETCD_LEADER_KEY, n->term);
-    } else if (now - n->leader_gone_since_ms > n->cfg->heartbeat_timeout_ms) {
-      char why[800];
-      snprintf(why, sizeof why,
-               "no coordinator held %s in etcd for %.1f s (term %s's lease lapsed): generation %d "
-               "is gone with it",
-               ETCD_LEADER_KEY, (now - n->leader_gone_since_ms) / 1000.0, n->term, n->gen);
-      coordinator_lost(n, why);
-    }
-    return n->coord_lost;
+  if (!!v.failing_since_ms != n->etcd_failing) { /* said once each way */
+    n->etcd_failing = !!v.failing_since_ms;
+    if (n->etcd_failing)
+      mt_log_warn("etcd does not answer (%s): the generation goes on, a new election waits for "
+                  "it",
+                  v.error);
+    else
+      mt_log_info("etcd answers again");
   }
-  n->leader_gone_since_ms = 0;
-  if (bytes < 16 || memcmp(v, n->term, 16)) {
-    char why[800];
+  char why[800] = "";
+  if (v.lapsed)
     snprintf(why, sizeof why,
-             "another coordinator was elected in etcd (%.*s, not term %s at %s): generation %d "
-             "is gone with the old one",
-             (int)(bytes < 300 ? bytes : 300), (char *)v, n->term, n->store_name, n->gen);
-    coordinator_lost(n, why);
-  }
-  free(v);
+             "this node's lease on %s in etcd lapsed (etcd did not hear from it for %d s) and "
+             "another coordinator holds it now (%s): generation %d is gone with term %s",
+             ETCD_LEADER_KEY, (n->cfg->heartbeat_timeout_ms + 999) / 1000, v.other_value, n->gen,
+             n->term);
+  else if (v.other)
+    snprintf(why, sizeof why,
+             "another coordinator was elected in etcd (%s, not term %s at %s): generation %d is "
+             "gone with the old one",
+             v.other_value, n->term, n->store_name, n->gen);
+  else if (v.absent_since_ms && now - v.absent_since_ms > n->cfg->heartbeat_timeout_ms)
+    snprintf(why, sizeof why,
+             "no coordinator held %s in etcd for %.1f s (term %s's lease lapsed): generation %d "
+             "is gone with it",
+             ETCD_LEADER_KEY, (now - v.absent_since_ms) / 1000.0, n->term, n->gen);
+  if (why[0]) coordinator_lost(n, why);
   return n->coord_lost;
 }
 
@@ -286,37 +283,40 @@ static void read_coord_state(node *n) {
   json_decref(j);
 }
 
-static void write_coord_state(node *n) {
+/* coord/state's text for what the coordinator has now. */
+static void coord_state_text(node *n, char *text, size_t cap) {
   int r = n->coord ? mt_coord_restarts(n->coord) : n->restarts_spent;
   int paused = n->coord ? mt_coord_paused(n->coord) : n->start_paused;
-  if (r == n->restarts_written && paused == n->paused_written) return;
-  char text[200];
-  snprintf(text, sizeof text, "{\"restarts\": %d, \"paused\": %s, \"coordinator\": \"%s\"}", r,
+  snprintf(text, cap, "{\"restarts\": %d, \"paused\": %s, \"coordinator\": \"%s\"}", r,
            paused ? "true" : "false", n->cfg->name);
-  if (!mt_store_set(n->etcd_root, ETCD_STATE_KEY, text, strlen(text)))
-    n->restarts_written = r, n->paused_written = paused;
-  else
-    mt_log_warn("etcd: writing %s: %s", ETCD_STATE_KEY, mt_errmsg());
 }
 
-/* The coordinator's lease on coord/leader, renewed every heartbeat. One
- * that lapsed (this process stalled past its TTL) may have another
- * coordinator by now, so this one is lost, as a restarted one would be. */
-static void keep_lease(node *n) {
-  if (!n->lease || n->coord_lost) return;
-  int rc = mt_store_etcd_keepalive(n->etcd_root, n->lease);
-  if (rc == MT_ENOENT) {
-    char why[800];
-    snprintf(why, sizeof why,
-             "this node's lease on %s in etcd lapsed (it was silent past %d ms): another node may "
-             "coordinate now, and generation %d is gone with term %s",
-             ETCD_LEADER_KEY, n->cfg->heartbeat_timeout_ms, n->gen, n->term);
-    n->lease = 0;
-    coordinator_lost(n, why);
-    return;
+/* The election's thread, once this node coordinates or follows (its
+ * etcd work off the loop: election.h). */
+static int start_election(node *n) {
+  mt_election_opts eo = {.root = n->etcd_root,
+                         .leader_key = ETCD_LEADER_KEY,
+                         .state_key = ETCD_STATE_KEY,
+                         .leader_value = n->leader_value,
+                         .lease = n->lease,
+                         .ttl_s = (n->cfg->heartbeat_timeout_ms + 999) / 1000,
+                         .interval_ms = n->cfg->heartbeat_interval_ms};
+  int rc = mt_election_start(&eo, &n->election);
+  if (!rc && n->is_host) {
+    char text[256];
+    coord_state_text(n, text, sizeof text);
+    mt_election_set_state(n->election, text);
   }
-  store_result(n, rc < 0 ? rc : 0);
-  if (!rc) write_coord_state(n);
+  return rc;
+}
+
+/* The coordinator's coord/state, handed to the election's thread every
+ * heartbeat (it writes what changed). */
+static void publish_coord_state(node *n) {
+  if (!n->election || !n->is_host || n->coord_lost) return;
+  char text[256];
+  coord_state_text(n, text, sizeof text);
+  mt_election_set_state(n->election, text);
 }
 
 /* Reaches etcd and elects: a node with the job and rendezvous.host auto
@@ -403,11 +403,8 @@ static int elect_through_etcd(node *n) {
                      c->etcd, ETCD_LEADER_KEY, leader, c->etcd_prefix);
   }
   snprintf(n->store_name, sizeof n->store_name, "%s", endpoint);
-  if (n->is_host) {
-    read_coord_state(n);
-    n->restarts_written = n->paused_written = -1;
-    write_coord_state(n);
-  }
+  snprintf(n->leader_value, sizeof n->leader_value, "%s", leader);
+  if (n->is_host) read_coord_state(n);
   if (n->is_host)
     mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)%s%s", c->etcd,
                 n->job.name, n->term, ttl_s, n->restarts_spent ? ": " : "",
@@ -1264,7 +1261,7 @@ static int note_silence(node *n) {
 
 static void on_heartbeat(uv_timer_t *t) {
   node *n = t->data;
-  if (n->state != N_EXITING) keep_lease(n); /* draining too: the followers still read it */
+  if (n->state != N_EXITING) publish_coord_state(n);
   if (n->state == N_EXITING || n->state == N_DRAINING) return;
   /* back from a silence with ranks running: the next round first learns
    * whether their generation went on without this node (abort_ranks) */
@@ -1650,6 +1647,10 @@ int mt_node_main(const mt_node_opts *o) {
     code = n->store_unreachable ? 1 : 2;
     goto out;
   }
+  if (n->etcd_root && start_election(n)) {
+    mt_log_error("%s", mt_errmsg());
+    goto out;
+  }
   /* the hosting daemon's instance, before any node can have joined it */
   if (n->is_host && mt_store_set(n->store, MT_RDZV_COORD_INSTANCE_KEY, instance, 16)) {
     mt_log_error("cannot write %s to the store it hosts: %s", MT_RDZV_COORD_INSTANCE_KEY,
@@ -1687,7 +1688,8 @@ int mt_node_main(const mt_node_opts *o) {
     mt_log_info("node %s exits (%d)%s%s", n->cfg->name, code, n->end_reason[0] ? ": " : "",
                 n->end_reason);
     if (o->abandoned) *o->abandoned = 1;
-    if (n->lease) mt_store_etcd_resign(n->etcd_root, n->lease); /* the next one elects at once */
+    int64_t lease = n->election ? mt_election_stop(n->election) : n->lease;
+    if (lease) mt_store_etcd_resign(n->etcd_root, lease); /* the next one elects at once */
     return code; /* n stays allocated: the blocked ranks still point into it */
   }
   uv_close((uv_handle_t *)&n->sigint, NULL);
@@ -1708,6 +1710,7 @@ out:
   mt_coord_free(n->coord);
   mt_store_free(n->store);
   /* the job ended under this coordinator: the next start has a budget of its own */
+  if (n->election) n->lease = mt_election_stop(n->election), n->election = NULL;
   if (n->lease && n->coord && !n->coord_lost && n->end_final &&
       mt_store_del(n->etcd_root, ETCD_STATE_KEY) && !strstr(mt_errmsg(), "no such key"))
     mt_log_warn("etcd: deleting %s: %s", ETCD_STATE_KEY, mt_errmsg());

@@ -59,21 +59,19 @@ typedef struct node {
   int n_devices;
   char store_host[256];
   int store_port;
-  char store_name[300]; /* for messages: "host:port", or "etcd(http://…,…)" */
+  char store_name[300]; /* the coordinator's store, for messages: "host:port" */
   int is_host;
-  /* rendezvous.etcd: the store is etcd's. etcd_root holds the election
-   * (coord/leader); store and engine_store keep the term's keys, under
-   * terms/<term>/ */
+  /* rendezvous.etcd: the coordinator is elected through etcd (coord/leader
+   * under etcd_prefix); the generations' keys stay in its store */
   mt_store *etcd_root;
   int64_t lease;                /* this coordinator's lease on coord/leader; 0: none */
   char term[17];                /* the coordinator's term this node works in */
-  int64_t leader_gone_since_ms; /* coord/leader read absent since; 0: it was there */
-  int64_t leader_checked_ms;    /* when it was last read */
+  char leader_value[320];       /* coord/leader's value for that term */
+  struct mt_election *election; /* its etcd work, on a thread of its own */
+  int etcd_failing;             /* etcd did not answer at the election's last round */
   int restarts_spent;           /* elected after a coordinator was lost: the budget spent */
   char restart_reason[300];     /* and why */
   int start_paused;             /* and the job was paused then */
-  int restarts_written;         /* what coord/state holds (-1: not written yet) */
-  int paused_written;
   char etcd_password[256];
   char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */
   size_t cluster_key_bytes;

@@ -7,7 +7,10 @@ may be elected to coordinate.
 - test_losing_the_coordinators_node_does_not_end_the_job: n0 is elected
   coordinator (started first); generation 1 trains on n0 and n1 (dp 2), n2
   waits as a spare. /v1/status (against proto/control-v1.yaml) and
-  mtnlgctl status say which term and store, and whether it was elected there. The etcd member that leads is SIGKILLed: training goes
+  mtnlgctl status say which term and store, and whether it was elected there.
+  etcd's leader is SIGKILLed, and later two of its three members for longer
+  than the coordinator's lease: training goes on through both, in
+  generation 1. The etcd member that leads is SIGKILLed: training goes
   on in generation 1, nobody notices beyond a warning. Then n0, the
   coordinator's node, is SIGKILLed: its lease on coord/leader lapses, n1
   and n2 end their generation ("coordinator lost: no coordinator held
@@ -47,7 +50,7 @@ from local_cluster import (LocalCluster, check, free_port, grep, last_step,  # n
                            license_tokens, post, status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 4000
-STEPS, INTERVAL = 60, 6
+STEPS, INTERVAL = 150, 6
 
 
 class Etcd:
@@ -179,6 +182,22 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         c.wait_for(lambda: last_step(n0) >= at_kill + 6, 120, "6 steps after etcd's leader died")
         etcd.start(lead)
         same_gen = not any(grep(n, r"coordinator lost|generation 1 ended") for n in c.nodes)
+        # etcd without a quorum for longer than the lease: training goes on
+        # meanwhile (nothing of a step needs etcd), and after it too
+        c.wait_for(lambda: etcd.leader() is not None, 30, "etcd's leader after the restart")
+        lost = [i for i in range(3) if i != etcd.leader()]
+        for i in lost:
+            etcd.kill(i)
+        at_outage = last_step(n0)
+        time.sleep(TIMEOUT_MS / 1000 + 2)
+        during = last_step(n0) - at_outage
+        for i in lost:
+            etcd.start(i)
+        c.wait_for(lambda: etcd.leader() is not None, 30, "etcd's quorum back")
+        at_back = last_step(n0)
+        c.wait_for(lambda: last_step(n0) >= at_back + 3, 120, "3 steps after etcd came back")
+        outlived = during > 0 and not any(grep(n, r"coordinator lost|generation 1 ended")
+                                          for n in c.nodes)
 
         # the coordinator's node lost: the job goes on under another
         c.wait_for(lambda: last_step(n0) >= 2 * INTERVAL + 2, 120, "two checkpoints")
@@ -239,7 +258,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         after = next((n.steps() for n in (n1, n2, n3) if n.steps()), [])
         got = [(s["step"], s["loss"]) for s in before + after]
         exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
-        ok = (all(followed) and shown and not schema_errors and ctl_says and same_gen and codes1 == [1, 1] and all(lost)
+        ok = (all(followed) and shown and not schema_errors and ctl_says and same_gen and outlived and codes1 == [1, 1] and all(lost)
               and paused == 202 and held and st["state"] == "paused" and st["restarts"] == 1
               and (st.get("last_restart") or {}).get("reason", "").startswith(
                   "the coordinator n0 was lost") and resume_code == 202
@@ -251,7 +270,8 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         return check(name, ok,
                      "followers said so %s; status's election %s (schema errors %s), mtnlgctl "
                      "status says it %s%s; etcd leader m%s killed after step %d, generation 1 "
-                     "went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
+                     "went on %s; etcd without a quorum for %.1f s: %s steps meanwhile, generation 1 went "
+                     "on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
                      "lost logged %s %s; paused before %s, after: no step in 2 s %s, status %s restarts %s "
                      "last_restart %s, resume %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
                      "exit %s, elected %s (hosting its store: %s, n0's loss counted as restart 1: "
@@ -259,7 +279,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                      "the standalone run's: %s (%d compared)%s"
                      % (followed, elections, schema_errors, bool(ctl_says),
                         "" if ctl_says else " (%s%s)" % (ctl.stdout[-600:], ctl.stderr[-300:]),
-                        lead, at_kill, same_gen, killed_after, codes1, took, lost, why,
+                        lead, at_kill, same_gen, TIMEOUT_MS / 1000 + 2, during, outlived, killed_after, codes1, took, lost, why,
                         paused, held, st.get("state"), st.get("restarts"), st.get("last_restart"),
                         resume_code,
                         bool(stale), codes2, [n.name for n in elected], bool(hosted),
