@@ -18,6 +18,7 @@ struct mt_election {
   pthread_mutex_t mu; /* guards everything below */
   pthread_cond_t wake;
   int stopping;
+  int kick; /* the state changed: a round now, not at the interval's end */
   int64_t lease;
   mt_election_view view;
   char state[512], written[512]; /* coord/state wanted, and as last written */
@@ -113,8 +114,9 @@ static void *run(void *arg) {
     until.tv_sec += e->o.interval_ms / 1000;
     until.tv_nsec += (long)(e->o.interval_ms % 1000) * 1000000L;
     if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
-    while (!e->stopping && pthread_cond_timedwait(&e->wake, &e->mu, &until) == 0) {
+    while (!e->stopping && !e->kick && pthread_cond_timedwait(&e->wake, &e->mu, &until) == 0) {
     }
+    e->kick = 0;
   }
   pthread_mutex_unlock(&e->mu);
   return NULL;
@@ -162,7 +164,11 @@ void mt_election_view_get(mt_election *e, mt_election_view *v) {
 
 void mt_election_set_state(mt_election *e, const char *state_json) {
   pthread_mutex_lock(&e->mu);
-  snprintf(e->state, sizeof e->state, "%s", state_json);
+  if (strcmp(e->state, state_json)) { /* written at once: a pause is not lost with the node */
+    snprintf(e->state, sizeof e->state, "%s", state_json);
+    e->kick = 1;
+    pthread_cond_signal(&e->wake);
+  }
   pthread_mutex_unlock(&e->mu);
 }
 

@@ -44,8 +44,8 @@ typedef struct mt_election_view {
 int mt_election_start(const mt_election_opts *o, mt_election **out);
 /* What the thread found last. */
 void mt_election_view_get(mt_election *e, mt_election_view *v);
-/* The coordinator's coord/state (JSON text); the thread writes it when it
- * changed since it last wrote. */
+/* The coordinator's coord/state (JSON text); the thread writes it at once
+ * when it changed (and again at its rounds until a write succeeds). */
 void mt_election_set_state(mt_election *e, const char *state_json);
 /* Stops the thread (waiting for a request under way, at most etcd's
  * request timeout) and returns the lease (0 when lapsed or a follower). */

@@ -311,7 +311,7 @@ static int start_election(node *n) {
 }
 
 /* The coordinator's coord/state, handed to the election's thread every
- * heartbeat (it writes what changed). */
+ * tick (it writes what changed, at once). */
 static void publish_coord_state(node *n) {
   if (!n->election || !n->is_host || n->coord_lost) return;
   char text[256];
@@ -1234,6 +1234,7 @@ static void on_tick(uv_timer_t *t) {
   if (n->coord) {
     int rc = mt_coord_tick(n->coord, mt_mono_ms());
     if (rc < 0) mt_log_warn("coordinator: %s", mt_errmsg());
+    publish_coord_state(n); /* a restart or a pause acted on, in etcd within a tick */
   }
   if (n->state != N_EXITING) node_round(n);
   if (n->state != N_EXITING) node_control_round(n, 0);
@@ -1261,7 +1262,6 @@ static int note_silence(node *n) {
 
 static void on_heartbeat(uv_timer_t *t) {
   node *n = t->data;
-  if (n->state != N_EXITING) publish_coord_state(n);
   if (n->state == N_EXITING || n->state == N_DRAINING) return;
   /* back from a silence with ranks running: the next round first learns
    * whether their generation went on without this node (abort_ranks) */

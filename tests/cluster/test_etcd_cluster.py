@@ -32,6 +32,7 @@ may be elected to coordinate.
   the daemon waits, saying so, and exits 1 (worth a restart) after
   rendezvous.join_timeout_s.
 """
+import base64
 import json
 import os
 import re
@@ -108,6 +109,20 @@ class Etcd:
             ids[st["header"]["member_id"]] = i
             lead = st.get("leader", lead)
         return ids.get(lead)
+
+    def get(self, key):
+        """key's value (text) as etcd holds it now, or None."""
+        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+        for url in self.urls:
+            req = urllib.request.Request(url + "/v3/kv/range", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    kvs = json.loads(r.read()).get("kvs") or []
+            except OSError:
+                continue
+            return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        return None
 
     def kill(self, i):
         p = self.procs[i]
@@ -204,6 +219,11 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         # paused by the operator: the pause outlives the coordinator
         paused = post(n1, "/v1/pause", TOKEN)
         c.wait_for(lambda: status(n0)["state"] == "paused", 30, "paused")
+        # and etcd holds it (the coordinator writes it within a tick)
+        state_key = "/mtnlg/etcd-c1/coord/state"
+        c.wait_for(lambda: json.loads(etcd.get(state_key) or "{}").get("paused") is True, 10,
+                   "the pause in etcd's coord/state")
+        state = json.loads(etcd.get(state_key))
         killed_after = last_step(n0)
         port3 = free_port()
         t0 = time.time()
@@ -259,7 +279,8 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         got = [(s["step"], s["loss"]) for s in before + after]
         exact = len(ref) == STEPS and got and all(ref.get(s) == loss for s, loss in got)
         ok = (all(followed) and shown and not schema_errors and ctl_says and same_gen and outlived and codes1 == [1, 1] and all(lost)
-              and paused == 202 and held and st["state"] == "paused" and st["restarts"] == 1
+              and paused == 202 and state == {"restarts": 0, "paused": True, "coordinator": "n0"}
+              and held and st["state"] == "paused" and st["restarts"] == 1
               and (st.get("last_restart") or {}).get("reason", "").startswith(
                   "the coordinator n0 was lost") and resume_code == 202
               and codes2 == [0, 0, 0] and stale and coord is not None and coord is head
@@ -272,7 +293,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                      "status says it %s%s; etcd leader m%s killed after step %d, generation 1 "
                      "went on %s; etcd without a quorum for %.1f s: %s steps meanwhile, generation 1 went "
                      "on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
-                     "lost logged %s %s; paused before %s, after: no step in 2 s %s, status %s restarts %s "
+                     "lost logged %s %s; paused before %s (coord/state %s), after: no step in 2 s %s, status %s restarts %s "
                      "last_restart %s, resume %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
                      "exit %s, elected %s (hosting its store: %s, n0's loss counted as restart 1: "
                      "%s), resumed from step %s, rank 0 then ran %s..%s; losses equal "
@@ -280,7 +301,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                      % (followed, elections, schema_errors, bool(ctl_says),
                         "" if ctl_says else " (%s%s)" % (ctl.stdout[-600:], ctl.stderr[-300:]),
                         lead, at_kill, same_gen, TIMEOUT_MS / 1000 + 2, during, outlived, killed_after, codes1, took, lost, why,
-                        paused, held, st.get("state"), st.get("restarts"), st.get("last_restart"),
+                        paused, state, held, st.get("state"), st.get("restarts"), st.get("last_restart"),
                         resume_code,
                         bool(stale), codes2, [n.name for n in elected], bool(hosted),
                         bool(counted), resumed,
