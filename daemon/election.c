@@ -63,6 +63,7 @@ static void coordinator_round(mt_election *e) {
       mt_log_warn("etcd: this node's lease on %s lapsed (etcd did not answer for longer than "
                   "it): no other node took the key, so the term goes on under a new lease",
                   e->leader_key);
+    if (rc == 0) return; /* another coordinates: its state is its own to write */
   }
   if (rc < 0) return failed(e, "keeping the coordinator's lease");
   answered(e);
