@@ -8,9 +8,12 @@
  * what etcd is for: losing the member a client talks to, even the leader,
  * loses nothing and stops nobody; losing the quorum fails requests with
  * MT_EIO naming the members (never a get's MT_ETIMEDOUT), and the keys are
- * all there when a quorum is back. Then etcd's users: no name, a wrong
- * password, a role without the prefix, each refused with MT_EPERM. */
+ * all there when a quorum is back. An election on a leased key, and the
+ * node's election thread (daemon/election.c) keeping its lease and
+ * watching the key. Then etcd's users: no name, a wrong password, a role
+ * without the prefix, each refused with MT_EPERM. */
 #include "comm.h"
+#include "election.h"
 #include "err.h"
 #include "store_etcd.h"
 
@@ -483,6 +486,79 @@ static void test_an_election_has_one_leader_until_its_lease_ends(void) {
   mt_store_free(b);
 }
 
+/* ------------------------------------------------------------------ the node's election thread */
+
+static int wait_view(mt_election *e, int (*done)(const mt_election_view *), double limit_s,
+                     mt_election_view *v) {
+  for (double t0 = now_s(); now_s() - t0 < limit_s; sleep_ms(20)) {
+    mt_election_view_get(e, v);
+    if (done(v)) return 1;
+  }
+  return 0;
+}
+static int saw_other(const mt_election_view *v) { return v->other; }
+static int saw_absent(const mt_election_view *v) { return v->absent_since_ms != 0; }
+
+/* daemon/election.c, as mtnlgd runs it: the coordinator's thread keeps its
+ * 1 s lease for 3 s and writes its state at once when it changes; a
+ * follower's thread sees the key gone when the coordinator stops without
+ * its lease (resigned), and another coordinator's value when one is
+ * elected. Under ThreadSanitizer too (suite tsan). */
+static void test_the_election_thread_keeps_the_lease_and_watches_the_key(void) {
+  mt_store *root = store_on(NULL, "/mtnlg/thread/", 10);
+  if (!root) {
+    CHECK(0, "store: %s", mt_errmsg());
+    return;
+  }
+  int64_t lease = 0;
+  const char *mine = "00000000000000aa 127.0.0.1:1";
+  CHECK(mt_store_etcd_campaign(root, "coord/leader", mine, 1, &lease, NULL, 0) == 1, "campaign: %s",
+        mt_errmsg());
+  mt_election *coord = NULL, *follower = NULL;
+  mt_election_opts o = {.root = root,
+                        .leader_key = "coord/leader",
+                        .state_key = "coord/state",
+                        .leader_value = mine,
+                        .lease = lease,
+                        .ttl_s = 1,
+                        .interval_ms = 200};
+  CHECK(!mt_election_start(&o, &coord), "start the coordinator's: %s", mt_errmsg());
+  o.lease = 0;
+  CHECK(!mt_election_start(&o, &follower), "start a follower's: %s", mt_errmsg());
+  if (!coord || !follower) {
+    mt_election_stop(coord), mt_election_stop(follower);
+    mt_store_free(root);
+    return;
+  }
+  sleep_ms(3000); /* three TTLs */
+  mt_election_view v;
+  mt_election_view_get(follower, &v);
+  CHECK(!v.other && !v.absent_since_ms, "the follower saw the kept lease's key go (other %d)",
+        v.other);
+  double t0 = now_s();
+  mt_election_set_state(coord, "{\"restarts\": 2}");
+  void *val = NULL;
+  size_t n = 0;
+  int rc = mt_store_get(root, "coord/state", &val, &n, 2000);
+  CHECK(!rc && n == 15 && now_s() - t0 < 1.0, "the state written %.2f s after it changed: %s",
+        now_s() - t0, rc ? mt_errmsg() : (char *)val);
+  free(val);
+  lease = mt_election_stop(coord);
+  CHECK(lease != 0, "the coordinator's thread lost its lease");
+  CHECK(!mt_store_etcd_resign(root, lease), "resign: %s", mt_errmsg());
+  CHECK(wait_view(follower, saw_absent, 5, &v), "the follower did not see the key go");
+  int64_t other_lease = 0;
+  mt_store_etcd_campaign(root, "coord/leader", "00000000000000bb 127.0.0.1:2", 5, &other_lease,
+                         NULL, 0);
+  CHECK(wait_view(follower, saw_other, 5, &v) &&
+            !strcmp(v.other_value, "00000000000000bb 127.0.0.1:2"),
+        "the follower did not see another coordinator: \"%s\"", v.other_value);
+  CHECK(mt_election_stop(follower) == 0, "a follower's thread holds a lease");
+  mt_store_etcd_resign(root, other_lease);
+  mt_store_del(root, "coord/state");
+  mt_store_free(root);
+}
+
 /* ------------------------------------------------------------------ losing members */
 
 typedef struct waiter {
@@ -723,6 +799,7 @@ int main(void) {
   test_prefixes_keep_jobs_apart();
   test_a_gloo_group_forms_through_etcd();
   test_an_election_has_one_leader_until_its_lease_ends();
+  test_the_election_thread_keeps_the_lease_and_watches_the_key();
   test_no_etcd_and_bad_endpoints_are_named();
   test_losing_the_leader_it_talks_to_stops_nothing();
   test_without_a_quorum_requests_fail_and_nothing_is_lost();
