@@ -52,7 +52,6 @@ static void coordinator_round(mt_election *e) {
     pthread_mutex_lock(&e->mu);
     if (rc == 1) {
       e->lease = fresh;
-      e->view.retaken++;
     } else if (rc == 0) {
       e->lease = 0;
       e->view.lapsed = 1;

@@ -36,7 +36,6 @@ typedef struct mt_election_view {
   char other_value[320];
   int64_t absent_since_ms;  /* a follower read no key since (mt_mono_ms); 0: it was there */
   int lapsed;               /* the coordinator's lease lapsed and another took the key */
-  int retaken;              /* times the coordinator took its lapsed key again */
   int64_t failing_since_ms; /* etcd has not answered since; 0: it did at the last round */
   char error[512];          /* the last failure's words */
 } mt_election_view;

@@ -124,7 +124,6 @@ typedef struct reply_buf {
    * return ends the transfer */
   int (*on_message)(json_t *m, void *arg);
   void *arg;
-  int stopped;
 } reply_buf;
 
 static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
@@ -154,10 +153,7 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
     used += (size_t)e.position;
     int stop = r->on_message(m, r->arg);
     json_decref(m);
-    if (stop) {
-      r->stopped = 1;
-      return 0;
-    }
+    if (stop) return 0; /* curl ends the transfer: CURLE_WRITE_ERROR */
   }
   memmove(r->p, r->p + used, r->len - used);
   r->len -= used;
