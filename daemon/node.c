@@ -232,8 +232,7 @@ static int check_etcd_term(node *n) {
     snprintf(why, sizeof why,
              "this node's lease on %s in etcd lapsed (etcd did not hear from it for %d s) and "
              "another coordinator holds it now (%s): generation %d is gone with term %s",
-             ETCD_LEADER_KEY, (n->cfg->heartbeat_timeout_ms + 999) / 1000, v.other_value, n->gen,
-             n->term);
+             ETCD_LEADER_KEY, node_lease_ttl_s(n->cfg), v.other_value, n->gen, n->term);
   else if (v.other)
     snprintf(why, sizeof why,
              "another coordinator was elected in etcd (%s, not term %s at %s): generation %d is "
@@ -299,7 +298,7 @@ static int start_election(node *n) {
                          .state_key = ETCD_STATE_KEY,
                          .leader_value = n->leader_value,
                          .lease = n->lease,
-                         .ttl_s = (n->cfg->heartbeat_timeout_ms + 999) / 1000,
+                         .ttl_s = node_lease_ttl_s(n->cfg),
                          .interval_ms = n->cfg->heartbeat_interval_ms};
   int rc = mt_election_start(&eo, &n->election);
   if (!rc && n->is_host) {
@@ -341,7 +340,7 @@ static int elect_through_etcd(node *n) {
     draw = (uint64_t)time(NULL) * 0x9e3779b97f4a7c15ull ^ (uint64_t)getpid() << 32;
   char mine[320];
   snprintf(mine, sizeof mine, "%016llx %s", (unsigned long long)draw, c->endpoint);
-  int ttl_s = (c->heartbeat_timeout_ms + 999) / 1000;
+  int ttl_s = node_lease_ttl_s(c);
   int64_t deadline = mt_mono_ms() + (c->join_timeout_s ? c->join_timeout_s * 1000LL : 600000LL);
   int hb = c->heartbeat_interval_ms;
   /* an election among etcd's own members takes a second or so: ride it out */
@@ -1475,16 +1474,14 @@ elect:;
   return rc;
 }
 
-/* etcd's leader still the one this node read (its term at its endpoint)?
- * 1 yes, or when etcd cannot say; 0 when another leads or none does. */
+/* etcd's leader still the one this node read (leader_value)? 1 yes, or
+ * when etcd cannot say; 0 when another leads or none does. */
 static int etcd_leader_stays(node *n) {
   void *v = NULL;
   size_t bytes = 0;
   int rc = mt_store_get(n->etcd_root, ETCD_LEADER_KEY, &v, &bytes, 0);
   if (rc && rc != MT_ETIMEDOUT) return 1;
-  char term[17] = "", endpoint[300] = "";
-  int same = !rc && !parse_leader(v, bytes, term, endpoint, sizeof endpoint) &&
-             !strcmp(term, n->term) && !strcmp(endpoint, n->store_name);
+  int same = !rc && bytes == strlen(n->leader_value) && !memcmp(v, n->leader_value, bytes);
   free(v);
   return same;
 }

@@ -410,7 +410,7 @@ static json_t *build_status(node *n) {
                           ? json_pack("{s:s, s:s, s:s, s:b, s:i}", "etcd", n->cfg->etcd, "term",
                                       n->term, "coordinator_endpoint", n->store_name,
                                       "elected_here", n->is_host, "lease_s",
-                                      (n->cfg->heartbeat_timeout_ms + 999) / 1000)
+                                      node_lease_ttl_s(n->cfg))
                           : json_null());
   /* world rank 0's TensorBoard writer fell behind (a slow or hung disk):
    * the steps every writer this daemon ran dropped, as its step thread

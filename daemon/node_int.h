@@ -221,5 +221,10 @@ int node_eval_from_json(const json_t *ev, mt_eval_progress *p, double *elapsed_s
 /* The loop's round of status work: publish this node's status, fetch the
  * coordinator's cluster view, follow the steps when not a member. */
 void node_control_round(node *n, int heartbeat);
+/* The coordinator's lease on coord/leader through etcd: the heartbeat
+ * timeout, rounded up to etcd's whole seconds. */
+static inline int node_lease_ttl_s(const mt_node_config *c) {
+  return (c->heartbeat_timeout_ms + 999) / 1000;
+}
 
 #endif
