@@ -567,34 +567,55 @@ def test_evaluation_shows_while_it_runs(mtnlgd, mtnlgctl, tmp):
                            "%.4f" % done[every - 1]["val_loss"]]]
                  if history and len(done) == steps and "val_loss" in done[every - 1] else
                  not mtnlgctl)
-        # systemctl status says the pass, then the step its line reports
+        # systemctl status says the pass, then the step its line reports; the
+        # notifier sends the newest status when its thread comes round (as
+        # systemd shows only the newest), so under load a status a newer one
+        # follows at once (the pass's "batch 600 of 600", then step 80's
+        # line) may never go out: the batches it told only go forward
         told = [m for m in notes if m.startswith("STATUS=")]
         passes = [m for m in told if "validation after step %d: batch" % every in m]
-        notified = (passes and "STATUS=running generation 1: validation after step %d: batch 0 "
-                    "of 600" % every in passes and any(m.endswith("batch 600 of 600")
-                                                       for m in passes)
+        batches = [int(re.search(r"batch (\d+) of 600$", m).group(1)) for m in passes
+                   if re.search(r"batch (\d+) of 600$", m)]
+        step_told = [i for i, m in enumerate(told)
+                     if m.startswith("STATUS=running generation 1: step %d/" % every)]
+        notified = (passes and len(batches) == len(passes) and batches == sorted(batches)
                     and any("validation at the end of training after step %d" % steps in m
                             for m in told)
-                    and told.index(passes[-1]) < told.index(next(
-                        m for m in told if m.startswith("STATUS=running generation 1: step %d/"
-                                                        % every))))
-        ok = (codes == [0, 0] and paused_at < every and mid and end
-              and all(s[:4] == (every - 1, "valid", False, every) for s in mid)
-              and all(s[:4] == (every, "valid", True, steps) for s in end)
-              and all(s[5] == 600 and 0 <= s[4] <= 600 for s in seen + at_spare)
-              and counts == sorted(counts) and len(set(counts)) > 1 and not errors and line
-              and shown and notified
-              and paced and not slow
-              and [s["step"] for s in done] == list(range(1, steps + 1))
-              and "val_loss" in done[every - 1] and "final_val_loss" in done[steps - 1]
-              and (every - 1, "valid", False, every) in [s[:4] for s in at_spare]
-              and all(s[0] < s[3] for s in at_spare))
+                    and step_told and told.index(passes[-1]) < step_told[0])
+        conditions = {
+            "both exit 0": codes == [0, 0],
+            "paused before the pass": paused_at < every,
+            "a pass after step 80 seen": bool(mid),
+            "the end's pass seen": bool(end),
+            "the pass after step 80 told at step 79": all(
+                s[:4] == (every - 1, "valid", False, every) for s in mid),
+            "the end's pass told at step 80": all(
+                s[:4] == (every, "valid", True, steps) for s in end),
+            "batches within 0..600": all(s[5] == 600 and 0 <= s[4] <= 600
+                                         for s in seen + at_spare),
+            "batches done never go back": counts == sorted(counts) and len(set(counts)) > 1,
+            "the status conforms": not errors,
+            "mtnlgctl status prints the pass": bool(line),
+            "mtnlgctl history shows the validation": bool(shown),
+            "systemd told the passes": bool(notified),
+            "the ETA counts the batches left": bool(paced) and not slow,
+            "every step reported": [s["step"] for s in done] == list(range(1, steps + 1)),
+            "the losses carry val_loss": ("val_loss" in done[every - 1]
+                                          and "final_val_loss" in done[steps - 1])
+            if len(done) == steps else False,
+            "the spare saw the pass": (every - 1, "valid", False, every) in [
+                s[:4] for s in at_spare],
+            "the spare's step before the pass's": all(s[0] < s[3] for s in at_spare),
+        }
+        failed = [k for k, v in conditions.items() if not v]
+        ok = not failed
         return check("test_status_shows_a_validation_under_way_until_its_step_is_reported", bool(ok),
-                     "exit %s; paused at step %s; the member saw %d statuses in a pass: first "
+                     "%sexit %s; paused at step %s; the member saw %d statuses in a pass: first "
                      "%s, last %s; ETA short of the batches left in %d of %d: %s; the spare "
                      "%d: first %s, last %s; contract %s; systemd told %d passes' "
                      "statuses of %d: %s; mtnlgctl history %r; mtnlgctl status: %r" % (
-                         codes, paused_at, len(seen), seen[:1], seen[-1:], len(slow),
+                         "not true: %s; " % failed if failed else "", codes, paused_at, len(seen),
+                         seen[:1], seen[-1:], len(slow),
                          len(paced), slow[:3], len(at_spare),
                          at_spare[:1], at_spare[-1:], errors[:3], len(passes), len(told),
                          passes[:1] + passes[-1:], history.stdout if history else None,
