@@ -36,6 +36,10 @@
 #include "store_etcd.h"
 #include "store_server.h"
 
+/* A member's report of a run that trained its train.steps begins so: the
+ * generation's end says it, and through etcd the job is closed on it */
+#define NODE_COMPLETED "completed "
+
 /* How long a node's end waits for systemd to take its last notifications
  * (its status and STOPPING=1); a PID 1 held up longer does not hold the
  * exit. */
@@ -250,11 +254,17 @@ static int check_etcd_term(node *n) {
 /* What outlives a coordinator: coord/state in etcd holds the restarts it
  * has spent and whether the job is paused ({"restarts": r, "paused": b,
  * "coordinator": name}), written when it is elected and whenever they
- * change, and deleted when it ends the job. A coordinator elected while it
- * is there counts its predecessor's loss as one more restart and starts
- * paused if the job was (read_coord_state): a job whose coordinator keeps
- * being lost ends once rendezvous.max_restarts is spent rather than
- * failing round for ever, and an operator's pause holds. */
+ * change. A coordinator elected while it is there counts its predecessor's
+ * loss as one more restart and starts paused if the job was
+ * (read_coord_state): a job whose coordinator keeps being lost ends once
+ * rendezvous.max_restarts is spent rather than failing round for ever, and
+ * an operator's pause holds. A coordinator that ends the job deletes it
+ * (the next start has a budget of its own), except when the job completed
+ * its train.steps: then it says so ("completed": {"job": hash, "name",
+ * "step", "at": unix seconds}), and a node elected later for the same job
+ * (one that lost contact just as the job ended, started again by systemd)
+ * does not run it again: it exits 0 (close_job_in_etcd). The same job
+ * changed (more steps) has another hash and runs. */
 #define ETCD_STATE_KEY "coord/state"
 
 static void read_coord_state(node *n) {
@@ -267,6 +277,29 @@ static void read_coord_state(node *n) {
   }
   json_t *j = json_loadb(v, bytes, 0, NULL);
   free(v);
+  json_t *done = json_object_get(j, "completed");
+  if (json_is_object(done)) {
+    const char *hash = json_string_value(json_object_get(done, "job"));
+    const char *name = json_string_value(json_object_get(done, "name"));
+    json_int_t step = json_integer_value(json_object_get(done, "step"));
+    time_t at = (time_t)json_integer_value(json_object_get(done, "at"));
+    char when[32] = "?";
+    struct tm tm;
+    if (at > 0 && gmtime_r(&at, &tm)) strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
+    if (hash && !strcmp(hash, n->job.hash)) {
+      n->completed_before = 1;
+      snprintf(n->restart_reason, sizeof n->restart_reason,
+               "job %s (%s) completed its %lld steps at %s (%s in etcd says so)", n->job.name,
+               n->job.hash, (long long)step, when, ETCD_STATE_KEY);
+    } else {
+      mt_log_info("etcd: %s says job %s (%s) completed under this prefix at %s; this is job %s "
+                  "(%s), another: it runs, with a restart budget of its own",
+                  ETCD_STATE_KEY, name ? name : "?", hash ? hash : "?", when, n->job.name,
+                  n->job.hash);
+    }
+    json_decref(j);
+    return;
+  }
   json_t *r = json_object_get(j, "restarts");
   const char *who = json_string_value(json_object_get(j, "coordinator"));
   if (json_is_integer(r) && json_integer_value(r) >= 0 && json_integer_value(r) < 1000000) {
@@ -316,6 +349,29 @@ static void publish_coord_state(node *n) {
   char text[256];
   coord_state_text(n, text, sizeof text);
   mt_election_set_state(n->election, text);
+}
+
+/* The job ended under this coordinator: coord/state says so if it
+ * completed its train.steps (a node elected later for it exits 0), and
+ * goes otherwise (stopped or failed: the next start has a restart budget
+ * of its own, and resumes from the newest checkpoint). */
+static void close_job_in_etcd(node *n) {
+  /* the members' reports say it (the first is the generation's reason) */
+  if (n->end_ok && !strncmp(n->end_reason, NODE_COMPLETED, strlen(NODE_COMPLETED))) {
+    json_t *j = json_pack("{s:i, s:b, s:s, s:{s:s, s:s, s:I, s:I}}", "restarts",
+                          mt_coord_restarts(n->coord), "paused", 0, "coordinator", n->cfg->name,
+                          "completed", "job", n->job.hash, "name", n->job.name, "step",
+                          (json_int_t)n->job.train.steps, "at", (json_int_t)time(NULL));
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (!text || mt_store_set(n->etcd_root, ETCD_STATE_KEY, text, strlen(text)))
+      mt_log_warn("etcd: writing %s (the job completed): %s", ETCD_STATE_KEY,
+                  text ? mt_errmsg() : "out of memory");
+    free(text);
+    json_decref(j);
+    return;
+  }
+  if (mt_store_del(n->etcd_root, ETCD_STATE_KEY) && !strstr(mt_errmsg(), "no such key"))
+    mt_log_warn("etcd: deleting %s: %s", ETCD_STATE_KEY, mt_errmsg());
 }
 
 /* Reaches etcd and elects: a node with the job and rendezvous.host auto
@@ -404,6 +460,13 @@ static int elect_through_etcd(node *n) {
   snprintf(n->store_name, sizeof n->store_name, "%s", endpoint);
   snprintf(n->leader_value, sizeof n->leader_value, "%s", leader);
   if (n->is_host) read_coord_state(n);
+  if (n->completed_before) { /* nothing to run: the next node elected finds the same */
+    mt_store_etcd_resign(n->etcd_root, n->lease), n->lease = 0;
+    return mt_seterr(MT_EINVAL,
+                     "elected to coordinate, but %s: not running it again (to run the same job "
+                     "again, delete %s%s in etcd, or give it another rendezvous.etcd_prefix)",
+                     n->restart_reason, c->etcd_prefix, ETCD_STATE_KEY);
+  }
   if (n->is_host)
     mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)%s%s", c->etcd,
                 n->job.name, n->term, ttl_s, n->restarts_spent ? ": " : "",
@@ -874,7 +937,8 @@ static void on_engine_done(uv_async_t *h) {
     else if (step < n->run_job.train.steps)
       mt_local_stop_reason(reason, sizeof reason, &n->run_job, step, why);
     else
-      snprintf(reason, sizeof reason, "completed %lld steps", (long long)n->run_job.train.steps);
+      snprintf(reason, sizeof reason, NODE_COMPLETED "%lld steps",
+               (long long)n->run_job.train.steps);
     /* the steps since the newest checkpoint are lost: the stop stops, but
      * it is not a clean one (reported failed on the job: the job ends
      * failed and the nodes exit 2, which systemd does not restart into the
@@ -1638,10 +1702,11 @@ int mt_node_main(const mt_node_opts *o) {
   char instance[17];
   snprintf(instance, sizeof instance, "%016llx", (unsigned long long)inst);
   if (connect_store(n)) {
-    mt_log_error("%s", mt_errmsg());
     /* a rendezvous not up yet (its node rebooting) is worth starting again
-     * for (1: systemd restarts); a config that cannot host it is not (2) */
-    code = n->store_unreachable ? 1 : 2;
+     * for (1: systemd restarts); a config that cannot host it is not (2);
+     * a job that completed is done (0) */
+    mt_log(n->completed_before ? MT_LOG_INFO : MT_LOG_ERROR, "%s", mt_errmsg());
+    code = n->completed_before ? 0 : n->store_unreachable ? 1 : 2;
     goto out;
   }
   if (n->etcd_root && start_election(n)) {
@@ -1706,11 +1771,8 @@ out:
   mt_steplog_acc_free(&n->steplog);
   mt_coord_free(n->coord);
   mt_store_free(n->store);
-  /* the job ended under this coordinator: the next start has a budget of its own */
   if (n->election) n->lease = mt_election_stop(n->election), n->election = NULL;
-  if (n->lease && n->coord && !n->coord_lost && n->end_final &&
-      mt_store_del(n->etcd_root, ETCD_STATE_KEY) && !strstr(mt_errmsg(), "no such key"))
-    mt_log_warn("etcd: deleting %s: %s", ETCD_STATE_KEY, mt_errmsg());
+  if (n->lease && n->coord && !n->coord_lost && n->end_final) close_job_in_etcd(n);
   if (n->lease && mt_store_etcd_resign(n->etcd_root, n->lease)) /* or it lapses */
     mt_log_warn("%s: %s", n->store_name, mt_errmsg());
   mt_store_free(n->etcd_root);

@@ -22,6 +22,12 @@ may be elected to coordinate.
   The new coordinator counts n0's loss as restart 1 of the job's budget,
   and the job, paused before n0 was killed, forms paused under it (no step
   in 2 s) until resumed.
+- test_a_node_started_after_the_job_completed_does_not_run_it_again: the
+  job completed, etcd's coord/state says so (its hash, steps, when); n1
+  started again (as systemd would a node that lost contact just then) is
+  elected, finds it closed, and exits 0 training nothing;
+  test_the_completed_job_given_more_steps_runs: with train.steps 2 more
+  (another job, by its hash) n1 and n2 run it, steps 151 and 152.
 - test_a_lost_coordinator_spends_the_restart_budget: with
   rendezvous.max_restarts = 0, the node elected after the coordinator's
   node was lost ends the job instead of re-forming it.
@@ -288,7 +294,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
               and resumed is not None and resumed >= INTERVAL and resumed % INTERVAL == 0
               and resumed <= killed_after
               and [s["step"] for s in after] == list(range(resumed + 1, STEPS + 1)) and exact)
-        return check(name, ok,
+        failures = check(name, ok,
                      "followers said so %s; status's election %s (schema errors %s), mtnlgctl "
                      "status says it %s%s; etcd leader m%s killed after step %d, generation 1 "
                      "went on %s; etcd without a quorum for %.1f s: %s steps meanwhile, generation 1 went "
@@ -309,8 +315,67 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                         len(got), "" if ok else "\nsteps after by node: %s\n%s" % (
                             [(n.name, [x["step"] for x in n.steps()][:3]) for n in (n1, n2, n3)],
                             c.logs(40))))
+        failures += test_a_node_started_after_the_job_completed(c, etcd, coord, state_key)
+        return failures
     finally:
         c.kill_all()
+
+
+def test_a_node_started_after_the_job_completed(c, etcd, coord, state_key):
+    """The job of test_losing_the_coordinators_node completed: its
+    coordinator closed it in etcd (coord/state says which job, and that it
+    completed its steps). A node started again then (one that lost contact
+    just as the job ended, restarted by systemd) is elected, finds the job
+    closed and exits 0 at once, training nothing."""
+    name = "test_a_node_started_after_the_job_completed_does_not_run_it_again"
+    m = coord and re.search(r"coordinating job etcd-job \(([0-9a-f]{16})\)", coord.stderr())
+    job_hash = m.group(1) if m else None
+    closed = json.loads(etcd.get(state_key) or "{}")
+    straggler = c.nodes[1]  # n1
+    t0 = time.time()
+    c.node_start(straggler)
+    codes = c.wait_all(60, [straggler])
+    took = time.time() - t0
+    said = grep(
+        straggler, r"elected to coordinate, but job etcd-job \(%s\) completed its %d steps at "
+                   r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(coord/state in etcd says so\): not "
+                   r"running it again \(to run the same job again, delete "
+                   r"/mtnlg/etcd-c1/coord/state in etcd, or give it another "
+                   r"rendezvous.etcd_prefix\)" % (job_hash, STEPS))
+    completed = closed.get("completed") or {}
+    ok = (job_hash and completed.get("job") == job_hash and completed.get("name") == "etcd-job"
+          and completed.get("step") == STEPS and abs(completed.get("at", 0) - time.time()) < 600
+          and closed.get("paused") is False and closed.get("restarts") == 1
+          and closed.get("coordinator") == coord.name and codes == [0] and said
+          and not straggler.steps() and etcd.get(state_key) == json.dumps(closed, separators=(",", ":"))
+          and etcd.get("/mtnlg/etcd-c1/coord/leader") is None)
+    fails = check(name, ok, "coord/state after the job %r (job %s); n1 started again: exit %s "
+                  "after %.1f s, said so %s, printed %d steps%s"
+                  % (closed, job_hash, codes, took, bool(said), len(straggler.steps()),
+                     "" if ok else "\n" + straggler.stderr()[-2000:]))
+    # the job given more steps is another job (its hash): it runs, from
+    # the completed one's last checkpoint
+    name = "test_the_completed_job_given_more_steps_runs"
+    c.job_sets = ["train.steps=%d" % (STEPS + 2)]
+    pair = c.nodes[1:3]
+    for n in pair:
+        c.node_start(n)
+    codes = c.wait_all(120, pair)
+    another = [re.search(r"etcd: coord/state says job etcd-job \(%s\) completed under this "
+                         r"prefix at [^;]*; this is job etcd-job \(([0-9a-f]{16})\), another: it "
+                         r"runs, with a restart budget of its own" % job_hash, n.stderr())
+               for n in pair]
+    elected = [m for m in another if m]
+    new_hash = elected[0].group(1) if len(elected) == 1 else None
+    ran = next((n.steps() for n in pair if n.steps()), [])
+    after = json.loads(etcd.get(state_key) or "{}").get("completed") or {}
+    ok = (codes == [0, 0] and new_hash and new_hash != job_hash
+          and [s["step"] for s in ran] == [STEPS + 1, STEPS + 2]
+          and after.get("job") == new_hash and after.get("step") == STEPS + 2)
+    return fails + check(name, ok, "exit %s; the elected node said so: %s (job %s); steps %s; "
+                         "coord/state then %r%s" % (
+                             codes, [bool(m) for m in another], new_hash,
+                             [s["step"] for s in ran], after, "" if ok else "\n" + c.logs(20)))
 
 
 def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
