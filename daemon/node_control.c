@@ -351,7 +351,9 @@ static json_t *build_status(node *n) {
    * comes once it ends (at scale, minutes of forward passes); none once
    * the generation has failed or ended under it */
   int passes = strcmp(state, "failed") && strcmp(state, "forming") && strcmp(state, "stopped");
-  json_t *ev = n->evaluating && passes
+  /* and only a pass after the step shown: a node without ranks reads the
+   * step's record before it reads the pass is over (node_control_round) */
+  json_t *ev = n->evaluating && passes && (!have || n->eval.step > st->step)
                    ? node_eval_json(&n->eval, (mt_mono_ms() - n->eval_started_ms) / 1e3)
                    : NULL;
   json_object_set_new(s, "evaluation", ev ? ev : json_null());
