@@ -1769,10 +1769,10 @@ out:
   mt_assignment_free(&n->asg);
   mt_tboard_free(n->tboard);
   mt_steplog_acc_free(&n->steplog);
-  mt_coord_free(n->coord);
-  mt_store_free(n->store);
   if (n->election) n->lease = mt_election_stop(n->election), n->election = NULL;
   if (n->lease && n->coord && !n->coord_lost && n->end_final) close_job_in_etcd(n);
+  mt_coord_free(n->coord);
+  mt_store_free(n->store);
   if (n->lease && mt_store_etcd_resign(n->etcd_root, n->lease)) /* or it lapses */
     mt_log_warn("%s: %s", n->store_name, mt_errmsg());
   mt_store_free(n->etcd_root);

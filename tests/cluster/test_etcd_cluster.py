@@ -31,6 +31,10 @@ may be elected to coordinate.
 - test_a_lost_coordinator_spends_the_restart_budget: with
   rendezvous.max_restarts = 0, the node elected after the coordinator's
   node was lost ends the job instead of re-forming it.
+- test_a_coordinator_whose_lease_lapsed_takes_the_key_again: one node
+  cut off from etcd (through forwarders the test cuts) past its lease,
+  etcd keeping its quorum: coord/leader goes; reached again, the node takes
+  it again with the same value and trains on in generation 1 to the end.
 - test_a_config_that_cannot_use_etcd_is_refused: a wildcard endpoint (the
   others could not dial it), an etcd_prefix without its '/', a user without
   a password file: one line each, exit 2.
@@ -141,13 +145,85 @@ class Etcd:
             self.kill(i)
 
 
+class Cut:
+    """TCP forwarders to etcd's members on ports of their own, which the
+    test cuts (the connections closed, none taken) and mends: a node cut
+    off from etcd alone, while etcd keeps its quorum."""
+
+    def __init__(self, etcd):
+        import threading
+        self.targets = list(etcd.client)
+        self.ports = [free_port() for _ in self.targets]
+        self.endpoints = ",".join("http://127.0.0.1:%d" % p for p in self.ports)
+        self._lock, self._conns, self._listeners = threading.Lock(), [], []
+        self.mend()
+
+    def _serve(self, listener, target):
+        import socket
+        import threading
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", target), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+
+    def cut(self):
+        import socket
+        with self._lock:
+            for s in self._listeners + self._conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self._listeners, self._conns = [], []
+
+    def mend(self):
+        import socket
+        import threading
+        for port, target in zip(self.ports, self.targets):
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+            self._listeners.append(listener)
+            threading.Thread(target=self._serve, args=(listener, target), daemon=True).start()
+
+
 TOKEN = "etcd-cluster-token"
 
 
-def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3):
+def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3, endpoints=None):
     """nodes daemons, each with the job and an endpoint of its own (where it
-    hosts the store when elected)."""
-    rdzv = {"etcd": etcd.endpoints, "host": "auto", "etcd_prefix": "/mtnlg/%s/" % name}
+    hosts the store when elected), reaching etcd at endpoints (default: its
+    members)."""
+    rdzv = {"etcd": endpoints or etcd.endpoints, "host": "auto",
+            "etcd_prefix": "/mtnlg/%s/" % name}
     c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=0, heartbeat_ms=HB_MS,
                      timeout_ms=TIMEOUT_MS, extra={"rendezvous": rdzv}, token=TOKEN)
     c.nodes = []
@@ -412,6 +488,53 @@ def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
         c.kill_all()
 
 
+def test_a_lapsed_lease_is_taken_again(mtnlgd, tmp, tokens, etcd):
+    """One node (dp 1) elected coordinator is cut off from etcd (its
+    members reached through forwarders the test cuts) for 2 s past its
+    lease, while etcd keeps its quorum: etcd lets the lease lapse and
+    deletes coord/leader. Reached again, the node finds its lease gone and
+    nobody else holding the key, takes it again under a new lease with the
+    same term and endpoint, and the job goes on in generation 1 to its
+    end."""
+    name = "test_a_coordinator_whose_lease_lapsed_takes_the_key_again"
+    job = tiny_job(os.path.join(tmp, "etcd-lapse.json"), tokens, "etcd-lapse", 120,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
+    cut = Cut(etcd)
+    c = etcd_cluster(mtnlgd, tmp, "etcd-lapse", job, etcd, nodes=1, endpoints=cut.endpoints)
+    n0 = c.nodes[0]
+    key = "/mtnlg/etcd-lapse/coord/leader"
+    try:
+        c.node_start(n0)
+        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
+        held = etcd.get(key)
+        cut.cut()
+        at_cut = last_step(n0)
+        time.sleep(TIMEOUT_MS / 1000 + 2)
+        gone = etcd.get(key)
+        during = last_step(n0) - at_cut
+        cut.mend()
+        c.wait_for(lambda: etcd.get(key) is not None, 30, "coord/leader again")
+        again = etcd.get(key)
+        codes = c.wait_all(120, [n0])
+        said = grep(n0, r"etcd: this node's lease on coord/leader lapsed \(etcd did not answer "
+                        r"for longer than it\): no other node took the key, so the term goes on "
+                        r"under a new lease")
+        warned = grep(n0, r"etcd does not answer \(.*\): the generation goes on") and grep(
+            n0, r"etcd answers again")
+        steps = [s["step"] for s in n0.steps()]
+        ok = (held and gone is None and again == held and codes == [0] and said and warned
+              and during > 0 and steps == list(range(1, 121))
+              and not grep(n0, r"generation 2|coordinator lost"))
+        return check(name, ok, "coord/leader %r, after %.0f s cut off %r, then %r; %d steps "
+                     "meanwhile; exit %s; the retake logged %s, the outage %s; steps %s..%s "
+                     "(%d)%s" % (held, TIMEOUT_MS / 1000 + 2, gone, again, during, codes,
+                                 bool(said), bool(warned), steps[:1], steps[-1:], len(steps),
+                                 "" if ok else "\n" + c.logs(30)))
+    finally:
+        cut.cut()
+        c.kill_all()
+
+
 def add_conf(node, section, key, value):
     """Sets one more key in a node's config file (before it starts)."""
     with open(node.conf) as f:
@@ -480,7 +603,8 @@ def main():
             for fn, *extra in ((test_a_config_that_cannot_use_etcd_is_refused,),
                                (test_no_etcd_is_waited_for,),
                                (test_losing_the_coordinators_node, mtnlgctl, validate),
-                               (test_budget_spans_coordinators,)):
+                               (test_budget_spans_coordinators,),
+                               (test_a_lapsed_lease_is_taken_again,)):
                 t0 = time.time()
                 try:
                     fails += fn(mtnlgd, tmp, tokens, etcd, *extra)
