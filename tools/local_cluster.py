@@ -6,6 +6,7 @@ node config per daemon into a run directory, starts the daemons as processes
 never fixed. Standard library only.
 """
 
+import base64
 import fcntl
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 
 
 _handed_out = set()
@@ -402,6 +404,88 @@ class LocalCluster:
         return "\n".join(parts)
 
 
+class Etcd:
+    """An etcd cluster of members (three by default) on loopback (Debian's
+    etcd-server), its data and logs in dir; stopped by their pids."""
+
+    def __init__(self, binary, dir, members=3):
+        self.binary, self.dir, self.members = binary, dir, members
+        self.client = [free_port() for _ in range(members)]
+        self.peer = [free_port() for _ in range(members)]
+        self.procs = [None] * members
+        self.urls = ["http://127.0.0.1:%d" % p for p in self.client]
+        self.endpoints = ",".join(self.urls)
+
+    def start(self, i):
+        cluster = ",".join("m%d=http://127.0.0.1:%d" % (k, p) for k, p in enumerate(self.peer))
+        log = open(os.path.join(self.dir, "m%d.log" % i), "a")
+        self.procs[i] = subprocess.Popen(
+            [self.binary, "--name", "m%d" % i, "--data-dir", os.path.join(self.dir, "m%d" % i),
+             "--listen-client-urls", self.urls[i], "--advertise-client-urls", self.urls[i],
+             "--listen-peer-urls", "http://127.0.0.1:%d" % self.peer[i],
+             "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % self.peer[i],
+             "--initial-cluster", cluster, "--initial-cluster-token", "mtnlg-etcd-cluster",
+             "--initial-cluster-state", "new", "--heartbeat-interval", "50",
+             "--election-timeout", "500", "--logger", "zap", "--log-outputs", "stderr",
+             "--log-level", "error"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def start_all(self):
+        for i in range(self.members):
+            self.start(i)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.leader() is not None:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the etcd cluster elected no leader in 30 s (logs in %s)" % self.dir)
+
+    def _status(self, i):
+        req = urllib.request.Request(self.urls[i] + "/v3/maintenance/status", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return json.loads(r.read())
+
+    def leader(self):
+        """The index of the member that leads, or None."""
+        ids, lead = {}, None
+        for i, p in enumerate(self.procs):
+            if p is None or p.poll() is not None:
+                continue
+            try:
+                st = self._status(i)
+            except OSError:
+                continue
+            ids[st["header"]["member_id"]] = i
+            lead = st.get("leader", lead)
+        return ids.get(lead)
+
+    def get(self, key):
+        """key's value (text) as etcd holds it now, or None."""
+        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+        for url in self.urls:
+            req = urllib.request.Request(url + "/v3/kv/range", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    kvs = json.loads(r.read()).get("kvs") or []
+            except OSError:
+                continue
+            return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
+        return None
+
+    def kill(self, i):
+        p = self.procs[i]
+        if p and p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+    def stop(self):
+        for i in range(self.members):
+            self.kill(i)
+
+
 def step_losses(node):
     return [(s["step"], s["loss"]) for s in node.steps() if "loss" in s]
 
@@ -499,14 +583,12 @@ def tiny_job(path, tokens, name, steps, **sections):
 
 def status(node):
     """A node's /v1/status, parsed."""
-    import urllib.request
     with urllib.request.urlopen(node.url() + "/v1/status", timeout=5) as r:
         return json.loads(r.read())
 
 
 def post(node, path, token):
     """POSTs {} to a node's control plane with the token: the HTTP status."""
-    import urllib.request
     req = urllib.request.Request(node.url() + path, data=b"{}", method="POST",
                                  headers={"Authorization": "Bearer " + token,
                                           "Content-Type": "application/json"})

@@ -42,7 +42,6 @@ may be elected to coordinate.
   the daemon waits, saying so, and exits 1 (worth a restart) after
   rendezvous.join_timeout_s.
 """
-import base64
 import json
 import os
 import re
@@ -53,96 +52,14 @@ import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import (LocalCluster, check, free_port, grep, last_step,  # noqa: E402
-                           license_tokens, post, status, status_contract, tiny_job)
+from local_cluster import (Etcd, LocalCluster, check, free_port, grep,  # noqa: E402
+                           last_step, license_tokens, post, status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 4000
 STEPS, INTERVAL = 150, 6
-
-
-class Etcd:
-    """Three etcd members on loopback, in dir; stopped by their pids."""
-
-    def __init__(self, binary, dir):
-        self.binary, self.dir = binary, dir
-        self.client = [free_port() for _ in range(3)]
-        self.peer = [free_port() for _ in range(3)]
-        self.procs = [None] * 3
-        self.urls = ["http://127.0.0.1:%d" % p for p in self.client]
-        self.endpoints = ",".join(self.urls)
-
-    def start(self, i):
-        cluster = ",".join("m%d=http://127.0.0.1:%d" % (k, p) for k, p in enumerate(self.peer))
-        log = open(os.path.join(self.dir, "m%d.log" % i), "a")
-        self.procs[i] = subprocess.Popen(
-            [self.binary, "--name", "m%d" % i, "--data-dir", os.path.join(self.dir, "m%d" % i),
-             "--listen-client-urls", self.urls[i], "--advertise-client-urls", self.urls[i],
-             "--listen-peer-urls", "http://127.0.0.1:%d" % self.peer[i],
-             "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % self.peer[i],
-             "--initial-cluster", cluster, "--initial-cluster-token", "mtnlg-etcd-cluster",
-             "--initial-cluster-state", "new", "--heartbeat-interval", "50",
-             "--election-timeout", "500", "--logger", "zap", "--log-outputs", "stderr",
-             "--log-level", "error"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
-
-    def start_all(self):
-        for i in range(3):
-            self.start(i)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.leader() is not None:
-                return
-            time.sleep(0.2)
-        raise RuntimeError("the etcd cluster elected no leader in 30 s (logs in %s)" % self.dir)
-
-    def _status(self, i):
-        req = urllib.request.Request(self.urls[i] + "/v3/maintenance/status", data=b"{}",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=2) as r:
-            return json.loads(r.read())
-
-    def leader(self):
-        """The index of the member that leads, or None."""
-        ids, lead = {}, None
-        for i, p in enumerate(self.procs):
-            if p is None or p.poll() is not None:
-                continue
-            try:
-                st = self._status(i)
-            except OSError:
-                continue
-            ids[st["header"]["member_id"]] = i
-            lead = st.get("leader", lead)
-        return ids.get(lead)
-
-    def get(self, key):
-        """key's value (text) as etcd holds it now, or None."""
-        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
-        for url in self.urls:
-            req = urllib.request.Request(url + "/v3/kv/range", data=body,
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    kvs = json.loads(r.read()).get("kvs") or []
-            except OSError:
-                continue
-            return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
-        return None
-
-    def kill(self, i):
-        p = self.procs[i]
-        if p and p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-    def stop(self):
-        for i in range(3):
-            self.kill(i)
 
 
 class Cut:

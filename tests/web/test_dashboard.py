@@ -1,6 +1,6 @@
 """The dashboard in a real browser against a live cluster of 4 daemons.
 
-usage: test_dashboard.py MTNLGD [OUT_DIR]
+usage: test_dashboard.py MTNLGD [OUT_DIR [ETCD]]
 
 Starts 4 mtnlgd daemons on loopback (tools/local_cluster.py; cpu:2 each,
 tp 2 x pp 2 x dp 2, the tiny model with 4 layers, a control token) and
@@ -43,6 +43,12 @@ websocket client below (standard library only). Checks, in the page's DOM:
   page shows #state "unreachable", #conn "no answer since ...", the values
   greyed out (main.stale), no button, and links to the other node's
   control plane.
+- test_the_header_says_the_coordinator_was_elected_through_etcd: one
+  daemon whose rendezvous is in a one-member etcd (ETCD, Debian's
+  etcd-server; skipped without it): the header says "elected through etcd
+  (term T, here, lease N s)" after the coordinator, its title the store's
+  endpoint and etcd's, as /v1/status's election says; the others' header
+  says nothing of it (their election is null).
 Exits 77 (skipped) when no Chromium is installed.
 """
 import base64
@@ -61,7 +67,8 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-from local_cluster import LocalCluster, free_port, check, license_tokens, tiny_job  # noqa: E402
+from local_cluster import (Etcd, LocalCluster, free_port, check, license_tokens,  # noqa: E402
+                           tiny_job)
 
 TOKEN = "dashboard-test-token"
 NODES = ["n0", "n1", "n2", "n3"]
@@ -268,6 +275,7 @@ DOM_SNAPSHOT = """(function () {
     function (r) { return r.getAttribute('data-node'); });
   return {state: t('state'), generation: t('generation'), step: t('step'), job: t('job-name'),
           loss: t('loss'), tps: t('tokens-per-s'), op: t('op-status'), conn: t('conn'),
+          election: t('election'), electionTitle: document.getElementById('election').title,
           skipped: t('skipped-steps'), rows: rows, others: t('others'), tflops: t('tflops'),
           val: t('val-loss'), store: t('store'), timers: t('step-timers'),
           eta: t('eta'), etaAt: t('eta-at'), etaT: document.getElementById('eta-at').getAttribute('data-t'),
@@ -377,7 +385,7 @@ def start_browser(chromium, tmp):
 
 # -------------------------------------------------------------------- tests
 
-def run(mtnlgd, out_dir, chromium, tmp):
+def run(mtnlgd, out_dir, chromium, tmp, etcd_bin):
     failures = 0
     # the daemons train at niceness 10: on 2 cores their 8 ranks would
     # otherwise starve Chromium (its DevTools once gave no answer in 15 s)
@@ -424,7 +432,8 @@ def run(mtnlgd, out_dir, chromium, tmp):
               and d["step"].isdigit() and int(d["step"]) <= status(n0)["step"]
               # a rate while it trains: two decimals, or three significant digits below 1e-3
               and re.match(r"^(\d+\.\d\d|\d\.\d\de-\d+)$", d["tflops"] or "") is not None
-              and d["tps"] != "–")
+              and d["tps"] != "–"
+              and d["election"] == "" and want["election"] is None)  # its own store: no etcd
         failures += check("test_dashboard_renders_the_clusters_values_while_training", ok,
                           "page %s, /v1/status state %s generation %s step %s" % (
                               d, want["state"], want["generation"], want["step"]))
@@ -566,6 +575,8 @@ def run(mtnlgd, out_dir, chromium, tmp):
                           % (d["state"], d["reason"], d["conn"], d["stale"], d["enabled"],
                              d["others"]))
         failures += test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp)
+        failures += test_the_header_says_the_coordinator_was_elected_through_etcd(
+            mtnlgd, dt, tmp, etcd_bin)
         dt.ws.close()
     except (AssertionError, RuntimeError, TimeoutError, ConnectionError, OSError) as e:
         failures += check("test_dashboard", False, "%s: %s\n%s" % (type(e).__name__, e, c.logs()))
@@ -630,16 +641,53 @@ def test_heartbeats_are_coloured_against_the_clusters_interval(mtnlgd, dt, tmp):
         c.kill_all()
 
 
+def test_the_header_says_the_coordinator_was_elected_through_etcd(mtnlgd, dt, tmp, etcd_bin):
+    """One daemon of the 4-node job (it waits, forming) whose rendezvous is
+    in a one-member etcd (rendezvous.etcd): elected, it coordinates, and the
+    header says so after the coordinator's name: the term, "here", the
+    lease; its title the store's endpoint and etcd's (returns the
+    failures)."""
+    name = "test_the_header_says_the_coordinator_was_elected_through_etcd"
+    if not etcd_bin:
+        print("skipped %s: no etcd (Debian's etcd-server; tools/test installs it)" % name)
+        return 0
+    etcd = Etcd(etcd_bin, os.path.join(tmp, "etcd"), members=1)
+    os.makedirs(etcd.dir, exist_ok=True)
+    c = LocalCluster(mtnlgd, os.path.join(tmp, "elected"), write_job(tmp), nodes=1, token=TOKEN,
+                     extra={"rendezvous": {"etcd": etcd.endpoints, "host": "auto"}})
+    try:
+        etcd.start_all()
+        c.start()
+        n0 = c.nodes[0]
+        st = wait_until(lambda: started_step(c) >= 0 and status(n0).get("election") and status(n0),
+                        30, "n0's control plane and election")
+        el = st["election"]
+        dt.call("Page.navigate", {"url": n0.url() + "/"})
+        dt.wait_event("Page.loadEventFired", 15)
+        d = wait_until(lambda: (lambda d: d if d["election"] else None)(dom(dt)), 15,
+                       "the header's election")
+        ok = (d["election"] == ", elected through etcd (term %s, here, lease %d s)"
+              % (el["term"], el["lease_s"])
+              and d["electionTitle"] == "store at %s\netcd %s" % (c.endpoint, etcd.endpoints)
+              and el["coordinator_endpoint"] == c.endpoint and el["elected_here"] is True)
+        return check(name, ok, "header %r, its title %r; /v1/status election %s"
+                     % (d["election"], d["electionTitle"], el))
+    finally:
+        c.kill_all()
+        etcd.stop()
+
+
 def main():
     mtnlgd = sys.argv[1]
     out_dir = sys.argv[2] if len(sys.argv) > 2 else os.getcwd()
+    etcd_bin = sys.argv[3] if len(sys.argv) > 3 and os.access(sys.argv[3], os.X_OK) else None
     chromium = find_chromium()
     if not chromium:
         print("skipped: no chromium (or chromium-browser, google-chrome) on PATH")
         sys.exit(77)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        failures = run(mtnlgd, out_dir, chromium, tmp)
+        failures = run(mtnlgd, out_dir, chromium, tmp, etcd_bin)
     print("%d failure(s) in %.1f s" % (failures, time.time() - t0))
     sys.exit(1 if failures else 0)
 
