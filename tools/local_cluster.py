@@ -328,6 +328,7 @@ class LocalCluster:
             args += ["--job-set", s]
         e = dict(os.environ)
         e.update(env or {})
+        node._out_offset, node._partial = 0, ""  # new_steps() reads the new file
         with open(node.out_path, "w") as out, open(node.err_path, "w") as err:
             node.proc = subprocess.Popen(args, stdout=out, stderr=err, env=e,
                                          stdin=subprocess.DEVNULL,
@@ -408,8 +409,11 @@ class Etcd:
     """An etcd cluster of members (three by default) on loopback (Debian's
     etcd-server), its data and logs in dir; stopped by their pids."""
 
-    def __init__(self, binary, dir, members=3):
+    def __init__(self, binary, dir, members=3, die_with_parent=False):
         self.binary, self.dir, self.members = binary, dir, members
+        # die_with_parent: each member SIGTERMed when its launcher dies
+        # (tools/local-cluster's), as the daemons are
+        self.die_with_parent = die_with_parent
         self.client = [free_port() for _ in range(members)]
         self.peer = [free_port() for _ in range(members)]
         self.procs = [None] * members
@@ -428,7 +432,8 @@ class Etcd:
              "--initial-cluster-state", "new", "--heartbeat-interval", "50",
              "--election-timeout", "500", "--logger", "zap", "--log-outputs", "stderr",
              "--log-level", "error"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent else None)
         log.close()
 
     def start_all(self):
@@ -484,6 +489,25 @@ class Etcd:
     def stop(self):
         for i in range(self.members):
             self.kill(i)
+
+
+def elected_cluster(mtnlgd, run_dir, job, endpoints, nodes=3, prefix=None, **kw):
+    """nodes daemons whose rendezvous is in etcd at endpoints
+    (rendezvous.etcd): each has the job, rendezvous.host auto (so each may
+    be elected) and an endpoint of its own (where it hosts the store when
+    elected: node.endpoint_port). kw: LocalCluster's."""
+    rdzv = {"etcd": endpoints, "host": "auto"}
+    if prefix:
+        rdzv["etcd_prefix"] = prefix
+    extra = dict(kw.pop("extra", None) or {})
+    extra["rendezvous"] = dict(extra.get("rendezvous", {}), **rdzv)
+    c = LocalCluster(mtnlgd, run_dir, job, nodes=0, extra=extra, **kw)
+    for i in range(nodes):
+        port = free_port()
+        c.nodes.append(c.add_node("n%d" % i, extra={"rendezvous": {
+            "endpoint": "127.0.0.1:%d" % port}}))
+        c.nodes[-1].endpoint_port = port
+    return c
 
 
 def step_losses(node):

@@ -55,7 +55,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import (Etcd, LocalCluster, check, free_port, grep,  # noqa: E402
+from local_cluster import (Etcd, check, elected_cluster, free_port, grep,  # noqa: E402
                            last_step, license_tokens, post, status, status_contract, tiny_job)
 
 HB_MS, TIMEOUT_MS = 200, 4000
@@ -136,20 +136,11 @@ TOKEN = "etcd-cluster-token"
 
 
 def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3, endpoints=None):
-    """nodes daemons, each with the job and an endpoint of its own (where it
-    hosts the store when elected), reaching etcd at endpoints (default: its
-    members)."""
-    rdzv = {"etcd": endpoints or etcd.endpoints, "host": "auto",
-            "etcd_prefix": "/mtnlg/%s/" % name}
-    c = LocalCluster(mtnlgd, os.path.join(tmp, name), job, nodes=0, heartbeat_ms=HB_MS,
-                     timeout_ms=TIMEOUT_MS, extra={"rendezvous": rdzv}, token=TOKEN)
-    c.nodes = []
-    for i in range(nodes):
-        port = free_port()
-        c.nodes.append(c.add_node("n%d" % i, extra={"rendezvous": {
-            "endpoint": "127.0.0.1:%d" % port}}))
-        c.nodes[-1].endpoint_port = port
-    return c
+    """elected_cluster's nodes under the prefix /mtnlg/NAME/, reaching etcd
+    at endpoints (default: its members)."""
+    return elected_cluster(mtnlgd, os.path.join(tmp, name), job, endpoints or etcd.endpoints,
+                           nodes=nodes, prefix="/mtnlg/%s/" % name, heartbeat_ms=HB_MS,
+                           timeout_ms=TIMEOUT_MS, token=TOKEN)
 
 
 def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, validate):

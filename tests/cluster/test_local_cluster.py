@@ -1,6 +1,6 @@
 """tools/local-cluster's hold on its --dir: one cluster to a directory.
 
-usage: test_local_cluster.py MTNLGD
+usage: test_local_cluster.py MTNLGD [ETCD]
 
 One daemon (cpu:1, the tiny model, a long job) started by tools/local-cluster
 in a temporary --dir:
@@ -17,9 +17,16 @@ in a temporary --dir:
   naming the daemon that still writes there and that local-cluster is gone;
   once the daemon is continued, it stops (its launcher's death SIGTERMed
   it) and the directory is free.
+- test_local_cluster_with_etcd_restarts_the_daemons_and_the_job_goes_on:
+  `--etcd 1 --nodes 2` (dp 1), the node elected coordinator SIGKILLed:
+  local-cluster starts it again and the other, which exits 1, as systemd
+  would; another term is elected, the job resumes from its newest
+  checkpoint (local-cluster says so) and completes, exit 0, no etcd left
+  (skipped without ETCD, Debian's etcd-server).
 Each check prints `ok NAME` or `FAIL NAME: detail`.
 """
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -116,8 +123,92 @@ def second_start(mtnlgd, run_dir, job, token_file, refused_within_s=30):
         return None, out[-2000:], err[-2000:]
 
 
+def test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin):
+    """tools/local-cluster --etcd 1 with two daemons (dp 1: one trains, one
+    waits as a spare) and a checkpoint every 10 steps: the node elected
+    coordinator is SIGKILLed. local-cluster starts it again, as systemd
+    would; the other exits 1 (its coordinator lost) and is started again;
+    one of them is elected (another term, counting the loss), the job
+    resumes from its newest checkpoint and completes; local-cluster says
+    each step of it, exits 0, and leaves no etcd member running."""
+    name = "test_local_cluster_with_etcd_restarts_the_daemons_and_the_job_goes_on"
+    if not etcd_bin or not os.access(etcd_bin, os.X_OK):
+        print("skipped %s: no etcd at %s (Debian's etcd-server)" % (name, etcd_bin))
+        return 0
+    steps = 400
+    job = tiny_job(os.path.join(tmp, "etcd-job.json"), tokens, "lc-etcd", steps,
+                   parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   checkpoint={"dir": os.path.join(tmp, "etcd-ck"), "interval": 10})
+    run_dir = os.path.join(tmp, "etcd-run")
+    log, steps_log = os.path.join(tmp, "etcd-run.log"), os.path.join(tmp, "etcd-steps.jsonl")
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, LOCAL_CLUSTER, "--etcd", "1", "--etcd-bin", etcd_bin,
+                              "--nodes", "2", "--devices", "cpu:1", "--job", job, "--dir", run_dir,
+                              "--mtnlgd", mtnlgd, "--steps-log", steps_log],
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def output():
+        with open(log, errors="replace") as f:
+            return f.read()
+    try:
+        deadline, m = time.time() + 120, None
+        while time.time() < deadline and p.poll() is None:
+            m = re.search(r"^local-cluster: (n[01]) elected coordinator \(term ([0-9a-f]{16})\)$",
+                          output(), re.M)
+            if m and len(output().split("\nstep ")) > 15:
+                break
+            time.sleep(0.1)
+        if not m:
+            raise AssertionError("no node was said elected:\n" + output()[-3000:])
+        first, term = m.group(1), m.group(2)
+        other = "n1" if first == "n0" else "n0"
+        pid = int(re.search(r"^  %s\s+pid (\d+)" % first, output(), re.M).group(1))
+        os.kill(pid, signal.SIGKILL)
+        try:
+            code = p.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            code = None
+        said = output()
+        with open(steps_log) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        m2 = re.search(r"^local-cluster: (n[01]) elected coordinator \(term ([0-9a-f]{16})\): the "
+                       r"coordinator %s was lost \(its lease on coord/leader in etcd lapsed\)$"
+                       % first, said, re.M)
+        m3 = re.search(r"^local-cluster: the job resumed from its step (\d+) checkpoint: steps "
+                       r"(\d+) to (\d+) run again$", said, re.M)
+        etcd_left = [d for d in os.listdir("/proc") if d.isdigit() and run_dir in _cmdline(d)]
+        ok = (code == 0 and m2 and m2.group(2) != term
+              and "local-cluster: %s exited killed by SIGKILL; starting it again in 1 s" % first
+              in said
+              and re.search(r"^local-cluster: %s started again: pid \d+$" % first, said, re.M)
+              and re.search(r"^local-cluster: %s exited with 1: node %s exits \(1\): coordinator "
+                            r"lost: .*; starting it again in 1 s$" % (other, other), said, re.M)
+              and m3 and int(m3.group(1)) % 10 == 0 and int(m3.group(2)) == int(m3.group(1)) + 1
+              and recs and recs[-1]["step"] == steps
+              and "local-cluster: n0 exited with 0" in said
+              and "local-cluster: n1 exited with 0" in said and not etcd_left)
+        return check(name, ok, "exit %s; %s elected first (term %s), SIGKILLed; then %s; "
+                     "resumed: %s; last step %s; processes left in its dir %s%s" % (
+                         code, first, term, m2.group(0) if m2 else None,
+                         m3.group(0) if m3 else None, recs[-1]["step"] if recs else None,
+                         etcd_left, "" if ok else "\n" + said[-3000:]))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def main():
     mtnlgd = sys.argv[1]
+    etcd_bin = sys.argv[2] if len(sys.argv) > 2 else None
     failures = 0
     tmp = tempfile.mkdtemp(prefix="mtnlg-lc-")
     runs, daemons = [], []
@@ -196,6 +287,7 @@ def main():
             failures += expect("test_daemons_outliving_their_local_cluster_keep_the_dir",
                               refused and lock_free(run_dir),
                               "exit %s (None: started)\nstderr: %s" % (code, err))
+        failures += test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin)
     except Exception as e:  # noqa: BLE001 - a harness error is a failure
         failures += expect("harness", False, "%s: %s" % (type(e).__name__, e))
     finally:
