@@ -38,11 +38,16 @@ typedef struct head {
 } head;
 
 static struct {
-  int tried, init_rc;        /* set up once; init_rc is what every later call returns */
-  char init_err[1024];       /* why setting up failed */
-  int curl_global;           /* curl_global_init succeeded */
-  CURL *curl;                /* reused: keeps the connection between requests */
-  char *base;                /* endpoint without a trailing '/' */
+  int tried, init_rc;  /* set up once; init_rc is what every later call returns */
+  char init_err[1024]; /* why setting up failed */
+  int curl_global;     /* curl_global_init succeeded */
+  CURL *curl;          /* reused: keeps the connection between requests */
+  /* -e's endpoints (a comma-separated list, etcdctl's --endpoints): each
+   * as given, for messages, and its base URL without a trailing '/'; cur
+   * is the one requests go to, until it cannot be reached */
+  char *names[CTL_HTTP_MAX_ENDPOINTS], *bases[CTL_HTTP_MAX_ENDPOINTS];
+  int n_endpoints, cur;
+  char *base;                /* bases[cur] */
   char *token;               /* NULL: none given, or not read yet */
   int token_tried, token_rc; /* the token file read once; token_rc what it gave */
   char token_err[1024];      /* why it could not be */
@@ -163,30 +168,62 @@ oom:
   return -1;
 }
 
-/* Checks the endpoint, makes the handle; once. The token is load_token's. */
+/* One endpoint: checked, and its base URL (also when given as the API's
+ * root, ".../v1", ".../v1/", as the API's paths read: the paths asked for
+ * carry /v1 themselves). Returns 0, CTL_EXIT_USAGE (err set) or -1 (out of
+ * memory). */
+static int add_endpoint(const char *ep, size_t len, int index, int count) {
+  char *name = strndup(ep, len);
+  if (!name) return -1;
+  http.names[http.n_endpoints] = name;
+  char *base = strdup(name);
+  if (!base) return -1;
+  http.bases[http.n_endpoints++] = base;
+  if (!has_http_scheme(base)) {
+    char which[64] = "";
+    if (count > 1) snprintf(which, sizeof which, " (endpoint %d of %d)", index + 1, count);
+    set_err(http.init_err, sizeof http.init_err,
+            "%s: \"%s\"%s is not an http:// or https:// URL (for example %s)",
+            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", name, which,
+            CTL_DEFAULT_ENDPOINT);
+    return CTL_EXIT_USAGE;
+  }
+  size_t n = strlen(base);
+  while (n > 0 && base[n - 1] == '/') base[--n] = '\0';
+  const char *path = strchr(strstr(base, "://") + 3, '/');
+  if (path && n >= 3 && !strcmp(base + n - 3, "/v1") && base + n - 3 >= path) {
+    base[n -= 3] = '\0';
+    while (n > 0 && base[n - 1] == '/') base[--n] = '\0';
+  }
+  return 0;
+}
+
+/* Checks the endpoints, makes the handle; once. The token is load_token's. */
 static int setup(void) {
   if (http.tried) return http.init_rc;
   http.tried = 1;
   http.init_rc = CTL_EXIT_USAGE;
   const char *ep = ctl.endpoint ? ctl.endpoint : CTL_DEFAULT_ENDPOINT;
-  if (!has_http_scheme(ep)) {
-    set_err(http.init_err, sizeof http.init_err,
-            "%s: \"%s\" is not an http:// or https:// URL (for example %s)",
-            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ep, CTL_DEFAULT_ENDPOINT);
+  const char *src = ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint";
+  int count = 1;
+  for (const char *p = ep; *p; p++) count += *p == ',';
+  if (count > CTL_HTTP_MAX_ENDPOINTS) {
+    set_err(http.init_err, sizeof http.init_err, "%s: %d endpoints; at most %d, comma-separated",
+            src, count, CTL_HTTP_MAX_ENDPOINTS);
     return http.init_rc;
   }
-  http.init_rc = CTL_EXIT_FAILURE;
-  http.base = strdup(ep);
-  if (!http.base) goto oom;
-  /* the base URL, also when given as the API's root (".../v1", ".../v1/", as
-   * the API's paths read): the paths asked for carry /v1 themselves */
-  size_t n = strlen(http.base);
-  while (n > 0 && http.base[n - 1] == '/') http.base[--n] = '\0';
-  const char *path = strchr(strstr(http.base, "://") + 3, '/');
-  if (path && n >= 3 && !strcmp(http.base + n - 3, "/v1") && http.base + n - 3 >= path) {
-    http.base[n -= 3] = '\0';
-    while (n > 0 && http.base[n - 1] == '/') http.base[--n] = '\0';
+  for (int i = 0; i < count; i++) {
+    const char *end = strchr(ep, ',');
+    size_t len = end ? (size_t)(end - ep) : strlen(ep);
+    while (len && (*ep == ' ' || *ep == '\t')) ep++, len--; /* "a, b" as "a,b" */
+    while (len && (ep[len - 1] == ' ' || ep[len - 1] == '\t')) len--;
+    int rc = add_endpoint(ep, len, i, count);
+    if (rc < 0) goto oom;
+    if (rc) return http.init_rc;
+    ep = end ? end + 1 : ep + len;
   }
+  http.init_rc = CTL_EXIT_FAILURE;
+  http.base = http.bases[0];
 
   if (curl_global_init(CURL_GLOBAL_DEFAULT)) {
     set_err(http.init_err, sizeof http.init_err, "cannot initialise libcurl");
@@ -402,6 +439,10 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap, "%s", http.token_err);
     goto cleanup;
   }
+  /* the endpoints that could not be reached in this request, and why */
+  char tried[1024] = "";
+  int tries = 0;
+again:
   ret = CTL_EXIT_FAILURE;
   size_t url_len = strlen(http.base) + strlen(path) + 1;
   if (!(url = malloc(url_len))) {
@@ -465,7 +506,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   http.key_echoed = post && http.idem_header[0] && !strcmp(h.idem_key, http.idem_header + 17);
   if (cc == CURLE_WRITE_ERROR && b.too_large) {
     set_err(err, err_cap, "the answer to %s %s from %s is over %d MiB; is it an mtnlgd?", method,
-            path, ctl.endpoint, MAX_ANSWER_BYTES >> 20);
+            path, http.names[http.cur], MAX_ANSWER_BYTES >> 20);
     goto cleanup;
   }
   if (cc == CURLE_OUT_OF_MEMORY || cc == CURLE_WRITE_ERROR) {
@@ -482,13 +523,14 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "%s answered, but not in HTTP (%s); is it an mtnlgd's control port (control.listen), "
             "not the rendezvous store's?",
-            ctl.endpoint, curl_why);
+            http.names[http.cur], curl_why);
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }
   if (cc == CURLE_URL_MALFORMAT || cc == CURLE_UNSUPPORTED_PROTOCOL) {
     set_err(err, err_cap, "%s: \"%s\" is not a URL libcurl can use: %s",
-            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", ctl.endpoint, curl_why);
+            ctl.endpoint_source ? ctl.endpoint_source : "-e/--endpoint", http.names[http.cur],
+            curl_why);
     ret = CTL_EXIT_USAGE;
     goto cleanup;
   }
@@ -502,7 +544,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "the daemon at %s did not prove it is the daemon named (%s); give the CA that signed "
             "its certificate with --cacert PATH or MTNLG_CACERT",
-            ctl.endpoint, curl_why);
+            http.names[http.cur], curl_why);
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }
@@ -510,17 +552,42 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "no TLS connection with the daemon at %s (%s); does it serve https (control.tls_cert), "
             "or plain http://?",
-            ctl.endpoint, curl_why);
+            http.names[http.cur], curl_why);
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }
   if (cc != CURLE_OK) {
     char why[CURL_ERROR_SIZE + 64];
     transport_reason(cc, why, sizeof why);
-    set_err(err, err_cap,
-            "cannot reach the daemon at %s (%s); is mtnlgd running? set -e/--endpoint or "
-            "MTNLG_ENDPOINT",
-            ctl.endpoint, why);
+    size_t at = strlen(tried);
+    snprintf(tried + at, sizeof tried - at, "%s%s: %s", at ? "; " : "", http.names[http.cur], why);
+    /* the next endpoint, unless every one was tried, or a mutation went
+     * out (the daemon may have acted: mutate.c decides whether to send it
+     * again, with its Idempotency-Key, and that try goes on to the next
+     * one, this one not answering a connection) */
+    if (++tries < http.n_endpoints && (!post || !http.sent)) {
+      http.base = http.bases[http.cur = (http.cur + 1) % http.n_endpoints];
+      if (keyed) curl_easy_setopt(http.curl, CURLOPT_HTTPHEADER, NULL);
+      curl_slist_free_all(keyed), keyed = NULL;
+      free(payload), payload = NULL;
+      free(url), url = NULL;
+      free(b.data);
+      memset(&b, 0, sizeof b);
+      memset(&h, 0, sizeof h);
+      goto again;
+    }
+    if (tries > 1)
+      set_err(err, err_cap,
+              "cannot reach the daemon at any of %d endpoints (%s); is mtnlgd running? set "
+              "-e/--endpoint or MTNLG_ENDPOINT",
+              tries, tried);
+    else
+      set_err(err, err_cap,
+              "cannot reach the daemon at %s (%s); is mtnlgd running? set -e/--endpoint or "
+              "MTNLG_ENDPOINT",
+              http.names[http.cur], why);
+    /* the next request starts at the next one: this one did not answer */
+    if (http.n_endpoints > 1) http.base = http.bases[http.cur = (http.cur + 1) % http.n_endpoints];
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }
@@ -543,7 +610,7 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
     set_err(err, err_cap,
             "the answer to %s %s from %s is not JSON (%s, line %d); is it an mtnlgd control "
             "endpoint?",
-            method, path, ctl.endpoint, jerr.text, jerr.line);
+            method, path, http.names[http.cur], jerr.text, jerr.line);
     goto cleanup;
   }
   *out = root;
@@ -591,7 +658,7 @@ void ctl_http_close(void) {
     memset(http.token, 0, strlen(http.token));
     free(http.token);
   }
-  free(http.base);
+  for (int i = 0; i < http.n_endpoints; i++) free(http.names[i]), free(http.bases[i]);
   memset(&http, 0, sizeof http);
 }
 
@@ -600,5 +667,9 @@ void ctl_http_set_idempotency_key(const char *key) {
 }
 
 int ctl_http_sent(void) { return http.sent; }
+
+const char *ctl_http_endpoint(void) {
+  return http.n_endpoints ? http.names[http.cur] : ctl.endpoint;
+}
 
 int ctl_http_key_echoed(void) { return http.key_echoed; }

@@ -3,6 +3,12 @@
  *
  * One libcurl handle, reused across requests (watch and --wait poll over one
  * connection), on the endpoint and token file of the global options (ctl.h).
+ * The endpoint may be a comma-separated list (any daemon of a cluster
+ * answers for all of it, as etcdctl's --endpoints): requests go to the
+ * first, and to the next whenever one cannot be reached (no connection, or
+ * a read with no answer), for the rest of the process; a mutation that went
+ * out unanswered is not sent on (mutate.c sends it again, with its
+ * Idempotency-Key, and that try goes to the next).
  * Connect timeout 3 s, whole request 10 s. Bodies are JSON both ways; an
  * error answer (4xx/5xx, application/problem+json) becomes one line naming
  * the status and the daemon's detail. The token file is read when a request
@@ -20,7 +26,7 @@
 #include <jansson.h>
 #include <stddef.h>
 
-enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10 };
+enum { CTL_HTTP_CONNECT_TIMEOUT_S = 3, CTL_HTTP_TIMEOUT_S = 10, CTL_HTTP_MAX_ENDPOINTS = 16 };
 
 /* One request: method "GET" or "POST", path from the endpoint's root
  * ("/v1/status"; an endpoint given as ".../v1" is taken as its root), body
@@ -60,6 +66,10 @@ int ctl_http_sent(void);
  * every answer to a keyed mutation, a 503 included; an older one, or a
  * proxy's own answer, does not. */
 int ctl_http_key_echoed(void);
+
+/* The endpoint requests go to now, as given (one of -e's list); -e as
+ * given before the first request. */
+const char *ctl_http_endpoint(void);
 
 /* Frees the handle and libcurl's global state; safe to call when unused. */
 void ctl_http_close(void);

@@ -158,7 +158,7 @@ static int wait_op(const char *id, json_t **op, int human) {
       fprintf(stderr,
               "mtnlgctl: operation %s is no longer known to the daemon at %s (did it restart?); "
               "`mtnlgctl ops` lists what it knows\n",
-              id, ctl.endpoint);
+              id, ctl_http_endpoint());
       return CTL_EXIT_FAILURE;
     }
     if (rc) {
@@ -288,7 +288,7 @@ static int post_order(const char *path, const json_t *body, const char *key, jso
               "/v1/health has no \"idempotency_keys\": true: an older mtnlgd?), so the request "
               "is not sent again, which could order it twice; `mtnlgctl ops` shows whether it "
               "was taken\n",
-              ctl.endpoint);
+              ctl_http_endpoint());
       json_decref(problem);
       return rc;
     }

@@ -88,7 +88,7 @@ static void print_line(const json_t *st) {
 /* The full view for a terminal, into f (a memory stream). */
 static void render_view(FILE *f, const json_t *st, const char *error, double interval_s) {
   char t[32], a[64], b[64], c[64], d[64];
-  fprintf(f, "mtnlgctl watch: %s every %.1f s, %s\n\n", ctl.endpoint, interval_s,
+  fprintf(f, "mtnlgctl watch: %s every %.1f s, %s\n\n", ctl_http_endpoint(), interval_s,
           now_text(t, sizeof t, "%H:%M:%S"));
   if (error) fprintf(f, "%s\n%s\n", error, st ? "the last answer:\n" : "");
   if (!st) return;

@@ -20,6 +20,9 @@ trains nothing; cheap), with a checkpoint.dir:
     checkpoint yet, and `mtnlgctl checkpoint` is refused until a
     generation runs, so the hint says so rather than offering it;
   - test_endpoint_given_as_the_api_root_reaches_the_daemon: -e URL/v1;
+  - test_a_list_of_endpoints_goes_on_to_one_that_answers: -e DEAD,URL:
+    status answers and a pause is refused (409) by the daemon, and a list
+    of two that do not answer names both, exit 3;
   - test_a_refusal_whose_answer_was_lost_is_answered_again: through a
     proxy that drops the first POST's answer, mtnlgctl checkpoint (refused,
     409, while forming) sends the POST again with the same Idempotency-Key
@@ -45,7 +48,8 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from local_cluster import LocalCluster, check, license_tokens, tiny_job  # noqa: E402
+from local_cluster import (LocalCluster, check, free_port, license_tokens,  # noqa: E402
+                           tiny_job)
 
 failures = 0
 
@@ -146,6 +150,25 @@ def test_with_token(mtnlgd, mtnlgctl, tmp, job):
                           all(p.returncode == 0 and json.loads(p.stdout)["state"] == "forming"
                               for p in outs),
                           "; ".join("exit %d %r" % (p.returncode, p.stderr) for p in outs))
+
+        # -e with several endpoints (any node answers for the cluster): one
+        # that cannot be reached is passed over, for reads and mutations
+        dead = ["http://127.0.0.1:%d" % free_port() for _ in range(2)]
+        listed = "%s, %s/v1" % (dead[0], n.url())
+        st = ctl(mtnlgctl, n, "--token-file", c.token_file, "-o", "json", "status",
+                 endpoint=listed)
+        pz = ctl(mtnlgctl, n, "--token-file", c.token_file, "pause", endpoint=listed)
+        none = ctl(mtnlgctl, n, "--token-file", c.token_file, "status", endpoint=",".join(dead))
+        failures += check(
+            "test_a_list_of_endpoints_goes_on_to_one_that_answers",
+            st.returncode == 0 and json.loads(st.stdout or "{}").get("state") == "forming"
+            and pz.returncode == 1 and "409" in pz.stderr
+            and none.returncode == 3
+            and "cannot reach the daemon at any of 2 endpoints (%s: connection refused; %s: "
+                "connection refused)" % tuple(dead) in none.stderr,
+            "status exit %d %r; pause exit %d %r; none answering: exit %d %r" % (
+                st.returncode, st.stderr, pz.returncode, pz.stderr, none.returncode,
+                none.stderr))
 
         failures += check("test_a_refusal_whose_answer_was_lost_is_answered_again",
                           *refusal_through_a_proxy_that_loses_the_answer(mtnlgctl, c, n))

@@ -99,6 +99,12 @@ def test_usage_errors_exit_2():
             (["-e", "ftp://127.0.0.1:1", "status"], "ftp endpoint",
              "-e/--endpoint: \"ftp://127.0.0.1:1\" is not an http:// or https:// URL"),
             (["-e", "127.0.0.1:8470", "status"], "endpoint without scheme", "not an http://"),
+            (["-e", "http://127.0.0.1:1, 127.0.0.1:2", "status"], "a list's second endpoint "
+             "without scheme", '"127.0.0.1:2" (endpoint 2 of 2) is not an http://'),
+            (["-e", "http://127.0.0.1:1,", "status"], "a list with an empty endpoint",
+             '"" (endpoint 2 of 2) is not an http://'),
+            (["-e", ",".join(["http://127.0.0.1:1"] * 17), "status"], "17 endpoints",
+             "17 endpoints; at most 16, comma-separated"),
             (["--nope"], "unknown global option", ""),
             ([], "no verb", "no verb given"),
             (["frobnicate"], "unknown verb", 'unknown verb "frobnicate"'),
@@ -223,6 +229,11 @@ def test_unreachable_endpoint_exits_3():
           "MTNLG_ENDPOINT is used", p)
     p = run("-e", url, "status", env=clean_env(MTNLG_ENDPOINT="http://127.0.0.1:1"))
     check(p.returncode == 3 and url in p.stderr, "-e wins over MTNLG_ENDPOINT", p)
+    other = f"http://127.0.0.1:{free_port()}"
+    p = run("-e", f"{url},{other}", "status")
+    check(p.returncode == 3 and f"mtnlgctl: cannot reach the daemon at any of 2 endpoints ({url}: "
+          f"connection refused; {other}: connection refused)" in p.stderr,
+          "a list of endpoints none of which answers names each", p)
     p = run("-e", "http://host.invalid:8470", "status")
     check(p.returncode == 3 and "cannot reach the daemon at http://host.invalid:8470" in p.stderr,
           "an unknown host exits 3", p)
