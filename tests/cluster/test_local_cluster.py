@@ -1,6 +1,6 @@
 """tools/local-cluster's hold on its --dir: one cluster to a directory.
 
-usage: test_local_cluster.py MTNLGD [ETCD]
+usage: test_local_cluster.py MTNLGD [ETCD MTNLGCTL]
 
 One daemon (cpu:1, the tiny model, a long job) started by tools/local-cluster
 in a temporary --dir:
@@ -22,10 +22,13 @@ in a temporary --dir:
   local-cluster starts it again and the other, which exits 1, as systemd
   would; another term is elected, the job resumes from its newest
   checkpoint (local-cluster says so) and completes, exit 0, no etcd left
-  (skipped without ETCD, Debian's etcd-server).
+  (skipped without ETCD, Debian's etcd-server); `mtnlgctl -e ELECTED,OTHER
+  watch`, started before the kill, is answered by the other node after it
+  and sees the job go on.
 Each check prints `ok NAME` or `FAIL NAME: detail`.
 """
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -123,7 +126,7 @@ def second_start(mtnlgd, run_dir, job, token_file, refused_within_s=30):
         return None, out[-2000:], err[-2000:]
 
 
-def test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin):
+def test_etcd_failover(mtnlgd, mtnlgctl, tmp, tokens, etcd_bin):
     """tools/local-cluster --etcd 1 with two daemons (dp 1: one trains, one
     waits as a spare) and a checkpoint every 10 steps: the node elected
     coordinator is SIGKILLed. local-cluster starts it again, as systemd
@@ -132,7 +135,7 @@ def test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin):
     resumes from its newest checkpoint and completes; local-cluster says
     each step of it, exits 0, and leaves no etcd member running."""
     name = "test_local_cluster_with_etcd_restarts_the_daemons_and_the_job_goes_on"
-    if not etcd_bin or not os.access(etcd_bin, os.X_OK):
+    if not etcd_bin or not os.access(etcd_bin, os.X_OK) or not mtnlgctl:
         print("skipped %s: no etcd at %s (Debian's etcd-server)" % (name, etcd_bin))
         return 0
     steps = 400
@@ -163,11 +166,31 @@ def test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin):
         first, term = m.group(1), m.group(2)
         other = "n1" if first == "n0" else "n0"
         pid = int(re.search(r"^  %s\s+pid (\d+)" % first, output(), re.M).group(1))
+        urls = {n: re.search(r"^  %s\s+pid \d+\s+control (\S+)" % n, output(), re.M).group(1)
+                for n in (first, other)}
+        # an operator's watch of the elected node, given the other's too
+        watch_out = os.path.join(tmp, "etcd-watch.jsonl")
+        with open(watch_out, "w") as out:
+            watch = subprocess.Popen([mtnlgctl, "-e", "%s,%s" % (urls[first], urls[other]), "-o",
+                                      "json", "watch", "--interval", "0.3"], stdout=out,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        time.sleep(1.0)
         os.kill(pid, signal.SIGKILL)
         try:
             code = p.wait(timeout=180)
         except subprocess.TimeoutExpired:
             code = None
+        watch.terminate()
+        watch.wait(30)
+        with open(watch_out) as f:
+            seen = [json.loads(line) for line in f if line.startswith("{")]
+        answered = [st.get("node") for st in seen]
+        # before the kill the elected node answered; after it, the other
+        # (the list's next), and the watch saw the job go on past the kill
+        watched = (answered[:1] == [first] and other in answered
+                   and answered.index(other) > 0
+                   and max(st.get("step") or 0 for st in seen if st.get("node") == other)
+                   > max(st.get("step") or 0 for st in seen[:answered.index(other)]))
         said = output()
         with open(steps_log) as f:
             recs = [json.loads(line) for line in f if line.strip()]
@@ -186,12 +209,15 @@ def test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin):
               and m3 and int(m3.group(1)) % 10 == 0 and int(m3.group(2)) == int(m3.group(1)) + 1
               and recs and recs[-1]["step"] == steps
               and "local-cluster: n0 exited with 0" in said
-              and "local-cluster: n1 exited with 0" in said and not etcd_left)
+              and "local-cluster: n1 exited with 0" in said and not etcd_left and watched)
         return check(name, ok, "exit %s; %s elected first (term %s), SIGKILLed; then %s; "
-                     "resumed: %s; last step %s; processes left in its dir %s%s" % (
+                     "resumed: %s; last step %s; processes left in its dir %s; mtnlgctl watch "
+                     "-e %s,%s answered by %s%s" % (
                          code, first, term, m2.group(0) if m2 else None,
                          m3.group(0) if m3 else None, recs[-1]["step"] if recs else None,
-                         etcd_left, "" if ok else "\n" + said[-3000:]))
+                         etcd_left, first, other,
+                         [(k, len(list(g))) for k, g in itertools.groupby(answered)],
+                         "" if ok else "\n" + said[-3000:]))
     finally:
         if p.poll() is None:
             p.kill()
@@ -209,6 +235,7 @@ def _cmdline(pid):
 def main():
     mtnlgd = sys.argv[1]
     etcd_bin = sys.argv[2] if len(sys.argv) > 2 else None
+    mtnlgctl = sys.argv[3] if len(sys.argv) > 3 else None
     failures = 0
     tmp = tempfile.mkdtemp(prefix="mtnlg-lc-")
     runs, daemons = [], []
@@ -287,7 +314,7 @@ def main():
             failures += expect("test_daemons_outliving_their_local_cluster_keep_the_dir",
                               refused and lock_free(run_dir),
                               "exit %s (None: started)\nstderr: %s" % (code, err))
-        failures += test_etcd_failover(mtnlgd, tmp, tokens, etcd_bin)
+        failures += test_etcd_failover(mtnlgd, mtnlgctl, tmp, tokens, etcd_bin)
     except Exception as e:  # noqa: BLE001 - a harness error is a failure
         failures += expect("harness", False, "%s: %s" % (type(e).__name__, e))
     finally:
