@@ -405,7 +405,9 @@ static int elect_through_etcd(node *n) {
                           .request_timeout_ms = 2 * hb > 2000 ? 2 * hb : 2000,
                           .user = c->etcd_user[0] ? c->etcd_user : NULL,
                           .password = c->etcd_user[0] ? n->etcd_password : NULL,
-                          .cacert = c->etcd_cacert[0] ? c->etcd_cacert : NULL};
+                          .cacert = c->etcd_cacert[0] ? c->etcd_cacert : NULL,
+                          .cert = c->etcd_cert[0] ? c->etcd_cert : NULL,
+                          .key = c->etcd_key[0] ? c->etcd_key : NULL};
   char said[700] = "", leader[320] = "";
   for (;;) {
     int rc = n->etcd_root ? 0 : mt_store_etcd_new(c->etcd, &o, &n->etcd_root);

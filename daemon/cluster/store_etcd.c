@@ -29,7 +29,7 @@ typedef struct etcd_store {
   char *prefix;
   size_t prefix_len;
   int dial_ms, request_ms;
-  char *user, *password, *cacert;
+  char *user, *password, *cacert, *cert, *key;
   pthread_mutex_t mu; /* guards the pool and the token */
   CURL *pool[POOL_HANDLES];
   int n_pool;
@@ -215,6 +215,8 @@ static void http_post(etcd_store *s, int i, const char *path, const char *body, 
   curl_easy_setopt(h, CURLOPT_ERRORBUFFER, res->curl_err);
   curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
   if (s->cacert) curl_easy_setopt(h, CURLOPT_CAINFO, s->cacert);
+  if (s->cert) curl_easy_setopt(h, CURLOPT_SSLCERT, s->cert);
+  if (s->key) curl_easy_setopt(h, CURLOPT_SSLKEY, s->key);
   res->code = curl_easy_perform(h);
   curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &res->status);
   if (res->code && !res->curl_err[0])
@@ -248,6 +250,20 @@ static int classify(const char *msg, int64_t code) {
 
 static int authenticate(etcd_store *s);
 
+/* Whether a failed request was refused by TLS itself: the member's
+ * certificate not trusted here, this node's not trusted there (TLS 1.3
+ * says so in an alert after the handshake, on the first read), or a
+ * certificate or key file that cannot be used. */
+static int tls_refused(const http_result *h) {
+  if (h->code == CURLE_PEER_FAILED_VERIFICATION || h->code == CURLE_SSL_CERTPROBLEM ||
+      h->code == CURLE_SSL_CACERT_BADFILE)
+    return 1;
+  return (h->code == CURLE_RECV_ERROR || h->code == CURLE_SSL_CONNECT_ERROR ||
+          h->code == CURLE_SEND_ERROR) &&
+         (strstr(h->curl_err, "certificate required") || strstr(h->curl_err, "bad certificate") ||
+          strstr(h->curl_err, "unknown ca") || strstr(h->curl_err, "certificate unknown"));
+}
+
 static void sleep_ms(int ms) {
   struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
   nanosleep(&ts, NULL);
@@ -280,6 +296,14 @@ static int etcd_call(etcd_store *s, const char *path, const char *body, int flag
       if (h.code) {
         snprintf(last, sizeof last, "%s: %s", s->eps[i], h.curl_err);
         free(r.p);
+        /* certificates one side does not trust: no member will, and no
+         * retry helps (a refused password is MT_EPERM too) */
+        if (tls_refused(&h))
+          return mt_seterr(MT_EPERM,
+                           "store(etcd %s): %s: %s: TLS refused (the members' CA is "
+                           "rendezvous.etcd_cacert, this node's certificate and key "
+                           "rendezvous.etcd_cert and etcd_key)",
+                           s->names, what, last);
         int unsent = h.code == CURLE_COULDNT_CONNECT || h.code == CURLE_COULDNT_RESOLVE_HOST;
         if (h.code == CURLE_OPERATION_TIMEDOUT && attempt_ms < s->request_ms) attempt_ms *= 2;
         if (!unsent && !(flags & SAFE_TO_RETRY))
@@ -666,7 +690,7 @@ static void es_free(mt_store *b) {
   if (!s) return;
   for (int i = 0; i < s->n_pool; i++) curl_easy_cleanup(s->pool[i]);
   for (int i = 0; i < s->n_eps; i++) free(s->eps[i]);
-  free(s->prefix), free(s->user), free(s->password), free(s->cacert);
+  free(s->prefix), free(s->user), free(s->password), free(s->cacert), free(s->cert), free(s->key);
   pthread_mutex_destroy(&s->mu);
   free(s);
 }
@@ -826,9 +850,15 @@ int mt_store_etcd_new(const char *endpoints, const mt_store_etcd_opts *opts, mt_
   s->user = o.user ? strdup(o.user) : NULL;
   s->password = o.password ? strdup(o.password) : NULL;
   s->cacert = o.cacert ? strdup(o.cacert) : NULL;
+  s->cert = o.cert ? strdup(o.cert) : NULL;
+  s->key = o.key ? strdup(o.key) : NULL;
   int rc = 0;
-  if (!s->prefix || (o.user && (!s->user || !s->password)) || (o.cacert && !s->cacert))
+  if (!s->prefix || (o.user && (!s->user || !s->password)) || (o.cacert && !s->cacert) ||
+      (o.cert && !s->cert) || (o.key && !s->key))
     rc = mt_seterr(MT_ENOMEM, "store(etcd): out of memory");
+  if (!rc && !o.cert != !o.key)
+    rc = mt_seterr(MT_EINVAL, "store(etcd): a client certificate needs its key and a key its "
+                              "certificate: give both or neither");
   if (!rc) rc = parse_endpoints(s, endpoints ? endpoints : "");
   if (!rc && s->user) rc = authenticate(s);
   if (!rc) { /* one member answers: the cluster is there (and the token good) */

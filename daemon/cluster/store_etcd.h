@@ -32,6 +32,11 @@ typedef struct mt_store_etcd_opts {
    * or password fails every request with MT_EPERM. */
   const char *user, *password;
   const char *cacert; /* https:// endpoints: the CA's PEM file; NULL: the system's */
+  /* https:// endpoints that ask for a client certificate (etcd's
+   * --client-cert-auth): its PEM file and its key's, both or neither. A
+   * certificate either side does not trust fails every request with
+   * MT_EPERM at once, naming what was refused. */
+  const char *cert, *key;
 } mt_store_etcd_opts;
 
 /* endpoints: the members' client URLs, comma-separated

@@ -75,6 +75,8 @@ static const key_def keys[] = {
     STR("rendezvous", "etcd_user", etcd_user),
     PATH("rendezvous", "etcd_password_file", etcd_password_file),
     PATH("rendezvous", "etcd_cacert", etcd_cacert),
+    PATH("rendezvous", "etcd_cert", etcd_cert),
+    PATH("rendezvous", "etcd_key", etcd_key),
     INT("cluster", "heartbeat_interval_ms", heartbeat_interval_ms, 10, 600000),
     INT("cluster", "heartbeat_timeout_ms", heartbeat_timeout_ms, 50, 3600000),
     INT("cluster", "comm_timeout_ms", comm_timeout_ms, 100, 86400000),
@@ -380,6 +382,18 @@ static void check(const mt_node_config *c, problems *p) {
     problem(p, "rendezvous.%s is set but rendezvous.%s is not: etcd's users need both",
             c->etcd_user[0] ? "etcd_user" : "etcd_password_file",
             c->etcd_user[0] ? "etcd_password_file" : "etcd_user");
+  if (!refused(p, "rendezvous", "etcd_cert") && !refused(p, "rendezvous", "etcd_key") &&
+      !c->etcd_cert[0] != !c->etcd_key[0])
+    problem(p,
+            "rendezvous.%s is set but rendezvous.%s is not: a client certificate for etcd "
+            "needs both",
+            c->etcd_cert[0] ? "etcd_cert" : "etcd_key", c->etcd_cert[0] ? "etcd_key" : "etcd_cert");
+  if (!refused(p, "rendezvous", "etcd") && !refused(p, "rendezvous", "etcd_cert") &&
+      c->etcd_cert[0] && c->etcd[0] && strncmp(c->etcd, "https://", 8))
+    problem(p,
+            "rendezvous.etcd_cert is set but rendezvous.etcd \"%s\" is not https://: a client "
+            "certificate goes with TLS",
+            c->etcd);
   if (!refused(p, "control", "listen") &&
       mt_parse_host_port(c->control_listen, host, sizeof host, &port))
     problem(p, "control.listen: %s", mt_errmsg());

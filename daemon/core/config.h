@@ -37,6 +37,8 @@ typedef struct mt_node_config {
   char etcd_user[128];                       /* etcd's users: a name and the file of its */
   char etcd_password_file[MT_CONF_PATH_MAX]; /* password, both or neither */
   char etcd_cacert[MT_CONF_PATH_MAX];        /* https:// members: their CA's PEM file */
+  char etcd_cert[MT_CONF_PATH_MAX];          /* and this node's client certificate and */
+  char etcd_key[MT_CONF_PATH_MAX];           /* its key (--client-cert-auth), both or neither */
   /* [cluster] */
   int heartbeat_interval_ms;
   int heartbeat_timeout_ms; /* a node silent this long is lost */

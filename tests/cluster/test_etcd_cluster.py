@@ -35,6 +35,10 @@ may be elected to coordinate.
   cut off from etcd (through forwarders the test cuts) past its lease,
   etcd keeping its quorum: coord/leader goes; reached again, the node takes
   it again with the same value and trains on in generation 1 to the end.
+- test_a_node_reaches_etcd_over_tls_with_its_client_certificate: one
+  etcd member over https:// asking for a client certificate: a node given
+  etcd_cacert, etcd_cert and etcd_key is elected and runs a job; one
+  without a certificate exits 2 at once, naming TLS.
 - test_a_config_that_cannot_use_etcd_is_refused: a wildcard endpoint (the
   others could not dial it), an etcd_prefix without its '/', a user without
   a password file: one line each, exit 2.
@@ -443,6 +447,59 @@ def test_a_lapsed_lease_is_taken_again(mtnlgd, tmp, tokens, etcd):
         c.kill_all()
 
 
+def test_etcd_over_tls(mtnlgd, tmp, tokens, etcd):
+    """One etcd member serving https:// that asks for a client certificate
+    (--client-cert-auth; tests/cluster/tls/etcd-*): a node given the CA,
+    its certificate and key (rendezvous.etcd_cacert, etcd_cert, etcd_key)
+    is elected and runs the job to its end; one without a certificate exits
+    2 at once, naming TLS and the keys to set."""
+    name = "test_a_node_reaches_etcd_over_tls_with_its_client_certificate"
+    tls = os.path.join(HERE, "tls")
+    ca, cert, key = (os.path.join(tls, f) for f in ("etcd-ca.pem", "etcd-client.pem",
+                                                     "etcd-client.key"))
+    d = os.path.join(tmp, "etcd-tls")
+    os.makedirs(d)
+    client, peer = free_port(), free_port()
+    url, peer_url = "https://127.0.0.1:%d" % client, "http://127.0.0.1:%d" % peer
+    with open(os.path.join(d, "etcd.log"), "w") as log:
+        member = subprocess.Popen(
+            [etcd.binary, "--name", "tls", "--data-dir", os.path.join(d, "data"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+             "--initial-cluster", "tls=" + peer_url, "--cert-file",
+             os.path.join(tls, "etcd-server.pem"), "--key-file",
+             os.path.join(tls, "etcd-server.key"), "--trusted-ca-file", ca,
+             "--client-cert-auth", "--logger", "zap", "--log-outputs", "stderr",
+             "--log-level", "error"], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    job = tiny_job(os.path.join(tmp, "etcd-tls.json"), tokens, "etcd-tls", 8,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
+    c = elected_cluster(mtnlgd, os.path.join(d, "cluster"), job, url, nodes=1,
+                        heartbeat_ms=HB_MS, timeout_ms=TIMEOUT_MS, extra={"rendezvous": {
+                            "etcd_cacert": ca, "etcd_cert": cert, "etcd_key": key}})
+    n0 = c.nodes[0]
+    try:
+        c.node_start(n0)
+        codes = c.wait_all(120, [n0])
+        elected = grep(n0, r"etcd\(%s\): elected coordinator of job etcd-tls" % re.escape(url))
+        steps = [s["step"] for s in n0.steps()]
+        t0 = time.time()
+        p = run_refused(mtnlgd, ["rendezvous.etcd=" + url, "rendezvous.etcd_cacert=" + ca,
+                                 "rendezvous.endpoint=127.0.0.1:%d" % free_port()], d, job)
+        took = time.time() - t0
+        refused = (p.returncode == 2 and "TLS refused" in p.stderr
+                   and "rendezvous.etcd_cert and etcd_key" in p.stderr and took < 10)
+        ok = codes == [0] and elected and steps == list(range(1, 9)) and refused
+        return check(name, ok, "with its certificate: exit %s, elected %s, steps %s; without: "
+                     "exit %d after %.1f s: %s%s" % (
+                         codes, bool(elected), steps, p.returncode, took,
+                         p.stderr.strip().splitlines()[-1:] if p.stderr else "",
+                         "" if ok else "\n" + c.logs(20)))
+    finally:
+        c.kill_all()
+        member.kill()
+        member.wait()
+
+
 def add_conf(node, section, key, value):
     """Sets one more key in a node's config file (before it starts)."""
     with open(node.conf) as f:
@@ -509,6 +566,7 @@ def main():
         try:
             etcd.start_all()
             for fn, *extra in ((test_a_config_that_cannot_use_etcd_is_refused,),
+                               (test_etcd_over_tls,),
                                (test_no_etcd_is_waited_for,),
                                (test_losing_the_coordinators_node, mtnlgctl, validate),
                                (test_budget_spans_coordinators,),

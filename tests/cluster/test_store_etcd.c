@@ -765,6 +765,101 @@ static void test_etcd_users_are_checked(void) {
         "a prefix the role does not cover: %s (%s)", mt_strerror(rc), mt_errmsg());
 }
 
+/* ------------------------------------------------------------------ TLS */
+
+/* One more member, alone, serving https:// and asking for a client
+ * certificate (--client-cert-auth), with tests/cluster/tls/etcd-*.pem. */
+static pid_t tls_member_start(char *url, size_t cap) {
+  int client = free_port(), peer_port = free_port();
+  char data[256], log[300], curl_url[64], peer[64], cluster[96], cert[512], key[512], ca[512];
+  snprintf(data, sizeof data, "%s", tmp_path("tls"));
+  snprintf(log, sizeof log, "%s.log", data);
+  snprintf(curl_url, sizeof curl_url, "https://127.0.0.1:%d", client);
+  snprintf(peer, sizeof peer, "http://127.0.0.1:%d", peer_port);
+  snprintf(cluster, sizeof cluster, "tls=%s", peer);
+  snprintf(cert, sizeof cert, "%s/etcd-server.pem", TLS_DIR);
+  snprintf(key, sizeof key, "%s/etcd-server.key", TLS_DIR);
+  snprintf(ca, sizeof ca, "%s/etcd-ca.pem", TLS_DIR);
+  snprintf(url, cap, "%s", curl_url);
+  pid_t parent = getpid(), pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
+    int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
+    execl(etcd_bin, etcd_bin, "--name", "tls", "--data-dir", data, "--listen-client-urls", curl_url,
+          "--advertise-client-urls", curl_url, "--listen-peer-urls", peer,
+          "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
+          "--initial-cluster-state", "new", "--cert-file", cert, "--key-file", key,
+          "--trusted-ca-file", ca, "--client-cert-auth", "--logger", "zap", "--log-outputs",
+          "stderr", "--log-level", "error", (char *)NULL);
+    _exit(127);
+  }
+  return pid;
+}
+
+static void test_tls_certificates_are_checked(void) {
+  char url[64], ca[512], other_ca[512], cert[512], key[512], server_key[512];
+  snprintf(ca, sizeof ca, "%s/etcd-ca.pem", TLS_DIR);
+  snprintf(other_ca, sizeof other_ca, "%s/other-ca.pem", TLS_DIR);
+  snprintf(cert, sizeof cert, "%s/etcd-client.pem", TLS_DIR);
+  snprintf(key, sizeof key, "%s/etcd-client.key", TLS_DIR);
+  snprintf(server_key, sizeof server_key, "%s/etcd-server.key", TLS_DIR);
+  pid_t pid = tls_member_start(url, sizeof url);
+  CHECK(pid > 0, "start the TLS member");
+  if (pid <= 0) return;
+  mt_store_etcd_opts o = {.prefix = "/mtnlg/tls/",
+                          .dial_timeout_ms = 500,
+                          .request_timeout_ms = 5000,
+                          .cacert = ca,
+                          .cert = cert,
+                          .key = key};
+  mt_store *s = NULL;
+  int rc = -1;
+  for (double deadline = now_s() + 30; now_s() < deadline; sleep_ms(200))
+    if (!(rc = mt_store_etcd_new(url, &o, &s))) break;
+  CHECK(!rc, "a store over TLS with the client's certificate: %s", mt_errmsg());
+  if (!rc) {
+    CHECK(!mt_store_set(s, "k", "v", 1), "set over TLS: %s", mt_errmsg());
+    pthread_t th;
+    later l = {s, "w", 200};
+    pthread_create(&th, NULL, set_later, &l);
+    void *v = NULL;
+    size_t n = 0;
+    rc = mt_store_get(s, "w", &v, &n, 5000);
+    pthread_join(th, NULL);
+    CHECK(!rc, "a waiting get over TLS (its watch too): %s", mt_errmsg());
+    free(v);
+    mt_store_free(s);
+  }
+  /* refusals: at once, MT_EPERM, naming what to set */
+  struct {
+    const char *what, *cacert, *cert, *key;
+  } bad[] = {
+      {"no client certificate", ca, NULL, NULL},
+      {"a CA that did not sign the member's", other_ca, cert, key},
+      {"a key that is not the certificate's", ca, cert, server_key},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    o.cacert = bad[i].cacert, o.cert = bad[i].cert, o.key = bad[i].key;
+    s = NULL;
+    double t0 = now_s();
+    rc = mt_store_etcd_new(url, &o, &s);
+    CHECK(rc == MT_EPERM && strstr(mt_errmsg(), "TLS refused") && strstr(mt_errmsg(), url) &&
+              now_s() - t0 < 2.5,
+          "%s: %s (%s) after %.2f s", bad[i].what, mt_strerror(rc), mt_errmsg(), now_s() - t0);
+    printf("TLS, %s: %s after %.2f s\n", bad[i].what, mt_errmsg(), now_s() - t0);
+    mt_store_free(s);
+  }
+  o.cacert = ca, o.cert = cert, o.key = NULL;
+  rc = mt_store_etcd_new(url, &o, &s);
+  CHECK(rc == MT_EINVAL && strstr(mt_errmsg(), "both or neither"), "a certificate alone: %s (%s)",
+        mt_strerror(rc), mt_errmsg());
+  kill(pid, SIGKILL);
+  waitpid(pid, NULL, 0);
+}
+
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
   etcd_bin = getenv("ETCD");
@@ -797,6 +892,7 @@ int main(void) {
   mt_store_free(s);
   mt_store_free(other);
   test_prefixes_keep_jobs_apart();
+  test_tls_certificates_are_checked();
   test_a_gloo_group_forms_through_etcd();
   test_an_election_has_one_leader_until_its_lease_ends();
   test_the_election_thread_keeps_the_lease_and_watches_the_key();

@@ -254,6 +254,24 @@ static void test_etcd_keys(void) {
             strstr(m, "rendezvous.etcd_prefix: \"/mtnlg\": must end with '/'") &&
             strstr(m, "rendezvous.etcd_user is set but rendezvous.etcd_password_file is not"),
         "etcd refusals: %s", m);
+  const char *tls[] = {"rendezvous.etcd=https://10.0.0.1:2379",
+                       "rendezvous.endpoint=10.0.0.7:1",
+                       "rendezvous.etcd_cacert=/etc/mtnlg/etcd-ca.pem",
+                       "rendezvous.etcd_cert=/etc/mtnlg/etcd-client.pem",
+                       "rendezvous.etcd_key=/etc/mtnlg/etcd-client.key",
+                       NULL};
+  rc = mt_node_config_load(&c, NULL, tls);
+  CHECK(!rc && !strcmp(c.etcd_cert, "/etc/mtnlg/etcd-client.pem") &&
+            !strcmp(c.etcd_key, "/etc/mtnlg/etcd-client.key"),
+        "etcd's client certificate: %s", rc ? mt_errmsg() : "read");
+  const char *half[] = {"rendezvous.etcd=http://10.0.0.1:2379", "rendezvous.endpoint=10.0.0.7:1",
+                        "rendezvous.etcd_cert=/etc/mtnlg/etcd-client.pem", NULL};
+  CHECK(mt_node_config_load(&c, NULL, half) == MT_EINVAL, "a certificate without its key loaded");
+  m = mt_errmsg();
+  CHECK(strstr(m, "rendezvous.etcd_cert is set but rendezvous.etcd_key is not") &&
+            strstr(m, "rendezvous.etcd_cert is set but rendezvous.etcd \"http://10.0.0.1:2379\" "
+                      "is not https://"),
+        "etcd certificate refusals: %s", m);
   const char *wild[] = {"rendezvous.endpoint=0.0.0.0:29400", NULL};
   CHECK(!mt_node_config_load(&c, NULL, wild), "a wildcard endpoint without etcd: %s", mt_errmsg());
 }
