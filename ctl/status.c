@@ -101,6 +101,11 @@ static void print_election(json_t *e) {
   if (!json_is_object(e) || !term || !at || !ctl_jnum(e, "lease_s", &lease)) return;
   printf(LABEL "through etcd: term %s, store at %s, lease %.0f s%s\n", "elected", term, at, lease,
          json_is_true(json_object_get(e, "elected_here")) ? " (this node)" : "");
+  /* training goes on without it, but no coordinator can be elected */
+  if (json_is_false(json_object_get(e, "etcd_answers")))
+    printf(LABEL "does not answer: %s; training goes on, but no coordinator can be elected "
+                 "until it does\n",
+           "etcd", ctl_jstr(e, "etcd_error") ? ctl_jstr(e, "etcd_error") : "?");
 }
 
 /* On the daemon that hosts the rendezvous store: what it holds of its limit,

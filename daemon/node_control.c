@@ -14,6 +14,7 @@
 #include "blas.h"
 #include "ckpt.h"
 #include "device.h"
+#include "election.h"
 #include "err.h"
 #include "fileio.h"
 #include "log.h"
@@ -407,13 +408,19 @@ static json_t *build_status(node *n) {
   json_object_set_new(s, "operations_pending", json_integer(pending));
   pthread_mutex_unlock(&n->mu);
   json_object_set_new(s, "store", store_status(n));
-  json_object_set_new(s, "election",
-                      n->cfg->etcd[0] && n->term[0]
-                          ? json_pack("{s:s, s:s, s:s, s:b, s:i}", "etcd", n->cfg->etcd, "term",
-                                      n->term, "coordinator_endpoint", n->store_name,
-                                      "elected_here", n->is_host, "lease_s",
-                                      node_lease_ttl_s(n->cfg))
-                          : json_null());
+  /* whether this node's etcd requests answer (its election thread's last
+   * round): while they do not, training goes on but no election can */
+  mt_election_view etcd_view = {0};
+  if (n->election) mt_election_view_get(n->election, &etcd_view);
+  json_object_set_new(
+      s, "election",
+      n->cfg->etcd[0] && n->term[0]
+          ? json_pack("{s:s, s:s, s:s, s:b, s:i, s:b, s:o}", "etcd", n->cfg->etcd, "term", n->term,
+                      "coordinator_endpoint", n->store_name, "elected_here", n->is_host, "lease_s",
+                      node_lease_ttl_s(n->cfg), "etcd_answers", !etcd_view.failing_since_ms,
+                      "etcd_error",
+                      etcd_view.failing_since_ms ? json_string(etcd_view.error) : json_null())
+          : json_null());
   /* world rank 0's TensorBoard writer fell behind (a slow or hung disk):
    * the steps every writer this daemon ran dropped, as its step thread
    * dropped them */

@@ -315,6 +315,21 @@ static void render_cluster(sbuf *b, json_t *st) {
   }
 }
 
+/* A coordinator elected through etcd (rendezvous.etcd): whether this
+ * daemon's etcd requests answer; no sample without etcd. */
+static void render_election(sbuf *b, json_t *el) {
+  if (!json_is_object(el)) return;
+  family up = {"mtnlg_etcd_up", "gauge",
+               "1 while this daemon's etcd requests answer (rendezvous.etcd; every heartbeat), 0 "
+               "while etcd cannot be reached or has no quorum: training goes on, but no "
+               "coordinator can be elected meanwhile.",
+               0};
+  family here = {"mtnlg_elected_here", "gauge",
+                 "1 on the daemon elected coordinator through etcd, 0 on the others.", 0};
+  sample(b, &up, NULL, json_is_true(json_object_get(el, "etcd_answers")));
+  sample(b, &here, NULL, json_is_true(json_object_get(el, "elected_here")));
+}
+
 /* The rendezvous store this daemon hosts (none on the other daemons): what
  * it holds and its limits, so an alert sees it fill before it refuses. */
 static void render_store(sbuf *b, json_t *store) {
@@ -515,6 +530,7 @@ char *mt_control_metrics_text(const mt_control *c, json_t *status) {
     render_cluster(&b, status);
     render_job(&b, json_object_get(status, "job"));
     render_store(&b, json_object_get(status, "store"));
+    render_election(&b, json_object_get(status, "election"));
     render_devices(&b, json_object_get(status, "devices"));
     render_nodes(&b, json_object_get(status, "nodes"));
     render_checkpoints(&b, status);

@@ -10,7 +10,9 @@ may be elected to coordinate.
   mtnlgctl status say which term and store, and whether it was elected there.
   etcd's leader is SIGKILLed, and later two of its three members for longer
   than the coordinator's lease: training goes on through both, in
-  generation 1. The etcd member that leads is SIGKILLed: training goes
+  generation 1 (meanwhile the status's election says etcd does not
+  answer, as do mtnlg_etcd_up 0 and mtnlgctl status, and after it that it
+  answers again). The etcd member that leads is SIGKILLed: training goes
   on in generation 1, nobody notices beyond a warning. Then n0, the
   coordinator's node, is SIGKILLed: its lease on coord/leader lapses, n1
   and n2 end their generation ("coordinator lost: no coordinator held
@@ -56,6 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
@@ -176,7 +179,7 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         term0 = (elections[0] or {}).get("term")
         shown = (elections[0] == {"etcd": etcd.endpoints, "term": term0,
                                   "coordinator_endpoint": endpoint0, "elected_here": True,
-                                  "lease_s": 4}
+                                  "lease_s": 4, "etcd_answers": True, "etcd_error": None}
                  and elections[1] == dict(elections[0], elected_here=False)
                  and term0 and grep(n0, r"elected coordinator of job etcd-job \(term %s," % term0))
         ctl = subprocess.run([mtnlgctl, "--endpoint", n1.url(), "status"], capture_output=True,
@@ -198,15 +201,37 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         for i in lost:
             etcd.kill(i)
         at_outage = last_step(n0)
-        time.sleep(TIMEOUT_MS / 1000 + 2)
+        # meanwhile the status, the metrics and mtnlgctl say etcd does not
+        # answer (its election thread's next round), and training goes on
+        t_out, down = time.time(), None
+        while time.time() < t_out + TIMEOUT_MS / 1000 + 2:
+            el = (status(n0) or {}).get("election") or {}
+            if down is None and el.get("etcd_answers") is False:
+                with urllib.request.urlopen(n0.url() + "/v1/metrics", timeout=5) as r:
+                    metrics = r.read().decode()
+                ctl_down = subprocess.run([mtnlgctl, "--endpoint", n0.url(), "status"],
+                                          capture_output=True, text=True, timeout=30).stdout
+                down = (el, time.time() - t_out, metrics, ctl_down)
+            time.sleep(0.2)
         during = last_step(n0) - at_outage
         for i in lost:
             etcd.start(i)
         c.wait_for(lambda: etcd.leader() is not None, 30, "etcd's quorum back")
+        c.wait_for(lambda: ((status(n0) or {}).get("election") or {}).get("etcd_answers"), 30,
+                   "the status to say etcd answers again")
+        with urllib.request.urlopen(n0.url() + "/v1/metrics", timeout=5) as r:
+            metrics_back = r.read().decode()
+        said_down = (down is not None and (down[0].get("etcd_error") or "").startswith(
+            "keeping the coordinator's lease: store(etcd ")
+            and "\nmtnlg_etcd_up 0\n" in down[2] and "\nmtnlg_elected_here 1\n" in down[2]
+            and re.search(r"^  etcd +does not answer: keeping the coordinator's lease: .*; "
+                          r"training goes on, but no coordinator can be elected until it does$",
+                          down[3], re.M)
+            and "\nmtnlg_etcd_up 1\n" in metrics_back)
         at_back = last_step(n0)
         c.wait_for(lambda: last_step(n0) >= at_back + 3, 120, "3 steps after etcd came back")
-        outlived = during > 0 and not any(grep(n, r"coordinator lost|generation 1 ended")
-                                          for n in c.nodes)
+        outlived = during > 0 and said_down and not any(
+            grep(n, r"coordinator lost|generation 1 ended") for n in c.nodes)
 
         # the coordinator's node lost: the job goes on under another
         c.wait_for(lambda: last_step(n0) >= 2 * INTERVAL + 2, 120, "two checkpoints")
@@ -285,8 +310,8 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
         failures = check(name, ok,
                      "followers said so %s; status's election %s (schema errors %s), mtnlgctl "
                      "status says it %s%s; etcd leader m%s killed after step %d, generation 1 "
-                     "went on %s; etcd without a quorum for %.1f s: %s steps meanwhile, generation 1 went "
-                     "on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
+                     "went on %s; etcd without a quorum for %.1f s: %s steps meanwhile, said so %s "
+                     "(status %s after %s s), generation 1 went on %s; n0 killed after step %d: n1, n2 exit %s after %.1f s, coordinator "
                      "lost logged %s %s; paused before %s (coord/state %s), after: no step in 2 s %s, status %s restarts %s "
                      "last_restart %s, resume %s; n3 started at once left n0's stale lease %s; n1, n2 started again: "
                      "exit %s, elected %s (hosting its store: %s, n0's loss counted as restart 1: "
@@ -294,7 +319,9 @@ def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, valid
                      "the standalone run's: %s (%d compared)%s"
                      % (followed, elections, schema_errors, bool(ctl_says),
                         "" if ctl_says else " (%s%s)" % (ctl.stdout[-600:], ctl.stderr[-300:]),
-                        lead, at_kill, same_gen, TIMEOUT_MS / 1000 + 2, during, outlived, killed_after, codes1, took, lost, why,
+                        lead, at_kill, same_gen, TIMEOUT_MS / 1000 + 2, during, bool(said_down),
+                        down and down[0], down and "%.1f" % down[1], outlived, killed_after, codes1,
+                        took, lost, why,
                         paused, state, held, st.get("state"), st.get("restarts"), st.get("last_restart"),
                         resume_code,
                         bool(stale), codes2, [n.name for n in elected], bool(hosted),

@@ -464,7 +464,8 @@ SAMPLE_STATUS = {
               "max_transient_bytes": 4294967296, "clients": 2, "max_clients": 65536,
               "waiters": 3, "refused_clients": 0, "dropped_clients": 0},
     "election": {"etcd": "http://10.0.0.1:2379,http://10.0.0.2:2379", "term": "0123456789abcdef",
-                 "coordinator_endpoint": "10.0.0.7:29400", "elected_here": True, "lease_s": 6},
+                 "coordinator_endpoint": "10.0.0.7:29400", "elected_here": True, "lease_s": 6,
+                 "etcd_answers": True, "etcd_error": None},
 }
 SAMPLE_EVALUATION = {"split": "valid", "end_of_training": False, "after_step": 12,
                      "batches_done": 40, "batches": 100, "elapsed_s": 12.5}

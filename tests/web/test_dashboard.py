@@ -47,7 +47,8 @@ websocket client below (standard library only). Checks, in the page's DOM:
   daemon whose rendezvous is in a one-member etcd (ETCD, Debian's
   etcd-server; skipped without it): the header says "elected through etcd
   (term T, here, lease N s)" after the coordinator, its title the store's
-  endpoint and etcd's, as /v1/status's election says; the others' header
+  endpoint and etcd's, as /v1/status's election says, and once etcd is
+  stopped that it does not answer (the title why); the others' header
   says nothing of it (their election is null).
 Exits 77 (skipped) when no Chromium is installed.
 """
@@ -670,8 +671,17 @@ def test_the_header_says_the_coordinator_was_elected_through_etcd(mtnlgd, dt, tm
               % (el["term"], el["lease_s"])
               and d["electionTitle"] == "store at %s\netcd %s" % (c.endpoint, etcd.endpoints)
               and el["coordinator_endpoint"] == c.endpoint and el["elected_here"] is True)
-        return check(name, ok, "header %r, its title %r; /v1/status election %s"
-                     % (d["election"], d["electionTitle"], el))
+        # etcd gone: the header says no coordinator can be elected, the
+        # title why (the daemon's election thread finds it within seconds)
+        etcd.stop()
+        gone = wait_until(lambda: (lambda d: d if "etcd does not answer" in d["election"]
+                                   else None)(dom(dt)), 30, "the header to say etcd is gone")
+        ok = ok and (gone["election"].endswith(
+            "; etcd does not answer: no coordinator can be elected until it does")
+            and etcd.urls[0] in gone["electionTitle"].split("\n", 2)[-1])
+        return check(name, ok, "header %r, its title %r; /v1/status election %s; etcd stopped: "
+                     "%r (%r)" % (d["election"], d["electionTitle"], el, gone["election"],
+                                  gone["electionTitle"]))
     finally:
         c.kill_all()
         etcd.stop()
