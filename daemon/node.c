@@ -1219,8 +1219,11 @@ static void node_round(node *n) {
         return;
       }
       /* a job that ended without this node is not its failure; one this node
-       * ran in earlier generations is */
-      leave_and_exit(n, n->end_ok || !n->ran ? 0 : n->end_job_failed ? 2 : 1);
+       * ran in earlier generations is, and so is one it coordinated (its
+       * systemd unit says how the job ended: after a lost coordinator's
+       * restart budget was spent, the node elected in its place may be the
+       * only one left, and it trained nothing) */
+      leave_and_exit(n, n->end_ok || (!n->ran && !n->coord) ? 0 : n->end_job_failed ? 2 : 1);
       return;
     }
     if (rc < 0 || n->state == N_SPARE) break;

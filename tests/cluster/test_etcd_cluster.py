@@ -32,7 +32,8 @@ may be elected to coordinate.
   (another job, by its hash) n1 and n2 run it, steps 151 and 152.
 - test_a_lost_coordinator_spends_the_restart_budget: with
   rendezvous.max_restarts = 0, the node elected after the coordinator's
-  node was lost ends the job instead of re-forming it.
+  node was lost ends the job instead of re-forming it, and exits 2 (it
+  coordinated the job that failed).
 - test_a_coordinator_whose_lease_lapsed_takes_the_key_again: one node
   cut off from etcd (through forwarders the test cuts) past its lease,
   etcd keeping its quorum: coord/leader goes; reached again, the node takes
@@ -418,9 +419,10 @@ def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
         said = grep(n1, r"coordinator: generation 1 ended: the coordinator n0 was lost \(its lease "
                         r"on coord/leader in etcd lapsed\); not re-forming: the restart budget is "
                         r"spent \(0 of 0 restart\(s\) used, rendezvous\.max_restarts\); exit 2")
-        # it trained nothing in this start, so it exits as a spare of a job
-        # that ended without it does (0); systemd restarts neither 0 nor 2
-        ok = first == [1] and second in ([0], [2]) and said
+        # it trained nothing in this start, but it ended the job as its
+        # coordinator: exit 2, so its systemd unit says the job failed (and
+        # is not started again)
+        ok = first == [1] and second == [2] and said
         return check(name, ok, "n1 exit %s after n0's loss, %s once elected; budget named %s%s"
                      % (first, second, bool(said), "" if ok else "\n" + c.logs(20)))
     finally:
