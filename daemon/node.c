@@ -288,7 +288,7 @@ static void read_coord_state(node *n) {
     if (at > 0 && gmtime_r(&at, &tm)) strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
     if (hash && !strcmp(hash, n->job.hash)) {
       n->completed_before = 1;
-      snprintf(n->restart_reason, sizeof n->restart_reason,
+      snprintf(n->completed_said, sizeof n->completed_said,
                "job %s (%s) completed its %lld steps at %s (%s in etcd says so)", n->job.name,
                n->job.hash, (long long)step, when, ETCD_STATE_KEY);
     } else {
@@ -467,7 +467,7 @@ static int elect_through_etcd(node *n) {
     return mt_seterr(MT_EINVAL,
                      "elected to coordinate, but %s: not running it again (to run the same job "
                      "again, delete %s%s in etcd, or give it another rendezvous.etcd_prefix)",
-                     n->restart_reason, c->etcd_prefix, ETCD_STATE_KEY);
+                     n->completed_said, c->etcd_prefix, ETCD_STATE_KEY);
   }
   if (n->is_host)
     mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)%s%s", c->etcd,
