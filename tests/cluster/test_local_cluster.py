@@ -186,11 +186,12 @@ def test_etcd_failover(mtnlgd, mtnlgctl, tmp, tokens, etcd_bin):
             seen = [json.loads(line) for line in f if line.startswith("{")]
         answered = [st.get("node") for st in seen]
         # before the kill the elected node answered; after it, the other
-        # (the list's next), and the watch saw the job go on past the kill
-        watched = (answered[:1] == [first] and other in answered
-                   and answered.index(other) > 0
-                   and max(st.get("step") or 0 for st in seen if st.get("node") == other)
-                   > max(st.get("step") or 0 for st in seen[:answered.index(other)]))
+        # (the list's next), and from then on the watch (whichever node
+        # answered it) saw the job go on past the kill
+        at = answered.index(other) if other in answered else 0
+        watched = (answered[:1] == [first] and at > 0
+                   and max(st.get("step") or 0 for st in seen[at:])
+                   > max(st.get("step") or 0 for st in seen[:at]))
         said = output()
         with open(steps_log) as f:
             recs = [json.loads(line) for line in f if line.strip()]
