@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 #include <time.h>
 #include <unistd.h>
@@ -374,6 +375,48 @@ static void close_job_in_etcd(node *n) {
     mt_log_warn("etcd: deleting %s: %s", ETCD_STATE_KEY, mt_errmsg());
 }
 
+/* Whether nothing listens on host:port here: a socket binds it. */
+static int endpoint_free(const char *host, int port) {
+  char service[16];
+  snprintf(service, sizeof service, "%d", port);
+  struct addrinfo hints = {
+      .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+  struct addrinfo *res = NULL;
+  if (getaddrinfo(host, service, &hints, &res)) return 0;
+  int ok = 0;
+  for (struct addrinfo *a = res; a && !ok; a = a->ai_next) {
+    int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    int one = 1; /* as the store server binds: a closed socket's TIME_WAIT is no holder */
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    ok = bind(fd, a->ai_addr, a->ai_addrlen) == 0;
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return ok;
+}
+
+/* A coordinator on this node's own endpoint holds coord/leader, and
+ * nothing listens there: an earlier start of this daemon, dead (systemd
+ * started it again), whose lease would hold the key for up to its TTL
+ * more while every other node waits. The key is deleted if it still
+ * holds that value; 1 when it was. */
+static int depose_own_dead_leader(node *n, const char *leader) {
+  char term[17], endpoint[300], host[256];
+  int port;
+  if (parse_leader(leader, strlen(leader), term, endpoint, sizeof endpoint) ||
+      strcmp(endpoint, n->cfg->endpoint) ||
+      mt_parse_host_port(endpoint, host, sizeof host, &port) || !endpoint_free(host, port))
+    return 0;
+  int rc = mt_store_etcd_depose(n->etcd_root, ETCD_LEADER_KEY, leader);
+  if (rc == 1)
+    mt_log_info("etcd: %s names term %s on this node's endpoint %s, where nothing listens: an "
+                "earlier start of this daemon, gone; its key deleted rather than waiting out its "
+                "lease",
+                ETCD_LEADER_KEY, term, endpoint);
+  return rc == 1;
+}
+
 /* Reaches etcd and elects: a node with the job and rendezvous.host auto
  * or yes campaigns (yes waits to win), and one that wins coordinates; the
  * others follow the leader they read. Fills in the store's endpoint and
@@ -409,6 +452,7 @@ static int elect_through_etcd(node *n) {
                           .cert = c->etcd_cert[0] ? c->etcd_cert : NULL,
                           .key = c->etcd_key[0] ? c->etcd_key : NULL};
   char said[700] = "", leader[320] = "";
+  int deposed = 0;
   for (;;) {
     int rc = n->etcd_root ? 0 : mt_store_etcd_new(c->etcd, &o, &n->etcd_root);
     leader[0] = 0;
@@ -419,6 +463,10 @@ static int elect_through_etcd(node *n) {
         n->is_host = 1;
         snprintf(leader, sizeof leader, "%s", mine);
         break;
+      }
+      if (rc == 0 && leader[0] && deposed < 3 && depose_own_dead_leader(n, leader)) {
+        deposed++;
+        continue; /* campaign again at once */
       }
     } else if (!rc) {
       void *v = NULL;

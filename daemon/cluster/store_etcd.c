@@ -757,6 +757,27 @@ int mt_store_etcd_campaign(mt_store *b, const char *key, const char *value, int 
   return 0;
 }
 
+int mt_store_etcd_depose(mt_store *b, const char *key, const char *value) {
+  etcd_store *s = of(b);
+  char what[300];
+  snprintf(what, sizeof what, "delete %.200s as the dead leader left it", key);
+  char *k = key64(s, key), *v = b64_encode(value, strlen(value));
+  char *body = k && v ? pack_body(json_pack("{s:[{s:s, s:s, s:s, s:s}], s:[{s:{s:s}}]}", "compare",
+                                            "key", k, "target", "VALUE", "result", "EQUAL", "value",
+                                            v, "success", "request_delete_range", "key", k))
+                      : NULL;
+  free(k), free(v);
+  if (!body) return mt_seterr(MT_ENOMEM, "store(etcd): %s: out of memory", what);
+  json_t *j;
+  /* sent again safely: a second delete of the same value finds none */
+  int rc = etcd_call(s, "/v3/kv/txn", body, SAFE_TO_RETRY, what, &j);
+  free(body);
+  if (rc) return rc;
+  int deleted = json_is_true(json_object_get(j, "succeeded"));
+  json_decref(j);
+  return deleted;
+}
+
 int mt_store_etcd_keepalive(mt_store *b, int64_t lease) {
   etcd_store *s = of(b);
   char what[64];

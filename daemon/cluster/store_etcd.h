@@ -64,5 +64,9 @@ int mt_store_etcd_keepalive(mt_store *s, int64_t lease);
 /* Ends the lease now, and with it the key (a leader that is done): 0, or
  * < 0 a failure (the key then goes when the lease expires). */
 int mt_store_etcd_resign(mt_store *s, int64_t lease);
+/* Deletes key if it still holds value (a leader known dead: its lease
+ * would outlive it by up to its TTL): 1 deleted, 0 it holds another value
+ * or none, < 0 a failure. */
+int mt_store_etcd_depose(mt_store *s, const char *key, const char *value);
 
 #endif

@@ -42,6 +42,10 @@ may be elected to coordinate.
   etcd member over https:// asking for a client certificate: a node given
   etcd_cacert, etcd_cert and etcd_key is elected and runs a job; one
   without a certificate exits 2 at once, naming TLS.
+- test_a_coordinator_restarted_at_once_does_not_wait_out_its_old_lease:
+  the coordinator's daemon SIGKILLed and started again 0.5 s later finds
+  its old term on its own endpoint where nothing listens, deletes the key
+  and is elected again within 3 s (its lease is 4 s); the job resumes.
 - test_a_config_that_cannot_use_etcd_is_refused: a wildcard endpoint (the
   others could not dial it), an etcd_prefix without its '/', a user without
   a password file: one line each, exit 2.
@@ -476,6 +480,56 @@ def test_a_lapsed_lease_is_taken_again(mtnlgd, tmp, tokens, etcd):
         c.kill_all()
 
 
+def test_a_coordinator_restarted_at_once(mtnlgd, tmp, tokens, etcd):
+    """The coordinator's daemon SIGKILLed and started again at once (as
+    systemd does a crashed daemon, its node still up): its old term's lease
+    still holds coord/leader for up to 4 s, but the key names this node's
+    own endpoint where nothing listens, so the new daemon deletes it and is
+    elected again at once, counting the loss as a restart; the other node
+    finds another coordinator elected, exits 1, is started again and the job
+    resumes from its checkpoint to the end."""
+    name = "test_a_coordinator_restarted_at_once_does_not_wait_out_its_old_lease"
+    job = tiny_job(os.path.join(tmp, "etcd-again.json"), tokens, "etcd-again", 40,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
+                   checkpoint={"dir": os.path.join(tmp, "etcd-again-ck"), "interval": 5})
+    c = etcd_cluster(mtnlgd, tmp, "etcd-again", job, etcd, nodes=2)
+    n0, n1 = c.nodes
+    try:
+        c.node_start(n0)
+        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-again"), 60, "n0 elected")
+        c.node_start(n1)
+        c.wait_for(lambda: last_step(n0) >= 7, 120, "step 7")
+        n0.signal(signal.SIGKILL)
+        n0.wait(10)
+        time.sleep(0.5)
+        t_start = time.time()
+        c.node_start(n0)  # systemd's restart
+        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-again"), 60,
+                   "n0 elected again")
+        elected_after = n0.log_time(r"elected coordinator of job etcd-again") - t_start
+        first = c.wait_all(60, [n1])
+        c.node_start(n1)  # systemd's restart
+        codes = c.wait_all(120, [n0, n1])
+        deposed = grep(n0, r"etcd: coord/leader names term [0-9a-f]{16} on this node's endpoint "
+                           r"127\.0\.0\.1:%d, where nothing listens: an earlier start of this "
+                           r"daemon, gone; its key deleted rather than waiting out its lease"
+                       % n0.endpoint_port)
+        counted = grep(n0, r"elected coordinator of job etcd-again \(term [0-9a-f]{16}, lease 4 "
+                           r"s\): the coordinator n0 was lost")
+        m = re.search(r"resumed from \S+: step (\d+)", n0.stderr() + n1.stderr())
+        ran = next((n.steps() for n in (n0, n1) if n.steps()), [])
+        ok = (deposed and counted and elected_after < 3.0 and first == [1]
+              and codes == [0, 0] and m and ran and ran[-1]["step"] == 40)
+        return check(name, ok, "deposed its old term %s, elected %.2f s after its start (the "
+                     "lease is 4 s), the loss counted %s; n1 exit %s, then %s; resumed from "
+                     "step %s, last step %s%s" % (
+                         bool(deposed), elected_after, bool(counted), first, codes,
+                         m.group(1) if m else None, ran[-1]["step"] if ran else None,
+                         "" if ok else "\n" + c.logs(20)))
+    finally:
+        c.kill_all()
+
+
 def test_etcd_over_tls(mtnlgd, tmp, tokens, etcd):
     """One etcd member serving https:// that asks for a client certificate
     (--client-cert-auth; tests/cluster/tls/etcd-*): a node given the CA,
@@ -599,7 +653,8 @@ def main():
                                (test_no_etcd_is_waited_for,),
                                (test_losing_the_coordinators_node, mtnlgctl, validate),
                                (test_budget_spans_coordinators,),
-                               (test_a_lapsed_lease_is_taken_again,)):
+                               (test_a_lapsed_lease_is_taken_again,),
+                               (test_a_coordinator_restarted_at_once,)):
                 t0 = time.time()
                 try:
                     fails += fn(mtnlgd, tmp, tokens, etcd, *extra)

@@ -481,6 +481,14 @@ static void test_an_election_has_one_leader_until_its_lease_ends(void) {
   CHECK(!mt_store_etcd_resign(b, lb), "resign: %s", mt_errmsg());
   ra = mt_store_etcd_campaign(a, "coord/leader", "A2", 5, &la, held, sizeof held);
   CHECK(ra == 1, "after the leader resigned: %d (holder \"%s\") %s", ra, held, mt_errmsg());
+  /* a leader known dead deposed: only while the key holds its value */
+  int dw = mt_store_etcd_depose(b, "coord/leader", "A");
+  int dr = mt_store_etcd_depose(b, "coord/leader", "A2");
+  rb = mt_store_etcd_campaign(b, "coord/leader", "B2", 5, &lb, held, sizeof held);
+  CHECK(dw == 0 && dr == 1 && rb == 1,
+        "depose another value %d, its value %d, then a campaign %d (holder \"%s\"): %s", dw, dr, rb,
+        held, mt_errmsg());
+  mt_store_etcd_resign(b, lb);
   mt_store_etcd_resign(a, la);
   mt_store_free(a);
   mt_store_free(b);
