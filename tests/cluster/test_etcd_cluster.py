@@ -398,6 +398,18 @@ def test_a_node_started_after_the_job_completed(c, etcd, coord, state_key):
                              [s["step"] for s in ran], after, "" if ok else "\n" + c.logs(20)))
 
 
+def kill_the_elected_after(c, job_name, step):
+    """Starts n0 (elected: it is first) and then n1 of a two-node cluster,
+    and SIGKILLs n0 once it trained step."""
+    n0, n1 = c.nodes
+    c.node_start(n0)
+    c.wait_for(lambda: grep(n0, r"elected coordinator of job %s" % job_name), 60, "n0 elected")
+    c.node_start(n1)
+    c.wait_for(lambda: last_step(n0) >= step, 120, "step %d" % step)
+    n0.signal(signal.SIGKILL)
+    n0.wait(10)
+
+
 def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
     """rendezvous.max_restarts = 0: the coordinator's node lost, the node
     elected in its place ends the job rather than re-forming it on a budget
@@ -411,12 +423,7 @@ def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
         add_conf(n, "rendezvous", "max_restarts", 0)
     n0, n1 = c.nodes
     try:
-        c.node_start(n0)
-        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-budget"), 60, "n0 elected")
-        c.node_start(n1)
-        c.wait_for(lambda: last_step(n0) >= 3, 120, "step 3")
-        n0.signal(signal.SIGKILL)
-        n0.wait(10)
+        kill_the_elected_after(c, "etcd-budget", 3)
         first = c.wait_all(60, [n1])
         c.node_start(n1)  # systemd's restart: n1 is elected
         second = c.wait_all(60, [n1])
@@ -495,12 +502,7 @@ def test_a_coordinator_restarted_at_once(mtnlgd, tmp, tokens, etcd):
     c = etcd_cluster(mtnlgd, tmp, "etcd-again", job, etcd, nodes=2)
     n0, n1 = c.nodes
     try:
-        c.node_start(n0)
-        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-again"), 60, "n0 elected")
-        c.node_start(n1)
-        c.wait_for(lambda: last_step(n0) >= 7, 120, "step 7")
-        n0.signal(signal.SIGKILL)
-        n0.wait(10)
+        kill_the_elected_after(c, "etcd-again", 7)
         time.sleep(0.5)
         t_start = time.time()
         c.node_start(n0)  # systemd's restart

@@ -24,6 +24,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,25 @@ static int free_port(void) {
   return -1;
 }
 
+/* etcd with the arguments after log (NULL-terminated), its output appended
+ * to log, killed with this process: its pid, or -1. */
+static pid_t etcd_spawn(const char *log, ...) {
+  char *argv[64] = {(char *)etcd_bin};
+  va_list ap;
+  va_start(ap, log);
+  int i = 1;
+  while (i < 63 && (argv[i] = va_arg(ap, char *))) i++;
+  va_end(ap);
+  pid_t parent = getpid(), pid = fork();
+  if (pid != 0) return pid;
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(127);
+  int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
+  execv(etcd_bin, argv);
+  _exit(127);
+}
+
 static int member_start(int i) {
   char name[16], data[256], client[64], peer[64], cluster[512] = "", log[300];
   snprintf(name, sizeof name, "m%d", i);
@@ -94,23 +114,14 @@ static int member_start(int i) {
   for (int k = 0; k < MEMBERS; k++)
     snprintf(cluster + strlen(cluster), sizeof cluster - strlen(cluster),
              "%sm%d=http://127.0.0.1:%d", k ? "," : "", k, m[k].peer_port);
-  pid_t parent = getpid();
-  pid_t pid = fork();
+  /* elections in half a second, not a second: the test waits for them */
+  pid_t pid = etcd_spawn(log, "--name", name, "--data-dir", data, "--listen-client-urls", client,
+                         "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                         "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
+                         "--initial-cluster-token", "mtnlg-test", "--initial-cluster-state", "new",
+                         "--heartbeat-interval", "50", "--election-timeout", "500", "--logger",
+                         "zap", "--log-outputs", "stderr", "--log-level", "error", (char *)NULL);
   if (pid < 0) return -1;
-  if (pid == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent) _exit(127);
-    int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
-    /* elections in half a second, not a second: the test waits for them */
-    execl(etcd_bin, etcd_bin, "--name", name, "--data-dir", data, "--listen-client-urls", client,
-          "--advertise-client-urls", client, "--listen-peer-urls", peer,
-          "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
-          "--initial-cluster-token", "mtnlg-test", "--initial-cluster-state", "new",
-          "--heartbeat-interval", "50", "--election-timeout", "500", "--logger", "zap",
-          "--log-outputs", "stderr", "--log-level", "error", (char *)NULL);
-    _exit(127);
-  }
   m[i].pid = pid;
   return 0;
 }
@@ -789,22 +800,12 @@ static pid_t tls_member_start(char *url, size_t cap) {
   snprintf(key, sizeof key, "%s/etcd-server.key", TLS_DIR);
   snprintf(ca, sizeof ca, "%s/etcd-ca.pem", TLS_DIR);
   snprintf(url, cap, "%s", curl_url);
-  pid_t parent = getpid(), pid = fork();
-  if (pid < 0) return -1;
-  if (pid == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent) _exit(127);
-    int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd >= 0) dup2(fd, 1), dup2(fd, 2);
-    execl(etcd_bin, etcd_bin, "--name", "tls", "--data-dir", data, "--listen-client-urls", curl_url,
-          "--advertise-client-urls", curl_url, "--listen-peer-urls", peer,
-          "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
-          "--initial-cluster-state", "new", "--cert-file", cert, "--key-file", key,
-          "--trusted-ca-file", ca, "--client-cert-auth", "--logger", "zap", "--log-outputs",
-          "stderr", "--log-level", "error", (char *)NULL);
-    _exit(127);
-  }
-  return pid;
+  return etcd_spawn(log, "--name", "tls", "--data-dir", data, "--listen-client-urls", curl_url,
+                    "--advertise-client-urls", curl_url, "--listen-peer-urls", peer,
+                    "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
+                    "--initial-cluster-state", "new", "--cert-file", cert, "--key-file", key,
+                    "--trusted-ca-file", ca, "--client-cert-auth", "--logger", "zap",
+                    "--log-outputs", "stderr", "--log-level", "error", (char *)NULL);
 }
 
 static void test_tls_certificates_are_checked(void) {
