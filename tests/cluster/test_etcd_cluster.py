@@ -449,7 +449,7 @@ def test_a_lapsed_lease_is_taken_again(mtnlgd, tmp, tokens, etcd):
     same term and endpoint, and the job goes on in generation 1 to its
     end."""
     name = "test_a_coordinator_whose_lease_lapsed_takes_the_key_again"
-    job = tiny_job(os.path.join(tmp, "etcd-lapse.json"), tokens, "etcd-lapse", 120,
+    job = tiny_job(os.path.join(tmp, "etcd-lapse.json"), tokens, "etcd-lapse", 300,
                    parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2})
     cut = Cut(etcd)
     c = etcd_cluster(mtnlgd, tmp, "etcd-lapse", job, etcd, nodes=1, endpoints=cut.endpoints)
@@ -475,7 +475,7 @@ def test_a_lapsed_lease_is_taken_again(mtnlgd, tmp, tokens, etcd):
             n0, r"etcd answers again")
         steps = [s["step"] for s in n0.steps()]
         ok = (held and gone is None and again == held and codes == [0] and said and warned
-              and during > 0 and steps == list(range(1, 121))
+              and during > 0 and steps == list(range(1, 301))
               and not grep(n0, r"generation 2|coordinator lost"))
         return check(name, ok, "coord/leader %r, after %.0f s cut off %r, then %r; %d steps "
                      "meanwhile; exit %s; the retake logged %s, the outage %s; steps %s..%s "

@@ -21,7 +21,8 @@ in a temporary --dir:
   `--etcd 1 --nodes 2` (dp 1), the node elected coordinator SIGKILLed:
   local-cluster starts it again and the other, which exits 1, as systemd
   would; another term is elected, the job resumes from its newest
-  checkpoint (local-cluster says so) and completes, exit 0, no etcd left
+  checkpoint (local-cluster says so) and goes on until a SIGTERM to
+  local-cluster stops every daemon, exit 0, no etcd left
   (skipped without ETCD, Debian's etcd-server); `mtnlgctl -e ELECTED,OTHER
   watch`, started before the kill, is answered by the other node after it
   and sees the job go on.
@@ -138,7 +139,9 @@ def test_etcd_failover(mtnlgd, mtnlgctl, tmp, tokens, etcd_bin):
     if not etcd_bin or not os.access(etcd_bin, os.X_OK) or not mtnlgctl:
         print("skipped %s: no etcd at %s (Debian's etcd-server)" % (name, etcd_bin))
         return 0
-    steps = 400
+    # long enough not to end before the kill (a step is a few ms), and
+    # stopped by a SIGTERM to local-cluster once it went on after it
+    steps = 100000
     job = tiny_job(os.path.join(tmp, "etcd-job.json"), tokens, "lc-etcd", steps,
                    parallel={"tp": 1, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
                    checkpoint={"dir": os.path.join(tmp, "etcd-ck"), "interval": 10})
@@ -176,30 +179,55 @@ def test_etcd_failover(mtnlgd, mtnlgctl, tmp, tokens, etcd_bin):
                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         time.sleep(1.0)
         os.kill(pid, signal.SIGKILL)
+        # another coordinator elected, and the job 20 steps on under it:
+        # local-cluster stops every daemon at a step boundary (exit 0)
+        elected_again = re.compile(r"^local-cluster: n[01] elected coordinator \(term (?!%s)"
+                                   % term, re.M)
+        def watched_on():
+            """The watch answered by the other node after the kill, and from
+            then on (whichever node answered) saw the job go past it."""
+            with open(watch_out) as f:
+                seen = [json.loads(line) for line in f if line.startswith("{")]
+            answered = [st.get("node") for st in seen]
+            at = answered.index(other) if other in answered else 0
+            return (answered[:1] == [first] and at > 0
+                    and max(st.get("step") or 0 for st in seen[at:])
+                    > max(st.get("step") or 0 for st in seen[:at]))
+
+        t_wait, deadline, went_on = time.time(), time.time() + 120, False
+        while time.time() < deadline and p.poll() is None and not went_on:
+            m = elected_again.search(output())
+            went_on = (m is not None and output()[m.end():].count("\nstep ") >= 20
+                       and watched_on() and re.search(
+                           r"^local-cluster: %s started again" % other, output(), re.M)
+                       and "joined the rendezvous" in open(os.path.join(
+                           run_dir, other + ".err"), errors="replace").read())
+            time.sleep(0.2)
+        waited = time.time() - t_wait
+        p.send_signal(signal.SIGTERM)
         try:
-            code = p.wait(timeout=180)
+            code = p.wait(timeout=120)
         except subprocess.TimeoutExpired:
             code = None
         watch.terminate()
         watch.wait(30)
         with open(watch_out) as f:
-            seen = [json.loads(line) for line in f if line.startswith("{")]
-        answered = [st.get("node") for st in seen]
-        # before the kill the elected node answered; after it, the other
-        # (the list's next), and from then on the watch (whichever node
-        # answered it) saw the job go on past the kill
-        at = answered.index(other) if other in answered else 0
-        watched = (answered[:1] == [first] and at > 0
-                   and max(st.get("step") or 0 for st in seen[at:])
-                   > max(st.get("step") or 0 for st in seen[:at]))
+            answered = [json.loads(line).get("node") for line in f if line.startswith("{")]
+        watched = watched_on()
         said = output()
         with open(steps_log) as f:
             recs = [json.loads(line) for line in f if line.strip()]
         m2 = re.search(r"^local-cluster: (n[01]) elected coordinator \(term ([0-9a-f]{16})\): the "
                        r"coordinator %s was lost \(its lease on coord/leader in etcd lapsed\)$"
                        % first, said, re.M)
+        # the steps since the checkpoint it resumed from, trained again (none
+        # when the kill came as the checkpoint was committed, a likely
+        # moment where a save takes longer than the steps between)
         m3 = re.search(r"^local-cluster: the job resumed from its step (\d+) checkpoint: steps "
                        r"(\d+) to (\d+) run again$", said, re.M)
+        daemon_said = re.search(r"resumed from \S+: step (\d+)", "".join(
+            open(os.path.join(run_dir, n + ".err"), errors="replace").read()
+            for n in ("n0", "n1")))
         etcd_left = [d for d in os.listdir("/proc") if d.isdigit() and run_dir in _cmdline(d)]
         ok = (code == 0 and m2 and m2.group(2) != term
               and "local-cluster: %s exited killed by SIGKILL; starting it again in 1 s" % first
@@ -207,17 +235,24 @@ def test_etcd_failover(mtnlgd, mtnlgctl, tmp, tokens, etcd_bin):
               and re.search(r"^local-cluster: %s started again: pid \d+$" % first, said, re.M)
               and re.search(r"^local-cluster: %s exited with 1: node %s exits \(1\): coordinator "
                             r"lost: .*; starting it again in 1 s$" % (other, other), said, re.M)
-              and m3 and int(m3.group(1)) % 10 == 0 and int(m3.group(2)) == int(m3.group(1)) + 1
-              and recs and recs[-1]["step"] == steps
-              and "local-cluster: n0 exited with 0" in said
-              and "local-cluster: n1 exited with 0" in said and not etcd_left and watched)
+              and daemon_said and int(daemon_said.group(1)) % 10 == 0
+              and (m3 is None or m3.group(1) == daemon_said.group(1))
+              and went_on and recs and recs[-1]["step"] >= int(daemon_said.group(1)) + 20
+              # each daemon's last word: stopped, or its restart called off by the stop
+              and all(re.findall(r"^local-cluster: %s (exited with \d+|is not started again)"
+                                 % n, said, re.M)[-1:] in (["exited with 0"],
+                                                            ["is not started again"])
+                      for n in ("n0", "n1"))
+              and not etcd_left and watched)
         return check(name, ok, "exit %s; %s elected first (term %s), SIGKILLed; then %s; "
-                     "resumed: %s; last step %s; processes left in its dir %s; mtnlgctl watch "
-                     "-e %s,%s answered by %s%s" % (
+                     "resumed: %s (%s); last step %s; processes left in its dir %s; mtnlgctl watch "
+                     "-e %s,%s answered by %s; waited %.1f s for it all%s" % (
                          code, first, term, m2.group(0) if m2 else None,
-                         m3.group(0) if m3 else None, recs[-1]["step"] if recs else None,
+                         m3.group(0) if m3 else None,
+                         daemon_said.group(0) if daemon_said else None,
+                         recs[-1]["step"] if recs else None,
                          etcd_left, first, other,
-                         [(k, len(list(g))) for k, g in itertools.groupby(answered)],
+                         [(k, len(list(g))) for k, g in itertools.groupby(answered)], waited,
                          "" if ok else "\n" + said[-3000:]))
     finally:
         if p.poll() is None:
