@@ -223,7 +223,6 @@ static int setup(void) {
     ep = end ? end + 1 : ep + len;
   }
   http.init_rc = CTL_EXIT_FAILURE;
-  http.base = http.bases[0];
 
   if (curl_global_init(CURL_GLOBAL_DEFAULT)) {
     set_err(http.init_err, sizeof http.init_err, "cannot initialise libcurl");
@@ -399,7 +398,7 @@ static void answer_error(const char *method, const char *path, long status, cons
     snprintf(hint, sizeof hint, "; the token in %s was not accepted", ctl.token_file);
   else if (status == 404 && !json_is_object(problem))
     snprintf(hint, sizeof hint, " (%s %s); is %s an mtnlgd control endpoint?", method, path,
-             http.base);
+             http.bases[http.cur]);
   else if (status >= 300 && status < 400)
     snprintf(hint, sizeof hint,
              " (%s %s; redirects are not followed: set -e/--endpoint to the "
@@ -444,12 +443,12 @@ int ctl_http_request(const char *method, const char *path, const json_t *body, j
   int tries = 0;
 again:
   ret = CTL_EXIT_FAILURE;
-  size_t url_len = strlen(http.base) + strlen(path) + 1;
+  size_t url_len = strlen(http.bases[http.cur]) + strlen(path) + 1;
   if (!(url = malloc(url_len))) {
     set_err(err, err_cap, "out of memory");
     goto cleanup;
   }
-  snprintf(url, url_len, "%s%s", http.base, path);
+  snprintf(url, url_len, "%s%s", http.bases[http.cur], path);
 
   CURL *c = http.curl;
   http.errbuf[0] = '\0';
@@ -566,7 +565,7 @@ again:
      * again, with its Idempotency-Key, and that try goes on to the next
      * one, this one not answering a connection) */
     if (++tries < http.n_endpoints && (!post || !http.sent)) {
-      http.base = http.bases[http.cur = (http.cur + 1) % http.n_endpoints];
+      http.cur = (http.cur + 1) % http.n_endpoints;
       if (keyed) curl_easy_setopt(http.curl, CURLOPT_HTTPHEADER, NULL);
       curl_slist_free_all(keyed), keyed = NULL;
       free(payload), payload = NULL;
@@ -587,7 +586,7 @@ again:
               "MTNLG_ENDPOINT",
               http.names[http.cur], why);
     /* the next request starts at the next one: this one did not answer */
-    if (http.n_endpoints > 1) http.base = http.bases[http.cur = (http.cur + 1) % http.n_endpoints];
+    http.cur = (http.cur + 1) % http.n_endpoints;
     ret = CTL_EXIT_UNREACHABLE;
     goto cleanup;
   }

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 struct mt_election {
   mt_election_opts o;
@@ -109,11 +108,7 @@ static void *run(void *arg) {
     else if (!over && !e->o.lease)
       follower_round(e);
     pthread_mutex_lock(&e->mu);
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += e->o.interval_ms / 1000;
-    until.tv_nsec += (long)(e->o.interval_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    struct timespec until = mt_mono_deadline(e->o.interval_ms);
     while (!e->stopping && !e->kick && pthread_cond_timedwait(&e->wake, &e->mu, &until) == 0) {
     }
     e->kick = 0;
@@ -136,11 +131,7 @@ int mt_election_start(const mt_election_opts *o, mt_election **out) {
   e->o = *o;
   e->lease = o->lease;
   pthread_mutex_init(&e->mu, NULL);
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&e->wake, &ca);
-  pthread_condattr_destroy(&ca);
+  if (mt_mono_cond_init(&e->wake)) pthread_cond_init(&e->wake, NULL);
   e->leader_key = strdup(o->leader_key);
   e->state_key = strdup(o->state_key);
   e->leader_value = strdup(o->leader_value);

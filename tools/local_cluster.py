@@ -84,6 +84,16 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
+def systemd_restarts(code):
+    """Whether systemd's Restart=on-failure with RestartPreventExitStatus=2
+    (mtnlgd.service) starts a daemon that ended so (a Popen return code)
+    again: an exit other than 0 and 2, or a signal other than the clean ones
+    (SIGHUP, SIGINT, SIGTERM, SIGPIPE)."""
+    if code >= 0:
+        return code not in (0, 2)
+    return -code not in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
+
+
 def describe_exit(code):
     """A Popen return code in words: "0", "1", "killed by SIGKILL"."""
     if code is None:
