@@ -264,9 +264,54 @@ static int check_etcd_term(node *n) {
  * its train.steps: then it says so ("completed": {"job": hash, "name",
  * "step", "at": unix seconds}), and a node elected later for the same job
  * (one that lost contact just as the job ended, started again by systemd)
- * does not run it again: it exits 0 (close_job_in_etcd). The same job
+ * does not run it again: it exits 0 (close_job_in_etcd), as does a node
+ * that follows and finds no coordinator (elect_through_etcd: at once with
+ * the job's hash, after its join timeout without a job). The same job
  * changed (more steps) has another hash and runs. */
 #define ETCD_STATE_KEY "coord/state"
+
+/* coord/state's record of a job that completed, when it holds one: which
+ * job, and "job NAME (HASH) completed its N steps at WHEN (coord/state in
+ * etcd says so)" in said. */
+typedef struct {
+  char hash[17];
+  char name[64];
+  char when[32];
+  char said[320];
+} job_completed;
+
+static int completed_in_state(json_t *j, job_completed *done) {
+  json_t *rec = json_object_get(j, "completed");
+  if (!json_is_object(rec)) return 0;
+  const char *hash = json_string_value(json_object_get(rec, "job"));
+  const char *name = json_string_value(json_object_get(rec, "name"));
+  json_int_t step = json_integer_value(json_object_get(rec, "step"));
+  time_t at = (time_t)json_integer_value(json_object_get(rec, "at"));
+  struct tm tm;
+  snprintf(done->hash, sizeof done->hash, "%s", hash ? hash : "?");
+  snprintf(done->name, sizeof done->name, "%s", name ? name : "?");
+  snprintf(done->when, sizeof done->when, "?");
+  if (at > 0 && gmtime_r(&at, &tm))
+    strftime(done->when, sizeof done->when, "%Y-%m-%d %H:%M:%S UTC", &tm);
+  snprintf(done->said, sizeof done->said,
+           "job %s (%s) completed its %lld steps at %s (%s in etcd says so)", done->name,
+           done->hash, (long long)step, done->when, ETCD_STATE_KEY);
+  return 1;
+}
+
+/* coord/state read for its completed job's record, by a node that
+ * follows and finds no coordinator; 0 when there is none (or etcd cannot
+ * say). */
+static int read_completed(node *n, job_completed *done) {
+  void *v = NULL;
+  size_t bytes = 0;
+  if (mt_store_get(n->etcd_root, ETCD_STATE_KEY, &v, &bytes, 0)) return 0;
+  json_t *j = json_loadb(v, bytes, 0, NULL);
+  free(v);
+  int rc = completed_in_state(j, done);
+  json_decref(j);
+  return rc;
+}
 
 static void read_coord_state(node *n) {
   void *v = NULL;
@@ -278,25 +323,15 @@ static void read_coord_state(node *n) {
   }
   json_t *j = json_loadb(v, bytes, 0, NULL);
   free(v);
-  json_t *done = json_object_get(j, "completed");
-  if (json_is_object(done)) {
-    const char *hash = json_string_value(json_object_get(done, "job"));
-    const char *name = json_string_value(json_object_get(done, "name"));
-    json_int_t step = json_integer_value(json_object_get(done, "step"));
-    time_t at = (time_t)json_integer_value(json_object_get(done, "at"));
-    char when[32] = "?";
-    struct tm tm;
-    if (at > 0 && gmtime_r(&at, &tm)) strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
-    if (hash && !strcmp(hash, n->job.hash)) {
+  job_completed done;
+  if (completed_in_state(j, &done)) {
+    if (!strcmp(done.hash, n->job.hash)) {
       n->completed_before = 1;
-      snprintf(n->completed_said, sizeof n->completed_said,
-               "job %s (%s) completed its %lld steps at %s (%s in etcd says so)", n->job.name,
-               n->job.hash, (long long)step, when, ETCD_STATE_KEY);
+      snprintf(n->completed_said, sizeof n->completed_said, "%s", done.said);
     } else {
       mt_log_info("etcd: %s says job %s (%s) completed under this prefix at %s; this is job %s "
                   "(%s), another: it runs, with a restart budget of its own",
-                  ETCD_STATE_KEY, name ? name : "?", hash ? hash : "?", when, n->job.name,
-                  n->job.hash);
+                  ETCD_STATE_KEY, done.name, done.hash, done.when, n->job.name, n->job.hash);
     }
     json_decref(j);
     return;
@@ -479,6 +514,19 @@ static int elect_through_etcd(node *n) {
     if (rc == MT_EPERM || rc == MT_EINVAL)
       return mt_wraperr(rc, "the rendezvous in etcd (%s)", c->etcd);
     if (!rc && leader[0] && c->host != 1) break;
+    /* a follower with no coordinator to follow: the job may have completed
+     * (a node started again after its end, or one left waiting as a spare) */
+    job_completed done;
+    int closed = !rc && !leader[0] && !campaign && read_completed(n, &done);
+    if (closed && n->have_job && !strcmp(done.hash, n->job.hash)) {
+      n->completed_before = 1;
+      return mt_seterr(MT_EINVAL,
+                       "following, but %s and no coordinator holds %s%s: nothing to follow (to "
+                       "run the same job again, delete %s%s in etcd, or give it another "
+                       "rendezvous.etcd_prefix)",
+                       done.said, c->etcd_prefix, ETCD_LEADER_KEY, c->etcd_prefix, ETCD_STATE_KEY);
+    }
+    int wait_s = c->join_timeout_s ? c->join_timeout_s : 600;
     char now_says[700];
     if (rc)
       snprintf(now_says, sizeof now_says, "waiting for etcd: %s", mt_errmsg());
@@ -486,13 +534,26 @@ static int elect_through_etcd(node *n) {
       snprintf(now_says, sizeof now_says,
                "rendezvous.host = yes: waiting for the lease of %s (%s) to end", ETCD_LEADER_KEY,
                leader);
+    else if (closed)
+      snprintf(now_says, sizeof now_says,
+               "no coordinator, and %s: waiting up to %d s for another job's coordinator to be "
+               "elected",
+               done.said, wait_s);
     else
       snprintf(now_says, sizeof now_says,
                "waiting for a node with the job to be elected coordinator");
     if (mt_mono_ms() > deadline) {
       n->store_unreachable = rc != 0;
+      if (closed && !n->have_job) { /* the rendezvous is over: a clean end, not a failure */
+        n->completed_before = 1;
+        return mt_seterr(MT_ETIMEDOUT,
+                         "the rendezvous in etcd(%s): %s, and no coordinator was elected in the "
+                         "%d s since: nothing to follow (started again, this node joins the "
+                         "next job under rendezvous.etcd_prefix %s)",
+                         c->etcd, done.said, wait_s, c->etcd_prefix);
+      }
       return mt_seterr(rc ? rc : MT_ETIMEDOUT, "the rendezvous in etcd(%s): still %s after %d s",
-                       c->etcd, now_says, c->join_timeout_s ? c->join_timeout_s : 600);
+                       c->etcd, now_says, wait_s);
     }
     if (strcmp(now_says, said)) mt_log_info("etcd(%s): %s", c->etcd, now_says);
     snprintf(said, sizeof said, "%s", now_says);

@@ -72,7 +72,8 @@ typedef struct node {
   int restarts_spent;           /* elected after a coordinator was lost: the budget spent */
   char restart_reason[300];     /* and why */
   int start_paused;             /* and the job was paused then */
-  int completed_before;         /* elected, but coord/state says this job completed: */
+  int completed_before;         /* coord/state says the job completed (this node elected for it, or
+                                 * following with no coordinator): nothing to run, exit 0 */
   char completed_said[320];     /* when, and how many steps */
   char etcd_password[256];
   char cluster_key[MT_STORE_MAX_KEY + 1]; /* rendezvous.key_file's contents (no NUL) */

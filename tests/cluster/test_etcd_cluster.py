@@ -30,6 +30,11 @@ may be elected to coordinate.
   elected, finds it closed, and exits 0 training nothing;
   test_the_completed_job_given_more_steps_runs: with train.steps 2 more
   (another job, by its hash) n1 and n2 run it, steps 151 and 152.
+  test_followers_started_after_the_job_completed_exit_0: a node with
+  rendezvous.host = no and the job, started after the end, reads that the
+  job completed and exits 0 at once; one without a job (a spare) waits its
+  rendezvous.join_timeout_s for another job's coordinator, saying why, and
+  exits 0.
 - test_a_lost_coordinator_spends_the_restart_budget: with
   rendezvous.max_restarts = 0, the node elected after the coordinator's
   node was lost ends the job instead of re-forming it, and exits 2 (it
@@ -373,6 +378,37 @@ def test_a_node_started_after_the_job_completed(c, etcd, coord, state_key):
                   "after %.1f s, said so %s, printed %d steps%s"
                   % (closed, job_hash, codes, took, bool(said), len(straggler.steps()),
                      "" if ok else "\n" + straggler.stderr()[-2000:]))
+    # nodes that only follow (rendezvous.host = no), started again after
+    # the end, find no coordinator: one with the job reads that it
+    # completed and exits 0 at once; one without a job (a spare) waits its
+    # join_timeout_s for another job's coordinator, saying why, then exits
+    # 0: the rendezvous is over, not failed (exit 2 had the unit failed)
+    name = "test_followers_started_after_the_job_completed_exit_0"
+    follow = {"host": "no", "join_timeout_s": 3}
+    with_job = c.add_node("f-job", extra={"rendezvous": dict(follow, endpoint="127.0.0.1:%d" % free_port())})
+    spare = c.add_node("f-spare", job_in_config=False,
+                       extra={"rendezvous": dict(follow, endpoint="127.0.0.1:%d" % free_port())})
+    t0 = time.time()
+    c.node_start(with_job)
+    c.node_start(spare)
+    codes = c.wait_all(60, [with_job, spare])
+    took = time.time() - t0
+    done = (r"job etcd-job \(%s\) completed its %d steps at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
+            r"\(coord/state in etcd says so\)" % (job_hash, STEPS))
+    said_job = grep(with_job, r"following, but %s and no coordinator holds "
+                              r"/mtnlg/etcd-c1/coord/leader: nothing to follow" % done)
+    waited = grep(spare, r"no coordinator, and %s: waiting up to 3 s for another job's "
+                         r"coordinator to be elected" % done)
+    said_spare = grep(spare, r"%s, and no coordinator was elected in the 3 s since: nothing to "
+                             r"follow \(started again, this node joins the next job under "
+                             r"rendezvous.etcd_prefix /mtnlg/etcd-c1/\)" % done)
+    ok = (codes == [0, 0] and said_job and waited and said_spare
+          and not grep(with_job, r"another job's coordinator")
+          and etcd.get("/mtnlg/etcd-c1/coord/leader") is None)
+    fails += check(name, ok, "exit %s after %.1f s; the follower with the job said so %s, the "
+                   "spare waited %s and said so %s%s"
+                   % (codes, took, bool(said_job), bool(waited), bool(said_spare),
+                      "" if ok else "\n" + with_job.stderr()[-1500:] + spare.stderr()[-1500:]))
     # the job given more steps is another job (its hash): it runs, from
     # the completed one's last checkpoint
     name = "test_the_completed_job_given_more_steps_runs"
