@@ -1,5 +1,6 @@
-/* node_int.h — the node daemon's state, shared by its lifecycle (node.c) and
- * its control-plane provider (node_control.c). Private to mtnlgd. */
+/* node_int.h — the node daemon's state, shared by its lifecycle (node.c),
+ * its control-plane provider (node_control.c) and its election through etcd
+ * (node_etcd.c). Private to mtnlgd. */
 #ifndef MT_NODE_INT_H
 #define MT_NODE_INT_H
 
@@ -224,6 +225,33 @@ int node_eval_from_json(const json_t *ev, mt_eval_progress *p, double *elapsed_s
 /* The loop's round of status work: publish this node's status, fetch the
  * coordinator's cluster view, follow the steps when not a member. */
 void node_control_round(node *n, int heartbeat);
+/* A member's report of a run that trained its train.steps begins so: the
+ * generation's end says it, and through etcd the job is closed on it */
+#define NODE_COMPLETED "completed "
+
+/* node.c: the coordinator this node works under is gone (why: for the log
+ * and the exit); the generation ends and the node exits 1. */
+void node_coordinator_lost(node *n, const char *why);
+
+/* node_etcd.c: a coordinator elected through etcd (rendezvous.etcd).
+ * Elects (campaigns with the job, else follows) and fills in the store's
+ * endpoint and is_host; 0, or an error (completed_before set when the job
+ * completed: an end, not a failure). */
+int node_etcd_elect(node *n);
+/* The election's thread, once this node coordinates or follows. */
+int node_etcd_start_election(node *n);
+/* The loop's look at what the election's thread found: 1 when the
+ * coordinator is lost (node_coordinator_lost called). */
+int node_etcd_check_term(node *n);
+/* The coordinator's coord/state (restarts, paused) handed to the thread. */
+void node_etcd_publish_state(node *n);
+/* The job ended under this coordinator: closed in etcd if it completed,
+ * its state deleted otherwise. */
+void node_etcd_close_job(node *n);
+/* coord/leader still the value this node read? 1 yes (or etcd cannot
+ * say), 0 when another leads or none does. */
+int node_etcd_leader_stays(node *n);
+
 /* The coordinator's lease on coord/leader through etcd: the heartbeat
  * timeout, rounded up to etcd's whole seconds. */
 static inline int node_lease_ttl_s(const mt_node_config *c) {
