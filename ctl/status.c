@@ -44,9 +44,14 @@ static void print_job(const json_t *st) {
   double tp, pp, dp, p, dmin, dmax;
   if (ctl_jnum(job, "tp", &tp) && ctl_jnum(job, "pp", &pp) && ctl_jnum(job, "dp", &dp))
     snprintf(layout, sizeof layout, ": tp %.0f x pp %.0f x dp %.0f", tp, pp, dp);
-  if (ctl_jnum(job, "dp_min", &dmin) && ctl_jnum(job, "dp_max", &dmax) && *layout)
-    snprintf(layout + strlen(layout), sizeof layout - strlen(layout), " (dp %.0f..%.0f)", dmin,
-             dmax);
+  double resized = 0; /* an operator's resize holds: the width the coordinator keeps */
+  if (ctl_jnum(job, "dp_min", &dmin) && ctl_jnum(job, "dp_max", &dmax) && *layout) {
+    char as[40] = "";
+    if (ctl_jnum(job, "dp_resized", &resized) && resized > 0)
+      snprintf(as, sizeof as, ", resized to %.0f", resized);
+    snprintf(layout + strlen(layout), sizeof layout - strlen(layout), " (dp %.0f..%.0f%s)", dmin,
+             dmax, as);
+  }
   if (ctl_jnum(job, "params", &p))
     snprintf(params, sizeof params, ", %.3g%s params",
              p >= 1e9   ? p / 1e9

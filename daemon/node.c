@@ -1295,7 +1295,8 @@ static int start_coordinator(node *n) {
                       .reform_timeout_ms = n->cfg->reform_timeout_s * 1000,
                       .restarts_spent = n->restarts_spent,
                       .restart_reason = n->restart_reason,
-                      .paused = n->start_paused};
+                      .paused = n->start_paused,
+                      .dp_resized = n->start_dp_resized};
   return mt_coord_new(&co, &n->coord);
 }
 

@@ -127,12 +127,15 @@ static json_t *job_json(node *n) {
    * already in the job it runs, not yet in the one it watches */
   const char *ckpt_dir =
       !n->have_run_job && n->cfg->checkpoint_dir[0] ? n->cfg->checkpoint_dir : j->checkpoint.dir;
-  return json_pack(
-      "{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i, s:o}", "name", j->name, "hash",
-      j->hash, "steps", (json_int_t)j->train.steps, "global_batch", j->train.global_batch,
-      "seq_len", j->model.seq_len, "micro_batch", j->parallel.micro_batch, "params", params, "tp",
-      j->parallel.tp, "pp", j->parallel.pp, "dp", dp, "dp_min", j->parallel.dp_min, "dp_max",
-      j->parallel.dp_max, "checkpoint_dir", ckpt_dir[0] ? json_string(ckpt_dir) : json_null());
+  /* an operator's resize holds (the coordinator's own formings keep it) */
+  int resized = n->have_run_job ? n->asg.dp_resized : 0;
+  return json_pack("{s:s, s:s, s:I, s:i, s:i, s:i, s:I, s:i, s:i, s:i, s:i, s:i, s:o, s:o}", "name",
+                   j->name, "hash", j->hash, "steps", (json_int_t)j->train.steps, "global_batch",
+                   j->train.global_batch, "seq_len", j->model.seq_len, "micro_batch",
+                   j->parallel.micro_batch, "params", params, "tp", j->parallel.tp, "pp",
+                   j->parallel.pp, "dp", dp, "dp_min", j->parallel.dp_min, "dp_max",
+                   j->parallel.dp_max, "dp_resized", resized ? json_integer(resized) : json_null(),
+                   "checkpoint_dir", ckpt_dir[0] ? json_string(ckpt_dir) : json_null());
 }
 
 /* The rendezvous store this daemon hosts, with its limits; null on a node

@@ -90,10 +90,11 @@ int node_etcd_check_term(node *n) {
 }
 
 /* What outlives a coordinator: coord/state in etcd holds the restarts it
- * has spent and whether the job is paused ({"restarts": r, "paused": b,
- * "coordinator": name}), written when it is elected and whenever they
- * change. A coordinator elected while it is there counts its predecessor's
- * loss as one more restart and starts paused if the job was
+ * has spent, whether the job is paused and the width an operator's resize
+ * set ({"restarts": r, "paused": b, "coordinator": name, "dp_resized": N
+ * when resized}), written when it is elected and whenever they change. A
+ * coordinator elected while it is there counts its predecessor's loss as
+ * one more restart, keeps the resized width and starts paused if the job was
  * (read_coord_state): a job whose coordinator keeps being lost ends once
  * rendezvous.max_restarts is spent rather than failing round for ever, and
  * an operator's pause holds. A coordinator that ends the job deletes it
@@ -178,6 +179,9 @@ static void read_coord_state(node *n) {
   if (json_is_integer(r) && json_integer_value(r) >= 0 && json_integer_value(r) < 1000000) {
     n->restarts_spent = (int)json_integer_value(r) + 1;
     n->start_paused = json_is_true(json_object_get(j, "paused"));
+    json_t *dp = json_object_get(j, "dp_resized"); /* the operator's width holds too */
+    if (json_is_integer(dp) && json_integer_value(dp) >= 1 && json_integer_value(dp) <= 65536)
+      n->start_dp_resized = (int)json_integer_value(dp);
     snprintf(n->restart_reason, sizeof n->restart_reason,
              "the coordinator %s was lost (its lease on %s in etcd lapsed)", who ? who : "?",
              ETCD_LEADER_KEY);
@@ -192,8 +196,11 @@ static void read_coord_state(node *n) {
 static void coord_state_text(node *n, char *text, size_t cap) {
   int r = n->coord ? mt_coord_restarts(n->coord) : n->restarts_spent;
   int paused = n->coord ? mt_coord_paused(n->coord) : n->start_paused;
-  snprintf(text, cap, "{\"restarts\": %d, \"paused\": %s, \"coordinator\": \"%s\"}", r,
-           paused ? "true" : "false", n->cfg->name);
+  int dp = n->coord ? mt_coord_dp_resized(n->coord) : n->start_dp_resized;
+  char resized[32] = "";
+  if (dp) snprintf(resized, sizeof resized, ", \"dp_resized\": %d", dp);
+  snprintf(text, cap, "{\"restarts\": %d, \"paused\": %s, \"coordinator\": \"%s\"%s}", r,
+           paused ? "true" : "false", n->cfg->name, resized);
 }
 
 /* The election's thread, once this node coordinates or follows (its
@@ -419,6 +426,10 @@ int node_etcd_elect(node *n) {
     mt_log_info("etcd(%s): elected coordinator of job %s (term %s, lease %d s)%s%s", c->etcd,
                 n->job.name, n->term, ttl_s, n->restarts_spent ? ": " : "",
                 n->restarts_spent ? n->restart_reason : "");
+  if (n->is_host && n->start_dp_resized)
+    mt_log_info("etcd: the job was resized to dp %d under the coordinator before: that width "
+                "holds (mtnlgctl resize --dp N changes it)",
+                n->start_dp_resized);
   if (n->is_host && n->start_paused)
     mt_log_info("etcd: the job was paused under the coordinator before: it stays paused "
                 "(mtnlgctl resume)");

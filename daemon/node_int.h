@@ -73,6 +73,7 @@ typedef struct node {
   int restarts_spent;           /* elected after a coordinator was lost: the budget spent */
   char restart_reason[300];     /* and why */
   int start_paused;             /* and the job was paused then */
+  int start_dp_resized;         /* and the width an operator's resize had set (0: none) */
   int completed_before;         /* coord/state says the job completed (this node elected for it, or
                                  * following with no coordinator): nothing to run, exit 0 */
   char completed_said[320];     /* when, and how many steps */

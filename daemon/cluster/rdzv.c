@@ -124,10 +124,12 @@ static json_t *assignment_to_json(const mt_assignment *a) {
                           json_pack("{s:s, s:i, s:i}", "name", a->members[i].name, "rank_begin",
                                     a->members[i].rank_begin, "rank_end", a->members[i].rank_end));
   for (int i = 0; i < a->n_spares; i++) json_array_append_new(spares, json_string(a->spares[i]));
-  return json_pack("{s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i, s:o, s:o}", "gen", a->gen, "tp", a->tp,
-                   "pp", a->pp, "dp", a->dp, "world", a->world, "job_hash", a->job_hash,
-                   "coordinator", a->coordinator, "restart", a->restart, "members", members,
-                   "spares", spares);
+  json_t *j =
+      json_pack("{s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i, s:o, s:o}", "gen", a->gen, "tp", a->tp,
+                "pp", a->pp, "dp", a->dp, "world", a->world, "job_hash", a->job_hash, "coordinator",
+                a->coordinator, "restart", a->restart, "members", members, "spares", spares);
+  if (j && a->dp_resized) json_object_set_new(j, "dp_resized", json_integer(a->dp_resized));
+  return j;
 }
 
 /* An integer field of a store value within [lo, hi], else -1 (lo >= 0):
@@ -158,6 +160,15 @@ static int assignment_from_json(json_t *j, mt_assignment *a) {
                      gen, tp, pp, dp, world, restart);
   a->gen = (int)gen, a->tp = (int)tp, a->pp = (int)pp, a->dp = (int)dp, a->world = (int)world;
   a->restart = (int)restart;
+  if (json_object_get(j, "dp_resized")) { /* optional: written only after a resize */
+    long long resized = int_in(j, "dp_resized", 1, ASSIGNMENT_MAX_DIM);
+    if (resized < 0)
+      return mt_seterr(MT_ECORRUPT,
+                       "rdzv: assignment of generation %lld with a dp_resized that "
+                       "is not a width from 1 to %d",
+                       gen, ASSIGNMENT_MAX_DIM);
+    a->dp_resized = (int)resized;
+  }
   copy_str(a->job_hash, sizeof a->job_hash, j, "job_hash");
   copy_str(a->coordinator, sizeof a->coordinator, j, "coordinator");
   json_t *members = json_object_get(j, "members"), *spares = json_object_get(j, "spares");
@@ -502,6 +513,8 @@ struct mt_coord {
   int paused;
   int dp;                          /* of the running generation */
   int resize_to;                   /* a resize under way: the next generation's dp (0: none) */
+  int dp_resized;                  /* the width the last resize that formed set: the bounds
+                                      of the formings that follow (dp_bounds); 0: none */
   int64_t resize_op;               /* its operation's id */
   int resize_saved;                /* its checkpoint is committed: the generation may end */
   int64_t resize_forming_since_ms; /* its generation began forming (bounded by
@@ -565,12 +578,14 @@ int mt_coord_new(const mt_coord_opts *o, mt_coord **out) {
   }
   c->o.restart_reason = NULL; /* kept in restart_reason */
   c->paused = o->paused;      /* published with the first generation (form) */
+  c->dp_resized = o->dp_resized > 0 ? o->dp_resized : 0;
   *out = c;
   return 0;
 }
 
 int mt_coord_restarts(const mt_coord *c) { return c->restarts; }
 int mt_coord_paused(const mt_coord *c) { return c->paused; }
+int mt_coord_dp_resized(const mt_coord *c) { return c->dp_resized; }
 
 void mt_coord_free(mt_coord *c) {
   if (!c) return;
@@ -1021,11 +1036,26 @@ static int batch_splits(const mt_coord *c, int dp) {
   return batch_quantum(c) % (c->o.micro_batch * dp * (c->o.interleaved ? c->o.pp : 1)) == 0;
 }
 
+/* The widths the coordinator forms by itself (at its start, after a
+ * failure): the job's [dp_min, dp_max], or after an operator's resize to N
+ * at most N, and down to N where N is under dp_min: the operator's width
+ * holds until the next resize, rather than the first failure widening the
+ * job onto nodes taken out of it (or narrowing one grown past dp_max). */
+static void dp_bounds(const mt_coord *c, int *lo, int *hi) {
+  *lo = c->o.dp_min, *hi = c->o.dp_max;
+  if (c->dp_resized) {
+    *hi = c->dp_resized;
+    if (*lo > *hi) *lo = *hi;
+  }
+}
+
 /* Says (once, and in the status's reason) what a generation that cannot
  * form yet waits for: the slots for the narrowest dp it may take, or a
  * width they fill in whole nodes and that splits every global batch. */
 static void note_waiting(mt_coord *c, int slots) {
-  int dp = c->resize_to ? c->resize_to : c->o.dp_min, need = c->o.pp * dp;
+  int lo, hi;
+  dp_bounds(c, &lo, &hi);
+  int dp = c->resize_to ? c->resize_to : lo, need = c->o.pp * dp;
   char why[sizeof c->waiting];
   if (slots < need)
     snprintf(why, sizeof why,
@@ -1036,20 +1066,22 @@ static void note_waiting(mt_coord *c, int slots) {
     snprintf(why, sizeof why,
              "waiting for nodes: the %d model slot(s) joined make no dp from %d to %d that whole "
              "nodes fill (pp x dp slots) and that splits every global batch into micro-batches",
-             slots, dp, c->resize_to ? c->resize_to : c->o.dp_max);
+             slots, dp, c->resize_to ? c->resize_to : hi);
   if (strcmp(why, c->waiting)) mt_log_info("coordinator: %s", why);
   snprintf(c->waiting, sizeof c->waiting, "%s", why);
 }
 
-/* The widest dp in [dp_min, dp_max] the slots allow with every global batch
- * divisible by micro_batch * dp (batch_splits) and whole nodes filling its
- * pp * dp slots; 0 when none. */
+/* The widest dp in [dp_min, dp_max] (dp_bounds) the slots allow with every
+ * global batch divisible by micro_batch * dp (batch_splits) and whole nodes
+ * filling its pp * dp slots; 0 when none. */
 static int pick_dp(mt_coord *c, int slots) {
   if (c->resize_to)
     return slots / c->o.pp >= c->resize_to && fills(c, c->o.pp * c->resize_to) ? c->resize_to : 0;
+  int lo, hi;
+  dp_bounds(c, &lo, &hi);
   int most = slots / c->o.pp;
-  if (most > c->o.dp_max) most = c->o.dp_max;
-  for (int dp = most; dp >= c->o.dp_min; dp--)
+  if (most > hi) most = hi;
+  for (int dp = most; dp >= lo; dp--)
     if (batch_splits(c, dp) && fills(c, c->o.pp * dp)) return dp;
   return 0;
 }
@@ -1117,7 +1149,8 @@ static int form(mt_coord *c, int dp) {
                      .pp = c->o.pp,
                      .dp = dp,
                      .world = c->o.tp * c->o.pp * dp,
-                     .restart = c->reforming || c->first_restart ? c->restarts : 0};
+                     .restart = c->reforming || c->first_restart ? c->restarts : 0,
+                     .dp_resized = c->resize_to ? c->resize_to : c->dp_resized};
   snprintf(a.job_hash, sizeof a.job_hash, "%s", c->o.job_hash);
   a.members = calloc((size_t)c->n_nodes + 1, sizeof *a.members);
   a.spares = calloc((size_t)c->n_nodes + 1, sizeof *a.spares);
@@ -1182,6 +1215,7 @@ static int form(mt_coord *c, int dp) {
         if (c->ops[i].id == c->resize_op) op_done(&c->ops[i], 1, NULL);
       c->resize_to = 0;
       c->resize_saved = 0;
+      c->dp_resized = dp; /* the operator's width, from now on (dp_bounds) */
     }
     c->dp = dp;
     c->first_failure_ms = 0;
@@ -1322,12 +1356,14 @@ static int give_up_reforming(mt_coord *c, int64_t now_ms) {
     n++;
   }
   char why[1200];
+  int lo, hi;
+  dp_bounds(c, &lo, &hi);
   snprintf(why, sizeof why,
-           "cannot re-form after %.500s: pp %d x dp_min %d needs %d model slot(s) in whole nodes, "
+           "cannot re-form after %.500s: pp %d x %s %d needs %d model slot(s) in whole nodes, "
            "the %d node(s) left (%s) hold %d, and no node joined within "
            "rendezvous.reform_timeout_s (%d s)",
-           c->failure, c->o.pp, c->o.dp_min, c->o.pp * c->o.dp_min, n, n ? names : "none", slots,
-           c->o.reform_timeout_ms / 1000);
+           c->failure, c->o.pp, lo < c->o.dp_min ? "dp (as resized)" : "dp_min", lo, c->o.pp * lo,
+           n, n ? names : "none", slots, c->o.reform_timeout_ms / 1000);
   c->reforming = 0;
   return end_generation(c, now_ms, 1, 0, why);
 }
@@ -2212,13 +2248,17 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
     note_waiting(c, slots);
   } else {
     c->waiting[0] = 0;
+    int lo, hi;
+    dp_bounds(c, &lo, &hi);
+    if (c->resize_to) hi = c->resize_to;
     if (!c->formable_since_ms) {
       c->formable_since_ms = now_ms;
       mt_log_info("coordinator: %d slot(s) joined, enough for dp %d; last call for more (up to "
-                  "dp %d) for %d ms",
-                  slots, dp, c->o.dp_max, c->o.last_call_ms);
+                  "dp %d%s) for %d ms",
+                  slots, dp, hi, !c->resize_to && c->dp_resized ? ", as resized" : "",
+                  c->o.last_call_ms);
     }
-    if (dp < c->o.dp_max && now_ms - c->formable_since_ms < c->o.last_call_ms) return 0;
+    if (dp < hi && now_ms - c->formable_since_ms < c->o.last_call_ms) return 0;
     if ((rc = form(c, dp)) || c->state != G_FORMING) return rc;
   }
   /* too few nodes after a failure: wait a bounded time for more to join */

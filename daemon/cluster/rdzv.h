@@ -65,7 +65,9 @@ typedef struct mt_assignment {
   int tp, pp, dp, world;
   char job_hash[17];
   char coordinator[MT_RDZV_NAME_MAX];
-  int restart; /* formed after a failure: which restart of the job (1, 2, …), else 0 */
+  int restart;    /* formed after a failure: which restart of the job (1, 2, …), else 0 */
+  int dp_resized; /* the width an operator's resize set, which the coordinator's own
+                     formings keep (mt_coord_opts.dp_resized); 0: none */
   int n_members, n_spares;
   mt_member *members; /* in rank order */
   char (*spares)[MT_RDZV_NAME_MAX];
@@ -199,6 +201,12 @@ typedef struct mt_coord_opts {
   int restarts_spent;
   const char *restart_reason;
   int paused; /* the job was paused under the predecessor: its first generation starts paused */
+  /* The width the operator's last resize set (under the predecessor):
+   * the generations the coordinator forms by itself (at its start, after
+   * a failure) take it in place of dp_max, and of dp_min where it is
+   * below, until the next resize; a resize holds as a pause does. 0:
+   * none, the job's bounds. */
+  int dp_resized;
 } mt_coord_opts;
 
 int mt_coord_new(const mt_coord_opts *o, mt_coord **out);
@@ -217,6 +225,9 @@ int mt_coord_finish(mt_coord *c, int ok, const char *reason);
 int mt_coord_restarts(const mt_coord *c);
 /* 1 while the job is paused (a pause acted on, no resume since). */
 int mt_coord_paused(const mt_coord *c);
+/* The width the last resize that formed set (0: none): see
+ * mt_coord_opts.dp_resized. */
+int mt_coord_dp_resized(const mt_coord *c);
 /* 1 once the job ended and every node still alive has left (or timeout_ms
  * passed since the end), and, after a stop operation, 2 s have passed for
  * its pollers: the store may go. */

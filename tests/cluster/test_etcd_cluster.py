@@ -51,6 +51,10 @@ may be elected to coordinate.
   the coordinator's daemon SIGKILLed and started again 0.5 s later finds
   its old term on its own endpoint where nothing listens, deletes the key
   and is elected again within 3 s (its lease is 4 s); the job resumes.
+- test_a_resize_holds_under_the_next_coordinator: a job of dp 2 resized to
+  dp 1 (coord/state in etcd says dp_resized 1); its coordinator's node
+  SIGKILLed and both daemons started again, the node elected forms dp 1, as
+  the operator left it, not the job's dp_min 2.
 - test_a_config_that_cannot_use_etcd_is_refused: a wildcard endpoint (the
   others could not dial it), an etcd_prefix without its '/', a user without
   a password file: one line each, exit 2.
@@ -568,6 +572,64 @@ def test_a_coordinator_restarted_at_once(mtnlgd, tmp, tokens, etcd):
         c.kill_all()
 
 
+def test_a_resize_holds_under_the_next_coordinator(mtnlgd, tmp, tokens, etcd, mtnlgctl):
+    """A job of dp_min = dp_max = 2 on two one-slot nodes, resized to dp 1
+    by the operator: coord/state in etcd says so (dp_resized 1); the
+    coordinator's node SIGKILLed and both daemons started again, the node
+    elected forms dp 1 with the other a spare, as the operator left it
+    (before: dp 2, the job's bounds, undoing the resize), and says why."""
+    name = "test_a_resize_holds_under_the_next_coordinator"
+    job = tiny_job(os.path.join(tmp, "etcd-resized.json"), tokens, "etcd-resized", 100000,
+                   parallel={"tp": 2, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
+                   checkpoint={"dir": os.path.join(tmp, "etcd-resized-ck"), "interval": 5})
+    c = etcd_cluster(mtnlgd, tmp, "etcd-resized", job, etcd, nodes=2)
+    n0, n1 = c.nodes
+    state_key = "/mtnlg/etcd-resized/coord/state"
+
+    def ctl(*args):
+        return subprocess.run([mtnlgctl, "-e", "%s,%s" % (n1.url(), n0.url()), "--token-file",
+                               c.token_file] + list(args), capture_output=True, text=True,
+                              timeout=120)
+    try:
+        c.node_start(n0)
+        c.wait_for(lambda: grep(n0, r"elected coordinator of job etcd-resized"), 60, "n0 elected")
+        c.node_start(n1)
+        c.wait_for(lambda: last_step(n0) >= 2, 120, "step 2 at dp 2")
+        rz = ctl("resize", "--dp", "1", "--wait")
+        c.wait_for(lambda: json.loads(etcd.get(state_key) or "{}").get("dp_resized") == 1, 30,
+                   "dp_resized 1 in coord/state")
+        saved = json.loads(etcd.get(state_key) or "{}")
+        n0.signal(signal.SIGKILL)
+        n0.wait(10)
+        lost = c.wait_all(60, [n1])
+        c.node_start(n0)  # systemd's restarts
+        c.node_start(n1)
+        c.wait_for(lambda: grep(n0, r"generation 1 formed"), 60, "a generation under n0 again")
+        st = {}
+
+        def shown():
+            st.update(json.loads(ctl("-o", "json", "status").stdout or "{}").get("job") or {})
+            return st.get("dp") == 1
+        c.wait_for(shown, 30, "the status at dp 1")
+        stop = ctl("stop", "--wait")
+        codes = c.wait_all(60, [n0, n1])
+        said = grep(n0, r"etcd: the job was resized to dp 1 under the coordinator before: that "
+                        r"width holds")
+        formed = re.search(r"generation 1 formed \(restart 1 of \d+\): tp 2 x pp 1 x dp (\d+)",
+                           n0.stderr())
+        ok = (rz.returncode == 0 and saved.get("dp_resized") == 1 and lost == [1] and said
+              and formed and formed.group(1) == "1" and st.get("dp_resized") == 1
+              and stop.returncode == 0 and codes == [0, 0])
+        return check(name, ok, "resize exit %d; coord/state %r; n1 exit %s; the new coordinator "
+                     "said so %s, formed dp %s; status dp %s (dp_resized %s); stop exit %d, "
+                     "exit %s%s" % (rz.returncode, saved, lost, bool(said),
+                                    formed and formed.group(1), st.get("dp"),
+                                    st.get("dp_resized"), stop.returncode, codes,
+                                    "" if ok else "\n" + rz.stdout + rz.stderr + c.logs(20)))
+    finally:
+        c.kill_all()
+
+
 def test_etcd_over_tls(mtnlgd, tmp, tokens, etcd):
     """One etcd member serving https:// that asks for a client certificate
     (--client-cert-auth; tests/cluster/tls/etcd-*): a node given the CA,
@@ -692,7 +754,8 @@ def main():
                                (test_losing_the_coordinators_node, mtnlgctl, validate),
                                (test_budget_spans_coordinators,),
                                (test_a_lapsed_lease_is_taken_again,),
-                               (test_a_coordinator_restarted_at_once,)):
+                               (test_a_coordinator_restarted_at_once,),
+                               (test_a_resize_holds_under_the_next_coordinator, mtnlgctl)):
                 t0 = time.time()
                 try:
                     fails += fn(mtnlgd, tmp, tokens, etcd, *extra)

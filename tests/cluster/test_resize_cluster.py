@@ -167,15 +167,15 @@ def test_checkpoint_past_dp_max_exports(mtnlgd, mtnlgctl, tmp, tokens):
                             capture_output=True, text=True, timeout=120)
         par = saved.get("parallel", {})
         ok = (rz.returncode == 0 and st.get("dp") == 3 and st.get("dp_min") == 2
-              and st.get("dp_max") == 2 and stop.returncode == 0 and codes == [0] * 3
+              and st.get("dp_max") == 2 and st.get("dp_resized") == 3 and stop.returncode == 0 and codes == [0] * 3
               and par.get("dp_min") == 2 and par.get("dp_max") == 2 and ex.returncode == 0
               and os.path.getsize(out) > 0)
         return check(name, ok,
-                     "resize exit %d; status dp %s (dp_min %s, dp_max %s); stop exit %d, "
+                     "resize exit %d; status dp %s (dp_min %s, dp_max %s, dp_resized %s); stop exit %d, "
                      "exit codes %s; the last checkpoint's job: dp_min %s dp_max %s; "
                      "export exit %d %s" % (
                          rz.returncode, st.get("dp"), st.get("dp_min"), st.get("dp_max"),
-                         stop.returncode, codes, par.get("dp_min"), par.get("dp_max"),
+                         st.get("dp_resized"), stop.returncode, codes, par.get("dp_min"), par.get("dp_max"),
                          ex.returncode, (ex.stdout + ex.stderr).strip()[-300:])
                      + ("" if ok else "\n" + c.logs(8)))
     except AssertionError as e:
@@ -354,8 +354,12 @@ def main():
                     got.setdefault(s["step"], s["loss"])
             steps0 = [s["step"] for s in c.nodes[0].steps()]
             worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref) if len(got) >= len(ref) else 1
+            # the operator's width is shown as held (job.dp_resized, and
+            # mtnlgctl status's layout)
+            held = (s1["job"].get("dp_resized") == 1 and s2["job"].get("dp_resized") == 2
+                    and "(dp 2..2, resized to 1)" in alive.stdout)
             ok = (r1.returncode == 0 and r2.returncode == 0 and s1["generation"] == 2
-                  and s1["job"]["dp"] == 1 and len(members1) == 2
+                  and s1["job"]["dp"] == 1 and len(members1) == 2 and held
                   and s2["generation"] == 3 and s2["job"]["dp"] == 2
                   and s1["job"]["global_batch"] == 8 and s2["job"]["global_batch"] == 8
                   and codes == [0] * 4 and sorted(got) == list(range(1, job["train"]["steps"] + 1))
@@ -363,9 +367,11 @@ def main():
                   and steps0 == sorted(set(steps0)))
             fails += check("test_resize_2_1_2_keeps_global_batch_and_trajectory", ok,
                            "resize 2->1 took %.1f s; generations %s/%s, dp %s/%s, members on dp 1 %s, "
-                           "exit codes %s, %d steps, worst relative loss difference %.2e" % (
+                           "shown as resized %s (%s/%s); exit codes %s, %d steps, worst relative "
+                           "loss difference %.2e" % (
                                took1, s1["generation"], s2["generation"], s1["job"]["dp"],
-                               s2["job"]["dp"], members1, codes, len(got), worst)
+                               s2["job"]["dp"], members1, held, s1["job"].get("dp_resized"),
+                               s2["job"].get("dp_resized"), codes, len(got), worst)
                            + ("" if ok else "\n" + r1.stdout + r1.stderr + r2.stdout + r2.stderr
                               + c.logs(8)))
             # TensorBoard: n0 holds world rank 0 in all three generations and

@@ -33,6 +33,9 @@
  *   and cluster/status's last_restart keeps why, when, and the step the
  *   new generation resumed from once it runs (the reason went null);
  * - a resize while the first generation waits for slots names dp_min.
+ *
+ * And a resize that holds: the generations formed after it (a failure, a
+ * coordinator elected in its place) keep the operator's width.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -591,7 +594,8 @@ static int test_an_order_during_a_resize_names_the_resize(void) {
   cluster k;
   REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
   mt_coord_opts o = test_coord_opts(&k.store.base);
-  /* dp 2 (dp_max) forms at once; the resize's dp 1 waits for the last call */
+  /* dp 2 (dp_max) forms at once; the resize's dp 1 (no last call: it is
+   * the width asked for) waits for nodes, as both leave after its stop */
   o.dp_max = 2, o.global_batch = 2, o.has_checkpoint_dir = 1, o.last_call_ms = 100000;
   REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
   for (int i = 0; i < 2; i++) REQUIRE(!join_node(&k, i, 1), "join: %s", mt_errmsg());
@@ -607,7 +611,8 @@ static int test_an_order_during_a_resize_names_the_resize(void) {
   for (int i = 0; i < 2; i++) {
     char name[8];
     snprintf(name, sizeof name, "n%d", i);
-    REQUIRE(!mt_rdzv_report(&k.store.base, 1, name, MT_REPORT_DONE, "stopped for a resize"),
+    REQUIRE(!mt_rdzv_report(&k.store.base, 1, name, MT_REPORT_DONE, "stopped for a resize") &&
+                !mt_rdzv_leave(&k.store.base, name),
             "report: %s", mt_errmsg());
   }
   run(&k, 3, both, 2);
@@ -685,6 +690,87 @@ static int test_a_resize_while_short_of_slots_names_dp_min(void) {
   return 0;
 }
 
+/* gen's assignment: its dp and dp_resized (-1 each when unreadable). */
+static void assignment_widths(cluster *k, int gen, int *dp, int *resized) {
+  mt_assignment a = {0};
+  char *job = NULL;
+  *dp = *resized = -1;
+  if (mt_rdzv_assignment(&k->store.base, gen, &a, &job) == 1) *dp = a.dp, *resized = a.dp_resized;
+  mt_assignment_free(&a);
+  free(job);
+}
+
+/* An operator's resize holds: three one-slot nodes form dp 3 (the job's
+ * dp_min 2 .. dp_max 3); resized to 1, generation 2 runs on n0 with n1
+ * and n2 spare; n0 lost, generation 3 forms at dp 1 again (before: dp 2
+ * from the two spares, the job widened onto nodes the operator had taken
+ * out, and past dp_min's floor the resize had set). The assignments say
+ * so (dp_resized 1), and a coordinator made with dp_resized 1 (elected in
+ * this one's place: coord/state in etcd carries it) forms dp 1 from the
+ * three nodes at its start. */
+static int test_a_resize_holds_through_a_failure_and_a_new_coordinator(void) {
+  cluster k;
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
+  mt_coord_opts o = test_coord_opts(&k.store.base);
+  o.last_call_ms = 0, o.max_restarts = 3, o.reform_timeout_ms = 600000;
+  o.dp_min = 2, o.dp_max = 3, o.global_batch = 6, o.has_checkpoint_dir = 1;
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  for (int i = 0; i < 3; i++) REQUIRE(!join_node(&k, i, 1), "join: %s", mt_errmsg());
+  int all[] = {1, 1, 1}, gen, dp, resized;
+  const char *state;
+  run(&k, 5, all, 3);
+  assignment_widths(&k, 1, &dp, &resized);
+  REQUIRE(dp == 3 && resized == 0, "generation 1: dp %d, dp_resized %d", dp, resized);
+  char d[300];
+  int st = ask(&k, "resize", "{\"dp\":1}", d, sizeof d);
+  REQUIRE(st == 202, "resize to 1: %d %s", st, d);
+  int64_t seq = 0;
+  char kind[32] = "";
+  REQUIRE(mt_rdzv_order(&k.store.base, 1, &seq, kind, sizeof kind) == 1 && !strcmp(kind, "resize"),
+          "no resize order: %s", mt_errmsg());
+  REQUIRE(!mt_rdzv_acted(&k.store.base, 1, seq, 10, 1, NULL), "acted: %s", mt_errmsg());
+  for (int i = 0; i < 3; i++) {
+    char name[8];
+    snprintf(name, sizeof name, "n%d", i);
+    REQUIRE(!mt_rdzv_report(&k.store.base, 1, name, MT_REPORT_DONE, "stopped for a resize"),
+            "report: %s", mt_errmsg());
+  }
+  run(&k, 10, all, 3);
+  const char *n0 = role_of(&k, "n0", &gen, &state);
+  assignment_widths(&k, 2, &dp, &resized);
+  REQUIRE(gen == 2 && !strcmp(state, "running") && !strcmp(n0, "member") && dp == 1 && resized == 1,
+          "after the resize: generation %d %s, n0 %s, dp %d, dp_resized %d", gen, state, n0, dp,
+          resized);
+  CHECK(mt_coord_dp_resized(k.coord) == 1, "the coordinator's resized width: %d",
+        mt_coord_dp_resized(k.coord));
+  int without_n0[] = {0, 1, 1};
+  run(&k, 30, without_n0, 3);
+  const char *n1 = role_of(&k, "n1", &gen, &state), *n2 = role_of(&k, "n2", &gen, &state);
+  assignment_widths(&k, 3, &dp, &resized);
+  CHECK(gen == 3 && !strcmp(state, "running") && dp == 1 && resized == 1 && !strcmp(n1, "member") &&
+            !strcmp(n2, "spare"),
+        "n0 lost after the resize to 1: generation %d %s at dp %d (dp_resized %d), n1 %s, n2 %s",
+        gen, state, dp, resized, n1, n2);
+  close_cluster(&k);
+
+  REQUIRE(!empty_cluster(&k), "store: %s", mt_errmsg());
+  o = test_coord_opts(&k.store.base);
+  o.last_call_ms = 0, o.dp_min = 2, o.dp_max = 3, o.global_batch = 6, o.has_checkpoint_dir = 1;
+  o.max_restarts = 3, o.restarts_spent = 1, o.restart_reason = "the coordinator n9 was lost";
+  o.dp_resized = 1;
+  REQUIRE(!mt_coord_new(&o, &k.coord), "coordinator: %s", mt_errmsg());
+  for (int i = 0; i < 3; i++) REQUIRE(!join_node(&k, i, 1), "join: %s", mt_errmsg());
+  run(&k, 5, all, 3);
+  role_of(&k, "n0", &gen, &state);
+  assignment_widths(&k, 1, &dp, &resized);
+  CHECK(gen == 1 && !strcmp(state, "running") && dp == 1 && resized == 1,
+        "a coordinator elected after one that resized to 1: generation %d %s at dp %d "
+        "(dp_resized %d)",
+        gen, state, dp, resized);
+  close_cluster(&k);
+  return 0;
+}
+
 int main(void) {
   /* REQUIRE returns 1 without counting; CHECK counts as it goes */
   if (test_a_failed_assignment_forms_next_tick()) failures++;
@@ -702,6 +788,7 @@ int main(void) {
   if (test_an_order_during_a_resize_names_the_resize()) failures++;
   if (test_an_order_during_a_reform_after_a_failure_says_why_and_status_keeps_it()) failures++;
   if (test_a_resize_while_short_of_slots_names_dp_min()) failures++;
+  if (test_a_resize_holds_through_a_failure_and_a_new_coordinator()) failures++;
   if (failures) fprintf(stderr, "%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }

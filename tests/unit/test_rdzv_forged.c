@@ -56,6 +56,11 @@ static int test_forged_assignments_are_refused(void) {
       /* negative sizes whose product is right */
       "{\"gen\":1,\"tp\":-1,\"pp\":-1,\"dp\":1,\"world\":1,\"restart\":0,"
       "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
+      /* a resized width of 0, and one given as text */
+      "{\"gen\":1,\"tp\":1,\"pp\":1,\"dp\":1,\"world\":1,\"restart\":0,\"dp_resized\":0,"
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
+      "{\"gen\":1,\"tp\":1,\"pp\":1,\"dp\":1,\"world\":1,\"restart\":0,\"dp_resized\":\"1\","
+      "\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":1}],\"spares\":[]}",
   };
   set("gen/1/job", "{}");
   for (size_t i = 0; i < sizeof forged / sizeof *forged; i++) {
@@ -70,12 +75,14 @@ static int test_forged_assignments_are_refused(void) {
   /* and the layout the coordinator writes is taken */
   set("gen/1/assignment",
       "{\"gen\":1,\"tp\":2,\"pp\":1,\"dp\":2,\"world\":4,\"restart\":0,\"job_hash\":\"x\","
-      "\"coordinator\":\"n0\",\"members\":[{\"name\":\"n0\",\"rank_begin\":0,\"rank_end\":2},"
+      "\"dp_resized\":2,\"coordinator\":\"n0\",\"members\":[{\"name\":\"n0\",\"rank_begin\":0,"
+      "\"rank_end\":2},"
       "{\"name\":\"n1\",\"rank_begin\":2,\"rank_end\":4}],\"spares\":[\"n2\"]}");
   mt_assignment a;
   char *job = NULL;
   int rc = mt_rdzv_assignment(store, 1, &a, &job);
-  CHECK(rc == 1 && a.n_members == 2 && a.members[1].rank_begin == 2 && a.n_spares == 1,
+  CHECK(rc == 1 && a.n_members == 2 && a.members[1].rank_begin == 2 && a.n_spares == 1 &&
+            a.dp_resized == 2,
         "a well-formed assignment: rc %d (%s)", rc, rc == 1 ? "" : mt_errmsg());
   if (rc == 1) mt_assignment_free(&a), free(job);
   return 0;
