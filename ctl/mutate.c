@@ -127,6 +127,16 @@ static int is_failed(const json_t *op) {
   return s && !strcmp(s, "failed");
 }
 
+/* Whether b, read under a's id, is the same operation: its kind and the
+ * time it was created. */
+static int same_operation(const json_t *a, const json_t *b) {
+  const char *ka = ctl_jstr(a, "kind"), *kb = ctl_jstr(b, "kind");
+  double ca, cb;
+  if (ka && kb && strcmp(ka, kb)) return 0;
+  if (ctl_jnum(a, "created", &ca) && ctl_jnum(b, "created", &cb) && ca != cb) return 0;
+  return 1;
+}
+
 /* Polls the operation until it ends. On success *op is its final state. */
 static int wait_op(const char *id, json_t **op, int human) {
   char path[192], line[1024], last[1024], err[1024];
@@ -170,6 +180,20 @@ static int wait_op(const char *id, json_t **op, int human) {
     if (retrying) fprintf(stderr, "mtnlgctl: the daemon answers again\n");
     retrying = 0;
     last_ok = now_s();
+    if (!same_operation(*op, next)) {
+      /* ids are the coordinator's: one elected in its place (or restarted)
+       * numbers its own from op-1 again */
+      double t = 0;
+      char when[64] = "?";
+      if (ctl_jnum(next, "created", &t)) ctl_fmt_time(when, sizeof when, t);
+      fprintf(stderr,
+              "mtnlgctl: operation %s is no longer known: the coordinator changed since, and its "
+              "%s is another operation (%s, created %s); `mtnlgctl ops` lists what it knows, and "
+              "`mtnlgctl status` shows whether yours took effect before\n",
+              id, id, ctl_jstr(next, "kind") ? ctl_jstr(next, "kind") : "?", when);
+      json_decref(next);
+      return CTL_EXIT_FAILURE;
+    }
     json_decref(*op);
     *op = next;
     ctl_op_summary(line, sizeof line, *op);

@@ -433,7 +433,7 @@ int node_etcd_elect(node *n) {
   if (n->is_host && n->start_paused)
     mt_log_info("etcd: the job was paused under the coordinator before: it stays paused "
                 "(mtnlgctl resume)");
-  else
+  if (!n->is_host)
     mt_log_info("etcd(%s): following the coordinator of term %s at %s", c->etcd, n->term, endpoint);
   return 0;
 }

@@ -394,6 +394,38 @@ def test_resize_wait_returns_once_the_daemon_shows_the_new_width():
         close()
 
 
+def test_wait_notices_an_operation_id_another_coordinator_reused():
+    """Operation ids are the coordinator's: one elected in its place (or
+    restarted) numbers from op-1 again. `checkpoint --wait` polling op-2
+    that comes back as another operation (a resume, created later) says
+    the coordinator changed and exits 1, rather than reporting the resume's
+    success as its checkpoint's."""
+    mine = {"id": "op-2", "kind": "checkpoint", "state": "running", "reason": None,
+            "step": None, "args": {}, "created": 1796580000.25}
+    other = {"id": "op-2", "kind": "resume", "state": "succeeded", "reason": None, "step": 40,
+             "args": {}, "created": 1796580060.5}
+    polls = []
+
+    def answer(line):
+        if line.startswith("POST /v1/checkpoint"):
+            return json_answer(202, mine)
+        polls.append(line)
+        return json_answer(200, mine if len(polls) < 2 else other)
+    url, lines, close = answering_server(answer)
+    try:
+        with tempfile.NamedTemporaryFile("w") as tok:
+            tok.write("t0ken\n")
+            tok.flush()
+            p = run("-e", url, "--token-file", tok.name, "checkpoint", "--wait")
+        check(p.returncode == 1 and "succeeded" not in p.stdout
+              and "operation op-2 is no longer known: the coordinator changed since, and its op-2 "
+                  "is another operation (resume, created " in p.stderr
+              and polls == ["GET /v1/operations/op-2 HTTP/1.1"] * 2,
+              f"checkpoint --wait whose op-2 became a resume (polled {polls})", p)
+    finally:
+        close()
+
+
 HEALTH_KEYS = {"status": "ok", "node": "n0", "state": "running", "version": "0.1.0",
                "mutations": True, "idempotency_keys": True}
 
@@ -690,6 +722,7 @@ if __name__ == "__main__":
               test_endpoint_given_as_the_api_root_is_taken_as_its_base,
               test_json_output_of_an_answer_without_a_problem_object_is_one_made_of_its_status,
               test_resize_wait_returns_once_the_daemon_shows_the_new_width,
+              test_wait_notices_an_operation_id_another_coordinator_reused,
               test_a_lost_answer_is_asked_again_with_the_same_idempotency_key,
               test_a_lost_answer_is_not_asked_again_of_a_daemon_that_ignores_the_key,
               test_token_file,
