@@ -386,9 +386,11 @@ static void render_job(sbuf *b, json_t *job) {
   };
   sample_fields(b, f, sizeof f / sizeof f[0], job);
   family par = {"mtnlg_job_parallelism", "gauge",
-                "Parallel widths: tp, pp, dp now, and the dp range the job accepts.", 0};
-  const char *dims[] = {"tp", "pp", "dp", "dp_min", "dp_max"};
-  for (size_t i = 0; i < 5; i++) {
+                "Parallel widths: tp, pp, dp now, the dp range the job accepts, and after an "
+                "operator's resize the width it holds (dp_resized).",
+                0};
+  const char *dims[] = {"tp", "pp", "dp", "dp_min", "dp_max", "dp_resized"};
+  for (size_t i = 0; i < sizeof dims / sizeof *dims; i++) {
     labels s = {0};
     label(&s, "dim", dims[i]);
     sample_json(b, &par, &s, json_object_get(job, dims[i]), 1, 1);

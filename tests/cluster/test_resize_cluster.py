@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from local_cluster import LocalCluster, last_step, check, grep, license_tokens  # noqa: E402
@@ -341,6 +342,8 @@ def main():
             # refused while the job surely runs (generation 2 at dp 1 has most
             # of its 110 steps ahead): a job that has ended refuses every
             # resize for that reason instead
+            with urllib.request.urlopen(c.nodes[0].url() + "/v1/metrics", timeout=30) as r:
+                metrics1 = r.read().decode()
             r3 = run("resize", "--dp", "3")
             r4 = run("resize", "--dp", str(2 ** 30))
             alive = run("status")
@@ -357,7 +360,8 @@ def main():
             # the operator's width is shown as held (job.dp_resized, and
             # mtnlgctl status's layout)
             held = (s1["job"].get("dp_resized") == 1 and s2["job"].get("dp_resized") == 2
-                    and "(dp 2..2, resized to 1)" in alive.stdout)
+                    and "(dp 2..2, resized to 1)" in alive.stdout
+                    and 'mtnlg_job_parallelism{dim="dp_resized"} 1\n' in metrics1)
             ok = (r1.returncode == 0 and r2.returncode == 0 and s1["generation"] == 2
                   and s1["job"]["dp"] == 1 and len(members1) == 2 and held
                   and s2["generation"] == 3 and s2["job"]["dp"] == 2
