@@ -164,6 +164,16 @@ def etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=3, endpoints=None):
                            timeout_ms=TIMEOUT_MS, token=TOKEN)
 
 
+def two_node_job(mtnlgd, tmp, tokens, etcd, name, steps, dp):
+    """A job NAME of tp 2 x pp 1 x dp `dp` (dp_min = dp_max), steps long
+    with a checkpoint every 5, on two one-slot nodes elected through etcd
+    under /mtnlg/NAME/: the cluster (its nodes n0, n1)."""
+    job = tiny_job(os.path.join(tmp, name + ".json"), tokens, name, steps,
+                   parallel={"tp": 2, "pp": 1, "dp_min": dp, "dp_max": dp, "micro_batch": 2},
+                   checkpoint={"dir": os.path.join(tmp, name + "-ck"), "interval": 5})
+    return etcd_cluster(mtnlgd, tmp, name, job, etcd, nodes=2)
+
+
 def test_losing_the_coordinators_node(mtnlgd, tmp, tokens, etcd, mtnlgctl, validate):
     name = "test_losing_the_coordinators_node_does_not_end_the_job"
     ck = os.path.join(tmp, "etcd-ckpt")
@@ -455,10 +465,7 @@ def test_budget_spans_coordinators(mtnlgd, tmp, tokens, etcd):
     elected in its place ends the job rather than re-forming it on a budget
     of its own."""
     name = "test_a_lost_coordinator_spends_the_restart_budget"
-    job = tiny_job(os.path.join(tmp, "etcd-budget.json"), tokens, "etcd-budget", 100000,
-                   parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
-                   checkpoint={"dir": os.path.join(tmp, "etcd-budget-ck"), "interval": 5})
-    c = etcd_cluster(mtnlgd, tmp, "etcd-budget", job, etcd, nodes=2)
+    c = two_node_job(mtnlgd, tmp, tokens, etcd, "etcd-budget", 100000, 1)
     for n in c.nodes:
         add_conf(n, "rendezvous", "max_restarts", 0)
     n0, n1 = c.nodes
@@ -536,10 +543,7 @@ def test_a_coordinator_restarted_at_once(mtnlgd, tmp, tokens, etcd):
     finds another coordinator elected, exits 1, is started again and the job
     resumes from its checkpoint to the end."""
     name = "test_a_coordinator_restarted_at_once_does_not_wait_out_its_old_lease"
-    job = tiny_job(os.path.join(tmp, "etcd-again.json"), tokens, "etcd-again", 40,
-                   parallel={"tp": 2, "pp": 1, "dp_min": 1, "dp_max": 1, "micro_batch": 2},
-                   checkpoint={"dir": os.path.join(tmp, "etcd-again-ck"), "interval": 5})
-    c = etcd_cluster(mtnlgd, tmp, "etcd-again", job, etcd, nodes=2)
+    c = two_node_job(mtnlgd, tmp, tokens, etcd, "etcd-again", 40, 1)
     n0, n1 = c.nodes
     try:
         kill_the_elected_after(c, "etcd-again", 7)
@@ -579,10 +583,7 @@ def test_a_resize_holds_under_the_next_coordinator(mtnlgd, tmp, tokens, etcd, mt
     elected forms dp 1 with the other a spare, as the operator left it
     (before: dp 2, the job's bounds, undoing the resize), and says why."""
     name = "test_a_resize_holds_under_the_next_coordinator"
-    job = tiny_job(os.path.join(tmp, "etcd-resized.json"), tokens, "etcd-resized", 100000,
-                   parallel={"tp": 2, "pp": 1, "dp_min": 2, "dp_max": 2, "micro_batch": 2},
-                   checkpoint={"dir": os.path.join(tmp, "etcd-resized-ck"), "interval": 5})
-    c = etcd_cluster(mtnlgd, tmp, "etcd-resized", job, etcd, nodes=2)
+    c = two_node_job(mtnlgd, tmp, tokens, etcd, "etcd-resized", 100000, 2)
     n0, n1 = c.nodes
     state_key = "/mtnlg/etcd-resized/coord/state"
 
