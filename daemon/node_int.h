@@ -244,7 +244,8 @@ int node_etcd_start_election(node *n);
 /* The loop's look at what the election's thread found: 1 when the
  * coordinator is lost (node_coordinator_lost called). */
 int node_etcd_check_term(node *n);
-/* The coordinator's coord/state (restarts, paused) handed to the thread. */
+/* The coordinator's coord/state (restarts, paused, the resized width)
+ * handed to the thread. */
 void node_etcd_publish_state(node *n);
 /* The job ended under this coordinator: closed in etcd if it completed,
  * its state deleted otherwise. */
