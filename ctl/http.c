@@ -47,7 +47,6 @@ static struct {
    * is the one requests go to, until it cannot be reached */
   char *names[CTL_HTTP_MAX_ENDPOINTS], *bases[CTL_HTTP_MAX_ENDPOINTS];
   int n_endpoints, cur;
-  char *base;                /* bases[cur] */
   char *token;               /* NULL: none given, or not read yet */
   int token_tried, token_rc; /* the token file read once; token_rc what it gave */
   char token_err[1024];      /* why it could not be */

@@ -44,9 +44,9 @@ static void print_job(const json_t *st) {
   double tp, pp, dp, p, dmin, dmax;
   if (ctl_jnum(job, "tp", &tp) && ctl_jnum(job, "pp", &pp) && ctl_jnum(job, "dp", &dp))
     snprintf(layout, sizeof layout, ": tp %.0f x pp %.0f x dp %.0f", tp, pp, dp);
-  double resized = 0; /* an operator's resize holds: the width the coordinator keeps */
   if (ctl_jnum(job, "dp_min", &dmin) && ctl_jnum(job, "dp_max", &dmax) && *layout) {
-    char as[40] = "";
+    char as[40] = ""; /* an operator's resize holds: the width the coordinator keeps */
+    double resized;
     if (ctl_jnum(job, "dp_resized", &resized) && resized > 0)
       snprintf(as, sizeof as, ", resized to %.0f", resized);
     snprintf(layout + strlen(layout), sizeof layout - strlen(layout), " (dp %.0f..%.0f%s)", dmin,

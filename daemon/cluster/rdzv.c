@@ -1036,12 +1036,17 @@ static int batch_splits(const mt_coord *c, int dp) {
   return batch_quantum(c) % (c->o.micro_batch * dp * (c->o.interleaved ? c->o.pp : 1)) == 0;
 }
 
-/* The widths the coordinator forms by itself (at its start, after a
- * failure): the job's [dp_min, dp_max], or after an operator's resize to N
+/* The widths the generation being formed may take: a resize under way's
+ * N alone; else the coordinator forms by itself (at its start, after a
+ * failure) in the job's [dp_min, dp_max], or after an operator's resize to N
  * at most N, and down to N where N is under dp_min: the operator's width
  * holds until the next resize, rather than the first failure widening the
  * job onto nodes taken out of it (or narrowing one grown past dp_max). */
 static void dp_bounds(const mt_coord *c, int *lo, int *hi) {
+  if (c->resize_to) {
+    *lo = *hi = c->resize_to;
+    return;
+  }
   *lo = c->o.dp_min, *hi = c->o.dp_max;
   if (c->dp_resized) {
     *hi = c->dp_resized;
@@ -1055,7 +1060,7 @@ static void dp_bounds(const mt_coord *c, int *lo, int *hi) {
 static void note_waiting(mt_coord *c, int slots) {
   int lo, hi;
   dp_bounds(c, &lo, &hi);
-  int dp = c->resize_to ? c->resize_to : lo, need = c->o.pp * dp;
+  int dp = lo, need = c->o.pp * dp;
   char why[sizeof c->waiting];
   if (slots < need)
     snprintf(why, sizeof why,
@@ -1066,17 +1071,16 @@ static void note_waiting(mt_coord *c, int slots) {
     snprintf(why, sizeof why,
              "waiting for nodes: the %d model slot(s) joined make no dp from %d to %d that whole "
              "nodes fill (pp x dp slots) and that splits every global batch into micro-batches",
-             slots, dp, c->resize_to ? c->resize_to : hi);
+             slots, dp, hi);
   if (strcmp(why, c->waiting)) mt_log_info("coordinator: %s", why);
   snprintf(c->waiting, sizeof c->waiting, "%s", why);
 }
 
 /* The widest dp in [dp_min, dp_max] (dp_bounds) the slots allow with every
- * global batch divisible by micro_batch * dp (batch_splits) and whole nodes
- * filling its pp * dp slots; 0 when none. */
+ * global batch divisible by micro_batch * dp (batch_splits: a resize's N was
+ * checked when it was accepted) and whole nodes filling its pp * dp slots;
+ * 0 when none. */
 static int pick_dp(mt_coord *c, int slots) {
-  if (c->resize_to)
-    return slots / c->o.pp >= c->resize_to && fills(c, c->o.pp * c->resize_to) ? c->resize_to : 0;
   int lo, hi;
   dp_bounds(c, &lo, &hi);
   int most = slots / c->o.pp;
@@ -2250,7 +2254,6 @@ static int mt_coord_tick_membership(mt_coord *c, int64_t now_ms) {
     c->waiting[0] = 0;
     int lo, hi;
     dp_bounds(c, &lo, &hi);
-    if (c->resize_to) hi = c->resize_to;
     if (!c->formable_since_ms) {
       c->formable_since_ms = now_ms;
       mt_log_info("coordinator: %d slot(s) joined, enough for dp %d; last call for more (up to "
